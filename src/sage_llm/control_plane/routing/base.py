@@ -1,0 +1,68 @@
+"""Routing decides WHERE a request runs: filters → weighted scorers → picker.
+
+Contract (every plugin in this package keeps it):
+
+* Pure and synchronous: no I/O, no clocks (use ``snap.now``), must not block.
+* ``Filter.filter`` returns a subset of its candidates (possibly empty).
+* ``Scorer.score`` returns a score in [0, 1] for every candidate; higher is better.
+* ``Picker.pick`` chooses one id from a non-empty mapping of combined scores, using only
+  the ``random.Random`` it is given for randomness (deterministic under a seed).
+* A :class:`Router` returns None when no candidate survives the filters.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    instance_id: str
+    reason: str = ""
+    scores: Mapping[str, float] = field(default_factory=dict)
+    prefill_instance_id: str | None = None
+    """Set for a PD decision: the prefill leg's instance (``instance_id`` is the decode one)."""
+
+
+@runtime_checkable
+class Filter(Protocol):
+    name: str
+
+    def filter(
+        self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
+    ) -> Sequence[InstanceView]: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+
+    def score(
+        self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
+    ) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    name: str
+
+    def pick(self, scores: Mapping[str, float], rng: random.Random) -> str: ...
+
+
+@runtime_checkable
+class Router(Protocol):
+    name: str
+
+    def route(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+    ) -> RoutingDecision | None:
+        """Pick an instance for ``req`` among ``snap.runnable(req)`` (restricted to
+        ``allowed`` when given), or None when there is none."""
+        ...
+
+    def describe(self) -> dict[str, object]: ...

@@ -1,0 +1,1 @@
+"""sage_llm.control_plane.scheduling."""

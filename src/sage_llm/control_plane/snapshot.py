@@ -1,0 +1,227 @@
+"""Immutable views that scheduling policies and routing strategies decide on.
+
+Policies and routers are pure and synchronous: they read a :class:`ClusterSnapshot` and a
+:class:`RequestInfo` and return a decision. The dispatcher accounts each decision on the
+snapshot's successor (:meth:`ClusterSnapshot.with_assignment`) before the next one, so a
+batch of decisions spreads over the fleet instead of piling onto the instance that looked
+idlest at the start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What policies and routers know about a request.
+
+    Times are clock seconds (see :mod:`sage_llm.sim.clock`). ``deadline`` is absolute:
+    arrival + SLO, or None. ``block_hashes`` are the prompt's prefix-block hashes
+    (:func:`sage_llm.tokens.block_hashes`).
+    """
+
+    request_id: str
+    model: str
+    arrival: float
+    prompt_tokens: int
+    max_tokens: int
+    priority: RequestPriority = RequestPriority.NORMAL
+    deadline: float | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    cost_budget: float | None = None
+    block_hashes: tuple[int, ...] = ()
+    preferred_instance_id: str | None = None
+    previous_instance_id: str | None = None
+    """Where this session's previous request ran (for topology-aware routing)."""
+    excluded_instances: frozenset[str] = frozenset()
+    """Instances that already failed this request (retries avoid them)."""
+    attempt: int = 0
+    tags: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def slo_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.arrival
+
+    @property
+    def sticky_key(self) -> str | None:
+        return self.session_id or self.user_id
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """One instance as seen at decision time, with live load and latency estimates.
+
+    ``in_flight`` counts requests dispatched and not finished; ``queued_prefill_tokens`` the
+    prompt tokens dispatched whose first token has not come back yet;
+    ``outstanding_decode_tokens`` the output tokens still expected from running requests.
+    ``est_*`` are EWMA estimates from observed traffic (priors from the instance's declared
+    figures until then).
+    """
+
+    instance_id: str
+    model: str
+    role: ExecutionInstanceType = ExecutionInstanceType.GENERAL
+    healthy: bool = True
+    accepting: bool = True
+    """False while draining or administratively unavailable."""
+    in_flight: int = 0
+    max_concurrency: int = 100
+    queued_prefill_tokens: int = 0
+    outstanding_decode_tokens: int = 0
+    kv_usage: float = 0.0
+    engine_waiting: int = 0
+    gpu_count: int = 1
+    price_per_gpu_hour: float = 2.0
+    machine_id: str | None = None
+    rack_id: str | None = None
+    numa_node: int | None = None
+    nvlink_domain: str | None = None
+    nvlink_peers: frozenset[str] = frozenset()
+    network_bandwidth_gbps: float = 10.0
+    est_ttft_base_s: float = 0.05
+    est_prefill_tps: float = 8000.0
+    est_tpot_s: float = 0.02
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_concurrency - self.in_flight)
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.healthy and self.accepting and self.in_flight < self.max_concurrency
+
+    @property
+    def load(self) -> float:
+        """Fraction of the concurrency bound in use, 0..1."""
+        return min(1.0, self.in_flight / self.max_concurrency) if self.max_concurrency else 1.0
+
+    @property
+    def cost_per_second(self) -> float:
+        return self.price_per_gpu_hour * self.gpu_count / 3600.0
+
+    def predict_ttft_s(self, prompt_tokens: int) -> float:
+        """Predicted time to first token if a request of ``prompt_tokens`` came here now."""
+        pending = self.queued_prefill_tokens + prompt_tokens
+        return self.est_ttft_base_s + pending / max(self.est_prefill_tps, 1e-9)
+
+    def predict_e2e_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        return self.predict_ttft_s(prompt_tokens) + max(0, output_tokens - 1) * self.est_tpot_s
+
+    def predict_cost(self, prompt_tokens: int, output_tokens: int) -> float:
+        """Price per GPU-hour × GPUs × predicted time (the cost_optimized objective)."""
+        return self.cost_per_second * self.predict_e2e_s(prompt_tokens, output_tokens)
+
+    def serves(self, model: str) -> bool:
+        return self.model == model
+
+    def same_machine(self, other: InstanceView) -> bool:
+        return self.machine_id is not None and self.machine_id == other.machine_id
+
+    def nvlink_connected(self, other: InstanceView) -> bool:
+        if other.instance_id in self.nvlink_peers or self.instance_id in other.nvlink_peers:
+            return True
+        return self.nvlink_domain is not None and self.nvlink_domain == other.nvlink_domain
+
+
+class PrefixView(Protocol):
+    """Read-only view of the control plane's prefix index."""
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        """For each instance, how many leading blocks of ``block_hashes`` it likely caches."""
+        ...
+
+
+class _EmptyPrefixView:
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        return {}
+
+
+EMPTY_PREFIX_VIEW: PrefixView = _EmptyPrefixView()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """The fleet at one instant. Cheap to derive successors from."""
+
+    now: float
+    instances: tuple[InstanceView, ...]
+    prefix: PrefixView = EMPTY_PREFIX_VIEW
+
+    def __iter__(self) -> Iterator[InstanceView]:
+        return iter(self.instances)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def get(self, instance_id: str) -> InstanceView | None:
+        for inst in self.instances:
+            if inst.instance_id == instance_id:
+                return inst
+        return None
+
+    def for_model(self, model: str) -> tuple[InstanceView, ...]:
+        return tuple(i for i in self.instances if i.model == model)
+
+    def runnable(self, req: RequestInfo) -> tuple[InstanceView, ...]:
+        """Instances that could start ``req`` as a whole request right now."""
+        return tuple(
+            i
+            for i in self.instances
+            if i.model == req.model
+            and i.role.runs_whole_requests
+            and i.has_capacity
+            and i.instance_id not in req.excluded_instances
+        )
+
+    def can_serve(self, req: RequestInfo) -> bool:
+        return any(
+            i.model == req.model
+            and i.role.runs_whole_requests
+            and i.has_capacity
+            and i.instance_id not in req.excluded_instances
+            for i in self.instances
+        )
+
+    def has_capacity(self) -> bool:
+        return any(i.has_capacity for i in self.instances)
+
+    def with_assignment(self, instance_id: str, req: RequestInfo) -> ClusterSnapshot:
+        """The successor snapshot after ``req`` was sent to ``instance_id``."""
+        out = list(self.instances)
+        for n, inst in enumerate(out):
+            if inst.instance_id == instance_id:
+                out[n] = replace(
+                    inst,
+                    in_flight=inst.in_flight + 1,
+                    queued_prefill_tokens=inst.queued_prefill_tokens + req.prompt_tokens,
+                    outstanding_decode_tokens=inst.outstanding_decode_tokens + req.max_tokens,
+                )
+                break
+        return replace(self, instances=tuple(out))
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """Feedback given to the scheduling policy when a request ends (``on_complete``)."""
+
+    request_id: str
+    status: RequestStatus
+    priority: RequestPriority
+    instance_id: str | None
+    arrival: float
+    finished: float
+    queue_wait_s: float
+    ttft_s: float | None
+    tpot_s: float | None
+    e2e_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    slo_met: bool | None
+    predicted_e2e_s: float | None = None
+    cost: float = 0.0

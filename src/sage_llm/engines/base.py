@@ -1,0 +1,139 @@
+"""The one way the control plane talks to an engine instance.
+
+:class:`EngineClient` is implemented by the HTTP client (vLLM, SGLang, any OpenAI-compatible
+server) and by the in-process simulated engine, so every test can run the real control
+plane against simulated engines.
+
+Contract:
+
+* ``generate`` yields :class:`Chunk` objects as the engine produces them. The last chunk has
+  ``finish_reason`` set and carries ``usage``. Cancelling the consuming task (or closing the
+  iterator) must abort the request on the engine.
+* Failures raise :class:`sage_llm.errors.EngineError`; ``retryable=True`` only when the
+  engine produced nothing for this request, so a retry elsewhere cannot duplicate work.
+* ``prefill`` runs the first leg of a PD request (vLLM ``kv_transfer_params`` protocol) and
+  returns the parameters the decode leg needs.
+* No method blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One generation request as sent to an engine.
+
+    Exactly one of ``prompt`` (completions API; text or token ids) and ``messages`` (chat API)
+    is set. ``extra`` holds body fields passed through unchanged (``n``, ``logprobs``,
+    ``seed``, ``stream_options`` …). ``kv_transfer_params`` is set on PD legs.
+    """
+
+    request_id: str
+    model: str
+    prompt: str | Sequence[int] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    stream: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    kv_transfer_params: Mapping[str, Any] | None = None
+    priority: int = 2
+
+    @property
+    def api(self) -> Literal["chat", "completions"]:
+        return "chat" if self.messages is not None else "completions"
+
+    def with_changes(self, **changes: Any) -> EngineRequest:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of generated output.
+
+    ``text`` may be empty (e.g. a final usage-only chunk). ``index`` is the choice index
+    when ``n > 1``. ``raw`` is the engine's JSON object for this chunk when it came over
+    HTTP (the gateway relays it without re-encoding).
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    logprobs: Any = None
+    index: int = 0
+    raw: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KVHandle:
+    """What the prefill leg of a PD request returns: the decode leg sends ``params`` on."""
+
+    instance_id: str
+    params: Mapping[str, Any]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    first_token: Chunk | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Live load figures scraped from an engine (Prometheus ``/metrics`` or in-process).
+
+    Counters (``*_total``) are cumulative since the engine started.
+    """
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    """Fraction of KV cache blocks in use, 0..1."""
+    prefix_cache_queries_total: float = 0.0
+    prefix_cache_hits_total: float = 0.0
+    preemptions_total: float = 0.0
+    prompt_tokens_total: float = 0.0
+    generation_tokens_total: float = 0.0
+    num_gpu_blocks: int | None = None
+    block_size: int | None = None
+    source: str = ""
+    """Which metric family the figures came from (``vllm``, ``sglang``, ``llamacpp``, ``sim``)."""
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        if self.prefix_cache_queries_total <= 0:
+            return 0.0
+        return self.prefix_cache_hits_total / self.prefix_cache_queries_total
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """A connection to one engine instance."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]: ...
+
+    async def prefill(self, req: EngineRequest) -> KVHandle: ...
+
+    async def health(self) -> bool: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def aclose(self) -> None: ...

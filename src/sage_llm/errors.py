@@ -1,0 +1,200 @@
+"""Exceptions raised by sage-llm.
+
+Every exception carries an HTTP status and an OpenAI-style error ``type`` so the gateway
+can turn it into a JSON error body without a lookup table::
+
+    SageLLMError (500, internal_error)
+    ├── ConfigError (400, invalid_config)            a bad config file, value or key
+    ├── InvalidRequestError (400, invalid_request_error)  a bad request field (``param`` names it)
+    │   └── PayloadTooLargeError (413)
+    ├── AuthenticationError (401, authentication_error)
+    ├── PermissionDeniedError (403, permission_error)
+    ├── NotFoundError (404, not_found_error)
+    │   ├── ModelNotFoundError                       no instance serves the model
+    │   ├── RequestNotFoundError                     unknown (or expired) request id
+    │   ├── InstanceNotFoundError
+    │   └── PolicyNotFoundError / StrategyNotFoundError  unknown policy or routing name
+    ├── ConflictError (409, conflict_error)          e.g. an instance id already registered
+    ├── AdmissionError (429, rate_limit_error)       refused before queueing
+    │   └── QueueFullError                           carries ``retry_after_s``
+    ├── SLOInfeasibleError (429, slo_infeasible)     the deadline cannot be met
+    ├── RequestCancelledError (499, cancelled)
+    ├── NoHealthyInstanceError (503, service_unavailable)
+    ├── ControlPlaneNotRunningError (503, service_unavailable)
+    ├── DeadlineExceededError (504, timeout_error)   a deadline or wait timeout passed
+    └── EngineError (502, engine_error)              an engine call failed
+        ├── EngineConnectionError                    could not connect / connection dropped
+        ├── EngineTimeoutError (504)
+        └── EngineStreamError                        malformed or truncated stream
+
+``EngineError.retryable`` tells the dispatcher whether another instance may be tried: only
+failures before the first token are retried, so no request runs twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SageLLMError(Exception):
+    """Base class of every sage-llm error."""
+
+    http_status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI-style error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.http_status,
+            }
+        }
+
+
+class ConfigError(SageLLMError):
+    """A configuration problem. ``location`` is ``file:line`` when known, ``key`` the dotted key."""
+
+    http_status = 400
+    error_type = "invalid_config"
+
+    def __init__(self, message: str, *, location: str | None = None, key: str | None = None):
+        prefix = ""
+        if location:
+            prefix = f"{location}: "
+        if key:
+            prefix += f"{key}: "
+        super().__init__(prefix + message, param=key)
+        self.location = location
+        self.key = key
+
+
+class InvalidRequestError(SageLLMError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    http_status = 413
+
+
+class AuthenticationError(SageLLMError):
+    http_status = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(SageLLMError):
+    http_status = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(SageLLMError):
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    pass
+
+
+class RequestNotFoundError(NotFoundError):
+    pass
+
+
+class InstanceNotFoundError(NotFoundError):
+    pass
+
+
+class PolicyNotFoundError(NotFoundError):
+    pass
+
+
+class StrategyNotFoundError(NotFoundError):
+    pass
+
+
+class ConflictError(SageLLMError):
+    http_status = 409
+    error_type = "conflict_error"
+
+
+class AdmissionError(SageLLMError):
+    """The request was refused before it was queued. ``retry_after_s`` hints when to retry."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFullError(AdmissionError):
+    pass
+
+
+class SLOInfeasibleError(AdmissionError):
+    error_type = "slo_infeasible"
+
+
+class RequestCancelledError(SageLLMError):
+    http_status = 499
+    error_type = "cancelled"
+
+
+class NoHealthyInstanceError(SageLLMError):
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+class ControlPlaneNotRunningError(SageLLMError):
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+class DeadlineExceededError(SageLLMError):
+    http_status = 504
+    error_type = "timeout_error"
+
+
+class EngineError(SageLLMError):
+    """An engine call failed.
+
+    ``retryable`` is True when nothing was produced yet and another instance may be tried;
+    ``status`` is the engine's HTTP status when it answered with one.
+    """
+
+    http_status = 502
+    error_type = "engine_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        instance_id: str | None = None,
+        status: int | None = None,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+        self.status = status
+        self.retryable = retryable
+
+
+class EngineConnectionError(EngineError):
+    pass
+
+
+class EngineTimeoutError(EngineError):
+    http_status = 504
+
+
+class EngineStreamError(EngineError):
+    pass

@@ -1,0 +1,77 @@
+"""A small deterministic tokenizer shared by the simulated engine and the control plane.
+
+The control plane never sees a real engine's tokenizer, so it estimates prompt lengths and
+prefix-block hashes with this one. The simulated engine uses the very same function, which
+makes those estimates exact against simulated engines and close (about four characters per
+token on English text) against real ones.
+
+A token is a run of at most 8 word characters, or one other non-space character, with the
+whitespace before it attached. Token ids are stable across processes (CRC-32 based).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+
+_TOKEN_RE = re.compile(r"\s*\w{1,8}|\s*[^\w\s]|\s+")
+VOCAB_SIZE = 32000
+_RESERVED = 256
+
+
+def split(text: str) -> list[str]:
+    """The text pieces, one per token; ``"".join(split(t)) == t``."""
+    return _TOKEN_RE.findall(text)
+
+
+def token_id(piece: str) -> int:
+    return _RESERVED + zlib.crc32(piece.encode("utf-8")) % (VOCAB_SIZE - _RESERVED)
+
+
+def tokenize(prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a prompt; a list of ints is taken to be token ids already."""
+    if isinstance(prompt, str):
+        return [token_id(p) for p in split(prompt)]
+    return [int(t) for t in prompt]
+
+
+def count_tokens(prompt: str | Sequence[int] | None) -> int:
+    if prompt is None:
+        return 0
+    if isinstance(prompt, str):
+        return len(_TOKEN_RE.findall(prompt))
+    return len(prompt)
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
+    """Chained hashes of the full blocks of ``token_ids`` (like vLLM's prefix caching):
+    block *i*'s hash covers every token up to the end of block *i*, so equal hashes mean
+    equal prefixes."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    hashes: list[int] = []
+    parent = 0
+    full = len(token_ids) - len(token_ids) % block_size
+    for start in range(0, full, block_size):
+        block = token_ids[start : start + block_size]
+        data = parent.to_bytes(8, "little") + b"".join(
+            int(t).to_bytes(4, "little", signed=False) for t in block
+        )
+        parent = zlib.crc32(data) | (zlib.adler32(data) << 32)
+        hashes.append(parent)
+    return tuple(hashes)
+
+
+def chat_prompt_text(messages: Sequence[object]) -> str:
+    """Flatten chat messages into the text the engine would tokenize (role tags included)."""
+    parts: list[str] = []
+    for msg in messages:
+        if isinstance(msg, dict):
+            role = str(msg.get("role", "user"))
+            content = msg.get("content", "")
+            if isinstance(content, list):  # OpenAI content parts
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            parts.append(f"<|{role}|> {content}")
+    parts.append("<|assistant|>")
+    return "\n".join(parts)

@@ -1,0 +1,105 @@
+"""Shared test factories for requests, instances and clusters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from sage_llm.control_plane.snapshot import (
+    EMPTY_PREFIX_VIEW,
+    ClusterSnapshot,
+    InstanceView,
+    PrefixView,
+    RequestInfo,
+)
+from sage_llm.types import (
+    ExecutionInstance,
+    ExecutionInstanceType,
+    RequestMetadata,
+    RequestPriority,
+)
+
+MODEL = "llama-3-8b"
+
+
+def make_request_info(
+    request_id: str = "r0",
+    *,
+    model: str = MODEL,
+    arrival: float = 0.0,
+    prompt_tokens: int = 100,
+    max_tokens: int = 50,
+    priority: RequestPriority = RequestPriority.NORMAL,
+    slo_s: float | None = None,
+    **kwargs: Any,
+) -> RequestInfo:
+    deadline = None if slo_s is None else arrival + slo_s
+    return RequestInfo(
+        request_id=request_id,
+        model=model,
+        arrival=arrival,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        priority=priority,
+        deadline=deadline,
+        **kwargs,
+    )
+
+
+def make_request_infos(
+    n: int, *, start: float = 0.0, gap: float = 0.001, **kwargs: Any
+) -> list[RequestInfo]:
+    return [make_request_info(f"r{i}", arrival=start + i * gap, **kwargs) for i in range(n)]
+
+
+def make_instance_view(
+    instance_id: str = "i0", *, model: str = MODEL, **kwargs: Any
+) -> InstanceView:
+    return InstanceView(instance_id=instance_id, model=model, **kwargs)
+
+
+def make_snapshot(
+    instances: Sequence[InstanceView] | int = 4,
+    *,
+    now: float = 0.0,
+    prefix: PrefixView = EMPTY_PREFIX_VIEW,
+    **view_kwargs: Any,
+) -> ClusterSnapshot:
+    if isinstance(instances, int):
+        instances = [make_instance_view(f"i{n}", **view_kwargs) for n in range(instances)]
+    return ClusterSnapshot(now=now, instances=tuple(instances), prefix=prefix)
+
+
+def with_view(snap: ClusterSnapshot, instance_id: str, **changes: Any) -> ClusterSnapshot:
+    out = tuple(replace(i, **changes) if i.instance_id == instance_id else i for i in snap)
+    return replace(snap, instances=out)
+
+
+def make_instance(
+    instance_id: str = "sim-0",
+    *,
+    port: int = 8000,
+    model_name: str = MODEL,
+    instance_type: ExecutionInstanceType = ExecutionInstanceType.GENERAL,
+    **kwargs: Any,
+) -> ExecutionInstance:
+    return ExecutionInstance(
+        instance_id=instance_id,
+        host="127.0.0.1",
+        port=port,
+        model_name=model_name,
+        instance_type=instance_type,
+        **kwargs,
+    )
+
+
+def make_instances(n: int, **kwargs: Any) -> list[ExecutionInstance]:
+    return [make_instance(f"sim-{i}", port=8000 + i, **kwargs) for i in range(n)]
+
+
+def make_metadata(request_id: str = "req-0", **kwargs: Any) -> RequestMetadata:
+    kwargs.setdefault("prompt", "Tell me about the control plane.")
+    kwargs.setdefault("max_tokens", 16)
+    kwargs.setdefault("model_name", MODEL)
+    return RequestMetadata(request_id=request_id, **kwargs)
