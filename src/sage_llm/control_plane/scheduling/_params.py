@@ -1,0 +1,53 @@
+"""Validation helpers for the policies' frozen ``Params`` dataclasses.
+
+Each check raises :class:`~sage_llm.errors.ConfigError` with ``key`` set to the parameter
+name, so a bad value in a config file points at the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+from sage_llm.errors import ConfigError
+
+
+def check_positive(key: str, value: float, *, allow_inf: bool = True) -> None:
+    """``value`` must be a number > 0 (``inf`` allowed unless ``allow_inf`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"must be a number, got {value!r}", key=key)
+    if value <= 0:
+        raise ConfigError(f"must be > 0, got {value!r}", key=key)
+    if not allow_inf and math.isinf(value):
+        raise ConfigError("must be finite", key=key)
+
+
+def check_non_negative(key: str, value: float) -> None:
+    """``value`` must be a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"must be a number, got {value!r}", key=key)
+    if value < 0 or math.isinf(value):
+        raise ConfigError(f"must be a finite number >= 0, got {value!r}", key=key)
+
+
+def check_fraction(key: str, value: float) -> None:
+    """``value`` must be a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"must be a number, got {value!r}", key=key)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"must be in [0, 1], got {value!r}", key=key)
+
+
+def check_count(key: str, value: int, *, minimum: int = 1) -> None:
+    """``value`` must be an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"must be an integer, got {value!r}", key=key)
+    if value < minimum:
+        raise ConfigError(f"must be >= {minimum}, got {value!r}", key=key)
+
+
+def check_choice(key: str, value: object, choices: Collection[str]) -> None:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"must be one of {valid}, got {value!r}", key=key)
