@@ -202,6 +202,17 @@ def test_tolerates_crlf_trailing_fields_and_stripped_indent(name: str) -> None:
     assert parse_nvidia_smi_topo("$ nvidia-smi topo -m\n" + text(name)) == expected
 
 
+def test_copy_cut_short_after_the_gpu_rows() -> None:
+    lines = text(H200).splitlines()
+    cut = "\n".join(lines[:9])  # header + 8 GPU rows: no NIC rows, no legends
+    t = parse_nvidia_smi_topo(cut)
+    full = topo(H200)
+    assert t.links == full.links
+    assert t.gpu_nic_links == full.gpu_nic_links
+    assert [n.name for n in t.nics] == [n.name for n in full.nics]
+    assert all(n.device is None for n in t.nics)  # the NIC Legend was lost
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 
@@ -212,6 +223,7 @@ def test_tolerates_crlf_trailing_fields_and_stripped_indent(name: str) -> None:
         ("hello world\nthis is not a matrix\n", "no header line"),
         ("| NVIDIA-SMI 550.54 Driver Version: 550.54 |\n| GPU  Name |\n", "no header line"),
         ("\tGPU0\tGPU1\nGPU0\t X \tNV4\n", "no row for GPU1"),
+        ("\tGPU0\tNIC0\nGPU0\t X \tPIX\nNIC0\tSYS\t X\n", "not symmetric"),
         ("\tGPU0\tGPU1\nGPU0\t X \tNV4\nGPU1\tNV4\n", "row GPU1 has 1 cells"),
         ("\tGPU0\tGPU1\nGPU0\t X \tNV4\nGPU1\tNV2\t X \n", "not symmetric"),
         ("\tGPU0\tGPU1\nGPU0\t X \tPHB\nGPU1\tPHB\tPHB\n", "X on the diagonal"),
@@ -276,6 +288,12 @@ def test_link_parse_and_validation() -> None:
 def test_unknown_gpu_index_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="GPU 9 is not in this topology"):
         topo(RTX5090).link(0, 9)
+
+
+def test_topologies_compare_and_hash_by_value() -> None:
+    assert topo(L40S) == topo(L40S)
+    assert hash(topo(L40S)) == hash(topo(L40S))
+    assert len({topo(L40S), topo(L40S), topo(H100), Topology()}) == 3
 
 
 def test_topology_constructor_checks_shapes() -> None:
@@ -371,7 +389,7 @@ def test_from_dict_by_hand() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        {"gpus": [{"cpu_affinity": "0"}]},
+        {"gpus": [{"cpu_affinity": "0"}], "links": [["X"]]},
         {"gpus": [{"index": 0}], "links": [["BOGUS"]]},
         {"gpus": [{"index": 0}]},
         {"gpus": [{"index": True}], "links": [["X"]]},
@@ -379,8 +397,14 @@ def test_from_dict_by_hand() -> None:
     ],
 )
 def test_from_dict_rejects_bad_data(data: dict[str, object]) -> None:
-    with pytest.raises(ConfigError, match="invalid topology"):
+    with pytest.raises(ConfigError, match="invalid topology") as info:
         Topology.from_dict(data)
+    assert info.value.key == "topology"
+
+
+def test_from_dict_names_a_missing_key() -> None:
+    with pytest.raises(ConfigError, match="missing key 'index'"):
+        Topology.from_dict({"gpus": [{"numa_node": 0}], "links": [["X"]]})
 
 
 def test_describe_summarises_the_machine() -> None:
@@ -547,6 +571,12 @@ async def test_run_command_returns_stdout_and_raises_on_failure() -> None:
     with pytest.raises(subprocess.CalledProcessError) as info:
         await run_command([sys.executable, "-c", "import sys; sys.exit(3)"])
     assert info.value.returncode == 3
+
+
+async def test_run_command_kills_the_process_on_timeout() -> None:
+    # timeout 0 expires at once; a process left running would make proc.wait() hang here.
+    with pytest.raises(TimeoutError):
+        await run_command([sys.executable, "-c", "import signal; signal.pause()"], timeout_s=0)
 
 
 def test_sync_wrapper_for_the_cli() -> None:

@@ -13,6 +13,7 @@ its ``nvlink_domain``, ``numa_node`` and ``nvlink_peers`` (fields of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import itertools
@@ -170,6 +171,10 @@ class Topology:
         object.__setattr__(self, "_pos", MappingProxyType(pos))
         object.__setattr__(self, "numa_nodes", MappingProxyType(dict(self.numa_nodes)))
 
+    def __hash__(self) -> int:
+        numa = tuple(self.numa_nodes.items())
+        return hash((self.gpus, self.nics, self.links, self.gpu_nic_links, numa))
+
     @property
     def gpu_indices(self) -> tuple[int, ...]:
         return tuple(g.index for g in self.gpus)
@@ -281,7 +286,8 @@ class Topology:
         domains = self.nvlink_domains()
         lines.append("NVLink domains:" + ("" if domains else " none"))
         for k, dom in enumerate(domains):
-            kinds = sorted({self.link(a, b) for a in dom for b in dom if a != b}, key=_nv_order)
+            links = {self.link(a, b) for a in dom for b in dom if a != b}
+            kinds = sorted(links, key=lambda lk: lk.nvlinks)
             gbps = kinds[0].bandwidth_gbps
             labels = "/".join(lk.label for lk in kinds)
             lines.append(f"  nv{k}: GPUs {_join(sorted(dom))} ({labels}, ~{gbps:.0f}+ GB/s)")
@@ -349,12 +355,10 @@ class Topology:
             )
             numa = {_as_int(k): _as_cpus(v) for k, v in data.get("numa_nodes", {}).items()}
             return cls(gpus, nics, links, nic_links, numa)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"invalid topology: {exc!s}", key="topology") from None
-
-
-def _nv_order(link: Link) -> int:
-    return link.nvlinks
+        except KeyError as exc:
+            raise ConfigError(f"invalid topology: missing key {exc}", key="topology") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"invalid topology: {exc}", key="topology") from None
 
 
 def _join(items: Sequence[int]) -> str:
@@ -431,11 +435,12 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
         if tokens[0] not in columns or tokens[0] in rows:
             raise ConfigError(f"unexpected line in the topology matrix: {ln.strip()!r}")
         rows[tokens[0]] = tokens[1:]
-    missing = [c for c in columns if c not in rows]
+    # GPU rows are required; NIC rows only confirm the matrix (posted copies get cut short).
+    missing = [c for c in columns if c not in rows and _GPU_LABEL.fullmatch(c)]
     if missing:
         raise ConfigError(f"topology matrix has no row for {', '.join(missing)}")
     matrix: dict[str, list[Link]] = {}
-    for label in columns:
+    for label in rows:
         cells = rows[label][: len(columns)]
         if len(cells) < len(columns):
             raise ConfigError(f"row {label} has {len(cells)} cells, expected {len(columns)}")
@@ -443,12 +448,14 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
             matrix[label] = [Link.parse(c) for c in cells]
         except ValueError as exc:
             raise ConfigError(f"row {label}: {exc}") from None
-    for i, a in enumerate(columns):
+    for a in matrix:
+        i = columns.index(a)
         for j, b in enumerate(columns):
-            if (matrix[a][j].type is LinkType.SELF) != (i == j) or matrix[a][j] != matrix[b][i]:
+            mirror = matrix[b][i] if b in matrix else matrix[a][j]
+            if (matrix[a][j].type is LinkType.SELF) != (i == j) or matrix[a][j] != mirror:
                 raise ConfigError(
                     f"topology matrix is not symmetric with X on the diagonal "
-                    f"at {a}/{b}: {matrix[a][j]} vs {matrix[b][i]}"
+                    f"at {a}/{b}: {matrix[a][j]} vs {mirror}"
                 )
     legend = {m[1]: m[2] for ln in lines if (m := _NIC_LEGEND.fullmatch(ln))}
     gpu_cols = [k for k, c in enumerate(columns) if _GPU_LABEL.fullmatch(c)]
@@ -525,9 +532,11 @@ async def run_command(argv: Sequence[str], timeout_s: float = 10.0) -> str:
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+    except BaseException:  # timeout or cancellation: leave no process behind
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
         raise
     if proc.returncode:
         raise subprocess.CalledProcessError(
