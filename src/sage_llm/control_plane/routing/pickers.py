@@ -1,0 +1,75 @@
+"""Routing pickers: choose one instance from the combined scores.
+
+Pickers take a non-empty mapping of instance id → combined score in [0, 1] and use only
+the ``random.Random`` they are given, so a seeded pipeline is deterministic. Ids are
+sorted before any random draw so the result does not depend on mapping order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+TIE_EPSILON = 1e-9
+"""Scores closer than this are treated as equal."""
+
+
+def _require(scores: Mapping[str, float]) -> list[str]:
+    if not scores:
+        raise ValueError("cannot pick from an empty set of scores")
+    return sorted(scores)
+
+
+def best_of(ids: list[str], scores: Mapping[str, float], rng: random.Random) -> str:
+    """The id with the highest score among ``ids``; ties broken uniformly by ``rng``."""
+    top = max(scores[i] for i in ids)
+    tied = [i for i in ids if scores[i] >= top - TIE_EPSILON]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+class MaxPicker:
+    """The highest combined score; ties broken uniformly at random."""
+
+    name = "max"
+
+    def pick(self, scores: Mapping[str, float], rng: random.Random) -> str:
+        return best_of(_require(scores), scores, rng)
+
+
+class WeightedRandomPicker:
+    """A random instance with probability proportional to its score (``floor`` added to
+    every score so that low scorers keep a small chance); uniform when all are zero."""
+
+    name = "weighted_random"
+
+    def __init__(self, floor: float = 0.0) -> None:
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor!r}")
+        self.floor = floor
+
+    def pick(self, scores: Mapping[str, float], rng: random.Random) -> str:
+        ids = _require(scores)
+        weights = [max(0.0, scores[i]) + self.floor for i in ids]
+        total = sum(weights)
+        if total <= 0.0:
+            return rng.choice(ids)
+        x = rng.random() * total
+        for iid, w in zip(ids, weights, strict=True):
+            x -= w
+            if x < 0.0:
+                return iid
+        return ids[-1]
+
+
+class PowerOfTwoPicker:
+    """Samples two distinct instances uniformly and takes the better scored of the pair
+    (ties broken at random); with a single candidate, that one."""
+
+    name = "power_of_two"
+
+    def pick(self, scores: Mapping[str, float], rng: random.Random) -> str:
+        ids = _require(scores)
+        if len(ids) == 1:
+            return ids[0]
+        pair = sorted(rng.sample(ids, 2))
+        return best_of(pair, scores, rng)

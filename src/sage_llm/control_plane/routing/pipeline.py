@@ -1,0 +1,171 @@
+"""The routing pipeline: candidates → filters → weighted scorers → picker.
+
+Every named strategy (:mod:`sage_llm.control_plane.routing.strategies`) is a
+:class:`Pipeline` with its own filters, scorers, weights and picker; there is no other
+routing code path.
+
+Statefulness: a filter, scorer or picker that keeps state across decisions (the round-robin
+cursor) implements :class:`RoutingObserver`; :meth:`Pipeline.route` calls
+``on_routed(req, decision)`` on each such component after it decides. The hook is public
+and must be idempotent for the same decision, so a caller that records a decision again
+(for instance a PD orchestrator) does no harm.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from sage_llm.control_plane.routing.base import Filter, Picker, RoutingDecision, Scorer
+from sage_llm.control_plane.routing.filters import LEGS, Leg, leg_candidates
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+
+@runtime_checkable
+class RoutingObserver(Protocol):
+    """A pipeline component told of every decision its pipeline makes."""
+
+    def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None: ...
+
+
+class Pipeline:
+    """A router made of filters, weighted scorers and a picker.
+
+    ``route`` starts from the instances that can run ``leg`` of the request now
+    (:func:`~sage_llm.control_plane.routing.filters.leg_candidates`; for the default
+    ``"whole"`` that is ``snap.runnable(req)``), keeps those in ``allowed`` when given,
+    applies the filters in order, and returns None as soon as none is left. Otherwise each
+    candidate's combined score is ``Σ weight·score / Σ weight`` over the scorers (1.0 for
+    all when there are none) and the picker chooses among them with ``rng``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        filters: Sequence[Filter],
+        scorers: Sequence[tuple[Scorer, float]],
+        picker: Picker,
+        rng: random.Random | None = None,
+        *,
+        leg: Leg = "whole",
+        params: Mapping[str, object] | None = None,
+    ) -> None:
+        if not name:
+            raise ValueError("a pipeline needs a name")
+        if leg not in LEGS:
+            raise ValueError(f"unknown leg {leg!r}; expected one of {', '.join(LEGS)}")
+        for scorer, weight in scorers:
+            if not (math.isfinite(weight) and weight >= 0.0):
+                raise ValueError(f"weight of scorer {scorer.name!r} must be >= 0, got {weight!r}")
+        self.name = name
+        self.filters: tuple[Filter, ...] = tuple(filters)
+        self.scorers: tuple[tuple[Scorer, float], ...] = tuple(
+            (s, float(w)) for s, w in scorers if w > 0.0
+        )
+        self.picker = picker
+        self.rng = rng if rng is not None else random.Random()
+        self.leg: Leg = leg
+        self.params: dict[str, object] = dict(params or {})
+        self._total_weight = sum(w for _, w in self.scorers)
+        components: list[object] = [*self.filters, *(s for s, _ in self.scorers), picker]
+        self._observers = tuple(c for c in components if isinstance(c, RoutingObserver))
+
+    def candidates(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+    ) -> Sequence[InstanceView]:
+        """The candidates left after the start set, ``allowed`` and every filter."""
+        cands: Sequence[InstanceView] = leg_candidates(req, snap, self.leg)
+        if allowed is not None:
+            cands = [c for c in cands if c.instance_id in allowed]
+        for f in self.filters:
+            if not cands:
+                break
+            cands = f.filter(req, cands, snap)
+        return cands
+
+    def scores(
+        self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
+    ) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Combined scores, and each scorer's raw scores (in :attr:`scorers` order)."""
+        ids = [c.instance_id for c in candidates]
+        if not self.scorers:
+            return dict.fromkeys(ids, 1.0), []
+        combined = dict.fromkeys(ids, 0.0)
+        per_scorer: list[dict[str, float]] = []
+        for scorer, weight in self.scorers:
+            raw = scorer.score(req, candidates, snap)
+            for iid in ids:
+                value = raw.get(iid)
+                if value is None or not 0.0 <= value <= 1.0:
+                    raise ValueError(
+                        f"scorer {scorer.name!r} gave {value!r} for {iid!r}; "
+                        "scores must be in [0, 1] for every candidate"
+                    )
+                combined[iid] += weight * value
+            per_scorer.append(raw)
+        total = self._total_weight
+        return {iid: min(1.0, v / total) for iid, v in combined.items()}, per_scorer
+
+    def route(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+    ) -> RoutingDecision | None:
+        """Pick an instance for ``req``, or None when no candidate survives the filters."""
+        cands = self.candidates(req, snap, allowed)
+        if not cands:
+            return None
+        combined, per_scorer = self.scores(req, cands, snap)
+        chosen = self.picker.pick(combined, self.rng)
+        if chosen not in combined:
+            raise ValueError(f"picker {self.picker.name!r} chose {chosen!r}, not a candidate")
+        decision = RoutingDecision(
+            instance_id=chosen,
+            reason=self._reason(chosen, per_scorer, len(cands)),
+            scores=combined,
+        )
+        self.on_routed(req, decision)
+        return decision
+
+    def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None:
+        """Tell stateful components about ``decision`` (idempotent; ``route`` calls it)."""
+        for obs in self._observers:
+            obs.on_routed(req, decision)
+
+    def _reason(self, chosen: str, per_scorer: Sequence[Mapping[str, float]], n: int) -> str:
+        """``"<name>: <top factor>=<its score> (<n> candidates)"``: the top factor is the
+        scorer that contributed most to the chosen instance's combined score."""
+        plural = "candidate" if n == 1 else "candidates"
+        if not self.scorers:
+            return f"{self.name}: {self.picker.name} ({n} {plural})"
+        contributions = [w * per_scorer[k][chosen] for k, (_s, w) in enumerate(self.scorers)]
+        k = contributions.index(max(contributions))  # the first one on ties
+        top = self.scorers[k][0]
+        return f"{self.name}: {top.name}={per_scorer[k][chosen]:.2f} ({n} {plural})"
+
+    def describe(self) -> dict[str, object]:
+        """Name, leg, filters, weighted scorers, picker, parameters and component state."""
+        out: dict[str, object] = {
+            "name": self.name,
+            "leg": self.leg,
+            "filters": [f.name for f in self.filters],
+            "scorers": [{"name": s.name, "weight": w} for s, w in self.scorers],
+            "picker": self.picker.name,
+            "params": dict(self.params),
+        }
+        state = {
+            getattr(obs, "name", type(obs).__name__): obs.describe()
+            for obs in self._observers
+            if isinstance(obs, _Describable)
+        }
+        if state:
+            out["state"] = state
+        return out
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r})"
+
+
+@runtime_checkable
+class _Describable(Protocol):
+    def describe(self) -> dict[str, object]: ...
