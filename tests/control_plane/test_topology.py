@@ -213,6 +213,15 @@ def test_copy_cut_short_after_the_gpu_rows() -> None:
     assert all(n.device is None for n in t.nics)  # the NIC Legend was lost
 
 
+def test_single_gpu_and_legend_without_blank_line() -> None:
+    raw = "\tGPU0\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\nGPU0\t X \t0-7\t0\t\t2\n"
+    t = parse_nvidia_smi_topo(raw + "NIC Legend:\n\n  NIC0: mlx5_0\n")
+    assert t.gpus == (GPUInfo(0, tuple(range(8)), 0, 2),)
+    assert t.nvlink_domains() == []
+    assert t.best_group(1) == (0,)
+    assert t.best_group(2) is None
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -430,7 +430,7 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
     rows: dict[str, list[str]] = {}
     for ln in lines[start + 1 :]:
         tokens = ln.split()
-        if not tokens or tokens[0].startswith("Legend"):
+        if not tokens or "Legend" in ln:
             break
         if tokens[0] not in columns or tokens[0] in rows:
             raise ConfigError(f"unexpected line in the topology matrix: {ln.strip()!r}")
