@@ -1,0 +1,130 @@
+"""Admission checks shared by the policies and the manager.
+
+* :func:`check_queue_bound` / :class:`QueueBound` — refuse when the queue is full, with a
+  ``retry_after_s`` estimated from the fleet's throughput.
+* :func:`best_predicted_e2e` / :func:`check_deadline_feasible` — can any instance finish
+  the request before its deadline? (used by ``slo_aware``).
+* :func:`eligible_instances` — instances that could ever run a request (healthy, accepting,
+  same model, whole-request role, not excluded), free slot or not.
+
+All are pure functions of a :class:`~sage_llm.control_plane.snapshot.ClusterSnapshot`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sage_llm.control_plane.scheduling.base import ADMIT, Admission
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+TYPICAL_PROMPT_TOKENS = 512
+TYPICAL_OUTPUT_TOKENS = 128
+MIN_RETRY_AFTER_S = 0.1
+
+
+def eligible_instances(req: RequestInfo, snap: ClusterSnapshot) -> tuple[InstanceView, ...]:
+    """Instances that could run ``req`` as a whole request, now or once a slot frees."""
+    return tuple(
+        i
+        for i in snap.instances
+        if i.model == req.model
+        and i.role.runs_whole_requests
+        and i.healthy
+        and i.accepting
+        and i.instance_id not in req.excluded_instances
+    )
+
+
+def estimate_drain_s(
+    requests: int,
+    snap: ClusterSnapshot,
+    *,
+    prompt_tokens: int = TYPICAL_PROMPT_TOKENS,
+    output_tokens: int = TYPICAL_OUTPUT_TOKENS,
+) -> float | None:
+    """Seconds for the fleet to start ``requests`` more requests of a typical size.
+
+    Throughput is Σ max_concurrency / predicted e2e over healthy, accepting instances;
+    None when there is none.
+    """
+    rate = 0.0
+    for inst in snap.instances:
+        if inst.healthy and inst.accepting and inst.role.runs_whole_requests:
+            rate += inst.max_concurrency / max(
+                inst.predict_e2e_s(prompt_tokens, output_tokens), 1e-9
+            )
+    if rate <= 0.0:
+        return None
+    return max(MIN_RETRY_AFTER_S, requests / rate)
+
+
+def check_queue_bound(queued: int, max_queue: int, snap: ClusterSnapshot) -> Admission:
+    """Admit while ``queued < max_queue``; otherwise ``Admission(False, "queue full", …)``.
+
+    ``retry_after_s`` estimates when a queue slot frees up (:func:`estimate_drain_s` of
+    the excess); None when no instance is up. ``max_queue`` must be >= 1.
+    """
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if queued < max_queue:
+        return ADMIT
+    retry = estimate_drain_s(queued - max_queue + 1, snap)
+    return Admission(
+        False, reason=f"queue full ({queued} queued, bound {max_queue})", retry_after_s=retry
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueBound:
+    """A bounded queue: ``QueueBound(1000).check(len(policy), snap)``."""
+
+    max_queue: int
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+
+    def check(self, queued: int, snap: ClusterSnapshot) -> Admission:
+        """See :func:`check_queue_bound`."""
+        return check_queue_bound(queued, self.max_queue, snap)
+
+
+def best_predicted_e2e(
+    req: RequestInfo, snap: ClusterSnapshot
+) -> tuple[InstanceView, float] | None:
+    """The eligible instance with the lowest predicted e2e for ``req`` and that e2e.
+
+    None when no instance is eligible (:func:`eligible_instances`).
+    """
+    best: tuple[InstanceView, float] | None = None
+    for inst in eligible_instances(req, snap):
+        e2e = inst.predict_e2e_s(req.prompt_tokens, req.max_tokens)
+        if best is None or e2e < best[1]:
+            best = (inst, e2e)
+    return best
+
+
+def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admission:
+    """Reject when even the best instance's predicted finish is past the deadline.
+
+    Admits requests without a deadline, and requests no instance is eligible for (they
+    wait for one; other checks deal with unknown models). The rejection has no
+    ``retry_after_s``: retrying later only makes a fixed deadline harder to meet.
+    """
+    if req.deadline is None:
+        return ADMIT
+    best = best_predicted_e2e(req, snap)
+    if best is None:
+        return ADMIT
+    inst, e2e = best
+    remaining = req.deadline - snap.now
+    if e2e <= remaining:
+        return ADMIT
+    return Admission(
+        False,
+        reason=(
+            f"deadline infeasible: best predicted e2e {e2e:.3f}s (instance "
+            f"{inst.instance_id}) exceeds the {remaining:.3f}s left before the deadline"
+        ),
+        retry_after_s=None,
+    )

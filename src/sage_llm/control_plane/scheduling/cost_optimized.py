@@ -1,0 +1,140 @@
+"""``cost_optimized``: run each request on the cheapest instance that still does the job.
+
+Queue order is FIFO (``order="fifo"``) or priority with aging (``order="priority"``, with
+the ``priority`` policy's ``aging_interval_s`` / ``max_wait_s``). The policy acts in
+``constrain``: among the runnable instances it keeps the cheapest, by
+``InstanceView.predict_cost`` (price per GPU-hour × GPUs × predicted e2e time), that
+
+1. meets the request's deadline (when it has one) and costs at most ``cost_budget``
+   (when set);
+2. failing that, costs at most ``cost_budget`` (the deadline will likely be missed);
+3. failing that, the cheapest of all (over budget; see ``over_budget_action``).
+
+Every instance within ``cost_tolerance`` (relative) of that cheapest cost stays allowed,
+so the router still spreads load over equally cheap instances.
+
+Admission: with ``over_budget_action="reject"``, a request with a ``cost_budget`` below
+the cheapest cost any instance of its model could offer (predicted with that instance's
+queue empty) is rejected; with ``"cheapest"`` (default) it is admitted and runs on the
+cheapest instance. A request admitted when it fitted and over budget by dispatch time
+(load rose) also runs on the cheapest instance: ``constrain`` cannot refuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+from sage_llm.control_plane.scheduling._params import (
+    check_choice,
+    check_non_negative,
+    check_positive,
+)
+from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
+from sage_llm.control_plane.scheduling.admission import eligible_instances
+from sage_llm.control_plane.scheduling.base import ADMIT, Admission
+from sage_llm.control_plane.scheduling.priority import priority_rank
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+
+ORDERS = ("fifo", "priority")
+OVER_BUDGET_ACTIONS = ("reject", "cheapest")
+
+
+def best_case_cost(inst: InstanceView, req: RequestInfo) -> float:
+    """Cost of ``req`` on ``inst`` if nothing were queued there."""
+    return replace(inst, queued_prefill_tokens=0).predict_cost(req.prompt_tokens, req.max_tokens)
+
+
+class CostOptimizedPolicy(QueuedPolicy):
+    """Cheapest feasible instance per request; see the module docstring."""
+
+    name = "cost_optimized"
+
+    @dataclass(frozen=True, slots=True)
+    class Params:
+        """``order``: queue order, ``fifo`` or ``priority``. ``cost_tolerance``: instances
+        within this relative margin of the cheapest stay allowed (0.05 = 5 %).
+        ``over_budget_action``: ``reject`` at admission when no instance could be within
+        the budget, or ``cheapest`` to run it on the cheapest instance anyway.
+        ``aging_interval_s`` / ``max_wait_s``: as in ``priority`` (``order="priority"``)."""
+
+        order: Literal["fifo", "priority"] = "fifo"
+        cost_tolerance: float = 0.05
+        over_budget_action: Literal["reject", "cheapest"] = "cheapest"
+        aging_interval_s: float = 5.0
+        max_wait_s: float = 60.0
+
+        def __post_init__(self) -> None:
+            check_choice("order", self.order, ORDERS)
+            check_non_negative("cost_tolerance", self.cost_tolerance)
+            check_choice("over_budget_action", self.over_budget_action, OVER_BUDGET_ACTIONS)
+            check_positive("aging_interval_s", self.aging_interval_s)
+            check_positive("max_wait_s", self.max_wait_s)
+
+    def __init__(self, params: CostOptimizedPolicy.Params | None = None) -> None:
+        super().__init__()
+        self.params = params if params is not None else CostOptimizedPolicy.Params()
+        self._counts = {"cheapest_feasible": 0, "missed_slo": 0, "over_budget": 0, "rejected": 0}
+
+    def _place(self, req: RequestInfo) -> tuple[int, float]:
+        if self.params.order == "priority":
+            return int(req.priority), req.arrival
+        return 0, req.arrival
+
+    def _rank(self, entry: QueueEntry, now: float) -> Rank:
+        if self.params.order == "priority":
+            p = self.params
+            return priority_rank(entry, now, p.aging_interval_s, p.max_wait_s)
+        return (entry.key, entry.seq)
+
+    def admit(self, req: RequestInfo, snap: ClusterSnapshot) -> Admission:
+        self.observe(snap)
+        if self.params.over_budget_action != "reject" or req.cost_budget is None:
+            return ADMIT
+        costs = [best_case_cost(i, req) for i in eligible_instances(req, snap)]
+        if not costs or min(costs) <= req.cost_budget:
+            return ADMIT
+        self._counts["rejected"] += 1
+        return Admission(
+            False,
+            reason=(
+                f"over budget: the cheapest instance of {req.model} would cost "
+                f"{min(costs):.6g}, above the request's cost_budget {req.cost_budget:.6g}"
+            ),
+        )
+
+    def constrain(self, req: RequestInfo, snap: ClusterSnapshot) -> frozenset[str] | None:
+        cands = snap.runnable(req)
+        if not cands:
+            return None
+        costs = {i.instance_id: i.predict_cost(req.prompt_tokens, req.max_tokens) for i in cands}
+        budget = req.cost_budget
+        within = [i for i in cands if budget is None or costs[i.instance_id] <= budget]
+        if req.deadline is None:
+            feasible = within
+        else:
+            remaining = req.deadline - snap.now
+            feasible = [
+                i for i in within if i.predict_e2e_s(req.prompt_tokens, req.max_tokens) <= remaining
+            ]
+        if feasible:
+            pool, outcome = feasible, "cheapest_feasible"
+        elif within:
+            pool, outcome = within, "missed_slo"
+        else:
+            pool, outcome = list(cands), "over_budget"
+        self._counts[outcome] += 1
+        cheapest = min(costs[i.instance_id] for i in pool)
+        limit = cheapest * (1.0 + self.params.cost_tolerance) + 1e-12
+        return frozenset(i.instance_id for i in pool if costs[i.instance_id] <= limit)
+
+    def _params_dict(self) -> dict[str, object]:
+        return asdict(self.params)
+
+    def _state(self) -> dict[str, object]:
+        state = super()._state()
+        state.update(self._counts)
+        return state
+
+
+CostOptimizedParams = CostOptimizedPolicy.Params

@@ -1,0 +1,105 @@
+"""Shared admission checks: queue bound with a retry hint, deadline feasibility."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.control_plane.scheduling.admission import (
+    QueueBound,
+    best_predicted_e2e,
+    check_deadline_feasible,
+    check_queue_bound,
+    eligible_instances,
+    estimate_drain_s,
+)
+from sage_llm.control_plane.scheduling.base import ADMIT
+from tests.factories import make_instance_view, make_request_info, make_snapshot
+
+
+def test_queue_below_the_bound_is_admitted() -> None:
+    assert check_queue_bound(9, 10, make_snapshot(2)) == ADMIT
+
+
+def test_full_queue_is_refused_with_a_retry_estimate() -> None:
+    snap = make_snapshot(2)
+    verdict = check_queue_bound(10, 10, snap)
+    assert not verdict.admitted
+    assert "queue full" in verdict.reason
+    assert verdict.retry_after_s is not None
+    assert verdict.retry_after_s > 0
+    further = check_queue_bound(500, 10, snap)
+    assert further.retry_after_s is not None
+    assert further.retry_after_s > verdict.retry_after_s
+
+
+def test_retry_estimate_shrinks_with_a_bigger_fleet() -> None:
+    small = estimate_drain_s(1000, make_snapshot(1))
+    large = estimate_drain_s(1000, make_snapshot(8))
+    assert small is not None
+    assert large is not None
+    assert large < small
+
+
+def test_no_retry_estimate_without_a_live_instance() -> None:
+    snap = make_snapshot([make_instance_view("down", healthy=False)])
+    verdict = check_queue_bound(3, 3, snap)
+    assert not verdict.admitted
+    assert verdict.retry_after_s is None
+
+
+def test_queue_bound_object_and_bad_bound() -> None:
+    bound = QueueBound(2)
+    assert bound.check(1, make_snapshot(1)).admitted
+    assert not bound.check(2, make_snapshot(1)).admitted
+    with pytest.raises(ValueError, match="max_queue"):
+        QueueBound(0)
+    with pytest.raises(ValueError, match="max_queue"):
+        check_queue_bound(0, 0, make_snapshot(1))
+
+
+def test_eligible_ignores_load_but_not_health_model_role_or_exclusion() -> None:
+    fleet = [
+        make_instance_view("busy", in_flight=100),
+        make_instance_view("sick", healthy=False),
+        make_instance_view("other", model="other-model"),
+        make_instance_view("failed-before"),
+    ]
+    req = make_request_info(excluded_instances=frozenset({"failed-before"}))
+    assert [i.instance_id for i in eligible_instances(req, make_snapshot(fleet))] == ["busy"]
+
+
+def test_best_predicted_e2e_picks_the_fastest_instance() -> None:
+    fleet = [
+        make_instance_view("slow", est_tpot_s=0.05),
+        make_instance_view("fast", est_tpot_s=0.01),
+        make_instance_view("fast-but-queued", est_tpot_s=0.01, queued_prefill_tokens=80_000),
+    ]
+    req = make_request_info(prompt_tokens=800, max_tokens=101)
+    best = best_predicted_e2e(req, make_snapshot(fleet))
+    assert best is not None
+    inst, e2e = best
+    assert inst.instance_id == "fast"
+    assert e2e == pytest.approx(0.05 + 800 / 8000 + 100 * 0.01)
+
+
+def test_deadline_feasibility() -> None:
+    snap = make_snapshot([make_instance_view("i0", est_tpot_s=0.02)], now=0.0)
+    # predicted e2e: 0.05 + 100/8000 + 49 * 0.02 = 1.0425 s
+    assert check_deadline_feasible(make_request_info(slo_s=2.0), snap).admitted
+    assert check_deadline_feasible(make_request_info(), snap).admitted
+    late = check_deadline_feasible(make_request_info(slo_s=0.5), snap)
+    assert not late.admitted
+    assert "deadline" in late.reason
+    assert "i0" in late.reason
+    assert late.retry_after_s is None
+
+
+def test_deadline_counts_from_now_not_from_arrival() -> None:
+    req = make_request_info(arrival=0.0, slo_s=2.0)
+    assert check_deadline_feasible(req, make_snapshot(1, now=0.5)).admitted
+    assert not check_deadline_feasible(req, make_snapshot(1, now=1.5)).admitted
+
+
+def test_feasibility_cannot_be_judged_without_instances() -> None:
+    req = make_request_info(slo_s=0.001)
+    assert check_deadline_feasible(req, make_snapshot(0)).admitted

@@ -1,0 +1,140 @@
+"""Cost-optimized: cheapest instance that meets the SLO and the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
+from sage_llm.control_plane.snapshot import ClusterSnapshot
+from sage_llm.errors import ConfigError
+from sage_llm.types import RequestPriority as P
+from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
+
+# Request of 100 prompt / 50 output tokens; ttft = 0.05 + 100/8000 = 0.0625 s.
+# cheap_slow: e2e 0.0625 + 49*0.03  = 1.5325 s, cost 1.0/3600 * 1.5325 ≈ 0.000426
+# mid:        e2e 0.0625 + 49*0.02  = 1.0425 s, cost 2.0/3600 * 1.0425 ≈ 0.000579
+# fast:       e2e 0.0625 + 49*0.005 = 0.3075 s, cost 8.0/3600 * 0.3075 ≈ 0.000683
+CHEAP_SLOW = make_instance_view("cheap_slow", price_per_gpu_hour=1.0, est_tpot_s=0.03)
+MID = make_instance_view("mid", price_per_gpu_hour=2.0, est_tpot_s=0.02)
+FAST = make_instance_view("fast", price_per_gpu_hour=8.0, est_tpot_s=0.005)
+
+
+def fleet() -> ClusterSnapshot:
+    return make_snapshot([FAST, MID, CHEAP_SLOW], now=0.0)
+
+
+def test_cheapest_instance_without_slo_or_budget() -> None:
+    policy = CostOptimizedPolicy()
+    assert policy.constrain(make_request_info(), fleet()) == frozenset({"cheap_slow"})
+
+
+def test_cheap_slow_instance_is_skipped_when_it_would_miss_the_deadline() -> None:
+    policy = CostOptimizedPolicy()
+    assert policy.constrain(make_request_info(slo_s=1.2), fleet()) == frozenset({"mid"})
+    assert policy.constrain(make_request_info(slo_s=0.5), fleet()) == frozenset({"fast"})
+
+
+def test_deadline_counts_from_the_snapshot_time() -> None:
+    policy = CostOptimizedPolicy()
+    req = make_request_info(arrival=0.0, slo_s=2.0)
+    assert policy.constrain(req, fleet()) == frozenset({"cheap_slow"})
+    later = make_snapshot([FAST, MID, CHEAP_SLOW], now=0.8)
+    assert policy.constrain(req, later) == frozenset({"mid"})
+
+
+def test_budget_excludes_instances_that_cost_too_much() -> None:
+    policy = CostOptimizedPolicy()
+    # Deadline 0.5 s needs fast (0.000683), budget 0.0006 forbids it: the SLO cannot be
+    # met within budget, so the cheapest within budget is used.
+    req = make_request_info(slo_s=0.5, cost_budget=0.0006)
+    assert policy.constrain(req, fleet()) == frozenset({"cheap_slow"})
+    # Deadline 1.2 s: mid meets it and fits the budget.
+    req = make_request_info(slo_s=1.2, cost_budget=0.0006)
+    assert policy.constrain(req, fleet()) == frozenset({"mid"})
+    # Budget below mid's cost: mid is excluded although it meets the deadline.
+    req = make_request_info(slo_s=1.2, cost_budget=0.0005)
+    assert policy.constrain(req, fleet()) == frozenset({"cheap_slow"})
+
+
+def test_over_budget_everywhere_falls_back_to_the_cheapest() -> None:
+    policy = CostOptimizedPolicy()
+    req = make_request_info(cost_budget=1e-6)
+    assert policy.constrain(req, fleet()) == frozenset({"cheap_slow"})
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    assert state["over_budget"] == 1
+
+
+def test_equally_cheap_instances_within_tolerance_are_all_allowed() -> None:
+    twins = [
+        make_instance_view("a", price_per_gpu_hour=1.0),
+        make_instance_view("b", price_per_gpu_hour=1.0),
+        make_instance_view("c", price_per_gpu_hour=1.03),
+        make_instance_view("d", price_per_gpu_hour=1.2),
+    ]
+    snap = make_snapshot(twins)
+    assert CostOptimizedPolicy().constrain(make_request_info(), snap) == frozenset({"a", "b", "c"})
+    strict = CostOptimizedPolicy(CostOptimizedPolicy.Params(cost_tolerance=0.0))
+    assert strict.constrain(make_request_info(), snap) == frozenset({"a", "b"})
+
+
+def test_only_runnable_instances_are_candidates() -> None:
+    policy = CostOptimizedPolicy()
+    busy = with_view(fleet(), "cheap_slow", in_flight=100)
+    assert policy.constrain(make_request_info(), busy) == frozenset({"mid"})
+    req = make_request_info(excluded_instances=frozenset({"cheap_slow", "mid"}))
+    assert policy.constrain(req, fleet()) == frozenset({"fast"})
+    assert policy.constrain(make_request_info(model="unknown"), fleet()) is None
+
+
+def test_load_raises_predicted_cost() -> None:
+    # cheap_slow with a long prefill backlog becomes slower and dearer than mid.
+    loaded = with_view(fleet(), "cheap_slow", queued_prefill_tokens=40_000)
+    assert CostOptimizedPolicy().constrain(make_request_info(), loaded) == frozenset({"mid"})
+
+
+def test_admission_rejects_an_impossible_budget_when_configured() -> None:
+    policy = CostOptimizedPolicy(CostOptimizedPolicy.Params(over_budget_action="reject"))
+    verdict = policy.admit(make_request_info(cost_budget=1e-6), fleet())
+    assert not verdict.admitted
+    assert "budget" in verdict.reason
+    assert policy.admit(make_request_info(cost_budget=0.0005), fleet()).admitted
+    assert policy.admit(make_request_info(), fleet()).admitted
+
+
+def test_admission_judges_the_budget_on_an_empty_queue() -> None:
+    policy = CostOptimizedPolicy(CostOptimizedPolicy.Params(over_budget_action="reject"))
+    snap = with_view(fleet(), "cheap_slow", queued_prefill_tokens=40_000)
+    assert policy.admit(make_request_info(cost_budget=0.0005), snap).admitted
+
+
+def test_admission_admits_over_budget_by_default() -> None:
+    assert CostOptimizedPolicy().admit(make_request_info(cost_budget=1e-6), fleet()).admitted
+
+
+def test_queue_order_is_fifo_or_priority() -> None:
+    snap = make_snapshot(1, now=1.0)
+    reqs = [
+        make_request_info("bg", priority=P.BACKGROUND, arrival=0.0),
+        make_request_info("crit", priority=P.CRITICAL, arrival=0.5),
+    ]
+    fifo = CostOptimizedPolicy()
+    by_priority = CostOptimizedPolicy(CostOptimizedPolicy.Params(order="priority"))
+    for req in reqs:
+        fifo.push(req)
+        by_priority.push(req)
+    assert [r.request_id for r in fifo.drain()] == ["bg", "crit"]
+    first = by_priority.pop(snap)
+    assert first is not None
+    assert first.request_id == "crit"
+    assert len(by_priority) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("order", "lifo"), ("cost_tolerance", -0.1), ("over_budget_action", "ignore")],
+)
+def test_invalid_params(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        CostOptimizedPolicy.Params(**{key: value})  # type: ignore[arg-type]
+    assert err.value.key == key
