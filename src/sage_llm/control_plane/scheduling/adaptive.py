@@ -1,0 +1,292 @@
+"""``adaptive``: switches among the other four policies from what it observes.
+
+Signals, computed in ``pop`` at most once per ``eval_interval_s`` of ``snap.now``:
+
+* ``load`` — queued requests / fleet capacity (Σ ``max_concurrency`` of the snapshot);
+* ``attainment`` — share of the last ``window`` completions with a deadline that met it
+  (None until ``min_samples`` such completions);
+* ``deadline_share`` / ``priority_share`` / ``cost_share`` — among the last ``window``
+  pushed requests, the share with a deadline / with a priority other than NORMAL / with a
+  cost budget.
+
+Rule, first match wins (``t`` = ``slo_target``, ``m`` = ``slo_margin``):
+
+1. ``slo_aware`` when ``deadline_share >= deadline_share`` threshold and attainment is
+   below ``t - m``; once in ``slo_aware`` it stays until attainment reaches ``t + m``.
+2. ``priority`` when ``priority_share`` reaches its threshold and ``load >= overload``;
+   once in ``priority`` it stays while ``load > light_load``.
+3. ``cost_optimized`` when ``cost_share`` reaches its threshold and ``load <= light_load``;
+   once in it, it stays while ``load < overload``.
+4. ``fifo`` when ``load <= light_load`` (light load, SLOs fine or not deadline-driven).
+5. otherwise keep the current policy.
+
+Hysteresis: besides the bands above, a switch happens only when the rule has named the
+same new policy at every evaluation for ``min_dwell_s`` and at least ``min_dwell_s`` have
+passed since the last switch. A switch drains the old inner policy and pushes everything
+into the new one, so no queued request is lost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from sage_llm.control_plane.scheduling._params import (
+    check_choice,
+    check_count,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+)
+from sage_llm.control_plane.scheduling._queue import EPS, QueuedPolicy
+from sage_llm.control_plane.scheduling.base import Admission
+from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
+from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
+from sage_llm.control_plane.scheduling.priority import PriorityPolicy
+from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
+from sage_llm.errors import ConfigError
+from sage_llm.types import RequestPriority
+
+INNER_POLICIES = ("fifo", "priority", "slo_aware", "cost_optimized")
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What the switch rule saw at one evaluation."""
+
+    now: float
+    queued: int
+    capacity: int
+    load: float
+    attainment: float | None
+    slo_samples: int
+    deadline_share: float
+    priority_share: float
+    cost_share: float
+
+
+class AdaptivePolicy:
+    """Runs one of fifo / priority / slo_aware / cost_optimized; see the module docstring."""
+
+    name = "adaptive"
+
+    @dataclass(frozen=True, slots=True)
+    class Params:
+        """Thresholds of the switch rule (module docstring)."""
+
+        initial: Literal["fifo", "priority", "slo_aware", "cost_optimized"] = "fifo"
+        eval_interval_s: float = 1.0
+        min_dwell_s: float = 10.0
+        window: int = 200
+        min_samples: int = 20
+        slo_target: float = 0.95
+        slo_margin: float = 0.02
+        light_load: float = 0.5
+        overload: float = 1.0
+        deadline_share: float = 0.3
+        priority_share: float = 0.2
+        cost_share: float = 0.2
+
+        def __post_init__(self) -> None:
+            check_choice("initial", self.initial, INNER_POLICIES)
+            check_positive("eval_interval_s", self.eval_interval_s, allow_inf=False)
+            check_non_negative("min_dwell_s", self.min_dwell_s)
+            check_count("window", self.window)
+            check_count("min_samples", self.min_samples)
+            if self.min_samples > self.window:
+                raise ConfigError(
+                    f"must be <= window ({self.window}), got {self.min_samples}", key="min_samples"
+                )
+            for key in ("slo_target", "slo_margin", "deadline_share", "priority_share"):
+                check_fraction(key, getattr(self, key))
+            check_fraction("cost_share", self.cost_share)
+            check_non_negative("light_load", self.light_load)
+            check_positive("overload", self.overload, allow_inf=False)
+            if self.light_load >= self.overload:
+                raise ConfigError(
+                    f"must be below overload ({self.overload}), got {self.light_load}",
+                    key="light_load",
+                )
+
+    def __init__(self, params: AdaptivePolicy.Params | None = None) -> None:
+        self.params = p = params if params is not None else AdaptivePolicy.Params()
+        self._inner: dict[str, QueuedPolicy] = {
+            "fifo": FIFOPolicy(),
+            "priority": PriorityPolicy(),
+            "slo_aware": SLOAwarePolicy(),
+            "cost_optimized": CostOptimizedPolicy(),
+        }
+        self._current: str = p.initial
+        self._reason = f"initial policy {p.initial}; no load observed yet"
+        self._switches = 0
+        self._since: float | None = None
+        self._last_eval: float | None = None
+        self._pending: tuple[str, float] | None = None
+        self._signals: Signals | None = None
+        self._slo: deque[bool] = deque(maxlen=p.window)
+        self._slo_met = 0
+        self._mix: deque[tuple[bool, bool, bool]] = deque(maxlen=p.window)
+        self._mix_counts = [0, 0, 0]
+        self._history: deque[dict[str, object]] = deque(maxlen=16)
+
+    @property
+    def current(self) -> str:
+        """Name of the inner policy in charge."""
+        return self._current
+
+    @property
+    def _policy(self) -> QueuedPolicy:
+        return self._inner[self._current]
+
+    # -- SchedulingPolicy, delegated ---------------------------------------------------
+
+    def admit(self, req: RequestInfo, snap: ClusterSnapshot) -> Admission:
+        return self._policy.admit(req, snap)
+
+    def push(self, req: RequestInfo) -> None:
+        self._policy.push(req)
+        mix = (
+            req.deadline is not None,
+            req.priority != RequestPriority.NORMAL,
+            req.cost_budget is not None,
+        )
+        if len(self._mix) == self._mix.maxlen:
+            old = self._mix[0]
+            for n in range(3):
+                self._mix_counts[n] -= old[n]
+        self._mix.append(mix)
+        for n in range(3):
+            self._mix_counts[n] += mix[n]
+
+    def pop(self, snap: ClusterSnapshot) -> RequestInfo | None:
+        self._maybe_switch(snap)
+        return self._policy.pop(snap)
+
+    def peek(self, snap: ClusterSnapshot) -> RequestInfo | None:
+        return self._policy.peek(snap)
+
+    def remove(self, request_id: str) -> RequestInfo | None:
+        return self._policy.remove(request_id)
+
+    def __len__(self) -> int:
+        return len(self._policy)
+
+    def drain(self) -> list[RequestInfo]:
+        return self._policy.drain()
+
+    def constrain(self, req: RequestInfo, snap: ClusterSnapshot) -> frozenset[str] | None:
+        return self._policy.constrain(req, snap)
+
+    def on_complete(self, record: CompletionRecord) -> None:
+        if record.slo_met is not None:
+            if len(self._slo) == self._slo.maxlen:
+                self._slo_met -= self._slo[0]
+            self._slo.append(record.slo_met)
+            self._slo_met += record.slo_met
+        self._policy.on_complete(record)
+
+    # -- the switch rule ---------------------------------------------------------------
+
+    def signals(self, snap: ClusterSnapshot) -> Signals:
+        """The rule's inputs now (pure; does not evaluate the rule)."""
+        queued = len(self)
+        capacity = sum(i.max_concurrency for i in snap.instances)
+        if capacity > 0:
+            load = queued / capacity
+        else:
+            load = math.inf if queued else 0.0
+        samples = len(self._slo)
+        attainment = self._slo_met / samples if samples >= self.params.min_samples else None
+        arrivals = max(1, len(self._mix))
+        d, pr, c = (n / arrivals for n in self._mix_counts)
+        return Signals(snap.now, queued, capacity, load, attainment, samples, d, pr, c)
+
+    def _maybe_switch(self, snap: ClusterSnapshot) -> None:
+        now = snap.now
+        p = self.params
+        if self._since is None:
+            self._since = now
+        if self._last_eval is not None and now - self._last_eval + EPS < p.eval_interval_s:
+            return
+        self._last_eval = now
+        sig = self._signals = self.signals(snap)
+        target, why = self.desired(sig)
+        if target == self._current:
+            self._pending = None
+            return
+        if self._pending is None or self._pending[0] != target:
+            self._pending = (target, now)
+        held = now - self._pending[1] + EPS >= p.min_dwell_s
+        dwelt = now - self._since + EPS >= p.min_dwell_s
+        if held and dwelt:
+            self._switch(target, why, snap)
+
+    def desired(self, sig: Signals) -> tuple[str, str]:
+        """(policy the rule names for ``sig``, a sentence saying why, with the numbers)."""
+        p, cur = self.params, self._current
+        att = sig.attainment
+        load = f"queue at {sig.load:.2f}x fleet capacity ({sig.queued} queued / {sig.capacity})"
+        if att is not None and sig.deadline_share >= p.deadline_share:
+            low, high = p.slo_target - p.slo_margin, min(1.0, p.slo_target + p.slo_margin)
+            if att < low or (cur == "slo_aware" and att < high):
+                return "slo_aware", (
+                    f"SLO attainment {att:.1%} over the last {sig.slo_samples} deadline "
+                    f"completions is below target {p.slo_target:.1%} "
+                    f"(switch below {low:.1%}, back above {high:.1%}) and "
+                    f"{sig.deadline_share:.0%} of recent requests carry a deadline"
+                )
+        overloaded = sig.load > p.light_load if cur == "priority" else sig.load >= p.overload
+        if sig.priority_share >= p.priority_share and overloaded:
+            return "priority", (
+                f"overload: {load} >= {p.overload} and {sig.priority_share:.0%} of recent "
+                f"requests have a non-NORMAL priority"
+            )
+        light = sig.load < p.overload if cur == "cost_optimized" else sig.load <= p.light_load
+        if sig.cost_share >= p.cost_share and light:
+            return "cost_optimized", (
+                f"light load: {load} <= {p.light_load} and {sig.cost_share:.0%} of recent "
+                f"requests carry a cost budget"
+            )
+        if sig.load <= p.light_load:
+            att_text = "n/a" if att is None else f"{att:.1%}"
+            return "fifo", (
+                f"light load: {load} <= {p.light_load}, SLO attainment {att_text}; "
+                f"arrival order is fair and cheapest to run"
+            )
+        return cur, f"no rule applies ({load}); keeping {cur}"
+
+    def _switch(self, target: str, why: str, snap: ClusterSnapshot) -> None:
+        old, new = self._policy, self._inner[target]
+        new.observe(snap)
+        moved = old.drain()
+        for req in moved:
+            new.push(req)
+        self._history.append(
+            {"at": snap.now, "from": self._current, "to": target, "moved": len(moved)}
+        )
+        self._current = target
+        self._reason = why
+        self._switches += 1
+        self._since = snap.now
+        self._pending = None
+
+    def describe(self) -> dict[str, object]:
+        """Name, params, and ``current`` / ``reason`` / ``switches`` / ``since``."""
+        head: dict[str, object] = {
+            "current": self._current,
+            "reason": self._reason,
+            "switches": self._switches,
+            "since": self._since,
+        }
+        state: dict[str, object] = dict(head)
+        state["signals"] = None if self._signals is None else asdict(self._signals)
+        state["pending"] = None if self._pending is None else list(self._pending)
+        state["history"] = list(self._history)
+        state["inner"] = self._policy.describe()
+        return {"name": self.name, "params": asdict(self.params), **head, "state": state}
+
+
+AdaptiveParams = AdaptivePolicy.Params

@@ -1,0 +1,259 @@
+"""Adaptive: switches under the documented conditions, with hysteresis, losing nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
+from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord
+from sage_llm.errors import ConfigError
+from sage_llm.types import RequestPriority, RequestStatus
+from tests.factories import make_instance_view, make_request_info, make_snapshot
+
+SMALL_WINDOW = AdaptivePolicy.Params(window=20, min_samples=20)
+
+
+def full_fleet(now: float) -> ClusterSnapshot:
+    """Two busy instances, 20 slots in all: pop evaluates the rule but returns nothing."""
+    views = [make_instance_view(f"i{n}", max_concurrency=10, in_flight=10) for n in range(2)]
+    return make_snapshot(views, now=now)
+
+
+def set_attainment(policy: AdaptivePolicy, met: int, of: int = 20) -> None:
+    """Replace the (20-long) completion window with ``met`` successes out of ``of``."""
+    for n in range(of):
+        policy.on_complete(
+            CompletionRecord(
+                request_id=f"done{n}",
+                status=RequestStatus.COMPLETED,
+                priority=RequestPriority.NORMAL,
+                instance_id="i0",
+                arrival=0.0,
+                finished=1.0,
+                queue_wait_s=0.0,
+                ttft_s=0.1,
+                tpot_s=0.01,
+                e2e_s=1.0,
+                prompt_tokens=10,
+                completion_tokens=10,
+                slo_met=n < met,
+            )
+        )
+
+
+def tick(policy: AdaptivePolicy, start: float, end: float) -> None:
+    """One pop per second on a full fleet, from ``start`` to ``end`` inclusive."""
+    t = start
+    while t <= end + 1e-9:
+        assert policy.pop(full_fleet(t)) is None
+        t += 1.0
+
+
+def push_deadline_requests(policy: AdaptivePolicy, n: int, prefix: str = "d") -> set[str]:
+    ids = set()
+    for k in range(n):
+        policy.push(make_request_info(f"{prefix}{k}", arrival=k * 0.01, slo_s=30.0))
+        ids.add(f"{prefix}{k}")
+    return ids
+
+
+def test_adaptive_is_a_scheduling_policy_starting_with_fifo() -> None:
+    policy = AdaptivePolicy()
+    assert isinstance(policy, SchedulingPolicy)
+    info = policy.describe()
+    assert info["name"] == "adaptive"
+    assert info["current"] == "fifo"
+    assert info["switches"] == 0
+    assert info["since"] is None
+    assert isinstance(info["reason"], str)
+
+
+def test_falling_attainment_with_deadlines_switches_to_slo_aware_after_dwell() -> None:
+    policy = AdaptivePolicy(SMALL_WINDOW)
+    queued = push_deadline_requests(policy, 5)
+    set_attainment(policy, met=10)  # 50 %
+    tick(policy, 0.0, 9.0)
+    assert policy.current == "fifo"  # condition held only 9 s so far
+    tick(policy, 10.0, 10.0)
+    info = policy.describe()
+    assert info["current"] == "slo_aware"
+    assert info["switches"] == 1
+    assert info["since"] == 10.0
+    reason = str(info["reason"])
+    assert "50.0%" in reason
+    assert "95.0%" in reason
+    assert "100% of recent requests carry a deadline" in reason
+    # Every queued request moved to the new inner policy.
+    assert len(policy) == 5
+    assert {r.request_id for r in policy.drain()} == queued
+
+
+def test_queued_requests_survive_a_switch_and_are_served_in_the_new_order() -> None:
+    policy = AdaptivePolicy(SMALL_WINDOW)
+    policy.push(make_request_info("late", arrival=0.0, slo_s=60.0))
+    policy.push(make_request_info("soon", arrival=1.0, slo_s=5.0))
+    set_attainment(policy, met=0)
+    tick(policy, 0.0, 10.0)
+    assert policy.current == "slo_aware"
+    free = make_snapshot(1, now=10.5)
+    first, second = policy.pop(free), policy.pop(free)
+    assert first is not None
+    assert second is not None
+    assert [first.request_id, second.request_id] == ["soon", "late"]
+
+
+def test_alternating_attainment_does_not_flap() -> None:
+    policy = AdaptivePolicy(SMALL_WINDOW)
+    push_deadline_requests(policy, 3)
+    for k in range(100):
+        set_attainment(policy, met=0 if k % 2 == 0 else 20)
+        tick(policy, float(k), float(k))
+    assert policy.current == "fifo"
+    assert policy.describe()["switches"] == 0
+
+
+def test_attainment_inside_the_margin_band_keeps_slo_aware() -> None:
+    policy = AdaptivePolicy(SMALL_WINDOW)  # target 0.95, margin 0.02: band [0.93, 0.97)
+    push_deadline_requests(policy, 3)
+    set_attainment(policy, met=0)
+    tick(policy, 0.0, 10.0)
+    assert policy.current == "slo_aware"
+    set_attainment(policy, met=19)  # 95 %: recovered to target but not above target + margin
+    tick(policy, 11.0, 60.0)
+    assert policy.current == "slo_aware"
+    set_attainment(policy, met=20)  # 100 %, light load -> fifo after 10 s
+    tick(policy, 61.0, 70.0)
+    assert policy.current == "slo_aware"
+    tick(policy, 71.0, 71.0)
+    info = policy.describe()
+    assert info["current"] == "fifo"
+    assert info["switches"] == 2
+    assert "light load" in str(info["reason"])
+
+
+def test_no_switch_back_within_min_dwell_of_the_last_switch() -> None:
+    params = AdaptivePolicy.Params(window=20, min_samples=20, min_dwell_s=10.0)
+    policy = AdaptivePolicy(params)
+    push_deadline_requests(policy, 3)
+    set_attainment(policy, met=0)
+    tick(policy, 0.0, 10.0)
+    assert policy.current == "slo_aware"
+    set_attainment(policy, met=20)
+    tick(policy, 11.0, 20.0)  # fifo wanted since t=11: only 9 s
+    assert policy.current == "slo_aware"
+    tick(policy, 21.0, 21.0)
+    assert policy.current == "fifo"
+
+
+def push_mixed_priority(policy: AdaptivePolicy, n: int, start: int = 0) -> list[str]:
+    ids = []
+    for k in range(start, start + n):
+        prio = RequestPriority.HIGH if k % 2 else RequestPriority.LOW
+        policy.push(make_request_info(f"p{k}", arrival=k * 0.01, priority=prio))
+        ids.append(f"p{k}")
+    return ids
+
+
+def test_mixed_priorities_under_overload_switch_to_priority() -> None:
+    policy = AdaptivePolicy()
+    ids = push_mixed_priority(policy, 30)  # 30 queued / 20 slots = 1.5x
+    tick(policy, 0.0, 10.0)
+    info = policy.describe()
+    assert info["current"] == "priority"
+    assert "1.50x" in str(info["reason"])
+    assert "30 queued / 20" in str(info["reason"])
+    assert {r.request_id for r in policy.drain()} == set(ids)
+
+
+def test_priority_stays_while_load_oscillates_inside_the_band() -> None:
+    policy = AdaptivePolicy()
+    ids = push_mixed_priority(policy, 30)
+    tick(policy, 0.0, 10.0)
+    assert policy.current == "priority"
+    extra = ids[12:]  # removing these leaves 12 queued = 0.6x, above light_load 0.5
+    for k in range(11, 60):
+        if k % 2:
+            for rid in extra:
+                assert policy.remove(rid) is not None
+        else:
+            push_mixed_priority(policy, len(extra), start=12)
+        tick(policy, float(k), float(k))
+    assert policy.current == "priority"
+    assert policy.describe()["switches"] == 1
+
+
+def test_cost_budgets_under_light_load_switch_to_cost_optimized() -> None:
+    policy = AdaptivePolicy()
+    for k in range(4):
+        policy.push(make_request_info(f"c{k}", cost_budget=0.01))
+    tick(policy, 0.0, 10.0)
+    info = policy.describe()
+    assert info["current"] == "cost_optimized"
+    assert "cost budget" in str(info["reason"])
+    cheap = make_instance_view("cheap", price_per_gpu_hour=1.0)
+    dear = make_instance_view("dear", price_per_gpu_hour=9.0)
+    req = make_request_info("x", cost_budget=0.01)
+    assert policy.constrain(req, make_snapshot([cheap, dear])) == frozenset({"cheap"})
+
+
+def test_the_rule_is_evaluated_at_most_once_per_interval() -> None:
+    policy = AdaptivePolicy(AdaptivePolicy.Params(eval_interval_s=5.0))
+    seen = []
+    for t in range(12):
+        policy.pop(full_fleet(float(t)))
+        state = policy.describe()["state"]
+        assert isinstance(state, dict)
+        signals = state["signals"]
+        assert isinstance(signals, dict)
+        seen.append(signals["now"])
+    assert seen == [0.0] * 5 + [5.0] * 5 + [10.0] * 2
+
+
+def test_admission_and_completion_go_to_the_current_policy() -> None:
+    policy = AdaptivePolicy(AdaptivePolicy.Params(window=20, min_samples=20, initial="slo_aware"))
+    slow = make_snapshot([make_instance_view("slow", est_tpot_s=0.05)])
+    verdict = policy.admit(make_request_info("hopeless", slo_s=0.5, max_tokens=100), slow)
+    assert verdict.admitted
+    assert verdict.priority is RequestPriority.BACKGROUND
+    set_attainment(policy, met=20)
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    inner = state["inner"]
+    assert isinstance(inner, dict)
+    assert inner["name"] == "slo_aware"
+    inner_state = inner["state"]
+    assert isinstance(inner_state, dict)
+    assert inner_state["completed"] == 20
+
+
+def test_an_empty_fleet_does_not_break_the_rule() -> None:
+    policy = AdaptivePolicy()
+    policy.push(make_request_info("r"))
+    for t in range(20):
+        assert policy.pop(make_snapshot(0, now=float(t))) is None
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    signals = state["signals"]
+    assert isinstance(signals, dict)
+    assert signals["load"] == math.inf
+    assert policy.current == "fifo"
+    assert len(policy) == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"light_load": 1.0, "overload": 1.0}, "light_load"),
+        ({"window": 10, "min_samples": 11}, "min_samples"),
+        ({"slo_target": 1.5}, "slo_target"),
+        ({"initial": "adaptive"}, "initial"),
+        ({"eval_interval_s": 0.0}, "eval_interval_s"),
+    ],
+)
+def test_invalid_params_name_the_key(values: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        AdaptivePolicy.Params(**values)  # type: ignore[arg-type]
+    assert err.value.key == key
