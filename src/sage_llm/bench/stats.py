@@ -1,0 +1,316 @@
+"""Benchmark metrics: per-request latencies and the summary of a run.
+
+Definitions (times in seconds, all measured on the client's clock):
+
+* **TTFT** = first output chunk time − arrival (scheduled send time of the request).
+* **E2E** = end time − arrival.
+* **TPOT** = (E2E − TTFT) / (output tokens − 1); undefined with fewer than 2 output tokens.
+* **ITL** = gaps between successive output chunks (``token_times_s`` includes the first
+  chunk); pooled over requests for the percentiles, as vLLM's benchmark does.
+* A request **meets the SLO** when it completed (``ok``) and every defined target holds:
+  TTFT ≤ ``ttft_s`` (a request that completed with no output token uses its E2E as TTFT),
+  TPOT ≤ ``tpot_s`` (vacuous with fewer than 2 tokens), its largest ITL gap ≤ ``itl_s``,
+  E2E ≤ ``e2e_s``. A request's own ``slo_ttft_s``/``slo_tpot_s``/``slo_e2e_s`` override the
+  named SLO's targets.
+* **Goodput** = requests meeting the SLO per second of the run (DistServe's definition).
+* **SLO attainment** = requests meeting the SLO / all requests (failed ones count as misses),
+  overall and per priority.
+* **Fairness** = Jain's index (Σx)² / (n·Σx²) over each user's mean TTFT of completed
+  requests (users without an id are left out): 1.0 when every user waits as long as every
+  other, 1/n when one user gets all the waiting. TTFT is chosen because queueing, which is
+  what scheduling decides, shows up there and it depends little on output length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sage_llm.types import RequestPriority
+
+__all__ = [
+    "SLO",
+    "BenchSummary",
+    "LatencyStats",
+    "RequestMeasurement",
+    "e2e",
+    "itl",
+    "jain_index",
+    "latency_stats",
+    "meets_slo",
+    "percentile",
+    "summarize",
+    "tpot",
+    "ttft",
+]
+
+
+@dataclass(frozen=True)
+class RequestMeasurement:
+    """What the load generator observed for one request (absolute times, seconds).
+
+    ``token_times_s`` holds the arrival time of every output chunk, the first one included.
+    Failed requests set ``ok=False`` and ``error``; their ``end_s`` is when they failed.
+    """
+
+    request_id: str
+    priority: RequestPriority
+    user_id: str | None
+    arrival_s: float
+    first_token_s: float | None
+    token_times_s: Sequence[float]
+    end_s: float
+    prompt_tokens: int
+    output_tokens: int
+    ok: bool = True
+    error: str | None = None
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    slo_e2e_s: float | None = None
+
+    def __post_init__(self) -> None:
+        times = tuple(float(t) for t in self.token_times_s)
+        object.__setattr__(self, "token_times_s", times)
+        if self.end_s < self.arrival_s:
+            raise ValueError(f"{self.request_id}: end_s {self.end_s} < arrival_s")
+        if self.first_token_s is not None and self.first_token_s < self.arrival_s:
+            raise ValueError(f"{self.request_id}: first_token_s before arrival_s")
+        if any(b < a for a, b in itertools.pairwise(times)):
+            raise ValueError(f"{self.request_id}: token_times_s must be non-decreasing")
+        if self.prompt_tokens < 0 or self.output_tokens < 0:
+            raise ValueError(f"{self.request_id}: token counts must be >= 0")
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A named latency target; ``None`` leaves a dimension unconstrained."""
+
+    ttft_s: float | None
+    tpot_s: float | None
+    itl_s: float | None = None
+    e2e_s: float | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"SLO {key} must be > 0, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ttft_s": self.ttft_s,
+            "tpot_s": self.tpot_s,
+            "itl_s": self.itl_s,
+            "e2e_s": self.e2e_s,
+        }
+
+
+def ttft(m: RequestMeasurement) -> float | None:
+    """Time to first token, or None when no token arrived."""
+    return None if m.first_token_s is None else m.first_token_s - m.arrival_s
+
+
+def e2e(m: RequestMeasurement) -> float:
+    """End-to-end latency."""
+    return m.end_s - m.arrival_s
+
+
+def tpot(m: RequestMeasurement) -> float | None:
+    """Time per output token after the first: (E2E − TTFT) / (output_tokens − 1)."""
+    if m.first_token_s is None or m.output_tokens < 2:
+        return None
+    return (m.end_s - m.first_token_s) / (m.output_tokens - 1)
+
+
+def itl(m: RequestMeasurement) -> list[float]:
+    """Inter-token (inter-chunk) latencies: gaps between successive ``token_times_s``."""
+    t = m.token_times_s
+    return [b - a for a, b in itertools.pairwise(t)]
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) with linear interpolation between closest ranks,
+    like ``numpy.percentile``'s default. Raises ValueError on no values or q out of range."""
+    data = sorted(values)
+    if not data:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    pos = (len(data) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def jain_index(values: Sequence[float]) -> float | None:
+    """Jain's fairness index (Σx)² / (n·Σx²) in [1/n, 1]; None for no values, 1.0 when all
+    values are zero."""
+    if not values:
+        return None
+    if any(v < 0 for v in values):
+        raise ValueError("Jain's index needs non-negative values")
+    square_sum = sum(v * v for v in values)
+    if square_sum == 0:
+        return 1.0
+    return sum(values) ** 2 / (len(values) * square_sum)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Mean and percentiles of one latency, in seconds."""
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "mean": self.mean,
+            "p50": self.p50,
+            "p90": self.p90,
+            "p99": self.p99,
+            "max": self.max,
+        }
+
+
+def latency_stats(values: Sequence[float]) -> LatencyStats | None:
+    """Summary of some latencies; None when there are none."""
+    if not values:
+        return None
+    return LatencyStats(
+        count=len(values),
+        mean=sum(values) / len(values),
+        p50=percentile(values, 50),
+        p90=percentile(values, 90),
+        p99=percentile(values, 99),
+        max=max(values),
+    )
+
+
+def meets_slo(m: RequestMeasurement, slo: SLO | None) -> bool:
+    """Whether ``m`` completed within its targets (see the module docstring)."""
+    if not m.ok:
+        return False
+    named = slo if slo is not None else SLO(ttft_s=None, tpot_s=None)
+    ttft_target = m.slo_ttft_s if m.slo_ttft_s is not None else named.ttft_s
+    tpot_target = m.slo_tpot_s if m.slo_tpot_s is not None else named.tpot_s
+    e2e_target = m.slo_e2e_s if m.slo_e2e_s is not None else named.e2e_s
+    itl_target = named.itl_s
+    first = ttft(m)
+    if ttft_target is not None and (first if first is not None else e2e(m)) > ttft_target:
+        return False
+    per_token = tpot(m)
+    if tpot_target is not None and per_token is not None and per_token > tpot_target:
+        return False
+    gaps = itl(m)
+    if itl_target is not None and gaps and max(gaps) > itl_target:
+        return False
+    return not (e2e_target is not None and e2e(m) > e2e_target)
+
+
+@dataclass(frozen=True)
+class BenchSummary:
+    """The figures of one benchmark run. Latency fields are None when nothing was measured;
+    ratios are None when there were no requests."""
+
+    count: int
+    ok: int
+    failed: int
+    duration_s: float
+    request_throughput: float
+    output_token_throughput: float
+    total_token_throughput: float
+    ttft: LatencyStats | None
+    tpot: LatencyStats | None
+    itl: LatencyStats | None
+    e2e: LatencyStats | None
+    slo: SLO | None
+    slo_met: int
+    goodput: float
+    slo_attainment: float | None
+    slo_attainment_by_priority: dict[RequestPriority, float] = field(default_factory=dict)
+    fairness_index: float | None = None
+    users: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (priorities by lower-case name)."""
+
+        def stats(s: LatencyStats | None) -> dict[str, Any] | None:
+            return None if s is None else s.to_dict()
+
+        return {
+            "count": self.count,
+            "ok": self.ok,
+            "failed": self.failed,
+            "duration_s": self.duration_s,
+            "request_throughput": self.request_throughput,
+            "output_token_throughput": self.output_token_throughput,
+            "total_token_throughput": self.total_token_throughput,
+            "ttft_s": stats(self.ttft),
+            "tpot_s": stats(self.tpot),
+            "itl_s": stats(self.itl),
+            "e2e_s": stats(self.e2e),
+            "slo": None if self.slo is None else self.slo.to_dict(),
+            "slo_met": self.slo_met,
+            "goodput": self.goodput,
+            "slo_attainment": self.slo_attainment,
+            "slo_attainment_by_priority": {
+                p.name.lower(): v for p, v in sorted(self.slo_attainment_by_priority.items())
+            },
+            "fairness_index": self.fairness_index,
+            "fairness_metric": "jain(per-user mean ttft)",
+            "users": self.users,
+            "errors": dict(self.errors),
+        }
+
+
+def summarize(
+    measurements: Sequence[RequestMeasurement], duration_s: float, slo: SLO | None = None
+) -> BenchSummary:
+    """Summarise a run of ``duration_s`` seconds (definitions in the module docstring)."""
+    if not duration_s > 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    done = [m for m in measurements if m.ok]
+    met = [meets_slo(m, slo) for m in measurements]
+    by_priority: dict[RequestPriority, list[bool]] = defaultdict(list)
+    for m, hit in zip(measurements, met, strict=True):
+        by_priority[m.priority].append(hit)
+    per_user: dict[str, list[float]] = defaultdict(list)
+    for m in done:
+        first = ttft(m)
+        if m.user_id is not None and first is not None:
+            per_user[m.user_id].append(first)
+    output_tokens = sum(m.output_tokens for m in done)
+    prompt_tokens = sum(m.prompt_tokens for m in done)
+    return BenchSummary(
+        count=len(measurements),
+        ok=len(done),
+        failed=len(measurements) - len(done),
+        duration_s=duration_s,
+        request_throughput=len(done) / duration_s,
+        output_token_throughput=output_tokens / duration_s,
+        total_token_throughput=(output_tokens + prompt_tokens) / duration_s,
+        ttft=latency_stats([t for m in done if (t := ttft(m)) is not None]),
+        tpot=latency_stats([t for m in done if (t := tpot(m)) is not None]),
+        itl=latency_stats([g for m in done for g in itl(m)]),
+        e2e=latency_stats([e2e(m) for m in done]),
+        slo=slo,
+        slo_met=sum(met),
+        goodput=sum(met) / duration_s,
+        slo_attainment=sum(met) / len(met) if met else None,
+        slo_attainment_by_priority={p: sum(v) / len(v) for p, v in sorted(by_priority.items())},
+        fairness_index=jain_index([sum(v) / len(v) for v in per_user.values()]),
+        users=len({m.user_id for m in measurements if m.user_id is not None}),
+        errors=dict(Counter(m.error or "unknown error" for m in measurements if not m.ok)),
+    )

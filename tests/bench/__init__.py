@@ -1,0 +1,1 @@
+"""Tests of sage_llm.bench."""
