@@ -32,7 +32,9 @@ class PrefixIndex:
             raise ValueError(f"capacity_blocks must be positive, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
         self._lru: OrderedDict[tuple[int, str], None] = OrderedDict()
-        self._holders: dict[int, set[str]] = {}
+        # block hash → its holder, or a set of holders when there are several: most blocks
+        # have one holder, and a 1-element set costs ~200 bytes more than the bare id
+        self._holders: dict[int, str | set[str]] = {}
         self._by_instance: dict[str, set[int]] = {}
         self.evictions = 0
         """Entries dropped to stay within ``capacity_blocks`` (not counting ``evict``)."""
@@ -54,7 +56,13 @@ class PrefixIndex:
                 lru.move_to_end(key)
                 continue
             lru[key] = None
-            self._holders.setdefault(h, set()).add(instance_id)
+            held = self._holders.get(h)
+            if held is None:
+                self._holders[h] = instance_id
+            elif isinstance(held, str):
+                self._holders[h] = {held, instance_id}
+            else:
+                held.add(instance_id)
             self._by_instance.setdefault(instance_id, set()).add(h)
         while len(lru) > self.capacity_blocks:
             (h, iid), _ = lru.popitem(last=False)
@@ -67,12 +75,17 @@ class PrefixIndex:
         result: dict[str, int] = {}
         alive: set[str] | None = None
         for depth, h in enumerate(block_hashes, start=1):
-            holders = self._holders.get(h)
-            if not holders:
+            held = self._holders.get(h)
+            if held is None:
                 break
-            alive = set(holders) if alive is None else alive & holders
-            if not alive:
-                break
+            if isinstance(held, str):
+                if alive is not None and held not in alive:
+                    break
+                alive = {held}
+            else:
+                alive = set(held) if alive is None else alive & held
+                if not alive:
+                    break
             for iid in alive:
                 result[iid] = depth
         return result
@@ -95,11 +108,7 @@ class PrefixIndex:
         hashes = self._by_instance.pop(instance_id, set())
         for h in hashes:
             del self._lru[(h, instance_id)]
-            holders = self._holders.get(h)
-            if holders is not None:
-                holders.discard(instance_id)
-                if not holders:
-                    del self._holders[h]
+            self._drop_holder(h, instance_id)
         return len(hashes)
 
     def blocks_of(self, instance_id: str) -> int:
@@ -116,12 +125,22 @@ class PrefixIndex:
         self._holders.clear()
         self._by_instance.clear()
 
-    def _forget(self, h: int, instance_id: str) -> None:
-        holders = self._holders.get(h)
-        if holders is not None:
-            holders.discard(instance_id)
-            if not holders:
+    def _drop_holder(self, h: int, instance_id: str) -> None:
+        held = self._holders.get(h)
+        if held is None:
+            return
+        if isinstance(held, str):
+            if held == instance_id:
                 del self._holders[h]
+            return
+        held.discard(instance_id)
+        if len(held) == 1:
+            self._holders[h] = next(iter(held))
+        elif not held:
+            del self._holders[h]
+
+    def _forget(self, h: int, instance_id: str) -> None:
+        self._drop_holder(h, instance_id)
         blocks = self._by_instance.get(instance_id)
         if blocks is not None:
             blocks.discard(h)
