@@ -1,0 +1,261 @@
+"""Step-time cost models for the simulated engine.
+
+A cost model answers one question: how long does one engine step take, given the prefill
+chunks and decode sequences in its batch? Two implementations share the :class:`CostModel`
+protocol:
+
+* :class:`RooflineCostModel` derives the time from a :class:`~sage_llm.sim.specs.GPUSpec`
+  and a :class:`~sage_llm.sim.specs.ModelSpec`: compute time (FLOPs at a fraction of peak)
+  and memory time (bytes at a fraction of HBM bandwidth), combined by a smooth maximum,
+  plus a fixed per-step overhead, a tensor-parallel all-reduce term and a pipeline bubble.
+* :class:`LinearStepModel` is the fitted model of llm-d's simulator,
+  ``β0 + β1·prefill_tokens + β2·decode_tokens``; :func:`fit_linear_step_model` fits one to
+  measured samples by least squares.
+
+See ``docs/simulator.md`` for the formulas and the measured fidelity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from sage_llm.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
+
+PrefillChunk = tuple[int, int]
+"""``(new_tokens, context_len)``: tokens computed in this step, tokens already in the KV."""
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """How long one engine step takes."""
+
+    @property
+    def name(self) -> str: ...
+
+    def step_time(
+        self, prefill_tokens: Sequence[PrefillChunk], decode_contexts: Sequence[int]
+    ) -> float:
+        """Seconds for one step computing ``prefill_tokens`` chunks and one token for each
+        decode sequence (``decode_contexts`` are their current context lengths)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The model's parameters, JSON-serialisable, for reports."""
+        ...
+
+
+def _soft_max(a: float, b: float, p: float) -> float:
+    """``(a^p + b^p)^(1/p)``: the roofline's max, smoothed near the ridge point."""
+    if math.isinf(p):
+        return max(a, b)
+    top = max(a, b)
+    if top <= 0.0:
+        return 0.0
+    return float(top * ((a / top) ** p + (b / top) ** p) ** (1.0 / p))
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineCostModel:
+    """Roofline step time for ``model`` on ``tp × pp`` GPUs of type ``gpu``.
+
+    * FLOPs = 2 × active parameters of the layers × tokens + 2 × LM head × sequences
+      + attention (prefill ``4·L·d·new·(context + new/2)``, decode ``4·L·d·context``).
+    * Bytes = weights touched (all dense weights; for MoE only the experts the batch can
+      reach) + KV cache read for the contexts + KV written for the new tokens.
+    * time = softmax_p(FLOPs / (peak·MFU·tp), bytes / (bandwidth·eff·tp)) + overhead,
+      with ``sharpness`` p (``math.inf`` gives the strict roofline max; the default 2 fits
+      measured per-layer times near the ridge point, see docs/simulator.md).
+    * TP > 1 adds two ring all-reduces of the activations per layer over NVLink (or PCIe),
+      on the critical path (not overlapped with compute).
+    * PP > 1 splits the batch into ``min(pp, sequences)`` micro-batches that flow through
+      ``pp`` stages (GPipe schedule: ``micro_batches + pp − 1`` stage slots).
+    """
+
+    gpu: GPUSpec
+    model: ModelSpec
+    tp: int = 1
+    pp: int = 1
+    prefill_mfu: float = 0.62
+    decode_bw_eff: float = 0.7
+    overhead_s: float = 0.001
+    sharpness: float = 2.0
+    allreduce_latency_s: float = 5e-6
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError("tp and pp must be >= 1")
+        if self.pp > self.model.num_layers:
+            raise ValueError("pp must not exceed the number of layers")
+        if not 0 < self.prefill_mfu <= 1 or not 0 < self.decode_bw_eff <= 1:
+            raise ValueError("prefill_mfu and decode_bw_eff must be in (0, 1]")
+        if self.overhead_s < 0 or self.allreduce_latency_s < 0:
+            raise ValueError("overheads must be >= 0")
+        if not self.sharpness >= 1:
+            raise ValueError("sharpness must be >= 1")
+
+    @classmethod
+    def from_names(cls, gpu: str, model: str, **kwargs: Any) -> RooflineCostModel:
+        """Build from built-in spec names, e.g. ``from_names("h100", "llama-3-8b", tp=2)``."""
+        return cls(get_gpu(gpu), get_model(model), **kwargs)
+
+    @property
+    def name(self) -> str:
+        return "roofline"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "gpu": self.gpu.name,
+            "model": self.model.name,
+            "tp": self.tp,
+            "pp": self.pp,
+            "prefill_mfu": self.prefill_mfu,
+            "decode_bw_eff": self.decode_bw_eff,
+            "overhead_s": self.overhead_s,
+            "sharpness": self.sharpness,
+        }
+
+    # -- building blocks -------------------------------------------------------------
+
+    def _flops_rate(self) -> float:
+        return self.gpu.peak_tflops * 1e12 * self.prefill_mfu * self.tp
+
+    def _bytes_rate(self) -> float:
+        return self.gpu.hbm_tbps * 1e12 * self.decode_bw_eff * self.tp
+
+    def _experts_reached(self, tokens: int) -> int:
+        """Experts per layer a batch of ``tokens`` can touch (1 for a dense model)."""
+        m = self.model
+        return min(m.num_experts, max(1, tokens) * m.experts_per_token)
+
+    def _weight_bytes_touched(self, tokens: int) -> float:
+        """Weights read by a batch: MoE batches read only the experts they can reach."""
+        m = self.model
+        idle = m.num_experts - self._experts_reached(tokens)
+        return m.weight_bytes - idle * m.expert_params_per_layer * m.num_layers * m.dtype_bytes
+
+    def _allreduce_s(self, tokens: int, layers: int) -> float:
+        """Two ring all-reduces of the activations per layer when ``tp > 1``."""
+        if self.tp == 1 or tokens <= 0:
+            return 0.0
+        m = self.model
+        payload = tokens * m.hidden_size * m.dtype_bytes
+        per_call = 2 * (self.tp - 1) / self.tp * payload / (self.gpu.interconnect_gbps * 1e9)
+        return 2 * layers * (per_call + self.allreduce_latency_s)
+
+    def per_layer_time_s(self, tokens_in_batch: int) -> float:
+        """Time of the non-attention part of one layer (projections and MLP) for a batch of
+        ``tokens_in_batch`` tokens, on this model's TP group."""
+        if tokens_in_batch < 0:
+            raise ValueError("tokens_in_batch must be >= 0")
+        if tokens_in_batch == 0:
+            return 0.0
+        m = self.model
+        experts = self._experts_reached(tokens_in_batch)
+        params = m.attn_params_per_layer + experts * m.expert_params_per_layer
+        compute = 2.0 * tokens_in_batch * m.layer_params_active / self._flops_rate()
+        memory = params * m.dtype_bytes / self._bytes_rate()
+        return _soft_max(compute, memory, self.sharpness) + self._allreduce_s(tokens_in_batch, 1)
+
+    def step_time(
+        self, prefill_tokens: Sequence[PrefillChunk], decode_contexts: Sequence[int]
+    ) -> float:
+        m = self.model
+        new_tokens = 0
+        seqs = len(prefill_tokens) + len(decode_contexts)
+        if seqs == 0:
+            return 0.0
+        attn_flops = 0.0
+        kv_read_tokens = 0
+        d_attn = m.num_heads * m.head_dim
+        for new, ctx in prefill_tokens:
+            new_tokens += new
+            attn_flops += 4.0 * m.num_layers * d_attn * new * (ctx + new / 2.0)
+            kv_read_tokens += ctx
+        ctx_total = sum(decode_contexts)
+        attn_flops += 4.0 * m.num_layers * d_attn * ctx_total
+        kv_read_tokens += ctx_total
+        tokens = new_tokens + len(decode_contexts)
+        linear_flops = 2.0 * tokens * m.num_layers * m.layer_params_active
+        head_flops = 2.0 * seqs * m.vocab_size * m.hidden_size
+        flops = linear_flops + head_flops + attn_flops
+        weights = self._weight_bytes_touched(tokens)
+        kv_bytes = float(kv_read_tokens + tokens) * m.kv_bytes_per_token
+
+        micro = min(self.pp, seqs)
+        slot_compute = flops / (self.pp * micro) / self._flops_rate()
+        slot_memory = (weights / self.pp + kv_bytes / (self.pp * micro)) / self._bytes_rate()
+        slot = _soft_max(slot_compute, slot_memory, self.sharpness)
+        pipeline = (micro + self.pp - 1) * slot
+        if self.pp > 1:
+            hop = tokens / micro * m.hidden_size * m.dtype_bytes
+            pipeline += (self.pp - 1) * hop / (self.gpu.interconnect_gbps * 1e9)
+        return pipeline + self._allreduce_s(tokens, m.num_layers) + self.overhead_s
+
+
+@dataclass(frozen=True, slots=True)
+class LinearStepModel:
+    """llm-d's fitted step model: ``β0 + β1·prefill tokens + β2·decode tokens`` (µs).
+
+    ``prefill tokens`` are the uncached prompt tokens computed in the step; the context
+    length does not enter the model.
+    """
+
+    beta0_us: float
+    beta1_us_per_prefill_token: float
+    beta2_us_per_decode_token: float
+    label: str = "linear"
+
+    @classmethod
+    def llama31_8b_h100(cls) -> LinearStepModel:
+        """llm-d's published fit for Llama-3.1-8B on one H100 (TP1)."""
+        return cls(5752.7, 17.25, 6.00, label="linear:llama-3.1-8b/h100/tp1")
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def betas_us(self) -> tuple[float, float, float]:
+        return (self.beta0_us, self.beta1_us_per_prefill_token, self.beta2_us_per_decode_token)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "betas_us": list(self.betas_us)}
+
+    def step_time(
+        self, prefill_tokens: Sequence[PrefillChunk], decode_contexts: Sequence[int]
+    ) -> float:
+        if not prefill_tokens and not decode_contexts:
+            return 0.0
+        prefill = sum(new for new, _ in prefill_tokens)
+        us = (
+            self.beta0_us
+            + self.beta1_us_per_prefill_token * prefill
+            + self.beta2_us_per_decode_token * len(decode_contexts)
+        )
+        return max(0.0, us) * 1e-6
+
+
+def fit_linear_step_model(
+    samples: Sequence[tuple[float, float, float]], *, label: str = "linear:fitted"
+) -> LinearStepModel:
+    """Least-squares fit of ``seconds ≈ β0 + β1·prefill_tokens + β2·decode_tokens``.
+
+    ``samples`` are ``(prefill_tokens, decode_tokens, seconds)`` measurements; at least three,
+    and varied enough in both token counts to determine all three coefficients.
+    """
+    if len(samples) < 3:
+        raise ValueError("need at least 3 samples to fit a linear step model")
+    data = np.asarray(samples, dtype=float)
+    if data.ndim != 2 or data.shape[1] != 3 or not np.all(np.isfinite(data)):
+        raise ValueError("samples must be finite (prefill_tokens, decode_tokens, seconds) rows")
+    design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    coef, _, rank, _ = np.linalg.lstsq(design, data[:, 2] * 1e6, rcond=None)
+    if rank < 3:
+        raise ValueError("samples do not vary enough in prefill and decode tokens to fit")
+    return LinearStepModel(float(coef[0]), float(coef[1]), float(coef[2]), label=label)

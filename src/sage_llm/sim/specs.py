@@ -1,0 +1,413 @@
+"""Hardware and model specifications for the simulator's cost model.
+
+:class:`GPUSpec` and :class:`ModelSpec` are frozen dataclasses. Built-in specs are looked up
+by case-insensitive name with aliases (``get_gpu("H100-SXM")``,
+``get_model("meta-llama/Meta-Llama-3-8B")``); users add their own with
+:func:`load_specs_toml`::
+
+    [gpu.my-gpu]
+    peak_tflops = 500.0       # dense BF16 TFLOP/s
+    hbm_tbps = 2.0            # HBM bandwidth, TB/s
+    memory_gb = 64            # GPU memory, GiB as the driver reports it
+    nvlink_gbps = 0           # GB/s per direction, 0 = none
+    pcie_gbps = 32            # GB/s per direction
+
+    [model.my-llama]
+    base = "llama-3-8b"       # optional: start from a built-in (or earlier) spec
+    num_layers = 40
+
+Units: ``*_tbps`` are terabytes per second, ``*_gbps`` gigabytes per second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from sage_llm.errors import ConfigError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class GPUSpec:
+    """One accelerator: dense BF16 peak, HBM bandwidth, memory and interconnect."""
+
+    name: str
+    peak_tflops: float
+    hbm_tbps: float
+    memory_gb: float
+    nvlink_gbps: float = 0.0
+    pcie_gbps: float = 32.0
+
+    def __post_init__(self) -> None:
+        for attr in ("peak_tflops", "hbm_tbps", "memory_gb"):
+            if not getattr(self, attr) > 0:
+                raise ValueError(f"GPUSpec.{attr} must be positive")
+        if self.nvlink_gbps < 0 or self.pcie_gbps < 0:
+            raise ValueError("GPUSpec link bandwidths must be >= 0")
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * GIB
+
+    @property
+    def interconnect_gbps(self) -> float:
+        """The GPU-to-GPU bandwidth used for TP/PP traffic: NVLink, else PCIe."""
+        return self.nvlink_gbps if self.nvlink_gbps > 0 else max(self.pcie_gbps, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A decoder-only transformer. ``params_b`` is the total parameter count in billions."""
+
+    name: str
+    params_b: float
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int = 2
+    num_experts: int = 1
+    experts_per_token: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.params_b > 0:
+            raise ValueError("ModelSpec.params_b must be positive")
+        for attr in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "dtype_bytes",
+            "num_experts",
+            "experts_per_token",
+        ):
+            if getattr(self, attr) < 1:
+                raise ValueError(f"ModelSpec.{attr} must be >= 1")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError("ModelSpec.experts_per_token must be <= num_experts")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token: 2 × layers × kv_heads × head_dim × dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of all weights (every expert of an MoE model)."""
+        return self.params_b * 1e9 * self.dtype_bytes
+
+    @property
+    def attn_params_per_layer(self) -> int:
+        """Q, K, V and output projections of one layer."""
+        q_out = self.num_heads * self.head_dim
+        kv_out = 2 * self.num_kv_heads * self.head_dim
+        return self.hidden_size * (q_out + kv_out) + q_out * self.hidden_size
+
+    @property
+    def expert_params_per_layer(self) -> int:
+        """One expert's gated MLP (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def layer_params_active(self) -> int:
+        """Parameters one token multiplies with in one layer (attention + active experts)."""
+        return self.attn_params_per_layer + self.experts_per_token * self.expert_params_per_layer
+
+    @property
+    def active_params(self) -> float:
+        """Parameters used per token: all of them for a dense model, active experts for MoE."""
+        idle = self.num_experts - self.experts_per_token
+        return self.params_b * 1e9 - idle * self.expert_params_per_layer * self.num_layers
+
+
+def _gpus() -> Mapping[str, GPUSpec]:
+    specs = (
+        GPUSpec("H100", 989.0, 3.35, 80, nvlink_gbps=450, pcie_gbps=64),
+        GPUSpec("H200", 989.0, 4.8, 141, nvlink_gbps=450, pcie_gbps=64),
+        GPUSpec("A100-80G", 312.0, 2.04, 80, nvlink_gbps=300, pcie_gbps=32),
+        GPUSpec("L40S", 362.0, 0.864, 48, nvlink_gbps=0, pcie_gbps=32),
+        GPUSpec("cpu", 1.0, 0.05, 16, nvlink_gbps=0, pcie_gbps=10),
+    )
+    return MappingProxyType({s.name.lower(): s for s in specs})
+
+
+def _models() -> Mapping[str, ModelSpec]:
+    specs = (
+        ModelSpec("Llama-2-7B", 6.738, 32, 4096, 32, 32, 128, 11008, 32000),
+        ModelSpec("Llama-2-13B", 13.016, 40, 5120, 40, 40, 128, 13824, 32000),
+        ModelSpec("Llama-2-70B", 68.977, 80, 8192, 64, 8, 128, 28672, 32000),
+        ModelSpec("Llama-3-8B", 8.030261248, 32, 4096, 32, 8, 128, 14336, 128256),
+        ModelSpec("Llama-3-70B", 70.554, 80, 8192, 64, 8, 128, 28672, 128256),
+        ModelSpec("Qwen2.5-7B", 7.616, 28, 3584, 28, 4, 128, 18944, 152064),
+        ModelSpec("Qwen2.5-72B", 72.706, 80, 8192, 64, 8, 128, 29568, 152064),
+        ModelSpec("Mixtral-8x7B", 46.703, 32, 4096, 32, 8, 128, 14336, 32000, 2, 8, 2),
+        # The tiny random-weight Llama served by the CPU vLLM build (REFERENCE.md §4).
+        ModelSpec("tiny", 0.008716, 2, 128, 2, 2, 64, 512, 32000),
+    )
+    return MappingProxyType({s.name.lower(): s for s in specs})
+
+
+BUILTIN_GPUS: Mapping[str, GPUSpec] = _gpus()
+BUILTIN_MODELS: Mapping[str, ModelSpec] = _models()
+
+_GPU_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "h100-sxm": "h100",
+        "h100-sxm5": "h100",
+        "h100-80g": "h100",
+        "h100-80gb": "h100",
+        "h100-80gb-hbm3": "h100",
+        "h200-sxm": "h200",
+        "h200-141g": "h200",
+        "h200-141gb-hbm3e": "h200",
+        "a100": "a100-80g",
+        "a100-80gb": "a100-80g",
+        "a100-sxm": "a100-80g",
+        "a100-sxm4-80gb": "a100-80g",
+        "l40s-48g": "l40s",
+        "host": "cpu",
+    }
+)
+
+_MODEL_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "llama-3.1-8b": "llama-3-8b",
+        "llama3-8b": "llama-3-8b",
+        "llama-3.1-70b": "llama-3-70b",
+        "llama-3.3-70b": "llama-3-70b",
+        "llama3-70b": "llama-3-70b",
+        "llama2-7b": "llama-2-7b",
+        "llama2-13b": "llama-2-13b",
+        "llama2-70b": "llama-2-70b",
+        "qwen2.5-7b": "qwen2.5-7b",
+        "mixtral-8x7b": "mixtral-8x7b",
+        "tiny-llama": "tiny",
+    }
+)
+
+_MODEL_SUFFIX_RE = re.compile(r"(-(instruct|chat|hf|it|base|v\d+(\.\d+)*))+$")
+
+
+def _gpu_key(name: str) -> str:
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    key = key.removeprefix("nvidia-")
+    return _GPU_ALIASES.get(key, key)
+
+
+def _model_key(name: str) -> str:
+    key = name.strip().lower().rsplit("/", 1)[-1].replace("_", "-").replace(" ", "-")
+    key = key.removeprefix("meta-")
+    key = _MODEL_SUFFIX_RE.sub("", key)
+    return _MODEL_ALIASES.get(key, key)
+
+
+def get_gpu(name: str, extra: Mapping[str, GPUSpec] | None = None) -> GPUSpec:
+    """A GPU spec by name (case-insensitive, aliases allowed); ``extra`` is searched first."""
+    for spec_name, own in (extra or {}).items():
+        if spec_name.lower() == name.strip().lower():
+            return own
+    spec = BUILTIN_GPUS.get(_gpu_key(name))
+    if spec is None:
+        known = ", ".join(s.name for s in BUILTIN_GPUS.values())
+        raise ConfigError(f"unknown GPU {name!r}; built-in GPUs: {known}", key="gpu")
+    return spec
+
+
+def get_model(name: str, extra: Mapping[str, ModelSpec] | None = None) -> ModelSpec:
+    """A model spec by name or Hugging Face id (``meta-llama/Meta-Llama-3-8B``)."""
+    for spec_name, own in (extra or {}).items():
+        if spec_name.lower() == name.strip().lower():
+            return own
+    spec = BUILTIN_MODELS.get(_model_key(name))
+    if spec is None:
+        known = ", ".join(s.name for s in BUILTIN_MODELS.values())
+        raise ConfigError(f"unknown model {name!r}; built-in models: {known}", key="model")
+    return spec
+
+
+def resolve_gpu(gpu: str | GPUSpec) -> GPUSpec:
+    return gpu if isinstance(gpu, GPUSpec) else get_gpu(gpu)
+
+
+def resolve_model(model: str | ModelSpec) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else get_model(model)
+
+
+def kv_capacity_blocks(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    block_size: int = 16,
+    gpu_memory_utilization: float = 0.9,
+) -> int:
+    """KV cache blocks that fit beside the weights on ``tp × pp`` GPUs.
+
+    Each GPU holds ``1/(tp·pp)`` of the weights and the KV of ``layers/pp`` layers and
+    ``max(1, kv_heads/tp)`` KV heads (heads are replicated when ``tp > kv_heads``). Memory is
+    taken in GiB, as the driver reports it; activation memory is not reserved. This gives
+    llm-d's 29,205 blocks for Llama-3.1-8B on one H100.
+    """
+    per_gpu = gpu.memory_bytes * gpu_memory_utilization - model.weight_bytes / (tp * pp)
+    kv_heads = max(1.0, model.num_kv_heads / tp)
+    layers = math.ceil(model.num_layers / pp)
+    per_token = 2 * layers * kv_heads * model.head_dim * model.dtype_bytes
+    blocks = int(per_gpu // (per_token * block_size))
+    if blocks < 1:
+        raise ConfigError(
+            f"{model.name} does not fit on {tp * pp} × {gpu.name} "
+            f"(weights {model.weight_bytes / GIB:.1f} GiB)",
+            key="model",
+        )
+    return blocks
+
+
+def load_specs_toml(path: str | Path) -> tuple[dict[str, GPUSpec], dict[str, ModelSpec]]:
+    """Read ``[gpu.<name>]`` and ``[model.<name>]`` tables from a TOML file.
+
+    Keys are checked strictly: an unknown table or field, a missing field, or a value of the
+    wrong type raises :class:`ConfigError` naming the file (and line when found) and the key.
+    A table may start from another spec with ``base = "<name>"``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read spec file: {exc}", location=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", location=str(path)) from exc
+    lines = text.splitlines()
+    for key in data:
+        if key not in ("gpu", "model"):
+            raise ConfigError(
+                "unknown table (expected [gpu.<name>] or [model.<name>])",
+                location=_where(path, lines, key),
+                key=key,
+            )
+    gpus: dict[str, GPUSpec] = {}
+    models: dict[str, ModelSpec] = {}
+    for name, table in _tables(path, lines, data, "gpu"):
+        base = _base(path, lines, table, f"gpu.{name}", gpus, BUILTIN_GPUS, get_gpu)
+        gpus[name] = _build(path, lines, GPUSpec, f"gpu.{name}", name, table, base)
+    for name, table in _tables(path, lines, data, "model"):
+        mbase = _base(path, lines, table, f"model.{name}", models, BUILTIN_MODELS, get_model)
+        models[name] = _build(path, lines, ModelSpec, f"model.{name}", name, table, mbase)
+    return gpus, models
+
+
+def _tables(
+    path: Path, lines: list[str], data: Mapping[str, Any], kind: str
+) -> list[tuple[str, Mapping[str, Any]]]:
+    section = data.get(kind, {})
+    out: list[tuple[str, Mapping[str, Any]]] = []
+    for name, table in section.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"expected a table [{kind}.{name}]",
+                location=_where(path, lines, name),
+                key=f"{kind}.{name}",
+            )
+        out.append((name, table))
+    return out
+
+
+def _base(
+    path: Path,
+    lines: list[str],
+    table: Mapping[str, Any],
+    dotted: str,
+    earlier: Mapping[str, Any],
+    builtins: Mapping[str, Any],
+    lookup: Any,
+) -> Any:
+    base = table.get("base")
+    if base is None:
+        return None
+    if not isinstance(base, str):
+        raise ConfigError(
+            "base must be a string", location=_where(path, lines, "base", dotted), key=dotted
+        )
+    if base in earlier:
+        return earlier[base]
+    try:
+        return lookup(base)
+    except ConfigError as exc:
+        raise ConfigError(
+            exc.message, location=_where(path, lines, "base", dotted), key=f"{dotted}.base"
+        ) from exc
+
+
+def _build(
+    path: Path,
+    lines: list[str],
+    cls: Any,
+    dotted: str,
+    name: str,
+    table: Mapping[str, Any],
+    base: Any,
+) -> Any:
+    spec_fields = {f.name: f for f in fields(cls) if f.name != "name"}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "base":
+            continue
+        if key not in spec_fields:
+            allowed = ", ".join(["base", *spec_fields])
+            raise ConfigError(
+                f"unknown key (allowed: {allowed})",
+                location=_where(path, lines, key, dotted),
+                key=f"{dotted}.{key}",
+            )
+        want_int = spec_fields[key].type in ("int", int)
+        ok = isinstance(value, int) if want_int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            kind = "an integer" if want_int else "a number"
+            raise ConfigError(
+                f"must be {kind}, got {value!r}",
+                location=_where(path, lines, key, dotted),
+                key=f"{dotted}.{key}",
+            )
+        values[key] = float(value) if not want_int else value
+    try:
+        if base is not None:
+            return replace(base, name=name, **values)
+        missing = [k for k, f in spec_fields.items() if k not in values and f.default is MISSING]
+        if missing:
+            raise ConfigError(
+                f"missing keys: {', '.join(missing)}",
+                location=_where(path, lines, dotted),
+                key=dotted,
+            )
+        return cls(name=name, **values)
+    except ValueError as exc:
+        raise ConfigError(str(exc), location=_where(path, lines, dotted), key=dotted) from exc
+
+
+def _where(path: Path, lines: list[str], key: str, table: str | None = None) -> str:
+    """``file:line`` of the first line defining ``key`` (after the ``[table]`` header if given)."""
+    start = 0
+    if table is not None:
+        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+        start = next((i for i, line in enumerate(lines) if header.search(line)), 0)
+    last = key.rsplit(".", 1)[-1]
+    pattern = re.compile(rf"^\s*(\[[^\]]*\b{re.escape(last)}\s*\]|{re.escape(last)}\s*=)")
+    for number in range(start, len(lines)):
+        if pattern.search(lines[number]):
+            return f"{path}:{number + 1}"
+    return str(path)
