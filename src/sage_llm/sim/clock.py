@@ -14,12 +14,12 @@ import asyncio
 import selectors
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
-VIRTUAL_EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+VIRTUAL_EPOCH = datetime(2025, 1, 1)
 
 
 @runtime_checkable

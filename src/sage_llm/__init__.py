@@ -1,0 +1,69 @@
+"""sage-llm: the sageLLM control plane.
+
+Public API (everything else is private and may change)::
+
+    from sage_llm import (
+        ControlPlaneManager, RequestMetadata, RequestPriority, ExecutionInstance, ...
+    )
+"""
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import (
+    AdmissionError,
+    ConfigError,
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    SageLLMError,
+    SLOInfeasibleError,
+)
+from sage_llm.types import (
+    DecodingConfig,
+    ExecutionInstance,
+    ExecutionInstanceType,
+    InstanceMetrics,
+    ParallelismType,
+    PDMetrics,
+    PDSeparationConfig,
+    PerformanceMetrics,
+    PreffillingConfig,
+    PrefillingConfig,
+    RequestMetadata,
+    RequestPriority,
+    RequestResult,
+    RequestStatus,
+    SchedulingDecision,
+    SchedulingMetrics,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdmissionError",
+    "ConfigError",
+    "ControlPlaneManager",
+    "DecodingConfig",
+    "EngineError",
+    "ExecutionInstance",
+    "ExecutionInstanceType",
+    "InstanceMetrics",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "PDMetrics",
+    "PDSeparationConfig",
+    "ParallelismType",
+    "PerformanceMetrics",
+    "PreffillingConfig",
+    "PrefillingConfig",
+    "QueueFullError",
+    "RequestMetadata",
+    "RequestPriority",
+    "RequestResult",
+    "RequestStatus",
+    "SLOInfeasibleError",
+    "SageLLMError",
+    "SchedulingDecision",
+    "SchedulingMetrics",
+    "__version__",
+]

@@ -1,0 +1,171 @@
+"""Registered instances and their live state: load, health, latency estimates.
+
+The :class:`InstanceRegistry` is the control plane's single source of truth about the fleet.
+The dispatcher changes load counters here when it starts and finishes requests, the health
+and stats loops change health and engine figures, and :meth:`InstanceRegistry.snapshot`
+freezes all of it into the :class:`ClusterSnapshot` that policies and routers read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, PrefixView
+from sage_llm.engines.base import EngineClient, EngineStats
+from sage_llm.errors import ConflictError, InstanceNotFoundError
+from sage_llm.types import ExecutionInstance
+
+# EWMA weight of a new observation in the latency estimates.
+_ALPHA = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPriors:
+    """Starting latency estimates of an instance, before traffic refines them."""
+
+    ttft_base_s: float = 0.05
+    prefill_tokens_per_s: float = 8000.0
+    tpot_s: float = 0.02
+
+
+@dataclass
+class InstanceState:
+    """Mutable live state of one registered instance (owned by the registry)."""
+
+    instance: ExecutionInstance
+    client: EngineClient
+    in_flight: int = 0
+    queued_prefill_tokens: int = 0
+    outstanding_decode_tokens: int = 0
+    healthy: bool = True
+    draining: bool = False
+    removed: bool = False
+    consecutive_failures: int = 0
+    completed: int = 0
+    failed: int = 0
+    tokens_generated: int = 0
+    last_stats: EngineStats | None = None
+    last_health_check: float | None = None
+    est_ttft_base_s: float = 0.05
+    est_s_per_prefill_token: float = 1 / 8000.0
+    est_tpot_s: float = 0.02
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.instance_id
+
+    @property
+    def accepting(self) -> bool:
+        return self.instance.is_available and not self.draining and not self.removed
+
+    def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
+        """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch)."""
+        if pending_tokens <= 0:
+            return
+        per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
+        self.est_s_per_prefill_token += _ALPHA * (per_token - self.est_s_per_prefill_token)
+
+    def observe_tpot(self, tpot_s: float) -> None:
+        self.est_tpot_s += _ALPHA * (tpot_s - self.est_tpot_s)
+
+    def record_latency(self, latency_ms: float, keep: int = 512) -> None:
+        self.latencies_ms.append(latency_ms)
+        if len(self.latencies_ms) > keep:
+            del self.latencies_ms[: len(self.latencies_ms) - keep]
+
+    def view(self) -> InstanceView:
+        inst = self.instance
+        stats = self.last_stats
+        return InstanceView(
+            instance_id=inst.instance_id,
+            model=inst.model_name,
+            role=inst.instance_type,
+            healthy=self.healthy and inst.is_healthy,
+            accepting=self.accepting,
+            in_flight=self.in_flight,
+            max_concurrency=inst.max_concurrent_requests,
+            queued_prefill_tokens=self.queued_prefill_tokens,
+            outstanding_decode_tokens=self.outstanding_decode_tokens,
+            kv_usage=stats.kv_usage if stats else 0.0,
+            engine_waiting=stats.waiting if stats else 0,
+            gpu_count=max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size),
+            price_per_gpu_hour=inst.price_per_gpu_hour,
+            machine_id=inst.machine_id,
+            rack_id=inst.rack_id,
+            numa_node=inst.numa_node,
+            nvlink_domain=inst.nvlink_domain,
+            nvlink_peers=frozenset(inst.nvlink_peers),
+            network_bandwidth_gbps=inst.network_bandwidth_gbps,
+            est_ttft_base_s=self.est_ttft_base_s,
+            est_prefill_tps=1.0 / max(self.est_s_per_prefill_token, 1e-12),
+            est_tpot_s=self.est_tpot_s,
+        )
+
+    def public_instance(self) -> ExecutionInstance:
+        """A copy of the registered instance with its live fields filled in."""
+        inst = self.instance
+        avg = sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
+        return replace(
+            inst,
+            is_healthy=self.healthy,
+            is_available=self.accepting,
+            active_requests=self.in_flight,
+            current_load=min(1.0, self.in_flight / max(inst.max_concurrent_requests, 1)),
+            avg_latency_ms=avg,
+            gpu_utilization=self.last_stats.kv_usage if self.last_stats else 0.0,
+        )
+
+
+class InstanceRegistry:
+    """All registered instances, by id, in registration order."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, InstanceState] = {}
+
+    def __iter__(self) -> Iterator[InstanceState]:
+        return iter(list(self._states.values()))
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._states
+
+    def add(
+        self, instance: ExecutionInstance, client: EngineClient, priors: LatencyPriors
+    ) -> InstanceState:
+        if instance.instance_id in self._states:
+            raise ConflictError(f"instance {instance.instance_id!r} is already registered")
+        if instance.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be at least 1")
+        state = InstanceState(
+            instance=instance,
+            client=client,
+            healthy=instance.is_healthy,
+            est_ttft_base_s=priors.ttft_base_s,
+            est_s_per_prefill_token=1.0 / priors.prefill_tokens_per_s,
+            est_tpot_s=priors.tpot_s,
+        )
+        self._states[instance.instance_id] = state
+        return state
+
+    def get(self, instance_id: str) -> InstanceState:
+        try:
+            return self._states[instance_id]
+        except KeyError:
+            raise InstanceNotFoundError(f"no instance {instance_id!r} is registered") from None
+
+    def find(self, instance_id: str) -> InstanceState | None:
+        return self._states.get(instance_id)
+
+    def discard(self, instance_id: str) -> InstanceState | None:
+        return self._states.pop(instance_id, None)
+
+    def models(self) -> set[str]:
+        return {s.instance.model_name for s in self._states.values() if not s.removed}
+
+    def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
+        views = tuple(s.view() for s in self._states.values() if not s.removed)
+        return ClusterSnapshot(now=now, instances=views, prefix=prefix)

@@ -1,0 +1,95 @@
+"""Request intake: validate a RequestMetadata and derive what policies and engines need."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Set
+
+from sage_llm import tokens
+from sage_llm.control_plane.snapshot import RequestInfo
+from sage_llm.engines.base import EngineRequest
+from sage_llm.errors import InvalidRequestError, ModelNotFoundError
+from sage_llm.types import RequestMetadata, RequestPriority
+
+
+def resolve_model(meta: RequestMetadata, models: Set[str]) -> str:
+    """The model a request is for: its ``model_name``, or the only model served."""
+    if meta.model_name:
+        if meta.model_name not in models:
+            served = ", ".join(sorted(models)) or "none"
+            raise ModelNotFoundError(
+                f"no instance serves model {meta.model_name!r} (served: {served})"
+            )
+        return meta.model_name
+    if len(models) == 1:
+        return next(iter(models))
+    if not models:
+        raise ModelNotFoundError("no instance is registered")
+    raise InvalidRequestError(
+        "model_name is required when several models are served", param="model_name"
+    )
+
+
+def build_request(
+    meta: RequestMetadata,
+    model: str,
+    *,
+    now: float,
+    stream: bool,
+    default_max_tokens: int,
+    block_size: int,
+) -> tuple[RequestInfo, EngineRequest]:
+    """Validate ``meta`` and build the scheduling view and the engine request of it."""
+    if meta.messages is not None:
+        if not isinstance(meta.messages, list) or not meta.messages:
+            raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        token_ids = tokens.tokenize(tokens.chat_prompt_text(meta.messages))
+    elif meta.prompt is not None and (not isinstance(meta.prompt, str) or meta.prompt):
+        token_ids = tokens.tokenize(meta.prompt)
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+    else:
+        raise InvalidRequestError("a prompt or messages is required", param="prompt")
+    max_tokens = meta.max_tokens if meta.max_tokens is not None else default_max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
+    if math.isnan(meta.temperature) or not 0.0 <= meta.temperature <= 2.0:
+        raise InvalidRequestError("temperature must be within [0, 2]", param="temperature")
+    if math.isnan(meta.top_p) or not 0.0 < meta.top_p <= 1.0:
+        raise InvalidRequestError("top_p must be within (0, 1]", param="top_p")
+    slo_ms = meta.slo_deadline_ms
+    if slo_ms is not None and (math.isnan(slo_ms) or slo_ms <= 0 or math.isinf(slo_ms)):
+        raise InvalidRequestError("slo_deadline_ms must be positive", param="slo_deadline_ms")
+    try:
+        priority = RequestPriority.parse(meta.priority)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="priority") from None
+    info = RequestInfo(
+        request_id=meta.request_id,
+        model=model,
+        arrival=now,
+        prompt_tokens=len(token_ids),
+        max_tokens=max_tokens,
+        priority=priority,
+        deadline=None if slo_ms is None else now + slo_ms / 1000.0,
+        user_id=meta.user_id,
+        session_id=meta.session_id,
+        cost_budget=meta.cost_budget,
+        block_hashes=tokens.block_hashes(token_ids, block_size),
+        preferred_instance_id=meta.preferred_instance_id,
+        tags=dict(meta.tags),
+    )
+    engine_req = EngineRequest(
+        request_id=meta.request_id,
+        model=model,
+        prompt=meta.prompt if meta.messages is None else None,
+        messages=meta.messages,
+        max_tokens=max_tokens,
+        temperature=meta.temperature,
+        top_p=meta.top_p,
+        stop=tuple(meta.stop or ()),
+        stream=stream or meta.stream,
+        extra=dict(meta.extra_body),
+        priority=int(priority),
+    )
+    return info, engine_req

@@ -1,0 +1,624 @@
+"""ControlPlaneManager: the one composition root of a control plane.
+
+It builds the scheduling policy, router, prefix index, metrics and dispatcher from its
+arguments, owns the engine clients of registered instances, and exposes the seed API::
+
+    cp = ControlPlaneManager(scheduling_policy="adaptive", routing_strategy="load_balanced",
+                             mode="simulated")
+    cp.register_instance(ExecutionInstance("sim-0", "localhost", 8000, "llama-3-8b"))
+    async with cp:
+        rid = await cp.submit_request(RequestMetadata(request_id="r1", prompt="Hi", max_tokens=8))
+        result = await cp.wait_for_result(rid)
+        print(result.text)
+
+``mode="http"`` talks to real engines over HTTP (vLLM, SGLang, OpenAI-compatible);
+``mode="simulated"`` gives every registered instance an in-process simulated engine; an
+instance with ``engine="sim"`` is simulated in either mode; ``engine_factory`` overrides both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from sage_llm.control_plane.dispatcher import Dispatcher
+from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
+from sage_llm.control_plane.intake import build_request, resolve_model
+from sage_llm.control_plane.metrics import ControlPlaneMetrics
+from sage_llm.control_plane.records import FinishedRecords, RequestRecord, StreamEnd
+from sage_llm.control_plane.routing.prefix_index import PrefixIndex
+from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.scheduling.admission import check_queue_bound
+from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
+from sage_llm.errors import (
+    AdmissionError,
+    ConflictError,
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestNotFoundError,
+    SLOInfeasibleError,
+)
+from sage_llm.sim.clock import Clock, current_clock
+from sage_llm.types import (
+    ExecutionInstance,
+    PDSeparationConfig,
+    PerformanceMetrics,
+    RequestMetadata,
+    RequestResult,
+    RequestStatus,
+)
+
+log = logging.getLogger("sage_llm.manager")
+
+EngineFactory = Callable[[ExecutionInstance], EngineClient]
+MODES = ("http", "simulated")
+
+
+class ControlPlaneManager:
+    """Schedules and routes requests over registered engine instances."""
+
+    def __init__(
+        self,
+        scheduling_policy: str = "adaptive",
+        routing_strategy: str = "load_balanced",
+        enable_auto_scaling: bool = False,
+        enable_monitoring: bool = True,
+        enable_pd_separation: bool = True,
+        pd_config: PDSeparationConfig | None = None,
+        mode: str = "http",
+        *,
+        policy_params: Mapping[str, Any] | None = None,
+        routing_params: Mapping[str, Any] | None = None,
+        engine_factory: EngineFactory | None = None,
+        clock: Clock | None = None,
+        max_queue_size: int = 10_000,
+        max_retries: int = 2,
+        default_max_tokens: int = 128,
+        result_retention: int = 10_000,
+        result_ttl_s: float = 600.0,
+        stats_interval_s: float = 1.0,
+        health_interval_s: float = 5.0,
+        prefix_block_size: int = 16,
+        prefix_index_capacity: int = 200_000,
+        seed: int | None = None,
+    ) -> None:
+        mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.enable_auto_scaling = enable_auto_scaling
+        self.enable_monitoring = enable_monitoring
+        self.enable_pd_separation = enable_pd_separation
+        self.pd_config = pd_config or PDSeparationConfig(enabled=enable_pd_separation)
+        self.max_queue_size = max_queue_size
+        self.default_max_tokens = default_max_tokens
+        self.stats_interval_s = stats_interval_s
+        self.health_interval_s = health_interval_s
+        self.prefix_block_size = prefix_block_size
+        self._policy_params = dict(policy_params or {})
+        self._routing_name = routing_strategy
+        self._engine_factory = engine_factory
+        self._clock = clock
+        self._registry = InstanceRegistry()
+        self._metrics = ControlPlaneMetrics()
+        self._prefix = PrefixIndex(capacity_blocks=prefix_index_capacity)
+        self._finished = FinishedRecords(result_retention, result_ttl_s)
+        policy = build_policy(scheduling_policy, self._policy_params)
+        router = build_router(routing_strategy, routing_params, seed=seed)
+        self._dispatcher: Dispatcher | None = None
+        self._pending_policy = policy
+        self._pending_router = router
+        self._max_retries = max_retries
+        self._session: aiohttp.ClientSession | None = None
+        self._kv_hub: Any = None  # sim.engine.KVTransferHub, created with the first sim engine
+        self._loops: list[asyncio.Task[None]] = []
+        self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._running = False
+        self._accepting = False
+        self._started_at = 0.0
+        self._metrics.set_policy(self._policy_label(policy), POLICY_NAMES)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        if self._clock is None:
+            self._clock = current_clock()
+        return self._clock
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    async def start(self) -> None:
+        """Start the dispatch loop and the per-instance health/stats loops."""
+        if self._running:
+            return
+        clock = self.clock
+        self._dispatcher = Dispatcher(
+            registry=self._registry,
+            policy=self._pending_policy,
+            router=self._pending_router,
+            clock=clock,
+            metrics=self._metrics,
+            prefix_index=self._prefix,
+            finished=self._finished,
+            max_retries=self._max_retries,
+            on_instance_idle=self._on_instance_idle,
+        )
+        self._started_at = clock.now()
+        self._running = True
+        self._accepting = True
+        self._loops.append(asyncio.create_task(self._dispatcher.run(), name="sage-dispatch"))
+        for state in self._registry:
+            self._ensure_client(state)
+            self._start_instance_loops(state)
+        self._dispatcher.wake()
+        log.info(
+            "control plane started: policy=%s routing=%s instances=%d mode=%s",
+            self._pending_policy.name,
+            self._routing_name,
+            len(self._registry),
+            self.mode,
+        )
+
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop accepting, optionally let queued and running requests finish for up to
+        ``drain_timeout_s``, then cancel whatever is left and close engine clients."""
+        if not self._running:
+            return
+        self._accepting = False
+        dispatcher = self._require_dispatcher()
+        if drain_timeout_s > 0 and dispatcher.records:
+            waits = [asyncio.shield(r.future) for r in dispatcher.records.values()]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), drain_timeout_s)
+        for task in self._loops:
+            task.cancel()
+        for tasks in self._instance_tasks.values():
+            for task in tasks:
+                task.cancel()
+        await dispatcher.cancel_all_tasks()
+        for rec in list(dispatcher.records.values()):
+            dispatcher.cancel(rec)
+        all_tasks = self._loops + [t for ts in self._instance_tasks.values() for t in ts]
+        await asyncio.gather(*all_tasks, return_exceptions=True)
+        self._loops.clear()
+        self._instance_tasks.clear()
+        for state in self._registry:
+            with contextlib.suppress(Exception):
+                await state.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._running = False
+        log.info("control plane stopped")
+
+    async def __aenter__(self) -> ControlPlaneManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- instances -------------------------------------------------------------------------
+
+    def register_instance(
+        self, instance: ExecutionInstance, client: EngineClient | None = None
+    ) -> None:
+        """Add an instance (before or after start). ``client`` overrides how it is reached."""
+        if not instance.instance_id:
+            raise InvalidRequestError("instance_id must not be empty", param="instance_id")
+        if not instance.model_name:
+            raise InvalidRequestError("model_name must not be empty", param="model_name")
+        if instance.max_concurrent_requests < 1:
+            raise InvalidRequestError(
+                "max_concurrent_requests must be at least 1", param="max_concurrent_requests"
+            )
+        if instance.instance_id in self._registry:
+            raise ConflictError(f"instance {instance.instance_id!r} is already registered")
+        if client is None and self._uses_sim(instance):
+            client = self._make_sim_client(instance)
+        priors = self._priors(instance, client)
+        state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
+        self._metrics.instance_healthy.labels(instance=instance.instance_id).set(1.0)
+        if self._running:
+            self._ensure_client(state)
+            self._start_instance_loops(state)
+            self._require_dispatcher().wake()
+        log.info("registered instance %s (%s)", instance.instance_id, instance.model_name)
+
+    def unregister_instance(self, instance_id: str) -> None:
+        """Remove an instance: it gets no new requests; requests in flight finish first."""
+        state = self._registry.get(instance_id)
+        state.removed = True
+        self._prefix.remove_instance(instance_id)
+        for task in self._instance_tasks.pop(instance_id, []):
+            task.cancel()
+        if state.in_flight == 0:
+            self._discard(state)
+        if self._dispatcher is not None:
+            self._fail_unservable()
+            self._dispatcher.wake()
+
+    def drain_instance(self, instance_id: str, draining: bool = True) -> None:
+        """Stop (or resume) sending new requests to an instance; in-flight ones finish."""
+        self._registry.get(instance_id).draining = draining
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
+
+    def get_instances(self) -> list[ExecutionInstance]:
+        return [s.public_instance() for s in self._registry if not s.removed]
+
+    def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
+        state = self._registry.get(instance_id)
+        stats = state.last_stats
+        return {
+            "instance_id": instance_id,
+            "model": state.instance.model_name,
+            "role": state.instance.instance_type.value,
+            "is_healthy": state.healthy,
+            "draining": state.draining,
+            "active_requests": state.in_flight,
+            "max_concurrent_requests": state.instance.max_concurrent_requests,
+            "current_load": state.in_flight / state.instance.max_concurrent_requests,
+            "completed_requests": state.completed,
+            "failed_requests": state.failed,
+            "tokens_generated": state.tokens_generated,
+            "kv_cache_usage": stats.kv_usage if stats else None,
+            "engine_running": stats.running if stats else None,
+            "engine_waiting": stats.waiting if stats else None,
+            "prefix_cache_hit_rate": stats.prefix_hit_rate if stats else None,
+            "est_tpot_ms": state.est_tpot_s * 1000.0,
+            "est_prefill_tokens_per_s": 1.0 / state.est_s_per_prefill_token,
+        }
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def submit_request(self, request: RequestMetadata) -> str:
+        """Validate, admit and queue a request; returns its id. Raises on refusal."""
+        return self._submit(request, stream=False).request_id
+
+    async def wait_for_result(
+        self,
+        request_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - the seed API takes a timeout
+    ) -> RequestResult:
+        """Wait until the request ends and return its result (also when it failed or was
+        cancelled: check ``result.status``). Raises DeadlineExceededError on ``timeout``;
+        the request itself goes on."""
+        rec = self._require_dispatcher().records.get(request_id)
+        if rec is None:
+            done = self._finished.get(request_id, self.clock.now())
+            if done is None:
+                raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
+            return done
+        try:
+            return await asyncio.wait_for(asyncio.shield(rec.future), timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"request {request_id!r} did not finish within {timeout} s"
+            ) from None
+
+    async def generate(self, request: RequestMetadata) -> RequestResult:
+        """Submit and wait: the result of one request."""
+        rid = await self.submit_request(request)
+        return await self.wait_for_result(rid)
+
+    async def stream(self, request: RequestMetadata) -> AsyncIterator[Chunk]:
+        """Submit a request and yield its chunks as the engine produces them. Closing the
+        iterator early cancels the request. A failure raises after the last chunk."""
+        rec = self._submit(request, stream=True)
+        queue = rec.stream
+        assert queue is not None
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, StreamEnd):
+                    finished = True
+                    break
+                yield item
+            result = rec.result
+            if result is not None and result.status is RequestStatus.FAILED:
+                raise EngineError(result.error or "request failed", retryable=False)
+        finally:
+            if not finished:
+                self._require_dispatcher().cancel(rec)
+
+    async def get_request_status(self, request_id: str) -> RequestStatus:
+        rec = self._require_dispatcher().records.get(request_id)
+        if rec is not None:
+            return rec.status
+        done = self._finished.get(request_id, self.clock.now())
+        if done is None:
+            raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
+        return done.status
+
+    async def get_result(self, request_id: str) -> RequestResult | None:
+        """The result when the request has ended, else None."""
+        if request_id in self._require_dispatcher().records:
+            return None
+        return self._finished.get(request_id, self.clock.now())
+
+    async def cancel_request(self, request_id: str) -> bool:
+        """Cancel a queued or running request (a running one's engine call is aborted).
+        Returns False when the request had already ended."""
+        dispatcher = self._require_dispatcher()
+        rec = dispatcher.records.get(request_id)
+        if rec is None:
+            if self._finished.get(request_id, self.clock.now()) is not None:
+                return False
+            raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
+        return dispatcher.cancel(rec)
+
+    # -- policy ----------------------------------------------------------------------------
+
+    def update_policy(self, name: str, params: Mapping[str, Any] | None = None) -> None:
+        """Switch the scheduling policy at run time; queued requests move to the new one."""
+        new = build_policy(name, params)
+        old = self._dispatcher.policy if self._dispatcher else self._pending_policy
+        for info in old.drain():
+            new.push(info)
+        self._pending_policy = new
+        if self._dispatcher is not None:
+            self._dispatcher.policy = new
+            self._dispatcher.wake()
+        self._metrics.set_policy(self._policy_label(new), POLICY_NAMES)
+        log.info("scheduling policy switched from %s to %s", old.name, new.name)
+
+    def update_routing(self, name: str, params: Mapping[str, Any] | None = None) -> None:
+        router = build_router(name, params)
+        self._routing_name = name
+        self._pending_router = router
+        if self._dispatcher is not None:
+            self._dispatcher.router = router
+
+    @property
+    def policy(self) -> SchedulingPolicy:
+        return self._dispatcher.policy if self._dispatcher else self._pending_policy
+
+    # -- observability ---------------------------------------------------------------------
+
+    def get_metrics(self) -> PerformanceMetrics:
+        disp = self._dispatcher
+        queued = len(disp.policy) if disp else len(self._pending_policy)
+        active = sum(s.in_flight for s in self._registry)
+        elapsed = self.clock.now() - self._started_at if self._running else 0.0
+        memory = sum(s.instance.gpu_memory_gb * s.instance.gpu_count for s in self._registry)
+        perf = self._metrics.performance(
+            active=active, queued=queued, elapsed_s=elapsed, gpu_memory_gb=memory
+        )
+        if self._running:
+            perf.timestamp = self.clock.to_datetime(self.clock.now())
+        return perf
+
+    def get_status(self) -> dict[str, Any]:
+        policy = self.policy
+        states = [s for s in self._registry if not s.removed]
+        return {
+            "running": self._running,
+            "accepting": self._accepting,
+            "mode": self.mode,
+            "scheduling_policy": policy.name,
+            "policy": policy.describe(),
+            "routing_strategy": self._routing_name,
+            "pd_separation": self.enable_pd_separation,
+            "pending_requests": len(policy),
+            "running_requests": sum(s.in_flight for s in states),
+            "registered_instances": len(states),
+            "available_instances": sum(1 for s in states if s.healthy and s.accepting),
+            "models": sorted(self._registry.models()),
+            "prefix_index_entries": len(self._prefix),
+        }
+
+    def prometheus_metrics(self) -> bytes:
+        """The Prometheus exposition text of this control plane's metrics."""
+        for state in self._registry:
+            self._metrics.instance_healthy.labels(instance=state.instance_id).set(
+                1.0 if state.healthy else 0.0
+            )
+        return self._metrics.exposition()
+
+    @property
+    def metrics(self) -> ControlPlaneMetrics:
+        return self._metrics
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _require_dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None or not self._running:
+            raise ControlPlaneNotRunningError("the control plane is not running; call start()")
+        return self._dispatcher
+
+    @staticmethod
+    def _policy_label(policy: SchedulingPolicy) -> str:
+        return str(policy.describe().get("current", policy.name))
+
+    def _submit(self, meta: RequestMetadata, *, stream: bool) -> RequestRecord:
+        dispatcher = self._require_dispatcher()
+        if not self._accepting:
+            raise ControlPlaneNotRunningError("the control plane is shutting down")
+        if not meta.request_id:
+            raise InvalidRequestError("request_id must not be empty", param="request_id")
+        if meta.request_id in dispatcher.records:
+            raise ConflictError(f"request {meta.request_id!r} is already in progress")
+        model = resolve_model(meta, self._registry.models())
+        info, engine_req = build_request(
+            meta,
+            model,
+            now=self.clock.now(),
+            stream=stream,
+            default_max_tokens=self.default_max_tokens,
+            block_size=self.prefix_block_size,
+        )
+        now = info.arrival
+        queued = len(dispatcher.policy)
+        snap = self._registry.snapshot(now, self._prefix)
+        verdict = check_queue_bound(queued, self.max_queue_size, snap)
+        if verdict.admitted:
+            verdict = dispatcher.policy.admit(info, snap)
+        if not verdict.admitted:
+            self._metrics.on_rejected("queue_full" if queued >= self.max_queue_size else "policy",
+                                      model)  # fmt: skip
+            if queued >= self.max_queue_size:
+                raise QueueFullError(verdict.reason, retry_after_s=verdict.retry_after_s)
+            if "slo" in verdict.reason.lower() or "deadline" in verdict.reason.lower():
+                raise SLOInfeasibleError(verdict.reason, retry_after_s=verdict.retry_after_s)
+            raise AdmissionError(verdict.reason, retry_after_s=verdict.retry_after_s)
+        if verdict.priority is not None:
+            info = replace(info, priority=verdict.priority)
+        loop = asyncio.get_running_loop()
+        rec = RequestRecord(
+            meta=meta,
+            info=info,
+            engine_request=engine_req,
+            future=loop.create_future(),
+            stream=asyncio.Queue() if stream else None,
+            queued_at=now,
+        )
+        meta.model_name = model
+        meta.arrival_time = meta.queue_time = self.clock.to_datetime(now)
+        dispatcher.records[meta.request_id] = rec
+        dispatcher.policy.push(info)
+        self._metrics.on_submitted()
+        self._metrics.queue_depth.set(len(dispatcher.policy))
+        dispatcher.wake()
+        return rec
+
+    def _uses_sim(self, instance: ExecutionInstance) -> bool:
+        return self._engine_factory is None and (
+            self.mode == "simulated" or instance.engine == "sim"
+        )
+
+    def _make_sim_client(self, instance: ExecutionInstance) -> EngineClient:
+        from sage_llm.sim.factory import make_sim_engine
+
+        if self._kv_hub is None:
+            from sage_llm.sim.engine import KVTransferHub
+
+            self._kv_hub = KVTransferHub()
+        return make_sim_engine(instance, clock=self._clock, kv_hub=self._kv_hub)
+
+    def _priors(self, instance: ExecutionInstance, client: EngineClient | None) -> LatencyPriors:
+        from sage_llm.sim.factory import sim_latency_priors
+
+        priors = sim_latency_priors(client) if client is not None else None
+        if priors is not None:
+            return priors
+        meta = instance.metadata
+        tpot = float(meta.get("tpot_ms", 20.0)) / 1000.0
+        prefill = float(meta.get("prefill_tokens_per_s", 8000.0))
+        base = float(meta.get("ttft_base_ms", 50.0)) / 1000.0
+        return LatencyPriors(ttft_base_s=base, prefill_tokens_per_s=prefill, tpot_s=tpot)
+
+    def _ensure_client(self, state: InstanceState) -> None:
+        if not isinstance(state.client, _UnconnectedClient):
+            return
+        if self._engine_factory is not None:
+            state.client = self._engine_factory(state.instance)
+            return
+        from sage_llm.engines.http import HTTPEngineClient, make_session
+
+        if self._session is None:
+            self._session = make_session()
+        dialect = state.instance.engine if state.instance.engine in ("sglang", "openai") else "vllm"
+        state.client = HTTPEngineClient(state.instance, self._session, dialect=dialect)
+
+    def _start_instance_loops(self, state: InstanceState) -> None:
+        if not self.enable_monitoring:
+            return
+        iid = state.instance_id
+        self._instance_tasks[iid] = [
+            asyncio.create_task(self._stats_loop(state), name=f"stats-{iid}"),
+            asyncio.create_task(self._health_loop(state), name=f"health-{iid}"),
+        ]
+
+    async def _stats_loop(self, state: InstanceState) -> None:
+        while not state.removed:
+            try:
+                state.last_stats = await state.client.stats()
+                self._metrics.instance_kv_usage.labels(instance=state.instance_id).set(
+                    state.last_stats.kv_usage
+                )
+            except Exception as exc:  # stats are advisory; health decides
+                log.debug("stats of %s failed: %s", state.instance_id, exc)
+            await asyncio.sleep(self.stats_interval_s)
+
+    async def _health_loop(self, state: InstanceState) -> None:
+        while not state.removed:
+            await asyncio.sleep(self.health_interval_s)
+            healthy = await state.client.health()
+            state.last_health_check = self.clock.now()
+            if healthy != state.healthy:
+                log.warning(
+                    "instance %s is now %s", state.instance_id, "healthy" if healthy else "down"
+                )
+                state.healthy = healthy
+                self._metrics.instance_healthy.labels(instance=state.instance_id).set(
+                    1.0 if healthy else 0.0
+                )
+                if self._dispatcher is not None:
+                    self._dispatcher.wake()
+
+    def _on_instance_idle(self, state: InstanceState) -> None:
+        if state.removed:
+            self._discard(state)
+
+    def _discard(self, state: InstanceState) -> None:
+        if self._registry.discard(state.instance_id) is None:
+            return
+        self._metrics.forget_instance(state.instance_id)
+        if self._running:
+            asyncio.get_running_loop().create_task(state.client.aclose())
+
+    def _fail_unservable(self) -> None:
+        """Fail queued requests whose model no instance serves any more."""
+        dispatcher = self._require_dispatcher()
+        models = self._registry.models()
+        for rec in list(dispatcher.records.values()):
+            if rec.status is RequestStatus.QUEUED and rec.info.model not in models:
+                dispatcher.fail_queued(rec, f"no instance serves model {rec.info.model!r} any more")
+
+
+class _UnconnectedClient:
+    """Placeholder client of an instance registered before start() (HTTP mode)."""
+
+    def __init__(self, instance: ExecutionInstance) -> None:
+        self._id = instance.instance_id
+
+    @property
+    def instance_id(self) -> str:
+        return self._id
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        raise ControlPlaneNotRunningError("the control plane is not running")
+
+    async def prefill(self, req: EngineRequest) -> Any:
+        raise ControlPlaneNotRunningError("the control plane is not running")
+
+    async def health(self) -> bool:
+        return False
+
+    async def stats(self) -> Any:
+        raise ControlPlaneNotRunningError("the control plane is not running")
+
+    async def aclose(self) -> None:
+        return None

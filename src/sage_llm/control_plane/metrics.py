@@ -1,0 +1,223 @@
+"""Every metric the control plane exports, in one place.
+
+Prometheus series live in a registry owned by one :class:`ControlPlaneMetrics` (one per
+manager; nothing is registered globally). The same object keeps bounded in-memory windows
+for ``ControlPlaneManager.get_metrics()``.
+
+Label values are bounded: ``instance`` and ``model`` come from registered instances only,
+``status``/``priority``/``reason`` from fixed enumerations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sage_llm.types import PerformanceMetrics, RequestPriority, RequestResult, RequestStatus
+
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+TOKEN_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+)  # fmt: skip
+DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+
+PREFIX = "sage_llm"
+
+
+class ControlPlaneMetrics:
+    """Prometheus series plus bounded windows for aggregate figures."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests that ended, by final status.",
+            ["status", "model", "policy", "instance"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_requests_rejected",
+            "Requests refused at admission, by reason.",
+            ["reason", "model"],
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{PREFIX}_request_retries", "Engine calls retried on another instance.", registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "Mean time between output tokens of a request.",
+            ["model"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Time from arrival to the end of the request.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_time_seconds",
+            "Time a request waited in the control plane's queue.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Requests waiting in the queue.", registry=r
+        )
+        self.running = Gauge(
+            f"{PREFIX}_requests_running", "Requests dispatched to engines.", registry=r
+        )
+        self.instance_in_flight = Gauge(
+            f"{PREFIX}_instance_in_flight", "Requests in flight per instance.", ["instance"],
+            registry=r,
+        )  # fmt: skip
+        self.instance_healthy = Gauge(
+            f"{PREFIX}_instance_healthy", "1 when the instance is healthy.", ["instance"],
+            registry=r,
+        )  # fmt: skip
+        self.instance_kv_usage = Gauge(
+            f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance"],
+            registry=r,
+        )  # fmt: skip
+        self.slo_requests = Counter(
+            f"{PREFIX}_slo_requests", "Finished requests that had an SLO.", ["priority"],
+            registry=r,
+        )  # fmt: skip
+        self.slo_met = Counter(
+            f"{PREFIX}_slo_met", "Finished requests that met their SLO.", ["priority"],
+            registry=r,
+        )  # fmt: skip
+        self.routing_seconds = Histogram(
+            f"{PREFIX}_routing_decision_seconds",
+            "Time to take one scheduling + routing decision.",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.policy_info = Gauge(
+            f"{PREFIX}_scheduling_policy", "1 for the active (inner) policy.", ["policy"],
+            registry=r,
+        )  # fmt: skip
+        self._e2e_ms: deque[float] = deque(maxlen=window)
+        self._ttft_ms: deque[float] = deque(maxlen=window)
+        self._tpot_ms: deque[float] = deque(maxlen=window)
+        self._queue_ms: deque[float] = deque(maxlen=window)
+        self._counts: dict[RequestStatus, int] = dict.fromkeys(RequestStatus, 0)
+        self._rejected_count = 0
+        self._slo_total = 0
+        self._slo_met_total = 0
+        self._tokens = 0
+        self._cost = 0.0
+        self._submitted = 0
+
+    # -- recording -------------------------------------------------------------------------
+
+    def on_submitted(self) -> None:
+        self._submitted += 1
+
+    def on_rejected(self, reason: str, model: str) -> None:
+        self._rejected_count += 1
+        self.rejected.labels(reason=reason, model=model).inc()
+
+    def on_finished(
+        self, result: RequestResult, *, model: str, policy: str, priority: RequestPriority
+    ) -> None:
+        status = result.status
+        self._counts[status] += 1
+        self.requests.labels(
+            status=status.value, model=model, policy=policy, instance=result.instance_id or "none"
+        ).inc()
+        if status is RequestStatus.COMPLETED:
+            self._e2e_ms.append(result.e2e_latency_ms)
+            self._queue_ms.append(result.queue_wait_ms)
+            self.e2e.labels(model=model).observe(result.e2e_latency_ms / 1000.0)
+            self.queue_time.labels(model=model).observe(result.queue_wait_ms / 1000.0)
+            if result.ttft_ms is not None:
+                self._ttft_ms.append(result.ttft_ms)
+                self.ttft.labels(model=model).observe(result.ttft_ms / 1000.0)
+            if result.tpot_ms is not None:
+                self._tpot_ms.append(result.tpot_ms)
+                self.tpot.labels(model=model).observe(result.tpot_ms / 1000.0)
+            self._tokens += result.completion_tokens
+            self._cost += result.cost
+        if result.slo_met is not None:
+            self._slo_total += 1
+            self.slo_requests.labels(priority=priority.name.lower()).inc()
+            if result.slo_met:
+                self._slo_met_total += 1
+                self.slo_met.labels(priority=priority.name.lower()).inc()
+
+    def set_policy(self, active: str, all_names: Iterable[str]) -> None:
+        for name in all_names:
+            self.policy_info.labels(policy=name).set(1.0 if name == active else 0.0)
+
+    def forget_instance(self, instance_id: str) -> None:
+        for gauge in (self.instance_in_flight, self.instance_healthy, self.instance_kv_usage):
+            with contextlib.suppress(KeyError):
+                gauge.remove(instance_id)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def performance(
+        self, *, active: int, queued: int, elapsed_s: float, gpu_memory_gb: float
+    ) -> PerformanceMetrics:
+        completed = self._counts[RequestStatus.COMPLETED]
+        failed = self._counts[RequestStatus.FAILED]
+        e2e = np.asarray(self._e2e_ms, dtype=float)
+        ttft = np.asarray(self._ttft_ms, dtype=float)
+        tpot = np.asarray(self._tpot_ms, dtype=float)
+        queue = np.asarray(self._queue_ms, dtype=float)
+
+        def pct(a: np.ndarray, q: float) -> float:
+            return float(np.percentile(a, q)) if a.size else 0.0
+
+        def mean(a: np.ndarray) -> float:
+            return float(a.mean()) if a.size else 0.0
+
+        elapsed = max(elapsed_s, 1e-9)
+        return PerformanceMetrics(
+            total_requests=self._submitted,
+            completed_requests=completed,
+            failed_requests=failed,
+            cancelled_requests=self._counts[RequestStatus.CANCELLED],
+            rejected_requests=self._rejected_count,
+            active_requests=active,
+            queued_requests=queued,
+            avg_latency_ms=mean(e2e),
+            p50_latency_ms=pct(e2e, 50),
+            p95_latency_ms=pct(e2e, 95),
+            p99_latency_ms=pct(e2e, 99),
+            avg_ttft_ms=mean(ttft),
+            p99_ttft_ms=pct(ttft, 99),
+            avg_tpot_ms=mean(tpot),
+            avg_queue_wait_ms=mean(queue),
+            tokens_per_second=self._tokens / elapsed,
+            requests_per_second=completed / elapsed,
+            total_gpu_memory_gb=gpu_memory_gb,
+            total_cost=self._cost,
+            cost_per_token=self._cost / self._tokens if self._tokens else 0.0,
+            slo_violations=self._slo_total - self._slo_met_total,
+            slo_compliance_rate=(self._slo_met_total / self._slo_total) if self._slo_total else 1.0,
+        )

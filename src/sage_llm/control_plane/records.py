@@ -1,0 +1,95 @@
+"""Per-request bookkeeping: status, timings, output, and bounded retention of finished ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from sage_llm.control_plane.snapshot import RequestInfo
+from sage_llm.engines.base import Chunk, EngineRequest
+from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
+
+
+class StreamEnd:
+    """Sentinel put on a stream queue when the request ended (result is on the record)."""
+
+
+STREAM_END = StreamEnd()
+
+
+@dataclass
+class RequestRecord:
+    """Everything the control plane tracks about one accepted request."""
+
+    meta: RequestMetadata
+    info: RequestInfo
+    engine_request: EngineRequest
+    future: asyncio.Future[RequestResult]
+    status: RequestStatus = RequestStatus.QUEUED
+    stream: asyncio.Queue[Chunk | StreamEnd] | None = None
+    task: asyncio.Task[None] | None = None
+    instance_id: str | None = None
+    prefill_instance_id: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    queued_at: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    pending_tokens_at_dispatch: int = 0
+    predicted_e2e_s: float | None = None
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[object] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    result: RequestResult | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.info.request_id
+
+    @property
+    def produced_output(self) -> bool:
+        return self.first_token_at is not None
+
+
+class FinishedRecords:
+    """Finished results kept for ``get_request_status``/``wait_for_result``: at most
+    ``capacity`` of them, each for at most ``ttl_s`` seconds."""
+
+    def __init__(self, capacity: int = 10_000, ttl_s: float = 600.0) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._ttl_s = ttl_s
+        self._items: OrderedDict[str, tuple[float, RequestResult]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._items
+
+    def add(self, result: RequestResult, now: float) -> None:
+        self._items[result.request_id] = (now, result)
+        self._items.move_to_end(result.request_id)
+        self.expire(now)
+
+    def get(self, request_id: str, now: float) -> RequestResult | None:
+        self.expire(now)
+        item = self._items.get(request_id)
+        return item[1] if item else None
+
+    def expire(self, now: float) -> None:
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+        while self._items:
+            first_key = next(iter(self._items))
+            if now - self._items[first_key][0] <= self._ttl_s:
+                break
+            del self._items[first_key]

@@ -1,0 +1,250 @@
+"""ControlPlaneManager behaviour over in-process simulated engines, on virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sage_llm import (
+    ControlPlaneManager,
+    ExecutionInstance,
+    RequestMetadata,
+    RequestPriority,
+    RequestStatus,
+)
+from sage_llm.errors import (
+    ConflictError,
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PolicyNotFoundError,
+    QueueFullError,
+    RequestNotFoundError,
+)
+from sage_llm.sim.clock import run_virtual
+from sage_llm.tokens import count_tokens
+from tests.factories import MODEL, make_instance, make_instances, make_metadata
+
+
+def _manager(n: int = 2, **kwargs: object) -> ControlPlaneManager:
+    bound = kwargs.pop("bound", 8)
+    cp = ControlPlaneManager(mode="simulated", **kwargs)  # type: ignore[arg-type]
+    for inst in make_instances(n, max_concurrent_requests=bound):
+        cp.register_instance(inst)
+    return cp
+
+
+def test_seed_snippet_returns_generated_text() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            scheduling_policy="adaptive", enable_pd_separation=True, mode="simulated"
+        )
+        for i in range(4):
+            cp.register_instance(
+                ExecutionInstance(
+                    instance_id=f"llm-{i}",
+                    host="localhost",
+                    port=8000 + i,
+                    model_name="meta-llama/Llama-2-7b",
+                    tensor_parallel_size=1,
+                )
+            )
+        await cp.start()
+        try:
+            request = RequestMetadata(
+                request_id="req-1",
+                prompt="What is a control plane?",
+                priority=RequestPriority["HIGH"],
+                slo_deadline_ms=5000,
+                max_tokens=24,
+            )
+            rid = await cp.submit_request(request)
+            result = await cp.wait_for_result(rid)
+        finally:
+            await cp.stop()
+        assert rid == "req-1"
+        assert result.status is RequestStatus.COMPLETED
+        assert result.text.strip()
+        assert result.completion_tokens == 24
+        assert count_tokens(result.text) == 24
+        assert result.prompt_tokens == count_tokens("What is a control plane?")
+        assert result.instance_id in {f"llm-{i}" for i in range(4)}
+        assert result.ttft_ms is not None and result.ttft_ms > 0
+        assert result.tpot_ms is not None and result.tpot_ms > 0
+        assert result.e2e_latency_ms >= result.ttft_ms
+        assert result.slo_met is True
+        assert request.end_time is not None and request.latency_ms is not None
+
+    run_virtual(main())
+
+
+def test_submit_before_start_is_refused() -> None:
+    async def main() -> None:
+        cp = _manager()
+        with pytest.raises(ControlPlaneNotRunningError):
+            await cp.submit_request(make_metadata())
+
+    run_virtual(main())
+
+
+def test_bad_requests_raise_typed_errors() -> None:
+    async def main() -> None:
+        async with _manager() as cp:
+            with pytest.raises(ModelNotFoundError):
+                await cp.submit_request(make_metadata(model_name="no-such-model"))
+            with pytest.raises(InvalidRequestError) as err:
+                await cp.submit_request(make_metadata(prompt=""))
+            assert err.value.param == "prompt"
+            with pytest.raises(InvalidRequestError) as err:
+                await cp.submit_request(make_metadata(max_tokens=0))
+            assert err.value.param == "max_tokens"
+            with pytest.raises(InvalidRequestError):
+                await cp.submit_request(make_metadata(temperature=3.0))
+            await cp.submit_request(make_metadata("dup", max_tokens=50))
+            with pytest.raises(ConflictError):
+                await cp.submit_request(make_metadata("dup"))
+            with pytest.raises(RequestNotFoundError):
+                await cp.wait_for_result("never-submitted")
+            with pytest.raises(ConflictError):
+                cp.register_instance(make_instance("sim-0"))
+            with pytest.raises(PolicyNotFoundError):
+                cp.update_policy("no-such-policy")
+
+    run_virtual(main())
+
+
+def test_stream_yields_chunks_as_generated() -> None:
+    async def main() -> None:
+        async with _manager() as cp:
+            seen: list[float] = []
+            parts: list[str] = []
+            async for chunk in cp.stream(make_metadata("s1", max_tokens=10)):
+                seen.append(asyncio.get_running_loop().time())
+                parts.append(chunk.text)
+            result = await cp.wait_for_result("s1")
+        assert "".join(parts) == result.text
+        assert len(seen) >= 10
+        assert seen[-1] > seen[0]  # chunks arrive over time, not all at the end
+        assert result.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_cancel_queued_and_running_requests() -> None:
+    async def main() -> None:
+        async with _manager(1, bound=1) as cp:
+            await cp.submit_request(make_metadata("running", max_tokens=200))
+            await cp.submit_request(make_metadata("queued", max_tokens=5))
+            await asyncio.sleep(0.05)
+            assert await cp.get_request_status("running") is RequestStatus.RUNNING
+            assert await cp.get_request_status("queued") is RequestStatus.QUEUED
+            assert await cp.cancel_request("queued") is True
+            assert await cp.cancel_request("running") is True
+            running = await cp.wait_for_result("running")
+            queued = await cp.wait_for_result("queued")
+            assert await cp.cancel_request("running") is False
+            # The engine slot is free again: a new request completes.
+            after = await cp.generate(make_metadata("after", max_tokens=3))
+        assert running.status is RequestStatus.CANCELLED
+        assert running.completion_tokens < 200
+        assert queued.status is RequestStatus.CANCELLED
+        assert queued.instance_id is None
+        assert after.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_finished_status_is_retained_for_a_bounded_time() -> None:
+    async def main() -> None:
+        async with _manager(result_ttl_s=30.0) as cp:
+            res = await cp.generate(make_metadata("r", max_tokens=3))
+            assert await cp.get_request_status("r") is RequestStatus.COMPLETED
+            assert (await cp.wait_for_result("r")) == res
+            await asyncio.sleep(31.0)
+            with pytest.raises(RequestNotFoundError):
+                await cp.get_request_status("r")
+
+    run_virtual(main())
+
+
+def test_wait_timeout_leaves_request_running() -> None:
+    async def main() -> None:
+        async with _manager() as cp:
+            await cp.submit_request(make_metadata("long", max_tokens=400))
+            with pytest.raises(DeadlineExceededError):
+                await cp.wait_for_result("long", timeout=0.01)
+            res = await cp.wait_for_result("long")
+        assert res.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_policy_switch_keeps_queued_requests() -> None:
+    async def main() -> None:
+        async with _manager(1, bound=1, scheduling_policy="fifo") as cp:
+            ids = [await cp.submit_request(make_metadata(f"q{i}", max_tokens=20)) for i in range(6)]
+            await asyncio.sleep(0.01)
+            cp.update_policy("priority")
+            assert cp.get_status()["scheduling_policy"] == "priority"
+            results = [await cp.wait_for_result(i) for i in ids]
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+
+    run_virtual(main())
+
+
+def test_queue_bound_refuses_with_retry_hint() -> None:
+    async def main() -> None:
+        async with _manager(1, bound=1, max_queue_size=3) as cp:
+            for i in range(4):  # one runs, three wait
+                await cp.submit_request(make_metadata(f"q{i}", max_tokens=50))
+                await asyncio.sleep(0)
+            with pytest.raises(QueueFullError) as err:
+                await cp.submit_request(make_metadata("overflow"))
+            assert err.value.http_status == 429
+
+    run_virtual(main())
+
+
+def test_unregister_lets_in_flight_finish_and_fails_unservable_queue() -> None:
+    async def main() -> None:
+        async with _manager(1, bound=1) as cp:
+            await cp.submit_request(make_metadata("a", max_tokens=30))
+            await cp.submit_request(make_metadata("b", max_tokens=30))
+            await asyncio.sleep(0.01)
+            cp.unregister_instance("sim-0")
+            a = await cp.wait_for_result("a")
+            b = await cp.wait_for_result("b")
+            assert cp.get_instances() == []
+        assert a.status is RequestStatus.COMPLETED
+        assert b.status is RequestStatus.FAILED
+        assert b.error is not None and MODEL in b.error
+
+    run_virtual(main())
+
+
+def test_status_metrics_and_prometheus_export() -> None:
+    async def main() -> None:
+        async with _manager(scheduling_policy="adaptive") as cp:
+            for i in range(5):
+                await cp.generate(make_metadata(f"m{i}", max_tokens=4, slo_deadline_ms=10_000))
+            status = cp.get_status()
+            metrics = cp.get_metrics()
+            text = cp.prometheus_metrics().decode()
+            inst = cp.get_instance_metrics("sim-0")
+        assert status["registered_instances"] == 2
+        assert status["available_instances"] == 2
+        assert status["pending_requests"] == 0
+        assert "current" in status["policy"] and "reason" in status["policy"]
+        assert metrics.completed_requests == 5
+        assert metrics.slo_compliance_rate == 1.0
+        assert metrics.avg_latency_ms > 0
+        assert 'sage_llm_requests_total{instance="sim-' in text
+        assert 'status="completed"' in text
+        assert "sage_llm_time_to_first_token_seconds_bucket" in text
+        assert (
+            inst["completed_requests"] + cp.get_instance_metrics("sim-1")["completed_requests"] == 5
+        )
+
+    run_virtual(main())
