@@ -400,29 +400,6 @@ def arrival_times(
     return [0.0, *(float(t) for t in np.cumsum(gaps))]
 
 
-def _text_requests(
-    prefix: str,
-    arrivals: Sequence[float],
-    inputs: Sequence[int],
-    outputs: Sequence[int],
-    rng: np.random.Generator,
-    model: str | None,
-    users: Sequence[str | None],
-) -> tuple[WorkloadRequest, ...]:
-    return tuple(
-        WorkloadRequest(
-            request_id=f"{prefix}-{i:06d}",
-            arrival_s=arrivals[i],
-            prompt=text_prompt(rng, inputs[i]),
-            prompt_tokens=inputs[i],
-            max_tokens=outputs[i],
-            user_id=users[i],
-            model=model,
-        )
-        for i in range(len(arrivals))
-    )
-
-
 def synthetic(
     n: int,
     rate: float,
@@ -457,7 +434,18 @@ def synthetic(
     }
     return Workload(
         name=name,
-        requests=_text_requests(name, arrivals, inputs, outputs, rng, model, users),
+        requests=tuple(
+            WorkloadRequest(
+                request_id=f"{name}-{i:06d}",
+                arrival_s=arrivals[i],
+                prompt=text_prompt(rng, inputs[i]),
+                prompt_tokens=inputs[i],
+                max_tokens=outputs[i],
+                user_id=users[i],
+                model=model,
+            )
+            for i in range(n)
+        ),
         description=f"{n} synthetic requests, {arrival} arrivals at {rate} req/s",
         params=params,
     )
