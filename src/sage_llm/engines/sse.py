@@ -1,0 +1,424 @@
+"""Server-sent events and OpenAI-style completion streams.
+
+:class:`SSEDecoder` / :func:`encode_event` handle the event-stream framing;
+:class:`StreamAssembler` turns the events of a ``/v1/completions`` or
+``/v1/chat/completions`` stream into :class:`~sage_llm.engines.base.Chunk` objects.
+
+The decoder follows the WHATWG event-stream rules that matter for LLM servers: lines end in
+``\\n``, ``\\r\\n`` or ``\\r``; ``data:`` lines of one event are joined with ``\\n``; a blank
+line ends the event; lines starting with ``:`` are comments; one space after the colon is
+dropped. Bytes may arrive split anywhere, including inside a UTF-8 sequence or between
+``\\r`` and ``\\n``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sage_llm.engines.base import Chunk, EngineRequest, Usage
+from sage_llm.errors import EngineError, EngineStreamError
+from sage_llm.tokens import chat_prompt_text, count_tokens
+
+DONE = "[DONE]"
+"""The ``data`` of the event that ends an OpenAI-style stream."""
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event: ``data`` (lines joined by ``\\n``), ``event`` name, ``id``."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+class SSEDecoder:
+    """Turns a byte stream into :class:`SSEEvent` objects, fed in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buf = ""
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+        self._saw_field = False
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Decode ``chunk`` and return the events it completed (possibly none)."""
+        text = self._utf8.decode(chunk)
+        if not text:
+            return []
+        self._buf += text
+        return self._drain(final=False)
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: decode what is left. An unterminated event is dispatched too."""
+        self._buf += self._utf8.decode(b"", final=True)
+        events = self._drain(final=True)
+        if self._buf:
+            self._line(self._buf, events)
+            self._buf = ""
+        if self._saw_field:
+            self._dispatch(events)
+        return events
+
+    @property
+    def pending(self) -> bool:
+        """True while part of an event (or an unterminated line) is buffered."""
+        return bool(self._buf) or self._saw_field
+
+    def _drain(self, *, final: bool) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        buf = self._buf
+        start = 0
+        n = len(buf)
+        while start < n:
+            i_n = buf.find("\n", start)
+            i_r = buf.find("\r", start)
+            if i_n < 0 and i_r < 0:
+                break
+            if i_r < 0 or (0 <= i_n < i_r):
+                end, nxt = i_n, i_n + 1
+            elif i_r == n - 1 and not final:
+                break  # a lone "\r" at the end: wait to see whether "\n" follows
+            else:
+                end = i_r
+                nxt = i_r + 2 if i_r + 1 < n and buf[i_r + 1] == "\n" else i_r + 1
+            self._line(buf[start:end], events)
+            start = nxt
+        self._buf = buf[start:]
+        return events
+
+    def _line(self, line: str, events: list[SSEEvent]) -> None:
+        if not line:
+            if self._saw_field:
+                self._dispatch(events)
+            return
+        if line.startswith(":"):
+            return
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        else:
+            return  # "retry" and unknown fields are ignored
+        self._saw_field = True
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        if self._data:
+            events.append(SSEEvent("\n".join(self._data), self._event or "message", self._id))
+        self._data = []
+        self._event = ""
+        self._saw_field = False
+
+
+def encode_event(data: str | Mapping[str, Any], *, event: str | None = None) -> bytes:
+    """One SSE event. A mapping is JSON-encoded compactly (as vLLM does)."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    lines = text.split("\n")
+    out = "".join(f"data: {line}\n" for line in lines)
+    if event is not None:
+        out = f"event: {event}\n" + out
+    return (out + "\n").encode("utf-8")
+
+
+# --- OpenAI-style completion streams ------------------------------------------------------
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return 0
+
+
+def parse_usage(obj: Any) -> Usage | None:
+    """A :class:`Usage` from an OpenAI ``usage`` object (``None`` when there is none);
+    ``cached_tokens`` comes from ``prompt_tokens_details.cached_tokens``."""
+    if not isinstance(obj, Mapping):
+        return None
+    details = obj.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    return Usage(
+        prompt_tokens=_as_int(obj.get("prompt_tokens")),
+        completion_tokens=_as_int(obj.get("completion_tokens")),
+        cached_tokens=_as_int(cached),
+    )
+
+
+def stream_error(obj: Mapping[str, Any]) -> tuple[str, int | None] | None:
+    """``(message, code)`` when a JSON object from an engine is an error, else ``None``.
+
+    Recognises ``{"error": {...}}`` / ``{"error": "text"}`` (OpenAI, vLLM streams) and
+    ``{"object": "error", "message": ...}`` (vLLM's ErrorResponse)."""
+    err = obj.get("error")
+    if isinstance(err, Mapping):
+        code = err.get("code")
+        return str(err.get("message") or err), code if isinstance(code, int) else None
+    if isinstance(err, str) and err:
+        return err, None
+    if obj.get("object") == "error":
+        code = obj.get("code")
+        return str(obj.get("message") or "error"), code if isinstance(code, int) else None
+    return None
+
+
+def error_from_body(body: bytes | str | Mapping[str, Any]) -> str | None:
+    """The message in an HTTP error body: an OpenAI error object, FastAPI's ``detail``,
+    a ``message`` field, or the text itself (truncated)."""
+    if isinstance(body, bytes | str):
+        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return text.strip()[:500] or None
+        if not isinstance(parsed, Mapping):
+            return text.strip()[:500] or None
+        body = parsed
+    found = stream_error(body)
+    if found is not None:
+        return found[0]
+    for key in ("detail", "message"):
+        value = body.get(key)
+        if value:
+            return value if isinstance(value, str) else json.dumps(value)[:500]
+    return None
+
+
+def _choice_text(choice: Mapping[str, Any]) -> str:
+    text = choice.get("text")
+    if text is None:
+        for key in ("delta", "message"):
+            part = choice.get(key)
+            if isinstance(part, Mapping):
+                text = part.get("content")
+                break
+    return text if isinstance(text, str) else ""
+
+
+def _choice_chunk(choice: Mapping[str, Any], raw: Mapping[str, Any]) -> Chunk:
+    finish = choice.get("finish_reason")
+    ids = choice.get("token_ids")
+    return Chunk(
+        text=_choice_text(choice),
+        token_ids=tuple(int(t) for t in ids) if isinstance(ids, list) else (),
+        finish_reason=str(finish) if finish else None,
+        logprobs=choice.get("logprobs"),
+        index=_as_int(choice.get("index")),
+        raw=raw,
+    )
+
+
+def estimate_prompt_tokens(req: EngineRequest) -> int:
+    """Prompt length by the shared tokenizer (for engines that report no usage)."""
+    if req.messages is not None:
+        return count_tokens(chat_prompt_text(list(req.messages)))
+    return count_tokens(req.prompt)
+
+
+class StreamAssembler:
+    """Turns the ``data`` of OpenAI-style stream events into :class:`Chunk` objects.
+
+    One chunk per choice delta, in order. The chunk carrying a ``finish_reason`` is held
+    back until the next event, because the usage chunk (``choices: []``) follows it: the
+    last chunk handed out carries both ``finish_reason`` and ``usage``. Engines that send
+    no usage get an estimate (prompt by the shared tokenizer, one token per text chunk).
+    Errors: :class:`EngineStreamError` for malformed data, :class:`EngineError` for an
+    ``error`` event; ``retryable`` only while nothing was produced.
+    """
+
+    def __init__(self, req: EngineRequest, instance_id: str | None = None) -> None:
+        self._req = req
+        self._instance_id = instance_id
+        self.produced = False
+        """True once any choice delta arrived."""
+        self.done = False
+        """True once ``[DONE]`` arrived."""
+        self._held: Chunk | None = None
+        self._usage: Usage | None = None
+        self._last_finish: tuple[str, int] | None = None
+        self._text_chunks = 0
+
+    def _fail(self, cls: type[EngineError], message: str, status: int | None = None) -> EngineError:
+        prefix = f"{self._instance_id}: " if self._instance_id else ""
+        return cls(
+            prefix + message,
+            instance_id=self._instance_id,
+            status=status,
+            retryable=not self.produced,
+        )
+
+    def on_event(self, data: str) -> list[Chunk]:
+        """Chunks completed by one event's ``data`` (possibly none)."""
+        if self.done:
+            return []
+        if data.strip() == DONE:
+            self.done = True
+            return []
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise self._fail(
+                EngineStreamError, f"malformed JSON in stream: {data[:200]!r}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise self._fail(EngineStreamError, f"stream event is not an object: {data[:200]!r}")
+        err = stream_error(obj)
+        if err is not None:
+            raise self._fail(EngineError, f"engine error in stream: {err[0]}", err[1])
+        usage = parse_usage(obj.get("usage"))
+        if usage is not None:
+            self._usage = usage
+        choices = obj.get("choices")
+        if choices is None:
+            return []
+        if not isinstance(choices, list):
+            raise self._fail(EngineStreamError, "stream event 'choices' is not a list")
+        out: list[Chunk] = []
+        for choice in choices:
+            if not isinstance(choice, Mapping):
+                raise self._fail(EngineStreamError, "stream choice is not an object")
+            chunk = _choice_chunk(choice, obj)
+            self.produced = True
+            if chunk.text:
+                self._text_chunks += 1
+            if self._held is not None:
+                out.append(self._held)
+                self._held = None
+            if chunk.finish_reason is not None:
+                self._held = chunk
+                self._last_finish = (chunk.finish_reason, chunk.index)
+            else:
+                out.append(chunk)
+        return out
+
+    def finish(self) -> list[Chunk]:
+        """At the end of the stream: the final chunk, with ``finish_reason`` and ``usage``."""
+        if self._last_finish is None:
+            raise self._fail(EngineStreamError, "stream ended without a finish_reason")
+        usage = self._usage or Usage(estimate_prompt_tokens(self._req), self._text_chunks)
+        held, self._held = self._held, None
+        if held is not None:
+            return [replace(held, usage=usage)]
+        reason, index = self._last_finish
+        return [Chunk(text="", finish_reason=reason, usage=usage, index=index)]
+
+
+def chunks_from_completion(
+    obj: Any, req: EngineRequest, instance_id: str | None = None
+) -> list[Chunk]:
+    """The chunks of a non-streaming completion / chat completion object, one per choice;
+    the last carries ``usage``."""
+    prefix = f"{instance_id}: " if instance_id else ""
+    if not isinstance(obj, Mapping):
+        raise EngineStreamError(prefix + "completion is not a JSON object", instance_id=instance_id)
+    err = stream_error(obj)
+    if err is not None and "choices" not in obj:
+        raise EngineError(prefix + err[0], instance_id=instance_id, status=err[1])
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise EngineStreamError(prefix + "completion has no choices", instance_id=instance_id)
+    chunks = [_choice_chunk(c, obj) for c in choices if isinstance(c, Mapping)]
+    if len(chunks) != len(choices) or chunks[-1].finish_reason is None:
+        raise EngineStreamError(
+            prefix + "completion choices are malformed or unfinished", instance_id=instance_id
+        )
+    usage = parse_usage(obj.get("usage")) or Usage(
+        estimate_prompt_tokens(req), sum(count_tokens(c.text) for c in chunks)
+    )
+    chunks[-1] = replace(chunks[-1], usage=usage)
+    return chunks
+
+
+# --- encoding: vLLM's response objects -----------------------------------------------------
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """An OpenAI ``usage`` object, with ``prompt_tokens_details.cached_tokens``."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "total_tokens": usage.total_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """Builds the JSON objects vLLM answers one request with (``cmpl-…`` / ``chatcmpl-…``)."""
+
+    chat: bool
+    request_id: str
+    model: str
+    created: int
+
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
+
+    def _head(self, *, final: bool) -> dict[str, Any]:
+        if self.chat:
+            kind = "chat.completion" if final else "chat.completion.chunk"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def role_chunk(self) -> dict[str, Any]:
+        """The first chunk of a chat stream: the assistant role, empty content."""
+        head = self._head(final=False)
+        delta = {"role": "assistant", "content": ""}
+        head["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+        return head
+
+    def chunk(
+        self, text: str, finish_reason: str | None, *, index: int = 0, logprobs: Any = None
+    ) -> dict[str, Any]:
+        """One stream chunk carrying ``text`` (and ``finish_reason`` on the last one)."""
+        head = self._head(final=False)
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {"content": text} if text or finish_reason is None else {}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = finish_reason
+        choice["stop_reason"] = None
+        head["choices"] = [choice]
+        return head
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The chunk sent after the last one when ``stream_options.include_usage`` is set."""
+        head = self._head(final=False)
+        head["choices"] = []
+        head["usage"] = usage_json(usage)
+        return head
+
+    def completion(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+        """A whole (non-streaming) completion or chat completion."""
+        head = self._head(final=True)
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        choice["stop_reason"] = None
+        head["choices"] = [choice]
+        head["usage"] = usage_json(usage)
+        head["kv_transfer_params"] = None
+        return head

@@ -1,0 +1,217 @@
+"""Prometheus text parsing and engine-stats extraction (vLLM, SGLang, llama.cpp names)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sage_llm.engines.metrics_scrape import (
+    MetricsParseError,
+    parse_prometheus_text,
+    scrape_text_to_stats,
+    to_engine_stats,
+)
+from sage_llm.errors import EngineError
+
+# Two data-parallel engines of one vLLM server, current metric names.
+VLLM_TEXT = r"""
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B"} 3.0
+vllm:num_requests_running{engine="1",model_name="meta-llama/Llama-3.1-8B"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="meta-llama/Llama-3.1-8B"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B"} 0.25
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 1000.0
+vllm:prefix_cache_queries_total{engine="1",model_name="meta-llama/Llama-3.1-8B"} 1000.0
+vllm:prefix_cache_queries_created{engine="0",model_name="meta-llama/Llama-3.1-8B"} 1.7e9
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 600.0
+vllm:prefix_cache_hits_total{engine="1",model_name="meta-llama/Llama-3.1-8B"} 200.0
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 7.0
+# TYPE vllm:prompt_tokens counter
+vllm:prompt_tokens_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 12345.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 678.0
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 2.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 5.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 5.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 1.25
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="0",num_gpu_blocks="29205"} 1.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="1",num_gpu_blocks="29205"} 1.0
+"""
+
+# An older vLLM: gpu_cache_usage_perc, counters without the _total suffix.
+VLLM_OLD_TEXT = """
+vllm:num_requests_running{model_name="m"} 1
+vllm:num_requests_waiting{model_name="m"} 2
+vllm:gpu_cache_usage_perc{model_name="m"} 0.75
+vllm:gpu_prefix_cache_queries{model_name="m"} 40
+vllm:gpu_prefix_cache_hits{model_name="m"} 10
+vllm:num_preemptions{model_name="m"} 3
+vllm:prompt_tokens{model_name="m"} 100
+vllm:generation_tokens{model_name="m"} 50
+vllm:cache_config_info{block_size="32",num_gpu_blocks="None"} 1
+"""
+
+SGLANG_TEXT = """
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="qwen",engine_type="unified",tp_rank="0"} 6.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="qwen",engine_type="unified",tp_rank="0"} 1.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="qwen",engine_type="unified",tp_rank="0"} 0.42
+# TYPE sglang:cache_hit_rate gauge
+sglang:cache_hit_rate{model_name="qwen",engine_type="unified",tp_rank="0"} 0.3
+sglang:prompt_tokens_total{model_name="qwen"} 900.0
+sglang:generation_tokens_total{model_name="qwen"} 300.0
+sglang:max_total_num_tokens{model_name="qwen"} 500000.0
+"""
+
+LLAMACPP_TEXT = """
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 2048
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 512
+# TYPE llamacpp:kv_cache_usage_ratio gauge
+llamacpp:kv_cache_usage_ratio 0.125
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 2
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 5
+"""
+
+
+def test_parse_labels_with_escapes_and_special_values() -> None:
+    text = "\n".join(
+        [
+            "# a comment",
+            r'm{path="C:\\dir",quote="say \"hi\"",nl="a\nb",} 1.5 1700000000000',
+            "m{} +Inf",
+            "neg -Inf",
+            "nan_metric NaN",
+            "sci 1.5e-3",
+            "",
+        ]
+    )
+    samples = parse_prometheus_text(text)
+    labels, value = samples["m"][0]
+    assert labels == {"path": "C:\\dir", "quote": 'say "hi"', "nl": "a\nb"}
+    assert value == 1.5
+    assert samples["m"][1] == ({}, math.inf)
+    assert samples["neg"][0][1] == -math.inf
+    assert math.isnan(samples["nan_metric"][0][1])
+    assert samples["sci"][0][1] == pytest.approx(0.0015)
+
+
+def test_parse_histogram_series_and_label_sets() -> None:
+    samples = parse_prometheus_text(VLLM_TEXT)
+    buckets = samples["vllm:time_to_first_token_seconds_bucket"]
+    assert [(lb["le"], v) for lb, v in buckets] == [("0.1", 2.0), ("+Inf", 5.0)]
+    assert samples["vllm:time_to_first_token_seconds_count"][0][1] == 5.0
+    assert samples["vllm:time_to_first_token_seconds_sum"][0][1] == 1.25
+    assert len(samples["vllm:num_requests_running"]) == 2
+
+
+def test_parse_openmetrics_exemplar_and_quoted_names() -> None:
+    text = "\n".join(
+        [
+            'h_bucket{le="1"} 3 # {trace_id="abc"} 0.5',
+            '{"my.metric", env="prod"} 4',
+            "# EOF",
+        ]
+    )
+    samples = parse_prometheus_text(text)
+    assert samples["h_bucket"] == [({"le": "1"}, 3.0)]
+    assert samples["my.metric"] == [({"env": "prod"}, 4.0)]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "9bad 1",
+        'm{a="1" 2',
+        "m{a=1} 2",
+        'm{a="unterminated} 2',
+        "m",
+        "m abc",
+        "m 1 2 3",
+        "m{a} 1",
+    ],
+)
+def test_malformed_lines_raise_typed_error(line: str) -> None:
+    with pytest.raises(MetricsParseError, match="line 2") as info:
+        parse_prometheus_text("ok 1\n" + line)
+    assert isinstance(info.value, EngineError)
+    assert info.value.line == 2
+
+
+def test_vllm_stats_sum_counts_and_average_fractions() -> None:
+    stats = scrape_text_to_stats(VLLM_TEXT)
+    assert stats.source == "vllm"
+    assert (stats.running, stats.waiting) == (5, 4)
+    assert stats.kv_usage == pytest.approx(0.375)
+    assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (2000.0, 800.0)
+    assert stats.prefix_hit_rate == pytest.approx(0.4)
+    assert stats.preemptions_total == 7.0
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (12345.0, 678.0)
+    assert (stats.num_gpu_blocks, stats.block_size) == (58410, 16)
+
+
+def test_vllm_older_names_fall_back() -> None:
+    stats = scrape_text_to_stats(VLLM_OLD_TEXT)
+    assert (stats.running, stats.waiting) == (1, 2)
+    assert stats.kv_usage == 0.75
+    assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (40.0, 10.0)
+    assert stats.preemptions_total == 3.0
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (100.0, 50.0)
+    assert (stats.num_gpu_blocks, stats.block_size) == (None, 32)
+
+
+def test_kv_cache_usage_perc_preferred_over_old_name() -> None:
+    text = 'vllm:kv_cache_usage_perc{e="0"} 0.1\nvllm:gpu_cache_usage_perc{e="0"} 0.9\n'
+    assert scrape_text_to_stats(text).kv_usage == pytest.approx(0.1)
+
+
+def test_sglang_stats() -> None:
+    stats = scrape_text_to_stats(SGLANG_TEXT)
+    assert stats.source == "sglang"
+    assert (stats.running, stats.waiting) == (6, 1)
+    assert stats.kv_usage == pytest.approx(0.42)
+    assert stats.prefix_hit_rate == pytest.approx(0.3)
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (900.0, 300.0)
+    assert (stats.num_gpu_blocks, stats.block_size) == (500000, 1)
+
+
+def test_sglang_cached_tokens_counter_gives_real_totals() -> None:
+    text = SGLANG_TEXT + 'sglang:cached_tokens_total{model_name="qwen"} 450.0\n'
+    stats = scrape_text_to_stats(text)
+    assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (900.0, 450.0)
+
+
+def test_llamacpp_stats() -> None:
+    stats = scrape_text_to_stats(LLAMACPP_TEXT)
+    assert stats.source == "llamacpp"
+    assert (stats.running, stats.waiting) == (2, 5)
+    assert stats.kv_usage == pytest.approx(0.125)
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (2048.0, 512.0)
+
+
+def test_unknown_family_and_nan_values() -> None:
+    assert to_engine_stats(parse_prometheus_text("process_cpu_seconds_total 3\n")).source == (
+        "unknown"
+    )
+    stats = scrape_text_to_stats("vllm:num_requests_running NaN\nvllm:kv_cache_usage_perc 7\n")
+    assert (stats.running, stats.kv_usage) == (0, 1.0)

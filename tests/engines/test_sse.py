@@ -1,0 +1,123 @@
+"""SSE framing, OpenAI stream assembly and vLLM response objects."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sage_llm.engines.base import EngineRequest, Usage
+from sage_llm.engines.sse import (
+    ResponseFormat,
+    SSEDecoder,
+    StreamAssembler,
+    chunks_from_completion,
+    encode_event,
+    error_from_body,
+)
+from sage_llm.errors import EngineError, EngineStreamError
+
+REQ = EngineRequest(request_id="r", model="m", prompt="a b c")
+
+
+def test_decoder_handles_every_line_ending_and_split_points() -> None:
+    stream = b'data: {"a":1}\r\n\r\n: comment\n\nevent: x\ndata: one\ndata: two\r\rdata:[DONE]\n\n'
+    whole = SSEDecoder().feed(stream)
+    assert [(e.event, e.data) for e in whole] == [
+        ("message", '{"a":1}'),
+        ("x", "one\ntwo"),
+        ("message", "[DONE]"),
+    ]
+    for cut in range(len(stream) + 1):
+        dec = SSEDecoder()
+        events = dec.feed(stream[:cut]) + dec.feed(stream[cut:]) + dec.close()
+        assert [e.data for e in events] == [e.data for e in whole]
+
+
+def test_decoder_keeps_utf8_split_across_feeds() -> None:
+    raw = "data: h\u00e9\u4e16\n\n".encode()
+    dec = SSEDecoder()
+    events = [e for i in range(len(raw)) for e in dec.feed(raw[i : i + 1])]
+    assert [e.data for e in events] == ["h\u00e9\u4e16"]
+
+
+def test_close_dispatches_unterminated_event() -> None:
+    dec = SSEDecoder()
+    assert dec.feed(b"data: tail") == []
+    assert dec.pending
+    assert [e.data for e in dec.close()] == ["tail"]
+
+
+def test_encode_round_trips() -> None:
+    payload = {"text": "line\nbreak", "n": 1}
+    events = SSEDecoder().feed(encode_event(payload) + encode_event("x\ny", event="e"))
+    assert json.loads(events[0].data) == payload
+    assert (events[1].event, events[1].data) == ("e", "x\ny")
+
+
+def test_assembler_holds_finish_chunk_until_usage() -> None:
+    asm = StreamAssembler(REQ)
+    first = asm.on_event(json.dumps({"choices": [{"index": 0, "text": "a"}]}))
+    held = asm.on_event(
+        json.dumps({"choices": [{"index": 0, "text": "b", "finish_reason": "stop"}]})
+    )
+    usage = asm.on_event(json.dumps({"choices": [], "usage": {"prompt_tokens": 3,
+                                                             "completion_tokens": 2}}))  # fmt: skip
+    assert [c.text for c in first] == ["a"] and held == [] and usage == []
+    assert asm.on_event("[DONE]") == [] and asm.done
+    (last,) = asm.finish()
+    assert (last.text, last.finish_reason, last.usage) == ("b", "stop", Usage(3, 2))
+
+
+def test_assembler_n_greater_than_one_ends_with_finish_and_usage() -> None:
+    asm = StreamAssembler(REQ)
+    out = []
+    for index in (0, 1):
+        choice = {"index": index, "text": f"t{index}", "finish_reason": "length"}
+        out += asm.on_event(json.dumps({"choices": [choice]}))
+    out += asm.on_event(json.dumps({"choices": [], "usage": {"completion_tokens": 2}}))
+    out += asm.finish()
+    assert [(c.index, c.finish_reason) for c in out] == [(0, "length"), (1, "length")]
+    assert out[-1].usage == Usage(0, 2)
+
+
+def test_assembler_errors() -> None:
+    with pytest.raises(EngineStreamError):
+        StreamAssembler(REQ).on_event('"just a string"')
+    asm = StreamAssembler(REQ)
+    asm.on_event(json.dumps({"choices": [{"text": "a"}]}))
+    with pytest.raises(EngineError, match="boom") as info:
+        asm.on_event(json.dumps({"object": "error", "message": "boom", "code": 400}))
+    assert (info.value.status, info.value.retryable) == (400, False)
+
+
+def test_chunks_from_completion_requires_finish_reason() -> None:
+    with pytest.raises(EngineStreamError):
+        chunks_from_completion({"choices": [{"text": "x"}]}, REQ)
+    (chunk,) = chunks_from_completion({"choices": [{"text": "x y", "finish_reason": "stop"}]}, REQ)
+    assert chunk.usage == Usage(3, 2)
+
+
+def test_error_from_body_shapes() -> None:
+    assert error_from_body(b'{"error": {"message": "m1"}}') == "m1"
+    assert error_from_body('{"detail": "m2"}') == "m2"
+    assert error_from_body(b"plain") == "plain"
+    assert error_from_body(b"") is None
+
+
+def test_response_format_matches_vllm_shapes() -> None:
+    fmt = ResponseFormat(chat=True, request_id="q", model="m", created=5)
+    assert fmt.role_chunk()["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    final = fmt.chunk("", "stop")
+    assert final["object"] == "chat.completion.chunk"
+    assert final["choices"][0]["delta"] == {} and final["id"] == "chatcmpl-q"
+    whole = ResponseFormat(chat=False, request_id="q", model="m", created=5).completion(
+        "hi", "length", Usage(2, 1, 1)
+    )
+    assert whole["id"] == "cmpl-q" and whole["object"] == "text_completion"
+    assert whole["usage"] == {
+        "prompt_tokens": 2,
+        "total_tokens": 3,
+        "completion_tokens": 1,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
