@@ -1,0 +1,753 @@
+"""Any :class:`~sage_llm.engines.base.EngineClient` served over HTTP, speaking vLLM's API.
+
+The simulated engine runs behind this server so that the control plane, real routers and
+benchmark tools can measure it exactly as they measure vLLM: OpenAI completions and chat
+(SSE streams in vLLM's chunk format, usage chunk, ``[DONE]``), the vLLM PD protocol
+(``kv_transfer_params`` prefill and decode legs), ``/metrics`` with vLLM's metric names,
+and the probe endpoints other routers call (``/get_load``, ``/get_server_info``,
+``/get_model_info``, ``/server_info``, ``/model_info``, ``/tokenize``, ``…/render``).
+
+A client that disconnects mid-stream closes the engine's iterator, so the engine aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sage_llm import tokens
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, Usage
+from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
+from sage_llm.errors import EngineError, InvalidRequestError, ModelNotFoundError, SageLLMError
+from sage_llm.sim.clock import Clock, current_clock
+
+_PIECE_CACHE_LIMIT = 1 << 16
+
+
+DEFAULT_MAX_TOKENS = 16
+_CONSUMED = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+     "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n"}
+)  # fmt: skip
+
+
+# --- request parsing ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A validated completions / chat request, as the engine will see it."""
+
+    req: EngineRequest
+    stream: bool
+    include_usage: bool
+    pd_role: Literal["prefill", "decode"] | None
+    prompt_tokens: int
+
+    def estimate_usage(self, chunks: int) -> Usage:
+        """Usage for an engine that reported none: one token per chunk."""
+        return Usage(self.prompt_tokens, chunks)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise InvalidRequestError(f"{key} must be a number in [{lo}, {hi}]", param=key)
+    return float(value)
+
+
+def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
+    """(prompt, messages, prompt token count) of a request body."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise InvalidRequestError("each message needs a string 'role'", param="messages")
+        return None, messages, tokens.count_tokens(tokens.chat_prompt_text(messages))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt, None, tokens.count_tokens(prompt)
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        return list(prompt), None, len(prompt)
+    raise InvalidRequestError(
+        "prompt must be a non-empty string or list of token ids (one prompt per request)",
+        param="prompt",
+    )
+
+
+def check_model(model: Any, model_name: str) -> None:
+    """404 (:class:`ModelNotFoundError`) unless ``model`` is absent or the served name."""
+    if model is not None and model != model_name:
+        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+
+def parse_request(
+    body: Mapping[str, Any],
+    *,
+    chat: bool,
+    model_name: str,
+    max_model_len: int | None = None,
+    request_id: str = "",
+) -> ParsedRequest:
+    """Validate an OpenAI completions (``chat=False``) or chat body. Raises
+    :class:`InvalidRequestError` (400) or :class:`ModelNotFoundError` (404)."""
+    check_model(body.get("model"), model_name)
+    prompt, messages, prompt_tokens = _prompt(body, chat)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None and chat:
+        max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
+    if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{max_tokens} in the completion).",
+            param="max_tokens",
+        )
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None:
+        stop = []
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+    if body.get("n", 1) != 1:
+        raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
+    stream = body.get("stream", False)
+    options = body.get("stream_options")
+    if not isinstance(stream, bool) or not isinstance(options, dict | None):
+        raise InvalidRequestError("stream must be a boolean, stream_options an object")
+    priority = body.get("priority", 2)
+    if not _is_int(priority):
+        raise InvalidRequestError("priority must be an integer", param="priority")
+    kv = body.get("kv_transfer_params")
+    if not isinstance(kv, dict | None):
+        raise InvalidRequestError(
+            "kv_transfer_params must be an object", param="kv_transfer_params"
+        )
+    role: Literal["prefill", "decode"] | None = None
+    if kv and kv.get("do_remote_decode"):
+        role = "prefill"
+    elif kv and kv.get("do_remote_prefill"):
+        role = "decode"
+    req = EngineRequest(
+        request_id=request_id or uuid.uuid4().hex,
+        model=model_name,
+        prompt=prompt,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        stop=tuple(stop),
+        stream=stream,
+        extra={k: v for k, v in body.items() if k not in _CONSUMED},
+        kv_transfer_params=kv if role == "decode" else None,
+        priority=priority,
+    )
+    include_usage = bool(options and options.get("include_usage"))
+    return ParsedRequest(req, stream, include_usage, role, prompt_tokens)
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+_LABELS = ("model_name", "engine")
+
+
+class ServerMetrics:
+    """The server's Prometheus registry (one per app): vLLM's latency histograms, measured
+    from chunk timings, plus gauges and counters from the engine's stats at scrape time."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self._values = (model_name, "0")
+        self._stats = EngineStats()
+        self._finished: dict[str, int] = {}
+
+        def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, doc, _LABELS, registry=self.registry, buckets=buckets)
+
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.itl = hist("vllm:inter_token_latency_seconds", "Inter-token latency.", _ITL_BUCKETS)
+        self.e2e = hist(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS
+        )
+        self.queue = hist(
+            "vllm:request_queue_time_seconds", "Time spent waiting in the queue.", _E2E_BUCKETS
+        )
+        self.registry.register(self)
+
+    def observe_request(
+        self,
+        arrival: float,
+        times: Sequence[float],
+        finish: str,
+        usage: Usage,
+        *,
+        queue_s: float | None = None,
+    ) -> None:
+        """Record one finished request: ``times`` are the clock readings of its chunks."""
+        if times:
+            self.ttft.labels(*self._values).observe(max(0.0, times[0] - arrival))
+            itl = self.itl.labels(*self._values)
+            for prev, cur in itertools.pairwise(times):
+                itl.observe(max(0.0, cur - prev))
+            self.e2e.labels(*self._values).observe(max(0.0, times[-1] - arrival))
+        if queue_s is not None:
+            self.queue.labels(*self._values).observe(max(0.0, queue_s))
+        self._finished[finish] = self._finished.get(finish, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        """Gauges and counters of the last stats (called by the registry)."""
+        s, labels, values = self._stats, list(_LABELS), list(self._values)
+        gauges = (
+            ("vllm:num_requests_running", "Requests in model execution batches.", s.running),
+            ("vllm:num_requests_waiting", "Requests waiting to be processed.", s.waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", s.kv_usage),
+        )
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric(values, float(value))
+            yield gauge
+        counters = (
+            ("vllm:prefix_cache_queries", "Prefix-cache queries, in tokens.",
+             s.prefix_cache_queries_total),
+            ("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens.", s.prefix_cache_hits_total),
+            ("vllm:num_preemptions", "Cumulative number of preemptions.", s.preemptions_total),
+            ("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total),
+            ("vllm:generation_tokens", "Number of generation tokens processed.",
+             s.generation_tokens_total),
+        )  # fmt: skip
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            counter.add_metric(values, float(value))
+            yield counter
+        success = CounterMetricFamily(
+            "vllm:request_success", "Successfully finished requests.",
+            labels=[*labels, "finished_reason"],
+        )  # fmt: skip
+        for reason, count in sorted(self._finished.items()):
+            success.add_metric([*values, reason], float(count))
+        yield success
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig.",
+            labels=["block_size", "num_gpu_blocks", "engine"],
+        )  # fmt: skip
+        info.add_metric([str(s.block_size), str(s.num_gpu_blocks), "0"], 1.0)
+        yield info
+
+    def render(self, stats: EngineStats) -> bytes:
+        """The exposition text, with gauges and counters taken from ``stats``."""
+        self._stats = stats
+        return generate_latest(self.registry)
+
+
+@runtime_checkable
+class ReportsQueueTime(Protocol):
+    """Optional engine extension: seconds a finished request waited before it was scheduled
+    (``None`` when unknown). The server observes it as ``vllm:request_queue_time_seconds``."""
+
+    def queue_time_s(self, request_id: str) -> float | None: ...
+
+
+def _error(exc: SageLLMError) -> web.Response:
+    return web.json_response(exc.to_openai(), status=exc.http_status)
+
+
+def _set_nodelay(request: web.Request) -> None:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _aclose(it: AsyncIterator[Chunk]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sage-llm")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+class _EngineServer:
+    """Route handlers bound to one engine; ``create_engine_app`` wires them."""
+
+    def __init__(
+        self, engine: EngineClient, model_name: str, clock: Clock | None, max_model_len: int | None
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self._clock = clock
+        self.metrics = ServerMetrics(model_name)
+        self.version = _package_version()
+        self._pieces: dict[int, str] = {}
+        self._queue_source = engine if isinstance(engine, ReportsQueueTime) else None
+
+    @property
+    def clock(self) -> Clock:
+        if self._clock is None:
+            self._clock = current_clock()
+        return self._clock
+
+    def _created(self) -> int:
+        clock = self.clock
+        return int(clock.to_datetime(clock.now()).timestamp())
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        return body
+
+    # --- generation ----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        arrival = self.clock.now()
+        try:
+            body = await self._body(request)
+            parsed = parse_request(
+                body,
+                chat=chat,
+                model_name=self.model_name,
+                max_model_len=self.max_model_len,
+                request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+            )
+        except SageLLMError as exc:
+            return _error(exc)
+        fmt = ResponseFormat(
+            chat=chat, request_id=parsed.req.request_id, model=self.model_name,
+            created=self._created(),
+        )  # fmt: skip
+        if parsed.pd_role == "prefill":
+            return await self._prefill(parsed, fmt, arrival)
+        if parsed.stream:
+            return await self._stream(request, parsed, fmt, arrival)
+        return await self._complete(parsed, fmt, arrival)
+
+    async def _prefill(
+        self, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
+    ) -> web.Response:
+        """A PD prefill leg: always a non-streaming answer of one token plus the engine's
+        ``kv_transfer_params`` (what vLLM's proxy sends and expects)."""
+        try:
+            handle = await self.engine.prefill(parsed.req)
+        except SageLLMError as exc:
+            return _error(exc)
+        now = self.clock.now()
+        first = handle.first_token
+        usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
+        self.metrics.observe_request(arrival, [now], "length", usage)
+        body = fmt.completion(first.text if first else "", "length", usage)
+        body["kv_transfer_params"] = dict(handle.params)
+        return web.json_response(body)
+
+    async def _complete(
+        self, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
+    ) -> web.Response:
+        texts: list[str] = []
+        times: list[float] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        it = self.engine.generate(parsed.req)
+        try:
+            async for chunk in it:
+                times.append(self.clock.now())
+                texts.append(chunk.text)
+                finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
+        except SageLLMError as exc:
+            return _error(exc)
+        finally:
+            await _aclose(it)
+        if not times:
+            return _error(EngineError("the engine produced no output", retryable=False))
+        usage = usage or parsed.estimate_usage(len(times))
+        finish = finish or "length"
+        self._observe(parsed, arrival, times, finish, usage)
+        return web.json_response(fmt.completion("".join(texts), finish, usage))
+
+    async def _stream(
+        self, request: web.Request, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
+    ) -> web.StreamResponse:
+        it = self.engine.generate(parsed.req)
+        try:
+            try:
+                chunk: Chunk | None = await anext(it)
+            except StopAsyncIteration:
+                return _error(EngineError("the engine produced no output", retryable=False))
+            except SageLLMError as exc:
+                return _error(exc)
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            _set_nodelay(request)
+            await resp.prepare(request)
+            await self._relay(resp, it, chunk, parsed, fmt, arrival)
+            return resp
+        finally:
+            await _aclose(it)
+
+    async def _relay(
+        self,
+        resp: web.StreamResponse,
+        it: AsyncIterator[Chunk],
+        chunk: Chunk | None,
+        parsed: ParsedRequest,
+        fmt: ResponseFormat,
+        arrival: float,
+    ) -> None:
+        times: list[float] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        try:
+            if fmt.chat:
+                await resp.write(encode_event(fmt.role_chunk()))
+            while chunk is not None:
+                times.append(self.clock.now())
+                finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
+                await resp.write(encode_event(fmt.chunk(chunk.text, chunk.finish_reason)))
+                try:
+                    chunk = await anext(it)
+                except StopAsyncIteration:
+                    chunk = None
+            usage = usage or parsed.estimate_usage(len(times))
+            if parsed.include_usage:
+                await resp.write(encode_event(fmt.usage_chunk(usage)))
+        except SageLLMError as exc:
+            body = exc.to_openai()
+            await resp.write(encode_event(body))
+        except ConnectionResetError:
+            return  # the client went away; the caller closes the engine iterator
+        else:
+            self._observe(parsed, arrival, times, finish or "length", usage)
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write(DONE_EVENT)
+            await resp.write_eof()
+
+    def _observe(
+        self,
+        parsed: ParsedRequest,
+        arrival: float,
+        times: list[float],
+        finish: str,
+        usage: Usage,
+    ) -> None:
+        source = self._queue_source
+        queue = None if source is None else source.queue_time_s(parsed.req.request_id)
+        self.metrics.observe_request(arrival, times, finish, usage, queue_s=queue)
+
+    # --- information endpoints -----------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": self.version})
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self._created(),
+            "owned_by": "sage-llm",
+            "root": self.model_name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [],
+        }
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        try:
+            stats = await self.engine.stats()
+        except SageLLMError as exc:
+            return _error(exc)
+        return web.Response(
+            body=self.metrics.render(stats),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def _load(self) -> tuple[int, int, int]:
+        stats = await self.engine.stats()
+        used = 0
+        if stats.num_gpu_blocks and stats.block_size:
+            used = round(stats.kv_usage * stats.num_gpu_blocks * stats.block_size)
+        return stats.running, stats.waiting, used
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        try:
+            running, waiting, used = await self._load()
+        except SageLLMError as exc:
+            return _error(exc)
+        entry = {
+            "dp_rank": 0,
+            "num_reqs": running + waiting,
+            "num_waiting_reqs": waiting,
+            "num_tokens": used,
+            "load": running + waiting,
+        }
+        return web.json_response([entry])
+
+    async def load(self, request: web.Request) -> web.Response:
+        try:
+            running, waiting, _ = await self._load()
+        except SageLLMError as exc:
+            return _error(exc)
+        return web.json_response({"server_load": running + waiting})
+
+    def _model_info(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_name,
+            "tokenizer_path": self.model_name,
+            "served_model_name": self.model_name,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": "sage-sim",
+            "architectures": ["SimulatedForCausalLM"],
+            "max_model_len": self.max_model_len,
+        }
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self._model_info())
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        try:
+            stats = await self.engine.stats()
+        except SageLLMError as exc:
+            return _error(exc)
+        capacity = (stats.num_gpu_blocks or 0) * (stats.block_size or 0)
+        info = {
+            "model_path": self.model_name,
+            "served_model_name": self.model_name,
+            "tokenizer_path": self.model_name,
+            "version": self.version,
+            "dp_size": 1,
+            "tp_size": 1,
+            "context_length": self.max_model_len,
+            "max_total_num_tokens": capacity,
+            "max_total_tokens": capacity,
+            "page_size": stats.block_size or 1,
+            "disaggregation_mode": "null",
+            "internal_states": [{"load": stats.running + stats.waiting}],
+            "engine": "sage-llm-sim",
+            "vllm_config": f"model={self.model_name!r}, max_model_len={self.max_model_len}",
+        }
+        return web.json_response(info)
+
+    # --- tokenizer endpoints -------------------------------------------------------------
+
+    def _learn(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in tokens.split(text):
+            tid = tokens.token_id(piece)
+            ids.append(tid)
+            if tid not in self._pieces:
+                if len(self._pieces) >= _PIECE_CACHE_LIMIT:
+                    del self._pieces[next(iter(self._pieces))]
+                self._pieces[tid] = piece
+        return ids
+
+    def _prompt_text(self, body: Mapping[str, Any]) -> str | list[int]:
+        check_model(body.get("model"), self.model_name)
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise InvalidRequestError("messages must be a list of objects", param="messages")
+            return tokens.chat_prompt_text(messages)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            return [int(t) for t in prompt]
+        raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            prompt = self._prompt_text(body)
+        except SageLLMError as exc:
+            return _error(exc)
+        ids = self._learn(prompt) if isinstance(prompt, str) else prompt
+        out: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+            "token_strs": None,
+        }
+        if body.get("return_token_strs") and isinstance(prompt, str):
+            out["token_strs"] = tokens.split(prompt)
+        return web.json_response(out)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise InvalidRequestError("tokens must be a list of integers", param="tokens")
+            unknown = [t for t in ids if t not in self._pieces]
+            if unknown:
+                raise InvalidRequestError(
+                    f"token ids {unknown[:5]} are unknown: the simulated tokenizer can only "
+                    "detokenize ids of text this server has tokenized",
+                    param="tokens",
+                )
+        except SageLLMError as exc:
+            return _error(exc)
+        return web.json_response({"prompt": "".join(self._pieces[t] for t in ids)})
+
+    async def render(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            prompt = self._prompt_text(body)
+        except SageLLMError as exc:
+            return _error(exc)
+        ids = self._learn(prompt) if isinstance(prompt, str) else prompt
+        text = prompt if isinstance(prompt, str) else None
+        return web.json_response(
+            {"model": self.model_name, "prompt": text, "token_ids": ids, "features": None}
+        )
+
+
+def create_engine_app(
+    engine: EngineClient,
+    *,
+    model_name: str,
+    clock: Clock | None = None,
+    max_model_len: int | None = None,
+) -> web.Application:
+    """An aiohttp application serving ``engine`` as model ``model_name`` with vLLM's API.
+
+    ``clock`` times the latency histograms (default: the clock of the running loop);
+    ``max_model_len`` bounds prompt + max_tokens (unbounded when None).
+    """
+    if not model_name:
+        raise ValueError("model_name must not be empty")
+    if max_model_len is not None and max_model_len <= 0:
+        raise ValueError("max_model_len must be positive")
+    srv = _EngineServer(engine, model_name, clock, max_model_len)
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/v1/completions", srv.completions)
+    app.router.add_post("/v1/chat/completions", srv.chat)
+    app.router.add_post("/v1/completions/render", srv.render)
+    app.router.add_post("/v1/chat/completions/render", srv.render)
+    app.router.add_get("/v1/models", srv.models)
+    app.router.add_get("/health", srv.health)
+    app.router.add_get("/version", srv.version_info)
+    app.router.add_get("/metrics", srv.metrics_text)
+    app.router.add_post("/tokenize", srv.tokenize)
+    app.router.add_post("/detokenize", srv.detokenize)
+    app.router.add_get("/get_load", srv.get_load)
+    app.router.add_get("/load", srv.load)
+    for path in ("/get_server_info", "/server_info"):
+        app.router.add_get(path, srv.server_info)
+    for path in ("/get_model_info", "/model_info"):
+        app.router.add_get(path, srv.model_info)
+    return app
+
+
+async def start_engine_server(
+    engine: EngineClient,
+    *,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    clock: Clock | None = None,
+    max_model_len: int | None = None,
+    shutdown_timeout: float = 5.0,
+) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the bound
+    port (``port=0`` picks a free one). Handlers are cancelled when their client goes."""
+    app = create_engine_app(engine, model_name=model_name, clock=clock, max_model_len=max_model_len)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = int(runner.addresses[0][1])
+    return runner, bound
+
+
+async def serve_engine(
+    engine: EngineClient,
+    *,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    clock: Clock | None = None,
+    max_model_len: int | None = None,
+) -> None:
+    """Serve ``engine`` until the calling task is cancelled."""
+    runner, _ = await start_engine_server(
+        engine, model_name=model_name, host=host, port=port, clock=clock,
+        max_model_len=max_model_len,
+    )  # fmt: skip
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+__all__ = [
+    "ReportsQueueTime",
+    "create_engine_app",
+    "serve_engine",
+    "start_engine_server",
+]

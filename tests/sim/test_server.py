@@ -1,0 +1,358 @@
+"""The engine HTTP server: OpenAI/vLLM wire format, PD legs, probes and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from sage_llm.engines.metrics_scrape import parse_prometheus_text
+from sage_llm.errors import AdmissionError, EngineError
+from sage_llm.sim.server import create_engine_app, start_engine_server
+from tests.engines.fake_engine import MODEL, FakeEngine, ManualClock, start_app
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def base(fake: FakeEngine) -> AsyncIterator[str]:
+    runner, port = await start_engine_server(
+        fake, model_name=MODEL, max_model_len=64, shutdown_timeout=1.0
+    )
+    yield f"http://127.0.0.1:{port}"
+    fake.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def oai(base: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any, **headers: str) -> tuple[int, Any]:
+    async with http.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def sse_events(http: aiohttp.ClientSession, url: str, body: Any) -> list[str]:
+    async with http.post(url, json=body, headers={"X-Request-Id": "rid"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        text = (await resp.read()).decode()
+    assert text.endswith("\n\n")
+    return [block.removeprefix("data: ") for block in text.strip().split("\n\n")]
+
+
+# --- OpenAI client compatibility ---------------------------------------------------------
+
+
+async def test_openai_client_streams_completions(oai: openai.AsyncOpenAI) -> None:
+    stream = await oai.completions.create(
+        model=MODEL, prompt="Hello there", max_tokens=4, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    texts: list[str] = []
+    usage: openai.types.CompletionUsage | None = None
+    finishes: list[str | None] = []
+    async for chunk in stream:
+        if chunk.choices:
+            texts.append(chunk.choices[0].text)
+            finishes.append(chunk.choices[0].finish_reason)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(texts) == " w0 w1 w2 w3"
+    assert finishes == [None, None, None, "length"]
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (2, 4)
+
+
+async def test_openai_client_streams_chat(oai: openai.AsyncOpenAI) -> None:
+    stream = await oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    roles, texts, usage = [], [], None
+    async for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        for choice in chunk.choices:
+            roles.append(choice.delta.role)
+            texts.append(choice.delta.content or "")
+        usage = chunk.usage or usage
+    assert roles[0] == "assistant"
+    assert "".join(texts) == " w0 w1 w2"
+    assert usage is not None and usage.completion_tokens == 3
+
+
+async def test_openai_client_non_streaming(oai: openai.AsyncOpenAI, fake: FakeEngine) -> None:
+    fake.cached_tokens = 2
+    done = await oai.completions.create(model=MODEL, prompt="a b c", max_tokens=2)
+    assert done.choices[0].text == " w0 w1"
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.total_tokens == 5
+    chat = await oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1
+    )
+    assert chat.choices[0].message.content == " w0"
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens_details is not None
+    assert chat.usage.prompt_tokens_details.cached_tokens == 2
+
+
+async def test_openai_client_sees_typed_errors(oai: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await oai.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        await oai.completions.create(model=MODEL, prompt="x", max_tokens=0)
+
+
+# --- wire format --------------------------------------------------------------------------
+
+
+async def test_stream_chunks_follow_vllm_format(
+    base: str, http: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    body = {"model": MODEL, "prompt": "p q", "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}, "seed": 1}  # fmt: skip
+    events = await sse_events(http, f"{base}/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    objs = [json.loads(e) for e in events[:-1]]
+    for obj in objs:
+        assert obj["id"] == "cmpl-rid" and obj["object"] == "text_completion"
+        assert obj["model"] == MODEL and isinstance(obj["created"], int)
+    assert [o["choices"][0]["text"] for o in objs[:2]] == [" w0", " w1"]
+    assert [o["choices"][0]["finish_reason"] for o in objs[:2]] == [None, "length"]
+    assert objs[2]["choices"] == []
+    assert objs[2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert fake.requests[-1].request_id == "rid"
+    assert dict(fake.requests[-1].extra) == {"seed": 1}
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            "stream": True}  # fmt: skip
+    events = await sse_events(http, f"{base}/v1/chat/completions", body)
+    objs = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in o for o in objs)
+    assert [o["choices"][0]["delta"] for o in objs] == [
+        {"role": "assistant", "content": ""}, {"content": " w0"}, {"content": " w1"},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL, "max_tokens": 1}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": 5}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 64}, "max_tokens"),
+        ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+    ],
+)
+async def test_validation_errors_are_openai_400s(
+    base: str, http: aiohttp.ClientSession, body: dict[str, Any], param: str
+) -> None:
+    status, err = await post(http, f"{base}/v1/completions", body)
+    assert status == 400
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert (err["error"]["type"], err["error"]["param"]) == ("invalid_request_error", param)
+
+
+async def test_bad_json_and_unknown_model(base: str, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{base}/v1/completions", data=b"{nope") as resp:
+        assert resp.status == 400
+    status, err = await post(http, f"{base}/v1/chat/completions",
+                             {"model": "other", "messages": [{"role": "user"}]})  # fmt: skip
+    assert status == 404
+    assert err["error"]["param"] == "model" and "other" in err["error"]["message"]
+
+
+async def test_engine_error_before_output_keeps_its_status(
+    http: aiohttp.ClientSession,
+) -> None:
+    fake = FakeEngine(fail_with=AdmissionError("queue full"))
+    runner, port = await start_app(create_engine_app(fake, model_name=MODEL))
+    try:
+        body = {"prompt": "x", "stream": True}
+        status, err = await post(http, f"http://127.0.0.1:{port}/v1/completions", body)
+        assert status == 429 and err["error"]["message"] == "queue full"
+    finally:
+        await runner.cleanup()
+
+
+async def test_engine_error_mid_stream_is_an_error_event(http: aiohttp.ClientSession) -> None:
+    fake = FakeEngine(fail_with=EngineError("lost", retryable=False), fail_after=1)
+    runner, port = await start_app(create_engine_app(fake, model_name=MODEL))
+    try:
+        body = {"prompt": "x", "max_tokens": 3, "stream": True}
+        events = await sse_events(http, f"http://127.0.0.1:{port}/v1/completions", body)
+        assert json.loads(events[0])["choices"][0]["text"] == " w0"
+        assert json.loads(events[1])["error"]["message"] == "lost"
+        assert events[2] == "[DONE]"
+    finally:
+        await runner.cleanup()
+
+
+async def test_client_disconnect_closes_engine_iterator(http: aiohttp.ClientSession) -> None:
+    fake = FakeEngine(gate_after=1)
+    runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        body = {"prompt": "x", "max_tokens": 5, "stream": True}
+        resp = await http.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+        assert b" w0" in await resp.content.readuntil(b"\n\n")
+        await asyncio.wait_for(fake.gated.wait(), timeout=10)
+        resp.close()
+        await asyncio.wait_for(fake.aborted_event.wait(), timeout=10)
+        assert fake.aborted == [fake.requests[0].request_id] and fake.finished == []
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
+# --- PD legs ------------------------------------------------------------------------------
+
+
+async def test_prefill_leg_answers_one_token_with_kv_transfer_params(
+    base: str, http: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    body = {"model": MODEL, "prompt": "long prompt here", "max_tokens": 1, "stream": False,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
+                                   "remote_engine_id": None, "remote_block_ids": None,
+                                   "remote_host": None, "remote_port": None}}  # fmt: skip
+    status, out = await post(http, f"{base}/v1/completions", body, **{"X-Request-Id": "pd"})
+    assert status == 200
+    assert out["kv_transfer_params"]["remote_request_id"] == "pd"
+    assert out["kv_transfer_params"]["do_remote_prefill"] is True
+    assert out["choices"][0]["text"] == " w0"
+    assert out["usage"]["completion_tokens"] == 1 and out["usage"]["prompt_tokens"] == 3
+    assert [r.request_id for r in fake.prefills] == ["pd"] and fake.requests == []
+
+
+async def test_decode_leg_hands_params_to_generate(
+    base: str, http: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    params = {"do_remote_prefill": True, "remote_block_ids": [1], "remote_engine_id": "e"}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "kv_transfer_params": params}
+    status, out = await post(http, f"{base}/v1/completions", body)
+    assert status == 200 and out["choices"][0]["text"] == " w0 w1"
+    assert fake.requests[-1].kv_transfer_params == params
+
+
+# --- probe endpoints ----------------------------------------------------------------------
+
+
+async def test_information_endpoints(base: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{base}/health") as resp:
+        assert resp.status == 200
+    status, version = await get(http, f"{base}/version")
+    assert status == 200 and isinstance(version["version"], str)
+    _, models = await get(http, f"{base}/v1/models")
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == 64
+    _, load = await get(http, f"{base}/get_load")
+    assert load == [{"dp_rank": 0, "num_reqs": 2, "num_waiting_reqs": 2, "num_tokens": 4000,
+                     "load": 2}]  # fmt: skip
+    _, server_load = await get(http, f"{base}/load")
+    assert server_load == {"server_load": 2}
+    for path in ("/get_server_info", "/server_info"):
+        status, info = await get(http, base + path)
+        assert status == 200
+        assert (info["model_path"], info["dp_size"], info["max_total_num_tokens"]) == (
+            MODEL, 1, 16000,
+        )  # fmt: skip
+    for path in ("/get_model_info", "/model_info"):
+        status, info = await get(http, base + path)
+        assert status == 200 and info["model_path"] == MODEL and info["is_generation"] is True
+
+
+async def test_tokenize_detokenize_and_render(base: str, http: aiohttp.ClientSession) -> None:
+    status, tok = await post(http, f"{base}/tokenize", {"model": MODEL, "prompt": "Hello, world"})
+    assert status == 200 and tok["count"] == 3 and tok["max_model_len"] == 64
+    status, detok = await post(http, f"{base}/detokenize", {"tokens": tok["tokens"]})
+    assert status == 200 and detok == {"prompt": "Hello, world"}
+    status, err = await post(http, f"{base}/detokenize", {"tokens": [1]})
+    assert status == 400 and err["error"]["param"] == "tokens"
+    status, rendered = await post(http, f"{base}/v1/completions/render", {"prompt": "Hello"})
+    assert status == 200 and rendered["token_ids"] == tok["tokens"][:1]
+    chat = {"messages": [{"role": "user", "content": "Hello"}]}
+    status, rendered = await post(http, f"{base}/v1/chat/completions/render", chat)
+    assert status == 200 and "<|user|> Hello" in rendered["prompt"]
+    assert len(rendered["token_ids"]) > 1
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+async def test_metrics_use_vllm_names_and_server_timings(http: aiohttp.ClientSession) -> None:
+    clock = ManualClock(100.0)
+    fake = FakeEngine(clock=clock, step_s=0.5)
+    fake.queue_times["m1"] = 0.25
+    runner, port = await start_app(create_engine_app(fake, model_name=MODEL, clock=clock))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = {"prompt": "x", "max_tokens": 3, "stream": True}
+        await sse_events(http, f"{url}/v1/completions", body)  # request id "rid"
+        status, _ = await post(http, f"{url}/v1/completions", {"prompt": "x", "max_tokens": 2},
+                               **{"X-Request-Id": "m1"})  # fmt: skip
+        assert status == 200
+        async with http.get(f"{url}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            samples = parse_prometheus_text(await resp.text())
+    finally:
+        await runner.cleanup()
+
+    def one(name: str) -> float:
+        ((labels, value),) = samples[name]
+        assert labels["model_name"] == MODEL
+        return value
+
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total",
+                 "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):  # fmt: skip
+        assert name in samples
+    assert one("vllm:num_requests_waiting") == 2.0
+    assert one("vllm:generation_tokens_total") == 300.0
+    ((info, _),) = samples["vllm:cache_config_info"]
+    assert (info["block_size"], info["num_gpu_blocks"]) == ("16", "1000")
+    # Request 1: chunks at +0.5, +1.0, +1.5; request 2: at +0.5, +1.0.
+    assert one("vllm:time_to_first_token_seconds_count") == 2.0
+    assert one("vllm:time_to_first_token_seconds_sum") == 1.0
+    assert one("vllm:inter_token_latency_seconds_count") == 3.0
+    assert one("vllm:inter_token_latency_seconds_sum") == 1.5
+    assert one("vllm:e2e_request_latency_seconds_sum") == 2.5
+    assert one("vllm:request_queue_time_seconds_count") == 1.0
+    assert one("vllm:request_queue_time_seconds_sum") == 0.25
+    ((labels, value),) = samples["vllm:request_success_total"]
+    assert (labels["finished_reason"], value) == ("length", 2.0)
+
+
+def test_app_factory_rejects_bad_arguments(fake: FakeEngine) -> None:
+    with pytest.raises(ValueError, match="model_name"):
+        create_engine_app(fake, model_name="")
+    with pytest.raises(ValueError, match="max_model_len"):
+        create_engine_app(fake, model_name=MODEL, max_model_len=0)
