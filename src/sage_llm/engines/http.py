@@ -1,0 +1,468 @@
+"""The HTTP engine client: vLLM, SGLang or any OpenAI-compatible server.
+
+One :class:`HTTPEngineClient` per instance, all sharing one ``aiohttp.ClientSession``
+(made with :func:`make_session` and owned by whoever made it). Requests are always
+streamed to the engine (``stream: true`` with ``stream_options.include_usage``) so the
+control plane sees tokens as they come and a cancelled consumer closes the connection,
+which is how vLLM and SGLang learn to abort a request.
+
+Errors (all :class:`~sage_llm.errors.EngineError`; ``retryable`` is True only while the
+engine has produced nothing for the request):
+
+* cannot connect, or the connection drops → :class:`~sage_llm.errors.EngineConnectionError`
+* HTTP status ≥ 400 → ``EngineError(status=...)``, retryable for 408, 429 and 5xx
+* a malformed stream, or one that ends without ``finish_reason`` →
+  :class:`~sage_llm.errors.EngineStreamError`
+* an ``error`` object inside the stream → ``EngineError``
+* a :class:`HTTPTimeouts` limit passed → :class:`~sage_llm.errors.EngineTimeoutError`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast, get_args
+
+import aiohttp
+
+from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle
+from sage_llm.engines.metrics_scrape import scrape_text_to_stats
+from sage_llm.engines.sse import (
+    SSEDecoder,
+    StreamAssembler,
+    chunks_from_completion,
+    error_from_body,
+    parse_usage,
+)
+from sage_llm.errors import (
+    EngineConnectionError,
+    EngineError,
+    EngineStreamError,
+    EngineTimeoutError,
+    InvalidRequestError,
+)
+from sage_llm.types import ExecutionInstance
+
+Dialect = Literal["vllm", "sglang", "openai"]
+_DIALECTS: tuple[str, ...] = get_args(Dialect)
+
+PD_INSTRUCTIONS = (
+    'start vLLM with --kv-transfer-config \'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\''
+)
+
+
+def prefill_kv_transfer_params() -> dict[str, Any]:
+    """The ``kv_transfer_params`` a vLLM PD prefill leg sends (a fresh dict each call)."""
+    return {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPTimeouts:
+    """Limits, in seconds; ``None`` means no limit.
+
+    ``connect_s`` bounds opening the TCP connection; ``first_token_s`` the time from sending
+    a request to its first output (and the whole of a PD prefill leg); ``idle_s`` the gap
+    between two reads of a stream once output has started; ``health_s`` a health probe;
+    ``request_s`` the other non-streaming calls (metrics, models, embeddings).
+    """
+
+    connect_s: float | None = 5.0
+    first_token_s: float | None = None
+    idle_s: float | None = None
+    health_s: float = 2.0
+    request_s: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "first_token_s", "idle_s", "health_s", "request_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"HTTPTimeouts.{name} must be positive or None, got {value!r}")
+
+
+def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.ClientSession:
+    """A client session for engine traffic: keep-alive connection pool (``limit`` connections
+    in all, 0 = unbounded), no total timeout (streams last as long as generation does),
+    TCP_NODELAY (aiohttp sets it on every connection). Call it inside a running event loop;
+    the caller owns the session and closes it."""
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
+    connector = aiohttp.TCPConnector(
+        limit=limit, limit_per_host=0, keepalive_timeout=keepalive_s, ttl_dns_cache=300
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        read_bufsize=1 << 18,
+        trust_env=False,
+    )
+
+
+def _retryable_status(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+class HTTPEngineClient:
+    """:class:`~sage_llm.engines.base.EngineClient` over HTTP for one engine instance.
+
+    ``dialect`` is ``vllm``, ``sglang`` or ``openai``; by default it is the instance's
+    ``engine`` field when that names one of them, else ``vllm``. Only the vLLM dialect runs
+    PD prefill legs (``kv_transfer_params``); SGLang PD passes its bootstrap fields in
+    ``EngineRequest.extra``.
+    """
+
+    def __init__(
+        self,
+        instance: ExecutionInstance,
+        session: aiohttp.ClientSession,
+        *,
+        dialect: str | None = None,
+        timeouts: HTTPTimeouts | None = None,
+    ) -> None:
+        chosen = dialect if dialect is not None else instance.engine
+        if chosen not in _DIALECTS:
+            if dialect is not None:
+                raise ValueError(f"unknown dialect {dialect!r}; expected one of {_DIALECTS}")
+            chosen = "vllm"
+        self._instance = instance
+        self._session = session
+        self._dialect = cast(Dialect, chosen)
+        self._timeouts = timeouts or HTTPTimeouts()
+        self._base = instance.base_url.rstrip("/")
+        self._sock_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._timeouts.connect_s
+        )
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance.instance_id
+
+    @property
+    def instance(self) -> ExecutionInstance:
+        return self._instance
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect
+
+    @property
+    def timeouts(self) -> HTTPTimeouts:
+        return self._timeouts
+
+    # --- request bodies ------------------------------------------------------------------
+
+    def request_body(self, req: EngineRequest, *, stream: bool = True) -> dict[str, Any]:
+        """The JSON body sent for ``req``: the sampling fields, ``req.extra`` unchanged, then
+        ``stream`` (with ``stream_options.include_usage`` when streaming) and
+        ``kv_transfer_params`` when set."""
+        body: dict[str, Any] = {"model": req.model or self._instance.model_name}
+        if req.messages is not None:
+            body["messages"] = [dict(m) for m in req.messages]
+        elif isinstance(req.prompt, str):
+            body["prompt"] = req.prompt
+        elif req.prompt is not None:
+            body["prompt"] = [int(t) for t in req.prompt]
+        else:
+            raise InvalidRequestError("request has neither prompt nor messages", param="prompt")
+        body["max_tokens"] = req.max_tokens
+        body["temperature"] = req.temperature
+        body["top_p"] = req.top_p
+        if req.stop:
+            body["stop"] = list(req.stop)
+        body.update(req.extra)
+        body["stream"] = stream
+        if stream:
+            options = body.get("stream_options")
+            merged = dict(options) if isinstance(options, Mapping) else {}
+            merged["include_usage"] = True
+            body["stream_options"] = merged
+        else:
+            body.pop("stream_options", None)
+        if req.kv_transfer_params is not None:
+            body["kv_transfer_params"] = dict(req.kv_transfer_params)
+        return body
+
+    def prefill_body(self, req: EngineRequest) -> dict[str, Any]:
+        """The body of a vLLM PD prefill leg (REFERENCE §2 step 2)."""
+        body = self.request_body(req.with_changes(kv_transfer_params=None), stream=False)
+        body["max_tokens"] = 1
+        if "max_completion_tokens" in body:
+            body["max_completion_tokens"] = 1
+        body.pop("min_tokens", None)
+        body["kv_transfer_params"] = prefill_kv_transfer_params()
+        return body
+
+    def _headers(self, request_id: str | None = None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        if self._instance.api_key:
+            headers["Authorization"] = f"Bearer {self._instance.api_key}"
+        return headers
+
+    @staticmethod
+    def _path(req: EngineRequest) -> str:
+        return "/v1/chat/completions" if req.api == "chat" else "/v1/completions"
+
+    # --- transport -----------------------------------------------------------------------
+
+    def _error(self, cls: type[EngineError], message: str, **kw: Any) -> EngineError:
+        return cls(f"{self.instance_id}: {message}", instance_id=self.instance_id, **kw)
+
+    def _deadline(self, seconds: float | None) -> float | None:
+        return None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request; return the response once its status is known to be < 400."""
+        url = self._base + path
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._session.request(
+                    method, url, json=body, headers=headers, timeout=self._sock_timeout
+                )
+        except TimeoutError:
+            raise self._error(EngineTimeoutError, f"{method} {path} timed out") from None
+        except aiohttp.ClientError as exc:
+            raise self._error(EngineConnectionError, f"{method} {path} failed: {exc}") from exc
+        except OSError as exc:
+            raise self._error(EngineConnectionError, f"{method} {path} failed: {exc}") from exc
+        if resp.status < 400:
+            return resp
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            raw = b""
+        finally:
+            resp.release()
+        message = error_from_body(raw) or resp.reason or "error"
+        raise self._error(
+            EngineError,
+            f"HTTP {resp.status} from {method} {path}: {message}",
+            status=resp.status,
+            retryable=_retryable_status(resp.status),
+        )
+
+    async def _read(
+        self, resp: aiohttp.ClientResponse, deadline: float | None, *, produced: bool
+    ) -> bytes:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await resp.content.readany()
+        except TimeoutError:
+            what = "between stream reads" if produced else "waiting for the first token"
+            raise self._error(
+                EngineTimeoutError, f"timed out {what}", retryable=not produced
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._error(
+                EngineConnectionError, f"stream broken: {exc}", retryable=not produced
+            ) from exc
+
+    async def _request_bytes(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None,
+    ) -> bytes:
+        deadline = self._deadline(timeout_s)
+        resp = await self._send(
+            method, path, body=body, headers=self._headers(request_id), deadline=deadline
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await resp.read()
+        except TimeoutError:
+            raise self._error(EngineTimeoutError, f"{method} {path} timed out") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._error(EngineConnectionError, f"{method} {path} failed: {exc}") from exc
+        finally:
+            resp.release()
+
+    async def _request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None,
+    ) -> Any:
+        raw = await self._request_bytes(
+            method, path, body=body, request_id=request_id, timeout_s=timeout_s
+        )
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise self._error(
+                EngineStreamError, f"{method} {path} returned invalid JSON", retryable=False
+            ) from None
+
+    # --- EngineClient --------------------------------------------------------------------
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream ``req`` from the engine. Close the iterator (``aclose``, or cancel the task
+        awaiting it) to abort: the HTTP connection is closed and the engine aborts."""
+        body = self.request_body(req, stream=True)
+        loop = asyncio.get_running_loop()
+        first_deadline = self._deadline(self._timeouts.first_token_s)
+        resp = await self._send(
+            "POST", self._path(req), body=body, headers=self._headers(req.request_id),
+            deadline=first_deadline,
+        )  # fmt: skip
+        clean = False
+        asm = StreamAssembler(req, self.instance_id)
+        try:
+            if resp.content_type == "application/json":
+                raw = await self._read_all(resp, first_deadline)
+                for chunk in chunks_from_completion(self._parse_json(raw), req, self.instance_id):
+                    yield chunk
+                clean = True
+                return
+            decoder = SSEDecoder()
+            idle = self._timeouts.idle_s
+            while True:
+                produced = asm.produced
+                if produced:
+                    deadline = None if idle is None else loop.time() + idle
+                else:
+                    deadline = first_deadline
+                data = await self._read(resp, deadline, produced=produced)
+                events = decoder.feed(data) if data else decoder.close()
+                for event in events:
+                    for chunk in asm.on_event(event.data):
+                        yield chunk
+                if asm.done or not data:
+                    break
+            for chunk in asm.finish():
+                yield chunk
+            clean = await self._drain(resp)
+        finally:
+            if clean:
+                resp.release()
+            else:
+                resp.close()
+
+    async def _read_all(self, resp: aiohttp.ClientResponse, deadline: float | None) -> bytes:
+        chunks: list[bytes] = []
+        while data := await self._read(resp, deadline, produced=False):
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def _parse_json(self, raw: bytes) -> Any:
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise self._error(EngineStreamError, "response is not valid JSON") from None
+
+    async def _drain(self, resp: aiohttp.ClientResponse) -> bool:
+        """After ``[DONE]``: read to the end so the connection can be reused."""
+        if resp.content.at_eof():
+            return True
+        deadline = self._deadline(self._timeouts.idle_s or self._timeouts.health_s)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while await resp.content.readany():
+                    pass
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+        return True
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        """Run the prefill leg of a vLLM PD request (REFERENCE §2); the handle's ``params``
+        are what the decode leg sends as ``kv_transfer_params``."""
+        if self._dialect != "vllm":
+            raise self._error(
+                EngineError,
+                f"the {self._dialect} dialect has no kv_transfer_params prefill leg",
+                retryable=False,
+            )
+        obj = await self._request_json(
+            "POST",
+            self._path(req),
+            body=self.prefill_body(req),
+            request_id=req.request_id,
+            timeout_s=self._timeouts.first_token_s,
+        )
+        if not isinstance(obj, dict):
+            raise self._error(EngineStreamError, "prefill response is not a JSON object")
+        err = error_from_body(obj)
+        if err is not None and "choices" not in obj:
+            raise self._error(EngineError, f"prefill failed: {err}", retryable=True)
+        params = obj.get("kv_transfer_params")
+        if not isinstance(params, dict):
+            raise self._error(
+                EngineError,
+                "prefill response has no kv_transfer_params: the engine is not configured "
+                f"for PD ({PD_INSTRUCTIONS})",
+                retryable=False,
+            )
+        usage = parse_usage(obj.get("usage"))
+        chunks = chunks_from_completion(obj, req, self.instance_id)
+        first = chunks[0] if chunks else None
+        return KVHandle(
+            instance_id=self.instance_id,
+            params=params,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            first_token=first,
+        )
+
+    async def health(self) -> bool:
+        """True when ``GET /health`` answers 200 within ``timeouts.health_s``; never raises."""
+        try:
+            async with asyncio.timeout(self._timeouts.health_s):
+                async with self._session.get(
+                    self._base + "/health", headers=self._headers(), timeout=self._sock_timeout
+                ) as resp:
+                    await resp.read()
+                    return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return False
+
+    async def stats(self) -> EngineStats:
+        """Scrape ``GET /metrics`` into :class:`EngineStats`; failures raise EngineError."""
+        raw = await self._request_bytes("GET", "/metrics", timeout_s=self._timeouts.request_s)
+        return scrape_text_to_stats(raw.decode("utf-8", errors="replace"))
+
+    async def embed(self, model: str, inputs: list[str]) -> dict[str, Any]:
+        """``POST /v1/embeddings``; the engine's JSON answer."""
+        obj = await self._request_json(
+            "POST",
+            "/v1/embeddings",
+            body={"model": model or self._instance.model_name, "input": list(inputs)},
+            timeout_s=self._timeouts.request_s,
+        )
+        if not isinstance(obj, dict):
+            raise self._error(EngineStreamError, "embeddings response is not a JSON object")
+        return obj
+
+    async def models(self) -> list[str]:
+        """Model ids the engine serves (``GET /v1/models``)."""
+        obj = await self._request_json("GET", "/v1/models", timeout_s=self._timeouts.request_s)
+        data = obj.get("data") if isinstance(obj, dict) else None
+        if not isinstance(data, list):
+            raise self._error(EngineStreamError, "models response has no data list")
+        return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+
+    async def aclose(self) -> None:
+        """Nothing to release: the shared session belongs to its creator."""

@@ -1,0 +1,585 @@
+"""HTTPEngineClient against real aiohttp servers on loopback (no mocked transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sage_llm.engines.base import Chunk, EngineRequest
+from sage_llm.engines.http import HTTPEngineClient, HTTPTimeouts, make_session
+from sage_llm.errors import (
+    EngineConnectionError,
+    EngineError,
+    EngineStreamError,
+    EngineTimeoutError,
+)
+from sage_llm.sim.server import start_engine_server
+from tests.engines.fake_engine import MODEL, FakeEngine, closed_port, start_app
+from tests.factories import make_instance
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    s = make_session()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def sim_port(fake: FakeEngine) -> AsyncIterator[int]:
+    runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
+    yield port
+    fake.release.set()
+    await runner.cleanup()
+
+
+def client_for(port: int, session: aiohttp.ClientSession, **kwargs: Any) -> HTTPEngineClient:
+    api_key = kwargs.pop("api_key", None)
+    inst = make_instance("eng-0", port=port, model_name=MODEL, api_key=api_key)
+    return HTTPEngineClient(inst, session, **kwargs)
+
+
+def completion_req(**kwargs: Any) -> EngineRequest:
+    kwargs.setdefault("request_id", "req-1")
+    kwargs.setdefault("model", MODEL)
+    if "messages" not in kwargs:
+        kwargs.setdefault("prompt", "The quick brown fox")
+    kwargs.setdefault("max_tokens", 5)
+    return EngineRequest(**kwargs)
+
+
+async def collect(client: HTTPEngineClient, req: EngineRequest) -> list[Chunk]:
+    return [c async for c in client.generate(req)]
+
+
+async def collect_into(got: list[Chunk], client: HTTPEngineClient, req: EngineRequest) -> None:
+    """Append chunks to ``got`` until the stream ends or raises."""
+    async for chunk in client.generate(req):
+        got.append(chunk)
+
+
+class Recorder:
+    """A raw aiohttp server whose handler is swapped per test; it records each request."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self.handler: Handler | None = None
+        self.disconnected = asyncio.Event()
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.paths.append(request.path)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        raw = await request.read()
+        self.bodies.append(json.loads(raw) if raw else None)
+        assert self.handler is not None
+        try:
+            return await self.handler(request)
+        except asyncio.CancelledError:
+            self.disconnected.set()
+            raise
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[tuple[Recorder, int]]:
+    rec = Recorder()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", rec.dispatch)
+    runner, port = await start_app(app)
+    yield rec, port
+    await runner.cleanup()
+
+
+async def sse(request: web.Request, events: list[bytes]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for event in events:
+        await resp.write(event)
+    await resp.write_eof()
+    return resp
+
+
+def ev(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def text_event(text: str, finish: str | None = None, index: int = 0) -> bytes:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    return ev({"id": "cmpl-x", "object": "text_completion", "choices": [choice]})
+
+
+USAGE = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+# --- against the simulated engine's server ------------------------------------------------
+
+
+async def test_completion_stream_concatenates_and_ends_with_usage(
+    sim_port: int, session: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    client = client_for(sim_port, session)
+    chunks = await collect(client, completion_req(max_tokens=5))
+    assert "".join(c.text for c in chunks) == " w0 w1 w2 w3 w4"
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 5)
+    assert all(c.usage is None and c.finish_reason is None for c in chunks[:-1])
+    assert last.raw is not None and last.raw["object"] == "text_completion"
+    assert fake.finished == ["req-1"]
+
+
+async def test_chat_stream_uses_chat_path_and_delta_content(
+    sim_port: int, session: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    client = client_for(sim_port, session)
+    req = completion_req(messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    chunks = await collect(client, req)
+    assert "".join(c.text for c in chunks) == " w0 w1 w2"
+    assert chunks[0].raw is not None and chunks[0].raw["object"] == "chat.completion.chunk"
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage is not None
+    assert fake.requests[-1].messages == [{"role": "user", "content": "hi"}]
+
+
+async def test_request_id_and_extra_fields_reach_the_engine(
+    sim_port: int, session: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    client = client_for(sim_port, session)
+    extra = {"seed": 7, "ignore_eos": True, "vendor": {"a": [1, 2], "b": None}}
+    await collect(client, completion_req(request_id="abc-123", extra=extra))
+    seen = fake.requests[-1]
+    assert seen.request_id == "abc-123"
+    assert dict(seen.extra) == extra
+
+
+async def test_decode_leg_passes_kv_transfer_params(
+    sim_port: int, session: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    params = {"do_remote_prefill": True, "remote_block_ids": [1, 2], "remote_engine_id": "p0"}
+    client = client_for(sim_port, session)
+    chunks = await collect(client, completion_req(kv_transfer_params=params))
+    assert chunks[-1].finish_reason == "length"
+    assert fake.requests[-1].kv_transfer_params == params
+
+
+async def test_prefill_against_simulated_server_returns_handle(
+    sim_port: int, session: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    client = client_for(sim_port, session)
+    handle = await client.prefill(completion_req(request_id="pd-1", max_tokens=50))
+    assert handle.instance_id == "eng-0"
+    assert handle.params["remote_block_ids"] == [3, 4, 5]
+    assert handle.params["remote_request_id"] == "pd-1"
+    assert handle.prompt_tokens == 4
+    assert handle.first_token is not None and handle.first_token.text == " w0"
+    assert [r.request_id for r in fake.prefills] == ["pd-1"]
+    assert fake.requests == []
+
+
+async def test_closing_consumer_mid_stream_aborts_on_the_engine(
+    session: aiohttp.ClientSession,
+) -> None:
+    gated = FakeEngine(gate_after=2)
+    runner, port = await start_engine_server(gated, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        client = client_for(port, session)
+        got: list[Chunk] = []
+        async with aclosing(client.generate(completion_req(max_tokens=10))) as stream:
+            async for chunk in stream:
+                got.append(chunk)
+                if len(got) == 2:
+                    break
+        await asyncio.wait_for(gated.aborted_event.wait(), timeout=10)
+        assert gated.aborted == ["req-1"] and gated.finished == []
+    finally:
+        gated.release.set()
+        await runner.cleanup()
+
+
+async def test_cancelling_consumer_task_aborts_on_the_engine(
+    session: aiohttp.ClientSession,
+) -> None:
+    gated = FakeEngine(gate_after=1)
+    runner, port = await start_engine_server(gated, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        client = client_for(port, session)
+        task = asyncio.create_task(collect(client, completion_req(max_tokens=10)))
+        await asyncio.wait_for(gated.gated.wait(), timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(gated.aborted_event.wait(), timeout=10)
+        assert gated.aborted == ["req-1"]
+    finally:
+        gated.release.set()
+        await runner.cleanup()
+
+
+async def test_health_stats_and_models(sim_port: int, session: aiohttp.ClientSession) -> None:
+    client = client_for(sim_port, session)
+    assert await client.health() is True
+    stats = await client.stats()
+    assert stats.source == "vllm"
+    assert (stats.waiting, stats.kv_usage, stats.num_gpu_blocks, stats.block_size) == (
+        2, 0.25, 1000, 16,
+    )  # fmt: skip
+    assert stats.prefix_hit_rate == pytest.approx(0.4)
+    assert await client.models() == [MODEL]
+
+
+# --- wire format, against a recording server ----------------------------------------------
+
+
+async def test_stream_body_and_headers_exactly(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(r, [text_event("a"), text_event("b", "stop"), ev(
+        {"choices": [], "usage": USAGE})])  # fmt: skip
+    client = client_for(port, session, api_key="sk-test")
+    extra = {"seed": 3, "logprobs": 2, "stream_options": {"continuous_usage_stats": False}}
+    req = completion_req(request_id="rid-9", stop=("\n",), extra=extra, temperature=0.5)
+    await collect(client, req)
+    assert rec.paths == ["/v1/completions"]
+    assert rec.bodies[0] == {
+        "model": MODEL,
+        "prompt": "The quick brown fox",
+        "max_tokens": 5,
+        "temperature": 0.5,
+        "top_p": 1.0,
+        "stop": ["\n"],
+        "seed": 3,
+        "logprobs": 2,
+        "stream": True,
+        "stream_options": {"continuous_usage_stats": False, "include_usage": True},
+    }
+    assert rec.headers[0]["x-request-id"] == "rid-9"
+    assert rec.headers[0]["authorization"] == "Bearer sk-test"
+
+
+async def test_prefill_leg_body_matches_vllm_protocol(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    kv = {"do_remote_prefill": True, "remote_engine_id": "e1", "remote_block_ids": [7]}
+    answer = {
+        "id": "cmpl-x",
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "Hi", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10,
+                  "prompt_tokens_details": {"cached_tokens": 4}},
+        "kv_transfer_params": kv,
+    }  # fmt: skip
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response(answer)
+
+    rec.handler = reply
+    client = client_for(port, session)
+    extra = {"min_tokens": 5, "max_completion_tokens": 64, "stream_options": {"x": 1}, "seed": 1}
+    handle = await client.prefill(completion_req(request_id="pd-7", extra=extra, max_tokens=64))
+    body = rec.bodies[0]
+    assert body["max_tokens"] == 1
+    assert body["max_completion_tokens"] == 1
+    assert "min_tokens" not in body
+    assert body["stream"] is False
+    assert "stream_options" not in body
+    assert body["seed"] == 1
+    assert body["kv_transfer_params"] == {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+    assert rec.headers[0]["x-request-id"] == "pd-7"
+    assert handle.params == kv
+    assert (handle.prompt_tokens, handle.cached_tokens) == (9, 4)
+    assert handle.first_token is not None and handle.first_token.text == "Hi"
+
+
+async def test_prefill_without_kv_transfer_params_explains_configuration(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        choice = {"index": 0, "text": "x", "finish_reason": "length"}
+        return web.json_response({"choices": [choice], "usage": USAGE})
+
+    rec.handler = reply
+    with pytest.raises(EngineError, match="--kv-transfer-config") as info:
+        await client_for(port, session).prefill(completion_req())
+    assert info.value.retryable is False
+
+
+async def test_usage_chunk_after_finish_is_merged_into_last_chunk(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    usage = {**USAGE, "prompt_tokens_details": {"cached_tokens": 3}}
+    rec.handler = lambda r: sse(r, [text_event("x"), text_event("y", "stop"), ev(
+        {"choices": [], "usage": usage}), b"data: [DONE]\n\n"])  # fmt: skip
+    chunks = await collect(client_for(port, session), completion_req())
+    assert [c.text for c in chunks] == ["x", "y"]
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.completion_tokens, chunks[-1].usage.cached_tokens) == (2, 3)
+
+
+async def test_missing_usage_is_estimated(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(r, [text_event("x"), text_event("y"), text_event("z", "stop"),
+                                    b"data: [DONE]\n\n"])  # fmt: skip
+    chunks = await collect(client_for(port, session), completion_req(prompt="one two three"))
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 3)
+
+
+async def test_events_split_into_single_bytes_still_parse(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    payload = b"".join([text_event("h\u00e9"), text_event("llo", "stop"), b"data: [DONE]\r\n\r\n"])
+    rec.handler = lambda r: sse(r, [payload[i : i + 1] for i in range(len(payload))])
+    chunks = await collect(client_for(port, session), completion_req())
+    assert "".join(c.text for c in chunks) == "h\u00e9llo"
+
+
+async def test_json_answer_to_a_stream_request_is_accepted(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        choice = {"index": 0, "message": {"content": "whole"}, "finish_reason": "stop"}
+        return web.json_response({"choices": [choice], "usage": USAGE})
+
+    rec.handler = reply
+    req = completion_req(messages=[{"role": "user", "content": "x"}])
+    chunks = await collect(client_for(port, session), req)
+    assert rec.paths == ["/v1/chat/completions"]
+    assert [(c.text, c.finish_reason) for c in chunks] == [("whole", "stop")]
+    assert chunks[0].usage is not None and chunks[0].usage.total_tokens == 6
+
+
+async def test_embed_posts_inputs_and_returns_json(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    answer = {"object": "list", "data": [{"index": 0, "embedding": [0.5]}]}
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response(answer)
+
+    rec.handler = reply
+    assert await client_for(port, session).embed("emb", ["a", "b"]) == answer
+    assert rec.bodies[0] == {"model": "emb", "input": ["a", "b"]}
+    assert rec.paths == ["/v1/embeddings"]
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(500, True), (503, True), (429, True), (400, False), (404, False)]
+)
+async def test_http_status_errors(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, retryable: bool
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        body = {"error": {"message": f"engine says {status}", "type": "x", "code": status}}
+        return web.json_response(body, status=status)
+
+    rec.handler = reply
+    with pytest.raises(EngineError, match=f"engine says {status}") as info:
+        await collect(client_for(port, session), completion_req())
+    assert type(info.value) is EngineError
+    assert (info.value.status, info.value.retryable) == (status, retryable)
+    assert info.value.instance_id == "eng-0"
+
+
+async def test_plain_text_error_body_is_the_message(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=502, text="bad gateway upstream")
+
+    rec.handler = reply
+    with pytest.raises(EngineError, match="bad gateway upstream") as info:
+        await collect(client_for(port, session), completion_req())
+    assert info.value.retryable is True
+
+
+async def test_connection_refused_is_retryable(session: aiohttp.ClientSession) -> None:
+    client = client_for(closed_port(), session)
+    with pytest.raises(EngineConnectionError) as info:
+        await collect(client, completion_req())
+    assert info.value.retryable is True
+    with pytest.raises(EngineConnectionError):
+        await client.prefill(completion_req())
+    with pytest.raises(EngineError):
+        await client.stats()
+    assert await client.health() is False
+
+
+async def test_health_is_false_on_error_status(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503)
+
+    rec.handler = reply
+    assert await client_for(port, session).health() is False
+
+
+async def test_malformed_json_before_output_is_retryable_stream_error(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(r, [b"data: {not json\n\n"])
+    with pytest.raises(EngineStreamError) as info:
+        await collect(client_for(port, session), completion_req())
+    assert info.value.retryable is True
+
+
+async def test_malformed_json_after_output_is_not_retryable(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(r, [text_event("a"), b"data: [1, 2\n\n"])
+    got: list[Chunk] = []
+    with pytest.raises(EngineStreamError) as info:
+        await collect_into(got, client_for(port, session), completion_req())
+    assert [c.text for c in got] == ["a"]
+    assert info.value.retryable is False
+
+
+async def test_stream_truncated_without_finish_reason(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(r, [text_event("a"), text_event("b")])
+    got: list[Chunk] = []
+    with pytest.raises(EngineStreamError, match="without a finish_reason") as info:
+        await collect_into(got, client_for(port, session), completion_req())
+    assert [c.text for c in got] == ["a", "b"]
+    assert info.value.retryable is False
+
+
+async def test_error_event_inside_stream(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    err = {"error": {"message": "KV cache exhausted", "type": "x", "code": 500}}
+    rec.handler = lambda r: sse(r, [ev(err), b"data: [DONE]\n\n"])
+    with pytest.raises(EngineError, match="KV cache exhausted") as info:
+        await collect(client_for(port, session), completion_req())
+    assert not isinstance(info.value, EngineStreamError)
+    assert (info.value.status, info.value.retryable) == (500, True)
+
+
+async def test_connection_dropped_mid_stream(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def drop(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_event("a"))
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    rec.handler = drop
+    got: list[Chunk] = []
+    with pytest.raises(EngineConnectionError) as info:
+        await collect_into(got, client_for(port, session), completion_req())
+    assert [c.text for c in got] == ["a"]
+    assert info.value.retryable is False
+
+
+async def test_first_token_timeout(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    rec.handler = hang
+    client = client_for(port, session, timeouts=HTTPTimeouts(first_token_s=0.05))
+    with pytest.raises(EngineTimeoutError) as info:
+        await collect(client, completion_req())
+    assert info.value.retryable is True
+    await asyncio.wait_for(rec.disconnected.wait(), timeout=10)
+
+
+async def test_idle_timeout_after_output(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    never = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_event("a"))
+        await never.wait()
+        return resp
+
+    rec.handler = stall
+    client = client_for(port, session, timeouts=HTTPTimeouts(idle_s=0.05))
+    got: list[Chunk] = []
+    with pytest.raises(EngineTimeoutError) as info:
+        await collect_into(got, client, completion_req())
+    assert [c.text for c in got] == ["a"]
+    assert info.value.retryable is False
+    await asyncio.wait_for(rec.disconnected.wait(), timeout=10)
+
+
+async def test_prefill_is_vllm_only(session: aiohttp.ClientSession) -> None:
+    client = client_for(closed_port(), session, dialect="sglang")
+    with pytest.raises(EngineError, match="sglang") as info:
+        await client.prefill(completion_req())
+    assert info.value.retryable is False
+
+
+def test_bad_dialect_and_timeouts_are_rejected() -> None:
+    with pytest.raises(ValueError, match="dialect"):
+        HTTPEngineClient(make_instance(), None, dialect="tgi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="first_token_s"):
+        HTTPTimeouts(first_token_s=0)
+
+
+def test_dialect_defaults_to_instance_engine() -> None:
+    inst = make_instance(engine="sglang")
+    assert HTTPEngineClient(inst, None).dialect == "sglang"  # type: ignore[arg-type]
+    assert HTTPEngineClient(make_instance(engine="sim"), None).dialect == "vllm"  # type: ignore[arg-type]
