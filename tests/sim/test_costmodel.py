@@ -297,3 +297,15 @@ def test_load_specs_toml_errors(tmp_path: Path, text: str, key: str) -> None:
         load_specs_toml(path)
     assert err.value.key == key
     assert str(path) in (err.value.location or "")
+
+
+def test_pipeline_never_beats_one_gpu_on_a_memory_bound_step() -> None:
+    one = RooflineCostModel.from_names("h100", "llama-3-8b")
+    pp4 = RooflineCostModel.from_names("h100", "llama-3-8b", pp=4)
+    decode = [500] * 16
+    assert pp4.step_time([], decode) == pytest.approx(one.step_time([], decode), rel=0.01)
+    # Compute-bound with 4 sequences: 4 micro-batches, 7 slots of 1/16 of the work each.
+    prefill = [(2048, 0)] * 4
+    assert pp4.step_time(prefill, []) == pytest.approx(
+        one.step_time(prefill, []) * 7 / 16, rel=0.05
+    )

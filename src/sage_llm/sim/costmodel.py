@@ -72,8 +72,9 @@ class RooflineCostModel:
       measured per-layer times near the ridge point, see docs/simulator.md).
     * TP > 1 adds two ring all-reduces of the activations per layer over NVLink (or PCIe),
       on the critical path (not overlapped with compute).
-    * PP > 1 splits the batch into ``min(pp, sequences)`` micro-batches that flow through
-      ``pp`` stages (GPipe schedule: ``micro_batches + pp − 1`` stage slots).
+    * PP > 1 splits the batch into ``m ≤ min(pp, sequences)`` micro-batches (the ``m`` with
+      the shortest step) that flow through ``pp`` stages on a GPipe schedule:
+      ``m + pp − 1`` stage slots, each the roofline time of one micro-batch on one stage.
     """
 
     gpu: GPUSpec
@@ -148,6 +149,19 @@ class RooflineCostModel:
         per_call = 2 * (self.tp - 1) / self.tp * payload / (self.gpu.interconnect_gbps * 1e9)
         return 2 * layers * (per_call + self.allreduce_latency_s)
 
+    def _pipeline_s(
+        self, flops: float, weights: float, kv_bytes: float, tokens: int, micro: int
+    ) -> float:
+        """The batch split into ``micro`` micro-batches flowing through ``pp`` stages."""
+        pp = self.pp
+        slot_compute = flops / (pp * micro) / self._flops_rate()
+        slot_memory = (weights / pp + kv_bytes / (pp * micro)) / self._bytes_rate()
+        total = (micro + pp - 1) * _soft_max(slot_compute, slot_memory, self.sharpness)
+        if pp > 1:
+            hop = tokens / micro * self.model.hidden_size * self.model.dtype_bytes
+            total += (pp - 1) * micro * hop / (self.gpu.interconnect_gbps * 1e9)
+        return total
+
     def per_layer_time_s(self, tokens_in_batch: int) -> float:
         """Time of the non-attention part of one layer (projections and MLP) for a batch of
         ``tokens_in_batch`` tokens, on this model's TP group."""
@@ -187,14 +201,10 @@ class RooflineCostModel:
         weights = self._weight_bytes_touched(tokens)
         kv_bytes = float(kv_read_tokens + tokens) * m.kv_bytes_per_token
 
-        micro = min(self.pp, seqs)
-        slot_compute = flops / (self.pp * micro) / self._flops_rate()
-        slot_memory = (weights / self.pp + kv_bytes / (self.pp * micro)) / self._bytes_rate()
-        slot = _soft_max(slot_compute, slot_memory, self.sharpness)
-        pipeline = (micro + self.pp - 1) * slot
-        if self.pp > 1:
-            hop = tokens / micro * m.hidden_size * m.dtype_bytes
-            pipeline += (self.pp - 1) * hop / (self.gpu.interconnect_gbps * 1e9)
+        pipeline = min(
+            self._pipeline_s(flops, weights, kv_bytes, tokens, micro)
+            for micro in range(1, min(self.pp, seqs) + 1)
+        )
         return pipeline + self._allreduce_s(tokens, m.num_layers) + self.overhead_s
 
 
