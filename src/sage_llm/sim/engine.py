@@ -1,0 +1,368 @@
+"""The simulated engine as an :class:`~sage_llm.engines.base.EngineClient`.
+
+:class:`SimEngine` wraps a :class:`~sage_llm.sim.core.SimEngineCore` with one background
+step loop per engine (started lazily inside the running event loop, stopped by
+:meth:`SimEngine.aclose`): while there is work it runs a step, sleeps for the step's
+duration, then hands the new tokens to the per-request streams. Under
+:func:`sage_llm.sim.run_virtual` the sleeps cost no real time.
+
+Generated text is deterministic pseudo-text (:mod:`sage_llm.sim.text`): each word is one
+token, so the text re-tokenizes to ``completion_tokens``.
+
+PD: :meth:`SimEngine.prefill` runs a prefill leg and returns vLLM-shaped
+``kv_transfer_params``; ``generate`` with ``kv_transfer_params.do_remote_prefill`` runs the
+decode leg (KV transfer time, then decode). Engines sharing a :class:`KVTransferHub` release
+the prefill side's pinned blocks when the decode side has pulled them, as vLLM's NIXL
+connector does; without a hub they are released after ``kv_pin_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from sage_llm import tokens
+from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
+from sage_llm.errors import (
+    ConfigError,
+    EngineConnectionError,
+    EngineError,
+    InvalidRequestError,
+)
+from sage_llm.sim.clock import Clock, current_clock
+from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
+from sage_llm.sim.text import PseudoText
+from sage_llm.types import ExecutionInstanceType
+
+__all__ = ["KVTransferHub", "SimEngine", "SimEngineConfig"]
+
+
+class KVTransferHub:
+    """Links the simulated engines of one process for PD KV hand-off.
+
+    A decode leg that finished pulling KV from ``remote_engine_id`` tells that engine to
+    unpin the blocks. Engines register themselves when given a hub.
+    """
+
+    def __init__(self) -> None:
+        self._engines: dict[str, SimEngine] = {}
+
+    def register(self, engine: SimEngine) -> None:
+        self._engines[engine.instance_id] = engine
+
+    def unregister(self, instance_id: str) -> None:
+        self._engines.pop(instance_id, None)
+
+    def release(self, engine_id: str | None, request_id: str) -> bool:
+        """Unpin ``request_id``'s KV on ``engine_id``; False if unknown there."""
+        engine = self._engines.get(engine_id) if engine_id is not None else None
+        return engine.release_kv(request_id) if engine is not None else False
+
+
+class _Delivery:
+    __slots__ = ("finish", "n", "pinned")
+
+    def __init__(self, n: int, finish: str | None, pinned: PinnedKV | None) -> None:
+        self.n = n
+        self.finish = finish
+        self.pinned = pinned
+
+
+class _Stream:
+    __slots__ = ("cached", "queue", "text")
+
+    def __init__(self, seed: int, request_id: str) -> None:
+        self.queue: asyncio.Queue[_Delivery | EngineError] = asyncio.Queue()
+        self.text = PseudoText(seed, request_id)
+        self.cached = 0
+
+
+class SimEngine:
+    """An in-process simulated engine instance implementing ``EngineClient``."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        config: SimEngineConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        kv_hub: KVTransferHub | None = None,
+    ) -> None:
+        self._id = instance_id
+        self._config = config or SimEngineConfig()
+        self._core = SimEngineCore(self._config)
+        self._clock = clock
+        self._hub = kv_hub
+        self._streams: dict[str, _Stream] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+        self._broken: BaseException | None = None
+        if kv_hub is not None:
+            kv_hub.register(self)
+
+    @property
+    def instance_id(self) -> str:
+        return self._id
+
+    @property
+    def config(self) -> SimEngineConfig:
+        return self._config
+
+    @property
+    def core(self) -> SimEngineCore:
+        """The synchronous core (for inspection; do not step it while the loop runs)."""
+        return self._core
+
+    @property
+    def speed(self) -> float:
+        """Compute speed factor (2.0 = steps take half as long); may be changed live."""
+        return self._core.speed
+
+    @speed.setter
+    def speed(self, value: float) -> None:
+        if not value > 0:
+            raise ConfigError("must be > 0", key="speed")
+        self._core.speed = float(value)
+
+    # -- EngineClient ------------------------------------------------------------------
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
+        prompt_ids = self._prompt_ids(req)
+        self._check_max_tokens(req, len(prompt_ids))
+        min_tokens = self._min_tokens(req)
+        stream = self._open(req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params)
+        produced = 0
+        done = False
+        text_so_far = ""
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, EngineError):
+                    item.retryable = produced == 0
+                    raise item
+                pieces = stream.text.next_pieces(item.n)
+                ids = PseudoText.token_ids(pieces)
+                text = "".join(pieces)
+                produced += item.n
+                finish = item.finish
+                if req.stop and produced >= min_tokens:
+                    cut = _stop_at(text_so_far, text, req.stop)
+                    if cut is not None:
+                        text, finish = text[:cut], "stop"
+                        self._core.abort(req.request_id)
+                text_so_far += text
+                if finish is not None:
+                    done = True
+                    usage = Usage(len(prompt_ids), produced, stream.cached)
+                    yield Chunk(text, ids, finish_reason=finish, usage=usage)
+                    return
+                yield Chunk(text, ids)
+        finally:
+            self._close_stream(req.request_id, abort=not done)
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        """Run the prefill leg of a PD request: one token, KV pinned for the decode side."""
+        if self._config.role is ExecutionInstanceType.DECODING:
+            raise EngineError(
+                f"instance {self._id} is decode-only and cannot run a prefill leg",
+                instance_id=self._id,
+                retryable=True,
+            )
+        prompt_ids = self._prompt_ids(req)
+        stream = self._open(req.request_id, prompt_ids, 1, {"do_remote_decode": True})
+        done = False
+        try:
+            item = await stream.queue.get()
+            if isinstance(item, EngineError):
+                raise item
+            done = True
+        finally:
+            self._close_stream(req.request_id, abort=not done)
+        pinned = item.pinned
+        if pinned is None:  # pragma: no cover - the core always pins a prefill leg
+            raise EngineError("prefill leg finished without KV", instance_id=self._id)
+        pieces = stream.text.next_pieces(1)
+        usage = Usage(len(prompt_ids), 1, stream.cached)
+        first = Chunk("".join(pieces), PseudoText.token_ids(pieces), "length", usage)
+        params: dict[str, Any] = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self._id,
+            "remote_block_ids": list(pinned.block_ids),
+            "remote_request_id": req.request_id,
+            "remote_host": self._config.kv_host,
+            "remote_port": self._config.kv_port,
+            "tp_size": self._config.tp,
+            "num_tokens": pinned.num_tokens,
+        }
+        return KVHandle(self._id, params, len(prompt_ids), stream.cached, first)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Unpin a finished prefill leg's KV blocks (the decode side pulled them)."""
+        released = self._core.release_kv(request_id)
+        if released and self._wake is not None:
+            self._wake.set()
+        return released
+
+    async def health(self) -> bool:
+        return not self._closed and self._broken is None
+
+    async def stats(self) -> EngineStats:
+        return self._core.stats()
+
+    async def aclose(self) -> None:
+        """Stop the step loop; in-flight requests fail with EngineConnectionError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._hub is not None:
+            self._hub.unregister(self._id)
+        self._fail_all("engine closed")
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    # -- internals -----------------------------------------------------------------
+
+    def _prompt_ids(self, req: EngineRequest) -> list[int]:
+        if req.messages is not None:
+            if not req.messages:
+                raise InvalidRequestError("messages must not be empty", param="messages")
+            text = tokens.chat_prompt_text([dict(m) for m in req.messages])
+            ids, param = tokens.tokenize(text), "messages"
+        elif req.prompt is None:
+            raise InvalidRequestError("either prompt or messages is required", param="prompt")
+        else:
+            prompt = req.prompt
+            if not isinstance(prompt, str) and not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt
+            ):
+                raise InvalidRequestError("token ids must be non-negative integers", param="prompt")
+            ids, param = tokens.tokenize(prompt), "prompt"
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        limit = self._config.max_model_len
+        if len(ids) > limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model's maximum context length "
+                f"is {limit} tokens",
+                param=param,
+            )
+        return ids
+
+    def _check_max_tokens(self, req: EngineRequest, n_prompt: int) -> None:
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")
+        limit = self._config.max_model_len
+        if n_prompt + req.max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens; you requested "
+                f"{n_prompt + req.max_tokens} ({n_prompt} in the prompt, "
+                f"{req.max_tokens} in the completion)",
+                param="max_tokens",
+            )
+
+    @staticmethod
+    def _min_tokens(req: EngineRequest) -> int:
+        value = req.extra.get("min_tokens", 0) or 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidRequestError("min_tokens must be an integer >= 0", param="min_tokens")
+        return value
+
+    def _open(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        max_tokens: int,
+        kv_transfer: Mapping[str, Any] | None,
+    ) -> _Stream:
+        wake = self._ensure_running()
+        now = (self._clock or current_clock()).now()
+        self._core.add_request(
+            request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer
+        )
+        stream = _Stream(self._config.seed, request_id)
+        self._streams[request_id] = stream
+        wake.set()
+        return stream
+
+    def _close_stream(self, request_id: str, *, abort: bool) -> None:
+        self._streams.pop(request_id, None)
+        if abort:
+            self._core.abort(request_id)
+
+    def _ensure_running(self) -> asyncio.Event:
+        if self._closed or self._broken is not None:
+            raise EngineConnectionError(
+                f"simulated engine {self._id} is closed", instance_id=self._id
+            )
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(self._wake), name=f"sim-engine-{self._id}"
+            )
+        return self._wake
+
+    async def _run(self, wake: asyncio.Event) -> None:
+        clock = self._clock or current_clock()
+        core = self._core
+        try:
+            while True:
+                if not core.has_work():
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                res = core.step(clock.now())
+                self._notify_pulled(res)
+                if res.idle:
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), max(res.duration_s, 1e-9))
+                    continue
+                await clock.sleep(res.duration_s)
+                self._deliver(res)
+        except Exception as exc:
+            self._broken = exc
+            self._fail_all(f"simulated engine failed: {exc!r}")
+
+    def _notify_pulled(self, res: StepResult) -> None:
+        if self._hub is not None:
+            for engine_id, request_id in res.kv_pulled:
+                self._hub.release(engine_id, request_id)
+
+    def _deliver(self, res: StepResult) -> None:
+        streams = self._streams
+        for req_id, cached in res.admitted:
+            stream = streams.get(req_id)
+            if stream is not None:
+                stream.cached = cached
+        finished = dict(res.finished)
+        pinned = {p.request_id: p for p in res.kv_pinned}
+        for req_id, n in res.new_tokens:
+            stream = streams.get(req_id)
+            if stream is not None:
+                stream.queue.put_nowait(_Delivery(n, finished.get(req_id), pinned.get(req_id)))
+
+    def _fail_all(self, message: str) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(EngineConnectionError(message, instance_id=self._id))
+
+
+def _stop_at(before: str, text: str, stops: Any) -> int | None:
+    """Index in ``text`` where the earliest stop string ending inside ``text`` begins."""
+    joined = before + text
+    best: int | None = None
+    for stop in stops:
+        if not stop:
+            continue
+        start = joined.find(stop, max(0, len(before) - len(stop) + 1))
+        if start >= 0:
+            cut = max(0, start - len(before))
+            best = cut if best is None else min(best, cut)
+    return best

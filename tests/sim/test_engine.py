@@ -1,0 +1,321 @@
+"""The async simulated engine, run on virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from sage_llm import tokens
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
+from sage_llm.errors import EngineConnectionError, EngineError, InvalidRequestError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
+from sage_llm.types import ExecutionInstanceType
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+def req(rid: str = "r0", **kwargs: Any) -> EngineRequest:
+    kwargs.setdefault("prompt", PROMPT)
+    kwargs.setdefault("max_tokens", 8)
+    return EngineRequest(request_id=rid, model="llama-3-8b", **kwargs)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def collect(engine: SimEngine, request: EngineRequest) -> list[Chunk]:
+    return [chunk async for chunk in engine.generate(request)]
+
+
+def virtual(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return run_virtual(fn)
+
+
+def test_generate_yields_max_tokens_with_retokenizable_text() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        chunks = await collect(engine, req(max_tokens=12))
+        await engine.aclose()
+        text = "".join(c.text for c in chunks)
+        assert len(chunks) == 12
+        assert sum(len(c.token_ids) for c in chunks) == 12
+        assert len(tokens.tokenize(text)) == 12
+        assert [c.finish_reason for c in chunks] == [None] * 11 + ["length"]
+        assert all(c.usage is None for c in chunks[:-1])
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            tokens.count_tokens(PROMPT),
+            12,
+        )
+        assert now() > 0  # time passed, virtually
+
+    virtual(main)
+
+
+def test_engine_is_an_engine_client_with_stats_and_health() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig(num_gpu_blocks=1000))
+        assert isinstance(engine, EngineClient)
+        assert engine.instance_id == "sim-0"
+        assert engine.config.num_gpu_blocks == 1000
+        assert await engine.health()
+        await collect(engine, req())
+        stats = await engine.stats()
+        assert stats.generation_tokens_total == 8
+        assert stats.num_gpu_blocks == 1000
+        assert stats.block_size == 16
+        await engine.aclose()
+        assert not await engine.health()
+        with pytest.raises(EngineConnectionError):
+            await collect(engine, req("late"))
+
+    virtual(main)
+
+
+def test_chat_messages_are_tokenized_like_the_control_plane_does() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        chunks = await collect(engine, req(prompt=None, messages=messages, max_tokens=3))
+        usage = chunks[-1].usage
+        assert usage is not None
+        expected = len(tokens.tokenize(tokens.chat_prompt_text(messages)))
+        assert usage.prompt_tokens == expected
+        assert usage.completion_tokens == 3
+
+    virtual(main)
+
+
+def test_output_is_deterministic_per_seed_and_request() -> None:
+    async def text_of(seed: int, rid: str) -> str:
+        engine = SimEngine("sim", SimEngineConfig(seed=seed))
+        return "".join(c.text for c in await collect(engine, req(rid)))
+
+    async def main() -> None:
+        assert await text_of(1, "a") == await text_of(1, "a")
+        assert await text_of(1, "a") != await text_of(1, "b")
+        assert await text_of(1, "a") != await text_of(2, "a")
+
+    virtual(main)
+
+
+def test_concurrent_requests_are_batched() -> None:
+    async def timed(engine: SimEngine, rid: str) -> float:
+        start = now()
+        await collect(engine, req(rid, max_tokens=32))
+        return now() - start
+
+    async def main() -> None:
+        solo = SimEngine("solo")
+        individual = [await timed(solo, f"s{i}") for i in range(8)]
+        shared = SimEngine("shared")
+        start = now()
+        await asyncio.gather(*(timed(shared, f"c{i}") for i in range(8)))
+        together = now() - start
+        assert together < sum(individual) / 4
+        stats = await shared.stats()
+        assert stats.generation_tokens_total == 8 * 32
+
+    virtual(main)
+
+
+def test_prefix_cache_hits_show_in_usage() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        await collect(engine, req("a", prompt=PROMPT + " first question"))
+        chunks = await collect(engine, req("b", prompt=PROMPT + " second question"))
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert usage.cached_tokens > 0
+        assert usage.cached_tokens % 16 == 0
+        assert (await engine.stats()).prefix_cache_hits_total == usage.cached_tokens
+
+    virtual(main)
+
+
+def test_cancelling_mid_stream_aborts_and_frees_kv() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        gen = engine.generate(req(max_tokens=100))
+        got = [await anext(gen) for _ in range(3)]
+        assert len(got) == 3
+        assert engine.core.kv_usage > 0
+        await gen.aclose()
+        assert engine.core.kv_usage == 0.0
+        assert not engine.core.has_work()
+
+        async def consume() -> None:
+            await collect(engine, req("r1", max_tokens=100))
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        assert engine.core.num_running == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.core.kv_usage == 0.0
+        assert (await engine.stats()).running == 0
+
+    virtual(main)
+
+
+def test_close_fails_in_flight_streams() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        gen = engine.generate(req(max_tokens=50))
+        await anext(gen)
+        await engine.aclose()
+        with pytest.raises(EngineConnectionError) as err:
+            await anext(gen)
+        assert err.value.retryable is False  # tokens were already produced
+
+    virtual(main)
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "param"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": None, "messages": []}, "messages"),
+        ({"prompt": [1, -2, 3]}, "prompt"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"prompt": list(range(300))}, "prompt"),
+        ({"prompt": list(range(200)), "max_tokens": 100}, "max_tokens"),
+        ({"extra": {"min_tokens": -1}}, "min_tokens"),
+    ],
+)
+def test_invalid_requests_raise_with_param(request_kwargs: dict[str, Any], param: str) -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig(max_model_len=256))
+        with pytest.raises(InvalidRequestError) as err:
+            await collect(engine, req(**request_kwargs))
+        assert err.value.param == param
+
+    virtual(main)
+
+
+def test_stop_string_finishes_with_stop() -> None:
+    async def main() -> None:
+        probe = SimEngine("sim-0")
+        full = "".join(c.text for c in await collect(probe, req(max_tokens=30)))
+        stop_word = full.split()[5]
+        engine = SimEngine("sim-0")
+        chunks = await collect(engine, req(max_tokens=30, stop=[" " + stop_word]))
+        text = "".join(c.text for c in chunks)
+        assert chunks[-1].finish_reason == "stop"
+        assert full.startswith(text)
+        assert len(text) < len(full)
+        assert engine.core.kv_usage == 0.0
+        # min_tokens keeps the stop string from ending the output early.
+        late = await collect(
+            SimEngine("sim-0"),
+            req(max_tokens=30, stop=[" " + stop_word], extra={"min_tokens": 30}),
+        )
+        assert late[-1].finish_reason == "length"
+
+    virtual(main)
+
+
+def test_prefill_role_returns_vllm_kv_transfer_params() -> None:
+    async def main() -> None:
+        engine = SimEngine(
+            "p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING, tp=2, kv_port=5601)
+        )
+        handle = await engine.prefill(req("pd-1", max_tokens=64))
+        params = dict(handle.params)
+        assert params["do_remote_prefill"] is True
+        assert params["do_remote_decode"] is False
+        assert params["remote_engine_id"] == "p0"
+        assert params["remote_request_id"] == "pd-1"
+        assert params["remote_port"] == 5601
+        assert params["remote_host"]
+        assert params["tp_size"] == 2
+        n = tokens.count_tokens(PROMPT)
+        assert params["num_tokens"] == handle.prompt_tokens == n
+        assert len(params["remote_block_ids"]) == -(-(n + 1) // 16)
+        assert handle.instance_id == "p0"
+        first = handle.first_token
+        assert first is not None
+        assert first.finish_reason == "length"
+        assert first.usage is not None
+        assert first.usage.completion_tokens == 1
+        assert engine.core.kv_usage > 0  # pinned for the decode side
+        assert engine.release_kv("pd-1")
+        assert engine.core.kv_usage == 0.0
+
+    virtual(main)
+
+
+def test_decode_only_engine_refuses_prefill_legs() -> None:
+    async def main() -> None:
+        engine = SimEngine("d0", SimEngineConfig(role=ExecutionInstanceType.DECODING))
+        with pytest.raises(EngineError) as err:
+            await engine.prefill(req())
+        assert err.value.retryable
+
+    virtual(main)
+
+
+def test_decode_leg_ttft_includes_kv_transfer_and_releases_prefill_kv() -> None:
+    async def main() -> None:
+        hub = KVTransferHub()
+        link = 10.0
+        prefill = SimEngine(
+            "p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING), kv_hub=hub
+        )
+        decode = SimEngine(
+            "d0",
+            SimEngineConfig(role=ExecutionInstanceType.DECODING, kv_link_gbps=link),
+            kv_hub=hub,
+        )
+        long_prompt = PROMPT * 10
+        handle = await prefill.prefill(req("pd", prompt=long_prompt, max_tokens=5))
+        assert prefill.core.kv_usage > 0
+        start = now()
+        first_at = None
+        chunks = []
+        async for chunk in decode.generate(
+            req("pd", prompt=long_prompt, max_tokens=5, kv_transfer_params=handle.params)
+        ):
+            first_at = now() if first_at is None else first_at
+            chunks.append(chunk)
+        assert first_at is not None
+        n = handle.prompt_tokens
+        transfer = (n - 1) * decode.core.model.kv_bytes_per_token / (link * 1e9)
+        one_step = decode.core.cost_model.step_time([], [n - 1])
+        assert first_at - start == pytest.approx(transfer + one_step)
+        assert len(chunks) == 5
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert usage.prompt_tokens == n
+        assert (await decode.stats()).prompt_tokens_total == n
+        # The decode side pulled the KV, so the prefill side unpinned it (still cached).
+        assert prefill.core.kv_usage == 0.0
+        # Same seed and request id: the decode leg repeats the prefill leg's first token.
+        assert handle.first_token is not None
+        assert chunks[0].text == handle.first_token.text
+
+    virtual(main)
+
+
+def test_speed_scales_virtual_latency() -> None:
+    async def e2e(engine: SimEngine) -> float:
+        start = now()
+        await collect(engine, req(max_tokens=20))
+        return now() - start
+
+    async def main() -> None:
+        slow = await e2e(SimEngine("a"))
+        fast_engine = SimEngine("b")
+        fast_engine.speed = 2.0
+        assert fast_engine.speed == 2.0
+        assert await e2e(fast_engine) == pytest.approx(slow / 2)
+
+    virtual(main)
