@@ -306,6 +306,14 @@ async def test_tokenize_detokenize_and_render(base: str, http: aiohttp.ClientSes
 # --- metrics ------------------------------------------------------------------------------
 
 
+HISTOGRAMS = (
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds",
+)
+
+
 async def test_metrics_use_vllm_names_and_server_timings(http: aiohttp.ClientSession) -> None:
     clock = ManualClock(100.0)
     fake = FakeEngine(clock=clock, step_s=0.5)
@@ -313,6 +321,11 @@ async def test_metrics_use_vllm_names_and_server_timings(http: aiohttp.ClientSes
     runner, port = await start_app(create_engine_app(fake, model_name=MODEL, clock=clock))
     url = f"http://127.0.0.1:{port}"
     try:
+        async with http.get(f"{url}/metrics") as resp:
+            fresh = parse_prometheus_text(await resp.text())
+        for name in HISTOGRAMS:
+            assert fresh[f"{name}_count"][0][1] == 0.0
+            assert fresh[f"{name}_bucket"][-1][0]["le"] == "+Inf"
         body = {"prompt": "x", "max_tokens": 3, "stream": True}
         await sse_events(http, f"{url}/v1/completions", body)  # request id "rid"
         status, _ = await post(http, f"{url}/v1/completions", {"prompt": "x", "max_tokens": 2},

@@ -32,8 +32,6 @@ from sage_llm.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from sage_llm.sim.clock import Clock, current_clock
 
 _PIECE_CACHE_LIMIT = 1 << 16
-
-
 DEFAULT_MAX_TOKENS = 16
 _CONSUMED = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
@@ -202,6 +200,8 @@ class ServerMetrics:
         self.queue = hist(
             "vllm:request_queue_time_seconds", "Time spent waiting in the queue.", _E2E_BUCKETS
         )
+        for histogram in (self.ttft, self.itl, self.e2e, self.queue):
+            histogram.labels(*self._values)  # expose zero-count series from the start
         self.registry.register(self)
 
     def observe_request(
@@ -451,7 +451,8 @@ class _EngineServer:
                 times.append(self.clock.now())
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
-                await resp.write(encode_event(fmt.chunk(chunk.text, chunk.finish_reason)))
+                body = fmt.chunk(chunk.text, chunk.finish_reason, logprobs=chunk.logprobs)
+                await resp.write(encode_event(body))
                 try:
                     chunk = await anext(it)
                 except StopAsyncIteration:
@@ -459,9 +460,9 @@ class _EngineServer:
             usage = usage or parsed.estimate_usage(len(times))
             if parsed.include_usage:
                 await resp.write(encode_event(fmt.usage_chunk(usage)))
-        except SageLLMError as exc:
-            body = exc.to_openai()
-            await resp.write(encode_event(body))
+        except SageLLMError as exc:  # after the first chunk: report it in the stream
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(encode_event(exc.to_openai()))
         except ConnectionResetError:
             return  # the client went away; the caller closes the engine iterator
         else:
