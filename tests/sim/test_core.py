@@ -359,3 +359,15 @@ def test_preempted_decode_leg_recomputes_instead_of_pulling_again() -> None:
     assert trace.tokens == {"a": 150, "x": 150}
     assert "x" in [rid for step in trace.steps for rid in step.preempted]
     assert [pulled for step in trace.steps for pulled in step.kv_pulled] == [("p0", "x")]
+
+
+def test_both_pd_legs_on_one_engine_reuse_the_local_kv() -> None:
+    core = make_core()
+    core.add_request("x", prompt(1001), 1, arrival=0.0, kv_transfer={"do_remote_decode": True})
+    first = drive(core)
+    params = {"do_remote_prefill": True, "remote_engine_id": "self", "remote_request_id": "x"}
+    core.add_request("x", prompt(1001), 3, arrival=first.end, kv_transfer=params)
+    second = drive(core, first.end)
+    assert second.tokens == {"x": 3}
+    assert second.steps[1].admitted == [("x", 992)]  # the pinned blocks became cache hits
+    assert core.kv_usage == 0.0

@@ -316,8 +316,14 @@ class SimEngineCore:
         arrival: float,
         kv_transfer: Mapping[str, Any] | None = None,
     ) -> None:
-        """Queue a request. ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs."""
+        """Queue a request. ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs.
+
+        A request id still held by a finished prefill leg's pinned KV releases that KV first
+        (its blocks stay cached), so both legs may run on one engine.
+        """
         cfg = self.config
+        if req_id in self._pinned:
+            self.release_kv(req_id)
         if req_id in self._reqs:
             raise ConflictError(f"request {req_id!r} is already in the engine")
         if not prompt_token_ids:
