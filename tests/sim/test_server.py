@@ -369,3 +369,42 @@ def test_app_factory_rejects_bad_arguments(fake: FakeEngine) -> None:
         create_engine_app(fake, model_name="")
     with pytest.raises(ValueError, match="max_model_len"):
         create_engine_app(fake, model_name=MODEL, max_model_len=0)
+
+
+# --- the real simulated engine behind the server ------------------------------------------
+
+
+async def test_simulated_engine_served_over_http_runs_pd_end_to_end() -> None:
+    from sage_llm.engines.base import EngineRequest
+    from sage_llm.engines.http import HTTPEngineClient, make_session
+    from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
+    from sage_llm.types import ExecutionInstance
+
+    hub = KVTransferHub()
+    config = SimEngineConfig(speed=100.0)  # steps of ~0.1 ms of real time
+    prefill_engine = SimEngine("p0", config, kv_hub=hub)
+    decode_engine = SimEngine("d0", config, kv_hub=hub)
+    p_runner, p_port = await start_engine_server(prefill_engine, model_name="llama-3-8b")
+    d_runner, d_port = await start_engine_server(decode_engine, model_name="llama-3-8b")
+    session = make_session()
+    try:
+        p = HTTPEngineClient(ExecutionInstance("p0", "127.0.0.1", p_port, "llama-3-8b"), session)
+        d = HTTPEngineClient(ExecutionInstance("d0", "127.0.0.1", d_port, "llama-3-8b"), session)
+        req = EngineRequest("pd-1", "llama-3-8b", prompt=" ".join(["word"] * 100), max_tokens=6)
+        handle = await p.prefill(req)
+        assert handle.params["remote_engine_id"] == "p0"
+        assert handle.prompt_tokens == 100
+        chunks = [c async for c in d.generate(req.with_changes(kv_transfer_params=handle.params))]
+        last = chunks[-1]
+        assert last.finish_reason == "length"
+        assert last.usage is not None
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (100, 6)
+        stats = await d.stats()
+        assert stats.source == "vllm"
+        assert stats.generation_tokens_total == 6.0
+    finally:
+        await session.close()
+        for engine in (prefill_engine, decode_engine):
+            await engine.aclose()
+        for runner in (p_runner, d_runner):
+            await runner.cleanup()
