@@ -12,8 +12,10 @@ whitespace before it attached. Token ids are stable across processes (CRC-32 bas
 from __future__ import annotations
 
 import re
+import sys
 import zlib
-from collections.abc import Sequence
+from array import array
+from collections.abc import Mapping, Sequence
 
 _TOKEN_RE = re.compile(r"\s*\w{1,8}|\s*[^\w\s]|\s+")
 VOCAB_SIZE = 32000
@@ -53,11 +55,15 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     hashes: list[int] = []
     parent = 0
     full = len(token_ids) - len(token_ids) % block_size
-    for start in range(0, full, block_size):
-        block = token_ids[start : start + block_size]
-        data = parent.to_bytes(8, "little") + b"".join(
-            int(t).to_bytes(4, "little", signed=False) for t in block
-        )
+    if full == 0:
+        return ()
+    packed = array("I", [int(t) & 0xFFFFFFFF for t in token_ids[:full]])
+    if sys.byteorder != "little":
+        packed.byteswap()
+    raw = packed.tobytes()
+    step = 4 * block_size
+    for start in range(0, len(raw), step):
+        data = parent.to_bytes(8, "little") + raw[start : start + step]
         parent = zlib.crc32(data) | (zlib.adler32(data) << 32)
         hashes.append(parent)
     return tuple(hashes)
@@ -67,7 +73,7 @@ def chat_prompt_text(messages: Sequence[object]) -> str:
     """Flatten chat messages into the text the engine would tokenize (role tags included)."""
     parts: list[str] = []
     for msg in messages:
-        if isinstance(msg, dict):
+        if isinstance(msg, Mapping):
             role = str(msg.get("role", "user"))
             content = msg.get("content", "")
             if isinstance(content, list):  # OpenAI content parts

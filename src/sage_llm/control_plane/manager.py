@@ -38,7 +38,7 @@ from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy
-from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats
 from sage_llm.errors import (
     AdmissionError,
     ConflictError,
@@ -46,6 +46,7 @@ from sage_llm.errors import (
     DeadlineExceededError,
     EngineError,
     InvalidRequestError,
+    NoHealthyInstanceError,
     QueueFullError,
     RequestNotFoundError,
     SLOInfeasibleError,
@@ -267,6 +268,10 @@ class ControlPlaneManager:
     def get_instances(self) -> list[ExecutionInstance]:
         return [s.public_instance() for s in self._registry if not s.removed]
 
+    async def engine_stats(self, instance_id: str) -> EngineStats:
+        """Fresh load figures straight from an instance's engine."""
+        return await self._registry.get(instance_id).client.stats()
+
     def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
         state = self._registry.get(instance_id)
         stats = state.last_stats
@@ -342,6 +347,42 @@ class ControlPlaneManager:
         finally:
             if not finished:
                 self._require_dispatcher().cancel(rec)
+
+    async def embed(self, model: str | None, inputs: list[str]) -> dict[str, Any]:
+        """Embeddings from an instance serving ``model`` (the least busy healthy one).
+
+        Returns the engine's OpenAI-style JSON (``{"data": [{"embedding": [...]}], ...}``).
+        """
+        self._require_dispatcher()
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(x, str) for x in inputs)
+        ):
+            raise InvalidRequestError("input must be a non-empty list of strings", param="input")
+        name = resolve_model(
+            RequestMetadata(request_id="embed", model_name=model), self._registry.models()
+        )
+        states = [
+            s for s in self._registry
+            if s.instance.model_name == name and s.healthy and s.accepting and not s.removed
+        ]  # fmt: skip
+        if not states:
+            raise NoHealthyInstanceError(f"no healthy instance serves model {name!r}")
+        state = min(states, key=lambda s: s.in_flight / s.instance.max_concurrent_requests)
+        embed = getattr(state.client, "embed", None)
+        if embed is None:
+            raise InvalidRequestError(
+                f"model {name!r} is not served by an engine that supports embeddings",
+                param="model",
+            )
+        state.in_flight += 1
+        try:
+            result: dict[str, Any] = await embed(name, inputs)
+        finally:
+            state.in_flight -= 1
+            self._require_dispatcher().wake()
+        return result
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
         rec = self._require_dispatcher().records.get(request_id)
@@ -472,6 +513,9 @@ class ControlPlaneManager:
         now = info.arrival
         queued = len(dispatcher.policy)
         snap = self._registry.snapshot(now, self._prefix)
+        if not any(v.model == model and v.healthy and v.accepting for v in snap):
+            self._metrics.on_rejected("no_healthy_instance", model)
+            raise NoHealthyInstanceError(f"no healthy instance serves model {model!r} right now")
         verdict = check_queue_bound(queued, self.max_queue_size, snap)
         if verdict.admitted:
             verdict = dispatcher.policy.admit(info, snap)
