@@ -1,0 +1,154 @@
+"""KeyLocator: the line of every key, table and array element of a TOML text."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from sage_llm.config_locate import KeyLocator, Problems, format_key, syntax_error
+
+DOC = '''\
+# comment
+title = "x"
+
+[services.llm_control_plane]
+scheduling_policy = "fifo"
+pd.enabled = true
+"quoted.key" = 1
+
+[[services.llm_control_plane.instances]]
+instance_id = "a"
+port = 8000
+
+[services.llm_control_plane.instances.prefilling_config]
+chunk_size = 1024
+
+[[services.llm_control_plane.instances]]
+instance_id = "b"
+text = """
+[not.a.table]
+port = 1
+"""
+port = 8001
+
+[gateway]
+api_keys = [
+  "k1",
+  "k2",
+]
+inline = { host = "h", nested = { deep = 1 } }
+fleet = [
+  { id = "x" },
+  { id = "y", port = 2 },
+]
+'''
+
+
+@pytest.fixture
+def locator() -> KeyLocator:
+    tomllib.loads(DOC)  # the locator assumes valid TOML
+    return KeyLocator(DOC)
+
+
+@pytest.mark.parametrize(
+    ("path", "line"),
+    [
+        (("title",), 2),
+        (("services", "llm_control_plane"), 4),
+        (("services", "llm_control_plane", "scheduling_policy"), 5),
+        (("services", "llm_control_plane", "pd"), 6),
+        (("services", "llm_control_plane", "pd", "enabled"), 6),
+        (("services", "llm_control_plane", "quoted.key"), 7),
+        (("services", "llm_control_plane", "instances"), 9),
+        (("services", "llm_control_plane", "instances", 0), 9),
+        (("services", "llm_control_plane", "instances", 0, "port"), 11),
+        (("services", "llm_control_plane", "instances", 0, "prefilling_config"), 13),
+        (("services", "llm_control_plane", "instances", 0, "prefilling_config", "chunk_size"), 14),
+        (("services", "llm_control_plane", "instances", 1), 16),
+        (("services", "llm_control_plane", "instances", 1, "instance_id"), 17),
+        (("services", "llm_control_plane", "instances", 1, "port"), 22),
+        (("gateway", "api_keys"), 25),
+        (("gateway", "api_keys", 1), 27),
+        (("gateway", "inline", "host"), 29),
+        (("gateway", "inline", "nested", "deep"), 29),
+        (("gateway", "fleet", 0, "id"), 31),
+        (("gateway", "fleet", 1, "port"), 32),
+    ],
+)
+def test_line_of_written_keys(locator: KeyLocator, path: tuple[str | int, ...], line: int) -> None:
+    assert locator.line_of(path) == line
+
+
+def test_unwritten_key_falls_back_to_nearest_ancestor(locator: KeyLocator) -> None:
+    assert locator.line_of(("services", "llm_control_plane", "instances", 1, "gpu_count")) == 16
+    assert locator.line_of(("gateway", "port")) == 24
+    assert locator.line_of(("health", "interval_s")) is None
+
+
+def test_lines_inside_multiline_strings_are_not_keys(locator: KeyLocator) -> None:
+    assert locator.line_of(("not",)) is None
+    assert locator.line_of(("services", "llm_control_plane", "instances", 1, "text")) == 18
+
+
+def test_literal_strings_and_hash_inside_strings() -> None:
+    text = "a = 'x # not a comment'\nb = \"[c]\" # comment\n'lit.key' = '''\nz = 1\n'''\nd = 4\n"
+    assert tomllib.loads(text)["d"] == 4
+    loc = KeyLocator(text)
+    assert (loc.line_of(("b",)), loc.line_of(("lit.key",)), loc.line_of(("d",))) == (2, 3, 6)
+    assert loc.line_of(("z",)) is None
+    assert loc.line_count == 7
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        (
+            ("services", "llm_control_plane", "instances", 1, "port"),
+            "services.llm_control_plane.instances[1].port",
+        ),
+        (("gateway", "a.b", "c d"), 'gateway."a.b"."c d"'),
+        ((), ""),
+    ],
+)
+def test_format_key(path: tuple[str | int, ...], text: str) -> None:
+    assert format_key(path) == text
+
+
+def test_syntax_error_carries_file_and_line() -> None:
+    text = "a = 1\n[gateway\nport = 1\n"
+    with pytest.raises(tomllib.TOMLDecodeError) as info:
+        tomllib.loads(text)
+    error = syntax_error(info.value, "cfg.toml", 4)
+    assert error.location == "cfg.toml:2"
+    assert "invalid TOML" in error.message
+    assert "\n" not in str(error)
+
+
+def test_syntax_error_at_end_of_document_points_at_last_line() -> None:
+    with pytest.raises(tomllib.TOMLDecodeError) as info:
+        tomllib.loads('a = 1\nb = "unterminated')
+    assert syntax_error(info.value, "f.toml", 2).location == "f.toml:2"
+
+
+def test_problems_locate_and_sort_by_line() -> None:
+    text = "[a]\nx = 1\n\n[b]\ny = 2\n"
+    problems = Problems("f.toml", KeyLocator(text))
+    problems.add(("b", "y"), "second")
+    problems.add(("a", "x"), "first")
+    problems.add(("a", "missing"), "third")
+    ordered = problems.sorted()
+    assert [str(e) for e in ordered] == [
+        "f.toml:1: a.missing: third",
+        "f.toml:2: a.x: first",
+        "f.toml:5: b.y: second",
+    ]
+    assert problems.failed(("a", "x"))
+    assert not problems.failed(("a",))
+
+
+def test_problems_without_locator_use_source_only() -> None:
+    problems = Problems("<dict>")
+    problems.add(("gateway", "port"), "bad")
+    assert problems.errors[0].location == "<dict>"
+    assert problems.errors[0].key == "gateway.port"
