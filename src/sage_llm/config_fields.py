@@ -1,0 +1,285 @@
+"""Reading frozen dataclasses from TOML tables: the typed checks behind ``sage_llm.config``.
+
+:func:`read_dataclass` fills a dataclass from a table, field by field, driven by its type
+hints and the :class:`Rule` each field carries (``opt(1, rule(ge=1))``): unknown keys (with a
+"did you mean"), wrong types (an integer is a fine float, a boolean is not an integer), enum
+values and ranges are all reported to a :class:`~sage_llm.config_locate.Problems`, located by
+file, line and dotted key. A bad value leaves its field at the default so that checking goes
+on and every problem of a file is found. A secret field's value never appears in a message,
+a ``repr`` or :func:`to_plain`'s output.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import enum
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sage_llm.config_locate import KeyPath, Problems
+from sage_llm.errors import ConfigError
+
+T = TypeVar("T")
+ForeignRules = Mapping[type[Any], Mapping[str, "Rule"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a field's value must satisfy beyond its type (for a tuple: each element).
+
+    ``norm`` rewrites a string before ``choices`` is checked; ``check`` returns an error
+    message or None; a ``secret`` value is kept out of messages, ``repr`` and dumps.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    choices: tuple[str, ...] | None = None
+    norm: Callable[[str], str] | None = None
+    nonempty: bool = False
+    secret: bool = False
+    check: Callable[[str], str | None] | None = None
+
+
+def rule(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: Sequence[str] | None = None,
+    norm: Callable[[str], str] | None = None,
+    nonempty: bool = False,
+    secret: bool = False,
+    check: Callable[[str], str | None] | None = None,
+) -> Rule:
+    """A :class:`Rule`."""
+    return Rule(
+        ge, gt, le, tuple(choices) if choices is not None else None, norm, nonempty, secret, check
+    )
+
+
+def opt(default: Any, checks: Rule | None = None) -> Any:
+    """A dataclass field with ``default`` and a :class:`Rule` (secrets left out of repr)."""
+    checks = checks or Rule()
+    return dataclasses.field(default=default, metadata={"rule": checks}, repr=not checks.secret)
+
+
+def req(checks: Rule) -> Any:
+    """A required dataclass field with a :class:`Rule`."""
+    return dataclasses.field(metadata={"rule": checks}, repr=not checks.secret)
+
+
+def suggest(word: str, valid: Sequence[str], what: str = "keys") -> str:
+    """`` (did you mean 'x'?)`` for a close match, else `` (valid <what>: a, b)``."""
+    close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (valid {what}: {', '.join(valid) or 'none'})"
+
+
+def read_dataclass(
+    cls: type[T],
+    table: Mapping[str, Any],
+    path: KeyPath,
+    p: Problems,
+    *,
+    extra_keys: Sequence[str] = (),
+    foreign: ForeignRules | None = None,
+) -> T | None:
+    """``cls`` built from ``table``; problems go to ``p``. Keys in ``extra_keys`` are allowed
+    and skipped; ``foreign`` gives rules for dataclasses whose fields carry none. A bad value
+    leaves the field at its default; None is returned only when ``cls`` cannot be built."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            if key not in extra_keys:
+                p.add((*path, str(key)), f"unknown key{suggest(str(key), [*fields, *extra_keys])}")
+            continue
+        if value is None:
+            continue  # "not set" (a dict may carry None; TOML cannot)
+        checks = fields[key].metadata.get("rule") or (foreign or {}).get(cls, {}).get(key, Rule())
+        converted = _convert(value, hints[key], checks, (*path, key), p, foreign)
+        if converted is not _INVALID:
+            kwargs[key] = converted
+    missing = False
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            missing = True
+            if table.get(name) is None:
+                p.add((*path, name), "is required")
+    if missing:
+        return None
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        p.add(path, str(exc))
+        return None
+
+
+def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None:
+    """Run ``build`` (a plugin's own parameter check); its errors are located under ``path``."""
+    try:
+        build()
+    except ConfigError as exc:
+        message = exc.message
+        if exc.key and message.startswith(f"{exc.key}: "):
+            message = message[len(exc.key) + 2 :]
+        p.add((*path, exc.key) if exc.key else path, message)
+    except (ValueError, TypeError) as exc:
+        p.add(path, str(exc))
+
+
+class _Invalid:
+    pass
+
+
+_INVALID = _Invalid()
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    names = {int: "integer", float: "float", str: "string", list: "array", tuple: "array"}
+    for typ, name in names.items():
+        if isinstance(value, typ):
+            return name
+    return "table" if isinstance(value, Mapping) else type(value).__name__
+
+
+def _wrong(value: Any, expected: str, checks: Rule, path: KeyPath, p: Problems) -> _Invalid:
+    shown = ""
+    if isinstance(value, bool):
+        shown = f" {str(value).lower()}"
+    elif not checks.secret and isinstance(value, str | int | float):
+        text = repr(value)
+        shown = f" {text[:40]}…" if len(text) > 40 else f" {text}"
+    p.add(path, f"must be {expected}, got {_kind(value)}{shown}")
+    return _INVALID
+
+
+def _convert(
+    value: Any, hint: Any, checks: Rule, path: KeyPath, p: Problems, foreign: ForeignRules | None
+) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            return _wrong(value, "a table", checks, path, p)
+        built = read_dataclass(hint, value, path, p, foreign=foreign)
+        return _INVALID if built is None else built
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if not isinstance(value, str):
+            return _wrong(value, "a string", checks, path, p)
+        try:
+            return hint.parse(value)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            p.add(path, str(exc))
+            return _INVALID
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return _wrong(value, "an array", checks, path, p)
+        items = [_convert(v, args[0], checks, (*path, i), p, foreign) for i, v in enumerate(value)]
+        if any(item is _INVALID for item in items):
+            return _INVALID
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            return _wrong(value, "a table", checks, path, p)
+        return copy.deepcopy(dict(value))
+    if hint is Any:
+        return value
+    return _scalar(value, hint, checks, path, p)
+
+
+def _scalar(value: Any, hint: Any, checks: Rule, path: KeyPath, p: Problems) -> Any:
+    if hint is bool:
+        return value if isinstance(value, bool) else _wrong(value, "true or false", checks, path, p)
+    if hint is str:
+        if not isinstance(value, str):
+            return _wrong(value, "a string", checks, path, p)
+        if checks.norm is not None:
+            value = checks.norm(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return _wrong(value, "an integer", checks, path, p)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return _wrong(value, "a number", checks, path, p)
+        if not math.isfinite(value):
+            p.add(path, "must be a finite number")
+            return _INVALID
+        value = float(value)
+    problem = rule_problem(value, checks)
+    if problem is not None:
+        p.add(path, problem)
+        return _INVALID
+    return value
+
+
+def rule_problem(value: object, checks: Rule) -> str | None:
+    """What is wrong with a (well-typed) ``value`` under ``checks``, or None."""
+    if isinstance(value, str):
+        if checks.nonempty and not value.strip():
+            return "must not be empty"
+        if checks.choices is not None and value not in checks.choices:
+            if checks.secret:
+                return "is not one of the allowed values"
+            return f"unknown value {value!r}{suggest(value, checks.choices, 'values')}"
+        message = checks.check(value) if checks.check is not None else None
+        return "is not valid" if message is not None and checks.secret else message
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        for bound, word in ((checks.ge, ">="), (checks.gt, ">"), (checks.le, "<=")):
+            if bound is None:
+                continue
+            broken = (
+                value < bound if word == ">=" else value <= bound if word == ">" else value > bound
+            )
+            if broken:
+                shown = int(bound) if float(bound).is_integer() else bound
+                return f"must be {word} {shown}, got {value!r}"
+    return None
+
+
+def validate(obj: object) -> None:
+    """Raise ValueError when a field of dataclass ``obj`` breaks its :class:`Rule`.
+
+    For objects built in code; values read from a file were checked field by field already.
+    """
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        checks = f.metadata.get("rule")
+        if checks is None:
+            continue
+        value = getattr(obj, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            problem = rule_problem(item, checks)
+            if problem is not None:
+                raise ValueError(f"{f.name}: {problem}")
+
+
+def to_plain(value: Any, mask: str) -> Any:
+    """``value`` (dataclasses, enums, tuples, mappings) as plain data, secrets masked."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            checks = f.metadata.get("rule")
+            if checks is not None and checks.secret and item:
+                item = [mask] * len(item) if isinstance(item, tuple) else mask
+            out[f.name] = to_plain(item, mask)
+        return out
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, list | tuple):
+        return [to_plain(v, mask) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v, mask) for k, v in value.items()}
+    return value

@@ -1,0 +1,287 @@
+"""Where a key sits in a TOML text, and problems reported with ``file:line`` and dotted key.
+
+``tomllib`` gives values without positions, so :class:`KeyLocator` scans the text once and
+records the line of every table header, array-of-tables element and key it defines::
+
+    [services.llm_control_plane]             # ("services", "llm_control_plane")
+    [[services.llm_control_plane.instances]] # (..., "instances", 0), the n-th one is index n
+    port = 8000                              # (..., "instances", 0, "port")
+    pd.enabled = true                        # dotted keys
+    gateway = { host = "0.0.0.0" }           # inline tables and arrays, element by element
+
+A path that was never written (a default, an implicit table) is placed at the line of its
+nearest written ancestor. :class:`Problems` collects :class:`~sage_llm.errors.ConfigError`
+values located this way, so a checker can report every problem of a file, not just the first.
+
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import tomllib
+
+from sage_llm.errors import ConfigError
+
+PathPart = str | int
+KeyPath = tuple[PathPart, ...]
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_AT_END = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+def format_key(path: KeyPath) -> str:
+    """The dotted form of ``path``: ``services.llm_control_plane.instances[1].port``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+        out += f".{text}" if out else text
+    return out
+
+
+class KeyLocator:
+    """Line numbers (1-based) of the keys a TOML text defines. The text must be valid TOML."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._pos = 0
+        self._line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self._lines: dict[KeyPath, int] = {}
+        self._array_counts: dict[KeyPath, int] = {}
+        self._scan()
+
+    @property
+    def line_count(self) -> int:
+        """Number of lines in the text."""
+        return len(self._line_starts)
+
+    def line_of(self, path: KeyPath) -> int | None:
+        """The line defining ``path``, else that of its nearest defined ancestor, else None."""
+        for end in range(len(path), 0, -1):
+            line = self._lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+    # -- scanning --------------------------------------------------------------------------
+
+    def _record(self, path: KeyPath, pos: int) -> None:
+        if path and path not in self._lines:
+            self._lines[path] = bisect.bisect_right(self._line_starts, pos)
+
+    def _peek(self, offset: int = 0) -> str:
+        index = self._pos + offset
+        return self._text[index] if index < len(self._text) else ""
+
+    def _skip_space(self, newlines: bool) -> None:
+        chars = " \t\r\n" if newlines else " \t\r"
+        while True:
+            char = self._peek()
+            if char and char in chars:
+                self._pos += 1
+            elif char == "#":
+                end = self._text.find("\n", self._pos)
+                self._pos = len(self._text) if end < 0 else end
+            else:
+                return
+
+    def _skip_line(self) -> None:
+        end = self._text.find("\n", self._pos)
+        self._pos = len(self._text) if end < 0 else end + 1
+
+    def _scan(self) -> None:
+        table: KeyPath = ()
+        while True:
+            self._skip_space(newlines=True)
+            if not self._peek():
+                return
+            start = self._pos
+            if self._peek() == "[":
+                table = self._header()
+                self._skip_line()
+                continue
+            key = self._key()
+            if not key or self._peek() != "=":
+                self._skip_line()  # cannot happen in valid TOML; never loop forever
+                continue
+            self._pos += 1
+            self._define(table, key, start)
+            self._value(table + key)
+            self._skip_line()
+
+    def _header(self) -> KeyPath:
+        start = self._pos
+        is_array = self._peek(1) == "["
+        self._pos += 2 if is_array else 1
+        raw = self._key()
+        resolved: KeyPath = ()
+        for index, part in enumerate(raw):
+            resolved = (*resolved, part)
+            last = index == len(raw) - 1
+            self._record(resolved, start)
+            if resolved in self._array_counts and not (last and is_array):
+                resolved = (*resolved, self._array_counts[resolved] - 1)
+        if is_array:
+            count = self._array_counts.get(resolved, 0)
+            self._array_counts[resolved] = count + 1
+            resolved = (*resolved, count)
+            self._record(resolved, start)
+        return resolved
+
+    def _define(self, table: KeyPath, key: KeyPath, pos: int) -> None:
+        for end in range(1, len(key) + 1):
+            self._record(table + key[:end], pos)
+
+    def _key(self) -> KeyPath:
+        parts: list[str] = []
+        while True:
+            self._skip_space(newlines=False)
+            char = self._peek()
+            if char in ("'", '"'):
+                parts.append(self._string())
+            else:
+                match = _BARE_KEY.match(self._text, self._pos)
+                if match is None:
+                    return tuple(parts)
+                parts.append(match.group())
+                self._pos = match.end()
+            self._skip_space(newlines=False)
+            if self._peek() != ".":
+                return tuple(parts)
+            self._pos += 1
+
+    def _string(self) -> str:
+        quote = self._peek()
+        if self._text.startswith(quote * 3, self._pos):
+            end = self._text.find(quote * 3, self._pos + 3)
+            while end >= 0 and quote == '"' and _escaped(self._text, end):
+                end = self._text.find(quote * 3, end + 1)
+            end = len(self._text) if end < 0 else end + 3
+            while self._text.startswith(quote, end):  # up to two quotes may close the string
+                end += 1
+            self._pos = end
+            return ""
+        start = self._pos
+        self._pos += 1
+        while self._peek() and self._peek() != quote:
+            self._pos += 2 if quote == '"' and self._peek() == "\\" else 1
+        self._pos += 1
+        raw = self._text[start : self._pos]
+        if quote == "'":
+            return raw[1:-1]
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            return raw[1:-1]
+        return decoded if isinstance(decoded, str) else raw[1:-1]
+
+    def _value(self, path: KeyPath) -> None:
+        self._skip_space(newlines=False)
+        char = self._peek()
+        if char in ("'", '"'):
+            self._string()
+        elif char == "[":
+            self._array(path)
+        elif char == "{":
+            self._inline_table(path)
+        else:
+            while self._peek() and self._peek() not in ",]}\n#":
+                self._pos += 1
+
+    def _array(self, path: KeyPath) -> None:
+        self._pos += 1
+        index = 0
+        while True:
+            self._skip_space(newlines=True)
+            char = self._peek()
+            if char in ("]", ""):
+                self._pos += 1
+                return
+            if char == ",":
+                self._pos += 1
+                index += 1
+                continue
+            self._record((*path, index), self._pos)
+            before = self._pos
+            self._value((*path, index))
+            if self._pos == before:
+                self._pos += 1
+
+    def _inline_table(self, path: KeyPath) -> None:
+        self._pos += 1
+        while True:
+            self._skip_space(newlines=True)
+            char = self._peek()
+            if char in ("}", ""):
+                self._pos += 1
+                return
+            if char == ",":
+                self._pos += 1
+                continue
+            start = self._pos
+            key = self._key()
+            if not key or self._peek() != "=":
+                self._pos = max(self._pos, start + 1)
+                continue
+            self._pos += 1
+            self._define(path, key, start)
+            self._value(path + key)
+
+
+def _escaped(text: str, index: int) -> bool:
+    backslashes = 0
+    while index - backslashes - 1 >= 0 and text[index - backslashes - 1] == "\\":
+        backslashes += 1
+    return backslashes % 2 == 1
+
+
+def syntax_error(exc: tomllib.TOMLDecodeError, source: str, line_count: int) -> ConfigError:
+    """A TOML syntax error as a :class:`ConfigError` located at ``source:line``."""
+    message = str(exc)
+    match = _TOML_POSITION.search(message)
+    if match is not None:
+        line = int(match.group(1))
+        text = f"invalid TOML: {message[: match.start()]} (column {match.group(2)})"
+    else:
+        line = line_count
+        text = f"invalid TOML: {_TOML_AT_END.sub('', message)} (at end of file)"
+    return ConfigError(text, location=f"{source}:{line}")
+
+
+class Problems:
+    """Collects located configuration problems.
+
+    ``source`` names the input (a file path, ``<string>``, ``<dict>``); with a
+    :class:`KeyLocator` each problem's location is ``source:line``.
+    """
+
+    def __init__(self, source: str, locator: KeyLocator | None = None) -> None:
+        self.source = source
+        self.locator = locator
+        self.errors: list[ConfigError] = []
+        self._paths: set[KeyPath] = set()
+
+    def add(self, path: KeyPath, message: str) -> None:
+        """Record ``message`` about the value at ``path`` (``()`` = the whole input)."""
+        self._paths.add(path)
+        line = self.locator.line_of(path) if self.locator is not None else None
+        location = self.source if line is None else f"{self.source}:{line}"
+        self.errors.append(ConfigError(message, location=location, key=format_key(path) or None))
+
+    def failed(self, path: KeyPath) -> bool:
+        """Whether a problem was recorded about ``path`` itself."""
+        return path in self._paths
+
+    def sorted(self) -> list[ConfigError]:
+        """The problems in file order (those without a line keep their order, last)."""
+
+        def line(error: ConfigError) -> int:
+            tail = (error.location or "").rsplit(":", 1)[-1]
+            return int(tail) if tail.isdigit() else 1 << 30
+
+        return sorted(self.errors, key=line)
