@@ -1,0 +1,386 @@
+"""The TOML configuration shared by ``sage-llm serve`` and the SAGE service.
+
+A file is read into frozen dataclasses; every key is checked (unknown keys, wrong types,
+unknown policy/strategy names, out-of-range values) and every problem is reported as a
+:class:`~sage_llm.errors.ConfigError` carrying ``file:line`` and the dotted key::
+
+    cfg = load_config("cluster.toml")          # raises on any problem
+    problems = check_config("cluster.toml")    # every problem, as a list
+    cp = ControlPlaneManager(**cfg.manager_kwargs())
+    for instance in cfg.execution_instances():
+        cp.register_instance(instance)
+
+The document has ``[services.llm_control_plane]`` (the seed's format, with its
+``[[services.llm_control_plane.instances]]``), and ``[gateway]``, ``[health]``,
+``[admission]`` and ``[simulation]`` tables, each of which may also sit inside the service
+table. :func:`config_from_dict` also takes the bare service table (what a SAGE service is
+given). With several problems, :func:`load_config` raises :class:`ConfigErrors`, whose
+message lists them one per line. Secrets (API keys, the admin token) may come from
+environment variables and are masked in ``repr``, error messages and :meth:`SageConfig.to_dict`.
+See ``docs/config.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sage_llm.config_fields import read_dataclass, read_params, suggest
+from sage_llm.config_locate import KeyLocator, KeyPath, Problems, syntax_error
+from sage_llm.config_schema import (
+    DEFAULT_SIM_MODEL,
+    ENGINES,
+    FOREIGN_RULES,
+    MASK,
+    MODES,
+    SECTIONS,
+    SERVICE_TYPES,
+    AdmissionConfig,
+    ControlPlaneConfig,
+    GatewayConfig,
+    HealthConfig,
+    InstanceConfig,
+    SageConfig,
+    SimulationConfig,
+    default_sim_model,
+)
+from sage_llm.control_plane.routing.registry import get_strategy, parse_params
+from sage_llm.control_plane.scheduling.registry import make_params, params_class
+from sage_llm.errors import ConfigError
+from sage_llm.types import PDSeparationConfig
+
+__all__ = [
+    "DEFAULT_SIM_MODEL",
+    "ENGINES",
+    "MASK",
+    "MODES",
+    "SERVICE_TYPES",
+    "AdmissionConfig",
+    "ConfigErrors",
+    "ControlPlaneConfig",
+    "GatewayConfig",
+    "HealthConfig",
+    "InstanceConfig",
+    "SageConfig",
+    "SimulationConfig",
+    "check_config",
+    "config_from_dict",
+    "default_sim_model",
+    "load_config",
+    "parse_config",
+]
+
+_DOCUMENT_KEYS = ("services", *SECTIONS)
+_SERVICE_PATH: KeyPath = ("services", "llm_control_plane")
+_SECTION_CLASSES: tuple[tuple[str, type[Any]], ...] = (
+    ("gateway", GatewayConfig),
+    ("health", HealthConfig),
+    ("admission", AdmissionConfig),
+    ("simulation", SimulationConfig),
+)
+
+
+class ConfigErrors(ConfigError):
+    """Several problems at once. ``errors`` holds each; ``location``/``key`` are the first's."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        lines = "\n".join(str(e) for e in errors)
+        super().__init__(f"{len(errors)} configuration problems:\n{lines}")
+        self.errors = tuple(errors)
+        self.location = errors[0].location
+        self.key = self.param = errors[0].key
+
+
+# -- public entry points -------------------------------------------------------------------
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> SageConfig:
+    """Read a TOML file. One problem raises that :class:`ConfigError`; several raise
+    :class:`ConfigErrors`. ``env`` (default ``os.environ``) resolves ``*_env`` keys."""
+    config, errors = _load(Path(path), env)
+    return _result(config, errors)
+
+
+def check_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> list[ConfigError]:
+    """Every problem of a TOML file, in file order (empty when it is valid)."""
+    return _load(Path(path), env)[1]
+
+
+def parse_config(
+    text: str, source: str = "<string>", *, env: Mapping[str, str] | None = None
+) -> SageConfig:
+    """Like :func:`load_config` for TOML text; ``source`` names it in error locations."""
+    return _result(*_parse(text, source, env))
+
+
+def config_from_dict(
+    data: Mapping[str, Any], source: str = "<dict>", *, env: Mapping[str, str] | None = None
+) -> SageConfig:
+    """A configuration from a mapping: a whole document, or the bare service table (keys
+    like ``scheduling_policy`` and ``instances``), as a SAGE service is given. ``None``
+    values mean "not set"."""
+    problems = Problems(source)
+    return _result(_build(data, problems, env), problems.sorted())
+
+
+def _result(config: SageConfig | None, errors: list[ConfigError]) -> SageConfig:
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+    assert config is not None
+    return config
+
+
+def _load(path: Path, env: Mapping[str, str] | None) -> tuple[SageConfig | None, list[ConfigError]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return None, [ConfigError(f"cannot read config file: {reason}", location=str(path))]
+    return _parse(text, str(path), env)
+
+
+def _parse(
+    text: str, source: str, env: Mapping[str, str] | None
+) -> tuple[SageConfig | None, list[ConfigError]]:
+    try:
+        data = tomllib.loads(text)
+        locator = KeyLocator(text)
+    except tomllib.TOMLDecodeError as exc:
+        return None, [syntax_error(exc, source, text.count("\n") + 1)]
+    problems = Problems(source, locator)
+    config = _build(data, problems, env)
+    return config, problems.sorted()
+
+
+# -- building ------------------------------------------------------------------------------
+
+
+def _build(data: object, p: Problems, env: Mapping[str, str] | None) -> SageConfig | None:
+    if not isinstance(data, Mapping):
+        p.add((), f"a configuration must be a table, got {type(data).__name__}")
+        return None
+    environ: Mapping[str, str] = os.environ if env is None else env
+    document: Mapping[str, Any] = {}
+    service: Mapping[str, Any] = data
+    spath: KeyPath = ()
+    if "services" in data or set(data) <= set(_DOCUMENT_KEYS):
+        _unknown_keys(data, (), _DOCUMENT_KEYS, p)
+        document = data
+        service, spath = _find_service(data, p)
+    raw: dict[str, Mapping[str, Any] | None] = {}
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTION_CLASSES:
+        table, path = _section(document, service, spath, name, p)
+        raw[name] = table
+        sections[name] = cls() if table is None else read_dataclass(cls, table, path, p)
+        if name == "gateway" and sections[name] is not None:
+            sections[name] = _gateway_secrets(sections[name], path, environ, p)
+    cp = _control_plane(service, spath, environ, p)
+    if cp is None or any(value is None for value in sections.values()):
+        return None
+    cp = _instance_secrets(cp, environ)
+    health: HealthConfig = sections["health"]
+    admission: AdmissionConfig = sections["admission"]
+    if "interval_s" in (raw["health"] or {}):
+        cp = dataclasses.replace(cp, health_interval_s=health.interval_s)
+    else:
+        health = dataclasses.replace(health, interval_s=cp.health_interval_s)
+    if admission.max_queue_size is not None:
+        cp = dataclasses.replace(cp, max_queue_size=admission.max_queue_size)
+    return SageConfig(
+        cp, sections["gateway"], health, admission, sections["simulation"], source=p.source
+    )
+
+
+def _section(
+    document: Mapping[str, Any],
+    service: Mapping[str, Any],
+    spath: KeyPath,
+    name: str,
+    p: Problems,
+) -> tuple[Mapping[str, Any] | None, KeyPath]:
+    """Section ``name``'s table (inside the service table, or top level) and its path."""
+    top, nested = document.get(name), service.get(name)
+    if top is not None and nested is not None:
+        where = ".".join(str(k) for k in (*spath, name))
+        p.add((*spath, name), f"given twice, as [{name}] and as [{where}]; keep one")
+    if nested is not None:
+        return _table(nested, (*spath, name), p), (*spath, name)
+    if top is not None:
+        return _table(top, (name,), p), (name,)
+    return None, (name,)
+
+
+def _table(value: Any, path: KeyPath, p: Problems) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    p.add(path, f"must be a table, got {type(value).__name__}")
+    return {}
+
+
+def _unknown_keys(
+    table: Mapping[str, Any], path: KeyPath, allowed: Sequence[str], p: Problems
+) -> None:
+    for key in table:
+        if key not in allowed:
+            p.add((*path, str(key)), f"unknown key{suggest(str(key), allowed)}")
+
+
+def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, Any], KeyPath]:
+    services = data.get("services")
+    if services is None:
+        return {}, _SERVICE_PATH
+    if not isinstance(services, Mapping):
+        p.add(("services",), f"must be a table, got {type(services).__name__}")
+        return {}, _SERVICE_PATH
+    chosen = "llm_control_plane" if "llm_control_plane" in services else None
+    if chosen is None:
+        ours = [k for k, v in services.items() if _is_ours(v)]
+        if len(ours) > 1:
+            p.add(
+                ("services",),
+                f"several control-plane services ({', '.join(ours)}); "
+                "name the one to use llm_control_plane",
+            )
+        chosen = ours[0] if ours else None
+    for key, value in services.items():
+        if key == chosen or (isinstance(value, Mapping) and "type" in value):
+            continue  # another SAGE service: not ours to check
+        p.add(
+            ("services", key),
+            f"unknown service{suggest(key, ['llm_control_plane'])} (a service table needs a type)",
+        )
+    if chosen is None:
+        return {}, _SERVICE_PATH
+    return _table(services[chosen], ("services", chosen), p), ("services", chosen)
+
+
+def _is_ours(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("type") in SERVICE_TYPES
+
+
+def _control_plane(
+    service: Mapping[str, Any], spath: KeyPath, env: Mapping[str, str], p: Problems
+) -> ControlPlaneConfig | None:
+    cp = read_dataclass(
+        ControlPlaneConfig, service, spath, p, extra_keys=SECTIONS, foreign=FOREIGN_RULES
+    )
+    if cp is None:
+        return None
+    pd_table = service.get("pd")
+    enabled = cp.enable_pd_separation
+    if isinstance(pd_table, Mapping) and isinstance(pd_table.get("enabled"), bool):
+        if "enable_pd_separation" in service and enabled != cp.pd.enabled:
+            p.add((*spath, "pd", "enabled"), "contradicts enable_pd_separation; set one of them")
+        enabled = cp.pd.enabled
+    pd = dataclasses.replace(cp.pd, enabled=enabled)
+    cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
+    _check_pd(pd, (*spath, "pd"), p)
+    policy, policy_params = cp.scheduling_policy, cp.policy_params
+    if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
+        read_params(
+            lambda: make_params(params_class(policy), policy_params),
+            (*spath, "policy_params"),
+            p,
+        )
+    strategy, routing_params = cp.routing_strategy, cp.routing_params
+    if "routing_params" in service and not p.failed((*spath, "routing_strategy")):
+        read_params(
+            lambda: parse_params(get_strategy(strategy), routing_params),
+            (*spath, "routing_params"),
+            p,
+        )
+    _check_instances(service.get("instances"), cp.mode, (*spath, "instances"), env, p)
+    return cp
+
+
+def _check_pd(pd: PDSeparationConfig, path: KeyPath, p: Problems) -> None:
+    for role in ("prefilling", "decoding"):
+        low, high = getattr(pd, f"{role}_min_instances"), getattr(pd, f"{role}_max_instances")
+        if low > high:
+            p.add((*path, f"{role}_min_instances"), f"is above {role}_max_instances ({high})")
+
+
+def _check_instances(
+    raw: object, mode: str, path: KeyPath, env: Mapping[str, str], p: Problems
+) -> None:
+    """Duplicate ids and addresses, and ``api_key_env``, checked on the raw tables so that
+    instances with other problems are checked too."""
+    if not isinstance(raw, list | tuple):
+        return
+    ids: dict[str, int] = {}
+    addresses: dict[tuple[str, int], int] = {}
+    for index, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            continue
+        iid = item.get("instance_id")
+        if isinstance(iid, str):
+            first = ids.setdefault(iid, index)
+            if first != index:
+                p.add(
+                    (*path, index, "instance_id"),
+                    f"duplicate instance id {iid!r} (also instances[{first}])",
+                )
+        host, port = item.get("host"), item.get("port")
+        simulated = mode == "simulated" or item.get("engine") == "sim"
+        if isinstance(host, str) and isinstance(port, int) and not simulated:
+            other = addresses.setdefault((host, port), index)
+            if other != index:
+                p.add((*path, index, "port"), f"{host}:{port} is also instances[{other}]'s address")
+        env_name = item.get("api_key_env")
+        if isinstance(env_name, str) and not p.failed((*path, index, "api_key_env")):
+            if item.get("api_key") is not None:
+                p.add((*path, index, "api_key_env"), "set api_key or api_key_env, not both")
+            else:
+                _env_secret(env_name, (*path, index, "api_key_env"), env, p)
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+
+def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -> str | None:
+    value = env.get(name)
+    if value is None:
+        p.add(path, f"environment variable {name} is not set")
+        return None
+    if not value.strip():
+        p.add(path, f"environment variable {name} is empty")
+        return None
+    return value.strip()
+
+
+def _gateway_secrets(
+    gw: GatewayConfig, path: KeyPath, env: Mapping[str, str], p: Problems
+) -> GatewayConfig | None:
+    keys = list(gw.api_keys)
+    token = gw.admin_token
+    if gw.api_keys_env is not None:
+        raw = _env_secret(gw.api_keys_env, (*path, "api_keys_env"), env, p)
+        if raw is None:
+            return None
+        keys += [k.strip() for k in raw.split(",") if k.strip()]
+    if gw.admin_token_env is not None:
+        if gw.admin_token is not None:
+            p.add((*path, "admin_token_env"), "set admin_token or admin_token_env, not both")
+            return None
+        token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
+        if token is None:
+            return None
+    return dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
+
+
+def _instance_secrets(cp: ControlPlaneConfig, env: Mapping[str, str]) -> ControlPlaneConfig:
+    """Instances with ``api_key`` read from ``api_key_env`` (problems were reported earlier)."""
+    instances = tuple(
+        dataclasses.replace(inst, api_key=env.get(inst.api_key_env, "").strip() or None)
+        if inst.api_key_env is not None
+        else inst
+        for inst in cp.instances
+    )
+    return dataclasses.replace(cp, instances=instances)

@@ -1,0 +1,372 @@
+"""The configuration's frozen dataclasses: one per table, with defaults and checks.
+
+Each field's :class:`~sage_llm.config_fields.Rule` says what its value must satisfy;
+:data:`FOREIGN_RULES` does the same for the seed dataclasses of :mod:`sage_llm.types`
+(``PDSeparationConfig``, ``PrefillingConfig``, ``DecodingConfig``). Reading files is
+:mod:`sage_llm.config`'s job; these classes are plain values that can also be built in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sage_llm.config_fields import Rule, opt, req, rule, to_plain, validate
+from sage_llm.control_plane.routing.registry import ROUTING_NAMES
+from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
+from sage_llm.errors import ConfigError
+from sage_llm.sim.specs import get_gpu, get_model
+from sage_llm.types import (
+    DecodingConfig,
+    ExecutionInstance,
+    ExecutionInstanceType,
+    PDSeparationConfig,
+    PrefillingConfig,
+)
+
+SERVICE_TYPES = ("ControlPlaneVLLMService", "VLLMService")
+MODES = ("http", "simulated")
+ENGINES = ("vllm", "sglang", "openai", "sim")
+PD_DECIDERS = ("always", "never", "threshold", "prefix_aware", "adaptive")
+PD_CONNECTORS = ("vllm", "sglang")
+DEFAULT_SIM_MODEL = "llama-3-8b"
+MASK = "***"
+SECTIONS = ("gateway", "health", "admission", "simulation")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _name(value: str) -> str:
+    return value.strip().lower().replace("-", "_")
+
+
+def _mode(value: str) -> str:
+    text = value.strip().lower()
+    return {"sim": "simulated", "local": "simulated"}.get(text, text)
+
+
+def _check_host(value: str) -> str | None:
+    if "://" in value or "/" in value:
+        return "must be a host name or address, not a URL (set scheme separately)"
+    if any(c.isspace() for c in value):
+        return "must not contain spaces"
+    return None
+
+
+def _check_env_name(value: str) -> str | None:
+    return None if _ENV_NAME.fullmatch(value) else "must be an environment variable name"
+
+
+def _check_gpu(value: str) -> str | None:
+    try:
+        get_gpu(value)
+    except ConfigError as exc:
+        return exc.message
+    return None
+
+
+def _check_model(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        get_model(value)
+    except ConfigError as exc:
+        return exc.message
+    return None
+
+
+def default_sim_model(model_name: str) -> str:
+    """``model_name`` when the simulator knows it, else ``llama-3-8b``."""
+    try:
+        return get_model(model_name).name.lower()
+    except ConfigError:
+        return DEFAULT_SIM_MODEL
+
+
+_PORT = rule(ge=1, le=65535)
+_COUNT = rule(ge=1)
+_POSITIVE = rule(gt=0)
+_ID = rule(nonempty=True)
+_ENV = rule(nonempty=True, check=_check_env_name)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One ``[[services.llm_control_plane.instances]]`` entry: an engine instance.
+
+    The ``sim_*`` options describe the simulated engine that stands in for this instance
+    when ``engine = "sim"`` or the control plane runs in ``simulated`` mode; an empty
+    ``sim_model`` means ``model_name`` when the simulator knows it, else ``llama-3-8b``.
+    """
+
+    instance_id: str = req(_ID)
+    host: str = req(rule(nonempty=True, check=_check_host))
+    port: int = req(_PORT)
+    model_name: str = req(_ID)
+    tensor_parallel_size: int = opt(1, _COUNT)
+    pipeline_parallel_size: int = opt(1, _COUNT)
+    data_parallel_size: int = opt(1, _COUNT)
+    instance_type: ExecutionInstanceType = ExecutionInstanceType.GENERAL
+    prefilling_config: PrefillingConfig | None = None
+    decoding_config: DecodingConfig | None = None
+    gpu_count: int = opt(1, _COUNT)
+    gpu_memory_gb: float = opt(0.0, rule(ge=0))
+    max_concurrent_requests: int = opt(100, _COUNT)
+    machine_id: str | None = None
+    rack_id: str | None = None
+    gpu_bus_id: str | None = None
+    gpu_device_id: int | None = opt(None, rule(ge=0))
+    nvlink_peers: tuple[str, ...] = opt((), _ID)
+    numa_node: int | None = opt(None, rule(ge=0))
+    network_bandwidth_gbps: float = opt(10.0, _POSITIVE)
+    network_latency_ms: float = opt(0.1, rule(ge=0))
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    engine: str = opt("vllm", rule(choices=ENGINES, norm=str.lower))
+    price_per_gpu_hour: float = opt(2.0, rule(ge=0))
+    nvlink_domain: str | None = None
+    api_key: str | None = opt(None, rule(nonempty=True, secret=True))
+    api_key_env: str | None = opt(None, _ENV)
+    scheme: str = opt("http", rule(choices=("http", "https"), norm=str.lower))
+    sim_gpu: str = opt("h100", rule(nonempty=True, check=_check_gpu))
+    sim_model: str = opt("", rule(check=_check_model))
+    sim_speed: float = opt(1.0, _POSITIVE)
+    sim_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+        kind = self.instance_type
+        if self.prefilling_config is not None and kind is ExecutionInstanceType.DECODING:
+            raise ValueError("prefilling_config is not allowed on a DECODING instance")
+        if self.decoding_config is not None and kind is ExecutionInstanceType.PREFILLING:
+            raise ValueError("decoding_config is not allowed on a PREFILLING instance")
+        if not self.sim_model:
+            object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
+
+    def to_instance(self) -> ExecutionInstance:
+        """A fresh :class:`ExecutionInstance`; ``sim_*`` options go into its ``metadata``."""
+        metadata = dict(self.metadata)
+        metadata.update(sim_gpu=self.sim_gpu, sim_model=self.sim_model, sim_speed=self.sim_speed)
+        if self.sim_seed is not None:
+            metadata["sim_seed"] = self.sim_seed
+        values = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(ExecutionInstance)
+            if f.init and hasattr(self, f.name)
+        }
+        pre, dec = self.prefilling_config, self.decoding_config
+        values.update(
+            prefilling_config=dataclasses.replace(pre) if pre is not None else None,
+            decoding_config=dataclasses.replace(dec) if dec is not None else None,
+            nvlink_peers=list(self.nvlink_peers),
+            metadata=metadata,
+        )
+        return ExecutionInstance(**values)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """``[services.llm_control_plane]``: the keywords of ``ControlPlaneManager``, ``pd`` and
+    the instances. ``policy_params``/``routing_params`` go to the policy/strategy as given."""
+
+    type: str = opt("ControlPlaneVLLMService", rule(choices=SERVICE_TYPES))
+    scheduling_policy: str = opt("adaptive", rule(choices=POLICY_NAMES, norm=_name))
+    routing_strategy: str = opt("load_balanced", rule(choices=ROUTING_NAMES, norm=_name))
+    enable_auto_scaling: bool = False
+    enable_monitoring: bool = True
+    enable_pd_separation: bool = True
+    mode: str = opt("http", rule(choices=MODES, norm=_mode))
+    policy_params: Mapping[str, Any] = field(default_factory=dict)
+    routing_params: Mapping[str, Any] = field(default_factory=dict)
+    max_queue_size: int = opt(10_000, _COUNT)
+    max_retries: int = opt(2, rule(ge=0))
+    default_max_tokens: int = opt(128, _COUNT)
+    result_retention: int = opt(10_000, _COUNT)
+    result_ttl_s: float = opt(600.0, _POSITIVE)
+    stats_interval_s: float = opt(1.0, _POSITIVE)
+    health_interval_s: float = opt(5.0, _POSITIVE)
+    prefix_block_size: int = opt(16, _COUNT)
+    prefix_index_capacity: int = opt(200_000, _COUNT)
+    seed: int | None = None
+    pd: PDSeparationConfig = field(default_factory=PDSeparationConfig)
+    instances: tuple[InstanceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def pd_config(self) -> PDSeparationConfig:
+        """A fresh copy of the PD settings (``enabled`` follows ``enable_pd_separation``)."""
+        return dataclasses.replace(
+            self.pd, enabled=self.enable_pd_separation, metadata=dict(self.pd.metadata)
+        )
+
+    def manager_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ControlPlaneManager(**kwargs)``."""
+        kwargs = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("type", "pd", "instances")
+        }
+        kwargs.update(
+            pd_config=self.pd_config(),
+            policy_params=dict(self.policy_params),
+            routing_params=dict(self.routing_params),
+        )
+        return kwargs
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: the OpenAI-compatible HTTP server. ``api_keys`` holds the keys from the
+    file and from ``api_keys_env``; empty means no authentication on the OpenAI routes.
+    Without an admin token the admin API answers loopback clients only."""
+
+    host: str = opt("127.0.0.1", rule(nonempty=True, check=_check_host))
+    port: int = opt(8080, rule(ge=0, le=65535))
+    api_keys: tuple[str, ...] = opt((), rule(nonempty=True, secret=True))
+    api_keys_env: str | None = opt(None, _ENV)
+    admin_token: str | None = opt(None, rule(nonempty=True, secret=True))
+    admin_token_env: str | None = opt(None, _ENV)
+    max_body_bytes: int = opt(1 << 20, _COUNT)
+    max_prompt_tokens: int = opt(32_768, _COUNT)
+    max_tokens_limit: int = opt(8192, _COUNT)
+    request_timeout_s: float = opt(600.0, _POSITIVE)
+    workers: int = opt(1, _COUNT)
+    log_prompts: bool = False
+    cors_origins: tuple[str, ...] = opt((), _ID)
+    tracing: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """``[health]``: probes and ejection. ``interval_s``, when set, also sets the control
+    plane's ``health_interval_s``. Absent timeouts mean no limit."""
+
+    interval_s: float = opt(5.0, _POSITIVE)
+    timeout_s: float = opt(2.0, _POSITIVE)
+    failure_threshold: int = opt(3, _COUNT)
+    recovery_threshold: int = opt(1, _COUNT)
+    eject_on_errors: bool = True
+    connect_timeout_s: float = opt(5.0, _POSITIVE)
+    first_token_timeout_s: float | None = opt(None, _POSITIVE)
+    idle_timeout_s: float | None = opt(None, _POSITIVE)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """``[admission]``: refusals before queueing. ``max_queue_size``, when set, overrides
+    the control plane's."""
+
+    max_queue_size: int | None = opt(None, _COUNT)
+    reject_infeasible_slo: bool = False
+    max_queue_wait_s: float | None = opt(None, _POSITIVE)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """``[simulation]``: the simulated fleet used when no instances are configured."""
+
+    instances: int = opt(4, _COUNT)
+    model: str = opt(DEFAULT_SIM_MODEL, rule(nonempty=True, check=_check_model))
+    gpu: str = opt("h100", rule(nonempty=True, check=_check_gpu))
+    speed: float = opt(1.0, _POSITIVE)
+    seed: int = 0
+    max_concurrent_requests: int = opt(64, _COUNT)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def fleet(self) -> tuple[InstanceConfig, ...]:
+        """The simulated instances ``sim-0`` … (``engine = "sim"``, seeds ``seed + i``)."""
+        return tuple(
+            InstanceConfig(
+                instance_id=f"sim-{i}",
+                host="127.0.0.1",
+                port=8100 + i,
+                model_name=self.model,
+                engine="sim",
+                max_concurrent_requests=self.max_concurrent_requests,
+                sim_gpu=self.gpu,
+                sim_speed=self.speed,
+                sim_seed=self.seed + i,
+            )
+            for i in range(self.instances)
+        )
+
+
+@dataclass(frozen=True)
+class SageConfig:
+    """A whole configuration. ``source`` names where it came from (not compared)."""
+
+    control_plane: ControlPlaneConfig = field(default_factory=ControlPlaneConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    source: str = field(default="<default>", compare=False)
+
+    @classmethod
+    def default(cls) -> SageConfig:
+        """The embedded default: every default, no instances, so the simulated fleet."""
+        return cls()
+
+    def fleet(self) -> tuple[InstanceConfig, ...]:
+        """The configured instances, or the simulated fleet when none are configured."""
+        return self.control_plane.instances or self.simulation.fleet()
+
+    def execution_instances(self) -> list[ExecutionInstance]:
+        """:meth:`fleet` as fresh :class:`ExecutionInstance` objects, ready to register."""
+        return [inst.to_instance() for inst in self.fleet()]
+
+    def manager_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ControlPlaneManager(**kwargs)``."""
+        return self.control_plane.manager_kwargs()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a document-shaped dict, secrets replaced by ``"***"``."""
+        service = to_plain(self.control_plane, MASK)
+        return {
+            "services": {"llm_control_plane": service},
+            **{name: to_plain(getattr(self, name), MASK) for name in SECTIONS},
+        }
+
+
+FOREIGN_RULES: Mapping[type[Any], Mapping[str, Rule]] = {
+    PDSeparationConfig: {
+        "prefilling_min_instances": rule(ge=0),
+        "prefilling_max_instances": _COUNT,
+        "decoding_min_instances": rule(ge=0),
+        "decoding_max_instances": _COUNT,
+        "routing_policy": rule(choices=PD_DECIDERS, norm=_name),
+        "prefilling_threshold_input_tokens": rule(ge=0),
+        "prefilling_threshold_ratio": rule(ge=0),
+        "kv_cache_memory_fraction": rule(gt=0, le=1),
+        "kv_cache_transfer_buffer_mb": rule(ge=0),
+        "max_transfer_latency_ms": rule(ge=0),
+        "pd_metrics_interval_sec": _COUNT,
+        "connector": rule(choices=PD_CONNECTORS, norm=str.lower),
+    },
+    PrefillingConfig: {
+        "target_batch_size": _COUNT,
+        "max_prefill_tokens": _COUNT,
+        "chunk_size": _COUNT,
+        "kv_connector": _ID,
+    },
+    DecodingConfig: {
+        "target_batch_size": _COUNT,
+        "max_num_seqs": _COUNT,
+        "kv_cache_memory_fraction": rule(gt=0, le=1),
+        "kv_connector": _ID,
+    },
+}

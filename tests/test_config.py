@@ -1,0 +1,621 @@
+"""The TOML configuration: the seed's format, defaults, strict checks, secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+
+from sage_llm.config import (
+    ConfigErrors,
+    ControlPlaneConfig,
+    GatewayConfig,
+    InstanceConfig,
+    SageConfig,
+    check_config,
+    config_from_dict,
+    load_config,
+    parse_config,
+)
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import ConfigError
+from sage_llm.types import DecodingConfig, ExecutionInstanceType, PDSeparationConfig
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
+
+SEED = """\
+# config/services.toml
+[services.llm_control_plane]
+type = "ControlPlaneVLLMService"
+scheduling_policy = "adaptive"     # adaptive, slo_aware, priority, fifo, cost_optimized
+enable_pd_separation = true        # 启用 Prefilling/Decoding 分离
+routing_strategy = "load_balanced" # load_balanced, affinity, locality, topology_aware
+
+[[services.llm_control_plane.instances]]
+instance_id = "llm-prefill-1"
+host = "localhost"
+port = 8000
+model_name = "meta-llama/Llama-2-7b"
+instance_type = "PREFILLING"
+tensor_parallel_size = 4
+
+[[services.llm_control_plane.instances]]
+instance_id = "llm-decode-1"
+host = "localhost"
+port = 8001
+model_name = "meta-llama/Llama-2-7b"
+instance_type = "DECODING"
+tensor_parallel_size = 1
+"""
+
+INSTANCE = {"instance_id": "a", "host": "localhost", "port": 8000, "model_name": "m"}
+
+
+def problem(text: str, env: dict[str, str] | None = None) -> ConfigError:
+    """The single ConfigError ``text`` raises."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "cfg.toml", env=env or {})
+    assert not isinstance(info.value, ConfigErrors), str(info.value)
+    return info.value
+
+
+# -- the seed's format ---------------------------------------------------------------------
+
+
+def test_seed_example_parses_exactly() -> None:
+    cfg = parse_config(SEED, "services.toml", env={})
+    cp = cfg.control_plane
+    assert cp.type == "ControlPlaneVLLMService"
+    assert (cp.scheduling_policy, cp.routing_strategy) == ("adaptive", "load_balanced")
+    assert cp.enable_pd_separation is True
+    assert [i.instance_id for i in cp.instances] == ["llm-prefill-1", "llm-decode-1"]
+    types = [i.instance_type for i in cp.instances]
+    assert types == [ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING]
+    assert [i.tensor_parallel_size for i in cp.instances] == [4, 1]
+    assert [i.port for i in cp.instances] == [8000, 8001]
+    assert cfg.source == "services.toml"
+    assert cfg.fleet() == cp.instances
+
+
+def test_seed_instances_become_execution_instances() -> None:
+    prefill, decode = parse_config(SEED, env={}).execution_instances()
+    assert prefill.instance_id == "llm-prefill-1"
+    assert prefill.base_url == "http://localhost:8000"
+    assert prefill.model_name == "meta-llama/Llama-2-7b"
+    assert prefill.instance_type is ExecutionInstanceType.PREFILLING
+    assert prefill.tensor_parallel_size == 4
+    assert decode.instance_type is ExecutionInstanceType.DECODING
+    assert prefill.metadata == {"sim_gpu": "h100", "sim_model": "llama-2-7b", "sim_speed": 1.0}
+    assert prefill.nvlink_peers == [] and prefill.metadata is not decode.metadata
+
+
+def test_manager_kwargs_fit_control_plane_manager() -> None:
+    cfg = parse_config(SEED, env={})
+    kwargs = cfg.manager_kwargs()
+    inspect.signature(ControlPlaneManager).bind(**kwargs)
+    manager = ControlPlaneManager(**kwargs)
+    assert manager.pd_config.enabled is True
+    assert manager.max_queue_size == 10_000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("PREFILLING", ExecutionInstanceType.PREFILLING),
+        ("prefilling", ExecutionInstanceType.PREFILLING),
+        ("prefill", ExecutionInstanceType.PREFILLING),
+        ("decode", ExecutionInstanceType.DECODING),
+        ("Hybrid", ExecutionInstanceType.HYBRID),
+    ],
+)
+def test_instance_type_spellings(text: str, expected: ExecutionInstanceType) -> None:
+    cfg = config_from_dict({"instances": [{**INSTANCE, "instance_type": text}]})
+    assert cfg.control_plane.instances[0].instance_type is expected
+
+
+# -- dict forms ----------------------------------------------------------------------------
+
+
+def test_bare_service_table_dict() -> None:
+    cfg = config_from_dict(
+        {
+            "type": "VLLMService",
+            "scheduling_policy": "fifo",
+            "routing_strategy": "round_robin",
+            "instances": [INSTANCE, {**INSTANCE, "instance_id": "b", "port": 8001}],
+            "gateway": {"port": 9000},
+        },
+        env={},
+    )
+    assert cfg.control_plane.scheduling_policy == "fifo"
+    assert [i.instance_id for i in cfg.control_plane.instances] == ["a", "b"]
+    assert cfg.gateway.port == 9000
+
+
+def test_document_dict_and_none_means_unset() -> None:
+    cfg = config_from_dict(
+        {"services": {"llm_control_plane": {"seed": None, "mode": "sim"}}, "gateway": {}}
+    )
+    assert cfg.control_plane.seed is None
+    assert cfg.control_plane.mode == "simulated"
+
+
+def test_to_dict_round_trips() -> None:
+    cfg = parse_config(
+        SEED.replace("tensor_parallel_size = 1", "tensor_parallel_size = 1\nmetadata = {r = 1}")
+        + '\n[gateway]\nport = 1234\ncors_origins = ["https://a"]\n[health]\ninterval_s = 2.0\n'
+        + "[services.llm_control_plane.pd]\nconnector = 'sglang'\n",
+        env={},
+    )
+    assert config_from_dict(cfg.to_dict(), env={}) == cfg
+    assert cfg.to_dict()["services"]["llm_control_plane"]["instances"][0]["instance_type"] == (
+        "PREFILLING"
+    )
+
+
+# -- defaults ------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    cfg = SageConfig.default()
+    assert parse_config("", env={}) == cfg
+    assert config_from_dict({}, env={}) == cfg
+    cp = cfg.control_plane
+    assert (cp.scheduling_policy, cp.routing_strategy, cp.mode) == (
+        "adaptive",
+        "load_balanced",
+        "http",
+    )
+    assert (cp.enable_auto_scaling, cp.enable_monitoring, cp.enable_pd_separation) == (
+        False,
+        True,
+        True,
+    )
+    assert (cp.max_queue_size, cp.max_retries, cp.default_max_tokens) == (10_000, 2, 128)
+    assert (cp.result_retention, cp.result_ttl_s, cp.prefix_block_size) == (10_000, 600.0, 16)
+    assert cp.seed is None and cp.instances == () and cp.pd == PDSeparationConfig()
+    gw = cfg.gateway
+    assert (gw.host, gw.port, gw.api_keys, gw.admin_token) == ("127.0.0.1", 8080, (), None)
+    assert (gw.max_body_bytes, gw.max_prompt_tokens, gw.max_tokens_limit) == (1 << 20, 32768, 8192)
+    assert (gw.request_timeout_s, gw.workers, gw.log_prompts, gw.tracing) == (
+        600.0,
+        1,
+        False,
+        False,
+    )
+    hc = cfg.health
+    assert (hc.interval_s, hc.timeout_s, hc.failure_threshold, hc.recovery_threshold) == (
+        5.0,
+        2.0,
+        3,
+        1,
+    )
+    assert hc.first_token_timeout_s is None and hc.idle_timeout_s is None and hc.eject_on_errors
+    assert cfg.admission.max_queue_size is None and not cfg.admission.reject_infeasible_slo
+    sim = cfg.simulation
+    assert (sim.instances, sim.model, sim.gpu, sim.speed, sim.seed) == (
+        4,
+        "llama-3-8b",
+        "h100",
+        1.0,
+        0,
+    )
+
+
+def test_default_fleet_is_simulated() -> None:
+    fleet = SageConfig.default().execution_instances()
+    assert [i.instance_id for i in fleet] == ["sim-0", "sim-1", "sim-2", "sim-3"]
+    assert {i.engine for i in fleet} == {"sim"}
+    assert [i.metadata["sim_seed"] for i in fleet] == [0, 1, 2, 3]
+    assert fleet[0].max_concurrent_requests == 64
+    assert fleet[0].metadata["sim_model"] == "llama-3-8b"
+
+
+def test_simulation_table_shapes_the_fleet() -> None:
+    cfg = parse_config('[simulation]\ninstances = 2\ngpu = "a100-80g"\nseed = 10\nspeed = 2\n')
+    fleet = cfg.fleet()
+    assert len(fleet) == 2
+    assert {(i.sim_gpu, i.sim_speed) for i in fleet} == {("a100-80g", 2.0)}
+    assert [i.sim_seed for i in fleet] == [10, 11]
+
+
+def test_sim_model_follows_model_name_when_known() -> None:
+    known, unknown = config_from_dict(
+        {
+            "instances": [
+                {**INSTANCE, "model_name": "meta-llama/Meta-Llama-3-70B-Instruct"},
+                {**INSTANCE, "instance_id": "b", "port": 2, "sim_model": "", "model_name": "x"},
+            ]
+        }
+    ).control_plane.instances
+    assert known.sim_model == "llama-3-70b"
+    assert unknown.sim_model == "llama-3-8b"
+    explicit = InstanceConfig("c", "h", 1, "m", sim_model="qwen2.5-7b", sim_seed=5)
+    assert explicit.to_instance().metadata["sim_seed"] == 5
+    assert explicit.to_instance().metadata["sim_model"] == "qwen2.5-7b"
+
+
+def test_admission_and_health_settings_reach_the_control_plane() -> None:
+    cfg = parse_config("[admission]\nmax_queue_size = 50\n[health]\ninterval_s = 1.5\n")
+    assert cfg.control_plane.max_queue_size == 50
+    assert cfg.manager_kwargs()["health_interval_s"] == 1.5
+    cfg = parse_config("[services.llm_control_plane]\nhealth_interval_s = 9.0\n")
+    assert cfg.health.interval_s == 9.0
+
+
+def test_pd_table_and_enable_flag() -> None:
+    cfg = parse_config(
+        "[services.llm_control_plane]\nenable_pd_separation = false\n"
+        '[services.llm_control_plane.pd]\nrouting_policy = "always"\nconnector = "SGLang"\n'
+    )
+    pd = cfg.control_plane.pd_config()
+    assert (pd.enabled, pd.routing_policy, pd.connector) == (False, "always", "sglang")
+    assert cfg.control_plane.pd_config() is not cfg.control_plane.pd_config()
+    only_pd = parse_config("[services.llm_control_plane.pd]\nenabled = false\n")
+    assert only_pd.control_plane.enable_pd_separation is False
+
+
+def test_gateway_inside_the_service_table() -> None:
+    cfg = parse_config("[services.llm_control_plane.gateway]\nport = 9999\n")
+    assert cfg.gateway.port == 9999
+
+
+def test_other_sage_services_are_left_alone() -> None:
+    text = '[services.embedder]\ntype = "EmbeddingService"\nanything = 1\n' + SEED
+    assert len(parse_config(text).control_plane.instances) == 2
+    by_type = parse_config('[services.my_llm]\ntype = "VLLMService"\nscheduling_policy = "fifo"\n')
+    assert by_type.control_plane.scheduling_policy == "fifo"
+
+
+def test_example_configs_all_load() -> None:
+    env = {"SAGE_API_KEYS": "k1, k2", "SAGE_ADMIN_TOKEN": "tok"}
+    paths = sorted(EXAMPLES.glob("*.toml"))
+    assert {p.name for p in paths} >= {"cluster.toml", "pd.toml", "simulated.toml"}
+    for path in paths:
+        assert check_config(path, env=env) == [], path
+        cfg = load_config(path, env=env)
+        assert cfg.fleet()
+        ControlPlaneManager(**cfg.manager_kwargs())
+    cluster = load_config(EXAMPLES / "cluster.toml", env=env)
+    assert cluster.gateway.api_keys == ("k1", "k2")
+    assert cluster.gateway.admin_token == "tok"
+    pd = load_config(EXAMPLES / "pd.toml", env=env).control_plane.instances
+    assert pd[0].prefilling_config is not None and pd[0].prefilling_config.chunk_size == 2048
+    assert pd[1].decoding_config is not None and pd[1].decoding_config.max_num_seqs == 256
+    simulated = load_config(EXAMPLES / "simulated.toml", env=env).control_plane
+    assert simulated.mode == "simulated" and {i.engine for i in simulated.instances} == {"sim"}
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_unknown_key_with_suggestion() -> None:
+    err = problem(SEED.replace("scheduling_policy", "sheduling_policy"))
+    assert err.location == "cfg.toml:4"
+    assert err.key == "services.llm_control_plane.sheduling_policy"
+    assert "did you mean 'scheduling_policy'" in err.message
+
+
+def test_unknown_instance_key_and_section() -> None:
+    err = problem(SEED.replace("tensor_parallel_size = 1", "tensor_parallel = 1"))
+    assert (err.location, err.key) == (
+        "cfg.toml:22",
+        "services.llm_control_plane.instances[1].tensor_parallel",
+    )
+    assert "tensor_parallel_size" in err.message
+    err = problem("[gatway]\nport = 1\n")
+    assert (err.location, err.key) == ("cfg.toml:1", "gatway")
+    assert "did you mean 'gateway'" in err.message
+
+
+def test_wrong_type() -> None:
+    err = problem(SEED.replace("port = 8001", 'port = "8001"'))
+    assert (err.location, err.key) == (
+        "cfg.toml:19",
+        "services.llm_control_plane.instances[1].port",
+    )
+    assert "must be an integer" in err.message
+
+
+def test_bool_is_not_an_int_but_an_int_is_a_float() -> None:
+    err = problem("[services.llm_control_plane]\nmax_retries = true\n")
+    assert err.key == "services.llm_control_plane.max_retries"
+    assert "must be an integer, got boolean true" in err.message
+    assert parse_config("[health]\ntimeout_s = 3\n").health.timeout_s == 3.0
+    assert "finite" in problem("[health]\ntimeout_s = inf\n").message
+
+
+def test_bad_enum_values() -> None:
+    err = problem(SEED.replace('"adaptive"', '"adaptiv"'))
+    assert (err.location, err.key) == ("cfg.toml:4", "services.llm_control_plane.scheduling_policy")
+    assert "did you mean 'adaptive'" in err.message
+    err = problem(SEED.replace('"DECODING"', '"DECODER"'))
+    assert (err.location, err.key) == (
+        "cfg.toml:21",
+        "services.llm_control_plane.instances[1].instance_type",
+    )
+    err = problem('[services.llm_control_plane]\nrouting_strategy = "nearest"\n')
+    assert "topology_aware" in err.message
+    assert (
+        parse_config(
+            '[services.llm_control_plane]\nrouting_strategy = "Power-Of-Two"\n'
+        ).control_plane.routing_strategy
+        == "power_of_two"
+    )
+
+
+def test_duplicate_instance_id() -> None:
+    err = problem(SEED.replace('"llm-decode-1"', '"llm-prefill-1"'))
+    assert (err.location, err.key) == (
+        "cfg.toml:17",
+        "services.llm_control_plane.instances[1].instance_id",
+    )
+    assert "duplicate instance id 'llm-prefill-1' (also instances[0])" in err.message
+
+
+def test_duplicate_address_in_http_mode_only() -> None:
+    same = SEED.replace("port = 8001", "port = 8000")
+    err = problem(same)
+    assert (err.location, err.key) == (
+        "cfg.toml:19",
+        "services.llm_control_plane.instances[1].port",
+    )
+    simulated = same.replace('type = "Control', 'mode = "simulated"\ntype = "Control')
+    assert len(parse_config(simulated).control_plane.instances) == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("port = 0", "must be >= 1, got 0"), ("port = 65536", "must be <= 65535, got 65536")],
+)
+def test_bad_port(line: str, message: str) -> None:
+    err = problem(SEED.replace("port = 8000", line))
+    assert (err.location, err.key) == (
+        "cfg.toml:11",
+        "services.llm_control_plane.instances[0].port",
+    )
+    assert message in err.message
+
+
+@pytest.mark.parametrize(
+    ("replacement", "key", "message"),
+    [
+        ("tensor_parallel_size = 0", "tensor_parallel_size", "must be >= 1"),
+        ('host = "http://localhost"', "host", "not a URL"),
+        ('host = ""', "host", "must not be empty"),
+        ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
+        ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),
+        ('scheme = "ftp"', "scheme", "unknown value"),
+        ("nvlink_peers = [1]", "nvlink_peers[0]", "must be a string"),
+        ("metadata = 3", "metadata", "must be a table"),
+    ],
+)
+def test_instance_value_errors(replacement: str, key: str, message: str) -> None:
+    if replacement.startswith("host"):
+        text = SEED.replace('host = "localhost"\nport = 8001', f"{replacement}\nport = 8001")
+    else:
+        text = SEED.replace("tensor_parallel_size = 1", replacement)
+    err = problem(text)
+    assert err.key == f"services.llm_control_plane.instances[1].{key}"
+    assert message in err.message
+
+
+def test_missing_required_instance_key() -> None:
+    err = problem(
+        SEED.replace(
+            'model_name = "meta-llama/Llama-2-7b"\ninstance_type = "DEC', 'instance_type = "DEC'
+        )
+    )
+    assert (err.location, err.key) == (
+        "cfg.toml:16",
+        "services.llm_control_plane.instances[1].model_name",
+    )
+    assert err.message.endswith("is required")
+
+
+def test_role_config_must_match_instance_type() -> None:
+    text = SEED + "[services.llm_control_plane.instances.prefilling_config]\nchunk_size = 64\n"
+    err = problem(text)
+    assert (err.location, err.key) == ("cfg.toml:16", "services.llm_control_plane.instances[1]")
+    assert "prefilling_config is not allowed on a DECODING instance" in err.message
+
+
+def test_pd_errors() -> None:
+    err = problem("[services.llm_control_plane.pd]\nconector = 'vllm'\n")
+    assert (err.location, err.key) == ("cfg.toml:2", "services.llm_control_plane.pd.conector")
+    assert "did you mean 'connector'" in err.message
+    err = problem("[services.llm_control_plane.pd]\nprefilling_min_instances = 9\n")
+    assert err.key == "services.llm_control_plane.pd.prefilling_min_instances"
+    err = problem(
+        "[services.llm_control_plane]\nenable_pd_separation = true\npd = { enabled = false }\n"
+    )
+    assert (err.location, err.key) == ("cfg.toml:3", "services.llm_control_plane.pd.enabled")
+
+
+def test_policy_and_routing_params_are_checked_by_the_plugins() -> None:
+    err = problem(
+        '[services.llm_control_plane]\nscheduling_policy = "priority"\n'
+        "[services.llm_control_plane.policy_params]\nmax_wait_s = -1.0\n"
+    )
+    assert (err.location, err.key) == (
+        "cfg.toml:4",
+        "services.llm_control_plane.policy_params.max_wait_s",
+    )
+    err = problem("[services.llm_control_plane]\nrouting_params = { kv_wieght = 1 }\n")
+    assert err.key == "services.llm_control_plane.routing_params.kv_wieght"
+    assert err.location == "cfg.toml:2"
+
+
+def test_section_given_twice() -> None:
+    err = problem("[gateway]\nport = 1\n[services.llm_control_plane.gateway]\nport = 2\n")
+    assert err.key == "services.llm_control_plane.gateway"
+    assert "given twice" in err.message
+
+
+def test_unknown_service_table_without_type() -> None:
+    err = problem("[services.llm_contol_plane]\nscheduling_policy = 'fifo'\n")
+    assert (err.location, err.key) == ("cfg.toml:1", "services.llm_contol_plane")
+    assert "did you mean 'llm_control_plane'" in err.message
+
+
+def test_toml_syntax_error() -> None:
+    err = problem(SEED.replace("port = 8001", "port = = 8001"))
+    assert err.location == "cfg.toml:19"
+    assert str(err) == "cfg.toml:19: invalid TOML: Invalid value (column 8)"
+
+
+def test_dict_errors_name_the_source() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"instances": [{**INSTANCE, "port": -1}]}, source="sage-service")
+    assert info.value.location == "sage-service"
+    assert info.value.key == "instances[0].port"
+    with pytest.raises(ConfigError):
+        config_from_dict([], env={})  # type: ignore[arg-type]
+
+
+def test_check_config_collects_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        SEED.replace("sheduling", "x")
+        .replace('"load_balanced"', '"load_balance"')
+        .replace("port = 8001", "port = 99999")
+        .replace('"llm-decode-1"', '"llm-prefill-1"')
+        + "\n[health]\nfailure_threshold = 0\nbogus = 1\n",
+        encoding="utf-8",
+    )
+    errors = check_config(path)
+    where = [(e.location, e.key) for e in errors]
+    base = "services.llm_control_plane"
+    assert where == [
+        (f"{path}:6", f"{base}.routing_strategy"),
+        (f"{path}:17", f"{base}.instances[1].instance_id"),
+        (f"{path}:19", f"{base}.instances[1].port"),
+        (f"{path}:25", "health.failure_threshold"),
+        (f"{path}:26", "health.bogus"),
+    ]
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    assert [str(e) for e in info.value.errors] == [str(e) for e in errors]
+    lines = str(info.value).splitlines()
+    assert lines[0] == "5 configuration problems:"
+    assert lines[1:] == [str(e) for e in errors]
+    assert (info.value.location, info.value.key) == (f"{path}:6", f"{base}.routing_strategy")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    [err] = check_config(missing)
+    assert err.location == str(missing) and "cannot read" in err.message
+    with pytest.raises(ConfigError):
+        load_config(missing)
+
+
+def test_programmatic_values_are_checked() -> None:
+    with pytest.raises(ValueError, match="port"):
+        InstanceConfig("a", "h", 0, "m")
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        ControlPlaneConfig(scheduling_policy="nope")
+    with pytest.raises(ValueError, match="decoding_config"):
+        InstanceConfig(
+            "a",
+            "h",
+            1,
+            "m",
+            instance_type=ExecutionInstanceType.PREFILLING,
+            decoding_config=DecodingConfig(),
+        )
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+
+def test_secrets_from_environment() -> None:
+    text = (
+        '[gateway]\napi_keys = ["file-key"]\napi_keys_env = "KEYS"\nadmin_token_env = "ADMIN"\n'
+        + SEED.replace("tensor_parallel_size = 1", 'tensor_parallel_size = 1\napi_key_env = "UP"')
+    )
+    cfg = parse_config(text, env={"KEYS": "k1, k2,,file-key", "ADMIN": " tok ", "UP": "up-key"})
+    assert cfg.gateway.api_keys == ("file-key", "k1", "k2")
+    assert cfg.gateway.admin_token == "tok"
+    assert cfg.control_plane.instances[1].api_key == "up-key"
+    assert cfg.execution_instances()[1].api_key == "up-key"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "message"),
+    [
+        (
+            '[gateway]\napi_keys_env = "KEYS"\n',
+            {},
+            "gateway.api_keys_env",
+            "environment variable KEYS is not set",
+        ),
+        (
+            '[gateway]\nadmin_token_env = "ADMIN"\n',
+            {"ADMIN": "  "},
+            "gateway.admin_token_env",
+            "environment variable ADMIN is empty",
+        ),
+        (
+            '[gateway]\nadmin_token = "a"\nadmin_token_env = "ADMIN"\n',
+            {"ADMIN": "b"},
+            "gateway.admin_token_env",
+            "not both",
+        ),
+        (
+            '[gateway]\napi_keys_env = "1BAD"\n',
+            {},
+            "gateway.api_keys_env",
+            "must be an environment variable name",
+        ),
+    ],
+)
+def test_secret_environment_errors(text: str, env: dict[str, str], key: str, message: str) -> None:
+    err = problem(text, env)
+    assert err.key == key
+    assert message in err.message
+
+
+def test_instance_secret_environment_error() -> None:
+    err = problem(
+        SEED.replace(
+            "tensor_parallel_size = 4", 'tensor_parallel_size = 4\napi_key_env = "UPSTREAM"'
+        )
+    )
+    assert (err.location, err.key) == (
+        "cfg.toml:15",
+        "services.llm_control_plane.instances[0].api_key_env",
+    )
+
+
+def test_secrets_are_masked() -> None:
+    text = '[gateway]\napi_keys = ["sk-one", "sk-two"]\nadmin_token = "adm-secret"\n' + (
+        SEED.replace("tensor_parallel_size = 1", 'tensor_parallel_size = 1\napi_key = "up-sec"')
+    )
+    cfg = parse_config(text, env={})
+    dumped = cfg.to_dict()
+    assert dumped["gateway"]["api_keys"] == ["***", "***"]
+    assert dumped["gateway"]["admin_token"] == "***"
+    assert dumped["services"]["llm_control_plane"]["instances"][1]["api_key"] == "***"
+    assert dumped["services"]["llm_control_plane"]["instances"][0]["api_key"] is None
+    for secret in ("sk-one", "sk-two", "adm-secret", "up-sec"):
+        assert secret not in repr(cfg) and secret not in str(dumped)
+    assert cfg.gateway.api_keys == ("sk-one", "sk-two")
+
+
+def test_secret_values_stay_out_of_error_messages() -> None:
+    err = problem("[gateway]\nadmin_token = 987654321\n")
+    assert err.key == "gateway.admin_token" and "987654321" not in str(err)
+    err = problem('[gateway]\napi_keys = ["ok", 123456789]\n')
+    assert err.key == "gateway.api_keys[1]" and "123456789" not in str(err)
+    with pytest.raises(ValueError, match="api_keys") as info:
+        GatewayConfig(api_keys=("",))
+    assert "must not be empty" in str(info.value)
+
+
+def test_configs_are_frozen() -> None:
+    cfg = SageConfig.default()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.gateway.port = 1  # type: ignore[misc]
