@@ -1,0 +1,49 @@
+"""Build a ready-to-start ControlPlaneManager from a :class:`~sage_llm.config.SageConfig`.
+
+Used by ``sage-llm serve`` and the SAGE services, so both read one config model. When the
+config names no instances, the embedded default fleet of simulated engines is registered
+(``[simulation]``), and the returned manager says so in :attr:`BuiltManager.embedded`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sage_llm.config import SageConfig
+from sage_llm.control_plane.manager import ControlPlaneManager, EngineFactory
+
+log = logging.getLogger("sage_llm.builder")
+
+
+def uses_embedded_fleet(config: SageConfig) -> bool:
+    """True when the config has no instances and the simulated default fleet stands in."""
+    return not config.control_plane.instances
+
+
+def build_manager(
+    config: SageConfig, *, engine_factory: EngineFactory | None = None, **overrides: Any
+) -> ControlPlaneManager:
+    """A manager with the configured policy, routing, PD, admission and health settings,
+    and every configured instance (or the simulated fleet) registered. Not started."""
+    kwargs = config.manager_kwargs()
+    if config.admission.max_queue_size is not None:
+        kwargs["max_queue_size"] = config.admission.max_queue_size
+    kwargs["health_interval_s"] = config.health.interval_s
+    if engine_factory is not None:
+        kwargs["engine_factory"] = engine_factory
+    kwargs.update(overrides)
+    manager = ControlPlaneManager(**kwargs)
+    for instance in config.execution_instances():
+        manager.register_instance(instance)
+    if uses_embedded_fleet(config):
+        sim = config.simulation
+        log.info(
+            "no instances configured: using the embedded fleet of %d simulated %s engines "
+            "serving %s (speed %.1fx)",
+            sim.instances,
+            sim.gpu,
+            sim.model,
+            sim.speed,
+        )
+    return manager

@@ -1,0 +1,68 @@
+"""build_manager: one config model for the gateway and the SAGE services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sage_llm.config import SageConfig, load_config, parse_config
+from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
+from sage_llm.sim.clock import run_virtual
+from sage_llm.types import ExecutionInstanceType, RequestStatus
+from tests.factories import make_metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_builds_the_embedded_simulated_fleet_that_serves() -> None:
+    config = SageConfig.default()
+    assert uses_embedded_fleet(config)
+
+    async def main() -> None:
+        cp = build_manager(config)
+        async with cp:
+            status = cp.get_status()
+            result = await cp.generate(make_metadata("r1", model_name=None, max_tokens=5))
+        assert status["registered_instances"] == config.simulation.instances
+        assert status["scheduling_policy"] == config.control_plane.scheduling_policy
+        assert result.status is RequestStatus.COMPLETED
+        assert result.completion_tokens == 5
+
+    run_virtual(main())
+
+
+def test_seed_config_registers_prefill_and_decode_instances() -> None:
+    config = load_config(ROOT / "examples" / "configs" / "pd.toml")
+    cp = build_manager(config)
+    roles = {i.instance_type for i in cp.get_instances()}
+    assert ExecutionInstanceType.PREFILLING in roles
+    assert ExecutionInstanceType.DECODING in roles
+    assert not uses_embedded_fleet(config)
+
+
+def test_admission_and_health_sections_reach_the_manager() -> None:
+    config = parse_config(
+        """
+[services.llm_control_plane]
+type = "ControlPlaneVLLMService"
+scheduling_policy = "priority"
+routing_strategy = "round_robin"
+mode = "simulated"
+
+[[services.llm_control_plane.instances]]
+instance_id = "a"
+host = "127.0.0.1"
+port = 9001
+model_name = "llama-3-8b"
+
+[admission]
+max_queue_size = 7
+
+[health]
+interval_s = 2.5
+"""
+    )
+    cp = build_manager(config)
+    assert cp.max_queue_size == 7
+    assert cp.health_interval_s == 2.5
+    assert cp.get_status()["routing_strategy"] == "round_robin"
+    assert cp.policy.name == "priority"
