@@ -1,0 +1,325 @@
+"""The one engine behind a plain :class:`~sage_llm.service.vllm_service.VLLMService`.
+
+* :class:`EngineBackend` talks to an engine through an
+  :class:`~sage_llm.engines.base.EngineClient`: an OpenAI-compatible HTTP endpoint (vLLM,
+  SGLang, any OpenAI-compatible server), or an in-process simulated engine
+  (``engine = "sim"``, whose embeddings are the deterministic
+  :func:`~sage_llm.service.embeddings.sim_embedding`).
+* :class:`InProcessVLLMBackend` hosts ``vllm.LLM`` in this process, as SAGE's VLLMService
+  does (needs the ``vllm`` extra). Its blocking calls run in a worker thread, one at a time.
+
+Both run on the service's event loop and answer with the VLLMService result shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from sage_llm.control_plane.intake import build_request
+from sage_llm.engines.base import EngineClient, Usage
+from sage_llm.errors import ConfigError, DeadlineExceededError, EngineError, ModelNotFoundError
+from sage_llm.service.config import VLLMServiceConfig
+from sage_llm.service.embeddings import (
+    EmbedRequest,
+    embed_result,
+    sim_embedding,
+    vectors_from_openai,
+)
+from sage_llm.service.payloads import PromptInput
+from sage_llm.service.results import generation_entry, to_metadata
+from sage_llm.tokens import chat_prompt_text, count_tokens
+from sage_llm.types import ExecutionInstance
+
+__all__ = ["Backend", "EngineBackend", "InProcessVLLMBackend", "make_backend", "vllm_installed"]
+
+VLLM_MISSING = (
+    "vLLM is not installed, so VLLMService cannot host the model in this process: install "
+    "the vllm extra (pip install 'sage-llm[vllm]'), or give an engine endpoint (base_url, or "
+    'host and port), or set engine = "sim" for a simulated engine'
+)
+
+
+class Backend(Protocol):
+    """What VLLMService needs from its engine. Every method runs on the service loop."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def generate(
+        self, items: list[PromptInput], request_ids: list[str]
+    ) -> list[dict[str, Any]]: ...
+
+    async def embed(self, req: EmbedRequest) -> dict[str, Any]: ...
+
+    async def models(self) -> list[str]: ...
+
+
+def vllm_installed() -> bool:
+    """Whether ``import vllm`` works here."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(cfg: VLLMServiceConfig) -> Backend:
+    """The backend ``cfg`` asks for; raises ConfigError when vLLM is needed but missing."""
+    if cfg.backend in ("http", "sim"):
+        return EngineBackend(cfg)
+    if not vllm_installed():
+        raise ConfigError(VLLM_MISSING, key="engine")
+    return InProcessVLLMBackend(cfg)
+
+
+def service_instance(cfg: VLLMServiceConfig) -> ExecutionInstance:
+    """The engine of ``cfg`` as an instance (``engine="sim"`` for the simulated one)."""
+    sim = cfg.sim
+    metadata: dict[str, Any] = {
+        "sim_gpu": str(sim.get("gpu", "h100")),
+        "sim_speed": float(sim.get("speed", 1.0)),
+    }
+    if sim.get("model"):
+        metadata["sim_model"] = str(sim["model"])
+    if sim.get("seed") is not None:
+        metadata["sim_seed"] = int(sim["seed"])
+    return ExecutionInstance(
+        instance_id="vllm-service",
+        host=cfg.host or "127.0.0.1",
+        port=cfg.port or 8000,
+        model_name=cfg.model_id,
+        tensor_parallel_size=int(cfg.engine.get("tensor_parallel_size", 1)),
+        max_concurrent_requests=int(sim.get("max_concurrent_requests", 256)),
+        engine="sim" if cfg.backend == "sim" else cfg.dialect,
+        scheme=cfg.scheme,
+        api_key=cfg.api_key,
+        metadata=metadata,
+    )
+
+
+class EngineBackend:
+    """One engine reached through an EngineClient (HTTP endpoint or simulated engine)."""
+
+    def __init__(self, cfg: VLLMServiceConfig) -> None:
+        self._cfg = cfg
+        self._instance = service_instance(cfg)
+        self._client: EngineClient | None = None
+        self._session: Any = None
+
+    async def start(self) -> None:
+        if self._cfg.backend == "sim":
+            from sage_llm.sim.factory import make_sim_engine
+
+            self._client = make_sim_engine(self._instance)
+            return
+        from sage_llm.engines.http import HTTPEngineClient, make_session
+
+        self._session = make_session()
+        self._client = HTTPEngineClient(self._instance, self._session, dialect=self._cfg.dialect)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        try:
+            if client is not None:
+                await client.aclose()
+        finally:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    def _require(self) -> EngineClient:
+        if self._client is None:
+            raise EngineError("the engine client is not started", retryable=False)
+        return self._client
+
+    async def generate(
+        self, items: list[PromptInput], request_ids: list[str]
+    ) -> list[dict[str, Any]]:
+        timeouts = [i.options.timeout_s for i in items if i.options.timeout_s is not None]
+        entries: list[dict[str, Any]] = await _all(
+            [self._one(item, rid) for item, rid in zip(items, request_ids, strict=True)],
+            min(timeouts) if timeouts else None,
+            "generate",
+        )
+        return entries
+
+    async def _one(self, item: PromptInput, request_id: str) -> dict[str, Any]:
+        client = self._require()
+        model = self._cfg.model_id
+        if item.options.model is not None and item.options.model != model:
+            raise ModelNotFoundError(f"this service serves {model!r}, not {item.options.model!r}")
+        meta = to_metadata(item, request_id)
+        default_max = item.options.max_tokens or 512
+        _, req = build_request(
+            meta, model, now=0.0, stream=True, default_max_tokens=default_max, block_size=16
+        )
+        text: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[Any] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        async for chunk in client.generate(req):
+            if chunk.index != 0:
+                continue
+            text.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            if chunk.logprobs is not None:
+                logprobs.append(chunk.logprobs)
+            finish = chunk.finish_reason or finish
+            usage = chunk.usage or usage
+        if finish is None:
+            raise EngineError(f"request {request_id!r}: the engine ended without a finish reason",
+                              instance_id=client.instance_id, retryable=False)  # fmt: skip
+        prompt = item.prompt if item.prompt is not None else chat_prompt_text(item.messages or [])
+        return generation_entry(
+            request_id=request_id,
+            text="".join(text),
+            token_ids=token_ids,
+            logprobs=logprobs if item.options.logprobs is not None else None,
+            finish_reason=finish,
+            input_tokens=usage.prompt_tokens if usage else count_tokens(prompt),
+            output_tokens=usage.completion_tokens if usage else len(token_ids),
+        )
+
+    async def embed(self, req: EmbedRequest) -> dict[str, Any]:
+        model = req.model or self._cfg.embedding_model_id or self._cfg.model_id
+        if self._cfg.backend == "sim":
+            dim = int(self._cfg.sim.get("embedding_dimension", 64))
+            vectors = [sim_embedding(t, dim) for t in req.texts]
+            return embed_result(model, vectors, req.normalize)
+        client = self._require()
+        embed = getattr(client, "embed", None)
+        if embed is None:  # pragma: no cover - HTTPEngineClient has it
+            raise EngineError("this engine client cannot embed", retryable=False)
+        answers: list[dict[str, Any]] = await _all(
+            [embed(model, req.texts)], req.timeout_s, "embed"
+        )
+        answer = answers[0]
+        return embed_result(model, vectors_from_openai(answer, len(req.texts)), req.normalize)
+
+    async def models(self) -> list[str]:
+        if self._cfg.backend == "sim":
+            return [self._cfg.model_id]
+        lister = getattr(self._require(), "models", None)
+        if lister is None:  # pragma: no cover - HTTPEngineClient has it
+            return [self._cfg.model_id]
+        served: list[str] = await lister()
+        return served
+
+
+async def _all(coros: list[Coroutine[Any, Any, Any]], limit_s: float | None, what: str) -> Any:
+    """Run ``coros`` concurrently; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        async with asyncio.timeout(limit_s):
+            return await asyncio.gather(*tasks)
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"{what} did not finish within the {limit_s} s timeout"
+        ) from None
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class InProcessVLLMBackend:
+    """``vllm.LLM`` hosted in this process (SAGE's original VLLMService behaviour)."""
+
+    def __init__(self, cfg: VLLMServiceConfig) -> None:
+        self._cfg = cfg
+        self._llm: Any = None
+        self._embedder: Any = None
+        self._lock: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        self._lock = asyncio.Lock()
+        self._llm = await asyncio.to_thread(self._load, self._cfg.model_id, self._cfg.engine)
+
+    @staticmethod
+    def _load(model: str, engine: Any) -> Any:
+        from vllm import LLM
+
+        return LLM(**{**dict(engine), "model": model})
+
+    async def aclose(self) -> None:
+        self._llm = self._embedder = None
+
+    async def _blocking(self, fn: Any, *args: Any) -> Any:
+        if self._lock is None or self._llm is None:
+            raise EngineError("the in-process vLLM engine is not started", retryable=False)
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args)
+
+    async def generate(
+        self, items: list[PromptInput], request_ids: list[str]
+    ) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._blocking(self._generate_sync, items, request_ids)
+        return result
+
+    def _generate_sync(
+        self, items: list[PromptInput], request_ids: list[str]
+    ) -> list[dict[str, Any]]:
+        from vllm import SamplingParams
+
+        def params(item: PromptInput) -> Any:
+            o = item.options
+            kw = {"max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p,
+                  "stop": list(o.stop) or None, "logprobs": o.logprobs, **o.extra}  # fmt: skip
+            return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
+
+        outputs: dict[int, Any] = {}
+        prompts = [i for i, item in enumerate(items) if item.prompt is not None]
+        chats = [i for i, item in enumerate(items) if item.messages is not None]
+        if prompts:
+            got = self._llm.generate(
+                [items[i].prompt for i in prompts], [params(items[i]) for i in prompts]
+            )
+            outputs.update(zip(prompts, got, strict=True))
+        if chats:
+            got = self._llm.chat(
+                [items[i].messages for i in chats], [params(items[i]) for i in chats]
+            )
+            outputs.update(zip(chats, got, strict=True))
+        entries = []
+        for i, rid in enumerate(request_ids):
+            out = outputs[i]
+            seq = out.outputs[0]
+            entries.append(
+                generation_entry(
+                    request_id=rid,
+                    text=seq.text,
+                    token_ids=list(seq.token_ids),
+                    logprobs=getattr(seq, "logprobs", None),
+                    finish_reason=getattr(seq, "finish_reason", None),
+                    input_tokens=len(out.prompt_token_ids or ()),
+                    output_tokens=len(seq.token_ids),
+                )
+            )
+        return entries
+
+    async def embed(self, req: EmbedRequest) -> dict[str, Any]:
+        model = self._cfg.embedding_model_id or self._cfg.model_id
+        vectors: list[list[float]] = await self._blocking(self._embed_sync, req.texts)
+        return embed_result(model, vectors, req.normalize)
+
+    def _embed_sync(self, texts: list[str]) -> list[list[float]]:
+        cfg = self._cfg
+        if cfg.embedding_model_id and cfg.embedding_model_id != cfg.model_id:
+            if self._embedder is None:
+                self._embedder = self._load(cfg.embedding_model_id, cfg.embedding_engine)
+            engine = self._embedder
+        else:
+            engine = self._llm
+        if not hasattr(engine, "embed"):
+            raise EngineError("this vLLM build has no embedding API (LLM.embed)", retryable=False)
+        return [list(map(float, o.outputs.embedding)) for o in engine.embed(texts)]
+
+    async def models(self) -> list[str]:
+        cfg = self._cfg
+        return [m for m in (cfg.model_id, cfg.embedding_model_id) if m]

@@ -1,0 +1,325 @@
+"""Configuration of the SAGE services.
+
+:class:`ControlPlaneVLLMService` reads the same model as ``sage-llm serve``
+(:mod:`sage_llm.config`): a dict holding the bare ``[services.llm_control_plane]`` table
+(the seed's keys: ``scheduling_policy``, ``enable_pd_separation``, ``routing_strategy``,
+``instances`` …), a whole document, a :class:`~sage_llm.config.SageConfig`, or a TOML
+file (``config_path``). A few keys belong to the service alone and are taken out first:
+``config_path`` and the request defaults of SAGE's earlier ControlPlaneVLLMService
+(``default_priority``, ``default_slo_deadline_ms``, ``default_temperature``,
+``default_top_p``) plus ``request_timeout_s``.
+
+:class:`VLLMServiceConfig` reads SAGE's VLLMService keys (``model_id``, ``engine``,
+``sampling`` …) plus where the engine is: an HTTP endpoint, ``engine = "sim"``, or the
+control plane (``use_control_plane``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sage_llm.config import SageConfig, config_from_dict, load_config
+from sage_llm.errors import ConfigError
+from sage_llm.service.payloads import PASSTHROUGH_OPTIONS, RequestDefaults, suggest
+from sage_llm.types import RequestPriority
+
+__all__ = [
+    "SERVICE_KEYS",
+    "ControlPlaneServiceConfig",
+    "VLLMServiceConfig",
+    "control_plane_service_config",
+]
+
+SERVICE_KEYS = (
+    "config_path",
+    "default_priority",
+    "default_slo_deadline_ms",
+    "default_temperature",
+    "default_top_p",
+    "request_timeout_s",
+)
+"""Keys of a ControlPlaneVLLMService dict that are not part of the shared config model."""
+
+ConfigSource = Mapping[str, Any] | SageConfig | str | Path | None
+
+
+@dataclass(frozen=True)
+class ControlPlaneServiceConfig:
+    """What a ControlPlaneVLLMService runs: the shared config and its request defaults."""
+
+    sage: SageConfig
+    defaults: RequestDefaults = field(default_factory=RequestDefaults)
+
+
+def control_plane_service_config(
+    config: ConfigSource, *, defaults: RequestDefaults | None = None
+) -> ControlPlaneServiceConfig:
+    """Read a ControlPlaneVLLMService configuration (see the module docstring).
+
+    ``None`` is the embedded default (a simulated fleet). ``defaults`` are used for the
+    request defaults the config does not set.
+    """
+    base = defaults or RequestDefaults()
+    if config is None:
+        return ControlPlaneServiceConfig(SageConfig.default(), base)
+    if isinstance(config, SageConfig):
+        return ControlPlaneServiceConfig(config, base)
+    if isinstance(config, str | Path):
+        return ControlPlaneServiceConfig(load_config(config), base)
+    if not isinstance(config, Mapping):
+        raise ConfigError(
+            f"the service config must be a dict, a SageConfig or a TOML path, "
+            f"got {type(config).__name__}"
+        )
+    rest = {k: v for k, v in config.items() if k not in SERVICE_KEYS}
+    own = {k: v for k, v in config.items() if k in SERVICE_KEYS and v is not None}
+    path = own.pop("config_path", None)
+    if path is not None:
+        if not isinstance(path, str | Path):
+            raise ConfigError("must be a path string", key="config_path")
+        if rest:
+            keys = ", ".join(sorted(rest))
+            raise ConfigError(
+                f"config_path is given, so the control plane is configured in that file; "
+                f"move {keys} there",
+                key="config_path",
+            )
+        sage = load_config(path)
+    else:
+        sage = config_from_dict(rest)
+    return ControlPlaneServiceConfig(sage, _defaults(own, base))
+
+
+def _defaults(own: Mapping[str, Any], base: RequestDefaults) -> RequestDefaults:
+    priority = base.priority
+    if "default_priority" in own:
+        try:
+            priority = RequestPriority.parse(own["default_priority"])
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="default_priority") from None
+    return RequestDefaults(
+        priority=priority,
+        slo_deadline_ms=_positive(own, "default_slo_deadline_ms", base.slo_deadline_ms),
+        max_tokens=base.max_tokens,
+        temperature=_positive(own, "default_temperature", base.temperature, zero=True),
+        top_p=_positive(own, "default_top_p", base.top_p),
+        timeout_s=_positive(own, "request_timeout_s", base.timeout_s),
+        extra=base.extra,
+    )
+
+
+def _positive(
+    table: Mapping[str, Any], key: str, default: float | None, *, zero: bool = False
+) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        raise ConfigError(f"must be a {'non-negative' if zero else 'positive'} number", key=key)
+    return float(value)
+
+
+# -- VLLMService ---------------------------------------------------------------------------
+
+DEFAULT_SAMPLING: Mapping[str, Any] = {
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "max_tokens": 512,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+"""SAGE's VLLMService sampling defaults."""
+
+DEFAULT_ENGINE: Mapping[str, Any] = {
+    "dtype": "auto",
+    "tensor_parallel_size": 1,
+    "gpu_memory_utilization": 0.9,
+    "max_model_len": 4096,
+}
+"""SAGE's VLLMService engine defaults (keyword arguments of ``vllm.LLM``)."""
+
+_VLLM_KEYS = (
+    "type", "model_id", "embedding_model_id", "auto_download", "auto_reload", "engine",
+    "embedding_engine", "sampling", "tags", "base_url", "host", "port", "scheme", "api_key",
+    "dialect", "sim", "use_control_plane", "control_plane", "request_timeout_s",
+)  # fmt: skip
+_DIALECTS = ("vllm", "sglang", "openai")
+_SIM_KEYS = ("gpu", "model", "speed", "seed", "embedding_dimension", "max_concurrent_requests")
+
+
+@dataclass(frozen=True)
+class VLLMServiceConfig:
+    """SAGE's ``VLLMServiceConfig`` keys, and where the engine is.
+
+    ``backend`` is ``http`` (``base_url`` or ``host`` + ``port``), ``sim`` (``engine =
+    "sim"``, or an ``engine`` table with ``kind = "sim"``) or ``vllm`` (in-process
+    ``vllm.LLM`` with the ``engine`` table as its arguments).
+    """
+
+    model_id: str
+    backend: str
+    embedding_model_id: str | None = None
+    auto_download: bool = False
+    auto_reload: bool = True
+    engine: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_ENGINE))
+    embedding_engine: Mapping[str, Any] = field(default_factory=dict)
+    sampling: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
+    tags: tuple[str, ...] = ()
+    host: str | None = None
+    port: int | None = None
+    scheme: str = "http"
+    api_key: str | None = None
+    dialect: str = "vllm"
+    sim: Mapping[str, Any] = field(default_factory=dict)
+    use_control_plane: bool = False
+    control_plane: Mapping[str, Any] | str | None = None
+    request_timeout_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VLLMServiceConfig:
+        """Read and check a VLLMService config dict (unknown keys are errors)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the VLLMService config must be a dict, got {type(data).__name__}")
+        for key in data:
+            if key not in _VLLM_KEYS:
+                raise ConfigError(f"unknown key{suggest(str(key), _VLLM_KEYS)}", key=str(key))
+        model_id = data.get("model_id")
+        if not isinstance(model_id, str) or not model_id:
+            raise ConfigError("is required: the model the engine serves", key="model_id")
+        engine_value = data.get("engine", {})
+        kind: str | None = None
+        if isinstance(engine_value, str):
+            kind, table = engine_value.strip().lower(), {}
+        elif isinstance(engine_value, Mapping):
+            table = dict(engine_value)
+            kind = table.pop("kind", None)
+        else:
+            raise ConfigError('must be "sim", "vllm" or a table of engine arguments', key="engine")
+        if kind not in (None, "sim", "vllm"):
+            raise ConfigError(f'unknown engine kind {kind!r}; use "sim" or "vllm"', key="engine")
+        host, port, scheme = _endpoint(data)
+        if host is not None and kind == "sim":
+            raise ConfigError('engine = "sim" and an endpoint exclude each other', key="engine")
+        backend = "http" if host is not None else (kind or "vllm")
+        sampling = {**DEFAULT_SAMPLING, **_table(data, "sampling")}
+        engine = {**DEFAULT_ENGINE, **table}
+        sim = _table(data, "sim")
+        for key in sim:
+            if key not in _SIM_KEYS:
+                raise ConfigError(f"unknown key{suggest(str(key), _SIM_KEYS)}", key=f"sim.{key}")
+        dialect = str(data.get("dialect", "vllm")).lower()
+        if dialect not in _DIALECTS:
+            raise ConfigError(f"must be one of {', '.join(_DIALECTS)}", key="dialect")
+        cp = data.get("control_plane")
+        if cp is not None and not isinstance(cp, Mapping | str):
+            raise ConfigError("must be a table (the control-plane config) or a TOML path",
+                              key="control_plane")  # fmt: skip
+        tags = data.get("tags", [])
+        if not isinstance(tags, list | tuple) or not all(isinstance(t, str) for t in tags):
+            raise ConfigError("must be a list of strings", key="tags")
+        return cls(
+            model_id=model_id,
+            backend=backend,
+            embedding_model_id=_opt_str(data, "embedding_model_id"),
+            auto_download=_bool(data, "auto_download", False),
+            auto_reload=_bool(data, "auto_reload", True),
+            engine=engine,
+            embedding_engine={**engine, **_table(data, "embedding_engine")},
+            sampling=sampling,
+            tags=tuple(tags),
+            host=host,
+            port=port,
+            scheme=scheme,
+            api_key=_opt_str(data, "api_key"),
+            dialect=dialect,
+            sim=sim,
+            use_control_plane=_bool(data, "use_control_plane", False),
+            control_plane=cp,
+            request_timeout_s=_positive(data, "request_timeout_s", None),
+        )
+
+    def request_defaults(self) -> RequestDefaults:
+        """The ``sampling`` table as request defaults (other sampling keys pass through)."""
+        s = self.sampling
+        extra = {k: v for k, v in s.items() if k in PASSTHROUGH_OPTIONS and v not in (None, 0.0)}
+        unknown = [k for k in s if k not in PASSTHROUGH_OPTIONS and k not in DEFAULT_SAMPLING]
+        if unknown:
+            raise ConfigError(f"unknown sampling key {unknown[0]!r}", key=f"sampling.{unknown[0]}")
+        return RequestDefaults(
+            max_tokens=_sampling_int(s, "max_tokens"),
+            temperature=_positive(s, "temperature", None, zero=True),
+            top_p=_positive(s, "top_p", None),
+            timeout_s=self.request_timeout_s,
+            extra=extra,
+        )
+
+
+def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
+    from urllib.parse import urlsplit
+
+    base_url, host, port = data.get("base_url"), data.get("host"), data.get("port")
+    scheme = str(data.get("scheme", "http")).lower()
+    if base_url is not None:
+        if host is not None or port is not None:
+            raise ConfigError("give base_url or host and port, not both", key="base_url")
+        if not isinstance(base_url, str):
+            raise ConfigError("must be a URL string", key="base_url")
+        parts = urlsplit(base_url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("must be an http(s) URL like http://host:8000", key="base_url")
+        if parts.path.rstrip("/") not in ("", "/v1"):
+            raise ConfigError("must be the server root (http://host:port or .../v1)",
+                              key="base_url")  # fmt: skip
+        default_port = 443 if parts.scheme == "https" else 80
+        return parts.hostname, parts.port or default_port, parts.scheme
+    if host is None and port is None:
+        return None, None, scheme
+    if not isinstance(host, str) or not host:
+        raise ConfigError("is required with port", key="host")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError("must be a port number (1-65535)", key="port")
+    if scheme not in ("http", "https"):
+        raise ConfigError("must be http or https", key="scheme")
+    return host, port, scheme
+
+
+def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError("must be a table", key=key)
+    return dict(value)
+
+
+def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError("must be a non-empty string", key=key)
+    return value
+
+
+def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError("must be true or false", key=key)
+    return value
+
+
+def _sampling_int(sampling: Mapping[str, Any], key: str) -> int | None:
+    value = sampling.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("must be a positive integer", key=f"sampling.{key}")
+    return value

@@ -1,0 +1,313 @@
+"""ControlPlaneVLLMService: a SAGE service that sends requests through the control plane.
+
+The seed proposal's "option 1". The service owns a
+:class:`~sage_llm.control_plane.manager.ControlPlaneManager` built from the shared config
+model (:func:`sage_llm.control_plane.builder.build_manager`: the configured instances, or
+an embedded simulated fleet when none are configured) and runs it on its own event loop
+thread, started by ``setup()`` and stopped by ``cleanup()``. ``process`` is synchronous, as
+SAGE operators call it, and safe to call from many threads at once; ``aprocess`` is its
+awaitable twin::
+
+    env.register_service("llm", ControlPlaneVLLMService, {"scheduling_policy": "priority"})
+    ...
+    class Ask(MapFunction):
+        def execute(self, question):
+            return self.call_service("llm", {"task": "generate", "inputs": question,
+                                             "options": {"priority": "HIGH"}}, timeout=120)
+
+Tasks: ``generate``, ``embed``, ``show_instances``, ``health_check``, ``get_metrics``,
+``set_policy``, ``show_models``. See ``docs/service.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sage_llm.config import SageConfig, load_config
+from sage_llm.control_plane.builder import build_manager
+from sage_llm.control_plane.manager import ControlPlaneManager, EngineFactory
+from sage_llm.errors import (
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    SageLLMError,
+)
+from sage_llm.service.base import ServiceBase
+from sage_llm.service.config import ConfigSource, control_plane_service_config
+from sage_llm.service.embeddings import EmbedRequest, embed_result, parse_embed, vectors_from_openai
+from sage_llm.service.payloads import (
+    Payload,
+    PromptInput,
+    RequestDefaults,
+    parse_generate,
+    parse_payload,
+)
+from sage_llm.service.results import check_result, generation_entry, to_metadata
+from sage_llm.service.runner import LoopFactory, LoopThread
+from sage_llm.service.views import instances_view, metrics_view, models_view, result_info
+from sage_llm.types import RequestMetadata, RequestResult
+
+__all__ = ["CONTROL_PLANE_TASKS", "WEIGHTS_NOT_MANAGED", "ControlPlaneVLLMService"]
+
+T = TypeVar("T")
+
+CONTROL_PLANE_TASKS = (
+    "generate", "embed", "show_instances", "health_check", "get_metrics", "set_policy",
+    "show_models", "download_model", "delete_model",
+)  # fmt: skip
+WEIGHTS_NOT_MANAGED = (
+    "task {task!r} is not supported by sage-llm: manage weights on the engine host "
+    "(the engines load their models themselves)"
+)
+_SET_POLICY_OPTIONS = frozenset({"policy", "params"})
+
+
+class ControlPlaneVLLMService(ServiceBase):
+    """Generation and embeddings through a control plane (scheduling, routing, PD).
+
+    ``config``: a dict (the bare ``[services.llm_control_plane]`` table, or with
+    ``config_path``), a :class:`~sage_llm.config.SageConfig`, a TOML path, or None for the
+    embedded simulated fleet. ``loop_factory`` makes the service's event loop (default
+    ``asyncio.new_event_loop``); ``engine_factory`` overrides how instances are reached.
+    """
+
+    def __init__(
+        self,
+        config: ConfigSource = None,
+        *,
+        loop_factory: LoopFactory | None = None,
+        engine_factory: EngineFactory | None = None,
+        request_defaults: RequestDefaults | None = None,
+    ) -> None:
+        super().__init__()
+        parsed = control_plane_service_config(config, defaults=request_defaults)
+        self.config: SageConfig = parsed.sage
+        self.defaults: RequestDefaults = parsed.defaults
+        self._loop_factory = loop_factory
+        self._engine_factory = engine_factory
+        self._lock = threading.Lock()
+        self._runner: LoopThread | None = None
+        self._manager: ControlPlaneManager | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **kwargs: Any) -> ControlPlaneVLLMService:
+        """A service configured by a TOML file (the seed's ``[services.llm_control_plane]``)."""
+        return cls(load_config(path), **kwargs)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Start the event loop thread and the control plane (idempotent)."""
+        with self._lock:
+            if self._runner is not None:
+                return
+            runner = LoopThread(f"sage-llm-{self.name}", self._loop_factory)
+            runner.start(self._astart)
+            self._runner = runner
+        cp = self.config.control_plane
+        self.logger.info(
+            f"{self.name}: control plane started (policy={cp.scheduling_policy}, "
+            f"routing={cp.routing_strategy}, pd={cp.enable_pd_separation}, "
+            f"instances={len(self.config.fleet())}"
+            f"{', embedded simulated fleet' if not cp.instances else ''})"
+        )
+
+    def cleanup(self) -> None:
+        """Stop the control plane (requests still running are cancelled) and the loop."""
+        with self._lock:
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop(self._astop)
+
+    def start(self) -> None:
+        """SAGE calls this when the job starts: make sure the service is set up."""
+        self.setup()
+
+    def stop(self) -> None:
+        """SAGE calls this when the job stops (then ``cleanup``): stop the control plane."""
+        self.cleanup()
+
+    def __enter__(self) -> ControlPlaneVLLMService:
+        self.setup()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    @property
+    def is_running(self) -> bool:
+        runner = self._runner
+        return runner is not None and runner.running
+
+    async def _astart(self) -> None:
+        manager = build_manager(self.config, engine_factory=self._engine_factory)
+        await manager.start()
+        self._manager = manager
+
+    async def _astop(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            await manager.stop()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def process(self, payload: Any) -> Any:
+        """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
+        work = self._plan(parse_payload(payload, CONTROL_PLANE_TASKS))
+        return self._runner_or_raise(work).run(work)
+
+    async def aprocess(self, payload: Any) -> Any:
+        """:meth:`process` for asyncio callers: runs on the service loop, awaited here."""
+        work = self._plan(parse_payload(payload, CONTROL_PLANE_TASKS))
+        return await self._runner_or_raise(work).arun(work)
+
+    def _runner_or_raise(self, work: Coroutine[Any, Any, Any]) -> LoopThread:
+        runner = self._runner
+        if runner is None:
+            work.close()
+            raise ControlPlaneNotRunningError(
+                f"{self.name} is not set up: call setup() first (SAGE calls it when the "
+                "pipeline starts) or use the service as a context manager"
+            )
+        return runner
+
+    def _plan(self, req: Payload) -> Coroutine[Any, Any, Any]:
+        """Validate ``req`` here, in the caller's thread; the coroutine runs on the loop."""
+        task, options = req.task, req.options
+        if task == "generate":
+            return self._generate(parse_generate(req.inputs, options, self.defaults))
+        if task == "embed":
+            return self._embed(parse_embed(req.inputs, options))
+        if task == "set_policy":
+            name, params = _policy_args(req)
+            return self._on_loop(lambda cp: _set_policy(cp, name, params))
+        if task in ("download_model", "delete_model"):
+            raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task=task), param="task")
+        if options:
+            key = next(iter(options))
+            raise InvalidRequestError(f"task {task!r} takes no options", param=f"options.{key}")
+        views: dict[str, Callable[[ControlPlaneManager], Any]] = {
+            "show_instances": instances_view,
+            "health_check": lambda cp: {i.instance_id: i.is_healthy for i in cp.get_instances()},
+            "get_metrics": metrics_view,
+            "show_models": lambda cp: models_view(cp.get_status()["models"]),
+        }
+        return self._on_loop(views[task])
+
+    async def _on_loop(self, fn: Callable[[ControlPlaneManager], T]) -> T:
+        return fn(self._require_manager())
+
+    def _require_manager(self) -> ControlPlaneManager:
+        if self._manager is None:
+            raise ControlPlaneNotRunningError(f"{self.name}: the control plane is not running")
+        return self._manager
+
+    async def _generate(self, items: list[PromptInput]) -> list[dict[str, Any]]:
+        cp = self._require_manager()
+        metas = [
+            to_metadata(item, rid) for item, rid in zip(items, _request_ids(items), strict=True)
+        ]
+        timeouts = [i.options.timeout_s for i in items if i.options.timeout_s is not None]
+        timeout = min(timeouts) if timeouts else None
+        submitted: list[str] = []
+        try:
+            for index, meta in enumerate(metas):
+                try:
+                    submitted.append(await cp.submit_request(meta))
+                except SageLLMError as exc:
+                    if len(metas) > 1:
+                        exc.add_note(f"while submitting inputs[{index}]")
+                    raise
+            async with asyncio.timeout(timeout):
+                results = await asyncio.gather(*(cp.wait_for_result(r) for r in submitted))
+        except TimeoutError:
+            await _cancel(cp, submitted)
+            raise DeadlineExceededError(
+                f"generate did not finish within the {timeout} s timeout"
+            ) from None
+        except BaseException:
+            await _cancel(cp, submitted)
+            raise
+        return [_entry(meta, check_result(res)) for meta, res in zip(metas, results, strict=True)]
+
+    async def _embed(self, req: EmbedRequest) -> dict[str, Any]:
+        cp = self._require_manager()
+        try:
+            async with asyncio.timeout(req.timeout_s):
+                answer = await cp.embed(req.model, req.texts)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"embed did not finish within the {req.timeout_s} s timeout"
+            ) from None
+        vectors = vectors_from_openai(answer, len(req.texts))
+        model = answer.get("model") or req.model or ",".join(cp.get_status()["models"])
+        return embed_result(str(model), vectors, req.normalize)
+
+
+def _request_ids(items: list[PromptInput]) -> list[str]:
+    """Each input's ``request_id`` option, else a fresh id; a repeated id (one given for the
+    whole batch) gets ``-<index>`` appended."""
+    ids = [i.options.request_id or uuid.uuid4().hex for i in items]
+    counts = Counter(ids)
+    return [f"{rid}-{n}" if counts[rid] > 1 else rid for n, rid in enumerate(ids)]
+
+
+def _entry(meta: RequestMetadata, result: RequestResult) -> dict[str, Any]:
+    asked = meta.extra_body.get("logprobs") not in (None, False)
+    entry = generation_entry(
+        request_id=result.request_id,
+        text=result.text,
+        token_ids=result.token_ids,
+        logprobs=result.logprobs if asked else None,
+        finish_reason=result.finish_reason,
+        input_tokens=result.prompt_tokens,
+        output_tokens=result.completion_tokens,
+    )
+    entry["sage"] = result_info(meta, result)
+    return entry
+
+
+async def _cancel(cp: ControlPlaneManager, request_ids: list[str]) -> None:
+    for rid in request_ids:
+        with contextlib.suppress(SageLLMError):  # already ended or forgotten
+            await cp.cancel_request(rid)
+
+
+def _policy_args(req: Payload) -> tuple[str, dict[str, Any] | None]:
+    options = req.options
+    for key in options:
+        if key not in _SET_POLICY_OPTIONS:
+            raise InvalidRequestError(
+                f"unknown option {key!r} (set_policy takes policy and params)",
+                param=f"options.{key}",
+            )
+    name = req.inputs if req.inputs is not None else options.get("policy")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(
+            "set_policy needs the policy name as inputs (or options.policy)", param="inputs"
+        )
+    params = options.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidRequestError("params must be a dict", param="options.params")
+    return name, params
+
+
+def _set_policy(
+    cp: ControlPlaneManager, name: str, params: dict[str, Any] | None
+) -> dict[str, Any]:
+    previous = cp.policy.name
+    cp.update_policy(name, params)
+    return {"previous": previous, "scheduling_policy": cp.policy.name}

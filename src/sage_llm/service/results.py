@@ -1,0 +1,84 @@
+"""From parsed inputs to control-plane requests, and from results to VLLMService entries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sage_llm.errors import EngineError, RequestCancelledError
+from sage_llm.service.payloads import PromptInput
+from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
+
+__all__ = ["check_result", "generation_entry", "to_metadata"]
+
+
+def to_metadata(item: PromptInput, request_id: str) -> RequestMetadata:
+    """The control-plane request of one input."""
+    opts = item.options
+    extra = dict(opts.extra)
+    if opts.logprobs is not None:
+        if item.messages is not None:
+            extra.update(logprobs=True, top_logprobs=opts.logprobs)
+        else:
+            extra["logprobs"] = opts.logprobs
+    meta = RequestMetadata(
+        request_id=request_id,
+        prompt=item.prompt,
+        messages=item.messages,
+        user_id=opts.user_id,
+        priority=opts.priority,
+        slo_deadline_ms=opts.slo_deadline_ms,
+        max_tokens=opts.max_tokens,
+        model_name=opts.model,
+        preferred_instance_id=opts.preferred_instance_id,
+        cost_budget=opts.cost_budget,
+        tags=dict(opts.tags),
+        stop=list(opts.stop) or None,
+        session_id=opts.session_id,
+        extra_body=extra,
+    )
+    if opts.temperature is not None:
+        meta.temperature = opts.temperature
+    if opts.top_p is not None:
+        meta.top_p = opts.top_p
+    return meta
+
+
+def check_result(result: RequestResult) -> RequestResult:
+    """``result`` when it completed; a failed request raises EngineError with its reason,
+    a cancelled one RequestCancelledError."""
+    if result.status is RequestStatus.COMPLETED:
+        return result
+    if result.status is RequestStatus.CANCELLED:
+        raise RequestCancelledError(f"request {result.request_id!r} was cancelled")
+    reason = result.error or f"ended as {result.status.value}"
+    raise EngineError(
+        f"request {result.request_id!r} failed: {reason}",
+        instance_id=result.instance_id,
+        retryable=False,
+    )
+
+
+def generation_entry(
+    *,
+    request_id: str,
+    text: str,
+    token_ids: Sequence[int] | None,
+    logprobs: Any,
+    finish_reason: str | None,
+    input_tokens: int,
+    output_tokens: int,
+) -> dict[str, Any]:
+    """One entry of a VLLMService ``generate`` result."""
+    return {
+        "generations": [
+            {
+                "text": text,
+                "token_ids": list(token_ids or ()),
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        "request_id": request_id,
+    }

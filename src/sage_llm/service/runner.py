@@ -1,0 +1,191 @@
+"""A background thread running one asyncio event loop, for synchronous callers.
+
+SAGE calls a service's ``process`` synchronously, from any of its operator threads. A
+service owns one :class:`LoopThread`; its control plane lives on that loop, and callers
+submit coroutines to it with :meth:`LoopThread.run` (blocking) or :meth:`LoopThread.arun`
+(awaitable from another event loop)::
+
+    runner = LoopThread("sage-llm")
+    runner.start(init)                # runs ``init()`` on the loop; re-raises its error
+    answer = runner.run(handle(payload))
+    runner.stop(final)                # runs ``final()``, cancels what is left, joins
+
+Stopping cancels every call still in flight; their callers get
+:class:`~sage_llm.errors.ControlPlaneNotRunningError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from sage_llm.errors import ControlPlaneNotRunningError, SageLLMError
+
+__all__ = ["LoopFactory", "LoopThread"]
+
+T = TypeVar("T")
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+class LoopThread:
+    """One daemon thread running one event loop; thread-safe to call from any thread."""
+
+    def __init__(self, name: str = "sage-llm-service", loop_factory: LoopFactory | None = None):
+        self._name = name
+        self._loop_factory = loop_factory or asyncio.new_event_loop
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        """True between a successful :meth:`start` and :meth:`stop`."""
+        loop = self._loop
+        return loop is not None and loop.is_running() and not self._stopping
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def in_loop_thread(self) -> bool:
+        """True when called from the loop's own thread."""
+        thread = self._thread
+        return thread is not None and threading.current_thread() is thread
+
+    def start(
+        self, init: Callable[[], Awaitable[None]] | None = None, timeout: float = 60.0
+    ) -> None:
+        """Start the thread and run ``init()`` on its loop; on failure stop and re-raise."""
+        with self._lock:
+            if self._loop is not None:
+                raise SageLLMError(f"{self._name} is already started")
+            loop = self._loop_factory()
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=self._main, args=(loop, ready), name=self._name, daemon=True
+            )
+            self._loop, self._thread, self._stopping = loop, thread, False
+            thread.start()
+            ready.wait()
+        if init is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(_call(init), loop).result(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(
+        self, final: Callable[[], Awaitable[None]] | None = None, timeout: float = 60.0
+    ) -> None:
+        """Run ``final()`` on the loop, cancel every task left, stop the loop and join.
+
+        Does nothing when not started. Must not be called from the loop's own thread.
+        """
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            if loop is None or thread is None or self._stopping:
+                return
+            if threading.current_thread() is thread:
+                raise SageLLMError(f"{self._name} cannot be stopped from its own loop thread")
+            self._stopping = True
+        try:
+            shutdown = asyncio.run_coroutine_threadsafe(_shutdown(final), loop)
+            shutdown.result(timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            if not thread.is_alive():
+                try:
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    loop.close()
+            with self._lock:
+                self._loop = self._thread = None
+                self._stopping = False
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and block until it finishes; its exception propagates.
+
+        Raises :class:`ControlPlaneNotRunningError` when the loop is not running or stops
+        before the coroutine finishes, and refuses to block the loop's own thread.
+        """
+        future = self._submit(coro)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise ControlPlaneNotRunningError(
+                f"{self._name} stopped before the call finished"
+            ) from None
+
+    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the service loop and await it from the caller's loop."""
+        future = self._submit(coro, allow_same_thread=True)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if future.cancelled() and not _current_task_cancelling():
+                raise ControlPlaneNotRunningError(
+                    f"{self._name} stopped before the call finished"
+                ) from None
+            future.cancel()
+            raise
+
+    def _submit(
+        self, coro: Coroutine[Any, Any, T], *, allow_same_thread: bool = False
+    ) -> concurrent.futures.Future[T]:
+        loop = self._loop
+        if loop is None or self._stopping or not loop.is_running():
+            coro.close()
+            raise ControlPlaneNotRunningError(
+                f"{self._name} is not running: call setup() first (SAGE calls it when the "
+                "pipeline starts) or use the service as a context manager"
+            )
+        if not allow_same_thread and self.in_loop_thread():
+            coro.close()
+            raise SageLLMError(
+                "process() was called from the service's own event loop and would block it; "
+                "await aprocess() instead"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    @staticmethod
+    def _main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            asyncio.set_event_loop(None)
+
+
+async def _call(fn: Callable[[], Awaitable[None]]) -> None:
+    await fn()
+
+
+async def _shutdown(final: Callable[[], Awaitable[None]] | None) -> None:
+    """Run ``final`` (its failure still lets the rest of the shutdown happen), then cancel
+    and await every other task of the loop."""
+    error: BaseException | None = None
+    if final is not None:
+        try:
+            await final()
+        except Exception as exc:
+            error = exc
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if error is not None:
+        raise error
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -1,0 +1,229 @@
+"""VLLMService: SAGE's simple LLM service, one engine, the existing payloads.
+
+It takes the keys of SAGE's ``VLLMServiceConfig`` (``model_id``, ``engine``,
+``sampling``, ``embedding_model_id`` …) and answers the existing tasks with the existing
+shapes: ``generate`` (a prompt, a chat, or a batch), ``embed`` and ``show_models``;
+``download_model`` and ``delete_model`` raise (sage-llm leaves weights to the engine
+hosts). The engine is an HTTP endpoint (``base_url``, or ``host`` and ``port``), a simulated
+engine (``engine = "sim"``), or ``vllm.LLM`` in this process (the ``vllm`` extra).
+
+``use_control_plane = true`` is the seed proposal's "option 2": the same payloads go
+through a :class:`~sage_llm.service.control_plane_service.ControlPlaneVLLMService`,
+configured by the ``control_plane`` table (or TOML path); without one, the control plane
+gets this service's one engine as its only instance.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Coroutine, Mapping
+from types import TracebackType
+from typing import Any
+
+from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
+from sage_llm.service.backends import Backend, make_backend
+from sage_llm.service.base import ServiceBase
+from sage_llm.service.config import VLLMServiceConfig
+from sage_llm.service.control_plane_service import (
+    WEIGHTS_NOT_MANAGED,
+    ControlPlaneVLLMService,
+)
+from sage_llm.service.embeddings import parse_embed
+from sage_llm.service.payloads import PromptInput, parse_generate, parse_payload
+from sage_llm.service.runner import LoopFactory, LoopThread
+from sage_llm.service.views import models_view
+
+__all__ = ["VLLM_TASKS", "VLLMService", "register_vllm_service"]
+
+VLLM_TASKS = ("generate", "embed", "show_models", "download_model", "delete_model", "fine_tune")
+
+
+class VLLMService(ServiceBase):
+    """One engine behind SAGE's VLLMService payloads (see the module docstring)."""
+
+    def __init__(self, config: Mapping[str, Any], *, loop_factory: LoopFactory | None = None):
+        super().__init__()
+        self.config = VLLMServiceConfig.from_dict(config)
+        self.defaults = self.config.request_defaults()
+        self._loop_factory = loop_factory
+        self._lock = threading.Lock()
+        self._runner: LoopThread | None = None
+        self._backend: Backend | None = None
+        self._delegate: ControlPlaneVLLMService | None = None
+        if self.config.use_control_plane:
+            self._delegate = ControlPlaneVLLMService(
+                _control_plane_config(self.config),
+                loop_factory=loop_factory,
+                request_defaults=self.defaults,
+            )
+        else:
+            self._backend = make_backend(self.config)
+
+    @property
+    def control_plane_service(self) -> ControlPlaneVLLMService | None:
+        """The control-plane service behind this one (``use_control_plane``), else None."""
+        return self._delegate
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Start the engine (or the control plane); idempotent."""
+        if self._delegate is not None:
+            self._delegate.setup()
+            return
+        with self._lock:
+            if self._runner is not None:
+                return
+            backend = self._backend
+            assert backend is not None
+            runner = LoopThread(f"sage-llm-{self.name}", self._loop_factory)
+            runner.start(backend.start)
+            self._runner = runner
+        self.logger.info(f"{self.name}: serving {self.config.model_id} ({self.config.backend})")
+
+    def cleanup(self) -> None:
+        """Stop the engine (or the control plane) and the event loop thread."""
+        if self._delegate is not None:
+            self._delegate.cleanup()
+            return
+        with self._lock:
+            runner, self._runner = self._runner, None
+        if runner is not None and self._backend is not None:
+            runner.stop(self._backend.aclose)
+
+    def start(self) -> None:
+        """SAGE calls this when the job starts: make sure the service is set up."""
+        self.setup()
+
+    def stop(self) -> None:
+        """SAGE calls this when the job stops (then ``cleanup``)."""
+        self.cleanup()
+
+    def __enter__(self) -> VLLMService:
+        self.setup()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def process(self, payload: Any) -> Any:
+        """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
+        if self._delegate is not None:
+            self._check_task(payload)
+            return self._delegate.process(payload)
+        work = self._plan(payload)
+        return self._runner_or_raise(work).run(work)
+
+    async def aprocess(self, payload: Any) -> Any:
+        """:meth:`process` for asyncio callers."""
+        if self._delegate is not None:
+            self._check_task(payload)
+            return await self._delegate.aprocess(payload)
+        work = self._plan(payload)
+        return await self._runner_or_raise(work).arun(work)
+
+    # SAGE's VLLMService methods, for callers that used them directly.
+
+    def generate(self, prompts: Any, **options: Any) -> list[dict[str, Any]]:
+        """``process({"task": "generate", "inputs": prompts, "options": options})``."""
+        result: list[dict[str, Any]] = self.process(
+            {"task": "generate", "inputs": prompts, "options": options}
+        )
+        return result
+
+    def embed(self, texts: Any, **options: Any) -> dict[str, Any]:
+        """``process({"task": "embed", "inputs": texts, "options": options})``."""
+        result: dict[str, Any] = self.process(
+            {"task": "embed", "inputs": texts, "options": options}
+        )
+        return result
+
+    def show_models(self) -> list[dict[str, Any]]:
+        """The models the engine serves, in SAGE's VLLMService shape."""
+        result: list[dict[str, Any]] = self.process({"task": "show_models"})
+        return result
+
+    def _check_task(self, payload: Any) -> None:
+        if isinstance(payload, Mapping) and payload.get("task") == "fine_tune":
+            raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task="fine_tune"), param="task")
+
+    def _plan(self, payload: Any) -> Coroutine[Any, Any, Any]:
+        req = parse_payload(payload, VLLM_TASKS)
+        backend = self._backend
+        assert backend is not None
+        if req.task == "generate":
+            items = parse_generate(req.inputs, req.options, self.defaults)
+            return backend.generate(items, _request_ids(items))
+        if req.task == "embed":
+            return backend.embed(parse_embed(req.inputs, req.options))
+        if req.task == "show_models":
+            if req.options:
+                raise InvalidRequestError("show_models takes no options", param="options")
+            return self._models(backend)
+        raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task=req.task), param="task")
+
+    async def _models(self, backend: Backend) -> list[dict[str, Any]]:
+        return models_view(await backend.models(), self.config.tags)
+
+    def _runner_or_raise(self, work: Coroutine[Any, Any, Any]) -> LoopThread:
+        runner = self._runner
+        if runner is None:
+            work.close()
+            raise ControlPlaneNotRunningError(
+                f"{self.name} is not set up: call setup() first (SAGE calls it when the "
+                "pipeline starts) or use the service as a context manager"
+            )
+        return runner
+
+
+def _request_ids(items: list[PromptInput]) -> list[str]:
+    ids = [i.options.request_id or uuid.uuid4().hex for i in items]
+    counts = Counter(ids)
+    return [f"{rid}-{n}" if counts[rid] > 1 else rid for n, rid in enumerate(ids)]
+
+
+def _control_plane_config(cfg: VLLMServiceConfig) -> Any:
+    """The control-plane config of ``use_control_plane``: the ``control_plane`` table or
+    path, else one instance, this service's own engine."""
+    if cfg.control_plane is not None:
+        return cfg.control_plane
+    if cfg.backend == "vllm":
+        raise ConfigError(
+            "use_control_plane needs engines the control plane can reach: give a "
+            'control_plane table with instances, an endpoint (base_url), or engine = "sim"',
+            key="use_control_plane",
+        )
+    from sage_llm.service.backends import service_instance
+
+    inst = service_instance(cfg)
+    entry: dict[str, Any] = {
+        "instance_id": "vllm-0",
+        "host": inst.host,
+        "port": inst.port,
+        "model_name": inst.model_name,
+        "engine": inst.engine,
+        "scheme": inst.scheme,
+        "tensor_parallel_size": inst.tensor_parallel_size,
+        "max_concurrent_requests": inst.max_concurrent_requests,
+    }
+    if cfg.api_key is not None:
+        entry["api_key"] = cfg.api_key
+    if cfg.backend == "sim":
+        entry.update(sim_gpu=inst.metadata["sim_gpu"], sim_speed=inst.metadata["sim_speed"])
+        if "sim_model" in inst.metadata:
+            entry["sim_model"] = inst.metadata["sim_model"]
+    return {"instances": [entry], "enable_pd_separation": False}
+
+
+def register_vllm_service(environment: Any, service_name: str, config: Mapping[str, Any]) -> Any:
+    """SAGE's helper: ``environment.register_service(service_name, VLLMService, config)``."""
+    return environment.register_service(service_name, VLLMService, config)
