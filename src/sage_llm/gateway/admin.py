@@ -1,0 +1,159 @@
+"""The admin API: instances, drain, policy switch, status and metrics (``/admin/…``).
+
+Access is checked by :func:`sage_llm.gateway.auth.check_admin` (admin token, or loopback
+clients only when none is configured). Routes:
+
+* ``GET /admin/instances`` — registered instances with their live state
+* ``POST /admin/instances`` — register one (ExecutionInstance fields; 409 on a duplicate id)
+* ``POST /admin/instances/{id}/drain`` — ``{"drain": true|false}`` (default true): stop or
+  resume sending it new requests; in-flight ones finish
+* ``DELETE /admin/instances/{id}`` — remove it: no new requests, in-flight ones finish
+* ``POST /admin/set_policy`` — ``{"policy": NAME, "params": {...}}``
+* ``GET /admin/status`` — ``manager.get_status()`` plus per-instance metrics
+* ``GET /admin/metrics`` — ``manager.get_metrics()`` as JSON plus per-instance metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import InstanceNotFoundError, InvalidRequestError
+from sage_llm.gateway.openai import read_json, validate, validation_error
+from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
+from sage_llm.types import ExecutionInstance, ExecutionInstanceType
+
+_INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionInstance))
+_SECRET_FIELDS = frozenset({"api_key"})
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, enums and datetimes as JSON values (recursively)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def instance_json(instance: ExecutionInstance) -> dict[str, Any]:
+    """An instance as JSON, secrets left out."""
+    out: dict[str, Any] = to_jsonable(instance)
+    for name in _SECRET_FIELDS:
+        if out.get(name) is not None:
+            out[name] = "***"
+    return out
+
+
+class AdminRoutes:
+    """Handlers of the admin API, bound to one manager."""
+
+    def __init__(self, manager: ControlPlaneManager) -> None:
+        self.manager = manager
+        self._instance_adapter: TypeAdapter[ExecutionInstance] = TypeAdapter(ExecutionInstance)
+
+    def _instance_entry(self, instance: ExecutionInstance) -> dict[str, Any]:
+        entry = instance_json(instance)
+        live = self.manager.get_instance_metrics(instance.instance_id)
+        entry["draining"] = live["draining"]
+        return entry
+
+    async def list_instances(self, request: web.Request) -> web.Response:
+        data = [self._instance_entry(i) for i in self.manager.get_instances()]
+        return web.json_response({"object": "list", "data": data})
+
+    def parse_instance(self, body: dict[str, Any]) -> ExecutionInstance:
+        """An ExecutionInstance from a request body (400 names the bad field)."""
+        unknown = sorted(set(body) - _INSTANCE_FIELDS)
+        if unknown:
+            raise InvalidRequestError(
+                f"{unknown[0]}: not an ExecutionInstance field", param=unknown[0]
+            )
+        validate(InstanceSpec, body)
+        fields = dict(body)
+        if fields.get("instance_type") is not None:
+            try:
+                fields["instance_type"] = ExecutionInstanceType.parse(fields["instance_type"])
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="instance_type") from None
+        else:
+            fields.pop("instance_type", None)
+        try:
+            return self._instance_adapter.validate_python(fields)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    async def add_instance(self, request: web.Request) -> web.Response:
+        instance = self.parse_instance(await read_json(request))
+        self.manager.register_instance(instance)
+        return web.json_response(self._instance_entry(instance), status=201)
+
+    def _known(self, instance_id: str) -> None:
+        if not any(i.instance_id == instance_id for i in self.manager.get_instances()):
+            raise InstanceNotFoundError(f"no instance {instance_id!r} is registered")
+
+    async def drain_instance(self, request: web.Request) -> web.Response:
+        instance_id = request.match_info["instance_id"]
+        raw = await request.read()
+        drain = True
+        if raw.strip():
+            drain = validate(DrainRequest, await read_json(request)).drain
+        self._known(instance_id)
+        self.manager.drain_instance(instance_id, drain)
+        return web.json_response({"instance_id": instance_id, "draining": drain})
+
+    async def remove_instance(self, request: web.Request) -> web.Response:
+        instance_id = request.match_info["instance_id"]
+        self._known(instance_id)
+        self.manager.unregister_instance(instance_id)
+        return web.json_response({"instance_id": instance_id, "removed": True})
+
+    async def set_policy(self, request: web.Request) -> web.Response:
+        req = validate(SetPolicyRequest, await read_json(request))
+        self.manager.update_policy(req.policy, req.params)
+        status = self.manager.get_status()
+        return web.json_response(
+            {
+                "scheduling_policy": status["scheduling_policy"],
+                "policy": to_jsonable(status["policy"]),
+            }
+        )
+
+    def _instance_metrics(self) -> dict[str, Any]:
+        return {
+            i.instance_id: to_jsonable(self.manager.get_instance_metrics(i.instance_id))
+            for i in self.manager.get_instances()
+        }
+
+    async def status(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = to_jsonable(self.manager.get_status())
+        body["instances"] = self._instance_metrics()
+        return web.json_response(body)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = to_jsonable(self.manager.get_metrics())
+        body["instances"] = self._instance_metrics()
+        return web.json_response(body)
+
+
+def add_admin_routes(app: web.Application, routes: AdminRoutes) -> None:
+    """Register the admin routes on ``app``."""
+    app.router.add_get("/admin/instances", routes.list_instances)
+    app.router.add_post("/admin/instances", routes.add_instance)
+    app.router.add_post("/admin/instances/{instance_id}/drain", routes.drain_instance)
+    app.router.add_delete("/admin/instances/{instance_id}", routes.remove_instance)
+    app.router.add_post("/admin/set_policy", routes.set_policy)
+    app.router.add_get("/admin/status", routes.status)
+    app.router.add_get("/admin/metrics", routes.metrics)

@@ -1,0 +1,91 @@
+"""The gateway's HTTP application: ``create_app(manager)`` wires routes and middlewares.
+
+No module state: everything an app needs hangs off the objects made here, so several apps
+(over several managers) can live in one process.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /ready``,
+``GET /metrics``, ``GET /openapi.json`` and the admin API under ``/admin/``
+(:mod:`sage_llm.gateway.admin`). Middlewares, outermost first: request id + access log +
+CORS + tracing (:mod:`~sage_llm.gateway.observe`), JSON errors
+(:mod:`~sage_llm.gateway.errors`), authentication (:mod:`~sage_llm.gateway.auth`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.gateway.admin import AdminRoutes, add_admin_routes
+from sage_llm.gateway.auth import auth_middleware
+from sage_llm.gateway.errors import error_middleware
+from sage_llm.gateway.observe import load_tracer, observe_middleware
+from sage_llm.gateway.openai import OpenAIRoutes
+from sage_llm.gateway.openapi import build_openapi
+from sage_llm.gateway.settings import DefaultGatewaySettings, GatewaySettings, ResolvedGateway
+
+MANAGER_KEY = web.AppKey("manager", ControlPlaneManager)
+"""The manager an app serves (``app[MANAGER_KEY]``)."""
+
+SETTINGS_KEY = web.AppKey("gateway_settings", ResolvedGateway)
+"""The resolved settings an app runs with."""
+
+
+def create_app(
+    manager: ControlPlaneManager,
+    gateway: GatewaySettings | None = None,
+    *,
+    manage_lifecycle: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> web.Application:
+    """The gateway application serving ``manager``.
+
+    ``gateway`` is the ``[gateway]`` configuration (``sage_llm.config.GatewayConfig`` or any
+    object with the same attributes; defaults when None). ``manage_lifecycle=True`` starts
+    the manager when the app starts and stops it when the app is cleaned up; otherwise the
+    caller owns the manager. ``environ`` is where ``api_keys_env`` / ``admin_token_env`` are
+    looked up (default ``os.environ``).
+    """
+    settings = ResolvedGateway.from_settings(gateway or DefaultGatewaySettings(), environ)
+    tracer = load_tracer(settings.tracing)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            observe_middleware(settings.cors_origins, tracer),
+            error_middleware,
+            auth_middleware(settings.api_keys, settings.admin_token),
+        ],
+    )
+    app[MANAGER_KEY] = manager
+    app[SETTINGS_KEY] = settings
+    openai = OpenAIRoutes(manager, settings)
+    document = build_openapi()
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    router = app.router
+    router.add_post("/v1/completions", openai.completions)
+    router.add_post("/v1/chat/completions", openai.chat_completions)
+    router.add_post("/v1/embeddings", openai.embeddings)
+    router.add_get("/v1/models", openai.models)
+    router.add_get("/v1/models/{model:.+}", openai.model)
+    router.add_get("/health", openai.health)
+    router.add_get("/ready", openai.ready)
+    router.add_get("/metrics", openai.metrics)
+    router.add_get("/openapi.json", openapi_json)
+    add_admin_routes(app, AdminRoutes(manager))
+
+    if manage_lifecycle:
+
+        async def start_manager(_app: web.Application) -> None:
+            await manager.start()
+
+        async def stop_manager(_app: web.Application) -> None:
+            await manager.stop()
+
+        app.on_startup.append(start_manager)
+        app.on_cleanup.append(stop_manager)
+    return app

@@ -1,0 +1,110 @@
+"""OpenAI-style JSON error bodies for every failure the gateway answers.
+
+:func:`error_middleware` turns
+
+* a :class:`~sage_llm.errors.SageLLMError` into its ``http_status`` and ``to_openai()``
+  body (429 answers carry ``Retry-After``, 401 answers ``WWW-Authenticate``);
+* aiohttp's own ``HTTPException`` (404 unknown route, 405, 413 body too large …) into the
+  same JSON shape;
+* any other exception into a 500 whose body does not leak internals (the traceback is
+  logged with the request id).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sage_llm.errors import AdmissionError, AuthenticationError, SageLLMError
+
+log = logging.getLogger("sage_llm.gateway")
+
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+"""The request id of an ``aiohttp.web.Request`` (``request[REQUEST_ID_KEY]``)."""
+
+RESPONSE_HEADERS_KEY = web.RequestKey[dict[str, str]]("response_headers")
+"""Headers every response to the request carries (request id, CORS); streaming handlers
+add them before ``prepare()``, the outer middleware adds them to the others."""
+
+MODEL_KEY = web.RequestKey("model", str)
+"""The model a request asked for, for the access log."""
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def error_body(message: str, error_type: str, status: int, param: str | None = None) -> Any:
+    """The ``{"error": {...}}`` object of an OpenAI-style error."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def retry_after_header(seconds: float | None) -> str:
+    """``Retry-After`` value: whole seconds, at least 1."""
+    if seconds is None or math.isnan(seconds) or seconds <= 0:
+        return "1"
+    return str(max(1, math.ceil(seconds)))
+
+
+def sage_error_response(exc: SageLLMError) -> web.Response:
+    """The JSON response of a :class:`SageLLMError`."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, AdmissionError):
+        headers["Retry-After"] = retry_after_header(exc.retry_after_s)
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return web.json_response(exc.to_openai(), status=exc.http_status, headers=headers)
+
+
+def http_error_response(exc: web.HTTPException) -> web.Response:
+    """A JSON body for one of aiohttp's HTTP errors (keeps its status and ``Allow``)."""
+    status = exc.status
+    if status == 404:
+        message = "no such route"
+    elif status == 405:
+        message = f"method not allowed; allowed: {exc.headers.get('Allow', '')}".rstrip("; ")
+    else:
+        message = exc.text if exc.text and not exc.text.startswith(f"{status}:") else exc.reason
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    body = error_body(message, _HTTP_TYPES.get(status, "internal_error"), status)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def internal_error_response() -> web.Response:
+    body = error_body("internal server error", "internal_error", 500)
+    return web.json_response(body, status=500)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Convert every failure of ``handler`` into an OpenAI-style JSON response."""
+    try:
+        return await handler(request)
+    except SageLLMError as exc:
+        return sage_error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error_response(exc)
+    except Exception:
+        log.exception(
+            "unhandled error in %s %s (request %s)",
+            request.method,
+            request.path,
+            request.get(REQUEST_ID_KEY, "-"),
+        )
+        return internal_error_response()

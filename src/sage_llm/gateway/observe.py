@@ -1,0 +1,162 @@
+"""Request ids, structured access logs, CORS and optional OpenTelemetry tracing.
+
+:func:`observe_middleware` is the outermost middleware of the app: it honours (or makes)
+the ``x-request-id``, echoes it on the response, answers CORS preflights for configured
+origins, wraps the request in a tracing span when tracing is on, and writes one access-log
+line per request (logger ``sage_llm.gateway.access``) with the request id, method, path,
+status, latency and model — never keys or prompts.
+
+Tracing uses ``opentelemetry-api`` only if it is importable and tracing is enabled;
+otherwise it is a no-op (the package is not a dependency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sage_llm.errors import InvalidRequestError
+from sage_llm.gateway.errors import (
+    MODEL_KEY,
+    REQUEST_ID_KEY,
+    RESPONSE_HEADERS_KEY,
+    sage_error_response,
+)
+
+access_log = logging.getLogger("sage_llm.gateway.access")
+log = logging.getLogger("sage_llm.gateway")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, X-Sage-Priority, X-Sage-Slo-Ms, X-Session-Id"
+)
+
+
+def load_tracer(enabled: bool) -> Any:
+    """An OpenTelemetry tracer when ``enabled`` and ``opentelemetry-api`` is installed,
+    else None."""
+    if not enabled:
+        return None
+    try:
+        trace = importlib.import_module("opentelemetry.trace")
+    except ImportError:
+        log.warning("gateway tracing is enabled but opentelemetry-api is not installed")
+        return None
+    return trace.get_tracer("sage_llm.gateway")
+
+
+@contextlib.contextmanager
+def _span(tracer: Any, request: web.Request, rid: str) -> Iterator[Any]:
+    if tracer is None:
+        yield None
+        return
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else request.path
+    with tracer.start_as_current_span(f"{request.method} {name}") as span:
+        span.set_attribute("http.request.method", request.method)
+        span.set_attribute("http.route", name)
+        span.set_attribute("sage.request_id", rid)
+        yield span
+
+
+def _cors_origin(request: web.Request, origins: Sequence[str]) -> str | None:
+    origin = request.headers.get("Origin")
+    if not origin or not origins:
+        return None
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def _response_headers(rid: str, cors: str | None) -> dict[str, str]:
+    headers = {REQUEST_ID_HEADER: rid}
+    if cors is not None:
+        headers["Access-Control-Allow-Origin"] = cors
+        headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        if cors != "*":
+            headers["Vary"] = "Origin"
+    return headers
+
+
+def _preflight() -> web.Response:
+    resp = web.Response(status=204)
+    resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+    resp.headers["Access-Control-Allow-Headers"] = _CORS_ALLOW_HEADERS
+    resp.headers["Access-Control-Max-Age"] = "600"
+    return resp
+
+
+def _bad_request_id() -> web.Response:
+    return sage_error_response(
+        InvalidRequestError(
+            "x-request-id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="x-request-id"
+        )
+    )
+
+
+def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
+    """The outermost middleware of one app (see the module docstring)."""
+    origins = tuple(cors_origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        given = request.headers.get(REQUEST_ID_HEADER, "").strip()
+        valid = not given or _REQUEST_ID_RE.fullmatch(given) is not None
+        rid = given if given and valid else uuid.uuid4().hex
+        cors = _cors_origin(request, origins)
+        headers = _response_headers(rid, cors)
+        request[REQUEST_ID_KEY] = rid
+        request[RESPONSE_HEADERS_KEY] = headers
+        status = 500
+        try:
+            resp: web.StreamResponse
+            if not valid:
+                resp = _bad_request_id()
+            elif cors is not None and request.method == "OPTIONS":
+                resp = _preflight()
+            else:
+                with _span(tracer, request, rid) as span:
+                    resp = await handler(request)
+                    if span is not None:
+                        span.set_attribute("http.response.status_code", resp.status)
+            status = resp.status
+            if not resp.prepared:
+                resp.headers.update(headers)
+            return resp
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        finally:
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            model = request.get(MODEL_KEY)
+            access_log.info(
+                "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
+                rid,
+                request.method,
+                request.path,
+                status,
+                latency_ms,
+                model or "-",
+                extra={
+                    "request_id": rid,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "latency_ms": round(latency_ms, 3),
+                    "model": model,
+                },
+            )
+
+    return middleware

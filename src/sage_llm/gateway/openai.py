@@ -1,0 +1,327 @@
+"""OpenAI-compatible routes: completions, chat completions, embeddings, models, probes.
+
+Request bodies are validated with the models of :mod:`sage_llm.gateway.schemas` (400 with
+``param`` naming the offending field) and turned into a
+:class:`~sage_llm.types.RequestMetadata`. Fields the gateway does not consume (``n``,
+``logprobs``, ``seed``, unknown ones …) reach the engine unchanged through
+``RequestMetadata.extra_body``; the sage-llm fields ``priority`` and ``slo_deadline_ms`` do
+not. Priority, SLO and session may also come from the ``x-sage-priority``,
+``x-sage-slo-ms`` and ``x-session-id`` headers, which win over the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import (
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoHealthyInstanceError,
+)
+from sage_llm.gateway.errors import MODEL_KEY, REQUEST_ID_KEY, RESPONSE_HEADERS_KEY
+from sage_llm.gateway.relay import Generation, complete, stream_response
+from sage_llm.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationFields,
+)
+from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.tokens import chat_prompt_text, count_tokens
+from sage_llm.types import RequestMetadata, RequestPriority
+
+log = logging.getLogger("sage_llm.gateway")
+
+M = TypeVar("M", bound=BaseModel)
+
+PRIORITY_HEADER = "x-sage-priority"
+SLO_HEADER = "x-sage-slo-ms"
+SESSION_HEADER = "x-session-id"
+
+CONSUMED_FIELDS = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+     "top_p", "stop", "stream", "stream_options", "user", "priority", "slo_deadline_ms"}
+)  # fmt: skip
+"""Body fields the gateway maps onto RequestMetadata; every other field is passed on."""
+
+_TYPE_HINTS = {
+    "prompt": "must be a string, a list with one string, or a list of token ids",
+    "messages": "must be a non-empty list of messages, each with a string 'role'",
+    "stop": "must be a string or a list of strings",
+    "stream": "must be a boolean",
+    "priority": "must be a priority name or an integer 0-4",
+    "input": "must be a string or a non-empty list of strings",
+}
+
+
+def validation_error(exc: ValidationError) -> InvalidRequestError:
+    """The 400 error of a failed validation; ``param`` is the top-level field."""
+    first = exc.errors()[0]
+    loc = tuple(first.get("loc", ()))
+    param = str(loc[0]) if loc else None
+    if first.get("type") == "missing":
+        detail = "is required"
+    elif param in _TYPE_HINTS:
+        detail = _TYPE_HINTS[param]
+    else:
+        where = "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
+        detail = f"{where} {first.get('msg', 'is invalid')}".strip()
+    return InvalidRequestError(f"{param}: {detail}" if param else detail, param=param)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object (413 beyond ``client_max_size``, else 400)."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
+
+
+def validate(cls: type[M], body: Mapping[str, Any]) -> M:
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _priority(value: object, param: str) -> RequestPriority:
+    try:
+        return RequestPriority.parse(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        names = ", ".join(p.name.lower() for p in RequestPriority)
+        raise InvalidRequestError(
+            f"{param}: invalid priority {value!r}; use one of {names} or 0-4", param=param
+        ) from None
+
+
+def _slo_header(value: str) -> float:
+    try:
+        slo = float(value)
+    except ValueError:
+        slo = math.nan
+    if not math.isfinite(slo) or slo <= 0:
+        raise InvalidRequestError(
+            f"{SLO_HEADER} must be a positive number of milliseconds", param=SLO_HEADER
+        )
+    return slo
+
+
+def _single_prompt(prompt: Any) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise InvalidRequestError("prompt: must not be empty", param="prompt")
+    if isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise InvalidRequestError(
+                "prompt: one prompt per request (send several requests)", param="prompt"
+            )
+        return _single_prompt(prompt[0])
+    if any(t < 0 for t in prompt):
+        raise InvalidRequestError("prompt: token ids must be >= 0", param="prompt")
+    return list(prompt)
+
+
+def parse_generation(
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    request_id: str,
+    *,
+    chat: bool,
+    settings: ResolvedGateway,
+) -> Generation:
+    """Validate a completions (``chat=False``) or chat body; build its Generation."""
+    fields: GenerationFields
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None
+    if chat:
+        chat_req = validate(ChatCompletionRequest, body)
+        fields, messages = chat_req, list(body["messages"])
+        max_tokens = chat_req.max_tokens or chat_req.max_completion_tokens
+        prompt_tokens, prompt_param = count_tokens(chat_prompt_text(messages)), "messages"
+    else:
+        comp_req = validate(CompletionRequest, body)
+        fields, prompt = comp_req, _single_prompt(comp_req.prompt)
+        max_tokens = comp_req.max_tokens
+        prompt_tokens, prompt_param = count_tokens(prompt), "prompt"
+    limit = settings.max_tokens_limit
+    if max_tokens is not None and limit is not None and max_tokens > limit:
+        raise InvalidRequestError(
+            f"max_tokens: {max_tokens} is above this gateway's limit of {limit}",
+            param="max_tokens",
+        )
+    prompt_limit = settings.max_prompt_tokens
+    if prompt_limit is not None and prompt_tokens > prompt_limit:
+        raise InvalidRequestError(
+            f"{prompt_param}: the prompt has {prompt_tokens} tokens; this gateway accepts at "
+            f"most {prompt_limit}",
+            param=prompt_param,
+        )
+    priority = RequestPriority.NORMAL
+    if headers.get(PRIORITY_HEADER):
+        priority = _priority(headers[PRIORITY_HEADER], PRIORITY_HEADER)
+    elif fields.priority is not None:
+        priority = _priority(fields.priority, "priority")
+    slo_ms = fields.slo_deadline_ms
+    if headers.get(SLO_HEADER):
+        slo_ms = _slo_header(headers[SLO_HEADER])
+    session = headers.get(SESSION_HEADER, "").strip() or fields.user
+    stop = [fields.stop] if isinstance(fields.stop, str) else fields.stop
+    stream = bool(fields.stream)
+    options = fields.stream_options
+    meta = RequestMetadata(
+        request_id=request_id,
+        prompt=prompt,
+        messages=messages,
+        model_name=fields.model,
+        max_tokens=max_tokens,
+        temperature=1.0 if fields.temperature is None else fields.temperature,
+        top_p=1.0 if fields.top_p is None else fields.top_p,
+        stop=stop,
+        priority=priority,
+        slo_deadline_ms=slo_ms,
+        user_id=fields.user,
+        session_id=session,
+        stream=stream,
+        extra_body={k: v for k, v in body.items() if k not in CONSUMED_FIELDS},
+        tags={"source": "gateway"},
+    )
+    timeout = settings.request_timeout_s
+    if slo_ms is not None:
+        timeout = slo_ms / 1000.0 if timeout is None else min(timeout, slo_ms / 1000.0)
+    return Generation(
+        meta=meta,
+        chat=chat,
+        model=fields.model,
+        stream=stream,
+        include_usage=bool(stream and options is not None and options.include_usage),
+        timeout_s=timeout,
+    )
+
+
+def request_id_of(request: web.Request) -> str:
+    """The id the outer middleware gave the request (a fresh one without it)."""
+    rid = request.get(REQUEST_ID_KEY)
+    return rid if rid else uuid.uuid4().hex
+
+
+class OpenAIRoutes:
+    """Handlers of the OpenAI-compatible and probe routes, bound to one manager."""
+
+    def __init__(self, manager: ControlPlaneManager, settings: ResolvedGateway) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.created = int(time.time())
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        body = await read_json(request)
+        if isinstance(body.get("model"), str):
+            request[MODEL_KEY] = body["model"]
+        rid = request_id_of(request)
+        gen = parse_generation(body, request.headers, rid, chat=chat, settings=self.settings)
+        if self.settings.log_prompts:
+            shown = gen.meta.messages if chat else gen.meta.prompt
+            log.info("request %s prompt: %s", rid, json.dumps(shown)[:4000])
+        created = int(time.time())
+        if gen.stream:
+            headers = {"X-Request-Id": rid, **request.get(RESPONSE_HEADERS_KEY, {})}
+            return await stream_response(request, self.manager, gen, created, headers)
+        return web.json_response(await complete(self.manager, gen, created))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        req = validate(EmbeddingRequest, body)
+        request[MODEL_KEY] = req.model
+        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not inputs:
+            raise InvalidRequestError("input: must not be empty", param="input")
+        timeout = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                result = await self.manager.embed(req.model, inputs)
+        except TimeoutError:
+            raise DeadlineExceededError(f"embeddings did not finish within {timeout:g} s") from None
+        out = dict(result)
+        out.setdefault("object", "list")
+        out.setdefault("model", req.model)
+        return web.json_response(out)
+
+    # -- models ----------------------------------------------------------------------------
+
+    def _cards(self) -> dict[str, dict[str, Any]]:
+        cards: dict[str, dict[str, Any]] = {}
+        for inst in self.manager.get_instances():
+            card = cards.setdefault(
+                inst.model_name,
+                {
+                    "id": inst.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "sage-llm",
+                    "root": inst.model_name,
+                    "parent": None,
+                    "sage": {"instances": [], "healthy_instances": 0},
+                },
+            )
+            card["sage"]["instances"].append(inst.instance_id)
+            if inst.is_healthy and inst.is_available:
+                card["sage"]["healthy_instances"] += 1
+        return cards
+
+    async def models(self, request: web.Request) -> web.Response:
+        cards = self._cards()
+        return web.json_response({"object": "list", "data": [cards[m] for m in sorted(cards)]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        card = self._cards().get(name)
+        if card is None:
+            raise ModelNotFoundError(f"no instance serves model {name!r}", param="model")
+        return web.json_response(card)
+
+    # -- probes ----------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.manager.is_running:
+            raise ControlPlaneNotRunningError("the control plane is not running")
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if not self.manager.is_running:
+            raise ControlPlaneNotRunningError("the control plane is not running")
+        healthy = sum(1 for i in self.manager.get_instances() if i.is_healthy and i.is_available)
+        if healthy == 0:
+            raise NoHealthyInstanceError("no healthy instance is accepting requests")
+        return web.json_response({"status": "ready", "healthy_instances": healthy})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.manager.prometheus_metrics(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )

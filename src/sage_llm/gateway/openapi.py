@@ -1,0 +1,345 @@
+"""The OpenAPI 3.1 document of the gateway (``GET /openapi.json``).
+
+Schemas come from the pydantic models of :mod:`sage_llm.gateway.schemas`
+(``model_json_schema``); every route the app serves is described here, with its request
+body, its success response and the error responses it can give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from sage_llm.gateway import schemas as s
+
+_MODELS: tuple[type[BaseModel], ...] = (
+    s.CompletionRequest,
+    s.ChatCompletionRequest,
+    s.EmbeddingRequest,
+    s.CompletionResponse,
+    s.ChatCompletionResponse,
+    s.EmbeddingResponse,
+    s.ModelCard,
+    s.ModelList,
+    s.ErrorResponse,
+    s.HealthResponse,
+    s.ReadyResponse,
+    s.InstanceSpec,
+    s.DrainRequest,
+    s.SetPolicyRequest,
+    s.AdminObject,
+)
+
+_ERROR_TEXT = {
+    "400": "Invalid request (``param`` names the field).",
+    "401": "Missing or invalid API key / admin token.",
+    "403": "Admin API: wrong admin token, or a non-loopback client without one configured.",
+    "404": "Unknown model, instance, policy or route.",
+    "409": "Conflict (duplicate instance id or request id).",
+    "413": "Request body too large.",
+    "429": "Queue full or deadline infeasible; see the Retry-After header.",
+    "500": "Internal error.",
+    "502": "The engine failed.",
+    "503": "No healthy instance, or the control plane is not running.",
+    "504": "The request exceeded request_timeout_s or its deadline and was cancelled.",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for code in codes:
+        out[code] = _json("ErrorResponse", _ERROR_TEXT[code])
+        if code == "429":
+            out[code]["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying (integer >= 1).",
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            }
+    return out
+
+
+def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+_REQUEST_ID = _header(
+    "x-request-id",
+    "Request id (echoed back; generated when absent).",
+    {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{1,128}$"},
+)
+_GENERATION_HEADERS = [
+    _REQUEST_ID,
+    _header(
+        "x-sage-priority", "Priority name or 0-4; wins over the body field.", {"type": "string"}
+    ),
+    _header(
+        "x-sage-slo-ms",
+        "End-to-end latency target in ms; wins over the body field.",
+        {"type": "string"},
+    ),
+    _header(
+        "x-session-id",
+        "Session id for affinity routing (else the body's user).",
+        {"type": "string"},
+    ),
+]
+
+Security = list[dict[str, list[str]]]
+_USER: Security = [{"apiKey": []}, {}]
+_ADMIN: Security = [{"adminToken": []}, {}]
+
+
+def _generation(summary: str, request: str, response: str, op: str) -> dict[str, Any]:
+    ok = _json(response, "The completion, or a text/event-stream when stream is true.")
+    ok["content"]["text/event-stream"] = {
+        "schema": {"type": "string", "description": "data: {chunk}\\n\\n … data: [DONE]\\n\\n"}
+    }
+    return {
+        "post": {
+            "operationId": op,
+            "summary": summary,
+            "tags": ["openai"],
+            "security": _USER,
+            "parameters": _GENERATION_HEADERS,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {
+                "200": ok,
+                **_errors("400", "401", "404", "409", "413", "429", "500", "502", "503", "504"),
+            },
+        }
+    }
+
+
+def _get(
+    op: str,
+    summary: str,
+    response: dict[str, Any],
+    tags: list[str],
+    security: Security | None,
+    *errors: str,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "operationId": op,
+        "summary": summary,
+        "tags": tags,
+        "parameters": [_REQUEST_ID],
+        "responses": {"200": response, **_errors(*errors)},
+    }
+    if security is not None:
+        body["security"] = security
+    return body
+
+
+def _admin(
+    method: str,
+    op: str,
+    summary: str,
+    request: str | None,
+    *errors: str,
+    path_param: bool = False,
+    ok: str = "200",
+) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [_REQUEST_ID]
+    if path_param:
+        params.append(
+            {"name": "instance_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        )
+    out: dict[str, Any] = {
+        "operationId": op,
+        "summary": summary,
+        "tags": ["admin"],
+        "security": _ADMIN,
+        "parameters": params,
+        "responses": {ok: _json("AdminObject", "Done."), **_errors("401", "403", *errors)},
+    }
+    if request is not None:
+        out["requestBody"] = {
+            "required": method != "drain",
+            "content": {"application/json": {"schema": _ref(request)}},
+        }
+    return out
+
+
+def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every gateway route."""
+    _, top = models_json_schema(
+        [(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}"
+    )
+    text = {
+        "description": "Prometheus text format 0.0.4.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    paths: dict[str, Any] = {
+        "/v1/completions": _generation(
+            "Text completion", "CompletionRequest", "CompletionResponse", "createCompletion"
+        ),
+        "/v1/chat/completions": _generation(
+            "Chat completion",
+            "ChatCompletionRequest",
+            "ChatCompletionResponse",
+            "createChatCompletion",
+        ),
+        "/v1/embeddings": {
+            "post": {
+                "operationId": "createEmbedding",
+                "summary": "Embeddings from an instance serving the model",
+                "tags": ["openai"],
+                "security": _USER,
+                "parameters": [_REQUEST_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("EmbeddingRequest")}},
+                },
+                "responses": {
+                    "200": _json("EmbeddingResponse", "The embeddings."),
+                    **_errors("400", "401", "404", "413", "500", "502", "503", "504"),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": _get(
+                "listModels",
+                "Models served by the fleet",
+                _json("ModelList", "One card per served model."),
+                ["openai"],
+                _USER,
+                "401",
+            )
+        },
+        "/v1/models/{model}": {
+            "get": {
+                **_get(
+                    "retrieveModel",
+                    "One served model",
+                    _json("ModelCard", "The card."),
+                    ["openai"],
+                    _USER,
+                    "401",
+                    "404",
+                ),
+                "parameters": [
+                    _REQUEST_ID,
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+            }
+        },
+        "/health": {
+            "get": _get(
+                "health",
+                "Liveness: 200 while the control plane runs",
+                _json("HealthResponse", "Running."),
+                ["probes"],
+                None,
+                "503",
+            )
+        },
+        "/ready": {
+            "get": _get(
+                "ready",
+                "Readiness: 200 with at least one healthy instance",
+                _json("ReadyResponse", "Ready."),
+                ["probes"],
+                None,
+                "503",
+            )
+        },
+        "/metrics": {"get": _get("metrics", "Prometheus metrics", text, ["probes"], None)},
+        "/openapi.json": {
+            "get": _get(
+                "openapi",
+                "This document",
+                {
+                    "description": "OpenAPI 3.1 document.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                ["probes"],
+                None,
+            )
+        },
+        "/admin/instances": {
+            "get": _admin("get", "listInstances", "Registered instances", None),
+            "post": _admin(
+                "post",
+                "addInstance",
+                "Register an instance",
+                "InstanceSpec",
+                "400",
+                "409",
+                "413",
+                ok="201",
+            ),
+        },
+        "/admin/instances/{instance_id}/drain": {
+            "post": _admin(
+                "drain",
+                "drainInstance",
+                "Drain (or undrain) an instance",
+                "DrainRequest",
+                "400",
+                "404",
+                path_param=True,
+            ),
+        },
+        "/admin/instances/{instance_id}": {
+            "delete": _admin(
+                "delete", "removeInstance", "Remove an instance", None, "404", path_param=True
+            ),
+        },
+        "/admin/set_policy": {
+            "post": _admin(
+                "post",
+                "setPolicy",
+                "Switch the scheduling policy",
+                "SetPolicyRequest",
+                "400",
+                "404",
+            ),
+        },
+        "/admin/status": {"get": _admin("get", "status", "Control plane status", None)},
+        "/admin/metrics": {"get": _admin("get", "adminMetrics", "Aggregate metrics (JSON)", None)},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sage-llm gateway",
+            "version": version,
+            "description": "OpenAI-compatible API over a sage-llm control plane, plus its "
+            "admin API.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": top.get("$defs", {}),
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key (when keys are configured).",
+                },
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The admin token (when configured).",
+                },
+            },
+        },
+    }

@@ -1,0 +1,257 @@
+"""Running one generation through the manager: a whole response, or an SSE relay.
+
+Both paths consume :meth:`ControlPlaneManager.stream`, so choices are rebuilt per
+``Chunk.index`` (``n > 1``) and a closed iterator cancels the request in the manager (a
+client that disconnects, a timeout). Streams are relayed chunk by chunk with no buffering;
+a failure after the first chunk ends the stream with an ``{"error": …}`` event and
+``[DONE]``, never a silent truncation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.engines.base import Chunk, Usage
+from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event, usage_json
+from sage_llm.errors import DeadlineExceededError, RequestCancelledError, SageLLMError
+from sage_llm.gateway.errors import error_body
+from sage_llm.types import RequestMetadata, RequestStatus
+
+log = logging.getLogger("sage_llm.gateway")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A validated completions / chat request, ready for the manager."""
+
+    meta: RequestMetadata
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    timeout_s: float | None
+    """Whole-request limit: the smaller of ``request_timeout_s`` and the SLO deadline."""
+
+    @property
+    def request_id(self) -> str:
+        return self.meta.request_id
+
+
+class _Choices:
+    """Per-index text, finish reason and logprobs of a generation."""
+
+    def __init__(self) -> None:
+        self.text: dict[int, list[str]] = {}
+        self.finish: dict[int, str | None] = {}
+        self.logprobs: dict[int, list[Any]] = {}
+        self.usage: Usage | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        idx = chunk.index
+        self.text.setdefault(idx, []).append(chunk.text)
+        self.finish.setdefault(idx, None)
+        if chunk.finish_reason is not None:
+            self.finish[idx] = chunk.finish_reason
+        if chunk.logprobs is not None:
+            self.logprobs.setdefault(idx, []).append(chunk.logprobs)
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def indices(self) -> list[int]:
+        return sorted(self.text) or [0]
+
+
+def merge_logprobs(parts: list[Any] | None) -> Any:
+    """Join the logprobs of a choice's chunks: lists are concatenated key by key (OpenAI
+    ``{"content": [...]}`` or ``{"tokens": [...], "token_logprobs": [...], ...}``)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, list) for p in parts):
+        return [item for p in parts for item in p]
+    if not all(isinstance(p, dict) for p in parts):
+        return parts[-1]
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, list) and isinstance(merged.get(key), list):
+                merged[key] = merged[key] + value
+            elif key not in merged or merged[key] is None:
+                merged[key] = list(value) if isinstance(value, list) else value
+    return merged
+
+
+def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dict[str, Any]:
+    """A whole completion / chat completion with every choice, in vLLM's format."""
+    out: list[dict[str, Any]] = []
+    for idx in choices.indices():
+        text = "".join(choices.text.get(idx, []))
+        choice: dict[str, Any] = {"index": idx}
+        if fmt.chat:
+            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = merge_logprobs(choices.logprobs.get(idx))
+        choice["finish_reason"] = choices.finish.get(idx) or "length"
+        choice["stop_reason"] = None
+        out.append(choice)
+    return {
+        "id": fmt.id,
+        "object": "chat.completion" if fmt.chat else "text_completion",
+        "created": fmt.created,
+        "model": fmt.model,
+        "choices": out,
+        "usage": usage_json(usage),
+    }
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[Chunk]]:
+    """Close the manager's stream on exit: a request not finished by then is cancelled."""
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+
+
+def _timeout_error(gen: Generation) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"request {gen.request_id} did not finish within {gen.timeout_s:g} s and was cancelled"
+    )
+
+
+async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usage | None) -> Usage:
+    """The usage to report once the stream ended; raises if the request was cancelled."""
+    result = await manager.get_result(gen.request_id)
+    if result is not None and result.status is RequestStatus.CANCELLED:
+        raise RequestCancelledError(
+            f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
+        )
+    if seen is not None:
+        return seen
+    if result is None:
+        return Usage()
+    return Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+
+
+async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
+    """Run ``gen`` to the end and return the whole response body."""
+    fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
+    choices = _Choices()
+    stream = manager.stream(gen.meta)
+    try:
+        async with _closing(stream), asyncio.timeout_at(_deadline(gen.timeout_s)):
+            async for chunk in stream:
+                choices.add(chunk)
+    except TimeoutError:
+        raise _timeout_error(gen) from None
+    usage = await _final_usage(manager, gen, choices.usage)
+    return completion_body(fmt, choices, usage)
+
+
+def set_nodelay(request: web.Request) -> None:
+    """Disable Nagle on the client connection so each SSE event leaves at once."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def stream_response(
+    request: web.Request,
+    manager: ControlPlaneManager,
+    gen: Generation,
+    created: int,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Relay ``gen`` as server-sent events. Errors before the first chunk raise (the error
+    middleware answers with a JSON status); later ones end the stream with an error event."""
+    fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
+    deadline = _deadline(gen.timeout_s)
+    stream = manager.stream(gen.meta)
+    async with _closing(stream):
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await anext(stream, None)
+        except TimeoutError:
+            raise _timeout_error(gen) from None
+        if first is None:
+            await _final_usage(manager, gen, None)  # raises when it was cancelled
+        resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        set_nodelay(request)
+        await resp.prepare(request)
+        await _relay(resp, stream, first, manager, gen, fmt, deadline)
+        return resp
+
+
+async def _relay(
+    resp: web.StreamResponse,
+    stream: AsyncIterator[Chunk],
+    chunk: Chunk | None,
+    manager: ControlPlaneManager,
+    gen: Generation,
+    fmt: ResponseFormat,
+    deadline: float | None,
+) -> None:
+    seen: set[int] = set()
+    usage: Usage | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            while chunk is not None:
+                usage = chunk.usage or usage
+                if fmt.chat and chunk.index not in seen:
+                    role = fmt.role_chunk()
+                    role["choices"][0]["index"] = chunk.index
+                    await resp.write(encode_event(role))
+                seen.add(chunk.index)
+                if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
+                    event = fmt.chunk(
+                        chunk.text, chunk.finish_reason, index=chunk.index, logprobs=chunk.logprobs
+                    )
+                    await resp.write(encode_event(event))
+                chunk = await anext(stream, None)
+            final = await _final_usage(manager, gen, usage)
+            if gen.include_usage:
+                await resp.write(encode_event(fmt.usage_chunk(final)))
+    except ConnectionResetError:
+        log.info("client of request %s went away; cancelling it", gen.request_id)
+        return
+    except TimeoutError:
+        await _write_error(resp, _timeout_error(gen).to_openai(), gen)
+    except SageLLMError as exc:
+        await _write_error(resp, exc.to_openai(), gen)
+    except Exception:
+        log.exception("stream of request %s failed", gen.request_id)
+        await _write_error(resp, error_body("internal server error", "internal_error", 500), gen)
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write(DONE_EVENT)
+        await resp.write_eof()
+
+
+async def _write_error(resp: web.StreamResponse, body: dict[str, Any], gen: Generation) -> None:
+    log.warning("stream of request %s ended with an error: %s", gen.request_id, body["error"])
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write(encode_event(body))

@@ -1,0 +1,162 @@
+"""The gateway settings the HTTP app reads, and their defaults.
+
+:class:`GatewaySettings` is the read-only shape the gateway needs from
+``sage_llm.config.GatewayConfig`` (the ``[gateway]`` table of a cluster file); any object
+with these attributes works. :class:`DefaultGatewaySettings` holds the defaults used when
+``create_app`` gets no settings. :class:`ResolvedGateway` is what the app actually runs
+with: secrets taken from the environment, limits checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sage_llm.errors import ConfigError
+
+
+class GatewaySettings(Protocol):
+    """What the gateway reads from its configuration (``GatewayConfig`` satisfies it)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def api_keys(self) -> Sequence[str]: ...
+
+    @property
+    def api_keys_env(self) -> str | None: ...
+
+    @property
+    def admin_token(self) -> str | None: ...
+
+    @property
+    def admin_token_env(self) -> str | None: ...
+
+    @property
+    def max_body_bytes(self) -> int: ...
+
+    @property
+    def max_prompt_tokens(self) -> int | None: ...
+
+    @property
+    def max_tokens_limit(self) -> int | None: ...
+
+    @property
+    def request_timeout_s(self) -> float | None: ...
+
+    @property
+    def workers(self) -> int: ...
+
+    @property
+    def log_prompts(self) -> bool: ...
+
+    @property
+    def cors_origins(self) -> Sequence[str]: ...
+
+    @property
+    def tracing(self) -> object:
+        """``True``/``False``, or an object with an ``enabled`` attribute."""
+        ...
+
+
+@dataclass(frozen=True)
+class DefaultGatewaySettings:
+    """Gateway defaults: loopback bind, no API keys, admin API for loopback clients only."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: Sequence[str] = ()
+    api_keys_env: str | None = None
+    admin_token: str | None = None
+    admin_token_env: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = 32_768
+    request_timeout_s: float | None = 600.0
+    workers: int = 1
+    log_prompts: bool = False
+    cors_origins: Sequence[str] = ()
+    tracing: object = False
+
+
+def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:
+    if not name:
+        return []
+    return [k.strip() for k in environ.get(name, "").split(",") if k.strip()]
+
+
+def _positive_or_none(key: str, value: float | None) -> float | None:
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigError(f"must be a number, got {value!r}", key=f"gateway.{key}")
+    if value < 0:
+        raise ConfigError(f"must be >= 0, got {value!r}", key=f"gateway.{key}")
+    return float(value)
+
+
+def tracing_enabled(value: object) -> bool:
+    """``tracing`` may be a bool or a table with ``enabled``."""
+    if isinstance(value, bool):
+        return value
+    return bool(getattr(value, "enabled", False))
+
+
+@dataclass(frozen=True)
+class ResolvedGateway:
+    """The settings the running app uses (secrets resolved, limits validated).
+
+    ``None`` limits mean "no limit". Build with :meth:`from_settings`.
+    """
+
+    api_keys: tuple[str, ...] = ()
+    admin_token: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
+    request_timeout_s: float | None = None
+    log_prompts: bool = False
+    cors_origins: tuple[str, ...] = ()
+    tracing: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    @classmethod
+    def from_settings(
+        cls, settings: GatewaySettings, environ: Mapping[str, str] | None = None
+    ) -> ResolvedGateway:
+        """Resolve ``settings``; ``*_env`` names are looked up in ``environ`` (default:
+        ``os.environ``). API keys from the variable are comma-separated."""
+        env = os.environ if environ is None else environ
+        keys = [k for k in settings.api_keys if k] + _env_keys(settings.api_keys_env, env)
+        admin = settings.admin_token or None
+        if admin is None and settings.admin_token_env:
+            admin = env.get(settings.admin_token_env, "").strip() or None
+        if settings.max_body_bytes < 1:
+            raise ConfigError("must be >= 1", key="gateway.max_body_bytes")
+        prompt_limit = settings.max_prompt_tokens
+        if prompt_limit is not None and prompt_limit < 1:
+            raise ConfigError("must be >= 1", key="gateway.max_prompt_tokens")
+        tokens_limit = settings.max_tokens_limit
+        if tokens_limit is not None and tokens_limit < 1:
+            raise ConfigError("must be >= 1", key="gateway.max_tokens_limit")
+        return cls(
+            api_keys=tuple(dict.fromkeys(keys)),
+            admin_token=admin,
+            max_body_bytes=int(settings.max_body_bytes),
+            max_prompt_tokens=prompt_limit,
+            max_tokens_limit=tokens_limit,
+            request_timeout_s=_positive_or_none("request_timeout_s", settings.request_timeout_s),
+            log_prompts=bool(settings.log_prompts),
+            cors_origins=tuple(settings.cors_origins),
+            tracing=tracing_enabled(settings.tracing),
+            host=settings.host,
+            port=int(settings.port),
+        )

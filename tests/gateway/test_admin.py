@@ -1,0 +1,243 @@
+"""The admin API: instances CRUD, drain, removal and policy switch during traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sage_llm.gateway.admin import instance_json, to_jsonable
+from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
+from tests.factories import MODEL, make_instance, make_metadata
+from tests.gateway.harness import FAST, completion_body, read_events, serve
+
+
+async def _json(resp: aiohttp.ClientResponse) -> Any:
+    return await resp.json()
+
+
+async def _first_event(resp: aiohttp.ClientResponse) -> Any:
+    while True:
+        line = await resp.content.readline()
+        assert line
+        if line.startswith(b"data: "):
+            return json.loads(line[len(b"data: ") :])
+
+
+def _held(rid: str) -> bool:
+    return rid.startswith("held")
+
+
+async def test_list_add_and_duplicate_instances() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/admin/instances")) as r:
+            data = (await _json(r))["data"]
+        assert [d["instance_id"] for d in data] == ["sim-0"]
+        assert data[0]["instance_type"] == "general"
+        assert data[0]["draining"] is False
+
+        spec = {
+            "instance_id": "sim-new",
+            "host": "127.0.0.1",
+            "port": 9000,
+            "model_name": MODEL,
+            "instance_type": "prefill",
+            "max_concurrent_requests": 4,
+            "metadata": {"sim_speed": FAST},
+            "api_key": "engine-secret",
+        }
+        async with http.post(gw.url("/admin/instances"), json=spec) as r:
+            assert r.status == 201
+            added = await _json(r)
+        assert added["instance_type"] == "prefilling"
+        assert added["api_key"] == "***"
+        (inst,) = [i for i in gw.manager.get_instances() if i.instance_id == "sim-new"]
+        assert inst.instance_type is ExecutionInstanceType.PREFILLING
+        assert inst.max_concurrent_requests == 4
+        assert inst.api_key == "engine-secret"
+
+        async with http.post(gw.url("/admin/instances"), json=spec) as r:
+            assert r.status == 409
+            assert (await _json(r))["error"]["type"] == "conflict_error"
+
+        async with http.get(gw.url("/admin/instances")) as r:
+            text = await r.text()
+        assert "engine-secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("spec", "param"),
+    [
+        ({"host": "h", "port": 1, "model_name": "m"}, "instance_id"),
+        ({"instance_id": "x", "host": "h", "port": 0, "model_name": "m"}, "port"),
+        ({"instance_id": "x", "host": "h", "port": "many", "model_name": "m"}, "port"),
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "instance_type": "gpu"},
+            "instance_type",
+        ),
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "colour": "red"},
+            "colour",
+        ),
+        (
+            {
+                "instance_id": "x",
+                "host": "h",
+                "port": 1,
+                "model_name": "m",
+                "max_concurrent_requests": 0,
+            },
+            "max_concurrent_requests",
+        ),
+    ],
+)
+async def test_bad_instance_specs_give_400(spec: dict[str, Any], param: str) -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/admin/instances"), json=spec) as r:
+            assert r.status == 400
+            assert (await _json(r))["error"]["param"] == param
+        assert [i.instance_id for i in gw.manager.get_instances()] == ["sim-0"]
+
+
+async def test_unknown_instances_are_404() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/admin/instances/nope/drain")) as r:
+            assert r.status == 404
+        async with http.delete(gw.url("/admin/instances/nope")) as r:
+            assert r.status == 404
+        async with http.post(gw.url("/admin/instances/sim-0/drain"), json={"drain": "yes"}) as r:
+            assert r.status == 400
+            assert (await _json(r))["error"]["param"] == "drain"
+
+
+async def test_drain_lets_in_flight_requests_finish_and_refuses_new_ones() -> None:
+    async with serve(1, hold=_held) as gw, aiohttp.ClientSession() as http:
+        probe = gw.probes["sim-0"]
+        headers = {"x-request-id": "held-1"}
+        body = completion_body(stream=True)
+        async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as stream:
+            await _first_event(stream)
+            async with http.post(gw.url("/admin/instances/sim-0/drain")) as r:
+                assert await _json(r) == {"instance_id": "sim-0", "draining": True}
+            async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+                assert r.status == 503
+            async with http.get(gw.url("/admin/instances")) as r:
+                assert (await _json(r))["data"][0]["draining"] is True
+            probe.gate.set()
+            events = await read_events(stream)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert (await gw.manager.wait_for_result("held-1")).status is RequestStatus.COMPLETED
+        async with http.post(gw.url("/admin/instances/sim-0/drain"), json={"drain": False}) as r:
+            assert (await _json(r))["draining"] is False
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            assert r.status == 200
+
+
+async def test_removed_instance_finishes_in_flight_and_gets_no_new_requests() -> None:
+    async with serve(2, hold=_held) as gw, aiohttp.ClientSession() as http:
+        headers = {"x-request-id": "held-remove"}
+        body = completion_body(stream=True)
+        async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as stream:
+            await _first_event(stream)
+            busy = gw.probe_running()
+            other = next(p for p in gw.probes.values() if p is not busy)
+            async with http.delete(gw.url(f"/admin/instances/{busy.instance_id}")) as r:
+                assert r.status == 200
+                assert (await _json(r))["removed"] is True
+            for i in range(4):
+                async with http.post(
+                    gw.url("/v1/completions"),
+                    json=completion_body(),
+                    headers={"x-request-id": f"after-{i}"},
+                ) as r:
+                    assert r.status == 200
+            busy.gate.set()
+            events = await read_events(stream)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert [q.request_id for q in busy.requests] == ["held-remove"]
+        assert [q.request_id for q in other.requests] == [f"after-{i}" for i in range(4)]
+        async with http.get(gw.url("/admin/instances")) as r:
+            ids = [d["instance_id"] for d in (await _json(r))["data"]]
+        assert ids == [other.instance_id]
+
+
+async def test_set_policy_switches_with_requests_queued() -> None:
+    async with serve(1, bound=1, hold=_held) as gw, aiohttp.ClientSession() as http:
+        cp = gw.manager
+        probe = gw.probes["sim-0"]
+        first = asyncio.create_task(
+            http.post(
+                gw.url("/v1/completions"),
+                json=completion_body(),
+                headers={"x-request-id": "held-first"},
+            )
+        )
+        await asyncio.wait_for(probe.started_event.wait(), 5)
+        for name in ("low", "critical"):
+            meta = make_metadata(f"queued-{name}", priority=RequestPriority[name.upper()])
+            await cp.submit_request(meta)
+        async with http.post(gw.url("/admin/set_policy"), json={"policy": "priority"}) as r:
+            assert r.status == 200
+            assert (await _json(r))["scheduling_policy"] == "priority"
+        async with http.get(gw.url("/admin/status")) as r:
+            status = await _json(r)
+        assert status["scheduling_policy"] == "priority"
+        assert status["pending_requests"] == 2
+        probe.gate.set()
+        resp = await first
+        assert resp.status == 200
+        resp.release()
+        for name in ("low", "critical"):
+            result = await cp.wait_for_result(f"queued-{name}")
+            assert result.status is RequestStatus.COMPLETED
+        order = [q.request_id for q in probe.requests]
+        assert order == ["held-first", "queued-critical", "queued-low"]
+        async with http.get(gw.url("/metrics")) as r:
+            assert 'sage_llm_scheduling_policy{policy="priority"} 1.0' in await r.text()
+
+
+async def test_set_policy_errors() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/admin/set_policy"), json={"policy": "nope"}) as r:
+            assert r.status == 404
+        body = {"policy": "priority", "params": {"no_such_param": 1}}
+        async with http.post(gw.url("/admin/set_policy"), json=body) as r:
+            assert r.status == 400
+        async with http.post(gw.url("/admin/set_policy"), json={"name": "fifo"}) as r:
+            assert r.status == 400
+        assert gw.manager.get_status()["scheduling_policy"] == "fifo"
+
+
+async def test_status_and_metrics_json() -> None:
+    async with serve(2) as gw, aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+                assert r.status == 200
+        async with http.get(gw.url("/admin/status")) as r:
+            status = await _json(r)
+        assert status["running"] is True
+        assert status["registered_instances"] == 2
+        assert set(status["instances"]) == {"sim-0", "sim-1"}
+        async with http.get(gw.url("/admin/metrics")) as r:
+            metrics = await _json(r)
+        assert metrics["completed_requests"] == 3
+        assert metrics["total_requests"] == 3
+        assert isinstance(metrics["timestamp"], str)
+        completed = sum(m["completed_requests"] for m in metrics["instances"].values())
+        assert completed == 3
+
+
+def test_to_jsonable_handles_dataclasses_enums_and_datetimes() -> None:
+    inst = make_instance("x", api_key="k", metadata={"when": datetime(2025, 1, 1)})
+    out = instance_json(inst)
+    assert out["instance_type"] == "general"
+    assert out["api_key"] == "***"
+    assert out["metadata"] == {"when": "2025-01-01T00:00:00"}
+    assert to_jsonable((1, {2})) == [1, [2]]
+    json.dumps(out)

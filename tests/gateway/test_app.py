@@ -1,0 +1,283 @@
+"""The gateway app end to end: the official openai client, probes, models, pass-through."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+
+from sage_llm.tokens import count_tokens
+from tests.factories import MODEL, make_instance
+from tests.gateway.harness import FAST, chat_body, completion_body, read_events, serve
+
+
+def _client(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+
+
+async def test_async_openai_client_completions_and_chat() -> None:
+    async with serve(2) as gw, _client(gw.base_url) as client:
+        comp = await client.completions.create(
+            model=MODEL, prompt="What is a control plane?", max_tokens=8
+        )
+        assert comp.object == "text_completion"
+        assert comp.id.startswith("cmpl-")
+        assert comp.model == MODEL
+        assert comp.choices[0].finish_reason == "length"
+        assert count_tokens(comp.choices[0].text) == 8
+        assert comp.usage is not None
+        assert comp.usage.completion_tokens == 8
+        assert comp.usage.prompt_tokens == count_tokens("What is a control plane?")
+        assert comp.usage.total_tokens == comp.usage.prompt_tokens + 8
+
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi there"}], max_tokens=6
+        )
+        assert chat.object == "chat.completion"
+        assert chat.id.startswith("chatcmpl-")
+        assert chat.choices[0].message.role == "assistant"
+        assert count_tokens(chat.choices[0].message.content or "") == 6
+        assert chat.usage is not None and chat.usage.completion_tokens == 6
+        details = chat.usage.prompt_tokens_details
+        assert details is not None and details.cached_tokens is not None
+
+
+async def test_async_openai_client_streams_with_usage_chunk() -> None:
+    async with serve(1) as gw, _client(gw.base_url) as client:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Stream please"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert count_tokens(text) == 8
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert finishes[-1] == "length"
+        assert all(f is None for f in finishes[:-1])
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+        assert all(c.usage is None for c in chunks[:-1])
+
+        comp_stream = await client.completions.create(
+            model=MODEL, prompt="Count to five", max_tokens=5, stream=True
+        )
+        comp_chunks = [c async for c in comp_stream]
+        assert all(c.usage is None for c in comp_chunks)  # no include_usage: no usage chunk
+        assert count_tokens("".join(c.choices[0].text for c in comp_chunks)) == 5
+
+
+async def test_sync_openai_client_in_a_thread() -> None:
+    async with serve(1) as gw:
+        base = gw.base_url + "/v1"
+
+        def run() -> tuple[str, str, int]:
+            with openai.OpenAI(base_url=base, api_key="unused", max_retries=0) as client:
+                comp = client.completions.create(model=MODEL, prompt="Sync call", max_tokens=4)
+                stream = client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "Sync stream"}],
+                    max_tokens=4,
+                    stream=True,
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                return comp.choices[0].text, text, comp.usage.completion_tokens if comp.usage else 0
+
+        comp_text, chat_text, tokens = await asyncio.to_thread(run)
+        assert count_tokens(comp_text) == 4
+        assert count_tokens(chat_text) == 4
+        assert tokens == 4
+
+
+async def test_n_choices_are_rebuilt_by_index() -> None:
+    async with serve(1) as gw, _client(gw.base_url) as client:
+        comp = await client.completions.create(model=MODEL, prompt="Two ways", max_tokens=5, n=2)
+        assert [c.index for c in comp.choices] == [0, 1]
+        assert all(count_tokens(c.text) == 5 for c in comp.choices)
+        assert comp.choices[0].text != comp.choices[1].text
+        assert comp.usage is not None and comp.usage.completion_tokens == 10
+        (engine_req,) = gw.probes["sim-0"].requests
+        assert engine_req.extra["n"] == 2
+
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Two answers"}],
+            max_tokens=4,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        texts: dict[int, str] = {0: "", 1: ""}
+        roles: list[int] = []
+        finished: list[int] = []
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                if choice.delta.role == "assistant":
+                    roles.append(choice.index)
+                texts[choice.index] += choice.delta.content or ""
+                if choice.finish_reason:
+                    finished.append(choice.index)
+        assert roles == [0, 1]
+        assert finished == [0, 1]
+        assert all(count_tokens(t) == 4 for t in texts.values())
+        assert usage is not None and usage.completion_tokens == 8
+
+
+async def test_stop_sequences_reach_the_engine() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        body = completion_body(max_tokens=16, stop=["zzz-never"], logprobs=2)
+        async with http.post(gw.url("/v1/completions"), json=body) as resp:
+            assert resp.status == 200
+        (req,) = gw.probes["sim-0"].requests
+        assert list(req.stop) == ["zzz-never"]
+        assert req.extra["logprobs"] == 2
+
+
+async def test_unknown_fields_reach_the_engine_unchanged_and_sage_fields_do_not() -> None:
+    extra = {"foo": {"bar": [1, 2, {"baz": None}]}, "seed": 7, "min_tokens": 2}
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        body = chat_body(priority="high", slo_deadline_ms=60_000, user="alice", **extra)
+        async with http.post(gw.url("/v1/chat/completions"), json=body) as resp:
+            assert resp.status == 200
+        (req,) = gw.probes["sim-0"].requests
+        assert dict(req.extra) == extra
+        assert req.priority == 1
+        assert req.messages == body["messages"]
+        assert req.max_tokens == 8
+
+
+PRIORITY_CASES = [
+    ({}, None, 2),
+    ({}, "high", 1),
+    ({}, 4, 4),
+    ({"x-sage-priority": "critical"}, "low", 0),
+    ({"x-sage-priority": "3"}, None, 3),
+]
+
+
+async def test_priority_from_headers_wins_over_body() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for headers, body_priority, _ in PRIORITY_CASES:
+            body = completion_body()
+            if body_priority is not None:
+                body["priority"] = body_priority
+            async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+                assert resp.status == 200
+        requests = gw.probes["sim-0"].requests
+        assert [r.priority for r in requests] == [case[2] for case in PRIORITY_CASES]
+        assert all("priority" not in r.extra for r in requests)
+
+
+async def test_slo_and_session_from_headers_and_body() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        headers = {"x-request-id": "slo-header", "x-sage-slo-ms": "60000", "x-session-id": "s1"}
+        async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):
+            pass
+        async with http.post(
+            gw.url("/v1/completions"),
+            json=completion_body(slo_deadline_ms=50_000, user="bob"),
+            headers={"x-request-id": "slo-body"},
+        ):
+            pass
+        async with http.post(
+            gw.url("/v1/completions"), json=completion_body(), headers={"x-request-id": "no-slo"}
+        ):
+            pass
+        with_header = await gw.manager.wait_for_result("slo-header")
+        with_body = await gw.manager.wait_for_result("slo-body")
+        without = await gw.manager.wait_for_result("no-slo")
+        assert with_header.slo_met is True
+        assert with_body.slo_met is True
+        assert without.slo_met is None
+        assert all("slo_deadline_ms" not in r.extra for r in gw.probes["sim-0"].requests)
+
+
+async def test_request_id_is_honoured_and_echoed() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        headers = {"x-request-id": "my-request-1"}
+        async with http.post(
+            gw.url("/v1/completions"), json=completion_body(), headers=headers
+        ) as r:
+            assert r.headers["x-request-id"] == "my-request-1"
+            assert (await r.json())["id"] == "cmpl-my-request-1"
+        body = completion_body(stream=True)
+        headers = {"x-request-id": "my-stream-1"}
+        async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as r:
+            assert r.headers["x-request-id"] == "my-stream-1"
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = await read_events(r)
+        assert events[-1] == "[DONE]"
+        assert all(e["id"] == "cmpl-my-stream-1" for e in events[:-1])
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            generated = r.headers["x-request-id"]
+            assert (await r.json())["id"] == f"cmpl-{generated}"
+        assert [q.request_id for q in gw.probes["sim-0"].requests][:2] == [
+            "my-request-1",
+            "my-stream-1",
+        ]
+
+
+async def test_embeddings() -> None:
+    async with serve(1) as gw, _client(gw.base_url) as client:
+        one = await client.embeddings.create(model=MODEL, input="hello world")
+        many = await client.embeddings.create(model=MODEL, input=["a b", "c d e"])
+        assert len(one.data) == 1 and len(one.data[0].embedding) == 8
+        assert [d.index for d in many.data] == [0, 1]
+        assert one.model == MODEL
+
+
+async def test_models_are_aggregated_over_the_fleet() -> None:
+    fleet = [
+        make_instance("a-0", model_name="model-a", metadata={"sim_speed": FAST}),
+        make_instance("a-1", port=8001, model_name="model-a", metadata={"sim_speed": FAST}),
+        make_instance("b-0", port=8002, model_name="org/model-b", metadata={"sim_speed": FAST}),
+    ]
+    async with serve(fleet) as gw, _client(gw.base_url) as client:
+        models = await client.models.list()
+        ids = [m.id for m in models.data]
+        assert ids == ["model-a", "org/model-b"]
+        assert all(m.owned_by == "sage-llm" for m in models.data)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gw.url("/v1/models")) as r:
+                data = (await r.json())["data"]
+            assert data[0]["sage"] == {"instances": ["a-0", "a-1"], "healthy_instances": 2}
+            async with http.get(gw.url("/v1/models/org/model-b")) as r:
+                assert r.status == 200
+                assert (await r.json())["sage"]["instances"] == ["b-0"]
+            async with http.get(gw.url("/v1/models/nope")) as r:
+                assert r.status == 404
+                assert (await r.json())["error"]["param"] == "model"
+
+
+async def test_health_ready_and_metrics() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/health")) as r:
+            assert r.status == 200
+            assert await r.json() == {"status": "ok"}
+        async with http.get(gw.url("/ready")) as r:
+            assert r.status == 200
+            assert (await r.json())["healthy_instances"] == 1
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            assert r.status == 200
+        async with http.get(gw.url("/metrics")) as r:
+            assert r.status == 200
+            assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+            text = await r.text()
+        assert 'sage_llm_requests_total{instance="sim-0",model="llama-3-8b"' in text
+        gw.manager.drain_instance("sim-0")
+        async with http.get(gw.url("/ready")) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["type"] == "service_unavailable"
+        async with http.get(gw.url("/health")) as r:
+            assert r.status == 200
+        await gw.manager.stop()
+        async with http.get(gw.url("/health")) as r:
+            assert r.status == 503
+        async with http.get(gw.url("/ready")) as r:
+            assert r.status == 503

@@ -1,0 +1,298 @@
+"""Every error path answers with an OpenAI-style JSON body and the right status."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from sage_llm.errors import QueueFullError
+from sage_llm.gateway.errors import error_middleware, retry_after_header, sage_error_response
+from sage_llm.gateway.settings import DefaultGatewaySettings
+from sage_llm.types import RequestStatus
+from tests.factories import MODEL, make_metadata
+from tests.gateway.harness import chat_body, completion_body, serve
+
+
+def _assert_error(body: Any, status: int, param: str | None = None) -> None:
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+BAD_COMPLETIONS = [
+    ({"prompt": "hi"}, "model"),
+    ({"model": MODEL}, "prompt"),
+    ({"model": MODEL, "prompt": 42}, "prompt"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+    ({"model": MODEL, "prompt": []}, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "8"}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": 2.5}, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+    ({"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream"),
+    ({"model": MODEL, "prompt": "hi", "stream": 1}, "stream"),
+    ({"model": MODEL, "prompt": "hi", "stop": [1]}, "stop"),
+    ({"model": MODEL, "prompt": "hi", "priority": "urgent"}, "priority"),
+    ({"model": MODEL, "prompt": "hi", "slo_deadline_ms": -5}, "slo_deadline_ms"),
+    ({"model": MODEL, "prompt": "word " * 200}, "prompt"),
+]
+
+
+async def test_bad_completion_fields_give_400_naming_the_field() -> None:
+    settings = DefaultGatewaySettings(max_tokens_limit=1024, max_prompt_tokens=100)
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        for body, param in BAD_COMPLETIONS:
+            async with http.post(gw.url("/v1/completions"), json=body) as r:
+                assert r.status == 400, body
+                _assert_error(await r.json(), 400, param)
+        assert gw.probes["sim-0"].requests == []
+
+
+BAD_CHATS = [
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"content": "no role"}]}, "messages"),
+    ({"messages": None}, "messages"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+]
+
+
+async def test_bad_chat_fields_give_400() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for fields, param in BAD_CHATS:
+            async with http.post(gw.url("/v1/chat/completions"), json=chat_body(**fields)) as r:
+                assert r.status == 400, fields
+                _assert_error(await r.json(), 400, param)
+
+
+async def test_malformed_bodies_give_400() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for data in (b"{not json", b"[1, 2]", b""):
+            async with http.post(gw.url("/v1/completions"), data=data) as r:
+                assert r.status == 400
+                _assert_error(await r.json(), 400)
+        async with http.post(
+            gw.url("/v1/completions"), json=completion_body(), headers={"x-sage-slo-ms": "soon"}
+        ) as r:
+            _assert_error(await r.json(), 400, "x-sage-slo-ms")
+        async with http.post(
+            gw.url("/v1/completions"), json=completion_body(), headers={"x-sage-priority": "asap"}
+        ) as r:
+            _assert_error(await r.json(), 400, "x-sage-priority")
+        async with http.post(
+            gw.url("/v1/completions"),
+            json=completion_body(),
+            headers={"x-request-id": "bad id with spaces"},
+        ) as r:
+            _assert_error(await r.json(), 400, "x-request-id")
+            assert r.headers["x-request-id"] != "bad id with spaces"
+
+
+async def test_unknown_model_is_404_and_unknown_route_is_json() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.post(
+            gw.url("/v1/completions"), json=completion_body() | {"model": "x"}
+        ) as r:
+            assert r.status == 404
+            _assert_error(await r.json(), 404)
+        async with http.get(gw.url("/v1/nothing-here")) as r:
+            assert r.status == 404
+            assert r.content_type == "application/json"
+            _assert_error(await r.json(), 404)
+        async with http.get(gw.url("/v1/completions")) as r:
+            assert r.status == 405
+            _assert_error(await r.json(), 405)
+            assert "POST" in r.headers["Allow"]
+        async with _client(gw) as client:
+            with pytest.raises(openai.NotFoundError):
+                await client.completions.create(model="missing", prompt="hi", max_tokens=2)
+
+
+def _client(gw: Any, api_key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gw.url("/v1"), api_key=api_key, max_retries=0)
+
+
+async def test_oversized_body_is_413() -> None:
+    settings = DefaultGatewaySettings(max_body_bytes=2048)
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        body = completion_body(prompt="x" * 5000)
+        async with http.post(gw.url("/v1/completions"), json=body) as r:
+            assert r.status == 413
+            _assert_error(await r.json(), 413)
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            assert r.status == 200
+
+
+async def test_api_keys_are_required_when_configured() -> None:
+    settings = DefaultGatewaySettings(api_keys=("key-one", "key-two"))
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            _assert_error(await r.json(), 401)
+        wrong = {"Authorization": "Bearer key-three"}
+        async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=wrong) as r:
+            assert r.status == 401
+        async with http.get(gw.url("/v1/models"), headers={"Authorization": "Basic a2V5"}) as r:
+            assert r.status == 401
+        right = {"Authorization": "Bearer key-two"}
+        async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=right) as r:
+            assert r.status == 200
+        async with http.get(gw.url("/health")) as r:
+            assert r.status == 200
+        async with http.get(gw.url("/metrics")) as r:
+            assert r.status == 200
+        async with _client(gw, "key-three") as client:
+            with pytest.raises(openai.AuthenticationError):
+                await client.models.list()
+        async with _client(gw, "key-one") as client:
+            assert [m.id for m in (await client.models.list()).data] == [MODEL]
+
+
+async def test_api_keys_from_the_environment() -> None:
+    settings = DefaultGatewaySettings(api_keys_env="SAGE_TEST_KEYS")
+    async with serve(1) as gw:
+        from sage_llm.gateway.server import start_gateway
+
+        runner, port = await start_gateway(
+            gw.manager, settings, environ={"SAGE_TEST_KEYS": "env-key, other"}
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = f"http://127.0.0.1:{port}/v1/models"
+                async with http.get(url) as r:
+                    assert r.status == 401
+                async with http.get(url, headers={"Authorization": "Bearer other"}) as r:
+                    assert r.status == 200
+        finally:
+            await runner.cleanup()
+
+
+async def test_admin_token_rules() -> None:
+    settings = DefaultGatewaySettings(admin_token="admin-secret", api_keys=("user-key",))
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/admin/status")) as r:
+            assert r.status == 401
+            _assert_error(await r.json(), 401)
+        for token in ("wrong", "user-key"):
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(gw.url("/admin/status"), headers=headers) as r:
+                assert r.status == 403
+                _assert_error(await r.json(), 403)
+        headers = {"Authorization": "Bearer admin-secret"}
+        async with http.get(gw.url("/admin/status"), headers=headers) as r:
+            assert r.status == 200
+        async with http.get(gw.url("/v1/models"), headers=headers) as r:
+            assert r.status == 401  # the admin token is not an API key
+
+
+async def test_queue_full_is_429_with_retry_after() -> None:
+    async with serve(
+        1, bound=1, max_queue_size=1, hold=lambda rid: rid.startswith("hold"), hold_after=0
+    ) as gw:
+        cp = gw.manager
+        running = await cp.submit_request(make_metadata("hold-running"))
+        await asyncio.wait_for(gw.probes["sim-0"].started_event.wait(), 5)
+        assert await cp.get_request_status(running) is RequestStatus.RUNNING
+        await cp.submit_request(make_metadata("queued"))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(gw.url("/v1/completions"), json=completion_body()) as r,
+        ):
+            assert r.status == 429
+            body = await r.json()
+            retry = int(r.headers["Retry-After"])
+        _assert_error(body, 429)
+        assert body["error"]["type"] == "rate_limit_error"
+        assert retry >= 1
+        async with _client(gw) as client:
+            with pytest.raises(openai.RateLimitError):
+                await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+async def test_no_healthy_instance_is_503() -> None:
+    async with serve(2) as gw, aiohttp.ClientSession() as http:
+        for iid in ("sim-0", "sim-1"):
+            gw.manager.drain_instance(iid)
+        for path, body in (
+            ("/v1/completions", completion_body()),
+            ("/v1/chat/completions", chat_body(stream=True)),
+        ):
+            async with http.post(gw.url(path), json=body) as r:
+                assert r.status == 503
+                _assert_error(await r.json(), 503)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_request_timeout_is_504_and_cancels_the_request(stream: bool) -> None:
+    settings = DefaultGatewaySettings(request_timeout_s=0.2)
+    async with serve(1, settings=settings, hold=lambda rid: True, hold_after=0) as gw:
+        async with aiohttp.ClientSession() as http:
+            headers = {"x-request-id": "too-slow"}
+            body = completion_body(stream=stream)
+            async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as r:
+                assert r.status == 504
+                _assert_error(await r.json(), 504)
+        result = await gw.manager.wait_for_result("too-slow", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+        await asyncio.wait_for(gw.probes["sim-0"].aborted_event.wait(), 5)
+        assert gw.probes["sim-0"].aborted == ["too-slow"]
+
+
+async def test_slo_deadline_bounds_the_request_too() -> None:
+    async with serve(1, hold=lambda rid: True, hold_after=0) as gw:
+        async with aiohttp.ClientSession() as http:
+            headers = {"x-request-id": "deadline", "x-sage-slo-ms": "150"}
+            async with http.post(
+                gw.url("/v1/completions"), json=completion_body(), headers=headers
+            ) as r:
+                assert r.status == 504
+        result = await gw.manager.wait_for_result("deadline", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+
+
+async def test_unexpected_exceptions_are_500_without_internals() -> None:
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("secret internal detail")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/boom", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/boom") as r,
+        ):
+            assert r.status == 500
+            text = await r.text()
+            _assert_error(await r.json(), 500)
+        assert "secret" not in text
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"), [(None, "1"), (0.0, "1"), (0.2, "1"), (1.0, "1"), (2.1, "3")]
+)
+def test_retry_after_is_a_whole_number_of_seconds(seconds: float | None, header: str) -> None:
+    assert retry_after_header(seconds) == header
+    resp = sage_error_response(QueueFullError("full", retry_after_s=seconds))
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == header

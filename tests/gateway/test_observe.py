@@ -1,0 +1,128 @@
+"""Access logs, CORS and optional tracing."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sage_llm.gateway.observe import load_tracer
+from sage_llm.gateway.settings import DefaultGatewaySettings
+from tests.gateway.harness import completion_body, serve
+
+SECRET_PROMPT = "my very private prompt text"
+
+
+async def test_access_log_has_request_id_status_and_model_but_no_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="sage_llm.gateway")
+    settings = DefaultGatewaySettings(api_keys=("super-secret-key",))
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        headers = {"Authorization": "Bearer super-secret-key", "x-request-id": "logged-1"}
+        body = completion_body(prompt=SECRET_PROMPT)
+        async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as r:
+            assert r.status == 200
+        async with http.post(gw.url("/v1/completions"), json=body) as r:
+            assert r.status == 401
+    access = [r for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    ok = next(r for r in access if getattr(r, "request_id", None) == "logged-1")
+    assert ok.status == 200  # type: ignore[attr-defined]
+    assert ok.model == "llama-3-8b"  # type: ignore[attr-defined]
+    assert ok.path == "/v1/completions"  # type: ignore[attr-defined]
+    assert "request_id=logged-1" in ok.getMessage()
+    assert any(getattr(r, "status", None) == 401 for r in access)
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "super-secret-key" not in everything
+    assert SECRET_PROMPT not in everything
+
+
+async def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="sage_llm.gateway")
+    settings = DefaultGatewaySettings(log_prompts=True)
+    async with (
+        serve(1, settings=settings) as gw,
+        aiohttp.ClientSession() as http,
+        http.post(gw.url("/v1/completions"), json=completion_body(SECRET_PROMPT)) as r,
+    ):
+        assert r.status == 200
+    assert any(SECRET_PROMPT in r.getMessage() for r in caplog.records)
+
+
+async def test_cors_for_configured_origins() -> None:
+    settings = DefaultGatewaySettings(cors_origins=("https://app.example",))
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        origin = {"Origin": "https://app.example"}
+        preflight = {**origin, "Access-Control-Request-Method": "POST"}
+        async with http.options(gw.url("/v1/completions"), headers=preflight) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        async with http.post(
+            gw.url("/v1/completions"), json=completion_body(), headers=origin
+        ) as r:
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        body = completion_body(stream=True)
+        async with http.post(gw.url("/v1/completions"), json=body, headers=origin) as r:
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            await r.read()
+        other = {"Origin": "https://evil.example"}
+        async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=other) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers
+        async with http.options(gw.url("/v1/completions"), headers=other) as r:
+            assert r.status == 405
+
+
+class _Span:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.attributes: dict[str, Any] = {}
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+
+class _Tracer:
+    """Records spans the way an OpenTelemetry tracer hands them out."""
+
+    def __init__(self) -> None:
+        self.spans: list[_Span] = []
+
+    @contextmanager
+    def start_as_current_span(self, name: str) -> Iterator[_Span]:
+        span = _Span(name)
+        self.spans.append(span)
+        yield span
+
+
+async def test_tracing_spans_when_opentelemetry_is_importable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracer = _Tracer()
+    trace_mod = types.ModuleType("opentelemetry.trace")
+    trace_mod.get_tracer = lambda name: tracer  # type: ignore[attr-defined]
+    package = types.ModuleType("opentelemetry")
+    package.trace = trace_mod  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "opentelemetry", package)
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", trace_mod)
+    settings = DefaultGatewaySettings(tracing=True)
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        headers = {"x-request-id": "traced"}
+        async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):
+            pass
+    (span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "traced"]
+    assert span.name == "POST /v1/completions"
+    assert span.attributes["http.response.status_code"] == 200
+
+
+def test_tracing_is_a_no_op_without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
+    assert load_tracer(True) is None
+    assert load_tracer(False) is None

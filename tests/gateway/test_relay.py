@@ -1,0 +1,179 @@
+"""Streaming relay and whole responses: no buffering, failures, disconnects, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sage_llm.engines.base import Chunk, EngineClient, Usage
+from sage_llm.engines.sse import ResponseFormat
+from sage_llm.gateway.relay import _Choices, completion_body, merge_logprobs
+from sage_llm.gateway.settings import DefaultGatewaySettings
+from sage_llm.sim.engine import SimEngine
+from sage_llm.types import RequestStatus
+from tests.engines.probes import FaultyEngine
+from tests.gateway.harness import chat_body, read_events, serve
+from tests.gateway.harness import completion_body as body_of
+
+
+async def _first_event(resp: aiohttp.ClientResponse) -> Any:
+    while True:
+        line = await resp.content.readline()
+        assert line, "stream ended before its first event"
+        if line.startswith(b"data: "):
+            return json.loads(line[len(b"data: ") :])
+
+
+def _faulty(sim: SimEngine) -> EngineClient:
+    return FaultyEngine(sim, fail_mid=lambda rid: True, mid_after=2)
+
+
+async def test_first_chunk_is_sent_before_the_engine_finishes() -> None:
+    async with serve(1, hold=lambda rid: True, hold_after=1) as gw, aiohttp.ClientSession() as s:
+        async with s.post(gw.url("/v1/completions"), json=body_of(stream=True)) as resp:
+            assert resp.status == 200
+            first = await _first_event(resp)
+            assert first["choices"][0]["text"]
+            assert first["choices"][0]["finish_reason"] is None
+            assert gw.probes["sim-0"].in_flight == 1  # the engine is held after one chunk
+            gw.probes["sim-0"].gate.set()
+            rest = await read_events(resp)
+        assert rest[-1] == "[DONE]"
+        assert rest[-2]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_mid_stream_failure_ends_with_an_error_event_then_done() -> None:
+    async with serve(1, wrap=_faulty) as gw, aiohttp.ClientSession() as s:
+        body = chat_body(stream=True, max_tokens=8, stream_options={"include_usage": True})
+        headers = {"x-request-id": "fails-mid"}
+        async with s.post(gw.url("/v1/chat/completions"), json=body, headers=headers) as resp:
+            assert resp.status == 200
+            events = await read_events(resp)
+        assert events[-1] == "[DONE]"
+        error = events[-2]["error"]
+        assert error["type"] == "engine_error"
+        assert "mid-stream" in error["message"]
+        content = [
+            e for e in events[:-2] if e["choices"] and e["choices"][0]["delta"].get("content")
+        ]
+        assert len(content) == 2
+        assert not any(e.get("usage") for e in events[:-1] if isinstance(e, dict))
+        result = await gw.manager.wait_for_result("fails-mid")
+        assert result.status is RequestStatus.FAILED
+
+
+async def test_failure_of_a_whole_response_is_502_json() -> None:
+    async with (
+        serve(1, wrap=_faulty) as gw,
+        aiohttp.ClientSession() as s,
+        s.post(gw.url("/v1/completions"), json=body_of(max_tokens=8)) as resp,
+    ):
+        assert resp.status == 502
+        assert (await resp.json())["error"]["type"] == "engine_error"
+
+
+async def test_failure_before_the_first_chunk_is_a_json_status() -> None:
+    def fail_first(sim: SimEngine) -> EngineClient:
+        return FaultyEngine(sim, fail_before=lambda rid: True)
+
+    async with (
+        serve(1, wrap=fail_first) as gw,
+        aiohttp.ClientSession() as s,
+        s.post(gw.url("/v1/completions"), json=body_of(stream=True)) as resp,
+    ):
+        assert resp.status == 502
+        assert resp.content_type == "application/json"
+
+
+async def test_client_disconnect_mid_stream_cancels_the_request() -> None:
+    async with serve(1, hold=lambda rid: True, hold_after=1) as gw:
+        probe = gw.probes["sim-0"]
+        headers = {"x-request-id": "goes-away"}
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(
+                gw.url("/v1/completions"), json=body_of(stream=True), headers=headers
+            )
+            await _first_event(resp)
+            resp.close()
+        await asyncio.wait_for(probe.aborted_event.wait(), 5)
+        assert probe.aborted == ["goes-away"]
+        result = await gw.manager.wait_for_result("goes-away", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+
+
+async def test_client_disconnect_while_waiting_for_a_whole_response() -> None:
+    async with serve(1, hold=lambda rid: True, hold_after=0) as gw:
+        probe = gw.probes["sim-0"]
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.create_task(
+                s.post(
+                    gw.url("/v1/completions"), json=body_of(), headers={"x-request-id": "impatient"}
+                )
+            )
+            await asyncio.wait_for(probe.started_event.wait(), 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.wait_for(probe.aborted_event.wait(), 5)
+        result = await gw.manager.wait_for_result("impatient", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+
+
+async def test_timeout_mid_stream_ends_with_a_timeout_event() -> None:
+    settings = DefaultGatewaySettings(request_timeout_s=0.3)
+    async with serve(1, settings=settings, hold=lambda rid: True, hold_after=1) as gw:
+        async with aiohttp.ClientSession() as s:
+            headers = {"x-request-id": "slow-stream"}
+            async with s.post(
+                gw.url("/v1/completions"), json=body_of(stream=True), headers=headers
+            ) as resp:
+                assert resp.status == 200
+                events = await read_events(resp)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["type"] == "timeout_error"
+        assert events[-2]["error"]["code"] == 504
+        assert events[0]["choices"][0]["text"]
+        result = await gw.manager.wait_for_result("slow-stream", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+
+
+def test_merge_logprobs() -> None:
+    assert merge_logprobs(None) is None
+    assert merge_logprobs([{"content": [1]}]) == {"content": [1]}
+    assert merge_logprobs([{"content": [1]}, {"content": [2, 3]}]) == {"content": [1, 2, 3]}
+    completions = [
+        {"tokens": ["a"], "token_logprobs": [-0.1], "top_logprobs": None, "text_offset": [0]},
+        {"tokens": ["b"], "token_logprobs": [-0.2], "top_logprobs": None, "text_offset": [1]},
+    ]
+    merged = merge_logprobs(completions)
+    assert merged["tokens"] == ["a", "b"]
+    assert merged["token_logprobs"] == [-0.1, -0.2]
+    assert merged["text_offset"] == [0, 1]
+    assert merged["top_logprobs"] is None
+    assert merge_logprobs([[1], [2]]) == [1, 2]
+
+
+def test_completion_body_builds_one_choice_per_index() -> None:
+    choices = _Choices()
+    choices.add(Chunk("a", index=1))
+    choices.add(Chunk("x", index=0, logprobs={"content": [{"token": "x"}]}))
+    choices.add(Chunk("b", index=1, finish_reason="stop"))
+    choices.add(Chunk("y", index=0, finish_reason="length", usage=Usage(3, 4, 1)))
+    fmt = ResponseFormat(chat=True, request_id="r1", model="m", created=7)
+    assert choices.usage == Usage(3, 4, 1)
+    body = completion_body(fmt, choices, choices.usage)
+    assert body["id"] == "chatcmpl-r1"
+    assert body["object"] == "chat.completion"
+    assert [c["message"]["content"] for c in body["choices"]] == ["xy", "ab"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
+    assert body["choices"][0]["logprobs"] == {"content": [{"token": "x"}]}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
