@@ -180,13 +180,22 @@ class ClusterSnapshot:
         )
 
     def can_serve(self, req: RequestInfo) -> bool:
-        return any(
-            i.model == req.model
-            and i.role.runs_whole_requests
-            and i.has_capacity
-            and i.instance_id not in req.excluded_instances
-            for i in self.instances
-        )
+        """Whether ``req`` could start now: a whole-request instance has a free slot, or a
+        PREFILLING and a DECODING instance both have one (a PD pair; whether PD is enabled
+        is the dispatcher's business)."""
+        prefill = decode = False
+        for i in self.instances:
+            if (
+                i.model != req.model
+                or not i.has_capacity
+                or i.instance_id in req.excluded_instances
+            ):
+                continue
+            if i.role.runs_whole_requests:
+                return True
+            prefill = prefill or i.role.runs_prefill
+            decode = decode or i.role.runs_decode
+        return prefill and decode
 
     def has_capacity(self) -> bool:
         return any(i.has_capacity for i in self.instances)
