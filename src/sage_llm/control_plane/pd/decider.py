@@ -1,0 +1,414 @@
+"""PD deciders: whether a request is worth disaggregating (prefill and decode on two
+instances) or is better run colocated on one.
+
+A decider is pure and synchronous: ``decide(req, snap) -> PDDecision``. It is asked only
+for a model whose fleet is set up for PD, and it states a preference: when the preferred
+path has no free slot at that moment and the other one has, the dispatcher takes the other
+one (a model served only by PREFILLING and DECODING instances always disaggregates).
+
+Deciders by name (:func:`build_decider`; parameters in a frozen ``Params`` dataclass):
+
+* ``always`` / ``never``;
+* ``threshold``: prompts of at least ``min_prompt_tokens`` tokens whose prompt/output ratio
+  is at least ``min_ratio`` (0 = no ratio condition);
+* ``prefix_aware``: disaggregate unless the instance that would run the request colocated
+  already caches most of the prompt (fewer than ``min_uncached_tokens`` left to compute);
+* ``adaptive``: predicts TTFT and TPOT on both paths from live load and picks the one with
+  the better predicted SLO outcome (see :class:`AdaptiveDecider`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from sage_llm.control_plane.pd.orchestrator import LinkModel
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class PDDecision:
+    """The decider's answer: disaggregate or not, and why."""
+
+    disaggregate: bool
+    reason: str
+
+
+@runtime_checkable
+class Decider(Protocol):
+    """Decides whether one request runs disaggregated."""
+
+    name: str
+
+    def decide(self, req: RequestInfo, snap: ClusterSnapshot) -> PDDecision: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+# --------------------------------------------------------------------------- simple ones
+
+
+@dataclass(frozen=True, slots=True)
+class NoParams:
+    """Nothing to set."""
+
+
+class AlwaysDecider:
+    """Disaggregates every request."""
+
+    name = "always"
+
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
+
+    def decide(self, req: RequestInfo, snap: ClusterSnapshot) -> PDDecision:
+        return PDDecision(True, "always")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "params": {}}
+
+
+class NeverDecider:
+    """Runs every request colocated while a whole-request instance can take it."""
+
+    name = "never"
+
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
+
+    def decide(self, req: RequestInfo, snap: ClusterSnapshot) -> PDDecision:
+        return PDDecision(False, "never")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "params": {}}
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdParams:
+    """``min_prompt_tokens``: shortest prompt to disaggregate; ``min_ratio``: smallest
+    prompt/max_tokens ratio (0 = any)."""
+
+    min_prompt_tokens: int = 800
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_prompt_tokens < 0:
+            raise ConfigError("must be >= 0", key="min_prompt_tokens")
+        if not (math.isfinite(self.min_ratio) and self.min_ratio >= 0):
+            raise ConfigError(
+                f"must be a finite number >= 0, got {self.min_ratio!r}", key="min_ratio"
+            )
+
+
+class ThresholdDecider:
+    """Long prompts (and, with ``min_ratio``, prompt-heavy requests) are disaggregated."""
+
+    name = "threshold"
+
+    def __init__(self, params: ThresholdParams | None = None) -> None:
+        self.params = params or ThresholdParams()
+
+    def decide(self, req: RequestInfo, snap: ClusterSnapshot) -> PDDecision:
+        p = self.params
+        if req.prompt_tokens < p.min_prompt_tokens:
+            return PDDecision(False, f"prompt {req.prompt_tokens} < {p.min_prompt_tokens} tokens")
+        ratio = req.prompt_tokens / max(req.max_tokens, 1)
+        if p.min_ratio > 0 and ratio < p.min_ratio:
+            return PDDecision(False, f"input/output ratio {ratio:.2f} < {p.min_ratio:g}")
+        return PDDecision(
+            True, f"prompt {req.prompt_tokens} >= {p.min_prompt_tokens} tokens, ratio {ratio:.2f}"
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "params": asdict(self.params)}
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixAwareParams:
+    """``min_uncached_tokens``: disaggregate only when at least this many prompt tokens are
+    not cached on the best colocated instance; ``block_size``: tokens per prefix block (the
+    manager's ``prefix_block_size``)."""
+
+    min_uncached_tokens: int = 512
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.min_uncached_tokens < 0:
+            raise ConfigError("must be >= 0", key="min_uncached_tokens")
+        if self.block_size < 1:
+            raise ConfigError("must be >= 1", key="block_size")
+
+
+class PrefixAwareDecider:
+    """Skips the prefill stage when the instance that would decode the request colocated
+    (the whole-request instance caching most of its prompt, from ``snap.prefix``) has
+    fewer than ``min_uncached_tokens`` tokens left to compute: a short local prefill then
+    costs less than a KV hand-off."""
+
+    name = "prefix_aware"
+
+    def __init__(self, params: PrefixAwareParams | None = None) -> None:
+        self.params = params or PrefixAwareParams()
+
+    def decide(self, req: RequestInfo, snap: ClusterSnapshot) -> PDDecision:
+        p = self.params
+        local = snap.runnable(req)
+        if not local:
+            return PDDecision(True, "no colocated instance is free")
+        matched = snap.prefix.match(req.block_hashes) if req.block_hashes else {}
+        best = max(local, key=lambda i: (matched.get(i.instance_id, 0), -i.load))
+        cached = min(req.prompt_tokens, matched.get(best.instance_id, 0) * p.block_size)
+        uncached = req.prompt_tokens - cached
+        if uncached < p.min_uncached_tokens:
+            return PDDecision(
+                False,
+                f"{best.instance_id} caches {cached} of {req.prompt_tokens} prompt tokens "
+                f"({uncached} < {p.min_uncached_tokens} left)",
+            )
+        return PDDecision(True, f"{uncached} uncached prompt tokens >= {p.min_uncached_tokens}")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "params": asdict(self.params)}
+
+
+# --------------------------------------------------------------------------- adaptive
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveParams:
+    """``ttft_slo_s`` / ``tpot_slo_s``: latency targets (None: not targeted; a request's own
+    deadline is always taken into account); ``hysteresis``: disaggregate only when its
+    predicted outcome is better by more than this fraction; ``prefill_interference``: weight
+    of the chunked-prefill penalty on colocated TPOT; ``max_transfer_s``: never disaggregate
+    when the KV transfer alone would take longer (None: no limit); the link fields are those
+    of :class:`~sage_llm.control_plane.pd.orchestrator.LinkModel`."""
+
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    hysteresis: float = 0.1
+    prefill_interference: float = 1.0
+    max_transfer_s: float | None = None
+    top_k: int = 3
+    nvlink_gbps: float = 300.0
+    machine_gbps: float = 25.0
+    cross_rack_factor: float = 0.5
+    kv_bytes_per_token: int = 131072
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_slo_s", "tpot_slo_s", "max_transfer_s"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a number > 0, got {value!r}", key=key)
+        if not 0.0 <= self.hysteresis < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.hysteresis!r}", key="hysteresis")
+        if not (math.isfinite(self.prefill_interference) and self.prefill_interference >= 0):
+            raise ConfigError("must be a finite number >= 0", key="prefill_interference")
+        if self.top_k < 1:
+            raise ConfigError("must be >= 1", key="top_k")
+        self.link_model()
+
+    def link_model(self) -> LinkModel:
+        return LinkModel(
+            self.nvlink_gbps, self.machine_gbps, self.cross_rack_factor, self.kv_bytes_per_token
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PathPrediction:
+    """Predicted latencies of one path, and its badness (below 1: every target met)."""
+
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    badness: float
+    where: str
+
+
+class AdaptiveDecider:
+    """Compares the two paths on predicted latency from live load.
+
+    * colocated, on the best whole-request instance: TTFT = its ``predict_ttft_s``; TPOT =
+      its TPOT estimate plus a chunked-prefill penalty: the prefill work queued on it
+      (``queued_prefill_tokens`` at its prefill rate) is interleaved with the running
+      decodes and spread over this request's output tokens, times ``prefill_interference``;
+    * disaggregated, over the best pairs: TTFT = the prefill instance's ``predict_ttft_s``
+      + the KV transfer (prompt tokens × KV bytes per token / link bandwidth) + one decode
+      step; TPOT = the decode instance's TPOT (with the same penalty, which is zero on a
+      DECODING instance: no prefill is queued there).
+
+    A path's badness is the largest ratio of prediction to target over the TTFT and TPOT
+    targets and the request's own deadline (end to end); without any target it is the
+    predicted end-to-end time. The request is disaggregated when that path's badness is
+    below the colocated one's by more than ``hysteresis``: a dead band that keeps near-ties
+    on the cheaper colocated path and stops decisions flapping as load moves.
+    """
+
+    name = "adaptive"
+
+    def __init__(self, params: AdaptiveParams | None = None) -> None:
+        self.params = params or AdaptiveParams()
+        self.links = self.params.link_model()
+
+    def _tpot(self, v: InstanceView, req: RequestInfo) -> float:
+        backlog_s = v.queued_prefill_tokens / max(v.est_prefill_tps, 1e-9)
+        penalty = self.params.prefill_interference * backlog_s / max(1, req.max_tokens - 1)
+        return v.est_tpot_s + penalty
+
+    def _badness(self, req: RequestInfo, snap: ClusterSnapshot, ttft: float, tpot: float) -> float:
+        p = self.params
+        e2e = ttft + max(0, req.max_tokens - 1) * tpot
+        ratios: list[float] = []
+        if p.ttft_slo_s is not None:
+            ratios.append(ttft / p.ttft_slo_s)
+        if p.tpot_slo_s is not None and req.max_tokens > 1:
+            ratios.append(tpot / p.tpot_slo_s)
+        if req.deadline is not None:
+            ratios.append(e2e / max(req.deadline - snap.now, 1e-9))
+        return max(ratios) if ratios else e2e
+
+    def _predict(
+        self, req: RequestInfo, snap: ClusterSnapshot, ttft: float, tpot: float, where: str
+    ) -> PathPrediction:
+        e2e = ttft + max(0, req.max_tokens - 1) * tpot
+        return PathPrediction(ttft, tpot, e2e, self._badness(req, snap, ttft, tpot), where)
+
+    def colocated(self, req: RequestInfo, snap: ClusterSnapshot) -> PathPrediction | None:
+        """The best colocated prediction, or None when no whole-request instance is free."""
+        preds = [
+            self._predict(req, snap, v.predict_ttft_s(req.prompt_tokens), self._tpot(v, req),
+                          v.instance_id)
+            for v in snap.runnable(req)
+        ]  # fmt: skip
+        return min(preds, key=lambda x: x.badness, default=None)
+
+    def disaggregated(self, req: RequestInfo, snap: ClusterSnapshot) -> PathPrediction | None:
+        """The best disaggregated prediction, or None when no pair is free."""
+        free = [
+            i
+            for i in snap.for_model(req.model)
+            if i.has_capacity and i.instance_id not in req.excluded_instances
+        ]
+        k = self.params.top_k
+        prefills = sorted(
+            (i for i in free if i.role.runs_prefill),
+            key=lambda i: i.predict_ttft_s(req.prompt_tokens),
+        )[: k + 1]
+        decodes = sorted((i for i in free if i.role.runs_decode), key=lambda i: self._tpot(i, req))
+        best: PathPrediction | None = None
+        for d in decodes[: k + 1]:
+            for pv in prefills:
+                if pv.instance_id == d.instance_id:
+                    continue
+                transfer = self.links.transfer_s(req.prompt_tokens, pv, d)
+                if self.params.max_transfer_s is not None and transfer > self.params.max_transfer_s:
+                    continue
+                tpot = self._tpot(d, req)
+                ttft = pv.predict_ttft_s(req.prompt_tokens) + transfer + d.est_tpot_s
+                pred = self._predict(req, snap, ttft, tpot, f"{pv.instance_id}->{d.instance_id}")
+                if best is None or pred.badness < best.badness:
+                    best = pred
+        return best
+
+    def decide(self, req: RequestInfo, snap: ClusterSnapshot) -> PDDecision:
+        colo = self.colocated(req, snap)
+        disagg = self.disaggregated(req, snap)
+        if disagg is None:
+            return PDDecision(False, "no free pair within the transfer limit")
+        if colo is None:
+            return PDDecision(True, "no colocated instance is free")
+        summary = (
+            f"colocated {colo.where} ttft={colo.ttft_s * 1000:.0f}ms "
+            f"tpot={colo.tpot_s * 1000:.1f}ms vs disaggregated {disagg.where} "
+            f"ttft={disagg.ttft_s * 1000:.0f}ms tpot={disagg.tpot_s * 1000:.1f}ms"
+        )
+        if disagg.badness < colo.badness * (1.0 - self.params.hysteresis):
+            return PDDecision(True, f"disaggregated predicted better: {summary}")
+        return PDDecision(False, f"colocated predicted as good: {summary}")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "params": asdict(self.params)}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True, slots=True)
+class DeciderSpec:
+    """A named decider: its ``Params`` dataclass and its constructor."""
+
+    name: str
+    params_type: type[Any]
+    build: Callable[[Any], Decider]
+
+
+DECIDERS: tuple[DeciderSpec, ...] = (
+    DeciderSpec("always", NoParams, AlwaysDecider),
+    DeciderSpec("never", NoParams, NeverDecider),
+    DeciderSpec("threshold", ThresholdParams, ThresholdDecider),
+    DeciderSpec("prefix_aware", PrefixAwareParams, PrefixAwareDecider),
+    DeciderSpec("adaptive", AdaptiveParams, AdaptiveDecider),
+)
+
+DECIDER_NAMES: tuple[str, ...] = tuple(s.name for s in DECIDERS)
+
+
+def get_decider(name: str) -> DeciderSpec:
+    """The decider called ``name`` (case-insensitive, ``-`` read as ``_``); ConfigError
+    listing the valid names otherwise."""
+    wanted = str(name).strip().lower().replace("-", "_")
+    for spec in DECIDERS:
+        if spec.name == wanted:
+            return spec
+    raise ConfigError(
+        f"unknown PD decider {name!r}; valid names: {', '.join(DECIDER_NAMES)}",
+        key="routing_policy",
+    )
+
+
+def parse_params(params_type: type[Any], raw: Mapping[str, Any] | None) -> Any:
+    """``raw`` (e.g. a TOML table) checked and converted into ``params_type``; ConfigError
+    (with ``key``) for an unknown key or a value of the wrong type."""
+    if raw is None:
+        return params_type()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"parameters must be a table, got {raw!r}")
+    hints = typing.get_type_hints(params_type)
+    known = [f.name for f in dataclasses.fields(params_type)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown parameter; valid: {', '.join(known) or 'none'}", key=key)
+        kwargs[key] = _coerce(key, hints[key], value)
+    return params_type(**kwargs)
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    optional = isinstance(annotation, types.UnionType) and type(None) in annotation.__args__
+    if optional:
+        if value is None:
+            return None
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, got {value!r}", key=key)
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"must be an integer, got {value!r}", key=key)
+        return value
+    if annotation is str and not isinstance(value, str):
+        raise ConfigError(f"must be a string, got {value!r}", key=key)
+    return value
+
+
+def build_decider(name: str, params: Mapping[str, Any] | None = None) -> Decider:
+    """The decider ``name`` with ``params`` applied. ConfigError for an unknown name or a
+    bad parameter."""
+    spec = get_decider(name)
+    return spec.build(parse_params(spec.params_type, params))

@@ -1,0 +1,345 @@
+"""PD pair selection: which instance prefills a request and which one decodes it.
+
+:class:`PDOrchestrator` scores the two legs with separate routers (per-role profiles), then
+scores (prefill, decode) pairs over the best ``top_k`` of each side, with the cost of moving
+the KV cache between them as part of the pair's score. Everything here is pure and
+synchronous, like the routing pipeline it is built from.
+
+Roles: a PREFILLING instance only takes prefill legs, a DECODING one only decode legs;
+GENERAL and HYBRID instances may take either (and whole requests). The two legs of one
+request always go to two different instances.
+
+Load is accounted per phase (:func:`with_pd_assignment`, and the dispatcher does the same on
+the live registry):
+
+* the **prefill** instance carries the request from dispatch until its leg returns (vLLM:
+  the prefill response arrived; SGLang: the prefill stream ended), fails or is cancelled:
+  ``in_flight`` + 1 and ``queued_prefill_tokens`` + the prompt tokens;
+* the **decode** instance carries it from dispatch (it reserves a slot while the prefill
+  runs) until the request ends: ``in_flight`` + 1 and ``outstanding_decode_tokens`` +
+  ``max_tokens``. No prefill tokens are charged to it: its KV arrives over the link.
+
+Both instances must have a free slot when the pair is chosen, so the concurrency bound
+(``max_concurrent_requests``) holds on both.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from sage_llm.control_plane.routing.base import RoutingDecision, Scorer
+from sage_llm.control_plane.routing.filters import CapacityFilter
+from sage_llm.control_plane.routing.pickers import MaxPicker
+from sage_llm.control_plane.routing.pipeline import Pipeline
+from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.routing.scorers import (
+    KVUsageScorer,
+    LeastOutstandingScorer,
+    PrefixMatchScorer,
+    QueueDepthScorer,
+)
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.errors import ConfigError
+from sage_llm.types import ExecutionInstanceType
+
+LinkKind = Literal["nvlink", "machine", "rack", "network"]
+
+PD_ROLES = frozenset(
+    {ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING, ExecutionInstanceType.HYBRID}
+)
+"""Roles that mark a model's fleet as set up for PD (engines started with a KV connector).
+A model served only by GENERAL instances is never disaggregated."""
+
+PAIR_VIEW_PREFIX = "pd-pair:"
+"""Id prefix of the stand-in views :func:`servable_view` adds for free PD pairs."""
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"must be a finite number > 0, got {value!r}", key=key)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkModel:
+    """How fast KV moves between two instances, in GB/s (gigabytes per second).
+
+    NVLink peers (``nvlink_peers`` or a shared ``nvlink_domain``) get ``nvlink_gbps``; the
+    same machine without NVLink ``machine_gbps`` (PCIe through the host); the same rack the
+    smaller of the two instances' ``network_bandwidth_gbps``; anything else that times
+    ``cross_rack_factor`` (an oversubscribed spine). Each closer kind is never slower than a
+    farther one. ``kv_bytes_per_token`` is the model's KV size (2 × layers × KV heads ×
+    head dim × dtype bytes: 128 KiB for Llama-3-8B, 320 KiB for Llama-3-70B in bf16).
+    """
+
+    nvlink_gbps: float = 300.0
+    machine_gbps: float = 25.0
+    cross_rack_factor: float = 0.5
+    kv_bytes_per_token: int = 131072
+
+    def __post_init__(self) -> None:
+        _positive("nvlink_gbps", self.nvlink_gbps)
+        _positive("machine_gbps", self.machine_gbps)
+        if not 0.0 < self.cross_rack_factor <= 1.0:
+            raise ConfigError(
+                f"must be in (0, 1], got {self.cross_rack_factor!r}", key="cross_rack_factor"
+            )
+        if self.kv_bytes_per_token < 1:
+            raise ConfigError("must be >= 1", key="kv_bytes_per_token")
+
+    @staticmethod
+    def kind(a: InstanceView, b: InstanceView) -> LinkKind:
+        """The closest link between ``a`` and ``b``."""
+        if a.nvlink_connected(b):
+            return "nvlink"
+        if a.same_machine(b):
+            return "machine"
+        if a.rack_id is not None and a.rack_id == b.rack_id:
+            return "rack"
+        return "network"
+
+    def bandwidth_gbps(self, a: InstanceView, b: InstanceView) -> float:
+        """GB/s between ``a`` and ``b`` (infinite for the same instance)."""
+        if a.instance_id == b.instance_id:
+            return math.inf
+        rack = max(min(a.network_bandwidth_gbps, b.network_bandwidth_gbps), 1e-9)
+        kind = self.kind(a, b)
+        if kind == "network":
+            return rack * self.cross_rack_factor
+        if kind == "rack":
+            return rack
+        machine = max(self.machine_gbps, rack)
+        return machine if kind == "machine" else max(self.nvlink_gbps, machine)
+
+    def transfer_s(self, tokens: int, a: InstanceView, b: InstanceView) -> float:
+        """Seconds to move the KV of ``tokens`` tokens from ``a`` to ``b``."""
+        gbps = self.bandwidth_gbps(a, b)
+        if math.isinf(gbps):
+            return 0.0
+        return max(0, tokens) * self.kv_bytes_per_token / (gbps * 1e9)
+
+
+@dataclass(frozen=True, slots=True)
+class PDPlan:
+    """A chosen (prefill, decode) pair. ``scores`` holds the pair scores considered, keyed
+    ``"<prefill>-><decode>"``; ``transfer_s`` is the predicted KV transfer time."""
+
+    prefill_id: str
+    decode_id: str
+    reason: str
+    scores: Mapping[str, float] = field(default_factory=dict)
+    link: LinkKind = "network"
+    transfer_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PairingParams:
+    """How pairs are scored.
+
+    ``prefill_strategy`` / ``decode_strategy`` name a routing strategy (``build_router`` with
+    ``leg="prefill"``/``"decode"``) whose filters and scorers rate that leg; empty means the
+    built-in profile: prefill favours prefix locality (``prefix_weight``) and a short prefill
+    queue (``queue_weight``); decode favours KV headroom (``kv_weight``) and a small running
+    batch (``batch_weight``). A pair's score is the weighted mean of its decode score, its
+    prefill score, its transfer affinity (``transfer_weight``; prefill time over prefill plus
+    KV transfer time, 1 for free transfers) and its role fit (``role_weight``; dedicated
+    PREFILLING/DECODING instances 1, HYBRID 0.5, GENERAL 0, so instances that also run whole
+    requests are kept for those). ``top_k`` candidates of each leg are paired.
+    """
+
+    prefill_strategy: str = ""
+    decode_strategy: str = ""
+    prefix_weight: float = 2.0
+    queue_weight: float = 1.0
+    kv_weight: float = 1.0
+    batch_weight: float = 1.0
+    transfer_weight: float = 1.0
+    role_weight: float = 0.5
+    top_k: int = 4
+    kv_threshold: float = 0.95
+    nvlink_gbps: float = 300.0
+    machine_gbps: float = 25.0
+    cross_rack_factor: float = 0.5
+    kv_bytes_per_token: int = 131072
+
+    def __post_init__(self) -> None:
+        for key in (
+            "prefix_weight", "queue_weight", "kv_weight", "batch_weight", "transfer_weight",
+            "role_weight",
+        ):  # fmt: skip
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"must be a finite number >= 0, got {value!r}", key=key)
+        if self.prefix_weight + self.queue_weight <= 0 and not self.prefill_strategy:
+            raise ConfigError("prefix_weight or queue_weight must be > 0", key="prefix_weight")
+        if self.kv_weight + self.batch_weight <= 0 and not self.decode_strategy:
+            raise ConfigError("kv_weight or batch_weight must be > 0", key="kv_weight")
+        if self.top_k < 1:
+            raise ConfigError("must be >= 1", key="top_k")
+        if not 0.0 < self.kv_threshold <= 1.0:
+            raise ConfigError(f"must be in (0, 1], got {self.kv_threshold!r}", key="kv_threshold")
+        self.link_model()  # validates the link fields
+
+    def link_model(self) -> LinkModel:
+        return LinkModel(
+            self.nvlink_gbps, self.machine_gbps, self.cross_rack_factor, self.kv_bytes_per_token
+        )
+
+
+def _role_fit(role: ExecutionInstanceType, dedicated: ExecutionInstanceType) -> float:
+    if role is dedicated:
+        return 1.0
+    return 0.5 if role is ExecutionInstanceType.HYBRID else 0.0
+
+
+class PDOrchestrator:
+    """Chooses the (prefill, decode) pair of a disaggregated request; see the module doc."""
+
+    def __init__(self, params: PairingParams | None = None, *, seed: int | None = None) -> None:
+        p = params or PairingParams()
+        self.params = p
+        self.links = p.link_model()
+        self._rng = random.Random(seed)
+        self.prefill_router = self._leg_router("prefill", p.prefill_strategy, seed)
+        self.decode_router = self._leg_router("decode", p.decode_strategy, seed)
+
+    def _leg_router(
+        self, leg: Literal["prefill", "decode"], name: str, seed: int | None
+    ) -> Pipeline:
+        if name:
+            return build_router(name, None, seed=seed, leg=leg)
+        p = self.params
+        scorers: list[tuple[Scorer, float]]
+        if leg == "prefill":
+            scorers = [(PrefixMatchScorer(), p.prefix_weight), (QueueDepthScorer(), p.queue_weight)]
+        else:
+            scorers = [(KVUsageScorer(), p.kv_weight), (LeastOutstandingScorer(), p.batch_weight)]
+        return Pipeline(
+            f"pd_{leg}",
+            [CapacityFilter(p.kv_threshold)],
+            scorers,
+            MaxPicker(),
+            random.Random(seed),
+            leg=leg,
+        )
+
+    def _ranked(
+        self, router: Pipeline, req: RequestInfo, snap: ClusterSnapshot
+    ) -> list[tuple[InstanceView, float]]:
+        cands = list(router.candidates(req, snap))
+        if not cands:
+            return []
+        scores, _ = router.scores(req, cands, snap)
+        self._rng.shuffle(cands)  # equal scores: a seeded random order
+        cands.sort(key=lambda c: scores[c.instance_id], reverse=True)
+        return [(c, scores[c.instance_id]) for c in cands[: self.params.top_k + 1]]
+
+    def affinity(self, req: RequestInfo, prefill: InstanceView, decode: InstanceView) -> float:
+        """Prefill time / (prefill time + KV transfer time), in (0, 1]."""
+        prefill_s = max(prefill.predict_ttft_s(req.prompt_tokens), 1e-9)
+        return prefill_s / (prefill_s + self.links.transfer_s(req.prompt_tokens, prefill, decode))
+
+    def plan(self, req: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
+        """The best pair for ``req`` now, or None when no two different instances can take
+        the two legs (both need a free slot)."""
+        decodes = self._ranked(self.decode_router, req, snap)
+        prefills = self._ranked(self.prefill_router, req, snap) if decodes else []
+        p = self.params
+        total = 2.0 + p.transfer_weight + p.role_weight
+        best: tuple[float, InstanceView, InstanceView] | None = None
+        scores: dict[str, float] = {}
+        for d, d_score in decodes:
+            d_role = _role_fit(d.role, ExecutionInstanceType.DECODING)
+            for pv, p_score in prefills:
+                if pv.instance_id == d.instance_id:
+                    continue
+                role = (d_role + _role_fit(pv.role, ExecutionInstanceType.PREFILLING)) / 2.0
+                aff = self.affinity(req, pv, d)
+                value = (d_score + p_score + p.transfer_weight * aff + p.role_weight * role) / total
+                scores[f"{pv.instance_id}->{d.instance_id}"] = value
+                if best is None or value > best[0]:
+                    best = (value, pv, d)
+        if best is None:
+            return None
+        value, pv, d = best
+        link = self.links.kind(pv, d)
+        transfer = self.links.transfer_s(req.prompt_tokens, pv, d)
+        self.prefill_router.on_routed(req, RoutingDecision(pv.instance_id))
+        self.decode_router.on_routed(req, RoutingDecision(d.instance_id))
+        reason = (
+            f"pair {pv.instance_id}->{d.instance_id}: score={value:.2f}, {link} link, "
+            f"transfer≈{transfer * 1000:.1f} ms ({len(scores)} pairs)"
+        )
+        return PDPlan(pv.instance_id, d.instance_id, reason, scores, link, transfer)
+
+    def describe(self) -> dict[str, object]:
+        """Parameters and both leg routers."""
+        return {
+            "params": asdict(self.params),
+            "prefill_router": self.prefill_router.describe(),
+            "decode_router": self.decode_router.describe(),
+        }
+
+
+def with_pd_assignment(snap: ClusterSnapshot, plan: PDPlan, req: RequestInfo) -> ClusterSnapshot:
+    """The successor snapshot after ``req`` was started on ``plan``'s pair (per-phase load,
+    as the module docstring describes)."""
+    out: list[InstanceView] = []
+    for inst in snap.instances:
+        if inst.instance_id == plan.prefill_id:
+            inst = replace(
+                inst,
+                in_flight=inst.in_flight + 1,
+                queued_prefill_tokens=inst.queued_prefill_tokens + req.prompt_tokens,
+            )
+        elif inst.instance_id == plan.decode_id:
+            inst = replace(
+                inst,
+                in_flight=inst.in_flight + 1,
+                outstanding_decode_tokens=inst.outstanding_decode_tokens + req.max_tokens,
+            )
+        out.append(inst)
+    return replace(snap, instances=tuple(out))
+
+
+def uses_pd(roles: Iterable[ExecutionInstanceType]) -> bool:
+    """Whether a model served by instances of ``roles`` is set up for PD."""
+    return any(r in PD_ROLES for r in roles)
+
+
+def servable_view(snap: ClusterSnapshot, pd_models: Sequence[str]) -> ClusterSnapshot:
+    """``snap`` plus, for each of ``pd_models`` that has a free PREFILLING and a free
+    DECODING instance but no whole-request instance with a free slot, one stand-in GENERAL
+    view (id ``pd-pair:<model>``) with the pair's latency estimates.
+
+    Scheduling policies only pop requests for models some whole-request instance can start;
+    the dispatcher shows them this view so requests for a PD-only fleet are popped too.
+    """
+    extra: list[InstanceView] = []
+    for model in pd_models:
+        views = [i for i in snap.instances if i.model == model and i.has_capacity]
+        if any(i.role.runs_whole_requests for i in views):
+            continue
+        prefill = [i for i in views if i.role is ExecutionInstanceType.PREFILLING]
+        decode = [i for i in views if i.role is ExecutionInstanceType.DECODING]
+        if not prefill or not decode:
+            continue
+        p = max(prefill, key=lambda i: i.est_prefill_tps)
+        d = min(decode, key=lambda i: i.est_tpot_s)
+        extra.append(
+            InstanceView(
+                instance_id=PAIR_VIEW_PREFIX + model,
+                model=model,
+                max_concurrency=sum(i.free_slots for i in decode),
+                queued_prefill_tokens=p.queued_prefill_tokens,
+                est_ttft_base_s=p.est_ttft_base_s + d.est_tpot_s,
+                est_prefill_tps=p.est_prefill_tps,
+                est_tpot_s=d.est_tpot_s,
+            )
+        )
+    if not extra:
+        return snap
+    return replace(snap, instances=(*snap.instances, *extra))

@@ -1,0 +1,192 @@
+"""PD deciders: each mode on explicit snapshots, the registry and parameter checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.control_plane.pd.decider import (
+    DECIDER_NAMES,
+    AdaptiveDecider,
+    AdaptiveParams,
+    PrefixAwareDecider,
+    PrefixAwareParams,
+    ThresholdDecider,
+    ThresholdParams,
+    build_decider,
+)
+from sage_llm.control_plane.routing.prefix_index import PrefixIndex
+from sage_llm.control_plane.snapshot import ClusterSnapshot
+from sage_llm.errors import ConfigError
+from sage_llm.types import ExecutionInstanceType as Role
+from tests.factories import make_instance_view, make_request_info, make_snapshot
+
+
+def mixed_fleet(**general: object) -> ClusterSnapshot:
+    """One GENERAL instance (colocated path) and a PREFILLING/DECODING pair."""
+    return make_snapshot(
+        [
+            make_instance_view("g0", **general),  # type: ignore[arg-type]
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+
+
+def test_always_and_never() -> None:
+    req, snap = make_request_info(), mixed_fleet()
+    assert build_decider("always").decide(req, snap).disaggregate is True
+    assert build_decider("never").decide(req, snap).disaggregate is False
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "expected"),
+    [(799, 10, False), (800, 10, True), (4000, 2000, False), (4000, 1000, True)],
+)
+def test_threshold_on_prompt_length_and_ratio(prompt: int, max_tokens: int, expected: bool) -> None:
+    decider = ThresholdDecider(ThresholdParams(min_prompt_tokens=800, min_ratio=4.0))
+    req = make_request_info(prompt_tokens=prompt, max_tokens=max_tokens)
+    decision = decider.decide(req, mixed_fleet())
+    assert decision.disaggregate is expected
+    assert decision.reason
+
+
+def test_threshold_without_ratio_looks_at_length_only() -> None:
+    decider = ThresholdDecider(ThresholdParams(min_prompt_tokens=100))
+    req = make_request_info(prompt_tokens=100, max_tokens=5000)
+    assert decider.decide(req, mixed_fleet()).disaggregate is True
+
+
+def _prefix_snapshot(cached_blocks: int, *, total_blocks: int = 64) -> tuple[ClusterSnapshot, int]:
+    hashes = tuple(range(1, total_blocks + 1))
+    index = PrefixIndex()
+    index.insert("g0", hashes[:cached_blocks])
+    snap = make_snapshot(
+        [
+            make_instance_view("g0"),
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ],
+        prefix=index,
+    )
+    return snap, total_blocks * 16
+
+
+def test_prefix_aware_skips_prefill_when_the_local_instance_caches_most_of_the_prompt() -> None:
+    decider = PrefixAwareDecider(PrefixAwareParams(min_uncached_tokens=256, block_size=16))
+    snap, tokens = _prefix_snapshot(cached_blocks=60)
+    req = make_request_info(prompt_tokens=tokens, block_hashes=tuple(range(1, 65)))
+    decision = decider.decide(req, snap)
+    assert decision.disaggregate is False
+    assert "g0 caches 960" in decision.reason
+
+
+def test_prefix_aware_disaggregates_a_mostly_uncached_prompt() -> None:
+    decider = PrefixAwareDecider(PrefixAwareParams(min_uncached_tokens=256, block_size=16))
+    snap, tokens = _prefix_snapshot(cached_blocks=8)
+    req = make_request_info(prompt_tokens=tokens, block_hashes=tuple(range(1, 65)))
+    assert decider.decide(req, snap).disaggregate is True
+
+
+def test_prefix_aware_disaggregates_when_no_colocated_instance_is_free() -> None:
+    decider = PrefixAwareDecider()
+    snap, tokens = _prefix_snapshot(cached_blocks=64)
+    full = make_snapshot(
+        [
+            make_instance_view("g0", in_flight=100),
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ],
+        prefix=snap.prefix,
+    )
+    req = make_request_info(prompt_tokens=tokens, block_hashes=tuple(range(1, 65)))
+    assert decider.decide(req, full).disaggregate is True
+
+
+def test_adaptive_disaggregates_when_chunked_prefill_hurts_colocated_tpot() -> None:
+    # The colocated instance has a long prefill backlog: its decodes would stall behind it.
+    snap = mixed_fleet(queued_prefill_tokens=40_000)
+    decider = AdaptiveDecider(AdaptiveParams(tpot_slo_s=0.05, ttft_slo_s=10.0))
+    req = make_request_info(prompt_tokens=2000, max_tokens=200)
+    decision = decider.decide(req, snap)
+    assert decision.disaggregate is True
+    assert "disaggregated predicted better" in decision.reason
+
+
+def test_adaptive_stays_colocated_on_an_idle_fleet_with_a_slow_link() -> None:
+    # Idle everywhere, and the pair sits on a slow network: the transfer is pure overhead.
+    snap = make_snapshot(
+        [
+            make_instance_view("g0"),
+            make_instance_view("p0", role=Role.PREFILLING, network_bandwidth_gbps=1.0),
+            make_instance_view("d0", role=Role.DECODING, network_bandwidth_gbps=1.0),
+        ]
+    )
+    decision = AdaptiveDecider().decide(make_request_info(prompt_tokens=4000), snap)
+    assert decision.disaggregate is False
+    assert "colocated predicted as good" in decision.reason
+
+
+def test_adaptive_predictions_include_the_kv_transfer() -> None:
+    decider = AdaptiveDecider(AdaptiveParams(cross_rack_factor=1.0))
+    snap = make_snapshot(
+        [
+            make_instance_view("g0"),
+            make_instance_view("p0", role=Role.PREFILLING, network_bandwidth_gbps=2.0),
+            make_instance_view("d0", role=Role.DECODING, network_bandwidth_gbps=2.0),
+        ]
+    )
+    req = make_request_info(prompt_tokens=1000, max_tokens=10)
+    pred = decider.disaggregated(req, snap)
+    assert pred is not None
+    p0 = snap.get("p0")
+    assert p0 is not None
+    transfer = 1000 * 131072 / 2e9
+    assert pred.ttft_s == pytest.approx(p0.predict_ttft_s(1000) + transfer + 0.02)
+
+
+def test_adaptive_hysteresis_keeps_near_ties_colocated() -> None:
+    # Colocated slightly worse than disaggregated (within 10 %): stay colocated.
+    snap = make_snapshot(
+        [
+            make_instance_view("g0", est_tpot_s=0.0205),
+            make_instance_view("p0", role=Role.PREFILLING, nvlink_domain="n"),
+            make_instance_view("d0", role=Role.DECODING, nvlink_domain="n"),
+        ]
+    )
+    req = make_request_info(prompt_tokens=100, max_tokens=500)
+    assert AdaptiveDecider(AdaptiveParams(hysteresis=0.1)).decide(req, snap).disaggregate is False
+    assert AdaptiveDecider(AdaptiveParams(hysteresis=0.0)).decide(req, snap).disaggregate is True
+
+
+def test_adaptive_respects_the_transfer_limit() -> None:
+    snap = mixed_fleet(queued_prefill_tokens=40_000)
+    decider = AdaptiveDecider(AdaptiveParams(max_transfer_s=0.001))
+    decision = decider.decide(make_request_info(prompt_tokens=2000, max_tokens=200), snap)
+    assert decision.disaggregate is False
+    assert "transfer limit" in decision.reason
+
+
+def test_adaptive_uses_the_request_deadline() -> None:
+    decider = AdaptiveDecider()
+    snap = mixed_fleet(queued_prefill_tokens=40_000)
+    req = make_request_info(prompt_tokens=2000, max_tokens=200, slo_s=20.0)
+    colo = decider.colocated(req, snap)
+    assert colo is not None
+    assert colo.badness == pytest.approx(colo.e2e_s / 20.0)
+
+
+def test_registry_names_and_errors() -> None:
+    assert DECIDER_NAMES == ("always", "never", "threshold", "prefix_aware", "adaptive")
+    assert build_decider("Prefix-Aware").name == "prefix_aware"
+    with pytest.raises(ConfigError, match="unknown PD decider 'sometimes'"):
+        build_decider("sometimes")
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build_decider("threshold", {"min_tokens": 5})
+    with pytest.raises(ConfigError, match="must be an integer"):
+        build_decider("threshold", {"min_prompt_tokens": 1.5})
+    with pytest.raises(ConfigError, match="hysteresis"):
+        build_decider("adaptive", {"hysteresis": 1.5})
+    decider = build_decider("adaptive", {"ttft_slo_s": 2, "max_transfer_s": None})
+    assert isinstance(decider, AdaptiveDecider)
+    assert decider.params.ttft_slo_s == 2.0
+    assert decider.describe()["name"] == "adaptive"

@@ -1,0 +1,238 @@
+"""PD pair selection: roles, transfer cost, per-phase load and the concurrency bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sage_llm.control_plane.pd.orchestrator import (
+    PAIR_VIEW_PREFIX,
+    LinkModel,
+    PairingParams,
+    PDOrchestrator,
+    PDPlan,
+    servable_view,
+    uses_pd,
+    with_pd_assignment,
+)
+from sage_llm.control_plane.routing.prefix_index import PrefixIndex
+from sage_llm.control_plane.snapshot import ClusterSnapshot
+from sage_llm.errors import ConfigError, StrategyNotFoundError
+from sage_llm.types import ExecutionInstanceType as Role
+from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
+
+
+def plan_of(orch: PDOrchestrator, snap: ClusterSnapshot, **req: object) -> PDPlan:
+    plan = orch.plan(make_request_info(**req), snap)  # type: ignore[arg-type]
+    assert plan is not None
+    return plan
+
+
+def test_roles_are_honoured() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("d0", role=Role.DECODING),
+            make_instance_view("p0", role=Role.PREFILLING),
+        ]
+    )
+    plan = plan_of(PDOrchestrator(seed=1), snap)
+    assert (plan.prefill_id, plan.decode_id) == ("p0", "d0")
+    assert plan.scores == {"p0->d0": pytest.approx(max(plan.scores.values()))}
+
+
+def test_no_plan_without_both_roles_or_with_a_single_general_instance() -> None:
+    orch = PDOrchestrator(seed=1)
+    req = make_request_info()
+    prefill_only = make_snapshot([make_instance_view(f"p{i}", role=Role.PREFILLING) for i in "01"])
+    assert orch.plan(req, prefill_only) is None
+    assert orch.plan(req, make_snapshot([make_instance_view("g0")])) is None
+    # Two GENERAL instances can form a pair (they take either leg), but never with themselves.
+    plan = plan_of(orch, make_snapshot([make_instance_view("g0"), make_instance_view("g1")]))
+    assert plan.prefill_id != plan.decode_id
+
+
+def test_dedicated_roles_are_preferred_over_general_instances() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("g0"),
+            make_instance_view("g1"),
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    plan = plan_of(PDOrchestrator(seed=3), snap)
+    assert (plan.prefill_id, plan.decode_id) == ("p0", "d0")
+
+
+def test_transfer_cost_prefers_the_nvlink_peer() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("d0", role=Role.DECODING, machine_id="m1", nvlink_domain="m1"),
+            make_instance_view("p-far", role=Role.PREFILLING, machine_id="m2", rack_id="r2"),
+            make_instance_view("p-near", role=Role.PREFILLING, machine_id="m1", nvlink_domain="m1"),
+        ]
+    )
+    for seed in range(5):
+        plan = plan_of(PDOrchestrator(seed=seed), snap, prompt_tokens=8000)
+        assert plan.prefill_id == "p-near"
+        assert plan.link == "nvlink"
+        assert plan.scores["p-near->d0"] > plan.scores["p-far->d0"]
+
+
+def test_link_model_orders_nvlink_machine_rack_network() -> None:
+    links = LinkModel()
+    d = make_instance_view("d", machine_id="m1", rack_id="r1", nvlink_domain="nv1")
+    nv = make_instance_view("a", machine_id="m1", rack_id="r1", nvlink_domain="nv1")
+    host = make_instance_view("b", machine_id="m1", rack_id="r1")
+    rack = make_instance_view("c", machine_id="m2", rack_id="r1")
+    far = make_instance_view("e", machine_id="m3", rack_id="r9")
+    assert [links.kind(x, d) for x in (nv, host, rack, far)] == [
+        "nvlink",
+        "machine",
+        "rack",
+        "network",
+    ]
+    times = [links.transfer_s(1000, x, d) for x in (nv, host, rack, far)]
+    assert times == sorted(times)
+    assert times[0] < times[1] < times[2] < times[3]
+    # 1000 tokens × 128 KiB over the 10 GB/s rack network
+    assert times[2] == pytest.approx(1000 * 131072 / 10e9)
+    assert links.transfer_s(1000, d, d) == 0.0
+    assert math.isinf(links.bandwidth_gbps(d, d))
+    # A fast declared network never makes the same machine look slower than the rack.
+    fast = LinkModel(machine_gbps=5.0)
+    a = make_instance_view("a", machine_id="m", network_bandwidth_gbps=50.0)
+    b = make_instance_view("b", machine_id="m", network_bandwidth_gbps=50.0)
+    assert fast.bandwidth_gbps(a, b) == 50.0
+
+
+def test_prefill_profile_prefers_prefix_locality_and_decode_profile_kv_headroom() -> None:
+    hashes = tuple(range(1, 33))
+    index = PrefixIndex()
+    index.insert("p1", hashes)
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("p1", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING, kv_usage=0.9),
+            make_instance_view("d1", role=Role.DECODING, kv_usage=0.1),
+        ],
+        prefix=index,
+    )
+    plan = plan_of(PDOrchestrator(seed=0), snap, prompt_tokens=512, block_hashes=hashes)
+    assert (plan.prefill_id, plan.decode_id) == ("p1", "d1")
+
+
+def test_a_burst_spreads_over_both_roles_with_per_phase_load() -> None:
+    orch = PDOrchestrator(seed=0)
+    snap = make_snapshot(
+        [make_instance_view(f"p{i}", role=Role.PREFILLING, max_concurrency=3) for i in range(2)]
+        + [make_instance_view(f"d{i}", role=Role.DECODING, max_concurrency=3) for i in range(2)]
+    )
+    plans: list[PDPlan] = []
+    for n in range(20):
+        req = make_request_info(f"r{n}", prompt_tokens=1000, max_tokens=100)
+        plan = orch.plan(req, snap)
+        if plan is None:
+            break
+        plans.append(plan)
+        snap = with_pd_assignment(snap, plan, req)
+    # Both sides are bounded at 3 each: 6 pairs fit, then nothing has a free slot.
+    assert len(plans) == 6
+    for view in snap:
+        assert view.in_flight == 3
+        if view.role is Role.PREFILLING:
+            assert (view.queued_prefill_tokens, view.outstanding_decode_tokens) == (3000, 0)
+        else:
+            assert (view.queued_prefill_tokens, view.outstanding_decode_tokens) == (0, 300)
+
+
+def test_the_concurrency_bound_holds_for_each_leg() -> None:
+    orch = PDOrchestrator(seed=0)
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING, in_flight=4, max_concurrency=4),
+            make_instance_view("p1", role=Role.PREFILLING, in_flight=3, max_concurrency=4),
+            make_instance_view("d0", role=Role.DECODING, in_flight=4, max_concurrency=4),
+        ]
+    )
+    assert orch.plan(make_request_info(), snap) is None  # the only decode instance is full
+    snap = with_view(snap, "d0", in_flight=2)
+    plan = plan_of(orch, snap)
+    assert plan.prefill_id == "p1"  # p0 is full
+
+
+def test_excluded_and_unhealthy_instances_are_skipped() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("p1", role=Role.PREFILLING, healthy=False),
+            make_instance_view("p2", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    plan = plan_of(PDOrchestrator(seed=0), snap, excluded_instances=frozenset({"p0"}))
+    assert plan.prefill_id == "p2"
+
+
+def test_named_strategies_can_rate_the_legs() -> None:
+    orch = PDOrchestrator(PairingParams(prefill_strategy="round_robin"), seed=0)
+    snap = make_snapshot(
+        [make_instance_view(f"p{i}", role=Role.PREFILLING) for i in range(3)]
+        + [make_instance_view("d0", role=Role.DECODING)]
+    )
+    chosen = [plan_of(orch, snap, request_id=f"r{n}").prefill_id for n in range(6)]
+    assert chosen == ["p0", "p1", "p2", "p0", "p1", "p2"]
+    assert orch.describe()["prefill_router"]["name"] == "round_robin"  # type: ignore[index]
+    with pytest.raises(StrategyNotFoundError):
+        PDOrchestrator(PairingParams(decode_strategy="nope"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("top_k", 0), ("transfer_weight", -1.0), ("kv_threshold", 0.0), ("nvlink_gbps", 0.0)],
+)
+def test_bad_params_raise_config_errors(field: str, value: float) -> None:
+    with pytest.raises(ConfigError) as err:
+        PairingParams(**{field: value})  # type: ignore[arg-type]
+    assert err.value.key == field
+
+
+def test_servable_view_stands_in_for_free_pairs_only() -> None:
+    pd_only = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING, est_tpot_s=0.01),
+        ]
+    )
+    view = servable_view(pd_only, ["llama-3-8b"])
+    stand_in = view.get(PAIR_VIEW_PREFIX + "llama-3-8b")
+    assert stand_in is not None and stand_in.role.runs_whole_requests
+    assert stand_in.est_tpot_s == 0.01
+    assert view.can_serve(make_request_info())
+    # A free whole-request instance, or a full decode side: nothing is added.
+    mixed = make_snapshot([*pd_only.instances, make_instance_view("g0")])
+    assert servable_view(mixed, ["llama-3-8b"]) is mixed
+    full = with_view(pd_only, "d0", in_flight=100)
+    assert servable_view(full, ["llama-3-8b"]) is full
+
+
+def test_can_serve_counts_free_pairs() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    req = make_request_info()
+    assert snap.can_serve(req)
+    assert not snap.runnable(req)
+    assert not with_view(snap, "d0", in_flight=100).can_serve(req)
+    assert not snap.can_serve(make_request_info(excluded_instances=frozenset({"p0"})))
+
+
+def test_uses_pd() -> None:
+    assert not uses_pd([Role.GENERAL, Role.GENERAL])
+    assert uses_pd([Role.GENERAL, Role.HYBRID])
+    assert uses_pd([Role.DECODING])
