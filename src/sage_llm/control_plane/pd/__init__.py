@@ -1,1 +1,140 @@
-"""sage_llm.control_plane.pd."""
+"""Prefill/decode (PD) disaggregation: run a request's prefill on one instance and its decode
+on another, handing the KV cache over between them.
+
+Three parts, each replaceable:
+
+* a **decider** (:mod:`~sage_llm.control_plane.pd.decider`) says whether a request is worth
+  disaggregating;
+* the **orchestrator** (:mod:`~sage_llm.control_plane.pd.orchestrator`) picks the
+  (prefill, decode) pair, with the KV transfer cost in the pair's score;
+* a **connector** (:mod:`~sage_llm.control_plane.pd.connectors`) carries the two legs out
+  with the engines' own protocol (vLLM ``kv_transfer_params`` or SGLang bootstrap).
+
+:func:`build_pd` builds all three from a :class:`~sage_llm.types.PDSeparationConfig`; the
+dispatcher runs them. ``docs/pd.md`` is the operator's guide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sage_llm.control_plane.pd.connectors import (
+    CONNECTOR_NAMES,
+    PDConnector,
+    PDLegError,
+    PDLegs,
+    SGLangConnector,
+    VLLMConnector,
+    build_connector,
+)
+from sage_llm.control_plane.pd.decider import (
+    DECIDER_NAMES,
+    Decider,
+    PDDecision,
+    build_decider,
+    get_decider,
+    parse_params,
+)
+from sage_llm.control_plane.pd.orchestrator import (
+    LinkModel,
+    PairingParams,
+    PDOrchestrator,
+    PDPlan,
+    with_pd_assignment,
+)
+from sage_llm.errors import ConfigError
+from sage_llm.types import PDSeparationConfig
+
+__all__ = [
+    "CONNECTOR_NAMES",
+    "DECIDER_NAMES",
+    "Decider",
+    "LinkModel",
+    "PDComponents",
+    "PDConnector",
+    "PDDecision",
+    "PDLegError",
+    "PDLegs",
+    "PDOrchestrator",
+    "PDPlan",
+    "PairingParams",
+    "SGLangConnector",
+    "VLLMConnector",
+    "build_connector",
+    "build_decider",
+    "build_pd",
+    "with_pd_assignment",
+]
+
+METADATA_KEYS = ("decider_params", "pairing_params", "connector_params", "kv_bytes_per_token")
+"""Keys of ``PDSeparationConfig.metadata`` that :func:`build_pd` reads."""
+
+
+@dataclass(frozen=True)
+class PDComponents:
+    """What the dispatcher needs to run PD: decider, pair selection, connector, and whether
+    a failed prefill leg falls back to a colocated run."""
+
+    decider: Decider
+    orchestrator: PDOrchestrator
+    connector: PDConnector
+    fallback_to_colocated: bool = True
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "decider": self.decider.describe(),
+            "pairing": self.orchestrator.describe(),
+            "connector": self.connector.describe(),
+            "fallback_to_colocated": self.fallback_to_colocated,
+        }
+
+
+def _table(meta: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = meta.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"must be a table, got {value!r}", key=f"pd.metadata.{key}")
+    return dict(value)
+
+
+def build_pd(
+    cfg: PDSeparationConfig, *, seed: int | None = None, block_size: int = 16
+) -> PDComponents:
+    """The PD components ``cfg`` describes.
+
+    The decider is ``cfg.routing_policy``; ``threshold`` takes ``prefilling_threshold_input_
+    tokens`` and ``prefilling_threshold_ratio``, ``prefix_aware`` the prefix ``block_size``,
+    ``adaptive`` ``max_transfer_latency_ms`` (0: no limit). ``cfg.metadata`` may add
+    ``decider_params``, ``pairing_params`` (:class:`PairingParams` fields) and
+    ``connector_params`` tables, and ``kv_bytes_per_token`` for the model's KV size.
+    Raises :class:`ConfigError` for an unknown name or parameter.
+    """
+    meta = cfg.metadata or {}
+    kv_bytes = meta.get("kv_bytes_per_token")
+    spec = get_decider(cfg.routing_policy)
+    decider_params: dict[str, Any] = {}
+    if spec.name == "threshold":
+        decider_params = {
+            "min_prompt_tokens": cfg.prefilling_threshold_input_tokens,
+            "min_ratio": cfg.prefilling_threshold_ratio,
+        }
+    elif spec.name == "prefix_aware":
+        decider_params = {"block_size": block_size}
+    elif spec.name == "adaptive":
+        limit = cfg.max_transfer_latency_ms
+        decider_params = {"max_transfer_s": limit / 1000.0 if limit and limit > 0 else None}
+        if kv_bytes is not None:
+            decider_params["kv_bytes_per_token"] = kv_bytes
+    decider_params.update(_table(meta, "decider_params"))
+    pairing = _table(meta, "pairing_params")
+    if kv_bytes is not None:
+        pairing.setdefault("kv_bytes_per_token", kv_bytes)
+    return PDComponents(
+        decider=build_decider(spec.name, decider_params),
+        orchestrator=PDOrchestrator(parse_params(PairingParams, pairing), seed=seed),
+        connector=build_connector(cfg.connector, _table(meta, "connector_params"), seed=seed),
+        fallback_to_colocated=cfg.fallback_to_colocated,
+    )

@@ -1,0 +1,375 @@
+"""PD connectors: how the two legs of a disaggregated request are carried out on engines.
+
+A connector's ``run(req, legs)`` is an async generator of the decode instance's chunks, as
+the caller would see them from a colocated request. It raises :class:`PDLegError` (an
+:class:`~sage_llm.errors.EngineError` that names the failing leg) when a leg fails.
+
+* :class:`VLLMConnector` — vLLM's sequential ``kv_transfer_params`` protocol (REFERENCE §2):
+  ``kv = await prefill.prefill(req)`` (the HTTP client sends ``max_tokens=1``,
+  ``stream=false``, the ``do_remote_decode`` request dict), then ``decode.generate(req with
+  kv_transfer_params=kv.params)`` streamed to the caller; the same request id (sent as
+  ``X-Request-Id``) on both legs. A prefill failure is returned as the error and the decode
+  leg is never called.
+* :class:`SGLangConnector` — SGLang's concurrent bootstrap protocol: the same body, with
+  ``bootstrap_host``/``bootstrap_port``/``bootstrap_room``, goes to both instances at once;
+  the decode stream is returned and the prefill stream drained. Prefill fails → the decode
+  leg is cancelled; decode fails → the prefill leg is aborted.
+
+The in-process simulated engine speaks the vLLM protocol (``SimEngine.prefill`` and
+``generate`` with ``kv_transfer_params``), so it needs no connector of its own.
+
+KV left behind (vLLM): after the prefill leg returned, the prefill instance keeps the KV
+blocks pinned until the decode instance has pulled them. If the request is cancelled, or
+the decode leg fails, before the decode instance produced its first token, the connector
+releases them: directly when the prefill client has a ``release_kv(request_id)`` method
+(the simulated engine does), otherwise by pulling them with a one-token decode leg whose
+output is discarded (``release_by_pull``; vLLM's NIXL connector frees the prefill side's
+blocks once they have been read). Without that, vLLM frees them only when its abort
+timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg still
+in flight is aborted by closing its connection, which vLLM treats as an abort.
+
+Usage: prompt tokens come from the prefill leg, completion and cached tokens from the
+decode leg (its last chunk carries the merged :class:`~sage_llm.engines.base.Usage`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from sage_llm.control_plane.pd.decider import parse_params
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, KVHandle, Usage
+from sage_llm.errors import ConfigError, EngineError, SageLLMError
+from sage_llm.types import ExecutionInstance
+
+log = logging.getLogger("sage_llm.pd")
+
+Leg = Literal["prefill", "decode"]
+
+SGLANG_BOOTSTRAP_PORT = 8998
+"""SGLang's default ``--disaggregation-bootstrap-port``."""
+
+
+class PDLegError(EngineError):
+    """One leg of a PD request failed. ``leg`` is ``"prefill"`` or ``"decode"``; ``cause``
+    is the engine's error (its ``status`` and ``retryable`` are kept)."""
+
+    def __init__(self, leg: Leg, cause: SageLLMError, instance_id: str) -> None:
+        if isinstance(cause, EngineError):
+            status, retryable = cause.status, cause.retryable
+            where = cause.instance_id or instance_id
+        else:
+            status, retryable, where = cause.http_status, False, instance_id
+        super().__init__(
+            f"{leg} leg failed: {cause.message}",
+            instance_id=where,
+            status=status,
+            retryable=retryable,
+        )
+        self.leg: Leg = leg
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class PDLegs:
+    """The two instances of a PD request. ``on_prefill_done`` is called once, with the
+    prefill leg's handle, as soon as that leg has ended successfully."""
+
+    prefill: EngineClient
+    decode: EngineClient
+    prefill_instance: ExecutionInstance
+    decode_instance: ExecutionInstance
+    on_prefill_done: Callable[[KVHandle], None] | None = None
+
+    def prefill_done(self, handle: KVHandle) -> None:
+        if self.on_prefill_done is not None:
+            self.on_prefill_done(handle)
+
+
+@runtime_checkable
+class PDConnector(Protocol):
+    """Runs both legs of a PD request and yields the decode instance's chunks."""
+
+    name: str
+
+    def run(self, req: EngineRequest, legs: PDLegs) -> AsyncIterator[Chunk]: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+def merge_usage(chunk: Chunk, prompt_tokens: int) -> Chunk:
+    """``chunk`` with its usage's prompt tokens taken from the prefill leg (when known)."""
+    usage = chunk.usage
+    if usage is None or prompt_tokens <= 0 or usage.prompt_tokens == prompt_tokens:
+        return chunk
+    merged = Usage(prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    return replace(chunk, usage=merged, raw=None)
+
+
+async def _next(it: AsyncIterator[Chunk]) -> Chunk | None:
+    try:
+        return await anext(it)
+    except StopAsyncIteration:
+        return None
+
+
+async def _close(it: AsyncIterator[Chunk]) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"must be a finite number > 0, got {value!r}", key=key)
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+@dataclass(frozen=True, slots=True)
+class VLLMConnectorParams:
+    """``release_by_pull``: release KV left on the prefill side by a discarded one-token
+    decode leg when the prefill client has no ``release_kv``; ``release_timeout_s`` bounds
+    that release."""
+
+    release_by_pull: bool = True
+    release_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive("release_timeout_s", self.release_timeout_s)
+
+
+class VLLMConnector:
+    """Sequential hand-off with ``kv_transfer_params`` (see the module docstring)."""
+
+    name = "vllm"
+
+    def __init__(self, params: VLLMConnectorParams | None = None) -> None:
+        self.params = params or VLLMConnectorParams()
+        self.releases = 0
+        """KV releases done after a cancellation or decode failure (for status pages)."""
+
+    async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
+        """Prefill, then stream the decode leg."""
+        try:
+            handle = await legs.prefill.prefill(req)
+        except PDLegError:
+            raise
+        except SageLLMError as exc:
+            raise PDLegError("prefill", exc, legs.prefill.instance_id) from exc
+        legs.prefill_done(handle)
+        owed = True  # the prefill side holds KV for us until the decode side pulled it
+        stream = legs.decode.generate(req.with_changes(kv_transfer_params=dict(handle.params)))
+        try:
+            try:
+                async for chunk in stream:
+                    owed = False
+                    yield merge_usage(chunk, handle.prompt_tokens)
+            except PDLegError:
+                raise
+            except SageLLMError as exc:
+                raise PDLegError("decode", exc, legs.decode.instance_id) from exc
+        finally:
+            await _close(stream)
+            if owed:
+                await self.release(req, handle, legs)
+
+    async def release(self, req: EngineRequest, handle: KVHandle, legs: PDLegs) -> bool:
+        """Free the KV a finished prefill leg keeps for ``req``; True when it was released."""
+        remote_id = str(handle.params.get("remote_request_id") or req.request_id)
+        direct = getattr(legs.prefill, "release_kv", None)
+        try:
+            async with asyncio.timeout(self.params.release_timeout_s):
+                if callable(direct):
+                    result = direct(remote_id)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    released = bool(result)
+                elif self.params.release_by_pull:
+                    released = await self._pull(req, handle, legs)
+                else:
+                    log.info(
+                        "request %s: KV stays pinned on %s until its abort timeout",
+                        req.request_id,
+                        legs.prefill.instance_id,
+                    )
+                    return False
+        except (SageLLMError, TimeoutError) as exc:
+            log.warning(
+                "request %s: could not release KV on %s: %s",
+                req.request_id,
+                legs.prefill.instance_id,
+                exc,
+            )
+            return False
+        if released:
+            self.releases += 1
+        return released
+
+    @staticmethod
+    async def _pull(req: EngineRequest, handle: KVHandle, legs: PDLegs) -> bool:
+        extra = {k: v for k, v in req.extra.items() if k not in ("min_tokens", "n")}
+        drain = req.with_changes(
+            request_id=f"{req.request_id}-kv-release",
+            max_tokens=1,
+            stream=False,
+            extra=extra,
+            kv_transfer_params=dict(handle.params),
+        )
+        stream = legs.decode.generate(drain)
+        try:
+            async for _chunk in stream:
+                pass
+        finally:
+            await _close(stream)
+        return True
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "release_by_pull": self.params.release_by_pull,
+            "release_timeout_s": self.params.release_timeout_s,
+            "kv_releases": self.releases,
+        }
+
+
+# --------------------------------------------------------------------------- SGLang
+
+
+@dataclass(frozen=True, slots=True)
+class SGLangConnectorParams:
+    """``bootstrap_port``: the prefill instance's bootstrap port when its metadata has no
+    ``bootstrap_port``; ``drain_timeout_s``: how long the prefill stream may outlive the
+    decode stream before it is aborted."""
+
+    bootstrap_port: int = SGLANG_BOOTSTRAP_PORT
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.bootstrap_port < 65536:
+            raise ConfigError("must be a TCP port", key="bootstrap_port")
+        _positive("drain_timeout_s", self.drain_timeout_s)
+
+
+class SGLangConnector:
+    """Concurrent hand-off through SGLang's bootstrap server (see the module docstring)."""
+
+    name = "sglang"
+
+    def __init__(self, params: SGLangConnectorParams | None = None, *, seed: int | None = None):
+        self.params = params or SGLangConnectorParams()
+        self._rng = random.Random(seed)
+
+    def bootstrap(self, prefill: ExecutionInstance) -> dict[str, Any]:
+        """The fields added to both legs' bodies (a fresh room each call)."""
+        port = prefill.metadata.get("bootstrap_port", self.params.bootstrap_port)
+        return {
+            "bootstrap_host": prefill.host,
+            "bootstrap_port": int(port),
+            "bootstrap_room": self._rng.randrange(2**63),
+        }
+
+    @staticmethod
+    async def _prefill_leg(req: EngineRequest, legs: PDLegs) -> KVHandle:
+        usage: Usage | None = None
+        stream = legs.prefill.generate(req)
+        try:
+            async for chunk in stream:
+                usage = chunk.usage or usage
+        except PDLegError:
+            raise
+        except SageLLMError as exc:
+            raise PDLegError("prefill", exc, legs.prefill.instance_id) from exc
+        finally:
+            await _close(stream)
+        handle = KVHandle(
+            legs.prefill.instance_id,
+            {k: req.extra[k] for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room")},
+            usage.prompt_tokens if usage else 0,
+            usage.cached_tokens if usage else 0,
+        )
+        legs.prefill_done(handle)
+        return handle
+
+    async def _prompt_tokens(self, prefill: asyncio.Task[KVHandle]) -> int:
+        """The prefill leg's prompt tokens, waiting for it up to ``drain_timeout_s``."""
+        try:
+            async with asyncio.timeout(self.params.drain_timeout_s):
+                handle = await asyncio.shield(prefill)
+        except (SageLLMError, TimeoutError) as exc:
+            log.warning("prefill leg did not end cleanly after its decode leg: %s", exc)
+            return 0
+        return handle.prompt_tokens
+
+    async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
+        """Send both legs at once; stream the decode leg, drain the prefill leg."""
+        body = req.with_changes(extra={**req.extra, **self.bootstrap(legs.prefill_instance)})
+        prefill = asyncio.create_task(self._prefill_leg(body, legs), name=f"pd-p-{req.request_id}")
+        stream = legs.decode.generate(body)
+        pending: asyncio.Task[Chunk | None] | None = None  # the decode leg's next chunk
+        try:
+            while True:
+                if not prefill.done():
+                    if pending is None:
+                        pending = asyncio.ensure_future(_next(stream))
+                    await asyncio.wait({pending, prefill}, return_when=asyncio.FIRST_COMPLETED)
+                if prefill.done() and (failure := prefill.exception()) is not None:
+                    raise failure
+                if pending is None:
+                    chunk = await _next(stream)
+                else:
+                    chunk, pending = await pending, None
+                if chunk is None:
+                    break
+                if chunk.usage is not None:
+                    chunk = merge_usage(chunk, await self._prompt_tokens(prefill))
+                yield chunk
+            await self._prompt_tokens(prefill)
+        except PDLegError:
+            raise
+        except SageLLMError as exc:
+            raise PDLegError("decode", exc, legs.decode.instance_id) from exc
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+            await _close(stream)
+            if not prefill.done():
+                prefill.cancel()
+            await asyncio.gather(prefill, return_exceptions=True)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "bootstrap_port": self.params.bootstrap_port,
+            "drain_timeout_s": self.params.drain_timeout_s,
+        }
+
+
+# --------------------------------------------------------------------------- registry
+
+CONNECTOR_NAMES: tuple[str, ...] = ("vllm", "sglang")
+
+
+def build_connector(
+    name: str, params: Mapping[str, Any] | None = None, *, seed: int | None = None
+) -> PDConnector:
+    """The connector ``name`` (``vllm`` or ``sglang``) with ``params`` (the fields of its
+    ``Params`` dataclass). ConfigError for an unknown name or parameter."""
+    wanted = str(name).strip().lower()
+    if wanted == "vllm":
+        return VLLMConnector(parse_params(VLLMConnectorParams, params))
+    if wanted == "sglang":
+        return SGLangConnector(parse_params(SGLangConnectorParams, params), seed=seed)
+    raise ConfigError(
+        f"unknown PD connector {name!r}; valid names: {', '.join(CONNECTOR_NAMES)}",
+        key="connector",
+    )

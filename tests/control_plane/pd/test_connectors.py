@@ -1,0 +1,350 @@
+"""PD connectors over in-process engines: the simulated engine (which speaks vLLM's PD
+protocol) on virtual time, and the recording FakeEngine where a leg must fail on cue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from sage_llm.control_plane.pd.connectors import (
+    PDLegError,
+    PDLegs,
+    SGLangConnector,
+    SGLangConnectorParams,
+    VLLMConnector,
+    VLLMConnectorParams,
+    build_connector,
+    merge_usage,
+)
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, KVHandle, Usage
+from sage_llm.engines.http import HTTPEngineClient, make_session
+from sage_llm.errors import ConfigError, EngineConnectionError, EngineError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
+from sage_llm.sim.server import start_engine_server
+from sage_llm.tokens import count_tokens
+from sage_llm.types import ExecutionInstanceType as Role
+from tests.engines.fake_engine import MODEL as FAKE_MODEL
+from tests.engines.fake_engine import FakeEngine
+from tests.engines.probes import ConcurrencyProbe
+from tests.factories import make_instance
+
+PROMPT = "the quick brown fox " * 150
+
+
+def request(rid: str = "r1", max_tokens: int = 8, **kw: object) -> EngineRequest:
+    return EngineRequest(rid, "llama-3-8b", prompt=PROMPT, max_tokens=max_tokens, **kw)  # type: ignore[arg-type]
+
+
+class PrefillWatch:
+    """Records the prefill leg's handle and signals that the leg ended."""
+
+    def __init__(self) -> None:
+        self.handles: list[KVHandle] = []
+        self.done = asyncio.Event()
+
+    def __call__(self, handle: KVHandle) -> None:
+        self.handles.append(handle)
+        self.done.set()
+
+
+def legs(
+    prefill: EngineClient,
+    decode: EngineClient,
+    watch: PrefillWatch | None = None,
+    **inst: object,
+) -> PDLegs:
+    return PDLegs(
+        prefill,
+        decode,
+        replace(make_instance(prefill.instance_id, instance_type=Role.PREFILLING), **inst),
+        make_instance(decode.instance_id, port=8001, instance_type=Role.DECODING),
+        on_prefill_done=watch,
+    )
+
+
+def sim_pair(link_gbps: float = 50.0) -> tuple[SimEngine, SimEngine]:
+    hub = KVTransferHub()
+    p = SimEngine("p0", SimEngineConfig(role=Role.PREFILLING), kv_hub=hub)
+    d = SimEngine("d0", SimEngineConfig(role=Role.DECODING, kv_link_gbps=link_gbps), kv_hub=hub)
+    return p, d
+
+
+def nothing_pinned(engine: SimEngine, rid: str) -> bool:
+    return engine.core.release_kv(rid) is False and engine.core.kv_usage == 0.0
+
+
+async def collect(it: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [c async for c in it]
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+def test_vllm_runs_the_legs_in_order_with_one_request_id() -> None:
+    async def main() -> None:
+        p, d = FakeEngine("p0"), FakeEngine("d0")
+        watch = PrefillWatch()
+        chunks = await collect(VLLMConnector().run(request(max_tokens=4), legs(p, d, watch)))
+        assert [c.text for c in chunks] == [" w0", " w1", " w2", " w3"]
+        assert [r.request_id for r in p.prefills] == ["r1"]
+        assert [r.request_id for r in d.requests] == ["r1"]
+        assert d.requests[0].max_tokens == 4
+        params = d.requests[0].kv_transfer_params
+        assert params is not None and params["do_remote_prefill"] is True
+        assert params["remote_engine_id"] == "engine-p0"
+        assert len(watch.handles) == 1
+        assert watch.handles[0].params == params
+
+    run_virtual(main())
+
+
+def test_vllm_usage_takes_prompt_from_prefill_and_cached_from_decode() -> None:
+    async def main() -> None:
+        p, d = FakeEngine("p0", cached_tokens=7), FakeEngine("d0", cached_tokens=3)
+        chunks = await collect(VLLMConnector().run(request(max_tokens=3), legs(p, d)))
+        usage = chunks[-1].usage
+        assert usage == Usage(count_tokens(PROMPT), 3, 3)
+        assert all(c.usage is None for c in chunks[:-1])
+
+    run_virtual(main())
+
+
+def test_merge_usage() -> None:
+    chunk = Chunk("x", usage=Usage(5, 2, 1), raw={"usage": {"prompt_tokens": 5}})
+    merged = merge_usage(chunk, 9)
+    assert merged.usage == Usage(9, 2, 1) and merged.raw is None
+    assert merge_usage(chunk, 0) is chunk
+    assert merge_usage(chunk, 5) is chunk
+    plain = Chunk("y")
+    assert merge_usage(plain, 9) is plain
+
+
+def test_vllm_prefill_failure_is_returned_and_decode_never_called() -> None:
+    async def main() -> None:
+        boom = EngineConnectionError("connection refused", instance_id="p0")
+        p, d = FakeEngine("p0", fail_with=boom), FakeEngine("d0")
+        with pytest.raises(PDLegError) as err:
+            await collect(VLLMConnector().run(request(), legs(p, d)))
+        assert err.value.leg == "prefill"
+        assert err.value.retryable is True
+        assert err.value.instance_id == "p0"
+        assert "prefill leg failed: connection refused" in err.value.message
+        assert d.requests == []
+
+    run_virtual(main())
+
+
+def test_vllm_end_to_end_on_simulated_engines_releases_the_prefill_kv() -> None:
+    async def main() -> None:
+        p, d = sim_pair()
+        chunks = await collect(VLLMConnector().run(request(max_tokens=6), legs(p, d)))
+        assert sum(len(c.token_ids) for c in chunks) == 6
+        assert chunks[-1].finish_reason == "length"
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.prompt_tokens == count_tokens(PROMPT)
+        assert nothing_pinned(p, "r1")  # the decode side pulled it (KVTransferHub)
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
+async def _cancel_between_legs(
+    connector: VLLMConnector, prefill: EngineClient, decode: EngineClient
+) -> None:
+    """Start a PD request, cancel it once the prefill leg returned (the decode side is
+    still pulling the KV over its slow link), and wait for the cancellation to finish."""
+    watch = PrefillWatch()
+    task = asyncio.ensure_future(collect(connector.run(request(), legs(prefill, decode, watch))))
+    await watch.done.wait()
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_vllm_cancel_between_legs_releases_the_prefill_kv() -> None:
+    async def main() -> None:
+        p, d = sim_pair(link_gbps=0.01)  # the transfer takes seconds
+        connector = VLLMConnector()
+        watch = PrefillWatch()
+        task = asyncio.ensure_future(collect(connector.run(request(), legs(p, d, watch))))
+        await watch.done.wait()
+        await asyncio.sleep(0.01)
+        assert p.core.kv_usage > 0  # pinned for the decode side
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert nothing_pinned(p, "r1")
+        assert connector.releases == 1
+        assert d.core.num_running == 0 and d.core.num_waiting == 0
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_releases_by_pulling_when_the_prefill_client_cannot_release() -> None:
+    async def main() -> None:
+        p, d = sim_pair(link_gbps=1.0)
+        prefill, decode = ConcurrencyProbe(p), ConcurrencyProbe(d)  # no release_kv on them
+        connector = VLLMConnector()
+        await _cancel_between_legs(connector, prefill, decode)
+        assert decode.request_ids == ["r1", "r1-kv-release"]
+        assert nothing_pinned(p, "r1")
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_without_release_by_pull_the_kv_waits_for_the_abort_timeout() -> None:
+    async def main() -> None:
+        p, d = sim_pair(link_gbps=1.0)
+        connector = VLLMConnector(VLLMConnectorParams(release_by_pull=False))
+        await _cancel_between_legs(connector, ConcurrencyProbe(p), ConcurrencyProbe(d))
+        assert p.core.kv_usage > 0
+        assert connector.releases == 0
+        assert p.release_kv("r1") is True
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_decode_failure_names_the_decode_leg_and_releases_the_kv() -> None:
+    async def main() -> None:
+        p, _ = sim_pair()
+        d = FakeEngine("d0", fail_with=EngineError("HTTP 503", instance_id="d0", status=503))
+        with pytest.raises(PDLegError) as err:
+            await collect(VLLMConnector().run(request(), legs(p, d)))
+        assert err.value.leg == "decode"
+        assert err.value.status == 503
+        assert nothing_pinned(p, "r1")
+        await p.aclose()
+
+    run_virtual(main())
+
+
+# --------------------------------------------------------------------------- SGLang
+
+
+def test_sglang_sends_one_body_with_bootstrap_fields_to_both_legs() -> None:
+    async def main() -> None:
+        p, d = FakeEngine("p0"), FakeEngine("d0")
+        connector = SGLangConnector(seed=7)
+        two = legs(p, d, host="10.0.0.5", metadata={"bootstrap_port": 9000})
+        chunks = await collect(connector.run(request(max_tokens=3), two))
+        assert len(chunks) == 3
+        body_p, body_d = p.requests[0], d.requests[0]
+        assert body_p == body_d
+        assert body_p.extra["bootstrap_host"] == "10.0.0.5"
+        assert body_p.extra["bootstrap_port"] == 9000
+        room = body_p.extra["bootstrap_room"]
+        assert isinstance(room, int) and 0 <= room <= 2**63 - 1
+        assert p.finished == ["r1"] and d.finished == ["r1"]
+        again = SGLangConnector(seed=7).bootstrap(two.prefill_instance)
+        assert again["bootstrap_room"] == room
+        assert connector.bootstrap(two.prefill_instance)["bootstrap_room"] != room
+        default = SGLangConnector().bootstrap(make_instance("p9"))
+        assert default["bootstrap_port"] == 8998
+
+    run_virtual(main())
+
+
+def test_sglang_runs_the_legs_concurrently_and_drains_the_prefill() -> None:
+    async def main() -> None:
+        p, d = FakeEngine("p0", gate_after=0, cached_tokens=5), FakeEngine("d0", cached_tokens=2)
+        watch = PrefillWatch()
+        it = SGLangConnector().run(request(max_tokens=3), legs(p, d, watch))
+        first = await anext(it)
+        assert first.text == " w0"
+        assert p.in_flight == 1 and p.gated.is_set()  # the prefill leg is still open
+        assert not watch.done.is_set()
+        p.release.set()
+        rest = [c async for c in it]
+        assert rest[-1].usage == Usage(count_tokens(PROMPT), 3, 2)
+        assert p.finished == ["r1"]
+        assert watch.handles[0].prompt_tokens == count_tokens(PROMPT)
+
+    run_virtual(main())
+
+
+def test_sglang_prefill_failure_cancels_the_decode_leg() -> None:
+    async def main() -> None:
+        p = FakeEngine("p0", fail_with=EngineError("boom", instance_id="p0", status=500))
+        d = FakeEngine("d0", gate_after=1)
+        with pytest.raises(PDLegError) as err:
+            await collect(SGLangConnector().run(request(), legs(p, d)))
+        assert err.value.leg == "prefill"
+        assert d.aborted == ["r1"]
+
+    run_virtual(main())
+
+
+def test_sglang_decode_failure_aborts_the_prefill_leg() -> None:
+    async def main() -> None:
+        p = FakeEngine("p0", gate_after=0)
+        d = FakeEngine("d0", fail_with=EngineConnectionError("reset", instance_id="d0"))
+        with pytest.raises(PDLegError) as err:
+            await collect(SGLangConnector().run(request(), legs(p, d)))
+        assert err.value.leg == "decode"
+        assert p.aborted == ["r1"]
+
+    run_virtual(main())
+
+
+def test_sglang_cancellation_aborts_both_legs() -> None:
+    async def main() -> None:
+        p, d = FakeEngine("p0", gate_after=0), FakeEngine("d0", gate_after=1)
+        task = asyncio.ensure_future(collect(SGLangConnector().run(request(), legs(p, d))))
+        await d.gated.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert p.aborted == ["r1"] and d.aborted == ["r1"]
+
+    run_virtual(main())
+
+
+async def test_sglang_bootstrap_fields_go_over_http() -> None:
+    p, d = FakeEngine("p0"), FakeEngine("d0")
+    runners = []
+    clients: list[HTTPEngineClient] = []
+    session = make_session()
+    try:
+        for engine in (p, d):
+            runner, port = await start_engine_server(engine, model_name=FAKE_MODEL)
+            runners.append(runner)
+            inst = make_instance(engine.instance_id, port=port, model_name=FAKE_MODEL)
+            clients.append(HTTPEngineClient(inst, session, dialect="sglang"))
+        req = EngineRequest("r1", FAKE_MODEL, prompt="hi there", max_tokens=2)
+        two = PDLegs(clients[0], clients[1], clients[0].instance, clients[1].instance)
+        chunks = await collect(SGLangConnector(seed=1).run(req, two))
+        assert "".join(c.text for c in chunks) == " w0 w1"
+        for engine in (p, d):
+            extra = engine.requests[0].extra
+            assert extra["bootstrap_host"] == "127.0.0.1"
+            assert extra["bootstrap_port"] == 8998
+            assert isinstance(extra["bootstrap_room"], int)
+        assert p.requests[0].extra["bootstrap_room"] == d.requests[0].extra["bootstrap_room"]
+    finally:
+        await session.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def test_build_connector() -> None:
+    assert isinstance(build_connector("vLLM"), VLLMConnector)
+    sg = build_connector("sglang", {"bootstrap_port": 9100}, seed=1)
+    assert isinstance(sg, SGLangConnector) and sg.params == SGLangConnectorParams(9100)
+    with pytest.raises(ConfigError, match="unknown PD connector"):
+        build_connector("mooncake")
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build_connector("vllm", {"timeout": 3})
+    with pytest.raises(ConfigError):
+        build_connector("sglang", {"bootstrap_port": 0})
