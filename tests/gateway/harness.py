@@ -128,19 +128,18 @@ class Gateway:
         return busy[0]
 
 
-@contextlib.asynccontextmanager
-async def serve(
+def make_manager(
     instances: int | list[ExecutionInstance] = 1,
     *,
-    settings: GatewaySettings | None = None,
     speed: float = FAST,
     bound: int = 8,
     wrap: Wrap | None = None,
     hold: Callable[[str], bool] = lambda _rid: False,
     hold_after: int = 1,
     **manager_kwargs: Any,
-) -> AsyncIterator[Gateway]:
-    """Start a manager with simulated engines and a gateway in front of it; stop both."""
+) -> tuple[ControlPlaneManager, dict[str, GatewayProbe], dict[str, EngineClient]]:
+    """A manager (not started) whose instances run simulated engines behind probes (or
+    behind ``wrap``); returns it with the probes and engine clients it will create."""
     engines: dict[str, EngineClient] = {}
     probes: dict[str, GatewayProbe] = {}
 
@@ -164,6 +163,19 @@ async def serve(
         )
     for inst in instances:
         manager.register_instance(inst)
+    return manager, probes, engines
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    instances: int | list[ExecutionInstance] = 1,
+    *,
+    settings: GatewaySettings | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[Gateway]:
+    """Start a manager with simulated engines (``make_manager`` arguments) and a gateway
+    in front of it; stop both."""
+    manager, probes, engines = make_manager(instances, **kwargs)
     await manager.start()
     try:
         runner, port = await start_gateway(manager, settings, environ={})

@@ -10,9 +10,9 @@ import openai
 import pytest
 from aiohttp import web
 
+from sage_llm.config import GatewayConfig
 from sage_llm.errors import QueueFullError
 from sage_llm.gateway.errors import error_middleware, retry_after_header, sage_error_response
-from sage_llm.gateway.settings import DefaultGatewaySettings
 from sage_llm.types import RequestStatus
 from tests.factories import MODEL, make_metadata
 from tests.gateway.harness import chat_body, completion_body, serve
@@ -51,7 +51,7 @@ BAD_COMPLETIONS = [
 
 
 async def test_bad_completion_fields_give_400_naming_the_field() -> None:
-    settings = DefaultGatewaySettings(max_tokens_limit=1024, max_prompt_tokens=100)
+    settings = GatewayConfig(max_tokens_limit=1024, max_prompt_tokens=100)
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         for body, param in BAD_COMPLETIONS:
             async with http.post(gw.url("/v1/completions"), json=body) as r:
@@ -126,7 +126,7 @@ def _client(gw: Any, api_key: str = "unused") -> openai.AsyncOpenAI:
 
 
 async def test_oversized_body_is_413() -> None:
-    settings = DefaultGatewaySettings(max_body_bytes=2048)
+    settings = GatewayConfig(max_body_bytes=2048)
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         body = completion_body(prompt="x" * 5000)
         async with http.post(gw.url("/v1/completions"), json=body) as r:
@@ -137,7 +137,7 @@ async def test_oversized_body_is_413() -> None:
 
 
 async def test_api_keys_are_required_when_configured() -> None:
-    settings = DefaultGatewaySettings(api_keys=("key-one", "key-two"))
+    settings = GatewayConfig(api_keys=("key-one", "key-two"))
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
             assert r.status == 401
@@ -163,7 +163,7 @@ async def test_api_keys_are_required_when_configured() -> None:
 
 
 async def test_api_keys_from_the_environment() -> None:
-    settings = DefaultGatewaySettings(api_keys_env="SAGE_TEST_KEYS")
+    settings = GatewayConfig(api_keys_env="SAGE_TEST_KEYS")
     async with serve(1) as gw:
         from sage_llm.gateway.server import start_gateway
 
@@ -182,7 +182,7 @@ async def test_api_keys_from_the_environment() -> None:
 
 
 async def test_admin_token_rules() -> None:
-    settings = DefaultGatewaySettings(admin_token="admin-secret", api_keys=("user-key",))
+    settings = GatewayConfig(admin_token="admin-secret", api_keys=("user-key",))
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         async with http.get(gw.url("/admin/status")) as r:
             assert r.status == 401
@@ -238,7 +238,7 @@ async def test_no_healthy_instance_is_503() -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_request_timeout_is_504_and_cancels_the_request(stream: bool) -> None:
-    settings = DefaultGatewaySettings(request_timeout_s=0.2)
+    settings = GatewayConfig(request_timeout_s=0.2)
     async with serve(1, settings=settings, hold=lambda rid: True, hold_after=0) as gw:
         async with aiohttp.ClientSession() as http:
             headers = {"x-request-id": "too-slow"}

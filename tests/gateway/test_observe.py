@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sage_llm.config import GatewayConfig
 from sage_llm.gateway.observe import load_tracer
-from sage_llm.gateway.settings import DefaultGatewaySettings
 from tests.gateway.harness import completion_body, serve
 
 SECRET_PROMPT = "my very private prompt text"
@@ -22,7 +22,7 @@ async def test_access_log_has_request_id_status_and_model_but_no_secrets(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO", logger="sage_llm.gateway")
-    settings = DefaultGatewaySettings(api_keys=("super-secret-key",))
+    settings = GatewayConfig(api_keys=("super-secret-key",))
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         headers = {"Authorization": "Bearer super-secret-key", "x-request-id": "logged-1"}
         body = completion_body(prompt=SECRET_PROMPT)
@@ -44,7 +44,7 @@ async def test_access_log_has_request_id_status_and_model_but_no_secrets(
 
 async def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="sage_llm.gateway")
-    settings = DefaultGatewaySettings(log_prompts=True)
+    settings = GatewayConfig(log_prompts=True)
     async with (
         serve(1, settings=settings) as gw,
         aiohttp.ClientSession() as http,
@@ -55,7 +55,7 @@ async def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixtu
 
 
 async def test_cors_for_configured_origins() -> None:
-    settings = DefaultGatewaySettings(cors_origins=("https://app.example",))
+    settings = GatewayConfig(cors_origins=("https://app.example",))
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         origin = {"Origin": "https://app.example"}
         preflight = {**origin, "Access-Control-Request-Method": "POST"}
@@ -111,7 +111,7 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     package.trace = trace_mod  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "opentelemetry", package)
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", trace_mod)
-    settings = DefaultGatewaySettings(tracing=True)
+    settings = GatewayConfig(tracing=True)
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         headers = {"x-request-id": "traced"}
         async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):

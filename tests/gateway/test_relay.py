@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sage_llm.config import GatewayConfig
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import ResponseFormat
 from sage_llm.gateway.relay import _Choices, completion_body, merge_logprobs
-from sage_llm.gateway.settings import DefaultGatewaySettings
 from sage_llm.sim.engine import SimEngine
 from sage_llm.types import RequestStatus
 from tests.engines.probes import FaultyEngine
@@ -124,7 +124,7 @@ async def test_client_disconnect_while_waiting_for_a_whole_response() -> None:
 
 
 async def test_timeout_mid_stream_ends_with_a_timeout_event() -> None:
-    settings = DefaultGatewaySettings(request_timeout_s=0.3)
+    settings = GatewayConfig(request_timeout_s=0.3)
     async with serve(1, settings=settings, hold=lambda rid: True, hold_after=1) as gw:
         async with aiohttp.ClientSession() as s:
             headers = {"x-request-id": "slow-stream"}

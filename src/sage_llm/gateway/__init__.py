@@ -11,10 +11,9 @@ free port for tests and benchmarks. See docs/gateway.md.
 
 from sage_llm.gateway.app import create_app
 from sage_llm.gateway.server import run_gateway, start_gateway
-from sage_llm.gateway.settings import DefaultGatewaySettings, GatewaySettings
+from sage_llm.gateway.settings import GatewaySettings
 
 __all__ = [
-    "DefaultGatewaySettings",
     "GatewaySettings",
     "create_app",
     "run_gateway",

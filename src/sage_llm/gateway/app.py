@@ -24,7 +24,7 @@ from sage_llm.gateway.errors import error_middleware
 from sage_llm.gateway.observe import load_tracer, observe_middleware
 from sage_llm.gateway.openai import OpenAIRoutes
 from sage_llm.gateway.openapi import build_openapi
-from sage_llm.gateway.settings import DefaultGatewaySettings, GatewaySettings, ResolvedGateway
+from sage_llm.gateway.settings import GatewaySettings, ResolvedGateway, default_settings
 
 MANAGER_KEY = web.AppKey("manager", ControlPlaneManager)
 """The manager an app serves (``app[MANAGER_KEY]``)."""
@@ -43,12 +43,12 @@ def create_app(
     """The gateway application serving ``manager``.
 
     ``gateway`` is the ``[gateway]`` configuration (``sage_llm.config.GatewayConfig`` or any
-    object with the same attributes; defaults when None). ``manage_lifecycle=True`` starts
-    the manager when the app starts and stops it when the app is cleaned up; otherwise the
-    caller owns the manager. ``environ`` is where ``api_keys_env`` / ``admin_token_env`` are
-    looked up (default ``os.environ``).
+    object with the same attributes; ``GatewayConfig()`` when None).
+    ``manage_lifecycle=True`` starts the manager when the app starts and stops it when the
+    app is cleaned up; otherwise the caller owns the manager. ``environ`` is where
+    ``api_keys_env`` / ``admin_token_env`` are looked up (default ``os.environ``).
     """
-    settings = ResolvedGateway.from_settings(gateway or DefaultGatewaySettings(), environ)
+    settings = ResolvedGateway.from_settings(gateway or default_settings(), environ)
     tracer = load_tracer(settings.tracing)
     app = web.Application(
         client_max_size=settings.max_body_bytes,

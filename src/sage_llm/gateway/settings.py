@@ -1,10 +1,10 @@
-"""The gateway settings the HTTP app reads, and their defaults.
+"""The gateway settings the HTTP app reads.
 
 :class:`GatewaySettings` is the read-only shape the gateway needs from
 ``sage_llm.config.GatewayConfig`` (the ``[gateway]`` table of a cluster file); any object
-with these attributes works. :class:`DefaultGatewaySettings` holds the defaults used when
-``create_app`` gets no settings. :class:`ResolvedGateway` is what the app actually runs
-with: secrets taken from the environment, limits checked.
+with these attributes works, and ``GatewayConfig()`` supplies the defaults.
+:class:`ResolvedGateway` is what the app actually runs with: secrets taken from the
+environment (when the config loader has not done so already), limits checked.
 """
 
 from __future__ import annotations
@@ -66,24 +66,11 @@ class GatewaySettings(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class DefaultGatewaySettings:
-    """Gateway defaults: loopback bind, no API keys, admin API for loopback clients only."""
+def default_settings() -> GatewaySettings:
+    """The defaults of the ``[gateway]`` table (``sage_llm.config.GatewayConfig()``)."""
+    from sage_llm.config_schema import GatewayConfig
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_keys: Sequence[str] = ()
-    api_keys_env: str | None = None
-    admin_token: str | None = None
-    admin_token_env: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_prompt_tokens: int | None = None
-    max_tokens_limit: int | None = 32_768
-    request_timeout_s: float | None = 600.0
-    workers: int = 1
-    log_prompts: bool = False
-    cors_origins: Sequence[str] = ()
-    tracing: object = False
+    return GatewayConfig()
 
 
 def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:

@@ -1,0 +1,87 @@
+"""API-key and admin-token rules, as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.errors import AuthenticationError, PermissionDeniedError
+from sage_llm.gateway.auth import (
+    bearer_token,
+    check_admin,
+    check_api_key,
+    is_loopback,
+    matches_any,
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        (None, None),
+        ("", None),
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("Basic abc", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+    ],
+)
+def test_bearer_token(header: str | None, token: str | None) -> None:
+    assert bearer_token(header) == token
+
+
+def test_matches_any_compares_every_secret() -> None:
+    assert matches_any("b", ["a", "b", "c"])
+    assert not matches_any("d", ["a", "b", "c"])
+    assert not matches_any("a", [])
+    assert matches_any("ключ", ["ключ"])
+
+
+@pytest.mark.parametrize(
+    ("remote", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("192.168.1.20", False),
+        ("::ffff:10.0.0.1", False),
+        ("2001:db8::1", False),
+        (None, False),
+        ("", False),
+        ("not-an-address", False),
+    ],
+)
+def test_is_loopback(remote: str | None, loopback: bool) -> None:
+    assert is_loopback(remote) is loopback
+
+
+def test_api_keys() -> None:
+    check_api_key(None, [])  # no keys configured: open
+    check_api_key("k2", ["k1", "k2"])
+    with pytest.raises(AuthenticationError) as missing:
+        check_api_key(None, ["k1"])
+    assert missing.value.http_status == 401
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        check_api_key("k3", ["k1", "k2"])
+
+
+def test_admin_without_a_token_answers_loopback_clients_only() -> None:
+    check_admin("127.0.0.1", None, None)
+    check_admin("::1", "anything", None)
+    with pytest.raises(PermissionDeniedError) as denied:
+        check_admin("10.1.2.3", None, None)
+    assert denied.value.http_status == 403
+    with pytest.raises(PermissionDeniedError):
+        check_admin(None, None, None)
+
+
+def test_admin_with_a_token_requires_it_from_everyone() -> None:
+    check_admin("10.1.2.3", "s3cret", "s3cret")
+    with pytest.raises(AuthenticationError):
+        check_admin("127.0.0.1", None, "s3cret")
+    with pytest.raises(PermissionDeniedError):
+        check_admin("127.0.0.1", "wrong", "s3cret")
+    with pytest.raises(PermissionDeniedError):
+        check_admin("10.1.2.3", "wrong", "s3cret")

@@ -1,0 +1,158 @@
+"""Turning OpenAI bodies and sage-llm headers into a Generation (pure parsing)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from sage_llm.config import GatewayConfig
+from sage_llm.errors import InvalidRequestError
+from sage_llm.gateway.openai import CONSUMED_FIELDS, parse_generation
+from sage_llm.gateway.relay import Generation
+from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.types import RequestPriority
+from tests.factories import MODEL
+
+SETTINGS = ResolvedGateway.from_settings(
+    GatewayConfig(request_timeout_s=60.0, max_tokens_limit=512), {}
+)
+
+
+def _parse(
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    *,
+    chat: bool = False,
+    settings: ResolvedGateway = SETTINGS,
+) -> Generation:
+    return parse_generation(body, headers or {}, "rid-1", chat=chat, settings=settings)
+
+
+def test_completion_fields_map_onto_request_metadata() -> None:
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 7, "temperature": 0.5,
+            "top_p": 0.9, "stop": "END", "user": "u1"}  # fmt: skip
+    gen = _parse(body)
+    meta = gen.meta
+    assert meta.request_id == "rid-1"
+    assert (meta.prompt, meta.messages, meta.model_name) == ("Hello", None, MODEL)
+    assert (meta.max_tokens, meta.temperature, meta.top_p) == (7, 0.5, 0.9)
+    assert meta.stop == ["END"]
+    assert (meta.user_id, meta.session_id) == ("u1", "u1")
+    assert meta.priority is RequestPriority.NORMAL
+    assert meta.extra_body == {}
+    assert (gen.chat, gen.stream, gen.include_usage, gen.timeout_s) == (False, False, False, 60.0)
+
+
+def test_defaults_are_left_to_the_manager() -> None:
+    meta = _parse({"model": MODEL, "prompt": "Hi"}).meta
+    assert meta.max_tokens is None
+    assert (meta.temperature, meta.top_p) == (1.0, 1.0)
+    assert meta.stop is None
+
+
+def test_every_other_field_passes_through_unchanged() -> None:
+    nested = {"deep": [1, {"x": None}]}
+    body = {"model": MODEL, "prompt": "Hi", "n": 3, "logprobs": 2, "seed": 1, "echo": True,
+            "custom": nested, "priority": 1, "slo_deadline_ms": 900.0,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    meta = _parse(body).meta
+    assert meta.extra_body == {"n": 3, "logprobs": 2, "seed": 1, "echo": True, "custom": nested}
+    assert meta.extra_body["custom"] is nested
+    assert not CONSUMED_FIELDS & set(meta.extra_body)
+
+
+def test_chat_messages_are_kept_as_sent() -> None:
+    parts = [{"type": "text", "text": "Hi"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": parts, "name": "u"},
+    ]
+    gen = _parse({"model": MODEL, "messages": messages, "max_completion_tokens": 9}, chat=True)
+    assert gen.meta.messages == messages
+    assert gen.meta.prompt is None
+    assert gen.meta.max_tokens == 9
+    assert gen.chat
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("text", "text"), (["one"], "one"), ([1, 2, 3], [1, 2, 3]), ([[4, 5]], [4, 5])],
+)
+def test_prompt_shapes(prompt: Any, expected: Any) -> None:
+    assert _parse({"model": MODEL, "prompt": prompt}).meta.prompt == expected
+
+
+@pytest.mark.parametrize("prompt", [[], ["a", "b"], [[1], [2]], [-1, 2]])
+def test_unsupported_prompts(prompt: Any) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        _parse({"model": MODEL, "prompt": prompt})
+    assert err.value.param == "prompt"
+
+
+def test_headers_win_over_body_fields() -> None:
+    body = {"model": MODEL, "prompt": "Hi", "priority": "low", "slo_deadline_ms": 5000,
+            "user": "body-user"}  # fmt: skip
+    headers = {"x-sage-priority": "HIGH", "x-sage-slo-ms": "250", "x-session-id": "sess-9"}
+    meta = _parse(body, headers).meta
+    assert meta.priority is RequestPriority.HIGH
+    assert meta.slo_deadline_ms == 250.0
+    assert meta.session_id == "sess-9"
+    assert meta.user_id == "body-user"
+    body_only = _parse(body).meta
+    assert body_only.priority is RequestPriority.LOW
+    assert body_only.slo_deadline_ms == 5000
+    assert body_only.session_id == "body-user"
+
+
+def test_timeout_is_the_tighter_of_request_timeout_and_slo() -> None:
+    assert _parse({"model": MODEL, "prompt": "Hi", "slo_deadline_ms": 2000}).timeout_s == 2.0
+    assert _parse({"model": MODEL, "prompt": "Hi", "slo_deadline_ms": 90_000}).timeout_s == 60.0
+    open_ended = replace(SETTINGS, request_timeout_s=None)
+    assert _parse({"model": MODEL, "prompt": "Hi"}, settings=open_ended).timeout_s is None
+    gen = _parse({"model": MODEL, "prompt": "Hi"}, {"x-sage-slo-ms": "500"}, settings=open_ended)
+    assert gen.timeout_s == 0.5
+
+
+def test_include_usage_only_applies_to_streams() -> None:
+    options = {"include_usage": True}
+    streamed = _parse({"model": MODEL, "prompt": "Hi", "stream": True, "stream_options": options})
+    assert streamed.stream and streamed.include_usage
+    whole = _parse({"model": MODEL, "prompt": "Hi", "stream_options": options})
+    assert not whole.stream and not whole.include_usage
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ({"prompt": "x"}, {}, "model"),
+        ({"model": "", "prompt": "x"}, {}, "model"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 513}, {}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": True}, {}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": float("nan")}, {}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "n": 1.5}, {}, "n"),
+        ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "yes"}}, {},
+         "stream_options"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "9"}, "x-sage-priority"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "-3"}, "x-sage-slo-ms"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "inf"}, "x-sage-slo-ms"),
+        ({"model": MODEL, "prompt": "x", "priority": 7}, {}, "priority"),
+    ],
+)  # fmt: skip
+def test_invalid_fields_name_their_param(
+    body: dict[str, Any], headers: dict[str, str], param: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        _parse(body, headers)
+    assert err.value.param == param
+    assert err.value.http_status == 400
+    assert err.value.message.startswith(param)
+
+
+def test_max_prompt_tokens_counts_chat_prompts_too() -> None:
+    settings = ResolvedGateway.from_settings(GatewayConfig(max_prompt_tokens=5), {})
+    messages = [{"role": "user", "content": "one two three four five six"}]
+    with pytest.raises(InvalidRequestError) as err:
+        _parse({"model": MODEL, "messages": messages}, chat=True, settings=settings)
+    assert err.value.param == "messages"

@@ -1,0 +1,80 @@
+"""The OpenAPI document describes every route, and real answers match its schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from sage_llm.gateway.app import create_app
+from sage_llm.gateway.openapi import build_openapi
+from sage_llm.gateway.schemas import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+)
+from tests.gateway.harness import chat_body, completion_body, make_manager, serve
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_every_route_is_documented_and_every_ref_resolves() -> None:
+    manager, _, _ = make_manager(1)
+    app = create_app(manager)
+    doc = build_openapi()
+    assert doc["openapi"] == "3.1.0"
+    routes = {
+        (r.method.lower(), r.resource.canonical.replace("{model:.+}", "{model}"))
+        for r in app.router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    }
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert routes == documented
+    schemas = doc["components"]["schemas"]
+    for ref in _refs(doc):
+        assert ref.startswith("#/components/schemas/")
+        assert ref.rsplit("/", 1)[1] in schemas, ref
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert "200" in op["responses"] or "201" in op["responses"], path
+            names = [p["name"] for p in op.get("parameters", []) if p["in"] == "path"]
+            assert names == [seg[1:-1] for seg in path.split("/") if seg.startswith("{")]
+
+
+def test_request_schemas_allow_unknown_fields_and_name_required_ones() -> None:
+    schemas = build_openapi()["components"]["schemas"]
+    completion = schemas["CompletionRequest"]
+    assert completion["additionalProperties"] is True
+    assert set(completion["required"]) == {"model", "prompt"}
+    assert set(schemas["ChatCompletionRequest"]["required"]) == {"model", "messages"}
+    assert "priority" in completion["properties"]
+    assert completion["properties"]["max_tokens"]["anyOf"][0]["minimum"] == 1
+
+
+async def test_served_document_and_real_answers_match_the_schemas() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/openapi.json")) as r:
+            assert r.status == 200
+            assert await r.json() == build_openapi()
+        async with http.post(gw.url("/v1/completions"), json=completion_body(n=1)) as r:
+            CompletionResponse.model_validate(await r.json())
+        async with http.post(gw.url("/v1/chat/completions"), json=chat_body()) as r:
+            ChatCompletionResponse.model_validate(await r.json())
+        async with http.post(gw.url("/v1/embeddings"), json={"model": "llama-3-8b",
+                                                             "input": "hi"}) as r:  # fmt: skip
+            EmbeddingResponse.model_validate(await r.json())
+        async with http.get(gw.url("/v1/models")) as r:
+            ModelList.model_validate(await r.json())
+        async with http.post(gw.url("/v1/completions"), json={"prompt": "x"}) as r:
+            ErrorResponse.model_validate(await r.json())

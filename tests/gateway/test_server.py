@@ -1,0 +1,111 @@
+"""Serving: start_gateway for tests, run_gateway with a graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import aiohttp
+import pytest
+
+from sage_llm.config import GatewayConfig
+from sage_llm.gateway.server import run_gateway, start_gateway
+from tests.gateway.harness import completion_body, make_manager, read_events
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_start_gateway_can_own_the_manager_lifecycle() -> None:
+    manager, _, _ = make_manager(1)
+    runner, port = await start_gateway(manager, manage_lifecycle=True)
+    try:
+        assert manager.is_running
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            async with http.post(url, json=completion_body()) as r:
+                assert r.status == 200
+    finally:
+        await runner.cleanup()
+    assert not manager.is_running
+
+
+async def test_start_gateway_leaves_a_caller_owned_manager_running() -> None:
+    manager, _, _ = make_manager(1)
+    async with manager:
+        runner, port = await start_gateway(manager)
+        assert port > 0
+        await runner.cleanup()
+        assert manager.is_running
+
+
+async def test_run_gateway_finishes_in_flight_requests_then_stops_the_manager() -> None:
+    manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
+    port = _free_port()
+    ready = asyncio.Event()
+    settings = GatewayConfig(port=port)
+    server = asyncio.create_task(run_gateway(manager, settings, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    assert manager.is_running
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/health") as r:
+            assert r.status == 200
+        headers = {"x-request-id": "in-flight"}
+        async with http.post(
+            base + "/v1/completions", json=completion_body(stream=True), headers=headers
+        ) as stream:
+            line = await stream.content.readline()
+            assert json.loads(line[len(b"data: ") :])["choices"][0]["text"]
+            server.cancel()
+            probes["sim-0"].gate.set()
+            events = await read_events(stream)
+        with pytest.raises(asyncio.CancelledError):
+            await server
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert not manager.is_running
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.get(base + "/health"):
+                pass
+    assert probes["sim-0"].aborted == []
+
+
+async def test_run_gateway_stops_the_manager_when_binding_fails() -> None:
+    manager, _, _ = make_manager(1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        with pytest.raises(OSError, match="in use"):
+            await run_gateway(manager, GatewayConfig(), port=port)
+    assert not manager.is_running
+
+
+async def test_requests_cancelled_by_shutdown_end_as_cancelled() -> None:
+    manager, probes, _ = make_manager(1, hold=lambda rid: True, hold_after=0)
+    port = _free_port()
+    ready = asyncio.Event()
+    server = asyncio.create_task(
+        run_gateway(manager, GatewayConfig(), port=port, ready=ready,
+                    shutdown_timeout_s=0.2)
+    )  # fmt: skip
+    await asyncio.wait_for(ready.wait(), 10)
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(
+            http.post(f"http://127.0.0.1:{port}/v1/completions", json=completion_body(),
+                      headers={"x-request-id": "stuck"})
+        )  # fmt: skip
+        await asyncio.wait_for(probes["sim-0"].started_event.wait(), 5)
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+        with pytest.raises(aiohttp.ClientError):
+            resp = await request
+            resp.release()
+    assert not manager.is_running
+    assert probes["sim-0"].aborted == ["stuck"]

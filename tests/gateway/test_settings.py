@@ -1,0 +1,98 @@
+"""Resolving gateway settings: secrets from the environment, limits checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from sage_llm.config import GatewayConfig
+from sage_llm.errors import ConfigError
+from sage_llm.gateway.settings import ResolvedGateway, default_settings, tracing_enabled
+
+
+@dataclass(frozen=True)
+class _Tracing:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class _ConfigLike:
+    """Shaped like sage_llm.config.GatewayConfig, with lists and a tracing table."""
+
+    host: str = "0.0.0.0"
+    port: int = 9000
+    api_keys: list[str] = field(default_factory=lambda: ["a", "", "b", "a"])
+    api_keys_env: str | None = "KEYS"
+    admin_token: str | None = None
+    admin_token_env: str | None = "ADMIN"
+    max_body_bytes: int = 1024
+    max_prompt_tokens: int | None = 4096
+    max_tokens_limit: int | None = 2048
+    request_timeout_s: float | None = 30.0
+    workers: int = 2
+    log_prompts: bool = True
+    cors_origins: list[str] = field(default_factory=lambda: ["https://x.example"])
+    tracing: _Tracing = field(default_factory=_Tracing)
+
+
+def test_defaults_are_those_of_the_gateway_config() -> None:
+    assert default_settings() == GatewayConfig()
+    resolved = ResolvedGateway.from_settings(GatewayConfig(), {})
+    assert resolved.api_keys == ()
+    assert resolved.admin_token is None
+    assert resolved.host == "127.0.0.1"
+    assert resolved.request_timeout_s == GatewayConfig().request_timeout_s
+    assert resolved.max_body_bytes == GatewayConfig().max_body_bytes
+    assert resolved.tracing is False
+
+
+def test_config_like_objects_and_environment() -> None:
+    env = {"KEYS": "c, b ,,d", "ADMIN": " tok "}
+    resolved = ResolvedGateway.from_settings(_ConfigLike(), env)
+    assert resolved.api_keys == ("a", "b", "c", "d")
+    assert resolved.admin_token == "tok"
+    assert resolved.max_prompt_tokens == 4096
+    assert resolved.max_tokens_limit == 2048
+    assert resolved.request_timeout_s == 30.0
+    assert resolved.cors_origins == ("https://x.example",)
+    assert resolved.tracing is True
+    assert resolved.log_prompts is True
+    assert (resolved.host, resolved.port) == ("0.0.0.0", 9000)
+
+
+def test_configured_admin_token_wins_over_the_environment() -> None:
+    settings = _ConfigLike(admin_token="direct", admin_token_env="ADMIN")
+    assert ResolvedGateway.from_settings(settings, {"ADMIN": "env"}).admin_token == "direct"
+    unset = _ConfigLike(admin_token_env="ADMIN")
+    assert ResolvedGateway.from_settings(unset, {}).admin_token is None
+
+
+@pytest.mark.parametrize("timeout", [None, 0, 0.0])
+def test_zero_or_missing_timeout_means_no_limit(timeout: float | None) -> None:
+    settings = _ConfigLike(request_timeout_s=timeout)  # type: ignore[arg-type]
+    assert ResolvedGateway.from_settings(settings, {}).request_timeout_s is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"request_timeout_s": -1.0}, "gateway.request_timeout_s"),
+        ({"max_body_bytes": 0}, "gateway.max_body_bytes"),
+        ({"max_prompt_tokens": 0}, "gateway.max_prompt_tokens"),
+        ({"max_tokens_limit": -5}, "gateway.max_tokens_limit"),
+    ],
+)
+def test_bad_limits_raise_config_errors(changes: dict[str, float], key: str) -> None:
+    settings = _ConfigLike(**changes)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as err:
+        ResolvedGateway.from_settings(settings, {})
+    assert err.value.key == key
+
+
+def test_tracing_flag_shapes() -> None:
+    assert tracing_enabled(True) is True
+    assert tracing_enabled(False) is False
+    assert tracing_enabled(_Tracing(enabled=True)) is True
+    assert tracing_enabled(_Tracing(enabled=False)) is False
+    assert tracing_enabled(None) is False
