@@ -240,4 +240,9 @@ def test_to_jsonable_handles_dataclasses_enums_and_datetimes() -> None:
     assert out["api_key"] == "***"
     assert out["metadata"] == {"when": "2025-01-01T00:00:00"}
     assert to_jsonable((1, {2})) == [1, [2]]
+    assert to_jsonable({"a": float("inf"), "b": float("nan"), "c": 1.5}) == {
+        "a": None,
+        "b": None,
+        "c": 1.5,
+    }
     json.dumps(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from datetime import datetime
 from typing import Any
 
@@ -34,13 +35,16 @@ _SECRET_FIELDS = frozenset({"api_key"})
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, enums and datetimes as JSON values (recursively)."""
+    """Dataclasses, enums and datetimes as JSON values (recursively); non-finite floats
+    become null."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / Infinity
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

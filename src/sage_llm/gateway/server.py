@@ -79,6 +79,12 @@ async def run_gateway(
     """
     bind_host = host if host is not None else (gateway.host or DEFAULT_HOST)
     bind_port = port if port is not None else gateway.port
+    if gateway.workers > 1:
+        log.warning(
+            "gateway.workers = %d ignored: one process serves one control plane "
+            "(its queue and fleet state are not shared between processes)",
+            gateway.workers,
+        )
     await manager.start()
     try:
         app = create_app(manager, gateway)
