@@ -12,6 +12,15 @@ Invariants it keeps:
 * a request runs at most once to completion: only a failure *before the first token* is
   retried, on another instance, at most ``max_retries`` times;
 * every request ends in exactly one of COMPLETED, FAILED (with the reason) or CANCELLED.
+
+PD (``pd`` given): for a model whose fleet is set up for PD (it has PREFILLING, DECODING or
+HYBRID instances) the decider says whether a request is disaggregated, the orchestrator picks
+the (prefill, decode) pair and the connector runs both legs. The decided path is a
+preference: when it has no free slot and the other path has one, the other is taken. Load
+is accounted per phase (see :mod:`sage_llm.control_plane.pd.orchestrator`). A failure
+before the first token is retried like any other, on a colocated instance when the prefill
+leg failed and ``fallback_to_colocated`` is set; the prefill side's KV is released when the
+request is cancelled between the legs (the connector does it).
 """
 
 from __future__ import annotations
@@ -20,22 +29,50 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
+from sage_llm.control_plane.pd import PDComponents, PDLegError, PDLegs, PDPlan
+from sage_llm.control_plane.pd.orchestrator import servable_view, uses_pd, with_pd_assignment
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.snapshot import CompletionRecord
-from sage_llm.engines.base import Chunk
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
+from sage_llm.engines.base import Chunk, KVHandle
 from sage_llm.errors import EngineError, EngineStreamError
 from sage_llm.sim.clock import Clock
-from sage_llm.types import RequestResult, RequestStatus
+from sage_llm.types import ExecutionInstanceType, RequestResult, RequestStatus
 
 log = logging.getLogger("sage_llm.dispatcher")
+
+_MAX_DEFERRED = 64
+"""Popped requests that found no route, put back at the end of a pass; then the pass ends."""
+
+
+@dataclass
+class _PDRun:
+    """Live state of one PD request's execution."""
+
+    prefill: InstanceState
+    decode: InstanceState
+    prompt_tokens: int
+    prefill_open: bool = True
+    prefill_end: float | None = None
+    prefill_cost: float = 0.0
+
+
+def _pair_exists(members: Iterable[tuple[str, ExecutionInstanceType]]) -> bool:
+    """Whether a prefill-capable and a different decode-capable instance are among
+    ``members`` (id, role), and the fleet is set up for PD."""
+    listed = list(members)
+    if not uses_pd(role for _, role in listed):
+        return False
+    prefill = {iid for iid, role in listed if role.runs_prefill}
+    decode = {iid for iid, role in listed if role.runs_decode}
+    return bool(prefill) and bool(decode) and len(prefill | decode) > 1
 
 
 class Dispatcher:
@@ -54,6 +91,7 @@ class Dispatcher:
         max_retries: int = 2,
         retry_backoff_s: float = 0.05,
         on_instance_idle: Callable[[InstanceState], None] | None = None,
+        pd: PDComponents | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -66,6 +104,8 @@ class Dispatcher:
         self.retry_backoff_s = retry_backoff_s
         self.records: dict[str, RequestRecord] = {}
         self._on_instance_idle = on_instance_idle
+        self.pd = pd
+        self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -86,24 +126,37 @@ class Dispatcher:
     def dispatch_ready(self) -> None:
         """One pass: start as many queued requests as the fleet has room for."""
         snap = self.registry.snapshot(self.clock.now(), self.prefix_index)
+        pd_models = self._pd_models(snap)
+        deferred: list[RequestInfo] = []
         while len(self.policy) and snap.has_capacity():
             started = time.perf_counter()
-            info = self.policy.pop(snap)
+            info = self.policy.pop(servable_view(snap, pd_models) if pd_models else snap)
             if info is None:
                 break
             rec = self.records.get(info.request_id)
             if rec is None or rec.status is not RequestStatus.QUEUED:
                 continue
             rec.info = info  # the policy may have changed it (e.g. demoted)
+            plan = self._pd_plan(info, snap) if info.model in pd_models else None
+            if plan is not None:
+                self.metrics.routing_seconds.observe(time.perf_counter() - started)
+                rec.predicted_e2e_s = self._pd_predicted_e2e(snap, plan, info)
+                snap = with_pd_assignment(snap, plan, info)
+                self._start_pd(rec, plan)
+                continue
             allowed = self.policy.constrain(info, snap)
             decision = self.router.route(info, snap, allowed)
             if decision is None and allowed is not None:
                 decision = self.router.route(info, snap)
-            if decision is None:  # inconsistent with pop(); keep the request and stop
-                self.policy.push(info)
-                log.warning("no route for %s although the policy popped it", info.request_id)
-                break
+            if decision is None:  # nothing free for this one now; keep it queued
+                deferred.append(info)
+                log.debug("no route for %s now; it stays queued", info.request_id)
+                if len(deferred) >= _MAX_DEFERRED:
+                    break
+                continue
             self.metrics.routing_seconds.observe(time.perf_counter() - started)
+            if info.model in pd_models:
+                self.metrics.on_pd_routed("colocated")
             view = snap.get(decision.instance_id)
             pending = (view.queued_prefill_tokens if view else 0) + info.prompt_tokens
             rec.predicted_e2e_s = (
@@ -111,7 +164,66 @@ class Dispatcher:
             )
             snap = snap.with_assignment(decision.instance_id, info)
             self._start(rec, decision, pending)
+        for info in deferred:
+            self.policy.push(info)
         self.metrics.queue_depth.set(len(self.policy))
+
+    # -- PD decisions ----------------------------------------------------------------------
+
+    def _pd_models(self, snap: ClusterSnapshot) -> tuple[str, ...]:
+        """Models of ``snap`` whose fleet is set up for PD (none when PD is off)."""
+        if self.pd is None:
+            return ()
+        roles: dict[str, set[ExecutionInstanceType]] = {}
+        for view in snap:
+            roles.setdefault(view.model, set()).add(view.role)
+        return tuple(m for m, r in roles.items() if uses_pd(r))
+
+    def _pd_plan(self, info: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
+        """The pair to run ``info`` disaggregated on, or None to run it colocated."""
+        pd = self.pd
+        if pd is None or info.request_id in self._colocated_only:
+            return None
+        if snap.runnable(info):
+            decision = pd.decider.decide(info, snap)
+            if not decision.disaggregate:
+                return None
+            why = decision.reason
+        else:
+            why = "no whole-request instance is free"
+        plan = pd.orchestrator.plan(info, snap)
+        return None if plan is None else replace(plan, reason=f"{why}; {plan.reason}")
+
+    @staticmethod
+    def _pd_predicted_e2e(snap: ClusterSnapshot, plan: PDPlan, info: RequestInfo) -> float | None:
+        p, d = snap.get(plan.prefill_id), snap.get(plan.decode_id)
+        if p is None or d is None:
+            return None
+        ttft = p.predict_ttft_s(info.prompt_tokens) + plan.transfer_s + d.est_tpot_s
+        return ttft + max(0, info.max_tokens - 1) * d.est_tpot_s
+
+    def unservable_reason(self, model: str) -> str | None:
+        """Why no registered instance could ever run a request for ``model`` (None: some
+        can, now or once they have a free slot)."""
+        members = [
+            (s.instance_id, s.instance.instance_type)
+            for s in self.registry
+            if s.instance.model_name == model and not s.removed
+        ]
+        if not members:
+            return f"no instance serves model {model!r}"
+        if any(role.runs_whole_requests for _, role in members):
+            return None
+        if self.pd is None:
+            return (
+                f"model {model!r} is served only by PREFILLING/DECODING instances and PD "
+                "disaggregation is disabled"
+            )
+        if not _pair_exists(members):
+            only_prefill = all(r is ExecutionInstanceType.PREFILLING for _, r in members)
+            missing = "decode" if only_prefill else "prefill"
+            return f"model {model!r} has no {missing}-capable instance to pair with"
+        return None
 
     # -- execution -------------------------------------------------------------------------
 
@@ -191,6 +303,156 @@ class Dispatcher:
         if retry_error is not None:
             await self._requeue(rec, state, retry_error)
 
+    # -- PD execution ----------------------------------------------------------------------
+
+    def _start_pd(self, rec: RequestRecord, plan: PDPlan) -> None:
+        pstate = self.registry.get(plan.prefill_id)
+        dstate = self.registry.get(plan.decode_id)
+        info = rec.info
+        rec.pending_tokens_at_dispatch = pstate.queued_prefill_tokens + info.prompt_tokens
+        pstate.in_flight += 1
+        pstate.queued_prefill_tokens += info.prompt_tokens
+        dstate.in_flight += 1
+        dstate.outstanding_decode_tokens += info.max_tokens
+        now = self.clock.now()
+        rec.status = RequestStatus.SCHEDULED
+        rec.instance_id = dstate.instance_id
+        rec.prefill_instance_id = pstate.instance_id
+        rec.scheduled_at = now
+        rec.attempts += 1
+        rec.meta.schedule_time = self.clock.to_datetime(now)
+        for state in (pstate, dstate):  # both end up holding the prompt's KV
+            self.prefix_index.insert(state.instance_id, info.block_hashes)
+            self.metrics.instance_in_flight.labels(instance=state.instance_id).set(state.in_flight)
+        self.metrics.running.inc()
+        self.metrics.on_pd_routed("disaggregated", plan.transfer_s)
+        log.debug("request %s disaggregated: %s", rec.request_id, plan.reason)
+        run = _PDRun(pstate, dstate, info.prompt_tokens)
+        task = asyncio.create_task(self._execute_pd(rec, run), name=f"req-{rec.request_id}")
+        rec.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release_prefill(self, run: _PDRun) -> None:
+        """The prefill instance stops carrying the request (once)."""
+        if not run.prefill_open:
+            return
+        run.prefill_open = False
+        state = run.prefill
+        state.in_flight -= 1
+        state.queued_prefill_tokens -= run.prompt_tokens
+        self.metrics.instance_in_flight.labels(instance=state.instance_id).set(state.in_flight)
+        if state.in_flight == 0 and self._on_instance_idle is not None:
+            self._on_instance_idle(state)
+        self.wake()
+
+    def _prefill_done(self, rec: RequestRecord, run: _PDRun, handle: KVHandle) -> None:
+        now = self.clock.now()
+        leg_s = now - (rec.scheduled_at if rec.scheduled_at is not None else now)
+        run.prefill_end = now
+        run.prefill_cost = run.prefill.view().cost_per_second * leg_s
+        run.prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch)
+        run.prefill.consecutive_failures = 0
+        if handle.prompt_tokens:
+            rec.prompt_tokens = handle.prompt_tokens
+        self.metrics.on_pd_prefill_leg(leg_s)
+        self._release_prefill(run)
+
+    async def _execute_pd(self, rec: RequestRecord, run: _PDRun) -> None:
+        assert self.pd is not None
+        dstate = run.decode
+        retry: tuple[EngineError, InstanceState, bool] | None = None
+        legs = PDLegs(
+            run.prefill.client, dstate.client, run.prefill.instance, dstate.instance,
+            on_prefill_done=lambda handle: self._prefill_done(rec, run, handle),
+        )  # fmt: skip
+        try:
+            rec.status = RequestStatus.RUNNING
+            rec.meta.start_time = self.clock.to_datetime(self.clock.now())
+            stream = self.pd.connector.run(rec.engine_request, legs)
+            try:
+                async for chunk in stream:
+                    if rec.first_token_at is None:
+                        rec.first_token_at = self.clock.now()
+                        if run.prefill_end is not None:
+                            self.metrics.on_pd_handoff(rec.first_token_at - run.prefill_end)
+                    self._absorb(rec, chunk)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+            if rec.finish_reason is None:
+                raise EngineStreamError(
+                    "engine stream ended without a finish reason",
+                    instance_id=dstate.instance_id,
+                    retryable=not rec.produced_output,
+                )
+            dstate.consecutive_failures = 0
+            self._finish(rec, RequestStatus.COMPLETED, state=dstate, extra_cost=run.prefill_cost)
+        except asyncio.CancelledError:
+            reason = "cancelled by the caller" if rec.cancel_requested else "control plane stopped"
+            self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
+                         extra_cost=run.prefill_cost)  # fmt: skip
+        except EngineError as exc:
+            prefill_leg = isinstance(exc, PDLegError) and exc.leg == "prefill"
+            failed = run.prefill if prefill_leg else dstate
+            failed.failed += 1
+            failed.consecutive_failures += 1
+            verdict = self._pd_retry(rec, exc, failed, prefill_leg)
+            if verdict is not None:
+                retry = (exc, failed, verdict)
+            else:
+                self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, failed),
+                             state=dstate, extra_cost=run.prefill_cost)  # fmt: skip
+        except Exception as exc:
+            log.exception("request %s failed inside the control plane", rec.request_id)
+            self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=dstate)
+        finally:
+            self._release_prefill(run)
+            dstate.in_flight -= 1
+            dstate.outstanding_decode_tokens -= rec.info.max_tokens
+            self.metrics.instance_in_flight.labels(instance=dstate.instance_id).set(
+                dstate.in_flight
+            )
+            self.metrics.running.dec()
+            if dstate.in_flight == 0 and self._on_instance_idle is not None:
+                self._on_instance_idle(dstate)
+            self.wake()
+        if retry is not None:
+            error, failed_state, colocated = retry
+            if colocated:
+                self._colocated_only.add(rec.request_id)
+                self.metrics.on_pd_fallback()
+            await self._requeue(rec, failed_state, error)
+
+    def _pd_retry(
+        self, rec: RequestRecord, exc: EngineError, failed: InstanceState, prefill_leg: bool
+    ) -> bool | None:
+        """None: do not retry; True: retry colocated; False: retry anywhere."""
+        assert self.pd is not None
+        client_error = exc.status is not None and 400 <= exc.status < 500
+        if rec.produced_output or rec.attempts > self.max_retries:
+            return None
+        if client_error and exc.status not in (408, 429):
+            return None
+        excluded = rec.info.excluded_instances | {failed.instance_id}
+        whole = self._servable(rec.info.model, excluded, whole_only=True)
+        if prefill_leg and self.pd.fallback_to_colocated and whole:
+            return True
+        if exc.retryable and self._servable(rec.info.model, excluded):
+            return False
+        return None
+
+    def _servable(self, model: str, excluded: frozenset[str], *, whole_only: bool = False) -> bool:
+        """Whether instances outside ``excluded`` could run a request for ``model`` (whole, or
+        as a PD pair unless ``whole_only``)."""
+        members = [
+            (s.instance_id, s.instance.instance_type)
+            for s in self.registry
+            if s.instance.model_name == model and not s.removed and s.instance_id not in excluded
+        ]
+        if any(role.runs_whole_requests for _, role in members):
+            return True
+        return not whole_only and self.pd is not None and _pair_exists(members)
+
     def _absorb(self, rec: RequestRecord, chunk: Chunk) -> None:
         if chunk.text:
             rec.text_parts.append(chunk.text)
@@ -214,13 +476,7 @@ class Dispatcher:
         if rec.attempts > self.max_retries:
             return False
         excluded = rec.info.excluded_instances | {state.instance_id}
-        return any(
-            s.instance.model_name == rec.info.model
-            and s.instance.instance_type.runs_whole_requests
-            and not s.removed
-            and s.instance_id not in excluded
-            for s in self.registry
-        )
+        return self._servable(rec.info.model, excluded)
 
     async def _requeue(self, rec: RequestRecord, state: InstanceState, exc: EngineError) -> None:
         self.metrics.retries.inc()
@@ -237,6 +493,7 @@ class Dispatcher:
         )
         rec.status = RequestStatus.QUEUED
         rec.instance_id = None
+        rec.prefill_instance_id = None
         rec.task = None
         backoff = self.retry_backoff_s * (2 ** (rec.attempts - 1))
         if backoff > 0:
@@ -279,9 +536,11 @@ class Dispatcher:
         *,
         error: str | None = None,
         state: InstanceState | None = None,
+        extra_cost: float = 0.0,
     ) -> None:
         if rec.status.is_terminal:
             return
+        self._colocated_only.discard(rec.request_id)
         now = self.clock.now()
         info = rec.info
         rec.status = status
@@ -298,9 +557,9 @@ class Dispatcher:
         if slo_ms is not None and status is not RequestStatus.CANCELLED:
             slo_met = status is RequestStatus.COMPLETED and e2e_s * 1000.0 <= slo_ms
         queue_wait_s = (rec.scheduled_at if rec.scheduled_at is not None else now) - info.arrival
-        cost = 0.0
+        cost = extra_cost
         if state is not None and rec.scheduled_at is not None:
-            cost = state.view().cost_per_second * (now - rec.scheduled_at)
+            cost += state.view().cost_per_second * (now - rec.scheduled_at)
         result = RequestResult(
             request_id=rec.request_id,
             status=status,

@@ -32,6 +32,7 @@ from sage_llm.control_plane.dispatcher import Dispatcher
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
 from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
+from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.records import FinishedRecords, RequestRecord, StreamEnd
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
@@ -103,6 +104,10 @@ class ControlPlaneManager:
         self.enable_monitoring = enable_monitoring
         self.enable_pd_separation = enable_pd_separation
         self.pd_config = pd_config or PDSeparationConfig(enabled=enable_pd_separation)
+        pd_on = enable_pd_separation and self.pd_config.enabled
+        self._pd = (
+            build_pd(self.pd_config, seed=seed, block_size=prefix_block_size) if pd_on else None
+        )
         self.max_queue_size = max_queue_size
         self.default_max_tokens = default_max_tokens
         self.stats_interval_s = stats_interval_s
@@ -158,6 +163,7 @@ class ControlPlaneManager:
             finished=self._finished,
             max_retries=self._max_retries,
             on_instance_idle=self._on_instance_idle,
+            pd=self._pd,
         )
         self._started_at = clock.now()
         self._running = True
@@ -449,6 +455,8 @@ class ControlPlaneManager:
         )
         if self._running:
             perf.timestamp = self.clock.to_datetime(self.clock.now())
+        if self._pd is not None:
+            perf.metadata["pd"] = self._metrics.pd_summary()
         return perf
 
     def get_status(self) -> dict[str, Any]:
@@ -462,6 +470,7 @@ class ControlPlaneManager:
             "policy": policy.describe(),
             "routing_strategy": self._routing_name,
             "pd_separation": self.enable_pd_separation,
+            "pd": self._pd_status(),
             "pending_requests": len(policy),
             "running_requests": sum(s.in_flight for s in states),
             "registered_instances": len(states),
@@ -469,6 +478,12 @@ class ControlPlaneManager:
             "models": sorted(self._registry.models()),
             "prefix_index_entries": len(self._prefix),
         }
+
+    def _pd_status(self) -> dict[str, Any]:
+        """PD settings and figures for ``get_status()["pd"]``."""
+        if self._pd is None:
+            return {"enabled": False}
+        return {"enabled": True, **self._pd.describe(), **self._metrics.pd_summary()}
 
     def prometheus_metrics(self) -> bytes:
         """The Prometheus exposition text of this control plane's metrics."""
@@ -516,6 +531,10 @@ class ControlPlaneManager:
         if not any(v.model == model and v.healthy and v.accepting for v in snap):
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(f"no healthy instance serves model {model!r} right now")
+        unservable = dispatcher.unservable_reason(model)
+        if unservable is not None:
+            self._metrics.on_rejected("no_healthy_instance", model)
+            raise NoHealthyInstanceError(unservable)
         verdict = check_queue_bound(queued, self.max_queue_size, snap)
         if verdict.admitted:
             verdict = dispatcher.policy.admit(info, snap)
@@ -638,8 +657,12 @@ class ControlPlaneManager:
         dispatcher = self._require_dispatcher()
         models = self._registry.models()
         for rec in list(dispatcher.records.values()):
-            if rec.status is RequestStatus.QUEUED and rec.info.model not in models:
+            if rec.status is not RequestStatus.QUEUED:
+                continue
+            if rec.info.model not in models:
                 dispatcher.fail_queued(rec, f"no instance serves model {rec.info.model!r} any more")
+            elif (reason := dispatcher.unservable_reason(rec.info.model)) is not None:
+                dispatcher.fail_queued(rec, reason)
 
 
 class _UnconnectedClient:

@@ -117,6 +117,41 @@ class ControlPlaneMetrics:
             f"{PREFIX}_scheduling_policy", "1 for the active (inner) policy.", ["policy"],
             registry=r,
         )  # fmt: skip
+        self.pd_requests = Counter(
+            f"{PREFIX}_pd_requests",
+            "Dispatches of requests for a PD-enabled model, by path (disaggregated/colocated).",
+            ["path"],
+            registry=r,
+        )
+        self.pd_prefill_leg = Histogram(
+            f"{PREFIX}_pd_prefill_leg_seconds",
+            "Time from dispatch to the end of a PD request's prefill leg.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pd_handoff = Histogram(
+            f"{PREFIX}_pd_handoff_seconds",
+            "From the end of the prefill leg to the decode instance's first token: KV "
+            "transfer, decode-side queueing and the first decode step.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pd_transfer_predicted = Histogram(
+            f"{PREFIX}_pd_kv_transfer_predicted_seconds",
+            "Predicted KV transfer time of dispatched PD requests (link model).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pd_fallbacks = Counter(
+            f"{PREFIX}_pd_fallbacks",
+            "PD requests retried colocated after their prefill leg failed.",
+            registry=r,
+        )
+        self._pd_paths: dict[str, int] = {"disaggregated": 0, "colocated": 0}
+        self._pd_prefill_ms: deque[float] = deque(maxlen=window)
+        self._pd_handoff_ms: deque[float] = deque(maxlen=window)
+        self._pd_transfer_ms: deque[float] = deque(maxlen=window)
+        self._pd_fallback_count = 0
         self._e2e_ms: deque[float] = deque(maxlen=window)
         self._ttft_ms: deque[float] = deque(maxlen=window)
         self._tpot_ms: deque[float] = deque(maxlen=window)
@@ -165,6 +200,44 @@ class ControlPlaneMetrics:
             if result.slo_met:
                 self._slo_met_total += 1
                 self.slo_met.labels(priority=priority.name.lower()).inc()
+
+    def on_pd_routed(self, path: str, predicted_transfer_s: float | None = None) -> None:
+        """A request of a PD-enabled model was dispatched ``disaggregated`` or ``colocated``."""
+        self._pd_paths[path] = self._pd_paths.get(path, 0) + 1
+        self.pd_requests.labels(path=path).inc()
+        if predicted_transfer_s is not None:
+            self._pd_transfer_ms.append(predicted_transfer_s * 1000.0)
+            self.pd_transfer_predicted.observe(predicted_transfer_s)
+
+    def on_pd_prefill_leg(self, seconds: float) -> None:
+        self._pd_prefill_ms.append(seconds * 1000.0)
+        self.pd_prefill_leg.observe(seconds)
+
+    def on_pd_handoff(self, seconds: float) -> None:
+        self._pd_handoff_ms.append(seconds * 1000.0)
+        self.pd_handoff.observe(seconds)
+
+    def on_pd_fallback(self) -> None:
+        self._pd_fallback_count += 1
+        self.pd_fallbacks.inc()
+
+    def pd_summary(self) -> dict[str, float | int]:
+        """PD figures since start: requests per path, colocated fallbacks, and mean / p99
+        prefill-leg, hand-off and predicted KV transfer times in ms."""
+        out: dict[str, float | int] = {
+            "disaggregated_requests": self._pd_paths.get("disaggregated", 0),
+            "colocated_requests": self._pd_paths.get("colocated", 0),
+            "colocated_fallbacks": self._pd_fallback_count,
+        }
+        for name, window in (
+            ("prefill_leg", self._pd_prefill_ms),
+            ("handoff", self._pd_handoff_ms),
+            ("kv_transfer_predicted", self._pd_transfer_ms),
+        ):
+            a = np.asarray(window, dtype=float)
+            out[f"avg_{name}_ms"] = float(a.mean()) if a.size else 0.0
+            out[f"p99_{name}_ms"] = float(np.percentile(a, 99)) if a.size else 0.0
+        return out
 
     def set_policy(self, active: str, all_names: Iterable[str]) -> None:
         for name in all_names:

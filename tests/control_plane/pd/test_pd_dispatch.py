@@ -1,0 +1,321 @@
+"""PD end to end in process: a manager over simulated PREFILLING / DECODING / GENERAL
+engines, on virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import pytest
+
+from sage_llm import ControlPlaneManager, RequestStatus
+from sage_llm.engines.base import EngineRequest, KVHandle
+from sage_llm.errors import EngineConnectionError, NoHealthyInstanceError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import KVTransferHub, SimEngine
+from sage_llm.sim.factory import make_sim_engine
+from sage_llm.tokens import count_tokens
+from sage_llm.types import ExecutionInstanceType as Role
+from sage_llm.types import PDSeparationConfig
+from tests.engines.probes import ConcurrencyProbe, FaultyEngine
+from tests.factories import make_instance, make_metadata
+
+LONG = "the quick brown fox jumps over the lazy dog " * 70
+SHORT = "hello there"
+
+
+class PrefillProbe(ConcurrencyProbe):
+    """Also counts prefill legs in flight; fails them when ``fail`` is set."""
+
+    def __init__(self, inner: SimEngine, *, fail: bool = False) -> None:
+        super().__init__(inner)
+        self.fail = fail
+        self.prefills_in_flight = 0
+        self.max_prefills_in_flight = 0
+        self.prefill_ids: list[str] = []
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        self.prefill_ids.append(req.request_id)
+        if self.fail:
+            raise EngineConnectionError("connection refused", instance_id=self.instance_id)
+        self.prefills_in_flight += 1
+        self.max_prefills_in_flight = max(self.max_prefills_in_flight, self.prefills_in_flight)
+        try:
+            return await self.inner.prefill(req)
+        finally:
+            self.prefills_in_flight -= 1
+
+
+class Fleet:
+    """A manager plus direct handles on its simulated engines."""
+
+    def __init__(
+        self,
+        roles: Iterable[tuple[str, Role]],
+        *,
+        decider: str = "always",
+        bound: int = 8,
+        link_gbps: float = 50.0,
+        probes: bool = False,
+        failing_prefill: bool = False,
+        **manager: object,
+    ) -> None:
+        cfg = manager.pop("pd_config", None) or PDSeparationConfig(routing_policy=decider)
+        self.cp = ControlPlaneManager(mode="simulated", pd_config=cfg, **manager)  # type: ignore[arg-type]
+        self.hub = KVTransferHub()
+        self.engines: dict[str, SimEngine] = {}
+        self.probes: dict[str, ConcurrencyProbe] = {}
+        for n, (iid, role) in enumerate(roles):
+            inst = make_instance(
+                iid, port=8000 + n, instance_type=role, max_concurrent_requests=bound
+            )
+            engine = make_sim_engine(inst, kv_hub=self.hub, kv_link_gbps=link_gbps)
+            self.engines[iid] = engine
+            client: SimEngine | ConcurrencyProbe = engine
+            if probes or (failing_prefill and role is Role.PREFILLING):
+                probe = PrefillProbe(engine, fail=failing_prefill and role is Role.PREFILLING)
+                self.probes[iid] = probe
+                client = probe
+            self.cp.register_instance(inst, client=client)
+
+    def pinned_nowhere(self, rid: str) -> bool:
+        return all(e.core.release_kv(rid) is False for e in self.engines.values())
+
+    def active(self, iid: str) -> int:
+        return int(self.cp.get_instance_metrics(iid)["active_requests"])
+
+
+PD_PAIR = [("p0", Role.PREFILLING), ("d0", Role.DECODING)]
+
+
+def test_pd_only_fleet_runs_every_request_disaggregated() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, decider="threshold")
+        async with fleet.cp as cp:
+            metas = [
+                make_metadata(f"r{i}", prompt=LONG if i % 2 else SHORT, max_tokens=5 + i)
+                for i in range(12)
+            ]
+            results = await asyncio.gather(*(cp.generate(m) for m in metas))
+            status = cp.get_status()["pd"]
+        for meta, res in zip(metas, results, strict=True):
+            assert res.status is RequestStatus.COMPLETED, res.error
+            assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0")
+            assert res.completion_tokens == meta.max_tokens
+            assert count_tokens(res.text) == meta.max_tokens
+            assert res.prompt_tokens == count_tokens(str(meta.prompt))
+            assert fleet.pinned_nowhere(meta.request_id)
+        # Short prompts too: with no whole-request instance, the pair is the only path.
+        assert status["disaggregated_requests"] == 12
+        assert status["colocated_requests"] == 0
+        assert status["decider"]["name"] == "threshold"
+        assert fleet.active("p0") == fleet.active("d0") == 0
+
+    run_virtual(main())
+
+
+def test_ttft_includes_the_kv_transfer() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, link_gbps=0.5)
+        async with fleet.cp as cp:
+            res = await cp.generate(make_metadata("r1", prompt=LONG, max_tokens=4))
+            prefill_ms = cp.get_status()["pd"]["avg_prefill_leg_ms"]
+        transfer_s = fleet.engines["d0"].core.transfer_time_s(count_tokens(LONG) - 1)
+        assert transfer_s > 0.1
+        assert res.ttft_ms is not None and prefill_ms > 0
+        assert res.ttft_ms >= prefill_ms + transfer_s * 1000.0
+
+    run_virtual(main())
+
+
+def test_usage_is_right_streamed_and_not() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            chunks = [c async for c in cp.stream(make_metadata("s1", prompt=LONG, max_tokens=6))]
+            done = await cp.wait_for_result("s1")
+            plain = await cp.generate(make_metadata("g1", prompt=LONG, max_tokens=6))
+        usage = chunks[-1].usage
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (count_tokens(LONG), 6)
+        for res in (done, plain):
+            assert (res.prompt_tokens, res.completion_tokens) == (count_tokens(LONG), 6)
+            assert res.prefill_instance_id == "p0"
+        # The second request finds the prompt cached on the decode side: reported as cached.
+        assert plain.cached_tokens > 0
+
+    run_virtual(main())
+
+
+def test_cancel_between_the_legs_releases_the_prefill_kv() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, link_gbps=0.01)  # seconds of transfer
+        p0 = fleet.engines["p0"]
+        async with fleet.cp as cp:
+            rid = await cp.submit_request(make_metadata("c1", prompt=LONG, max_tokens=8))
+            await asyncio.sleep(0.5)  # prefill done, the decode side still pulling
+            assert p0.core.kv_usage > 0
+            assert fleet.active("p0") == 0 and fleet.active("d0") == 1
+            assert await cp.cancel_request(rid) is True
+            res = await cp.wait_for_result(rid)
+            assert res.status is RequestStatus.CANCELLED
+            assert res.prefill_instance_id == "p0"
+            assert fleet.pinned_nowhere(rid) and p0.core.kv_usage == 0.0
+            assert fleet.active("p0") == fleet.active("d0") == 0
+            # Cancelled while its prefill leg runs: that leg is aborted, nothing pinned.
+            rid = await cp.submit_request(make_metadata("c2", prompt=LONG, max_tokens=8))
+            await asyncio.sleep(0.001)
+            assert fleet.active("p0") == 1
+            await cp.cancel_request(rid)
+            assert (await cp.wait_for_result(rid)).status is RequestStatus.CANCELLED
+            assert fleet.pinned_nowhere(rid) and p0.core.kv_usage == 0.0
+
+    run_virtual(main())
+
+
+def test_load_is_accounted_per_phase_and_bounded_on_both_instances() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, bound=3, probes=True, link_gbps=1.0)
+        async with fleet.cp as cp:
+            await cp.submit_request(make_metadata("one", prompt=LONG, max_tokens=200))
+            await asyncio.sleep(0.001)  # dispatched: both instances carry it
+            assert (fleet.active("p0"), fleet.active("d0")) == (1, 1)
+            await asyncio.sleep(0.3)  # the prefill leg returned; the decode side has it
+            assert (fleet.active("p0"), fleet.active("d0")) == (0, 1)
+            await cp.wait_for_result("one")
+            metas = [make_metadata(f"b{i}", prompt=LONG, max_tokens=10) for i in range(25)]
+            results = await asyncio.gather(*(cp.generate(m) for m in metas))
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        p0, d0 = fleet.probes["p0"], fleet.probes["d0"]
+        assert isinstance(p0, PrefillProbe)
+        assert 1 <= p0.max_prefills_in_flight <= 3
+        assert 1 <= d0.max_in_flight <= 3
+        assert len(p0.prefill_ids) == len(set(p0.prefill_ids)) == 26  # none ran twice
+        assert all(fleet.pinned_nowhere(r.request_id) for r in results)
+
+    run_virtual(main())
+
+
+def test_mixed_fleet_follows_the_decider() -> None:
+    async def main() -> None:
+        cfg = PDSeparationConfig(
+            routing_policy="threshold",
+            prefilling_threshold_input_tokens=200,
+            prefilling_threshold_ratio=0.0,
+        )
+        fleet = Fleet([("g0", Role.GENERAL), *PD_PAIR], pd_config=cfg)
+        async with fleet.cp as cp:
+            short = await cp.generate(make_metadata("short", prompt=SHORT, max_tokens=4))
+            long = await cp.generate(make_metadata("long", prompt=LONG, max_tokens=4))
+            status = cp.get_status()["pd"]
+        assert (short.instance_id, short.prefill_instance_id) == ("g0", None)
+        assert (long.instance_id, long.prefill_instance_id) == ("d0", "p0")
+        assert (status["colocated_requests"], status["disaggregated_requests"]) == (1, 1)
+
+    run_virtual(main())
+
+
+def test_general_only_fleets_never_disaggregate() -> None:
+    async def main() -> None:
+        fleet = Fleet([("g0", Role.GENERAL), ("g1", Role.GENERAL)], decider="always")
+        async with fleet.cp as cp:
+            results = [
+                await cp.generate(make_metadata(f"r{i}", prompt=LONG, max_tokens=3))
+                for i in range(4)
+            ]
+            status = cp.get_status()["pd"]
+        assert all(r.prefill_instance_id is None and r.ok for r in results)
+        assert status["disaggregated_requests"] == status["colocated_requests"] == 0
+
+    run_virtual(main())
+
+
+def test_prefill_failure_falls_back_to_colocated() -> None:
+    async def main() -> None:
+        roles = [("g0", Role.GENERAL), *PD_PAIR]
+        fleet = Fleet(roles, failing_prefill=True)
+        async with fleet.cp as cp:
+            res = await cp.generate(make_metadata("f1", prompt=LONG, max_tokens=4))
+            status = cp.get_status()["pd"]
+            text = cp.prometheus_metrics().decode()
+        assert res.status is RequestStatus.COMPLETED
+        assert (res.instance_id, res.prefill_instance_id, res.attempts) == ("g0", None, 2)
+        assert status["colocated_fallbacks"] == 1
+        assert "sage_llm_pd_fallbacks_total 1.0" in text
+        assert 'sage_llm_pd_requests_total{path="disaggregated"} 1.0' in text
+
+    run_virtual(main())
+
+
+def test_prefill_failure_without_fallback_fails_with_the_prefill_error() -> None:
+    async def main() -> None:
+        cfg = PDSeparationConfig(routing_policy="always", fallback_to_colocated=False)
+        fleet = Fleet(PD_PAIR, failing_prefill=True, pd_config=cfg, probes=True)
+        async with fleet.cp as cp:
+            res = await cp.generate(make_metadata("f2", prompt=LONG, max_tokens=4))
+        assert res.status is RequestStatus.FAILED
+        assert res.error is not None and "prefill leg failed: connection refused" in res.error
+        assert "engine p0" in res.error
+        assert fleet.probes["d0"].started == 0  # the decode leg was never called
+        assert fleet.active("p0") == fleet.active("d0") == 0
+
+    run_virtual(main())
+
+
+def test_decode_failure_before_the_first_token_is_retried_on_another_pair() -> None:
+    async def main() -> None:
+        seen: set[str] = set()
+
+        def first_time(rid: str) -> bool:  # the first decode leg of a request fails
+            fresh = rid not in seen
+            seen.add(rid)
+            return fresh
+
+        hub = KVTransferHub()
+        cfg = PDSeparationConfig(routing_policy="always")
+        cp = ControlPlaneManager(mode="simulated", pd_config=cfg)
+        p0 = make_sim_engine(make_instance("p0", instance_type=Role.PREFILLING), kv_hub=hub)
+        cp.register_instance(make_instance("p0", instance_type=Role.PREFILLING), client=p0)
+        faulty: dict[str, FaultyEngine] = {}
+        for n, iid in enumerate(("d0", "d1")):
+            inst = make_instance(iid, port=8001 + n, instance_type=Role.DECODING)
+            faulty[iid] = FaultyEngine(make_sim_engine(inst, kv_hub=hub), fail_before=first_time)
+            cp.register_instance(inst, client=faulty[iid])
+        async with cp:
+            res = await cp.generate(make_metadata("x1", prompt=LONG, max_tokens=4))
+        assert res.status is RequestStatus.COMPLETED
+        assert res.attempts == 2
+        failed_on = next(iid for iid, f in faulty.items() if f.failed_before == ["x1"])
+        assert res.instance_id != failed_on and res.prefill_instance_id == "p0"
+        assert p0.core.release_kv("x1") is False  # released after the failure, pulled after
+
+    run_virtual(main())
+
+
+def test_unservable_fleets_fail_clearly() -> None:
+    async def main() -> None:
+        off = Fleet(PD_PAIR, enable_pd_separation=False)
+        async with off.cp as cp:
+            with pytest.raises(NoHealthyInstanceError, match="PD disaggregation is disabled"):
+                await cp.submit_request(make_metadata("a", prompt=LONG))
+            assert cp.get_status()["pd"] == {"enabled": False}
+        half = Fleet([("p0", Role.PREFILLING)])
+        async with half.cp as cp:
+            with pytest.raises(NoHealthyInstanceError, match="no decode-capable instance"):
+                await cp.submit_request(make_metadata("b", prompt=LONG))
+        # Queued requests fail with the reason when their decode side goes away.
+        fleet = Fleet(PD_PAIR, bound=1)
+        async with fleet.cp as cp:
+            rids = [
+                await cp.submit_request(make_metadata(f"q{i}", prompt=LONG, max_tokens=30))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.001)
+            cp.unregister_instance("d0")
+            results = [await cp.wait_for_result(r) for r in rids]
+        assert results[0].status is RequestStatus.COMPLETED
+        for res in results[1:]:
+            assert res.status is RequestStatus.FAILED
+            assert res.error == "model 'llama-3-8b' has no decode-capable instance to pair with"
+
+    run_virtual(main())
