@@ -78,3 +78,38 @@ async def test_served_document_and_real_answers_match_the_schemas() -> None:
             ModelList.model_validate(await r.json())
         async with http.post(gw.url("/v1/completions"), json={"prompt": "x"}) as r:
             ErrorResponse.model_validate(await r.json())
+
+
+WEIRD_VALUES: list[Any] = [
+    None, True, False, -1, 0, 1, 2.5, 1e308, "", "x", "9" * 600, [], [1], ["a"], [[1]],
+    [None], {}, {"a": 1}, {"role": "user"}, [{"role": "user", "content": "hi"}],
+]  # fmt: skip
+
+MUTATED = {
+    "/v1/completions": completion_body(max_tokens=2),
+    "/v1/chat/completions": chat_body(max_tokens=2),
+    "/v1/embeddings": {"model": "llama-3-8b", "input": "hi"},
+    "/admin/set_policy": {"policy": "fifo", "params": {}},
+}
+
+
+def _documented(doc: dict[str, Any], path: str, method: str) -> set[int]:
+    return {int(code) for code in doc["paths"][path][method]["responses"]}
+
+
+async def test_mutated_bodies_only_get_documented_statuses_and_never_500() -> None:
+    doc = build_openapi()
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for path, valid in MUTATED.items():
+            allowed = _documented(doc, path, "post")
+            bodies: list[Any] = [valid, {}, *WEIRD_VALUES]
+            for field in [*valid, "stream", "n", "stop", "priority", "unknown_field"]:
+                bodies.append({k: v for k, v in valid.items() if k != field})
+                bodies.extend({**valid, field: value} for value in WEIRD_VALUES)
+            for body in bodies:
+                async with http.post(gw.url(path), json=body) as r:
+                    await r.read()
+                    assert r.status in allowed, (path, body, r.status)
+                    assert r.status != 500, (path, body)
+                    if r.status >= 400:
+                        ErrorResponse.model_validate(await r.json())
