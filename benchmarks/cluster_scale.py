@@ -1,0 +1,221 @@
+"""Scale benchmark of the discrete-event cluster simulator (``sage_llm.sim.cluster``).
+
+Simulates a fleet of identical simulated engines behind the real scheduling policy and
+router, fed by a synthetic open-loop workload streamed lazily (Poisson arrivals, token-id
+prompts drawn from a fixed pool, so prompts do not share prefixes unless
+``--shared-prefix`` is set)::
+
+    python benchmarks/cluster_scale.py --instances 1000 --requests 1000000 \\
+        --policy fifo --routing power_of_two --rate auto --out result.json
+
+``--rate auto`` is 70 % of the fleet's capacity, measured first by saturating one instance
+with the same request mix (the steady-state completion rate, times the fleet size).
+``--profile FILE`` runs under cProfile and prints the top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import math
+import pstats
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
+from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
+from sage_llm.tokens import VOCAB_SIZE
+
+_POOL_TOKENS = 1 << 20
+
+
+def stream_requests(
+    n: int,
+    rate: float,
+    input_dist: LengthDist,
+    output_dist: LengthDist,
+    *,
+    seed: int = 0,
+    shared_prefix: int = 0,
+    chunk: int = 8192,
+) -> Iterator[WorkloadRequest]:
+    """``n`` requests with Poisson arrivals at ``rate`` (``inf``: all at 0), generated
+    ``chunk`` at a time. A prompt is ``shared_prefix`` common tokens followed by a slice of
+    a random token pool at a random offset (distinct prefixes for practical purposes)."""
+    rng = np.random.default_rng(seed)
+    pool: list[int] = rng.integers(256, VOCAB_SIZE, size=_POOL_TOKENS).tolist()
+    prefix = pool[:shared_prefix]
+    arrival = 0.0
+    made = 0
+    while made < n:
+        m = min(chunk, n - made)
+        gaps = rng.exponential(1.0 / rate, size=m) if math.isfinite(rate) else np.zeros(m)
+        inputs = input_dist.sample(rng, m)
+        outputs = output_dist.sample(rng, m)
+        offsets = rng.integers(0, _POOL_TOKENS // 2, size=m)
+        for j in range(m):
+            if made:
+                arrival += float(gaps[j])
+            own = max(1, inputs[j] - len(prefix))
+            start = int(offsets[j])
+            prompt = prefix + pool[start : start + own]
+            yield WorkloadRequest(
+                request_id=f"req-{made:07d}",
+                arrival_s=arrival,
+                prompt=prompt,
+                prompt_tokens=len(prompt),
+                max_tokens=outputs[j],
+                user_id=f"user-{made % 1000}",
+            )
+            made += 1
+
+
+def length_dist(spec: str) -> LengthDist:
+    """A length distribution from a CLI value: a plain number is a fixed length."""
+    return as_length_dist(int(spec) if spec.strip().isdigit() else spec)
+
+
+def measure_capacity_rps(args: argparse.Namespace) -> float:
+    """Steady-state completions per second of one saturated instance with this mix."""
+    n = 10 * args.max_concurrency
+    fleet = make_fleet(1, gpu=args.gpu, model=args.model, max_concurrency=args.max_concurrency)
+    sim = ClusterSimulator(fleet, policy="fifo", routing="round_robin", seed=args.seed)
+    requests = stream_requests(
+        n,
+        math.inf,
+        length_dist(args.input_len),
+        length_dist(args.output_len),
+        seed=args.seed + 1,
+        shared_prefix=args.shared_prefix,
+    )
+    ends = sorted(m.end_s for m in sim.run(requests).measurements if m.ok)
+    lo, hi = ends[len(ends) // 10], ends[(len(ends) * 9) // 10]
+    return (len(ends) * 8 // 10) / (hi - lo)
+
+
+def run(args: argparse.Namespace) -> tuple[ClusterResult, dict[str, Any]]:
+    """Calibrate the rate if asked, then simulate; returns the result and setup figures."""
+    setup: dict[str, Any] = {}
+    if args.rate == "auto":
+        t0 = time.perf_counter()
+        per_instance = measure_capacity_rps(args)
+        rate = 0.7 * per_instance * args.instances
+        setup["capacity_rps_per_instance"] = per_instance
+        setup["calibration_wall_s"] = time.perf_counter() - t0
+    else:
+        rate = float(args.rate)
+    setup["rate_rps"] = rate
+    fleet = make_fleet(
+        args.instances, gpu=args.gpu, model=args.model, max_concurrency=args.max_concurrency
+    )
+    sim = ClusterSimulator(
+        fleet,
+        policy=args.policy,
+        routing=args.routing,
+        seed=args.seed,
+        max_candidates=args.max_candidates,
+        sample_above=args.sample_above,
+    )
+    requests = stream_requests(
+        args.requests,
+        rate,
+        length_dist(args.input_len),
+        length_dist(args.output_len),
+        seed=args.seed,
+        shared_prefix=args.shared_prefix,
+    )
+    started = time.perf_counter()
+    result = sim.run(requests)
+    setup["run_wall_s"] = time.perf_counter() - started
+    return result, setup
+
+
+def _ms(stats: Any, key: str) -> str:
+    return "-" if stats is None else f"{getattr(stats, key) * 1000:.1f} ms"
+
+
+def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the headline figures."""
+    s = result.summary
+    d = result.decisions
+    print(f"fleet            {args.instances} x {args.gpu} / {args.model}, "
+          f"max {args.max_concurrency} concurrent each")  # fmt: skip
+    print(f"policy/routing   {args.policy} / {args.routing} (candidates sampled above "
+          f"{args.sample_above} instances: {args.max_candidates} per decision)")  # fmt: skip
+    if "capacity_rps_per_instance" in setup:
+        print(f"capacity         {setup['capacity_rps_per_instance']:.2f} req/s per instance "
+              f"(measured in {setup['calibration_wall_s']:.1f} s)")  # fmt: skip
+    print(f"offered rate     {setup['rate_rps']:.1f} req/s")
+    print(
+        f"wall time        {result.wall_s:.1f} s simulating, "
+        f"{setup['run_wall_s']:.1f} s with the summary"
+    )
+    print(f"simulated time   {result.sim_time_s:.1f} s")
+    print(f"events           {result.events} ({result.events_per_s:,.0f} events/s), "
+          f"{result.steps} engine steps")  # fmt: skip
+    print(f"requests         {s.count} ({result.requests_per_wall_s:,.0f} simulated per "
+          f"wall second), ok {s.ok}, failed {s.failed}")  # fmt: skip
+    print(f"throughput       {s.request_throughput:.1f} req/s, "
+          f"{s.output_token_throughput:,.0f} output tok/s")  # fmt: skip
+    print(f"TTFT             p50 {_ms(s.ttft, 'p50')}, p99 {_ms(s.ttft, 'p99')}")
+    print(f"TPOT             p50 {_ms(s.tpot, 'p50')}, p99 {_ms(s.tpot, 'p99')}")
+    print(f"E2E              p50 {_ms(s.e2e, 'p50')}, p99 {_ms(s.e2e, 'p99')}")
+    print(f"load             {result.mean_load:.1%} of the concurrency bound on average, "
+          f"engines busy {result.mean_utilization:.1%} of the time")  # fmt: skip
+    print(f"prefix cache     hit rate {result.prefix_hit_rate:.1%}")
+    print(f"decisions        {d.count} ({d.sampled} sampled, {d.mean_candidates:.1f} "
+          f"candidates), mean {d.mean_us:.0f} us, p99 {d.p99_us:.0f} us")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--policy", default="fifo")
+    parser.add_argument("--routing", default="power_of_two")
+    parser.add_argument("--rate", default="auto", help="req/s, or auto (70%% of capacity)")
+    parser.add_argument("--input-len", default="512", help="length spec, e.g. lognormal:250,1")
+    parser.add_argument("--output-len", default="128", help="length spec, e.g. uniform:16,256")
+    parser.add_argument("--shared-prefix", type=int, default=0, help="common prompt tokens")
+    parser.add_argument("--gpu", default="h100")
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--max-concurrency", type=int, default=100)
+    parser.add_argument("--max-candidates", type=int, default=16)
+    parser.add_argument("--sample-above", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")
+    args = parser.parse_args(argv)
+    if args.rate != "auto":
+        try:
+            if not float(args.rate) > 0:
+                raise ValueError
+        except ValueError:
+            parser.error("--rate must be a positive number or auto")
+    if args.profile is not None:
+        profiler = cProfile.Profile()
+        result, setup = profiler.runcall(run, args)
+        profiler.dump_stats(str(args.profile))
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    else:
+        result, setup = run(args)
+    report(result, setup, args)
+    if args.out is not None:
+        payload = {
+            "command": " ".join(["python", "benchmarks/cluster_scale.py", *sys.argv[1:]]),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "setup": setup,
+            "result": result.to_dict(),
+        }
+        args.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

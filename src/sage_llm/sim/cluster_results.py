@@ -1,0 +1,180 @@
+"""What a cluster simulation run reports (:class:`ClusterResult`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sage_llm.bench.stats import BenchSummary, RequestMeasurement
+
+__all__ = ["ClusterResult", "DecisionStats", "InstanceUsage", "decision_stats"]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceUsage:
+    """How one instance was used over the run.
+
+    ``utilization`` is the fraction of the simulated time the engine spent in steps (a
+    continuously batching engine steps whenever it holds any request, so this is near 1
+    under steady load); ``mean_in_flight`` the time-averaged number of requests dispatched
+    and not finished, ``max_in_flight`` its high-water mark (never above
+    ``max_concurrency``); ``prefix_hit_rate`` the engine's own prefix-cache hit rate
+    (cached prompt tokens / prompt tokens looked up).
+    """
+
+    instance_id: str
+    busy_s: float
+    utilization: float
+    steps: int
+    completed: int
+    tokens_generated: int
+    max_in_flight: int
+    mean_in_flight: float
+    max_concurrency: int
+    prefix_hit_rate: float
+    preemptions: int
+
+    @property
+    def load(self) -> float:
+        """Time-averaged share of the concurrency bound in use."""
+        return self.mean_in_flight / self.max_concurrency
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "busy_s": self.busy_s,
+            "utilization": self.utilization,
+            "steps": self.steps,
+            "completed": self.completed,
+            "tokens_generated": self.tokens_generated,
+            "max_in_flight": self.max_in_flight,
+            "mean_in_flight": self.mean_in_flight,
+            "max_concurrency": self.max_concurrency,
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "preemptions": self.preemptions,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionStats:
+    """Wall-clock cost of the dispatch decisions (snapshot + pop + constrain + route).
+
+    ``sampled`` counts decisions taken on a candidate sample (large fleets);
+    ``mean_candidates`` is the mean number of instances in a decision's snapshot.
+    """
+
+    count: int
+    sampled: int
+    mean_candidates: float
+    mean_us: float
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "sampled": self.sampled,
+            "mean_candidates": self.mean_candidates,
+            "mean_us": self.mean_us,
+            "p50_us": self.p50_us,
+            "p99_us": self.p99_us,
+            "max_us": self.max_us,
+        }
+
+
+def decision_stats(seconds: Sequence[float], *, sampled: int, candidates: int) -> DecisionStats:
+    """Summary of per-decision wall times (seconds) and snapshot sizes."""
+    n = len(seconds)
+    if n == 0:
+        return DecisionStats(0, sampled, 0.0, 0.0, 0.0, 0.0, 0.0)
+    us = np.asarray(seconds, dtype=np.float64) * 1e6
+    p50, p99 = np.percentile(us, [50, 99])
+    return DecisionStats(
+        count=n,
+        sampled=sampled,
+        mean_candidates=candidates / n,
+        mean_us=float(us.mean()),
+        p50_us=float(p50),
+        p99_us=float(p99),
+        max_us=float(us.max()),
+    )
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    """The outcome of :meth:`~sage_llm.sim.cluster.ClusterSimulator.run`.
+
+    ``summary`` is :func:`sage_llm.bench.stats.summarize` over ``measurements`` (one per
+    request, in completion order) for the simulated duration ``sim_time_s`` (start to the
+    last request's end). ``wall_s`` is the real time the run took and ``events`` the
+    events it processed (arrivals, engine steps, wake-ups, stats refreshes).
+    """
+
+    summary: BenchSummary
+    measurements: Sequence[RequestMeasurement]
+    instances: Sequence[InstanceUsage]
+    prefix_hit_rate: float
+    decisions: DecisionStats
+    sim_time_s: float
+    wall_s: float
+    events: int
+    steps: int
+    rejected: int
+    policy_state: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def events_per_s(self) -> float:
+        """Events processed per wall-clock second."""
+        return self.events / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def requests_per_wall_s(self) -> float:
+        """Requests simulated per wall-clock second."""
+        return self.summary.count / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mean_utilization(self) -> float:
+        """Mean engine busy fraction over the instances."""
+        if not self.instances:
+            return 0.0
+        return sum(i.utilization for i in self.instances) / len(self.instances)
+
+    @property
+    def mean_load(self) -> float:
+        """Mean over the instances of their time-averaged share of the concurrency bound."""
+        if not self.instances:
+            return 0.0
+        return sum(i.load for i in self.instances) / len(self.instances)
+
+    def to_dict(self, *, per_instance: bool = False) -> dict[str, Any]:
+        """A JSON-serialisable dict (per-instance rows only when asked)."""
+        utils = [i.utilization for i in self.instances]
+        out: dict[str, Any] = {
+            "summary": self.summary.to_dict(),
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "decisions": self.decisions.to_dict(),
+            "sim_time_s": self.sim_time_s,
+            "wall_s": self.wall_s,
+            "events": self.events,
+            "events_per_s": self.events_per_s,
+            "requests_per_wall_s": self.requests_per_wall_s,
+            "steps": self.steps,
+            "rejected": self.rejected,
+            "utilization": {
+                "mean": self.mean_utilization,
+                "min": min(utils, default=0.0),
+                "max": max(utils, default=0.0),
+            },
+            "max_in_flight": max((i.max_in_flight for i in self.instances), default=0),
+            "mean_load": self.mean_load,
+            "policy_state": self.policy_state,
+            "settings": self.settings,
+        }
+        if per_instance:
+            out["instances"] = [i.to_dict() for i in self.instances]
+        return out

@@ -1,0 +1,358 @@
+"""The discrete-event cluster simulator: the real policies and routers on simulated engines."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from sage_llm.bench.inprocess import Preset, run_preset
+from sage_llm.bench.stats import RequestMeasurement, ttft
+from sage_llm.bench.workloads import (
+    Workload,
+    WorkloadRequest,
+    multi_turn,
+    synthetic,
+    with_priorities,
+)
+from sage_llm.control_plane.routing.base import RoutingDecision
+from sage_llm.control_plane.routing.pipeline import Pipeline
+from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
+from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
+from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
+from sage_llm.sim.cluster_fleet import FreeList, prefix_block_hashes
+from sage_llm.sim.factory import sim_config_for
+from sage_llm.tokens import block_hashes
+from sage_llm.types import ExecutionInstanceType, RequestPriority
+from tests.factories import make_instances
+
+
+def _fleet(n: int, *, bound: int = 16, gpu: str = "l40s") -> list[SimInstanceSpec]:
+    return make_fleet(n, gpu=gpu, max_concurrency=bound)
+
+
+def _load(n: int = 200, rate: float = 20.0, seed: int = 1) -> Workload:
+    return synthetic(
+        n, rate, input_dist="uniform:64,512", output_dist="uniform:8,96", seed=seed, n_users=4
+    )
+
+
+class RecordingRouter:
+    """A real router that also keeps every (request, snapshot, decision) it saw."""
+
+    def __init__(self, inner: Pipeline) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.seen: list[tuple[RequestInfo, ClusterSnapshot, RoutingDecision]] = []
+
+    def route(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+    ) -> RoutingDecision | None:
+        decision = self.inner.route(req, snap, allowed)
+        if decision is not None:
+            self.seen.append((req, snap, decision))
+        return decision
+
+    def describe(self) -> dict[str, object]:
+        return self.inner.describe()
+
+
+def _signature(measurements: Sequence[RequestMeasurement]) -> list[tuple[object, ...]]:
+    return [(m.request_id, m.first_token_s, m.end_s, m.output_tokens) for m in measurements]
+
+
+# -- determinism and accounting ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sample_above", [256, 2])
+def test_same_seed_same_run(sample_above: int) -> None:
+    def run(seed: int) -> list[tuple[object, ...]]:
+        sim = ClusterSimulator(
+            _fleet(6),
+            policy="fifo",
+            routing="power_of_two",
+            seed=seed,
+            sample_above=sample_above,
+            max_candidates=3,
+        )
+        return _signature(sim.run(_load(150, rate=40.0)).measurements)
+
+    first = run(7)
+    assert first == run(7)
+    assert first != run(8)  # the seed drives the random choices
+
+
+def test_every_request_completes_within_the_concurrency_bound() -> None:
+    workload = _load(300, rate=60.0)  # far above what 3 instances of 8 slots serve
+    sim = ClusterSimulator(_fleet(3, bound=8), policy="fifo", routing="load_balanced")
+    result = sim.run(workload)
+    assert result.summary.ok == len(workload) and result.rejected == 0
+    assert sorted(m.request_id for m in result.measurements) == sorted(
+        r.request_id for r in workload
+    )
+    assert all(m.output_tokens == r.max_tokens for m, r in _paired(result, workload))
+    assert all(u.max_in_flight <= u.max_concurrency == 8 for u in result.instances)
+    assert max(u.max_in_flight for u in result.instances) == 8  # the bound was reached
+    assert all(0 < u.mean_in_flight <= u.max_in_flight for u in result.instances)
+    assert 0.5 < result.mean_load <= 1.0  # overloaded: the slots stay mostly full
+    assert sum(u.completed for u in result.instances) == len(workload)
+    for slot in sim._slots:  # everything accounted back to zero
+        state = slot.state
+        assert (state.in_flight, state.queued_prefill_tokens) == (0, 0)
+        assert state.outstanding_decode_tokens == 0
+        assert not slot.core.has_work()
+    assert 0 < result.mean_utilization <= 1
+    assert result.decisions.count == len(workload)
+
+
+def _paired(
+    result: ClusterResult, workload: Workload
+) -> list[tuple[RequestMeasurement, WorkloadRequest]]:
+    by_id = {r.request_id: r for r in workload}
+    return [(m, by_id[m.request_id]) for m in result.measurements]
+
+
+def test_max_concurrent_per_instance_overrides_the_fleet() -> None:
+    sim = ClusterSimulator(
+        _fleet(2, bound=50), policy="fifo", routing="round_robin", max_concurrent_per_instance=4
+    )
+    result = sim.run(_load(80, rate=80.0))
+    assert {u.max_in_flight for u in result.instances} == {4}
+
+
+def test_token_times_are_recorded_on_request() -> None:
+    workload = _load(40)
+    result = ClusterSimulator(
+        _fleet(2), policy="fifo", routing="round_robin", record_token_times=True
+    ).run(workload)
+    for m, r in _paired(result, workload):
+        assert len(m.token_times_s) == m.output_tokens == r.max_tokens
+        assert m.token_times_s[0] == m.first_token_s
+        assert m.token_times_s[-1] == m.end_s
+    assert result.summary.itl is not None
+    plain = ClusterSimulator(_fleet(2), policy="fifo", routing="round_robin").run(workload)
+    assert plain.summary.itl is None
+    assert _signature(plain.measurements) == _signature(result.measurements)
+
+
+# -- the control plane's behaviour -----------------------------------------------------------
+
+
+def test_a_burst_spreads_as_with_assignment_accounts_it() -> None:
+    router = RecordingRouter(build_router("load_balanced", seed=0))
+    burst = synthetic(12, float("inf"), input_dist=200, output_dist=20, seed=0)
+    ClusterSimulator(_fleet(4), policy="fifo", routing=router).run(burst)
+    first_pass = router.seen[:12]
+    assert len({d.instance_id for _, _, d in first_pass}) == 4  # not all on one instance
+    for (req, snap, decision), (_, following, _) in itertools.pairwise(first_pass):
+        expected = snap.with_assignment(decision.instance_id, req)
+        assert following.instances == expected.instances
+
+
+def test_priority_protects_critical_latency_under_overload() -> None:
+    base = synthetic(300, 30.0, input_dist="uniform:64,512", output_dist="uniform:16,128", seed=2)
+    workload = with_priorities(
+        base, {RequestPriority.CRITICAL: 0.1, RequestPriority.NORMAL: 0.9}, seed=2
+    )
+
+    def critical_ttft(policy: str) -> float:
+        sim = ClusterSimulator(_fleet(2, bound=8), policy=policy, routing="load_balanced")
+        result = sim.run(workload)
+        values = [
+            t
+            for m in result.measurements
+            if m.priority is RequestPriority.CRITICAL and (t := ttft(m)) is not None
+        ]
+        return sum(values) / len(values)
+
+    fifo, priority = critical_ttft("fifo"), critical_ttft("priority")
+    assert fifo > 5.0  # the overload queues everyone under FIFO
+    assert priority < fifo / 10
+
+
+def test_prefix_aware_routing_raises_the_prefix_hit_rate() -> None:
+    workload = multi_turn(
+        30, turns_per_session=4, rate=4.0, think_time_s=2.0, system_prompt_tokens=64, seed=3
+    )
+
+    def hit_rate(routing: str, sample_above: int) -> float:
+        sim = ClusterSimulator(
+            _fleet(8),
+            policy="fifo",
+            routing=routing,
+            sample_above=sample_above,
+            max_candidates=3,
+        )
+        return sim.run(workload).prefix_hit_rate
+
+    assert hit_rate("locality", 256) > hit_rate("round_robin", 256) + 0.15
+    # sampled: the prefix holders join the sample, so locality keeps its advantage
+    assert hit_rate("locality", 4) > hit_rate("round_robin", 4) + 0.15
+
+
+def test_agrees_with_the_asyncio_control_plane() -> None:
+    workload = _load(300, rate=12.0)
+    instances = make_instances(
+        4, max_concurrent_requests=16, metadata={"sim_gpu": "l40s", "sim_model": "llama-3-8b"}
+    )
+    preset = Preset("fifo+lb", "fifo", "load_balanced")
+    reference = run_preset(preset, workload, lambda: instances, seed=0).summary
+    ours = ClusterSimulator(instances, policy="fifo", routing="load_balanced", seed=0)
+    summary = ours.run(workload).summary
+    assert summary.ok == reference.ok == len(workload)
+    assert summary.ttft is not None and reference.ttft is not None
+    assert summary.tpot is not None and reference.tpot is not None
+    pairs = [
+        (summary.request_throughput, reference.request_throughput),
+        (summary.output_token_throughput, reference.output_token_throughput),
+        (summary.ttft.p50, reference.ttft.p50),
+        (summary.tpot.p50, reference.tpot.p50),
+        (summary.e2e.p50 if summary.e2e else 0.0, reference.e2e.p50 if reference.e2e else 1.0),
+    ]
+    for ours_value, theirs in pairs:
+        assert ours_value == pytest.approx(theirs, rel=0.03)
+
+
+# -- candidate sampling ---------------------------------------------------------------------
+
+
+def test_candidate_sampling_only_above_the_threshold() -> None:
+    workload = _load(120, rate=30.0)
+
+    def run(sample_above: int) -> RecordingRouter:
+        router = RecordingRouter(build_router("power_of_two", seed=0))
+        sim = ClusterSimulator(
+            _fleet(8), policy="fifo", routing=router, sample_above=sample_above, max_candidates=3
+        )
+        result = sim.run(workload)
+        assert result.summary.ok == len(workload)
+        assert result.decisions.sampled == (result.decisions.count if sample_above < 8 else 0)
+        return router
+
+    whole = run(8)  # 8 instances, threshold 8: never sampled
+    assert {len(snap) for _, snap, _ in whole.seen} == {8}
+    sampled = run(7)
+    sizes = [len(snap) for _, snap, _ in sampled.seen]
+    # 3 sampled instances with a free slot, plus the request's sticky owner: the simulator
+    # cannot look inside a router it did not build, so it adds every instance one might want
+    assert max(sizes) <= 4 and min(sizes) >= 1
+    assert all(sum(v.has_capacity for v in snap) >= len(snap) - 1 for _, snap, _ in sampled.seen)
+    chosen = {d.instance_id for _, _, d in sampled.seen}
+    assert len(chosen) == 8  # samples differ from decision to decision
+
+
+def test_sampled_snapshot_keeps_the_sticky_owner() -> None:
+    workload = multi_turn(12, turns_per_session=3, rate=2.0, think_time_s=1.0, seed=5)
+    owners: dict[str, set[str]] = {}
+    router = RecordingRouter(build_router("affinity", seed=0))
+    sim = ClusterSimulator(
+        _fleet(10, bound=64), policy="fifo", routing=router, sample_above=4, max_candidates=2
+    )
+    assert sim.run(workload).summary.ok == len(workload)
+    for req, _, decision in router.seen:
+        assert req.session_id is not None
+        owners.setdefault(req.session_id, set()).add(decision.instance_id)
+    assert all(len(where) == 1 for where in owners.values())  # light load: sessions stick
+    assert len({next(iter(w)) for w in owners.values()}) > 2
+
+
+def test_free_list_samples_distinct_members() -> None:
+    free = FreeList()
+    for i in range(100):
+        free.add(i)
+    free.discard(5)
+    free.discard(5)
+    assert len(free) == 99 and 5 not in free
+    rng = random.Random(0)
+    picked = free.sample(rng, 10)
+    assert picked == sorted(set(picked)) and 5 not in picked and 8 <= len(picked) <= 10
+    assert free.sample(rng, 200) == [i for i in range(100) if i != 5]
+    assert len(free.sample(rng, 40)) == 40
+
+
+def test_prefix_block_hashes_match_the_reference() -> None:
+    rng = random.Random(1)
+    for n in (0, 5, 16, 100, 513):
+        ids = [rng.randrange(0, 32000) for _ in range(n)]
+        assert prefix_block_hashes(ids, 16) == block_hashes(ids, 16)
+    odd = [-1, 2**40, *range(30)]
+    assert prefix_block_hashes(odd, 16) == block_hashes(odd, 16)
+
+
+# -- admission, inputs and errors -------------------------------------------------------------
+
+
+def test_queue_bound_rejects_like_the_manager() -> None:
+    burst = synthetic(30, float("inf"), input_dist=100, output_dist=10, seed=0)
+    sim = ClusterSimulator(
+        _fleet(1, bound=2), policy="fifo", routing="round_robin", max_queue_size=5
+    )
+    result = sim.run(burst)
+    failed = [m for m in result.measurements if not m.ok]
+    assert result.rejected == len(failed) == 30 - 2 - 5
+    assert all(m.error is not None and m.error.startswith("QueueFullError") for m in failed)
+    assert result.summary.ok == 7
+
+
+def test_requests_for_unknown_models_are_refused() -> None:
+    workload = synthetic(3, 1.0, input_dist=50, output_dist=5, model="other-model")
+    result = ClusterSimulator(_fleet(1), policy="fifo", routing="random").run(workload)
+    assert result.summary.failed == 3
+    assert all((m.error or "").startswith("ModelNotFoundError") for m in result.measurements)
+
+
+def test_two_models_are_routed_to_their_own_instances() -> None:
+    fleet = _fleet(2) + make_fleet(2, model="Qwen2.5-7B", id_prefix="qwen", gpu="l40s")
+    a = synthetic(20, 10.0, input_dist=50, output_dist=5, model="llama-3-8b", name="a")
+    b = synthetic(20, 10.0, input_dist=50, output_dist=5, model="Qwen2.5-7B", name="b")
+    merged = Workload("ab", tuple(sorted(a.requests + b.requests, key=lambda r: r.arrival_s)))
+    router = RecordingRouter(build_router("load_balanced", seed=0))
+    result = ClusterSimulator(fleet, policy="fifo", routing=router).run(merged)
+    assert result.summary.ok == 40
+    for req, _, decision in router.seen:
+        assert decision.instance_id.startswith("sim" if req.model == "llama-3-8b" else "qwen")
+
+
+def test_bad_settings_and_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ConfigError):
+        ClusterSimulator([], policy="fifo", routing="random")
+    with pytest.raises(ConfigError):
+        ClusterSimulator(_fleet(1), policy="fifo", routing="random", max_candidates=1)
+    with pytest.raises(ConfigError):
+        ClusterSimulator(_fleet(1), policy="fifo", routing="random", stats_interval_s=0.0)
+    router = build_router("random", seed=0)
+    with pytest.raises(ConfigError):
+        ClusterSimulator(_fleet(1), policy="fifo", routing=router, routing_params={"x": 1})
+    prefill = replace(make_instances(1)[0], instance_type=ExecutionInstanceType.PREFILLING)
+    with pytest.raises(ConfigError):
+        ClusterSimulator([prefill], policy="fifo", routing="random")
+    with pytest.raises(ConfigError):
+        make_fleet(0)
+    workload = _load(3)
+    backwards = [workload.requests[1], workload.requests[0]]
+    with pytest.raises(InvalidRequestError):
+        ClusterSimulator(_fleet(1), policy="fifo", routing="random").run(backwards)
+    sim = ClusterSimulator(_fleet(1), policy="fifo", routing="random")
+    sim.run(workload)
+    with pytest.raises(ConflictError):
+        sim.run(workload)
+
+
+def test_specs_default_to_the_managers_engine_settings() -> None:
+    spec = make_fleet(1, gpu="a100")[0]
+    assert spec.engine_config() == sim_config_for(spec.instance)
+    tuned = make_fleet(1, max_num_seqs=8)[0]
+    assert tuned.engine_config().max_num_seqs == 8
+
+
+def test_result_serialises() -> None:
+    result = ClusterSimulator(_fleet(2), policy="fifo", routing="random").run(_load(20))
+    data = result.to_dict(per_instance=True)
+    assert data["summary"]["count"] == 20
+    assert len(data["instances"]) == 2
+    assert data["events"] == result.events > 20
+    assert result.events_per_s > 0 and result.requests_per_wall_s > 0
