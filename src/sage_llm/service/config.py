@@ -113,7 +113,7 @@ def _defaults(own: Mapping[str, Any], base: RequestDefaults) -> RequestDefaults:
 
 
 def _positive(
-    table: Mapping[str, Any], key: str, default: float | None, *, zero: bool = False
+    table: Mapping[str, Any], key: str, default: float | None, *, zero: bool = False, at: str = ""
 ) -> float | None:
     value = table.get(key)
     if value is None:
@@ -125,7 +125,8 @@ def _positive(
         or value < 0
         or (value == 0 and not zero)
     ):
-        raise ConfigError(f"must be a {'non-negative' if zero else 'positive'} number", key=key)
+        kind = "non-negative" if zero else "positive"
+        raise ConfigError(f"must be a {kind} number", key=at + key)
     return float(value)
 
 
@@ -227,7 +228,7 @@ class VLLMServiceConfig:
         tags = data.get("tags", [])
         if not isinstance(tags, list | tuple) or not all(isinstance(t, str) for t in tags):
             raise ConfigError("must be a list of strings", key="tags")
-        return cls(
+        config = cls(
             model_id=model_id,
             backend=backend,
             embedding_model_id=_opt_str(data, "embedding_model_id"),
@@ -247,6 +248,8 @@ class VLLMServiceConfig:
             control_plane=cp,
             request_timeout_s=_positive(data, "request_timeout_s", None),
         )
+        config.request_defaults()  # checks the sampling table
+        return config
 
     def request_defaults(self) -> RequestDefaults:
         """The ``sampling`` table as request defaults (other sampling keys pass through)."""
@@ -257,8 +260,8 @@ class VLLMServiceConfig:
             raise ConfigError(f"unknown sampling key {unknown[0]!r}", key=f"sampling.{unknown[0]}")
         return RequestDefaults(
             max_tokens=_sampling_int(s, "max_tokens"),
-            temperature=_positive(s, "temperature", None, zero=True),
-            top_p=_positive(s, "top_p", None),
+            temperature=_positive(s, "temperature", None, zero=True, at="sampling."),
+            top_p=_positive(s, "top_p", None, at="sampling."),
             timeout_s=self.request_timeout_s,
             extra=extra,
         )
@@ -294,7 +297,9 @@ def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
 
 
 def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key) or {}
+    value = data.get(key)
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
         raise ConfigError("must be a table", key=key)
     return dict(value)

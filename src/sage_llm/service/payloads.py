@@ -296,6 +296,8 @@ def parse_options(raw: Mapping[str, Any], defaults: RequestDefaults, where: str)
     logprobs = raw.get("logprobs")
     if isinstance(logprobs, bool):
         logprobs = 1 if logprobs else None
+    elif logprobs is not None:
+        logprobs = _int(raw, "logprobs", None, where, low=0)
     extra = {**defaults.extra, **{k: raw[k] for k in PASSTHROUGH_OPTIONS if k in raw}}
     if extra.get("n", 1) != 1:
         raise InvalidRequestError("only n = 1 is supported: send a batch instead",
@@ -316,7 +318,7 @@ def parse_options(raw: Mapping[str, Any], defaults: RequestDefaults, where: str)
         session_id=_text(raw, "session_id", where),
         request_id=_text(raw, "request_id", where),
         model=_text(raw, "model", where) or _text(raw, "model_name", where),
-        logprobs=_int(raw, "logprobs", None, where, low=0) if logprobs is not None else None,
+        logprobs=logprobs,
         tags=dict(tags),
         cost_budget=_number(raw, "cost_budget", None, where, low=0.0, zero=True),
         preferred_instance_id=_text(raw, "preferred_instance_id", where),

@@ -1,0 +1,72 @@
+"""VLLMService engines: HTTP endpoints (generation, embeddings, models, failures) and sim."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from sage_llm.errors import DeadlineExceededError, EngineConnectionError, ModelNotFoundError
+from sage_llm.service import VLLMService
+from sage_llm.service.backends import EngineBackend, make_backend, service_instance
+from sage_llm.service.config import VLLMServiceConfig
+from sage_llm.types import ExecutionInstanceType
+from tests.service.fleets import MODEL
+
+
+def test_service_instance_describes_the_engine() -> None:
+    cfg = VLLMServiceConfig.from_dict(
+        {"model_id": MODEL, "host": "10.0.0.5", "port": 8001, "dialect": "sglang",
+         "api_key": "k", "engine": {"tensor_parallel_size": 2}}
+    )  # fmt: skip
+    inst = service_instance(cfg)
+    assert (inst.host, inst.port, inst.engine) == ("10.0.0.5", 8001, "sglang")
+    assert inst.model_name == MODEL
+    assert (inst.tensor_parallel_size, inst.api_key) == (2, "k")
+    assert inst.instance_type is ExecutionInstanceType.GENERAL
+    sim_cfg = VLLMServiceConfig.from_dict(
+        {"model_id": MODEL, "engine": "sim", "sim": {"speed": 3, "gpu": "a100"}}
+    )
+    sim = service_instance(sim_cfg)
+    assert sim.engine == "sim"
+    assert sim.metadata == {"sim_gpu": "a100", "sim_speed": 3.0}
+    assert isinstance(make_backend(sim_cfg), EngineBackend)
+
+
+def test_embeddings_and_models_over_http(embeddings_server: str) -> None:
+    config = {"model_id": "e5-small", "base_url": embeddings_server}
+    with VLLMService(config) as svc:
+        out = svc.process(
+            {"task": "embed", "inputs": ["abc", "de"], "options": {"normalize": False}}
+        )
+        assert out == {"model_id": "e5-small", "vectors": [[3.0, 0.0], [2.0, 1.0]], "dimension": 2}
+        unit = svc.process({"task": "embed", "inputs": "abcd"})
+        assert unit["vectors"] == [[1.0, 0.0]]
+        assert [m["model_id"] for m in svc.process({"task": "show_models"})] == ["e5-small"]
+
+
+def test_embedding_model_id_is_the_default_embedding_model(embeddings_server: str) -> None:
+    config = {"model_id": "chat", "embedding_model_id": "e5-small", "base_url": embeddings_server}
+    with VLLMService(config) as svc:
+        assert svc.process({"task": "embed", "inputs": "x"})["model_id"] == "e5-small"
+        out = svc.process({"task": "embed", "inputs": "x", "options": {"model": "other"}})
+        assert out["model_id"] == "other"
+
+
+def test_an_unreachable_engine_raises_a_connection_error(dead_port: int) -> None:
+    with VLLMService({"model_id": MODEL, "host": "127.0.0.1", "port": dead_port}) as svc:
+        with pytest.raises(EngineConnectionError, match="Cannot connect"):
+            svc.process({"inputs": "hello"})
+        with pytest.raises(EngineConnectionError):
+            svc.process({"task": "embed", "inputs": "hello"})
+
+
+def test_model_mismatch_and_timeouts(engine_server: Callable[..., str]) -> None:
+    url = engine_server(model=MODEL, speed=1.0)
+    with VLLMService({"model_id": MODEL, "base_url": url}) as svc:
+        with pytest.raises(ModelNotFoundError, match="serves 'llama-3-8b', not 'gpt-9'"):
+            svc.process({"inputs": "x", "options": {"model": "gpt-9"}})
+        with pytest.raises(DeadlineExceededError, match="generate did not finish"):
+            svc.process({"inputs": "x", "options": {"max_tokens": 4000, "timeout": 0.05}})
+        (entry,) = svc.process({"inputs": "still serving", "options": {"max_tokens": 2}})
+        assert entry["usage"]["output_tokens"] == 2

@@ -1,0 +1,157 @@
+"""Service configuration: the shared control-plane model, and SAGE's VLLMService keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sage_llm.config import SageConfig
+from sage_llm.errors import ConfigError
+from sage_llm.service.config import (
+    DEFAULT_ENGINE,
+    DEFAULT_SAMPLING,
+    VLLMServiceConfig,
+    control_plane_service_config,
+)
+from sage_llm.service.payloads import RequestDefaults
+from sage_llm.types import ExecutionInstanceType, RequestPriority
+
+SEED_DICT: dict[str, Any] = {
+    "scheduling_policy": "adaptive",
+    "enable_pd_separation": True,
+    "routing_strategy": "load_balanced",
+    "instances": [
+        {"instance_id": "llm-prefill-1", "host": "localhost", "port": 8000,
+         "model_name": "meta-llama/Llama-2-7b", "instance_type": "PREFILLING",
+         "tensor_parallel_size": 4},
+        {"instance_id": "llm-decode-1", "host": "localhost", "port": 8001,
+         "model_name": "meta-llama/Llama-2-7b", "instance_type": "DECODING"},
+    ],
+}  # fmt: skip
+
+
+def test_the_seed_dict_reads_into_the_shared_model() -> None:
+    parsed = control_plane_service_config(SEED_DICT)
+    cp = parsed.sage.control_plane
+    assert (cp.scheduling_policy, cp.routing_strategy, cp.enable_pd_separation) == (
+        "adaptive", "load_balanced", True,
+    )  # fmt: skip
+    assert [i.instance_type for i in cp.instances] == [
+        ExecutionInstanceType.PREFILLING,
+        ExecutionInstanceType.DECODING,
+    ]
+    assert cp.instances[0].tensor_parallel_size == 4
+    assert parsed.defaults == RequestDefaults()
+
+
+def test_service_keys_become_request_defaults() -> None:
+    parsed = control_plane_service_config(
+        {"default_priority": "low", "default_slo_deadline_ms": 2000, "default_temperature": 0,
+         "default_top_p": 0.9, "request_timeout_s": 30, "default_max_tokens": 64},
+        defaults=RequestDefaults(max_tokens=256),
+    )  # fmt: skip
+    assert parsed.defaults == RequestDefaults(
+        priority=RequestPriority.LOW, slo_deadline_ms=2000.0, max_tokens=256, temperature=0.0,
+        top_p=0.9, timeout_s=30.0,
+    )  # fmt: skip
+    assert parsed.sage.control_plane.default_max_tokens == 64
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"default_priority": "soonish"}, "default_priority"),
+        ({"default_slo_deadline_ms": 0}, "default_slo_deadline_ms"),
+        ({"default_top_p": "high"}, "default_top_p"),
+        ({"config_path": 3}, "config_path"),
+    ],
+)
+def test_bad_service_keys_name_the_key(config: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        control_plane_service_config(config)
+    assert err.value.key == key
+
+
+def test_config_path_sources_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "cp.toml"
+    path.write_text('[services.llm_control_plane]\nscheduling_policy = "fifo"\n')
+    for source in (path, str(path), {"config_path": str(path), "default_priority": "HIGH"}):
+        assert control_plane_service_config(source).sage.control_plane.scheduling_policy == "fifo"
+    assert control_plane_service_config(None).sage == SageConfig.default()
+    sage = SageConfig.default()
+    assert control_plane_service_config(sage).sage is sage
+    path.write_text('[services.llm_control_plane]\nscheduling_policy = "fastest"\n')
+    with pytest.raises(ConfigError, match=r"cp\.toml:2"):
+        control_plane_service_config({"config_path": str(path)})
+
+
+def test_vllm_service_config_accepts_sages_keys_and_fills_its_defaults() -> None:
+    cfg = VLLMServiceConfig.from_dict(
+        {"model_id": "m", "embedding_model_id": "e", "auto_download": True, "auto_reload": False,
+         "engine": {"max_model_len": 2048}, "embedding_engine": {"dtype": "half"},
+         "sampling": {"max_tokens": 64, "presence_penalty": 0.3}, "tags": ["a"],
+         "type": "VLLMService", "base_url": "https://llm.example.com"}
+    )  # fmt: skip
+    assert cfg.backend == "http"
+    assert (cfg.host, cfg.port, cfg.scheme) == ("llm.example.com", 443, "https")
+    assert cfg.engine == {**DEFAULT_ENGINE, "max_model_len": 2048}
+    assert cfg.embedding_engine == {**DEFAULT_ENGINE, "max_model_len": 2048, "dtype": "half"}
+    assert cfg.sampling == {**DEFAULT_SAMPLING, "max_tokens": 64, "presence_penalty": 0.3}
+    assert (cfg.embedding_model_id, cfg.auto_download, cfg.auto_reload, cfg.tags) == (
+        "e", True, False, ("a",),
+    )  # fmt: skip
+    assert cfg.request_defaults() == RequestDefaults(
+        max_tokens=64, temperature=0.7, top_p=0.95, extra={"presence_penalty": 0.3}
+    )
+
+
+def test_where_the_engine_is() -> None:
+    def backend(**data: Any) -> str:
+        return VLLMServiceConfig.from_dict({"model_id": "m", **data}).backend
+
+    assert backend() == "vllm"
+    assert backend(engine={"tensor_parallel_size": 2}) == "vllm"
+    assert backend(engine="sim") == "sim"
+    assert backend(engine={"kind": "sim"}) == "sim"
+    assert backend(host="gpu-1", port=8000) == "http"
+    assert backend(base_url="http://gpu-1:8000/v1/") == "http"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({}, "model_id"),
+        ({"model_id": "m", "modle": "x"}, "modle"),
+        ({"model_id": "m", "engine": "tpu"}, "engine"),
+        ({"model_id": "m", "engine": 3}, "engine"),
+        ({"model_id": "m", "engine": "sim", "base_url": "http://h:1"}, "engine"),
+        ({"model_id": "m", "base_url": "h:8000"}, "base_url"),
+        ({"model_id": "m", "base_url": "http://h:1/api"}, "base_url"),
+        ({"model_id": "m", "base_url": "http://h:1", "port": 2}, "base_url"),
+        ({"model_id": "m", "port": 8000}, "host"),
+        ({"model_id": "m", "host": "h", "port": 0}, "port"),
+        ({"model_id": "m", "dialect": "tgi"}, "dialect"),
+        ({"model_id": "m", "sim": {"sped": 2}}, "sim.sped"),
+        ({"model_id": "m", "use_control_plane": "yes"}, "use_control_plane"),
+        ({"model_id": "m", "control_plane": 5}, "control_plane"),
+        ({"model_id": "m", "tags": "chat"}, "tags"),
+        ({"model_id": "m", "sampling": []}, "sampling"),
+    ],
+)
+def test_bad_vllm_service_configs_name_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        VLLMServiceConfig.from_dict(data)
+    assert err.value.key == key
+
+
+def test_bad_sampling_values_name_the_key() -> None:
+    for sampling, key in (
+        ({"max_tokens": 0}, "sampling.max_tokens"),
+        ({"temprature": 1}, "sampling.temprature"),
+        ({"top_p": -1}, "sampling.top_p"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            VLLMServiceConfig.from_dict({"model_id": "m", "sampling": sampling})
+        assert err.value.key == key

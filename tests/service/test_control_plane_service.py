@@ -1,0 +1,327 @@
+"""ControlPlaneVLLMService: payloads through a real control plane over simulated engines.
+
+The service loop runs on virtual time (``loop_factory=VirtualEventLoop``): simulated
+generation costs no real time and ordering results are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sage_llm.errors import (
+    ConfigError,
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PolicyNotFoundError,
+)
+from sage_llm.service import ControlPlaneVLLMService
+from sage_llm.sim.clock import VirtualEventLoop
+from sage_llm.tokens import count_tokens
+from tests.service.fleets import MODEL, sim_fleet
+
+ENTRY_KEYS = {"generations", "usage", "request_id", "sage"}
+GENERATION_KEYS = {"text", "token_ids", "logprobs", "finish_reason"}
+
+SEED_TOML = """
+[services.llm_control_plane]
+type = "ControlPlaneVLLMService"
+scheduling_policy = "adaptive"     # adaptive, slo_aware, priority, fifo, cost_optimized
+enable_pd_separation = true
+routing_strategy = "load_balanced" # load_balanced, affinity, locality, topology_aware
+mode = "simulated"
+enable_monitoring = false
+
+[[services.llm_control_plane.instances]]
+instance_id = "llm-prefill-1"
+host = "localhost"
+port = 8000
+model_name = "meta-llama/Llama-2-7b"
+instance_type = "PREFILLING"
+tensor_parallel_size = 4
+
+[[services.llm_control_plane.instances]]
+instance_id = "llm-decode-1"
+host = "localhost"
+port = 8001
+model_name = "meta-llama/Llama-2-7b"
+instance_type = "DECODING"
+tensor_parallel_size = 1
+"""
+
+
+def _service(config: Any = None, **kwargs: Any) -> ControlPlaneVLLMService:
+    return ControlPlaneVLLMService(
+        sim_fleet() if config is None else config, loop_factory=VirtualEventLoop, **kwargs
+    )
+
+
+@pytest.fixture
+def svc() -> Iterator[ControlPlaneVLLMService]:
+    with _service() as service:
+        yield service
+
+
+def _generate(svc: ControlPlaneVLLMService, inputs: Any, **options: Any) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = svc.process(
+        {"task": "generate", "inputs": inputs, "options": options}
+    )
+    return result
+
+
+def test_generate_a_prompt_returns_the_vllm_service_shape(svc: ControlPlaneVLLMService) -> None:
+    (entry,) = _generate(svc, "What is a control plane?", max_tokens=12, request_id="q1")
+    assert set(entry) == ENTRY_KEYS
+    (gen,) = entry["generations"]
+    assert set(gen) == GENERATION_KEYS
+    assert count_tokens(gen["text"]) == 12
+    assert len(gen["token_ids"]) == 12
+    assert gen["logprobs"] is None
+    assert gen["finish_reason"] == "length"
+    assert entry["usage"] == {
+        "input_tokens": count_tokens("What is a control plane?"),
+        "output_tokens": 12,
+    }
+    assert entry["request_id"] == "q1"
+    info = entry["sage"]
+    assert info["status"] == "completed"
+    assert info["priority"] == "NORMAL"
+    assert info["instance_id"] in {"sim-0", "sim-1"}
+    assert info["e2e_latency_ms"] >= info["ttft_ms"] > 0
+
+
+def test_generate_a_chat_and_a_mixed_batch(svc: ControlPlaneVLLMService) -> None:
+    chat = [{"role": "user", "content": "Hello there"}]
+    (one,) = _generate(svc, chat, max_tokens=4)
+    assert one["usage"]["output_tokens"] == 4
+    batch = _generate(
+        svc,
+        ["a", chat, {"prompt": "b", "options": {"max_tokens": 2, "priority": "HIGH"}}],
+        max_tokens=3,
+        request_id="batch",
+    )
+    assert [e["request_id"] for e in batch] == ["batch-0", "batch-1", "batch-2"]
+    assert [e["usage"]["output_tokens"] for e in batch] == [3, 3, 2]
+    assert [e["sage"]["priority"] for e in batch] == ["NORMAL", "NORMAL", "HIGH"]
+
+
+def test_a_batch_runs_concurrently_across_the_fleet(svc: ControlPlaneVLLMService) -> None:
+    batch = _generate(svc, [f"question {i}" for i in range(8)], max_tokens=16)
+    assert len(batch) == 8
+    assert {e["sage"]["instance_id"] for e in batch} == {"sim-0", "sim-1"}
+    assert all(e["sage"]["queue_wait_ms"] == 0 for e in batch)  # 2 x 4 slots: no queueing
+
+
+def test_higher_priority_requests_are_served_first_when_capacity_is_short() -> None:
+    with _service(sim_fleet(instances=1, bound=1)) as svc:
+        order = ["LOW", "LOW", "LOW", "BACKGROUND", "CRITICAL", "HIGH"]
+        items = [{"prompt": f"q{i}", "options": {"priority": p}} for i, p in enumerate(order)]
+        batch = _generate(svc, items, max_tokens=8)
+    # One slot, the whole batch queued at once: served strictly by priority.
+    latency = [e["sage"]["e2e_latency_ms"] for e in batch]
+    low = latency[:3]
+    assert latency[4] < latency[5] < min(low) <= max(low) < latency[3]
+    assert batch[4]["sage"]["queue_wait_ms"] == 0  # CRITICAL went first
+
+
+def test_process_is_safe_from_eight_threads_at_once(svc: ControlPlaneVLLMService) -> None:
+    barrier = threading.Barrier(8)
+
+    def call(n: int) -> list[dict[str, Any]]:
+        barrier.wait()
+        return _generate(svc, [f"t{n} a", f"t{n} b"], max_tokens=5, request_id=f"t{n}")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(8)))
+    ids = [e["request_id"] for batch in results for e in batch]
+    assert len(ids) == 16 == len(set(ids))
+    assert all(e["usage"]["output_tokens"] == 5 for batch in results for e in batch)
+    metrics = svc.process({"task": "get_metrics"})
+    assert metrics["completed_requests"] == 16
+    assert metrics["failed_requests"] == 0
+
+
+def test_aprocess_serves_asyncio_callers(svc: ControlPlaneVLLMService) -> None:
+    async def main() -> list[Any]:
+        calls = [
+            svc.aprocess({"task": "generate", "inputs": f"q{i}", "options": {"max_tokens": 3}})
+            for i in range(4)
+        ]
+        return list(await asyncio.gather(*calls))
+
+    results = asyncio.run(main())
+    assert [r[0]["usage"]["output_tokens"] for r in results] == [3, 3, 3, 3]
+
+
+def test_information_tasks(svc: ControlPlaneVLLMService) -> None:
+    _generate(svc, "warm up", max_tokens=2)
+    instances = svc.process({"task": "show_instances"})
+    assert [i["instance_id"] for i in instances] == ["sim-0", "sim-1"]
+    assert {i["model_name"] for i in instances} == {MODEL}
+    assert sum(i["completed_requests"] for i in instances) == 1
+    assert all(i["is_healthy"] and i["max_concurrent_requests"] == 4 for i in instances)
+    assert svc.process({"task": "health_check"}) == {"sim-0": True, "sim-1": True}
+    metrics = svc.process({"task": "get_metrics"})
+    assert metrics["total_requests"] == 1
+    assert metrics["status"]["scheduling_policy"] == "priority"
+    assert isinstance(metrics["timestamp"], str)
+    (model,) = svc.process({"task": "show_models"})
+    assert model["model_id"] == MODEL
+
+
+def test_set_policy_switches_the_scheduling_policy(svc: ControlPlaneVLLMService) -> None:
+    assert svc.process({"task": "set_policy", "inputs": "fifo"}) == {
+        "previous": "priority",
+        "scheduling_policy": "fifo",
+    }
+    out = svc.process({"task": "set_policy", "options": {"policy": "slo_aware"}})
+    assert out["scheduling_policy"] == "slo_aware"
+    assert svc.process({"task": "get_metrics"})["status"]["scheduling_policy"] == "slo_aware"
+    with pytest.raises(PolicyNotFoundError):
+        svc.process({"task": "set_policy", "inputs": "fastest"})
+    with pytest.raises(InvalidRequestError) as err:
+        svc.process({"task": "set_policy"})
+    assert err.value.param == "inputs"
+
+
+def test_unknown_tasks_and_malformed_payloads_raise_clear_errors(
+    svc: ControlPlaneVLLMService,
+) -> None:
+    cases: list[tuple[Any, str]] = [
+        ({"task": "summarize", "inputs": "x"}, "task"),
+        ({"task": "generate"}, "inputs"),
+        ({"task": "generate", "inputs": ["ok", 7]}, "inputs[1]"),
+        ({"task": "generate", "inputs": "x", "options": {"priority": "asap"}}, "options.priority"),
+        ({"task": "generate", "inputs": "x", "options": {"temprature": 0.5}}, "options.temprature"),
+        ({"task": "show_instances", "options": {"verbose": True}}, "options.verbose"),
+        ({"task": "download_model", "inputs": "meta-llama/Llama-2-7b"}, "task"),
+        ("generate hello", "payload"),
+    ]
+    for payload, param in cases:
+        with pytest.raises(InvalidRequestError) as err:
+            svc.process(payload)
+        assert err.value.param == param, payload
+    with pytest.raises(InvalidRequestError, match="manage weights on the engine host"):
+        svc.process({"task": "delete_model", "options": {}})
+    with pytest.raises(ModelNotFoundError):
+        _generate(svc, "x", model="gpt-9")
+
+
+def test_embed_without_an_embedding_engine_raises_a_clear_error(
+    svc: ControlPlaneVLLMService,
+) -> None:
+    with pytest.raises(InvalidRequestError, match="supports embeddings"):
+        svc.process({"task": "embed", "inputs": ["a", "b"]})
+
+
+def test_a_timeout_raises_and_cancels_the_request(svc: ControlPlaneVLLMService) -> None:
+    with pytest.raises(DeadlineExceededError, match=r"0\.05 s"):
+        _generate(svc, "write a long essay", max_tokens=4000, timeout=0.05)
+    metrics = svc.process({"task": "get_metrics"})
+    assert metrics["cancelled_requests"] == 1
+    assert metrics["active_requests"] == 0
+
+
+def test_a_failed_request_raises_engine_error_with_the_reason(dead_port: int) -> None:
+    config = {
+        "max_retries": 0,
+        "enable_monitoring": False,
+        "instances": [
+            {"instance_id": "gone", "host": "127.0.0.1", "port": dead_port, "model_name": MODEL}
+        ],
+    }
+    with ControlPlaneVLLMService(config) as svc, pytest.raises(EngineError) as err:
+        _generate(svc, "hello", max_tokens=4)
+    assert "failed" in str(err.value)
+    assert err.value.instance_id == "gone"
+
+
+def test_process_before_setup_and_after_cleanup_is_refused() -> None:
+    svc = _service()
+    with pytest.raises(ControlPlaneNotRunningError, match="setup"):
+        _generate(svc, "x")
+    svc.setup()
+    svc.setup()  # idempotent
+    assert svc.is_running
+    svc.stop()
+    svc.cleanup()  # idempotent
+    assert not svc.is_running
+    with pytest.raises(ControlPlaneNotRunningError):
+        svc.process({"task": "health_check"})
+    svc.start()  # SAGE's start() sets up again
+    try:
+        assert _generate(svc, "again", max_tokens=1)[0]["usage"]["output_tokens"] == 1
+    finally:
+        svc.cleanup()
+
+
+def test_the_seed_toml_configures_the_service(tmp_path: Path) -> None:
+    path = tmp_path / "services.toml"
+    path.write_text(SEED_TOML)
+    for svc in (
+        ControlPlaneVLLMService.from_toml(path, loop_factory=VirtualEventLoop),
+        ControlPlaneVLLMService({"config_path": str(path)}, loop_factory=VirtualEventLoop),
+    ):
+        cp = svc.config.control_plane
+        assert (cp.scheduling_policy, cp.routing_strategy) == ("adaptive", "load_balanced")
+        assert [i.instance_id for i in cp.instances] == ["llm-prefill-1", "llm-decode-1"]
+        with svc:
+            (entry,) = _generate(svc, "Explain prefill and decode. " * 4, max_tokens=6)
+        assert entry["sage"]["prefill_instance_id"] == "llm-prefill-1"
+        assert entry["sage"]["instance_id"] == "llm-decode-1"
+        assert entry["usage"]["output_tokens"] == 6
+
+
+def test_the_seed_dict_and_its_request_defaults() -> None:
+    config = {
+        "scheduling_policy": "slo_aware",
+        "enable_pd_separation": False,
+        "routing_strategy": "round_robin",
+        "default_priority": "HIGH",
+        "default_slo_deadline_ms": 60000,
+        "default_max_tokens": 7,
+        "default_temperature": 0.5,
+        "enable_monitoring": False,
+        "instances": [
+            {"instance_id": f"llm-{i}", "host": "localhost", "port": 8000 + i,
+             "model_name": "meta-llama/Llama-2-7b", "engine": "sim", "tensor_parallel_size": 2}
+            for i in range(3)
+        ],
+    }  # fmt: skip
+    with _service(config) as svc:
+        batch = _generate(svc, ["a", "b", "c"])
+    assert [e["usage"]["output_tokens"] for e in batch] == [7, 7, 7]
+    assert {e["sage"]["priority"] for e in batch} == {"HIGH"}
+    assert {e["sage"]["slo_met"] for e in batch} == {True}
+    assert sorted(e["sage"]["instance_id"] for e in batch) == ["llm-0", "llm-1", "llm-2"]
+
+
+def test_bad_configs_raise_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean"):
+        ControlPlaneVLLMService({"scheduling_polcy": "fifo"})
+    with pytest.raises(ConfigError) as err:
+        ControlPlaneVLLMService({"default_priority": "whenever"})
+    assert err.value.key == "default_priority"
+    with pytest.raises(ConfigError, match="move scheduling_policy there"):
+        ControlPlaneVLLMService(
+            {"config_path": str(tmp_path / "x.toml"), "scheduling_policy": "fifo"}
+        )
+    with pytest.raises(ConfigError, match="cannot read"):
+        ControlPlaneVLLMService({"config_path": str(tmp_path / "missing.toml")})
+    with pytest.raises(ConfigError, match="must be a dict"):
+        ControlPlaneVLLMService(42)  # type: ignore[arg-type]
+
+
+def test_no_config_is_the_embedded_simulated_fleet() -> None:
+    svc = ControlPlaneVLLMService(loop_factory=VirtualEventLoop)
+    assert svc.config.control_plane.instances == ()
+    assert len(svc.config.fleet()) == svc.config.simulation.instances

@@ -1,0 +1,155 @@
+"""Payload parsing: tasks, inputs (prompt, chat, batch, per-item options) and options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sage_llm.errors import InvalidRequestError
+from sage_llm.service.payloads import (
+    GenerateOptions,
+    RequestDefaults,
+    parse_generate,
+    parse_options,
+    parse_payload,
+)
+from sage_llm.types import RequestPriority
+
+TASKS = ("generate", "embed", "show_models")
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+def _bad(payload: Any, param: str, match: str | None = None) -> None:
+    with pytest.raises(InvalidRequestError, match=match) as err:
+        parse_payload(payload, TASKS)
+    assert err.value.param == param
+
+
+def _bad_inputs(inputs: Any, param: str, options: dict[str, Any] | None = None) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        parse_generate(inputs, options or {}, RequestDefaults())
+    assert err.value.param == param
+
+
+def test_task_defaults_to_generate_and_options_to_empty() -> None:
+    req = parse_payload({"inputs": "hi"}, TASKS)
+    assert (req.task, req.inputs, dict(req.options)) == ("generate", "hi", {})
+
+
+def test_unknown_task_and_malformed_payloads_name_the_bad_part() -> None:
+    _bad({"task": "generat", "inputs": "x"}, "task", "did you mean 'generate'")
+    _bad({"task": 3}, "task", "supported tasks: embed, generate, show_models")
+    _bad(["generate"], "payload", "must be a dict")
+    _bad(None, "payload")
+    _bad({"task": "generate", "options": ["max_tokens"]}, "options")
+    _bad({"task": "generate", "inputz": "x"}, "inputz", "did you mean 'inputs'")
+
+
+def test_seed_style_top_level_options_are_merged_and_must_not_conflict() -> None:
+    req = parse_payload({"inputs": "x", "priority": "HIGH", "options": {"max_tokens": 5}}, TASKS)
+    assert dict(req.options) == {"priority": "HIGH", "max_tokens": 5}
+    same = parse_payload({"inputs": "x", "priority": 1, "options": {"priority": 1}}, TASKS)
+    assert dict(same.options) == {"priority": 1}
+    _bad({"inputs": "x", "priority": 1, "options": {"priority": 2}}, "priority", "both")
+
+
+def test_a_prompt_a_chat_and_a_single_message_are_one_input_each() -> None:
+    (prompt,) = parse_generate("Hello", {}, RequestDefaults())
+    assert (prompt.prompt, prompt.messages) == ("Hello", None)
+    (chat,) = parse_generate(CHAT, {}, RequestDefaults())
+    assert chat.prompt is None and chat.messages == CHAT
+    (single,) = parse_generate({"role": "user", "content": "Hi"}, {}, RequestDefaults())
+    assert single.messages == [{"role": "user", "content": "Hi"}]
+
+
+def test_a_batch_mixes_prompts_chats_and_request_dicts_with_their_own_options() -> None:
+    items = parse_generate(
+        ["a", CHAT, {"prompt": "b", "options": {"priority": "critical"}}, {"messages": CHAT}],
+        {"priority": "LOW", "max_tokens": 7},
+        RequestDefaults(),
+    )
+    assert [i.prompt for i in items] == ["a", None, "b", None]
+    assert [i.options.priority for i in items] == [
+        RequestPriority.LOW,
+        RequestPriority.LOW,
+        RequestPriority.CRITICAL,
+        RequestPriority.LOW,
+    ]
+    assert {i.options.max_tokens for i in items} == {7}
+    assert items[3].messages == CHAT
+
+
+def test_malformed_inputs_name_the_offending_item() -> None:
+    _bad_inputs(None, "inputs")
+    _bad_inputs([], "inputs")
+    _bad_inputs(42, "inputs")
+    _bad_inputs("   ", "inputs")
+    _bad_inputs(["ok", 3], "inputs[1]")
+    _bad_inputs(["ok", ""], "inputs[1]")
+    _bad_inputs(["ok", [{"role": "user", "content": 5}]], "inputs[1][0]")
+    _bad_inputs([{"role": "", "content": "x"}, {"role": "user", "content": "y"}], "inputs[0]")
+    _bad_inputs(["ok", {"prompt": "x", "messages": CHAT}], "inputs[1]")
+    _bad_inputs(["ok", {"prompt": ""}], "inputs[1].prompt")
+    _bad_inputs(["ok", {"prompt": "x", "extra": 1}], "inputs[1].extra")
+    _bad_inputs(["ok", {"messages": []}], "inputs[1].messages")
+    urgent = {"prompt": "x", "options": {"priority": "urgent"}}
+    _bad_inputs(["ok", urgent], "inputs[1].options.priority")
+    _bad_inputs(["ok", {"prompt": "x", "options": 3}], "inputs[1].options")
+
+
+def test_options_are_validated_and_defaults_filled_in() -> None:
+    defaults = RequestDefaults(
+        priority=RequestPriority.HIGH, max_tokens=64, temperature=0.7, top_p=0.9, timeout_s=30.0,
+        extra={"presence_penalty": 0.5},
+    )  # fmt: skip
+    assert parse_options({}, defaults, "options") == GenerateOptions(
+        priority=RequestPriority.HIGH, max_tokens=64, temperature=0.7, top_p=0.9, timeout_s=30.0,
+        extra={"presence_penalty": 0.5},
+    )  # fmt: skip
+    opts = parse_options(
+        {
+            "priority": 0, "slo_deadline_ms": 500, "max_tokens": 8, "temperature": 0,
+            "stop": "\n", "timeout": 2, "user_id": "u", "session_id": "s", "request_id": "r",
+            "model": "m", "logprobs": True, "seed": 7, "tags": {"app": "qa"},
+        },
+        defaults,
+        "options",
+    )  # fmt: skip
+    assert opts.priority is RequestPriority.CRITICAL
+    assert (opts.slo_deadline_ms, opts.max_tokens, opts.temperature) == (500.0, 8, 0.0)
+    assert (opts.stop, opts.timeout_s, opts.logprobs) == (("\n",), 2.0, 1)
+    assert (opts.user_id, opts.session_id, opts.request_id, opts.model) == ("u", "s", "r", "m")
+    assert opts.extra == {"presence_penalty": 0.5, "seed": 7}
+    assert opts.tags == {"app": "qa"}
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"priority": "urgent"}, "options.priority"),
+        ({"priority": 9}, "options.priority"),
+        ({"max_tokens": 0}, "options.max_tokens"),
+        ({"max_tokens": 2.5}, "options.max_tokens"),
+        ({"max_tokens": True}, "options.max_tokens"),
+        ({"temperature": -1}, "options.temperature"),
+        ({"top_p": 0}, "options.top_p"),
+        ({"slo_deadline_ms": "soon"}, "options.slo_deadline_ms"),
+        ({"timeout": float("nan")}, "options.timeout"),
+        ({"stop": [1]}, "options.stop"),
+        ({"user_id": 5}, "options.user_id"),
+        ({"n": 2}, "options.n"),
+        ({"tags": ["a"]}, "options.tags"),
+        ({"model": "a", "model_name": "b"}, "options.model"),
+        ({"max_token": 5}, "options.max_token"),
+    ],
+)
+def test_bad_options_raise_with_the_option_named(options: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        parse_options(options, RequestDefaults(), "options")
+    assert err.value.param == param
+
+
+def test_an_unknown_option_suggests_the_close_one() -> None:
+    with pytest.raises(InvalidRequestError, match="did you mean 'max_tokens'"):
+        parse_options({"max_token": 5}, RequestDefaults(), "options")

@@ -1,0 +1,174 @@
+"""LoopThread: one event loop on its own thread, driven from other threads and loops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sage_llm.errors import ControlPlaneNotRunningError, InvalidRequestError, SageLLMError
+from sage_llm.service.runner import LoopThread
+from sage_llm.sim.clock import VirtualEventLoop
+
+
+async def _thread_name() -> str:
+    return threading.current_thread().name
+
+
+async def _fail() -> None:
+    raise InvalidRequestError("bad", param="x")
+
+
+def test_run_executes_on_the_loop_thread_and_returns_the_result() -> None:
+    runner = LoopThread("svc-loop")
+    runner.start()
+    try:
+        assert runner.running
+        assert runner.run(_thread_name()) == "svc-loop"
+    finally:
+        runner.stop()
+    assert not runner.running
+    assert runner.loop is None
+
+
+def test_exceptions_propagate_with_their_type() -> None:
+    runner = LoopThread()
+    runner.start()
+    try:
+        with pytest.raises(InvalidRequestError) as err:
+            runner.run(_fail())
+        assert err.value.param == "x"
+    finally:
+        runner.stop()
+
+
+def test_init_and_final_run_on_the_loop() -> None:
+    seen: list[str] = []
+
+    async def init() -> None:
+        seen.append("init:" + threading.current_thread().name)
+
+    async def final() -> None:
+        seen.append("final:" + threading.current_thread().name)
+
+    runner = LoopThread("lt")
+    runner.start(init)
+    runner.stop(final)
+    assert seen == ["init:lt", "final:lt"]
+
+
+def test_failed_init_stops_the_thread_and_reraises() -> None:
+    runner = LoopThread()
+    with pytest.raises(InvalidRequestError):
+        runner.start(_fail)
+    assert not runner.running
+    assert runner.loop is None
+    runner.start()  # can start again after a failed start
+    runner.stop()
+
+
+def test_calls_before_start_or_after_stop_are_refused() -> None:
+    runner = LoopThread()
+    with pytest.raises(ControlPlaneNotRunningError, match="setup"):
+        runner.run(_thread_name())
+    runner.start()
+    runner.stop()
+    runner.stop()  # idempotent
+    with pytest.raises(ControlPlaneNotRunningError):
+        runner.run(_thread_name())
+
+
+def test_starting_twice_is_an_error() -> None:
+    runner = LoopThread()
+    runner.start()
+    try:
+        with pytest.raises(SageLLMError, match="already started"):
+            runner.start()
+    finally:
+        runner.stop()
+
+
+def test_stop_cancels_calls_in_flight_and_their_callers_get_a_clear_error() -> None:
+    runner = LoopThread()
+    runner.start()
+    entered = threading.Event()
+
+    async def forever() -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(runner.run, forever()) for _ in range(2)]
+        assert entered.wait(10)
+        runner.stop()
+        for fut in waiting:
+            with pytest.raises(ControlPlaneNotRunningError, match="stopped before"):
+                fut.result(10)
+
+
+def test_blocking_run_from_the_loop_thread_is_refused() -> None:
+    runner = LoopThread()
+    runner.start()
+
+    async def nested() -> str:
+        with pytest.raises(SageLLMError, match="aprocess"):
+            runner.run(_thread_name())
+        return "refused"
+
+    try:
+        assert runner.run(nested()) == "refused"
+    finally:
+        runner.stop()
+
+
+def test_arun_awaits_from_another_loop_and_from_the_loop_itself() -> None:
+    runner = LoopThread("svc")
+    runner.start()
+
+    async def inner() -> str:
+        return await runner.arun(_thread_name())
+
+    async def caller() -> list[str]:
+        return list(await asyncio.gather(runner.arun(_thread_name()), runner.arun(inner())))
+
+    try:
+        assert asyncio.run(caller()) == ["svc", "svc"]
+    finally:
+        runner.stop()
+
+
+def test_arun_caller_gets_a_clear_error_when_the_service_stops() -> None:
+    runner = LoopThread()
+    runner.start()
+    entered = threading.Event()
+
+    async def forever() -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    async def caller() -> None:
+        pending = asyncio.ensure_future(runner.arun(forever()))
+        await asyncio.to_thread(entered.wait, 10)
+        await asyncio.to_thread(runner.stop)
+        with pytest.raises(ControlPlaneNotRunningError):
+            await pending
+
+    asyncio.run(caller())
+
+
+def test_a_virtual_loop_factory_runs_timers_without_waiting() -> None:
+    runner = LoopThread(loop_factory=VirtualEventLoop)
+    runner.start()
+
+    async def long_sleep() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(3600)
+        return loop.time() - start
+
+    try:
+        assert runner.run(long_sleep()) == pytest.approx(3600)
+    finally:
+        runner.stop()

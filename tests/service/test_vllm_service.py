@@ -1,0 +1,185 @@
+"""VLLMService: SAGE's existing configs and payloads, unchanged, over one engine or the
+control plane."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
+from sage_llm.service import ControlPlaneVLLMService, VLLMService, register_vllm_service
+from sage_llm.service.backends import vllm_installed
+from sage_llm.sim.clock import VirtualEventLoop
+from tests.service.fleets import MODEL, sim_fleet
+
+# A config as SAGE users write it for VLLMService today.
+EXISTING_CONFIG: dict[str, Any] = {
+    "model_id": MODEL,
+    "embedding_model_id": None,
+    "auto_download": False,
+    "engine": {"dtype": "auto", "tensor_parallel_size": 1, "max_model_len": 4096},
+    "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 24},
+    "tags": ["chat"],
+}
+ENTRY_KEYS = {"generations", "usage", "request_id"}
+GENERATION_KEYS = {"text", "token_ids", "logprobs", "finish_reason"}
+
+
+def _sim(**extra: Any) -> VLLMService:
+    config = {**EXISTING_CONFIG, "engine": {**EXISTING_CONFIG["engine"], "kind": "sim"}, **extra}
+    return VLLMService(config, loop_factory=VirtualEventLoop)
+
+
+@pytest.fixture
+def sim_service() -> Iterator[VLLMService]:
+    with _sim() as svc:
+        yield svc
+
+
+def _check_entry(entry: dict[str, Any], output_tokens: int, *, ids_known: bool = True) -> None:
+    assert set(entry) == ENTRY_KEYS
+    (gen,) = entry["generations"]
+    assert set(gen) == GENERATION_KEYS
+    assert gen["text"].strip()
+    assert len(gen["token_ids"]) == (output_tokens if ids_known else 0)
+    assert gen["logprobs"] is None
+    assert gen["finish_reason"] == "length"
+    assert entry["usage"]["output_tokens"] == output_tokens
+    assert entry["usage"]["input_tokens"] > 0
+    assert isinstance(entry["request_id"], str) and entry["request_id"]
+
+
+def test_existing_payloads_work_unchanged(sim_service: VLLMService) -> None:
+    (one,) = sim_service.process({"task": "generate", "inputs": "Hello, SAGE"})
+    _check_entry(one, 24)  # sampling.max_tokens is the default
+    batch = sim_service.process(
+        {"task": "generate", "inputs": ["first", "second", "third"], "options": {"max_tokens": 5}}
+    )
+    assert len(batch) == 3
+    for entry in batch:
+        _check_entry(entry, 5)
+    assert len({e["request_id"] for e in batch}) == 3
+    (chat,) = sim_service.process(
+        {"inputs": [{"role": "user", "content": "Hi"}], "options": {"max_tokens": 2}}
+    )
+    _check_entry(chat, 2)
+    embedded = sim_service.process({"task": "embed", "inputs": ["a cat", "a dog"]})
+    assert set(embedded) == {"model_id", "vectors", "dimension"}
+    assert (embedded["model_id"], embedded["dimension"]) == (MODEL, 64)
+    assert len(embedded["vectors"]) == 2
+    assert sum(x * x for x in embedded["vectors"][0]) == pytest.approx(1.0)
+    (model,) = sim_service.process({"task": "show_models"})
+    assert model == {
+        "model_id": MODEL, "path": None, "revision": None, "size_bytes": None, "size_mb": None,
+        "last_used": None, "tags": ["chat"],
+    }  # fmt: skip
+
+
+def test_the_direct_methods_of_the_old_service(sim_service: VLLMService) -> None:
+    (entry,) = sim_service.generate("Hi", max_tokens=3)
+    _check_entry(entry, 3)
+    assert sim_service.embed("x", normalize=False)["dimension"] == 64
+    assert sim_service.show_models()[0]["model_id"] == MODEL
+
+
+def test_weight_management_tasks_are_refused_clearly(sim_service: VLLMService) -> None:
+    for task in ("download_model", "delete_model", "fine_tune"):
+        with pytest.raises(InvalidRequestError, match="not supported by sage-llm") as err:
+            sim_service.process({"task": task, "options": {"model_id": MODEL}})
+        assert err.value.param == "task"
+    with pytest.raises(InvalidRequestError, match="manage weights on the engine host"):
+        sim_service.process({"task": "download_model", "inputs": MODEL})
+
+
+def test_malformed_payloads_and_unknown_tasks(sim_service: VLLMService) -> None:
+    for payload, param in [
+        ({"task": "translate", "inputs": "x"}, "task"),
+        ({"task": "generate", "inputs": 3}, "inputs"),
+        ({"task": "generate", "inputs": "x", "options": {"max_tokens": -1}}, "options.max_tokens"),
+        ({"task": "embed", "inputs": [1, 2]}, "inputs"),
+        ({"task": "show_models", "options": {"all": True}}, "options"),
+    ]:
+        with pytest.raises(InvalidRequestError) as err:
+            sim_service.process(payload)
+        assert err.value.param == param, payload
+
+
+def test_engine_sim_string_and_register_helper() -> None:
+    svc = VLLMService({"model_id": "qwen-7b", "engine": "sim"}, loop_factory=VirtualEventLoop)
+    assert svc.config.backend == "sim"
+
+    class _Env:
+        def __init__(self) -> None:
+            self.registered: list[tuple[Any, ...]] = []
+
+        def register_service(self, name: str, cls: type[Any], *args: Any) -> str:
+            self.registered.append((name, cls, args))
+            return name
+
+    env = _Env()
+    assert register_vllm_service(env, "llm", {"model_id": "m"}) == "llm"
+    assert env.registered == [("llm", VLLMService, ({"model_id": "m"},))]
+
+
+def test_over_http_against_a_simulated_engine_server(
+    engine_server: Callable[..., str],
+) -> None:
+    url = engine_server(model=MODEL)
+    with VLLMService({**EXISTING_CONFIG, "base_url": url + "/v1"}) as svc:
+        assert svc.config.backend == "http"
+        batch = svc.process(
+            {"task": "generate", "inputs": ["a", "b"], "options": {"max_tokens": 4}}
+        )
+        for entry in batch:  # an OpenAI-style answer carries no token ids
+            _check_entry(entry, 4, ids_known=False)
+        (chat,) = svc.process({"inputs": [{"role": "user", "content": "Hi"}],
+                               "options": {"max_tokens": 3}})  # fmt: skip
+        _check_entry(chat, 3, ids_known=False)
+        assert [m["model_id"] for m in svc.process({"task": "show_models"})] == [MODEL]
+
+
+def test_use_control_plane_takes_the_same_payloads() -> None:
+    config = {**EXISTING_CONFIG, "use_control_plane": True, "control_plane": sim_fleet()}
+    with VLLMService(config, loop_factory=VirtualEventLoop) as svc:
+        assert isinstance(svc.control_plane_service, ControlPlaneVLLMService)
+        batch = svc.process({"task": "generate", "inputs": ["a", "b", "c"]})
+        assert [e["usage"]["output_tokens"] for e in batch] == [24, 24, 24]  # sampling default
+        assert {e["sage"]["instance_id"] for e in batch} <= {"sim-0", "sim-1"}
+        assert set(batch[0]) == ENTRY_KEYS | {"sage"}
+        assert [m["model_id"] for m in svc.process({"task": "show_models"})] == [MODEL]
+        assert len(svc.process({"task": "show_instances"})) == 2
+        with pytest.raises(InvalidRequestError, match="not supported by sage-llm"):
+            svc.process({"task": "fine_tune", "inputs": {}})
+
+
+def test_use_control_plane_without_a_table_wraps_the_one_engine() -> None:
+    config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": True}
+    with VLLMService(config, loop_factory=VirtualEventLoop) as svc:
+        (entry,) = svc.process({"inputs": "Hi", "options": {"max_tokens": 2}})
+        assert entry["sage"]["instance_id"] == "vllm-0"
+    with pytest.raises(ConfigError, match="use_control_plane needs engines"):
+        VLLMService({**EXISTING_CONFIG, "use_control_plane": True})
+
+
+@pytest.mark.skipif(vllm_installed(), reason="vLLM is installed: the in-process path is used")
+def test_without_vllm_or_an_endpoint_the_error_says_what_to_install() -> None:
+    with pytest.raises(ConfigError, match=r"install the vllm extra .*endpoint.*engine = \"sim\""):
+        VLLMService(EXISTING_CONFIG)
+
+
+def test_process_needs_setup() -> None:
+    svc = _sim()
+    with pytest.raises(ControlPlaneNotRunningError, match="setup"):
+        svc.process({"inputs": "x"})
+    svc.start()
+    svc.start()
+    try:
+        assert svc.process({"inputs": "x", "options": {"max_tokens": 1}})[0]["usage"] == {
+            "input_tokens": 1,
+            "output_tokens": 1,
+        }
+    finally:
+        svc.stop()
+        svc.cleanup()
