@@ -155,6 +155,7 @@ def test_install_paths() -> None:
     assert install.bin == Path("/c/sglang-router/bin/sglang-router")
     assert install.command == ("/c/sglang-router/bin/sglang-router", "launch")
     assert describe(install) == "sglang-router 0.3.2 at /c/sglang-router (cached, 0 MiB)"
+    assert len({install, _install("sglang-router", Path("/c/sglang-router"))}) == 1  # hashable
 
 
 # --- where installs live ---------------------------------------------------------------------

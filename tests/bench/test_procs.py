@@ -100,6 +100,8 @@ async def test_bad_fleet_arguments_fail_before_anything_starts(
 async def test_bad_router_arguments_fail_before_anything_starts() -> None:
     with pytest.raises(ConfigError, match="no policy 'kv_aware'"):
         await start_peer_router("sglang-router", ["http://127.0.0.1:1"], policy="kv_aware")
+    with pytest.raises(ConfigError, match="PD mode needs prefill and decode URLs"):
+        await start_peer_router("vllm-router", pd=(["http://127.0.0.1:1"], []))
 
 
 async def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
@@ -171,8 +173,9 @@ async def test_an_engine_that_cannot_start_names_its_log(tmp_path: Path) -> None
 async def test_cancelling_a_start_leaves_no_engine_behind(tmp_path: Path) -> None:
     ports = free_ports(2)
     task = asyncio.create_task(start_engine_sims(2, ports=ports, log_dir=tmp_path))
-    await _eventually(lambda: len(_names(tmp_path)) == 2)  # both spawned, not yet ready
-    assert all(_pids_with_port(p) for p in ports)
+    # both spawned (engine-sim takes over a second to import, so neither is ready yet)
+    await _eventually(lambda: all(_pids_with_port(p) for p in ports))
+    assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -39,6 +39,7 @@ _MARKER = ".sage-llm-peer.json"
 _LOCK_POLL_S = 0.1
 _LOG_TAIL_CHARS = 2000
 _LOOPBACK_NOTHING = "http://127.0.0.1:9"  # the discard port: nothing answers
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class PeerError(SageLLMError):
@@ -74,12 +75,20 @@ class PeerSpec:
     pd_flag: str
     pd_protocol: PdProtocol
     ready_path: str
-    log_levels: Mapping[str, str]
+    warning_level: str
+    """How the peer's ``--log-level`` spells "warning"."""
 
     @property
     def requirement(self) -> str:
         """The pinned pip requirement, e.g. ``vllm-router==0.1.17``."""
         return f"{self.package}=={self.version}"
+
+    def log_level(self, level: str) -> str:
+        """``level`` (one of :data:`LOG_LEVELS`) as this peer's ``--log-level`` spells it."""
+        if level not in LOG_LEVELS:
+            known = ", ".join(LOG_LEVELS)
+            raise ConfigError(f"unknown log level {level!r} (known: {known})", key="log_level")
+        return self.warning_level if level == "warning" else level
 
     def check_policy(self, policy: str) -> None:
         """Raise :class:`ConfigError` unless this peer knows ``policy``."""
@@ -92,7 +101,6 @@ class PeerSpec:
 
 _VLLM_POLICIES = "random round_robin cache_aware kv_aware power_of_two consistent_hash \
 sticky_least_loaded"
-_COMMON_LEVELS = {"debug": "debug", "info": "info", "error": "error"}
 
 PEERS: Mapping[str, PeerSpec] = MappingProxyType(
     {
@@ -105,7 +113,7 @@ PEERS: Mapping[str, PeerSpec] = MappingProxyType(
             pd_flag="--vllm-pd-disaggregation",
             pd_protocol="vllm-kv-transfer",
             ready_path="/health",
-            log_levels=MappingProxyType({**_COMMON_LEVELS, "warning": "warning"}),
+            warning_level="warning",
         ),
         "sglang-router": PeerSpec(
             name="sglang-router",
@@ -116,7 +124,7 @@ PEERS: Mapping[str, PeerSpec] = MappingProxyType(
             pd_flag="--pd-disaggregation",
             pd_protocol="sglang-bootstrap",
             ready_path="/readiness",
-            log_levels=MappingProxyType({**_COMMON_LEVELS, "warning": "warn"}),
+            warning_level="warn",
         ),
     }
 )
@@ -200,6 +208,20 @@ def peer_env(hf_home: Path, base: Mapping[str, str] | None = None) -> dict[str, 
     return env
 
 
+def count_workers(workers: Sequence[str], pd: tuple[Sequence[str], Sequence[str]] | None) -> int:
+    """How many engines a router is given; :class:`ConfigError` unless exactly one of
+    ``workers`` (regular mode) and ``pd`` (prefill URLs, decode URLs; both non-empty) is."""
+    if pd is None:
+        if not workers:
+            raise ConfigError("a router needs at least one worker URL", key="workers")
+        return len(workers)
+    if workers:
+        raise ConfigError("give either workers or pd, not both", key="workers")
+    if not pd[0] or not pd[1]:
+        raise ConfigError("PD mode needs prefill and decode URLs", key="pd")
+    return len(pd[0]) + len(pd[1])
+
+
 def router_argv(
     install: PeerInstall,
     *,
@@ -221,19 +243,13 @@ def router_argv(
     """
     spec = install.spec
     spec.check_policy(policy)
-    if log_level not in spec.log_levels:
-        raise ConfigError(f"unknown log level {log_level!r}", key="log_level")
+    level = spec.log_level(log_level)
     argv = [*install.command, "--host", host, "--port", str(port)]
+    count_workers(workers, pd)  # validates
     if pd is None:
-        if not workers:
-            raise ConfigError("a router needs at least one worker URL", key="workers")
         argv += ["--worker-urls", *workers]
     else:
-        if workers:
-            raise ConfigError("give either workers or pd, not both", key="workers")
         prefill, decode = pd
-        if not prefill or not decode:
-            raise ConfigError("PD mode needs prefill and decode URLs", key="pd")
         argv.append(spec.pd_flag)
         for url in prefill:
             argv += ["--prefill", url]
@@ -244,7 +260,7 @@ def router_argv(
         "--prometheus-host", host,
         "--prometheus-port", str(metrics_port),
         "--worker-startup-check-interval", "1",
-        "--log-level", spec.log_levels[log_level],
+        "--log-level", level,
     ]  # fmt: skip
     argv += extra_args
     return argv

@@ -32,6 +32,7 @@ import aiohttp
 
 from sage_llm.bench.peers import (
     PeerInstall,
+    count_workers,
     ensure_peer,
     get_spec,
     is_ready,
@@ -408,6 +409,7 @@ async def start_peer_router(
     """
     spec = get_spec(name)
     spec.check_policy(policy)
+    n_workers = count_workers(workers, pd)
     if install is None:
         install = await ensure_peer(name)
     elif install.spec != spec:
@@ -419,7 +421,6 @@ async def start_peer_router(
         install, workers=workers, pd=pd, policy=policy, host=HOST, port=chosen_port,
         metrics_port=metrics_port, log_level=log_level, extra_args=extra_args,
     )  # fmt: skip
-    n_workers = len(workers) if pd is None else len(pd[0]) + len(pd[1])
     directory = await _make_log_dir(log_dir)
     label = f"{name}-{chosen_port}"
     env = peer_env(directory / f"{label}-hf")
