@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,10 @@ def _pids_with_port(port: int) -> list[int]:
 
 def _names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
+
+
+def _read(path: Path) -> str:
+    return path.read_text()
 
 
 async def _eventually(condition: Callable[[], bool]) -> None:
@@ -147,8 +152,8 @@ async def test_a_missing_program_is_a_start_error(tmp_path: Path) -> None:
         await spawn("nothing", ["/nonexistent/bin"], port=1, log_path=tmp_path / "n.log")
 
 
-async def test_engine_sims_serve_health_and_metrics_then_stop(tmp_path: Path) -> None:
-    fleet = await start_engine_sims(2, speed=50.0, role=["prefill", "decode"], log_dir=tmp_path)
+async def test_engine_sims_serve_health_and_metrics_then_stop() -> None:
+    fleet = await start_engine_sims(2, speed=50.0, role=["prefill", "decode"])
     async with fleet:
         assert len(set(fleet.urls)) == 2
         assert fleet.urls_for("prefill") == fleet.urls[:1]
@@ -158,16 +163,18 @@ async def test_engine_sims_serve_health_and_metrics_then_stop(tmp_path: Path) ->
             assert counter_total(samples, "vllm:prompt_tokens_total") == 0.0
             assert "vllm:num_requests_running" in samples
         pids = [e.pid for e in fleet.engines]
+        assert _names(fleet.log_dir) == sorted(f"engine-sim-{e.port}.log" for e in fleet.engines)
     assert all(e.returncode is not None for e in fleet.engines)
     assert not any(_alive(pid) for pid in pids)
-    assert _names(tmp_path) == sorted(f"engine-sim-{e.port}.log" for e in fleet.engines)
+    assert not fleet.log_dir.exists()  # a temporary log directory goes with a clean close
 
 
-async def test_an_engine_that_cannot_start_names_its_log(tmp_path: Path) -> None:
+async def test_an_engine_that_cannot_start_names_its_log() -> None:
     with pytest.raises(ProcessStartError) as info:
-        await start_engine_sims(1, gpu="abacus", log_dir=tmp_path)
-    assert info.value.log_path.parent == tmp_path
+        await start_engine_sims(1, gpu="abacus")
     assert "abacus" in info.value.message
+    assert "abacus" in _read(info.value.log_path)  # kept for reading
+    shutil.rmtree(info.value.log_path.parent)
 
 
 async def test_cancelling_a_start_leaves_no_engine_behind(tmp_path: Path) -> None:

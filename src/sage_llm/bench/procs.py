@@ -1,8 +1,9 @@
 """Local processes for benchmarks: ``sage-llm engine-sim`` fleets and peer routers.
 
 Every process runs in its own process group, binds 127.0.0.1 only, and writes its output
-to a log file under one directory (a fresh temporary one by default); a start that fails
-raises :class:`ProcessStartError` naming that log and quoting its end. Starting waits until
+to a log file under one directory (a fresh temporary one by default, removed again by a
+clean ``aclose()``; pass ``log_dir`` to keep the logs); a start that fails raises
+:class:`ProcessStartError` naming that log, which is kept, and quoting its end. Starting waits until
 the process answers its health probe; ``aclose()`` (also on an exception, a cancellation or
 Ctrl-C, through ``async with``) terminates the whole group, then kills what is left::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -211,6 +213,11 @@ async def _stop_all(procs: Sequence[ManagedProcess]) -> None:
     await asyncio.gather(*(p.stop() for p in procs), return_exceptions=True)
 
 
+async def _drop_temp_logs(directory: Path | None) -> None:
+    if directory is not None:
+        await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+
+
 @dataclass(eq=False)
 class EngineFleet:
     """Running ``sage-llm engine-sim`` processes; ``roles[i]`` is the role of ``engines[i]``."""
@@ -218,6 +225,8 @@ class EngineFleet:
     engines: tuple[ManagedProcess, ...]
     roles: tuple[str, ...]
     log_dir: Path
+    temp_logs: bool = False
+    """The log directory is a temporary one of its own, removed by a clean ``aclose()``."""
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -236,6 +245,7 @@ class EngineFleet:
     async def aclose(self) -> None:
         """Stop every engine (idempotent)."""
         await _stop_all(self.engines)
+        await _drop_temp_logs(self.log_dir if self.temp_logs else None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -341,7 +351,7 @@ async def start_engine_sims(
     except BaseException:
         await _stop_all(started)
         raise
-    return EngineFleet(tuple(started), roles, directory)
+    return EngineFleet(tuple(started), roles, directory, temp_logs=log_dir is None)
 
 
 def _is_ok(status: int, body: bytes) -> bool:
@@ -357,6 +367,8 @@ class PeerProcess:
     policy: str
     metrics_port: int
     pd: bool
+    temp_logs: bool = False
+    """The log directory is a temporary one of its own, removed by a clean ``aclose()``."""
 
     @property
     def name(self) -> str:
@@ -376,6 +388,7 @@ class PeerProcess:
     async def aclose(self) -> None:
         """Stop the router (idempotent)."""
         await self.process.stop()
+        await _drop_temp_logs(self.process.log_path.parent if self.temp_logs else None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -436,4 +449,4 @@ async def start_peer_router(
     except BaseException:
         await proc.stop()
         raise
-    return PeerProcess(install, proc, policy, metrics_port, pd is not None)
+    return PeerProcess(install, proc, policy, metrics_port, pd is not None, log_dir is None)
