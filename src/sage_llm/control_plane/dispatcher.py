@@ -29,13 +29,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import PDComponents, PDLegError, PDLegs, PDPlan
-from sage_llm.control_plane.pd.orchestrator import servable_view, uses_pd, with_pd_assignment
+from sage_llm.control_plane.pd.orchestrator import (
+    Member,
+    pair_exists,
+    servable_view,
+    unservable_reason,
+    uses_pd,
+    with_pd_assignment,
+)
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
@@ -62,17 +69,6 @@ class _PDRun:
     prefill_open: bool = True
     prefill_end: float | None = None
     prefill_cost: float = 0.0
-
-
-def _pair_exists(members: Iterable[tuple[str, ExecutionInstanceType]]) -> bool:
-    """Whether a prefill-capable and a different decode-capable instance are among
-    ``members`` (id, role), and the fleet is set up for PD."""
-    listed = list(members)
-    if not uses_pd(role for _, role in listed):
-        return False
-    prefill = {iid for iid, role in listed if role.runs_prefill}
-    decode = {iid for iid, role in listed if role.runs_decode}
-    return bool(prefill) and bool(decode) and len(prefill | decode) > 1
 
 
 class Dispatcher:
@@ -205,25 +201,14 @@ class Dispatcher:
     def unservable_reason(self, model: str) -> str | None:
         """Why no registered instance could ever run a request for ``model`` (None: some
         can, now or once they have a free slot)."""
-        members = [
+        return unservable_reason(model, self._members(model), pd_enabled=self.pd is not None)
+
+    def _members(self, model: str, excluded: frozenset[str] = frozenset()) -> list[Member]:
+        return [
             (s.instance_id, s.instance.instance_type)
             for s in self.registry
-            if s.instance.model_name == model and not s.removed
+            if s.instance.model_name == model and not s.removed and s.instance_id not in excluded
         ]
-        if not members:
-            return f"no instance serves model {model!r}"
-        if any(role.runs_whole_requests for _, role in members):
-            return None
-        if self.pd is None:
-            return (
-                f"model {model!r} is served only by PREFILLING/DECODING instances and PD "
-                "disaggregation is disabled"
-            )
-        if not _pair_exists(members):
-            only_prefill = all(r is ExecutionInstanceType.PREFILLING for _, r in members)
-            missing = "decode" if only_prefill else "prefill"
-            return f"model {model!r} has no {missing}-capable instance to pair with"
-        return None
 
     # -- execution -------------------------------------------------------------------------
 
@@ -444,14 +429,10 @@ class Dispatcher:
     def _servable(self, model: str, excluded: frozenset[str], *, whole_only: bool = False) -> bool:
         """Whether instances outside ``excluded`` could run a request for ``model`` (whole, or
         as a PD pair unless ``whole_only``)."""
-        members = [
-            (s.instance_id, s.instance.instance_type)
-            for s in self.registry
-            if s.instance.model_name == model and not s.removed and s.instance_id not in excluded
-        ]
+        members = self._members(model, excluded)
         if any(role.runs_whole_requests for _, role in members):
             return True
-        return not whole_only and self.pd is not None and _pair_exists(members)
+        return not whole_only and self.pd is not None and pair_exists(members)
 
     def _absorb(self, rec: RequestRecord, chunk: Chunk) -> None:
         if chunk.text:

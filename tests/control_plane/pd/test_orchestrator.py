@@ -12,7 +12,9 @@ from sage_llm.control_plane.pd.orchestrator import (
     PairingParams,
     PDOrchestrator,
     PDPlan,
+    pair_exists,
     servable_view,
+    unservable_reason,
     uses_pd,
     with_pd_assignment,
 )
@@ -236,3 +238,20 @@ def test_uses_pd() -> None:
     assert not uses_pd([Role.GENERAL, Role.GENERAL])
     assert uses_pd([Role.GENERAL, Role.HYBRID])
     assert uses_pd([Role.DECODING])
+
+
+def test_pair_exists_and_unservable_reasons() -> None:
+    p, d, g = ("p0", Role.PREFILLING), ("d0", Role.DECODING), ("g0", Role.GENERAL)
+    assert pair_exists([p, d])
+    assert not pair_exists([p, ("p1", Role.PREFILLING)])
+    assert not pair_exists([("h0", Role.HYBRID)])  # one instance cannot pair with itself
+    assert pair_exists([("h0", Role.HYBRID), g])
+    assert not pair_exists([g, ("g1", Role.GENERAL)])  # not set up for PD
+    model = "m"
+    assert unservable_reason(model, [g], pd_enabled=False) is None
+    assert unservable_reason(model, [p, d], pd_enabled=True) is None
+    assert unservable_reason(model, [], pd_enabled=True) == "no instance serves model 'm'"
+    off = unservable_reason(model, [p, d], pd_enabled=False)
+    assert off is not None and "PD disaggregation is disabled" in off
+    assert "no decode-capable" in str(unservable_reason(model, [p], pd_enabled=True))
+    assert "no prefill-capable" in str(unservable_reason(model, [d], pd_enabled=True))

@@ -310,6 +310,40 @@ def uses_pd(roles: Iterable[ExecutionInstanceType]) -> bool:
     return any(r in PD_ROLES for r in roles)
 
 
+Member = tuple[str, ExecutionInstanceType]
+"""A registered instance as fleet checks see it: (instance id, role)."""
+
+
+def pair_exists(members: Iterable[Member]) -> bool:
+    """Whether ``members`` are set up for PD and hold a prefill-capable instance and a
+    different decode-capable one."""
+    listed = list(members)
+    if not uses_pd(role for _, role in listed):
+        return False
+    prefill = {iid for iid, role in listed if role.runs_prefill}
+    decode = {iid for iid, role in listed if role.runs_decode}
+    return bool(prefill) and bool(decode) and len(prefill | decode) > 1
+
+
+def unservable_reason(model: str, members: Sequence[Member], *, pd_enabled: bool) -> str | None:
+    """Why a fleet of ``members`` (the instances of ``model``) can never run a request for
+    it, or None when it can (whole, or as a PD pair when ``pd_enabled``)."""
+    if not members:
+        return f"no instance serves model {model!r}"
+    if any(role.runs_whole_requests for _, role in members):
+        return None
+    if not pd_enabled:
+        return (
+            f"model {model!r} is served only by PREFILLING/DECODING instances and PD "
+            "disaggregation is disabled"
+        )
+    if pair_exists(members):
+        return None
+    only_prefill = all(role is ExecutionInstanceType.PREFILLING for _, role in members)
+    missing = "decode" if only_prefill else "prefill"
+    return f"model {model!r} has no {missing}-capable instance to pair with"
+
+
 def servable_view(snap: ClusterSnapshot, pd_models: Sequence[str]) -> ClusterSnapshot:
     """``snap`` plus, for each of ``pd_models`` that has a free PREFILLING and a free
     DECODING instance but no whole-request instance with a free slot, one stand-in GENERAL
