@@ -8,9 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from sage_llm.bench.stats import BenchSummary, RequestMeasurement
+from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
+from sage_llm.bench.workloads import WorkloadRequest
+from sage_llm.sim.cluster_fleet import InstanceSlot
 
-__all__ = ["ClusterResult", "DecisionStats", "InstanceUsage", "decision_stats"]
+__all__ = [
+    "ClusterResult",
+    "DecisionStats",
+    "InstanceUsage",
+    "build_result",
+    "decision_stats",
+    "measurement",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,3 +187,86 @@ class ClusterResult:
         if per_instance:
             out["instances"] = [i.to_dict() for i in self.instances]
         return out
+
+
+def measurement(
+    wr: WorkloadRequest,
+    arrival: float,
+    first: float | None,
+    end: float,
+    output: int,
+    error: str | None = None,
+    times: Sequence[float] | None = None,
+) -> RequestMeasurement:
+    """What a client replaying ``wr`` would have measured."""
+    return RequestMeasurement(
+        request_id=wr.request_id,
+        priority=wr.priority,
+        user_id=wr.user_id,
+        arrival_s=arrival,
+        first_token_s=first,
+        token_times_s=times or (),
+        end_s=end,
+        prompt_tokens=wr.prompt_tokens,
+        output_tokens=output,
+        ok=error is None,
+        error=error,
+        slo_ttft_s=wr.slo_ttft_s,
+        slo_tpot_s=wr.slo_tpot_s,
+        slo_e2e_s=wr.slo_e2e_s,
+    )
+
+
+def instance_usage(slot: InstanceSlot, duration: float) -> InstanceUsage:
+    """How ``slot`` was used over ``duration`` simulated seconds."""
+    stats = slot.core.stats()
+    queries = stats.prefix_cache_queries_total
+    return InstanceUsage(
+        instance_id=slot.instance_id,
+        busy_s=slot.busy_s,
+        utilization=min(1.0, slot.busy_s / duration),
+        steps=slot.steps,
+        completed=slot.state.completed,
+        tokens_generated=slot.tokens,
+        max_in_flight=slot.max_in_flight,
+        mean_in_flight=slot.in_flight_area / duration,
+        max_concurrency=slot.bound,
+        prefix_hit_rate=stats.prefix_cache_hits_total / queries if queries else 0.0,
+        preemptions=int(stats.preemptions_total),
+    )
+
+
+def build_result(
+    slots: Sequence[InstanceSlot],
+    measurements: Sequence[RequestMeasurement],
+    slo: SLO | None,
+    *,
+    decisions: DecisionStats,
+    wall_s: float,
+    events: int,
+    rejected: int,
+    policy_state: dict[str, Any],
+    settings: dict[str, Any],
+) -> ClusterResult:
+    """The report of a finished run (the simulated duration ends with the last request)."""
+    sim_time = max((m.end_s for m in measurements), default=0.0)
+    duration = max(sim_time, 1e-9)
+    queries = hits = 0.0
+    for slot in slots:
+        stats = slot.core.stats()
+        queries += stats.prefix_cache_queries_total
+        hits += stats.prefix_cache_hits_total
+    return ClusterResult(
+        summary=summarize(measurements, duration, slo),
+        measurements=measurements,
+        instances=[instance_usage(slot, duration) for slot in slots],
+        prefix_hit_rate=hits / queries if queries else 0.0,
+        decisions=decisions,
+        sim_time_s=sim_time,
+        wall_s=wall_s,
+        events=events,
+        steps=sum(s.steps for s in slots),
+        rejected=rejected,
+        policy_state=policy_state,
+        settings=settings,
+    )

@@ -1,0 +1,271 @@
+"""The control-plane half of the cluster simulator: intake, dispatch and accounting.
+
+:class:`SimControlPlane` does, synchronously and at explicit times, what
+``ControlPlaneManager._submit`` and ``Dispatcher`` do on the asyncio path (see
+:mod:`sage_llm.sim.cluster`): admission with the queue bound and ``policy.admit``, dispatch
+passes (``pop`` → ``constrain`` → ``route`` → accounting before the next decision, the
+prefix index updated), the first-token and completion bookkeeping on the registry's
+:class:`~sage_llm.control_plane.instances.InstanceState` (load counters, TTFT/TPOT EWMAs),
+``policy.on_complete``, and the client-side measurements.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from dataclasses import replace
+
+from sage_llm import tokens
+from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.bench.workloads import WorkloadRequest
+from sage_llm.control_plane.routing.base import Router
+from sage_llm.control_plane.scheduling.admission import check_queue_bound
+from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.snapshot import CompletionRecord, RequestInfo
+from sage_llm.errors import ConflictError, InvalidRequestError
+from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
+from sage_llm.sim.cluster_results import measurement
+from sage_llm.sim.cluster_state import FleetState
+from sage_llm.types import RequestStatus
+
+__all__ = ["SimControlPlane"]
+
+
+class SimControlPlane:
+    """Admission, dispatch and accounting over a :class:`FleetState` (see the module
+    docstring). Instances that got work while idle are left in :attr:`kicks` for the
+    simulator to start."""
+
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        router: Router,
+        fleet: FleetState,
+        *,
+        record_token_times: bool,
+        track_prefixes: bool,
+        max_queue_size: int,
+        prefix_block_size: int,
+    ) -> None:
+        self.policy = policy
+        self.router = router
+        self.fleet = fleet
+        self.record_token_times = record_token_times
+        self.track_prefixes = track_prefixes
+        self.max_queue_size = max_queue_size
+        self.prefix_block_size = prefix_block_size
+        self.reqs: dict[str, SimRequest] = {}
+        """Requests admitted and not ended, by id."""
+        self.kicks: list[InstanceSlot] = []
+        self.measurements: list[RequestMeasurement] = []
+        self.decision_s = array("d")
+        self.decision_sampled = 0
+        self.decision_candidates = 0
+        self.rejected = 0
+
+    def arrive(self, wr: WorkloadRequest, now: float) -> None:
+        """Intake and admission, as ``ControlPlaneManager._submit``."""
+        model = wr.model
+        groups = self.fleet.groups
+        if model is None and len(groups) == 1:
+            model = next(iter(groups))
+        if model is None or model not in groups:
+            what = "model_name is required when several models are served"
+            if model is not None:
+                what = f"no instance serves model {model!r}"
+            self._reject(
+                wr, now, f"{'ModelNotFoundError' if model else 'InvalidRequestError'}: {what}"
+            )
+            return
+        if wr.request_id in self.reqs:
+            self._reject(
+                wr, now, f"ConflictError: request {wr.request_id!r} is already in progress"
+            )
+            return
+        prompt = wr.prompt
+        ids = prompt if isinstance(prompt, list) else tokens.tokenize(prompt)
+        slo_e2e = wr.slo_e2e_s
+        info = RequestInfo(
+            request_id=wr.request_id,
+            model=model,
+            arrival=now,
+            prompt_tokens=len(ids),
+            max_tokens=wr.max_tokens,
+            priority=wr.priority,
+            deadline=None if slo_e2e is None else now + slo_e2e,
+            user_id=wr.user_id,
+            session_id=wr.session_id,
+            block_hashes=(
+                prefix_block_hashes(ids, self.prefix_block_size) if self.track_prefixes else ()
+            ),
+        )
+        queued = len(self.policy)
+        snap = self.fleet.snapshot(now)
+        verdict = check_queue_bound(queued, self.max_queue_size, snap)
+        full = not verdict.admitted
+        if verdict.admitted:
+            verdict = self.policy.admit(info, snap)
+        if not verdict.admitted:
+            reason = verdict.reason
+            kind = "AdmissionError"
+            if full:
+                kind = "QueueFullError"
+            elif "slo" in reason.lower() or "deadline" in reason.lower():
+                kind = "SLOInfeasibleError"
+            self._reject(wr, now, f"{kind}: {reason}")
+            return
+        if verdict.priority is not None:
+            info = replace(info, priority=verdict.priority)
+        rec = SimRequest(wr, info, ids)
+        if self.record_token_times:
+            rec.token_times = []
+        self.reqs[wr.request_id] = rec
+        self.policy.push(info)
+
+    def dispatch(self, now: float) -> None:
+        """One pass of ``Dispatcher.dispatch_ready``."""
+        policy, router, fleet, perf = self.policy, self.router, self.fleet, time.perf_counter
+        while len(policy) and fleet.free_total:
+            started = perf()
+            snap = fleet.snapshot(now)
+            info = policy.pop(snap)
+            if info is None:
+                break
+            rec = self.reqs.get(info.request_id)
+            if rec is None or rec.slot is not None:
+                continue
+            rec.info = info
+            snap = fleet.augment(snap, info) if fleet.sampled_models else snap
+            allowed = policy.constrain(info, snap)
+            decision = router.route(info, snap, allowed)
+            if decision is None and allowed is not None:
+                decision = router.route(info, snap)
+            if decision is None:  # inconsistent with pop(); keep the request and stop
+                policy.push(info)
+                break
+            self.decision_s.append(perf() - started)
+            self.decision_candidates += len(snap)
+            if fleet.sampled_models:
+                self.decision_sampled += 1
+            slot = fleet.by_id[decision.instance_id]
+            view = slot.fresh_view()
+            rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)
+            self._start(rec, slot, view.queued_prefill_tokens + info.prompt_tokens, now)
+
+    def _start(self, rec: SimRequest, slot: InstanceSlot, pending: int, now: float) -> None:
+        state, info = slot.state, rec.info
+        slot.note_in_flight(now)
+        state.in_flight += 1
+        state.queued_prefill_tokens += info.prompt_tokens
+        state.outstanding_decode_tokens += info.max_tokens
+        slot.max_in_flight = max(slot.max_in_flight, state.in_flight)
+        self.fleet.occupied(slot)
+        rec.slot = slot
+        rec.scheduled_at = now
+        rec.pending_tokens = pending
+        if self.track_prefixes:
+            self.fleet.prefix.insert(state.instance_id, info.block_hashes)
+        self.fleet.mark(slot)
+        ids = rec.prompt_ids
+        rec.prompt_ids = None
+        assert ids is not None
+        error = _engine_refusal(slot, len(ids), info.max_tokens)
+        if error is None:
+            try:
+                slot.core.add_request(info.request_id, ids, info.max_tokens, arrival=now)
+            except (InvalidRequestError, ConflictError) as exc:
+                error = f"{type(exc).__name__}: {exc.message}"
+        if error is not None:
+            del self.reqs[info.request_id]
+            self.complete(rec, slot, now, error=error)
+            return
+        slot.awaiting_first[info.request_id] = rec
+        if not slot.busy and not slot.kick_pending:
+            slot.kick_pending = True
+            self.kicks.append(slot)
+
+    def first_token(self, rec: SimRequest, slot: InstanceSlot, now: float) -> None:
+        """The first token of ``rec`` came back at ``now``."""
+        rec.first_token_s = now
+        state = slot.state
+        state.queued_prefill_tokens -= rec.info.prompt_tokens
+        state.observe_first_token(now - rec.scheduled_at, rec.pending_tokens)
+        self.fleet.mark(slot)
+
+    def complete(
+        self, rec: SimRequest, slot: InstanceSlot, now: float, *, error: str | None = None
+    ) -> None:
+        """The request ended on ``slot``: account it as ``Dispatcher._finish`` does."""
+        info, state = rec.info, slot.state
+        ok = error is None
+        first = rec.first_token_s
+        output = (rec.output if self.record_token_times else info.max_tokens) if ok else 0
+        e2e_s = now - info.arrival
+        ttft_s = None if first is None else first - info.arrival
+        tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
+        slo_e2e = rec.workload.slo_e2e_s
+        slo_met = None if slo_e2e is None else ok and e2e_s <= slo_e2e
+        cost = slot.cost_per_s * (now - rec.scheduled_at)
+        status = RequestStatus.COMPLETED if ok else RequestStatus.FAILED
+        if first is None:
+            state.queued_prefill_tokens -= info.prompt_tokens
+        slot.note_in_flight(now)
+        state.in_flight -= 1
+        state.outstanding_decode_tokens -= info.max_tokens
+        self.fleet.released(slot)
+        if ok:
+            state.completed += 1
+            state.tokens_generated += output
+            state.record_latency(e2e_s * 1000.0)
+            if tpot_s is not None:
+                state.observe_tpot(tpot_s)
+        else:
+            state.failed += 1
+        self.fleet.mark(slot)
+        self.policy.on_complete(
+            CompletionRecord(
+                request_id=info.request_id,
+                status=status,
+                priority=info.priority,
+                instance_id=slot.instance_id,
+                arrival=info.arrival,
+                finished=now,
+                queue_wait_s=rec.scheduled_at - info.arrival,
+                ttft_s=ttft_s,
+                tpot_s=tpot_s,
+                e2e_s=e2e_s,
+                prompt_tokens=info.prompt_tokens,
+                completion_tokens=output,
+                slo_met=slo_met,
+                predicted_e2e_s=rec.predicted_e2e_s,
+                cost=cost,
+            )
+        )
+        self.measurements.append(
+            measurement(rec.workload, info.arrival, first, now, output, error, rec.token_times)
+        )
+
+    def _reject(self, wr: WorkloadRequest, now: float, error: str) -> None:
+        self.rejected += 1
+        self.measurements.append(measurement(wr, now, None, now, 0, error))
+
+    def abandon_leftovers(self, now: float) -> None:
+        """Requests still queued when no event is left (nothing could ever serve them)."""
+        for rec in list(self.reqs.values()):
+            self.policy.remove(rec.info.request_id)
+            self.measurements.append(
+                measurement(rec.workload, rec.info.arrival, None, now, 0, "never dispatched")
+            )
+        self.reqs.clear()
+
+
+def _engine_refusal(slot: InstanceSlot, n_prompt: int, max_tokens: int) -> str | None:
+    """The context-length checks ``SimEngine.generate`` makes before queueing a request."""
+    limit = slot.core.config.max_model_len
+    if n_prompt + max_tokens > limit:
+        return (
+            f"InvalidRequestError: this model's maximum context length is {limit} tokens; "
+            f"you requested {n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} "
+            "in the completion)"
+        )
+    return None

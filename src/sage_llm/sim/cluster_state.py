@@ -1,0 +1,169 @@
+"""The fleet as the simulated control plane tracks it, and the snapshots decisions see.
+
+:class:`FleetState` keeps the instances by id and by model, which of them have a free
+slot, and each instance's cached view; it builds the
+:class:`~sage_llm.control_plane.snapshot.ClusterSnapshot` of every decision, sampling the
+candidates of large model groups (see :mod:`sage_llm.sim.cluster`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from sage_llm.control_plane.instances import InstanceRegistry
+from sage_llm.control_plane.routing.base import Router
+from sage_llm.control_plane.routing.pipeline import Pipeline
+from sage_llm.control_plane.routing.prefix_index import PrefixIndex
+from sage_llm.control_plane.routing.scorers import (
+    PrefixMatchScorer,
+    SessionAffinityScorer,
+    rendezvous_owner,
+)
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec
+
+__all__ = ["FleetState", "router_wants"]
+
+_STICKY_CACHE = 65_536
+
+
+def router_wants(router: Router) -> tuple[bool, bool]:
+    """Whether ``router`` may read (prefix-index holders, the session's sticky owner).
+
+    A router the simulator cannot inspect (not a :class:`Pipeline`) may read both.
+    """
+    if not isinstance(router, Pipeline):
+        return True, True
+    scorers = [s for s, _ in router.scorers]
+    return (
+        any(isinstance(s, PrefixMatchScorer) for s in scorers),
+        any(isinstance(s, SessionAffinityScorer) for s in scorers),
+    )
+
+
+class FleetState:
+    """Instances, free slots, cached views and per-decision snapshots.
+
+    A model served by more than ``sample_above`` instances is *sampled*: its part of a
+    snapshot is about ``max_candidates`` instances with a free slot drawn with ``rng``;
+    :meth:`augment` then adds the instances the router looks for by identity.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[SimInstanceSpec],
+        *,
+        prefix: PrefixIndex,
+        max_candidates: int,
+        sample_above: int,
+        rng: random.Random,
+        router: Router,
+    ) -> None:
+        self.registry = InstanceRegistry()
+        self.slots = [InstanceSlot(n, spec, self.registry) for n, spec in enumerate(specs)]
+        self.by_id = {s.instance_id: s for s in self.slots}
+        self.groups: dict[str, list[InstanceSlot]] = {}
+        for s in self.slots:
+            self.groups.setdefault(s.model, []).append(s)
+        self.free = {m: FreeList() for m in self.groups}
+        for s in self.slots:
+            s.sampled = len(self.groups[s.model]) > sample_above
+            self.free[s.model].add(s.index)
+        self.free_total = len(self.slots)
+        """Instances with a free slot, over all models."""
+        self.sampled_models = [m for m, g in self.groups.items() if len(g) > sample_above]
+        self.prefix = prefix
+        self.max_candidates = max_candidates
+        self.want_prefix, self.want_sticky = router_wants(router)
+        self._rng = rng
+        self._full = [s for s in self.slots if not s.sampled]
+        self._views: list[InstanceView] = [s.view for s in self._full]
+        self._full_pos = {s.index: n for n, s in enumerate(self._full)}
+        self._dirty: set[int] = set()
+        self._sticky: dict[tuple[str, str], InstanceSlot | None] = {}
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def mark(self, slot: InstanceSlot) -> None:
+        """``slot``'s live state changed: rebuild its view before it is next read."""
+        slot.dirty = True
+        if not slot.sampled:
+            self._dirty.add(slot.index)
+
+    def occupied(self, slot: InstanceSlot) -> None:
+        """Call after ``in_flight`` went up by one."""
+        if slot.state.in_flight == slot.bound:
+            self.free[slot.model].discard(slot.index)
+            self.free_total -= 1
+
+    def released(self, slot: InstanceSlot) -> None:
+        """Call after ``in_flight`` went down by one."""
+        if slot.state.in_flight == slot.bound - 1:
+            self.free[slot.model].add(slot.index)
+            self.free_total += 1
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> ClusterSnapshot:
+        """The fleet for the next decision: every instance of unsampled models, a fresh
+        sample of each sampled one."""
+        if self._dirty:
+            views, pos, slots = self._views, self._full_pos, self.slots
+            for index in self._dirty:
+                views[pos[index]] = slots[index].fresh_view()
+            self._dirty.clear()
+        if not self.sampled_models:
+            return ClusterSnapshot(now, tuple(self._views), self.prefix)
+        out = list(self._views)
+        slots = self.slots
+        for model in self.sampled_models:
+            picked = self.free[model].sample(self._rng, self.max_candidates)
+            out.extend(slots[i].fresh_view() for i in picked)
+        return ClusterSnapshot(now, tuple(out), self.prefix)
+
+    def augment(self, snap: ClusterSnapshot, info: RequestInfo) -> ClusterSnapshot:
+        """``snap`` plus, for a sampled model, the request's preferred and previous
+        instances, its sticky owner and the prefix holders with a free slot (when the
+        router reads them)."""
+        group = self.groups.get(info.model)
+        if group is None or not group[0].sampled:
+            return snap
+        present = {v.instance_id for v in snap.instances}
+        extra: list[InstanceSlot] = []
+
+        def add(slot: InstanceSlot | None) -> None:
+            if slot is not None and slot.instance_id not in present:
+                present.add(slot.instance_id)
+                extra.append(slot)
+
+        for iid in (info.preferred_instance_id, info.previous_instance_id):
+            if iid is not None:
+                add(self.by_id.get(iid))
+        key = info.sticky_key
+        if self.want_sticky and key is not None:
+            add(self._sticky_owner(info.model, key))
+        if self.want_prefix and info.block_hashes:
+            ranked = sorted(
+                (-depth, s.index)
+                for iid, depth in self.prefix.match(info.block_hashes).items()
+                if (s := self.by_id.get(iid)) is not None
+                and s.model == info.model
+                and s.has_capacity
+            )
+            for _, index in ranked[: self.max_candidates]:
+                add(self.slots[index])
+        if not extra:
+            return snap
+        views = tuple(s.fresh_view() for s in extra)
+        return ClusterSnapshot(snap.now, snap.instances + views, snap.prefix)
+
+    def _sticky_owner(self, model: str, key: str) -> InstanceSlot | None:
+        """The session-affinity owner of ``key`` over the whole model ring (cached)."""
+        cache_key = (model, key)
+        if cache_key not in self._sticky:
+            if len(self._sticky) >= _STICKY_CACHE:
+                self._sticky.clear()
+            owner = rendezvous_owner(key, (s.instance_id for s in self.groups[model]))
+            self._sticky[cache_key] = None if owner is None else self.by_id[owner]
+        return self._sticky[cache_key]
