@@ -178,7 +178,7 @@ class EngineBackend:
             request_id=request_id,
             text="".join(text),
             token_ids=token_ids,
-            logprobs=logprobs if item.options.logprobs is not None else None,
+            logprobs=logprobs if item.options.logprobs is not None and logprobs else None,
             finish_reason=finish,
             input_tokens=usage.prompt_tokens if usage else count_tokens(prompt),
             output_tokens=usage.completion_tokens if usage else len(token_ids),
