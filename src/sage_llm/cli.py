@@ -43,6 +43,50 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 @app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Cluster TOML (seed format).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (overrides the file).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (overrides the file).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the OpenAI-compatible gateway over the configured fleet.
+
+    Without --config it starts the embedded default: a small fleet of simulated engines.
+    """
+    _setup_logging(log_level)
+    from sage_llm.config import SageConfig, load_config
+    from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
+    from sage_llm.gateway.server import run_gateway
+
+    log = logging.getLogger("sage_llm.serve")
+    try:
+        cfg = load_config(config) if config is not None else SageConfig.default()
+    except SageLLMError as exc:
+        _fail(exc.message)
+    if uses_embedded_fleet(cfg):
+        sim = cfg.simulation
+        log.info(
+            "no instances configured%s: starting the embedded default fleet of %d simulated "
+            "%s engines serving %s",
+            "" if config is None else f" in {config}",
+            sim.instances,
+            sim.gpu,
+            sim.model,
+        )
+    else:
+        log.info("config %s: %d instances", config, len(cfg.control_plane.instances))
+
+    async def main() -> None:
+        manager = build_manager(cfg)
+        await run_gateway(manager, cfg.gateway, host=host, port=port)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+@app.command()
 def demo(
     sessions: Annotated[int, typer.Option(help="Multi-turn sessions in the workload.")] = 120,
     rate: Annotated[float, typer.Option(help="New sessions per second.")] = 9.0,

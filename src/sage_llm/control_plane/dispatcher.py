@@ -271,6 +271,7 @@ class Dispatcher:
             if exc.retryable and not rec.produced_output and self._can_retry(rec, state):
                 retry_error = exc
             else:
+                rec.exception = exc
                 self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
         except Exception as exc:
             log.exception("request %s failed inside the control plane", rec.request_id)
@@ -385,6 +386,7 @@ class Dispatcher:
             if verdict is not None:
                 retry = (exc, failed, verdict)
             else:
+                rec.exception = exc
                 self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, failed),
                              state=dstate, extra_cost=run.prefill_cost)  # fmt: skip
         except Exception as exc:

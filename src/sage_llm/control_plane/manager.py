@@ -349,6 +349,13 @@ class ControlPlaneManager:
                 yield item
             result = rec.result
             if result is not None and result.status is RequestStatus.FAILED:
+                if isinstance(rec.exception, EngineError):
+                    raise EngineError(
+                        result.error or rec.exception.message,
+                        instance_id=rec.exception.instance_id,
+                        status=rec.exception.status,
+                        retryable=False,
+                    ) from rec.exception
                 raise EngineError(result.error or "request failed", retryable=False)
         finally:
             if not finished:

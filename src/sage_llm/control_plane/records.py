@@ -47,6 +47,8 @@ class RequestRecord:
     cached_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    exception: BaseException | None = None
+    """The engine error that failed the request (re-raised by ``stream``)."""
     result: RequestResult | None = None
 
     @property
