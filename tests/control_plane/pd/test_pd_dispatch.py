@@ -4,6 +4,7 @@ engines, on virtual time."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable
 
 import pytest
@@ -208,6 +209,8 @@ def test_mixed_fleet_follows_the_decider() -> None:
             short = await cp.generate(make_metadata("short", prompt=SHORT, max_tokens=4))
             long = await cp.generate(make_metadata("long", prompt=LONG, max_tokens=4))
             status = cp.get_status()["pd"]
+            json.dumps(cp.get_status())  # the admin API serves it as JSON
+            assert cp.get_metrics().metadata["pd"]["disaggregated_requests"] == 1
         assert (short.instance_id, short.prefill_instance_id) == ("g0", None)
         assert (long.instance_id, long.prefill_instance_id) == ("d0", "p0")
         assert (status["colocated_requests"], status["disaggregated_requests"]) == (1, 1)
