@@ -1,22 +1,37 @@
-"""``sage-llm demo``: the control plane over a simulated fleet, side by side per preset.
+"""``sage-llm demo``: the gateway over the embedded simulated fleet, then presets side by side.
 
-A multi-turn chat workload (shared system prompt, growing per-session prefixes, 10%
-CRITICAL/HIGH traffic) runs through a fleet of four simulated H100s serving Llama-3-8B,
-once per scheduling/routing preset, on virtual time. The report compares goodput at a
+Part 1 starts ``sage-llm serve``'s embedded default (the OpenAI-compatible gateway over four
+simulated engines) on a loopback port and drives a short streaming workload through it over
+HTTP, as any OpenAI client would.
+
+Part 2: a multi-turn chat workload (shared system prompt, growing per-session prefixes,
+10% CRITICAL/HIGH traffic, per-priority deadlines) runs through four simulated L40S engines
+serving Llama-3-8B, 16 concurrent requests each, once per scheduling/routing preset, on
+virtual time. The report compares goodput at a
 named SLO, latency percentiles, prefix-cache hit rate and SLO attainment by priority.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
-from sage_llm.bench.stats import SLO
-from sage_llm.bench.workloads import Workload, multi_turn, with_priorities
+from sage_llm.bench.loadgen import LoadReport, run_http_workload
+from sage_llm.bench.stats import SLO, BenchSummary, summarize
+from sage_llm.bench.workloads import (
+    LogNormal,
+    Uniform,
+    Workload,
+    multi_turn,
+    synthetic,
+    with_priorities,
+)
 from sage_llm.types import ExecutionInstance, RequestPriority
 
 DEMO_SLO = SLO(ttft_s=1.0, tpot_s=0.05, name="TTFT<=1s,TPOT<=50ms")
@@ -74,6 +89,81 @@ def demo_workload(sessions: int = 120, rate: float = 9.0, seed: int = 0) -> Work
     return with_priorities(base, mix, slos, seed=seed)
 
 
+@dataclass(frozen=True)
+class GatewayDemoResult:
+    report: LoadReport
+    summary: BenchSummary
+    per_instance: dict[str, int]
+
+
+async def gateway_demo(requests: int = 120, rate: float = 24.0, seed: int = 0) -> GatewayDemoResult:
+    """Serve the embedded default fleet through the gateway on loopback and drive it."""
+    from sage_llm.config import SageConfig
+    from sage_llm.control_plane.builder import build_manager
+    from sage_llm.gateway.server import start_gateway
+
+    config = SageConfig.default()
+    manager = build_manager(config)
+    mix: dict[RequestPriority | int | str, float] = {
+        RequestPriority.HIGH: 0.2,
+        RequestPriority.NORMAL: 0.6,
+        RequestPriority.LOW: 0.2,
+    }
+    workload = with_priorities(
+        synthetic(
+            requests,
+            rate,
+            input_dist=LogNormal(300, 0.8, lo=16, hi=2048),
+            output_dist=Uniform(16, 96),
+            seed=seed,
+            n_users=8,
+            model=config.simulation.model,
+        ),
+        mix,
+        seed=seed,
+    )
+    await manager.start()
+    runner, port = await start_gateway(manager, config.gateway, port=0)
+    try:
+        report = await run_http_workload(
+            f"http://127.0.0.1:{port}", workload, model=config.simulation.model
+        )
+        per_instance = {
+            inst.instance_id: int(
+                manager.get_instance_metrics(inst.instance_id)["completed_requests"]
+            )
+            for inst in manager.get_instances()
+        }
+    finally:
+        await runner.cleanup()
+        await manager.stop()
+    return GatewayDemoResult(
+        report, summarize(report.measurements, report.duration_s), per_instance
+    )
+
+
+def render_gateway(result: GatewayDemoResult) -> Table:
+    s = result.summary
+    table = Table(title="Gateway over the embedded simulated fleet (HTTP, streaming)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("requests ok / sent", f"{s.ok} / {s.count}")
+    table.add_row("throughput", f"{s.request_throughput:.1f} req/s, "
+                  f"{s.output_token_throughput:.0f} tok/s")  # fmt: skip
+    if s.ttft:
+        table.add_row("TTFT p50 / p99", f"{_ms(s.ttft.p50)} / {_ms(s.ttft.p99)} ms")
+    if s.tpot:
+        table.add_row("TPOT p50 / p99", f"{_ms(s.tpot.p50)} / {_ms(s.tpot.p99)} ms")
+    if s.e2e:
+        table.add_row("E2E p50 / p99", f"{_ms(s.e2e.p50)} / {_ms(s.e2e.p99)} ms")
+    table.add_row(
+        "requests per instance",
+        ", ".join(f"{k}: {v}" for k, v in sorted(result.per_instance.items())),
+    )
+    table.add_row("load generator lag (mean)", f"{result.report.mean_send_lag_s * 1000:.2f} ms")
+    return table
+
+
 def run_demo(
     presets: Sequence[Preset] = DEMO_PRESETS,
     *,
@@ -83,10 +173,18 @@ def run_demo(
     console: Console | None = None,
 ) -> list[RunResult]:
     console = console or Console(width=None if sys.stdout.isatty() else 132)
+    console.print(
+        "[bold]sage-llm demo, part 1[/bold]: `sage-llm serve`'s embedded default (gateway + 4 "
+        "simulated H100 engines serving Llama-3-8B) on loopback, driven over HTTP …"
+    )
+    gw = asyncio.run(gateway_demo(seed=seed))
+    console.print(render_gateway(gw))
+    for warning in gw.report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     workload = demo_workload(sessions, rate, seed)
     info = workload.summary()
     console.print(
-        f"[bold]sage-llm demo[/bold]: {len(workload)} requests "
+        f"[bold]sage-llm demo, part 2[/bold]: {len(workload)} requests "
         f"({sessions} multi-turn sessions, {info.get('rate_rps') or 0:.1f} req/s) over 4 simulated "
         f"L40S engines serving Llama-3-8B (16 concurrent each); SLO {DEMO_SLO.name} "
         "(per-priority deadlines); virtual time."
