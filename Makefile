@@ -4,12 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench example install clean
+
+# SAGE (isage-common, isage-kernel) is installed without its dependency pins, which would
+# downgrade openai and rich; the few modules it needs at run time are installed explicitly.
+SAGE_PKGS := isage-common==0.2.5.2 isage-kernel==0.2.5.3
+SAGE_DEPS := pyyaml psutil dill platformdirs python-dotenv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SAGE_PKGS)
+	$(BIN)/python -m pip install --quiet $(SAGE_DEPS)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -26,7 +33,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/sage-llm bench policies
+	$(BIN)/sage-llm demo
+
+example: $(STAMP)
+	$(BIN)/python examples/sage_pipeline/main.py
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
