@@ -1,0 +1,125 @@
+"""Tests for the benchmark report: CDFs, target check, curves, table, JSON and HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from sage_llm.bench.report import (
+    Entry,
+    best_by_goodput,
+    cdf_points,
+    goodput_curves,
+    summary_table,
+    target_check,
+    write_html,
+    write_json,
+)
+from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
+from sage_llm.types import RequestPriority
+
+SLO_1S = SLO(ttft_s=1.0, tpot_s=0.05)
+
+
+def _m(i: int, ttft_s: float, tokens: int = 3, tpot_s: float = 0.01,
+       priority: RequestPriority = RequestPriority.NORMAL) -> RequestMeasurement:  # fmt: skip
+    first = float(i) + ttft_s
+    times = [first + k * tpot_s for k in range(tokens)]
+    return RequestMeasurement(
+        request_id=f"r{i}", priority=priority, user_id=None, arrival_s=float(i),
+        first_token_s=first, token_times_s=times, end_s=times[-1], prompt_tokens=10,
+        output_tokens=tokens,
+    )  # fmt: skip
+
+
+def _summary(
+    ttfts: list[float], duration: float = 10.0
+) -> tuple[BenchSummary, list[RequestMeasurement]]:
+    ms = [_m(i, t) for i, t in enumerate(ttfts)]
+    return summarize(ms, duration, SLO_1S), ms
+
+
+def test_cdf_points_sorted_with_fractions() -> None:
+    xs, ys = cdf_points([3.0, 1.0, 2.0, 2.0])
+    assert xs == [1.0, 2.0, 2.0, 3.0]
+    assert ys == [0.25, 0.5, 0.75, 1.0]
+    assert cdf_points([]) == ([], [])
+
+
+def test_target_check_ratios_hand_computed() -> None:
+    # sage: 4 of 4 meet the 1 s TTFT over 10 s -> goodput 0.4; peer: 2 of 4 -> 0.2.
+    sage, _ = _summary([0.1, 0.2, 0.3, 0.4])
+    peer, _ = _summary([0.5, 0.6, 2.0, 3.0])
+    weak, _ = _summary([5.0, 5.0, 5.0, 5.0])
+    entries = [Entry("fifo", "sage", weak), Entry("slo", "sage", sage),
+               Entry("rr", "peer", peer)]  # fmt: skip
+    check = target_check(entries)
+    assert check is not None
+    assert (check.best_sage, check.best_peer) == ("slo", "rr")
+    assert check.goodput_ratio == pytest.approx(2.0)
+    assert sage.ttft is not None and peer.ttft is not None
+    assert check.p99_ttft_ratio == pytest.approx(sage.ttft.p99 / peer.ttft.p99)
+    assert check.goodput_met and check.p99_met
+    assert check.to_dict()["goodput_met"] is True
+
+
+def test_target_check_needs_both_kinds_and_handles_zero_goodput() -> None:
+    sage, _ = _summary([0.1])
+    assert target_check([Entry("a", "sage", sage)]) is None
+    zero, _ = _summary([5.0])
+    check = target_check([Entry("a", "sage", sage), Entry("b", "peer", zero)])
+    assert check is not None and check.goodput_ratio is None and not check.goodput_met
+
+
+def test_best_by_goodput_breaks_ties_on_p99_ttft() -> None:
+    fast, _ = _summary([0.1, 0.1])
+    slow, _ = _summary([0.9, 0.9])
+    best = best_by_goodput([Entry("slow", "sage", slow), Entry("fast", "sage", fast)], "sage")
+    assert best is not None and best.name == "fast"
+    assert best_by_goodput([], "peer") is None
+
+
+def test_goodput_curves_only_for_names_with_several_rates() -> None:
+    s1, _ = _summary([0.1])
+    s2, _ = _summary([0.1, 0.2])
+    entries = [Entry("a", "sage", s2, rate_rps=2.0), Entry("a", "sage", s1, rate_rps=1.0),
+               Entry("b", "peer", s1, rate_rps=1.0)]  # fmt: skip
+    assert goodput_curves(entries) == {"a": [(1.0, 0.1), (2.0, 0.2)]}
+
+
+def test_summary_table_rows_and_slo_columns() -> None:
+    ms = [_m(0, 0.1, priority=RequestPriority.CRITICAL), _m(1, 2.0, priority=RequestPriority.HIGH),
+          _m(2, 0.1, priority=RequestPriority.LOW)]  # fmt: skip
+    s = summarize(ms, 10.0, SLO_1S)
+    table = summary_table([("p", s)], title="t", prefix_hit_rate={"p": 0.5})
+    console = Console(width=250, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "2/3" not in text and "3/3" in text
+    assert "50.0%" in text  # CRITICAL met, HIGH missed
+    assert "100.0%" in text  # LOW met
+    assert "50%" in text  # prefix hit rate
+
+
+def test_write_json_and_html(tmp_path: Path) -> None:
+    sage, ms = _summary([0.1, 0.2, 0.3])
+    peer, pms = _summary([0.5, 2.0, 3.0])
+    entries = [Entry("slo", "sage", sage, ms, rate_rps=1.0, extra={"prefix_hit_rate": 0.3}),
+               Entry("rr", "peer", peer, pms, rate_rps=1.0)]  # fmt: skip
+    path = write_json(tmp_path / "r.json", {"engines": 4}, entries, notes=["x"])
+    data = json.loads(path.read_text())
+    assert data["config"] == {"engines": 4}
+    assert [e["name"] for e in data["entries"]] == ["slo", "rr"]
+    assert data["entries"][0]["summary"]["slo_met"] == 3
+    assert data["target_check"]["goodput_ratio"] == pytest.approx(3.0)
+    assert data["notes"] == ["x"]
+    page = write_html(tmp_path / "html", {"engines": 4}, entries, title="a <b> c")
+    text = page.read_text()
+    assert "a &lt;b&gt; c" in text
+    for png in ("ttft_cdf.png", "tpot_cdf.png", "goodput.png", "slo_by_priority.png"):
+        assert (tmp_path / "html" / png).read_bytes()[:4] == b"\x89PNG"
+        assert png in text
+    assert not (tmp_path / "html" / "goodput_vs_rate.png").exists()
