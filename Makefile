@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench example install clean
+.PHONY: demo test lint docs bench example install clean
 
 # SAGE (isage-common, isage-kernel) is installed without its dependency pins, which would
 # downgrade openai and rich; the few modules it needs at run time are installed explicitly.
@@ -14,7 +14,7 @@ SAGE_DEPS := pyyaml psutil dill platformdirs python-dotenv
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench,docs]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SAGE_PKGS)
 	$(BIN)/python -m pip install --quiet $(SAGE_DEPS)
 	@touch $(STAMP)
@@ -31,6 +31,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests examples
 	$(BIN)/ruff format --check src tests examples
 	$(BIN)/mypy
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/sage-llm demo
