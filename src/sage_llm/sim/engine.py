@@ -13,7 +13,11 @@ PD: :meth:`SimEngine.prefill` runs a prefill leg and returns vLLM-shaped
 ``kv_transfer_params``; ``generate`` with ``kv_transfer_params.do_remote_prefill`` runs the
 decode leg (KV transfer time, then decode). Engines sharing a :class:`KVTransferHub` release
 the prefill side's pinned blocks when the decode side has pulled them, as vLLM's NIXL
-connector does; without a hub they are released after ``kv_pin_timeout_s``.
+connector does. Engines in other processes are told over HTTP: a decode leg whose
+``kv_transfer_params`` name ``remote_host``/``remote_port`` hands the pulled request to the
+engine's :class:`RemoteKVReleaser` (the engine server installs one that posts to the prefill
+server's ``/sim/kv/release``), the HTTP analogue of NIXL notifying the producer. Without
+either, pinned blocks are released after ``kv_pin_timeout_s``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
@@ -36,7 +40,16 @@ from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResu
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
-__all__ = ["KVTransferHub", "SimEngine", "SimEngineConfig"]
+__all__ = ["KVTransferHub", "RemoteKVReleaser", "SimEngine", "SimEngineConfig"]
+
+
+class RemoteKVReleaser(Protocol):
+    """Tells a prefill engine in another process that its pinned KV was pulled.
+
+    ``release`` must not block: it schedules the notification and returns.
+    """
+
+    def release(self, host: str, port: int, request_id: str) -> None: ...
 
 
 class KVTransferHub:
@@ -100,6 +113,10 @@ class SimEngine:
         self._wake: asyncio.Event | None = None
         self._closed = False
         self._broken: BaseException | None = None
+        self._releaser: RemoteKVReleaser | None = None
+        # (remote engine id, remote request id) -> (host, port), and local id -> that key
+        self._remote_addr: dict[tuple[str | None, str], tuple[str, int]] = {}
+        self._remote_key: dict[str, tuple[str | None, str]] = {}
         if kv_hub is not None:
             kv_hub.register(self)
 
@@ -126,6 +143,15 @@ class SimEngine:
         if not value > 0:
             raise ConfigError("must be > 0", key="speed")
         self._core.speed = float(value)
+
+    @property
+    def remote_releaser(self) -> RemoteKVReleaser | None:
+        """Who tells prefill engines in other processes that their KV was pulled."""
+        return self._releaser
+
+    @remote_releaser.setter
+    def remote_releaser(self, value: RemoteKVReleaser | None) -> None:
+        self._releaser = value
 
     # -- EngineClient ------------------------------------------------------------------
 
@@ -288,11 +314,30 @@ class SimEngine:
         )
         stream = _Stream(self._config.seed, request_id)
         self._streams[request_id] = stream
+        if kv_transfer and kv_transfer.get("do_remote_prefill"):
+            self._remember_remote(request_id, kv_transfer)
         wake.set()
         return stream
 
+    def _remember_remote(self, request_id: str, kv: Mapping[str, Any]) -> None:
+        host, port = kv.get("remote_host"), kv.get("remote_port")
+        if not isinstance(host, str) or not host:
+            return
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            return
+        engine = kv.get("remote_engine_id")
+        key = (
+            None if engine is None else str(engine),
+            str(kv.get("remote_request_id") or request_id),
+        )
+        self._remote_addr[key] = (host, port)
+        self._remote_key[request_id] = key
+
     def _close_stream(self, request_id: str, *, abort: bool) -> None:
         self._streams.pop(request_id, None)
+        key = self._remote_key.pop(request_id, None)
+        if key is not None:
+            self._remote_addr.pop(key, None)
         if abort:
             self._core.abort(request_id)
 
@@ -332,9 +377,12 @@ class SimEngine:
             self._fail_all(f"simulated engine failed: {exc!r}")
 
     def _notify_pulled(self, res: StepResult) -> None:
-        if self._hub is not None:
-            for engine_id, request_id in res.kv_pulled:
-                self._hub.release(engine_id, request_id)
+        for engine_id, request_id in res.kv_pulled:
+            if self._hub is not None and self._hub.release(engine_id, request_id):
+                continue
+            addr = self._remote_addr.pop((engine_id, request_id), None)
+            if addr is not None and self._releaser is not None:
+                self._releaser.release(addr[0], addr[1], request_id)
 
     def _deliver(self, res: StepResult) -> None:
         streams = self._streams

@@ -3,7 +3,8 @@
 An :class:`~sage_llm.types.ExecutionInstance` describes a real deployment; this module maps
 it onto the simulator: its ``model_name`` (when the simulator knows it, else
 ``metadata["sim_model"]`` or Llama-3-8B), ``metadata["sim_gpu"]`` (default H100), its TP/PP
-sizes and role, and ``metadata["sim_speed"]`` / ``metadata["sim_seed"]``.
+sizes and role, and ``metadata["sim_speed"]`` / ``metadata["sim_seed"]`` /
+``metadata["sim_kv_link_gbps"]`` (the PD KV link, GB/s).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def sim_config_for(instance: ExecutionInstance, **overrides: Any) -> SimEngineCo
         "kv_host": instance.host,
         "kv_port": instance.port,
     }
+    link = md.get("sim_kv_link_gbps")
+    if link is not None:
+        params["kv_link_gbps"] = float(link)
     params.update(overrides)
     return SimEngineConfig(**params)
 

@@ -8,6 +8,11 @@ and the probe endpoints other routers call (``/get_load``, ``/get_server_info``,
 ``/get_model_info``, ``/server_info``, ``/model_info``, ``/tokenize``, ``…/render``).
 
 A client that disconnects mid-stream closes the engine's iterator, so the engine aborts.
+
+Cross-process PD KV release: ``POST /sim/kv/release {"request_id": ...}`` unpins a finished
+prefill leg's KV. A simulated engine served here gets an :class:`HTTPKVReleaser`, so after
+its decode leg pulled KV from ``remote_host:remote_port`` it posts there (in the background,
+never delaying the decode), as NIXL notifies the producer.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,6 +38,8 @@ from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
 from sage_llm.errors import EngineError, InvalidRequestError, ModelNotFoundError, SageLLMError
 from sage_llm.sim.clock import Clock, current_clock
 
+_log = logging.getLogger(__name__)
+KV_RELEASE_PATH = "/sim/kv/release"
 _PIECE_CACHE_LIMIT = 1 << 16
 DEFAULT_MAX_TOKENS = 16
 _CONSUMED = frozenset(
@@ -277,6 +286,74 @@ class ReportsQueueTime(Protocol):
     def queue_time_s(self, request_id: str) -> float | None: ...
 
 
+@runtime_checkable
+class ReleasesKV(Protocol):
+    """Optional engine extension: unpin a finished prefill leg's KV (False if unknown)."""
+
+    def release_kv(self, request_id: str) -> bool: ...
+
+
+@runtime_checkable
+class NotifiesRemoteKV(Protocol):
+    """Optional engine extension: an engine that tells prefill engines in other processes
+    that it pulled their KV, through the releaser the server installs."""
+
+    remote_releaser: Any
+
+
+class HTTPKVReleaser:
+    """Posts ``{"request_id"}`` to ``http://host:port/sim/kv/release`` in background tasks.
+
+    ``release`` returns at once; failures are logged, never raised (the prefill side still
+    frees the blocks at its pin timeout). :meth:`aclose` waits briefly for pending posts.
+    """
+
+    def __init__(self, *, timeout_s: float = 10.0) -> None:
+        if not timeout_s > 0:
+            raise ValueError("timeout_s must be > 0")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sent = 0
+        self.failed = 0
+
+    def release(self, host: str, port: int, request_id: str) -> None:
+        """Schedule the notification (needs a running event loop)."""
+        task = asyncio.get_running_loop().create_task(self._post(host, port, request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, host: str, port: int, request_id: str) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        netloc = f"[{host}]" if ":" in host else host
+        url = f"http://{netloc}:{port}{KV_RELEASE_PATH}"
+        try:
+            async with self._session.post(url, json={"request_id": request_id}) as resp:
+                await resp.read()
+                ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ok = False
+            _log.warning("KV release of %s at %s failed: %r", request_id, url, exc)
+        if ok:
+            self.sent += 1
+        else:
+            self.failed += 1
+
+    async def aclose(self, grace_s: float = 2.0) -> None:
+        """Wait up to ``grace_s`` for pending posts, cancel the rest, close the session."""
+        pending = set(self._tasks)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def _error(exc: SageLLMError) -> web.Response:
     return web.json_response(exc.to_openai(), status=exc.http_status)
 
@@ -482,6 +559,22 @@ class _EngineServer:
         source = self._queue_source
         queue = None if source is None else source.queue_time_s(parsed.req.request_id)
         self.metrics.observe_request(arrival, times, finish, usage, queue_s=queue)
+
+    async def kv_release(self, request: web.Request) -> web.Response:
+        """``POST /sim/kv/release {"request_id"}``: unpin a prefill leg's KV."""
+        try:
+            body = await self._body(request)
+            request_id = body.get("request_id")
+            if not isinstance(request_id, str) or not request_id:
+                raise InvalidRequestError(
+                    "request_id must be a non-empty string", param="request_id"
+                )
+            if not isinstance(self.engine, ReleasesKV):
+                raise InvalidRequestError("this engine does not pin KV for PD")
+        except SageLLMError as exc:
+            return _error(exc)
+        released = self.engine.release_kv(request_id)
+        return web.json_response({"request_id": request_id, "released": released})
 
     # --- information endpoints -----------------------------------------------------------
 
@@ -692,6 +785,17 @@ def create_engine_app(
     app.router.add_post("/detokenize", srv.detokenize)
     app.router.add_get("/get_load", srv.get_load)
     app.router.add_get("/load", srv.load)
+    app.router.add_post(KV_RELEASE_PATH, srv.kv_release)
+    if isinstance(engine, NotifiesRemoteKV) and engine.remote_releaser is None:
+        releaser = HTTPKVReleaser()
+        engine.remote_releaser = releaser
+
+        async def _close_releaser(_: web.Application) -> None:
+            await releaser.aclose()
+            if engine.remote_releaser is releaser:
+                engine.remote_releaser = None
+
+        app.on_cleanup.append(_close_releaser)
     for path in ("/get_server_info", "/server_info"):
         app.router.add_get(path, srv.server_info)
     for path in ("/get_model_info", "/model_info"):
@@ -747,6 +851,10 @@ async def serve_engine(
 
 
 __all__ = [
+    "KV_RELEASE_PATH",
+    "HTTPKVReleaser",
+    "NotifiesRemoteKV",
+    "ReleasesKV",
     "ReportsQueueTime",
     "create_engine_app",
     "serve_engine",
