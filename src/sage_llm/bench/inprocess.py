@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sage_llm.bench.loadgen import measurement
 from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
 from sage_llm.bench.workloads import Workload, WorkloadRequest
 from sage_llm.control_plane.manager import ControlPlaneManager
@@ -49,23 +50,7 @@ async def _one(
                 output = chunk.usage.completion_tokens
     except SageLLMError as exc:
         error = f"{type(exc).__name__}: {exc.message}"
-    end = loop.time()
-    return RequestMeasurement(
-        request_id=wr.request_id,
-        priority=wr.priority,
-        user_id=wr.user_id,
-        arrival_s=arrival,
-        first_token_s=times[0] if times else None,
-        token_times_s=times,
-        end_s=end,
-        prompt_tokens=wr.prompt_tokens,
-        output_tokens=output,
-        ok=error is None,
-        error=error,
-        slo_ttft_s=wr.slo_ttft_s,
-        slo_tpot_s=wr.slo_tpot_s,
-        slo_e2e_s=wr.slo_e2e_s,
-    )
+    return measurement(wr, arrival, times, loop.time(), output, error)
 
 
 async def replay(

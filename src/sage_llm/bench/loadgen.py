@@ -41,6 +41,33 @@ class LoadReport:
         return self.mean_send_lag_s > LAG_WARN_S
 
 
+def measurement(
+    wr: WorkloadRequest,
+    arrival: float,
+    token_times: list[float],
+    end: float,
+    output_tokens: int,
+    error: str | None,
+) -> RequestMeasurement:
+    """What a client observed for ``wr``, as a :class:`RequestMeasurement`."""
+    return RequestMeasurement(
+        request_id=wr.request_id,
+        priority=wr.priority,
+        user_id=wr.user_id,
+        arrival_s=arrival,
+        first_token_s=token_times[0] if token_times else None,
+        token_times_s=token_times,
+        end_s=end,
+        prompt_tokens=wr.prompt_tokens,
+        output_tokens=output_tokens,
+        ok=error is None,
+        error=error,
+        slo_ttft_s=wr.slo_ttft_s,
+        slo_tpot_s=wr.slo_tpot_s,
+        slo_e2e_s=wr.slo_e2e_s,
+    )
+
+
 def _body(wr: WorkloadRequest, model: str, extra: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": wr.model or model,
@@ -115,23 +142,7 @@ async def _one(
                             output = int(usage.get("completion_tokens", output))
     except (aiohttp.ClientError, TimeoutError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    end = time.perf_counter()
-    return RequestMeasurement(
-        request_id=wr.request_id,
-        priority=wr.priority,
-        user_id=wr.user_id,
-        arrival_s=arrival,
-        first_token_s=times[0] if times else None,
-        token_times_s=times,
-        end_s=end,
-        prompt_tokens=wr.prompt_tokens,
-        output_tokens=output,
-        ok=error is None,
-        error=error,
-        slo_ttft_s=wr.slo_ttft_s,
-        slo_tpot_s=wr.slo_tpot_s,
-        slo_e2e_s=wr.slo_e2e_s,
-    )
+    return measurement(wr, arrival, times, time.perf_counter(), output, error)
 
 
 async def run_http_workload(
