@@ -1,0 +1,523 @@
+"""Analytic latency and goodput estimates for one engine shape (the planner's inner model).
+
+:class:`ShapeEval` answers, for one instance shape (model on ``tp × pp`` GPUs of one type,
+optionally with expert parallelism, over a TP link of a given bandwidth): at an arrival
+rate of ``λ`` requests/s per instance, what are the TPOT, the TTFT quantile and the KV
+cache needed, and what is the highest ``λ`` meeting the SLO (the instance's *goodput
+capacity*). Step times come from :class:`~sage_llm.sim.costmodel.RooflineCostModel`, the
+simulator's cost model; queueing is approximated, not simulated:
+
+* **decode**: ``B = λ·Ō·s`` sequences in the batch (Little's law), ``s`` the step time;
+* **colocated** (chunked prefill mixed into decode steps): prefill work ``w(P)`` is the time
+  a prompt adds to the steps it rides on, ``ρ = λ·E[w]`` the share of GPU time it takes, so
+  ``s = decode_step(B) / (1 − ρ)`` (a fixed point in ``B`` and ``s``);
+* **TTFT**: an M/G/1 wait for prefill work (Pollaczek–Khinchine mean, exponential tail
+  ``P(W > t) ≈ ρ·e^{−ρt/W̄}``) plus the prompt's own prefill work and half a step;
+* **memory**: the KV of ``B + 2√B`` sequences (the mean plus two standard deviations of a
+  Poisson count) of ``P̄ + Ō/2`` tokens must fit the blocks left beside the weights
+  (``kv_capacity_blocks``), and ``B + 2√B`` must stay within ``max_num_seqs``;
+* **EP** (MoE): the experts' all-reduce becomes two all-to-alls of ``k`` × the activations,
+  and the busiest rank carries ``1 + √(2·ln(ep)·(ep−1)/(T·k))`` × the mean expert load.
+
+The planner's inputs live here too: :class:`WorkloadProfile`, :class:`SLOTarget`,
+:class:`GPUAllocation` and the parsers of ``"8xH100"`` and ``"50ms"``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
+
+from sage_llm.errors import ConfigError
+from sage_llm.sim.costmodel import RooflineCostModel
+from sage_llm.sim.specs import GPUSpec, ModelSpec, get_gpu, kv_capacity_blocks
+
+DEFAULT_NODE_GPUS = 8
+"""GPUs per machine assumed when neither a topology nor ``NODESxCOUNT`` says otherwise."""
+_Z90 = 1.2815515655446004  # standard normal 90% quantile
+_MAX_ITER = 400
+_SEQS = "max_num_seqs (batch full)"
+_PREFILL = "prefill throughput"
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    data = sorted(values)
+    pos = (len(data) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class WorkloadProfile:
+    """Request lengths (tokens) and arrival rate (requests/s) the plan must serve.
+
+    ``prompt_p90``/``output_p90`` default to the means (fixed lengths); ``prompt_sq_mean``
+    (``E[P²]``) defaults to a log-normal fitted to the mean and p90. ``rate=None`` asks the
+    planner for the plan with the highest goodput capacity, each judged at its capacity.
+    """
+
+    prompt_mean: float
+    output_mean: float
+    rate: float | None = None
+    prompt_p90: float | None = None
+    output_p90: float | None = None
+    prompt_sq_mean: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("prompt_mean", "output_mean"):
+            if not getattr(self, key) >= 1:
+                raise ConfigError(f"must be >= 1 token, got {getattr(self, key)}", key=key)
+        if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
+            raise ConfigError(
+                f"must be a positive number of requests/s, got {self.rate}", key="rate"
+            )
+        for key, mean in (("prompt_p90", self.prompt_mean), ("output_p90", self.output_mean)):
+            value = getattr(self, key)
+            if value is None:
+                object.__setattr__(self, key, float(mean))
+            elif not value >= 1:
+                raise ConfigError(f"must be >= 1 token, got {value}", key=key)
+        if self.prompt_sq_mean is None:
+            object.__setattr__(self, "prompt_sq_mean", self._lognormal_sq())
+        elif not self.prompt_sq_mean >= self.prompt_mean**2 * (1 - 1e-9):
+            raise ConfigError("must be >= prompt_mean² (E[P²] ≥ E[P]²)", key="prompt_sq_mean")
+
+    def _lognormal_sq(self) -> float:
+        """``E[P²]`` of a log-normal with this mean and p90 (sigma from ``ln(p90/mean)``)."""
+        ratio = float(self.prompt_p90 or self.prompt_mean) / self.prompt_mean
+        if ratio <= 1.0:
+            return self.prompt_mean**2
+        disc = _Z90**2 - 2 * math.log(ratio)
+        sigma = _Z90 - math.sqrt(disc) if disc > 0 else _Z90
+        return self.prompt_mean**2 * math.exp(sigma**2)
+
+    @property
+    def p90_prompt(self) -> float:
+        return float(self.prompt_p90 or self.prompt_mean)
+
+    @property
+    def p90_output(self) -> float:
+        return float(self.output_p90 or self.output_mean)
+
+    @property
+    def prompt_cv2(self) -> float:
+        """Squared coefficient of variation of prompt lengths."""
+        return max(0.0, float(self.prompt_sq_mean or 0.0) / self.prompt_mean**2 - 1.0)
+
+    @classmethod
+    def from_samples(
+        cls, prompt_tokens: Sequence[int], output_tokens: Sequence[int], rate: float | None = None
+    ) -> WorkloadProfile:
+        """Profile measured lengths (e.g. a benchmark workload or a trace)."""
+        if not prompt_tokens or not output_tokens:
+            raise ConfigError("need at least one prompt and one output length", key="samples")
+        return cls(
+            prompt_mean=sum(prompt_tokens) / len(prompt_tokens),
+            output_mean=sum(output_tokens) / len(output_tokens),
+            rate=rate,
+            prompt_p90=_quantile([float(p) for p in prompt_tokens], 0.9),
+            output_p90=_quantile([float(o) for o in output_tokens], 0.9),
+            prompt_sq_mean=sum(float(p) ** 2 for p in prompt_tokens) / len(prompt_tokens),
+        )
+
+    def with_rate(self, rate: float | None) -> WorkloadProfile:
+        return replace(self, rate=rate)
+
+    def describe(self) -> str:
+        rate = "max goodput" if self.rate is None else f"{self.rate:g} req/s"
+        return (
+            f"prompt mean {self.prompt_mean:.0f} (p90 {self.p90_prompt:.0f}) tokens, "
+            f"output mean {self.output_mean:.0f} (p90 {self.p90_output:.0f}) tokens, {rate}"
+        )
+
+
+@dataclass(frozen=True)
+class SLOTarget:
+    """Latency targets in seconds: TTFT and per-request TPOT (time per output token after
+    the first), both at the ``attainment`` quantile of requests."""
+
+    ttft_s: float
+    tpot_s: float
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_s", "tpot_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"must be > 0 seconds, got {getattr(self, key)}", key=key)
+        if not 0.5 <= self.attainment < 1:
+            raise ConfigError(f"must be in [0.5, 1), got {self.attainment}", key="attainment")
+
+    def describe(self) -> str:
+        q = f"p{self.attainment * 100:g}"
+        return f"TTFT {q} ≤ {_fmt_s(self.ttft_s)}, TPOT {q} ≤ {_fmt_s(self.tpot_s)}"
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+@dataclass(frozen=True)
+class GPUAllocation:
+    """``nodes`` identical machines with ``gpus_per_node`` GPUs each; ``gpu_ids`` picks the
+    GPUs of each machine to use (default: the best-connected ``gpus_per_node`` ones)."""
+
+    nodes: int = 1
+    gpus_per_node: int = DEFAULT_NODE_GPUS
+    gpu_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ConfigError("nodes and gpus_per_node must be >= 1", key="gpus")
+        if self.gpu_ids is not None and (
+            len(self.gpu_ids) != self.gpus_per_node or len(set(self.gpu_ids)) != len(self.gpu_ids)
+        ):
+            raise ConfigError("gpu_ids must list gpus_per_node distinct GPUs", key="gpus")
+
+    @property
+    def total(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True, order=True)
+class InstanceShape:
+    """One engine instance: tensor × pipeline parallel GPUs, expert parallel over the TP
+    group (``ep = tp``) or not (``ep = 1``)."""
+
+    tp: int
+    pp: int = 1
+    ep: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def label(self) -> str:
+        parts = (
+            [f"TP{self.tp}"] + [f"PP{self.pp}"] * (self.pp > 1) + [f"EP{self.ep}"] * (self.ep > 1)
+        )
+        return "·".join(parts)
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+_GPUS_RE = re.compile(r"^(?:(\d+)\s*[x×*]\s*)?(\d+)\s*[x×*]\s*([a-z][\w.\-]*)$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|us|µs|m|min)?$")
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "m": 60.0, "min": 60.0}
+
+
+def parse_gpus(text: str) -> tuple[GPUAllocation, GPUSpec]:
+    """``"8xH100"`` (one machine), ``"2x8xH100"`` (machines × GPUs each), ``"4×a100"``."""
+    m = _GPUS_RE.match(text.strip())
+    if m is None:
+        raise ConfigError(
+            f"expected COUNTxGPU such as 8xH100, or NODESxCOUNTxGPU such as 2x8xH100; got {text!r}",
+            key="gpus",
+        )
+    nodes, count = int(m[1] or 1), int(m[2])
+    if nodes < 1 or count < 1:
+        raise ConfigError(f"GPU and node counts must be >= 1 in {text!r}", key="gpus")
+    return GPUAllocation(nodes=nodes, gpus_per_node=count), get_gpu(m[3])
+
+
+def parse_duration(text: str | float, *, key: str = "duration") -> float:
+    """``"2s"``, ``"50ms"``, ``"200 ms"``, ``"1.5s"``, ``"500us"`` → seconds (a bare number
+    is refused as ambiguous; a float passes through)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _DURATION_RE.match(str(text).strip().lower())
+        if m is None or m[2] is None:
+            hint = " (add a unit: s or ms)" if m is not None else ""
+            raise ConfigError(
+                f"expected a duration such as 2s or 50ms, got {text!r}{hint}", key=key
+            )
+        value = float(m[1]) * _UNITS[m[2]]
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"must be a positive duration, got {text!r}", key=key)
+    return value
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine settings the estimate assumes (vLLM's defaults, as the simulator's)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """One instance at one arrival rate. ``limit`` names what failed (None: SLO met)."""
+
+    rate: float
+    batch: float
+    step_s: float
+    """Mean step time: the mean TPOT."""
+    ttft_s: float
+    kv_tokens_needed: float
+    utilization: float
+    limit: str | None
+    tpot_s: float = math.inf
+    """Per-request TPOT at the attainment quantile (the mean step time plus the spread
+    prefill chunks cause over a request's decode steps)."""
+
+
+def wait_quantile(mean_wait: float, rho: float, q: float) -> float:
+    """The ``q`` quantile of an M/G/1 wait with mean ``mean_wait`` at utilisation ``rho``."""
+    if rho <= 1 - q or mean_wait <= 0:
+        return 0.0
+    return mean_wait / rho * math.log(rho / (1 - q))
+
+
+@dataclass
+class ShapeEval:
+    """Estimates for one instance shape; memoised per planner run (not shared)."""
+
+    model: ModelSpec
+    gpu: GPUSpec
+    tp: int
+    pp: int
+    ep: int
+    link_gbps: float
+    workload: WorkloadProfile
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    cost: RooflineCostModel = field(init=False, repr=False)
+    ctx: int = field(init=False, repr=False)
+    kv_tokens: int = field(init=False)
+    """KV cache tokens one instance of this shape holds."""
+    _decode: dict[int, float] = field(default_factory=dict, repr=False)
+    _prefill: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        linked = replace(self.gpu, nvlink_gbps=self.link_gbps)
+        self.cost = RooflineCostModel(linked, self.model, tp=self.tp, pp=self.pp)
+        self.ctx = int(self.workload.prompt_mean + self.workload.output_mean / 2)
+        try:
+            blocks = kv_capacity_blocks(
+                self.model,
+                self.gpu,
+                tp=self.tp,
+                pp=self.pp,
+                block_size=self.limits.block_size,
+                gpu_memory_utilization=self.limits.gpu_memory_utilization,
+            )
+        except ConfigError:
+            blocks = 0
+        self.kv_tokens = blocks * self.limits.block_size
+
+    # -- memory ---------------------------------------------------------------------------
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp
+
+    def weights_gib_per_gpu(self) -> float:
+        return self.model.weight_bytes / self.gpus / 2**30
+
+    def usable_gib_per_gpu(self) -> float:
+        return self.gpu.memory_gb * self.limits.gpu_memory_utilization
+
+    def kv_gib(self, tokens: float) -> float:
+        """GiB per GPU for ``tokens`` tokens of KV on this shape."""
+        kv_heads = max(1.0, self.model.num_kv_heads / self.tp)
+        layers = math.ceil(self.model.num_layers / self.pp)
+        per_token = 2 * layers * kv_heads * self.model.head_dim * self.model.dtype_bytes
+        return tokens * per_token / 2**30
+
+    def memory_problem(self) -> str | None:
+        """Why this shape cannot hold the weights and one p90 request, or None."""
+        weights, usable = self.weights_gib_per_gpu(), self.usable_gib_per_gpu()
+        util = self.limits.gpu_memory_utilization
+        if self.kv_tokens == 0:
+            return (
+                f"weights need {weights:.1f} GiB per GPU (TP{self.tp}×PP{self.pp}) but only "
+                f"{usable:.1f} GiB is usable ({self.gpu.memory_gb:g} GiB × {util:g})"
+            )
+        longest = self.workload.p90_prompt + self.workload.p90_output
+        if longest > self.kv_tokens:
+            return (
+                f"KV cache for one p90 request ({longest:.0f} tokens, "
+                f"{self.kv_gib(longest):.1f} GiB) exceeds the {usable - weights:.1f} GiB per "
+                "GPU left after weights"
+            )
+        return None
+
+    # -- step times ------------------------------------------------------------------------
+
+    def _ep_adjust(self, step: float, tokens: int) -> float:
+        """Step time with expert parallelism instead of TP for the MoE layers."""
+        if self.ep <= 1 or tokens <= 0:
+            return step
+        m = self.model
+        k = m.experts_per_token
+        payload = tokens * m.hidden_size * m.dtype_bytes
+        bw = self.link_gbps * 1e9
+        allreduce = 2 * (self.tp - 1) / self.tp * payload / bw + self.cost.allreduce_latency_s
+        all_to_all = 2 * k * (self.ep - 1) / self.ep * payload / bw
+        comm = m.num_layers * (all_to_all + 2 * self.cost.allreduce_latency_s - allreduce)
+        share = k * m.expert_params_per_layer / m.layer_params_active
+        imbalance = min(
+            float(self.ep), 1 + math.sqrt(2 * math.log(self.ep) * (self.ep - 1) / (tokens * k))
+        )
+        return step * (1 + share * (imbalance - 1)) + comm
+
+    def decode_step(self, batch: float) -> float:
+        """Seconds per step of a pure decode batch of ``batch`` sequences (interpolated)."""
+        b = max(1.0, batch)
+        lo = math.floor(b)
+        t_lo = self._decode_int(lo)
+        if b == lo:
+            return t_lo
+        return t_lo + (self._decode_int(lo + 1) - t_lo) * (b - lo)
+
+    def _decode_int(self, batch: int) -> float:
+        cached = self._decode.get(batch)
+        if cached is None:
+            cached = self._ep_adjust(self.cost.step_time([], [self.ctx] * batch), batch)
+            self._decode[batch] = cached
+        return cached
+
+    def prefill_work(self, prompt: float, batch: float) -> float:
+        """Seconds a prompt of ``prompt`` tokens adds to the steps it is chunked into, next to
+        ``batch`` decoding sequences (``batch = 0``: a prefill-only instance)."""
+        key = (max(1, round(prompt)), math.ceil(batch) if batch > 0 else 0)
+        cached = self._prefill.get(key)
+        if cached is None:
+            p, b = key
+            budget = max(1, self.limits.max_num_batched_tokens - b)
+            decodes = [self.ctx] * b
+            base = self._decode_int(b) if b else 0.0
+            total, done = 0.0, 0
+            while done < p:
+                chunk = min(budget, p - done)
+                step = self.cost.step_time([(chunk, done)], decodes)
+                total += self._ep_adjust(step, chunk + b) - base
+                done += chunk
+            cached = total
+            self._prefill[key] = cached
+        return cached
+
+    def chunks(self, prompt: float, batch: float) -> int:
+        budget = max(1, self.limits.max_num_batched_tokens - math.ceil(batch))
+        return max(1, math.ceil(prompt / budget))
+
+    # -- roles at a rate -------------------------------------------------------------------
+
+    def _kv_needed(self, batch: float) -> float:
+        w = self.workload
+        return (batch + 2 * math.sqrt(batch)) * (w.prompt_mean + w.output_mean / 2)
+
+    def _ttft(self, rate: float, batch: float, rho: float, q: float, step: float) -> float:
+        w = self.workload
+        work = self.prefill_work(w.prompt_mean, batch)
+        second = work**2 * (1 + w.prompt_cv2)
+        mean_wait = rate * second / (2 * (1 - rho))
+        own = self.prefill_work(w.p90_prompt, batch) + self.chunks(w.p90_prompt, batch) * (
+            self.decode_step(batch) if batch > 0 else 0.0
+        )
+        return wait_quantile(mean_wait, rho, q) + own + step / 2
+
+    def colocated(self, rate: float, q: float) -> RoleState:
+        """A GENERAL instance: chunked prefill mixed into the decode batches."""
+        out = self.workload.output_mean
+        step = self.decode_step(1)
+        for _ in range(_MAX_ITER):
+            batch = rate * out * step
+            if batch > self.limits.max_num_seqs:
+                return RoleState(rate, batch, step, math.inf, math.inf, 1.0, _SEQS)
+            rho = rate * self.prefill_work(self.workload.prompt_mean, batch)
+            if rho >= 1:
+                return RoleState(rate, batch, math.inf, math.inf, math.inf, 1.0, _PREFILL)
+            new = self.decode_step(batch) / (1 - rho)
+            if abs(new - step) <= 1e-9 + 1e-7 * step:
+                step = new
+                break
+            step = new
+        else:
+            return RoleState(rate, rate * out * step, step, math.inf, math.inf, 1.0, "throughput")
+        batch = rate * out * step
+        ttft = self._ttft(rate, batch, rho, q, step)
+        busy = min(1.0, rho + (1 - rho) * min(1.0, batch / self.limits.max_num_seqs))
+        work = self.prefill_work(self.workload.prompt_mean, batch)
+        spread = math.sqrt(rate * step * work**2 * (1 + self.workload.prompt_cv2) / out)
+        tpot = step + NormalDist().inv_cdf(q) * spread
+        kv = self._kv_needed(batch)
+        return RoleState(rate, batch, step, ttft, kv, busy, None, tpot)
+
+    def prefill_only(self, rate: float, q: float) -> RoleState:
+        """A PREFILLING instance: one prompt after another, KV handed off at once."""
+        rho = rate * self.prefill_work(self.workload.prompt_mean, 0)
+        if rho >= 1:
+            return RoleState(rate, 0.0, 0.0, math.inf, 0.0, 1.0, _PREFILL, 0.0)
+        ttft = self._ttft(rate, 0.0, rho, q, 0.0)
+        return RoleState(rate, 0.0, 0.0, ttft, self.workload.p90_prompt, rho, None, 0.0)
+
+    def decode_only(self, rate: float) -> RoleState:
+        """A DECODING instance: the batch is whatever the arrival rate keeps in flight."""
+        out = self.workload.output_mean
+        step = self.decode_step(1)
+        for _ in range(_MAX_ITER):
+            batch = rate * out * step
+            if batch > self.limits.max_num_seqs:
+                return RoleState(rate, batch, step, 0.0, math.inf, 1.0, _SEQS)
+            new = self.decode_step(batch)
+            if abs(new - step) <= 1e-9 + 1e-7 * step:
+                step = new
+                break
+            step = new
+        else:
+            return RoleState(rate, rate * out * step, step, 0.0, math.inf, 1.0, "throughput")
+        batch = rate * out * step
+        busy = min(1.0, batch / self.limits.max_num_seqs)
+        return RoleState(rate, batch, step, 0.0, self._kv_needed(batch), busy, None, step)
+
+    # -- checks and capacity ----------------------------------------------------------------
+
+    def check(self, state: RoleState, *, ttft_s: float | None, tpot_s: float | None) -> RoleState:
+        """``state`` with ``limit`` set to the first target it misses."""
+        if state.limit is not None:
+            return state
+        limit: str | None = None
+        if state.kv_tokens_needed > self.kv_tokens:
+            limit = "KV cache"
+        elif state.batch + 2 * math.sqrt(state.batch) > self.limits.max_num_seqs:
+            limit = _SEQS
+        elif tpot_s is not None and state.tpot_s > tpot_s:
+            limit = "TPOT"
+        elif ttft_s is not None and state.ttft_s > ttft_s:
+            limit = "TTFT"
+        return replace(state, limit=limit)
+
+
+def capacity(ok: Callable[[float], str | None], *, start: float = 1.0) -> tuple[float, str]:
+    """The highest rate for which ``ok(rate)`` returns None (no limit hit), by doubling then
+    bisection, and the limit hit just above it. Rate 0 when even a trickle misses."""
+    probe = max(start, 1e-6)
+    floor_limit = ok(1e-6)
+    if floor_limit is not None:
+        return 0.0, floor_limit
+    lo, hi = 0.0, probe
+    limit = ok(hi)
+    while limit is None:
+        lo, hi = hi, hi * 2
+        if hi > 1e7:
+            return lo, "throughput"
+        limit = ok(hi)
+    top_limit = limit
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        hit = ok(mid)
+        if hit is None:
+            lo = mid
+        else:
+            hi, top_limit = mid, hit
+        if hi - lo <= 1e-4 * hi:
+            break
+    return lo, top_limit
