@@ -1,0 +1,329 @@
+"""Start planned engines as local processes, wait for health, register, stop cleanly.
+
+Each engine runs as an asyncio subprocess in its own process group (so a terminal's Ctrl-C
+reaches the launcher, which then stops the engines in order), with stdout and stderr in
+``<log_dir>/<instance_id>.log``. The launcher polls ``GET /health`` until it answers 200
+(an engine that exits first fails the launch with the end of its log), then registers an
+:class:`~sage_llm.types.ExecutionInstance` per engine with the control plane, with the
+``machine_id`` / ``nvlink_domain`` / ``numa_node`` that
+:func:`~sage_llm.control_plane.topology.assign_instance_topology` gives its GPUs.
+
+:meth:`LaunchedFleet.aclose` unregisters the instances, sends SIGTERM to every process
+group, waits ``stop_grace_s`` and sends SIGKILL to what is left. A failed or cancelled
+launch (Ctrl-C) stops whatever it had started before it re-raises::
+
+    async with ControlPlaneManager(mode="http") as cp:
+        async with await launch_from_config("fleet.toml", manager=cp) as fleet:
+            ...  # serve; leaving the block stops the engines
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import aiohttp
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.control_plane.parallelism import Plan
+from sage_llm.control_plane.topology import (
+    InstanceTopology,
+    Topology,
+    assign_instance_topology,
+    detect_topology_async,
+)
+from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, NotFoundError
+from sage_llm.launch.plan_to_engines import (
+    EngineLaunch,
+    LaunchConfig,
+    LaunchSettings,
+    engines_from_plan,
+    load_launch_config,
+)
+from sage_llm.types import ExecutionInstance
+
+__all__ = ["EngineProcess", "LaunchedFleet", "launch_engines", "launch_from_config", "wait_healthy"]
+
+log = logging.getLogger("sage_llm.launch")
+_TAIL_BYTES = 4000
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("ab")
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - _TAIL_BYTES))
+            return fh.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+async def wait_healthy(
+    url: str,
+    *,
+    exited: Callable[[], Awaitable[int | None]],
+    timeout_s: float,
+    poll_s: float = 0.25,
+    session: aiohttp.ClientSession | None = None,
+) -> None:
+    """Poll ``url`` (``…/health``) until it answers 200. ``exited`` returns the exit code
+    once the engine has died (None while it runs): then EngineError; after ``timeout_s``,
+    EngineTimeoutError."""
+    own = session is None
+    http = session or aiohttp.ClientSession()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    probe = aiohttp.ClientTimeout(total=max(poll_s * 4, 1.0))
+    try:
+        while True:
+            code = await exited()
+            if code is not None:
+                raise EngineError(f"exited with code {code} before it was healthy", retryable=False)
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(url, timeout=probe) as resp:
+                    if resp.status == 200:
+                        return
+            if loop.time() >= deadline:
+                raise EngineTimeoutError(f"not healthy after {timeout_s:g} s", retryable=False)
+            await asyncio.sleep(poll_s)
+    finally:
+        if own:
+            await http.close()
+
+
+@dataclass
+class EngineProcess:
+    """One started engine: its launch record, process and log file."""
+
+    launch: EngineLaunch
+    process: asyncio.subprocess.Process
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    async def exited(self) -> int | None:
+        return self.process.returncode
+
+    def log_tail(self) -> str:
+        return _tail(self.log_path)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    async def stop(self, grace_s: float) -> int:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``; the exit code."""
+        try:
+            if self.process.returncode is None:
+                self._signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(self.process.wait(), grace_s)
+                except TimeoutError:
+                    log.warning(
+                        "%s ignored SIGTERM for %g s; killing", self.launch.instance_id, grace_s
+                    )
+            self._signal(signal.SIGKILL)  # also any child the engine left in its group
+            return await self.process.wait()
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+
+async def _spawn(launch: EngineLaunch, log_dir: Path) -> EngineProcess:
+    path = log_dir / f"{launch.instance_id}.log"
+    fh = await asyncio.to_thread(_open_log, path)
+    fh.write(f"$ {launch.shell()}\n".encode())
+    fh.flush()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *launch.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=fh,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **launch.env},
+            process_group=0,
+        )
+    except OSError as exc:
+        fh.close()
+        raise EngineError(
+            f"instance {launch.instance_id!r}: cannot start {launch.argv[0]!r}: {exc}",
+            instance_id=launch.instance_id, retryable=False,
+        ) from None  # fmt: skip
+    log.info("started %s (pid %d): %s", launch.instance_id, proc.pid, launch.shell())
+    return EngineProcess(launch, proc, path, fh)
+
+
+@dataclass
+class LaunchedFleet:
+    """Running engines and the instances registered for them. ``aclose`` stops everything."""
+
+    processes: list[EngineProcess] = field(default_factory=list)
+    instances: list[ExecutionInstance] = field(default_factory=list)
+    manager: ControlPlaneManager | None = None
+    stop_grace_s: float = 10.0
+    closed: bool = False
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [p.launch.base_url for p in self.processes]
+
+    def describe(self) -> str:
+        return "\n".join(
+            f"{p.launch.instance_id}: {p.launch.base_url} pid {p.pid} ({p.log_path})"
+            for p in self.processes
+        )
+
+    async def aclose(self) -> None:
+        """Unregister the instances, then stop every engine (TERM, then KILL after grace)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.manager is not None:
+            for inst in self.instances:
+                with contextlib.suppress(NotFoundError):
+                    self.manager.unregister_instance(inst.instance_id)
+        codes = await asyncio.gather(*(p.stop(self.stop_grace_s) for p in self.processes))
+        for p, code in zip(self.processes, codes, strict=True):
+            log.info("stopped %s (exit code %s)", p.launch.instance_id, code)
+
+    async def __aenter__(self) -> LaunchedFleet:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await _shielded_close(self)
+
+
+async def _shielded_close(fleet: LaunchedFleet) -> None:
+    """Close even when the caller is cancelled again (a second Ctrl-C) while closing."""
+    task = asyncio.ensure_future(fleet.aclose())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+def _topology_fields(
+    engines: Sequence[EngineLaunch], topology: Topology, machine_id: str
+) -> dict[str, InstanceTopology]:
+    groups = {e.instance_id: list(e.gpu_ids) for e in engines}
+    return assign_instance_topology(topology, groups, machine_id)
+
+
+async def launch_engines(
+    engines: Sequence[EngineLaunch],
+    *,
+    manager: ControlPlaneManager | None = None,
+    settings: LaunchSettings | None = None,
+    topology: Topology | None = None,
+) -> LaunchedFleet:
+    """Start ``engines``, wait until all are healthy, register them with ``manager``."""
+    settings = settings or LaunchSettings()
+    fields = _topology_fields(engines, topology or Topology(), settings.machine_id)
+    fleet = LaunchedFleet(manager=manager, stop_grace_s=settings.stop_grace_s)
+    try:
+        for launch in engines:
+            fleet.processes.append(await _spawn(launch, settings.log_dir))
+        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
+            for proc in fleet.processes:
+                tg.create_task(_healthy(proc, settings, session))
+        for proc in fleet.processes:
+            inst = proc.launch.to_instance(
+                fields[proc.launch.instance_id],
+                max_concurrent_requests=settings.max_concurrent_requests,
+                gpu_memory_gb=settings.gpu_memory_gb,
+                metadata={"pid": proc.pid, "log": str(proc.log_path)},
+            )
+            if manager is not None:
+                manager.register_instance(inst)
+            fleet.instances.append(inst)
+    except BaseException as exc:
+        await _shielded_close(fleet)
+        if isinstance(exc, BaseExceptionGroup):
+            first = exc.exceptions[0]
+            if isinstance(first, Exception):
+                raise first from None
+        raise
+    return fleet
+
+
+async def _healthy(
+    proc: EngineProcess, settings: LaunchSettings, session: aiohttp.ClientSession
+) -> None:
+    try:
+        await wait_healthy(
+            f"{proc.launch.base_url}/health", exited=proc.exited, session=session,
+            timeout_s=settings.health_timeout_s, poll_s=settings.health_poll_s,
+        )  # fmt: skip
+    except EngineError as exc:
+        tail = proc.log_tail()
+        raise type(exc)(
+            f"instance {proc.launch.instance_id!r} {exc.message}; end of {proc.log_path}:\n{tail}",
+            instance_id=proc.launch.instance_id, retryable=False,
+        ) from None  # fmt: skip
+
+
+async def launch_from_config(
+    config_path_or_plan: str | Path | Plan | LaunchConfig,
+    *,
+    manager: ControlPlaneManager | None = None,
+    settings: LaunchSettings | None = None,
+) -> LaunchedFleet:
+    """Start the fleet a launch file (``.toml``), a ``sage-llm plan --json`` file (``.json``),
+    a :class:`Plan` or a :class:`LaunchConfig` describes, and register it with ``manager``.
+
+    ``settings`` applies to a Plan or a plan file (default: simulated engines of the plan's
+    model and GPU). The topology comes from the launch file's ``topology_file``, else from
+    ``nvidia-smi`` for real engines, else none (simulated engines use no GPUs).
+    """
+    config = _as_config(config_path_or_plan, settings)
+    topology = config.topology
+    if topology is None and config.settings.engine != "sim":
+        detected = await detect_topology_async()
+        if detected.message:
+            log.info("%s", detected.message)
+        topology = detected.topology
+    engines = engines_from_plan(config.instances, config.settings)
+    for e in engines:
+        log.info("engine %s: %s", e.instance_id, e.shell())
+    return await launch_engines(
+        engines, manager=manager, settings=config.settings, topology=topology
+    )
+
+
+def _as_config(source: Any, settings: LaunchSettings | None) -> LaunchConfig:
+    if isinstance(source, LaunchConfig):
+        return source
+    if isinstance(source, Plan):
+        base = settings or LaunchSettings(model=source.model.name, sim_gpu=source.gpu.name)
+        return LaunchConfig(base, list(source.instances))
+    if isinstance(source, str | Path):
+        return load_launch_config(source, settings)
+    raise ConfigError(
+        f"expected a launch file, plan file, Plan or LaunchConfig, got {type(source).__name__}"
+    )

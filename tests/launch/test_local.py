@@ -1,0 +1,230 @@
+"""The local launcher with real processes: simulated engines serving a real control plane,
+engines that die or hang, SIGTERM → SIGKILL escalation and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import EngineError, EngineTimeoutError, InstanceNotFoundError
+from sage_llm.launch import (
+    EngineLaunch,
+    LaunchSettings,
+    launch_engines,
+    launch_from_config,
+    wait_healthy,
+)
+from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
+
+GENERAL = ExecutionInstanceType.GENERAL
+
+# A stand-in engine: answers /health, writes its pid, optionally ignores SIGTERM.
+STUB = """
+import http.server, os, signal, sys
+port, pidfile, stubborn = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+if stubborn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", port), H)
+open(pidfile, "w").write(str(os.getpid()))
+print("stub ready", flush=True)
+srv.serve_forever()
+"""
+
+
+def free_ports(n: int) -> int:
+    """A base port with ``n`` free consecutive ports after it."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n > 65535:
+            continue
+        try:
+            socks = [socket.socket() for _ in range(n)]
+            for k, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", base + k))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise RuntimeError("no free ports")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stub(tmp_path: Path, name: str, port: int, *, stubborn: bool = False) -> EngineLaunch:
+    script = tmp_path / "stub.py"
+    script.write_text(STUB)
+    argv = (
+        sys.executable,
+        str(script),
+        str(port),
+        str(tmp_path / f"{name}.pid"),
+        "1" if stubborn else "0",
+    )
+    return EngineLaunch(name, GENERAL, argv, {}, "127.0.0.1", port, (0,), model_name="m")
+
+
+def script(name: str, code: str, port: int) -> EngineLaunch:
+    return EngineLaunch(name, GENERAL, (sys.executable, "-c", code), {}, "127.0.0.1", port, (0,))
+
+
+def settings(tmp_path: Path, **kw: object) -> LaunchSettings:
+    values: dict[str, object] = {"log_dir": tmp_path / "logs", "health_poll_s": 0.05}
+    values.update(kw)
+    return LaunchSettings(**values)  # type: ignore[arg-type]
+
+
+async def ask(
+    cp: ControlPlaneManager, ids: Sequence[str]
+) -> list[tuple[RequestStatus, str | None, int]]:
+    results = await asyncio.gather(
+        *(
+            cp.generate(
+                RequestMetadata(i, prompt="Plan the fleet.", max_tokens=6, model_name="llama-3-8b")
+            )
+            for i in ids
+        )
+    )
+    return [(r.status, r.instance_id, r.completion_tokens) for r in results]
+
+
+async def test_two_simulated_engines_launch_register_serve_and_stop(tmp_path: Path) -> None:
+    base = free_ports(2)
+    (tmp_path / "fleet.toml").write_text(
+        f"""
+        [launch]
+        engine = "sim"
+        model = "llama-3-8b"
+        base_port = {base}
+        machine_id = "box-1"
+        log_dir = "logs"
+        health_poll_s = 0.1
+        stop_grace_s = 5
+        max_concurrent_requests = 32
+        [[launch.instances]]
+        gpu_ids = [0]
+        [[launch.instances]]
+        gpu_ids = [1]
+        """
+    )
+    async with ControlPlaneManager(scheduling_policy="fifo", routing_strategy="round_robin") as cp:
+        fleet = await launch_from_config(tmp_path / "fleet.toml", manager=cp)
+        async with fleet:
+            ids = ["box-1-general-0", "box-1-general-1"]
+            assert [i.instance_id for i in cp.get_instances()] == ids
+            inst = cp.get_instances()[0]
+            assert (inst.host, inst.port, inst.machine_id, inst.max_concurrent_requests) == (
+                "127.0.0.1", base, "box-1", 32,
+            )  # fmt: skip
+            assert inst.metadata["pid"] == fleet.processes[0].pid
+            results = await ask(cp, [f"r{k}" for k in range(4)])
+            assert all(status is RequestStatus.COMPLETED and n == 6 for status, _, n in results)
+            assert {iid for _, iid, _ in results} == set(ids)
+            assert "engine-sim" in (tmp_path / "logs" / "box-1-general-0.log").read_text()
+        assert cp.get_instances() == []
+        assert all(p.returncode is not None for p in fleet.processes)
+        assert not any(alive(p.pid) for p in fleet.processes)
+
+
+async def test_an_engine_that_exits_fails_the_launch_and_stops_the_others(tmp_path: Path) -> None:
+    base = free_ports(2)
+    good = stub(tmp_path, "good", base)
+    bad = script("bad", "import sys; print('model not found', flush=True); sys.exit(3)", base + 1)
+    with pytest.raises(EngineError, match="'bad' exited with code 3 before it was healthy") as info:
+        await launch_engines([good, bad], settings=settings(tmp_path, health_timeout_s=30))
+    assert "model not found" in info.value.message
+    assert info.value.instance_id == "bad"
+    pid = int((tmp_path / "good.pid").read_text()) if (tmp_path / "good.pid").exists() else None
+    assert pid is None or not alive(pid)
+
+
+async def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
+    missing = EngineLaunch("x", GENERAL, ("/nonexistent/vllm", "serve"), {}, "127.0.0.1", 1, (0,))
+    with pytest.raises(EngineError, match="cannot start '/nonexistent/vllm'"):
+        await launch_engines([missing], settings=settings(tmp_path))
+
+
+async def test_health_timeout(tmp_path: Path) -> None:
+    hang = script("hang", "import time; time.sleep(60)", free_ports(1))
+    with pytest.raises(EngineTimeoutError, match=r"'hang' not healthy after 0\.3 s"):
+        await launch_engines([hang], settings=settings(tmp_path, health_timeout_s=0.3))
+    # the log records the command line that was run
+    assert "time.sleep(60)" in (tmp_path / "logs" / "hang.log").read_text()
+
+
+async def test_sigterm_then_sigkill_after_the_grace_period(tmp_path: Path) -> None:
+    port = free_ports(1)
+    manager = ControlPlaneManager()
+    fleet = await launch_engines(
+        [stub(tmp_path, "stubborn", port, stubborn=True)],
+        manager=manager,
+        settings=settings(tmp_path, stop_grace_s=0.3, machine_id="m"),
+    )
+    assert [i.instance_id for i in manager.get_instances()] == ["stubborn"]
+    await fleet.aclose()
+    assert fleet.processes[0].returncode == -9  # ignored SIGTERM, so it was killed
+    with pytest.raises(InstanceNotFoundError):
+        manager.unregister_instance("stubborn")
+    await fleet.aclose()  # idempotent
+
+
+async def test_a_polite_engine_stops_on_sigterm(tmp_path: Path) -> None:
+    fleet = await launch_engines(
+        [stub(tmp_path, "polite", free_ports(1))], settings=settings(tmp_path)
+    )
+    async with fleet:
+        assert fleet.base_urls == [fleet.processes[0].launch.base_url]
+        assert "polite" in fleet.describe()
+    assert fleet.processes[0].returncode == -15
+
+
+async def test_cancelling_a_launch_kills_what_it_started(tmp_path: Path) -> None:
+    port = free_ports(1)
+    # Writes its pid, then never opens the port: the launch waits for health until cancelled.
+    pidfile = tmp_path / "slow.pid"
+    code = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    task = asyncio.create_task(
+        launch_engines(
+            [script("slow", code, port)], settings=settings(tmp_path, health_timeout_s=60)
+        )
+    )
+    for _ in range(400):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        await asyncio.sleep(0.025)
+    pid = int(pidfile.read_text())
+    assert alive(pid)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not alive(pid)
+
+
+async def test_wait_healthy_reports_an_exit() -> None:
+    async def gone() -> int | None:
+        return 1
+
+    with pytest.raises(EngineError, match="exited with code 1"):
+        await wait_healthy("http://127.0.0.1:1/health", exited=gone, timeout_s=5)
