@@ -1,0 +1,404 @@
+"""The PD benchmark (``sage-llm bench pd``): colocated vs prefill/decode disaggregation.
+
+One node of 8 H100-class GPUs (one NVLink domain, KV link 300 GB/s) serves Llama-3-8B as
+8 TP1 instances, or Llama-3-70B as 2 TP4 instances. Each fleet layout is run on the same
+workload, in process and on virtual time (:func:`sage_llm.bench.inprocess.replay` through a
+:class:`ControlPlaneManager` in ``simulated`` mode):
+
+* ``colocated``: all instances ``GENERAL``, chunked prefill, ``enable_pd_separation=False``;
+* ``pd-P:D``: P ``PREFILLING`` + D ``DECODING`` instances, decider ``always``;
+* ``adaptive-hybrid``: all instances ``HYBRID`` (either leg or whole requests), decider
+  ``adaptive`` with the SLO's TTFT and TPOT as its targets;
+* ``adaptive-P:D+G``: P prefill + D decode + G general instances, decider ``adaptive``.
+
+Workloads: ``long_prompt`` (prompts uniform in [4096, 8192] tokens, outputs uniform in
+[250, 350], Poisson arrivals) and ``chat`` (:func:`~sage_llm.bench.workloads.sharegpt_like`).
+
+SLOs, in :mod:`sage_llm.bench.stats` semantics: :data:`SLO_ITL` (TTFT ≤ 2 s and the
+request's *largest* inter-token gap ≤ 25 ms) is the headline; :data:`SLO_TPOT` (TTFT ≤ 2 s
+and *mean* time per output token ≤ 25 ms, DistServe's form) is reported beside it.
+Goodput is requests meeting the SLO per second of the run. The real-process comparison with
+vllm-router lives in :mod:`sage_llm.bench.pd_realtime`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sage_llm.bench.inprocess import replay
+from sage_llm.bench.stats import SLO, BenchSummary, summarize
+from sage_llm.bench.workloads import Uniform, Workload, sharegpt_like, synthetic
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import ConfigError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.specs import get_model
+from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
+
+__all__ = [
+    "SLO_ITL",
+    "SLO_TPOT",
+    "FleetSpec",
+    "PDCase",
+    "chat_workload",
+    "default_fleets",
+    "fleet_instances",
+    "format_table",
+    "long_prompt_workload",
+    "pd_bench_main",
+    "run_case",
+    "run_pd_bench",
+]
+
+SLO_ITL = SLO(ttft_s=2.0, tpot_s=None, itl_s=0.025, name="ttft<=2s,max-itl<=25ms")
+"""Headline SLO: TTFT ≤ 2 s and every inter-token gap of the request ≤ 25 ms."""
+SLO_TPOT = SLO(ttft_s=2.0, tpot_s=0.025, name="ttft<=2s,tpot<=25ms")
+"""Secondary SLO: TTFT ≤ 2 s and mean time per output token ≤ 25 ms."""
+NODE = "node-0"
+NVLINK_GBPS = 300.0
+GPUS = 8
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """A layout of the 8-GPU node: instance counts per role, TP size, and the PD decider
+    (None: colocated, PD disabled)."""
+
+    name: str
+    model: str = "llama-3-8b"
+    tp: int = 1
+    prefill: int = 0
+    decode: int = 0
+    general: int = 0
+    hybrid: int = 0
+    decider: str | None = None
+
+    def __post_init__(self) -> None:
+        counts = (self.prefill, self.decode, self.general, self.hybrid)
+        if min(counts) < 0 or sum(counts) < 1 or self.tp < 1:
+            raise ValueError(f"fleet {self.name}: bad instance counts or tp")
+        if self.decider is None and (self.prefill or self.decode or self.hybrid):
+            raise ValueError(f"fleet {self.name}: a PD layout needs a decider")
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * (self.prefill + self.decode + self.general + self.hybrid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "tp": self.tp,
+            "prefill": self.prefill,
+            "decode": self.decode,
+            "general": self.general,
+            "hybrid": self.hybrid,
+            "decider": self.decider,
+            "gpus": self.gpus,
+        }
+
+
+def default_fleets(model: str = "llama-3-8b") -> list[FleetSpec]:
+    """The layouts compared on one 8-GPU node: TP1 for 8B, TP4 (two instances) for 70B."""
+    if model == "llama-3-70b":
+        return [
+            FleetSpec("colocated", model, tp=4, general=2),
+            FleetSpec("pd-1:1", model, tp=4, prefill=1, decode=1, decider="always"),
+            FleetSpec("adaptive-hybrid", model, tp=4, hybrid=2, decider="adaptive"),
+        ]
+    return [
+        FleetSpec("colocated", model, general=8),
+        FleetSpec("pd-2:6", model, prefill=2, decode=6, decider="always"),
+        FleetSpec("pd-3:5", model, prefill=3, decode=5, decider="always"),
+        FleetSpec("pd-4:4", model, prefill=4, decode=4, decider="always"),
+        FleetSpec("adaptive-hybrid", model, hybrid=8, decider="adaptive"),
+        FleetSpec("adaptive-2:2+4", model, prefill=2, decode=2, general=4, decider="adaptive"),
+    ]
+
+
+def fleet_instances(spec: FleetSpec, *, gpu: str = "h100") -> list[ExecutionInstance]:
+    """The registered instances of ``spec``: one machine, one NVLink domain."""
+    roles = (
+        [ExecutionInstanceType.PREFILLING] * spec.prefill
+        + [ExecutionInstanceType.DECODING] * spec.decode
+        + [ExecutionInstanceType.GENERAL] * spec.general
+        + [ExecutionInstanceType.HYBRID] * spec.hybrid
+    )
+    return [
+        ExecutionInstance(
+            instance_id=f"{role.value}-{i}",
+            host="127.0.0.1",
+            port=9000 + i,
+            model_name=spec.model,
+            tensor_parallel_size=spec.tp,
+            gpu_count=spec.tp,
+            instance_type=role,
+            machine_id=NODE,
+            nvlink_domain=NODE,
+            max_concurrent_requests=256,
+            metadata={"sim_gpu": gpu, "sim_model": spec.model, "sim_kv_link_gbps": NVLINK_GBPS},
+        )
+        for i, role in enumerate(roles)
+    ]
+
+
+def manager_kwargs(spec: FleetSpec, slo: SLO = SLO_TPOT) -> dict[str, Any]:
+    """ControlPlaneManager arguments for ``spec`` (PD off for the colocated layout)."""
+    if spec.decider is None:
+        return {"enable_pd_separation": False}
+    meta: dict[str, Any] = {"kv_bytes_per_token": get_model(spec.model).kv_bytes_per_token}
+    if spec.decider == "adaptive":
+        meta["decider_params"] = {"ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s}
+    cfg = PDSeparationConfig(
+        routing_policy=spec.decider, max_transfer_latency_ms=0.0, metadata=meta
+    )
+    return {"enable_pd_separation": True, "pd_config": cfg}
+
+
+def long_prompt_workload(n: int, rate: float, seed: int = 0, model: str | None = None) -> Workload:
+    """Prompts uniform in [4096, 8192] tokens, outputs uniform in [250, 350], Poisson."""
+    return synthetic(
+        n, rate, Uniform(4096, 8192), Uniform(250, 350), seed=seed, model=model,
+        name="long_prompt",
+    )  # fmt: skip
+
+
+def chat_workload(n: int, rate: float, seed: int = 0, model: str | None = None) -> Workload:
+    """ShareGPT-like chat lengths (median prompt ~250, output ~200 tokens), Poisson."""
+    return sharegpt_like(n, rate, seed=seed, model=model)
+
+
+@dataclass(frozen=True)
+class PDCase:
+    """One fleet layout on one workload: summaries under both SLOs and the PD counters."""
+
+    fleet: FleetSpec
+    workload: str
+    rate: float
+    summary: BenchSummary
+    summary_tpot: BenchSummary
+    pd: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        s, t = self.summary, self.summary_tpot
+
+        def pct(stats: Any, q: str) -> float | None:
+            return None if stats is None else float(getattr(stats, q))
+
+        return {
+            "fleet": self.fleet.to_dict(),
+            "workload": self.workload,
+            "rate_rps": self.rate,
+            "requests": s.count,
+            "failed": s.failed,
+            "duration_s": s.duration_s,
+            "goodput_rps": s.goodput,
+            "slo_attainment": s.slo_attainment,
+            "goodput_tpot_rps": t.goodput,
+            "slo_attainment_tpot": t.slo_attainment,
+            "request_throughput_rps": s.request_throughput,
+            "output_token_throughput": s.output_token_throughput,
+            "ttft_p50_s": pct(s.ttft, "p50"),
+            "ttft_p99_s": pct(s.ttft, "p99"),
+            "itl_p50_s": pct(s.itl, "p50"),
+            "itl_p99_s": pct(s.itl, "p99"),
+            "tpot_p50_s": pct(s.tpot, "p50"),
+            "tpot_p99_s": pct(s.tpot, "p99"),
+            "pd": self.pd,
+            "summary": s.to_dict(),
+        }
+
+
+def run_case(spec: FleetSpec, workload: Workload, *, seed: int = 0) -> PDCase:
+    """Run ``workload`` on a fresh simulated ``spec`` fleet, on virtual time."""
+
+    async def main() -> PDCase:
+        cp = ControlPlaneManager(
+            scheduling_policy="fifo",
+            routing_strategy="load_balanced",
+            mode="simulated",
+            seed=seed,
+            **manager_kwargs(spec),
+        )
+        for inst in fleet_instances(spec):
+            cp.register_instance(inst)
+        async with cp:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            measurements = await replay(cp, workload)
+            duration = max(loop.time() - start, 1e-9)
+            pd = cp.get_status().get("pd") or {}
+        keep = ("disaggregated_requests", "colocated_requests", "colocated_fallbacks")
+        figures = pd.get("figures", pd) if isinstance(pd, dict) else {}
+        rate = workload.params.get("rate", 0.0)
+        return PDCase(
+            fleet=spec,
+            workload=workload.name,
+            rate=float(rate) * float(workload.params.get("rate_scale", 1.0)),
+            summary=summarize(measurements, duration, SLO_ITL),
+            summary_tpot=summarize(measurements, duration, SLO_TPOT),
+            pd={k: figures[k] for k in keep if isinstance(figures, dict) and k in figures},
+        )
+
+    return run_virtual(main())
+
+
+def _workloads(
+    n_long: int, long_rate: float, n_chat: int, chat_rate: float, seed: int
+) -> list[Workload]:
+    out = []
+    if n_long > 0:
+        out.append(long_prompt_workload(n_long, long_rate, seed))
+    if n_chat > 0:
+        out.append(chat_workload(n_chat, chat_rate, seed))
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return a / b if b > 0 else (None if a == 0 else float("inf"))
+
+
+def evaluate_targets(cases: Sequence[dict[str, Any]], model: str = "llama-3-8b") -> dict[str, Any]:
+    """The brief's targets over the in-process cases of ``model``: best PD ratio ≥ 1.5×
+    colocated goodput on ``long_prompt``; adaptive ≥ 0.95× colocated on ``sharegpt_like``."""
+
+    def goodput(workload: str, pred: Any) -> dict[str, float]:
+        return {
+            c["fleet"]["name"]: c["goodput_rps"]
+            for c in cases
+            if c["workload"] == workload and c["fleet"]["model"] == model and pred(c["fleet"])
+        }
+
+    out: dict[str, Any] = {"model": model}
+    colo_long = goodput("long_prompt", lambda f: f["decider"] is None)
+    pd_long = goodput("long_prompt", lambda f: f["decider"] == "always")
+    if colo_long and pd_long:
+        best = max(pd_long, key=lambda k: pd_long[k])
+        ratio = _ratio(pd_long[best], next(iter(colo_long.values())))
+        out["long_prompt_best_pd"] = best
+        out["long_prompt_best_pd_vs_colocated"] = ratio
+        out["long_prompt_target_met"] = ratio is not None and ratio >= 1.5
+    colo_chat = goodput("sharegpt_like", lambda f: f["decider"] is None)
+    adaptive = goodput("sharegpt_like", lambda f: f["decider"] == "adaptive")
+    if colo_chat and adaptive:
+        ratios = {k: _ratio(v, next(iter(colo_chat.values()))) for k, v in adaptive.items()}
+        out["chat_adaptive_vs_colocated"] = ratios
+        out["chat_target_met"] = all(r is not None and r >= 0.95 for r in ratios.values())
+    return out
+
+
+def run_pd_bench(
+    *,
+    n_long: int = 120,
+    long_rate: float = 12.0,
+    n_chat: int = 300,
+    chat_rate: float = 20.0,
+    fleets: Sequence[FleetSpec] | None = None,
+    include_70b: bool = True,
+    rate_70b_factor: float = 0.25,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The in-process (virtual time) part of the PD benchmark; returns the JSON report.
+
+    ``fleets`` defaults to :func:`default_fleets` for Llama-3-8B, plus the TP4 70B layouts
+    at ``rate_70b_factor`` of the rates when ``include_70b``.
+    """
+    if n_long < 0 or n_chat < 0 or n_long + n_chat < 1:
+        raise ConfigError("need at least one request", key="n_long")
+    if not (long_rate > 0 and chat_rate > 0 and rate_70b_factor > 0):
+        raise ConfigError("rates must be > 0", key="long_rate")
+    plan: list[tuple[FleetSpec, Workload]] = []
+    for w in _workloads(n_long, long_rate, n_chat, chat_rate, seed):
+        plan.extend((f, w) for f in (fleets if fleets is not None else default_fleets()))
+    if include_70b and fleets is None:
+        f70 = default_fleets("llama-3-70b")
+        r = rate_70b_factor
+        for w in _workloads(n_long, long_rate * r, n_chat, chat_rate * r, seed):
+            plan.extend((f, w) for f in f70)
+    cases = [run_case(f, w, seed=seed).to_dict() for f, w in plan]
+    models = sorted({c["fleet"]["model"] for c in cases})
+    return {
+        "benchmark": "pd",
+        "node": {"gpus": GPUS, "gpu": "h100", "kv_link_gbps": NVLINK_GBPS, "nvlink_domain": NODE},
+        "slo": SLO_ITL.to_dict(),
+        "slo_secondary": SLO_TPOT.to_dict(),
+        "slo_semantics": (
+            "meets SLO: completed, TTFT <= ttft_s, largest inter-chunk gap <= itl_s "
+            "(headline); secondary: mean TPOT <= tpot_s. goodput = requests meeting it / "
+            "run duration (virtual seconds)"
+        ),
+        "params": {
+            "n_long": n_long,
+            "long_rate": long_rate,
+            "n_chat": n_chat,
+            "chat_rate": chat_rate,
+            "rate_70b_factor": rate_70b_factor,
+            "seed": seed,
+            "scheduling_policy": "fifo",
+            "routing_strategy": "load_balanced",
+        },
+        "cases": cases,
+        "targets": [evaluate_targets(cases, m) for m in models],
+    }
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A short text table of the report's cases (and real-time runs, when present)."""
+    head = (
+        f"{'workload':<12} {'model':<11} {'fleet':<16} {'rate':>5} {'goodput':>7} "
+        f"{'good-tpot':>9} {'thru':>6} {'ttft50':>6} {'ttft99':>6} {'itl50':>5} {'itl99':>5}"
+    )
+    lines = [f"goodput: req/s meeting {SLO_ITL.name} (good-tpot: {SLO_TPOT.name}); ms", head]
+    rows = list(report.get("cases", [])) + list(report.get("realtime", {}).get("cases", []))
+    for c in rows:
+        f = c["fleet"]
+        lines.append(
+            f"{c['workload']:<12} {f['model']:<11} {f['name']:<16} {c['rate_rps']:>5.1f} "
+            f"{c['goodput_rps']:>7.2f} {c['goodput_tpot_rps']:>9.2f} "
+            f"{c['request_throughput_rps']:>6.2f} {_ms(c['ttft_p50_s']):>6} "
+            f"{_ms(c['ttft_p99_s']):>6} {_ms(c['itl_p50_s']):>5} {_ms(c['itl_p99_s']):>5}"
+        )
+    for t in report.get("targets", []):
+        lines.append(f"targets: {json.dumps(t, default=str)}")
+    return "\n".join(lines)
+
+
+def pd_bench_main(
+    *,
+    out: Path | None = None,
+    n_long: int = 120,
+    long_rate: float = 12.0,
+    n_chat: int = 300,
+    chat_rate: float = 20.0,
+    include_70b: bool = True,
+    realtime: bool = False,
+    speed: float = 10.0,
+    seed: int = 0,
+) -> int:
+    """``sage-llm bench pd``: run the benchmark, print the table, write the JSON report to
+    ``out`` (when given). ``realtime`` adds the vllm-router comparison over engine-sim
+    processes at ``speed``× time compression. Returns the exit status."""
+    report = run_pd_bench(
+        n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
+        include_70b=include_70b, seed=seed,
+    )  # fmt: skip
+    if realtime:
+        from sage_llm.bench.pd_realtime import run_realtime
+
+        report["realtime"] = asyncio.run(run_realtime(speed=speed, seed=seed))
+    print(format_table(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"report written to {out}")
+    return 0

@@ -1,0 +1,186 @@
+"""The PD benchmark at toy scale: fleets, the in-process comparison and its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sage_llm.bench.pd_bench import (
+    SLO_ITL,
+    SLO_TPOT,
+    FleetSpec,
+    chat_workload,
+    default_fleets,
+    evaluate_targets,
+    fleet_instances,
+    format_table,
+    long_prompt_workload,
+    manager_kwargs,
+    pd_bench_main,
+    run_case,
+    run_pd_bench,
+)
+from sage_llm.bench.pd_realtime import rescale, sage_pd_manager
+from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.errors import ConfigError
+from sage_llm.types import ExecutionInstanceType, PDSeparationConfig, RequestPriority
+
+CASE_FIELDS = {
+    "fleet", "workload", "rate_rps", "requests", "failed", "duration_s", "goodput_rps",
+    "slo_attainment", "goodput_tpot_rps", "slo_attainment_tpot", "request_throughput_rps",
+    "output_token_throughput", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
+    "tpot_p50_s", "tpot_p99_s", "pd", "summary",
+}  # fmt: skip
+
+
+def test_default_fleets_fill_the_eight_gpu_node() -> None:
+    for model in ("llama-3-8b", "llama-3-70b"):
+        fleets = default_fleets(model)
+        assert all(f.gpus == 8 for f in fleets)
+        assert fleets[0].decider is None  # the colocated baseline comes first
+        assert {f.decider for f in fleets[1:]} <= {"always", "adaptive"}
+    assert {f.name for f in default_fleets()} >= {"pd-2:6", "pd-3:5", "pd-4:4"}
+    assert all(f.tp == 4 for f in default_fleets("llama-3-70b"))
+
+
+def test_fleet_instances_carry_roles_and_sim_metadata() -> None:
+    spec = FleetSpec("pd-3:5", prefill=3, decode=5, decider="always")
+    insts = fleet_instances(spec)
+    types = [i.instance_type for i in insts]
+    assert types.count(ExecutionInstanceType.PREFILLING) == 3
+    assert types.count(ExecutionInstanceType.DECODING) == 5
+    assert len({i.instance_id for i in insts}) == 8
+    assert all(
+        i.metadata["sim_gpu"] == "h100" and i.metadata["sim_kv_link_gbps"] > 0 for i in insts
+    )
+    assert all(i.nvlink_domain == "node-0" for i in insts)
+    big = fleet_instances(default_fleets("llama-3-70b")[0])
+    assert [i.tensor_parallel_size for i in big] == [4, 4]
+    assert big[0].metadata["sim_model"] == "llama-3-70b"
+
+
+def test_bad_fleets_are_rejected() -> None:
+    with pytest.raises(ValueError, match="decider"):
+        FleetSpec("x", prefill=1, decode=1)
+    with pytest.raises(ValueError, match="counts"):
+        FleetSpec("x")
+
+
+def test_manager_kwargs_turn_pd_off_for_colocated_and_target_the_slo() -> None:
+    assert manager_kwargs(default_fleets()[0]) == {"enable_pd_separation": False}
+    adaptive = manager_kwargs(FleetSpec("a", hybrid=8, decider="adaptive"))
+    cfg = adaptive["pd_config"]
+    assert isinstance(cfg, PDSeparationConfig)
+    assert cfg.routing_policy == "adaptive"
+    assert cfg.metadata["decider_params"] == {"ttft_slo_s": 2.0, "tpot_slo_s": 0.025}
+    assert cfg.metadata["kv_bytes_per_token"] == 131072
+
+
+def test_workloads_have_the_named_shapes() -> None:
+    long = long_prompt_workload(20, 5.0, seed=1)
+    assert all(4096 <= r.prompt_tokens <= 8192 and 250 <= r.max_tokens <= 350 for r in long)
+    chat = chat_workload(20, 5.0, seed=1)
+    assert chat.name == "sharegpt_like"
+    assert max(r.prompt_tokens for r in chat) < 4097
+
+
+def test_small_in_process_comparison_produces_a_full_report() -> None:
+    fleets = [
+        FleetSpec("colocated", general=2),
+        FleetSpec("pd-1:1", prefill=1, decode=1, decider="always"),
+        FleetSpec("adaptive-hybrid", hybrid=2, decider="adaptive"),
+    ]
+    report = run_pd_bench(n_long=2, long_rate=4.0, n_chat=3, chat_rate=4.0, fleets=fleets)
+    json.dumps(report)  # serialisable
+    assert report["slo"] == SLO_ITL.to_dict()
+    assert report["slo_secondary"] == SLO_TPOT.to_dict()
+    cases = report["cases"]
+    assert [(c["workload"], c["fleet"]["name"]) for c in cases] == [
+        (w, f.name) for w in ("long_prompt", "sharegpt_like") for f in fleets
+    ]
+    for case in cases:
+        assert set(case) == CASE_FIELDS
+        assert case["failed"] == 0
+        assert case["requests"] == (2 if case["workload"] == "long_prompt" else 3)
+        assert case["ttft_p50_s"] is not None and case["ttft_p99_s"] >= case["ttft_p50_s"]
+        assert case["itl_p99_s"] >= case["itl_p50_s"] > 0
+        assert case["goodput_rps"] <= case["request_throughput_rps"]
+    pd_long = next(c for c in cases if c["fleet"]["name"] == "pd-1:1")
+    assert pd_long["pd"]["disaggregated_requests"] == 2
+    colo = next(c for c in cases if c["fleet"]["name"] == "colocated")
+    assert colo["pd"].get("disaggregated_requests", 0) == 0
+    (targets,) = report["targets"]
+    assert targets["long_prompt_best_pd"] == "pd-1:1"
+    assert set(targets["chat_adaptive_vs_colocated"]) == {"adaptive-hybrid"}
+    assert isinstance(targets["long_prompt_target_met"], bool)
+    table = format_table(report)
+    assert all(f.name in table for f in fleets)
+
+
+def test_seventy_b_tp4_case_runs() -> None:
+    spec = default_fleets("llama-3-70b")[1]
+    case = run_case(spec, long_prompt_workload(2, 1.0)).to_dict()
+    assert case["fleet"]["tp"] == 4
+    assert case["pd"]["disaggregated_requests"] == 2
+    assert case["failed"] == 0
+
+
+def test_run_pd_bench_rejects_empty_and_bad_rates() -> None:
+    with pytest.raises(ConfigError):
+        run_pd_bench(n_long=0, n_chat=0)
+    with pytest.raises(ConfigError):
+        run_pd_bench(n_long=1, long_rate=0.0, n_chat=0)
+
+
+def test_evaluate_targets_compares_against_colocated() -> None:
+    def case(name: str, decider: str | None, workload: str, goodput: float) -> dict[str, object]:
+        fleet = {"name": name, "model": "llama-3-8b", "decider": decider}
+        return {"fleet": fleet, "workload": workload, "goodput_rps": goodput}
+
+    cases = [
+        case("colocated", None, "long_prompt", 2.0),
+        case("pd-2:6", "always", "long_prompt", 2.5),
+        case("pd-3:5", "always", "long_prompt", 4.0),
+        case("colocated", None, "sharegpt_like", 10.0),
+        case("adaptive-hybrid", "adaptive", "sharegpt_like", 9.0),
+    ]
+    out = evaluate_targets(cases)
+    assert out["long_prompt_best_pd"] == "pd-3:5"
+    assert out["long_prompt_best_pd_vs_colocated"] == 2.0
+    assert out["long_prompt_target_met"] is True
+    assert out["chat_adaptive_vs_colocated"] == {"adaptive-hybrid": 0.9}
+    assert out["chat_target_met"] is False
+
+
+def test_pd_bench_main_writes_json_and_prints_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pd.json"
+    rc = pd_bench_main(out=out, n_long=1, n_chat=1, include_70b=False, long_rate=1.0)
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert len(report["cases"]) == 2 * len(default_fleets())
+    assert "pd-3:5" in capsys.readouterr().out
+
+
+def test_rescale_multiplies_every_time() -> None:
+    m = RequestMeasurement("r", RequestPriority.NORMAL, None, 1.0, 1.5, [1.5, 1.6], 2.0, 10, 2)
+    s = rescale(m, 10.0)
+    assert (s.arrival_s, s.first_token_s, tuple(s.token_times_s), s.end_s) == (
+        10.0, 15.0, (15.0, 16.0), 20.0,
+    )  # fmt: skip
+
+
+def test_sage_pd_manager_registers_the_processes_by_role() -> None:
+    cp = sage_pd_manager(
+        ["http://127.0.0.1:8001"], ["http://127.0.0.1:8002", "http://127.0.0.1:8003"]
+    )
+    insts = {i.port: i.instance_type for i in cp.get_instances()}
+    assert insts == {
+        8001: ExecutionInstanceType.PREFILLING,
+        8002: ExecutionInstanceType.DECODING,
+        8003: ExecutionInstanceType.DECODING,
+    }
+    assert cp.mode == "http"
