@@ -1,0 +1,575 @@
+"""``sage-llm bench compare``: sage-llm presets and peer routers side by side, over HTTP.
+
+For every contender (a sage-llm scheduling/routing preset, or a peer router with one of its
+policies) and every offered rate, the command starts a **fresh** fleet of ``engine-sim``
+processes (so no contender inherits another's prefix cache), puts the contender in front of
+it on loopback, and replays the same seeded workload with
+:func:`sage_llm.bench.loadgen.run_http_workload`. sage-llm runs as an in-process gateway
+(``sage-llm serve`` in its own process, so the load generator does not share the gateway's
+event loop) over a ``mode="http"`` manager whose instances are the engine processes, with
+``max_concurrent_requests`` set so that the control plane holds the queue; peers are
+installed into their own virtualenvs (:func:`sage_llm.bench.peers.ensure_peer`) and started
+by :func:`sage_llm.bench.procs.start_peer_router`. Token-id prompts are sent as text of the
+same tokens (:func:`as_text_prompts`): sglang-router rejects token-id prompts.
+
+Time compression: engines run with ``--speed K`` and arrivals are sent K times as fast;
+every measured time is multiplied by K before it is summarised, so all figures are in
+simulated seconds (the proxies' own overhead is multiplied by K too; keep K modest).
+
+"80% of capacity" (``--load``) is calibrated on virtual time before the run: 400 requests of
+the workload arrive at once at the in-process simulator (same GPU, model and engine count;
+``fifo + load_balanced``; no control-plane concurrency limit), and capacity is the rate of
+completions between the 10th and the 90th percentile completion (:func:`calibrate_capacity`).
+The offered rate is ``load × capacity``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from sage_llm.bench.demo import DEMO_PRESETS, DEMO_SLO, demo_fleet
+from sage_llm.bench.inprocess import Preset, run_preset
+from sage_llm.bench.loadgen import run_http_workload
+from sage_llm.bench.procs import ManagedProcess, free_ports, spawn
+from sage_llm.bench.report import Entry, summary_table, target_check, write_html, write_json
+from sage_llm.bench.stats import SLO, RequestMeasurement, summarize
+from sage_llm.bench.workloads import (
+    LogNormal,
+    Workload,
+    multi_turn,
+    scale_rate,
+    sharegpt_like,
+    synthetic,
+    trace_replay,
+    with_priorities,
+)
+from sage_llm.errors import ConfigError
+from sage_llm.types import RequestPriority
+
+__all__ = [
+    "PEER_POLICIES",
+    "CompareConfig",
+    "build_workload",
+    "calibrate_capacity",
+    "compare_main",
+    "parse_preset",
+    "rescale",
+    "run_compare",
+]
+
+PEER_POLICIES: dict[str, tuple[str, ...]] = {
+    "vllm-router": ("round_robin", "cache_aware", "power_of_two"),
+    "sglang-router": ("round_robin", "cache_aware", "power_of_two"),
+}
+"""The main policies of each peer router that ``compare`` runs."""
+
+WORKLOADS = ("multi-turn", "sharegpt", "synthetic")
+
+CALIBRATION_REQUESTS = 400
+"""Size of the capacity calibration probe (requests)."""
+
+
+def parse_preset(spec: str) -> Preset:
+    """``"policy+routing"`` (spaces allowed) as a :class:`Preset` named after it."""
+    parts = [p.strip() for p in spec.split("+")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"preset {spec!r} is not 'policy+routing'", key="presets")
+    return Preset(f"{parts[0]} + {parts[1]}", parts[0], parts[1])
+
+
+def build_workload(
+    kind: str, *, rate: float, duration_s: float, seed: int = 0, model: str = "llama-3-8b"
+) -> Workload:
+    """A seeded workload offering about ``rate`` requests/s for about ``duration_s`` s.
+
+    ``multi-turn``: 4-turn chat sessions over a 1024-token shared system prompt;
+    ``sharegpt``: ShareGPT-like length mix; ``synthetic``: log-normal prompts around 512
+    tokens, 128 output tokens; ``trace:PATH``: a Mooncake/Azure trace (rate and duration
+    ignored). Every workload except the trace is rescaled to the exact mean ``rate``."""
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ConfigError(f"rate must be > 0, got {rate}", key="rate")
+    if not duration_s > 0:
+        raise ConfigError(f"duration_s must be > 0, got {duration_s}", key="duration_s")
+    n = max(2, round(rate * duration_s))
+    if kind.startswith("trace:"):
+        return trace_replay(Path(kind.removeprefix("trace:")), model=model)
+    if kind == "multi-turn":
+        turns = 4
+        w = multi_turn(
+            max(1, math.ceil(n / turns)),
+            turns_per_session=turns,
+            rate=rate / turns,
+            think_time_s=3.0,
+            system_prompt_tokens=1024,
+            seed=seed,
+            model=model,
+        )
+    elif kind == "sharegpt":
+        w = sharegpt_like(n, rate, seed=seed, model=model)
+    elif kind == "synthetic":
+        w = synthetic(n, rate, LogNormal(512, 0.6, lo=16, hi=4096), 128, seed=seed, model=model)
+    else:
+        raise ConfigError(
+            f"unknown workload {kind!r} (known: {', '.join(WORKLOADS)}, trace:PATH)",
+            key="workload",
+        )
+    actual = w.summary()["rate_rps"]
+    return scale_rate(w, rate / actual) if actual else w
+
+
+def steady_throughput(end_times: Sequence[float]) -> float:
+    """Completions per second between the 10th and the 90th percentile completion, which
+    leaves out the ramp-up and the drain of a saturating run (0 when undefined)."""
+    ends = sorted(end_times)
+    if len(ends) < 10:
+        return 0.0
+    lo, hi = len(ends) // 10, (len(ends) * 9) // 10
+    span = ends[hi] - ends[lo]
+    return (hi - lo) / span if span > 0 else 0.0
+
+
+def calibrate_capacity(
+    workload: Workload,
+    *,
+    engines: int,
+    gpu: str = "h100",
+    model: str = "llama-3-8b",
+    max_concurrent: int = 100_000,
+    seed: int = 0,
+) -> float:
+    """Requests/s the fleet sustains on ``workload``: every request arrives at once
+    (in-process simulator, virtual time, ``fifo + load_balanced``, ``max_concurrent``
+    requests per instance: by default no control-plane limit) and
+    :func:`steady_throughput` of the completions is the capacity. Give a workload of a
+    few hundred requests so that the fleet saturates."""
+    squeezed = scale_rate(workload, 1000.0)
+    result = run_preset(
+        Preset("calibration", "fifo", "load_balanced"),
+        squeezed,
+        lambda: demo_fleet(engines, model=model, gpu=gpu, max_concurrent=max_concurrent),
+        seed=seed,
+    )
+    return steady_throughput([m.end_s for m in result.measurements if m.ok])
+
+
+def rescale(measurements: Sequence[RequestMeasurement], factor: float) -> list[RequestMeasurement]:
+    """Every time multiplied by ``factor`` (wall seconds at ``--speed K`` → simulated)."""
+    return [
+        replace(
+            m,
+            arrival_s=m.arrival_s * factor,
+            first_token_s=None if m.first_token_s is None else m.first_token_s * factor,
+            token_times_s=[t * factor for t in m.token_times_s],
+            end_s=m.end_s * factor,
+        )
+        for m in measurements
+    ]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything one ``compare`` run needs (rates in requests per simulated second)."""
+
+    workload: str = "multi-turn"
+    presets: tuple[Preset, ...] = DEMO_PRESETS
+    peers: tuple[str, ...] = ("vllm-router", "sglang-router")
+    peer_policies: dict[str, tuple[str, ...]] = field(default_factory=lambda: PEER_POLICIES)
+    engines: int = 4
+    gpu: str = "h100"
+    model: str = "llama-3-8b"
+    rates: tuple[float, ...] = ()
+    load: float = 0.8
+    duration_s: float = 60.0
+    speed: float = 1.0
+    max_concurrent: int = 32
+    seed: int = 0
+    slo: SLO = DEMO_SLO
+    out: Path = Path("bench-out/compare")
+
+    def __post_init__(self) -> None:
+        if self.engines < 1:
+            raise ConfigError("engines must be >= 1", key="engines")
+        if not self.speed > 0:
+            raise ConfigError("speed must be > 0", key="speed")
+        if not self.load > 0:
+            raise ConfigError("load must be > 0", key="load")
+        if any(not r > 0 for r in self.rates):
+            raise ConfigError("rates must be > 0", key="rates")
+        if self.max_concurrent < 1:
+            raise ConfigError("max_concurrent must be >= 1", key="max_concurrent")
+        for peer in self.peers:
+            if peer not in self.peer_policies:
+                raise ConfigError(f"unknown peer {peer!r}", key="peers")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["presets"] = [p.name for p in self.presets]
+        data["slo"] = self.slo.to_dict()
+        data["out"] = str(self.out)
+        return data
+
+
+Progress = Callable[[str], None]
+
+
+def sage_config_toml(
+    preset: Preset, urls: Sequence[str], *, model: str, max_concurrent: int, seed: int = 0
+) -> str:
+    """A ``sage-llm serve`` config: ``preset`` over the engines at ``urls`` (HTTP mode)."""
+    lines = [
+        "[services.llm_control_plane]",
+        'type = "ControlPlaneVLLMService"',
+        'mode = "http"',
+        f"scheduling_policy = {json.dumps(preset.policy)}",
+        f"routing_strategy = {json.dumps(preset.routing)}",
+        "enable_pd_separation = false",
+        f"seed = {seed}",
+    ]
+    for table, params in (("policy_params", preset.policy_params),
+                          ("routing_params", preset.routing_params)):  # fmt: skip
+        if params:
+            lines.append(f"[services.llm_control_plane.{table}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in params.items()]
+    for i, url in enumerate(urls):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        lines += [
+            "[[services.llm_control_plane.instances]]",
+            f'instance_id = "engine-{i}"',
+            f"host = {json.dumps(host)}",
+            f"port = {int(port)}",
+            f"model_name = {json.dumps(model)}",
+            f"max_concurrent_requests = {max_concurrent}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+@contextlib.asynccontextmanager
+async def sage_gateway(
+    preset: Preset,
+    urls: Sequence[str],
+    *,
+    model: str,
+    max_concurrent: int,
+    log_dir: Path,
+    seed: int = 0,
+) -> AsyncIterator[ManagedProcess]:
+    """``sage-llm serve`` in its own process over ``urls``; stopped on exit."""
+    (port,) = free_ports(1)
+    config = log_dir / f"sage-{port}.toml"
+    text = sage_config_toml(preset, urls, model=model, max_concurrent=max_concurrent, seed=seed)
+    await asyncio.to_thread(_write, config, text)
+    argv = [sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(config),
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    proc = await spawn(f"sage-{port}", argv, port=port, log_path=log_dir / f"sage-{port}.log")
+    try:
+        await proc.wait_ready("/health", lambda status, _body: status == 200, timeout_s=60.0)
+        yield proc
+    finally:
+        await proc.stop()
+
+
+async def _run_sage(
+    preset: Preset, urls: Sequence[str], workload: Workload, cfg: CompareConfig
+) -> Entry:
+    async with sage_gateway(
+        preset,
+        urls,
+        model=cfg.model,
+        max_concurrent=cfg.max_concurrent,
+        log_dir=cfg.out / "logs",
+        seed=cfg.seed,
+    ) as gateway:
+        report = await run_http_workload(gateway.url, workload, model=cfg.model)
+    return _entry(preset.name, "sage", report.measurements, report.duration_s, cfg, report)
+
+
+def as_text_prompts(workload: Workload) -> Workload:
+    """The same workload with token-id prompts written as text of exactly those many tokens
+    (token id ``i`` becomes the word `` t<i>``, one token under :mod:`sage_llm.tokens`), so
+    shared prefixes stay shared. sglang-router accepts only text prompts."""
+
+    def text(prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else "".join(f" t{i}" for i in prompt)
+
+    return replace(workload, requests=tuple(replace(r, prompt=text(r.prompt)) for r in workload))
+
+
+async def _run_peer(
+    peer: str, policy: str, urls: Sequence[str], workload: Workload, cfg: CompareConfig
+) -> Entry:
+    from sage_llm.bench.peers import ensure_peer
+    from sage_llm.bench.procs import start_peer_router
+
+    install = await ensure_peer(peer)
+    async with await start_peer_router(peer, urls, policy=policy, install=install) as router:
+        report = await run_http_workload(router.url, workload, model=cfg.model, sage_headers=False)
+    return _entry(f"{peer} {policy}", "peer", report.measurements, report.duration_s, cfg, report)
+
+
+def _entry(
+    name: str,
+    kind: str,
+    measurements: Sequence[RequestMeasurement],
+    duration_s: float,
+    cfg: CompareConfig,
+    report: Any,
+) -> Entry:
+    scaled = rescale(measurements, cfg.speed)
+    summary = summarize(scaled, duration_s * cfg.speed, cfg.slo)
+    extra = {
+        "mean_send_lag_ms": report.mean_send_lag_s * 1000,
+        "warnings": list(report.warnings),
+    }
+    return Entry(name, kind, summary, scaled, extra=extra)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """The entries of a run, the rates used and the capacity calibration."""
+
+    config: CompareConfig
+    entries: list[Entry]
+    rates: tuple[float, ...]
+    capacity_rps: float | None
+
+
+async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> CompareResult:
+    """Run every contender at every rate (fresh engines per run); see the module docstring."""
+    from sage_llm.bench.procs import start_engine_sims
+
+    say = progress or (lambda _msg: None)
+    capacity: float | None = None
+    rates = cfg.rates
+    if not rates:
+        probe = build_workload(
+            cfg.workload, rate=1.0, duration_s=CALIBRATION_REQUESTS, seed=cfg.seed, model=cfg.model
+        )
+        say("calibrating capacity on virtual time")
+        capacity = await asyncio.to_thread(
+            calibrate_capacity, probe, engines=cfg.engines, gpu=cfg.gpu, model=cfg.model
+        )
+        rates = (cfg.load * capacity,)
+        say(f"capacity {capacity:.2f} req/s; offering {rates[0]:.2f} req/s")
+    contenders: list[tuple[str, str, Preset | None]] = [
+        ("sage", p.name, p) for p in cfg.presets
+    ] + [("peer", f"{peer} {pol}", None) for peer in cfg.peers for pol in cfg.peer_policies[peer]]
+    entries: list[Entry] = []
+    for rate in rates:
+        workload = build_workload(
+            cfg.workload, rate=rate, duration_s=cfg.duration_s, seed=cfg.seed, model=cfg.model
+        )
+        fast = scale_rate(as_text_prompts(workload), cfg.speed)
+        for _kind, name, preset in contenders:
+            say(f"{name} @ {rate:.2f} req/s: starting {cfg.engines} engines")
+            async with await start_engine_sims(
+                cfg.engines, model=cfg.model, gpu=cfg.gpu, speed=cfg.speed
+            ) as fleet:
+                say(f"{name} @ {rate:.2f} req/s: {len(workload)} requests")
+                if preset is not None:
+                    entry = await _run_sage(preset, fleet.urls, fast, cfg)
+                else:
+                    peer, policy = name.split(" ", 1)
+                    entry = await _run_peer(peer, policy, fleet.urls, fast, cfg)
+            entries.append(replace(entry, rate_rps=rate))
+            say(f"{name} @ {rate:.2f} req/s: goodput {entry.summary.goodput:.2f} req/s")
+    return CompareResult(cfg, entries, rates, capacity)
+
+
+def write_reports(result: CompareResult) -> tuple[Path, Path]:
+    """``compare.json`` and ``report.html`` (+ PNGs) under the config's ``out``."""
+    cfg = result.config
+    config = {
+        **cfg.to_dict(),
+        "rates_used": list(result.rates),
+        "capacity_rps": result.capacity_rps,
+    }
+    json_path = write_json(cfg.out / "compare.json", config, result.entries)
+    html_path = write_html(
+        cfg.out, config, result.entries, title=f"sage-llm bench compare: {cfg.workload}"
+    )
+    return json_path, html_path
+
+
+def compare_main(
+    workload: str = "multi-turn",
+    *,
+    presets: Sequence[str] | None = None,
+    peers: Sequence[str] = ("vllm-router", "sglang-router"),
+    peer_policies: Sequence[str] | None = None,
+    engines: int = 4,
+    rate: float | None = None,
+    rates: Sequence[float] = (),
+    load: float = 0.8,
+    duration_s: float = 60.0,
+    speed: float = 1.0,
+    max_concurrent: int = 32,
+    seed: int = 0,
+    out: Path = Path("bench-out/compare"),
+    console: Console | None = None,
+) -> int:
+    """Entry point of ``sage-llm bench compare``; returns the exit status (0 on success).
+
+    ``presets`` are ``policy+routing`` strings (default: the demo's five);
+    ``peer_policies`` replaces :data:`PEER_POLICIES` for every peer; ``rate`` or
+    ``rates`` fix the offered rate(s), otherwise ``load`` × calibrated capacity is used."""
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    cfg = CompareConfig(
+        workload=workload,
+        presets=tuple(parse_preset(p) for p in presets) if presets else DEMO_PRESETS,
+        peers=tuple(peers),
+        peer_policies=(
+            {p: tuple(peer_policies) for p in peers} if peer_policies else dict(PEER_POLICIES)
+        ),
+        engines=engines,
+        rates=tuple(rates) or ((rate,) if rate is not None else ()),
+        load=load,
+        duration_s=duration_s,
+        speed=speed,
+        max_concurrent=max_concurrent,
+        seed=seed,
+        out=out,
+    )
+    with console.status("starting …") as status:
+        result = asyncio.run(run_compare(cfg, lambda msg: status.update(msg)))
+    for rate_used in result.rates:
+        rows = [(e.name, e.summary) for e in result.entries if e.rate_rps == rate_used]
+        console.print(summary_table(rows, title=f"{cfg.workload} @ {rate_used:.2f} req/s"))
+    check = target_check(result.entries)
+    if check is not None:
+        console.print(
+            f"best sage-llm: {check.best_sage}; best peer: {check.best_peer}; goodput ratio "
+            f"{check.goodput_ratio or 0:.2f} (target ≥ 1.25), P99 TTFT ratio "
+            f"{check.p99_ttft_ratio or 0:.2f} (target ≤ 0.7)"
+        )
+    json_path, html_path = write_reports(result)
+    console.print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
+OVERLOAD_PRESETS: tuple[Preset, ...] = (
+    Preset("fifo + load_balanced", "fifo", "load_balanced"),
+    Preset("priority + load_balanced", "priority", "load_balanced"),
+    Preset("slo_aware + load_balanced", "slo_aware", "load_balanced"),
+)
+"""Issue #7 target 2: only the scheduling policy differs."""
+
+
+def overload_workload(rate: float, duration_s: float, seed: int = 0) -> Workload:
+    """Multi-turn chat at ``rate`` req/s with 5% CRITICAL, 5% HIGH sessions and the demo's
+    per-priority targets (TTFT ≤ 1 s and TPOT ≤ 50 ms for CRITICAL/HIGH/NORMAL)."""
+    base = build_workload("multi-turn", rate=rate, duration_s=duration_s, seed=seed)
+    mix: dict[RequestPriority | int | str, float] = {
+        RequestPriority.CRITICAL: 0.05,
+        RequestPriority.HIGH: 0.05,
+        RequestPriority.NORMAL: 0.6,
+        RequestPriority.LOW: 0.2,
+        RequestPriority.BACKGROUND: 0.1,
+    }
+    slos: dict[RequestPriority | int | str, SLO] = {
+        RequestPriority.CRITICAL: SLO(ttft_s=1.0, tpot_s=0.05),
+        RequestPriority.HIGH: SLO(ttft_s=1.0, tpot_s=0.05),
+        RequestPriority.NORMAL: SLO(ttft_s=1.0, tpot_s=0.05),
+        RequestPriority.LOW: SLO(ttft_s=2.0, tpot_s=0.1),
+    }
+    return with_priorities(base, mix, slos, seed=seed)
+
+
+def overload_compare(
+    *,
+    engines: int = 4,
+    overload: float = 2.0,
+    duration_s: float = 120.0,
+    max_concurrent: int = 16,
+    presets: Sequence[Preset] = OVERLOAD_PRESETS,
+    seed: int = 0,
+    calibration_requests: int = CALIBRATION_REQUESTS,
+    progress: Progress | None = None,
+) -> tuple[list[Entry], float]:
+    """Issue #7 target 2 on virtual time (in-process simulated H100 engines): the workload
+    at ``overload`` × calibrated capacity through each preset; returns the entries and the
+    capacity. ``max_concurrent`` per instance makes the control plane hold the queue."""
+    say = progress or (lambda _msg: None)
+    probe = overload_workload(1.0, calibration_requests, seed)
+    capacity = calibrate_capacity(probe, engines=engines, max_concurrent=max_concurrent, seed=seed)
+    rate = overload * capacity
+    say(f"capacity {capacity:.2f} req/s; offering {rate:.2f} req/s")
+    workload = overload_workload(rate, duration_s, seed)
+    entries = []
+    for preset in presets:
+        say(f"running {preset.name}")
+        result = run_preset(
+            preset,
+            workload,
+            lambda: demo_fleet(engines, gpu="h100", max_concurrent=max_concurrent),
+            slo=DEMO_SLO,
+            seed=seed,
+        )
+        entries.append(
+            Entry(
+                preset.name,
+                "sage",
+                result.summary,
+                result.measurements,
+                rate_rps=rate,
+                extra={"prefix_hit_rate": result.prefix_hit_rate},
+            )
+        )
+    return entries, capacity
+
+
+def overload_main(
+    *,
+    engines: int = 4,
+    overload: float = 2.0,
+    duration_s: float = 120.0,
+    max_concurrent: int = 16,
+    seed: int = 0,
+    out: Path = Path("bench-out/overload"),
+    console: Console | None = None,
+) -> int:
+    """Entry point of ``sage-llm bench compare --overload``: target 2, table + reports."""
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    with console.status("starting …") as status:
+        entries, capacity = overload_compare(
+            engines=engines,
+            overload=overload,
+            duration_s=duration_s,
+            max_concurrent=max_concurrent,
+            seed=seed,
+            progress=status.update,
+        )
+    hits = {e.name: float(e.extra["prefix_hit_rate"]) for e in entries}
+    console.print(
+        summary_table(
+            [(e.name, e.summary) for e in entries],
+            title=f"{overload}x capacity ({capacity:.2f} req/s), virtual time",
+            prefix_hit_rate=hits,
+        )
+    )
+    config = {
+        "engines": engines,
+        "overload": overload,
+        "capacity_rps": capacity,
+        "duration_s": duration_s,
+        "max_concurrent": max_concurrent,
+        "seed": seed,
+    }
+    json_path = write_json(out / "overload.json", config, entries)
+    html_path = write_html(out, config, entries, title="sage-llm: policies under overload")
+    console.print(f"wrote {json_path} and {html_path}")
+    return 0

@@ -1,0 +1,149 @@
+"""Tests for ``bench compare``: workload shaping, calibration pieces, configs and a tiny run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from sage_llm.bench.compare import (
+    CompareConfig,
+    as_text_prompts,
+    build_workload,
+    overload_compare,
+    parse_preset,
+    rescale,
+    run_compare,
+    sage_config_toml,
+    steady_throughput,
+    write_reports,
+)
+from sage_llm.bench.inprocess import Preset
+from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.config import parse_config
+from sage_llm.errors import ConfigError
+from sage_llm.tokens import tokenize
+from sage_llm.types import RequestPriority
+
+
+def test_parse_preset() -> None:
+    preset = parse_preset(" slo_aware + locality ")
+    assert (preset.name, preset.policy, preset.routing) == (
+        "slo_aware + locality",
+        "slo_aware",
+        "locality",
+    )
+    for bad in ("fifo", "fifo+", "a+b+c"):
+        with pytest.raises(ConfigError):
+            parse_preset(bad)
+
+
+@pytest.mark.parametrize("kind", ["multi-turn", "sharegpt", "synthetic"])
+def test_build_workload_offers_the_rate(kind: str) -> None:
+    w = build_workload(kind, rate=5.0, duration_s=20.0, seed=1)
+    assert w.summary()["rate_rps"] == pytest.approx(5.0)
+    assert w == build_workload(kind, rate=5.0, duration_s=20.0, seed=1)
+
+
+def test_build_workload_rejects_bad_input() -> None:
+    with pytest.raises(ConfigError):
+        build_workload("nope", rate=1.0, duration_s=10.0)
+    with pytest.raises(ConfigError):
+        build_workload("synthetic", rate=0.0, duration_s=10.0)
+    with pytest.raises(ConfigError):
+        build_workload("synthetic", rate=1.0, duration_s=0.0)
+
+
+def test_as_text_prompts_keeps_token_counts_and_shared_prefixes() -> None:
+    w = build_workload("multi-turn", rate=2.0, duration_s=4.0)
+    text = as_text_prompts(w)
+    assert all(isinstance(r.prompt, str) for r in text)
+    assert [r.prompt_tokens for r in text] == [r.prompt_tokens for r in w]
+    first, second = text.requests[0], text.requests[1]
+    assert isinstance(first.prompt, str) and isinstance(second.prompt, str)
+    shared = tokenize(first.prompt)[:1024]
+    assert tokenize(second.prompt)[:1024] == shared  # the system prompt stays shared
+
+
+def test_rescale_multiplies_every_time() -> None:
+    m = RequestMeasurement(
+        request_id="r", priority=RequestPriority.HIGH, user_id=None, arrival_s=1.0,
+        first_token_s=1.5, token_times_s=[1.5, 2.0], end_s=2.0, prompt_tokens=3,
+        output_tokens=2,
+    )  # fmt: skip
+    (out,) = rescale([m], 4.0)
+    assert (out.arrival_s, out.first_token_s, out.end_s) == (4.0, 6.0, 8.0)
+    assert out.token_times_s == (6.0, 8.0)
+    assert out.priority is RequestPriority.HIGH
+
+
+def test_steady_throughput_leaves_out_ramp_and_drain() -> None:
+    # 20 completions one second apart, then a long drain: the middle 16 take 16 s.
+    ends = [float(i) for i in range(19)] + [100.0]
+    assert steady_throughput(ends) == pytest.approx(1.0)
+    assert steady_throughput([1.0, 2.0]) == 0.0
+
+
+def test_sage_config_toml_is_a_valid_http_config() -> None:
+    preset = Preset("p", "priority", "locality", policy_params={"max_wait_s": 30.0})
+    text = sage_config_toml(
+        preset, ["http://127.0.0.1:8001", "http://127.0.0.1:8002"], model="m", max_concurrent=8
+    )
+    cfg = parse_config(text)
+    instances = cfg.execution_instances()
+    assert [(i.port, i.max_concurrent_requests, i.model_name) for i in instances] == [
+        (8001, 8, "m"),
+        (8002, 8, "m"),
+    ]
+    kwargs = cfg.manager_kwargs()
+    assert kwargs["scheduling_policy"] == "priority"
+    assert kwargs["routing_strategy"] == "locality"
+    assert kwargs["mode"] == "http"
+
+
+def test_compare_config_validates() -> None:
+    with pytest.raises(ConfigError):
+        CompareConfig(engines=0)
+    with pytest.raises(ConfigError):
+        CompareConfig(peers=("nginx",))
+    with pytest.raises(ConfigError):
+        CompareConfig(rates=(1.0, -1.0))
+
+
+def test_run_compare_tiny_end_to_end(tmp_path: Path) -> None:
+    """One preset over one engine-sim process through a `sage-llm serve` process."""
+    cfg = CompareConfig(
+        workload="synthetic",
+        presets=(Preset("fifo + round_robin", "fifo", "round_robin"),),
+        peers=(),
+        engines=1,
+        rates=(4.0,),
+        duration_s=1.0,
+        out=tmp_path,
+    )
+    messages: list[str] = []
+    result = asyncio.run(run_compare(cfg, messages.append))
+    (entry,) = result.entries
+    assert entry.kind == "sage" and entry.rate_rps == 4.0
+    assert entry.summary.count == 4 and entry.summary.ok == 4
+    assert entry.summary.output_token_throughput > 0
+    assert any("goodput" in m for m in messages)
+    json_path, html_path = write_reports(result)
+    data = json.loads(json_path.read_text())
+    assert data["entries"][0]["summary"]["ok"] == 4
+    assert data["config"]["rates_used"] == [4.0]
+    assert html_path.exists()
+
+
+def test_overload_compare_tiny_on_virtual_time() -> None:
+    entries, capacity = overload_compare(
+        engines=1, duration_s=6.0, max_concurrent=4, calibration_requests=40,
+        presets=(Preset("priority + load_balanced", "priority", "load_balanced"),),
+    )  # fmt: skip
+    assert capacity > 0
+    (entry,) = entries
+    assert entry.rate_rps == pytest.approx(2.0 * capacity)
+    assert entry.summary.count == entry.summary.ok > 0
+    assert set(entry.summary.slo_attainment_by_priority) <= set(RequestPriority)
