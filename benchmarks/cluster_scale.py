@@ -156,6 +156,7 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
         f"wall time        {result.wall_s:.1f} s simulating, "
         f"{setup['run_wall_s']:.1f} s with the summary"
     )
+    print(f"cpu time         {result.cpu_s:.1f} s simulating (this process)")
     print(f"simulated time   {result.sim_time_s:.1f} s")
     print(f"events           {result.events} ({result.events_per_s:,.0f} events/s), "
           f"{result.steps} engine steps")  # fmt: skip

@@ -180,7 +180,7 @@ class ClusterSimulator:
         if self._ran:
             raise ConflictError("this ClusterSimulator has already run; build a new one")
         self._ran = True
-        wall0 = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         requests = workload.requests if isinstance(workload, Workload) else workload
         arrivals = iter(requests)
         nxt = next(arrivals, None)
@@ -220,7 +220,7 @@ class ClusterSimulator:
                     self._kick(slot)
                 control.kicks.clear()
         control.abandon_leftovers(self._now)
-        return self._result(slo, time.perf_counter() - wall0)
+        return self._result(slo, time.perf_counter() - wall0, time.process_time() - cpu0)
 
     def _push(self, at: float, kind: int, index: int, gen: int = 0) -> None:
         self._seq += 1
@@ -283,7 +283,7 @@ class ClusterSimulator:
 
     # -- report ----------------------------------------------------------------------------
 
-    def _result(self, slo: SLO | None, wall_s: float) -> ClusterResult:
+    def _result(self, slo: SLO | None, wall_s: float, cpu_s: float) -> ClusterResult:
         fleet, control = self.fleet, self.control
         return build_result(
             self._slots,
@@ -295,6 +295,7 @@ class ClusterSimulator:
                 candidates=control.decision_candidates,
             ),
             wall_s=wall_s,
+            cpu_s=cpu_s,
             events=self._events,
             rejected=control.rejected,
             policy_state=dict(self.policy.describe()),

@@ -119,8 +119,9 @@ class ClusterResult:
 
     ``summary`` is :func:`sage_llm.bench.stats.summarize` over ``measurements`` (one per
     request, in completion order) for the simulated duration ``sim_time_s`` (start to the
-    last request's end). ``wall_s`` is the real time the run took and ``events`` the
-    events it processed (arrivals, engine steps, wake-ups, stats refreshes).
+    last request's end). ``wall_s`` is the real time the run took, ``cpu_s`` this
+    process's CPU time meanwhile (which does not depend on what else the machine runs),
+    ``events`` the events it processed (arrivals, engine steps, wake-ups, stats refreshes).
     """
 
     summary: BenchSummary
@@ -130,6 +131,7 @@ class ClusterResult:
     decisions: DecisionStats
     sim_time_s: float
     wall_s: float
+    cpu_s: float
     events: int
     steps: int
     rejected: int
@@ -169,6 +171,7 @@ class ClusterResult:
             "decisions": self.decisions.to_dict(),
             "sim_time_s": self.sim_time_s,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "events": self.events,
             "events_per_s": self.events_per_s,
             "requests_per_wall_s": self.requests_per_wall_s,
@@ -243,6 +246,7 @@ def build_result(
     *,
     decisions: DecisionStats,
     wall_s: float,
+    cpu_s: float,
     events: int,
     rejected: int,
     policy_state: dict[str, Any],
@@ -264,6 +268,7 @@ def build_result(
         decisions=decisions,
         sim_time_s=sim_time,
         wall_s=wall_s,
+        cpu_s=cpu_s,
         events=events,
         steps=sum(s.steps for s in slots),
         rejected=rejected,
