@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.errors import EngineError, EngineTimeoutError, InstanceNotFoundError
+from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, InstanceNotFoundError
 from sage_llm.launch import (
     EngineLaunch,
     LaunchSettings,
@@ -228,3 +228,10 @@ async def test_wait_healthy_reports_an_exit() -> None:
 
     with pytest.raises(EngineError, match="exited with code 1"):
         await wait_healthy("http://127.0.0.1:1/health", exited=gone, timeout_s=5)
+
+
+async def test_launch_from_config_rejects_other_sources() -> None:
+    with pytest.raises(
+        ConfigError, match="expected a launch file, plan file, Plan or LaunchConfig"
+    ):
+        await launch_from_config(42)  # type: ignore[arg-type]

@@ -470,7 +470,7 @@ def plan(
         else:
             rejected.append((cand, why))
     cands = [Candidate("colocated", s, alloc.nodes * (per_node // s.gpus)) for s in feasible]
-    pd_shapes = [s for s in feasible if s.pp == 1]  # vLLM's NIXL PD does not run with PP
+    pd_shapes = [s for s in feasible if s.pp == 1]  # PP is not among NIXL PD's documented features
     if allow_pd:
         for sp in pd_shapes:
             for sd in pd_shapes:
@@ -584,7 +584,7 @@ def _explain(
         where = f"node {i.node} " if pl.alloc.nodes > 1 else ""
         lines.append(
             f"  {k}: {i.role.value:<10} TP{i.tp} PP{i.pp}{f' EP{i.ep}' if i.ep > 1 else ''} on "
-            f"{where}GPUs {gpus} (link {i.link_gbps:g} GB/s)"
+            f"{where}GPUs {gpus}" + (f" (link {i.link_gbps:g} GB/s)" if len(i.gpu_ids) > 1 else "")
         )
     at = "at the workload's" if w.rate is not None else "at its capacity,"
     q = f"p{slo.attainment * 100:g}"

@@ -41,6 +41,7 @@ _Z90 = 1.2815515655446004  # standard normal 90% quantile
 _MAX_ITER = 400
 _SEQS = "max_num_seqs (batch full)"
 _PREFILL = "prefill throughput"
+_SATURATED = "throughput (the batch never settles)"
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -441,7 +442,7 @@ class ShapeEval:
                 break
             step = new
         else:
-            return RoleState(rate, rate * out * step, step, math.inf, math.inf, 1.0, "throughput")
+            return RoleState(rate, rate * out * step, step, math.inf, math.inf, 1.0, _SATURATED)
         batch = rate * out * step
         ttft = self._ttft(rate, batch, rho, q, step)
         busy = min(1.0, rho + (1 - rho) * min(1.0, batch / self.limits.max_num_seqs))
@@ -473,7 +474,7 @@ class ShapeEval:
                 break
             step = new
         else:
-            return RoleState(rate, rate * out * step, step, 0.0, math.inf, 1.0, "throughput")
+            return RoleState(rate, rate * out * step, step, 0.0, math.inf, 1.0, _SATURATED)
         batch = rate * out * step
         busy = min(1.0, batch / self.limits.max_num_seqs)
         return RoleState(rate, batch, step, 0.0, self._kv_needed(batch), busy, None, step)
@@ -508,7 +509,7 @@ def capacity(ok: Callable[[float], str | None], *, start: float = 1.0) -> tuple[
     while limit is None:
         lo, hi = hi, hi * 2
         if hi > 1e7:
-            return lo, "throughput"
+            return lo, _SATURATED
         limit = ok(hi)
     top_limit = limit
     for _ in range(40):

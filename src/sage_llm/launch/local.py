@@ -56,9 +56,12 @@ log = logging.getLogger("sage_llm.launch")
 _TAIL_BYTES = 4000
 
 
-def _open_log(path: Path) -> IO[bytes]:
+def _open_log(path: Path, header: str) -> IO[bytes]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("ab")
+    fh = path.open("ab")
+    fh.write(header.encode())
+    fh.flush()
+    return fh
 
 
 def _tail(path: Path) -> str:
@@ -151,9 +154,7 @@ class EngineProcess:
 
 async def _spawn(launch: EngineLaunch, log_dir: Path) -> EngineProcess:
     path = log_dir / f"{launch.instance_id}.log"
-    fh = await asyncio.to_thread(_open_log, path)
-    fh.write(f"$ {launch.shell()}\n".encode())
-    fh.flush()
+    fh = await asyncio.to_thread(_open_log, path, f"$ {launch.shell()}\n")
     try:
         proc = await asyncio.create_subprocess_exec(
             *launch.argv,
@@ -281,7 +282,7 @@ async def _healthy(
             timeout_s=settings.health_timeout_s, poll_s=settings.health_poll_s,
         )  # fmt: skip
     except EngineError as exc:
-        tail = proc.log_tail()
+        tail = await asyncio.to_thread(proc.log_tail)
         raise type(exc)(
             f"instance {proc.launch.instance_id!r} {exc.message}; end of {proc.log_path}:\n{tail}",
             instance_id=proc.launch.instance_id, retryable=False,
@@ -301,7 +302,8 @@ async def launch_from_config(
     model and GPU). The topology comes from the launch file's ``topology_file``, else from
     ``nvidia-smi`` for real engines, else none (simulated engines use no GPUs).
     """
-    config = _as_config(config_path_or_plan, settings)
+    # Reading files and planning take a while: keep them off the event loop.
+    config = await asyncio.to_thread(_as_config, config_path_or_plan, settings)
     topology = config.topology
     if topology is None and config.settings.engine != "sim":
         detected = await detect_topology_async()

@@ -188,7 +188,9 @@ async def launch_with_ray(
     ray = _import_ray()
     settings = settings or LaunchSettings()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        await asyncio.to_thread(
+            ray.init, address=address, include_dashboard=False, log_to_driver=False
+        )
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
