@@ -1,0 +1,292 @@
+"""Gateway speed: ``sage-llm serve`` next to vllm-router and sglang-router (issue #4 item 6).
+
+Every proxy runs in its own process in front of the same ``engine-sim`` processes (high
+``--speed``, a few output tokens) on loopback. The load generator is a separate process too
+(``python -m sage_llm.bench.proxy_bench client …``: a closed-loop aiohttp client that keeps
+``concurrency`` requests in flight), so it never shares the gateway's event loop. For each
+target (``direct`` = the first engine itself, then each proxy) and for non-streaming and
+streaming ``/v1/completions``:
+
+* ``p50 c1``: median latency at concurrency 1 (streaming: until the last chunk);
+* ``added``: the proxy's ``p50 c1`` minus ``direct``'s;
+* ``ttft c1``: median time to the first streamed chunk at concurrency 1, which shows
+  whether a proxy relays the first chunk at once;
+* ``req/s c64``: completed requests per second at concurrency 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from sage_llm.bench.stats import percentile
+
+__all__ = ["ClientResult", "ProxyRow", "closed_loop", "proxy_bench_main", "run_proxy_bench"]
+
+PROMPT = "Tell me about the weather in a city of your choice, briefly."
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """One closed-loop run: per-request latencies and first-chunk times (seconds)."""
+
+    requests: int
+    errors: int
+    wall_s: float
+    latencies_s: list[float]
+    ttfts_s: list[float]
+
+    @property
+    def req_per_s(self) -> float:
+        return (self.requests - self.errors) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def p50_ms(self) -> float | None:
+        return percentile(self.latencies_s, 50) * 1000 if self.latencies_s else None
+
+    def ttft_p50_ms(self) -> float | None:
+        return percentile(self.ttfts_s, 50) * 1000 if self.ttfts_s else None
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: bytes, stream: bool
+) -> tuple[float, float | None]:
+    start = time.perf_counter()
+    first: float | None = None
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+        if r.status != 200:
+            raise aiohttp.ClientResponseError(r.request_info, (), status=r.status)
+        if stream:
+            async for _piece in r.content.iter_any():
+                if first is None:
+                    first = time.perf_counter() - start
+        else:
+            await r.read()
+    return time.perf_counter() - start, first
+
+
+async def closed_loop(
+    base_url: str,
+    *,
+    concurrency: int,
+    requests: int,
+    stream: bool,
+    max_tokens: int = 4,
+    model: str = "llama-3-8b",
+    warmup: int = 5,
+) -> ClientResult:
+    """Keep ``concurrency`` requests in flight until ``requests`` are done (after
+    ``warmup`` unmeasured ones) and return what was measured."""
+    if concurrency < 1 or requests < 1:
+        raise ValueError("concurrency and requests must be >= 1")
+    url = base_url.rstrip("/") + "/v1/completions"
+    body = json.dumps(
+        {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream,
+         "ignore_eos": True}
+    ).encode()  # fmt: skip
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(warmup):
+            with contextlib.suppress(aiohttp.ClientError):
+                await _one(session, url, body, stream)
+        remaining = requests
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                try:
+                    latency, first = await _one(session, url, body, stream)
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+                    continue
+                latencies.append(latency)
+                if first is not None:
+                    ttfts.append(first)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return ClientResult(requests, errors, wall, latencies, ttfts)
+
+
+async def _client_process(
+    url: str, concurrency: int, requests: int, stream: bool, max_tokens: int
+) -> ClientResult:
+    argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client", "--url", url,
+            "--concurrency", str(concurrency), "--requests", str(requests),
+            "--max-tokens", str(max_tokens)] + (["--stream"] if stream else [])  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err.decode()[-500:]}")
+    data = json.loads(out)
+    return ClientResult(**data)
+
+
+@dataclass(frozen=True)
+class ProxyRow:
+    """The figures of one target in one mode (times in ms)."""
+
+    target: str
+    stream: bool
+    p50_c1_ms: float | None
+    added_ms: float | None
+    ttft_c1_ms: float | None
+    req_per_s_c64: float
+    errors: int
+
+
+def rows_from(
+    results: dict[tuple[str, bool], tuple[ClientResult, ClientResult]],
+) -> list[ProxyRow]:
+    """Rows from ``{(target, stream): (c1 result, c64 result)}``; ``added`` is against the
+    ``direct`` target of the same mode."""
+    rows = []
+    for (target, stream), (c1, c64) in results.items():
+        base = results.get(("direct", stream))
+        p50, direct = c1.p50_ms(), base[0].p50_ms() if base else None
+        added = None if p50 is None or direct is None or target == "direct" else p50 - direct
+        rows.append(
+            ProxyRow(
+                target, stream, p50, added, c1.ttft_p50_ms() if stream else None,
+                c64.req_per_s, c1.errors + c64.errors,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def render_rows(rows: Sequence[ProxyRow]) -> Table:
+    """A rich table of :class:`ProxyRow`."""
+    table = Table(title="Proxy overhead on loopback (engine-sim behind every proxy)")
+    for col in ("target", "mode", "p50 c1 ms", "added ms", "TTFT c1 ms", "req/s c64", "errors"):
+        table.add_column(col, justify="left" if col in ("target", "mode") else "right")
+
+    def f(v: float | None, digits: int = 2) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    for r in rows:
+        table.add_row(
+            r.target, "stream" if r.stream else "plain", f(r.p50_c1_ms), f(r.added_ms),
+            f(r.ttft_c1_ms), f(r.req_per_s_c64, 0), str(r.errors),
+        )  # fmt: skip
+    return table
+
+
+@contextlib.asynccontextmanager
+async def _targets(
+    urls: Sequence[str], peers: Sequence[str], log_dir: Path
+) -> AsyncIterator[dict[str, str]]:
+    from sage_llm.bench.compare import sage_gateway
+    from sage_llm.bench.inprocess import Preset
+    from sage_llm.bench.procs import start_peer_router
+
+    async with contextlib.AsyncExitStack() as stack:
+        targets = {"direct": urls[0]}
+        gw = await stack.enter_async_context(
+            sage_gateway(
+                Preset("fifo + round_robin", "fifo", "round_robin"), urls,
+                model="llama-3-8b", max_concurrent=10_000, log_dir=log_dir,
+            )
+        )  # fmt: skip
+        targets["sage-llm serve"] = gw.url
+        for peer in peers:
+            router = await start_peer_router(peer, urls, policy="round_robin")
+            stack.push_async_callback(router.aclose)
+            targets[peer] = router.url
+        yield targets
+
+
+async def run_proxy_bench(
+    *,
+    engines: int = 2,
+    speed: float = 1000.0,
+    max_tokens: int = 4,
+    requests_c1: int = 200,
+    requests_c64: int = 2000,
+    peers: Sequence[str] = ("vllm-router", "sglang-router"),
+    log_dir: Path = Path("bench-out/proxy/logs"),
+) -> list[ProxyRow]:
+    """Measure every target in both modes (see the module docstring)."""
+    from sage_llm.bench.procs import start_engine_sims
+
+    results: dict[tuple[str, bool], tuple[ClientResult, ClientResult]] = {}
+    async with (
+        await start_engine_sims(engines, speed=speed) as fleet,
+        _targets(fleet.urls, peers, log_dir) as targets,
+    ):
+        for stream in (False, True):
+            for name, url in targets.items():
+                c1 = await _client_process(url, 1, requests_c1, stream, max_tokens)
+                c64 = await _client_process(url, 64, requests_c64, stream, max_tokens)
+                results[(name, stream)] = (c1, c64)
+    return rows_from(results)
+
+
+def proxy_bench_main(
+    *,
+    engines: int = 2,
+    speed: float = 1000.0,
+    max_tokens: int = 4,
+    requests_c1: int = 200,
+    requests_c64: int = 2000,
+    peers: Sequence[str] = ("vllm-router", "sglang-router"),
+    out: Path = Path("bench-out/proxy"),
+    console: Console | None = None,
+) -> int:
+    """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
+    console = console or Console()
+    with console.status("measuring proxies …"):
+        rows = asyncio.run(
+            run_proxy_bench(
+                engines=engines, speed=speed, max_tokens=max_tokens, requests_c1=requests_c1,
+                requests_c64=requests_c64, peers=peers, log_dir=out / "logs",
+            )
+        )  # fmt: skip
+    console.print(render_rows(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "proxy.json"
+    path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n", encoding="utf-8")
+    console.print(f"wrote {path}")
+    return 0
+
+
+def _client_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="proxy_bench client")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--stream", action="store_true")
+    args = parser.parse_args(argv)
+    result = asyncio.run(
+        closed_loop(
+            args.url, concurrency=args.concurrency, requests=args.requests, stream=args.stream,
+            max_tokens=args.max_tokens,
+        )
+    )  # fmt: skip
+    data: dict[str, Any] = asdict(result)
+    sys.stdout.write(json.dumps(data))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if len(sys.argv) > 1 and sys.argv[1] == "client":
+        sys.exit(_client_main(sys.argv[2:]))
+    sys.exit(proxy_bench_main())

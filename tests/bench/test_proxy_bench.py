@@ -1,0 +1,72 @@
+"""Tests for the proxy speed benchmark: figures from results, and the closed-loop client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from rich.console import Console
+
+from sage_llm.bench.proxy_bench import ClientResult, closed_loop, render_rows, rows_from
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.server import create_engine_app
+from tests.engines.fake_engine import start_app
+
+
+def _result(latencies_ms: list[float], wall_s: float = 2.0, errors: int = 0) -> ClientResult:
+    lat = [v / 1000 for v in latencies_ms]
+    return ClientResult(len(lat) + errors, errors, wall_s, lat, [v / 2 for v in lat])
+
+
+def test_client_result_figures() -> None:
+    r = _result([1.0, 2.0, 3.0, 4.0], wall_s=2.0, errors=1)
+    assert r.req_per_s == pytest.approx(2.0)  # 4 of 5 done in 2 s
+    assert r.p50_ms() == pytest.approx(2.5)
+    assert r.ttft_p50_ms() == pytest.approx(1.25)
+    empty = ClientResult(0 + 1, 1, 1.0, [], [])
+    assert empty.p50_ms() is None and empty.ttft_p50_ms() is None
+
+
+def test_rows_added_latency_is_against_direct_of_the_same_mode() -> None:
+    results = {
+        ("direct", False): (_result([10.0]), _result([10.0], wall_s=1.0)),
+        ("proxy", False): (_result([10.4]), _result([10.0, 10.0], wall_s=1.0)),
+        ("direct", True): (_result([20.0]), _result([20.0])),
+        ("proxy", True): (_result([21.0]), _result([20.0])),
+    }
+    rows = {(r.target, r.stream): r for r in rows_from(results)}
+    assert rows[("direct", False)].added_ms is None
+    assert rows[("proxy", False)].added_ms == pytest.approx(0.4)
+    assert rows[("proxy", False)].req_per_s_c64 == pytest.approx(2.0)
+    assert rows[("proxy", True)].added_ms == pytest.approx(1.0)
+    assert rows[("proxy", True)].ttft_c1_ms == pytest.approx(10.5)
+    assert rows[("proxy", False)].ttft_c1_ms is None
+    console = Console(width=200, record=True)
+    console.print(render_rows(list(rows.values())))
+    assert "0.40" in console.export_text()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_closed_loop_against_a_simulated_engine(stream: bool) -> None:
+    async def main() -> ClientResult:
+        engine = SimEngine("sim-0", SimEngineConfig(speed=1000.0))
+        runner, port = await start_app(create_engine_app(engine, model_name="llama-3-8b"))
+        try:
+            return await closed_loop(
+                f"http://127.0.0.1:{port}", concurrency=4, requests=12, stream=stream, warmup=1
+            )
+        finally:
+            await runner.cleanup()
+            await engine.aclose()
+
+    result = asyncio.run(main())
+    assert result.errors == 0
+    assert len(result.latencies_s) == 12
+    assert len(result.ttfts_s) == (12 if stream else 0)
+    assert all(t <= lat for t, lat in zip(result.ttfts_s, result.latencies_s, strict=False))
+    assert result.req_per_s > 0
+
+
+def test_closed_loop_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        asyncio.run(closed_loop("http://127.0.0.1:1", concurrency=0, requests=1, stream=False))
