@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Work with configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+bench_app = typer.Typer(
+    help="Benchmarks; each prints a table and writes a report.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 
 
 def _setup_logging(level: str) -> None:
@@ -116,9 +120,14 @@ def engine_sim(
     max_num_seqs: Annotated[int, typer.Option(help="Engine batch bound.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    faults: Annotated[
+        str | None,
+        typer.Option(help="Fault plan, e.g. 'crash@30; error=503@p0.05' (see sim/faults.py)."),
+    ] = None,
 ) -> None:
     """Serve one simulated engine over vLLM's HTTP API (completions, chat, metrics, PD)."""
     _setup_logging(log_level)
+    from sage_llm.engines.base import EngineClient
     from sage_llm.sim.engine import SimEngine, SimEngineConfig
     from sage_llm.sim.server import serve_engine
     from sage_llm.types import ExecutionInstanceType
@@ -136,12 +145,28 @@ def engine_sim(
             kv_port=port,
         )
         engine = SimEngine(f"sim-{port}", config)
+        plan = None
+        if faults:
+            from sage_llm.sim.faults import FaultPlan
+
+            plan = FaultPlan.parse(faults)
     except (SageLLMError, ValueError) as exc:
         _fail(str(exc))
     name = served_model_name or model
     typer.echo(f"sage-llm engine-sim: {model} on {gpu} (tp={tp}, role={role}) at {host}:{port}")
+
+    async def main() -> None:
+        served: EngineClient = engine
+        if plan is not None:
+            from sage_llm.sim.faults import FaultyEngineClient
+
+            faulty = FaultyEngineClient(engine, plan, exit_process=True)
+            faulty.arm()
+            served = faulty
+        await serve_engine(served, model_name=name, host=host, port=port)
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_engine(engine, model_name=name, host=host, port=port))
+        asyncio.run(main())
 
 
 @app.command()
@@ -164,6 +189,133 @@ def topo(
     if detected.message:
         typer.echo(detected.message)
     typer.echo(detected.topology.describe())
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="Model (e.g. llama-3-70b).")] = "llama-3-70b",
+    gpus: Annotated[str, typer.Option(help="GPUs as COUNTxTYPE (e.g. 8xH100).")] = "8xH100",
+    slo_ttft: Annotated[str, typer.Option(help="TTFT target (e.g. 2s, 500ms).")] = "2s",
+    slo_tpot: Annotated[str, typer.Option(help="TPOT target (e.g. 50ms).")] = "50ms",
+    prompt_len: Annotated[int, typer.Option(help="Mean prompt tokens.")] = 1024,
+    output_len: Annotated[int, typer.Option(help="Mean output tokens.")] = 256,
+    rate: Annotated[float | None, typer.Option(help="Arrival rate, req/s.")] = None,
+    topology: Annotated[
+        Path | None, typer.Option(help="Saved `nvidia-smi topo -m` output.")
+    ] = None,
+    no_pd: Annotated[bool, typer.Option("--no-pd", help="Do not consider PD splits.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Choose TP x PP x DP (x EP) and a prefill/decode split for a model on N GPUs."""
+    from sage_llm.control_plane.parallelism import plan_command
+
+    try:
+        text = plan_command(
+            model, gpus, slo_ttft, slo_tpot, prompt_len=prompt_len, output_len=output_len,
+            rate=rate, topology_file=topology, allow_pd=not no_pd, as_json=as_json,
+        )  # fmt: skip
+    except SageLLMError as exc:
+        _fail(exc.message)
+    typer.echo(text)
+
+
+@app.command()
+def launch(
+    source: Annotated[Path, typer.Argument(help="A launch file (.toml) or a plan (.json).")],
+    policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "adaptive",
+    routing: Annotated[str, typer.Option(help="Routing strategy.")] = "load_balanced",
+    host: Annotated[str, typer.Option(help="Gateway bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8080,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Start the engines of a launch file or plan and serve the gateway over them.
+
+    Ctrl-C stops the gateway and every engine it started.
+    """
+    _setup_logging(log_level)
+    from sage_llm.config import SageConfig
+    from sage_llm.control_plane.manager import ControlPlaneManager
+    from sage_llm.gateway.server import run_gateway
+    from sage_llm.launch import launch_from_config
+
+    async def main() -> None:
+        manager = ControlPlaneManager(scheduling_policy=policy, routing_strategy=routing)
+        await manager.start()
+        fleet = await launch_from_config(source, manager=manager)
+        typer.echo(fleet.describe())
+        try:
+            await run_gateway(manager, SageConfig.default().gateway, host=host, port=port)
+        finally:
+            await fleet.aclose()
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except SageLLMError as exc:
+        _fail(exc.message)
+
+
+@bench_app.command("compare")
+def bench_compare(
+    workload: Annotated[
+        str, typer.Option(help="multi-turn, sharegpt, synthetic or trace:PATH.")
+    ] = "multi-turn",
+    presets: Annotated[
+        str | None, typer.Option(help="Comma-separated policy+routing presets.")
+    ] = None,
+    peers: Annotated[str, typer.Option(help="Comma-separated peer routers ('' for none).")] = (
+        "vllm-router,sglang-router"
+    ),
+    engines: Annotated[int, typer.Option(help="engine-sim processes.")] = 4,
+    rate: Annotated[float | None, typer.Option(help="Offered rate, req/s.")] = None,
+    load: Annotated[float, typer.Option(help="Fraction of calibrated capacity.")] = 0.8,
+    duration_s: Annotated[float, typer.Option(help="Workload duration (seconds).")] = 60.0,
+    speed: Annotated[float, typer.Option(help="engine-sim time compression.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/compare"),
+) -> None:
+    """sage-llm presets and peer routers over the same simulated engines, side by side."""
+    from sage_llm.bench.compare import compare_main
+
+    code = compare_main(
+        workload,
+        presets=[p for p in presets.split(",") if p] if presets else None,
+        peers=[p for p in peers.split(",") if p],
+        engines=engines, rate=rate, load=load, duration_s=duration_s, speed=speed,
+        seed=seed, out=out,
+    )  # fmt: skip
+    raise typer.Exit(code)
+
+
+@bench_app.command("pd")
+def bench_pd(
+    out: Annotated[Path | None, typer.Option(help="JSON report path.")] = None,
+    realtime: Annotated[
+        bool, typer.Option(help="Also compare with vllm-router PD over engine-sim processes.")
+    ] = False,
+    speed: Annotated[float, typer.Option(help="Time compression of the real-time part.")] = 2.0,
+    include_70b: Annotated[bool, typer.Option(help="Include the 70B TP4 fleets.")] = True,
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+) -> None:
+    """Colocated vs PD (several P:D ratios, adaptive decider) on long-prompt and chat work."""
+    from sage_llm.bench.pd_bench import pd_bench_main
+
+    raise typer.Exit(
+        pd_bench_main(out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed)
+    )
+
+
+@bench_app.command("proxy")
+def bench_proxy(
+    peers: Annotated[str, typer.Option(help="Comma-separated peer routers.")] = (
+        "vllm-router,sglang-router"
+    ),
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/proxy"),
+) -> None:
+    """Proxy overhead: sage-llm serve vs the Rust routers (req/s, added latency, TTFT)."""
+    from sage_llm.bench.proxy_bench import proxy_bench_main
+
+    raise typer.Exit(proxy_bench_main(peers=[p for p in peers.split(",") if p], out=out))
 
 
 @config_app.command("check")
