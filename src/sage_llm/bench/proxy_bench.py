@@ -176,7 +176,8 @@ def render_rows(rows: Sequence[ProxyRow]) -> Table:
     """A rich table of :class:`ProxyRow`."""
     table = Table(title="Proxy overhead on loopback (engine-sim behind every proxy)")
     for col in ("target", "mode", "p50 c1 ms", "added ms", "TTFT c1 ms", "req/s c64", "errors"):
-        table.add_column(col, justify="left" if col in ("target", "mode") else "right")
+        left = col in ("target", "mode")
+        table.add_column(col, justify="left" if left else "right", no_wrap=left)
 
     def f(v: float | None, digits: int = 2) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
