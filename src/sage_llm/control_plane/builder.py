@@ -11,7 +11,9 @@ import logging
 from typing import Any
 
 from sage_llm.config import SageConfig
+from sage_llm.control_plane.health import HealthSettings
 from sage_llm.control_plane.manager import ControlPlaneManager, EngineFactory
+from sage_llm.engines.http import HTTPTimeouts
 
 log = logging.getLogger("sage_llm.builder")
 
@@ -30,6 +32,18 @@ def build_manager(
     if config.admission.max_queue_size is not None:
         kwargs["max_queue_size"] = config.admission.max_queue_size
     kwargs["health_interval_s"] = config.health.interval_s
+    health = config.health
+    kwargs["health"] = HealthSettings.from_config(
+        health, stats_interval_s=float(kwargs.get("stats_interval_s", 1.0))
+    )
+    kwargs["engine_timeouts"] = HTTPTimeouts(
+        connect_s=health.connect_timeout_s,
+        first_token_s=health.first_token_timeout_s,
+        idle_s=health.idle_timeout_s,
+        health_s=health.timeout_s,
+    )
+    kwargs["max_queue_wait_s"] = config.admission.max_queue_wait_s
+    kwargs["reject_infeasible_slo"] = config.admission.reject_infeasible_slo
     if engine_factory is not None:
         kwargs["engine_factory"] = engine_factory
     kwargs.update(overrides)

@@ -28,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
+from sage_llm.control_plane.health import HealthMonitor, with_stream_timeouts
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import PDComponents, PDLegError, PDLegs, PDPlan
@@ -49,7 +51,7 @@ from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, KVHandle
-from sage_llm.errors import EngineError, EngineStreamError
+from sage_llm.errors import DeadlineExceededError, EngineError, EngineStreamError
 from sage_llm.sim.clock import Clock
 from sage_llm.types import ExecutionInstanceType, RequestResult, RequestStatus
 
@@ -88,6 +90,11 @@ class Dispatcher:
         retry_backoff_s: float = 0.05,
         on_instance_idle: Callable[[InstanceState], None] | None = None,
         pd: PDComponents | None = None,
+        health: HealthMonitor | None = None,
+        first_token_timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
+        max_queue_wait_s: float | None = None,
+        seed: int | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -101,6 +108,11 @@ class Dispatcher:
         self.records: dict[str, RequestRecord] = {}
         self._on_instance_idle = on_instance_idle
         self.pd = pd
+        self.health = health
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_queue_wait_s = max_queue_wait_s
+        self._rng = random.Random(seed)  # retry backoff jitter
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,12 +124,32 @@ class Dispatcher:
 
     async def run(self) -> None:
         while True:
-            await self._wake.wait()
+            if self.max_queue_wait_s is None:
+                await self._wake.wait()
+            else:  # wake up now and then to fail requests queued for too long
+                sweep = min(1.0, max(0.05, self.max_queue_wait_s / 4))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(sweep):
+                        await self._wake.wait()
             self._wake.clear()
             try:
+                self.expire_queued()
                 self.dispatch_ready()
             except Exception:  # a bug in a plugin must not kill the loop
                 log.exception("dispatch pass failed")
+
+    def expire_queued(self) -> None:
+        """Fail queued requests that waited longer than ``max_queue_wait_s``."""
+        limit = self.max_queue_wait_s
+        if limit is None:
+            return
+        now = self.clock.now()
+        for rec in list(self.records.values()):
+            if rec.status is RequestStatus.QUEUED and now - rec.queued_at > limit:
+                reason = f"queued longer than {limit:g} s (max_queue_wait_s)"
+                rec.exception = DeadlineExceededError(reason)
+                self.fail_queued(rec, reason)
+                self.metrics.queue_depth.set(len(self.policy))
 
     def dispatch_ready(self) -> None:
         """One pass: start as many queued requests as the fleet has room for."""
@@ -240,7 +272,7 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            stream = state.client.generate(rec.engine_request)
+            stream = self._timed(state.client.generate(rec.engine_request), state)
             try:
                 async for chunk in stream:
                     if prefill_pending:
@@ -260,14 +292,14 @@ class Dispatcher:
                     instance_id=state.instance_id,
                     retryable=not rec.produced_output,
                 )
-            state.consecutive_failures = 0
+            self._on_success(state)
             self._finish(rec, RequestStatus.COMPLETED, state=state)
         except asyncio.CancelledError:
             reason = "cancelled by the caller" if rec.cancel_requested else "control plane stopped"
             self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
         except EngineError as exc:
             state.failed += 1
-            state.consecutive_failures += 1
+            self._on_failure(state, exc)
             if exc.retryable and not rec.produced_output and self._can_retry(rec, state):
                 retry_error = exc
             else:
@@ -338,7 +370,7 @@ class Dispatcher:
         run.prefill_end = now
         run.prefill_cost = run.prefill.view().cost_per_second * leg_s
         run.prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch)
-        run.prefill.consecutive_failures = 0
+        self._on_success(run.prefill)
         if handle.prompt_tokens:
             rec.prompt_tokens = handle.prompt_tokens
         self.metrics.on_pd_prefill_leg(leg_s)
@@ -355,7 +387,7 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            stream = self.pd.connector.run(rec.engine_request, legs)
+            stream = self._timed(self.pd.connector.run(rec.engine_request, legs), dstate)
             try:
                 async for chunk in stream:
                     if rec.first_token_at is None:
@@ -371,7 +403,7 @@ class Dispatcher:
                     instance_id=dstate.instance_id,
                     retryable=not rec.produced_output,
                 )
-            dstate.consecutive_failures = 0
+            self._on_success(dstate)
             self._finish(rec, RequestStatus.COMPLETED, state=dstate, extra_cost=run.prefill_cost)
         except asyncio.CancelledError:
             reason = "cancelled by the caller" if rec.cancel_requested else "control plane stopped"
@@ -381,7 +413,7 @@ class Dispatcher:
             prefill_leg = isinstance(exc, PDLegError) and exc.leg == "prefill"
             failed = run.prefill if prefill_leg else dstate
             failed.failed += 1
-            failed.consecutive_failures += 1
+            self._on_failure(failed, exc)
             verdict = self._pd_retry(rec, exc, failed, prefill_leg)
             if verdict is not None:
                 retry = (exc, failed, verdict)
@@ -455,6 +487,28 @@ class Dispatcher:
         if rec.stream is not None:
             rec.stream.put_nowait(chunk)
 
+    def _timed(self, stream: AsyncIterator[Chunk], state: InstanceState) -> AsyncIterator[Chunk]:
+        if self.first_token_timeout_s is None and self.idle_timeout_s is None:
+            return stream
+        return with_stream_timeouts(
+            stream,
+            first_token_s=self.first_token_timeout_s,
+            idle_s=self.idle_timeout_s,
+            instance_id=state.instance_id,
+        )
+
+    def _on_success(self, state: InstanceState) -> None:
+        if self.health is not None:
+            self.health.on_request_success(state)
+        else:
+            state.consecutive_failures = 0
+
+    def _on_failure(self, state: InstanceState, exc: EngineError) -> None:
+        if self.health is not None:
+            self.health.on_request_failure(state, exc)
+        else:
+            state.consecutive_failures += 1
+
     def _can_retry(self, rec: RequestRecord, state: InstanceState) -> bool:
         if rec.attempts > self.max_retries:
             return False
@@ -478,7 +532,8 @@ class Dispatcher:
         rec.instance_id = None
         rec.prefill_instance_id = None
         rec.task = None
-        backoff = self.retry_backoff_s * (2 ** (rec.attempts - 1))
+        # exponential backoff with jitter (seeded): base * 2^(attempt-1) * U[0.5, 1.5)
+        backoff = self.retry_backoff_s * (2 ** (rec.attempts - 1)) * (0.5 + self._rng.random())
         if backoff > 0:
             await self.clock.sleep(min(backoff, 2.0))
         if rec.cancel_requested or rec.status is not RequestStatus.QUEUED:

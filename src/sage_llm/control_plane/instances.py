@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from sage_llm.control_plane.health import CircuitBreaker, CircuitState
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, PrefixView
 from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
@@ -51,6 +52,7 @@ class InstanceState:
     est_s_per_prefill_token: float = 1 / 8000.0
     est_tpot_s: float = 0.02
     latencies_ms: list[float] = field(default_factory=list)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @property
     def instance_id(self) -> str:
@@ -82,10 +84,13 @@ class InstanceState:
             instance_id=inst.instance_id,
             model=inst.model_name,
             role=inst.instance_type,
-            healthy=self.healthy and inst.is_healthy,
+            healthy=self.healthy and inst.is_healthy and self.breaker.routable,
             accepting=self.accepting,
             in_flight=self.in_flight,
-            max_concurrency=inst.max_concurrent_requests,
+            # half-open: one trial request at a time
+            max_concurrency=(
+                1 if self.breaker.state is CircuitState.HALF_OPEN else inst.max_concurrent_requests
+            ),
             queued_prefill_tokens=self.queued_prefill_tokens,
             outstanding_decode_tokens=self.outstanding_decode_tokens,
             kv_usage=stats.kv_usage if stats else 0.0,

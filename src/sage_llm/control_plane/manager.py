@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm.control_plane.dispatcher import Dispatcher
+from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
 from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
@@ -36,10 +37,14 @@ from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.records import FinishedRecords, RequestRecord, StreamEnd
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
-from sage_llm.control_plane.scheduling.admission import check_queue_bound
+from sage_llm.control_plane.scheduling.admission import (
+    check_deadline_feasible,
+    check_queue_bound,
+)
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats
+from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
     AdmissionError,
     ConflictError,
@@ -95,7 +100,16 @@ class ControlPlaneManager:
         prefix_block_size: int = 16,
         prefix_index_capacity: int = 200_000,
         seed: int | None = None,
+        health: HealthSettings | None = None,
+        engine_timeouts: HTTPTimeouts | None = None,
+        max_queue_wait_s: float | None = None,
+        reject_infeasible_slo: bool = False,
     ) -> None:
+        """``health`` sets probes and the circuit breaker (default: probes every
+        ``health_interval_s``); ``engine_timeouts`` the connect / first-token / idle limits
+        of engine calls (first-token and idle are enforced for every engine client, the
+        others by HTTP clients); ``max_queue_wait_s`` fails requests queued longer;
+        ``reject_infeasible_slo`` refuses requests whose deadline no instance can meet."""
         mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -117,8 +131,20 @@ class ControlPlaneManager:
         self._routing_name = routing_strategy
         self._engine_factory = engine_factory
         self._clock = clock
+        self._seed = seed
+        self.health_settings = health or HealthSettings(
+            interval_s=health_interval_s,
+            stats_interval_s=stats_interval_s,
+            breaker=BreakerSettings(base_cooldown_s=min(1.0, health_interval_s)),
+        )
+        self.engine_timeouts = engine_timeouts or HTTPTimeouts(
+            health_s=self.health_settings.timeout_s
+        )
+        self.max_queue_wait_s = max_queue_wait_s
+        self.reject_infeasible_slo = reject_infeasible_slo
         self._registry = InstanceRegistry()
         self._metrics = ControlPlaneMetrics()
+        self._health: HealthMonitor | None = None
         self._prefix = PrefixIndex(capacity_blocks=prefix_index_capacity)
         self._finished = FinishedRecords(result_retention, result_ttl_s)
         policy = build_policy(scheduling_policy, self._policy_params)
@@ -153,6 +179,8 @@ class ControlPlaneManager:
         if self._running:
             return
         clock = self.clock
+        health = self._monitor()
+        timeouts = self.engine_timeouts
         self._dispatcher = Dispatcher(
             registry=self._registry,
             policy=self._pending_policy,
@@ -164,6 +192,11 @@ class ControlPlaneManager:
             max_retries=self._max_retries,
             on_instance_idle=self._on_instance_idle,
             pd=self._pd,
+            health=health,
+            first_token_timeout_s=timeouts.first_token_s,
+            idle_timeout_s=timeouts.idle_s,
+            max_queue_wait_s=self.max_queue_wait_s,
+            seed=self._seed,
         )
         self._started_at = clock.now()
         self._running = True
@@ -245,7 +278,7 @@ class ControlPlaneManager:
             client = self._make_sim_client(instance)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
-        self._metrics.instance_healthy.labels(instance=instance.instance_id).set(1.0)
+        self._monitor().attach(state)
         if self._running:
             self._ensure_client(state)
             self._start_instance_loops(state)
@@ -259,6 +292,7 @@ class ControlPlaneManager:
         self._prefix.remove_instance(instance_id)
         for task in self._instance_tasks.pop(instance_id, []):
             task.cancel()
+        self._monitor().forget(instance_id)
         if state.in_flight == 0:
             self._discard(state)
         if self._dispatcher is not None:
@@ -299,6 +333,7 @@ class ControlPlaneManager:
             "prefix_cache_hit_rate": stats.prefix_hit_rate if stats else None,
             "est_tpot_ms": state.est_tpot_s * 1000.0,
             "est_prefill_tokens_per_s": 1.0 / state.est_s_per_prefill_token,
+            "circuit": state.breaker.describe(self.clock.now()),
         }
 
     # -- requests --------------------------------------------------------------------------
@@ -349,6 +384,8 @@ class ControlPlaneManager:
                 yield item
             result = rec.result
             if result is not None and result.status is RequestStatus.FAILED:
+                if isinstance(rec.exception, DeadlineExceededError):
+                    raise DeadlineExceededError(result.error or rec.exception.message)
                 if isinstance(rec.exception, EngineError):
                     raise EngineError(
                         result.error or rec.exception.message,
@@ -484,6 +521,7 @@ class ControlPlaneManager:
             "available_instances": sum(1 for s in states if s.healthy and s.accepting),
             "models": sorted(self._registry.models()),
             "prefix_index_entries": len(self._prefix),
+            "circuits": {s.instance_id: s.breaker.state.label for s in states},
         }
 
     def _pd_status(self) -> dict[str, Any]:
@@ -543,6 +581,8 @@ class ControlPlaneManager:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
         verdict = check_queue_bound(queued, self.max_queue_size, snap)
+        if verdict.admitted and self.reject_infeasible_slo:
+            verdict = check_deadline_feasible(info, snap)
         if verdict.admitted:
             verdict = dispatcher.policy.admit(info, snap)
         if not verdict.admitted:
@@ -610,43 +650,28 @@ class ControlPlaneManager:
         if self._session is None:
             self._session = make_session()
         dialect = state.instance.engine if state.instance.engine in ("sglang", "openai") else "vllm"
-        state.client = HTTPEngineClient(state.instance, self._session, dialect=dialect)
+        state.client = HTTPEngineClient(
+            state.instance, self._session, dialect=dialect, timeouts=self.engine_timeouts
+        )
+
+    def _monitor(self) -> HealthMonitor:
+        if self._health is None:
+            self._health = HealthMonitor(
+                self.health_settings,
+                clock=lambda: self.clock,
+                metrics=self._metrics,
+                on_change=self._wake,
+            )
+        return self._health
+
+    def _wake(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
 
     def _start_instance_loops(self, state: InstanceState) -> None:
         if not self.enable_monitoring:
             return
-        iid = state.instance_id
-        self._instance_tasks[iid] = [
-            asyncio.create_task(self._stats_loop(state), name=f"stats-{iid}"),
-            asyncio.create_task(self._health_loop(state), name=f"health-{iid}"),
-        ]
-
-    async def _stats_loop(self, state: InstanceState) -> None:
-        while not state.removed:
-            try:
-                state.last_stats = await state.client.stats()
-                self._metrics.instance_kv_usage.labels(instance=state.instance_id).set(
-                    state.last_stats.kv_usage
-                )
-            except Exception as exc:  # stats are advisory; health decides
-                log.debug("stats of %s failed: %s", state.instance_id, exc)
-            await asyncio.sleep(self.stats_interval_s)
-
-    async def _health_loop(self, state: InstanceState) -> None:
-        while not state.removed:
-            await asyncio.sleep(self.health_interval_s)
-            healthy = await state.client.health()
-            state.last_health_check = self.clock.now()
-            if healthy != state.healthy:
-                log.warning(
-                    "instance %s is now %s", state.instance_id, "healthy" if healthy else "down"
-                )
-                state.healthy = healthy
-                self._metrics.instance_healthy.labels(instance=state.instance_id).set(
-                    1.0 if healthy else 0.0
-                )
-                if self._dispatcher is not None:
-                    self._dispatcher.wake()
+        self._instance_tasks[state.instance_id] = self._monitor().start(state)
 
     def _on_instance_idle(self, state: InstanceState) -> None:
         if state.removed:

@@ -95,6 +95,18 @@ class ControlPlaneMetrics:
             f"{PREFIX}_instance_healthy", "1 when the instance is healthy.", ["instance"],
             registry=r,
         )  # fmt: skip
+        self.circuit_state = Gauge(
+            f"{PREFIX}_instance_circuit_state",
+            "Circuit breaker state per instance: 0 closed, 1 half-open, 2 open.",
+            ["instance"],
+            registry=r,
+        )
+        self.circuit_transitions = Counter(
+            f"{PREFIX}_instance_circuit_transitions",
+            "Circuit breaker transitions per instance, by the state entered.",
+            ["instance", "state"],
+            registry=r,
+        )
         self.instance_kv_usage = Gauge(
             f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance"],
             registry=r,
@@ -244,9 +256,17 @@ class ControlPlaneMetrics:
             self.policy_info.labels(policy=name).set(1.0 if name == active else 0.0)
 
     def forget_instance(self, instance_id: str) -> None:
-        for gauge in (self.instance_in_flight, self.instance_healthy, self.instance_kv_usage):
+        for gauge in (
+            self.instance_in_flight,
+            self.instance_healthy,
+            self.instance_kv_usage,
+            self.circuit_state,
+        ):
             with contextlib.suppress(KeyError):
                 gauge.remove(instance_id)
+        for state in ("closed", "half-open", "open"):
+            with contextlib.suppress(KeyError):
+                self.circuit_transitions.remove(instance_id, state)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -1,0 +1,388 @@
+"""Instance health: active probes, passive error tracking and a circuit breaker per instance.
+
+Every registered instance has a :class:`CircuitBreaker`::
+
+    CLOSED ──failure_threshold consecutive failures──▶ OPEN ──cool-down──▶ HALF_OPEN
+      ▲                                                  ▲                    │
+      └──────────── recovery_threshold successes ────────┼────────────────────┤
+                                                         └──── one failure ───┘
+
+A failure is a failed probe (``client.health()`` False, raising, or slower than
+``timeout_s``) or, with ``eject_on_errors``, a request the engine failed (connection
+refused, timeout, 5xx, broken stream — not 4xx answers, which are the request's fault).
+OPEN: the instance gets no traffic (its view is unhealthy) and probes go on. The cool-down
+doubles with every re-open (``base_cooldown_s`` … ``max_cooldown_s``) and resets once the
+breaker closes. HALF_OPEN: one trial at a time — the router sees a capacity of one request,
+and the probe loop probes right away; ``recovery_threshold`` successes close the breaker,
+one failure opens it again.
+
+A request failing on a connection error triggers an immediate probe, so an instance that
+died under traffic is ejected within one probe timeout even when fewer than
+``failure_threshold`` requests reached it.
+
+:class:`HealthMonitor` runs, per instance, the probe loop and the stats loop (engine load
+figures; advisory) and records breaker states in the metrics
+(``sage_llm_instance_circuit_state`` 0 closed / 1 half-open / 2 open, and a transitions
+counter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from sage_llm.engines.base import Chunk
+from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
+
+if TYPE_CHECKING:
+    from sage_llm.config_schema import HealthConfig
+    from sage_llm.control_plane.instances import InstanceState
+    from sage_llm.control_plane.metrics import ControlPlaneMetrics
+    from sage_llm.sim.clock import Clock
+
+log = logging.getLogger("sage_llm.health")
+
+
+class CircuitState(IntEnum):
+    """Breaker states; the value is what the Prometheus gauge reports."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """Thresholds and cool-down of a :class:`CircuitBreaker`."""
+
+    failure_threshold: int = 3
+    recovery_threshold: int = 1
+    base_cooldown_s: float = 1.0
+    max_cooldown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.recovery_threshold < 1:
+            raise ValueError("failure_threshold and recovery_threshold must be at least 1")
+        if not 0 < self.base_cooldown_s <= self.max_cooldown_s:
+            raise ValueError("need 0 < base_cooldown_s <= max_cooldown_s")
+
+
+class CircuitBreaker:
+    """The breaker of one instance. Pure state machine: every call takes ``now``."""
+
+    def __init__(self, settings: BreakerSettings | None = None) -> None:
+        self.settings = settings or BreakerSettings()
+        self.state = CircuitState.CLOSED
+        self.consecutive_failures = 0
+        self.trial_successes = 0
+        self.opens = 0  # consecutive openings without closing in between
+        self.open_until = 0.0
+        self.transitions = 0
+        self.changed_at: float | None = None
+        self.last_failure: str | None = None
+
+    @property
+    def routable(self) -> bool:
+        """Whether the instance may get requests at all (closed, or half-open for a trial)."""
+        return self.state is not CircuitState.OPEN
+
+    def cooldown_s(self) -> float:
+        """The cool-down of the current (or next) opening."""
+        s = self.settings
+        return float(min(s.max_cooldown_s, s.base_cooldown_s * 2 ** max(self.opens - 1, 0)))
+
+    def _move(self, state: CircuitState, now: float) -> CircuitState:
+        self.state = state
+        self.transitions += 1
+        self.changed_at = now
+        if state is CircuitState.OPEN:
+            self.opens += 1
+            self.open_until = now + self.cooldown_s()
+            self.trial_successes = 0
+        elif state is CircuitState.CLOSED:
+            self.opens = 0
+            self.consecutive_failures = 0
+            self.trial_successes = 0
+        return state
+
+    def poll(self, now: float) -> CircuitState | None:
+        """Move OPEN → HALF_OPEN once the cool-down has passed; returns the new state."""
+        if self.state is CircuitState.OPEN and now >= self.open_until:
+            return self._move(CircuitState.HALF_OPEN, now)
+        return None
+
+    def record_success(self, now: float) -> CircuitState | None:
+        """A probe or request succeeded; returns the new state on a transition."""
+        self.consecutive_failures = 0
+        if self.state is CircuitState.HALF_OPEN:
+            self.trial_successes += 1
+            if self.trial_successes >= self.settings.recovery_threshold:
+                return self._move(CircuitState.CLOSED, now)
+        return None
+
+    def record_failure(self, now: float, reason: str = "") -> CircuitState | None:
+        """A probe or request failed; returns the new state on a transition."""
+        self.consecutive_failures += 1
+        self.last_failure = reason or self.last_failure
+        if self.state is CircuitState.HALF_OPEN:
+            return self._move(CircuitState.OPEN, now)
+        if (
+            self.state is CircuitState.CLOSED
+            and self.consecutive_failures >= self.settings.failure_threshold
+        ):
+            return self._move(CircuitState.OPEN, now)
+        return None
+
+    def force_open(self, now: float, reason: str) -> CircuitState | None:
+        """Open at once (e.g. a probe confirmed a connection failure)."""
+        self.last_failure = reason
+        if self.state is CircuitState.OPEN:
+            return None
+        return self._move(CircuitState.OPEN, now)
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """JSON-ready state for status endpoints."""
+        return {
+            "state": self.state.label,
+            "consecutive_failures": self.consecutive_failures,
+            "transitions": self.transitions,
+            "cooldown_remaining_s": (
+                max(0.0, self.open_until - now) if self.state is CircuitState.OPEN else 0.0
+            ),
+            "last_failure": self.last_failure,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Probe cadence, probe timeout, breaker settings and whether request errors count."""
+
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    stats_interval_s: float = 1.0
+    eject_on_errors: bool = True
+    breaker: BreakerSettings = BreakerSettings()
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.timeout_s <= 0 or self.stats_interval_s <= 0:
+            raise ValueError("health intervals and timeouts must be positive")
+
+    @classmethod
+    def from_config(cls, config: HealthConfig, *, stats_interval_s: float = 1.0) -> HealthSettings:
+        """Settings from a ``[health]`` table."""
+        base = min(1.0, config.interval_s)
+        return cls(
+            interval_s=config.interval_s,
+            timeout_s=config.timeout_s,
+            stats_interval_s=stats_interval_s,
+            eject_on_errors=config.eject_on_errors,
+            breaker=BreakerSettings(
+                failure_threshold=config.failure_threshold,
+                recovery_threshold=config.recovery_threshold,
+                base_cooldown_s=base,
+                max_cooldown_s=max(base, 30.0),
+            ),
+        )
+
+
+def counts_against_health(exc: EngineError) -> bool:
+    """Whether an engine error says something about the instance (not the request): no
+    HTTP status (connection, timeout, broken stream) or a 5xx."""
+    return exc.status is None or exc.status >= 500
+
+
+class HealthMonitor:
+    """Runs probe and stats loops per instance and owns the breaker transitions."""
+
+    def __init__(
+        self,
+        settings: HealthSettings,
+        *,
+        clock: Callable[[], Clock],
+        metrics: ControlPlaneMetrics,
+        on_change: Callable[[], None],
+    ) -> None:
+        """``clock`` returns the clock to read (resolved late: the manager's clock depends
+        on the loop it runs on); ``on_change`` is called after every breaker transition."""
+        self.settings = settings
+        self._clock = clock
+        self.metrics = metrics
+        self._on_change = on_change
+        self._probe_now: dict[str, asyncio.Event] = {}
+        self._suspect: set[str] = set()  # a request saw a connection error; probe confirms
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock()
+
+    def attach(self, state: InstanceState) -> None:
+        """Give a newly registered instance its breaker (closed)."""
+        state.breaker = CircuitBreaker(self.settings.breaker)
+        self._publish(state)
+
+    def start(self, state: InstanceState) -> list[asyncio.Task[None]]:
+        """Start the probe and stats loops of ``state``; the caller cancels the tasks."""
+        iid = state.instance_id
+        self._probe_now[iid] = asyncio.Event()
+        return [
+            asyncio.create_task(self._stats_loop(state), name=f"stats-{iid}"),
+            asyncio.create_task(self._probe_loop(state), name=f"health-{iid}"),
+        ]
+
+    def forget(self, instance_id: str) -> None:
+        self._probe_now.pop(instance_id, None)
+        self._suspect.discard(instance_id)
+
+    # -- passive tracking (called by the dispatcher) ----------------------------------------
+
+    def on_request_success(self, state: InstanceState) -> None:
+        state.consecutive_failures = 0
+        self._apply(state, state.breaker.record_success(self.clock.now()))
+
+    def on_request_failure(self, state: InstanceState, exc: EngineError) -> None:
+        state.consecutive_failures += 1
+        if not self.settings.eject_on_errors or not counts_against_health(exc):
+            return
+        now = self.clock.now()
+        self._apply(state, state.breaker.record_failure(now, exc.message), why=exc.message)
+        if isinstance(exc, EngineConnectionError) and state.breaker.routable:
+            self._suspect.add(state.instance_id)
+            self.probe_soon(state.instance_id)
+
+    def probe_soon(self, instance_id: str) -> None:
+        """Wake the probe loop of ``instance_id`` now."""
+        event = self._probe_now.get(instance_id)
+        if event is not None:
+            event.set()
+
+    # -- active probes ---------------------------------------------------------------------
+
+    async def probe(self, state: InstanceState) -> bool:
+        """One probe; applies its outcome to the breaker. True when healthy."""
+        ok = False
+        why = "health probe failed"
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                ok = bool(await state.client.health())
+        except TimeoutError:
+            why = f"health probe timed out after {self.settings.timeout_s:g} s"
+        except Exception as exc:  # any failure to answer is unhealthy
+            why = f"health probe failed: {exc!r}"
+        now = self.clock.now()
+        state.last_health_check = now
+        breaker = state.breaker
+        suspect = state.instance_id in self._suspect
+        self._suspect.discard(state.instance_id)
+        if ok:
+            self._apply(state, breaker.record_success(now))
+        elif suspect and breaker.state is CircuitState.CLOSED:
+            # a request hit a connection error on this instance and the probe confirms it
+            self._apply(state, breaker.force_open(now, why), why=why)
+        else:
+            self._apply(state, breaker.record_failure(now, why), why=why)
+        return ok
+
+    async def _probe_loop(self, state: InstanceState) -> None:
+        event = self._probe_now[state.instance_id]
+        while not state.removed:
+            breaker = state.breaker
+            wait = self.settings.interval_s
+            if breaker.state is CircuitState.OPEN:
+                wait = min(wait, max(0.0, breaker.open_until - self.clock.now()))
+            elif breaker.state is CircuitState.HALF_OPEN:
+                wait = 0.0
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await event.wait()
+            event.clear()
+            self._apply(state, state.breaker.poll(self.clock.now()))
+            await self.probe(state)
+            if state.breaker.state is CircuitState.HALF_OPEN:
+                await asyncio.sleep(min(self.settings.interval_s, 0.1))
+
+    async def _stats_loop(self, state: InstanceState) -> None:
+        while not state.removed:
+            if state.breaker.routable:
+                try:
+                    async with asyncio.timeout(self.settings.timeout_s):
+                        state.last_stats = await state.client.stats()
+                    self.metrics.instance_kv_usage.labels(instance=state.instance_id).set(
+                        state.last_stats.kv_usage
+                    )
+                except Exception as exc:  # stats are advisory; health decides
+                    log.debug("stats of %s failed: %r", state.instance_id, exc)
+            await asyncio.sleep(self.settings.stats_interval_s)
+
+    # -- transitions -----------------------------------------------------------------------
+
+    def _apply(self, state: InstanceState, moved: CircuitState | None, why: str = "") -> None:
+        if moved is None:
+            return
+        if moved is CircuitState.OPEN:
+            log.warning(
+                "instance %s ejected (circuit open for %.1f s): %s",
+                state.instance_id,
+                state.breaker.open_until - self.clock.now(),
+                why or "failures",
+            )
+        else:
+            log.warning("instance %s circuit is now %s", state.instance_id, moved.label)
+        self.metrics.circuit_transitions.labels(instance=state.instance_id, state=moved.label).inc()
+        self._publish(state)
+        self._on_change()
+
+    def _publish(self, state: InstanceState) -> None:
+        breaker = state.breaker
+        state.healthy = breaker.routable
+        iid = state.instance_id
+        self.metrics.instance_healthy.labels(instance=iid).set(1.0 if breaker.routable else 0.0)
+        self.metrics.circuit_state.labels(instance=iid).set(float(breaker.state.value))
+
+
+async def with_stream_timeouts(
+    stream: AsyncIterator[Chunk],
+    *,
+    first_token_s: float | None,
+    idle_s: float | None,
+    instance_id: str,
+) -> AsyncIterator[Chunk]:
+    """Yield ``stream``'s chunks, raising :class:`EngineTimeoutError` when the first chunk
+    takes longer than ``first_token_s`` or a later one longer than ``idle_s`` (None: no
+    limit). Works for every EngineClient, HTTP or in-process."""
+    it = aiter(stream)
+    limit = first_token_s
+    first = True
+    try:
+        while True:
+            try:
+                if limit is None:
+                    chunk = await anext(it)
+                else:
+                    async with asyncio.timeout(limit):
+                        chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                what = "first token" if first else "next token"
+                raise EngineTimeoutError(
+                    f"no {what} within {limit:g} s",
+                    instance_id=instance_id,
+                    retryable=first,
+                ) from None
+            first = False
+            limit = idle_s
+            yield chunk
+    finally:
+        close = getattr(it, "aclose", None)
+        if close is not None:
+            await close()

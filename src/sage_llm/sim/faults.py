@@ -1,0 +1,356 @@
+"""Fault injection for simulated engines: crash, hang, slow down, 5xx, broken streams.
+
+A :class:`FaultPlan` lists faults, each either *scheduled* (active from ``start_s`` after
+the engine was armed, for ``duration_s`` or for ever) or *random* (each request is hit with
+``probability``, drawn from the plan's seeded generator). :class:`FaultyEngineClient` wraps
+any engine (normally a :class:`~sage_llm.sim.engine.SimEngine`) and applies the plan; it is
+itself an EngineClient, so it plugs into a control plane in tests::
+
+    plan = FaultPlan.parse("crash@2+3; error=503@p0.1; seed=7")
+    cp.register_instance(instance, FaultyEngineClient(SimEngine("a", cfg), plan))
+
+and into the engine server (``sage-llm engine-sim --faults SPEC``), where a crash makes the
+process exit (``exit_process=True``) and errors reach the client over HTTP.
+
+Fault kinds (``value`` in brackets):
+
+* ``crash`` — calls fail with a connection error (in-process) or the process exits; health
+  probes fail;
+* ``hang`` [chunks before hanging, default 0] — the stream stops producing (for timeouts);
+  health probes hang too;
+* ``slow`` [factor, default 4] — every chunk takes ``factor`` times as long;
+* ``error`` [HTTP status, default 503] — requests are answered with that status before any
+  output; health probes fail while it is scheduled;
+* ``truncate`` [chunks, default 1] — the stream ends after that many chunks without a
+  finish reason;
+* ``malformed`` [chunks, default 1] — after that many chunks the stream breaks with an
+  unreadable chunk.
+
+Spec grammar (``;``-separated): ``KIND[=VALUE][@WHEN]`` with ``WHEN`` = ``T`` or ``T+D``
+(scheduled, seconds) or ``pP`` (random, probability per request); no ``@``: scheduled from
+0 for ever. ``seed=N`` seeds the random faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, KVHandle
+from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, EngineStreamError
+from sage_llm.sim.clock import Clock, current_clock
+
+_HANG_FOREVER_S = 3600.0
+
+
+class FaultKind(Enum):
+    """What a fault does (see the module docstring)."""
+
+    CRASH = "crash"
+    HANG = "hang"
+    SLOW = "slow"
+    ERROR = "error"
+    TRUNCATE = "truncate"
+    MALFORMED = "malformed"
+
+
+_DEFAULT_VALUE = {
+    FaultKind.CRASH: 0.0,
+    FaultKind.HANG: 0.0,
+    FaultKind.SLOW: 4.0,
+    FaultKind.ERROR: 503.0,
+    FaultKind.TRUNCATE: 1.0,
+    FaultKind.MALFORMED: 1.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One fault: scheduled (``start_s``/``duration_s``) or random (``probability``)."""
+
+    kind: FaultKind
+    start_s: float = 0.0
+    duration_s: float | None = None
+    probability: float | None = None
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.start_s < 0 or (self.duration_s is not None and self.duration_s <= 0):
+            raise ValueError("fault start must be >= 0 and duration > 0")
+        if self.probability is not None and not 0.0 <= self.probability <= 1.0:
+            raise ValueError("fault probability must be in [0, 1]")
+        if self.kind is FaultKind.SLOW and self.arg < 1.0:
+            raise ValueError("slow factor must be >= 1")
+        if self.kind is FaultKind.ERROR and not 400 <= self.arg < 600:
+            raise ValueError("error status must be an HTTP error status (400..599)")
+
+    @property
+    def arg(self) -> float:
+        return _DEFAULT_VALUE[self.kind] if self.value is None else self.value
+
+    @property
+    def scheduled(self) -> bool:
+        return self.probability is None
+
+    def active_at(self, elapsed_s: float) -> bool:
+        """Whether a scheduled fault is active ``elapsed_s`` after arming."""
+        if not self.scheduled or elapsed_s < self.start_s:
+            return False
+        return self.duration_s is None or elapsed_s < self.start_s + self.duration_s
+
+    def remaining_s(self, elapsed_s: float) -> float:
+        """Seconds this scheduled fault stays active (for ever: a large number)."""
+        if self.duration_s is None:
+            return _HANG_FOREVER_S
+        return max(0.0, self.start_s + self.duration_s - elapsed_s)
+
+
+def _parse_one(item: str) -> Fault:
+    head, _, when = item.partition("@")
+    name, _, value = head.partition("=")
+    try:
+        kind = FaultKind(name.strip().lower())
+    except ValueError:
+        kinds = ", ".join(k.value for k in FaultKind)
+        raise ConfigError(f"unknown fault {name.strip()!r} (one of: {kinds})") from None
+    try:
+        val = float(value) if value.strip() else None
+        when = when.strip()
+        if not when:
+            return Fault(kind, value=val)
+        if when.startswith("p"):
+            return Fault(kind, probability=float(when[1:]), value=val)
+        start, _, dur = when.partition("+")
+        return Fault(kind, float(start), float(dur) if dur else None, value=val)
+    except ValueError as exc:
+        raise ConfigError(f"bad fault {item!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPlan:
+    """Faults to inject and the seed of the random ones."""
+
+    faults: tuple[Fault, ...] = ()
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultPlan:
+        """Parse a spec such as ``"crash@5; slow=3@1+2; error=500@p0.1; seed=4"``.
+        Raises :class:`ConfigError` on a bad spec."""
+        faults: list[Fault] = []
+        seed = 0
+        for raw in spec.split(";"):
+            item = raw.strip()
+            if not item:
+                continue
+            if item.startswith("seed="):
+                try:
+                    seed = int(item[5:])
+                except ValueError:
+                    raise ConfigError(f"bad fault seed {item!r}") from None
+                continue
+            faults.append(_parse_one(item))
+        return cls(tuple(faults), seed)
+
+    def scheduled_at(self, elapsed_s: float) -> list[Fault]:
+        return [f for f in self.faults if f.active_at(elapsed_s)]
+
+
+@dataclass
+class FaultStats:
+    """How many times each fault kind was injected."""
+
+    injected: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: FaultKind) -> None:
+        self.injected[kind.value] = self.injected.get(kind.value, 0) + 1
+
+
+class FaultyEngineClient:
+    """An EngineClient that applies a :class:`FaultPlan` to the engine it wraps.
+
+    Time counts from :meth:`arm` (called by the first use when not called before).
+    ``exit_process=True`` (the engine server) turns a scheduled crash into the process
+    exiting with status 1 at that time; in-process, a crash fails every call instead.
+    """
+
+    def __init__(
+        self,
+        inner: EngineClient,
+        plan: FaultPlan,
+        *,
+        clock: Clock | None = None,
+        exit_process: bool = False,
+    ) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.stats_injected = FaultStats()
+        self._clock = clock
+        self._exit_process = exit_process
+        self._rng = random.Random(plan.seed)
+        self._armed_at: float | None = None
+        self._exit_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return self.inner.instance_id
+
+    @property
+    def clock(self) -> Clock:
+        if self._clock is None:
+            self._clock = current_clock()
+        return self._clock
+
+    def arm(self) -> None:
+        """Start the plan's time now (inside the running loop)."""
+        if self._armed_at is not None:
+            return
+        self._armed_at = self.clock.now()
+        if self._exit_process:
+            crashes = [f for f in self.plan.faults if f.kind is FaultKind.CRASH and f.scheduled]
+            if crashes:
+                start = min(f.start_s for f in crashes)
+                loop = asyncio.get_running_loop()
+                self._exit_timer = loop.call_later(start, os._exit, 1)
+
+    def elapsed_s(self) -> float:
+        self.arm()
+        assert self._armed_at is not None
+        return self.clock.now() - self._armed_at
+
+    def _scheduled(self, kind: FaultKind) -> Fault | None:
+        for fault in self.plan.scheduled_at(self.elapsed_s()):
+            if fault.kind is kind:
+                return fault
+        return None
+
+    def _request_faults(self) -> list[Fault]:
+        """Faults hitting one new request: scheduled ones now active, and random draws."""
+        hit = self.plan.scheduled_at(self.elapsed_s())
+        for fault in self.plan.faults:
+            if fault.probability is not None and self._rng.random() < fault.probability:
+                hit.append(fault)
+        return hit
+
+    def _crash_error(self, *, retryable: bool = True) -> EngineConnectionError:
+        self.stats_injected.count(FaultKind.CRASH)
+        return EngineConnectionError(
+            "connection refused (injected crash)", instance_id=self.instance_id,
+            retryable=retryable,
+        )  # fmt: skip
+
+    # -- EngineClient ----------------------------------------------------------------------
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        """The wrapped engine's stream with this request's faults applied."""
+        faults = {f.kind: f for f in self._request_faults()}
+        if FaultKind.CRASH in faults:
+            raise self._crash_error()
+        if (err := faults.get(FaultKind.ERROR)) is not None:
+            self.stats_injected.count(FaultKind.ERROR)
+            status = int(err.arg)
+            raise EngineError(
+                f"engine answered HTTP {status} (injected)", instance_id=self.instance_id,
+                status=status, retryable=True,
+            )  # fmt: skip
+        hang = faults.get(FaultKind.HANG)
+        slow = faults.get(FaultKind.SLOW)
+        cut = faults.get(FaultKind.TRUNCATE) or faults.get(FaultKind.MALFORMED)
+        n = 0
+        it = aiter(self.inner.generate(req))
+        if slow is not None:
+            self.stats_injected.count(FaultKind.SLOW)
+            it = _stretched(it, slow.arg, self.clock)
+        try:
+            while True:
+                if hang is not None and n >= int(hang.arg):
+                    self.stats_injected.count(FaultKind.HANG)
+                    wait = hang.remaining_s(self.elapsed_s()) if hang.scheduled else None
+                    await self.clock.sleep(_HANG_FOREVER_S if wait is None else wait)
+                    hang = None
+                if cut is not None and n >= int(cut.arg):
+                    self.stats_injected.count(cut.kind)
+                    if cut.kind is FaultKind.TRUNCATE:
+                        return  # ends without a finish reason
+                    raise EngineStreamError(
+                        "malformed chunk in the engine stream (injected)",
+                        instance_id=self.instance_id, retryable=n == 0,
+                    )  # fmt: skip
+                try:
+                    chunk = await anext(it)
+                except StopAsyncIteration:
+                    return
+                if self._scheduled(FaultKind.CRASH) is not None:
+                    raise self._crash_error(retryable=n == 0)
+                n += 1
+                yield chunk
+        finally:
+            close = getattr(it, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        faults = {f.kind for f in self._request_faults()}
+        if FaultKind.CRASH in faults:
+            raise self._crash_error()
+        if FaultKind.ERROR in faults:
+            raise EngineError("prefill failed (injected)", instance_id=self.instance_id)
+        return await self.inner.prefill(req)
+
+    async def health(self) -> bool:
+        if self._scheduled(FaultKind.CRASH) is not None:
+            raise self._crash_error()
+        if (hang := self._scheduled(FaultKind.HANG)) is not None:
+            await self.clock.sleep(hang.remaining_s(self.elapsed_s()))
+        if self._scheduled(FaultKind.ERROR) is not None:
+            return False
+        return await self.inner.health()
+
+    async def stats(self) -> EngineStats:
+        if self._scheduled(FaultKind.CRASH) is not None:
+            raise self._crash_error()
+        return await self.inner.stats()
+
+    async def aclose(self) -> None:
+        if self._exit_timer is not None:
+            self._exit_timer.cancel()
+        await self.inner.aclose()
+
+
+async def _stretched(it: AsyncIterator[Chunk], factor: float, clock: Clock) -> AsyncIterator[Chunk]:
+    """``it``'s chunks, each released ``factor`` times later (from the start) than the engine
+    produced it: a reader task timestamps them as they come."""
+    start = clock.now()
+    queue: asyncio.Queue[tuple[float, Chunk] | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in it:
+                queue.put_nowait((clock.now(), chunk))
+            queue.put_nowait(None)
+        except Exception as exc:  # handed to the reader
+            queue.put_nowait(exc)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            at, chunk = item
+            await clock.sleep(start + factor * (at - start) - clock.now())
+            yield chunk
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        close = getattr(it, "aclose", None)
+        if close is not None:
+            await close()

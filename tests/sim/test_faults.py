@@ -1,0 +1,146 @@
+"""Fault plans (parsing, schedules) and FaultyEngineClient over a real SimEngine, on
+virtual time."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.engines.base import Chunk, EngineRequest
+from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, EngineStreamError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.factory import make_sim_engine
+from sage_llm.sim.faults import Fault, FaultKind, FaultPlan, FaultyEngineClient
+from tests.factories import make_instance
+
+
+def test_parse_spec() -> None:
+    plan = FaultPlan.parse("crash@5; slow=3@1+2; error=500@p0.25; truncate; seed=4")
+    assert plan.seed == 4
+    crash, slow, error, trunc = plan.faults
+    assert (crash.kind, crash.start_s, crash.duration_s) == (FaultKind.CRASH, 5.0, None)
+    assert (slow.kind, slow.arg, slow.start_s, slow.duration_s) == (FaultKind.SLOW, 3.0, 1.0, 2.0)
+    assert (error.kind, error.arg, error.probability) == (FaultKind.ERROR, 500.0, 0.25)
+    assert trunc.scheduled and trunc.active_at(0.0)
+    assert slow.active_at(2.5) and not slow.active_at(3.0) and not slow.active_at(0.5)
+    assert plan.scheduled_at(6.0) == [crash, trunc]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [("explode", "unknown fault"), ("crash@x", "bad fault"), ("error=200", "bad fault"),
+     ("seed=q", "bad fault seed"), ("slow=0.5", "bad fault")],
+)  # fmt: skip
+def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        FaultPlan.parse(spec)
+
+
+def test_fault_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="probability"):
+        Fault(FaultKind.CRASH, probability=2.0)
+
+
+def _client(spec: str) -> FaultyEngineClient:
+    return FaultyEngineClient(make_sim_engine(make_instance("e0")), FaultPlan.parse(spec))
+
+
+def _req(rid: str = "r", max_tokens: int = 6) -> EngineRequest:
+    return EngineRequest(request_id=rid, model="m", prompt="hello there", max_tokens=max_tokens)
+
+
+async def _run(client: FaultyEngineClient, req: EngineRequest) -> list[Chunk]:
+    return [c async for c in client.generate(req)]
+
+
+def test_no_faults_passes_everything_through() -> None:
+    async def main() -> None:
+        client = _client("")
+        chunks = await _run(client, _req())
+        assert chunks[-1].finish_reason is not None
+        assert await client.health()
+        await client.aclose()
+
+    run_virtual(main())
+
+
+def test_scheduled_crash_fails_calls_then_recovers() -> None:
+    async def main() -> None:
+        import asyncio
+
+        client = _client("crash@1+2")
+        client.arm()
+        assert await client.health()
+        await asyncio.sleep(1.5)
+        with pytest.raises(EngineConnectionError, match="injected crash"):
+            await _run(client, _req())
+        with pytest.raises(EngineConnectionError):
+            await client.health()
+        with pytest.raises(EngineConnectionError):
+            await client.stats()
+        await asyncio.sleep(2.0)
+        assert await client.health()
+        assert (await _run(client, _req("r2")))[-1].finish_reason is not None
+        assert client.stats_injected.injected["crash"] == 3
+
+    run_virtual(main())
+
+
+def test_error_truncate_and_malformed() -> None:
+    async def main() -> None:
+        err = _client("error=503")
+        with pytest.raises(EngineError) as info:
+            await _run(err, _req())
+        assert info.value.status == 503 and info.value.retryable
+        assert not await err.health()
+
+        trunc = await _run(_client("truncate=2"), _req())
+        assert len(trunc) == 2 and all(c.finish_reason is None for c in trunc)
+
+        with pytest.raises(EngineStreamError, match="malformed") as broken:
+            await _run(_client("malformed=2"), _req())
+        assert not broken.value.retryable
+
+    run_virtual(main())
+
+
+def test_hang_and_slow_take_longer() -> None:
+    async def main() -> None:
+        import asyncio
+
+        base = _client("")
+        t0 = asyncio.get_running_loop().time()
+        await _run(base, _req())
+        normal = asyncio.get_running_loop().time() - t0
+
+        slow = _client("slow=3")
+        t0 = asyncio.get_running_loop().time()
+        await _run(slow, _req())
+        assert asyncio.get_running_loop().time() - t0 == pytest.approx(3 * normal, rel=0.2)
+
+        hang = _client("hang@0+5")
+        t0 = asyncio.get_running_loop().time()
+        chunks = await _run(hang, _req())
+        assert chunks[-1].finish_reason is not None
+        assert asyncio.get_running_loop().time() - t0 >= 5.0
+
+    run_virtual(main())
+
+
+def test_random_faults_are_seeded() -> None:
+    async def outcomes(seed: int) -> list[bool]:
+        client = _client(f"error=500@p0.5; seed={seed}")
+        out = []
+        for i in range(20):
+            try:
+                await _run(client, _req(f"r{i}", 2))
+                out.append(True)
+            except EngineError:
+                out.append(False)
+        return out
+
+    async def main() -> None:
+        a, b = await outcomes(3), await outcomes(3)
+        assert a == b
+        assert 0 < sum(a) < 20
+
+    run_virtual(main())
