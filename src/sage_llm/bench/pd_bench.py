@@ -382,7 +382,7 @@ def pd_bench_main(
     chat_rate: float = 20.0,
     include_70b: bool = True,
     realtime: bool = False,
-    speed: float = 10.0,
+    speed: float = 2.0,
     seed: int = 0,
 ) -> int:
     """``sage-llm bench pd``: run the benchmark, print the table, write the JSON report to

@@ -153,7 +153,7 @@ async def run_realtime(
     *,
     prefill: int = 3,
     decode: int = 5,
-    speed: float = 10.0,
+    speed: float = 2.0,
     n_long: int = 60,
     long_rate: float = 12.0,
     n_chat: int = 120,

@@ -1,0 +1,39 @@
+"""PD benchmark: colocated vs prefill/decode disaggregation on a simulated 8-GPU node.
+
+Runs :func:`sage_llm.bench.pd_bench.pd_bench_main` (what ``sage-llm bench pd`` runs):
+the in-process comparison on virtual time, and with ``--realtime`` sage-llm's PD gateway
+against vllm-router's PD mode over the same engine-sim processes. Run::
+
+    .venv/bin/python benchmarks/pd_bench.py --out reports/pd_bench.json
+    .venv/bin/python benchmarks/pd_bench.py --realtime --speed 2 --out reports/pd_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sage_llm.bench.pd_bench import pd_bench_main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON report path")
+    parser.add_argument("--n-long", type=int, default=120)
+    parser.add_argument("--long-rate", type=float, default=12.0)
+    parser.add_argument("--n-chat", type=int, default=300)
+    parser.add_argument("--chat-rate", type=float, default=20.0)
+    parser.add_argument("--no-70b", action="store_true", help="skip the Llama-3-70B TP4 fleets")
+    parser.add_argument("--realtime", action="store_true", help="add the vllm-router comparison")
+    parser.add_argument("--speed", type=float, default=2.0, help="engine-sim time compression")
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    return pd_bench_main(
+        out=a.out, n_long=a.n_long, long_rate=a.long_rate, n_chat=a.n_chat,
+        chat_rate=a.chat_rate, include_70b=not a.no_70b, realtime=a.realtime, speed=a.speed,
+        seed=a.seed,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
