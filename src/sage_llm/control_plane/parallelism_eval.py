@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
+from types import MappingProxyType
 
 from sage_llm.errors import ConfigError
 from sage_llm.sim.costmodel import RooflineCostModel
@@ -208,7 +209,9 @@ class InstanceShape:
 
 _GPUS_RE = re.compile(r"^(?:(\d+)\s*[x×*]\s*)?(\d+)\s*[x×*]\s*([a-z][\w.\-]*)$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|us|µs|m|min)?$")
-_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "m": 60.0, "min": 60.0}
+_UNITS: Mapping[str, float] = MappingProxyType(
+    {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "m": 60.0, "min": 60.0}
+)
 
 
 def parse_gpus(text: str) -> tuple[GPUAllocation, GPUSpec]:

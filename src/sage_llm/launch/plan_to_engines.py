@@ -65,12 +65,14 @@ KV_TRANSFER_CONFIG = json.dumps(
 )
 """The ``--kv-transfer-config`` value for PD roles (REFERENCE.md §2)."""
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
-_SIM_ROLE = {
-    ExecutionInstanceType.GENERAL: "general",
-    ExecutionInstanceType.HYBRID: "general",
-    ExecutionInstanceType.PREFILLING: "prefill",
-    ExecutionInstanceType.DECODING: "decode",
-}
+_SIM_ROLE: Mapping[ExecutionInstanceType, str] = MappingProxyType(
+    {
+        ExecutionInstanceType.GENERAL: "general",
+        ExecutionInstanceType.HYBRID: "general",
+        ExecutionInstanceType.PREFILLING: "prefill",
+        ExecutionInstanceType.DECODING: "decode",
+    }
+)
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -400,19 +402,19 @@ def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstan
 
 # -- launch files ------------------------------------------------------------------------------
 
-_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
+_SETTING_TYPES: Mapping[str, type | tuple[type, ...]] = MappingProxyType({
     "engine": str, "model": str, "served_model_name": str, "sim_model": str, "gpu": str,
     "sim_speed": (int, float), "sim_entry": str, "host": str, "advertise_host": str,
     "base_port": int, "kv_base_port": int, "machine_id": str, "node": int, "python": str,
     "extra_args": list, "env": dict, "log_dir": str, "health_timeout_s": (int, float),
     "health_poll_s": (int, float), "stop_grace_s": (int, float),
     "max_concurrent_requests": int, "gpu_memory_gb": (int, float),
-}  # fmt: skip
-_PLAN_KEYS = {
+})  # fmt: skip
+_PLAN_KEYS: Mapping[str, type | tuple[type, ...]] = MappingProxyType({
     "gpus": (str, int), "slo_ttft": (str, int, float), "slo_tpot": (str, int, float),
     "prompt_len": int, "output_len": int, "prompt_p90": int, "output_p90": int,
     "rate": (int, float), "allow_pd": bool,
-}  # fmt: skip
+})  # fmt: skip
 _FILE_KEYS = ("topology_file", "plan_file", "plan", "instances")
 
 
