@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from sage_llm.bench.compare import (
     write_reports,
 )
 from sage_llm.bench.inprocess import Preset
+from sage_llm.bench.peers import PeerError, ensure_peer_sync
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.config import parse_config
 from sage_llm.errors import ConfigError
@@ -147,3 +149,43 @@ def test_overload_compare_tiny_on_virtual_time() -> None:
     assert entry.rate_rps == pytest.approx(2.0 * capacity)
     assert entry.summary.count == entry.summary.ok > 0
     assert set(entry.summary.slo_attainment_by_priority) <= set(RequestPriority)
+
+
+def _peers_required() -> bool:
+    flag = os.environ.get("SAGE_LLM_REQUIRE_PEERS")
+    if flag is None:
+        flag = os.environ.get("CI", "")
+    return flag.strip().lower() in {"1", "true", "yes"}
+
+
+@pytest.mark.slow
+def test_run_compare_with_both_peers(tmp_path: Path) -> None:
+    """Both peer routers (round_robin) over one engine-sim each: every request completes
+    and the target check compares against the best of them (the one peer test; installs
+    each peer into its own virtualenv on first use)."""
+    for name in ("vllm-router", "sglang-router"):
+        try:
+            ensure_peer_sync(name)
+        except PeerError as exc:
+            if _peers_required():
+                pytest.fail(f"{name} could not be installed: {exc.message}")
+            pytest.skip(f"{name} could not be installed (no network to PyPI?): {exc.message}")
+    cfg = CompareConfig(
+        workload="multi-turn",
+        presets=(),
+        peers=("vllm-router", "sglang-router"),
+        peer_policies={"vllm-router": ("round_robin",), "sglang-router": ("round_robin",)},
+        engines=1,
+        rates=(2.0,),
+        duration_s=2.0,
+        out=tmp_path,
+    )
+    result = asyncio.run(run_compare(cfg))
+    assert [e.name for e in result.entries] == [
+        "vllm-router round_robin",
+        "sglang-router round_robin",
+    ]
+    for entry in result.entries:
+        assert entry.kind == "peer"
+        assert entry.summary.failed == 0, entry.summary.errors
+        assert entry.summary.ok == entry.summary.count > 0
