@@ -1,0 +1,184 @@
+"""Failure semantics end to end: real engine-sim processes killed mid-traffic, and
+simulated engines with injected faults behind the control plane.
+
+Each accepted request must end exactly once: completed, or failed with a reason — never
+hung, never run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from sage_llm import ControlPlaneManager, ExecutionInstance, RequestMetadata, RequestStatus
+from sage_llm.bench.procs import start_engine_sims
+from sage_llm.control_plane.health import BreakerSettings, HealthSettings
+from sage_llm.engines.http import HTTPTimeouts
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.factory import make_sim_engine
+from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
+from tests.factories import MODEL, make_instances
+
+_HEALTH = HealthSettings(
+    interval_s=0.5,
+    timeout_s=0.5,
+    breaker=BreakerSettings(failure_threshold=2, base_cooldown_s=0.5, max_cooldown_s=2.0),
+)
+
+
+async def test_killing_an_engine_process_mid_traffic_loses_nothing() -> None:
+    async with await start_engine_sims(3, model=MODEL, speed=20.0) as fleet:
+        cp = ControlPlaneManager(
+            mode="http", scheduling_policy="fifo", enable_pd_separation=False,
+            health=_HEALTH, max_retries=3, seed=0,
+            engine_timeouts=HTTPTimeouts(connect_s=5.0, first_token_s=20.0, idle_s=10.0),
+        )  # fmt: skip
+        for i, proc in enumerate(fleet.engines):
+            cp.register_instance(
+                ExecutionInstance(
+                    instance_id=f"e{i}",
+                    host="127.0.0.1",
+                    port=proc.port,
+                    model_name=MODEL,
+                    max_concurrent_requests=8,
+                )
+            )
+        async with cp:
+            metas = [
+                RequestMetadata(request_id=f"r{i}", prompt=f"story {i} " * 8, max_tokens=24)
+                for i in range(36)
+            ]
+            waits = []
+            for i, meta in enumerate(metas):
+                waits.append(asyncio.create_task(cp.generate(meta)))
+                if i == 12:
+                    os.killpg(fleet.engines[0].pid, signal.SIGKILL)
+                await asyncio.sleep(0.02)
+            results = await asyncio.wait_for(asyncio.gather(*waits), 60)
+            for _ in range(200):  # the breaker opens on failed requests or the next probe
+                if cp.get_status()["circuits"]["e0"] == "open":
+                    break
+                await asyncio.sleep(0.05)
+            assert cp.get_status()["circuits"]["e0"] == "open"
+            assert cp.get_status()["available_instances"] == 2
+    assert len({r.request_id for r in results}) == 36
+    for r in results:
+        assert r.status in (RequestStatus.COMPLETED, RequestStatus.FAILED)
+        if r.status is RequestStatus.FAILED:  # only mid-stream failures may fail
+            assert r.error and "e0" in r.error
+            assert r.instance_id == "e0"
+        else:
+            assert r.completion_tokens == 24
+    completed = [r for r in results if r.status is RequestStatus.COMPLETED]
+    assert len(completed) >= 30
+    assert all(r.instance_id != "e0" for r in completed if r.attempts > 1)
+
+
+def _fleet(plan: str, **kwargs: object) -> ControlPlaneManager:
+    cp = ControlPlaneManager(
+        mode="simulated", scheduling_policy="fifo", enable_pd_separation=False,
+        health=_HEALTH, seed=3, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    for i, inst in enumerate(make_instances(2, max_concurrent_requests=4)):
+        engine = make_sim_engine(inst)
+        cp.register_instance(
+            inst, FaultyEngineClient(engine, FaultPlan.parse(plan)) if i == 0 else engine
+        )
+    return cp
+
+
+def _meta(i: int, max_tokens: int = 8) -> RequestMetadata:
+    return RequestMetadata(request_id=f"r{i}", prompt="hello world", max_tokens=max_tokens)
+
+
+def test_failure_before_first_token_retries_elsewhere() -> None:
+    async def main() -> None:
+        async with _fleet("error=503") as cp:
+            results = await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert all(r.instance_id == "sim-1" for r in results)
+        assert any(r.attempts == 2 for r in results)
+
+    run_virtual(main())
+
+
+def test_failure_mid_stream_fails_with_reason_and_is_not_rerun() -> None:
+    async def main() -> None:
+        async with _fleet("malformed=2") as cp:
+            cp.drain_instance("sim-1")
+            res = await cp.generate(_meta(0))
+            assert res.status is RequestStatus.FAILED
+            assert res.error is not None and "malformed" in res.error
+            assert res.attempts == 1
+            chunks = []
+            cp.drain_instance("sim-1", False)
+            cp.drain_instance("sim-0")
+            async for chunk in cp.stream(_meta(1)):
+                chunks.append(chunk)
+            assert chunks[-1].finish_reason is not None  # healthy instance: complete
+
+    run_virtual(main())
+
+
+def test_truncated_stream_is_a_failure_not_a_short_answer() -> None:
+    async def main() -> None:
+        async with _fleet("truncate=3") as cp:
+            cp.drain_instance("sim-1")
+            res = await cp.generate(_meta(0))
+        assert res.status is RequestStatus.FAILED
+        assert res.error is not None and "without a finish reason" in res.error
+
+    run_virtual(main())
+
+
+def test_hung_engine_hits_first_token_timeout_and_retries() -> None:
+    async def main() -> None:
+        timeouts = HTTPTimeouts(first_token_s=1.0, idle_s=1.0)
+        async with _fleet("hang", engine_timeouts=timeouts) as cp:
+            results = await asyncio.gather(*(cp.generate(_meta(i)) for i in range(4)))
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert all(r.instance_id == "sim-1" for r in results)
+
+    run_virtual(main())
+
+
+def test_hang_mid_stream_hits_idle_timeout() -> None:
+    async def main() -> None:
+        timeouts = HTTPTimeouts(first_token_s=5.0, idle_s=1.0)
+        async with _fleet("hang=2", engine_timeouts=timeouts) as cp:
+            cp.drain_instance("sim-1")
+            res = await cp.generate(_meta(0, max_tokens=16))
+        assert res.status is RequestStatus.FAILED
+        assert res.error is not None and "no next token within 1 s" in res.error
+
+    run_virtual(main())
+
+
+def test_max_queue_wait_fails_old_queued_requests() -> None:
+    async def main() -> None:
+        async with _fleet("slow=50", max_queue_wait_s=0.5) as cp:
+            cp.drain_instance("sim-1")
+            results = await asyncio.gather(*(cp.generate(_meta(i, 64)) for i in range(8)))
+        failed = [r for r in results if r.status is RequestStatus.FAILED]
+        assert failed, "some requests waited longer than 0.5 s"
+        assert all("queued longer than 0.5 s" in (r.error or "") for r in failed)
+        assert all(r.attempts == 0 for r in failed)
+
+    run_virtual(main())
+
+
+def test_cancel_aborts_the_engine_request() -> None:
+    async def main() -> None:
+        async with _fleet("slow=20") as cp:
+            cp.drain_instance("sim-1")
+            stream = cp.stream(_meta(0, 64))
+            first = await anext(stream)
+            assert first.text
+            await stream.aclose()  # type: ignore[attr-defined]
+            await asyncio.sleep(0.1)
+            assert cp.get_instance_metrics("sim-0")["active_requests"] == 0
+            res = await cp.get_result("r0")
+        assert res is not None and res.status is RequestStatus.CANCELLED
+
+    run_virtual(main())
