@@ -113,6 +113,7 @@ def engine_sim(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     speed: Annotated[float, typer.Option(help="Time scale: 2.0 runs twice as fast.")] = 1.0,
     tp: Annotated[int, typer.Option(help="Tensor-parallel size.")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     role: Annotated[str, typer.Option(help="general, prefill or decode.")] = "general",
     served_model_name: Annotated[
         str | None, typer.Option(help="Model name clients use (default: --model).")
@@ -137,6 +138,7 @@ def engine_sim(
             model=model,
             gpu=gpu,
             tp=tp,
+            pp=pp,
             role=ExecutionInstanceType.parse(role),
             speed=speed,
             seed=seed,
