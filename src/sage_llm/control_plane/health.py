@@ -16,9 +16,9 @@ breaker closes. HALF_OPEN: one trial at a time — the router sees a capacity of
 and the probe loop probes right away; ``recovery_threshold`` successes close the breaker,
 one failure opens it again.
 
-A request failing on a connection error triggers an immediate probe, so an instance that
-died under traffic is ejected within one probe timeout even when fewer than
-``failure_threshold`` requests reached it.
+A request failing on a connection error (refused, reset) opens the breaker at once, so an
+instance that died under traffic is ejected by the first request that notices; the probe
+loop readmits it after the cool-down if it answers again.
 
 :class:`HealthMonitor` runs, per instance, the probe loop and the stats loop (engine load
 figures; advisory) and records breaker states in the metrics
@@ -218,7 +218,6 @@ class HealthMonitor:
         self.metrics = metrics
         self._on_change = on_change
         self._probe_now: dict[str, asyncio.Event] = {}
-        self._suspect: set[str] = set()  # a request saw a connection error; probe confirms
 
     @property
     def clock(self) -> Clock:
@@ -240,7 +239,6 @@ class HealthMonitor:
 
     def forget(self, instance_id: str) -> None:
         self._probe_now.pop(instance_id, None)
-        self._suspect.discard(instance_id)
 
     # -- passive tracking (called by the dispatcher) ----------------------------------------
 
@@ -253,10 +251,13 @@ class HealthMonitor:
         if not self.settings.eject_on_errors or not counts_against_health(exc):
             return
         now = self.clock.now()
-        self._apply(state, state.breaker.record_failure(now, exc.message), why=exc.message)
-        if isinstance(exc, EngineConnectionError) and state.breaker.routable:
-            self._suspect.add(state.instance_id)
-            self.probe_soon(state.instance_id)
+        if isinstance(exc, EngineConnectionError):
+            # refused or broken connection: eject now; the probe loop readmits it after
+            # the cool-down once a probe succeeds
+            self._apply(state, state.breaker.force_open(now, exc.message), why=exc.message)
+            self._apply(state, state.breaker.record_failure(now, exc.message))
+        else:
+            self._apply(state, state.breaker.record_failure(now, exc.message), why=exc.message)
 
     def probe_soon(self, instance_id: str) -> None:
         """Wake the probe loop of ``instance_id`` now."""
@@ -280,13 +281,8 @@ class HealthMonitor:
         now = self.clock.now()
         state.last_health_check = now
         breaker = state.breaker
-        suspect = state.instance_id in self._suspect
-        self._suspect.discard(state.instance_id)
         if ok:
             self._apply(state, breaker.record_success(now))
-        elif suspect and breaker.state is CircuitState.CLOSED:
-            # a request hit a connection error on this instance and the probe confirms it
-            self._apply(state, breaker.force_open(now, why), why=why)
         else:
             self._apply(state, breaker.record_failure(now, why), why=why)
         return ok
