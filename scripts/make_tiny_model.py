@@ -31,6 +31,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_ENGLISH = (
+    "the quick brown fox jumps over the lazy dog while a control plane routes requests "
+    "to engines that batch prompts, cache prefixes and stream tokens back to clients"
+)
 
 
 def synthetic_corpus(seed: int, words: int = 120_000) -> list[str]:
@@ -40,10 +44,7 @@ def synthetic_corpus(seed: int, words: int = 120_000) -> list[str]:
     lexicon = [
         "".join(rng.choice(syllables) for _ in range(rng.randint(1, 5))) for _ in range(40_000)
     ]
-    english = (
-        "the quick brown fox jumps over the lazy dog while a control plane routes requests "
-        "to engines that batch prompts, cache prefixes and stream tokens back to clients"
-    ).split()
+    english = _ENGLISH.split()
     lines: list[str] = []
     line: list[str] = []
     for _ in range(words):
@@ -118,8 +119,7 @@ def build(out: Path, seed: int) -> None:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "sage-llm-tiny.json").write_text(
-        json.dumps({"seed": seed, "parameters": params, "vocab_size": VOCAB_SIZE}, indent=2)
-        + "\n"
+        json.dumps({"seed": seed, "parameters": params, "vocab_size": VOCAB_SIZE}, indent=2) + "\n"
     )
     print(f"tiny llama: {params} parameters, vocabulary {VOCAB_SIZE}, written to {out}")
 

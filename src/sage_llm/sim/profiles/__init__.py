@@ -1,1 +1,1 @@
-"""Fitted step-time profiles of real engines (JSON), read by sage_llm.bench.fidelity.load_profile."""
+"""Fitted step-time profiles of real engines (JSON); see sage_llm.bench.fidelity."""
