@@ -1,0 +1,87 @@
+"""Every structure that grows with traffic has a bound: push past each cap, check it holds.
+
+Prefix index (capacity in blocks), finished-request records (count and TTL), per-instance
+metric series (removed on unregister, breaker series included), the model label (bounded by
+the registered models: unknown models are refused before any metric is labelled).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm import ControlPlaneManager, RequestMetadata, RequestStatus
+from sage_llm.errors import ModelNotFoundError
+from sage_llm.sim.clock import run_virtual
+from tests.factories import make_instances
+
+
+def _manager(**kwargs: object) -> ControlPlaneManager:
+    cp = ControlPlaneManager(mode="simulated", enable_pd_separation=False, **kwargs)  # type: ignore[arg-type]
+    for inst in make_instances(2, max_concurrent_requests=16):
+        cp.register_instance(inst)
+    return cp
+
+
+def _meta(i: int) -> RequestMetadata:
+    prompt = f"distinct prompt number {i} " + "filler words to span blocks " * 8
+    return RequestMetadata(request_id=f"r{i}", prompt=prompt, max_tokens=2)
+
+
+def test_prefix_index_and_finished_records_stay_bounded() -> None:
+    async def main() -> None:
+        cp = _manager(prefix_index_capacity=50, result_retention=20, result_ttl_s=1000.0)
+        async with cp:
+            for i in range(120):
+                res = await cp.generate(_meta(i))
+                assert res.status is RequestStatus.COMPLETED
+            assert cp.get_status()["prefix_index_entries"] <= 50
+            assert len(cp._finished) <= 20
+            assert await cp.get_result("r119") is not None
+            assert await cp.get_result("r0") is None  # evicted, not kept for ever
+
+    run_virtual(main())
+
+
+def test_finished_records_expire_after_their_ttl() -> None:
+    async def main() -> None:
+        import asyncio
+
+        cp = _manager(result_retention=1000, result_ttl_s=5.0)
+        async with cp:
+            for i in range(10):
+                await cp.generate(_meta(i))
+            await asyncio.sleep(6.0)
+            await cp.generate(_meta(99))
+            cp._finished.expire(cp.clock.now())
+            assert len(cp._finished) == 1
+
+    run_virtual(main())
+
+
+def test_instance_metric_series_are_removed_on_unregister() -> None:
+    async def main() -> None:
+        cp = _manager()
+        async with cp:
+            await cp.generate(_meta(0))
+            assert 'instance="sim-1"' in cp.prometheus_metrics().decode()
+            cp.unregister_instance("sim-1")
+            text = cp.prometheus_metrics().decode()
+            assert 'instance="sim-1"' not in text
+            assert 'instance="sim-0"' in text
+
+    run_virtual(main())
+
+
+def test_unknown_models_never_become_metric_labels() -> None:
+    async def main() -> None:
+        cp = _manager()
+        async with cp:
+            for i in range(20):
+                with pytest.raises(ModelNotFoundError):
+                    await cp.submit_request(
+                        RequestMetadata(request_id=f"x{i}", prompt="hi", model_name=f"m-{i}")
+                    )
+            text = cp.prometheus_metrics().decode()
+            assert 'model="m-' not in text
+
+    run_virtual(main())
