@@ -122,9 +122,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     port = free_ports(1)[0]
     workdir = Path(tempfile.mkdtemp(prefix="sage-soak-"))
     cfg = workdir / "soak.toml"
-    cfg.write_text(
-        _CONFIG.format(instances=args.instances, speed=args.speed, slots=args.slots)
-    )
+    cfg.write_text(_CONFIG.format(instances=args.instances, speed=args.speed, slots=args.slots))
     log = (workdir / "gateway.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(cfg),
