@@ -206,3 +206,22 @@ def test_stream_timeouts_first_token_and_idle() -> None:
         assert isinstance(slow_gap, EngineTimeoutError) and not slow_gap.retryable
 
     run_virtual(main())
+
+
+def test_builder_wires_health_and_admission_config() -> None:
+    from sage_llm.config import parse_config
+    from sage_llm.control_plane.builder import build_manager
+
+    cfg = parse_config(
+        "[health]\ninterval_s = 2.0\ntimeout_s = 0.5\nfailure_threshold = 4\n"
+        "recovery_threshold = 2\neject_on_errors = false\nconnect_timeout_s = 1.5\n"
+        "first_token_timeout_s = 9.0\nidle_timeout_s = 3.0\n"
+        "[admission]\nmax_queue_wait_s = 7.0\nreject_infeasible_slo = true\n"
+    )
+    cp = build_manager(cfg)
+    h = cp.health_settings
+    assert (h.interval_s, h.timeout_s, h.eject_on_errors) == (2.0, 0.5, False)
+    assert (h.breaker.failure_threshold, h.breaker.recovery_threshold) == (4, 2)
+    t = cp.engine_timeouts
+    assert (t.connect_s, t.first_token_s, t.idle_s, t.health_s) == (1.5, 9.0, 3.0, 0.5)
+    assert cp.max_queue_wait_s == 7.0 and cp.reject_infeasible_slo
