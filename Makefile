@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench example install clean
+.PHONY: demo test lint docs bench bench-peers bench-proxy bench-pd example install clean
 
 # SAGE (isage-common, isage-kernel) is installed without its dependency pins, which would
 # downgrade openai and rich; the few modules it needs at run time are installed explicitly.
@@ -35,8 +35,19 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
+# Policies under 2x overload, on virtual time (exact, repeatable; a few minutes).
 bench: $(STAMP)
-	$(BIN)/sage-llm demo
+	$(BIN)/sage-llm bench compare --overload --engines 2 --duration-s 20 --out bench-out/overload
+
+# sage-llm presets vs vllm-router / sglang-router over engine-sim processes (installs the peers).
+bench-peers: $(STAMP)
+	$(BIN)/sage-llm bench compare --workload multi-turn --out bench-out/compare
+
+bench-proxy: $(STAMP)
+	$(BIN)/sage-llm bench proxy --out bench-out/proxy
+
+bench-pd: $(STAMP)
+	$(BIN)/sage-llm bench pd --out bench-out/pd.json
 
 example: $(STAMP)
 	$(BIN)/python examples/sage_pipeline/main.py

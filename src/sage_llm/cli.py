@@ -268,24 +268,46 @@ def bench_compare(
     peers: Annotated[str, typer.Option(help="Comma-separated peer routers ('' for none).")] = (
         "vllm-router,sglang-router"
     ),
+    peer_policies: Annotated[
+        str | None, typer.Option(help="Comma-separated peer policies (default: main ones).")
+    ] = None,
     engines: Annotated[int, typer.Option(help="engine-sim processes.")] = 4,
     rate: Annotated[float | None, typer.Option(help="Offered rate, req/s.")] = None,
+    rates: Annotated[
+        str | None, typer.Option(help="Comma-separated rates for goodput-vs-rate curves.")
+    ] = None,
     load: Annotated[float, typer.Option(help="Fraction of calibrated capacity.")] = 0.8,
     duration_s: Annotated[float, typer.Option(help="Workload duration (seconds).")] = 60.0,
     speed: Annotated[float, typer.Option(help="engine-sim time compression.")] = 1.0,
+    max_concurrent: Annotated[int, typer.Option(help="Per-instance concurrency bound.")] = 32,
+    overload: Annotated[
+        bool,
+        typer.Option(help="Instead: fifo vs priority vs slo_aware at 2x capacity (virtual time)."),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/compare"),
 ) -> None:
     """sage-llm presets and peer routers over the same simulated engines, side by side."""
-    from sage_llm.bench.compare import compare_main
+    from sage_llm.bench.compare import compare_main, overload_main
 
-    code = compare_main(
-        workload,
-        presets=[p for p in presets.split(",") if p] if presets else None,
-        peers=[p for p in peers.split(",") if p],
-        engines=engines, rate=rate, load=load, duration_s=duration_s, speed=speed,
-        seed=seed, out=out,
-    )  # fmt: skip
+    def split(text: str | None) -> list[str]:
+        return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+    try:
+        if overload:
+            code = overload_main(engines=engines, duration_s=duration_s, seed=seed, out=out)
+        else:
+            code = compare_main(
+                workload,
+                presets=split(presets) or None,
+                peers=split(peers),
+                peer_policies=split(peer_policies) or None,
+                engines=engines, rate=rate, rates=[float(r) for r in split(rates)], load=load,
+                duration_s=duration_s, speed=speed, max_concurrent=max_concurrent, seed=seed,
+                out=out,
+            )  # fmt: skip
+    except SageLLMError as exc:
+        _fail(exc.message)
     raise typer.Exit(code)
 
 
