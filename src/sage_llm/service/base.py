@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 from sage_llm.errors import SageLLMError
 
-__all__ = ["SAGE_AVAILABLE", "LocalBaseService", "ServiceBase", "sage_base_service"]
+__all__ = [
+    "SAGE_AVAILABLE",
+    "LocalBaseService",
+    "ManagedService",
+    "ServiceBase",
+    "sage_base_service",
+]
 
 _NO_RUNTIME = (
     "{name}.{method}() needs the SAGE runtime: the service is not running inside a SAGE "
@@ -129,3 +136,29 @@ if TYPE_CHECKING:
     ServiceBase = LocalBaseService
 else:
     ServiceBase = _SAGE_BASE if _SAGE_BASE is not None else LocalBaseService
+
+
+class ManagedService(ServiceBase):
+    """The lifecycle both services share. SAGE calls ``start()`` when the job starts and
+    ``stop()`` then ``cleanup()`` when it ends; ``setup``/``cleanup`` do the work (both are
+    idempotent), and a service also works as a context manager."""
+
+    def start(self) -> None:
+        """SAGE calls this when the job starts: make sure the service is set up."""
+        self.setup()
+
+    def stop(self) -> None:
+        """SAGE calls this when the job stops (then ``cleanup``)."""
+        self.cleanup()
+
+    def __enter__(self) -> Self:
+        self.setup()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()

@@ -28,7 +28,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from sage_llm.config import SageConfig, load_config
@@ -40,7 +39,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     SageLLMError,
 )
-from sage_llm.service.base import ServiceBase
+from sage_llm.service.base import ManagedService
 from sage_llm.service.config import ConfigSource, control_plane_service_config
 from sage_llm.service.embeddings import EmbedRequest, embed_result, parse_embed, vectors_from_openai
 from sage_llm.service.payloads import (
@@ -70,7 +69,7 @@ WEIGHTS_NOT_MANAGED = (
 _SET_POLICY_OPTIONS = frozenset({"policy", "params"})
 
 
-class ControlPlaneVLLMService(ServiceBase):
+class ControlPlaneVLLMService(ManagedService):
     """Generation and embeddings through a control plane (scheduling, routing, PD).
 
     ``config``: a dict (the bare ``[services.llm_control_plane]`` table, or with
@@ -126,26 +125,6 @@ class ControlPlaneVLLMService(ServiceBase):
             runner, self._runner = self._runner, None
         if runner is not None:
             runner.stop(self._astop)
-
-    def start(self) -> None:
-        """SAGE calls this when the job starts: make sure the service is set up."""
-        self.setup()
-
-    def stop(self) -> None:
-        """SAGE calls this when the job stops (then ``cleanup``): stop the control plane."""
-        self.cleanup()
-
-    def __enter__(self) -> ControlPlaneVLLMService:
-        self.setup()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
     @property
     def is_running(self) -> bool:

@@ -19,12 +19,11 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Coroutine, Mapping
-from types import TracebackType
 from typing import Any
 
 from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
 from sage_llm.service.backends import Backend, make_backend
-from sage_llm.service.base import ServiceBase
+from sage_llm.service.base import ManagedService
 from sage_llm.service.config import VLLMServiceConfig
 from sage_llm.service.control_plane_service import (
     WEIGHTS_NOT_MANAGED,
@@ -40,7 +39,7 @@ __all__ = ["VLLM_TASKS", "VLLMService", "register_vllm_service"]
 VLLM_TASKS = ("generate", "embed", "show_models", "download_model", "delete_model", "fine_tune")
 
 
-class VLLMService(ServiceBase):
+class VLLMService(ManagedService):
     """One engine behind SAGE's VLLMService payloads (see the module docstring)."""
 
     def __init__(self, config: Mapping[str, Any], *, loop_factory: LoopFactory | None = None):
@@ -92,26 +91,6 @@ class VLLMService(ServiceBase):
             runner, self._runner = self._runner, None
         if runner is not None and self._backend is not None:
             runner.stop(self._backend.aclose)
-
-    def start(self) -> None:
-        """SAGE calls this when the job starts: make sure the service is set up."""
-        self.setup()
-
-    def stop(self) -> None:
-        """SAGE calls this when the job stops (then ``cleanup``)."""
-        self.cleanup()
-
-    def __enter__(self) -> VLLMService:
-        self.setup()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
     # -- requests --------------------------------------------------------------------------
 
