@@ -17,31 +17,12 @@ from aiohttp import web
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.app import create_app
 from sage_llm.gateway.settings import GatewaySettings
+from sage_llm.httpserve import start_site
 
 log = logging.getLogger("sage_llm.gateway")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
-
-
-async def _serve(
-    app: web.Application, host: str, port: int, shutdown_timeout_s: float
-) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,  # the gateway writes its own access log, without secrets
-        shutdown_timeout=shutdown_timeout_s,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = int(runner.addresses[0][1])
-    return runner, bound
 
 
 async def start_gateway(
@@ -61,7 +42,7 @@ async def start_gateway(
     now and stops it on cleanup).
     """
     app = create_app(manager, gateway, manage_lifecycle=manage_lifecycle, environ=environ)
-    return await _serve(app, host, port, shutdown_timeout_s)
+    return await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
 async def run_gateway(
@@ -88,7 +69,9 @@ async def run_gateway(
     await manager.start()
     try:
         app = create_app(manager, gateway)
-        runner, bound = await _serve(app, bind_host, bind_port, shutdown_timeout_s)
+        runner, bound = await start_site(
+            app, bind_host, bind_port, shutdown_timeout_s=shutdown_timeout_s
+        )
         try:
             log.info("gateway listening on http://%s:%d", bind_host, bound)
             if ready is not None:

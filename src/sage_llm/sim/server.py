@@ -36,6 +36,7 @@ from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
 from sage_llm.errors import EngineError, InvalidRequestError, ModelNotFoundError, SageLLMError
+from sage_llm.httpserve import start_site
 from sage_llm.sim.clock import Clock, current_clock
 
 _log = logging.getLogger(__name__)
@@ -816,18 +817,7 @@ async def start_engine_server(
     """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the bound
     port (``port=0`` picks a free one). Handlers are cancelled when their client goes."""
     app = create_engine_app(engine, model_name=model_name, clock=clock, max_model_len=max_model_len)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = int(runner.addresses[0][1])
-    return runner, bound
+    return await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout)
 
 
 async def serve_engine(
