@@ -7,6 +7,8 @@ the registered models: unknown models are refused before any metric is labelled)
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestStatus
@@ -44,8 +46,6 @@ def test_prefix_index_and_finished_records_stay_bounded() -> None:
 
 def test_finished_records_expire_after_their_ttl() -> None:
     async def main() -> None:
-        import asyncio
-
         cp = _manager(result_retention=1000, result_ttl_s=5.0)
         async with cp:
             for i in range(10):
@@ -62,12 +62,14 @@ def test_instance_metric_series_are_removed_on_unregister() -> None:
     async def main() -> None:
         cp = _manager()
         async with cp:
-            await cp.generate(_meta(0))
-            assert 'instance="sim-1"' in cp.prometheus_metrics().decode()
+            results = await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
+            assert {r.instance_id for r in results} == {"sim-0", "sim-1"}
+            text = cp.prometheus_metrics().decode()
+            assert 'sage_llm_requests_total{instance="sim-1"' in text
             cp.unregister_instance("sim-1")
             text = cp.prometheus_metrics().decode()
-            assert 'instance="sim-1"' not in text
-            assert 'instance="sim-0"' in text
+            assert 'instance="sim-1"' not in text  # gauges, breaker and request series all gone
+            assert 'sage_llm_requests_total{instance="sim-0"' in text
 
     run_virtual(main())
 

@@ -160,6 +160,8 @@ class ControlPlaneMetrics:
             registry=r,
         )
         self._pd_paths: dict[str, int] = {"disaggregated": 0, "colocated": 0}
+        # (status, model, policy) label sets seen per instance, so unregister can drop them.
+        self._request_series: dict[str, set[tuple[str, str, str]]] = {}
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)
@@ -190,9 +192,9 @@ class ControlPlaneMetrics:
     ) -> None:
         status = result.status
         self._counts[status] += 1
-        self.requests.labels(
-            status=status.value, model=model, policy=policy, instance=result.instance_id or "none"
-        ).inc()
+        instance = result.instance_id or "none"
+        self._request_series.setdefault(instance, set()).add((status.value, model, policy))
+        self.requests.labels(status=status.value, model=model, policy=policy, instance=instance).inc()
         if status is RequestStatus.COMPLETED:
             self._e2e_ms.append(result.e2e_latency_ms)
             self._queue_ms.append(result.queue_wait_ms)
@@ -267,6 +269,9 @@ class ControlPlaneMetrics:
         for state in ("closed", "half-open", "open"):
             with contextlib.suppress(KeyError):
                 self.circuit_transitions.remove(instance_id, state)
+        for status, model, policy in self._request_series.pop(instance_id, set()):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(status, model, policy, instance_id)
 
     # -- reading ---------------------------------------------------------------------------
 
