@@ -194,7 +194,9 @@ class ControlPlaneMetrics:
         self._counts[status] += 1
         instance = result.instance_id or "none"
         self._request_series.setdefault(instance, set()).add((status.value, model, policy))
-        self.requests.labels(status=status.value, model=model, policy=policy, instance=instance).inc()
+        self.requests.labels(
+            status=status.value, model=model, policy=policy, instance=instance
+        ).inc()
         if status is RequestStatus.COMPLETED:
             self._e2e_ms.append(result.e2e_latency_ms)
             self._queue_ms.append(result.queue_wait_ms)
