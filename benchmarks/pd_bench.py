@@ -5,6 +5,7 @@ the in-process comparison on virtual time, and with ``--realtime`` sage-llm's PD
 against vllm-router's PD mode over the same engine-sim processes. Run::
 
     .venv/bin/python benchmarks/pd_bench.py --out reports/pd_bench.json
+    .venv/bin/python benchmarks/pd_bench.py --n-long 0 --fleets colocated,adaptive-2:2+4
     .venv/bin/python benchmarks/pd_bench.py --realtime --speed 2 --out reports/pd_bench.json
 """
 
@@ -27,11 +28,15 @@ def main() -> int:
     parser.add_argument("--realtime", action="store_true", help="add the vllm-router comparison")
     parser.add_argument("--speed", type=float, default=2.0, help="engine-sim time compression")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fleets", default=None, help="comma-separated 8B layouts to run (default: all)"
+    )
     a = parser.parse_args()
     return pd_bench_main(
         out=a.out, n_long=a.n_long, long_rate=a.long_rate, n_chat=a.n_chat,
         chat_rate=a.chat_rate, include_70b=not a.no_70b, realtime=a.realtime, speed=a.speed,
         seed=a.seed,
+        fleet_names=None if a.fleets is None else [f for f in a.fleets.split(",") if f],
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from sage_llm.bench.pd_bench import (
     pd_bench_main,
     run_case,
     run_pd_bench,
+    select_fleets,
 )
 from sage_llm.bench.pd_realtime import rescale, sage_pd_manager
 from sage_llm.bench.stats import RequestMeasurement
@@ -74,8 +75,20 @@ def test_manager_kwargs_turn_pd_off_for_colocated_and_target_the_slo() -> None:
     cfg = adaptive["pd_config"]
     assert isinstance(cfg, PDSeparationConfig)
     assert cfg.routing_policy == "adaptive"
-    assert cfg.metadata["decider_params"] == {"ttft_slo_s": 2.0, "tpot_slo_s": 0.025}
+    assert cfg.metadata["decider_params"] == {
+        "ttft_slo_s": 2.0,
+        "tpot_slo_s": 0.025,
+        "itl_slo_s": 0.025,
+    }
     assert cfg.metadata["kv_bytes_per_token"] == 131072
+    tuned = FleetSpec("a", hybrid=8, decider="adaptive", decider_params=(("slack", 0.5),))
+    assert manager_kwargs(tuned)["pd_config"].metadata["decider_params"]["slack"] == 0.5
+
+
+def test_select_fleets_by_name() -> None:
+    assert [f.name for f in select_fleets(["pd-4:4", "colocated"])] == ["pd-4:4", "colocated"]
+    with pytest.raises(ConfigError, match="unknown fleet"):
+        select_fleets(["pd-9:9"])
 
 
 def test_workloads_have_the_named_shapes() -> None:

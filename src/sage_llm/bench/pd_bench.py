@@ -52,6 +52,7 @@ __all__ = [
     "pd_bench_main",
     "run_case",
     "run_pd_bench",
+    "select_fleets",
 ]
 
 SLO_ITL = SLO(ttft_s=2.0, tpot_s=None, itl_s=0.025, name="ttft<=2s,max-itl<=25ms")
@@ -76,6 +77,8 @@ class FleetSpec:
     general: int = 0
     hybrid: int = 0
     decider: str | None = None
+    decider_params: tuple[tuple[str, Any], ...] = ()
+    """Extra ``pd.metadata.decider_params`` (over the SLO targets), as (key, value) pairs."""
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.general, self.hybrid)
@@ -120,6 +123,16 @@ def default_fleets(model: str = "llama-3-8b") -> list[FleetSpec]:
     ]
 
 
+def select_fleets(names: Sequence[str], model: str = "llama-3-8b") -> list[FleetSpec]:
+    """The layouts of :func:`default_fleets` called ``names`` (in that order); ConfigError
+    naming the valid ones for an unknown name."""
+    known = {f.name: f for f in default_fleets(model)}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"unknown fleet(s) {unknown}; valid: {', '.join(known)}", key="fleets")
+    return [known[n] for n in names]
+
+
 def fleet_instances(spec: FleetSpec, *, gpu: str = "h100") -> list[ExecutionInstance]:
     """The registered instances of ``spec``: one machine, one NVLink domain."""
     roles = (
@@ -146,13 +159,23 @@ def fleet_instances(spec: FleetSpec, *, gpu: str = "h100") -> list[ExecutionInst
     ]
 
 
-def manager_kwargs(spec: FleetSpec, slo: SLO = SLO_TPOT) -> dict[str, Any]:
-    """ControlPlaneManager arguments for ``spec`` (PD off for the colocated layout)."""
+def manager_kwargs(
+    spec: FleetSpec, slo: SLO = SLO_ITL, secondary: SLO = SLO_TPOT
+) -> dict[str, Any]:
+    """ControlPlaneManager arguments for ``spec`` (PD off for the colocated layout). The
+    adaptive decider targets both SLOs: TTFT, the largest inter-token gap (``slo``) and
+    the mean TPOT (``secondary``)."""
     if spec.decider is None:
         return {"enable_pd_separation": False}
     meta: dict[str, Any] = {"kv_bytes_per_token": get_model(spec.model).kv_bytes_per_token}
     if spec.decider == "adaptive":
-        meta["decider_params"] = {"ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s}
+        targets = {
+            "ttft_slo_s": slo.ttft_s,
+            "tpot_slo_s": secondary.tpot_s,
+            "itl_slo_s": slo.itl_s,
+        }
+        meta["decider_params"] = {k: v for k, v in targets.items() if v is not None}
+        meta["decider_params"].update(dict(spec.decider_params))
     cfg = PDSeparationConfig(
         routing_policy=spec.decider, max_transfer_latency_ms=0.0, metadata=meta
     )
@@ -384,13 +407,17 @@ def pd_bench_main(
     realtime: bool = False,
     speed: float = 2.0,
     seed: int = 0,
+    fleet_names: Sequence[str] | None = None,
 ) -> int:
     """``sage-llm bench pd``: run the benchmark, print the table, write the JSON report to
     ``out`` (when given). ``realtime`` adds the vllm-router comparison over engine-sim
-    processes at ``speed``× time compression. Returns the exit status."""
+    processes at ``speed``× time compression. ``fleet_names`` keeps only the Llama-3-8B
+    layouts of :func:`default_fleets` with those names (and no 70B). Returns the exit
+    status."""
+    fleets = None if fleet_names is None else select_fleets(fleet_names)
     report = run_pd_bench(
         n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
-        include_70b=include_70b, seed=seed,
+        fleets=fleets, include_70b=include_70b, seed=seed,
     )  # fmt: skip
     if realtime:
         from sage_llm.bench.pd_realtime import run_realtime

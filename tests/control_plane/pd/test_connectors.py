@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,7 @@ def legs(
     prefill: EngineClient,
     decode: EngineClient,
     watch: PrefillWatch | None = None,
-    **inst: object,
+    **inst: Any,
 ) -> PDLegs:
     return PDLegs(
         prefill,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from sage_llm.control_plane.pd.decider import (
@@ -186,7 +189,90 @@ def test_registry_names_and_errors() -> None:
         build_decider("threshold", {"min_prompt_tokens": 1.5})
     with pytest.raises(ConfigError, match="hysteresis"):
         build_decider("adaptive", {"hysteresis": 1.5})
+    with pytest.raises(ConfigError, match="slack"):
+        build_decider("adaptive", {"slack": 1.0})
+    with pytest.raises(ConfigError, match="max_batched_tokens"):
+        build_decider("adaptive", {"max_batched_tokens": 0})
+    with pytest.raises(ConfigError, match="itl_slo_s"):
+        build_decider("adaptive", {"itl_slo_s": -1.0})
     decider = build_decider("adaptive", {"ttft_slo_s": 2, "max_transfer_s": None})
     assert isinstance(decider, AdaptiveDecider)
     assert decider.params.ttft_slo_s == 2.0
     assert decider.describe()["name"] == "adaptive"
+
+
+def gap_fleet(**general: Any) -> ClusterSnapshot:
+    """One GENERAL instance running decodes (8 ms steps, 40k prefill tokens/s) and an idle
+    PREFILLING/DECODING pair on NVLink."""
+    return make_snapshot(
+        [
+            make_instance_view(
+                "g0", **{"est_tpot_s": 0.008, "est_prefill_tps": 40_000.0, "in_flight": 4,
+                         "outstanding_decode_tokens": 800, **general},
+            ),
+            make_instance_view(
+                "p0", role=Role.PREFILLING, est_tpot_s=0.008, est_prefill_tps=40_000.0,
+                nvlink_domain="n",
+            ),
+            make_instance_view("d0", role=Role.DECODING, est_tpot_s=0.008, nvlink_domain="n"),
+        ]
+    )  # fmt: skip
+
+
+GAP_TARGETS = AdaptiveParams(ttft_slo_s=2.0, tpot_slo_s=0.025, itl_slo_s=0.025)
+
+
+def test_adaptive_predicts_the_stall_a_long_prefill_causes_on_running_decodes() -> None:
+    decider = AdaptiveDecider(GAP_TARGETS)
+    snap = gap_fleet()
+    g0 = snap.get("g0")
+    assert g0 is not None
+    # a decode step plus the chunk's prefill time, the chunk capped at max_batched_tokens
+    assert decider.stall_s(g0, 4000) == pytest.approx(0.008 + 4000 / 40_000)
+    assert decider.stall_s(g0, 20_000) == pytest.approx(0.008 + 8192 / 40_000)
+    long_req = make_request_info(prompt_tokens=4000, max_tokens=300)
+    colo = decider.colocated(long_req, snap)
+    assert colo is not None and colo.gap_s == pytest.approx(0.108)
+    decision = decider.decide(long_req, snap)
+    assert decision.disaggregate is True
+    assert "gap=108ms" in decision.reason
+
+
+def test_adaptive_keeps_short_prompts_colocated_when_every_target_holds_with_slack() -> None:
+    decider = AdaptiveDecider(GAP_TARGETS)
+    short = make_request_info(prompt_tokens=200, max_tokens=200)
+    decision = decider.decide(short, gap_fleet())
+    assert decision.disaggregate is False
+    assert "with slack" in decision.reason
+    # without slack the pair's smaller gap (8 ms against 13 ms) wins
+    no_slack = AdaptiveDecider(dataclasses.replace(GAP_TARGETS, slack=0.0))
+    assert no_slack.decide(short, gap_fleet()).disaggregate is True
+
+
+def test_adaptive_without_running_decodes_sees_no_stall() -> None:
+    # An idle GENERAL instance: a long prompt stalls nobody there, and it is cheaper local.
+    decider = AdaptiveDecider(GAP_TARGETS)
+    snap = gap_fleet(in_flight=0, outstanding_decode_tokens=0)
+    decision = decider.decide(make_request_info(prompt_tokens=6000, max_tokens=300), snap)
+    assert decision.disaggregate is False
+
+
+def test_adaptive_pairs_avoid_legs_that_would_break_the_gap_target() -> None:
+    # Prefill candidates: a GENERAL instance with decodes running and faster prefill, and a
+    # dedicated one. The pair prefills on the dedicated one: the other would stall decodes.
+    decider = AdaptiveDecider(GAP_TARGETS)
+    snap = make_snapshot(
+        [
+            make_instance_view(
+                "g-busy", est_prefill_tps=80_000.0, in_flight=2, outstanding_decode_tokens=500,
+                nvlink_domain="n",
+            ),
+            make_instance_view("p0", role=Role.PREFILLING, nvlink_domain="n"),
+            make_instance_view("d0", role=Role.DECODING, nvlink_domain="n"),
+        ]
+    )  # fmt: skip
+    pred = decider.disaggregated(make_request_info(prompt_tokens=5000, max_tokens=300), snap)
+    assert pred is not None
+    assert pred.where.startswith("p0->")
+    assert decider.params.itl_slo_s is not None
+    assert pred.gap_s <= decider.params.itl_slo_s

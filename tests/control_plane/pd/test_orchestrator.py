@@ -12,6 +12,7 @@ from sage_llm.control_plane.pd.orchestrator import (
     PairingParams,
     PDOrchestrator,
     PDPlan,
+    isolation,
     pair_exists,
     servable_view,
     unservable_reason,
@@ -65,6 +66,22 @@ def test_dedicated_roles_are_preferred_over_general_instances() -> None:
     )
     plan = plan_of(PDOrchestrator(seed=3), snap)
     assert (plan.prefill_id, plan.decode_id) == ("p0", "d0")
+
+
+def test_general_legs_keep_prefill_away_from_running_decodes() -> None:
+    # Two GENERAL instances: g-dec runs decodes, g-pre has a prompt queued. The pair that
+    # keeps phases apart prefills on g-pre and decodes on g-dec, whatever the seed.
+    snap = make_snapshot(
+        [
+            make_instance_view("g-dec", in_flight=2, outstanding_decode_tokens=400),
+            make_instance_view("g-pre", in_flight=2, queued_prefill_tokens=3000),
+        ]
+    )
+    for seed in range(5):
+        plan = plan_of(PDOrchestrator(seed=seed), snap)
+        assert (plan.prefill_id, plan.decode_id) == ("g-pre", "g-dec")
+    assert isolation(snap.instances[1], snap.instances[0]) == 1.0
+    assert isolation(snap.instances[0], snap.instances[1]) == 0.0
 
 
 def test_transfer_cost_prefers_the_nvlink_peer() -> None:

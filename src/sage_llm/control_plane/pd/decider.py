@@ -182,16 +182,24 @@ class PrefixAwareDecider:
 
 @dataclass(frozen=True, slots=True)
 class AdaptiveParams:
-    """``ttft_slo_s`` / ``tpot_slo_s``: latency targets (None: not targeted; a request's own
-    deadline is always taken into account); ``hysteresis``: disaggregate only when its
-    predicted outcome is better by more than this fraction; ``prefill_interference``: weight
-    of the chunked-prefill penalty on colocated TPOT; ``max_transfer_s``: never disaggregate
-    when the KV transfer alone would take longer (None: no limit); the link fields are those
-    of :class:`~sage_llm.control_plane.pd.orchestrator.LinkModel`."""
+    """``ttft_slo_s`` / ``tpot_slo_s`` / ``itl_slo_s``: latency targets (None: not targeted;
+    a request's own deadline is always taken into account); ``itl_slo_s`` bounds the
+    *largest* inter-token gap; ``hysteresis``: disaggregate only when its predicted outcome
+    is better by more than this fraction; ``slack``: keep a request colocated whenever its
+    colocated badness is at most this (it meets every target with room to spare; 0: off);
+    ``prefill_interference``: weight of the chunked-prefill penalty on colocated TPOT;
+    ``max_batched_tokens``: prefill tokens one engine step carries at most (vLLM's
+    ``max_num_batched_tokens``), which bounds a chunked-prefill stall;
+    ``max_transfer_s``: never disaggregate when the KV transfer alone would take longer
+    (None: no limit); the link fields are those of
+    :class:`~sage_llm.control_plane.pd.orchestrator.LinkModel`."""
 
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
+    itl_slo_s: float | None = None
     hysteresis: float = 0.1
+    slack: float = 0.8
+    max_batched_tokens: int = 8192
     prefill_interference: float = 1.0
     max_transfer_s: float | None = None
     top_k: int = 3
@@ -201,7 +209,7 @@ class AdaptiveParams:
     kv_bytes_per_token: int = 131072
 
     def __post_init__(self) -> None:
-        for key in ("ttft_slo_s", "tpot_slo_s", "max_transfer_s"):
+        for key in ("ttft_slo_s", "tpot_slo_s", "itl_slo_s", "max_transfer_s"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"must be a number > 0, got {value!r}", key=key)
@@ -209,8 +217,12 @@ class AdaptiveParams:
             raise ConfigError(f"must be in [0, 1), got {self.hysteresis!r}", key="hysteresis")
         if not (math.isfinite(self.prefill_interference) and self.prefill_interference >= 0):
             raise ConfigError("must be a finite number >= 0", key="prefill_interference")
+        if not (math.isfinite(self.slack) and 0.0 <= self.slack < 1.0):
+            raise ConfigError(f"must be in [0, 1), got {self.slack!r}", key="slack")
         if self.top_k < 1:
             raise ConfigError("must be >= 1", key="top_k")
+        if self.max_batched_tokens < 1:
+            raise ConfigError("must be >= 1", key="max_batched_tokens")
         self.link_model()
 
     def link_model(self) -> LinkModel:
@@ -221,13 +233,16 @@ class AdaptiveParams:
 
 @dataclass(frozen=True, slots=True)
 class PathPrediction:
-    """Predicted latencies of one path, and its badness (below 1: every target met)."""
+    """Predicted latencies of one path, and its badness (below 1: every target met).
+    ``gap_s`` is the largest inter-token gap predicted on the path (its own decode, or the
+    running decodes that this request's prefill would stall)."""
 
     ttft_s: float
     tpot_s: float
     e2e_s: float
     badness: float
     where: str
+    gap_s: float = 0.0
 
 
 class AdaptiveDecider:
@@ -260,7 +275,26 @@ class AdaptiveDecider:
         penalty = self.params.prefill_interference * backlog_s / max(1, req.max_tokens - 1)
         return v.est_tpot_s + penalty
 
-    def _badness(self, req: RequestInfo, snap: ClusterSnapshot, ttft: float, tpot: float) -> float:
+    def stall_s(self, v: InstanceView, prefill_tokens: int) -> float:
+        """The inter-token gap of decodes running on ``v`` in a step that also carries
+        ``prefill_tokens`` of prompt (at most ``max_batched_tokens``): a decode step plus
+        the chunk's prefill time at ``v``'s prefill rate."""
+        chunk = min(max(prefill_tokens, 0), self.params.max_batched_tokens)
+        return v.est_tpot_s + chunk / max(v.est_prefill_tps, 1e-9)
+
+    def prefill_gap_s(self, v: InstanceView, req: RequestInfo) -> float:
+        """The gap that computing ``req``'s prompt on ``v`` inflicts on the decodes running
+        there (0 when none run there): its prompt joins the prefill already queued."""
+        if v.outstanding_decode_tokens <= 0:
+            return 0.0
+        return self.stall_s(v, v.queued_prefill_tokens + req.prompt_tokens)
+
+    def _breaks_gap(self, gap_s: float) -> bool:
+        return self.params.itl_slo_s is not None and gap_s > self.params.itl_slo_s
+
+    def _badness(
+        self, req: RequestInfo, snap: ClusterSnapshot, ttft: float, tpot: float, gap: float = 0.0
+    ) -> float:
         p = self.params
         e2e = ttft + max(0, req.max_tokens - 1) * tpot
         ratios: list[float] = []
@@ -268,21 +302,34 @@ class AdaptiveDecider:
             ratios.append(ttft / p.ttft_slo_s)
         if p.tpot_slo_s is not None and req.max_tokens > 1:
             ratios.append(tpot / p.tpot_slo_s)
+        if p.itl_slo_s is not None and req.max_tokens > 1:
+            ratios.append(gap / p.itl_slo_s)
         if req.deadline is not None:
             ratios.append(e2e / max(req.deadline - snap.now, 1e-9))
         return max(ratios) if ratios else e2e
 
     def _predict(
-        self, req: RequestInfo, snap: ClusterSnapshot, ttft: float, tpot: float, where: str
+        self,
+        req: RequestInfo,
+        snap: ClusterSnapshot,
+        ttft: float,
+        tpot: float,
+        where: str,
+        gap: float = 0.0,
     ) -> PathPrediction:
         e2e = ttft + max(0, req.max_tokens - 1) * tpot
-        return PathPrediction(ttft, tpot, e2e, self._badness(req, snap, ttft, tpot), where)
+        badness = self._badness(req, snap, ttft, tpot, gap)
+        return PathPrediction(ttft, tpot, e2e, badness, where, gap)
 
     def colocated(self, req: RequestInfo, snap: ClusterSnapshot) -> PathPrediction | None:
-        """The best colocated prediction, or None when no whole-request instance is free."""
+        """The best colocated prediction, or None when no whole-request instance is free.
+        Its gap is the larger of a decode step and the stall its own prefill inflicts on
+        the decodes already running there."""
         preds = [
-            self._predict(req, snap, v.predict_ttft_s(req.prompt_tokens), self._tpot(v, req),
-                          v.instance_id)
+            self._predict(
+                req, snap, v.predict_ttft_s(req.prompt_tokens), self._tpot(v, req),
+                v.instance_id, max(v.est_tpot_s, self.prefill_gap_s(v, req)),
+            )
             for v in snap.runnable(req)
         ]  # fmt: skip
         return min(preds, key=lambda x: x.badness, default=None)
@@ -295,11 +342,21 @@ class AdaptiveDecider:
             if i.has_capacity and i.instance_id not in req.excluded_instances
         ]
         k = self.params.top_k
+        # candidates that would break the gap target rank last, then by TTFT / TPOT
         prefills = sorted(
             (i for i in free if i.role.runs_prefill),
-            key=lambda i: i.predict_ttft_s(req.prompt_tokens),
+            key=lambda i: (
+                self._breaks_gap(self.prefill_gap_s(i, req)),
+                i.predict_ttft_s(req.prompt_tokens),
+            ),
         )[: k + 1]
-        decodes = sorted((i for i in free if i.role.runs_decode), key=lambda i: self._tpot(i, req))
+        decodes = sorted(
+            (i for i in free if i.role.runs_decode),
+            key=lambda i: (
+                self._breaks_gap(self.stall_s(i, i.queued_prefill_tokens)),
+                self._tpot(i, req),
+            ),
+        )
         best: PathPrediction | None = None
         for d in decodes[: k + 1]:
             for pv in prefills:
@@ -310,7 +367,11 @@ class AdaptiveDecider:
                     continue
                 tpot = self._tpot(d, req)
                 ttft = pv.predict_ttft_s(req.prompt_tokens) + transfer + d.est_tpot_s
-                pred = self._predict(req, snap, ttft, tpot, f"{pv.instance_id}->{d.instance_id}")
+                # the decode leg stalls behind prefill queued on d (none on a DECODING
+                # instance); the prefill leg stalls decodes running on pv
+                gap = max(self.stall_s(d, d.queued_prefill_tokens), self.prefill_gap_s(pv, req))
+                where = f"{pv.instance_id}->{d.instance_id}"
+                pred = self._predict(req, snap, ttft, tpot, where, gap)
                 if best is None or pred.badness < best.badness:
                     best = pred
         return best
@@ -324,12 +385,20 @@ class AdaptiveDecider:
             return PDDecision(True, "no colocated instance is free")
         summary = (
             f"colocated {colo.where} ttft={colo.ttft_s * 1000:.0f}ms "
-            f"tpot={colo.tpot_s * 1000:.1f}ms vs disaggregated {disagg.where} "
-            f"ttft={disagg.ttft_s * 1000:.0f}ms tpot={disagg.tpot_s * 1000:.1f}ms"
+            f"tpot={colo.tpot_s * 1000:.1f}ms gap={colo.gap_s * 1000:.0f}ms vs disaggregated "
+            f"{disagg.where} ttft={disagg.ttft_s * 1000:.0f}ms "
+            f"tpot={disagg.tpot_s * 1000:.1f}ms gap={disagg.gap_s * 1000:.0f}ms"
         )
+        if self._has_targets(req) and colo.badness <= self.params.slack:
+            return PDDecision(False, f"colocated meets every target with slack: {summary}")
         if disagg.badness < colo.badness * (1.0 - self.params.hysteresis):
             return PDDecision(True, f"disaggregated predicted better: {summary}")
         return PDDecision(False, f"colocated predicted as good: {summary}")
+
+    def _has_targets(self, req: RequestInfo) -> bool:
+        p = self.params
+        targets = (p.ttft_slo_s, p.tpot_slo_s, p.itl_slo_s, req.deadline)
+        return any(t is not None for t in targets)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "params": asdict(self.params)}

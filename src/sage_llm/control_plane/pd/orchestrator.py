@@ -145,9 +145,13 @@ class PairingParams:
     queue (``queue_weight``); decode favours KV headroom (``kv_weight``) and a small running
     batch (``batch_weight``). A pair's score is the weighted mean of its decode score, its
     prefill score, its transfer affinity (``transfer_weight``; prefill time over prefill plus
-    KV transfer time, 1 for free transfers) and its role fit (``role_weight``; dedicated
+    KV transfer time, 1 for free transfers), its role fit (``role_weight``; dedicated
     PREFILLING/DECODING instances 1, HYBRID 0.5, GENERAL 0, so instances that also run whole
-    requests are kept for those). ``top_k`` candidates of each leg are paired.
+    requests are kept for those) and its phase isolation (``isolation_weight``: half for a
+    prefill instance with no decodes running, half for a decode instance with no prefill
+    queued, so a GENERAL/HYBRID leg does not stall running decodes with a prompt, nor
+    decode behind one; dedicated instances always score 1). ``top_k`` candidates of each leg
+    are paired.
     """
 
     prefill_strategy: str = ""
@@ -158,6 +162,7 @@ class PairingParams:
     batch_weight: float = 1.0
     transfer_weight: float = 1.0
     role_weight: float = 0.5
+    isolation_weight: float = 1.0
     top_k: int = 4
     kv_threshold: float = 0.95
     nvlink_gbps: float = 300.0
@@ -168,7 +173,7 @@ class PairingParams:
     def __post_init__(self) -> None:
         for key in (
             "prefix_weight", "queue_weight", "kv_weight", "batch_weight", "transfer_weight",
-            "role_weight",
+            "role_weight", "isolation_weight",
         ):  # fmt: skip
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
@@ -193,6 +198,15 @@ def _role_fit(role: ExecutionInstanceType, dedicated: ExecutionInstanceType) -> 
     if role is dedicated:
         return 1.0
     return 0.5 if role is ExecutionInstanceType.HYBRID else 0.0
+
+
+def isolation(prefill: InstanceView, decode: InstanceView) -> float:
+    """Phase isolation of a pair, 0..1: half for a prefill instance with no decodes running
+    (its prompt stalls none), half for a decode instance with no prefill queued (the
+    request's decode does not wait behind prompt chunks)."""
+    return 0.5 * (prefill.outstanding_decode_tokens <= 0) + 0.5 * (
+        decode.queued_prefill_tokens <= 0
+    )
 
 
 class PDOrchestrator:
@@ -248,7 +262,7 @@ class PDOrchestrator:
         decodes = self._ranked(self.decode_router, req, snap)
         prefills = self._ranked(self.prefill_router, req, snap) if decodes else []
         p = self.params
-        total = 2.0 + p.transfer_weight + p.role_weight
+        total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight
         best: tuple[float, InstanceView, InstanceView] | None = None
         scores: dict[str, float] = {}
         for d, d_score in decodes:
@@ -258,7 +272,10 @@ class PDOrchestrator:
                     continue
                 role = (d_role + _role_fit(pv.role, ExecutionInstanceType.PREFILLING)) / 2.0
                 aff = self.affinity(req, pv, d)
-                value = (d_score + p_score + p.transfer_weight * aff + p.role_weight * role) / total
+                iso = p.isolation_weight * isolation(pv, d)
+                value = (
+                    d_score + p_score + p.transfer_weight * aff + p.role_weight * role + iso
+                ) / total
                 scores[f"{pv.instance_id}->{d.instance_id}"] = value
                 if best is None or value > best[0]:
                     best = (value, pv, d)
