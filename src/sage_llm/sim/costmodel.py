@@ -12,6 +12,11 @@ protocol:
   ``β0 + β1·prefill_tokens + β2·decode_tokens``; :func:`fit_linear_step_model` fits one to
   measured samples by least squares.
 
+Outside the steps, :class:`FrontEndModel` describes an engine's front end (vLLM's API
+server): a single server in front of the core that spends ``intake_s`` on each new request
+before the core sees it and ``per_output_s`` on each output a step produces;
+:class:`FrontEndQueue` is that server's FIFO timeline.
+
 See ``docs/simulator.md`` for the formulas and the measured fidelity.
 """
 
@@ -269,3 +274,70 @@ def fit_linear_step_model(
     if rank < 3:
         raise ValueError("samples do not vary enough in prefill and decode tokens to fit")
     return LinearStepModel(float(coef[0]), float(coef[1]), float(coef[2]), label=label)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontEndModel:
+    """The engine's front end: one server (vLLM's API-server thread) in front of the core.
+
+    * ``intake_s``: front-end time per new request (HTTP handling, input processing, the
+      hop to the engine core); the core sees the request only when its intake is done.
+    * ``per_output_s``: front-end time per request per step that produced a token for it
+      (output processing, detokenizing, the hop back); a step's outputs are one job.
+
+    Jobs are served one at a time in arrival order, so under concurrency a new request's
+    intake waits behind the output processing of the running ones. All zero (the default)
+    is no front end: requests reach the core at once and tokens are handed out as each step
+    ends.
+    """
+
+    intake_s: float = 0.0
+    per_output_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("intake_s", "per_output_s"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"FrontEndModel.{key} must be finite and >= 0")
+
+    @property
+    def is_zero(self) -> bool:
+        """True when the front end costs nothing (the engine behaves as without one)."""
+        return self.intake_s == 0.0 and self.per_output_s == 0.0
+
+    def outputs_s(self, outputs: int) -> float:
+        """Front-end time of one step's ``outputs`` (requests that got tokens)."""
+        return self.per_output_s * outputs
+
+    def describe(self) -> dict[str, Any]:
+        return {"intake_s": self.intake_s, "per_output_s": self.per_output_s}
+
+
+class FrontEndQueue:
+    """The FIFO timeline of a :class:`FrontEndModel`'s single server.
+
+    Submit jobs in time order (``now`` never decreasing); each starts when it arrives or
+    when the previous job ends, whichever is later.
+    """
+
+    __slots__ = ("busy_s", "free_at", "model")
+
+    def __init__(self, model: FrontEndModel) -> None:
+        self.model = model
+        self.free_at = -math.inf
+        self.busy_s = 0.0
+
+    def submit(self, now: float, cost_s: float) -> tuple[float, float]:
+        """Queue a job of ``cost_s`` arriving at ``now``; its ``(start, end)`` times."""
+        start = max(now, self.free_at)
+        self.free_at = start + cost_s
+        self.busy_s += cost_s
+        return start, self.free_at
+
+    def intake(self, now: float) -> tuple[float, float]:
+        """Queue a new request's intake."""
+        return self.submit(now, self.model.intake_s)
+
+    def outputs(self, now: float, outputs: int) -> tuple[float, float]:
+        """Queue the processing of one step's ``outputs``."""
+        return self.submit(now, self.model.outputs_s(outputs))

@@ -6,6 +6,14 @@ step loop per engine (started lazily inside the running event loop, stopped by
 duration, then hands the new tokens to the per-request streams. Under
 :func:`sage_llm.sim.run_virtual` the sleeps cost no real time.
 
+A :class:`~sage_llm.sim.costmodel.FrontEndModel` (``front_end=``) puts a single-server
+front end in front of the core, as vLLM's API server is: a new request spends ``intake_s``
+there before the core sees it, and each step's outputs spend ``per_output_s`` per request
+there before the streams get them; the jobs are served one at a time in arrival order
+(:class:`~sage_llm.sim.costmodel.FrontEndQueue`), so under load intakes wait behind output
+processing. The core does not wait for the front end. Without one (the default) requests
+reach the core at once and tokens are handed out as each step ends.
+
 Generated text is deterministic pseudo-text (:mod:`sage_llm.sim.text`): each word is one
 token, so the text re-tokenizes to ``completion_tokens``.
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
@@ -37,6 +46,7 @@ from sage_llm.errors import (
 )
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
+from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
@@ -102,8 +112,17 @@ class SimEngine:
         *,
         clock: Clock | None = None,
         kv_hub: KVTransferHub | None = None,
+        front_end: FrontEndModel | None = None,
     ) -> None:
         self._id = instance_id
+        self._front_end = front_end or FrontEndModel()
+        self._front: FrontEndQueue | None = (
+            None if self._front_end.is_zero else FrontEndQueue(self._front_end)
+        )
+        # step results waiting for the front end: (time their processing ends, result)
+        self._outbox: deque[tuple[float, StepResult]] = deque()
+        self._outbox_ready: asyncio.Event | None = None
+        self._delivery: asyncio.Task[None] | None = None
         self._config = config or SimEngineConfig()
         self._core = SimEngineCore(self._config)
         self._clock = clock
@@ -127,6 +146,11 @@ class SimEngine:
     @property
     def config(self) -> SimEngineConfig:
         return self._config
+
+    @property
+    def front_end(self) -> FrontEndModel:
+        """The front end in front of the core (all zero when there is none)."""
+        return self._front_end
 
     @property
     def core(self) -> SimEngineCore:
@@ -160,6 +184,7 @@ class SimEngine:
         prompt_ids = self._prompt_ids(req)
         self._check_max_tokens(req, len(prompt_ids))
         min_tokens = self._min_tokens(req)
+        await self._intake()
         stream = self._open(req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params)
         produced = 0
         done = False
@@ -199,6 +224,7 @@ class SimEngine:
                 retryable=True,
             )
         prompt_ids = self._prompt_ids(req)
+        await self._intake()
         stream = self._open(req.request_id, prompt_ids, 1, {"do_remote_decode": True})
         done = False
         try:
@@ -248,10 +274,12 @@ class SimEngine:
         if self._hub is not None:
             self._hub.unregister(self._id)
         self._fail_all("engine closed")
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
+        for task in (self._task, self._delivery):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        self._task = self._delivery = None
+        self._outbox.clear()
 
     # -- internals -----------------------------------------------------------------
 
@@ -299,6 +327,17 @@ class SimEngine:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidRequestError("min_tokens must be an integer >= 0", param="min_tokens")
         return value
+
+    async def _intake(self) -> None:
+        """Wait for the front end to take the request in (at once without a front end)."""
+        if self._front is None:
+            return
+        self._ensure_running()
+        clock = self._clock or current_clock()
+        now = clock.now()
+        _, done = self._front.intake(now)
+        if done > now:
+            await clock.sleep(done - now)
 
     def _open(
         self,
@@ -371,10 +410,44 @@ class SimEngine:
                         await asyncio.wait_for(wake.wait(), max(res.duration_s, 1e-9))
                     continue
                 await clock.sleep(res.duration_s)
-                self._deliver(res)
+                if self._front is None:
+                    self._deliver(res)
+                elif res.new_tokens:
+                    _, done = self._front.outputs(clock.now(), len(res.new_tokens))
+                    self._post(done, res)
         except Exception as exc:
             self._broken = exc
             self._fail_all(f"simulated engine failed: {exc!r}")
+
+    def _post(self, at: float, res: StepResult) -> None:
+        """Hand ``res`` to the streams at ``at``, when the front end has processed it."""
+        if self._outbox_ready is None:
+            self._outbox_ready = asyncio.Event()
+        if self._delivery is None:
+            self._delivery = asyncio.get_running_loop().create_task(
+                self._deliver_outbox(self._outbox_ready), name=f"sim-front-end-{self._id}"
+            )
+        self._outbox.append((at, res))
+        self._outbox_ready.set()
+
+    async def _deliver_outbox(self, ready: asyncio.Event) -> None:
+        clock = self._clock or current_clock()
+        outbox = self._outbox
+        try:
+            while True:
+                if not outbox:
+                    ready.clear()
+                    await ready.wait()
+                    continue
+                at, res = outbox[0]
+                wait = at - clock.now()
+                if wait > 0:
+                    await clock.sleep(wait)
+                outbox.popleft()
+                self._deliver(res)
+        except Exception as exc:  # pragma: no cover - _deliver only fills queues
+            self._broken = exc
+            self._fail_all(f"simulated engine front end failed: {exc!r}")
 
     def _notify_pulled(self, res: StepResult) -> None:
         for engine_id, request_id in res.kv_pulled:
