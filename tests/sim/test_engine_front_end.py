@@ -134,3 +134,26 @@ def test_prefill_leg_also_goes_through_the_intake() -> None:
 
     # Intake 0-4 ms, the prefill step 4-14, its output 14-15.
     assert run_virtual(main()) == 15.0
+
+
+def test_prefix_cache_hits_of_a_chunked_prefill_are_reported_behind_a_front_end() -> None:
+    config = SimEngineConfig(
+        model="tiny", gpu="cpu", cost_model=LinearStepModel(STEP_MS * 1e3, 0.0, 0.0),
+        max_model_len=512, num_gpu_blocks=256, max_num_batched_tokens=16,
+    )  # fmt: skip
+
+    async def main() -> list[int | None]:
+        engine = SimEngine("sim-0", config, front_end=FrontEndModel(0.001, 0.001))
+        cached: list[int | None] = []
+        # b shares a's first 32 tokens; it computes its other 32 in two 16-token chunks, so
+        # the step that admits it produces no token.
+        prompts = {"a": list(range(10, 74)), "b": [*range(10, 42), *range(100, 132)]}
+        for rid, prompt in prompts.items():
+            request = EngineRequest(request_id=rid, model="tiny", prompt=prompt, max_tokens=2)
+            chunks = [c async for c in engine.generate(request)]
+            usage = chunks[-1].usage
+            cached.append(usage.cached_tokens if usage is not None else None)
+        await engine.aclose()
+        return cached
+
+    assert run_virtual(main()) == [0, 32]

@@ -412,9 +412,11 @@ class SimEngine:
                 await clock.sleep(res.duration_s)
                 if self._front is None:
                     self._deliver(res)
-                elif res.new_tokens:
-                    _, done = self._front.outputs(clock.now(), len(res.new_tokens))
-                    self._post(done, res)
+                else:
+                    self._note_admitted(res)
+                    if res.new_tokens:
+                        _, done = self._front.outputs(clock.now(), len(res.new_tokens))
+                        self._post(done, res)
         except Exception as exc:
             self._broken = exc
             self._fail_all(f"simulated engine failed: {exc!r}")
@@ -457,12 +459,15 @@ class SimEngine:
             if addr is not None and self._releaser is not None:
                 self._releaser.release(addr[0], addr[1], request_id)
 
-    def _deliver(self, res: StepResult) -> None:
-        streams = self._streams
+    def _note_admitted(self, res: StepResult) -> None:
         for req_id, cached in res.admitted:
-            stream = streams.get(req_id)
+            stream = self._streams.get(req_id)
             if stream is not None:
                 stream.cached = cached
+
+    def _deliver(self, res: StepResult) -> None:
+        streams = self._streams
+        self._note_admitted(res)
         finished = dict(res.finished)
         pinned = {p.request_id: p for p in res.kv_pinned}
         for req_id, n in res.new_tokens:
