@@ -13,6 +13,19 @@ Cross-process PD KV release: ``POST /sim/kv/release {"request_id": ...}`` unpins
 prefill leg's KV. A simulated engine served here gets an :class:`HTTPKVReleaser`, so after
 its decode leg pulled KV from ``remote_host:remote_port`` it posts there (in the background,
 never delaying the decode), as NIXL notifies the producer.
+
+SGLang's PD protocol (what sglang-router's PD mode sends): the router sends one body with
+``bootstrap_host``, ``bootstrap_port`` and ``bootstrap_room`` to a prefill server and a
+decode server at once. Served by a prefill-role engine, such a request is a prefill leg:
+the engine computes the prompt and one token, pins the KV and files the leg's
+``kv_transfer_params`` under the room (:class:`BootstrapRooms`). Served by a decode-role
+engine, it first fetches the room from the prefill server,
+``GET http://bootstrap_host:bootstrap_port/sim/bootstrap/<room>`` (a long poll that waits
+for the leg), then decodes as a vLLM decode leg with those parameters (KV transfer time,
+then decode, then ``/sim/kv/release`` to the prefill server). engine-sim serves the
+bootstrap endpoint on its HTTP port, so that port is the prefill server's bootstrap port
+(``--prefill http://host:PORT PORT`` for sglang-router). A general-role engine ignores the
+bootstrap fields and runs the whole request.
 """
 
 from __future__ import annotations
@@ -23,8 +36,8 @@ import itertools
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import aiohttp
@@ -35,12 +48,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
-from sage_llm.errors import EngineError, InvalidRequestError, ModelNotFoundError, SageLLMError
+from sage_llm.errors import (
+    EngineError,
+    EngineTimeoutError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    SageLLMError,
+)
 from sage_llm.httpserve import start_site
 from sage_llm.sim.clock import Clock, current_clock
+from sage_llm.types import ExecutionInstanceType
 
 _log = logging.getLogger(__name__)
 KV_RELEASE_PATH = "/sim/kv/release"
+BOOTSTRAP_PATH = "/sim/bootstrap/{room}"
+BOOTSTRAP_WAIT_S = 60.0
+"""How long a decode server waits for its room's prefill leg (and a filed room waits to be
+fetched before its KV is released)."""
 _PIECE_CACHE_LIMIT = 1 << 16
 DEFAULT_MAX_TOKENS = 16
 _CONSUMED = frozenset(
@@ -176,6 +200,113 @@ def parse_request(
     )
     include_usage = bool(options and options.get("include_usage"))
     return ParsedRequest(req, stream, include_usage, role, prompt_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    """SGLang's bootstrap fields of one request: where the prefill server is, and the room
+    that pairs the two legs."""
+
+    host: str | None
+    port: int | None
+    room: int
+
+
+def parse_bootstrap(body: Mapping[str, Any]) -> Bootstrap | None:
+    """The request's SGLang bootstrap fields (None without ``bootstrap_room``). Raises
+    :class:`InvalidRequestError` for malformed ones."""
+    room = body.get("bootstrap_room")
+    if room is None:
+        return None
+    if isinstance(room, list):
+        raise InvalidRequestError(
+            "batched bootstrap rooms are not supported (n=1 only)", param="bootstrap_room"
+        )
+    if not _is_int(room) or not 0 <= room < 1 << 64:
+        raise InvalidRequestError(
+            "bootstrap_room must be an integer in [0, 2^64)", param="bootstrap_room"
+        )
+    host = body.get("bootstrap_host")
+    if not isinstance(host, str | None):
+        raise InvalidRequestError("bootstrap_host must be a string", param="bootstrap_host")
+    port = body.get("bootstrap_port")
+    if port is not None and (not _is_int(port) or not 0 < port < 65536):
+        raise InvalidRequestError("bootstrap_port must be a TCP port", param="bootstrap_port")
+    return Bootstrap(host or None, port, room)
+
+
+_Room = tuple[dict[str, Any] | None, str | None]
+"""A room's outcome: the prefill leg's ``kv_transfer_params``, or why it failed."""
+
+
+class BootstrapRooms:
+    """The prefill side of SGLang's bootstrap: each prefill leg run here files its
+    ``kv_transfer_params`` (or its error) under its room until the decode server sharing
+    the room takes it. Either side may come first. A room nobody takes within ``ttl_s`` is
+    dropped, and ``on_expire`` gets its parameters (to unpin the KV)."""
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = BOOTSTRAP_WAIT_S,
+        on_expire: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        if not ttl_s > 0:
+            raise ValueError("ttl_s must be > 0")
+        self.ttl_s = ttl_s
+        self.on_expire = on_expire
+        self._rooms: dict[int, asyncio.Future[_Room]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def _room(self, room: int) -> asyncio.Future[_Room]:
+        fut = self._rooms.get(room)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._rooms[room] = fut
+            loop.call_later(self.ttl_s, self._expire, room, fut)
+        return fut
+
+    def _expire(self, room: int, fut: asyncio.Future[_Room]) -> None:
+        if self._rooms.get(room) is not fut:
+            return
+        del self._rooms[room]
+        if not fut.done():
+            fut.set_result((None, f"bootstrap room {room} expired"))
+            return
+        params, _ = fut.result()
+        if params is not None and self.on_expire is not None:
+            self.on_expire(params)
+
+    def publish(self, room: int, params: Mapping[str, Any]) -> None:
+        """File a finished prefill leg's ``kv_transfer_params`` under ``room``."""
+        fut = self._room(room)
+        if not fut.done():
+            fut.set_result((dict(params), None))
+
+    def fail(self, room: int, reason: str) -> None:
+        """The prefill leg of ``room`` failed or was aborted."""
+        fut = self._room(room)
+        if not fut.done():
+            fut.set_result((None, reason))
+
+    async def take(self, room: int, timeout_s: float) -> dict[str, Any]:
+        """Wait up to ``timeout_s`` for ``room``'s prefill leg and take its parameters.
+        Raises :class:`EngineError` when the leg failed, or 504 when it did not come."""
+        fut = self._room(room)
+        try:
+            params, reason = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            raise EngineTimeoutError(
+                f"no prefill leg for bootstrap room {room} within {timeout_s:g} s"
+            ) from None
+        if self._rooms.get(room) is fut:
+            del self._rooms[room]
+        if params is None:
+            raise EngineError(f"prefill leg of bootstrap room {room} failed: {reason}")
+        return params
 
 
 # --- metrics -----------------------------------------------------------------------------
@@ -359,6 +490,24 @@ def _error(exc: SageLLMError) -> web.Response:
     return web.json_response(exc.to_openai(), status=exc.http_status)
 
 
+async def _no_chunks() -> AsyncIterator[Chunk]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
+    """A simulated engine's PD role (through wrappers such as the fault injector), or None
+    for a general or unknown engine."""
+    for candidate in (engine, getattr(engine, "inner", None)):
+        role = getattr(getattr(candidate, "config", None), "role", None)
+        if isinstance(role, ExecutionInstanceType) and role in _PD_ROLES:
+            return role
+    return None
+
+
+_PD_ROLES = (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING)
+
+
 def _set_nodelay(request: web.Request) -> None:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -396,6 +545,20 @@ class _EngineServer:
         self.version = _package_version()
         self._pieces: dict[int, str] = {}
         self._queue_source = engine if isinstance(engine, ReportsQueueTime) else None
+        self.role = _engine_role(engine)
+        self.rooms = BootstrapRooms(on_expire=self._release_expired)
+        self.bootstrap_wait_s = BOOTSTRAP_WAIT_S
+        self._session: aiohttp.ClientSession | None = None
+
+    def _release_expired(self, params: Mapping[str, Any]) -> None:
+        request_id = params.get("remote_request_id")
+        if isinstance(self.engine, ReleasesKV) and isinstance(request_id, str):
+            self.engine.release_kv(request_id)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     @property
     def clock(self) -> Clock:
@@ -435,12 +598,21 @@ class _EngineServer:
                 max_model_len=self.max_model_len,
                 request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
             )
+            boot = parse_bootstrap(body) if self.role is not None else None
         except SageLLMError as exc:
             return _error(exc)
         fmt = ResponseFormat(
             chat=chat, request_id=parsed.req.request_id, model=self.model_name,
             created=self._created(),
         )  # fmt: skip
+        if boot is not None and self.role is ExecutionInstanceType.PREFILLING:
+            return await self._sglang_prefill(request, parsed, fmt, arrival, boot)
+        if boot is not None and parsed.pd_role is None:  # a DECODING engine
+            try:
+                params = await self._fetch_room(boot)
+            except SageLLMError as exc:
+                return _error(exc)
+            parsed = replace(parsed, req=replace(parsed.req, kv_transfer_params=params))
         if parsed.pd_role == "prefill":
             return await self._prefill(parsed, fmt, arrival)
         if parsed.stream:
@@ -463,6 +635,89 @@ class _EngineServer:
         body = fmt.completion(first.text if first else "", "length", usage)
         body["kv_transfer_params"] = dict(handle.params)
         return web.json_response(body)
+
+    async def _sglang_prefill(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        fmt: ResponseFormat,
+        arrival: float,
+        boot: Bootstrap,
+    ) -> web.StreamResponse:
+        """An SGLang prefill leg: compute the prompt and one token, pin the KV and file the
+        leg's parameters under its room; answer with that one token (streamed when asked)."""
+        try:
+            handle = await self.engine.prefill(parsed.req)
+        except SageLLMError as exc:
+            self.rooms.fail(boot.room, exc.message)
+            return _error(exc)
+        except asyncio.CancelledError:
+            self.rooms.fail(boot.room, "the prefill leg was aborted")
+            raise
+        self.rooms.publish(boot.room, handle.params)
+        usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
+        first = handle.first_token or Chunk("", (), "length", usage)
+        if not parsed.stream:
+            self.metrics.observe_request(arrival, [self.clock.now()], "length", usage)
+            return web.json_response(fmt.completion(first.text, "length", usage))
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        _set_nodelay(request)
+        await resp.prepare(request)
+        await self._relay(resp, _no_chunks(), first, parsed, fmt, arrival)
+        return resp
+
+    async def _fetch_room(self, boot: Bootstrap) -> dict[str, Any]:
+        """A decode leg's ``kv_transfer_params``, from the prefill server's bootstrap room."""
+        if boot.host is None or boot.port is None:
+            raise InvalidRequestError(
+                "an SGLang decode leg needs bootstrap_host and bootstrap_port (engine-sim "
+                "serves the bootstrap on its HTTP port: give sglang-router "
+                "--prefill http://HOST:PORT PORT)",
+                param="bootstrap_port",
+            )
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.bootstrap_wait_s + 10.0)
+            )
+        netloc = f"[{boot.host}]" if ":" in boot.host else boot.host
+        path = BOOTSTRAP_PATH.format(room=boot.room)
+        url = f"http://{netloc}:{boot.port}{path}"
+        try:
+            async with self._session.get(
+                url, params={"timeout_s": repr(self.bootstrap_wait_s)}
+            ) as resp:
+                body = await resp.json(content_type=None)
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise EngineError(f"bootstrap server {url} failed: {exc!r}") from None
+        params = body.get("kv_transfer_params") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(params, dict):
+            error = body.get("error") if isinstance(body, dict) else None
+            message = error.get("message") if isinstance(error, dict) else None
+            raise EngineError(
+                f"bootstrap room {boot.room} at {url}: HTTP {status}: {message or body!r}"
+            )
+        return params
+
+    async def bootstrap(self, request: web.Request) -> web.Response:
+        """``GET /sim/bootstrap/<room>[?timeout_s=S]``: wait for the room's prefill leg and
+        hand its ``kv_transfer_params`` to the decode server (once)."""
+        try:
+            raw = request.match_info["room"]
+            if not raw.isdigit() or int(raw) >= 1 << 64:
+                raise InvalidRequestError("room must be an integer in [0, 2^64)", param="room")
+            try:
+                timeout = float(request.query.get("timeout_s", self.bootstrap_wait_s))
+            except ValueError:
+                raise InvalidRequestError("timeout_s must be a number") from None
+            if not 0 < timeout <= 600:
+                raise InvalidRequestError("timeout_s must be in (0, 600]", param="timeout_s")
+            params = await self.rooms.take(int(raw), timeout)
+        except SageLLMError as exc:
+            return _error(exc)
+        return web.json_response({"room": int(raw), "kv_transfer_params": params})
 
     async def _complete(
         self, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
@@ -787,6 +1042,12 @@ def create_engine_app(
     app.router.add_get("/get_load", srv.get_load)
     app.router.add_get("/load", srv.load)
     app.router.add_post(KV_RELEASE_PATH, srv.kv_release)
+    app.router.add_get(BOOTSTRAP_PATH, srv.bootstrap)
+
+    async def _close_server(_: web.Application) -> None:
+        await srv.aclose()
+
+    app.on_cleanup.append(_close_server)
     if isinstance(engine, NotifiesRemoteKV) and engine.remote_releaser is None:
         releaser = HTTPKVReleaser()
         engine.remote_releaser = releaser
@@ -841,12 +1102,16 @@ async def serve_engine(
 
 
 __all__ = [
+    "BOOTSTRAP_PATH",
     "KV_RELEASE_PATH",
+    "Bootstrap",
+    "BootstrapRooms",
     "HTTPKVReleaser",
     "NotifiesRemoteKV",
     "ReleasesKV",
     "ReportsQueueTime",
     "create_engine_app",
+    "parse_bootstrap",
     "serve_engine",
     "start_engine_server",
 ]

@@ -1,0 +1,229 @@
+"""SGLang's PD protocol over engine-sim: one body with ``bootstrap_host``/``bootstrap_port``/
+``bootstrap_room`` goes to a prefill server and a decode server at once; the decode server
+fetches the room's KV parameters from the prefill server, then decodes. Last, sglang-router
+in PD mode drives two engine-sim processes (skipped when it is not installed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sage_llm.bench import procs
+from sage_llm.bench.peers import PeerError, PeerInstall, ensure_peer, peers_dir, router_argv
+from sage_llm.bench.procs import counter_total, free_ports, start_engine_sims
+from sage_llm.errors import EngineError, EngineTimeoutError, InvalidRequestError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.server import (
+    BOOTSTRAP_PATH,
+    Bootstrap,
+    BootstrapRooms,
+    HTTPKVReleaser,
+    parse_bootstrap,
+    start_engine_server,
+)
+from sage_llm.types import ExecutionInstanceType as Role
+
+MODEL = "llama-3-8b"
+PROMPT = " ".join(["word"] * 300)
+
+
+# --- parsing and rooms ---------------------------------------------------------------------
+
+
+def test_parse_bootstrap_reads_and_checks_the_fields() -> None:
+    assert parse_bootstrap({"prompt": "x"}) is None
+    assert parse_bootstrap({"bootstrap_room": None}) is None
+    got = parse_bootstrap({"bootstrap_host": "10.0.0.1", "bootstrap_port": 8998,
+                           "bootstrap_room": 2**63 - 1})  # fmt: skip
+    assert got == Bootstrap("10.0.0.1", 8998, 2**63 - 1)
+    assert parse_bootstrap({"bootstrap_room": 5}) == Bootstrap(None, None, 5)
+    for bad in (
+        {"bootstrap_room": [1, 2]},
+        {"bootstrap_room": -1},
+        {"bootstrap_room": True},
+        {"bootstrap_room": "7"},
+        {"bootstrap_room": 1, "bootstrap_port": 0},
+        {"bootstrap_room": 1, "bootstrap_host": 5},
+    ):
+        with pytest.raises(InvalidRequestError):
+            parse_bootstrap(bad)
+
+
+def test_rooms_pair_the_legs_whichever_comes_first() -> None:
+    async def main() -> None:
+        rooms = BootstrapRooms(ttl_s=30.0)
+        rooms.publish(1, {"remote_request_id": "a"})  # prefill first
+        assert await rooms.take(1, 5.0) == {"remote_request_id": "a"}
+        waiter = asyncio.create_task(rooms.take(2, 5.0))  # decode first
+        await asyncio.sleep(1.0)
+        rooms.publish(2, {"remote_request_id": "b"})
+        assert await waiter == {"remote_request_id": "b"}
+        rooms.fail(3, "engine crashed")
+        with pytest.raises(EngineError, match="engine crashed"):
+            await rooms.take(3, 5.0)
+        with pytest.raises(EngineTimeoutError, match="room 4"):
+            await rooms.take(4, 2.0)
+        assert len(rooms) == 1  # room 4 waits for its TTL
+
+    run_virtual(main())
+
+
+def test_a_room_nobody_takes_expires_and_hands_its_kv_back() -> None:
+    async def main() -> list[str]:
+        released: list[str] = []
+        rooms = BootstrapRooms(ttl_s=10.0, on_expire=lambda p: released.append(p["id"]))
+        rooms.publish(9, {"id": "orphan"})
+        rooms.fail(8, "aborted")
+        await asyncio.sleep(11.0)
+        assert len(rooms) == 0
+        return released
+
+    assert run_virtual(main()) == ["orphan"]
+
+
+# --- two engine servers in this process ----------------------------------------------------
+
+
+@pytest.fixture
+async def pd_servers() -> AsyncIterator[tuple[SimEngine, SimEngine, int, int]]:
+    p_port, d_port = free_ports(2)
+    prefill = SimEngine("p0", SimEngineConfig(speed=100.0, role=Role.PREFILLING, kv_port=p_port))
+    decode = SimEngine("d0", SimEngineConfig(speed=100.0, role=Role.DECODING, kv_port=d_port))
+    p_runner, _ = await start_engine_server(prefill, model_name=MODEL, port=p_port)
+    d_runner, _ = await start_engine_server(decode, model_name=MODEL, port=d_port)
+    try:
+        yield prefill, decode, p_port, d_port
+    finally:
+        for engine in (prefill, decode):
+            await engine.aclose()
+        for runner in (p_runner, d_runner):
+            await runner.cleanup()
+
+
+def _body(room: int, port: int | None, *, stream: bool, max_tokens: int = 8) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream,
+            "stream_options": {"include_usage": True}, "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": port, "bootstrap_room": room}  # fmt: skip
+
+
+async def _post(http: aiohttp.ClientSession, port: int, body: dict[str, Any]) -> Any:
+    async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as resp:
+        if body.get("stream") and resp.status == 200:
+            events = [line[6:] for line in (await resp.text()).splitlines()
+                      if line.startswith("data: ")]  # fmt: skip
+            assert events[-1] == "[DONE]"
+            return resp.status, [json.loads(e) for e in events[:-1]]
+        return resp.status, await resp.json()
+
+
+async def test_one_body_to_both_servers_runs_prefill_there_and_decode_here(
+    pd_servers: tuple[SimEngine, SimEngine, int, int],
+) -> None:
+    prefill, decode, p_port, d_port = pd_servers
+    async with aiohttp.ClientSession() as http:
+        # decode first: it waits for the room; then the prefill leg arrives
+        d_task = asyncio.create_task(_post(http, d_port, _body(11, p_port, stream=True)))
+        await asyncio.sleep(0.05)
+        p_status, p_events = await _post(http, p_port, _body(11, p_port, stream=True))
+        d_status, d_events = await d_task
+    assert (p_status, d_status) == (200, 200)
+    # the prefill server computed the prompt and one token
+    assert p_events[-1]["usage"]["completion_tokens"] == 1
+    assert p_events[-1]["usage"]["prompt_tokens"] == 300
+    # the decode server produced the whole output over the transferred KV
+    assert d_events[-1]["usage"]["completion_tokens"] == 8
+    assert "".join(e["choices"][0]["text"] for e in d_events if e["choices"])
+    releaser = decode.remote_releaser
+    assert isinstance(releaser, HTTPKVReleaser)
+    await releaser.aclose()  # waits for the KV release sent to the prefill server
+    assert (releaser.sent, releaser.failed) == (1, 0)
+    assert prefill.core.kv_usage == 0.0
+
+
+async def test_non_streamed_legs_and_a_decode_leg_that_cannot_find_its_prefill(
+    pd_servers: tuple[SimEngine, SimEngine, int, int],
+) -> None:
+    _, _, p_port, d_port = pd_servers
+    async with aiohttp.ClientSession() as http:
+        both = await asyncio.gather(
+            _post(http, p_port, _body(12, p_port, stream=False, max_tokens=5)),
+            _post(http, d_port, _body(12, p_port, stream=False, max_tokens=5)),
+        )
+        assert [status for status, _ in both] == [200, 200]
+        assert both[0][1]["usage"]["completion_tokens"] == 1
+        assert both[1][1]["usage"]["completion_tokens"] == 5
+        # no bootstrap port: a clear 400 instead of running the request whole
+        status, err = await _post(http, d_port, _body(13, None, stream=False))
+        assert status == 400
+        assert "bootstrap_port" in err["error"]["message"]
+        # the bootstrap endpoint gives up on a room that never comes
+        url = f"http://127.0.0.1:{p_port}{BOOTSTRAP_PATH.format(room=14)}"
+        async with http.get(url, params={"timeout_s": "0.05"}) as resp:
+            assert resp.status == 504
+        async with http.get(url, params={"timeout_s": "nope"}) as resp:
+            assert resp.status == 400
+
+
+# --- sglang-router in PD mode over engine-sim processes -----------------------------------
+
+
+async def _installed_sglang_router() -> PeerInstall:
+    """sglang-router from the peers cache; skip (never install here) when it is absent."""
+    if not (peers_dir() / "sglang-router" / "bin").is_dir():
+        pytest.skip("sglang-router is not installed (make bench-peers installs it)")
+    try:
+        return await ensure_peer("sglang-router")
+    except PeerError as exc:
+        pytest.skip(f"sglang-router is not usable: {exc.message}")
+
+
+@pytest.mark.slow
+async def test_sglang_router_pd_mode_disaggregates_over_engine_sim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    install = await _installed_sglang_router()
+
+    def with_bootstrap_ports(*args: Any, **kwargs: Any) -> list[str]:
+        # engine-sim serves the bootstrap on its HTTP port: --prefill URL PORT
+        argv = router_argv(*args, **kwargs)
+        out: list[str] = []
+        for i, arg in enumerate(argv):
+            out.append(arg)
+            if i > 0 and argv[i - 1] == "--prefill":
+                out.append(arg.rsplit(":", 1)[1])
+        return out
+
+    monkeypatch.setattr("sage_llm.bench.procs.router_argv", with_bootstrap_ports)
+    n, max_tokens = 12, 6
+    async with await start_engine_sims(
+        2, model=MODEL, speed=50.0, role=["prefill", "decode"]
+    ) as fleet:
+        pd: tuple[Sequence[str], Sequence[str]] = (
+            fleet.urls_for("prefill"),
+            fleet.urls_for("decode"),
+        )
+        async with await procs.start_peer_router("sglang-router", pd=pd, install=install) as router:
+            assert router.pd
+            async with aiohttp.ClientSession() as http:
+
+                async def one(i: int) -> Any:
+                    body = {"model": MODEL, "prompt": f"{PROMPT} {i}", "max_tokens": max_tokens,
+                            "stream": i % 2 == 0}  # fmt: skip
+                    async with http.post(f"{router.url}/v1/completions", json=body) as resp:
+                        assert resp.status == 200, await resp.text()
+                        return await resp.read()
+
+                await asyncio.gather(*(one(i) for i in range(n)))
+        metrics = await fleet.metrics()
+    prefill, decode = metrics[pd[0][0]], metrics[pd[1][0]]
+    # each request ran once per leg: one token on the prefill engine, the rest on decode
+    assert counter_total(prefill, "vllm:request_success_total") == n
+    assert counter_total(prefill, "vllm:generation_tokens_total") == n
+    assert counter_total(decode, "vllm:request_success_total") == n
+    assert counter_total(decode, "vllm:generation_tokens_total") == n * max_tokens
