@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sage_llm.bench.procs import counter_total, free_ports, scrape_metrics
 from sage_llm.control_plane.pd.connectors import (
     PDLegError,
     PDLegs,
@@ -335,6 +336,47 @@ async def test_sglang_bootstrap_fields_go_over_http() -> None:
         assert p.requests[0].extra["bootstrap_room"] == d.requests[0].extra["bootstrap_room"]
     finally:
         await session.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
+SIM_MODEL = "llama-3-8b"
+
+
+async def test_sglang_connector_disaggregates_over_engine_sim_servers() -> None:
+    """The SGLang connector against engine-sim in PD roles (which serves SGLang's bootstrap
+    on its HTTP port): one token on the prefill server, the output on the decode server."""
+    p_port, d_port = free_ports(2)
+    prefill = SimEngine("p0", SimEngineConfig(speed=100.0, role=Role.PREFILLING, kv_port=p_port))
+    decode = SimEngine("d0", SimEngineConfig(speed=100.0, role=Role.DECODING, kv_port=d_port))
+    runners = [
+        (await start_engine_server(prefill, model_name=SIM_MODEL, port=p_port))[0],
+        (await start_engine_server(decode, model_name=SIM_MODEL, port=d_port))[0],
+    ]
+    session = make_session()
+    try:
+        p_inst = make_instance("p0", port=p_port, model_name=SIM_MODEL,
+                               instance_type=Role.PREFILLING,
+                               metadata={"bootstrap_port": p_port})  # fmt: skip
+        d_inst = make_instance("d0", port=d_port, model_name=SIM_MODEL, instance_type=Role.DECODING)
+        pc = HTTPEngineClient(p_inst, session, dialect="sglang")
+        dc = HTTPEngineClient(d_inst, session, dialect="sglang")
+        req = EngineRequest("r1", SIM_MODEL, prompt=" ".join(["word"] * 400), max_tokens=5)
+        chunks = await collect(SGLangConnector(seed=1).run(req, PDLegs(pc, dc, p_inst, d_inst)))
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == 5
+        generated = [
+            counter_total(
+                await scrape_metrics(f"http://127.0.0.1:{port}"),
+                "vllm:generation_tokens_total",
+            )
+            for port in (p_port, d_port)
+        ]
+        assert generated == [1, 5]  # the prefill server ran only the prefill leg
+    finally:
+        await session.close()
+        for engine in (prefill, decode):
+            await engine.aclose()
         for runner in runners:
             await runner.cleanup()
 
