@@ -174,7 +174,7 @@ def test_defaults() -> None:
         True,
     )
     assert (cp.max_queue_size, cp.max_retries, cp.default_max_tokens) == (10_000, 2, 128)
-    assert (cp.result_retention, cp.result_ttl_s, cp.prefix_block_size) == (10_000, 600.0, 16)
+    assert (cp.result_retention, cp.result_ttl_s, cp.prefix_block_size) == (2_000, 600.0, 16)
     assert cp.seed is None and cp.instances == () and cp.pd == PDSeparationConfig()
     gw = cfg.gateway
     assert (gw.host, gw.port, gw.api_keys, gw.admin_token) == ("127.0.0.1", 8080, (), None)

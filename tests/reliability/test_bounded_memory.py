@@ -1,19 +1,25 @@
 """Every structure that grows with traffic has a bound: push past each cap, check it holds.
 
-Prefix index (capacity in blocks), finished-request records (count and TTL), per-instance
-metric series (removed on unregister, breaker series included), the model label (bounded by
-the registered models: unknown models are refused before any metric is labelled).
+Prefix index (capacity in blocks, a few MB at the default), finished-request records (count
+and TTL), per-instance metric series (removed on unregister, breaker series included), the
+model label (bounded by the registered models: unknown models are refused before any metric
+is labelled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import tracemalloc
 
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestStatus
+from sage_llm.control_plane.records import FinishedRecords
+from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.errors import ModelNotFoundError
 from sage_llm.sim.clock import run_virtual
+from sage_llm.types import RequestResult
 from tests.factories import make_instances
 
 
@@ -42,6 +48,36 @@ def test_prefix_index_and_finished_records_stay_bounded() -> None:
             assert await cp.get_result("r0") is None  # evicted, not kept for ever
 
     run_virtual(main())
+
+
+def test_default_caps_of_a_manager() -> None:
+    cp = ControlPlaneManager(mode="simulated")
+    assert cp._prefix.capacity_blocks == 32_768
+    assert cp._finished._capacity == 2_000
+
+
+def test_default_finished_records_bound_holds() -> None:
+    records = FinishedRecords()
+    for i in range(2_500):
+        records.add(RequestResult(request_id=f"r{i}", status=RequestStatus.COMPLETED), now=0.0)
+    assert len(records) == 2_000
+    assert "r499" not in records and "r500" in records
+
+
+def test_default_prefix_index_at_capacity_is_a_few_megabytes() -> None:
+    """Distinct blocks (the soak's worst case) fill the default bound and no further."""
+    rng = random.Random(0)
+    tracemalloc.start()
+    try:
+        index = PrefixIndex()
+        for i in range(15_000):
+            index.insert(f"sim-{i % 4}", [rng.getrandbits(64) for _ in range(3)])
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert index.blocks == index.capacity_blocks == 32_768
+    assert index.evictions == 15_000 * 3 - 32_768
+    assert used < 8 * 2**20  # about 4.6 MB on CPython 3.11
 
 
 def test_finished_records_expire_after_their_ttl() -> None:

@@ -64,7 +64,7 @@ class FinishedRecords:
     """Finished results kept for ``get_request_status``/``wait_for_result``: at most
     ``capacity`` of them, each for at most ``ttl_s`` seconds."""
 
-    def __init__(self, capacity: int = 10_000, ttl_s: float = 600.0) -> None:
+    def __init__(self, capacity: int = 2_000, ttl_s: float = 600.0) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity

@@ -54,13 +54,51 @@ def test_insert_is_idempotent() -> None:
 
 
 def test_lru_bound_evicts_least_recently_inserted() -> None:
-    index = PrefixIndex(capacity_blocks=4)
+    index = PrefixIndex(capacity_blocks=3)
     index.insert("a", [1, 2, 3])
-    index.insert("b", [1, 2])  # 5 entries: (1, a) goes
-    assert len(index) == 4
+    index.insert("b", [4])  # 4 blocks: block 1 goes
+    assert index.blocks == 3
+    assert len(index) == 3
     assert (1, "a") not in index
     assert index.evictions == 1
-    assert index.match([1, 2, 3]) == {"b": 2}
+    assert index.match([2, 3]) == {"a": 2}
+    assert index.match([1, 2, 3]) == {}
+
+
+def test_capacity_counts_blocks_not_holders() -> None:
+    index = PrefixIndex(capacity_blocks=2)
+    for i in range(10):
+        index.insert(f"i{i}", [1, 2])
+    assert (index.blocks, len(index), index.evictions) == (2, 20, 0)
+    assert index.match([1, 2]) == {f"i{i}": 2 for i in range(10)}
+    index.insert("z", [3])  # evicts block 1 with all ten holders
+    assert (index.blocks, len(index), index.evictions) == (2, 11, 1)
+    assert index.match([1, 2]) == {}
+    assert index.blocks_of("i0") == 1
+
+
+def test_an_instance_whose_blocks_all_left_frees_its_slot() -> None:
+    index = PrefixIndex(capacity_blocks=2)
+    index.insert("a", [1])
+    index.insert("b", [2, 3])  # evicts block 1, a's only block
+    assert index.instances() == ["b"]
+    index.insert("c", [4])  # reuses a's slot without inheriting anything
+    assert index.match([1]) == {}
+    assert index.match([4]) == {"c": 1}
+    assert (3, "b") in index
+    assert (3, "c") not in index
+
+
+def test_removed_instance_slot_is_reused_cleanly() -> None:
+    index = PrefixIndex()
+    index.insert("a", [1, 2])
+    index.insert("b", [1])
+    index.remove_instance("a")
+    index.insert("c", [9])
+    assert index.match([1, 2]) == {"b": 1}
+    assert index.blocks_of("c") == 1
+    assert ("x", "a") not in index
+    assert "not a pair" not in index
 
 
 def test_insert_refreshes_recency() -> None:
@@ -108,6 +146,7 @@ def test_clear_and_describe() -> None:
     index.insert("a", [1, 2])
     assert index.describe() == {
         "entries": 2,
+        "blocks": 2,
         "capacity_blocks": 10,
         "instances": 1,
         "evictions": 0,
@@ -139,26 +178,36 @@ def test_matches_a_naive_model_and_stays_bounded(
     ops: list[tuple[str, str, list[int]]], capacity: int, query: list[int]
 ) -> None:
     index = PrefixIndex(capacity_blocks=capacity)
-    model: list[tuple[int, str]] = []  # entries, least recently used first
+    model: dict[int, set[str]] = {}  # block → holders, least recently inserted first
     for op, iid, hashes in ops:
         if op == "insert":
             index.insert(iid, hashes)
             for h in hashes:
-                if (h, iid) in model:
-                    model.remove((h, iid))
-                model.append((h, iid))
-            del model[: max(0, len(model) - capacity)]
+                model[h] = model.pop(h, set()) | {iid}
+            while len(model) > capacity:
+                del model[next(iter(model))]
         elif op == "evict":
             index.evict(iid, hashes)
-            model = [e for e in model if not (e[1] == iid and e[0] in hashes)]
+            for h in set(hashes) & model.keys():
+                model[h].discard(iid)
+                if not model[h]:
+                    del model[h]
         else:
             index.remove_instance(iid)
-            model = [e for e in model if e[1] != iid]
-        assert len(index) == len(model) <= capacity
+            for h in list(model):
+                model[h].discard(iid)
+                if not model[h]:
+                    del model[h]
+        assert index.blocks == len(model) <= capacity
+        assert len(index) == sum(len(held) for held in model.values())
+        holders = {i for held in model.values() for i in held}
+        assert index.instances() == sorted(holders)
+        for i in "abc":
+            assert index.blocks_of(i) == sum(i in held for held in model.values())
     expected: dict[str, int] = {}
-    for iid in {e[1] for e in model}:
+    for iid in {i for held in model.values() for i in held}:
         n = 0
-        while n < len(query) and (query[n], iid) in model:
+        while n < len(query) and iid in model.get(query[n], ()):
             n += 1
         if n:
             expected[iid] = n

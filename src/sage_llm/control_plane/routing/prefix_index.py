@@ -6,152 +6,223 @@ hashes mean equal prefixes), and forgets blocks the engine reports evicted or in
 that leave. Routers read it through the :class:`~sage_llm.control_plane.snapshot.PrefixView`
 protocol (``match``).
 
-The index is bounded: at most ``capacity_blocks`` (block hash, instance) entries, the least
-recently inserted or refreshed evicted first. ``match`` does not refresh entries — routing
-reads must not change state — only ``insert`` does.
+The index is bounded: at most ``capacity_blocks`` distinct block hashes, the least recently
+inserted or refreshed block (with all its holders) evicted first. ``match`` does not refresh
+blocks — routing reads must not change state — only ``insert`` does.
+
+Memory: one ordered-dict entry per block whose value is a bit mask of its holders (each
+instance holding blocks gets a bit), so a block costs the same (about 140 bytes on CPython
+3.11, the hash included) however many instances hold it; the default bound of 32,768 blocks
+(about one H100's whole KV cache for an 8B model) is about 4.6 MB.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 
 class PrefixIndex:
-    """A bounded LRU index of (block hash, instance) entries.
+    """A bounded LRU index of block hashes and the instances holding them.
 
-    ``match`` costs O(number of matched blocks × instances holding them): it walks the
-    prompt's blocks in order, keeps the instances that hold every block so far, and stops
-    at the first block nobody in that set holds.
+    ``match`` costs O(number of matched blocks + instances in the result): it walks the
+    prompt's blocks in order, intersecting holder masks, and stops at the first block nobody
+    in the intersection holds. ``remove_instance`` scans every block (O(capacity), rare).
     """
 
-    def __init__(self, capacity_blocks: int = 100_000) -> None:
+    def __init__(self, capacity_blocks: int = 32_768) -> None:
         if isinstance(capacity_blocks, bool) or not isinstance(capacity_blocks, int):
             raise ValueError(f"capacity_blocks must be an integer, got {capacity_blocks!r}")
         if capacity_blocks <= 0:
             raise ValueError(f"capacity_blocks must be positive, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
-        self._lru: OrderedDict[tuple[int, str], None] = OrderedDict()
-        # block hash → its holder, or a set of holders when there are several: most blocks
-        # have one holder, and a 1-element set costs ~200 bytes more than the bare id
-        self._holders: dict[int, str | set[str]] = {}
-        self._by_instance: dict[str, set[int]] = {}
+        # block hash → bit mask of the slots holding it, least recently inserted first
+        self._blocks: OrderedDict[int, int] = OrderedDict()
+        self._slot_of: dict[str, int] = {}
+        self._ids: list[str | None] = []  # slot → instance id (None: free)
+        self._counts: list[int] = []  # slot → blocks held
+        self._free_slots: list[int] = []  # a heap: the lowest free slot is reused first
+        self._entries = 0
         self.evictions = 0
-        """Entries dropped to stay within ``capacity_blocks`` (not counting ``evict``)."""
+        """Blocks dropped to stay within ``capacity_blocks`` (not counting ``evict``)."""
 
     def __len__(self) -> int:
-        return len(self._lru)
+        """(block hash, instance) entries: a block held by two instances counts twice."""
+        return self._entries
+
+    @property
+    def blocks(self) -> int:
+        """Distinct block hashes held (the bounded quantity)."""
+        return len(self._blocks)
 
     def __contains__(self, entry: object) -> bool:
         """``(block_hash, instance_id) in index``."""
-        return entry in self._lru
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            return False
+        h, instance_id = entry
+        slot = self._slot_of.get(instance_id) if isinstance(instance_id, str) else None
+        if slot is None:
+            return False
+        return bool(self._blocks.get(h, 0) >> slot & 1)
 
     def insert(self, instance_id: str, block_hashes: Iterable[int]) -> None:
         """Record that ``instance_id`` now caches ``block_hashes`` (refreshing known ones),
-        then evict the least recently used entries beyond the capacity."""
-        lru = self._lru
+        then evict the least recently used blocks beyond the capacity."""
+        slot = self._slot_of.get(instance_id)
+        if slot is None:
+            slot = self._take_slot(instance_id)
+        bit = 1 << slot
+        blocks = self._blocks
+        added = 0
         for h in block_hashes:
-            key = (h, instance_id)
-            if key in lru:
-                lru.move_to_end(key)
-                continue
-            lru[key] = None
-            held = self._holders.get(h)
+            held = blocks.get(h)
             if held is None:
-                self._holders[h] = instance_id
-            elif isinstance(held, str):
-                self._holders[h] = {held, instance_id}
+                blocks[h] = bit
+                added += 1
             else:
-                held.add(instance_id)
-            self._by_instance.setdefault(instance_id, set()).add(h)
-        while len(lru) > self.capacity_blocks:
-            (h, iid), _ = lru.popitem(last=False)
-            self._forget(h, iid)
+                if not held & bit:
+                    blocks[h] = held | bit
+                    added += 1
+                blocks.move_to_end(h)
+        self._counts[slot] += added
+        self._entries += added
+        while len(blocks) > self.capacity_blocks:
+            _, held = blocks.popitem(last=False)
+            self._drop(held)
             self.evictions += 1
+        if self._counts[slot] == 0 and self._ids[slot] == instance_id:
+            self._release(slot)
 
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """For each instance holding the first block, how many leading blocks of
         ``block_hashes`` it holds without a gap. Instances holding none are absent."""
         result: dict[str, int] = {}
-        alive: set[str] | None = None
-        for depth, h in enumerate(block_hashes, start=1):
-            held = self._holders.get(h)
+        alive = 0
+        depth = 0
+        blocks = self._blocks
+        for h in block_hashes:
+            held = blocks.get(h)
             if held is None:
                 break
-            if isinstance(held, str):
-                if alive is not None and held not in alive:
-                    break
-                alive = {held}
-            else:
-                alive = set(held) if alive is None else alive & held
-                if not alive:
-                    break
-            for iid in alive:
-                result[iid] = depth
+            narrowed = held if depth == 0 else alive & held
+            if not narrowed:
+                break
+            if depth and narrowed != alive:
+                self._assign(alive & ~narrowed, depth, result)
+            alive = narrowed
+            depth += 1
+        if depth:
+            self._assign(alive, depth, result)
         return result
 
     def evict(self, instance_id: str, block_hashes: Iterable[int]) -> int:
         """Forget that ``instance_id`` caches ``block_hashes`` (an engine eviction event);
         returns how many entries were removed."""
+        slot = self._slot_of.get(instance_id)
+        if slot is None:
+            return 0
+        bit = 1 << slot
+        blocks = self._blocks
         removed = 0
         for h in block_hashes:
-            key = (h, instance_id)
-            if key in self._lru:
-                del self._lru[key]
-                self._forget(h, instance_id)
-                removed += 1
+            held = blocks.get(h)
+            if held is None or not held & bit:
+                continue
+            if held == bit:
+                del blocks[h]
+            else:
+                blocks[h] = held & ~bit  # assigning keeps the block's LRU position
+            removed += 1
+        self._counts[slot] -= removed
+        self._entries -= removed
+        if self._counts[slot] == 0:
+            self._release(slot)
         return removed
 
     def remove_instance(self, instance_id: str) -> int:
         """Forget every block of ``instance_id`` (it left, restarted or cleared its cache);
-        returns how many entries were removed."""
-        hashes = self._by_instance.pop(instance_id, set())
-        for h in hashes:
-            del self._lru[(h, instance_id)]
-            self._drop_holder(h, instance_id)
-        return len(hashes)
+        returns how many entries were removed. Scans every block."""
+        slot = self._slot_of.get(instance_id)
+        if slot is None:
+            return 0
+        bit = 1 << slot
+        blocks = self._blocks
+        held_by = [h for h, held in blocks.items() if held & bit]
+        for h in held_by:
+            held = blocks[h]
+            if held == bit:
+                del blocks[h]
+            else:
+                blocks[h] = held & ~bit
+        self._entries -= len(held_by)
+        self._counts[slot] = 0
+        self._release(slot)
+        return len(held_by)
 
     def blocks_of(self, instance_id: str) -> int:
         """How many blocks ``instance_id`` is recorded as caching."""
-        return len(self._by_instance.get(instance_id, ()))
+        slot = self._slot_of.get(instance_id)
+        return 0 if slot is None else self._counts[slot]
 
     def instances(self) -> list[str]:
         """The instances with at least one recorded block, sorted."""
-        return sorted(self._by_instance)
+        return sorted(self._slot_of)
 
     def clear(self) -> None:
         """Forget everything."""
-        self._lru.clear()
-        self._holders.clear()
-        self._by_instance.clear()
-
-    def _drop_holder(self, h: int, instance_id: str) -> None:
-        held = self._holders.get(h)
-        if held is None:
-            return
-        if isinstance(held, str):
-            if held == instance_id:
-                del self._holders[h]
-            return
-        held.discard(instance_id)
-        if len(held) == 1:
-            self._holders[h] = next(iter(held))
-        elif not held:
-            del self._holders[h]
-
-    def _forget(self, h: int, instance_id: str) -> None:
-        self._drop_holder(h, instance_id)
-        blocks = self._by_instance.get(instance_id)
-        if blocks is not None:
-            blocks.discard(h)
-            if not blocks:
-                del self._by_instance[instance_id]
+        self._blocks.clear()
+        self._slot_of.clear()
+        self._ids.clear()
+        self._counts.clear()
+        self._free_slots.clear()
+        self._entries = 0
 
     def describe(self) -> dict[str, object]:
         """Size, bound and eviction count, for status pages."""
         return {
-            "entries": len(self._lru),
+            "entries": self._entries,
+            "blocks": len(self._blocks),
             "capacity_blocks": self.capacity_blocks,
-            "instances": len(self._by_instance),
+            "instances": len(self._slot_of),
             "evictions": self.evictions,
         }
+
+    def _take_slot(self, instance_id: str) -> int:
+        if self._free_slots:
+            slot = heapq.heappop(self._free_slots)
+            self._ids[slot] = instance_id
+        else:
+            slot = len(self._ids)
+            self._ids.append(instance_id)
+            self._counts.append(0)
+        self._slot_of[instance_id] = slot
+        return slot
+
+    def _release(self, slot: int) -> None:
+        instance_id = self._ids[slot]
+        if instance_id is None:
+            return
+        del self._slot_of[instance_id]
+        self._ids[slot] = None
+        heapq.heappush(self._free_slots, slot)
+
+    def _drop(self, held: int) -> None:
+        """A block held by the slots in ``held`` left the index."""
+        while held:
+            low = held & -held
+            slot = low.bit_length() - 1
+            held ^= low
+            self._entries -= 1
+            self._counts[slot] -= 1
+            if self._counts[slot] == 0:
+                self._release(slot)
+
+    def _assign(self, mask: int, depth: int, result: dict[str, int]) -> None:
+        ids = self._ids
+        while mask:
+            low = mask & -mask
+            mask ^= low
+            instance_id = ids[low.bit_length() - 1]
+            if instance_id is not None:
+                result[instance_id] = depth
