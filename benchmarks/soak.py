@@ -1,50 +1,110 @@
 """Soak benchmark: steady load through the gateway for a long time, watching its memory.
 
-It starts ``sage-llm serve`` as a subprocess over the embedded simulated fleet (``[simulation]``:
-the engines run inside the gateway process, so their memory counts too), measures the
-fleet's capacity with a short closed-loop saturation run, then sends streamed
-``/v1/completions`` requests open-loop at ``--load`` (default 70 %) of that capacity for
-``--minutes``, sampling the gateway's resident set size every ``--sample-s`` seconds.
-Reported: RSS after warm-up, at the end, and the growth between them (target: < 5 %), plus
-request outcomes. Run::
+It starts ``--instances`` simulated engines as ``sage-llm engine-sim`` processes and
+``sage-llm serve`` over them (``mode = "http"``, every control-plane cap at its default),
+measures the fleet's capacity with a short closed-loop saturation run, then sends streamed
+``/v1/completions`` requests (every prompt distinct) open-loop at ``--load`` (default
+70 %) of that capacity for ``--minutes``, sampling the resident set size of the gateway
+(and, reported apart, of the engines) every ``--sample-s`` seconds. Reported: the
+gateway's RSS after warm-up, at the end, and the growth between them (target: < 5 %),
+request outcomes, the mean load average and the prefix index size. ``--embedded`` runs
+the engines inside the gateway process instead (``[simulation]``), so that their
+simulated KV-cache bookkeeping counts too. Run::
 
     .venv/bin/python benchmarks/soak.py --minutes 30 --out soak.json
+
+``--tracemalloc DIR`` attributes growth: the gateway then runs under :mod:`tracemalloc`
+(slower, so the calibrated rate is lower) with a ``SIGUSR1`` handler that dumps a snapshot
+and live-object counts by type into ``DIR``; the benchmark signals it right after warm-up
+and at the end and reports the top allocation sites and object types that grew between
+the two (``report["tracemalloc"]``)::
+
+    .venv/bin/python benchmarks/soak.py --minutes 5 --warmup-minutes 1 --tracemalloc /tmp/tm
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from sage_llm.bench.procs import free_ports
+from sage_llm.bench.procs import free_ports, start_engine_sims
 
 _CONFIG = """\
 [services.llm_control_plane]
-mode = "simulated"
+mode = "{mode}"
 scheduling_policy = "fifo"
 routing_strategy = "load_balanced"
 enable_pd_separation = false
-result_retention = 2000
-result_ttl_s = 60.0
-
+{extra}
 [gateway]
 host = "127.0.0.1"
+"""
 
+_EMBEDDED = """
 [simulation]
 instances = {instances}
 model = "llama-3-8b"
 gpu = "h100"
 speed = {speed}
 max_concurrent_requests = {slots}
+"""
+
+_INSTANCE = """
+[[services.llm_control_plane.instances]]
+instance_id = "engine-{i}"
+host = "127.0.0.1"
+port = {port}
+model_name = "llama-3-8b"
+max_concurrent_requests = {slots}
+"""
+
+
+def gateway_config(args: argparse.Namespace, engine_ports: list[int]) -> str:
+    """The gateway's TOML: every control-plane cap at its default unless overridden."""
+    extra = ""
+    if args.prefix_index_capacity is not None:
+        extra += f"prefix_index_capacity = {args.prefix_index_capacity}\n"
+    if args.result_retention is not None:
+        extra += f"result_retention = {args.result_retention}\n"
+    if not engine_ports:
+        text = _CONFIG.format(mode="simulated", extra=extra)
+        return text + _EMBEDDED.format(instances=args.instances, speed=args.speed, slots=args.slots)
+    text = _CONFIG.format(mode="http", extra=extra)
+    return text + "".join(
+        _INSTANCE.format(i=i, port=port, slots=args.slots) for i, port in enumerate(engine_ports)
+    )
+
+
+# Run as ``python -c _TRACED_SERVE DIR serve ...``: the CLI under tracemalloc; each SIGUSR1
+# writes DIR/snap-N.tm (a tracemalloc snapshot) and DIR/types-N.json (live objects by type).
+_TRACED_SERVE = """\
+import collections, gc, itertools, json, signal, sys, tracemalloc
+tracemalloc.start(8)
+out = sys.argv.pop(1)
+seq = itertools.count()
+def dump(signum, frame):
+    n = next(seq)
+    gc.collect()
+    types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    tracemalloc.take_snapshot().dump(f"{out}/snap-{n}.tm")
+    with open(f"{out}/types-{n}.json", "w") as f:
+        json.dump(dict(types), f)
+signal.signal(signal.SIGUSR1, dump)
+sys.argv[0] = "sage-llm"
+from sage_llm.cli import main
+main()
 """
 
 
@@ -98,6 +158,48 @@ async def wait_ready(url: str, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
+async def traced_dump(pid: int, out: Path, n: int, timeout_s: float = 300.0) -> None:
+    """Ask the traced gateway for its ``n``-th snapshot and wait until it is written."""
+    os.kill(pid, signal.SIGUSR1)
+    done = out / f"types-{n}.json"
+    deadline = time.monotonic() + timeout_s
+    while not done.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gateway wrote no {done}")
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # let the write finish
+
+
+def diff_snapshots(out: Path, first: int, second: int, top: int = 25) -> dict[str, Any]:
+    """Top allocation sites (by line and by traceback) and object types that grew."""
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    old = tracemalloc.Snapshot.load(str(out / f"snap-{first}.tm")).filter_traces(filters)
+    new = tracemalloc.Snapshot.load(str(out / f"snap-{second}.tm")).filter_traces(filters)
+
+    def site(stat: tracemalloc.StatisticDiff) -> dict[str, Any]:
+        return {
+            "size_diff_kb": round(stat.size_diff / 1024, 1),
+            "size_kb": round(stat.size / 1024, 1),
+            "count_diff": stat.count_diff,
+            "where": [f"{f.filename}:{f.lineno}" for f in stat.traceback],
+        }
+
+    by_line = new.compare_to(old, "lineno")[:top]
+    by_trace = new.compare_to(old, "traceback")[:top]
+    t_old = json.loads((out / f"types-{first}.json").read_text())
+    t_new = json.loads((out / f"types-{second}.json").read_text())
+    grew = sorted(((t_new.get(k, 0) - t_old.get(k, 0), k) for k in t_new), reverse=True)
+    return {
+        "traced_kb_first": round(sum(s.size for s in old.statistics("filename")) / 1024, 1),
+        "traced_kb_second": round(sum(s.size for s in new.statistics("filename")) / 1024, 1),
+        "by_line": [site(s) for s in by_line],
+        "by_traceback": [site(s) for s in by_trace],
+        "object_types_grown": [
+            {"type": k, "count_diff": d, "count": t_new[k]} for d, k in grew[:top] if d > 0
+        ],
+    }
+
+
 async def calibrate(url: str, concurrency: int, seconds: float, max_tokens: int) -> float:
     """Closed-loop saturation: completed requests per second with ``concurrency`` clients."""
     done = 0
@@ -117,15 +219,44 @@ async def calibrate(url: str, concurrency: int, seconds: float, max_tokens: int)
     return done / (time.monotonic() - start)
 
 
+async def admin_status(base: str) -> dict[str, Any]:
+    """The gateway's ``/admin/status`` (loopback, no admin token), or {} if unavailable."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(base + "/admin/status") as r:
+            return dict(await r.json()) if r.status == 200 else {}
+    except (aiohttp.ClientError, ValueError):
+        return {}
+
+
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     """Run the soak and return its report."""
+    async with contextlib.AsyncExitStack() as stack:
+        engine_pids: list[int] = []
+        engine_ports: list[int] = []
+        if not args.embedded:
+            fleet = await start_engine_sims(args.instances, speed=args.speed)
+            stack.push_async_callback(fleet.aclose)
+            engine_pids = [e.pid for e in fleet.engines]
+            engine_ports = [e.port for e in fleet.engines]
+        return await soak_gateway(args, engine_ports, engine_pids)
+    raise AssertionError("unreachable")
+
+
+async def soak_gateway(
+    args: argparse.Namespace, engine_ports: list[int], engine_pids: list[int]
+) -> dict[str, Any]:
+    """Start the gateway over ``engine_ports`` (none: embedded engines), soak, report."""
     port = free_ports(1)[0]
     workdir = Path(tempfile.mkdtemp(prefix="sage-soak-"))
     cfg = workdir / "soak.toml"
-    cfg.write_text(_CONFIG.format(instances=args.instances, speed=args.speed, slots=args.slots))
+    cfg.write_text(gateway_config(args, engine_ports))
     log = (workdir / "gateway.log").open("wb")
+    traced: Path | None = args.tracemalloc
+    launcher = ["-m", "sage_llm.cli"]
+    if traced is not None:
+        launcher = ["-c", _TRACED_SERVE, str(traced)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(cfg),
+        sys.executable, *launcher, "serve", "--config", str(cfg),
         "--port", str(port), "--log-level", "warning",
         stdout=log, stderr=log, start_new_session=True,
     )  # fmt: skip
@@ -134,6 +265,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     outcomes: dict[str, int] = {"ok": 0, "failed": 0}
     errors: dict[str, int] = {}
     samples: list[tuple[float, int]] = []
+    engine_samples: list[tuple[float, int]] = []
+    status: dict[str, dict[str, Any]] = {}
+    tm_report: dict[str, Any] | None = None
+    loads: list[float] = []
     try:
         await wait_ready(base + "/health")
         capacity = await calibrate(
@@ -155,10 +290,23 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
         async def sampler() -> None:
             while True:
-                samples.append((time.monotonic() - start, rss_bytes(proc.pid)))
+                t = time.monotonic() - start
+                samples.append((t, rss_bytes(proc.pid)))
+                if engine_pids:
+                    engine_samples.append((t, sum(rss_bytes(pid) for pid in engine_pids)))
+                loads.append(os.getloadavg()[0])
                 await asyncio.sleep(args.sample_s)
 
         sampling = asyncio.create_task(sampler())
+        warm_s = args.warmup_minutes * 60.0
+
+        async def at_warmup() -> None:
+            await asyncio.sleep(warm_s)
+            status["after_warmup"] = await admin_status(base)
+            if traced is not None:
+                await traced_dump(proc.pid, traced, 0)
+
+        warming = asyncio.create_task(at_warmup())
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             i = 0
@@ -174,30 +322,61 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.wait(pending, timeout=120)
         sampling.cancel()
         samples.append((time.monotonic() - start, rss_bytes(proc.pid)))
+        status["end"] = await admin_status(base)
+        if traced is not None:
+            await warming
+            await traced_dump(proc.pid, traced, 1)
+            tm_report = diff_snapshots(traced, 0, 1)
+        else:
+            warming.cancel()
     finally:
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
         log.close()
-    warm = args.warmup_minutes * 60.0
-    after = [r for t, r in samples if t >= warm] or [r for _, r in samples]
-    base_rss = sum(after[:3]) / len(after[:3])
-    end_rss = sum(after[-3:]) / len(after[-3:])
-    return {
+    report = {
         "minutes": args.minutes,
         "warmup_minutes": args.warmup_minutes,
+        "engines": "embedded in the gateway" if args.embedded else "engine-sim processes",
         "capacity_req_s": capacity,
         "load": args.load,
         "rate_req_s": rate,
         "requests": outcomes,
         "errors": errors,
-        "rss_start_mb": samples[0][1] / 2**20,
-        "rss_after_warmup_mb": base_rss / 2**20,
-        "rss_end_mb": end_rss / 2**20,
-        "rss_max_mb": max(r for _, r in samples) / 2**20,
-        "growth_after_warmup_pct": 100.0 * (end_rss - base_rss) / base_rss,
+        "load_average_1m_mean": sum(loads) / len(loads) if loads else None,
+        **rss_summary(samples, args.warmup_minutes * 60.0, "rss"),
         "samples": [(round(t, 1), round(r / 2**20, 2)) for t, r in samples],
+        "control_plane": {
+            when: {k: v for k, v in st.items() if k.startswith(("prefix_index", "finished"))}
+            for when, st in status.items()
+        },
         "gateway_log": str(workdir / "gateway.log"),
+        "tracemalloc": tm_report,
+    }
+    if engine_samples:
+        report["engines_rss"] = rss_summary(engine_samples, args.warmup_minutes * 60.0, "rss")
+    return report
+
+
+def rss_summary(samples: list[tuple[float, int]], warm_s: float, key: str) -> dict[str, float]:
+    """Start, after warm-up (mean of the first 3 samples after it), end (mean of the last 3),
+    maximum, the growth from after warm-up to the end, and the least-squares slope of the
+    samples after warm-up (MB per minute)."""
+    after = [(t, r) for t, r in samples if t >= warm_s] or samples
+    base_rss = sum(r for _, r in after[:3]) / len(after[:3])
+    end_rss = sum(r for _, r in after[-3:]) / len(after[-3:])
+    mean_t = sum(t for t, _ in after) / len(after)
+    mean_r = sum(r for _, r in after) / len(after)
+    var_t = sum((t - mean_t) ** 2 for t, _ in after)
+    cov = sum((t - mean_t) * (r - mean_r) for t, r in after)
+    slope = cov / var_t if var_t else 0.0
+    return {
+        f"{key}_start_mb": samples[0][1] / 2**20,
+        f"{key}_after_warmup_mb": base_rss / 2**20,
+        f"{key}_end_mb": end_rss / 2**20,
+        f"{key}_max_mb": max(r for _, r in samples) / 2**20,
+        "growth_after_warmup_pct": 100.0 * (end_rss - base_rss) / base_rss,
+        "slope_after_warmup_mb_per_min": slope * 60.0 / 2**20,
     }
 
 
@@ -205,7 +384,12 @@ def main() -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--warmup-minutes", type=float, default=5.0)
+    p.add_argument(
+        "--warmup-minutes",
+        type=float,
+        default=10.0,
+        help="minutes before the growth baseline (the default caps fill within about 13 minutes)",
+    )
     p.add_argument("--load", type=float, default=0.7, help="fraction of measured capacity")
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--calibrate-s", type=float, default=20.0)
@@ -213,9 +397,35 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=4, help="max concurrent requests per engine")
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--prefix-index-capacity",
+        type=int,
+        default=None,
+        help="override the control plane's prefix index bound (entries)",
+    )
+    p.add_argument(
+        "--result-retention",
+        type=int,
+        default=None,
+        help="override the control plane's finished-result retention (count)",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="run the simulated engines inside the gateway process (their memory counts too)",
+    )
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--tracemalloc",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the gateway under tracemalloc; diff snapshots after warm-up and at the end",
+    )
     args = p.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.tracemalloc is not None:
+        args.tracemalloc.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(soak(args))
     text = json.dumps(report, indent=2)
     if args.out is not None:
