@@ -5,6 +5,11 @@ it onto the simulator: its ``model_name`` (when the simulator knows it, else
 ``metadata["sim_model"]`` or Llama-3-8B), ``metadata["sim_gpu"]`` (default H100), its TP/PP
 sizes and role, and ``metadata["sim_speed"]`` / ``metadata["sim_seed"]`` /
 ``metadata["sim_kv_link_gbps"]`` (the PD KV link, GB/s).
+
+When a fitted profile of a real engine is packaged for the GPU × model
+(:func:`fitted_profile`, e.g. ``cpu`` × ``tiny``, see :mod:`sage_llm.bench.fidelity`) and
+the instance runs on one device (TP = PP = 1, as the profile was measured), its step model,
+engine limits and front end stand in for the roofline defaults.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from sage_llm.bench.fidelity import FittedProfile, load_profile
 from sage_llm.control_plane.instances import LatencyPriors
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, NotFoundError
 from sage_llm.sim.clock import Clock
+from sage_llm.sim.costmodel import FrontEndModel
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
-from sage_llm.sim.specs import get_model
+from sage_llm.sim.specs import get_gpu, get_model
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
 
 DEFAULT_SIM_MODEL = "llama-3-8b"
@@ -33,8 +40,53 @@ def _sim_model(instance: ExecutionInstance) -> str:
         return DEFAULT_SIM_MODEL
 
 
+def fitted_profile(gpu: str, model: str, *, tp: int = 1, pp: int = 1) -> FittedProfile | None:
+    """The packaged fitted profile of ``gpu`` × ``model`` (names or aliases), or None when
+    there is none or the instance is parallel (the profiles are measured on one device)."""
+    if tp != 1 or pp != 1:
+        return None
+    try:
+        return load_profile(get_gpu(gpu).name, get_model(model).name)
+    except (ConfigError, NotFoundError):
+        return None
+
+
+def _profile_for(instance: ExecutionInstance) -> FittedProfile | None:
+    md = instance.metadata
+    return fitted_profile(
+        str(md.get("sim_gpu", DEFAULT_SIM_GPU)),
+        _sim_model(instance),
+        tp=instance.tensor_parallel_size,
+        pp=instance.pipeline_parallel_size,
+    )
+
+
+def engine_settings(
+    gpu: str, model: str, **params: Any
+) -> tuple[SimEngineConfig, FrontEndModel | None]:
+    """The settings of one simulated engine of ``model`` on ``gpu`` (``params`` are other
+    :class:`SimEngineConfig` fields and win): from the packaged fitted profile when there is
+    one for this GPU × model on one device, with its front end; else the roofline defaults
+    and no front end."""
+    tp, pp = int(params.get("tp", 1)), int(params.get("pp", 1))
+    profile = fitted_profile(gpu, model, tp=tp, pp=pp)
+    if profile is None:
+        return SimEngineConfig(model=model, gpu=gpu, **params), None
+    front = None if profile.front_end.is_zero else profile.front_end
+    return profile.sim_config(**params), front
+
+
+def sim_front_end_for(instance: ExecutionInstance) -> FrontEndModel | None:
+    """The front end of ``instance``'s fitted profile, or None without one."""
+    profile = _profile_for(instance)
+    if profile is None or profile.front_end.is_zero:
+        return None
+    return profile.front_end
+
+
 def sim_config_for(instance: ExecutionInstance, **overrides: Any) -> SimEngineConfig:
-    """The simulator settings that stand in for ``instance``."""
+    """The simulator settings that stand in for ``instance`` (a fitted profile's step model
+    and engine limits when one is packaged for its GPU × model)."""
     md = instance.metadata
     role = instance.instance_type
     if role is ExecutionInstanceType.HYBRID:
@@ -55,6 +107,9 @@ def sim_config_for(instance: ExecutionInstance, **overrides: Any) -> SimEngineCo
     if link is not None:
         params["kv_link_gbps"] = float(link)
     params.update(overrides)
+    profile = _profile_for(instance)
+    if profile is not None:
+        return profile.sim_config(**params)
     return SimEngineConfig(**params)
 
 
@@ -65,14 +120,20 @@ def make_sim_engine(
     kv_hub: KVTransferHub | None = None,
     **overrides: Any,
 ) -> SimEngine:
-    """An in-process simulated engine for ``instance``."""
+    """An in-process simulated engine for ``instance`` (behind its fitted profile's front
+    end, when it has one)."""
     return SimEngine(
-        instance.instance_id, sim_config_for(instance, **overrides), clock=clock, kv_hub=kv_hub
+        instance.instance_id,
+        sim_config_for(instance, **overrides),
+        clock=clock,
+        kv_hub=kv_hub,
+        front_end=sim_front_end_for(instance),
     )
 
 
 def sim_latency_priors(client: object) -> LatencyPriors | None:
-    """Latency priors computed from a simulated engine's cost model (None for others)."""
+    """Latency priors computed from a simulated engine's cost model (None for others); the
+    front end's intake and output processing of one request add to the TTFT base."""
     if not isinstance(client, SimEngine):
         inner = getattr(client, "inner", None)
         if not isinstance(inner, SimEngine):
@@ -80,12 +141,13 @@ def sim_latency_priors(client: object) -> LatencyPriors | None:
         client = inner
     cost = client.core.cost_model
     speed = client.speed
+    front = client.front_end
     base = cost.step_time([(1, 0)], []) / speed
     prompt = 2048
     prefill_s = cost.step_time([(prompt, 0)], []) / speed
     tpot = cost.step_time([], [1024] * 8) / speed
     return LatencyPriors(
-        ttft_base_s=base,
+        ttft_base_s=base + front.intake_s + front.per_output_s,
         prefill_tokens_per_s=prompt / max(prefill_s - base, 1e-9),
         tpot_s=tpot,
     )

@@ -1,0 +1,77 @@
+"""Simulated engines for instances and for engine-sim: packaged fitted profiles win over the
+roofline defaults when one exists for the GPU × model."""
+
+from __future__ import annotations
+
+from sage_llm.bench.fidelity import load_profile
+from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
+from sage_llm.sim.factory import (
+    engine_settings,
+    fitted_profile,
+    make_sim_engine,
+    sim_config_for,
+    sim_front_end_for,
+    sim_latency_priors,
+)
+from sage_llm.types import ExecutionInstance
+from tests.factories import make_instance
+
+
+def instance(gpu: str, model: str) -> ExecutionInstance:
+    return make_instance(
+        "i0", port=8100, model_name=model, metadata={"sim_gpu": gpu, "sim_model": model}
+    )
+
+
+def test_fitted_profile_is_found_by_alias_and_only_for_one_device() -> None:
+    profile = fitted_profile("CPU", "tiny")
+    assert profile is not None and (profile.gpu, profile.model) == ("cpu", "tiny")
+    assert fitted_profile("cpu", "tiny", tp=2) is None
+    assert fitted_profile("h100", "llama-3-8b") is None
+    assert fitted_profile("no-such-gpu", "tiny") is None
+
+
+def test_engine_settings_use_the_fitted_profile_and_its_front_end() -> None:
+    packaged = load_profile("cpu", "tiny")
+    config, front = engine_settings("cpu", "tiny", seed=3, kv_port=9000)
+    assert config.cost_model == packaged.cost_model()
+    assert config.max_num_seqs == packaged.shape.max_num_seqs
+    assert config.num_gpu_blocks == packaged.shape.num_gpu_blocks
+    assert (config.seed, config.kv_port) == (3, 9000)
+    assert front == (None if packaged.front_end.is_zero else packaged.front_end)
+    config, _ = engine_settings("cpu", "tiny", max_num_seqs=4)
+    assert config.max_num_seqs == 4  # explicit settings win
+
+
+def test_engine_settings_without_a_profile_are_the_roofline_defaults() -> None:
+    config, front = engine_settings("h100", "llama-3-8b", tp=2)
+    assert front is None
+    assert config.cost_model is None
+    assert isinstance(config.build_cost_model(), RooflineCostModel)
+    assert (config.tp, config.max_num_seqs) == (2, 256)
+    config, front = engine_settings("cpu", "tiny", tp=2)
+    assert front is None and config.cost_model is None
+
+
+def test_instances_on_a_profiled_gpu_and_model_get_the_fitted_engine() -> None:
+    packaged = load_profile("cpu", "tiny")
+    inst = instance("cpu", "tiny")
+    config = sim_config_for(inst)
+    assert isinstance(config.cost_model, LinearStepModel)
+    assert config.cost_model == packaged.cost_model()
+    assert config.kv_port == 8100
+    engine = make_sim_engine(inst)
+    assert engine.front_end == packaged.front_end
+    assert sim_front_end_for(inst) == (None if packaged.front_end.is_zero else packaged.front_end)
+    priors = sim_latency_priors(engine)
+    assert priors is not None
+    step = packaged.cost_model().step_time([(1, 0)], [])
+    front = packaged.front_end
+    assert priors.ttft_base_s == step + front.intake_s + front.per_output_s
+
+
+def test_other_instances_keep_the_roofline_and_no_front_end() -> None:
+    inst = instance("h100", "llama-3-8b")
+    assert sim_config_for(inst).cost_model is None
+    assert sim_front_end_for(inst) is None
+    assert make_sim_engine(inst).front_end.is_zero
