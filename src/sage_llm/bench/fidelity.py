@@ -27,7 +27,9 @@ which needs the vLLM venv that ``scripts/setup-real-vllm.sh`` builds (docs/bench
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,9 +37,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sage_llm.errors import ConfigError, NotFoundError
-from sage_llm.sim.core import SimEngineConfig, SimEngineCore
-from sage_llm.sim.costmodel import CostModel, LinearStepModel, fit_linear_step_model
+from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult
+from sage_llm.sim.costmodel import (
+    CostModel,
+    FrontEndModel,
+    FrontEndQueue,
+    LinearStepModel,
+    fit_linear_step_model,
+)
 
 __all__ = [
     "ComparisonRow",
@@ -45,8 +55,11 @@ __all__ = [
     "FittedProfile",
     "Observed",
     "Workload",
+    "calibration_error",
     "compare",
+    "fit_by_simulation",
     "fit_profile",
+    "fit_step_and_intake",
     "load_profile",
     "max_error",
     "profile_path",
@@ -149,14 +162,16 @@ class ComparisonRow:
 
 @dataclass(frozen=True, slots=True)
 class FittedProfile:
-    """A fitted step model for one ``gpu`` × ``model`` pair, with the engine shape it was
-    measured on and where it came from (``source``: engine version, date, errors …)."""
+    """A fitted step model for one ``gpu`` × ``model`` pair, with the front end in front of
+    the core (none by default), the engine shape it was measured on and where it came from
+    (``source``: engine version, date, errors …)."""
 
     gpu: str
     model: str
     betas_us: tuple[float, float, float]
     shape: EngineShape = field(default_factory=EngineShape)
     source: Mapping[str, Any] = field(default_factory=dict)
+    front_end: FrontEndModel = field(default_factory=FrontEndModel)
 
     def cost_model(self) -> LinearStepModel:
         """The fitted :class:`LinearStepModel`."""
@@ -179,17 +194,20 @@ class FittedProfile:
             "gpu": self.gpu,
             "model": self.model,
             "betas_us": list(self.betas_us),
+            "front_end": self.front_end.describe(),
             "shape": asdict(self.shape),
             "source": dict(self.source),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FittedProfile:
+        """The inverse of :meth:`to_dict`; a profile without ``front_end`` has none."""
         try:
             b0, b1, b2 = (float(b) for b in data["betas_us"])
             shape = EngineShape(**{k: int(v) for k, v in data.get("shape", {}).items()})
+            front = FrontEndModel(**{k: float(v) for k, v in data.get("front_end", {}).items()})
             return cls(str(data["gpu"]), str(data["model"]), (b0, b1, b2), shape,
-                       dict(data.get("source", {})))  # fmt: skip
+                       dict(data.get("source", {})), front)  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad fitted profile: {exc}") from None
 
@@ -211,31 +229,202 @@ def step_samples(
     return out
 
 
+def fit_step_and_intake(
+    prefill: Sequence[Observed], decode: Sequence[Observed]
+) -> tuple[LinearStepModel, float]:
+    """Least-squares fit of the step model and the front end's intake time together.
+
+    A concurrency-1 request's TTFT is its intake plus one prefill step of its prompt
+    (``intake + β0 + β1·prompt``); the TPOT of ``B`` requests decoding together is one
+    decode step of ``B`` (``β0 + β2·B``), which the front end does not enter. The two sweeps
+    share ``β0``, so the fixed cost that only TTFT carries lands in the intake. A negative
+    coefficient (noise) is refitted as zero.
+    """
+    rows: list[tuple[float, float, float, float]] = []
+    times: list[float] = []
+    for obs in prefill:
+        if obs.workload.concurrency != 1:
+            raise ValueError("prefill samples must be measured at concurrency 1")
+        rows.append((1.0, 1.0, float(obs.workload.prompt_tokens), 0.0))
+        times.append(obs.ttft_s * 1e6)
+    for obs in decode:
+        rows.append((0.0, 1.0, 0.0, float(obs.workload.concurrency)))
+        times.append(obs.tpot_s * 1e6)
+    design = np.asarray(rows, dtype=float).reshape(-1, 4)
+    y = np.asarray(times, dtype=float)
+    if not np.all(np.isfinite(design)) or not np.all(np.isfinite(y)):
+        raise ValueError("samples must be finite")
+    keep = [0, 1, 2, 3]
+    while True:
+        coef, _, rank, _ = np.linalg.lstsq(design[:, keep], y, rcond=None)
+        if rank < len(keep):
+            raise ValueError("samples do not vary enough in prefill and decode tokens to fit")
+        negative = [k for k, c in zip(keep, coef, strict=True) if c < 0 and k != 1]
+        if not negative:
+            break
+        keep.remove(negative[0])
+    full = dict(zip(keep, (float(c) for c in coef), strict=True))
+    model = LinearStepModel(full[1], full.get(2, 0.0), full.get(3, 0.0), label="linear:fitted")
+    return model, full.get(0, 0.0) * 1e-6
+
+
+def calibration_error(
+    samples: Sequence[Observed],
+    cost_model: CostModel,
+    shape: EngineShape,
+    front_end: FrontEndModel | None = None,
+) -> float:
+    """Root-mean-square of ``log(simulated / real)`` over the TTFTs and TPOTs of
+    ``samples`` (a TPOT of 0, a one-token workload's, is left out)."""
+    total, n = 0.0, 0
+    for obs in samples:
+        sim = simulate(obs.workload, cost_model, shape, front_end=front_end)
+        pairs = [(sim.ttft_s, obs.ttft_s)]
+        if obs.tpot_s > 0:
+            pairs.append((sim.tpot_s, obs.tpot_s))
+        for got, want in pairs:
+            total += math.log(max(got, 1e-9) / max(want, 1e-9)) ** 2
+            n += 1
+    return math.sqrt(total / n) if n else 0.0
+
+
+def fit_by_simulation(
+    samples: Sequence[Observed],
+    shape: EngineShape,
+    start: tuple[LinearStepModel, FrontEndModel],
+    *,
+    relative_tolerance: float = 0.02,
+    max_evaluations: int = 400,
+) -> tuple[LinearStepModel, FrontEndModel]:
+    """The step model and front end whose replays best match ``samples``
+    (:func:`calibration_error`), from ``start``.
+
+    A deterministic compass search over ``(β0, β1, β2, intake_s, per_output_s)``: try each
+    parameter a step up, then down, and take the first move that improves (doubling that
+    parameter's step); halve every step after a sweep in which nothing helped; stop when
+    every step is below ``relative_tolerance`` of its starting size or after
+    ``max_evaluations`` replays of the samples. Replays are needed because a front end
+    changes what the sweeps see: requests that arrive together are taken in one after the
+    other, so they neither prefill nor decode in lockstep.
+    """
+    step0, front0 = start
+    # β0, β1, β2, intake, per-output, all in µs
+    point: tuple[float, ...] = (*step0.betas_us, front0.intake_s * 1e6, front0.per_output_s * 1e6)
+    floor = (1.0, 0.1, 1.0, 10.0, max(point[2] / 4, 10.0))
+    steps = [max(abs(v) / 4, f) for v, f in zip(point, floor, strict=True)]
+    done = [s * relative_tolerance for s in steps]
+    scores: dict[tuple[float, ...], float] = {}
+
+    def build(p: tuple[float, ...]) -> tuple[LinearStepModel, FrontEndModel]:
+        return (
+            LinearStepModel(p[0], p[1], p[2], label=step0.label),
+            FrontEndModel(p[3] * 1e-6, p[4] * 1e-6),
+        )
+
+    def score(p: tuple[float, ...]) -> float:
+        if p not in scores:
+            step, front = build(p)
+            scores[p] = calibration_error(samples, step, shape, front)
+        return scores[p]
+
+    best = score(point)
+    while len(scores) < max_evaluations and any(s > d for s, d in zip(steps, done, strict=True)):
+        moved_any = False
+        for axis, size in enumerate(steps):
+            if size <= done[axis]:
+                continue
+            for sign in (1.0, -1.0):
+                trial = list(point)
+                trial[axis] = max(0.0, trial[axis] + sign * size)
+                candidate = tuple(trial)
+                if score(candidate) < best - 1e-12:
+                    point, best = candidate, score(candidate)
+                    steps[axis] = size * 2  # a move that helps is tried again, further
+                    moved_any = True
+                    break
+        if not moved_any:
+            steps = [s / 2 for s in steps]
+    return build(point)
+
+
 def fit_profile(
     prefill: Sequence[Observed],
     decode: Sequence[Observed],
+    front: Sequence[Observed] = (),
     *,
     gpu: str = "cpu",
     model: str = "tiny",
     shape: EngineShape | None = None,
     source: Mapping[str, Any] | None = None,
+    front_end: bool = True,
 ) -> FittedProfile:
-    """Fit a :class:`LinearStepModel` to a prefill sweep and a decode sweep."""
-    fitted = fit_linear_step_model(step_samples(prefill, decode))
-    return FittedProfile(gpu, model, fitted.betas_us, shape or EngineShape(), source or {})
+    """Fit the step model and the front end to the calibration sweeps.
+
+    With ``front_end`` (the default): :func:`fit_step_and_intake` on the prefill and decode
+    sweeps gives a start, :func:`fit_by_simulation` on every sweep (``front`` holds extra
+    calibration workloads, e.g. staggered clients whose requests arrive beside running
+    decodes) the fit. Without: a plain :class:`LinearStepModel` fit of
+    :func:`step_samples` and no front end.
+    """
+    shape = shape or EngineShape()
+    if not front_end:
+        fitted = fit_linear_step_model(step_samples(prefill, decode))
+        return FittedProfile(gpu, model, fitted.betas_us, shape, source or {})
+    step, intake = fit_step_and_intake(prefill, decode)
+    samples = [*prefill, *decode, *front]
+    start = (step, FrontEndModel(intake, 0.0))
+    step, fe = fit_by_simulation(samples, shape, start)
+    fit = {
+        "log_rms_error": calibration_error(samples, step, shape, fe),
+        "start_log_rms_error": calibration_error(samples, start[0], shape, start[1]),
+        "start_betas_us": list(start[0].betas_us),
+        "start_intake_s": intake,
+    }
+    return FittedProfile(gpu, model, step.betas_us, shape, {**(source or {}), "fit": fit}, fe)
 
 
 # -- simulation ----------------------------------------------------------------------------------
 
 
-def simulate(
-    workload: Workload, cost_model: CostModel, shape: EngineShape, *, seed: int = 0
-) -> Observed:
-    """Replay ``workload`` on a simulated engine with ``cost_model`` and ``shape``.
+@dataclass(frozen=True, slots=True)
+class _Arrive:
+    client: int
+    k: int
 
-    Each client sends its next request the moment its previous one finishes. TTFT is the
-    first token's time minus arrival; TPOT is (finish − first token) over the tokens after the
-    first, summed over requests (the engine's token-weighted inter-token latency).
+
+@dataclass(frozen=True, slots=True)
+class _Admit:
+    rid: str
+    ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _StepDone:
+    result: StepResult
+
+
+_Event = _Arrive | _Admit | _StepDone
+
+
+def simulate(
+    workload: Workload,
+    cost_model: CostModel,
+    shape: EngineShape,
+    *,
+    seed: int = 0,
+    front_end: FrontEndModel | None = None,
+) -> Observed:
+    """Replay ``workload`` on a simulated engine with ``cost_model`` and ``shape``, behind
+    ``front_end`` (none by default).
+
+    Each client sends its next request the moment its previous one is handed back. A
+    request reaches the core when the front end has taken it in; a step's outputs are
+    processed by the front end after the step, in arrival order with the intakes
+    (:class:`~sage_llm.sim.costmodel.FrontEndQueue`). The figures are measured as vLLM's
+    histograms measure them: TTFT from the request's arrival to the moment the front end
+    starts processing the step that produced its first token; TPOT from the core's step
+    times, (last token − first token) over the tokens after the first, summed over
+    requests (the engine's token-weighted inter-token latency).
     """
     config = SimEngineConfig(
         model="tiny", gpu="cpu", cost_model=cost_model, max_num_seqs=shape.max_num_seqs,
@@ -243,51 +432,66 @@ def simulate(
         num_gpu_blocks=shape.num_gpu_blocks, max_model_len=shape.max_model_len, seed=seed,
     )  # fmt: skip
     core = SimEngineCore(config)
+    server = FrontEndQueue(front_end or FrontEndModel())
     rng = random.Random(seed)
-    stagger = workload.stagger_s
-    arrivals = [(c * stagger, c, 0) for c in range(workload.concurrency)]
-    owner: dict[str, tuple[int, int]] = {}
+    events: list[tuple[float, int, _Event]] = []
+    order = itertools.count()
+
+    def push(t: float, event: _Event) -> None:
+        heapq.heappush(events, (t, next(order), event))
+
+    for c in range(workload.concurrency):
+        push(c * workload.stagger_s, _Arrive(c, 0))
     arrived: dict[str, float] = {}
-    first: dict[str, float] = {}
+    first: dict[str, float] = {}  # core time of the first token
     ttft_sum = decode_time = 0.0
-    now = 0.0
-    while arrivals or core.has_work():
-        while arrivals and arrivals[0][0] <= now:
-            t, client, k = heapq.heappop(arrivals)
-            rid = f"c{client}-{k}"
-            ids = [rng.randrange(10, 30000) for _ in range(workload.prompt_tokens)]
-            core.add_request(rid, ids, workload.max_tokens, arrival=t)
-            owner[rid], arrived[rid] = (client, k), t
-        if not core.has_work():
-            now = arrivals[0][0]
-            continue
-        res = core.step(now)
-        end = now + res.duration_s
-        for rid, _ in res.new_tokens:
-            if rid not in first:
-                first[rid] = end
-                ttft_sum += end - arrived[rid]
-        for rid, _ in res.finished:
-            decode_time += end - first[rid]
-            client, k = owner[rid]
-            if k + 1 < workload.rounds:
-                heapq.heappush(arrivals, (end, client, k + 1))
-        if res.idle and res.duration_s <= 0.0:
-            now = arrivals[0][0] if arrivals else now
-        else:
-            now = end
+    stepping = False
+    while events:
+        now = events[0][0]
+        while events and events[0][0] <= now:
+            event = heapq.heappop(events)[2]
+            if isinstance(event, _Arrive):
+                rid = f"c{event.client}-{event.k}"
+                arrived[rid] = now
+                ids = [rng.randrange(10, 30000) for _ in range(workload.prompt_tokens)]
+                push(server.intake(now)[1], _Admit(rid, ids))
+            elif isinstance(event, _Admit):
+                core.add_request(event.rid, event.ids, workload.max_tokens, arrival=now)
+            else:
+                stepping = False
+                res = event.result
+                if not res.new_tokens:
+                    continue
+                start, end = server.outputs(now, len(res.new_tokens))
+                for rid, _ in res.new_tokens:
+                    if rid not in first:
+                        first[rid] = now
+                        ttft_sum += start - arrived[rid]
+                for rid, _ in res.finished:
+                    decode_time += now - first[rid]
+                    client, k = rid[1:].split("-")
+                    if int(k) + 1 < workload.rounds:
+                        push(end, _Arrive(int(client), int(k) + 1))
+        if not stepping and core.has_work():
+            res = core.step(now)
+            if res.duration_s > 0.0 or not res.idle:
+                push(now + res.duration_s, _StepDone(res))
+                stepping = True
     n = workload.requests
     gaps = n * (workload.max_tokens - 1)
     return Observed(workload, ttft_sum / n, decode_time / gaps if gaps else 0.0)
 
 
 def compare(
-    real: Sequence[Observed], cost_model: CostModel, shape: EngineShape
+    real: Sequence[Observed],
+    cost_model: CostModel,
+    shape: EngineShape,
+    front_end: FrontEndModel | None = None,
 ) -> list[ComparisonRow]:
     """Simulate every real workload and pair the figures."""
     rows = []
     for obs in real:
-        sim = simulate(obs.workload, cost_model, shape)
+        sim = simulate(obs.workload, cost_model, shape, front_end=front_end)
         rows.append(
             ComparisonRow(obs.workload.concurrency, obs.ttft_s, sim.ttft_s, obs.tpot_s, sim.tpot_s)
         )

@@ -49,13 +49,16 @@ from sage_llm.sim.costmodel import RooflineCostModel
 __all__ = [
     "DECODE_SWEEP",
     "EVALUATION",
+    "FRONT_END_SWEEP",
     "MEASURED_SHAPE",
     "PREFILL_SWEEP",
+    "build_report",
     "engine_shape",
     "main",
     "measure",
     "real_vllm_missing",
     "real_vllm_paths",
+    "refit",
     "run_fidelity",
     "vllm_cpu_engines",
     "vllm_cpu_settings",
@@ -196,8 +199,12 @@ async def measure(
 
 # -- the benchmark -------------------------------------------------------------------------------
 
-PREFILL_SWEEP = tuple(Workload(1, p, 2, 4) for p in (16, 64, 128, 256, 448))
+PREFILL_SWEEP = tuple(Workload(1, p, 2, 8) for p in (16, 64, 128, 256, 448))
 DECODE_SWEEP = tuple(Workload(b, 16, 48, 2) for b in (1, 2, 4, 8, 16, 32))
+# Staggered clients whose requests arrive beside running decodes: what separates the front
+# end's per-output cost from its intake. Other prompts, outputs, stagger and concurrency than
+# the evaluation's.
+FRONT_END_SWEEP = tuple(Workload(c, 32, 24, 3, stagger_s=0.007) for c in (2, 8, 24))
 EVALUATION = tuple(Workload(c, 128, 32, 4, stagger_s=0.013) for c in (1, 4, 16))
 MEASURED_SHAPE = EngineShape(max_num_seqs=32, max_num_batched_tokens=2048)
 
@@ -212,6 +219,7 @@ async def run_fidelity(
     shape: EngineShape = MEASURED_SHAPE,
     prefill: Sequence[Workload] = PREFILL_SWEEP,
     decode: Sequence[Workload] = DECODE_SWEEP,
+    front: Sequence[Workload] = FRONT_END_SWEEP,
     evaluation: Sequence[Workload] = EVALUATION,
 ) -> dict[str, Any]:
     """Start one real vLLM CPU engine through :mod:`sage_llm.launch` (or use the one already
@@ -226,6 +234,7 @@ async def run_fidelity(
             await stack.enter_async_context(fleet)
             url = fleet.base_urls[0]
         ready = loop.time()
+        load_start = os.getloadavg()[0]
         timeout = aiohttp.ClientTimeout(total=600)
         session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
         name = settings.name
@@ -235,6 +244,7 @@ async def run_fidelity(
         await measure(session, url, name, Workload(4, 64, 8), seed=999)  # warm-up
         pre = [await measure(session, url, name, w, seed=i) for i, w in enumerate(prefill)]
         dec = [await measure(session, url, name, w, seed=100 + i) for i, w in enumerate(decode)]
+        fro = [await measure(session, url, name, w, seed=300 + i) for i, w in enumerate(front)]
         real = [
             await measure(session, url, name, w, seed=200 + i) for i, w in enumerate(evaluation)
         ]
@@ -242,25 +252,63 @@ async def run_fidelity(
         "engine": f"vllm-cpu {version}",
         "model_dir": str(model_dir),
         "startup_s": round(ready - started, 1),
+        "load_avg_1m_start": load_start,
         "load_avg_1m": os.getloadavg()[0],
     }
-    profile = fit_profile(pre, dec, shape=shape, source=source)
-    rows = compare(real, profile.cost_model(), shape)
+    report = build_report(pre, dec, fro, real, shape, source)
+    report["duration_s"] = round(asyncio.get_running_loop().time() - started, 1)
+    return report
+
+
+def build_report(
+    prefill: Sequence[Observed],
+    decode: Sequence[Observed],
+    front: Sequence[Observed],
+    real: Sequence[Observed],
+    shape: EngineShape,
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Fit the calibration sweeps (``prefill``, ``decode``, ``front``), replay the evaluation
+    workloads (``real``) and compare: the fitted profile with its front end, the same step
+    model without one, and the stock roofline ``cpu`` profile. The evaluation figures take no
+    part in the fit."""
+    profile = fit_profile(prefill, decode, front, shape=shape, source=source)
+    rows = compare(real, profile.cost_model(), shape, profile.front_end)
+    no_front = compare(real, profile.cost_model(), shape)
     baseline = compare(real, RooflineCostModel.from_names("cpu", "tiny"), shape)
-    profile = replace(profile, source={**source, "max_error": max_error(rows)})
+    profile = replace(profile, source={**profile.source, "max_error": max_error(rows)})
     return {
         "profile": profile.to_dict(),
         "calibration": {
-            "prefill": [o.to_dict() for o in pre],
-            "decode": [o.to_dict() for o in dec],
+            "prefill": [o.to_dict() for o in prefill],
+            "decode": [o.to_dict() for o in decode],
+            "front": [o.to_dict() for o in front],
         },
         "evaluation_real": [o.to_dict() for o in real],
         "evaluation": [r.to_dict() for r in rows],
+        "no_front_end_evaluation": [r.to_dict() for r in no_front],
         "roofline_cpu_evaluation": [r.to_dict() for r in baseline],
         "table": render_table(rows),
+        "no_front_end_table": render_table(no_front),
         "roofline_cpu_table": render_table(baseline),
-        "duration_s": round(asyncio.get_running_loop().time() - started, 1),
     }
+
+
+def refit(report: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`build_report` again from a report's recorded measurements (no engine)."""
+    cal = report["calibration"]
+    pre = [Observed.from_dict(o) for o in cal["prefill"]]
+    dec = [Observed.from_dict(o) for o in cal["decode"]]
+    fro = [Observed.from_dict(o) for o in cal.get("front", [])]
+    real = [Observed.from_dict(o) for o in report["evaluation_real"]]
+    old = report["profile"]
+    shape = EngineShape(**{k: int(v) for k, v in old.get("shape", {}).items()})
+    keep = ("engine", "model_dir", "startup_s", "load_avg_1m_start", "load_avg_1m")
+    source = {k: v for k, v in old.get("source", {}).items() if k in keep}
+    out = build_report(pre, dec, fro, real, shape, source)
+    if "duration_s" in report:
+        out["duration_s"] = report["duration_s"]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--url", help="measure this running engine instead (started with --max-num-seqs 32 "
         "--max-num-batched-tokens 2048, served as 'tiny')",
     )  # fmt: skip
+    parser.add_argument(
+        "--refit", type=Path, help="fit and compare again from this report's measurements "
+        "(no engine is started or measured)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("reports/fidelity.json"))
     parser.add_argument(
         "--write-profile",
@@ -283,19 +335,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write the fitted profile there (default: the packaged cpu-tiny.json)",
     )
     args = parser.parse_args(argv)
-    missing = None if args.url else real_vllm_missing(args.python, args.model_dir)
-    if missing:
-        print(f"fidelity: {missing}", file=sys.stderr)
-        return 2
-    report = asyncio.run(
-        run_fidelity(
-            args.python,
-            args.model_dir,
-            url=args.url,
-            port=args.port,
-            log_dir=args.out.parent / "fidelity-logs",
+    if args.refit is not None:
+        report = refit(json.loads(args.refit.read_text(encoding="utf-8")))
+    else:
+        missing = None if args.url else real_vllm_missing(args.python, args.model_dir)
+        if missing:
+            print(f"fidelity: {missing}", file=sys.stderr)
+            return 2
+        report = asyncio.run(
+            run_fidelity(
+                args.python,
+                args.model_dir,
+                url=args.url,
+                port=args.port,
+                log_dir=args.out.parent / "fidelity-logs",
+            )
         )
-    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.write_profile is not None:
@@ -304,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(json.dumps(report["profile"], indent=2))
     print(report["table"])
+    print(f"the same step model without the front end:\n{report['no_front_end_table']}")
     print(f"stock roofline `cpu` profile:\n{report['roofline_cpu_table']}")
-    print(f"report: {args.out} ({report['duration_s']} s)")
+    print(f"report: {args.out} ({report.get('duration_s', '?')} s)")
     return 0
 
 
