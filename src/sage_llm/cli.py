@@ -118,7 +118,10 @@ def engine_sim(
     served_model_name: Annotated[
         str | None, typer.Option(help="Model name clients use (default: --model).")
     ] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="Engine batch bound.")] = 256,
+    max_num_seqs: Annotated[
+        int | None,
+        typer.Option(help="Engine batch bound (default: the fitted profile's, else 256)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     faults: Annotated[
@@ -126,27 +129,26 @@ def engine_sim(
         typer.Option(help="Fault plan, e.g. 'crash@30; error=503@p0.05' (see sim/faults.py)."),
     ] = None,
 ) -> None:
-    """Serve one simulated engine over vLLM's HTTP API (completions, chat, metrics, PD)."""
+    """Serve one simulated engine over vLLM's HTTP API (completions, chat, metrics, PD).
+
+    A GPU × model with a packaged fitted profile (``--gpu cpu --model tiny``: vLLM's CPU
+    build) uses the profile's step model, engine limits and front end."""
     _setup_logging(log_level)
     from sage_llm.engines.base import EngineClient
-    from sage_llm.sim.engine import SimEngine, SimEngineConfig
+    from sage_llm.sim.engine import SimEngine
+    from sage_llm.sim.factory import engine_settings
     from sage_llm.sim.server import serve_engine
     from sage_llm.types import ExecutionInstanceType
 
     try:
-        config = SimEngineConfig(
-            model=model,
-            gpu=gpu,
-            tp=tp,
-            pp=pp,
-            role=ExecutionInstanceType.parse(role),
-            speed=speed,
-            seed=seed,
-            max_num_seqs=max_num_seqs,
-            kv_host=host,
-            kv_port=port,
-        )
-        engine = SimEngine(f"sim-{port}", config)
+        params: dict[str, object] = {
+            "tp": tp, "pp": pp, "role": ExecutionInstanceType.parse(role), "speed": speed,
+            "seed": seed, "kv_host": host, "kv_port": port,
+        }  # fmt: skip
+        if max_num_seqs is not None:
+            params["max_num_seqs"] = max_num_seqs
+        config, front_end = engine_settings(gpu, model, **params)
+        engine = SimEngine(f"sim-{port}", config, front_end=front_end)
         plan = None
         if faults:
             from sage_llm.sim.faults import FaultPlan
@@ -155,7 +157,10 @@ def engine_sim(
     except (SageLLMError, ValueError) as exc:
         _fail(str(exc))
     name = served_model_name or model
-    typer.echo(f"sage-llm engine-sim: {model} on {gpu} (tp={tp}, role={role}) at {host}:{port}")
+    cost = config.build_cost_model().name
+    typer.echo(
+        f"sage-llm engine-sim: {model} on {gpu} (tp={tp}, role={role}, {cost}) at {host}:{port}"
+    )
 
     async def main() -> None:
         served: EngineClient = engine
