@@ -54,6 +54,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (overrides the file).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (overrides the file).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    loop: Annotated[
+        str, typer.Option(help="Event loop: auto (uvloop when installed), uvloop or asyncio.")
+    ] = "auto",
 ) -> None:
     """Run the OpenAI-compatible gateway over the configured fleet.
 
@@ -86,8 +89,14 @@ def serve(
         manager = build_manager(cfg)
         await run_gateway(manager, cfg.gateway, host=host, port=port)
 
+    from sage_llm import eventloop
+
+    try:
+        eventloop.resolve_loop(loop)
+    except ValueError as exc:
+        _fail(f"--loop: {exc}")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        eventloop.run(main(), loop)
 
 
 @app.command()

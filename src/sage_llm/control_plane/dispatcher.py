@@ -48,7 +48,7 @@ from sage_llm.control_plane.pd.orchestrator import (
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, KVHandle
 from sage_llm.errors import DeadlineExceededError, EngineError, EngineStreamError
@@ -258,7 +258,7 @@ class Dispatcher:
         rec.pending_tokens_at_dispatch = pending
         rec.meta.schedule_time = self.clock.to_datetime(now)
         self.prefix_index.insert(state.instance_id, info.block_hashes)
-        self.metrics.instance_in_flight.labels(instance=state.instance_id).set(state.in_flight)
+        self.metrics.set_in_flight(state.instance_id, state.in_flight)
         self.metrics.running.inc()
         task = asyncio.create_task(self._execute(rec, state), name=f"req-{rec.request_id}")
         rec.task = task
@@ -313,7 +313,7 @@ class Dispatcher:
             if prefill_pending:
                 state.queued_prefill_tokens -= info.prompt_tokens
             state.outstanding_decode_tokens -= info.max_tokens
-            self.metrics.instance_in_flight.labels(instance=state.instance_id).set(state.in_flight)
+            self.metrics.set_in_flight(state.instance_id, state.in_flight)
             self.metrics.running.dec()
             if state.in_flight == 0 and self._on_instance_idle is not None:
                 self._on_instance_idle(state)
@@ -341,7 +341,7 @@ class Dispatcher:
         rec.meta.schedule_time = self.clock.to_datetime(now)
         for state in (pstate, dstate):  # both end up holding the prompt's KV
             self.prefix_index.insert(state.instance_id, info.block_hashes)
-            self.metrics.instance_in_flight.labels(instance=state.instance_id).set(state.in_flight)
+            self.metrics.set_in_flight(state.instance_id, state.in_flight)
         self.metrics.running.inc()
         self.metrics.on_pd_routed("disaggregated", plan.transfer_s)
         log.debug("request %s disaggregated: %s", rec.request_id, plan.reason)
@@ -359,7 +359,7 @@ class Dispatcher:
         state = run.prefill
         state.in_flight -= 1
         state.queued_prefill_tokens -= run.prompt_tokens
-        self.metrics.instance_in_flight.labels(instance=state.instance_id).set(state.in_flight)
+        self.metrics.set_in_flight(state.instance_id, state.in_flight)
         if state.in_flight == 0 and self._on_instance_idle is not None:
             self._on_instance_idle(state)
         self.wake()
@@ -368,7 +368,7 @@ class Dispatcher:
         now = self.clock.now()
         leg_s = now - (rec.scheduled_at if rec.scheduled_at is not None else now)
         run.prefill_end = now
-        run.prefill_cost = run.prefill.view().cost_per_second * leg_s
+        run.prefill_cost = run.prefill.cost_per_second * leg_s
         run.prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch)
         self._on_success(run.prefill)
         if handle.prompt_tokens:
@@ -428,9 +428,7 @@ class Dispatcher:
             self._release_prefill(run)
             dstate.in_flight -= 1
             dstate.outstanding_decode_tokens -= rec.info.max_tokens
-            self.metrics.instance_in_flight.labels(instance=dstate.instance_id).set(
-                dstate.in_flight
-            )
+            self.metrics.set_in_flight(dstate.instance_id, dstate.in_flight)
             self.metrics.running.dec()
             if dstate.in_flight == 0 and self._on_instance_idle is not None:
                 self._on_instance_idle(dstate)
@@ -597,7 +595,7 @@ class Dispatcher:
         queue_wait_s = (rec.scheduled_at if rec.scheduled_at is not None else now) - info.arrival
         cost = extra_cost
         if state is not None and rec.scheduled_at is not None:
-            cost += state.view().cost_per_second * (now - rec.scheduled_at)
+            cost += state.cost_per_second * (now - rec.scheduled_at)
         result = RequestResult(
             request_id=rec.request_id,
             status=status,
@@ -635,7 +633,7 @@ class Dispatcher:
         self.metrics.on_finished(
             result,
             model=info.model,
-            policy=str(self.policy.describe().get("current", self.policy.name)),
+            policy=policy_label(self.policy),
             priority=info.priority,
         )
         record = CompletionRecord(

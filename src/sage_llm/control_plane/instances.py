@@ -53,6 +53,8 @@ class InstanceState:
     est_tpot_s: float = 0.02
     latencies_ms: list[float] = field(default_factory=list)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)
+    _view_key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def instance_id(self) -> str:
@@ -77,7 +79,36 @@ class InstanceState:
         if len(self.latencies_ms) > keep:
             del self.latencies_ms[: len(self.latencies_ms) - keep]
 
+    @property
+    def cost_per_second(self) -> float:
+        """Price of the instance's GPUs per second (the same figure its view reports)."""
+        inst = self.instance
+        gpus = max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size)
+        return inst.price_per_gpu_hour * gpus / 3600.0
+
+    def _live_key(self) -> tuple[object, ...]:
+        inst = self.instance
+        stats = self.last_stats
+        return (
+            inst, inst.is_healthy, inst.is_available, inst.max_concurrent_requests,
+            self.healthy, self.draining, self.removed, self.breaker.state, self.in_flight,
+            self.queued_prefill_tokens, self.outstanding_decode_tokens, stats,
+            self.est_ttft_base_s, self.est_s_per_prefill_token, self.est_tpot_s,
+        )  # fmt: skip
+
     def view(self) -> InstanceView:
+        """The frozen view of this instance now. Views are rebuilt only when a field they
+        read changed (several snapshots are taken per request; most see the same state).
+        The instance's topology fields are read when it is registered and again whenever
+        the registered object is replaced."""
+        key = self._live_key()
+        if self._view is not None and key == self._view_key:
+            return self._view
+        view = self._build_view()
+        self._view, self._view_key = view, key
+        return view
+
+    def _build_view(self) -> InstanceView:
         inst = self.instance
         stats = self.last_stats
         return InstanceView(

@@ -41,7 +41,7 @@ from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
     check_queue_bound,
 )
-from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats
 from sage_llm.engines.http import HTTPTimeouts
@@ -160,7 +160,7 @@ class ControlPlaneManager:
         self._running = False
         self._accepting = False
         self._started_at = 0.0
-        self._metrics.set_policy(self._policy_label(policy), POLICY_NAMES)
+        self._metrics.set_policy(policy_label(policy), POLICY_NAMES)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -472,7 +472,7 @@ class ControlPlaneManager:
         if self._dispatcher is not None:
             self._dispatcher.policy = new
             self._dispatcher.wake()
-        self._metrics.set_policy(self._policy_label(new), POLICY_NAMES)
+        self._metrics.set_policy(policy_label(new), POLICY_NAMES)
         log.info("scheduling policy switched from %s to %s", old.name, new.name)
 
     def update_routing(self, name: str, params: Mapping[str, Any] | None = None) -> None:
@@ -548,10 +548,6 @@ class ControlPlaneManager:
         if self._dispatcher is None or not self._running:
             raise ControlPlaneNotRunningError("the control plane is not running; call start()")
         return self._dispatcher
-
-    @staticmethod
-    def _policy_label(policy: SchedulingPolicy) -> str:
-        return str(policy.describe().get("current", policy.name))
 
     def _submit(self, meta: RequestMetadata, *, stream: bool) -> RequestRecord:
         dispatcher = self._require_dispatcher()

@@ -160,8 +160,14 @@ class ControlPlaneMetrics:
             registry=r,
         )
         self._pd_paths: dict[str, int] = {"disaggregated": 0, "colocated": 0}
-        # (status, model, policy) label sets seen per instance, so unregister can drop them.
-        self._request_series: dict[str, set[tuple[str, str, str]]] = {}
+        # Labelled children of the request counter, per instance then (status, model,
+        # policy): looked up without prometheus_client's labels() on the hot path, and
+        # dropped with the instance on unregister.
+        self._request_series: dict[str, dict[tuple[str, str, str], Counter]] = {}
+        # Per-model histogram children (e2e, queue, ttft, tpot); models are bounded by the
+        # registered fleet (unknown models are refused before any metric is labelled).
+        self._model_children: dict[str, tuple[Histogram, Histogram, Histogram, Histogram]] = {}
+        self._in_flight_children: dict[str, Gauge] = {}
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)
@@ -193,21 +199,32 @@ class ControlPlaneMetrics:
         status = result.status
         self._counts[status] += 1
         instance = result.instance_id or "none"
-        self._request_series.setdefault(instance, set()).add((status.value, model, policy))
-        self.requests.labels(
-            status=status.value, model=model, policy=policy, instance=instance
-        ).inc()
+        series = self._request_series.setdefault(instance, {})
+        key = (status.value, model, policy)
+        counter = series.get(key)
+        if counter is None:
+            counter = series[key] = self.requests.labels(
+                status=status.value, model=model, policy=policy, instance=instance
+            )
+        counter.inc()
         if status is RequestStatus.COMPLETED:
+            children = self._model_children.get(model)
+            if children is None:
+                children = self._model_children[model] = (
+                    self.e2e.labels(model=model), self.queue_time.labels(model=model),
+                    self.ttft.labels(model=model), self.tpot.labels(model=model),
+                )  # fmt: skip
+            e2e, queue_time, ttft, tpot = children
             self._e2e_ms.append(result.e2e_latency_ms)
             self._queue_ms.append(result.queue_wait_ms)
-            self.e2e.labels(model=model).observe(result.e2e_latency_ms / 1000.0)
-            self.queue_time.labels(model=model).observe(result.queue_wait_ms / 1000.0)
+            e2e.observe(result.e2e_latency_ms / 1000.0)
+            queue_time.observe(result.queue_wait_ms / 1000.0)
             if result.ttft_ms is not None:
                 self._ttft_ms.append(result.ttft_ms)
-                self.ttft.labels(model=model).observe(result.ttft_ms / 1000.0)
+                ttft.observe(result.ttft_ms / 1000.0)
             if result.tpot_ms is not None:
                 self._tpot_ms.append(result.tpot_ms)
-                self.tpot.labels(model=model).observe(result.tpot_ms / 1000.0)
+                tpot.observe(result.tpot_ms / 1000.0)
             self._tokens += result.completion_tokens
             self._cost += result.cost
         if result.slo_met is not None:
@@ -271,9 +288,19 @@ class ControlPlaneMetrics:
         for state in ("closed", "half-open", "open"):
             with contextlib.suppress(KeyError):
                 self.circuit_transitions.remove(instance_id, state)
-        for status, model, policy in self._request_series.pop(instance_id, set()):
+        for status, model, policy in self._request_series.pop(instance_id, {}):
             with contextlib.suppress(KeyError):
                 self.requests.remove(status, model, policy, instance_id)
+        self._in_flight_children.pop(instance_id, None)
+
+    def set_in_flight(self, instance_id: str, value: int) -> None:
+        """The ``instance_in_flight`` gauge of one instance (child looked up once)."""
+        child = self._in_flight_children.get(instance_id)
+        if child is None:
+            child = self._in_flight_children[instance_id] = self.instance_in_flight.labels(
+                instance=instance_id
+            )
+        child.set(value)
 
     # -- reading ---------------------------------------------------------------------------
 

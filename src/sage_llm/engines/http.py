@@ -20,13 +20,13 @@ engine has produced nothing for the request):
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
 import aiohttp
 
+from sage_llm import jsonutil
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle
 from sage_llm.engines.metrics_scrape import scrape_text_to_stats
 from sage_llm.engines.sse import (
@@ -233,9 +233,18 @@ class HTTPEngineClient:
         url = self._base + path
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.request(
-                    method, url, json=body, headers=headers, timeout=self._sock_timeout
-                )
+                if body is None:
+                    resp = await self._session.request(
+                        method, url, headers=headers, timeout=self._sock_timeout
+                    )
+                else:
+                    resp = await self._session.request(
+                        method,
+                        url,
+                        data=jsonutil.dumps(body),
+                        headers={**(headers or {}), "Content-Type": "application/json"},
+                        timeout=self._sock_timeout,
+                    )
         except TimeoutError:
             raise self._error(EngineTimeoutError, f"{method} {path} timed out") from None
         except aiohttp.ClientError as exc:
@@ -311,7 +320,7 @@ class HTTPEngineClient:
             method, path, body=body, request_id=request_id, timeout_s=timeout_s
         )
         try:
-            return json.loads(raw)
+            return jsonutil.loads(raw)
         except ValueError:
             raise self._error(
                 EngineStreamError, f"{method} {path} returned invalid JSON", retryable=False
@@ -370,7 +379,7 @@ class HTTPEngineClient:
 
     def _parse_json(self, raw: bytes) -> Any:
         try:
-            return json.loads(raw)
+            return jsonutil.loads(raw)
         except ValueError:
             raise self._error(EngineStreamError, "response is not valid JSON") from None
 

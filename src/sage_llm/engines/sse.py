@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sage_llm import jsonutil
 from sage_llm.engines.base import Chunk, EngineRequest, Usage
 from sage_llm.errors import EngineError, EngineStreamError
 from sage_llm.tokens import chat_prompt_text, count_tokens
@@ -125,12 +126,12 @@ class SSEDecoder:
 
 def encode_event(data: str | Mapping[str, Any], *, event: str | None = None) -> bytes:
     """One SSE event. A mapping is JSON-encoded compactly (as vLLM does)."""
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    lines = text.split("\n")
-    out = "".join(f"data: {line}\n" for line in lines)
-    if event is not None:
-        out = f"event: {event}\n" + out
-    return (out + "\n").encode("utf-8")
+    head = b"" if event is None else f"event: {event}\n".encode()
+    if not isinstance(data, str):
+        # compact JSON never contains a raw newline: one data line
+        return head + b"data: " + jsonutil.dumps(data) + b"\n\n"
+    out = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return head + (out + "\n").encode("utf-8")
 
 
 # --- OpenAI-style completion streams ------------------------------------------------------
@@ -270,7 +271,7 @@ class StreamAssembler:
             self.done = True
             return []
         try:
-            obj = json.loads(data)
+            obj = jsonutil.loads(data)
         except ValueError:
             raise self._fail(
                 EngineStreamError, f"malformed JSON in stream: {data[:200]!r}"

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from sage_llm import jsonutil
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
@@ -86,8 +87,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object (413 beyond ``client_max_size``, else 400)."""
     raw = await request.read()
     try:
-        body = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
+        body = jsonutil.loads(raw) if raw else None
+    except ValueError:
         raise InvalidRequestError("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
@@ -252,7 +253,8 @@ class OpenAIRoutes:
         if gen.stream:
             headers = {"X-Request-Id": rid, **request.get(RESPONSE_HEADERS_KEY, {})}
             return await stream_response(request, self.manager, gen, created, headers)
-        return web.json_response(await complete(self.manager, gen, created))
+        answer = jsonutil.dumps(await complete(self.manager, gen, created))
+        return web.Response(body=answer, content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -36,11 +36,21 @@ class Clock(Protocol):
 class RealClock:
     """The process's monotonic clock (the same one asyncio's default loop uses)."""
 
+    def __init__(self) -> None:
+        # wall-clock time of monotonic zero; re-read now and then so that wall-clock
+        # adjustments (NTP) show up within a minute
+        self._offset = time.time() - time.monotonic()
+        self._offset_at = time.monotonic()
+
     def now(self) -> float:
         return time.monotonic()
 
     def to_datetime(self, t: float) -> datetime:
-        return datetime.now() - timedelta(seconds=time.monotonic() - t)
+        mono = time.monotonic()
+        if mono - self._offset_at > 60.0:
+            self._offset = time.time() - mono
+            self._offset_at = mono
+        return datetime.fromtimestamp(self._offset + t)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

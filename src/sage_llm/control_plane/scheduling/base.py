@@ -62,3 +62,11 @@ class SchedulingPolicy(Protocol):
     def describe(self) -> dict[str, object]:
         """Name, parameters and current state for status pages and metrics."""
         ...
+
+
+def policy_label(policy: SchedulingPolicy) -> str:
+    """The name metrics label ``policy``'s work with: the inner policy in charge for a
+    policy that switches between others (``adaptive``'s ``current``), else its name.
+    Cheap: called once per finished request."""
+    current = getattr(policy, "current", None)
+    return current if isinstance(current, str) else policy.name

@@ -1,0 +1,32 @@
+"""Fast JSON for the request hot path: orjson, with the standard library as the fallback.
+
+orjson is several times faster than :mod:`json` at both ends. What it refuses falls back
+to :mod:`json`: documents with ``NaN``/``Infinity`` when reading, integers beyond 64 bits
+when writing, so what is accepted is the same as with the standard library. Two
+differences remain: orjson writes non-ASCII characters as UTF-8 instead of ``\\u``
+escapes (and never adds spaces), and it reads an integer literal beyond 64 bits as a
+float (no OpenAI request field holds such a number).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+
+def loads(data: bytes | bytearray | str) -> Any:
+    """Parse a JSON document; ``ValueError`` when it is not valid JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON of ``obj``; ``TypeError`` for what JSON cannot hold."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
