@@ -236,7 +236,8 @@ class ExecutionInstance:
     """Price of one GPU-hour in any currency unit; used by ``cost_optimized``."""
     nvlink_domain: str | None = None
     """Instances sharing an NVLink domain id are NVLink-connected (in addition to peers)."""
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer token sent to the engine; never shown in ``repr`` (and so never in logs)."""
     scheme: str = "http"
 
     @property

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sage_llm.config import GatewayConfig
 from sage_llm.engines.base import Chunk, EngineClient, Usage
@@ -177,3 +180,22 @@ def test_completion_body_builds_one_choice_per_index() -> None:
         "total_tokens": 7,
         "prompt_tokens_details": {"cached_tokens": 1},
     }
+
+
+async def test_client_gone_when_the_stream_starts_cancels_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def closing_transport(self: web.StreamResponse, request: web.BaseRequest) -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    async with serve(1) as gw, aiohttp.ClientSession() as s:
+        monkeypatch.setattr(web.StreamResponse, "prepare", closing_transport)
+        headers = {"x-request-id": "left-early"}
+        with contextlib.suppress(aiohttp.ClientError):
+            async with s.post(
+                gw.url("/v1/completions"), json=body_of(stream=True), headers=headers
+            ) as resp:
+                await resp.read()
+        result = await gw.manager.wait_for_result("left-early", timeout=5)
+    assert result.status is RequestStatus.CANCELLED
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

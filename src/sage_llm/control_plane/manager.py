@@ -224,7 +224,8 @@ class ControlPlaneManager:
         if drain_timeout_s > 0 and dispatcher.records:
             waits = [asyncio.shield(r.future) for r in dispatcher.records.values()]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waits), drain_timeout_s)
+                async with asyncio.timeout(drain_timeout_s):
+                    await asyncio.gather(*waits)
         for task in self._loops:
             task.cancel()
         for tasks in self._instance_tasks.values():
@@ -357,7 +358,10 @@ class ControlPlaneManager:
                 raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
             return done
         try:
-            return await asyncio.wait_for(asyncio.shield(rec.future), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # of the caller that races with the result
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(rec.future)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"request {request_id!r} did not finish within {timeout} s"

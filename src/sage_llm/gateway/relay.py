@@ -202,7 +202,11 @@ async def stream_response(
             await _final_usage(manager, gen, None)  # raises when it was cancelled
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         set_nodelay(request)
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionResetError:  # the client left before its first byte
+            log.info("client of request %s went away; cancelling it", gen.request_id)
+            return resp  # leaving _closing cancels the request
         await _relay(resp, stream, first, manager, gen, fmt, deadline)
         return resp
 
