@@ -13,8 +13,9 @@ Deciders by name (:func:`build_decider`; parameters in a frozen ``Params`` datac
   is at least ``min_ratio`` (0 = no ratio condition);
 * ``prefix_aware``: disaggregate unless the instance that would run the request colocated
   already caches most of the prompt (fewer than ``min_uncached_tokens`` left to compute);
-* ``adaptive``: predicts TTFT and TPOT on both paths from live load and picks the one with
-  the better predicted SLO outcome (see :class:`AdaptiveDecider`).
+* ``adaptive``: predicts TTFT, TPOT and the largest inter-token gap on both paths from live
+  load and picks the one with the better predicted SLO outcome (see
+  :class:`AdaptiveDecider`).
 """
 
 from __future__ import annotations
@@ -252,16 +253,23 @@ class AdaptiveDecider:
       its TPOT estimate plus a chunked-prefill penalty: the prefill work queued on it
       (``queued_prefill_tokens`` at its prefill rate) is interleaved with the running
       decodes and spread over this request's output tokens, times ``prefill_interference``;
+      largest gap = a decode step, or, when decodes run there, the stall this prompt's
+      chunk inflicts on them (:meth:`prefill_gap_s`);
     * disaggregated, over the best pairs: TTFT = the prefill instance's ``predict_ttft_s``
       + the KV transfer (prompt tokens × KV bytes per token / link bandwidth) + one decode
       step; TPOT = the decode instance's TPOT (with the same penalty, which is zero on a
-      DECODING instance: no prefill is queued there).
+      DECODING instance: no prefill is queued there); largest gap = the larger of the
+      decode instance's stall behind its own queued prefill and the stall the prefill leg
+      inflicts on decodes running on the prefill instance. Legs that would break the gap
+      target rank last among the candidates.
 
-    A path's badness is the largest ratio of prediction to target over the TTFT and TPOT
-    targets and the request's own deadline (end to end); without any target it is the
-    predicted end-to-end time. The request is disaggregated when that path's badness is
-    below the colocated one's by more than ``hysteresis``: a dead band that keeps near-ties
-    on the cheaper colocated path and stops decisions flapping as load moves.
+    A path's badness is the largest ratio of prediction to target over the TTFT, TPOT and
+    largest-gap targets and the request's own deadline (end to end); without any target it
+    is the predicted end-to-end time. A request whose colocated badness is at most
+    ``slack`` stays colocated (it meets every target with room to spare). Otherwise it is
+    disaggregated when that path's badness is below the colocated one's by more than
+    ``hysteresis``: a dead band that keeps near-ties on the cheaper colocated path and
+    stops decisions flapping as load moves.
     """
 
     name = "adaptive"
