@@ -222,40 +222,47 @@ async def _relay(
 ) -> None:
     seen: set[int] = set()
     usage: Usage | None = None
+    # Events are written as soon as they are made, except a request's last chunk: it goes
+    # out together with the usage chunk and [DONE] (one write instead of three).
+    tail = b""
     try:
         async with asyncio.timeout_at(deadline):
             while chunk is not None:
                 usage = chunk.usage or usage
+                out = b""
                 if fmt.chat and chunk.index not in seen:
                     role = fmt.role_chunk()
                     role["choices"][0]["index"] = chunk.index
-                    await resp.write(encode_event(role))
+                    out = encode_event(role)
                 seen.add(chunk.index)
                 if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
                     event = fmt.chunk(
                         chunk.text, chunk.finish_reason, index=chunk.index, logprobs=chunk.logprobs
                     )
-                    await resp.write(encode_event(event))
+                    out += encode_event(event)
+                if chunk.usage is not None:  # the engine's last chunk
+                    tail += out
+                elif out:
+                    await resp.write(out)
                 chunk = await anext(stream, None)
             final = await _final_usage(manager, gen, usage)
             if gen.include_usage:
-                await resp.write(encode_event(fmt.usage_chunk(final)))
+                tail += encode_event(fmt.usage_chunk(final))
     except ConnectionResetError:
         log.info("client of request %s went away; cancelling it", gen.request_id)
         return
     except TimeoutError:
-        await _write_error(resp, _timeout_error(gen).to_openai(), gen)
+        tail += _error_event(_timeout_error(gen).to_openai(), gen)
     except SageLLMError as exc:
-        await _write_error(resp, exc.to_openai(), gen)
+        tail += _error_event(exc.to_openai(), gen)
     except Exception:
         log.exception("stream of request %s failed", gen.request_id)
-        await _write_error(resp, error_body("internal server error", "internal_error", 500), gen)
+        tail += _error_event(error_body("internal server error", "internal_error", 500), gen)
     with contextlib.suppress(ConnectionResetError):
-        await resp.write(DONE_EVENT)
+        await resp.write(tail + DONE_EVENT)
         await resp.write_eof()
 
 
-async def _write_error(resp: web.StreamResponse, body: dict[str, Any], gen: Generation) -> None:
+def _error_event(body: dict[str, Any], gen: Generation) -> bytes:
     log.warning("stream of request %s ended with an error: %s", gen.request_id, body["error"])
-    with contextlib.suppress(ConnectionResetError):
-        await resp.write(encode_event(body))
+    return encode_event(body)
