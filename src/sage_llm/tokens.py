@@ -49,22 +49,31 @@ def count_tokens(prompt: str | Sequence[int] | None) -> int:
 def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     """Chained hashes of the full blocks of ``token_ids`` (like vLLM's prefix caching):
     block *i*'s hash covers every token up to the end of block *i*, so equal hashes mean
-    equal prefixes."""
+    equal prefixes.
+
+    Each block is its ids as little-endian uint32 (ids outside ``[0, 2**32)`` taken modulo
+    2**32) after the previous block's hash; the hash is CRC-32 | Adler-32 << 32 of that,
+    so values are the same in every process and on every platform."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    hashes: list[int] = []
-    parent = 0
     full = len(token_ids) - len(token_ids) % block_size
     if full == 0:
         return ()
-    packed = array("I", [int(t) & 0xFFFFFFFF for t in token_ids[:full]])
-    if sys.byteorder != "little":
+    head = token_ids[:full]
+    try:
+        packed = array("I", head)
+    except (OverflowError, TypeError):
+        packed = array("I", [int(t) & 0xFFFFFFFF for t in head])
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
         packed.byteswap()
     raw = packed.tobytes()
     step = 4 * block_size
+    crc32, adler32 = zlib.crc32, zlib.adler32
+    hashes: list[int] = []
+    parent = 0
     for start in range(0, len(raw), step):
         data = parent.to_bytes(8, "little") + raw[start : start + step]
-        parent = zlib.crc32(data) | (zlib.adler32(data) << 32)
+        parent = crc32(data) | (adler32(data) << 32)
         hashes.append(parent)
     return tuple(hashes)
 
