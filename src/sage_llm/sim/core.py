@@ -28,11 +28,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sage_llm import tokens
 from sage_llm.engines.base import EngineStats
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
-from sage_llm.sim.costmodel import CostModel, PrefillChunk, RooflineCostModel
+from sage_llm.sim.costmodel import CostModel, LinearStepModel, PrefillChunk, RooflineCostModel
 from sage_llm.sim.specs import GPUSpec, ModelSpec, kv_capacity_blocks, resolve_gpu, resolve_model
-from sage_llm.tokens import block_hashes
 from sage_llm.types import ExecutionInstanceType
 
 __all__ = ["BlockPool", "PinnedKV", "SimEngineConfig", "SimEngineCore", "StepResult"]
@@ -168,23 +168,31 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int]:
         out: list[int] = []
-        for _ in range(n):
-            head = next(iter(self._free), None)
-            if head is not None and head not in self._hash_of:
-                del self._free[head]
-                block = head
-            elif self._fresh < self.num_blocks:
-                block = self._fresh
-                self._fresh += 1
-            elif head is not None:
-                del self._free[head]
-                block = head
-                self._by_hash.pop(self._hash_of.pop(head))
-                self.evictions += 1
-            else:
+        free, hash_of = self._free, self._hash_of
+        while n and free:  # uncached free blocks sit at the head of the queue
+            head = next(iter(free))
+            if head in hash_of:
+                break
+            del free[head]
+            out.append(head)
+            n -= 1
+        fresh = min(n, self.num_blocks - self._fresh)
+        if fresh:
+            out.extend(range(self._fresh, self._fresh + fresh))
+            self._fresh += fresh
+            n -= fresh
+        if n:
+            if n > len(free):
                 raise RuntimeError("KV block pool exhausted")
-            self._ref[block] = 1
-            out.append(block)
+            by_hash = self._by_hash
+            for _ in range(n):  # then evict the least recently freed cached blocks
+                head, _ = free.popitem(last=False)
+                del by_hash[hash_of.pop(head)]
+                out.append(head)
+            self.evictions += n
+        ref = self._ref
+        for block in out:
+            ref[block] = 1
         return out
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -204,6 +212,15 @@ class BlockPool:
         if block_hash not in self._by_hash and block not in self._hash_of:
             self._by_hash[block_hash] = block
             self._hash_of[block] = block_hash
+
+    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int], lo: int, hi: int) -> None:
+        """:meth:`cache` ``blocks[i]`` under ``hashes[i]`` for ``lo <= i < hi``."""
+        by_hash, hash_of = self._by_hash, self._hash_of
+        for i in range(lo, hi):
+            block_hash, block = hashes[i], blocks[i]
+            if block_hash not in by_hash and block not in hash_of:
+                by_hash[block_hash] = block
+                hash_of[block] = block_hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,14 +255,22 @@ class StepResult:
     kv_pinned: list[PinnedKV] = field(default_factory=list)
     kv_pulled: list[tuple[str | None, str]] = field(default_factory=list)
     """Decode legs whose KV transfer completed: ``(remote_engine_id, remote_request_id)``."""
+    num_new_tokens: int = 0
+    """Tokens produced this step (``len(new_tokens)`` when the step lists them)."""
+    first_tokens: list[str] = field(default_factory=list)
+    """Requests whose first output token this step produced, in batch order."""
 
 
 class _Req:
     __slots__ = (
         "arrival",
+        "base",
         "blocks",
+        "due",
         "hashes",
         "id",
+        "lazy",
+        "made_at",
         "max_tokens",
         "num_cached",
         "num_computed",
@@ -256,6 +281,7 @@ class _Req:
         "remote",
         "remote_pending",
         "seen",
+        "seq",
         "state",
     )
 
@@ -275,6 +301,15 @@ class _Req:
         self.remote_pending = False
         self.ready_at = 0.0
         self.seen = False
+        self.seq = 0
+        """Position in the running batch (requests run in increasing ``seq``)."""
+        self.lazy = False
+        """A decode advanced implicitly: its counters are as of step ``base``."""
+        self.base = 0
+        self.due = 0
+        """The step at which a lazy decode needs a block or finishes."""
+        self.made_at = 0
+        """The last step in which this request, explicit, produced a token."""
 
     @property
     def total(self) -> int:
@@ -282,7 +317,18 @@ class _Req:
 
 
 class SimEngineCore:
-    """One simulated engine instance, stepped explicitly. Deterministic for a given seed."""
+    """One simulated engine instance, stepped explicitly. Deterministic for a given seed.
+
+    **Decode fast path.** A running request in steady decode (one token per step) is not
+    walked every step: it is *lazy*, its counters stored as of the step it was last touched
+    and advanced implicitly, and it is filed under the step of its next event — the step
+    that needs a new KV block or produces its last token. A step then costs the work of the
+    requests with an event (and of prefill chunks and admissions), not one unit per running
+    request. When the batch could preempt or run out of token budget, every request is made
+    explicit and the step runs the plain per-request schedule. The schedule, block
+    allocation order, step times, tokens and finishes are exactly those of walking every
+    request each step.
+    """
 
     def __init__(self, config: SimEngineConfig | None = None) -> None:
         self.config = config or SimEngineConfig()
@@ -296,7 +342,10 @@ class SimEngineCore:
         self._rng = random.Random(cfg.seed)
         self._reqs: dict[str, _Req] = {}
         self._waiting: deque[_Req] = deque()
-        self._running: list[_Req] = []
+        self._running: dict[int, _Req] = {}
+        """The running batch by ``seq`` (insertion order is batch order)."""
+        self._explicit: dict[int, _Req] = {}
+        """Running requests that are not lazy (prefilling, or with an event this step)."""
         self._transfers: list[_Req] = []
         self._pinned: dict[str, tuple[_Req, float]] = {}
         self._queries = 0
@@ -304,6 +353,16 @@ class SimEngineCore:
         self._preemptions = 0
         self._prompt_total = 0
         self._gen_total = 0
+        self._seq = 0
+        self._tick = 0
+        """Non-idle steps run so far."""
+        self._due: dict[int, list[_Req]] = {}
+        """Lazy decodes by the step of their next event (stale entries are skipped)."""
+        self._n_lazy = 0
+        self._lazy_ctx = 0
+        """Sum of the lazy decodes' context lengths as of step ``_tick``."""
+        self._sum_only = type(self.cost_model) in (RooflineCostModel, LinearStepModel)
+        """The cost model reads only ``len`` and ``sum`` of the decode contexts."""
 
     # -- requests ------------------------------------------------------------------
 
@@ -315,11 +374,14 @@ class SimEngineCore:
         *,
         arrival: float,
         kv_transfer: Mapping[str, Any] | None = None,
+        block_hashes: Sequence[int] | None = None,
     ) -> None:
         """Queue a request. ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs.
 
         A request id still held by a finished prefill leg's pinned KV releases that KV first
-        (its blocks stay cached), so both legs may run on one engine.
+        (its blocks stay cached), so both legs may run on one engine. ``block_hashes`` are
+        the prompt's :func:`sage_llm.tokens.block_hashes` at this engine's block size when
+        the caller has them already (not checked).
         """
         cfg = self.config
         if req_id in self._pinned:
@@ -355,7 +417,10 @@ class SimEngineCore:
             req.remote = (None if engine is None else str(engine), str(remote_id))
             req.remote_pending = True
         if cfg.enable_prefix_caching:
-            req.hashes = block_hashes(prompt_token_ids, self.block_size)
+            if block_hashes is None:
+                req.hashes = tokens.block_hashes(prompt_token_ids, self.block_size)
+            else:
+                req.hashes = tuple(block_hashes)
         self._reqs[req_id] = req
         self._waiting.append(req)
 
@@ -367,7 +432,7 @@ class SimEngineCore:
         if req.state == _WAITING:
             self._waiting.remove(req)
         elif req.state == _RUNNING:
-            self._running.remove(req)
+            self._leave_running(req)
         elif req.state == _TRANSFER:
             self._transfers.remove(req)
         else:
@@ -414,19 +479,75 @@ class SimEngineCore:
             source="sim",
         )
 
+    # -- lazy decodes ----------------------------------------------------------------
+
+    def _lazify(self, req: _Req) -> None:
+        """``req`` (explicit, counters as of step ``_tick``) now decodes implicitly."""
+        tick = self._tick
+        req.lazy = True
+        req.base = tick
+        self._explicit.pop(req.seq, None)
+        self._n_lazy += 1
+        self._lazy_ctx += req.num_computed
+        block_at = tick + len(req.blocks) * self.block_size - req.num_computed + 1
+        due = min(block_at, tick + req.max_tokens - req.num_output)
+        req.due = due
+        bucket = self._due.get(due)
+        if bucket is None:
+            self._due[due] = [req]
+        else:
+            bucket.append(req)
+
+    def _unlazy(self, req: _Req) -> None:
+        """Bring a lazy decode's counters to step ``_tick`` and make it explicit."""
+        k = self._tick - req.base
+        req.num_computed += k
+        req.num_output += k
+        req.lazy = False
+        self._n_lazy -= 1
+        self._lazy_ctx -= req.num_computed
+        self._explicit[req.seq] = req
+
+    def _leave_running(self, req: _Req) -> None:
+        if req.lazy:
+            self._unlazy(req)
+        del self._running[req.seq]
+        del self._explicit[req.seq]
+
     # -- the step ------------------------------------------------------------------
 
-    def step(self, now: float) -> StepResult:
-        """Schedule and run one batch starting at ``now``; state is updated immediately."""
+    def step(self, now: float, *, list_tokens: bool = True) -> StepResult:
+        """Schedule and run one batch starting at ``now``; state is updated immediately.
+
+        With ``list_tokens`` False the result leaves ``new_tokens`` empty (each running
+        request produces a token per step; listing them costs one entry each) and reports
+        only ``num_new_tokens`` and ``first_tokens``.
+        """
         res = StepResult()
-        self._expire_pins(now)
-        self._finish_transfers(now, res)
+        if self._pinned:
+            self._expire_pins(now)
+        if self._transfers:
+            self._finish_transfers(now, res)
+        step_no = self._tick + 1
+        due = self._due.pop(step_no, None)
+        if due is not None:
+            for req in due:
+                if req.lazy and req.due == step_no:
+                    self._unlazy(req)
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[_Req, int]] = []
-        budget = self._schedule_running(budget, scheduled, res)
+        implicit = self._schedule_fast(budget, scheduled)
+        if implicit < 0:
+            for req in self._running.values():
+                if req.lazy:
+                    self._unlazy(req)
+            implicit = 0
+            budget = self._schedule_running(budget, scheduled, res)
+        else:
+            budget -= implicit + sum(n for _, n in scheduled)
         if not res.preempted or not scheduled:
             self._schedule_waiting(now, budget, scheduled, res)
-        if not scheduled:
+        if not scheduled and not implicit:
             res.idle = True
             res.duration_s = self._idle_wait(now)
             return res
@@ -438,18 +559,92 @@ class SimEngineCore:
             else:
                 prefill.append((n, req.num_computed))
                 res.num_prefill_tokens += n
-        res.num_decode_tokens = len(decode)
+        res.num_decode_tokens = implicit + len(decode)
+        if implicit:
+            decode = self._decode_contexts(implicit, decode, scheduled)
         duration = self.cost_model.step_time(prefill, decode)
         if self.config.step_jitter > 0:
             duration *= max(0.05, 1.0 + self._rng.gauss(0.0, self.config.step_jitter))
         res.duration_s = duration / self.speed
-        self._commit(now + res.duration_s, scheduled, res)
+        batch: list[tuple[_Req, bool]] = []
+        if list_tokens:
+            batch = [(r, r.lazy) for r in self._running.values()]
+        self._tick = step_no
+        if implicit:
+            self._gen_total += implicit
+            self._lazy_ctx += implicit
+        produced = self._commit(now + res.duration_s, scheduled, res)
+        res.num_new_tokens = implicit + produced
+        if list_tokens:
+            res.new_tokens = [(r.id, 1) for r, lazy in batch if lazy or r.made_at == step_no]
         return res
+
+    def _schedule_fast(self, budget: int, scheduled: list[tuple[_Req, int]]) -> int:
+        """Schedule the running batch when it fits whole: every explicit request gets all
+        its remaining tokens, every lazy decode one token, no block allocation fails.
+        Returns the number of lazy decodes, or -1 (nothing done) when it does not fit."""
+        explicit = self._explicit
+        demand = self._n_lazy
+        if not explicit:
+            return demand if demand <= budget else -1
+        bs = self.block_size
+        order = (
+            [explicit[k] for k in sorted(explicit)] if len(explicit) > 1 else [*explicit.values()]
+        )
+        blocks = 0
+        work: list[tuple[_Req, int, int]] = []
+        for req in order:
+            total = req.num_prompt + req.num_output
+            rest = total - req.num_computed
+            need = -(-total // bs) - len(req.blocks)
+            demand += rest
+            if need > 0:
+                blocks += need
+            work.append((req, rest, need))
+        pool = self._pool
+        if demand > budget or blocks > pool.num_free:
+            return -1
+        if blocks:  # one allocation hands out the same blocks, in the same order, as several
+            got = pool.allocate(blocks)
+            at = 0
+            for req, rest, need in work:
+                if need > 0:
+                    req.blocks.extend(got[at : at + need])
+                    at += need
+                scheduled.append((req, rest))
+        else:
+            scheduled.extend((req, rest) for req, rest, _ in work)
+        return self._n_lazy
+
+    def _decode_contexts(
+        self, implicit: int, explicit: list[int], scheduled: list[tuple[_Req, int]]
+    ) -> list[int]:
+        """The step's decode context lengths for the cost model, lazy decodes included.
+
+        The built-in cost models read only their count and sum, which one entry carrying
+        the sum (and zeros) gives exactly; any other model gets them in batch order."""
+        if self._sum_only:
+            return [self._lazy_ctx + sum(explicit), *([0] * (implicit + len(explicit) - 1))]
+        ctx = {
+            req.seq: req.num_computed
+            for req, n in scheduled
+            if n == 1 and req.total - req.num_computed == 1
+        }
+        tick = self._tick
+        out: list[int] = []
+        for req in self._running.values():
+            if req.lazy:
+                out.append(req.num_computed + tick - req.base)
+            elif req.seq in ctx:
+                out.append(ctx[req.seq])
+        return out
 
     def _schedule_running(
         self, budget: int, scheduled: list[tuple[_Req, int]], res: StepResult
     ) -> int:
-        running = self._running
+        """vLLM's running-first schedule, one request at a time, preempting from the tail
+        of the batch when blocks run out (every running request is explicit here)."""
+        running = list(self._running.values())
         pool = self._pool
         bs = self.block_size
         i = 0
@@ -500,7 +695,10 @@ class SimEngineCore:
             req.num_computed = computed
             req.state = _RUNNING
             waiting.popleft()
-            self._running.append(req)
+            req.seq = self._seq
+            self._seq += 1
+            self._running[req.seq] = req
+            self._explicit[req.seq] = req
             scheduled.append((req, n))
             budget -= n
 
@@ -558,6 +756,7 @@ class SimEngineCore:
             res.kv_pulled.append(req.remote)
 
     def _preempt(self, req: _Req, res: StepResult) -> None:
+        self._leave_running(req)
         self._pool.free(req.blocks)
         req.blocks = []
         req.num_computed = 0
@@ -581,28 +780,36 @@ class SimEngineCore:
             for req_id in [k for k, (_, exp) in self._pinned.items() if exp <= now]:
                 self.abort(req_id)
 
-    def _commit(self, end: float, scheduled: list[tuple[_Req, int]], res: StepResult) -> None:
+    def _commit(self, end: float, scheduled: list[tuple[_Req, int]], res: StepResult) -> int:
+        """Apply the explicit requests' work; returns the tokens they produced. A request
+        that finishes its prefill and keeps decoding becomes lazy."""
         bs = self.block_size
-        any_finished = False
+        pool = self._pool
+        step_no = self._tick
+        produced = 0
         for req, n in scheduled:
             before = req.num_computed
             req.num_computed += n
             if req.hashes and before < req.num_prompt:
-                for i in range(before // bs, min(req.num_computed, req.num_prompt) // bs):
-                    self._pool.cache(req.blocks[i], req.hashes[i])
+                hi = min(req.num_computed, req.num_prompt) // bs
+                pool.cache_blocks(req.blocks, req.hashes, before // bs, hi)
             if req.num_computed < req.total:
                 continue
             req.num_output += 1
+            req.made_at = step_no
+            produced += 1
             self._gen_total += 1
             if req.num_output == 1:
                 self._prompt_total += req.num_prompt
-            res.new_tokens.append((req.id, 1))
+                res.first_tokens.append(req.id)
             if req.num_output >= req.max_tokens:
-                any_finished = True
                 res.finished.append((req.id, "length"))
+                del self._running[req.seq]
+                del self._explicit[req.seq]
                 self._finish(req, end, res)
-        if any_finished:
-            self._running = [r for r in self._running if r.state == _RUNNING]
+            else:
+                self._lazify(req)
+        return produced
 
     def _finish(self, req: _Req, end: float, res: StepResult) -> None:
         if req.prefill_leg:
