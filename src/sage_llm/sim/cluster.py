@@ -233,7 +233,7 @@ class ClusterSimulator:
             return
         slot.wake_gen += 1
         now = self._now
-        res = core.step(now)
+        res = core.step(now, list_tokens=self.record_token_times)
         if res.idle:  # waiting for a KV transfer or pinned blocks (PD); retry then
             self._push(now + max(res.duration_s, 1e-9), _WAKE, slot.index, slot.wake_gen)
             return
@@ -248,7 +248,7 @@ class ClusterSimulator:
         slot.result = None
         slot.busy = False
         slot.steps += 1
-        slot.tokens += len(res.new_tokens)
+        slot.tokens += res.num_new_tokens
         self._kick(slot)
         now, control = self._now, self.control
         if self.record_token_times:
@@ -262,10 +262,16 @@ class ClusterSimulator:
                 rec.output += n
                 assert rec.token_times is not None
                 rec.token_times.extend([now] * n)
-        elif slot.awaiting_first:
-            got = dict(res.new_tokens)
-            for rid in [r for r in slot.awaiting_first if r in got]:
-                control.first_token(slot.awaiting_first.pop(rid), slot, now)
+        elif res.first_tokens:
+            awaiting = slot.awaiting_first
+            firsts = res.first_tokens
+            if len(firsts) > 1:  # in dispatch order, as the dispatcher sees them
+                got = set(firsts)
+                firsts = [rid for rid in awaiting if rid in got]
+            for rid in firsts:
+                rec = awaiting.pop(rid, None)
+                if rec is not None:
+                    control.first_token(rec, slot, now)
         for rid, _reason in res.finished:
             rec = control.reqs.pop(rid, None)
             if rec is not None:

@@ -171,8 +171,14 @@ class SimControlPlane:
         assert ids is not None
         error = _engine_refusal(slot, len(ids), info.max_tokens)
         if error is None:
+            core = slot.core
+            hashes = None  # the engine hashes the prompt itself unless it has them already
+            if self.track_prefixes and core.block_size == self.prefix_block_size:
+                hashes = info.block_hashes
             try:
-                slot.core.add_request(info.request_id, ids, info.max_tokens, arrival=now)
+                core.add_request(
+                    info.request_id, ids, info.max_tokens, arrival=now, block_hashes=hashes
+                )
             except (InvalidRequestError, ConflictError) as exc:
                 error = f"{type(exc).__name__}: {exc.message}"
         if error is not None:

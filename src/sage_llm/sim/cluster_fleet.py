@@ -10,16 +10,12 @@
   something changed since it was last read.
 * :class:`FreeList`: the instances of one model with a free slot, sampled in O(k).
 * :class:`SimRequest`: one request from arrival to its end.
-* :func:`prefix_block_hashes`: :func:`sage_llm.tokens.block_hashes` with a fast path for
-  token-id lists (the same hashes, about 2× faster on long prompts).
+* :func:`prefix_block_hashes`: :func:`sage_llm.tokens.block_hashes`.
 """
 
 from __future__ import annotations
 
 import random
-import sys
-import zlib
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,29 +88,9 @@ def make_fleet(
 
 
 def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
-    """Exactly :func:`sage_llm.tokens.block_hashes`, faster for ids that fit in 32 bits.
-
-    ``tokens.block_hashes`` masks every id in a Python loop before packing; ids already in
-    ``[0, 2**32)`` pack directly. Anything else takes the reference function.
-    """
-    full = len(token_ids) - len(token_ids) % block_size if block_size > 0 else 0
-    if full == 0:
-        return block_hashes(token_ids, block_size)
-    try:
-        packed = array("I", token_ids[:full])
-    except (OverflowError, TypeError):
-        return block_hashes(token_ids, block_size)
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        packed.byteswap()
-    raw = packed.tobytes()
-    step = 4 * block_size
-    hashes: list[int] = []
-    parent = 0
-    for start in range(0, len(raw), step):
-        data = parent.to_bytes(8, "little") + raw[start : start + step]
-        parent = zlib.crc32(data) | (zlib.adler32(data) << 32)
-        hashes.append(parent)
-    return tuple(hashes)
+    """:func:`sage_llm.tokens.block_hashes` (kept under this name for callers of the
+    simulator; the reference function packs ids directly now)."""
+    return block_hashes(token_ids, block_size)
 
 
 class SimRequest:
