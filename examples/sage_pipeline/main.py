@@ -93,6 +93,8 @@ def build_pipeline(
     env: Any, config: SageConfig, questions: list[list[dict[str, Any]]], max_tokens: int
 ) -> queue.Queue[dict[str, Any]]:
     """source (waves) → AskFleet (call_service "llm") → Collect; returns the sink's queue."""
+    # isage-common ships no type information (no py.typed marker): these classes are Any to
+    # mypy, so subclassing them needs a narrow ignore[misc].
     from sage.common.core.functions import MapFunction, SinkFunction
 
     class AskFleet(MapFunction):  # type: ignore[misc]

@@ -23,7 +23,7 @@ from sage_llm.bench.sharegpt import (
 )
 from sage_llm.errors import ConfigError, NotFoundError
 
-ITEMS = [
+ITEMS: list[dict[str, object]] = [
     {
         "id": "a_0",
         "conversations": [

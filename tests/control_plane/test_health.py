@@ -30,10 +30,10 @@ def test_breaker_opens_after_threshold_and_recovers_through_half_open() -> None:
     assert b.record_failure(0.0) is None
     assert b.record_failure(0.1) is None
     assert b.record_failure(0.2) is CircuitState.OPEN
-    assert not b.routable
+    assert (b.state, b.routable) == (CircuitState.OPEN, False)
     assert b.poll(0.5) is None  # cool-down of 1 s not over
     assert b.poll(1.2) is CircuitState.HALF_OPEN
-    assert b.routable
+    assert (b.state, b.routable) == (CircuitState.HALF_OPEN, True)
     assert b.record_success(1.3) is None  # 1 of 2
     assert b.record_success(1.4) is CircuitState.CLOSED
     assert b.transitions == 3

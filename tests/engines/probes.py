@@ -7,7 +7,7 @@ would.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, KVHandle
 from sage_llm.errors import EngineConnectionError, EngineStreamError
@@ -27,7 +27,7 @@ class ConcurrencyProbe:
     def instance_id(self) -> str:
         return self.inner.instance_id
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         self.in_flight += 1
         self.started += 1
         self.request_ids.append(req.request_id)
@@ -70,7 +70,7 @@ class FaultyEngine(ConcurrencyProbe):
         self.failed_before: list[str] = []
         self.failed_mid: list[str] = []
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         if self.fail_before(req.request_id):
             self.failed_before.append(req.request_id)
             raise EngineConnectionError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,7 +48,7 @@ class GatewayProbe(ConcurrencyProbe):
         self.started_event = asyncio.Event()
         self.aborted_event = asyncio.Event()
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         self.requests.append(req)
         self.started_event.set()
         finished = False
@@ -62,7 +62,7 @@ class GatewayProbe(ConcurrencyProbe):
                 self.aborted.append(req.request_id)
                 self.aborted_event.set()
 
-    async def _choices(self, req: EngineRequest, n: int) -> AsyncIterator[Chunk]:
+    async def _choices(self, req: EngineRequest, n: int) -> AsyncGenerator[Chunk, None]:
         """One generation per choice, one after the other; the last chunk carries the
         usage of all of them."""
         prompt = completion = cached = 0
@@ -77,7 +77,7 @@ class GatewayProbe(ConcurrencyProbe):
                     usage = Usage(prompt, completion, cached) if index == n - 1 else None
                 yield replace(chunk, index=index, usage=usage)
 
-    async def _held(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+    async def _held(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         held = self.hold(req.request_id)
         produced = 0
         if held and self.hold_after == 0:
@@ -194,7 +194,7 @@ def completion_body(prompt: str = "Tell me about the control plane.", **fields: 
     return {"model": MODEL, "prompt": prompt, "max_tokens": 8, **fields}
 
 
-def chat_body(content: str = "Hello there, how are you?", **fields: Any) -> Any:
+def chat_body(content: str = "Hello there, how are you?", /, **fields: Any) -> Any:
     """A small chat body for the shared test model."""
     messages = [{"role": "user", "content": content}]
     return {"model": MODEL, "messages": messages, "max_tokens": 8, **fields}

@@ -60,7 +60,7 @@ async def test_bad_completion_fields_give_400_naming_the_field() -> None:
         assert gw.probes["sim-0"].requests == []
 
 
-BAD_CHATS = [
+BAD_CHATS: list[tuple[dict[str, object], str]] = [
     ({"messages": []}, "messages"),
     ({"messages": "hello"}, "messages"),
     ({"messages": [{"content": "no role"}]}, "messages"),

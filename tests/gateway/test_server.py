@@ -50,7 +50,7 @@ async def test_run_gateway_finishes_in_flight_requests_then_stops_the_manager() 
     settings = GatewayConfig(port=port)
     server = asyncio.create_task(run_gateway(manager, settings, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
-    assert manager.is_running
+    running_when_ready = manager.is_running
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:
         async with http.get(base + "/health") as r:
@@ -68,7 +68,7 @@ async def test_run_gateway_finishes_in_flight_requests_then_stops_the_manager() 
             await server
         assert events[-1] == "[DONE]"
         assert events[-2]["choices"][0]["finish_reason"] == "length"
-        assert not manager.is_running
+        assert (running_when_ready, manager.is_running) == (True, False)
         with pytest.raises(aiohttp.ClientConnectionError):
             async with http.get(base + "/health"):
                 pass

@@ -70,7 +70,7 @@ def test_configured_admin_token_wins_over_the_environment() -> None:
 
 @pytest.mark.parametrize("timeout", [None, 0, 0.0])
 def test_zero_or_missing_timeout_means_no_limit(timeout: float | None) -> None:
-    settings = _ConfigLike(request_timeout_s=timeout)  # type: ignore[arg-type]
+    settings = _ConfigLike(request_timeout_s=timeout)
     assert ResolvedGateway.from_settings(settings, {}).request_timeout_s is None
 
 

@@ -181,13 +181,14 @@ def test_planned_instances_from_dicts_checks_every_field() -> None:
         PlannedInstance(PREFILL, 2, 1, 1, (4, 5)),
         PlannedInstance(GENERAL, 1, 1, 1, (0,)),
     ]
-    for bad, message in [
+    bad_specs: list[tuple[dict[str, object], str]] = [
         ({"tp": 2, "gpu_ids": [0]}, r"instances\[0\].gpu_ids: lists 1 GPUs but tp × pp = 2"),
         ({"role": "boss"}, r"instances\[0\].role: invalid instance_type"),
         ({"tp": 0}, r"instances\[0\].tp: must be an integer >= 1"),
         ({"gpu_ids": [-1]}, "GPU indices must be integers >= 0"),
         ({"gpus": [0]}, "unknown key"),
-    ]:
+    ]
+    for bad, message in bad_specs:
         with pytest.raises(ConfigError, match=message):
             planned_instances_from_dicts([bad])
     with pytest.raises(ConfigError, match="no instances"):

@@ -29,8 +29,7 @@ def test_run_executes_on_the_loop_thread_and_returns_the_result() -> None:
         assert runner.run(_thread_name()) == "svc-loop"
     finally:
         runner.stop()
-    assert not runner.running
-    assert runner.loop is None
+    assert (runner.running, runner.loop) == (False, None)
 
 
 def test_exceptions_propagate_with_their_type() -> None:
