@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any, cast
 
 import pytest
 
@@ -25,10 +26,13 @@ from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
 from sage_llm.sim.cluster_fleet import FreeList, prefix_block_hashes
+from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.factory import sim_config_for
 from sage_llm.tokens import block_hashes
+from sage_llm.tokens import block_hashes as block_hashes_of
 from sage_llm.types import ExecutionInstanceType, RequestPriority
 from tests.factories import make_instances
+from tests.sim.reference_core import ReferenceCore
 
 
 def _fleet(n: int, *, bound: int = 16, gpu: str = "l40s") -> list[SimInstanceSpec]:
@@ -137,6 +141,80 @@ def test_token_times_are_recorded_on_request() -> None:
     plain = ClusterSimulator(_fleet(2), policy="fifo", routing="round_robin").run(workload)
     assert plain.summary.itl is None
     assert _signature(plain.measurements) == _signature(result.measurements)
+
+
+class _ReferenceEngine(ReferenceCore):
+    """The per-step reference core behind the fast core's step signature."""
+
+    def __init__(self, config: SimEngineConfig) -> None:
+        super().__init__(config)
+        self._produced: set[str] = set()
+
+    def add_request(
+        self,
+        req_id: str,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        *,
+        arrival: float,
+        kv_transfer: Mapping[str, Any] | None = None,
+        block_hashes: Sequence[int] | None = None,
+    ) -> None:
+        assert block_hashes is None or tuple(block_hashes) == block_hashes_of(
+            prompt_token_ids, self.block_size
+        )
+        super().add_request(
+            req_id, prompt_token_ids, max_tokens, arrival=arrival, kv_transfer=kv_transfer
+        )
+
+    def step(self, now: float, *, list_tokens: bool = True) -> StepResult:
+        res = super().step(now)
+        res.num_new_tokens = len(res.new_tokens)
+        res.first_tokens = [rid for rid, _ in res.new_tokens if rid not in self._produced]
+        self._produced.update(res.first_tokens)
+        if not list_tokens:
+            res.new_tokens = []
+        return res
+
+
+@pytest.mark.parametrize(
+    ("routing", "record_token_times"),
+    [("load_balanced", False), ("load_balanced", True), ("locality", False)],
+)
+def test_runs_exactly_as_on_the_per_step_reference_engines(
+    routing: str, record_token_times: bool
+) -> None:
+    # A small cache (preemptions), a tight token budget, shared prefixes (multi-turn
+    # sessions; with locality routing the prompts' hashes come from the prefix index): every
+    # path of the engines' decode fast path is taken, and no figure of the run may differ.
+    fleet = [
+        replace(s, config=replace(s.engine_config(), max_num_batched_tokens=256))
+        for s in make_fleet(3, gpu="l40s", max_concurrency=12, num_gpu_blocks=160)
+    ]
+    workload = (
+        multi_turn(40, turns_per_session=3, rate=6.0, think_time_s=1.0, system_prompt_tokens=64)
+        if routing == "locality"
+        else synthetic(240, 30.0, input_dist="uniform:16,400", output_dist="uniform:1,120", seed=5)
+    )
+
+    def run(reference: bool) -> ClusterResult:
+        sim = ClusterSimulator(
+            fleet, policy="fifo", routing=routing, record_token_times=record_token_times
+        )
+        if reference:
+            for slot in sim._slots:
+                slot.core = cast(SimEngineCore, _ReferenceEngine(slot.core.config))
+        return sim.run(workload)
+
+    fast, reference = run(False), run(True)
+    assert fast.settings["track_prefixes"] == (routing == "locality")
+    if routing == "locality":
+        assert reference.prefix_hit_rate > 0.1
+    else:
+        assert sum(u.preemptions for u in reference.instances) > 0
+    assert [asdict(m) for m in fast.measurements] == [asdict(m) for m in reference.measurements]
+    assert fast.instances == reference.instances
+    assert (fast.steps, fast.events) == (reference.steps, reference.events)
 
 
 # -- the control plane's behaviour -----------------------------------------------------------

@@ -118,8 +118,12 @@ class FleetState:
         out = list(self._views)
         slots = self.slots
         for model in self.sampled_models:
-            picked = self.free[model].sample(self._rng, self.max_candidates)
-            out.extend(slots[i].fresh_view() for i in picked)
+            for i in self.free[model].sample(self._rng, self.max_candidates):
+                slot = slots[i]
+                if slot.dirty:  # slot.fresh_view(), inlined: this runs for every candidate
+                    slot.view = slot.state.view()
+                    slot.dirty = False
+                out.append(slot.view)
         return ClusterSnapshot(now, tuple(out), self.prefix)
 
     def augment(self, snap: ClusterSnapshot, info: RequestInfo) -> ClusterSnapshot:
