@@ -220,12 +220,22 @@ async def calibrate(url: str, concurrency: int, seconds: float, max_tokens: int)
 
 
 async def admin_status(base: str) -> dict[str, Any]:
-    """The gateway's ``/admin/status`` (loopback, no admin token), or {} if unavailable."""
+    """The prefix index size from the gateway's ``/admin/status`` (loopback, no admin token)
+    and the request retry count from its ``/metrics``; {} where unavailable."""
+    out: dict[str, Any] = {}
     try:
-        async with aiohttp.ClientSession() as session, session.get(base + "/admin/status") as r:
-            return dict(await r.json()) if r.status == 200 else {}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + "/admin/status") as r:
+                if r.status == 200:
+                    body = await r.json()
+                    out.update({k: v for k, v in body.items() if k.startswith("prefix_index")})
+            async with session.get(base + "/metrics") as r:
+                for line in (await r.text()).splitlines():
+                    if line.startswith("sage_llm_request_retries_total "):
+                        out["request_retries"] = float(line.split()[1])
     except (aiohttp.ClientError, ValueError):
-        return {}
+        pass
+    return out
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -346,10 +356,7 @@ async def soak_gateway(
         "load_average_1m_mean": sum(loads) / len(loads) if loads else None,
         **rss_summary(samples, args.warmup_minutes * 60.0, "rss"),
         "samples": [(round(t, 1), round(r / 2**20, 2)) for t, r in samples],
-        "control_plane": {
-            when: {k: v for k, v in st.items() if k.startswith(("prefix_index", "finished"))}
-            for when, st in status.items()
-        },
+        "control_plane": status,
         "gateway_log": str(workdir / "gateway.log"),
         "tracemalloc": tm_report,
     }
