@@ -21,7 +21,7 @@ from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.snapshot import ClusterSnapshot
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType as Role
-from tests.factories import make_instance_view, make_request_info, make_snapshot
+from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
 
 
 def mixed_fleet(**general: object) -> ClusterSnapshot:
@@ -249,12 +249,26 @@ def test_adaptive_keeps_short_prompts_colocated_when_every_target_holds_with_sla
     assert no_slack.decide(short, gap_fleet()).disaggregate is True
 
 
-def test_adaptive_without_running_decodes_sees_no_stall() -> None:
-    # An idle GENERAL instance: a long prompt stalls nobody there, and it is cheaper local.
+def test_adaptive_sends_a_stalling_prompt_to_a_pair_with_slack() -> None:
+    # An idle GENERAL instance: a long prompt stalls nobody there now, but it would leave
+    # the instance decoding and unfit to prefill the next long prompt. With a pair that
+    # meets every target with slack, it goes to the pair.
     decider = AdaptiveDecider(GAP_TARGETS)
-    snap = gap_fleet(in_flight=0, outstanding_decode_tokens=0)
-    decision = decider.decide(make_request_info(prompt_tokens=6000, max_tokens=300), snap)
-    assert decision.disaggregate is False
+    idle = gap_fleet(in_flight=0, outstanding_decode_tokens=0)
+    long_req = make_request_info(prompt_tokens=6000, max_tokens=300)
+    colo = decider.colocated(long_req, idle)
+    assert colo is not None and colo.gap_s == pytest.approx(0.008)
+    decision = decider.decide(long_req, idle)
+    assert decision.disaggregate is True
+    assert "stalls decodes" in decision.reason
+    # a short prompt stalls nothing: it stays on the idle instance
+    short = make_request_info(prompt_tokens=100, max_tokens=300)
+    assert decider.decide(short, idle).disaggregate is False
+    # when no pair has slack (a deep prefill queue, a slow decode instance), it stays local
+    no_slack = with_view(
+        with_view(idle, "d0", est_tpot_s=0.03), "p0", queued_prefill_tokens=100_000
+    )
+    assert decider.decide(long_req, no_slack).disaggregate is False
 
 
 def test_adaptive_pairs_avoid_legs_that_would_break_the_gap_target() -> None:

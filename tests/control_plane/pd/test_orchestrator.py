@@ -14,6 +14,7 @@ from sage_llm.control_plane.pd.orchestrator import (
     PDPlan,
     isolation,
     pair_exists,
+    phase_fit,
     servable_view,
     unservable_reason,
     uses_pd,
@@ -82,6 +83,38 @@ def test_general_legs_keep_prefill_away_from_running_decodes() -> None:
         assert (plan.prefill_id, plan.decode_id) == ("g-pre", "g-dec")
     assert isolation(snap.instances[1], snap.instances[0]) == 1.0
     assert isolation(snap.instances[0], snap.instances[1]) == 0.0
+
+
+def test_phase_fit_groups_general_instances_by_phase() -> None:
+    idle = make_instance_view("g")
+    prefilling = make_instance_view("g", queued_prefill_tokens=100)
+    decoding = make_instance_view("g", outstanding_decode_tokens=100)
+    both = make_instance_view("g", queued_prefill_tokens=100, outstanding_decode_tokens=100)
+    assert [phase_fit(v, "prefill") for v in (idle, prefilling, decoding, both)] == [
+        0.5, 1.0, 0.0, 0.0,
+    ]  # fmt: skip
+    assert [phase_fit(v, "decode") for v in (idle, prefilling, decoding, both)] == [
+        0.5, 0.0, 1.0, 0.0,
+    ]  # fmt: skip
+    dedicated = make_instance_view("p", role=Role.PREFILLING, queued_prefill_tokens=0)
+    assert phase_fit(dedicated, "prefill") == 1.0
+
+
+def test_a_long_prefill_queue_loses_to_an_idle_instance() -> None:
+    # The dedicated prefill instance has 60k tokens queued (seconds of TTFT); an idle
+    # GENERAL instance prefills now. Prefill speed outweighs role fit.
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING, queued_prefill_tokens=60_000),
+            make_instance_view("g0"),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    for seed in range(3):
+        plan = plan_of(PDOrchestrator(seed=seed), snap, prompt_tokens=4000)
+        assert (plan.prefill_id, plan.decode_id) == ("g0", "d0")
+    no_speed = PDOrchestrator(PairingParams(ttft_weight=0.0), seed=0)
+    assert plan_of(no_speed, snap, prompt_tokens=4000).prefill_id == "p0"
 
 
 def test_transfer_cost_prefers_the_nvlink_peer() -> None:

@@ -265,8 +265,11 @@ class AdaptiveDecider:
 
     A path's badness is the largest ratio of prediction to target over the TTFT, TPOT and
     largest-gap targets and the request's own deadline (end to end); without any target it
-    is the predicted end-to-end time. A request whose colocated badness is at most
-    ``slack`` stays colocated (it meets every target with room to spare). Otherwise it is
+    is the predicted end-to-end time. A prompt that would on its own stall decodes beyond
+    the gap target goes to a pair whose badness is at most ``slack``: colocated, it would
+    leave a whole-request instance decoding and unfit to prefill the next such prompt.
+    Otherwise a request whose colocated badness is at most ``slack`` stays colocated (it
+    meets every target with room to spare), and otherwise it is
     disaggregated when that path's badness is below the colocated one's by more than
     ``hysteresis``: a dead band that keeps near-ties on the cheaper colocated path and
     stops decisions flapping as load moves.
@@ -397,11 +400,23 @@ class AdaptiveDecider:
             f"{disagg.where} ttft={disagg.ttft_s * 1000:.0f}ms "
             f"tpot={disagg.tpot_s * 1000:.1f}ms gap={disagg.gap_s * 1000:.0f}ms"
         )
-        if self._has_targets(req) and colo.badness <= self.params.slack:
+        slack = self.params.slack
+        if self._stalling_prompt(req, snap, colo) and disagg.badness <= slack:
+            return PDDecision(True, f"a prompt that stalls decodes, a pair with slack: {summary}")
+        if self._has_targets(req) and colo.badness <= slack:
             return PDDecision(False, f"colocated meets every target with slack: {summary}")
         if disagg.badness < colo.badness * (1.0 - self.params.hysteresis):
             return PDDecision(True, f"disaggregated predicted better: {summary}")
         return PDDecision(False, f"colocated predicted as good: {summary}")
+
+    def _stalling_prompt(
+        self, req: RequestInfo, snap: ClusterSnapshot, colo: PathPrediction
+    ) -> bool:
+        """Whether ``req``'s prompt alone would stall decodes on the colocated instance
+        beyond the gap target. Run there, it would leave that instance decoding, and so
+        unfit to prefill other such prompts until it finishes."""
+        view = snap.get(colo.where)
+        return view is not None and self._breaks_gap(self.stall_s(view, req.prompt_tokens))
 
     def _has_targets(self, req: RequestInfo) -> bool:
         p = self.params

@@ -147,11 +147,12 @@ class PairingParams:
     prefill score, its transfer affinity (``transfer_weight``; prefill time over prefill plus
     KV transfer time, 1 for free transfers), its role fit (``role_weight``; dedicated
     PREFILLING/DECODING instances 1, HYBRID 0.5, GENERAL 0, so instances that also run whole
-    requests are kept for those) and its phase isolation (``isolation_weight``: half for a
-    prefill instance with no decodes running, half for a decode instance with no prefill
-    queued, so a GENERAL/HYBRID leg does not stall running decodes with a prompt, nor
-    decode behind one; dedicated instances always score 1). ``top_k`` candidates of each leg
-    are paired.
+    requests are kept for those), its phase isolation (``isolation_weight``; the mean of
+    both legs' :func:`phase_fit`, so a GENERAL/HYBRID leg does not stall running decodes
+    with a prompt, nor decode behind one, and such instances settle into a prefill group
+    and a decode group) and its prefill speed (``ttft_weight``: the fastest candidate's
+    predicted TTFT over this one's, so a long prefill queue on a dedicated instance loses to
+    an idle instance). ``top_k`` candidates of each leg are paired.
     """
 
     prefill_strategy: str = ""
@@ -162,7 +163,8 @@ class PairingParams:
     batch_weight: float = 1.0
     transfer_weight: float = 1.0
     role_weight: float = 0.5
-    isolation_weight: float = 1.0
+    isolation_weight: float = 2.0
+    ttft_weight: float = 1.0
     top_k: int = 4
     kv_threshold: float = 0.95
     nvlink_gbps: float = 300.0
@@ -173,7 +175,7 @@ class PairingParams:
     def __post_init__(self) -> None:
         for key in (
             "prefix_weight", "queue_weight", "kv_weight", "batch_weight", "transfer_weight",
-            "role_weight", "isolation_weight",
+            "role_weight", "isolation_weight", "ttft_weight",
         ):  # fmt: skip
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
@@ -201,12 +203,25 @@ def _role_fit(role: ExecutionInstanceType, dedicated: ExecutionInstanceType) -> 
 
 
 def isolation(prefill: InstanceView, decode: InstanceView) -> float:
-    """Phase isolation of a pair, 0..1: half for a prefill instance with no decodes running
-    (its prompt stalls none), half for a decode instance with no prefill queued (the
-    request's decode does not wait behind prompt chunks)."""
-    return 0.5 * (prefill.outstanding_decode_tokens <= 0) + 0.5 * (
-        decode.queued_prefill_tokens <= 0
+    """Phase isolation of a pair, 0..1: the mean of each leg's :func:`phase_fit`."""
+    return 0.5 * phase_fit(prefill, "prefill") + 0.5 * phase_fit(decode, "decode")
+
+
+def phase_fit(v: InstanceView, leg: Literal["prefill", "decode"]) -> float:
+    """How well ``v`` keeps ``leg`` apart from the other phase: 1 for a dedicated instance
+    or one already doing only that phase, 0.5 for an idle one, 0 for one doing the other
+    phase (a prompt would stall its decodes, or a decode would wait behind its prompts).
+    So GENERAL/HYBRID instances settle into a prefill group and a decode group."""
+    dedicated = (
+        ExecutionInstanceType.PREFILLING if leg == "prefill" else ExecutionInstanceType.DECODING
     )
+    if v.role is dedicated:
+        return 1.0
+    prefill, decode = v.queued_prefill_tokens > 0, v.outstanding_decode_tokens > 0
+    same, other = (prefill, decode) if leg == "prefill" else (decode, prefill)
+    if other:
+        return 0.0
+    return 1.0 if same else 0.5
 
 
 class PDOrchestrator:
@@ -262,7 +277,9 @@ class PDOrchestrator:
         decodes = self._ranked(self.decode_router, req, snap)
         prefills = self._ranked(self.prefill_router, req, snap) if decodes else []
         p = self.params
-        total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight
+        total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight + p.ttft_weight
+        ttfts = {pv.instance_id: pv.predict_ttft_s(req.prompt_tokens) for pv, _ in prefills}
+        fastest = min(ttfts.values(), default=0.0)
         best: tuple[float, InstanceView, InstanceView] | None = None
         scores: dict[str, float] = {}
         for d, d_score in decodes:
@@ -273,9 +290,11 @@ class PDOrchestrator:
                 role = (d_role + _role_fit(pv.role, ExecutionInstanceType.PREFILLING)) / 2.0
                 aff = self.affinity(req, pv, d)
                 iso = p.isolation_weight * isolation(pv, d)
+                speed = p.ttft_weight * fastest / max(ttfts[pv.instance_id], 1e-9)
                 value = (
                     d_score + p_score + p.transfer_weight * aff + p.role_weight * role + iso
-                ) / total
+                    + speed
+                ) / total  # fmt: skip
                 scores[f"{pv.instance_id}->{d.instance_id}"] = value
                 if best is None or value > best[0]:
                     best = (value, pv, d)
