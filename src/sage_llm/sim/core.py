@@ -38,6 +38,8 @@ from sage_llm.types import ExecutionInstanceType
 __all__ = ["BlockPool", "PinnedKV", "SimEngineConfig", "SimEngineCore", "StepResult"]
 
 _WAITING, _TRANSFER, _RUNNING, _PINNED = range(4)
+_SUM_ONLY_COST_MODELS = (RooflineCostModel, LinearStepModel)
+"""Cost models that read only ``len`` and ``sum`` of the decode context lengths."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +363,6 @@ class SimEngineCore:
         self._n_lazy = 0
         self._lazy_ctx = 0
         """Sum of the lazy decodes' context lengths as of step ``_tick``."""
-        self._sum_only = type(self.cost_model) in (RooflineCostModel, LinearStepModel)
-        """The cost model reads only ``len`` and ``sum`` of the decode contexts."""
 
     # -- requests ------------------------------------------------------------------
 
@@ -623,7 +623,7 @@ class SimEngineCore:
 
         The built-in cost models read only their count and sum, which one entry carrying
         the sum (and zeros) gives exactly; any other model gets them in batch order."""
-        if self._sum_only:
+        if type(self.cost_model) in _SUM_ONLY_COST_MODELS:
             return [self._lazy_ctx + sum(explicit), *([0] * (implicit + len(explicit) - 1))]
         ctx = {
             req.seq: req.num_computed
