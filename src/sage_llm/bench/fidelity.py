@@ -1,7 +1,7 @@
 """Simulator fidelity against the real vLLM CPU engine (the tiny Llama of REFERENCE.md §4).
 
-The benchmark measures the real engine, fits the simulator's step model to it, and reports
-how well the simulator then reproduces the engine's latencies:
+The benchmark measures the real engine, fits the simulator's step model and front end to
+it, and reports how well the simulator then reproduces the engine's latencies:
 
 1. **Measure.** Closed-loop workloads (``concurrency`` clients, each sending ``rounds``
    requests back to back, prompts of random token ids so nothing hits the prefix cache,
@@ -9,17 +9,21 @@ how well the simulator then reproduces the engine's latencies:
    give the means: ``vllm:time_to_first_token_seconds`` (TTFT) and
    ``vllm:inter_token_latency_seconds`` (TPOT, weighted by tokens), as deltas around each
    workload.
-2. **Fit.** A prefill sweep at concurrency 1 gives ``(prompt_tokens, 0, ttft)`` samples; a
-   decode sweep (``B`` requests at once) gives ``(0, B, tpot)`` samples. They are fitted with
-   :func:`~sage_llm.sim.costmodel.fit_linear_step_model` into a
-   :class:`~sage_llm.sim.costmodel.LinearStepModel`.
+2. **Fit.** Calibration sweeps only: a prefill sweep at concurrency 1, a decode sweep
+   (``B`` requests at once) and staggered clients. :func:`fit_step_and_intake` reads the
+   first two as ``TTFT = intake + β0 + β1·prompt`` and ``TPOT = β0 + β2·B`` (least squares);
+   :func:`fit_by_simulation` then adjusts the :class:`~sage_llm.sim.costmodel.LinearStepModel`
+   and the :class:`~sage_llm.sim.costmodel.FrontEndModel` until replays of every sweep
+   match the measured TTFTs and TPOTs best.
 3. **Compare.** :func:`simulate` replays each evaluation workload on a
-   :class:`~sage_llm.sim.core.SimEngineCore` with that model and the real engine's scheduler
-   limits (explicit time, no sleeping) and :func:`compare` reports TTFT and TPOT errors.
+   :class:`~sage_llm.sim.core.SimEngineCore` behind the front end, with the fitted model and
+   the real engine's scheduler limits (explicit time, no sleeping), and :func:`compare`
+   reports TTFT and TPOT errors.
 
 The fitted profile is stored as JSON under ``sage_llm/sim/profiles/`` and read back with
 :func:`load_profile` (``load_profile("cpu", "tiny").sim_config()`` is a
-:class:`~sage_llm.sim.core.SimEngineConfig` that mimics the real engine). This module is pure
+:class:`~sage_llm.sim.core.SimEngineConfig` that mimics the real engine's core, and its
+``front_end`` goes to :class:`~sage_llm.sim.engine.SimEngine`). This module is pure
 (no I/O but reading a profile); the measuring half is :mod:`sage_llm.bench.fidelity_real`,
 which needs the vLLM venv that ``scripts/setup-real-vllm.sh`` builds (docs/benchmarks.md).
 """

