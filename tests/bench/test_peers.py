@@ -91,18 +91,30 @@ def test_vllm_router_regular_command_line() -> None:
 def test_sglang_router_pd_command_line_uses_its_subcommand_and_flags() -> None:
     argv = router_argv(
         _install("sglang-router"),
-        pd=(["http://p1", "http://p2"], ["http://d1"]),
+        pd=(["http://p1:8101", "http://p2:8102"], ["http://d1:8103"]),
         port=1,
         metrics_port=2,
         extra_args=["--cache-threshold", "0.5"],
     )
     assert argv[:2] == ["/peers/x/bin/sglang-router", "launch"]
     i = argv.index("--pd-disaggregation")
-    assert argv[i + 1 :][:6] == ["--prefill", "http://p1", "--prefill", "http://p2",
-                                 "--decode", "http://d1"]  # fmt: skip
+    # each prefill server with its bootstrap port (engine-sim: its own HTTP port)
+    assert argv[i + 1 :][:8] == ["--prefill", "http://p1:8101", "8101",
+                                 "--prefill", "http://p2:8102", "8102",
+                                 "--decode", "http://d1:8103"]  # fmt: skip
     assert "--worker-urls" not in argv
     assert argv[argv.index("--log-level") + 1] == "warn"
     assert argv[-2:] == ["--cache-threshold", "0.5"]
+
+
+def test_sglang_router_pd_bootstrap_ports_can_be_given() -> None:
+    argv = router_argv(_install("sglang-router"), pd=(["http://p:8000"], ["http://d:8001"]),
+                       port=1, metrics_port=2, bootstrap_ports=[8998])  # fmt: skip
+    i = argv.index("--prefill")
+    assert argv[i : i + 3] == ["--prefill", "http://p:8000", "8998"]
+    with pytest.raises(ConfigError, match="one bootstrap port per prefill URL"):
+        router_argv(_install("sglang-router"), pd=(["http://p:8000"], ["http://d:8001"]),
+                    port=1, metrics_port=2, bootstrap_ports=[1, 2])  # fmt: skip
 
 
 def test_vllm_router_pd_flag() -> None:

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from sage_llm.bench import procs
-from sage_llm.bench.peers import PeerError, PeerInstall, ensure_peer, peers_dir, router_argv
+from sage_llm.bench.peers import PeerError, PeerInstall, ensure_peer, peers_dir
 from sage_llm.bench.procs import counter_total, free_ports, start_engine_sims
 from sage_llm.errors import EngineError, EngineTimeoutError, InvalidRequestError
 from sage_llm.sim.clock import run_virtual
@@ -184,22 +184,9 @@ async def _installed_sglang_router() -> PeerInstall:
 
 
 @pytest.mark.slow
-async def test_sglang_router_pd_mode_disaggregates_over_engine_sim(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_sglang_router_pd_mode_disaggregates_over_engine_sim() -> None:
     install = await _installed_sglang_router()
 
-    def with_bootstrap_ports(*args: Any, **kwargs: Any) -> list[str]:
-        # engine-sim serves the bootstrap on its HTTP port: --prefill URL PORT
-        argv = router_argv(*args, **kwargs)
-        out: list[str] = []
-        for i, arg in enumerate(argv):
-            out.append(arg)
-            if i > 0 and argv[i - 1] == "--prefill":
-                out.append(arg.rsplit(":", 1)[1])
-        return out
-
-    monkeypatch.setattr("sage_llm.bench.procs.router_argv", with_bootstrap_ports)
     n, max_tokens = 12, 6
     async with await start_engine_sims(
         2, model=MODEL, speed=50.0, role=["prefill", "decode"]

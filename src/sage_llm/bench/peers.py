@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
+from urllib.parse import urlsplit
 
 from sage_llm.errors import ConfigError, NotFoundError, SageLLMError
 
@@ -222,6 +223,13 @@ def count_workers(workers: Sequence[str], pd: tuple[Sequence[str], Sequence[str]
     return len(pd[0]) + len(pd[1])
 
 
+def _url_port(url: str) -> int:
+    port = urlsplit(url).port
+    if port is None:
+        raise ConfigError(f"prefill URL {url!r} has no port", key="pd")
+    return port
+
+
 def router_argv(
     install: PeerInstall,
     *,
@@ -233,13 +241,18 @@ def router_argv(
     metrics_port: int,
     log_level: str = "warning",
     extra_args: Sequence[str] = (),
+    bootstrap_ports: Sequence[int] | None = None,
 ) -> list[str]:
     """The command line that starts ``install``'s router on ``host:port``.
 
     Either ``workers`` (regular mode) or ``pd=(prefill_urls, decode_urls)`` (PD mode)
     names the engines. ``metrics_port`` is the router's own Prometheus port (both peers
-    default to 29000, so two routers on one machine need distinct ones). Raises
-    :class:`ConfigError` for an unknown policy or log level, or a bad worker set.
+    default to 29000, so two routers on one machine need distinct ones). In SGLang's PD
+    mode each prefill server is named with its bootstrap port (``--prefill URL PORT``):
+    ``bootstrap_ports``, one per prefill URL, or by default the URL's own port, which is
+    where ``sage-llm engine-sim`` serves its bootstrap (real SGLang servers listen on
+    ``--disaggregation-bootstrap-port``, 8998 unless set). Raises :class:`ConfigError`
+    for an unknown policy or log level, or a bad worker set.
     """
     spec = install.spec
     spec.check_policy(policy)
@@ -251,8 +264,19 @@ def router_argv(
     else:
         prefill, decode = pd
         argv.append(spec.pd_flag)
-        for url in prefill:
-            argv += ["--prefill", url]
+        if spec.pd_protocol == "sglang-bootstrap":
+            ports = (
+                list(bootstrap_ports)
+                if bootstrap_ports is not None
+                else [_url_port(url) for url in prefill]
+            )
+            if len(ports) != len(prefill):
+                raise ConfigError("one bootstrap port per prefill URL", key="bootstrap_ports")
+            for url, bport in zip(prefill, ports, strict=True):
+                argv += ["--prefill", url, str(bport)]
+        else:
+            for url in prefill:
+                argv += ["--prefill", url]
         for url in decode:
             argv += ["--decode", url]
     argv += [
