@@ -238,7 +238,12 @@ async def run_fidelity(
         ready = loop.time()
         load_start = os.getloadavg()[0]
         timeout = aiohttp.ClientTimeout(total=600)
-        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+        # Idle connections are dropped before uvicorn's 5 s keep-alive closes them, so a
+        # request never goes out on a connection the server is closing.
+        connector = aiohttp.TCPConnector(keepalive_timeout=2.0)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=timeout, connector=connector)
+        )
         name = settings.name
         shape = await engine_shape(session, url, shape)
         async with session.get(f"{url}/version") as resp:
