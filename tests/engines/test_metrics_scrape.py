@@ -215,3 +215,23 @@ def test_unknown_family_and_nan_values() -> None:
     )
     stats = scrape_text_to_stats("vllm:num_requests_running NaN\nvllm:kv_cache_usage_perc 7\n")
     assert (stats.running, stats.kv_usage) == (0, 1.0)
+
+
+def test_stats_scrape_parses_only_the_metrics_it_reads() -> None:
+    noise = "\n".join(
+        f'vllm:e2e_request_latency_seconds_bucket{{le="{i}",model_name="m"}} {i}'
+        for i in range(500)
+    )
+    broken = 'vllm:some_future_metric{label="unterminated 1\n'
+    text = VLLM_TEXT + noise + "\n" + broken
+    with pytest.raises(MetricsParseError):
+        parse_prometheus_text(text)  # the full parser checks every line
+    assert scrape_text_to_stats(text) == scrape_text_to_stats(VLLM_TEXT)
+    wanted = parse_prometheus_text(text, frozenset({"vllm:num_requests_running"}))
+    assert list(wanted) == ["vllm:num_requests_running"]
+    assert len(wanted["vllm:num_requests_running"]) == 2
+
+
+def test_a_malformed_line_of_a_metric_the_stats_read_still_raises() -> None:
+    with pytest.raises(MetricsParseError, match="line 2"):
+        scrape_text_to_stats('ok 1\nvllm:num_requests_running{engine="0" 3\n')

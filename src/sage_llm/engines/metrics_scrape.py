@@ -40,8 +40,12 @@ class MetricsParseError(EngineError):
         self.line = line
 
 
-def parse_prometheus_text(text: str) -> Samples:
+def parse_prometheus_text(text: str, names: frozenset[str] | None = None) -> Samples:
     """Every sample in ``text``: ``{metric_name: [(labels, value), ...]}`` in file order.
+
+    With ``names``, only samples of those metric names are parsed (and checked); the other
+    lines are skipped by their name alone, which is what keeps a scrape of a large
+    ``/metrics`` page (vLLM's histograms run to hundreds of bucket lines) cheap.
 
     Raises :class:`MetricsParseError` (an :class:`~sage_llm.errors.EngineError`) on a
     malformed line.
@@ -51,9 +55,22 @@ def parse_prometheus_text(text: str) -> Samples:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if names is not None and line[0] != "{" and _line_name(line) not in names:
+            continue
         name, labels, value = _parse_sample(line, lineno)
-        out.setdefault(name, []).append((labels, value))
+        if names is None or name in names:
+            out.setdefault(name, []).append((labels, value))
     return out
+
+
+def _line_name(line: str) -> str:
+    """The metric name a sample line starts with (up to ``{`` or white space)."""
+    end = len(line)
+    for stop in ("{", " ", "\t"):
+        i = line.find(stop, 0, end)
+        if i >= 0:
+            end = i
+    return line[:end]
 
 
 def _parse_sample(line: str, lineno: int) -> tuple[str, dict[str, str], float]:
@@ -300,6 +317,34 @@ def to_engine_stats(samples: Samples) -> EngineStats:
     return EngineStats(source="unknown")
 
 
+STATS_METRICS = frozenset(
+    {
+        # vLLM (current names, then older ones)
+        "vllm:cache_config_info", "vllm:num_requests_running", "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+        "vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries",
+        "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries",
+        "vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits",
+        "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits",
+        "vllm:num_preemptions_total", "vllm:num_preemptions",
+        "vllm:prompt_tokens_total", "vllm:prompt_tokens",
+        "vllm:generation_tokens_total", "vllm:generation_tokens",
+        # SGLang
+        "sglang:prompt_tokens_total", "sglang:prompt_tokens", "sglang:cached_tokens_total",
+        "sglang:cached_tokens", "sglang:cache_hit_rate", "sglang:max_total_num_tokens",
+        "sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
+        "sglang:num_retracted_reqs_total", "sglang:generation_tokens_total",
+        "sglang:generation_tokens",
+        # llama.cpp
+        "llamacpp:requests_processing", "llamacpp:requests_deferred",
+        "llamacpp:kv_cache_usage_ratio", "llamacpp:prompt_tokens_total",
+        "llamacpp:tokens_predicted_total",
+    }
+)  # fmt: skip
+"""Every metric name :func:`to_engine_stats` reads."""
+
+
 def scrape_text_to_stats(text: str) -> EngineStats:
-    """``to_engine_stats(parse_prometheus_text(text))``."""
-    return to_engine_stats(parse_prometheus_text(text))
+    """``to_engine_stats`` of the samples in ``text`` that it reads (:data:`STATS_METRICS`);
+    lines of other metrics are skipped unparsed."""
+    return to_engine_stats(parse_prometheus_text(text, STATS_METRICS))
