@@ -293,7 +293,9 @@ def bench_compare(
     load: Annotated[float, typer.Option(help="Fraction of calibrated capacity.")] = 0.8,
     duration_s: Annotated[float, typer.Option(help="Workload duration (seconds).")] = 60.0,
     speed: Annotated[float, typer.Option(help="engine-sim time compression.")] = 1.0,
-    max_concurrent: Annotated[int, typer.Option(help="Per-instance concurrency bound.")] = 32,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Per-instance concurrency bound (engine-sim batches up to 256).")
+    ] = 256,
     overload: Annotated[
         bool,
         typer.Option(help="Instead: fifo vs priority vs slo_aware at 2x capacity (virtual time)."),

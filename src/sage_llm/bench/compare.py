@@ -7,7 +7,8 @@ it on loopback, and replays the same seeded workload with
 :func:`sage_llm.bench.loadgen.run_http_workload`. sage-llm runs as an in-process gateway
 (``sage-llm serve`` in its own process, so the load generator does not share the gateway's
 event loop) over a ``mode="http"`` manager whose instances are the engine processes, with
-``max_concurrent_requests`` set so that the control plane holds the queue; peers are
+``max_concurrent_requests`` per instance (default 256, engine-sim's ``max_num_seqs``: a
+lower bound makes the control plane hold requests the engines could already batch); peers are
 installed into their own virtualenvs (:func:`sage_llm.bench.peers.ensure_peer`) and started
 by :func:`sage_llm.bench.procs.start_peer_router`. Token-id prompts are sent as text of the
 same tokens (:func:`as_text_prompts`): sglang-router rejects token-id prompts.
@@ -191,7 +192,7 @@ class CompareConfig:
     load: float = 0.8
     duration_s: float = 60.0
     speed: float = 1.0
-    max_concurrent: int = 32
+    max_concurrent: int = 256
     seed: int = 0
     slo: SLO = DEMO_SLO
     out: Path = Path("bench-out/compare")
@@ -417,7 +418,7 @@ def compare_main(
     load: float = 0.8,
     duration_s: float = 60.0,
     speed: float = 1.0,
-    max_concurrent: int = 32,
+    max_concurrent: int = 256,
     seed: int = 0,
     out: Path = Path("bench-out/compare"),
     console: Console | None = None,
