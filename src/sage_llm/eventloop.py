@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import Coroutine
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 T = TypeVar("T")
 
@@ -41,7 +41,6 @@ def resolve_loop(name: str) -> Literal["uvloop", "asyncio"]:
 def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
     """``asyncio.run(main)`` on the loop ``loop`` names (see :func:`resolve_loop`)."""
     if resolve_loop(loop) == "uvloop":
-        import uvloop
-
-        return uvloop.run(main)
+        uvloop = importlib.import_module("uvloop")  # optional: not a dependency
+        return cast(T, uvloop.run(main))
     return asyncio.run(main)
