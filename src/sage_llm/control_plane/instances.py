@@ -80,11 +80,15 @@ class InstanceState:
             del self.latencies_ms[: len(self.latencies_ms) - keep]
 
     @property
+    def gpu_count(self) -> int:
+        """GPUs the instance occupies: its ``gpu_count``, at least TP × PP."""
+        inst = self.instance
+        return max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size)
+
+    @property
     def cost_per_second(self) -> float:
         """Price of the instance's GPUs per second (the same figure its view reports)."""
-        inst = self.instance
-        gpus = max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size)
-        return inst.price_per_gpu_hour * gpus / 3600.0
+        return self.instance.price_per_gpu_hour * self.gpu_count / 3600.0
 
     def _live_key(self) -> tuple[object, ...]:
         inst = self.instance
@@ -126,7 +130,7 @@ class InstanceState:
             outstanding_decode_tokens=self.outstanding_decode_tokens,
             kv_usage=stats.kv_usage if stats else 0.0,
             engine_waiting=stats.waiting if stats else 0,
-            gpu_count=max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size),
+            gpu_count=self.gpu_count,
             price_per_gpu_hour=inst.price_per_gpu_hour,
             machine_id=inst.machine_id,
             rack_id=inst.rack_id,

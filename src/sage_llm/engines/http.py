@@ -231,20 +231,15 @@ class HTTPEngineClient:
     ) -> aiohttp.ClientResponse:
         """Send a request; return the response once its status is known to be < 400."""
         url = self._base + path
+        data = None
+        if body is not None:
+            data = jsonutil.dumps(body)
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         try:
             async with asyncio.timeout_at(deadline):
-                if body is None:
-                    resp = await self._session.request(
-                        method, url, headers=headers, timeout=self._sock_timeout
-                    )
-                else:
-                    resp = await self._session.request(
-                        method,
-                        url,
-                        data=jsonutil.dumps(body),
-                        headers={**(headers or {}), "Content-Type": "application/json"},
-                        timeout=self._sock_timeout,
-                    )
+                resp = await self._session.request(
+                    method, url, data=data, headers=headers, timeout=self._sock_timeout
+                )
         except TimeoutError:
             raise self._error(EngineTimeoutError, f"{method} {path} timed out") from None
         except aiohttp.ClientError as exc:
