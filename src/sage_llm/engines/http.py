@@ -28,6 +28,7 @@ import aiohttp
 
 from sage_llm import jsonutil
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle
+from sage_llm.engines.fastclient import EngineConnector, FastPool, FastResponse
 from sage_llm.engines.metrics_scrape import scrape_text_to_stats
 from sage_llm.engines.sse import (
     SSEDecoder,
@@ -91,11 +92,13 @@ class HTTPTimeouts:
 def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.ClientSession:
     """A client session for engine traffic: keep-alive connection pool (``limit`` connections
     in all, 0 = unbounded), no total timeout (streams last as long as generation does),
-    TCP_NODELAY (aiohttp sets it on every connection). Call it inside a running event loop;
-    the caller owns the session and closes it."""
+    TCP_NODELAY (aiohttp sets it on every connection). Its connector also holds the lean
+    connection pools that :meth:`HTTPEngineClient.generate` uses for ``http://`` engines
+    when ``limit`` is 0 (:mod:`sage_llm.engines.fastclient`). Call it inside a running event
+    loop; the caller owns the session and closes it (which closes both pools)."""
     if limit < 0:
         raise ValueError("limit must be >= 0")
-    connector = aiohttp.TCPConnector(
+    connector = EngineConnector(
         limit=limit, limit_per_host=0, keepalive_timeout=keepalive_s, ttl_dns_cache=300
     )
     return aiohttp.ClientSession(
@@ -108,6 +111,11 @@ def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.Client
 
 def _retryable_status(status: int) -> bool:
     return status in (408, 429) or status >= 500
+
+
+def _header_safe(value: str) -> bool:
+    """True when ``value`` can go into a header line as it is (printable ASCII)."""
+    return value.isascii() and value.isprintable()
 
 
 class HTTPEngineClient:
@@ -140,6 +148,19 @@ class HTTPEngineClient:
         self._sock_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeouts.connect_s
         )
+        self._fast_pool: FastPool | None = None
+        connector = getattr(session, "connector", None)
+        if (
+            instance.scheme == "http"
+            and isinstance(connector, EngineConnector)
+            and connector.limit == 0
+        ):
+            self._fast_pool = connector.fast_pool(instance.host, int(instance.port))
+        self._fast_headers = "Content-Type: application/json\r\n"
+        if instance.api_key:
+            self._fast_headers += f"Authorization: Bearer {instance.api_key}\r\n"
+            if not _header_safe(instance.api_key):
+                self._fast_pool = None  # let aiohttp reject it as it always did
 
     @property
     def instance_id(self) -> str:
@@ -325,7 +346,15 @@ class HTTPEngineClient:
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream ``req`` from the engine. Close the iterator (``aclose``, or cancel the task
-        awaiting it) to abort: the HTTP connection is closed and the engine aborts."""
+        awaiting it) to abort: the HTTP connection is closed and the engine aborts.
+
+        ``http://`` engines are called through the lean client of
+        :mod:`sage_llm.engines.fastclient` (same behaviour, a fraction of the CPU);
+        ``https://`` ones, or a session not made by :func:`make_session`, through aiohttp."""
+        if self._fast_pool is not None and (not req.request_id or _header_safe(req.request_id)):
+            async for chunk in self._generate_fast(self._fast_pool, req):
+                yield chunk
+            return
         body = self.request_body(req, stream=True)
         loop = asyncio.get_running_loop()
         first_deadline = self._deadline(self._timeouts.first_token_s)
@@ -365,6 +394,122 @@ class HTTPEngineClient:
                 resp.release()
             else:
                 resp.close()
+
+    # --- the lean hot path -----------------------------------------------------------
+
+    async def _fast_send(
+        self, pool: FastPool, path: str, data: bytes, request_id: str, deadline: float | None
+    ) -> FastResponse:
+        """POST ``data``; the response once its status is known to be < 400."""
+        headers = self._fast_headers
+        if request_id:
+            headers += f"X-Request-Id: {request_id}\r\n"
+        connect_s = self._timeouts.connect_s
+        try:
+            if deadline is None:
+                resp = await pool.request("POST", path, data, headers, connect_timeout_s=connect_s)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    resp = await pool.request(
+                        "POST", path, data, headers, connect_timeout_s=connect_s
+                    )
+        except TimeoutError:
+            raise self._error(EngineTimeoutError, f"POST {path} timed out") from None
+        except OSError as exc:
+            raise self._error(EngineConnectionError, f"POST {path} failed: {exc}") from exc
+        if resp.status < 400:
+            return resp
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await resp.read()
+        except (TimeoutError, OSError):
+            raw = b""
+        finally:
+            resp.release()
+        message = error_from_body(raw) or resp.reason or "error"
+        raise self._error(
+            EngineError,
+            f"HTTP {resp.status} from POST {path}: {message}",
+            status=resp.status,
+            retryable=_retryable_status(resp.status),
+        )
+
+    async def _fast_read(
+        self, resp: FastResponse, deadline: float | None, *, produced: bool
+    ) -> bytes:
+        try:
+            if deadline is None:
+                return await resp.read_some()
+            async with asyncio.timeout_at(deadline):
+                return await resp.read_some()
+        except TimeoutError:
+            what = "between stream reads" if produced else "waiting for the first token"
+            raise self._error(
+                EngineTimeoutError, f"timed out {what}", retryable=not produced
+            ) from None
+        except OSError as exc:
+            raise self._error(
+                EngineConnectionError, f"stream broken: {exc}", retryable=not produced
+            ) from exc
+
+    async def _generate_fast(
+        self, pool: FastPool, req: EngineRequest
+    ) -> AsyncGenerator[Chunk, None]:
+        data = jsonutil.dumps(self.request_body(req, stream=True))
+        loop = asyncio.get_running_loop()
+        first_deadline = self._deadline(self._timeouts.first_token_s)
+        path = self._path(req)
+        resp = await self._fast_send(pool, path, data, req.request_id, first_deadline)
+        clean = False
+        try:
+            if resp.content_type == "application/json":
+                parts = []
+                while piece := await self._fast_read(resp, first_deadline, produced=False):
+                    parts.append(piece)
+                obj = self._parse_json(b"".join(parts))
+                for chunk in chunks_from_completion(obj, req, self.instance_id):
+                    yield chunk
+                clean = True
+                return
+            asm = StreamAssembler(req, self.instance_id)
+            decoder = SSEDecoder()
+            idle = self._timeouts.idle_s
+            while True:
+                produced = asm.produced
+                if not produced:
+                    deadline = first_deadline
+                elif idle is None:
+                    deadline = None
+                else:
+                    deadline = loop.time() + idle
+                piece = await self._fast_read(resp, deadline, produced=produced)
+                events = decoder.feed(piece) if piece else decoder.close()
+                for event in events:
+                    for chunk in asm.on_event(event.data):
+                        yield chunk
+                if asm.done or not piece:
+                    break
+            for chunk in asm.finish():
+                yield chunk
+            clean = await self._fast_drain(resp)
+        finally:
+            if clean:
+                resp.release()
+            else:
+                resp.close()
+
+    async def _fast_drain(self, resp: FastResponse) -> bool:
+        """After ``[DONE]``: read to the end so the connection can be reused."""
+        if resp.at_eof:
+            return True
+        deadline = self._deadline(self._timeouts.idle_s or self._timeouts.health_s)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while await resp.read_some():
+                    pass
+        except (TimeoutError, OSError):
+            return False
+        return True
 
     async def _read_all(self, resp: aiohttp.ClientResponse, deadline: float | None) -> bytes:
         chunks: list[bytes] = []

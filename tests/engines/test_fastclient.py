@@ -1,0 +1,283 @@
+"""The lean HTTP/1.1 client against hand-written responses from a raw asyncio server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from sage_llm.engines.fastclient import EngineConnector, FastPool, FastResponse
+from sage_llm.engines.http import HTTPEngineClient, make_session
+from tests.engines.fake_engine import closed_port
+from tests.factories import make_instance
+
+Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """Answers each request on a connection with the next ``reply``; counts connections
+    and keeps the request heads it read."""
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.closed = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                self.heads.append(head)
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.bodies.append(await reader.readexactly(length))
+                assert self.reply is not None
+                await self.reply(reader, writer)
+                if writer.is_closing():
+                    break
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[RawServer, int]]:
+    raw = RawServer()
+    srv = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+    port = int(srv.sockets[0].getsockname()[1])
+    yield raw, port
+    srv.close()
+    await srv.wait_closed()
+
+
+@pytest.fixture
+async def pool(server: tuple[RawServer, int]) -> AsyncIterator[FastPool]:
+    p = FastPool("127.0.0.1", server[1])
+    yield p
+    p.close()
+
+
+def send(*pieces: bytes, close: bool = False) -> Reply:
+    async def reply(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+        if close:
+            writer.close()
+
+    return reply
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+async def body_of(resp: FastResponse) -> bytes:
+    data = await resp.read()
+    resp.release()
+    return data
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+)
+
+
+async def test_content_length_body_and_one_write_per_request(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    resp = await pool.request("POST", "/v1/completions", b'{"a":1}', "X-Request-Id: r1\r\n")
+    assert (resp.status, resp.reason, resp.content_type) == (200, "OK", "application/json")
+    assert await body_of(resp) == b"{}"
+    head = raw.heads[0].decode()
+    assert head.startswith("POST /v1/completions HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{pool.port}\r\n" in head
+    assert "Content-Length: 7\r\n" in head and "X-Request-Id: r1\r\n" in head
+    assert raw.bodies == [b'{"a":1}']
+
+
+async def test_chunked_body_split_into_single_bytes(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(*bytewise(CHUNKED))
+    resp = await pool.request("POST", "/x", b"")
+    assert resp.content_type == "text/event-stream"
+    assert await body_of(resp) == b"hello, world"
+    assert pool.idle_connections == 1
+
+
+async def test_keep_alive_reuses_one_connection(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(CHUNKED)
+    for _ in range(3):
+        assert await body_of(await pool.request("POST", "/x", b"{}")) == b"hello, world"
+    assert raw.connections == 1
+
+
+async def test_connection_close_and_unread_bodies_are_not_reused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx")
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"x"
+    assert pool.idle_connections == 0
+    raw.reply = send(CHUNKED)
+    resp = await pool.request("POST", "/x", b"")
+    resp.release()  # body not read: the connection cannot be reused
+    assert pool.idle_connections == 0
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"hello, world"
+    assert raw.connections == 3
+
+
+async def test_body_until_close_without_length(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.0 200 OK\r\n\r\n", b"abc", b"def", close=True)
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"abcdef"
+    assert pool.idle_connections == 0
+
+
+async def test_a_connection_closed_by_the_server_is_not_reused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", close=True)
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"x"
+    await raw.closed.wait()
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\ny")
+    for _ in range(10):  # let the loop see the close
+        await asyncio.sleep(0)
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"y"
+    assert raw.connections == 2
+
+
+async def test_truncated_bodies_raise_connection_error(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", close=True)
+    resp = await pool.request("POST", "/x", b"")
+    assert await resp.read_some() == b"abc"
+    with pytest.raises(ConnectionError, match="inside the response body"):
+        await resp.read_some()
+    resp.close()
+    raw.reply = send(CHUNKED[:-20], close=True)
+    resp = await pool.request("POST", "/x", b"")
+    with pytest.raises(ConnectionError):
+        await resp.read()
+    resp.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    ],
+)
+async def test_malformed_heads_raise(
+    server: tuple[RawServer, int], pool: FastPool, answer: bytes
+) -> None:
+    raw, _port = server
+    raw.reply = send(answer)
+    with pytest.raises(ConnectionError):
+        await pool.request("POST", "/x", b"")
+    assert pool.idle_connections == 0
+
+
+async def test_bad_chunk_size_raises(server: tuple[RawServer, int], pool: FastPool) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n")
+    resp = await pool.request("POST", "/x", b"")
+    with pytest.raises(ConnectionError, match="chunk size"):
+        await resp.read_some()
+    resp.close()
+
+
+async def test_closed_before_the_response(server: tuple[RawServer, int], pool: FastPool) -> None:
+    raw, _port = server
+    raw.reply = send(close=True)
+    with pytest.raises(ConnectionError, match="before the response"):
+        await pool.request("POST", "/x", b"")
+
+
+async def test_connection_refused_is_worded_like_aiohttp() -> None:
+    pool = FastPool("127.0.0.1", closed_port())
+    with pytest.raises(ConnectionError, match="Cannot connect to host"):
+        await pool.request("POST", "/x", b"")
+    pool.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        await pool.request("POST", "/x", b"")
+
+
+async def test_cancelling_the_request_closes_the_connection(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    never = asyncio.Event()
+    started = asyncio.Event()
+
+    async def hang(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        started.set()
+        await never.wait()
+
+    raw.reply = hang
+    task = asyncio.create_task(pool.request("POST", "/x", b""))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.idle_connections == 0
+    never.set()
+    await raw.closed.wait()
+
+
+async def test_session_close_closes_the_fast_pools(server: tuple[RawServer, int]) -> None:
+    raw, port = server
+    raw.reply = send(CHUNKED)
+    session = make_session()
+    connector = session.connector
+    assert isinstance(connector, EngineConnector)
+    p = connector.fast_pool("127.0.0.1", port)
+    assert p is not None and connector.fast_pool("127.0.0.1", port) is p
+    assert await body_of(await p.request("POST", "/x", b"")) == b"hello, world"
+    assert p.idle_connections == 1
+    await session.close()
+    assert p.idle_connections == 0
+    assert connector.fast_pool("127.0.0.1", port) is None
+    await raw.closed.wait()
+
+
+async def test_engine_client_uses_the_fast_path_only_where_it_can() -> None:
+    session = make_session()
+    limited = make_session(limit=8)
+    try:
+        plain = HTTPEngineClient(make_instance("a", port=1), session)
+        assert plain._fast_pool is not None
+        tls = HTTPEngineClient(make_instance("b", port=1, scheme="https"), session)
+        assert tls._fast_pool is None
+        assert HTTPEngineClient(make_instance("c", port=1), limited)._fast_pool is None
+    finally:
+        await session.close()
+        await limited.close()
