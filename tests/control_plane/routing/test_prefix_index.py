@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -111,6 +113,39 @@ def test_insert_refreshes_recency() -> None:
     assert index.match([1, 2, 3]) == {"a": 1}
 
 
+def test_refresh_and_new_blocks_in_one_call_keep_the_call_order() -> None:
+    index = PrefixIndex(capacity_blocks=5)
+    index.insert("a", [1, 2, 3])
+    index.insert("a", [1, 9])  # room for 9: no eviction; order now 2, 3, 1, 9
+    index.insert("z", [100, 101])  # evicts 2 only
+    assert [h for h in (1, 2, 3, 9) if index.match([h])] == [1, 3, 9]
+    index.insert("b", [3, 7, 1])  # full: evicts 9, the oldest block not named (not 3)
+    assert [h for h in (1, 3, 7, 9, 100, 101) if index.match([h])] == [1, 3, 7, 100, 101]
+    index.insert("z", [102, 103])  # evicts 100 and 101
+    assert [h for h in (1, 3, 7, 100, 101) if index.match([h])] == [1, 3, 7]
+    assert index.match([3]) == {"a": 1, "b": 1}
+
+
+def test_storage_does_not_grow_under_churn() -> None:
+    """The index allocates its storage when built: filling it and then replacing every
+    block many times over leaves its memory where the first fill put it."""
+    index = PrefixIndex(capacity_blocks=2_048)
+    hashes = block_hashes(list(range(16 * 60_000)), 16)
+    tracemalloc.start()
+    try:
+        for k in range(0, 2_048, 4):
+            index.insert(f"i{k % 3}", hashes[k : k + 4])
+        filled, _ = tracemalloc.get_traced_memory()
+        for k in range(2_048, len(hashes), 4):
+            index.insert(f"i{k % 3}", hashes[k : k + 4])
+        churned, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert index.blocks == 2_048
+    assert index.evictions == len(hashes) - 2_048
+    assert churned - filled < 4_096  # bytes: nothing per block inserted
+
+
 def test_match_does_not_refresh() -> None:
     index = PrefixIndex(capacity_blocks=2)
     index.insert("a", [1])
@@ -172,7 +207,7 @@ _ops = hs.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ops=_ops, capacity=hs.integers(1, 15), query=hs.lists(hs.integers(0, 12), max_size=8))
 def test_matches_a_naive_model_and_stays_bounded(
     ops: list[tuple[str, str, list[int]]], capacity: int, query: list[int]
@@ -212,3 +247,10 @@ def test_matches_a_naive_model_and_stays_bounded(
         if n:
             expected[iid] = n
     assert index.match(query) == expected
+    # the LRU order: fresh blocks push the model's blocks out, least recently used first
+    order = list(model)
+    room = capacity - len(order)
+    for k in range(room + len(order)):
+        index.insert("z", [1000 + k])
+        gone = max(0, k + 1 - room)
+        assert [h for h in order if index.match([h])] == order[gone:]
