@@ -117,12 +117,15 @@ def rss_bytes(pid: int) -> int:
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, i: int, max_tokens: int
+    session: aiohttp.ClientSession, url: str, i: int, max_tokens: int, tag: str = "request"
 ) -> tuple[bool, str | None]:
-    """One streamed completion; (ok, error)."""
+    """One streamed completion; (ok, error). Prompts differ in their first block for every
+    (``tag``, ``i``): ``i`` is written digit by digit, one token each, because a number
+    written whole is a single token of a 32,000-id vocabulary, and numbers beyond that
+    many would repeat prompts (and their prefix blocks) token for token."""
     body = {
         "model": "llama-3-8b",
-        "prompt": f"soak request {i}: " + "lorem ipsum " * 24,
+        "prompt": f"soak {tag} " + " ".join(str(i)) + ": " + "lorem ipsum " * 24,
         "max_tokens": max_tokens,
         "stream": True,
         "ignore_eos": True,
@@ -209,7 +212,7 @@ async def calibrate(url: str, concurrency: int, seconds: float, max_tokens: int)
         nonlocal done
         i = 0
         while time.monotonic() < stop_at:
-            ok, _ = await one_request(session, url, w * 1_000_000 + i, max_tokens)
+            ok, _ = await one_request(session, url, w * 1_000_000 + i, max_tokens, "warm-up")
             i += 1
             done += ok
 
