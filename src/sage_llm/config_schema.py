@@ -25,6 +25,7 @@ from sage_llm.types import (
     ExecutionInstanceType,
     PDSeparationConfig,
     PrefillingConfig,
+    RequestPriority,
 )
 
 SERVICE_TYPES = ("ControlPlaneVLLMService", "VLLMService")
@@ -35,6 +36,15 @@ PD_CONNECTORS = ("vllm", "sglang")
 DEFAULT_SIM_MODEL = "llama-3-8b"
 MASK = "***"
 SECTIONS = ("gateway", "health", "admission", "simulation")
+SERVICE_DEFAULT_KEYS = (
+    "default_priority",
+    "default_slo_deadline_ms",
+    "default_temperature",
+    "default_top_p",
+    "request_timeout_s",
+)
+"""Keys of ``[services.llm_control_plane]`` read by the SAGE services alone: the request
+defaults of ``ControlPlaneVLLMService.process`` (not ``ControlPlaneManager`` arguments)."""
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -53,6 +63,14 @@ def _check_host(value: str) -> str | None:
         return "must be a host name or address, not a URL (set scheme separately)"
     if any(c.isspace() for c in value):
         return "must not contain spaces"
+    return None
+
+
+def _check_priority(value: str) -> str | None:
+    try:
+        RequestPriority.parse(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -190,6 +208,12 @@ class ControlPlaneConfig:
     prefix_block_size: int = opt(16, _COUNT)
     prefix_index_capacity: int = opt(32_768, _COUNT)
     seed: int | None = None
+    # request defaults of the SAGE services (SERVICE_DEFAULT_KEYS)
+    default_priority: str | None = opt(None, rule(nonempty=True, check=_check_priority))
+    default_slo_deadline_ms: float | None = opt(None, _POSITIVE)
+    default_temperature: float | None = opt(None, rule(ge=0))
+    default_top_p: float | None = opt(None, rule(gt=0, le=1))
+    request_timeout_s: float | None = opt(None, _POSITIVE)
     pd: PDSeparationConfig = field(default_factory=PDSeparationConfig)
     instances: tuple[InstanceConfig, ...] = ()
 
@@ -207,7 +231,7 @@ class ControlPlaneConfig:
         kwargs = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("type", "pd", "instances")
+            if f.name not in ("type", "pd", "instances", *SERVICE_DEFAULT_KEYS)
         }
         kwargs.update(
             pd_config=self.pd_config(),

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sage_llm.config import SageConfig
+from sage_llm.config import SageConfig, check_config, load_config
 from sage_llm.errors import ConfigError
 from sage_llm.service.config import (
     DEFAULT_ENGINE,
@@ -155,3 +155,48 @@ def test_bad_sampling_values_name_the_key() -> None:
         with pytest.raises(ConfigError) as err:
             VLLMServiceConfig.from_dict({"model_id": "m", "sampling": sampling})
         assert err.value.key == key
+
+
+def test_request_defaults_in_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "services.toml"
+    path.write_text(
+        "[services.llm_control_plane]\n"
+        'scheduling_policy = "priority"\n'
+        'default_priority = "high"\n'
+        "default_slo_deadline_ms = 1500\n"
+        "default_temperature = 0.2\n"
+        "default_top_p = 0.8\n"
+        "request_timeout_s = 20\n",
+        encoding="utf-8",
+    )
+    expected = RequestDefaults(
+        priority=RequestPriority.HIGH, slo_deadline_ms=1500.0, temperature=0.2, top_p=0.8,
+        timeout_s=20.0,
+    )  # fmt: skip
+    assert check_config(path) == []
+    assert control_plane_service_config(path).defaults == expected
+    assert control_plane_service_config({"config_path": str(path)}).defaults == expected
+    # beside config_path the dict may still set request defaults, and they win
+    parsed = control_plane_service_config({"config_path": str(path), "default_priority": "low"})
+    assert parsed.defaults.priority is RequestPriority.LOW
+    assert parsed.defaults.slo_deadline_ms == 1500.0
+    assert parsed.sage.control_plane.scheduling_policy == "priority"
+    # the control plane does not take them as arguments
+    assert "default_priority" not in load_config(path).manager_kwargs()
+
+
+def test_bad_request_defaults_in_a_toml_file_name_line_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "services.toml"
+    path.write_text(
+        '[services.llm_control_plane]\ndefault_priority = "soonish"\ndefault_top_p = 1.5\n',
+        encoding="utf-8",
+    )
+    errors = check_config(path)
+    base = "services.llm_control_plane"
+    assert [(e.location, e.key) for e in errors] == [
+        (f"{path}:2", f"{base}.default_priority"),
+        (f"{path}:3", f"{base}.default_top_p"),
+    ]
+    assert "invalid priority 'soonish'" in errors[0].message
+    with pytest.raises(ConfigError, match="move scheduling_policy there"):
+        control_plane_service_config({"config_path": str(path), "scheduling_policy": "fifo"})

@@ -4,10 +4,11 @@
 (:mod:`sage_llm.config`): a dict holding the bare ``[services.llm_control_plane]`` table
 (the seed's keys: ``scheduling_policy``, ``enable_pd_separation``, ``routing_strategy``,
 ``instances`` …), a whole document, a :class:`~sage_llm.config.SageConfig`, or a TOML
-file (``config_path``). A few keys belong to the service alone and are taken out first:
-``config_path`` and the request defaults of SAGE's earlier ControlPlaneVLLMService
-(``default_priority``, ``default_slo_deadline_ms``, ``default_temperature``,
-``default_top_p``) plus ``request_timeout_s``.
+file (``config_path``, the one key of the dict that is not part of the shared model). The
+request defaults of SAGE's earlier ControlPlaneVLLMService (``default_priority``,
+``default_slo_deadline_ms``, ``default_temperature``, ``default_top_p``) and
+``request_timeout_s`` are keys of that table, in a dict as in a file
+(:data:`sage_llm.config_schema.SERVICE_DEFAULT_KEYS`); the control plane itself ignores them.
 
 :class:`VLLMServiceConfig` reads SAGE's VLLMService keys (``model_id``, ``engine``,
 ``sampling`` …) plus where the engine is: an HTTP endpoint, ``engine = "sim"``, or the
@@ -16,6 +17,7 @@ control plane (``use_control_plane``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config import SageConfig, config_from_dict, load_config
+from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
 from sage_llm.errors import ConfigError
 from sage_llm.service.payloads import PASSTHROUGH_OPTIONS, RequestDefaults, suggest
 from sage_llm.types import RequestPriority
@@ -34,14 +37,7 @@ __all__ = [
     "control_plane_service_config",
 ]
 
-SERVICE_KEYS = (
-    "config_path",
-    "default_priority",
-    "default_slo_deadline_ms",
-    "default_temperature",
-    "default_top_p",
-    "request_timeout_s",
-)
+SERVICE_KEYS = ("config_path",)
 """Keys of a ControlPlaneVLLMService dict that are not part of the shared config model."""
 
 ConfigSource = Mapping[str, Any] | SageConfig | str | Path | None
@@ -65,51 +61,60 @@ def control_plane_service_config(
     """
     base = defaults or RequestDefaults()
     if config is None:
-        return ControlPlaneServiceConfig(SageConfig.default(), base)
-    if isinstance(config, SageConfig):
-        return ControlPlaneServiceConfig(config, base)
-    if isinstance(config, str | Path):
-        return ControlPlaneServiceConfig(load_config(config), base)
-    if not isinstance(config, Mapping):
+        sage = SageConfig.default()
+    elif isinstance(config, SageConfig):
+        sage = config
+    elif isinstance(config, str | Path):
+        sage = load_config(config)
+    elif not isinstance(config, Mapping):
         raise ConfigError(
             f"the service config must be a dict, a SageConfig or a TOML path, "
             f"got {type(config).__name__}"
         )
-    rest = {k: v for k, v in config.items() if k not in SERVICE_KEYS}
-    own = {k: v for k, v in config.items() if k in SERVICE_KEYS and v is not None}
-    path = own.pop("config_path", None)
-    if path is not None:
-        if not isinstance(path, str | Path):
-            raise ConfigError("must be a path string", key="config_path")
-        if rest:
-            keys = ", ".join(sorted(rest))
-            raise ConfigError(
-                f"config_path is given, so the control plane is configured in that file; "
-                f"move {keys} there",
-                key="config_path",
-            )
-        sage = load_config(path)
     else:
-        sage = config_from_dict(rest)
-    return ControlPlaneServiceConfig(sage, _defaults(own, base))
+        rest = {k: v for k, v in config.items() if k not in SERVICE_KEYS}
+        path = config.get("config_path")
+        if path is None:
+            sage = config_from_dict(rest)
+        elif not isinstance(path, str | Path):
+            raise ConfigError("must be a path string", key="config_path")
+        else:
+            # beside a file, the dict may still set the request defaults (they win)
+            misplaced = sorted(k for k in rest if k not in SERVICE_DEFAULT_KEYS)
+            if misplaced:
+                raise ConfigError(
+                    f"config_path is given, so the control plane is configured in that file; "
+                    f"move {', '.join(misplaced)} there",
+                    key="config_path",
+                )
+            sage = load_config(path)
+            overrides = {k: v for k, v in rest.items() if v is not None}
+            if overrides:
+                cp = dataclasses.replace(sage.control_plane, **overrides)
+                sage = dataclasses.replace(sage, control_plane=cp)
+    return ControlPlaneServiceConfig(sage, _defaults(sage, base))
 
 
-def _defaults(own: Mapping[str, Any], base: RequestDefaults) -> RequestDefaults:
-    priority = base.priority
-    if "default_priority" in own:
-        try:
-            priority = RequestPriority.parse(own["default_priority"])
-        except ValueError as exc:
-            raise ConfigError(str(exc), key="default_priority") from None
+def _defaults(sage: SageConfig, base: RequestDefaults) -> RequestDefaults:
+    """``base`` with the request defaults the config sets (already checked by the model)."""
+    cp = sage.control_plane
     return RequestDefaults(
-        priority=priority,
-        slo_deadline_ms=_positive(own, "default_slo_deadline_ms", base.slo_deadline_ms),
+        priority=(
+            RequestPriority.parse(cp.default_priority)
+            if cp.default_priority is not None
+            else base.priority
+        ),
+        slo_deadline_ms=_first(cp.default_slo_deadline_ms, base.slo_deadline_ms),
         max_tokens=base.max_tokens,
-        temperature=_positive(own, "default_temperature", base.temperature, zero=True),
-        top_p=_positive(own, "default_top_p", base.top_p),
-        timeout_s=_positive(own, "request_timeout_s", base.timeout_s),
+        temperature=_first(cp.default_temperature, base.temperature),
+        top_p=_first(cp.default_top_p, base.top_p),
+        timeout_s=_first(cp.request_timeout_s, base.timeout_s),
         extra=base.extra,
     )
+
+
+def _first(value: float | None, default: float | None) -> float | None:
+    return default if value is None else float(value)
 
 
 def _positive(
