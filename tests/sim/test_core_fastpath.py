@@ -9,6 +9,7 @@ give the same result.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -16,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult
-from sage_llm.sim.costmodel import CostModel, LinearStepModel, PrefillChunk
+from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult, fast_step_time
+from sage_llm.sim.costmodel import CostModel, LinearStepModel, PrefillChunk, RooflineCostModel
 from sage_llm.tokens import block_hashes
 from tests.sim.reference_core import ReferenceCore
 
@@ -180,3 +181,44 @@ def test_precomputed_block_hashes_are_used_as_given() -> None:
         now += core.step(now).duration_s
     core.add_request("b", ids, 1, arrival=now)
     assert core.step(now).admitted == [("b", 96)]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        RooflineCostModel.from_names("h100", "llama-3-8b"),
+        RooflineCostModel.from_names("a100", "llama-3-70b", sharpness=math.inf),
+        RooflineCostModel.from_names("h100", "mixtral-8x7b", overhead_s=0.0, sharpness=1.5),
+        LinearStepModel.llama31_8b_h100(),
+    ],
+    ids=lambda m: m.name,
+)
+def test_fast_step_time_equals_the_cost_model_bit_for_bit(model: CostModel) -> None:
+    fast = fast_step_time(model)
+    assert fast is not None
+    rng = random.Random(7)
+    for _ in range(3000):
+        prefill = [
+            (rng.randrange(1, 4096), rng.choice([0, rng.randrange(0, 32_000)]))
+            for _ in range(rng.choice([0, 0, 1, 2, 5]))
+        ]
+        decode = [rng.randrange(1, 8192) for _ in range(rng.choice([0, 1, 3, 40, 256]))]
+        expected = model.step_time(prefill, decode)
+        assert fast(prefill, len(decode), sum(decode)) == expected
+        # what the core passes for lazy decodes: the sum in one entry, zeros after it
+        lumped = [sum(decode), *([0] * (len(decode) - 1))] if decode else []
+        assert model.step_time(prefill, lumped) == expected
+
+
+def test_fast_step_time_leaves_other_models_to_themselves() -> None:
+    assert fast_step_time(OrderSensitiveCost()) is None
+    assert fast_step_time(RooflineCostModel.from_names("h100", "llama-3-70b", tp=2)) is None
+    assert fast_step_time(RooflineCostModel.from_names("h100", "llama-3-70b", pp=2)) is None
+
+
+def test_a_replaced_cost_model_is_the_one_called() -> None:
+    core = SimEngineCore(SimEngineConfig(block_size=16, num_gpu_blocks=400))
+    core.add_request("a", list(range(300, 340)), 3, arrival=0.0)
+    core.cost_model = OrderSensitiveCost()
+    first = core.step(0.0)
+    assert first.duration_s == OrderSensitiveCost().step_time([(40, 0)], [])

@@ -28,6 +28,9 @@ Leg = Literal["whole", "prefill", "decode", "any"]
 
 LEGS: tuple[Leg, ...] = ("whole", "prefill", "decode", "any")
 
+_GENERAL = ExecutionInstanceType.GENERAL
+_HYBRID = ExecutionInstanceType.HYBRID
+
 
 def role_runs(leg: Leg | ExecutionInstanceType, role: ExecutionInstanceType) -> bool:
     """Whether an instance of ``role`` can run ``leg`` (or has exactly that role, when
@@ -52,7 +55,20 @@ def leg_candidates(req: RequestInfo, snap: ClusterSnapshot, leg: Leg) -> list[In
     For ``leg="whole"`` this is exactly :meth:`ClusterSnapshot.runnable`.
     """
     if leg == "whole":
-        return list(snap.runnable(req))
+        if type(snap) is not ClusterSnapshot:
+            return list(snap.runnable(req))
+        # ClusterSnapshot.runnable, inlined (this runs for every routing decision)
+        model, excluded = req.model, req.excluded_instances
+        return [
+            i
+            for i in snap.instances
+            if i.model == model
+            and (i.role is _GENERAL or i.role is _HYBRID)
+            and i.healthy
+            and i.accepting
+            and i.in_flight < i.max_concurrency
+            and (not excluded or i.instance_id not in excluded)
+        ]
     return [
         i
         for i in snap.instances
@@ -117,9 +133,14 @@ class CapacityFilter:
     def filter(
         self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
     ) -> Sequence[InstanceView]:
-        free = [c for c in candidates if c.has_capacity]
-        roomy = [c for c in free if c.kv_usage < self.kv_threshold]
-        return roomy or free
+        free = [
+            c for c in candidates if c.healthy and c.accepting and c.in_flight < c.max_concurrency
+        ]
+        threshold = self.kv_threshold
+        for c in free:
+            if not c.kv_usage < threshold:
+                return [c for c in free if c.kv_usage < threshold] or free
+        return free
 
 
 class LoadCapFilter:

@@ -92,6 +92,24 @@ class Pipeline:
         ids = [c.instance_id for c in candidates]
         if not self.scorers:
             return dict.fromkeys(ids, 1.0), []
+        total = self._total_weight
+        if len(self.scorers) == 1:  # the same sums as below, without the accumulator
+            scorer, weight = self.scorers[0]
+            raw = scorer.score(req, candidates, snap)
+            single: dict[str, float] = {}
+            for iid in ids:
+                value = raw.get(iid)
+                if value is None or not 0.0 <= value <= 1.0:
+                    raise _bad_score(scorer, iid, value)
+                v = 0.0 + weight * value
+                single[iid] = min(1.0, v / total)
+            if len(single) == len(ids):  # (repeated ids would add up below)
+                return single, [raw]
+            ids = list(single)
+            combined = dict.fromkeys(ids, 0.0)
+            for iid in [c.instance_id for c in candidates]:
+                combined[iid] += weight * raw[iid]
+            return {iid: min(1.0, v / total) for iid, v in combined.items()}, [raw]
         combined = dict.fromkeys(ids, 0.0)
         per_scorer: list[dict[str, float]] = []
         for scorer, weight in self.scorers:
@@ -99,13 +117,9 @@ class Pipeline:
             for iid in ids:
                 value = raw.get(iid)
                 if value is None or not 0.0 <= value <= 1.0:
-                    raise ValueError(
-                        f"scorer {scorer.name!r} gave {value!r} for {iid!r}; "
-                        "scores must be in [0, 1] for every candidate"
-                    )
+                    raise _bad_score(scorer, iid, value)
                 combined[iid] += weight * value
             per_scorer.append(raw)
-        total = self._total_weight
         return {iid: min(1.0, v / total) for iid, v in combined.items()}, per_scorer
 
     def route(
@@ -164,6 +178,13 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r})"
+
+
+def _bad_score(scorer: Scorer, iid: str, value: float | None) -> ValueError:
+    return ValueError(
+        f"scorer {scorer.name!r} gave {value!r} for {iid!r}; "
+        "scores must be in [0, 1] for every candidate"
+    )
 
 
 @runtime_checkable

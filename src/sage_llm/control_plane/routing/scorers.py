@@ -50,9 +50,25 @@ class LeastOutstandingScorer:
     def score(
         self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
     ) -> dict[str, float]:
+        # _inverse_load(candidates, util, tokens), in one pass over plain locals: this
+        # scorer runs for every decision of most strategies (same arithmetic, same floats)
         util = [c.in_flight / max(c.max_concurrency, 1) for c in candidates]
         tokens = [float(c.queued_prefill_tokens + c.outstanding_decode_tokens) for c in candidates]
-        return _inverse_load(candidates, util, tokens)
+        top_u = max(util, default=0.0)
+        top_t = max(tokens, default=0.0)
+        out: dict[str, float] = {}
+        for c, u, t in zip(candidates, util, tokens, strict=True):
+            ru = 0.0
+            if top_u > 0.0:
+                ru = u / top_u
+                ru = (1.0 if ru > 1.0 else ru) if ru >= 0.0 else 0.0
+            rt = 0.0
+            if top_t > 0.0:
+                rt = t / top_t
+                rt = (1.0 if rt > 1.0 else rt) if rt >= 0.0 else 0.0
+            x = 1.0 - (0 + ru + rt) / 2
+            out[c.instance_id] = (1.0 if x > 1.0 else x) if x >= 0.0 else 0.0
+        return out
 
 
 class QueueDepthScorer:

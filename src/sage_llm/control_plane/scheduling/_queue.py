@@ -29,11 +29,15 @@ import itertools
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConflictError
+from sage_llm.types import ExecutionInstanceType
 
 EPS = 1e-9
 """Tolerance for comparisons of waits against thresholds (float clock arithmetic)."""
 
 Rank = tuple[float, ...]
+
+_GENERAL = ExecutionInstanceType.GENERAL
+_HYBRID = ExecutionInstanceType.HYBRID
 
 
 class QueueEntry:
@@ -64,6 +68,20 @@ _COMPACT_MIN_DEAD = 64
 def serving_models(snap: ClusterSnapshot) -> set[str]:
     """Models for which some instance could start a whole request now."""
     return {i.model for i in snap.instances if i.role.runs_whole_requests and i.has_capacity}
+
+
+def _serves(snap: ClusterSnapshot, model: str) -> bool:
+    """``model in serving_models(snap)``, stopping at the first instance that serves it."""
+    for i in snap.instances:
+        if (
+            i.model == model
+            and (i.role is _GENERAL or i.role is _HYBRID)
+            and i.healthy
+            and i.accepting
+            and i.in_flight < i.max_concurrency
+        ):
+            return True
+    return False
 
 
 class LaneQueue:
@@ -140,10 +158,13 @@ class LaneQueue:
 
     def candidates(self, snap: ClusterSnapshot) -> list[QueueEntry]:
         """The best servable entry of every (model, lane), for models with capacity."""
-        models = serving_models(snap)
+        servable: dict[str, bool] = {}  # serving_models(snap), asked only for queued models
         out: list[QueueEntry] = []
         for (model, _lane), heap in self._heaps.items():
-            if model not in models:
+            ok = servable.get(model)
+            if ok is None:
+                ok = servable[model] = _serves(snap, model)
+            if not ok:
                 continue
             top = heap.items[0][2]
             if not top.req.excluded_instances or snap.can_serve(top.req):

@@ -1,0 +1,113 @@
+"""The routing hot paths against the plain definitions they replace.
+
+``leg_candidates``, ``CapacityFilter``, ``LeastOutstandingScorer`` and a single-scorer
+``Pipeline.scores`` have inlined versions (they run for every decision); over random
+fleets each must give exactly what the plain formulas give.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sage_llm.control_plane.routing.filters import CapacityFilter, leg_candidates
+from sage_llm.control_plane.routing.pickers import MaxPicker
+from sage_llm.control_plane.routing.pipeline import Pipeline
+from sage_llm.control_plane.routing.scorers import (
+    KVUsageScorer,
+    LeastOutstandingScorer,
+    _inverse_load,
+)
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.types import ExecutionInstanceType as Role
+from tests.factories import make_instance_view, make_request_info, make_snapshot
+
+
+def _random_views(rng: random.Random, n: int) -> list[InstanceView]:
+    views = []
+    for k in range(n):
+        bound = rng.choice([1, 4, 100])
+        views.append(
+            make_instance_view(
+                f"i{k}",
+                model=rng.choice(["m", "m", "other"]),
+                role=rng.choice(list(Role)),
+                healthy=rng.random() < 0.9,
+                accepting=rng.random() < 0.9,
+                in_flight=rng.randrange(0, bound + 2),
+                max_concurrency=bound,
+                queued_prefill_tokens=rng.choice([0, rng.randrange(0, 5000)]),
+                outstanding_decode_tokens=rng.choice([0, rng.randrange(0, 5000)]),
+                kv_usage=rng.choice([0.0, 0.5, 0.96, 1.0]),
+            )
+        )
+    return views
+
+
+def _request(rng: random.Random, views: list[InstanceView]) -> RequestInfo:
+    excluded = frozenset(v.instance_id for v in views if rng.random() < 0.2)
+    return make_request_info(model="m", excluded_instances=excluded)
+
+
+def test_whole_leg_candidates_are_exactly_runnable() -> None:
+    rng = random.Random(1)
+    for _ in range(300):
+        views = _random_views(rng, rng.randrange(0, 30))
+        snap = make_snapshot(views)
+        req = _request(rng, views)
+        assert leg_candidates(req, snap, "whole") == list(snap.runnable(req))
+
+
+def test_capacity_filter_is_the_plain_definition() -> None:
+    rng = random.Random(2)
+    flt = CapacityFilter(0.95)
+    for _ in range(300):
+        views = _random_views(rng, rng.randrange(0, 30))
+        free = [c for c in views if c.has_capacity]
+        roomy = [c for c in free if c.kv_usage < 0.95]
+        assert list(flt.filter(make_request_info(), views, make_snapshot(views))) == (roomy or free)
+
+
+def test_least_outstanding_is_the_inverse_load_formula() -> None:
+    rng = random.Random(3)
+    scorer = LeastOutstandingScorer()
+    for _ in range(300):
+        views = _random_views(rng, rng.randrange(1, 30))
+        util = [c.in_flight / max(c.max_concurrency, 1) for c in views]
+        tokens = [float(c.queued_prefill_tokens + c.outstanding_decode_tokens) for c in views]
+        expected = _inverse_load(views, util, tokens)
+        got = scorer.score(make_request_info(), views, make_snapshot(views))
+        assert got == expected
+        assert list(got) == list(expected)
+
+
+def _plain_scores(pipe: Pipeline, req: RequestInfo, cands: list[InstanceView]) -> dict[str, float]:
+    snap = make_snapshot(cands)
+    combined = dict.fromkeys((c.instance_id for c in cands), 0.0)
+    for scorer, weight in pipe.scorers:
+        raw = scorer.score(req, cands, snap)
+        for c in cands:
+            combined[c.instance_id] += weight * raw[c.instance_id]
+    total = sum(w for _, w in pipe.scorers)
+    return {iid: min(1.0, v / total) for iid, v in combined.items()}
+
+
+def test_single_scorer_pipeline_scores_as_the_weighted_mean() -> None:
+    rng = random.Random(4)
+    for weight in (1.0, 0.3, 7.0):
+        pipe = Pipeline("t", [], [(LeastOutstandingScorer(), weight)], MaxPicker())
+        for _ in range(100):
+            cands = _random_views(rng, rng.randrange(1, 20))
+            req = make_request_info()
+            combined, per_scorer = pipe.scores(req, cands, make_snapshot(cands))
+            assert combined == _plain_scores(pipe, req, cands)
+            assert len(per_scorer) == 1
+
+
+def test_repeated_candidates_add_up_as_before() -> None:
+    view = make_instance_view("a", kv_usage=0.5)
+    other = make_instance_view("b", kv_usage=0.0)
+    cands = [view, other, view]
+    pipe = Pipeline("t", [], [(KVUsageScorer(), 1.0)], MaxPicker())
+    combined, _ = pipe.scores(make_request_info(), cands, ClusterSnapshot(0.0, tuple(cands)))
+    assert combined == {"a": 1.0, "b": 1.0}  # 0.5 twice, then capped at 1
+    assert combined == _plain_scores(pipe, make_request_info(), cands)
