@@ -287,6 +287,8 @@ async def soak_gateway(
         capacity = await calibrate(
             url, args.instances * args.slots * 2, args.calibrate_s, args.max_tokens
         )
+        if capacity <= 0:
+            raise RuntimeError(f"no request completed during calibration; see {log.name}")
         rate = capacity * args.load
         print(f"capacity {capacity:.1f} req/s; soaking at {rate:.1f} req/s", flush=True)
         duration = args.minutes * 60.0
