@@ -1,0 +1,144 @@
+"""Parsing the OpenAI request bodies the simulated engine server accepts (vLLM's fields)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sage_llm import tokens
+from sage_llm.engines.base import EngineRequest, Usage
+from sage_llm.errors import InvalidRequestError, ModelNotFoundError
+
+DEFAULT_MAX_TOKENS = 16
+_CONSUMED = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+     "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A validated completions / chat request, as the engine will see it."""
+
+    req: EngineRequest
+    stream: bool
+    include_usage: bool
+    pd_role: Literal["prefill", "decode"] | None
+    prompt_tokens: int
+
+    def estimate_usage(self, chunks: int) -> Usage:
+        """Usage for an engine that reported none: one token per chunk."""
+        return Usage(self.prompt_tokens, chunks)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise InvalidRequestError(f"{key} must be a number in [{lo}, {hi}]", param=key)
+    return float(value)
+
+
+def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
+    """(prompt, messages, prompt token count) of a request body."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise InvalidRequestError("each message needs a string 'role'", param="messages")
+        return None, messages, tokens.count_tokens(tokens.chat_prompt_text(messages))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt, None, tokens.count_tokens(prompt)
+    if isinstance(prompt, list) and prompt and all(is_int(t) and t >= 0 for t in prompt):
+        return list(prompt), None, len(prompt)
+    raise InvalidRequestError(
+        "prompt must be a non-empty string or list of token ids (one prompt per request)",
+        param="prompt",
+    )
+
+
+def check_model(model: Any, model_name: str) -> None:
+    """404 (:class:`ModelNotFoundError`) unless ``model`` is absent or the served name."""
+    if model is not None and model != model_name:
+        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+
+def parse_request(
+    body: Mapping[str, Any],
+    *,
+    chat: bool,
+    model_name: str,
+    max_model_len: int | None = None,
+    request_id: str = "",
+) -> ParsedRequest:
+    """Validate an OpenAI completions (``chat=False``) or chat body. Raises
+    :class:`InvalidRequestError` (400) or :class:`ModelNotFoundError` (404)."""
+    check_model(body.get("model"), model_name)
+    prompt, messages, prompt_tokens = _prompt(body, chat)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None and chat:
+        max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if not is_int(max_tokens) or max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
+    if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{max_tokens} in the completion).",
+            param="max_tokens",
+        )
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None:
+        stop = []
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+    if body.get("n", 1) != 1:
+        raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
+    stream = body.get("stream", False)
+    options = body.get("stream_options")
+    if not isinstance(stream, bool) or not isinstance(options, dict | None):
+        raise InvalidRequestError("stream must be a boolean, stream_options an object")
+    priority = body.get("priority", 2)
+    if not is_int(priority):
+        raise InvalidRequestError("priority must be an integer", param="priority")
+    kv = body.get("kv_transfer_params")
+    if not isinstance(kv, dict | None):
+        raise InvalidRequestError(
+            "kv_transfer_params must be an object", param="kv_transfer_params"
+        )
+    role: Literal["prefill", "decode"] | None = None
+    if kv and kv.get("do_remote_decode"):
+        role = "prefill"
+    elif kv and kv.get("do_remote_prefill"):
+        role = "decode"
+    req = EngineRequest(
+        request_id=request_id or uuid.uuid4().hex,
+        model=model_name,
+        prompt=prompt,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        stop=tuple(stop),
+        stream=stream,
+        extra={k: v for k, v in body.items() if k not in _CONSUMED},
+        kv_transfer_params=kv if role == "decode" else None,
+        priority=priority,
+    )
+    include_usage = bool(options and options.get("include_usage"))
+    return ParsedRequest(req, stream, include_usage, role, prompt_tokens)
