@@ -132,6 +132,25 @@ def test_stream_yields_chunks_as_generated() -> None:
     run_virtual(main())
 
 
+def test_stream_batches_hold_every_chunk_in_order_and_closing_cancels() -> None:
+    async def main() -> None:
+        async with _manager() as cp:
+            batches: list[list[str]] = []
+            async for batch in cp.stream_batches(make_metadata("b1", max_tokens=10)):
+                assert batch  # never an empty batch
+                batches.append([c.text for c in batch])
+            result = await cp.wait_for_result("b1")
+            assert "".join(t for b in batches for t in b) == result.text
+            assert result.status is RequestStatus.COMPLETED
+            batches_iter = cp.stream_batches(make_metadata("b2", max_tokens=200))
+            assert await anext(batches_iter)
+            await batches_iter.aclose()  # type: ignore[attr-defined]
+            cancelled = await cp.wait_for_result("b2")
+        assert cancelled.status is RequestStatus.CANCELLED
+
+    run_virtual(main())
+
+
 def test_cancel_queued_and_running_requests() -> None:
     async def main() -> None:
         async with _manager(1, bound=1) as cp:

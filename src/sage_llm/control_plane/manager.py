@@ -386,21 +386,53 @@ class ControlPlaneManager:
                     finished = True
                     break
                 yield item
-            result = rec.result
-            if result is not None and result.status is RequestStatus.FAILED:
-                if isinstance(rec.exception, DeadlineExceededError):
-                    raise DeadlineExceededError(result.error or rec.exception.message)
-                if isinstance(rec.exception, EngineError):
-                    raise EngineError(
-                        result.error or rec.exception.message,
-                        instance_id=rec.exception.instance_id,
-                        status=rec.exception.status,
-                        retryable=False,
-                    ) from rec.exception
-                raise EngineError(result.error or "request failed", retryable=False)
+            self._raise_failure(rec)
         finally:
             if not finished:
                 self._require_dispatcher().cancel(rec)
+
+    async def stream_batches(self, request: RequestMetadata) -> AsyncIterator[list[Chunk]]:
+        """:meth:`stream`, but each item is every chunk that had arrived by then (at least
+        one), in order: a relay writes what is there in one go and waits for nothing."""
+        rec = self._submit(request, stream=True)
+        queue = rec.stream
+        assert queue is not None
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                batch: list[Chunk] = []
+                while True:
+                    if isinstance(item, StreamEnd):
+                        finished = True
+                        break
+                    batch.append(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    yield batch
+            self._raise_failure(rec)
+        finally:
+            if not finished:
+                self._require_dispatcher().cancel(rec)
+
+    @staticmethod
+    def _raise_failure(rec: RequestRecord) -> None:
+        """At the end of a stream: raise the request's failure, if it failed."""
+        result = rec.result
+        if result is None or result.status is not RequestStatus.FAILED:
+            return
+        if isinstance(rec.exception, DeadlineExceededError):
+            raise DeadlineExceededError(result.error or rec.exception.message)
+        if isinstance(rec.exception, EngineError):
+            raise EngineError(
+                result.error or rec.exception.message,
+                instance_id=rec.exception.instance_id,
+                status=rec.exception.status,
+                retryable=False,
+            ) from rec.exception
+        raise EngineError(result.error or "request failed", retryable=False)
 
     async def embed(self, model: str | None, inputs: list[str]) -> dict[str, Any]:
         """Embeddings from an instance serving ``model`` (the least busy healthy one).

@@ -6,8 +6,9 @@ No module state: everything an app needs hangs off the objects made here, so sev
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
 ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /ready``,
 ``GET /metrics``, ``GET /openapi.json`` and the admin API under ``/admin/``
-(:mod:`sage_llm.gateway.admin`). Middlewares, outermost first: request id + access log +
-CORS + tracing (:mod:`~sage_llm.gateway.observe`), JSON errors
+(:mod:`sage_llm.gateway.admin`). One middleware
+(:func:`~sage_llm.gateway.observe.gateway_middleware`) does, outermost first: request id +
+access log + CORS + tracing (:mod:`~sage_llm.gateway.observe`), JSON errors
 (:mod:`~sage_llm.gateway.errors`), authentication (:mod:`~sage_llm.gateway.auth`).
 """
 
@@ -19,9 +20,7 @@ from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.admin import AdminRoutes, add_admin_routes
-from sage_llm.gateway.auth import auth_middleware
-from sage_llm.gateway.errors import error_middleware
-from sage_llm.gateway.observe import load_tracer, observe_middleware
+from sage_llm.gateway.observe import gateway_middleware, load_tracer
 from sage_llm.gateway.openai import OpenAIRoutes
 from sage_llm.gateway.openapi import build_openapi
 from sage_llm.gateway.settings import GatewaySettings, ResolvedGateway, default_settings
@@ -53,9 +52,9 @@ def create_app(
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
-            observe_middleware(settings.cors_origins, tracer),
-            error_middleware,
-            auth_middleware(settings.api_keys, settings.admin_token),
+            gateway_middleware(
+                settings.cors_origins, tracer, settings.api_keys, settings.admin_token
+            ),
         ],
     )
     app[MANAGER_KEY] = manager

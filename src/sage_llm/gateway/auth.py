@@ -85,19 +85,26 @@ def check_admin(remote: str | None, token: str | None, admin_token: str | None) 
         raise PermissionDeniedError("invalid admin token", param="authorization")
 
 
+def authorize(request: web.Request, keys: Sequence[str], admin_token: str | None) -> None:
+    """Raise unless ``request`` may go on, by the rules above (``OPTIONS`` always may)."""
+    if request.method == "OPTIONS":
+        return
+    path = request.path
+    if path.startswith(OPENAI_PREFIX):
+        if keys:
+            check_api_key(bearer_token(request.headers.get("Authorization")), keys)
+    elif path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
+        token = bearer_token(request.headers.get("Authorization"))
+        check_admin(request.remote, token, admin_token)
+
+
 def auth_middleware(api_keys: Sequence[str], admin_token: str | None) -> Middleware:
     """The middleware enforcing the rules above for one app."""
     keys = tuple(api_keys)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if request.method != "OPTIONS":
-            token = bearer_token(request.headers.get("Authorization"))
-            if path.startswith(OPENAI_PREFIX):
-                check_api_key(token, keys)
-            elif path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
-                check_admin(request.remote, token, admin_token)
+        authorize(request, keys, admin_token)
         return await handler(request)
 
     return middleware

@@ -89,22 +89,29 @@ def internal_error_response() -> web.Response:
     return web.json_response(body, status=500)
 
 
+def error_response(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON response for ``exc`` raised while handling ``request`` (see the module
+    docstring); an ``HTTPException`` below 400 (a redirect) is raised again."""
+    if isinstance(exc, SageLLMError):
+        return sage_error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return http_error_response(exc)
+    log.error(
+        "unhandled error in %s %s (request %s)",
+        request.method,
+        request.path,
+        request.get(REQUEST_ID_KEY, "-"),
+        exc_info=exc,
+    )
+    return internal_error_response()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Convert every failure of ``handler`` into an OpenAI-style JSON response."""
     try:
         return await handler(request)
-    except SageLLMError as exc:
-        return sage_error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return http_error_response(exc)
-    except Exception:
-        log.exception(
-            "unhandled error in %s %s (request %s)",
-            request.method,
-            request.path,
-            request.get(REQUEST_ID_KEY, "-"),
-        )
-        return internal_error_response()
+    except Exception as exc:
+        return error_response(request, exc)

@@ -26,10 +26,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sage_llm.errors import InvalidRequestError
+from sage_llm.gateway.auth import authorize
 from sage_llm.gateway.errors import (
     MODEL_KEY,
     REQUEST_ID_KEY,
     RESPONSE_HEADERS_KEY,
+    error_response,
     sage_error_response,
 )
 
@@ -58,9 +60,6 @@ def load_tracer(enabled: bool) -> Any:
 
 @contextlib.contextmanager
 def _span(tracer: Any, request: web.Request, rid: str) -> Iterator[Any]:
-    if tracer is None:
-        yield None
-        return
     route = request.match_info.route.resource
     name = route.canonical if route is not None else request.path
     with tracer.start_as_current_span(f"{request.method} {name}") as span:
@@ -107,7 +106,34 @@ def _bad_request_id() -> web.Response:
 
 def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
     """The outermost middleware of one app (see the module docstring)."""
+    return _observe(cors_origins, tracer, None)
+
+
+def gateway_middleware(
+    cors_origins: Sequence[str],
+    tracer: Any,
+    api_keys: Sequence[str],
+    admin_token: str | None,
+) -> Middleware:
+    """:func:`observe_middleware`, :func:`~sage_llm.gateway.errors.error_middleware` and
+    :func:`~sage_llm.gateway.auth.auth_middleware`, in that order, as one middleware (one
+    coroutine per request instead of three; the same responses)."""
+    return _observe(cors_origins, tracer, (tuple(api_keys), admin_token))
+
+
+def _observe(
+    cors_origins: Sequence[str], tracer: Any, guard: tuple[tuple[str, ...], str | None] | None
+) -> Middleware:
     origins = tuple(cors_origins)
+
+    async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if guard is None:
+            return await handler(request)
+        try:
+            authorize(request, guard[0], guard[1])
+            return await handler(request)
+        except Exception as exc:
+            return error_response(request, exc)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -115,7 +141,7 @@ def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
         given = request.headers.get(REQUEST_ID_HEADER, "").strip()
         valid = not given or _REQUEST_ID_RE.fullmatch(given) is not None
         rid = given if given and valid else uuid.uuid4().hex
-        cors = _cors_origin(request, origins)
+        cors = _cors_origin(request, origins) if origins else None
         headers = _response_headers(rid, cors)
         request[REQUEST_ID_KEY] = rid
         request[RESPONSE_HEADERS_KEY] = headers
@@ -126,11 +152,12 @@ def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
                 resp = _bad_request_id()
             elif cors is not None and request.method == "OPTIONS":
                 resp = _preflight()
+            elif tracer is None:
+                resp = await run(request, handler)
             else:
                 with _span(tracer, request, rid) as span:
-                    resp = await handler(request)
-                    if span is not None:
-                        span.set_attribute("http.response.status_code", resp.status)
+                    resp = await run(request, handler)
+                    span.set_attribute("http.response.status_code", resp.status)
             status = resp.status
             if not resp.prepared:
                 resp.headers.update(headers)
@@ -139,24 +166,28 @@ def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
             status = 499  # the client went away
             raise
         finally:
-            latency_ms = (time.perf_counter() - started) * 1000.0
-            model = request.get(MODEL_KEY)
-            access_log.info(
-                "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
-                rid,
-                request.method,
-                request.path,
-                status,
-                latency_ms,
-                model or "-",
-                extra={
-                    "request_id": rid,
-                    "method": request.method,
-                    "path": request.path,
-                    "status": status,
-                    "latency_ms": round(latency_ms, 3),
-                    "model": model,
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):
+                _access(request, rid, status, (time.perf_counter() - started) * 1000.0)
 
     return middleware
+
+
+def _access(request: web.Request, rid: str, status: int, latency_ms: float) -> None:
+    model = request.get(MODEL_KEY)
+    access_log.info(
+        "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
+        rid,
+        request.method,
+        request.path,
+        status,
+        latency_ms,
+        model or "-",
+        extra={
+            "request_id": rid,
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "latency_ms": round(latency_ms, 3),
+            "model": model,
+        },
+    )

@@ -1,10 +1,11 @@
 """Running one generation through the manager: a whole response, or an SSE relay.
 
-Both paths consume :meth:`ControlPlaneManager.stream`, so choices are rebuilt per
+Both paths consume :meth:`ControlPlaneManager.stream_batches`, so choices are rebuilt per
 ``Chunk.index`` (``n > 1``) and a closed iterator cancels the request in the manager (a
-client that disconnects, a timeout). Streams are relayed chunk by chunk with no buffering;
-a failure after the first chunk ends the stream with an ``{"error": …}`` event and
-``[DONE]``, never a silent truncation.
+client that disconnects, a timeout). Streams are relayed as chunks arrive, nothing held
+back: the chunks that arrived together go out in one write; a failure after the first
+chunk ends the stream with an ``{"error": …}`` event and ``[DONE]``, never a silent
+truncation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -27,6 +28,8 @@ from sage_llm.gateway.errors import error_body
 from sage_llm.types import RequestMetadata, RequestStatus
 
 log = logging.getLogger("sage_llm.gateway")
+
+T = TypeVar("T")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -122,14 +125,18 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
 
 
 @contextlib.asynccontextmanager
-async def _closing(stream: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[Chunk]]:
+async def _closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
     """Close the manager's stream on exit: a request not finished by then is cancelled."""
     try:
         yield stream
     finally:
-        close = getattr(stream, "aclose", None)
-        if close is not None:
-            await close()
+        await _close(stream)
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _deadline(timeout_s: float | None) -> float | None:
@@ -160,13 +167,21 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     """Run ``gen`` to the end and return the whole response body."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
     choices = _Choices()
-    stream = manager.stream(gen.meta)
+    batches = manager.stream_batches(gen.meta)
     try:
-        async with _closing(stream), asyncio.timeout_at(_deadline(gen.timeout_s)):
-            async for chunk in stream:
-                choices.add(chunk)
+        if gen.timeout_s is None:
+            async for batch in batches:
+                for chunk in batch:
+                    choices.add(chunk)
+        else:
+            async with asyncio.timeout_at(_deadline(gen.timeout_s)):
+                async for batch in batches:
+                    for chunk in batch:
+                        choices.add(chunk)
     except TimeoutError:
         raise _timeout_error(gen) from None
+    finally:
+        await _close(batches)  # a request not finished by then is cancelled
     usage = await _final_usage(manager, gen, choices.usage)
     return completion_body(fmt, choices, usage)
 
@@ -191,11 +206,11 @@ async def stream_response(
     middleware answers with a JSON status); later ones end the stream with an error event."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
     deadline = _deadline(gen.timeout_s)
-    stream = manager.stream(gen.meta)
-    async with _closing(stream):
+    batches = manager.stream_batches(gen.meta)
+    async with _closing(batches):
         try:
             async with asyncio.timeout_at(deadline):
-                first = await anext(stream, None)
+                first = await anext(batches, None)
         except TimeoutError:
             raise _timeout_error(gen) from None
         if first is None:
@@ -207,14 +222,14 @@ async def stream_response(
         except ConnectionResetError:  # the client left before its first byte
             log.info("client of request %s went away; cancelling it", gen.request_id)
             return resp  # leaving _closing cancels the request
-        await _relay(resp, stream, first, manager, gen, fmt, deadline)
+        await _relay(resp, batches, first, manager, gen, fmt, deadline)
         return resp
 
 
 async def _relay(
     resp: web.StreamResponse,
-    stream: AsyncIterator[Chunk],
-    chunk: Chunk | None,
+    batches: AsyncIterator[list[Chunk]],
+    batch: list[Chunk] | None,
     manager: ControlPlaneManager,
     gen: Generation,
     fmt: ResponseFormat,
@@ -222,29 +237,32 @@ async def _relay(
 ) -> None:
     seen: set[int] = set()
     usage: Usage | None = None
-    # Events are written as soon as they are made, except a request's last chunk: it goes
-    # out together with the usage chunk and [DONE] (one write instead of three).
+    # The events of the chunks that arrived together are written at once, in one write;
+    # a request's last chunk goes out together with the usage chunk and [DONE].
     tail = b""
     try:
         async with asyncio.timeout_at(deadline):
-            while chunk is not None:
-                usage = chunk.usage or usage
+            while batch is not None:
                 out = b""
-                if fmt.chat and chunk.index not in seen:
-                    role = fmt.role_chunk()
-                    role["choices"][0]["index"] = chunk.index
-                    out = encode_event(role)
-                seen.add(chunk.index)
-                if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
-                    event = fmt.chunk(
-                        chunk.text, chunk.finish_reason, index=chunk.index, logprobs=chunk.logprobs
-                    )
-                    out += encode_event(event)
-                if chunk.usage is not None:  # the engine's last chunk
-                    tail += out
-                elif out:
+                for chunk in batch:
+                    usage = chunk.usage or usage
+                    if fmt.chat and chunk.index not in seen:
+                        role = fmt.role_chunk()
+                        role["choices"][0]["index"] = chunk.index
+                        out += encode_event(role)
+                    seen.add(chunk.index)
+                    if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
+                        event = fmt.chunk(
+                            chunk.text, chunk.finish_reason, index=chunk.index,
+                            logprobs=chunk.logprobs,
+                        )  # fmt: skip
+                        out += encode_event(event)
+                    if chunk.usage is not None:  # the engine's last chunk
+                        tail += out
+                        out = b""
+                if out:
                     await resp.write(out)
-                chunk = await anext(stream, None)
+                batch = await anext(batches, None)
             final = await _final_usage(manager, gen, usage)
             if gen.include_usage:
                 tail += encode_event(fmt.usage_chunk(final))
