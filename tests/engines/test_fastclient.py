@@ -132,6 +132,22 @@ async def test_keep_alive_reuses_one_connection(
     assert raw.connections == 1
 
 
+async def test_connections_idle_too_long_are_closed(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(CHUNKED)
+    first = await pool.request("POST", "/x", b"")
+    second = await pool.request("POST", "/x", b"")
+    assert await body_of(first) == b"hello, world"
+    pool._idle[0].idle_since -= pool.keepalive_s + 1  # as if it had waited that long
+    assert await body_of(second) == b"hello, world"  # putting one back sweeps the old
+    assert pool.idle_connections == 1
+    pool._idle[0].idle_since -= pool.keepalive_s + 1
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"hello, world"
+    assert raw.connections == 3  # the expired one was not reused
+
+
 async def test_connection_close_and_unread_bodies_are_not_reused(
     server: tuple[RawServer, int], pool: FastPool
 ) -> None:

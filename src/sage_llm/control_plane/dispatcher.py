@@ -153,6 +153,8 @@ class Dispatcher:
 
     def dispatch_ready(self) -> None:
         """One pass: start as many queued requests as the fleet has room for."""
+        if not len(self.policy):
+            return  # nothing queued (most passes after a request finished)
         snap = self.registry.snapshot(self.clock.now(), self.prefix_index)
         pd_models = self._pd_models(snap)
         deferred: list[RequestInfo] = []

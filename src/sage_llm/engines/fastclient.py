@@ -391,8 +391,13 @@ class FastPool:
         if self._closed or conn.closed:
             conn.abort()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
-        self._idle.append(conn)
+        now = asyncio.get_running_loop().time()
+        conn.idle_since = now
+        idle = self._idle
+        idle.append(conn)
+        # the least recently used connections sit at the left: close the expired ones
+        while now - idle[0].idle_since > self.keepalive_s or idle[0].closed:
+            idle.popleft().abort()
 
     def close(self) -> None:
         """Close the idle connections; connections in use close when released."""
