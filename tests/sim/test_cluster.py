@@ -22,6 +22,8 @@ from sage_llm.bench.workloads import (
 from sage_llm.control_plane.routing.base import RoutingDecision
 from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.scheduling.base import Admission
+from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
@@ -350,6 +352,38 @@ def test_free_list_samples_distinct_members() -> None:
     assert picked == sorted(set(picked)) and 5 not in picked and 8 <= len(picked) <= 10
     assert free.sample(rng, 200) == [i for i in range(100) if i != 5]
     assert len(free.sample(rng, 40)) == 40
+
+
+@pytest.mark.parametrize("n", [5, 30, 100])
+def test_free_list_skip_draws_as_sample_does(n: int) -> None:
+    free = FreeList()
+    for i in range(n):
+        free.add(i)
+    a, b = random.Random(3), random.Random(3)
+    for _ in range(5):
+        free.sample(a, 10)
+        free.skip(b, 10)
+    assert a.random() == b.random()
+
+
+class _AdmitReadsSnapshot(FIFOPolicy):
+    """FIFO whose ``admit`` is not QueuedPolicy's own: the simulator then builds every
+    admission snapshot in full."""
+
+    def admit(self, req: RequestInfo, snap: ClusterSnapshot) -> Admission:
+        return super().admit(req, snap)
+
+
+def test_admission_without_views_runs_as_with_them() -> None:
+    def run(policy: FIFOPolicy) -> list[tuple[str, float | None, float]]:
+        sim = ClusterSimulator(
+            make_fleet(40, max_concurrency=4), policy=policy, routing="power_of_two",
+            seed=2, sample_above=8, max_candidates=4,
+        )  # fmt: skip
+        result = sim.run(synthetic(600, rate=400.0, input_dist=64, output_dist=16, seed=5))
+        return [(m.request_id, m.first_token_s, m.end_s) for m in result.measurements]
+
+    assert run(FIFOPolicy()) == run(_AdmitReadsSnapshot())
 
 
 def test_prefix_block_hashes_match_the_reference() -> None:

@@ -37,6 +37,7 @@ Fleets at or below the threshold are never sampled.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -185,40 +186,46 @@ class ClusterSimulator:
         arrivals = iter(requests)
         nxt = next(arrivals, None)
         heap, policy, control = self._heap, self.policy, self.control
+        fleet, slots, kicks = self.fleet, self._slots, control.kicks
+        heappop, end_step, kick = heapq.heappop, self._end_step, self._kick
         if self.stats_interval_s is not None:
             self._push(0.0, _STATS, 0)
+        events = 0
+        nxt_at = math.inf if nxt is None else nxt.arrival_s
         while True:
-            if heap and (nxt is None or heap[0][0] <= nxt.arrival_s):
-                at, _, kind, index, gen = heapq.heappop(heap)
+            if heap and heap[0][0] <= nxt_at:
+                at, _, kind, index, gen = heappop(heap)
                 self._now = at
-                slot = self._slots[index]
+                slot = slots[index]
                 if kind == _STEP:
-                    self._end_step(slot)
+                    end_step(slot)
                 elif kind == _WAKE:
                     if gen == slot.wake_gen and not slot.busy:
-                        self._kick(slot)
+                        kick(slot)
                 else:
                     self._refresh_stats(more=nxt is not None)
             elif nxt is not None:
-                if nxt.arrival_s < self._now:
+                if nxt_at < self._now:
                     raise InvalidRequestError(
-                        f"request {nxt.request_id} arrives at {nxt.arrival_s} s, before the "
+                        f"request {nxt.request_id} arrives at {nxt_at} s, before the "
                         f"previous one ({self._now} s); requests must be in arrival order",
                         param="arrival_s",
                     )
-                self._now = nxt.arrival_s
-                control.arrive(nxt, self._now)
+                self._now = nxt_at
+                control.arrive(nxt, nxt_at)
                 nxt = next(arrivals, None)
+                nxt_at = math.inf if nxt is None else nxt.arrival_s
             else:
                 break
-            self._events += 1
-            if self.fleet.free_total and len(policy):
+            events += 1
+            if fleet.free_total and len(policy):
                 control.dispatch(self._now)
-            if control.kicks:
-                for slot in control.kicks:
+            if kicks:
+                for slot in kicks:
                     slot.kick_pending = False
-                    self._kick(slot)
-                control.kicks.clear()
+                    kick(slot)
+                kicks.clear()
+        self._events = events
         control.abandon_leftovers(self._now)
         return self._result(slo, time.perf_counter() - wall0, time.process_time() - cpu0)
 
@@ -240,7 +247,8 @@ class ClusterSimulator:
         slot.busy = True
         slot.result = res
         slot.busy_s += res.duration_s
-        self._push(now + res.duration_s, _STEP, slot.index)
+        self._seq += 1  # self._push, inlined
+        heapq.heappush(self._heap, (now + res.duration_s, self._seq, _STEP, slot.index, 0))
 
     def _end_step(self, slot: InstanceSlot) -> None:
         """A step ended: the engine starts its next step, then its tokens take effect."""

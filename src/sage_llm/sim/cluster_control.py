@@ -19,9 +19,10 @@ from sage_llm import tokens
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.routing.base import Router
+from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.snapshot import CompletionRecord, RequestInfo
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConflictError, InvalidRequestError
 from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
 from sage_llm.sim.cluster_results import measurement
@@ -62,6 +63,13 @@ class SimControlPlane:
         self.decision_sampled = 0
         self.decision_candidates = 0
         self.rejected = 0
+        cls = type(policy)
+        self._admit_reads_time_only = (
+            issubclass(cls, QueuedPolicy)
+            and cls.admit is QueuedPolicy.admit
+            and cls.observe is QueuedPolicy.observe
+        )
+        """``policy.admit`` is :class:`QueuedPolicy`'s own: it reads only ``snap.now``."""
 
     def arrive(self, wr: WorkloadRequest, now: float) -> None:
         """Intake and admission, as ``ControlPlaneManager._submit``."""
@@ -100,11 +108,18 @@ class SimControlPlane:
             ),
         )
         queued = len(self.policy)
-        snap = self.fleet.snapshot(now)
-        verdict = check_queue_bound(queued, self.max_queue_size, snap)
-        full = not verdict.admitted
-        if verdict.admitted:
-            verdict = self.policy.admit(info, snap)
+        if self._admit_reads_time_only and queued < self.max_queue_size:
+            # The queue bound admits without reading the snapshot, and this policy's admit
+            # reads only its time: the sample is drawn as usual, no view is built.
+            self.fleet.skip_snapshot()
+            full = False
+            verdict = self.policy.admit(info, ClusterSnapshot(now, (), self.fleet.prefix))
+        else:
+            snap = self.fleet.snapshot(now)
+            verdict = check_queue_bound(queued, self.max_queue_size, snap)
+            full = not verdict.admitted
+            if verdict.admitted:
+                verdict = self.policy.admit(info, snap)
         if not verdict.admitted:
             reason = verdict.reason
             kind = "AdmissionError"

@@ -248,3 +248,15 @@ class FreeList:
             draw = rng.random
             return sorted({items[int(draw() * n)] for _ in range(k)})
         return sorted(rng.sample(items, k))
+
+    def skip(self, rng: random.Random, k: int) -> None:
+        """Advance ``rng`` exactly as :meth:`sample` would, without building the sample."""
+        n = len(self._items)
+        if n <= k:
+            return
+        if n > 4 * k:
+            draw = rng.random
+            for _ in range(k):
+                draw()
+            return
+        rng.sample(self._items, k)

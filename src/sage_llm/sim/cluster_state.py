@@ -116,15 +116,22 @@ class FleetState:
         if not self.sampled_models:
             return ClusterSnapshot(now, tuple(self._views), self.prefix)
         out = list(self._views)
-        slots = self.slots
+        slots, rng, k = self.slots, self._rng, self.max_candidates
         for model in self.sampled_models:
-            for i in self.free[model].sample(self._rng, self.max_candidates):
+            for i in self.free[model].sample(rng, k):
                 slot = slots[i]
                 if slot.dirty:  # slot.fresh_view(), inlined: this runs for every candidate
                     slot.view = slot.state.view()
                     slot.dirty = False
                 out.append(slot.view)
         return ClusterSnapshot(now, tuple(out), self.prefix)
+
+    def skip_snapshot(self) -> None:
+        """Advance the sampling exactly as :meth:`snapshot` would, for a caller that needs
+        no instance views (views are rebuilt lazily, so skipping them changes nothing)."""
+        rng, k = self._rng, self.max_candidates
+        for model in self.sampled_models:
+            self.free[model].skip(rng, k)
 
     def augment(self, snap: ClusterSnapshot, info: RequestInfo) -> ClusterSnapshot:
         """``snap`` plus, for a sampled model, the request's preferred and previous
@@ -133,6 +140,13 @@ class FleetState:
         group = self.groups.get(info.model)
         if group is None or not group[0].sampled:
             return snap
+        if (
+            info.preferred_instance_id is None
+            and info.previous_instance_id is None
+            and not (self.want_sticky and info.sticky_key is not None)
+            and not (self.want_prefix and info.block_hashes)
+        ):
+            return snap  # nothing to add (the common case)
         present = {v.instance_id for v in snap.instances}
         extra: list[InstanceSlot] = []
 

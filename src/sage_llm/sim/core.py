@@ -315,7 +315,7 @@ class PinnedKV:
     expires_at: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class StepResult:
     """What one step did. Tokens and finishes take effect at ``now + duration_s``.
 
@@ -341,6 +341,36 @@ class StepResult:
     """Tokens produced this step (``len(new_tokens)`` when the step lists them)."""
     first_tokens: list[str] = field(default_factory=list)
     """Requests whose first output token this step produced, in batch order."""
+
+    def __init__(  # the generated one, with list literals (one is made per engine step)
+        self,
+        duration_s: float = 0.0,
+        idle: bool = False,
+        new_tokens: list[tuple[str, int]] | None = None,
+        finished: list[tuple[str, str]] | None = None,
+        preempted: list[str] | None = None,
+        admitted: list[tuple[str, int]] | None = None,
+        num_prefill_tokens: int = 0,
+        num_decode_tokens: int = 0,
+        num_cached_tokens: int = 0,
+        kv_pinned: list[PinnedKV] | None = None,
+        kv_pulled: list[tuple[str | None, str]] | None = None,
+        num_new_tokens: int = 0,
+        first_tokens: list[str] | None = None,
+    ) -> None:
+        self.duration_s = duration_s
+        self.idle = idle
+        self.new_tokens = [] if new_tokens is None else new_tokens
+        self.finished = [] if finished is None else finished
+        self.preempted = [] if preempted is None else preempted
+        self.admitted = [] if admitted is None else admitted
+        self.num_prefill_tokens = num_prefill_tokens
+        self.num_decode_tokens = num_decode_tokens
+        self.num_cached_tokens = num_cached_tokens
+        self.kv_pinned = [] if kv_pinned is None else kv_pinned
+        self.kv_pulled = [] if kv_pulled is None else kv_pulled
+        self.num_new_tokens = num_new_tokens
+        self.first_tokens = [] if first_tokens is None else first_tokens
 
 
 class _Req:
@@ -419,6 +449,8 @@ class SimEngineCore:
         self.cost_model: CostModel = cfg.build_cost_model()
         self._fast_step_time = fast_step_time(self.cost_model)
         self._fast_for = self.cost_model
+        self._token_budget = cfg.max_num_batched_tokens
+        self._jitter = cfg.step_jitter
         """The model ``_fast_step_time`` computes (a replaced ``cost_model`` is called)."""
         self.num_gpu_blocks = cfg.capacity_blocks()
         self.block_size = cfg.block_size
@@ -617,7 +649,7 @@ class SimEngineCore:
             for req in due:
                 if req.lazy and req.due == step_no:
                     self._unlazy(req)
-        budget = self.config.max_num_batched_tokens
+        budget = self._token_budget
         scheduled: list[tuple[_Req, int]] = []
         implicit = self._schedule_fast(budget, scheduled)
         if implicit < 0:
@@ -626,9 +658,11 @@ class SimEngineCore:
                     self._unlazy(req)
             implicit = 0
             budget = self._schedule_running(budget, scheduled, res)
-        else:
+        elif scheduled:
             budget -= implicit + sum(n for _, n in scheduled)
-        if not res.preempted or not scheduled:
+        else:
+            budget -= implicit
+        if self._waiting and (not res.preempted or not scheduled):
             self._schedule_waiting(now, budget, scheduled, res)
         if not scheduled and not implicit:
             res.idle = True
@@ -636,12 +670,15 @@ class SimEngineCore:
             return res
         prefill: list[PrefillChunk] = []
         decode: list[int] = []
+        prefill_tokens = 0
         for req, n in scheduled:
-            if n == 1 and req.total - req.num_computed == 1:
-                decode.append(req.num_computed)
+            computed = req.num_computed
+            if n == 1 and req.num_prompt + req.num_output - computed == 1:
+                decode.append(computed)
             else:
-                prefill.append((n, req.num_computed))
-                res.num_prefill_tokens += n
+                prefill.append((n, computed))
+                prefill_tokens += n
+        res.num_prefill_tokens += prefill_tokens
         res.num_decode_tokens = implicit + len(decode)
         fast = self._fast_step_time
         if fast is not None and self.cost_model is self._fast_for:
@@ -653,8 +690,8 @@ class SimEngineCore:
             if implicit:
                 decode = self._decode_contexts(implicit, decode, scheduled)
             duration = self.cost_model.step_time(prefill, decode)
-        if self.config.step_jitter > 0:
-            duration *= max(0.05, 1.0 + self._rng.gauss(0.0, self.config.step_jitter))
+        if self._jitter > 0:
+            duration *= max(0.05, 1.0 + self._rng.gauss(0.0, self._jitter))
         res.duration_s = duration / self.speed
         batch: list[tuple[_Req, bool]] = []
         if list_tokens:
@@ -879,11 +916,12 @@ class SimEngineCore:
         produced = 0
         for req, n in scheduled:
             before = req.num_computed
-            req.num_computed += n
-            if req.hashes and before < req.num_prompt:
-                hi = min(req.num_computed, req.num_prompt) // bs
+            computed = req.num_computed = before + n
+            prompt = req.num_prompt
+            if before < prompt and req.hashes:
+                hi = (computed if computed < prompt else prompt) // bs
                 pool.cache_blocks(req.blocks, req.hashes, before // bs, hi)
-            if req.num_computed < req.total:
+            if computed < prompt + req.num_output:
                 continue
             req.num_output += 1
             req.made_at = step_no
