@@ -38,6 +38,14 @@ SSE_HEADERS = {
 }
 
 
+class SSEResponse(web.StreamResponse):
+    """A stream response whose status line and headers leave with its first event (one
+    write, as ``web.Response`` does for its body) rather than on their own in
+    ``prepare()``; the relay prepares it only once the first chunk is there."""
+
+    _send_headers_immediately = False
+
+
 @dataclass(frozen=True, slots=True)
 class Generation:
     """A validated completions / chat request, ready for the manager."""
@@ -215,7 +223,7 @@ async def stream_response(
             raise _timeout_error(gen) from None
         if first is None:
             await _final_usage(manager, gen, None)  # raises when it was cancelled
-        resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        resp = SSEResponse(headers={**SSE_HEADERS, **headers})
         set_nodelay(request)
         try:
             await resp.prepare(request)
@@ -258,7 +266,7 @@ async def _relay(
                         )  # fmt: skip
                         out += encode_event(event)
                     if chunk.usage is not None:  # the engine's last chunk
-                        tail += out
+                        tail += out  # with the rest of its batch, it goes out last
                         out = b""
                 if out:
                     await resp.write(out)
