@@ -279,15 +279,16 @@ class BlockPool:
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; the tail of a sequence is evicted first."""
+        ref, free, hash_of = self._ref, self._free, self._hash_of
         for b in reversed(blocks):
-            count = self._ref[b] - 1
+            count = ref[b] - 1
             if count:
-                self._ref[b] = count
+                ref[b] = count
                 continue
-            del self._ref[b]
-            self._free[b] = None
-            if b not in self._hash_of:
-                self._free.move_to_end(b, last=False)
+            del ref[b]
+            free[b] = None
+            if b not in hash_of:
+                free.move_to_end(b, last=False)
 
     def cache(self, block: int, block_hash: int) -> None:
         """Register a full block under its chained hash (first writer wins)."""

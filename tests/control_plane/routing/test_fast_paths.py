@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from sage_llm.control_plane.routing.filters import CapacityFilter, leg_candidates
-from sage_llm.control_plane.routing.pickers import MaxPicker
+from sage_llm.control_plane.routing.pickers import MaxPicker, PowerOfTwoPicker, best_of
 from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.scorers import (
     KVUsageScorer,
@@ -111,3 +111,18 @@ def test_repeated_candidates_add_up_as_before() -> None:
     combined, _ = pipe.scores(make_request_info(), cands, ClusterSnapshot(0.0, tuple(cands)))
     assert combined == {"a": 1.0, "b": 1.0}  # 0.5 twice, then capped at 1
     assert combined == _plain_scores(pipe, make_request_info(), cands)
+
+
+def test_power_of_two_picks_as_best_of_a_sorted_pair() -> None:
+    rng = random.Random(6)
+    picker = PowerOfTwoPicker()
+    for _ in range(500):
+        n = rng.randrange(2, 20)
+        scores = {f"i{k}": rng.choice([0.0, 0.5, 0.5 + 1e-10, 1.0, rng.random()]) for k in range(n)}
+        seed = rng.randrange(1 << 30)
+        expected_rng = random.Random(seed)
+        pair = sorted(expected_rng.sample(sorted(scores), 2))
+        expected = best_of(pair, scores, expected_rng)
+        got_rng = random.Random(seed)
+        assert picker.pick(scores, got_rng) == expected
+        assert got_rng.random() == expected_rng.random()

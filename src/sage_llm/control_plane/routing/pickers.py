@@ -71,5 +71,16 @@ class PowerOfTwoPicker:
         ids = _require(scores)
         if len(ids) == 1:
             return ids[0]
-        pair = sorted(rng.sample(ids, 2))
-        return best_of(pair, scores, rng)
+        a, b = rng.sample(ids, 2)
+        if b < a:
+            a, b = b, a
+        # best_of([a, b], scores, rng), unrolled
+        score_a, score_b = scores[a], scores[b]
+        top = score_b if score_b > score_a else score_a
+        a_tied = score_a >= top - TIE_EPSILON
+        b_tied = score_b >= top - TIE_EPSILON
+        if a_tied and b_tied:
+            return rng.choice([a, b])
+        if a_tied != b_tied:
+            return a if a_tied else b
+        return best_of([a, b], scores, rng)  # neither (NaN scores): as best_of does
