@@ -12,7 +12,7 @@ from sage_llm.engines.base import EngineRequest
 from sage_llm.errors import EngineConnectionError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue, LinearStepModel
-from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.engine import SharedCore, SimEngine, SimEngineConfig
 
 STEP_MS = 10.0  # every step costs 10 ms, whatever it computes
 CONFIG = SimEngineConfig(
@@ -45,10 +45,12 @@ def test_front_end_model_validates_and_queue_serves_jobs_in_order() -> None:
     model = FrontEndModel(intake_s=0.004, per_output_s=0.001)
     assert not model.is_zero
     assert model.outputs_s(3) == pytest.approx(0.003)
-    assert model.describe() == {"intake_s": 0.004, "per_output_s": 0.001}
+    assert model.describe() == {"intake_s": 0.004, "per_output_s": 0.001, "shared_step_s": 0.0}
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="intake_s"):
             FrontEndModel(intake_s=bad)
+        with pytest.raises(ValueError, match="shared_step_s"):
+            FrontEndModel(shared_step_s=bad)
     queue = FrontEndQueue(model)
     assert queue.intake(1.0) == (1.0, 1.004)
     assert queue.outputs(1.002, 2) == pytest.approx((1.004, 1.006))  # waits for the intake
@@ -157,3 +159,79 @@ def test_prefix_cache_hits_of_a_chunked_prefill_are_reported_behind_a_front_end(
         return cached
 
     assert run_virtual(main()) == [0, 32]
+
+
+# -- the shared core ---------------------------------------------------------------------------
+
+
+def test_shared_core_without_step_parts_is_the_fifo_queue_to_the_last_bit() -> None:
+    model = FrontEndModel(intake_s=0.0123, per_output_s=0.00071)
+    fifo, shared = FrontEndQueue(model), SharedCore(model)
+    # bursts (jobs queue up) and gaps (the server idles)
+    arrivals = [(0.007 * k + (0.05 if k > 20 else 0.0), k % 3) for k in range(40)]
+    wanted, jobs = [], []
+    for now, outputs in arrivals:
+        shared.advance(now)
+        wanted.append(fifo.intake(now) if outputs == 0 else fifo.outputs(now, outputs))
+        jobs.append(shared.intake(now) if outputs == 0 else shared.outputs(now, outputs))
+    assert shared.advance(fifo.free_at)[-1] is jobs[-1]
+    assert [(job.start, job.end) for job in jobs] == wanted  # exactly, not approximately
+    assert any(start > now for (start, _), (now, _) in zip(wanted, arrivals, strict=True))
+    assert shared.next_change() == float("inf")
+
+
+def test_shared_core_runs_both_at_half_speed_while_both_are_busy() -> None:
+    line = SharedCore(FrontEndModel(intake_s=4.0, shared_step_s=3.0))
+    intake = line.intake(0.0)
+    assert intake.end == 4.0
+    line.advance(1.0)
+    step = line.step_part(1.0, line.shared_part_s(2.0))  # a 2 s step: all of it shared
+    # From 1 s both run at half speed: the step's 2 s take 4 s (until 5 s); the intake has
+    # 3 s left, of which 2 s are done by 5 s; the last second runs alone.
+    assert (step.end, intake.end) == (5.0, 7.0)
+    assert line.advance(4.9) == [] and line.next_change() == 5.0
+    assert line.advance(5.0) == [step] and intake.end == 6.0
+    later = line.outputs(5.5, 2)  # waits for the intake
+    assert line.advance(10.0) == [intake, later]
+    assert (later.start, later.end) == (6.0, 6.0)
+    line.step_part(11.0, 1.0)
+    with pytest.raises(RuntimeError, match="already running"):
+        line.step_part(11.5, 1.0)
+
+
+def test_a_front_end_on_the_shared_core_slows_the_step_it_overlaps() -> None:
+    async def main(shared_s: float) -> tuple[list[float], list[float]]:
+        front = FrontEndModel(intake_s=0.003, shared_step_s=shared_s)
+        engine = SimEngine("sim-0", CONFIG, front_end=front)
+        first, second = await asyncio.gather(
+            chunk_times(engine, req("r0")), chunk_times(engine, req("r1", 2), delay_ms=21.0)
+        )
+        await engine.aclose()
+        return first, second
+
+    # Without a shared part: r0's intake 0-3, steps end at 13, 23, 33, 43; r1's intake runs
+    # 21-24 (r0's second token waits for it), r1 joins the step of 33-43.
+    assert run_virtual(main(0.0)) == ([13.0, 24.0, 33.0, 43.0], [43.0, 53.0])
+    # The last 4 ms of every step run on the front end's core. Alone (the first step:
+    # 3-9 worker, 9-13 shared) nothing changes. r1's intake arrives at 21 with 2 ms of the
+    # second step's shared part left: both at half speed, the step ends at 25 and the
+    # intake at 26 (1 ms alone). The third step (r0 alone) runs 25-35, r1 joins the fourth.
+    assert run_virtual(main(0.004)) == ([13.0, 26.0, 35.0, 45.0], [45.0, 55.0])
+
+
+def test_shared_core_engine_serves_prefill_legs_and_refuses_when_closed() -> None:
+    front = FrontEndModel(intake_s=0.004, per_output_s=0.001, shared_step_s=0.002)
+
+    async def main() -> float:
+        engine = SimEngine("sim-0", CONFIG, front_end=front)
+        await engine.prefill(req("p0"))
+        t = now_ms()
+        waiting = asyncio.ensure_future(chunk_times(engine, req("r0")))
+        await asyncio.sleep(0.001)  # r0's intake is in progress
+        await engine.aclose()
+        with pytest.raises(EngineConnectionError):
+            await waiting
+        return t
+
+    # Intake 0-4 ms, the prefill step 4-14 (its shared part 12-14 alone), its output 14-15.
+    assert run_virtual(main()) == 15.0

@@ -36,7 +36,7 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from sage_llm.sim.costmodel import (
     LinearStepModel,
     fit_linear_step_model,
 )
+from sage_llm.sim.engine import SharedCore, SharedJob
 
 __all__ = [
     "ComparisonRow",
@@ -299,30 +300,37 @@ def fit_by_simulation(
     *,
     relative_tolerance: float = 0.02,
     max_evaluations: int = 400,
+    shared_core: bool = False,
 ) -> tuple[LinearStepModel, FrontEndModel]:
     """The step model and front end whose replays best match ``samples``
     (:func:`calibration_error`), from ``start``.
 
-    A deterministic compass search over ``(β0, β1, β2, intake_s, per_output_s)``: try each
-    parameter a step up, then down, and take the first move that improves (doubling that
-    parameter's step); halve every step after a sweep in which nothing helped; stop when
-    every step is below ``relative_tolerance`` of its starting size or after
-    ``max_evaluations`` replays of the samples. Replays are needed because a front end
-    changes what the sweeps see: requests that arrive together are taken in one after the
-    other, so they neither prefill nor decode in lockstep.
+    A deterministic compass search over ``(β0, β1, β2, intake_s, per_output_s)``, and
+    ``shared_step_s`` with ``shared_core``: try each parameter a step up, then down, and
+    take the first move that improves (doubling that parameter's step); halve every step
+    after a sweep in which nothing helped; stop when every step is below
+    ``relative_tolerance`` of its starting size or after ``max_evaluations`` replays of the
+    samples. Replays are needed because a front end changes what the sweeps see: requests
+    that arrive together are taken in one after the other, so they neither prefill nor
+    decode in lockstep, and with a shared core the front end's work stretches the steps.
+    Without ``shared_core`` the start's ``shared_step_s`` is kept as it is.
     """
     step0, front0 = start
-    # β0, β1, β2, intake, per-output, all in µs
+    # β0, β1, β2, intake, per-output[, shared step part], all in µs
     point: tuple[float, ...] = (*step0.betas_us, front0.intake_s * 1e6, front0.per_output_s * 1e6)
-    floor = (1.0, 0.1, 1.0, 10.0, max(point[2] / 4, 10.0))
+    floor: tuple[float, ...] = (1.0, 0.1, 1.0, 10.0, max(point[2] / 4, 10.0))
+    if shared_core:
+        point = (*point, front0.shared_step_s * 1e6)
+        floor = (*floor, max(point[0] / 4, 100.0))
     steps = [max(abs(v) / 4, f) for v, f in zip(point, floor, strict=True)]
     done = [s * relative_tolerance for s in steps]
     scores: dict[tuple[float, ...], float] = {}
 
     def build(p: tuple[float, ...]) -> tuple[LinearStepModel, FrontEndModel]:
+        shared = p[5] * 1e-6 if shared_core else front0.shared_step_s
         return (
             LinearStepModel(p[0], p[1], p[2], label=step0.label),
-            FrontEndModel(p[3] * 1e-6, p[4] * 1e-6),
+            FrontEndModel(p[3] * 1e-6, p[4] * 1e-6, shared),
         )
 
     def score(p: tuple[float, ...]) -> float:
@@ -361,14 +369,18 @@ def fit_profile(
     shape: EngineShape | None = None,
     source: Mapping[str, Any] | None = None,
     front_end: bool = True,
+    shared_core: bool = True,
 ) -> FittedProfile:
     """Fit the step model and the front end to the calibration sweeps.
 
     With ``front_end`` (the default): :func:`fit_step_and_intake` on the prefill and decode
     sweeps gives a start, :func:`fit_by_simulation` on every sweep (``front`` holds extra
     calibration workloads, e.g. staggered clients whose requests arrive beside running
-    decodes) the fit. Without: a plain :class:`LinearStepModel` fit of
-    :func:`step_samples` and no front end.
+    decodes) the fit; with ``shared_core`` (the default) two more searches from that fit
+    add the front end's ``shared_step_s`` (starting at β0/2 and β0) and the best of the
+    three fits is kept (``source["fit"]["without_shared_core"]`` records the first); else
+    ``shared_step_s`` stays 0. Without ``front_end``: a plain
+    :class:`LinearStepModel` fit of :func:`step_samples` and no front end.
     """
     shape = shape or EngineShape()
     if not front_end:
@@ -378,8 +390,28 @@ def fit_profile(
     samples = [*prefill, *decode, *front]
     start = (step, FrontEndModel(intake, 0.0))
     step, fe = fit_by_simulation(samples, shape, start)
+    error = calibration_error(samples, step, shape, fe)
+    fit: dict[str, Any] = {}
+    if shared_core:
+        fit["without_shared_core"] = {
+            "betas_us": list(step.betas_us),
+            **fe.describe(),
+            "log_rms_error": error,
+        }
+        # Second searches from the fit without a shared core, its shared part starting at
+        # half and at all of β0 (one compass search moves one parameter at a time and
+        # cannot trade the intake for the shared part); the best fit of the three wins.
+        base = (step, fe)
+        for share in (0.5, 1.0):
+            beta0_s = max(base[0].betas_us[0], 0.0) * 1e-6  # noise can make β0 negative
+            seed = replace(base[1], shared_step_s=beta0_s * share)
+            cand = fit_by_simulation(samples, shape, (base[0], seed), shared_core=True)
+            cand_error = calibration_error(samples, cand[0], shape, cand[1])
+            if cand_error < error:
+                (step, fe), error = cand, cand_error
     fit = {
-        "log_rms_error": calibration_error(samples, step, shape, fe),
+        "log_rms_error": error,
+        **fit,
         "start_log_rms_error": calibration_error(samples, start[0], shape, start[1]),
         "start_betas_us": list(start[0].betas_us),
         "start_intake_s": intake,
@@ -407,6 +439,12 @@ class _StepDone:
     result: StepResult
 
 
+@dataclass(frozen=True, slots=True)
+class _Outputs:
+    result: StepResult
+    first: list[str]  # requests whose first token this step produced
+
+
 _Event = _Arrive | _Admit | _StepDone
 
 
@@ -429,6 +467,9 @@ def simulate(
     starts processing the step that produced its first token; TPOT from the core's step
     times, (last token − first token) over the tokens after the first, summed over
     requests (the engine's token-weighted inter-token latency).
+
+    With :attr:`FrontEndModel.shared_step_s` the end of every step runs on the front end's
+    CPU core (:class:`~sage_llm.sim.engine.SharedCore`), so the two slow each other down.
     """
     config = SimEngineConfig(
         model="tiny", gpu="cpu", cost_model=cost_model, max_num_seqs=shape.max_num_seqs,
@@ -436,7 +477,10 @@ def simulate(
         num_gpu_blocks=shape.num_gpu_blocks, max_model_len=shape.max_model_len, seed=seed,
     )  # fmt: skip
     core = SimEngineCore(config)
-    server = FrontEndQueue(front_end or FrontEndModel())
+    front = front_end or FrontEndModel()
+    if front.shared_step_s > 0 and not front.is_zero:
+        return _simulate_shared(workload, core, SharedCore(front), random.Random(seed))
+    server = FrontEndQueue(front)
     rng = random.Random(seed)
     events: list[tuple[float, int, _Event]] = []
     order = itertools.count()
@@ -480,6 +524,77 @@ def simulate(
             res = core.step(now)
             if res.duration_s > 0.0 or not res.idle:
                 push(now + res.duration_s, _StepDone(res))
+                stepping = True
+    n = workload.requests
+    gaps = n * (workload.max_tokens - 1)
+    return Observed(workload, ttft_sum / n, decode_time / gaps if gaps else 0.0)
+
+
+def _simulate_shared(
+    workload: Workload, core: SimEngineCore, line: SharedCore, rng: random.Random
+) -> Observed:
+    """:func:`simulate` with the front end and the steps' ends on one shared core: the
+    front end's jobs and the steps' shared parts end when the timeline says so."""
+    events: list[tuple[float, int, _Arrive | _StepDone]] = []
+    order = itertools.count()
+    waiting: dict[SharedJob, _Admit | _StepDone | _Outputs] = {}
+    arrived: dict[str, float] = {}
+    first: dict[str, float] = {}  # core time of the first token
+    ttft_sum = decode_time = 0.0
+    stepping = False
+
+    def arrive(now: float, client: int, k: int) -> None:
+        rid = f"c{client}-{k}"
+        arrived[rid] = now
+        ids = [rng.randrange(10, 30000) for _ in range(workload.prompt_tokens)]
+        waiting[line.intake(now)] = _Admit(rid, ids)
+
+    def step_done(now: float, res: StepResult) -> None:
+        nonlocal decode_time
+        if not res.new_tokens:
+            return
+        new = [rid for rid, _ in res.new_tokens if rid not in first]
+        for rid in new:
+            first[rid] = now
+        for rid, _ in res.finished:
+            decode_time += now - first[rid]
+        waiting[line.outputs(now, len(res.new_tokens))] = _Outputs(res, new)
+
+    for c in range(workload.concurrency):
+        heapq.heappush(events, (c * workload.stagger_s, next(order), _Arrive(c, 0)))
+    while True:
+        now = min(events[0][0] if events else math.inf, line.next_change())
+        if math.isinf(now):
+            break
+        for job in line.advance(now):
+            what = waiting.pop(job)
+            if isinstance(what, _Admit):
+                core.add_request(what.rid, what.ids, workload.max_tokens, arrival=now)
+            elif isinstance(what, _StepDone):
+                stepping = False
+                step_done(now, what.result)
+            else:
+                ttft_sum += sum(job.start - arrived[rid] for rid in what.first)
+                for rid, _ in what.result.finished:
+                    client, k = rid[1:].split("-")
+                    if int(k) + 1 < workload.rounds:
+                        arrive(now, int(client), int(k) + 1)
+        while events and events[0][0] <= now:
+            event = heapq.heappop(events)[2]
+            if isinstance(event, _Arrive):
+                arrive(now, event.client, event.k)
+                continue
+            part = line.shared_part_s(event.result.duration_s) if not event.result.idle else 0.0
+            if part > 0:  # the worker's part is over; the shared part begins
+                waiting[line.step_part(now, part)] = event
+            else:
+                stepping = False
+                step_done(now, event.result)
+        if not stepping and core.has_work():
+            res = core.step(now)
+            if res.duration_s > 0.0 or not res.idle:
+                part = line.shared_part_s(res.duration_s) if not res.idle else 0.0
+                heapq.heappush(events, (now + res.duration_s - part, next(order), _StepDone(res)))
                 stepping = True
     n = workload.requests
     gaps = n * (workload.max_tokens - 1)

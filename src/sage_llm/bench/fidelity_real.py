@@ -44,7 +44,7 @@ from sage_llm.launch.plan_to_engines import (
     engines_from_plan,
     planned_instances_from_dicts,
 )
-from sage_llm.sim.costmodel import RooflineCostModel
+from sage_llm.sim.costmodel import FrontEndModel, LinearStepModel, RooflineCostModel
 
 __all__ = [
     "DECODE_SWEEP",
@@ -288,11 +288,20 @@ def build_report(
     source: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Fit the calibration sweeps (``prefill``, ``decode``, ``front``), replay the evaluation
-    workloads (``real``) and compare: the fitted profile with its front end, the same step
-    model without one, and the stock roofline ``cpu`` profile. The evaluation figures take no
-    part in the fit."""
+    workloads (``real``) and compare: the fitted profile with its front end, the fit
+    without a shared core (``shared_step_s`` = 0), the fitted step model without a front end,
+    and the stock roofline ``cpu`` profile. The evaluation figures take no part in the
+    fit."""
     profile = fit_profile(prefill, decode, front, shape=shape, source=source)
     rows = compare(real, profile.cost_model(), shape, profile.front_end)
+    alone = profile.source["fit"]["without_shared_core"]
+    b0, b1, b2 = (float(b) for b in alone["betas_us"])
+    no_shared = compare(
+        real,
+        LinearStepModel(b0, b1, b2, label="linear:fitted"),
+        shape,
+        FrontEndModel(alone["intake_s"], alone["per_output_s"]),
+    )
     no_front = compare(real, profile.cost_model(), shape)
     baseline = compare(real, RooflineCostModel.from_names("cpu", "tiny"), shape)
     profile = replace(profile, source={**profile.source, "max_error": max_error(rows)})
@@ -305,9 +314,11 @@ def build_report(
         },
         "evaluation_real": [o.to_dict() for o in real],
         "evaluation": [r.to_dict() for r in rows],
+        "no_shared_core_evaluation": [r.to_dict() for r in no_shared],
         "no_front_end_evaluation": [r.to_dict() for r in no_front],
         "roofline_cpu_evaluation": [r.to_dict() for r in baseline],
         "table": render_table(rows),
+        "no_shared_core_table": render_table(no_shared),
         "no_front_end_table": render_table(no_front),
         "roofline_cpu_table": render_table(baseline),
     }
@@ -383,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(json.dumps(report["profile"], indent=2))
     print(report["table"])
+    print(f"fitted without the shared core:\n{report['no_shared_core_table']}")
     print(f"the same step model without the front end:\n{report['no_front_end_table']}")
     print(f"stock roofline `cpu` profile:\n{report['roofline_cpu_table']}")
     print(f"report: {args.out} ({report.get('duration_s', '?')} s)")

@@ -285,6 +285,11 @@ class FrontEndModel:
     * ``per_output_s``: front-end time per request per step that produced a token for it
       (output processing, detokenizing, the hop back); a step's outputs are one job.
 
+    * ``shared_step_s``: seconds at the end of each engine step that run on the CPU core the
+      front end runs on (vLLM's CPU build: the engine-core process beside the API server);
+      while both are busy each runs at half speed (:class:`sage_llm.sim.engine.SharedCore`).
+      0 (the default): the front end and the core never slow each other.
+
     Jobs are served one at a time in arrival order, so under concurrency a new request's
     intake waits behind the output processing of the running ones. All zero (the default)
     is no front end: requests reach the core at once and tokens are handed out as each step
@@ -293,9 +298,10 @@ class FrontEndModel:
 
     intake_s: float = 0.0
     per_output_s: float = 0.0
+    shared_step_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("intake_s", "per_output_s"):
+        for key in ("intake_s", "per_output_s", "shared_step_s"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"FrontEndModel.{key} must be finite and >= 0")
@@ -310,7 +316,11 @@ class FrontEndModel:
         return self.per_output_s * outputs
 
     def describe(self) -> dict[str, Any]:
-        return {"intake_s": self.intake_s, "per_output_s": self.per_output_s}
+        return {
+            "intake_s": self.intake_s,
+            "per_output_s": self.per_output_s,
+            "shared_step_s": self.shared_step_s,
+        }
 
 
 class FrontEndQueue:

@@ -12,7 +12,11 @@ there before the core sees it, and each step's outputs spend ``per_output_s`` pe
 there before the streams get them; the jobs are served one at a time in arrival order
 (:class:`~sage_llm.sim.costmodel.FrontEndQueue`), so under load intakes wait behind output
 processing. The core does not wait for the front end. Without one (the default) requests
-reach the core at once and tokens are handed out as each step ends.
+reach the core at once and tokens are handed out as each step ends. A front end with
+``shared_step_s`` also shares its CPU core with the last ``shared_step_s`` of every step
+(vLLM's CPU build runs the API server and the engine-core process on one core): a
+:class:`SharedCore` serves both by processor sharing, so while the front end is busy that
+part of the step runs at half speed, and the front end's job too.
 
 Generated text is deterministic pseudo-text (:mod:`sage_llm.sim.text`): each word is one
 token, so the text re-tokenizes to ``completion_tokens``.
@@ -32,8 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
 
 from sage_llm import tokens
@@ -50,7 +55,14 @@ from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
-__all__ = ["KVTransferHub", "RemoteKVReleaser", "SimEngine", "SimEngineConfig"]
+__all__ = [
+    "KVTransferHub",
+    "RemoteKVReleaser",
+    "SharedCore",
+    "SharedJob",
+    "SimEngine",
+    "SimEngineConfig",
+]
 
 
 class RemoteKVReleaser(Protocol):
@@ -82,6 +94,129 @@ class KVTransferHub:
         """Unpin ``request_id``'s KV on ``engine_id``; False if unknown there."""
         engine = self._engines.get(engine_id) if engine_id is not None else None
         return engine.release_kv(request_id) if engine is not None else False
+
+
+class SharedJob:
+    """A piece of work on a :class:`SharedCore`: ``cost`` seconds at full speed; ``start``
+    (when it began being served) and ``end`` (when it ends at the present speeds) are
+    settled once ``done``."""
+
+    __slots__ = ("cost", "done", "end", "start")
+
+    def __init__(self, cost: float) -> None:
+        self.cost = cost
+        self.start = math.inf
+        self.end = math.inf
+        self.done = False
+
+
+class SharedCore:
+    """The CPU core that the front end shares with the end of every engine step.
+
+    Two parties use it: the front end, whose jobs (intakes, step outputs) are served one
+    at a time in arrival order, and the engine core's shared part of each step
+    (:attr:`FrontEndModel.shared_step_s`: output handling and scheduling in vLLM's
+    engine-core process). The core is shared by processor sharing: while both have work,
+    each progresses at half speed; alone, at full speed. Without shared step parts it is
+    exactly a :class:`~sage_llm.sim.costmodel.FrontEndQueue` (same arithmetic).
+
+    Event-driven use: :meth:`advance` to ``now`` (it returns the jobs done by then, in the
+    order they finished), submit jobs at ``now``, and come back at :meth:`next_change`.
+    """
+
+    __slots__ = ("_front", "_step", "_t", "model")
+
+    def __init__(self, model: FrontEndModel) -> None:
+        self.model = model
+        self._front: deque[SharedJob] = deque()
+        self._step: SharedJob | None = None
+        self._t = -math.inf
+
+    def _rate(self) -> float:
+        return 0.5 if self._front and self._step is not None else 1.0
+
+    @property
+    def front_busy(self) -> bool:
+        """True while the front end has a job."""
+        return bool(self._front)
+
+    def next_change(self) -> float:
+        """When the next job ends if nothing new arrives (``inf`` when idle)."""
+        end = self._front[0].end if self._front else math.inf
+        return min(end, self._step.end) if self._step is not None else end
+
+    def advance(self, now: float) -> list[SharedJob]:
+        """Serve the jobs up to ``now``; the ones that ended (in the order they ended)."""
+        done: list[SharedJob] = []
+        while (at := self.next_change()) <= now:
+            old = self._rate()
+            head = self._front[0] if self._front else None
+            step = self._step
+            ended_head = head is not None and head.end <= at
+            ended_step = step is not None and step.end <= at
+            if ended_head and head is not None:
+                self._front.popleft()
+                head.done = True
+                done.append(head)
+            if ended_step and step is not None:
+                self._step = None
+                step.done = True
+                done.append(step)
+            new = self._rate()
+            if new != old:  # the survivor now has the core to itself
+                for job in (head, step):
+                    if job is not None and not job.done:
+                        job.end = at + (job.end - at) * old / new
+            if ended_head and self._front:
+                nxt = self._front[0]
+                nxt.start = at
+                nxt.end = at + nxt.cost / new
+        self._t = max(self._t, now)
+        return done
+
+    def _join(self, now: float, job: SharedJob, front: bool) -> None:
+        old = self._rate()
+        if front:
+            self._front.append(job)
+        else:
+            self._step = job
+        new = self._rate()
+        if new != old:  # the one already running slows down
+            other = self._step if front else (self._front[0] if self._front else None)
+            if other is not None and other is not job:
+                other.end = now + (other.end - now) * old / new
+        job.start = now
+        job.end = now + job.cost / new
+
+    def submit(self, now: float, cost: float) -> SharedJob:
+        """Queue a front-end job of ``cost`` seconds at ``now`` (advance to ``now`` first)."""
+        now = max(now, self._t)
+        job = SharedJob(cost)
+        if self._front:
+            self._front.append(job)
+        else:
+            self._join(now, job, front=True)
+        return job
+
+    def intake(self, now: float) -> SharedJob:
+        """Queue a new request's intake."""
+        return self.submit(now, self.model.intake_s)
+
+    def outputs(self, now: float, outputs: int) -> SharedJob:
+        """Queue the processing of one step's ``outputs``."""
+        return self.submit(now, self.model.outputs_s(outputs))
+
+    def step_part(self, now: float, cost: float) -> SharedJob:
+        """Start the shared part of an engine step (steps never overlap)."""
+        if self._step is not None:
+            raise RuntimeError("a step's shared part is already running")
+        job = SharedJob(cost)
+        self._join(max(now, self._t), job, front=False)
+        return job
+
+    def shared_part_s(self, duration_s: float) -> float:
+        """The part of a step of ``duration_s`` that runs on the shared core."""
+        return min(self.model.shared_step_s, duration_s)
 
 
 class _Delivery:
@@ -119,6 +254,14 @@ class SimEngine:
         self._front: FrontEndQueue | None = (
             None if self._front_end.is_zero else FrontEndQueue(self._front_end)
         )
+        # with shared step parts the front end and the core share one timeline instead
+        self._shared: SharedCore | None = None
+        if self._front is not None and self._front_end.shared_step_s > 0:
+            self._front, self._shared = None, SharedCore(self._front_end)
+        # what to do when a shared-core job ends: wake its waiter, or deliver a step's tokens
+        self._shared_jobs: dict[SharedJob, asyncio.Future[None] | StepResult] = {}
+        self._shared_changed: asyncio.Event | None = None
+        self._shared_task: asyncio.Task[None] | None = None
         # step results waiting for the front end: (time their processing ends, result)
         self._outbox: deque[tuple[float, StepResult]] = deque()
         self._outbox_ready: asyncio.Event | None = None
@@ -274,12 +417,16 @@ class SimEngine:
         if self._hub is not None:
             self._hub.unregister(self._id)
         self._fail_all("engine closed")
-        for task in (self._task, self._delivery):
+        for task in (self._task, self._delivery, self._shared_task):
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.wait([task])
-        self._task = self._delivery = None
+        self._task = self._delivery = self._shared_task = None
         self._outbox.clear()
+        for waiter in self._shared_jobs.values():
+            if isinstance(waiter, asyncio.Future) and not waiter.done():
+                waiter.set_result(None)  # an intake in progress: _open reports the close
+        self._shared_jobs.clear()
 
     # -- internals -----------------------------------------------------------------
 
@@ -330,6 +477,10 @@ class SimEngine:
 
     async def _intake(self) -> None:
         """Wait for the front end to take the request in (at once without a front end)."""
+        if self._shared is not None:
+            self._ensure_running()
+            await self._shared_wait(self._shared.intake)
+            return
         if self._front is None:
             return
         self._ensure_running()
@@ -409,6 +560,9 @@ class SimEngine:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), max(res.duration_s, 1e-9))
                     continue
+                if self._shared is not None:
+                    await self._shared_step(res)
+                    continue
                 await clock.sleep(res.duration_s)
                 if self._front is None:
                     self._deliver(res)
@@ -420,6 +574,71 @@ class SimEngine:
         except Exception as exc:
             self._broken = exc
             self._fail_all(f"simulated engine failed: {exc!r}")
+
+    async def _shared_step(self, res: StepResult) -> None:
+        """The rest of a step on the shared core: the worker's part at full speed, then the
+        shared part beside the front end; then the front end processes the outputs."""
+        shared = self._shared
+        assert shared is not None
+        part = shared.shared_part_s(res.duration_s)
+        await (self._clock or current_clock()).sleep(res.duration_s - part)
+        if part > 0:
+            await self._shared_wait(lambda now: shared.step_part(now, part))
+        self._note_admitted(res)
+        if res.new_tokens:
+            self._shared_submit(lambda now: shared.outputs(now, len(res.new_tokens)), res)
+
+    async def _shared_wait(self, make: Callable[[float], SharedJob]) -> None:
+        """Queue the job ``make(now)`` makes on the shared core and wait until it ends."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._shared_submit(make, done)
+        await done
+
+    def _shared_submit(
+        self, make: Callable[[float], SharedJob], then: asyncio.Future[None] | StepResult
+    ) -> None:
+        shared = self._shared
+        assert shared is not None
+        now = (self._clock or current_clock()).now()
+        self._shared_flush(now)
+        self._shared_jobs[make(now)] = then
+        if self._shared_changed is None:
+            self._shared_changed = asyncio.Event()
+        if self._shared_task is None:
+            self._shared_task = asyncio.get_running_loop().create_task(
+                self._drive_shared(shared, self._shared_changed), name=f"sim-shared-{self._id}"
+            )
+        self._shared_changed.set()
+
+    def _shared_flush(self, now: float) -> None:
+        assert self._shared is not None
+        for job in self._shared.advance(now):
+            then = self._shared_jobs.pop(job, None)
+            if isinstance(then, asyncio.Future):
+                if not then.done():
+                    then.set_result(None)
+            elif then is not None:
+                self._deliver(then)
+
+    async def _drive_shared(self, shared: SharedCore, changed: asyncio.Event) -> None:
+        """End the shared core's jobs on time (the timeline wakes it when jobs are added)."""
+        clock = self._clock or current_clock()
+        try:
+            while True:
+                now = clock.now()
+                at = shared.next_change()
+                if at <= now + 1e-9:  # timers may fire a rounding error early
+                    self._shared_flush(max(now, at))
+                    continue
+                changed.clear()
+                if math.isinf(at):
+                    await changed.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), at - now)
+        except Exception as exc:  # pragma: no cover - flushing only fills queues
+            self._broken = exc
+            self._fail_all(f"simulated engine front end failed: {exc!r}")
 
     def _post(self, at: float, res: StepResult) -> None:
         """Hand ``res`` to the streams at ``at``, when the front end has processed it."""
