@@ -191,6 +191,14 @@ def test_fit_drops_coefficients_that_noise_makes_negative() -> None:
     assert intake == pytest.approx(0.020 - 136e-6 - 0.010)  # the mean TTFT less β0
 
 
+def test_fit_survives_noise_that_makes_the_step_intercept_negative() -> None:
+    pre = [Observed(Workload(1, p, 2), 0.004 + p * 1e-5, 0.0) for p in (16, 256)]
+    dec = [Observed(Workload(b, 16, 8), 0.0, -0.002 + b * 0.003) for b in (1, 8)]
+    assert fit_step_and_intake(pre, dec)[0].beta0_us < 0
+    profile = fit_profile(pre, dec, shape=SHAPE)  # the shared-core searches start at 0
+    assert profile.front_end.shared_step_s >= 0
+
+
 def test_fit_needs_sweeps_that_vary_in_both_token_counts() -> None:
     pre = [Observed(Workload(1, 64, 2), 0.01, 0.0)] * 3
     with pytest.raises(ValueError, match="vary"):
