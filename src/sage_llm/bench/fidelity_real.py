@@ -19,7 +19,7 @@ import os
 import random
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +222,14 @@ async def run_fidelity(
     front: Sequence[Workload] = FRONT_END_SWEEP,
     evaluation: Sequence[Workload] = EVALUATION,
     repeats: int = 1,
+    measured_out: Path | None = None,
 ) -> dict[str, Any]:
     """Start one real vLLM CPU engine through :mod:`sage_llm.launch` (or use the one already
     serving the tiny model at ``url``, started with ``shape``'s limits), measure the sweeps
     and the evaluation workloads (``repeats`` passes, every other one in reverse order,
-    averaged), fit, and compare; the report as a JSON-ready dict."""
+    averaged), fit, and compare; the report as a JSON-ready dict. With ``measured_out`` the
+    measurements are written there before the fit (a report that ``--refit`` reads), so a
+    failed fit does not lose them."""
     settings = vllm_cpu_settings(python, model_dir, base_port=port, log_dir=log_dir, shape=shape)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -267,9 +270,26 @@ async def run_fidelity(
         "load_avg_1m": os.getloadavg()[0],
         "repeats": repeats,
     }
+    if measured_out is not None:
+        measured = {
+            "profile": {"shape": asdict(shape), "source": source},
+            "calibration": {
+                "prefill": [o.to_dict() for o in pre],
+                "decode": [o.to_dict() for o in dec],
+                "front": [o.to_dict() for o in fro],
+            },
+            "evaluation_real": [o.to_dict() for o in real],
+            "duration_s": round(loop.time() - started, 1),
+        }
+        await asyncio.to_thread(_write_json, measured_out, measured)
     report = build_report(pre, dec, fro, real, shape, source)
-    report["duration_s"] = round(asyncio.get_running_loop().time() - started, 1)
+    report["duration_s"] = round(loop.time() - started, 1)
     return report
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _pooled(runs: Sequence[Observed]) -> Observed:
@@ -384,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=args.port,
                 log_dir=args.out.parent / "fidelity-logs",
                 repeats=max(1, args.repeats),
+                measured_out=args.out.with_name(f"{args.out.stem}.measured.json"),
             )
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
