@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 from collections.abc import Mapping, Sequence
@@ -469,3 +470,14 @@ def test_result_serialises() -> None:
     assert data["events"] == result.events > 20
     assert result.events_per_s > 0 and result.requests_per_wall_s > 0
     assert data["cpu_s"] > 0 and data["settings"]["track_prefixes"] is False
+
+
+def test_a_run_restores_the_collector_thresholds() -> None:
+    before = gc.get_threshold()
+    sim = ClusterSimulator(make_fleet(2), policy="fifo", routing="round_robin")
+    sim.run(synthetic(20, rate=50.0, input_dist=32, output_dist=4))
+    assert gc.get_threshold() == before
+    late = [WorkloadRequest("a", 1.0, "x", 1, 2), WorkloadRequest("b", 0.5, "x", 1, 2)]
+    with pytest.raises(InvalidRequestError):
+        ClusterSimulator(make_fleet(2), policy="fifo", routing="round_robin").run(late)
+    assert gc.get_threshold() == before
