@@ -41,6 +41,17 @@ def test_decoder_keeps_utf8_split_across_feeds() -> None:
     assert [e.data for e in events] == ["h\u00e9\u4e16"]
 
 
+def test_decoder_utf8_at_every_split_point_and_invalid_bytes() -> None:
+    raw = "data: h\u00e9\u4e16\n\ndata: \U0001f600!\n\n".encode()
+    for cut in range(len(raw) + 1):
+        dec = SSEDecoder()
+        events = dec.feed(raw[:cut]) + dec.feed(raw[cut:]) + dec.close()
+        assert [e.data for e in events] == ["h\u00e9\u4e16", "\U0001f600!"]
+    dec = SSEDecoder()
+    events = dec.feed(b"data: a\xffb\n\n") + dec.feed(b"data: c\xe4\xb8")
+    assert [e.data for e in events + dec.close()] == ["a\ufffdb", "c\ufffd"]
+
+
 def test_close_dispatches_unterminated_event() -> None:
     dec = SSEDecoder()
     assert dec.feed(b"data: tail") == []

@@ -43,7 +43,9 @@ class SSEDecoder:
     """Turns a byte stream into :class:`SSEEvent` objects, fed in arbitrary pieces."""
 
     def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # made only once a piece does not decode on its own (a UTF-8 sequence split
+        # between pieces, or invalid bytes): most streams never need it
+        self._utf8: codecs.IncrementalDecoder | None = None
         self._buf = ""
         self._data: list[str] = []
         self._event = ""
@@ -52,7 +54,14 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Decode ``chunk`` and return the events it completed (possibly none)."""
-        text = self._utf8.decode(chunk)
+        if self._utf8 is None:
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError:
+                self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                text = self._utf8.decode(chunk)
+        else:
+            text = self._utf8.decode(chunk)
         if not text:
             return []
         self._buf += text
@@ -60,7 +69,8 @@ class SSEDecoder:
 
     def close(self) -> list[SSEEvent]:
         """End of stream: decode what is left. An unterminated event is dispatched too."""
-        self._buf += self._utf8.decode(b"", final=True)
+        if self._utf8 is not None:
+            self._buf += self._utf8.decode(b"", final=True)
         events = self._drain(final=True)
         if self._buf:
             self._line(self._buf, events)
