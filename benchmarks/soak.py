@@ -282,6 +282,7 @@ async def soak_gateway(
     status: dict[str, dict[str, Any]] = {}
     tm_report: dict[str, Any] | None = None
     loads: list[float] = []
+    in_flight: list[tuple[float, int]] = []  # requests sent and not finished, per sample
     try:
         await wait_ready(base + "/health")
         capacity = await calibrate(
@@ -307,6 +308,7 @@ async def soak_gateway(
             while True:
                 t = time.monotonic() - start
                 samples.append((t, rss_bytes(proc.pid)))
+                in_flight.append((t, len(pending)))
                 if engine_pids:
                     engine_samples.append((t, sum(rss_bytes(pid) for pid in engine_pids)))
                 loads.append(os.getloadavg()[0])
@@ -361,6 +363,12 @@ async def soak_gateway(
         "load_average_1m_mean": sum(loads) / len(loads) if loads else None,
         **rss_summary(samples, args.warmup_minutes * 60.0, "rss"),
         "samples": [(round(t, 1), round(r / 2**20, 2)) for t, r in samples],
+        # a backlog (the machine's other load slowing the fleet below the offered rate)
+        # raises the gateway's memory high-water mark: read growth next to these
+        "in_flight_max_after_warmup": max(
+            (n for t, n in in_flight if t >= args.warmup_minutes * 60.0), default=0
+        ),
+        "in_flight": [(round(t, 1), n) for t, n in in_flight],
         "control_plane": status,
         "gateway_log": str(workdir / "gateway.log"),
         "tracemalloc": tm_report,
