@@ -27,9 +27,11 @@ from tests.factories import make_instance
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = make_session()
+@pytest.fixture(params=["fast", "aiohttp"])
+async def session(request: pytest.FixtureRequest) -> AsyncIterator[aiohttp.ClientSession]:
+    """Every test runs over both transports of ``generate``: the lean client (a session
+    from ``make_session()``) and aiohttp's (a session with a connection limit)."""
+    s = make_session() if request.param == "fast" else make_session(limit=1024)
     yield s
     await s.close()
 
