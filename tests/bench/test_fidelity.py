@@ -247,6 +247,27 @@ def test_recorded_real_engine_run_refits_to_its_profile_and_beats_the_roofline()
     assert all(f.ttft_error < p.ttft_error for f, p in zip(rows, plain, strict=True))
 
 
+QUIET = Path(__file__).with_name("fidelity_recorded_quiet.json")
+
+
+def test_quiet_recorded_run_is_the_packaged_profile_and_within_15_percent() -> None:
+    """The run behind the packaged ``cpu`` × ``tiny`` profile (vLLM 0.32.0 CPU on an idle
+    2-core machine, ``--repeats 4``): fitting its calibration sweeps again gives the same
+    profile, and replaying its evaluation workloads, which the fit never saw, stays within
+    15 % of the real engine's TTFT and TPOT at concurrency 1, 4 and 16."""
+    report = json.loads(QUIET.read_text())
+    stored = FittedProfile.from_dict(report["profile"])
+    again = refit(report)
+    profile = FittedProfile.from_dict(again["profile"])
+    assert (profile.betas_us, profile.front_end) == (stored.betas_us, stored.front_end)
+    assert again["evaluation"] == report["evaluation"]
+    rows = _rows(again, "evaluation")
+    assert [r.concurrency for r in rows] == [1, 4, 16]
+    assert max_error(rows) < 0.15
+    packaged = load_profile("cpu", "tiny")
+    assert (packaged.betas_us, packaged.front_end) == (stored.betas_us, stored.front_end)
+
+
 # -- comparison and report ----------------------------------------------------------------------
 
 
