@@ -20,7 +20,8 @@ engine has produced nothing for the request):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
@@ -356,7 +357,6 @@ class HTTPEngineClient:
                 yield chunk
             return
         body = self.request_body(req, stream=True)
-        loop = asyncio.get_running_loop()
         first_deadline = self._deadline(self._timeouts.first_token_s)
         resp = await self._send(
             "POST", self._path(req), body=body, headers=self._headers(req.request_id),
@@ -371,29 +371,49 @@ class HTTPEngineClient:
                     yield chunk
                 clean = True
                 return
-            decoder = SSEDecoder()
-            idle = self._timeouts.idle_s
-            while True:
-                produced = asm.produced
-                if produced:
-                    deadline = None if idle is None else loop.time() + idle
-                else:
-                    deadline = first_deadline
-                data = await self._read(resp, deadline, produced=produced)
-                events = decoder.feed(data) if data else decoder.close()
-                for event in events:
-                    for chunk in asm.on_event(event.data):
-                        yield chunk
-                if asm.done or not data:
-                    break
-            for chunk in asm.finish():
-                yield chunk
+
+            async def read(deadline: float | None, produced: bool) -> bytes:
+                return await self._read(resp, deadline, produced=produced)
+
+            async with contextlib.aclosing(self._relay(asm, read, first_deadline)) as relay:
+                async for chunk in relay:
+                    yield chunk
             clean = await self._drain(resp)
         finally:
             if clean:
                 resp.release()
             else:
                 resp.close()
+
+    async def _relay(
+        self,
+        asm: StreamAssembler,
+        read: Callable[[float | None, bool], Awaitable[bytes]],
+        first_deadline: float | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """The stream loop of both transports: SSE events to chunks, reading with the
+        first-token deadline until a token came and the idle timeout after it; ``read``
+        returns ``b""`` at the end of the body."""
+        loop = asyncio.get_running_loop()
+        decoder = SSEDecoder()
+        idle = self._timeouts.idle_s
+        while True:
+            produced = asm.produced
+            if not produced:
+                deadline = first_deadline
+            elif idle is None:
+                deadline = None
+            else:
+                deadline = loop.time() + idle
+            data = await read(deadline, produced)
+            events = decoder.feed(data) if data else decoder.close()
+            for event in events:
+                for chunk in asm.on_event(event.data):
+                    yield chunk
+            if asm.done or not data:
+                break
+        for chunk in asm.finish():
+            yield chunk
 
     # --- the lean hot path -----------------------------------------------------------
 
@@ -456,7 +476,6 @@ class HTTPEngineClient:
         self, pool: FastPool, req: EngineRequest
     ) -> AsyncGenerator[Chunk, None]:
         data = jsonutil.dumps(self.request_body(req, stream=True))
-        loop = asyncio.get_running_loop()
         first_deadline = self._deadline(self._timeouts.first_token_s)
         path = self._path(req)
         resp = await self._fast_send(pool, path, data, req.request_id, first_deadline)
@@ -472,25 +491,13 @@ class HTTPEngineClient:
                 clean = True
                 return
             asm = StreamAssembler(req, self.instance_id)
-            decoder = SSEDecoder()
-            idle = self._timeouts.idle_s
-            while True:
-                produced = asm.produced
-                if not produced:
-                    deadline = first_deadline
-                elif idle is None:
-                    deadline = None
-                else:
-                    deadline = loop.time() + idle
-                piece = await self._fast_read(resp, deadline, produced=produced)
-                events = decoder.feed(piece) if piece else decoder.close()
-                for event in events:
-                    for chunk in asm.on_event(event.data):
-                        yield chunk
-                if asm.done or not piece:
-                    break
-            for chunk in asm.finish():
-                yield chunk
+
+            async def read(deadline: float | None, produced: bool) -> bytes:
+                return await self._fast_read(resp, deadline, produced=produced)
+
+            async with contextlib.aclosing(self._relay(asm, read, first_deadline)) as relay:
+                async for chunk in relay:
+                    yield chunk
             clean = await self._fast_drain(resp)
         finally:
             if clean:
