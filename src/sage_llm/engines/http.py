@@ -239,6 +239,24 @@ class HTTPEngineClient:
     def _error(self, cls: type[EngineError], message: str, **kw: Any) -> EngineError:
         return cls(f"{self.instance_id}: {message}", instance_id=self.instance_id, **kw)
 
+    def _status_error(self, status: int, reason: str | None, raw: bytes, what: str) -> EngineError:
+        """The error for an engine's 4xx/5xx answer to ``what`` (``"POST /v1/…"``), with the
+        message of its body when it has one."""
+        message = error_from_body(raw) or reason or "error"
+        return self._error(
+            EngineError,
+            f"HTTP {status} from {what}: {message}",
+            status=status,
+            retryable=_retryable_status(status),
+        )
+
+    def _stream_error(self, produced: bool, exc: BaseException | None = None) -> EngineError:
+        """A stream read that timed out (no ``exc``) or broke: retryable before any token."""
+        if exc is None:
+            what = "between stream reads" if produced else "waiting for the first token"
+            return self._error(EngineTimeoutError, f"timed out {what}", retryable=not produced)
+        return self._error(EngineConnectionError, f"stream broken: {exc}", retryable=not produced)
+
     def _deadline(self, seconds: float | None) -> float | None:
         return None if seconds is None else asyncio.get_running_loop().time() + seconds
 
@@ -277,13 +295,7 @@ class HTTPEngineClient:
             raw = b""
         finally:
             resp.release()
-        message = error_from_body(raw) or resp.reason or "error"
-        raise self._error(
-            EngineError,
-            f"HTTP {resp.status} from {method} {path}: {message}",
-            status=resp.status,
-            retryable=_retryable_status(resp.status),
-        )
+        raise self._status_error(resp.status, resp.reason, raw, f"{method} {path}")
 
     async def _read(
         self, resp: aiohttp.ClientResponse, deadline: float | None, *, produced: bool
@@ -292,14 +304,9 @@ class HTTPEngineClient:
             async with asyncio.timeout_at(deadline):
                 return await resp.content.readany()
         except TimeoutError:
-            what = "between stream reads" if produced else "waiting for the first token"
-            raise self._error(
-                EngineTimeoutError, f"timed out {what}", retryable=not produced
-            ) from None
+            raise self._stream_error(produced) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise self._error(
-                EngineConnectionError, f"stream broken: {exc}", retryable=not produced
-            ) from exc
+            raise self._stream_error(produced, exc) from exc
 
     async def _request_bytes(
         self,
@@ -446,13 +453,7 @@ class HTTPEngineClient:
             raw = b""
         finally:
             resp.release()
-        message = error_from_body(raw) or resp.reason or "error"
-        raise self._error(
-            EngineError,
-            f"HTTP {resp.status} from POST {path}: {message}",
-            status=resp.status,
-            retryable=_retryable_status(resp.status),
-        )
+        raise self._status_error(resp.status, resp.reason, raw, f"POST {path}")
 
     async def _fast_read(
         self, resp: FastResponse, deadline: float | None, *, produced: bool
@@ -463,14 +464,9 @@ class HTTPEngineClient:
             async with asyncio.timeout_at(deadline):
                 return await resp.read_some()
         except TimeoutError:
-            what = "between stream reads" if produced else "waiting for the first token"
-            raise self._error(
-                EngineTimeoutError, f"timed out {what}", retryable=not produced
-            ) from None
+            raise self._stream_error(produced) from None
         except OSError as exc:
-            raise self._error(
-                EngineConnectionError, f"stream broken: {exc}", retryable=not produced
-            ) from exc
+            raise self._stream_error(produced, exc) from exc
 
     async def _generate_fast(
         self, pool: FastPool, req: EngineRequest
