@@ -106,18 +106,9 @@ class PrefixIndex:
         slot = self._slot_of.get(instance_id)
         if slot is None:
             slot = self._take_slot(instance_id)
-        table, keys, mask = self._table, self._key, self._mask
-        found: list[int] = []
-        new_blocks = 0
-        for h in hashes:
-            i = h & mask
-            e = table[i]
-            while e != _FREE and keys[e] != h:
-                i = (i + 1) & mask
-                e = table[i]
-            found.append(e)
-            if e == _FREE:
-                new_blocks += 1
+        find = self._find
+        found = [find(h) for h in hashes]
+        new_blocks = found.count(_FREE)
         to_recent = self._to_recent
         moved = new_blocks > len(self._free)
         if moved:
