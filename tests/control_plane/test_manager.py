@@ -144,7 +144,7 @@ def test_stream_batches_hold_every_chunk_in_order_and_closing_cancels() -> None:
             assert result.status is RequestStatus.COMPLETED
             batches_iter = cp.stream_batches(make_metadata("b2", max_tokens=200))
             assert await anext(batches_iter)
-            await batches_iter.aclose()  # type: ignore[attr-defined]
+            await batches_iter.aclose()
             cancelled = await cp.wait_for_result("b2")
         assert cancelled.status is RequestStatus.CANCELLED
 

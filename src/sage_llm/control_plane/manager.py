@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -375,23 +375,12 @@ class ControlPlaneManager:
     async def stream(self, request: RequestMetadata) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks as the engine produces them. Closing the
         iterator early cancels the request. A failure raises after the last chunk."""
-        rec = self._submit(request, stream=True)
-        queue = rec.stream
-        assert queue is not None
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, StreamEnd):
-                    finished = True
-                    break
-                yield item
-            self._raise_failure(rec)
-        finally:
-            if not finished:
-                self._require_dispatcher().cancel(rec)
+        async with contextlib.aclosing(self.stream_batches(request)) as batches:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
 
-    async def stream_batches(self, request: RequestMetadata) -> AsyncIterator[list[Chunk]]:
+    async def stream_batches(self, request: RequestMetadata) -> AsyncGenerator[list[Chunk], None]:
         """:meth:`stream`, but each item is every chunk that had arrived by then (at least
         one), in order: a relay writes what is there in one go and waits for nothing."""
         rec = self._submit(request, stream=True)
