@@ -26,6 +26,7 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from sage_llm import tokens
@@ -55,6 +56,8 @@ __all__ = [
 _WAITING, _TRANSFER, _RUNNING, _PINNED = range(4)
 _SUM_ONLY_COST_MODELS = (RooflineCostModel, LinearStepModel)
 """Cost models that read only ``len`` and ``sum`` of the decode context lengths."""
+_by_seq = attrgetter("seq")
+_first = itemgetter(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +318,8 @@ class _Req:
         "base",
         "blocks",
         "due",
+        "fin",
+        "grow",
         "hashes",
         "id",
         "lazy",
@@ -356,6 +361,11 @@ class _Req:
         self.base = 0
         self.due = 0
         """The step at which a lazy decode needs a block or finishes."""
+        self.fin = 0
+        """The step at which a lazy decode produces its last token."""
+        self.grow = False
+        """A lazy decode's event at step ``due`` is a new KV block only (it goes on
+        decoding lazily: the step allocates the block without making it explicit)."""
         self.made_at = 0
         """The last step in which this request, explicit, produced a token."""
 
@@ -537,17 +547,43 @@ class SimEngineCore:
         tick = self._tick
         req.lazy = True
         req.base = tick
-        self._explicit.pop(req.seq, None)
+        del self._explicit[req.seq]
         self._n_lazy += 1
-        self._lazy_ctx += req.num_computed
-        block_at = tick + len(req.blocks) * self.block_size - req.num_computed + 1
-        due = min(block_at, tick + req.max_tokens - req.num_output)
-        req.due = due
-        bucket = self._due.get(due)
+        computed = req.num_computed
+        self._lazy_ctx += computed
+        block_at = tick + len(req.blocks) * self.block_size - computed + 1
+        fin = req.fin = tick + req.max_tokens - req.num_output
+        if block_at < fin:
+            req.due = block_at
+            req.grow = True
+        else:
+            req.due = block_at = fin
+            req.grow = False
+        bucket = self._due.get(block_at)
         if bucket is None:
-            self._due[due] = [req]
+            self._due[block_at] = [req]
         else:
             bucket.append(req)
+
+    def _refile(self, grow: list[_Req], step_no: int) -> None:
+        """File lazy decodes that just got their next KV block under their next event:
+        the next block is due ``block_size`` steps later (counters as of ``base`` are
+        unchanged, so ``fin`` is too)."""
+        bs = self.block_size
+        due_map = self._due
+        at0 = step_no + bs
+        for req in grow:
+            at = at0
+            fin = req.fin
+            if at >= fin:
+                at = fin
+                req.grow = False
+            req.due = at
+            bucket = due_map.get(at)
+            if bucket is None:
+                due_map[at] = [req]
+            else:
+                bucket.append(req)
 
     def _unlazy(self, req: _Req) -> None:
         """Bring a lazy decode's counters to step ``_tick`` and make it explicit."""
@@ -581,13 +617,18 @@ class SimEngineCore:
             self._finish_transfers(now, res)
         step_no = self._tick + 1
         due = self._due.pop(step_no, None)
+        grow: list[_Req] = []
         if due is not None:
             for req in due:
                 if req.lazy and req.due == step_no:
-                    self._unlazy(req)
+                    if req.grow:
+                        req.due = 0  # a second entry in this bucket is stale
+                        grow.append(req)
+                    else:
+                        self._unlazy(req)
         budget = self._token_budget
         scheduled: list[tuple[_Req, int]] = []
-        implicit = self._schedule_fast(budget, scheduled)
+        implicit = self._schedule_fast(budget, scheduled, grow)
         if implicit < 0:
             for req in self._running.values():
                 if req.lazy:
@@ -642,19 +683,34 @@ class SimEngineCore:
             res.new_tokens = [(r.id, 1) for r, lazy in batch if lazy or r.made_at == step_no]
         return res
 
-    def _schedule_fast(self, budget: int, scheduled: list[tuple[_Req, int]]) -> int:
+    def _schedule_fast(
+        self, budget: int, scheduled: list[tuple[_Req, int]], grow: list[_Req]
+    ) -> int:
         """Schedule the running batch when it fits whole: every explicit request gets all
         its remaining tokens, every lazy decode one token, no block allocation fails.
-        Returns the number of lazy decodes, or -1 (nothing done) when it does not fit."""
+        ``grow`` are lazy decodes that need their next KV block this step: they get it
+        and stay lazy. Returns the number of lazy decodes, or -1 (nothing done) when it
+        does not fit."""
         explicit = self._explicit
         demand = self._n_lazy
+        pool = self._pool
         if not explicit:
-            return demand if demand <= budget else -1
+            if demand > budget:
+                return -1
+            if grow:
+                if len(grow) > pool.num_free:
+                    return -1
+                if len(grow) > 1:
+                    grow.sort(key=_by_seq)
+                for req, block in zip(grow, pool.allocate(len(grow)), strict=True):
+                    req.blocks.append(block)
+                self._refile(grow, self._tick + 1)
+            return demand
         bs = self.block_size
         order = (
             [explicit[k] for k in sorted(explicit)] if len(explicit) > 1 else [*explicit.values()]
         )
-        blocks = 0
+        blocks = len(grow)
         work: list[tuple[_Req, int, int]] = []
         for req in order:
             total = req.num_prompt + req.num_output
@@ -664,10 +720,23 @@ class SimEngineCore:
             if need > 0:
                 blocks += need
             work.append((req, rest, need))
-        pool = self._pool
         if demand > budget or blocks > pool.num_free:
             return -1
-        if blocks:  # one allocation hands out the same blocks, in the same order, as several
+        if grow:  # blocks go out in batch order, lazy decodes' among the explicit ones'
+            takers = [(req.seq, req, need) for req, _, need in work if need > 0]
+            takers.extend((req.seq, req, 1) for req in grow)
+            takers.sort(key=_first)
+            got = pool.allocate(blocks)
+            at = 0
+            for _, req, need in takers:
+                if need == 1:
+                    req.blocks.append(got[at])
+                else:
+                    req.blocks.extend(got[at : at + need])
+                at += need
+            scheduled.extend((req, rest) for req, rest, _ in work)
+            self._refile(grow, self._tick + 1)
+        elif blocks:  # one allocation hands out the same blocks, in the same order, as several
             got = pool.allocate(blocks)
             at = 0
             for req, rest, need in work:
