@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+import zlib
+from array import array
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -56,3 +60,41 @@ def test_ids_outside_32_bits_wrap_and_other_int_types_agree() -> None:
     assert block_hashes(tuple(ids), 16) == block_hashes(ids, 16)
     floats: list[Any] = [float(i) for i in ids]  # not typed as ids, but accepted
     assert block_hashes(floats, 16) == block_hashes(ids, 16)
+
+
+def _reference_block_hashes(token_ids: Sequence[Any], block_size: int) -> tuple[int, ...]:
+    """The documented definition, written plainly (one block at a time, no packing)."""
+    out: list[int] = []
+    parent = 0
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        ids = [int(t) & 0xFFFFFFFF for t in token_ids[start : start + block_size]]
+        data = parent.to_bytes(8, "little") + b"".join(i.to_bytes(4, "little") for i in ids)
+        parent = zlib.crc32(data) | (zlib.adler32(data) << 32)
+        out.append(parent)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_hashes_equal_the_plain_definition_on_random_inputs(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(200):
+        block_size = rng.choice([1, 3, 4, 16, 17, 64])
+        n = rng.choice([0, 1, block_size - 1, block_size, rng.randrange(0, 700)])
+        ids: list[Any] = [rng.randrange(0, 32_000) for _ in range(n)]
+        expected = _reference_block_hashes(ids, block_size)
+        assert block_hashes(ids, block_size) == expected
+        assert block_hashes(tuple(ids), block_size) == expected
+        assert block_hashes(array("I", ids), block_size) == expected
+        if ids:  # ids outside 32 bits (anywhere, the partial last block included) wrap
+            wide = list(ids)
+            for _ in range(rng.randrange(1, 4)):
+                i = rng.randrange(n)
+                wide[i] += rng.choice([2**32, -(2**32), 5 * 2**32])
+            assert block_hashes(wide, block_size) == expected
+            floats: list[Any] = [float(t) for t in ids]
+            assert block_hashes(floats, block_size) == expected
+
+
+def test_a_partial_last_block_is_never_read() -> None:
+    ids: list[Any] = [*range(32), "not an id"]
+    assert block_hashes(ids, 16) == block_hashes(list(range(32)), 16)

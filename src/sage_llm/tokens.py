@@ -56,25 +56,30 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     so values are the same in every process and on every platform."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    full = len(token_ids) - len(token_ids) % block_size
+    n = len(token_ids)
+    full = n - n % block_size
     if full == 0:
         return ()
-    head = token_ids[:full]
-    try:
-        packed = array("I", head)
+    packed = array("I")
+    try:  # a list of ints (the usual case) packs fastest through fromlist
+        if type(token_ids) is list:
+            packed.fromlist(token_ids)
+        else:
+            packed = array("I", token_ids)
     except (OverflowError, TypeError):
-        packed = array("I", [int(t) & 0xFFFFFFFF for t in head])
+        packed = array("I", [int(t) & 0xFFFFFFFF for t in token_ids[:full]])
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
         packed.byteswap()
-    raw = packed.tobytes()
+    raw = packed.tobytes()  # a partial last block is packed too, but never hashed
     step = 4 * block_size
     crc32, adler32 = zlib.crc32, zlib.adler32
     hashes: list[int] = []
+    append = hashes.append
     parent = 0
-    for start in range(0, len(raw), step):
+    for start in range(0, 4 * full, step):
         data = parent.to_bytes(8, "little") + raw[start : start + step]
         parent = crc32(data) | (adler32(data) << 32)
-        hashes.append(parent)
+        append(parent)
     return tuple(hashes)
 
 
