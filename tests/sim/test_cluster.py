@@ -6,7 +6,7 @@ import gc
 import itertools
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from typing import Any, cast
 
 import pytest
@@ -28,13 +28,13 @@ from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
-from sage_llm.sim.cluster_fleet import FreeList, prefix_block_hashes
+from sage_llm.sim.cluster_fleet import FreeList, field_filler, prefix_block_hashes
 from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.factory import sim_config_for
 from sage_llm.tokens import block_hashes
 from sage_llm.tokens import block_hashes as block_hashes_of
 from sage_llm.types import ExecutionInstanceType, RequestPriority
-from tests.factories import make_instances
+from tests.factories import make_instances, make_request_info
 from tests.sim.reference_core import ReferenceCore
 
 
@@ -394,6 +394,40 @@ def test_prefix_block_hashes_match_the_reference() -> None:
         assert prefix_block_hashes(ids, 16) == block_hashes(ids, 16)
     odd = [-1, 2**40, *range(30)]
     assert prefix_block_hashes(odd, 16) == block_hashes(odd, 16)
+
+
+def test_views_are_what_the_registry_builds() -> None:
+    sim = ClusterSimulator(_fleet(6, bound=8), policy="fifo", routing="power_of_two", seed=1)
+    slots = sim.fleet.slots
+    assert all(slot.fresh_view() == slot.state.view() for slot in slots)
+    sim.run(_load(150, rate=60.0))
+    for slot in slots:  # fresh latency estimates, stats and counters
+        slot.dirty = True
+        assert slot.fresh_view() == slot.state.view()
+        assert slot.state.view() == slot.state._build_view()
+
+
+def test_field_filler_builds_what_the_constructor_builds() -> None:
+    make = field_filler(RequestMeasurement, [f.name for f in fields(RequestMeasurement)][::-1])
+    values = asdict(
+        RequestMeasurement("r", RequestPriority.HIGH, "u", 1.0, 1.5, (), 2.0, 10, 4, slo_e2e_s=3.0)
+    )
+    built = make(*[values[f.name] for f in fields(RequestMeasurement)][::-1])
+    assert built == RequestMeasurement(**values) and vars(built) == values
+    info = make_request_info(request_id="x", block_hashes=(1, 2), tags={"a": 1})
+    names = [f.name for f in fields(RequestInfo)]
+    assert field_filler(RequestInfo, names)(*[getattr(info, n) for n in names]) == info
+    with pytest.raises(ValueError, match="fields"):
+        field_filler(RequestInfo, names[1:])
+
+
+def test_measurements_pass_their_own_checks() -> None:
+    result = ClusterSimulator(_fleet(2, bound=4), policy="fifo", routing="random").run(
+        _load(60, rate=40.0)
+    )
+    for m in result.measurements:  # built without __init__: the checks must hold anyway
+        assert RequestMeasurement(**{f.name: getattr(m, f.name) for f in fields(m)}) == m
+        assert type(m.token_times_s) is tuple
 
 
 # -- admission, inputs and errors -------------------------------------------------------------

@@ -24,12 +24,40 @@ from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConflictError, InvalidRequestError
-from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
-from sage_llm.sim.cluster_results import measurement
+from sage_llm.sim.cluster_fleet import (
+    InstanceSlot,
+    SimRequest,
+    field_filler,
+    prefix_block_hashes,
+)
+from sage_llm.sim.cluster_results import make_measurement, measurement
 from sage_llm.sim.cluster_state import FleetState
 from sage_llm.types import RequestStatus
 
 __all__ = ["SimControlPlane"]
+
+# Built field by field (cluster_fleet.field_filler): the simulator makes one of each per
+# request, and these frozen dataclasses have neither defaults it relies on nor checks.
+_request_info = field_filler(
+    RequestInfo,
+    (
+        "request_id", "model", "arrival", "prompt_tokens", "max_tokens", "priority",
+        "deadline", "user_id", "session_id", "cost_budget", "block_hashes",
+        "preferred_instance_id", "previous_instance_id", "excluded_instances", "attempt",
+        "tags",
+    ),
+)  # fmt: skip
+_completion_record = field_filler(
+    CompletionRecord,
+    (
+        "request_id", "status", "priority", "instance_id", "arrival", "finished",
+        "queue_wait_s", "ttft_s", "tpot_s", "e2e_s", "prompt_tokens", "completion_tokens",
+        "slo_met", "predicted_e2e_s", "cost",
+    ),
+)  # fmt: skip
+_snapshot = field_filler(ClusterSnapshot, ("now", "instances", "prefix"))
+_NO_EXCLUSIONS: frozenset[str] = frozenset()
+_COMPLETED, _FAILED = RequestStatus.COMPLETED, RequestStatus.FAILED
 
 
 class SimControlPlane:
@@ -93,33 +121,40 @@ class SimControlPlane:
         prompt = wr.prompt
         ids = prompt if isinstance(prompt, list) else tokens.tokenize(prompt)
         slo_e2e = wr.slo_e2e_s
-        info = RequestInfo(
-            request_id=wr.request_id,
-            model=model,
-            arrival=now,
-            prompt_tokens=len(ids),
-            max_tokens=wr.max_tokens,
-            priority=wr.priority,
-            deadline=None if slo_e2e is None else now + slo_e2e,
-            user_id=wr.user_id,
-            session_id=wr.session_id,
-            block_hashes=(
-                prefix_block_hashes(ids, self.prefix_block_size) if self.track_prefixes else ()
-            ),
+        info = _request_info(
+            wr.request_id,
+            model,
+            now,
+            len(ids),
+            wr.max_tokens,
+            wr.priority,
+            None if slo_e2e is None else now + slo_e2e,
+            wr.user_id,
+            wr.session_id,
+            None,
+            prefix_block_hashes(ids, self.prefix_block_size) if self.track_prefixes else (),
+            None,
+            None,
+            _NO_EXCLUSIONS,
+            0,
+            {},
         )
-        queued = len(self.policy)
+        policy = self.policy
+        queued = len(policy)
+        fleet = self.fleet
         if self._admit_reads_time_only and queued < self.max_queue_size:
             # The queue bound admits without reading the snapshot, and this policy's admit
             # reads only its time: the sample is drawn as usual, no view is built.
-            self.fleet.skip_snapshot()
+            if fleet.sampled_models:
+                fleet.skip_snapshot()
             full = False
-            verdict = self.policy.admit(info, ClusterSnapshot(now, (), self.fleet.prefix))
+            verdict = policy.admit(info, _snapshot(now, (), fleet.prefix))
         else:
-            snap = self.fleet.snapshot(now)
+            snap = fleet.snapshot(now)
             verdict = check_queue_bound(queued, self.max_queue_size, snap)
             full = not verdict.admitted
             if verdict.admitted:
-                verdict = self.policy.admit(info, snap)
+                verdict = policy.admit(info, snap)
         if not verdict.admitted:
             reason = verdict.reason
             kind = "AdmissionError"
@@ -135,58 +170,73 @@ class SimControlPlane:
         if self.record_token_times:
             rec.token_times = []
         self.reqs[wr.request_id] = rec
-        self.policy.push(info)
+        policy.push(info)
 
     def dispatch(self, now: float) -> None:
         """One pass of ``Dispatcher.dispatch_ready``."""
         policy, router, fleet, perf = self.policy, self.router, self.fleet, time.perf_counter
+        snapshot, pop, constrain, route = fleet.snapshot, policy.pop, policy.constrain, router.route
+        reqs, by_id, record = self.reqs, fleet.by_id, self.decision_s.append
+        sampled = bool(fleet.sampled_models)
+        decisions = candidates = 0
         while len(policy) and fleet.free_total:
             started = perf()
-            snap = fleet.snapshot(now)
-            info = policy.pop(snap)
+            snap = snapshot(now)
+            info = pop(snap)
             if info is None:
                 break
-            rec = self.reqs.get(info.request_id)
+            rec = reqs.get(info.request_id)
             if rec is None or rec.slot is not None:
                 continue
             rec.info = info
-            snap = fleet.augment(snap, info) if fleet.sampled_models else snap
-            allowed = policy.constrain(info, snap)
-            decision = router.route(info, snap, allowed)
+            if sampled:
+                snap = fleet.augment(snap, info)
+            allowed = constrain(info, snap)
+            decision = route(info, snap, allowed)
             if decision is None and allowed is not None:
-                decision = router.route(info, snap)
+                decision = route(info, snap)
             if decision is None:  # inconsistent with pop(); keep the request and stop
                 policy.push(info)
                 break
-            self.decision_s.append(perf() - started)
-            self.decision_candidates += len(snap)
-            if fleet.sampled_models:
-                self.decision_sampled += 1
-            slot = fleet.by_id[decision.instance_id]
+            record(perf() - started)
+            decisions += 1
+            candidates += len(snap.instances)
+            slot = by_id[decision.instance_id]
             view = slot.fresh_view()
             rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)
             self._start(rec, slot, view.queued_prefill_tokens + info.prompt_tokens, now)
+        self.decision_candidates += candidates
+        if sampled:
+            self.decision_sampled += decisions
 
     def _start(self, rec: SimRequest, slot: InstanceSlot, pending: int, now: float) -> None:
-        state, info = slot.state, rec.info
-        slot.note_in_flight(now)
-        state.in_flight += 1
+        state, info, fleet = slot.state, rec.info, self.fleet
+        in_flight = state.in_flight
+        # slot.note_in_flight(now), fleet.occupied(slot), fleet.mark(slot), inlined
+        slot.in_flight_area += in_flight * (now - slot.in_flight_since)
+        slot.in_flight_since = now
+        state.in_flight = in_flight = in_flight + 1
         state.queued_prefill_tokens += info.prompt_tokens
         state.outstanding_decode_tokens += info.max_tokens
-        slot.max_in_flight = max(slot.max_in_flight, state.in_flight)
-        self.fleet.occupied(slot)
+        if in_flight > slot.max_in_flight:
+            slot.max_in_flight = in_flight
+        if in_flight == slot.bound:
+            fleet.free[slot.model].discard(slot.index)
+            fleet.free_total -= 1
         rec.slot = slot
         rec.scheduled_at = now
         rec.pending_tokens = pending
         if self.track_prefixes:
-            self.fleet.prefix.insert(state.instance_id, info.block_hashes)
-        self.fleet.mark(slot)
+            fleet.prefix.insert(state.instance_id, info.block_hashes)
+        fleet.mark(slot)
         ids = rec.prompt_ids
         rec.prompt_ids = None
         assert ids is not None
-        error = _engine_refusal(slot, len(ids), info.max_tokens)
-        if error is None:
-            core = slot.core
+        core = slot.core
+        error = None
+        if len(ids) + info.max_tokens > slot.max_model_len:
+            error = _engine_refusal(slot, len(ids), info.max_tokens)
+        else:
             hashes = None  # the engine hashes the prompt itself unless it has them already
             if self.track_prefixes and core.block_size == self.prefix_block_size:
                 hashes = info.block_hashes
@@ -221,19 +271,27 @@ class SimControlPlane:
         ok = error is None
         first = rec.first_token_s
         output = (rec.output if self.record_token_times else info.max_tokens) if ok else 0
-        e2e_s = now - info.arrival
-        ttft_s = None if first is None else first - info.arrival
+        arrival = info.arrival
+        e2e_s = now - arrival
+        ttft_s = None if first is None else first - arrival
         tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
-        slo_e2e = rec.workload.slo_e2e_s
+        wr = rec.workload
+        slo_e2e = wr.slo_e2e_s
         slo_met = None if slo_e2e is None else ok and e2e_s <= slo_e2e
-        cost = slot.cost_per_s * (now - rec.scheduled_at)
-        status = RequestStatus.COMPLETED if ok else RequestStatus.FAILED
+        scheduled_at = rec.scheduled_at
+        cost = slot.cost_per_s * (now - scheduled_at)
         if first is None:
             state.queued_prefill_tokens -= info.prompt_tokens
-        slot.note_in_flight(now)
-        state.in_flight -= 1
+        # slot.note_in_flight(now), then fleet.released(slot), inlined
+        in_flight = state.in_flight
+        slot.in_flight_area += in_flight * (now - slot.in_flight_since)
+        slot.in_flight_since = now
+        state.in_flight = in_flight - 1
         state.outstanding_decode_tokens -= info.max_tokens
-        self.fleet.released(slot)
+        fleet = self.fleet
+        if in_flight == slot.bound:
+            fleet.free[slot.model].add(slot.index)
+            fleet.free_total += 1
         if ok:
             state.completed += 1
             state.tokens_generated += output
@@ -242,29 +300,31 @@ class SimControlPlane:
                 state.observe_tpot(tpot_s)
         else:
             state.failed += 1
-        self.fleet.mark(slot)
+        fleet.mark(slot)
         self.policy.on_complete(
-            CompletionRecord(
-                request_id=info.request_id,
-                status=status,
-                priority=info.priority,
-                instance_id=slot.instance_id,
-                arrival=info.arrival,
-                finished=now,
-                queue_wait_s=rec.scheduled_at - info.arrival,
-                ttft_s=ttft_s,
-                tpot_s=tpot_s,
-                e2e_s=e2e_s,
-                prompt_tokens=info.prompt_tokens,
-                completion_tokens=output,
-                slo_met=slo_met,
-                predicted_e2e_s=rec.predicted_e2e_s,
-                cost=cost,
+            _completion_record(
+                info.request_id,
+                _COMPLETED if ok else _FAILED,
+                info.priority,
+                slot.instance_id,
+                arrival,
+                now,
+                scheduled_at - arrival,
+                ttft_s,
+                tpot_s,
+                e2e_s,
+                info.prompt_tokens,
+                output,
+                slo_met,
+                rec.predicted_e2e_s,
+                cost,
             )
         )
-        self.measurements.append(
-            measurement(rec.workload, info.arrival, first, now, output, error, rec.token_times)
-        )
+        times = rec.token_times
+        if times:
+            self.measurements.append(measurement(wr, arrival, first, now, output, error, times))
+        else:
+            self.measurements.append(make_measurement(wr, arrival, first, now, output, error))
 
     def _reject(self, wr: WorkloadRequest, now: float, error: str) -> None:
         self.rejected += 1
@@ -282,7 +342,7 @@ class SimControlPlane:
 
 def _engine_refusal(slot: InstanceSlot, n_prompt: int, max_tokens: int) -> str | None:
     """The context-length checks ``SimEngine.generate`` makes before queueing a request."""
-    limit = slot.core.config.max_model_len
+    limit = slot.max_model_len
     if n_prompt + max_tokens > limit:
         return (
             f"InvalidRequestError: this model's maximum context length is {limit} tokens; "

@@ -11,14 +11,16 @@
 * :class:`FreeList`: the instances of one model with a free slot, sampled in O(k).
 * :class:`SimRequest`: one request from arrival to its end.
 * :func:`prefix_block_hashes`: :func:`sage_llm.tokens.block_hashes`.
+* :func:`field_filler`: builds a frozen dataclass from field values without its
+  ``__init__`` (the simulator makes several such objects per request).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar, cast
 
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
@@ -35,6 +37,7 @@ __all__ = [
     "InstanceSlot",
     "SimInstanceSpec",
     "SimRequest",
+    "field_filler",
     "make_fleet",
     "prefix_block_hashes",
 ]
@@ -87,6 +90,55 @@ def make_fleet(
     return specs
 
 
+T = TypeVar("T")
+
+
+def field_filler(cls: type[T], names: Sequence[str]) -> Callable[..., T]:
+    """``make(v0, v1, …)``: a new ``cls`` whose field ``names[k]`` is ``vk``.
+
+    ``cls`` is a dataclass and ``names`` all its fields, in any order. The fields are
+    filled directly (slot descriptors, or the instance dict) as its frozen ``__init__``
+    would fill them through ``object.__setattr__``, only without that ``__init__``: no
+    defaults, no ``__post_init__`` (callers pass values that need neither). The function
+    is generated once, like the dataclass's own ``__init__``.
+    """
+    wanted = {f.name for f in fields(cast(Any, cls))}
+    if sorted(names) != sorted(wanted):
+        raise ValueError(f"{cls.__name__}: names must be its fields {sorted(wanted)}")
+    params = ", ".join(f"v{k}" for k in range(len(names)))
+    env: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    if "__slots__" in cls.__dict__:
+        lines = []
+        for k, name in enumerate(names):
+            env[f"_set{k}"] = cls.__dict__[name].__set__
+            lines.append(f"    _set{k}(o, v{k})\n")
+        body = "".join(lines)
+    else:
+        env["_set_dict"] = object.__setattr__
+        items = ", ".join(f"{name!r}: v{k}" for k, name in enumerate(names))
+        body = f"    _set_dict(o, '__dict__', {{{items}}})\n"
+    source = f"def make({params}):\n    o = _new(_cls)\n{body}    return o\n"
+    exec(source, env)
+    return cast(Callable[..., T], env["make"])
+
+
+_DYNAMIC_VIEW_FIELDS = (
+    "in_flight",
+    "queued_prefill_tokens",
+    "outstanding_decode_tokens",
+    "kv_usage",
+    "engine_waiting",
+    "est_ttft_base_s",
+    "est_prefill_tps",
+    "est_tpot_s",
+)
+"""The :class:`InstanceView` fields the simulation changes; the others stay as registered."""
+_STATIC_VIEW_FIELDS = tuple(
+    f.name for f in fields(InstanceView) if f.name not in _DYNAMIC_VIEW_FIELDS
+)
+_make_view = field_filler(InstanceView, _DYNAMIC_VIEW_FIELDS + _STATIC_VIEW_FIELDS)
+
+
 def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     """:func:`sage_llm.tokens.block_hashes` (kept under this name for callers of the
     simulator; the reference function packs ids directly now)."""
@@ -126,6 +178,7 @@ class InstanceSlot:
     """One simulated instance while the simulation runs (see the module docstring)."""
 
     __slots__ = (
+        "_static_view",
         "awaiting_first",
         "bound",
         "busy",
@@ -138,6 +191,7 @@ class InstanceSlot:
         "index",
         "kick_pending",
         "max_in_flight",
+        "max_model_len",
         "model",
         "result",
         "sampled",
@@ -163,10 +217,13 @@ class InstanceSlot:
         self.index = index
         self.state: InstanceState = registry.add(inst, engine, priors)
         self.core: SimEngineCore = engine.core
+        self.max_model_len = config.max_model_len
         self.model = inst.model_name
         self.bound = inst.max_concurrent_requests
         self.view: InstanceView = self.state.view()
         self.cost_per_s = self.view.cost_per_second
+        self._static_view = tuple(getattr(self.view, name) for name in _STATIC_VIEW_FIELDS)
+        """The values of the view fields the simulation never changes."""
         self.dirty = False
         self.sampled = False
         self.busy = False
@@ -197,40 +254,63 @@ class InstanceSlot:
         self.in_flight_since = now
 
     def fresh_view(self) -> InstanceView:
-        """The instance's view now (rebuilt by ``InstanceState.view`` if it changed)."""
+        """The instance's view now (rebuilt by :meth:`build_view` if it changed)."""
         if self.dirty:
-            self.view = self.state.view()
+            self.view = self.build_view()
             self.dirty = False
         return self.view
+
+    def build_view(self) -> InstanceView:
+        """A new view equal to what ``InstanceState.view`` builds now.
+
+        The fields the simulation changes (load counters, engine figures, latency
+        estimates) are read live; the others (health, role, bounds, topology, price) are
+        those of the registration, which nothing in the simulator changes. Filled by
+        :func:`field_filler` (several times cheaper than the frozen ``__init__``; a view
+        is rebuilt about twice per decision)."""
+        state = self.state
+        stats = state.last_stats
+        return _make_view(
+            state.in_flight,
+            state.queued_prefill_tokens,
+            state.outstanding_decode_tokens,
+            stats.kv_usage if stats else 0.0,
+            stats.waiting if stats else 0,
+            state.est_ttft_base_s,
+            1.0 / max(state.est_s_per_prefill_token, 1e-12),
+            state.est_tpot_s,
+            *self._static_view,
+        )
 
 
 class FreeList:
     """A set of instance indices with O(1) add/remove and O(k) random samples."""
 
-    __slots__ = ("_items", "_pos")
+    __slots__ = ("_pos", "items")
 
     def __init__(self) -> None:
-        self._items: list[int] = []
+        self.items: list[int] = []
+        """The members, in no particular order (read-only for callers)."""
         self._pos: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def __contains__(self, index: object) -> bool:
         return index in self._pos
 
     def add(self, index: int) -> None:
         if index not in self._pos:
-            self._pos[index] = len(self._items)
-            self._items.append(index)
+            self._pos[index] = len(self.items)
+            self.items.append(index)
 
     def discard(self, index: int) -> None:
         pos = self._pos.pop(index, None)
         if pos is None:
             return
-        last = self._items.pop()
+        last = self.items.pop()
         if last != index:
-            self._items[pos] = last
+            self.items[pos] = last
             self._pos[last] = pos
 
     def sample(self, rng: random.Random, k: int) -> list[int]:
@@ -240,7 +320,7 @@ class FreeList:
         draws with replacement, duplicates dropped (cheaper than ``random.sample``; the
         expected shortfall is under ``k²/2n`` < ``k/8``); otherwise exactly ``k``.
         """
-        items = self._items
+        items = self.items
         n = len(items)
         if n <= k:
             return sorted(items)
@@ -251,7 +331,7 @@ class FreeList:
 
     def skip(self, rng: random.Random, k: int) -> None:
         """Advance ``rng`` exactly as :meth:`sample` would, without building the sample."""
-        n = len(self._items)
+        n = len(self.items)
         if n <= k:
             return
         if n > 4 * k:
@@ -259,4 +339,4 @@ class FreeList:
             for _ in range(k):
                 draw()
             return
-        rng.sample(self._items, k)
+        rng.sample(self.items, k)

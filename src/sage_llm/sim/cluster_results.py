@@ -10,7 +10,7 @@ import numpy as np
 
 from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
 from sage_llm.bench.workloads import WorkloadRequest
-from sage_llm.sim.cluster_fleet import InstanceSlot
+from sage_llm.sim.cluster_fleet import InstanceSlot, field_filler
 
 __all__ = [
     "ClusterResult",
@@ -18,6 +18,7 @@ __all__ = [
     "InstanceUsage",
     "build_result",
     "decision_stats",
+    "make_measurement",
     "measurement",
 ]
 
@@ -217,6 +218,46 @@ def measurement(
         slo_ttft_s=wr.slo_ttft_s,
         slo_tpot_s=wr.slo_tpot_s,
         slo_e2e_s=wr.slo_e2e_s,
+    )
+
+
+_fill_measurement = field_filler(
+    RequestMeasurement,
+    (
+        "request_id", "priority", "user_id", "arrival_s", "first_token_s", "token_times_s",
+        "end_s", "prompt_tokens", "output_tokens", "ok", "error", "slo_ttft_s",
+        "slo_tpot_s", "slo_e2e_s",
+    ),
+)  # fmt: skip
+
+
+def make_measurement(
+    wr: WorkloadRequest,
+    arrival: float,
+    first: float | None,
+    end: float,
+    output: int,
+    error: str | None = None,
+) -> RequestMeasurement:
+    """:func:`measurement` without token times, built without ``RequestMeasurement``'s
+    ``__init__`` (one per request). Its ``__post_init__`` would only normalise the empty
+    token times and check what holds by construction here (``arrival <= first <= end`` on
+    the simulator's clock, counts >= 0)."""
+    return _fill_measurement(
+        wr.request_id,
+        wr.priority,
+        wr.user_id,
+        arrival,
+        first,
+        (),
+        end,
+        wr.prompt_tokens,
+        output,
+        error is None,
+        error,
+        wr.slo_ttft_s,
+        wr.slo_tpot_s,
+        wr.slo_e2e_s,
     )
 
 

@@ -116,14 +116,25 @@ class FleetState:
         if not self.sampled_models:
             return ClusterSnapshot(now, tuple(self._views), self.prefix)
         out = list(self._views)
-        slots, rng, k = self.slots, self._rng, self.max_candidates
+        append = out.append
+        slots, k = self.slots, self.max_candidates
+        draw = self._rng.random
         for model in self.sampled_models:
-            for i in self.free[model].sample(rng, k):
+            # self.free[model].sample(self._rng, k), inlined for the large-set case: this
+            # runs for every decision (the same draws, the same members, the same order)
+            free = self.free[model]
+            items = free.items
+            n = len(items)
+            if n > 4 * k:
+                picked = sorted({items[int(draw() * n)] for _ in range(k)})
+            else:
+                picked = free.sample(self._rng, k)
+            for i in picked:
                 slot = slots[i]
                 if slot.dirty:  # slot.fresh_view(), inlined: this runs for every candidate
-                    slot.view = slot.state.view()
+                    slot.view = slot.build_view()
                     slot.dirty = False
-                out.append(slot.view)
+                append(slot.view)
         return ClusterSnapshot(now, tuple(out), self.prefix)
 
     def skip_snapshot(self) -> None:

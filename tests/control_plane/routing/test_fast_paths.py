@@ -1,16 +1,23 @@
 """The routing hot paths against the plain definitions they replace.
 
-``leg_candidates``, ``CapacityFilter``, ``LeastOutstandingScorer`` and a single-scorer
-``Pipeline.scores`` have inlined versions (they run for every decision); over random
-fleets each must give exactly what the plain formulas give.
+``leg_candidates``, ``CapacityFilter`` (and its runnable-candidates shortcut in
+``Pipeline.candidates``), ``LeastOutstandingScorer``, a single-scorer ``Pipeline.scores``
+and the power-of-two pair draw have inlined versions (they run for every decision); over
+random fleets each must give exactly what the plain formulas give.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from sage_llm.control_plane.routing.filters import CapacityFilter, leg_candidates
-from sage_llm.control_plane.routing.pickers import MaxPicker, PowerOfTwoPicker, best_of
+from sage_llm.control_plane.routing.pickers import (
+    MaxPicker,
+    PowerOfTwoPicker,
+    best_of,
+    sample_two,
+)
 from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.scorers import (
     KVUsageScorer,
@@ -126,3 +133,50 @@ def test_power_of_two_picks_as_best_of_a_sorted_pair() -> None:
         got_rng = random.Random(seed)
         assert picker.pick(scores, got_rng) == expected
         assert got_rng.random() == expected_rng.random()
+
+
+def test_sample_two_draws_as_random_sample() -> None:
+    rng = random.Random(7)
+    for n in [2, 3, 5, 16, 20, 21, 22, 23, 40, 300]:
+        ids = [f"i{k}" for k in range(n)]
+        for _ in range(40):
+            seed = rng.randrange(1 << 30)
+            expected_rng, got_rng = random.Random(seed), random.Random(seed)
+            assert sample_two(ids, got_rng) == tuple(expected_rng.sample(ids, 2))
+            assert got_rng.random() == expected_rng.random()
+
+
+class _OtherRandom(random.Random):
+    def sample(self, population: Any, k: int, *, counts: Any = None) -> list[Any]:
+        return list(reversed(population))[:k]
+
+
+def test_sample_two_asks_other_generators() -> None:
+    assert sample_two(["a", "b", "c"], _OtherRandom(0)) == ("c", "b")
+
+
+def test_capacity_filter_of_runnable_candidates_is_the_plain_filter() -> None:
+    rng = random.Random(8)
+    flt = CapacityFilter(0.95)
+    for _ in range(300):
+        views = [v for v in _random_views(rng, rng.randrange(0, 30)) if v.has_capacity]
+        plain = flt.filter(make_request_info(), views, make_snapshot(views))
+        assert list(flt.filter_runnable(views)) == list(plain)
+
+
+def test_pipeline_candidates_are_the_plain_definition() -> None:
+    rng = random.Random(9)
+    pipe = Pipeline("t", [CapacityFilter(0.95)], [(LeastOutstandingScorer(), 1.0)], MaxPicker())
+    for _ in range(300):
+        views = _random_views(rng, rng.randrange(0, 30))
+        snap = make_snapshot(views)
+        req = _request(rng, views)
+        allowed = None
+        if rng.random() < 0.3:
+            allowed = frozenset(v.instance_id for v in views if rng.random() < 0.5)
+        plain: list[InstanceView] = list(snap.runnable(req))
+        if allowed is not None:
+            plain = [c for c in plain if c.instance_id in allowed]
+        if plain:
+            plain = list(CapacityFilter(0.95).filter(req, plain, snap))
+        assert list(pipe.candidates(req, snap, allowed)) == plain

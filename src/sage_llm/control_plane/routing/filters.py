@@ -136,11 +136,16 @@ class CapacityFilter:
         free = [
             c for c in candidates if c.healthy and c.accepting and c.in_flight < c.max_concurrency
         ]
+        return self.filter_runnable(free)
+
+    def filter_runnable(self, candidates: Sequence[InstanceView]) -> Sequence[InstanceView]:
+        """:meth:`filter` of candidates already known to be healthy, accepting and with a
+        free slot (what :func:`leg_candidates` returns): only the KV-usage part runs."""
         threshold = self.kv_threshold
-        for c in free:
+        for c in candidates:
             if not c.kv_usage < threshold:
-                return [c for c in free if c.kv_usage < threshold] or free
-        return free
+                return [c for c in candidates if c.kv_usage < threshold] or candidates
+        return candidates
 
 
 class LoadCapFilter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from typing import Any, cast
 
 TIE_EPSILON = 1e-9
 """Scores closer than this are treated as equal."""
@@ -22,7 +23,7 @@ def _require(scores: Mapping[str, float]) -> list[str]:
 
 def best_of(ids: list[str], scores: Mapping[str, float], rng: random.Random) -> str:
     """The id with the highest score among ``ids``; ties broken uniformly by ``rng``."""
-    top = max(scores[i] for i in ids)
+    top = max(map(scores.__getitem__, ids))
     tied = [i for i in ids if scores[i] >= top - TIE_EPSILON]
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
@@ -61,6 +62,28 @@ class WeightedRandomPicker:
         return ids[-1]
 
 
+def sample_two(ids: list[str], rng: random.Random) -> tuple[str, str]:
+    """``rng.sample(ids, 2)`` (``len(ids) >= 2``): the same draws and the same pair.
+
+    For a plain :class:`random.Random` the two draws are made as ``Random.sample`` makes
+    them (a swap pool up to 21 members, rejection of a repeated index above), without its
+    argument checks and lists; any other generator is asked for ``sample`` itself.
+    """
+    if type(rng) is not random.Random:
+        a, b = rng.sample(ids, 2)
+        return a, b
+    randbelow = cast(Any, rng)._randbelow
+    n = len(ids)
+    j = randbelow(n)
+    if n <= 21:
+        k = randbelow(n - 1)
+        return ids[j], ids[n - 1] if k == j else ids[k]
+    k = randbelow(n)
+    while k == j:
+        k = randbelow(n)
+    return ids[j], ids[k]
+
+
 class PowerOfTwoPicker:
     """Samples two distinct instances uniformly and takes the better scored of the pair
     (ties broken at random); with a single candidate, that one."""
@@ -71,7 +94,7 @@ class PowerOfTwoPicker:
         ids = _require(scores)
         if len(ids) == 1:
             return ids[0]
-        a, b = rng.sample(ids, 2)
+        a, b = sample_two(ids, rng)
         if b < a:
             a, b = b, a
         # best_of([a, b], scores, rng), unrolled

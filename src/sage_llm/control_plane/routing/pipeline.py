@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from sage_llm.control_plane.routing.base import Filter, Picker, RoutingDecision, Scorer
-from sage_llm.control_plane.routing.filters import LEGS, Leg, leg_candidates
+from sage_llm.control_plane.routing.filters import LEGS, CapacityFilter, Leg, leg_candidates
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 
 
@@ -79,10 +79,17 @@ class Pipeline:
         cands: Sequence[InstanceView] = leg_candidates(req, snap, self.leg)
         if allowed is not None:
             cands = [c for c in cands if c.instance_id in allowed]
+        # leg_candidates keeps only healthy, accepting instances with a free slot (on a
+        # plain ClusterSnapshot) and filters keep subsets, so a CapacityFilter here need
+        # not check those again: the same candidates, in the same order.
+        runnable = type(snap) is ClusterSnapshot
         for f in self.filters:
             if not cands:
                 break
-            cands = f.filter(req, cands, snap)
+            if runnable and type(f) is CapacityFilter:
+                cands = f.filter_runnable(cands)
+            else:
+                cands = f.filter(req, cands, snap)
         return cands
 
     def scores(
@@ -97,12 +104,13 @@ class Pipeline:
             scorer, weight = self.scorers[0]
             raw = scorer.score(req, candidates, snap)
             single: dict[str, float] = {}
+            get = raw.get
             for iid in ids:
-                value = raw.get(iid)
+                value = get(iid)
                 if value is None or not 0.0 <= value <= 1.0:
                     raise _bad_score(scorer, iid, value)
-                v = 0.0 + weight * value
-                single[iid] = min(1.0, v / total)
+                v = (0.0 + weight * value) / total
+                single[iid] = v if v < 1.0 else 1.0  # min(1.0, v)
             if len(single) == len(ids):  # (repeated ids would add up below)
                 return single, [raw]
             ids = list(single)
@@ -152,6 +160,10 @@ class Pipeline:
         plural = "candidate" if n == 1 else "candidates"
         if not self.scorers:
             return f"{self.name}: {self.picker.name} ({n} {plural})"
+        if len(self.scorers) == 1:
+            return (
+                f"{self.name}: {self.scorers[0][0].name}={per_scorer[0][chosen]:.2f} ({n} {plural})"
+            )
         contributions = [w * per_scorer[k][chosen] for k, (_s, w) in enumerate(self.scorers)]
         k = contributions.index(max(contributions))  # the first one on ties
         top = self.scorers[k][0]

@@ -254,8 +254,8 @@ class QueuedPolicy:
     def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
         self.observe(snap)
         cands = self._queue.candidates(snap)
-        if not cands:
-            return None
+        if len(cands) < 2:  # (one lane: its head; nothing to rank)
+            return cands[0] if cands else None
         now = snap.now
         return min(cands, key=lambda e: self._rank(e, now))
 
@@ -263,7 +263,7 @@ class QueuedPolicy:
         return self._queue.remove(request_id)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue._entries)  # len(self._queue), one call less (asked often)
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._queue
