@@ -139,22 +139,43 @@ class BlockPool:
     without one the head; allocation takes never-used and uncached blocks first, then
     evicts the least recently freed cached block. A cached block with ref count 0 stays
     reusable by hash until it is evicted. Never-used blocks are not materialised.
+
+    A free block's hash never changes while it is free, so the queue is always its
+    uncached blocks (head) followed by its cached ones: it is kept as those two parts, a
+    stack of uncached blocks (its top the head of the queue) and an LRU of cached ones.
     """
 
-    __slots__ = ("_by_hash", "_free", "_fresh", "_hash_of", "_ref", "evictions", "num_blocks")
+    __slots__ = (
+        "_by_hash",
+        "_cached",
+        "_fresh",
+        "_hash_of",
+        "_ref",
+        "_uncached",
+        "evictions",
+        "num_blocks",
+    )
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._fresh = 0
-        self._free: OrderedDict[int, None] = OrderedDict()
+        self._uncached: list[int] = []
+        """Free blocks without a hash, the head of the queue last."""
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        """Free blocks with a hash, least recently freed first."""
         self._ref: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
         self._by_hash: dict[int, int] = {}
         self.evictions = 0
 
     @property
+    def _free(self) -> list[int]:
+        """The free-block queue, head first."""
+        return [*reversed(self._uncached), *self._cached]
+
+    @property
     def num_free(self) -> int:
-        return self.num_blocks - self._fresh + len(self._free)
+        return self.num_blocks - self._fresh + len(self._uncached) + len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -180,33 +201,42 @@ class BlockPool:
         return n <= self.num_free
 
     def touch(self, blocks: Sequence[int]) -> None:
+        """Take a reference to each of ``blocks`` (free ones leave the queue)."""
+        ref, cached = self._ref, self._cached
         for b in blocks:
-            count = self._ref.get(b, 0)
+            count = ref.get(b, 0)
             if count == 0:
-                del self._free[b]
-            self._ref[b] = count + 1
+                if b in cached:  # a prefix hit
+                    del cached[b]
+                else:
+                    self._uncached.remove(b)
+            ref[b] = count + 1
 
     def allocate(self, n: int) -> list[int]:
-        out: list[int] = []
-        free, hash_of = self._free, self._hash_of
-        while n and free:  # uncached free blocks sit at the head of the queue
-            head = next(iter(free))
-            if head in hash_of:
-                break
-            del free[head]
-            out.append(head)
-            n -= 1
-        fresh = min(n, self.num_blocks - self._fresh)
-        if fresh:
-            out.extend(range(self._fresh, self._fresh + fresh))
-            self._fresh += fresh
-            n -= fresh
+        uncached = self._uncached
+        if uncached and n:  # the uncached free blocks, from the head of the queue
+            if n >= len(uncached):
+                out = uncached[::-1]
+                uncached.clear()
+            else:
+                out = uncached[: -n - 1 : -1]
+                del uncached[-n:]
+            n -= len(out)
+        else:
+            out = []
         if n:
-            if n > len(free):
+            fresh = min(n, self.num_blocks - self._fresh)
+            if fresh:
+                out.extend(range(self._fresh, self._fresh + fresh))
+                self._fresh += fresh
+                n -= fresh
+        if n:
+            cached = self._cached
+            if n > len(cached):
                 raise RuntimeError("KV block pool exhausted")
-            by_hash = self._by_hash
+            by_hash, hash_of = self._by_hash, self._hash_of
             for _ in range(n):  # then evict the least recently freed cached blocks
-                head, _ = free.popitem(last=False)
+                head, _ = cached.popitem(last=False)
                 del by_hash[hash_of.pop(head)]
                 out.append(head)
             self.evictions += n
@@ -217,16 +247,18 @@ class BlockPool:
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; the tail of a sequence is evicted first."""
-        ref, free, hash_of = self._ref, self._free, self._hash_of
+        ref, hash_of = self._ref, self._hash_of
+        cached, uncached = self._cached, self._uncached
         for b in reversed(blocks):
             count = ref[b] - 1
             if count:
                 ref[b] = count
                 continue
             del ref[b]
-            free[b] = None
-            if b not in hash_of:
-                free.move_to_end(b, last=False)
+            if b in hash_of:
+                cached[b] = None
+            else:
+                uncached.append(b)
 
     def cache(self, block: int, block_hash: int) -> None:
         """Register a full block under its chained hash (first writer wins)."""

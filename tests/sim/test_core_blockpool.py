@@ -1,0 +1,91 @@
+"""The block pool against the reference pool (one OrderedDict queue), operation by operation.
+
+:class:`~sage_llm.sim.core.BlockPool` keeps its free queue as two parts (uncached blocks,
+then cached ones); every allocation, free, touch and cache must leave it in the state of
+:class:`~tests.sim.reference_core.ReferenceBlockPool`, queue order included.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sage_llm.sim.core import BlockPool
+from tests.sim.reference_core import ReferenceBlockPool
+
+
+def _state(pool: BlockPool | ReferenceBlockPool) -> tuple[object, ...]:
+    return (
+        list(pool._free),
+        pool._fresh,
+        pool._ref,
+        pool._hash_of,
+        pool._by_hash,
+        pool.evictions,
+        pool.num_free,
+        pool.num_cached(),
+    )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_block_pool_matches_the_reference_pool(seed: int) -> None:
+    rng = random.Random(seed)
+    size = rng.choice([4, 16, 64])
+    pool, ref = BlockPool(size), ReferenceBlockPool(size)
+    held: list[list[int]] = []  # block lists, each holding one reference per block
+    for _ in range(600):
+        roll = rng.random()
+        if roll < 0.3:
+            n = rng.choice([0, 1, 1, 2, 3, rng.randrange(0, size + 2)])
+            fits = pool.can_allocate(n)
+            assert fits == ref.can_allocate(n)
+            if fits:
+                got = pool.allocate(n)
+                assert got == ref.allocate(n)
+                held.append(got)
+        elif roll < 0.55 and held:
+            blocks = held.pop(rng.randrange(len(held)))
+            pool.free(blocks)
+            ref.free(blocks)
+        elif roll < 0.75 and held:  # cache some held blocks (hashes collide now and then)
+            blocks = rng.choice(held)
+            for b in blocks:
+                if rng.random() < 0.7:
+                    h = rng.randrange(3 * size)
+                    pool.cache(b, h)
+                    ref.cache(b, h)
+        elif roll < 0.9:  # a prefix hit: match, then take the blocks with new ones
+            hashes = [rng.randrange(3 * size) for _ in range(rng.randrange(1, 5))]
+            hits = pool.match(hashes)
+            assert hits == ref.match(hashes)
+            extra = rng.randrange(0, 3)
+            fits = pool.can_allocate(extra, hits)
+            assert fits == ref.can_allocate(extra, hits)
+            if fits:
+                pool.touch(hits)
+                ref.touch(hits)
+                got = pool.allocate(extra)
+                assert got == ref.allocate(extra)
+                held.append([*hits, *got])
+        else:  # touch any free block, cached or not
+            free = list(ref._free)
+            if free:
+                b = rng.choice(free)
+                pool.touch([b])
+                ref.touch([b])
+                held.append([b])
+        assert _state(pool) == _state(ref)
+    while held:
+        blocks = held.pop()
+        pool.free(blocks)
+        ref.free(blocks)
+    assert _state(pool) == _state(ref)
+    assert pool.num_free == size
+
+
+def test_exhausting_the_pool_raises() -> None:
+    pool = BlockPool(2)
+    pool.allocate(2)
+    with pytest.raises(RuntimeError, match="exhausted"):
+        pool.allocate(1)
