@@ -53,6 +53,7 @@ def stream_requests(
     rng = np.random.default_rng(seed)
     pool: list[int] = rng.integers(256, VOCAB_SIZE, size=_POOL_TOKENS).tolist()
     prefix = pool[:shared_prefix]
+    n_prefix = len(prefix)
     arrival = 0.0
     made = 0
     while made < n:
@@ -61,18 +62,22 @@ def stream_requests(
         inputs = input_dist.sample(rng, m)
         outputs = output_dist.sample(rng, m)
         offsets = rng.integers(0, _POOL_TOKENS // 2, size=m)
-        for j in range(m):
+        # Python floats and ints up front (the same values as float(gaps[j]), int(...))
+        for gap, n_input, max_tokens, start in zip(
+            gaps.tolist(), inputs, outputs, offsets.tolist(), strict=True
+        ):
             if made:
-                arrival += float(gaps[j])
-            own = max(1, inputs[j] - len(prefix))
-            start = int(offsets[j])
-            prompt = prefix + pool[start : start + own]
+                arrival += gap
+            own = max(1, n_input - n_prefix)
+            prompt = pool[start : start + own]
+            if n_prefix:
+                prompt = prefix + prompt
             yield WorkloadRequest(
                 request_id=f"req-{made:07d}",
                 arrival_s=arrival,
                 prompt=prompt,
                 prompt_tokens=len(prompt),
-                max_tokens=outputs[j],
+                max_tokens=max_tokens,
                 user_id=f"user-{made % 1000}",
             )
             made += 1

@@ -63,6 +63,7 @@ from sage_llm.sim.cluster_fleet import (
 )
 from sage_llm.sim.cluster_results import ClusterResult, build_result, decision_stats
 from sage_llm.sim.cluster_state import FleetState
+from sage_llm.sim.core import StepResult
 from sage_llm.types import ExecutionInstance
 
 __all__ = ["ClusterResult", "ClusterSimulator", "SimInstanceSpec", "make_fleet"]
@@ -204,18 +205,43 @@ class ClusterSimulator:
         nxt = next(arrivals, None)
         heap, policy, control = self._heap, self.policy, self.control
         fleet, slots, kicks = self.fleet, self._slots, control.kicks
-        heappop, end_step, kick = heapq.heappop, self._end_step, self._kick
+        heappop, heappush, kick = heapq.heappop, heapq.heappush, self._kick
+        step_effects, arrive, dispatch = self._step_effects, control.arrive, control.dispatch
+        list_tokens = self.record_token_times
         if self.stats_interval_s is not None:
             self._push(0.0, _STATS, 0)
         events = 0
         nxt_at = math.inf if nxt is None else nxt.arrival_s
         while True:
             if heap and heap[0][0] <= nxt_at:
-                at, _, kind, index, gen = heappop(heap)
-                self._now = at
+                now, _, kind, index, gen = heappop(heap)
+                self._now = now
                 slot = slots[index]
                 if kind == _STEP:
-                    end_step(slot)
+                    # A step ended: the engine starts its next step (self._kick, inlined:
+                    # this runs for every engine step), then the tokens take effect.
+                    res = slot.result
+                    slot.result = None
+                    slot.steps += 1
+                    slot.tokens += res.num_new_tokens
+                    core = slot.core
+                    if core.has_work():
+                        slot.wake_gen += 1
+                        nres = core.step(now, list_tokens=list_tokens)
+                        if nres.idle:
+                            slot.busy = False
+                            self._push(
+                                now + max(nres.duration_s, 1e-9), _WAKE, index, slot.wake_gen
+                            )
+                        else:
+                            slot.result = nres
+                            slot.busy_s += nres.duration_s
+                            self._seq += 1
+                            heappush(heap, (now + nres.duration_s, self._seq, _STEP, index, 0))
+                    else:
+                        slot.busy = False
+                    if res.first_tokens or res.finished or list_tokens:
+                        step_effects(slot, res, now)
                 elif kind == _WAKE:
                     if gen == slot.wake_gen and not slot.busy:
                         kick(slot)
@@ -229,14 +255,14 @@ class ClusterSimulator:
                         param="arrival_s",
                     )
                 self._now = nxt_at
-                control.arrive(nxt, nxt_at)
+                arrive(nxt, nxt_at)
                 nxt = next(arrivals, None)
                 nxt_at = math.inf if nxt is None else nxt.arrival_s
             else:
                 break
             events += 1
             if fleet.free_total and len(policy):
-                control.dispatch(self._now)
+                dispatch(self._now)
             if kicks:
                 for slot in kicks:
                     slot.kick_pending = False
@@ -267,15 +293,9 @@ class ClusterSimulator:
         self._seq += 1  # self._push, inlined
         heapq.heappush(self._heap, (now + res.duration_s, self._seq, _STEP, slot.index, 0))
 
-    def _end_step(self, slot: InstanceSlot) -> None:
-        """A step ended: the engine starts its next step, then its tokens take effect."""
-        res = slot.result
-        slot.result = None
-        slot.busy = False
-        slot.steps += 1
-        slot.tokens += res.num_new_tokens
-        self._kick(slot)
-        now, control = self._now, self.control
+    def _step_effects(self, slot: InstanceSlot, res: StepResult, now: float) -> None:
+        """The tokens and finished requests of a step that ended at ``now``."""
+        control = self.control
         if self.record_token_times:
             reqs = control.reqs
             for rid, n in res.new_tokens:
