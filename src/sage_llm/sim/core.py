@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 _WAITING, _TRANSFER, _RUNNING, _PINNED = range(4)
+_EV_EXPLICIT, _EV_BLOCK, _EV_FINISH = range(3)
 _SUM_ONLY_COST_MODELS = (RooflineCostModel, LinearStepModel)
 """Cost models that read only ``len`` and ``sum`` of the decode context lengths."""
 _by_seq = attrgetter("seq")
@@ -350,8 +351,8 @@ class _Req:
         "base",
         "blocks",
         "due",
+        "event",
         "fin",
-        "grow",
         "hashes",
         "id",
         "lazy",
@@ -395,9 +396,11 @@ class _Req:
         """The step at which a lazy decode needs a block or finishes."""
         self.fin = 0
         """The step at which a lazy decode produces its last token."""
-        self.grow = False
-        """A lazy decode's event at step ``due`` is a new KV block only (it goes on
-        decoding lazily: the step allocates the block without making it explicit)."""
+        self.event = _EV_EXPLICIT
+        """What happens to a lazy decode at step ``due``: it needs a new KV block
+        (``_EV_BLOCK``: the step allocates it and the decode stays lazy), it produces its
+        last token (``_EV_FINISH``: it finishes after the step without becoming explicit),
+        or both (``_EV_EXPLICIT``: it is made explicit for the step)."""
         self.made_at = 0
         """The last step in which this request, explicit, produced a token."""
 
@@ -586,11 +589,11 @@ class SimEngineCore:
         block_at = tick + len(req.blocks) * self.block_size - computed + 1
         fin = req.fin = tick + req.max_tokens - req.num_output
         if block_at < fin:
-            req.due = block_at
-            req.grow = True
+            req.event = _EV_BLOCK
         else:
-            req.due = block_at = fin
-            req.grow = False
+            req.event = _EV_FINISH if fin < block_at else _EV_EXPLICIT
+            block_at = fin
+        req.due = block_at
         bucket = self._due.get(block_at)
         if bucket is None:
             self._due[block_at] = [req]
@@ -601,15 +604,14 @@ class SimEngineCore:
         """File lazy decodes that just got their next KV block under their next event:
         the next block is due ``block_size`` steps later (counters as of ``base`` are
         unchanged, so ``fin`` is too)."""
-        bs = self.block_size
         due_map = self._due
-        at0 = step_no + bs
+        at0 = step_no + self.block_size
         for req in grow:
             at = at0
             fin = req.fin
             if at >= fin:
+                req.event = _EV_FINISH if fin < at else _EV_EXPLICIT
                 at = fin
-                req.grow = False
             req.due = at
             bucket = due_map.get(at)
             if bucket is None:
@@ -650,12 +652,16 @@ class SimEngineCore:
         step_no = self._tick + 1
         due = self._due.pop(step_no, None)
         grow: list[_Req] = []
+        fins: list[_Req] = []
         if due is not None:
             for req in due:
                 if req.lazy and req.due == step_no:
-                    if req.grow:
-                        req.due = 0  # a second entry in this bucket is stale
+                    req.due = 0  # a second entry in this bucket is stale
+                    event = req.event
+                    if event == _EV_BLOCK:
                         grow.append(req)
+                    elif event == _EV_FINISH:
+                        fins.append(req)
                     else:
                         self._unlazy(req)
         budget = self._token_budget
@@ -666,6 +672,7 @@ class SimEngineCore:
                 if req.lazy:
                     self._unlazy(req)
             implicit = 0
+            fins = []
             budget = self._schedule_running(budget, scheduled, res)
         elif scheduled:
             budget -= implicit + sum(n for _, n in scheduled)
@@ -673,35 +680,43 @@ class SimEngineCore:
             budget -= implicit
         if self._waiting and (not res.preempted or not scheduled):
             self._schedule_waiting(now, budget, scheduled, res)
-        if not scheduled and not implicit:
+        fast = self._fast_step_time
+        if scheduled:
+            prefill: list[PrefillChunk] = []
+            decode: list[int] = []
+            prefill_tokens = 0
+            for req, n in scheduled:
+                computed = req.num_computed
+                if n == 1 and req.num_prompt + req.num_output - computed == 1:
+                    decode.append(computed)
+                else:
+                    prefill.append((n, computed))
+                    prefill_tokens += n
+            res.num_prefill_tokens += prefill_tokens
+            n_decode = implicit + len(decode)
+            if fast is not None and self.cost_model is self._fast_for:
+                ctx_sum = sum(decode)
+                if implicit:
+                    ctx_sum += self._lazy_ctx
+                duration = fast(prefill, n_decode, ctx_sum)
+            else:
+                if implicit:
+                    decode = self._decode_contexts(implicit, decode, scheduled)
+                duration = self.cost_model.step_time(prefill, decode)
+        elif implicit:
+            n_decode = implicit
+            if fast is not None and self.cost_model is self._fast_for:
+                duration = fast((), implicit, self._lazy_ctx)
+            else:
+                duration = self.cost_model.step_time([], self._decode_contexts(implicit, [], []))
+        else:
             res.idle = True
             res.duration_s = self._idle_wait(now)
             return res
-        prefill: list[PrefillChunk] = []
-        decode: list[int] = []
-        prefill_tokens = 0
-        for req, n in scheduled:
-            computed = req.num_computed
-            if n == 1 and req.num_prompt + req.num_output - computed == 1:
-                decode.append(computed)
-            else:
-                prefill.append((n, computed))
-                prefill_tokens += n
-        res.num_prefill_tokens += prefill_tokens
-        res.num_decode_tokens = implicit + len(decode)
-        fast = self._fast_step_time
-        if fast is not None and self.cost_model is self._fast_for:
-            ctx_sum = sum(decode)
-            duration = fast(
-                prefill, implicit + len(decode), self._lazy_ctx + ctx_sum if implicit else ctx_sum
-            )
-        else:
-            if implicit:
-                decode = self._decode_contexts(implicit, decode, scheduled)
-            duration = self.cost_model.step_time(prefill, decode)
+        res.num_decode_tokens = n_decode
         if self._jitter > 0:
             duration *= max(0.05, 1.0 + self._rng.gauss(0.0, self._jitter))
-        res.duration_s = duration / self.speed
+        res.duration_s = duration = duration / self.speed
         batch: list[tuple[_Req, bool]] = []
         if list_tokens:
             batch = [(r, r.lazy) for r in self._running.values()]
@@ -709,8 +724,10 @@ class SimEngineCore:
         if implicit:
             self._gen_total += implicit
             self._lazy_ctx += implicit
-        produced = self._commit(now + res.duration_s, scheduled, res)
-        res.num_new_tokens = implicit + produced
+        if scheduled or fins:
+            res.num_new_tokens = implicit + self._commit(now + duration, scheduled, fins, res)
+        else:
+            res.num_new_tokens = implicit
         if list_tokens:
             res.new_tokens = [(r.id, 1) for r, lazy in batch if lazy or r.made_at == step_no]
         return res
@@ -944,36 +961,50 @@ class SimEngineCore:
             for req_id in [k for k, (_, exp) in self._pinned.items() if exp <= now]:
                 self.abort(req_id)
 
-    def _commit(self, end: float, scheduled: list[tuple[_Req, int]], res: StepResult) -> int:
+    def _commit(
+        self, end: float, scheduled: list[tuple[_Req, int]], fins: list[_Req], res: StepResult
+    ) -> int:
         """Apply the explicit requests' work; returns the tokens they produced. A request
-        that finishes its prefill and keeps decoding becomes lazy."""
+        that finishes its prefill and keeps decoding becomes lazy. Requests that finish
+        (explicit ones, and ``fins``: lazy decodes whose last token this step produced)
+        leave the batch last, in batch order."""
         bs = self.block_size
         pool = self._pool
         step_no = self._tick
         produced = 0
-        for req, n in scheduled:
-            before = req.num_computed
-            computed = req.num_computed = before + n
-            prompt = req.num_prompt
-            if before < prompt and req.hashes:
-                hi = (computed if computed < prompt else prompt) // bs
-                pool.cache_blocks(req.blocks, req.hashes, before // bs, hi)
-            if computed < prompt + req.num_output:
-                continue
-            req.num_output += 1
-            req.made_at = step_no
-            produced += 1
-            self._gen_total += 1
-            if req.num_output == 1:
-                self._prompt_total += req.num_prompt
-                res.first_tokens.append(req.id)
-            if req.num_output >= req.max_tokens:
-                res.finished.append((req.id, "length"))
-                del self._running[req.seq]
-                del self._explicit[req.seq]
-                self._finish(req, end, res)
-            else:
-                self._lazify(req)
+        done = fins
+        if scheduled:
+            done = []
+            for req, n in scheduled:
+                before = req.num_computed
+                computed = req.num_computed = before + n
+                prompt = req.num_prompt
+                if before < prompt and req.hashes:
+                    hi = (computed if computed < prompt else prompt) // bs
+                    pool.cache_blocks(req.blocks, req.hashes, before // bs, hi)
+                if computed < prompt + req.num_output:
+                    continue
+                req.num_output += 1
+                req.made_at = step_no
+                produced += 1
+                if req.num_output == 1:
+                    self._prompt_total += req.num_prompt
+                    res.first_tokens.append(req.id)
+                if req.num_output >= req.max_tokens:
+                    done.append(req)
+                else:
+                    self._lazify(req)
+            self._gen_total += produced
+            if fins:
+                done.extend(fins)
+                done.sort(key=_by_seq)
+        elif len(done) > 1:
+            done.sort(key=_by_seq)
+        finished = res.finished
+        for req in done:
+            finished.append((req.id, "length"))
+            self._leave_running(req)
+            self._finish(req, end, res)
         return produced
 
     def _finish(self, req: _Req, end: float, res: StepResult) -> None:
