@@ -113,10 +113,10 @@ def field_filler(cls: type[T], names: Sequence[str]) -> Callable[..., T]:
             env[f"_set{k}"] = cls.__dict__[name].__set__
             lines.append(f"    _set{k}(o, v{k})\n")
         body = "".join(lines)
-    else:
-        env["_set_dict"] = object.__setattr__
-        items = ", ".join(f"{name!r}: v{k}" for k, name in enumerate(names))
-        body = f"    _set_dict(o, '__dict__', {{{items}}})\n"
+    else:  # stored one by one in the new instance dict (in field order it shares its keys)
+        lines = ["    d = o.__dict__\n"]
+        lines += [f"    d[{name!r}] = v{k}\n" for k, name in enumerate(names)]
+        body = "".join(lines)
     source = f"def make({params}):\n    o = _new(_cls)\n{body}    return o\n"
     exec(source, env)
     return cast(Callable[..., T], env["make"])
