@@ -258,6 +258,7 @@ class GatewayConfig:
     max_tokens_limit: int = opt(8192, _COUNT)
     request_timeout_s: float = opt(600.0, _POSITIVE)
     workers: int = opt(1, _COUNT)
+    lean_server: bool = True
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = opt((), _ID)
     tracing: bool = False

@@ -15,6 +15,7 @@ from aiohttp import web
 from sage_llm.config import GatewayConfig
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import ResponseFormat
+from sage_llm.gateway.lean import LeanStream
 from sage_llm.gateway.relay import _Choices, completion_body, merge_logprobs
 from sage_llm.sim.engine import SimEngine
 from sage_llm.types import RequestStatus
@@ -182,14 +183,21 @@ def test_completion_body_builds_one_choice_per_index() -> None:
     }
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
 async def test_client_gone_when_the_stream_starts_cancels_quietly(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    lean: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def closing_transport(self: web.StreamResponse, request: web.BaseRequest) -> None:
+    async def closing_transport(self: object, *args: object) -> None:
         raise ConnectionResetError("Cannot write to closing transport")
 
-    async with serve(1) as gw, aiohttp.ClientSession() as s:
-        monkeypatch.setattr(web.StreamResponse, "prepare", closing_transport)
+    async with (
+        serve(1, settings=GatewayConfig(lean_server=lean)) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        if lean:
+            monkeypatch.setattr(LeanStream, "write", closing_transport)
+        else:
+            monkeypatch.setattr(web.StreamResponse, "prepare", closing_transport)
         headers = {"x-request-id": "left-early"}
         with contextlib.suppress(aiohttp.ClientError):
             async with s.post(

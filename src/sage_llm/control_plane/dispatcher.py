@@ -192,7 +192,8 @@ class Dispatcher:
             rec.predicted_e2e_s = (
                 view.predict_e2e_s(info.prompt_tokens, info.max_tokens) if view else None
             )
-            snap = snap.with_assignment(decision.instance_id, info)
+            if len(self.policy):  # the next decision of this pass sees this one
+                snap = snap.with_assignment(decision.instance_id, info)
             self._start(rec, decision, pending)
         for info in deferred:
             self.policy.push(info)
@@ -486,6 +487,8 @@ class Dispatcher:
             rec.finish_reason = chunk.finish_reason
         if rec.stream is not None:
             rec.stream.put_nowait(chunk)
+        elif rec.chunks is not None:
+            rec.chunks.append(chunk)
 
     def _timed(self, stream: AsyncIterator[Chunk], state: InstanceState) -> AsyncIterator[Chunk]:
         if self.first_token_timeout_s is None and self.idle_timeout_s is None:

@@ -28,6 +28,9 @@ class RequestRecord:
     future: asyncio.Future[RequestResult]
     status: RequestStatus = RequestStatus.QUEUED
     stream: asyncio.Queue[Chunk | StreamEnd] | None = None
+    chunks: list[Chunk] | None = None
+    """The engine's chunks, kept for :meth:`ControlPlaneManager.collect` (no queue, no
+    wake-up per chunk)."""
     task: asyncio.Task[None] | None = None
     instance_id: str | None = None
     prefill_instance_id: str | None = None

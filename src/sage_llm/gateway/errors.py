@@ -60,14 +60,22 @@ def retry_after_header(seconds: float | None) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-def sage_error_response(exc: SageLLMError) -> web.Response:
-    """The JSON response of a :class:`SageLLMError`."""
+def sage_error_headers(exc: SageLLMError) -> dict[str, str]:
+    """The headers an error's response carries: ``Retry-After`` on admission refusals,
+    ``WWW-Authenticate`` on 401."""
     headers: dict[str, str] = {}
     if isinstance(exc, AdmissionError):
         headers["Retry-After"] = retry_after_header(exc.retry_after_s)
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
-    return web.json_response(exc.to_openai(), status=exc.http_status, headers=headers)
+    return headers
+
+
+def sage_error_response(exc: SageLLMError) -> web.Response:
+    """The JSON response of a :class:`SageLLMError`."""
+    return web.json_response(
+        exc.to_openai(), status=exc.http_status, headers=sage_error_headers(exc)
+    )
 
 
 def http_error_response(exc: web.HTTPException) -> web.Response:

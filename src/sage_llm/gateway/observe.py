@@ -96,12 +96,19 @@ def _preflight() -> web.Response:
     return resp
 
 
-def _bad_request_id() -> web.Response:
-    return sage_error_response(
-        InvalidRequestError(
-            "x-request-id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="x-request-id"
-        )
+def valid_request_id(given: str) -> bool:
+    """Whether a client's ``x-request-id`` (stripped; empty when absent) may be used."""
+    return not given or _REQUEST_ID_RE.fullmatch(given) is not None
+
+
+def bad_request_id_error() -> InvalidRequestError:
+    return InvalidRequestError(
+        "x-request-id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="x-request-id"
     )
+
+
+def _bad_request_id() -> web.Response:
+    return sage_error_response(bad_request_id_error())
 
 
 def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
@@ -139,7 +146,7 @@ def _observe(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         given = request.headers.get(REQUEST_ID_HEADER, "").strip()
-        valid = not given or _REQUEST_ID_RE.fullmatch(given) is not None
+        valid = valid_request_id(given)
         rid = given if given and valid else uuid.uuid4().hex
         cors = _cors_origin(request, origins) if origins else None
         headers = _response_headers(rid, cors)

@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -44,6 +44,15 @@ class SSEResponse(web.StreamResponse):
     ``prepare()``; the relay prepares it only once the first chunk is there."""
 
     _send_headers_immediately = False
+
+
+class StreamSink(Protocol):
+    """Where a stream's bytes go: aiohttp's ``StreamResponse`` or the lean server's
+    stream; both raise ``ConnectionResetError`` once the client is gone."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,23 +183,21 @@ async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usag
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
     """Run ``gen`` to the end and return the whole response body."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
-    choices = _Choices()
-    batches = manager.stream_batches(gen.meta)
     try:
-        if gen.timeout_s is None:
-            async for batch in batches:
-                for chunk in batch:
-                    choices.add(chunk)
-        else:
-            async with asyncio.timeout_at(_deadline(gen.timeout_s)):
-                async for batch in batches:
-                    for chunk in batch:
-                        choices.add(chunk)
+        async with asyncio.timeout_at(_deadline(gen.timeout_s)):
+            chunks, result = await manager.collect(gen.meta)  # cancelled on the way out
     except TimeoutError:
         raise _timeout_error(gen) from None
-    finally:
-        await _close(batches)  # a request not finished by then is cancelled
-    usage = await _final_usage(manager, gen, choices.usage)
+    if result.status is RequestStatus.CANCELLED:
+        raise RequestCancelledError(
+            f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
+        )
+    choices = _Choices()
+    for chunk in chunks:
+        choices.add(chunk)
+    usage = choices.usage or Usage(
+        result.prompt_tokens, result.completion_tokens, result.cached_tokens
+    )
     return completion_body(fmt, choices, usage)
 
 
@@ -201,6 +208,24 @@ def set_nodelay(request: web.Request) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def first_batch(
+    batches: AsyncIterator[list[Chunk]],
+    manager: ControlPlaneManager,
+    gen: Generation,
+    deadline: float | None,
+) -> list[Chunk] | None:
+    """The first chunks of a stream, before any byte is sent: a failure or a timeout
+    until then raises, so the client gets a JSON error status instead of a stream."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            first = await anext(batches, None)
+    except TimeoutError:
+        raise _timeout_error(gen) from None
+    if first is None:
+        await _final_usage(manager, gen, None)  # raises when it was cancelled
+    return first
 
 
 async def stream_response(
@@ -216,13 +241,7 @@ async def stream_response(
     deadline = _deadline(gen.timeout_s)
     batches = manager.stream_batches(gen.meta)
     async with _closing(batches):
-        try:
-            async with asyncio.timeout_at(deadline):
-                first = await anext(batches, None)
-        except TimeoutError:
-            raise _timeout_error(gen) from None
-        if first is None:
-            await _final_usage(manager, gen, None)  # raises when it was cancelled
+        first = await first_batch(batches, manager, gen, deadline)
         resp = SSEResponse(headers={**SSE_HEADERS, **headers})
         set_nodelay(request)
         try:
@@ -234,8 +253,24 @@ async def stream_response(
         return resp
 
 
+async def relay_stream(
+    open_sink: Callable[[], StreamSink],
+    manager: ControlPlaneManager,
+    gen: Generation,
+    created: int,
+) -> None:
+    """:func:`stream_response` onto any :class:`StreamSink`: ``open_sink()`` makes the
+    sink once the first chunk is there, so a failure before it still raises."""
+    fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
+    deadline = _deadline(gen.timeout_s)
+    batches = manager.stream_batches(gen.meta)
+    async with _closing(batches):
+        first = await first_batch(batches, manager, gen, deadline)
+        await _relay(open_sink(), batches, first, manager, gen, fmt, deadline)
+
+
 async def _relay(
-    resp: web.StreamResponse,
+    resp: StreamSink,
     batches: AsyncIterator[list[Chunk]],
     batch: list[Chunk] | None,
     manager: ControlPlaneManager,

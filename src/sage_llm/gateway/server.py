@@ -1,9 +1,11 @@
 """Serving the gateway: :func:`run_gateway` for ``sage-llm serve``, :func:`start_gateway`
 for tests and benchmarks.
 
-Both serve with aiohttp's ``AppRunner`` + ``TCPSite``, bind 127.0.0.1 by default, and
-cancel a request's handler when its client disconnects (so the request is cancelled in the
-manager and the engine call aborted).
+Both bind 127.0.0.1 by default and cancel a request's handler when its client disconnects
+(so the request is cancelled in the manager and the engine call aborted). The listening
+socket belongs to the lean server (:mod:`sage_llm.gateway.lean`), which serves the two
+generation routes itself and hands every other connection to the aiohttp app; with
+``gateway.lean_server = false``, or with tracing on, aiohttp's ``TCPSite`` serves all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.gateway.app import create_app
+from sage_llm.gateway.app import MANAGER_KEY, SETTINGS_KEY, create_app
+from sage_llm.gateway.lean import LeanServer
+from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
 from sage_llm.gateway.settings import GatewaySettings
 from sage_llm.httpserve import start_site
 
@@ -23,6 +27,70 @@ log = logging.getLogger("sage_llm.gateway")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class GatewaySite:
+    """A serving gateway: ``await site.cleanup()`` stops accepting connections, lets
+    requests in progress finish (up to the shutdown timeout) and stops the app."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        *,
+        server: asyncio.AbstractServer | None = None,
+        lean: LeanServer | None = None,
+        shutdown_timeout_s: float = 5.0,
+    ) -> None:
+        self.runner = runner
+        self._server = server
+        self._lean = lean
+        self._shutdown_timeout_s = shutdown_timeout_s
+
+    @property
+    def lean(self) -> bool:
+        """Whether the lean server serves the generation routes."""
+        return self._lean is not None
+
+    async def cleanup(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._lean is not None:
+            await self._lean.shutdown(self._shutdown_timeout_s)
+        await self.runner.cleanup()
+
+
+async def serve_app(
+    app: web.Application, host: str, port: int, *, shutdown_timeout_s: float
+) -> tuple[GatewaySite, int]:
+    """Serve a gateway ``app`` (made by :func:`~sage_llm.gateway.app.create_app`) on
+    ``host:port``; the site and the bound port (``port=0`` picks a free one)."""
+    settings = app[SETTINGS_KEY]
+    if not settings.lean_server or settings.tracing:
+        runner, bound = await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
+        return GatewaySite(runner, shutdown_timeout_s=shutdown_timeout_s), bound
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
+    )
+    await runner.setup()
+    try:
+        fallback = runner.server
+        assert fallback is not None
+        lean = LeanServer(
+            LeanRoutes(app[MANAGER_KEY], settings),
+            fallback,
+            routes=LEAN_ROUTES,
+            max_body_bytes=settings.max_body_bytes,
+            cors=bool(settings.cors_origins),
+        )
+        server = await asyncio.get_running_loop().create_server(
+            lean, host, port, reuse_address=True, backlog=1024
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = int(server.sockets[0].getsockname()[1])
+    site = GatewaySite(runner, server=server, lean=lean, shutdown_timeout_s=shutdown_timeout_s)
+    return site, bound
 
 
 async def start_gateway(
@@ -34,15 +102,15 @@ async def start_gateway(
     manage_lifecycle: bool = False,
     environ: Mapping[str, str] | None = None,
     shutdown_timeout_s: float = 5.0,
-) -> tuple[web.AppRunner, int]:
-    """Start serving ``manager``; returns the runner (``await runner.cleanup()`` stops it)
+) -> tuple[GatewaySite, int]:
+    """Start serving ``manager``; returns the site (``await site.cleanup()`` stops it)
     and the bound port (``port=0`` picks a free one).
 
     The caller owns the manager unless ``manage_lifecycle=True`` (then the app starts it
     now and stops it on cleanup).
     """
     app = create_app(manager, gateway, manage_lifecycle=manage_lifecycle, environ=environ)
-    return await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
+    return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
 async def run_gateway(
@@ -69,7 +137,7 @@ async def run_gateway(
     await manager.start()
     try:
         app = create_app(manager, gateway)
-        runner, bound = await start_site(
+        runner, bound = await serve_app(
             app, bind_host, bind_port, shutdown_timeout_s=shutdown_timeout_s
         )
         try:

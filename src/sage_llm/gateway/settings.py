@@ -112,6 +112,8 @@ class ResolvedGateway:
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ()
     tracing: bool = False
+    lean_server: bool = True
+    """Serve the two hot routes on :mod:`sage_llm.gateway.lean` (off: aiohttp serves all)."""
     host: str = "127.0.0.1"
     port: int = 8080
 
@@ -144,6 +146,7 @@ class ResolvedGateway:
             log_prompts=bool(settings.log_prompts),
             cors_origins=tuple(settings.cors_origins),
             tracing=tracing_enabled(settings.tracing),
+            lean_server=bool(getattr(settings, "lean_server", True)),
             host=settings.host,
             port=int(settings.port),
         )

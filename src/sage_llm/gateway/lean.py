@@ -1,0 +1,396 @@
+"""A lean HTTP/1.1 front for the gateway's two hot routes; aiohttp serves everything else.
+
+aiohttp's server costs more CPU per proxied request than the whole proxy path needs
+(request and response objects, header multidicts, the router, a writer per response).
+``POST /v1/completions`` and ``POST /v1/chat/completions`` are nearly all of a gateway's
+traffic and always the same shape, so :class:`LeanServer` accepts the connections itself,
+on :class:`asyncio.Protocol` objects, and serves those two routes with a handler of its
+own (:mod:`sage_llm.gateway.lean_routes`). Any other request — another route or method, a
+query string, ``HTTP/1.0``, a chunked or ``Expect: 100-continue`` body, a body above the
+size limit, a malformed or oversized head, a CORS request when CORS is configured — makes
+the connection switch to aiohttp's protocol for the rest of its life (the bytes already
+read are handed over), so every other route, error and edge case is answered by aiohttp
+exactly as before.
+
+Per connection, requests are served one at a time in arrival order (pipelined requests
+wait in the buffer; reading pauses when it holds more than a whole request can). A
+client that disconnects cancels its request's handler, as aiohttp's
+``handler_cancellation`` does. Idle keep-alive connections close after
+``keepalive_timeout_s`` (75 s, aiohttp's default). :meth:`LeanServer.shutdown` closes idle
+connections, lets in-flight requests finish for up to a timeout, then cancels them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Protocol
+
+log = logging.getLogger("sage_llm.gateway")
+
+_MAX_HEAD = 16 * 1024
+"""Heads longer than this go to aiohttp (which answers 431 beyond its own limit)."""
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+@dataclass(slots=True)
+class LeanRequest:
+    """One parsed request on a hot route."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Header names lower-cased; repeated headers joined with ``", "``."""
+    body: bytes
+    remote: str | None
+    keep_alive: bool
+
+
+class LeanHandler(Protocol):
+    """Serves one hot-route request: writes its whole response through ``conn``."""
+
+    def __call__(
+        self, request: LeanRequest, conn: LeanConnection
+    ) -> Coroutine[object, object, None]: ...
+
+
+class LeanStream:
+    """The body of a chunked response (``write`` / ``write_eof``, like aiohttp's
+    ``StreamResponse``); the head leaves with the first write."""
+
+    __slots__ = ("_conn", "_head")
+
+    def __init__(self, conn: LeanConnection, head: bytes) -> None:
+        self._conn = conn
+        self._head = head
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._conn.send(self._head + b"%x\r\n%b\r\n" % (len(data), data))
+        self._head = b""
+        await self._conn.drain()
+
+    async def write_eof(self) -> None:
+        self._conn.send(self._head + b"0\r\n\r\n")
+        self._head = b""
+        self._conn.response_done()
+
+
+class LeanConnection(asyncio.Protocol):
+    """One client connection (until it is handed over to aiohttp)."""
+
+    def __init__(self, server: LeanServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._keep_alive = True
+        self._answered = False
+        self._read_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self.remote: str | None = None
+        self.closed = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._server.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._task is None:
+            self._next()
+        elif len(self._buf) > self._server.max_buffer and not self._read_paused:
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._read_paused = True
+
+    def eof_received(self) -> bool:
+        return False  # close; a request in progress is cancelled in connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._server.connections.discard(self)
+        self._disarm_idle()
+        if self._task is not None:
+            self._task.cancel()
+        self._wake_writer(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer(None)
+
+    # --- writing (used by the handler) ---------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write raw bytes of the current response; ``ConnectionResetError`` once the
+        client is gone (as aiohttp's writer raises)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than the response is written."""
+        if not self._write_paused:
+            return
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+        await self._drain
+
+    def respond(
+        self, status: int, body: bytes, *, content_type: str, headers: Mapping[str, str]
+    ) -> None:
+        """Write a whole response (``Content-Length``) and end it."""
+        self.send(self._head(status, headers, content_type, f"Content-Length: {len(body)}") + body)
+        self.response_done()
+
+    def open_stream(
+        self, status: int, *, content_type: str, headers: Mapping[str, str]
+    ) -> LeanStream:
+        """Start a chunked response; its head leaves with the first write."""
+        return LeanStream(
+            self, self._head(status, headers, content_type, "Transfer-Encoding: chunked")
+        )
+
+    def response_done(self) -> None:
+        self._answered = True
+
+    @property
+    def answered(self) -> bool:
+        """Whether the current request's response has started (the head was produced)."""
+        return self._answered
+
+    def _head(
+        self, status: int, headers: Mapping[str, str], content_type: str, framing: str
+    ) -> bytes:
+        self._answered = True
+        close = not self._keep_alive or self._server.closing
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+            f"Content-Type: {content_type}",
+            framing,
+            f"Date: {self._server.date()}",
+            "Server: sage-llm",
+        ]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if close:
+            lines.append("Connection: close")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
+
+    def _wake_writer(self, exc: BaseException | None) -> None:
+        waiter = self._drain
+        self._drain = None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    # --- parsing and dispatch -------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the next request in the buffer, hand the connection over, or wait."""
+        buf = self._buf
+        if not buf:
+            return
+        self._disarm_idle()
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _MAX_HEAD:
+                self._handover()
+            return
+        if end > _MAX_HEAD:
+            self._handover()
+            return
+        parsed = self._parse_head(bytes(buf[:end]))
+        if parsed is None:
+            self._handover()
+            return
+        method, path, headers = parsed
+        length = int(headers["content-length"])
+        total = end + 4 + length
+        if len(buf) < total:
+            return  # the body is still coming
+        body = bytes(buf[end + 4 : total])
+        del buf[:total]
+        self._keep_alive = "close" not in headers.get("connection", "").lower()
+        self._answered = False
+        request = LeanRequest(method, path, headers, body, self.remote, self._keep_alive)
+        task = asyncio.get_running_loop().create_task(self._server.handler(request, self))
+        self._task = task
+        task.add_done_callback(self._done)
+
+    def _parse_head(self, head: bytes) -> tuple[str, str, dict[str, str]] | None:
+        """Method, path and headers of a request the lean path serves; None otherwise."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] != b"POST":
+            return None
+        path = parts[1].decode("latin-1")
+        if path not in self._server.routes:
+            return None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip() or line[:1] in b" \t":
+                return None  # malformed or folded: aiohttp answers it
+            key = name.decode("latin-1").lower()
+            text = value.strip().decode("latin-1")
+            if key in headers:
+                if key in _SINGLE:
+                    return None
+                headers[key] += ", " + text
+            else:
+                headers[key] = text
+        if not _HANDOVER.isdisjoint(headers):
+            return None
+        if self._server.cors and "origin" in headers:
+            return None
+        length = headers.get("content-length")
+        if length is None or not length.isascii() or not length.isdigit():
+            return None
+        if int(length) > self._server.max_body_bytes:
+            return None  # aiohttp answers 413
+        return "POST", path, headers
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("lean request handler failed", exc_info=task.exception())
+        transport = self._transport
+        if transport is None or self.closed:
+            return
+        if not self._answered or not self._keep_alive or self._server.closing:
+            transport.close()
+            return
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if self._buf:
+            self._next()
+        else:
+            self._arm_idle()
+
+    def _handover(self) -> None:
+        """Give the connection, and what was read of it, to aiohttp's protocol."""
+        transport = self._transport
+        assert transport is not None
+        self._disarm_idle()
+        self._server.connections.discard(self)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        protocol = self._server.fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        data, self._buf = bytes(self._buf), bytearray()
+        if data:
+            protocol.data_received(data)
+
+    def _arm_idle(self) -> None:
+        timeout = self._server.keepalive_timeout_s
+        if timeout > 0 and self._idle is None:
+            self._idle = asyncio.get_running_loop().call_later(timeout, self._idle_close)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_close(self) -> None:
+        self._idle = None
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+    def close_if_idle(self) -> None:
+        """Close now unless a request is in progress (that one closes when it ends)."""
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+
+_SINGLE = frozenset({"content-length", "host", "content-type", "authorization"})
+"""Headers that must not repeat (aiohttp answers the request when they do)."""
+_HANDOVER = frozenset({"transfer-encoding", "expect", "upgrade"})
+"""Headers whose requests aiohttp serves (chunked bodies, 100-continue, upgrades)."""
+
+
+class LeanServer:
+    """Accepts the gateway's connections; serves ``routes`` with ``handler`` and hands every
+    other request's connection to ``fallback()`` (aiohttp's protocol factory)."""
+
+    def __init__(
+        self,
+        handler: LeanHandler,
+        fallback: Callable[[], asyncio.Protocol],
+        *,
+        routes: frozenset[str],
+        max_body_bytes: int,
+        cors: bool = False,
+        keepalive_timeout_s: float = 75.0,
+    ) -> None:
+        self.handler = handler
+        self.fallback = fallback
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+        self.max_buffer = max_body_bytes + _MAX_HEAD
+        self.cors = cors
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.connections: set[LeanConnection] = set()
+        self.closing = False
+        self._date_at = -1
+        self._date = ""
+
+    def __call__(self) -> LeanConnection:
+        return LeanConnection(self)
+
+    def date(self) -> str:
+        """The ``Date`` header value, formatted once per second."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = email.utils.formatdate(now, usegmt=True)
+        return self._date
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Close idle connections; wait up to ``timeout_s`` for requests in progress, then
+        cancel them and close their connections."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for conn in list(self.connections):
+            conn.close_if_idle()

@@ -1,0 +1,165 @@
+"""The hot routes on the lean server: ``POST /v1/completions`` and ``/v1/chat/completions``.
+
+The same request handling as the aiohttp app's (:class:`~sage_llm.gateway.openai.OpenAIRoutes`
+behind :func:`~sage_llm.gateway.observe.gateway_middleware`), step for step: the
+``x-request-id`` is honoured (or made) and echoed, the API key checked, the body parsed
+and validated by :func:`~sage_llm.gateway.openai.parse_generation`, the request run through
+:func:`~sage_llm.gateway.relay.complete` or relayed as server-sent events by
+:func:`~sage_llm.gateway.relay.relay_stream`, failures answered with the same OpenAI-style
+JSON errors and headers, and one access-log line written when that log is on. Only the
+HTTP layer differs (:mod:`sage_llm.gateway.lean`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from sage_llm import jsonutil
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.errors import InvalidRequestError, SageLLMError
+from sage_llm.gateway.auth import bearer_token, check_api_key
+from sage_llm.gateway.errors import error_body, sage_error_headers
+from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanStream
+from sage_llm.gateway.observe import REQUEST_ID_HEADER, bad_request_id_error, valid_request_id
+from sage_llm.gateway.openai import parse_generation
+from sage_llm.gateway.relay import SSE_HEADERS, complete, relay_stream
+from sage_llm.gateway.settings import ResolvedGateway
+
+log = logging.getLogger("sage_llm.gateway")
+access_log = logging.getLogger("sage_llm.gateway.access")
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+LEAN_ROUTES = frozenset({COMPLETIONS_PATH, CHAT_PATH})
+_JSON = "application/json"
+_JSON_ERROR = "application/json; charset=utf-8"
+_SSE_TYPE = SSE_HEADERS["Content-Type"]
+_SSE_EXTRA = {k: v for k, v in SSE_HEADERS.items() if k != "Content-Type"}
+
+
+class LeanRoutes:
+    """The handler the lean server calls for each hot-route request."""
+
+    def __init__(self, manager: ControlPlaneManager, settings: ResolvedGateway) -> None:
+        self.manager = manager
+        self.settings = settings
+
+    async def __call__(self, request: LeanRequest, conn: LeanConnection) -> None:
+        started = time.perf_counter()
+        given = request.headers.get("x-request-id", "").strip()
+        valid = valid_request_id(given)
+        rid = given if given and valid else uuid.uuid4().hex
+        headers = {REQUEST_ID_HEADER: rid}
+        status = 500
+        model: str | None = None
+        try:
+            if not valid:
+                raise bad_request_id_error()
+            if self.settings.api_keys:
+                token = bearer_token(request.headers.get("authorization"))
+                check_api_key(token, self.settings.api_keys)
+            body = _json_object(request.body)
+            named = body.get("model")
+            model = named if isinstance(named, str) else None
+            status = await self._generate(request, conn, body, rid, headers)
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        except ConnectionResetError:
+            status = 499
+            log.info("client of request %s went away", rid)
+        except Exception as exc:
+            status = self._error(conn, exc, request, rid, headers)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                latency_ms = (time.perf_counter() - started) * 1000.0
+                _access(request, rid, status, latency_ms, model)
+
+    async def _generate(
+        self,
+        request: LeanRequest,
+        conn: LeanConnection,
+        body: dict[str, object],
+        rid: str,
+        headers: dict[str, str],
+    ) -> int:
+        chat = request.path == CHAT_PATH
+        gen = parse_generation(body, request.headers, rid, chat=chat, settings=self.settings)
+        if self.settings.log_prompts:
+            shown = gen.meta.messages if chat else gen.meta.prompt
+            log.info("request %s prompt: %s", rid, json.dumps(shown)[:4000])
+        created = int(time.time())
+        if gen.stream:
+
+            def open_stream() -> LeanStream:
+                return conn.open_stream(
+                    200, content_type=_SSE_TYPE, headers={**_SSE_EXTRA, **headers}
+                )
+
+            await relay_stream(open_stream, self.manager, gen, created)
+            return 200
+        answer = jsonutil.dumps(await complete(self.manager, gen, created))
+        conn.respond(200, answer, content_type=_JSON, headers=headers)
+        return 200
+
+    @staticmethod
+    def _error(
+        conn: LeanConnection,
+        exc: Exception,
+        request: LeanRequest,
+        rid: str,
+        headers: dict[str, str],
+    ) -> int:
+        """Answer ``exc`` as the error middleware would; the status sent."""
+        if isinstance(exc, SageLLMError):
+            status, payload = exc.http_status, exc.to_openai()
+            headers = {**sage_error_headers(exc), **headers}
+        else:
+            log.error(
+                "unhandled error in %s %s (request %s)",
+                request.method, request.path, rid, exc_info=exc,
+            )  # fmt: skip
+            status, payload = 500, error_body("internal server error", "internal_error", 500)
+        if conn.answered:  # a stream already started: it ended itself
+            return status
+        try:
+            conn.respond(status, jsonutil.dumps(payload), content_type=_JSON_ERROR, headers=headers)
+        except ConnectionResetError:
+            return 499
+        return status
+
+
+def _json_object(raw: bytes) -> dict[str, object]:
+    try:
+        body = jsonutil.loads(raw) if raw else None
+    except ValueError:
+        raise InvalidRequestError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
+
+
+def _access(
+    request: LeanRequest, rid: str, status: int, latency_ms: float, model: str | None
+) -> None:
+    access_log.info(
+        "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
+        rid,
+        request.method,
+        request.path,
+        status,
+        latency_ms,
+        model or "-",
+        extra={
+            "request_id": rid,
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "latency_ms": round(latency_ms, 3),
+            "model": model,
+        },
+    )

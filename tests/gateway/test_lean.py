@@ -1,0 +1,281 @@
+"""The lean HTTP/1.1 front (``sage_llm.gateway.lean``): what it serves itself, what it hands
+to aiohttp, keep-alive, pipelining, disconnects and shutdown — over raw sockets, so the
+bytes on the wire are what is checked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sage_llm.config import GatewayConfig
+from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanServer
+from sage_llm.sim.clock import run_virtual
+from sage_llm.types import RequestStatus
+from tests.gateway.harness import completion_body, read_events, serve
+
+
+def _post(path: str, body: Any, *extra: str) -> bytes:
+    data = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", "Host: test", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", *extra]  # fmt: skip
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length or chunked body)."""
+    status_line = await reader.readline()
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
+    body = b""
+    while True:
+        size = int((await reader.readline()).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return status, headers, body
+        body += chunk[:-2]
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        for n in range(3):
+            writer.write(_post("/v1/completions", completion_body(), f"x-request-id: ka-{n}"))
+            status, headers, body = await _response(reader)
+            assert status == 200
+            assert headers["x-request-id"] == f"ka-{n}"
+            assert headers["content-type"] == "application/json"
+            assert "date" in headers and "connection" not in headers
+            assert json.loads(body)["object"] == "text_completion"
+        await _close(writer)
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with serve(2) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            _post("/v1/completions", completion_body(max_tokens=12), "x-request-id: first")
+            + _post("/v1/completions", completion_body(max_tokens=2), "x-request-id: second")
+        )
+        first = await _response(reader)
+        second = await _response(reader)
+        assert [first[1]["x-request-id"], second[1]["x-request-id"]] == ["first", "second"]
+        assert json.loads(first[2])["usage"]["completion_tokens"] == 12
+        assert json.loads(second[2])["usage"]["completion_tokens"] == 2
+        await _close(writer)
+
+
+async def test_other_routes_on_the_same_connection_are_handed_to_aiohttp() -> None:
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body()))
+        assert (await _response(reader))[0] == 200
+        writer.write(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        status, headers, body = await _response(reader)
+        assert status == 200 and json.loads(body) == {"status": "ok"}
+        assert "x-request-id" in headers  # aiohttp's middleware answered it
+        # the connection now belongs to aiohttp, which serves completions too
+        writer.write(_post("/v1/completions", completion_body(), "x-request-id: after"))
+        status, headers, _ = await _response(reader)
+        assert status == 200 and headers["x-request-id"] == "after"
+        await _close(writer)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # a body over max_body_bytes (64 here): aiohttp's 413
+        (_post("/v1/completions", completion_body(prompt="x" * 200)), 413),
+        # a query string, an unknown route, another method: aiohttp's answers
+        (_post("/v1/completions?x=1", completion_body()), 200),
+        (_post("/v1/unknown", {}), 404),
+        (b"GET /v1/completions HTTP/1.1\r\nHost: t\r\n\r\n", 405),
+        # a chunked request body and HTTP/1.0 are served by aiohttp
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            400,
+        ),
+        (_post("/v1/completions", completion_body()).replace(b"HTTP/1.1", b"HTTP/1.0"), 200),
+    ],
+    ids=["too-large", "query", "unknown-route", "get", "chunked", "http10"],
+)
+async def test_unusual_requests_get_aiohttps_answers(request_bytes: bytes, status: int) -> None:
+    small = GatewayConfig(max_body_bytes=64 if b"xxxx" in request_bytes else 1 << 20)
+    async with serve(1, settings=small) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request_bytes)
+        got, _, body = await _response(reader)
+        assert got == status
+        if status >= 400:
+            assert "error" in json.loads(body)
+        await _close(writer)
+
+
+async def test_errors_on_the_lean_path_are_openai_json() -> None:
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        cases = [
+            (b"{not json", "request body is not valid JSON"),
+            (b"[1, 2]", "request body must be a JSON object"),
+        ]
+        for raw, message in cases:
+            head = (f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {len(raw)}"
+                    "\r\n\r\n").encode()  # fmt: skip
+            writer.write(head + raw)
+            status, headers, body = await _response(reader)
+            assert status == 400 and json.loads(body)["error"]["message"] == message
+            assert headers["content-type"] == "application/json; charset=utf-8"
+            assert len(headers["x-request-id"]) == 32
+        writer.write(_post("/v1/completions", completion_body(), "x-request-id: bad id!"))
+        status, _, body = await _response(reader)
+        assert status == 400 and json.loads(body)["error"]["param"] == "x-request-id"
+        writer.write(_post("/v1/completions", completion_body(model="nope")))
+        status, _, body = await _response(reader)
+        assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+        await _close(writer)
+
+
+async def test_api_keys_are_checked_on_the_lean_path() -> None:
+    async with serve(1, settings=GatewayConfig(api_keys=("k1",))) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body()))
+        status, headers, _ = await _response(reader)
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
+        writer.write(_post("/v1/completions", completion_body(), "Authorization: Bearer k1"))
+        assert (await _response(reader))[0] == 200
+        await _close(writer)
+
+
+async def test_connection_close_is_honoured() -> None:
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "Connection: close"))
+        status, headers, _ = await _response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        assert await reader.read() == b""  # the server closed it
+        await _close(writer)
+
+
+async def test_streams_are_chunked_server_sent_events() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as session:
+        body = completion_body(stream=True, stream_options={"include_usage": True})
+        async with session.post(gw.url("/v1/completions"), json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            assert resp.headers["Transfer-Encoding"] == "chunked"
+            events = await read_events(resp)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 8
+
+
+async def test_a_client_that_disconnects_cancels_its_request() -> None:
+    async with serve(1, hold=lambda rid: rid == "gone") as gw:
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "x-request-id: gone"))
+        (probe,) = gw.probes.values()
+        await probe.started_event.wait()
+        await _close(writer)
+        result = await gw.manager.wait_for_result("gone", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+        await asyncio.wait_for(probe.aborted_event.wait(), 5)
+
+
+async def test_lean_server_can_be_turned_off() -> None:
+    async with serve(1, settings=GatewayConfig(lean_server=False)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body()))
+        status, headers, _ = await _response(reader)
+        assert status == 200
+        assert headers["server"].startswith("Python")  # aiohttp's
+        await _close(writer)
+
+
+# --- the server on its own (virtual clock) -------------------------------------------------
+
+
+class _Fallback:
+    """A stand-in for aiohttp's protocol factory: records what it was handed."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.got = asyncio.Event()
+
+    def __call__(self) -> asyncio.Protocol:
+        outer = self
+
+        class Proto(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                outer.data += data
+                outer.got.set()
+
+        return Proto()
+
+
+def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+        served: list[str] = []
+        second = asyncio.Event()
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            served.append(request.path)
+            if len(served) == 2:
+                second.set()
+            if request.headers.get("x-hold"):
+                await release.wait()
+            conn.respond(200, b"ok", content_type="text/plain", headers={})
+
+        fallback = _Fallback()
+        lean = LeanServer(
+            handler, fallback, routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
+            keepalive_timeout_s=30.0,
+        )  # fmt: skip
+        server = await loop.create_server(lean, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        # idle keep-alive: closed by the server after 30 (virtual) seconds
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post("/v1/completions", {}))
+        assert (await _response(reader))[0] == 200
+        started = loop.time()
+        assert await reader.read() == b""
+        assert loop.time() - started >= 30.0
+        await _close(writer)
+        # handover: the fallback protocol receives the bytes read so far
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        await fallback.got.wait()
+        assert fallback.data.startswith(b"GET /metrics")
+        await _close(writer)
+        # shutdown: the request in progress finishes, with Connection: close
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post("/v1/completions", {}, "x-hold: 1"))
+        await second.wait()
+        server.close()
+        closing = asyncio.create_task(lean.shutdown(60.0))
+        await asyncio.sleep(1.0)
+        assert not closing.done()
+        release.set()
+        status, headers, _ = await _response(reader)
+        assert status == 200 and headers["connection"] == "close"
+        await closing
+        await _close(writer)
+
+    run_virtual(main())
