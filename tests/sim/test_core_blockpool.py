@@ -40,7 +40,14 @@ def test_block_pool_matches_the_reference_pool(seed: int) -> None:
             n = rng.choice([0, 1, 1, 2, 3, rng.randrange(0, size + 2)])
             fits = pool.can_allocate(n)
             assert fits == ref.can_allocate(n)
-            if fits:
+            if n == 1 and rng.random() < 0.5:
+                one = pool.allocate_one()
+                assert (one >= 0) == fits
+                if fits:
+                    got = [one]
+                    assert got == ref.allocate(1)
+                    held.append(got)
+            elif fits:
                 got = pool.allocate(n)
                 assert got == ref.allocate(n)
                 held.append(got)
@@ -89,3 +96,4 @@ def test_exhausting_the_pool_raises() -> None:
     pool.allocate(2)
     with pytest.raises(RuntimeError, match="exhausted"):
         pool.allocate(1)
+    assert pool.allocate_one() == -1

@@ -246,6 +246,23 @@ class BlockPool:
             ref[block] = 1
         return out
 
+    def allocate_one(self) -> int:
+        """``allocate(1)[0]``, or -1 (nothing done) when no block is free."""
+        uncached = self._uncached
+        if uncached:
+            block = uncached.pop()
+        elif self._fresh < self.num_blocks:
+            block = self._fresh
+            self._fresh = block + 1
+        elif self._cached:
+            block, _ = self._cached.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+            self.evictions += 1
+        else:
+            return -1
+        self._ref[block] = 1
+        return block
+
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; the tail of a sequence is evicted first."""
         ref, hash_of = self._ref, self._hash_of
@@ -717,7 +734,6 @@ class SimEngineCore:
         if self._jitter > 0:
             duration *= max(0.05, 1.0 + self._rng.gauss(0.0, self._jitter))
         res.duration_s = duration = duration / self.speed
-        batch: list[tuple[_Req, bool]] = []
         if list_tokens:
             batch = [(r, r.lazy) for r in self._running.values()]
         self._tick = step_no
@@ -747,12 +763,17 @@ class SimEngineCore:
             if demand > budget:
                 return -1
             if grow:
-                if len(grow) > pool.num_free:
-                    return -1
-                if len(grow) > 1:
+                if len(grow) == 1:
+                    block = pool.allocate_one()
+                    if block < 0:
+                        return -1
+                    grow[0].blocks.append(block)
+                else:
+                    if len(grow) > pool.num_free:
+                        return -1
                     grow.sort(key=_by_seq)
-                for req, block in zip(grow, pool.allocate(len(grow)), strict=True):
-                    req.blocks.append(block)
+                    for req, block in zip(grow, pool.allocate(len(grow)), strict=True):
+                        req.blocks.append(block)
                 self._refile(grow, self._tick + 1)
             return demand
         bs = self.block_size
