@@ -10,7 +10,8 @@ idlest at the start.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Protocol
 
 from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
@@ -145,6 +146,13 @@ class _EmptyPrefixView:
 EMPTY_PREFIX_VIEW: PrefixView = _EmptyPrefixView()
 
 
+_VIEW_FIELDS = tuple(f.name for f in fields(InstanceView))
+_view_values = attrgetter(*_VIEW_FIELDS)
+_IN_FLIGHT = _VIEW_FIELDS.index("in_flight")
+_QUEUED_PREFILL = _VIEW_FIELDS.index("queued_prefill_tokens")
+_OUTSTANDING_DECODE = _VIEW_FIELDS.index("outstanding_decode_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     """The fleet at one instant. Cheap to derive successors from."""
@@ -205,14 +213,15 @@ class ClusterSnapshot:
         out = list(self.instances)
         for n, inst in enumerate(out):
             if inst.instance_id == instance_id:
-                out[n] = replace(
-                    inst,
-                    in_flight=inst.in_flight + 1,
-                    queued_prefill_tokens=inst.queued_prefill_tokens + req.prompt_tokens,
-                    outstanding_decode_tokens=inst.outstanding_decode_tokens + req.max_tokens,
-                )
+                # the view's fields in order, three of them advanced (what ``replace``
+                # does, without its per-call field walk: one is made per decision)
+                values = list(_view_values(inst))
+                values[_IN_FLIGHT] += 1
+                values[_QUEUED_PREFILL] += req.prompt_tokens
+                values[_OUTSTANDING_DECODE] += req.max_tokens
+                out[n] = InstanceView(*values)
                 break
-        return replace(self, instances=tuple(out))
+        return ClusterSnapshot(self.now, tuple(out), self.prefix)
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,13 +181,23 @@ class RoundRobinCursor:
 
     def __init__(self) -> None:
         self._last: dict[str, str] = {}
+        self._keys: dict[str, tuple[str | int, ...]] = {}  # natural_key per instance id
+
+    def _key(self, instance_id: str) -> tuple[str | int, ...]:
+        key = self._keys.get(instance_id)
+        if key is None:
+            if len(self._keys) >= 4096:  # ids come and go: keep the memo bounded
+                self._keys.clear()
+            key = self._keys[instance_id] = natural_key(instance_id)
+        return key
 
     def next_instance(self, model: str, candidates: Sequence[InstanceView]) -> str:
         """The candidate that comes next for ``model``."""
-        ordered = sorted((natural_key(c.instance_id), c.instance_id) for c in candidates)
+        sort_key = self._key
+        ordered = sorted((sort_key(c.instance_id), c.instance_id) for c in candidates)
         last = self._last.get(model)
         if last is not None:
-            last_key = natural_key(last)
+            last_key = sort_key(last)
             for key, iid in ordered:
                 if key > last_key:
                     return iid
