@@ -398,12 +398,12 @@ def test_prefix_block_hashes_match_the_reference() -> None:
 
 def test_views_are_what_the_registry_builds() -> None:
     sim = ClusterSimulator(_fleet(6, bound=8), policy="fifo", routing="power_of_two", seed=1)
-    slots = sim.fleet.slots
-    assert all(slot.fresh_view() == slot.state.view() for slot in slots)
+    fleet = sim.fleet
+    assert all(fleet.fresh_view(slot) == slot.state.view() for slot in fleet.slots)
     sim.run(_load(150, rate=60.0))
-    for slot in slots:  # fresh latency estimates, stats and counters
-        slot.dirty = True
-        assert slot.fresh_view() == slot.state.view()
+    for slot in fleet.slots:  # fresh latency estimates, stats and counters
+        fleet.mark(slot)
+        assert fleet.fresh_view(slot) == slot.state.view()
         assert slot.state.view() == slot.state._build_view()
 
 

@@ -202,7 +202,7 @@ class SimControlPlane:
             decisions += 1
             candidates += len(snap.instances)
             slot = by_id[decision.instance_id]
-            view = slot.fresh_view()
+            view = fleet.fresh_view(slot)
             rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)
             self._start(rec, slot, view.queued_prefill_tokens + info.prompt_tokens, now)
         self.decision_candidates += candidates

@@ -6,8 +6,7 @@
   manager's simulated mode builds, :func:`sage_llm.sim.factory.sim_config_for`).
 * :class:`InstanceSlot`: one instance while it runs — its engine core, the control plane's
   live :class:`~sage_llm.control_plane.instances.InstanceState` (load counters and the
-  latency EWMAs, reused as is), and its cached :class:`InstanceView`, rebuilt only when
-  something changed since it was last read.
+  latency EWMAs, reused as is), and how to build its :class:`InstanceView`.
 * :class:`FreeList`: the instances of one model with a free slot, sampled in O(k).
 * :class:`SimRequest`: one request from arrival to its end.
 * :func:`prefix_block_hashes`: :func:`sage_llm.tokens.block_hashes`.
@@ -185,7 +184,6 @@ class InstanceSlot:
         "busy_s",
         "core",
         "cost_per_s",
-        "dirty",
         "in_flight_area",
         "in_flight_since",
         "index",
@@ -198,7 +196,6 @@ class InstanceSlot:
         "state",
         "steps",
         "tokens",
-        "view",
         "wake_gen",
     )
 
@@ -220,11 +217,10 @@ class InstanceSlot:
         self.max_model_len = config.max_model_len
         self.model = inst.model_name
         self.bound = inst.max_concurrent_requests
-        self.view: InstanceView = self.state.view()
-        self.cost_per_s = self.view.cost_per_second
-        self._static_view = tuple(getattr(self.view, name) for name in _STATIC_VIEW_FIELDS)
+        view = self.state.view()
+        self.cost_per_s = view.cost_per_second
+        self._static_view = tuple(getattr(view, name) for name in _STATIC_VIEW_FIELDS)
         """The values of the view fields the simulation never changes."""
-        self.dirty = False
         self.sampled = False
         self.busy = False
         self.kick_pending = False
@@ -252,13 +248,6 @@ class InstanceSlot:
         """Call just before ``state.in_flight`` changes: integrates the load up to ``now``."""
         self.in_flight_area += self.state.in_flight * (now - self.in_flight_since)
         self.in_flight_since = now
-
-    def fresh_view(self) -> InstanceView:
-        """The instance's view now (rebuilt by :meth:`build_view` if it changed)."""
-        if self.dirty:
-            self.view = self.build_view()
-            self.dirty = False
-        return self.view
 
     def build_view(self) -> InstanceView:
         """A new view equal to what ``InstanceState.view`` builds now.

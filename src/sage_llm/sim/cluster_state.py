@@ -21,11 +21,12 @@ from sage_llm.control_plane.routing.scorers import (
     rendezvous_owner,
 )
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
-from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec
+from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec, field_filler
 
 __all__ = ["FleetState", "router_wants"]
 
 _STICKY_CACHE = 65_536
+_snapshot = field_filler(ClusterSnapshot, ("now", "instances", "prefix"))
 
 
 def router_wants(router: Router) -> tuple[bool, bool]:
@@ -77,8 +78,12 @@ class FleetState:
         self.max_candidates = max_candidates
         self.want_prefix, self.want_sticky = router_wants(router)
         self._rng = rng
+        self.view_of: list[InstanceView] = [s.build_view() for s in self.slots]
+        """Each instance's view, by index, as of when it was last read (see ``stale``)."""
+        self.stale = bytearray(len(self.slots))
+        """1 where the instance changed since its view was built (rebuilt when read)."""
         self._full = [s for s in self.slots if not s.sampled]
-        self._views: list[InstanceView] = [s.view for s in self._full]
+        self._views: list[InstanceView] = [self.view_of[s.index] for s in self._full]
         self._full_pos = {s.index: n for n, s in enumerate(self._full)}
         self._dirty: set[int] = set()
         self._sticky: dict[tuple[str, str], InstanceSlot | None] = {}
@@ -87,7 +92,7 @@ class FleetState:
 
     def mark(self, slot: InstanceSlot) -> None:
         """``slot``'s live state changed: rebuild its view before it is next read."""
-        slot.dirty = True
+        self.stale[slot.index] = 1
         if not slot.sampled:
             self._dirty.add(slot.index)
 
@@ -105,19 +110,29 @@ class FleetState:
 
     # -- snapshots -------------------------------------------------------------------------
 
+    def fresh_view(self, slot: InstanceSlot) -> InstanceView:
+        """``slot``'s view now (rebuilt if it changed since it was last read)."""
+        index = slot.index
+        if self.stale[index]:
+            self.view_of[index] = view = slot.build_view()
+            self.stale[index] = 0
+            return view
+        return self.view_of[index]
+
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The fleet for the next decision: every instance of unsampled models, a fresh
         sample of each sampled one."""
         if self._dirty:
             views, pos, slots = self._views, self._full_pos, self.slots
             for index in self._dirty:
-                views[pos[index]] = slots[index].fresh_view()
+                views[pos[index]] = self.fresh_view(slots[index])
             self._dirty.clear()
         if not self.sampled_models:
             return ClusterSnapshot(now, tuple(self._views), self.prefix)
         out = list(self._views)
         append = out.append
         slots, k = self.slots, self.max_candidates
+        view_of, stale = self.view_of, self.stale
         draw = self._rng.random
         for model in self.sampled_models:
             # self.free[model].sample(self._rng, k), inlined for the large-set case: this
@@ -129,13 +144,12 @@ class FleetState:
                 picked = sorted({items[int(draw() * n)] for _ in range(k)})
             else:
                 picked = free.sample(self._rng, k)
-            for i in picked:
-                slot = slots[i]
-                if slot.dirty:  # slot.fresh_view(), inlined: this runs for every candidate
-                    slot.view = slot.build_view()
-                    slot.dirty = False
-                append(slot.view)
-        return ClusterSnapshot(now, tuple(out), self.prefix)
+            for i in picked:  # self.fresh_view(slots[i]), inlined; no slot read unless stale
+                if stale[i]:
+                    view_of[i] = slots[i].build_view()
+                    stale[i] = 0
+                append(view_of[i])
+        return _snapshot(now, tuple(out), self.prefix)
 
     def skip_snapshot(self) -> None:
         """Advance the sampling exactly as :meth:`snapshot` would, for a caller that needs
@@ -184,7 +198,7 @@ class FleetState:
                 add(self.slots[index])
         if not extra:
             return snap
-        views = tuple(s.fresh_view() for s in extra)
+        views = tuple(self.fresh_view(s) for s in extra)
         return ClusterSnapshot(snap.now, snap.instances + views, snap.prefix)
 
     def _sticky_owner(self, model: str, key: str) -> InstanceSlot | None:

@@ -8,8 +8,12 @@ random fleets each must give exactly what the plain formulas give.
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from sage_llm.control_plane.routing.filters import CapacityFilter, leg_candidates
 from sage_llm.control_plane.routing.pickers import (
@@ -180,3 +184,33 @@ def test_pipeline_candidates_are_the_plain_definition() -> None:
         if plain:
             plain = list(CapacityFilter(0.95).filter(req, plain, snap))
         assert list(pipe.candidates(req, snap, allowed)) == plain
+
+
+class _FixedScorer:
+    name = "fixed"
+
+    def __init__(self, raw: dict[str, float]) -> None:
+        self.raw = raw
+
+    def score(
+        self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
+    ) -> dict[str, float]:
+        return dict(self.raw)
+
+
+def test_weight_one_scores_keep_every_check_and_the_sign_of_zero() -> None:
+    cands = [make_instance_view(iid) for iid in ("a", "b", "c")]
+    snap, req = make_snapshot(cands), make_request_info()
+
+    def scores(raw: dict[str, float]) -> dict[str, float]:
+        pipe = Pipeline("t", [], [(_FixedScorer(raw), 1.0)], MaxPicker())
+        return pipe.scores(req, cands, snap)[0]
+
+    got = scores({"a": -0.0, "b": 0.5, "c": 1.0})
+    assert got == {"a": 0.0, "b": 0.5, "c": 1.0} and math.copysign(1.0, got["a"]) == 1.0
+    assert list(scores({"c": 0.2, "a": 0.1, "b": 0.3})) == ["a", "b", "c"]  # candidate order
+    assert scores({"a": 0.1, "b": 0.2, "c": 0.3, "x": 5.0}) == {"a": 0.1, "b": 0.2, "c": 0.3}
+    for bad in ({"a": 0.1, "b": math.nan, "c": 0.3}, {"a": 0.1, "b": 1.5, "c": 0.3},
+                {"a": -0.1, "b": 0.2, "c": 0.3}, {"a": 0.1, "b": 0.2}):  # fmt: skip
+        with pytest.raises(ValueError, match="scores must be in"):
+            scores(bad)

@@ -50,25 +50,25 @@ class LeastOutstandingScorer:
     def score(
         self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
     ) -> dict[str, float]:
-        # _inverse_load(candidates, util, tokens), in one pass over plain locals: this
-        # scorer runs for every decision of most strategies (same arithmetic, same floats)
+        # _inverse_load(candidates, util, tokens) in comprehensions: this scorer runs for
+        # every decision of most strategies (same arithmetic, same floats). A value r is
+        # clamped as clamp01 does: 0.0 unless r >= 0.0 (NaN too), at most 1.0.
         util = [c.in_flight / max(c.max_concurrency, 1) for c in candidates]
         tokens = [float(c.queued_prefill_tokens + c.outstanding_decode_tokens) for c in candidates]
         top_u = max(util, default=0.0)
         top_t = max(tokens, default=0.0)
-        out: dict[str, float] = {}
-        for c, u, t in zip(candidates, util, tokens, strict=True):
-            ru = 0.0
-            if top_u > 0.0:
-                ru = u / top_u
-                ru = (1.0 if ru > 1.0 else ru) if ru >= 0.0 else 0.0
-            rt = 0.0
-            if top_t > 0.0:
-                rt = t / top_t
-                rt = (1.0 if rt > 1.0 else rt) if rt >= 0.0 else 0.0
-            x = 1.0 - (0 + ru + rt) / 2
-            out[c.instance_id] = (1.0 if x > 1.0 else x) if x >= 0.0 else 0.0
-        return out
+        if top_u > 0.0:
+            rel_u = [0.0 if not (r := u / top_u) >= 0.0 else 1.0 if r > 1.0 else r for u in util]
+        else:
+            rel_u = [0.0] * len(util)
+        if top_t > 0.0:
+            rel_t = [0.0 if not (r := t / top_t) >= 0.0 else 1.0 if r > 1.0 else r for t in tokens]
+        else:
+            rel_t = [0.0] * len(tokens)
+        return {
+            c.instance_id: (0.0 if not (x := 1.0 - (0 + ru + rt) / 2) >= 0.0 else min(x, 1.0))
+            for c, ru, rt in zip(candidates, rel_u, rel_t, strict=True)
+        }
 
 
 class QueueDepthScorer:
