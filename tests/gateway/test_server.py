@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 
 import aiohttp
@@ -109,3 +111,29 @@ async def test_requests_cancelled_by_shutdown_end_as_cancelled() -> None:
             resp.release()
     assert not manager.is_running
     assert probes["sim-0"].aborted == ["stuck"]
+
+
+async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
+    manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
+    port = _free_port()
+    ready = asyncio.Event()
+    server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    # run_gateway watches SIGTERM on the loop (never the default action: that would kill
+    # the test run)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-request-id": "in-flight"}
+        async with http.post(
+            base + "/v1/completions", json=completion_body(stream=True), headers=headers
+        ) as stream:
+            await stream.content.readline()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0)
+            probes["sim-0"].gate.set()
+            events = await read_events(stream)
+        await asyncio.wait_for(server, 10)  # returns: a stop, not a cancellation
+    assert events[-1] == "[DONE]"
+    assert not manager.is_running
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -113,6 +114,22 @@ async def start_gateway(
     return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
+async def _until_terminated() -> None:
+    """Wait until SIGTERM (where the loop can watch signals), else forever."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
+        await stop.wait()
+        return
+    try:
+        await stop.wait()
+        log.info("SIGTERM received")
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def run_gateway(
     manager: ControlPlaneManager,
     gateway: GatewaySettings,
@@ -122,9 +139,11 @@ async def run_gateway(
     ready: asyncio.Event | None = None,
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
 ) -> None:
-    """Start the manager, serve until cancelled, then shut down gracefully: stop accepting
-    connections, let in-flight requests finish for up to ``shutdown_timeout_s``, then stop
-    the manager. ``host``/``port`` override the settings; ``ready`` is set once listening.
+    """Start the manager, serve until cancelled or until the process gets SIGTERM, then
+    shut down gracefully: stop accepting connections, let in-flight requests finish for up
+    to ``shutdown_timeout_s``, then stop the manager. ``host``/``port`` override the
+    settings; ``ready`` is set once listening. (SIGINT, Ctrl-C, cancels the run the same
+    way through ``asyncio.run``.)
     """
     bind_host = host if host is not None else (gateway.host or DEFAULT_HOST)
     bind_port = port if port is not None else gateway.port
@@ -144,7 +163,7 @@ async def run_gateway(
             log.info("gateway listening on http://%s:%d", bind_host, bound)
             if ready is not None:
                 ready.set()
-            await asyncio.Event().wait()
+            await _until_terminated()
         finally:
             log.info("gateway shutting down: finishing in-flight requests")
             await runner.cleanup()
