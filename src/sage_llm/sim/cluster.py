@@ -20,7 +20,11 @@ Between events it does what the control plane does, in the same order:
   (load counters and its TTFT/TPOT EWMAs), and ``policy.on_complete`` for every request.
 
 **Snapshots.** Views are cached per instance and rebuilt only when that instance changed
-(``InstanceState.view``), so a snapshot costs no per-instance work beyond the changes.
+(``InstanceSlot.build_view``: what ``InstanceState.view`` builds, filled field by field), so
+a snapshot costs no per-instance work beyond the changes. The objects made once per request
+or decision (views, ``RequestInfo``, snapshots, completion records, measurements) are
+filled the same way, without their frozen dataclass ``__init__``
+(``cluster_fleet.field_filler``).
 
 **Candidate sampling (large fleets).** A decision over every instance costs O(instances)
 in the routers and policies; at 1,000 instances × 1M requests that is ~10⁹ Python steps.

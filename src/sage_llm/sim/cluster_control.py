@@ -98,13 +98,15 @@ class SimControlPlane:
             and cls.observe is QueuedPolicy.observe
         )
         """``policy.admit`` is :class:`QueuedPolicy`'s own: it reads only ``snap.now``."""
+        self._only_model = next(iter(fleet.groups)) if len(fleet.groups) == 1 else None
+        """The model a request without one gets (None when several are served)."""
 
     def arrive(self, wr: WorkloadRequest, now: float) -> None:
         """Intake and admission, as ``ControlPlaneManager._submit``."""
         model = wr.model
         groups = self.fleet.groups
-        if model is None and len(groups) == 1:
-            model = next(iter(groups))
+        if model is None:
+            model = self._only_model
         if model is None or model not in groups:
             what = "model_name is required when several models are served"
             if model is not None:
@@ -178,6 +180,7 @@ class SimControlPlane:
         snapshot, pop, constrain, route = fleet.snapshot, policy.pop, policy.constrain, router.route
         reqs, by_id, record = self.reqs, fleet.by_id, self.decision_s.append
         sampled = bool(fleet.sampled_models)
+        want_sticky, want_prefix = fleet.want_sticky, fleet.want_prefix
         decisions = candidates = 0
         while len(policy) and fleet.free_total:
             started = perf()
@@ -189,7 +192,12 @@ class SimControlPlane:
             if rec is None or rec.slot is not None:
                 continue
             rec.info = info
-            if sampled:
+            if sampled and (
+                info.preferred_instance_id is not None
+                or info.previous_instance_id is not None
+                or (want_sticky and info.sticky_key is not None)
+                or (want_prefix and info.block_hashes)
+            ):  # otherwise fleet.augment has nothing to add (the same test as its own)
                 snap = fleet.augment(snap, info)
             allowed = constrain(info, snap)
             decision = route(info, snap, allowed)
