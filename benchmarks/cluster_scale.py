@@ -31,9 +31,20 @@ import numpy as np
 
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
+from sage_llm.sim.cluster_fleet import field_filler
 from sage_llm.tokens import VOCAB_SIZE
+from sage_llm.types import RequestPriority
 
 _POOL_TOKENS = 1 << 20
+_NORMAL = RequestPriority.NORMAL
+_workload_request = field_filler(
+    WorkloadRequest,
+    (
+        "request_id", "arrival_s", "prompt", "prompt_tokens", "max_tokens", "priority",
+        "slo_ttft_s", "slo_tpot_s", "slo_e2e_s", "user_id", "session_id", "turn", "model",
+    ),
+)  # fmt: skip
+"""``WorkloadRequest(...)`` filled field by field (its checks are run explicitly)."""
 
 
 def stream_requests(
@@ -72,14 +83,12 @@ def stream_requests(
             prompt = pool[start : start + own]
             if n_prefix:
                 prompt = prefix + prompt
-            yield WorkloadRequest(
-                request_id=f"req-{made:07d}",
-                arrival_s=arrival,
-                prompt=prompt,
-                prompt_tokens=len(prompt),
-                max_tokens=max_tokens,
-                user_id=f"user-{made % 1000}",
-            )
+            request = _workload_request(
+                f"req-{made:07d}", arrival, prompt, len(prompt), max_tokens, _NORMAL,
+                None, None, None, f"user-{made % 1000}", None, 0, None,
+            )  # fmt: skip
+            request.__post_init__()
+            yield request
             made += 1
 
 
