@@ -144,14 +144,17 @@ class BlockPool:
     A free block's hash never changes while it is free, so the queue is always its
     uncached blocks (head) followed by its cached ones: it is kept as those two parts, a
     stack of uncached blocks (its top the head of the queue) and an LRU of cached ones.
+    Block ids are dense (``0 .. num_blocks - 1``, handed out in order the first time), so
+    each block's ref count and hash live in lists indexed by block id, grown as blocks are
+    first used (``_ref`` and ``_hash_of`` give them as dicts).
     """
 
     __slots__ = (
         "_by_hash",
         "_cached",
         "_fresh",
-        "_hash_of",
-        "_ref",
+        "_hashes",
+        "_refs",
         "_uncached",
         "evictions",
         "num_blocks",
@@ -164,8 +167,10 @@ class BlockPool:
         """Free blocks without a hash, the head of the queue last."""
         self._cached: OrderedDict[int, None] = OrderedDict()
         """Free blocks with a hash, least recently freed first."""
-        self._ref: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
+        self._refs: list[int] = []
+        """Each used block's ref count, by block id."""
+        self._hashes: list[int | None] = []
+        """Each used block's hash (None: not cached), by block id."""
         self._by_hash: dict[int, int] = {}
         self.evictions = 0
 
@@ -173,6 +178,16 @@ class BlockPool:
     def _free(self) -> list[int]:
         """The free-block queue, head first."""
         return [*reversed(self._uncached), *self._cached]
+
+    @property
+    def _ref(self) -> dict[int, int]:
+        """Ref counts of the blocks in use, by block id."""
+        return {b: count for b, count in enumerate(self._refs) if count}
+
+    @property
+    def _hash_of(self) -> dict[int, int]:
+        """Hashes of the cached blocks, by block id."""
+        return {b: h for b, h in enumerate(self._hashes) if h is not None}
 
     @property
     def num_free(self) -> int:
@@ -198,23 +213,24 @@ class BlockPool:
     def can_allocate(self, n: int, touching: Sequence[int] = ()) -> bool:
         """Whether ``n`` new blocks fit after taking ``touching`` cached blocks."""
         if touching:
-            n += sum(1 for b in touching if b not in self._ref)
+            refs = self._refs
+            n += sum(1 for b in touching if not refs[b])
         return n <= self.num_free
 
     def touch(self, blocks: Sequence[int]) -> None:
         """Take a reference to each of ``blocks`` (free ones leave the queue)."""
-        ref, cached = self._ref, self._cached
+        refs, cached = self._refs, self._cached
         for b in blocks:
-            count = ref.get(b, 0)
+            count = refs[b]
             if count == 0:
                 if b in cached:  # a prefix hit
                     del cached[b]
                 else:
                     self._uncached.remove(b)
-            ref[b] = count + 1
+            refs[b] = count + 1
 
     def allocate(self, n: int) -> list[int]:
-        uncached = self._uncached
+        uncached, refs = self._uncached, self._refs
         if uncached and n:  # the uncached free blocks, from the head of the queue
             if n >= len(uncached):
                 out = uncached[::-1]
@@ -223,6 +239,8 @@ class BlockPool:
                 out = uncached[: -n - 1 : -1]
                 del uncached[-n:]
             n -= len(out)
+            for block in out:
+                refs[block] = 1
         else:
             out = []
         if n:
@@ -230,20 +248,23 @@ class BlockPool:
             if fresh:
                 out.extend(range(self._fresh, self._fresh + fresh))
                 self._fresh += fresh
+                refs.extend([1] * fresh)
+                self._hashes.extend([None] * fresh)
                 n -= fresh
         if n:
             cached = self._cached
             if n > len(cached):
                 raise RuntimeError("KV block pool exhausted")
-            by_hash, hash_of = self._by_hash, self._hash_of
+            by_hash, hashes = self._by_hash, self._hashes
             for _ in range(n):  # then evict the least recently freed cached blocks
                 head, _ = cached.popitem(last=False)
-                del by_hash[hash_of.pop(head)]
+                evicted = hashes[head]
+                assert evicted is not None  # a cached free block has a hash
+                del by_hash[evicted]
+                hashes[head] = None
+                refs[head] = 1
                 out.append(head)
             self.evictions += n
-        ref = self._ref
-        for block in out:
-            ref[block] = 1
         return out
 
     def allocate_one(self) -> int:
@@ -251,45 +272,54 @@ class BlockPool:
         uncached = self._uncached
         if uncached:
             block = uncached.pop()
+            self._refs[block] = 1
         elif self._fresh < self.num_blocks:
             block = self._fresh
             self._fresh = block + 1
+            self._refs.append(1)
+            self._hashes.append(None)
         elif self._cached:
             block, _ = self._cached.popitem(last=False)
-            del self._by_hash[self._hash_of.pop(block)]
+            hashes = self._hashes
+            evicted = hashes[block]
+            assert evicted is not None  # a cached free block has a hash
+            del self._by_hash[evicted]
+            hashes[block] = None
+            self._refs[block] = 1
             self.evictions += 1
         else:
             return -1
-        self._ref[block] = 1
         return block
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; the tail of a sequence is evicted first."""
-        ref, hash_of = self._ref, self._hash_of
+        refs, hashes = self._refs, self._hashes
         cached, uncached = self._cached, self._uncached
         for b in reversed(blocks):
-            count = ref[b] - 1
+            count = refs[b] - 1
+            if count < 0:
+                raise KeyError(b)
+            refs[b] = count
             if count:
-                ref[b] = count
                 continue
-            del ref[b]
-            if b in hash_of:
-                cached[b] = None
-            else:
+            if hashes[b] is None:
                 uncached.append(b)
+            else:
+                cached[b] = None
 
     def cache(self, block: int, block_hash: int) -> None:
         """Register a full block under its chained hash (first writer wins)."""
-        if block_hash not in self._by_hash and block not in self._hash_of:
+        hashes = self._hashes
+        if block_hash not in self._by_hash and hashes[block] is None:
             self._by_hash[block_hash] = block
-            self._hash_of[block] = block_hash
+            hashes[block] = block_hash
 
     def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[int], lo: int, hi: int) -> None:
         """:meth:`cache` ``blocks[i]`` under ``hashes[i]`` for ``lo <= i < hi``."""
-        by_hash, hash_of = self._by_hash, self._hash_of
+        by_hash, hash_of = self._by_hash, self._hashes
         for i in range(lo, hi):
             block_hash, block = hashes[i], blocks[i]
-            if block_hash not in by_hash and block not in hash_of:
+            if block_hash not in by_hash and hash_of[block] is None:
                 by_hash[block_hash] = block
                 hash_of[block] = block_hash
 
