@@ -15,8 +15,9 @@ from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from sage_llm.control_plane.promlite import LiteHistogram, LiteHistogramChild
 from sage_llm.types import PerformanceMetrics, RequestPriority, RequestResult, RequestStatus
 
 LATENCY_BUCKETS = (
@@ -53,28 +54,28 @@ class ControlPlaneMetrics:
         self.retries = Counter(
             f"{PREFIX}_request_retries", "Engine calls retried on another instance.", registry=r
         )
-        self.ttft = Histogram(
+        self.ttft = LiteHistogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Time from arrival to the first token.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.tpot = Histogram(
+        self.tpot = LiteHistogram(
             f"{PREFIX}_time_per_output_token_seconds",
             "Mean time between output tokens of a request.",
             ["model"],
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
         )
-        self.e2e = Histogram(
+        self.e2e = LiteHistogram(
             f"{PREFIX}_e2e_request_latency_seconds",
             "Time from arrival to the end of the request.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_time = Histogram(
+        self.queue_time = LiteHistogram(
             f"{PREFIX}_request_queue_time_seconds",
             "Time a request waited in the control plane's queue.",
             ["model"],
@@ -119,7 +120,7 @@ class ControlPlaneMetrics:
             f"{PREFIX}_slo_met", "Finished requests that met their SLO.", ["priority"],
             registry=r,
         )  # fmt: skip
-        self.routing_seconds = Histogram(
+        self.routing_seconds = LiteHistogram(
             f"{PREFIX}_routing_decision_seconds",
             "Time to take one scheduling + routing decision.",
             buckets=DECISION_BUCKETS,
@@ -135,20 +136,20 @@ class ControlPlaneMetrics:
             ["path"],
             registry=r,
         )
-        self.pd_prefill_leg = Histogram(
+        self.pd_prefill_leg = LiteHistogram(
             f"{PREFIX}_pd_prefill_leg_seconds",
             "Time from dispatch to the end of a PD request's prefill leg.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.pd_handoff = Histogram(
+        self.pd_handoff = LiteHistogram(
             f"{PREFIX}_pd_handoff_seconds",
             "From the end of the prefill leg to the decode instance's first token: KV "
             "transfer, decode-side queueing and the first decode step.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.pd_transfer_predicted = Histogram(
+        self.pd_transfer_predicted = LiteHistogram(
             f"{PREFIX}_pd_kv_transfer_predicted_seconds",
             "Predicted KV transfer time of dispatched PD requests (link model).",
             buckets=LATENCY_BUCKETS,
@@ -166,7 +167,10 @@ class ControlPlaneMetrics:
         self._request_series: dict[str, dict[tuple[str, str, str], Counter]] = {}
         # Per-model histogram children (e2e, queue, ttft, tpot); models are bounded by the
         # registered fleet (unknown models are refused before any metric is labelled).
-        self._model_children: dict[str, tuple[Histogram, Histogram, Histogram, Histogram]] = {}
+        self._model_children: dict[
+            str,
+            tuple[LiteHistogramChild, LiteHistogramChild, LiteHistogramChild, LiteHistogramChild],
+        ] = {}
         self._in_flight_children: dict[str, Gauge] = {}
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)

@@ -99,6 +99,8 @@ class PrefixIndex:
         more distinct blocks than the capacity only the last ``capacity_blocks`` are
         recorded, as the others would be evicted at once.)"""
         hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
+        if not hashes:  # a prompt shorter than one block: nothing to record
+            return
         if len(set(hashes)) != len(hashes):  # keep each block at its last position
             hashes = list(dict.fromkeys(reversed(hashes)))[::-1]
         if len(hashes) > self.capacity_blocks:
