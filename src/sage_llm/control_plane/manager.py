@@ -34,7 +34,7 @@ from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, La
 from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import build_pd
-from sage_llm.control_plane.records import FinishedRecords, RequestRecord, StreamEnd
+from sage_llm.control_plane.records import ChunkChannel, FinishedRecords, RequestRecord, StreamEnd
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.scheduling.admission import (
@@ -384,21 +384,17 @@ class ControlPlaneManager:
         """:meth:`stream`, but each item is every chunk that had arrived by then (at least
         one), in order: a relay writes what is there in one go and waits for nothing."""
         rec = self._submit(request, stream=True)
-        queue = rec.stream
-        assert queue is not None
+        channel = rec.stream
+        assert channel is not None
         finished = False
         try:
             while not finished:
-                item = await queue.get()
                 batch: list[Chunk] = []
-                while True:
+                for item in await channel.take():
                     if isinstance(item, StreamEnd):
                         finished = True
                         break
                     batch.append(item)
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
                 if batch:
                     yield batch
             self._raise_failure(rec)
@@ -639,7 +635,7 @@ class ControlPlaneManager:
             info=info,
             engine_request=engine_req,
             future=loop.create_future(),
-            stream=asyncio.Queue() if stream else None,
+            stream=ChunkChannel() if stream else None,
             chunks=[] if collect else None,
             queued_at=now,
         )

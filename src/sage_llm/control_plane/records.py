@@ -18,6 +18,39 @@ class StreamEnd:
 STREAM_END = StreamEnd()
 
 
+class ChunkChannel:
+    """A request's chunks on their way to the one task relaying them: appended by the
+    dispatcher, taken all at once by the reader (``asyncio.Queue`` without its per-item
+    getter bookkeeping: one wake-up per batch, not per chunk)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Chunk | StreamEnd] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Chunk | StreamEnd) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take(self) -> list[Chunk | StreamEnd]:
+        """Everything put since the last take (at least one item), in order."""
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
 @dataclass
 class RequestRecord:
     """Everything the control plane tracks about one accepted request."""
@@ -27,7 +60,7 @@ class RequestRecord:
     engine_request: EngineRequest
     future: asyncio.Future[RequestResult]
     status: RequestStatus = RequestStatus.QUEUED
-    stream: asyncio.Queue[Chunk | StreamEnd] | None = None
+    stream: ChunkChannel | None = None
     chunks: list[Chunk] | None = None
     """The engine's chunks, kept for :meth:`ControlPlaneManager.collect` (no queue, no
     wake-up per chunk)."""
