@@ -20,17 +20,22 @@ import uuid
 
 from sage_llm import jsonutil
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.errors import InvalidRequestError, SageLLMError
+from sage_llm.errors import SageLLMError
 from sage_llm.gateway.auth import bearer_token, check_api_key
 from sage_llm.gateway.errors import error_body, sage_error_headers
 from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanStream
-from sage_llm.gateway.observe import REQUEST_ID_HEADER, bad_request_id_error, valid_request_id
-from sage_llm.gateway.openai import parse_generation
+from sage_llm.gateway.observe import (
+    REQUEST_ID_HEADER,
+    bad_request_id_error,
+    valid_request_id,
+    write_access_log,
+)
+from sage_llm.gateway.openai import json_object, parse_generation
 from sage_llm.gateway.relay import SSE_HEADERS, complete, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
 
 log = logging.getLogger("sage_llm.gateway")
-access_log = logging.getLogger("sage_llm.gateway.access")
+access_log = logging.getLogger("sage_llm.gateway.access")  # the same logger as observe's
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -62,7 +67,7 @@ class LeanRoutes:
             if self.settings.api_keys:
                 token = bearer_token(request.headers.get("authorization"))
                 check_api_key(token, self.settings.api_keys)
-            body = _json_object(request.body)
+            body = json_object(request.body)
             named = body.get("model")
             model = named if isinstance(named, str) else None
             status = await self._generate(request, conn, body, rid, headers)
@@ -77,7 +82,7 @@ class LeanRoutes:
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 latency_ms = (time.perf_counter() - started) * 1000.0
-                _access(request, rid, status, latency_ms, model)
+                write_access_log(rid, request.method, request.path, status, latency_ms, model)
 
     async def _generate(
         self,
@@ -131,35 +136,3 @@ class LeanRoutes:
         except ConnectionResetError:
             return 499
         return status
-
-
-def _json_object(raw: bytes) -> dict[str, object]:
-    try:
-        body = jsonutil.loads(raw) if raw else None
-    except ValueError:
-        raise InvalidRequestError("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    return body
-
-
-def _access(
-    request: LeanRequest, rid: str, status: int, latency_ms: float, model: str | None
-) -> None:
-    access_log.info(
-        "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
-        rid,
-        request.method,
-        request.path,
-        status,
-        latency_ms,
-        model or "-",
-        extra={
-            "request_id": rid,
-            "method": request.method,
-            "path": request.path,
-            "status": status,
-            "latency_ms": round(latency_ms, 3),
-            "model": model,
-        },
-    )

@@ -181,18 +181,25 @@ def _observe(
 
 def _access(request: web.Request, rid: str, status: int, latency_ms: float) -> None:
     model = request.get(MODEL_KEY)
+    write_access_log(rid, request.method, request.path, status, latency_ms, model)
+
+
+def write_access_log(
+    rid: str, method: str, path: str, status: int, latency_ms: float, model: str | None
+) -> None:
+    """The one access-log line of a request (both HTTP fronts write it)."""
     access_log.info(
         "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
         rid,
-        request.method,
-        request.path,
+        method,
+        path,
         status,
         latency_ms,
         model or "-",
         extra={
             "request_id": rid,
-            "method": request.method,
-            "path": request.path,
+            "method": method,
+            "path": path,
             "status": status,
             "latency_ms": round(latency_ms, 3),
             "model": model,

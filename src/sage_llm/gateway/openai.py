@@ -85,7 +85,11 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object (413 beyond ``client_max_size``, else 400)."""
-    raw = await request.read()
+    return json_object(await request.read())
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; 400 (:class:`InvalidRequestError`) otherwise."""
     try:
         body = jsonutil.loads(raw) if raw else None
     except ValueError:
