@@ -1,8 +1,9 @@
 """Choosing the event loop for long-running commands (``serve``, ``engine-sim``).
 
-uvloop (a libuv-based loop) roughly halves the per-request CPU of the gateway's socket and
-HTTP work. It is used when installed and asked for (``auto`` or ``uvloop``); ``asyncio``
-keeps the standard loop. The library itself never sets a loop policy: only the command line
+uvloop (a libuv-based loop) is used when installed and asked for (``auto`` or
+``uvloop``); ``asyncio`` keeps the standard loop. On this project's gateway benchmarks it
+has made no difference to the CPU per request beyond the machine's noise (see
+docs/benchmarks.md, "Proxy overhead"), so it stays optional. The library itself never sets a loop policy: only the command line
 does, for the process it runs.
 """
 
