@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from sage_llm.sim import core
 from sage_llm.sim.core import BlockPool
 from tests.sim.reference_core import ReferenceBlockPool
 
@@ -30,6 +31,40 @@ def _state(pool: BlockPool | ReferenceBlockPool) -> tuple[object, ...]:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_block_pool_matches_the_reference_pool(seed: int) -> None:
+    _drive(seed)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_block_pool_matches_the_reference_pool_compacting_at_every_free(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No slack: the cached FIFO drops its dead entries whenever they outnumber the live ones.
+    monkeypatch.setattr(core, "_LRU_SLACK", 0)
+    _drive(seed)
+
+
+def test_dead_fifo_entries_are_skipped_and_dropped() -> None:
+    pool = BlockPool(4)
+    blocks = pool.allocate(4)
+    for n, b in enumerate(blocks):
+        pool.cache(b, 100 + n)
+    pool.free(blocks)  # all cached: the FIFO is 3, 2, 1, 0 (a sequence's tail first)
+    assert pool._free == [3, 2, 1, 0]
+    for _ in range(3):  # block 2 hit and freed again: it moves to the tail each time
+        pool.touch([2])
+        pool.free([2])
+    assert pool._free == [3, 1, 0, 2]
+    assert len(pool._lru) == 7 and pool.num_free == 4
+    assert pool.allocate(3) == [3, 1, 0]  # dead entries of block 2 skipped
+    assert pool._free == [2] and pool.evictions == 3
+    for _ in range(80):  # many dead entries: dropped at once
+        pool.touch([2])
+        pool.free([2])
+    assert pool._free == [2] and len(pool._lru) <= 2 + core._LRU_SLACK
+    assert pool.allocate_one() == 2 and pool.allocate_one() == -1
+
+
+def _drive(seed: int) -> None:
     rng = random.Random(seed)
     size = rng.choice([4, 16, 64])
     pool, ref = BlockPool(size), ReferenceBlockPool(size)
