@@ -13,6 +13,7 @@ import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.stats import RequestMeasurement, ttft
+from sage_llm.bench.workload_core import evolve
 from sage_llm.bench.workloads import (
     Workload,
     WorkloadRequest,
@@ -25,7 +26,7 @@ from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.scheduling.base import Admission
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
 from sage_llm.sim.cluster_fleet import FreeList, field_filler, prefix_block_hashes
@@ -506,12 +507,50 @@ def test_result_serialises() -> None:
     assert data["cpu_s"] > 0 and data["settings"]["track_prefixes"] is False
 
 
-def test_a_run_restores_the_collector_thresholds() -> None:
-    before = gc.get_threshold()
-    sim = ClusterSimulator(make_fleet(2), policy="fifo", routing="round_robin")
-    sim.run(synthetic(20, rate=50.0, input_dist=32, output_dist=4))
-    assert gc.get_threshold() == before
-    late = [WorkloadRequest("a", 1.0, "x", 1, 2), WorkloadRequest("b", 0.5, "x", 1, 2)]
-    with pytest.raises(InvalidRequestError):
-        ClusterSimulator(make_fleet(2), policy="fifo", routing="round_robin").run(late)
-    assert gc.get_threshold() == before
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_run_turns_the_collector_off_and_restores_it(enabled: bool) -> None:
+    was = gc.isenabled()
+    seen: list[bool] = []
+
+    class Spy(FIFOPolicy):
+        def on_complete(self, record: CompletionRecord) -> None:
+            seen.append(gc.isenabled())
+            super().on_complete(record)
+
+    try:
+        gc.enable() if enabled else gc.disable()
+        before = gc.get_threshold()
+        sim = ClusterSimulator(make_fleet(2), policy=Spy(), routing="round_robin")
+        sim.run(synthetic(20, rate=50.0, input_dist=32, output_dist=4))
+        assert seen and not any(seen)
+        assert gc.isenabled() is enabled and gc.get_threshold() == before
+        late = [WorkloadRequest("a", 1.0, "x", 1, 2), WorkloadRequest("b", 0.5, "x", 1, 2)]
+        with pytest.raises(InvalidRequestError):
+            ClusterSimulator(make_fleet(2), policy="fifo", routing="round_robin").run(late)
+        assert gc.isenabled() is enabled and gc.get_threshold() == before
+    finally:
+        gc.enable() if was else gc.disable()
+
+
+@pytest.mark.parametrize(
+    ("policy", "routing", "shared"),
+    [("fifo", "power_of_two", 0), ("priority", "locality", 64), ("slo_aware", "affinity", 0)],
+)
+def test_a_run_makes_no_reference_cycles(policy: str, routing: str, shared: int) -> None:
+    # The collector is off during a run: every object the run drops must be freed by
+    # reference counting alone.
+    fleet = make_fleet(8)
+    requests = list(synthetic(300, rate=400.0, input_dist=96, output_dist=8, n_users=7).requests)
+    if shared:
+        requests = [evolve(r, prompt="shared " * shared + str(r.prompt)) for r in requests]
+    sim = ClusterSimulator(fleet, policy=policy, routing=routing, sample_above=4)
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        result = sim.run(requests)
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()
+    assert result.summary.count == 300
