@@ -13,7 +13,6 @@ HTTP layer differs (:mod:`sage_llm.gateway.lean`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -30,7 +29,7 @@ from sage_llm.gateway.observe import (
     valid_request_id,
     write_access_log,
 )
-from sage_llm.gateway.openai import json_object, parse_generation
+from sage_llm.gateway.openai import json_object, log_prompt, parse_generation
 from sage_llm.gateway.relay import SSE_HEADERS, complete, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
 
@@ -94,9 +93,7 @@ class LeanRoutes:
     ) -> int:
         chat = request.path == CHAT_PATH
         gen = parse_generation(body, request.headers, rid, chat=chat, settings=self.settings)
-        if self.settings.log_prompts:
-            shown = gen.meta.messages if chat else gen.meta.prompt
-            log.info("request %s prompt: %s", rid, json.dumps(shown)[:4000])
+        log_prompt(gen, self.settings)
         created = int(time.time())
         if gen.stream:
 

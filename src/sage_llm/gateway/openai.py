@@ -222,6 +222,13 @@ def parse_generation(
     )
 
 
+def log_prompt(gen: Generation, settings: ResolvedGateway) -> None:
+    """Log the prompt of ``gen`` (first 4000 characters) when ``log_prompts`` is on."""
+    if settings.log_prompts:
+        shown = gen.meta.messages if gen.chat else gen.meta.prompt
+        log.info("request %s prompt: %s", gen.request_id, json.dumps(shown)[:4000])
+
+
 def request_id_of(request: web.Request) -> str:
     """The id the outer middleware gave the request (a fresh one without it)."""
     rid = request.get(REQUEST_ID_KEY)
@@ -250,9 +257,7 @@ class OpenAIRoutes:
             request[MODEL_KEY] = body["model"]
         rid = request_id_of(request)
         gen = parse_generation(body, request.headers, rid, chat=chat, settings=self.settings)
-        if self.settings.log_prompts:
-            shown = gen.meta.messages if chat else gen.meta.prompt
-            log.info("request %s prompt: %s", rid, json.dumps(shown)[:4000])
+        log_prompt(gen, self.settings)
         created = int(time.time())
         if gen.stream:
             headers = {"X-Request-Id": rid, **request.get(RESPONSE_HEADERS_KEY, {})}
