@@ -3,8 +3,8 @@
 uvloop (a libuv-based loop) is used when installed and asked for (``auto`` or
 ``uvloop``); ``asyncio`` keeps the standard loop. On this project's gateway benchmarks it
 has made no difference to the CPU per request beyond the machine's noise (see
-docs/benchmarks.md, "Proxy overhead"), so it stays optional. The library itself never sets a loop policy: only the command line
-does, for the process it runs.
+docs/benchmarks.md, "Proxy overhead"), so it stays optional. The library itself never
+sets a loop policy: only the command line does, for the process it runs.
 """
 
 from __future__ import annotations
