@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+
 from aiohttp import web
+
+
+def tcp_nodelay(transport: asyncio.BaseTransport | None) -> None:
+    """Disable Nagle on a TCP transport so each small write (an SSE event) leaves at once;
+    nothing for other transports."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def new_runner(app: web.Application, *, shutdown_timeout_s: float) -> web.AppRunner:
+    """The runner every server here uses: a request's handler is cancelled when its client
+    disconnects; aiohttp's access log is off (callers write their own, without secrets)."""
+    return web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
+    )
 
 
 async def start_site(
@@ -14,9 +35,7 @@ async def start_site(
     handler is cancelled when its client disconnects, so the work behind it is aborted.
     aiohttp's access log is off: callers write their own, without secrets.
     """
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
-    )
+    runner = new_runner(app, shutdown_timeout_s=shutdown_timeout_s)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

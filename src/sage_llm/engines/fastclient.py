@@ -29,12 +29,12 @@ that also owns the fast pools, so closing the session closes them too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections import deque
 from typing import cast
 
 import aiohttp
+
+from sage_llm.httpserve import tcp_nodelay
 
 __all__ = ["EngineConnector", "FastPool", "FastResponse"]
 
@@ -62,10 +62,7 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):  # not a TCP socket
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

@@ -23,15 +23,15 @@ connections, lets in-flight requests finish for up to a timeout, then cancels th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import logging
-import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol, cast
+
+from sage_llm.httpserve import tcp_nodelay
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -49,8 +49,6 @@ class LeanRequest:
     headers: dict[str, str]
     """Header names lower-cased; repeated headers joined with ``", "``."""
     body: bytes
-    remote: str | None
-    keep_alive: bool
 
 
 class LeanHandler(Protocol):
@@ -81,7 +79,6 @@ class LeanStream:
     async def write_eof(self) -> None:
         self._conn.send(self._head + b"0\r\n\r\n")
         self._head = b""
-        self._conn.response_done()
 
 
 class LeanConnection(asyncio.Protocol):
@@ -98,19 +95,13 @@ class LeanConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
-        self.remote: str | None = None
         self.closed = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's too
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's too
+        tcp_nodelay(transport)
         self._server.connections.add(self)
         self._arm_idle()
 
@@ -164,7 +155,6 @@ class LeanConnection(asyncio.Protocol):
     ) -> None:
         """Write a whole response (``Content-Length``) and end it."""
         self.send(self._head(status, headers, content_type, f"Content-Length: {len(body)}") + body)
-        self.response_done()
 
     def open_stream(
         self, status: int, *, content_type: str, headers: Mapping[str, str]
@@ -173,9 +163,6 @@ class LeanConnection(asyncio.Protocol):
         return LeanStream(
             self, self._head(status, headers, content_type, "Transfer-Encoding: chunked")
         )
-
-    def response_done(self) -> None:
-        self._answered = True
 
     @property
     def answered(self) -> bool:
@@ -238,7 +225,7 @@ class LeanConnection(asyncio.Protocol):
         del buf[:total]
         self._keep_alive = "close" not in headers.get("connection", "").lower()
         self._answered = False
-        request = LeanRequest(method, path, headers, body, self.remote, self._keep_alive)
+        request = LeanRequest(method, path, headers, body)
         task = asyncio.get_running_loop().create_task(self._server.handler(request, self))
         self._task = task
         task.add_done_callback(self._done)
@@ -322,8 +309,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _idle_close(self) -> None:
         self._idle = None
-        if self._task is None and self._transport is not None:
-            self._transport.close()
+        self.close_if_idle()
 
     def close_if_idle(self) -> None:
         """Close now unless a request is in progress (that one closes when it ends)."""

@@ -25,6 +25,7 @@ from sage_llm.gateway.errors import error_body, sage_error_headers
 from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanStream
 from sage_llm.gateway.observe import (
     REQUEST_ID_HEADER,
+    access_log,
     bad_request_id_error,
     valid_request_id,
     write_access_log,
@@ -34,7 +35,6 @@ from sage_llm.gateway.relay import SSE_HEADERS, complete, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
 
 log = logging.getLogger("sage_llm.gateway")
-access_log = logging.getLogger("sage_llm.gateway.access")  # the same logger as observe's
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -97,7 +97,7 @@ class LeanRoutes:
         created = int(time.time())
         if gen.stream:
 
-            def open_stream() -> LeanStream:
+            async def open_stream() -> LeanStream:
                 return conn.open_stream(
                     200, content_type=_SSE_TYPE, headers={**_SSE_EXTRA, **headers}
                 )

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +24,8 @@ from sage_llm.engines.base import Chunk, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event, usage_json
 from sage_llm.errors import DeadlineExceededError, RequestCancelledError, SageLLMError
 from sage_llm.gateway.errors import error_body
-from sage_llm.types import RequestMetadata, RequestStatus
+from sage_llm.httpserve import tcp_nodelay
+from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -166,9 +166,8 @@ def _timeout_error(gen: Generation) -> DeadlineExceededError:
     )
 
 
-async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usage | None) -> Usage:
-    """The usage to report once the stream ended; raises if the request was cancelled."""
-    result = await manager.get_result(gen.request_id)
+def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | None) -> Usage:
+    """The usage to report once the request ended; raises if it was cancelled."""
     if result is not None and result.status is RequestStatus.CANCELLED:
         raise RequestCancelledError(
             f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
@@ -180,6 +179,11 @@ async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usag
     return Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
 
 
+async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usage | None) -> Usage:
+    """:func:`_usage_after` with the result the manager kept."""
+    return _usage_after(gen, await manager.get_result(gen.request_id), seen)
+
+
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
     """Run ``gen`` to the end and return the whole response body."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
@@ -188,26 +192,10 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
             chunks, result = await manager.collect(gen.meta)  # cancelled on the way out
     except TimeoutError:
         raise _timeout_error(gen) from None
-    if result.status is RequestStatus.CANCELLED:
-        raise RequestCancelledError(
-            f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
-        )
     choices = _Choices()
     for chunk in chunks:
         choices.add(chunk)
-    usage = choices.usage or Usage(
-        result.prompt_tokens, result.completion_tokens, result.cached_tokens
-    )
-    return completion_body(fmt, choices, usage)
-
-
-def set_nodelay(request: web.Request) -> None:
-    """Disable Nagle on the client connection so each SSE event leaves at once."""
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return completion_body(fmt, choices, _usage_after(gen, result, choices.usage))
 
 
 async def first_batch(
@@ -235,38 +223,43 @@ async def stream_response(
     created: int,
     headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Relay ``gen`` as server-sent events. Errors before the first chunk raise (the error
-    middleware answers with a JSON status); later ones end the stream with an error event."""
-    fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
-    deadline = _deadline(gen.timeout_s)
-    batches = manager.stream_batches(gen.meta)
-    async with _closing(batches):
-        first = await first_batch(batches, manager, gen, deadline)
-        resp = SSEResponse(headers={**SSE_HEADERS, **headers})
-        set_nodelay(request)
+    """Relay ``gen`` as server-sent events (:func:`relay_stream` onto aiohttp's response).
+    Errors before the first chunk raise (the error middleware answers with a JSON status);
+    later ones end the stream with an error event."""
+    resp = SSEResponse(headers={**SSE_HEADERS, **headers})
+
+    async def prepared() -> StreamSink | None:
+        tcp_nodelay(request.transport)
         try:
             await resp.prepare(request)
-        except ConnectionResetError:  # the client left before its first byte
-            log.info("client of request %s went away; cancelling it", gen.request_id)
-            return resp  # leaving _closing cancels the request
-        await _relay(resp, batches, first, manager, gen, fmt, deadline)
+        except ConnectionResetError:
+            return None
         return resp
+
+    await relay_stream(prepared, manager, gen, created)
+    return resp
 
 
 async def relay_stream(
-    open_sink: Callable[[], StreamSink],
+    open_sink: Callable[[], Awaitable[StreamSink | None]],
     manager: ControlPlaneManager,
     gen: Generation,
     created: int,
 ) -> None:
-    """:func:`stream_response` onto any :class:`StreamSink`: ``open_sink()`` makes the
-    sink once the first chunk is there, so a failure before it still raises."""
+    """Relay ``gen`` as server-sent events onto the sink ``open_sink()`` opens once the
+    first chunk is there (a failure before it raises, so the client gets a JSON error
+    status instead); None from it means the client already left, and the request is
+    cancelled."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
     deadline = _deadline(gen.timeout_s)
     batches = manager.stream_batches(gen.meta)
     async with _closing(batches):
         first = await first_batch(batches, manager, gen, deadline)
-        await _relay(open_sink(), batches, first, manager, gen, fmt, deadline)
+        sink = await open_sink()
+        if sink is None:  # the client left before its first byte
+            log.info("client of request %s went away; cancelling it", gen.request_id)
+            return  # leaving _closing cancels the request
+        await _relay(sink, batches, first, manager, gen, fmt, deadline)
 
 
 async def _relay(

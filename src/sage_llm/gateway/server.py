@@ -22,7 +22,7 @@ from sage_llm.gateway.app import MANAGER_KEY, SETTINGS_KEY, create_app
 from sage_llm.gateway.lean import LeanServer
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
 from sage_llm.gateway.settings import GatewaySettings
-from sage_llm.httpserve import start_site
+from sage_llm.httpserve import new_runner, start_site
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -69,9 +69,7 @@ async def serve_app(
     if not settings.lean_server or settings.tracing:
         runner, bound = await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
         return GatewaySite(runner, shutdown_timeout_s=shutdown_timeout_s), bound
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
-    )
+    runner = new_runner(app, shutdown_timeout_s=shutdown_timeout_s)
     await runner.setup()
     try:
         fallback = runner.server

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
@@ -50,7 +49,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     SageLLMError,
 )
-from sage_llm.httpserve import start_site
+from sage_llm.httpserve import start_site, tcp_nodelay
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.server_metrics import ReportsQueueTime, ServerMetrics
 from sage_llm.sim.server_pd import (
@@ -91,14 +90,6 @@ def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
 
 
 _PD_ROLES = (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING)
-
-
-def _set_nodelay(request: web.Request) -> None:
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def _aclose(it: AsyncIterator[Chunk]) -> None:
@@ -248,7 +239,7 @@ class _EngineServer:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        _set_nodelay(request)
+        tcp_nodelay(request.transport)
         await resp.prepare(request)
         await self._relay(resp, _no_chunks(), first, parsed, fmt, arrival)
         return resp
@@ -343,7 +334,7 @@ class _EngineServer:
             resp = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
-            _set_nodelay(request)
+            tcp_nodelay(request.transport)
             await resp.prepare(request)
             await self._relay(resp, it, chunk, parsed, fmt, arrival)
             return resp
