@@ -24,6 +24,7 @@ CPU utilisation over the run. Run from the repository root::
     .venv/bin/python benchmarks/gateway_cpu.py            # sage-llm serve
     .venv/bin/python benchmarks/gateway_cpu.py --bare     # bare aiohttp proxy
     .venv/bin/python benchmarks/gateway_cpu.py --loop uvloop --requests 3000
+    .venv/bin/python benchmarks/gateway_cpu.py --engine-stream client
 
 ``--json PATH`` also writes the figures as JSON. Logs go to ``bench-out/gateway_cpu/``.
 """
@@ -114,7 +115,9 @@ def _bare_serve(port: int, urls: Sequence[str]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _proxy(urls: Sequence[str], *, bare: bool, loop: str) -> AsyncIterator[ManagedProcess]:
+async def _proxy(
+    urls: Sequence[str], *, bare: bool, loop: str, engine_stream: str = "always"
+) -> AsyncIterator[ManagedProcess]:
     (port,) = free_ports(1)
     await asyncio.to_thread(LOG_DIR.mkdir, parents=True, exist_ok=True)
     if bare:
@@ -123,7 +126,9 @@ async def _proxy(urls: Sequence[str], *, bare: bool, loop: str) -> AsyncIterator
     else:
         config = LOG_DIR / f"sage-{port}.toml"
         preset = Preset("fifo + round_robin", "fifo", "round_robin")
-        text = sage_config_toml(preset, urls, model=MODEL, max_concurrent=10_000)
+        text = sage_config_toml(
+            preset, urls, model=MODEL, max_concurrent=10_000, engine_stream=engine_stream
+        )
         await asyncio.to_thread(config.write_text, text, encoding="utf-8")
         argv = [sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(config),
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
@@ -160,12 +165,18 @@ def _cpu(pid: int) -> float:
 
 
 async def measure(
-    *, bare: bool, loop: str, concurrency: int, requests: int, modes: Sequence[bool]
+    *,
+    bare: bool,
+    loop: str,
+    concurrency: int,
+    requests: int,
+    modes: Sequence[bool],
+    engine_stream: str = "always",
 ) -> list[ModeResult]:
     results = []
     async with (
         await start_engine_sims(2, model=MODEL, speed=1000.0, log_dir=LOG_DIR) as fleet,
-        _proxy(fleet.urls, bare=bare, loop=loop) as proxy,
+        _proxy(fleet.urls, bare=bare, loop=loop, engine_stream=engine_stream) as proxy,
     ):
         for stream in modes:
             # a short warm-up run (connections, caches), not measured
@@ -202,15 +213,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--engine-stream", choices=("always", "client"), default="always",
+        help="the gateway's engine_stream setting",
+    )  # fmt: skip
     args = parser.parse_args(args_in)
     modes = {"both": (False, True), "plain": (False,), "stream": (True,)}[args.mode]
     results = asyncio.run(
         measure(
             bare=args.bare, loop=args.loop, concurrency=args.concurrency,
-            requests=args.requests, modes=modes,
+            requests=args.requests, modes=modes, engine_stream=args.engine_stream,
         )
     )  # fmt: skip
-    target = "bare aiohttp proxy" if args.bare else f"sage-llm serve (loop {args.loop})"
+    target = (
+        "bare aiohttp proxy" if args.bare
+        else f"sage-llm serve (loop {args.loop}, engine_stream {args.engine_stream})"
+    )  # fmt: skip
     print(f"{target}, concurrency {args.concurrency}, {args.requests} requests per mode")
     print(f"{'mode':<8}{'ms CPU/req':>12}{'req/s':>10}{'CPU util':>10}{'errors':>8}")
     for r in results:

@@ -338,6 +338,11 @@ def test_bad_enum_values() -> None:
     )
     err = problem('[services.llm_control_plane]\nrouting_strategy = "nearest"\n')
     assert "topology_aware" in err.message
+    err = problem('[services.llm_control_plane]\nengine_stream = "never"\n')
+    assert (err.location, err.key) == ("cfg.toml:2", "services.llm_control_plane.engine_stream")
+    assert "always" in err.message and "client" in err.message
+    cfg = parse_config('[services.llm_control_plane]\nengine_stream = "Client"\n')
+    assert ControlPlaneManager(**cfg.manager_kwargs()).engine_stream == "client"
     assert (
         parse_config(
             '[services.llm_control_plane]\nrouting_strategy = "Power-Of-Two"\n'

@@ -31,6 +31,7 @@ from sage_llm.types import (
 SERVICE_TYPES = ("ControlPlaneVLLMService", "VLLMService")
 MODES = ("http", "simulated")
 ENGINES = ("vllm", "sglang", "openai", "sim")
+ENGINE_STREAM = ("always", "client")
 PD_DECIDERS = ("always", "never", "threshold", "prefix_aware", "adaptive")
 PD_CONNECTORS = ("vllm", "sglang")
 DEFAULT_SIM_MODEL = "llama-3-8b"
@@ -201,6 +202,7 @@ class ControlPlaneConfig:
     max_queue_size: int = opt(10_000, _COUNT)
     max_retries: int = opt(2, rule(ge=0))
     default_max_tokens: int = opt(128, _COUNT)
+    engine_stream: str = opt("always", rule(choices=ENGINE_STREAM, norm=str.lower))
     result_retention: int = opt(2_000, _COUNT)
     result_ttl_s: float = opt(600.0, _POSITIVE)
     stats_interval_s: float = opt(1.0, _POSITIVE)

@@ -25,6 +25,7 @@ from sage_llm.errors import (
 )
 from sage_llm.sim.clock import run_virtual
 from sage_llm.tokens import count_tokens
+from tests.engines.fake_engine import FakeEngine
 from tests.factories import MODEL, make_instance, make_instances, make_metadata
 
 
@@ -267,3 +268,50 @@ def test_status_metrics_and_prometheus_export() -> None:
         )
 
     run_virtual(main())
+
+
+def _recording_manager(**kwargs: object) -> tuple[ControlPlaneManager, list[FakeEngine]]:
+    engines: list[FakeEngine] = []
+
+    def factory(inst: ExecutionInstance) -> FakeEngine:
+        engines.append(FakeEngine(inst.instance_id))
+        return engines[-1]
+
+    cp = ControlPlaneManager(mode="simulated", engine_factory=factory, **kwargs)  # type: ignore[arg-type]
+    cp.register_instance(make_instance("e0"))
+    return cp, engines
+
+
+def test_engine_stream_client_streams_only_what_the_client_streams() -> None:
+    async def main() -> None:
+        cp, engines = _recording_manager(engine_stream="client")
+        async with cp:
+            chunks, collected = await cp.collect(make_metadata("c1", max_tokens=4))
+            streamed = [c.text async for c in cp.stream(make_metadata("s1", max_tokens=4))]
+            rid = await cp.submit_request(make_metadata("u1", max_tokens=4))
+            submitted = await cp.wait_for_result(rid)
+            streamed_result = await cp.wait_for_result("s1")
+        sent = {r.request_id: r.stream for r in engines[0].requests}
+        assert sent == {"c1": False, "s1": True, "u1": False}
+        assert "".join(c.text for c in chunks) == "".join(streamed) == " w0 w1 w2 w3"
+        for result in (collected, submitted):  # answered in one piece: no TTFT, no TPOT
+            assert result.status is RequestStatus.COMPLETED
+            assert result.ttft_ms is None and result.tpot_ms is None
+            assert result.e2e_latency_ms is not None
+        assert streamed_result.ttft_ms is not None and streamed_result.tpot_ms is not None
+
+    run_virtual(main())
+
+
+def test_engine_stream_always_streams_every_request() -> None:
+    async def main() -> None:
+        cp, engines = _recording_manager()
+        assert cp.engine_stream == "always"
+        async with cp:
+            _, result = await cp.collect(make_metadata("c1", max_tokens=4))
+        assert [r.stream for r in engines[0].requests] == [True]
+        assert result.ttft_ms is not None and result.tpot_ms is not None
+
+    run_virtual(main())
+    with pytest.raises(ValueError, match="engine_stream"):
+        ControlPlaneManager(mode="simulated", engine_stream="sometimes")

@@ -383,6 +383,37 @@ async def test_json_answer_to_a_stream_request_is_accepted(
     assert chunks[0].usage is not None and chunks[0].usage.total_tokens == 6
 
 
+async def test_unstreamed_request_asks_for_one_answer_and_ignores_the_first_token_limit(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.1)  # longer than the first-token limit: the answer is whole
+        choice = {"index": 0, "text": "whole", "finish_reason": "length"}
+        return web.json_response({"choices": [choice], "usage": USAGE})
+
+    rec.handler = reply
+    client = client_for(port, session, timeouts=HTTPTimeouts(first_token_s=0.02))
+    extra = {"stream_options": {"include_usage": True}, "seed": 3}
+    chunks = await collect(client, completion_req(stream=False, extra=extra))
+    body = rec.bodies[0]
+    assert body["stream"] is False
+    assert "stream_options" not in body
+    assert body["seed"] == 3
+    assert [(c.text, c.finish_reason) for c in chunks] == [("whole", "length")]
+    assert chunks[0].usage is not None and chunks[0].usage.completion_tokens == 2
+
+
+async def test_unstreamed_request_against_the_simulated_engine(
+    sim_port: int, session: aiohttp.ClientSession
+) -> None:
+    chunks = await collect(client_for(sim_port, session), completion_req(stream=False))
+    assert [c.text for c in chunks] == [" w0 w1 w2 w3 w4"]
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
 async def test_embed_posts_inputs_and_returns_json(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession
 ) -> None:

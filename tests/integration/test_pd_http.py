@@ -105,14 +105,20 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    *, link_gbps: float = 50.0, general: bool = False, fallback: bool = True
+    *,
+    link_gbps: float = 50.0,
+    general: bool = False,
+    fallback: bool = True,
+    engine_stream: str = "always",
 ) -> AsyncIterator[Cluster]:
     hub = KVTransferHub()
     roles = [("p0", Role.PREFILLING), ("d0", Role.DECODING)]
     if general:
         roles.append(("g0", Role.GENERAL))
     cfg = PDSeparationConfig(routing_policy="always", fallback_to_colocated=fallback)
-    cp = ControlPlaneManager(mode="http", pd_config=cfg, enable_monitoring=False, seed=1)
+    cp = ControlPlaneManager(
+        mode="http", pd_config=cfg, enable_monitoring=False, seed=1, engine_stream=engine_stream
+    )
     engines: dict[str, SimEngine] = {}
     proxies: dict[str, RecordingProxy] = {}
     runners: list[web.AppRunner] = []
@@ -204,6 +210,24 @@ async def test_usage_is_right_streamed_and_not() -> None:
     for res in (streamed, plain):
         assert res.status is RequestStatus.COMPLETED
         assert (res.prompt_tokens, res.completion_tokens) == (count_tokens(PROMPT), 5)
+
+
+async def test_engine_stream_client_asks_the_decode_leg_for_one_answer() -> None:
+    async with cluster(engine_stream="client") as c:
+        plain = await c.cp.generate(make_metadata("n-1", prompt=PROMPT, max_tokens=5))
+        parts = [ch.text async for ch in c.cp.stream(make_metadata("s-1", prompt=PROMPT))]
+        streamed = await c.cp.wait_for_result("s-1")
+        assert c.pinned_nowhere("n-1") and c.pinned_nowhere("s-1")
+        prefill = [leg.json() for leg in c.proxies["p0"].generations]
+        decode = [leg.json() for leg in c.proxies["d0"].generations]
+    assert [leg["stream"] for leg in prefill] == [False, False]
+    assert [leg["stream"] for leg in decode] == [False, True]
+    assert "stream_options" not in decode[0]
+    assert plain.status is RequestStatus.COMPLETED, plain.error
+    assert (plain.prompt_tokens, plain.completion_tokens) == (count_tokens(PROMPT), 5)
+    assert count_tokens(plain.text) == 5
+    assert plain.ttft_ms is None and plain.tpot_ms is None
+    assert "".join(parts) == streamed.text and streamed.ttft_ms is not None
 
 
 async def test_cancel_between_the_legs_releases_the_prefill_kv() -> None:

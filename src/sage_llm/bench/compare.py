@@ -224,7 +224,13 @@ Progress = Callable[[str], None]
 
 
 def sage_config_toml(
-    preset: Preset, urls: Sequence[str], *, model: str, max_concurrent: int, seed: int = 0
+    preset: Preset,
+    urls: Sequence[str],
+    *,
+    model: str,
+    max_concurrent: int,
+    seed: int = 0,
+    engine_stream: str = "always",
 ) -> str:
     """A ``sage-llm serve`` config: ``preset`` over the engines at ``urls`` (HTTP mode)."""
     lines = [
@@ -235,6 +241,7 @@ def sage_config_toml(
         f"routing_strategy = {json.dumps(preset.routing)}",
         "enable_pd_separation = false",
         f"seed = {seed}",
+        f"engine_stream = {json.dumps(engine_stream)}",
     ]
     for table, params in (("policy_params", preset.policy_params),
                           ("routing_params", preset.routing_params)):  # fmt: skip
@@ -268,11 +275,15 @@ async def sage_gateway(
     max_concurrent: int,
     log_dir: Path,
     seed: int = 0,
+    engine_stream: str = "always",
 ) -> AsyncIterator[ManagedProcess]:
     """``sage-llm serve`` in its own process over ``urls``; stopped on exit."""
     (port,) = free_ports(1)
     config = log_dir / f"sage-{port}.toml"
-    text = sage_config_toml(preset, urls, model=model, max_concurrent=max_concurrent, seed=seed)
+    text = sage_config_toml(
+        preset, urls, model=model, max_concurrent=max_concurrent, seed=seed,
+        engine_stream=engine_stream,
+    )  # fmt: skip
     await asyncio.to_thread(_write, config, text)
     argv = [sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip

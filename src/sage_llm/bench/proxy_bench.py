@@ -12,6 +12,9 @@ streaming ``/v1/completions``:
 * ``ttft c1``: median time to the first streamed chunk at concurrency 1, which shows
   whether a proxy relays the first chunk at once;
 * ``req/s c64``: completed requests per second at concurrency 64.
+
+``sage-llm serve`` is measured twice (:data:`SAGE_TARGETS`): as configured by default, and
+with ``engine_stream = "client"``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ from sage_llm.bench.stats import percentile
 __all__ = ["ClientResult", "ProxyRow", "closed_loop", "proxy_bench_main", "run_proxy_bench"]
 
 PROMPT = "Tell me about the weather in a city of your choice, briefly."
+
+SAGE_TARGETS = (("always", "sage-llm serve"), ("client", "sage-llm serve, engine_stream=client"))
+"""The gateway's two ways of calling engines (``engine_stream``), each a target: by default
+every engine call streams (TTFT/TPOT measured for every request); with ``client`` only those
+whose client streams, as the Rust routers do."""
 
 
 @dataclass(frozen=True)
@@ -200,13 +208,15 @@ async def _targets(
 
     async with contextlib.AsyncExitStack() as stack:
         targets = {"direct": urls[0]}
-        gw = await stack.enter_async_context(
-            sage_gateway(
-                Preset("fifo + round_robin", "fifo", "round_robin"), urls,
-                model="llama-3-8b", max_concurrent=10_000, log_dir=log_dir,
-            )
-        )  # fmt: skip
-        targets["sage-llm serve"] = gw.url
+        for engine_stream, name in SAGE_TARGETS:
+            gw = await stack.enter_async_context(
+                sage_gateway(
+                    Preset("fifo + round_robin", "fifo", "round_robin"), urls,
+                    model="llama-3-8b", max_concurrent=10_000, log_dir=log_dir,
+                    engine_stream=engine_stream,
+                )
+            )  # fmt: skip
+            targets[name] = gw.url
         for peer in peers:
             router = await start_peer_router(peer, urls, policy="round_robin")
             stack.push_async_callback(router.aclose)

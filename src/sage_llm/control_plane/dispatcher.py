@@ -275,7 +275,8 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            stream = self._timed(state.client.generate(rec.engine_request), state)
+            req = rec.engine_request
+            stream = self._timed(state.client.generate(req), state, req.stream)
             try:
                 async for chunk in stream:
                     if prefill_pending:
@@ -283,9 +284,10 @@ class Dispatcher:
                         state.queued_prefill_tokens -= info.prompt_tokens
                         now = self.clock.now()
                         rec.first_token_at = now
-                        state.observe_first_token(
-                            now - (rec.scheduled_at or now), rec.pending_tokens_at_dispatch
-                        )
+                        if req.stream:  # else the whole answer came at once: no TTFT
+                            state.observe_first_token(
+                                now - (rec.scheduled_at or now), rec.pending_tokens_at_dispatch
+                            )
                     self._absorb(rec, chunk)
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
@@ -390,12 +392,13 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            stream = self._timed(self.pd.connector.run(rec.engine_request, legs), dstate)
+            req = rec.engine_request
+            stream = self._timed(self.pd.connector.run(req, legs), dstate, req.stream)
             try:
                 async for chunk in stream:
                     if rec.first_token_at is None:
                         rec.first_token_at = self.clock.now()
-                        if run.prefill_end is not None:
+                        if run.prefill_end is not None and req.stream:
                             self.metrics.on_pd_handoff(rec.first_token_at - run.prefill_end)
                     self._absorb(rec, chunk)
             finally:
@@ -490,8 +493,12 @@ class Dispatcher:
         elif rec.chunks is not None:
             rec.chunks.append(chunk)
 
-    def _timed(self, stream: AsyncIterator[Chunk], state: InstanceState) -> AsyncIterator[Chunk]:
-        if self.first_token_timeout_s is None and self.idle_timeout_s is None:
+    def _timed(
+        self, stream: AsyncIterator[Chunk], state: InstanceState, streamed: bool
+    ) -> AsyncIterator[Chunk]:
+        """``stream`` under the first-token and idle limits (none for a request the engine
+        answers at once, at its end)."""
+        if not streamed or (self.first_token_timeout_s is None and self.idle_timeout_s is None):
             return stream
         return with_stream_timeouts(
             stream,
@@ -589,10 +596,13 @@ class Dispatcher:
         rec.finished_at = now
         rec.meta.end_time = self.clock.to_datetime(now)
         e2e_s = now - info.arrival
-        ttft_s = None if rec.first_token_at is None else rec.first_token_at - info.arrival
+        # TTFT and TPOT are known only when the engine streamed (engine_stream = "client"
+        # asks for a non-streaming request's answer in one piece)
+        first_at = rec.first_token_at if rec.engine_request.stream else None
+        ttft_s = None if first_at is None else first_at - info.arrival
         tpot_s = None
-        if rec.first_token_at is not None and rec.completion_tokens > 1:
-            tpot_s = (now - rec.first_token_at) / (rec.completion_tokens - 1)
+        if first_at is not None and rec.completion_tokens > 1:
+            tpot_s = (now - first_at) / (rec.completion_tokens - 1)
         slo_ms = rec.meta.slo_deadline_ms
         slo_met = None
         if slo_ms is not None and status is not RequestStatus.CANCELLED:

@@ -88,7 +88,7 @@ def build_request(
         temperature=meta.temperature,
         top_p=meta.top_p,
         stop=tuple(meta.stop or ()),
-        stream=stream or meta.stream,
+        stream=stream,
         extra=dict(meta.extra_body),
         priority=int(priority),
     )

@@ -71,6 +71,7 @@ log = logging.getLogger("sage_llm.manager")
 
 EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
+ENGINE_STREAM = ("always", "client")
 
 
 class ControlPlaneManager:
@@ -104,12 +105,17 @@ class ControlPlaneManager:
         engine_timeouts: HTTPTimeouts | None = None,
         max_queue_wait_s: float | None = None,
         reject_infeasible_slo: bool = False,
+        engine_stream: str = "always",
     ) -> None:
         """``health`` sets probes and the circuit breaker (default: probes every
         ``health_interval_s``); ``engine_timeouts`` the connect / first-token / idle limits
         of engine calls (first-token and idle are enforced for every engine client, the
         others by HTTP clients); ``max_queue_wait_s`` fails requests queued longer;
-        ``reject_infeasible_slo`` refuses requests whose deadline no instance can meet."""
+        ``reject_infeasible_slo`` refuses requests whose deadline no instance can meet;
+        ``engine_stream`` is ``"always"`` (every engine call streams, so TTFT and TPOT are
+        measured for every request) or ``"client"`` (an engine call streams only when its
+        client streams: less CPU in the engine and here for non-streaming requests, whose
+        TTFT and TPOT are then not measured)."""
         mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -142,6 +148,11 @@ class ControlPlaneManager:
         )
         self.max_queue_wait_s = max_queue_wait_s
         self.reject_infeasible_slo = reject_infeasible_slo
+        if engine_stream not in ENGINE_STREAM:
+            raise ValueError(
+                f"engine_stream must be one of {', '.join(ENGINE_STREAM)}, not {engine_stream!r}"
+            )
+        self.engine_stream = engine_stream
         self._registry = InstanceRegistry()
         self._metrics = ControlPlaneMetrics()
         self._health: HealthMonitor | None = None
@@ -600,7 +611,7 @@ class ControlPlaneManager:
             meta,
             model,
             now=self.clock.now(),
-            stream=stream or collect,
+            stream=stream or self.engine_stream == "always",
             default_max_tokens=self.default_max_tokens,
             block_size=self.prefix_block_size,
         )

@@ -1,10 +1,14 @@
 """The HTTP engine client: vLLM, SGLang or any OpenAI-compatible server.
 
 One :class:`HTTPEngineClient` per instance, all sharing one ``aiohttp.ClientSession``
-(made with :func:`make_session` and owned by whoever made it). Requests are always
-streamed to the engine (``stream: true`` with ``stream_options.include_usage``) so the
-control plane sees tokens as they come and a cancelled consumer closes the connection,
-which is how vLLM and SGLang learn to abort a request.
+(made with :func:`make_session` and owned by whoever made it). A request whose
+:attr:`~sage_llm.engines.base.EngineRequest.stream` is set (the control plane's default
+for every request) is streamed from the engine (``stream: true`` with
+``stream_options.include_usage``), so the control plane sees tokens as they come; one
+without it is sent with ``stream: false`` and its answer turned into chunks at the end (the
+first-token and idle limits do not apply to it: nothing comes before the end). Either way a
+cancelled consumer closes the connection, which is how vLLM and SGLang learn to abort a
+request.
 
 Errors (all :class:`~sage_llm.errors.EngineError`; ``retryable`` is True only while the
 engine has produced nothing for the request):
@@ -260,6 +264,10 @@ class HTTPEngineClient:
     def _deadline(self, seconds: float | None) -> float | None:
         return None if seconds is None else asyncio.get_running_loop().time() + seconds
 
+    def _first_deadline(self, req: EngineRequest) -> float | None:
+        """The first-token deadline of ``req``; none when it is not streamed."""
+        return self._deadline(self._timeouts.first_token_s) if req.stream else None
+
     async def _send(
         self,
         method: str,
@@ -363,8 +371,8 @@ class HTTPEngineClient:
             async for chunk in self._generate_fast(self._fast_pool, req):
                 yield chunk
             return
-        body = self.request_body(req, stream=True)
-        first_deadline = self._deadline(self._timeouts.first_token_s)
+        body = self.request_body(req, stream=req.stream)
+        first_deadline = self._first_deadline(req)
         resp = await self._send(
             "POST", self._path(req), body=body, headers=self._headers(req.request_id),
             deadline=first_deadline,
@@ -471,8 +479,8 @@ class HTTPEngineClient:
     async def _generate_fast(
         self, pool: FastPool, req: EngineRequest
     ) -> AsyncGenerator[Chunk, None]:
-        data = jsonutil.dumps(self.request_body(req, stream=True))
-        first_deadline = self._deadline(self._timeouts.first_token_s)
+        data = jsonutil.dumps(self.request_body(req, stream=req.stream))
+        first_deadline = self._first_deadline(req)
         path = self._path(req)
         resp = await self._fast_send(pool, path, data, req.request_id, first_deadline)
         clean = False
