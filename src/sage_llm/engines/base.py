@@ -69,8 +69,8 @@ class Chunk:
     """A piece of generated output.
 
     ``text`` may be empty (e.g. a final usage-only chunk). ``index`` is the choice index
-    when ``n > 1``. ``raw`` is the engine's JSON object for this chunk when it came over
-    HTTP (the gateway relays it without re-encoding).
+    when ``n > 1``. The gateway writes its own response objects from these fields (its
+    request id and model name, vLLM's shape), whatever the engine's objects looked like.
     """
 
     text: str
@@ -79,7 +79,6 @@ class Chunk:
     usage: Usage | None = None
     logprobs: Any = None
     index: int = 0
-    raw: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,7 +221,7 @@ def _choice_text(choice: Mapping[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _choice_chunk(choice: Mapping[str, Any], raw: Mapping[str, Any]) -> Chunk:
+def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
     finish = choice.get("finish_reason")
     ids = choice.get("token_ids")
     return Chunk(
@@ -230,7 +230,6 @@ def _choice_chunk(choice: Mapping[str, Any], raw: Mapping[str, Any]) -> Chunk:
         finish_reason=str(finish) if finish else None,
         logprobs=choice.get("logprobs"),
         index=_as_int(choice.get("index")),
-        raw=raw,
     )
 
 
@@ -303,7 +302,7 @@ class StreamAssembler:
         for choice in choices:
             if not isinstance(choice, Mapping):
                 raise self._fail(EngineStreamError, "stream choice is not an object")
-            chunk = _choice_chunk(choice, obj)
+            chunk = _choice_chunk(choice)
             self.produced = True
             if chunk.text:
                 self._text_chunks += 1
@@ -343,7 +342,7 @@ def chunks_from_completion(
     choices = obj.get("choices")
     if not isinstance(choices, list) or not choices:
         raise EngineStreamError(prefix + "completion has no choices", instance_id=instance_id)
-    chunks = [_choice_chunk(c, obj) for c in choices if isinstance(c, Mapping)]
+    chunks = [_choice_chunk(c) for c in choices if isinstance(c, Mapping)]
     if len(chunks) != len(choices) or chunks[-1].finish_reason is None:
         raise EngineStreamError(
             prefix + "completion choices are malformed or unfinished", instance_id=instance_id

@@ -116,9 +116,9 @@ def test_vllm_usage_takes_prompt_from_prefill_and_cached_from_decode() -> None:
 
 
 def test_merge_usage() -> None:
-    chunk = Chunk("x", usage=Usage(5, 2, 1), raw={"usage": {"prompt_tokens": 5}})
+    chunk = Chunk("x", usage=Usage(5, 2, 1))
     merged = merge_usage(chunk, 9)
-    assert merged.usage == Usage(9, 2, 1) and merged.raw is None
+    assert merged.usage == Usage(9, 2, 1)
     assert merge_usage(chunk, 0) is chunk
     assert merge_usage(chunk, 5) is chunk
     plain = Chunk("y")

@@ -109,7 +109,7 @@ def merge_usage(chunk: Chunk, prompt_tokens: int) -> Chunk:
     if usage is None or prompt_tokens <= 0 or usage.prompt_tokens == prompt_tokens:
         return chunk
     merged = Usage(prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-    return replace(chunk, usage=merged, raw=None)
+    return replace(chunk, usage=merged)
 
 
 async def _next(it: AsyncIterator[Chunk]) -> Chunk | None:
