@@ -63,6 +63,7 @@ def test_closed_loop_against_a_simulated_engine(stream: bool) -> None:
     assert result.errors == 0
     assert len(result.latencies_s) == 12
     assert len(result.ttfts_s) == (12 if stream else 0)
+    assert result.cpu_s > 0.0  # the client's CPU over the measured requests
     assert all(t <= lat for t, lat in zip(result.ttfts_s, result.latencies_s, strict=False))
     assert result.req_per_s > 0
 

@@ -55,6 +55,8 @@ class ClientResult:
     wall_s: float
     latencies_s: list[float]
     ttfts_s: list[float]
+    cpu_s: float = 0.0
+    """CPU seconds the client process spent on the measured requests (not on warm-up)."""
 
     @property
     def req_per_s(self) -> float:
@@ -126,10 +128,10 @@ async def closed_loop(
                 if first is not None:
                     ttfts.append(first)
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return ClientResult(requests, errors, wall, latencies, ttfts)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return ClientResult(requests, errors, wall, latencies, ttfts, cpu)
 
 
 async def _client_process(

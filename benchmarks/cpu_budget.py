@@ -1,0 +1,230 @@
+"""Where the CPU goes in the proxy benchmark, per request and per process (issue #4 item 6).
+
+The proxy bench (:mod:`sage_llm.bench.proxy_bench`) runs the load client, the proxy and
+two ``engine-sim`` processes on the same cores, so a proxy's req/s at concurrency 64 is
+bounded by the CPU that *all* of them spend per request, not by the proxy alone. This
+script shows that budget. For each target (the first engine ``direct``, ``sage-llm serve``
+with ``engine_stream`` ``always`` and ``client``, and the Rust routers) and each mode
+(non-streaming, streaming) it runs one closed-loop client process (the proxy bench's
+client: ``concurrency`` requests in flight, 4 output tokens) and reports:
+
+* ``req/s`` of that run;
+* CPU milliseconds per completed request of the **engines** (both together), the
+  **proxy** (its whole process group: every thread and child), and the **client** (its
+  own ``process_time`` over the measured requests), and their **sum**;
+* ``busy``: how much of the machine was in use during the run (``/proc/stat``, all
+  processes, this script's and anyone else's), as a fraction of all cores.
+
+When ``busy`` is close to 1 the run was CPU-bound, and ``req/s × sum`` is close to the
+number of cores: a proxy then gains req/s only by spending less CPU per request itself,
+and every process's CPU counts. Linux only (``/proc``). Run from the repository root::
+
+    .venv/bin/python benchmarks/cpu_budget.py                       # all targets
+    .venv/bin/python benchmarks/cpu_budget.py --peers vllm-router --requests 3000
+    .venv/bin/python benchmarks/cpu_budget.py --json bench-out/cpu_budget.json
+
+The peers are installed on first use (as for the proxy bench). Logs go to
+``bench-out/cpu_budget/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sage_llm.bench.compare import sage_gateway
+from sage_llm.bench.inprocess import Preset
+from sage_llm.bench.procs import start_engine_sims, start_peer_router
+from sage_llm.bench.proxy_bench import SAGE_TARGETS
+
+MODEL = "llama-3-8b"
+LOG_DIR = Path("bench-out/cpu_budget")
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    """One closed-loop run against one target (CPU in ms per completed request)."""
+
+    target: str
+    stream: bool
+    requests: int
+    errors: int
+    req_per_s: float
+    engines_ms: float
+    proxy_ms: float | None
+    client_ms: float
+    total_ms: float
+    busy: float
+
+
+def _ticks() -> float:
+    return float(os.sysconf("SC_CLK_TCK"))
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (each
+    with all its threads), from ``/proc/<pid>/stat``."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / _ticks()
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores so far, from the first line of ``/proc/stat``."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # user … steal (guest time is counted in user already)
+    return total - idle, total
+
+
+async def _client(url: str, *, stream: bool, concurrency: int, requests: int) -> dict[str, float]:
+    argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client", "--url", url,
+            "--concurrency", str(concurrency), "--requests", str(requests),
+            "--max-tokens", "4"] + (["--stream"] if stream else [])  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load client failed: {err.decode()[-800:]}")
+    data: dict[str, float] = json.loads(out)
+    return data
+
+
+async def measure_one(
+    name: str,
+    url: str,
+    *,
+    stream: bool,
+    engine_pgids: Sequence[int],
+    proxy_pgid: int | None,
+    concurrency: int,
+    requests: int,
+) -> BudgetRow:
+    """One measured run (after a short unmeasured warm-up)."""
+    await _client(url, stream=stream, concurrency=concurrency, requests=200)
+    engines_before = sum(group_cpu_s(p) for p in engine_pgids)
+    proxy_before = group_cpu_s(proxy_pgid) if proxy_pgid is not None else 0.0
+    busy_before, total_before = machine_ticks()
+    data = await _client(url, stream=stream, concurrency=concurrency, requests=requests)
+    busy_after, total_after = machine_ticks()
+    client_s = float(data["cpu_s"])
+    engines_s = sum(group_cpu_s(p) for p in engine_pgids) - engines_before
+    proxy_s = group_cpu_s(proxy_pgid) - proxy_before if proxy_pgid is not None else None
+    done = max(1, int(data["requests"]) - int(data["errors"]))
+    per = 1000.0 / done
+    total = engines_s + (proxy_s or 0.0) + client_s
+    return BudgetRow(
+        target=name,
+        stream=stream,
+        requests=int(data["requests"]),
+        errors=int(data["errors"]),
+        req_per_s=done / float(data["wall_s"]),
+        engines_ms=engines_s * per,
+        proxy_ms=None if proxy_s is None else proxy_s * per,
+        client_ms=client_s * per,
+        total_ms=total * per,
+        busy=(busy_after - busy_before) / max(1, total_after - total_before),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _targets(
+    urls: Sequence[str], peers: Sequence[str]
+) -> AsyncIterator[list[tuple[str, str, int | None]]]:
+    """(name, url, process group) of every target; the engine itself has none."""
+    async with contextlib.AsyncExitStack() as stack:
+        targets: list[tuple[str, str, int | None]] = [("direct", urls[0], None)]
+        for engine_stream, name in SAGE_TARGETS:
+            gw = await stack.enter_async_context(
+                sage_gateway(
+                    Preset("fifo + round_robin", "fifo", "round_robin"), urls,
+                    model=MODEL, max_concurrent=10_000, log_dir=LOG_DIR,
+                    engine_stream=engine_stream,
+                )
+            )  # fmt: skip
+            targets.append((name, gw.url, gw.pid))
+        for peer in peers:
+            router = await start_peer_router(peer, urls, policy="round_robin", log_dir=LOG_DIR)
+            stack.push_async_callback(router.aclose)
+            targets.append((peer, router.url, router.process.pid))
+        yield targets
+
+
+async def run(
+    *, peers: Sequence[str], concurrency: int, requests: int, modes: Sequence[bool]
+) -> list[BudgetRow]:
+    """Every target in every mode, one after another."""
+    rows: list[BudgetRow] = []
+    async with (
+        await start_engine_sims(2, model=MODEL, speed=1000.0, log_dir=LOG_DIR) as fleet,
+        _targets(fleet.urls, peers) as targets,
+    ):
+        engine_pgids = [e.pid for e in fleet.engines]
+        for stream in modes:
+            for name, url, pgid in targets:
+                rows.append(
+                    await measure_one(
+                        name, url, stream=stream, engine_pgids=engine_pgids, proxy_pgid=pgid,
+                        concurrency=concurrency, requests=requests,
+                    )
+                )  # fmt: skip
+    return rows
+
+
+def render(rows: Sequence[BudgetRow], concurrency: int) -> str:
+    """The rows as a fixed-width text table."""
+    head = (
+        f"{'target':<38}{'mode':<8}{'req/s':>7}{'engines':>9}{'proxy':>8}{'client':>8}"
+        f"{'sum':>7}{'busy':>6}{'err':>5}"
+    )
+    lines = [f"CPU ms per request, concurrency {concurrency} ({os.cpu_count()} cores)", head]
+    for r in rows:
+        proxy = "-" if r.proxy_ms is None else f"{r.proxy_ms:.2f}"
+        lines.append(
+            f"{r.target:<38}{'stream' if r.stream else 'plain':<8}{r.req_per_s:>7.0f}"
+            f"{r.engines_ms:>9.2f}{proxy:>8}{r.client_ms:>8.2f}{r.total_ms:>7.2f}"
+            f"{r.busy:>6.2f}{r.errors:>5d}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", nargs="*", default=["vllm-router", "sglang-router"])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    modes = {"both": (False, True), "plain": (False,), "stream": (True,)}[args.mode]
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    rows = asyncio.run(
+        run(peers=args.peers, concurrency=args.concurrency, requests=args.requests, modes=modes)
+    )
+    print(render(rows, args.concurrency))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
