@@ -11,7 +11,9 @@ unless ``--shared-prefix`` is set)::
 
 ``--rate auto`` is 70 % of the fleet's capacity, measured first by saturating one instance
 with the same request mix (the steady-state completion rate, times the fleet size).
-``--profile FILE`` runs under cProfile and prints the top functions.
+``--profile FILE`` runs under cProfile and prints the top functions. The report says
+whether the simulator's modules are compiled (``make sim-accel``, :mod:`sage_llm.sim.accel`)
+and refuses to run a stale build (a compiled module older than its edited source).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
+from sage_llm.sim import accel
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
 from sage_llm.sim.cluster_fleet import field_filler
 from sage_llm.tokens import VOCAB_SIZE
@@ -117,7 +120,7 @@ def measure_capacity_rps(args: argparse.Namespace) -> float:
 
 def run(args: argparse.Namespace) -> tuple[ClusterResult, dict[str, Any]]:
     """Calibrate the rate if asked, then simulate; returns the result and setup figures."""
-    setup: dict[str, Any] = {}
+    setup: dict[str, Any] = {"accel": accel.status()}
     if args.rate == "auto":
         t0 = time.perf_counter()
         per_instance = measure_capacity_rps(args)
@@ -160,6 +163,9 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
     """Print the headline figures."""
     s = result.summary
     d = result.decisions
+    compiled = setup["accel"]["compiled"]
+    how = f"compiled (mypyc, {len(compiled)} modules)" if compiled else "pure Python"
+    print(f"simulator        {how}")
     print(f"fleet            {args.instances} x {args.gpu} / {args.model}, "
           f"max {args.max_concurrency} concurrent each")  # fmt: skip
     print(f"policy/routing   {args.policy} / {args.routing} (candidates sampled above "
@@ -209,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")
     args = parser.parse_args(argv)
+    stale = accel.status()["stale"]
+    if stale:
+        parser.error(f"the compiled simulator is stale ({', '.join(stale)} edited "
+                     "since make sim-accel): rebuild it or run make sim-accel-clean")  # fmt: skip
     if args.rate != "auto":
         try:
             if not float(args.rate) > 0:

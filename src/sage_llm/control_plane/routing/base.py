@@ -66,3 +66,22 @@ class Router(Protocol):
         ...
 
     def describe(self) -> dict[str, object]: ...
+
+
+# The protocols the pipeline checks components against at run time live here, not in
+# pipeline.py: a module compiled by mypyc (``sage_llm.sim.accel``) cannot define a
+# ``runtime_checkable`` protocol.
+
+
+@runtime_checkable
+class RoutingObserver(Protocol):
+    """A pipeline component told of every decision its pipeline makes."""
+
+    def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None: ...
+
+
+@runtime_checkable
+class Describable(Protocol):
+    """A pipeline component with state worth showing (``Pipeline.describe``)."""
+
+    def describe(self) -> dict[str, object]: ...

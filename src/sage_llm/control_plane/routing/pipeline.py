@@ -18,18 +18,17 @@ import random
 from collections.abc import Mapping, Sequence
 from itertools import repeat
 from operator import add
-from typing import Protocol, runtime_checkable
 
-from sage_llm.control_plane.routing.base import Filter, Picker, RoutingDecision, Scorer
+from sage_llm.control_plane.routing.base import (
+    Describable,
+    Filter,
+    Picker,
+    RoutingDecision,
+    RoutingObserver,
+    Scorer,
+)
 from sage_llm.control_plane.routing.filters import LEGS, CapacityFilter, Leg, leg_candidates
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
-
-
-@runtime_checkable
-class RoutingObserver(Protocol):
-    """A pipeline component told of every decision its pipeline makes."""
-
-    def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None: ...
 
 
 class Pipeline:
@@ -192,7 +191,7 @@ class Pipeline:
         state = {
             getattr(obs, "name", type(obs).__name__): obs.describe()
             for obs in self._observers
-            if isinstance(obs, _Describable)
+            if isinstance(obs, Describable)
         }
         if state:
             out["state"] = state
@@ -207,8 +206,3 @@ def _bad_score(scorer: Scorer, iid: str, value: float | None) -> ValueError:
         f"scorer {scorer.name!r} gave {value!r} for {iid!r}; "
         "scores must be in [0, 1] for every candidate"
     )
-
-
-@runtime_checkable
-class _Describable(Protocol):
-    def describe(self) -> dict[str, object]: ...
