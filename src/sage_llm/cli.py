@@ -351,11 +351,15 @@ def bench_proxy(
         "vllm-router,sglang-router"
     ),
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/proxy"),
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Interleaved rounds per target (req/s: their median).")
+    ] = 1,
 ) -> None:
     """Proxy overhead: sage-llm serve vs the Rust routers (req/s, added latency, TTFT)."""
     from sage_llm.bench.proxy_bench import proxy_bench_main
 
-    raise typer.Exit(proxy_bench_main(peers=[p for p in peers.split(",") if p], out=out))
+    peer_list = [p for p in peers.split(",") if p]
+    raise typer.Exit(proxy_bench_main(peers=peer_list, out=out, rounds=rounds))
 
 
 @config_app.command("check")

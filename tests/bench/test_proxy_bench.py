@@ -29,10 +29,10 @@ def test_client_result_figures() -> None:
 
 def test_rows_added_latency_is_against_direct_of_the_same_mode() -> None:
     results = {
-        ("direct", False): (_result([10.0]), _result([10.0], wall_s=1.0)),
-        ("proxy", False): (_result([10.4]), _result([10.0, 10.0], wall_s=1.0)),
-        ("direct", True): (_result([20.0]), _result([20.0])),
-        ("proxy", True): (_result([21.0]), _result([20.0])),
+        ("direct", False): [(_result([10.0]), _result([10.0], wall_s=1.0))],
+        ("proxy", False): [(_result([10.4]), _result([10.0, 10.0], wall_s=1.0))],
+        ("direct", True): [(_result([20.0]), _result([20.0]))],
+        ("proxy", True): [(_result([21.0]), _result([20.0]))],
     }
     rows = {(r.target, r.stream): r for r in rows_from(results)}
     assert rows[("direct", False)].added_ms is None
@@ -44,6 +44,25 @@ def test_rows_added_latency_is_against_direct_of_the_same_mode() -> None:
     console = Console(width=200, record=True)
     console.print(render_rows(list(rows.values())))
     assert "0.40" in console.export_text()
+
+
+def test_rounds_give_the_median_rate_and_pool_the_latencies() -> None:
+    results = {
+        ("direct", False): [(_result([10.0]), _result([1.0], wall_s=1.0))] * 3,
+        ("proxy", False): [
+            (_result([11.0]), _result([1.0] * 4, wall_s=1.0)),
+            (_result([12.0, 14.0]), _result([1.0] * 9, wall_s=1.0)),
+            (_result([13.0]), _result([1.0] * 6, wall_s=1.0)),
+        ],
+    }
+    row = {r.target: r for r in rows_from(results)}["proxy"]
+    assert row.req_per_s_c64_runs == (4.0, 9.0, 6.0)
+    assert row.req_per_s_c64 == 6.0  # the median round
+    assert row.p50_c1_ms == pytest.approx(12.5)  # over the four latencies of all rounds
+    assert row.added_ms == pytest.approx(2.5)
+    console = Console(width=200, record=True)
+    console.print(render_rows(list(rows_from(results))))
+    assert "4 / 9 / 6" in console.export_text()
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -15,6 +15,12 @@ streaming ``/v1/completions``:
 
 ``sage-llm serve`` is measured twice (:data:`SAGE_TARGETS`): as configured by default, and
 with ``engine_stream = "client"``.
+
+With ``rounds`` above 1 every target is measured that many times, the rounds interleaved
+(round *k* starts with the *k*-th target), so a change in the machine's load over the run
+falls on all targets alike: ``req/s c64`` is then the median of the rounds (each round's
+figure is kept in ``req_per_s_c64_runs``), and the concurrency-1 figures are over the
+rounds' latencies together.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -161,22 +168,40 @@ class ProxyRow:
     ttft_c1_ms: float | None
     req_per_s_c64: float
     errors: int
+    req_per_s_c64_runs: tuple[float, ...] = ()
+    """The req/s of each round (the figure above is their median)."""
+
+
+def merged(results: Sequence[ClientResult]) -> ClientResult:
+    """Several runs of one client as one (latencies together, counts and times summed)."""
+    return ClientResult(
+        requests=sum(r.requests for r in results),
+        errors=sum(r.errors for r in results),
+        wall_s=sum(r.wall_s for r in results),
+        latencies_s=[v for r in results for v in r.latencies_s],
+        ttfts_s=[v for r in results for v in r.ttfts_s],
+        cpu_s=sum(r.cpu_s for r in results),
+    )
 
 
 def rows_from(
-    results: dict[tuple[str, bool], tuple[ClientResult, ClientResult]],
+    results: Mapping[tuple[str, bool], Sequence[tuple[ClientResult, ClientResult]]],
 ) -> list[ProxyRow]:
-    """Rows from ``{(target, stream): (c1 result, c64 result)}``; ``added`` is against the
-    ``direct`` target of the same mode."""
+    """Rows from ``{(target, stream): [(c1 result, c64 result) of each round]}``; ``added``
+    is against the ``direct`` target of the same mode."""
+    c1s = {key: merged([c1 for c1, _ in runs]) for key, runs in results.items()}
     rows = []
-    for (target, stream), (c1, c64) in results.items():
-        base = results.get(("direct", stream))
-        p50, direct = c1.p50_ms(), base[0].p50_ms() if base else None
+    for (target, stream), runs in results.items():
+        c1 = c1s[(target, stream)]
+        base = c1s.get(("direct", stream))
+        p50, direct = c1.p50_ms(), base.p50_ms() if base else None
         added = None if p50 is None or direct is None or target == "direct" else p50 - direct
+        rates = tuple(c64.req_per_s for _, c64 in runs)
         rows.append(
             ProxyRow(
                 target, stream, p50, added, c1.ttft_p50_ms() if stream else None,
-                c64.req_per_s, c1.errors + c64.errors,
+                statistics.median(rates), c1.errors + sum(c64.errors for _, c64 in runs),
+                rates,
             )
         )  # fmt: skip
     return rows
@@ -185,7 +210,9 @@ def rows_from(
 def render_rows(rows: Sequence[ProxyRow]) -> Table:
     """A rich table of :class:`ProxyRow`."""
     table = Table(title="Proxy overhead on loopback (engine-sim behind every proxy)")
-    for col in ("target", "mode", "p50 c1 ms", "added ms", "TTFT c1 ms", "req/s c64", "errors"):
+    rounds = any(len(r.req_per_s_c64_runs) > 1 for r in rows)
+    cols = ["target", "mode", "p50 c1 ms", "added ms", "TTFT c1 ms", "req/s c64", "errors"]
+    for col in cols + (["req/s c64 by round"] if rounds else []):
         left = col in ("target", "mode")
         table.add_column(col, justify="left" if left else "right", no_wrap=left)
 
@@ -193,9 +220,10 @@ def render_rows(rows: Sequence[ProxyRow]) -> Table:
         return "-" if v is None else f"{v:.{digits}f}"
 
     for r in rows:
+        by_round = [" / ".join(f(v, 0) for v in r.req_per_s_c64_runs)] if rounds else []
         table.add_row(
             r.target, "stream" if r.stream else "plain", f(r.p50_c1_ms), f(r.added_ms),
-            f(r.ttft_c1_ms), f(r.req_per_s_c64, 0), str(r.errors),
+            f(r.ttft_c1_ms), f(r.req_per_s_c64, 0), str(r.errors), *by_round,
         )  # fmt: skip
     return table
 
@@ -235,20 +263,28 @@ async def run_proxy_bench(
     requests_c64: int = 2000,
     peers: Sequence[str] = ("vllm-router", "sglang-router"),
     log_dir: Path = Path("bench-out/proxy/logs"),
+    rounds: int = 1,
 ) -> list[ProxyRow]:
-    """Measure every target in both modes (see the module docstring)."""
+    """Measure every target in both modes, ``rounds`` times (see the module docstring)."""
     from sage_llm.bench.procs import start_engine_sims
 
-    results: dict[tuple[str, bool], tuple[ClientResult, ClientResult]] = {}
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    results: dict[tuple[str, bool], list[tuple[ClientResult, ClientResult]]] = {}
     async with (
         await start_engine_sims(engines, speed=speed) as fleet,
         _targets(fleet.urls, peers, log_dir) as targets,
     ):
+        names = list(targets)
         for stream in (False, True):
-            for name, url in targets.items():
-                c1 = await _client_process(url, 1, requests_c1, stream, max_tokens)
-                c64 = await _client_process(url, 64, requests_c64, stream, max_tokens)
-                results[(name, stream)] = (c1, c64)
+            for name in names:
+                results[(name, stream)] = []
+            for k in range(rounds):
+                for name in names[k % len(names) :] + names[: k % len(names)]:
+                    url = targets[name]
+                    c1 = await _client_process(url, 1, requests_c1, stream, max_tokens)
+                    c64 = await _client_process(url, 64, requests_c64, stream, max_tokens)
+                    results[(name, stream)].append((c1, c64))
     return rows_from(results)
 
 
@@ -262,6 +298,7 @@ def proxy_bench_main(
     peers: Sequence[str] = ("vllm-router", "sglang-router"),
     out: Path = Path("bench-out/proxy"),
     console: Console | None = None,
+    rounds: int = 1,
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     console = console or Console()
@@ -269,7 +306,7 @@ def proxy_bench_main(
         rows = asyncio.run(
             run_proxy_bench(
                 engines=engines, speed=speed, max_tokens=max_tokens, requests_c1=requests_c1,
-                requests_c64=requests_c64, peers=peers, log_dir=out / "logs",
+                requests_c64=requests_c64, peers=peers, log_dir=out / "logs", rounds=rounds,
             )
         )  # fmt: skip
     console.print(render_rows(rows))
