@@ -32,13 +32,13 @@ from typing import Any
 from sage_llm import tokens
 from sage_llm.engines.base import EngineStats
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
+from sage_llm.sim import costmodel
 from sage_llm.sim.costmodel import (
     CostModel,
     FastStepTime,
     LinearStepModel,
     PrefillChunk,
     RooflineCostModel,
-    fast_step_time,
 )
 from sage_llm.sim.specs import GPUSpec, ModelSpec, kv_capacity_blocks, resolve_gpu, resolve_model
 from sage_llm.types import ExecutionInstanceType
@@ -61,6 +61,99 @@ _by_seq = attrgetter("seq")
 _first = itemgetter(0)
 _LRU_SLACK = 64
 """Dead entries a block pool's cached-block FIFO may hold beyond as many as it has live."""
+
+
+class _Roofline:
+    """``costmodel.fast_step_time`` of a roofline model with tp = pp = 1, as a class.
+
+    The same constants and the same arithmetic in the same order as the closure there, so
+    every result is equal bit for bit (tests/sim/test_core_fastpath.py compares them, and
+    both with ``step_time``). It is here so that the opt-in accelerator
+    (:mod:`sage_llm.sim.accel`) compiles it with the engine core, which calls it once per
+    step; the cost model module itself stays interpreted."""
+
+    __slots__ = (
+        "attn",
+        "bytes_rate",
+        "flops_rate",
+        "hidden",
+        "inv_p",
+        "kv_per_token",
+        "num_layers",
+        "overhead",
+        "p",
+        "params_active",
+        "strict",
+        "vocab",
+        "weight_bytes",
+        "weights_by_tokens",
+    )
+
+    def __init__(self, model: RooflineCostModel) -> None:
+        m = model.model
+        # ints as floats where the closure multiplies them into a float (the same value)
+        self.num_layers = float(m.num_layers)
+        self.attn = 4.0 * m.num_layers * (m.num_heads * m.head_dim)
+        self.params_active = float(m.layer_params_active)
+        self.vocab = float(m.vocab_size)
+        self.hidden = float(m.hidden_size)
+        self.kv_per_token = float(m.kv_bytes_per_token)
+        self.flops_rate = model._flops_rate()
+        self.bytes_rate = model._bytes_rate()
+        self.p = float(model.sharpness)
+        self.inv_p = 1.0 / self.p
+        self.strict = math.isinf(self.p)
+        self.overhead = float(model.overhead_s)
+        self.weight_bytes = model._weight_bytes_touched
+        self.weights_by_tokens: dict[int, float] = {}
+
+    def time(self, prefill: Sequence[PrefillChunk], n_decode: int, ctx_sum: int) -> float:
+        seqs = len(prefill) + n_decode
+        if seqs == 0:
+            return 0.0
+        attn = self.attn
+        new_tokens = 0
+        attn_flops = 0.0
+        kv_read_tokens = 0
+        for new, ctx in prefill:
+            new_tokens += new
+            attn_flops += attn * new * (ctx + new / 2.0)
+            kv_read_tokens += ctx
+        attn_flops += attn * ctx_sum
+        kv_read_tokens += ctx_sum
+        tokens = new_tokens + n_decode
+        flops = (
+            2.0 * tokens * self.num_layers * self.params_active
+            + 2.0 * seqs * self.vocab * self.hidden
+            + attn_flops
+        )
+        weights = self.weights_by_tokens.get(tokens)
+        if weights is None:
+            weights = self.weights_by_tokens[tokens] = float(self.weight_bytes(tokens))
+        kv_bytes = float(kv_read_tokens + tokens) * self.kv_per_token
+        a = flops / self.flops_rate
+        b = (weights + kv_bytes) / self.bytes_rate
+        top = a if a >= b else b
+        if self.strict:
+            slot = top
+        elif top <= 0.0:
+            slot = 0.0
+        else:
+            p = self.p
+            slot = float(top * ((a / top) ** p + (b / top) ** p) ** self.inv_p)
+        return slot + 0.0 + self.overhead
+
+
+def _roofline_of(model: CostModel) -> _Roofline | None:
+    if type(model) is RooflineCostModel and model.tp == 1 and model.pp == 1:
+        return _Roofline(model)
+    return None
+
+
+def fast_step_time(model: CostModel) -> FastStepTime | None:
+    """:func:`sage_llm.sim.costmodel.fast_step_time`, the roofline's as :class:`_Roofline`."""
+    roofline = _roofline_of(model)
+    return costmodel.fast_step_time(model) if roofline is None else roofline.time
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +634,7 @@ class SimEngineCore:
         cfg = self.config
         self.model: ModelSpec = resolve_model(cfg.model)
         self.cost_model: CostModel = cfg.build_cost_model()
+        self._roofline = _roofline_of(self.cost_model)
         self._fast_step_time = fast_step_time(self.cost_model)
         self._fast_for = self.cost_model
         self._token_budget = cfg.max_num_batched_tokens
@@ -811,7 +905,11 @@ class SimEngineCore:
                 ctx_sum = sum(decode)
                 if implicit:
                     ctx_sum += self._lazy_ctx
-                duration = fast(prefill, n_decode, ctx_sum)
+                roofline = self._roofline
+                if roofline is not None:
+                    duration = roofline.time(prefill, n_decode, ctx_sum)
+                else:
+                    duration = fast(prefill, n_decode, ctx_sum)
             else:
                 if implicit:
                     decode = self._decode_contexts(implicit, decode, scheduled)
@@ -819,7 +917,11 @@ class SimEngineCore:
         elif implicit:
             n_decode = implicit
             if fast is not None and self.cost_model is self._fast_for:
-                duration = fast((), implicit, self._lazy_ctx)
+                roofline = self._roofline
+                if roofline is not None:
+                    duration = roofline.time((), implicit, self._lazy_ctx)
+                else:
+                    duration = fast((), implicit, self._lazy_ctx)
             else:
                 duration = self.cost_model.step_time([], self._decode_contexts(implicit, [], []))
         else:
