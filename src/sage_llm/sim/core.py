@@ -75,6 +75,7 @@ class _Roofline:
     __slots__ = (
         "attn",
         "bytes_rate",
+        "fixed_weights",
         "flops_rate",
         "hidden",
         "inv_p",
@@ -106,6 +107,11 @@ class _Roofline:
         self.overhead = float(model.overhead_s)
         self.weight_bytes = model._weight_bytes_touched
         self.weights_by_tokens: dict[int, float] = {}
+        # Every batch reads all the weights when each token reaches every expert (a dense
+        # model: one expert of one): _weight_bytes_touched is then the same for any count.
+        self.fixed_weights: float | None = (
+            float(model._weight_bytes_touched(1)) if m.experts_per_token >= m.num_experts else None
+        )
 
     def time(self, prefill: Sequence[PrefillChunk], n_decode: int, ctx_sum: int) -> float:
         seqs = len(prefill) + n_decode
@@ -127,9 +133,11 @@ class _Roofline:
             + 2.0 * seqs * self.vocab * self.hidden
             + attn_flops
         )
-        weights = self.weights_by_tokens.get(tokens)
+        weights = self.fixed_weights
         if weights is None:
-            weights = self.weights_by_tokens[tokens] = float(self.weight_bytes(tokens))
+            weights = self.weights_by_tokens.get(tokens)
+            if weights is None:
+                weights = self.weights_by_tokens[tokens] = float(self.weight_bytes(tokens))
         kv_bytes = float(kv_read_tokens + tokens) * self.kv_per_token
         a = flops / self.flops_rate
         b = (weights + kv_bytes) / self.bytes_rate
