@@ -17,6 +17,7 @@ from typing import Any
 from sage_llm.config_fields import Rule, opt, req, rule, to_plain, validate
 from sage_llm.control_plane.routing.registry import ROUTING_NAMES
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
+from sage_llm.engines.base import ENGINE_STREAM
 from sage_llm.errors import ConfigError
 from sage_llm.sim.specs import get_gpu, get_model
 from sage_llm.types import (
@@ -31,7 +32,6 @@ from sage_llm.types import (
 SERVICE_TYPES = ("ControlPlaneVLLMService", "VLLMService")
 MODES = ("http", "simulated")
 ENGINES = ("vllm", "sglang", "openai", "sim")
-ENGINE_STREAM = ("always", "client")
 PD_DECIDERS = ("always", "never", "threshold", "prefix_aware", "adaptive")
 PD_CONNECTORS = ("vllm", "sglang")
 DEFAULT_SIM_MODEL = "llama-3-8b"

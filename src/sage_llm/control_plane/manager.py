@@ -43,7 +43,13 @@ from sage_llm.control_plane.scheduling.admission import (
 )
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy
-from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats
+from sage_llm.engines.base import (
+    ENGINE_STREAM,
+    Chunk,
+    EngineClient,
+    EngineRequest,
+    EngineStats,
+)
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
     AdmissionError,
@@ -71,7 +77,6 @@ log = logging.getLogger("sage_llm.manager")
 
 EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
-ENGINE_STREAM = ("always", "client")
 
 
 class ControlPlaneManager:

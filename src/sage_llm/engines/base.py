@@ -22,6 +22,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
+ENGINE_STREAM = ("always", "client")
+"""The control plane's ``engine_stream`` settings: stream every engine call (``always``) or
+only those whose client streams (``client``); see :attr:`EngineRequest.stream`."""
+
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
@@ -29,7 +33,10 @@ class EngineRequest:
 
     Exactly one of ``prompt`` (completions API; text or token ids) and ``messages`` (chat API)
     is set. ``extra`` holds body fields passed through unchanged (``n``, ``logprobs``,
-    ``seed``, ``stream_options`` …). ``kv_transfer_params`` is set on PD legs.
+    ``seed``, ``stream_options`` …). ``kv_transfer_params`` is set on PD legs. ``stream``
+    asks the engine for its output as it comes (``stream: true``); without it an HTTP engine
+    answers in one piece at the end, and the control plane measures no TTFT or TPOT for the
+    request (in-process simulated engines produce chunks as they go either way).
     """
 
     request_id: str
