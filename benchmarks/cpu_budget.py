@@ -41,8 +41,8 @@ from pathlib import Path
 
 from sage_llm.bench.compare import sage_gateway
 from sage_llm.bench.inprocess import Preset
-from sage_llm.bench.procs import start_engine_sims, start_peer_router
-from sage_llm.bench.proxy_bench import SAGE_TARGETS
+from sage_llm.bench.procs import group_cpu_s, start_engine_sims, start_peer_router
+from sage_llm.bench.proxy_bench import SAGE_TARGETS, client_process
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/cpu_budget")
@@ -64,27 +64,6 @@ class BudgetRow:
     busy: float
 
 
-def _ticks() -> float:
-    return float(os.sysconf("SC_CLK_TCK"))
-
-
-def group_cpu_s(pgid: int) -> float:
-    """User + system CPU seconds of the live processes of process group ``pgid`` (each
-    with all its threads), from ``/proc/<pid>/stat``."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _ticks()
-
-
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all cores so far, from the first line of ``/proc/stat``."""
     with open("/proc/stat", encoding="ascii") as f:
@@ -92,20 +71,6 @@ def machine_ticks() -> tuple[int, int]:
     idle = values[3] + values[4]  # idle + iowait
     total = sum(values[:8])  # user … steal (guest time is counted in user already)
     return total - idle, total
-
-
-async def _client(url: str, *, stream: bool, concurrency: int, requests: int) -> dict[str, float]:
-    argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client", "--url", url,
-            "--concurrency", str(concurrency), "--requests", str(requests),
-            "--max-tokens", "4"] + (["--stream"] if stream else [])  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"load client failed: {err.decode()[-800:]}")
-    data: dict[str, float] = json.loads(out)
-    return data
 
 
 async def measure_one(
@@ -119,24 +84,24 @@ async def measure_one(
     requests: int,
 ) -> BudgetRow:
     """One measured run (after a short unmeasured warm-up)."""
-    await _client(url, stream=stream, concurrency=concurrency, requests=200)
+    await client_process(url, concurrency, 200, stream)
     engines_before = sum(group_cpu_s(p) for p in engine_pgids)
     proxy_before = group_cpu_s(proxy_pgid) if proxy_pgid is not None else 0.0
     busy_before, total_before = machine_ticks()
-    data = await _client(url, stream=stream, concurrency=concurrency, requests=requests)
+    data = await client_process(url, concurrency, requests, stream)
     busy_after, total_after = machine_ticks()
-    client_s = float(data["cpu_s"])
+    client_s = data.cpu_s
     engines_s = sum(group_cpu_s(p) for p in engine_pgids) - engines_before
     proxy_s = group_cpu_s(proxy_pgid) - proxy_before if proxy_pgid is not None else None
-    done = max(1, int(data["requests"]) - int(data["errors"]))
+    done = max(1, data.requests - data.errors)
     per = 1000.0 / done
     total = engines_s + (proxy_s or 0.0) + client_s
     return BudgetRow(
         target=name,
         stream=stream,
-        requests=int(data["requests"]),
-        errors=int(data["errors"]),
-        req_per_s=done / float(data["wall_s"]),
+        requests=data.requests,
+        errors=data.errors,
+        req_per_s=data.req_per_s,
         engines_ms=engines_s * per,
         proxy_ms=None if proxy_s is None else proxy_s * per,
         client_ms=client_s * per,

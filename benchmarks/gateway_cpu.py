@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
@@ -44,7 +43,14 @@ from pathlib import Path
 
 from sage_llm.bench.compare import sage_config_toml
 from sage_llm.bench.inprocess import Preset
-from sage_llm.bench.procs import ManagedProcess, free_ports, spawn, start_engine_sims
+from sage_llm.bench.procs import (
+    ManagedProcess,
+    free_ports,
+    group_cpu_s,
+    spawn,
+    start_engine_sims,
+)
+from sage_llm.bench.proxy_bench import client_process
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/gateway_cpu")
@@ -142,28 +148,6 @@ async def _proxy(
         await proc.stop()
 
 
-async def _client(url: str, *, stream: bool, concurrency: int, requests: int) -> dict[str, float]:
-    argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client", "--url", url,
-            "--concurrency", str(concurrency), "--requests", str(requests),
-            "--max-tokens", "4"] + (["--stream"] if stream else [])  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"load client failed: {err.decode()[-800:]}")
-    data = json.loads(out)
-    return {"requests": data["requests"], "errors": data["errors"], "wall_s": data["wall_s"]}
-
-
-def _cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from
-    ``/proc/<pid>/stat`` as ``psutil.Process.cpu_times`` reads it (Linux only)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def measure(
     *,
     bare: bool,
@@ -180,22 +164,20 @@ async def measure(
     ):
         for stream in modes:
             # a short warm-up run (connections, caches), not measured
-            await _client(proxy.url, stream=stream, concurrency=concurrency, requests=200)
-            before = _cpu(proxy.pid)
-            data = await _client(
-                proxy.url, stream=stream, concurrency=concurrency, requests=requests
-            )
-            cpu = _cpu(proxy.pid) - before
-            done = int(data["requests"] - data["errors"])
+            await client_process(proxy.url, concurrency, 200, stream)
+            before = group_cpu_s(proxy.pid)
+            data = await client_process(proxy.url, concurrency, requests, stream)
+            cpu = group_cpu_s(proxy.pid) - before
+            done = data.requests - data.errors
             results.append(
                 ModeResult(
                     mode="stream" if stream else "plain",
-                    requests=int(data["requests"]),
-                    errors=int(data["errors"]),
-                    req_per_s=done / data["wall_s"] if data["wall_s"] > 0 else 0.0,
+                    requests=data.requests,
+                    errors=data.errors,
+                    req_per_s=data.req_per_s,
                     cpu_s=cpu,
                     cpu_ms_per_request=cpu * 1000 / max(done, 1),
-                    cpu_utilisation=cpu / data["wall_s"] if data["wall_s"] > 0 else 0.0,
+                    cpu_utilisation=cpu / data.wall_s if data.wall_s > 0 else 0.0,
                 )
             )
     return results

@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sage_llm.bench.procs import (
     counter_total,
     engine_sim_argv,
     free_ports,
+    group_cpu_s,
     spawn,
     start_engine_sims,
     start_peer_router,
@@ -193,3 +195,10 @@ def test_this_is_linux() -> None:
     """The helpers rely on process groups and /proc, as CI and benchmark hosts have."""
     assert sys.platform.startswith("linux")
     assert os.getpgid(0) > 0
+
+
+def test_group_cpu_counts_this_process() -> None:
+    spent = time.process_time()
+    # every live process of this test's group, this one included (10 ms clock ticks)
+    assert group_cpu_s(os.getpgrp()) >= spent - 0.05
+    assert group_cpu_s(2**22 + 12345) == 0.0  # no such group

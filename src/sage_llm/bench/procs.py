@@ -59,6 +59,24 @@ class ProcessStartError(SageLLMError):
         self.log_path = log_path
 
 
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (each with
+    all its threads), from ``/proc/<pid>/stat`` as ``psutil`` reads them; Linux only. A
+    process started by :func:`spawn` leads a group of its own (``pgid`` = its pid)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def free_ports(n: int, host: str = HOST) -> list[int]:
     """``n`` distinct ports that were free on ``host`` a moment ago (bound to port 0)."""
     socks: list[socket.socket] = []

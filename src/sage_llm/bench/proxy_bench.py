@@ -43,7 +43,14 @@ from rich.table import Table
 
 from sage_llm.bench.stats import percentile
 
-__all__ = ["ClientResult", "ProxyRow", "closed_loop", "proxy_bench_main", "run_proxy_bench"]
+__all__ = [
+    "ClientResult",
+    "ProxyRow",
+    "client_process",
+    "closed_loop",
+    "proxy_bench_main",
+    "run_proxy_bench",
+]
 
 PROMPT = "Tell me about the weather in a city of your choice, briefly."
 
@@ -141,9 +148,11 @@ async def closed_loop(
     return ClientResult(requests, errors, wall, latencies, ttfts, cpu)
 
 
-async def _client_process(
-    url: str, concurrency: int, requests: int, stream: bool, max_tokens: int
+async def client_process(
+    url: str, concurrency: int, requests: int, stream: bool, max_tokens: int = 4
 ) -> ClientResult:
+    """:func:`closed_loop` in a process of its own (so it never shares a proxy's cores'
+    event loop with it); raises RuntimeError when that process fails."""
     argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client", "--url", url,
             "--concurrency", str(concurrency), "--requests", str(requests),
             "--max-tokens", str(max_tokens)] + (["--stream"] if stream else [])  # fmt: skip
@@ -282,8 +291,8 @@ async def run_proxy_bench(
             for k in range(rounds):
                 for name in names[k % len(names) :] + names[: k % len(names)]:
                     url = targets[name]
-                    c1 = await _client_process(url, 1, requests_c1, stream, max_tokens)
-                    c64 = await _client_process(url, 64, requests_c64, stream, max_tokens)
+                    c1 = await client_process(url, 1, requests_c1, stream, max_tokens)
+                    c64 = await client_process(url, 64, requests_c64, stream, max_tokens)
                     results[(name, stream)].append((c1, c64))
     return rows_from(results)
 
