@@ -59,7 +59,7 @@ bench-pd: $(STAMP)
 # Opt-in: the cluster simulator's hot modules compiled with mypyc (identical results, faster;
 # needs a C compiler). Pure Python stays the default; sim-accel-clean goes back to it.
 sim-accel: $(STAMP)
-	$(BIN)/python -m sage_llm.sim.accel build
+	PYTHONPATH=src $(BIN)/python -m sage_llm.sim.accel build
 
 sim-accel-clean:
 	rm -f src/sage_llm/sim/*.so src/sage_llm/control_plane/routing/*.so src/sage_llm/sim/_accel.json
