@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -258,3 +260,65 @@ def test_summarize_fair_users_score_one() -> None:
     assert summary.fairness_index == pytest.approx(1.0)
     assert summary.goodput == pytest.approx(3.0)
     assert math.isclose(summary.slo_attainment or 0.0, 1.0)
+
+
+def _reference_summary(ms: list[RequestMeasurement], slo: SLO | None) -> dict[str, Any]:
+    """The summary computed straight from the module's definitions, one figure at a time."""
+    done = [m for m in ms if m.ok]
+    met = [meets_slo(m, slo) for m in ms]
+    users: dict[str, list[float]] = {}
+    for m in done:
+        if m.user_id is not None and (t := ttft(m)) is not None:
+            users.setdefault(m.user_id, []).append(t)
+    prios = sorted({m.priority for m in ms})
+    return {
+        "ok": len(done),
+        "ttft": latency_stats([t for m in done if (t := ttft(m)) is not None]),
+        "tpot": latency_stats([t for m in done if (t := tpot(m)) is not None]),
+        "itl": latency_stats([g for m in done for g in itl(m)]),
+        "e2e": latency_stats([e2e(m) for m in done]),
+        "slo_met": sum(met),
+        "by_priority": {
+            p: sum(h for m, h in zip(ms, met, strict=True) if m.priority == p)
+            / sum(1 for m in ms if m.priority == p)
+            for p in prios
+        },
+        "fairness": jain_index([sum(v) / len(v) for v in users.values()]),
+        "errors": {e: sum(1 for m in ms if not m.ok and (m.error or "unknown error") == e)
+                   for e in dict.fromkeys(m.error or "unknown error" for m in ms if not m.ok)},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("named", [None, SLO(ttft_s=0.05, tpot_s=0.004, itl_s=0.3, e2e_s=1.2)])
+def test_summary_equals_the_definitions_figure_by_figure(named: SLO | None) -> None:
+    rng = random.Random(7)
+    ms = []
+    for i in range(3000):
+        arrival = rng.random() * 10
+        first = None if rng.random() < 0.05 else arrival + rng.random() * 0.1
+        times = sorted(arrival + 0.1 + rng.random() for _ in range(rng.choice((0, 0, 3))))
+        ok = rng.random() > 0.05
+        ms.append(
+            RequestMeasurement(
+                f"r{i}", rng.choice(list(RequestPriority)),
+                None if rng.random() < 0.2 else f"u{rng.randrange(9)}",
+                arrival, first, times, max(times, default=first or arrival) + rng.random(),
+                rng.randrange(100), rng.randrange(50), ok,
+                None if ok else rng.choice(["boom", None]),
+                slo_ttft_s=0.04 if rng.random() < 0.3 else None,
+                slo_tpot_s=0.005 if rng.random() < 0.3 else None,
+                slo_e2e_s=1.0 if rng.random() < 0.3 else None,
+            )
+        )  # fmt: skip
+    got = summarize(ms, 10.0, named)
+    want = _reference_summary(ms, named)
+    assert got.ok == want["ok"] and got.slo_met == want["slo_met"]
+    assert (got.ttft, got.tpot, got.itl, got.e2e) == (
+        want["ttft"],
+        want["tpot"],
+        want["itl"],
+        want["e2e"],
+    )  # exactly the same floats
+    assert got.slo_attainment_by_priority == want["by_priority"]
+    assert got.fairness_index == want["fairness"]
+    assert got.errors == want["errors"]

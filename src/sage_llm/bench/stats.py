@@ -140,6 +140,11 @@ def percentile(values: Iterable[float], q: float) -> float:
     data = sorted(values)
     if not data:
         raise ValueError("percentile of no values")
+    return _sorted_percentile(data, q)
+
+
+def _sorted_percentile(data: Sequence[float], q: float) -> float:
+    """:func:`percentile` of values already sorted (at least one)."""
     if not 0 <= q <= 100:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
     pos = (len(data) - 1) * q / 100
@@ -187,13 +192,14 @@ def latency_stats(values: Sequence[float]) -> LatencyStats | None:
     """Summary of some latencies; None when there are none."""
     if not values:
         return None
+    data = sorted(values)  # once, for every percentile
     return LatencyStats(
         count=len(values),
         mean=sum(values) / len(values),
-        p50=percentile(values, 50),
-        p90=percentile(values, 90),
-        p99=percentile(values, 99),
-        max=max(values),
+        p50=_sorted_percentile(data, 50),
+        p90=_sorted_percentile(data, 90),
+        p99=_sorted_percentile(data, 99),
+        max=data[-1],
     )
 
 
@@ -201,21 +207,28 @@ def meets_slo(m: RequestMeasurement, slo: SLO | None) -> bool:
     """Whether ``m`` completed within its targets (see the module docstring)."""
     if not m.ok:
         return False
-    named = slo if slo is not None else SLO(ttft_s=None, tpot_s=None)
+    named = slo if slo is not None else _NO_SLO
     ttft_target = m.slo_ttft_s if m.slo_ttft_s is not None else named.ttft_s
     tpot_target = m.slo_tpot_s if m.slo_tpot_s is not None else named.tpot_s
     e2e_target = m.slo_e2e_s if m.slo_e2e_s is not None else named.e2e_s
     itl_target = named.itl_s
-    first = ttft(m)
-    if ttft_target is not None and (first if first is not None else e2e(m)) > ttft_target:
-        return False
-    per_token = tpot(m)
-    if tpot_target is not None and per_token is not None and per_token > tpot_target:
-        return False
-    gaps = itl(m)
-    if itl_target is not None and gaps and max(gaps) > itl_target:
-        return False
-    return not (e2e_target is not None and e2e(m) > e2e_target)
+    if ttft_target is not None:
+        first = m.first_token_s if m.first_token_s is not None else m.end_s
+        if first - m.arrival_s > ttft_target:
+            return False
+    if tpot_target is not None:
+        per_token = tpot(m)
+        if per_token is not None and per_token > tpot_target:
+            return False
+    if itl_target is not None:
+        gaps = itl(m)
+        if gaps and max(gaps) > itl_target:
+            return False
+    return not (e2e_target is not None and m.end_s - m.arrival_s > e2e_target)
+
+
+_NO_SLO = SLO(ttft_s=None, tpot_s=None)
+"""No named targets (a request's own ones still apply); immutable."""
 
 
 @dataclass(frozen=True)
@@ -281,36 +294,66 @@ def summarize(
     """Summarise a run of ``duration_s`` seconds (definitions in the module docstring)."""
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
-    done = [m for m in measurements if m.ok]
-    met = [meets_slo(m, slo) for m in measurements]
-    by_priority: dict[RequestPriority, list[bool]] = defaultdict(list)
-    for m, hit in zip(measurements, met, strict=True):
-        by_priority[m.priority].append(hit)
+    # One pass (a simulated run has a million measurements); every list is built in the
+    # measurements' order, so sums and means are the same floats as term by term.
+    named = slo if slo is not None else _NO_SLO
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    itls: list[float] = []
+    e2es: list[float] = []
+    met = ok = output_tokens = prompt_tokens = 0
+    by_priority: dict[RequestPriority, list[int]] = {}  # [met, all]
     per_user: dict[str, list[float]] = defaultdict(list)
-    for m in done:
-        first = ttft(m)
-        if m.user_id is not None and first is not None:
-            per_user[m.user_id].append(first)
-    output_tokens = sum(m.output_tokens for m in done)
-    prompt_tokens = sum(m.prompt_tokens for m in done)
+    users: set[str] = set()
+    errors: Counter[str] = Counter()
+    for m in measurements:
+        hit = meets_slo(m, named)
+        counts = by_priority.get(m.priority)
+        if counts is None:
+            counts = by_priority[m.priority] = [0, 0]
+        counts[1] += 1
+        user = m.user_id
+        if user is not None:
+            users.add(user)
+        if not m.ok:
+            errors[m.error or "unknown error"] += 1
+            continue
+        if hit:
+            met += 1
+            counts[0] += 1
+        ok += 1
+        output_tokens += m.output_tokens
+        prompt_tokens += m.prompt_tokens
+        first = m.first_token_s
+        if first is not None:
+            ttfts.append(first - m.arrival_s)
+            if m.output_tokens >= 2:
+                tpots.append((m.end_s - first) / (m.output_tokens - 1))
+            if user is not None:
+                per_user[user].append(first - m.arrival_s)
+        times = m.token_times_s
+        if len(times) > 1:
+            itls.extend(b - a for a, b in itertools.pairwise(times))
+        e2es.append(m.end_s - m.arrival_s)
+    count = len(measurements)
     return BenchSummary(
-        count=len(measurements),
-        ok=len(done),
-        failed=len(measurements) - len(done),
+        count=count,
+        ok=ok,
+        failed=count - ok,
         duration_s=duration_s,
-        request_throughput=len(done) / duration_s,
+        request_throughput=ok / duration_s,
         output_token_throughput=output_tokens / duration_s,
         total_token_throughput=(output_tokens + prompt_tokens) / duration_s,
-        ttft=latency_stats([t for m in done if (t := ttft(m)) is not None]),
-        tpot=latency_stats([t for m in done if (t := tpot(m)) is not None]),
-        itl=latency_stats([g for m in done for g in itl(m)]),
-        e2e=latency_stats([e2e(m) for m in done]),
+        ttft=latency_stats(ttfts),
+        tpot=latency_stats(tpots),
+        itl=latency_stats(itls),
+        e2e=latency_stats(e2es),
         slo=slo,
-        slo_met=sum(met),
-        goodput=sum(met) / duration_s,
-        slo_attainment=sum(met) / len(met) if met else None,
-        slo_attainment_by_priority={p: sum(v) / len(v) for p, v in sorted(by_priority.items())},
+        slo_met=met,
+        goodput=met / duration_s,
+        slo_attainment=met / count if count else None,
+        slo_attainment_by_priority={p: v[0] / v[1] for p, v in sorted(by_priority.items())},
         fairness_index=jain_index([sum(v) / len(v) for v in per_user.values()]),
-        users=len({m.user_id for m in measurements if m.user_id is not None}),
-        errors=dict(Counter(m.error or "unknown error" for m in measurements if not m.ok)),
+        users=len(users),
+        errors=dict(errors),
     )
