@@ -37,6 +37,7 @@ __all__ = ["MODULES", "build", "clean", "compiled_modules", "main", "status"]
 
 MODULES = (
     "sage_llm.sim.core",
+    "sage_llm.sim.roofline_step",
     "sage_llm.sim.cluster",
     "sage_llm.sim.cluster_control",
     "sage_llm.sim.cluster_state",

@@ -32,14 +32,15 @@ from typing import Any
 from sage_llm import tokens
 from sage_llm.engines.base import EngineStats
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
-from sage_llm.sim import costmodel
 from sage_llm.sim.costmodel import (
     CostModel,
     FastStepTime,
     LinearStepModel,
     PrefillChunk,
     RooflineCostModel,
+    fast_step_time,
 )
+from sage_llm.sim.roofline_step import roofline_step
 from sage_llm.sim.specs import GPUSpec, ModelSpec, kv_capacity_blocks, resolve_gpu, resolve_model
 from sage_llm.types import ExecutionInstanceType
 
@@ -61,107 +62,6 @@ _by_seq = attrgetter("seq")
 _first = itemgetter(0)
 _LRU_SLACK = 64
 """Dead entries a block pool's cached-block FIFO may hold beyond as many as it has live."""
-
-
-class _Roofline:
-    """``costmodel.fast_step_time`` of a roofline model with tp = pp = 1, as a class.
-
-    The same constants and the same arithmetic in the same order as the closure there, so
-    every result is equal bit for bit (tests/sim/test_core_fastpath.py compares them, and
-    both with ``step_time``). It is here so that the opt-in accelerator
-    (:mod:`sage_llm.sim.accel`) compiles it with the engine core, which calls it once per
-    step; the cost model module itself stays interpreted."""
-
-    __slots__ = (
-        "attn",
-        "bytes_rate",
-        "fixed_weights",
-        "flops_rate",
-        "hidden",
-        "inv_p",
-        "kv_per_token",
-        "num_layers",
-        "overhead",
-        "p",
-        "params_active",
-        "strict",
-        "vocab",
-        "weight_bytes",
-        "weights_by_tokens",
-    )
-
-    def __init__(self, model: RooflineCostModel) -> None:
-        m = model.model
-        # ints as floats where the closure multiplies them into a float (the same value)
-        self.num_layers = float(m.num_layers)
-        self.attn = 4.0 * m.num_layers * (m.num_heads * m.head_dim)
-        self.params_active = float(m.layer_params_active)
-        self.vocab = float(m.vocab_size)
-        self.hidden = float(m.hidden_size)
-        self.kv_per_token = float(m.kv_bytes_per_token)
-        self.flops_rate = model._flops_rate()
-        self.bytes_rate = model._bytes_rate()
-        self.p = float(model.sharpness)
-        self.inv_p = 1.0 / self.p
-        self.strict = math.isinf(self.p)
-        self.overhead = float(model.overhead_s)
-        self.weight_bytes = model._weight_bytes_touched
-        self.weights_by_tokens: dict[int, float] = {}
-        # Every batch reads all the weights when each token reaches every expert (a dense
-        # model: one expert of one): _weight_bytes_touched is then the same for any count.
-        self.fixed_weights: float | None = (
-            float(model._weight_bytes_touched(1)) if m.experts_per_token >= m.num_experts else None
-        )
-
-    def time(self, prefill: Sequence[PrefillChunk], n_decode: int, ctx_sum: int) -> float:
-        seqs = len(prefill) + n_decode
-        if seqs == 0:
-            return 0.0
-        attn = self.attn
-        new_tokens = 0
-        attn_flops = 0.0
-        kv_read_tokens = 0
-        for new, ctx in prefill:
-            new_tokens += new
-            attn_flops += attn * new * (ctx + new / 2.0)
-            kv_read_tokens += ctx
-        attn_flops += attn * ctx_sum
-        kv_read_tokens += ctx_sum
-        tokens = new_tokens + n_decode
-        flops = (
-            2.0 * tokens * self.num_layers * self.params_active
-            + 2.0 * seqs * self.vocab * self.hidden
-            + attn_flops
-        )
-        weights = self.fixed_weights
-        if weights is None:
-            weights = self.weights_by_tokens.get(tokens)
-            if weights is None:
-                weights = self.weights_by_tokens[tokens] = float(self.weight_bytes(tokens))
-        kv_bytes = float(kv_read_tokens + tokens) * self.kv_per_token
-        a = flops / self.flops_rate
-        b = (weights + kv_bytes) / self.bytes_rate
-        top = a if a >= b else b
-        if self.strict:
-            slot = top
-        elif top <= 0.0:
-            slot = 0.0
-        else:
-            p = self.p
-            slot = float(top * ((a / top) ** p + (b / top) ** p) ** self.inv_p)
-        return slot + 0.0 + self.overhead
-
-
-def _roofline_of(model: CostModel) -> _Roofline | None:
-    if type(model) is RooflineCostModel and model.tp == 1 and model.pp == 1:
-        return _Roofline(model)
-    return None
-
-
-def fast_step_time(model: CostModel) -> FastStepTime | None:
-    """:func:`sage_llm.sim.costmodel.fast_step_time`, the roofline's as :class:`_Roofline`."""
-    roofline = _roofline_of(model)
-    return costmodel.fast_step_time(model) if roofline is None else roofline.time
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,7 +542,7 @@ class SimEngineCore:
         cfg = self.config
         self.model: ModelSpec = resolve_model(cfg.model)
         self.cost_model: CostModel = cfg.build_cost_model()
-        self._roofline = _roofline_of(self.cost_model)
+        self._roofline = roofline_step(self.cost_model)
         self._fast_step_time = fast_step_time(self.cost_model)
         self._fast_for = self.cost_model
         self._token_budget = cfg.max_num_batched_tokens

@@ -364,8 +364,8 @@ def fast_step_time(model: CostModel) -> FastStepTime | None:
     The same arithmetic, in the same order, on the same values — only the model's constant
     sub-expressions are computed once and the per-token-count weight bytes remembered — so
     every result equals ``model.step_time`` bit for bit (tests/sim/test_core_fastpath.py
-    checks it; it lives here, beside the formulas it repeats, so that a change to one shows
-    in the other). Models with tensor or pipeline parallelism keep their own method."""
+    checks it). The roofline's is :class:`sage_llm.sim.roofline_step.RooflineStep`. Models
+    with tensor or pipeline parallelism keep their own method."""
     if type(model) is LinearStepModel:
         b0, b1, b2 = model.betas_us
 
@@ -378,50 +378,7 @@ def fast_step_time(model: CostModel) -> FastStepTime | None:
         return linear
     if type(model) is not RooflineCostModel or model.tp != 1 or model.pp != 1:
         return None
-    m = model.model
-    num_layers = m.num_layers
-    attn = 4.0 * num_layers * (m.num_heads * m.head_dim)  # left-assoc. prefix of the formula
-    params_active = m.layer_params_active
-    vocab, hidden = m.vocab_size, m.hidden_size
-    kv_per_token = m.kv_bytes_per_token
-    flops_rate = model._flops_rate()
-    bytes_rate = model._bytes_rate()
-    p = model.sharpness
-    inv_p = 1.0 / p
-    strict = math.isinf(p)
-    overhead = model.overhead_s
-    weight_bytes = model._weight_bytes_touched
-    weights_by_tokens: dict[int, float] = {}
+    # in a module of its own, which the opt-in accelerator compiles (it imports this one)
+    from sage_llm.sim.roofline_step import RooflineStep
 
-    def roofline(prefill: Sequence[PrefillChunk], n_decode: int, ctx_sum: int) -> float:
-        seqs = len(prefill) + n_decode
-        if seqs == 0:
-            return 0.0
-        new_tokens = 0
-        attn_flops = 0.0
-        kv_read_tokens = 0
-        for new, ctx in prefill:
-            new_tokens += new
-            attn_flops += attn * new * (ctx + new / 2.0)
-            kv_read_tokens += ctx
-        attn_flops += attn * ctx_sum
-        kv_read_tokens += ctx_sum
-        tokens = new_tokens + n_decode
-        flops = 2.0 * tokens * num_layers * params_active + 2.0 * seqs * vocab * hidden + attn_flops
-        weights = weights_by_tokens.get(tokens)
-        if weights is None:
-            weights = weights_by_tokens[tokens] = weight_bytes(tokens)
-        kv_bytes = float(kv_read_tokens + tokens) * kv_per_token
-        # _pipeline_s with pp = micro = 1, then _soft_max
-        a = flops / flops_rate
-        b = (weights + kv_bytes) / bytes_rate
-        top = a if a >= b else b
-        if strict:
-            slot = top
-        elif top <= 0.0:
-            slot = 0.0
-        else:
-            slot = float(top * ((a / top) ** p + (b / top) ** p) ** inv_p)
-        return slot + 0.0 + overhead
-
-    return roofline
+    return RooflineStep(model).time
