@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sage_llm.bench.compare import sage_gateway
-from sage_llm.bench.inprocess import Preset
-from sage_llm.bench.procs import group_cpu_s, start_engine_sims, start_peer_router
-from sage_llm.bench.proxy_bench import SAGE_TARGETS, client_process
+from sage_llm.bench.procs import group_cpu_s, start_engine_sims
+from sage_llm.bench.proxy_bench import client_process, proxy_targets
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/cpu_budget")
@@ -110,29 +107,6 @@ async def measure_one(
     )
 
 
-@contextlib.asynccontextmanager
-async def _targets(
-    urls: Sequence[str], peers: Sequence[str]
-) -> AsyncIterator[list[tuple[str, str, int | None]]]:
-    """(name, url, process group) of every target; the engine itself has none."""
-    async with contextlib.AsyncExitStack() as stack:
-        targets: list[tuple[str, str, int | None]] = [("direct", urls[0], None)]
-        for engine_stream, name in SAGE_TARGETS:
-            gw = await stack.enter_async_context(
-                sage_gateway(
-                    Preset("fifo + round_robin", "fifo", "round_robin"), urls,
-                    model=MODEL, max_concurrent=10_000, log_dir=LOG_DIR,
-                    engine_stream=engine_stream,
-                )
-            )  # fmt: skip
-            targets.append((name, gw.url, gw.pid))
-        for peer in peers:
-            router = await start_peer_router(peer, urls, policy="round_robin", log_dir=LOG_DIR)
-            stack.push_async_callback(router.aclose)
-            targets.append((peer, router.url, router.process.pid))
-        yield targets
-
-
 async def run(
     *, peers: Sequence[str], concurrency: int, requests: int, modes: Sequence[bool]
 ) -> list[BudgetRow]:
@@ -140,14 +114,15 @@ async def run(
     rows: list[BudgetRow] = []
     async with (
         await start_engine_sims(2, model=MODEL, speed=1000.0, log_dir=LOG_DIR) as fleet,
-        _targets(fleet.urls, peers) as targets,
+        proxy_targets(fleet.urls, peers, LOG_DIR) as targets,
     ):
         engine_pgids = [e.pid for e in fleet.engines]
         for stream in modes:
-            for name, url, pgid in targets:
+            for name, target in targets.items():
                 rows.append(
                     await measure_one(
-                        name, url, stream=stream, engine_pgids=engine_pgids, proxy_pgid=pgid,
+                        name, target.url, stream=stream, engine_pgids=engine_pgids,
+                        proxy_pgid=target.pgid,
                         concurrency=concurrency, requests=requests,
                     )
                 )  # fmt: skip

@@ -46,9 +46,11 @@ from sage_llm.bench.stats import percentile
 __all__ = [
     "ClientResult",
     "ProxyRow",
+    "ProxyTarget",
     "client_process",
     "closed_loop",
     "proxy_bench_main",
+    "proxy_targets",
     "run_proxy_bench",
 ]
 
@@ -237,16 +239,27 @@ def render_rows(rows: Sequence[ProxyRow]) -> Table:
     return table
 
 
+@dataclass(frozen=True)
+class ProxyTarget:
+    """Where to send a target's traffic, and its process group (None: the engine itself)."""
+
+    url: str
+    pgid: int | None
+
+
 @contextlib.asynccontextmanager
-async def _targets(
+async def proxy_targets(
     urls: Sequence[str], peers: Sequence[str], log_dir: Path
-) -> AsyncIterator[dict[str, str]]:
+) -> AsyncIterator[dict[str, ProxyTarget]]:
+    """Every target of the bench over the engines at ``urls``, by name: ``direct`` (the
+    first engine), ``sage-llm serve`` in each of :data:`SAGE_TARGETS`, then ``peers``;
+    all stopped on exit."""
     from sage_llm.bench.compare import sage_gateway
     from sage_llm.bench.inprocess import Preset
     from sage_llm.bench.procs import start_peer_router
 
     async with contextlib.AsyncExitStack() as stack:
-        targets = {"direct": urls[0]}
+        targets = {"direct": ProxyTarget(urls[0], None)}
         for engine_stream, name in SAGE_TARGETS:
             gw = await stack.enter_async_context(
                 sage_gateway(
@@ -255,11 +268,11 @@ async def _targets(
                     engine_stream=engine_stream,
                 )
             )  # fmt: skip
-            targets[name] = gw.url
+            targets[name] = ProxyTarget(gw.url, gw.pid)
         for peer in peers:
-            router = await start_peer_router(peer, urls, policy="round_robin")
+            router = await start_peer_router(peer, urls, policy="round_robin", log_dir=log_dir)
             stack.push_async_callback(router.aclose)
-            targets[peer] = router.url
+            targets[peer] = ProxyTarget(router.url, router.process.pid)
         yield targets
 
 
@@ -282,7 +295,7 @@ async def run_proxy_bench(
     results: dict[tuple[str, bool], list[tuple[ClientResult, ClientResult]]] = {}
     async with (
         await start_engine_sims(engines, speed=speed) as fleet,
-        _targets(fleet.urls, peers, log_dir) as targets,
+        proxy_targets(fleet.urls, peers, log_dir) as targets,
     ):
         names = list(targets)
         for stream in (False, True):
@@ -290,7 +303,7 @@ async def run_proxy_bench(
                 results[(name, stream)] = []
             for k in range(rounds):
                 for name in names[k % len(names) :] + names[: k % len(names)]:
-                    url = targets[name]
+                    url = targets[name].url
                     c1 = await client_process(url, 1, requests_c1, stream, max_tokens)
                     c64 = await client_process(url, 64, requests_c64, stream, max_tokens)
                     results[(name, stream)].append((c1, c64))
