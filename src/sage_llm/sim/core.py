@@ -543,7 +543,10 @@ class SimEngineCore:
         self.model: ModelSpec = resolve_model(cfg.model)
         self.cost_model: CostModel = cfg.build_cost_model()
         self._roofline = roofline_step(self.cost_model)
-        self._fast_step_time = fast_step_time(self.cost_model)
+        # the roofline's is that object's method (not a second one from fast_step_time)
+        self._fast_step_time = (
+            self._roofline.time if self._roofline is not None else fast_step_time(self.cost_model)
+        )
         self._fast_for = self.cost_model
         self._token_budget = cfg.max_num_batched_tokens
         self._jitter = cfg.step_jitter
