@@ -121,9 +121,12 @@ def measure_capacity_rps(args: argparse.Namespace) -> float:
     return (len(ends) * 8 // 10) / (hi - lo)
 
 
-def run(args: argparse.Namespace) -> tuple[ClusterResult, dict[str, Any]]:
-    """Calibrate the rate if asked, then simulate; returns the result and setup figures."""
-    setup: dict[str, Any] = {"accel": accel.status()}
+def run(
+    args: argparse.Namespace, accel_state: dict[str, list[str]]
+) -> tuple[ClusterResult, dict[str, Any]]:
+    """Calibrate the rate if asked, then simulate; returns the result and setup figures
+    (``accel_state`` is :func:`sage_llm.sim.accel.status`, recorded with them)."""
+    setup: dict[str, Any] = {"accel": accel_state}
     if args.rate == "auto":
         t0 = time.perf_counter()
         per_instance = measure_capacity_rps(args)
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")
     args = parser.parse_args(argv)
-    stale = accel.status()["stale"]
+    accel_state = accel.status()
+    stale = accel_state["stale"]
     if stale:
         parser.error(f"the compiled simulator is stale ({', '.join(stale)} edited "
                      "since make sim-accel): rebuild it or run make sim-accel-clean")  # fmt: skip
@@ -230,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--rate must be a positive number or auto")
     if args.profile is not None:
         profiler = cProfile.Profile()
-        result, setup = profiler.runcall(run, args)
+        result, setup = profiler.runcall(run, args, accel_state)
         profiler.dump_stats(str(args.profile))
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     else:
-        result, setup = run(args)
+        result, setup = run(args, accel_state)
     report(result, setup, args)
     if args.out is not None:
         payload = {
