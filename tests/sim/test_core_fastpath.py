@@ -12,12 +12,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import pytest
 
-from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult, fast_step_time
+from sage_llm.sim.core import (
+    STEP_FIELDS,
+    SimEngineConfig,
+    SimEngineCore,
+    StepResult,
+    fast_step_time,
+)
 from sage_llm.sim.costmodel import CostModel, LinearStepModel, PrefillChunk, RooflineCostModel
 from sage_llm.tokens import block_hashes
 from tests.sim.reference_core import ReferenceCore
@@ -92,7 +97,7 @@ def _pool_state(core: SimEngineCore | ReferenceCore) -> tuple[object, ...]:
 
 
 def _fields(res: StepResult) -> dict[str, Any]:
-    out = asdict(res)
+    out = {name: getattr(res, name) for name in STEP_FIELDS}
     del out["num_new_tokens"], out["first_tokens"]
     return out
 

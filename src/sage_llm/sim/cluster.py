@@ -245,7 +245,7 @@ class ClusterSimulator:
                             heappush(heap, (now + nres.duration_s, self._seq, _STEP, index, 0))
                     else:
                         slot.busy = False
-                    if res.first_tokens or res.finished or list_tokens:
+                    if list_tokens or res.has_firsts_or_finishes():
                         step_effects(slot, res, now)
                 elif kind == _WAKE:
                     if gen == slot.wake_gen and not slot.busy:

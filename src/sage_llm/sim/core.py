@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+import zlib
+from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -45,6 +48,7 @@ from sage_llm.sim.specs import GPUSpec, ModelSpec, kv_capacity_blocks, resolve_g
 from sage_llm.types import ExecutionInstanceType
 
 __all__ = [
+    "STEP_FIELDS",
     "BlockPool",
     "FastStepTime",
     "PinnedKV",
@@ -52,6 +56,7 @@ __all__ = [
     "SimEngineCore",
     "StepResult",
     "fast_step_time",
+    "prompt_block_hashes",
 ]
 
 _WAITING, _TRANSFER, _RUNNING, _PINNED = range(4)
@@ -62,6 +67,36 @@ _by_seq = attrgetter("seq")
 _first = itemgetter(0)
 _LRU_SLACK = 64
 """Dead entries a block pool's cached-block FIFO may hold beyond as many as it has live."""
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
+    """:func:`sage_llm.tokens.block_hashes`, the same values, for the engine's prompts.
+
+    A copy of its loop in this module, which the accelerator compiles (``sage_llm.tokens``
+    itself stays interpreted): a list of ints in ``[0, 2**32)`` on a little-endian host
+    is hashed here, anything else by :func:`~sage_llm.tokens.block_hashes` itself.
+    """
+    if type(token_ids) is not list or block_size <= 0 or sys.byteorder != "little":
+        return tokens.block_hashes(token_ids, block_size)
+    n = len(token_ids)
+    full = n - n % block_size
+    if full == 0:
+        return ()
+    packed = array("I")
+    try:
+        packed.fromlist(token_ids)
+    except (OverflowError, TypeError):
+        return tokens.block_hashes(token_ids, block_size)
+    raw = packed.tobytes()
+    step = 4 * block_size
+    crc32, adler32 = zlib.crc32, zlib.adler32
+    hashes: list[int] = []
+    parent = 0
+    for start in range(0, 4 * full, step):
+        data = parent.to_bytes(8, "little") + raw[start : start + step]
+        parent = crc32(data) | (adler32(data) << 32)
+        hashes.append(parent)
+    return tuple(hashes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,34 +436,54 @@ class PinnedKV:
     expires_at: float
 
 
-@dataclass(slots=True, init=False)
+STEP_FIELDS = (
+    "duration_s",
+    "idle",
+    "new_tokens",
+    "finished",
+    "preempted",
+    "admitted",
+    "num_prefill_tokens",
+    "num_decode_tokens",
+    "num_cached_tokens",
+    "kv_pinned",
+    "kv_pulled",
+    "num_new_tokens",
+    "first_tokens",
+)
+""":class:`StepResult`'s public fields, in the order of its constructor's parameters."""
+
+
 class StepResult:
     """What one step did. Tokens and finishes take effect at ``now + duration_s``.
 
     ``idle`` steps computed nothing: the core is waiting for a KV transfer or for pinned
     blocks to be released, and ``duration_s`` is the time until that happens on its own
     (a driver may step again earlier when something arrives).
+
+    The seven lists are made when first read or appended to (a step usually fills one
+    or two of them, and a cluster simulation makes millions of steps): ``res.finished``
+    is always a list, empty or not; :meth:`has_firsts_or_finishes` asks without making
+    any.
     """
 
-    duration_s: float = 0.0
-    idle: bool = False
-    new_tokens: list[tuple[str, int]] = field(default_factory=list)
-    finished: list[tuple[str, str]] = field(default_factory=list)
-    preempted: list[str] = field(default_factory=list)
-    admitted: list[tuple[str, int]] = field(default_factory=list)
-    """Requests first scheduled this step, with their prefix-cache hit in tokens."""
-    num_prefill_tokens: int = 0
-    num_decode_tokens: int = 0
-    num_cached_tokens: int = 0
-    kv_pinned: list[PinnedKV] = field(default_factory=list)
-    kv_pulled: list[tuple[str | None, str]] = field(default_factory=list)
-    """Decode legs whose KV transfer completed: ``(remote_engine_id, remote_request_id)``."""
-    num_new_tokens: int = 0
-    """Tokens produced this step (``len(new_tokens)`` when the step lists them)."""
-    first_tokens: list[str] = field(default_factory=list)
-    """Requests whose first output token this step produced, in batch order."""
+    __slots__ = (
+        "_admitted",
+        "_finished",
+        "_first_tokens",
+        "_kv_pinned",
+        "_kv_pulled",
+        "_new_tokens",
+        "_preempted",
+        "duration_s",
+        "idle",
+        "num_cached_tokens",
+        "num_decode_tokens",
+        "num_new_tokens",
+        "num_prefill_tokens",
+    )
 
-    def __init__(  # the generated one, with list literals (one is made per engine step)
+    def __init__(
         self,
         duration_s: float = 0.0,
         idle: bool = False,
@@ -446,17 +501,118 @@ class StepResult:
     ) -> None:
         self.duration_s = duration_s
         self.idle = idle
-        self.new_tokens = [] if new_tokens is None else new_tokens
-        self.finished = [] if finished is None else finished
-        self.preempted = [] if preempted is None else preempted
-        self.admitted = [] if admitted is None else admitted
+        self._new_tokens = new_tokens
+        self._finished = finished
+        self._preempted = preempted
+        self._admitted = admitted
         self.num_prefill_tokens = num_prefill_tokens
         self.num_decode_tokens = num_decode_tokens
         self.num_cached_tokens = num_cached_tokens
-        self.kv_pinned = [] if kv_pinned is None else kv_pinned
-        self.kv_pulled = [] if kv_pulled is None else kv_pulled
+        self._kv_pinned = kv_pinned
+        self._kv_pulled = kv_pulled
         self.num_new_tokens = num_new_tokens
-        self.first_tokens = [] if first_tokens is None else first_tokens
+        """Tokens produced this step (``len(new_tokens)`` when the step lists them)."""
+        self._first_tokens = first_tokens
+
+    @property
+    def new_tokens(self) -> list[tuple[str, int]]:
+        """``(request_id, tokens)`` produced this step (empty unless the step lists them)."""
+        out = self._new_tokens
+        if out is None:
+            out = self._new_tokens = []
+        return out
+
+    @new_tokens.setter
+    def new_tokens(self, value: list[tuple[str, int]]) -> None:
+        self._new_tokens = value
+
+    @property
+    def finished(self) -> list[tuple[str, str]]:
+        """``(request_id, finish_reason)`` of the requests that finished this step."""
+        out = self._finished
+        if out is None:
+            out = self._finished = []
+        return out
+
+    @finished.setter
+    def finished(self, value: list[tuple[str, str]]) -> None:
+        self._finished = value
+
+    @property
+    def preempted(self) -> list[str]:
+        """Requests preempted this step (their KV blocks freed; recomputed later)."""
+        out = self._preempted
+        if out is None:
+            out = self._preempted = []
+        return out
+
+    @preempted.setter
+    def preempted(self, value: list[str]) -> None:
+        self._preempted = value
+
+    @property
+    def admitted(self) -> list[tuple[str, int]]:
+        """Requests first scheduled this step, with their prefix-cache hit in tokens."""
+        out = self._admitted
+        if out is None:
+            out = self._admitted = []
+        return out
+
+    @admitted.setter
+    def admitted(self, value: list[tuple[str, int]]) -> None:
+        self._admitted = value
+
+    @property
+    def kv_pinned(self) -> list[PinnedKV]:
+        """KV blocks finished prefill legs keep for their decode side."""
+        out = self._kv_pinned
+        if out is None:
+            out = self._kv_pinned = []
+        return out
+
+    @kv_pinned.setter
+    def kv_pinned(self, value: list[PinnedKV]) -> None:
+        self._kv_pinned = value
+
+    @property
+    def kv_pulled(self) -> list[tuple[str | None, str]]:
+        """Decode legs whose KV transfer completed: ``(remote_engine_id, remote_request_id)``."""
+        out = self._kv_pulled
+        if out is None:
+            out = self._kv_pulled = []
+        return out
+
+    @kv_pulled.setter
+    def kv_pulled(self, value: list[tuple[str | None, str]]) -> None:
+        self._kv_pulled = value
+
+    @property
+    def first_tokens(self) -> list[str]:
+        """Requests whose first output token this step produced, in batch order."""
+        out = self._first_tokens
+        if out is None:
+            out = self._first_tokens = []
+        return out
+
+    @first_tokens.setter
+    def first_tokens(self, value: list[str]) -> None:
+        self._first_tokens = value
+
+    def has_firsts_or_finishes(self) -> bool:
+        """``bool(self.first_tokens or self.finished)``, without making either list."""
+        return bool(self._first_tokens or self._finished)
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in STEP_FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepResult):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in STEP_FIELDS)
+        return f"StepResult({inner})"
 
 
 class _Req:
@@ -632,7 +788,7 @@ class SimEngineCore:
             req.remote_pending = True
         if cfg.enable_prefix_caching:
             if block_hashes is None:
-                req.hashes = tokens.block_hashes(prompt_token_ids, self.block_size)
+                req.hashes = prompt_block_hashes(prompt_token_ids, self.block_size)
             else:
                 req.hashes = tuple(block_hashes)
         self._reqs[req_id] = req
@@ -796,7 +952,7 @@ class SimEngineCore:
             budget -= implicit + sum(n for _, n in scheduled)
         else:
             budget -= implicit
-        if self._waiting and (not res.preempted or not scheduled):
+        if self._waiting and (not res._preempted or not scheduled):
             self._schedule_waiting(now, budget, scheduled, res)
         fast = self._fast_step_time
         if scheduled:
@@ -1130,6 +1286,8 @@ class SimEngineCore:
                 done.sort(key=_by_seq)
         elif len(done) > 1:
             done.sort(key=_by_seq)
+        if not done:
+            return produced
         finished = res.finished
         for req in done:
             finished.append((req.id, "length"))
