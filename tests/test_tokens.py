@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sage_llm.tokens import block_hashes, tokenize
+from sage_llm.tokens import block_hashes, prompt_blocks, tokenize
 
 
 def test_block_hashes_are_fixed_values() -> None:
@@ -98,3 +98,20 @@ def test_block_hashes_equal_the_plain_definition_on_random_inputs(seed: int) -> 
 def test_a_partial_last_block_is_never_read() -> None:
     ids: list[Any] = [*range(32), "not an id"]
     assert block_hashes(ids, 16) == block_hashes(list(range(32)), 16)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_prompt_blocks_equal_tokenize_then_hash(seed: int) -> None:
+    rng = random.Random(seed)
+    words = ["the", "control", "plane", "schedules", "é", "!", "  ", "\n", "requests,", "x" * 13]
+    for _ in range(100):
+        block_size = rng.choice([1, 3, 16, 17])
+        text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randrange(60)))
+        ids = tokenize(text)
+        assert prompt_blocks(text, block_size) == (len(ids), block_hashes(ids, block_size))
+        assert prompt_blocks(ids, block_size) == (len(ids), block_hashes(ids, block_size))
+
+
+def test_prompt_blocks_rejects_a_bad_block_size_even_for_a_short_prompt() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        prompt_blocks("hi", 0)

@@ -83,6 +83,23 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     return tuple(hashes)
 
 
+def prompt_blocks(prompt: str | Sequence[int], block_size: int) -> tuple[int, tuple[int, ...]]:
+    """The token count of ``prompt`` and the :func:`block_hashes` of its ids, as
+    ``(len(tokenize(prompt)), block_hashes(tokenize(prompt), block_size))``, without
+    computing the ids of a text's last, partial block (which is never hashed)."""
+    if not isinstance(prompt, str):
+        ids = tokenize(prompt)
+        return len(ids), block_hashes(ids, block_size)
+    pieces = split(prompt)
+    n = len(pieces)
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    full = n - n % block_size
+    if full == 0:
+        return n, ()
+    return n, block_hashes([token_id(p) for p in pieces[:full]], block_size)
+
+
 def chat_prompt_text(messages: Sequence[object]) -> str:
     """Flatten chat messages into the text the engine would tokenize (role tags included)."""
     parts: list[str] = []

@@ -43,10 +43,12 @@ def build_request(
     if meta.messages is not None:
         if not isinstance(meta.messages, list) or not meta.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
-        token_ids = tokens.tokenize(tokens.chat_prompt_text(meta.messages))
+        prompt_tokens, hashes = tokens.prompt_blocks(
+            tokens.chat_prompt_text(meta.messages), block_size
+        )
     elif meta.prompt is not None and (not isinstance(meta.prompt, str) or meta.prompt):
-        token_ids = tokens.tokenize(meta.prompt)
-        if not token_ids:
+        prompt_tokens, hashes = tokens.prompt_blocks(meta.prompt, block_size)
+        if not prompt_tokens:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
     else:
         raise InvalidRequestError("a prompt or messages is required", param="prompt")
@@ -68,14 +70,14 @@ def build_request(
         request_id=meta.request_id,
         model=model,
         arrival=now,
-        prompt_tokens=len(token_ids),
+        prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
         priority=priority,
         deadline=None if slo_ms is None else now + slo_ms / 1000.0,
         user_id=meta.user_id,
         session_id=meta.session_id,
         cost_budget=meta.cost_budget,
-        block_hashes=tokens.block_hashes(token_ids, block_size),
+        block_hashes=hashes,
         preferred_instance_id=meta.preferred_instance_id,
         tags=dict(meta.tags),
     )

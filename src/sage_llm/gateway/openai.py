@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -33,6 +32,7 @@ from sage_llm.errors import (
     NoHealthyInstanceError,
 )
 from sage_llm.gateway.errors import MODEL_KEY, REQUEST_ID_KEY, RESPONSE_HEADERS_KEY
+from sage_llm.gateway.observe import new_request_id
 from sage_llm.gateway.relay import Generation, complete, stream_response
 from sage_llm.gateway.schemas import (
     ChatCompletionRequest,
@@ -161,12 +161,12 @@ def parse_generation(
         chat_req = validate(ChatCompletionRequest, body)
         fields, messages = chat_req, list(body["messages"])
         max_tokens = chat_req.max_tokens or chat_req.max_completion_tokens
-        prompt_tokens, prompt_param = count_tokens(chat_prompt_text(messages)), "messages"
+        prompt_param = "messages"
     else:
         comp_req = validate(CompletionRequest, body)
         fields, prompt = comp_req, _single_prompt(comp_req.prompt)
         max_tokens = comp_req.max_tokens
-        prompt_tokens, prompt_param = count_tokens(prompt), "prompt"
+        prompt_param = "prompt"
     limit = settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
         raise InvalidRequestError(
@@ -174,7 +174,10 @@ def parse_generation(
             param="max_tokens",
         )
     prompt_limit = settings.max_prompt_tokens
-    if prompt_limit is not None and prompt_tokens > prompt_limit:
+    if prompt_limit is not None and (
+        (prompt_tokens := count_tokens(prompt if messages is None else chat_prompt_text(messages)))
+        > prompt_limit
+    ):
         raise InvalidRequestError(
             f"{prompt_param}: the prompt has {prompt_tokens} tokens; this gateway accepts at "
             f"most {prompt_limit}",
@@ -232,7 +235,7 @@ def log_prompt(gen: Generation, settings: ResolvedGateway) -> None:
 def request_id_of(request: web.Request) -> str:
     """The id the outer middleware gave the request (a fresh one without it)."""
     rid = request.get(REQUEST_ID_KEY)
-    return rid if rid else uuid.uuid4().hex
+    return rid if rid else new_request_id()
 
 
 class OpenAIRoutes:
