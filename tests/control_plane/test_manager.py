@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -13,10 +14,12 @@ from sage_llm import (
     RequestPriority,
     RequestStatus,
 )
+from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import (
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
+    EngineConnectionError,
     InvalidRequestError,
     ModelNotFoundError,
     PolicyNotFoundError,
@@ -299,6 +302,72 @@ def test_engine_stream_client_streams_only_what_the_client_streams() -> None:
             assert result.ttft_ms is None and result.tpot_ms is None
             assert result.e2e_latency_ms is not None
         assert streamed_result.ttft_ms is not None and streamed_result.tpot_ms is not None
+
+    run_virtual(main())
+
+
+class OnePieceEngine(FakeEngine):
+    """A FakeEngine with ``complete`` (as the HTTP client has): it records which requests
+    came through it."""
+
+    def __init__(self, instance_id: str, **kwargs: Any) -> None:
+        super().__init__(instance_id, **kwargs)
+        self.completed: list[str] = []
+
+    async def complete(self, req: EngineRequest) -> list[Chunk]:
+        self.completed.append(req.request_id)
+        return [chunk async for chunk in self.generate(req)]
+
+
+def test_one_piece_requests_go_through_complete_when_the_client_has_it() -> None:
+    async def main() -> None:
+        engines: list[OnePieceEngine] = []
+
+        def factory(inst: ExecutionInstance) -> OnePieceEngine:
+            engines.append(OnePieceEngine(inst.instance_id))
+            return engines[-1]
+
+        cp = ControlPlaneManager(mode="simulated", engine_factory=factory, engine_stream="client")
+        cp.register_instance(make_instance("e0"))
+        async with cp:
+            chunks, result = await cp.collect(make_metadata("c1", max_tokens=4))
+            streamed = [c.text async for c in cp.stream(make_metadata("s1", max_tokens=4))]
+            status = cp.get_status()
+        assert engines[0].completed == ["c1"]
+        assert [r.request_id for r in engines[0].requests] == ["c1", "s1"]
+        assert "".join(c.text for c in chunks) == "".join(streamed) == " w0 w1 w2 w3"
+        assert result.status is RequestStatus.COMPLETED and result.completion_tokens == 4
+        assert result.ttft_ms is None and result.tpot_ms is None
+        assert status["running_requests"] == 0
+
+    run_virtual(main())
+
+
+def test_a_failed_one_piece_call_is_retried_elsewhere() -> None:
+    async def main() -> None:
+        engines: dict[str, OnePieceEngine] = {}
+
+        def factory(inst: ExecutionInstance) -> OnePieceEngine:
+            fail = EngineConnectionError("refused", instance_id=inst.instance_id)
+            engine = OnePieceEngine(
+                inst.instance_id, fail_with=fail if inst.instance_id == "bad" else None
+            )
+            engines[inst.instance_id] = engine
+            return engine
+
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=factory, engine_stream="client",
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        cp.register_instance(make_instance("bad"))
+        cp.register_instance(make_instance("good"))
+        async with cp:
+            results = [
+                (await cp.collect(make_metadata(f"r{i}", max_tokens=2)))[1] for i in range(4)
+            ]
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert all(r.instance_id == "good" for r in results)
+        assert engines["bad"].completed and engines["good"].completed
 
     run_virtual(main())
 

@@ -412,6 +412,74 @@ async def test_unstreamed_request_against_the_simulated_engine(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
 
 
+async def test_complete_returns_what_generate_yields(
+    sim_port: int, session: aiohttp.ClientSession
+) -> None:
+    client = client_for(sim_port, session)
+    for stream in (False, True):
+        req = completion_req(stream=stream, max_tokens=7)
+        assert await client.complete(req) == await collect(client, req)
+    chat = completion_req(stream=False, messages=[{"role": "user", "content": "hi"}])
+    assert await client.complete(chat) == await collect(client, chat)
+
+
+async def test_complete_accepts_a_streamed_answer(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(
+        r, [text_event("a"), text_event("b", "stop"), ev({"choices": [], "usage": USAGE})]
+    )
+    chunks = await client_for(port, session).complete(completion_req(stream=False))
+    assert rec.bodies[0]["stream"] is False
+    assert [(c.text, c.finish_reason) for c in chunks] == [("a", None), ("b", "stop")]
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 6
+
+
+async def test_one_piece_answers_reuse_the_connection(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    """Whether the answer is taken with ``complete`` or with ``generate`` left after its
+    last chunk, the next request goes over the same connection."""
+    rec, port = raw
+    peers: list[object] = []
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        choice = {"index": 0, "text": "whole", "finish_reason": "length"}
+        return web.json_response({"choices": [choice], "usage": USAGE})
+
+    rec.handler = reply
+    client = client_for(port, session)
+    await client.complete(completion_req(stream=False))
+    async with aclosing(client.generate(completion_req(stream=False))) as stream:
+        async for chunk in stream:
+            if chunk.finish_reason is not None:
+                break  # the consumer stops at the last chunk, before the generator ends
+    await client.complete(completion_req(stream=False))
+    assert len(peers) == 3 and peers[0] is not None
+    assert peers[1] == peers[0] and peers[2] == peers[0]
+
+
+async def test_cancelling_complete_aborts_on_the_engine(
+    session: aiohttp.ClientSession,
+) -> None:
+    gated = FakeEngine(gate_after=1)
+    runner, port = await start_engine_server(gated, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        client = client_for(port, session)
+        task = asyncio.create_task(client.complete(completion_req(stream=False, max_tokens=10)))
+        await asyncio.wait_for(gated.gated.wait(), timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(gated.aborted_event.wait(), timeout=10)
+        assert gated.aborted == ["req-1"]
+    finally:
+        gated.release.set()
+        await runner.cleanup()
+
+
 async def test_embed_posts_inputs_and_returns_json(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession
 ) -> None:

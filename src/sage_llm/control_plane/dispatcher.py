@@ -1,9 +1,10 @@
 """The dispatcher: the single loop that turns queued requests into engine calls.
 
 On every wake-up (a submission, a finished request, a new or recovered instance, a policy
-switch) it takes one snapshot of the fleet and, while some instance has a free slot, asks
-the scheduling policy for the next request, asks the router where it goes, accounts the
-load on the snapshot's successor (so a burst spreads), and starts the engine call.
+switch) while requests are queued, it takes one snapshot of the fleet and, while some
+instance has a free slot, asks the scheduling policy for the next request, asks the router
+where it goes, accounts the load on the snapshot's successor (so a burst spreads), and
+starts the engine call. The submissions of one turn of the event loop share a pass.
 
 Invariants it keeps:
 
@@ -120,7 +121,9 @@ class Dispatcher:
     # -- loop ------------------------------------------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        """Ask for a dispatch pass (none is needed while nothing is queued)."""
+        if len(self.policy):
+            self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -154,7 +157,7 @@ class Dispatcher:
     def dispatch_ready(self) -> None:
         """One pass: start as many queued requests as the fleet has room for."""
         if not len(self.policy):
-            return  # nothing queued (most passes after a request finished)
+            return  # nothing queued
         snap = self.registry.snapshot(self.clock.now(), self.prefix_index)
         pd_models = self._pd_models(snap)
         deferred: list[RequestInfo] = []
@@ -276,21 +279,32 @@ class Dispatcher:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
             req = rec.engine_request
-            stream = self._timed(state.client.generate(req), state, req.stream)
-            try:
-                async for chunk in stream:
-                    if prefill_pending:
-                        prefill_pending = False
-                        state.queued_prefill_tokens -= info.prompt_tokens
-                        now = self.clock.now()
-                        rec.first_token_at = now
-                        if req.stream:  # else the whole answer came at once: no TTFT
-                            state.observe_first_token(
-                                now - (rec.scheduled_at or now), rec.pending_tokens_at_dispatch
-                            )
+            complete = None if req.stream else getattr(state.client, "complete", None)
+            if complete is not None:  # the answer comes in one piece (no TTFT)
+                chunks: list[Chunk] = await complete(req)
+                if chunks:
+                    prefill_pending = False
+                    state.queued_prefill_tokens -= info.prompt_tokens
+                    rec.first_token_at = self.clock.now()
+                for chunk in chunks:
                     self._absorb(rec, chunk)
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+            else:
+                stream = self._timed(state.client.generate(req), state, req.stream)
+                try:
+                    async for chunk in stream:
+                        if prefill_pending:
+                            prefill_pending = False
+                            state.queued_prefill_tokens -= info.prompt_tokens
+                            now = self.clock.now()
+                            rec.first_token_at = now
+                            if req.stream:  # else the whole answer came at once: no TTFT
+                                state.observe_first_token(
+                                    now - (rec.scheduled_at or now),
+                                    rec.pending_tokens_at_dispatch,
+                                )
+                        self._absorb(rec, chunk)
+                finally:
+                    await stream.aclose()  # type: ignore[attr-defined]
             if rec.finish_reason is None:
                 raise EngineStreamError(
                     "engine stream ended without a finish reason",
@@ -635,6 +649,9 @@ class Dispatcher:
         rec.result = result
         if not rec.future.done():
             rec.future.set_result(result)
+        waiter = rec.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
         if rec.stream is not None:
             rec.stream.put_nowait(STREAM_END)
         self.records.pop(rec.request_id, None)

@@ -424,8 +424,9 @@ class ControlPlaneManager:
         cancelling the caller cancels the request. Cheaper than draining :meth:`stream`
         when nothing is relayed before the end (one wake-up, not one per batch)."""
         rec = self._submit(request, stream=False, collect=True)
+        waiter = rec.waiter = asyncio.get_running_loop().create_future()
         try:
-            result = await asyncio.shield(rec.future)
+            result = await waiter
         except BaseException:
             if not rec.future.done():
                 self._require_dispatcher().cancel(rec)

@@ -64,6 +64,9 @@ class RequestRecord:
     chunks: list[Chunk] | None = None
     """The engine's chunks, kept for :meth:`ControlPlaneManager.collect` (no queue, no
     wake-up per chunk)."""
+    waiter: asyncio.Future[RequestResult] | None = None
+    """Set with the result at the end, like ``future``: the one :meth:`ControlPlaneManager.collect`
+    awaits (its own, so cancelling the caller touches no other waiter)."""
     task: asyncio.Task[None] | None = None
     instance_id: str | None = None
     prefill_instance_id: str | None = None

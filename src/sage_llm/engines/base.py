@@ -11,6 +11,9 @@ Contract:
   iterator) must abort the request on the engine.
 * Failures raise :class:`sage_llm.errors.EngineError`; ``retryable=True`` only when the
   engine produced nothing for this request, so a retry elsewhere cannot duplicate work.
+* ``complete`` (optional; the HTTP client has it) returns every chunk of a request the engine
+  answers in one piece (``stream`` false) at its end, as ``generate`` would yield them; the
+  control plane calls it instead of ``generate`` for such requests when a client has it.
 * ``prefill`` runs the first leg of a PD request (vLLM ``kv_transfer_params`` protocol) and
   returns the parameters the decode leg needs.
 * No method blocks the event loop.

@@ -368,8 +368,9 @@ class HTTPEngineClient:
         :mod:`sage_llm.engines.fastclient` (same behaviour, a fraction of the CPU);
         ``https://`` ones, or a session not made by :func:`make_session`, through aiohttp."""
         if self._fast_pool is not None and (not req.request_id or _header_safe(req.request_id)):
-            async for chunk in self._generate_fast(self._fast_pool, req):
-                yield chunk
+            async with contextlib.aclosing(self._generate_fast(self._fast_pool, req)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         body = self.request_body(req, stream=req.stream)
         first_deadline = self._first_deadline(req)
@@ -476,6 +477,49 @@ class HTTPEngineClient:
         except OSError as exc:
             raise self._stream_error(produced, exc) from exc
 
+    async def complete(self, req: EngineRequest) -> list[Chunk]:
+        """Every chunk of ``req``, at its end: what :meth:`generate` yields, for a request
+        the engine answers in one piece (``req.stream`` false), without an async generator
+        on the lean path. Cancelling it aborts the request as closing ``generate`` does."""
+        pool = self._fast_pool
+        if req.stream or pool is None or (req.request_id and not _header_safe(req.request_id)):
+            async with contextlib.aclosing(self.generate(req)) as chunks:
+                return [chunk async for chunk in chunks]
+        first_deadline = self._first_deadline(req)
+        resp = await self._fast_send(
+            pool, self._path(req), jsonutil.dumps(self.request_body(req, stream=False)),
+            req.request_id, first_deadline,
+        )  # fmt: skip
+        clean = False
+        try:
+            if resp.content_type == "application/json":
+                answer = await self._fast_json(resp, req, first_deadline)
+                clean = True
+                return answer
+            asm = StreamAssembler(req, self.instance_id)  # the engine streamed anyway
+
+            async def read(deadline: float | None, produced: bool) -> bytes:
+                return await self._fast_read(resp, deadline, produced=produced)
+
+            async with contextlib.aclosing(self._relay(asm, read, first_deadline)) as relay:
+                streamed = [chunk async for chunk in relay]
+            clean = await self._fast_drain(resp)
+            return streamed
+        finally:
+            if clean:
+                resp.release()
+            else:
+                resp.close()
+
+    async def _fast_json(
+        self, resp: FastResponse, req: EngineRequest, deadline: float | None
+    ) -> list[Chunk]:
+        """The chunks of a JSON (non-streamed) answer, read to its end."""
+        parts = []
+        while piece := await self._fast_read(resp, deadline, produced=False):
+            parts.append(piece)
+        return chunks_from_completion(self._parse_json(b"".join(parts)), req, self.instance_id)
+
     async def _generate_fast(
         self, pool: FastPool, req: EngineRequest
     ) -> AsyncGenerator[Chunk, None]:
@@ -486,13 +530,10 @@ class HTTPEngineClient:
         clean = False
         try:
             if resp.content_type == "application/json":
-                parts = []
-                while piece := await self._fast_read(resp, first_deadline, produced=False):
-                    parts.append(piece)
-                obj = self._parse_json(b"".join(parts))
-                for chunk in chunks_from_completion(obj, req, self.instance_id):
+                chunks = await self._fast_json(resp, req, first_deadline)
+                clean = True  # read to the end: reusable whether or not all is consumed
+                for chunk in chunks:
                     yield chunk
-                clean = True
                 return
             asm = StreamAssembler(req, self.instance_id)
 

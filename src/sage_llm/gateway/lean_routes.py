@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 from sage_llm import jsonutil
 from sage_llm.control_plane.manager import ControlPlaneManager
@@ -27,6 +26,7 @@ from sage_llm.gateway.observe import (
     REQUEST_ID_HEADER,
     access_log,
     bad_request_id_error,
+    new_request_id,
     valid_request_id,
     write_access_log,
 )
@@ -56,7 +56,7 @@ class LeanRoutes:
         started = time.perf_counter()
         given = request.headers.get("x-request-id", "").strip()
         valid = valid_request_id(given)
-        rid = given if given and valid else uuid.uuid4().hex
+        rid = given if given and valid else new_request_id()
         headers = {REQUEST_ID_HEADER: rid}
         status = 500
         model: str | None = None

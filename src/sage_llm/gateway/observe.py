@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -96,6 +96,11 @@ def _preflight() -> web.Response:
     return resp
 
 
+def new_request_id() -> str:
+    """A fresh request id: 32 random hex digits (a version-4 UUID's length and alphabet)."""
+    return os.urandom(16).hex()
+
+
 def valid_request_id(given: str) -> bool:
     """Whether a client's ``x-request-id`` (stripped; empty when absent) may be used."""
     return not given or _REQUEST_ID_RE.fullmatch(given) is not None
@@ -147,7 +152,7 @@ def _observe(
         started = time.perf_counter()
         given = request.headers.get(REQUEST_ID_HEADER, "").strip()
         valid = valid_request_id(given)
-        rid = given if given and valid else uuid.uuid4().hex
+        rid = given if given and valid else new_request_id()
         cors = _cors_origin(request, origins) if origins else None
         headers = _response_headers(rid, cors)
         request[REQUEST_ID_KEY] = rid

@@ -187,11 +187,14 @@ async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usag
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
     """Run ``gen`` to the end and return the whole response body."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
-    try:
-        async with asyncio.timeout_at(_deadline(gen.timeout_s)):
-            chunks, result = await manager.collect(gen.meta)  # cancelled on the way out
-    except TimeoutError:
-        raise _timeout_error(gen) from None
+    if gen.timeout_s is None:
+        chunks, result = await manager.collect(gen.meta)
+    else:
+        try:
+            async with asyncio.timeout_at(_deadline(gen.timeout_s)):
+                chunks, result = await manager.collect(gen.meta)  # cancelled on the way out
+        except TimeoutError:
+            raise _timeout_error(gen) from None
     choices = _Choices()
     for chunk in chunks:
         choices.add(chunk)
