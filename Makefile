@@ -62,7 +62,8 @@ sim-accel: $(STAMP)
 	PYTHONPATH=src $(BIN)/python -m sage_llm.sim.accel build
 
 sim-accel-clean:
-	rm -f src/sage_llm/sim/*.so src/sage_llm/control_plane/routing/*.so src/sage_llm/sim/_accel.json
+	rm -f src/sage_llm/sim/*.so src/sage_llm/control_plane/routing/*.so \
+		src/sage_llm/control_plane/scheduling/*.so src/sage_llm/sim/_accel.json
 
 clean: sim-accel-clean
 

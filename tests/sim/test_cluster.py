@@ -397,6 +397,34 @@ def test_admission_without_views_runs_as_with_them() -> None:
     assert run(FIFOPolicy()) == run(_AdmitReadsSnapshot())
 
 
+class _RecordsCompletions(FIFOPolicy):
+    """FIFO whose ``on_complete`` is not QueuedPolicy's own: it gets every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[CompletionRecord] = []
+
+    def on_complete(self, record: CompletionRecord) -> None:
+        self.records.append(record)
+        super().on_complete(record)
+
+
+def test_completions_are_counted_without_records_as_with_them() -> None:
+    def run(policy: FIFOPolicy) -> tuple[list[tuple[str, float | None, float]], object]:
+        sim = ClusterSimulator(
+            make_fleet(40, max_concurrency=4), policy=policy, routing="power_of_two",
+            seed=2, sample_above=8, max_candidates=4,
+        )  # fmt: skip
+        result = sim.run(synthetic(600, rate=400.0, input_dist=64, output_dist=16, seed=5))
+        signature = [(m.request_id, m.first_token_s, m.end_s) for m in result.measurements]
+        return signature, result.policy_state["state"]
+
+    recording = _RecordsCompletions()
+    assert run(FIFOPolicy()) == run(recording)
+    assert len(recording.records) == 600
+    assert all(r.predicted_e2e_s is not None and r.predicted_e2e_s > 0 for r in recording.records)
+
+
 def test_prefix_block_hashes_match_the_reference() -> None:
     rng = random.Random(1)
     for n in (0, 5, 16, 100, 513):

@@ -16,8 +16,10 @@ extension, not the edited source, is what Python imports; rebuild or clean).
 
 Only modules that mypyc compiles unchanged in meaning are listed: no ``runtime_checkable``
 protocols, no nested classes, no class subclassed by interpreted code (the scheduling
-policies stay interpreted for these reasons, and ``sage_llm.tokens`` because callers pass
-it other number types than its annotations say).
+policies stay interpreted for these reasons, though the lane heaps under their queue,
+``scheduling._lanes``, are compiled; ``sage_llm.tokens`` stays interpreted because callers
+pass it other number types than its annotations say: the engine core hashes prompts with
+a copy of its block hash, :func:`sage_llm.sim.core.prompt_block_hashes`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ MODULES = (
     "sage_llm.control_plane.routing.pipeline",
     "sage_llm.control_plane.routing.scorers",
     "sage_llm.control_plane.routing.strategies",
+    "sage_llm.control_plane.scheduling._lanes",
 )
 """The modules the accelerator compiles (one mypyc group)."""
 

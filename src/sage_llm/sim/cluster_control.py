@@ -98,6 +98,13 @@ class SimControlPlane:
             and cls.observe is QueuedPolicy.observe
         )
         """``policy.admit`` is :class:`QueuedPolicy`'s own: it reads only ``snap.now``."""
+        self._counting: QueuedPolicy | None = (
+            policy
+            if isinstance(policy, QueuedPolicy) and cls.on_complete is QueuedPolicy.on_complete
+            else None
+        )
+        """The policy when its ``on_complete`` is :class:`QueuedPolicy`'s own, which only
+        counts: no completion record (nor the predicted E2E it carries) is built for it."""
         self._only_model = next(iter(fleet.groups)) if len(fleet.groups) == 1 else None
         """The model a request without one gets (None when several are served)."""
 
@@ -181,6 +188,7 @@ class SimControlPlane:
         reqs, by_id, record = self.reqs, fleet.by_id, self.decision_s.append
         sampled = bool(fleet.sampled_models)
         want_sticky, want_prefix = fleet.want_sticky, fleet.want_prefix
+        counting = self._counting
         decisions = candidates = 0
         while len(policy) and fleet.free_total:
             started = perf()
@@ -211,7 +219,8 @@ class SimControlPlane:
             candidates += len(snap.instances)
             slot = by_id[decision.instance_id]
             view = fleet.fresh_view(slot)
-            rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)
+            if counting is None:  # read only by the completion record
+                rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)
             self._start(rec, slot, view.queued_prefill_tokens + info.prompt_tokens, now)
         self.decision_candidates += candidates
         if sampled:
@@ -281,13 +290,8 @@ class SimControlPlane:
         output = (rec.output if self.record_token_times else info.max_tokens) if ok else 0
         arrival = info.arrival
         e2e_s = now - arrival
-        ttft_s = None if first is None else first - arrival
         tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
         wr = rec.workload
-        slo_e2e = wr.slo_e2e_s
-        slo_met = None if slo_e2e is None else ok and e2e_s <= slo_e2e
-        scheduled_at = rec.scheduled_at
-        cost = slot.cost_per_s * (now - scheduled_at)
         if first is None:
             state.queued_prefill_tokens -= info.prompt_tokens
         # slot.note_in_flight(now), then fleet.released(slot), inlined
@@ -309,6 +313,36 @@ class SimControlPlane:
         else:
             state.failed += 1
         fleet.mark(slot)
+        counting = self._counting
+        if counting is not None:
+            counting.count_completion()
+        else:
+            self._report_completion(rec, slot, now, ok, output, tpot_s, e2e_s)
+        times = rec.token_times
+        if times:
+            self.measurements.append(measurement(wr, arrival, first, now, output, error, times))
+        else:
+            self.measurements.append(make_measurement(wr, arrival, first, now, output, error))
+
+    def _report_completion(
+        self,
+        rec: SimRequest,
+        slot: InstanceSlot,
+        now: float,
+        ok: bool,
+        output: int,
+        tpot_s: float | None,
+        e2e_s: float,
+    ) -> None:
+        """``policy.on_complete`` with the request's :class:`CompletionRecord`."""
+        info = rec.info
+        arrival = info.arrival
+        first = rec.first_token_s
+        ttft_s = None if first is None else first - arrival
+        slo_e2e = rec.workload.slo_e2e_s
+        slo_met = None if slo_e2e is None else ok and e2e_s <= slo_e2e
+        scheduled_at = rec.scheduled_at
+        cost = slot.cost_per_s * (now - scheduled_at)
         self.policy.on_complete(
             _completion_record(
                 info.request_id,
@@ -328,11 +362,6 @@ class SimControlPlane:
                 cost,
             )
         )
-        times = rec.token_times
-        if times:
-            self.measurements.append(measurement(wr, arrival, first, now, output, error, times))
-        else:
-            self.measurements.append(make_measurement(wr, arrival, first, now, output, error))
 
     def _reject(self, wr: WorkloadRequest, now: float, error: str) -> None:
         self.rejected += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from sage_llm.control_plane.scheduling._queue import _serves, serving_models
+from sage_llm.control_plane.scheduling._lanes import _serves, serving_models
 from sage_llm.types import ExecutionInstanceType as Role
 from tests.factories import make_instance_view, make_snapshot
 
