@@ -1,15 +1,16 @@
-"""LiteHistogram exposes exactly what prometheus_client's Histogram does (less _created)."""
+"""The lite histogram, gauge and counter expose exactly what prometheus_client's do (less
+_created)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sage_llm.control_plane.metrics import LATENCY_BUCKETS
-from sage_llm.control_plane.promlite import LiteHistogram
+from sage_llm.control_plane.promlite import LiteCounter, LiteGauge, LiteHistogram
 
 
 def _samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
@@ -50,3 +51,53 @@ def test_bad_labels_are_refused() -> None:
         h.observe(1.0)
     with pytest.raises(ValueError, match="distinct"):
         LiteHistogram("w", "doc", buckets=(1.0, 1.0), registry=CollectorRegistry())
+
+
+def test_gauges_and_counters_match_prometheus_client() -> None:
+    rng = random.Random(3)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    gauge = LiteGauge("depth", "doc", registry=ours)
+    gauge_ref = Gauge("depth", "doc", registry=theirs)
+    per = LiteGauge("in_flight", "doc", ["instance"], registry=ours)
+    per_ref = Gauge("in_flight", "doc", ["instance"], registry=theirs)
+    count = LiteCounter("requests", "doc", ["status", "instance"], registry=ours)
+    count_ref = Counter("requests", "doc", ["status", "instance"], registry=theirs)
+    plain = LiteCounter("retries", "doc", registry=ours)
+    plain_ref = Counter("retries", "doc", registry=theirs)
+    for _ in range(300):
+        inst = rng.choice(["e0", "e1", "e2"])
+        n = rng.randrange(5)
+        gauge.set(n)
+        gauge_ref.set(n)
+        if rng.random() < 0.5:
+            per.labels(instance=inst).inc()
+            per_ref.labels(instance=inst).inc()
+        else:
+            per.labels(inst).dec(2)
+            per_ref.labels(inst).dec(2)
+        status = rng.choice(["completed", "failed"])
+        count.labels(status=status, instance=inst).inc()
+        count_ref.labels(status=status, instance=inst).inc()
+        plain.inc(0.5)
+        plain_ref.inc(0.5)
+    gauge.dec()
+    gauge_ref.dec()
+    assert _samples(ours) == _samples(theirs)
+    assert gauge.value == gauge_ref._value.get()
+    per.remove("e1")
+    per_ref.remove("e1")
+    count.remove("failed", "e0")
+    count_ref.remove("failed", "e0")
+    assert _samples(ours) == _samples(theirs)
+    with pytest.raises(KeyError):
+        per.remove("e1")
+
+
+def test_lite_gauge_labels_are_checked() -> None:
+    per = LiteGauge("g", "doc", ["instance"], registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="labels"):
+        per.set(1.0)
+    with pytest.raises(ValueError, match="label names"):
+        per.labels(model="x")
+    with pytest.raises(ValueError, match="expected labels"):
+        per.labels("a", "b")

@@ -156,3 +156,24 @@ def test_max_prompt_tokens_counts_chat_prompts_too() -> None:
     with pytest.raises(InvalidRequestError) as err:
         _parse({"model": MODEL, "messages": messages}, chat=True, settings=settings)
     assert err.value.param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "ok"),
+    [
+        (" alpha" * 5, True),  # 5 tokens in 30 characters: counted, within the limit
+        (" alpha" * 6, False),
+        ("abcde", True),  # no longer than the limit: within it uncounted
+        ([1, 2, 3, 4, 5], True),
+        ([1, 2, 3, 4, 5, 6], False),
+    ],
+)
+def test_max_prompt_tokens_is_exact_at_the_limit(prompt: str | list[int], ok: bool) -> None:
+    settings = ResolvedGateway.from_settings(GatewayConfig(max_prompt_tokens=5), {})
+    body = {"model": MODEL, "prompt": prompt}
+    if ok:
+        assert _parse(body, settings=settings).meta.prompt == prompt
+        return
+    with pytest.raises(InvalidRequestError, match="the prompt has 6 tokens") as err:
+        _parse(body, settings=settings)
+    assert err.value.param == "prompt"

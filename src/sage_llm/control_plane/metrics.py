@@ -17,7 +17,13 @@ from collections.abc import Iterable
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from sage_llm.control_plane.promlite import LiteHistogram, LiteHistogramChild
+from sage_llm.control_plane.promlite import (
+    LiteCounter,
+    LiteGauge,
+    LiteHistogram,
+    LiteHistogramChild,
+    LiteValue,
+)
 from sage_llm.types import PerformanceMetrics, RequestPriority, RequestResult, RequestStatus
 
 LATENCY_BUCKETS = (
@@ -39,7 +45,7 @@ class ControlPlaneMetrics:
     def __init__(self, window: int = 10_000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LiteCounter(
             f"{PREFIX}_requests",
             "Requests that ended, by final status.",
             ["status", "model", "policy", "instance"],
@@ -82,13 +88,13 @@ class ControlPlaneMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = LiteGauge(
             f"{PREFIX}_queue_depth", "Requests waiting in the queue.", registry=r
         )
-        self.running = Gauge(
+        self.running = LiteGauge(
             f"{PREFIX}_requests_running", "Requests dispatched to engines.", registry=r
         )
-        self.instance_in_flight = Gauge(
+        self.instance_in_flight = LiteGauge(
             f"{PREFIX}_instance_in_flight", "Requests in flight per instance.", ["instance"],
             registry=r,
         )  # fmt: skip
@@ -164,14 +170,14 @@ class ControlPlaneMetrics:
         # Labelled children of the request counter, per instance then (status, model,
         # policy): looked up without prometheus_client's labels() on the hot path, and
         # dropped with the instance on unregister.
-        self._request_series: dict[str, dict[tuple[str, str, str], Counter]] = {}
+        self._request_series: dict[str, dict[tuple[str, str, str], LiteValue]] = {}
         # Per-model histogram children (e2e, queue, ttft, tpot); models are bounded by the
         # registered fleet (unknown models are refused before any metric is labelled).
         self._model_children: dict[
             str,
             tuple[LiteHistogramChild, LiteHistogramChild, LiteHistogramChild, LiteHistogramChild],
         ] = {}
-        self._in_flight_children: dict[str, Gauge] = {}
+        self._in_flight_children: dict[str, LiteValue] = {}
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)

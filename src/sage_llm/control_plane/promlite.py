@@ -1,4 +1,5 @@
-"""A Prometheus histogram cheap enough to observe several times per request.
+"""Prometheus histograms, gauges and counters cheap enough to update several times per
+request.
 
 ``prometheus_client.Histogram.observe`` walks the bucket bounds one by one and takes a
 lock per bucket and per sum: several microseconds, paid four or five times per request on
@@ -10,16 +11,26 @@ series, which nothing here reads.
 
 The control plane observes only on its event loop thread, so no lock is taken; a scrape
 from another thread could see a count and a sum one observation apart, never a torn value.
+
+:class:`LiteGauge` and :class:`LiteCounter` do the same for gauges and counters
+(``prometheus_client`` takes a lock per ``set`` / ``inc``): a plain float per label set,
+exposed as the same ``gauge`` / ``counter`` families (a counter's ``_total``, without
+``_created``).
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 
@@ -107,3 +118,106 @@ class LiteHistogram:
                 buckets.append((le, float(running)))
             family.add_metric(list(key), buckets, child.sum)
         yield family
+
+
+class LiteValue:
+    """The value of one label set of a :class:`LiteGauge` or :class:`LiteCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class _LiteValues:
+    """What the lite gauge and counter share: label sets, registration, collection."""
+
+    family: Callable[..., GaugeMetricFamily | CounterMetricFamily]
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], LiteValue] = {}
+        if not self.labelnames:
+            self._children[()] = LiteValue()
+        registry.register(self)
+
+    def labels(self, *values: str, **named: str) -> LiteValue:
+        if named:
+            if values or set(named) != set(self.labelnames):
+                raise ValueError(f"{self.name}: label names must be {self.labelnames}")
+            values = tuple(str(named[n]) for n in self.labelnames)
+        elif len(values) != len(self.labelnames) or not self.labelnames:
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = LiteValue()
+        return child
+
+    def _unlabelled(self) -> LiteValue:
+        if self.labelnames:
+            raise ValueError(f"{self.name} has labels {self.labelnames}: use labels()")
+        return self._children[()]
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add to the unlabelled value."""
+        self._unlabelled().inc(amount)
+
+    def remove(self, *values: str) -> None:
+        del self._children[tuple(str(v) for v in values)]
+
+    @property
+    def value(self) -> float:
+        """The unlabelled value."""
+        return self._unlabelled().value
+
+    # --- prometheus_client collector ------------------------------------------------------
+
+    def describe(self) -> Iterator[Metric]:
+        yield self.family(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self.family(self.name, self.documentation, labels=self.labelnames)
+        for key, child in list(self._children.items()):
+            family.add_metric(list(key), child.value)
+        yield family
+
+
+class LiteGauge(_LiteValues):
+    """A gauge with ``prometheus_client.Gauge``'s ``labels`` / ``set`` / ``inc`` / ``dec`` /
+    ``remove`` API (the parts the control plane uses)."""
+
+    family = GaugeMetricFamily
+
+    def set(self, value: float) -> None:
+        """Set the unlabelled value."""
+        self._unlabelled().set(value)
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Subtract from the unlabelled value."""
+        self._unlabelled().dec(amount)
+
+
+class LiteCounter(_LiteValues):
+    """A counter with ``prometheus_client.Counter``'s ``labels`` / ``inc`` / ``remove`` API;
+    ``name`` is without ``_total``, which the exposition adds."""
+
+    family = CounterMetricFamily

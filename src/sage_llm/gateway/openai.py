@@ -174,15 +174,16 @@ def parse_generation(
             param="max_tokens",
         )
     prompt_limit = settings.max_prompt_tokens
-    if prompt_limit is not None and (
-        (prompt_tokens := count_tokens(prompt if messages is None else chat_prompt_text(messages)))
-        > prompt_limit
-    ):
-        raise InvalidRequestError(
-            f"{prompt_param}: the prompt has {prompt_tokens} tokens; this gateway accepts at "
-            f"most {prompt_limit}",
-            param=prompt_param,
-        )
+    if prompt_limit is not None:
+        text = prompt if messages is None else chat_prompt_text(messages)
+        # a token is at least one character (or one id): a prompt no longer than the
+        # limit is within it without being counted
+        if len(text or ()) > prompt_limit and (prompt_tokens := count_tokens(text)) > prompt_limit:
+            raise InvalidRequestError(
+                f"{prompt_param}: the prompt has {prompt_tokens} tokens; this gateway accepts "
+                f"at most {prompt_limit}",
+                param=prompt_param,
+            )
     priority = RequestPriority.NORMAL
     if headers.get(PRIORITY_HEADER):
         priority = _priority(headers[PRIORITY_HEADER], PRIORITY_HEADER)
