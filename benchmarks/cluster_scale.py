@@ -50,7 +50,7 @@ _workload_request = field_filler(
         "slo_ttft_s", "slo_tpot_s", "slo_e2e_s", "user_id", "session_id", "turn", "model",
     ),
 )  # fmt: skip
-"""``WorkloadRequest(...)`` filled field by field (its checks are run explicitly)."""
+"""``WorkloadRequest(...)`` filled field by field (its checks are made per chunk)."""
 
 
 def stream_requests(
@@ -66,11 +66,14 @@ def stream_requests(
     """``n`` requests with Poisson arrivals at ``rate`` (``inf``: all at 0), generated
     ``chunk`` at a time. A prompt is ``shared_prefix`` common tokens followed by a slice of
     a random pool of 2**20 tokens at a random offset below 2**19 (two requests drawing the
-    same offset share a prefix)."""
+    same offset share a prefix). ``WorkloadRequest``'s own checks (arrival finite and
+    >= 0, at least one prompt and one output token, ``prompt_tokens`` the prompt's
+    length) are made once per chunk, on the drawn values: each request passes them."""
     rng = np.random.default_rng(seed)
     pool: list[int] = rng.integers(256, VOCAB_SIZE, size=_POOL_TOKENS).tolist()
     prefix = pool[:shared_prefix]
     n_prefix = len(prefix)
+    users = [f"user-{u}" for u in range(1000)]  # the same strings, each made once
     arrival = 0.0
     made = 0
     while made < n:
@@ -79,6 +82,13 @@ def stream_requests(
         inputs = input_dist.sample(rng, m)
         outputs = output_dist.sample(rng, m)
         offsets = rng.integers(0, _POOL_TOKENS // 2, size=m)
+        # WorkloadRequest.__post_init__'s checks, for the whole chunk: every arrival is a
+        # running sum of these gaps; a prompt has max(1, n_input - n_prefix) + n_prefix
+        # tokens, its length.
+        if not (math.isfinite(arrival + float(gaps.sum())) and float(gaps.min()) >= 0.0):
+            raise ValueError(f"req-{made:07d}: arrival_s must be finite and >= 0")
+        if min(outputs) < 1:
+            raise ValueError(f"req-{made:07d}: prompt_tokens and max_tokens must be >= 1")
         # Python floats and ints up front (the same values as float(gaps[j]), int(...))
         for gap, n_input, max_tokens, start in zip(
             gaps.tolist(), inputs, outputs, offsets.tolist(), strict=True
@@ -89,12 +99,10 @@ def stream_requests(
             prompt = pool[start : start + own]
             if n_prefix:
                 prompt = prefix + prompt
-            request = _workload_request(
+            yield _workload_request(
                 f"req-{made:07d}", arrival, prompt, len(prompt), max_tokens, _NORMAL,
-                None, None, None, f"user-{made % 1000}", None, 0, None,
+                None, None, None, users[made % 1000], None, 0, None,
             )  # fmt: skip
-            request.__post_init__()
-            yield request
             made += 1
 
 

@@ -208,7 +208,8 @@ class ClusterSimulator:
         requests = workload.requests if isinstance(workload, Workload) else workload
         arrivals = iter(requests)
         nxt = next(arrivals, None)
-        heap, policy, control = self._heap, self.policy, self.control
+        heap, control = self._heap, self.control
+        queued = control.queued  # len(self.policy), asked of its queue where that is the same
         fleet, slots, kicks = self.fleet, self._slots, control.kicks
         heappop, heappush, kick = heapq.heappop, heapq.heappush, self._kick
         step_effects, arrive, dispatch = self._step_effects, control.arrive, control.dispatch
@@ -266,7 +267,7 @@ class ClusterSimulator:
             else:
                 break
             events += 1
-            if fleet.free_total and len(policy):
+            if fleet.free_total and len(queued):
                 dispatch(self._now)
             if kicks:
                 for slot in kicks:

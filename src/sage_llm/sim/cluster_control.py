@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Sized
 from dataclasses import replace
 
 from sage_llm import tokens
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.routing.base import Router
+from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
@@ -105,6 +107,14 @@ class SimControlPlane:
         )
         """The policy when its ``on_complete`` is :class:`QueuedPolicy`'s own, which only
         counts: no completion record (nor the predicted E2E it carries) is built for it."""
+        self.queued: Sized = (
+            policy.queue
+            if isinstance(policy, QueuedPolicy) and cls.__len__ is QueuedPolicy.__len__
+            else policy
+        )
+        """What ``len(policy)`` counts: a :class:`QueuedPolicy`'s lane queue itself when
+        its ``__len__`` is the class's own (asked after every event; the lane queue is
+        compiled with the accelerator, the policy is not)."""
         self._only_model = next(iter(fleet.groups)) if len(fleet.groups) == 1 else None
         """The model a request without one gets (None when several are served)."""
 
@@ -149,7 +159,7 @@ class SimControlPlane:
             {},
         )
         policy = self.policy
-        queued = len(policy)
+        queued = len(self.queued)
         fleet = self.fleet
         if self._admit_reads_time_only and queued < self.max_queue_size:
             # The queue bound admits without reading the snapshot, and this policy's admit
@@ -189,8 +199,10 @@ class SimControlPlane:
         sampled = bool(fleet.sampled_models)
         want_sticky, want_prefix = fleet.want_sticky, fleet.want_prefix
         counting = self._counting
+        pipeline = router if type(router) is Pipeline else None
         decisions = candidates = 0
-        while len(policy) and fleet.free_total:
+        queued = self.queued
+        while len(queued) and fleet.free_total:
             started = perf()
             snap = snapshot(now)
             info = pop(snap)
@@ -208,16 +220,22 @@ class SimControlPlane:
             ):  # otherwise fleet.augment has nothing to add (the same test as its own)
                 snap = fleet.augment(snap, info)
             allowed = constrain(info, snap)
-            decision = route(info, snap, allowed)
-            if decision is None and allowed is not None:
-                decision = route(info, snap)
-            if decision is None:  # inconsistent with pop(); keep the request and stop
+            if pipeline is not None:  # route(...).instance_id, without the decision record
+                chosen = pipeline.route_id(info, snap, allowed)
+                if chosen is None and allowed is not None:
+                    chosen = pipeline.route_id(info, snap)
+            else:
+                decision = route(info, snap, allowed)
+                if decision is None and allowed is not None:
+                    decision = route(info, snap)
+                chosen = None if decision is None else decision.instance_id
+            if chosen is None:  # inconsistent with pop(); keep the request and stop
                 policy.push(info)
                 break
             record(perf() - started)
             decisions += 1
             candidates += len(snap.instances)
-            slot = by_id[decision.instance_id]
+            slot = by_id[chosen]
             view = fleet.fresh_view(slot)
             if counting is None:  # read only by the completion record
                 rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)

@@ -11,6 +11,7 @@ from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.filters import HealthyFilter, LoadCapFilter
 from sage_llm.control_plane.routing.pickers import MaxPicker, WeightedRandomPicker
 from sage_llm.control_plane.routing.pipeline import Pipeline
+from sage_llm.control_plane.routing.registry import ROUTING_NAMES, build_router
 from sage_llm.control_plane.routing.scorers import (
     KVUsageScorer,
     LeastOutstandingScorer,
@@ -264,3 +265,35 @@ def test_describe() -> None:
         "picker": "max",
         "params": {"k": 1},
     }
+
+
+@pytest.mark.parametrize("name", ROUTING_NAMES)
+def test_route_id_picks_what_route_picks(name: str) -> None:
+    rng = random.Random(7)
+    a, b = build_router(name, seed=3), build_router(name, seed=3)
+    assert isinstance(a, Pipeline) and isinstance(b, Pipeline)
+    for n in range(60):
+        views = [
+            make_instance_view(
+                f"i{k}",
+                in_flight=rng.randrange(0, 8),
+                max_concurrency=8,
+                queued_prefill_tokens=rng.randrange(0, 4000),
+                kv_usage=rng.random(),
+            )
+            for k in range(rng.randrange(1, 9))
+        ]
+        snap = make_snapshot(views, now=float(n))
+        req = make_request_info(f"r{n}", arrival=float(n))
+        allowed = frozenset({"i0", "i2"}) if n % 3 == 0 else None
+        decision = a.route(req, snap, allowed)
+        assert b.route_id(req, snap, allowed) == (
+            None if decision is None else decision.instance_id
+        )
+
+
+def test_route_id_tells_stateful_components() -> None:
+    recorder = Recorder()
+    pipe = Pipeline("r", [], [(recorder, 1.0)], MaxPicker(), random.Random(0))
+    chosen = pipe.route_id(make_request_info("r1"), make_snapshot(3))
+    assert chosen is not None and recorder.seen == [("r1", chosen)]

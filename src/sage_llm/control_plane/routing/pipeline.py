@@ -158,6 +158,25 @@ class Pipeline:
         self.on_routed(req, decision)
         return decision
 
+    def route_id(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+    ) -> str | None:
+        """The instance :meth:`route` picks (None where it returns None): the same
+        candidates, scores and random draws, without building the decision (its reason
+        and scores) unless a stateful component is to be told about it. For callers that
+        need only the instance (the cluster simulator)."""
+        if self._observers:
+            decision = self.route(req, snap, allowed)
+            return None if decision is None else decision.instance_id
+        cands = self.candidates(req, snap, allowed)
+        if not cands:
+            return None
+        combined, _ = self.scores(req, cands, snap)
+        chosen = self.picker.pick(combined, self.rng)
+        if chosen not in combined:
+            raise ValueError(f"picker {self.picker.name!r} chose {chosen!r}, not a candidate")
+        return chosen
+
     def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None:
         """Tell stateful components about ``decision`` (idempotent; ``route`` calls it)."""
         for obs in self._observers:

@@ -104,6 +104,13 @@ class QueuedPolicy:
     def __len__(self) -> int:
         return len(self._queue._entries)  # len(self._queue), one call less (asked often)
 
+    @property
+    def queue(self) -> LaneQueue:
+        """The lane queue itself (``len(policy)`` is ``len(policy.queue)`` here; a caller
+        that asks very often may ask the queue, compiled with the simulator's
+        accelerator, when a policy's ``__len__`` is this class's own)."""
+        return self._queue
+
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._queue
 
