@@ -49,6 +49,7 @@ from sage_llm.control_plane.pd.orchestrator import (
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
+from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, KVHandle
@@ -668,6 +669,13 @@ class Dispatcher:
             policy=policy_label(self.policy),
             priority=info.priority,
         )
+        policy = self.policy
+        if (
+            isinstance(policy, QueuedPolicy)
+            and type(policy).on_complete is QueuedPolicy.on_complete
+        ):
+            policy.count_completion()  # all its on_complete does: no record to build
+            return
         record = CompletionRecord(
             request_id=rec.request_id,
             status=status,
@@ -686,9 +694,9 @@ class Dispatcher:
             cost=cost,
         )
         try:
-            self.policy.on_complete(record)
+            policy.on_complete(record)
         except Exception:
-            log.exception("policy %s failed in on_complete", self.policy.name)
+            log.exception("policy %s failed in on_complete", policy.name)
 
     async def cancel_all_tasks(self) -> None:
         tasks = [t for t in self._tasks if not t.done()]

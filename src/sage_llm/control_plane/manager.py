@@ -624,10 +624,13 @@ class ControlPlaneManager:
         now = info.arrival
         queued = len(dispatcher.policy)
         snap = self._registry.snapshot(now, self._prefix)
-        if not any(v.model == model and v.healthy and v.accepting for v in snap):
+        up = [v for v in snap if v.model == model and v.healthy and v.accepting]
+        if not up:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(f"no healthy instance serves model {model!r} right now")
-        unservable = dispatcher.unservable_reason(model)
+        # an instance that runs whole requests serves the model: then nothing is unservable
+        whole = any(v.role.runs_whole_requests for v in up)
+        unservable = None if whole else dispatcher.unservable_reason(model)
         if unservable is not None:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
