@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from sage_llm.config import GatewayConfig
-from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanServer
+from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanServer, LeanStream
 from sage_llm.sim.clock import run_virtual
 from sage_llm.types import RequestStatus
 from tests.gateway.harness import completion_body, read_events, serve
@@ -182,6 +182,39 @@ async def test_streams_are_chunked_server_sent_events() -> None:
             events = await read_events(resp)
         assert events[-1] == "[DONE]"
         assert events[-2]["usage"]["completion_tokens"] == 8
+
+
+class _Sends:
+    """Stands in for the connection under a LeanStream: records each send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("writes", "last", "expected"),
+    [
+        ([], b"", [b"HEAD0\r\n\r\n"]),
+        ([], b"data: [DONE]\n\n", [b"HEADe\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"]),
+        ([b"ab"], b"c", [b"HEAD2\r\nab\r\n", b"1\r\nc\r\n0\r\n\r\n"]),
+        ([b"", b"ab"], b"", [b"HEAD2\r\nab\r\n", b"0\r\n\r\n"]),
+    ],
+)
+async def test_a_stream_ends_with_its_last_data_in_one_send(
+    writes: list[bytes], last: bytes, expected: list[bytes]
+) -> None:
+    conn = _Sends()
+    stream = LeanStream(conn, b"HEAD")  # type: ignore[arg-type]
+    for data in writes:
+        await stream.write(data)
+    await stream.write_eof(last)
+    assert conn.sent == expected
 
 
 async def test_a_client_that_disconnects_cancels_its_request() -> None:

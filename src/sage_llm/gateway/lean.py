@@ -76,8 +76,10 @@ class LeanStream:
         self._head = b""
         await self._conn.drain()
 
-    async def write_eof(self) -> None:
-        self._conn.send(self._head + b"0\r\n\r\n")
+    async def write_eof(self, data: bytes = b"") -> None:
+        """Write ``data`` (if any) and the last chunk, in one send."""
+        body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
+        self._conn.send(self._head + body)
         self._head = b""
 
 

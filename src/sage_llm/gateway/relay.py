@@ -52,7 +52,8 @@ class StreamSink(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
-    async def write_eof(self) -> None: ...
+    async def write_eof(self, data: bytes = b"") -> None:
+        """Write ``data`` (if any) and end the body, in one write where the sink can."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,8 +317,7 @@ async def _relay(
         log.exception("stream of request %s failed", gen.request_id)
         tail += _error_event(error_body("internal server error", "internal_error", 500), gen)
     with contextlib.suppress(ConnectionResetError):
-        await resp.write(tail + DONE_EVENT)
-        await resp.write_eof()
+        await resp.write_eof(tail + DONE_EVENT)  # the last events and the end: one write
 
 
 def _error_event(body: dict[str, Any], gen: Generation) -> bytes:
