@@ -32,7 +32,7 @@ from sage_llm.sim.cluster_fleet import (
     field_filler,
     prefix_block_hashes,
 )
-from sage_llm.sim.cluster_results import make_measurement, measurement
+from sage_llm.sim.cluster_results import measurement, request_measurement
 from sage_llm.sim.cluster_state import FleetState
 from sage_llm.types import RequestStatus
 
@@ -309,7 +309,6 @@ class SimControlPlane:
         arrival = info.arrival
         e2e_s = now - arrival
         tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
-        wr = rec.workload
         if first is None:
             state.queued_prefill_tokens -= info.prompt_tokens
         # slot.note_in_flight(now), then fleet.released(slot), inlined
@@ -336,11 +335,9 @@ class SimControlPlane:
             counting.count_completion()
         else:
             self._report_completion(rec, slot, now, ok, output, tpot_s, e2e_s)
-        times = rec.token_times
-        if times:
-            self.measurements.append(measurement(wr, arrival, first, now, output, error, times))
-        else:
-            self.measurements.append(make_measurement(wr, arrival, first, now, output, error))
+        self.measurements.append(
+            request_measurement(rec, arrival, first, now, output, error, rec.token_times)
+        )
 
     def _report_completion(
         self,
@@ -357,7 +354,7 @@ class SimControlPlane:
         arrival = info.arrival
         first = rec.first_token_s
         ttft_s = None if first is None else first - arrival
-        slo_e2e = rec.workload.slo_e2e_s
+        slo_e2e = rec.slo_e2e_s
         slo_met = None if slo_e2e is None else ok and e2e_s <= slo_e2e
         scheduled_at = rec.scheduled_at
         cost = slot.cost_per_s * (now - scheduled_at)
@@ -390,7 +387,7 @@ class SimControlPlane:
         for rec in list(self.reqs.values()):
             self.policy.remove(rec.info.request_id)
             self.measurements.append(
-                measurement(rec.workload, rec.info.arrival, None, now, 0, "never dispatched")
+                request_measurement(rec, rec.info.arrival, None, now, 0, "never dispatched")
             )
         self.reqs.clear()
 

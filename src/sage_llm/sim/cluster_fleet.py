@@ -145,7 +145,12 @@ def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int,
 
 
 class SimRequest:
-    """One request inside the simulator, from arrival until it ends."""
+    """One request inside the simulator, from arrival until it ends.
+
+    It keeps of its :class:`WorkloadRequest` only what the client's measurement needs
+    (its id, priority, user, prompt length and SLOs), not the request itself: the prompt
+    goes to the engine at dispatch and is freed then, not when the request ends.
+    """
 
     __slots__ = (
         "first_token_s",
@@ -153,15 +158,28 @@ class SimRequest:
         "output",
         "pending_tokens",
         "predicted_e2e_s",
+        "priority",
         "prompt_ids",
+        "prompt_tokens",
+        "request_id",
         "scheduled_at",
+        "slo_e2e_s",
+        "slo_tpot_s",
+        "slo_ttft_s",
         "slot",
         "token_times",
-        "workload",
+        "user_id",
     )
 
     def __init__(self, workload: WorkloadRequest, info: RequestInfo, prompt_ids: Sequence[int]):
-        self.workload = workload
+        self.request_id = workload.request_id
+        self.priority = workload.priority
+        """The workload's priority (the measurement's; admission may give ``info`` another)."""
+        self.user_id = workload.user_id
+        self.prompt_tokens = workload.prompt_tokens
+        self.slo_ttft_s = workload.slo_ttft_s
+        self.slo_tpot_s = workload.slo_tpot_s
+        self.slo_e2e_s = workload.slo_e2e_s
         self.info = info
         self.prompt_ids: Sequence[int] | None = prompt_ids
         self.slot: InstanceSlot | None = None

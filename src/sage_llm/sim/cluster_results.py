@@ -10,7 +10,7 @@ import numpy as np
 
 from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
 from sage_llm.bench.workloads import WorkloadRequest
-from sage_llm.sim.cluster_fleet import InstanceSlot, field_filler
+from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, field_filler
 
 __all__ = [
     "ClusterResult",
@@ -20,6 +20,7 @@ __all__ = [
     "decision_stats",
     "make_measurement",
     "measurement",
+    "request_measurement",
 ]
 
 
@@ -258,6 +259,52 @@ def make_measurement(
         wr.slo_ttft_s,
         wr.slo_tpot_s,
         wr.slo_e2e_s,
+    )
+
+
+def request_measurement(
+    rec: SimRequest,
+    arrival: float,
+    first: float | None,
+    end: float,
+    output: int,
+    error: str | None = None,
+    times: Sequence[float] | None = None,
+) -> RequestMeasurement:
+    """:func:`measurement` of the request ``rec`` (what it kept of its workload request);
+    without token times built as :func:`make_measurement` builds it."""
+    if times:
+        return RequestMeasurement(
+            request_id=rec.request_id,
+            priority=rec.priority,
+            user_id=rec.user_id,
+            arrival_s=arrival,
+            first_token_s=first,
+            token_times_s=times,
+            end_s=end,
+            prompt_tokens=rec.prompt_tokens,
+            output_tokens=output,
+            ok=error is None,
+            error=error,
+            slo_ttft_s=rec.slo_ttft_s,
+            slo_tpot_s=rec.slo_tpot_s,
+            slo_e2e_s=rec.slo_e2e_s,
+        )
+    return _fill_measurement(
+        rec.request_id,
+        rec.priority,
+        rec.user_id,
+        arrival,
+        first,
+        (),
+        end,
+        rec.prompt_tokens,
+        output,
+        error is None,
+        error,
+        rec.slo_ttft_s,
+        rec.slo_tpot_s,
+        rec.slo_e2e_s,
     )
 
 
