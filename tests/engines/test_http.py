@@ -211,14 +211,21 @@ async def test_closing_consumer_mid_stream_aborts_on_the_engine(
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("call", ["generate", "complete"])
 async def test_cancelling_consumer_task_aborts_on_the_engine(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, call: str
 ) -> None:
+    """Cancelling the task that drains ``generate``, or that awaits ``complete`` (the answer
+    of a request not streamed comes in one piece), closes the engine's request."""
     gated = FakeEngine(gate_after=1)
     runner, port = await start_engine_server(gated, model_name=MODEL, shutdown_timeout=1.0)
     try:
         client = client_for(port, session)
-        task = asyncio.create_task(collect(client, completion_req(max_tokens=10)))
+        if call == "generate":
+            task = asyncio.create_task(collect(client, completion_req(max_tokens=10)))
+        else:
+            req = completion_req(stream=False, max_tokens=10)
+            task = asyncio.create_task(client.complete(req))
         await asyncio.wait_for(gated.gated.wait(), timeout=10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -459,25 +466,6 @@ async def test_one_piece_answers_reuse_the_connection(
     await client.complete(completion_req(stream=False))
     assert len(peers) == 3 and peers[0] is not None
     assert peers[1] == peers[0] and peers[2] == peers[0]
-
-
-async def test_cancelling_complete_aborts_on_the_engine(
-    session: aiohttp.ClientSession,
-) -> None:
-    gated = FakeEngine(gate_after=1)
-    runner, port = await start_engine_server(gated, model_name=MODEL, shutdown_timeout=1.0)
-    try:
-        client = client_for(port, session)
-        task = asyncio.create_task(client.complete(completion_req(stream=False, max_tokens=10)))
-        await asyncio.wait_for(gated.gated.wait(), timeout=10)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.wait_for(gated.aborted_event.wait(), timeout=10)
-        assert gated.aborted == ["req-1"]
-    finally:
-        gated.release.set()
-        await runner.cleanup()
 
 
 async def test_embed_posts_inputs_and_returns_json(

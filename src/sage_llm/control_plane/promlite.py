@@ -34,6 +34,19 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 
+def _label_key(
+    name: str, labelnames: tuple[str, ...], values: tuple[str, ...], named: dict[str, str]
+) -> tuple[str, ...]:
+    """The label values of a ``labels(*values, **named)`` call, in ``labelnames`` order."""
+    if named:
+        if values or set(named) != set(labelnames):
+            raise ValueError(f"{name}: label names must be {labelnames}")
+        values = tuple(str(named[n]) for n in labelnames)
+    elif len(values) != len(labelnames) or not labelnames:
+        raise ValueError(f"{name}: expected labels {labelnames}")
+    return tuple(str(v) for v in values)
+
+
 class LiteHistogramChild:
     """The series of one label set."""
 
@@ -82,13 +95,7 @@ class LiteHistogram:
         registry.register(self)
 
     def labels(self, *values: str, **named: str) -> LiteHistogramChild:
-        if named:
-            if values or set(named) != set(self.labelnames):
-                raise ValueError(f"{self.name}: label names must be {self.labelnames}")
-            values = tuple(str(named[n]) for n in self.labelnames)
-        elif len(values) != len(self.labelnames) or not self.labelnames:
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}")
-        key = tuple(str(v) for v in values)
+        key = _label_key(self.name, self.labelnames, values, named)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = LiteHistogramChild(self._bounds)
@@ -160,13 +167,7 @@ class _LiteValues:
         registry.register(self)
 
     def labels(self, *values: str, **named: str) -> LiteValue:
-        if named:
-            if values or set(named) != set(self.labelnames):
-                raise ValueError(f"{self.name}: label names must be {self.labelnames}")
-            values = tuple(str(named[n]) for n in self.labelnames)
-        elif len(values) != len(self.labelnames) or not self.labelnames:
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}")
-        key = tuple(str(v) for v in values)
+        key = _label_key(self.name, self.labelnames, values, named)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = LiteValue()
