@@ -12,12 +12,16 @@ Between events it does what the control plane does, in the same order:
   refused requests end as failed measurements with the manager's error class);
 * **dispatch** as ``Dispatcher.dispatch_ready``: while the policy has requests and some
   instance has a free slot, ``policy.pop(snap)``, ``policy.constrain``,
-  ``router.route(info, snap, allowed)`` (again unconstrained if that finds nothing), the
-  assignment accounted before the next decision, the prefix index updated;
+  ``router.route(info, snap, allowed)`` (again unconstrained if that finds nothing; a
+  :class:`~sage_llm.control_plane.routing.pipeline.Pipeline` is asked ``route_id``, the
+  same pick without the decision record), the assignment accounted before the next
+  decision, the prefix index updated;
 * **engines**: an idle instance that gets work starts a step at once; a step's tokens and
   finished requests take effect at its end, when the next step starts immediately;
 * **accounting** with the registry's own :class:`~sage_llm.control_plane.instances.InstanceState`
-  (load counters and its TTFT/TPOT EWMAs), and ``policy.on_complete`` for every request.
+  (load counters and its TTFT/TPOT EWMAs), and ``policy.on_complete`` for every request
+  (``count_completion()`` where ``on_complete`` is ``QueuedPolicy``'s own, which only
+  counts: no completion record is built for it).
 
 **Snapshots.** Views are cached per instance and rebuilt only when that instance changed
 (``InstanceSlot.build_view``: what ``InstanceState.view`` builds, filled field by field), so
