@@ -360,18 +360,19 @@ class HTTPEngineClient:
 
     # --- EngineClient --------------------------------------------------------------------
 
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+    def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream ``req`` from the engine. Close the iterator (``aclose``, or cancel the task
         awaiting it) to abort: the HTTP connection is closed and the engine aborts.
 
         ``http://`` engines are called through the lean client of
         :mod:`sage_llm.engines.fastclient` (same behaviour, a fraction of the CPU);
-        ``https://`` ones, or a session not made by :func:`make_session`, through aiohttp."""
+        ``https://`` ones, or a session not made by :func:`make_session`, through aiohttp.
+        The iterator is the transport's own (no generator in between)."""
         if self._fast_pool is not None and (not req.request_id or _header_safe(req.request_id)):
-            async with contextlib.aclosing(self._generate_fast(self._fast_pool, req)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
+            return self._generate_fast(self._fast_pool, req)
+        return self._generate_aiohttp(req)
+
+    async def _generate_aiohttp(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         body = self.request_body(req, stream=req.stream)
         first_deadline = self._first_deadline(req)
         resp = await self._send(
@@ -383,9 +384,10 @@ class HTTPEngineClient:
         try:
             if resp.content_type == "application/json":
                 raw = await self._read_all(resp, first_deadline)
-                for chunk in chunks_from_completion(self._parse_json(raw), req, self.instance_id):
+                chunks = chunks_from_completion(self._parse_json(raw), req, self.instance_id)
+                clean = True  # read to the end: reusable whether or not all is consumed
+                for chunk in chunks:
                     yield chunk
-                clean = True
                 return
 
             async def read(deadline: float | None, produced: bool) -> bytes:
