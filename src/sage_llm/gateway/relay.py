@@ -202,24 +202,6 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     return completion_body(fmt, choices, _usage_after(gen, result, choices.usage))
 
 
-async def first_batch(
-    batches: AsyncIterator[list[Chunk]],
-    manager: ControlPlaneManager,
-    gen: Generation,
-    deadline: float | None,
-) -> list[Chunk] | None:
-    """The first chunks of a stream, before any byte is sent: a failure or a timeout
-    until then raises, so the client gets a JSON error status instead of a stream."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            first = await anext(batches, None)
-    except TimeoutError:
-        raise _timeout_error(gen) from None
-    if first is None:
-        await _final_usage(manager, gen, None)  # raises when it was cancelled
-    return first
-
-
 async def stream_response(
     request: web.Request,
     manager: ControlPlaneManager,
@@ -253,71 +235,97 @@ async def relay_stream(
     """Relay ``gen`` as server-sent events onto the sink ``open_sink()`` opens once the
     first chunk is there (a failure before it raises, so the client gets a JSON error
     status instead); None from it means the client already left, and the request is
-    cancelled."""
+    cancelled. The request's timeout covers both parts: before the first chunk it is a
+    JSON 504, after it an error event that ends the stream."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
-    deadline = _deadline(gen.timeout_s)
     batches = manager.stream_batches(gen.meta)
+    end = _Ending()
     async with _closing(batches):
-        first = await first_batch(batches, manager, gen, deadline)
-        sink = await open_sink()
-        if sink is None:  # the client left before its first byte
-            log.info("client of request %s went away; cancelling it", gen.request_id)
-            return  # leaving _closing cancels the request
-        await _relay(sink, batches, first, manager, gen, fmt, deadline)
+        try:
+            async with asyncio.timeout_at(_deadline(gen.timeout_s)):
+                first = await anext(batches, None)
+                if first is None:
+                    await _final_usage(manager, gen, None)  # raises when it was cancelled
+                end.sink = await open_sink()
+                if end.sink is None:  # the client left before its first byte
+                    log.info("client of request %s went away; cancelling it", gen.request_id)
+                    return  # leaving _closing cancels the request
+                await _relay(end, batches, first, manager, gen, fmt)
+        except TimeoutError:
+            if end.sink is None:  # nothing sent yet
+                raise _timeout_error(gen) from None
+            end.tail += _error_event(_timeout_error(gen).to_openai(), gen)
+        await end.finish()
+
+
+class _Ending:
+    """A stream's sink once open, and what is still to be written when it ends: the
+    request's last chunk (held back so it leaves with the usage chunk), error events."""
+
+    __slots__ = ("sink", "tail")
+
+    def __init__(self) -> None:
+        self.sink: StreamSink | None = None
+        self.tail = b""
+
+    async def finish(self) -> None:
+        """Write the tail and ``[DONE]``, and end the body (once; nothing when the sink
+        is gone or was never opened)."""
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            with contextlib.suppress(ConnectionResetError):
+                await sink.write_eof(self.tail + DONE_EVENT)  # one write
 
 
 async def _relay(
-    resp: StreamSink,
+    end: _Ending,
     batches: AsyncIterator[list[Chunk]],
     batch: list[Chunk] | None,
     manager: ControlPlaneManager,
     gen: Generation,
     fmt: ResponseFormat,
-    deadline: float | None,
 ) -> None:
+    """Write the events of each batch of chunks as they come; what ends the stream (the
+    last chunk, the usage chunk, an error event) is left in ``end.tail``."""
+    resp = end.sink
+    assert resp is not None
     seen: set[int] = set()
     usage: Usage | None = None
     # The events of the chunks that arrived together are written at once, in one write;
     # a request's last chunk goes out together with the usage chunk and [DONE].
-    tail = b""
     try:
-        async with asyncio.timeout_at(deadline):
-            while batch is not None:
-                out = b""
-                for chunk in batch:
-                    usage = chunk.usage or usage
-                    if fmt.chat and chunk.index not in seen:
-                        role = fmt.role_chunk()
-                        role["choices"][0]["index"] = chunk.index
-                        out += encode_event(role)
-                    seen.add(chunk.index)
-                    if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
-                        event = fmt.chunk(
-                            chunk.text, chunk.finish_reason, index=chunk.index,
-                            logprobs=chunk.logprobs,
-                        )  # fmt: skip
-                        out += encode_event(event)
-                    if chunk.usage is not None:  # the engine's last chunk
-                        tail += out  # with the rest of its batch, it goes out last
-                        out = b""
-                if out:
-                    await resp.write(out)
-                batch = await anext(batches, None)
-            final = await _final_usage(manager, gen, usage)
-            if gen.include_usage:
-                tail += encode_event(fmt.usage_chunk(final))
+        while batch is not None:
+            out = b""
+            for chunk in batch:
+                usage = chunk.usage or usage
+                if fmt.chat and chunk.index not in seen:
+                    role = fmt.role_chunk()
+                    role["choices"][0]["index"] = chunk.index
+                    out += encode_event(role)
+                seen.add(chunk.index)
+                if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
+                    event = fmt.chunk(
+                        chunk.text, chunk.finish_reason, index=chunk.index,
+                        logprobs=chunk.logprobs,
+                    )  # fmt: skip
+                    out += encode_event(event)
+                if chunk.usage is not None:  # the engine's last chunk
+                    end.tail += out  # with the rest of its batch, it goes out last
+                    out = b""
+            if out:
+                await resp.write(out)
+            batch = await anext(batches, None)
+        final = await _final_usage(manager, gen, usage)
+        if gen.include_usage:
+            end.tail += encode_event(fmt.usage_chunk(final))
     except ConnectionResetError:
         log.info("client of request %s went away; cancelling it", gen.request_id)
-        return
-    except TimeoutError:
-        tail += _error_event(_timeout_error(gen).to_openai(), gen)
+        end.sink = None  # nothing more can be written
     except SageLLMError as exc:
-        tail += _error_event(exc.to_openai(), gen)
+        end.tail += _error_event(exc.to_openai(), gen)
     except Exception:
         log.exception("stream of request %s failed", gen.request_id)
-        tail += _error_event(error_body("internal server error", "internal_error", 500), gen)
-    with contextlib.suppress(ConnectionResetError):
-        await resp.write_eof(tail + DONE_EVENT)  # the last events and the end: one write
+        end.tail += _error_event(error_body("internal server error", "internal_error", 500), gen)
 
 
 def _error_event(body: dict[str, Any], gen: Generation) -> bytes:
