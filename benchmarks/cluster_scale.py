@@ -131,9 +131,12 @@ def measure_capacity_rps(args: argparse.Namespace) -> float:
 
 def run(
     args: argparse.Namespace, accel_state: dict[str, list[str]]
-) -> tuple[ClusterResult, dict[str, Any]]:
-    """Calibrate the rate if asked, then simulate; returns the result and setup figures
-    (``accel_state`` is :func:`sage_llm.sim.accel.status`, recorded with them)."""
+) -> tuple[ClusterResult, dict[str, Any], ClusterSimulator]:
+    """Calibrate the rate if asked, then simulate; returns the result, setup figures
+    (``accel_state`` is :func:`sage_llm.sim.accel.status`, recorded with them) and the
+    simulator, for the caller to keep until the process ends: freed when this function
+    returned, its engines' state (tens of millions of objects at 1M requests) took
+    seconds to deallocate one by one, which the process's exit does not need."""
     setup: dict[str, Any] = {"accel": accel_state}
     if args.rate == "auto":
         t0 = time.perf_counter()
@@ -166,7 +169,7 @@ def run(
     started = time.perf_counter()
     result = sim.run(requests)
     setup["run_wall_s"] = time.perf_counter() - started
-    return result, setup
+    return result, setup, sim
 
 
 def _ms(stats: Any, key: str) -> str:
@@ -210,7 +213,9 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
           f"candidates), mean {d.mean_us:.0f} us, p99 {d.p99_us:.0f} us")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int:
+    """The command; the simulator and its result go into ``keep`` when given (the caller
+    then decides when they are freed: ``__main__`` never frees them, see below)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=1_000_000)
@@ -242,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--rate must be a positive number or auto")
     if args.profile is not None:
         profiler = cProfile.Profile()
-        result, setup = profiler.runcall(run, args, accel_state)
+        result, setup, sim = profiler.runcall(run, args, accel_state)
         profiler.dump_stats(str(args.profile))
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     else:
-        result, setup = run(args, accel_state)
+        result, setup, sim = run(args, accel_state)
+    if keep is not None:
+        keep += [sim, result]
     report(result, setup, args)
     if args.out is not None:
         payload = {
@@ -264,8 +271,11 @@ if __name__ == "__main__":
     # makes no reference cycles; ClusterSimulator.run turns it off for the run anyway), and
     # the process ends without freeing its heap object by object (millions of them at 1M
     # requests; the operating system reclaims the memory at once), once its output is out.
+    # That includes the simulator and its result: main() hands them to `kept`, or its
+    # return would free them (seconds at 1M requests, as long as the report's summary).
     gc.disable()
-    code = main()
+    kept: list[object] = []
+    code = main(keep=kept)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
