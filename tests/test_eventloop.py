@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+
 import pytest
 
 from sage_llm import eventloop
@@ -32,3 +35,24 @@ def test_uvloop_asked_for_but_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="not installed"):
         eventloop.resolve_loop("uvloop")
     assert eventloop.resolve_loop("auto") == "asyncio"
+
+
+@pytest.fixture
+def collector_settings() -> Iterator[None]:
+    """Restores the collector's thresholds and unfreezes what a test froze."""
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("collector_settings")
+def test_serving_collector_freezes_start_up_and_raises_the_young_threshold() -> None:
+    _, older, oldest = gc.get_threshold()
+    eventloop.tune_collector_for_serving()
+    assert gc.get_threshold() == (eventloop.SERVING_GC_THRESHOLD, older, oldest)
+    assert gc.get_freeze_count() > 0
+    eventloop.tune_collector_for_serving(1000)
+    assert gc.get_threshold()[0] == 1000
+    with pytest.raises(ValueError, match="at least 1"):
+        eventloop.tune_collector_for_serving(0)

@@ -95,6 +95,7 @@ def serve(
         eventloop.resolve_loop(loop)
     except ValueError as exc:
         _fail(f"--loop: {exc}")
+    eventloop.tune_collector_for_serving()
     with contextlib.suppress(KeyboardInterrupt):
         eventloop.run(main(), loop)
 
