@@ -6,7 +6,7 @@ import gc
 import itertools
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, cast
 
 import pytest
@@ -445,13 +445,21 @@ def test_views_are_what_the_registry_builds() -> None:
         assert slot.state.view() == slot.state._build_view()
 
 
+@dataclass(frozen=True)
+class _Plain:
+    a: int
+    b: str
+
+
 def test_field_filler_builds_what_the_constructor_builds() -> None:
     make = field_filler(RequestMeasurement, [f.name for f in fields(RequestMeasurement)][::-1])
     values = asdict(
         RequestMeasurement("r", RequestPriority.HIGH, "u", 1.0, 1.5, (), 2.0, 10, 4, slo_e2e_s=3.0)
     )
     built = make(*[values[f.name] for f in fields(RequestMeasurement)][::-1])
-    assert built == RequestMeasurement(**values) and vars(built) == values
+    assert built == RequestMeasurement(**values) and asdict(built) == values
+    plain = field_filler(_Plain, ["b", "a"])("x", 1)  # no slots: filled through its dict
+    assert plain == _Plain(1, "x") and vars(plain) == {"a": 1, "b": "x"}
     info = make_request_info(request_id="x", block_hashes=(1, 2), tags={"a": 1})
     names = [f.name for f in fields(RequestInfo)]
     assert field_filler(RequestInfo, names)(*[getattr(info, n) for n in names]) == info

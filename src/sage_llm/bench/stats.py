@@ -49,12 +49,13 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestMeasurement:
     """What the load generator observed for one request (absolute times, seconds).
 
     ``token_times_s`` holds the arrival time of every output chunk, the first one included.
     Failed requests set ``ok=False`` and ``error``; their ``end_s`` is when they failed.
+    Slotted: a simulated run keeps a million of them (152 bytes each rather than 272).
     """
 
     request_id: str
