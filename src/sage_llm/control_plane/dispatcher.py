@@ -49,7 +49,7 @@ from sage_llm.control_plane.pd.orchestrator import (
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.scheduling._queue import QueuedPolicy
+from sage_llm.control_plane.scheduling._queue import counting_only
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, KVHandle
@@ -285,8 +285,7 @@ class Dispatcher:
                 chunks: list[Chunk] = await complete(req)
                 if chunks:
                     prefill_pending = False
-                    state.queued_prefill_tokens -= info.prompt_tokens
-                    rec.first_token_at = self.clock.now()
+                    self._first_output(rec, state)
                 for chunk in chunks:
                     self._absorb(rec, chunk)
             else:
@@ -295,14 +294,7 @@ class Dispatcher:
                     async for chunk in stream:
                         if prefill_pending:
                             prefill_pending = False
-                            state.queued_prefill_tokens -= info.prompt_tokens
-                            now = self.clock.now()
-                            rec.first_token_at = now
-                            if req.stream:  # else the whole answer came at once: no TTFT
-                                state.observe_first_token(
-                                    now - (rec.scheduled_at or now),
-                                    rec.pending_tokens_at_dispatch,
-                                )
+                            self._first_output(rec, state)
                         self._absorb(rec, chunk)
                 finally:
                     await stream.aclose()  # type: ignore[attr-defined]
@@ -340,6 +332,18 @@ class Dispatcher:
             self.wake()
         if retry_error is not None:
             await self._requeue(rec, state, retry_error)
+
+    def _first_output(self, rec: RequestRecord, state: InstanceState) -> None:
+        """The engine's first output for ``rec`` (a whole request on ``state``): its prefill
+        is done, and when the engine streamed, its TTFT refines ``state``'s estimate (an
+        answer that came in one piece has none)."""
+        state.queued_prefill_tokens -= rec.info.prompt_tokens
+        now = self.clock.now()
+        rec.first_token_at = now
+        if rec.engine_request.stream:
+            state.observe_first_token(
+                now - (rec.scheduled_at or now), rec.pending_tokens_at_dispatch
+            )
 
     # -- PD execution ----------------------------------------------------------------------
 
@@ -670,11 +674,9 @@ class Dispatcher:
             priority=info.priority,
         )
         policy = self.policy
-        if (
-            isinstance(policy, QueuedPolicy)
-            and type(policy).on_complete is QueuedPolicy.on_complete
-        ):
-            policy.count_completion()  # all its on_complete does: no record to build
+        counting = counting_only(policy)
+        if counting is not None:
+            counting.count_completion()  # all its on_complete does: no record to build
             return
         record = CompletionRecord(
             request_id=rec.request_id,

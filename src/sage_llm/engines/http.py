@@ -498,12 +498,8 @@ class HTTPEngineClient:
                 answer = await self._fast_json(resp, req, first_deadline)
                 clean = True
                 return answer
-            asm = StreamAssembler(req, self.instance_id)  # the engine streamed anyway
-
-            async def read(deadline: float | None, produced: bool) -> bytes:
-                return await self._fast_read(resp, deadline, produced=produced)
-
-            async with contextlib.aclosing(self._relay(asm, read, first_deadline)) as relay:
+            # the engine streamed anyway
+            async with contextlib.aclosing(self._fast_events(resp, req, first_deadline)) as relay:
                 streamed = [chunk async for chunk in relay]
             clean = await self._fast_drain(resp)
             return streamed
@@ -512,6 +508,17 @@ class HTTPEngineClient:
                 resp.release()
             else:
                 resp.close()
+
+    def _fast_events(
+        self, resp: FastResponse, req: EngineRequest, first_deadline: float | None
+    ) -> AsyncGenerator[Chunk, None]:
+        """The chunks of a server-sent-events answer on the lean transport (:meth:`_relay`
+        over ``resp``)."""
+
+        async def read(deadline: float | None, produced: bool) -> bytes:
+            return await self._fast_read(resp, deadline, produced=produced)
+
+        return self._relay(StreamAssembler(req, self.instance_id), read, first_deadline)
 
     async def _fast_json(
         self, resp: FastResponse, req: EngineRequest, deadline: float | None
@@ -537,12 +544,7 @@ class HTTPEngineClient:
                 for chunk in chunks:
                     yield chunk
                 return
-            asm = StreamAssembler(req, self.instance_id)
-
-            async def read(deadline: float | None, produced: bool) -> bytes:
-                return await self._fast_read(resp, deadline, produced=produced)
-
-            async with contextlib.aclosing(self._relay(asm, read, first_deadline)) as relay:
+            async with contextlib.aclosing(self._fast_events(resp, req, first_deadline)) as relay:
                 async for chunk in relay:
                     yield chunk
             clean = await self._fast_drain(resp)

@@ -21,7 +21,7 @@ from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.pipeline import Pipeline
-from sage_llm.control_plane.scheduling._queue import QueuedPolicy
+from sage_llm.control_plane.scheduling._queue import QueuedPolicy, counting_only
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
@@ -100,11 +100,7 @@ class SimControlPlane:
             and cls.observe is QueuedPolicy.observe
         )
         """``policy.admit`` is :class:`QueuedPolicy`'s own: it reads only ``snap.now``."""
-        self._counting: QueuedPolicy | None = (
-            policy
-            if isinstance(policy, QueuedPolicy) and cls.on_complete is QueuedPolicy.on_complete
-            else None
-        )
+        self._counting: QueuedPolicy | None = counting_only(policy)
         """The policy when its ``on_complete`` is :class:`QueuedPolicy`'s own, which only
         counts: no completion record (nor the predicted E2E it carries) is built for it."""
         self.queued: Sized = (

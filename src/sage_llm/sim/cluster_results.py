@@ -18,7 +18,6 @@ __all__ = [
     "InstanceUsage",
     "build_result",
     "decision_stats",
-    "make_measurement",
     "measurement",
     "request_measurement",
 ]
@@ -232,36 +231,6 @@ _fill_measurement = field_filler(
 )  # fmt: skip
 
 
-def make_measurement(
-    wr: WorkloadRequest,
-    arrival: float,
-    first: float | None,
-    end: float,
-    output: int,
-    error: str | None = None,
-) -> RequestMeasurement:
-    """:func:`measurement` without token times, built without ``RequestMeasurement``'s
-    ``__init__`` (one per request). Its ``__post_init__`` would only normalise the empty
-    token times and check what holds by construction here (``arrival <= first <= end`` on
-    the simulator's clock, counts >= 0)."""
-    return _fill_measurement(
-        wr.request_id,
-        wr.priority,
-        wr.user_id,
-        arrival,
-        first,
-        (),
-        end,
-        wr.prompt_tokens,
-        output,
-        error is None,
-        error,
-        wr.slo_ttft_s,
-        wr.slo_tpot_s,
-        wr.slo_e2e_s,
-    )
-
-
 def request_measurement(
     rec: SimRequest,
     arrival: float,
@@ -271,8 +240,11 @@ def request_measurement(
     error: str | None = None,
     times: Sequence[float] | None = None,
 ) -> RequestMeasurement:
-    """:func:`measurement` of the request ``rec`` (what it kept of its workload request);
-    without token times built as :func:`make_measurement` builds it."""
+    """:func:`measurement` of the request ``rec`` (what it kept of its workload request).
+    Without token times it is built without ``RequestMeasurement``'s ``__init__`` (one per
+    request): its ``__post_init__`` would only normalise the empty token times and check
+    what holds by construction here (``arrival <= first <= end`` on the simulator's clock,
+    counts >= 0)."""
     if times:
         return RequestMeasurement(
             request_id=rec.request_id,

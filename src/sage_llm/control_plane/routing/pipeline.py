@@ -143,17 +143,12 @@ class Pipeline:
         self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
     ) -> RoutingDecision | None:
         """Pick an instance for ``req``, or None when no candidate survives the filters."""
-        cands = self.candidates(req, snap, allowed)
-        if not cands:
+        picked = self._pick(req, snap, allowed)
+        if picked is None:
             return None
-        combined, per_scorer = self.scores(req, cands, snap)
-        chosen = self.picker.pick(combined, self.rng)
-        if chosen not in combined:
-            raise ValueError(f"picker {self.picker.name!r} chose {chosen!r}, not a candidate")
+        chosen, combined, per_scorer, n = picked
         decision = RoutingDecision(
-            instance_id=chosen,
-            reason=self._reason(chosen, per_scorer, len(cands)),
-            scores=combined,
+            instance_id=chosen, reason=self._reason(chosen, per_scorer, n), scores=combined
         )
         self.on_routed(req, decision)
         return decision
@@ -168,14 +163,22 @@ class Pipeline:
         if self._observers:
             decision = self.route(req, snap, allowed)
             return None if decision is None else decision.instance_id
+        picked = self._pick(req, snap, allowed)
+        return None if picked is None else picked[0]
+
+    def _pick(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None
+    ) -> tuple[str, dict[str, float], list[dict[str, float]], int] | None:
+        """Filter, score and pick: the chosen id, the combined and per-scorer scores and
+        the number of candidates; None when no candidate survives the filters."""
         cands = self.candidates(req, snap, allowed)
         if not cands:
             return None
-        combined, _ = self.scores(req, cands, snap)
+        combined, per_scorer = self.scores(req, cands, snap)
         chosen = self.picker.pick(combined, self.rng)
         if chosen not in combined:
             raise ValueError(f"picker {self.picker.name!r} chose {chosen!r}, not a candidate")
-        return chosen
+        return chosen, combined, per_scorer, len(cands)
 
     def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None:
         """Tell stateful components about ``decision`` (idempotent; ``route`` calls it)."""
