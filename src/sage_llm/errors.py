@@ -163,6 +163,11 @@ class DeadlineExceededError(SageLLMError):
     http_status = 504
     error_type = "timeout_error"
 
+    @classmethod
+    def request_timed_out(cls, request_id: str, timeout_s: float) -> DeadlineExceededError:
+        """A request cancelled because it ran past its time limit."""
+        return cls(f"request {request_id} did not finish within {timeout_s:g} s and was cancelled")
+
 
 class EngineError(SageLLMError):
     """An engine call failed.

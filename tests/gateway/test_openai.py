@@ -6,11 +6,15 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from sage_llm.config import GatewayConfig
 from sage_llm.errors import InvalidRequestError
-from sage_llm.gateway.openai import CONSUMED_FIELDS, parse_generation
+from sage_llm.gateway.openai import CONSUMED_FIELDS, _plain_body, parse_generation
 from sage_llm.gateway.relay import Generation
+from sage_llm.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from sage_llm.gateway.settings import ResolvedGateway
 from sage_llm.types import RequestPriority
 from tests.factories import MODEL
@@ -177,3 +181,76 @@ def test_max_prompt_tokens_is_exact_at_the_limit(prompt: str | list[int], ok: bo
     with pytest.raises(InvalidRequestError, match="the prompt has 6 tokens") as err:
         _parse(body, settings=settings)
     assert err.value.param == "prompt"
+
+
+# --- the plain-body check agrees with the schema ------------------------------------------
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 5),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, 1.0, 2.0, 2.5, 1e-9, -0.0]),
+    st.text(max_size=3),
+    st.lists(st.integers(0, 9), max_size=2),
+    st.lists(st.text(max_size=2), max_size=2),
+    st.dictionaries(st.sampled_from(["role", "content", "name", "x"]), st.text(max_size=2)),
+)
+_MESSAGES = st.lists(
+    st.dictionaries(
+        st.sampled_from(["role", "content", "name", "tool_calls"]),
+        st.one_of(st.none(), st.text(max_size=3), st.integers(0, 2), st.lists(st.none())),
+    ),
+    max_size=3,
+)
+_KEYS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stream",
+         "user", "n", "stop", "seed", "logprobs", "priority", "max_completion_tokens",
+         "mystery"]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    chat=st.booleans(),
+    body=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=7),
+    model=st.one_of(st.none(), st.sampled_from([MODEL, ""])),
+    messages=st.one_of(st.none(), _MESSAGES),
+)
+def test_the_plain_body_check_accepts_only_what_the_schema_accepts_with_the_same_values(
+    chat: bool, body: dict[str, Any], model: str | None, messages: list[Any] | None
+) -> None:
+    if model is not None:
+        body["model"] = model
+    if messages is not None:
+        body["messages"] = messages
+    plain = _plain_body(body, chat)
+    schema = ChatCompletionRequest if chat else CompletionRequest
+    try:
+        checked = schema.model_validate(body)
+    except ValidationError:
+        assert plain is None
+        return
+    if plain is None:
+        return  # a shape left to the schema
+    got_model, text, max_tokens, temperature, top_p, stream, user = plain
+    assert got_model == checked.model
+    assert text == (body["messages"] if chat else checked.prompt)  # type: ignore[union-attr]
+    assert (max_tokens, temperature, top_p) == (checked.max_tokens, checked.temperature,
+                                                checked.top_p)  # fmt: skip
+    assert (stream, user) == (bool(checked.stream), checked.user)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_plain_body_and_the_schema_path_give_the_same_generation(chat: bool) -> None:
+    text: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": "Hi"}
+    )
+    body = {"model": MODEL, **text, "max_tokens": 5, "temperature": 0, "top_p": 0.5,
+            "stream": True, "user": "u9", "mystery": [1]}  # fmt: skip
+    assert _plain_body(body, chat) is not None
+    with_schema = {**body, "n": 1}  # a declared field the plain check leaves to the schema
+    assert _plain_body(with_schema, chat) is None
+    fast, slow = _parse(body, chat=chat), _parse(with_schema, chat=chat)
+    assert slow.meta.extra_body == {**fast.meta.extra_body, "n": 1}
+    at = fast.meta.arrival_time
+    assert replace(slow.meta, extra_body={}, arrival_time=at) == replace(fast.meta, extra_body={})
+    assert replace(slow, meta=fast.meta) == fast

@@ -47,7 +47,7 @@ from sage_llm.control_plane.pd.orchestrator import (
     with_pd_assignment,
 )
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
-from sage_llm.control_plane.routing.base import Router, RoutingDecision
+from sage_llm.control_plane.routing.base import Router, route_id
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.scheduling._queue import counting_only
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
@@ -179,10 +179,10 @@ class Dispatcher:
                 self._start_pd(rec, plan)
                 continue
             allowed = self.policy.constrain(info, snap)
-            decision = self.router.route(info, snap, allowed)
-            if decision is None and allowed is not None:
-                decision = self.router.route(info, snap)
-            if decision is None:  # nothing free for this one now; keep it queued
+            chosen = route_id(self.router, info, snap, allowed)
+            if chosen is None and allowed is not None:
+                chosen = route_id(self.router, info, snap)
+            if chosen is None:  # nothing free for this one now; keep it queued
                 deferred.append(info)
                 log.debug("no route for %s now; it stays queued", info.request_id)
                 if len(deferred) >= _MAX_DEFERRED:
@@ -191,14 +191,14 @@ class Dispatcher:
             self.metrics.routing_seconds.observe(time.perf_counter() - started)
             if info.model in pd_models:
                 self.metrics.on_pd_routed("colocated")
-            view = snap.get(decision.instance_id)
+            view = snap.get(chosen)
             pending = (view.queued_prefill_tokens if view else 0) + info.prompt_tokens
             rec.predicted_e2e_s = (
                 view.predict_e2e_s(info.prompt_tokens, info.max_tokens) if view else None
             )
             if len(self.policy):  # the next decision of this pass sees this one
-                snap = snap.with_assignment(decision.instance_id, info)
-            self._start(rec, decision, pending)
+                snap = snap.with_assignment(chosen, info)
+            self._start(rec, chosen, pending)
         for info in deferred:
             self.policy.push(info)
         self.metrics.queue_depth.set(len(self.policy))
@@ -251,8 +251,8 @@ class Dispatcher:
 
     # -- execution -------------------------------------------------------------------------
 
-    def _start(self, rec: RequestRecord, decision: RoutingDecision, pending: int) -> None:
-        state = self.registry.get(decision.instance_id)
+    def _start(self, rec: RequestRecord, instance_id: str, pending: int) -> None:
+        state = self.registry.get(instance_id)
         info = rec.info
         state.in_flight += 1
         state.queued_prefill_tokens += info.prompt_tokens

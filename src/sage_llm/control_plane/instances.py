@@ -64,6 +64,19 @@ class InstanceState:
     def accepting(self) -> bool:
         return self.instance.is_available and not self.draining and not self.removed
 
+    @property
+    def up(self) -> bool:
+        """Healthy and accepting, as the instance's view shows it."""
+        inst = self.instance
+        return (
+            self.healthy
+            and inst.is_healthy
+            and self.breaker.state is not CircuitState.OPEN
+            and inst.is_available
+            and not self.draining
+            and not self.removed
+        )
+
     def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
         """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch)."""
         if pending_tokens <= 0:
@@ -205,6 +218,12 @@ class InstanceRegistry:
 
     def models(self) -> set[str]:
         return {s.instance.model_name for s in self._states.values() if not s.removed}
+
+    def up(self, model: str) -> list[InstanceState]:
+        """The instances serving ``model`` that their views show healthy and accepting
+        (what a snapshot's ``healthy and accepting`` views of the model are), in
+        registration order."""
+        return [s for s in self._states.values() if s.instance.model_name == model and s.up]
 
     def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
         views = tuple(s.view() for s in self._states.values() if not s.removed)

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from sage_llm.control_plane.deadlines import DeadlineTimers
 from sage_llm.control_plane.dispatcher import Dispatcher
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
@@ -37,6 +38,7 @@ from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.records import ChunkChannel, FinishedRecords, RequestRecord, StreamEnd
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.scheduling._queue import admits_all
 from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
     check_queue_bound,
@@ -172,6 +174,7 @@ class ControlPlaneManager:
         self._session: aiohttp.ClientSession | None = None
         self._kv_hub: Any = None  # sim.engine.KVTransferHub, created with the first sim engine
         self._loops: list[asyncio.Task[None]] = []
+        self._deadlines: DeadlineTimers | None = None
         self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._running = False
         self._accepting = False
@@ -215,6 +218,7 @@ class ControlPlaneManager:
             seed=self._seed,
         )
         self._started_at = clock.now()
+        self._deadlines = DeadlineTimers(asyncio.get_running_loop())
         self._running = True
         self._accepting = True
         self._loops.append(asyncio.create_task(self._dispatcher.run(), name="sage-dispatch"))
@@ -254,6 +258,9 @@ class ControlPlaneManager:
         await asyncio.gather(*all_tasks, return_exceptions=True)
         self._loops.clear()
         self._instance_tasks.clear()
+        if self._deadlines is not None:
+            self._deadlines.close()
+            self._deadlines = None
         for state in self._registry:
             with contextlib.suppress(Exception):
                 await state.client.aclose()
@@ -418,19 +425,34 @@ class ControlPlaneManager:
             if not finished:
                 self._require_dispatcher().cancel(rec)
 
-    async def collect(self, request: RequestMetadata) -> tuple[list[Chunk], RequestResult]:
+    async def collect(
+        self, request: RequestMetadata, timeout_s: float | None = None
+    ) -> tuple[list[Chunk], RequestResult]:
         """Submit a request and wait for its end: every chunk the engine produced, in
         order, and the result. A failure raises, as at the end of :meth:`stream`;
         cancelling the caller cancels the request. Cheaper than draining :meth:`stream`
-        when nothing is relayed before the end (one wake-up, not one per batch)."""
+        when nothing is relayed before the end (one wake-up, not one per batch).
+
+        ``timeout_s`` limits the whole request: once it passes (at most 0.1% or 1 ms
+        later, see :mod:`~sage_llm.control_plane.deadlines`) the request is cancelled and
+        :class:`DeadlineExceededError` raised."""
         rec = self._submit(request, stream=False, collect=True)
         waiter = rec.waiter = asyncio.get_running_loop().create_future()
+        deadlines = self._deadlines
+        at = None if timeout_s is None or deadlines is None else deadlines.add(timeout_s, waiter)
         try:
             result = await waiter
+        except TimeoutError:
+            self._require_dispatcher().cancel(rec)
+            assert timeout_s is not None
+            raise DeadlineExceededError.request_timed_out(rec.request_id, timeout_s) from None
         except BaseException:
             if not rec.future.done():
                 self._require_dispatcher().cancel(rec)
             raise
+        finally:
+            if at is not None:
+                deadlines.discard(at, waiter)  # type: ignore[union-attr]
         self._raise_failure(rec)
         return rec.chunks or [], result
 
@@ -622,23 +644,28 @@ class ControlPlaneManager:
             block_size=self.prefix_block_size,
         )
         now = info.arrival
-        queued = len(dispatcher.policy)
-        snap = self._registry.snapshot(now, self._prefix)
-        up = [v for v in snap if v.model == model and v.healthy and v.accepting]
+        policy = dispatcher.policy
+        queued = len(policy)
+        up = self._registry.up(model)
         if not up:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(f"no healthy instance serves model {model!r} right now")
         # an instance that runs whole requests serves the model: then nothing is unservable
-        whole = any(v.role.runs_whole_requests for v in up)
+        whole = any(s.instance.instance_type.runs_whole_requests for s in up)
         unservable = None if whole else dispatcher.unservable_reason(model)
         if unservable is not None:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
-        verdict = check_queue_bound(queued, self.max_queue_size, snap)
-        if verdict.admitted and self.reject_infeasible_slo:
-            verdict = check_deadline_feasible(info, snap)
-        if verdict.admitted:
-            verdict = dispatcher.policy.admit(info, snap)
+        simple = admits_all(policy)
+        if simple is not None and queued < self.max_queue_size and not self.reject_infeasible_slo:
+            verdict = simple.admit_at(now)  # the same verdict, without a snapshot
+        else:
+            snap = self._registry.snapshot(now, self._prefix)
+            verdict = check_queue_bound(queued, self.max_queue_size, snap)
+            if verdict.admitted and self.reject_infeasible_slo:
+                verdict = check_deadline_feasible(info, snap)
+            if verdict.admitted:
+                verdict = policy.admit(info, snap)
         if not verdict.admitted:
             self._metrics.on_rejected("queue_full" if queued >= self.max_queue_size else "policy",
                                       model)  # fmt: skip

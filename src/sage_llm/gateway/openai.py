@@ -144,6 +144,86 @@ def _single_prompt(prompt: Any) -> str | list[int]:
     return list(prompt)
 
 
+_PLAIN_COMPLETION = frozenset(
+    {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "user"}
+)
+_PLAIN_CHAT = frozenset(
+    {"model", "messages", "max_tokens", "temperature", "top_p", "stream", "user"}
+)
+_DECLARED_COMPLETION = frozenset(CompletionRequest.model_fields)
+_DECLARED_CHAT = frozenset(ChatCompletionRequest.model_fields)
+_PLAIN_MESSAGE = frozenset({"role", "content", "name"})
+
+
+def _plain_number(value: object, low: float, high: float, *, low_open: bool = False) -> bool:
+    """``value`` is None or a finite int/float within [low, high] ((low, high] when
+    ``low_open``), as the strict schema takes it."""
+    if value is None:
+        return True
+    if type(value) is not float and type(value) is not int:
+        return False
+    return (low < value if low_open else low <= value) and value <= high  # NaN fails both
+
+
+def _plain_body(
+    body: Mapping[str, Any], chat: bool
+) -> tuple[str, Any, int | None, float | None, float | None, bool, str | None] | None:
+    """The fields of a body in the common plain shape, checked here as the schema would
+    (the same values it accepts); None for any other body, which the schema then
+    validates (every error message comes from there).
+
+    Plain: besides fields the schema does not declare (passed through unchanged), only
+    ``model``, ``prompt`` (a string; completions) or ``messages`` (dicts with a string
+    ``role`` and string or null ``content`` and ``name``; chat), ``max_tokens``,
+    ``temperature``, ``top_p``, ``stream`` and ``user``, with plain JSON types. Returns
+    (model, prompt or messages, max_tokens, temperature, top_p, stream, user)."""
+    plain = _PLAIN_CHAT if chat else _PLAIN_COMPLETION
+    declared = _DECLARED_CHAT if chat else _DECLARED_COMPLETION
+    for key in body:
+        if key in declared and key not in plain:
+            return None
+    get = body.get
+    model = get("model")
+    if type(model) is not str or not model:
+        return None
+    if chat:
+        text = get("messages")
+        if type(text) is not list or not text:
+            return None
+        for message in text:
+            if type(message) is not dict or not _plain_message(message):
+                return None
+    else:
+        text = get("prompt")
+        if type(text) is not str:
+            return None
+    max_tokens = get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        return None
+    temperature, top_p = get("temperature"), get("top_p")
+    if not _plain_number(temperature, 0.0, 2.0) or not _plain_number(
+        top_p, 0.0, 1.0, low_open=True
+    ):
+        return None
+    stream, user = get("stream"), get("user")
+    if (stream is not None and type(stream) is not bool) or (
+        user is not None and type(user) is not str
+    ):
+        return None
+    return model, text, max_tokens, temperature, top_p, bool(stream), user
+
+
+def _plain_message(message: dict[str, Any]) -> bool:
+    role = message.get("role")
+    if type(role) is not str or not role:
+        return False
+    for key in ("content", "name"):
+        value = message.get(key)
+        if value is not None and type(value) is not str:
+            return False
+    return True
+
+
 def parse_generation(
     body: Mapping[str, Any],
     headers: Mapping[str, str],
@@ -153,20 +233,36 @@ def parse_generation(
     settings: ResolvedGateway,
 ) -> Generation:
     """Validate a completions (``chat=False``) or chat body; build its Generation."""
-    fields: GenerationFields
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None
-    if chat:
-        chat_req = validate(ChatCompletionRequest, body)
-        fields, messages = chat_req, list(body["messages"])
-        max_tokens = chat_req.max_tokens or chat_req.max_completion_tokens
-        prompt_param = "messages"
+    stop: str | list[str] | None = None
+    priority_field: int | str | None = None
+    slo_ms: float | None = None
+    include_usage = False
+    plain = _plain_body(body, chat)
+    if plain is not None:  # the common shape, checked without the schema's machinery
+        model, text, max_tokens, temperature, top_p, stream, user = plain
+        if chat:
+            messages = list(text)
+        else:
+            prompt = text
     else:
-        comp_req = validate(CompletionRequest, body)
-        fields, prompt = comp_req, _single_prompt(comp_req.prompt)
-        max_tokens = comp_req.max_tokens
-        prompt_param = "prompt"
+        fields: GenerationFields
+        if chat:
+            chat_req = validate(ChatCompletionRequest, body)
+            fields, messages = chat_req, list(body["messages"])
+            max_tokens = chat_req.max_tokens or chat_req.max_completion_tokens
+        else:
+            comp_req = validate(CompletionRequest, body)
+            fields, prompt = comp_req, _single_prompt(comp_req.prompt)
+            max_tokens = comp_req.max_tokens
+        model, temperature, top_p = fields.model, fields.temperature, fields.top_p
+        stream, stop, user = bool(fields.stream), fields.stop, fields.user
+        priority_field, slo_ms = fields.priority, fields.slo_deadline_ms
+        options = fields.stream_options
+        include_usage = bool(stream and options is not None and options.include_usage)
+    prompt_param = "messages" if chat else "prompt"
     limit = settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
         raise InvalidRequestError(
@@ -187,27 +283,23 @@ def parse_generation(
     priority = RequestPriority.NORMAL
     if headers.get(PRIORITY_HEADER):
         priority = _priority(headers[PRIORITY_HEADER], PRIORITY_HEADER)
-    elif fields.priority is not None:
-        priority = _priority(fields.priority, "priority")
-    slo_ms = fields.slo_deadline_ms
+    elif priority_field is not None:
+        priority = _priority(priority_field, "priority")
     if headers.get(SLO_HEADER):
         slo_ms = _slo_header(headers[SLO_HEADER])
-    session = headers.get(SESSION_HEADER, "").strip() or fields.user
-    stop = [fields.stop] if isinstance(fields.stop, str) else fields.stop
-    stream = bool(fields.stream)
-    options = fields.stream_options
+    session = headers.get(SESSION_HEADER, "").strip() or user
     meta = RequestMetadata(
         request_id=request_id,
         prompt=prompt,
         messages=messages,
-        model_name=fields.model,
+        model_name=model,
         max_tokens=max_tokens,
-        temperature=1.0 if fields.temperature is None else fields.temperature,
-        top_p=1.0 if fields.top_p is None else fields.top_p,
-        stop=stop,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        stop=[stop] if isinstance(stop, str) else stop,
         priority=priority,
         slo_deadline_ms=slo_ms,
-        user_id=fields.user,
+        user_id=user,
         session_id=session,
         stream=stream,
         extra_body={k: v for k, v in body.items() if k not in CONSUMED_FIELDS},
@@ -219,9 +311,9 @@ def parse_generation(
     return Generation(
         meta=meta,
         chat=chat,
-        model=fields.model,
+        model=model,
         stream=stream,
-        include_usage=bool(stream and options is not None and options.include_usage),
+        include_usage=include_usage,
         timeout_s=timeout,
     )
 

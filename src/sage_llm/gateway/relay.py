@@ -162,9 +162,8 @@ def _deadline(timeout_s: float | None) -> float | None:
 
 
 def _timeout_error(gen: Generation) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"request {gen.request_id} did not finish within {gen.timeout_s:g} s and was cancelled"
-    )
+    assert gen.timeout_s is not None
+    return DeadlineExceededError.request_timed_out(gen.request_id, gen.timeout_s)
 
 
 def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | None) -> Usage:
@@ -188,14 +187,7 @@ async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usag
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
     """Run ``gen`` to the end and return the whole response body."""
     fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
-    if gen.timeout_s is None:
-        chunks, result = await manager.collect(gen.meta)
-    else:
-        try:
-            async with asyncio.timeout_at(_deadline(gen.timeout_s)):
-                chunks, result = await manager.collect(gen.meta)  # cancelled on the way out
-        except TimeoutError:
-            raise _timeout_error(gen) from None
+    chunks, result = await manager.collect(gen.meta, gen.timeout_s)
     choices = _Choices()
     for chunk in chunks:
         choices.add(chunk)

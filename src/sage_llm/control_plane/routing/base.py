@@ -68,6 +68,20 @@ class Router(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+def route_id(
+    router: Router, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+) -> str | None:
+    """The instance ``router`` routes ``req`` to, or None: its ``route_id`` where it has one
+    (a :class:`~sage_llm.control_plane.routing.pipeline.Pipeline`: no decision reason is
+    written), else the id of its ``route`` decision."""
+    by_id = getattr(router, "route_id", None)
+    if by_id is not None:
+        chosen: str | None = by_id(req, snap, allowed)
+        return chosen
+    decision = router.route(req, snap, allowed)
+    return None if decision is None else decision.instance_id
+
+
 # The protocols the pipeline checks components against at run time live here, not in
 # pipeline.py: a module compiled by mypyc (``sage_llm.sim.accel``) cannot define a
 # ``runtime_checkable`` protocol.

@@ -157,14 +157,16 @@ class Pipeline:
         self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
     ) -> str | None:
         """The instance :meth:`route` picks (None where it returns None): the same
-        candidates, scores and random draws, without building the decision (its reason
-        and scores) unless a stateful component is to be told about it. For callers that
-        need only the instance (the cluster simulator)."""
-        if self._observers:
-            decision = self.route(req, snap, allowed)
-            return None if decision is None else decision.instance_id
+        candidates, scores and random draws, and the same state changes, without the
+        decision's reason (stateful components are told of a decision without one, and
+        only when there are such components is a decision built at all). For callers that
+        need only the instance (the dispatcher, the cluster simulator)."""
         picked = self._pick(req, snap, allowed)
-        return None if picked is None else picked[0]
+        if picked is None:
+            return None
+        if self._observers:
+            self.on_routed(req, RoutingDecision(instance_id=picked[0], scores=picked[1]))
+        return picked[0]
 
     def _pick(
         self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None

@@ -78,6 +78,13 @@ class QueuedPolicy:
         self.observe(snap)
         return ADMIT
 
+    def admit_at(self, now: float) -> Admission:
+        """What this class's :meth:`admit` answers, from the snapshot's time alone: a
+        caller that knows neither ``admit`` nor ``observe`` is overridden (see
+        :func:`admits_all`) may call this without taking a snapshot."""
+        self._now = now
+        return ADMIT
+
     def push(self, req: RequestInfo) -> None:
         lane, key = self._place(req)
         self._queue.push(req, lane, key)
@@ -145,5 +152,18 @@ def counting_only(policy: object) -> QueuedPolicy | None:
     (so :meth:`QueuedPolicy.count_completion` may stand for it, without a completion
     record); None for any other policy."""
     if isinstance(policy, QueuedPolicy) and type(policy).on_complete is QueuedPolicy.on_complete:
+        return policy
+    return None
+
+
+def admits_all(policy: object) -> QueuedPolicy | None:
+    """``policy`` when its ``admit`` and ``observe`` are :class:`QueuedPolicy`'s own (it
+    admits every request and notes only the time, so :meth:`QueuedPolicy.admit_at` may
+    stand for ``admit``); None for any other policy."""
+    if (
+        isinstance(policy, QueuedPolicy)
+        and type(policy).admit is QueuedPolicy.admit
+        and type(policy).observe is QueuedPolicy.observe
+    ):
         return policy
     return None
