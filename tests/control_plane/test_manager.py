@@ -384,3 +384,150 @@ def test_engine_stream_always_streams_every_request() -> None:
     run_virtual(main())
     with pytest.raises(ValueError, match="engine_stream"):
         ControlPlaneManager(mode="simulated", engine_stream="sometimes")
+
+
+# --- collect(): the engine call in the caller's task -----------------------------------------
+
+
+class TaskNotingEngine(OnePieceEngine):
+    """A one-piece engine that notes the task each call ran in."""
+
+    def __init__(self, instance_id: str, **kwargs: Any) -> None:
+        super().__init__(instance_id, **kwargs)
+        self.tasks: dict[str, asyncio.Task[Any] | None] = {}
+
+    async def complete(self, req: EngineRequest) -> list[Chunk]:
+        self.tasks[req.request_id] = asyncio.current_task()
+        return await super().complete(req)
+
+
+def _gated_manager(
+    n: int = 1, bound: int = 8, gate_after: int | None = None, **kwargs: Any
+) -> tuple[ControlPlaneManager, dict[str, TaskNotingEngine]]:
+    engines: dict[str, TaskNotingEngine] = {}
+
+    def factory(inst: ExecutionInstance) -> TaskNotingEngine:
+        engines[inst.instance_id] = TaskNotingEngine(inst.instance_id, gate_after=gate_after)
+        return engines[inst.instance_id]
+
+    cp = ControlPlaneManager(
+        mode="simulated", engine_factory=factory, engine_stream="client", **kwargs
+    )
+    for inst in make_instances(n, max_concurrent_requests=bound):
+        cp.register_instance(inst)
+    return cp, engines
+
+
+def test_collect_runs_the_engine_call_in_the_callers_task_when_nothing_is_queued() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(bound=1)
+        async with cp:
+            engine = engines["sim-0"]
+            _, first = await cp.collect(make_metadata("alone", max_tokens=2))
+            assert engine.tasks["alone"] is asyncio.current_task()
+            # the only slot busy: the second waits in the queue and runs in a task of its own
+            engine.gate_after = 1
+            busy = asyncio.create_task(cp.collect(make_metadata("busy", max_tokens=2)))
+            await engine.gated.wait()
+            queued = asyncio.create_task(cp.collect(make_metadata("queued", max_tokens=2)))
+            await asyncio.sleep(0.01)
+            assert "queued" not in engine.tasks
+            engine.gate_after = None
+            engine.release.set()
+            (_, r_busy), (_, r_queued) = await asyncio.gather(busy, queued)
+        assert engine.tasks["busy"] is busy
+        assert engine.tasks["queued"] not in (busy, queued, None)
+        for result in (first, r_busy, r_queued):
+            assert result.status is RequestStatus.COMPLETED and result.completion_tokens == 2
+
+    run_virtual(main())
+
+
+def test_cancelling_a_request_running_in_the_callers_task_ends_it_not_the_caller() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(gate_after=1)
+        async with cp:
+            engine = engines["sim-0"]
+            waiting = asyncio.create_task(cp.collect(make_metadata("c", max_tokens=4)))
+            await engine.gated.wait()
+            assert engine.tasks["c"] is waiting
+            assert await cp.cancel_request("c")
+            _, result = await waiting  # the caller gets the outcome, not a cancellation
+            assert waiting.cancelling() == 0
+            assert result.status is RequestStatus.CANCELLED
+            assert result.error == "cancelled by the caller"
+            assert engine.aborted == ["c"]
+            assert cp.get_status()["running_requests"] == 0
+
+    run_virtual(main())
+
+
+def test_a_caller_cancelled_during_its_engine_call_is_cancelled_and_so_is_the_request() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(gate_after=1)
+        async with cp:
+            engine = engines["sim-0"]
+            waiting = asyncio.create_task(cp.collect(make_metadata("c", max_tokens=4)))
+            await engine.gated.wait()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            result = await cp.wait_for_result("c")
+            assert result.status is RequestStatus.CANCELLED
+            assert result.error == "cancelled by the caller"
+            assert engine.aborted == ["c"]
+            # the control plane goes on serving
+            engine.gate_after = None
+            _, after = await cp.collect(make_metadata("after", max_tokens=2))
+            assert after.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_a_time_limit_cancels_a_request_running_in_the_callers_task() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(gate_after=1)
+        async with cp:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(DeadlineExceededError, match="did not finish within 2 s"):
+                await cp.collect(make_metadata("slow", max_tokens=4), timeout_s=2.0)
+            assert 2.0 <= loop.time() - started <= 2.0 + 0.002
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+            result = await cp.wait_for_result("slow")
+            assert result.status is RequestStatus.CANCELLED
+            assert engines["sim-0"].aborted == ["slow"]
+
+    run_virtual(main())
+
+
+def test_a_time_limit_also_ends_a_request_still_queued() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(bound=1, gate_after=1)
+        async with cp:
+            engine = engines["sim-0"]
+            hold = asyncio.create_task(cp.collect(make_metadata("hold", max_tokens=4)))
+            await engine.gated.wait()
+            with pytest.raises(DeadlineExceededError):
+                await cp.collect(make_metadata("queued", max_tokens=2), timeout_s=1.0)
+            assert (await cp.wait_for_result("queued")).status is RequestStatus.CANCELLED
+            assert "queued" not in engine.tasks
+            engine.release.set()
+            _, held = await hold
+            assert held.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(gate_after=1)
+        await cp.start()
+        waiting = asyncio.create_task(cp.collect(make_metadata("c", max_tokens=4)))
+        await engines["sim-0"].gated.wait()
+        await cp.stop()
+        _, result = await waiting
+        assert result.status is RequestStatus.CANCELLED
+        assert result.error == "control plane stopped"
+
+    run_virtual(main())

@@ -111,6 +111,23 @@ async def test_content_length_body_and_one_write_per_request(
     assert raw.bodies == [b'{"a":1}']
 
 
+async def test_response_headers_are_lower_cased_trimmed_and_repeats_joined(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(
+        b"HTTP/1.1 201 Created Here\r\nX-A:  one \r\nSet-Cookie: a=1\r\n Odd-Name :v\r\n"
+        b"set-cookie: b=2\r\nX-Empty:\r\nContent-Length: 0\r\n\r\n"
+    )
+    resp = await pool.request("POST", "/x", b"")
+    assert (resp.status, resp.reason) == (201, "Created Here")
+    assert resp.headers == {
+        "x-a": "one", "set-cookie": "a=1, b=2", "odd-name": "v", "x-empty": "",
+        "content-length": "0",
+    }  # fmt: skip
+    assert await body_of(resp) == b""
+
+
 async def test_chunked_body_split_into_single_bytes(
     server: tuple[RawServer, int], pool: FastPool
 ) -> None:

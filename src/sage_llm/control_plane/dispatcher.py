@@ -118,6 +118,9 @@ class Dispatcher:
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._here: RequestRecord | None = None  # see start_here
+        self._here_state: InstanceState | None = None
+        self._stopping = False
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -267,12 +270,37 @@ class Dispatcher:
         self.prefix_index.insert(state.instance_id, info.block_hashes)
         self.metrics.set_in_flight(state.instance_id, state.in_flight)
         self.metrics.running.inc()
+        if rec is self._here:  # its caller runs the engine call (start_here)
+            self._here_state = state
+            rec.task = asyncio.current_task()
+            return
         task = asyncio.create_task(self._execute(rec, state), name=f"req-{rec.request_id}")
         rec.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, rec: RequestRecord, state: InstanceState) -> None:
+    def start_here(self, rec: RequestRecord) -> InstanceState | None:
+        """Run a dispatch pass now, for a caller about to wait for ``rec`` (the only request
+        queued): when the pass starts ``rec`` on a whole-request instance, its engine call is
+        not given a task of its own but left to the caller, who runs it with
+        :meth:`execute_here` (one task and two turns of the event loop fewer per request).
+        Returns the instance it was started on; None when the pass did not start it there
+        (it stays queued, or a PD pair runs it in a task of its own)."""
+        self._here, self._here_state = rec, None
+        try:
+            self.dispatch_ready()
+            return self._here_state
+        finally:
+            self._here = self._here_state = None
+
+    async def execute_here(self, rec: RequestRecord, state: InstanceState) -> None:
+        """Run the engine call of a request :meth:`start_here` started, in the calling task.
+        ``rec.task`` is that task: a cancellation of the request (:meth:`cancel`) ends it
+        CANCELLED and returns; a cancellation of the caller ends it CANCELLED and goes on
+        up to the caller."""
+        await self._execute(rec, state, here=True)
+
+    async def _execute(self, rec: RequestRecord, state: InstanceState, here: bool = False) -> None:
         info = rec.info
         prefill_pending = True
         retry_error: EngineError | None = None
@@ -307,8 +335,14 @@ class Dispatcher:
             self._on_success(state)
             self._finish(rec, RequestStatus.COMPLETED, state=state)
         except asyncio.CancelledError:
-            reason = "cancelled by the caller" if rec.cancel_requested else "control plane stopped"
+            by_caller = (rec.cancel_requested or here) and not self._stopping
+            reason = "cancelled by the caller" if by_caller else "control plane stopped"
             self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
+            if here:  # in the caller's task: pass on a cancellation that was not the request's
+                task = asyncio.current_task()
+                if not rec.cancel_requested or task is None:
+                    raise
+                task.uncancel()
         except EngineError as exc:
             state.failed += 1
             self._on_failure(state, exc)
@@ -701,6 +735,7 @@ class Dispatcher:
             log.exception("policy %s failed in on_complete", policy.name)
 
     async def cancel_all_tasks(self) -> None:
+        self._stopping = True
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()

@@ -433,26 +433,40 @@ class ControlPlaneManager:
         cancelling the caller cancels the request. Cheaper than draining :meth:`stream`
         when nothing is relayed before the end (one wake-up, not one per batch).
 
-        ``timeout_s`` limits the whole request: once it passes (at most 0.1% or 1 ms
-        later, see :mod:`~sage_llm.control_plane.deadlines`) the request is cancelled and
-        :class:`DeadlineExceededError` raised."""
-        rec = self._submit(request, stream=False, collect=True)
+        When nothing else is queued it is dispatched at once, and when that starts it on a
+        whole-request instance its engine call runs in the caller's task
+        (:meth:`Dispatcher.start_here`). ``timeout_s`` limits the whole request: once it
+        passes (at most 0.1% or 1 ms later, see :mod:`~sage_llm.control_plane.deadlines`)
+        the request is cancelled and :class:`DeadlineExceededError` raised."""
+        dispatcher = self._require_dispatcher()
+        rec = self._submit(request, stream=False, collect=True, wake=False)
         waiter = rec.waiter = asyncio.get_running_loop().create_future()
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            dispatcher.cancel(rec)
+
         deadlines = self._deadlines
-        at = None if timeout_s is None or deadlines is None else deadlines.add(timeout_s, waiter)
+        at = None if timeout_s is None or deadlines is None else deadlines.add(timeout_s, expire)
         try:
-            result = await waiter
-        except TimeoutError:
-            self._require_dispatcher().cancel(rec)
-            assert timeout_s is not None
-            raise DeadlineExceededError.request_timed_out(rec.request_id, timeout_s) from None
+            state = dispatcher.start_here(rec) if len(dispatcher.policy) == 1 else None
+            if state is None:
+                dispatcher.wake()
+            else:
+                await dispatcher.execute_here(rec, state)
+            result = await waiter  # already there when the call ran here (and did not retry)
         except BaseException:
             if not rec.future.done():
-                self._require_dispatcher().cancel(rec)
+                dispatcher.cancel(rec)
             raise
         finally:
             if at is not None:
-                deadlines.discard(at, waiter)  # type: ignore[union-attr]
+                deadlines.discard(at, expire)  # type: ignore[union-attr]
+        if timed_out and result.status is RequestStatus.CANCELLED:
+            assert timeout_s is not None
+            raise DeadlineExceededError.request_timed_out(rec.request_id, timeout_s)
         self._raise_failure(rec)
         return rec.chunks or [], result
 
@@ -625,7 +639,7 @@ class ControlPlaneManager:
         return self._dispatcher
 
     def _submit(
-        self, meta: RequestMetadata, *, stream: bool, collect: bool = False
+        self, meta: RequestMetadata, *, stream: bool, collect: bool = False, wake: bool = True
     ) -> RequestRecord:
         dispatcher = self._require_dispatcher()
         if not self._accepting:
@@ -692,7 +706,8 @@ class ControlPlaneManager:
         dispatcher.policy.push(info)
         self._metrics.on_submitted()
         self._metrics.queue_depth.set(len(dispatcher.policy))
-        dispatcher.wake()
+        if wake:
+            dispatcher.wake()
         return rec
 
     def _uses_sim(self, instance: ExecutionInstance) -> bool:

@@ -90,6 +90,12 @@ class Chunk:
     logprobs: Any = None
     index: int = 0
 
+    def with_usage(self, usage: Usage) -> Chunk:
+        """This chunk with ``usage`` (``replace`` without its per-call field walk)."""
+        return Chunk(
+            self.text, self.token_ids, self.finish_reason, usage, self.logprobs, self.index
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class KVHandle:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sage_llm import jsonutil
@@ -323,7 +323,7 @@ class StreamAssembler:
         usage = self._usage or Usage(estimate_prompt_tokens(self._req), self._text_chunks)
         held, self._held = self._held, None
         if held is not None:
-            return [replace(held, usage=usage)]
+            return [held.with_usage(usage)]
         reason, index = self._last_finish
         return [Chunk(text="", finish_reason=reason, usage=usage, index=index)]
 
@@ -350,7 +350,7 @@ def chunks_from_completion(
     usage = parse_usage(obj.get("usage")) or Usage(
         estimate_prompt_tokens(req), sum(count_tokens(c.text) for c in chunks)
     )
-    chunks[-1] = replace(chunks[-1], usage=usage)
+    chunks[-1] = chunks[-1].with_usage(usage)
     return chunks
 
 

@@ -16,8 +16,10 @@ Per connection, requests are served one at a time in arrival order (pipelined re
 wait in the buffer; reading pauses when it holds more than a whole request can). A
 client that disconnects cancels its request's handler, as aiohttp's
 ``handler_cancellation`` does. Idle keep-alive connections close after
-``keepalive_timeout_s`` (75 s, aiohttp's default). :meth:`LeanServer.shutdown` closes idle
-connections, lets in-flight requests finish for up to a timeout, then cancels them.
+``keepalive_timeout_s`` (75 s, aiohttp's default; one sweep per tenth of it looks for
+them, so a connection closes at most 10% late and a request sets no timer of its own).
+:meth:`LeanServer.shutdown` closes idle connections, lets in-flight requests finish for up
+to a timeout, then cancels them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -96,7 +99,8 @@ class LeanConnection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None
+        """Loop time since which the connection has waited for a request (None: busy)."""
         self.closed = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -105,6 +109,7 @@ class LeanConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's too
         tcp_nodelay(transport)
         self._server.connections.add(self)
+        self._server.watch_idle()
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -122,7 +127,7 @@ class LeanConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._server.connections.discard(self)
-        self._disarm_idle()
+        self.idle_since = None
         if self._task is not None:
             self._task.cancel()
         self._wake_writer(ConnectionResetError("the client closed the connection"))
@@ -205,7 +210,7 @@ class LeanConnection(asyncio.Protocol):
         buf = self._buf
         if not buf:
             return
-        self._disarm_idle()
+        self.idle_since = None
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > _MAX_HEAD:
@@ -228,32 +233,46 @@ class LeanConnection(asyncio.Protocol):
         self._keep_alive = "close" not in headers.get("connection", "").lower()
         self._answered = False
         request = LeanRequest(method, path, headers, body)
-        task = asyncio.get_running_loop().create_task(self._server.handler(request, self))
-        self._task = task
-        task.add_done_callback(self._done)
+        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+
+    async def _serve(self, request: LeanRequest) -> None:
+        """Run the handler, then go on with the connection (in the same task: no
+        done-callback turn of the loop)."""
+        try:
+            await self._server.handler(request, self)
+        except asyncio.CancelledError:
+            self._task = None  # the connection is gone (or the server is shutting down)
+            raise
+        except Exception:
+            log.exception("lean request handler failed")
+        self._task = None
+        self._after_request()
 
     def _parse_head(self, head: bytes) -> tuple[str, str, dict[str, str]] | None:
         """Method, path and headers of a request the lean path serves; None otherwise."""
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] != b"POST":
+        text = head.decode("latin-1")
+        eol = text.find("\r\n")
+        parts = (text if eol < 0 else text[:eol]).split(" ")
+        if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] != "POST":
             return None
-        path = parts[1].decode("latin-1")
+        path = parts[1]
         if path not in self._server.routes:
             return None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or line[:1] in b" \t":
-                return None  # malformed or folded: aiohttp answers it
-            key = name.decode("latin-1").lower()
-            text = value.strip().decode("latin-1")
-            if key in headers:
-                if key in _SINGLE:
-                    return None
-                headers[key] += ", " + text
-            else:
-                headers[key] = text
+        lines = "" if eol < 0 else text[eol + 2 :]
+        pairs = _HEADER_LINE.findall(lines)
+        if len(pairs) != (lines.count("\n") + 1 if lines else 0):
+            return None  # a malformed or folded line: aiohttp answers it
+        headers = {name.lower(): value for name, value in pairs}
+        if len(headers) != len(pairs):  # a repeated header
+            headers = {}
+            for name, value in pairs:
+                key = name.lower()
+                if key in headers:
+                    if key in _SINGLE:
+                        return None
+                    headers[key] += ", " + value
+                else:
+                    headers[key] = value
         if not _HANDOVER.isdisjoint(headers):
             return None
         if self._server.cors and "origin" in headers:
@@ -265,10 +284,7 @@ class LeanConnection(asyncio.Protocol):
             return None  # aiohttp answers 413
         return "POST", path, headers
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._task = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("lean request handler failed", exc_info=task.exception())
+    def _after_request(self) -> None:
         transport = self._transport
         if transport is None or self.closed:
             return
@@ -287,7 +303,7 @@ class LeanConnection(asyncio.Protocol):
         """Give the connection, and what was read of it, to aiohttp's protocol."""
         transport = self._transport
         assert transport is not None
-        self._disarm_idle()
+        self.idle_since = None
         self._server.connections.discard(self)
         if self._read_paused:
             self._read_paused = False
@@ -300,18 +316,7 @@ class LeanConnection(asyncio.Protocol):
             protocol.data_received(data)
 
     def _arm_idle(self) -> None:
-        timeout = self._server.keepalive_timeout_s
-        if timeout > 0 and self._idle is None:
-            self._idle = asyncio.get_running_loop().call_later(timeout, self._idle_close)
-
-    def _disarm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
-    def _idle_close(self) -> None:
-        self._idle = None
-        self.close_if_idle()
+        self.idle_since = asyncio.get_running_loop().time()
 
     def close_if_idle(self) -> None:
         """Close now unless a request is in progress (that one closes when it ends)."""
@@ -323,6 +328,11 @@ class LeanConnection(asyncio.Protocol):
         return self._task
 
 
+_HEADER_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?$", re.M)
+"""One header line (a token name, the value without surrounding blanks): a head whose
+every line matches is one the lean path parses."""
+_SWEEP_FRACTION = 0.1
+"""Idle connections are looked for every tenth of the keep-alive timeout."""
 _SINGLE = frozenset({"content-length", "host", "content-type", "authorization"})
 """Headers that must not repeat (aiohttp answers the request when they do)."""
 _HANDOVER = frozenset({"transfer-encoding", "expect", "upgrade"})
@@ -352,11 +362,32 @@ class LeanServer:
         self.keepalive_timeout_s = keepalive_timeout_s
         self.connections: set[LeanConnection] = set()
         self.closing = False
+        self._sweep: asyncio.TimerHandle | None = None
         self._date_at = -1
         self._date = ""
 
     def __call__(self) -> LeanConnection:
         return LeanConnection(self)
+
+    def watch_idle(self) -> None:
+        """Make sure idle connections are being looked for (while there are any)."""
+        timeout = self.keepalive_timeout_s
+        if self._sweep is None and timeout > 0 and not self.closing:
+            period = timeout * _SWEEP_FRACTION
+            self._sweep = asyncio.get_running_loop().call_later(period, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close the connections idle for ``keepalive_timeout_s`` or longer; look again a
+        tenth of it later while any connection is open (so one closes at most that late)."""
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        limit = self.keepalive_timeout_s
+        for conn in list(self.connections):
+            since = conn.idle_since
+            if since is not None and now - since >= limit:
+                conn.close_if_idle()
+        if self.connections:
+            self.watch_idle()
 
     def date(self) -> str:
         """The ``Date`` header value, formatted once per second."""
@@ -370,6 +401,9 @@ class LeanServer:
         """Close idle connections; wait up to ``timeout_s`` for requests in progress, then
         cancel them and close their connections."""
         self.closing = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self.connections):
             conn.close_if_idle()
         tasks = [c.task for c in self.connections if c.task is not None]
