@@ -29,7 +29,6 @@ that also owns the fast pools, so closing the session closes them too.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from typing import cast
 
@@ -40,9 +39,6 @@ from sage_llm.httpserve import tcp_nodelay
 __all__ = ["EngineConnector", "FastPool", "FastResponse"]
 
 _MAX_HEAD = 64 * 1024
-_HEADER_LINE = re.compile(r"^[ \t]*([^:\r\n]*?)[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.M)
-"""A response header line: any line with a colon (name and value without surrounding
-blanks)."""
 _PAUSE_AT = 1 << 20
 
 
@@ -157,25 +153,20 @@ class FastResponse:
                 raise ConnectionError(_closed_message(conn, "before the response"))
         head = bytes(conn.buf[:end]).decode("latin-1")
         del conn.buf[: end + 4]
-        eol = head.find("\r\n")
-        status_line = head if eol < 0 else head[:eol]
-        parts = status_line.split(" ", 2)
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ConnectionError(f"not an HTTP/1.x response: {status_line[:100]!r}")
+            raise ConnectionError(f"not an HTTP/1.x response: {lines[0][:100]!r}")
         self.status = int(parts[1])
         self.reason = parts[2] if len(parts) > 2 else ""
-        lines = "" if eol < 0 else head[eol + 2 :]
-        pairs = _HEADER_LINE.findall(lines)
-        if len(pairs) != (lines.count("\n") + 1 if lines else 0):
-            bad = next((ln for ln in lines.split("\n") if ":" not in ln), lines)
-            raise ConnectionError(f"malformed response header: {bad.rstrip()[:100]!r}")
-        headers = {name.lower(): value for name, value in pairs}
-        if len(headers) != len(pairs):  # a repeated header: its values joined
-            headers = {}
-            for name, value in pairs:
-                key = name.lower()
-                headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.headers = headers
+        headers = self.headers
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ConnectionError(f"malformed response header: {line[:100]!r}")
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
         self.content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         connection = headers.get("connection", "").lower()
         self._keep_alive = (

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -258,15 +257,14 @@ class LeanConnection(asyncio.Protocol):
         path = parts[1]
         if path not in self._server.routes:
             return None
-        lines = "" if eol < 0 else text[eol + 2 :]
-        pairs = _HEADER_LINE.findall(lines)
-        if len(pairs) != (lines.count("\n") + 1 if lines else 0):
-            return None  # a malformed or folded line: aiohttp answers it
-        headers = {name.lower(): value for name, value in pairs}
-        if len(headers) != len(pairs):  # a repeated header
-            headers = {}
-            for name, value in pairs:
+        headers: dict[str, str] = {}
+        if eol >= 0:
+            for line in text[eol + 2 :].split("\r\n"):
+                name, sep, value = line.partition(":")
+                if not sep or not name or name[0] in " \t" or name[-1] in " \t":
+                    return None  # malformed or folded: aiohttp answers it
                 key = name.lower()
+                value = value.strip()
                 if key in headers:
                     if key in _SINGLE:
                         return None
@@ -328,9 +326,6 @@ class LeanConnection(asyncio.Protocol):
         return self._task
 
 
-_HEADER_LINE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?$", re.M)
-"""One header line (a token name, the value without surrounding blanks): a head whose
-every line matches is one the lean path parses."""
 _SWEEP_FRACTION = 0.1
 """Idle connections are looked for every tenth of the keep-alive timeout."""
 _SINGLE = frozenset({"content-length", "host", "content-type", "authorization"})
