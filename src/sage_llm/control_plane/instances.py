@@ -17,6 +17,10 @@ from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
 from sage_llm.types import ExecutionInstance
 
+_Placement = tuple[
+    int, float, str | None, str | None, int | None, str | None, frozenset[str], float
+]
+
 # EWMA weight of a new observation in the latency estimates.
 _ALPHA = 0.2
 
@@ -55,6 +59,12 @@ class InstanceState:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)
     _view_key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
+    _placement: _Placement | None = field(default=None, init=False, repr=False, compare=False)
+    """The view's fields from ``gpu_count`` to ``network_bandwidth_gbps`` (read from the
+    registered instance; see :meth:`_build_view`)."""
+    _placement_of: ExecutionInstance | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def instance_id(self) -> str:
@@ -127,33 +137,35 @@ class InstanceState:
 
     def _build_view(self) -> InstanceView:
         inst = self.instance
+        placement = self._placement
+        if placement is None or self._placement_of is not inst:  # new, or object replaced
+            placement = self._placement = (
+                self.gpu_count, inst.price_per_gpu_hour, inst.machine_id, inst.rack_id,
+                inst.numa_node, inst.nvlink_domain, frozenset(inst.nvlink_peers),
+                inst.network_bandwidth_gbps,
+            )  # fmt: skip
+            self._placement_of = inst
         stats = self.last_stats
+        breaker = self.breaker.state
+        # positional, in InstanceView's field order (a view is built per request and
+        # instance; keyword passing of 22 fields costs more than building it)
         return InstanceView(
-            instance_id=inst.instance_id,
-            model=inst.model_name,
-            role=inst.instance_type,
-            healthy=self.healthy and inst.is_healthy and self.breaker.routable,
-            accepting=self.accepting,
-            in_flight=self.in_flight,
+            inst.instance_id,
+            inst.model_name,
+            inst.instance_type,
+            self.healthy and inst.is_healthy and breaker is not CircuitState.OPEN,
+            inst.is_available and not self.draining and not self.removed,
+            self.in_flight,
             # half-open: one trial request at a time
-            max_concurrency=(
-                1 if self.breaker.state is CircuitState.HALF_OPEN else inst.max_concurrent_requests
-            ),
-            queued_prefill_tokens=self.queued_prefill_tokens,
-            outstanding_decode_tokens=self.outstanding_decode_tokens,
-            kv_usage=stats.kv_usage if stats else 0.0,
-            engine_waiting=stats.waiting if stats else 0,
-            gpu_count=self.gpu_count,
-            price_per_gpu_hour=inst.price_per_gpu_hour,
-            machine_id=inst.machine_id,
-            rack_id=inst.rack_id,
-            numa_node=inst.numa_node,
-            nvlink_domain=inst.nvlink_domain,
-            nvlink_peers=frozenset(inst.nvlink_peers),
-            network_bandwidth_gbps=inst.network_bandwidth_gbps,
-            est_ttft_base_s=self.est_ttft_base_s,
-            est_prefill_tps=1.0 / max(self.est_s_per_prefill_token, 1e-12),
-            est_tpot_s=self.est_tpot_s,
+            1 if breaker is CircuitState.HALF_OPEN else inst.max_concurrent_requests,
+            self.queued_prefill_tokens,
+            self.outstanding_decode_tokens,
+            stats.kv_usage if stats else 0.0,
+            stats.waiting if stats else 0,
+            *placement,
+            self.est_ttft_base_s,
+            1.0 / max(self.est_s_per_prefill_token, 1e-12),
+            self.est_tpot_s,
         )
 
     def public_instance(self) -> ExecutionInstance:

@@ -1,0 +1,73 @@
+"""InstanceState: the view it gives of an instance, and when that view is rebuilt."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from sage_llm.control_plane.health import CircuitState
+from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
+from sage_llm.control_plane.snapshot import InstanceView
+from sage_llm.engines.base import EngineStats
+from sage_llm.types import ExecutionInstanceType
+from tests.factories import make_instance
+
+
+def _expected(state: InstanceState) -> InstanceView:
+    """The view, field by field, as its documentation defines it."""
+    inst = state.instance
+    stats = state.last_stats
+    half_open = state.breaker.state is CircuitState.HALF_OPEN
+    return InstanceView(
+        instance_id=inst.instance_id,
+        model=inst.model_name,
+        role=inst.instance_type,
+        healthy=state.healthy and inst.is_healthy and state.breaker.routable,
+        accepting=state.accepting,
+        in_flight=state.in_flight,
+        max_concurrency=1 if half_open else inst.max_concurrent_requests,
+        queued_prefill_tokens=state.queued_prefill_tokens,
+        outstanding_decode_tokens=state.outstanding_decode_tokens,
+        kv_usage=stats.kv_usage if stats else 0.0,
+        engine_waiting=stats.waiting if stats else 0,
+        gpu_count=max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size),
+        price_per_gpu_hour=inst.price_per_gpu_hour,
+        machine_id=inst.machine_id,
+        rack_id=inst.rack_id,
+        numa_node=inst.numa_node,
+        nvlink_domain=inst.nvlink_domain,
+        nvlink_peers=frozenset(inst.nvlink_peers),
+        network_bandwidth_gbps=inst.network_bandwidth_gbps,
+        est_ttft_base_s=state.est_ttft_base_s,
+        est_prefill_tps=1.0 / state.est_s_per_prefill_token,
+        est_tpot_s=state.est_tpot_s,
+    )
+
+
+@pytest.mark.parametrize("case", ["plain", "busy", "half_open", "open", "draining", "moved"])
+def test_the_view_shows_the_live_state_and_is_rebuilt_only_when_it_changed(case: str) -> None:
+    registry = InstanceRegistry()
+    inst = make_instance(
+        "e0", tensor_parallel_size=2, machine_id="m1", nvlink_peers=["e1"], numa_node=1,
+        instance_type=ExecutionInstanceType.HYBRID,
+    )  # fmt: skip
+    state = registry.add(inst, None, LatencyPriors(tpot_s=0.03))  # type: ignore[arg-type]
+    first = state.view()
+    assert first == _expected(state)
+    assert state.view() is first  # nothing changed: the same object
+    if case == "busy":
+        state.in_flight, state.queued_prefill_tokens, state.outstanding_decode_tokens = 3, 40, 9
+        state.last_stats = EngineStats(running=3, waiting=2, kv_usage=0.5)
+    elif case == "half_open":
+        state.breaker.state = CircuitState.HALF_OPEN
+    elif case == "open":
+        state.breaker.state = CircuitState.OPEN
+    elif case == "draining":
+        state.draining = True
+    elif case == "moved":  # the registered object replaced: placement read again
+        state.instance = replace(inst, machine_id="m2", nvlink_peers=["e2", "e3"])
+    view = state.view()
+    assert view == _expected(state)
+    assert (view is first) == (case == "plain")
+    assert state.up == (view.healthy and view.accepting)
