@@ -6,7 +6,7 @@ import gc
 import itertools
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from typing import Any, cast
 
 import pytest
@@ -30,13 +30,13 @@ from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, R
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim import cluster_fleet
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
-from sage_llm.sim.cluster_fleet import FreeList, field_filler, prefix_block_hashes
+from sage_llm.sim.cluster_fleet import FreeList, prefix_block_hashes
 from sage_llm.sim.core import SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.factory import sim_config_for
 from sage_llm.tokens import block_hashes
 from sage_llm.tokens import block_hashes as block_hashes_of
 from sage_llm.types import ExecutionInstanceType, RequestPriority
-from tests.factories import make_instances, make_request_info
+from tests.factories import make_instances
 from tests.sim.reference_core import ReferenceCore
 
 COMPILED = not str(cluster_fleet.__file__).endswith(".py")
@@ -443,28 +443,6 @@ def test_views_are_what_the_registry_builds() -> None:
         fleet.mark(slot)
         assert fleet.fresh_view(slot) == slot.state.view()
         assert slot.state.view() == slot.state._build_view()
-
-
-@dataclass(frozen=True)
-class _Plain:
-    a: int
-    b: str
-
-
-def test_field_filler_builds_what_the_constructor_builds() -> None:
-    make = field_filler(RequestMeasurement, [f.name for f in fields(RequestMeasurement)][::-1])
-    values = asdict(
-        RequestMeasurement("r", RequestPriority.HIGH, "u", 1.0, 1.5, (), 2.0, 10, 4, slo_e2e_s=3.0)
-    )
-    built = make(*[values[f.name] for f in fields(RequestMeasurement)][::-1])
-    assert built == RequestMeasurement(**values) and asdict(built) == values
-    plain = field_filler(_Plain, ["b", "a"])("x", 1)  # no slots: filled through its dict
-    assert plain == _Plain(1, "x") and vars(plain) == {"a": 1, "b": "x"}
-    info = make_request_info(request_id="x", block_hashes=(1, 2), tags={"a": 1})
-    names = [f.name for f in fields(RequestInfo)]
-    assert field_filler(RequestInfo, names)(*[getattr(info, n) for n in names]) == info
-    with pytest.raises(ValueError, match="fields"):
-        field_filler(RequestInfo, names[1:])
 
 
 def test_measurements_pass_their_own_checks() -> None:

@@ -4,7 +4,11 @@ On every wake-up (a submission, a finished request, a new or recovered instance,
 switch) while requests are queued, it takes one snapshot of the fleet and, while some
 instance has a free slot, asks the scheduling policy for the next request, asks the router
 where it goes, accounts the load on the snapshot's successor (so a burst spreads), and
-starts the engine call. The submissions of one turn of the event loop share a pass.
+starts the engine call. The submissions of one turn of the event loop share a pass. A
+caller that waits for a request's end (:meth:`ControlPlaneManager.collect`) and finds
+nothing else queued runs the pass itself at once (:meth:`Dispatcher.start_here`) and, when
+it starts the request on a whole-request instance, the engine call too, in its own task
+(:meth:`Dispatcher.execute_here`).
 
 Invariants it keeps:
 

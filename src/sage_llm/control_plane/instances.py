@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from sage_llm.control_plane.health import CircuitBreaker, CircuitState
-from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, PrefixView
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, PrefixView, fill_view
 from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
 from sage_llm.types import ExecutionInstance
@@ -147,9 +147,8 @@ class InstanceState:
             self._placement_of = inst
         stats = self.last_stats
         breaker = self.breaker.state
-        # positional, in InstanceView's field order (a view is built per request and
-        # instance; keyword passing of 22 fields costs more than building it)
-        return InstanceView(
+        # every field, in InstanceView's order (a view is built per request and instance)
+        return fill_view(
             inst.instance_id,
             inst.model_name,
             inst.instance_type,

@@ -6,10 +6,12 @@ import math
 from collections.abc import Set
 
 from sage_llm import tokens
-from sage_llm.control_plane.snapshot import RequestInfo
-from sage_llm.engines.base import EngineRequest
+from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
+from sage_llm.engines.base import EngineRequest, fill_engine_request
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
 from sage_llm.types import RequestMetadata, RequestPriority
+
+_NO_EXCLUSIONS: frozenset[str] = frozenset()
 
 
 def resolve_model(meta: RequestMetadata, models: Set[str]) -> str:
@@ -66,32 +68,37 @@ def build_request(
         priority = RequestPriority.parse(meta.priority)
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="priority") from None
-    info = RequestInfo(
-        request_id=meta.request_id,
-        model=model,
-        arrival=now,
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        priority=priority,
-        deadline=None if slo_ms is None else now + slo_ms / 1000.0,
-        user_id=meta.user_id,
-        session_id=meta.session_id,
-        cost_budget=meta.cost_budget,
-        block_hashes=hashes,
-        preferred_instance_id=meta.preferred_instance_id,
-        tags=dict(meta.tags),
+    # every field in declaration order (make_*: one of each per request, built directly)
+    info = fill_request_info(
+        meta.request_id,
+        model,
+        now,  # arrival
+        prompt_tokens,
+        max_tokens,
+        priority,
+        None if slo_ms is None else now + slo_ms / 1000.0,  # deadline
+        meta.user_id,
+        meta.session_id,
+        meta.cost_budget,
+        hashes,
+        meta.preferred_instance_id,
+        None,  # previous_instance_id
+        _NO_EXCLUSIONS,
+        0,  # attempt
+        dict(meta.tags),
     )
-    engine_req = EngineRequest(
-        request_id=meta.request_id,
-        model=model,
-        prompt=meta.prompt if meta.messages is None else None,
-        messages=meta.messages,
-        max_tokens=max_tokens,
-        temperature=meta.temperature,
-        top_p=meta.top_p,
-        stop=tuple(meta.stop or ()),
-        stream=stream,
-        extra=dict(meta.extra_body),
-        priority=int(priority),
+    engine_req = fill_engine_request(
+        meta.request_id,
+        model,
+        meta.prompt if meta.messages is None else None,
+        meta.messages,
+        max_tokens,
+        meta.temperature,
+        meta.top_p,
+        tuple(meta.stop or ()),
+        stream,
+        dict(meta.extra_body),
+        None,  # kv_transfer_params
+        int(priority),
     )
     return info, engine_req

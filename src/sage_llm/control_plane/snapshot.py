@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Protocol
 
+from sage_llm.fastinit import field_filler
 from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
 
 
@@ -52,6 +53,11 @@ class RequestInfo:
     @property
     def sticky_key(self) -> str | None:
         return self.session_id or self.user_id
+
+
+fill_request_info = field_filler(RequestInfo, tuple(f.name for f in fields(RequestInfo)))
+"""``fill_request_info(*values)``: a :class:`RequestInfo` from all its field values in field
+order (as ``RequestInfo(*values)``, several times faster: one is made per request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +154,10 @@ EMPTY_PREFIX_VIEW: PrefixView = _EmptyPrefixView()
 
 _VIEW_FIELDS = tuple(f.name for f in fields(InstanceView))
 _view_values = attrgetter(*_VIEW_FIELDS)
+fill_view = field_filler(InstanceView, _VIEW_FIELDS)
+"""``fill_view(*values)``: an :class:`InstanceView` from all its field values in field
+order (what ``InstanceView(*values)`` builds, several times faster; a view is rebuilt per
+request and instance)."""
 _IN_FLIGHT = _VIEW_FIELDS.index("in_flight")
 _QUEUED_PREFILL = _VIEW_FIELDS.index("queued_prefill_tokens")
 _OUTSTANDING_DECODE = _VIEW_FIELDS.index("outstanding_decode_tokens")
@@ -219,7 +229,7 @@ class ClusterSnapshot:
                 values[_IN_FLIGHT] += 1
                 values[_QUEUED_PREFILL] += req.prompt_tokens
                 values[_OUTSTANDING_DECODE] += req.max_tokens
-                out[n] = InstanceView(*values)
+                out[n] = fill_view(*values)
                 break
         return ClusterSnapshot(self.now, tuple(out), self.prefix)
 

@@ -22,8 +22,10 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol, runtime_checkable
+
+from sage_llm.fastinit import field_filler
 
 ENGINE_STREAM = ("always", "client")
 """The control plane's ``engine_stream`` settings: stream every engine call (``always``) or
@@ -61,6 +63,11 @@ class EngineRequest:
 
     def with_changes(self, **changes: Any) -> EngineRequest:
         return replace(self, **changes)
+
+
+fill_engine_request = field_filler(EngineRequest, tuple(f.name for f in fields(EngineRequest)))
+"""``fill_engine_request(*values)``: an :class:`EngineRequest` from all its field values in
+field order (as ``EngineRequest(*values)``, several times faster: one is made per request)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ Between events it does what the control plane does, in the same order:
 a snapshot costs no per-instance work beyond the changes. The objects made once per request
 or decision (views, ``RequestInfo``, snapshots, completion records, measurements) are
 filled the same way, without their frozen dataclass ``__init__``
-(``cluster_fleet.field_filler``).
+(``sage_llm.fastinit.field_filler``).
 
 **Candidate sampling (large fleets).** A decision over every instance costs O(instances)
 in the routers and policies; at 1,000 instances × 1M requests that is ~10⁹ Python steps.

@@ -24,31 +24,22 @@ from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, counting_only
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
-from sage_llm.errors import ConflictError, InvalidRequestError
-from sage_llm.sim.cluster_fleet import (
-    InstanceSlot,
-    SimRequest,
-    field_filler,
-    prefix_block_hashes,
+from sage_llm.control_plane.snapshot import (
+    ClusterSnapshot,
+    CompletionRecord,
+    fill_request_info,
 )
+from sage_llm.errors import ConflictError, InvalidRequestError
+from sage_llm.fastinit import field_filler
+from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
 from sage_llm.sim.cluster_results import measurement, request_measurement
 from sage_llm.sim.cluster_state import FleetState
 from sage_llm.types import RequestStatus
 
 __all__ = ["SimControlPlane"]
 
-# Built field by field (cluster_fleet.field_filler): the simulator makes one of each per
+# Built field by field (sage_llm.fastinit.field_filler): the simulator makes one of each per
 # request, and these frozen dataclasses have neither defaults it relies on nor checks.
-_request_info = field_filler(
-    RequestInfo,
-    (
-        "request_id", "model", "arrival", "prompt_tokens", "max_tokens", "priority",
-        "deadline", "user_id", "session_id", "cost_budget", "block_hashes",
-        "preferred_instance_id", "previous_instance_id", "excluded_instances", "attempt",
-        "tags",
-    ),
-)  # fmt: skip
 _completion_record = field_filler(
     CompletionRecord,
     (
@@ -136,7 +127,7 @@ class SimControlPlane:
         prompt = wr.prompt
         ids = prompt if isinstance(prompt, list) else tokens.tokenize(prompt)
         slo_e2e = wr.slo_e2e_s
-        info = _request_info(
+        info = fill_request_info(
             wr.request_id,
             model,
             now,

@@ -10,21 +10,20 @@
 * :class:`FreeList`: the instances of one model with a free slot, sampled in O(k).
 * :class:`SimRequest`: one request from arrival to its end.
 * :func:`prefix_block_hashes`: :func:`sage_llm.tokens.block_hashes`.
-* :func:`field_filler`: builds a frozen dataclass from field values without its
-  ``__init__`` (the simulator makes several such objects per request).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
 from sage_llm.control_plane.snapshot import InstanceView, RequestInfo
 from sage_llm.errors import ConfigError
+from sage_llm.fastinit import field_filler
 from sage_llm.sim.core import SimEngineConfig, SimEngineCore
 from sage_llm.sim.engine import SimEngine
 from sage_llm.sim.factory import sim_config_for, sim_latency_priors
@@ -36,7 +35,6 @@ __all__ = [
     "InstanceSlot",
     "SimInstanceSpec",
     "SimRequest",
-    "field_filler",
     "make_fleet",
     "prefix_block_hashes",
 ]
@@ -87,38 +85,6 @@ def make_fleet(
         config = sim_config_for(inst, **engine_overrides) if engine_overrides else None
         specs.append(SimInstanceSpec(inst, config))
     return specs
-
-
-T = TypeVar("T")
-
-
-def field_filler(cls: type[T], names: Sequence[str]) -> Callable[..., T]:
-    """``make(v0, v1, …)``: a new ``cls`` whose field ``names[k]`` is ``vk``.
-
-    ``cls`` is a dataclass and ``names`` all its fields, in any order. The fields are
-    filled directly (slot descriptors, or the instance dict) as its frozen ``__init__``
-    would fill them through ``object.__setattr__``, only without that ``__init__``: no
-    defaults, no ``__post_init__`` (callers pass values that need neither). The function
-    is generated once, like the dataclass's own ``__init__``.
-    """
-    wanted = {f.name for f in fields(cast(Any, cls))}
-    if sorted(names) != sorted(wanted):
-        raise ValueError(f"{cls.__name__}: names must be its fields {sorted(wanted)}")
-    params = ", ".join(f"v{k}" for k in range(len(names)))
-    env: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    if "__slots__" in cls.__dict__:
-        lines = []
-        for k, name in enumerate(names):
-            env[f"_set{k}"] = cls.__dict__[name].__set__
-            lines.append(f"    _set{k}(o, v{k})\n")
-        body = "".join(lines)
-    else:  # stored one by one in the new instance dict (in field order it shares its keys)
-        lines = ["    d = o.__dict__\n"]
-        lines += [f"    d[{name!r}] = v{k}\n" for k, name in enumerate(names)]
-        body = "".join(lines)
-    source = f"def make({params}):\n    o = _new(_cls)\n{body}    return o\n"
-    exec(source, env)
-    return cast(Callable[..., T], env["make"])
 
 
 _DYNAMIC_VIEW_FIELDS = (
@@ -273,8 +239,8 @@ class InstanceSlot:
         The fields the simulation changes (load counters, engine figures, latency
         estimates) are read live; the others (health, role, bounds, topology, price) are
         those of the registration, which nothing in the simulator changes. Filled by
-        :func:`field_filler` (several times cheaper than the frozen ``__init__``; a view
-        is rebuilt about twice per decision)."""
+        :func:`~sage_llm.fastinit.field_filler` (several times cheaper than the frozen
+        ``__init__``; a view is rebuilt about twice per decision)."""
         state = self.state
         stats = state.last_stats
         return _make_view(

@@ -10,7 +10,8 @@ import numpy as np
 
 from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
 from sage_llm.bench.workloads import WorkloadRequest
-from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, field_filler
+from sage_llm.fastinit import field_filler
+from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest
 
 __all__ = [
     "ClusterResult",

@@ -21,7 +21,8 @@ from sage_llm.control_plane.routing.scorers import (
     rendezvous_owner,
 )
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
-from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec, field_filler
+from sage_llm.fastinit import field_filler
+from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec
 
 __all__ = ["FleetState", "router_wants"]
 

@@ -1,0 +1,46 @@
+"""Request intake: the scheduling view and the engine request built from a RequestMetadata."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.control_plane.intake import build_request
+from sage_llm.control_plane.snapshot import RequestInfo
+from sage_llm.engines.base import EngineRequest
+from sage_llm.errors import InvalidRequestError
+from sage_llm.tokens import prompt_blocks
+from sage_llm.types import RequestPriority
+from tests.factories import make_metadata
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_build_request_fills_every_field_of_both(chat: bool) -> None:
+    text = {"messages": [{"role": "user", "content": "Hello there"}]} if chat else {}
+    meta = make_metadata(
+        "r1", prompt=None if chat else "Hello there " * 4, max_tokens=7, temperature=0.5,
+        top_p=0.9, stop=["END"], priority=RequestPriority.HIGH, slo_deadline_ms=250.0,
+        user_id="u", session_id="s", cost_budget=0.5, preferred_instance_id="e1",
+        tags={"t": 1}, extra_body={"n": 2}, **text,
+    )  # fmt: skip
+    info, req = build_request(meta, "m", now=10.0, stream=False, default_max_tokens=16,
+                              block_size=4)  # fmt: skip
+    tokens, hashes = prompt_blocks(meta.prompt or "", 4) if not chat else (info.prompt_tokens, ())
+    assert info == RequestInfo(
+        request_id="r1", model="m", arrival=10.0, prompt_tokens=tokens, max_tokens=7,
+        priority=RequestPriority.HIGH, deadline=10.25, user_id="u", session_id="s",
+        cost_budget=0.5, block_hashes=info.block_hashes if chat else hashes,
+        preferred_instance_id="e1", tags={"t": 1},
+    )  # fmt: skip
+    assert req == EngineRequest(
+        request_id="r1", model="m", prompt=None if chat else meta.prompt,
+        messages=meta.messages, max_tokens=7, temperature=0.5, top_p=0.9, stop=("END",),
+        stream=False, extra={"n": 2}, priority=int(RequestPriority.HIGH),
+    )  # fmt: skip
+    # copies, not the caller's objects
+    assert info.tags is not meta.tags and req.extra is not meta.extra_body
+
+
+def test_build_request_refuses_bad_fields() -> None:
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        build_request(make_metadata("r", max_tokens=0), "m", now=0.0, stream=True,
+                      default_max_tokens=16, block_size=16)  # fmt: skip

@@ -1,0 +1,50 @@
+"""field_filler: frozen dataclasses built from field values, equal to what __init__ builds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import pytest
+
+from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.control_plane.snapshot import (
+    InstanceView,
+    RequestInfo,
+    fill_request_info,
+    fill_view,
+)
+from sage_llm.engines.base import EngineRequest, fill_engine_request
+from sage_llm.fastinit import field_filler
+from sage_llm.types import RequestPriority
+from tests.factories import make_instance_view, make_request_info
+
+
+@dataclass(frozen=True)
+class _Plain:
+    a: int
+    b: str
+
+
+def test_field_filler_builds_what_the_constructor_builds() -> None:
+    make = field_filler(RequestMeasurement, [f.name for f in fields(RequestMeasurement)][::-1])
+    values = asdict(
+        RequestMeasurement("r", RequestPriority.HIGH, "u", 1.0, 1.5, (), 2.0, 10, 4, slo_e2e_s=3.0)
+    )
+    built = make(*[values[f.name] for f in fields(RequestMeasurement)][::-1])
+    assert built == RequestMeasurement(**values) and asdict(built) == values
+    plain = field_filler(_Plain, ["b", "a"])("x", 1)  # no slots: filled through its dict
+    assert plain == _Plain(1, "x") and vars(plain) == {"a": 1, "b": "x"}
+    info = make_request_info(request_id="x", block_hashes=(1, 2), tags={"a": 1})
+    names = [f.name for f in fields(RequestInfo)]
+    assert field_filler(RequestInfo, names)(*[getattr(info, n) for n in names]) == info
+    with pytest.raises(ValueError, match="fields"):
+        field_filler(RequestInfo, names[1:])
+
+
+def test_the_shared_fillers_take_every_field_in_declaration_order() -> None:
+    info = make_request_info("y", slo_s=4.0, excluded_instances=frozenset({"a"}))
+    assert fill_request_info(*[getattr(info, f.name) for f in fields(RequestInfo)]) == info
+    view = make_instance_view("v", in_flight=3, nvlink_peers=frozenset({"w"}))
+    assert fill_view(*[getattr(view, f.name) for f in fields(InstanceView)]) == view
+    req = EngineRequest("r", "m", prompt="hi", stop=("x",), extra={"n": 2}, priority=1)
+    assert fill_engine_request(*[getattr(req, f.name) for f in fields(EngineRequest)]) == req
