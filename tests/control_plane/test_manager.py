@@ -418,6 +418,15 @@ def _gated_manager(
     return cp, engines
 
 
+async def _parked(
+    cp: ControlPlaneManager, engine: TaskNotingEngine, request_id: str
+) -> asyncio.Task[tuple[list[Chunk], Any]]:
+    """A collect() of ``request_id`` in a task of its own, once its engine call is parked."""
+    task = asyncio.create_task(cp.collect(make_metadata(request_id, max_tokens=4)))
+    await engine.gated.wait()
+    return task
+
+
 def test_collect_runs_the_engine_call_in_the_callers_task_when_nothing_is_queued() -> None:
     async def main() -> None:
         cp, engines = _gated_manager(bound=1)
@@ -448,8 +457,7 @@ def test_cancelling_a_request_running_in_the_callers_task_ends_it_not_the_caller
         cp, engines = _gated_manager(gate_after=1)
         async with cp:
             engine = engines["sim-0"]
-            waiting = asyncio.create_task(cp.collect(make_metadata("c", max_tokens=4)))
-            await engine.gated.wait()
+            waiting = await _parked(cp, engine, "c")
             assert engine.tasks["c"] is waiting
             assert await cp.cancel_request("c")
             _, result = await waiting  # the caller gets the outcome, not a cancellation
@@ -467,8 +475,7 @@ def test_a_caller_cancelled_during_its_engine_call_is_cancelled_and_so_is_the_re
         cp, engines = _gated_manager(gate_after=1)
         async with cp:
             engine = engines["sim-0"]
-            waiting = asyncio.create_task(cp.collect(make_metadata("c", max_tokens=4)))
-            await engine.gated.wait()
+            waiting = await _parked(cp, engine, "c")
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
@@ -506,8 +513,7 @@ def test_a_time_limit_also_ends_a_request_still_queued() -> None:
         cp, engines = _gated_manager(bound=1, gate_after=1)
         async with cp:
             engine = engines["sim-0"]
-            hold = asyncio.create_task(cp.collect(make_metadata("hold", max_tokens=4)))
-            await engine.gated.wait()
+            hold = await _parked(cp, engine, "hold")
             with pytest.raises(DeadlineExceededError):
                 await cp.collect(make_metadata("queued", max_tokens=2), timeout_s=1.0)
             assert (await cp.wait_for_result("queued")).status is RequestStatus.CANCELLED
@@ -523,8 +529,7 @@ def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() ->
     async def main() -> None:
         cp, engines = _gated_manager(gate_after=1)
         await cp.start()
-        waiting = asyncio.create_task(cp.collect(make_metadata("c", max_tokens=4)))
-        await engines["sim-0"].gated.wait()
+        waiting = await _parked(cp, engines["sim-0"], "c")
         await cp.stop()
         _, result = await waiting
         assert result.status is RequestStatus.CANCELLED

@@ -287,7 +287,7 @@ class Dispatcher:
         """Run a dispatch pass now, for a caller about to wait for ``rec`` (the only request
         queued): when the pass starts ``rec`` on a whole-request instance, its engine call is
         not given a task of its own but left to the caller, who runs it with
-        :meth:`execute_here` (one task and two turns of the event loop fewer per request).
+        :meth:`execute_here` (one task and three turns of the event loop fewer per request).
         Returns the instance it was started on; None when the pass did not start it there
         (it stays queued, or a PD pair runs it in a task of its own)."""
         self._here, self._here_state = rec, None
