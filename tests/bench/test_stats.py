@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sage_llm.bench import stats
+from sage_llm.bench.loadgen import measurement
 from sage_llm.bench.stats import (
     SLO,
     RequestMeasurement,
@@ -23,6 +25,7 @@ from sage_llm.bench.stats import (
     tpot,
     ttft,
 )
+from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.types import RequestPriority
 
 
@@ -322,3 +325,19 @@ def test_summary_equals_the_definitions_figure_by_figure(named: SLO | None) -> N
     assert got.slo_attainment_by_priority == want["by_priority"]
     assert got.fairness_index == want["fairness"]
     assert got.errors == want["errors"]
+
+
+def test_measure_keeps_what_the_request_says_and_what_the_client_saw() -> None:
+    wr = WorkloadRequest("w1", 0.0, "one two three", 3, 4, priority=RequestPriority.HIGH,
+                         slo_ttft_s=0.5, slo_tpot_s=0.05, slo_e2e_s=2.0, user_id="u")  # fmt: skip
+    got = stats.measure(wr, 1.0, 1.2, 1.9, 4, None, [1.2, 1.5, 1.7, 1.9])
+    assert got == RequestMeasurement(
+        request_id="w1", priority=RequestPriority.HIGH, user_id="u", arrival_s=1.0,
+        first_token_s=1.2, token_times_s=(1.2, 1.5, 1.7, 1.9), end_s=1.9, prompt_tokens=3,
+        output_tokens=4, ok=True, error=None, slo_ttft_s=0.5, slo_tpot_s=0.05, slo_e2e_s=2.0,
+    )  # fmt: skip
+    failed = stats.measure(wr, 1.0, None, 1.1, 0, "HTTP 503")
+    assert (failed.ok, failed.error, failed.token_times_s) == (False, "HTTP 503", ())
+    # the load generator's first output is its first chunk
+    assert measurement(wr, 1.0, [1.2, 1.5, 1.7, 1.9], 1.9, 4, None) == got
+    assert measurement(wr, 1.0, [], 1.1, 0, "HTTP 503") == failed

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import Workload, WorkloadRequest
 from sage_llm.engines.sse import SSEDecoder
 
@@ -49,23 +49,10 @@ def measurement(
     output_tokens: int,
     error: str | None,
 ) -> RequestMeasurement:
-    """What a client observed for ``wr``, as a :class:`RequestMeasurement`."""
-    return RequestMeasurement(
-        request_id=wr.request_id,
-        priority=wr.priority,
-        user_id=wr.user_id,
-        arrival_s=arrival,
-        first_token_s=token_times[0] if token_times else None,
-        token_times_s=token_times,
-        end_s=end,
-        prompt_tokens=wr.prompt_tokens,
-        output_tokens=output_tokens,
-        ok=error is None,
-        error=error,
-        slo_ttft_s=wr.slo_ttft_s,
-        slo_tpot_s=wr.slo_tpot_s,
-        slo_e2e_s=wr.slo_e2e_s,
-    )
+    """What a client observed for ``wr``, as a :class:`RequestMeasurement` (its first
+    output is its first chunk)."""
+    first = token_times[0] if token_times else None
+    return measure(wr, arrival, first, end, output_tokens, error, token_times)
 
 
 def _body(wr: WorkloadRequest, model: str, extra: dict[str, Any]) -> dict[str, Any]:

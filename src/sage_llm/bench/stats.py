@@ -28,7 +28,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sage_llm.types import RequestPriority
 
@@ -36,11 +36,13 @@ __all__ = [
     "SLO",
     "BenchSummary",
     "LatencyStats",
+    "MeasuredRequest",
     "RequestMeasurement",
     "e2e",
     "itl",
     "jain_index",
     "latency_stats",
+    "measure",
     "meets_slo",
     "percentile",
     "summarize",
@@ -84,6 +86,56 @@ class RequestMeasurement:
             raise ValueError(f"{self.request_id}: token_times_s must be non-decreasing")
         if self.prompt_tokens < 0 or self.output_tokens < 0:
             raise ValueError(f"{self.request_id}: token counts must be >= 0")
+
+
+class MeasuredRequest(Protocol):
+    """What a measurement keeps of the request it measures (a workload request, or what
+    the cluster simulator kept of one)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def priority(self) -> RequestPriority: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def slo_ttft_s(self) -> float | None: ...
+    @property
+    def slo_tpot_s(self) -> float | None: ...
+    @property
+    def slo_e2e_s(self) -> float | None: ...
+
+
+def measure(
+    req: MeasuredRequest,
+    arrival: float,
+    first: float | None,
+    end: float,
+    output: int,
+    error: str | None = None,
+    times: Sequence[float] | None = None,
+) -> RequestMeasurement:
+    """What a client that sent ``req`` at ``arrival`` observed: its first output at
+    ``first`` (None: none), every output chunk at ``times``, its end at ``end``, ``output``
+    tokens, and ``error`` when it failed."""
+    return RequestMeasurement(
+        request_id=req.request_id,
+        priority=req.priority,
+        user_id=req.user_id,
+        arrival_s=arrival,
+        first_token_s=first,
+        token_times_s=times or (),
+        end_s=end,
+        prompt_tokens=req.prompt_tokens,
+        output_tokens=output,
+        ok=error is None,
+        error=error,
+        slo_ttft_s=req.slo_ttft_s,
+        slo_tpot_s=req.slo_tpot_s,
+        slo_e2e_s=req.slo_e2e_s,
+    )
 
 
 @dataclass(frozen=True)

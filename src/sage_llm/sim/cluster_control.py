@@ -17,7 +17,7 @@ from collections.abc import Sized
 from dataclasses import replace
 
 from sage_llm import tokens
-from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -32,7 +32,7 @@ from sage_llm.control_plane.snapshot import (
 from sage_llm.errors import ConflictError, InvalidRequestError
 from sage_llm.fastinit import field_filler
 from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
-from sage_llm.sim.cluster_results import measurement, request_measurement
+from sage_llm.sim.cluster_results import request_measurement
 from sage_llm.sim.cluster_state import FleetState
 from sage_llm.types import RequestStatus
 
@@ -367,7 +367,7 @@ class SimControlPlane:
 
     def _reject(self, wr: WorkloadRequest, now: float, error: str) -> None:
         self.rejected += 1
-        self.measurements.append(measurement(wr, now, None, now, 0, error))
+        self.measurements.append(measure(wr, now, None, now, 0, error))
 
     def abandon_leftovers(self, now: float) -> None:
         """Requests still queued when no event is left (nothing could ever serve them)."""

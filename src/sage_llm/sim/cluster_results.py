@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
-from sage_llm.bench.workloads import WorkloadRequest
+from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, measure, summarize
 from sage_llm.fastinit import field_filler
 from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest
 
@@ -19,7 +18,6 @@ __all__ = [
     "InstanceUsage",
     "build_result",
     "decision_stats",
-    "measurement",
     "request_measurement",
 ]
 
@@ -194,34 +192,6 @@ class ClusterResult:
         return out
 
 
-def measurement(
-    wr: WorkloadRequest,
-    arrival: float,
-    first: float | None,
-    end: float,
-    output: int,
-    error: str | None = None,
-    times: Sequence[float] | None = None,
-) -> RequestMeasurement:
-    """What a client replaying ``wr`` would have measured."""
-    return RequestMeasurement(
-        request_id=wr.request_id,
-        priority=wr.priority,
-        user_id=wr.user_id,
-        arrival_s=arrival,
-        first_token_s=first,
-        token_times_s=times or (),
-        end_s=end,
-        prompt_tokens=wr.prompt_tokens,
-        output_tokens=output,
-        ok=error is None,
-        error=error,
-        slo_ttft_s=wr.slo_ttft_s,
-        slo_tpot_s=wr.slo_tpot_s,
-        slo_e2e_s=wr.slo_e2e_s,
-    )
-
-
 _fill_measurement = field_filler(
     RequestMeasurement,
     (
@@ -241,28 +211,13 @@ def request_measurement(
     error: str | None = None,
     times: Sequence[float] | None = None,
 ) -> RequestMeasurement:
-    """:func:`measurement` of the request ``rec`` (what it kept of its workload request).
-    Without token times it is built without ``RequestMeasurement``'s ``__init__`` (one per
-    request): its ``__post_init__`` would only normalise the empty token times and check
-    what holds by construction here (``arrival <= first <= end`` on the simulator's clock,
-    counts >= 0)."""
+    """:func:`~sage_llm.bench.stats.measure` of the request ``rec`` (what it kept of its
+    workload request). Without token times it is built without ``RequestMeasurement``'s
+    ``__init__`` (one per request): its ``__post_init__`` would only normalise the empty
+    token times and check what holds by construction here (``arrival <= first <= end`` on
+    the simulator's clock, counts >= 0)."""
     if times:
-        return RequestMeasurement(
-            request_id=rec.request_id,
-            priority=rec.priority,
-            user_id=rec.user_id,
-            arrival_s=arrival,
-            first_token_s=first,
-            token_times_s=times,
-            end_s=end,
-            prompt_tokens=rec.prompt_tokens,
-            output_tokens=output,
-            ok=error is None,
-            error=error,
-            slo_ttft_s=rec.slo_ttft_s,
-            slo_tpot_s=rec.slo_tpot_s,
-            slo_e2e_s=rec.slo_e2e_s,
-        )
+        return measure(rec, arrival, first, end, output, error, times)
     return _fill_measurement(
         rec.request_id,
         rec.priority,
