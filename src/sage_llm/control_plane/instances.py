@@ -75,17 +75,19 @@ class InstanceState:
         return self.instance.is_available and not self.draining and not self.removed
 
     @property
-    def up(self) -> bool:
-        """Healthy and accepting, as the instance's view shows it."""
-        inst = self.instance
+    def routable(self) -> bool:
+        """Healthy, as the instance's view shows it: probes pass, the registered instance
+        is marked healthy and its circuit is not open."""
         return (
             self.healthy
-            and inst.is_healthy
+            and self.instance.is_healthy
             and self.breaker.state is not CircuitState.OPEN
-            and inst.is_available
-            and not self.draining
-            and not self.removed
         )
+
+    @property
+    def up(self) -> bool:
+        """Healthy and accepting, as the instance's view shows it."""
+        return self.routable and self.accepting
 
     def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
         """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch)."""
@@ -152,8 +154,8 @@ class InstanceState:
             inst.instance_id,
             inst.model_name,
             inst.instance_type,
-            self.healthy and inst.is_healthy and breaker is not CircuitState.OPEN,
-            inst.is_available and not self.draining and not self.removed,
+            self.routable,
+            self.accepting,
             self.in_flight,
             # half-open: one trial request at a time
             1 if breaker is CircuitState.HALF_OPEN else inst.max_concurrent_requests,
