@@ -96,6 +96,23 @@ async def test_other_routes_on_the_same_connection_are_handed_to_aiohttp() -> No
         await _close(writer)
 
 
+async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_order() -> None:
+    # pipelined: the lean answer is written at the end of the turn in which the handler
+    # ends, the same turn the connection is handed to aiohttp for the next request
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            _post("/v1/completions", completion_body(), "x-request-id: lean")
+            + b"GET /health HTTP/1.1\r\nHost: test\r\nx-request-id: fallback\r\n\r\n"
+        )
+        status, headers, _ = await _response(reader)
+        assert status == 200 and headers["x-request-id"] == "lean"
+        status, headers, body = await _response(reader)
+        assert status == 200 and headers["x-request-id"] == "fallback"
+        assert json.loads(body) == {"status": "ok"}
+        await _close(writer)
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [

@@ -35,6 +35,7 @@ from typing import cast
 import aiohttp
 
 from sage_llm.httpserve import tcp_nodelay
+from sage_llm.writebatch import WriteBatch
 
 __all__ = ["EngineConnector", "FastPool", "FastResponse"]
 
@@ -314,10 +315,15 @@ def _closed_message(conn: _Conn, where: str) -> str:
 class FastPool:
     """Keep-alive HTTP/1.1 connections to one ``host:port``."""
 
-    def __init__(self, host: str, port: int, *, keepalive_s: float = 4.0) -> None:
+    def __init__(
+        self, host: str, port: int, *, keepalive_s: float = 4.0, writes: WriteBatch | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.keepalive_s = keepalive_s
+        self.writes = WriteBatch() if writes is None else writes
+        """Requests leave together at the end of each turn of the loop (see
+        :mod:`sage_llm.writebatch`; pools of one connector share it)."""
         self._host_header = f"{host}:{port}"
         self._idle: deque[_Conn] = deque()
         self._closed = False
@@ -377,7 +383,7 @@ class FastPool:
         )
         resp = FastResponse(self, conn)
         try:
-            transport.write(head.encode("latin-1") + body)
+            self.writes.write(transport, head.encode("latin-1") + body)
             await resp._read_head()
         except BaseException:
             resp.close()
@@ -411,6 +417,7 @@ class EngineConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._fast_keepalive_s = fast_keepalive_s
         self._fast: dict[tuple[str, int], FastPool] = {}
+        self._writes = WriteBatch()
 
     def fast_pool(self, host: str, port: int) -> FastPool | None:
         """The pool for ``host:port``; None once the connector is closed."""
@@ -419,7 +426,9 @@ class EngineConnector(aiohttp.TCPConnector):
         key = (host, port)
         pool = self._fast.get(key)
         if pool is None:
-            pool = self._fast[key] = FastPool(host, port, keepalive_s=self._fast_keepalive_s)
+            pool = self._fast[key] = FastPool(
+                host, port, keepalive_s=self._fast_keepalive_s, writes=self._writes
+            )
         return pool
 
     async def close(self, *, abort_ssl: bool = False) -> None:

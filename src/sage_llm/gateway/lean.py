@@ -34,6 +34,7 @@ from http import HTTPStatus
 from typing import Protocol, cast
 
 from sage_llm.httpserve import tcp_nodelay
+from sage_llm.writebatch import WriteBatch
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -146,7 +147,7 @@ class LeanConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        transport.write(data)
+        self._server.writes.write(transport, data)
 
     async def drain(self) -> None:
         """Wait while the client reads slower than the response is written."""
@@ -287,6 +288,7 @@ class LeanConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         if not self._answered or not self._keep_alive or self._server.closing:
+            self._server.writes.flush_one(transport)
             transport.close()
             return
         if self._read_paused:
@@ -301,6 +303,7 @@ class LeanConnection(asyncio.Protocol):
         """Give the connection, and what was read of it, to aiohttp's protocol."""
         transport = self._transport
         assert transport is not None
+        self._server.writes.flush_one(transport)
         self.idle_since = None
         self._server.connections.discard(self)
         if self._read_paused:
@@ -319,6 +322,7 @@ class LeanConnection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         """Close now unless a request is in progress (that one closes when it ends)."""
         if self._task is None and self._transport is not None:
+            self._server.writes.flush_one(self._transport)
             self._transport.close()
 
     @property
@@ -356,6 +360,9 @@ class LeanServer:
         self.cors = cors
         self.keepalive_timeout_s = keepalive_timeout_s
         self.connections: set[LeanConnection] = set()
+        self.writes = WriteBatch()
+        """Responses leave together at the end of each turn of the loop (see
+        :mod:`sage_llm.writebatch`)."""
         self.closing = False
         self._sweep: asyncio.TimerHandle | None = None
         self._date_at = -1

@@ -1,0 +1,102 @@
+"""Writes gathered over one turn of the event loop: when they leave, in what order, and what
+a closing or failing transport gets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from sage_llm.writebatch import WriteBatch
+
+
+class _Transport(asyncio.WriteTransport):
+    """Records each ``write`` call; ``closing`` and ``fail`` as a test sets them."""
+
+    def __init__(self, log: list[tuple[str, bytes]], name: str) -> None:
+        super().__init__()
+        self._log = log
+        self.name = name
+        self.closing = False
+        self.fail = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.fail:
+            raise RuntimeError("peer gone")
+        self._log.append((self.name, bytes(data)))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+async def _next_turn() -> None:
+    await asyncio.sleep(0)
+
+
+async def test_writes_of_a_turn_leave_together_at_the_next_turn() -> None:
+    log: list[tuple[str, bytes]] = []
+    a, b = _Transport(log, "a"), _Transport(log, "b")
+    batch = WriteBatch()
+    batch.write(a, b"a1")
+    batch.write(b, b"b1")
+    batch.write(a, b"a2")
+    assert log == [] and len(batch) == 2
+    await _next_turn()
+    # one write call per transport, its pieces joined in order; transports in first-write order
+    assert log == [("a", b"a1a2"), ("b", b"b1")]
+    assert len(batch) == 0
+    batch.write(b, b"b2")
+    await _next_turn()
+    assert log[-1] == ("b", b"b2")
+
+
+async def test_a_batch_leaves_before_callbacks_queued_after_it() -> None:
+    log: list[tuple[str, bytes]] = []
+    a = _Transport(log, "a")
+    batch = WriteBatch()
+    batch.write(a, b"first")
+    asyncio.get_running_loop().call_soon(log.append, ("callback", b""))
+    await _next_turn()
+    await _next_turn()
+    assert log == [("a", b"first"), ("callback", b"")]
+
+
+async def test_flush_one_sends_a_transports_writes_now_and_only_once() -> None:
+    log: list[tuple[str, bytes]] = []
+    a, b = _Transport(log, "a"), _Transport(log, "b")
+    batch = WriteBatch()
+    batch.write(a, b"x")
+    batch.write(a, b"y")
+    batch.write(b, b"z")
+    batch.flush_one(a)  # as before closing `a`
+    assert log == [("a", b"xy")]
+    batch.flush_one(a)  # nothing left for it
+    await _next_turn()
+    assert log == [("a", b"xy"), ("b", b"z")]
+
+
+async def test_a_closing_transport_gets_nothing() -> None:
+    log: list[tuple[str, bytes]] = []
+    a, b = _Transport(log, "a"), _Transport(log, "b")
+    batch = WriteBatch()
+    batch.write(a, b"dropped")
+    batch.write(b, b"kept")
+    a.closing = True  # aborted before the turn ended
+    await _next_turn()
+    assert log == [("b", b"kept")]
+
+
+async def test_a_failing_transport_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[tuple[str, bytes]] = []
+    a, b = _Transport(log, "a"), _Transport(log, "b")
+    a.fail = True
+    batch = WriteBatch()
+    batch.write(a, b"lost")
+    batch.write(b, b"kept")
+    with caplog.at_level(logging.DEBUG, logger="sage_llm.writebatch"):
+        await _next_turn()
+    assert log == [("b", b"kept")]
+    assert "write to" in caplog.text
