@@ -13,9 +13,16 @@ from sage_llm.control_plane.snapshot import (
     fill_request_info,
     fill_view,
 )
-from sage_llm.engines.base import EngineRequest, fill_engine_request
+from sage_llm.engines.base import (
+    Chunk,
+    EngineRequest,
+    Usage,
+    fill_chunk,
+    fill_engine_request,
+    fill_usage,
+)
 from sage_llm.fastinit import field_filler
-from sage_llm.types import RequestPriority
+from sage_llm.types import RequestPriority, RequestResult, RequestStatus, fill_request_result
 from tests.factories import make_instance_view, make_request_info
 
 
@@ -48,3 +55,13 @@ def test_the_shared_fillers_take_every_field_in_declaration_order() -> None:
     assert fill_view(*[getattr(view, f.name) for f in fields(InstanceView)]) == view
     req = EngineRequest("r", "m", prompt="hi", stop=("x",), extra={"n": 2}, priority=1)
     assert fill_engine_request(*[getattr(req, f.name) for f in fields(EngineRequest)]) == req
+    result = RequestResult(
+        "r", RequestStatus.FAILED, "t", "stop", 3, 2, 1, "i", "p", 0.5, 1.0, 2.0, 9.0,
+        False, "boom", 2, [7], [{"x": 1}], 0.25,
+    )  # fmt: skip
+    assert fill_request_result(*[getattr(result, f.name) for f in fields(RequestResult)]) == result
+    usage = Usage(5, 4, 3)
+    assert fill_usage(5, 4, 3) == usage
+    chunk = Chunk(" a", (1, 2), "length", usage, {"lp": 1}, 2)
+    assert fill_chunk(*[getattr(chunk, f.name) for f in fields(Chunk)]) == chunk
+    assert chunk.with_usage(Usage()) == Chunk(" a", (1, 2), "length", Usage(), {"lp": 1}, 2)

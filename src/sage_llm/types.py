@@ -11,9 +11,11 @@ This module holds data only: no I/O and no logic beyond small derived properties
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
+
+from sage_llm.fastinit import field_filler
 
 
 class RequestPriority(enum.IntEnum):
@@ -460,3 +462,8 @@ class RequestResult:
     @property
     def ok(self) -> bool:
         return self.status is RequestStatus.COMPLETED
+
+
+fill_request_result = field_filler(RequestResult, tuple(f.name for f in fields(RequestResult)))
+"""``fill_request_result(*values)``: a :class:`RequestResult` from all its field values in
+field order (as ``RequestResult(*values)``, several times faster: one is made per request)."""

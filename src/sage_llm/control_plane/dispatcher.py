@@ -59,7 +59,7 @@ from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, R
 from sage_llm.engines.base import Chunk, KVHandle
 from sage_llm.errors import DeadlineExceededError, EngineError, EngineStreamError
 from sage_llm.sim.clock import Clock
-from sage_llm.types import ExecutionInstanceType, RequestResult, RequestStatus
+from sage_llm.types import ExecutionInstanceType, RequestStatus, fill_request_result
 
 log = logging.getLogger("sage_llm.dispatcher")
 
@@ -668,26 +668,26 @@ class Dispatcher:
         cost = extra_cost
         if state is not None and rec.scheduled_at is not None:
             cost += state.cost_per_second * (now - rec.scheduled_at)
-        result = RequestResult(
-            request_id=rec.request_id,
-            status=status,
-            text="".join(rec.text_parts),
-            finish_reason=rec.finish_reason,
-            prompt_tokens=rec.prompt_tokens or info.prompt_tokens,
-            completion_tokens=rec.completion_tokens,
-            cached_tokens=rec.cached_tokens,
-            instance_id=rec.instance_id,
-            prefill_instance_id=rec.prefill_instance_id,
-            queue_wait_ms=queue_wait_s * 1000.0,
-            ttft_ms=None if ttft_s is None else ttft_s * 1000.0,
-            tpot_ms=None if tpot_s is None else tpot_s * 1000.0,
-            e2e_latency_ms=e2e_s * 1000.0,
-            slo_met=slo_met,
-            error=error,
-            attempts=rec.attempts,
-            token_ids=list(rec.token_ids) if rec.token_ids else None,
-            logprobs=list(rec.logprobs) if rec.logprobs else None,
-            cost=cost,
+        result = fill_request_result(  # every field, in RequestResult's order
+            rec.request_id,
+            status,
+            "".join(rec.text_parts),
+            rec.finish_reason,
+            rec.prompt_tokens or info.prompt_tokens,
+            rec.completion_tokens,
+            rec.cached_tokens,
+            rec.instance_id,
+            rec.prefill_instance_id,
+            queue_wait_s * 1000.0,
+            None if ttft_s is None else ttft_s * 1000.0,
+            None if tpot_s is None else tpot_s * 1000.0,
+            e2e_s * 1000.0,
+            slo_met,
+            error,
+            rec.attempts,
+            list(rec.token_ids) if rec.token_ids else None,
+            list(rec.logprobs) if rec.logprobs else None,
+            cost,
         )
         rec.result = result
         if not rec.future.done():

@@ -51,9 +51,10 @@ class ChunkChannel:
         return items
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
-    """Everything the control plane tracks about one accepted request."""
+    """Everything the control plane tracks about one accepted request (slotted: one is
+    made per request, and its fields are read and written all along the request's way)."""
 
     meta: RequestMetadata
     info: RequestInfo

@@ -99,9 +99,16 @@ class Chunk:
 
     def with_usage(self, usage: Usage) -> Chunk:
         """This chunk with ``usage`` (``replace`` without its per-call field walk)."""
-        return Chunk(
+        return fill_chunk(
             self.text, self.token_ids, self.finish_reason, usage, self.logprobs, self.index
         )
+
+
+fill_usage = field_filler(Usage, tuple(f.name for f in fields(Usage)))
+"""``fill_usage(prompt, completion, cached)``: a :class:`Usage` without its ``__init__``."""
+fill_chunk = field_filler(Chunk, tuple(f.name for f in fields(Chunk)))
+"""``fill_chunk(*values)``: a :class:`Chunk` from all its field values in field order (one
+or more are parsed from every engine answer)."""
 
 
 @dataclass(frozen=True, slots=True)

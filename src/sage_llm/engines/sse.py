@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sage_llm import jsonutil
-from sage_llm.engines.base import Chunk, EngineRequest, Usage
+from sage_llm.engines.base import Chunk, EngineRequest, Usage, fill_chunk, fill_usage
 from sage_llm.errors import EngineError, EngineStreamError
 from sage_llm.tokens import chat_prompt_text, count_tokens
 
@@ -164,10 +164,8 @@ def parse_usage(obj: Any) -> Usage | None:
         return None
     details = obj.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
-    return Usage(
-        prompt_tokens=_as_int(obj.get("prompt_tokens")),
-        completion_tokens=_as_int(obj.get("completion_tokens")),
-        cached_tokens=_as_int(cached),
+    return fill_usage(
+        _as_int(obj.get("prompt_tokens")), _as_int(obj.get("completion_tokens")), _as_int(cached)
     )
 
 
@@ -224,12 +222,13 @@ def _choice_text(choice: Mapping[str, Any]) -> str:
 def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
     finish = choice.get("finish_reason")
     ids = choice.get("token_ids")
-    return Chunk(
-        text=_choice_text(choice),
-        token_ids=tuple(int(t) for t in ids) if isinstance(ids, list) else (),
-        finish_reason=str(finish) if finish else None,
-        logprobs=choice.get("logprobs"),
-        index=_as_int(choice.get("index")),
+    return fill_chunk(  # every field, in Chunk's order
+        _choice_text(choice),
+        tuple(int(t) for t in ids) if isinstance(ids, list) else (),
+        str(finish) if finish else None,
+        None,
+        choice.get("logprobs"),
+        _as_int(choice.get("index")),
     )
 
 
