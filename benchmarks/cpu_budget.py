@@ -23,6 +23,16 @@ and every process's CPU counts. Linux only (``/proc``). Run from the repository 
     .venv/bin/python benchmarks/cpu_budget.py --peers vllm-router --requests 3000
     .venv/bin/python benchmarks/cpu_budget.py --json bench-out/cpu_budget.json
 
+``--rounds N`` measures every target N times, the targets interleaved (round 1 of each,
+then round 2 …), and reports each figure's median over the rounds: one run per target is
+not enough to compare two of them on a shared machine. ``--baseline-src DIR`` adds one more
+target, ``sage-llm serve @ baseline`` (``engine_stream = "client"``), run from the source
+tree ``DIR`` (another checkout's ``src``, through ``PYTHONPATH``), to measure a change
+against the commit before it side by side::
+
+    git worktree add /tmp/base <commit>
+    .venv/bin/python benchmarks/cpu_budget.py --peers --rounds 5 --baseline-src /tmp/base/src
+
 The peers are installed on first use (as for the proxy bench). Logs go to
 ``bench-out/cpu_budget/``.
 """
@@ -31,15 +41,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sage_llm.bench.compare import sage_gateway
+from sage_llm.bench.inprocess import Preset
 from sage_llm.bench.procs import group_cpu_s, start_engine_sims
-from sage_llm.bench.proxy_bench import client_process, proxy_targets
+from sage_llm.bench.proxy_bench import ProxyTarget, client_process, proxy_targets
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/cpu_budget")
@@ -107,26 +121,73 @@ async def measure_one(
     )
 
 
+BASELINE = "sage-llm serve @ baseline"
+
+
+@contextlib.asynccontextmanager
+async def _baseline(urls: Sequence[str], src: Path | None) -> AsyncIterator[dict[str, ProxyTarget]]:
+    """The ``--baseline-src`` target (none without it); ``src`` is an absolute path."""
+    if src is None:
+        yield {}
+        return
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    async with sage_gateway(
+        Preset("fifo + round_robin", "fifo", "round_robin"), urls, model=MODEL,
+        max_concurrent=10_000, log_dir=LOG_DIR, engine_stream="client", env=env,
+    ) as gw:  # fmt: skip
+        yield {BASELINE: ProxyTarget(gw.url, gw.pid)}
+
+
+def median_row(rows: Sequence[BudgetRow]) -> BudgetRow:
+    """One target's rounds in one mode: each figure's median (requests and errors summed)."""
+    first = rows[0]
+
+    def med(values: Sequence[float]) -> float:
+        return float(statistics.median(values))
+
+    proxies = [r.proxy_ms for r in rows if r.proxy_ms is not None]
+    return BudgetRow(
+        target=first.target,
+        stream=first.stream,
+        requests=sum(r.requests for r in rows),
+        errors=sum(r.errors for r in rows),
+        req_per_s=med([r.req_per_s for r in rows]),
+        engines_ms=med([r.engines_ms for r in rows]),
+        proxy_ms=med(proxies) if proxies else None,
+        client_ms=med([r.client_ms for r in rows]),
+        total_ms=med([r.total_ms for r in rows]),
+        busy=med([r.busy for r in rows]),
+    )
+
+
 async def run(
-    *, peers: Sequence[str], concurrency: int, requests: int, modes: Sequence[bool]
-) -> list[BudgetRow]:
-    """Every target in every mode, one after another."""
-    rows: list[BudgetRow] = []
+    *,
+    peers: Sequence[str],
+    concurrency: int,
+    requests: int,
+    modes: Sequence[bool],
+    rounds: int = 1,
+    baseline_src: Path | None = None,
+) -> tuple[list[BudgetRow], list[BudgetRow]]:
+    """Every target in every mode, ``rounds`` times interleaved: the median row of each, and
+    every run's row."""
+    runs: dict[tuple[str, bool], list[BudgetRow]] = {}
     async with (
         await start_engine_sims(2, model=MODEL, speed=1000.0, log_dir=LOG_DIR) as fleet,
         proxy_targets(fleet.urls, peers, LOG_DIR) as targets,
+        _baseline(fleet.urls, baseline_src) as extra,
     ):
         engine_pgids = [e.pid for e in fleet.engines]
+        every = {**targets, **extra}
         for stream in modes:
-            for name, target in targets.items():
-                rows.append(
-                    await measure_one(
+            for _round in range(rounds):
+                for name, target in every.items():
+                    row = await measure_one(
                         name, target.url, stream=stream, engine_pgids=engine_pgids,
-                        proxy_pgid=target.pgid,
-                        concurrency=concurrency, requests=requests,
-                    )
-                )  # fmt: skip
-    return rows
+                        proxy_pgid=target.pgid, concurrency=concurrency, requests=requests,
+                    )  # fmt: skip
+                    runs.setdefault((name, stream), []).append(row)
+    return [median_row(rows) for rows in runs.values()], [r for rows in runs.values() for r in rows]
 
 
 def render(rows: Sequence[BudgetRow], concurrency: int) -> str:
@@ -152,17 +213,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the median rows and every run's row here (JSON)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs per target, interleaved; medians reported"
+    )
+    parser.add_argument(
+        "--baseline-src", type=Path, default=None,
+        help="also run sage-llm serve from this source tree (another checkout's src)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.baseline_src is not None and not (args.baseline_src / "sage_llm").is_dir():
+        parser.error(f"--baseline-src {args.baseline_src}: no sage_llm package in it")
     modes = {"both": (False, True), "plain": (False,), "stream": (True,)}[args.mode]
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    rows = asyncio.run(
-        run(peers=args.peers, concurrency=args.concurrency, requests=args.requests, modes=modes)
-    )
+    baseline = None if args.baseline_src is None else args.baseline_src.resolve()
+    job = run(
+        peers=args.peers, concurrency=args.concurrency, requests=args.requests,
+        modes=modes, rounds=args.rounds, baseline_src=baseline,
+    )  # fmt: skip
+    rows, every_run = asyncio.run(job)
     print(render(rows, args.concurrency))
+    if args.rounds > 1:
+        print(f"(each figure: the median of {args.rounds} interleaved runs)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        out = {"medians": [asdict(r) for r in rows], "runs": [asdict(r) for r in every_run]}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -31,7 +31,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -276,8 +276,10 @@ async def sage_gateway(
     log_dir: Path,
     seed: int = 0,
     engine_stream: str = "always",
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[ManagedProcess]:
-    """``sage-llm serve`` in its own process over ``urls``; stopped on exit."""
+    """``sage-llm serve`` in its own process over ``urls`` (``env``: its environment, for
+    instance a ``PYTHONPATH`` that runs another checkout's code); stopped on exit."""
     (port,) = free_ports(1)
     config = log_dir / f"sage-{port}.toml"
     text = sage_config_toml(
@@ -287,7 +289,9 @@ async def sage_gateway(
     await asyncio.to_thread(_write, config, text)
     argv = [sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = await spawn(f"sage-{port}", argv, port=port, log_path=log_dir / f"sage-{port}.log")
+    proc = await spawn(
+        f"sage-{port}", argv, port=port, log_path=log_dir / f"sage-{port}.log", env=env
+    )
     try:
         await proc.wait_ready("/health", lambda status, _body: status == 200, timeout_s=60.0)
         yield proc
