@@ -34,10 +34,14 @@ async def _next_turn() -> None:
     await asyncio.sleep(0)
 
 
-async def test_writes_of_a_turn_leave_together_at_the_next_turn() -> None:
+def _two() -> tuple[list[tuple[str, bytes]], _Transport, _Transport, WriteBatch]:
+    """A write log, transports ``a`` and ``b`` recording into it, and an empty batch."""
     log: list[tuple[str, bytes]] = []
-    a, b = _Transport(log, "a"), _Transport(log, "b")
-    batch = WriteBatch()
+    return log, _Transport(log, "a"), _Transport(log, "b"), WriteBatch()
+
+
+async def test_writes_of_a_turn_leave_together_at_the_next_turn() -> None:
+    log, a, b, batch = _two()
     batch.write(a, b"a1")
     batch.write(b, b"b1")
     batch.write(a, b"a2")
@@ -52,9 +56,7 @@ async def test_writes_of_a_turn_leave_together_at_the_next_turn() -> None:
 
 
 async def test_a_batch_leaves_before_callbacks_queued_after_it() -> None:
-    log: list[tuple[str, bytes]] = []
-    a = _Transport(log, "a")
-    batch = WriteBatch()
+    log, a, _b, batch = _two()
     batch.write(a, b"first")
     asyncio.get_running_loop().call_soon(log.append, ("callback", b""))
     await _next_turn()
@@ -63,9 +65,7 @@ async def test_a_batch_leaves_before_callbacks_queued_after_it() -> None:
 
 
 async def test_flush_one_sends_a_transports_writes_now_and_only_once() -> None:
-    log: list[tuple[str, bytes]] = []
-    a, b = _Transport(log, "a"), _Transport(log, "b")
-    batch = WriteBatch()
+    log, a, b, batch = _two()
     batch.write(a, b"x")
     batch.write(a, b"y")
     batch.write(b, b"z")
@@ -77,9 +77,7 @@ async def test_flush_one_sends_a_transports_writes_now_and_only_once() -> None:
 
 
 async def test_a_closing_transport_gets_nothing() -> None:
-    log: list[tuple[str, bytes]] = []
-    a, b = _Transport(log, "a"), _Transport(log, "b")
-    batch = WriteBatch()
+    log, a, b, batch = _two()
     batch.write(a, b"dropped")
     batch.write(b, b"kept")
     a.closing = True  # aborted before the turn ended
@@ -90,10 +88,8 @@ async def test_a_closing_transport_gets_nothing() -> None:
 async def test_a_failing_transport_does_not_stop_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    log: list[tuple[str, bytes]] = []
-    a, b = _Transport(log, "a"), _Transport(log, "b")
+    log, a, b, batch = _two()
     a.fail = True
-    batch = WriteBatch()
     batch.write(a, b"lost")
     batch.write(b, b"kept")
     with caplog.at_level(logging.DEBUG, logger="sage_llm.writebatch"):
