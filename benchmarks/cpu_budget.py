@@ -50,10 +50,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sage_llm.bench.compare import sage_gateway
-from sage_llm.bench.inprocess import Preset
 from sage_llm.bench.procs import group_cpu_s, start_engine_sims
-from sage_llm.bench.proxy_bench import ProxyTarget, client_process, proxy_targets
+from sage_llm.bench.proxy_bench import ProxyTarget, bench_gateway, client_process, proxy_targets
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/cpu_budget")
@@ -131,10 +129,7 @@ async def _baseline(urls: Sequence[str], src: Path | None) -> AsyncIterator[dict
         yield {}
         return
     env = {**os.environ, "PYTHONPATH": str(src)}
-    async with sage_gateway(
-        Preset("fifo + round_robin", "fifo", "round_robin"), urls, model=MODEL,
-        max_concurrent=10_000, log_dir=LOG_DIR, engine_stream="client", env=env,
-    ) as gw:  # fmt: skip
+    async with bench_gateway(urls, LOG_DIR, engine_stream="client", env=env) as gw:
         yield {BASELINE: ProxyTarget(gw.url, gw.pid)}
 
 

@@ -35,13 +35,16 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from rich.console import Console
 from rich.table import Table
 
 from sage_llm.bench.stats import percentile
+
+if TYPE_CHECKING:
+    from sage_llm.bench.procs import ManagedProcess
 
 __all__ = [
     "ClientResult",
@@ -247,6 +250,25 @@ class ProxyTarget:
     pgid: int | None
 
 
+def bench_gateway(
+    urls: Sequence[str],
+    log_dir: Path,
+    *,
+    engine_stream: str,
+    env: Mapping[str, str] | None = None,
+) -> contextlib.AbstractAsyncContextManager[ManagedProcess]:
+    """``sage-llm serve`` as the bench runs it (``fifo + round_robin``, no concurrency
+    limit) over the engines at ``urls``; ``env``: its environment (see
+    :func:`~sage_llm.bench.compare.sage_gateway`)."""
+    from sage_llm.bench.compare import sage_gateway
+    from sage_llm.bench.inprocess import Preset
+
+    return sage_gateway(
+        Preset("fifo + round_robin", "fifo", "round_robin"), urls, model="llama-3-8b",
+        max_concurrent=10_000, log_dir=log_dir, engine_stream=engine_stream, env=env,
+    )  # fmt: skip
+
+
 @contextlib.asynccontextmanager
 async def proxy_targets(
     urls: Sequence[str], peers: Sequence[str], log_dir: Path
@@ -254,20 +276,14 @@ async def proxy_targets(
     """Every target of the bench over the engines at ``urls``, by name: ``direct`` (the
     first engine), ``sage-llm serve`` in each of :data:`SAGE_TARGETS`, then ``peers``;
     all stopped on exit."""
-    from sage_llm.bench.compare import sage_gateway
-    from sage_llm.bench.inprocess import Preset
     from sage_llm.bench.procs import start_peer_router
 
     async with contextlib.AsyncExitStack() as stack:
         targets = {"direct": ProxyTarget(urls[0], None)}
         for engine_stream, name in SAGE_TARGETS:
             gw = await stack.enter_async_context(
-                sage_gateway(
-                    Preset("fifo + round_robin", "fifo", "round_robin"), urls,
-                    model="llama-3-8b", max_concurrent=10_000, log_dir=log_dir,
-                    engine_stream=engine_stream,
-                )
-            )  # fmt: skip
+                bench_gateway(urls, log_dir, engine_stream=engine_stream)
+            )
             targets[name] = ProxyTarget(gw.url, gw.pid)
         for peer in peers:
             router = await start_peer_router(peer, urls, policy="round_robin", log_dir=log_dir)
