@@ -4,7 +4,8 @@ The proxy bench (:mod:`sage_llm.bench.proxy_bench`) runs the load client, the pr
 two ``engine-sim`` processes on the same cores, so a proxy's req/s at concurrency 64 is
 bounded by the CPU that *all* of them spend per request, not by the proxy alone. This
 script shows that budget. For each target (the first engine ``direct``, ``sage-llm serve``
-with ``engine_stream`` ``always`` and ``client``, and the Rust routers) and each mode
+with ``engine_stream`` ``always`` and ``client``, the Rust routers and the minimal
+python-forwarder, :mod:`sage_llm.bench.forwarder`) and each mode
 (non-streaming, streaming) it runs one closed-loop client process (the proxy bench's
 client: ``concurrency`` requests in flight, 4 output tokens) and reports:
 
@@ -51,7 +52,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sage_llm.bench.procs import group_cpu_s, start_engine_sims
-from sage_llm.bench.proxy_bench import ProxyTarget, bench_gateway, client_process, proxy_targets
+from sage_llm.bench.proxy_bench import (
+    DEFAULT_PEERS,
+    ProxyTarget,
+    bench_gateway,
+    client_process,
+    proxy_targets,
+)
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/cpu_budget")
@@ -204,7 +211,7 @@ def render(rows: Sequence[BudgetRow], concurrency: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers", nargs="*", default=["vllm-router", "sglang-router"])
+    parser.add_argument("--peers", nargs="*", default=list(DEFAULT_PEERS))
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")

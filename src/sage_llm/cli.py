@@ -348,9 +348,9 @@ def bench_pd(
 
 @bench_app.command("proxy")
 def bench_proxy(
-    peers: Annotated[str, typer.Option(help="Comma-separated peer routers.")] = (
-        "vllm-router,sglang-router"
-    ),
+    peers: Annotated[
+        str, typer.Option(help="Comma-separated peers (Rust routers, python-forwarder).")
+    ] = "vllm-router,sglang-router,python-forwarder",  # proxy_bench.DEFAULT_PEERS
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/proxy"),
     rounds: Annotated[
         int, typer.Option(min=1, help="Interleaved rounds per target (req/s: their median).")

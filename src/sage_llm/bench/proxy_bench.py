@@ -14,7 +14,10 @@ streaming ``/v1/completions``:
 * ``req/s c64``: completed requests per second at concurrency 64.
 
 ``sage-llm serve`` is measured twice (:data:`SAGE_TARGETS`): as configured by default, and
-with ``engine_stream = "client"``.
+with ``engine_stream = "client"``. The peers (:data:`DEFAULT_PEERS`) are the two Rust
+routers and ``python-forwarder`` (:mod:`sage_llm.bench.forwarder`): a forwarder that only
+passes requests and answers through, on the gateway's own transport, to show what a Python
+proxy costs on the machine before any control-plane work.
 
 With ``rounds`` above 1 every target is measured that many times, the rounds interleaved
 (round *k* starts with the *k*-th target), so a change in the machine's load over the run
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
     from sage_llm.bench.procs import ManagedProcess
 
 __all__ = [
+    "DEFAULT_PEERS",
+    "FORWARDER",
     "ClientResult",
     "ProxyRow",
     "ProxyTarget",
@@ -54,10 +59,18 @@ __all__ = [
     "closed_loop",
     "proxy_bench_main",
     "proxy_targets",
+    "python_forwarder",
     "run_proxy_bench",
 ]
 
 PROMPT = "Tell me about the weather in a city of your choice, briefly."
+
+DEFAULT_PEERS = ("vllm-router", "sglang-router", "python-forwarder")
+"""The bench's peers unless told otherwise: both Rust routers and :data:`FORWARDER`."""
+
+FORWARDER = "python-forwarder"
+"""The peer name of :mod:`sage_llm.bench.forwarder`: a minimal Python forwarder on the
+gateway's own transport, the floor of a Python proxy (nothing to install)."""
 
 SAGE_TARGETS = (("always", "sage-llm serve"), ("client", "sage-llm serve, engine_stream=client"))
 """The gateway's two ways of calling engines (``engine_stream``), each a target: by default
@@ -274,8 +287,8 @@ async def proxy_targets(
     urls: Sequence[str], peers: Sequence[str], log_dir: Path
 ) -> AsyncIterator[dict[str, ProxyTarget]]:
     """Every target of the bench over the engines at ``urls``, by name: ``direct`` (the
-    first engine), ``sage-llm serve`` in each of :data:`SAGE_TARGETS`, then ``peers``;
-    all stopped on exit."""
+    first engine), ``sage-llm serve`` in each of :data:`SAGE_TARGETS`, then ``peers`` (Rust
+    routers, and :data:`FORWARDER`); all stopped on exit."""
     from sage_llm.bench.procs import start_peer_router
 
     async with contextlib.AsyncExitStack() as stack:
@@ -286,10 +299,35 @@ async def proxy_targets(
             )
             targets[name] = ProxyTarget(gw.url, gw.pid)
         for peer in peers:
+            if peer == FORWARDER:
+                proc = await stack.enter_async_context(python_forwarder(urls, log_dir))
+                targets[peer] = ProxyTarget(proc.url, proc.pid)
+                continue
             router = await start_peer_router(peer, urls, policy="round_robin", log_dir=log_dir)
             stack.push_async_callback(router.aclose)
             targets[peer] = ProxyTarget(router.url, router.process.pid)
         yield targets
+
+
+@contextlib.asynccontextmanager
+async def python_forwarder(
+    urls: Sequence[str], log_dir: Path, *, startup_timeout_s: float = 30.0
+) -> AsyncIterator[ManagedProcess]:
+    """:mod:`sage_llm.bench.forwarder` over the engines at ``urls``, in a process of its
+    own on a free port; stopped on exit."""
+    from sage_llm.bench.procs import free_ports, spawn
+
+    (port,) = free_ports(1)
+    argv = [sys.executable, "-m", "sage_llm.bench.forwarder", "--port", str(port), *urls]
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    proc = await spawn(FORWARDER, argv, port=port, log_path=log_dir / f"{FORWARDER}-{port}.log")
+    try:
+        await proc.wait_ready(
+            "/health", lambda status, _body: status == 200, timeout_s=startup_timeout_s
+        )
+        yield proc
+    finally:
+        await proc.stop()
 
 
 async def run_proxy_bench(
@@ -299,7 +337,7 @@ async def run_proxy_bench(
     max_tokens: int = 4,
     requests_c1: int = 200,
     requests_c64: int = 2000,
-    peers: Sequence[str] = ("vllm-router", "sglang-router"),
+    peers: Sequence[str] = DEFAULT_PEERS,
     log_dir: Path = Path("bench-out/proxy/logs"),
     rounds: int = 1,
 ) -> list[ProxyRow]:
@@ -333,7 +371,7 @@ def proxy_bench_main(
     max_tokens: int = 4,
     requests_c1: int = 200,
     requests_c64: int = 2000,
-    peers: Sequence[str] = ("vllm-router", "sglang-router"),
+    peers: Sequence[str] = DEFAULT_PEERS,
     out: Path = Path("bench-out/proxy"),
     console: Console | None = None,
     rounds: int = 1,
