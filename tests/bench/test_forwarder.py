@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from sage_llm.bench.forwarder import Forwarder, forwarder_main
 from sage_llm.bench.proxy_bench import DEFAULT_PEERS, FORWARDER, closed_loop, python_forwarder
+from sage_llm.cli import bench_proxy
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import create_engine_app
 from tests.engines.fake_engine import closed_port, start_app
@@ -161,6 +163,8 @@ def test_bad_upstreams_are_refused() -> None:
 
 def test_it_is_a_default_peer_of_the_bench() -> None:
     assert FORWARDER in DEFAULT_PEERS
+    cli_default = inspect.signature(bench_proxy).parameters["peers"].default
+    assert cli_default == ",".join(DEFAULT_PEERS)  # `sage-llm bench proxy` spells them out
 
 
 @pytest.mark.parametrize("stream", [False, True])
