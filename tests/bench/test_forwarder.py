@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -41,19 +42,26 @@ def _upstream(name: str) -> web.Application:
     return app
 
 
-async def _with_forwarder(check: Callable[[str], Awaitable[None]], n: int = 2) -> None:
-    runners = []
-    for i in range(n):
-        runner, port = await start_app(_upstream(f"e{i}"))
-        runners.append((runner, port))
-    forwarder = Forwarder([f"http://127.0.0.1:{port}" for _, port in runners])
+@contextlib.asynccontextmanager
+async def _forwarding(upstreams: list[str]) -> AsyncIterator[str]:
+    """A :class:`Forwarder` over ``upstreams`` on a loopback port; its URL."""
+    forwarder = Forwarder(upstreams)
     server = await asyncio.get_running_loop().create_server(forwarder.protocol, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
-        await check(f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
         forwarder.close()
+
+
+async def _with_forwarder(check: Callable[[str], Awaitable[None]], n: int = 2) -> None:
+    runners = []
+    for i in range(n):
+        runners.append(await start_app(_upstream(f"e{i}")))
+    try:
+        async with _forwarding([f"http://127.0.0.1:{port}" for _, port in runners]) as url:
+            await check(url)
+    finally:
         for runner, _ in runners:
             await runner.cleanup()
 
@@ -134,20 +142,65 @@ def test_unreadable_requests_get_an_error_and_a_close(payload: bytes, status: by
 
 def test_an_unreachable_engine_is_answered_with_502() -> None:
     async def main() -> None:
-        forwarder = Forwarder([f"http://127.0.0.1:{closed_port()}"])
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(forwarder.protocol, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with (
+            _forwarding([f"http://127.0.0.1:{closed_port()}"]) as url,
+            aiohttp.ClientSession() as session,
+            session.post(f"{url}/v1/completions", data=b"{}") as r,
+        ):
+            assert r.status == 502
+            assert "upstream failed" in (await r.json())["error"]["message"]
+
+    asyncio.run(main())
+
+
+async def _cut_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
+    """An upstream that reads one request head, sends ``answer`` and closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def test_an_answer_cut_short_before_its_first_byte_is_a_502() -> None:
+    async def main() -> None:
+        upstream, upstream_url = await _cut_upstream(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         try:
             async with (
+                _forwarding([upstream_url]) as url,
                 aiohttp.ClientSession() as session,
                 session.post(f"{url}/v1/completions", data=b"{}") as r,
             ):
                 assert r.status == 502
-                assert "upstream failed" in (await r.json())["error"]["message"]
         finally:
-            server.close()
-            forwarder.close()
+            upstream.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_cut_short_ends_the_client_connection() -> None:
+    async def main() -> None:
+        upstream, upstream_url = await _cut_upstream(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n"
+        )
+        try:
+            async with (
+                _forwarding([upstream_url]) as url,
+                aiohttp.ClientSession() as session,
+                session.post(f"{url}/v1/completions", data=b"{}") as r,
+            ):
+                assert r.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+        finally:
+            upstream.close()
 
     asyncio.run(main())
 

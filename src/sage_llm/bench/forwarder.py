@@ -15,7 +15,9 @@ asyncio costs per proxied request on that machine. The difference between it and
 ``sage-llm serve`` is what the control plane's own work costs.
 
 It is a measuring stick, not a product. It has no timeouts and no TLS, and request bodies
-need ``Content-Length``. An engine that cannot be reached is answered with 502.
+need ``Content-Length``. An engine that cannot be reached, or whose answer breaks off
+before anything of it was relayed, is answered with 502. A stream that breaks off
+half-way ends the client's connection.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Forwarder:
         except OSError as exc:
             self.writes.write(out, _error(502, "Bad Gateway", f"upstream failed: {exc}"))
             return
-        clean = False
+        clean = started = False
         try:
             content_type = resp.headers.get("content-type", "application/octet-stream")
             if "chunked" not in resp.headers.get("transfer-encoding", "").lower():
@@ -120,9 +122,13 @@ class Forwarder:
                 ).encode("latin-1")
                 while piece := await resp.read_some():
                     out.write(head + b"%x\r\n%b\r\n" % (len(piece), piece))
-                    head = b""
+                    head, started = b"", True
                 out.write(head + b"0\r\n\r\n")
             clean = True
+        except OSError as exc:  # the upstream failed inside its answer
+            if started:
+                raise  # the client's answer is cut short: its connection is dropped
+            self.writes.write(out, _error(502, "Bad Gateway", f"upstream failed: {exc}"))
         finally:
             if clean:
                 resp.release()
@@ -205,7 +211,12 @@ class _Front(asyncio.Protocol):
         try:
             while self._queue:
                 request = self._queue.popleft()
-                await self._fwd.forward(request, transport)
+                try:
+                    await self._fwd.forward(request, transport)
+                except OSError:  # a stream cut short: the client sees the connection end
+                    self._queue.clear()
+                    transport.abort()
+                    return
                 if request.close:
                     self._fwd.writes.flush_one(transport)
                     transport.close()
