@@ -1,0 +1,232 @@
+"""Instructions the gateway's request path runs per request, counted by valgrind (issue #4).
+
+Timed figures move by 10–30% on the shared development machine. The instructions a piece
+of code executes do not: the same code counts the same to within about 1% (request ids are
+random and the clock moves), so a change of a few percent shows. This script counts them for the
+gateway's Python request path, for one checkout or two side by side (``--baseline-src``).
+
+The path runs in one process with no sockets:
+
+* the lean routes' handler (:class:`~sage_llm.gateway.lean_routes.LeanRoutes`);
+* body parsing and validation, admission, scheduling and routing;
+* the engine call, the request's end and its accounting, and the response's body;
+* an in-process engine that answers at once: one piece, or 4 streamed chunks with
+  ``--stream``.
+
+Requests run 64 at a time, through ``fifo + round_robin`` over two instances, as in the
+proxy bench. Each count is taken twice under ``valgrind --tool=callgrind``, once with
+``--warm`` requests and once with ``--warm`` + ``--requests``. The difference divided by
+``--requests`` is the count per request, without start-up.
+
+The HTTP front, the engine transport and the kernel are not in it: ``cpu_budget.py``
+measures those, in time. It needs valgrind (``apt-get install valgrind``), and the runs
+take a few minutes (they run in parallel). Run from the repository root::
+
+    .venv/bin/python benchmarks/gateway_instructions.py
+    git worktree add /tmp/base <commit>
+    .venv/bin/python benchmarks/gateway_instructions.py --stream --baseline-src /tmp/base/src
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import re
+import shutil
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MODEL = "llama-3-8b"
+PROMPT = "Hello, my name is Bob and I like to eat"
+_COLLECTED = re.compile(rb"Collected : (\d+)")
+
+
+# --- the workload (run inside valgrind: python gateway_instructions.py --child N STREAM) ---
+
+
+class _InstantEngine:
+    """An engine client that answers at once: one chunk, or 4 streamed ones."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+
+    async def complete(self, req: Any) -> list[Any]:
+        from sage_llm.engines.base import Chunk, Usage
+
+        await asyncio.sleep(0)
+        return [Chunk(text=" a b c d", finish_reason="length", usage=Usage(13, 4, 0))]
+
+    async def generate(self, req: Any) -> AsyncIterator[Any]:
+        from sage_llm.engines.base import Chunk, Usage
+
+        for i in range(3):
+            await asyncio.sleep(0)
+            yield Chunk(text=f" w{i}")
+        await asyncio.sleep(0)
+        yield Chunk(text=" w3", finish_reason="length", usage=Usage(13, 4, 0))
+
+    async def prefill(self, req: Any) -> Any:
+        raise NotImplementedError
+
+    async def health(self) -> bool:
+        return True
+
+    async def stats(self) -> Any:
+        from sage_llm.engines.base import EngineStats
+
+        return EngineStats()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _Sink:
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    async def write(self, data: bytes) -> None:
+        self._conn.out.append(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self._conn.out.append(data)
+        self._conn.status = 200
+
+
+class _Connection:
+    """What the lean routes answer on: the status and the bytes, kept."""
+
+    answered = False
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.status = 0
+
+    def respond(
+        self, status: int, body: bytes, *, content_type: str, headers: Mapping[str, str]
+    ) -> None:
+        self.answered = True
+        self.status = status
+        self.out.append(body)
+
+    def open_stream(self, status: int, *, content_type: str, headers: Mapping[str, str]) -> _Sink:
+        self.answered = True
+        return _Sink(self)
+
+
+async def _workload(warm: int, measured: int, stream: bool) -> None:
+    from sage_llm import jsonutil
+    from sage_llm.control_plane.manager import ControlPlaneManager
+    from sage_llm.gateway.lean import LeanRequest
+    from sage_llm.gateway.lean_routes import LeanRoutes
+    from sage_llm.gateway.settings import ResolvedGateway, default_settings
+    from sage_llm.types import ExecutionInstance
+
+    cp = ControlPlaneManager(
+        scheduling_policy="fifo", routing_strategy="round_robin", mode="http",
+        engine_factory=lambda inst: _InstantEngine(inst.instance_id),
+        engine_stream="client", seed=0,
+    )  # fmt: skip
+    for i in range(2):
+        instance = ExecutionInstance(
+            f"engine-{i}", "127.0.0.1", 18101 + i, MODEL, max_concurrent_requests=100_000
+        )
+        cp.register_instance(instance)
+    await cp.start()
+    routes = LeanRoutes(cp, ResolvedGateway.from_settings(default_settings()))
+    body = jsonutil.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": stream})
+    head = {"host": "127.0.0.1:8000", "content-type": "application/json",
+            "content-length": str(len(body))}  # fmt: skip
+    left = 0
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            conn = _Connection()
+            await routes(LeanRequest("POST", "/v1/completions", dict(head), body), conn)  # type: ignore[arg-type]
+            if conn.status != 200:
+                raise RuntimeError(f"request failed: {conn.status} {conn.out}")
+
+    for n in (warm, measured):
+        left = n
+        await asyncio.gather(*(worker() for _ in range(64)))
+    await cp.stop()
+
+
+def _child(argv: Sequence[str]) -> int:
+    warm, measured, stream = int(argv[0]), int(argv[1]), argv[2] == "stream"
+    gc.set_threshold(50_000, 10, 10)  # as sage-llm serve sets it
+    asyncio.run(_workload(warm, measured, stream))
+    return 0
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+async def _count(src: Path, warm: int, measured: int, stream: bool) -> int:
+    """Instructions of one run of the workload from ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+            sys.executable, __file__, "--child", str(warm), str(measured),
+            "stream" if stream else "plain"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    found = _COLLECTED.search(err)
+    if proc.returncode != 0 or found is None:
+        tail = (out + err).decode(errors="replace")[-2000:]
+        raise RuntimeError(f"the counted run failed ({proc.returncode}): {tail}")
+    return int(found.group(1))
+
+
+async def per_request(
+    sources: Mapping[str, Path], warm: int, requests: int, stream: bool
+) -> dict[str, float]:
+    """Instructions per request of each source tree, by name (all runs in parallel)."""
+    runs = {
+        (name, n): _count(src, warm, n, stream)
+        for name, src in sources.items()
+        for n in (0, requests)
+    }
+    counts = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
+    return {name: (counts[(name, requests)] - counts[(name, 0)]) / requests for name in sources}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["--child"]:
+        return _child(args_in[1:])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--warm", type=int, default=200)
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--baseline-src", type=Path, default=None)
+    args = parser.parse_args(args_in)
+    if args.requests < 100 or args.warm < 0:
+        parser.error("--requests must be at least 100 and --warm at least 0")
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (apt-get install valgrind)")
+    sources = {"this checkout": SRC}
+    if args.baseline_src is not None:
+        if not (args.baseline_src / "sage_llm").is_dir():
+            parser.error(f"--baseline-src {args.baseline_src}: no sage_llm package there")
+        sources["baseline"] = args.baseline_src.resolve()
+    # the warm-up requests run in both counts: they only make the path warm
+    counts = asyncio.run(per_request(sources, args.warm, args.requests, args.stream))
+    mode = "streamed" if args.stream else "non-streaming"
+    print(f"instructions per {mode} request (over {args.requests}, after {args.warm} warm-up)")
+    for name, value in counts.items():
+        print(f"  {name:<14} {value:>12,.0f}")
+    if "baseline" in counts:
+        print(f"  ratio          {counts['this checkout'] / counts['baseline']:>12.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
