@@ -128,6 +128,7 @@ async def _workload(warm: int, measured: int, stream: bool) -> None:
 
     cp = ControlPlaneManager(
         scheduling_policy="fifo", routing_strategy="round_robin", mode="http",
+        enable_pd_separation=False,
         engine_factory=lambda inst: _InstantEngine(inst.instance_id),
         engine_stream="client", seed=0,
     )  # fmt: skip
