@@ -71,3 +71,38 @@ def test_the_view_shows_the_live_state_and_is_rebuilt_only_when_it_changed(case:
     assert view == _expected(state)
     assert (view is first) == (case == "plain")
     assert state.up == (view.healthy and view.accepting)
+
+
+def test_serves_and_up_kinds_agree_with_models_and_up() -> None:
+    """The per-request shortcuts answer as :meth:`models` and :meth:`up` do, case by case:
+    a removed instance, one that is down, a draining one, and PD-only roles."""
+    registry = InstanceRegistry()
+    priors = LatencyPriors()
+    roles = {
+        "p0": ExecutionInstanceType.PREFILLING,
+        "d0": ExecutionInstanceType.DECODING,
+        "g0": ExecutionInstanceType.GENERAL,
+    }
+    states = {
+        iid: registry.add(make_instance(iid, model_name="m", instance_type=role), None, priors)  # type: ignore[arg-type]
+        for iid, role in roles.items()
+    }
+    gone = registry.add(make_instance("x0", model_name="gone"), None, priors)  # type: ignore[arg-type]
+    gone.removed = True
+
+    def check() -> None:
+        for model in ("m", "gone", "other"):
+            assert registry.serves(model) == (model in registry.models())
+            up = registry.up(model)
+            whole = any(s.instance.instance_type.runs_whole_requests for s in up)
+            assert registry.up_kinds(model) == (bool(up), whole)
+
+    check()
+    assert registry.up_kinds("m") == (True, True)
+    states["g0"].draining = True  # only the PD legs are left up
+    check()
+    assert registry.up_kinds("m") == (True, False)
+    states["p0"].healthy = states["d0"].healthy = False
+    check()
+    assert registry.up_kinds("m") == (False, False)
+    assert not registry.serves("gone") and registry.serves("m")

@@ -232,6 +232,24 @@ class InstanceRegistry:
     def models(self) -> set[str]:
         return {s.instance.model_name for s in self._states.values() if not s.removed}
 
+    def serves(self, model: str) -> bool:
+        """Whether ``model`` is among :meth:`models` (without building the set)."""
+        for s in self._states.values():  # noqa: SIM110 (per request: no generator)
+            if s.instance.model_name == model and not s.removed:
+                return True
+        return False
+
+    def up_kinds(self, model: str) -> tuple[bool, bool]:
+        """Whether :meth:`up` has an instance for ``model``, and whether one of those runs
+        whole requests (not only a PD leg); one pass, no list."""
+        some = False
+        for s in self._states.values():
+            if s.instance.model_name == model and s.up:
+                if s.instance.instance_type.runs_whole_requests:
+                    return True, True
+                some = True
+        return some, False
+
     def up(self, model: str) -> list[InstanceState]:
         """The instances serving ``model`` that their views show healthy and accepting
         (what a snapshot's ``healthy and accepting`` views of the model are), in

@@ -648,7 +648,12 @@ class ControlPlaneManager:
             raise InvalidRequestError("request_id must not be empty", param="request_id")
         if meta.request_id in dispatcher.records:
             raise ConflictError(f"request {meta.request_id!r} is already in progress")
-        model = resolve_model(meta, self._registry.models())
+        registry = self._registry
+        named = meta.model_name
+        if named and registry.serves(named):
+            model = named
+        else:  # no model named, or one nobody serves: the answer or the error
+            model = resolve_model(meta, registry.models())
         info, engine_req = build_request(
             meta,
             model,
@@ -660,12 +665,11 @@ class ControlPlaneManager:
         now = info.arrival
         policy = dispatcher.policy
         queued = len(policy)
-        up = self._registry.up(model)
-        if not up:
+        some_up, whole = registry.up_kinds(model)
+        if not some_up:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(f"no healthy instance serves model {model!r} right now")
         # an instance that runs whole requests serves the model: then nothing is unservable
-        whole = any(s.instance.instance_type.runs_whole_requests for s in up)
         unservable = None if whole else dispatcher.unservable_reason(model)
         if unservable is not None:
             self._metrics.on_rejected("no_healthy_instance", model)
