@@ -1,9 +1,13 @@
-"""Shared test factories for requests, instances and clusters."""
+"""Shared test factories for requests, instances and clusters (and the benchmark scripts,
+which are not in the package)."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sage_llm.control_plane.snapshot import (
@@ -103,3 +107,13 @@ def make_metadata(request_id: str = "req-0", **kwargs: Any) -> RequestMetadata:
     kwargs.setdefault("max_tokens", 16)
     kwargs.setdefault("model_name", MODEL)
     return RequestMetadata(request_id=request_id, **kwargs)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (they are not in the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

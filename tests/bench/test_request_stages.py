@@ -4,23 +4,17 @@ its summary of the timestamps."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "request_stages.py"
+from tests.factories import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def stages() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("request_stages", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("request_stages")
 
 
 def test_every_probe_names_a_function_of_the_gateway(stages: ModuleType) -> None:
