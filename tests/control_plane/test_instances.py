@@ -74,7 +74,7 @@ def test_the_view_shows_the_live_state_and_is_rebuilt_only_when_it_changed(case:
 
 
 def test_serves_and_up_kinds_agree_with_models_and_up() -> None:
-    """The per-request shortcuts answer as :meth:`models` and :meth:`up` do, case by case:
+    """The per-request checks answer as :meth:`models` and the states' ``up`` do, case by case:
     a removed instance, one that is down, a draining one, and PD-only roles."""
     registry = InstanceRegistry()
     priors = LatencyPriors()
@@ -93,7 +93,7 @@ def test_serves_and_up_kinds_agree_with_models_and_up() -> None:
     def check() -> None:
         for model in ("m", "gone", "other"):
             assert registry.serves(model) == (model in registry.models())
-            up = registry.up(model)
+            up = [s for s in [*states.values(), gone] if s.instance.model_name == model and s.up]
             whole = any(s.instance.instance_type.runs_whole_requests for s in up)
             assert registry.up_kinds(model) == (bool(up), whole)
 

@@ -240,8 +240,9 @@ class InstanceRegistry:
         return False
 
     def up_kinds(self, model: str) -> tuple[bool, bool]:
-        """Whether :meth:`up` has an instance for ``model``, and whether one of those runs
-        whole requests (not only a PD leg); one pass, no list."""
+        """Whether an instance serving ``model`` is up (its view shows it healthy and
+        accepting, as a snapshot's ``healthy and accepting`` views of the model are), and
+        whether one of those runs whole requests (not only a PD leg); in one pass."""
         some = False
         for s in self._states.values():
             if s.instance.model_name == model and s.up:
@@ -249,12 +250,6 @@ class InstanceRegistry:
                     return True, True
                 some = True
         return some, False
-
-    def up(self, model: str) -> list[InstanceState]:
-        """The instances serving ``model`` that their views show healthy and accepting
-        (what a snapshot's ``healthy and accepting`` views of the model are), in
-        registration order."""
-        return [s for s in self._states.values() if s.instance.model_name == model and s.up]
 
     def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
         views = tuple(s.view() for s in self._states.values() if not s.removed)
