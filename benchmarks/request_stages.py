@@ -153,43 +153,29 @@ def _probe_serve(argv: Sequence[str]) -> int:
 
 
 async def _measure(engine_stream: str, requests: int, log_dir: Path) -> list[tuple[str, float]]:
-    from sage_llm.bench.compare import sage_config_toml
-    from sage_llm.bench.inprocess import Preset
-    from sage_llm.bench.procs import free_ports, spawn, start_engine_sims
-    from sage_llm.bench.proxy_bench import client_process
+    from sage_llm.bench.procs import start_engine_sims
+    from sage_llm.bench.proxy_bench import bench_gateway, client_process
 
     out = log_dir / "stages.json"
-    async with await start_engine_sims(2, speed=1000.0) as fleet:
-        (port,) = free_ports(1)
-        config = log_dir / "sage.toml"
-        preset = Preset("fifo + round_robin", "fifo", "round_robin")
-        text = sage_config_toml(
-            preset, fleet.urls, model="llama-3-8b", max_concurrent=10_000,
-            engine_stream=engine_stream,
-        )  # fmt: skip
-        await asyncio.to_thread(config.write_text, text, encoding="utf-8")
-        argv = [sys.executable, __file__, "--probe-serve", "serve", "--config", str(config),
-                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-        env = {**os.environ, "SAGE_STAGES_OUT": str(out)}
-        proc = await spawn("sage-probed", argv, port=port, log_path=log_dir / "sage.log", env=env)
-        try:
-            await proc.wait_ready("/health", lambda status, _b: status == 200, timeout_s=60.0)
-            result = await client_process(proc.url, 1, requests, False)
-            if result.errors:
-                raise RuntimeError(f"{result.errors} of {requests} requests failed")
-            os.kill(proc.pid, signal.SIGUSR1)
-            for _ in range(100):
-                if out.exists():
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError(f"the gateway wrote no stages; see {log_dir / 'sage.log'}")
-        finally:
-            await proc.stop()
-        rows: list[tuple[str, float]] = [
-            (str(name), float(at)) for name, at in json.loads(out.read_text("utf-8"))
-        ]
-        return rows
+    env = {**os.environ, "SAGE_STAGES_OUT": str(out)}
+    probed = (sys.executable, __file__, "--probe-serve")
+    async with (
+        await start_engine_sims(2, speed=1000.0) as fleet,
+        bench_gateway(
+            fleet.urls, log_dir, engine_stream=engine_stream, env=env, command=probed
+        ) as proc,
+    ):
+        result = await client_process(proc.url, 1, requests, False)
+        if result.errors:
+            raise RuntimeError(f"{result.errors} of {requests} requests failed")
+        os.kill(proc.pid, signal.SIGUSR1)
+        for _ in range(100):
+            if out.exists():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"the gateway wrote no stages; see {proc.log_path}")
+    return [(str(name), float(at)) for name, at in json.loads(out.read_text("utf-8"))]
 
 
 def render(rows: Sequence[tuple[str, float]]) -> str:

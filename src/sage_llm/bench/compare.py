@@ -277,9 +277,11 @@ async def sage_gateway(
     seed: int = 0,
     engine_stream: str = "always",
     env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> AsyncIterator[ManagedProcess]:
     """``sage-llm serve`` in its own process over ``urls`` (``env``: its environment, for
-    instance a ``PYTHONPATH`` that runs another checkout's code); stopped on exit."""
+    instance a ``PYTHONPATH`` that runs another checkout's code; ``command``: the program
+    given ``serve …``, ``python -m sage_llm.cli`` by default); stopped on exit."""
     (port,) = free_ports(1)
     config = log_dir / f"sage-{port}.toml"
     text = sage_config_toml(
@@ -287,7 +289,8 @@ async def sage_gateway(
         engine_stream=engine_stream,
     )  # fmt: skip
     await asyncio.to_thread(_write, config, text)
-    argv = [sys.executable, "-m", "sage_llm.cli", "serve", "--config", str(config),
+    program = [sys.executable, "-m", "sage_llm.cli"] if command is None else list(command)
+    argv = [*program, "serve", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     proc = await spawn(
         f"sage-{port}", argv, port=port, log_path=log_dir / f"sage-{port}.log", env=env

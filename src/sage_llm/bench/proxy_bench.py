@@ -269,16 +269,18 @@ def bench_gateway(
     *,
     engine_stream: str,
     env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> contextlib.AbstractAsyncContextManager[ManagedProcess]:
     """``sage-llm serve`` as the bench runs it (``fifo + round_robin``, no concurrency
-    limit) over the engines at ``urls``; ``env``: its environment (see
-    :func:`~sage_llm.bench.compare.sage_gateway`)."""
+    limit) over the engines at ``urls``; ``env`` and ``command``: its environment and
+    program (see :func:`~sage_llm.bench.compare.sage_gateway`)."""
     from sage_llm.bench.compare import sage_gateway
     from sage_llm.bench.inprocess import Preset
 
     return sage_gateway(
         Preset("fifo + round_robin", "fifo", "round_robin"), urls, model="llama-3-8b",
         max_concurrent=10_000, log_dir=log_dir, engine_stream=engine_stream, env=env,
+        command=command,
     )  # fmt: skip
 
 
