@@ -47,7 +47,7 @@ from sage_llm.bench.procs import (
     ManagedProcess,
     free_ports,
     group_cpu_s,
-    spawn,
+    serving,
     start_engine_sims,
 )
 from sage_llm.bench.proxy_bench import client_process
@@ -140,12 +140,8 @@ async def _proxy(
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                 "--loop", loop]  # fmt: skip
         name = f"sage-{port}"
-    proc = await spawn(name, argv, port=port, log_path=LOG_DIR / f"{name}.log")
-    try:
-        await proc.wait_ready("/health", lambda status, _body: status == 200, timeout_s=60.0)
+    async with serving(name, argv, port=port, log_path=LOG_DIR / f"{name}.log") as proc:
         yield proc
-    finally:
-        await proc.stop()
 
 
 async def measure(

@@ -41,7 +41,7 @@ from rich.console import Console
 from sage_llm.bench.demo import DEMO_PRESETS, DEMO_SLO, demo_fleet
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.loadgen import run_http_workload
-from sage_llm.bench.procs import ManagedProcess, free_ports, spawn
+from sage_llm.bench.procs import ManagedProcess, free_ports, serving
 from sage_llm.bench.report import Entry, summary_table, target_check, write_html, write_json
 from sage_llm.bench.stats import SLO, RequestMeasurement, summarize
 from sage_llm.bench.workloads import (
@@ -292,14 +292,9 @@ async def sage_gateway(
     program = [sys.executable, "-m", "sage_llm.cli"] if command is None else list(command)
     argv = [*program, "serve", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    proc = await spawn(
-        f"sage-{port}", argv, port=port, log_path=log_dir / f"sage-{port}.log", env=env
-    )
-    try:
-        await proc.wait_ready("/health", lambda status, _body: status == 200, timeout_s=60.0)
+    log_path = log_dir / f"sage-{port}.log"
+    async with serving(f"sage-{port}", argv, port=port, log_path=log_path, env=env) as proc:
         yield proc
-    finally:
-        await proc.stop()
 
 
 async def _run_sage(

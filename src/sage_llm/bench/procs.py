@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -202,6 +202,26 @@ async def spawn(
     finally:
         os.close(fd)
     return ManagedProcess(name, tuple(argv), port, log_path, proc)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    name: str,
+    argv: Sequence[str],
+    *,
+    port: int,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> AsyncIterator[ManagedProcess]:
+    """``argv`` started with :func:`spawn`, handed out once ``GET /health`` answers 200
+    (:class:`ProcessStartError` when it does not within ``timeout_s`` s); stopped on exit."""
+    proc = await spawn(name, argv, port=port, log_path=log_path, env=env)
+    try:
+        await proc.wait_ready("/health", lambda status, _body: status == 200, timeout_s=timeout_s)
+        yield proc
+    finally:
+        await proc.stop()
 
 
 async def scrape_metrics(url: str, *, timeout_s: float = 5.0) -> Samples:

@@ -317,19 +317,16 @@ async def python_forwarder(
 ) -> AsyncIterator[ManagedProcess]:
     """:mod:`sage_llm.bench.forwarder` over the engines at ``urls``, in a process of its
     own on a free port; stopped on exit."""
-    from sage_llm.bench.procs import free_ports, spawn
+    from sage_llm.bench.procs import free_ports, serving
 
     (port,) = free_ports(1)
     argv = [sys.executable, "-m", "sage_llm.bench.forwarder", "--port", str(port), *urls]
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    proc = await spawn(FORWARDER, argv, port=port, log_path=log_dir / f"{FORWARDER}-{port}.log")
-    try:
-        await proc.wait_ready(
-            "/health", lambda status, _body: status == 200, timeout_s=startup_timeout_s
-        )
+    log_path = log_dir / f"{FORWARDER}-{port}.log"
+    async with serving(
+        FORWARDER, argv, port=port, log_path=log_path, timeout_s=startup_timeout_s
+    ) as proc:
         yield proc
-    finally:
-        await proc.stop()
 
 
 async def run_proxy_bench(
