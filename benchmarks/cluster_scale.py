@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
+from sage_llm.fastinit import field_filler
 from sage_llm.sim import accel
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
-from sage_llm.sim.cluster_fleet import field_filler
 from sage_llm.tokens import VOCAB_SIZE
 from sage_llm.types import RequestPriority
 
