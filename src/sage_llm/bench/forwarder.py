@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sage_llm.engines.fastclient import FastPool
+from sage_llm.gateway.errors import error_body
 from sage_llm.httpserve import tcp_nodelay
 from sage_llm.writebatch import WriteBatch
 
@@ -68,8 +69,8 @@ def _answer(status: int, reason: str, body: bytes, content_type: str) -> bytes:
 
 
 def _error(status: int, reason: str, message: str) -> bytes:
-    error = {"message": message, "type": "forwarder_error", "code": status}
-    return _answer(status, reason, json.dumps({"error": error}).encode(), "application/json")
+    body = json.dumps(error_body(message, "forwarder_error", status)).encode()
+    return _answer(status, reason, body, "application/json")
 
 
 class Forwarder:
@@ -225,8 +226,7 @@ class _Front(asyncio.Protocol):
             self._task = None
 
 
-async def _serve(host: str, port: int, upstreams: Sequence[str]) -> None:
-    forwarder = Forwarder(upstreams)
+async def _serve(forwarder: Forwarder, host: str, port: int, upstreams: Sequence[str]) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(forwarder.protocol, host, port)
     stop = asyncio.Event()
@@ -253,10 +253,10 @@ def forwarder_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("upstreams", nargs="+", metavar="URL")
     args = parser.parse_args(argv)
     try:
-        Forwarder(args.upstreams).close()  # the URLs, checked before binding
+        forwarder = Forwarder(args.upstreams)  # the URLs, checked before binding
     except ValueError as exc:
         parser.error(str(exc))
-    asyncio.run(_serve(args.host, args.port, args.upstreams))
+    asyncio.run(_serve(forwarder, args.host, args.port, args.upstreams))
     return 0
 
 
