@@ -40,6 +40,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sage_llm.engines.base import Chunk, EngineStats, Usage
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "llama-3-8b"
 PROMPT = "Hello, my name is Bob and I like to eat"
@@ -55,15 +57,11 @@ class _InstantEngine:
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
 
-    async def complete(self, req: Any) -> list[Any]:
-        from sage_llm.engines.base import Chunk, Usage
-
+    async def complete(self, req: Any) -> list[Chunk]:
         await asyncio.sleep(0)
         return [Chunk(text=" a b c d", finish_reason="length", usage=Usage(13, 4, 0))]
 
-    async def generate(self, req: Any) -> AsyncIterator[Any]:
-        from sage_llm.engines.base import Chunk, Usage
-
+    async def generate(self, req: Any) -> AsyncIterator[Chunk]:
         for i in range(3):
             await asyncio.sleep(0)
             yield Chunk(text=f" w{i}")
@@ -76,9 +74,7 @@ class _InstantEngine:
     async def health(self) -> bool:
         return True
 
-    async def stats(self) -> Any:
-        from sage_llm.engines.base import EngineStats
-
+    async def stats(self) -> EngineStats:
         return EngineStats()
 
     async def aclose(self) -> None:
