@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import math
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,29 @@ def test_fit_needs_sweeps_that_vary_in_both_token_counts() -> None:
 # -- recorded run of the real engine ----------------------------------------------------------
 
 RECORDED = Path(__file__).with_name("fidelity_recorded.json")
+
+
+def _same(a: object, b: object, rel: float = 1e-9) -> bool:
+    """Equal, floats to within ``rel``: a fit run again on another CPU (its BLAS) may
+    differ from the recorded one in the last digits."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, int | float)
+            and isinstance(b, int | float)
+            and (math.isclose(a, b, rel_tol=rel, abs_tol=1e-12))
+        )
+    return a == b
+
+
+def _same_fit(a: FittedProfile, b: FittedProfile) -> bool:
+    """The same step betas and front end (to within :func:`_same`)."""
+    return _same(a.betas_us, b.betas_us) and _same(asdict(a.front_end), asdict(b.front_end))
+
+
 ROW_KEYS = ("concurrency", "real_ttft_s", "sim_ttft_s", "real_tpot_s", "sim_tpot_s")
 
 
@@ -218,21 +242,22 @@ def _rows(report: dict[str, Any], key: str) -> list[ComparisonRow]:
 def test_recorded_real_engine_run_refits_to_its_profile_and_beats_the_roofline() -> None:
     """A recorded run of ``python -m sage_llm.bench.fidelity_real`` (vLLM 0.32.0 CPU, tiny
     Llama), made before the shared core was modelled: fitting its calibration sweeps again
-    without a shared core gives its profile and its comparison exactly; the shared core
-    then fits the sweeps a little better and the evaluation's TTFTs much better."""
+    without a shared core gives its profile and its comparison (to the last digits, which
+    BLAS may change from one CPU to another); the shared core then fits the sweeps a
+    little better and the evaluation's TTFTs much better."""
     report = json.loads(RECORDED.read_text())
     again = refit(report)
     stored = FittedProfile.from_dict(report["profile"])
     assert stored.front_end.shared_step_s == 0.0  # recorded before the field existed
     fit = again["profile"]["source"]["fit"]
     alone = fit["without_shared_core"]
-    assert tuple(alone["betas_us"]) == stored.betas_us
-    assert (alone["intake_s"], alone["per_output_s"]) == (
-        stored.front_end.intake_s,
-        stored.front_end.per_output_s,
+    assert _same(tuple(alone["betas_us"]), stored.betas_us)
+    assert _same(
+        (alone["intake_s"], alone["per_output_s"]),
+        (stored.front_end.intake_s, stored.front_end.per_output_s),
     )
-    assert again["no_shared_core_evaluation"] == report["evaluation"]
-    assert alone["log_rms_error"] == stored.source["fit"]["log_rms_error"]
+    assert _same(again["no_shared_core_evaluation"], report["evaluation"])
+    assert _same(alone["log_rms_error"], stored.source["fit"]["log_rms_error"])
     # The shared-core fit (chosen on the calibration sweeps alone).
     profile = FittedProfile.from_dict(again["profile"])
     assert profile.front_end.shared_step_s > 0
@@ -259,8 +284,8 @@ def test_quiet_recorded_run_is_the_packaged_profile_and_within_15_percent() -> N
     stored = FittedProfile.from_dict(report["profile"])
     again = refit(report)
     profile = FittedProfile.from_dict(again["profile"])
-    assert (profile.betas_us, profile.front_end) == (stored.betas_us, stored.front_end)
-    assert again["evaluation"] == report["evaluation"]
+    assert _same_fit(profile, stored)
+    assert _same(again["evaluation"], report["evaluation"])
     rows = _rows(again, "evaluation")
     assert [r.concurrency for r in rows] == [1, 4, 16]
     assert max_error(rows) < 0.15
