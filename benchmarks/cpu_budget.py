@@ -34,6 +34,15 @@ against the commit before it side by side::
     git worktree add /tmp/base <commit>
     .venv/bin/python benchmarks/cpu_budget.py --peers --rounds 5 --baseline-src /tmp/base/src
 
+``--split N`` adds the target ``sage-llm serve xN``: N gateway processes
+(``engine_stream = "client"``), each over the whole fleet, with the client's in-flight
+requests spread evenly over them (as a kernel spreading connections over workers that
+share a port would). Each process keeps its own control-plane state and nothing is
+shared, so this is the most that N worker processes could gain on the machine; the
+``proxy`` column is the CPU of all N together::
+
+    .venv/bin/python benchmarks/cpu_budget.py --peers --mode plain --rounds 5 --split 2
+
 The peers are installed on first use (as for the proxy bench). Logs go to
 ``bench-out/cpu_budget/``.
 """
@@ -89,26 +98,40 @@ def machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a target's traffic goes (one base URL, or several the client's in-flight
+    requests are spread over) and the process groups whose CPU is the proxy's (none: the
+    engine itself)."""
+
+    urls: tuple[str, ...]
+    pgids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, target: ProxyTarget) -> Target:
+        return cls((target.url,), () if target.pgid is None else (target.pgid,))
+
+
 async def measure_one(
     name: str,
-    url: str,
+    target: Target,
     *,
     stream: bool,
     engine_pgids: Sequence[int],
-    proxy_pgid: int | None,
     concurrency: int,
     requests: int,
 ) -> BudgetRow:
     """One measured run (after a short unmeasured warm-up)."""
-    await client_process(url, concurrency, 200, stream)
+    urls, proxies = target.urls, target.pgids
+    await client_process(urls, concurrency, 200, stream)
     engines_before = sum(group_cpu_s(p) for p in engine_pgids)
-    proxy_before = group_cpu_s(proxy_pgid) if proxy_pgid is not None else 0.0
+    proxy_before = sum(group_cpu_s(p) for p in proxies)
     busy_before, total_before = machine_ticks()
-    data = await client_process(url, concurrency, requests, stream)
+    data = await client_process(urls, concurrency, requests, stream)
     busy_after, total_after = machine_ticks()
     client_s = data.cpu_s
     engines_s = sum(group_cpu_s(p) for p in engine_pgids) - engines_before
-    proxy_s = group_cpu_s(proxy_pgid) - proxy_before if proxy_pgid is not None else None
+    proxy_s = sum(group_cpu_s(p) for p in proxies) - proxy_before if proxies else None
     done = max(1, data.requests - data.errors)
     per = 1000.0 / done
     total = engines_s + (proxy_s or 0.0) + client_s
@@ -130,14 +153,36 @@ BASELINE = "sage-llm serve @ baseline"
 
 
 @contextlib.asynccontextmanager
-async def _baseline(urls: Sequence[str], src: Path | None) -> AsyncIterator[dict[str, ProxyTarget]]:
+async def _baseline(urls: Sequence[str], src: Path | None) -> AsyncIterator[dict[str, Target]]:
     """The ``--baseline-src`` target (none without it); ``src`` is an absolute path."""
     if src is None:
         yield {}
         return
     env = {**os.environ, "PYTHONPATH": str(src)}
     async with bench_gateway(urls, LOG_DIR, engine_stream="client", env=env) as gw:
-        yield {BASELINE: ProxyTarget(gw.url, gw.pid)}
+        yield {BASELINE: Target((gw.url,), (gw.pid,))}
+
+
+def split_name(processes: int) -> str:
+    """The name of the ``--split`` target."""
+    return f"sage-llm serve x{processes}, engine_stream=client"
+
+
+@contextlib.asynccontextmanager
+async def _split(urls: Sequence[str], processes: int) -> AsyncIterator[dict[str, Target]]:
+    """The ``--split N`` target (none for N below 2): N ``sage-llm serve`` processes
+    (``engine_stream = "client"``), each over the whole fleet, the client's in-flight
+    requests spread evenly over them."""
+    if processes < 2:
+        yield {}
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        gateways = [
+            await stack.enter_async_context(bench_gateway(urls, LOG_DIR, engine_stream="client"))
+            for _ in range(processes)
+        ]
+        target = Target(tuple(g.url for g in gateways), tuple(g.pid for g in gateways))
+        yield {split_name(processes): target}
 
 
 def median_row(rows: Sequence[BudgetRow]) -> BudgetRow:
@@ -170,6 +215,7 @@ async def run(
     modes: Sequence[bool],
     rounds: int = 1,
     baseline_src: Path | None = None,
+    split: int = 1,
 ) -> tuple[list[BudgetRow], list[BudgetRow]]:
     """Every target in every mode, ``rounds`` times interleaved: the median row of each, and
     every run's row."""
@@ -178,15 +224,16 @@ async def run(
         await start_engine_sims(2, model=MODEL, speed=1000.0, log_dir=LOG_DIR) as fleet,
         proxy_targets(fleet.urls, peers, LOG_DIR) as targets,
         _baseline(fleet.urls, baseline_src) as extra,
+        _split(fleet.urls, split) as several,
     ):
         engine_pgids = [e.pid for e in fleet.engines]
-        every = {**targets, **extra}
+        every = {**{k: Target.of(t) for k, t in targets.items()}, **extra, **several}
         for stream in modes:
             for _round in range(rounds):
                 for name, target in every.items():
                     row = await measure_one(
-                        name, target.url, stream=stream, engine_pgids=engine_pgids,
-                        proxy_pgid=target.pgid, concurrency=concurrency, requests=requests,
+                        name, target, stream=stream, engine_pgids=engine_pgids,
+                        concurrency=concurrency, requests=requests,
                     )  # fmt: skip
                     runs.setdefault((name, stream), []).append(row)
     return [median_row(rows) for rows in runs.values()], [r for rows in runs.values() for r in rows]
@@ -195,14 +242,14 @@ async def run(
 def render(rows: Sequence[BudgetRow], concurrency: int) -> str:
     """The rows as a fixed-width text table."""
     head = (
-        f"{'target':<38}{'mode':<8}{'req/s':>7}{'engines':>9}{'proxy':>8}{'client':>8}"
+        f"{'target':<42}{'mode':<8}{'req/s':>7}{'engines':>9}{'proxy':>8}{'client':>8}"
         f"{'sum':>7}{'busy':>6}{'err':>5}"
     )
     lines = [f"CPU ms per request, concurrency {concurrency} ({os.cpu_count()} cores)", head]
     for r in rows:
         proxy = "-" if r.proxy_ms is None else f"{r.proxy_ms:.2f}"
         lines.append(
-            f"{r.target:<38}{'stream' if r.stream else 'plain':<8}{r.req_per_s:>7.0f}"
+            f"{r.target:<42}{'stream' if r.stream else 'plain':<8}{r.req_per_s:>7.0f}"
             f"{r.engines_ms:>9.2f}{proxy:>8}{r.client_ms:>8.2f}{r.total_ms:>7.2f}"
             f"{r.busy:>6.2f}{r.errors:>5d}"
         )
@@ -228,7 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--baseline-src", type=Path, default=None,
         help="also run sage-llm serve from this source tree (another checkout's src)",
     )  # fmt: skip
+    parser.add_argument(
+        "--split", type=int, default=1, metavar="N",
+        help="also run N sage-llm serve processes (N >= 2), each over the whole fleet, the "
+        "client's in-flight requests spread over them",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.split < 1:
+        parser.error("--split must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.baseline_src is not None and not (args.baseline_src / "sage_llm").is_dir():
@@ -238,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline = None if args.baseline_src is None else args.baseline_src.resolve()
     job = run(
         peers=args.peers, concurrency=args.concurrency, requests=args.requests,
-        modes=modes, rounds=args.rounds, baseline_src=baseline,
+        modes=modes, rounds=args.rounds, baseline_src=baseline, split=args.split,
     )  # fmt: skip
     rows, every_run = asyncio.run(job)
     print(render(rows, args.concurrency))

@@ -87,6 +87,31 @@ def test_closed_loop_against_a_simulated_engine(stream: bool) -> None:
     assert result.req_per_s > 0
 
 
+def test_closed_loop_spreads_its_slots_over_several_urls() -> None:
+    async def main() -> tuple[ClientResult, list[float]]:
+        engines = [SimEngine(f"sim-{i}", SimEngineConfig(speed=1000.0)) for i in range(2)]
+        started = [await start_app(create_engine_app(e, model_name="llama-3-8b")) for e in engines]
+        try:
+            result = await closed_loop(
+                [f"http://127.0.0.1:{port}/" for _, port in started],
+                concurrency=4, requests=20, stream=False, warmup=1,
+            )  # fmt: skip
+            # 4 tokens per request (max_tokens, ignore_eos): the requests each one served
+            return result, [(await e.stats()).generation_tokens_total / 4 for e in engines]
+        finally:
+            for runner, _ in started:
+                await runner.cleanup()
+            for e in engines:
+                await e.aclose()
+
+    result, finished = asyncio.run(main())
+    assert result.errors == 0 and len(result.latencies_s) == 20
+    assert sum(finished) == 20 + 2  # and one warm-up request each
+    assert min(finished) >= 1 + 4  # each URL served its slots' share, not only the warm-up
+
+
 def test_closed_loop_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         asyncio.run(closed_loop("http://127.0.0.1:1", concurrency=0, requests=1, stream=False))
+    with pytest.raises(ValueError, match="base URL"):
+        asyncio.run(closed_loop([], concurrency=1, requests=1, stream=False))

@@ -119,7 +119,7 @@ async def _one(
 
 
 async def closed_loop(
-    base_url: str,
+    base_url: str | Sequence[str],
     *,
     concurrency: int,
     requests: int,
@@ -129,10 +129,15 @@ async def closed_loop(
     warmup: int = 5,
 ) -> ClientResult:
     """Keep ``concurrency`` requests in flight until ``requests`` are done (after
-    ``warmup`` unmeasured ones) and return what was measured."""
+    ``warmup`` unmeasured ones) and return what was measured. Several base URLs (the same
+    service behind several processes) share the concurrency: in-flight slot *i* sends
+    to URL *i* modulo their number, and each gets ``warmup`` requests."""
     if concurrency < 1 or requests < 1:
         raise ValueError("concurrency and requests must be >= 1")
-    url = base_url.rstrip("/") + "/v1/completions"
+    bases = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not bases:
+        raise ValueError("give at least one base URL")
+    urls = [b.rstrip("/") + "/v1/completions" for b in bases]
     body = json.dumps(
         {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream,
          "ignore_eos": True}
@@ -142,12 +147,13 @@ async def closed_loop(
     errors = 0
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(warmup):
-            with contextlib.suppress(aiohttp.ClientError):
-                await _one(session, url, body, stream)
+        for url in urls:
+            for _ in range(warmup):
+                with contextlib.suppress(aiohttp.ClientError):
+                    await _one(session, url, body, stream)
         remaining = requests
 
-        async def worker() -> None:
+        async def worker(url: str) -> None:
             nonlocal remaining, errors
             while remaining > 0:
                 remaining -= 1
@@ -161,17 +167,20 @@ async def closed_loop(
                     ttfts.append(first)
 
         start, cpu_start = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(urls[i % len(urls)]) for i in range(concurrency)))
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return ClientResult(requests, errors, wall, latencies, ttfts, cpu)
 
 
 async def client_process(
-    url: str, concurrency: int, requests: int, stream: bool, max_tokens: int = 4
+    url: str | Sequence[str], concurrency: int, requests: int, stream: bool, max_tokens: int = 4
 ) -> ClientResult:
     """:func:`closed_loop` in a process of its own (so it never shares a proxy's cores'
-    event loop with it); raises RuntimeError when that process fails."""
-    argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client", "--url", url,
+    event loop with it), over one base URL or several; raises RuntimeError when that
+    process fails."""
+    urls = [url] if isinstance(url, str) else list(url)
+    argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client",
+            *(arg for u in urls for arg in ("--url", u)),
             "--concurrency", str(concurrency), "--requests", str(requests),
             "--max-tokens", str(max_tokens)] + (["--stream"] if stream else [])  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
@@ -394,7 +403,9 @@ def proxy_bench_main(
 
 def _client_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="proxy_bench client")
-    parser.add_argument("--url", required=True)
+    parser.add_argument(
+        "--url", action="append", required=True, help="base URL (repeat: spread over several)"
+    )
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=4)
