@@ -13,7 +13,11 @@ from sage_llm.errors import ConfigError
 from sage_llm.types import RequestPriority, RequestStatus
 from tests.factories import make_instance_view, make_request_info, make_snapshot
 
-SMALL_WINDOW = AdaptivePolicy.Params(window=20, min_samples=20)
+SMALL_WINDOW = AdaptivePolicy.Params(
+    window=20, min_samples=20, min_dwell_s=10.0, light_load=0.5, overload=1.0
+)
+"""A 20-completion window, with load bands wide enough that the few requests these tests
+queue on a 20-slot fleet never count as queueing: the switches come from attainment."""
 
 
 def full_fleet(now: float) -> ClusterSnapshot:
@@ -63,6 +67,9 @@ def push_deadline_requests(policy: AdaptivePolicy, n: int, prefix: str = "d") ->
 def test_adaptive_is_a_scheduling_policy_starting_with_fifo() -> None:
     policy = AdaptivePolicy()
     assert isinstance(policy, SchedulingPolicy)
+    # the documented defaults: a queue of a tenth of the fleet's slots is "queueing"
+    p = policy.params
+    assert (p.overload, p.light_load, p.min_dwell_s) == (0.1, 0.05, 2.0)
     info = policy.describe()
     assert info["name"] == "adaptive"
     assert info["current"] == "fifo"
@@ -135,8 +142,7 @@ def test_attainment_inside_the_margin_band_keeps_slo_aware() -> None:
 
 
 def test_no_switch_back_within_min_dwell_of_the_last_switch() -> None:
-    params = AdaptivePolicy.Params(window=20, min_samples=20, min_dwell_s=10.0)
-    policy = AdaptivePolicy(params)
+    policy = AdaptivePolicy(SMALL_WINDOW)  # min_dwell_s 10
     push_deadline_requests(policy, 3)
     set_attainment(policy, met=0)
     tick(policy, 0.0, 10.0)
@@ -157,10 +163,41 @@ def push_mixed_priority(policy: AdaptivePolicy, n: int, start: int = 0) -> list[
     return ids
 
 
+def test_deadlines_in_a_queue_switch_to_slo_aware_and_back_once_it_drains() -> None:
+    policy = AdaptivePolicy()  # defaults: queueing at 0.1x, drained at 0.05x, 2 s dwell
+    ids = push_deadline_requests(policy, 2)  # 2 queued / 20 slots = 0.1x; attainment unknown
+    tick(policy, 0.0, 1.0)
+    assert policy.current == "fifo"  # wanted for 1 s only
+    tick(policy, 2.0, 2.0)
+    info = policy.describe()
+    assert info["current"] == "slo_aware"
+    assert "requests queue: queue at 0.10x fleet capacity (2 queued / 20)" in str(info["reason"])
+    assert "100% of recent requests carry a deadline" in str(info["reason"])
+    tick(policy, 3.0, 20.0)  # still queued: stays
+    assert policy.current == "slo_aware"
+    assert policy.remove("d0") is not None  # 0.05x: drained, fifo after the dwell
+    tick(policy, 21.0, 22.0)
+    assert policy.current == "slo_aware"
+    tick(policy, 23.0, 23.0)
+    assert policy.current == "fifo"
+    assert "light load" in str(policy.describe()["reason"])
+    assert {r.request_id for r in policy.drain()} == ids - {"d0"}  # nothing lost
+
+
+def test_one_queued_request_is_not_queueing() -> None:
+    policy = AdaptivePolicy()
+    push_deadline_requests(policy, 1)  # 1 queued / 20 slots = 0.05x
+    tick(policy, 0.0, 30.0)
+    assert policy.current == "fifo"
+    assert policy.describe()["switches"] == 0
+
+
 def test_mixed_priorities_under_overload_switch_to_priority() -> None:
     policy = AdaptivePolicy()
     ids = push_mixed_priority(policy, 30)  # 30 queued / 20 slots = 1.5x
-    tick(policy, 0.0, 10.0)
+    tick(policy, 0.0, 1.0)
+    assert policy.current == "fifo"
+    tick(policy, 2.0, 2.0)
     info = policy.describe()
     assert info["current"] == "priority"
     assert "1.50x" in str(info["reason"])
@@ -169,7 +206,7 @@ def test_mixed_priorities_under_overload_switch_to_priority() -> None:
 
 
 def test_priority_stays_while_load_oscillates_inside_the_band() -> None:
-    policy = AdaptivePolicy()
+    policy = AdaptivePolicy(SMALL_WINDOW)  # light_load 0.5, overload 1.0
     ids = push_mixed_priority(policy, 30)
     tick(policy, 0.0, 10.0)
     assert policy.current == "priority"
@@ -186,7 +223,7 @@ def test_priority_stays_while_load_oscillates_inside_the_band() -> None:
 
 
 def test_cost_budgets_under_light_load_switch_to_cost_optimized() -> None:
-    policy = AdaptivePolicy()
+    policy = AdaptivePolicy(SMALL_WINDOW)  # 4 queued / 20 = 0.2x <= light_load 0.5
     for k in range(4):
         policy.push(make_request_info(f"c{k}", cost_budget=0.01))
     tick(policy, 0.0, 10.0)

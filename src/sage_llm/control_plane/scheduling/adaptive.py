@@ -2,7 +2,9 @@
 
 Signals, computed in ``pop`` at most once per ``eval_interval_s`` of ``snap.now``:
 
-* ``load`` — queued requests / fleet capacity (Σ ``max_concurrency`` of the snapshot);
+* ``load`` — queued requests / fleet capacity (Σ ``max_concurrency`` of the snapshot).
+  A request waits about ``load`` times a request's own running time before it starts,
+  so ``overload`` [0.1] is where the order of the queue starts to matter;
 * ``attainment`` — share of the last ``window`` completions with a deadline that met it
   (None until ``min_samples`` such completions);
 * ``deadline_share`` / ``priority_share`` / ``cost_share`` — among the last ``window``
@@ -11,8 +13,10 @@ Signals, computed in ``pop`` at most once per ``eval_interval_s`` of ``snap.now`
 
 Rule, first match wins (``t`` = ``slo_target``, ``m`` = ``slo_margin``):
 
-1. ``slo_aware`` when ``deadline_share >= deadline_share`` threshold and attainment is
-   below ``t - m``; once in ``slo_aware`` it stays until attainment reaches ``t + m``.
+1. ``slo_aware`` when ``deadline_share`` reaches its threshold and either attainment is
+   below ``t - m`` (once in ``slo_aware`` it stays until attainment reaches ``t + m``) or
+   ``load >= overload`` (it stays while ``load > light_load``): requests that carry
+   deadlines are best ordered by them once they wait.
 2. ``priority`` when ``priority_share`` reaches its threshold and ``load >= overload``;
    once in ``priority`` it stays while ``load > light_load``.
 3. ``cost_optimized`` when ``cost_share`` reaches its threshold and ``load <= light_load``;
@@ -79,13 +83,13 @@ class AdaptivePolicy:
 
         initial: Literal["fifo", "priority", "slo_aware", "cost_optimized"] = "fifo"
         eval_interval_s: float = 1.0
-        min_dwell_s: float = 10.0
+        min_dwell_s: float = 2.0
         window: int = 200
         min_samples: int = 20
         slo_target: float = 0.95
         slo_margin: float = 0.02
-        light_load: float = 0.5
-        overload: float = 1.0
+        light_load: float = 0.05
+        overload: float = 0.1
         deadline_share: float = 0.3
         priority_share: float = 0.2
         cost_share: float = 0.2
@@ -229,13 +233,19 @@ class AdaptivePolicy:
         p, cur = self.params, self._current
         att = sig.attainment
         load = f"queue at {sig.load:.2f}x fleet capacity ({sig.queued} queued / {sig.capacity})"
-        if att is not None and sig.deadline_share >= p.deadline_share:
+        if sig.deadline_share >= p.deadline_share:
             low, high = p.slo_target - p.slo_margin, min(1.0, p.slo_target + p.slo_margin)
-            if att < low or (cur == "slo_aware" and att < high):
+            if att is not None and (att < low or (cur == "slo_aware" and att < high)):
                 return "slo_aware", (
                     f"SLO attainment {att:.1%} over the last {sig.slo_samples} deadline "
                     f"completions is below target {p.slo_target:.1%} "
                     f"(switch below {low:.1%}, back above {high:.1%}) and "
+                    f"{sig.deadline_share:.0%} of recent requests carry a deadline"
+                )
+            queueing = sig.load > p.light_load if cur == "slo_aware" else sig.load >= p.overload
+            if queueing:
+                return "slo_aware", (
+                    f"requests queue: {load} >= {p.overload} and "
                     f"{sig.deadline_share:.0%} of recent requests carry a deadline"
                 )
         overloaded = sig.load > p.light_load if cur == "priority" else sig.load >= p.overload
