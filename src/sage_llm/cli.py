@@ -138,15 +138,23 @@ def engine_sim(
         str | None,
         typer.Option(help="Fault plan, e.g. 'crash@30; error=503@p0.05' (see sim/faults.py)."),
     ] = None,
+    instant: Annotated[
+        bool,
+        typer.Option(
+            help="Answer every request at once (no simulated time): for measuring proxies."
+        ),
+    ] = False,
 ) -> None:
     """Serve one simulated engine over vLLM's HTTP API (completions, chat, metrics, PD).
 
     A GPU × model with a packaged fitted profile (``--gpu cpu --model tiny``: vLLM's CPU
-    build) uses the profile's step model, engine limits and front end."""
+    build) uses the profile's step model, engine limits and front end. With ``--instant``
+    every answer comes at once (``sage_llm.sim.instant``), whole requests only."""
     _setup_logging(log_level)
     from sage_llm.engines.base import EngineClient
     from sage_llm.sim.engine import SimEngine
     from sage_llm.sim.factory import engine_settings
+    from sage_llm.sim.instant import InstantEngine
     from sage_llm.sim.server import serve_engine
     from sage_llm.types import ExecutionInstanceType
 
@@ -158,7 +166,11 @@ def engine_sim(
         if max_num_seqs is not None:
             params["max_num_seqs"] = max_num_seqs
         config, front_end = engine_settings(gpu, model, **params)
-        engine = SimEngine(f"sim-{port}", config, front_end=front_end)
+        engine: EngineClient = SimEngine(f"sim-{port}", config, front_end=front_end)
+        if instant:
+            if params["role"] is not ExecutionInstanceType.GENERAL:
+                raise ValueError("--instant runs whole requests only: use --role general")
+            engine = InstantEngine(f"sim-{port}")
         plan = None
         if faults:
             from sage_llm.sim.faults import FaultPlan
@@ -167,7 +179,7 @@ def engine_sim(
     except (SageLLMError, ValueError) as exc:
         _fail(str(exc))
     name = served_model_name or model
-    cost = config.build_cost_model().name
+    cost = "instant answers" if instant else config.build_cost_model().name
     typer.echo(
         f"sage-llm engine-sim: {model} on {gpu} (tp={tp}, role={role}, {cost}) at {host}:{port}"
     )
@@ -355,12 +367,21 @@ def bench_proxy(
     rounds: Annotated[
         int, typer.Option(min=1, help="Interleaved rounds per target (req/s: their median).")
     ] = 1,
+    c1_engine: Annotated[
+        str,
+        typer.Option(
+            help="Engines behind the concurrency-1 runs: instant (answers at once, so the "
+            "added latency shows) or sim (the engine-sim of the concurrency-64 runs)."
+        ),
+    ] = "instant",
 ) -> None:
     """Proxy overhead: sage-llm serve vs the Rust routers (req/s, added latency, TTFT)."""
-    from sage_llm.bench.proxy_bench import proxy_bench_main
+    from sage_llm.bench.proxy_bench import C1_ENGINES, proxy_bench_main
 
+    if c1_engine not in C1_ENGINES:
+        _fail(f"--c1-engine: {c1_engine!r} is not one of {', '.join(C1_ENGINES)}")
     peer_list = [p for p in peers.split(",") if p]
-    raise typer.Exit(proxy_bench_main(peers=peer_list, out=out, rounds=rounds))
+    raise typer.Exit(proxy_bench_main(peers=peer_list, out=out, rounds=rounds, c1_engine=c1_engine))
 
 
 @config_app.command("check")

@@ -1,0 +1,71 @@
+"""An engine that answers at once: for measuring what a proxy adds, not for simulating.
+
+:class:`InstantEngine` produces ``max_tokens`` tokens the moment a request arrives, with no
+simulated time, batching or step loop. Served over vLLM's HTTP API (``sage-llm
+engine-sim --instant``), a request costs the server only its HTTP handling. A proxy's
+added latency at concurrency 1 is the difference between going through it and going
+direct, and behind the simulated engine that difference is lost in the engine's own
+latency, which depends on when a request arrives within its step loop and moves by more
+than a proxy adds. Behind this engine it is not.
+
+Its text is one word per token (``" x"``), and its usage counts the prompt with the
+shared tokenizer. It runs whole requests only: PD legs are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
+from sage_llm.engines.sse import estimate_prompt_tokens
+from sage_llm.errors import EngineError
+
+__all__ = ["InstantEngine"]
+
+_WORD = " x"
+
+
+class InstantEngine:
+    """An :class:`~sage_llm.engines.base.EngineClient` whose every answer is immediate."""
+
+    def __init__(self, instance_id: str) -> None:
+        self._id = instance_id
+        self._requests = 0
+        self._prompt_tokens = 0
+        self._generated = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self._id
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        """``req.max_tokens`` chunks of one token each; the last carries the usage."""
+        n = max(1, req.max_tokens)
+        prompt = estimate_prompt_tokens(req)
+        self._requests += 1
+        self._prompt_tokens += prompt
+        self._generated += n
+        for _ in range(n - 1):
+            yield Chunk(text=_WORD)
+        yield Chunk(text=_WORD, finish_reason="length", usage=Usage(prompt, n))
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        raise EngineError(
+            f"{self._id}: an instant engine runs whole requests only (no PD legs)",
+            instance_id=self._id,
+            status=400,
+            retryable=False,
+        )
+
+    async def health(self) -> bool:
+        return True
+
+    async def stats(self) -> EngineStats:
+        return EngineStats(
+            prompt_tokens_total=float(self._prompt_tokens),
+            generation_tokens_total=float(self._generated),
+            source="sim",
+        )
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,69 @@
+"""The instant engine: immediate answers of ``max_tokens`` tokens, over vLLM's HTTP API too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from sage_llm.engines.base import EngineClient, EngineRequest
+from sage_llm.errors import EngineError
+from sage_llm.sim.instant import InstantEngine
+from sage_llm.sim.server import start_engine_server
+
+MODEL = "llama-3-8b"
+
+
+async def test_generate_yields_max_tokens_chunks_then_usage() -> None:
+    engine = InstantEngine("i0")
+    assert isinstance(engine, EngineClient)
+    req = EngineRequest("r1", MODEL, prompt="Hello, my name is Bob", max_tokens=3)
+    chunks = [c async for c in engine.generate(req)]
+    assert [c.text for c in chunks] == [" x"] * 3
+    assert [c.finish_reason for c in chunks] == [None, None, "length"]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 3 and usage.prompt_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    stats = await engine.stats()
+    assert (stats.generation_tokens_total, stats.prompt_tokens_total) == (3, usage.prompt_tokens)
+    assert await engine.health()
+
+
+async def test_prefill_legs_are_refused_for_good() -> None:
+    req = EngineRequest("r1", MODEL, prompt="x", max_tokens=1)
+    with pytest.raises(EngineError, match="whole requests only") as err:
+        await InstantEngine("i0").prefill(req)
+    assert err.value.retryable is False
+
+
+async def test_served_over_http_answers_completions_and_streamed_chat() -> None:
+    engine = InstantEngine("i0")
+    runner, port = await start_engine_server(engine, model_name=MODEL, shutdown_timeout=1.0)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+    try:
+        done = await client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+        assert done.choices[0].text == " x x x x"
+        assert done.choices[0].finish_reason == "length"
+        assert done.usage is not None and done.usage.completion_tokens == 4
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        text, usage = "", None
+        async for event in stream:
+            text += "".join(c.delta.content or "" for c in event.choices)
+            usage = event.usage or usage
+        assert text == " x x"
+        assert usage is not None and usage.completion_tokens == 2
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+def test_cli_refuses_an_instant_pd_leg() -> None:
+    argv = [sys.executable, "-m", "sage_llm.cli", "engine-sim", "--instant", "--role", "prefill"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    assert "--instant runs whole requests only" in proc.stderr + proc.stdout
