@@ -7,7 +7,13 @@ import asyncio
 import pytest
 from rich.console import Console
 
-from sage_llm.bench.proxy_bench import ClientResult, closed_loop, render_rows, rows_from
+from sage_llm.bench.proxy_bench import (
+    ClientResult,
+    closed_loop,
+    render_rows,
+    rows_from,
+    run_proxy_bench,
+)
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import create_engine_app
 from tests.engines.fake_engine import start_app
@@ -43,7 +49,17 @@ def test_rows_added_latency_is_against_direct_of_the_same_mode() -> None:
     assert rows[("proxy", False)].ttft_c1_ms is None
     console = Console(width=200, record=True)
     console.print(render_rows(list(rows.values())))
-    assert "0.40" in console.export_text()
+    text = console.export_text()
+    assert "0.40" in text
+    assert "c1 behind engine-sim --instant" in text
+    console = Console(width=200, record=True)
+    console.print(render_rows(list(rows.values()), c1_engine="sim"))
+    assert "c1 behind engine-sim, c64" in console.export_text()
+
+
+def test_run_rejects_an_unknown_c1_engine_before_starting_anything() -> None:
+    with pytest.raises(ValueError, match="c1_engine"):
+        asyncio.run(run_proxy_bench(c1_engine="gpu", peers=()))
 
 
 def test_rounds_give_the_median_rate_and_pool_the_latencies() -> None:

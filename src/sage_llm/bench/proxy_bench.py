@@ -1,7 +1,13 @@
 """Gateway speed: ``sage-llm serve`` next to vllm-router and sglang-router (issue #4 item 6).
 
 Every proxy runs in its own process in front of the same ``engine-sim`` processes (high
-``--speed``, a few output tokens) on loopback. The load generator is a separate process too
+``--speed``, a few output tokens) on loopback; for the concurrency-1 runs, by default
+(``c1_engine="instant"``), a second copy of every target runs in front of ``engine-sim
+--instant`` processes (:mod:`sage_llm.sim.instant`), which answer at once. The simulated
+engine's own latency at concurrency 1 depends on when a request arrives within its step
+loop and moves by more than a proxy adds (through a proxy it was 0.3–0.6 ms faster or
+slower than direct, from one run to the next); behind an engine that answers at once
+the added latency is what the proxy adds. The load generator is a separate process too
 (``python -m sage_llm.bench.proxy_bench client …``: a closed-loop aiohttp client that keeps
 ``concurrency`` requests in flight), so it never shares the gateway's event loop. For each
 target (``direct`` = the first engine itself, then each proxy) and for non-streaming and
@@ -50,6 +56,7 @@ if TYPE_CHECKING:
     from sage_llm.bench.procs import ManagedProcess
 
 __all__ = [
+    "C1_ENGINES",
     "DEFAULT_PEERS",
     "FORWARDER",
     "ClientResult",
@@ -64,6 +71,10 @@ __all__ = [
 ]
 
 PROMPT = "Tell me about the weather in a city of your choice, briefly."
+
+C1_ENGINES = ("instant", "sim")
+"""The engines the concurrency-1 runs can go to: ``engine-sim --instant`` or the
+``engine-sim`` processes of the concurrency-64 runs."""
 
 DEFAULT_PEERS = ("vllm-router", "sglang-router", "python-forwarder")
 """The bench's peers unless told otherwise: both Rust routers and :data:`FORWARDER`."""
@@ -243,9 +254,11 @@ def rows_from(
     return rows
 
 
-def render_rows(rows: Sequence[ProxyRow]) -> Table:
-    """A rich table of :class:`ProxyRow`."""
-    table = Table(title="Proxy overhead on loopback (engine-sim behind every proxy)")
+def render_rows(rows: Sequence[ProxyRow], *, c1_engine: str = "instant") -> Table:
+    """A rich table of :class:`ProxyRow` (``c1_engine``: what the c1 runs went to)."""
+    behind = "engine-sim --instant" if c1_engine == "instant" else "engine-sim"
+    title = f"Proxy overhead on loopback (c1 behind {behind}, c64 behind engine-sim)"
+    table = Table(title=title)
     rounds = any(len(r.req_per_s_c64_runs) > 1 for r in rows)
     cols = ["target", "mode", "p50 c1 ms", "added ms", "TTFT c1 ms", "req/s c64", "errors"]
     for col in cols + (["req/s c64 by round"] if rounds else []):
@@ -348,25 +361,36 @@ async def run_proxy_bench(
     peers: Sequence[str] = DEFAULT_PEERS,
     log_dir: Path = Path("bench-out/proxy/logs"),
     rounds: int = 1,
+    c1_engine: str = "instant",
 ) -> list[ProxyRow]:
     """Measure every target in both modes, ``rounds`` times (see the module docstring)."""
     from sage_llm.bench.procs import start_engine_sims
 
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
+    if c1_engine not in C1_ENGINES:
+        raise ValueError(f"c1_engine must be one of {', '.join(C1_ENGINES)}, not {c1_engine!r}")
     results: dict[tuple[str, bool], list[tuple[ClientResult, ClientResult]]] = {}
-    async with (
-        await start_engine_sims(engines, speed=speed) as fleet,
-        proxy_targets(fleet.urls, peers, log_dir) as targets,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        fleet = await stack.enter_async_context(await start_engine_sims(engines, speed=speed))
+        targets = await stack.enter_async_context(proxy_targets(fleet.urls, peers, log_dir))
+        c1_targets = targets
+        if c1_engine == "instant":
+            instant = await stack.enter_async_context(
+                await start_engine_sims(engines, extra_args=["--instant"], log_dir=log_dir)
+            )
+            c1_targets = await stack.enter_async_context(
+                proxy_targets(instant.urls, peers, log_dir)
+            )
         names = list(targets)
         for stream in (False, True):
             for name in names:
                 results[(name, stream)] = []
             for k in range(rounds):
                 for name in names[k % len(names) :] + names[: k % len(names)]:
-                    url = targets[name].url
+                    url = c1_targets[name].url
                     c1 = await client_process(url, 1, requests_c1, stream, max_tokens)
+                    url = targets[name].url
                     c64 = await client_process(url, 64, requests_c64, stream, max_tokens)
                     results[(name, stream)].append((c1, c64))
     return rows_from(results)
@@ -383,6 +407,7 @@ def proxy_bench_main(
     out: Path = Path("bench-out/proxy"),
     console: Console | None = None,
     rounds: int = 1,
+    c1_engine: str = "instant",
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     console = console or Console()
@@ -391,9 +416,10 @@ def proxy_bench_main(
             run_proxy_bench(
                 engines=engines, speed=speed, max_tokens=max_tokens, requests_c1=requests_c1,
                 requests_c64=requests_c64, peers=peers, log_dir=out / "logs", rounds=rounds,
+                c1_engine=c1_engine,
             )
         )  # fmt: skip
-    console.print(render_rows(rows))
+    console.print(render_rows(rows, c1_engine=c1_engine))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "proxy.json"
     path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n", encoding="utf-8")
