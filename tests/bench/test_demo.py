@@ -28,3 +28,18 @@ def test_presets_differ_under_overload() -> None:
     assert fifo.summary.ok == prio.summary.ok == len(workload)
     assert 0.0 < fifo.prefix_hit_rate <= 1.0
     assert render_table([fifo, prio]).row_count == 2
+
+
+def test_the_default_policy_leaves_fifo_when_the_demo_queues() -> None:
+    """``adaptive`` (the default) must not score what ``fifo`` does on the demo's queueing
+    workload: it switches to ``slo_aware`` and gets most of that policy's goodput."""
+    workload = demo_workload(sessions=120, rate=9.0)
+    runs = {
+        policy: run_preset(Preset(policy, policy, "locality"), workload, demo_fleet, slo=DEMO_SLO)
+        for policy in ("fifo", "slo_aware", "adaptive")
+    }
+    goodput = {policy: run.summary.goodput for policy, run in runs.items()}
+    assert goodput["adaptive"] >= 1.5 * goodput["fifo"]
+    assert goodput["adaptive"] >= 0.9 * goodput["slo_aware"]
+    state = runs["adaptive"].policy_state["state"]
+    assert [h["to"] for h in state["history"]][:1] == ["slo_aware"]
