@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sage_llm.engines.base import EngineRequest, Usage
 from sage_llm.engines.sse import (
@@ -32,6 +34,39 @@ def test_decoder_handles_every_line_ending_and_split_points() -> None:
         dec = SSEDecoder()
         events = dec.feed(stream[:cut]) + dec.feed(stream[cut:]) + dec.close()
         assert [e.data for e in events] == [e.data for e in whole]
+
+
+_LINES = st.lists(
+    st.one_of(
+        st.just(""),  # ends an event
+        st.builds(lambda v: f"data: {v}", st.text("ab {}:\u00e9", max_size=6)),
+        st.builds(lambda v: f"data:{v}", st.text("ab :", max_size=4)),
+        st.builds(lambda v: f"event: {v}", st.text("xy", max_size=3)),
+        st.builds(lambda v: f"id: {v}", st.text("12", max_size=3)),
+        st.just(": a comment"),
+        st.just("retry: 10"),
+    ),
+    max_size=14,
+)
+
+
+def _decode(raw: bytes, cuts: list[int]) -> list[tuple[str, str, str | None]]:
+    dec, events, at = SSEDecoder(), [], 0
+    for cut in sorted(c % (len(raw) + 1) for c in cuts):
+        events += dec.feed(raw[at:cut])
+        at = cut
+    events += dec.feed(raw[at:]) + dec.close()
+    return [(e.data, e.event, e.id) for e in events]
+
+
+@given(_LINES, st.lists(st.integers(min_value=0), max_size=3))
+def test_decoder_gives_the_same_events_for_lf_and_crlf_streams(
+    lines: list[str], cuts: list[int]
+) -> None:
+    """``\n``-only streams take a faster path than ``\r\n`` ones: the same events."""
+    lf = "".join(f"{line}\n" for line in lines).encode()
+    crlf = "".join(f"{line}\r\n" for line in lines).encode()
+    assert _decode(lf, cuts) == _decode(crlf, cuts) == _decode(crlf, [])
 
 
 def test_decoder_keeps_utf8_split_across_feeds() -> None:

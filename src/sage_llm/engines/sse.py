@@ -22,6 +22,7 @@ from typing import Any
 from sage_llm import jsonutil
 from sage_llm.engines.base import Chunk, EngineRequest, Usage, fill_chunk, fill_usage
 from sage_llm.errors import EngineError, EngineStreamError
+from sage_llm.fastinit import field_filler
 from sage_llm.tokens import chat_prompt_text, count_tokens
 
 DONE = "[DONE]"
@@ -37,6 +38,11 @@ class SSEEvent:
     data: str
     event: str = "message"
     id: str | None = None
+
+
+_fill_event = field_filler(SSEEvent, ("data", "event", "id"))
+"""``_fill_event(data, event, id)``: an :class:`SSEEvent` without its ``__init__`` (one is
+made per event of every stream)."""
 
 
 class SSEDecoder:
@@ -87,6 +93,15 @@ class SSEDecoder:
     def _drain(self, *, final: bool) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         buf = self._buf
+        if "\r" not in buf:  # "\n" line endings only, as vLLM and SGLang send: split once
+            end = buf.rfind("\n")
+            if end < 0:
+                return events
+            self._buf = buf[end + 1 :]
+            line = self._line
+            for text in buf[:end].split("\n"):
+                line(text, events)
+            return events
         start = 0
         n = len(buf)
         while start < n:
@@ -107,6 +122,10 @@ class SSEDecoder:
         return events
 
     def _line(self, line: str, events: list[SSEEvent]) -> None:
+        if line.startswith("data: "):  # nearly every line of a completion stream
+            self._data.append(line[6:])
+            self._saw_field = True
+            return
         if not line:
             if self._saw_field:
                 self._dispatch(events)
@@ -127,8 +146,10 @@ class SSEDecoder:
         self._saw_field = True
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
-        if self._data:
-            events.append(SSEEvent("\n".join(self._data), self._event or "message", self._id))
+        data = self._data
+        if data:
+            text = data[0] if len(data) == 1 else "\n".join(data)
+            events.append(_fill_event(text, self._event or "message", self._id))
         self._data = []
         self._event = ""
         self._saw_field = False
