@@ -135,6 +135,31 @@ def test_assembler_errors() -> None:
     with pytest.raises(EngineError, match="boom") as info:
         asm.on_event(json.dumps({"object": "error", "message": "boom", "code": 400}))
     assert (info.value.status, info.value.retryable) == (400, False)
+    with pytest.raises(EngineError, match="overloaded") as info:
+        StreamAssembler(REQ).on_event(json.dumps({"error": {"message": "overloaded"}}))
+    assert info.value.retryable  # nothing was produced yet
+    for bad, what in (
+        ("{not json", "malformed JSON"),
+        ('{"choices": {"text": "a"}}', "not a list"),
+        ('{"choices": ["a"]}', "not an object"),
+    ):
+        with pytest.raises(EngineStreamError, match=what):
+            StreamAssembler(REQ).on_event(bad)
+
+
+def test_assembler_done_marker_and_events_without_choices() -> None:
+    for done in ("[DONE]", " [DONE]\n"):
+        asm = StreamAssembler(REQ)
+        assert asm.on_event(done) == [] and asm.done
+        assert asm.on_event('{"choices": [{"text": "late"}]}') == []  # nothing after it
+    asm = StreamAssembler(REQ)
+    assert asm.on_event('{"id": "x", "object": "text_completion"}') == []
+    chat = asm.on_event('{"choices": [{"index": 0, "delta": {"content": "hi"}}]}')
+    assert [(c.text, c.index) for c in chat] == [("hi", 0)]
+    odd = asm.on_event('{"choices": [{"index": true, "text": 5, "finish_reason": "stop"}]}')
+    assert odd == []  # the finishing chunk is held for the usage
+    (last,) = asm.finish()
+    assert (last.text, last.index, last.finish_reason) == ("", 1, "stop")
 
 
 def test_chunks_from_completion_requires_finish_reason() -> None:

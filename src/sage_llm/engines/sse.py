@@ -241,15 +241,18 @@ def _choice_text(choice: Mapping[str, Any]) -> str:
 
 
 def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
-    finish = choice.get("finish_reason")
-    ids = choice.get("token_ids")
+    get = choice.get
+    finish = get("finish_reason")
+    ids = get("token_ids")
+    text = get("text")
+    index = get("index")
     return fill_chunk(  # every field, in Chunk's order
-        _choice_text(choice),
+        text if type(text) is str else _choice_text(choice),
         tuple(int(t) for t in ids) if isinstance(ids, list) else (),
         str(finish) if finish else None,
         None,
-        choice.get("logprobs"),
-        _as_int(choice.get("index")),
+        get("logprobs"),
+        index if type(index) is int else _as_int(index),
     )
 
 
@@ -296,7 +299,7 @@ class StreamAssembler:
         """Chunks completed by one event's ``data`` (possibly none)."""
         if self.done:
             return []
-        if data.strip() == DONE:
+        if data == DONE or (data[:1] != "{" and data.strip() == DONE):
             self.done = True
             return []
         try:
@@ -305,22 +308,26 @@ class StreamAssembler:
             raise self._fail(
                 EngineStreamError, f"malformed JSON in stream: {data[:200]!r}"
             ) from None
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             raise self._fail(EngineStreamError, f"stream event is not an object: {data[:200]!r}")
-        err = stream_error(obj)
-        if err is not None:
-            raise self._fail(EngineError, f"engine error in stream: {err[0]}", err[1])
-        usage = parse_usage(obj.get("usage"))
-        if usage is not None:
-            self._usage = usage
-        choices = obj.get("choices")
+        get = obj.get
+        if "error" in obj or get("object") == "error":  # what stream_error looks at
+            err = stream_error(obj)
+            if err is not None:
+                raise self._fail(EngineError, f"engine error in stream: {err[0]}", err[1])
+        raw_usage = get("usage")
+        if raw_usage is not None:
+            usage = parse_usage(raw_usage)
+            if usage is not None:
+                self._usage = usage
+        choices = get("choices")
         if choices is None:
             return []
-        if not isinstance(choices, list):
+        if type(choices) is not list:
             raise self._fail(EngineStreamError, "stream event 'choices' is not a list")
         out: list[Chunk] = []
         for choice in choices:
-            if not isinstance(choice, Mapping):
+            if type(choice) is not dict:  # JSON objects parse to dicts
                 raise self._fail(EngineStreamError, "stream choice is not an object")
             chunk = _choice_chunk(choice)
             self.produced = True
