@@ -196,11 +196,12 @@ def stream_error(obj: Mapping[str, Any]) -> tuple[str, int | None] | None:
     Recognises ``{"error": {...}}`` / ``{"error": "text"}`` (OpenAI, vLLM streams) and
     ``{"object": "error", "message": ...}`` (vLLM's ErrorResponse)."""
     err = obj.get("error")
-    if isinstance(err, Mapping):
-        code = err.get("code")
-        return str(err.get("message") or err), code if isinstance(code, int) else None
-    if isinstance(err, str) and err:
-        return err, None
+    if err is not None:  # nearly every object has none: no (slow) Mapping check then
+        if isinstance(err, Mapping):
+            code = err.get("code")
+            return str(err.get("message") or err), code if isinstance(code, int) else None
+        if isinstance(err, str) and err:
+            return err, None
     if obj.get("object") == "error":
         code = obj.get("code")
         return str(obj.get("message") or "error"), code if isinstance(code, int) else None
@@ -310,11 +311,10 @@ class StreamAssembler:
             ) from None
         if type(obj) is not dict:
             raise self._fail(EngineStreamError, f"stream event is not an object: {data[:200]!r}")
+        err = stream_error(obj)
+        if err is not None:
+            raise self._fail(EngineError, f"engine error in stream: {err[0]}", err[1])
         get = obj.get
-        if "error" in obj or get("object") == "error":  # what stream_error looks at
-            err = stream_error(obj)
-            if err is not None:
-                raise self._fail(EngineError, f"engine error in stream: {err[0]}", err[1])
         raw_usage = get("usage")
         if raw_usage is not None:
             usage = parse_usage(raw_usage)
