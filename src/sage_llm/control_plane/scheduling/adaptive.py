@@ -242,13 +242,12 @@ class AdaptivePolicy:
                     f"(switch below {low:.1%}, back above {high:.1%}) and "
                     f"{sig.deadline_share:.0%} of recent requests carry a deadline"
                 )
-            queueing = sig.load > p.light_load if cur == "slo_aware" else sig.load >= p.overload
-            if queueing:
+            if self._loaded(sig.load, holding=cur == "slo_aware"):
                 return "slo_aware", (
                     f"requests queue: {load} >= {p.overload} and "
                     f"{sig.deadline_share:.0%} of recent requests carry a deadline"
                 )
-        overloaded = sig.load > p.light_load if cur == "priority" else sig.load >= p.overload
+        overloaded = self._loaded(sig.load, holding=cur == "priority")
         if sig.priority_share >= p.priority_share and overloaded:
             return "priority", (
                 f"overload: {load} >= {p.overload} and {sig.priority_share:.0%} of recent "
@@ -267,6 +266,12 @@ class AdaptivePolicy:
                 f"arrival order is fair and cheapest to run"
             )
         return cur, f"no rule applies ({load}); keeping {cur}"
+
+    def _loaded(self, load: float, *, holding: bool) -> bool:
+        """Whether requests queue enough for a queue-ordering policy: ``load >= overload``
+        to switch to one, ``load > light_load`` to stay in it (``holding``)."""
+        p = self.params
+        return load > p.light_load if holding else load >= p.overload
 
     def _switch(self, target: str, why: str, snap: ClusterSnapshot) -> None:
         old, new = self._policy, self._inner[target]
