@@ -102,11 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = result.summary
             by = s.slo_attainment_by_priority
             assert s.ttft is not None  # every request of these workloads completes
-            state = result.policy_state.get("state")
-            history = state.get("history", []) if isinstance(state, dict) else []
-            switches = ", ".join(f"{h['to']} at {h['at']:.0f} s" for h in history) or "-"
-            if policy != "adaptive":
-                switches = ""
+            switches = ""
+            if policy == "adaptive":
+                history = result.policy_state["state"]["history"]
+                switches = ", ".join(f"{h['to']} at {h['at']:.0f} s" for h in history) or "-"
             print(
                 f"{name:<22}{label:<18}{s.goodput:>8.2f}{s.ttft.p50:>9.2f}{s.ttft.p99:>7.2f}"
                 f"{by.get(RequestPriority.CRITICAL, 0.0):>6.0%}"
