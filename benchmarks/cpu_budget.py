@@ -4,9 +4,9 @@ The proxy bench (:mod:`sage_llm.bench.proxy_bench`) runs the load client, the pr
 two ``engine-sim`` processes on the same cores, so a proxy's req/s at concurrency 64 is
 bounded by the CPU that *all* of them spend per request, not by the proxy alone. This
 script shows that budget. For each target (the first engine ``direct``, ``sage-llm serve``
-with ``engine_stream`` ``always`` and ``client``, the Rust routers and the minimal
-python-forwarder, :mod:`sage_llm.bench.forwarder`) and each mode
-(non-streaming, streaming) it runs one closed-loop client process (the proxy bench's
+with ``engine_stream`` ``sampled`` (the default) and ``client``, the Rust routers and the
+minimal python-forwarder, :mod:`sage_llm.bench.forwarder`) and each mode (non-streaming,
+streaming) it runs one closed-loop client process (the proxy bench's
 client: ``concurrency`` requests in flight, 4 output tokens) and reports:
 
 * ``req/s`` of that run;

@@ -122,7 +122,7 @@ def _bare_serve(port: int, urls: Sequence[str]) -> None:
 
 @contextlib.asynccontextmanager
 async def _proxy(
-    urls: Sequence[str], *, bare: bool, loop: str, engine_stream: str = "always"
+    urls: Sequence[str], *, bare: bool, loop: str, engine_stream: str = "sampled"
 ) -> AsyncIterator[ManagedProcess]:
     (port,) = free_ports(1)
     await asyncio.to_thread(LOG_DIR.mkdir, parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ async def measure(
     concurrency: int,
     requests: int,
     modes: Sequence[bool],
-    engine_stream: str = "always",
+    engine_stream: str = "sampled",
 ) -> list[ModeResult]:
     results = []
     async with (
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
-        "--engine-stream", choices=("always", "client"), default="always",
+        "--engine-stream", choices=("sampled", "always", "client"), default="sampled",
         help="the gateway's engine_stream setting",
     )  # fmt: skip
     args = parser.parse_args(args_in)

@@ -193,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_in[:1] == ["--probe-serve"]:
         return _probe_serve(args_in[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--engine-stream", choices=("always", "client"), default="client")
+    parser.add_argument(
+        "--engine-stream", choices=("sampled", "always", "client"), default="client"
+    )
     parser.add_argument("--requests", type=int, default=400)
     args = parser.parse_args(args_in)
     if args.requests < 10:

@@ -343,6 +343,13 @@ def test_bad_enum_values() -> None:
     assert "always" in err.message and "client" in err.message
     cfg = parse_config('[services.llm_control_plane]\nengine_stream = "Client"\n')
     assert ControlPlaneManager(**cfg.manager_kwargs()).engine_stream == "client"
+    assert ControlPlaneManager(**parse_config("").manager_kwargs()).engine_stream == "sampled"
+    for bad in ("0", "1.5"):
+        err = problem(f"[services.llm_control_plane]\nengine_stream_sample = {bad}\n")
+        key = "services.llm_control_plane.engine_stream_sample"
+        assert (err.location, err.key) == ("cfg.toml:2", key)
+    cfg = parse_config("[services.llm_control_plane]\nengine_stream_sample = 0.5\n")
+    assert ControlPlaneManager(**cfg.manager_kwargs()).engine_stream_sample == 0.5
     assert (
         parse_config(
             '[services.llm_control_plane]\nrouting_strategy = "Power-Of-Two"\n'

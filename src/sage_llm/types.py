@@ -435,7 +435,8 @@ class PDMetrics:
 class RequestResult:
     """The outcome of one request (``wait_for_result``).
 
-    Latencies are in milliseconds; ``ttft_ms``/``tpot_ms`` are None when no token was produced.
+    Latencies are in milliseconds; ``ttft_ms``/``tpot_ms`` are None when no token was produced
+    or when the engine answered in one piece (see the manager's ``engine_stream``).
     ``slo_met`` is None when the request had no SLO.
     """
 

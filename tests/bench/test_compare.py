@@ -103,7 +103,7 @@ def test_sage_config_toml_is_a_valid_http_config() -> None:
     assert kwargs["scheduling_policy"] == "priority"
     assert kwargs["routing_strategy"] == "locality"
     assert kwargs["mode"] == "http"
-    assert kwargs["engine_stream"] == "always"
+    assert kwargs["engine_stream"] == "sampled"
     text = sage_config_toml(
         preset, ["http://127.0.0.1:8001"], model="m", max_concurrent=8, engine_stream="client"
     )

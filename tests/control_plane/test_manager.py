@@ -374,8 +374,7 @@ def test_a_failed_one_piece_call_is_retried_elsewhere() -> None:
 
 def test_engine_stream_always_streams_every_request() -> None:
     async def main() -> None:
-        cp, engines = _recording_manager()
-        assert cp.engine_stream == "always"
+        cp, engines = _recording_manager(engine_stream="always")
         async with cp:
             _, result = await cp.collect(make_metadata("c1", max_tokens=4))
         assert [r.stream for r in engines[0].requests] == [True]
@@ -384,6 +383,60 @@ def test_engine_stream_always_streams_every_request() -> None:
     run_virtual(main())
     with pytest.raises(ValueError, match="engine_stream"):
         ControlPlaneManager(mode="simulated", engine_stream="sometimes")
+
+
+def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> None:
+    async def main() -> None:
+        engines: dict[str, OnePieceEngine] = {}
+
+        def factory(inst: ExecutionInstance) -> OnePieceEngine:
+            engines[inst.instance_id] = OnePieceEngine(inst.instance_id)
+            return engines[inst.instance_id]
+
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=factory, routing_strategy="round_robin",
+            engine_stream_sample=0.25,
+        )  # fmt: skip
+        assert cp.engine_stream == "sampled"
+        for inst in make_instances(2):
+            cp.register_instance(inst)
+        async with cp:
+            results = [
+                (await cp.collect(make_metadata(f"r{i}", max_tokens=4)))[1] for i in range(12)
+            ]
+            streamed = [c.text async for c in cp.stream(make_metadata("s", max_tokens=4))]
+        assert streamed == [" w0", " w1", " w2", " w3"]
+        for engine in engines.values():
+            sent = [r for r in engine.requests if r.request_id != "s"]
+            assert len(sent) == 6
+            # each instance's first non-streaming request streams, then one in every four
+            assert [r.stream for r in sent] == [True, False, False, False, True, False]
+            assert set(engine.completed) == {r.request_id for r in sent if not r.stream}
+        by_id = {r.request_id: r for r in results}
+        streamed_ids = {r.request_id for e in engines.values() for r in e.requests if r.stream}
+        for rid, result in by_id.items():
+            assert result.status is RequestStatus.COMPLETED and result.completion_tokens == 4
+            measured = result.ttft_ms is not None and result.tpot_ms is not None
+            assert measured == (rid in streamed_ids)
+
+    run_virtual(main())
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="engine_stream_sample"):
+            ControlPlaneManager(mode="simulated", engine_stream_sample=bad)
+
+
+def test_engine_stream_sampled_streams_every_call_to_an_engine_that_streams_anyway() -> None:
+    async def main() -> None:
+        cp, engines = _recording_manager()  # FakeEngine: no one-piece complete()
+        async with cp:
+            _, result = await cp.collect(make_metadata("c1", max_tokens=4))
+            rid = await cp.submit_request(make_metadata("u1", max_tokens=4))
+            submitted = await cp.wait_for_result(rid)
+        assert [r.stream for r in engines[0].requests] == [True, True]
+        for r in (result, submitted):
+            assert r.ttft_ms is not None and r.tpot_ms is not None
+
+    run_virtual(main())
 
 
 # --- collect(): the engine call in the caller's task -----------------------------------------

@@ -230,7 +230,7 @@ def sage_config_toml(
     model: str,
     max_concurrent: int,
     seed: int = 0,
-    engine_stream: str = "always",
+    engine_stream: str = "sampled",
 ) -> str:
     """A ``sage-llm serve`` config: ``preset`` over the engines at ``urls`` (HTTP mode)."""
     lines = [
@@ -275,7 +275,7 @@ async def sage_gateway(
     max_concurrent: int,
     log_dir: Path,
     seed: int = 0,
-    engine_stream: str = "always",
+    engine_stream: str = "sampled",
     env: Mapping[str, str] | None = None,
     command: Sequence[str] | None = None,
 ) -> AsyncIterator[ManagedProcess]:

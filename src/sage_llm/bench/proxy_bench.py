@@ -19,11 +19,12 @@ streaming ``/v1/completions``:
   whether a proxy relays the first chunk at once;
 * ``req/s c64``: completed requests per second at concurrency 64.
 
-``sage-llm serve`` is measured twice (:data:`SAGE_TARGETS`): as configured by default, and
-with ``engine_stream = "client"``. The peers (:data:`DEFAULT_PEERS`) are the two Rust
-routers and ``python-forwarder`` (:mod:`sage_llm.bench.forwarder`): a forwarder that only
-passes requests and answers through, on the gateway's own transport, to show what a Python
-proxy costs on the machine before any control-plane work.
+``sage-llm serve`` is measured twice (:data:`SAGE_TARGETS`): as configured by default
+(``engine_stream = "sampled"``), and with ``engine_stream = "client"``. The peers
+(:data:`DEFAULT_PEERS`) are the two Rust routers and ``python-forwarder``
+(:mod:`sage_llm.bench.forwarder`): a forwarder that only passes requests and answers
+through, on the gateway's own transport, to show what a Python proxy costs on the machine
+before any control-plane work.
 
 With ``rounds`` above 1 every target is measured that many times, the rounds interleaved
 (round *k* starts with the *k*-th target), so a change in the machine's load over the run
@@ -83,10 +84,12 @@ FORWARDER = "python-forwarder"
 """The peer name of :mod:`sage_llm.bench.forwarder`: a minimal Python forwarder on the
 gateway's own transport, the floor of a Python proxy (nothing to install)."""
 
-SAGE_TARGETS = (("always", "sage-llm serve"), ("client", "sage-llm serve, engine_stream=client"))
-"""The gateway's two ways of calling engines (``engine_stream``), each a target: by default
-every engine call streams (TTFT/TPOT measured for every request); with ``client`` only those
-whose client streams, as the Rust routers do."""
+SAGE_TARGETS = (("sampled", "sage-llm serve"), ("client", "sage-llm serve, engine_stream=client"))
+"""Two of the gateway's ways of calling engines (``engine_stream``), each a target: the
+default (``sampled``: calls stream when their client streams, and one non-streaming request
+in ten on each instance streams too, so TTFT and TPOT stay measured), and ``client`` (only
+those whose client streams, as the Rust routers do; also the only mode that commits before
+``sampled`` know, so ``--baseline-src`` comparisons use it)."""
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,14 @@ from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.scheduling._queue import counting_only
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
-from sage_llm.engines.base import Chunk, KVHandle
+from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
 from sage_llm.errors import DeadlineExceededError, EngineError, EngineStreamError
 from sage_llm.sim.clock import Clock
 from sage_llm.types import ExecutionInstanceType, RequestStatus, fill_request_result
+
+_FULL_CREDIT = 1.0 - 1e-9
+"""An instance's ``stream_credit`` at which its next non-streaming request streams (1, less
+the rounding of adding a fraction such as 0.1 ten times)."""
 
 log = logging.getLogger("sage_llm.dispatcher")
 
@@ -101,6 +105,7 @@ class Dispatcher:
         idle_timeout_s: float | None = None,
         max_queue_wait_s: float | None = None,
         seed: int | None = None,
+        stream_sample: float = 0.0,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -118,6 +123,9 @@ class Dispatcher:
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_queue_wait_s = max_queue_wait_s
+        self.stream_sample = stream_sample
+        """The fraction of non-streaming requests whose engine call streams anyway
+        (``engine_stream = "sampled"``; 0: none), spread evenly over each instance's."""
         self._rng = random.Random(seed)  # retry backoff jitter
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._wake = asyncio.Event()
@@ -311,7 +319,7 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            req = rec.engine_request
+            req = self._engine_request(rec, state)
             complete = None if req.stream else getattr(state.client, "complete", None)
             if complete is not None:  # the answer comes in one piece (no TTFT)
                 chunks: list[Chunk] = await complete(req)
@@ -370,6 +378,25 @@ class Dispatcher:
             self.wake()
         if retry_error is not None:
             await self._requeue(rec, state, retry_error)
+
+    def _engine_request(self, rec: RequestRecord, state: InstanceState) -> EngineRequest:
+        """``rec``'s engine request as sent to ``state`` (its decode instance under PD). With
+        a :attr:`stream_sample`, a non-streaming one is made to stream (from now on, retries
+        included) when the instance's :attr:`~InstanceState.stream_credit` comes round, or
+        at once when its engine's answer comes in pieces anyway (no one-piece ``complete``:
+        in-process engines), which costs nothing."""
+        req = rec.engine_request
+        sample = self.stream_sample
+        if req.stream or not sample:
+            return req
+        if getattr(state.client, "complete", None) is not None:
+            credit = state.stream_credit
+            if credit < _FULL_CREDIT:
+                state.stream_credit = credit + sample
+                return req
+            state.stream_credit = credit - 1.0 + sample
+        req = rec.engine_request = req.with_changes(stream=True)
+        return req
 
     def _first_output(self, rec: RequestRecord, state: InstanceState) -> None:
         """The engine's first output for ``rec`` (a whole request on ``state``): its prefill
@@ -449,7 +476,7 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            req = rec.engine_request
+            req = self._engine_request(rec, dstate)
             stream = self._timed(self.pd.connector.run(req, legs), dstate, req.stream)
             try:
                 async for chunk in stream:

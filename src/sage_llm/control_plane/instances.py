@@ -55,6 +55,10 @@ class InstanceState:
     est_ttft_base_s: float = 0.05
     est_s_per_prefill_token: float = 1 / 8000.0
     est_tpot_s: float = 0.02
+    stream_credit: float = 1.0
+    """Sampled engine streaming (``engine_stream = "sampled"``): a non-streaming request
+    streams when the credit is 1, which it then gives up; each adds the sample fraction (so
+    the instance's first one streams, then one in every 1 / fraction)."""
     latencies_ms: list[float] = field(default_factory=list)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)

@@ -112,17 +112,22 @@ class ControlPlaneManager:
         engine_timeouts: HTTPTimeouts | None = None,
         max_queue_wait_s: float | None = None,
         reject_infeasible_slo: bool = False,
-        engine_stream: str = "always",
+        engine_stream: str = "sampled",
+        engine_stream_sample: float = 0.1,
     ) -> None:
         """``health`` sets probes and the circuit breaker (default: probes every
         ``health_interval_s``); ``engine_timeouts`` the connect / first-token / idle limits
         of engine calls (first-token and idle are enforced for every engine client, the
         others by HTTP clients); ``max_queue_wait_s`` fails requests queued longer;
         ``reject_infeasible_slo`` refuses requests whose deadline no instance can meet;
-        ``engine_stream`` is ``"always"`` (every engine call streams, so TTFT and TPOT are
-        measured for every request) or ``"client"`` (an engine call streams only when its
-        client streams: less CPU in the engine and here for non-streaming requests, whose
-        TTFT and TPOT are then not measured)."""
+        ``engine_stream`` is ``"sampled"`` (an engine call streams when its client streams,
+        and a fraction ``engine_stream_sample`` of the other requests on each instance
+        stream too, so TTFT, TPOT and the instances' latency estimates stay measured while
+        most non-streaming requests cost no more than a plain proxy's), ``"always"`` (every
+        engine call streams: TTFT and TPOT measured for every request) or ``"client"``
+        (only when the client streams: no TTFT or TPOT for non-streaming requests).
+        Engines whose answer comes in pieces anyway (in-process simulated ones) stream
+        every request unless ``engine_stream`` is ``"client"``."""
         mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -159,7 +164,12 @@ class ControlPlaneManager:
             raise ValueError(
                 f"engine_stream must be one of {', '.join(ENGINE_STREAM)}, not {engine_stream!r}"
             )
+        if not 0.0 < engine_stream_sample <= 1.0:
+            raise ValueError(
+                f"engine_stream_sample must be in (0, 1], not {engine_stream_sample!r}"
+            )
         self.engine_stream = engine_stream
+        self.engine_stream_sample = engine_stream_sample
         self._registry = InstanceRegistry()
         self._metrics = ControlPlaneMetrics()
         self._health: HealthMonitor | None = None
@@ -216,6 +226,7 @@ class ControlPlaneManager:
             idle_timeout_s=timeouts.idle_s,
             max_queue_wait_s=self.max_queue_wait_s,
             seed=self._seed,
+            stream_sample=self.engine_stream_sample if self.engine_stream == "sampled" else 0.0,
         )
         self._started_at = clock.now()
         self._deadlines = DeadlineTimers(asyncio.get_running_loop())

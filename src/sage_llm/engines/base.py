@@ -27,9 +27,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from sage_llm.fastinit import field_filler
 
-ENGINE_STREAM = ("always", "client")
-"""The control plane's ``engine_stream`` settings: stream every engine call (``always``) or
-only those whose client streams (``client``); see :attr:`EngineRequest.stream`."""
+ENGINE_STREAM = ("sampled", "always", "client")
+"""The control plane's ``engine_stream`` settings (see :attr:`EngineRequest.stream`): stream
+the engine calls whose client streams and a sample of the others (``sampled``, the
+default), every engine call (``always``), or only those whose client streams
+(``client``)."""
 
 
 @dataclass(frozen=True, slots=True)
