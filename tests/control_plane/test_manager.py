@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -587,5 +588,112 @@ def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() ->
         _, result = await waiting
         assert result.status is RequestStatus.CANCELLED
         assert result.error == "control plane stopped"
+
+    run_virtual(main())
+
+
+# --- stream(): cancelling, closing and retrying a stream ------------------------------------
+
+
+def _stream_manager(
+    ids: tuple[str, ...] = ("sim-0",),
+    engine_kwargs: dict[str, dict[str, Any]] | None = None,
+) -> tuple[ControlPlaneManager, dict[str, FakeEngine]]:
+    """A round-robin manager over one :class:`FakeEngine` per id (``engine_kwargs``
+    by id: the engines' own arguments)."""
+    engines: dict[str, FakeEngine] = {}
+
+    def factory(inst: ExecutionInstance) -> FakeEngine:
+        kwargs = (engine_kwargs or {}).get(inst.instance_id, {})
+        engines[inst.instance_id] = FakeEngine(inst.instance_id, **kwargs)
+        return engines[inst.instance_id]
+
+    cp = ControlPlaneManager(
+        mode="simulated", engine_factory=factory, routing_strategy="round_robin"
+    )
+    for port, instance_id in enumerate(ids, start=8000):
+        cp.register_instance(make_instance(instance_id, port=port))
+    return cp, engines
+
+
+async def _texts(cp: ControlPlaneManager, request_id: str, max_tokens: int = 4) -> list[str]:
+    return [c.text async for c in cp.stream(make_metadata(request_id, max_tokens=max_tokens))]
+
+
+def test_cancelling_a_stream_while_its_caller_holds_a_chunk_ends_it_at_once() -> None:
+    async def main() -> None:
+        cp, engines = _stream_manager()
+        async with cp:
+            stream = cp.stream(make_metadata("s", max_tokens=4))
+            first = await anext(stream)
+            assert first.text == " w0"
+            assert await cp.cancel_request("s")
+            assert (await cp.wait_for_result("s")).status is RequestStatus.CANCELLED
+            assert [c async for c in stream] == []  # nothing more, and no error
+            result = await cp.wait_for_result("s")
+            assert result.error == "cancelled by the caller"
+            assert engines["sim-0"].aborted == ["s"]
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+            assert cp.get_status()["running_requests"] == 0
+            assert await _texts(cp, "after", 2) == [" w0", " w1"]
+
+    run_virtual(main())
+
+
+def test_cancelling_a_stream_during_its_engine_call_ends_it_not_the_caller() -> None:
+    async def main() -> None:
+        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}})
+        async with cp:
+            engine = engines["sim-0"]
+            reader = asyncio.create_task(_texts(cp, "s"))
+            await engine.gated.wait()
+            assert await cp.cancel_request("s")
+            assert await reader == [" w0", " w1"]  # what came before, then the end
+            assert reader.cancelling() == 0
+            result = await cp.wait_for_result("s")
+            assert result.status is RequestStatus.CANCELLED
+            assert engine.aborted == ["s"]
+            assert cp.get_status()["running_requests"] == 0
+
+    run_virtual(main())
+
+
+def test_closing_a_stream_early_or_cancelling_its_caller_cancels_the_request() -> None:
+    async def main() -> None:
+        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}})
+        async with cp:
+            engine = engines["sim-0"]
+            async with contextlib.aclosing(cp.stream_batches(make_metadata("closed"))) as stream:
+                assert [c.text for c in await anext(stream)] == [" w0"]
+            closed = await cp.wait_for_result("closed")
+            reader = asyncio.create_task(_texts(cp, "caller"))
+            await engine.gated.wait()
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            caller = await cp.wait_for_result("caller")
+            assert engine.aborted == ["closed", "caller"]
+            assert cp.get_status()["running_requests"] == 0
+        for result in (closed, caller):
+            assert result.status is RequestStatus.CANCELLED
+            assert result.error == "cancelled by the caller"
+
+    run_virtual(main())
+
+
+def test_a_stream_whose_engine_fails_before_its_first_token_is_retried_elsewhere() -> None:
+    async def main() -> None:
+        refused = EngineConnectionError("refused", instance_id="bad")
+        cp, engines = _stream_manager(
+            ("bad", "good"), engine_kwargs={"bad": {"fail_with": refused}}
+        )
+        async with cp:
+            texts = [await _texts(cp, f"s{i}", 2) for i in range(2)]
+            results = [await cp.wait_for_result(f"s{i}") for i in range(2)]
+        assert texts == [[" w0", " w1"]] * 2
+        assert all(r.status is RequestStatus.COMPLETED and r.instance_id == "good" for r in results)
+        retried = [r.request_id for r in engines["bad"].requests]
+        assert len(retried) == 1  # round robin sent one of the two there first
+        assert results[int(retried[0][1])].attempts == 2
 
     run_virtual(main())
