@@ -77,3 +77,24 @@ async def test_dead_engine_before_first_token_retries_on_the_other(
     assert all(r.status is RequestStatus.COMPLETED for r in results)
     assert all(r.instance_id == "live" for r in results)
     assert any(r.attempts == 2 for r in results)
+
+
+async def test_sampled_engine_streaming_over_http_measures_one_request_in_n(
+    two_engines: list[tuple[SimEngine, int]],
+) -> None:
+    cp = ControlPlaneManager(scheduling_policy="fifo", engine_stream_sample=0.25)
+    assert cp.engine_stream == "sampled"  # the default
+    _, port = two_engines[0]
+    cp.register_instance(ExecutionInstance("http-0", "127.0.0.1", port, MODEL))
+    async with cp:
+        results = [await cp.generate(make_metadata(f"r{i}", max_tokens=4)) for i in range(9)]
+        parts = [c.text async for c in cp.stream(make_metadata("s", max_tokens=4))]
+        streamed = await cp.wait_for_result("s")
+    assert all(r.status is RequestStatus.COMPLETED and r.completion_tokens == 4 for r in results)
+    assert all(count_tokens(r.text) == 4 for r in results)
+    # the first non-streaming request on the instance streamed from the engine, then one in 4
+    measured = [r.ttft_ms is not None and r.tpot_ms is not None for r in results]
+    assert measured == [True, False, False, False, True, False, False, False, True]
+    assert all(r.e2e_latency_ms is not None for r in results)
+    assert count_tokens("".join(parts)) == 4
+    assert streamed.ttft_ms is not None  # a streaming request always streams
