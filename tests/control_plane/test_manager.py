@@ -399,6 +399,8 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
             engine_stream_sample=0.25,
         )  # fmt: skip
         assert cp.engine_stream == "sampled"
+        status = cp.get_status()
+        assert (status["engine_stream"], status["engine_stream_sample"]) == ("sampled", 0.25)
         for inst in make_instances(2):
             cp.register_instance(inst)
         async with cp:

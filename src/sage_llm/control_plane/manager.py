@@ -613,6 +613,8 @@ class ControlPlaneManager:
             "scheduling_policy": policy.name,
             "policy": policy.describe(),
             "routing_strategy": self._routing_name,
+            "engine_stream": self.engine_stream,
+            "engine_stream_sample": self.engine_stream_sample,
             "pd_separation": self.enable_pd_separation,
             "pd": self._pd_status(),
             "pending_requests": len(policy),
