@@ -96,3 +96,20 @@ async def test_a_failing_transport_does_not_stop_the_others(
         await _next_turn()
     assert log == [("b", b"kept")]
     assert "write to" in caplog.text
+
+
+async def test_write_now_sends_at_once_after_what_its_transport_had_waiting() -> None:
+    log, a, b, batch = _two()
+    batch.write(a, b"a1")
+    batch.write(b, b"b1")
+    batch.write(a, b"a2")
+    batch.write_now(a, b"a3")
+    # a's waiting writes and the new one in one write, now; b still waits for the turn's end
+    assert log == [("a", b"a1a2a3")] and len(batch) == 1
+    batch.write_now(a, b"a4")  # nothing waiting: the data alone
+    assert log[-1] == ("a", b"a4")
+    await _next_turn()
+    assert log == [("a", b"a1a2a3"), ("a", b"a4"), ("b", b"b1")]
+    a.fail = True
+    with pytest.raises(RuntimeError, match="peer gone"):  # the transport's own error
+        batch.write_now(a, b"a5")

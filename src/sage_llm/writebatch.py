@@ -12,6 +12,8 @@ gateway's own. Writes to one transport keep their order and leave in one ``write
 
 The cost is the rest of the turn: a write leaves after the callbacks the loop is running
 now, never later than the start of the next turn (no timer, nothing like Nagle's 40 ms).
+A write that should not wait (the gateway's stream events) goes out at once with
+:meth:`WriteBatch.write_now`, after whatever its transport had waiting.
 
 A transport's pending writes must be sent with :meth:`WriteBatch.flush_one` before it is
 closed or handed to another protocol (``close()`` flushes only what the transport itself
@@ -52,6 +54,13 @@ class WriteBatch:
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
+
+    def write_now(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        """Send ``data`` on ``transport`` now, after the writes waiting for it, in one
+        ``write`` (for what must not wait for the end of the turn); the transport's own
+        errors are raised."""
+        parts = self._pending.pop(transport, None)
+        transport.write(data if parts is None else b"".join([*parts, data]))
 
     def flush_one(self, transport: asyncio.WriteTransport) -> None:
         """Send ``transport``'s waiting writes now (before closing or handing it over)."""

@@ -202,12 +202,14 @@ async def test_streams_are_chunked_server_sent_events() -> None:
 
 
 class _Sends:
-    """Stands in for the connection under a LeanStream: records each send."""
+    """Stands in for the connection under a LeanStream: records each send (a stream's
+    are all sent at once, not at the end of the turn)."""
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, *, now: bool = False) -> None:
+        assert now
         self.sent.append(data)
 
     async def drain(self) -> None:
