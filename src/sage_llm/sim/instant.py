@@ -30,7 +30,6 @@ class InstantEngine:
 
     def __init__(self, instance_id: str) -> None:
         self._id = instance_id
-        self._requests = 0
         self._prompt_tokens = 0
         self._generated = 0
 
@@ -42,7 +41,6 @@ class InstantEngine:
         """``req.max_tokens`` chunks of one token each; the last carries the usage."""
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
-        self._requests += 1
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):
