@@ -319,8 +319,10 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            req = self._engine_request(rec, state)
-            complete = None if req.stream else getattr(state.client, "complete", None)
+            complete = getattr(state.client, "complete", None)
+            req = self._engine_request(rec, state, one_piece=complete is not None)
+            if req.stream:
+                complete = None
             if complete is not None:  # the answer comes in one piece (no TTFT)
                 chunks: list[Chunk] = await complete(req)
                 if chunks:
@@ -379,17 +381,20 @@ class Dispatcher:
         if retry_error is not None:
             await self._requeue(rec, state, retry_error)
 
-    def _engine_request(self, rec: RequestRecord, state: InstanceState) -> EngineRequest:
-        """``rec``'s engine request as sent to ``state`` (its decode instance under PD). With
-        a :attr:`stream_sample`, a non-streaming one is made to stream (from now on, retries
-        included) when the instance's :attr:`~InstanceState.stream_credit` comes round, or
-        at once when its engine's answer comes in pieces anyway (no one-piece ``complete``:
-        in-process engines), which costs nothing."""
+    def _engine_request(
+        self, rec: RequestRecord, state: InstanceState, *, one_piece: bool
+    ) -> EngineRequest:
+        """``rec``'s engine request as sent to ``state`` (its decode instance under PD),
+        whose client can answer in one piece (``one_piece``: it has ``complete``) or not.
+        With a :attr:`stream_sample`, a non-streaming one is made to stream (from now on,
+        retries included) when the instance's :attr:`~InstanceState.stream_credit` comes
+        round, or at once when its engine's answer comes in pieces anyway (in-process
+        engines), which costs nothing."""
         req = rec.engine_request
         sample = self.stream_sample
         if req.stream or not sample:
             return req
-        if getattr(state.client, "complete", None) is not None:
+        if one_piece:
             credit = state.stream_credit
             if credit < _FULL_CREDIT:
                 state.stream_credit = credit + sample
@@ -476,7 +481,8 @@ class Dispatcher:
         try:
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
-            req = self._engine_request(rec, dstate)
+            one_piece = getattr(dstate.client, "complete", None) is not None
+            req = self._engine_request(rec, dstate, one_piece=one_piece)
             stream = self._timed(self.pd.connector.run(req, legs), dstate, req.stream)
             try:
                 async for chunk in stream:
