@@ -34,11 +34,15 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(ctx: typer.Context, level: str) -> None:
+    """Log at ``level`` for the rest of the command, through a writer thread
+    (:mod:`sage_llm.logqueue`: the servers' event loops never format or write a line)."""
+    from sage_llm.logqueue import queued_logging
+
+    try:
+        ctx.with_resource(queued_logging(level))
+    except ValueError as exc:
+        _fail(f"--log-level: {exc}")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -48,6 +52,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Cluster TOML (seed format).")
     ] = None,
@@ -62,7 +67,7 @@ def serve(
 
     Without --config it starts the embedded default: a small fleet of simulated engines.
     """
-    _setup_logging(log_level)
+    _setup_logging(ctx, log_level)
     from sage_llm.config import SageConfig, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
     from sage_llm.gateway.server import run_gateway
@@ -117,6 +122,7 @@ def demo(
 
 @app.command("engine-sim")
 def engine_sim(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Simulated model (e.g. llama-3-8b).")] = "llama-3-8b",
     gpu: Annotated[str, typer.Option(help="Simulated GPU (h100, h200, a100, l40s, cpu).")] = "h100",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,
@@ -150,7 +156,7 @@ def engine_sim(
     A GPU × model with a packaged fitted profile (``--gpu cpu --model tiny``: vLLM's CPU
     build) uses the profile's step model, engine limits and front end. With ``--instant``
     every answer comes at once (``sage_llm.sim.instant``), whole requests only."""
-    _setup_logging(log_level)
+    _setup_logging(ctx, log_level)
     from sage_llm.engines.base import EngineClient
     from sage_llm.sim.engine import SimEngine
     from sage_llm.sim.factory import engine_settings
@@ -250,6 +256,7 @@ def plan(
 
 @app.command()
 def launch(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="A launch file (.toml) or a plan (.json).")],
     policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "adaptive",
     routing: Annotated[str, typer.Option(help="Routing strategy.")] = "load_balanced",
@@ -261,7 +268,7 @@ def launch(
 
     Ctrl-C stops the gateway and every engine it started.
     """
-    _setup_logging(log_level)
+    _setup_logging(ctx, log_level)
     from sage_llm.config import SageConfig
     from sage_llm.control_plane.manager import ControlPlaneManager
     from sage_llm.gateway.server import run_gateway

@@ -1,0 +1,219 @@
+"""Logging that never blocks the event loop.
+
+``logging.basicConfig`` puts a ``StreamHandler`` on the root logger, which formats every
+record and writes it to stderr in the thread that logged it. In the servers that thread
+runs the event loop, and at the default level the gateway logs one access line per
+request: the loop paid the formatting and a ``write`` syscall for each line before the
+response it had just batched left (about 50 µs of added latency at concurrency 1, measured
+in docs/benchmarks.md), and a stderr that stops draining (a full pipe to a stalled log
+collector) stopped the whole gateway.
+
+:func:`queued_logging` installs :class:`QueuedHandler` instead: a record is only merged
+with its arguments (which may change after the call) and put on a queue. A
+:class:`LogWriter` thread formats what has queued and writes it in one ``write`` per batch.
+The queue is bounded (``capacity`` records): when the stream falls that far behind, new
+records are dropped and counted, and the writer reports the count in a WARNING line once
+it catches up, instead of the process growing without bound or stalling. On exit from
+the context the writer writes what is queued and stops (waiting at most
+``close_timeout_s`` for a stream that does not drain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from typing import TextIO
+
+__all__ = ["LOG_FORMAT", "LogWriter", "QueuedHandler", "parse_level", "queued_logging"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""The servers' log line format (what ``basicConfig`` was given before)."""
+
+_BATCH = 512
+"""Records formatted and written per ``write`` call, at most."""
+
+_STOP = None
+
+
+def parse_level(level: str | int) -> int:
+    """A level name (``"info"``, any case) or number as a ``logging`` level; ValueError
+    names the known ones."""
+    if isinstance(level, int):
+        return level
+    value = logging.getLevelName(level.upper())
+    if not isinstance(value, int):
+        raise ValueError(
+            f"unknown log level {level!r} (known: debug, info, warning, error, critical)"
+        )
+    return value
+
+
+class LogWriter:
+    """The thread that formats and writes queued records to ``stream``, a batch at a time.
+
+    ``put`` is called by :class:`QueuedHandler` in the logging thread; everything else of a
+    record (formatting, the write, the flush) happens in the writer's thread. A stream
+    that raises on write (closed, broken pipe) is given up: later records are dropped
+    and counted, as they are when the queue is full."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        formatter: logging.Formatter,
+        *,
+        capacity: int = 100_000,
+        close_timeout_s: float = 2.0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.stream = stream
+        self.formatter = formatter
+        self.capacity = capacity
+        self.close_timeout_s = close_timeout_s
+        self._queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the counters (several threads may log)
+        self._dropped = 0
+        self._reported = 0
+        self._broken = False
+        self._thread = threading.Thread(target=self._run, name="sage-llm-log-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped so far (queue full, or the stream broken)."""
+        with self._lock:
+            return self._dropped
+
+    def put(self, record: logging.LogRecord) -> None:
+        """Queue ``record`` for writing, or count it as dropped when ``capacity`` records
+        are already waiting (or the stream is broken)."""
+        if self._broken or self._queue.qsize() >= self.capacity:
+            with self._lock:
+                self._dropped += 1
+            return
+        self._queue.put(record)
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread (waiting at most ``close_timeout_s``;
+        the thread is a daemon, so a stream that never drains does not hold the process)."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(self.close_timeout_s)
+
+    def _run(self) -> None:
+        get, take = self._queue.get, self._queue.get_nowait
+        while True:
+            first = get()
+            batch = [first]
+            while first is not _STOP and len(batch) < _BATCH:
+                try:
+                    batch.append(take())
+                except queue.Empty:
+                    break
+                if batch[-1] is _STOP:
+                    break
+            records = [r for r in batch if r is not None]
+            self._write(records)
+            if batch[-1] is _STOP:
+                return
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        lines: list[str] = []
+        note = self._drop_note()
+        if note is not None:
+            lines.append(note)
+        for record in records:
+            try:
+                lines.append(self.formatter.format(record))
+            except Exception as exc:  # a bad format string must not end the writer
+                lines.append(f"(log record from {record.name} could not be formatted: {exc!r})")
+        if not lines or self._broken:
+            if self._broken:
+                with self._lock:
+                    self._dropped += len(records)
+            return
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can be written
+            self._broken = True
+            with self._lock:
+                self._dropped += len(records)
+
+    def _drop_note(self) -> str | None:
+        """A WARNING line on the records dropped since the last note (None: none)."""
+        with self._lock:
+            new = self._dropped - self._reported
+            self._reported = self._dropped
+        if new <= 0:
+            return None
+        note = logging.LogRecord(
+            "sage_llm.logging", logging.WARNING, __file__, 0,
+            "%d log records were dropped: the log stream did not keep up "
+            "(more than %d records waiting)", (new, self.capacity), None,
+        )  # fmt: skip
+        return self.formatter.format(note)
+
+
+class QueuedHandler(logging.Handler):
+    """Hands each record to a :class:`LogWriter`, after merging its message with its
+    arguments (they may change once the call returns) and rendering an exception's
+    traceback (its frames are gone by the time the writer formats it)."""
+
+    def __init__(self, writer: LogWriter, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.args:
+                record.msg = record.getMessage()
+                record.args = None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = self.writer.formatter.formatException(record.exc_info)
+            self.writer.put(record)
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        """Nothing to do here: the writer writes and flushes each batch."""
+
+
+@contextlib.contextmanager
+def queued_logging(
+    level: str | int,
+    stream: TextIO | None = None,
+    *,
+    logger: logging.Logger | None = None,
+    capacity: int = 100_000,
+    close_timeout_s: float = 2.0,
+) -> Iterator[LogWriter | None]:
+    """Log through a :class:`QueuedHandler` on ``logger`` (the root logger by default) at
+    ``level``, to ``stream`` (stderr by default), for the duration of the context.
+
+    As ``logging.basicConfig`` does, it only sets ``logger``'s level and installs nothing
+    when ``logger`` already has handlers (under pytest, or when an application set up
+    logging itself); it yields the writer, or None then. On exit the handler is removed
+    and what was queued is written."""
+    target = logging.getLogger() if logger is None else logger
+    target.setLevel(parse_level(level))
+    if target.handlers:
+        yield None
+        return
+    writer = LogWriter(
+        sys.stderr if stream is None else stream,
+        logging.Formatter(LOG_FORMAT),
+        capacity=capacity,
+        close_timeout_s=close_timeout_s,
+    )
+    handler = QueuedHandler(writer)
+    target.addHandler(handler)
+    try:
+        yield writer
+    finally:
+        target.removeHandler(handler)
+        writer.close()

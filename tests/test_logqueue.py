@@ -1,0 +1,169 @@
+"""Logging through a writer thread (sage_llm.logqueue): what the servers' event loops log
+is formatted and written elsewhere, and a stream that stops draining stalls nothing."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from sage_llm.logqueue import LogWriter, QueuedHandler, parse_level, queued_logging
+
+
+def _fresh_logger() -> logging.Logger:
+    logger = logging.getLogger(f"test.logqueue.{uuid.uuid4().hex}")
+    logger.propagate = False
+    return logger
+
+
+class _GatedStream(io.StringIO):
+    """A stream whose writes wait until ``gate`` is set (a pipe nobody reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.entered.set()
+        self.gate.wait(10)
+        return super().write(s)
+
+
+class _BrokenStream(io.StringIO):
+    def write(self, s: str) -> int:
+        raise BrokenPipeError("stderr went away")
+
+
+def test_lines_are_formatted_and_written_and_flushed_on_exit() -> None:
+    logger, out = _fresh_logger(), io.StringIO()
+    with queued_logging("info", out, logger=logger) as writer:
+        assert writer is not None
+        logger.info("request %s took %.1f ms", "r1", 1.25)
+        logger.debug("not at this level")
+        logger.warning("plain message")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(f"INFO {logger.name}: request r1 took 1.2 ms")
+    assert lines[1].endswith(f"WARNING {logger.name}: plain message")
+    assert logger.handlers == []  # removed on exit
+
+
+def test_arguments_are_merged_when_logged_not_when_written() -> None:
+    logger, out = _fresh_logger(), _GatedStream()
+    with queued_logging("info", out, logger=logger):
+        logger.info("first")  # the writer blocks on this one
+        assert out.entered.wait(5)
+        state = {"n": 1}
+        logger.info("state %s", state)
+        state["n"] = 2  # changed after the call: the line shows the value at the call
+        out.gate.set()
+    assert "state {'n': 1}" in out.getvalue()
+
+
+def test_an_exception_is_rendered_with_its_traceback() -> None:
+    logger, out = _fresh_logger(), io.StringIO()
+    with queued_logging("info", out, logger=logger):
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("handler failed")
+    text = out.getvalue()
+    assert "ERROR" in text and "handler failed" in text
+    assert "Traceback (most recent call last)" in text and "ValueError: boom" in text
+
+
+def test_a_stalled_stream_blocks_no_caller_and_drops_beyond_capacity() -> None:
+    logger, out = _fresh_logger(), _GatedStream()
+    with queued_logging("info", out, logger=logger, capacity=10) as writer:
+        assert writer is not None
+        logger.info("line 0")
+        assert out.entered.wait(5)  # the writer thread is stuck in write()
+        started = time.perf_counter()
+        for i in range(1, 31):
+            logger.info("line %d", i)
+        assert time.perf_counter() - started < 1.0  # the callers never waited
+        assert writer.dropped == 20  # 10 queued behind the stuck write, 20 dropped
+        out.gate.set()
+    text = out.getvalue()
+    for i in range(11):
+        assert f"line {i}\n" in text
+    assert "line 11\n" not in text
+    assert "WARNING sage_llm.logging: 20 log records were dropped" in text
+    assert "(more than 10 records waiting)" in text
+
+
+def test_a_broken_stream_is_given_up_quietly() -> None:
+    logger = _fresh_logger()
+    with queued_logging("info", _BrokenStream(), logger=logger) as writer:
+        assert writer is not None
+        logger.info("lost")
+        deadline = time.monotonic() + 5
+        while writer.dropped < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        logger.info("lost too")
+    assert writer.dropped == 2
+
+
+def test_a_record_that_cannot_be_formatted_does_not_stop_the_writer() -> None:
+    logger, out = _fresh_logger(), io.StringIO()
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    with queued_logging("info", out, logger=logger):
+        logger.info(Unprintable())  # no arguments: its text is made by the writer
+        logger.info("next line")
+    text = out.getvalue()
+    assert f"(log record from {logger.name} could not be formatted: " in text
+    assert "RuntimeError('no text'))" in text
+    assert text.endswith("next line\n")
+
+
+def test_nothing_is_installed_when_the_logger_already_has_handlers() -> None:
+    logger, kept = _fresh_logger(), logging.NullHandler()
+    logger.addHandler(kept)
+    with queued_logging("warning", io.StringIO(), logger=logger) as writer:
+        assert writer is None
+        assert logger.handlers == [kept]
+        assert logger.level == logging.WARNING
+
+
+def test_levels_by_name_or_number_and_unknown_names() -> None:
+    assert parse_level("info") == logging.INFO
+    assert parse_level("WARNING") == logging.WARNING
+    assert parse_level(logging.DEBUG) == logging.DEBUG
+    with pytest.raises(ValueError, match="unknown log level 'loud'"):
+        parse_level("loud")
+    with pytest.raises(ValueError, match="capacity must be at least 1"):
+        LogWriter(io.StringIO(), logging.Formatter(), capacity=0)
+
+
+def test_the_handler_passes_records_to_its_writer() -> None:
+    out = io.StringIO()
+    writer = LogWriter(out, logging.Formatter("%(levelname)s %(message)s"))
+    handler = QueuedHandler(writer)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "a=%s", ("b",), None)
+    handler.handle(record)
+    handler.flush()
+    writer.close()
+    assert out.getvalue() == "INFO a=b\n"
+
+
+def test_the_cli_rejects_an_unknown_log_level() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_llm.cli", "engine-sim", "--log-level", "loud"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "error: --log-level: unknown log level 'loud'" in proc.stderr
