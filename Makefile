@@ -35,8 +35,8 @@ test-real: $(STAMP)
 	SAGE_LLM_REAL=1 $(BIN)/python -m pytest tests/real -q -ra
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy
 
 docs: $(STAMP)

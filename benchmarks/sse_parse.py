@@ -1,7 +1,8 @@
 """What parsing one engine stream costs the gateway: SSE decoding, then chunks.
 
 Every streamed engine call (streamed requests, and with the default ``engine_stream`` a
-sample of the others; every request with ``always``) passes its answer through :class:`~sage_llm.engines.sse.SSEDecoder` and
+sample of the others; every request with ``always``) passes its answer through
+:class:`~sage_llm.engines.sse.SSEDecoder` and
 :class:`~sage_llm.engines.sse.StreamAssembler`. This script times both on a typical
 vLLM completion stream (4 tokens, a usage event, ``[DONE]``: 6 events), fed in one
 piece, and prints µs per stream (best of 5 repeats). ``--baseline-src DIR`` times another
