@@ -1,15 +1,17 @@
 """Where a lone request's time goes inside ``sage-llm serve`` (issue #4 item 6, concurrency 1).
 
 The proxy bench gives the latency a proxy adds at concurrency 1 as one number. This script
-splits the gateway's share of it into steps. It starts two ``engine-sim`` processes (as
-the proxy bench does) and one ``sage-llm serve`` over them (``fifo + round_robin``, as the
-bench runs it). That gateway runs with timestamps taken at the entry and exit of the
-functions a non-streaming ``/v1/completions`` request passes through:
+splits the gateway's share of it into steps. It starts two engines (``engine-sim
+--instant`` by default, as the proxy bench's concurrency-1 runs do; ``--engine sim`` for
+``engine-sim --speed 1000``) and one ``sage-llm serve`` over them (``fifo + round_robin``,
+as the bench runs it). That gateway runs with timestamps taken at the entry and exit of
+the functions a ``/v1/completions`` request passes through (:data:`PROBES`, or
+:data:`STREAM_PROBES` with ``--stream``):
 
 * the front's ``data_received``;
 * body parsing, admission, dispatch;
 * the engine call, the answer's arrival and the request's end;
-* the response, and the batched writes.
+* the response (or each write of the stream), and the batched writes.
 
 Then one closed-loop client process sends ``--requests`` requests one at a time. The
 script prints, for each event, the median time since the client's bytes arrived
@@ -22,6 +24,7 @@ repository root::
 
     .venv/bin/python benchmarks/request_stages.py
     .venv/bin/python benchmarks/request_stages.py --engine-stream always --requests 1000
+    .venv/bin/python benchmarks/request_stages.py --stream
 """
 
 from __future__ import annotations
@@ -59,14 +62,33 @@ PROBES: tuple[tuple[str, str, str], ...] = (
 """(module, qualified name, label) of every function timed, in the order a request
 reaches them."""
 
+STREAM_PROBES: tuple[tuple[str, str, str], ...] = (
+    ("sage_llm.gateway.lean", "LeanConnection.data_received", "client bytes in"),
+    ("sage_llm.gateway.lean_routes", "LeanRoutes.__call__", "route handler"),
+    ("sage_llm.gateway.openai", "parse_generation", "parse_generation"),
+    ("sage_llm.control_plane.manager", "ControlPlaneManager._submit", "admit (_submit)"),
+    ("sage_llm.control_plane.dispatcher", "Dispatcher.dispatch_ready", "dispatch pass"),
+    ("sage_llm.engines.http", "HTTPEngineClient._fast_send", "engine request"),
+    ("sage_llm.writebatch", "WriteBatch.flush", "batched writes sent"),
+    ("sage_llm.engines.fastclient", "_Conn.data_received", "engine bytes in"),
+    ("sage_llm.control_plane.dispatcher", "Dispatcher._first_output", "first output"),
+    ("sage_llm.gateway.lean", "LeanStream.write", "stream write"),
+    ("sage_llm.control_plane.dispatcher", "Dispatcher._finish", "request end (_finish)"),
+    ("sage_llm.gateway.lean", "LeanStream.write_eof", "last write (write_eof)"),
+)
+"""The same for a streamed request (``--stream``): the engine's answer comes in several
+reads, each numbered (``#2``, …), and so do the stream's writes."""
+
 FIRST = "client bytes in >"
 """The event each request's times are measured from."""
 
 
-def _install(events: list[tuple[int, str]]) -> None:
-    """Wrap every function of :data:`PROBES` to note ``(ns, label + ' >' / ' <')``."""
+def _install(
+    events: list[tuple[int, str]], probes: Sequence[tuple[str, str, str]] = PROBES
+) -> None:
+    """Wrap every function of ``probes`` to note ``(ns, label + ' >' / ' <')``."""
     now = time.perf_counter_ns
-    for module_name, qualname, label in PROBES:
+    for module_name, qualname, label in probes:
         owner: Any = importlib.import_module(module_name)
         *path, name = qualname.split(".")
         for part in path:
@@ -137,7 +159,7 @@ def _probe_serve(argv: Sequence[str]) -> int:
     """The gateway side: probes installed, ``sage-llm serve argv``, stats on SIGUSR1."""
     out = Path(os.environ["SAGE_STAGES_OUT"])
     events: list[tuple[int, str]] = []
-    _install(events)
+    _install(events, STREAM_PROBES if os.environ.get("SAGE_STAGES_STREAM") else PROBES)
 
     def dump(_signum: int, _frame: object) -> None:
         tmp = out.with_suffix(".tmp")
@@ -152,20 +174,28 @@ def _probe_serve(argv: Sequence[str]) -> int:
     return 0
 
 
-async def _measure(engine_stream: str, requests: int, log_dir: Path) -> list[tuple[str, float]]:
+async def _measure(
+    engine_stream: str,
+    requests: int,
+    log_dir: Path,
+    *,
+    stream: bool = False,
+    engine: str = "instant",
+) -> list[tuple[str, float]]:
     from sage_llm.bench.procs import start_engine_sims
     from sage_llm.bench.proxy_bench import bench_gateway, client_process
 
     out = log_dir / "stages.json"
-    env = {**os.environ, "SAGE_STAGES_OUT": str(out)}
+    env = {**os.environ, "SAGE_STAGES_OUT": str(out), "SAGE_STAGES_STREAM": "1" if stream else ""}
     probed = (sys.executable, __file__, "--probe-serve")
+    extra = ("--instant",) if engine == "instant" else ()
     async with (
-        await start_engine_sims(2, speed=1000.0) as fleet,
+        await start_engine_sims(2, speed=1000.0, log_dir=log_dir, extra_args=extra) as fleet,
         bench_gateway(
             fleet.urls, log_dir, engine_stream=engine_stream, env=env, command=probed
         ) as proc,
     ):
-        result = await client_process(proc.url, 1, requests, False)
+        result = await client_process(proc.url, 1, requests, stream)
         if result.errors:
             raise RuntimeError(f"{result.errors} of {requests} requests failed")
         os.kill(proc.pid, signal.SIGUSR1)
@@ -197,14 +227,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--engine-stream", choices=("sampled", "always", "client"), default="client"
     )
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--stream", action="store_true", help="streamed requests")
+    parser.add_argument(
+        "--engine", choices=("instant", "sim"), default="instant",
+        help="engine-sim --instant (default) or engine-sim --speed 1000",
+    )  # fmt: skip
     args = parser.parse_args(args_in)
     if args.requests < 10:
         parser.error("--requests must be at least 10")
     with tempfile.TemporaryDirectory(prefix="sage-stages-") as tmp:
-        rows = asyncio.run(_measure(args.engine_stream, args.requests, Path(tmp)))
+        rows = asyncio.run(
+            _measure(
+                args.engine_stream, args.requests, Path(tmp), stream=args.stream,
+                engine=args.engine,
+            )
+        )  # fmt: skip
+    kind = "streamed" if args.stream else "non-streaming"
     print(
-        f"sage-llm serve, engine_stream = {args.engine_stream!r}: a lone non-streaming request, "
-        f"medians of {args.requests - 5}"
+        f"sage-llm serve, engine_stream = {args.engine_stream!r}, {args.engine} engines: "
+        f"a lone {kind} request, medians of {args.requests - 5}"
     )
     print(render(rows))
     return 0

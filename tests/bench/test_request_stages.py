@@ -17,8 +17,9 @@ def stages() -> ModuleType:
     return load_benchmark("request_stages")
 
 
-def test_every_probe_names_a_function_of_the_gateway(stages: ModuleType) -> None:
-    for module_name, qualname, _label in stages.PROBES:
+@pytest.mark.parametrize("probes", ["PROBES", "STREAM_PROBES"])
+def test_every_probe_names_a_function_of_the_gateway(stages: ModuleType, probes: str) -> None:
+    for module_name, qualname, _label in getattr(stages, probes):
         owner: object = importlib.import_module(module_name)
         *path, name = qualname.split(".")
         for part in path:
