@@ -193,6 +193,28 @@ class EngineError(SageLLMError):
         self.retryable = retryable
 
 
+class EngineRequestRejectedError(EngineError):
+    """An engine refused the request itself: an HTTP 400, 413 or 422 answer (vLLM's answer
+    to a prompt longer than the model's context, for instance), or an in-process engine's
+    :class:`InvalidRequestError`. The same request would be refused on any instance, so it
+    is not retried and does not count against the instance's health; the client gets a
+    400 with the engine's message (and the field it names, when it names one)."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        instance_id: str | None = None,
+        status: int | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message, instance_id=instance_id, status=status, retryable=False)
+        self.param = param
+
+
 class EngineConnectionError(EngineError):
     pass
 

@@ -21,11 +21,13 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineConnectionError,
+    EngineRequestRejectedError,
     InvalidRequestError,
     ModelNotFoundError,
     PolicyNotFoundError,
     QueueFullError,
     RequestNotFoundError,
+    SageLLMError,
 )
 from sage_llm.sim.clock import run_virtual
 from sage_llm.tokens import count_tokens
@@ -697,5 +699,46 @@ def test_a_stream_whose_engine_fails_before_its_first_token_is_retried_elsewhere
         retried = [r.request_id for r in engines["bad"].requests]
         assert len(retried) == 1  # round robin sent one of the two there first
         assert results[int(retried[0][1])].attempts == 2
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("how", ["in-process", "http"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_request_an_engine_refuses_fails_at_once_as_the_clients_error(
+    how: str, streamed: bool
+) -> None:
+    """An engine's refusal of the request itself (an HTTP engine's 400, an in-process
+    engine's InvalidRequestError) ends the request FAILED on its first attempt, raises a
+    400-class error naming the field, and counts nothing against the instance."""
+
+    async def main() -> None:
+        refusal: SageLLMError
+        if how == "http":
+            refusal = EngineRequestRejectedError(
+                "e: rejected the request (HTTP 400 from POST /v1/completions): n=1 only",
+                instance_id="e",
+                status=400,
+                param="n",
+            )
+        else:
+            refusal = InvalidRequestError("n=1 only", param="n")
+        both = {"fail_with": refusal}
+        cp, engines = _stream_manager(("a", "b"), engine_kwargs={"a": both, "b": both})
+        async with cp:
+            with pytest.raises(EngineRequestRejectedError) as info:
+                if streamed:
+                    await _texts(cp, "r1")
+                else:
+                    await cp.collect(make_metadata("r1", max_tokens=4))
+            result = await cp.wait_for_result("r1")
+            metrics = [cp.get_instance_metrics(i) for i in ("a", "b")]
+        exc = info.value
+        assert (exc.http_status, exc.error_type, exc.param) == (400, "invalid_request_error", "n")
+        assert "rejected the request" in exc.message and "n=1 only" in exc.message
+        assert result.status is RequestStatus.FAILED and result.attempts == 1
+        assert sum(len(e.requests) for e in engines.values()) == 1  # not retried
+        assert [m["failed_requests"] for m in metrics] == [0, 0]
+        assert [m["circuit"]["state"] for m in metrics] == ["closed", "closed"]
 
     run_virtual(main())

@@ -17,6 +17,7 @@ from sage_llm.engines.http import HTTPEngineClient, HTTPTimeouts, make_session
 from sage_llm.errors import (
     EngineConnectionError,
     EngineError,
+    EngineRequestRejectedError,
     EngineStreamError,
     EngineTimeoutError,
 )
@@ -487,7 +488,7 @@ async def test_embed_posts_inputs_and_returns_json(
 
 
 @pytest.mark.parametrize(
-    ("status", "retryable"), [(500, True), (503, True), (429, True), (400, False), (404, False)]
+    ("status", "retryable"), [(500, True), (503, True), (429, True), (404, False), (401, False)]
 )
 async def test_http_status_errors(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, retryable: bool
@@ -504,6 +505,53 @@ async def test_http_status_errors(
     assert type(info.value) is EngineError
     assert (info.value.status, info.value.retryable) == (status, retryable)
     assert info.value.instance_id == "eng-0"
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_engine_refusing_the_request_is_a_rejection_not_a_failure(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, stream: bool
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        body = {  # vLLM's ErrorResponse
+            "object": "error",
+            "message": "This model's maximum context length is 2048 tokens.",
+            "type": "BadRequestError",
+            "param": "max_tokens",
+            "code": status,
+        }
+        return web.json_response(body, status=status)
+
+    rec.handler = reply
+    client = client_for(port, session)
+    with pytest.raises(EngineRequestRejectedError) as info:
+        if stream:
+            await collect(client, completion_req(stream=True))
+        else:
+            await client.complete(completion_req(stream=False))
+    exc = info.value
+    assert (exc.status, exc.retryable, exc.param) == (status, False, "max_tokens")
+    assert (exc.http_status, exc.error_type) == (400, "invalid_request_error")
+    assert exc.message == (
+        f"eng-0: rejected the request (HTTP {status} from POST /v1/completions): "
+        "This model's maximum context length is 2048 tokens."
+    )
+
+
+async def test_a_rejection_without_a_json_body_names_no_field(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=400, text="bad request")
+
+    rec.handler = reply
+    with pytest.raises(EngineRequestRejectedError, match="bad request") as info:
+        await collect(client_for(port, session), completion_req())
+    assert info.value.param is None
 
 
 async def test_plain_text_error_body_is_the_message(

@@ -223,6 +223,36 @@ async def test_queue_full_is_429_with_retry_after() -> None:
                 await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
 
 
+async def test_a_request_the_engine_refuses_is_400_naming_the_field_and_not_retried() -> None:
+    # the simulated engine refuses a negative min_tokens, which the gateway passes through
+    # unchecked (as an HTTP engine answers 400 to a prompt longer than its context): the
+    # client's error, not the engine's
+    async with serve(2) as gw, aiohttp.ClientSession() as http:
+        for path, body in (
+            ("/v1/completions", completion_body(min_tokens=-1)),
+            ("/v1/chat/completions", chat_body(min_tokens=-1, stream=True)),
+        ):
+            async with http.post(gw.url(path), json=body) as r:
+                assert r.status == 400
+                answer = await r.json()
+                _assert_error(answer, 400, "min_tokens")
+                assert answer["error"]["type"] == "invalid_request_error"
+                assert (
+                    "rejected the request: min_tokens must be an integer >= 0"
+                    in (answer["error"]["message"])
+                )
+        async with _client(gw) as client:
+            with pytest.raises(openai.BadRequestError, match="min_tokens must be"):
+                await client.completions.create(
+                    model=MODEL, prompt="hi", max_tokens=2, extra_body={"min_tokens": -1}
+                )
+        # each went to one instance once, and neither instance is marked down for it
+        assert sum(len(p.requests) for p in gw.probes.values()) == 3
+        for iid in ("sim-0", "sim-1"):
+            metrics = gw.manager.get_instance_metrics(iid)
+            assert metrics["failed_requests"] == 0 and metrics["is_healthy"]
+
+
 async def test_no_healthy_instance_is_503() -> None:
     async with serve(2) as gw, aiohttp.ClientSession() as http:
         for iid in ("sim-0", "sim-1"):

@@ -189,6 +189,7 @@ def test_close_fails_in_flight_streams() -> None:
         ({"prompt": list(range(300))}, "prompt"),
         ({"prompt": list(range(200)), "max_tokens": 100}, "max_tokens"),
         ({"extra": {"min_tokens": -1}}, "min_tokens"),
+        ({"extra": {"n": 2}}, "n"),
     ],
 )
 def test_invalid_requests_raise_with_param(request_kwargs: dict[str, Any], param: str) -> None:

@@ -57,7 +57,13 @@ from sage_llm.control_plane.scheduling._queue import counting_only
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
-from sage_llm.errors import DeadlineExceededError, EngineError, EngineStreamError
+from sage_llm.errors import (
+    DeadlineExceededError,
+    EngineError,
+    EngineRequestRejectedError,
+    EngineStreamError,
+    InvalidRequestError,
+)
 from sage_llm.sim.clock import Clock
 from sage_llm.types import ExecutionInstanceType, RequestStatus, fill_request_result
 
@@ -69,6 +75,28 @@ log = logging.getLogger("sage_llm.dispatcher")
 
 _MAX_DEFERRED = 64
 """Popped requests that found no route, put back at the end of a pass; then the pass ends."""
+
+
+def refusal_of(
+    exc: BaseException, instance_id: str | None = None
+) -> EngineRequestRejectedError | None:
+    """The engine's refusal of the request itself that ``exc`` is or carries (a PD leg's
+    error carries its engine's), as an :class:`EngineRequestRejectedError`; None when
+    ``exc`` is another failure. An in-process engine refuses with
+    :class:`InvalidRequestError` (``instance_id``: the engine's instance)."""
+    if isinstance(exc, EngineRequestRejectedError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        where = f"{instance_id}: " if instance_id else ""
+        return EngineRequestRejectedError(
+            f"{where}rejected the request: {exc.message}",
+            instance_id=instance_id,
+            status=exc.http_status,
+            param=exc.param,
+        )
+    if isinstance(exc, PDLegError):
+        return refusal_of(exc.cause, exc.instance_id)
+    return None
 
 
 @dataclass
@@ -357,9 +385,12 @@ class Dispatcher:
                 if not rec.cancel_requested or task is None:
                     raise
                 task.uncancel()
-        except EngineError as exc:
-            state.failed += 1
-            self._on_failure(state, exc)
+        except (EngineError, InvalidRequestError) as caught:
+            exc = refusal_of(caught, state.instance_id) or caught
+            assert isinstance(exc, EngineError)
+            if not isinstance(exc, EngineRequestRejectedError):  # else: the request's fault
+                state.failed += 1
+                self._on_failure(state, exc)
             if exc.retryable and not rec.produced_output and self._can_retry(rec, state):
                 retry_error = exc
             else:
@@ -508,8 +539,9 @@ class Dispatcher:
         except EngineError as exc:
             prefill_leg = isinstance(exc, PDLegError) and exc.leg == "prefill"
             failed = run.prefill if prefill_leg else dstate
-            failed.failed += 1
-            self._on_failure(failed, exc)
+            if refusal_of(exc) is None:  # a refused request says nothing about the instance
+                failed.failed += 1
+                self._on_failure(failed, exc)
             verdict = self._pd_retry(rec, exc, failed, prefill_leg)
             if verdict is not None:
                 retry = (exc, failed, verdict)
@@ -643,6 +675,9 @@ class Dispatcher:
 
     @staticmethod
     def _reason(exc: EngineError, state: InstanceState) -> str:
+        refusal = refusal_of(exc)
+        if refusal is not None:
+            return f"engine {refusal.message}"
         where = exc.instance_id or state.instance_id
         status = f" (HTTP {exc.status})" if exc.status else ""
         return f"engine {where} failed{status}: {exc.message}"

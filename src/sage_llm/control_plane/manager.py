@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm.control_plane.deadlines import DeadlineTimers
-from sage_llm.control_plane.dispatcher import Dispatcher
+from sage_llm.control_plane.dispatcher import Dispatcher, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
 from sage_llm.control_plane.intake import build_request, resolve_model
@@ -59,6 +59,7 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
+    EngineRequestRejectedError,
     InvalidRequestError,
     NoHealthyInstanceError,
     QueueFullError,
@@ -489,6 +490,14 @@ class ControlPlaneManager:
             return
         if isinstance(rec.exception, DeadlineExceededError):
             raise DeadlineExceededError(result.error or rec.exception.message)
+        refusal = refusal_of(rec.exception) if rec.exception is not None else None
+        if refusal is not None:  # the client's request was refused: a 400, not a 502
+            raise EngineRequestRejectedError(
+                result.error or refusal.message,
+                instance_id=refusal.instance_id,
+                status=refusal.status,
+                param=refusal.param,
+            ) from rec.exception
         if isinstance(rec.exception, EngineError):
             raise EngineError(
                 result.error or rec.exception.message,

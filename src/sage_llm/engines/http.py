@@ -40,11 +40,13 @@ from sage_llm.engines.sse import (
     StreamAssembler,
     chunks_from_completion,
     error_from_body,
+    error_param_from_body,
     parse_usage,
 )
 from sage_llm.errors import (
     EngineConnectionError,
     EngineError,
+    EngineRequestRejectedError,
     EngineStreamError,
     EngineTimeoutError,
     InvalidRequestError,
@@ -112,6 +114,10 @@ def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.Client
         read_bufsize=1 << 18,
         trust_env=False,
     )
+
+
+_REJECTED = frozenset({400, 413, 422})
+"""Engine statuses that refuse the request itself (bad field, body too large, validation)."""
 
 
 def _retryable_status(status: int) -> bool:
@@ -245,8 +251,16 @@ class HTTPEngineClient:
 
     def _status_error(self, status: int, reason: str | None, raw: bytes, what: str) -> EngineError:
         """The error for an engine's 4xx/5xx answer to ``what`` (``"POST /v1/…"``), with the
-        message of its body when it has one."""
+        message of its body when it has one: :class:`EngineRequestRejectedError` when the
+        engine refused the request itself (400, 413, 422)."""
         message = error_from_body(raw) or reason or "error"
+        if status in _REJECTED:
+            return self._error(
+                EngineRequestRejectedError,
+                f"rejected the request (HTTP {status} from {what}): {message}",
+                status=status,
+                param=error_param_from_body(raw),
+            )
         return self._error(
             EngineError,
             f"HTTP {status} from {what}: {message}",

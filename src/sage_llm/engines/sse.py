@@ -208,6 +208,21 @@ def stream_error(obj: Mapping[str, Any]) -> tuple[str, int | None] | None:
     return None
 
 
+def error_param_from_body(body: bytes) -> str | None:
+    """The request field an HTTP error body names (``param`` of an OpenAI error object or of
+    vLLM's ErrorResponse), if it names one."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, Mapping):
+        return None
+    err = parsed.get("error")
+    where = err if isinstance(err, Mapping) else parsed
+    param = where.get("param")
+    return param if isinstance(param, str) and param else None
+
+
 def error_from_body(body: bytes | str | Mapping[str, Any]) -> str | None:
     """The message in an HTTP error body: an OpenAI error object, FastAPI's ``detail``,
     a ``message`` field, or the text itself (truncated)."""
