@@ -540,32 +540,21 @@ async def test_an_engine_refusing_the_request_is_a_rejection_not_a_failure(
     )
 
 
-async def test_a_rejection_without_a_json_body_names_no_field(
-    raw: tuple[Recorder, int], session: aiohttp.ClientSession
-) -> None:
-    rec, port = raw
-
-    async def reply(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=400, text="bad request")
-
-    rec.handler = reply
-    with pytest.raises(EngineRequestRejectedError, match="bad request") as info:
-        await collect(client_for(port, session), completion_req())
-    assert info.value.param is None
-
-
+@pytest.mark.parametrize(("status", "rejected"), [(400, True), (502, False)])
 async def test_plain_text_error_body_is_the_message(
-    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, rejected: bool
 ) -> None:
     rec, port = raw
 
     async def reply(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=502, text="bad gateway upstream")
+        return web.Response(status=status, text="the engine says no")
 
     rec.handler = reply
-    with pytest.raises(EngineError, match="bad gateway upstream") as info:
+    with pytest.raises(EngineError, match="the engine says no") as info:
         await collect(client_for(port, session), completion_req())
-    assert info.value.retryable is True
+    assert isinstance(info.value, EngineRequestRejectedError) is rejected
+    assert info.value.retryable is not rejected
+    assert info.value.param is None
 
 
 async def test_connection_refused_is_retryable(session: aiohttp.ClientSession) -> None:
