@@ -4,7 +4,9 @@ is formatted and written elsewhere, and a stream that stops draining stalls noth
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -13,7 +15,15 @@ import uuid
 
 import pytest
 
-from sage_llm.logqueue import LogWriter, QueuedHandler, parse_level, queued_logging
+from sage_llm.logqueue import (
+    LOG_FORMAT,
+    JsonFormatter,
+    LogWriter,
+    QueuedHandler,
+    make_formatter,
+    parse_level,
+    queued_logging,
+)
 
 
 def _fresh_logger() -> logging.Logger:
@@ -167,3 +177,50 @@ def test_the_cli_rejects_an_unknown_log_level() -> None:
     )
     assert proc.returncode == 1
     assert "error: --log-level: unknown log level 'loud'" in proc.stderr
+
+
+def test_json_lines_carry_the_callers_fields_and_the_traceback() -> None:
+    logger, out = _fresh_logger(), io.StringIO()
+
+    class Opaque:
+        def __str__(self) -> str:
+            return "opaque-value"
+
+    with queued_logging("info", out, fmt="json", logger=logger):
+        logger.info("request_id=%s status=%d", "r1", 200, extra={"request_id": "r1", "status": 200})
+        logger.warning("odd value", extra={"thing": Opaque()})
+        try:
+            raise KeyError("k")
+        except KeyError:
+            logger.exception("failed")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["level"] for line in lines] == ["INFO", "WARNING", "ERROR"]
+    first = lines[0]
+    assert first["logger"] == logger.name and first["message"] == "request_id=r1 status=200"
+    assert (first["request_id"], first["status"]) == ("r1", 200)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert set(first) == {"time", "level", "logger", "message", "request_id", "status"}
+    assert lines[1]["thing"] == "opaque-value"
+    assert "KeyError: 'k'" in lines[2]["exception"]
+
+
+def test_log_formats_by_name() -> None:
+    assert isinstance(make_formatter("json"), JsonFormatter)
+    assert make_formatter("text")._fmt == LOG_FORMAT
+    with pytest.raises(ValueError, match="unknown log format 'xml' \\(known: text, json\\)"):
+        make_formatter("xml")
+    logs = queued_logging("info", io.StringIO(), fmt="xml", logger=_fresh_logger())
+    with pytest.raises(ValueError, match="unknown log format"), logs:
+        pass
+
+
+def test_the_cli_rejects_an_unknown_log_format() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_llm.cli", "serve", "--log-format", "xml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "error: --log-format: unknown log format 'xml' (known: text, json)" in proc.stderr

@@ -34,15 +34,22 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
-def _setup_logging(ctx: typer.Context, level: str) -> None:
-    """Log at ``level`` for the rest of the command, through a writer thread
-    (:mod:`sage_llm.logqueue`: the servers' event loops never format or write a line)."""
-    from sage_llm.logqueue import queued_logging
+def _setup_logging(ctx: typer.Context, level: str, fmt: str) -> None:
+    """Log at ``level`` in the format ``fmt`` for the rest of the command, through a writer
+    thread (:mod:`sage_llm.logqueue`: the servers' event loops never format or write a
+    line)."""
+    from sage_llm.logqueue import LOG_FORMATS, parse_level, queued_logging
 
     try:
-        ctx.with_resource(queued_logging(level))
+        parse_level(level)
     except ValueError as exc:
         _fail(f"--log-level: {exc}")
+    if fmt not in LOG_FORMATS:
+        _fail(f"--log-format: unknown log format {fmt!r} (known: {', '.join(LOG_FORMATS)})")
+    ctx.with_resource(queued_logging(level, fmt=fmt))
+
+
+_LOG_FORMAT_HELP = "Log lines: text, or json (one object per line, with the access log's fields)."
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -59,6 +66,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (overrides the file).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (overrides the file).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
     loop: Annotated[
         str, typer.Option(help="Event loop: auto (uvloop when installed), uvloop or asyncio.")
     ] = "auto",
@@ -67,7 +75,7 @@ def serve(
 
     Without --config it starts the embedded default: a small fleet of simulated engines.
     """
-    _setup_logging(ctx, log_level)
+    _setup_logging(ctx, log_level, log_format)
     from sage_llm.config import SageConfig, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
     from sage_llm.gateway.server import run_gateway
@@ -140,6 +148,7 @@ def engine_sim(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
     faults: Annotated[
         str | None,
         typer.Option(help="Fault plan, e.g. 'crash@30; error=503@p0.05' (see sim/faults.py)."),
@@ -156,7 +165,7 @@ def engine_sim(
     A GPU × model with a packaged fitted profile (``--gpu cpu --model tiny``: vLLM's CPU
     build) uses the profile's step model, engine limits and front end. With ``--instant``
     every answer comes at once (``sage_llm.sim.instant``), whole requests only."""
-    _setup_logging(ctx, log_level)
+    _setup_logging(ctx, log_level, log_format)
     from sage_llm.engines.base import EngineClient
     from sage_llm.sim.engine import SimEngine
     from sage_llm.sim.factory import engine_settings
@@ -263,12 +272,13 @@ def launch(
     host: Annotated[str, typer.Option(help="Gateway bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8080,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
 ) -> None:
     """Start the engines of a launch file or plan and serve the gateway over them.
 
     Ctrl-C stops the gateway and every engine it started.
     """
-    _setup_logging(ctx, log_level)
+    _setup_logging(ctx, log_level, log_format)
     from sage_llm.config import SageConfig
     from sage_llm.control_plane.manager import ControlPlaneManager
     from sage_llm.gateway.server import run_gateway

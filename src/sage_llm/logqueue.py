@@ -13,7 +13,9 @@ The queue is bounded (``capacity`` records): when the stream falls that far behi
 records are dropped and counted, and the writer reports the count in a WARNING line once
 it catches up, instead of the process growing without bound or stalling. On exit from
 the context the writer writes what is queued and stops (waiting at most
-``close_timeout_s`` for a stream that does not drain).
+``close_timeout_s`` for a stream that does not drain). Lines are :data:`LOG_FORMAT` text,
+or JSON objects (:class:`JsonFormatter`, ``--log-format json``) that carry the fields
+callers pass with ``extra=`` (the access line's request id, status, latency, …).
 
 What it does not remove is the work of logging: the record is still made in the loop's
 thread and formatted in the same process (the writer needs the GIL). At concurrency 1 an
@@ -25,17 +27,38 @@ access line costs the gateway about 50 µs either way; under load the batched wr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import TextIO
 
-__all__ = ["LOG_FORMAT", "LogWriter", "QueuedHandler", "parse_level", "queued_logging"]
+__all__ = [
+    "LOG_FORMAT",
+    "LOG_FORMATS",
+    "JsonFormatter",
+    "LogWriter",
+    "QueuedHandler",
+    "make_formatter",
+    "parse_level",
+    "queued_logging",
+]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 """The servers' log line format (what ``basicConfig`` was given before)."""
+
+LOG_FORMATS = ("text", "json")
+"""``--log-format`` values: :data:`LOG_FORMAT` lines, or one JSON object per line."""
+
+_STANDARD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+"""A record's own attributes; any other was given by the caller (``extra=``)."""
 
 _BATCH = 512
 """Records formatted and written per ``write`` call, at most."""
@@ -54,6 +77,42 @@ def parse_level(level: str | int) -> int:
             f"unknown log level {level!r} (known: debug, info, warning, error, critical)"
         )
     return value
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, for log pipelines: ``time`` (UTC, ISO 8601, ms),
+    ``level``, ``logger``, ``message``, every field the caller passed with ``extra=``
+    (the gateway's access line gives ``request_id``, ``method``, ``path``, ``status``,
+    ``latency_ms`` and ``model``), and ``exception`` with the traceback when there is one.
+    A value JSON cannot hold is written as its ``str``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        out: dict[str, object] = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_FIELDS and key not in out:
+                out[key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return json.dumps(out, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def make_formatter(fmt: str) -> logging.Formatter:
+    """The formatter of a ``--log-format`` value; ValueError names the known ones."""
+    if fmt == "text":
+        return logging.Formatter(LOG_FORMAT)
+    if fmt == "json":
+        return JsonFormatter()
+    raise ValueError(f"unknown log format {fmt!r} (known: {', '.join(LOG_FORMATS)})")
 
 
 class LogWriter:
@@ -192,25 +251,28 @@ def queued_logging(
     level: str | int,
     stream: TextIO | None = None,
     *,
+    fmt: str = "text",
     logger: logging.Logger | None = None,
     capacity: int = 100_000,
     close_timeout_s: float = 2.0,
 ) -> Iterator[LogWriter | None]:
     """Log through a :class:`QueuedHandler` on ``logger`` (the root logger by default) at
-    ``level``, to ``stream`` (stderr by default), for the duration of the context.
+    ``level``, to ``stream`` (stderr by default), in the format ``fmt`` (one of
+    :data:`LOG_FORMATS`), for the duration of the context.
 
     As ``logging.basicConfig`` does, it only sets ``logger``'s level and installs nothing
     when ``logger`` already has handlers (under pytest, or when an application set up
     logging itself); it yields the writer, or None then. On exit the handler is removed
     and what was queued is written."""
     target = logging.getLogger() if logger is None else logger
+    formatter = make_formatter(fmt)
     target.setLevel(parse_level(level))
     if target.handlers:
         yield None
         return
     writer = LogWriter(
         sys.stderr if stream is None else stream,
-        logging.Formatter(LOG_FORMAT),
+        formatter,
         capacity=capacity,
         close_timeout_s=close_timeout_s,
     )
