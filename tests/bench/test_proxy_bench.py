@@ -9,10 +9,12 @@ from rich.console import Console
 
 from sage_llm.bench.proxy_bench import (
     ClientResult,
+    ProxyRow,
     closed_loop,
     render_rows,
     rows_from,
     run_proxy_bench,
+    target_lines,
 )
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import create_engine_app
@@ -55,6 +57,34 @@ def test_rows_added_latency_is_against_direct_of_the_same_mode() -> None:
     console = Console(width=200, record=True)
     console.print(render_rows(list(rows.values()), c1_engine="sim"))
     assert "c1 behind engine-sim, c64" in console.export_text()
+
+
+def test_target_lines_set_each_gateway_target_against_the_faster_rust_router() -> None:
+    def row(target: str, stream: bool, added: float | None, rate: float) -> ProxyRow:
+        return ProxyRow(target, stream, None, added, None, rate, 0)
+
+    rows = [
+        row("direct", False, None, 5000.0),
+        row("sage-llm serve", False, 0.43, 3000.0),
+        row("sage-llm serve, engine_stream=client", False, 0.42, 3300.0),
+        row("vllm-router", False, 0.26, 4000.0),
+        row("sglang-router", False, 0.27, 3800.0),
+        row("python-forwarder", False, 0.20, 9000.0),  # not a Rust router
+        row("sage-llm serve", True, 0.54, 2500.0),
+        row("sglang-router", True, 43.6, 3000.0),
+    ]
+    assert target_lines(rows) == [
+        "sage-llm serve, non-streaming: c64 0.75x vllm-router (not met: >= 0.8x); "
+        "c1 added 0.43 ms (met: < 0.5 ms)",
+        "sage-llm serve, engine_stream=client, non-streaming: c64 0.82x vllm-router "
+        "(met: >= 0.8x); c1 added 0.42 ms (met: < 0.5 ms)",
+        "sage-llm serve, streaming: c64 0.83x sglang-router (met: >= 0.8x); "
+        "c1 added 0.54 ms (not met: < 0.5 ms)",
+    ]
+    # no Rust router ran: only the added latency
+    assert target_lines([row("sage-llm serve", False, 0.6, 100.0)]) == [
+        "sage-llm serve, non-streaming: c1 added 0.60 ms (not met: < 0.5 ms)"
+    ]
 
 
 def test_run_rejects_an_unknown_c1_engine_before_starting_anything() -> None:

@@ -42,7 +42,14 @@ from sage_llm.bench.demo import DEMO_PRESETS, DEMO_SLO, demo_fleet
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.loadgen import run_http_workload
 from sage_llm.bench.procs import ManagedProcess, free_ports, serving
-from sage_llm.bench.report import Entry, summary_table, target_check, write_html, write_json
+from sage_llm.bench.report import (
+    Entry,
+    report_console,
+    summary_table,
+    target_check,
+    write_html,
+    write_json,
+)
 from sage_llm.bench.stats import SLO, RequestMeasurement, summarize
 from sage_llm.bench.workloads import (
     LogNormal,
@@ -441,7 +448,7 @@ def compare_main(
     ``presets`` are ``policy+routing`` strings (default: the demo's five);
     ``peer_policies`` replaces :data:`PEER_POLICIES` for every peer; ``rate`` or
     ``rates`` fix the offered rate(s), otherwise ``load`` × calibrated capacity is used."""
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    console = console or report_console()
     cfg = CompareConfig(
         workload=workload,
         presets=tuple(parse_preset(p) for p in presets) if presets else DEMO_PRESETS,
@@ -569,7 +576,7 @@ def overload_main(
     console: Console | None = None,
 ) -> int:
     """Entry point of ``sage-llm bench compare --overload``: target 2, table + reports."""
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    console = console or report_console()
     with console.status("starting …") as status:
         entries, capacity = overload_compare(
             engines=engines,

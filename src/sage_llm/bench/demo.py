@@ -14,7 +14,6 @@ named SLO, latency percentiles, prefix-cache hit rate and SLO attainment by prio
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
 from sage_llm.bench.loadgen import LoadReport, run_http_workload
+from sage_llm.bench.report import report_console
 from sage_llm.bench.stats import SLO, BenchSummary, summarize
 from sage_llm.bench.workloads import (
     LogNormal,
@@ -172,7 +172,7 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
 ) -> list[RunResult]:
-    console = console or Console(width=None if sys.stdout.isatty() else 132)
+    console = console or report_console(132)
     console.print(
         "[bold]sage-llm demo, part 1[/bold]: `sage-llm serve`'s embedded default (gateway + 4 "
         "simulated H100 engines serving Llama-3-8B) on loopback, driven over HTTP …"

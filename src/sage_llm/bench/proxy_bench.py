@@ -51,6 +51,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from sage_llm.bench.report import report_console
 from sage_llm.bench.stats import percentile
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ __all__ = [
     "proxy_targets",
     "python_forwarder",
     "run_proxy_bench",
+    "target_lines",
 ]
 
 PROMPT = "Tell me about the weather in a city of your choice, briefly."
@@ -280,6 +282,45 @@ def render_rows(rows: Sequence[ProxyRow], *, c1_engine: str = "instant") -> Tabl
     return table
 
 
+RUST_ROUTERS = ("vllm-router", "sglang-router")
+"""The peers issue #4's rate targets are set against (the faster of the two)."""
+
+RATE_TARGET = 0.8
+"""Issue #4: at concurrency 64, at least this share of the faster Rust router's req/s."""
+
+ADDED_TARGET_MS = 0.5
+"""Issue #4: at concurrency 1, a proxy adds less than this to the p50 latency."""
+
+
+def target_lines(rows: Sequence[ProxyRow]) -> list[str]:
+    """Each ``sage-llm serve`` target's figures against issue #4's targets, one line per
+    target and mode: its c64 req/s as a share of the faster Rust router's (when one ran)
+    and its added c1 p50, each marked met or not."""
+    lines: list[str] = []
+    for stream in (False, True):
+        mode = "streaming" if stream else "non-streaming"
+        same = [r for r in rows if r.stream is stream]
+        rust = [r for r in same if r.target in RUST_ROUTERS and r.req_per_s_c64 > 0]
+        best = max(rust, key=lambda r: r.req_per_s_c64) if rust else None
+        for _, name in SAGE_TARGETS:
+            row = next((r for r in same if r.target == name), None)
+            if row is None:
+                continue
+            parts: list[str] = []
+            if best is not None:
+                ratio = row.req_per_s_c64 / best.req_per_s_c64
+                verdict = "met" if ratio >= RATE_TARGET else "not met"
+                parts.append(f"c64 {ratio:.2f}x {best.target} ({verdict}: >= {RATE_TARGET:g}x)")
+            if row.added_ms is not None:
+                verdict = "met" if row.added_ms < ADDED_TARGET_MS else "not met"
+                parts.append(
+                    f"c1 added {row.added_ms:.2f} ms ({verdict}: < {ADDED_TARGET_MS:g} ms)"
+                )
+            if parts:
+                lines.append(f"{name}, {mode}: " + "; ".join(parts))
+    return lines
+
+
 @dataclass(frozen=True)
 class ProxyTarget:
     """Where to send a target's traffic, and its process group (None: the engine itself)."""
@@ -413,7 +454,7 @@ def proxy_bench_main(
     c1_engine: str = "instant",
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
-    console = console or Console()
+    console = console or report_console()
     with console.status("measuring proxies …"):
         rows = asyncio.run(
             run_proxy_bench(
@@ -423,6 +464,8 @@ def proxy_bench_main(
             )
         )  # fmt: skip
     console.print(render_rows(rows, c1_engine=c1_engine))
+    for line in target_lines(rows):
+        console.print(line, highlight=False)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "proxy.json"
     path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n", encoding="utf-8")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from sage_llm.bench.stats import BenchSummary, RequestMeasurement, tpot, ttft
@@ -28,6 +30,7 @@ __all__ = [
     "best_by_goodput",
     "cdf_points",
     "goodput_curves",
+    "report_console",
     "summary_table",
     "target_check",
     "write_html",
@@ -57,6 +60,13 @@ class Entry:
             "summary": self.summary.to_dict(),
             "extra": dict(self.extra),
         }
+
+
+def report_console(width: int = 160) -> Console:
+    """The console a benchmark prints its report on: the terminal's width on a terminal,
+    else ``width`` columns (a file or a pipe would get 80, and the tables' cells cut
+    short)."""
+    return Console(width=None if sys.stdout.isatty() else width)
 
 
 def cdf_points(values: Sequence[float]) -> tuple[list[float], list[float]]:
