@@ -350,6 +350,13 @@ def test_bad_enum_values() -> None:
         assert (err.location, err.key) == ("cfg.toml:2", key)
     cfg = parse_config("[services.llm_control_plane]\nengine_stream_sample = 0.5\n")
     assert ControlPlaneManager(**cfg.manager_kwargs()).engine_stream_sample == 0.5
+    err = problem("[services.llm_control_plane]\nengine_stream_sample_max_per_s = -1\n")
+    key = "services.llm_control_plane.engine_stream_sample_max_per_s"
+    assert (err.location, err.key) == ("cfg.toml:2", key)
+    cfg = parse_config("[services.llm_control_plane]\nengine_stream_sample_max_per_s = 0\n")
+    assert ControlPlaneManager(**cfg.manager_kwargs()).engine_stream_sample_max_per_s == 0
+    default = ControlPlaneManager(**parse_config("").manager_kwargs())
+    assert default.engine_stream_sample_max_per_s == 20.0
     assert (
         parse_config(
             '[services.llm_control_plane]\nrouting_strategy = "Power-Of-Two"\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Any
 
 import pytest
@@ -398,11 +399,12 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
 
         cp = ControlPlaneManager(
             mode="simulated", engine_factory=factory, routing_strategy="round_robin",
-            engine_stream_sample=0.25,
+            engine_stream_sample=0.25, engine_stream_sample_max_per_s=0,
         )  # fmt: skip
         assert cp.engine_stream == "sampled"
         status = cp.get_status()
         assert (status["engine_stream"], status["engine_stream_sample"]) == ("sampled", 0.25)
+        assert status["engine_stream_sample_max_per_s"] == 0  # no limit
         for inst in make_instances(2):
             cp.register_instance(inst)
         async with cp:
@@ -428,6 +430,39 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="engine_stream_sample"):
             ControlPlaneManager(mode="simulated", engine_stream_sample=bad)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="engine_stream_sample_max_per_s"):
+            ControlPlaneManager(mode="simulated", engine_stream_sample_max_per_s=bad)
+
+
+def test_engine_stream_sampled_streams_at_most_the_limit_a_second_on_each_instance() -> None:
+    """Every other request is due to stream (sample 0.5), 32 a second arrive, and at most 8
+    a second may stream: a due request streams only once 1/8 s has passed since the
+    instance's last sampled stream, and the credit waits for it."""
+
+    async def main() -> None:
+        engines: list[OnePieceEngine] = []
+
+        def factory(inst: ExecutionInstance) -> OnePieceEngine:
+            engines.append(OnePieceEngine(inst.instance_id))
+            return engines[-1]
+
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=factory, engine_stream_sample=0.5,
+            engine_stream_sample_max_per_s=8.0,
+        )  # fmt: skip
+        cp.register_instance(make_instance("e0"))
+        sent_at: dict[str, float] = {}
+        async with cp:
+            start = cp.clock.now()
+            for i in range(32):  # one second: a request every 1/32 s
+                await asyncio.sleep(start + i / 32 - cp.clock.now())
+                sent_at[f"r{i}"] = cp.clock.now() - start
+                await cp.collect(make_metadata(f"r{i}", max_tokens=2))
+        streamed = [sent_at[r.request_id] for r in engines[0].requests if r.stream]
+        assert streamed == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875])
+
+    run_virtual(main())
 
 
 def test_engine_stream_sampled_streams_every_call_to_an_engine_that_streams_anyway() -> None:

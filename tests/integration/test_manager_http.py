@@ -82,7 +82,10 @@ async def test_dead_engine_before_first_token_retries_on_the_other(
 async def test_sampled_engine_streaming_over_http_measures_one_request_in_n(
     two_engines: list[tuple[SimEngine, int]],
 ) -> None:
-    cp = ControlPlaneManager(scheduling_policy="fifo", engine_stream_sample=0.25)
+    # no rate limit here: these requests come closer together than the default's 1/20 s
+    cp = ControlPlaneManager(
+        scheduling_policy="fifo", engine_stream_sample=0.25, engine_stream_sample_max_per_s=0
+    )
     assert cp.engine_stream == "sampled"  # the default
     _, port = two_engines[0]
     cp.register_instance(ExecutionInstance("http-0", "127.0.0.1", port, MODEL))

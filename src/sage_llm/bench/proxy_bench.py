@@ -89,7 +89,8 @@ gateway's own transport, the floor of a Python proxy (nothing to install)."""
 SAGE_TARGETS = (("sampled", "sage-llm serve"), ("client", "sage-llm serve, engine_stream=client"))
 """Two of the gateway's ways of calling engines (``engine_stream``), each a target: the
 default (``sampled``: calls stream when their client streams, and one non-streaming request
-in ten on each instance streams too, so TTFT and TPOT stay measured), and ``client`` (only
+in ten on each instance streams too, at most 20 a second, so TTFT and TPOT stay measured),
+and ``client`` (only
 those whose client streams, as the Rust routers do; also the only mode that commits before
 ``sampled`` know, so ``--baseline-src`` comparisons use it)."""
 

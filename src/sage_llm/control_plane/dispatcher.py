@@ -134,6 +134,7 @@ class Dispatcher:
         max_queue_wait_s: float | None = None,
         seed: int | None = None,
         stream_sample: float = 0.0,
+        stream_sample_gap_s: float = 0.0,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -154,6 +155,8 @@ class Dispatcher:
         self.stream_sample = stream_sample
         """The fraction of non-streaming requests whose engine call streams anyway
         (``engine_stream = "sampled"``; 0: none), spread evenly over each instance's."""
+        self.stream_sample_gap_s = stream_sample_gap_s
+        """The least time between two sampled streams on one instance (0: no limit)."""
         self._rng = random.Random(seed)  # retry backoff jitter
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._wake = asyncio.Event()
@@ -419,8 +422,9 @@ class Dispatcher:
         whose client can answer in one piece (``one_piece``: it has ``complete``) or not.
         With a :attr:`stream_sample`, a non-streaming one is made to stream (from now on,
         retries included) when the instance's :attr:`~InstanceState.stream_credit` comes
-        round, or at once when its engine's answer comes in pieces anyway (in-process
-        engines), which costs nothing."""
+        round and at least :attr:`stream_sample_gap_s` has passed since the instance's last
+        sampled stream (until then the credit waits, full), or at once when its engine's
+        answer comes in pieces anyway (in-process engines), which costs nothing."""
         req = rec.engine_request
         sample = self.stream_sample
         if req.stream or not sample:
@@ -430,6 +434,10 @@ class Dispatcher:
             if credit < _FULL_CREDIT:
                 state.stream_credit = credit + sample
                 return req
+            now = self.clock.now()
+            if now < state.stream_sample_due:
+                return req
+            state.stream_sample_due = now + self.stream_sample_gap_s
             state.stream_credit = credit - 1.0 + sample
         req = rec.engine_request = req.with_changes(stream=True)
         return req

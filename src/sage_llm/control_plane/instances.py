@@ -8,6 +8,7 @@ freezes all of it into the :class:`ClusterSnapshot` that policies and routers re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -59,6 +60,9 @@ class InstanceState:
     """Sampled engine streaming (``engine_stream = "sampled"``): a non-streaming request
     streams when the credit is 1, which it then gives up; each adds the sample fraction (so
     the instance's first one streams, then one in every 1 / fraction)."""
+    stream_sample_due: float = -math.inf
+    """The earliest time (clock seconds) the next sampled request may stream: the sample's
+    rate limit (``engine_stream_sample_max_per_s``). Until then the credit stays full."""
     latencies_ms: list[float] = field(default_factory=list)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)

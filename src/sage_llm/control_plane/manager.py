@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -115,6 +116,7 @@ class ControlPlaneManager:
         reject_infeasible_slo: bool = False,
         engine_stream: str = "sampled",
         engine_stream_sample: float = 0.1,
+        engine_stream_sample_max_per_s: float = 20.0,
     ) -> None:
         """``health`` sets probes and the circuit breaker (default: probes every
         ``health_interval_s``); ``engine_timeouts`` the connect / first-token / idle limits
@@ -123,8 +125,9 @@ class ControlPlaneManager:
         ``reject_infeasible_slo`` refuses requests whose deadline no instance can meet;
         ``engine_stream`` is ``"sampled"`` (an engine call streams when its client streams,
         and a fraction ``engine_stream_sample`` of the other requests on each instance
-        stream too, so TTFT, TPOT and the instances' latency estimates stay measured while
-        most non-streaming requests cost no more than a plain proxy's), ``"always"`` (every
+        stream too, at most ``engine_stream_sample_max_per_s`` a second on each (0: no
+        limit), so TTFT, TPOT and the instances' latency estimates stay measured while most
+        non-streaming requests cost no more than a plain proxy's), ``"always"`` (every
         engine call streams: TTFT and TPOT measured for every request) or ``"client"``
         (only when the client streams: no TTFT or TPOT for non-streaming requests).
         Engines whose answer comes in pieces anyway (in-process simulated ones) stream
@@ -169,8 +172,14 @@ class ControlPlaneManager:
             raise ValueError(
                 f"engine_stream_sample must be in (0, 1], not {engine_stream_sample!r}"
             )
+        limit = engine_stream_sample_max_per_s
+        if not (math.isfinite(limit) and limit >= 0):
+            raise ValueError(
+                f"engine_stream_sample_max_per_s must be >= 0 (0: no limit), not {limit!r}"
+            )
         self.engine_stream = engine_stream
         self.engine_stream_sample = engine_stream_sample
+        self.engine_stream_sample_max_per_s = engine_stream_sample_max_per_s
         self._registry = InstanceRegistry()
         self._metrics = ControlPlaneMetrics()
         self._health: HealthMonitor | None = None
@@ -228,6 +237,11 @@ class ControlPlaneManager:
             max_queue_wait_s=self.max_queue_wait_s,
             seed=self._seed,
             stream_sample=self.engine_stream_sample if self.engine_stream == "sampled" else 0.0,
+            stream_sample_gap_s=(
+                1.0 / self.engine_stream_sample_max_per_s
+                if self.engine_stream_sample_max_per_s
+                else 0.0
+            ),
         )
         self._started_at = clock.now()
         self._deadlines = DeadlineTimers(asyncio.get_running_loop())
@@ -624,6 +638,7 @@ class ControlPlaneManager:
             "routing_strategy": self._routing_name,
             "engine_stream": self.engine_stream,
             "engine_stream_sample": self.engine_stream_sample,
+            "engine_stream_sample_max_per_s": self.engine_stream_sample_max_per_s,
             "pd_separation": self.enable_pd_separation,
             "pd": self._pd_status(),
             "pending_requests": len(policy),
