@@ -167,18 +167,6 @@ def test_the_handler_passes_records_to_its_writer() -> None:
     assert out.getvalue() == "INFO a=b\n"
 
 
-def test_the_cli_rejects_an_unknown_log_level() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sage_llm.cli", "engine-sim", "--log-level", "loud"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 1
-    assert "error: --log-level: unknown log level 'loud'" in proc.stderr
-
-
 def test_json_lines_carry_the_callers_fields_and_the_traceback() -> None:
     logger, out = _fresh_logger(), io.StringIO()
 
@@ -214,13 +202,23 @@ def test_log_formats_by_name() -> None:
         pass
 
 
-def test_the_cli_rejects_an_unknown_log_format() -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["engine-sim", "--log-level", "loud"], "error: --log-level: unknown log level 'loud'"),
+        (
+            ["serve", "--log-format", "xml"],
+            "error: --log-format: unknown log format 'xml' (known: text, json)",
+        ),
+    ],
+)
+def test_the_cli_rejects_an_unknown_log_level_or_format(argv: list[str], message: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "sage_llm.cli", "serve", "--log-format", "xml"],
+        [sys.executable, "-m", "sage_llm.cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert proc.returncode == 1
-    assert "error: --log-format: unknown log format 'xml' (known: text, json)" in proc.stderr
+    assert message in proc.stderr
