@@ -38,14 +38,16 @@ def _setup_logging(ctx: typer.Context, level: str, fmt: str) -> None:
     """Log at ``level`` in the format ``fmt`` for the rest of the command, through a writer
     thread (:mod:`sage_llm.logqueue`: the servers' event loops never format or write a
     line)."""
-    from sage_llm.logqueue import LOG_FORMATS, parse_level, queued_logging
+    from sage_llm.logqueue import make_formatter, parse_level, queued_logging
 
     try:
         parse_level(level)
     except ValueError as exc:
         _fail(f"--log-level: {exc}")
-    if fmt not in LOG_FORMATS:
-        _fail(f"--log-format: unknown log format {fmt!r} (known: {', '.join(LOG_FORMATS)})")
+    try:
+        make_formatter(fmt)
+    except ValueError as exc:
+        _fail(f"--log-format: {exc}")
     ctx.with_resource(queued_logging(level, fmt=fmt))
 
 

@@ -170,18 +170,15 @@ class LogWriter:
     def _run(self) -> None:
         get, take = self._queue.get, self._queue.get_nowait
         while True:
-            first = get()
-            batch = [first]
-            while first is not _STOP and len(batch) < _BATCH:
+            batch = [get()]
+            while batch[-1] is not _STOP and len(batch) < _BATCH:
                 try:
                     batch.append(take())
                 except queue.Empty:
                     break
-                if batch[-1] is _STOP:
-                    break
-            records = [r for r in batch if r is not None]
-            self._write(records)
-            if batch[-1] is _STOP:
+            stop = batch[-1] is _STOP
+            self._write([r for r in batch if r is not None])
+            if stop:
                 return
 
     def _write(self, records: list[logging.LogRecord]) -> None:
@@ -194,10 +191,11 @@ class LogWriter:
                 lines.append(self.formatter.format(record))
             except Exception as exc:  # a bad format string must not end the writer
                 lines.append(f"(log record from {record.name} could not be formatted: {exc!r})")
-        if not lines or self._broken:
-            if self._broken:
-                with self._lock:
-                    self._dropped += len(records)
+        if self._broken:
+            with self._lock:
+                self._dropped += len(records)
+            return
+        if not lines:
             return
         try:
             self.stream.write("\n".join(lines) + "\n")

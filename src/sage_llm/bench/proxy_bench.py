@@ -90,9 +90,8 @@ SAGE_TARGETS = (("sampled", "sage-llm serve"), ("client", "sage-llm serve, engin
 """Two of the gateway's ways of calling engines (``engine_stream``), each a target: the
 default (``sampled``: calls stream when their client streams, and one non-streaming request
 in ten on each instance streams too, at most 20 a second, so TTFT and TPOT stay measured),
-and ``client`` (only
-those whose client streams, as the Rust routers do; also the only mode that commits before
-``sampled`` know, so ``--baseline-src`` comparisons use it)."""
+and ``client`` (only those whose client streams, as the Rust routers do; also the only mode
+that commits before ``sampled`` know, so ``--baseline-src`` comparisons use it)."""
 
 
 @dataclass(frozen=True)
