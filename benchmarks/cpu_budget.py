@@ -120,14 +120,15 @@ async def measure_one(
     engine_pgids: Sequence[int],
     concurrency: int,
     requests: int,
+    prompt_tokens: int = 0,
 ) -> BudgetRow:
     """One measured run (after a short unmeasured warm-up)."""
     urls, proxies = target.urls, target.pgids
-    await client_process(urls, concurrency, 200, stream)
+    await client_process(urls, concurrency, 200, stream, prompt_tokens=prompt_tokens)
     engines_before = sum(group_cpu_s(p) for p in engine_pgids)
     proxy_before = sum(group_cpu_s(p) for p in proxies)
     busy_before, total_before = machine_ticks()
-    data = await client_process(urls, concurrency, requests, stream)
+    data = await client_process(urls, concurrency, requests, stream, prompt_tokens=prompt_tokens)
     busy_after, total_after = machine_ticks()
     client_s = data.cpu_s
     engines_s = sum(group_cpu_s(p) for p in engine_pgids) - engines_before
@@ -216,6 +217,7 @@ async def run(
     rounds: int = 1,
     baseline_src: Path | None = None,
     split: int = 1,
+    prompt_tokens: int = 0,
 ) -> tuple[list[BudgetRow], list[BudgetRow]]:
     """Every target in every mode, ``rounds`` times interleaved: the median row of each, and
     every run's row."""
@@ -234,6 +236,7 @@ async def run(
                     row = await measure_one(
                         name, target, stream=stream, engine_pgids=engine_pgids,
                         concurrency=concurrency, requests=requests,
+                        prompt_tokens=prompt_tokens,
                     )  # fmt: skip
                     runs.setdefault((name, stream), []).append(row)
     return [median_row(rows) for rows in runs.values()], [r for rows in runs.values() for r in rows]
@@ -280,7 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run N sage-llm serve processes (N >= 2), each over the whole fleet, the "
         "client's in-flight requests spread over them",
     )  # fmt: skip
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=0,
+        help="tokens in every request's prompt (0: the proxy bench's 14-token prompt)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.prompt_tokens < 0:
+        parser.error("--prompt-tokens must be at least 0")
     if args.split < 1:
         parser.error("--split must be at least 1")
     if args.rounds < 1:
@@ -293,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = run(
         peers=args.peers, concurrency=args.concurrency, requests=args.requests,
         modes=modes, rounds=args.rounds, baseline_src=baseline, split=args.split,
+        prompt_tokens=args.prompt_tokens,
     )  # fmt: skip
     rows, every_run = asyncio.run(job)
     print(render(rows, args.concurrency))

@@ -1,8 +1,9 @@
-"""The shared tokenizer's prefix-block hashes."""
+"""The shared tokenizer: its pieces, their count and the prefix-block hashes."""
 
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 import zlib
@@ -13,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sage_llm.tokens import block_hashes, prompt_blocks, tokenize
+from sage_llm import tokens
+from sage_llm.tokens import block_hashes, count_tokens, prompt_blocks, split, tokenize
 
 
 def test_block_hashes_are_fixed_values() -> None:
@@ -100,16 +102,82 @@ def test_a_partial_last_block_is_never_read() -> None:
     assert block_hashes(ids, 16) == block_hashes(list(range(32)), 16)
 
 
+def _reference_text_hashes(text: str, block_size: int) -> tuple[int, ...]:
+    """The documented definition for a text, written plainly: the CRC-32 and Adler-32 of
+    the UTF-8 text up to the end of each full block of pieces."""
+    pieces = split(text)
+    out: list[int] = []
+    for end in range(block_size, len(pieces) + 1, block_size):
+        data = "".join(pieces[:end]).encode("utf-8", "surrogatepass")
+        out.append(zlib.crc32(data) | (zlib.adler32(data) << 32))
+    return tuple(out)
+
+
+_PIECES = ["the", "control", "plane", "schedules", "é", "!", "  ", "\n", "\t", "requests,",
+           "x" * 13, "y" * 8, "z" * 17, "_", "42", "日本語", "٣", "\x1c", "\u2028", "\u00a0",
+           "😀", "𝐀𝐁", "\ud800", "a.b", "--", "\r\n"]  # fmt: skip
+
+
+def _random_text(rng: random.Random, pieces: int) -> str:
+    return "".join(rng.choice(_PIECES) + rng.choice(["", " "]) for _ in range(pieces))
+
+
+@pytest.mark.parametrize("vector_min_chars", [0, 10**9])
 @pytest.mark.parametrize("seed", range(3))
-def test_prompt_blocks_equal_tokenize_then_hash(seed: int) -> None:
+def test_prompt_blocks_of_a_text_count_its_pieces_and_hash_its_block_prefixes(
+    seed: int, vector_min_chars: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # both ways of finding the pieces (numpy for long texts, the regex for short ones)
+    monkeypatch.setattr(tokens, "_VECTOR_MIN_CHARS", vector_min_chars)
     rng = random.Random(seed)
-    words = ["the", "control", "plane", "schedules", "é", "!", "  ", "\n", "requests,", "x" * 13]
-    for _ in range(100):
-        block_size = rng.choice([1, 3, 16, 17])
-        text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randrange(60)))
-        ids = tokenize(text)
-        assert prompt_blocks(text, block_size) == (len(ids), block_hashes(ids, block_size))
-        assert prompt_blocks(ids, block_size) == (len(ids), block_hashes(ids, block_size))
+    for _ in range(300):
+        block_size = rng.choice([1, 2, 3, 8, 16, 17])
+        text = _random_text(rng, rng.randrange(1, 80))
+        n = len(split(text))
+        assert prompt_blocks(text, block_size) == (n, _reference_text_hashes(text, block_size))
+        assert count_tokens(text) == n
+
+
+def test_prompt_blocks_of_token_ids_are_their_block_hashes() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        ids = tokenize(_random_text(rng, rng.randrange(1, 60)))
+        for block_size in (1, 3, 16):
+            assert prompt_blocks(ids, block_size) == (len(ids), block_hashes(ids, block_size))
+
+
+def test_long_texts_take_the_vector_path_with_the_same_answer() -> None:
+    rng = random.Random(11)
+    text = _random_text(rng, 3000)
+    assert len(text) >= tokens._VECTOR_MIN_CHARS
+    assert prompt_blocks(text, 16) == (len(split(text)), _reference_text_hashes(text, 16))
+    assert count_tokens(text) == len(split(text))
+    for edge in (" " * 3000, "x" * 3000, "!" * 3000, text + "   ", "  " + text):
+        assert prompt_blocks(edge, 16) == (len(split(edge)), _reference_text_hashes(edge, 16))
+
+
+def test_shared_text_prefixes_share_their_leading_block_hashes() -> None:
+    system = "You are a helpful assistant that answers questions about GPUs. " * 8
+    a = prompt_blocks(system + "What is a GPU?", 16)[1]
+    b = prompt_blocks(system + "Explain NVLink to me, please, in detail.", 16)[1]
+    shared = len(split(system)) // 16
+    assert shared >= 4
+    assert a[:shared] == b[:shared]
+    assert a[shared:] != b[shared:]
+    # a word cut short at the same place is a different piece: nothing after it matches
+    c = prompt_blocks(system[:-2] + "sX tail of the prompt", 16)[1]
+    assert c[: shared - 1] == a[: shared - 1]
+
+
+def test_character_classes_are_the_regular_expressions() -> None:
+    # the vector path classifies characters with str methods; the regex with \\s and \\w
+    space, word = re.compile(r"\s"), re.compile(r"\w")
+    for code in range(0x110000):
+        ch = chr(code)
+        expected = 0 if space.match(ch) else 1 if word.match(ch) else 2
+        assert tokens._class_of(ch) == expected, hex(code)
+        if code < 0x10000:
+            assert tokens._BMP_CLASSES[code] == expected, hex(code)
 
 
 def test_prompt_blocks_rejects_a_bad_block_size_even_for_a_short_prompt() -> None:

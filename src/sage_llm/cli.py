@@ -393,6 +393,12 @@ def bench_proxy(
             "added latency shows) or sim (the engine-sim of the concurrency-64 runs)."
         ),
     ] = "instant",
+    prompt_tokens: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Tokens in every request's prompt (0: the 14-token default prompt)."
+        ),
+    ] = 0,
 ) -> None:
     """Proxy overhead: sage-llm serve vs the Rust routers (req/s, added latency, TTFT)."""
     from sage_llm.bench.proxy_bench import C1_ENGINES, proxy_bench_main
@@ -400,7 +406,15 @@ def bench_proxy(
     if c1_engine not in C1_ENGINES:
         _fail(f"--c1-engine: {c1_engine!r} is not one of {', '.join(C1_ENGINES)}")
     peer_list = [p for p in peers.split(",") if p]
-    raise typer.Exit(proxy_bench_main(peers=peer_list, out=out, rounds=rounds, c1_engine=c1_engine))
+    raise typer.Exit(
+        proxy_bench_main(
+            peers=peer_list,
+            out=out,
+            rounds=rounds,
+            c1_engine=c1_engine,
+            prompt_tokens=prompt_tokens,
+        )
+    )
 
 
 @config_app.command("check")

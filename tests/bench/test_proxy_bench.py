@@ -8,8 +8,10 @@ import pytest
 from rich.console import Console
 
 from sage_llm.bench.proxy_bench import (
+    PROMPT,
     ClientResult,
     ProxyRow,
+    bench_prompt,
     closed_loop,
     render_rows,
     rows_from,
@@ -18,6 +20,7 @@ from sage_llm.bench.proxy_bench import (
 )
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import create_engine_app
+from sage_llm.tokens import count_tokens
 from tests.engines.fake_engine import start_app
 
 
@@ -154,6 +157,35 @@ def test_closed_loop_spreads_its_slots_over_several_urls() -> None:
     assert result.errors == 0 and len(result.latencies_s) == 20
     assert sum(finished) == 20 + 2  # and one warm-up request each
     assert min(finished) >= 1 + 4  # each URL served its slots' share, not only the warm-up
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 14, 15, 300, 4000])
+def test_bench_prompt_has_exactly_the_tokens_asked_for(tokens: int) -> None:
+    prompt = bench_prompt(tokens)
+    assert count_tokens(prompt) == tokens
+    assert prompt.endswith(PROMPT[-len(prompt) :])
+    assert bench_prompt(0) == PROMPT
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        bench_prompt(-1)
+
+
+def test_closed_loop_sends_the_prompt_length_asked_for() -> None:
+    async def main() -> tuple[ClientResult, float]:
+        engine = SimEngine("sim-0", SimEngineConfig(speed=1000.0))
+        runner, port = await start_app(create_engine_app(engine, model_name="llama-3-8b"))
+        try:
+            result = await closed_loop(
+                f"http://127.0.0.1:{port}", concurrency=2, requests=4, stream=False, warmup=1,
+                prompt_tokens=300,
+            )  # fmt: skip
+            return result, (await engine.stats()).prompt_tokens_total
+        finally:
+            await runner.cleanup()
+            await engine.aclose()
+
+    result, prompt_tokens = asyncio.run(main())
+    assert result.errors == 0
+    assert prompt_tokens == 300 * (4 + 1)  # and the warm-up request
 
 
 def test_closed_loop_rejects_bad_arguments() -> None:

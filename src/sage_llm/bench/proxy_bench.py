@@ -53,6 +53,7 @@ from rich.table import Table
 
 from sage_llm.bench.report import report_console
 from sage_llm.bench.stats import percentile
+from sage_llm.tokens import count_tokens, split
 
 if TYPE_CHECKING:
     from sage_llm.bench.procs import ManagedProcess
@@ -64,6 +65,7 @@ __all__ = [
     "ClientResult",
     "ProxyRow",
     "ProxyTarget",
+    "bench_prompt",
     "client_process",
     "closed_loop",
     "proxy_bench_main",
@@ -74,6 +76,31 @@ __all__ = [
 ]
 
 PROMPT = "Tell me about the weather in a city of your choice, briefly."
+
+_FILLER = (
+    "The control plane schedules requests over a fleet of engines, and each engine keeps "
+    "the prompts it has seen in its prefix cache. Routing a request to the engine that "
+    "holds its prefix saves the prefill of those tokens; spreading requests evenly keeps "
+    "queues short. Operators weigh both, watch time to first token and tokens per second, "
+    "and resize the fleet when either drifts. "
+)
+
+
+def bench_prompt(prompt_tokens: int = 0) -> str:
+    """The bench's prompt: :data:`PROMPT` (14 tokens) when ``prompt_tokens`` is 0, else a
+    text of exactly ``prompt_tokens`` tokens (as :func:`sage_llm.tokens.count_tokens`
+    counts them: what the simulated engines read) ending in :data:`PROMPT`."""
+    if prompt_tokens < 0:
+        raise ValueError("prompt_tokens must be >= 0")
+    if prompt_tokens == 0:
+        return PROMPT
+    tail = split(" " + PROMPT)
+    if prompt_tokens <= len(tail):
+        return "".join(tail[-prompt_tokens:]).lstrip()
+    need = prompt_tokens - len(tail)
+    filler = _FILLER * (need // count_tokens(_FILLER) + 1)
+    return "".join(split(filler)[:need] + tail)
+
 
 C1_ENGINES = ("instant", "sim")
 """The engines the concurrency-1 runs can go to: ``engine-sim --instant`` or the
@@ -143,11 +170,13 @@ async def closed_loop(
     max_tokens: int = 4,
     model: str = "llama-3-8b",
     warmup: int = 5,
+    prompt_tokens: int = 0,
 ) -> ClientResult:
     """Keep ``concurrency`` requests in flight until ``requests`` are done (after
     ``warmup`` unmeasured ones) and return what was measured. Several base URLs (the same
     service behind several processes) share the concurrency: in-flight slot *i* sends
-    to URL *i* modulo their number, and each gets ``warmup`` requests."""
+    to URL *i* modulo their number, and each gets ``warmup`` requests. Every request has
+    the same prompt, :func:`bench_prompt` of ``prompt_tokens``."""
     if concurrency < 1 or requests < 1:
         raise ValueError("concurrency and requests must be >= 1")
     bases = [base_url] if isinstance(base_url, str) else list(base_url)
@@ -155,7 +184,8 @@ async def closed_loop(
         raise ValueError("give at least one base URL")
     urls = [b.rstrip("/") + "/v1/completions" for b in bases]
     body = json.dumps(
-        {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream,
+        {"model": model, "prompt": bench_prompt(prompt_tokens), "max_tokens": max_tokens,
+         "stream": stream,
          "ignore_eos": True}
     ).encode()  # fmt: skip
     latencies: list[float] = []
@@ -189,7 +219,12 @@ async def closed_loop(
 
 
 async def client_process(
-    url: str | Sequence[str], concurrency: int, requests: int, stream: bool, max_tokens: int = 4
+    url: str | Sequence[str],
+    concurrency: int,
+    requests: int,
+    stream: bool,
+    max_tokens: int = 4,
+    prompt_tokens: int = 0,
 ) -> ClientResult:
     """:func:`closed_loop` in a process of its own (so it never shares a proxy's cores'
     event loop with it), over one base URL or several; raises RuntimeError when that
@@ -198,7 +233,8 @@ async def client_process(
     argv = [sys.executable, "-m", "sage_llm.bench.proxy_bench", "client",
             *(arg for u in urls for arg in ("--url", u)),
             "--concurrency", str(concurrency), "--requests", str(requests),
-            "--max-tokens", str(max_tokens)] + (["--stream"] if stream else [])  # fmt: skip
+            "--max-tokens", str(max_tokens), "--prompt-tokens", str(prompt_tokens),
+            ] + (["--stream"] if stream else [])  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -406,6 +442,7 @@ async def run_proxy_bench(
     log_dir: Path = Path("bench-out/proxy/logs"),
     rounds: int = 1,
     c1_engine: str = "instant",
+    prompt_tokens: int = 0,
 ) -> list[ProxyRow]:
     """Measure every target in both modes, ``rounds`` times (see the module docstring)."""
     from sage_llm.bench.procs import start_engine_sims
@@ -433,9 +470,13 @@ async def run_proxy_bench(
             for k in range(rounds):
                 for name in names[k % len(names) :] + names[: k % len(names)]:
                     url = c1_targets[name].url
-                    c1 = await client_process(url, 1, requests_c1, stream, max_tokens)
+                    c1 = await client_process(
+                        url, 1, requests_c1, stream, max_tokens, prompt_tokens
+                    )
                     url = targets[name].url
-                    c64 = await client_process(url, 64, requests_c64, stream, max_tokens)
+                    c64 = await client_process(
+                        url, 64, requests_c64, stream, max_tokens, prompt_tokens
+                    )
                     results[(name, stream)].append((c1, c64))
     return rows_from(results)
 
@@ -452,6 +493,7 @@ def proxy_bench_main(
     console: Console | None = None,
     rounds: int = 1,
     c1_engine: str = "instant",
+    prompt_tokens: int = 0,
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     console = console or report_console()
@@ -460,7 +502,7 @@ def proxy_bench_main(
             run_proxy_bench(
                 engines=engines, speed=speed, max_tokens=max_tokens, requests_c1=requests_c1,
                 requests_c64=requests_c64, peers=peers, log_dir=out / "logs", rounds=rounds,
-                c1_engine=c1_engine,
+                c1_engine=c1_engine, prompt_tokens=prompt_tokens,
             )
         )  # fmt: skip
     console.print(render_rows(rows, c1_engine=c1_engine))
@@ -481,12 +523,13 @@ def _client_main(argv: Sequence[str]) -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=0)
     parser.add_argument("--stream", action="store_true")
     args = parser.parse_args(argv)
     result = asyncio.run(
         closed_loop(
             args.url, concurrency=args.concurrency, requests=args.requests, stream=args.stream,
-            max_tokens=args.max_tokens,
+            max_tokens=args.max_tokens, prompt_tokens=args.prompt_tokens,
         )
     )  # fmt: skip
     data: dict[str, Any] = asdict(result)

@@ -24,7 +24,7 @@ class RequestInfo:
 
     Times are clock seconds (see :mod:`sage_llm.sim.clock`). ``deadline`` is absolute:
     arrival + SLO, or None. ``block_hashes`` are the prompt's prefix-block hashes
-    (:func:`sage_llm.tokens.block_hashes`).
+    (:func:`sage_llm.tokens.prompt_blocks`).
     """
 
     request_id: str

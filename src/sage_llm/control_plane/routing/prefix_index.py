@@ -1,10 +1,10 @@
 """Which instance likely caches which prompt-prefix blocks.
 
 The control plane records, after routing a request, that the chosen instance now holds the
-request's prefix blocks (:func:`sage_llm.tokens.block_hashes`: chained hashes, so equal
-hashes mean equal prefixes), and forgets blocks the engine reports evicted or instances
-that leave. Routers read it through the :class:`~sage_llm.control_plane.snapshot.PrefixView`
-protocol (``match``).
+request's prefix blocks (:func:`sage_llm.tokens.prompt_blocks`: each block's hash covers
+the prompt up to its end, so equal hashes mean equal prefixes), and forgets blocks the
+engine reports evicted or instances that leave. Routers read it through the
+:class:`~sage_llm.control_plane.snapshot.PrefixView` protocol (``match``).
 
 The index is bounded: at most ``capacity_blocks`` distinct block hashes, the least recently
 inserted or refreshed block (with all its holders) evicted first. ``match`` does not refresh
