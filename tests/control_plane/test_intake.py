@@ -44,3 +44,22 @@ def test_build_request_refuses_bad_fields() -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         build_request(make_metadata("r", max_tokens=0), "m", now=0.0, stream=True,
                       default_max_tokens=16, block_size=16)  # fmt: skip
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_build_request_without_a_block_size_counts_the_prompt_and_hashes_nothing(
+    chat: bool,
+) -> None:
+    text = {"messages": [{"role": "user", "content": "Hello there " * 40}]} if chat else {}
+    meta = make_metadata("r1", prompt=None if chat else "Hello there " * 40, **text)
+    hashed, _ = build_request(meta, "m", now=0.0, stream=False, default_max_tokens=16,
+                              block_size=4)  # fmt: skip
+    counted, _ = build_request(meta, "m", now=0.0, stream=False, default_max_tokens=16,
+                               block_size=None)  # fmt: skip
+    assert len(hashed.block_hashes) >= 20
+    assert counted.block_hashes == ()
+    assert counted.prompt_tokens == hashed.prompt_tokens
+    ids = make_metadata("r2", prompt=[5, 6, 7, 8, 9])
+    info, _ = build_request(ids, "m", now=0.0, stream=False, default_max_tokens=16,
+                            block_size=None)  # fmt: skip
+    assert (info.prompt_tokens, info.block_hashes) == (5, ())

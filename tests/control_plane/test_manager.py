@@ -12,6 +12,7 @@ import pytest
 from sage_llm import (
     ControlPlaneManager,
     ExecutionInstance,
+    ExecutionInstanceType,
     RequestMetadata,
     RequestPriority,
     RequestStatus,
@@ -777,3 +778,38 @@ def test_a_request_an_engine_refuses_fails_at_once_as_the_clients_error(
         assert [m["circuit"]["state"] for m in metrics] == ["closed", "closed"]
 
     run_virtual(main())
+
+
+def test_prefixes_are_tracked_only_when_something_reads_them() -> None:
+    prompt = "Some shared system prompt, long enough to fill several blocks. " * 8
+
+    async def main() -> None:
+        cp = _manager(routing_strategy="load_balanced", scheduling_policy="fifo")
+        async with cp:
+            assert cp.get_status()["prefix_tracking"] is False
+            res = await cp.generate(make_metadata("a", prompt=prompt, max_tokens=2))
+            assert res.status is RequestStatus.COMPLETED
+            assert res.prompt_tokens == count_tokens(prompt)  # still counted
+            assert cp.get_status()["prefix_index_entries"] == 0
+            cp.update_routing("locality")  # a router with a prefix scorer: tracked from now
+            assert cp.get_status()["prefix_tracking"] is True
+            res = await cp.generate(make_metadata("b", prompt=prompt, max_tokens=2))
+            assert res.status is RequestStatus.COMPLETED
+            assert cp.get_status()["prefix_index_entries"] == count_tokens(prompt) // 16
+            cp.update_routing("round_robin")
+            assert cp.get_status()["prefix_tracking"] is False
+
+    run_virtual(main())
+
+
+def test_pd_tracks_prefixes_once_a_prefill_or_decode_instance_is_registered() -> None:
+    cp = _manager(routing_strategy="round_robin", enable_pd_separation=True)
+    assert cp.get_status()["prefix_tracking"] is False  # general instances only
+    prefill = make_instance("p0", instance_type=ExecutionInstanceType.PREFILLING)
+    cp.register_instance(prefill)
+    assert cp.get_status()["prefix_tracking"] is True
+    cp.unregister_instance("p0")
+    assert cp.get_status()["prefix_tracking"] is False
+    off = _manager(routing_strategy="round_robin", enable_pd_separation=False)
+    off.register_instance(make_instance("p0", instance_type=ExecutionInstanceType.PREFILLING))
+    assert off.get_status()["prefix_tracking"] is False

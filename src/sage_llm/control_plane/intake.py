@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Set
+from collections.abc import Sequence, Set
 
 from sage_llm import tokens
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
@@ -32,6 +32,17 @@ def resolve_model(meta: RequestMetadata, models: Set[str]) -> str:
     )
 
 
+def _prompt_blocks(
+    prompt: str | Sequence[int], block_size: int | None
+) -> tuple[int, tuple[int, ...]]:
+    """:func:`sage_llm.tokens.prompt_blocks`, or only the count when ``block_size`` is None
+    (token ids are read as :func:`~sage_llm.tokens.prompt_blocks` reads them)."""
+    if block_size is None:
+        n = tokens.count_tokens(prompt) if isinstance(prompt, str) else len(tokens.tokenize(prompt))
+        return n, ()
+    return tokens.prompt_blocks(prompt, block_size)
+
+
 def build_request(
     meta: RequestMetadata,
     model: str,
@@ -39,17 +50,17 @@ def build_request(
     now: float,
     stream: bool,
     default_max_tokens: int,
-    block_size: int,
+    block_size: int | None,
 ) -> tuple[RequestInfo, EngineRequest]:
-    """Validate ``meta`` and build the scheduling view and the engine request of it."""
+    """Validate ``meta`` and build the scheduling view and the engine request of it; the
+    prompt's block hashes with ``block_size`` tokens a block (None: no hashes, only the
+    prompt's length)."""
     if meta.messages is not None:
         if not isinstance(meta.messages, list) or not meta.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
-        prompt_tokens, hashes = tokens.prompt_blocks(
-            tokens.chat_prompt_text(meta.messages), block_size
-        )
+        prompt_tokens, hashes = _prompt_blocks(tokens.chat_prompt_text(meta.messages), block_size)
     elif meta.prompt is not None and (not isinstance(meta.prompt, str) or meta.prompt):
-        prompt_tokens, hashes = tokens.prompt_blocks(meta.prompt, block_size)
+        prompt_tokens, hashes = _prompt_blocks(meta.prompt, block_size)
         if not prompt_tokens:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
     else:

@@ -36,16 +36,23 @@ from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, La
 from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import build_pd
+from sage_llm.control_plane.pd.orchestrator import PD_ROLES
 from sage_llm.control_plane.records import ChunkChannel, FinishedRecords, RequestRecord, StreamEnd
+from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.routing.strategies import router_wants
 from sage_llm.control_plane.scheduling._queue import admits_all
 from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
     check_queue_bound,
 )
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
-from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy
+from sage_llm.control_plane.scheduling.registry import (
+    POLICY_NAMES,
+    build_policy,
+    may_read_block_hashes,
+)
 from sage_llm.engines.base import (
     ENGINE_STREAM,
     Chunk,
@@ -190,6 +197,8 @@ class ControlPlaneManager:
         self._dispatcher: Dispatcher | None = None
         self._pending_policy = policy
         self._pending_router = router
+        self._tracks_prefixes = False
+        self._update_prefix_tracking()
         self._max_retries = max_retries
         self._session: aiohttp.ClientSession | None = None
         self._kv_hub: Any = None  # sim.engine.KVTransferHub, created with the first sim engine
@@ -329,6 +338,7 @@ class ControlPlaneManager:
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
         self._monitor().attach(state)
+        self._update_prefix_tracking()
         if self._running:
             self._ensure_client(state)
             self._start_instance_loops(state)
@@ -339,6 +349,7 @@ class ControlPlaneManager:
         """Remove an instance: it gets no new requests; requests in flight finish first."""
         state = self._registry.get(instance_id)
         state.removed = True
+        self._update_prefix_tracking()
         self._prefix.remove_instance(instance_id)
         for task in self._instance_tasks.pop(instance_id, []):
             task.cancel()
@@ -595,6 +606,7 @@ class ControlPlaneManager:
         if self._dispatcher is not None:
             self._dispatcher.policy = new
             self._dispatcher.wake()
+        self._update_prefix_tracking()
         self._metrics.set_policy(policy_label(new), POLICY_NAMES)
         log.info("scheduling policy switched from %s to %s", old.name, new.name)
 
@@ -604,6 +616,25 @@ class ControlPlaneManager:
         self._pending_router = router
         if self._dispatcher is not None:
             self._dispatcher.router = router
+        self._update_prefix_tracking()
+
+    def _router(self) -> Router:
+        return self._dispatcher.router if self._dispatcher else self._pending_router
+
+    def _update_prefix_tracking(self) -> None:
+        """Decide again whether anything may read requests' prefix-block hashes and the
+        prefix index: a router with a prefix scorer (or one that cannot be inspected), a
+        policy other than the built-in ones, or PD with a prefill or decode instance
+        registered (its decider weighs cached prefixes). When nothing does, requests get no
+        block hashes (their prompt is only counted) and the index is not kept: about a
+        microsecond per prompt block saved twice, to hash it and to record it, where
+        neither could change a decision. Called whenever one of those changes."""
+        pd_fleet = self._pd is not None and any(
+            s.instance.instance_type in PD_ROLES for s in self._registry if not s.removed
+        )
+        self._tracks_prefixes = (
+            pd_fleet or router_wants(self._router())[0] or may_read_block_hashes(self.policy)
+        )
 
     @property
     def policy(self) -> SchedulingPolicy:
@@ -647,6 +678,7 @@ class ControlPlaneManager:
             "available_instances": sum(1 for s in states if s.healthy and s.accepting),
             "models": sorted(self._registry.models()),
             "prefix_index_entries": len(self._prefix),
+            "prefix_tracking": self._tracks_prefixes,
             "circuits": {s.instance_id: s.breaker.state.label for s in states},
         }
 
@@ -697,7 +729,7 @@ class ControlPlaneManager:
             now=self.clock.now(),
             stream=stream or self.engine_stream == "always",
             default_max_tokens=self.default_max_tokens,
-            block_size=self.prefix_block_size,
+            block_size=self.prefix_block_size if self._tracks_prefixes else None,
         )
         now = info.arrival
         policy = dispatcher.policy

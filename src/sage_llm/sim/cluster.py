@@ -58,10 +58,8 @@ from sage_llm.bench.workloads import Workload, WorkloadRequest
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
-from sage_llm.control_plane.scheduling._queue import QueuedPolicy
-from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.scheduling.registry import build_policy
+from sage_llm.control_plane.scheduling.registry import build_policy, may_read_block_hashes
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim.cluster_control import SimControlPlane
 from sage_llm.sim.cluster_fleet import (
@@ -77,8 +75,6 @@ from sage_llm.types import ExecutionInstance
 __all__ = ["ClusterResult", "ClusterSimulator", "SimInstanceSpec", "make_fleet"]
 
 _STEP, _WAKE, _STATS = 0, 1, 2
-_BUILTIN_POLICIES = (QueuedPolicy, AdaptivePolicy)
-"""Policies known not to read ``RequestInfo.block_hashes``."""
 
 
 class ClusterSimulator:
@@ -164,7 +160,7 @@ class ClusterSimulator:
         )
         self._slots = self.fleet.slots
         if track_prefixes is None:
-            track_prefixes = self.fleet.want_prefix or not isinstance(policy, _BUILTIN_POLICIES)
+            track_prefixes = self.fleet.want_prefix or may_read_block_hashes(policy)
         self.track_prefixes = track_prefixes
         self._heap: list[tuple[float, int, int, int, int]] = []
         self._seq = 0

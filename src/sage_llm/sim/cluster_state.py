@@ -13,13 +13,9 @@ from collections.abc import Sequence
 
 from sage_llm.control_plane.instances import InstanceRegistry
 from sage_llm.control_plane.routing.base import Router
-from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.routing.scorers import (
-    PrefixMatchScorer,
-    SessionAffinityScorer,
-    rendezvous_owner,
-)
+from sage_llm.control_plane.routing.scorers import rendezvous_owner
+from sage_llm.control_plane.routing.strategies import router_wants
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 from sage_llm.fastinit import field_filler
 from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec
@@ -28,20 +24,6 @@ __all__ = ["FleetState", "router_wants"]
 
 _STICKY_CACHE = 65_536
 _snapshot = field_filler(ClusterSnapshot, ("now", "instances", "prefix"))
-
-
-def router_wants(router: Router) -> tuple[bool, bool]:
-    """Whether ``router`` may read (prefix-index holders, the session's sticky owner).
-
-    A router the simulator cannot inspect (not a :class:`Pipeline`) may read both.
-    """
-    if not isinstance(router, Pipeline):
-        return True, True
-    scorers = [s for s, _ in router.scorers]
-    return (
-        any(isinstance(s, PrefixMatchScorer) for s in scorers),
-        any(isinstance(s, SessionAffinityScorer) for s in scorers),
-    )
 
 
 class FleetState:

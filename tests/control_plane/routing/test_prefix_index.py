@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 
 import pytest
@@ -252,5 +253,34 @@ def test_matches_a_naive_model_and_stays_bounded(
     room = capacity - len(order)
     for k in range(room + len(order)):
         index.insert("z", [1000 + k])
+        gone = max(0, k + 1 - room)
+        assert [h for h in order if index.match([h])] == order[gone:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_repeated_prefixes_keep_the_exact_lru_order(seed: int) -> None:
+    # prompts sharing long prefixes, as a gateway sees them: known runs move in one splice
+    rng = random.Random(seed)
+    docs = [[d * 1000 + k for k in range(40)] for d in range(5)]
+    capacity = 120
+    index = PrefixIndex(capacity_blocks=capacity)
+    model: dict[int, set[str]] = {}
+    for _ in range(400):
+        doc = rng.choice(docs)
+        hashes = doc[: rng.randrange(1, 41)]
+        if rng.random() < 0.3:  # a suffix of its own after the shared part
+            hashes = hashes + [rng.randrange(10**6, 10**7) for _ in range(rng.randrange(1, 4))]
+        iid = rng.choice("abc")
+        index.insert(iid, hashes)
+        for h in hashes:
+            model[h] = model.pop(h, set()) | {iid}
+        while len(model) > capacity:
+            del model[next(iter(model))]
+        assert index.blocks == len(model)
+        assert len(index) == sum(len(held) for held in model.values())
+    order = list(model)  # least recently used first: fresh blocks push them out in order
+    room = capacity - len(order)
+    for k in range(room + len(order)):
+        index.insert("z", [10**8 + k])
         gone = max(0, k + 1 - room)
         assert [h for h in order if index.match([h])] == order[gone:]

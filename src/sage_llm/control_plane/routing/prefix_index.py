@@ -20,7 +20,9 @@ slots: steps of megabytes in a long-running gateway's resident memory, long afte
 This layout keeps the index's memory flat from its first request. For the default bound of
 32,768 blocks: 1.3 MB of arrays and lists when built, plus the block hashes themselves
 (integers, 1.2 MB when full). The price is CPU: about 4 µs per new block (match and insert,
-with an eviction) and 1 µs per known one, against 1.2 and 0.4–0.7 µs with a dict.
+with an eviction) and 1 µs per known one, against 1.2 and 0.4–0.7 µs with a dict. A call
+whose blocks are all known (a repeated prefix) refreshes them in runs, a run of blocks
+already linked in the call's order in one splice: about 0.3 µs a block.
 """
 
 from __future__ import annotations
@@ -108,9 +110,21 @@ class PrefixIndex:
         slot = self._slot_of.get(instance_id)
         if slot is None:
             slot = self._take_slot(instance_id)
-        find = self._find
-        found = [find(h) for h in hashes]
+        table, keys, mask = self._table, self._key, self._mask
+        found: list[int] = []
+        append = found.append
+        for h in hashes:  # self._find, inlined (a long prompt has hundreds of blocks)
+            i = h & mask
+            e = table[i]
+            while e != _FREE and keys[e] != h:
+                i = (i + 1) & mask
+                e = table[i]
+            append(e)
         new_blocks = found.count(_FREE)
+        if not new_blocks:  # every block known (a repeated prefix): refresh them, in order
+            self._refresh(found)
+            self._hold(found, slot)
+            return
         to_recent = self._to_recent
         moved = new_blocks > len(self._free)
         if moved:
@@ -352,6 +366,51 @@ class PrefixIndex:
         nxt[e] = _FREE
         nxt[tail] = e
         self._tail = e
+
+    def _refresh(self, entries: list[int]) -> None:
+        """Move ``entries`` (distinct, all in the list) to the recent end, in this order, as
+        :meth:`_to_recent` of each in turn would; a run of them already linked in this
+        order (the blocks of a prefix inserted before) moves in one splice."""
+        nxt = self._next
+        n = len(entries)
+        start = 0
+        while start < n:
+            end = start
+            while end + 1 < n and nxt[entries[end]] == entries[end + 1]:
+                end += 1
+            self._splice_to_recent(entries[start], entries[end])
+            start = end + 1
+
+    def _splice_to_recent(self, first: int, last: int) -> None:
+        """Move the linked run ``first`` … ``last`` to the recent end of the LRU list."""
+        tail = self._tail
+        if last == tail:
+            return
+        prev, nxt = self._prev, self._next
+        p, n = prev[first], nxt[last]  # n exists: last is not the tail
+        if p == _FREE:
+            self._head = n
+        else:
+            nxt[p] = n
+        prev[n] = p
+        prev[first] = tail
+        nxt[tail] = first
+        nxt[last] = _FREE
+        self._tail = last
+
+    def _hold(self, entries: list[int], slot: int) -> None:
+        """Mark ``entries`` (known blocks) as held by ``slot`` too."""
+        bit = 1 << slot
+        held = self._held
+        added = 0
+        for e in entries:
+            if not held[e] & bit:
+                held[e] |= bit
+                added += 1
+        self._counts[slot] += added
+        self._entries += added
+        if self._counts[slot] == 0:
+            self._release(slot)
 
     def _unlink(self, e: int) -> None:
         prev, nxt = self._prev, self._next

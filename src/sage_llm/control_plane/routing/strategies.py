@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from sage_llm.control_plane.routing.base import RoutingDecision
+from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.filters import CapacityFilter, Leg, LoadCapFilter
 from sage_llm.control_plane.routing.pickers import MaxPicker, PowerOfTwoPicker, WeightedRandomPicker
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -373,4 +373,17 @@ def topology_aware(
         rng,
         leg=leg,
         params=asdict(p),
+    )
+
+
+def router_wants(router: Router) -> tuple[bool, bool]:
+    """Whether ``router`` may read the prefix index's holders (a :class:`PrefixMatchScorer`)
+    and the session's sticky owner (a :class:`SessionAffinityScorer`). A router that is not
+    a :class:`Pipeline` cannot be inspected: it may read both."""
+    if not isinstance(router, Pipeline):
+        return True, True
+    scorers = [s for s, _ in router.scorers]
+    return (
+        any(isinstance(s, PrefixMatchScorer) for s in scorers),
+        any(isinstance(s, SessionAffinityScorer) for s in scorers),
     )

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
@@ -36,6 +37,12 @@ _POLICIES: Mapping[str, tuple[Callable[[Any], SchedulingPolicy], type[Any]]] = (
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 """``("fifo", "priority", "slo_aware", "cost_optimized", "adaptive")``."""
+
+
+def may_read_block_hashes(policy: SchedulingPolicy) -> bool:
+    """Whether ``policy`` may read ``RequestInfo.block_hashes``: the built-in policies (the
+    queued ones and ``adaptive``) never do; any other may."""
+    return not isinstance(policy, (QueuedPolicy, AdaptivePolicy))
 
 
 def params_class(name: str) -> type[Any]:
