@@ -83,3 +83,25 @@ def test_power_of_two_never_picks_the_worst() -> None:
 def test_power_of_two_picks_the_better_of_two() -> None:
     for seed in range(30):
         assert PowerOfTwoPicker().pick({"a": 0.1, "b": 0.8}, random.Random(seed)) == "b"
+
+
+def _reference_max(scores: dict[str, float], rng: random.Random) -> str:
+    """The max picker's definition: the highest score over the ids in sorted order, ties
+    broken by one ``rng.choice`` among the tied ids in that order."""
+    ids = sorted(scores)
+    top = max(scores[i] for i in ids)
+    tied = [i for i in ids if scores[i] >= top - 1e-9]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_matches_its_definition_draw_for_draw(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(300):
+        n = rng.randrange(1, 12)
+        ids = rng.sample([f"e{k}" for k in range(20)], n)
+        scores = {i: rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()]) for i in ids}
+        draw = rng.randrange(10**6)
+        assert MaxPicker().pick(scores, random.Random(draw)) == _reference_max(
+            scores, random.Random(draw)
+        )

@@ -18,6 +18,7 @@ from sage_llm.control_plane.routing.strategies import (
     AffinityParams,
     LoadBalancedParams,
     LocalityParams,
+    RoundRobinCursor,
     TopologyAwareParams,
     affinity,
     load_balanced,
@@ -430,3 +431,37 @@ def test_params_validate(params: Callable[[], object], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         params()
     assert err.value.key == key
+
+
+def _reference_next(last: str | None, ids: list[str]) -> str:
+    """The round-robin order's definition: candidates sorted by ``(natural_key, id)``; the
+    first whose key is past the last one routed to's, else the first."""
+    ordered = sorted((natural_key(i), i) for i in ids)
+    if last is not None:
+        for key, iid in ordered:
+            if key > natural_key(last):
+                return iid
+    return ordered[0][1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_round_robin_cursor_matches_its_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    names = [f"engine-{k}" for k in range(12)] + [
+        "a01",
+        "a1",
+        "b",
+        "node-2-gpu-10",
+        "node-10-gpu-2",
+    ]
+    cursor = RoundRobinCursor()
+    ids = names
+    for _ in range(400):
+        if rng.random() < 0.4:  # new candidates (else the same as before: the order kept)
+            ids = rng.sample(names, rng.randrange(1, len(names)))
+        views = [make_instance_view(i) for i in ids]
+        last = cursor._last.get("m")
+        chosen = cursor.next_instance("m", views)
+        assert chosen == _reference_next(last, ids)
+        if rng.random() < 0.8:
+            cursor._last["m"] = chosen

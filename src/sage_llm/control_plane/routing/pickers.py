@@ -34,7 +34,15 @@ class MaxPicker:
     name = "max"
 
     def pick(self, scores: Mapping[str, float], rng: random.Random) -> str:
-        return best_of(_require(scores), scores, rng)
+        """:func:`best_of` over the ids in sorted order, sorting only the tied ones."""
+        if not scores:
+            raise ValueError("cannot pick from an empty set of scores")
+        top = max(scores.values())
+        tied = [i for i, v in scores.items() if v >= top - TIE_EPSILON]
+        if len(tied) == 1:
+            return tied[0]
+        tied.sort()
+        return rng.choice(tied)
 
 
 class WeightedRandomPicker:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import random
 import re
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from operator import attrgetter
 
 from sage_llm.control_plane.routing.base import Router, RoutingDecision
 from sage_llm.control_plane.routing.filters import CapacityFilter, Leg, LoadCapFilter
@@ -169,6 +171,9 @@ def natural_key(instance_id: str) -> tuple[str | int, ...]:
     return tuple(int(p) if n % 2 else p for n, p in enumerate(re.split(r"(\d+)", instance_id)))
 
 
+_instance_id = attrgetter("instance_id")
+
+
 class RoundRobinCursor:
     """Scores 1.0 the candidate after the last one routed to (per model), in
     :func:`natural_key` order of instance ids, wrapping around; 0 for the others.
@@ -182,6 +187,8 @@ class RoundRobinCursor:
     def __init__(self) -> None:
         self._last: dict[str, str] = {}
         self._keys: dict[str, tuple[str | int, ...]] = {}  # natural_key per instance id
+        # per model: the candidates' ids, and their keys and ids in the round-robin order
+        self._order: dict[str, tuple[tuple[str, ...], list[tuple[str | int, ...]], list[str]]] = {}
 
     def _key(self, instance_id: str) -> tuple[str | int, ...]:
         key = self._keys.get(instance_id)
@@ -192,16 +199,25 @@ class RoundRobinCursor:
         return key
 
     def next_instance(self, model: str, candidates: Sequence[InstanceView]) -> str:
-        """The candidate that comes next for ``model``."""
-        sort_key = self._key
-        ordered = sorted((sort_key(c.instance_id), c.instance_id) for c in candidates)
+        """The candidate that comes next for ``model``: the first in the order of
+        ``(natural_key(id), id)`` whose key is past the last one routed to's, or else the
+        first of all. The order is kept while the candidates stay the same (they do, from
+        one decision to the next, unless an instance fills up, fails or leaves)."""
+        ids = tuple(map(_instance_id, candidates))
+        cached = self._order.get(model)
+        if cached is None or cached[0] != ids:
+            sort_key = self._key
+            ordered = sorted((sort_key(i), i) for i in ids)
+            if len(self._order) >= 4096:  # models come and go: keep the memo bounded
+                self._order.clear()
+            cached = self._order[model] = (ids, [k for k, _ in ordered], [i for _, i in ordered])
+        _, keys, order = cached
         last = self._last.get(model)
         if last is not None:
-            last_key = sort_key(last)
-            for key, iid in ordered:
-                if key > last_key:
-                    return iid
-        return ordered[0][1]
+            at = bisect_right(keys, self._key(last))
+            if at < len(order):
+                return order[at]
+        return order[0]
 
     def score(
         self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
