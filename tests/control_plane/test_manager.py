@@ -813,3 +813,76 @@ def test_pd_tracks_prefixes_once_a_prefill_or_decode_instance_is_registered() ->
     off = _manager(routing_strategy="round_robin", enable_pd_separation=False)
     off.register_instance(make_instance("p0", instance_type=ExecutionInstanceType.PREFILLING))
     assert off.get_status()["prefix_tracking"] is False
+
+
+def test_a_lone_collected_request_skips_the_queue_only_when_it_can_start() -> None:
+    async def main() -> None:
+        async with _manager(1, bound=1, scheduling_policy="fifo") as cp:
+            queue = cp.policy.queue  # type: ignore[attr-defined]
+            pushed: list[str] = []
+            push = queue.push
+
+            def spy(req: Any, lane: int, key: float) -> Any:
+                pushed.append(req.request_id)
+                return push(req, lane, key)
+
+            queue.push = spy
+            # the fleet is free: started at once, never queued
+            first, _ = await cp.collect(make_metadata("alone", max_tokens=2))
+            assert first and pushed == []
+            # the only slot busy: the next one alone waits in the queue, ahead of later ones
+            holder = asyncio.create_task(cp.collect(make_metadata("holder", max_tokens=40)))
+            await asyncio.sleep(0.01)
+            waits = asyncio.create_task(cp.collect(make_metadata("waits", max_tokens=2)))
+            await asyncio.sleep(0)
+            later = asyncio.create_task(cp.collect(make_metadata("later", max_tokens=2)))
+            await asyncio.sleep(0)
+            assert pushed == ["waits", "later"]
+            results = [(await t)[1] for t in (holder, waits, later)]
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        _, waits_r, later_r = results
+        assert waits_r.queue_wait_ms < later_r.queue_wait_ms  # FIFO kept: it started first
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize(
+    ("policy", "order_only"),
+    [("fifo", True), ("priority", True), ("cost_optimized", True), ("slo_aware", False),
+     ("adaptive", False)],
+)  # fmt: skip
+def test_which_policies_let_a_lone_request_skip_the_queue(policy: str, order_only: bool) -> None:
+    from sage_llm.control_plane.scheduling._queue import queue_order_only
+    from sage_llm.control_plane.scheduling.registry import build_policy
+
+    assert (queue_order_only(build_policy(policy)) is not None) is order_only
+
+
+def test_a_lone_stream_skips_the_queue_only_when_it_can_start() -> None:
+    async def drain(rid: str, max_tokens: int) -> list[Chunk]:
+        return [c async for c in cp.stream(make_metadata(rid, max_tokens=max_tokens))]
+
+    async def main() -> None:
+        async with cp:
+            queue = cp.policy.queue  # type: ignore[attr-defined]
+            pushed: list[str] = []
+            push = queue.push
+
+            def spy(req: Any, lane: int, key: float) -> Any:
+                pushed.append(req.request_id)
+                return push(req, lane, key)
+
+            queue.push = spy
+            assert await drain("alone", 3)
+            assert pushed == []
+            holder = asyncio.create_task(drain("holder", 40))
+            await asyncio.sleep(0.01)
+            waits = asyncio.create_task(drain("waits", 3))
+            await asyncio.sleep(0)
+            assert pushed == ["waits"]  # the only slot is busy: it waits, and is not lost
+            assert len(await waits) >= 1 and len(await holder) >= 1
+            result = await cp.get_result("waits")
+            assert result is not None and result.status is RequestStatus.COMPLETED
+
+    cp = _manager(1, bound=1, scheduling_policy="fifo")
+    run_virtual(main())

@@ -53,7 +53,7 @@ from sage_llm.control_plane.pd.orchestrator import (
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, route_id
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.scheduling._queue import counting_only
+from sage_llm.control_plane.scheduling._queue import counting_only, queue_order_only, serves
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
@@ -224,30 +224,81 @@ class Dispatcher:
                 snap = with_pd_assignment(snap, plan, info)
                 self._start_pd(rec, plan)
                 continue
-            allowed = self.policy.constrain(info, snap)
-            chosen = route_id(self.router, info, snap, allowed)
-            if chosen is None and allowed is not None:
-                chosen = route_id(self.router, info, snap)
-            if chosen is None:  # nothing free for this one now; keep it queued
+            after = self._route_and_start(rec, info, snap, started, pd_models)
+            if after is None:  # nothing free for this one now; keep it queued
                 deferred.append(info)
                 log.debug("no route for %s now; it stays queued", info.request_id)
                 if len(deferred) >= _MAX_DEFERRED:
                     break
                 continue
-            self.metrics.routing_seconds.observe(time.perf_counter() - started)
-            if info.model in pd_models:
-                self.metrics.on_pd_routed("colocated")
-            view = snap.get(chosen)
-            pending = (view.queued_prefill_tokens if view else 0) + info.prompt_tokens
-            rec.predicted_e2e_s = (
-                view.predict_e2e_s(info.prompt_tokens, info.max_tokens) if view else None
-            )
-            if len(self.policy):  # the next decision of this pass sees this one
-                snap = snap.with_assignment(chosen, info)
-            self._start(rec, chosen, pending)
+            snap = after
         for info in deferred:
             self.policy.push(info)
         self.metrics.queue_depth.set(len(self.policy))
+
+    def _route_and_start(
+        self,
+        rec: RequestRecord,
+        info: RequestInfo,
+        snap: ClusterSnapshot,
+        started: float,
+        pd_models: tuple[str, ...],
+    ) -> ClusterSnapshot | None:
+        """Route ``rec`` (its scheduling view ``info``, popped at ``started``) as a whole
+        request on ``snap`` and start it; the snapshot the pass's next decision reads, or
+        None when no instance can take it now (it is not started)."""
+        allowed = self.policy.constrain(info, snap)
+        chosen = route_id(self.router, info, snap, allowed)
+        if chosen is None and allowed is not None:
+            chosen = route_id(self.router, info, snap)
+        if chosen is None:
+            return None
+        self.metrics.routing_seconds.observe(time.perf_counter() - started)
+        if info.model in pd_models:
+            self.metrics.on_pd_routed("colocated")
+        view = snap.get(chosen)
+        pending = (view.queued_prefill_tokens if view else 0) + info.prompt_tokens
+        rec.predicted_e2e_s = (
+            view.predict_e2e_s(info.prompt_tokens, info.max_tokens) if view else None
+        )
+        if len(self.policy):  # the next decision of this pass sees this one
+            snap = snap.with_assignment(chosen, info)
+        self._start(rec, chosen, pending)
+        return snap
+
+    def start_lone(self, rec: RequestRecord) -> None:
+        """:meth:`_dispatch_lone` for a request not pushed onto the queue whose caller does
+        not run its engine call (a stream): it starts in a task of its own, or waits in the
+        queue for a pass, which is then asked for."""
+        self._dispatch_lone(rec)
+        if rec.status is RequestStatus.QUEUED:
+            self.wake()
+
+    def _dispatch_lone(self, rec: RequestRecord) -> None:
+        """The pass :meth:`dispatch_ready` would run for ``rec`` pushed alone onto the empty
+        queue of a policy whose queue half is :class:`QueuedPolicy`'s own
+        (:func:`~sage_llm.control_plane.scheduling._queue.queue_order_only`), without the
+        push and the pop: that pass notes the snapshot (``observe``), pops ``rec`` when a
+        whole-request instance of its model has a free slot, and routes and starts it.
+        When it cannot start now (no free instance, no route, or a model set up for PD),
+        it is pushed and waits in the queue like any other."""
+        started = time.perf_counter()
+        info = rec.info
+        policy = self.policy
+        order_only = queue_order_only(policy)
+        snap = self.registry.snapshot(self.clock.now(), self.prefix_index)
+        pd_models = self._pd_models(snap)
+        if order_only is not None:
+            order_only.observe(snap)
+        if (
+            order_only is not None
+            and info.model not in pd_models
+            and serves(snap, info.model)
+            and self._route_and_start(rec, info, snap, started, pd_models) is not None
+        ):
+            return
+        policy.push(info)
+        self.metrics.queue_depth.set(len(policy))
 
     # -- PD decisions ----------------------------------------------------------------------
 
@@ -322,16 +373,21 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def start_here(self, rec: RequestRecord) -> InstanceState | None:
+    def start_here(self, rec: RequestRecord, *, queued: bool = True) -> InstanceState | None:
         """Run a dispatch pass now, for a caller about to wait for ``rec`` (the only request
-        queued): when the pass starts ``rec`` on a whole-request instance, its engine call is
-        not given a task of its own but left to the caller, who runs it with
-        :meth:`execute_here` (one task and three turns of the event loop fewer per request).
-        Returns the instance it was started on; None when the pass did not start it there
-        (it stays queued, or a PD pair runs it in a task of its own)."""
+        queued, or, with ``queued`` False, one not pushed onto the empty queue of a policy
+        that allows it: see :meth:`_dispatch_lone`): when the pass starts ``rec`` on a
+        whole-request instance, its engine call is not given a task of its own but left to
+        the caller, who runs it with :meth:`execute_here` (one task and three turns of the
+        event loop fewer per request). Returns the instance it was started on; None when
+        the pass did not start it there (it stays queued, or a PD pair runs it in a task
+        of its own)."""
         self._here, self._here_state = rec, None
         try:
-            self.dispatch_ready()
+            if queued:
+                self.dispatch_ready()
+            else:
+                self._dispatch_lone(rec)
             return self._here_state
         finally:
             self._here = self._here_state = None

@@ -42,7 +42,7 @@ from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.routing.strategies import router_wants
-from sage_llm.control_plane.scheduling._queue import admits_all
+from sage_llm.control_plane.scheduling._queue import admits_all, queue_order_only
 from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
     check_queue_bound,
@@ -443,7 +443,13 @@ class ControlPlaneManager:
     async def stream_batches(self, request: RequestMetadata) -> AsyncGenerator[list[Chunk], None]:
         """:meth:`stream`, but each item is every chunk that had arrived by then (at least
         one), in order: a relay writes what is there in one go and waits for nothing."""
-        rec = self._submit(request, stream=True)
+        dispatcher = self._require_dispatcher()
+        policy = dispatcher.policy
+        # alone, for a policy whose queue only orders: started here, not by a later pass
+        lone = not len(policy) and queue_order_only(policy) is not None
+        rec = self._submit(request, stream=True, wake=not lone, queue=not lone)
+        if lone:
+            dispatcher.start_lone(rec)
         channel = rec.stream
         assert channel is not None
         finished = False
@@ -476,7 +482,10 @@ class ControlPlaneManager:
         passes (at most 0.1% or 1 ms later, see :mod:`~sage_llm.control_plane.deadlines`)
         the request is cancelled and :class:`DeadlineExceededError` raised."""
         dispatcher = self._require_dispatcher()
-        rec = self._submit(request, stream=False, collect=True, wake=False)
+        policy = dispatcher.policy
+        # alone, for a policy whose queue only orders: started without the queue's round trip
+        lone = not len(policy) and queue_order_only(policy) is not None
+        rec = self._submit(request, stream=False, collect=True, wake=False, queue=not lone)
         waiter = rec.waiter = asyncio.get_running_loop().create_future()
         timed_out = False
 
@@ -488,7 +497,10 @@ class ControlPlaneManager:
         deadlines = self._deadlines
         at = None if timeout_s is None or deadlines is None else deadlines.add(timeout_s, expire)
         try:
-            state = dispatcher.start_here(rec) if len(dispatcher.policy) == 1 else None
+            if lone:
+                state = dispatcher.start_here(rec, queued=False)
+            else:
+                state = dispatcher.start_here(rec) if len(dispatcher.policy) == 1 else None
             if state is None:
                 dispatcher.wake()
             else:
@@ -708,8 +720,16 @@ class ControlPlaneManager:
         return self._dispatcher
 
     def _submit(
-        self, meta: RequestMetadata, *, stream: bool, collect: bool = False, wake: bool = True
+        self,
+        meta: RequestMetadata,
+        *,
+        stream: bool,
+        collect: bool = False,
+        wake: bool = True,
+        queue: bool = True,
     ) -> RequestRecord:
+        """Validate and admit ``meta`` and record it; it is pushed onto the policy's queue
+        unless ``queue`` is False (the caller then starts it: ``Dispatcher.start_here``)."""
         dispatcher = self._require_dispatcher()
         if not self._accepting:
             raise ControlPlaneNotRunningError("the control plane is shutting down")
@@ -776,9 +796,10 @@ class ControlPlaneManager:
         meta.model_name = model
         meta.arrival_time = meta.queue_time = self.clock.to_datetime(now)
         dispatcher.records[meta.request_id] = rec
-        dispatcher.policy.push(info)
         self._metrics.on_submitted()
-        self._metrics.queue_depth.set(len(dispatcher.policy))
+        if queue:
+            policy.push(info)
+            self._metrics.queue_depth.set(len(policy))
         if wake:
             dispatcher.wake()
         return rec

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from sage_llm.control_plane.scheduling._lanes import _serves, serving_models
+from sage_llm.control_plane.scheduling._lanes import serves, serving_models
 from sage_llm.types import ExecutionInstanceType as Role
 from tests.factories import make_instance_view, make_snapshot
 
@@ -28,4 +28,4 @@ def test_serves_agrees_with_serving_models() -> None:
         snap = make_snapshot(views)
         models = serving_models(snap)
         for model in ("a", "b", "c"):
-            assert _serves(snap, model) == (model in models)
+            assert serves(snap, model) == (model in models)

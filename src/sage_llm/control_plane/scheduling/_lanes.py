@@ -52,7 +52,7 @@ def serving_models(snap: ClusterSnapshot) -> set[str]:
     return {i.model for i in snap.instances if i.role.runs_whole_requests and i.has_capacity}
 
 
-def _serves(snap: ClusterSnapshot, model: str) -> bool:
+def serves(snap: ClusterSnapshot, model: str) -> bool:
     """``model in serving_models(snap)``, stopping at the first instance that serves it."""
     for i in snap.instances:
         if (
@@ -145,7 +145,7 @@ class LaneQueue:
         for (model, _lane), heap in self._heaps.items():
             ok = servable.get(model)
             if ok is None:
-                ok = servable[model] = _serves(snap, model)
+                ok = servable[model] = serves(snap, model)
             if not ok:
                 continue
             top = heap.items[0][2]

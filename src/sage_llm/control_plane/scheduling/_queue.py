@@ -26,11 +26,20 @@ compiles) and re-exported here.
 
 from __future__ import annotations
 
-from sage_llm.control_plane.scheduling._lanes import LaneQueue, QueueEntry, serving_models
+from sage_llm.control_plane.scheduling._lanes import LaneQueue, QueueEntry, serves, serving_models
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 
-__all__ = ["EPS", "LaneQueue", "QueueEntry", "QueuedPolicy", "Rank", "serving_models"]
+__all__ = [
+    "EPS",
+    "LaneQueue",
+    "QueueEntry",
+    "QueuedPolicy",
+    "Rank",
+    "queue_order_only",
+    "serves",
+    "serving_models",
+]
 
 EPS = 1e-9
 """Tolerance for comparisons of waits against thresholds (float clock arithmetic)."""
@@ -166,4 +175,23 @@ def admits_all(policy: object) -> QueuedPolicy | None:
         and type(policy).observe is QueuedPolicy.observe
     ):
         return policy
+    return None
+
+
+def queue_order_only(policy: object) -> QueuedPolicy | None:
+    """``policy`` when its queue half (``push``, ``pop``, ``_select``, ``observe``) is
+    :class:`QueuedPolicy`'s own, so that a request pushed onto its empty queue is popped
+    straight back, untouched, by a pass that finds a free whole-request instance of its
+    model (:func:`serves`): a caller may then skip the queue for it (see
+    :meth:`~sage_llm.control_plane.dispatcher.Dispatcher.start_here`). None for any other
+    policy (``slo_aware`` and ``adaptive`` keep state of their own in those methods)."""
+    if isinstance(policy, QueuedPolicy):
+        cls = type(policy)
+        if (
+            cls.push is QueuedPolicy.push
+            and cls.pop is QueuedPolicy.pop
+            and cls._select is QueuedPolicy._select
+            and cls.observe is QueuedPolicy.observe
+        ):
+            return policy
     return None
