@@ -8,7 +8,11 @@ starts the engine call. The submissions of one turn of the event loop share a pa
 caller that waits for a request's end (:meth:`ControlPlaneManager.collect`) and finds
 nothing else queued runs the pass itself at once (:meth:`Dispatcher.start_here`) and, when
 it starts the request on a whole-request instance, the engine call too, in its own task
-(:meth:`Dispatcher.execute_here`).
+(:meth:`Dispatcher.execute_here`). When the queue is empty and the policy's queue only
+orders requests (``fifo``, ``priority``, ``cost_optimized``), a collected request or a
+stream does not even enter it: the pass that would pop it straight back runs without the
+queue (:meth:`Dispatcher.start_lone`), and a request that cannot start yet is queued as
+any other.
 
 Invariants it keeps:
 
