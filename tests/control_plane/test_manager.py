@@ -815,18 +815,24 @@ def test_pd_tracks_prefixes_once_a_prefill_or_decode_instance_is_registered() ->
     assert off.get_status()["prefix_tracking"] is False
 
 
+def _pushes(cp: ControlPlaneManager) -> list[str]:
+    """The ids pushed onto ``cp``'s policy queue from now on (a queued policy's)."""
+    queue = cp.policy.queue  # type: ignore[attr-defined]
+    pushed: list[str] = []
+    push = queue.push
+
+    def spy(req: Any, lane: int, key: float) -> Any:
+        pushed.append(req.request_id)
+        return push(req, lane, key)
+
+    queue.push = spy
+    return pushed
+
+
 def test_a_lone_collected_request_skips_the_queue_only_when_it_can_start() -> None:
     async def main() -> None:
         async with _manager(1, bound=1, scheduling_policy="fifo") as cp:
-            queue = cp.policy.queue  # type: ignore[attr-defined]
-            pushed: list[str] = []
-            push = queue.push
-
-            def spy(req: Any, lane: int, key: float) -> Any:
-                pushed.append(req.request_id)
-                return push(req, lane, key)
-
-            queue.push = spy
+            pushed = _pushes(cp)
             # the fleet is free: started at once, never queued
             first, _ = await cp.collect(make_metadata("alone", max_tokens=2))
             assert first and pushed == []
@@ -864,15 +870,7 @@ def test_a_lone_stream_skips_the_queue_only_when_it_can_start() -> None:
 
     async def main() -> None:
         async with cp:
-            queue = cp.policy.queue  # type: ignore[attr-defined]
-            pushed: list[str] = []
-            push = queue.push
-
-            def spy(req: Any, lane: int, key: float) -> Any:
-                pushed.append(req.request_id)
-                return push(req, lane, key)
-
-            queue.push = spy
+            pushed = _pushes(cp)
             assert await drain("alone", 3)
             assert pushed == []
             holder = asyncio.create_task(drain("holder", 40))
