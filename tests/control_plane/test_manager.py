@@ -23,6 +23,7 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineConnectionError,
+    EngineError,
     EngineRequestRejectedError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -883,4 +884,36 @@ def test_a_lone_stream_skips_the_queue_only_when_it_can_start() -> None:
             assert result is not None and result.status is RequestStatus.COMPLETED
 
     cp = _manager(1, bound=1, scheduling_policy="fifo")
+    run_virtual(main())
+
+
+class _BrokenRouter:
+    name = "broken"
+
+    def route(self, req: Any, snap: Any, allowed: Any = None) -> Any:
+        raise RuntimeError("router bug")
+
+    def describe(self) -> dict[str, object]:
+        return {}
+
+
+@pytest.mark.parametrize("policy", ["fifo", "slo_aware"])  # without the queue, and through it
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_router_fails_the_request_and_loses_none(stream: bool, policy: str) -> None:
+    async def main() -> None:
+        async with _manager(scheduling_policy=policy) as cp:
+            assert cp._dispatcher is not None
+            cp._dispatcher.router = _BrokenRouter()
+            meta = make_metadata("lost?", max_tokens=2)
+            with pytest.raises(EngineError, match=r"internal error.*router bug"):
+                if stream:
+                    async for _ in cp.stream(meta):
+                        pass
+                else:
+                    await cp.collect(meta)
+            assert not cp._dispatcher.records
+            result = await cp.get_result("lost?")
+            assert result is not None and result.status is RequestStatus.FAILED
+            assert len(cp.policy) == 0
+
     run_virtual(main())

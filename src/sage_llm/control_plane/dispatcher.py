@@ -41,6 +41,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 from sage_llm.control_plane.health import HealthMonitor, with_stream_timeouts
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
@@ -76,6 +77,9 @@ _FULL_CREDIT = 1.0 - 1e-9
 the rounding of adding a fraction such as 0.1 ten times)."""
 
 log = logging.getLogger("sage_llm.dispatcher")
+
+_FAILED = object()
+"""What :meth:`Dispatcher._route_guarded` returns for a request whose routing failed."""
 
 _MAX_DEFERRED = 64
 """Popped requests that found no route, put back at the end of a pass; then the pass ends."""
@@ -228,14 +232,16 @@ class Dispatcher:
                 snap = with_pd_assignment(snap, plan, info)
                 self._start_pd(rec, plan)
                 continue
-            after = self._route_and_start(rec, info, snap, started, pd_models)
+            after = self._route_guarded(rec, info, snap, started, pd_models)
+            if after is _FAILED:
+                continue
             if after is None:  # nothing free for this one now; keep it queued
                 deferred.append(info)
                 log.debug("no route for %s now; it stays queued", info.request_id)
                 if len(deferred) >= _MAX_DEFERRED:
                     break
                 continue
-            snap = after
+            snap = cast(ClusterSnapshot, after)
         for info in deferred:
             self.policy.push(info)
         self.metrics.queue_depth.set(len(self.policy))
@@ -270,6 +276,25 @@ class Dispatcher:
         self._start(rec, chosen, pending)
         return snap
 
+    def _route_guarded(
+        self,
+        rec: RequestRecord,
+        info: RequestInfo,
+        snap: ClusterSnapshot,
+        started: float,
+        pd_models: tuple[str, ...],
+    ) -> ClusterSnapshot | object | None:
+        """:meth:`_route_and_start`, with a failure of the router or the policy (a plugin's
+        bug) ending ``rec`` FAILED with the reason (``_FAILED`` is returned) rather than
+        losing it: it has left the queue, and nothing else would start or end it."""
+        try:
+            return self._route_and_start(rec, info, snap, started, pd_models)
+        except Exception as exc:
+            log.exception("routing request %s failed", rec.request_id)
+            if not rec.status.is_terminal and rec.status is RequestStatus.QUEUED:
+                self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}")
+            return _FAILED
+
     def start_lone(self, rec: RequestRecord) -> None:
         """:meth:`_dispatch_lone` for a request not pushed onto the queue whose caller does
         not run its engine call (a stream): it starts in a task of its own, or waits in the
@@ -298,7 +323,7 @@ class Dispatcher:
             order_only is not None
             and info.model not in pd_models
             and serves(snap, info.model)
-            and self._route_and_start(rec, info, snap, started, pd_models) is not None
+            and self._route_guarded(rec, info, snap, started, pd_models) is not None
         ):
             return
         policy.push(info)

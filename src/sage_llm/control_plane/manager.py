@@ -449,7 +449,11 @@ class ControlPlaneManager:
         lone = not len(policy) and queue_order_only(policy) is not None
         rec = self._submit(request, stream=True, wake=not lone, queue=not lone)
         if lone:
-            dispatcher.start_lone(rec)
+            try:
+                dispatcher.start_lone(rec)
+            except Exception as exc:  # a plugin's bug: the request ends, with the reason
+                dispatcher.fail_queued(rec, f"internal error: {exc!r}")
+                raise
         channel = rec.stream
         assert channel is not None
         finished = False
