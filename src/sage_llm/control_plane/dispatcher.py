@@ -79,7 +79,7 @@ the rounding of adding a fraction such as 0.1 ten times)."""
 log = logging.getLogger("sage_llm.dispatcher")
 
 _FAILED = object()
-"""What :meth:`Dispatcher._route_guarded` returns for a request whose routing failed."""
+"""What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
 
 _MAX_DEFERRED = 64
 """Popped requests that found no route, put back at the end of a pass; then the pass ends."""
@@ -232,7 +232,7 @@ class Dispatcher:
                 snap = with_pd_assignment(snap, plan, info)
                 self._start_pd(rec, plan)
                 continue
-            after = self._route_guarded(rec, info, snap, started, pd_models)
+            after = self._route_and_start(rec, info, snap, started, pd_models)
             if after is _FAILED:
                 continue
             if after is None:  # nothing free for this one now; keep it queued
@@ -253,14 +253,22 @@ class Dispatcher:
         snap: ClusterSnapshot,
         started: float,
         pd_models: tuple[str, ...],
-    ) -> ClusterSnapshot | None:
+    ) -> ClusterSnapshot | object | None:
         """Route ``rec`` (its scheduling view ``info``, popped at ``started``) as a whole
         request on ``snap`` and start it; the snapshot the pass's next decision reads, or
-        None when no instance can take it now (it is not started)."""
-        allowed = self.policy.constrain(info, snap)
-        chosen = route_id(self.router, info, snap, allowed)
-        if chosen is None and allowed is not None:
-            chosen = route_id(self.router, info, snap)
+        None when no instance can take it now (it is not started). A failure of the policy
+        or the router (a plugin's bug) ends ``rec`` FAILED with the reason, and
+        ``_FAILED`` is returned: it has left the queue, and nothing else would start or
+        end it."""
+        try:
+            allowed = self.policy.constrain(info, snap)
+            chosen = route_id(self.router, info, snap, allowed)
+            if chosen is None and allowed is not None:
+                chosen = route_id(self.router, info, snap)
+        except Exception as exc:
+            log.exception("routing request %s failed", rec.request_id)
+            self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}")
+            return _FAILED
         if chosen is None:
             return None
         self.metrics.routing_seconds.observe(time.perf_counter() - started)
@@ -275,25 +283,6 @@ class Dispatcher:
             snap = snap.with_assignment(chosen, info)
         self._start(rec, chosen, pending)
         return snap
-
-    def _route_guarded(
-        self,
-        rec: RequestRecord,
-        info: RequestInfo,
-        snap: ClusterSnapshot,
-        started: float,
-        pd_models: tuple[str, ...],
-    ) -> ClusterSnapshot | object | None:
-        """:meth:`_route_and_start`, with a failure of the router or the policy (a plugin's
-        bug) ending ``rec`` FAILED with the reason (``_FAILED`` is returned) rather than
-        losing it: it has left the queue, and nothing else would start or end it."""
-        try:
-            return self._route_and_start(rec, info, snap, started, pd_models)
-        except Exception as exc:
-            log.exception("routing request %s failed", rec.request_id)
-            if not rec.status.is_terminal and rec.status is RequestStatus.QUEUED:
-                self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}")
-            return _FAILED
 
     def start_lone(self, rec: RequestRecord) -> None:
         """:meth:`_dispatch_lone` for a request not pushed onto the queue whose caller does
@@ -323,7 +312,7 @@ class Dispatcher:
             order_only is not None
             and info.model not in pd_models
             and serves(snap, info.model)
-            and self._route_guarded(rec, info, snap, started, pd_models) is not None
+            and self._route_and_start(rec, info, snap, started, pd_models) is not None
         ):
             return
         policy.push(info)
