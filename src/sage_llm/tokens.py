@@ -206,12 +206,12 @@ def _block_ends(
     after the last non-space character before its start (its whitespace is its own)."""
     after = list(range(block_size, full + 1, block_size))
     inner = [t for t in after if t < len(starts)]
+    non_space = np.flatnonzero(classes)
     ends: list[int] = []
     if inner:
-        non_space = np.flatnonzero(classes)
         ends = (non_space[np.searchsorted(non_space, starts[inner]) - 1] + 1).tolist()
     for t in after[len(inner) :]:  # the end of the text, or its trailing whitespace
-        ends.append(len(classes) if t == n else int(np.flatnonzero(classes)[-1]) + 1)
+        ends.append(len(classes) if t == n else int(non_space[-1]) + 1)
     return ends
 
 

@@ -284,6 +284,13 @@ class Dispatcher:
         self._start(rec, chosen, pending)
         return snap
 
+    def takes_lone(self) -> bool:
+        """Whether a request submitted now may skip the queue (:meth:`start_here` with
+        ``queued`` False, :meth:`start_lone`): nothing is queued and the policy's queue only
+        orders requests."""
+        policy = self.policy
+        return not len(policy) and queue_order_only(policy) is not None
+
     def start_lone(self, rec: RequestRecord) -> None:
         """:meth:`_dispatch_lone` for a request not pushed onto the queue whose caller does
         not run its engine call (a stream): it starts in a task of its own, or waits in the

@@ -42,7 +42,7 @@ from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.routing.strategies import router_wants
-from sage_llm.control_plane.scheduling._queue import admits_all, queue_order_only
+from sage_llm.control_plane.scheduling._queue import admits_all
 from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
     check_queue_bound,
@@ -444,9 +444,7 @@ class ControlPlaneManager:
         """:meth:`stream`, but each item is every chunk that had arrived by then (at least
         one), in order: a relay writes what is there in one go and waits for nothing."""
         dispatcher = self._require_dispatcher()
-        policy = dispatcher.policy
-        # alone, for a policy whose queue only orders: started here, not by a later pass
-        lone = not len(policy) and queue_order_only(policy) is not None
+        lone = dispatcher.takes_lone()  # then started here, not by the dispatcher's next pass
         rec = self._submit(request, stream=True, wake=not lone, queue=not lone)
         if lone:
             try:
@@ -486,9 +484,7 @@ class ControlPlaneManager:
         passes (at most 0.1% or 1 ms later, see :mod:`~sage_llm.control_plane.deadlines`)
         the request is cancelled and :class:`DeadlineExceededError` raised."""
         dispatcher = self._require_dispatcher()
-        policy = dispatcher.policy
-        # alone, for a policy whose queue only orders: started without the queue's round trip
-        lone = not len(policy) and queue_order_only(policy) is not None
+        lone = dispatcher.takes_lone()  # then started without the queue's round trip
         rec = self._submit(request, stream=False, collect=True, wake=False, queue=not lone)
         waiter = rec.waiter = asyncio.get_running_loop().create_future()
         timed_out = False

@@ -22,10 +22,14 @@ def _require(scores: Mapping[str, float]) -> list[str]:
 
 
 def best_of(ids: list[str], scores: Mapping[str, float], rng: random.Random) -> str:
-    """The id with the highest score among ``ids``; ties broken uniformly by ``rng``."""
+    """The id with the highest score among ``ids``; ties broken uniformly by ``rng``, among
+    the tied ids in sorted order (only they are sorted: ``ids`` may come in any order)."""
     top = max(map(scores.__getitem__, ids))
     tied = [i for i in ids if scores[i] >= top - TIE_EPSILON]
-    return tied[0] if len(tied) == 1 else rng.choice(tied)
+    if len(tied) == 1:
+        return tied[0]
+    tied.sort()
+    return rng.choice(tied)
 
 
 class MaxPicker:
@@ -34,15 +38,9 @@ class MaxPicker:
     name = "max"
 
     def pick(self, scores: Mapping[str, float], rng: random.Random) -> str:
-        """:func:`best_of` over the ids in sorted order, sorting only the tied ones."""
         if not scores:
             raise ValueError("cannot pick from an empty set of scores")
-        top = max(scores.values())
-        tied = [i for i, v in scores.items() if v >= top - TIE_EPSILON]
-        if len(tied) == 1:
-            return tied[0]
-        tied.sort()
-        return rng.choice(tied)
+        return best_of(list(scores), scores, rng)  # sorts only the tied ids
 
 
 class WeightedRandomPicker:
