@@ -28,6 +28,7 @@ from sage_llm.control_plane.routing.scorers import (
     LeastOutstandingScorer,
     _inverse_load,
 )
+from sage_llm.control_plane.routing.strategies import RoundRobinCursor
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 from sage_llm.types import ExecutionInstanceType as Role
 from tests.factories import make_instance_view, make_request_info, make_snapshot
@@ -214,3 +215,52 @@ def test_weight_one_scores_keep_every_check_and_the_sign_of_zero() -> None:
                 {"a": -0.1, "b": 0.2, "c": 0.3}, {"a": 0.1, "b": 0.2}):  # fmt: skip
         with pytest.raises(ValueError, match="scores must be in"):
             scores(bad)
+
+
+class _Scores:
+    """A scorer's scores only (no ``winner``): the pipeline's general path."""
+
+    def __init__(self, inner: RoundRobinCursor) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def score(
+        self, req: RequestInfo, candidates: Sequence[InstanceView], snap: ClusterSnapshot
+    ) -> dict[str, float]:
+        return self.inner.score(req, candidates, snap)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.4])
+def test_one_hot_scorer_decides_as_scores_and_max_picker(weight: float) -> None:
+    """The round-robin cursor under the max picker names its winner directly: the same
+    choices, scores, reasons and cursor moves as scoring every candidate and picking."""
+    rng = random.Random(7)
+    fast_cursor, plain_cursor = RoundRobinCursor(), RoundRobinCursor()
+    fast = Pipeline("rr", [CapacityFilter()], [(fast_cursor, weight)], MaxPicker())
+    plain = Pipeline("rr", [CapacityFilter()], [(_Scores(plain_cursor), weight)], MaxPicker())
+    assert fast._one_hot is fast_cursor and plain._one_hot is None
+    plain._observers = (plain_cursor,)
+    for n in range(400):
+        views = _random_views(rng, rng.randrange(0, 12))
+        snap = make_snapshot(views)
+        req = _request(rng, views)
+        allowed = None
+        if rng.random() < 0.3:
+            allowed = frozenset(v.instance_id for v in views if rng.random() < 0.5)
+        if n % 2:
+            assert fast.route_id(req, snap, allowed) == plain.route_id(req, snap, allowed)
+        else:
+            got, want = fast.route(req, snap, allowed), plain.route(req, snap, allowed)
+            assert got == want
+        assert fast_cursor._last == plain_cursor._last
+
+
+def test_one_hot_winner_must_be_a_candidate() -> None:
+    class Stray(RoundRobinCursor):
+        def winner(self, req: RequestInfo, candidates: Sequence[InstanceView]) -> str:
+            return "nowhere"
+
+    pipe = Pipeline("rr", [], [(Stray(), 1.0)], MaxPicker())
+    views = [make_instance_view("a")]
+    with pytest.raises(ValueError, match="'nowhere', not a candidate"):
+        pipe.route(make_request_info(), make_snapshot(views))

@@ -95,6 +95,17 @@ class RoutingObserver(Protocol):
 
 
 @runtime_checkable
+class OneHotScorer(Protocol):
+    """A scorer that scores exactly one candidate 1.0 and every other 0.0, and can name
+    that candidate without building the scores (the round-robin cursor). Alone in a
+    pipeline with the max picker, it decides: the pipeline asks it for :meth:`winner`."""
+
+    def winner(self, req: RequestInfo, candidates: Sequence[InstanceView]) -> str:
+        """The candidate :meth:`Scorer.score` scores 1.0 (``candidates`` is not empty)."""
+        ...
+
+
+@runtime_checkable
 class Describable(Protocol):
     """A pipeline component with state worth showing (``Pipeline.describe``)."""
 

@@ -22,13 +22,22 @@ from operator import add
 from sage_llm.control_plane.routing.base import (
     Describable,
     Filter,
+    OneHotScorer,
     Picker,
     RoutingDecision,
     RoutingObserver,
     Scorer,
 )
 from sage_llm.control_plane.routing.filters import LEGS, CapacityFilter, Leg, leg_candidates
+from sage_llm.control_plane.routing.pickers import MaxPicker
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.fastinit import field_filler
+
+_fill_decision = field_filler(
+    RoutingDecision, ("instance_id", "reason", "scores", "prefill_instance_id")
+)
+"""``RoutingDecision(instance_id, reason, scores, prefill_instance_id)``, faster (one is
+made per decision)."""
 
 
 class Pipeline:
@@ -72,6 +81,13 @@ class Pipeline:
         self._total_weight = sum(w for _, w in self.scorers)
         components: list[object] = [*self.filters, *(s for s, _ in self.scorers), picker]
         self._observers = tuple(c for c in components if isinstance(c, RoutingObserver))
+        # a lone one-hot scorer under the max picker names the winner itself: its one 1.0
+        # is the only maximum, so the scores need not be checked, combined or searched
+        self._one_hot: OneHotScorer | None = None
+        if len(self.scorers) == 1 and type(picker) is MaxPicker:
+            only = self.scorers[0][0]
+            if isinstance(only, OneHotScorer):
+                self._one_hot = only
 
     def candidates(
         self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
@@ -165,7 +181,7 @@ class Pipeline:
         if picked is None:
             return None
         if self._observers:
-            self.on_routed(req, RoutingDecision(instance_id=picked[0], scores=picked[1]))
+            self.on_routed(req, _fill_decision(picked[0], "", picked[1], None))
         return picked[0]
 
     def _pick(
@@ -176,6 +192,15 @@ class Pipeline:
         cands = self.candidates(req, snap, allowed)
         if not cands:
             return None
+        one_hot = self._one_hot
+        if one_hot is not None:  # what scores and the picker give: winner 1.0, others 0.0
+            chosen = one_hot.winner(req, cands)
+            combined = {c.instance_id: 0.0 for c in cands}
+            if chosen not in combined:
+                name = self.scorers[0][0].name
+                raise ValueError(f"scorer {name!r} chose {chosen!r}, not a candidate")
+            combined[chosen] = 1.0
+            return chosen, combined, [combined], len(cands)
         combined, per_scorer = self.scores(req, cands, snap)
         chosen = self.picker.pick(combined, self.rng)
         if chosen not in combined:

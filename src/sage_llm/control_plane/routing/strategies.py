@@ -179,7 +179,9 @@ class RoundRobinCursor:
     :func:`natural_key` order of instance ids, wrapping around; 0 for the others.
 
     Candidates that are full or filtered out are simply absent, so they are skipped. The
-    cursor moves in :meth:`on_routed`, which the pipeline calls after each decision.
+    cursor moves in :meth:`on_routed`, which the pipeline calls after each decision. A
+    :class:`~sage_llm.control_plane.routing.base.OneHotScorer`: alone under the max picker
+    it names the winner (:meth:`winner`) and the pipeline skips the scores' search.
     """
 
     name = "round_robin"
@@ -226,6 +228,10 @@ class RoundRobinCursor:
         if candidates:
             out[self.next_instance(req.model, candidates)] = 1.0
         return out
+
+    def winner(self, req: RequestInfo, candidates: Sequence[InstanceView]) -> str:
+        """The candidate :meth:`score` scores 1.0 (a :class:`OneHotScorer`)."""
+        return self.next_instance(req.model, candidates)
 
     def on_routed(self, req: RequestInfo, decision: RoutingDecision) -> None:
         """Advance the model's cursor to the instance just chosen."""
