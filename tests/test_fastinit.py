@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import copy
+import pickle
+from dataclasses import FrozenInstanceError, asdict, dataclass, fields
 
 import pytest
 
@@ -65,3 +67,32 @@ def test_the_shared_fillers_take_every_field_in_declaration_order() -> None:
     chunk = Chunk(" a", (1, 2), "length", usage, {"lp": 1}, 2)
     assert fill_chunk(*[getattr(chunk, f.name) for f in fields(Chunk)]) == chunk
     assert chunk.with_usage(Usage()) == Chunk(" a", (1, 2), "length", Usage(), {"lp": 1}, 2)
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    a: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Derived(_Base):
+    b: str
+
+
+def test_slotted_classes_are_filled_on_a_twin_and_become_the_real_class() -> None:
+    make = field_filler(InstanceView, [f.name for f in fields(InstanceView)])
+    assert make.__globals__["_twin"].__slots__ == InstanceView.__slots__
+    view = make_instance_view("v", in_flight=3, nvlink_peers=frozenset({"w"}))
+    built = make(*[getattr(view, f.name) for f in fields(InstanceView)])
+    assert type(built) is InstanceView and built == view and hash(built) == hash(view)
+    assert copy.copy(built) == view and pickle.loads(pickle.dumps(built)) == view
+    with pytest.raises(FrozenInstanceError):
+        built.in_flight = 4  # type: ignore[misc]
+    assert built.free_slots == view.free_slots  # the class's methods, not the twin's
+
+
+def test_a_slotted_class_with_a_base_is_filled_through_its_setters() -> None:
+    make = field_filler(_Derived, ["b", "a"])
+    assert "_twin" not in make.__globals__
+    built = make("x", 1)
+    assert type(built) is _Derived and built == _Derived(1, "x")

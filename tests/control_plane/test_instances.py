@@ -45,7 +45,11 @@ def _expected(state: InstanceState) -> InstanceView:
     )
 
 
-@pytest.mark.parametrize("case", ["plain", "busy", "half_open", "open", "draining", "moved"])
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "busy", "half_open", "open", "draining", "removed", "probe_failed", "marked_down",
+     "unavailable", "moved"],
+)  # fmt: skip
 def test_the_view_shows_the_live_state_and_is_rebuilt_only_when_it_changed(case: str) -> None:
     registry = InstanceRegistry()
     inst = make_instance(
@@ -65,6 +69,14 @@ def test_the_view_shows_the_live_state_and_is_rebuilt_only_when_it_changed(case:
         state.breaker.state = CircuitState.OPEN
     elif case == "draining":
         state.draining = True
+    elif case == "removed":
+        state.removed = True
+    elif case == "probe_failed":
+        state.healthy = False
+    elif case == "marked_down":  # the registered object says so
+        state.instance = replace(inst, is_healthy=False)
+    elif case == "unavailable":
+        state.instance = replace(inst, is_available=False)
     elif case == "moved":  # the registered object replaced: placement read again
         state.instance = replace(inst, machine_id="m2", nvlink_peers=["e2", "e3"])
     view = state.view()

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from sage_llm.control_plane.health import CircuitBreaker, CircuitState
-from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, PrefixView, fill_view
+from sage_llm.control_plane.snapshot import (
+    ClusterSnapshot,
+    InstanceView,
+    PrefixView,
+    fill_snapshot,
+    fill_view,
+)
 from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
 from sage_llm.types import ExecutionInstance
@@ -261,4 +267,4 @@ class InstanceRegistry:
 
     def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
         views = tuple(s.view() for s in self._states.values() if not s.removed)
-        return ClusterSnapshot(now=now, instances=views, prefix=prefix)
+        return fill_snapshot(now, views, prefix)

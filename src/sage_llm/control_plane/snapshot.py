@@ -231,7 +231,12 @@ class ClusterSnapshot:
                 values[_OUTSTANDING_DECODE] += req.max_tokens
                 out[n] = fill_view(*values)
                 break
-        return ClusterSnapshot(self.now, tuple(out), self.prefix)
+        return fill_snapshot(self.now, tuple(out), self.prefix)
+
+
+fill_snapshot = field_filler(ClusterSnapshot, ("now", "instances", "prefix"))
+"""``fill_snapshot(now, instances, prefix)``: a :class:`ClusterSnapshot` (as its
+constructor builds it, faster: one is taken per decision)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -474,3 +474,7 @@ class ResponseFormat:
         head["usage"] = usage_json(usage)
         head["kv_transfer_params"] = None
         return head
+
+
+fill_format = field_filler(ResponseFormat, ("chat", "request_id", "model", "created"))
+"""``ResponseFormat(chat, request_id, model, created)``, faster (one is made per request)."""

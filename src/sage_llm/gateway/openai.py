@@ -33,7 +33,7 @@ from sage_llm.errors import (
 )
 from sage_llm.gateway.errors import MODEL_KEY, REQUEST_ID_KEY, RESPONSE_HEADERS_KEY
 from sage_llm.gateway.observe import new_request_id
-from sage_llm.gateway.relay import Generation, complete, stream_response
+from sage_llm.gateway.relay import Generation, complete, fill_generation, stream_response
 from sage_llm.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -308,14 +308,7 @@ def parse_generation(
     timeout = settings.request_timeout_s
     if slo_ms is not None:
         timeout = slo_ms / 1000.0 if timeout is None else min(timeout, slo_ms / 1000.0)
-    return Generation(
-        meta=meta,
-        chat=chat,
-        model=model,
-        stream=stream,
-        include_usage=include_usage,
-        timeout_s=timeout,
-    )
+    return fill_generation(meta, chat, model, stream, include_usage, timeout)
 
 
 def log_prompt(gen: Generation, settings: ResolvedGateway) -> None:

@@ -21,8 +21,9 @@ from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, Usage
-from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event, usage_json
+from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event, fill_format, usage_json
 from sage_llm.errors import DeadlineExceededError, RequestCancelledError, SageLLMError
+from sage_llm.fastinit import field_filler
 from sage_llm.gateway.errors import error_body
 from sage_llm.httpserve import tcp_nodelay
 from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
@@ -71,6 +72,13 @@ class Generation:
     @property
     def request_id(self) -> str:
         return self.meta.request_id
+
+
+fill_generation = field_filler(
+    Generation, ("meta", "chat", "model", "stream", "include_usage", "timeout_s")
+)
+"""``Generation(meta, chat, model, stream, include_usage, timeout_s)``, faster (one is made
+per request)."""
 
 
 class _Choices:
@@ -186,7 +194,7 @@ async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usag
 
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
     """Run ``gen`` to the end and return the whole response body."""
-    fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
+    fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
     chunks, result = await manager.collect(gen.meta, gen.timeout_s)
     choices = _Choices()
     for chunk in chunks:
@@ -229,7 +237,7 @@ async def relay_stream(
     status instead); None from it means the client already left, and the request is
     cancelled. The request's timeout covers both parts: before the first chunk it is a
     JSON 504, after it an error event that ends the stream."""
-    fmt = ResponseFormat(chat=gen.chat, request_id=gen.request_id, model=gen.model, created=created)
+    fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
     batches = manager.stream_batches(gen.meta)
     end = _Ending()
     async with _closing(batches):

@@ -25,9 +25,9 @@ from sage_llm.control_plane.scheduling._queue import QueuedPolicy, counting_only
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import (
-    ClusterSnapshot,
     CompletionRecord,
     fill_request_info,
+    fill_snapshot,
 )
 from sage_llm.errors import ConflictError, InvalidRequestError
 from sage_llm.fastinit import field_filler
@@ -48,7 +48,6 @@ _completion_record = field_filler(
         "slo_met", "predicted_e2e_s", "cost",
     ),
 )  # fmt: skip
-_snapshot = field_filler(ClusterSnapshot, ("now", "instances", "prefix"))
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
 _COMPLETED, _FAILED = RequestStatus.COMPLETED, RequestStatus.FAILED
 
@@ -154,7 +153,7 @@ class SimControlPlane:
             if fleet.sampled_models:
                 fleet.skip_snapshot()
             full = False
-            verdict = policy.admit(info, _snapshot(now, (), fleet.prefix))
+            verdict = policy.admit(info, fill_snapshot(now, (), fleet.prefix))
         else:
             snap = fleet.snapshot(now)
             verdict = check_queue_bound(queued, self.max_queue_size, snap)

@@ -16,14 +16,17 @@ from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.scorers import rendezvous_owner
 from sage_llm.control_plane.routing.strategies import router_wants
-from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
-from sage_llm.fastinit import field_filler
+from sage_llm.control_plane.snapshot import (
+    ClusterSnapshot,
+    InstanceView,
+    RequestInfo,
+    fill_snapshot,
+)
 from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec
 
 __all__ = ["FleetState", "router_wants"]
 
 _STICKY_CACHE = 65_536
-_snapshot = field_filler(ClusterSnapshot, ("now", "instances", "prefix"))
 
 
 class FleetState:
@@ -132,7 +135,7 @@ class FleetState:
                     view_of[i] = slots[i].build_view()
                     stale[i] = 0
                 append(view_of[i])
-        return _snapshot(now, tuple(out), self.prefix)
+        return fill_snapshot(now, tuple(out), self.prefix)
 
     def skip_snapshot(self) -> None:
         """Advance the sampling exactly as :meth:`snapshot` would, for a caller that needs
