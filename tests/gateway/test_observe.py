@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import aiohttp
 import pytest
 
 from sage_llm.config import GatewayConfig
-from sage_llm.gateway.observe import load_tracer
+from sage_llm.gateway.observe import RequestIds, load_tracer, valid_request_id
 from tests.gateway.harness import completion_body, serve
 
 SECRET_PROMPT = "my very private prompt text"
@@ -126,3 +127,20 @@ def test_tracing_is_a_no_op_without_opentelemetry(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)
     assert load_tracer(True) is None
     assert load_tracer(False) is None
+
+
+def test_request_ids_are_fresh_random_hex_across_refills(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    real = os.urandom
+
+    def counting(n: int) -> bytes:
+        reads.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counting)
+    ids = RequestIds()
+    made = [ids() for _ in range(600)]
+    assert all(len(rid) == 32 and valid_request_id(rid) for rid in made)
+    assert all(int(rid, 16) >= 0 for rid in made)
+    assert len(set(made)) == 600  # 3 reads of 4 KiB: 256 ids each, none repeated
+    assert reads == [4096, 4096, 4096]

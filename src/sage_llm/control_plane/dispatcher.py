@@ -39,9 +39,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 from sage_llm.control_plane.health import HealthMonitor, with_stream_timeouts
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
@@ -417,12 +417,12 @@ class Dispatcher:
         finally:
             self._here = self._here_state = None
 
-    async def execute_here(self, rec: RequestRecord, state: InstanceState) -> None:
-        """Run the engine call of a request :meth:`start_here` started, in the calling task.
-        ``rec.task`` is that task: a cancellation of the request (:meth:`cancel`) ends it
-        CANCELLED and returns; a cancellation of the caller ends it CANCELLED and goes on
-        up to the caller."""
-        await self._execute(rec, state, here=True)
+    def execute_here(self, rec: RequestRecord, state: InstanceState) -> Coroutine[Any, Any, None]:
+        """The engine call of a request :meth:`start_here` started, for the calling task to
+        await (the coroutine itself, not one more layer around it). ``rec.task`` is that
+        task: a cancellation of the request (:meth:`cancel`) ends it CANCELLED and returns;
+        a cancellation of the caller ends it CANCELLED and goes on up to the caller."""
+        return self._execute(rec, state, here=True)
 
     async def _execute(self, rec: RequestRecord, state: InstanceState, here: bool = False) -> None:
         info = rec.info

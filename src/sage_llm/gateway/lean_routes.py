@@ -24,9 +24,9 @@ from sage_llm.gateway.errors import error_body, sage_error_headers
 from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanStream
 from sage_llm.gateway.observe import (
     REQUEST_ID_HEADER,
+    RequestIds,
     access_log,
     bad_request_id_error,
-    new_request_id,
     valid_request_id,
     write_access_log,
 )
@@ -51,12 +51,13 @@ class LeanRoutes:
     def __init__(self, manager: ControlPlaneManager, settings: ResolvedGateway) -> None:
         self.manager = manager
         self.settings = settings
+        self._new_id = RequestIds()
 
     async def __call__(self, request: LeanRequest, conn: LeanConnection) -> None:
         started = time.perf_counter()
         given = request.headers.get("x-request-id", "").strip()
         valid = valid_request_id(given)
-        rid = given if given and valid else new_request_id()
+        rid = given if given and valid else self._new_id()
         headers = {REQUEST_ID_HEADER: rid}
         status = 500
         model: str | None = None

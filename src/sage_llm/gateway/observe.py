@@ -101,6 +101,24 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
+class RequestIds:
+    """:func:`new_request_id` for a hot route: the same ids (16 bytes of ``os.urandom``
+    each, as hex), cut from one read of 4 KiB per 256 ids rather than a system call each."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(4096), 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
+
+
 def valid_request_id(given: str) -> bool:
     """Whether a client's ``x-request-id`` (stripped; empty when absent) may be used."""
     return not given or _REQUEST_ID_RE.fullmatch(given) is not None

@@ -46,8 +46,8 @@ class RealClock:
         return time.monotonic()
 
     def to_datetime(self, t: float) -> datetime:
-        mono = time.monotonic()
-        if mono - self._offset_at > 60.0:
+        if t - self._offset_at > 60.0:  # the wall clock read again once a minute (of t)
+            mono = time.monotonic()
             self._offset = time.time() - mono
             self._offset_at = mono
         return datetime.fromtimestamp(self._offset + t)
