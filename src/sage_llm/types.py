@@ -431,7 +431,7 @@ class PDMetrics:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestResult:
     """The outcome of one request (``wait_for_result``).
 

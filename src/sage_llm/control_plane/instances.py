@@ -9,6 +9,7 @@ freezes all of it into the :class:`ClusterSnapshot` that policies and routers re
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +31,9 @@ _Placement = tuple[
 
 # EWMA weight of a new observation in the latency estimates.
 _ALPHA = 0.2
+
+_KEEP_LATENCIES = 512
+"""Latencies kept per instance for its average (``public_instance``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,9 @@ class InstanceState:
     stream_sample_due: float = -math.inf
     """The earliest time (clock seconds) the next sampled request may stream: the sample's
     rate limit (``engine_stream_sample_max_per_s``). Until then the credit stays full."""
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_KEEP_LATENCIES))
+    """The latest end-to-end latencies (at most :data:`_KEEP_LATENCIES`), for the average
+    :meth:`public_instance` reports."""
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)
     _view_key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -113,10 +119,8 @@ class InstanceState:
     def observe_tpot(self, tpot_s: float) -> None:
         self.est_tpot_s += _ALPHA * (tpot_s - self.est_tpot_s)
 
-    def record_latency(self, latency_ms: float, keep: int = 512) -> None:
-        self.latencies_ms.append(latency_ms)
-        if len(self.latencies_ms) > keep:
-            del self.latencies_ms[: len(self.latencies_ms) - keep]
+    def record_latency(self, latency_ms: float) -> None:
+        self.latencies_ms.append(latency_ms)  # the oldest drops out past the window
 
     @property
     def gpu_count(self) -> int:
