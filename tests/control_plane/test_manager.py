@@ -865,6 +865,33 @@ def test_which_policies_let_a_lone_request_skip_the_queue(policy: str, order_onl
     assert (queue_order_only(build_policy(policy)) is not None) is order_only
 
 
+def test_a_policy_switch_works_out_the_shortcuts_for_the_new_policy() -> None:
+    """The dispatcher's per-request shortcuts follow the policy in charge: each switch works
+    them out again for the new one."""
+    from sage_llm.control_plane.scheduling._queue import (
+        admits_all,
+        counting_only,
+        queue_order_only,
+    )
+
+    async def main() -> None:
+        async with _manager(1, scheduling_policy="fifo") as cp:
+            dispatcher = cp._dispatcher
+            assert dispatcher is not None
+            for name in ("slo_aware", "priority", "adaptive", "fifo"):
+                cp.update_policy(name)
+                policy = dispatcher.policy
+                assert policy.name == name
+                assert dispatcher.order_only is queue_order_only(policy)
+                assert dispatcher.counting is counting_only(policy)
+                assert dispatcher.admits_all is admits_all(policy)
+                assert dispatcher.takes_lone() is (name in ("priority", "fifo"))
+                result = await cp.generate(make_metadata(f"after-{name}", max_tokens=3))
+                assert result.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
 def test_a_lone_stream_skips_the_queue_only_when_it_can_start() -> None:
     async def drain(rid: str, max_tokens: int) -> list[Chunk]:
         return [c async for c in cp.stream(make_metadata(rid, max_tokens=max_tokens))]

@@ -58,7 +58,13 @@ from sage_llm.control_plane.pd.orchestrator import (
 from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
 from sage_llm.control_plane.routing.base import Router, route_id
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.scheduling._queue import counting_only, queue_order_only, serves
+from sage_llm.control_plane.scheduling._queue import (
+    QueuedPolicy,
+    admits_all,
+    counting_only,
+    queue_order_only,
+    serves,
+)
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
@@ -146,6 +152,10 @@ class Dispatcher:
     ) -> None:
         self.registry = registry
         self.policy = policy
+        self.order_only: QueuedPolicy | None = None
+        self.counting: QueuedPolicy | None = None
+        self.admits_all: QueuedPolicy | None = None
+        self.set_policy(policy)
         self.router = router
         self.clock = clock
         self.metrics = metrics
@@ -284,12 +294,29 @@ class Dispatcher:
         self._start(rec, chosen, pending)
         return snap
 
+    def set_policy(self, policy: SchedulingPolicy) -> None:
+        """Make ``policy`` the one that schedules from now on (switch it with this, not by
+        assigning :attr:`policy`: what the per-request shortcuts may assume of it is
+        worked out here, once, not per request):
+
+        * :attr:`order_only`: ``policy`` when its queue only orders requests
+          (:func:`~sage_llm.control_plane.scheduling._queue.queue_order_only`);
+        * :attr:`counting`: ``policy`` when its ``on_complete`` only counts
+          (:func:`~sage_llm.control_plane.scheduling._queue.counting_only`);
+        * :attr:`admits_all`: ``policy`` when it admits every request
+          (:func:`~sage_llm.control_plane.scheduling._queue.admits_all`).
+
+        Each is None otherwise."""
+        self.policy = policy
+        self.order_only = queue_order_only(policy)
+        self.counting = counting_only(policy)
+        self.admits_all = admits_all(policy)
+
     def takes_lone(self) -> bool:
         """Whether a request submitted now may skip the queue (:meth:`start_here` with
         ``queued`` False, :meth:`start_lone`): nothing is queued and the policy's queue only
         orders requests."""
-        policy = self.policy
-        return not len(policy) and queue_order_only(policy) is not None
+        return self.order_only is not None and not len(self.policy)
 
     def start_lone(self, rec: RequestRecord) -> None:
         """:meth:`_dispatch_lone` for a request not pushed onto the queue whose caller does
@@ -310,7 +337,7 @@ class Dispatcher:
         started = time.perf_counter()
         info = rec.info
         policy = self.policy
-        order_only = queue_order_only(policy)
+        order_only = self.order_only
         snap = self.registry.snapshot(self.clock.now(), self.prefix_index)
         pd_models = self._pd_models(snap)
         if order_only is not None:
@@ -869,7 +896,7 @@ class Dispatcher:
             priority=info.priority,
         )
         policy = self.policy
-        counting = counting_only(policy)
+        counting = self.counting
         if counting is not None:
             counting.count_completion()  # all its on_complete does: no record to build
             return

@@ -42,7 +42,6 @@ from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.routing.strategies import router_wants
-from sage_llm.control_plane.scheduling._queue import admits_all
 from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
     check_queue_bound,
@@ -616,7 +615,7 @@ class ControlPlaneManager:
             new.push(info)
         self._pending_policy = new
         if self._dispatcher is not None:
-            self._dispatcher.policy = new
+            self._dispatcher.set_policy(new)
             self._dispatcher.wake()
         self._update_prefix_tracking()
         self._metrics.set_policy(policy_label(new), POLICY_NAMES)
@@ -763,7 +762,7 @@ class ControlPlaneManager:
         if unservable is not None:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
-        simple = admits_all(policy)
+        simple = dispatcher.admits_all
         if simple is not None and queued < self.max_queue_size and not self.reject_infeasible_slo:
             verdict = simple.admit_at(now)  # the same verdict, without a snapshot
         else:
