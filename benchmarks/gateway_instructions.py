@@ -25,6 +25,16 @@ take a few minutes (they run in parallel). Run from the repository root::
     .venv/bin/python benchmarks/gateway_instructions.py
     git worktree add /tmp/base <commit>
     .venv/bin/python benchmarks/gateway_instructions.py --stream --baseline-src /tmp/base/src
+
+``--time RUNS`` times the same workload instead (no valgrind): RUNS runs of each source
+tree, alternated, each in a process of its own, and prints the best and the median
+microseconds per request (and the ratio of the best). A timed figure moves with the
+machine's load; the instruction count does not, but it weighs every instruction alike,
+where the time also shows what an instruction costs (an allocation, a cache miss, a call
+into C)::
+
+    .venv/bin/python benchmarks/gateway_instructions.py --time 7 --requests 20000 \\
+        --baseline-src /tmp/base/src
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ import gc
 import os
 import re
 import shutil
+import statistics
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +58,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "llama-3-8b"
 PROMPT = "Hello, my name is Bob and I like to eat"
 _COLLECTED = re.compile(rb"Collected : (\d+)")
+_SECONDS = re.compile(rb"seconds ([0-9.e-]+)")
 
 
 # --- the workload (run inside valgrind: python gateway_instructions.py --child N STREAM) ---
@@ -114,7 +127,7 @@ class _Connection:
         return _Sink(self)
 
 
-async def _workload(warm: int, measured: int, stream: bool) -> None:
+async def _workload(warm: int, measured: int, stream: bool) -> float:
     from sage_llm import jsonutil
     from sage_llm.control_plane.manager import ControlPlaneManager
     from sage_llm.gateway.lean import LeanRequest
@@ -151,14 +164,19 @@ async def _workload(warm: int, measured: int, stream: bool) -> None:
 
     for n in (warm, measured):
         left = n
+        started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(64)))
+    elapsed = time.perf_counter() - started  # of the measured requests only
     await cp.stop()
+    return elapsed
 
 
 def _child(argv: Sequence[str]) -> int:
     warm, measured, stream = int(argv[0]), int(argv[1]), argv[2] == "stream"
     gc.set_threshold(50_000, 10, 10)  # as sage-llm serve sets it
-    asyncio.run(_workload(warm, measured, stream))
+    elapsed = asyncio.run(_workload(warm, measured, stream))
+    if measured:
+        print(f"seconds {elapsed!r}")
     return 0
 
 
@@ -180,6 +198,34 @@ async def _count(src: Path, warm: int, measured: int, stream: bool) -> int:
         tail = (out + err).decode(errors="replace")[-2000:]
         raise RuntimeError(f"the counted run failed ({proc.returncode}): {tail}")
     return int(found.group(1))
+
+
+async def _timed(src: Path, warm: int, measured: int, stream: bool) -> float:
+    """Microseconds per request of one run of the workload from ``src`` (no valgrind)."""
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+    argv = [sys.executable, __file__, "--child", str(warm), str(measured),
+            "stream" if stream else "plain"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    found = _SECONDS.search(out)
+    if proc.returncode != 0 or found is None:
+        tail = (out + err).decode(errors="replace")[-2000:]
+        raise RuntimeError(f"the timed run failed ({proc.returncode}): {tail}")
+    return float(found.group(1)) / measured * 1e6
+
+
+async def time_per_request(
+    sources: Mapping[str, Path], warm: int, requests: int, stream: bool, runs: int
+) -> dict[str, list[float]]:
+    """Microseconds per request of each source tree over ``runs`` runs each, one at a time
+    and alternated (so that a busier moment of the machine falls on all of them)."""
+    times: dict[str, list[float]] = {name: [] for name in sources}
+    for _ in range(runs):
+        for name, src in sources.items():
+            times[name].append(await _timed(src, warm, requests, stream))
+    return times
 
 
 async def per_request(
@@ -204,19 +250,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=200)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--baseline-src", type=Path, default=None)
+    parser.add_argument(
+        "--time", type=int, default=0, metavar="RUNS",
+        help="time RUNS runs of each instead of counting instructions (no valgrind)",
+    )  # fmt: skip
     args = parser.parse_args(args_in)
-    if args.requests < 100 or args.warm < 0:
-        parser.error("--requests must be at least 100 and --warm at least 0")
-    if shutil.which("valgrind") is None:
+    if args.requests < 100 or args.warm < 0 or args.time < 0:
+        parser.error("--requests must be at least 100, --warm and --time at least 0")
+    if not args.time and shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (apt-get install valgrind)")
     sources = {"this checkout": SRC}
     if args.baseline_src is not None:
         if not (args.baseline_src / "sage_llm").is_dir():
             parser.error(f"--baseline-src {args.baseline_src}: no sage_llm package there")
         sources["baseline"] = args.baseline_src.resolve()
+    mode = "streamed" if args.stream else "non-streaming"
+    if args.time:
+        times = asyncio.run(
+            time_per_request(sources, args.warm, args.requests, args.stream, args.time)
+        )
+        print(f"µs per {mode} request (over {args.requests}, after {args.warm} warm-up; "
+              f"best and median of {args.time} runs)")  # fmt: skip
+        for name, values in times.items():
+            print(f"  {name:<14} {min(values):>8.1f} {statistics.median(values):>8.1f}")
+        if "baseline" in times:
+            ratio = min(times["this checkout"]) / min(times["baseline"])
+            print(f"  ratio          {ratio:>8.3f}")
+        return 0
     # the warm-up requests run in both counts: they only make the path warm
     counts = asyncio.run(per_request(sources, args.warm, args.requests, args.stream))
-    mode = "streamed" if args.stream else "non-streaming"
     print(f"instructions per {mode} request (over {args.requests}, after {args.warm} warm-up)")
     for name, value in counts.items():
         print(f"  {name:<14} {value:>12,.0f}")

@@ -23,3 +23,16 @@ def test_the_counted_workload_runs_requests_to_their_end(script: ModuleType, mod
 def test_it_refuses_too_few_requests(script: ModuleType) -> None:
     with pytest.raises(SystemExit):
         script.main(["--requests", "10"])
+
+
+def test_time_mode_times_this_checkout_and_a_baseline(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = script.SRC
+    assert script.main(["--time", "2", "--requests", "100", "--warm", "5",
+                        "--baseline-src", str(src)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "µs per non-streaming request" in out and "best and median of 2 runs" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert float(rows["this"][2]) > 0 and float(rows["baseline"][1]) > 0
+    assert float(rows["ratio"][1]) > 0
