@@ -183,37 +183,34 @@ def _child(argv: Sequence[str]) -> int:
 # --- the driver ---------------------------------------------------------------------------
 
 
-async def _count(src: Path, warm: int, measured: int, stream: bool) -> int:
-    """Instructions of one run of the workload from ``src``."""
+async def _run(src: Path, warm: int, measured: int, stream: bool, *, counted: bool) -> bytes:
+    """What one run of the workload from ``src`` reports: its instruction count under
+    valgrind (``counted``), or the seconds its measured requests took."""
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
-    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-            sys.executable, __file__, "--child", str(warm), str(measured),
+    argv = [sys.executable, __file__, "--child", str(warm), str(measured),
             "stream" if stream else "plain"]  # fmt: skip
+    if counted:
+        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv]
     proc = await asyncio.create_subprocess_exec(
         *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await proc.communicate()
-    found = _COLLECTED.search(err)
+    found = _COLLECTED.search(err) if counted else _SECONDS.search(out)
     if proc.returncode != 0 or found is None:
         tail = (out + err).decode(errors="replace")[-2000:]
-        raise RuntimeError(f"the counted run failed ({proc.returncode}): {tail}")
-    return int(found.group(1))
+        kind = "counted" if counted else "timed"
+        raise RuntimeError(f"the {kind} run failed ({proc.returncode}): {tail}")
+    return found.group(1)
+
+
+async def _count(src: Path, warm: int, measured: int, stream: bool) -> int:
+    """Instructions of one run of the workload from ``src``."""
+    return int(await _run(src, warm, measured, stream, counted=True))
 
 
 async def _timed(src: Path, warm: int, measured: int, stream: bool) -> float:
     """Microseconds per request of one run of the workload from ``src`` (no valgrind)."""
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
-    argv = [sys.executable, __file__, "--child", str(warm), str(measured),
-            "stream" if stream else "plain"]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    found = _SECONDS.search(out)
-    if proc.returncode != 0 or found is None:
-        tail = (out + err).decode(errors="replace")[-2000:]
-        raise RuntimeError(f"the timed run failed ({proc.returncode}): {tail}")
-    return float(found.group(1)) / measured * 1e6
+    return float(await _run(src, warm, measured, stream, counted=False)) / measured * 1e6
 
 
 async def time_per_request(

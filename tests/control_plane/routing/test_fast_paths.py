@@ -60,6 +60,18 @@ def _request(rng: random.Random, views: list[InstanceView]) -> RequestInfo:
     return make_request_info(model="m", excluded_instances=excluded)
 
 
+def _random_case(
+    rng: random.Random, most: int
+) -> tuple[ClusterSnapshot, RequestInfo, frozenset[str] | None]:
+    """The snapshot of a random fleet of fewer than ``most`` views, a request, and (three
+    times in ten) a random ``allowed`` set."""
+    views = _random_views(rng, rng.randrange(0, most))
+    allowed = None
+    if rng.random() < 0.3:
+        allowed = frozenset(v.instance_id for v in views if rng.random() < 0.5)
+    return make_snapshot(views), _request(rng, views), allowed
+
+
 def test_whole_leg_candidates_are_exactly_runnable() -> None:
     rng = random.Random(1)
     for _ in range(300):
@@ -173,12 +185,7 @@ def test_pipeline_candidates_are_the_plain_definition() -> None:
     rng = random.Random(9)
     pipe = Pipeline("t", [CapacityFilter(0.95)], [(LeastOutstandingScorer(), 1.0)], MaxPicker())
     for _ in range(300):
-        views = _random_views(rng, rng.randrange(0, 30))
-        snap = make_snapshot(views)
-        req = _request(rng, views)
-        allowed = None
-        if rng.random() < 0.3:
-            allowed = frozenset(v.instance_id for v in views if rng.random() < 0.5)
+        snap, req, allowed = _random_case(rng, 30)
         plain: list[InstanceView] = list(snap.runnable(req))
         if allowed is not None:
             plain = [c for c in plain if c.instance_id in allowed]
@@ -241,12 +248,7 @@ def test_one_hot_scorer_decides_as_scores_and_max_picker(weight: float) -> None:
     assert fast._one_hot is fast_cursor and plain._one_hot is None
     plain._observers = (plain_cursor,)
     for n in range(400):
-        views = _random_views(rng, rng.randrange(0, 12))
-        snap = make_snapshot(views)
-        req = _request(rng, views)
-        allowed = None
-        if rng.random() < 0.3:
-            allowed = frozenset(v.instance_id for v in views if rng.random() < 0.5)
+        snap, req, allowed = _random_case(rng, 12)
         if n % 2:
             assert fast.route_id(req, snap, allowed) == plain.route_id(req, snap, allowed)
         else:
