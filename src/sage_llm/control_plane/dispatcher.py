@@ -342,13 +342,12 @@ class Dispatcher:
         pd_models = self._pd_models(snap)
         if order_only is not None:
             order_only.observe(snap)
-        if (
-            order_only is not None
-            and info.model not in pd_models
-            and serves(snap, info.model)
-            and self._route_and_start(rec, info, snap, started, pd_models) is not None
-        ):
-            return
+            if (
+                info.model not in pd_models
+                and serves(snap, info.model)
+                and self._route_and_start(rec, info, snap, started, pd_models) is not None
+            ):
+                return
         policy.push(info)
         self.metrics.queue_depth.set(len(policy))
 

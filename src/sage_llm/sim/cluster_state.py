@@ -114,7 +114,7 @@ class FleetState:
                 views[pos[index]] = self.fresh_view(slots[index])
             self._dirty.clear()
         if not self.sampled_models:
-            return ClusterSnapshot(now, tuple(self._views), self.prefix)
+            return fill_snapshot(now, tuple(self._views), self.prefix)
         out = list(self._views)
         append = out.append
         slots, k = self.slots, self.max_candidates
@@ -185,7 +185,7 @@ class FleetState:
         if not extra:
             return snap
         views = tuple(self.fresh_view(s) for s in extra)
-        return ClusterSnapshot(snap.now, snap.instances + views, snap.prefix)
+        return fill_snapshot(snap.now, snap.instances + views, snap.prefix)
 
     def _sticky_owner(self, model: str, key: str) -> InstanceSlot | None:
         """The session-affinity owner of ``key`` over the whole model ring (cached)."""
