@@ -333,6 +333,41 @@ def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits()
     run_virtual(main())
 
 
+def test_a_stream_its_handler_leaves_unended_closes_the_connection() -> None:
+    """A handler that returns with its chunked response not ended (``write_eof`` never
+    reached) leaves the connection closed, not waiting for a next request the client
+    could not tell apart from the rest of the body; an ended one keeps it open."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            stream = conn.open_stream(200, content_type="text/event-stream", headers={})
+            await stream.write(b"data: 1\n\n")
+            if not request.headers.get("x-unended"):
+                await stream.write_eof()
+
+        lean = LeanServer(
+            handler, _Fallback(), routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
+            keepalive_timeout_s=30.0,
+        )  # fmt: skip
+        server = await loop.create_server(lean, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post("/v1/completions", {}))
+        status, headers, body = await _response(reader)
+        assert (status, headers["transfer-encoding"], body) == (200, "chunked", b"data: 1\n\n")
+        writer.write(_post("/v1/completions", {}, "x-unended: 1"))  # the same connection
+        started = loop.time()
+        rest = await reader.read()  # to the end: the server closed it
+        assert rest.startswith(b"HTTP/1.1 200 OK") and not rest.endswith(b"0\r\n\r\n")
+        assert loop.time() - started < 1.0
+        await _close(writer)
+        server.close()
+
+    run_virtual(main())
+
+
 def _head_of(*lines: str) -> bytes:
     return "\r\n".join(["POST /v1/completions HTTP/1.1", *lines]).encode("latin-1")
 

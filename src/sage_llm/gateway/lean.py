@@ -87,6 +87,7 @@ class LeanStream:
         body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
         self._conn.send(self._head + body, now=True)
         self._head = b""
+        self._conn.unfinished = False
 
 
 class LeanConnection(asyncio.Protocol):
@@ -105,6 +106,10 @@ class LeanConnection(asyncio.Protocol):
         self.idle_since: float | None = None
         """Loop time since which the connection has waited for a request (None: busy)."""
         self.closed = False
+        self.unfinished = False
+        """A chunked response was started and not ended (``write_eof``): when its handler
+        returns so, the connection closes (the client cannot tell where the next
+        response would begin)."""
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -175,6 +180,7 @@ class LeanConnection(asyncio.Protocol):
         self, status: int, *, content_type: str, headers: Mapping[str, str]
     ) -> LeanStream:
         """Start a chunked response; its head leaves with the first write."""
+        self.unfinished = True
         return LeanStream(
             self, self._head(status, headers, content_type, "Transfer-Encoding: chunked")
         )
@@ -239,7 +245,7 @@ class LeanConnection(asyncio.Protocol):
         body = bytes(buf[end + 4 : total])
         del buf[:total]
         self._keep_alive = "close" not in headers.get("connection", "").lower()
-        self._answered = False
+        self._answered = self.unfinished = False
         request = LeanRequest(method, path, headers, body)
         self._task = asyncio.get_running_loop().create_task(self._serve(request))
 
@@ -295,7 +301,7 @@ class LeanConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.closed:
             return
-        if not self._answered or not self._keep_alive or self._server.closing:
+        if not self._answered or self.unfinished or not self._keep_alive or self._server.closing:
             self._server.writes.flush_one(transport)
             transport.close()
             return
