@@ -67,7 +67,7 @@ STREAM_PROBES: tuple[tuple[str, str, str], ...] = (
     ("sage_llm.gateway.lean_routes", "LeanRoutes.__call__", "route handler"),
     ("sage_llm.gateway.openai", "parse_generation", "parse_generation"),
     ("sage_llm.control_plane.manager", "ControlPlaneManager._submit", "admit (_submit)"),
-    ("sage_llm.control_plane.dispatcher", "Dispatcher.start_lone", "dispatch (start_lone)"),
+    ("sage_llm.control_plane.dispatcher", "Dispatcher.start_here", "dispatch (start_here)"),
     ("sage_llm.engines.http", "HTTPEngineClient._fast_send", "engine request"),
     ("sage_llm.writebatch", "WriteBatch.flush", "batched writes sent"),
     ("sage_llm.engines.fastclient", "_Conn.data_received", "engine bytes in"),

@@ -34,7 +34,7 @@ from sage_llm.errors import (
 )
 from sage_llm.sim.clock import run_virtual
 from sage_llm.tokens import count_tokens
-from tests.engines.fake_engine import FakeEngine
+from tests.engines.fake_engine import BatchingFakeEngine, FakeEngine
 from tests.factories import MODEL, make_instance, make_instances, make_metadata
 
 
@@ -636,38 +636,61 @@ def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() ->
 # --- stream(): cancelling, closing and retrying a stream ------------------------------------
 
 
+RELAYS = ["queued", "here"]
+"""Where a stream's engine call runs: in a task of its own after a dispatch pass (the
+``adaptive`` policy queues every request), or in the task that relays it (a lone stream
+under ``fifo`` to an engine with ``generate_batches``)."""
+
+
 def _stream_manager(
     ids: tuple[str, ...] = ("sim-0",),
     engine_kwargs: dict[str, dict[str, Any]] | None = None,
+    relay: str = "queued",
 ) -> tuple[ControlPlaneManager, dict[str, FakeEngine]]:
     """A round-robin manager over one :class:`FakeEngine` per id (``engine_kwargs``
-    by id: the engines' own arguments)."""
+    by id: the engines' own arguments); with ``relay`` ``"here"`` (:data:`RELAYS`), a
+    ``fifo`` one over :class:`BatchingFakeEngine` objects."""
     engines: dict[str, FakeEngine] = {}
+    kind = BatchingFakeEngine if relay == "here" else FakeEngine
 
     def factory(inst: ExecutionInstance) -> FakeEngine:
         kwargs = (engine_kwargs or {}).get(inst.instance_id, {})
-        engines[inst.instance_id] = FakeEngine(inst.instance_id, **kwargs)
+        engines[inst.instance_id] = kind(inst.instance_id, **kwargs)
         return engines[inst.instance_id]
 
     cp = ControlPlaneManager(
-        mode="simulated", engine_factory=factory, routing_strategy="round_robin"
-    )
+        mode="simulated", engine_factory=factory, routing_strategy="round_robin",
+        scheduling_policy="fifo" if relay == "here" else "adaptive",
+    )  # fmt: skip
     for port, instance_id in enumerate(ids, start=8000):
         cp.register_instance(make_instance(instance_id, port=port))
     return cp, engines
+
+
+def _ran_where(
+    engine: FakeEngine, request_id: str, relay: str, reader: asyncio.Task[Any] | None
+) -> None:
+    """Check that ``request_id``'s engine call runs where ``relay`` says: in ``reader``
+    (``"here"``) or not (``"queued"``; then ``generate_batches`` is not called at all)."""
+    if relay == "here":
+        assert engine.tasks[request_id] is reader
+    else:
+        assert request_id not in engine.tasks
 
 
 async def _texts(cp: ControlPlaneManager, request_id: str, max_tokens: int = 4) -> list[str]:
     return [c.text async for c in cp.stream(make_metadata(request_id, max_tokens=max_tokens))]
 
 
-def test_cancelling_a_stream_while_its_caller_holds_a_chunk_ends_it_at_once() -> None:
+@pytest.mark.parametrize("relay", RELAYS)
+def test_cancelling_a_stream_while_its_caller_holds_a_chunk_ends_it_at_once(relay: str) -> None:
     async def main() -> None:
-        cp, engines = _stream_manager()
+        cp, engines = _stream_manager(relay=relay)
         async with cp:
             stream = cp.stream(make_metadata("s", max_tokens=4))
             first = await anext(stream)
             assert first.text == " w0"
+            _ran_where(engines["sim-0"], "s", relay, asyncio.current_task())
             assert await cp.cancel_request("s")
             assert (await cp.wait_for_result("s")).status is RequestStatus.CANCELLED
             assert [c async for c in stream] == []  # nothing more, and no error
@@ -681,13 +704,15 @@ def test_cancelling_a_stream_while_its_caller_holds_a_chunk_ends_it_at_once() ->
     run_virtual(main())
 
 
-def test_cancelling_a_stream_during_its_engine_call_ends_it_not_the_caller() -> None:
+@pytest.mark.parametrize("relay", RELAYS)
+def test_cancelling_a_stream_during_its_engine_call_ends_it_not_the_caller(relay: str) -> None:
     async def main() -> None:
-        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}})
+        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}}, relay=relay)
         async with cp:
             engine = engines["sim-0"]
             reader = asyncio.create_task(_texts(cp, "s"))
             await engine.gated.wait()
+            _ran_where(engine, "s", relay, reader)
             assert await cp.cancel_request("s")
             assert await reader == [" w0", " w1"]  # what came before, then the end
             assert reader.cancelling() == 0
@@ -699,9 +724,10 @@ def test_cancelling_a_stream_during_its_engine_call_ends_it_not_the_caller() -> 
     run_virtual(main())
 
 
-def test_closing_a_stream_early_or_cancelling_its_caller_cancels_the_request() -> None:
+@pytest.mark.parametrize("relay", RELAYS)
+def test_closing_a_stream_early_or_cancelling_its_caller_cancels_the_request(relay: str) -> None:
     async def main() -> None:
-        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}})
+        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}}, relay=relay)
         async with cp:
             engine = engines["sim-0"]
             async with contextlib.aclosing(cp.stream_batches(make_metadata("closed"))) as stream:
@@ -722,11 +748,14 @@ def test_closing_a_stream_early_or_cancelling_its_caller_cancels_the_request() -
     run_virtual(main())
 
 
-def test_a_stream_whose_engine_fails_before_its_first_token_is_retried_elsewhere() -> None:
+@pytest.mark.parametrize("relay", RELAYS)
+def test_a_stream_whose_engine_fails_before_its_first_token_is_retried_elsewhere(
+    relay: str,
+) -> None:
     async def main() -> None:
         refused = EngineConnectionError("refused", instance_id="bad")
         cp, engines = _stream_manager(
-            ("bad", "good"), engine_kwargs={"bad": {"fail_with": refused}}
+            ("bad", "good"), engine_kwargs={"bad": {"fail_with": refused}}, relay=relay
         )
         async with cp:
             texts = [await _texts(cp, f"s{i}", 2) for i in range(2)]
@@ -736,6 +765,41 @@ def test_a_stream_whose_engine_fails_before_its_first_token_is_retried_elsewhere
         retried = [r.request_id for r in engines["bad"].requests]
         assert len(retried) == 1  # round robin sent one of the two there first
         assert results[int(retried[0][1])].attempts == 2
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("holding", [False, True])
+@pytest.mark.parametrize("relay", RELAYS)
+def test_stopping_the_control_plane_ends_a_stream(relay: str, holding: bool) -> None:
+    """A stream still running when the control plane stops ends CANCELLED, whether its
+    engine call was waiting (``holding`` False) or its caller held a chunk."""
+
+    async def main() -> None:
+        cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}}, relay=relay)
+        await cp.start()
+        finished = cp._finished  # its results, read after the stop
+        stream = cp.stream(make_metadata("s", max_tokens=4))
+        got = [(await anext(stream)).text]
+
+        async def rest() -> list[str]:
+            return [c.text async for c in stream]
+
+        if holding:
+            await cp.stop()
+            got += await rest()
+            assert got == [" w0"]
+        else:  # another task reads on, up to the engine's gate
+            reader = asyncio.create_task(rest())
+            await engines["sim-0"].gated.wait()
+            await cp.stop()
+            got += await reader
+            assert got == [" w0", " w1"]
+        result = finished.get("s", cp.clock.now())
+        assert result is not None and result.status is RequestStatus.CANCELLED
+        assert result.error == "control plane stopped"
+        assert engines["sim-0"].aborted == ["s"]
+        assert engines["sim-0"].in_flight == 0
 
     run_virtual(main())
 

@@ -76,6 +76,7 @@ class FakeEngine:
         self.finished: list[str] = []
         self.aborted: list[str] = []
         self.queue_times: dict[str, float] = {}
+        self.tasks: dict[str, asyncio.Task[Any] | None] = {}
         self.in_flight = 0
         self.release = asyncio.Event()
         self.gated = asyncio.Event()
@@ -163,6 +164,23 @@ async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return runner, int(runner.addresses[0][1])
+
+
+class BatchingFakeEngine(FakeEngine):
+    """A :class:`FakeEngine` that also yields its chunks a list at a time
+    (``generate_batches``, as the HTTP client does), so the control plane relays a lone
+    stream from it in the relaying task."""
+
+    async def generate_batches(self, req: EngineRequest) -> AsyncIterator[list[Chunk]]:
+        """:meth:`generate`'s chunks in lists of one; notes the task each call ran
+        in (:attr:`tasks`)."""
+        self.tasks[req.request_id] = asyncio.current_task()
+        it = self.generate(req)
+        try:
+            async for chunk in it:
+                yield [chunk]
+        finally:
+            await it.aclose()  # type: ignore[attr-defined]
 
 
 def closed_port() -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from sage_llm.engines.fastclient import EngineConnector, FastPool, FastResponse
 from sage_llm.engines.http import HTTPEngineClient, make_session
+from sage_llm.sim.clock import run_virtual
 from tests.engines.fake_engine import closed_port
 from tests.factories import make_instance
 
@@ -284,6 +287,107 @@ async def test_cancelling_the_request_closes_the_connection(
     assert pool.idle_connections == 0
     never.set()
     await raw.closed.wait()
+
+
+_STREAM_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+
+def _gated_reply(go: asyncio.Event, rest: bytes | None) -> Reply:
+    """A chunked body's head and first chunk, then, once ``go`` is set, ``rest`` (None:
+    the connection closes instead)."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_STREAM_HEAD)
+        await writer.drain()
+        gone = asyncio.ensure_future(reader.read())  # b"" once the client closes
+        waiting = asyncio.ensure_future(go.wait())
+        await asyncio.wait([gone, waiting], return_when=asyncio.FIRST_COMPLETED)
+        closed = gone.done()
+        for task in (gone, waiting):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if closed:
+            writer.close()
+            return
+        if rest is None:
+            writer.close()
+            return
+        writer.write(rest)
+        await writer.drain()
+
+    return reply
+
+
+async def _released_early(pool: FastPool, timeout_s: float = 60.0) -> asyncio.Event:
+    """A request whose reader takes the first chunk and releases the response with the
+    rest of its body still to come; the event is set when a connection is put back."""
+    back = asyncio.Event()
+    put_back = pool.put_back
+
+    def noting(conn: Any) -> None:
+        put_back(conn)
+        back.set()
+
+    pool.put_back = noting  # type: ignore[method-assign]
+    resp = await pool.request("POST", "/x", b"")
+    assert await resp.read_some() == b"hello"
+    resp.release_later(timeout_s)
+    return back
+
+
+async def test_a_body_released_before_its_end_is_dropped_as_it_arrives_then_reused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    go = asyncio.Event()
+    raw.reply = _gated_reply(go, b"3\r\nabc\r\n0\r\n\r\n")
+    back = await _released_early(pool)
+    assert pool.idle_connections == 0  # its end has not come yet
+    go.set()
+    await asyncio.wait_for(back.wait(), 5)
+    assert pool.idle_connections == 1
+    raw.reply = send(CHUNKED)
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"hello, world"
+    assert raw.connections == 1  # reused
+
+
+@pytest.mark.parametrize("rest", [b"zz\r\n", None], ids=["malformed", "closed"])
+async def test_a_body_released_before_its_end_that_goes_wrong_is_not_reused(
+    server: tuple[RawServer, int], pool: FastPool, rest: bytes | None
+) -> None:
+    raw, _port = server
+    go = asyncio.Event()
+    raw.reply = _gated_reply(go, rest)
+    back = await _released_early(pool)
+    go.set()
+    await asyncio.wait_for(raw.closed.wait(), 5)
+    for _ in range(10):  # let the loop see what came
+        await asyncio.sleep(0)
+    assert not back.is_set() and pool.idle_connections == 0
+
+
+def test_a_body_released_before_its_end_that_never_comes_is_closed_in_time() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        raw = RawServer()
+        never = asyncio.Event()
+        raw.reply = _gated_reply(never, None)
+        srv = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+        pool = FastPool("127.0.0.1", int(srv.sockets[0].getsockname()[1]))
+        back = await _released_early(pool, timeout_s=2.0)
+        started = loop.time()
+        while not raw.closed.is_set():  # the client closes it once the 2 s have passed
+            assert loop.time() - started <= 2.0 + 0.01
+            await asyncio.sleep(0.1)
+        assert loop.time() - started >= 2.0
+        assert not back.is_set() and pool.idle_connections == 0
+        never.set()
+        pool.close()
+        srv.close()
+        await srv.wait_closed()
+
+    run_virtual(main())
 
 
 async def test_session_close_closes_the_fast_pools(server: tuple[RawServer, int]) -> None:

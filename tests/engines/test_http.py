@@ -372,6 +372,50 @@ async def test_events_split_into_single_bytes_still_parse(
     assert "".join(c.text for c in chunks) == "h\u00e9llo"
 
 
+async def test_generate_batches_yields_what_each_read_brought(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    """``generate_batches``: one list per read from the engine (the events of one write
+    arrive together here), the usage merged into the last chunk, as ``generate`` does."""
+    rec, port = raw
+    first_batch = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_event("a") + text_event("b"))
+        await first_batch.wait()
+        await resp.write(text_event("c", "stop") + ev({"choices": [], "usage": USAGE}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    rec.handler = handler
+    batches: list[list[str]] = []
+    async with aclosing(client_for(port, session).generate_batches(completion_req())) as it:
+        async for batch in it:
+            batches.append([c.text for c in batch])
+            first_batch.set()
+            last = batch[-1]
+    assert batches == [["a", "b"], ["c"]]
+    assert last.finish_reason == "stop"
+    assert last.usage is not None and last.usage.completion_tokens == 2
+
+
+async def test_generate_batches_yields_the_chunks_before_a_bad_event_then_raises(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: sse(r, [text_event("a") + text_event("b") + b"data: [1, 2\n\n"])
+    got: list[list[str]] = []
+    with pytest.raises(EngineStreamError) as info:
+        async with aclosing(client_for(port, session).generate_batches(completion_req())) as it:
+            async for batch in it:
+                got.append([c.text for c in batch])
+    assert got == [["a", "b"]]
+    assert info.value.retryable is False
+
+
 async def test_json_answer_to_a_stream_request_is_accepted(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession
 ) -> None:

@@ -102,6 +102,17 @@ class GatewayProbe(ConcurrencyProbe):
         return {"object": "list", "data": data, "model": model, "usage": usage}
 
 
+class BatchingGatewayProbe(GatewayProbe):
+    """A :class:`GatewayProbe` that also yields its chunks a list at a time
+    (``generate_batches``, as the HTTP engine client does), so a lone stream's engine
+    call runs in the task that relays it."""
+
+    async def generate_batches(self, req: EngineRequest) -> AsyncGenerator[list[Chunk], None]:
+        async with contextlib.aclosing(self.generate(req)) as stream:
+            async for chunk in stream:
+                yield [chunk]
+
+
 Wrap = Callable[[SimEngine], EngineClient]
 
 
@@ -136,10 +147,13 @@ def make_manager(
     wrap: Wrap | None = None,
     hold: Callable[[str], bool] = lambda _rid: False,
     hold_after: int = 1,
+    batching: bool = False,
     **manager_kwargs: Any,
 ) -> tuple[ControlPlaneManager, dict[str, GatewayProbe], dict[str, EngineClient]]:
-    """A manager (not started) whose instances run simulated engines behind probes (or
-    behind ``wrap``); returns it with the probes and engine clients it will create."""
+    """A manager (not started) whose instances run simulated engines behind probes
+    (:class:`BatchingGatewayProbe` ones with ``batching``), or behind ``wrap``; returns it
+    with the probes and engine clients it will create."""
+    kind = BatchingGatewayProbe if batching else GatewayProbe
     engines: dict[str, EngineClient] = {}
     probes: dict[str, GatewayProbe] = {}
 
@@ -149,7 +163,7 @@ def make_manager(
         if wrap is not None:
             client = wrap(sim)
         else:
-            probe = GatewayProbe(sim, hold=hold, hold_after=hold_after)
+            probe = kind(sim, hold=hold, hold_after=hold_after)
             probes[inst.instance_id] = probe
             client = probe
         engines[inst.instance_id] = client

@@ -36,14 +36,23 @@ def _faulty(sim: SimEngine) -> EngineClient:
     return FaultyEngine(sim, fail_mid=lambda rid: True, mid_after=2)
 
 
-async def test_first_chunk_is_sent_before_the_engine_finishes() -> None:
-    async with serve(1, hold=lambda rid: True, hold_after=1) as gw, aiohttp.ClientSession() as s:
+BATCHING = pytest.mark.parametrize("batching", [False, True], ids=["task", "here"])
+"""A stream's engine call in a task of its own, or in the relaying task (an engine client
+with ``generate_batches``, as the HTTP one)."""
+
+
+@BATCHING
+async def test_first_chunk_is_sent_before_the_engine_finishes(batching: bool) -> None:
+    held = serve(1, hold=lambda rid: True, hold_after=1, batching=batching)
+    async with held as gw, aiohttp.ClientSession() as s:
         async with s.post(gw.url("/v1/completions"), json=body_of(stream=True)) as resp:
             assert resp.status == 200
             first = await _first_event(resp)
             assert first["choices"][0]["text"]
             assert first["choices"][0]["finish_reason"] is None
             assert gw.probes["sim-0"].in_flight == 1  # the engine is held after one chunk
+            assert gw.manager._dispatcher is not None
+            assert len(gw.manager._dispatcher._tasks) == (0 if batching else 1)
             gw.probes["sim-0"].gate.set()
             rest = await read_events(resp)
         assert rest[-1] == "[DONE]"
@@ -93,8 +102,9 @@ async def test_failure_before_the_first_chunk_is_a_json_status() -> None:
         assert resp.content_type == "application/json"
 
 
-async def test_client_disconnect_mid_stream_cancels_the_request() -> None:
-    async with serve(1, hold=lambda rid: True, hold_after=1) as gw:
+@BATCHING
+async def test_client_disconnect_mid_stream_cancels_the_request(batching: bool) -> None:
+    async with serve(1, hold=lambda rid: True, hold_after=1, batching=batching) as gw:
         probe = gw.probes["sim-0"]
         headers = {"x-request-id": "goes-away"}
         async with aiohttp.ClientSession() as s:
@@ -127,9 +137,11 @@ async def test_client_disconnect_while_waiting_for_a_whole_response() -> None:
         assert result.status is RequestStatus.CANCELLED
 
 
-async def test_timeout_mid_stream_ends_with_a_timeout_event() -> None:
+@BATCHING
+async def test_timeout_mid_stream_ends_with_a_timeout_event(batching: bool) -> None:
     settings = GatewayConfig(request_timeout_s=0.3)
-    async with serve(1, settings=settings, hold=lambda rid: True, hold_after=1) as gw:
+    held = serve(1, settings=settings, hold=lambda rid: True, hold_after=1, batching=batching)
+    async with held as gw:
         async with aiohttp.ClientSession() as s:
             headers = {"x-request-id": "slow-stream"}
             async with s.post(

@@ -11,8 +11,9 @@ it starts the request on a whole-request instance, the engine call too, in its o
 (:meth:`Dispatcher.execute_here`). When the queue is empty and the policy's queue only
 orders requests (``fifo``, ``priority``, ``cost_optimized``), a collected request or a
 stream does not even enter it: the pass that would pop it straight back runs without the
-queue (:meth:`Dispatcher.start_lone`), and a request that cannot start yet is queued as
-any other.
+queue (:meth:`Dispatcher._dispatch_lone`), and a request that cannot start yet is queued
+as any other. A stream started that way on an HTTP engine is relayed from the engine by
+the task that reads it (:meth:`Dispatcher.stream_here`), with no task of its own either.
 
 Invariants it keeps:
 
@@ -39,9 +40,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 from sage_llm.control_plane.health import HealthMonitor, with_stream_timeouts
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
@@ -67,7 +68,13 @@ from sage_llm.control_plane.scheduling._queue import (
 )
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
-from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
+from sage_llm.engines.base import (
+    BatchingEngineClient,
+    Chunk,
+    EngineClient,
+    EngineRequest,
+    KVHandle,
+)
 from sage_llm.errors import (
     DeadlineExceededError,
     EngineError,
@@ -86,6 +93,8 @@ log = logging.getLogger("sage_llm.dispatcher")
 
 _FAILED = object()
 """What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
+
+_T = TypeVar("_T")
 
 _MAX_DEFERRED = 64
 """Popped requests that found no route, put back at the end of a pass; then the pass ends."""
@@ -111,6 +120,12 @@ def refusal_of(
     if isinstance(exc, PDLegError):
         return refusal_of(exc.cause, exc.instance_id)
     return None
+
+
+def _batched(client: EngineClient) -> TypeGuard[BatchingEngineClient]:
+    """Whether an engine client yields its chunks a read at a time (``generate_batches``,
+    as :class:`~sage_llm.engines.http.HTTPEngineClient` does)."""
+    return hasattr(client, "generate_batches")
 
 
 @dataclass
@@ -181,6 +196,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._here: RequestRecord | None = None  # see start_here
         self._here_state: InstanceState | None = None
+        self._here_streams = False
         self._stopping = False
 
     # -- loop ------------------------------------------------------------------------------
@@ -314,17 +330,9 @@ class Dispatcher:
 
     def takes_lone(self) -> bool:
         """Whether a request submitted now may skip the queue (:meth:`start_here` with
-        ``queued`` False, :meth:`start_lone`): nothing is queued and the policy's queue only
+        ``queued`` False): nothing is queued and the policy's queue only
         orders requests."""
         return self.order_only is not None and not len(self.policy)
-
-    def start_lone(self, rec: RequestRecord) -> None:
-        """:meth:`_dispatch_lone` for a request not pushed onto the queue whose caller does
-        not run its engine call (a stream): it starts in a task of its own, or waits in the
-        queue for a pass, which is then asked for."""
-        self._dispatch_lone(rec)
-        if rec.status is RequestStatus.QUEUED:
-            self.wake()
 
     def _dispatch_lone(self, rec: RequestRecord) -> None:
         """The pass :meth:`dispatch_ready` would run for ``rec`` pushed alone onto the empty
@@ -415,8 +423,8 @@ class Dispatcher:
         self.prefix_index.insert(state.instance_id, info.block_hashes)
         self.metrics.set_in_flight(state.instance_id, state.in_flight)
         self.metrics.running.inc()
-        if rec is self._here:  # its caller runs the engine call (start_here)
-            self._here_state = state
+        if rec is self._here and (not self._here_streams or _batched(state.client)):
+            self._here_state = state  # its caller runs the engine call (start_here)
             rec.task = asyncio.current_task()
             return
         task = asyncio.create_task(self._execute(rec, state), name=f"req-{rec.request_id}")
@@ -424,16 +432,19 @@ class Dispatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def start_here(self, rec: RequestRecord, *, queued: bool = True) -> InstanceState | None:
+    def start_here(
+        self, rec: RequestRecord, *, queued: bool = True, stream: bool = False
+    ) -> InstanceState | None:
         """Run a dispatch pass now, for a caller about to wait for ``rec`` (the only request
         queued, or, with ``queued`` False, one not pushed onto the empty queue of a policy
         that allows it: see :meth:`_dispatch_lone`): when the pass starts ``rec`` on a
         whole-request instance, its engine call is not given a task of its own but left to
         the caller, who runs it with :meth:`execute_here` (one task and three turns of the
-        event loop fewer per request). Returns the instance it was started on; None when
-        the pass did not start it there (it stays queued, or a PD pair runs it in a task
-        of its own)."""
-        self._here, self._here_state = rec, None
+        event loop fewer per request), or, with ``stream``, relays it with
+        :meth:`stream_here` (only from an engine client that has ``generate_batches``; the
+        others' get a task). Returns the instance it was started on; None when the pass did
+        not start it there (it stays queued, or a task of its own runs it)."""
+        self._here, self._here_state, self._here_streams = rec, None, stream
         try:
             if queued:
                 self.dispatch_ready()
@@ -451,14 +462,11 @@ class Dispatcher:
         return self._execute(rec, state, here=True)
 
     async def _execute(self, rec: RequestRecord, state: InstanceState, here: bool = False) -> None:
-        info = rec.info
         prefill_pending = True
         retry_error: EngineError | None = None
         try:
-            rec.status = RequestStatus.RUNNING
-            rec.meta.start_time = self.clock.to_datetime(self.clock.now())
             complete = getattr(state.client, "complete", None)
-            req = self._engine_request(rec, state, one_piece=complete is not None)
+            req = self._begin(rec, state, one_piece=complete is not None)
             if req.stream:
                 complete = None
             if complete is not None:  # the answer comes in one piece (no TTFT)
@@ -468,6 +476,17 @@ class Dispatcher:
                     self._first_output(rec, state)
                 for chunk in chunks:
                     self._absorb(rec, chunk)
+            elif _batched(client := state.client):
+                batches = self._timed(client.generate_batches(req), state, req.stream)
+                try:
+                    async for batch in batches:
+                        if prefill_pending:
+                            prefill_pending = False
+                            self._first_output(rec, state)
+                        for chunk in batch:
+                            self._absorb(rec, chunk)
+                finally:
+                    await batches.aclose()  # type: ignore[attr-defined]
             else:
                 stream = self._timed(state.client.generate(req), state, req.stream)
                 try:
@@ -478,49 +497,138 @@ class Dispatcher:
                         self._absorb(rec, chunk)
                 finally:
                     await stream.aclose()  # type: ignore[attr-defined]
-            if rec.finish_reason is None:
-                raise EngineStreamError(
-                    "engine stream ended without a finish reason",
-                    instance_id=state.instance_id,
-                    retryable=not rec.produced_output,
-                )
-            self._on_success(state)
-            self._finish(rec, RequestStatus.COMPLETED, state=state)
+            self._completed(rec, state)
         except asyncio.CancelledError:
-            by_caller = (rec.cancel_requested or here) and not self._stopping
-            reason = "cancelled by the caller" if by_caller else "control plane stopped"
-            self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
-            if here:  # in the caller's task: pass on a cancellation that was not the request's
-                task = asyncio.current_task()
-                if not rec.cancel_requested or task is None:
-                    raise
-                task.uncancel()
+            if self._cancelled(rec, state, here):
+                raise
         except (EngineError, InvalidRequestError) as caught:
-            exc = refusal_of(caught, state.instance_id) or caught
-            assert isinstance(exc, EngineError)
-            if not isinstance(exc, EngineRequestRejectedError):  # else: the request's fault
-                state.failed += 1
-                self._on_failure(state, exc)
-            if exc.retryable and not rec.produced_output and self._can_retry(rec, state):
-                retry_error = exc
-            else:
-                rec.exception = exc
-                self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
+            retry_error = self._failed(rec, state, caught)
         except Exception as exc:
-            log.exception("request %s failed inside the control plane", rec.request_id)
-            self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=state)
+            self._crashed(rec, state, exc)
         finally:
-            state.in_flight -= 1
-            if prefill_pending:
-                state.queued_prefill_tokens -= info.prompt_tokens
-            state.outstanding_decode_tokens -= info.max_tokens
-            self.metrics.set_in_flight(state.instance_id, state.in_flight)
-            self.metrics.running.dec()
-            if state.in_flight == 0 and self._on_instance_idle is not None:
-                self._on_instance_idle(state)
-            self.wake()
+            self._release(rec, state, prefill_pending)
         if retry_error is not None:
             await self._requeue(rec, state, retry_error)
+
+    async def stream_here(
+        self, rec: RequestRecord, state: InstanceState
+    ) -> AsyncGenerator[list[Chunk], None]:
+        """The engine call of a stream :meth:`start_here` started (with ``stream``), run by
+        the task that relays it: each list of chunks as the engine client's
+        ``generate_batches`` yields it, and no task of its own, so no turn of the event
+        loop between a read from the engine and the relay's write. It ends, as
+        :meth:`_execute` does, with the request ended (the caller reads how from ``rec``)
+        or queued again for a retry elsewhere (``rec.status`` QUEUED: the stream then
+        continues on ``rec.stream`` from the task that runs the retry).
+
+        Cancellation: of the relaying task, while the engine call waits, ends the request
+        CANCELLED and goes on up; of the request (:meth:`cancel`), the same and the
+        iterator ends, or, while the relay has a batch, ends the request at once and the
+        iterator at its next step; closing the iterator ends the request CANCELLED."""
+        prefill_pending = True
+        retry_error: EngineError | None = None
+        channel, rec.stream = rec.stream, None  # the chunks go out from here, not through it
+        try:
+            req = self._begin(rec, state, one_piece=False)
+            client = state.client
+            assert _batched(client)  # start_here leaves only such streams to the caller
+            batches = self._timed(client.generate_batches(req), state, req.stream)
+            try:
+                async for batch in batches:
+                    if prefill_pending:
+                        prefill_pending = False
+                        self._first_output(rec, state)
+                    for chunk in batch:
+                        self._absorb(rec, chunk)
+                    rec.task = None  # while the relay has it, cancel() ends the request
+                    yield batch
+                    if rec.status.is_terminal:  # cancelled meanwhile
+                        return
+                    rec.task = asyncio.current_task()  # the next read's (it may differ)
+            finally:
+                await batches.aclose()  # type: ignore[attr-defined]
+            self._completed(rec, state)
+        except GeneratorExit:  # the relay closed it before the end
+            self._finish(rec, RequestStatus.CANCELLED, error="cancelled by the caller", state=state)
+            raise
+        except asyncio.CancelledError:
+            if self._cancelled(rec, state, True):
+                raise
+        except (EngineError, InvalidRequestError) as caught:
+            retry_error = self._failed(rec, state, caught)
+        except Exception as exc:
+            self._crashed(rec, state, exc)
+        finally:
+            self._release(rec, state, prefill_pending)
+        if retry_error is not None:
+            rec.stream = channel  # the retry's task relays through it
+            await self._requeue(rec, state, retry_error)
+
+    def _begin(self, rec: RequestRecord, state: InstanceState, *, one_piece: bool) -> EngineRequest:
+        """``rec`` starts running on ``state``: its engine request (:meth:`_engine_request`)."""
+        rec.status = RequestStatus.RUNNING
+        rec.meta.start_time = self.clock.to_datetime(self.clock.now())
+        return self._engine_request(rec, state, one_piece=one_piece)
+
+    def _completed(self, rec: RequestRecord, state: InstanceState) -> None:
+        """The engine's answer ended: the request completed (or, without a finish reason,
+        failed, see :class:`EngineStreamError`)."""
+        if rec.finish_reason is None:
+            raise EngineStreamError(
+                "engine stream ended without a finish reason",
+                instance_id=state.instance_id,
+                retryable=not rec.produced_output,
+            )
+        self._on_success(state)
+        self._finish(rec, RequestStatus.COMPLETED, state=state)
+
+    def _cancelled(self, rec: RequestRecord, state: InstanceState, here: bool) -> bool:
+        """The engine call was cancelled: the request ends CANCELLED. Returns whether the
+        cancellation goes on up: in the caller's task (``here``), one that was not the
+        request's (:meth:`cancel`); the request's is taken back (``uncancel``)."""
+        by_caller = (rec.cancel_requested or here) and not self._stopping
+        reason = "cancelled by the caller" if by_caller else "control plane stopped"
+        self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
+        if not here:
+            return False
+        task = asyncio.current_task()
+        if not rec.cancel_requested or task is None:
+            return True
+        task.uncancel()
+        return False
+
+    def _failed(
+        self, rec: RequestRecord, state: InstanceState, caught: EngineError | InvalidRequestError
+    ) -> EngineError | None:
+        """The engine call failed: the error to retry elsewhere with, or None when the
+        request ended FAILED."""
+        exc = refusal_of(caught, state.instance_id) or caught
+        assert isinstance(exc, EngineError)
+        if not isinstance(exc, EngineRequestRejectedError):  # else: the request's fault
+            state.failed += 1
+            self._on_failure(state, exc)
+        if exc.retryable and not rec.produced_output and self._can_retry(rec, state):
+            return exc
+        rec.exception = exc
+        self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
+        return None
+
+    def _crashed(self, rec: RequestRecord, state: InstanceState, exc: Exception) -> None:
+        log.exception("request %s failed inside the control plane", rec.request_id)
+        self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=state)
+
+    def _release(self, rec: RequestRecord, state: InstanceState, prefill_pending: bool) -> None:
+        """The engine call is over (however it ended): ``state`` stops carrying it."""
+        info = rec.info
+        state.in_flight -= 1
+        if prefill_pending:
+            state.queued_prefill_tokens -= info.prompt_tokens
+        state.outstanding_decode_tokens -= info.max_tokens
+        self.metrics.set_in_flight(state.instance_id, state.in_flight)
+        self.metrics.running.dec()
+        if state.in_flight == 0 and self._on_instance_idle is not None:
+            self._on_instance_idle(state)
+        self.wake()
 
     def _engine_request(
         self, rec: RequestRecord, state: InstanceState, *, one_piece: bool
@@ -731,8 +839,8 @@ class Dispatcher:
             rec.chunks.append(chunk)
 
     def _timed(
-        self, stream: AsyncIterator[Chunk], state: InstanceState, streamed: bool
-    ) -> AsyncIterator[Chunk]:
+        self, stream: AsyncIterator[_T], state: InstanceState, streamed: bool
+    ) -> AsyncIterator[_T]:
         """``stream`` under the first-token and idle limits (none for a request the engine
         answers at once, at its end)."""
         if not streamed or (self.first_token_timeout_s is None and self.idle_timeout_s is None):
@@ -807,8 +915,16 @@ class Dispatcher:
         if rec.task is not None and not rec.task.done():
             rec.task.cancel()
             return True
-        self.policy.remove(rec.request_id)
-        self._finish(rec, RequestStatus.CANCELLED, error="cancelled by the caller")
+        reason = "cancelled by the caller"
+        state = None
+        if rec.status is RequestStatus.RUNNING and rec.instance_id is not None:
+            # a stream whose relay holds a batch (see stream_here): it ends now
+            state = self.registry.find(rec.instance_id)
+            if self._stopping:
+                reason = "control plane stopped"
+        else:
+            self.policy.remove(rec.request_id)
+        self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
         self.metrics.queue_depth.set(len(self.policy))
         return True
 

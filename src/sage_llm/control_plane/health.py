@@ -34,9 +34,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sage_llm.engines.base import Chunk
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 
 if TYPE_CHECKING:
@@ -46,6 +45,8 @@ if TYPE_CHECKING:
     from sage_llm.sim.clock import Clock
 
 log = logging.getLogger("sage_llm.health")
+
+T = TypeVar("T")
 
 
 class CircuitState(IntEnum):
@@ -346,15 +347,16 @@ class HealthMonitor:
 
 
 async def with_stream_timeouts(
-    stream: AsyncIterator[Chunk],
+    stream: AsyncIterator[T],
     *,
     first_token_s: float | None,
     idle_s: float | None,
     instance_id: str,
-) -> AsyncIterator[Chunk]:
-    """Yield ``stream``'s chunks, raising :class:`EngineTimeoutError` when the first chunk
-    takes longer than ``first_token_s`` or a later one longer than ``idle_s`` (None: no
-    limit). Works for every EngineClient, HTTP or in-process."""
+) -> AsyncIterator[T]:
+    """Yield ``stream``'s items (chunks, or lists of them from ``generate_batches``),
+    raising :class:`EngineTimeoutError` when the first item takes longer than
+    ``first_token_s`` or a later one longer than ``idle_s`` (None: no limit). Works for
+    every EngineClient, HTTP or in-process."""
     it = aiter(stream)
     limit = first_token_s
     first = True
@@ -362,10 +364,10 @@ async def with_stream_timeouts(
         while True:
             try:
                 if limit is None:
-                    chunk = await anext(it)
+                    item = await anext(it)
                 else:
                     async with asyncio.timeout(limit):
-                        chunk = await anext(it)
+                        item = await anext(it)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -377,7 +379,7 @@ async def with_stream_timeouts(
                 ) from None
             first = False
             limit = idle_s
-            yield chunk
+            yield item
     finally:
         close = getattr(it, "aclose", None)
         if close is not None:

@@ -445,16 +445,24 @@ class ControlPlaneManager:
         dispatcher = self._require_dispatcher()
         lone = dispatcher.takes_lone()  # then started here, not by the dispatcher's next pass
         rec = self._submit(request, stream=True, wake=not lone, queue=not lone)
+        state = None
         if lone:
             try:
-                dispatcher.start_lone(rec)
+                state = dispatcher.start_here(rec, queued=False, stream=True)
             except Exception as exc:  # a plugin's bug: the request ends, with the reason
                 dispatcher.fail_queued(rec, f"internal error: {exc!r}")
                 raise
+            if rec.status is RequestStatus.QUEUED:
+                dispatcher.wake()
         channel = rec.stream
         assert channel is not None
         finished = False
         try:
+            if state is not None:  # the engine call runs in this task
+                async with contextlib.aclosing(dispatcher.stream_here(rec, state)) as here:
+                    async for chunks in here:
+                        yield chunks
+                finished = rec.status.is_terminal  # else queued again, for a retry
             while not finished:
                 batch: list[Chunk] = []
                 for item in await channel.take():

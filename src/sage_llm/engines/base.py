@@ -14,6 +14,10 @@ Contract:
 * ``complete`` (optional; the HTTP client has it) returns every chunk of a request the engine
   answers in one piece (``stream`` false) at its end, as ``generate`` would yield them; the
   control plane calls it instead of ``generate`` for such requests when a client has it.
+* ``generate_batches`` (optional, :class:`BatchingEngineClient`; the HTTP client has it)
+  yields what ``generate`` yields a list at a time: the chunks that arrived together (one
+  read from the engine), never an empty list. The control plane calls it instead of
+  ``generate`` when a client has it, and relays a lone stream from it in the relaying task.
 * ``prefill`` runs the first leg of a PD request (vLLM ``kv_transfer_params`` protocol) and
   returns the parameters the decode leg needs.
 * No method blocks the event loop.
@@ -168,3 +172,12 @@ class EngineClient(Protocol):
     async def stats(self) -> EngineStats: ...
 
     async def aclose(self) -> None: ...
+
+
+class BatchingEngineClient(EngineClient, Protocol):
+    """An :class:`EngineClient` that also yields its chunks a read at a time."""
+
+    def generate_batches(self, req: EngineRequest) -> AsyncIterator[list[Chunk]]:
+        """``generate``'s chunks, as lists of those that arrived together (none empty);
+        closing it aborts the request as closing ``generate`` does."""
+        ...

@@ -46,12 +46,24 @@ _PAUSE_AT = 1 << 20
 class _Conn(asyncio.Protocol):
     """One keep-alive connection; the response is parsed by :class:`FastResponse`."""
 
-    __slots__ = ("buf", "closed", "eof", "exc", "idle_since", "paused", "transport", "waiter")
+    __slots__ = (
+        "buf",
+        "closed",
+        "drainer",
+        "eof",
+        "exc",
+        "idle_since",
+        "paused",
+        "transport",
+        "waiter",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.waiter: asyncio.Future[None] | None = None
+        self.drainer: FastResponse | None = None
+        """The response whose rest is dropped as it arrives (:meth:`FastResponse.release_later`)."""
         self.closed = False
         self.eof = False
         self.paused = False
@@ -67,6 +79,9 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        if self.drainer is not None:
+            self.drainer._drain()
+            return
         if len(self.buf) > _PAUSE_AT and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -75,6 +90,8 @@ class _Conn(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
+        if self.drainer is not None:
+            self.drainer._drain()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -82,6 +99,8 @@ class _Conn(asyncio.Protocol):
         self.eof = True
         self.exc = exc
         self._wake()
+        if self.drainer is not None:
+            self.drainer._drain()
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -118,6 +137,7 @@ class FastResponse:
         "_chunk_left",
         "_conn",
         "_done",
+        "_drain_timer",
         "_keep_alive",
         "_left",
         "_mode",
@@ -140,6 +160,7 @@ class FastResponse:
         self._chunk_left = -1  # -1: expecting a size line; -2: expecting the CRLF after data
         self._done = False
         self._keep_alive = True
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     async def _read_head(self) -> None:
         conn = self._conn
@@ -305,6 +326,56 @@ class FastResponse:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
+
+    def release_later(self, timeout_s: float) -> None:
+        """:meth:`release`, for a response whose reader is done before its body ended (a
+        stream past its ``[DONE]`` event, the body's last chunk still on the way): the
+        rest is read and dropped as it arrives, in the connection's ``data_received`` (no
+        task, nothing awaited), and the connection goes back to the pool once the body
+        ends; it is closed instead if the body is malformed, the connection ends, or the
+        body has not ended within ``timeout_s``."""
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.paused and conn.transport is not None:
+            conn.paused = False
+            conn.transport.resume_reading()
+        conn.drainer = self
+        self._drain()
+        if self._conn is not None:  # still to come
+            loop = asyncio.get_running_loop()
+            self._drain_timer = loop.call_later(timeout_s, self._drain_expired)
+
+    def _drain(self) -> None:
+        """Drop the body bytes received; release or close the connection at the end."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            self._take(conn)
+        except ConnectionError:
+            self._end_drain(conn)
+            self.close()
+            return
+        if self._done:
+            self._end_drain(conn)
+            self.release()
+        elif conn.eof or self._mode == 2:
+            self._end_drain(conn)
+            self.close()
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        conn = self._conn
+        if conn is not None:
+            self._end_drain(conn)
+            self.close()
+
+    def _end_drain(self, conn: _Conn) -> None:
+        conn.drainer = None
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None:
+            timer.cancel()
 
 
 def _closed_message(conn: _Conn, where: str) -> str:

@@ -374,9 +374,19 @@ class HTTPEngineClient:
 
     # --- EngineClient --------------------------------------------------------------------
 
-    def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream ``req`` from the engine. Close the iterator (``aclose``, or cancel the task
         awaiting it) to abort: the HTTP connection is closed and the engine aborts.
+        :meth:`generate_batches`, one chunk at a time."""
+        async with contextlib.aclosing(self.generate_batches(req)) as batches:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+
+    def generate_batches(self, req: EngineRequest) -> AsyncGenerator[list[Chunk], None]:
+        """What :meth:`generate` yields, a list at a time: the chunks of each read from the
+        engine (never an empty list), so a consumer handles what arrived together at
+        once. Closing it aborts the request as closing :meth:`generate` does.
 
         ``http://`` engines are called through the lean client of
         :mod:`sage_llm.engines.fastclient` (same behaviour, a fraction of the CPU);
@@ -386,7 +396,7 @@ class HTTPEngineClient:
             return self._generate_fast(self._fast_pool, req)
         return self._generate_aiohttp(req)
 
-    async def _generate_aiohttp(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+    async def _generate_aiohttp(self, req: EngineRequest) -> AsyncGenerator[list[Chunk], None]:
         body = self.request_body(req, stream=req.stream)
         first_deadline = self._first_deadline(req)
         resp = await self._send(
@@ -400,16 +410,16 @@ class HTTPEngineClient:
                 raw = await self._read_all(resp, first_deadline)
                 chunks = chunks_from_completion(self._parse_json(raw), req, self.instance_id)
                 clean = True  # read to the end: reusable whether or not all is consumed
-                for chunk in chunks:
-                    yield chunk
+                if chunks:
+                    yield chunks
                 return
 
             async def read(deadline: float | None, produced: bool) -> bytes:
                 return await self._read(resp, deadline, produced=produced)
 
             async with contextlib.aclosing(self._relay(asm, read, first_deadline)) as relay:
-                async for chunk in relay:
-                    yield chunk
+                async for batch in relay:
+                    yield batch
             clean = await self._drain(resp)
         finally:
             if clean:
@@ -422,10 +432,11 @@ class HTTPEngineClient:
         asm: StreamAssembler,
         read: Callable[[float | None, bool], Awaitable[bytes]],
         first_deadline: float | None,
-    ) -> AsyncGenerator[Chunk, None]:
-        """The stream loop of both transports: SSE events to chunks, reading with the
-        first-token deadline until a token came and the idle timeout after it; ``read``
-        returns ``b""`` at the end of the body."""
+    ) -> AsyncGenerator[list[Chunk], None]:
+        """The stream loop of both transports: SSE events to chunks, one list per read
+        (none when a read completes no chunk), reading with the first-token deadline until
+        a token came and the idle timeout after it; ``read`` returns ``b""`` at the end of
+        the body."""
         loop = asyncio.get_running_loop()
         decoder = SSEDecoder()
         idle = self._timeouts.idle_s
@@ -439,13 +450,21 @@ class HTTPEngineClient:
                 deadline = loop.time() + idle
             data = await read(deadline, produced)
             events = decoder.feed(data) if data else decoder.close()
-            for event in events:
-                for chunk in asm.on_event(event.data):
-                    yield chunk
+            batch: list[Chunk] = []
+            try:
+                for event in events:
+                    batch += asm.on_event(event.data)
+            except Exception:
+                if batch:  # the chunks before the bad event go out first
+                    yield batch
+                raise
+            if batch:
+                yield batch
             if asm.done or not data:
                 break
-        for chunk in asm.finish():
-            yield chunk
+        last = asm.finish()
+        if last:
+            yield last
 
     # --- the lean hot path -----------------------------------------------------------
 
@@ -514,8 +533,8 @@ class HTTPEngineClient:
                 return answer
             # the engine streamed anyway
             async with contextlib.aclosing(self._fast_events(resp, req, first_deadline)) as relay:
-                streamed = [chunk async for chunk in relay]
-            clean = await self._fast_drain(resp)
+                streamed = [chunk async for batch in relay for chunk in batch]
+            self._fast_release(resp)
             return streamed
         finally:
             if clean:
@@ -525,9 +544,9 @@ class HTTPEngineClient:
 
     def _fast_events(
         self, resp: FastResponse, req: EngineRequest, first_deadline: float | None
-    ) -> AsyncGenerator[Chunk, None]:
-        """The chunks of a server-sent-events answer on the lean transport (:meth:`_relay`
-        over ``resp``)."""
+    ) -> AsyncGenerator[list[Chunk], None]:
+        """The chunks of a server-sent-events answer on the lean transport, a list per
+        read (:meth:`_relay` over ``resp``)."""
 
         async def read(deadline: float | None, produced: bool) -> bytes:
             return await self._fast_read(resp, deadline, produced=produced)
@@ -545,7 +564,7 @@ class HTTPEngineClient:
 
     async def _generate_fast(
         self, pool: FastPool, req: EngineRequest
-    ) -> AsyncGenerator[Chunk, None]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         data = jsonutil.dumps(self.request_body(req, stream=req.stream))
         first_deadline = self._first_deadline(req)
         path = self._path(req)
@@ -555,31 +574,24 @@ class HTTPEngineClient:
             if resp.content_type == "application/json":
                 chunks = await self._fast_json(resp, req, first_deadline)
                 clean = True  # read to the end: reusable whether or not all is consumed
-                for chunk in chunks:
-                    yield chunk
+                if chunks:
+                    yield chunks
                 return
             async with contextlib.aclosing(self._fast_events(resp, req, first_deadline)) as relay:
-                async for chunk in relay:
-                    yield chunk
-            clean = await self._fast_drain(resp)
+                async for batch in relay:
+                    yield batch
+            self._fast_release(resp)
         finally:
             if clean:
                 resp.release()
             else:
-                resp.close()
+                resp.close()  # nothing left to close after _fast_release
 
-    async def _fast_drain(self, resp: FastResponse) -> bool:
-        """After ``[DONE]``: read to the end so the connection can be reused."""
-        if resp.at_eof:
-            return True
-        deadline = self._deadline(self._timeouts.idle_s or self._timeouts.health_s)
-        try:
-            async with asyncio.timeout_at(deadline):
-                while await resp.read_some():
-                    pass
-        except (TimeoutError, OSError):
-            return False
-        return True
+    def _fast_release(self, resp: FastResponse) -> None:
+        """After ``[DONE]``: the rest of the body (its last chunk) is read as it arrives,
+        without waiting for it here, and the connection reused (see
+        :meth:`FastResponse.release_later`)."""
+        resp.release_later(self._timeouts.idle_s or self._timeouts.health_s)
 
     async def _read_all(self, resp: aiohttp.ClientResponse, deadline: float | None) -> bytes:
         chunks: list[bytes] = []
