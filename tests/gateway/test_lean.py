@@ -279,6 +279,16 @@ class _Fallback:
         return Proto()
 
 
+async def _lean_server(handler: Any, fallback: _Fallback) -> tuple[LeanServer, asyncio.Server, int]:
+    """A lean server for ``/v1/completions`` (30 s keep-alive) on a loopback port."""
+    lean = LeanServer(
+        handler, fallback, routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
+        keepalive_timeout_s=30.0,
+    )  # fmt: skip
+    server = await asyncio.get_running_loop().create_server(lean, "127.0.0.1", 0)
+    return lean, server, server.sockets[0].getsockname()[1]
+
+
 def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -295,12 +305,7 @@ def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits()
             conn.respond(200, b"ok", content_type="text/plain", headers={})
 
         fallback = _Fallback()
-        lean = LeanServer(
-            handler, fallback, routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
-            keepalive_timeout_s=30.0,
-        )  # fmt: skip
-        server = await loop.create_server(lean, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        lean, server, port = await _lean_server(handler, fallback)
         # idle keep-alive: closed by the server after 30 (virtual) seconds
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/v1/completions", {}))
@@ -347,12 +352,7 @@ def test_a_stream_its_handler_leaves_unended_closes_the_connection() -> None:
             if not request.headers.get("x-unended"):
                 await stream.write_eof()
 
-        lean = LeanServer(
-            handler, _Fallback(), routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
-            keepalive_timeout_s=30.0,
-        )  # fmt: skip
-        server = await loop.create_server(lean, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        _lean, server, port = await _lean_server(handler, _Fallback())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/v1/completions", {}))
         status, headers, body = await _response(reader)

@@ -480,11 +480,8 @@ class Dispatcher:
                 batches = self._timed(client.generate_batches(req), state, req.stream)
                 try:
                     async for batch in batches:
-                        if prefill_pending:
-                            prefill_pending = False
-                            self._first_output(rec, state)
-                        for chunk in batch:
-                            self._absorb(rec, chunk)
+                        self._absorb_batch(rec, state, batch, prefill_pending)
+                        prefill_pending = False
                 finally:
                     await batches.aclose()  # type: ignore[attr-defined]
             else:
@@ -498,13 +495,8 @@ class Dispatcher:
                 finally:
                     await stream.aclose()  # type: ignore[attr-defined]
             self._completed(rec, state)
-        except asyncio.CancelledError:
-            if self._cancelled(rec, state, here):
-                raise
-        except (EngineError, InvalidRequestError) as caught:
-            retry_error = self._failed(rec, state, caught)
-        except Exception as exc:
-            self._crashed(rec, state, exc)
+        except (asyncio.CancelledError, Exception) as exc:
+            retry_error = self._raised(rec, state, exc, here)
         finally:
             self._release(rec, state, prefill_pending)
         if retry_error is not None:
@@ -535,11 +527,8 @@ class Dispatcher:
             batches = self._timed(client.generate_batches(req), state, req.stream)
             try:
                 async for batch in batches:
-                    if prefill_pending:
-                        prefill_pending = False
-                        self._first_output(rec, state)
-                    for chunk in batch:
-                        self._absorb(rec, chunk)
+                    self._absorb_batch(rec, state, batch, prefill_pending)
+                    prefill_pending = False
                     rec.task = None  # while the relay has it, cancel() ends the request
                     yield batch
                     if rec.status.is_terminal:  # cancelled meanwhile
@@ -551,13 +540,8 @@ class Dispatcher:
         except GeneratorExit:  # the relay closed it before the end
             self._finish(rec, RequestStatus.CANCELLED, error="cancelled by the caller", state=state)
             raise
-        except asyncio.CancelledError:
-            if self._cancelled(rec, state, True):
-                raise
-        except (EngineError, InvalidRequestError) as caught:
-            retry_error = self._failed(rec, state, caught)
-        except Exception as exc:
-            self._crashed(rec, state, exc)
+        except (asyncio.CancelledError, Exception) as exc:
+            retry_error = self._raised(rec, state, exc, True)
         finally:
             self._release(rec, state, prefill_pending)
         if retry_error is not None:
@@ -570,9 +554,9 @@ class Dispatcher:
         rec.meta.start_time = self.clock.to_datetime(self.clock.now())
         return self._engine_request(rec, state, one_piece=one_piece)
 
-    def _completed(self, rec: RequestRecord, state: InstanceState) -> None:
-        """The engine's answer ended: the request completed (or, without a finish reason,
-        failed, see :class:`EngineStreamError`)."""
+    def _completed(self, rec: RequestRecord, state: InstanceState, extra_cost: float = 0.0) -> None:
+        """The engine's answer on ``state`` ended: the request completed (or, without a
+        finish reason, failed, see :class:`EngineStreamError`)."""
         if rec.finish_reason is None:
             raise EngineStreamError(
                 "engine stream ended without a finish reason",
@@ -580,7 +564,27 @@ class Dispatcher:
                 retryable=not rec.produced_output,
             )
         self._on_success(state)
-        self._finish(rec, RequestStatus.COMPLETED, state=state)
+        self._finish(rec, RequestStatus.COMPLETED, state=state, extra_cost=extra_cost)
+
+    def _raised(
+        self,
+        rec: RequestRecord,
+        state: InstanceState,
+        exc: asyncio.CancelledError | Exception,
+        here: bool,
+    ) -> EngineError | None:
+        """The engine call raised ``exc``: the request ends (CANCELLED, or FAILED with the
+        reason), or the error to retry it elsewhere with is returned. A cancellation that
+        goes on up (see :meth:`_cancelled`) is raised again."""
+        if isinstance(exc, asyncio.CancelledError):
+            if self._cancelled(rec, state, here):
+                raise exc
+            return None
+        if isinstance(exc, (EngineError, InvalidRequestError)):
+            return self._failed(rec, state, exc)
+        log.error("request %s failed inside the control plane", rec.request_id, exc_info=exc)
+        self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=state)
+        return None
 
     def _cancelled(self, rec: RequestRecord, state: InstanceState, here: bool) -> bool:
         """The engine call was cancelled: the request ends CANCELLED. Returns whether the
@@ -612,10 +616,6 @@ class Dispatcher:
         rec.exception = exc
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
         return None
-
-    def _crashed(self, rec: RequestRecord, state: InstanceState, exc: Exception) -> None:
-        log.exception("request %s failed inside the control plane", rec.request_id)
-        self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=state)
 
     def _release(self, rec: RequestRecord, state: InstanceState, prefill_pending: bool) -> None:
         """The engine call is over (however it ended): ``state`` stops carrying it."""
@@ -747,14 +747,7 @@ class Dispatcher:
                     self._absorb(rec, chunk)
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
-            if rec.finish_reason is None:
-                raise EngineStreamError(
-                    "engine stream ended without a finish reason",
-                    instance_id=dstate.instance_id,
-                    retryable=not rec.produced_output,
-                )
-            self._on_success(dstate)
-            self._finish(rec, RequestStatus.COMPLETED, state=dstate, extra_cost=run.prefill_cost)
+            self._completed(rec, dstate, run.prefill_cost)
         except asyncio.CancelledError:
             reason = "cancelled by the caller" if rec.cancel_requested else "control plane stopped"
             self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
@@ -837,6 +830,15 @@ class Dispatcher:
             rec.stream.put_nowait(chunk)
         elif rec.chunks is not None:
             rec.chunks.append(chunk)
+
+    def _absorb_batch(
+        self, rec: RequestRecord, state: InstanceState, batch: list[Chunk], first: bool
+    ) -> None:
+        """:meth:`_absorb` each chunk of ``batch``, the engine's ``first`` output."""
+        if first:
+            self._first_output(rec, state)
+        for chunk in batch:
+            self._absorb(rec, chunk)
 
     def _timed(
         self, stream: AsyncIterator[_T], state: InstanceState, streamed: bool
