@@ -11,7 +11,8 @@ The path runs in one process with no sockets:
 * body parsing and validation, admission, scheduling and routing;
 * the engine call, the request's end and its accounting, and the response's body;
 * an in-process engine that answers at once: one piece, or 4 streamed chunks with
-  ``--stream``.
+  ``--stream`` (a list of one per read, as the HTTP client yields them: a lone stream's
+  engine call runs in the relaying task).
 
 Requests run 64 at a time, through ``fifo + round_robin`` over two instances, as in the
 proxy bench. Each count is taken twice under ``valgrind --tool=callgrind``, once with
@@ -65,7 +66,9 @@ _SECONDS = re.compile(rb"seconds ([0-9.e-]+)")
 
 
 class _InstantEngine:
-    """An engine client that answers at once: one chunk, or 4 streamed ones."""
+    """An engine client that answers at once: one chunk, or 4 streamed ones, each after a
+    turn of the event loop, through ``generate`` or, as the HTTP client gives them,
+    ``generate_batches`` (a list per read from the engine: here one chunk each)."""
 
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
@@ -80,6 +83,10 @@ class _InstantEngine:
             yield Chunk(text=f" w{i}")
         await asyncio.sleep(0)
         yield Chunk(text=" w3", finish_reason="length", usage=Usage(13, 4, 0))
+
+    async def generate_batches(self, req: Any) -> AsyncIterator[list[Chunk]]:
+        async for chunk in self.generate(req):
+            yield [chunk]
 
     async def prefill(self, req: Any) -> Any:
         raise NotImplementedError

@@ -433,7 +433,15 @@ class ControlPlaneManager:
 
     async def stream(self, request: RequestMetadata) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks as the engine produces them. Closing the
-        iterator early cancels the request. A failure raises after the last chunk."""
+        iterator early cancels the request. A failure raises after the last chunk.
+
+        When nothing else is queued and the policy lets the request skip the queue
+        (``fifo``, ``priority``, ``cost_optimized``), and it starts on an engine whose
+        client yields its chunks a read at a time (the HTTP client: ``generate_batches``),
+        the engine is read by the task iterating this stream, as it asks for the next
+        chunks, with no task of its own: chunks are not read ahead of the consumer, and
+        cancelling the iterating task cancels the request. Otherwise a task of its own
+        reads the engine, and its chunks wait here for the consumer."""
         async with contextlib.aclosing(self.stream_batches(request)) as batches:
             async for batch in batches:
                 for chunk in batch:

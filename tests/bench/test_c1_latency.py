@@ -1,0 +1,65 @@
+"""Tests for ``benchmarks/c1_latency.py``: a short run over real processes, its summary,
+and its argument checks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.factories import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def c1() -> ModuleType:
+    return load_benchmark("c1_latency")
+
+
+def test_a_short_run_measures_every_target_in_every_mode(
+    c1: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(c1, "LOG_DIR", tmp_path)
+    results = asyncio.run(
+        c1.run(
+            modes=(False, True), rounds=1, requests=5, peers=[], after_c64=False, pin=None,
+            baseline=None,
+        )
+    )  # fmt: skip
+    assert set(results) == {(t, s) for t in ("direct", c1.SAGE) for s in (False, True)}
+    for (_, stream), runs in results.items():
+        ((p50, ttft),) = runs
+        assert p50 > 0
+        assert (ttft is not None and 0 < ttft <= p50) if stream else ttft is None
+
+
+def test_the_summary_gives_medians_and_the_latency_added_to_direct(c1: ModuleType) -> None:
+    results = {
+        ("direct", True): [(1.0, 0.5), (3.0, 0.7), (2.0, 0.6)],
+        ("proxy", True): [(2.5, 1.0), (2.4, 1.1), (9.0, 1.2)],
+        ("proxy", False): [(1.0, None)],
+    }
+    assert c1.summary(results) == [
+        f"{'direct':38s} stream p50 2.000 ms  TTFT 0.600 ms",
+        f"{'proxy':38s} stream p50 2.500 ms  TTFT 1.100 ms  added 0.500 ms",
+        f"{'proxy':38s} plain  p50 1.000 ms",  # no direct run in that mode
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pin", "0"], "expected ENGINE_CPU,PROXY_CPU"),
+        (["--pin", "a,b"], "expected ENGINE_CPU,PROXY_CPU"),
+        (["--rounds", "0"], "--rounds and --requests must be >= 1"),
+        (["--baseline-src", "/nonexistent"], "no sage_llm package in it"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(
+    c1: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        c1.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
