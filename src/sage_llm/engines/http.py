@@ -375,9 +375,9 @@ class HTTPEngineClient:
     # --- EngineClient --------------------------------------------------------------------
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
-        """Stream ``req`` from the engine. Close the iterator (``aclose``, or cancel the task
-        awaiting it) to abort: the HTTP connection is closed and the engine aborts.
-        :meth:`generate_batches`, one chunk at a time."""
+        """Stream ``req`` from the engine, one chunk at a time (the lists of
+        :meth:`generate_batches`, flattened). Close the iterator (``aclose``, or cancel the
+        task awaiting it) to abort: the HTTP connection is closed and the engine aborts."""
         async with contextlib.aclosing(self.generate_batches(req)) as batches:
             async for batch in batches:
                 for chunk in batch:
