@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from sage_llm.control_plane.deadlines import DeadlineTimers
+from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
 from sage_llm.sim.clock import run_virtual
 
 
@@ -96,3 +96,73 @@ def test_a_failing_call_does_not_stop_the_others_and_close_cancels_every_timer(
 
     run_virtual(main(), start=0.0)
     assert "deadline callback failed" in caplog.text
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared timers", "own timer"])
+def test_a_time_limit_raises_timeout_error_out_of_a_block_that_runs_too_long(
+    shared: bool,
+) -> None:
+    async def main() -> tuple[float, int, int]:
+        loop = asyncio.get_running_loop()
+        timers = DeadlineTimers(loop) if shared else None
+        began = loop.time()
+        with pytest.raises(TimeoutError):
+            async with TimeLimit(timers, 2.0) as limit:
+                await asyncio.sleep(10.0)
+        assert limit.expired
+        task = asyncio.current_task()
+        assert task is not None
+        await asyncio.sleep(0)  # no cancellation left pending for the task
+        return loop.time() - began, task.cancelling(), len(timers or ())
+
+    took, cancelling, pending = run_virtual(main())
+    assert 2.0 <= took <= 2.0 + 0.002
+    assert (cancelling, pending) == (0, 0)
+
+
+def test_a_time_limit_that_does_not_pass_or_is_none_changes_nothing() -> None:
+    async def main() -> int:
+        timers = DeadlineTimers(asyncio.get_running_loop())
+        async with TimeLimit(timers, 5.0) as limit:
+            assert len(timers) == 1
+            await asyncio.sleep(1.0)
+        assert not limit.expired
+        async with TimeLimit(timers, None):
+            await asyncio.sleep(10.0)
+        await asyncio.sleep(10.0)  # the withdrawn deadline never fires
+        return len(timers)
+
+    assert run_virtual(main()) == 0
+
+
+@pytest.mark.parametrize("also_expired", [False, True])
+def test_a_cancellation_from_elsewhere_goes_on_up_through_a_time_limit(
+    also_expired: bool,
+) -> None:
+    """A task cancelled from outside leaves the block with CancelledError, not
+    TimeoutError, whether or not the limit passed at the same moment."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        timers = DeadlineTimers(loop)
+
+        async def limited() -> None:
+            async with TimeLimit(timers, 1.0):
+                await asyncio.sleep(10.0)
+
+        task = asyncio.create_task(limited())
+        await asyncio.sleep(0)  # the block has begun
+
+        def cancel() -> None:
+            task.cancel()
+
+        if also_expired:  # cancelled by a deadline of the same bucket: in the same turn
+            timers.add(1.0, cancel)
+        else:
+            await asyncio.sleep(0.5)
+            cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(timers) == 0
+
+    run_virtual(main())

@@ -266,10 +266,12 @@ async def test_no_healthy_instance_is_503() -> None:
                 _assert_error(await r.json(), 503)
 
 
+@pytest.mark.parametrize("batching", [False, True], ids=["task", "here"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_request_timeout_is_504_and_cancels_the_request(stream: bool) -> None:
+async def test_request_timeout_is_504_and_cancels_the_request(stream: bool, batching: bool) -> None:
     settings = GatewayConfig(request_timeout_s=0.2)
-    async with serve(1, settings=settings, hold=lambda rid: True, hold_after=0) as gw:
+    held = serve(1, settings=settings, hold=lambda rid: True, hold_after=0, batching=batching)
+    async with held as gw:
         async with aiohttp.ClientSession() as http:
             headers = {"x-request-id": "too-slow"}
             body = completion_body(stream=stream)

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from sage_llm.control_plane.deadlines import DeadlineTimers
+from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
 from sage_llm.control_plane.dispatcher import Dispatcher, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
@@ -484,6 +484,14 @@ class ControlPlaneManager:
         finally:
             if not finished:
                 self._require_dispatcher().cancel(rec)
+
+    def time_limit(self, timeout_s: float | None) -> TimeLimit:
+        """``async with manager.time_limit(timeout_s):`` raises :class:`TimeoutError` out
+        of a block that runs longer than ``timeout_s`` (None: no limit), as
+        :func:`asyncio.timeout` does, on the deadline timers the manager's requests share
+        (at most 0.1% or 1 ms late; see :mod:`~sage_llm.control_plane.deadlines`). The
+        gateway bounds a stream's relay with it."""
+        return TimeLimit(self._deadlines, timeout_s)
 
     async def collect(
         self, request: RequestMetadata, timeout_s: float | None = None

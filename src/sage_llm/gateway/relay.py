@@ -10,7 +10,6 @@ truncation.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -165,10 +164,6 @@ async def _close(stream: AsyncIterator[Any]) -> None:
         await close()
 
 
-def _deadline(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
-
-
 def _timeout_error(gen: Generation) -> DeadlineExceededError:
     assert gen.timeout_s is not None
     return DeadlineExceededError.request_timed_out(gen.request_id, gen.timeout_s)
@@ -242,7 +237,7 @@ async def relay_stream(
     end = _Ending()
     async with _closing(batches):
         try:
-            async with asyncio.timeout_at(_deadline(gen.timeout_s)):
+            async with manager.time_limit(gen.timeout_s):
                 first = await anext(batches, None)
                 if first is None:
                     await _final_usage(manager, gen, None)  # raises when it was cancelled
