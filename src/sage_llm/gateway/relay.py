@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -28,8 +28,6 @@ from sage_llm.httpserve import tcp_nodelay
 from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
 
 log = logging.getLogger("sage_llm.gateway")
-
-T = TypeVar("T")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -149,21 +147,6 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
     }
 
 
-@contextlib.asynccontextmanager
-async def _closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """Close the manager's stream on exit: a request not finished by then is cancelled."""
-    try:
-        yield stream
-    finally:
-        await _close(stream)
-
-
-async def _close(stream: AsyncIterator[Any]) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        await close()
-
-
 def _timeout_error(gen: Generation) -> DeadlineExceededError:
     assert gen.timeout_s is not None
     return DeadlineExceededError.request_timed_out(gen.request_id, gen.timeout_s)
@@ -235,7 +218,7 @@ async def relay_stream(
     fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
     batches = manager.stream_batches(gen.meta)
     end = _Ending()
-    async with _closing(batches):
+    try:
         try:
             async with manager.time_limit(gen.timeout_s):
                 first = await anext(batches, None)
@@ -244,13 +227,15 @@ async def relay_stream(
                 end.sink = await open_sink()
                 if end.sink is None:  # the client left before its first byte
                     log.info("client of request %s went away; cancelling it", gen.request_id)
-                    return  # leaving _closing cancels the request
+                    return  # closing the stream below cancels the request
                 await _relay(end, batches, first, manager, gen, fmt)
         except TimeoutError:
             if end.sink is None:  # nothing sent yet
                 raise _timeout_error(gen) from None
             end.tail += _error_event(_timeout_error(gen).to_openai(), gen)
         await end.finish()
+    finally:
+        await batches.aclose()  # a request not finished by then is cancelled
 
 
 class _Ending:
