@@ -113,15 +113,19 @@ class _Conn(asyncio.Protocol):
 
     async def more(self) -> bool:
         """Wait for more bytes; False when the peer closed (nothing more will come)."""
-        if self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        self.resume()
         if self.eof:
             return False
         waiter = asyncio.get_running_loop().create_future()
         self.waiter = waiter
         await waiter
         return True
+
+    def resume(self) -> None:
+        """Read again if reading was paused (the buffer grew past its bound)."""
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
 
     def abort(self) -> None:
         self.closed = True
@@ -337,9 +341,7 @@ class FastResponse:
         conn = self._conn
         if conn is None:
             return
-        if conn.paused and conn.transport is not None:
-            conn.paused = False
-            conn.transport.resume_reading()
+        conn.resume()
         conn.drainer = self
         self._drain()
         if self._conn is not None:  # still to come
