@@ -15,10 +15,12 @@ to tell what a proxy adds from what the machine adds:
 
 Targets: ``direct`` (the first engine), ``sage-llm serve`` (``engine_stream =
 "client"``), ``python-forwarder`` (:mod:`sage_llm.bench.forwarder`) and ``--peers``. Every
-round runs each target once (the proxy bench's client in its own process, ``--requests``
-requests after 5 warm-up ones) and prints its p50 latency and p50 time to the first chunk;
-the summary gives each target's median over the rounds and its added latency (its median
-minus ``direct``'s). Linux only (``taskset``). Run from the repository root::
+round runs each target once, in a new order (each target takes its turn first), with the
+proxy bench's client in its own process (``--requests`` requests after 5 warm-up ones),
+and prints its p50 latency, its p50 time to the first chunk and the share of its streams
+that came split (:func:`split_share`); the summary gives each target's medians over the
+rounds and its added latency (its median minus ``direct``'s). Linux only (``taskset``).
+Run from the repository root::
 
     .venv/bin/python benchmarks/c1_latency.py --mode stream --rounds 5
     .venv/bin/python benchmarks/c1_latency.py --mode stream --rounds 3 --after-c64
@@ -49,6 +51,8 @@ from sage_llm.bench.proxy_bench import (
 LOG_DIR = Path("bench-out/c1_latency")
 SAGE = "sage-llm serve, engine_stream=client"
 BASELINE = "sage-llm serve @ baseline"
+SPLIT_S = 0.15e-3
+"""A stream whose end came this much after its first piece counts as split."""
 
 
 def _pin(pid: int, cpu: str) -> None:
@@ -63,6 +67,10 @@ def _pin(pid: int, cpu: str) -> None:
                     ["taskset", "-a", "-p", "-c", cpu, proc.name],
                     stdout=subprocess.DEVNULL, check=False,
                 )  # fmt: skip
+
+
+Run = tuple[float, float | None, float | None]
+"""One target's round: p50 ms, TTFT p50 ms and :func:`split_share` (None without streams)."""
 
 
 async def _targets(
@@ -92,9 +100,10 @@ async def run(
     after_c64: bool,
     pin: tuple[str, str] | None,
     baseline: Path | None,
-) -> dict[tuple[str, bool], list[tuple[float, float | None]]]:
-    """``{(target, stream): [(p50 ms, TTFT p50 ms or None) of each round]}``."""
-    out: dict[tuple[str, bool], list[tuple[float, float | None]]] = {}
+) -> dict[tuple[str, bool], list[Run]]:
+    """``{(target, stream): [(p50 ms, TTFT p50 ms or None, split share or None) of each
+    round]}``, the targets in a new order each round (each takes its turn first)."""
+    out: dict[tuple[str, bool], list[Run]] = {}
     async with contextlib.AsyncExitStack() as stack:
         loaded: dict[str, ProxyTarget] = {}
         if after_c64:
@@ -112,34 +121,53 @@ async def run(
             for target in targets.values():
                 if target.pgid is not None:
                     _pin(target.pgid, pin[1])
+        names = list(targets)
         for k in range(rounds):
+            order = names[k % len(names) :] + names[: k % len(names)]  # each its turn first
             for stream in modes:
-                for name, target in targets.items():
-                    result = await client_process(target.url, 1, requests, stream)
+                for name in order:
+                    result = await client_process(targets[name].url, 1, requests, stream)
                     p50 = statistics.median(result.latencies_s) * 1000.0
                     ttft = statistics.median(result.ttfts_s) * 1000.0 if result.ttfts_s else None
-                    out.setdefault((name, stream), []).append((p50, ttft))
+                    split = split_share(result.latencies_s, result.ttfts_s)
+                    out.setdefault((name, stream), []).append((p50, ttft, split))
                     shown = "-" if ttft is None else f"{ttft:.3f}"
+                    late = "" if split is None else f"  split {split:.0%}"
                     mode = "stream" if stream else "plain"
-                    print(f"round {k + 1}  {name:38s} {mode:6s} p50 {p50:.3f} ms  TTFT {shown}")
+                    print(
+                        f"round {k + 1}  {name:38s} {mode:6s} p50 {p50:.3f} ms  TTFT {shown}{late}"
+                    )
                     if name in loaded:
                         await client_process(loaded[name].url, 64, 2000, stream)
     return out
 
 
-def summary(results: dict[tuple[str, bool], list[tuple[float, float | None]]]) -> list[str]:
+def split_share(latencies_s: Sequence[float], ttfts_s: Sequence[float]) -> float | None:
+    """The share of a run's streams whose end came more than :data:`SPLIT_S` after their
+    first piece (None without streams). Behind the instant engines a stream's end comes
+    with or just after its first piece, or, when the client went to sleep in between, a
+    wake-up later: the share tells the two apart where a p50 flips between them."""
+    if not ttfts_s:
+        return None
+    pairs = list(zip(latencies_s, ttfts_s, strict=True))
+    return sum(1 for end, first in pairs if end - first > SPLIT_S) / len(pairs)
+
+
+def summary(results: dict[tuple[str, bool], list[Run]]) -> list[str]:
     """One line per target and mode: the medians over the rounds, and the added latency."""
     lines = []
     for (name, stream), runs in results.items():
         p50 = statistics.median(r[0] for r in runs)
         ttfts = [r[1] for r in runs if r[1] is not None]
+        splits = [r[2] for r in runs if r[2] is not None]
         direct = results.get(("direct", stream))
         added = ""
         if direct is not None and name != "direct":
             added = f"  added {p50 - statistics.median(r[0] for r in direct):.3f} ms"
         ttft = f"  TTFT {statistics.median(ttfts):.3f} ms" if ttfts else ""
+        split = f"  split {statistics.median(splits):.0%}" if splits else ""
         mode = "stream" if stream else "plain"
-        lines.append(f"{name:38s} {mode:6s} p50 {p50:.3f} ms{ttft}{added}")
+        lines.append(f"{name:38s} {mode:6s} p50 {p50:.3f} ms{ttft}{added}{split}")
     return lines
 
 

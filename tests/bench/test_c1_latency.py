@@ -29,22 +29,32 @@ def test_a_short_run_measures_every_target_in_every_mode(
     )  # fmt: skip
     assert set(results) == {(t, s) for t in ("direct", c1.SAGE) for s in (False, True)}
     for (_, stream), runs in results.items():
-        ((p50, ttft),) = runs
+        ((p50, ttft, split),) = runs
         assert p50 > 0
         assert (ttft is not None and 0 < ttft <= p50) if stream else ttft is None
+        assert (split is not None and 0.0 <= split <= 1.0) if stream else split is None
 
 
 def test_the_summary_gives_medians_and_the_latency_added_to_direct(c1: ModuleType) -> None:
     results = {
-        ("direct", True): [(1.0, 0.5), (3.0, 0.7), (2.0, 0.6)],
-        ("proxy", True): [(2.5, 1.0), (2.4, 1.1), (9.0, 1.2)],
-        ("proxy", False): [(1.0, None)],
+        ("direct", True): [(1.0, 0.5, 0.0), (3.0, 0.7, 0.1), (2.0, 0.6, 0.0)],
+        ("proxy", True): [(2.5, 1.0, 0.5), (2.4, 1.1, 0.2), (9.0, 1.2, 0.9)],
+        ("proxy", False): [(1.0, None, None)],
     }
     assert c1.summary(results) == [
-        f"{'direct':38s} stream p50 2.000 ms  TTFT 0.600 ms",
-        f"{'proxy':38s} stream p50 2.500 ms  TTFT 1.100 ms  added 0.500 ms",
+        f"{'direct':38s} stream p50 2.000 ms  TTFT 0.600 ms  split 0%",
+        f"{'proxy':38s} stream p50 2.500 ms  TTFT 1.100 ms  added 0.500 ms  split 50%",
         f"{'proxy':38s} plain  p50 1.000 ms",  # no direct run in that mode
     ]
+
+
+def test_a_stream_is_split_when_its_end_came_well_after_its_first_piece(
+    c1: ModuleType,
+) -> None:
+    ends = [0.50e-3, 0.90e-3, 0.65e-3, 1.00e-3]
+    firsts = [0.45e-3, 0.55e-3, 0.55e-3, 0.80e-3]  # 0.05, 0.35, 0.10, 0.20 ms
+    assert c1.split_share(ends, firsts) == 0.5
+    assert c1.split_share([0.5e-3], []) is None  # not streamed
 
 
 @pytest.mark.parametrize(

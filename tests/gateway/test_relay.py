@@ -59,6 +59,74 @@ async def test_first_chunk_is_sent_before_the_engine_finishes(batching: bool) ->
         assert rest[-2]["choices"][0]["finish_reason"] == "length"
 
 
+@BATCHING
+async def test_a_stream_ends_with_the_engines_last_chunk_before_the_request_is_accounted(
+    batching: bool,
+) -> None:
+    # the engine is held after its last chunk (finish reason and usage): the client has
+    # the whole stream, [DONE] and the body's end while the request is still running
+    held = serve(1, hold=lambda rid: True, hold_after=4, batching=batching)
+    async with held as gw, aiohttp.ClientSession() as s:
+        body = body_of(stream=True, max_tokens=4, stream_options={"include_usage": True})
+        headers = {"x-request-id": "ends-first"}
+        async with s.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+            assert resp.status == 200
+            events = await asyncio.wait_for(read_events(resp), 5)  # to the body's end
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 4
+        assert events[-3]["choices"][0]["finish_reason"] == "length"
+        assert "".join(e["choices"][0]["text"] for e in events[:-2]).count(" ") == 4
+        probe = gw.probes["sim-0"]
+        assert probe.in_flight == 1
+        assert await gw.manager.get_result("ends-first") is None  # not ended yet
+        probe.gate.set()
+        result = await gw.manager.wait_for_result("ends-first", timeout=5)
+        assert result.status is RequestStatus.COMPLETED
+        assert result.completion_tokens == 4
+        assert probe.aborted == []
+
+
+async def test_a_timeout_after_the_streams_end_cancels_the_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = GatewayConfig(request_timeout_s=0.3)
+    held = serve(1, settings=settings, hold=lambda rid: True, hold_after=4, batching=True)
+    async with held as gw, aiohttp.ClientSession() as s:
+        body = body_of(stream=True, max_tokens=4)
+        headers = {"x-request-id": "ends-then-hangs"}
+        async with s.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+            events = await asyncio.wait_for(read_events(resp), 5)
+        assert events[-1] == "[DONE]"
+        assert not any("error" in e for e in events[:-1])
+        result = await gw.manager.wait_for_result("ends-then-hangs", timeout=5)
+        assert result.status is RequestStatus.CANCELLED  # its engine call never returned
+        assert gw.probes["sim-0"].aborted == ["ends-then-hangs"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "request ends-then-hangs passed its 0.3 s limit after its stream had ended; cancelling it"
+    ]
+
+
+async def test_an_engine_failure_after_its_last_chunk_leaves_the_answer_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fails_after_the_end(sim: SimEngine) -> EngineClient:
+        return FaultyEngine(sim, fail_mid=lambda rid: True, mid_after=4)
+
+    async with serve(1, wrap=fails_after_the_end) as gw, aiohttp.ClientSession() as s:
+        body = body_of(stream=True, max_tokens=4, stream_options={"include_usage": True})
+        headers = {"x-request-id": "fails-late"}
+        async with s.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+            events = await read_events(resp)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 4
+        assert not any("error" in e for e in events[:-1])
+        result = await gw.manager.wait_for_result("fails-late", timeout=5)
+    assert result.status is RequestStatus.FAILED  # what the engine said, kept in the records
+    assert "mid-stream" in (result.error or "")
+    assert any("after its whole answer was sent" in r.getMessage() for r in caplog.records)
+
+
 async def test_mid_stream_failure_ends_with_an_error_event_then_done() -> None:
     async with serve(1, wrap=_faulty) as gw, aiohttp.ClientSession() as s:
         body = chat_body(stream=True, max_tokens=8, stream_options={"include_usage": True})

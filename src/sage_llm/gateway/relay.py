@@ -1,11 +1,14 @@
 """Running one generation through the manager: a whole response, or an SSE relay.
 
-Both paths consume :meth:`ControlPlaneManager.stream_batches`, so choices are rebuilt per
-``Chunk.index`` (``n > 1``) and a closed iterator cancels the request in the manager (a
-client that disconnects, a timeout). Streams are relayed as chunks arrive, nothing held
-back: the chunks that arrived together go out in one write; a failure after the first
-chunk ends the stream with an ``{"error": …}`` event and ``[DONE]``, never a silent
-truncation.
+A whole response waits for the request's end (:meth:`ControlPlaneManager.collect`); a
+stream consumes :meth:`ControlPlaneManager.stream_batches`, and closing that iterator
+cancels the request in the manager (a client that disconnects, a timeout). Choices are
+rebuilt per ``Chunk.index`` (``n > 1``). Streams are relayed as chunks arrive, nothing
+held back: the chunks that arrived together go out in one write; a failure after the
+first chunk ends the stream with an ``{"error": …}`` event and ``[DONE]``, never a silent
+truncation. A stream ends with the engine's last chunk: the client has ``[DONE]`` and the
+body's end before the control plane records the request's end (its result, metrics and
+the instance's accounting), not after.
 """
 
 from __future__ import annotations
@@ -228,24 +231,34 @@ async def relay_stream(
                 if end.sink is None:  # the client left before its first byte
                     log.info("client of request %s went away; cancelling it", gen.request_id)
                     return  # closing the stream below cancels the request
+                end.opened = True
                 await _relay(end, batches, first, manager, gen, fmt)
         except TimeoutError:
-            if end.sink is None:  # nothing sent yet
+            if not end.opened:  # nothing sent yet
                 raise _timeout_error(gen) from None
-            end.tail += _error_event(_timeout_error(gen).to_openai(), gen)
+            if end.sink is not None:
+                end.tail += _error_event(_timeout_error(gen).to_openai(), gen)
+            else:  # the stream had ended (or its client had gone)
+                log.warning(
+                    "request %s passed its %s s limit after its stream had ended; cancelling it",
+                    gen.request_id,
+                    gen.timeout_s,
+                )
         await end.finish()
     finally:
         await batches.aclose()  # a request not finished by then is cancelled
 
 
 class _Ending:
-    """A stream's sink once open, and what is still to be written when it ends: the
+    """A stream's sink while open, and what is still to be written when it ends: the
     request's last chunk (held back so it leaves with the usage chunk), error events."""
 
-    __slots__ = ("sink", "tail")
+    __slots__ = ("opened", "sink", "tail")
 
     def __init__(self) -> None:
         self.sink: StreamSink | None = None
+        self.opened = False
+        """Whether the sink was opened (the client has the status line)."""
         self.tail = b""
 
     async def finish(self) -> None:
@@ -276,6 +289,7 @@ async def _relay(
     try:
         while batch is not None:
             out = b""
+            last = False
             for chunk in batch:
                 usage = chunk.usage or usage
                 if fmt.chat and chunk.index not in seen:
@@ -292,8 +306,12 @@ async def _relay(
                 if chunk.usage is not None:  # the engine's last chunk
                     end.tail += out  # with the rest of its batch, it goes out last
                     out = b""
+                    last = chunk.finish_reason is not None
             if out:
                 await resp.write(out)
+            if last and usage is not None:
+                await _end_early(end, batches, gen, fmt, usage)
+                return
             batch = await anext(batches, None)
         final = await _final_usage(manager, gen, usage)
         if gen.include_usage:
@@ -306,6 +324,27 @@ async def _relay(
     except Exception:
         log.exception("stream of request %s failed", gen.request_id)
         end.tail += _error_event(error_body("internal server error", "internal_error", 500), gen)
+
+
+async def _end_early(
+    end: _Ending,
+    batches: AsyncIterator[list[Chunk]],
+    gen: Generation,
+    fmt: ResponseFormat,
+    usage: Usage,
+) -> None:
+    """The engine's answer is whole (its last chunk, with the finish reason and the usage,
+    is in ``end.tail``): the stream ends now, and the request's own ending (its result,
+    metrics, the instance's accounting: the rest of ``batches``) comes after the client
+    has every byte, not before. An error in that ending is logged; the answer stands."""
+    if gen.include_usage:
+        end.tail += encode_event(fmt.usage_chunk(usage))
+    await end.finish()
+    try:
+        while await anext(batches, None) is not None:
+            pass
+    except SageLLMError as exc:
+        log.warning("request %s failed after its whole answer was sent: %s", gen.request_id, exc)
 
 
 def _error_event(body: dict[str, Any], gen: Generation) -> bytes:
