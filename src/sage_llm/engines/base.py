@@ -163,7 +163,12 @@ class EngineClient(Protocol):
     @property
     def instance_id(self) -> str: ...
 
-    def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]: ...
+    def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        """The answer's chunks, in order, as the engine produces them. The last one, and
+        only the last, carries ``usage``, with the (last) ``finish_reason``: the gateway
+        ends a relayed stream at it, before the request's end is recorded. Closing the
+        iterator early aborts the request on the engine."""
+        ...
 
     async def prefill(self, req: EngineRequest) -> KVHandle: ...
 
