@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from sage_llm import (
 )
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import (
+    ConfigError,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -27,8 +29,10 @@ from sage_llm.errors import (
     EngineRequestRejectedError,
     InvalidRequestError,
     ModelNotFoundError,
+    NoHealthyInstanceError,
     PolicyNotFoundError,
     QueueFullError,
+    RequestCancelledError,
     RequestNotFoundError,
     SageLLMError,
 )
@@ -387,7 +391,7 @@ def test_engine_stream_always_streams_every_request() -> None:
         assert result.ttft_ms is not None and result.tpot_ms is not None
 
     run_virtual(main())
-    with pytest.raises(ValueError, match="engine_stream"):
+    with pytest.raises(ConfigError, match="engine_stream"):
         ControlPlaneManager(mode="simulated", engine_stream="sometimes")
 
 
@@ -430,10 +434,10 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
 
     run_virtual(main())
     for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="engine_stream_sample"):
+        with pytest.raises(ConfigError, match="engine_stream_sample"):
             ControlPlaneManager(mode="simulated", engine_stream_sample=bad)
     for bad in (-1.0, math.inf, math.nan):
-        with pytest.raises(ValueError, match="engine_stream_sample_max_per_s"):
+        with pytest.raises(ConfigError, match="engine_stream_sample_max_per_s"):
             ControlPlaneManager(mode="simulated", engine_stream_sample_max_per_s=bad)
 
 
@@ -682,6 +686,16 @@ async def _texts(cp: ControlPlaneManager, request_id: str, max_tokens: int = 4) 
     return [c.text async for c in cp.stream(make_metadata(request_id, max_tokens=max_tokens))]
 
 
+async def _cut_short(stream: AsyncIterator[Chunk], reason: str) -> list[str]:
+    """The texts of ``stream`` up to the RequestCancelledError that ends it (with ``reason``)."""
+    texts: list[str] = []
+    with pytest.raises(RequestCancelledError) as info:
+        async for chunk in stream:
+            texts.append(chunk.text)
+    assert info.value.message.endswith(f"was cancelled: {reason}")
+    return texts
+
+
 @pytest.mark.parametrize("relay", RELAYS)
 def test_cancelling_a_stream_while_its_caller_holds_a_chunk_ends_it_at_once(relay: str) -> None:
     async def main() -> None:
@@ -693,7 +707,7 @@ def test_cancelling_a_stream_while_its_caller_holds_a_chunk_ends_it_at_once(rela
             _ran_where(engines["sim-0"], "s", relay, asyncio.current_task())
             assert await cp.cancel_request("s")
             assert (await cp.wait_for_result("s")).status is RequestStatus.CANCELLED
-            assert [c async for c in stream] == []  # nothing more, and no error
+            assert await _cut_short(stream, "cancelled by the caller") == []  # nothing more
             result = await cp.wait_for_result("s")
             assert result.error == "cancelled by the caller"
             assert engines["sim-0"].aborted == ["s"]
@@ -710,11 +724,12 @@ def test_cancelling_a_stream_during_its_engine_call_ends_it_not_the_caller(relay
         cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}}, relay=relay)
         async with cp:
             engine = engines["sim-0"]
-            reader = asyncio.create_task(_texts(cp, "s"))
+            stream = cp.stream(make_metadata("s", max_tokens=4))
+            reader = asyncio.create_task(_cut_short(stream, "cancelled by the caller"))
             await engine.gated.wait()
             _ran_where(engine, "s", relay, reader)
             assert await cp.cancel_request("s")
-            assert await reader == [" w0", " w1"]  # what came before, then the end
+            assert await reader == [" w0", " w1"]  # what came before, then the error
             assert reader.cancelling() == 0
             result = await cp.wait_for_result("s")
             assert result.status is RequestStatus.CANCELLED
@@ -773,7 +788,8 @@ def test_a_stream_whose_engine_fails_before_its_first_token_is_retried_elsewhere
 @pytest.mark.parametrize("relay", RELAYS)
 def test_stopping_the_control_plane_ends_a_stream(relay: str, holding: bool) -> None:
     """A stream still running when the control plane stops ends CANCELLED, whether its
-    engine call was waiting (``holding`` False) or its caller held a chunk."""
+    engine call was waiting (``holding`` False) or its caller held a chunk, and its
+    consumer gets RequestCancelledError after the chunks that came before."""
 
     async def main() -> None:
         cp, engines = _stream_manager(engine_kwargs={"sim-0": {"gate_after": 2}}, relay=relay)
@@ -783,7 +799,7 @@ def test_stopping_the_control_plane_ends_a_stream(relay: str, holding: bool) -> 
         got = [(await anext(stream)).text]
 
         async def rest() -> list[str]:
-            return [c.text async for c in stream]
+            return await _cut_short(stream, "control plane stopped")
 
         if holding:
             await cp.stop()
@@ -1008,3 +1024,136 @@ def test_a_failing_router_fails_the_request_and_loses_none(stream: bool, policy:
             assert len(cp.policy) == 0
 
     run_virtual(main())
+
+
+def test_the_control_plane_starts_again_after_a_stop_with_new_engine_clients() -> None:
+    async def main() -> None:
+        cp = _manager()
+        for round_ in range(2):  # start, serve, stop; twice
+            async with cp:
+                result = await cp.generate(make_metadata(f"r{round_}", max_tokens=3))
+                assert result.status is RequestStatus.COMPLETED, result.error
+        engines: dict[str, FakeEngine] = {}
+
+        def factory(inst: ExecutionInstance) -> FakeEngine:
+            engines[inst.instance_id] = FakeEngine(inst.instance_id)
+            return engines[inst.instance_id]
+
+        made = ControlPlaneManager(mode="http", engine_factory=factory)
+        made.register_instance(make_instance("f-0"))
+        for round_ in range(2):
+            async with made:
+                first = engines["f-0"]
+                result = await made.generate(make_metadata(f"f{round_}", max_tokens=2))
+                assert result.status is RequestStatus.COMPLETED, result.error
+            assert engines["f-0"] is first  # the one made at this start
+        assert len(engines["f-0"].finished) == 1  # the second start made a new one
+
+    run_virtual(main())
+
+
+def test_an_engine_client_of_the_callers_closed_by_stop_must_be_replaced_before_a_start() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", routing_strategy="round_robin")
+        cp.register_instance(make_instance("given"), FakeEngine("given"))
+        cp.register_instance(make_instance("made"))
+        async with cp:
+            assert (await cp.generate(make_metadata("a", max_tokens=2))).error is None
+        with pytest.raises(ConflictError, match=r"instance\(s\) given was closed"):
+            await cp.start()
+        assert not cp.is_running
+        cp.unregister_instance("given")  # allowed while stopped
+        cp.register_instance(make_instance("given"), FakeEngine("given"))
+        async with cp:
+            results = [await cp.generate(make_metadata(f"b{i}", max_tokens=2)) for i in range(4)]
+        assert {r.instance_id for r in results} == {"given", "made"}
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+
+    run_virtual(main())
+
+
+def test_requests_cancelled_by_stop_say_so() -> None:
+    async def main() -> None:
+        cp = _manager(1, bound=1)
+        await cp.start()
+        running = await cp.submit_request(make_metadata("running", max_tokens=500))
+        queued = await cp.submit_request(make_metadata("queued", max_tokens=5))
+        finished = cp._finished
+        await cp.stop()
+        for rid in (running, queued):
+            result = finished.get(rid, cp.clock.now())
+            assert result is not None and result.status is RequestStatus.CANCELLED
+            assert result.error == "control plane stopped"
+
+    run_virtual(main())
+
+
+def test_an_instance_being_removed_or_every_instance_draining_is_named_in_the_error() -> None:
+    async def main() -> None:
+        engines: dict[str, FakeEngine] = {}
+
+        def factory(inst: ExecutionInstance) -> FakeEngine:
+            engines[inst.instance_id] = FakeEngine(inst.instance_id, gate_after=1)
+            return engines[inst.instance_id]
+
+        cp = ControlPlaneManager(mode="http", engine_factory=factory, scheduling_policy="fifo")
+        cp.register_instance(make_instance("a"))
+        async with cp:
+            await cp.submit_request(make_metadata("held", max_tokens=4))
+            await engines["a"].gated.wait()
+            cp.drain_instance("a")
+            with pytest.raises(
+                NoHealthyInstanceError, match=r"every instance serving model .* is draining"
+            ):
+                await cp.submit_request(make_metadata("refused"))
+            cp.unregister_instance("a")
+            with pytest.raises(ConflictError, match="'a' is being removed: its 1 request"):
+                cp.register_instance(make_instance("a"))
+            engines["a"].release.set()
+            assert (await cp.wait_for_result("held")).status is RequestStatus.COMPLETED
+            cp.register_instance(make_instance("a"))  # once its request has finished
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize(
+    ("given", "name"), [("SLO-Aware", "slo_aware"), (" Priority ", "priority")]
+)
+def test_policy_and_routing_names_are_read_as_config_files_read_them(given: str, name: str) -> None:
+    async def main() -> None:
+        cp = _manager(scheduling_policy=given, routing_strategy="Round-Robin", seed=3)
+        assert cp.policy.name == name
+        async with cp:
+            cp.update_policy(given.upper())
+            cp.update_routing("Power-Of-Two")
+            status = cp.get_status()
+        assert cp.policy.name == name
+        assert status["routing_strategy"] == "power_of_two"
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"mode": "xx"}, "mode"),
+        ({"max_queue_size": 0}, "max_queue_size"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"default_max_tokens": 0}, "default_max_tokens"),
+        ({"default_max_tokens": True}, "default_max_tokens"),
+        ({"result_retention": 0}, "result_retention"),
+        ({"result_ttl_s": 0.0}, "result_ttl_s"),
+        ({"stats_interval_s": float("nan")}, "stats_interval_s"),
+        ({"health_interval_s": -1.0}, "health_interval_s"),
+        ({"prefix_block_size": 0}, "prefix_block_size"),
+        ({"prefix_index_capacity": 0}, "prefix_index_capacity"),
+        ({"max_queue_wait_s": 0.0}, "max_queue_wait_s"),
+    ],
+)
+def test_a_bad_manager_argument_is_a_config_error_naming_it(
+    kwargs: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        ControlPlaneManager(**kwargs)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")

@@ -917,13 +917,11 @@ class Dispatcher:
         if rec.task is not None and not rec.task.done():
             rec.task.cancel()
             return True
-        reason = "cancelled by the caller"
+        reason = "control plane stopped" if self._stopping else "cancelled by the caller"
         state = None
         if rec.status is RequestStatus.RUNNING and rec.instance_id is not None:
             # a stream whose relay holds a batch (see stream_here): it ends now
             state = self.registry.find(rec.instance_id)
-            if self._stopping:
-                reason = "control plane stopped"
         else:
             self.policy.remove(rec.request_id)
         self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)

@@ -269,6 +269,18 @@ class InstanceRegistry:
                 some = True
         return some, False
 
+    def down_reason(self, model: str) -> str:
+        """Why no instance serving ``model`` is up (see :meth:`up_kinds`), for an error."""
+        serving = [
+            s for s in self._states.values() if s.instance.model_name == model and not s.removed
+        ]
+        if serving and all(s.routable for s in serving):
+            drained = sum(1 for s in serving if s.draining)
+            if drained == len(serving):
+                return f"every instance serving model {model!r} is draining ({drained})"
+            return f"no instance serving model {model!r} is accepting requests right now"
+        return f"no healthy instance serves model {model!r} right now"
+
     def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
         views = tuple(s.view() for s in self._states.values() if not s.removed)
         return fill_snapshot(now, views, prefix)

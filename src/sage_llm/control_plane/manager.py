@@ -40,7 +40,7 @@ from sage_llm.control_plane.pd.orchestrator import PD_ROLES
 from sage_llm.control_plane.records import ChunkChannel, FinishedRecords, RequestRecord, StreamEnd
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.routing.registry import build_router, get_strategy
 from sage_llm.control_plane.routing.strategies import router_wants
 from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
@@ -62,6 +62,7 @@ from sage_llm.engines.base import (
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
     AdmissionError,
+    ConfigError,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -70,6 +71,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     NoHealthyInstanceError,
     QueueFullError,
+    RequestCancelledError,
     RequestNotFoundError,
     SLOInfeasibleError,
 )
@@ -137,10 +139,28 @@ class ControlPlaneManager:
         engine call streams: TTFT and TPOT measured for every request) or ``"client"``
         (only when the client streams: no TTFT or TPOT for non-streaming requests).
         Engines whose answer comes in pieces anyway (in-process simulated ones) stream
-        every request unless ``engine_stream`` is ``"client"``."""
+        every request unless ``engine_stream`` is ``"client"``.
+
+        Policy and routing names are read as config files read them (case-insensitive,
+        ``-`` read as ``_``). An argument out of its range (the same ranges as the config
+        file's keys) raises :class:`ConfigError` naming it."""
         mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise ConfigError(f"must be one of {', '.join(MODES)}, not {mode!r}", key="mode")
+        _check_ranges(
+            max_queue_size=(max_queue_size, 1),
+            max_retries=(max_retries, 0),
+            default_max_tokens=(default_max_tokens, 1),
+            result_retention=(result_retention, 1),
+            prefix_block_size=(prefix_block_size, 1),
+            prefix_index_capacity=(prefix_index_capacity, 1),
+        )
+        _check_positive(
+            result_ttl_s=result_ttl_s,
+            stats_interval_s=stats_interval_s,
+            health_interval_s=health_interval_s,
+            max_queue_wait_s=max_queue_wait_s,
+        )
         self.mode = mode
         self.enable_auto_scaling = enable_auto_scaling
         self.enable_monitoring = enable_monitoring
@@ -171,17 +191,18 @@ class ControlPlaneManager:
         self.max_queue_wait_s = max_queue_wait_s
         self.reject_infeasible_slo = reject_infeasible_slo
         if engine_stream not in ENGINE_STREAM:
-            raise ValueError(
-                f"engine_stream must be one of {', '.join(ENGINE_STREAM)}, not {engine_stream!r}"
+            raise ConfigError(
+                f"must be one of {', '.join(ENGINE_STREAM)}, not {engine_stream!r}",
+                key="engine_stream",
             )
         if not 0.0 < engine_stream_sample <= 1.0:
-            raise ValueError(
-                f"engine_stream_sample must be in (0, 1], not {engine_stream_sample!r}"
+            raise ConfigError(
+                f"must be in (0, 1], not {engine_stream_sample!r}", key="engine_stream_sample"
             )
         limit = engine_stream_sample_max_per_s
         if not (math.isfinite(limit) and limit >= 0):
-            raise ValueError(
-                f"engine_stream_sample_max_per_s must be >= 0 (0: no limit), not {limit!r}"
+            raise ConfigError(
+                f"must be >= 0 (0: no limit), not {limit!r}", key="engine_stream_sample_max_per_s"
             )
         self.engine_stream = engine_stream
         self.engine_stream_sample = engine_stream_sample
@@ -204,6 +225,10 @@ class ControlPlaneManager:
         self._loops: list[asyncio.Task[None]] = []
         self._deadlines: DeadlineTimers | None = None
         self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._given_clients: set[str] = set()
+        """Instances whose engine client was given to :meth:`register_instance`."""
+        self._closed_given: set[str] = set()
+        """Of those, the ones whose client :meth:`stop` closed (start() refuses them)."""
         self._running = False
         self._accepting = False
         self._started_at = 0.0
@@ -222,9 +247,20 @@ class ControlPlaneManager:
         return self._running
 
     async def start(self) -> None:
-        """Start the dispatch loop and the per-instance health/stats loops."""
+        """Start the dispatch loop and the per-instance health/stats loops. After
+        :meth:`stop` it starts again, with new engine clients for the instances whose
+        clients it made; an instance registered with a client of the caller's, which
+        ``stop()`` closed, must be registered again with a new one first
+        (:class:`ConflictError` otherwise)."""
         if self._running:
             return
+        closed = sorted(i for i in self._closed_given if i in self._registry)
+        if closed:
+            raise ConflictError(
+                f"the engine client given for instance(s) {', '.join(closed)} was closed when "
+                "the control plane stopped: unregister_instance() and register_instance() them "
+                "again with a new client before start()"
+            )
         clock = self.clock
         health = self._monitor()
         timeouts = self.engine_timeouts
@@ -298,6 +334,10 @@ class ControlPlaneManager:
         for state in self._registry:
             with contextlib.suppress(Exception):
                 await state.client.aclose()
+            if state.instance_id in self._given_clients:
+                self._closed_given.add(state.instance_id)
+            else:  # made again by the next start()
+                state.client = _UnconnectedClient(state.instance)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -321,7 +361,11 @@ class ControlPlaneManager:
     def register_instance(
         self, instance: ExecutionInstance, client: EngineClient | None = None
     ) -> None:
-        """Add an instance (before or after start). ``client`` overrides how it is reached."""
+        """Add an instance (before or after start). ``client`` overrides how it is reached;
+        such a client is the caller's: :meth:`stop` closes it, and the instance must be
+        registered again with a new one before the next :meth:`start`. Raises
+        :class:`ConflictError` for an id in use, also by an instance still being removed
+        (its requests in flight finish first)."""
         if not instance.instance_id:
             raise InvalidRequestError("instance_id must not be empty", param="instance_id")
         if not instance.model_name:
@@ -330,8 +374,16 @@ class ControlPlaneManager:
             raise InvalidRequestError(
                 "max_concurrent_requests must be at least 1", param="max_concurrent_requests"
             )
-        if instance.instance_id in self._registry:
+        known = self._registry.find(instance.instance_id)
+        if known is not None and known.removed:
+            raise ConflictError(
+                f"instance {instance.instance_id!r} is being removed: its "
+                f"{known.in_flight} request(s) in flight finish first; register it again after"
+            )
+        if known is not None:
             raise ConflictError(f"instance {instance.instance_id!r} is already registered")
+        if client is not None:
+            self._given_clients.add(instance.instance_id)
         if client is None and self._uses_sim(instance):
             client = self._make_sim_client(instance)
         priors = self._priors(instance, client)
@@ -355,7 +407,7 @@ class ControlPlaneManager:
         self._monitor().forget(instance_id)
         if state.in_flight == 0:
             self._discard(state)
-        if self._dispatcher is not None:
+        if self._running and self._dispatcher is not None:
             self._fail_unservable()
             self._dispatcher.wake()
 
@@ -433,7 +485,9 @@ class ControlPlaneManager:
 
     async def stream(self, request: RequestMetadata) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks as the engine produces them. Closing the
-        iterator early cancels the request. A failure raises after the last chunk.
+        iterator early cancels the request. A failure raises after the last chunk, and so
+        does a cancellation from elsewhere (:meth:`cancel_request`, :meth:`stop`:
+        :class:`RequestCancelledError`).
 
         When nothing else is queued and the policy lets the request skip the queue
         (``fifo``, ``priority``, ``cost_optimized``), and it starts on an engine whose
@@ -480,7 +534,7 @@ class ControlPlaneManager:
                     batch.append(item)
                 if batch:
                     yield batch
-            self._raise_failure(rec)
+            self._raise_failure(rec, cancelled=True)
         finally:
             if not finished:
                 self._require_dispatcher().cancel(rec)
@@ -543,10 +597,18 @@ class ControlPlaneManager:
         return rec.chunks or [], result
 
     @staticmethod
-    def _raise_failure(rec: RequestRecord) -> None:
-        """At the end of a stream: raise the request's failure, if it failed."""
+    def _raise_failure(rec: RequestRecord, *, cancelled: bool = False) -> None:
+        """At the end of a stream (or of :meth:`collect`): raise the request's failure, if
+        it failed, and with ``cancelled`` :class:`RequestCancelledError` if it was
+        cancelled (by :meth:`cancel_request` or :meth:`stop`, not by its consumer, who
+        closed the stream): a stream cut short never ends as if it were whole."""
         result = rec.result
-        if result is None or result.status is not RequestStatus.FAILED:
+        if result is None or result.status is RequestStatus.COMPLETED:
+            return
+        if result.status is RequestStatus.CANCELLED:
+            if cancelled:
+                reason = result.error or "no reason given"
+                raise RequestCancelledError(f"request {rec.request_id!r} was cancelled: {reason}")
             return
         if isinstance(rec.exception, DeadlineExceededError):
             raise DeadlineExceededError(result.error or rec.exception.message)
@@ -646,8 +708,10 @@ class ControlPlaneManager:
         log.info("scheduling policy switched from %s to %s", old.name, new.name)
 
     def update_routing(self, name: str, params: Mapping[str, Any] | None = None) -> None:
-        router = build_router(name, params)
-        self._routing_name = name
+        """Switch the routing strategy at run time (names as in config files:
+        case-insensitive, ``-`` read as ``_``); its random choices follow ``seed``."""
+        router = build_router(name, params, seed=self._seed)
+        self._routing_name = get_strategy(name).name
         self._pending_router = router
         if self._dispatcher is not None:
             self._dispatcher.router = router
@@ -780,7 +844,7 @@ class ControlPlaneManager:
         some_up, whole = registry.up_kinds(model)
         if not some_up:
             self._metrics.on_rejected("no_healthy_instance", model)
-            raise NoHealthyInstanceError(f"no healthy instance serves model {model!r} right now")
+            raise NoHealthyInstanceError(registry.down_reason(model))
         # an instance that runs whole requests serves the model: then nothing is unservable
         unservable = None if whole else dispatcher.unservable_reason(model)
         if unservable is not None:
@@ -856,6 +920,9 @@ class ControlPlaneManager:
     def _ensure_client(self, state: InstanceState) -> None:
         if not isinstance(state.client, _UnconnectedClient):
             return
+        if self._uses_sim(state.instance):  # again, after a stop()
+            state.client = self._make_sim_client(state.instance)
+            return
         if self._engine_factory is not None:
             state.client = self._engine_factory(state.instance)
             return
@@ -894,6 +961,8 @@ class ControlPlaneManager:
     def _discard(self, state: InstanceState) -> None:
         if self._registry.discard(state.instance_id) is None:
             return
+        self._given_clients.discard(state.instance_id)
+        self._closed_given.discard(state.instance_id)
         self._metrics.forget_instance(state.instance_id)
         if self._running:
             asyncio.get_running_loop().create_task(state.client.aclose())
@@ -909,6 +978,24 @@ class ControlPlaneManager:
                 dispatcher.fail_queued(rec, f"no instance serves model {rec.info.model!r} any more")
             elif (reason := dispatcher.unservable_reason(rec.info.model)) is not None:
                 dispatcher.fail_queued(rec, reason)
+
+
+def _check_ranges(**values: tuple[int, int]) -> None:
+    """Each ``name=(value, least)``: an int (not a bool) of at least ``least``, or
+    :class:`ConfigError` naming it."""
+    for key, (value, least) in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"must be an integer >= {least}, not {value!r}", key=key)
+
+
+def _check_positive(**values: float | None) -> None:
+    """Each ``name=value``: None or a finite number above 0, or :class:`ConfigError`."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"must be a number > 0, not {value!r}", key=key)
 
 
 class _UnconnectedClient:

@@ -51,7 +51,8 @@ def params_class(name: str) -> type[Any]:
 
 
 def build_policy(name: str, params: Mapping[str, Any] | None = None) -> SchedulingPolicy:
-    """A new policy ``name`` configured by ``params`` (defaults for missing keys).
+    """A new policy ``name`` (case-insensitive, ``-`` read as ``_``) configured by
+    ``params`` (defaults for missing keys).
 
     Raises :class:`PolicyNotFoundError` for an unknown name and :class:`ConfigError`
     (``key`` = the parameter) for an unknown key or an invalid value.
@@ -61,9 +62,11 @@ def build_policy(name: str, params: Mapping[str, Any] | None = None) -> Scheduli
 
 
 def _lookup(name: str) -> tuple[Callable[[Any], SchedulingPolicy], type[Any]]:
+    """The policy called ``name``: case-insensitive, ``-`` read as ``_`` (as config files
+    and routing strategy names are read)."""
     try:
-        return _POLICIES[name]
-    except (KeyError, TypeError):
+        return _POLICIES[str(name).strip().lower().replace("-", "_")]
+    except KeyError:
         valid = ", ".join(POLICY_NAMES)
         raise PolicyNotFoundError(
             f"unknown scheduling policy {name!r}; valid: {valid}", param="scheduling_policy"
