@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import pytest
 
+from sage_llm import ControlPlaneManager
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError
+from sage_llm.sim.clock import run_virtual
 from sage_llm.types import RequestPriority, RequestStatus
-from tests.factories import make_instance_view, make_request_info, make_snapshot
+from tests.factories import (
+    make_instance,
+    make_instance_view,
+    make_metadata,
+    make_request_info,
+    make_snapshot,
+)
 
 SMALL_WINDOW = AdaptivePolicy.Params(
     window=20, min_samples=20, min_dwell_s=10.0, light_load=0.5, overload=1.0
@@ -21,7 +32,8 @@ queue on a 20-slot fleet never count as queueing: the switches come from attainm
 
 
 def full_fleet(now: float) -> ClusterSnapshot:
-    """Two busy instances, 20 slots in all: pop evaluates the rule but returns nothing."""
+    """Two busy instances, 20 slots in all, none free: pop evaluates the rule but returns
+    nothing, and every queued request counts as waiting."""
     views = [make_instance_view(f"i{n}", max_concurrency=10, in_flight=10) for n in range(2)]
     return make_snapshot(views, now=now)
 
@@ -171,7 +183,9 @@ def test_deadlines_in_a_queue_switch_to_slo_aware_and_back_once_it_drains() -> N
     tick(policy, 2.0, 2.0)
     info = policy.describe()
     assert info["current"] == "slo_aware"
-    assert "requests queue: queue at 0.10x fleet capacity (2 queued / 20)" in str(info["reason"])
+    reason = str(info["reason"])
+    assert "requests queue: queue at 0.10x fleet capacity (2 waiting / 20 slots; " in reason
+    assert "2 queued, 0 slots free) >= 0.1" in reason
     assert "100% of recent requests carry a deadline" in str(info["reason"])
     tick(policy, 3.0, 20.0)  # still queued: stays
     assert policy.current == "slo_aware"
@@ -201,7 +215,7 @@ def test_mixed_priorities_under_overload_switch_to_priority() -> None:
     info = policy.describe()
     assert info["current"] == "priority"
     assert "1.50x" in str(info["reason"])
-    assert "30 queued / 20" in str(info["reason"])
+    assert "(30 waiting / 20 slots; 30 queued, 0 slots free)" in str(info["reason"])
     assert {r.request_id for r in policy.drain()} == set(ids)
 
 
@@ -294,3 +308,161 @@ def test_invalid_params_name_the_key(values: dict[str, object], key: str) -> Non
     with pytest.raises(ConfigError) as err:
         AdaptivePolicy.Params(**values)  # type: ignore[arg-type]
     assert err.value.key == key
+
+
+# -- small fleets: the request being dispatched is not waiting --------------------------
+
+
+class MiniDispatcher:
+    """The dispatcher's pass in miniature, on explicit (virtual) times: at each step the
+    requests that finished free their slots, the arrivals are pushed, and requests are
+    popped while the fleet has a free slot (as ``Dispatcher.dispatch_ready`` does), each
+    placed on the least busy instance the policy allows and running for ``run_s``."""
+
+    def __init__(
+        self, policy: AdaptivePolicy, fleet: Sequence[tuple[str, int, float]], run_s: float
+    ) -> None:
+        self.policy = policy
+        self.fleet = fleet  # (instance id, slots, price per GPU-hour)
+        self.run_s = run_s
+        self.running: dict[str, list[float]] = {iid: [] for iid, _, _ in fleet}
+        self.placed: Counter[str] = Counter()
+
+    def snapshot(self, now: float) -> ClusterSnapshot:
+        views = [
+            make_instance_view(
+                iid,
+                max_concurrency=slots,
+                in_flight=len(self.running[iid]),
+                price_per_gpu_hour=price,
+            )
+            for iid, slots, price in self.fleet
+        ]
+        return make_snapshot(views, now=now)
+
+    def step(self, now: float, arrivals: Sequence[RequestInfo] = ()) -> None:
+        for iid, ends in self.running.items():
+            self.running[iid] = [end for end in ends if end > now + 1e-9]
+        for req in arrivals:
+            self.policy.push(req)
+        while len(self.policy):
+            snap = self.snapshot(now)
+            if not snap.has_capacity():
+                break
+            info = self.policy.pop(snap)
+            if info is None:
+                break
+            allowed = self.policy.constrain(info, snap)
+            free = [i for i in snap.runnable(info) if allowed is None or i.instance_id in allowed]
+            chosen = min(free, key=lambda i: i.in_flight).instance_id
+            self.running[chosen].append(now + self.run_s)
+            self.placed[chosen] += 1
+
+    def run(self, start: int, end: int, arrivals: Callable[[int], list[RequestInfo]]) -> None:
+        """One step per second from ``start`` to ``end`` inclusive."""
+        for t in range(start, end + 1):
+            self.step(float(t), arrivals(t))
+
+
+def last_signals(policy: AdaptivePolicy) -> dict[str, object]:
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    signals = state["signals"]
+    assert isinstance(signals, dict)
+    return signals
+
+
+def test_signals_count_only_requests_that_wait_for_a_slot() -> None:
+    policy = AdaptivePolicy()
+    for k in range(5):
+        policy.push(make_request_info(f"r{k}"))
+    views = [
+        make_instance_view("a", max_concurrency=4, in_flight=2),  # 2 free
+        make_instance_view("b", max_concurrency=4, in_flight=3),  # 1 free
+        make_instance_view("sick", max_concurrency=4, healthy=False),  # none it can use
+        make_instance_view("draining", max_concurrency=4, accepting=False),
+    ]
+    sig = policy.signals(make_snapshot(views))
+    assert (sig.queued, sig.free_slots, sig.waiting, sig.capacity) == (5, 3, 2, 16)
+    assert sig.load == 2 / 16
+    # nothing queued beyond the free slots: nothing waits
+    assert policy.signals(make_snapshot(2, max_concurrency=4)).load == 0.0
+
+
+def test_light_load_on_a_small_fleet_switches_to_cost_optimized() -> None:
+    """8 slots, one request a second with a cost budget: every request starts at once, so
+    the load is 0, not 1/8 (the request being dispatched used to count as queued, above
+    ``light_load`` on any fleet of fewer than 20 slots)."""
+    policy = AdaptivePolicy()
+    fleet = MiniDispatcher(policy, [("dear", 4, 5.0), ("cheap", 4, 1.0)], run_s=2.5)
+    fleet.run(0, 29, lambda t: [make_request_info(f"r{t}", arrival=float(t), cost_budget=1.0)])
+    info = policy.describe()
+    assert info["current"] == "cost_optimized"
+    assert info["since"] == 2.0  # the rule named it at t=0, held for min_dwell_s
+    reason = str(info["reason"])
+    assert reason.startswith("light load: queue at 0.00x fleet capacity (0 waiting / 8 slots")
+    assert "100% of recent requests carry a cost budget" in reason
+    signals = last_signals(policy)
+    assert (signals["queued"], signals["waiting"], signals["capacity"]) == (1, 0, 8)
+    assert signals["load"] == 0.0
+    # under fifo (t=0, 1) the least busy instance: dear, then cheap; then only cheap
+    assert fleet.placed == {"dear": 1, "cheap": 29}
+
+
+def test_a_tiny_fleet_returns_from_slo_aware_to_fifo_once_the_queue_drains() -> None:
+    """2 slots: 3 deadline requests a second for 10 s queue up (slo_aware), then one every
+    2 s starts at once; the load falls to 0 and the rule goes back to fifo."""
+    policy = AdaptivePolicy()
+    fleet = MiniDispatcher(policy, [("i0", 2, 2.0)], run_s=1.0)
+
+    def arrivals(t: int) -> list[RequestInfo]:
+        n = 3 if t < 10 else int(t % 2 == 0)
+        return [make_request_info(f"d{t}.{k}", arrival=float(t), slo_s=30.0) for k in range(n)]
+
+    fleet.run(0, 9, arrivals)
+    info = policy.describe()
+    assert info["current"] == "slo_aware"
+    assert info["since"] == 2.0
+    assert "queue at 1.50x fleet capacity (3 waiting / 2 slots; 5 queued, 2 slots free)" in str(
+        info["reason"]
+    )
+    fleet.run(10, 60, arrivals)
+    info = policy.describe()
+    assert info["current"] == "fifo"
+    assert info["switches"] == 2
+    assert str(info["reason"]).startswith("light load: queue at 0.00x fleet capacity")
+    signals = last_signals(policy)
+    assert (signals["queued"], signals["waiting"], signals["load"]) == (1, 0, 0.0)
+    assert len(policy) == 0
+
+
+def test_the_control_plane_on_a_small_fleet_places_budgeted_requests_on_the_cheap_one() -> None:
+    """The reviewer's case end to end, on virtual time: 2 instances x 4 slots (prices 1
+    and 5), one request a second with a cost budget, for 30 s."""
+
+    async def main() -> tuple[dict[str, object], Counter[str]]:
+        cp = ControlPlaneManager(scheduling_policy="adaptive", mode="simulated")
+        for n, (iid, price) in enumerate([("cheap", 1.0), ("dear", 5.0)]):
+            cp.register_instance(
+                make_instance(
+                    iid, port=8000 + n, max_concurrent_requests=4, price_per_gpu_hour=price
+                )
+            )
+        placed: Counter[str] = Counter()
+        async with cp:
+            ids = []
+            for k in range(30):
+                ids.append(await cp.submit_request(make_metadata(f"r{k}", cost_budget=1.0)))
+                await asyncio.sleep(1.0)
+            for rid in ids:
+                result = await cp.wait_for_result(rid)
+                assert result.instance_id is not None
+                placed[result.instance_id] += 1
+            policy = cp.policy
+            assert isinstance(policy, AdaptivePolicy)
+            return policy.describe(), placed
+
+    info, placed = run_virtual(main())
+    assert info["current"] == "cost_optimized"
+    assert "light load" in str(info["reason"])
+    assert placed["cheap"] >= 27  # all but the ones fifo placed before the switch

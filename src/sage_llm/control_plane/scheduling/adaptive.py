@@ -2,9 +2,13 @@
 
 Signals, computed in ``pop`` at most once per ``eval_interval_s`` of ``snap.now``:
 
-* ``load`` — queued requests / fleet capacity (Σ ``max_concurrency`` of the snapshot).
-  A request waits about ``load`` times a request's own running time before it starts,
-  so ``overload`` [0.1] is where the order of the queue starts to matter;
+* ``load`` — waiting requests / fleet capacity (Σ ``max_concurrency`` of the snapshot),
+  where *waiting* is the queued requests beyond the snapshot's free slots (those of the
+  healthy, accepting whole-request instances): the requests about to start on free slots,
+  the one being popped among them, do not wait. A request waits about ``load`` times a
+  request's own running time before it starts, so ``overload`` [0.1] is where the order of
+  the queue starts to matter, and ``load`` is 0 whenever every queued request has a slot,
+  however small the fleet;
 * ``attainment`` — share of the last ``window`` completions with a deadline that met it
   (None until ``min_samples`` such completions);
 * ``deadline_share`` / ``priority_share`` / ``cost_share`` — among the last ``window``
@@ -63,8 +67,13 @@ class Signals:
 
     now: float
     queued: int
+    free_slots: int
+    """Slots free on healthy, accepting instances that run whole requests."""
+    waiting: int
+    """Queued requests beyond ``free_slots``: those that cannot start now."""
     capacity: int
     load: float
+    """``waiting / capacity`` (inf when requests wait on a fleet without slots)."""
     attainment: float | None
     slo_samples: int
     deadline_share: float
@@ -197,16 +206,23 @@ class AdaptivePolicy:
     def signals(self, snap: ClusterSnapshot) -> Signals:
         """The rule's inputs now (pure; does not evaluate the rule)."""
         queued = len(self)
-        capacity = sum(i.max_concurrency for i in snap.instances)
+        capacity = free = 0
+        for i in snap.instances:
+            capacity += i.max_concurrency
+            if i.role.runs_whole_requests and i.healthy and i.accepting:
+                free += i.free_slots
+        waiting = max(0, queued - free)
         if capacity > 0:
-            load = queued / capacity
+            load = waiting / capacity
         else:
-            load = math.inf if queued else 0.0
+            load = math.inf if waiting else 0.0
         samples = len(self._slo)
         attainment = self._slo_met / samples if samples >= self.params.min_samples else None
         arrivals = max(1, len(self._mix))
         d, pr, c = (n / arrivals for n in self._mix_counts)
-        return Signals(snap.now, queued, capacity, load, attainment, samples, d, pr, c)
+        return Signals(
+            snap.now, queued, free, waiting, capacity, load, attainment, samples, d, pr, c
+        )
 
     def _maybe_switch(self, snap: ClusterSnapshot) -> None:
         now = snap.now
@@ -232,7 +248,10 @@ class AdaptivePolicy:
         """(policy the rule names for ``sig``, a sentence saying why, with the numbers)."""
         p, cur = self.params, self._current
         att = sig.attainment
-        load = f"queue at {sig.load:.2f}x fleet capacity ({sig.queued} queued / {sig.capacity})"
+        load = (
+            f"queue at {sig.load:.2f}x fleet capacity ({sig.waiting} waiting / "
+            f"{sig.capacity} slots; {sig.queued} queued, {sig.free_slots} slots free)"
+        )
         if sig.deadline_share >= p.deadline_share:
             low, high = p.slo_target - p.slo_margin, min(1.0, p.slo_target + p.slo_margin)
             if att is not None and (att < low or (cur == "slo_aware" and att < high)):
