@@ -1157,3 +1157,24 @@ def test_a_bad_manager_argument_is_a_config_error_naming_it(
         ControlPlaneManager(**kwargs)
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
+
+
+def test_a_request_cut_off_at_its_deadline_counts_as_an_slo_miss() -> None:
+    async def main() -> None:
+        async with _manager(1) as cp:
+            slow = make_metadata("cut", max_tokens=500, slo_deadline_ms=50.0)
+            with pytest.raises(DeadlineExceededError):
+                await cp.collect(slow, timeout_s=0.05)  # as the gateway bounds it
+            early = await cp.submit_request(make_metadata("early", max_tokens=500))
+            assert await cp.cancel_request(early)
+            timed = await cp.submit_request(
+                make_metadata("gone", max_tokens=500, slo_deadline_ms=1e6)
+            )
+            assert await cp.cancel_request(timed)  # cancelled long before its deadline
+            cut, gone = await cp.wait_for_result("cut"), await cp.wait_for_result("gone")
+            metrics = cp.get_metrics()
+        assert cut.status is RequestStatus.CANCELLED and cut.slo_met is False
+        assert gone.slo_met is None  # not counted either way
+        assert metrics.slo_violations == 1
+
+    run_virtual(main())

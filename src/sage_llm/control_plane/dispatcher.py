@@ -961,8 +961,11 @@ class Dispatcher:
             tpot_s = (now - first_at) / (rec.completion_tokens - 1)
         slo_ms = rec.meta.slo_deadline_ms
         slo_met = None
-        if slo_ms is not None and status is not RequestStatus.CANCELLED:
-            slo_met = status is RequestStatus.COMPLETED and e2e_s * 1000.0 <= slo_ms
+        if slo_ms is not None:
+            if status is not RequestStatus.CANCELLED:
+                slo_met = status is RequestStatus.COMPLETED and e2e_s * 1000.0 <= slo_ms
+            elif e2e_s * 1000.0 >= slo_ms:  # cut off at (or after) its deadline: missed
+                slo_met = False
         queue_wait_s = (rec.scheduled_at if rec.scheduled_at is not None else now) - info.arrival
         cost = extra_cost
         if state is not None and rec.scheduled_at is not None:
