@@ -15,13 +15,20 @@ from sage_llm.config import (
     InstanceConfig,
     SageConfig,
     check_config,
+    check_instance,
     config_from_dict,
     load_config,
     parse_config,
 )
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import ConfigError
-from sage_llm.types import DecodingConfig, ExecutionInstanceType, PDSeparationConfig
+from sage_llm.types import (
+    DecodingConfig,
+    ExecutionInstance,
+    ExecutionInstanceType,
+    PDSeparationConfig,
+    PrefillingConfig,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
 
@@ -132,6 +139,51 @@ def test_bare_service_table_dict() -> None:
     assert cfg.control_plane.scheduling_policy == "fifo"
     assert [i.instance_id for i in cfg.control_plane.instances] == ["a", "b"]
     assert cfg.gateway.port == 9000
+
+
+def test_bare_service_table_dict_unknown_key_lists_every_top_level_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"sheduling_policy": "fifo"}, env={})
+    assert info.value.key == "sheduling_policy"
+    assert "did you mean 'scheduling_policy'" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"servics": {"llm_control_plane": {}}}, env={})
+    assert "did you mean 'services'" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"foo": 1}, env={})
+    valid = info.value.message.split("valid keys: ", 1)[1]
+    assert valid.startswith("services, gateway, health, admission, simulation, type, ")
+    assert "scheduling_policy" in valid and "instances" in valid
+
+
+def test_document_dict_with_service_keys_at_top_level() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"services": {"llm_control_plane": {}}, "scheduling_policy": "fifo"})
+    assert info.value.key == "scheduling_policy"
+    assert "did you mean [services.llm_control_plane]?" in info.value.message
+
+
+def test_dict_role_values_may_be_objects() -> None:
+    cfg = config_from_dict(
+        {
+            "instances": [
+                {
+                    **INSTANCE,
+                    "instance_type": ExecutionInstanceType.PREFILLING,
+                    "prefilling_config": PrefillingConfig(chunk_size=64),
+                }
+            ]
+        },
+        env={},
+    )
+    [inst] = cfg.control_plane.instances
+    assert inst.instance_type is ExecutionInstanceType.PREFILLING
+    assert inst.prefilling_config == PrefillingConfig(chunk_size=64)
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(
+            {"instances": [{**INSTANCE, "prefilling_config": PrefillingConfig(chunk_size=0)}]}
+        )
+    assert info.value.key == "instances[0].prefilling_config.chunk_size"
 
 
 def test_document_dict_and_none_means_unset() -> None:
@@ -421,6 +473,18 @@ def test_instance_value_errors(replacement: str, key: str, message: str) -> None
     assert message in err.message
 
 
+def test_simulator_name_errors_name_the_key_once() -> None:
+    err = problem(SEED.replace("tensor_parallel_size = 1", 'sim_gpu = "tpu"'))
+    assert str(err).startswith(
+        "cfg.toml:22: services.llm_control_plane.instances[1].sim_gpu: unknown GPU 'tpu'; "
+    )
+    err = problem('[simulation]\nmodel = "gpt-9"\n')
+    assert str(err).startswith("cfg.toml:2: simulation.model: unknown model 'gpt-9'; ")
+    with pytest.raises(ConfigError) as info:
+        check_instance(ExecutionInstance("i0", "h", 8000, "m", metadata={"sim_gpu": "tpu"}))
+    assert str(info.value).startswith("instance 'i0': metadata.sim_gpu: unknown GPU 'tpu'; ")
+
+
 def test_missing_required_instance_key() -> None:
     err = problem(
         SEED.replace(
@@ -477,6 +541,59 @@ def test_unknown_service_table_without_type() -> None:
     err = problem("[services.llm_contol_plane]\nscheduling_policy = 'fifo'\n")
     assert (err.location, err.key) == ("cfg.toml:1", "services.llm_contol_plane")
     assert "did you mean 'llm_control_plane'" in err.message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "hint"),
+    [
+        ("scheduling_policy = 'fifo'\n", "scheduling_policy", "[services.llm_control_plane]"),
+        (
+            "[[instances]]\ninstance_id = 'a'\nhost = 'h'\nport = 1\nmodel_name = 'm'\n",
+            "instances",
+            "[[services.llm_control_plane.instances]]",
+        ),
+        ("[pd]\nenabled = false\n", "pd", "[services.llm_control_plane.pd]"),
+        (
+            "policy_params = { max_wait_s = 1.0 }\n",
+            "policy_params",
+            "[services.llm_control_plane.policy_params]",
+        ),
+    ],
+)
+def test_service_keys_at_top_level_are_errors(text: str, key: str, hint: str) -> None:
+    """A file that forgot its [services.llm_control_plane] header is not read as one."""
+    err = problem(text)
+    assert (err.location, err.key) == ("cfg.toml:1", key)
+    assert str(err) == f"cfg.toml:1: {key}: unknown key (did you mean {hint}?)"
+
+
+def test_forgotten_service_header_reports_every_key_and_line(tmp_path: Path) -> None:
+    body = SEED.split("\n", 2)[2].replace("services.llm_control_plane.", "")  # no header
+    text = "# cluster\n" + body + "\n[gateway]\nport = 9000\n"
+    path = tmp_path / "forgot.toml"
+    path.write_text(text, encoding="utf-8")
+    errors = check_config(path, env={})
+    assert [(e.location, e.key) for e in errors] == [
+        (f"{path}:2", "type"),
+        (f"{path}:3", "scheduling_policy"),
+        (f"{path}:4", "enable_pd_separation"),
+        (f"{path}:5", "routing_strategy"),
+        (f"{path}:7", "instances"),
+    ]
+    assert errors[-1].message.endswith("(did you mean [[services.llm_control_plane.instances]]?)")
+    with pytest.raises(ConfigErrors):
+        load_config(path, env={})
+    # a stray key next to the header is reported the same way
+    err = problem("seed = 1\n[services.llm_control_plane]\nmode = 'simulated'\n")
+    assert (err.location, err.key) == ("cfg.toml:1", "seed")
+    assert "did you mean [services.llm_control_plane]?" in err.message
+
+
+def test_unknown_top_level_key_lists_the_top_level_keys() -> None:
+    err = problem("foo = 1\n")
+    assert (err.location, err.key) == ("cfg.toml:1", "foo")
+    valid = "services, gateway, health, admission, simulation"
+    assert str(err) == f"cfg.toml:1: foo: unknown key (valid keys: {valid})"
 
 
 def test_toml_syntax_error() -> None:
@@ -545,6 +662,114 @@ def test_programmatic_values_are_checked() -> None:
             instance_type=ExecutionInstanceType.PREFILLING,
             decoding_config=DecodingConfig(),
         )
+
+
+# -- instances built in Python -------------------------------------------------------------
+
+
+def _instance(**kwargs: object) -> ExecutionInstance:
+    fields: dict[str, object] = {"instance_id": "i0", "host": "h", "port": 8000, "model_name": "m"}
+    return ExecutionInstance(**{**fields, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("PREFILLING", ExecutionInstanceType.PREFILLING),
+        ("prefill", ExecutionInstanceType.PREFILLING),
+        ("Decoding", ExecutionInstanceType.DECODING),
+        ("mixed", ExecutionInstanceType.HYBRID),
+    ],
+)
+def test_check_instance_parses_a_role_string(text: str, expected: ExecutionInstanceType) -> None:
+    inst = _instance(instance_type=text)
+    assert check_instance(inst) is inst
+    assert inst.instance_type is expected
+
+
+def test_check_instance_normalises_as_the_loader_does() -> None:
+    inst = _instance(engine="SGLang", scheme="HTTPS", decoding_config={"max_num_seqs": 8})
+    check_instance(inst)
+    assert (inst.engine, inst.scheme) == ("sglang", "https")
+    assert inst.decoding_config == DecodingConfig(max_num_seqs=8)
+    role = PrefillingConfig(chunk_size=64)
+    inst = _instance(instance_type=ExecutionInstanceType.PREFILLING, prefilling_config=role)
+    check_instance(inst)
+    assert inst.prefilling_config is role
+
+
+def test_check_instance_accepts_what_the_loader_builds() -> None:
+    for inst in parse_config(SEED, env={}).execution_instances():
+        check_instance(inst)
+    for inst in SageConfig.default().execution_instances():
+        check_instance(inst)
+    check_instance(_instance(nvlink_peers=("i1",), gpu_memory_gb=80, metadata={"x": object()}))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "message"),
+    [
+        ({"instance_type": "PREFILER"}, "instance_type", "invalid instance_type 'PREFILER'"),
+        ({"instance_type": 1}, "instance_type", "must be a string, got integer 1"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size", "must be >= 1, got 0"),
+        ({"pipeline_parallel_size": 0}, "pipeline_parallel_size", "must be >= 1, got 0"),
+        ({"port": 70000}, "port", "must be <= 65535, got 70000"),
+        ({"port": 0}, "port", "must be >= 1, got 0"),
+        ({"port": "8000"}, "port", "must be an integer, got string '8000'"),
+        ({"port": True}, "port", "must be an integer, got boolean true"),
+        ({"host": ""}, "host", "must not be empty"),
+        ({"host": "http://h"}, "host", "not a URL"),
+        ({"model_name": ""}, "model_name", "must not be empty"),
+        ({"max_concurrent_requests": 0}, "max_concurrent_requests", "must be >= 1, got 0"),
+        ({"gpu_count": 0}, "gpu_count", "must be >= 1, got 0"),
+        ({"network_bandwidth_gbps": 0.0}, "network_bandwidth_gbps", "must be > 0, got 0.0"),
+        ({"engine": "trt"}, "engine", "unknown value 'trt'"),
+        ({"scheme": "ftp"}, "scheme", "unknown value 'ftp'"),
+        ({"nvlink_peers": [1]}, "nvlink_peers[0]", "must be a string, got integer 1"),
+        (
+            {"decoding_config": DecodingConfig(max_num_seqs=0)},
+            "decoding_config.max_num_seqs",
+            "must be >= 1",
+        ),
+        ({"decoding_config": 3}, "decoding_config", "must be a table, got integer 3"),
+        ({"metadata": {"sim_gpu": "tpu"}}, "metadata.sim_gpu", "unknown GPU 'tpu'"),
+        ({"metadata": {"sim_model": "gpt-9"}}, "metadata.sim_model", "unknown model 'gpt-9'"),
+        ({"metadata": {"sim_speed": 0}}, "metadata.sim_speed", "must be > 0, got 0"),
+        ({"metadata": {"sim_seed": "x"}}, "metadata.sim_seed", "must be an integer, got string"),
+    ],
+)
+def test_check_instance_names_the_field_and_the_instance(
+    kwargs: dict[str, object], key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_instance(_instance(**kwargs))
+    err = info.value
+    assert not isinstance(err, ConfigErrors)
+    assert (err.location, err.key, err.param) == ("instance 'i0'", key, key)
+    assert str(err).startswith(f"instance 'i0': {key}: ")
+    assert message in err.message
+
+
+def test_check_instance_reports_every_problem_and_role_conflicts() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        check_instance(_instance(tensor_parallel_size=0, port=70000, instance_type="nope"))
+    assert [e.key for e in info.value.errors] == ["port", "tensor_parallel_size", "instance_type"]
+    inst = _instance(instance_type="decode", prefilling_config=PrefillingConfig())
+    with pytest.raises(ConfigError, match="prefilling_config is not allowed on a DECODING"):
+        check_instance(inst)
+    role: object = inst.instance_type
+    assert role == "decode"  # nothing is changed when the check fails
+    with pytest.raises(ConfigError) as err:
+        check_instance(_instance(api_key=""))
+    assert err.value.key == "api_key"
+    with pytest.raises(ConfigError, match="must be an ExecutionInstance, got dict"):
+        check_instance({"instance_id": "i0"})  # type: ignore[arg-type]
+
+
+def test_check_instance_without_an_id() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_instance(ExecutionInstance("", "h", 8000, "m"))
+    assert (info.value.location, info.value.key) == ("instance", "instance_id")
 
 
 # -- secrets -------------------------------------------------------------------------------

@@ -13,11 +13,14 @@ unknown policy/strategy names, out-of-range values) and every problem is reporte
 The document has ``[services.llm_control_plane]`` (the seed's format, with its
 ``[[services.llm_control_plane.instances]]``), and ``[gateway]``, ``[health]``,
 ``[admission]`` and ``[simulation]`` tables, each of which may also sit inside the service
-table. :func:`config_from_dict` also takes the bare service table (what a SAGE service is
-given). With several problems, :func:`load_config` raises :class:`ConfigErrors`, whose
+table; any other top-level key is an error (a control-plane key at top level, as when the
+``[services.llm_control_plane]`` header is forgotten, with a hint naming the header). Only
+:func:`config_from_dict` also takes the bare service table (what a SAGE service is given),
+never a file. With several problems, :func:`load_config` raises :class:`ConfigErrors`, whose
 message lists them one per line. Secrets (API keys, the admin token) may come from
 environment variables and are masked in ``repr``, error messages and :meth:`SageConfig.to_dict`.
-See ``docs/config.md`` for every key.
+:func:`check_instance` applies an instance entry's checks to an
+:class:`~sage_llm.types.ExecutionInstance` built in code. See ``docs/config.md`` for every key.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from sage_llm.config_schema import (
 from sage_llm.control_plane.routing.registry import get_strategy, parse_params
 from sage_llm.control_plane.scheduling.registry import make_params, params_class
 from sage_llm.errors import ConfigError
-from sage_llm.types import PDSeparationConfig
+from sage_llm.types import ExecutionInstance, PDSeparationConfig
 
 __all__ = [
     "DEFAULT_SIM_MODEL",
@@ -68,6 +71,7 @@ __all__ = [
     "SageConfig",
     "SimulationConfig",
     "check_config",
+    "check_instance",
     "config_from_dict",
     "default_sim_model",
     "load_config",
@@ -75,6 +79,9 @@ __all__ = [
 ]
 
 _DOCUMENT_KEYS = ("services", *SECTIONS)
+_SERVICE_KEYS = tuple(f.name for f in dataclasses.fields(ControlPlaneConfig))
+_BARE_KEYS = (*_DOCUMENT_KEYS, *_SERVICE_KEYS)
+"""The keys a mapping given to :func:`config_from_dict` may hold at its top level."""
 _SERVICE_PATH: KeyPath = ("services", "llm_control_plane")
 _SECTION_CLASSES: tuple[tuple[str, type[Any]], ...] = (
     ("gateway", GatewayConfig),
@@ -120,11 +127,80 @@ def parse_config(
 def config_from_dict(
     data: Mapping[str, Any], source: str = "<dict>", *, env: Mapping[str, str] | None = None
 ) -> SageConfig:
-    """A configuration from a mapping: a whole document, or the bare service table (keys
-    like ``scheduling_policy`` and ``instances``), as a SAGE service is given. ``None``
-    values mean "not set"."""
+    """A configuration from a mapping: a whole document (a mapping with ``services``, or with
+    only section names), or else the bare service table (keys like ``scheduling_policy`` and
+    ``instances``), as a SAGE service is given. ``None`` values mean "not set"."""
     problems = Problems(source)
-    return _result(_build(data, problems, env), problems.sorted())
+    return _result(_build(data, problems, env, bare=True), problems.sorted())
+
+
+def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
+    """Check an :class:`~sage_llm.types.ExecutionInstance` built in code with the rules of a
+    ``[[services.llm_control_plane.instances]]`` entry (types, names and ranges: a port in
+    1..65535, sizes and counts >= 1 …; the ``sim_gpu``, ``sim_model``, ``sim_speed`` and
+    ``sim_seed`` entries of its ``metadata`` as the ``sim_*`` keys). Each problem is a
+    :class:`ConfigError` whose ``key`` (and ``param``) is the field and whose ``location`` is
+    ``instance '<id>'``; one problem raises it, several raise :class:`ConfigErrors`.
+
+    Values the file loader would read are read the same way and stored back on the instance:
+    an ``instance_type`` given as a string (``"PREFILLING"``, ``"prefill"``), ``engine`` and
+    ``scheme`` in any case, a ``prefilling_config``/``decoding_config`` given as a dict.
+    Nothing is changed when a check fails. Returns ``instance``.
+    """
+    if not isinstance(instance, ExecutionInstance):
+        raise ConfigError(f"must be an ExecutionInstance, got {type(instance).__name__}")
+    iid = instance.instance_id
+    problems = _InstanceProblems(
+        f"instance {iid!r}" if isinstance(iid, str) and iid.strip() else "instance"
+    )
+    table = {name: getattr(instance, name) for name in _INSTANCE_FIELDS}
+    for name in _NOT_NONE:
+        if table[name] is None:
+            problems.add((name,), "must not be None")
+    metadata: object = instance.metadata
+    if isinstance(metadata, Mapping):
+        table.update((key, metadata[key]) for key in _SIM_METADATA if key in metadata)
+    else:
+        problems.add(("metadata",), f"must be a table, got {type(metadata).__name__}")
+    checked = read_dataclass(InstanceConfig, table, (), problems, foreign=FOREIGN_RULES)
+    errors = problems.errors
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    assert checked is not None
+    for name in _READ_BACK:
+        old, new = getattr(instance, name), getattr(checked, name)
+        if type(old) is not type(new) or old != new:
+            setattr(instance, name, new)
+    return instance
+
+
+_SIM_METADATA = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")
+"""``InstanceConfig`` keys that an ``ExecutionInstance`` carries in its ``metadata``."""
+_INSTANCE_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(InstanceConfig)
+    if f.name in {g.name for g in dataclasses.fields(ExecutionInstance)} and f.name != "metadata"
+)
+"""The fields an ``ExecutionInstance`` shares with ``InstanceConfig`` (``metadata`` may hold
+any value, so only its type and ``sim_*`` entries are checked)."""
+_NOT_NONE = tuple(
+    f.name
+    for f in dataclasses.fields(InstanceConfig)
+    if f.name in _INSTANCE_FIELDS and f.default is not dataclasses.MISSING and f.default is not None
+)
+"""Fields with a default that is not None: None there is a mistake, not "unset"."""
+_READ_BACK = ("instance_type", "engine", "scheme", "prefilling_config", "decoding_config")
+"""Fields whose value as read (an enum from a name, a lowered name, a role-config object from
+a dict) replaces what the caller gave."""
+
+
+class _InstanceProblems(Problems):
+    """Problems of an instance built in code: its ``sim_*`` options are ``metadata`` entries."""
+
+    def add(self, path: KeyPath, message: str) -> None:
+        if path and path[0] in _SIM_METADATA:
+            path = ("metadata", *path)
+        super().add(path, message)
 
 
 def _result(config: SageConfig | None, errors: list[ConfigError]) -> SageConfig:
@@ -154,23 +230,29 @@ def _parse(
     except tomllib.TOMLDecodeError as exc:
         return None, [syntax_error(exc, source, text.count("\n") + 1)]
     problems = Problems(source, locator)
-    config = _build(data, problems, env)
+    config = _build(data, problems, env, bare=False)
     return config, problems.sorted()
 
 
 # -- building ------------------------------------------------------------------------------
 
 
-def _build(data: object, p: Problems, env: Mapping[str, str] | None) -> SageConfig | None:
+def _build(
+    data: object, p: Problems, env: Mapping[str, str] | None, *, bare: bool
+) -> SageConfig | None:
+    """The configuration in ``data``: a document, or with ``bare`` (dicts, never files) the
+    bare service table when ``data`` has no ``services`` and a key that is no section."""
     if not isinstance(data, Mapping):
         p.add((), f"a configuration must be a table, got {type(data).__name__}")
         return None
     environ: Mapping[str, str] = os.environ if env is None else env
     document: Mapping[str, Any] = {}
-    service: Mapping[str, Any] = data
+    service: Mapping[str, Any]
     spath: KeyPath = ()
-    if "services" in data or set(data) <= set(_DOCUMENT_KEYS):
-        _unknown_keys(data, (), _DOCUMENT_KEYS, p)
+    if bare and "services" not in data and not set(data) <= set(_DOCUMENT_KEYS):
+        service = _bare_service(data, p)
+    else:
+        _top_level_keys(data, p)
         document = data
         service, spath = _find_service(data, p)
     raw: dict[str, Mapping[str, Any] | None] = {}
@@ -224,12 +306,32 @@ def _table(value: Any, path: KeyPath, p: Problems) -> Mapping[str, Any]:
     return {}
 
 
-def _unknown_keys(
-    table: Mapping[str, Any], path: KeyPath, allowed: Sequence[str], p: Problems
-) -> None:
-    for key in table:
-        if key not in allowed:
-            p.add((*path, str(key)), f"unknown key{suggest(str(key), allowed)}")
+def _top_level_keys(document: Mapping[str, Any], p: Problems) -> None:
+    """Report the keys of a document that are not its tables; a control-plane key there
+    (the ``[services.llm_control_plane]`` header forgotten) gets the header it belongs in."""
+    for key, value in document.items():
+        name = str(key)
+        if name in _DOCUMENT_KEYS:
+            continue
+        if name not in _SERVICE_KEYS:
+            p.add((name,), f"unknown key{suggest(name, _DOCUMENT_KEYS)}")
+            continue
+        if name == "instances":
+            header = "[[services.llm_control_plane.instances]]"
+        elif isinstance(value, Mapping):
+            header = f"[services.llm_control_plane.{name}]"
+        else:
+            header = "[services.llm_control_plane]"
+        p.add((name,), f"unknown key (did you mean {header}?)")
+
+
+def _bare_service(data: Mapping[str, Any], p: Problems) -> Mapping[str, Any]:
+    """``data`` as the bare service table, less its unknown keys (reported against every key
+    the top level of a dict may hold)."""
+    unknown = [key for key in data if key not in _BARE_KEYS]
+    for key in unknown:
+        p.add((str(key),), f"unknown key{suggest(str(key), _BARE_KEYS)}")
+    return {k: v for k, v in data.items() if k not in unknown} if unknown else data
 
 
 def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, Any], KeyPath]:

@@ -6,7 +6,8 @@ hints and the :class:`Rule` each field carries (``opt(1, rule(ge=1))``): unknown
 values and ranges are all reported to a :class:`~sage_llm.config_locate.Problems`, located by
 file, line and dotted key. A bad value leaves its field at the default so that checking goes
 on and every problem of a file is found. A secret field's value never appears in a message,
-a ``repr`` or :func:`to_plain`'s output.
+a ``repr`` or :func:`to_plain`'s output. Tables built in code may hold an enum member where a
+name is expected, and a dataclass object where a table is (its values are checked alike).
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ def read_dataclass(
     """``cls`` built from ``table``; problems go to ``p``. Keys in ``extra_keys`` are allowed
     and skipped; ``foreign`` gives rules for dataclasses whose fields carry none. A bad value
     leaves the field at its default; None is returned only when ``cls`` cannot be built."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
+    fields, hints = _fields_and_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:
@@ -122,6 +122,19 @@ def read_dataclass(
     except (ValueError, TypeError) as exc:
         p.add(path, str(exc))
         return None
+
+
+_Shape = tuple[dict[str, "dataclasses.Field[Any]"], dict[str, Any]]
+_SHAPES: dict[type[Any], _Shape] = {}
+
+
+def _fields_and_hints(cls: type[Any]) -> _Shape:
+    """``cls``'s init fields by name and its resolved type hints (computed once per class)."""
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        shape = _SHAPES[cls] = (fields, typing.get_type_hints(cls))
+    return shape
 
 
 def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None:
@@ -173,11 +186,15 @@ def _convert(
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):  # an object built in code: its values are checked
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(hint) if f.init}
         if not isinstance(value, Mapping):
             return _wrong(value, "a table", checks, path, p)
         built = read_dataclass(hint, value, path, p, foreign=foreign)
         return _INVALID if built is None else built
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint):
+            return value
         if not isinstance(value, str):
             return _wrong(value, "a string", checks, path, p)
         try:

@@ -79,11 +79,20 @@ def _check_env_name(value: str) -> str | None:
     return None if _ENV_NAME.fullmatch(value) else "must be an environment variable name"
 
 
+def _unkeyed(exc: ConfigError) -> str:
+    """``exc``'s message without its own key (``gpu: unknown GPU …`` → ``unknown GPU …``):
+    the problem is reported under the key the user wrote."""
+    message = exc.message
+    if exc.key and message.startswith(f"{exc.key}: "):
+        return message[len(exc.key) + 2 :]
+    return message
+
+
 def _check_gpu(value: str) -> str | None:
     try:
         get_gpu(value)
     except ConfigError as exc:
-        return exc.message
+        return _unkeyed(exc)
     return None
 
 
@@ -93,7 +102,7 @@ def _check_model(value: str) -> str | None:
     try:
         get_model(value)
     except ConfigError as exc:
-        return exc.message
+        return _unkeyed(exc)
     return None
 
 

@@ -50,6 +50,55 @@ def _manager(n: int = 2, **kwargs: object) -> ControlPlaneManager:
     return cp
 
 
+@pytest.mark.parametrize("mode", ["http", "simulated"])
+def test_register_instance_reads_a_role_name(mode: str) -> None:
+    cp = ControlPlaneManager(mode=mode)
+    inst = make_instance("i0", instance_type="PREFILLING")  # type: ignore[arg-type]
+    cp.register_instance(inst)
+    assert inst.instance_type is ExecutionInstanceType.PREFILLING
+    [registered] = cp.get_instances()
+    assert registered.instance_type is ExecutionInstanceType.PREFILLING
+    cp.register_instance(make_instance("i1", port=8001, instance_type="decode"))  # type: ignore[arg-type]
+    roles = {i.instance_id: i.instance_type for i in cp.get_instances()}
+    assert roles["i1"] is ExecutionInstanceType.DECODING
+
+
+@pytest.mark.parametrize("mode", ["http", "simulated"])
+@pytest.mark.parametrize(
+    ("kwargs", "key", "message"),
+    [
+        ({"instance_type": "PREFILER"}, "instance_type", "invalid instance_type 'PREFILER'"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size", "must be >= 1, got 0"),
+        ({"pipeline_parallel_size": 0}, "pipeline_parallel_size", "must be >= 1, got 0"),
+        ({"port": 70000}, "port", "must be <= 65535, got 70000"),
+        ({"port": "8000"}, "port", "must be an integer, got string '8000'"),
+        ({"host": ""}, "host", "must not be empty"),
+        ({"model_name": ""}, "model_name", "must not be empty"),
+        ({"max_concurrent_requests": 0}, "max_concurrent_requests", "must be >= 1, got 0"),
+        ({"engine": "trt"}, "engine", "unknown value 'trt'"),
+        ({"metadata": {"sim_gpu": "tpu"}}, "metadata.sim_gpu", "unknown GPU 'tpu'"),
+    ],
+)
+def test_register_instance_checks_fields_as_the_config_file_does(
+    mode: str, kwargs: dict[str, Any], key: str, message: str
+) -> None:
+    cp = ControlPlaneManager(mode=mode)
+    fields = {"instance_id": "i0", "host": "h", "port": 8000, "model_name": MODEL, **kwargs}
+    with pytest.raises(ConfigError) as info:
+        cp.register_instance(ExecutionInstance(**fields))
+    assert (info.value.location, info.value.key, info.value.param) == ("instance 'i0'", key, key)
+    assert str(info.value).startswith(f"instance 'i0': {key}: ")
+    assert message in info.value.message
+    assert cp.get_instances() == []
+
+
+def test_register_instance_without_an_id() -> None:
+    cp = ControlPlaneManager(mode="simulated")
+    with pytest.raises(ConfigError) as info:
+        cp.register_instance(make_instance(""))
+    assert (info.value.location, info.value.key) == ("instance", "instance_id")
+
+
 def test_seed_snippet_returns_generated_text() -> None:
     async def main() -> None:
         cp = ControlPlaneManager(

@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 
+from sage_llm.config import check_instance
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
 from sage_llm.control_plane.dispatcher import Dispatcher, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
@@ -365,15 +366,13 @@ class ControlPlaneManager:
         such a client is the caller's: :meth:`stop` closes it, and the instance must be
         registered again with a new one before the next :meth:`start`. Raises
         :class:`ConflictError` for an id in use, also by an instance still being removed
-        (its requests in flight finish first)."""
-        if not instance.instance_id:
-            raise InvalidRequestError("instance_id must not be empty", param="instance_id")
-        if not instance.model_name:
-            raise InvalidRequestError("model_name must not be empty", param="model_name")
-        if instance.max_concurrent_requests < 1:
-            raise InvalidRequestError(
-                "max_concurrent_requests must be at least 1", param="max_concurrent_requests"
-            )
+        (its requests in flight finish first).
+
+        The instance is first checked as a config file's instance entry is
+        (:func:`sage_llm.config.check_instance`): a bad field raises :class:`ConfigError`
+        naming the field and the instance, and an ``instance_type`` given as a string
+        (``"PREFILLING"``, ``"prefill"``) is parsed and stored on the instance."""
+        check_instance(instance)
         known = self._registry.find(instance.instance_id)
         if known is not None and known.removed:
             raise ConflictError(
