@@ -803,6 +803,12 @@ def test_secrets_from_environment() -> None:
             "environment variable ADMIN is empty",
         ),
         (
+            '[gateway]\napi_keys_env = "KEYS"\n',
+            {"KEYS": " , ,"},
+            "gateway.api_keys_env",
+            "environment variable KEYS holds no API key",
+        ),
+        (
             '[gateway]\nadmin_token = "a"\nadmin_token_env = "ADMIN"\n',
             {"ADMIN": "b"},
             "gateway.admin_token_env",
@@ -863,3 +869,15 @@ def test_configs_are_frozen() -> None:
     cfg = SageConfig.default()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.gateway.port = 1  # type: ignore[misc]
+
+
+def test_a_default_max_tokens_above_the_gateways_limit_is_refused() -> None:
+    text = (
+        "[services.llm_control_plane]\ndefault_max_tokens = 20000\n"
+        "[gateway]\nmax_tokens_limit = 100\n"
+    )
+    err = problem(text, {})
+    assert err.key == "services.llm_control_plane.default_max_tokens"
+    assert "20000 is above gateway.max_tokens_limit (100)" in err.message
+    fine = text.replace("20000", "100")
+    assert parse_config(fine).control_plane.default_max_tokens == 100

@@ -275,6 +275,14 @@ def _build(
         health = dataclasses.replace(health, interval_s=cp.health_interval_s)
     if admission.max_queue_size is not None:
         cp = dataclasses.replace(cp, max_queue_size=admission.max_queue_size)
+    limit = sections["gateway"].max_tokens_limit
+    if limit is not None and cp.default_max_tokens > limit:
+        p.add(
+            (*spath, "default_max_tokens"),
+            f"{cp.default_max_tokens} is above gateway.max_tokens_limit ({limit}): a request "
+            "without max_tokens would get more than the gateway lets a request ask for",
+        )
+        return None
     return SageConfig(
         cp, sections["gateway"], health, admission, sections["simulation"], source=p.source
     )
@@ -466,7 +474,14 @@ def _gateway_secrets(
         raw = _env_secret(gw.api_keys_env, (*path, "api_keys_env"), env, p)
         if raw is None:
             return None
-        keys += [k.strip() for k in raw.split(",") if k.strip()]
+        from_env = [k.strip() for k in raw.split(",") if k.strip()]
+        if not from_env:
+            p.add(
+                (*path, "api_keys_env"),
+                f"environment variable {gw.api_keys_env} holds no API key (only commas and spaces)",
+            )
+            return None
+        keys += from_env
     if gw.admin_token_env is not None:
         if gw.admin_token is not None:
             p.add((*path, "admin_token_env"), "set admin_token or admin_token_env, not both")

@@ -36,6 +36,10 @@ class _ConfigLike:
     tracing: _Tracing = field(default_factory=_Tracing)
 
 
+_SECRETS = {"KEYS": "k", "ADMIN": "t"}
+"""The variables ``_ConfigLike`` names, set."""
+
+
 def test_defaults_are_those_of_the_gateway_config() -> None:
     assert default_settings() == GatewayConfig()
     resolved = ResolvedGateway.from_settings(GatewayConfig(), {})
@@ -63,15 +67,34 @@ def test_config_like_objects_and_environment() -> None:
 
 def test_configured_admin_token_wins_over_the_environment() -> None:
     settings = _ConfigLike(admin_token="direct", admin_token_env="ADMIN")
-    assert ResolvedGateway.from_settings(settings, {"ADMIN": "env"}).admin_token == "direct"
-    unset = _ConfigLike(admin_token_env="ADMIN")
-    assert ResolvedGateway.from_settings(unset, {}).admin_token is None
+    env = {"ADMIN": "env", "KEYS": "k"}
+    assert ResolvedGateway.from_settings(settings, env).admin_token == "direct"
+
+
+@pytest.mark.parametrize(
+    ("env", "key", "message"),
+    [
+        ({"ADMIN": "t"}, "gateway.api_keys_env", "KEYS is not set"),
+        ({"KEYS": "  ", "ADMIN": "t"}, "gateway.api_keys_env", "KEYS is empty"),
+        ({"KEYS": " , ,", "ADMIN": "t"}, "gateway.api_keys_env", "KEYS holds no API key"),
+        ({"KEYS": "k"}, "gateway.admin_token_env", "ADMIN is not set"),
+        ({"KEYS": "k", "ADMIN": " "}, "gateway.admin_token_env", "ADMIN is empty"),
+    ],
+)
+def test_a_named_variable_unset_or_without_a_secret_is_an_error(
+    env: dict[str, str], key: str, message: str
+) -> None:
+    # authentication is never switched off by a missing variable
+    with pytest.raises(ConfigError) as info:
+        ResolvedGateway.from_settings(_ConfigLike(), env)
+    assert info.value.key == key
+    assert message in str(info.value)
 
 
 @pytest.mark.parametrize("timeout", [None, 0, 0.0])
 def test_zero_or_missing_timeout_means_no_limit(timeout: float | None) -> None:
     settings = _ConfigLike(request_timeout_s=timeout)
-    assert ResolvedGateway.from_settings(settings, {}).request_timeout_s is None
+    assert ResolvedGateway.from_settings(settings, _SECRETS).request_timeout_s is None
 
 
 @pytest.mark.parametrize(
@@ -86,7 +109,7 @@ def test_zero_or_missing_timeout_means_no_limit(timeout: float | None) -> None:
 def test_bad_limits_raise_config_errors(changes: dict[str, float], key: str) -> None:
     settings = _ConfigLike(**changes)  # type: ignore[arg-type]
     with pytest.raises(ConfigError) as err:
-        ResolvedGateway.from_settings(settings, {})
+        ResolvedGateway.from_settings(settings, _SECRETS)
     assert err.value.key == key
 
 

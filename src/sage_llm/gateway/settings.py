@@ -74,9 +74,27 @@ def default_settings() -> GatewaySettings:
 
 
 def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:
+    """The comma-separated API keys in variable ``name``; a variable that is unset or holds
+    no key is an error (authentication is never switched off by a missing variable)."""
     if not name:
         return []
-    return [k.strip() for k in environ.get(name, "").split(",") if k.strip()]
+    keys = [k.strip() for k in _env_value(name, "api_keys_env", environ).split(",")]
+    keys = [k for k in keys if k]
+    if not keys:
+        raise ConfigError(
+            f"environment variable {name} holds no API key (only commas and spaces)",
+            key="gateway.api_keys_env",
+        )
+    return keys
+
+
+def _env_value(name: str, key: str, environ: Mapping[str, str]) -> str:
+    value = environ.get(name)
+    if value is None:
+        raise ConfigError(f"environment variable {name} is not set", key=f"gateway.{key}")
+    if not value.strip():
+        raise ConfigError(f"environment variable {name} is empty", key=f"gateway.{key}")
+    return value.strip()
 
 
 def _positive_or_none(key: str, value: float | None) -> float | None:
@@ -122,12 +140,14 @@ class ResolvedGateway:
         cls, settings: GatewaySettings, environ: Mapping[str, str] | None = None
     ) -> ResolvedGateway:
         """Resolve ``settings``; ``*_env`` names are looked up in ``environ`` (default:
-        ``os.environ``). API keys from the variable are comma-separated."""
+        ``os.environ``). API keys from the variable are comma-separated. A named variable
+        that is unset, empty or (for the keys) holds only separators raises
+        :class:`ConfigError`."""
         env = os.environ if environ is None else environ
         keys = [k for k in settings.api_keys if k] + _env_keys(settings.api_keys_env, env)
         admin = settings.admin_token or None
         if admin is None and settings.admin_token_env:
-            admin = env.get(settings.admin_token_env, "").strip() or None
+            admin = _env_value(settings.admin_token_env, "admin_token_env", env)
         if settings.max_body_bytes < 1:
             raise ConfigError("must be >= 1", key="gateway.max_body_bytes")
         prompt_limit = settings.max_prompt_tokens
