@@ -116,7 +116,9 @@ class RequestMetadata:
 
     ``prompt`` (text, or a list of token ids) is used for completions; ``messages`` (OpenAI
     chat messages) for chat. ``slo_deadline_ms`` is the end-to-end latency target counted
-    from arrival. The timing fields are filled in by the control plane.
+    from arrival. The timing fields are filled in by the control plane. ``temperature`` or
+    ``top_p`` None leaves it to the engine's own default (the gateway passes None for a
+    field its client did not give).
     """
 
     request_id: str
@@ -125,8 +127,8 @@ class RequestMetadata:
     priority: RequestPriority = RequestPriority.NORMAL
     slo_deadline_ms: float | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
     model_name: str | None = None
 
     arrival_time: datetime = field(default_factory=datetime.now)
@@ -437,7 +439,8 @@ class RequestResult:
 
     Latencies are in milliseconds; ``ttft_ms``/``tpot_ms`` are None when no token was produced
     or when the engine answered in one piece (see the manager's ``engine_stream``).
-    ``slo_met`` is None when the request had no SLO.
+    ``slo_met`` is None when the request had no SLO, or was cancelled before its deadline
+    (one cut off at or after its deadline missed it).
     """
 
     request_id: str

@@ -44,6 +44,18 @@ def test_build_request_refuses_bad_fields() -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         build_request(make_metadata("r", max_tokens=0), "m", now=0.0, stream=True,
                       default_max_tokens=16, block_size=16)  # fmt: skip
+    for field, value in (("temperature", 2.5), ("temperature", float("nan")), ("top_p", 0.0)):
+        with pytest.raises(InvalidRequestError) as info:
+            build_request(make_metadata("r", **{field: value}), "m", now=0.0, stream=True,
+                          default_max_tokens=16, block_size=16)  # fmt: skip
+        assert info.value.param == field
+
+
+def test_an_unset_temperature_and_top_p_reach_the_engine_request_unset() -> None:
+    meta = make_metadata("r", temperature=None, top_p=None)
+    _, req = build_request(meta, "m", now=0.0, stream=True, default_max_tokens=16,
+                           block_size=16)  # fmt: skip
+    assert (req.temperature, req.top_p) == (None, None)
 
 
 @pytest.mark.parametrize("chat", [False, True])

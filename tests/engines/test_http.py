@@ -751,3 +751,11 @@ def test_dialect_defaults_to_instance_engine() -> None:
     inst = make_instance(engine="sglang")
     assert HTTPEngineClient(inst, None).dialect == "sglang"  # type: ignore[arg-type]
     assert HTTPEngineClient(make_instance(engine="sim"), None).dialect == "vllm"  # type: ignore[arg-type]
+
+
+def test_an_unset_temperature_or_top_p_is_left_to_the_engine() -> None:
+    client = HTTPEngineClient(make_instance("eng-0", model_name=MODEL), session=None)  # type: ignore[arg-type]
+    unset = client.request_body(completion_req(temperature=None, top_p=None))
+    assert "temperature" not in unset and "top_p" not in unset
+    given = client.request_body(completion_req(temperature=0.0, top_p=0.5))
+    assert (given["temperature"], given["top_p"]) == (0.0, 0.5)

@@ -68,9 +68,10 @@ def build_request(
     max_tokens = meta.max_tokens if meta.max_tokens is not None else default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
-    if math.isnan(meta.temperature) or not 0.0 <= meta.temperature <= 2.0:
+    temperature, top_p = meta.temperature, meta.top_p  # None: the engine's default
+    if temperature is not None and (math.isnan(temperature) or not 0.0 <= temperature <= 2.0):
         raise InvalidRequestError("temperature must be within [0, 2]", param="temperature")
-    if math.isnan(meta.top_p) or not 0.0 < meta.top_p <= 1.0:
+    if top_p is not None and (math.isnan(top_p) or not 0.0 < top_p <= 1.0):
         raise InvalidRequestError("top_p must be within (0, 1]", param="top_p")
     slo_ms = meta.slo_deadline_ms
     if slo_ms is not None and (math.isnan(slo_ms) or slo_ms <= 0 or math.isinf(slo_ms)):

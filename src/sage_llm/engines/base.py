@@ -55,8 +55,10 @@ class EngineRequest:
     prompt: str | Sequence[int] | None = None
     messages: Sequence[Mapping[str, Any]] | None = None
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = 1.0
+    """None: not sent, the engine's own default (the model's generation config on vLLM)."""
+    top_p: float | None = 1.0
+    """None: not sent, as ``temperature``."""
     stop: Sequence[str] = ()
     stream: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)

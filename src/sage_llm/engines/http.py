@@ -205,8 +205,10 @@ class HTTPEngineClient:
         else:
             raise InvalidRequestError("request has neither prompt nor messages", param="prompt")
         body["max_tokens"] = req.max_tokens
-        body["temperature"] = req.temperature
-        body["top_p"] = req.top_p
+        if req.temperature is not None:  # else the engine's default
+            body["temperature"] = req.temperature
+        if req.top_p is not None:
+            body["top_p"] = req.top_p
         if req.stop:
             body["stop"] = list(req.stop)
         body.update(req.extra)
