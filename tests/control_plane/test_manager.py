@@ -736,9 +736,13 @@ async def _texts(cp: ControlPlaneManager, request_id: str, max_tokens: int = 4) 
 
 
 async def _cut_short(stream: AsyncIterator[Chunk], reason: str) -> list[str]:
-    """The texts of ``stream`` up to the RequestCancelledError that ends it (with ``reason``)."""
+    """The texts of ``stream`` up to the error that ends it: RequestCancelledError with
+    ``reason``, or ControlPlaneNotRunningError when the reason is that it stopped."""
     texts: list[str] = []
-    with pytest.raises(RequestCancelledError) as info:
+    error = (
+        ControlPlaneNotRunningError if reason == "control plane stopped" else RequestCancelledError
+    )
+    with pytest.raises(error) as info:
         async for chunk in stream:
             texts.append(chunk.text)
     assert info.value.message.endswith(f"was cancelled: {reason}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sage_llm.errors import EngineError, RequestCancelledError
+from sage_llm.errors import ControlPlaneNotRunningError, EngineError, RequestCancelledError
 from sage_llm.service.payloads import RequestDefaults, parse_generate
 from sage_llm.service.results import check_result, generation_entry, to_metadata
 from sage_llm.types import RequestPriority, RequestResult, RequestStatus
@@ -58,3 +58,6 @@ def test_check_result_raises_for_failed_and_cancelled_requests() -> None:
     assert not err.value.retryable
     with pytest.raises(RequestCancelledError, match="'c' was cancelled"):
         check_result(RequestResult("c", RequestStatus.CANCELLED))
+    stopped = RequestResult("d", RequestStatus.CANCELLED, error="control plane stopped")
+    with pytest.raises(ControlPlaneNotRunningError, match="'d' was cancelled: the control plane"):
+        check_result(stopped)  # by cleanup(): as service.md says

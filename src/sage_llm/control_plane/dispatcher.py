@@ -89,6 +89,10 @@ _FULL_CREDIT = 1.0 - 1e-9
 """An instance's ``stream_credit`` at which its next non-streaming request streams (1, less
 the rounding of adding a fraction such as 0.1 ten times)."""
 
+
+STOPPED = "control plane stopped"
+"""The reason of a request cancelled because the control plane stopped."""
+
 log = logging.getLogger("sage_llm.dispatcher")
 
 _FAILED = object()
@@ -591,7 +595,7 @@ class Dispatcher:
         cancellation goes on up: in the caller's task (``here``), one that was not the
         request's (:meth:`cancel`); the request's is taken back (``uncancel``)."""
         by_caller = (rec.cancel_requested or here) and not self._stopping
-        reason = "cancelled by the caller" if by_caller else "control plane stopped"
+        reason = "cancelled by the caller" if by_caller else STOPPED
         self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
         if not here:
             return False
@@ -749,7 +753,7 @@ class Dispatcher:
                 await stream.aclose()  # type: ignore[attr-defined]
             self._completed(rec, dstate, run.prefill_cost)
         except asyncio.CancelledError:
-            reason = "cancelled by the caller" if rec.cancel_requested else "control plane stopped"
+            reason = "cancelled by the caller" if rec.cancel_requested else STOPPED
             self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
                          extra_cost=run.prefill_cost)  # fmt: skip
         except EngineError as exc:
@@ -917,7 +921,7 @@ class Dispatcher:
         if rec.task is not None and not rec.task.done():
             rec.task.cancel()
             return True
-        reason = "control plane stopped" if self._stopping else "cancelled by the caller"
+        reason = STOPPED if self._stopping else "cancelled by the caller"
         state = None
         if rec.status is RequestStatus.RUNNING and rec.instance_id is not None:
             # a stream whose relay holds a batch (see stream_here): it ends now

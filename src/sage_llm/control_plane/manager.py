@@ -31,7 +31,7 @@ import aiohttp
 
 from sage_llm.config import check_instance
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
-from sage_llm.control_plane.dispatcher import Dispatcher, refusal_of
+from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
 from sage_llm.control_plane.intake import build_request, resolve_model
@@ -485,8 +485,8 @@ class ControlPlaneManager:
     async def stream(self, request: RequestMetadata) -> AsyncIterator[Chunk]:
         """Submit a request and yield its chunks as the engine produces them. Closing the
         iterator early cancels the request. A failure raises after the last chunk, and so
-        does a cancellation from elsewhere (:meth:`cancel_request`, :meth:`stop`:
-        :class:`RequestCancelledError`).
+        does a cancellation from elsewhere: :class:`RequestCancelledError` after
+        :meth:`cancel_request`, :class:`ControlPlaneNotRunningError` after :meth:`stop`.
 
         When nothing else is queued and the policy lets the request skip the queue
         (``fifo``, ``priority``, ``cost_optimized``), and it starts on an engine whose
@@ -599,15 +599,19 @@ class ControlPlaneManager:
     def _raise_failure(rec: RequestRecord, *, cancelled: bool = False) -> None:
         """At the end of a stream (or of :meth:`collect`): raise the request's failure, if
         it failed, and with ``cancelled`` :class:`RequestCancelledError` if it was
-        cancelled (by :meth:`cancel_request` or :meth:`stop`, not by its consumer, who
-        closed the stream): a stream cut short never ends as if it were whole."""
+        cancelled by :meth:`cancel_request` (:class:`ControlPlaneNotRunningError` by
+        :meth:`stop`; not when its consumer closed the stream): a stream cut short never
+        ends as if it were whole."""
         result = rec.result
         if result is None or result.status is RequestStatus.COMPLETED:
             return
         if result.status is RequestStatus.CANCELLED:
             if cancelled:
                 reason = result.error or "no reason given"
-                raise RequestCancelledError(f"request {rec.request_id!r} was cancelled: {reason}")
+                message = f"request {rec.request_id!r} was cancelled: {reason}"
+                if reason == STOPPED:
+                    raise ControlPlaneNotRunningError(message)
+                raise RequestCancelledError(message)
             return
         if isinstance(rec.exception, DeadlineExceededError):
             raise DeadlineExceededError(result.error or rec.exception.message)
