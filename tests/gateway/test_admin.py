@@ -93,14 +93,45 @@ async def test_list_add_and_duplicate_instances() -> None:
             },
             "max_concurrent_requests",
         ),
+        # as a config file's instance entry: JSON types, no coercion; the same rules
+        ({"instance_id": "x", "host": "h", "port": "80", "model_name": "m"}, "port"),
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "engine": "tgi"},
+            "engine",
+        ),
+        ({"instance_id": "x", "host": "h", "port": 70000, "model_name": "m"}, "port"),
+        (
+            {
+                "instance_id": "x",
+                "host": "h",
+                "port": 1,
+                "model_name": "m",
+                "tensor_parallel_size": 0,
+            },
+            "tensor_parallel_size",
+        ),
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "is_healthy": 1},
+            "is_healthy",
+        ),
     ],
 )
 async def test_bad_instance_specs_give_400(spec: dict[str, Any], param: str) -> None:
     async with serve(1) as gw, aiohttp.ClientSession() as http:
         async with http.post(gw.url("/admin/instances"), json=spec) as r:
             assert r.status == 400
-            assert (await _json(r))["error"]["param"] == param
+            error = (await _json(r))["error"]
+        assert (error["param"], error["type"]) == (param, "invalid_request_error"), error
         assert [i.instance_id for i in gw.manager.get_instances()] == ["sim-0"]
+
+
+async def test_an_address_in_use_is_409() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        (inst,) = gw.manager.get_instances()
+        spec = {"instance_id": "twin", "host": inst.host, "port": inst.port, "model_name": MODEL}
+        async with http.post(gw.url("/admin/instances"), json=spec) as r:
+            assert r.status == 409
+            assert "already instance 'sim-0'" in (await _json(r))["error"]["message"]
 
 
 async def test_unknown_instances_are_404() -> None:
@@ -149,6 +180,9 @@ async def test_removed_instance_finishes_in_flight_and_gets_no_new_requests() ->
             async with http.delete(gw.url(f"/admin/instances/{busy.instance_id}")) as r:
                 assert r.status == 200
                 assert (await _json(r))["removed"] is True
+            async with http.delete(gw.url(f"/admin/instances/{busy.instance_id}")) as r:
+                assert r.status == 409  # still finishing its request
+                assert "already being removed" in (await _json(r))["error"]["message"]
             for i in range(4):
                 async with http.post(
                     gw.url("/v1/completions"),
@@ -209,9 +243,14 @@ async def test_set_policy_errors() -> None:
         body = {"policy": "priority", "params": {"no_such_param": 1}}
         async with http.post(gw.url("/admin/set_policy"), json=body) as r:
             assert r.status == 400
+            error = (await _json(r))["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", "params.no_such_param")
         async with http.post(gw.url("/admin/set_policy"), json={"name": "fifo"}) as r:
             assert r.status == 400
         assert gw.manager.get_status()["scheduling_policy"] == "fifo"
+        async with http.post(gw.url("/admin/set_policy"), json={"policy": "Cost-Optimized"}) as r:
+            assert r.status == 200  # names as config files read them
+        assert gw.manager.get_status()["scheduling_policy"] == "cost_optimized"
 
 
 async def test_status_and_metrics_json() -> None:

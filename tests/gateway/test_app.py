@@ -152,6 +152,19 @@ async def test_unknown_fields_reach_the_engine_unchanged_and_sage_fields_do_not(
         assert req.max_tokens == 8
 
 
+async def test_max_completion_tokens_wins_over_max_tokens_on_the_engine_too() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        body = chat_body(max_tokens=50, max_completion_tokens=3, ignore_eos=True)
+        async with http.post(gw.url("/v1/chat/completions"), json=body) as resp:
+            assert resp.status == 200
+            usage = (await resp.json())["usage"]
+        assert 1 <= usage["completion_tokens"] <= 3
+        (req,) = gw.probes["sim-0"].requests
+        # the engine gets the one budget the control plane accounted, as max_tokens
+        assert req.max_tokens == 3
+        assert "max_tokens" not in req.extra and "max_completion_tokens" not in req.extra
+
+
 PRIORITY_CASES = [
     ({}, None, 2),
     ({}, "high", 1),
@@ -281,3 +294,14 @@ async def test_health_ready_and_metrics() -> None:
             assert r.status == 503
         async with http.get(gw.url("/ready")) as r:
             assert r.status == 503
+
+
+async def test_sampling_fields_the_client_left_out_are_left_to_the_engine() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as s:
+        for extra in ({}, {"temperature": 0.2, "top_p": 0.5}):
+            body = chat_body(**extra)
+            async with s.post(gw.url("/v1/chat/completions"), json=body) as r:
+                assert r.status == 200
+        unset, given = gw.probes["sim-0"].requests
+        assert (unset.temperature, unset.top_p) == (None, None)  # not sent to the engine
+        assert (given.temperature, given.top_p) == (0.2, 0.5)

@@ -63,10 +63,15 @@ async def test_bad_completion_fields_give_400_naming_the_field() -> None:
 BAD_CHATS: list[tuple[dict[str, object], str]] = [
     ({"messages": []}, "messages"),
     ({"messages": "hello"}, "messages"),
-    ({"messages": [{"content": "no role"}]}, "messages"),
+    ({"messages": [{"content": "no role"}]}, "messages[0].role"),
+    ({"messages": [{"role": "", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content[0]"),
     ({"messages": None}, "messages"),
     ({"logprobs": 3}, "logprobs"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_tokens": None, "max_completion_tokens": 9000}, "max_completion_tokens"),
+    ({"max_tokens": 8, "max_completion_tokens": 9000}, "max_completion_tokens"),
 ]
 
 
@@ -75,7 +80,10 @@ async def test_bad_chat_fields_give_400() -> None:
         for fields, param in BAD_CHATS:
             async with http.post(gw.url("/v1/chat/completions"), json=chat_body(**fields)) as r:
                 assert r.status == 400, fields
-                _assert_error(await r.json(), 400, param)
+                body = await r.json()
+                _assert_error(body, 400, param)
+                assert body["error"]["message"].startswith(f"{param}: ")
+        assert gw.probes["sim-0"].requests == []
 
 
 async def test_malformed_bodies_give_400() -> None:

@@ -144,3 +144,30 @@ def test_request_ids_are_fresh_random_hex_across_refills(monkeypatch: pytest.Mon
     assert all(int(rid, 16) >= 0 for rid in made)
     assert len(set(made)) == 600  # 3 reads of 4 KiB: 256 ids each, none repeated
     assert reads == [4096, 4096, 4096]
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_probes_ignore_an_invalid_request_id_and_generation_routes_refuse_it(
+    lean_server: bool,
+) -> None:
+    bad = "bad id with spaces"
+    async with (
+        serve(1, settings=GatewayConfig(lean_server=lean_server)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        for path in ("/health", "/ready", "/metrics"):
+            for rid in (bad, "x" * 129, "é"):
+                async with http.get(gw.url(path), headers={"x-request-id": rid}) as r:
+                    assert r.status == 200, (path, rid)
+                    fresh = r.headers["x-request-id"]
+                    assert len(fresh) == 32 and int(fresh, 16) >= 0
+            async with http.get(gw.url(path), headers={"x-request-id": "probe-1"}) as r:
+                assert r.status == 200 and r.headers["x-request-id"] == "probe-1"
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            async with http.post(
+                gw.url(path), json=completion_body(), headers={"x-request-id": bad}
+            ) as r:
+                assert r.status == 400
+                assert (await r.json())["error"]["param"] == "x-request-id"
+        async with http.get(gw.url("/v1/models"), headers={"x-request-id": bad}) as r:
+            assert r.status == 400

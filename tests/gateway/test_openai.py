@@ -49,10 +49,10 @@ def test_completion_fields_map_onto_request_metadata() -> None:
     assert (gen.chat, gen.stream, gen.include_usage, gen.timeout_s) == (False, False, False, 60.0)
 
 
-def test_defaults_are_left_to_the_manager() -> None:
+def test_defaults_are_left_to_the_manager_and_the_engine() -> None:
     meta = _parse({"model": MODEL, "prompt": "Hi"}).meta
-    assert meta.max_tokens is None
-    assert (meta.temperature, meta.top_p) == (1.0, 1.0)
+    assert meta.max_tokens is None  # the manager's default_max_tokens
+    assert (meta.temperature, meta.top_p) == (None, None)  # the engine's own defaults
     assert meta.stop is None
 
 
@@ -199,10 +199,11 @@ _VALUES = st.one_of(
 _MESSAGES = st.lists(
     st.dictionaries(
         st.sampled_from(["role", "content", "name", "tool_calls"]),
-        st.one_of(st.none(), st.text(max_size=3), st.integers(0, 2), st.lists(st.none())),
+        st.one_of(st.none(), st.text(max_size=3), st.integers(0, 2), st.lists(st.none()),
+                  st.sampled_from(["user", "assistant", "system", "tool", "wizard"])),
     ),
     max_size=3,
-)
+)  # fmt: skip
 _KEYS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stream",
          "user", "n", "stop", "seed", "logprobs", "priority", "max_completion_tokens",
          "mystery"]  # fmt: skip
@@ -254,3 +255,162 @@ def test_a_plain_body_and_the_schema_path_give_the_same_generation(chat: bool) -
     at = fast.meta.arrival_time
     assert replace(slow.meta, extra_body={}, arrival_time=at) == replace(fast.meta, extra_body={})
     assert replace(slow, meta=fast.meta) == fast
+
+
+# --- max_completion_tokens and chat messages ----------------------------------------------
+
+_HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"max_tokens": 50, "max_completion_tokens": 3}, 3),
+        ({"max_completion_tokens": 3, "max_tokens": 50}, 3),
+        ({"max_completion_tokens": 9}, 9),
+        ({"max_tokens": 50}, 50),
+        ({"max_tokens": 50, "max_completion_tokens": None}, 50),
+        # the field that is ignored is not held to the limit (512 here), as vLLM ignores it
+        ({"max_tokens": 9000, "max_completion_tokens": 5}, 5),
+    ],
+)
+def test_max_completion_tokens_wins_over_max_tokens_as_in_vllm(
+    fields: dict[str, Any], expected: int
+) -> None:
+    meta = _parse({"model": MODEL, "messages": _HI, **fields}, chat=True).meta
+    assert meta.max_tokens == expected
+    assert "max_tokens" not in meta.extra_body
+    assert "max_completion_tokens" not in meta.extra_body
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_completion_tokens": 513}, "max_completion_tokens"),
+        ({"max_tokens": 5, "max_completion_tokens": 513}, "max_completion_tokens"),
+        ({"max_tokens": 513}, "max_tokens"),
+    ],
+)
+def test_the_limit_error_names_the_field_that_counts(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        _parse({"model": MODEL, "messages": _HI, **fields}, chat=True)
+    assert err.value.param == param
+    assert err.value.message == f"{param}: 513 is above this gateway's limit of 512"
+
+
+_ROLES_ERROR = (
+    "must be a non-empty string ('system', 'developer', 'user', 'assistant', 'tool', 'function' …)"
+)
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "message"),
+    [
+        ([{"content": "no role"}], "messages[0].role", "messages[0].role: is required"),
+        ([{"role": "", "content": "x"}], "messages[0].role",
+         f"messages[0].role: {_ROLES_ERROR}"),
+        ([{"role": 5, "content": "x"}], "messages[0].role", f"messages[0].role: {_ROLES_ERROR}"),
+        ([{"role": "user", "content": 5}], "messages[0].content",
+         "messages[0].content: must be a string, a list of content parts (objects with a "
+         "'type') or, in an assistant message, null"),
+        ([{"role": "user", "content": {"type": "text"}}], "messages[0].content",
+         "messages[0].content: must be a string, a list of content parts (objects with a "
+         "'type') or, in an assistant message, null"),
+        ([{"role": "system", "content": "x"}, {"role": "user", "content": None}],
+         "messages[1].content",
+         "messages[1].content: must be a string, a list of content parts (objects with a "
+         "'type') or, in an assistant message, null"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}],
+         "messages[0].content[1]",
+         "messages[0].content[1]: must be an object with a string 'type'"),
+        ([{"role": "user", "content": [{"text": "a"}]}], "messages[0].content[0]",
+         "messages[0].content[0]: must be an object with a string 'type'"),
+        ([{"role": "user", "content": [{"type": 3, "text": "a"}]}], "messages[0].content[0]",
+         "messages[0].content[0]: must be an object with a string 'type'"),
+        ([{"role": "user", "content": "x", "name": 7}], "messages[0].name",
+         "messages[0].name: must be a string"),
+        ([_HI[0], "hello"], "messages[1]", "messages[1]: must be an object with a 'role'"),
+        ([_HI[0], None], "messages[1]", "messages[1]: must be an object with a 'role'"),
+        ([], "messages", "messages: must be a non-empty list of messages"),
+        ("hello", "messages", "messages: must be a non-empty list of messages"),
+    ],
+)  # fmt: skip
+def test_chat_message_errors_name_the_field_and_the_problem(
+    messages: Any, param: str, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        _parse({"model": MODEL, "messages": messages}, chat=True)
+    assert (err.value.param, err.value.message) == (param, message)
+
+
+def test_chat_message_shapes_that_vllm_accepts_are_accepted() -> None:
+    call = {"id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "system", "content": [{"type": "text", "text": "Be kind."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Look"},
+                                     {"type": "image_url", "image_url": {"url": "data:,"}}],
+         "name": "u"},
+        # vLLM's type-less part forms
+        {"role": "user", "content": [{"image_url": "data:,"}, {"audio_url": "data:,"},
+                                     {"video_url": "data:,"}, {"input_audio": {"data": ""}}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "assistant"},
+        {"role": "tool", "content": "42", "tool_call_id": "call-1"},
+        {"role": "function", "content": None, "name": "f"},
+        {"role": "user", "content": [], "custom": {"kept": True}},
+        {"role": "user", "content": "again", "name": None},
+        # custom roles (vLLM's CustomChatCompletionMessageParam): Llama 3.1's ipython, a
+        # chat template's own
+        {"role": "ipython", "content": "{\"result\": 42}"},
+        {"role": "wizard", "content": None},
+    ]  # fmt: skip
+    assert _parse({"model": MODEL, "messages": messages}, chat=True).meta.messages == messages
+
+
+_ROLE_VALUES = st.one_of(
+    st.sampled_from(["user", "assistant", "system", "tool", "developer", "function", "wizard"]),
+    st.none(),
+    st.integers(0, 2),
+    st.text(max_size=3),
+)
+_PARTS = st.lists(
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from(["type", "text", "image_url", "audio_url", "x"]),
+            st.one_of(st.none(), st.sampled_from(["text", "u"]), st.integers(0, 2)),
+        ),
+        st.text(max_size=2),
+        st.none(),
+    ),
+    max_size=3,
+)
+_CONTENT_VALUES = st.one_of(st.none(), st.text(max_size=3), st.integers(0, 2), _PARTS)
+_ONE_MESSAGE = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "role": _ROLE_VALUES,
+            "content": _CONTENT_VALUES,
+            "name": st.one_of(st.none(), st.text(max_size=2), st.integers(0, 2)),
+            "tool_calls": st.lists(st.none(), max_size=1),
+        },
+    ),
+    st.none(),
+    st.text(max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages=st.one_of(st.lists(_ONE_MESSAGE, max_size=3), _CONTENT_VALUES))
+def test_chat_messages_are_refused_exactly_when_the_schema_refuses_them(messages: Any) -> None:
+    body = {"model": MODEL, "messages": messages}
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError:
+        with pytest.raises(InvalidRequestError) as err:
+            _parse(body, chat=True)
+        assert err.value.param is not None and err.value.param.startswith("messages")
+        assert err.value.message.startswith(err.value.param + ": ")
+        return
+    assert _parse(body, chat=True).meta.messages == messages

@@ -45,11 +45,14 @@ async def test_start_gateway_leaves_a_caller_owned_manager_running() -> None:
         assert manager.is_running
 
 
-async def test_run_gateway_finishes_in_flight_requests_then_stops_the_manager() -> None:
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_run_gateway_finishes_in_flight_requests_then_stops_the_manager(
+    lean_server: bool,
+) -> None:
     manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
     port = _free_port()
     ready = asyncio.Event()
-    settings = GatewayConfig(port=port)
+    settings = GatewayConfig(port=port, lean_server=lean_server)
     server = asyncio.create_task(run_gateway(manager, settings, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
     running_when_ready = manager.is_running
@@ -137,3 +140,78 @@ async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
     assert events[-1] == "[DONE]"
     assert not manager.is_running
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+_MALFORMED_HEADS = {
+    "length-not-a-number": (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}",
+        "content-length",
+    ),
+    "negative-length": (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n{}",
+        "content-length",
+    ),
+    "two-lengths": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+        b"Content-Length: 3\r\n\r\n{}",
+        "content-length",
+    ),
+    "length-and-chunked": (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "transfer-encoding",
+    ),
+    "garbage-method": (
+        b"GARBAGE /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}",
+        None,
+    ),
+    "garbage-method-on-a-probe": (b"GARBAGE /health HTTP/1.1\r\nHost: t\r\n\r\n", None),
+    "bad-length-on-a-probe": (
+        b"GET /health HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n",
+        "content-length",
+    ),
+    "bad-version": (b"POST /v1/completions HTTP/9.9\r\nHost: t\r\n\r\n", None),
+    "not-http": (b"hello\r\n\r\n", None),
+    "long-header": (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        None,
+    ),
+}
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection; everything read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 5)  # until EOF: the server closed
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+@pytest.mark.parametrize("case", sorted(_MALFORMED_HEADS))
+async def test_a_malformed_request_head_gets_a_json_400_and_a_closed_connection(
+    case: str, lean_server: bool
+) -> None:
+    data, param = _MALFORMED_HEADS[case]
+    manager, _, _ = make_manager(1)
+    await manager.start()
+    runner, port = await start_gateway(manager, GatewayConfig(lean_server=lean_server))
+    try:
+        raw = await _exchange(port, data)
+    finally:
+        await runner.cleanup()
+        await manager.stop()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].split(" ", 2)[1] == "400", raw
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert headers["content-type"].startswith("application/json")
+    assert headers["connection"].lower() == "close"
+    assert len(headers["x-request-id"]) == 32
+    error = json.loads(body[: int(headers["content-length"])])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", 400, param)
+    assert error["message"].startswith("malformed HTTP request: ")
+    assert "b'" not in error["message"]  # the client's bytes are not echoed back

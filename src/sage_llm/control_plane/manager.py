@@ -396,8 +396,15 @@ class ControlPlaneManager:
         log.info("registered instance %s (%s)", instance.instance_id, instance.model_name)
 
     def unregister_instance(self, instance_id: str) -> None:
-        """Remove an instance: it gets no new requests; requests in flight finish first."""
+        """Remove an instance: it gets no new requests; requests in flight finish first.
+        Raises :class:`InstanceNotFoundError` for an unknown id and :class:`ConflictError`
+        for an instance already being removed (its requests in flight still running)."""
         state = self._registry.get(instance_id)
+        if state.removed:
+            raise ConflictError(
+                f"instance {instance_id!r} is already being removed: its {state.in_flight} "
+                "request(s) in flight finish first"
+            )
         state.removed = True
         self._update_prefix_tracking()
         self._prefix.remove_instance(instance_id)

@@ -4,10 +4,12 @@ Access is checked by :func:`sage_llm.gateway.auth.check_admin` (admin token, or 
 clients only when none is configured). Routes:
 
 * ``GET /admin/instances`` — registered instances with their live state
-* ``POST /admin/instances`` — register one (ExecutionInstance fields; 409 on a duplicate id)
+* ``POST /admin/instances`` — register one (ExecutionInstance fields, checked as a config
+  file's instance entry; 409 on an id or an address in use)
 * ``POST /admin/instances/{id}/drain`` — ``{"drain": true|false}`` (default true): stop or
   resume sending it new requests; in-flight ones finish
 * ``DELETE /admin/instances/{id}`` — remove it: no new requests, in-flight ones finish
+  (409 while a removal is still waiting for them)
 * ``POST /admin/set_policy`` — ``{"policy": NAME, "params": {...}}``
 * ``GET /admin/status`` — ``manager.get_status()`` plus per-instance metrics
 * ``GET /admin/metrics`` — ``manager.get_metrics()`` as JSON plus per-instance metrics
@@ -15,9 +17,12 @@ clients only when none is configured). Routes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
+import typing
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +30,7 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.errors import InstanceNotFoundError, InvalidRequestError
+from sage_llm.errors import ConfigError, ConflictError, InstanceNotFoundError, InvalidRequestError
 from sage_llm.gateway.openai import read_json, validate, validation_error
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
@@ -61,6 +66,48 @@ def instance_json(instance: ExecutionInstance) -> dict[str, Any]:
     return out
 
 
+_EXPECTED: dict[tuple[type, ...], str] = {
+    (int,): "an integer", (int, float): "a number", (bool,): "true or false", (str,): "a string",
+}  # fmt: skip
+
+
+def _scalar_kinds() -> dict[str, tuple[type, ...]]:
+    """The JSON types each scalar ExecutionInstance field takes (None aside)."""
+    kinds: dict[str, tuple[type, ...]] = {}
+    for name, hint in typing.get_type_hints(ExecutionInstance).items():
+        args = set(typing.get_args(hint)) - {type(None)} or {hint}
+        for allowed in _EXPECTED:
+            if args <= set(allowed):
+                kinds[name] = allowed
+                break
+    return kinds
+
+
+def _no_coercion(body: dict[str, Any]) -> None:
+    """Numbers, flags and strings as JSON types, as a config file needs them (``"80"`` is
+    not a port, ``1`` not a flag): 400 naming the field."""
+    kinds = _scalar_kinds()
+    for key, value in body.items():
+        allowed = kinds.get(key)
+        if allowed is None or value is None:
+            continue
+        if isinstance(value, bool) != (allowed == (bool,)) or not isinstance(value, allowed):
+            raise InvalidRequestError(
+                f"{key}: must be {_EXPECTED[allowed]}, not {value!r}", param=key
+            )
+
+
+@contextlib.contextmanager
+def _as_request_error(prefix: str | None = None) -> Iterator[None]:
+    """A :class:`ConfigError` raised for a request's value as the 400 it is over HTTP
+    (``invalid_request_error``, ``param`` the field, under ``prefix`` when given)."""
+    try:
+        yield
+    except ConfigError as exc:
+        param = exc.key if prefix is None or exc.key is None else f"{prefix}.{exc.key}"
+        raise InvalidRequestError(str(exc), param=param) from None
+
+
 class AdminRoutes:
     """Handlers of the admin API, bound to one manager."""
 
@@ -86,6 +133,7 @@ class AdminRoutes:
                 f"{unknown[0]}: not an ExecutionInstance field", param=unknown[0]
             )
         validate(InstanceSpec, body)
+        _no_coercion(body)
         fields = dict(body)
         if fields.get("instance_type") is not None:
             try:
@@ -101,7 +149,15 @@ class AdminRoutes:
 
     async def add_instance(self, request: web.Request) -> web.Response:
         instance = self.parse_instance(await read_json(request))
-        self.manager.register_instance(instance)
+        address = (instance.host, instance.port)
+        for other in self.manager.get_instances():
+            if (other.host, other.port) == address:
+                raise ConflictError(
+                    f"{instance.host}:{instance.port} is already instance "
+                    f"{other.instance_id!r}'s address"
+                )
+        with _as_request_error():
+            self.manager.register_instance(instance)  # checked as a config file's entry
         return web.json_response(self._instance_entry(instance), status=201)
 
     def _known(self, instance_id: str) -> None:
@@ -120,13 +176,13 @@ class AdminRoutes:
 
     async def remove_instance(self, request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
-        self._known(instance_id)
-        self.manager.unregister_instance(instance_id)
+        self.manager.unregister_instance(instance_id)  # 404 unknown, 409 being removed
         return web.json_response({"instance_id": instance_id, "removed": True})
 
     async def set_policy(self, request: web.Request) -> web.Response:
         req = validate(SetPolicyRequest, await read_json(request))
-        self.manager.update_policy(req.policy, req.params)
+        with _as_request_error("params"):
+            self.manager.update_policy(req.policy, req.params)
         status = self.manager.get_status()
         return web.json_response(
             {

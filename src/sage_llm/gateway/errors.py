@@ -8,12 +8,16 @@
   same JSON shape;
 * any other exception into a 500 whose body does not leak internals (the traceback is
   logged with the request id).
+
+What fails before the app sees it (a request aiohttp cannot parse) gets the same shape from
+:func:`protocol_error_body` (see :mod:`sage_llm.gateway.server`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from aiohttp import web
@@ -90,6 +94,31 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     body = error_body(message, _HTTP_TYPES.get(status, "internal_error"), status)
     return web.json_response(body, status=status, headers=headers)
+
+
+_QUOTED_HEADER = re.compile(r"""b['"]([!#$%&'*+.^_`|~0-9A-Za-z-]+):""")
+"""The name of the header line aiohttp's parser quotes in its message (``b'Content-Length:
+abc'``)."""
+
+
+def protocol_error_body(status: int, message: str | None) -> Any:
+    """The error body for a request aiohttp answered without the app: ``status`` 400 for a
+    head it could not parse (``message`` is the parser's, which quotes the client's bytes:
+    only its reason is kept, and ``param`` is the header it quotes, lower-cased, if any); 500
+    for a failure outside the app."""
+    if status >= 500:
+        return error_body("internal server error", "internal_error", status)
+    text = message or ""
+    found = _QUOTED_HEADER.search(text)
+    text = text.split("\n\n", 1)[0].split(": b'", 1)[0].split(': b"', 1)[0]
+    lines = (line.strip().rstrip(":").rstrip() for line in text.splitlines())
+    reason = ": ".join(line for line in lines if line) or "it could not be parsed"
+    return error_body(
+        f"malformed HTTP request: {reason}",
+        _HTTP_TYPES.get(status, "invalid_request_error"),
+        status,
+        found.group(1).lower() if found else None,
+    )
 
 
 def internal_error_response() -> web.Response:

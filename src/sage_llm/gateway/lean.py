@@ -39,7 +39,7 @@ from sage_llm.writebatch import WriteBatch
 log = logging.getLogger("sage_llm.gateway")
 
 _MAX_HEAD = 16 * 1024
-"""Heads longer than this go to aiohttp (which answers 431 beyond its own limit)."""
+"""Heads longer than this go to aiohttp (which answers 400 beyond its own limits)."""
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 

@@ -1,10 +1,11 @@
 """Request ids, structured access logs, CORS and optional OpenTelemetry tracing.
 
 :func:`observe_middleware` is the outermost middleware of the app: it honours (or makes)
-the ``x-request-id``, echoes it on the response, answers CORS preflights for configured
-origins, wraps the request in a tracing span when tracing is on, and writes one access-log
-line per request (logger ``sage_llm.gateway.access``) with the request id, method, path,
-status, latency and model — never keys or prompts.
+the ``x-request-id`` (an invalid one is a 400, except on the probes ``/health``, ``/ready``
+and ``/metrics``, which get a fresh id), echoes it on the response, answers CORS preflights
+for configured origins, wraps the request in a tracing span when tracing is on, and writes
+one access-log line per request (logger ``sage_llm.gateway.access``) with the request id,
+method, path, status, latency and model — never keys or prompts.
 
 Tracing uses ``opentelemetry-api`` only if it is importable and tracing is enabled;
 otherwise it is a no-op (the package is not a dependency).
@@ -40,6 +41,9 @@ log = logging.getLogger("sage_llm.gateway")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+"""Routes that ignore an invalid ``x-request-id`` (they get a fresh id) instead of answering
+400: a load balancer's probe or a scrape must not fail on it."""
 _CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, X-Sage-Priority, X-Sage-Slo-Ms, X-Session-Id"
 )
@@ -171,6 +175,8 @@ def _observe(
         given = request.headers.get(REQUEST_ID_HEADER, "").strip()
         valid = valid_request_id(given)
         rid = given if given and valid else new_request_id()
+        if not valid and request.path in PROBE_PATHS:
+            valid = True  # a probe is answered, under the fresh id
         cors = _cors_origin(request, origins) if origins else None
         headers = _response_headers(rid, cors)
         request[REQUEST_ID_KEY] = rid

@@ -39,6 +39,7 @@ from sage_llm.gateway.schemas import (
     CompletionRequest,
     EmbeddingRequest,
     GenerationFields,
+    message_problem,
 )
 from sage_llm.gateway.settings import ResolvedGateway
 from sage_llm.tokens import chat_prompt_text, count_tokens
@@ -60,7 +61,7 @@ CONSUMED_FIELDS = frozenset(
 
 _TYPE_HINTS = {
     "prompt": "must be a string, a list with one string, or a list of token ids",
-    "messages": "must be a non-empty list of messages, each with a string 'role'",
+    "messages": "must be a non-empty list of messages",
     "stop": "must be a string or a list of strings",
     "stream": "must be a boolean",
     "priority": "must be a priority name or an integer 0-4",
@@ -103,6 +104,22 @@ def validate(cls: type[M], body: Mapping[str, Any]) -> M:
     try:
         return cls.model_validate(body)
     except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validate_chat(body: Mapping[str, Any]) -> ChatCompletionRequest:
+    """``body`` as a :class:`ChatCompletionRequest`; a bad message is named precisely
+    (``param`` ``messages[1].role``, ``messages[0].content[2]`` …)."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        loc = exc.errors()[0].get("loc", ())
+        if len(loc) > 1 and loc[0] == "messages" and type(messages := body["messages"]) is list:
+            for index, message in enumerate(messages):
+                problem = message_problem(message)
+                if problem is not None:
+                    param = f"messages[{index}]{problem[0]}"
+                    raise InvalidRequestError(f"{param}: {problem[1]}", param=param) from None
         raise validation_error(exc) from None
 
 
@@ -152,7 +169,6 @@ _PLAIN_CHAT = frozenset(
 )
 _DECLARED_COMPLETION = frozenset(CompletionRequest.model_fields)
 _DECLARED_CHAT = frozenset(ChatCompletionRequest.model_fields)
-_PLAIN_MESSAGE = frozenset({"role", "content", "name"})
 
 
 def _plain_number(value: object, low: float, high: float, *, low_open: bool = False) -> bool:
@@ -173,8 +189,8 @@ def _plain_body(
     validates (every error message comes from there).
 
     Plain: besides fields the schema does not declare (passed through unchanged), only
-    ``model``, ``prompt`` (a string; completions) or ``messages`` (dicts with a string
-    ``role`` and string or null ``content`` and ``name``; chat), ``max_tokens``,
+    ``model``, ``prompt`` (a string; completions) or ``messages`` (a non-empty list of valid
+    messages, :func:`~sage_llm.gateway.schemas.message_problem`; chat), ``max_tokens``,
     ``temperature``, ``top_p``, ``stream`` and ``user``, with plain JSON types. Returns
     (model, prompt or messages, max_tokens, temperature, top_p, stream, user)."""
     plain = _PLAIN_CHAT if chat else _PLAIN_COMPLETION
@@ -191,7 +207,7 @@ def _plain_body(
         if type(text) is not list or not text:
             return None
         for message in text:
-            if type(message) is not dict or not _plain_message(message):
+            if message_problem(message) is not None:
                 return None
     else:
         text = get("prompt")
@@ -213,17 +229,6 @@ def _plain_body(
     return model, text, max_tokens, temperature, top_p, bool(stream), user
 
 
-def _plain_message(message: dict[str, Any]) -> bool:
-    role = message.get("role")
-    if type(role) is not str or not role:
-        return False
-    for key in ("content", "name"):
-        value = message.get(key)
-        if value is not None and type(value) is not str:
-            return False
-    return True
-
-
 def parse_generation(
     body: Mapping[str, Any],
     headers: Mapping[str, str],
@@ -236,6 +241,7 @@ def parse_generation(
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None
+    max_tokens_param = "max_tokens"
     stop: str | list[str] | None = None
     priority_field: int | str | None = None
     slo_ms: float | None = None
@@ -250,9 +256,14 @@ def parse_generation(
     else:
         fields: GenerationFields
         if chat:
-            chat_req = validate(ChatCompletionRequest, body)
+            chat_req = validate_chat(body)
             fields, messages = chat_req, list(body["messages"])
-            max_tokens = chat_req.max_tokens or chat_req.max_completion_tokens
+            # max_completion_tokens, the newer name, wins (as in vLLM and OpenAI); the engine
+            # gets the one that counts as max_tokens, which the control plane accounts
+            max_tokens = chat_req.max_tokens
+            if chat_req.max_completion_tokens is not None:
+                max_tokens = chat_req.max_completion_tokens
+                max_tokens_param = "max_completion_tokens"
         else:
             comp_req = validate(CompletionRequest, body)
             fields, prompt = comp_req, _single_prompt(comp_req.prompt)
@@ -266,8 +277,8 @@ def parse_generation(
     limit = settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
         raise InvalidRequestError(
-            f"max_tokens: {max_tokens} is above this gateway's limit of {limit}",
-            param="max_tokens",
+            f"{max_tokens_param}: {max_tokens} is above this gateway's limit of {limit}",
+            param=max_tokens_param,
         )
     prompt_limit = settings.max_prompt_tokens
     if prompt_limit is not None:
@@ -294,8 +305,8 @@ def parse_generation(
         messages=messages,
         model_name=model,
         max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
+        temperature=temperature,  # None: the engine's default
+        top_p=top_p,
         stop=[stop] if isinstance(stop, str) else stop,
         priority=priority,
         slo_deadline_ms=slo_ms,

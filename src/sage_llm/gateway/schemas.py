@@ -7,9 +7,9 @@ document the API (``/openapi.json``); responses are built as plain dicts.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _REQUEST = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="allow")
@@ -60,13 +60,103 @@ class CompletionRequest(GenerationFields):
     suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
-    """One chat message; extra fields (``tool_calls`` …) pass through."""
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
+"""The roles of OpenAI's chat messages. Others pass too, as vLLM takes them (its custom
+roles: ``ipython`` in Llama 3.1's tool use, a chat template's own)."""
+CONTENT_REQUIRED_ROLES = frozenset({"system", "developer", "user", "tool"})
+"""Roles whose ``content`` may not be null (an assistant message with ``tool_calls`` has
+none, and so may a custom role's)."""
+TYPELESS_PART_KEYS = ("image_url", "audio_url", "video_url", "input_audio")
+"""The fields of vLLM's content parts without a ``type`` (``{"image_url": "…"}``)."""
+
+_ROLE_DETAIL = "must be a non-empty string (" + ", ".join(repr(r) for r in CHAT_ROLES) + " …)"
+_CONTENT_DETAIL = (
+    "must be a string, a list of content parts (objects with a 'type') or, in an assistant "
+    "message, null"
+)
+_PART_DETAIL = "must be an object with a string 'type'"
+
+
+def is_content_part(part: object) -> bool:
+    """Whether ``part`` is a content part: an object with a string ``type``, or one of vLLM's
+    type-less forms (an object with one of :data:`TYPELESS_PART_KEYS`, not null)."""
+    if type(part) is not dict:
+        return False
+    kind = part.get("type")
+    if kind is None:
+        return any(part.get(key) is not None for key in TYPELESS_PART_KEYS)
+    return type(kind) is str
+
+
+def message_problem(message: object) -> tuple[str, str] | None:
+    """What is wrong with one chat message (as parsed from JSON), the first thing found:
+    ``(where, detail)``, ``where`` being ``""`` (the message itself), ``".role"``,
+    ``".content"``, ``".content[i]"`` or ``".name"``; None for a valid message.
+
+    Valid: an object with a ``role``, a non-empty string (:data:`CHAT_ROLES`, or a custom
+    role as vLLM takes them); ``content`` a string, a list of content parts
+    (:func:`is_content_part`), left out, or null except in the roles of
+    :data:`CONTENT_REQUIRED_ROLES`; ``name`` a string or null; any other field
+    (``tool_calls`` …) as it is. This is the rule :class:`ChatMessage` validates with."""
+    if type(message) is not dict:
+        return "", "must be an object with a 'role'"
+    role = message.get("role")
+    if type(role) is not str or not role:
+        return ".role", "is required" if "role" not in message else _ROLE_DETAIL
+    content = message.get("content")
+    if type(content) is str:
+        pass
+    elif content is None:
+        if role in CONTENT_REQUIRED_ROLES and "content" in message:
+            return ".content", _CONTENT_DETAIL
+    elif type(content) is list:
+        for index, part in enumerate(content):
+            if not is_content_part(part):
+                return f".content[{index}]", _PART_DETAIL
+    else:
+        return ".content", _CONTENT_DETAIL
+    name = message.get("name")
+    if name is not None and type(name) is not str:
+        return ".name", "must be a string"
+    return None
+
+
+class ContentPart(BaseModel):
+    """One part of a message's ``content`` (``{"type": "text", "text": …}``,
+    ``{"type": "image_url", "image_url": …}`` …): an object with a string ``type``, or one of
+    vLLM's type-less forms ``{"image_url": …}``, ``{"audio_url": …}``, ``{"video_url": …}``,
+    ``{"input_audio": …}``. Its fields pass through."""
 
     model_config = _REQUEST
-    role: str = Field(min_length=1)
-    content: str | list[dict[str, Any]] | None = None
+    type: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed(cls, data: Any) -> Any:
+        if not is_content_part(data):
+            raise ValueError(_PART_DETAIL)
+        return data
+
+
+class ChatMessage(BaseModel):
+    """One chat message (see :func:`message_problem`); extra fields (``tool_calls``,
+    ``tool_call_id`` …) pass through. ``content`` may be null (or left out) in an assistant
+    message with ``tool_calls``."""
+
+    model_config = _REQUEST
+    role: str
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid(cls, data: Any) -> Any:
+        problem = message_problem(data)
+        if problem is not None:
+            where, detail = problem
+            raise ValueError(f"{where.lstrip('.') or 'message'}: {detail}")
+        return data
 
 
 class ChatCompletionRequest(GenerationFields):

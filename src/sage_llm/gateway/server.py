@@ -5,7 +5,11 @@ Both bind 127.0.0.1 by default and cancel a request's handler when its client di
 (so the request is cancelled in the manager and the engine call aborted). The listening
 socket belongs to the lean server (:mod:`sage_llm.gateway.lean`), which serves the two
 generation routes itself and hands every other connection to the aiohttp app; with
-``gateway.lean_server = false``, or with tracing on, aiohttp's ``TCPSite`` serves all.
+``gateway.lean_server = false``, or with tracing on, aiohttp's protocol serves all.
+
+aiohttp answers what it cannot parse (a malformed request head) without the app and its
+middlewares; its connection handlers here (:func:`json_error_protocols`) give those
+answers the gateway's JSON error body too, and close the connection.
 """
 
 from __future__ import annotations
@@ -13,21 +17,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.app import MANAGER_KEY, SETTINGS_KEY, create_app
+from sage_llm.gateway.errors import protocol_error_body
 from sage_llm.gateway.lean import LeanServer
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
+from sage_llm.gateway.observe import REQUEST_ID_HEADER, new_request_id
 from sage_llm.gateway.settings import GatewaySettings
-from sage_llm.httpserve import new_runner, start_site
+from sage_llm.httpserve import new_runner
 
 log = logging.getLogger("sage_llm.gateway")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class _JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering what fails outside the app (a request head it
+    cannot parse: 400; an error outside the middlewares: 500) with the gateway's JSON error
+    body, a fresh ``X-Request-Id`` and ``Connection: close``, instead of ``text/plain``."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own: logs, and raises when a response has already started
+        super().handle_error(request, status, exc, message)
+        resp = web.json_response(
+            protocol_error_body(status, message),
+            status=status,
+            headers={REQUEST_ID_HEADER: new_request_id(), "Connection": "close"},
+        )
+        resp.force_close()  # the request's framing is unknown: nothing after it can be read
+        return resp
+
+
+def json_error_protocols(server: web.Server) -> Callable[[], web.RequestHandler]:
+    """A protocol factory like aiohttp's ``server`` (its handlers, set up as ``server``
+    sets them up) whose handlers answer failures outside the app with JSON errors."""
+
+    def protocol() -> web.RequestHandler:
+        handler = server()
+        # the same object layout (no slots added): only handle_error differs
+        handler.__class__ = _JsonErrorRequestHandler
+        return handler
+
+    return protocol
 
 
 class GatewaySite:
@@ -66,23 +110,23 @@ async def serve_app(
     """Serve a gateway ``app`` (made by :func:`~sage_llm.gateway.app.create_app`) on
     ``host:port``; the site and the bound port (``port=0`` picks a free one)."""
     settings = app[SETTINGS_KEY]
-    if not settings.lean_server or settings.tracing:
-        runner, bound = await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
-        return GatewaySite(runner, shutdown_timeout_s=shutdown_timeout_s), bound
     runner = new_runner(app, shutdown_timeout_s=shutdown_timeout_s)
     await runner.setup()
     try:
-        fallback = runner.server
-        assert fallback is not None
-        lean = LeanServer(
-            LeanRoutes(app[MANAGER_KEY], settings),
-            fallback,
-            routes=LEAN_ROUTES,
-            max_body_bytes=settings.max_body_bytes,
-            cors=bool(settings.cors_origins),
-        )
+        assert runner.server is not None
+        fallback = json_error_protocols(runner.server)
+        lean: LeanServer | None = None
+        protocol: Callable[[], asyncio.Protocol] = fallback
+        if settings.lean_server and not settings.tracing:
+            protocol = lean = LeanServer(
+                LeanRoutes(app[MANAGER_KEY], settings),
+                fallback,
+                routes=LEAN_ROUTES,
+                max_body_bytes=settings.max_body_bytes,
+                cors=bool(settings.cors_origins),
+            )
         server = await asyncio.get_running_loop().create_server(
-            lean, host, port, reuse_address=True, backlog=1024
+            protocol, host, port, reuse_address=True, backlog=1024
         )
     except BaseException:
         await runner.cleanup()
