@@ -115,7 +115,9 @@ async def test_unknown_model_is_404_and_unknown_route_is_json() -> None:
             gw.url("/v1/completions"), json=completion_body() | {"model": "x"}
         ) as r:
             assert r.status == 404
-            _assert_error(await r.json(), 404)
+            body = await r.json()
+            _assert_error(body, 404)
+            assert body["error"]["param"] == "model"
         async with http.get(gw.url("/v1/nothing-here")) as r:
             assert r.status == 404
             assert r.content_type == "application/json"

@@ -35,6 +35,22 @@ async def test_full_queue_is_429_with_retry_after_through_the_gateway() -> None:
     assert all(ra is not None and int(ra) >= 1 for s, ra in answers if s == 429)
 
 
+async def test_an_infeasible_deadline_is_429_without_retry_after_and_counted_as_such() -> None:
+    async with (
+        serve(1, reject_infeasible_slo=True) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        body = completion_body(max_tokens=500, slo_deadline_ms=1)
+        async with http.post(gw.url("/v1/completions"), json=body) as r:
+            assert r.status == 429
+            assert (await r.json())["error"]["type"] == "slo_infeasible"
+            assert "Retry-After" not in r.headers  # it would be as infeasible later
+        async with http.get(gw.url("/metrics")) as r:
+            text = await r.text()
+        assert 'sage_llm_requests_rejected_total{model="' in text
+        assert 'reason="slo_infeasible"' in text
+
+
 def _manager(**kwargs: object) -> ControlPlaneManager:
     cp = ControlPlaneManager(mode="simulated", enable_pd_separation=False, **kwargs)  # type: ignore[arg-type]
     for inst in make_instances(1, max_concurrent_requests=2):

@@ -20,13 +20,13 @@ def resolve_model(meta: RequestMetadata, models: Set[str]) -> str:
         if meta.model_name not in models:
             served = ", ".join(sorted(models)) or "none"
             raise ModelNotFoundError(
-                f"no instance serves model {meta.model_name!r} (served: {served})"
+                f"no instance serves model {meta.model_name!r} (served: {served})", param="model"
             )
         return meta.model_name
     if len(models) == 1:
         return next(iter(models))
     if not models:
-        raise ModelNotFoundError("no instance is registered")
+        raise ModelNotFoundError("no instance is registered", param="model")
     raise InvalidRequestError(
         "model_name is required when several models are served", param="model_name"
     )

@@ -871,13 +871,16 @@ class ControlPlaneManager:
             if verdict.admitted:
                 verdict = policy.admit(info, snap)
         if not verdict.admitted:
-            self._metrics.on_rejected("queue_full" if queued >= self.max_queue_size else "policy",
-                                      model)  # fmt: skip
+            reason = verdict.reason
             if queued >= self.max_queue_size:
-                raise QueueFullError(verdict.reason, retry_after_s=verdict.retry_after_s)
-            if "slo" in verdict.reason.lower() or "deadline" in verdict.reason.lower():
-                raise SLOInfeasibleError(verdict.reason, retry_after_s=verdict.retry_after_s)
-            raise AdmissionError(verdict.reason, retry_after_s=verdict.retry_after_s)
+                self._metrics.on_rejected("queue_full", model)
+                raise QueueFullError(reason, retry_after_s=verdict.retry_after_s)
+            if "slo" in reason.lower() or "deadline" in reason.lower():
+                self._metrics.on_rejected("slo_infeasible", model)
+                # no retry hint: the same deadline is as infeasible a second later
+                raise SLOInfeasibleError(reason, retry_after_s=None)
+            self._metrics.on_rejected("policy", model)
+            raise AdmissionError(reason, retry_after_s=verdict.retry_after_s)
         if verdict.priority is not None:
             info = replace(info, priority=verdict.priority)
         loop = asyncio.get_running_loop()

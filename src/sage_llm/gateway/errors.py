@@ -23,7 +23,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sage_llm.errors import AdmissionError, AuthenticationError, SageLLMError
+from sage_llm.errors import (
+    AdmissionError,
+    AuthenticationError,
+    SageLLMError,
+    SLOInfeasibleError,
+)
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -65,10 +70,11 @@ def retry_after_header(seconds: float | None) -> str:
 
 
 def sage_error_headers(exc: SageLLMError) -> dict[str, str]:
-    """The headers an error's response carries: ``Retry-After`` on admission refusals,
-    ``WWW-Authenticate`` on 401."""
+    """The headers an error's response carries: ``Retry-After`` on admission refusals
+    (not on an infeasible deadline), ``WWW-Authenticate`` on 401."""
     headers: dict[str, str] = {}
-    if isinstance(exc, AdmissionError):
+    if isinstance(exc, AdmissionError) and not isinstance(exc, SLOInfeasibleError):
+        # an infeasible deadline is as infeasible later: no Retry-After invites a retry
         headers["Retry-After"] = retry_after_header(exc.retry_after_s)
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
