@@ -1231,3 +1231,25 @@ def test_a_request_cut_off_at_its_deadline_counts_as_an_slo_miss() -> None:
         assert metrics.slo_violations == 1
 
     run_virtual(main())
+
+
+def test_topology_aware_routes_a_sessions_next_turn_close_to_its_previous_instance() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", routing_strategy="topology_aware", scheduling_policy="fifo", seed=1
+        )
+        for i, machine in enumerate(("m0", "m0", "m1", "m1")):
+            cp.register_instance(make_instance(f"sim-{i}", port=8000 + i, machine_id=machine))
+        async with cp:
+            turns = [
+                await cp.generate(make_metadata(f"t{i}", max_tokens=4, session_id="S1"))
+                for i in range(8)
+            ]
+            other = await cp.generate(make_metadata("x", max_tokens=4, session_id="S2"))
+        machines = {"sim-0": "m0", "sim-1": "m0", "sim-2": "m1", "sim-3": "m1"}
+        first = turns[0].instance_id
+        assert first is not None and other.status is RequestStatus.COMPLETED
+        # after the first turn, every turn stays on the first one's machine
+        assert {machines[t.instance_id or ""] for t in turns} == {machines[first]}
+
+    run_virtual(main())

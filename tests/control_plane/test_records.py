@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from sage_llm.control_plane.records import STREAM_END, ChunkChannel
+from sage_llm.control_plane.records import STREAM_END, ChunkChannel, LastInstances
 from sage_llm.engines.base import Chunk
 from sage_llm.sim.clock import run_virtual
 
@@ -38,3 +38,13 @@ def test_a_cancelled_take_leaves_the_channel_usable() -> None:
         assert await channel.take() == [Chunk(text="x")]
 
     run_virtual(main())
+
+
+def test_last_instances_keep_the_latest_of_the_most_recently_served_sessions() -> None:
+    last = LastInstances(capacity=2)
+    last.note("a", "i0")
+    last.note("b", "i1")
+    last.note("a", "i2")  # a is the most recent now
+    last.note("c", "i3")  # b, the least recently served, goes
+    assert (last.get("a"), last.get("b"), last.get("c")) == ("i2", None, "i3")
+    assert len(last) == 2

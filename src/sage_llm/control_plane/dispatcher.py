@@ -56,7 +56,12 @@ from sage_llm.control_plane.pd.orchestrator import (
     uses_pd,
     with_pd_assignment,
 )
-from sage_llm.control_plane.records import STREAM_END, FinishedRecords, RequestRecord
+from sage_llm.control_plane.records import (
+    STREAM_END,
+    FinishedRecords,
+    LastInstances,
+    RequestRecord,
+)
 from sage_llm.control_plane.routing.base import Router, route_id
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.scheduling._queue import (
@@ -168,6 +173,7 @@ class Dispatcher:
         seed: int | None = None,
         stream_sample: float = 0.0,
         stream_sample_gap_s: float = 0.0,
+        last_instances: LastInstances | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -180,6 +186,8 @@ class Dispatcher:
         self.metrics = metrics
         self.prefix_index = prefix_index
         self.finished = finished
+        self.last_instances = last_instances
+        """Where each session's completed requests ran (None: not kept)."""
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.records: dict[str, RequestRecord] = {}
@@ -1006,6 +1014,9 @@ class Dispatcher:
         self.records.pop(rec.request_id, None)
         self.finished.add(result, now)
         if state is not None and status is RequestStatus.COMPLETED:
+            last, key = self.last_instances, info.session_id or info.user_id
+            if last is not None and key is not None:
+                last.note(key, state.instance_id)
             state.completed += 1
             state.tokens_generated += rec.completion_tokens
             state.record_latency(result.e2e_latency_ms)

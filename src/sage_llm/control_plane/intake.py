@@ -51,10 +51,11 @@ def build_request(
     stream: bool,
     default_max_tokens: int,
     block_size: int | None,
+    previous_instance_id: str | None = None,
 ) -> tuple[RequestInfo, EngineRequest]:
     """Validate ``meta`` and build the scheduling view and the engine request of it; the
     prompt's block hashes with ``block_size`` tokens a block (None: no hashes, only the
-    prompt's length)."""
+    prompt's length); ``previous_instance_id`` the instance that served its session last."""
     if meta.messages is not None:
         if not isinstance(meta.messages, list) or not meta.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
@@ -94,7 +95,7 @@ def build_request(
         meta.cost_budget,
         hashes,
         meta.preferred_instance_id,
-        None,  # previous_instance_id
+        previous_instance_id,
         _NO_EXCLUSIONS,
         0,  # attempt
         dict(meta.tags),

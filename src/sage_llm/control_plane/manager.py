@@ -38,7 +38,13 @@ from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.pd.orchestrator import PD_ROLES
-from sage_llm.control_plane.records import ChunkChannel, FinishedRecords, RequestRecord, StreamEnd
+from sage_llm.control_plane.records import (
+    ChunkChannel,
+    FinishedRecords,
+    LastInstances,
+    RequestRecord,
+    StreamEnd,
+)
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router, get_strategy
@@ -213,6 +219,7 @@ class ControlPlaneManager:
         self._health: HealthMonitor | None = None
         self._prefix = PrefixIndex(capacity_blocks=prefix_index_capacity)
         self._finished = FinishedRecords(result_retention, result_ttl_s)
+        self._last_instances = LastInstances()
         policy = build_policy(scheduling_policy, self._policy_params)
         router = build_router(routing_strategy, routing_params, seed=seed)
         self._dispatcher: Dispatcher | None = None
@@ -273,6 +280,7 @@ class ControlPlaneManager:
             metrics=self._metrics,
             prefix_index=self._prefix,
             finished=self._finished,
+            last_instances=self._last_instances,
             max_retries=self._max_retries,
             on_instance_idle=self._on_instance_idle,
             pd=self._pd,
@@ -840,6 +848,7 @@ class ControlPlaneManager:
             model = named
         else:  # no model named, or one nobody serves: the answer or the error
             model = resolve_model(meta, registry.models())
+        session = meta.session_id or meta.user_id
         info, engine_req = build_request(
             meta,
             model,
@@ -847,6 +856,7 @@ class ControlPlaneManager:
             stream=stream or self.engine_stream == "always",
             default_max_tokens=self.default_max_tokens,
             block_size=self.prefix_block_size if self._tracks_prefixes else None,
+            previous_instance_id=None if session is None else self._last_instances.get(session),
         )
         now = info.arrival
         policy = dispatcher.policy

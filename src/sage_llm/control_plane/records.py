@@ -135,3 +135,29 @@ class FinishedRecords:
             if now - self._items[first_key][0] <= self._ttl_s:
                 break
             del self._items[first_key]
+
+
+class LastInstances:
+    """The instance that last completed a request of each session (``session_id``, else
+    ``user_id``): the previous instance of a session's next request, which
+    ``topology_aware`` routes close to. At most ``capacity`` sessions, the least recently
+    served forgotten first."""
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._items: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> str | None:
+        return self._items.get(key)
+
+    def note(self, key: str, instance_id: str) -> None:
+        items = self._items
+        items[key] = instance_id
+        items.move_to_end(key)
+        if len(items) > self._capacity:
+            items.popitem(last=False)
