@@ -90,6 +90,8 @@ def test_only_instance_errors_count_against_health() -> None:
     assert counts_against_health(EngineConnectionError("refused"))
     assert counts_against_health(EngineError("boom", status=503))
     assert not counts_against_health(EngineError("bad request", status=400))
+    for status in (401, 403, 404):  # wrong credentials, model or engine on the instance
+        assert counts_against_health(EngineError("misconfigured", status=status))
 
 
 def _manager(plan: FaultPlan, n: int = 2, **kwargs: object) -> ControlPlaneManager:

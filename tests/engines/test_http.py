@@ -532,7 +532,8 @@ async def test_embed_posts_inputs_and_returns_json(
 
 
 @pytest.mark.parametrize(
-    ("status", "retryable"), [(500, True), (503, True), (429, True), (404, False), (401, False)]
+    ("status", "retryable"),
+    [(500, True), (503, True), (429, True), (404, True), (401, True), (403, True), (409, False)],
 )
 async def test_http_status_errors(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, retryable: bool

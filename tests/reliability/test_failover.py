@@ -182,3 +182,35 @@ def test_cancel_aborts_the_engine_request() -> None:
         assert res is not None and res.status is RequestStatus.CANCELLED
 
     run_virtual(main())
+
+
+async def test_an_instance_serving_another_model_is_retried_around_and_ejected() -> None:
+    """A registered instance whose engine answers 404 (it serves another model: a wrong
+    ``model_name`` in the config) fails no request: each is retried on another instance,
+    and the instance is ejected as a failing one would be."""
+    from sage_llm.sim.server import start_engine_server
+
+    servers = []
+    for name in (MODEL, "another-model"):
+        engine = make_sim_engine(make_instances(1, metadata={"sim_speed": 50.0})[0])
+        servers.append(await start_engine_server(engine, model_name=name, shutdown_timeout=1.0))
+    try:
+        cp = ControlPlaneManager(
+            mode="http", scheduling_policy="fifo", routing_strategy="round_robin",
+            enable_pd_separation=False, health=_HEALTH, max_retries=2, seed=0,
+        )  # fmt: skip
+        for i, (_, port) in enumerate(servers):
+            cp.register_instance(ExecutionInstance(f"e{i}", "127.0.0.1", port, MODEL))
+        async with cp:
+            results = [
+                await cp.generate(RequestMetadata(request_id=f"r{i}", prompt="hi", max_tokens=4))
+                for i in range(6)
+            ]
+            circuit = cp.get_status()["circuits"]["e1"]
+        assert all(r.status is RequestStatus.COMPLETED for r in results), results
+        assert {r.instance_id for r in results} == {"e0"}
+        assert any(r.attempts == 2 for r in results)  # sent to e1 first, then retried
+        assert circuit == "open"
+    finally:
+        for runner, _ in servers:
+            await runner.cleanup()

@@ -195,10 +195,18 @@ class HealthSettings:
         )
 
 
+INSTANCE_FAULT_STATUSES = frozenset({401, 403, 404})
+"""Engine answers that are the instance's fault, not the request's: it refuses the
+credentials it was registered with (401, 403), or does not serve the model or the route
+the control plane sends it requests for (404: a wrong ``model_name`` or engine)."""
+
+
 def counts_against_health(exc: EngineError) -> bool:
     """Whether an engine error says something about the instance (not the request): no
-    HTTP status (connection, timeout, broken stream) or a 5xx."""
-    return exc.status is None or exc.status >= 500
+    HTTP status (connection, timeout, broken stream), a 5xx, or one of
+    :data:`INSTANCE_FAULT_STATUSES`."""
+    status = exc.status
+    return status is None or status >= 500 or status in INSTANCE_FAULT_STATUSES
 
 
 class HealthMonitor:

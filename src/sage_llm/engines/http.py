@@ -121,7 +121,10 @@ _REJECTED = frozenset({400, 413, 422})
 
 
 def _retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
+    """Whether another instance may take a request this answer failed: overload, the
+    instance's own fault (5xx; 401, 403, 404: its credentials, model or engine are not
+    what it was registered with); not a refusal of the request itself."""
+    return status in (401, 403, 404, 408, 429) or status >= 500
 
 
 def _header_safe(value: str) -> bool:
