@@ -881,3 +881,10 @@ def test_a_default_max_tokens_above_the_gateways_limit_is_refused() -> None:
     assert "20000 is above gateway.max_tokens_limit (100)" in err.message
     fine = text.replace("20000", "100")
     assert parse_config(fine).control_plane.default_max_tokens == 100
+
+
+def test_every_missing_secret_is_reported_at_once() -> None:
+    text = '[gateway]\napi_keys_env = "KEYS"\nadmin_token_env = "ADMIN"\n'
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={})
+    assert [e.key for e in info.value.errors] == ["gateway.api_keys_env", "gateway.admin_token_env"]

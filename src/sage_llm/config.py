@@ -470,25 +470,26 @@ def _gateway_secrets(
 ) -> GatewayConfig | None:
     keys = list(gw.api_keys)
     token = gw.admin_token
+    ok = True  # every problem is reported, then None if there was one
     if gw.api_keys_env is not None:
         raw = _env_secret(gw.api_keys_env, (*path, "api_keys_env"), env, p)
-        if raw is None:
-            return None
-        from_env = [k.strip() for k in raw.split(",") if k.strip()]
-        if not from_env:
+        from_env = [] if raw is None else [k.strip() for k in raw.split(",") if k.strip()]
+        if raw is not None and not from_env:
             p.add(
                 (*path, "api_keys_env"),
                 f"environment variable {gw.api_keys_env} holds no API key (only commas and spaces)",
             )
-            return None
+        ok = bool(from_env)
         keys += from_env
     if gw.admin_token_env is not None:
         if gw.admin_token is not None:
             p.add((*path, "admin_token_env"), "set admin_token or admin_token_env, not both")
-            return None
-        token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
-        if token is None:
-            return None
+            ok = False
+        else:
+            token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
+            ok = ok and token is not None
+    if not ok:
+        return None
     return dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
 
 
