@@ -162,8 +162,6 @@ def test_multi_node_plans_place_instances_on_each_node() -> None:
 def test_sixteen_gpus_without_topology_are_two_nodes_of_eight() -> None:
     p = plan("llama-3-70b", 16, "h100", CHAT, SLO, allow_pd=False)
     assert "16 GPUs taken as 2 nodes of 8." in p.explanation
-    with pytest.raises(ConfigError, match="do not fill nodes of 8"):
-        plan("llama-3-70b", 12, "h100", CHAT, SLO)
 
 
 # -- EP, PD, ranking -----------------------------------------------------------------------------
@@ -220,7 +218,7 @@ def test_estimates_at_the_workload_rate() -> None:
     over = plan("llama-3-70b", 8, "h100", CHAT.with_rate(100.0), SLO)
     assert not over.estimates.meets_slo
     assert over.estimates.goodput_rps == pytest.approx(over.estimates.capacity_rps)
-    assert "no plan meets the SLO at 100 req/s" in over.explanation
+    assert "No plan meets the SLO at 100 req/s" in over.explanation
 
 
 def test_higher_load_means_longer_latencies() -> None:
@@ -315,7 +313,7 @@ def test_plan_command_renders_the_explanation() -> None:
     assert out.startswith("Plan for Llama-3-70B on 8 × H100 (80 GiB each)")
     assert "SLO: TTFT p90 ≤ 2.00 s, TPOT p90 ≤ 50 ms" in out
     assert "Chosen: 2 × TP4 (8 of 8 GPUs)" in out
-    assert "Top alternatives" in out and "Rejected (1):" in out
+    assert "Top alternatives" in out and "Rejected (4):" in out
 
 
 def test_plan_command_json_and_topology_file() -> None:
@@ -336,3 +334,206 @@ def test_plan_command_errors_are_clear() -> None:
         plan_command(model="gpt-9")
     with pytest.raises(ConfigError, match="cannot read topology file"):
         plan_command(topology_file="/nonexistent/topo.txt")
+
+
+# -- review regressions ----------------------------------------------------------------------------
+
+DOCS = Path(__file__).parent.parent.parent / "docs"
+
+
+def test_a_plain_count_above_eight_is_nodes_of_eight() -> None:
+    alloc, _ = parse_gpus("16xH100")
+    assert (alloc.nodes, alloc.gpus_per_node, alloc.total) == (2, 8, 16)
+    nine, _ = parse_gpus("9xH100")
+    assert (nine.nodes, nine.node_sizes, nine.total) == (2, (8, 1), 9)
+    data = json.loads(plan_command("llama-3-70b", "16xH100", as_json=True, allow_pd=False))
+    assert {i["node"] for i in data["instances"]} == {0, 1}
+    assert max(g for i in data["instances"] for g in i["gpu_ids"]) == 7
+    text = plan_command("llama-3-70b", "16xH100", allow_pd=False)
+    assert "16 GPUs taken as 2 nodes of 8." in text
+    assert "assuming the 8 GPUs of each node are NVLink-connected" in text
+    p = plan("llama-3-8b", 9, "h100", CHAT, SLO, allow_pd=False)
+    assert "9 GPUs taken as 2 nodes: 8 + 1." in p.explanation
+    assert "9-GPU" not in p.explanation and "the 9 GPUs" not in p.explanation
+    assert p.candidate.label == "9 × TP1"
+    assert [(i.node, i.gpu_ids) for i in p.instances][-2:] == [(0, (7,)), (1, (0,))]
+    assert all(c.shape.gpus <= 8 for c, _ in every_plan(p))
+    assert find(p, "1 × TP8")[0].node == 0
+
+
+def test_a_plain_count_that_does_not_fill_nodes_leaves_the_last_one_partial() -> None:
+    p = plan("llama-3-70b", 12, "h100", CHAT, SLO, allow_pd=False)
+    assert "12 GPUs taken as 2 nodes: 8 + 4." in p.explanation
+    assert find(p, "3 × TP4")[-1].node == 1
+    assert find(p, "1 × TP8")[0].node == 0
+
+
+def test_a_plain_count_with_a_topology_is_nodes_of_its_size() -> None:
+    out = plan_command("llama-3-8b", "6xA100", topology_file=A100_PCIE, allow_pd=False)
+    assert "6 GPUs taken as 2 nodes: 4 + 2." in out
+    assert "The last node uses GPUs 0,1 of this topology." in out
+    p = plan("llama-3-8b", 6, "a100", CHAT, SLO, topo(A100_PCIE), allow_pd=False)
+    placed = [(i.node, i.gpu_ids, i.link_gbps) for i in find(p, "3 × TP2")]
+    assert placed == [(0, (0, 1), 300), (1, (0, 1), 300), (0, (2, 3), 15)]  # NVLink pairs first
+
+
+def test_the_pd_split_window_keeps_the_best_split_of_every_shape_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sage_llm.control_plane import parallelism
+
+    def best_per_pair(p: Plan) -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        for cand, est in [(p.candidate, p.estimates)] + [
+            (a.candidate, a.estimates) for a in p.alternatives
+        ]:
+            if cand.decode_shape is not None:
+                key = (cand.shape.label, cand.decode_shape.label)
+                out[key] = max(out.get(key, 0.0), est.capacity_rps)
+        return out
+
+    long = WorkloadProfile(prompt_mean=2000, output_mean=150)
+    slo = SLOTarget(ttft_s=1.5, tpot_s=0.06)
+    windowed = plan("llama-3-8b", 32, "l40s", long, slo)
+    monkeypatch.setattr(parallelism, "PD_SPLITS", 10**6)
+    exhaustive = plan("llama-3-8b", 32, "l40s", long, slo)
+    assert len(windowed.alternatives) < len(exhaustive.alternatives)
+    assert best_per_pair(windowed) == best_per_pair(exhaustive)
+    assert windowed.candidate == exhaustive.candidate
+
+
+def test_one_gpu_is_not_described_as_an_nvlink_node() -> None:
+    p = plan("llama-3-8b", 1, "h100", CHAT, SLO)
+    assert "the 1 GPUs" not in p.explanation
+    assert "No topology given: one GPU per node, so no GPU-to-GPU traffic." in p.explanation
+
+
+def test_planning_stays_bounded_as_the_gpu_count_grows() -> None:
+    import time
+
+    sizes = {}
+    for gpus in (64, 1024):
+        start = time.perf_counter()
+        p = plan("llama-3-8b", gpus, "h100", CHAT, SLO)
+        took = time.perf_counter() - start
+        sizes[gpus] = len(p.alternatives) + len(p.rejected)
+        assert p.estimates.gpus_used == gpus
+    assert took < 15  # seconds for 1024 GPUs, with room for a loaded machine
+    assert sizes[1024] <= sizes[64] + 4
+
+
+@pytest.mark.parametrize("gpus", ["4097xH100", "513x8xH100", "1000000xH100", "9" * 5000 + "xH100"])
+def test_absurd_gpu_counts_are_refused(gpus: str) -> None:
+    with pytest.raises(ConfigError, match=r"^gpus: at most 4096 GPUs can be planned") as info:
+        plan_command(gpus=gpus)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="at most 4096 GPUs"):
+        plan("llama-3-8b", 5000, "h100", CHAT, SLO)
+    assert "4096 GPUs" in (DOCS / "deployment.md").read_text()
+
+
+@pytest.mark.parametrize("rate", [25.0, 100.0, 1e9])
+def test_a_rate_above_capacity_is_reported_plainly_and_consistently(rate: float) -> None:
+    p = plan("llama-3-70b", 8, "h100", CHAT.with_rate(rate), SLO)
+    text = p.explanation
+    for bad in ("inf", "∞", "999%", "1000000000.00", "nan"):
+        assert bad not in text, bad
+    assert not p.estimates.meets_slo
+    top = max([p.estimates.capacity_rps] + [a.estimates.capacity_rps for a in p.alternatives])
+    assert (
+        f"No plan meets the SLO at {rate:g} req/s: the highest goodput capacity found is "
+        f"{top:.2f} req/s" in text
+    )
+    # Shown at its own capacity, the chosen plan is a sane operating point.
+    est = p.estimates
+    assert est.rate_rps == pytest.approx(est.capacity_rps)
+    assert est.batch_per_instance <= 256 and est.kv_usage <= 1
+    assert math.isfinite(est.ttft_s) and math.isfinite(est.tpot_s)
+    # One rule for every candidate: a plan that misses the rate because its KV cache runs out
+    # first is rejected; every listed plan that misses the rate is capped by something else.
+    for a in [*p.alternatives]:
+        assert a.estimates.meets_slo or "KV" not in a.estimates.limit, a.candidate.label
+        assert a.estimates.capacity_rps > 0
+    kv_rejected = [r for _, r in p.rejected if r.startswith("KV cache")]
+    assert kv_rejected
+    assert all("GiB" in r and "inf" not in r for r in kv_rejected)
+
+
+def test_below_capacity_the_kv_rule_is_unchanged() -> None:
+    p = plan("llama-3-70b", 8, "h100", CHAT.with_rate(5.0), SLO)
+    assert "No plan meets" not in p.explanation
+    assert "at the workload's 5.00 req/s" in p.explanation
+
+
+def test_plans_that_serve_nothing_are_rejected() -> None:
+    p = plan("llama-3-70b", 3, "h100", CHAT, SLO)
+    assert all(a.estimates.capacity_rps > 0 for a in p.alternatives)
+    reasons = {c.label: r for c, r in p.rejected}
+    assert reasons["1 × TP1·PP2"].startswith("serves nothing under the SLO: ")
+    assert "0.00 req/s" not in p.explanation
+    big = plan("qwen2.5-72b", 8, "l40s", CHAT, SLO)
+    assert all(a.estimates.capacity_rps > 0 for a in big.alternatives)
+    assert "0.00 req/s" not in big.explanation
+    with pytest.raises(ConfigError, match=r"no feasible plan.*serves nothing under the SLO"):
+        plan("llama-3-70b", 8, "h100", CHAT, SLOTarget(ttft_s=0.001, tpot_s=0.05))
+
+
+def test_the_planner_uses_the_fitted_cpu_tiny_profile() -> None:
+    from sage_llm.sim.factory import fitted_profile
+
+    profile = fitted_profile("cpu", "tiny")
+    assert profile is not None
+    b0, _, b2 = profile.betas_us
+    short = WorkloadProfile(prompt_mean=128, output_mean=64)
+    p = plan("tiny", 2, "cpu", short, SLOTarget(ttft_s=1.0, tpot_s=0.1))
+    assert p.candidate.label == "2 × TP1"
+    assert all(i.tp == 1 and i.pp == 1 for _, insts in every_plan(p) for i in insts)
+    reasons = {c.label: r for c, r in p.rejected}
+    assert "fitted cpu × tiny profile was measured on one device" in reasons["1 × TP2"]
+    est = p.estimates
+    assert est.batch_per_instance + 2 * math.sqrt(est.batch_per_instance) <= 32  # its max_num_seqs
+    # A decode step of B sequences is the fitted β0 + β2·B, as in engine-sim.
+    assert est.tpot_s >= (b0 + b2 * est.batch_per_instance) * 1e-6 * 0.99
+    assert est.capacity_rps < 20  # the roofline cpu spec claimed ~150 req/s
+    assert "Fitted profile of cpu × tiny" in p.explanation
+    with pytest.raises(ConfigError, match="max_model_len 512"):
+        plan("tiny", 2, "cpu", CHAT, SLOTarget(ttft_s=1.0, tpot_s=0.1))
+
+
+def test_every_limit_the_planner_names_is_documented() -> None:
+    from sage_llm.control_plane import parallelism_eval as pe
+
+    doc = (DOCS / "deployment.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `goodput capacity`"))
+    for limit in ("TTFT", "TPOT", "KV cache", pe._SEQS, pe._PREFILL, pe._SATURATED):
+        assert f"`{limit.split(' (')[0]}`" in row, limit
+
+
+def test_redundancy_wording_depends_on_the_instance_counts() -> None:
+    from sage_llm.control_plane.parallelism import PlanEstimates, _why_lost
+
+    def est(cap: float) -> PlanEstimates:
+        return PlanEstimates(cap, "TPOT", cap, 0.1, 0.04, cap, True, 10.0, 0.2, 8)
+
+    four = Candidate("colocated", InstanceShape(2), 4)
+    three = Candidate("colocated", InstanceShape(2), 3)
+    one = Candidate("colocated", InstanceShape(8), 1)
+    assert "no redundancy" not in _why_lost(three, est(10.1), four, est(10.0))
+    assert "3 instances instead of 4" in _why_lost(three, est(10.1), four, est(10.0))
+    assert "no redundancy" in _why_lost(one, est(10.1), four, est(10.0))
+    assert "1 instance instead of 4" in _why_lost(one, est(10.1), four, est(10.0))
+
+
+def test_an_unparsable_topology_file_names_the_option(tmp_path: Path) -> None:
+    bad = tmp_path / "passwd"
+    bad.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(ConfigError, match=r"^topology: .*not an `nvidia-smi topo -m` matrix"):
+        plan_command(topology_file=bad)
+
+
+def test_a_topology_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "topo.txt"
+    bad.write_bytes(b"\xffGPU0\n")
+    with pytest.raises(ConfigError) as info:
+        plan_command(topology_file=bad)
+    assert str(info.value) == f"topology: {bad}: not UTF-8 text (byte 0xff at offset 0)"

@@ -655,3 +655,40 @@ def test_assign_rejects_bad_gpu_lists(
 ) -> None:
     with pytest.raises(ConfigError, match=needle):
         assign_instance_topology(topo(H200), groups, machine)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (
+            {"gpus": [{"index": 0}, {"index": 1}], "links": [["X", "NV12"], ["SYS", "X"]]},
+            "not symmetric with X on the diagonal at GPU0/GPU1: NV12 vs SYS",
+        ),
+        ({"gpus": [{"index": 0}], "links": [["NV12"]]}, "X on the diagonal at GPU0/GPU0: NV12"),
+        (
+            {"gpus": [{"index": 0}, {"index": 1}], "links": [["X", "X"], ["X", "X"]]},
+            "X on the diagonal at GPU0/GPU1",
+        ),
+        ({"gpus": ["0", "1"], "links": [["X"]]}, r"gpus\[0\] must be an object, got '0'"),
+        ({"gpus": {"index": 0}, "links": [["X"]]}, "gpus must be a list of objects"),
+        ({"gpus": [{"index": 0}], "links": "X"}, "links must be a list of rows"),
+        ({"gpus": [{"index": 0}], "links": [["X"]], "nics": ["NIC0"]}, r"nics\[0\] must be"),
+        ({"gpus": [{"index": 0}], "links": [["X"]], "numa_nodes": [0]}, "numa_nodes must be"),
+    ],
+)
+def test_from_dict_rejects_malformed_matrices_clearly(data: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        Topology.from_dict(data)
+    assert info.value.key == "topology"
+    assert str(info.value).startswith("topology: invalid topology: ")
+    assert "string indices" not in str(info.value)
+
+
+def test_the_constructor_and_the_parser_share_the_matrix_check() -> None:
+    gpus = (GPUInfo(0), GPUInfo(1))
+    asym = ((Link(LinkType.SELF), Link(LinkType.NV, 12)), (Link(LinkType.SYS), Link(LinkType.SELF)))
+    with pytest.raises(ValueError, match="not symmetric with X on the diagonal at GPU0/GPU1"):
+        Topology(gpus=gpus, links=asym)
+    raw = "\tGPU0\tGPU1\nGPU0\t X \tNV12\nGPU1\tSYS\t X \n"
+    with pytest.raises(ConfigError, match="not symmetric with X on the diagonal at GPU0/GPU1"):
+        parse_nvidia_smi_topo(raw)

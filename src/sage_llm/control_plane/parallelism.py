@@ -3,11 +3,15 @@
 :func:`plan` enumerates instance shapes (TP × PP, × EP for MoE models; DP = how many
 instances) as colocated fleets and as prefill/decode (PD) splits, rejects those that cannot
 work (with the reason: attention heads not divisible by TP, weights or the KV cache of the
-needed concurrency not fitting ``memory × gpu_memory_utilization``), places every instance's
-GPUs (inside an NVLink domain when one fits, :meth:`Topology.best_group`), estimates TTFT,
-TPOT and goodput capacity with the simulator's roofline cost model and a queueing
-approximation (:mod:`sage_llm.control_plane.parallelism_eval`), and picks the plan with the
-highest goodput capacity under the SLO, explaining why it beat the alternatives::
+needed concurrency not fitting ``memory × gpu_memory_utilization``, a goodput capacity of 0),
+places every instance's GPUs (inside an NVLink domain when one fits,
+:meth:`Topology.best_group`), estimates TTFT, TPOT and goodput capacity with the simulator's
+cost model (roofline, or a packaged fitted profile) and a queueing approximation
+(:mod:`sage_llm.control_plane.parallelism_eval`), and picks the plan with the highest goodput
+capacity under the SLO, explaining why it beat the alternatives. Instances of one role, shape
+and link are estimated once, placement works per node, and PD splits far from the balanced
+one are skipped, so planning grows about linearly with the GPU count (at most
+:data:`MAX_PLAN_GPUS`)::
 
     p = plan("llama-3-70b", 8, "h100", WorkloadProfile(1024, 256, rate=10), SLOTarget(2, 0.05))
     print(p.explanation)
@@ -25,10 +29,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sage_llm.control_plane.parallelism_eval import (
     DEFAULT_NODE_GPUS,
+    MAX_PLAN_GPUS,
     EngineLimits,
     GPUAllocation,
     InstanceShape,
@@ -38,6 +43,7 @@ from sage_llm.control_plane.parallelism_eval import (
     WorkloadProfile,
     capacity,
     parse_duration,
+    parse_gpu_text,
     parse_gpus,
 )
 from sage_llm.control_plane.topology import Topology, parse_nvidia_smi_topo
@@ -45,7 +51,11 @@ from sage_llm.errors import ConfigError
 from sage_llm.sim.specs import GPUSpec, ModelSpec, resolve_gpu, resolve_model
 from sage_llm.types import ExecutionInstanceType
 
+if TYPE_CHECKING:
+    from sage_llm.bench.fidelity import FittedProfile
+
 __all__ = [
+    "MAX_PLAN_GPUS",
     "Alternative",
     "Candidate",
     "EngineLimits",
@@ -66,6 +76,9 @@ TIE_TOLERANCE = 0.02
 """Plans whose capacity estimates are this close count as equal; more instances then win."""
 NETWORK_GBPS = 25.0
 """KV hand-off bandwidth assumed between nodes (InfiniBand-class), GB/s."""
+PD_SPLITS = 8
+"""PD splits tried per prefill/decode shape pair: all of them up to this many, else this many
+around the balanced one."""
 GENERAL, PREFILL, DECODE = (
     ExecutionInstanceType.GENERAL,
     ExecutionInstanceType.PREFILLING,
@@ -125,8 +138,9 @@ class PlannedInstance:
 
 @dataclass(frozen=True)
 class PlanEstimates:
-    """Estimates for one candidate. Latencies at ``rate_rps`` (the workload's rate, or the
-    plan's own capacity when the workload gave none); ``limit`` is what caps the capacity."""
+    """Estimates for one candidate. Latencies at ``rate_rps``: the workload's rate when the
+    plan meets the SLO there, else (or without a rate) the plan's own capacity; ``meets_slo``
+    says whether it meets the workload's rate. ``limit`` is what caps the capacity."""
 
     capacity_rps: float
     limit: str
@@ -192,7 +206,7 @@ class Plan:
         }
 
 
-# -- the planner ----------------------------------------------------------------------------
+# -- placement ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -201,6 +215,8 @@ class _Node:
     ids: tuple[int, ...]
     topology: Topology | None
     nvlink_all: bool
+    kind: int = 0
+    """Nodes of one kind are identical (same GPUs, topology and links)."""
 
 
 def _sub_topology(topo: Topology, keep: Sequence[int]) -> Topology:
@@ -228,31 +244,106 @@ def _group_link(node: _Node, group: tuple[int, ...], gpu: GPUSpec) -> tuple[bool
     return False, min(weakest, gpu.pcie_gbps)
 
 
-def _place(
-    sizes: tuple[int, ...], nodes: Sequence[_Node], gpu: GPUSpec
-) -> list[tuple[int, tuple[int, ...], float]] | None:
-    """Node, GPUs and link for groups of ``sizes`` (placed largest first; NVLink domains
-    preferred), in the order given; None when they do not fit."""
-    free = {n.index: list(n.ids) for n in nodes}
-    out: dict[int, tuple[int, tuple[int, ...], float]] = {}
-    for k in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
-        size, options = sizes[k], []
-        for node in nodes:
-            if len(free[node.index]) < size:
-                continue
-            if node.topology is not None:
-                sub = _sub_topology(node.topology, free[node.index])
-                group = sub.best_group(size) or ()
-            else:
-                group = tuple(sorted(free[node.index])[:size])
-            inside, link = _group_link(node, group, gpu)
-            options.append((not inside, node.index, group, link))
-        if not options:
-            return None
-        _, where, group, link = min(options, key=lambda o: (o[0], o[1]))
-        free[where] = [g for g in free[where] if g not in group]
-        out[k] = (where, tuple(sorted(group)), link)
-    return [out[k] for k in range(len(sizes))]
+_Step = tuple[tuple[int, ...], float, tuple[int, ...]]
+"""One group placed on a node: its GPUs, its link and the node's free GPUs after it."""
+_Placed = tuple[int, tuple[int, ...], float]
+"""Where one instance went: node, GPUs, link."""
+
+
+@dataclass
+class _Placer:
+    """Places instances largest first, each on the best group of free GPUs
+    (:meth:`Topology.best_group`) of the lowest-numbered node where one fits inside an NVLink
+    domain, else of the lowest-numbered node where one fits at all.
+
+    Nodes of one kind with the same free GPUs behave the same, so what a node takes is
+    worked out once per (kind, free GPUs, size) and a fleet is placed in time linear in its
+    instances and nodes."""
+
+    nodes: Sequence[_Node]
+    gpu: GPUSpec
+    _fills: dict[tuple[int, tuple[int, ...], int, bool], list[_Step]] = field(default_factory=dict)
+    _placed: dict[tuple[tuple[int, int], ...], list[_Placed] | None] = field(default_factory=dict)
+
+    def _fill(self, node: _Node, free: tuple[int, ...], size: int, inside: bool) -> list[_Step]:
+        """The groups of ``size`` a node with ``free`` GPUs takes one after another (only
+        NVLink-inside ones when ``inside``)."""
+        key = (node.kind, free, size, inside)
+        steps = self._fills.get(key)
+        if steps is None:
+            steps, left = [], free
+            while len(left) >= size:
+                if node.topology is not None:
+                    group = _sub_topology(node.topology, left).best_group(size) or ()
+                else:
+                    group = left[:size]
+                within, link = _group_link(node, group, self.gpu)
+                if inside and not within:
+                    break
+                left = tuple(g for g in left if g not in group)
+                steps.append((tuple(sorted(group)), link, left))
+            self._fills[key] = steps
+        return steps
+
+    def place(self, runs: tuple[tuple[int, int], ...]) -> list[_Placed] | None:
+        """Node, GPUs and link of each instance of ``runs`` (``(size, count)`` in order), or
+        None when they do not fit."""
+        if runs in self._placed:
+            return self._placed[runs]
+        starts = [sum(c for _, c in runs[:k]) for k in range(len(runs))]
+        out: list[_Placed | None] = [None] * sum(c for _, c in runs)
+        free = [n.ids for n in self.nodes]
+        result: list[_Placed] | None = None
+        for size in sorted({s for s, _ in runs}, reverse=True):
+            ks = [k for (s, c), a in zip(runs, starts, strict=True) if s == size
+                  for k in range(a, a + c)]  # fmt: skip
+            pos = 0
+            for inside in (True, False):
+                for node in self.nodes:
+                    if pos == len(ks):
+                        break
+                    taken = self._fill(node, free[node.index], size, inside)[: len(ks) - pos]
+                    for group, link, _ in taken:
+                        out[ks[pos]] = (node.index, group, link)
+                        pos += 1
+                    if taken:
+                        free[node.index] = taken[-1][2]
+            if pos < len(ks):
+                break
+        else:
+            result = [o for o in out if o is not None]
+        self._placed[runs] = result
+        return result
+
+
+# -- the planner ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """One candidate at one rate: the worst latencies over its instances."""
+
+    rate: float
+    ttft_s: float
+    tpot_s: float
+    meets: bool
+    batch: float
+    kv_usage: float
+    states: list[tuple[ShapeEval, RoleState]]
+
+
+@dataclass
+class _Scored:
+    cand: Candidate
+    insts: list[PlannedInstance]
+    est: PlanEstimates
+    at_rate: _Outcome | None
+    """At the workload's rate (None without one)."""
+    lone: _Outcome | None
+    """At a trickle of requests, for a plan with capacity 0 (None otherwise)."""
+
+
+_Group = tuple[ExecutionInstanceType, InstanceShape, float]
 
 
 @dataclass
@@ -264,26 +355,33 @@ class _Planner:
     slo: SLOTarget
     nodes: list[_Node]
     limits: EngineLimits
+    profile: FittedProfile | None = None
     evals: dict[tuple[InstanceShape, float], ShapeEval] = field(default_factory=dict)
-    caps: dict[tuple[InstanceShape, float, str], tuple[float, str]] = field(default_factory=dict)
-    places: dict[tuple[int, ...], list[tuple[int, tuple[int, ...], float]] | None] = field(
-        default_factory=dict
-    )
+    caps: dict[tuple[_Group, float], tuple[float, str]] = field(default_factory=dict)
+    placer: _Placer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.placer = _Placer(self.nodes, self.gpu)
 
     def shape_eval(self, shape: InstanceShape, link: float) -> ShapeEval:
         key = (shape, round(link, 3))
         if key not in self.evals:
+            profile = self.profile if shape == InstanceShape(1) else None
             self.evals[key] = ShapeEval(
-                self.model, self.gpu, shape.tp, shape.pp, shape.ep, link, self.workload, self.limits
-            )
+                self.model, self.gpu, shape.tp, shape.pp, shape.ep, link, self.workload,
+                self.limits, profile,
+            )  # fmt: skip
         return self.evals[key]
 
-    def kv_link(self, instances: Sequence[PlannedInstance]) -> float:
-        if len({i.node for i in instances}) > 1:
-            return NETWORK_GBPS
-        node = self.nodes[instances[0].node]
-        group = tuple(sorted({g for i in instances for g in i.gpu_ids}))
-        return _group_link(node, group, self.gpu)[1]
+    def structural_problem(self, shape: InstanceShape) -> str | None:
+        problem = _structural_problem(self.model, shape)
+        if problem is None and self.profile is not None and shape != InstanceShape(1):
+            p = self.profile
+            problem = (
+                f"the fitted {p.gpu} × {p.model} profile was measured on one device (TP1 PP1) "
+                "and the roofline estimate for other shapes is not comparable with it"
+            )
+        return problem
 
     def state(
         self, ev: ShapeEval, role: ExecutionInstanceType, rate: float, kv_s: float
@@ -296,71 +394,126 @@ class _Planner:
             return ev.check(ev.prefill_only(rate, q), ttft_s=budget, tpot_s=None)
         return ev.check(ev.decode_only(rate), ttft_s=None, tpot_s=slo.tpot_s)
 
-    def capacity(self, inst: PlannedInstance, kv_s: float) -> tuple[float, str]:
-        shape = InstanceShape(inst.tp, inst.pp, inst.ep)
-        key = (shape, round(inst.link_gbps, 3), f"{inst.role.value}:{kv_s:.6f}")
+    def capacity(self, group: _Group, kv_s: float) -> tuple[float, str]:
+        """Goodput capacity of one instance of ``group`` (role, shape, link)."""
+        role, shape, link = group
+        key = ((role, shape, round(link, 3)), round(kv_s, 6))
         if key not in self.caps:
-            ev = self.shape_eval(shape, inst.link_gbps)
-            self.caps[key] = capacity(lambda r: self.state(ev, inst.role, r, kv_s).limit)
+            ev = self.shape_eval(shape, link)
+            self.caps[key] = capacity(lambda r: self.state(ev, role, r, kv_s).limit)
         return self.caps[key]
 
+    def fits(self, cand: Candidate) -> bool:
+        return self.placer.place(_runs(cand)) is not None
+
     def instances(self, cand: Candidate) -> list[PlannedInstance] | None:
+        placed = self.placer.place(_runs(cand))
+        if placed is None:
+            return None
         roles = [(GENERAL if cand.kind == "colocated" else PREFILL, cand.shape)] * cand.count
         if cand.decode_shape is not None:
             roles += [(DECODE, cand.decode_shape)] * cand.decode_count
-        sizes = tuple(s.gpus for _, s in roles)
-        if sizes not in self.places:
-            self.places[sizes] = _place(sizes, self.nodes, self.gpu)
-        placed = self.places[sizes]
-        if placed is None:
-            return None
         return [
             PlannedInstance(role, s.tp, s.pp, s.ep, group, node, link)
             for (role, s), (node, group, link) in zip(roles, placed, strict=True)
         ]
 
-    def evaluate(
-        self, cand: Candidate, insts: list[PlannedInstance]
-    ) -> tuple[PlanEstimates, list[tuple[ShapeEval, RoleState]]]:
-        kv_s = 0.0
-        if cand.kind == "pd":
-            per_token = self.model.kv_bytes_per_token
-            kv_s = self.workload.p90_prompt * per_token / (self.kv_link(insts) * 1e9)
-        caps = [self.capacity(i, kv_s) for i in insts]
-        pools: dict[ExecutionInstanceType, list[int]] = {}
-        for k, inst in enumerate(insts):
-            pools.setdefault(inst.role, []).append(k)
-        pool_cap = {r: sum(caps[k][0] for k in ks) for r, ks in pools.items()}
-        bottleneck = min(pool_cap, key=lambda r: pool_cap[r])
-        total = pool_cap[bottleneck]
-        limit = caps[min(pools[bottleneck], key=lambda k: caps[k][0])][1]
+    def kv_seconds(self, cand: Candidate, insts: Sequence[PlannedInstance]) -> float:
+        """The p90 prompt's KV hand-off time of a PD fleet (0 for colocated)."""
+        if cand.kind != "pd":
+            return 0.0
+        if len({i.node for i in insts}) > 1:
+            link = NETWORK_GBPS
+        else:
+            group = tuple(sorted({g for i in insts for g in i.gpu_ids}))
+            link = _group_link(self.nodes[insts[0].node], group, self.gpu)[1]
+        return self.workload.p90_prompt * self.model.kv_bytes_per_token / (link * 1e9)
+
+    def evaluate(self, cand: Candidate, insts: list[PlannedInstance]) -> _Scored:
+        """Capacity, estimates and outcomes of one placed candidate; instances that share a
+        role, shape and link are evaluated once (a fleet costs what its distinct groups do)."""
+        kv_s = self.kv_seconds(cand, insts)
+        groups: dict[_Group, int] = {}
+        for i in insts:
+            key = (i.role, InstanceShape(i.tp, i.pp, i.ep), i.link_gbps)
+            groups[key] = groups.get(key, 0) + 1
+        caps = {g: self.capacity(g, kv_s) for g in groups}
+        pool: dict[ExecutionInstanceType, float] = {}
+        for g, n in groups.items():
+            pool[g[0]] = pool.get(g[0], 0.0) + n * caps[g][0]
+        bottleneck = min(pool, key=lambda r: pool[r])
+        total = pool[bottleneck]
+        limit = caps[min((g for g in groups if g[0] is bottleneck), key=lambda g: caps[g][0])][1]
         if cand.kind == "pd":
             limit = f"{'prefill' if bottleneck is PREFILL else 'decode'} {limit}"
-        rate = self.workload.rate if self.workload.rate is not None else max(total, 1e-6)
-        states = []
-        for k, inst in enumerate(insts):
-            ks = pools[inst.role]
-            share = caps[k][0] / pool_cap[inst.role] if pool_cap[inst.role] > 0 else 1 / len(ks)
-            ev = self.shape_eval(InstanceShape(inst.tp, inst.pp, inst.ep), inst.link_gbps)
-            states.append((ev, self.state(ev, inst.role, rate * share, kv_s)))
-        decode_steps = [st.tpot_s for _, st in states if st.tpot_s > 0]
-        tpot = max(decode_steps, default=0.0)
-        ttft = max(st.ttft_s for _, st in states)
-        if cand.kind == "pd":
-            ttft += kv_s + tpot
-        meets = all(st.limit is None for _, st in states) and ttft <= self.slo.ttft_s * 1.0001
-        return PlanEstimates(
+        counts = {r: sum(n for g, n in groups.items() if g[0] is r) for r in pool}
+
+        def at(rate: float) -> _Outcome:
+            states = []
+            for g in groups:
+                role = g[0]
+                share = caps[g][0] / pool[role] if pool[role] > 0 else 1 / counts[role]
+                ev = self.shape_eval(g[1], g[2])
+                states.append((ev, self.state(ev, role, rate * share, kv_s)))
+            tpot = max((st.tpot_s for _, st in states if st.tpot_s > 0), default=0.0)
+            ttft = max(st.ttft_s for _, st in states)
+            if cand.kind == "pd":
+                ttft += kv_s + tpot
+            meets = all(st.limit is None for _, st in states) and ttft <= self.slo.ttft_s * 1.0001
+            kv = max(st.kv_tokens_needed / ev.kv_tokens for ev, st in states)
+            batch = max(st.batch for _, st in states)
+            return _Outcome(rate, ttft, tpot, meets, batch, kv, states)
+
+        wanted = self.workload.rate
+        at_rate = at(wanted) if wanted is not None else None
+        shown = at_rate if at_rate is not None and at_rate.meets else at(max(total, 1e-6))
+        meets = at_rate.meets if at_rate is not None else shown.meets
+        rate = wanted if wanted is not None else shown.rate
+        est = PlanEstimates(
             capacity_rps=total,
             limit=limit,
-            rate_rps=rate,
-            ttft_s=ttft,
-            tpot_s=tpot,
+            rate_rps=shown.rate,
+            ttft_s=shown.ttft_s,
+            tpot_s=shown.tpot_s,
             goodput_rps=rate if meets else min(rate, total),
             meets_slo=meets,
-            batch_per_instance=max(st.batch for _, st in states),
-            kv_usage=max(st.kv_tokens_needed / ev.kv_tokens for ev, st in states),
+            batch_per_instance=shown.batch,
+            kv_usage=shown.kv_usage,
             gpus_used=cand.gpus,
-        ), states
+        )
+        return _Scored(cand, insts, est, at_rate, at(1e-6) if total <= 0 else None)
+
+    def pd_splits(self, sp: InstanceShape, sd: InstanceShape) -> list[int]:
+        """Prefill counts to try for ``sp`` prefill + ``sd`` decode instances: all of them
+        when there are at most :data:`PD_SPLITS`, else the :data:`PD_SPLITS` nearest the
+        split whose prefill and decode capacities balance (estimated per instance); further
+        from it one pool caps the fleet lower with no fewer GPUs."""
+        total = self.alloc.total
+        counts = list(range(1, total // sp.gpus))
+        if len(counts) <= PD_SPLITS:
+            return counts
+        node = self.nodes[0]
+        kv_link = NETWORK_GBPS if self.alloc.nodes > 1 else _group_link(node, node.ids, self.gpu)[1]
+        kv_s = self.workload.p90_prompt * self.model.kv_bytes_per_token / (kv_link * 1e9)
+        per = []
+        for role, shape in ((PREFILL, sp), (DECODE, sd)):
+            placed = self.placer.place(((shape.gpus, 1),))
+            link = placed[0][2] if placed else 0.0
+            per.append(self.capacity((role, shape, link), kv_s if role is PREFILL else 0.0)[0])
+
+        def balanced(n_p: int) -> float:
+            n_d = (total - n_p * sp.gpus) // sd.gpus
+            return min(n_p * per[0], n_d * per[1]) if n_d >= 1 else -1.0
+
+        best = max(counts, key=lambda n: (balanced(n), -n))
+        return sorted(sorted(counts, key=lambda n: (abs(n - best), n))[:PD_SPLITS])
+
+
+def _runs(cand: Candidate) -> tuple[tuple[int, int], ...]:
+    runs: tuple[tuple[int, int], ...] = ((cand.shape.gpus, cand.count),)
+    if cand.decode_shape is not None:
+        runs += ((cand.decode_shape.gpus, cand.decode_count),)
+    return runs
 
 
 def _shapes(model: ModelSpec, per_node: int) -> list[InstanceShape]:
@@ -387,20 +540,28 @@ def _structural_problem(model: ModelSpec, shape: InstanceShape) -> str | None:
 def _nodes(
     alloc: GPUAllocation, gpu: GPUSpec, topology: Topology | None, notes: list[str]
 ) -> list[_Node]:
+    sizes = alloc.node_sizes
     if topology is None or not topology.gpus:
         ids = alloc.gpu_ids or tuple(range(alloc.gpus_per_node))
         nvlink = gpu.nvlink_gbps > 0
-        if nvlink:
+        if max(sizes) == 1:
+            notes.append("No topology given: one GPU per node, so no GPU-to-GPU traffic.")
+        elif nvlink:
+            each = "the GPUs" if alloc.last_node_gpus else f"the {alloc.gpus_per_node} GPUs"
             notes.append(
-                f"No topology given: assuming the {alloc.gpus_per_node} GPUs of each node are "
-                f"NVLink-connected ({gpu.name} has NVLink, {gpu.nvlink_gbps:g} GB/s)."
+                f"No topology given: assuming {each} of each node are NVLink-connected "
+                f"({gpu.name} has NVLink, {gpu.nvlink_gbps:g} GB/s)."
             )
         else:
             notes.append(
                 f"No topology given and {gpu.name} has no NVLink: TP traffic goes over PCIe "
                 f"({gpu.pcie_gbps:g} GB/s)."
             )
-        return [_Node(n, ids, None, nvlink) for n in range(alloc.nodes)]
+        full = tuple(sorted(ids))
+        return [
+            _Node(n, full[:size], None, nvlink, int(size != len(full)))
+            for n, size in enumerate(sizes)
+        ]
     if alloc.gpus_per_node > len(topology.gpus):
         raise ConfigError(
             f"{alloc.gpus_per_node} GPUs per node requested but the topology shows "
@@ -414,10 +575,15 @@ def _nodes(
     domains = [sorted(d & set(ids)) for d in topology.nvlink_domains() if len(d & set(ids)) > 1]
     desc = "; ".join(",".join(map(str, d)) for d in domains) or "none"
     notes.append(f"Topology: GPUs {','.join(map(str, sorted(ids)))}; NVLink domains: {desc}.")
+    sub = _sub_topology(topology, ids)
+    nodes = [_Node(n, tuple(sorted(ids)), sub, False) for n in range(alloc.nodes)]
+    if alloc.last_node_gpus is not None:
+        part = tuple(sorted(sub.best_group(alloc.last_node_gpus) or ()))
+        nodes[-1] = _Node(alloc.nodes - 1, part, _sub_topology(sub, part), False, 1)
+        notes.append(f"The last node uses GPUs {','.join(map(str, part))} of this topology.")
     if alloc.nodes > 1:
         notes.append(f"Assuming all {alloc.nodes} nodes have this topology.")
-    sub = _sub_topology(topology, ids)
-    return [_Node(n, tuple(sorted(ids)), sub, False) for n in range(alloc.nodes)]
+    return nodes
 
 
 def _allocation(
@@ -425,18 +591,29 @@ def _allocation(
 ) -> GPUAllocation:
     if isinstance(gpus, GPUAllocation):
         return gpus
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise ConfigError(f"GPU count must be a positive integer, got {gpus!r}", key="gpus")
     node = len(topology.gpus) if topology is not None and topology.gpus else DEFAULT_NODE_GPUS
-    if gpus <= node:
-        return GPUAllocation(1, gpus)
-    if gpus % node:
-        raise ConfigError(
-            f"{gpus} GPUs do not fill nodes of {node}; give NODESxCOUNT (e.g. 2x8xH100)",
-            key="gpus",
-        )
-    notes.append(f"{gpus} GPUs taken as {gpus // node} nodes of {node}.")
-    return GPUAllocation(gpus // node, node)
+    alloc = GPUAllocation.from_count(gpus, node)
+    if alloc.nodes > 1:
+        notes.append(f"{alloc.total} GPUs taken as {alloc.describe()}.")
+    return alloc
+
+
+def _fitted_profile(gpu: GPUSpec, model: ModelSpec) -> FittedProfile | None:
+    from sage_llm.sim.factory import fitted_profile
+
+    return fitted_profile(gpu.name, model.name)
+
+
+def _profile_note(p: FittedProfile) -> str:
+    b0, b1, b2 = p.betas_us
+    s = p.shape
+    return (
+        f"Fitted profile of {p.gpu} × {p.model} (as engine-sim uses): a step takes "
+        f"{b0 / 1e3:.2f} ms + {b1 / 1e3:.3f} ms per prefill token + {b2 / 1e3:.2f} ms per "
+        f"decoding sequence, intake {p.front_end.intake_s * 1e3:.1f} ms; max_num_seqs "
+        f"{s.max_num_seqs}, max_num_batched_tokens {s.max_num_batched_tokens}, max_model_len "
+        f"{s.max_model_len}. It was measured on one device, so only TP1 PP1 instances are planned."
+    )
 
 
 def plan(
@@ -452,67 +629,73 @@ def plan(
 ) -> Plan:
     """The best TP × PP × DP (× EP) fleet, colocated or PD, for ``workload`` under ``slo``.
 
-    Raises ConfigError for bad inputs or when no candidate fits in memory.
+    ``gpus``: a count (above the node size, nodes of 8 or of the topology's GPUs, the last
+    one partial) or a :class:`GPUAllocation`; at most :data:`MAX_PLAN_GPUS`. Raises
+    ConfigError for bad inputs or when no candidate can serve the workload.
     """
     mspec, gspec = resolve_model(model), resolve_gpu(gpu)
     notes: list[str] = []
     alloc = _allocation(gpus, topology, notes)
     nodes = _nodes(alloc, gspec, topology, notes)
-    pl = _Planner(mspec, gspec, alloc, workload, slo, nodes, limits or EngineLimits())
+    profile = _fitted_profile(gspec, mspec)
+    if profile is not None:
+        notes.append(_profile_note(profile))
+        if limits is None:
+            limits = EngineLimits.from_profile(profile)
+    pl = _Planner(mspec, gspec, alloc, workload, slo, nodes, limits or EngineLimits(), profile)
     rejected: list[tuple[Candidate, str]] = []
     feasible: list[InstanceShape] = []
-    per_node = alloc.gpus_per_node
-    for shape in _shapes(mspec, per_node):
-        cand = Candidate("colocated", shape, alloc.nodes * (per_node // shape.gpus))
-        why = _structural_problem(mspec, shape) or pl.shape_eval(shape, 1.0).memory_problem()
+    for shape in _shapes(mspec, alloc.gpus_per_node):
+        cand = Candidate("colocated", shape, sum(n // shape.gpus for n in alloc.node_sizes))
+        why = pl.structural_problem(shape) or pl.shape_eval(shape, 1.0).memory_problem()
         if why is None:
             feasible.append(shape)
         else:
             rejected.append((cand, why))
-    cands = [Candidate("colocated", s, alloc.nodes * (per_node // s.gpus)) for s in feasible]
+    cands = [
+        Candidate("colocated", s, sum(n // s.gpus for n in alloc.node_sizes)) for s in feasible
+    ]
     pd_shapes = [s for s in feasible if s.pp == 1]  # PP is not among NIXL PD's documented features
     if allow_pd:
         for sp in pd_shapes:
             for sd in pd_shapes:
-                for n_p in range(1, alloc.total // sp.gpus):
+                for n_p in pl.pd_splits(sp, sd):
                     n_d = (alloc.total - n_p * sp.gpus) // sd.gpus
-                    while n_d >= 1 and pl.instances(Candidate("pd", sp, n_p, sd, n_d)) is None:
+                    while n_d >= 1 and not pl.fits(Candidate("pd", sp, n_p, sd, n_d)):
                         n_d -= 1
                     if n_d >= 1:
                         cands.append(Candidate("pd", sp, n_p, sd, n_d))
-    scored: list[tuple[Candidate, list[PlannedInstance], PlanEstimates]] = []
+    scored: list[_Scored] = []
     for cand in cands:
         insts = pl.instances(cand)
         if insts is None:
             rejected.append((cand, "the instances do not fit on the nodes' GPUs"))
             continue
-        est, states = pl.evaluate(cand, insts)
-        if (
-            workload.rate is not None
-            and not est.meets_slo
-            and est.kv_usage > 1
-            and (est.capacity_rps >= workload.rate or "KV" in est.limit)
-        ):
-            rejected.append((cand, _kv_reason(states, est.rate_rps)))
-            continue
-        scored.append((cand, insts, est))
+        sc = pl.evaluate(cand, insts)
+        if sc.est.capacity_rps <= 0:
+            rejected.append((cand, _nothing_reason(sc, slo)))
+        elif sc.at_rate is not None and not sc.at_rate.meets and "KV" in sc.est.limit:
+            rejected.append((cand, _kv_reason(sc.at_rate, sc.est)))
+        else:
+            scored.append(sc)
     if not scored:
         reasons = "; ".join(f"{c.label}: {r}" for c, r in rejected[:6])
         raise ConfigError(
             f"no feasible plan for {mspec.name} on {alloc.total} × {gspec.name}: {reasons}"
         )
-    scored.sort(key=lambda t: _rank(t[0], t[2], slo))
-    top_cap = scored[0][2].capacity_rps
-    near = [t for t in scored if t[2].capacity_rps >= (1 - TIE_TOLERANCE) * top_cap]
-    near.sort(key=lambda t: (-_count(t[0]), *_rank(t[0], t[2], slo)))
+    scored.sort(key=lambda t: _rank(t.cand, t.est))
+    top_cap = scored[0].est.capacity_rps
+    near = [t for t in scored if t.est.capacity_rps >= (1 - TIE_TOLERANCE) * top_cap]
+    near.sort(key=lambda t: (-_count(t.cand), *_rank(t.cand, t.est)))
     scored = near + [t for t in scored if t not in near]
-    best_cand, best_insts, best_est = scored[0]
+    best = scored[0]
     alternatives = [
-        Alternative(c, tuple(i), e, _why_lost(c, e, best_cand, best_est)) for c, i, e in scored[1:]
+        Alternative(t.cand, tuple(t.insts), t.est, _why_lost(t.cand, t.est, best.cand, best.est))
+        for t in scored[1:]
     ]
-    explanation = _explain(pl, best_cand, best_insts, best_est, alternatives, rejected, notes)
+    explanation = _explain(pl, best.cand, best.insts, best.est, alternatives, rejected, notes)
     return Plan(
-        mspec, gspec, workload, slo, best_cand, best_insts, best_est, explanation,
+        mspec, gspec, workload, slo, best.cand, best.insts, best.est, explanation,
         alternatives, rejected, notes,
     )  # fmt: skip
 
@@ -521,20 +704,40 @@ def _count(cand: Candidate) -> int:
     return cand.count + cand.decode_count
 
 
-def _rank(cand: Candidate, est: PlanEstimates, slo: SLOTarget) -> tuple[float, ...]:
-    slack = max(est.ttft_s / slo.ttft_s, est.tpot_s / slo.tpot_s)
-    return (-round(est.capacity_rps, 6), slack if est.capacity_rps == 0 else 0.0,
-            cand.gpus, cand.kind != "colocated", cand.shape.gpus, cand.shape.pp)  # fmt: skip
+def _rank(cand: Candidate, est: PlanEstimates) -> tuple[float, ...]:
+    return (-round(est.capacity_rps, 6), cand.gpus, cand.kind != "colocated",
+            cand.shape.gpus, cand.shape.pp)  # fmt: skip
 
 
-def _kv_reason(states: Sequence[tuple[ShapeEval, RoleState]], rate: float) -> str:
-    ev, st = max(states, key=lambda s: s[1].kv_tokens_needed / s[0].kv_tokens)
-    need = st.kv_tokens_needed
-    left = ev.usable_gib_per_gpu() - ev.weights_gib_per_gpu()
+def _rps(rate: float) -> str:
+    return f"{rate:.2f}" if rate < 1e6 else f"{rate:.3g}"
+
+
+def _nothing_reason(sc: _Scored, slo: SLOTarget) -> str:
+    limit, lone = sc.est.limit, sc.lone
+    why = f"serves nothing under the SLO: {limit} is missed even at a trickle of requests"
+    if lone is None:
+        return why
+    checks = (("TPOT", lone.tpot_s, slo.tpot_s), ("TTFT", lone.ttft_s, slo.ttft_s))
+    for name, value, target in checks:
+        if name in limit and math.isfinite(value) and value > target:
+            why += f" ({_ms(value)} against {_ms(target)})"
+    return why
+
+
+def _kv_reason(at_rate: _Outcome, est: PlanEstimates) -> str:
+    ev, st = max(at_rate.states, key=lambda s: s[1].kv_tokens_needed / s[0].kv_tokens)
+    need, room, rate = st.kv_tokens_needed, ev.kv_room_gib(), at_rate.rate
+    if math.isfinite(need):
+        return (
+            f"KV cache for the needed concurrency (~{st.batch:.0f} sequences, {need:.0f} "
+            f"tokens = {ev.kv_gib(need):.1f} GiB per GPU) exceeds the {room:.1f} GiB left after "
+            f"weights at {rate:g} req/s (it holds {_rps(est.capacity_rps)} req/s at most)"
+        )
     return (
-        f"KV cache for the needed concurrency (~{st.batch:.0f} sequences, {need:.0f} tokens "
-        f"= {ev.kv_gib(need):.1f} GiB per GPU) exceeds the {left:.1f} GiB left after weights "
-        f"at {rate:g} req/s"
+        f"KV cache for the needed concurrency exceeds the {room:.1f} GiB left after weights "
+        f"at {rate:g} req/s: it holds {_rps(est.capacity_rps)} req/s at most, and above that "
+        "the batch keeps growing"
     )
 
 
@@ -544,16 +747,21 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _instances(n: int) -> str:
+    return f"{n} instance{'s' * (n != 1)}"
+
+
 def _why_lost(c: Candidate, e: PlanEstimates, best: Candidate, be: PlanEstimates) -> str:
-    if e.capacity_rps >= (1 - TIE_TOLERANCE) * be.capacity_rps and _count(c) < _count(best):
+    n, m = _count(c), _count(best)
+    if e.capacity_rps >= (1 - TIE_TOLERANCE) * be.capacity_rps and n < m:
+        spare = "no redundancy" if n == 1 else f"losing one costs 1/{n} of it instead of 1/{m}"
         return (
-            f"{e.capacity_rps:.2f} req/s, within {TIE_TOLERANCE:.0%} of the chosen plan, but "
-            f"{_count(c)} instance(s) instead of {_count(best)}: fewer batch slots past "
-            "capacity and no redundancy"
+            f"{_rps(e.capacity_rps)} req/s, within {TIE_TOLERANCE:.0%} of the chosen plan, but "
+            f"{_instances(n)} instead of {m}: fewer batch slots past capacity and {spare}"
         )
     if e.capacity_rps < be.capacity_rps:
         drop = 1 - e.capacity_rps / be.capacity_rps if be.capacity_rps else 0.0
-        return f"{e.capacity_rps:.2f} req/s (−{drop:.0%}), capped by {e.limit}"
+        return f"{_rps(e.capacity_rps)} req/s (−{drop:.0%}), capped by {e.limit}"
     if e.gpus_used > be.gpus_used:
         return f"same goodput with {e.gpus_used} GPUs instead of {be.gpus_used}"
     return "equal estimate; the simpler or smaller-instance plan is preferred"
@@ -577,8 +785,16 @@ def _explain(
         f"SLO: {slo.describe()}",
         *notes,
         "",
-        f"Chosen: {cand.label} ({est.gpus_used} of {total} GPUs)",
     ]
+    missed = w.rate is not None and not est.meets_slo
+    if missed:
+        caps = [(a.estimates.capacity_rps, a.candidate.label) for a in alternatives]
+        top = max([(est.capacity_rps, cand.label), *caps])
+        lines.append(
+            f"No plan meets the SLO at {w.rate:g} req/s: the highest goodput capacity found is "
+            f"{_rps(top[0])} req/s ({top[1]}). The best plan for the rate it can carry:"
+        )
+    lines.append(f"Chosen: {cand.label} ({est.gpus_used} of {total} GPUs)")
     for k, i in enumerate(insts):
         gpus = ",".join(map(str, i.gpu_ids))
         where = f"node {i.node} " if pl.alloc.nodes > 1 else ""
@@ -586,29 +802,27 @@ def _explain(
             f"  {k}: {i.role.value:<10} TP{i.tp} PP{i.pp}{f' EP{i.ep}' if i.ep > 1 else ''} on "
             f"{where}GPUs {gpus}" + (f" (link {i.link_gbps:g} GB/s)" if len(i.gpu_ids) > 1 else "")
         )
-    at = "at the workload's" if w.rate is not None else "at its capacity,"
+    if missed:
+        lines.append(f"  at the workload's {w.rate:g} req/s: SLO NOT MET (above its capacity)")
+    at = "at the workload's" if w.rate is not None and not missed else "at its capacity,"
     q = f"p{slo.attainment * 100:g}"
     lines.append(
-        f"  {at} {est.rate_rps:.2f} req/s: TTFT {q} ≈ {_ms(est.ttft_s)}, TPOT {q} ≈ "
+        f"  {at} {_rps(est.rate_rps)} req/s: TTFT {q} ≈ {_ms(est.ttft_s)}, TPOT {q} ≈ "
         f"{_ms(est.tpot_s)}, ~{est.batch_per_instance:.0f} sequences per instance, "
-        f"KV cache {min(est.kv_usage, 9.99):.0%} full" + ("" if est.meets_slo else " — SLO NOT MET")
+        f"KV cache {est.kv_usage:.0%} full"
     )
     lines.append(
-        f"  goodput capacity ≈ {est.capacity_rps:.2f} req/s under the SLO (then {est.limit} "
+        f"  goodput capacity ≈ {_rps(est.capacity_rps)} req/s under the SLO (then {est.limit} "
         "is the limit)"
     )
-    why = (
-        f"Why: highest estimated goodput under the SLO among {len(alternatives) + 1} feasible plans"
-    )
-    top = max(alternatives, key=lambda a: a.estimates.capacity_rps, default=None)
-    if top is not None and top.estimates.capacity_rps > est.capacity_rps:
+    among = f"among {len(alternatives) + 1} feasible plan{'s' * bool(alternatives)}"
+    why = f"Why: highest estimated goodput under the SLO {among}"
+    top_alt = max(alternatives, key=lambda a: a.estimates.capacity_rps, default=None)
+    if top_alt is not None and top_alt.estimates.capacity_rps > est.capacity_rps:
         why = (
-            f"Why: within {TIE_TOLERANCE:.0%} of the highest estimate ({top.candidate.label}, "
-            f"{top.estimates.capacity_rps:.2f} req/s) with more instances, among "
-            f"{len(alternatives) + 1} feasible plans"
+            f"Why: within {TIE_TOLERANCE:.0%} of the highest estimate ({top_alt.candidate.label}, "
+            f"{_rps(top_alt.estimates.capacity_rps)} req/s) with more instances, {among}"
         )
-    if w.rate is not None and not est.meets_slo:
-        why += f"; no plan meets the SLO at {w.rate:g} req/s, this one sustains the most"
     lines.append(why + ".")
     if alternatives:
         lines.append(f"Top alternatives (of {len(alternatives)}):")
@@ -637,14 +851,25 @@ def plan_command(
     as_json: bool = False,
 ) -> str:
     """What ``sage-llm plan`` prints: the explanation, or the plan as JSON (``as_json``)."""
-    alloc, gpu = parse_gpus(gpus)
+    nodes, count, gpu = parse_gpu_text(gpus)
+    # A plain count is split into nodes by plan(): of the topology's size when one is given.
+    alloc = count if nodes is None else GPUAllocation(nodes, count)
     topology = None
     if topology_file is not None:
         try:
-            text = Path(topology_file).read_text(encoding="utf-8")
+            text = Path(topology_file).read_bytes().decode("utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read topology file: {exc}", key="topology") from None
-        topology = parse_nvidia_smi_topo(text)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{topology_file}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start})",
+                key="topology",
+            ) from None
+        try:
+            topology = parse_nvidia_smi_topo(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{topology_file}: {exc.message}", key="topology") from None
     workload = WorkloadProfile(
         prompt_len, output_len, rate=rate, prompt_p90=prompt_p90, output_p90=output_p90
     )

@@ -16,6 +16,10 @@ simulator's cost model; queueing is approximated, not simulated:
 * **memory**: the KV of ``B + 2√B`` sequences (the mean plus two standard deviations of a
   Poisson count) of ``P̄ + Ō/2`` tokens must fit the blocks left beside the weights
   (``kv_capacity_blocks``), and ``B + 2√B`` must stay within ``max_num_seqs``;
+* **fitted profiles**: when the simulator has a fitted profile of a real engine for the
+  GPU × model on one device (``cpu`` × ``tiny``, :func:`sage_llm.sim.factory.fitted_profile`),
+  a TP1 PP1 shape uses its step model, engine limits, KV blocks, ``max_model_len`` and
+  front-end intake instead of the roofline, as ``sage-llm engine-sim`` does;
 * **EP** (MoE): the experts' all-reduce becomes two all-to-alls of ``k`` × the activations,
   and the busiest rank carries ``1 + √(2·ln(ep)·(ep−1)/(T·k))`` × the mean expert load.
 
@@ -31,13 +35,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from sage_llm.errors import ConfigError
-from sage_llm.sim.costmodel import RooflineCostModel
+from sage_llm.sim.costmodel import CostModel, RooflineCostModel
 from sage_llm.sim.specs import GPUSpec, ModelSpec, get_gpu, kv_capacity_blocks
+
+if TYPE_CHECKING:
+    from sage_llm.bench.fidelity import FittedProfile
 
 DEFAULT_NODE_GPUS = 8
 """GPUs per machine assumed when neither a topology nor ``NODESxCOUNT`` says otherwise."""
+MAX_PLAN_GPUS = 4096
+"""The most GPUs one plan may cover (larger counts are refused, not searched)."""
 _Z90 = 1.2815515655446004  # standard normal 90% quantile
 _MAX_ITER = 400
 _SEQS = "max_num_seqs (batch full)"
@@ -164,24 +174,65 @@ def _fmt_s(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class GPUAllocation:
-    """``nodes`` identical machines with ``gpus_per_node`` GPUs each; ``gpu_ids`` picks the
-    GPUs of each machine to use (default: the best-connected ``gpus_per_node`` ones)."""
+    """``nodes`` identical machines with ``gpus_per_node`` GPUs each, except that the last
+    one has ``last_node_gpus`` when set (a plain count that does not fill whole nodes);
+    ``gpu_ids`` picks the GPUs of each machine to use (default: the best-connected ones).
+    At most :data:`MAX_PLAN_GPUS` GPUs in all."""
 
     nodes: int = 1
     gpus_per_node: int = DEFAULT_NODE_GPUS
     gpu_ids: tuple[int, ...] | None = None
+    last_node_gpus: int | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ConfigError("nodes and gpus_per_node must be >= 1", key="gpus")
+        last = self.last_node_gpus
+        if last is not None and not 1 <= last <= self.gpus_per_node:
+            raise ConfigError("last_node_gpus must be between 1 and gpus_per_node", key="gpus")
+        if last == self.gpus_per_node:
+            object.__setattr__(self, "last_node_gpus", None)
         if self.gpu_ids is not None and (
             len(self.gpu_ids) != self.gpus_per_node or len(set(self.gpu_ids)) != len(self.gpu_ids)
         ):
             raise ConfigError("gpu_ids must list gpus_per_node distinct GPUs", key="gpus")
+        if self.total > MAX_PLAN_GPUS:
+            raise ConfigError(
+                f"at most {MAX_PLAN_GPUS} GPUs can be planned, got {self.total}", key="gpus"
+            )
+
+    @classmethod
+    def from_count(cls, count: int, node_gpus: int = DEFAULT_NODE_GPUS) -> GPUAllocation:
+        """``count`` GPUs on nodes of ``node_gpus``: one node when they fit, else
+        ⌈count / node_gpus⌉ nodes, the last one partial (9 on nodes of 8: 8 + 1)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"GPU count must be a positive integer, got {count!r}", key="gpus")
+        if count > MAX_PLAN_GPUS:
+            raise ConfigError(
+                f"at most {MAX_PLAN_GPUS} GPUs can be planned, got {count}", key="gpus"
+            )
+        if count <= node_gpus:
+            return cls(1, count)
+        nodes, rest = -(-count // node_gpus), count % node_gpus
+        return cls(nodes, node_gpus, last_node_gpus=rest or None)
+
+    @property
+    def node_sizes(self) -> tuple[int, ...]:
+        """GPUs on each node, in node order."""
+        last = self.last_node_gpus or self.gpus_per_node
+        return (self.gpus_per_node,) * (self.nodes - 1) + (last,)
 
     @property
     def total(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return (self.nodes - 1) * self.gpus_per_node + (self.last_node_gpus or self.gpus_per_node)
+
+    def describe(self) -> str:
+        """``"2 nodes of 8"``, ``"2 nodes: 8 + 1"``, ``"13 nodes: 12 × 8 + 4"``."""
+        if self.last_node_gpus is None:
+            return f"{self.nodes} node{'s' * (self.nodes > 1)} of {self.gpus_per_node}"
+        full = self.nodes - 1
+        head = f"{self.gpus_per_node}" if full == 1 else f"{full} × {self.gpus_per_node}"
+        return f"{self.nodes} nodes: {head} + {self.last_node_gpus}"
 
 
 @dataclass(frozen=True, order=True)
@@ -214,18 +265,37 @@ _UNITS: Mapping[str, float] = MappingProxyType(
 )
 
 
-def parse_gpus(text: str) -> tuple[GPUAllocation, GPUSpec]:
-    """``"8xH100"`` (one machine), ``"2x8xH100"`` (machines × GPUs each), ``"4×a100"``."""
+def parse_gpu_text(text: str) -> tuple[int | None, int, GPUSpec]:
+    """``"2x8xH100"`` → ``(2, 8, H100)``; ``"16xH100"`` → ``(None, 16, H100)`` (a plain
+    count, which the planner splits into nodes)."""
     m = _GPUS_RE.match(text.strip())
     if m is None:
         raise ConfigError(
             f"expected COUNTxGPU such as 8xH100, or NODESxCOUNTxGPU such as 2x8xH100; got {text!r}",
             key="gpus",
         )
-    nodes, count = int(m[1] or 1), int(m[2])
-    if nodes < 1 or count < 1:
+    if any(len(d.lstrip("0")) > 7 for d in (m[1] or "", m[2])):
+        raise ConfigError(
+            f"at most {MAX_PLAN_GPUS} GPUs can be planned, got {text.strip()[:24]!r}…", key="gpus"
+        )
+    nodes, count = (int(m[1]) if m[1] else None), int(m[2])
+    if (nodes is not None and nodes < 1) or count < 1:
         raise ConfigError(f"GPU and node counts must be >= 1 in {text!r}", key="gpus")
-    return GPUAllocation(nodes=nodes, gpus_per_node=count), get_gpu(m[3])
+    if (nodes or 1) * count > MAX_PLAN_GPUS:
+        raise ConfigError(
+            f"at most {MAX_PLAN_GPUS} GPUs can be planned, got {(nodes or 1) * count}", key="gpus"
+        )
+    return nodes, count, get_gpu(m[3])
+
+
+def parse_gpus(text: str) -> tuple[GPUAllocation, GPUSpec]:
+    """``"8xH100"`` (one machine), ``"2x8xH100"`` (machines × GPUs each), ``"4×a100"``; a
+    plain count above :data:`DEFAULT_NODE_GPUS` is nodes of 8, the last one partial
+    (``"9xH100"``: 8 + 1). At most :data:`MAX_PLAN_GPUS` GPUs."""
+    nodes, count, gpu = parse_gpu_text(text)
+    if nodes is None:
+        return GPUAllocation.from_count(count), gpu
+    return GPUAllocation(nodes=nodes, gpus_per_node=count), gpu
 
 
 def parse_duration(text: str | float, *, key: str = "duration") -> float:
@@ -254,6 +324,12 @@ class EngineLimits:
     max_num_batched_tokens: int = 8192
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
+
+    @classmethod
+    def from_profile(cls, profile: FittedProfile) -> EngineLimits:
+        """The limits of the engine a fitted profile was measured on."""
+        s = profile.shape
+        return cls(s.max_num_seqs, s.max_num_batched_tokens, s.block_size)
 
 
 @dataclass(frozen=True)
@@ -292,17 +368,32 @@ class ShapeEval:
     link_gbps: float
     workload: WorkloadProfile
     limits: EngineLimits = field(default_factory=EngineLimits)
-    cost: RooflineCostModel = field(init=False, repr=False)
+    profile: FittedProfile | None = None
+    """A fitted profile of a real engine on one device (TP1 PP1): its step model, KV blocks,
+    ``max_model_len`` and front-end intake replace the roofline's (``limits`` should be
+    :meth:`EngineLimits.from_profile` unless set explicitly)."""
+    cost: CostModel = field(init=False, repr=False)
     ctx: int = field(init=False, repr=False)
     kv_tokens: int = field(init=False)
     """KV cache tokens one instance of this shape holds."""
+    front_s: float = field(init=False, default=0.0)
+    """Front-end intake added to every TTFT (fitted profiles only)."""
+    _allreduce_s: float = field(init=False, default=0.0, repr=False)
     _decode: dict[int, float] = field(default_factory=dict, repr=False)
     _prefill: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        linked = replace(self.gpu, nvlink_gbps=self.link_gbps)
-        self.cost = RooflineCostModel(linked, self.model, tp=self.tp, pp=self.pp)
         self.ctx = int(self.workload.prompt_mean + self.workload.output_mean / 2)
+        if self.profile is not None:
+            if self.tp != 1 or self.pp != 1 or self.ep != 1:
+                raise ValueError("a fitted profile describes one device (TP1 PP1) only")
+            self.cost = self.profile.cost_model()
+            self.kv_tokens = self.profile.shape.num_gpu_blocks * self.profile.shape.block_size
+            self.front_s = self.profile.front_end.intake_s
+            return
+        linked = replace(self.gpu, nvlink_gbps=self.link_gbps)
+        roofline = RooflineCostModel(linked, self.model, tp=self.tp, pp=self.pp)
+        self.cost, self._allreduce_s = roofline, roofline.allreduce_latency_s
         try:
             blocks = kv_capacity_blocks(
                 self.model,
@@ -335,20 +426,32 @@ class ShapeEval:
         per_token = 2 * layers * kv_heads * self.model.head_dim * self.model.dtype_bytes
         return tokens * per_token / 2**30
 
+    def kv_room_gib(self) -> float:
+        """GiB per GPU left for the KV cache (after weights; a fitted profile's KV blocks)."""
+        if self.profile is not None:
+            return self.kv_gib(self.kv_tokens)
+        return self.usable_gib_per_gpu() - self.weights_gib_per_gpu()
+
     def memory_problem(self) -> str | None:
         """Why this shape cannot hold the weights and one p90 request, or None."""
         weights, usable = self.weights_gib_per_gpu(), self.usable_gib_per_gpu()
         util = self.limits.gpu_memory_utilization
+        longest = self.workload.p90_prompt + self.workload.p90_output
+        if self.profile is not None and longest > self.profile.shape.max_model_len:
+            p = self.profile
+            return (
+                f"one p90 request ({longest:.0f} tokens) is longer than max_model_len "
+                f"{p.shape.max_model_len} of the fitted {p.gpu} × {p.model} profile"
+            )
         if self.kv_tokens == 0:
             return (
                 f"weights need {weights:.1f} GiB per GPU (TP{self.tp}×PP{self.pp}) but only "
                 f"{usable:.1f} GiB is usable ({self.gpu.memory_gb:g} GiB × {util:g})"
             )
-        longest = self.workload.p90_prompt + self.workload.p90_output
         if longest > self.kv_tokens:
             return (
                 f"KV cache for one p90 request ({longest:.0f} tokens, "
-                f"{self.kv_gib(longest):.1f} GiB) exceeds the {usable - weights:.1f} GiB per "
+                f"{self.kv_gib(longest):.1f} GiB) exceeds the {self.kv_room_gib():.1f} GiB per "
                 "GPU left after weights"
             )
         return None
@@ -363,9 +466,9 @@ class ShapeEval:
         k = m.experts_per_token
         payload = tokens * m.hidden_size * m.dtype_bytes
         bw = self.link_gbps * 1e9
-        allreduce = 2 * (self.tp - 1) / self.tp * payload / bw + self.cost.allreduce_latency_s
+        allreduce = 2 * (self.tp - 1) / self.tp * payload / bw + self._allreduce_s
         all_to_all = 2 * k * (self.ep - 1) / self.ep * payload / bw
-        comm = m.num_layers * (all_to_all + 2 * self.cost.allreduce_latency_s - allreduce)
+        comm = m.num_layers * (all_to_all + 2 * self._allreduce_s - allreduce)
         share = k * m.expert_params_per_layer / m.layer_params_active
         imbalance = min(
             float(self.ep), 1 + math.sqrt(2 * math.log(self.ep) * (self.ep - 1) / (tokens * k))
@@ -426,7 +529,7 @@ class ShapeEval:
         own = self.prefill_work(w.p90_prompt, batch) + self.chunks(w.p90_prompt, batch) * (
             self.decode_step(batch) if batch > 0 else 0.0
         )
-        return wait_quantile(mean_wait, rho, q) + own + step / 2
+        return wait_quantile(mean_wait, rho, q) + own + step / 2 + self.front_s
 
     def colocated(self, rate: float, q: float) -> RoleState:
         """A GENERAL instance: chunked prefill mixed into the decode batches."""

@@ -168,6 +168,12 @@ class Topology:
         pos = {g.index: p for p, g in enumerate(self.gpus)}
         if len(pos) != n:
             raise ValueError("GPU indices must be unique")
+        labels = [f"GPU{g.index}" for g in self.gpus]
+        for i, row in enumerate(self.links):
+            for j, cell in enumerate(row):
+                problem = matrix_problem(labels[i], labels[j], cell, self.links[j][i], i == j)
+                if problem is not None:
+                    raise ValueError(problem)
         object.__setattr__(self, "_pos", MappingProxyType(pos))
         object.__setattr__(self, "numa_nodes", MappingProxyType(dict(self.numa_nodes)))
 
@@ -339,6 +345,8 @@ class Topology:
         ``links`` is required for GPUs, ``nics``/``gpu_nic_links``/``numa_nodes`` optional.
         """
         try:
+            if not isinstance(data, Mapping):
+                raise ValueError(f"expected an object, got {_show(data)}")
             gpus = tuple(
                 GPUInfo(
                     index=_as_int(g["index"]),
@@ -346,19 +354,59 @@ class Topology:
                     numa_node=None if g.get("numa_node") is None else _as_int(g["numa_node"]),
                     gpu_numa_id=None if g.get("gpu_numa_id") is None else _as_int(g["gpu_numa_id"]),
                 )
-                for g in data.get("gpus", ())
+                for g in _objects(data, "gpus")
             )
-            nics = tuple(NICInfo(str(n["name"]), n.get("device")) for n in data.get("nics", ()))
-            links = tuple(tuple(Link.parse(str(c)) for c in r) for r in data.get("links", ()))
-            nic_links = tuple(
-                tuple(Link.parse(str(c)) for c in r) for r in data.get("gpu_nic_links", ())
-            )
-            numa = {_as_int(k): _as_cpus(v) for k, v in data.get("numa_nodes", {}).items()}
+            nics = tuple(NICInfo(str(n["name"]), n.get("device")) for n in _objects(data, "nics"))
+            links = _link_rows(data, "links")
+            nic_links = _link_rows(data, "gpu_nic_links")
+            numa_nodes = data.get("numa_nodes", {})
+            if not isinstance(numa_nodes, Mapping):
+                got = _show(numa_nodes)
+                raise ValueError(f"numa_nodes must be an object of node: CPUs, got {got}")
+            numa = {_as_int(k): _as_cpus(v) for k, v in numa_nodes.items()}
             return cls(gpus, nics, links, nic_links, numa)
         except KeyError as exc:
             raise ConfigError(f"invalid topology: missing key {exc}", key="topology") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"invalid topology: {exc}", key="topology") from None
+
+
+def matrix_problem(a: str, b: str, cell: Link, mirror: Link, diagonal: bool) -> str | None:
+    """Why cell ``a``/``b`` (with ``mirror`` at ``b``/``a``) breaks a topology matrix, or None:
+    X is on the diagonal and nowhere else, and the matrix is symmetric. Shared by the parser
+    and :class:`Topology` (so :meth:`Topology.from_dict` checks the same)."""
+    if (cell.type is LinkType.SELF) == diagonal and cell == mirror:
+        return None
+    other = "" if cell == mirror else f" vs {mirror}"
+    return f"topology matrix is not symmetric with X on the diagonal at {a}/{b}: {cell}{other}"
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _list(data: Mapping[str, Any], key: str, what: str) -> Sequence[Any]:
+    value = data.get(key, ())
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{key} must be a list of {what}, got {_show(value)}")
+    return value
+
+
+def _objects(data: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    items = _list(data, key, "objects")
+    for k, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{key}[{k}] must be an object, got {_show(item)}")
+    return list(items)
+
+
+def _link_rows(data: Mapping[str, Any], key: str) -> tuple[tuple[Link, ...], ...]:
+    rows = _list(data, key, "rows")
+    for k, row in enumerate(rows):
+        if isinstance(row, str) or not isinstance(row, Sequence):
+            raise ValueError(f"{key}[{k}] must be a list of cells, got {_show(row)}")
+    return tuple(tuple(Link.parse(str(c)) for c in row) for row in rows)
 
 
 def _join(items: Sequence[int]) -> str:
@@ -452,11 +500,9 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
         i = columns.index(a)
         for j, b in enumerate(columns):
             mirror = matrix[b][i] if b in matrix else matrix[a][j]
-            if (matrix[a][j].type is LinkType.SELF) != (i == j) or matrix[a][j] != mirror:
-                raise ConfigError(
-                    f"topology matrix is not symmetric with X on the diagonal "
-                    f"at {a}/{b}: {matrix[a][j]} vs {mirror}"
-                )
+            problem = matrix_problem(a, b, matrix[a][j], mirror, i == j)
+            if problem is not None:
+                raise ConfigError(problem)
     legend = {m[1]: m[2] for ln in lines if (m := _NIC_LEGEND.fullmatch(ln))}
     gpu_cols = [k for k, c in enumerate(columns) if _GPU_LABEL.fullmatch(c)]
     nic_cols = [k for k, c in enumerate(columns) if not _GPU_LABEL.fullmatch(c)]
