@@ -10,6 +10,7 @@ import pytest
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim.core import BlockPool, SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.costmodel import LinearStepModel
+from sage_llm.sim.specs import resolve_model
 
 
 @dataclass
@@ -268,6 +269,36 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError) as model_err:
         make_core(model="llama-3-70b", gpu="l40s")
     assert model_err.value.key == "model"
+
+
+@pytest.mark.parametrize(
+    ("model", "tp", "match"),
+    [
+        ("llama-3-8b", 3, "32 attention heads"),
+        ("llama-3-8b", 64, "32 attention heads"),
+        ("qwen2.5-7b", 8, "28 attention heads"),
+        ("qwen2.5-7b", 7, "4 KV heads"),  # 28 heads split 7 ways, but 4 KV heads do not
+    ],
+)
+def test_a_tensor_parallel_size_vllm_refuses_is_a_config_error(
+    model: str, tp: int, match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        SimEngineConfig(model=model, tp=tp)
+    assert err.value.key == "tp"
+    assert "\n" not in str(err.value)
+    spec = resolve_model(model)
+    with pytest.raises(ConfigError, match=match):
+        SimEngineConfig(model=spec, tp=tp)
+
+
+@pytest.mark.parametrize(
+    ("model", "tp"),
+    [("llama-3-8b", 1), ("llama-3-8b", 2), ("llama-3-8b", 16), ("llama-3-8b", 32),
+     ("qwen2.5-7b", 4), ("tiny", 2)],
+)  # fmt: skip
+def test_tensor_parallel_sizes_vllm_accepts_are_accepted(model: str, tp: int) -> None:
+    assert SimEngineConfig(model=model, tp=tp).tp == tp
 
 
 def run_trace(**kwargs: object) -> list[tuple[float, list[tuple[str, int]]]]:

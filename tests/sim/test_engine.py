@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
 from sage_llm.errors import EngineConnectionError, EngineError, InvalidRequestError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
+from sage_llm.sim.server_metrics import ReportsQueueTime
 from sage_llm.types import ExecutionInstanceType
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
@@ -318,5 +320,113 @@ def test_speed_scales_virtual_latency() -> None:
         fast_engine.speed = 2.0
         assert fast_engine.speed == 2.0
         assert await e2e(fast_engine) == pytest.approx(slow / 2)
+
+    virtual(main)
+
+
+def test_queue_time_runs_from_arrival_to_first_scheduling() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig(max_num_seqs=2))
+        assert isinstance(engine, ReportsQueueTime)
+        start = now()
+        ends: dict[str, float] = {}
+
+        async def run(rid: str) -> None:
+            await collect(engine, req(rid, max_tokens=4))
+            ends[rid] = now()
+
+        await asyncio.gather(*(run(f"q{i}") for i in range(4)))
+        # Two run at once; the other two wait until those finish, then are scheduled.
+        assert [engine.queue_time_s(f"q{i}") for i in range(2)] == [0.0, 0.0]
+        for rid in ("q2", "q3"):
+            assert engine.queue_time_s(rid) == pytest.approx(ends["q0"] - start)
+        assert engine.queue_time_s("unknown") is None
+        await engine.aclose()
+
+    virtual(main)
+
+
+def test_stop_reason_is_the_matched_stop_string_and_none_otherwise() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        full = "".join(c.text for c in await collect(engine, req("a", max_tokens=30)))
+        assert engine.stop_reason("a") is None
+        stop = " " + full.split()[5]
+        chunks = await collect(engine, req("a", max_tokens=30, stop=["no-such-word", stop]))
+        assert chunks[-1].finish_reason == "stop"
+        assert engine.stop_reason("a") == stop  # the same request again, stopped this time
+        assert engine.stop_reason("unknown") is None
+        await engine.aclose()
+
+    virtual(main)
+
+
+def _flat(chunks: list[Chunk], key: str) -> list[Any]:
+    return [x for c in chunks for x in c.logprobs[key]]
+
+
+def test_completion_logprobs_are_plausible_and_deterministic_per_seed() -> None:
+    async def main() -> None:
+        def engine(seed: int) -> SimEngine:
+            return SimEngine("sim-0", SimEngineConfig(seed=seed))
+
+        chunks = await collect(engine(1), req("lp", max_tokens=12, extra={"logprobs": 3}))
+        assert all(c.logprobs is not None for c in chunks)
+        toks = _flat(chunks, "tokens")
+        assert "".join(toks) == "".join(c.text for c in chunks)
+        assert _flat(chunks, "text_offset") == [sum(map(len, toks[:i])) for i in range(12)]
+        for tok, lp, top in zip(
+            toks, _flat(chunks, "token_logprobs"), _flat(chunks, "top_logprobs"), strict=True
+        ):
+            assert -30.0 < lp <= 0.0
+            assert top[tok] == lp and 3 <= len(top) <= 4  # the top 3 and the sampled token
+            assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-9
+        again = await collect(engine(1), req("lp", max_tokens=12, extra={"logprobs": 3}))
+        assert [c.logprobs for c in again] == [c.logprobs for c in chunks]
+        other = await collect(engine(2), req("lp", max_tokens=12, extra={"logprobs": 3}))
+        assert [c.logprobs for c in other] != [c.logprobs for c in chunks]
+        plain = await collect(engine(1), req("lp", max_tokens=12))
+        assert all(c.logprobs is None for c in plain)
+        assert [c.text for c in plain] == [c.text for c in chunks]  # the text is unchanged
+
+    virtual(main)
+
+
+def test_chat_logprobs_list_the_content_tokens() -> None:
+    async def main() -> None:
+        messages = [{"role": "user", "content": "hello"}]
+        extra = {"logprobs": True, "top_logprobs": 2}
+        chunks = await collect(
+            SimEngine("sim-0"), req(prompt=None, messages=messages, max_tokens=5, extra=extra)
+        )
+        content = _flat(chunks, "content")
+        assert [e["token"] for e in content] == [c.text for c in chunks]
+        assert all(len(e["top_logprobs"]) == 2 for e in content)
+        assert all(e["bytes"] == list(e["token"].encode()) for e in content)
+
+    virtual(main)
+
+
+@pytest.mark.parametrize(
+    ("extra", "chat", "param"),
+    [
+        ({"logprobs": 21}, False, "logprobs"),
+        ({"logprobs": -1}, False, "logprobs"),
+        ({"logprobs": 1.5}, False, "logprobs"),
+        ({"logprobs": 2}, True, "logprobs"),
+        ({"top_logprobs": 1}, True, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, True, "top_logprobs"),
+    ],
+)
+def test_bad_logprobs_fields_raise_with_param(
+    extra: dict[str, Any], chat: bool, param: str
+) -> None:
+    async def main() -> None:
+        kwargs: dict[str, Any] = {"extra": extra}
+        if chat:
+            kwargs.update(prompt=None, messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(InvalidRequestError) as err:
+            await collect(SimEngine("sim-0"), req(**kwargs))
+        assert err.value.param == param
 
     virtual(main)

@@ -3,7 +3,13 @@ roofline defaults when one exists for the GPU × model."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
+
 from sage_llm.bench.fidelity import load_profile
+from sage_llm.errors import ConfigError
 from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
 from sage_llm.sim.factory import (
     engine_settings,
@@ -75,3 +81,19 @@ def test_other_instances_keep_the_roofline_and_no_front_end() -> None:
     assert sim_config_for(inst).cost_model is None
     assert sim_front_end_for(inst) is None
     assert make_sim_engine(inst).front_end.is_zero
+
+
+def test_engine_settings_refuse_a_tensor_parallel_size_that_splits_no_heads() -> None:
+    with pytest.raises(ConfigError, match="32 attention heads") as err:
+        engine_settings("h100", "llama-3-8b", tp=3)
+    assert err.value.key == "tp"
+
+
+@pytest.mark.parametrize("tp", ["3", "64"])
+def test_engine_sim_refuses_an_impossible_tp_at_start_up(tp: str) -> None:
+    argv = [sys.executable, "-m", "sage_llm.cli", "engine-sim", "--port", "18651", "--tp", tp]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: tp: ") and "32 attention heads" in line
+    assert "engine-sim:" not in proc.stdout  # refused before serving

@@ -10,6 +10,8 @@ from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, Eng
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import Fault, FaultKind, FaultPlan, FaultyEngineClient
+from sage_llm.sim.server_metrics import ReportsQueueTime
+from tests.engines.fake_engine import FakeEngine
 from tests.factories import make_instance
 
 
@@ -142,5 +144,32 @@ def test_random_faults_are_seeded() -> None:
         a, b = await outcomes(3), await outcomes(3)
         assert a == b
         assert 0 < sum(a) < 20
+
+    run_virtual(main())
+
+
+def test_an_injected_error_carries_its_status_on_prefill_legs_too() -> None:
+    async def main() -> None:
+        client = _client("error=429")
+        with pytest.raises(EngineError) as info:
+            await client.prefill(_req())
+        assert info.value.status == 429 and info.value.retryable
+        assert "HTTP 429" in info.value.message
+
+    run_virtual(main())
+
+
+def test_the_wrapper_reports_the_engines_queue_times_and_stop_reasons() -> None:
+    async def main() -> None:
+        client = _client("seed=2")
+        assert isinstance(client, ReportsQueueTime)
+        chunks = await _run(client, _req("q"))
+        assert chunks[-1].finish_reason == "length"
+        assert client.queue_time_s("q") == 0.0
+        assert client.stop_reason("q") is None
+        assert client.queue_time_s("unknown") is None
+        bare = FaultyEngineClient(FakeEngine(), FaultPlan.parse(""))
+        assert bare.queue_time_s("q") is None and bare.stop_reason("q") is None
+        await client.aclose()
 
     run_virtual(main())

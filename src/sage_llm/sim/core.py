@@ -148,6 +148,29 @@ class SimEngineConfig:
             raise ConfigError("must be >= 0", key="step_jitter")
         if not isinstance(self.role, ExecutionInstanceType):
             raise ConfigError("must be an ExecutionInstanceType", key="role")
+        if self.tp > 1:
+            self._check_tp()
+
+    def _check_tp(self) -> None:
+        """Refuse a tensor-parallel size vLLM refuses: it must divide the attention heads,
+        and divide the KV heads or be a multiple of them (KV heads are replicated then)."""
+        try:
+            model = resolve_model(self.model)
+        except ConfigError:
+            return  # an unknown model is reported where the model is first needed
+        tp, heads, kv = self.tp, model.num_heads, model.num_kv_heads
+        if heads % tp:
+            raise ConfigError(
+                f"tensor-parallel size {tp} does not divide {model.name}'s {heads} attention "
+                "heads (vLLM refuses it)",
+                key="tp",
+            )
+        if (kv % tp) if tp <= kv else (tp % kv):
+            raise ConfigError(
+                f"tensor-parallel size {tp} neither divides nor is a multiple of "
+                f"{model.name}'s {kv} KV heads (vLLM refuses it)",
+                key="tp",
+            )
 
     def build_cost_model(self) -> CostModel:
         """The configured cost model, or the roofline model of ``gpu`` × ``model`` × TP/PP."""

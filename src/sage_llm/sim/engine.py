@@ -4,7 +4,7 @@
 step loop per engine (started lazily inside the running event loop, stopped by
 :meth:`SimEngine.aclose`): while there is work it runs a step, sleeps for the step's
 duration, then hands the new tokens to the per-request streams. Under
-:func:`sage_llm.sim.run_virtual` the sleeps cost no real time.
+:func:`sage_llm.sim.clock.run_virtual` the sleeps cost no real time.
 
 A :class:`~sage_llm.sim.costmodel.FrontEndModel` (``front_end=``) puts a single-server
 front end in front of the core, as vLLM's API server is: a new request spends ``intake_s``
@@ -19,7 +19,14 @@ reach the core at once and tokens are handed out as each step ends. A front end 
 part of the step runs at half speed, and the front end's job too.
 
 Generated text is deterministic pseudo-text (:mod:`sage_llm.sim.text`): each word is one
-token, so the text re-tokenizes to ``completion_tokens``.
+token, so the text re-tokenizes to ``completion_tokens``. A request that asks for logprobs
+(``logprobs``, chat's ``top_logprobs``) gets them on its chunks, in vLLM's shapes
+(:mod:`sage_llm.sim.logprobs`).
+
+What the engine server asks about a finished request, :meth:`SimEngine.queue_time_s` and
+:meth:`SimEngine.stop_reason`, is kept for the last :data:`FINISHED_KEPT` requests:
+the seconds from its arrival at the core to its first scheduling into a batch (as vLLM's
+``vllm:request_queue_time_seconds`` measures it), and the stop string that ended it.
 
 PD: :meth:`SimEngine.prefill` runs a prefill leg and returns vLLM-shaped
 ``kv_transfer_params``; ``generate`` with ``kv_transfer_params.do_remote_prefill`` runs the
@@ -52,10 +59,12 @@ from sage_llm.errors import (
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
+from sage_llm.sim.logprobs import PseudoLogprobs, requested_logprobs
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
 __all__ = [
+    "FINISHED_KEPT",
     "KVTransferHub",
     "RemoteKVReleaser",
     "SharedCore",
@@ -63,6 +72,10 @@ __all__ = [
     "SimEngine",
     "SimEngineConfig",
 ]
+
+
+FINISHED_KEPT = 4096
+"""Finished requests whose queue time and stop reason an engine keeps (the oldest go)."""
 
 
 class RemoteKVReleaser(Protocol):
@@ -229,12 +242,15 @@ class _Delivery:
 
 
 class _Stream:
-    __slots__ = ("cached", "queue", "text")
+    __slots__ = ("arrival", "cached", "queue", "queue_s", "text")
 
-    def __init__(self, seed: int, request_id: str) -> None:
+    def __init__(self, seed: int, request_id: str, arrival: float) -> None:
         self.queue: asyncio.Queue[_Delivery | EngineError] = asyncio.Queue()
         self.text = PseudoText(seed, request_id)
         self.cached = 0
+        self.arrival = arrival
+        self.queue_s: float | None = None
+        """Seconds from ``arrival`` to the request's first scheduling, once scheduled."""
 
 
 class SimEngine:
@@ -279,6 +295,8 @@ class SimEngine:
         # (remote engine id, remote request id) -> (host, port), and local id -> that key
         self._remote_addr: dict[tuple[str | None, str], tuple[str, int]] = {}
         self._remote_key: dict[str, tuple[str | None, str]] = {}
+        # (queue time, stop string) of the last FINISHED_KEPT finished requests
+        self._finished: dict[str, tuple[float | None, str | None]] = {}
         if kv_hub is not None:
             kv_hub.register(self)
 
@@ -327,8 +345,14 @@ class SimEngine:
         prompt_ids = self._prompt_ids(req)
         self._check_max_tokens(req, len(prompt_ids))
         min_tokens = self._min_tokens(req)
+        top = requested_logprobs(req)
         await self._intake()
         stream = self._open(req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params)
+        logprobs = None
+        if top is not None:
+            logprobs = PseudoLogprobs(
+                top, chat=req.api == "chat", seed=self._config.seed, request_id=req.request_id
+            )
         produced = 0
         done = False
         text_so_far = ""
@@ -341,20 +365,24 @@ class SimEngine:
                 pieces = stream.text.next_pieces(item.n)
                 ids = PseudoText.token_ids(pieces)
                 text = "".join(pieces)
+                lp = None if logprobs is None else logprobs.next(pieces)
                 produced += item.n
                 finish = item.finish
+                stop: str | None = None
                 if req.stop and produced >= min_tokens:
-                    cut = _stop_at(text_so_far, text, req.stop)
-                    if cut is not None:
+                    hit = _stop_at(text_so_far, text, req.stop)
+                    if hit is not None:
+                        cut, stop = hit
                         text, finish = text[:cut], "stop"
                         self._core.abort(req.request_id)
                 text_so_far += text
                 if finish is not None:
                     done = True
+                    self._note_finished(req.request_id, stream.queue_s, stop)
                     usage = Usage(len(prompt_ids), produced, stream.cached)
-                    yield Chunk(text, ids, finish_reason=finish, usage=usage)
+                    yield Chunk(text, ids, finish_reason=finish, usage=usage, logprobs=lp)
                     return
-                yield Chunk(text, ids)
+                yield Chunk(text, ids, logprobs=lp)
         finally:
             self._close_stream(req.request_id, abort=not done)
 
@@ -377,6 +405,7 @@ class SimEngine:
             done = True
         finally:
             self._close_stream(req.request_id, abort=not done)
+        self._note_finished(req.request_id, stream.queue_s, None)
         pinned = item.pinned
         if pinned is None:  # pragma: no cover - the core always pins a prefill leg
             raise EngineError("prefill leg finished without KV", instance_id=self._id)
@@ -402,6 +431,19 @@ class SimEngine:
         if released and self._wake is not None:
             self._wake.set()
         return released
+
+    def queue_time_s(self, request_id: str) -> float | None:
+        """Seconds the finished request ``request_id`` waited from its arrival at the core
+        to its first scheduling into a batch (None: not among the last
+        :data:`FINISHED_KEPT` finished here)."""
+        info = self._finished.get(request_id)
+        return None if info is None else info[0]
+
+    def stop_reason(self, request_id: str) -> str | None:
+        """The stop string that ended the finished request ``request_id`` (None: it ended
+        otherwise, or is not among the last :data:`FINISHED_KEPT` finished here)."""
+        info = self._finished.get(request_id)
+        return None if info is None else info[1]
 
     async def health(self) -> bool:
         return not self._closed and self._broken is None
@@ -504,7 +546,7 @@ class SimEngine:
         self._core.add_request(
             request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer
         )
-        stream = _Stream(self._config.seed, request_id)
+        stream = _Stream(self._config.seed, request_id, now)
         self._streams[request_id] = stream
         if kv_transfer and kv_transfer.get("do_remote_prefill"):
             self._remember_remote(request_id, kv_transfer)
@@ -524,6 +566,21 @@ class SimEngine:
         )
         self._remote_addr[key] = (host, port)
         self._remote_key[request_id] = key
+
+    def _note_finished(self, request_id: str, queue_s: float | None, stop: str | None) -> None:
+        finished = self._finished
+        finished.pop(request_id, None)
+        if len(finished) >= FINISHED_KEPT:
+            del finished[next(iter(finished))]
+        finished[request_id] = (queue_s, stop)
+
+    def _note_scheduled(self, res: StepResult, now: float) -> None:
+        """Note the queue time of the requests first scheduled by the step begun at ``now``."""
+        streams = self._streams
+        for req_id, _ in res.admitted:
+            stream = streams.get(req_id)
+            if stream is not None and stream.queue_s is None:
+                stream.queue_s = max(0.0, now - stream.arrival)
 
     def _close_stream(self, request_id: str, *, abort: bool) -> None:
         self._streams.pop(request_id, None)
@@ -555,7 +612,9 @@ class SimEngine:
                     wake.clear()
                     await wake.wait()
                     continue
-                res = core.step(clock.now())
+                now = clock.now()
+                res = core.step(now)
+                self._note_scheduled(res, now)
                 self._notify_pulled(res)
                 if res.idle:
                     wake.clear()
@@ -701,15 +760,17 @@ class SimEngine:
             stream.queue.put_nowait(EngineConnectionError(message, instance_id=self._id))
 
 
-def _stop_at(before: str, text: str, stops: Any) -> int | None:
-    """Index in ``text`` where the earliest stop string ending inside ``text`` begins."""
+def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str] | None:
+    """Where in ``text`` the earliest stop string ending inside ``text`` begins, and that
+    string (the first of ``stops`` among those beginning there)."""
     joined = before + text
-    best: int | None = None
+    best: tuple[int, str] | None = None
     for stop in stops:
         if not stop:
             continue
         start = joined.find(stop, max(0, len(before) - len(stop) + 1))
         if start >= 0:
             cut = max(0, start - len(before))
-            best = cut if best is None else min(best, cut)
+            if best is None or cut < best[0]:
+                best = (cut, stop)
     return best

@@ -19,10 +19,16 @@ Fault kinds (``value`` in brackets):
 * ``hang`` [chunks before hanging, default 0] — the stream stops producing (for timeouts);
   health probes hang too;
 * ``slow`` [factor, default 4] — every chunk takes ``factor`` times as long;
-* ``error`` [HTTP status, default 503] — requests are answered with that status before any
-  output; health probes fail while it is scheduled;
+* ``error`` [HTTP status, default 503] — requests (and PD prefill legs) fail before any
+  output with an :class:`~sage_llm.errors.EngineError` whose ``status`` is that status;
+  the engine server answers them with exactly that status and a vLLM error body
+  (``{"error": {"message", "type": <the status's phrase>, "param": null, "code"}}``);
+  health probes fail while it is scheduled (the server's ``/health`` answers 503);
 * ``truncate`` [chunks, default 1] — the stream ends after that many chunks without a
-  finish reason;
+  finish reason: a connection dropped mid-answer. The engine server drops the connection
+  there too: a streamed answer stops after those chunks without ``[DONE]`` or the end of
+  its chunked body, and a non-streaming request (a streamed one too with ``truncate=0``)
+  gets no response at all;
 * ``malformed`` [chunks, default 1] — after that many chunks the stream breaks with an
   unreadable chunk.
 
@@ -44,6 +50,8 @@ from enum import Enum
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, KVHandle
 from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, EngineStreamError
 from sage_llm.sim.clock import Clock, current_clock
+from sage_llm.sim.server_metrics import ReportsQueueTime
+from sage_llm.sim.server_requests import ReportsStopReason
 
 _HANG_FOREVER_S = 3600.0
 
@@ -237,6 +245,14 @@ class FaultyEngineClient:
                 hit.append(fault)
         return hit
 
+    def _injected_error(self, fault: Fault, what: str = "engine") -> EngineError:
+        self.stats_injected.count(FaultKind.ERROR)
+        status = int(fault.arg)
+        return EngineError(
+            f"{what} answered HTTP {status} (injected)", instance_id=self.instance_id,
+            status=status, retryable=True,
+        )  # fmt: skip
+
     def _crash_error(self, *, retryable: bool = True) -> EngineConnectionError:
         self.stats_injected.count(FaultKind.CRASH)
         return EngineConnectionError(
@@ -252,12 +268,7 @@ class FaultyEngineClient:
         if FaultKind.CRASH in faults:
             raise self._crash_error()
         if (err := faults.get(FaultKind.ERROR)) is not None:
-            self.stats_injected.count(FaultKind.ERROR)
-            status = int(err.arg)
-            raise EngineError(
-                f"engine answered HTTP {status} (injected)", instance_id=self.instance_id,
-                status=status, retryable=True,
-            )  # fmt: skip
+            raise self._injected_error(err)
         hang = faults.get(FaultKind.HANG)
         slow = faults.get(FaultKind.SLOW)
         cut = faults.get(FaultKind.TRUNCATE) or faults.get(FaultKind.MALFORMED)
@@ -295,12 +306,22 @@ class FaultyEngineClient:
                 await close()
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
-        faults = {f.kind for f in self._request_faults()}
+        faults = {f.kind: f for f in self._request_faults()}
         if FaultKind.CRASH in faults:
             raise self._crash_error()
-        if FaultKind.ERROR in faults:
-            raise EngineError("prefill failed (injected)", instance_id=self.instance_id)
+        if (err := faults.get(FaultKind.ERROR)) is not None:
+            raise self._injected_error(err, "prefill leg")
         return await self.inner.prefill(req)
+
+    def queue_time_s(self, request_id: str) -> float | None:
+        """The wrapped engine's queue time of a finished request (None when it keeps none)."""
+        inner = self.inner
+        return inner.queue_time_s(request_id) if isinstance(inner, ReportsQueueTime) else None
+
+    def stop_reason(self, request_id: str) -> str | None:
+        """The stop string that ended a finished request on the wrapped engine, if any."""
+        inner = self.inner
+        return inner.stop_reason(request_id) if isinstance(inner, ReportsStopReason) else None
 
     async def health(self) -> bool:
         if self._scheduled(FaultKind.CRASH) is not None:

@@ -55,6 +55,11 @@ class InstantEngine:
             retryable=False,
         )
 
+    def queue_time_s(self, request_id: str) -> float | None:
+        """Nothing waits here: every request's queue time is 0 (the engine server records
+        it in ``vllm:request_queue_time_seconds``, as it does the simulated engine's)."""
+        return 0.0
+
     async def health(self) -> bool:
         return True
 

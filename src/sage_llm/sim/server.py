@@ -9,6 +9,19 @@ and the probe endpoints other routers call (``/get_load``, ``/get_server_info``,
 
 A client that disconnects mid-stream closes the engine's iterator, so the engine aborts.
 
+As vLLM's server: an engine error carrying the HTTP status the engine answered with
+(``EngineError.status``, e.g. an injected ``error=503`` fault) is answered with that status
+and vLLM's error body for it; an engine stream that ends without a finish reason (the
+``truncate`` fault: a connection dropped mid-answer) drops the client's connection there,
+without the rest of the response (with no response at all when nothing was sent yet);
+``/health`` answers 503 while the engine reports itself unhealthy; ``max_model_len``
+(``/v1/models``, ``/tokenize``, the probes) is the engine's own limit unless one is given;
+a choice ended by a stop string carries it as ``stop_reason``
+(:class:`~sage_llm.sim.server_requests.ReportsStopReason`); chunks' logprobs are passed
+on, and joined for a non-streaming answer; an unknown path or method is answered as
+FastAPI answers it for vLLM, ``{"detail": "Not Found"}`` (404) or
+``{"detail": "Method Not Allowed"}`` (405, with ``Allow``).
+
 Cross-process PD KV release: ``POST /sim/kv/release {"request_id": ...}`` unpins a finished
 prefill leg's KV. A simulated engine served here gets an :class:`HTTPKVReleaser`, so after
 its decode leg pulled KV from ``remote_host:remote_port`` it posts there (in the background,
@@ -34,8 +47,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -63,7 +77,12 @@ from sage_llm.sim.server_pd import (
     ReleasesKV,
     parse_bootstrap,
 )
-from sage_llm.sim.server_requests import ParsedRequest, check_model, parse_request
+from sage_llm.sim.server_requests import (
+    ParsedRequest,
+    ReportsStopReason,
+    check_model,
+    parse_request,
+)
 from sage_llm.types import ExecutionInstanceType
 
 _log = logging.getLogger(__name__)
@@ -71,12 +90,65 @@ _PIECE_CACHE_LIMIT = 1 << 16
 
 
 def _error(exc: SageLLMError) -> web.Response:
-    return web.json_response(exc.to_openai(), status=exc.http_status)
+    """The JSON error answer to ``exc``: an engine error with the HTTP status the engine
+    answered (``EngineError.status``) gets that status, in the body vLLM's server sends
+    for it (the type is the status's phrase, as its HTTPException handler writes it)."""
+    status = exc.status if isinstance(exc, EngineError) else None
+    if status is None or not 400 <= status < 600 or status == exc.http_status:
+        return web.json_response(exc.to_openai(), status=exc.http_status)
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = {"error": {"message": exc.message, "type": phrase, "param": exc.param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close the client's connection as it is: what was written goes out, nothing more
+    (a streamed body stays unterminated; a request answered with nothing gets nothing)."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _join_logprobs(parts: list[Any]) -> Any:
+    """A whole answer's logprobs from its chunks': their lists joined key by key."""
+    if not parts:
+        return None
+    joined: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            joined.setdefault(key, []).extend(value)
+    return joined
+
+
+@web.middleware
+async def _route_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An unknown path (404) or method (405) answered as vLLM's FastAPI app answers it:
+    ``{"detail": <the status's phrase>}``, with the ``Allow`` header of a 405."""
+    exc = request.match_info.http_exception
+    if exc is None:
+        return await handler(request)
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return web.json_response({"detail": exc.reason}, status=exc.status, headers=headers)
 
 
 async def _no_chunks() -> AsyncIterator[Chunk]:
     return
     yield  # pragma: no cover - makes this an async generator
+
+
+def _engine_setting(engine: EngineClient, name: str) -> int | None:
+    """An integer setting of a simulated engine's config (through wrappers such as the
+    fault injector), or None for an engine without one."""
+    for candidate in (engine, getattr(engine, "inner", None)):
+        value = getattr(getattr(candidate, "config", None), name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
@@ -115,12 +187,16 @@ class _EngineServer:
     ) -> None:
         self.engine = engine
         self.model_name = model_name
+        if max_model_len is None:
+            max_model_len = _engine_setting(engine, "max_model_len")
         self.max_model_len = max_model_len
+        self.tp_size = _engine_setting(engine, "tp") or 1
         self._clock = clock
         self.metrics = ServerMetrics(model_name)
         self.version = _package_version()
         self._pieces: dict[int, str] = {}
         self._queue_source = engine if isinstance(engine, ReportsQueueTime) else None
+        self._stop_source = engine if isinstance(engine, ReportsStopReason) else None
         self.role = _engine_role(engine)
         self.rooms = BootstrapRooms(on_expire=self._release_expired)
         self.bootstrap_wait_s = BOOTSTRAP_WAIT_S
@@ -193,7 +269,7 @@ class _EngineServer:
             return await self._prefill(parsed, fmt, arrival)
         if parsed.stream:
             return await self._stream(request, parsed, fmt, arrival)
-        return await self._complete(parsed, fmt, arrival)
+        return await self._complete(request, parsed, fmt, arrival)
 
     async def _prefill(
         self, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
@@ -207,7 +283,7 @@ class _EngineServer:
         now = self.clock.now()
         first = handle.first_token
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
-        self.metrics.observe_request(arrival, [now], "length", usage)
+        self._observe(parsed, arrival, [now], "length", usage)
         body = fmt.completion(first.text if first else "", "length", usage)
         body["kv_transfer_params"] = dict(handle.params)
         return web.json_response(body)
@@ -234,14 +310,14 @@ class _EngineServer:
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
         first = handle.first_token or Chunk("", (), "length", usage)
         if not parsed.stream:
-            self.metrics.observe_request(arrival, [self.clock.now()], "length", usage)
+            self._observe(parsed, arrival, [self.clock.now()], "length", usage)
             return web.json_response(fmt.completion(first.text, "length", usage))
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         tcp_nodelay(request.transport)
         await resp.prepare(request)
-        await self._relay(resp, _no_chunks(), first, parsed, fmt, arrival)
+        await self._relay(request, resp, _no_chunks(), first, parsed, fmt, arrival)
         return resp
 
     async def _fetch_room(self, boot: Bootstrap) -> dict[str, Any]:
@@ -296,10 +372,11 @@ class _EngineServer:
         return web.json_response({"room": int(raw), "kv_transfer_params": params})
 
     async def _complete(
-        self, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
+        self, request: web.Request, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
     ) -> web.Response:
         texts: list[str] = []
         times: list[float] = []
+        logprobs: list[Any] = []
         finish: str | None = None
         usage: Usage | None = None
         it = self.engine.generate(parsed.req)
@@ -309,16 +386,22 @@ class _EngineServer:
                 texts.append(chunk.text)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
+                if chunk.logprobs is not None:
+                    logprobs.append(chunk.logprobs)
         except SageLLMError as exc:
             return _error(exc)
         finally:
             await _aclose(it)
-        if not times:
-            return _error(EngineError("the engine produced no output", retryable=False))
+        if finish is None:  # the engine's stream broke off: so does the connection
+            _drop_connection(request)
+            return web.Response()
         usage = usage or parsed.estimate_usage(len(times))
-        finish = finish or "length"
         self._observe(parsed, arrival, times, finish, usage)
-        return web.json_response(fmt.completion("".join(texts), finish, usage))
+        body = fmt.completion("".join(texts), finish, usage)
+        choice = body["choices"][0]
+        choice["logprobs"] = _join_logprobs(logprobs)
+        choice["stop_reason"] = self._stop_reason(parsed, finish)
+        return web.json_response(body)
 
     async def _stream(
         self, request: web.Request, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
@@ -327,8 +410,9 @@ class _EngineServer:
         try:
             try:
                 chunk: Chunk | None = await anext(it)
-            except StopAsyncIteration:
-                return _error(EngineError("the engine produced no output", retryable=False))
+            except StopAsyncIteration:  # broke off before any output: so does the connection
+                _drop_connection(request)
+                return web.Response()
             except SageLLMError as exc:
                 return _error(exc)
             resp = web.StreamResponse(
@@ -336,13 +420,14 @@ class _EngineServer:
             )
             tcp_nodelay(request.transport)
             await resp.prepare(request)
-            await self._relay(resp, it, chunk, parsed, fmt, arrival)
+            await self._relay(request, resp, it, chunk, parsed, fmt, arrival)
             return resp
         finally:
             await _aclose(it)
 
     async def _relay(
         self,
+        request: web.Request,
         resp: web.StreamResponse,
         it: AsyncIterator[Chunk],
         chunk: Chunk | None,
@@ -361,11 +446,16 @@ class _EngineServer:
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
                 body = fmt.chunk(chunk.text, chunk.finish_reason, logprobs=chunk.logprobs)
+                if chunk.finish_reason is not None:
+                    body["choices"][0]["stop_reason"] = self._stop_reason(parsed, finish)
                 await resp.write(encode_event(body))
                 try:
                     chunk = await anext(it)
                 except StopAsyncIteration:
                     chunk = None
+            if finish is None:  # the engine's stream broke off: so does the connection
+                _drop_connection(request)
+                return
             usage = usage or parsed.estimate_usage(len(times))
             if parsed.include_usage:
                 await resp.write(encode_event(fmt.usage_chunk(usage)))
@@ -375,7 +465,7 @@ class _EngineServer:
         except ConnectionResetError:
             return  # the client went away; the caller closes the engine iterator
         else:
-            self._observe(parsed, arrival, times, finish or "length", usage)
+            self._observe(parsed, arrival, times, finish, usage)
         with contextlib.suppress(ConnectionResetError):
             await resp.write(DONE_EVENT)
             await resp.write_eof()
@@ -391,6 +481,13 @@ class _EngineServer:
         source = self._queue_source
         queue = None if source is None else source.queue_time_s(parsed.req.request_id)
         self.metrics.observe_request(arrival, times, finish, usage, queue_s=queue)
+
+    def _stop_reason(self, parsed: ParsedRequest, finish: str | None) -> str | None:
+        """The stop string that ended the request, for a choice's ``stop_reason``."""
+        source = self._stop_source
+        if finish != "stop" or source is None:
+            return None
+        return source.stop_reason(parsed.req.request_id)
 
     async def kv_release(self, request: web.Request) -> web.Response:
         """``POST /sim/kv/release {"request_id"}``: unpin a prefill leg's KV."""
@@ -411,7 +508,12 @@ class _EngineServer:
     # --- information endpoints -----------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        """200 while the engine reports itself healthy, else 503 (as vLLM's ``/health``)."""
+        try:
+            healthy = await self.engine.health()
+        except SageLLMError:
+            healthy = False
+        return web.Response(status=200 if healthy else 503)
 
     async def version_info(self, request: web.Request) -> web.Response:
         return web.json_response({"version": self.version})
@@ -497,7 +599,7 @@ class _EngineServer:
             "tokenizer_path": self.model_name,
             "version": self.version,
             "dp_size": 1,
-            "tp_size": 1,
+            "tp_size": self.tp_size,
             "context_length": self.max_model_len,
             "max_total_num_tokens": capacity,
             "max_total_tokens": capacity,
@@ -597,14 +699,15 @@ def create_engine_app(
     """An aiohttp application serving ``engine`` as model ``model_name`` with vLLM's API.
 
     ``clock`` times the latency histograms (default: the clock of the running loop);
-    ``max_model_len`` bounds prompt + max_tokens (unbounded when None).
+    ``max_model_len`` bounds prompt + max_tokens and is the limit the server reports
+    (default: the engine's ``config.max_model_len`` when it has one, else unbounded).
     """
     if not model_name:
         raise ValueError("model_name must not be empty")
     if max_model_len is not None and max_model_len <= 0:
         raise ValueError("max_model_len must be positive")
     srv = _EngineServer(engine, model_name, clock, max_model_len)
-    app = web.Application(client_max_size=64 << 20)
+    app = web.Application(client_max_size=64 << 20, middlewares=[_route_errors])
     app.router.add_post("/v1/completions", srv.completions)
     app.router.add_post("/v1/chat/completions", srv.chat)
     app.router.add_post("/v1/completions/render", srv.render)
@@ -686,6 +789,7 @@ __all__ = [
     "NotifiesRemoteKV",
     "ReleasesKV",
     "ReportsQueueTime",
+    "ReportsStopReason",
     "create_engine_app",
     "parse_bootstrap",
     "serve_engine",

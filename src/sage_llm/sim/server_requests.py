@@ -1,11 +1,12 @@
-"""Parsing the OpenAI request bodies the simulated engine server accepts (vLLM's fields)."""
+"""Parsing the OpenAI request bodies the simulated engine server accepts (vLLM's fields), and
+what the server may ask an engine about a finished request (:class:`ReportsStopReason`)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from sage_llm import tokens
 from sage_llm.engines.base import EngineRequest, Usage
@@ -142,3 +143,12 @@ def parse_request(
     )
     include_usage = bool(options and options.get("include_usage"))
     return ParsedRequest(req, stream, include_usage, role, prompt_tokens)
+
+
+@runtime_checkable
+class ReportsStopReason(Protocol):
+    """Optional engine extension: the stop string that ended a finished request (``None``
+    when none did, or when unknown). The server answers it as the choice's
+    ``stop_reason``, as vLLM does."""
+
+    def stop_reason(self, request_id: str) -> str | None: ...

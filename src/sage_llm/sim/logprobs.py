@@ -1,0 +1,137 @@
+"""Logprobs for the simulated engine's tokens, in vLLM's response shapes.
+
+The simulator has no model, so the numbers model nothing: each token gets a made-up
+distribution, drawn from a generator seeded by the engine seed and the request id (the
+same request on an engine of the same seed gets the same logprobs). They are plausible:
+every logprob is at most 0, a token's alternatives are other words of the simulator's
+vocabulary (:data:`~sage_llm.sim.text.WORDS`) with probabilities summing to at most 1,
+listed most likely first, and the sampled token is usually, not always, the most likely.
+Drawing them leaves the generated text unchanged.
+
+The request asks as vLLM's OpenAI server is asked:
+
+* completions: ``logprobs`` (an integer, 0 to :data:`MAX_LOGPROBS`): each chunk carries
+  ``{"text_offset", "token_logprobs", "tokens", "top_logprobs"}``, one entry per token;
+  ``top_logprobs`` maps the sampled token and the ``logprobs`` most likely ones to their
+  logprobs (so up to ``logprobs + 1`` entries), ``text_offset`` counts from the start of
+  the generated text;
+* chat: ``logprobs: true`` and ``top_logprobs`` (0 to :data:`MAX_LOGPROBS`): each chunk
+  carries ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
+  "logprob", "bytes"}, ...]}, ...]}`` with ``top_logprobs`` most likely alternatives.
+
+A chunk's logprobs cover its tokens; the chunks' lists joined key by key are the whole
+answer's (what a non-streaming answer carries). Bad values raise
+:class:`~sage_llm.errors.InvalidRequestError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from sage_llm.engines.base import EngineRequest
+from sage_llm.errors import InvalidRequestError
+from sage_llm.sim.text import WORDS
+
+__all__ = ["MAX_LOGPROBS", "PseudoLogprobs", "requested_logprobs"]
+
+MAX_LOGPROBS = 20
+"""The most alternatives a request may ask for per token (vLLM's default ``max_logprobs``)."""
+
+_TOP_SAMPLED = 0.8
+"""How often the sampled token is the most likely one."""
+_PIECES = tuple(" " + word for word in WORDS)
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"`{field}` must be a non-negative integer", param=field)
+    if value > MAX_LOGPROBS:
+        raise InvalidRequestError(
+            f"Requested {field} of {value}, which is greater than max allowed: {MAX_LOGPROBS}",
+            param=field,
+        )
+    return value
+
+
+def requested_logprobs(req: EngineRequest) -> int | None:
+    """How many alternatives per token ``req`` asks for (0: only the sampled token's
+    logprob), or None when it asks for no logprobs. Raises :class:`InvalidRequestError`
+    on a bad ``logprobs`` or ``top_logprobs``."""
+    extra: Mapping[str, Any] = req.extra
+    if req.api == "completions":
+        value = extra.get("logprobs")
+        return None if value is None else _count(value, "logprobs")
+    wanted = extra.get("logprobs")
+    if wanted is not None and wanted not in (True, False):  # 0 and 1 pass, as for vLLM
+        raise InvalidRequestError("`logprobs` must be a boolean", param="logprobs")
+    top = extra.get("top_logprobs")
+    top = 0 if top is None else _count(top, "top_logprobs")
+    if top and not wanted:
+        raise InvalidRequestError(
+            "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs"
+        )
+    return top if wanted else None
+
+
+class PseudoLogprobs:
+    """The logprobs of one request's tokens, chunk by chunk."""
+
+    __slots__ = ("_chat", "_offset", "_rng", "_top")
+
+    def __init__(self, top: int, *, chat: bool, seed: int, request_id: str) -> None:
+        self._top = top
+        self._chat = chat
+        self._rng = random.Random(f"logprobs:{seed}:{request_id}")
+        self._offset = 0
+
+    def _token(self, piece: str) -> tuple[float, list[tuple[str, float]]]:
+        """The sampled ``piece``'s logprob and the most likely tokens with theirs."""
+        rng = self._rng
+        ranks = max(self._top, 1) + 1
+        left = 1.0
+        probs: list[float] = []
+        for _ in range(ranks):  # each takes a share of what the ones before left
+            p = left * rng.uniform(0.5, 0.98) if not probs else left * rng.uniform(0.2, 0.7)
+            probs.append(p)
+            left -= p
+        probs.sort(reverse=True)
+        sampled = 0 if rng.random() < _TOP_SAMPLED else rng.randrange(1, ranks)
+        others = iter(rng.sample([p for p in _PIECES if p != piece], ranks - 1))
+        top = [
+            (piece if rank == sampled else next(others), math.log(p))
+            for rank, p in enumerate(probs[: self._top])
+        ]
+        return math.log(probs[sampled]), top
+
+    def next(self, pieces: list[str]) -> dict[str, Any]:
+        """The logprobs object of a chunk of ``pieces`` (one token each)."""
+        drawn = [(piece, *self._token(piece)) for piece in pieces]
+        if self._chat:
+            return {
+                "content": [
+                    {
+                        "token": piece,
+                        "logprob": logprob,
+                        "bytes": list(piece.encode()),
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top
+                        ],
+                    }
+                    for piece, logprob, top in drawn
+                ]
+            }
+        offsets = []
+        for piece in pieces:
+            offsets.append(self._offset)
+            self._offset += len(piece)
+        return {
+            "text_offset": offsets,
+            "token_logprobs": [logprob for _, logprob, _ in drawn],
+            "tokens": list(pieces),
+            "top_logprobs": [{piece: logprob, **dict(top)} for piece, logprob, top in drawn],
+        }

@@ -1,0 +1,325 @@
+"""engine-sim end to end: the simulated engine (and its fault injector) behind the HTTP
+server, answering what a vLLM server answers.
+
+The engines run fast (``speed=100``: steps of about 0.1 ms), so these tests take real time
+but little of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from sage_llm.engines.base import EngineClient
+from sage_llm.engines.metrics_scrape import parse_prometheus_text
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
+from sage_llm.sim.server import start_engine_server
+
+MODEL = "llama-3-8b"
+
+
+def fast_engine(**config: Any) -> SimEngine:
+    return SimEngine("sim-0", SimEngineConfig(speed=100.0, **config))
+
+
+def faulty(spec: str, **config: Any) -> FaultyEngineClient:
+    return FaultyEngineClient(fast_engine(**config), FaultPlan.parse(spec))
+
+
+@asynccontextmanager
+async def served(engine: EngineClient, **kwargs: Any) -> AsyncIterator[str]:
+    runner, port = await start_engine_server(
+        engine, model_name=MODEL, shutdown_timeout=1.0, **kwargs
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await engine.aclose()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any, rid: str | None = None
+) -> tuple[int, Any]:
+    headers = {"X-Request-Id": rid} if rid else {}
+    async with http.post(url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def stream_events(
+    http: aiohttp.ClientSession, url: str, body: Any, rid: str | None = None
+) -> list[str]:
+    headers = {"X-Request-Id": rid} if rid else {}
+    async with http.post(url, json={**body, "stream": True}, headers=headers) as resp:
+        assert resp.status == 200
+        text = (await resp.read()).decode()
+    return [block.removeprefix("data: ") for block in text.strip().split("\n\n")]
+
+
+async def metrics(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with http.get(f"{base}/metrics") as resp:
+        return parse_prometheus_text(await resp.text())
+
+
+def total(samples: dict[str, Any], name: str) -> float:
+    return float(sum(value for _, value in samples.get(name, [])))
+
+
+COMPLETION = {"model": MODEL, "prompt": "Tell me a story about a river", "max_tokens": 10}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [503, 429, 500])
+async def test_an_injected_error_answers_exactly_the_configured_status(
+    http: aiohttp.ClientSession, status: int
+) -> None:
+    async with served(faulty(f"error={status}@p1; seed=1")) as base:
+        expected = {
+            "error": {
+                "message": f"engine answered HTTP {status} (injected)",
+                "type": {503: "Service Unavailable", 429: "Too Many Requests",
+                         500: "Internal Server Error"}[status],
+                "param": None,
+                "code": status,
+            }
+        }  # fmt: skip
+        for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            for stream in (False, True):
+                got = await post(http, base + path, {**body, "stream": stream})
+                assert got == (status, expected)
+        prefill_leg = {**COMPLETION, "kv_transfer_params": {"do_remote_decode": True}}
+        got_status, err = await post(http, f"{base}/v1/completions", prefill_leg)
+        assert (got_status, err["error"]["code"]) == (status, status)
+        assert err["error"]["message"] == f"prefill leg answered HTTP {status} (injected)"
+        async with http.get(f"{base}/health") as resp:
+            assert resp.status == 200  # a random fault: the engine itself is healthy
+
+
+async def test_a_scheduled_error_fails_health_probes_too(http: aiohttp.ClientSession) -> None:
+    async with served(faulty("error=503")) as base:
+        async with http.get(f"{base}/health") as resp:
+            assert resp.status == 503
+        status, _ = await post(http, f"{base}/v1/completions", COMPLETION)
+        assert status == 503
+    async with served(fast_engine()) as base, http.get(f"{base}/health") as resp:
+        assert resp.status == 200
+
+
+async def test_a_truncated_answer_drops_the_connection(http: aiohttp.ClientSession) -> None:
+    async with served(faulty("truncate=3")) as base:
+        for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await post(http, base + path, body)
+            received: list[bytes] = []
+            async with http.post(base + path, json={**body, "stream": True}) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for line in resp.content:
+                        received.append(line)
+            events = [json.loads(line[6:]) for line in received if line.startswith(b"data: {")]
+            texts = [e["choices"][0].get("text") or e["choices"][0]["delta"].get("content")
+                     for e in events]  # fmt: skip
+            assert len([t for t in texts if t]) == 3
+            assert all(e["choices"][0]["finish_reason"] is None for e in events)
+            assert b"data: [DONE]\n" not in received
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        try:
+            with pytest.raises(openai.APIConnectionError):
+                await client.completions.create(model=MODEL, prompt="x", max_tokens=8)
+        finally:
+            await client.close()
+        samples = await metrics(http, base)
+    assert total(samples, "vllm:request_success_total") == 0.0
+    assert total(samples, "vllm:e2e_request_latency_seconds_count") == 0.0
+
+
+async def test_a_stream_cut_before_any_output_drops_the_connection_too(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with served(faulty("truncate=0")) as base:
+        for stream in (False, True):
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await post(http, f"{base}/v1/completions", {**COMPLETION, "stream": stream})
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+async def test_queue_time_histogram_counts_every_request(
+    http: aiohttp.ClientSession, wrapped: bool
+) -> None:
+    engine: EngineClient = (
+        faulty("seed=1", max_num_seqs=2) if wrapped else fast_engine(max_num_seqs=2)
+    )
+    async with served(engine) as base:
+        results = await asyncio.gather(
+            *(post(http, f"{base}/v1/completions", COMPLETION, f"q{i}") for i in range(8))
+        )
+        assert [status for status, _ in results] == [200] * 8
+        samples = await metrics(http, base)
+    assert total(samples, "vllm:request_success_total") == 8.0
+    assert total(samples, "vllm:request_queue_time_seconds_count") == 8.0
+    assert total(samples, "vllm:request_queue_time_seconds_sum") > 0.0  # 6 of 8 waited
+
+
+# --- API parity ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+async def test_model_card_and_tokenizer_report_the_engines_limit(
+    http: aiohttp.ClientSession, wrapped: bool
+) -> None:
+    engine: EngineClient = fast_engine(max_model_len=4096, tp=2)
+    if wrapped:
+        engine = FaultyEngineClient(engine, FaultPlan.parse(""))
+    async with served(engine) as base:
+        async with http.get(f"{base}/v1/models") as resp:
+            (card,) = (await resp.json())["data"]
+        assert card["max_model_len"] == 4096
+        _, tok = await post(http, f"{base}/tokenize", {"prompt": "Hello there"})
+        assert tok["max_model_len"] == 4096
+        async with http.get(f"{base}/server_info") as resp:
+            info = await resp.json()
+        assert (info["context_length"], info["tp_size"]) == (4096, 2)
+        status, err = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4096})
+        assert status == 400 and err["error"]["param"] == "max_tokens"
+        assert "maximum context length is 4096 tokens" in err["error"]["message"]
+    async with served(fast_engine()) as base, http.get(f"{base}/v1/models") as resp:
+        assert (await resp.json())["data"][0]["max_model_len"] == 32768
+
+
+async def test_stop_reason_is_the_matched_stop_string(http: aiohttp.ClientSession) -> None:
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        _, full = await post(http, url, {**COMPLETION, "max_tokens": 30}, "s")
+        assert full["choices"][0]["stop_reason"] is None  # ran to max_tokens
+        stop = " " + full["choices"][0]["text"].split()[4]
+        body = {**COMPLETION, "max_tokens": 30, "stop": ["never-there", stop]}
+        _, out = await post(http, url, body, "s")
+        choice = out["choices"][0]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+        assert full["choices"][0]["text"].startswith(choice["text"] + stop)
+        events = await stream_events(http, url, body, "s")
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
+        assert all(json.loads(e)["choices"][0]["stop_reason"] is None for e in events[:-2])
+
+        chat_url = f"{base}/v1/chat/completions"
+        _, chat = await post(http, chat_url, {**CHAT, "max_tokens": 30}, "c")
+        word = " " + chat["choices"][0]["message"]["content"].split()[3]
+        _, stopped = await post(http, chat_url, {**CHAT, "max_tokens": 30, "stop": word}, "c")
+        assert stopped["choices"][0]["stop_reason"] == word
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_unknown_routes_and_methods_answer_json_as_vllm_does(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with served(fast_engine()) as base:
+        async with http.get(f"{base}/v1/nope") as resp:
+            assert resp.status == 404
+            assert resp.content_type == "application/json"
+            assert await resp.json() == {"detail": "Not Found"}
+        async with http.get(f"{base}/v1/completions") as resp:
+            assert resp.status == 405
+            assert resp.content_type == "application/json"
+            assert await resp.json() == {"detail": "Method Not Allowed"}
+            assert "POST" in resp.headers["Allow"]
+
+
+# --- logprobs -----------------------------------------------------------------------------
+
+
+async def test_completion_logprobs_in_vllms_shape(http: aiohttp.ClientSession) -> None:
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        body = {**COMPLETION, "logprobs": 2}
+        _, out = await post(http, url, body, "lp")
+        logprobs = out["choices"][0]["logprobs"]
+        assert set(logprobs) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        tokens = logprobs["tokens"]
+        assert len(tokens) == out["usage"]["completion_tokens"] == 10
+        assert "".join(tokens) == out["choices"][0]["text"]
+        assert logprobs["text_offset"] == [sum(map(len, tokens[:i])) for i in range(10)]
+        for token, lp, top in zip(tokens, logprobs["token_logprobs"], logprobs["top_logprobs"],
+                                  strict=True):  # fmt: skip
+            assert lp <= 0.0 and top[token] == lp and 2 <= len(top) <= 3
+        # the same request streamed: the chunks' logprobs join to the same object
+        events = await stream_events(http, url, body, "lp")
+        parts = [json.loads(e)["choices"][0]["logprobs"] for e in events[:-1]]
+        joined = {key: [v for p in parts for v in p[key]] for key in logprobs}
+        assert joined == logprobs
+        _, plain = await post(http, url, COMPLETION, "lp")
+        assert plain["choices"][0]["logprobs"] is None
+
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        try:
+            done = await client.completions.create(model=MODEL, prompt="x", max_tokens=3,
+                                                   logprobs=0)  # fmt: skip
+            parsed = done.choices[0].logprobs
+            assert parsed is not None and parsed.token_logprobs is not None
+            assert len(parsed.token_logprobs) == 3
+        finally:
+            await client.close()
+
+
+async def test_chat_logprobs_in_vllms_shape(http: aiohttp.ClientSession) -> None:
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/chat/completions"
+        body = {**CHAT, "logprobs": True, "top_logprobs": 3}
+        _, out = await post(http, url, body, "c")
+        content = out["choices"][0]["logprobs"]["content"]
+        assert len(content) == 10
+        assert "".join(e["token"] for e in content) == out["choices"][0]["message"]["content"]
+        for entry in content:
+            assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+            assert entry["bytes"] == list(entry["token"].encode())
+            top = entry["top_logprobs"]
+            assert len(top) == 3
+            assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+            assert all(t["bytes"] == list(t["token"].encode()) for t in top)
+        events = await stream_events(http, url, body, "c")
+        parts = [json.loads(e)["choices"][0]["logprobs"] for e in events[1:-1]]
+        assert [x for p in parts for x in p["content"]] == content
+        _, bare = await post(http, url, {**CHAT, "logprobs": True}, "c")
+        assert all(e["top_logprobs"] == [] for e in bare["choices"][0]["logprobs"]["content"])
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"logprobs": "two"}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),
+    ],
+)
+async def test_bad_logprobs_fields_are_400s_naming_the_field(
+    http: aiohttp.ClientSession, path: str, fields: dict[str, Any], param: str
+) -> None:
+    body = {**(CHAT if "chat" in path else COMPLETION), **fields}
+    async with served(fast_engine()) as base:
+        for stream in (False, True):
+            status, err = await post(http, base + path, {**body, "stream": stream})
+            assert status == 400 and err["error"]["param"] == param
