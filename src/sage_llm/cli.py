@@ -4,21 +4,36 @@ sage-llm serve [--config cluster.toml] [--host H] [--port P]
 sage-llm demo
 sage-llm engine-sim --model llama-3-8b --gpu h100 --port 8001 [--speed K]
 sage-llm topo [--file topo.txt]
+sage-llm plan --model M --gpus 8xH100 [--json]
+sage-llm launch fleet.toml | plan.json [--base-port P --log-dir DIR] [--port P]
 sage-llm config check FILE
+sage-llm bench compare | pd | proxy
+
+Every argument is checked when the command line is parsed (ports 1-65535, counts >= 1,
+rates finite and > 0, preset and policy names), so a bad one is refused before any work
+starts; files and ports are checked next (readable UTF-8 text, a port free to listen on).
+Each problem is one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
+import signal
+import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from sage_llm.errors import SageLLMError
+
+if TYPE_CHECKING:
+    from sage_llm.launch import LaunchConfig
 
 app = typer.Typer(
     name="sage-llm",
@@ -54,9 +69,155 @@ def _setup_logging(ctx: typer.Context, level: str, fmt: str) -> None:
 _LOG_FORMAT_HELP = "Log lines: text, or json (one object per line, with the access log's fields)."
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+# -- argument checks, run while the command line is parsed (before any work) -------------------
+
+
+def _bad(exc: SageLLMError) -> typer.BadParameter:
+    """``exc`` as the error of the option being parsed (without its config key prefix)."""
+    key = getattr(exc, "key", None)
+    return typer.BadParameter(exc.message.removeprefix(f"{key}: ") if key else exc.message)
+
+
+def _port(value: int | None) -> int | None:
+    if value is not None and not 1 <= value <= 65535:
+        raise typer.BadParameter(f"must be a port number (1-65535), got {value}")
+    return value
+
+
+def _at_least_one(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {value:g}")
+    return value
+
+
+def _role(value: str) -> str:
+    from sage_llm.types import ExecutionInstanceType
+
+    try:
+        ExecutionInstanceType.parse(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"unknown role {value!r} (expected general, prefill or decode)"
+        ) from None
+    return value
+
+
+def _policy(value: str) -> str:
+    from sage_llm.control_plane.scheduling.registry import params_class
+
+    try:
+        params_class(value)
+    except SageLLMError as exc:
+        raise _bad(exc) from None
+    return value
+
+
+def _routing(value: str) -> str:
+    from sage_llm.control_plane.routing.registry import get_strategy
+
+    try:
+        get_strategy(value)
+    except SageLLMError as exc:
+        raise _bad(exc) from None
+    return value
+
+
+def _split(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def _rates(value: str | None) -> str | None:
+    for part in _split(value):
+        try:
+            rate = float(part)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not a number") from None
+        if not (math.isfinite(rate) and rate > 0):
+            raise typer.BadParameter(f"must be finite numbers > 0, got {part}")
+    return value
+
+
+def _presets(value: str | None) -> str | None:
+    from sage_llm.bench.compare import parse_preset
+
+    for spec in _split(value):
+        try:
+            parse_preset(spec)
+        except SageLLMError as exc:
+            raise _bad(exc) from None
+    return value
+
+
+def _peers(value: str) -> str:
+    from sage_llm.bench.peers import get_spec
+
+    for name in _split(value):
+        try:
+            get_spec(name)
+        except SageLLMError as exc:
+            raise typer.BadParameter(exc.message.replace("peer router", "peer")) from None
+    return value
+
+
+def _workload(value: str) -> str:
+    from sage_llm.bench.compare import check_workload
+
+    try:
+        check_workload(value)
+    except SageLLMError as exc:
+        raise _bad(exc) from None
+    return value
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``, else a one-line error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _fail(f"{path}: cannot read: {exc.strerror or exc}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _fail(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})")
+
+
+def _cannot_listen(exc: OSError, port: int) -> str | None:
+    """Why a server cannot listen, for the errors that mean it (else None)."""
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use"
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+        return exc.strerror or str(exc)
+    return None
+
+
+def _check_listen(host: str, port: int, host_source: str = "--host") -> None:
+    """A one-line error unless ``host:port`` can be listened on now (servers bind with
+    SO_REUSEADDR, so a port left in TIME_WAIT is free)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        _fail(f"{host_source}: cannot resolve {host!r} ({exc.strerror})")
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {_cannot_listen(exc, port) or exc}")
 
 
 @app.command()
@@ -66,7 +227,9 @@ def serve(
         Path | None, typer.Option("--config", "-c", help="Cluster TOML (seed format).")
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (overrides the file).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (overrides the file).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (overrides the file).", callback=_port)
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
     loop: Annotated[
@@ -78,15 +241,24 @@ def serve(
     Without --config it starts the embedded default: a small fleet of simulated engines.
     """
     _setup_logging(ctx, log_level, log_format)
+    from sage_llm import eventloop
     from sage_llm.config import SageConfig, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
-    from sage_llm.gateway.server import run_gateway
+    from sage_llm.gateway.server import DEFAULT_HOST, run_gateway
 
     log = logging.getLogger("sage_llm.serve")
     try:
         cfg = load_config(config) if config is not None else SageConfig.default()
     except SageLLMError as exc:
         _fail(exc.message)
+    try:
+        eventloop.resolve_loop(loop)
+    except ValueError as exc:
+        _fail(f"--loop: {exc}")
+    bind_host = host if host is not None else (cfg.gateway.host or DEFAULT_HOST)
+    bind_port = port if port is not None else cfg.gateway.port
+    if bind_port:  # 0 picks a free port
+        _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
     if uses_embedded_fleet(cfg):
         sim = cfg.simulation
         log.info(
@@ -104,21 +276,23 @@ def serve(
         manager = build_manager(cfg)
         await run_gateway(manager, cfg.gateway, host=host, port=port)
 
-    from sage_llm import eventloop
-
-    try:
-        eventloop.resolve_loop(loop)
-    except ValueError as exc:
-        _fail(f"--loop: {exc}")
     eventloop.tune_collector_for_serving()
-    with contextlib.suppress(KeyboardInterrupt):
-        eventloop.run(main(), loop)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            eventloop.run(main(), loop)
+    except OSError as exc:  # taken since the check above
+        reason = _cannot_listen(exc, bind_port)
+        if reason is None:
+            raise
+        _fail(f"cannot listen on {bind_host}:{bind_port}: {reason}")
 
 
 @app.command()
 def demo(
-    sessions: Annotated[int, typer.Option(help="Multi-turn sessions in the workload.")] = 120,
-    rate: Annotated[float, typer.Option(help="New sessions per second.")] = 9.0,
+    sessions: Annotated[
+        int, typer.Option(help="Multi-turn sessions in the workload.", callback=_at_least_one)
+    ] = 120,
+    rate: Annotated[float, typer.Option(help="New sessions per second.", callback=_positive)] = 9.0,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
 ) -> None:
     """Run a short workload through a simulated fleet under several presets, side by side."""
@@ -130,23 +304,38 @@ def demo(
         _fail(exc.message)
 
 
-@app.command("engine-sim")
+_ENGINE_SIM_HELP = (
+    "Serve one simulated engine over vLLM's HTTP API (completions, chat, metrics, PD).\n\n"
+    "A GPU and model with a packaged fitted profile (--gpu cpu --model tiny: vLLM's CPU build) "
+    "uses the profile's step model, engine limits and front end. With --instant every request "
+    "is answered at once, without simulated time (whole requests only)."
+)
+
+
+@app.command("engine-sim", help=_ENGINE_SIM_HELP)
 def engine_sim(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Simulated model (e.g. llama-3-8b).")] = "llama-3-8b",
     gpu: Annotated[str, typer.Option(help="Simulated GPU (h100, h200, a100, l40s, cpu).")] = "h100",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,
+    port: Annotated[int, typer.Option(help="Port to listen on.", callback=_port)] = 8001,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    speed: Annotated[float, typer.Option(help="Time scale: 2.0 runs twice as fast.")] = 1.0,
-    tp: Annotated[int, typer.Option(help="Tensor-parallel size.")] = 1,
-    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
-    role: Annotated[str, typer.Option(help="general, prefill or decode.")] = "general",
+    speed: Annotated[
+        float, typer.Option(help="Time scale: 2.0 runs twice as fast.", callback=_positive)
+    ] = 1.0,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel size.", callback=_at_least_one)] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.", callback=_at_least_one)] = 1,
+    role: Annotated[str, typer.Option(help="general, prefill or decode.", callback=_role)] = (
+        "general"
+    ),
     served_model_name: Annotated[
         str | None, typer.Option(help="Model name clients use (default: --model).")
     ] = None,
     max_num_seqs: Annotated[
         int | None,
-        typer.Option(help="Engine batch bound (default: the fitted profile's, else 256)."),
+        typer.Option(
+            help="Engine batch bound (default: the fitted profile's, else 256).",
+            callback=_at_least_one,
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
@@ -162,11 +351,7 @@ def engine_sim(
         ),
     ] = False,
 ) -> None:
-    """Serve one simulated engine over vLLM's HTTP API (completions, chat, metrics, PD).
-
-    A GPU × model with a packaged fitted profile (``--gpu cpu --model tiny``: vLLM's CPU
-    build) uses the profile's step model, engine limits and front end. With ``--instant``
-    every answer comes at once (``sage_llm.sim.instant``), whole requests only."""
+    # The help is _ENGINE_SIM_HELP: typer shows a docstring's line breaks as they are.
     _setup_logging(ctx, log_level, log_format)
     from sage_llm.engines.base import EngineClient
     from sage_llm.sim.engine import SimEngine
@@ -195,6 +380,7 @@ def engine_sim(
             plan = FaultPlan.parse(faults)
     except (SageLLMError, ValueError) as exc:
         _fail(str(exc))
+    _check_listen(host, port)
     name = served_model_name or model
     cost = "instant answers" if instant else config.build_cost_model().name
     typer.echo(
@@ -211,8 +397,14 @@ def engine_sim(
             served = faulty
         await serve_engine(served, model_name=name, host=host, port=port)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    except OSError as exc:  # taken since the check above
+        reason = _cannot_listen(exc, port)
+        if reason is None:
+            raise
+        _fail(f"cannot listen on {host}:{port}: {reason}")
 
 
 @app.command()
@@ -226,8 +418,8 @@ def topo(
 
     if file is not None:
         try:
-            topology = parse_nvidia_smi_topo(file.read_text())
-        except (OSError, SageLLMError) as exc:
+            topology = parse_nvidia_smi_topo(_read_text(file))
+        except SageLLMError as exc:
             _fail(f"{file}: {exc}")
         typer.echo(topology.describe())
         return
@@ -269,64 +461,171 @@ def plan(
 def launch(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="A launch file (.toml) or a plan (.json).")],
-    policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "adaptive",
-    routing: Annotated[str, typer.Option(help="Routing strategy.")] = "load_balanced",
+    policy: Annotated[str, typer.Option(help="Scheduling policy.", callback=_policy)] = (
+        "adaptive"
+    ),
+    routing: Annotated[str, typer.Option(help="Routing strategy.", callback=_routing)] = (
+        "load_balanced"
+    ),
     host: Annotated[str, typer.Option(help="Gateway bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Gateway port.")] = 8080,
+    port: Annotated[int, typer.Option(help="Gateway port.", callback=_port)] = 8080,
+    base_port: Annotated[
+        int | None,
+        typer.Option(
+            help="A plan's engines listen on this port and the next ones (default: 8100).",
+            callback=_port,
+        ),
+    ] = None,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option(help="A plan's engine logs: <log-dir>/<id>.log (default: sage-llm-logs)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
 ) -> None:
     """Start the engines of a launch file or plan and serve the gateway over them.
 
-    Ctrl-C stops the gateway and every engine it started.
+    Ctrl-C or SIGTERM stops the gateway and every engine started (before it listens: exit 130/143).
     """
     _setup_logging(ctx, log_level, log_format)
+    from sage_llm.launch import engines_from_plan, load_launch_config
+
+    overrides: dict[str, object] = {}
+    if base_port is not None:
+        overrides["base_port"] = base_port
+    if log_dir is not None:
+        overrides["log_dir"] = log_dir
+    if overrides and source.suffix != ".json":
+        _fail(
+            "--base-port and --log-dir apply to a plan file (.json); "
+            "a launch file sets base_port and log_dir"
+        )
+    try:
+        config = load_launch_config(source, overrides=overrides)
+        engines = engines_from_plan(config.instances, config.settings)
+    except SageLLMError as exc:
+        _fail(exc.message)
+    for engine in engines:
+        if engine.port == port:
+            _fail(f"--port: {port} is also the port of engine {engine.instance_id!r}")
+    _check_listen(host, port)
+    stopped_by = _run_launch(config, policy=policy, routing=routing, host=host, port=port)
+    if stopped_by is not None:
+        _fail(
+            f"{stopped_by.name} before the launch finished: stopped the engines it had started",
+            code=128 + stopped_by,
+        )
+
+
+def _run_launch(
+    config: LaunchConfig, *, policy: str, routing: str, host: str, port: int
+) -> signal.Signals | None:
+    """Start the fleet, then serve the gateway until SIGTERM or Ctrl-C; stop the fleet.
+    The signal (SIGTERM or SIGINT) that stopped the launch before the gateway listened,
+    else None.
+
+    Until the gateway listens, SIGTERM cancels the launch (which stops every engine it had
+    started, as Ctrl-C does); while it listens, the gateway handles SIGTERM itself (a
+    graceful shutdown), and once it is done SIGTERM no longer interrupts stopping the fleet.
+    """
     from sage_llm.config import SageConfig
     from sage_llm.control_plane.manager import ControlPlaneManager
     from sage_llm.gateway.server import run_gateway
     from sage_llm.launch import launch_from_config
 
+    log = logging.getLogger("sage_llm.launch")
+    terminated = False
+    listening = asyncio.Event()
+
     async def main() -> None:
+        nonlocal terminated
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            if listening.is_set() or terminated:
+                log.info("SIGTERM received: already stopping")
+                return
+            log.info("SIGTERM received: stopping the engines started so far")
+            terminated = True
+            assert task is not None
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         manager = ControlPlaneManager(scheduling_policy=policy, routing_strategy=routing)
-        await manager.start()
-        fleet = await launch_from_config(source, manager=manager)
-        typer.echo(fleet.describe())
         try:
-            await run_gateway(manager, SageConfig.default().gateway, host=host, port=port)
+            await manager.start()
+            async with await launch_from_config(config, manager=manager) as fleet:
+                typer.echo(fleet.describe())
+                try:
+                    await run_gateway(
+                        manager, SageConfig.default().gateway, host=host, port=port,
+                        ready=listening,
+                    )  # fmt: skip
+                finally:
+                    # run_gateway dropped its SIGTERM handler (SIGTERM would kill us now).
+                    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         finally:
-            await fleet.aclose()
+            await manager.stop()
 
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(main())
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return None if listening.is_set() else signal.SIGINT
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        return signal.SIGTERM
     except SageLLMError as exc:
         _fail(exc.message)
+    except OSError as exc:  # the gateway's port, taken since the check
+        reason = _cannot_listen(exc, port)
+        if reason is None:
+            raise
+        _fail(f"cannot listen on {host}:{port}: {reason}")
+    return None
 
 
 @bench_app.command("compare")
 def bench_compare(
     workload: Annotated[
-        str, typer.Option(help="multi-turn, sharegpt, synthetic or trace:PATH.")
+        str,
+        typer.Option(help="multi-turn, sharegpt, synthetic or trace:PATH.", callback=_workload),
     ] = "multi-turn",
     presets: Annotated[
-        str | None, typer.Option(help="Comma-separated policy+routing presets.")
+        str | None,
+        typer.Option(help="Comma-separated policy+routing presets.", callback=_presets),
     ] = None,
-    peers: Annotated[str, typer.Option(help="Comma-separated peer routers ('' for none).")] = (
-        "vllm-router,sglang-router"
-    ),
+    peers: Annotated[
+        str, typer.Option(help="Comma-separated peer routers ('' for none).", callback=_peers)
+    ] = "vllm-router,sglang-router",
     peer_policies: Annotated[
         str | None, typer.Option(help="Comma-separated peer policies (default: main ones).")
     ] = None,
-    engines: Annotated[int, typer.Option(help="engine-sim processes.")] = 4,
-    rate: Annotated[float | None, typer.Option(help="Offered rate, req/s.")] = None,
-    rates: Annotated[
-        str | None, typer.Option(help="Comma-separated rates for goodput-vs-rate curves.")
+    engines: Annotated[int, typer.Option(help="engine-sim processes.", callback=_at_least_one)] = 4,
+    rate: Annotated[
+        float | None, typer.Option(help="Offered rate, req/s.", callback=_positive)
     ] = None,
-    load: Annotated[float, typer.Option(help="Fraction of calibrated capacity.")] = 0.8,
-    duration_s: Annotated[float, typer.Option(help="Workload duration (seconds).")] = 60.0,
-    speed: Annotated[float, typer.Option(help="engine-sim time compression.")] = 1.0,
+    rates: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated rates for goodput-vs-rate curves.", callback=_rates),
+    ] = None,
+    load: Annotated[
+        float, typer.Option(help="Fraction of calibrated capacity.", callback=_positive)
+    ] = 0.8,
+    duration_s: Annotated[
+        float, typer.Option(help="Workload duration (seconds).", callback=_positive)
+    ] = 60.0,
+    speed: Annotated[
+        float, typer.Option(help="engine-sim time compression.", callback=_positive)
+    ] = 1.0,
     max_concurrent: Annotated[
-        int, typer.Option(help="Per-instance concurrency bound (engine-sim batches up to 256).")
+        int,
+        typer.Option(
+            help="Per-instance concurrency bound (engine-sim batches up to 256).",
+            callback=_at_least_one,
+        ),
     ] = 256,
     overload: Annotated[
         bool,
@@ -338,19 +637,16 @@ def bench_compare(
     """sage-llm presets and peer routers over the same simulated engines, side by side."""
     from sage_llm.bench.compare import compare_main, overload_main
 
-    def split(text: str | None) -> list[str]:
-        return [p.strip() for p in (text or "").split(",") if p.strip()]
-
     try:
         if overload:
             code = overload_main(engines=engines, duration_s=duration_s, seed=seed, out=out)
         else:
             code = compare_main(
                 workload,
-                presets=split(presets) or None,
-                peers=split(peers),
-                peer_policies=split(peer_policies) or None,
-                engines=engines, rate=rate, rates=[float(r) for r in split(rates)], load=load,
+                presets=_split(presets) or None,
+                peers=_split(peers),
+                peer_policies=_split(peer_policies) or None,
+                engines=engines, rate=rate, rates=[float(r) for r in _split(rates)], load=load,
                 duration_s=duration_s, speed=speed, max_concurrent=max_concurrent, seed=seed,
                 out=out,
             )  # fmt: skip
@@ -365,16 +661,22 @@ def bench_pd(
     realtime: Annotated[
         bool, typer.Option(help="Also compare with vllm-router PD over engine-sim processes.")
     ] = False,
-    speed: Annotated[float, typer.Option(help="Time compression of the real-time part.")] = 2.0,
+    speed: Annotated[
+        float, typer.Option(help="Time compression of the real-time part.", callback=_positive)
+    ] = 2.0,
     include_70b: Annotated[bool, typer.Option(help="Include the 70B TP4 fleets.")] = True,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
 ) -> None:
     """Colocated vs PD (several P:D ratios, adaptive decider) on long-prompt and chat work."""
     from sage_llm.bench.pd_bench import pd_bench_main
 
-    raise typer.Exit(
-        pd_bench_main(out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed)
-    )
+    try:
+        code = pd_bench_main(
+            out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed
+        )
+    except SageLLMError as exc:
+        _fail(exc.message)
+    raise typer.Exit(code)
 
 
 @bench_app.command("proxy")

@@ -13,6 +13,7 @@ from sage_llm.bench.compare import (
     CompareConfig,
     as_text_prompts,
     build_workload,
+    compare_main,
     overload_compare,
     parse_preset,
     rescale,
@@ -194,3 +195,45 @@ def test_run_compare_with_both_peers(tmp_path: Path) -> None:
         assert entry.kind == "peer"
         assert entry.summary.failed == 0, entry.summary.errors
         assert entry.summary.ok == entry.summary.count > 0
+
+
+def test_parse_preset_knows_the_policies_and_strategies() -> None:
+    with pytest.raises(ConfigError, match=r"^presets: preset 'fifo\+nosuch': unknown routing "):
+        parse_preset("fifo+nosuch")
+    with pytest.raises(ConfigError, match=r"preset 'nosuch\+locality': unknown scheduling policy"):
+        parse_preset("nosuch+locality")
+
+
+def test_compare_config_checks_every_field_with_a_clear_message(tmp_path: Path) -> None:
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"engines": 0}, "engines: must be >= 1, got 0"),
+        ({"speed": float("nan")}, "speed: must be a finite number > 0, got nan"),
+        ({"load": 0.0}, "load: must be a finite number > 0, got 0"),
+        ({"duration_s": -1.0}, "duration_s: must be a finite number > 0, got -1"),
+        ({"rates": (1.0, float("inf"))}, "rates: must be a finite number > 0, got inf"),
+        ({"max_concurrent": 0}, "max_concurrent: must be >= 1, got 0"),
+        ({"workload": "nope"}, "workload: unknown workload 'nope' (known: multi-turn, "),
+        ({"workload": f"trace:{tmp_path}/none.jsonl"}, "workload: no trace file at "),
+        ({"peers": ("nginx",)}, "peers: unknown peer router 'nginx' (known: sglang-router, "),
+        (
+            {"peers": ("sglang-router",), "peer_policies": {"sglang-router": ("kv_aware",)}},
+            "peer_policies: sglang-router has no policy 'kv_aware'",
+        ),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError) as info:
+            CompareConfig(**kwargs)  # type: ignore[arg-type]
+        assert info.value.message.startswith(message), info.value.message
+
+
+def test_compare_main_refuses_a_bad_preset_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the comparison ran")
+
+    monkeypatch.setattr("sage_llm.bench.compare.run_compare", never)
+    with pytest.raises(ConfigError, match="unknown routing strategy 'nosuch'") as info:
+        compare_main(presets=["fifo+nosuch"], peers=[], out=tmp_path)
+    assert info.value.message.count("error") == 0
+    assert not any(tmp_path.iterdir())

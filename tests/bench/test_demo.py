@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from sage_llm.bench.demo import (
     DEMO_SLO,
     demo_fleet,
@@ -9,8 +13,10 @@ from sage_llm.bench.demo import (
     gateway_demo,
     render_gateway,
     render_table,
+    run_demo,
 )
 from sage_llm.bench.inprocess import Preset, run_preset
+from sage_llm.errors import ConfigError
 
 
 async def test_gateway_demo_serves_every_request_over_http() -> None:
@@ -43,3 +49,33 @@ def test_the_default_policy_leaves_fifo_when_the_demo_queues() -> None:
     assert goodput["adaptive"] >= 0.9 * goodput["slo_aware"]
     state = runs["adaptive"].policy_state["state"]
     assert [h["to"] for h in state["history"]][:1] == ["slo_aware"]
+
+
+def test_every_column_of_the_side_by_side_table_names_its_unit() -> None:
+    workload = demo_workload(sessions=4, rate=9.0)
+    run = run_preset(Preset("f", "fifo", "load_balanced"), workload, demo_fleet, slo=DEMO_SLO)
+    table = render_table([run])
+    headers = [str(c.header).replace("\n", " ") for c in table.columns]
+    assert headers == [
+        "preset", "done", "goodput (req/s)", "TTFT p50 (ms)", "TTFT p99 (ms)",
+        "TPOT p50 (ms)", "E2E p99 (ms)", "prefix hit", "SLO crit/high", "SLO others",
+    ]  # fmt: skip
+    cells = [str(next(iter(c.cells))) for c in table.columns]
+    assert all(cell.endswith("%") or cell == "-" for cell in cells[-3:])  # theirs in the cell
+
+
+def test_run_demo_checks_its_arguments_before_part_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never(**_kwargs: object) -> None:
+        raise AssertionError("part 1 ran")
+
+    monkeypatch.setattr("sage_llm.bench.demo.gateway_demo", never)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"sessions": 0}, "sessions: must be >= 1, got 0"),
+        ({"sessions": -3}, "sessions: must be >= 1, got -3"),
+        ({"rate": 0.0}, "rate: must be a finite number > 0, got 0"),
+        ({"rate": float("nan")}, "rate: must be a finite number > 0, got nan"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError) as info:
+            run_demo(**kwargs)
+        assert info.value.message == message

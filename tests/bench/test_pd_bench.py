@@ -197,3 +197,15 @@ def test_sage_pd_manager_registers_the_processes_by_role() -> None:
         8003: ExecutionInstanceType.DECODING,
     }
     assert cp.mode == "http"
+
+
+@pytest.mark.parametrize("speed", [0.0, -1.0, float("nan"), float("inf")])
+def test_pd_bench_main_checks_the_speed_before_running(
+    speed: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(**_kwargs: object) -> dict[str, object]:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
+    with pytest.raises(ConfigError, match=r"^speed: must be a finite number > 0, got "):
+        pd_bench_main(speed=speed)

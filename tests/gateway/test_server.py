@@ -133,7 +133,13 @@ async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
         ) as stream:
             await stream.content.readline()
             os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(0)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            # a second SIGTERM while in-flight requests finish is logged and ignored (the
+            # default action would end the process, and a launcher its engines with it)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            assert not server.done()
             probes["sim-0"].gate.set()
             events = await read_events(stream)
         await asyncio.wait_for(server, 10)  # returns: a stop, not a cancellation

@@ -235,3 +235,52 @@ async def test_launch_from_config_rejects_other_sources() -> None:
         ConfigError, match="expected a launch file, plan file, Plan or LaunchConfig"
     ):
         await launch_from_config(42)  # type: ignore[arg-type]
+
+
+async def test_a_port_another_process_holds_fails_the_launch_before_any_engine_starts(
+    tmp_path: Path,
+) -> None:
+    base = free_ports(2)
+    with socket.socket() as stranger:  # listening: it would answer the health checks
+        stranger.bind(("127.0.0.1", base + 1))
+        stranger.listen()
+        engines = [stub(tmp_path, "first", base), stub(tmp_path, "second", base + 1)]
+        with pytest.raises(
+            EngineError,
+            match=rf"^instance 'second': port {base + 1} on 127\.0\.0\.1 is already in use "
+            r"\(another process holds it\)$",
+        ) as info:
+            await launch_engines(engines, settings=settings(tmp_path))
+    assert info.value.instance_id == "second"
+    assert not (tmp_path / "logs").exists()  # nothing was started
+    assert not (tmp_path / "first.pid").exists()
+
+
+async def test_an_engine_that_exits_as_its_port_answers_is_a_failed_start() -> None:
+    """Something else answers /health while the engine has died: not healthy."""
+    from aiohttp import web
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    calls = 0
+
+    async def dies_meanwhile() -> int | None:
+        nonlocal calls
+        calls += 1
+        return None if calls == 1 else 1
+
+    try:
+        with pytest.raises(EngineError, match="exited with code 1 before it was healthy"):
+            await wait_healthy(
+                f"http://127.0.0.1:{port}/health", exited=dies_meanwhile, timeout_s=5
+            )
+    finally:
+        await runner.cleanup()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sage_llm.config import ConfigErrors
 from sage_llm.control_plane.parallelism import PlannedInstance, plan_command
 from sage_llm.control_plane.topology import InstanceTopology
 from sage_llm.errors import ConfigError
@@ -183,10 +184,13 @@ def test_planned_instances_from_dicts_checks_every_field() -> None:
     ]
     bad_specs: list[tuple[dict[str, object], str]] = [
         ({"tp": 2, "gpu_ids": [0]}, r"instances\[0\].gpu_ids: lists 1 GPUs but tp × pp = 2"),
-        ({"role": "boss"}, r"instances\[0\].role: invalid instance_type"),
-        ({"tp": 0}, r"instances\[0\].tp: must be an integer >= 1"),
-        ({"gpu_ids": [-1]}, "GPU indices must be integers >= 0"),
-        ({"gpus": [0]}, "unknown key"),
+        ({"role": "boss"}, r"instances\[0\].role: unknown role 'boss' \(expected general, "),
+        ({"tp": 0}, r"instances\[0\].tp: must be >= 1, got 0"),
+        ({"tp": "2"}, r"instances\[0\].tp: must be an integer, got string '2'"),
+        ({"gpu_ids": [-1]}, r"instances\[0\].gpu_ids\[0\]: must be >= 0, got -1"),
+        ({"gpu_ids": []}, r"instances\[0\].gpu_ids: must be a non-empty list of GPU indices"),
+        ({"tp": 2, "gpu_ids": [1, 1]}, r"gpu_ids: lists a GPU more than once: \[1, 1\]"),
+        ({"gpus": [0]}, r"instances\[0\].gpus: unknown key \(did you mean 'gpu_ids'\?\)"),
     ]
     for bad, message in bad_specs:
         with pytest.raises(ConfigError, match=message):
@@ -200,6 +204,7 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
     path.write_text(text)
     data, instances = load_plan_file(path)
+    assert [i.to_dict() for i in instances] == data["instances"]  # read back as written
     assert data["plan"] == "2 × TP4"
     assert [(i.role, i.tp, i.gpu_ids) for i in instances] == [
         (GENERAL, 4, (0, 1, 2, 3)), (GENERAL, 4, (4, 5, 6, 7)),
@@ -281,17 +286,47 @@ def test_launch_file_that_plans_with_a_topology(tmp_path: Path) -> None:
         ('[launch]\nmodel = "m"\nbogus = 1\n[[launch.instances]]\n', r"launch\.bogus: unknown key"),
         (
             '[launch]\nbase_port = "80"\n[[launch.instances]]\n',
-            r"launch\.base_port: wrong type str",
+            r":2: launch\.base_port: must be an integer, got string '80'$",
         ),
         (
             "[launch]\nbase_port = 70000\n[[launch.instances]]\n",
-            r"launch\.base_port: must be a port",
+            r":2: launch\.base_port: must be <= 65535, got 70000$",
         ),
-        ('[launch]\nplan_file = "p.json"\n[[launch.instances]]\n', "exactly one of"),
+        (
+            '[launch]\nplan_file = "p.json"\n[[launch.instances]]\n',
+            ":1: launch: give exactly one of",
+        ),
         ("[launch]\n", "exactly one of"),
         ("[other]\n", "one \\[launch\\] table"),
-        ('[launch]\n[launch.plan]\ngpus = "8xH100"\nslo_ttft = "2s"\n', r"launch\.plan\.slo_tpot"),
-        ("[launch\n", "cannot read launch file"),
+        (
+            '[launch]\n[launch.plan]\ngpus = "8xH100"\nslo_ttft = "2s"\n',
+            r":2: launch\.plan\.slo_tpot: is required",
+        ),
+        ("[launch\n", r":1: invalid TOML: .*\(column 8\)"),
+        (
+            "[launch]\nsim_speed = true\n[[launch.instances]]\n",
+            r":2: launch\.sim_speed: must be a number, got boolean true$",
+        ),
+        (
+            '[launch]\nengine = "tgi"\n[[launch.instances]]\n',
+            r":2: launch\.engine: unknown value 'tgi' \(valid values: vllm, vllm-module, sim\)",
+        ),
+        (
+            "[launch]\nenv = { A = 1 }\n[[launch.instances]]\n",
+            r":2: launch\.env\.A: must be a string, got integer 1$",
+        ),
+        (
+            "[launch]\n[[launch.instances]]\n[[launch.instances]]\ntp = 0\n",
+            r":4: launch\.instances\[1\]\.tp: must be >= 1, got 0$",
+        ),
+        (
+            '[launch]\n[launch.plan]\ngpus = "8xH100"\nslo_ttft = "2"\nslo_tpot = "50ms"\n',
+            r":4: launch\.plan\.slo_ttft: expected a duration such as 2s or 50ms, got '2'",
+        ),
+        (
+            "[launch]\nbase_port = 65535\n[[launch.instances]]\n[[launch.instances]]\n",
+            r":2: launch\.base_port: 2 engines need ports 65535-65536, past 65535",
+        ),
     ],
 )
 def test_launch_file_errors_name_the_file_and_key(tmp_path: Path, body: str, message: str) -> None:
@@ -299,3 +334,73 @@ def test_launch_file_errors_name_the_file_and_key(tmp_path: Path, body: str, mes
     with pytest.raises(ConfigError, match=message) as info:
         load_launch_config(path)
     assert str(path) in info.value.message
+
+
+def test_every_problem_of_a_launch_file_is_reported_with_its_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[launch]\nbase_port = "80"\nhost = 1\nhots = 2\n[[launch.instances]]\nrole = "boss"\n',
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_launch_config(path)
+    assert [str(e) for e in info.value.errors] == [
+        f"{path}:2: launch.base_port: must be an integer, got string '80'",
+        f"{path}:3: launch.host: must be a string, got integer 1",
+        f"{path}:4: launch.hots: unknown key (did you mean 'host'?)",
+        f"{path}:6: launch.instances[0].role: unknown role 'boss' "
+        "(expected general, prefill or decode)",
+    ]
+
+
+def test_files_that_are_not_utf8_text_are_a_clear_error(tmp_path: Path) -> None:
+    for name in ("fleet.toml", "plan.json"):
+        path = tmp_path / name
+        path.write_bytes(b"[launch]\nmodel = '\xff\xfe'\n")
+        with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xff at offset 18\)"):
+            load_launch_config(path)
+    (tmp_path / "topo.txt").write_bytes(b"\x80GPU0\n")
+    path = write(tmp_path, '[launch]\ntopology_file = "topo.txt"\n[[launch.instances]]\n')
+    message = r":2: launch\.topology_file: .*topo\.txt: topology file is not UTF-8 text"
+    with pytest.raises(ConfigError, match=message):
+        load_launch_config(path)
+
+
+def test_instances_that_share_a_gpu_are_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(
+        tmp_path,
+        "[launch]\n[[launch.instances]]\ngpu_ids = [0]\n"
+        "[[launch.instances]]\ntp = 2\ngpu_ids = [1, 0]\n"
+        "[[launch.instances]]\ngpu_ids = [0]\nnode = 1\n",
+    )
+    with caplog.at_level("WARNING", logger="sage_llm.launch"):
+        config = load_launch_config(path)
+    assert len(config.instances) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:6: launch.instances[1].gpu_ids: GPU 0 is also in launch.instances[0] "
+        "(node 0): the two engines would share it"
+    ]
+
+
+def test_engine_ports_must_all_fit_below_65536() -> None:
+    plan = [PlannedInstance(GENERAL, 1, 1, 1, (k,)) for k in range(3)]
+    assert [e.port for e in engines_from_plan(plan, LaunchSettings(base_port=65533))] == [
+        65533, 65534, 65535,
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="base_port: 3 engines need ports 65534-65536, past"):
+        engines_from_plan(plan, LaunchSettings(base_port=65534))
+    with pytest.raises(ConfigError, match="kv_base_port: the PD engines need NIXL side-channel"):
+        engines_from_plan(PD_PLAN, LaunchSettings(engine="vllm", model="m", kv_base_port=65534))
+
+
+def test_a_plan_file_takes_overrides_of_its_settings(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
+    config = load_launch_config(path, overrides={"base_port": 18500, "log_dir": tmp_path / "l"})
+    s = config.settings
+    assert (s.model, s.sim_gpu, s.base_port, s.log_dir) == (
+        "Llama-3-8B", "H100", 18500, tmp_path / "l",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="base_port: must be a port"):
+        load_launch_config(path, overrides={"base_port": 0})

@@ -61,7 +61,7 @@ from sage_llm.bench.workloads import (
     trace_replay,
     with_priorities,
 )
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, SageLLMError
 from sage_llm.types import RequestPriority
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "CompareConfig",
     "build_workload",
     "calibrate_capacity",
+    "check_workload",
     "compare_main",
     "parse_preset",
     "rescale",
@@ -88,11 +89,39 @@ CALIBRATION_REQUESTS = 400
 
 
 def parse_preset(spec: str) -> Preset:
-    """``"policy+routing"`` (spaces allowed) as a :class:`Preset` named after it."""
+    """``"policy+routing"`` (spaces allowed) as a :class:`Preset` named after it;
+    :class:`ConfigError` unless both name a known policy and routing strategy."""
+    from sage_llm.control_plane.routing.registry import get_strategy
+    from sage_llm.control_plane.scheduling.registry import params_class
+
     parts = [p.strip() for p in spec.split("+")]
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"preset {spec!r} is not 'policy+routing'", key="presets")
+    try:
+        params_class(parts[0])
+        get_strategy(parts[1])
+    except SageLLMError as exc:
+        raise ConfigError(f"preset {spec!r}: {exc.message}", key="presets") from None
     return Preset(f"{parts[0]} + {parts[1]}", parts[0], parts[1])
+
+
+def check_workload(kind: str) -> None:
+    """:class:`ConfigError` (key ``workload``) unless ``kind`` is one of :data:`WORKLOADS`
+    or ``trace:PATH`` of an existing file."""
+    if kind.startswith("trace:"):
+        path = Path(kind.removeprefix("trace:"))
+        if not path.is_file():
+            raise ConfigError(f"no trace file at {str(path)!r}", key="workload")
+    elif kind not in WORKLOADS:
+        raise ConfigError(
+            f"unknown workload {kind!r} (known: {', '.join(WORKLOADS)}, trace:PATH)",
+            key="workload",
+        )
+
+
+def _positive(value: float, key: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"must be a finite number > 0, got {value:g}", key=key)
 
 
 def build_workload(
@@ -104,10 +133,9 @@ def build_workload(
     ``sharegpt``: ShareGPT-like length mix; ``synthetic``: log-normal prompts around 512
     tokens, 128 output tokens; ``trace:PATH``: a Mooncake/Azure trace (rate and duration
     ignored). Every workload except the trace is rescaled to the exact mean ``rate``."""
-    if not (rate > 0 and math.isfinite(rate)):
-        raise ConfigError(f"rate must be > 0, got {rate}", key="rate")
-    if not duration_s > 0:
-        raise ConfigError(f"duration_s must be > 0, got {duration_s}", key="duration_s")
+    _positive(rate, "rate")
+    _positive(duration_s, "duration_s")
+    check_workload(kind)
     n = max(2, round(rate * duration_s))
     if kind.startswith("trace:"):
         return trace_replay(Path(kind.removeprefix("trace:")), model=model)
@@ -205,19 +233,29 @@ class CompareConfig:
     out: Path = Path("bench-out/compare")
 
     def __post_init__(self) -> None:
-        if self.engines < 1:
-            raise ConfigError("engines must be >= 1", key="engines")
-        if not self.speed > 0:
-            raise ConfigError("speed must be > 0", key="speed")
-        if not self.load > 0:
-            raise ConfigError("load must be > 0", key="load")
-        if any(not r > 0 for r in self.rates):
-            raise ConfigError("rates must be > 0", key="rates")
-        if self.max_concurrent < 1:
-            raise ConfigError("max_concurrent must be >= 1", key="max_concurrent")
+        from sage_llm.bench.peers import get_spec
+
+        check_workload(self.workload)
+        for key in ("engines", "max_concurrent"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key=key)
+        for key in ("speed", "load", "duration_s"):
+            _positive(getattr(self, key), key)
+        for rate in self.rates:
+            _positive(rate, "rates")
         for peer in self.peers:
-            if peer not in self.peer_policies:
-                raise ConfigError(f"unknown peer {peer!r}", key="peers")
+            try:
+                spec = get_spec(peer)
+            except SageLLMError as exc:
+                raise ConfigError(exc.message, key="peers") from None
+            for policy in self.peer_policies.get(peer, ()):
+                try:
+                    spec.check_policy(policy)
+                except ConfigError as exc:
+                    message = exc.message.removeprefix(f"{exc.key}: ")
+                    raise ConfigError(message, key="peer_policies") from None
+            if not self.peer_policies.get(peer):
+                raise ConfigError(f"no policies for peer {peer!r}", key="peer_policies")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -576,6 +614,10 @@ def overload_main(
     console: Console | None = None,
 ) -> int:
     """Entry point of ``sage-llm bench compare --overload``: target 2, table + reports."""
+    if engines < 1:
+        raise ConfigError(f"must be >= 1, got {engines}", key="engines")
+    _positive(overload, "overload")
+    _positive(duration_s, "duration_s")
     console = console or report_console()
     with console.status("starting …") as status:
         entries, capacity = overload_compare(

@@ -14,6 +14,7 @@ named SLO, latency percentiles, prefix-cache hit rate and SLO attainment by prio
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from sage_llm.bench.workloads import (
     synthetic,
     with_priorities,
 )
+from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstance, RequestPriority
 
 DEMO_SLO = SLO(ttft_s=1.0, tpot_s=0.05, name="TTFT<=1s,TPOT<=50ms")
@@ -172,6 +174,9 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
 ) -> list[RunResult]:
+    """Part 1, then part 2 with ``sessions`` sessions starting at ``rate`` per second;
+    :class:`ConfigError` before either part when an argument is out of range."""
+    check_demo_args(sessions, rate)
     console = console or report_console(132)
     console.print(
         "[bold]sage-llm demo, part 1[/bold]: `sage-llm serve`'s embedded default (gateway + 4 "
@@ -197,14 +202,26 @@ def run_demo(
     return results
 
 
+def check_demo_args(sessions: int, rate: float) -> None:
+    """:class:`ConfigError` (key ``sessions`` or ``rate``) unless ``sessions >= 1`` and
+    ``rate`` is a finite number > 0."""
+    if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
+        raise ConfigError(f"must be >= 1, got {sessions!r}", key="sessions")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"must be a finite number > 0, got {rate:g}", key="rate")
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
 def render_table(results: Sequence[RunResult]) -> Table:
     table = Table(title="Side by side (same workload, same simulated engines)")
-    for col in ("preset", "done", "goodput r/s", "TTFT p50", "TTFT p99", "TPOT p50",
-                "E2E p99", "prefix hit", "SLO crit/high", "SLO others"):  # fmt: skip
+    # Units in the headers (the percentages carry theirs, "85%"); headers on two lines keep
+    # the table within 132 columns without wrapping the preset names.
+    for col in ("preset", "done", "goodput\n(req/s)", "TTFT p50\n(ms)", "TTFT p99\n(ms)",
+                "TPOT p50\n(ms)", "E2E p99\n(ms)", "prefix\nhit", "SLO\ncrit/high",
+                "SLO\nothers"):  # fmt: skip
         table.add_column(col, justify="left" if col == "preset" else "right")
     for r in results:
         s = r.summary

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,7 +414,9 @@ def pd_bench_main(
     ``out`` (when given). ``realtime`` adds the vllm-router comparison over engine-sim
     processes at ``speed``× time compression. ``fleet_names`` keeps only the Llama-3-8B
     layouts of :func:`default_fleets` with those names (and no 70B). Returns the exit
-    status."""
+    status. Arguments are checked (:class:`ConfigError`) before anything runs."""
+    if not (math.isfinite(speed) and speed > 0):
+        raise ConfigError(f"must be a finite number > 0, got {speed:g}", key="speed")
     fleets = None if fleet_names is None else select_fleets(fleet_names)
     report = run_pd_bench(
         n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,

@@ -156,20 +156,23 @@ async def start_gateway(
     return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
-async def _until_terminated() -> None:
-    """Wait until SIGTERM (where the loop can watch signals), else forever."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    try:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
-        await stop.wait()
-        return
-    try:
-        await stop.wait()
+def _watch_sigterm(stop: asyncio.Event) -> bool:
+    """Set ``stop`` on SIGTERM, where the loop can watch signals (the main thread, Unix);
+    a SIGTERM after the first is logged and ignored, so a second one during the shutdown
+    cannot cut it short. Returns whether the handler is installed (remove it after)."""
+
+    def received() -> None:
+        if stop.is_set():
+            log.warning("SIGTERM again: already shutting down")
+            return
         log.info("SIGTERM received")
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        stop.set()
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, received)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
+        return False
+    return True
 
 
 async def run_gateway(
@@ -195,20 +198,26 @@ async def run_gateway(
             "(its queue and fleet state are not shared between processes)",
             gateway.workers,
         )
-    await manager.start()
+    stop = asyncio.Event()
+    watching = _watch_sigterm(stop)  # until the shutdown is over, not only until SIGTERM
     try:
-        app = create_app(manager, gateway)
-        runner, bound = await serve_app(
-            app, bind_host, bind_port, shutdown_timeout_s=shutdown_timeout_s
-        )
+        await manager.start()
         try:
-            log.info("gateway listening on http://%s:%d", bind_host, bound)
-            if ready is not None:
-                ready.set()
-            await _until_terminated()
+            app = create_app(manager, gateway)
+            runner, bound = await serve_app(
+                app, bind_host, bind_port, shutdown_timeout_s=shutdown_timeout_s
+            )
+            try:
+                log.info("gateway listening on http://%s:%d", bind_host, bound)
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
+            finally:
+                log.info("gateway shutting down: finishing in-flight requests")
+                await runner.cleanup()
         finally:
-            log.info("gateway shutting down: finishing in-flight requests")
-            await runner.cleanup()
+            await manager.stop(drain_timeout_s=shutdown_timeout_s)
+            log.info("gateway stopped")
     finally:
-        await manager.stop(drain_timeout_s=shutdown_timeout_s)
-        log.info("gateway stopped")
+        if watching:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)

@@ -1,9 +1,13 @@
 """Start planned engines as local processes, wait for health, register, stop cleanly.
 
-Each engine runs as an asyncio subprocess in its own process group (so a terminal's Ctrl-C
-reaches the launcher, which then stops the engines in order), with stdout and stderr in
-``<log_dir>/<instance_id>.log``. The launcher polls ``GET /health`` until it answers 200
-(an engine that exits first fails the launch with the end of its log), then registers an
+Before starting anything, the launcher checks that every engine's port is free (nothing
+answers on it, and it can be bound): a port another process holds would make the engine
+fail while the stranger answered its health checks. Each engine runs as an asyncio
+subprocess in its own process group (so a terminal's Ctrl-C reaches the launcher, which then
+stops the engines in order), with stdout and stderr in ``<log_dir>/<instance_id>.log``.
+The launcher polls ``GET /health`` until it answers 200 while the engine still runs (an
+engine that has exited by then, or before the launch is done, fails the launch with the end
+of its log), then registers an
 :class:`~sage_llm.types.ExecutionInstance` per engine with the control plane, with the
 ``machine_id`` / ``nvlink_domain`` / ``numa_node`` that
 :func:`~sage_llm.control_plane.topology.assign_instance_topology` gives its GPUs.
@@ -21,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +87,9 @@ async def wait_healthy(
     poll_s: float = 0.25,
     session: aiohttp.ClientSession | None = None,
 ) -> None:
-    """Poll ``url`` (``…/health``) until it answers 200. ``exited`` returns the exit code
-    once the engine has died (None while it runs): then EngineError; after ``timeout_s``,
+    """Poll ``url`` (``…/health``) until it answers 200 while the engine still runs.
+    ``exited`` returns the exit code once the engine has died (None while it runs): then
+    EngineError, even when something answered at ``url``; after ``timeout_s``,
     EngineTimeoutError."""
     own = session is None
     http = session or aiohttp.ClientSession()
@@ -96,8 +103,14 @@ async def wait_healthy(
                 raise EngineError(f"exited with code {code} before it was healthy", retryable=False)
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(url, timeout=probe) as resp:
-                    if resp.status == 200:
-                        return
+                    healthy = resp.status == 200
+                if healthy:
+                    code = await exited()  # whoever answered, a dead engine is no engine
+                    if code is not None:
+                        raise EngineError(
+                            f"exited with code {code} before it was healthy", retryable=False
+                        )
+                    return
             if loop.time() >= deadline:
                 raise EngineTimeoutError(f"not healthy after {timeout_s:g} s", retryable=False)
             await asyncio.sleep(poll_s)
@@ -243,9 +256,18 @@ async def launch_engines(
     settings: LaunchSettings | None = None,
     topology: Topology | None = None,
 ) -> LaunchedFleet:
-    """Start ``engines``, wait until all are healthy, register them with ``manager``."""
+    """Check that their ports are free, start ``engines``, wait until all are healthy,
+    register them with ``manager``. EngineError (naming the instance) when a port is taken
+    or an engine fails to start; what was started is stopped first."""
     settings = settings or LaunchSettings()
     fields = _topology_fields(engines, topology or Topology(), settings.machine_id)
+    for launch in engines:
+        problem = await asyncio.to_thread(_port_problem, launch)
+        if problem is not None:
+            raise EngineError(
+                f"instance {launch.instance_id!r}: {problem}",
+                instance_id=launch.instance_id, retryable=False,
+            )  # fmt: skip
     fleet = LaunchedFleet(manager=manager, stop_grace_s=settings.stop_grace_s)
     try:
         for launch in engines:
@@ -253,6 +275,14 @@ async def launch_engines(
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
             for proc in fleet.processes:
                 tg.create_task(_healthy(proc, settings, session))
+        for proc in fleet.processes:
+            if proc.returncode is not None:  # healthy once, dead before the others were
+                tail = await asyncio.to_thread(proc.log_tail)
+                raise EngineError(
+                    f"instance {proc.launch.instance_id!r} exited with code {proc.returncode} "
+                    f"during the launch; end of {proc.log_path}:\n{tail}",
+                    instance_id=proc.launch.instance_id, retryable=False,
+                )  # fmt: skip
         for proc in fleet.processes:
             inst = proc.launch.to_instance(
                 fields[proc.launch.instance_id],
@@ -271,6 +301,30 @@ async def launch_engines(
                 raise first from None
         raise
     return fleet
+
+
+def _port_problem(launch: EngineLaunch) -> str | None:
+    """Why ``launch``'s port is not free (None: it looks free). Something that accepts
+    connections where the health check goes would answer for an engine that failed to bind;
+    a port that cannot be bound (EADDRINUSE) would make the engine fail."""
+    taken = f"port {launch.port} on {{}} is already in use (another process holds it)"
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection((launch.host, launch.port), timeout=1.0),
+    ):
+        return taken.format(launch.host)
+    host = launch.host if launch.bind_host is None else launch.bind_host
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, launch.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return taken.format(host or "*")
+    return None
 
 
 async def _healthy(

@@ -21,15 +21,19 @@ Engine kinds (:data:`ENGINE_KINDS`):
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from sage_llm.config import ConfigErrors
+from sage_llm.config_fields import opt, read_dataclass, rule
+from sage_llm.config_locate import KeyLocator, KeyPath, Problems, format_key, syntax_error
 from sage_llm.control_plane.parallelism import (
     GPUAllocation,
     Plan,
@@ -37,9 +41,9 @@ from sage_llm.control_plane.parallelism import (
     SLOTarget,
     WorkloadProfile,
     parse_duration,
-    parse_gpus,
     plan,
 )
+from sage_llm.control_plane.parallelism_eval import parse_gpu_text
 from sage_llm.control_plane.topology import InstanceTopology, Topology, parse_nvidia_smi_topo
 from sage_llm.errors import ConfigError
 from sage_llm.sim.specs import get_gpu
@@ -58,6 +62,8 @@ __all__ = [
     "planned_instances_from_dicts",
     "vllm_argv",
 ]
+
+log = logging.getLogger("sage_llm.launch")
 
 ENGINE_KINDS = ("vllm", "vllm-module", "sim")
 KV_TRANSFER_CONFIG = json.dumps(
@@ -166,6 +172,8 @@ class EngineLaunch:
     engine: str = "sim"
     sim_model: str | None = None
     sim_gpu: str | None = None
+    bind_host: str | None = None
+    """The address the engine binds (``host`` is how it is reached); None: ``host``."""
 
     @property
     def base_url(self) -> str:
@@ -290,7 +298,10 @@ def engine_sim_argv(
 def engines_from_plan(
     instances: Sequence[PlannedInstance], settings: LaunchSettings
 ) -> list[EngineLaunch]:
-    """The engines of ``instances`` planned on machine ``settings.node``, in plan order."""
+    """The engines of ``instances`` planned on machine ``settings.node``, in plan order.
+
+    ConfigError (key ``base_port`` / ``kv_base_port``) when their ports would pass 65535."""
+    _check_port_ranges(instances, settings)
     out: list[EngineLaunch] = []
     kv_port = settings.kv_base_port
     counts: dict[str, int] = {}
@@ -324,6 +335,7 @@ def engines_from_plan(
             iid, inst.role, tuple(argv), MappingProxyType({**settings.env, **env}),
             settings.reachable_host, port, inst.gpu_ids, inst.tp, inst.pp, inst.ep, inst.node,
             settings.name, settings.engine, sim_model, settings.sim_gpu if sim_model else None,
+            settings.host,
         )  # fmt: skip
         out.append(launch)
     if not out:
@@ -331,91 +343,227 @@ def engines_from_plan(
     return out
 
 
-def _int_list(value: object, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError("must be a non-empty list of GPU indices", key=where)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        raise ConfigError(f"GPU indices must be integers >= 0, got {value!r}", key=where)
-    return tuple(value)
-
-
-def _count(entry: Mapping[str, Any], key: str, where: str, default: int) -> int:
-    value = entry.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "node" else 1):
+def _check_port_ranges(instances: Sequence[PlannedInstance], settings: LaunchSettings) -> None:
+    here = [inst for inst in instances if inst.node == settings.node]
+    last = settings.base_port + len(here) - 1
+    if last > 65535:
         raise ConfigError(
-            f"must be an integer >= 1 (node >= 0), got {value!r}", key=f"{where}.{key}"
+            f"{len(here)} engines need ports {settings.base_port}-{last}, past 65535",
+            key="base_port",
         )
-    return value
+    if settings.engine == "sim":
+        return
+    kv = sum(i.tp * i.pp for i in here if _SIM_ROLE[i.role] != "general")
+    last = settings.kv_base_port + kv - 1
+    if kv and last > 65535:
+        raise ConfigError(
+            f"the PD engines need NIXL side-channel ports {settings.kv_base_port}-{last}, "
+            "past 65535",
+            key="kv_base_port",
+        )
+
+
+# -- planned instances ---------------------------------------------------------------------
+
+_ROLES = "general, prefill or decode"
+
+
+def _role_problem(text: str) -> str | None:
+    try:
+        ExecutionInstanceType.parse(text)
+    except ValueError:
+        return f"unknown role {text!r} (expected {_ROLES})"
+    return None
+
+
+@dataclass(frozen=True)
+class _InstanceEntry:
+    """One planned instance as a file writes it (``[[launch.instances]]``, a plan's
+    ``instances``); ``link_gbps`` is the link bandwidth ``sage-llm plan --json`` assumed."""
+
+    role: str = opt("general", rule(check=_role_problem))
+    tp: int = opt(1, rule(ge=1))
+    pp: int = opt(1, rule(ge=1))
+    ep: int = opt(1, rule(ge=1))
+    gpu_ids: tuple[int, ...] | None = opt(None, rule(ge=0))
+    node: int = opt(0, rule(ge=0))
+    link_gbps: float = opt(0.0, rule(ge=0))
+
+
+def _read_instances(entries: object, path: KeyPath, p: Problems) -> list[PlannedInstance] | None:
+    """The planned instances of ``entries``; every problem goes to ``p`` (then None)."""
+    if isinstance(entries, str | bytes) or not isinstance(entries, Sequence):
+        p.add(path, f"must be an array of tables, got {_kind(entries)}")
+        return None
+    if not entries:
+        p.add(path, "has no instances")
+        return None
+    before = len(p.errors)
+    out: list[PlannedInstance] = []
+    for k, entry in enumerate(entries):
+        here = (*path, k)
+        if not isinstance(entry, Mapping):
+            p.add(here, f"must be a table, got {_kind(entry)}")
+            continue
+        entry_before = len(p.errors)
+        read = read_dataclass(_InstanceEntry, entry, here, p)
+        if read is None or len(p.errors) > entry_before:
+            continue
+        gpus = read.gpu_ids if read.gpu_ids is not None else tuple(range(read.tp * read.pp))
+        if not gpus:
+            p.add((*here, "gpu_ids"), "must be a non-empty list of GPU indices")
+        elif len(gpus) != read.tp * read.pp:
+            p.add((*here, "gpu_ids"), f"lists {len(gpus)} GPUs but tp × pp = {read.tp * read.pp}")
+        elif len(set(gpus)) != len(gpus):
+            p.add((*here, "gpu_ids"), f"lists a GPU more than once: {list(gpus)}")
+        elif len(p.errors) == before:
+            role = ExecutionInstanceType.parse(read.role)
+            out.append(
+                PlannedInstance(role, read.tp, read.pp, read.ep, gpus, read.node, read.link_gbps)
+            )
+    return out if len(p.errors) == before else None
 
 
 def planned_instances_from_dicts(
     entries: Sequence[Mapping[str, Any]], *, where: str = "instances"
 ) -> list[PlannedInstance]:
     """Planned instances from ``{"role", "tp", "pp", "ep", "gpu_ids", "node"}`` tables (the
-    plan JSON's ``instances`` or a launch file's ``[[launch.instances]]``)."""
-    allowed = {"role", "tp", "pp", "ep", "gpu_ids", "node", "link_gbps"}
-    out: list[PlannedInstance] = []
-    for k, entry in enumerate(entries):
-        here = f"{where}[{k}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError("must be a table", key=here)
-        unknown = sorted(set(entry) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})",
-                key=here,
-            )
-        try:
-            role = ExecutionInstanceType.parse(str(entry.get("role", "general")))
-        except ValueError as exc:
-            raise ConfigError(str(exc), key=f"{here}.role") from None
-        tp, pp = _count(entry, "tp", here, 1), _count(entry, "pp", here, 1)
-        gpus = _int_list(entry.get("gpu_ids", list(range(tp * pp))), f"{here}.gpu_ids")
-        if len(gpus) != tp * pp:
-            raise ConfigError(
-                f"lists {len(gpus)} GPUs but tp × pp = {tp * pp}", key=f"{here}.gpu_ids"
-            )
-        out.append(
-            PlannedInstance(
-                role, tp, pp, _count(entry, "ep", here, 1), gpus, _count(entry, "node", here, 0)
-            )
-        )
-    if not out:
-        raise ConfigError("no instances", key=where)
-    return out
+    plan JSON's ``instances`` or a launch file's ``[[launch.instances]]``). A problem raises
+    :class:`ConfigError` whose key is the entry's (``instances[1].tp``); several raise
+    :class:`~sage_llm.config.ConfigErrors`."""
+    p = Problems("")
+    instances = _read_instances(entries, tuple(where.split(".")), p)
+    _raise(p)
+    assert instances is not None
+    return instances
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The text of ``path``; ConfigError (at ``path``) when it cannot be read or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {what}: {exc.strerror or exc}", location=str(path)
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            location=str(path),
+        ) from None
 
 
 def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstance]]:
     """A ``sage-llm plan --json`` file: its top-level fields and its planned instances."""
     path = Path(path)
+    text = _read_text(path, "plan")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        data = json.loads(text)
+    except ValueError as exc:
         raise ConfigError(f"cannot read plan: {exc}", location=str(path)) from None
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
         raise ConfigError("a plan needs an 'instances' list", location=str(path))
-    try:
-        return data, planned_instances_from_dicts(data["instances"])
-    except ConfigError as exc:
-        raise ConfigError(exc.message, location=str(path)) from None
+    p = Problems(str(path))
+    instances = _read_instances(data["instances"], ("instances",), p)
+    _raise(p)
+    assert instances is not None
+    _warn_shared_gpus(instances, ("instances",), p)
+    return data, instances
+
+
+def _raise(p: Problems) -> None:
+    errors = p.sorted()
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+
+
+def _kind(value: object) -> str:
+    """How a file value is named in messages (``integer 1``, ``string '80'``, ``table``)."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    for typ, name in ((int, "integer"), (float, "float"), (str, "string")):
+        if isinstance(value, typ):
+            text = repr(value)
+            return f"{name} {text[:40]}…" if len(text) > 40 else f"{name} {text}"
+    if isinstance(value, list | tuple):
+        return "array"
+    return "table" if isinstance(value, Mapping) else type(value).__name__
+
+
+def _warn_shared_gpus(instances: Sequence[PlannedInstance], path: KeyPath, p: Problems) -> None:
+    """Log a warning for each instance listing GPUs of an earlier instance on its machine."""
+    owners: dict[tuple[int, int], int] = {}
+    for k, inst in enumerate(instances):
+        shared: dict[int, list[int]] = {}
+        for gpu in inst.gpu_ids:
+            first = owners.setdefault((inst.node, gpu), k)
+            if first != k:
+                shared.setdefault(first, []).append(gpu)
+        for first, gpus in shared.items():
+            key = (*path, k, "gpu_ids")
+            line = p.locator.line_of(key) if p.locator is not None else None
+            where = p.source if line is None else f"{p.source}:{line}"
+            listed = ", ".join(map(str, gpus))
+            what = f"GPU {listed} is" if len(gpus) == 1 else f"GPUs {listed} are"
+            log.warning(
+                "%s: %s: %s also in %s (node %d): the two engines would share it",
+                where, format_key(key), what, format_key((*path, first)), inst.node,
+            )  # fmt: skip
 
 
 # -- launch files ------------------------------------------------------------------------------
 
-_SETTING_TYPES: Mapping[str, type | tuple[type, ...]] = MappingProxyType({
-    "engine": str, "model": str, "served_model_name": str, "sim_model": str, "gpu": str,
-    "sim_speed": (int, float), "sim_entry": str, "host": str, "advertise_host": str,
-    "base_port": int, "kv_base_port": int, "machine_id": str, "node": int, "python": str,
-    "extra_args": list, "env": dict, "log_dir": str, "health_timeout_s": (int, float),
-    "health_poll_s": (int, float), "stop_grace_s": (int, float),
-    "max_concurrent_requests": int, "gpu_memory_gb": (int, float),
-})  # fmt: skip
-_PLAN_KEYS: Mapping[str, type | tuple[type, ...]] = MappingProxyType({
-    "gpus": (str, int), "slo_ttft": (str, int, float), "slo_tpot": (str, int, float),
-    "prompt_len": int, "output_len": int, "prompt_p90": int, "output_p90": int,
-    "rate": (int, float), "allow_pd": bool,
-})  # fmt: skip
-_FILE_KEYS = ("topology_file", "plan_file", "plan", "instances")
+
+@dataclass(frozen=True)
+class _LaunchTable:
+    """The ``[launch]`` keys that become :class:`LaunchSettings` (``gpu`` is ``sim_gpu``);
+    the defaults here are unused: only keys the file gives are passed on."""
+
+    engine: str = opt("sim", rule(choices=ENGINE_KINDS))
+    model: str = opt("llama-3-8b", rule(nonempty=True))
+    served_model_name: str | None = None
+    sim_model: str | None = None
+    gpu: str = opt("h100", rule(nonempty=True))
+    sim_speed: float = opt(1.0, rule(gt=0))
+    sim_entry: str = opt("module", rule(choices=("module", "script")))
+    host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    base_port: int = opt(8100, rule(ge=1, le=65535))
+    kv_base_port: int = opt(5600, rule(ge=1, le=65535))
+    machine_id: str = opt("local", rule(nonempty=True))
+    node: int = opt(0, rule(ge=0))
+    python: str = opt("python", rule(nonempty=True))
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, Any] = field(default_factory=dict)  # values checked: strings
+    log_dir: str = opt("sage-llm-logs", rule(nonempty=True))
+    health_timeout_s: float = opt(600.0, rule(gt=0))
+    health_poll_s: float = opt(0.25, rule(gt=0))
+    stop_grace_s: float = opt(10.0, rule(ge=0))
+    max_concurrent_requests: int = opt(256, rule(ge=1))
+    gpu_memory_gb: float = opt(0.0, rule(ge=0))
+
+
+@dataclass(frozen=True)
+class _PlanTable:
+    """``[launch.plan]``: the planner's inputs (``gpus``: ``"8xH100"`` or a GPU count)."""
+
+    gpus: Any
+    slo_ttft: Any
+    slo_tpot: Any
+    prompt_len: int = opt(1024, rule(ge=1))
+    output_len: int = opt(256, rule(ge=1))
+    prompt_p90: int | None = opt(None, rule(ge=1))
+    output_p90: int | None = opt(None, rule(ge=1))
+    rate: float | None = opt(None, rule(gt=0))
+    allow_pd: bool = True
+
+
+_SOURCE_KEYS = ("topology_file", "plan_file", "plan", "instances")
+_LAUNCH = ("launch",)
 
 
 @dataclass(frozen=True)
@@ -428,115 +576,192 @@ class LaunchConfig:
     plan: Plan | None = None
 
 
-def _check_type(table: Mapping[str, Any], types: Mapping[str, Any], where: str) -> None:
-    for key, value in table.items():
-        if key not in types:
-            allowed = ", ".join(sorted(types))
-            raise ConfigError(f"unknown key (allowed: {allowed})", key=f"{where}.{key}")
-        want = types[key]
-        bad_bool = isinstance(value, bool) and want is not bool
-        if bad_bool or not isinstance(value, want):
-            raise ConfigError(f"wrong type {type(value).__name__}", key=f"{where}.{key}")
+def _add(p: Problems, path: KeyPath, exc: ConfigError) -> None:
+    """``exc`` located under ``path`` (plus its key, when it has one and no location)."""
+    if exc.location or not exc.key:
+        p.add(path, exc.message)
+    else:
+        p.add((*path, *exc.key.split(".")), exc.message.removeprefix(f"{exc.key}: "))
 
 
-def _settings(table: Mapping[str, Any], base_dir: Path) -> LaunchSettings:
-    _check_type({k: v for k, v in table.items() if k not in _FILE_KEYS}, _SETTING_TYPES, "launch")
-    values = {k: v for k, v in table.items() if k in _SETTING_TYPES}
+def _read_settings(table: Mapping[str, Any], base_dir: Path, p: Problems) -> LaunchSettings | None:
+    before = len(p.errors)
+    read = read_dataclass(_LaunchTable, table, _LAUNCH, p, extra_keys=_SOURCE_KEYS)
+    if read is None:
+        return None
+    for name, value in read.env.items():
+        if not isinstance(value, str):
+            p.add(("launch", "env", name), f"must be a string, got {_kind(value)}")
+    if len(p.errors) > before:
+        return None
+    values = {k: getattr(read, k) for k in table if k not in _SOURCE_KEYS}
     if "gpu" in values:
         values["sim_gpu"] = values.pop("gpu")
-    if "extra_args" in values:
-        args = values["extra_args"]
-        if not all(isinstance(a, str) for a in args):
-            raise ConfigError("must be a list of strings", key="launch.extra_args")
-        values["extra_args"] = tuple(args)
-    if "env" in values and not all(isinstance(v, str) for v in values["env"].values()):
-        raise ConfigError("values must be strings", key="launch.env")
     if "log_dir" in values:
         values["log_dir"] = base_dir / values["log_dir"]
     try:
         return LaunchSettings(**values)
     except ConfigError as exc:
-        raise ConfigError(
-            exc.message.removeprefix(f"{exc.key}: "), key=f"launch.{exc.key}"
-        ) from None
+        _add(p, _LAUNCH, exc)
+        return None
 
 
-def _planned(table: Mapping[str, Any], settings: LaunchSettings, topology: Topology | None) -> Plan:
-    _check_type(table, _PLAN_KEYS, "launch.plan")
-    for key in ("gpus", "slo_ttft", "slo_tpot"):
-        if key not in table:
-            raise ConfigError("required to plan the fleet", key=f"launch.plan.{key}")
-    gpus = table["gpus"]
-    if isinstance(gpus, str):
-        alloc, gpu = parse_gpus(gpus)
-    else:
-        alloc, gpu = GPUAllocation(1, gpus), get_gpu(settings.sim_gpu)
+def _read_topology(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Topology | None:
+    if "topology_file" not in table:
+        return None
+    path = ("launch", "topology_file")
+    name = table["topology_file"]
+    if not isinstance(name, str):
+        p.add(path, f"must be a string, got {_kind(name)}")
+        return None
+    try:
+        return parse_nvidia_smi_topo(_read_text(base_dir / name, "topology file"))
+    except ConfigError as exc:
+        p.add(path, exc.message)
+        return None
+
+
+def _read_plan(
+    table: object, settings: LaunchSettings, topology: Topology | None, p: Problems
+) -> Plan | None:
+    path = ("launch", "plan")
+    if not isinstance(table, Mapping):
+        p.add(path, f"must be a table, got {_kind(table)}")
+        return None
+    before = len(p.errors)
+    read = read_dataclass(_PlanTable, table, path, p)
+    if read is None:
+        return None
+    # As `sage-llm plan`: a plain count is split into nodes by plan() (of the topology's size).
+    alloc: int | GPUAllocation
+    try:
+        if isinstance(read.gpus, str):
+            nodes, count, gpu = parse_gpu_text(read.gpus)
+            alloc = count if nodes is None else GPUAllocation(nodes, count)
+        elif isinstance(read.gpus, int) and not isinstance(read.gpus, bool) and read.gpus >= 1:
+            alloc = read.gpus
+            try:
+                gpu = get_gpu(settings.sim_gpu)
+            except ConfigError as exc:
+                _add(p, _LAUNCH, exc)
+        else:
+            p.add(
+                (*path, "gpus"),
+                f"must be COUNTxGPU such as 8xH100, or a GPU count, got {_kind(read.gpus)}",
+            )
+    except ConfigError as exc:
+        _add(p, path, exc)
+    slo: list[float] = []
+    for key in ("slo_ttft", "slo_tpot"):
+        try:
+            slo.append(parse_duration(getattr(read, key), key=key))
+        except ConfigError as exc:
+            _add(p, path, exc)
+    if len(p.errors) > before:
+        return None
     workload = WorkloadProfile(
-        table.get("prompt_len", 1024), table.get("output_len", 256), rate=table.get("rate"),
-        prompt_p90=table.get("prompt_p90"), output_p90=table.get("output_p90"),
+        read.prompt_len, read.output_len, rate=read.rate, prompt_p90=read.prompt_p90,
+        output_p90=read.output_p90,
     )  # fmt: skip
-    slo = SLOTarget(
-        parse_duration(table["slo_ttft"], key="launch.plan.slo_ttft"),
-        parse_duration(table["slo_tpot"], key="launch.plan.slo_tpot"),
-    )
     model = settings.sim_model or settings.model
-    return plan(model, alloc, gpu, workload, slo, topology, allow_pd=table.get("allow_pd", True))
+    try:
+        return plan(model, alloc, gpu, workload, SLOTarget(*slo), topology, allow_pd=read.allow_pd)
+    except ConfigError as exc:
+        in_plan = exc.key is not None and exc.key in {f.name for f in fields(_PlanTable)}
+        _add(p, path if in_plan or exc.key is None else _LAUNCH, exc)
+        return None
 
 
-def load_launch_config(path: str | Path, settings: LaunchSettings | None = None) -> LaunchConfig:
+def load_launch_config(
+    path: str | Path,
+    settings: LaunchSettings | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> LaunchConfig:
     """Read a launch file (``.toml``, see docs/deployment.md) or a plan file (``.json``).
 
     A launch file's ``[launch]`` table holds :class:`LaunchSettings` keys (``gpu`` for
     ``sim_gpu``) and one of ``plan_file``, ``[launch.plan]`` (planner inputs) or
-    ``[[launch.instances]]``; ``topology_file`` is saved ``nvidia-smi topo -m`` output.
-    ``settings`` is used for a plan file (default: simulated engines of its model and GPU).
+    ``[[launch.instances]]``; ``topology_file`` is saved ``nvidia-smi topo -m`` output. Every
+    key is checked as ``sage-llm config check`` checks a cluster file: each problem is a
+    :class:`ConfigError` located at ``file:line`` with its dotted key; one raises that
+    error, several raise :class:`~sage_llm.config.ConfigErrors`.
+
+    ``settings`` is used for a plan file (default: simulated engines of its model and GPU),
+    with ``overrides`` (:class:`LaunchSettings` fields such as ``base_port`` or ``log_dir``)
+    replacing its values; a launch file gives those keys itself.
     """
     path = Path(path)
     if path.suffix == ".json":
         data, instances = load_plan_file(path)
-        base = settings or LaunchSettings(
-            model=str(data.get("model", "llama-3-8b")), sim_gpu=str(data.get("gpu", "h100"))
+        values: dict[str, Any] = dict(overrides or {})
+        unknown = sorted(set(values) - {f.name for f in fields(LaunchSettings)})
+        if unknown:
+            raise ConfigError(f"not LaunchSettings fields: {', '.join(unknown)}", key="overrides")
+        if settings is None:
+            values.setdefault("model", str(data.get("model", "llama-3-8b")))
+            values.setdefault("sim_gpu", str(data.get("gpu", "h100")))
+            settings = LaunchSettings(**values)
+        elif values:
+            settings = replace(settings, **values)
+        return LaunchConfig(settings, instances)
+    if overrides:
+        raise ConfigError(
+            "overrides apply to a plan file (.json); a launch file sets these keys itself",
+            location=str(path),
         )
-        return LaunchConfig(base, instances)
+    text = _read_text(path, "launch file")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read launch file: {exc}", location=str(path)) from None
-    try:
-        return _from_document(doc, path.parent)
-    except ConfigError as exc:
-        raise ConfigError(exc.message, location=str(path)) from None
+        doc = tomllib.loads(text)
+        locator = KeyLocator(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise syntax_error(exc, str(path), text.count("\n") + 1) from None
+    p = Problems(str(path), locator)
+    config = _from_document(doc, path.parent, p)
+    _raise(p)
+    assert config is not None
+    return config
 
 
-def _from_document(doc: Mapping[str, Any], base_dir: Path) -> LaunchConfig:
-    extra = sorted(set(doc) - {"launch"})
-    if extra or not isinstance(doc.get("launch"), dict):
-        raise ConfigError("a launch file has one [launch] table", key=",".join(extra) or "launch")
-    table = doc["launch"]
-    settings = _settings(table, base_dir)
-    topology = None
-    if "topology_file" in table:
-        topo_path = base_dir / str(table["topology_file"])
-        try:
-            topology = parse_nvidia_smi_topo(topo_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read: {exc}", key="launch.topology_file") from None
+def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> LaunchConfig | None:
+    for key in sorted(set(doc) - {"launch"}):
+        p.add((key,), "unknown table: a launch file has one [launch] table")
+    table = doc.get("launch")
+    if not isinstance(table, dict):
+        if "launch" in doc:
+            p.add(_LAUNCH, f"must be a table, got {_kind(table)}")
+        elif len(doc) == 0:
+            p.add((), "a launch file has one [launch] table")
+        return None
+    settings = _read_settings(table, base_dir, p)
+    topology = _read_topology(table, base_dir, p)
     sources = [k for k in ("plan_file", "plan", "instances") if k in table]
     if len(sources) != 1:
-        raise ConfigError(
-            "give exactly one of plan_file, [launch.plan] or [[launch.instances]]", key="launch"
-        )
-    if sources == ["plan_file"]:
-        _, instances = load_plan_file(base_dir / str(table["plan_file"]))
-        return LaunchConfig(settings, instances, topology)
+        p.add(_LAUNCH, "give exactly one of plan_file, [launch.plan] or [[launch.instances]]")
+        return None
+    instances: list[PlannedInstance] | None = None
+    planned: Plan | None = None
     if sources == ["instances"]:
-        entries = table["instances"]
-        if not isinstance(entries, list):
-            raise ConfigError("must be an array of tables", key="launch.instances")
-        return LaunchConfig(
-            settings, planned_instances_from_dicts(entries, where="launch.instances"), topology
-        )
-    if not isinstance(table["plan"], dict):
-        raise ConfigError("must be a table", key="launch.plan")
-    result = _planned(table["plan"], settings, topology)
-    return LaunchConfig(settings, list(result.instances), topology, result)
+        instances = _read_instances(table["instances"], ("launch", "instances"), p)
+        if instances is not None:
+            _warn_shared_gpus(instances, ("launch", "instances"), p)
+    elif sources == ["plan_file"]:
+        name = table["plan_file"]
+        if not isinstance(name, str):
+            p.add(("launch", "plan_file"), f"must be a string, got {_kind(name)}")
+        else:
+            try:
+                _, instances = load_plan_file(base_dir / name)
+            except ConfigError as exc:
+                p.add(("launch", "plan_file"), exc.message)
+    elif settings is not None and not p.errors:
+        planned = _read_plan(table["plan"], settings, topology, p)
+        instances = None if planned is None else list(planned.instances)
+    if settings is None or instances is None or p.errors:
+        return None
+    try:
+        engines_from_plan(instances, settings)  # the ports, and this machine's instances
+    except ConfigError as exc:
+        _add(p, _LAUNCH, exc)
+        return None
+    return LaunchConfig(settings, instances, topology, planned)

@@ -1,0 +1,396 @@
+"""The ``sage-llm`` command line: every bad input is a clear error before any work starts
+(never a traceback), and ``launch`` stops what it started whenever it is told to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import typer
+from typer.core import TyperGroup
+from typer.testing import CliRunner
+
+from sage_llm.cli import app
+from sage_llm.control_plane.parallelism import plan_command
+
+CLI = (sys.executable, "-m", "sage_llm.cli")
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging_and_width(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Commands set the root logger's level; error panels wrap at the terminal's width."""
+    monkeypatch.setenv("COLUMNS", "240")
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+def invoke(*argv: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(argv))
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return proc
+
+
+def free_ports(n: int) -> int:
+    """A base port with ``n`` free consecutive ports after it."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n > 65535:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for k, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", base + k))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise RuntimeError("no free ports")
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[int]:
+    """A port another process (this test) listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# -- arguments are checked when they are parsed ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--port", "99999"], "Invalid value for '--port': must be a port number"),
+        (["serve", "--port", "-1"], "must be a port number (1-65535), got -1"),
+        (["engine-sim", "--port", "0"], "Invalid value for '--port': must be a port number"),
+        (["engine-sim", "--port", "65536"], "(1-65535), got 65536"),
+        (["launch", "fleet.toml", "--port", "70000"], "Invalid value for '--port'"),
+        (["launch", "plan.json", "--base-port", "0"], "Invalid value for '--base-port'"),
+        (
+            ["engine-sim", "--role", "weird"],
+            "Invalid value for '--role': unknown role 'weird' "
+            "(expected general, prefill or decode)",
+        ),
+        (["engine-sim", "--speed", "0"], "Invalid value for '--speed': must be a finite number"),
+        (["engine-sim", "--tp", "0"], "Invalid value for '--tp': must be >= 1, got 0"),
+        (["demo", "--sessions", "0"], "Invalid value for '--sessions': must be >= 1, got 0"),
+        (["demo", "--sessions", "-3"], "Invalid value for '--sessions': must be >= 1, got -3"),
+        (["demo", "--rate", "0"], "Invalid value for '--rate': must be a finite number > 0, got 0"),
+        (
+            ["demo", "--rate", "nan"],
+            "Invalid value for '--rate': must be a finite number > 0, got nan",
+        ),
+        (["demo", "--rate", "inf"], "got inf"),
+        (["bench", "pd", "--speed", "-1"], "Invalid value for '--speed': must be a finite number"),
+        (["bench", "pd", "--speed", "0"], "Invalid value for '--speed'"),
+        (
+            ["bench", "compare", "--rates", "a,b"],
+            "Invalid value for '--rates': 'a' is not a number",
+        ),
+        (
+            ["bench", "compare", "--rates", "1,-2"],
+            "Invalid value for '--rates': must be finite numbers > 0, got -2",
+        ),
+        (
+            ["bench", "compare", "--presets", "fifo+nosuch"],
+            "Invalid value for '--presets': "
+            "preset 'fifo+nosuch': unknown routing strategy 'nosuch'",
+        ),
+        (
+            ["bench", "compare", "--presets", "nosuch+locality"],
+            "unknown scheduling policy 'nosuch'",
+        ),
+        (["bench", "compare", "--presets", "fifo"], "preset 'fifo' is not 'policy+routing'"),
+        (
+            ["bench", "compare", "--peers", "nginx"],
+            "Invalid value for '--peers': unknown peer 'nginx'",
+        ),
+        (
+            ["bench", "compare", "--workload", "nope"],
+            "Invalid value for '--workload': unknown workload 'nope'",
+        ),
+        (["bench", "compare", "--engines", "0"], "Invalid value for '--engines': must be >= 1"),
+        (["bench", "compare", "--duration-s", "0"], "Invalid value for '--duration-s'"),
+        (
+            ["launch", "fleet.toml", "--policy", "nosuch"],
+            "Invalid value for '--policy': unknown scheduling policy 'nosuch'",
+        ),
+        (
+            ["launch", "fleet.toml", "--routing", "nosuch"],
+            "Invalid value for '--routing': unknown routing strategy 'nosuch'",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_when_parsed(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*_args: object, **_kwargs: object) -> int:
+        raise AssertionError("the command ran")
+
+    for module, name in (
+        ("sage_llm.bench.demo", "run_demo"),
+        ("sage_llm.bench.compare", "compare_main"),
+        ("sage_llm.bench.compare", "overload_main"),
+        ("sage_llm.bench.pd_bench", "pd_bench_main"),
+        ("sage_llm.launch", "launch_from_config"),
+    ):
+        monkeypatch.setattr(f"{module}.{name}", never)
+    code, output = invoke(*argv)
+    assert code == 2
+    assert message in output
+
+
+# -- what the arguments name is checked before any work -------------------------------------
+
+
+def test_a_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xffGPU0\n")
+    code, output = invoke("topo", "--file", str(bad))
+    assert code == 1
+    assert output == f"error: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
+    code, output = invoke("plan", "--topology", str(bad))
+    assert code == 1
+    assert output == f"error: topology: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
+    toml = tmp_path / "fleet.toml"
+    toml.write_bytes(b"[launch]\nmodel = '\xff'\n")
+    code, output = invoke("launch", str(toml))
+    assert code == 1
+    assert output.endswith(
+        f"error: {toml}: launch file is not UTF-8 text (byte 0xff at offset 18)\n"
+    )
+
+
+def test_launch_checks_every_engine_port_before_starting(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("[launch]\nbase_port = 65535\n[[launch.instances]]\n[[launch.instances]]\n")
+    code, output = invoke("launch", str(fleet), "--port", str(free_ports(1)))
+    assert code == 1
+    assert output.endswith(
+        f"error: {fleet}:2: launch.base_port: 2 engines need ports 65535-65536, past 65535\n"
+    )
+    assert not (tmp_path / "sage-llm-logs").exists()
+
+
+def test_launch_file_errors_name_the_line_and_the_expected_type(tmp_path: Path) -> None:
+    fleet = tmp_path / "l.toml"
+    fleet.write_text('[launch]\nbase_port = "8100"\n[[launch.instances]]\n')
+    code, output = invoke("launch", str(fleet))
+    assert code == 1
+    assert output.endswith(
+        f"error: {fleet}:2: launch.base_port: must be an integer, got string '8100'\n"
+    )
+
+
+def test_launch_options_for_a_plan_file_are_refused_with_a_launch_file(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("[launch]\n[[launch.instances]]\n")
+    code, output = invoke("launch", str(fleet), "--base-port", "18500")
+    assert code == 1
+    assert output.endswith(
+        "error: --base-port and --log-dir apply to a plan file (.json); "
+        "a launch file sets base_port and log_dir\n"
+    )
+
+
+def test_the_gateway_port_must_be_free_before_engines_start(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f"[launch]\nbase_port = {free_ports(1)}\n[[launch.instances]]\n")
+    with listening() as port:
+        code, output = invoke("launch", str(fleet), "--port", str(port))
+    assert code == 1
+    assert output.endswith(
+        f"error: cannot listen on 127.0.0.1:{port}: port {port} is already in use\n"
+    )
+    assert not (tmp_path / "sage-llm-logs").exists()
+
+
+@pytest.mark.parametrize("command", ["engine-sim", "serve"])
+def test_a_port_in_use_is_a_one_line_error(command: str) -> None:
+    with listening() as port:
+        proc = run_cli(command, "--port", str(port))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: port {port} is already in use"
+    )
+
+
+def test_an_address_that_does_not_resolve_is_a_one_line_error() -> None:
+    proc = run_cli("engine-sim", "--host", "999.1.1.1", "--port", str(free_ports(1)))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith("error: --host: cannot resolve '999.1.1.1'")
+
+
+# -- help text ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve"], ["demo"], ["engine-sim"], ["topo"], ["plan"], ["launch"],
+        ["config", "check"], ["bench", "compare"], ["bench", "pd"], ["bench", "proxy"],
+    ],
+)  # fmt: skip
+def test_help_has_no_rst_markup_and_no_hard_line_breaks(argv: list[str]) -> None:
+    code, output = invoke(*argv, "--help")
+    assert code == 0
+    assert "``" not in output
+    command = typer.main.get_command(app)
+    for name in argv:
+        assert isinstance(command, TyperGroup)
+        found = command.get_command(typer.Context(command), name)
+        assert found is not None
+        command = found
+    # typer prints a paragraph's line breaks as they are: each paragraph is one line
+    paragraphs = inspect.cleandoc(command.help or "").split("\n\n")
+    assert [p for p in paragraphs if "\n" in p] == []
+    if argv == ["engine-sim"]:
+        assert "(--gpu cpu --model tiny: vLLM's CPU build) uses the profile's" in output
+
+
+# -- launch stops what it started -------------------------------------------------------------
+
+# Stands in for an engine: records its pid and never becomes healthy.
+SLOW_ENGINE = """#!{python}
+import os, sys, time
+open(os.path.join(os.environ["STUB_DIR"], f"{{os.getpid()}}.pid"), "w").close()
+time.sleep(120)
+"""
+
+
+def _pids(directory: Path) -> list[int]:
+    return sorted(int(p.stem) for p in directory.glob("*.pid"))
+
+
+def _stop(proc: subprocess.Popen[str], pids: Sequence[int]) -> None:
+    """Leave nothing behind, whatever the test found: the launcher, the engines whose pids
+    the test saw and those the launcher printed (``<id>: <url> pid <pid> (<log>)``)."""
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=30)
+    printed = [int(m) for m in re.findall(r" pid (\d+) \(", out or "")]
+    for pid in [*pids, *printed]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_startup_stops_every_engine_started(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    stub = tmp_path / "engine"
+    stub.write_text(SLOW_ENGINE.format(python=sys.executable))
+    stub.chmod(0o755)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f"""
+        [launch]
+        engine = "sim"
+        python = "{stub}"
+        base_port = {free_ports(2)}
+        log_dir = "logs"
+        health_poll_s = 0.05
+        stop_grace_s = 5
+        env = {{ STUB_DIR = "{tmp_path}" }}
+        [[launch.instances]]
+        gpu_ids = [0]
+        [[launch.instances]]
+        gpu_ids = [1]
+        """
+    )
+    argv = [*CLI, "launch", str(fleet), "--port", str(free_ports(1)), "--log-level", "warning"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            pids = _pids(tmp_path)
+        assert len(pids) == 2, proc.communicate(timeout=30)
+        assert all(alive(pid) for pid in pids)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + sig
+        assert err.splitlines()[-1] == (
+            f"error: {sig.name} before the launch finished: stopped the engines it had started"
+        )
+        assert "Traceback" not in err
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        _stop(proc, pids)
+
+
+def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
+    base, gateway = free_ports(2), free_ports(1)
+    argv = [*CLI, "launch", str(plan), "--port", str(gateway), "--base-port", str(base),
+            "--log-dir", "engine-logs", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        models: dict[str, object] = {}
+        while not models and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{gateway}/v1/models"
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    models = json.loads(resp.read())
+        assert models, proc.communicate(timeout=30)
+        for port in (base, base + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                assert resp.status == 200
+        logs = sorted(p.name for p in (tmp_path / "engine-logs").iterdir())
+        assert logs == ["local-general-0.log", "local-general-1.log"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        pids = [int(m) for m in re.findall(r" pid (\d+) \(", out)]
+        assert proc.returncode == 0, err
+        assert f"http://127.0.0.1:{base + 1}" in out
+        assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+        for port in (base, base + 1):
+            with (
+                pytest.raises(ConnectionRefusedError),
+                socket.create_connection(("127.0.0.1", port), 1),
+            ):
+                pass
+    finally:
+        _stop(proc, pids)
