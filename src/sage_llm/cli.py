@@ -25,6 +25,7 @@ import math
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -113,24 +114,30 @@ def _role(value: str) -> str:
     return value
 
 
+def _checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """A typer callback that runs ``check`` on the value: its SageLLMError is the option's
+    one-line error, before any work starts."""
+
+    def callback(value: str) -> str:
+        try:
+            check(value)
+        except SageLLMError as exc:
+            raise _bad(exc) from None
+        return value
+
+    return callback
+
+
 def _policy(value: str) -> str:
     from sage_llm.control_plane.scheduling.registry import params_class
 
-    try:
-        params_class(value)
-    except SageLLMError as exc:
-        raise _bad(exc) from None
-    return value
+    return _checked_by(params_class)(value)
 
 
 def _routing(value: str) -> str:
     from sage_llm.control_plane.routing.registry import get_strategy
 
-    try:
-        get_strategy(value)
-    except SageLLMError as exc:
-        raise _bad(exc) from None
-    return value
+    return _checked_by(get_strategy)(value)
 
 
 def _split(text: str | None) -> list[str]:
@@ -173,11 +180,7 @@ def _peers(value: str) -> str:
 def _workload(value: str) -> str:
     from sage_llm.bench.compare import check_workload
 
-    try:
-        check_workload(value)
-    except SageLLMError as exc:
-        raise _bad(exc) from None
-    return value
+    return _checked_by(check_workload)(value)
 
 
 def _read_text(path: Path) -> str:
