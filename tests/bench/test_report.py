@@ -102,6 +102,11 @@ def test_summary_table_rows_and_slo_columns() -> None:
     assert "50.0%" in text  # CRITICAL met, HIGH missed
     assert "100.0%" in text  # LOW met
     assert "50%" in text  # prefix hit rate
+    headers = [str(column.header) for column in table.columns]
+    assert [h for h in headers if h.startswith(("TTFT", "TPOT", "E2E"))] == [
+        "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "E2E p99 (ms)",
+    ]  # fmt: skip
+    assert "goodput (req/s)" in headers
 
 
 def test_write_json_and_html(tmp_path: Path) -> None:

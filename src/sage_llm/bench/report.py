@@ -157,9 +157,9 @@ def summary_table(
     percentiles (ms), SLO attainment of CRITICAL+HIGH and of the other classes, and the
     prefix-cache hit rate when ``prefix_hit_rate`` has the name."""
     table = Table(title=title)
-    for col in ("contender", "done", "req/s", "goodput r/s", "TTFT p50", "TTFT p99",
-                "TPOT p50", "TPOT p99", "E2E p99", "prefix hit", "SLO crit/high",
-                "SLO others"):  # fmt: skip
+    for col in ("contender", "done", "req/s", "goodput (req/s)", "TTFT p50 (ms)",
+                "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "E2E p99 (ms)",
+                "prefix hit", "SLO crit/high", "SLO others"):  # fmt: skip
         table.add_column(col, justify="left" if col == "contender" else "right")
     hits = prefix_hit_rate or {}
     for name, s in rows:
