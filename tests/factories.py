@@ -4,6 +4,7 @@ which are not in the package)."""
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -119,3 +120,24 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def free_ports(n: int) -> int:
+    """A base port with ``n`` free consecutive loopback ports after it."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n > 65535:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for k, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", base + k))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise RuntimeError("no free ports")

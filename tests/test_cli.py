@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from sage_llm.cli import app
 from sage_llm.control_plane.parallelism import plan_command
+from tests.factories import free_ports
 
 CLI = (sys.executable, "-m", "sage_llm.cli")
 
@@ -49,27 +50,6 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60, check=False)
     assert "Traceback" not in proc.stderr + proc.stdout
     return proc
-
-
-def free_ports(n: int) -> int:
-    """A base port with ``n`` free consecutive ports after it."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n > 65535:
-            continue
-        socks = [socket.socket() for _ in range(n)]
-        try:
-            for k, sock in enumerate(socks):
-                sock.bind(("127.0.0.1", base + k))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return base
-    raise RuntimeError("no free ports")
 
 
 @contextlib.contextmanager

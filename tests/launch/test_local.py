@@ -22,6 +22,7 @@ from sage_llm.launch import (
     wait_healthy,
 )
 from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
+from tests.factories import free_ports
 
 GENERAL = ExecutionInstanceType.GENERAL
 
@@ -42,27 +43,6 @@ open(pidfile, "w").write(str(os.getpid()))
 print("stub ready", flush=True)
 srv.serve_forever()
 """
-
-
-def free_ports(n: int) -> int:
-    """A base port with ``n`` free consecutive ports after it."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n > 65535:
-            continue
-        try:
-            socks = [socket.socket() for _ in range(n)]
-            for k, sock in enumerate(socks):
-                sock.bind(("127.0.0.1", base + k))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return base
-    raise RuntimeError("no free ports")
 
 
 def alive(pid: int) -> bool:

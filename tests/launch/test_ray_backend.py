@@ -16,7 +16,7 @@ from sage_llm.errors import ConfigError
 from sage_llm.launch import LaunchSettings, engines_from_plan
 from sage_llm.launch.ray_backend import launch_with_ray, placement_group_specs
 from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
-from tests.launch.test_local import free_ports
+from tests.factories import free_ports
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 PREFILL = ExecutionInstanceType.PREFILLING
