@@ -298,6 +298,10 @@ def test_the_limit_error_names_the_field_that_counts(fields: dict[str, Any], par
     assert err.value.message == f"{param}: 513 is above this gateway's limit of 512"
 
 
+_CONTENT_ERROR = (
+    "must be a string, a list of content parts (objects with a 'type') or, outside a system, "
+    "developer, user or tool message, null"
+)
 _ROLES_ERROR = (
     "must be a non-empty string ('system', 'developer', 'user', 'assistant', 'tool', 'function' …)"
 )
@@ -311,15 +315,12 @@ _ROLES_ERROR = (
          f"messages[0].role: {_ROLES_ERROR}"),
         ([{"role": 5, "content": "x"}], "messages[0].role", f"messages[0].role: {_ROLES_ERROR}"),
         ([{"role": "user", "content": 5}], "messages[0].content",
-         "messages[0].content: must be a string, a list of content parts (objects with a "
-         "'type') or, in an assistant message, null"),
+         f"messages[0].content: {_CONTENT_ERROR}"),
         ([{"role": "user", "content": {"type": "text"}}], "messages[0].content",
-         "messages[0].content: must be a string, a list of content parts (objects with a "
-         "'type') or, in an assistant message, null"),
+         f"messages[0].content: {_CONTENT_ERROR}"),
         ([{"role": "system", "content": "x"}, {"role": "user", "content": None}],
          "messages[1].content",
-         "messages[1].content: must be a string, a list of content parts (objects with a "
-         "'type') or, in an assistant message, null"),
+         f"messages[1].content: {_CONTENT_ERROR}"),
         ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}],
          "messages[0].content[1]",
          "messages[0].content[1]: must be an object with a string 'type'"),

@@ -72,8 +72,8 @@ TYPELESS_PART_KEYS = ("image_url", "audio_url", "video_url", "input_audio")
 
 _ROLE_DETAIL = "must be a non-empty string (" + ", ".join(repr(r) for r in CHAT_ROLES) + " …)"
 _CONTENT_DETAIL = (
-    "must be a string, a list of content parts (objects with a 'type') or, in an assistant "
-    "message, null"
+    "must be a string, a list of content parts (objects with a 'type') or, outside a system, "
+    "developer, user or tool message, null"
 )
 _PART_DETAIL = "must be an object with a string 'type'"
 
