@@ -531,6 +531,24 @@ def test_policy_and_routing_params_are_checked_by_the_plugins() -> None:
     assert err.location == "cfg.toml:2"
 
 
+def test_every_bad_policy_param_is_reported_with_its_line() -> None:
+    text = (
+        '[services.llm_control_plane]\nscheduling_policy = "priority"\n'
+        "[services.llm_control_plane.policy_params]\n"
+        'aging_interval_s = "soon"\nmax_wait_s = -1.0\nagin = 1\n'
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={})
+    found = [(e.location, e.key) for e in info.value.errors]
+    assert found == [
+        ("cfg.toml:4", "services.llm_control_plane.policy_params.aging_interval_s"),
+        ("cfg.toml:5", "services.llm_control_plane.policy_params.max_wait_s"),
+        ("cfg.toml:6", "services.llm_control_plane.policy_params.agin"),
+    ]
+    assert "must be a number" in info.value.errors[0].message
+    assert "must be > 0" in info.value.errors[1].message
+
+
 def test_section_given_twice() -> None:
     err = problem("[gateway]\nport = 1\n[services.llm_control_plane.gateway]\nport = 2\n")
     assert err.key == "services.llm_control_plane.gateway"

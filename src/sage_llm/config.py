@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,10 @@ from sage_llm.config_schema import (
     SimulationConfig,
     default_sim_model,
 )
-from sage_llm.control_plane.routing.registry import get_strategy, parse_params
-from sage_llm.control_plane.scheduling.registry import make_params, params_class
-from sage_llm.errors import ConfigError
+from sage_llm.control_plane.params import build_params
+from sage_llm.control_plane.routing.registry import get_strategy
+from sage_llm.control_plane.scheduling.registry import params_class
+from sage_llm.errors import ConfigError, ConfigErrors
 from sage_llm.types import ExecutionInstance, PDSeparationConfig
 
 __all__ = [
@@ -89,17 +90,6 @@ _SECTION_CLASSES: tuple[tuple[str, type[Any]], ...] = (
     ("admission", AdmissionConfig),
     ("simulation", SimulationConfig),
 )
-
-
-class ConfigErrors(ConfigError):
-    """Several problems at once. ``errors`` holds each; ``location``/``key`` are the first's."""
-
-    def __init__(self, errors: Sequence[ConfigError]) -> None:
-        lines = "\n".join(str(e) for e in errors)
-        super().__init__(f"{len(errors)} configuration problems:\n{lines}")
-        self.errors = tuple(errors)
-        self.location = errors[0].location
-        self.key = self.param = errors[0].key
 
 
 # -- public entry points -------------------------------------------------------------------
@@ -395,14 +385,21 @@ def _control_plane(
     policy, policy_params = cp.scheduling_policy, cp.policy_params
     if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
         read_params(
-            lambda: make_params(params_class(policy), policy_params),
+            lambda: build_params(
+                params_class(policy), policy_params, owner=f"scheduling policy {policy!r}"
+            ),
             (*spath, "policy_params"),
             p,
         )
     strategy, routing_params = cp.routing_strategy, cp.routing_params
     if "routing_params" in service and not p.failed((*spath, "routing_strategy")):
         read_params(
-            lambda: parse_params(get_strategy(strategy), routing_params),
+            lambda: build_params(
+                get_strategy(strategy).params_type,
+                routing_params,
+                owner=f"routing strategy {strategy!r}",
+                finite=True,
+            ),
             (*spath, "routing_params"),
             p,
         )

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sage_llm.config_locate import KeyPath, Problems
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, ConfigErrors
 
 T = TypeVar("T")
 ForeignRules = Mapping[type[Any], Mapping[str, "Rule"]]
@@ -142,10 +142,11 @@ def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None
     try:
         build()
     except ConfigError as exc:
-        message = exc.message
-        if exc.key and message.startswith(f"{exc.key}: "):
-            message = message[len(exc.key) + 2 :]
-        p.add((*path, exc.key) if exc.key else path, message)
+        for one in exc.errors if isinstance(exc, ConfigErrors) else (exc,):
+            message = one.message
+            if one.key and message.startswith(f"{one.key}: "):
+                message = message[len(one.key) + 2 :]
+            p.add((*path, one.key) if one.key else path, message)
     except (ValueError, TypeError) as exc:
         p.add(path, str(exc))
 

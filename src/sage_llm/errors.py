@@ -5,6 +5,7 @@ can turn it into a JSON error body without a lookup table::
 
     SageLLMError (500, internal_error)
     ├── ConfigError (400, invalid_config)            a bad config file, value or key
+    │   └── ConfigErrors                             several at once (``errors``)
     ├── InvalidRequestError (400, invalid_request_error)  a bad request field (``param`` names it)
     │   └── PayloadTooLargeError (413)
     ├── AuthenticationError (401, authentication_error)
@@ -33,6 +34,7 @@ failures before the first token are retried, so no request runs twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -74,6 +76,17 @@ class ConfigError(SageLLMError):
         super().__init__(prefix + message, param=key)
         self.location = location
         self.key = key
+
+
+class ConfigErrors(ConfigError):
+    """Several problems at once. ``errors`` holds each; ``location``/``key`` are the first's."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        lines = "\n".join(str(e) for e in errors)
+        super().__init__(f"{len(errors)} configuration problems:\n{lines}")
+        self.errors = tuple(errors)
+        self.location = errors[0].location
+        self.key = self.param = errors[0].key
 
 
 class InvalidRequestError(SageLLMError):

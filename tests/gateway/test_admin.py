@@ -245,6 +245,14 @@ async def test_set_policy_errors() -> None:
             assert r.status == 400
             error = (await _json(r))["error"]
         assert (error["type"], error["param"]) == ("invalid_request_error", "params.no_such_param")
+        body = {"policy": "priority", "params": {"max_wait_s": "x", "aging_interval_s": -1}}
+        async with http.post(gw.url("/admin/set_policy"), json=body) as r:
+            assert r.status == 400
+            error = (await _json(r))["error"]
+        assert error["param"] == "params.max_wait_s"  # the first; the message has both
+        assert error["message"] == (
+            "max_wait_s: must be a number, got 'x'; aging_interval_s: must be > 0, got -1.0"
+        )
         async with http.post(gw.url("/admin/set_policy"), json={"name": "fifo"}) as r:
             assert r.status == 400
         assert gw.manager.get_status()["scheduling_policy"] == "fifo"

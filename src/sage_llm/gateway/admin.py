@@ -30,7 +30,13 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.errors import ConfigError, ConflictError, InstanceNotFoundError, InvalidRequestError
+from sage_llm.errors import (
+    ConfigError,
+    ConfigErrors,
+    ConflictError,
+    InstanceNotFoundError,
+    InvalidRequestError,
+)
 from sage_llm.gateway.openai import read_json, validate, validation_error
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
@@ -105,7 +111,8 @@ def _as_request_error(prefix: str | None = None) -> Iterator[None]:
         yield
     except ConfigError as exc:
         param = exc.key if prefix is None or exc.key is None else f"{prefix}.{exc.key}"
-        raise InvalidRequestError(str(exc), param=param) from None
+        each = exc.errors if isinstance(exc, ConfigErrors) else (exc,)
+        raise InvalidRequestError("; ".join(map(str, each)), param=param) from None
 
 
 class AdminRoutes:

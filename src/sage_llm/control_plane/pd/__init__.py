@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd.connectors import (
     CONNECTOR_NAMES,
     PDConnector,
@@ -35,7 +36,6 @@ from sage_llm.control_plane.pd.decider import (
     PDDecision,
     build_decider,
     get_decider,
-    parse_params,
 )
 from sage_llm.control_plane.pd.orchestrator import (
     LinkModel,
@@ -134,7 +134,9 @@ def build_pd(
         pairing.setdefault("kv_bytes_per_token", kv_bytes)
     return PDComponents(
         decider=build_decider(spec.name, decider_params),
-        orchestrator=PDOrchestrator(parse_params(PairingParams, pairing), seed=seed),
+        orchestrator=PDOrchestrator(
+            build_params(PairingParams, pairing, owner="PD pairing"), seed=seed
+        ),
         connector=build_connector(cfg.connector, _table(meta, "connector_params"), seed=seed),
         fallback_to_colocated=cfg.fallback_to_colocated,
     )

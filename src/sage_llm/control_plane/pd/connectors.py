@@ -43,7 +43,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from sage_llm.control_plane.pd.decider import parse_params
+from sage_llm.control_plane.params import build_params
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, KVHandle, Usage
 from sage_llm.errors import ConfigError, EngineError, SageLLMError
 from sage_llm.types import ExecutionInstance
@@ -366,9 +366,11 @@ def build_connector(
     ``Params`` dataclass). ConfigError for an unknown name or parameter."""
     wanted = str(name).strip().lower()
     if wanted == "vllm":
-        return VLLMConnector(parse_params(VLLMConnectorParams, params))
+        return VLLMConnector(build_params(VLLMConnectorParams, params, owner="PD connector 'vllm'"))
     if wanted == "sglang":
-        return SGLangConnector(parse_params(SGLangConnectorParams, params), seed=seed)
+        return SGLangConnector(
+            build_params(SGLangConnectorParams, params, owner="PD connector 'sglang'"), seed=seed
+        )
     raise ConfigError(
         f"unknown PD connector {name!r}; valid names: {', '.join(CONNECTOR_NAMES)}",
         key="connector",

@@ -20,14 +20,12 @@ Deciders by name (:func:`build_decider`; parameters in a frozen ``Params`` datac
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd.orchestrator import LinkModel
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 from sage_llm.errors import ConfigError
@@ -463,44 +461,8 @@ def get_decider(name: str) -> DeciderSpec:
     )
 
 
-def parse_params(params_type: type[Any], raw: Mapping[str, Any] | None) -> Any:
-    """``raw`` (e.g. a TOML table) checked and converted into ``params_type``; ConfigError
-    (with ``key``) for an unknown key or a value of the wrong type."""
-    if raw is None:
-        return params_type()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"parameters must be a table, got {raw!r}")
-    hints = typing.get_type_hints(params_type)
-    known = [f.name for f in dataclasses.fields(params_type)]
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"unknown parameter; valid: {', '.join(known) or 'none'}", key=key)
-        kwargs[key] = _coerce(key, hints[key], value)
-    return params_type(**kwargs)
-
-
-def _coerce(key: str, annotation: Any, value: Any) -> Any:
-    optional = isinstance(annotation, types.UnionType) and type(None) in annotation.__args__
-    if optional:
-        if value is None:
-            return None
-        annotation = next(a for a in annotation.__args__ if a is not type(None))
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"must be a number, got {value!r}", key=key)
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"must be an integer, got {value!r}", key=key)
-        return value
-    if annotation is str and not isinstance(value, str):
-        raise ConfigError(f"must be a string, got {value!r}", key=key)
-    return value
-
-
 def build_decider(name: str, params: Mapping[str, Any] | None = None) -> Decider:
     """The decider ``name`` with ``params`` applied. ConfigError for an unknown name or a
     bad parameter."""
     spec = get_decider(name)
-    return spec.build(parse_params(spec.params_type, params))
+    return spec.build(build_params(spec.params_type, params, owner=f"PD decider {spec.name!r}"))

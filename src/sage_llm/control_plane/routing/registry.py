@@ -7,14 +7,12 @@ immutable tuple; nothing registers at import or run time.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.routing import strategies as st
 from sage_llm.control_plane.routing.filters import LEGS, Leg
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -74,57 +72,6 @@ def get_strategy(name: str) -> StrategySpec[Any]:
     )
 
 
-def parse_params(spec: StrategySpec[P], raw: Mapping[str, Any] | None) -> P:
-    """``raw`` (e.g. a TOML table) checked and converted into ``spec.params_type``.
-
-    Raises :class:`ConfigError` with ``key`` set for an unknown key, a value of the wrong
-    type, or a value out of range.
-    """
-    params_type = spec.params_type
-    if raw is None:
-        return params_type()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(
-            f"parameters of routing strategy {spec.name!r} must be a table, got {raw!r}",
-            key=spec.name,
-        )
-    hints = typing.get_type_hints(params_type)
-    known = [f.name for f in dataclasses.fields(params_type)]  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            valid = ", ".join(known) or "none"
-            raise ConfigError(
-                f"unknown parameter for routing strategy {spec.name!r}; valid: {valid}",
-                key=str(key),
-            )
-        kwargs[key] = _coerce(key, hints[key], value)
-    return params_type(**kwargs)
-
-
-def _coerce(key: str, annotation: Any, value: Any) -> Any:
-    """``value`` converted to the field's scalar type, or ConfigError."""
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"must be a number, got {value!r}", key=key)
-        if not math.isfinite(value):
-            raise ConfigError(f"must be finite, got {value!r}", key=key)
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"must be an integer, got {value!r}", key=key)
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"must be true or false, got {value!r}", key=key)
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"must be a string, got {value!r}", key=key)
-        return value
-    return value
-
-
 def build_router(
     name: str,
     params: Mapping[str, Any] | None = None,
@@ -144,5 +91,7 @@ def build_router(
     spec = get_strategy(name)
     if leg not in LEGS:
         raise ConfigError(f"unknown leg {leg!r}; expected one of {', '.join(LEGS)}", key="leg")
-    parsed = parse_params(spec, params)
+    parsed = build_params(
+        spec.params_type, params, owner=f"routing strategy {spec.name!r}", finite=True
+    )
     return spec.build(parsed, rng=random.Random(seed), leg=leg)

@@ -8,12 +8,11 @@ dataclass (unknown keys, wrong types and out-of-range values all raise
 
 from __future__ import annotations
 
-import dataclasses
 import types
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
@@ -21,7 +20,7 @@ from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
 from sage_llm.control_plane.scheduling.priority import PriorityPolicy
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
-from sage_llm.errors import ConfigError, PolicyNotFoundError
+from sage_llm.errors import PolicyNotFoundError
 
 _POLICIES: Mapping[str, tuple[Callable[[Any], SchedulingPolicy], type[Any]]] = (
     types.MappingProxyType(
@@ -58,7 +57,7 @@ def build_policy(name: str, params: Mapping[str, Any] | None = None) -> Scheduli
     (``key`` = the parameter) for an unknown key or an invalid value.
     """
     cls, params_cls = _lookup(name)
-    return cls(make_params(params_cls, params or {}))
+    return cls(build_params(params_cls, params or {}, owner=f"scheduling policy {name!r}"))
 
 
 def _lookup(name: str) -> tuple[Callable[[Any], SchedulingPolicy], type[Any]]:
@@ -71,37 +70,3 @@ def _lookup(name: str) -> tuple[Callable[[Any], SchedulingPolicy], type[Any]]:
         raise PolicyNotFoundError(
             f"unknown scheduling policy {name!r}; valid: {valid}", param="scheduling_policy"
         ) from None
-
-
-def make_params(params_cls: type[Any], values: Mapping[str, Any]) -> Any:
-    """``params_cls(**values)`` with unknown keys and wrongly typed values refused."""
-    hints = typing.get_type_hints(params_cls)
-    fields = {f.name for f in dataclasses.fields(params_cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in fields:
-            valid = ", ".join(sorted(fields)) or "none"
-            raise ConfigError(f"unknown parameter (valid: {valid})", key=str(key))
-        kwargs[key] = _coerce(key, value, hints[key])
-    return params_cls(**kwargs)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    if typing.get_origin(hint) is typing.Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}", key=key)
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"must be a number, got {value!r}", key=key)
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"must be an integer, got {value!r}", key=key)
-        return value
-    if hint is bool or hint is str:
-        if not isinstance(value, hint):
-            raise ConfigError(f"must be a {hint.__name__}, got {value!r}", key=key)
-        return value
-    return value

@@ -1,0 +1,121 @@
+"""A plugin's parameters read from a table: one builder for every ``Params`` dataclass.
+
+Scheduling policies, routing strategies, PD deciders, the PD pairing and the KV
+connectors each take a frozen ``Params`` dataclass whose ``__post_init__`` checks its
+ranges. :func:`build_params` makes one from a TOML table or a dict and reports every
+problem of the table at once, each as a :class:`~sage_llm.errors.ConfigError` whose
+``key`` is the parameter, so a config file points at each offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from sage_llm.errors import ConfigError, ConfigErrors
+
+__all__ = ["build_params"]
+
+P = TypeVar("P")
+
+
+def build_params(
+    params_cls: type[P], raw: Mapping[str, Any] | None, *, owner: str = "", finite: bool = False
+) -> P:
+    """``params_cls(**raw)``, with every problem of ``raw`` found, not only the first.
+
+    The problems are, in ``raw``'s order: unknown keys, values of the wrong type, and each
+    well-typed value's own range (``params_cls`` built with that key alone) when the whole
+    table does not build; then a problem between keys (``params_cls`` built with all of
+    them) when each key is fine alone. One problem raises its :class:`ConfigError`
+    (``key`` set), several raise :class:`ConfigErrors`. A ``float`` field takes an
+    integer, an ``X | None`` field takes None, a ``Literal`` field one of its values.
+
+    ``owner`` names what the parameters are for in messages (``"routing strategy
+    'affinity'"``); ``finite`` refuses infinite and NaN numbers for ``float`` fields.
+    """
+    if raw is None:
+        return params_cls()
+    for_owner = f" for {owner}" if owner else ""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"parameters{for_owner} must be a table, got {raw!r}")
+    hints = typing.get_type_hints(params_cls)
+    known = [f.name for f in dataclasses.fields(params_cls)]  # type: ignore[arg-type]
+    problems: dict[str, ConfigError] = {}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            valid = ", ".join(known) or "none"
+            problems[key] = ConfigError(
+                f"unknown parameter{for_owner}; valid: {valid}", key=str(key)
+            )
+            continue
+        try:
+            kwargs[key] = _coerce(key, hints[key], value, finite=finite)
+        except ConfigError as exc:
+            problems[key] = exc
+    whole: Exception | None = None
+    if not problems:
+        try:
+            return params_cls(**kwargs)
+        except (ConfigError, ValueError) as exc:
+            whole = exc
+    for key, value in kwargs.items():
+        if (problem := _alone(params_cls, key, value)) is not None:
+            problems[key] = problem
+    errors = [problems[key] for key in raw if key in problems]
+    if not errors:  # each key is fine alone: the problem is between them
+        if isinstance(whole, ConfigError):
+            raise whole
+        raise ConfigError(str(whole)) from whole
+    raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def _alone(params_cls: type[Any], key: str, value: Any) -> ConfigError | None:
+    """The problem of ``key = value`` with every other parameter at its default."""
+    try:
+        params_cls(**{key: value})
+    except ConfigError as exc:
+        return exc if exc.key == key else None
+    except ValueError as exc:
+        return ConfigError(str(exc), key=key)
+    return None
+
+
+def _coerce(key: str, hint: Any, value: Any, *, finite: bool) -> Any:
+    """``value`` as the field's type (``hint``), or ConfigError."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args:
+            if value is None:
+                return None
+            rest = [a for a in args if a is not type(None)]
+            hint = rest[0] if len(rest) == 1 else hint
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}", key=key)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, got {value!r}", key=key)
+        if finite and not math.isfinite(value):
+            raise ConfigError(f"must be finite, got {value!r}", key=key)
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"must be an integer, got {value!r}", key=key)
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, got {value!r}", key=key)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"must be a string, got {value!r}", key=key)
+        return value
+    return value

@@ -1,0 +1,95 @@
+"""One builder for every plugin's ``Params``: each problem of a table is reported."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from sage_llm.control_plane.params import build_params
+from sage_llm.control_plane.pd import build_decider
+from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.scheduling.registry import build_policy
+from sage_llm.errors import ConfigError, ConfigErrors
+
+
+@dataclass(frozen=True)
+class Params:
+    low: float = 1.0
+    high: float = 10.0
+    count: int = 3
+    mode: Literal["a", "b"] = "a"
+    cap: float | None = None
+    on: bool = True
+
+    def __post_init__(self) -> None:
+        if self.low <= 0:
+            raise ConfigError(f"must be > 0, got {self.low}", key="low")
+        if self.count < 1:
+            raise ConfigError(f"must be >= 1, got {self.count}", key="count")
+        if self.high < self.low:
+            raise ConfigError(f"must be >= low ({self.low})", key="high")
+
+
+def test_a_good_table_builds_with_ints_read_as_floats() -> None:
+    got = build_params(Params, {"low": 2, "cap": None, "mode": "b", "on": False})
+    assert got == Params(low=2.0, mode="b", on=False)
+    assert isinstance(got.low, float)
+    assert build_params(Params, None) == Params()
+
+
+def test_every_problem_is_reported_in_the_tables_order() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        build_params(
+            Params,
+            {"count": 0, "mode": "c", "bogus": 1, "low": -1, "on": "yes", "high": 5},
+            owner="thing 'x'",
+        )
+    errors = info.value.errors
+    assert [e.key for e in errors] == ["count", "mode", "bogus", "low", "on"]
+    assert "must be >= 1" in errors[0].message
+    assert "must be one of 'a', 'b'" in errors[1].message
+    assert "unknown parameter for thing 'x'; valid: low, high" in errors[2].message
+    assert "must be > 0" in errors[3].message
+    assert "must be true or false" in errors[4].message
+    assert info.value.key == "count"
+
+
+def test_one_problem_raises_that_error_alone() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_params(Params, {"count": "3"})
+    assert not isinstance(info.value, ConfigErrors)
+    assert (info.value.key, info.value.message) == ("count", "count: must be an integer, got '3'")
+
+
+def test_a_problem_between_keys_is_reported_when_each_is_fine_alone() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_params(Params, {"low": 5.0, "high": 2.0})
+    assert not isinstance(info.value, ConfigErrors)
+    assert info.value.key == "high"
+
+
+def test_finite_refuses_infinity_and_nan() -> None:
+    assert build_params(Params, {"high": math.inf}).high == math.inf
+    for value in (math.inf, math.nan):
+        with pytest.raises(ConfigError, match="must be finite"):
+            build_params(Params, {"high": value}, finite=True)
+
+
+def test_a_non_table_is_refused() -> None:
+    with pytest.raises(ConfigError, match="parameters for thing must be a table, got 3"):
+        build_params(Params, 3, owner="thing")  # type: ignore[arg-type]
+
+
+def test_policies_strategies_and_deciders_report_every_problem() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        build_policy("priority", {"aging_interval_s": "soon", "max_wait_s": -1.0})
+    assert [e.key for e in info.value.errors] == ["aging_interval_s", "max_wait_s"]
+    with pytest.raises(ConfigErrors) as info:
+        build_router("affinity", {"bogus": 1, "bogus2": 2})
+    assert "routing strategy 'affinity'" in info.value.errors[0].message
+    with pytest.raises(ConfigErrors) as info:
+        build_decider("threshold", {"a": 1, "b": 2})
+    assert "PD decider 'threshold'" in info.value.errors[0].message
