@@ -129,8 +129,10 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
             400,
         ),
         (_post("/v1/completions", completion_body()).replace(b"HTTP/1.1", b"HTTP/1.0"), 200),
+        # a control character in a header name: aiohttp's 400
+        (_post("/v1/completions", completion_body()).replace(b"Host:", b"X\x01y: 1\r\nHost:"), 400),
     ],
-    ids=["too-large", "query", "unknown-route", "get", "chunked", "http10"],
+    ids=["too-large", "query", "unknown-route", "get", "chunked", "http10", "control-char"],
 )
 async def test_unusual_requests_get_aiohttps_answers(request_bytes: bytes, status: int) -> None:
     small = GatewayConfig(max_body_bytes=64 if b"xxxx" in request_bytes else 1 << 20)
@@ -394,9 +396,16 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
         (["Host: t"], None),
         (["Content-Length: two"], None),
         (["Content-Length: 2", "Transfer-Encoding: chunked"], None),
+        (["X\x01Bad: 1", "Content-Length: 2"], None),
+        (["X-Bad: a\x00b", "Content-Length: 2"], None),
+        (["X-Bad: a\x7fb", "Content-Length: 2"], None),
+        (["X-Bad: a\nb", "Content-Length: 2"], None),
+        (["X(Bad): 1", "Content-Length: 2"], None),
+        (["X Bad: 1", "Content-Length: 2"], None),
     ],
     ids=["plain", "blanks", "repeated", "folded", "space-before-colon", "no-colon",
-         "repeated-length", "no-length", "bad-length", "chunked"],
+         "repeated-length", "no-length", "bad-length", "chunked", "control-in-name",
+         "nul-in-value", "del-in-value", "bare-lf", "separator-in-name", "space-in-name"],
 )  # fmt: skip
 def test_heads_are_parsed_or_handed_over(lines: list[str], expected: dict[str, str] | None) -> None:
     server = LeanServer(

@@ -7,7 +7,8 @@ traffic and always the same shape, so :class:`LeanServer` accepts the connection
 on :class:`asyncio.Protocol` objects, and serves those two routes with a handler of its
 own (:mod:`sage_llm.gateway.lean_routes`). Any other request — another route or method, a
 query string, ``HTTP/1.0``, a chunked or ``Expect: 100-continue`` body, a body above the
-size limit, a malformed or oversized head, a CORS request when CORS is configured — makes
+size limit, a malformed or oversized head (a header name that is not a token, a control
+character anywhere in a header line), a CORS request when CORS is configured — makes
 the connection switch to aiohttp's protocol for the rest of its life (the bytes already
 read are handed over), so every other route, error and edge case is answered by aiohttp
 exactly as before.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -273,12 +275,19 @@ class LeanConnection(asyncio.Protocol):
         if path not in self._server.routes:
             return None
         headers: dict[str, str] = {}
+        names = self._server.header_names
         if eol >= 0:
             for line in text[eol + 2 :].split("\r\n"):
                 name, sep, value = line.partition(":")
-                if not sep or not name or name[0] in " \t" or name[-1] in " \t":
-                    return None  # malformed or folded: aiohttp answers it
-                key = name.lower()
+                if not sep or (not line.isprintable() and not _tabbed_printable(line)):
+                    return None  # malformed, or a control character: aiohttp answers it
+                key = names.get(name)
+                if key is None:
+                    if _TOKEN.fullmatch(name) is None:
+                        return None  # not a header name (folded, spaced, a separator)
+                    key = name.lower()
+                    if len(names) < _HEADER_NAMES:
+                        names[name] = key
                 value = value.strip()
                 if key in headers:
                     if key in _SINGLE:
@@ -346,6 +355,17 @@ class LeanConnection(asyncio.Protocol):
 
 _SWEEP_FRACTION = 0.1
 """Idle connections are looked for every tenth of the keep-alive timeout."""
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (RFC 9110's ``token``)."""
+
+
+def _tabbed_printable(line: str) -> bool:
+    """Whether ``line``'s only non-printable characters are tabs (blanks in a value)."""
+    return line.replace("\t", " ").isprintable()
+
+
+_HEADER_NAMES = 256
+"""How many header names a server remembers as valid (with their lower-case form)."""
 _SINGLE = frozenset({"content-length", "host", "content-type", "authorization"})
 """Headers that must not repeat (aiohttp answers the request when they do)."""
 _HANDOVER = frozenset({"transfer-encoding", "expect", "upgrade"})
@@ -378,6 +398,9 @@ class LeanServer:
         """Responses leave together at the end of each turn of the loop (see
         :mod:`sage_llm.writebatch`)."""
         self.closing = False
+        self.header_names: dict[str, str] = {}
+        """Header names seen valid, each with its lower-case form (up to
+        :data:`_HEADER_NAMES`)."""
         self._sweep: asyncio.TimerHandle | None = None
         self._date_at = -1
         self._date = ""
