@@ -27,6 +27,7 @@ from sage_llm.errors import (
     EngineConnectionError,
     EngineError,
     EngineRequestRejectedError,
+    InstanceNotFoundError,
     InvalidRequestError,
     ModelNotFoundError,
     NoHealthyInstanceError,
@@ -328,6 +329,95 @@ def test_status_metrics_and_prometheus_export() -> None:
         assert (
             inst["completed_requests"] + cp.get_instance_metrics("sim-1")["completed_requests"] == 5
         )
+
+    run_virtual(main())
+
+
+def test_typed_reports_of_instances_and_scheduling() -> None:
+    async def main() -> None:
+        async with _manager(scheduling_policy="priority", enable_pd_separation=False) as cp:
+            metas = [
+                make_metadata(f"m{i}", max_tokens=4, slo_deadline_ms=10_000 if i % 2 else 1)
+                for i in range(6)
+            ]
+            results = await asyncio.gather(*(cp.generate(m) for m in metas))
+            reports = {iid: cp.get_instance_report(iid) for iid in ("sim-0", "sim-1")}
+            sched = cp.get_scheduling_metrics()
+            assert cp.get_pd_metrics() is None
+            with pytest.raises(InstanceNotFoundError):
+                cp.get_instance_report("nope")
+        latencies: dict[str | None, list[float]] = {r.instance_id: [] for r in results}
+        for r in results:
+            latencies[r.instance_id].append(r.e2e_latency_ms)
+        for iid, rep in reports.items():
+            mine = latencies.get(iid, [])
+            assert rep.instance_id == iid
+            assert rep.total_requests_processed == len(mine)
+            assert rep.failed_requests == rep.active_requests == 0
+            if mine:
+                assert rep.avg_latency_ms == pytest.approx(sum(mine) / len(mine))
+                assert rep.p50_latency_ms <= rep.p99_latency_ms <= max(mine) + 1e-9
+                assert rep.throughput_tokens_per_sec > 0
+            assert rep.is_healthy and rep.metadata["circuit"] == "closed"
+        assert sum(rep.total_requests_processed for rep in reports.values()) == 6
+        assert sched.policy_name == "priority"
+        assert sched.metadata["decisions"] == 6
+        assert sched.scheduling_latency_us > 0 and sched.scheduling_throughput > 0
+        # requests with a 1 ms deadline missed it, the others met theirs
+        assert sched.slo_compliance_by_priority == {"normal": 0.5}
+        waits = sorted(r.queue_wait_ms for r in results)
+        assert sched.queue_wait_time_p99 <= waits[-1] + 1e-9
+        assert sched.queue_length_avg >= 0.0
+        assert sched.metadata["predictions"] == 6
+        assert sched.latency_prediction_error_avg >= 0.0
+        assert 0.0 <= sched.prediction_accuracy_rate <= 1.0
+        assert sched.load_balance_variance == 0.0  # all idle now
+        assert sched.load_balance_coefficient == 1.0
+
+    run_virtual(main())
+
+
+def test_the_scheduling_report_sees_the_queue_and_the_fleets_balance() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", scheduling_policy="fifo")
+        cp.register_instance(make_instance("small", max_concurrent_requests=2))
+        cp.register_instance(make_instance("big", port=8001, max_concurrent_requests=8))
+        async with cp:
+            ids = [
+                await cp.submit_request(make_metadata(f"q{i}", max_tokens=50)) for i in range(14)
+            ]
+            await asyncio.sleep(0.01)  # virtual time: dispatched, none finished
+            sched = cp.get_scheduling_metrics()
+            active = {i: cp.get_instance_report(i).active_requests for i in ("small", "big")}
+            for rid in ids:
+                await cp.wait_for_result(rid)
+        assert active == {"small": 2, "big": 8}
+        # all 14 were queued before the dispatcher's pass took 10 of them
+        assert sched.queue_length_max == 14 and sched.metadata["queued_now"] == 4
+        # both full: evenly loaded
+        assert sched.load_balance_variance == 0.0 and sched.load_balance_coefficient == 1.0
+
+    run_virtual(main())
+
+
+def test_load_balance_figures_of_an_uneven_fleet() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", routing_strategy="round_robin")
+        cp.register_instance(make_instance("small", max_concurrent_requests=2))
+        cp.register_instance(make_instance("big", port=8001, max_concurrent_requests=8))
+        async with cp:
+            ids = [await cp.submit_request(make_metadata(f"q{i}", max_tokens=50)) for i in range(4)]
+            await asyncio.sleep(0.01)
+            sched = cp.get_scheduling_metrics()
+            for rid in ids:
+                await cp.wait_for_result(rid)
+        loads = [2 / 2, 2 / 8]  # round robin: two each
+        mean = sum(loads) / 2
+        assert sched.load_balance_variance == pytest.approx(sum((x - mean) ** 2 for x in loads) / 2)
+        assert sched.load_balance_coefficient == pytest.approx(
+            sum(loads) ** 2 / (2 * sum(x * x for x in loads))
+        )
+        assert sched.load_balance_coefficient < 1.0
 
     run_virtual(main())
 

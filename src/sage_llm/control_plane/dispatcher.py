@@ -733,7 +733,9 @@ class Dispatcher:
         self._on_success(run.prefill)
         if handle.prompt_tokens:
             rec.prompt_tokens = handle.prompt_tokens
-        self.metrics.on_pd_prefill_leg(leg_s)
+        self.metrics.on_pd_prefill_leg(
+            leg_s, rec.prompt_tokens or run.prompt_tokens, run.prefill_cost
+        )
         self._release_prefill(run)
 
     async def _execute_pd(self, rec: RequestRecord, run: _PDRun) -> None:
@@ -760,6 +762,12 @@ class Dispatcher:
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
             self._completed(rec, dstate, run.prefill_cost)
+            if run.prefill_end is not None and rec.result is not None:
+                self.metrics.on_pd_decode_leg(
+                    self.clock.now() - run.prefill_end,
+                    rec.result.completion_tokens,
+                    rec.result.cost - run.prefill_cost,
+                )
         except asyncio.CancelledError:
             reason = "cancelled by the caller" if rec.cancel_requested else STOPPED
             self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
@@ -1027,6 +1035,7 @@ class Dispatcher:
             model=info.model,
             policy=policy_label(self.policy),
             priority=info.priority,
+            predicted_e2e_s=rec.predicted_e2e_s,
         )
         policy = self.policy
         counting = self.counting

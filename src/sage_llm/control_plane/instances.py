@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import numpy as np
 
 from sage_llm.control_plane.health import CircuitBreaker, CircuitState
 from sage_llm.control_plane.snapshot import (
@@ -23,7 +27,7 @@ from sage_llm.control_plane.snapshot import (
 )
 from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
-from sage_llm.types import ExecutionInstance
+from sage_llm.types import ExecutionInstance, InstanceMetrics
 
 _Placement = tuple[
     int, float, str | None, str | None, int | None, str | None, frozenset[str], float
@@ -33,7 +37,8 @@ _Placement = tuple[
 _ALPHA = 0.2
 
 _KEEP_LATENCIES = 512
-"""Latencies kept per instance for its average (``public_instance``)."""
+"""Latencies kept per instance for its average (``public_instance``) and percentiles
+(``report``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,8 @@ class InstanceState:
     """The latest end-to-end latencies (at most :data:`_KEEP_LATENCIES`), for the average
     :meth:`public_instance` reports."""
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    registered_at: float = 0.0
+    """When the instance was registered (clock seconds)."""
     _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)
     _view_key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
     _placement: _Placement | None = field(default=None, init=False, repr=False, compare=False)
@@ -199,6 +206,57 @@ class InstanceState:
             current_load=min(1.0, self.in_flight / max(inst.max_concurrent_requests, 1)),
             avg_latency_ms=avg,
             gpu_utilization=self.last_stats.kv_usage if self.last_stats else 0.0,
+        )
+
+    def report(
+        self, *, since: float, now: float, to_datetime: Callable[[float], datetime]
+    ) -> InstanceMetrics:
+        """The instance's figures (``ControlPlaneManager.get_instance_report``):
+        requests and tokens since it was registered, latency percentiles over its latest
+        :data:`_KEEP_LATENCIES` completed requests, tokens per second since ``since`` or its
+        registration (whichever is later), and the engine's latest scraped load.
+        ``gpu_utilization`` is the engine's KV cache usage (what engines export; the same
+        figure :meth:`public_instance` reports); ``gpu_memory_used_gb`` is not measured."""
+        inst = self.instance
+        lat = np.asarray(self.latencies_ms, dtype=float)
+        stats = self.last_stats
+        elapsed = now - max(since, self.registered_at)
+        checked = self.last_health_check
+        metadata: dict[str, Any] = {
+            "accepting": self.accepting,
+            "draining": self.draining,
+            "circuit": self.breaker.state.label,
+            "completed_requests": self.completed,
+            "tokens_generated": self.tokens_generated,
+            "queued_prefill_tokens": self.queued_prefill_tokens,
+            "outstanding_decode_tokens": self.outstanding_decode_tokens,
+        }
+        if stats is not None:
+            metadata.update(
+                engine_running=stats.running,
+                engine_waiting=stats.waiting,
+                kv_cache_usage=stats.kv_usage,
+                prefix_cache_hit_rate=stats.prefix_hit_rate,
+                engine_stats_source=stats.source,
+            )
+        return InstanceMetrics(
+            instance_id=inst.instance_id,
+            timestamp=to_datetime(now),
+            total_requests_processed=self.completed + self.failed,
+            active_requests=self.in_flight,
+            failed_requests=self.failed,
+            avg_latency_ms=float(lat.mean()) if lat.size else 0.0,
+            p50_latency_ms=float(np.percentile(lat, 50)) if lat.size else 0.0,
+            p95_latency_ms=float(np.percentile(lat, 95)) if lat.size else 0.0,
+            p99_latency_ms=float(np.percentile(lat, 99)) if lat.size else 0.0,
+            throughput_tokens_per_sec=self.tokens_generated / elapsed if elapsed > 0 else 0.0,
+            gpu_utilization=stats.kv_usage if stats is not None else 0.0,
+            gpu_memory_total_gb=inst.gpu_memory_gb * self.gpu_count,
+            current_load=min(1.0, self.in_flight / max(inst.max_concurrent_requests, 1)),
+            is_healthy=self.routable,
+            last_health_check=None if checked is None else to_datetime(checked),
+            consecutive_failures=self.consecutive_failures,
+            metadata=metadata,
         )
 
 

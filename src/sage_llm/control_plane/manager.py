@@ -85,11 +85,15 @@ from sage_llm.errors import (
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.types import (
     ExecutionInstance,
+    ExecutionInstanceType,
+    InstanceMetrics,
+    PDMetrics,
     PDSeparationConfig,
     PerformanceMetrics,
     RequestMetadata,
     RequestResult,
     RequestStatus,
+    SchedulingMetrics,
 )
 
 log = logging.getLogger("sage_llm.manager")
@@ -395,6 +399,7 @@ class ControlPlaneManager:
             client = self._make_sim_client(instance)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
+        state.registered_at = self.clock.now() if self._running else 0.0  # else: since start
         self._monitor().attach(state)
         self._update_prefix_tracking()
         if self._running:
@@ -439,6 +444,9 @@ class ControlPlaneManager:
         return await self._registry.get(instance_id).client.stats()
 
     def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
+        """One instance's live state as a dict (the admin API's ``live`` figures); see
+        :meth:`get_instance_report` for the typed report. Raises
+        :class:`InstanceNotFoundError` for an unknown id."""
         state = self._registry.get(instance_id)
         stats = state.last_stats
         return {
@@ -768,11 +776,85 @@ class ControlPlaneManager:
         perf = self._metrics.performance(
             active=active, queued=queued, elapsed_s=elapsed, gpu_memory_gb=memory
         )
+        usage = [s.last_stats.kv_usage for s in self._registry if s.last_stats is not None]
+        perf.avg_gpu_utilization = sum(usage) / len(usage) if usage else 0.0
         if self._running:
             perf.timestamp = self.clock.to_datetime(self.clock.now())
         if self._pd is not None:
             perf.metadata["pd"] = self._metrics.pd_summary()
         return perf
+
+    def get_instance_report(self, instance_id: str) -> InstanceMetrics:
+        """One instance's figures as the seed's :class:`~sage_llm.types.InstanceMetrics`:
+        requests processed and failed since it was registered, latency percentiles over
+        its latest 512 completed requests, tokens per second since the control plane
+        started (or the instance was registered, if later), load, health, and the
+        engine's latest scraped figures in ``metadata``. ``gpu_utilization`` is the
+        engine's KV cache usage (engines export no GPU utilization); ``gpu_memory_used_gb``
+        is not measured. :meth:`get_instance_metrics` gives the same state as a dict, with
+        the latency estimates and the circuit breaker's details. Raises
+        :class:`InstanceNotFoundError` for an unknown id."""
+        now = self.clock.now()
+        since = self._started_at if self._running else now
+        state = self._registry.get(instance_id)
+        return state.report(since=since, now=now, to_datetime=self.clock.to_datetime)
+
+    def get_scheduling_metrics(self) -> SchedulingMetrics:
+        """The scheduler's figures since start (:meth:`ControlPlaneMetrics.scheduling`
+        says what each is): decision time and rate, how far latency predictions were from
+        the measured latency, SLO attainment by priority, queue wait percentiles and queue
+        length; and how evenly the fleet is loaded now. ``load_balance_variance`` is the
+        variance of the up instances' loads (in-flight requests over their
+        ``max_concurrent_requests``), ``load_balance_coefficient`` Jain's fairness index
+        of the same loads: 1.0 when even, ``1/n`` when one instance of ``n`` carries all."""
+        elapsed = self.clock.now() - self._started_at if self._running else 0.0
+        report = self._metrics.scheduling(policy=self.policy.name, elapsed_s=elapsed)
+        loads = [
+            s.in_flight / max(s.instance.max_concurrent_requests, 1) for s in self._registry if s.up
+        ]
+        if loads:
+            mean = sum(loads) / len(loads)
+            report.load_balance_variance = sum((x - mean) ** 2 for x in loads) / len(loads)
+            squares = sum(x * x for x in loads)
+            report.load_balance_coefficient = (
+                sum(loads) ** 2 / (len(loads) * squares) if squares else 1.0
+            )
+        report.metadata["routing_strategy"] = self._routing_name
+        report.metadata["queued_now"] = len(self.policy)
+        if self._running:
+            report.timestamp = self.clock.to_datetime(self.clock.now())
+        return report
+
+    def get_pd_metrics(self) -> PDMetrics | None:
+        """Prefill/decode separation figures since start, or None when PD separation is
+        off (:meth:`ControlPlaneMetrics.pd` says what each is). The live ones (active
+        requests, KV cache usage as ``*_gpu_util``, the prefix cache hit rate) are read
+        from the PREFILLING and DECODING instances now."""
+        if self._pd is None:
+            return None
+        elapsed = self.clock.now() - self._started_at if self._running else 0.0
+        report = self._metrics.pd(elapsed_s=elapsed)
+        prefilling = self._role_load(ExecutionInstanceType.PREFILLING)
+        decoding = self._role_load(ExecutionInstanceType.DECODING)
+        report.prefilling_active_requests, report.prefilling_gpu_util = prefilling[:2]
+        report.decoding_active_requests, report.decoding_gpu_util = decoding[:2]
+        queries, hits = prefilling[2] + decoding[2], prefilling[3] + decoding[3]
+        report.kv_cache_hit_rate = hits / queries if queries > 0 else 0.0
+        if self._running:
+            report.timestamp = self.clock.to_datetime(self.clock.now())
+        return report
+
+    def _role_load(self, role: ExecutionInstanceType) -> tuple[int, float, float, float]:
+        """The instances of ``role`` now: requests in flight, mean KV cache usage, and
+        their engines' prefix cache queries and hits."""
+        states = [s for s in self._registry if not s.removed and s.instance.instance_type is role]
+        stats = [s.last_stats for s in states if s.last_stats is not None]
+        return (
+            sum(s.in_flight for s in states),
+            sum(st.kv_usage for st in stats) / len(stats) if stats else 0.0,
+            sum(st.prefix_cache_queries_total for st in stats),
+            sum(st.prefix_cache_hits_total for st in stats),
+        )
 
     def get_status(self) -> dict[str, Any]:
         policy = self.policy

@@ -23,8 +23,16 @@ from sage_llm.control_plane.promlite import (
     LiteHistogram,
     LiteHistogramChild,
     LiteValue,
+    PeakGauge,
 )
-from sage_llm.types import PerformanceMetrics, RequestPriority, RequestResult, RequestStatus
+from sage_llm.types import (
+    PDMetrics,
+    PerformanceMetrics,
+    RequestPriority,
+    RequestResult,
+    RequestStatus,
+    SchedulingMetrics,
+)
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -88,7 +96,7 @@ class ControlPlaneMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = LiteGauge(
+        self.queue_depth = PeakGauge(
             f"{PREFIX}_queue_depth", "Requests waiting in the queue.", registry=r
         )
         self.running = LiteGauge(
@@ -182,6 +190,16 @@ class ControlPlaneMetrics:
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)
         self._pd_fallback_count = 0
+        self._pd_decode_ms: deque[float] = deque(maxlen=window)
+        self.pd_prefill_tokens = 0
+        self.pd_prefill_cost = 0.0
+        self.pd_decode_tokens = 0
+        self.pd_decode_cost = 0.0
+        self._predictions: deque[tuple[float, float]] = deque(maxlen=window)
+        """(predicted, actual) end-to-end ms of the latest completed requests that had a
+        prediction."""
+        self._slo_by_priority: dict[str, list[int]] = {}
+        """Priority name: [requests with an SLO, those that met it]."""
         self._e2e_ms: deque[float] = deque(maxlen=window)
         self._ttft_ms: deque[float] = deque(maxlen=window)
         self._tpot_ms: deque[float] = deque(maxlen=window)
@@ -204,7 +222,13 @@ class ControlPlaneMetrics:
         self.rejected.labels(reason=reason, model=model).inc()
 
     def on_finished(
-        self, result: RequestResult, *, model: str, policy: str, priority: RequestPriority
+        self,
+        result: RequestResult,
+        *,
+        model: str,
+        policy: str,
+        priority: RequestPriority,
+        predicted_e2e_s: float | None = None,
     ) -> None:
         status = result.status
         self._counts[status] += 1
@@ -237,12 +261,18 @@ class ControlPlaneMetrics:
                 tpot.observe(result.tpot_ms / 1000.0)
             self._tokens += result.completion_tokens
             self._cost += result.cost
+            if predicted_e2e_s is not None:
+                self._predictions.append((predicted_e2e_s * 1000.0, result.e2e_latency_ms))
         if result.slo_met is not None:
+            name = priority.name.lower()
             self._slo_total += 1
-            self.slo_requests.labels(priority=priority.name.lower()).inc()
+            self.slo_requests.labels(priority=name).inc()
+            counts = self._slo_by_priority.setdefault(name, [0, 0])
+            counts[0] += 1
             if result.slo_met:
+                counts[1] += 1
                 self._slo_met_total += 1
-                self.slo_met.labels(priority=priority.name.lower()).inc()
+                self.slo_met.labels(priority=name).inc()
 
     def on_pd_routed(self, path: str, predicted_transfer_s: float | None = None) -> None:
         """A request of a PD-enabled model was dispatched ``disaggregated`` or ``colocated``."""
@@ -252,9 +282,20 @@ class ControlPlaneMetrics:
             self._pd_transfer_ms.append(predicted_transfer_s * 1000.0)
             self.pd_transfer_predicted.observe(predicted_transfer_s)
 
-    def on_pd_prefill_leg(self, seconds: float) -> None:
+    def on_pd_prefill_leg(self, seconds: float, tokens: int = 0, cost: float = 0.0) -> None:
+        """A PD request's prefill leg ended after ``seconds``, prefilling ``tokens`` at
+        ``cost``."""
         self._pd_prefill_ms.append(seconds * 1000.0)
         self.pd_prefill_leg.observe(seconds)
+        self.pd_prefill_tokens += tokens
+        self.pd_prefill_cost += cost
+
+    def on_pd_decode_leg(self, seconds: float, tokens: int, cost: float) -> None:
+        """A disaggregated request completed ``seconds`` after its prefill leg ended,
+        with ``tokens`` generated at ``cost`` on its decode instance."""
+        self._pd_decode_ms.append(seconds * 1000.0)
+        self.pd_decode_tokens += tokens
+        self.pd_decode_cost += cost
 
     def on_pd_handoff(self, seconds: float) -> None:
         self._pd_handoff_ms.append(seconds * 1000.0)
@@ -278,8 +319,8 @@ class ControlPlaneMetrics:
             ("kv_transfer_predicted", self._pd_transfer_ms),
         ):
             a = np.asarray(window, dtype=float)
-            out[f"avg_{name}_ms"] = float(a.mean()) if a.size else 0.0
-            out[f"p99_{name}_ms"] = float(np.percentile(a, 99)) if a.size else 0.0
+            out[f"avg_{name}_ms"] = _mean(a)
+            out[f"p99_{name}_ms"] = _pct(a, 99)
         return out
 
     def set_policy(self, active: str, all_names: Iterable[str]) -> None:
@@ -326,13 +367,6 @@ class ControlPlaneMetrics:
         ttft = np.asarray(self._ttft_ms, dtype=float)
         tpot = np.asarray(self._tpot_ms, dtype=float)
         queue = np.asarray(self._queue_ms, dtype=float)
-
-        def pct(a: np.ndarray, q: float) -> float:
-            return float(np.percentile(a, q)) if a.size else 0.0
-
-        def mean(a: np.ndarray) -> float:
-            return float(a.mean()) if a.size else 0.0
-
         elapsed = max(elapsed_s, 1e-9)
         return PerformanceMetrics(
             total_requests=self._submitted,
@@ -342,14 +376,14 @@ class ControlPlaneMetrics:
             rejected_requests=self._rejected_count,
             active_requests=active,
             queued_requests=queued,
-            avg_latency_ms=mean(e2e),
-            p50_latency_ms=pct(e2e, 50),
-            p95_latency_ms=pct(e2e, 95),
-            p99_latency_ms=pct(e2e, 99),
-            avg_ttft_ms=mean(ttft),
-            p99_ttft_ms=pct(ttft, 99),
-            avg_tpot_ms=mean(tpot),
-            avg_queue_wait_ms=mean(queue),
+            avg_latency_ms=_mean(e2e),
+            p50_latency_ms=_pct(e2e, 50),
+            p95_latency_ms=_pct(e2e, 95),
+            p99_latency_ms=_pct(e2e, 99),
+            avg_ttft_ms=_mean(ttft),
+            p99_ttft_ms=_pct(ttft, 99),
+            avg_tpot_ms=_mean(tpot),
+            avg_queue_wait_ms=_mean(queue),
             tokens_per_second=self._tokens / elapsed,
             requests_per_second=completed / elapsed,
             total_gpu_memory_gb=gpu_memory_gb,
@@ -358,3 +392,88 @@ class ControlPlaneMetrics:
             slo_violations=self._slo_total - self._slo_met_total,
             slo_compliance_rate=(self._slo_met_total / self._slo_total) if self._slo_total else 1.0,
         )
+
+    def scheduling(self, *, policy: str, elapsed_s: float) -> SchedulingMetrics:
+        """The scheduler's figures since start (the manager adds the fleet's load balance).
+
+        * ``scheduling_latency_us``: the mean time of one scheduling + routing decision;
+          ``scheduling_throughput``: decisions per second.
+        * ``latency_prediction_error_*``: the absolute difference, in ms, between a
+          request's predicted end-to-end latency (the chosen instance's estimate at
+          dispatch) and its measured one, over the latest completed requests;
+          ``prediction_accuracy_rate``: the share of them within 20% of the measured one.
+        * ``queue_wait_time_p*`` in ms; ``queue_length_avg`` by Little's law (arrival rate
+          × mean queue wait); ``queue_length_max`` the highest queue depth seen.
+        """
+        decisions = self.routing_seconds.unlabelled
+        count = decisions.count
+        predictions = np.asarray(self._predictions, dtype=float).reshape(-1, 2)
+        errors = np.abs(predictions[:, 0] - predictions[:, 1])
+        within = errors <= 0.2 * predictions[:, 1]
+        queue = np.asarray(self._queue_ms, dtype=float)
+        elapsed = max(elapsed_s, 1e-9)
+        mean_wait_s = float(queue.mean()) / 1000.0 if queue.size else 0.0
+        return SchedulingMetrics(
+            policy_name=policy,
+            scheduling_latency_us=decisions.sum / count * 1e6 if count else 0.0,
+            scheduling_throughput=count / elapsed if elapsed_s > 0 else 0.0,
+            latency_prediction_error_avg=float(errors.mean()) if errors.size else 0.0,
+            latency_prediction_error_p95=_pct(errors, 95),
+            prediction_accuracy_rate=float(within.mean()) if within.size else 1.0,
+            slo_compliance_by_priority={
+                name: met / total for name, (total, met) in self._slo_by_priority.items()
+            },
+            queue_wait_time_p50=_pct(queue, 50),
+            queue_wait_time_p95=_pct(queue, 95),
+            queue_wait_time_p99=_pct(queue, 99),
+            queue_length_avg=self._submitted / elapsed * mean_wait_s if elapsed_s > 0 else 0.0,
+            queue_length_max=int(self.queue_depth.peak),
+            metadata={"decisions": count, "predictions": len(self._predictions)},
+        )
+
+    def pd(self, *, elapsed_s: float) -> PDMetrics:
+        """PD figures since start (the manager adds the instances' live ones).
+
+        ``prefilling_latency_*``: the prefill legs; ``inter_cluster_transfer_latency_avg_ms``:
+        the measured hand-off, from a prefill leg's end to the decode instance's first
+        token (KV transfer, decode-side queueing, the first decode step); ``decoding_latency_*``:
+        from a prefill leg's end to the request's end; ``requests_routed_to_prefilling`` /
+        ``_decoding``: disaggregated requests (each has one leg on each), ``_hybrid``:
+        requests of a PD model served colocated; costs per token from the instances' prices.
+        """
+        prefill = np.asarray(self._pd_prefill_ms, dtype=float)
+        decode = np.asarray(self._pd_decode_ms, dtype=float)
+        handoff = np.asarray(self._pd_handoff_ms, dtype=float)
+        disaggregated = self._pd_paths.get("disaggregated", 0)
+        decisions = self.routing_seconds.unlabelled
+        return PDMetrics(
+            prefilling_throughput_tokens_per_sec=(
+                self.pd_prefill_tokens / elapsed_s if elapsed_s > 0 else 0.0
+            ),
+            prefilling_latency_avg_ms=_mean(prefill),
+            prefilling_latency_p99_ms=_pct(prefill, 99),
+            decoding_latency_avg_ms=_mean(decode),
+            decoding_latency_p99_ms=_pct(decode, 99),
+            inter_cluster_transfer_latency_avg_ms=_mean(handoff),
+            prefilling_cost_per_token=(
+                self.pd_prefill_cost / self.pd_prefill_tokens if self.pd_prefill_tokens else 0.0
+            ),
+            decoding_cost_per_token=(
+                self.pd_decode_cost / self.pd_decode_tokens if self.pd_decode_tokens else 0.0
+            ),
+            requests_routed_to_prefilling=disaggregated,
+            requests_routed_to_decoding=disaggregated,
+            requests_routed_to_hybrid=self._pd_paths.get("colocated", 0),
+            avg_routing_decision_time_us=(
+                decisions.sum / decisions.count * 1e6 if decisions.count else 0.0
+            ),
+            metadata=self.pd_summary(),
+        )
+
+
+def _pct(a: np.ndarray, q: float) -> float:
+    return float(np.percentile(a, q)) if a.size else 0.0
+
+
+def _mean(a: np.ndarray) -> float:
+    return float(a.mean()) if a.size else 0.0

@@ -103,9 +103,14 @@ class LiteHistogram:
 
     def observe(self, amount: float) -> None:
         """Observe on the unlabelled histogram."""
+        self.unlabelled.observe(amount)
+
+    @property
+    def unlabelled(self) -> LiteHistogramChild:
+        """The series of a histogram without labels."""
         if self.labelnames:
             raise ValueError(f"{self.name} has labels {self.labelnames}: use labels()")
-        self._children[()].observe(amount)
+        return self._children[()]
 
     def remove(self, *values: str) -> None:
         del self._children[tuple(str(v) for v in values)]
@@ -215,6 +220,19 @@ class LiteGauge(_LiteValues):
     def dec(self, amount: float = 1.0) -> None:
         """Subtract from the unlabelled value."""
         self._unlabelled().dec(amount)
+
+
+class PeakGauge(LiteGauge):
+    """An unlabelled :class:`LiteGauge` that also keeps the highest value it was set to."""
+
+    def __init__(self, name: str, documentation: str, *, registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, registry=registry)
+        self.peak = 0.0
+
+    def set(self, value: float) -> None:
+        if value > self.peak:
+            self.peak = value
+        self._unlabelled().set(value)
 
 
 class LiteCounter(_LiteValues):

@@ -115,6 +115,33 @@ def test_pd_only_fleet_runs_every_request_disaggregated() -> None:
     run_virtual(main())
 
 
+def test_the_pd_report_measures_both_legs() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            metas = [make_metadata(f"r{i}", prompt=LONG, max_tokens=6) for i in range(6)]
+            results = await asyncio.gather(*(cp.generate(m) for m in metas))
+            report = cp.get_pd_metrics()
+            status = cp.get_status()["pd"]
+        assert report is not None
+        assert report.requests_routed_to_prefilling == report.requests_routed_to_decoding == 6
+        assert report.requests_routed_to_hybrid == 0
+        assert report.prefilling_latency_avg_ms == pytest.approx(status["avg_prefill_leg_ms"])
+        assert 0 < report.prefilling_latency_avg_ms <= report.prefilling_latency_p99_ms
+        assert report.inter_cluster_transfer_latency_avg_ms == pytest.approx(
+            status["avg_handoff_ms"]
+        )
+        # the decode leg runs from the prefill's end to the request's end
+        ends = [r.e2e_latency_ms - r.queue_wait_ms for r in results]
+        assert 0 < report.decoding_latency_avg_ms < max(ends)
+        assert report.prefilling_throughput_tokens_per_sec > 0
+        assert report.prefilling_active_requests == report.decoding_active_requests == 0
+        assert 0.0 <= report.kv_cache_hit_rate <= 1.0
+        assert report.metadata["disaggregated_requests"] == 6
+
+    run_virtual(main())
+
+
 def test_ttft_includes_the_kv_transfer() -> None:
     async def main() -> None:
         fleet = Fleet(PD_PAIR, link_gbps=0.5)
