@@ -109,6 +109,20 @@ class ParallelismType(enum.Enum):
     EXPERT_PARALLEL = "ep"
     HYBRID = "hybrid"
 
+    @classmethod
+    def of(cls, tensor: int = 1, pipeline: int = 1, data: int = 1) -> ParallelismType:
+        """The parallelism of an instance of these sizes: the one kind above 1, HYBRID
+        when several are, TENSOR_PARALLEL (of size 1) for a single GPU."""
+        kinds = [
+            kind
+            for kind, size in ((cls.TENSOR_PARALLEL, tensor), (cls.PIPELINE_PARALLEL, pipeline),
+                               (cls.DATA_PARALLEL, data))
+            if size > 1
+        ]  # fmt: skip
+        if len(kinds) > 1:
+            return cls.HYBRID
+        return kinds[0] if kinds else cls.TENSOR_PARALLEL
+
 
 @dataclass
 class RequestMetadata:
@@ -462,6 +476,10 @@ class RequestResult:
     token_ids: list[int] | None = None
     logprobs: list[Any] | None = None
     cost: float = 0.0
+    predicted_e2e_ms: float | None = None
+    """The time from placement to the end that the control plane predicted when it
+    placed the request (the chosen instance's estimate for ``max_tokens``; compare it with
+    ``e2e_latency_ms - queue_wait_ms``), None when it was never placed."""
 
     @property
     def ok(self) -> bool:

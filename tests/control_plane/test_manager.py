@@ -14,6 +14,7 @@ from sage_llm import (
     ControlPlaneManager,
     ExecutionInstance,
     ExecutionInstanceType,
+    ParallelismType,
     RequestMetadata,
     RequestPriority,
     RequestStatus,
@@ -375,6 +376,47 @@ def test_typed_reports_of_instances_and_scheduling() -> None:
         assert sched.load_balance_coefficient == 1.0
 
     run_virtual(main())
+
+
+def test_a_scheduling_decision_while_queued_running_and_after() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", scheduling_policy="fifo")
+        cp.register_instance(
+            make_instance("tp2", max_concurrent_requests=1, tensor_parallel_size=2,
+                          price_per_gpu_hour=3.6)
+        )  # fmt: skip
+        async with cp:
+            first = await cp.submit_request(make_metadata("first", max_tokens=20))
+            second = await cp.submit_request(make_metadata("second", max_tokens=20))
+            await asyncio.sleep(0.001)
+            assert cp.get_scheduling_decision(second) is None  # queued behind the first
+            running = cp.get_scheduling_decision(first)
+            await cp.wait_for_result(first)
+            result = await cp.wait_for_result(second)
+            done = cp.get_scheduling_decision(second)
+            with pytest.raises(RequestNotFoundError):
+                cp.get_scheduling_decision("nope")
+        assert running is not None and done is not None
+        assert running.target_instance_id == done.target_instance_id == "tp2"
+        assert done.parallelism_strategy is ParallelismType.TENSOR_PARALLEL
+        assert (done.tensor_parallel_size, done.pipeline_parallel_size) == (2, 1)
+        assert result.predicted_e2e_ms is not None
+        assert done.estimated_latency_ms == pytest.approx(result.predicted_e2e_ms)
+        # 2 GPUs at 3.6 an hour: 0.002 a second
+        assert done.estimated_cost == pytest.approx(result.predicted_e2e_ms / 1000.0 * 0.002)
+        assert done.prefill_instance_id is None and done.metadata["attempts"] == 1
+        # placed when the first one ended: after its queue wait
+        waited = done.decision_time - running.decision_time
+        assert waited.total_seconds() * 1000.0 == pytest.approx(result.queue_wait_ms, abs=1e-3)
+
+    run_virtual(main())
+
+
+def test_parallelism_type_of_an_instances_sizes() -> None:
+    assert ParallelismType.of() is ParallelismType.TENSOR_PARALLEL
+    assert ParallelismType.of(1, 4) is ParallelismType.PIPELINE_PARALLEL
+    assert ParallelismType.of(data=2) is ParallelismType.DATA_PARALLEL
+    assert ParallelismType.of(2, 2) is ParallelismType.HYBRID
 
 
 def test_the_scheduling_report_sees_the_queue_and_the_fleets_balance() -> None:

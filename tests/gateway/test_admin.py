@@ -11,7 +11,12 @@ import aiohttp
 import pytest
 
 from sage_llm.gateway.admin import instance_json, to_jsonable
-from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
+from sage_llm.types import (
+    ExecutionInstanceType,
+    PrefillingConfig,
+    RequestPriority,
+    RequestStatus,
+)
 from tests.factories import MODEL, make_instance, make_metadata
 from tests.gateway.harness import FAST, completion_body, read_events, serve
 
@@ -49,6 +54,8 @@ async def test_list_add_and_duplicate_instances() -> None:
             "max_concurrent_requests": 4,
             "metadata": {"sim_speed": FAST},
             "api_key": "engine-secret",
+            "prefilling_config": {"target_batch_size": 8},
+            "is_healthy": True,  # a live figure, as GET /admin/instances shows it
         }
         async with http.post(gw.url("/admin/instances"), json=spec) as r:
             assert r.status == 201
@@ -57,6 +64,7 @@ async def test_list_add_and_duplicate_instances() -> None:
         assert added["api_key"] == "***"
         (inst,) = [i for i in gw.manager.get_instances() if i.instance_id == "sim-new"]
         assert inst.instance_type is ExecutionInstanceType.PREFILLING
+        assert inst.prefilling_config == PrefillingConfig(target_batch_size=8)
         assert inst.max_concurrent_requests == 4
         assert inst.api_key == "engine-secret"
 
@@ -113,6 +121,20 @@ async def test_list_add_and_duplicate_instances() -> None:
         (
             {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "is_healthy": 1},
             "is_healthy",
+        ),
+        (
+            {
+                "instance_id": "x",
+                "host": "h",
+                "port": 1,
+                "model_name": "m",
+                "prefilling_config": {"chunk_size": "big"},
+            },
+            "prefilling_config.chunk_size",
+        ),
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "current_load": "x"},
+            "current_load",
         ),
     ],
 )

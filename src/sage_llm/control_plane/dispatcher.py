@@ -1010,6 +1010,7 @@ class Dispatcher:
             list(rec.token_ids) if rec.token_ids else None,
             list(rec.logprobs) if rec.logprobs else None,
             cost,
+            None if rec.predicted_e2e_s is None else rec.predicted_e2e_s * 1000.0,
         )
         rec.result = result
         if not rec.future.done():

@@ -87,12 +87,14 @@ from sage_llm.types import (
     ExecutionInstance,
     ExecutionInstanceType,
     InstanceMetrics,
+    ParallelismType,
     PDMetrics,
     PDSeparationConfig,
     PerformanceMetrics,
     RequestMetadata,
     RequestResult,
     RequestStatus,
+    SchedulingDecision,
     SchedulingMetrics,
 )
 
@@ -705,6 +707,61 @@ class ControlPlaneManager:
         if request_id in self._require_dispatcher().records:
             return None
         return self._finished.get(request_id, self.clock.now())
+
+    def get_scheduling_decision(self, request_id: str) -> SchedulingDecision | None:
+        """Where a placed request went and what the control plane expected of it, as the
+        seed's :class:`~sage_llm.types.SchedulingDecision`; None while it is queued, or
+        when it ended without being placed (refused, cancelled or failed in the queue).
+
+        ``target_instance_id`` is the instance that ran it (the decode instance of a
+        disaggregated request, whose prefill instance is ``prefill_instance_id``), on its
+        last attempt (``metadata["attempts"]``); ``estimated_latency_ms`` the predicted
+        time from placement to the end (:attr:`RequestResult.predicted_e2e_ms`) and
+        ``estimated_cost`` that time at the instance's price; the parallelism is the
+        instance's (when it is still registered); ``decision_time`` when it was placed.
+        ``confidence`` is not measured. Raises :class:`RequestNotFoundError` for an unknown
+        or expired id."""
+        now = self.clock.now()
+        rec = self._require_dispatcher().records.get(request_id)
+        if rec is not None:
+            instance_id, prefill_id = rec.instance_id, rec.prefill_instance_id
+            placed_at, predicted_s, attempts = rec.scheduled_at, rec.predicted_e2e_s, rec.attempts
+        else:
+            done = self._finished.get_timed(request_id, now)
+            if done is None:
+                raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
+            finished_at, result = done
+            instance_id, prefill_id = result.instance_id, result.prefill_instance_id
+            served_s = (result.e2e_latency_ms - result.queue_wait_ms) / 1000.0
+            placed_at, attempts = finished_at - served_s, result.attempts
+            predicted = result.predicted_e2e_ms
+            predicted_s = None if predicted is None else predicted / 1000.0
+        if instance_id is None or placed_at is None:
+            return None
+        state = self._registry.find(instance_id)
+        inst = state.instance if state is not None else None
+        tp = inst.tensor_parallel_size if inst is not None else 1
+        pp = inst.pipeline_parallel_size if inst is not None else 1
+        dp = inst.data_parallel_size if inst is not None else 1
+        price = state.cost_per_second if state is not None else 0.0
+        where = (
+            f"prefill on {prefill_id}, decode on {instance_id}"
+            if prefill_id is not None
+            else f"the whole request on {instance_id}"
+        )
+        return SchedulingDecision(
+            request_id=request_id,
+            target_instance_id=instance_id,
+            parallelism_strategy=ParallelismType.of(tp, pp, dp),
+            estimated_latency_ms=0.0 if predicted_s is None else predicted_s * 1000.0,
+            estimated_cost=0.0 if predicted_s is None else predicted_s * price,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            decision_time=self.clock.to_datetime(placed_at),
+            reason=where,
+            metadata={"attempts": attempts, "data_parallel_size": dp},
+            prefill_instance_id=prefill_id,
+        )
 
     async def cancel_request(self, request_id: str) -> bool:
         """Cancel a queued or running request (a running one's engine call is aborted).

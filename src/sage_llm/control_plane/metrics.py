@@ -196,8 +196,8 @@ class ControlPlaneMetrics:
         self.pd_decode_tokens = 0
         self.pd_decode_cost = 0.0
         self._predictions: deque[tuple[float, float]] = deque(maxlen=window)
-        """(predicted, actual) end-to-end ms of the latest completed requests that had a
-        prediction."""
+        """(predicted, measured) ms from placement to the end, of the latest completed
+        requests that had a prediction."""
         self._slo_by_priority: dict[str, list[int]] = {}
         """Priority name: [requests with an SLO, those that met it]."""
         self._e2e_ms: deque[float] = deque(maxlen=window)
@@ -262,7 +262,8 @@ class ControlPlaneMetrics:
             self._tokens += result.completion_tokens
             self._cost += result.cost
             if predicted_e2e_s is not None:
-                self._predictions.append((predicted_e2e_s * 1000.0, result.e2e_latency_ms))
+                served_ms = result.e2e_latency_ms - result.queue_wait_ms
+                self._predictions.append((predicted_e2e_s * 1000.0, served_ms))
         if result.slo_met is not None:
             name = priority.name.lower()
             self._slo_total += 1
@@ -398,10 +399,10 @@ class ControlPlaneMetrics:
 
         * ``scheduling_latency_us``: the mean time of one scheduling + routing decision;
           ``scheduling_throughput``: decisions per second.
-        * ``latency_prediction_error_*``: the absolute difference, in ms, between a
-          request's predicted end-to-end latency (the chosen instance's estimate at
-          dispatch) and its measured one, over the latest completed requests;
-          ``prediction_accuracy_rate``: the share of them within 20% of the measured one.
+        * ``latency_prediction_error_*``: the absolute difference, in ms, between the time
+          from a request's placement to its end that the chosen instance's estimate
+          predicted (for ``max_tokens``) and the measured one, over the latest completed
+          requests; ``prediction_accuracy_rate``: the share within 20% of the measured.
         * ``queue_wait_time_p*`` in ms; ``queue_length_avg`` by Little's law (arrival rate
           × mean queue wait); ``queue_length_max`` the highest queue depth seen.
         """

@@ -123,9 +123,13 @@ class FinishedRecords:
         self.expire(now)
 
     def get(self, request_id: str, now: float) -> RequestResult | None:
-        self.expire(now)
-        item = self._items.get(request_id)
+        item = self.get_timed(request_id, now)
         return item[1] if item else None
+
+    def get_timed(self, request_id: str, now: float) -> tuple[float, RequestResult] | None:
+        """``(when it finished, result)``, or None."""
+        self.expire(now)
+        return self._items.get(request_id)
 
     def expire(self, now: float) -> None:
         while len(self._items) > self._capacity:

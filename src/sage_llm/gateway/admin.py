@@ -27,8 +27,9 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import TypeAdapter, ValidationError
 
+from sage_llm.config import check_instance
+from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ConfigError,
@@ -37,11 +38,13 @@ from sage_llm.errors import (
     InstanceNotFoundError,
     InvalidRequestError,
 )
-from sage_llm.gateway.openai import read_json, validate, validation_error
+from sage_llm.gateway.openai import read_json, validate
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
-from sage_llm.types import ExecutionInstance, ExecutionInstanceType
+from sage_llm.types import ExecutionInstance
 
 _INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionInstance))
+_LIVE_FIELDS = _INSTANCE_FIELDS - {f.name for f in dataclasses.fields(InstanceConfig)}
+"""ExecutionInstance fields no config entry has: the live figures (``is_healthy`` …)."""
 _SECRET_FIELDS = frozenset({"api_key"})
 
 
@@ -120,7 +123,6 @@ class AdminRoutes:
 
     def __init__(self, manager: ControlPlaneManager) -> None:
         self.manager = manager
-        self._instance_adapter: TypeAdapter[ExecutionInstance] = TypeAdapter(ExecutionInstance)
 
     def _instance_entry(self, instance: ExecutionInstance) -> dict[str, Any]:
         entry = instance_json(instance)
@@ -133,26 +135,20 @@ class AdminRoutes:
         return web.json_response({"object": "list", "data": data})
 
     def parse_instance(self, body: dict[str, Any]) -> ExecutionInstance:
-        """An ExecutionInstance from a request body (400 names the bad field)."""
+        """An ExecutionInstance from a request body, checked as a config file's instance
+        entry (:func:`~sage_llm.config.check_instance`: JSON types without coercion, names,
+        ranges); the live figures an instance may carry (``is_healthy``, ``current_load``
+        …, which no config entry has) only for their JSON types. 400 names the bad field."""
         unknown = sorted(set(body) - _INSTANCE_FIELDS)
         if unknown:
             raise InvalidRequestError(
                 f"{unknown[0]}: not an ExecutionInstance field", param=unknown[0]
             )
-        validate(InstanceSpec, body)
-        _no_coercion(body)
-        fields = dict(body)
-        if fields.get("instance_type") is not None:
-            try:
-                fields["instance_type"] = ExecutionInstanceType.parse(fields["instance_type"])
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc), param="instance_type") from None
-        else:
-            fields.pop("instance_type", None)
-        try:
-            return self._instance_adapter.validate_python(fields)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        validate(InstanceSpec, body)  # the required fields, as the OpenAPI document says
+        _no_coercion({key: value for key, value in body.items() if key in _LIVE_FIELDS})
+        instance = ExecutionInstance(**body)
+        with _as_request_error():
+            return check_instance(instance)
 
     async def add_instance(self, request: web.Request) -> web.Response:
         instance = self.parse_instance(await read_json(request))

@@ -141,8 +141,9 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     """One chat message (see :func:`message_problem`); extra fields (``tool_calls``,
-    ``tool_call_id`` …) pass through. ``content`` may be null (or left out) in an assistant
-    message with ``tool_calls``."""
+    ``tool_call_id`` …) pass through. ``content`` may be left out, and may be null in any
+    role but those of :data:`CONTENT_REQUIRED_ROLES` (an assistant message with
+    ``tool_calls``, a custom role)."""
 
     model_config = _REQUEST
     role: str

@@ -123,6 +123,10 @@ def test_the_pd_report_measures_both_legs() -> None:
             results = await asyncio.gather(*(cp.generate(m) for m in metas))
             report = cp.get_pd_metrics()
             status = cp.get_status()["pd"]
+            decision = cp.get_scheduling_decision("r0")
+        assert decision is not None
+        assert (decision.prefill_instance_id, decision.target_instance_id) == ("p0", "d0")
+        assert decision.reason == "prefill on p0, decode on d0"
         assert report is not None
         assert report.requests_routed_to_prefilling == report.requests_routed_to_decoding == 6
         assert report.requests_routed_to_hybrid == 0
