@@ -300,6 +300,10 @@ async def test_status_and_metrics_json() -> None:
         assert isinstance(metrics["timestamp"], str)
         completed = sum(m["completed_requests"] for m in metrics["instances"].values())
         assert completed == 3
+        assert metrics["scheduling"]["metadata"]["decisions"] == 3
+        assert metrics["scheduling"]["policy_name"] == gw.manager.policy.name
+        pd = metrics["pd"]  # the gateway's default fleet has no PD instances
+        assert pd is None or pd["requests_routed_to_prefilling"] == 0
 
 
 def test_to_jsonable_handles_dataclasses_enums_and_datetimes() -> None:

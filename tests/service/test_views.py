@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestPriority, RequestStatus
@@ -28,6 +29,10 @@ def test_views_of_a_control_plane_after_one_request() -> None:
     assert sum(int(i["completed_requests"]) for i in instances) == 1
     assert metrics["completed_requests"] == 1
     assert metrics["status"]["scheduling_policy"] == "priority"
+    assert metrics["scheduling"]["slo_compliance_by_priority"] == {"high": 1.0}
+    assert isinstance(metrics["scheduling"]["timestamp"], str)
+    assert metrics["pd"]["requests_routed_to_prefilling"] == 0  # PD on, no PD instances
+    json.dumps(metrics)  # plain data, as SAGE passes it on
     assert info["priority"] == "HIGH"
     assert info["status"] == "completed"
     assert info["slo_met"] is True

@@ -12,7 +12,8 @@ clients only when none is configured). Routes:
   (409 while a removal is still waiting for them)
 * ``POST /admin/set_policy`` — ``{"policy": NAME, "params": {...}}``
 * ``GET /admin/status`` — ``manager.get_status()`` plus per-instance metrics
-* ``GET /admin/metrics`` — ``manager.get_metrics()`` as JSON plus per-instance metrics
+* ``GET /admin/metrics`` — ``manager.get_metrics()`` as JSON plus per-instance metrics,
+  ``get_scheduling_metrics()`` and ``get_pd_metrics()``
 """
 
 from __future__ import annotations
@@ -206,8 +207,11 @@ class AdminRoutes:
         return web.json_response(body)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body: dict[str, Any] = to_jsonable(self.manager.get_metrics())
+        manager = self.manager
+        body: dict[str, Any] = to_jsonable(manager.get_metrics())
         body["instances"] = self._instance_metrics()
+        body["scheduling"] = to_jsonable(manager.get_scheduling_metrics())
+        body["pd"] = to_jsonable(manager.get_pd_metrics())
         return web.json_response(body)
 
 

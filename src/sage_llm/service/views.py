@@ -42,11 +42,21 @@ def instances_view(cp: ControlPlaneManager) -> list[dict[str, Any]]:
 
 
 def metrics_view(cp: ControlPlaneManager) -> dict[str, Any]:
-    """``get_metrics``: the PerformanceMetrics fields, plus the control plane's status."""
-    perf = dataclasses.asdict(cp.get_metrics())
-    perf["timestamp"] = perf["timestamp"].isoformat()
+    """``get_metrics``: the PerformanceMetrics fields, plus the control plane's status and
+    the scheduling and PD reports (``scheduling``, ``pd``: None with PD separation off)."""
+    perf = _plain(cp.get_metrics())
     perf["status"] = cp.get_status()
+    perf["scheduling"] = _plain(cp.get_scheduling_metrics())
+    pd = cp.get_pd_metrics()
+    perf["pd"] = None if pd is None else _plain(pd)
     return perf
+
+
+def _plain(report: Any) -> dict[str, Any]:
+    """A report dataclass as a dict, its timestamp as ISO 8601 text."""
+    out: dict[str, Any] = dataclasses.asdict(report)
+    out["timestamp"] = out["timestamp"].isoformat()
+    return out
 
 
 def models_view(models: Iterable[str], tags: Iterable[str] = ()) -> list[dict[str, Any]]:
