@@ -110,9 +110,22 @@ class ParallelismType(enum.Enum):
     HYBRID = "hybrid"
 
     @classmethod
-    def of(cls, tensor: int = 1, pipeline: int = 1, data: int = 1) -> ParallelismType:
+    def parse(cls, value: ParallelismType | str) -> ParallelismType:
+        """Accept a member, its value (``"tp"``) or its name (``"TENSOR_PARALLEL"``), in
+        any case."""
+        if isinstance(value, ParallelismType):
+            return value
+        text = str(value).strip().lower()
+        for member in cls:
+            if text in (member.value, member.name.lower()):
+                return member
+        names = ", ".join(m.value for m in cls)
+        raise ValueError(f"invalid parallelism {value!r}; expected one of {names}")
+
+    @classmethod
+    def of(cls, tensor: int = 1, pipeline: int = 1, data: int = 1) -> ParallelismType | None:
         """The parallelism of an instance of these sizes: the one kind above 1, HYBRID
-        when several are, TENSOR_PARALLEL (of size 1) for a single GPU."""
+        when several are, None when none is (one GPU, one replica)."""
         kinds = [
             kind
             for kind, size in ((cls.TENSOR_PARALLEL, tensor), (cls.PIPELINE_PARALLEL, pipeline),
@@ -121,7 +134,7 @@ class ParallelismType(enum.Enum):
         ]  # fmt: skip
         if len(kinds) > 1:
             return cls.HYBRID
-        return kinds[0] if kinds else cls.TENSOR_PARALLEL
+        return kinds[0] if kinds else None
 
 
 @dataclass

@@ -412,8 +412,36 @@ def test_a_scheduling_decision_while_queued_running_and_after() -> None:
     run_virtual(main())
 
 
+def test_a_parallelism_hint_prefers_instances_of_that_parallelism() -> None:
+    async def main() -> dict[str, str | None]:
+        cp = ControlPlaneManager(mode="simulated", routing_strategy="round_robin")
+        cp.register_instance(make_instance("single", max_concurrent_requests=8))
+        cp.register_instance(
+            make_instance("tp4", port=8001, tensor_parallel_size=4, gpu_count=4,
+                          max_concurrent_requests=2)
+        )  # fmt: skip
+        async with cp:
+            hinted = [
+                make_metadata(f"h{i}", max_tokens=30, parallelism_hint=hint)
+                for i, hint in enumerate(["tp", ParallelismType.TENSOR_PARALLEL, "TENSOR_PARALLEL"])
+            ]
+            plain = [make_metadata(f"p{i}", max_tokens=30) for i in range(2)]
+            results = await asyncio.gather(*(cp.generate(m) for m in [*hinted, *plain]))
+            with pytest.raises(InvalidRequestError) as info:
+                await cp.generate(make_metadata("bad", parallelism_hint="zp"))
+        assert info.value.param == "parallelism_hint"
+        return {r.request_id: r.instance_id for r in results}
+
+    placed = run_virtual(main())
+    # the first two hinted ones fill tp4 (2 slots); the third is routed anyway, not held
+    assert placed["h0"] == placed["h1"] == "tp4"
+    assert placed["h2"] == "single"
+    assert {placed["p0"], placed["p1"]} <= {"single", "tp4"}
+
+
 def test_parallelism_type_of_an_instances_sizes() -> None:
-    assert ParallelismType.of() is ParallelismType.TENSOR_PARALLEL
+    assert ParallelismType.of() is None  # one GPU, one replica
+    assert ParallelismType.of(4) is ParallelismType.TENSOR_PARALLEL
     assert ParallelismType.of(1, 4) is ParallelismType.PIPELINE_PARALLEL
     assert ParallelismType.of(data=2) is ParallelismType.DATA_PARALLEL
     assert ParallelismType.of(2, 2) is ParallelismType.HYBRID

@@ -88,7 +88,12 @@ from sage_llm.errors import (
     InvalidRequestError,
 )
 from sage_llm.sim.clock import Clock
-from sage_llm.types import ExecutionInstanceType, RequestStatus, fill_request_result
+from sage_llm.types import (
+    ExecutionInstanceType,
+    ParallelismType,
+    RequestStatus,
+    fill_request_result,
+)
 
 _FULL_CREDIT = 1.0 - 1e-9
 """An instance's ``stream_credit`` at which its next non-streaming request streams (1, less
@@ -300,6 +305,8 @@ class Dispatcher:
         end it."""
         try:
             allowed = self.policy.constrain(info, snap)
+            if info.parallelism_hint is not None:
+                allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
             chosen = route_id(self.router, info, snap, allowed)
             if chosen is None and allowed is not None:
                 chosen = route_id(self.router, info, snap)
@@ -321,6 +328,24 @@ class Dispatcher:
             snap = snap.with_assignment(chosen, info)
         self._start(rec, chosen, pending)
         return snap
+
+    def _of_parallelism(
+        self, hint: ParallelismType, snap: ClusterSnapshot, allowed: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """``allowed`` narrowed to the instances whose parallelism is ``hint``
+        (:meth:`ParallelismType.of` their TP, PP and DP sizes); ``allowed`` itself when
+        none is. A hint is a preference: when the router finds none of them able to take
+        the request now, the request is routed without it (as without the policy's
+        constraint)."""
+        find = self.registry.find
+        matching = frozenset(
+            view.instance_id
+            for view in snap
+            if (allowed is None or view.instance_id in allowed)
+            and (state := find(view.instance_id)) is not None
+            and state.parallelism is hint
+        )
+        return matching or allowed
 
     def set_policy(self, policy: SchedulingPolicy) -> None:
         """Make ``policy`` the one that schedules from now on (switch it with this, not by

@@ -27,7 +27,7 @@ from sage_llm.control_plane.snapshot import (
 )
 from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
-from sage_llm.types import ExecutionInstance, InstanceMetrics
+from sage_llm.types import ExecutionInstance, InstanceMetrics, ParallelismType
 
 _Placement = tuple[
     int, float, str | None, str | None, int | None, str | None, frozenset[str], float
@@ -134,6 +134,14 @@ class InstanceState:
         """GPUs the instance occupies: its ``gpu_count``, at least TP × PP."""
         inst = self.instance
         return max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size)
+
+    @property
+    def parallelism(self) -> ParallelismType | None:
+        """The instance's parallelism, from its TP, PP and DP sizes (None: none)."""
+        inst = self.instance
+        return ParallelismType.of(
+            inst.tensor_parallel_size, inst.pipeline_parallel_size, inst.data_parallel_size
+        )
 
     @property
     def cost_per_second(self) -> float:

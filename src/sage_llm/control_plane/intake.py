@@ -9,7 +9,7 @@ from sage_llm import tokens
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
 from sage_llm.engines.base import EngineRequest, fill_engine_request
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
-from sage_llm.types import RequestMetadata, RequestPriority
+from sage_llm.types import ParallelismType, RequestMetadata, RequestPriority
 
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
 
@@ -81,6 +81,12 @@ def build_request(
         priority = RequestPriority.parse(meta.priority)
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="priority") from None
+    hint = meta.parallelism_hint
+    if hint is not None and type(hint) is not ParallelismType:
+        try:
+            hint = ParallelismType.parse(hint)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="parallelism_hint") from None
     # every field in declaration order (make_*: one of each per request, built directly)
     info = fill_request_info(
         meta.request_id,
@@ -99,6 +105,8 @@ def build_request(
         _NO_EXCLUSIONS,
         0,  # attempt
         dict(meta.tags),
+        hint,
+        meta.billing_tier,
     )
     engine_req = fill_engine_request(
         meta.request_id,

@@ -718,7 +718,8 @@ class ControlPlaneManager:
         last attempt (``metadata["attempts"]``); ``estimated_latency_ms`` the predicted
         time from placement to the end (:attr:`RequestResult.predicted_e2e_ms`) and
         ``estimated_cost`` that time at the instance's price; the parallelism is the
-        instance's (when it is still registered); ``decision_time`` when it was placed.
+        instance's (when it is still registered; TENSOR_PARALLEL of size 1 for one GPU);
+        ``decision_time`` when it was placed.
         ``confidence`` is not measured. Raises :class:`RequestNotFoundError` for an unknown
         or expired id."""
         now = self.clock.now()
@@ -752,7 +753,7 @@ class ControlPlaneManager:
         return SchedulingDecision(
             request_id=request_id,
             target_instance_id=instance_id,
-            parallelism_strategy=ParallelismType.of(tp, pp, dp),
+            parallelism_strategy=ParallelismType.of(tp, pp, dp) or ParallelismType.TENSOR_PARALLEL,
             estimated_latency_ms=0.0 if predicted_s is None else predicted_s * 1000.0,
             estimated_cost=0.0 if predicted_s is None else predicted_s * price,
             tensor_parallel_size=tp,

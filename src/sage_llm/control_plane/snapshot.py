@@ -15,7 +15,7 @@ from operator import attrgetter
 from typing import Protocol
 
 from sage_llm.fastinit import field_filler
-from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
+from sage_llm.types import ExecutionInstanceType, ParallelismType, RequestPriority, RequestStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,12 @@ class RequestInfo:
     """Instances that already failed this request (retries avoid them)."""
     attempt: int = 0
     tags: Mapping[str, object] = field(default_factory=dict)
+    parallelism_hint: ParallelismType | None = None
+    """The parallelism the application asked for (``RequestMetadata.parallelism_hint``):
+    the dispatcher prefers instances of it (see ``Dispatcher``)."""
+    billing_tier: str = "standard"
+    """``RequestMetadata.billing_tier``, for custom policies and routers (the built-in
+    ones do not read it)."""
 
     @property
     def slo_s(self) -> float | None:

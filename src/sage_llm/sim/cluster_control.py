@@ -143,6 +143,8 @@ class SimControlPlane:
             _NO_EXCLUSIONS,
             0,
             {},
+            None,
+            "standard",
         )
         policy = self.policy
         queued = len(self.queued)
