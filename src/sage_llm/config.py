@@ -41,6 +41,7 @@ from sage_llm.config_schema import (
     MASK,
     MODES,
     SECTIONS,
+    SERVICE_DEFAULT_KEYS,
     SERVICE_TYPES,
     AdmissionConfig,
     ControlPlaneConfig,
@@ -162,6 +163,38 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
         if type(old) is not type(new) or old != new:
             setattr(instance, name, new)
     return instance
+
+
+def check_manager_arguments(**values: Any) -> None:
+    """Check the ``ControlPlaneManager`` arguments a config file also has with the file's
+    rules (those of ``[services.llm_control_plane]`` and of ``[admission]``): every
+    argument of :data:`MANAGER_FILE_KEYS` must be given. Each problem is a
+    :class:`ConfigError` whose ``key`` (and ``param``) is the argument; one problem raises
+    it, several raise :class:`ConfigErrors`."""
+    missing = MANAGER_FILE_KEYS - values.keys()
+    if missing:
+        raise TypeError(f"check_manager_arguments: missing {', '.join(sorted(missing))}")
+    problems = Problems("")
+    admission = {k: values[k] for k in _ADMISSION_KEYS}
+    read_dataclass(
+        ControlPlaneConfig, {k: v for k, v in values.items() if k not in admission}, (), problems
+    )
+    read_dataclass(AdmissionConfig, admission, (), problems)
+    errors = problems.errors
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+_ADMISSION_KEYS = ("max_queue_wait_s", "reject_infeasible_slo")
+"""The ``ControlPlaneManager`` arguments read from ``[admission]``."""
+MANAGER_FILE_KEYS = frozenset(
+    f.name
+    for f in dataclasses.fields(ControlPlaneConfig)
+    if f.name not in ("type", "pd", "instances", "policy_params", "routing_params")
+    and f.name not in ("scheduling_policy", "routing_strategy")  # unknown: NotFound errors
+    and f.name not in SERVICE_DEFAULT_KEYS
+) | frozenset(_ADMISSION_KEYS)
+"""The ``ControlPlaneManager`` arguments :func:`check_manager_arguments` checks."""
 
 
 _SIM_METADATA = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")

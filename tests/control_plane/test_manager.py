@@ -22,6 +22,7 @@ from sage_llm import (
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import (
     ConfigError,
+    ConfigErrors,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -1370,6 +1371,17 @@ def test_a_bad_manager_argument_is_a_config_error_naming_it(
         ControlPlaneManager(**kwargs)
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
+
+
+def test_bad_manager_arguments_are_all_reported_by_the_config_files_rules() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        ControlPlaneManager(max_queue_size=0, enable_monitoring=1, engine_stream="often")  # type: ignore[arg-type]
+    assert [e.key for e in info.value.errors] == [
+        "enable_monitoring",
+        "max_queue_size",
+        "engine_stream",
+    ]
+    ControlPlaneManager(mode="SIM", engine_stream="Client")  # read as a file reads them
 
 
 def test_a_request_cut_off_at_its_deadline_counts_as_an_slo_miss() -> None:

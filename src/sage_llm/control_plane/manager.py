@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from types import TracebackType
@@ -29,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from sage_llm.config import check_instance
+from sage_llm.config import check_instance, check_manager_arguments
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
 from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
@@ -60,7 +59,6 @@ from sage_llm.control_plane.scheduling.registry import (
     may_read_block_hashes,
 )
 from sage_llm.engines.base import (
-    ENGINE_STREAM,
     Chunk,
     EngineClient,
     EngineRequest,
@@ -69,7 +67,6 @@ from sage_llm.engines.base import (
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
     AdmissionError,
-    ConfigError,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -157,23 +154,21 @@ class ControlPlaneManager:
         Policy and routing names are read as config files read them (case-insensitive,
         ``-`` read as ``_``). An argument out of its range (the same ranges as the config
         file's keys) raises :class:`ConfigError` naming it."""
-        mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
-        if mode not in MODES:
-            raise ConfigError(f"must be one of {', '.join(MODES)}, not {mode!r}", key="mode")
-        _check_ranges(
-            max_queue_size=(max_queue_size, 1),
-            max_retries=(max_retries, 0),
-            default_max_tokens=(default_max_tokens, 1),
-            result_retention=(result_retention, 1),
-            prefix_block_size=(prefix_block_size, 1),
-            prefix_index_capacity=(prefix_index_capacity, 1),
-        )
-        _check_positive(
-            result_ttl_s=result_ttl_s,
-            stats_interval_s=stats_interval_s,
-            health_interval_s=health_interval_s,
-            max_queue_wait_s=max_queue_wait_s,
-        )
+        check_manager_arguments(
+            mode=mode, enable_auto_scaling=enable_auto_scaling,
+            enable_monitoring=enable_monitoring, enable_pd_separation=enable_pd_separation,
+            max_queue_size=max_queue_size, max_retries=max_retries,
+            default_max_tokens=default_max_tokens, engine_stream=engine_stream,
+            engine_stream_sample=engine_stream_sample,
+            engine_stream_sample_max_per_s=engine_stream_sample_max_per_s,
+            result_retention=result_retention, result_ttl_s=result_ttl_s,
+            stats_interval_s=stats_interval_s, health_interval_s=health_interval_s,
+            prefix_block_size=prefix_block_size, prefix_index_capacity=prefix_index_capacity,
+            seed=seed, max_queue_wait_s=max_queue_wait_s,
+            reject_infeasible_slo=reject_infeasible_slo,
+        )  # fmt: skip
+        mode = {"sim": "simulated", "local": "simulated"}.get(mode.strip().lower(), mode)
+        engine_stream = engine_stream.lower()
         self.mode = mode
         self.enable_auto_scaling = enable_auto_scaling
         self.enable_monitoring = enable_monitoring
@@ -203,20 +198,6 @@ class ControlPlaneManager:
         )
         self.max_queue_wait_s = max_queue_wait_s
         self.reject_infeasible_slo = reject_infeasible_slo
-        if engine_stream not in ENGINE_STREAM:
-            raise ConfigError(
-                f"must be one of {', '.join(ENGINE_STREAM)}, not {engine_stream!r}",
-                key="engine_stream",
-            )
-        if not 0.0 < engine_stream_sample <= 1.0:
-            raise ConfigError(
-                f"must be in (0, 1], not {engine_stream_sample!r}", key="engine_stream_sample"
-            )
-        limit = engine_stream_sample_max_per_s
-        if not (math.isfinite(limit) and limit >= 0):
-            raise ConfigError(
-                f"must be >= 0 (0: no limit), not {limit!r}", key="engine_stream_sample_max_per_s"
-            )
         self.engine_stream = engine_stream
         self.engine_stream_sample = engine_stream_sample
         self.engine_stream_sample_max_per_s = engine_stream_sample_max_per_s
@@ -1141,24 +1122,6 @@ class ControlPlaneManager:
                 dispatcher.fail_queued(rec, f"no instance serves model {rec.info.model!r} any more")
             elif (reason := dispatcher.unservable_reason(rec.info.model)) is not None:
                 dispatcher.fail_queued(rec, reason)
-
-
-def _check_ranges(**values: tuple[int, int]) -> None:
-    """Each ``name=(value, least)``: an int (not a bool) of at least ``least``, or
-    :class:`ConfigError` naming it."""
-    for key, (value, least) in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"must be an integer >= {least}, not {value!r}", key=key)
-
-
-def _check_positive(**values: float | None) -> None:
-    """Each ``name=value``: None or a finite number above 0, or :class:`ConfigError`."""
-    for key, value in values.items():
-        if value is None:
-            continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"must be a number > 0, not {value!r}", key=key)
 
 
 class _UnconnectedClient:
