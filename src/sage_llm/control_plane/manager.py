@@ -152,8 +152,9 @@ class ControlPlaneManager:
         every request unless ``engine_stream`` is ``"client"``.
 
         Policy and routing names are read as config files read them (case-insensitive,
-        ``-`` read as ``_``). An argument out of its range (the same ranges as the config
-        file's keys) raises :class:`ConfigError` naming it."""
+        ``-`` read as ``_``). The arguments a config file also has are checked by its rules
+        (types and ranges, :func:`~sage_llm.config.check_manager_arguments`): a bad one
+        raises :class:`ConfigError` naming it, several raise :class:`ConfigErrors`."""
         check_manager_arguments(
             mode=mode, enable_auto_scaling=enable_auto_scaling,
             enable_monitoring=enable_monitoring, enable_pd_separation=enable_pd_separation,
