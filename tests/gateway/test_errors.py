@@ -13,6 +13,7 @@ from aiohttp import web
 from sage_llm.config import GatewayConfig
 from sage_llm.errors import QueueFullError
 from sage_llm.gateway.errors import error_middleware, retry_after_header, sage_error_response
+from sage_llm.sim.clock import run_virtual
 from sage_llm.types import RequestStatus
 from tests.factories import MODEL, make_metadata
 from tests.gateway.harness import chat_body, completion_body, serve
@@ -338,3 +339,37 @@ def test_retry_after_is_a_whole_number_of_seconds(seconds: float | None, header:
     resp = sage_error_response(QueueFullError("full", retry_after_s=seconds))
     assert resp.status == 429
     assert resp.headers["Retry-After"] == header
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+def test_a_body_that_stops_arriving_gets_a_408(lean_server: bool) -> None:
+    """Also a chunked body whose next chunk is malformed: aiohttp's parser stops feeding
+    the body, and the handler would otherwise wait for it until the client leaves."""
+    settings = GatewayConfig(read_timeout_s=5.0, lean_server=lean_server)
+    chunked = (  # its bad chunk comes once the handler is reading the body
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n\r\n2\r\n{}\r\n",
+        b"ZZZ\r\n",
+    )
+    stalled = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
+        b"Content-Type: application/json\r\n\r\n{",
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with serve(1, settings=settings) as gw:
+            for pieces in (chunked, stalled):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                started = loop.time()
+                for piece in pieces:
+                    writer.write(piece)
+                    await asyncio.sleep(0.5)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60.0)
+                assert head.startswith(b"HTTP/1.1 408"), head
+                assert 5.0 <= loop.time() - started <= 6.0
+                rest = await reader.read()
+                assert b"timeout_error" in rest and b"did not arrive within 5 s" in rest
+                writer.close()
+
+    run_virtual(main())

@@ -281,11 +281,13 @@ class _Fallback:
         return Proto()
 
 
-async def _lean_server(handler: Any, fallback: _Fallback) -> tuple[LeanServer, asyncio.Server, int]:
+async def _lean_server(
+    handler: Any, fallback: _Fallback, read_timeout_s: float | None = 30.0
+) -> tuple[LeanServer, asyncio.Server, int]:
     """A lean server for ``/v1/completions`` (30 s keep-alive) on a loopback port."""
     lean = LeanServer(
         handler, fallback, routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
-        keepalive_timeout_s=30.0,
+        keepalive_timeout_s=30.0, read_timeout_s=read_timeout_s,
     )  # fmt: skip
     server = await asyncio.get_running_loop().create_server(lean, "127.0.0.1", 0)
     return lean, server, server.sockets[0].getsockname()[1]
@@ -336,6 +338,44 @@ def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits()
         assert status == 200 and headers["connection"] == "close"
         await closing
         await _close(writer)
+
+    run_virtual(main())
+
+
+def test_a_request_slow_to_arrive_gets_a_408_and_its_connection_closes() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            conn.respond(200, b"ok", content_type="text/plain", headers={})
+
+        lean, server, port = await _lean_server(handler, _Fallback(), read_timeout_s=10.0)
+        whole = _post("/v1/completions", {"prompt": "x"})
+        head_end = whole.index(b"\r\n\r\n") + 4
+        for partial in (whole[: head_end + 3], whole[:20]):  # a body, then a head, cut short
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(partial)
+            started = loop.time()
+            status, headers, body = await _response(reader)
+            assert (status, headers["connection"]) == (408, "close")
+            assert json.loads(body)["error"]["type"] == "timeout_error"
+            assert 10.0 <= loop.time() - started <= 11.0 + 0.01  # the sweep: at most 10% late
+            assert await reader.read() == b""
+            await _close(writer)
+        # a request that arrives in pieces, within the limit, is served; the connection
+        # stays open, and the limit counts from the next request's first byte
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for cut in (whole[:20], whole[20 : head_end + 3], whole[head_end + 3 :]):
+            writer.write(cut)
+            await asyncio.sleep(4.0)
+        assert (await _response(reader))[0] == 200
+        writer.write(whole[:20])
+        await asyncio.sleep(9.0)
+        writer.write(whole[20:])
+        assert (await _response(reader))[0] == 200
+        await _close(writer)
+        server.close()
+        await lean.shutdown(1.0)
 
     run_virtual(main())
 

@@ -17,8 +17,10 @@ Per connection, requests are served one at a time in arrival order (pipelined re
 wait in the buffer; reading pauses when it holds more than a whole request can). A
 client that disconnects cancels its request's handler, as aiohttp's
 ``handler_cancellation`` does. Idle keep-alive connections close after
-``keepalive_timeout_s`` (75 s, aiohttp's default; one sweep per tenth of it looks for
-them, so a connection closes at most 10% late and a request sets no timer of its own).
+``keepalive_timeout_s`` (75 s, aiohttp's default), and a request whose head and body have
+not all arrived ``read_timeout_s`` after its first byte gets a 408 and its connection
+closes (one sweep per tenth of the shorter of the two looks for both, so a connection
+closes at most 10% late and a request sets no timer of its own).
 :meth:`LeanServer.shutdown` closes idle connections, lets in-flight requests finish for up
 to a timeout, then cancels them.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import re
 import time
@@ -107,6 +110,8 @@ class LeanConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self.idle_since: float | None = None
         """Loop time since which the connection has waited for a request (None: busy)."""
+        self.reading_since: float | None = None
+        """Loop time of the first byte of a request not yet read whole (None: none)."""
         self.closed = False
         self.unfinished = False
         """A chunked response was started and not ended (``write_eof``): when its handler
@@ -231,6 +236,8 @@ class LeanConnection(asyncio.Protocol):
         if end < 0:
             if len(buf) > _MAX_HEAD:
                 self._handover()
+            elif self.reading_since is None:
+                self.reading_since = asyncio.get_running_loop().time()
             return
         if end > _MAX_HEAD:
             self._handover()
@@ -242,10 +249,13 @@ class LeanConnection(asyncio.Protocol):
         method, path, headers = parsed
         length = int(headers["content-length"])
         total = end + 4 + length
-        if len(buf) < total:
-            return  # the body is still coming
+        if len(buf) < total:  # the body is still coming
+            if self.reading_since is None:
+                self.reading_since = asyncio.get_running_loop().time()
+            return
         body = bytes(buf[end + 4 : total])
         del buf[:total]
+        self.reading_since = None
         self._keep_alive = "close" not in headers.get("connection", "").lower()
         self._answered = self.unfinished = False
         request = LeanRequest(method, path, headers, body)
@@ -342,6 +352,21 @@ class LeanConnection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         self.idle_since = asyncio.get_running_loop().time()
 
+    def time_out_reading(self, limit_s: float) -> None:
+        """The request being read took longer than ``limit_s``: answer 408 and close."""
+        transport = self._transport
+        if self._task is not None or transport is None or self.closed:
+            return
+        self.reading_since = None
+        self._keep_alive = False
+        message = f"the request did not arrive within {limit_s:g} s"
+        body = json.dumps(
+            {"error": {"message": message, "type": "timeout_error", "param": None, "code": 408}}
+        ).encode()
+        self.respond(408, body, content_type="application/json", headers={})
+        self._server.writes.flush_one(transport)
+        transport.close()
+
     def close_if_idle(self) -> None:
         """Close now unless a request is in progress (that one closes when it ends)."""
         if self._task is None and self._transport is not None:
@@ -354,7 +379,8 @@ class LeanConnection(asyncio.Protocol):
 
 
 _SWEEP_FRACTION = 0.1
-"""Idle connections are looked for every tenth of the keep-alive timeout."""
+"""Idle connections, and requests slow to arrive, are looked for every tenth of the
+keep-alive timeout or of the read timeout, whichever is shorter."""
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name (RFC 9110's ``token``)."""
 
@@ -385,6 +411,7 @@ class LeanServer:
         max_body_bytes: int,
         cors: bool = False,
         keepalive_timeout_s: float = 75.0,
+        read_timeout_s: float | None = 30.0,
     ) -> None:
         self.handler = handler
         self.fallback = fallback
@@ -393,6 +420,7 @@ class LeanServer:
         self.max_buffer = max_body_bytes + _MAX_HEAD
         self.cors = cors
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.read_timeout_s = read_timeout_s
         self.connections: set[LeanConnection] = set()
         self.writes = WriteBatch()
         """Responses leave together at the end of each turn of the loop (see
@@ -409,22 +437,30 @@ class LeanServer:
         return LeanConnection(self)
 
     def watch_idle(self) -> None:
-        """Make sure idle connections are being looked for (while there are any)."""
-        timeout = self.keepalive_timeout_s
-        if self._sweep is None and timeout > 0 and not self.closing:
-            period = timeout * _SWEEP_FRACTION
+        """Make sure idle connections, and requests slow to arrive, are being looked for
+        (while there are connections)."""
+        limits = [t for t in (self.keepalive_timeout_s, self.read_timeout_s) if t and t > 0]
+        if self._sweep is None and limits and not self.closing:
+            period = min(limits) * _SWEEP_FRACTION
             self._sweep = asyncio.get_running_loop().call_later(period, self._close_idle)
 
     def _close_idle(self) -> None:
-        """Close the connections idle for ``keepalive_timeout_s`` or longer; look again a
-        tenth of it later while any connection is open (so one closes at most that late)."""
+        """Close the connections idle for ``keepalive_timeout_s`` or longer, and answer 408
+        to those whose request has taken ``read_timeout_s`` or longer to arrive; look again
+        a tenth of the shorter limit later while any connection is open (so one closes at
+        most that late)."""
         self._sweep = None
         now = asyncio.get_running_loop().time()
-        limit = self.keepalive_timeout_s
+        idle_limit = self.keepalive_timeout_s
+        read_limit = self.read_timeout_s
         for conn in list(self.connections):
             since = conn.idle_since
-            if since is not None and now - since >= limit:
+            if since is not None and idle_limit > 0 and now - since >= idle_limit:
                 conn.close_if_idle()
+                continue
+            reading = conn.reading_since
+            if reading is not None and read_limit and now - reading >= read_limit:
+                conn.time_out_reading(read_limit)
         if self.connections:
             self.watch_idle()
 

@@ -84,9 +84,17 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {detail}" if param else detail, param=param)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (413 beyond ``client_max_size``, else 400)."""
-    return json_object(await request.read())
+async def read_json(request: web.Request, timeout_s: float | None = None) -> dict[str, Any]:
+    """The request body as a JSON object (413 beyond ``client_max_size``, else 400); 408
+    when it has not all arrived within ``timeout_s`` (None: no limit)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {timeout_s:g} s"
+        ) from None
+    return json_object(raw)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -352,7 +360,7 @@ class OpenAIRoutes:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        body = await read_json(request)
+        body = await read_json(request, self.settings.read_timeout_s)
         if isinstance(body.get("model"), str):
             request[MODEL_KEY] = body["model"]
         rid = request_id_of(request)
@@ -366,7 +374,7 @@ class OpenAIRoutes:
         return web.Response(body=answer, content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
+        body = await read_json(request, self.settings.read_timeout_s)
         req = validate(EmbeddingRequest, body)
         request[MODEL_KEY] = req.model
         inputs = [req.input] if isinstance(req.input, str) else list(req.input)

@@ -124,6 +124,7 @@ async def serve_app(
                 routes=LEAN_ROUTES,
                 max_body_bytes=settings.max_body_bytes,
                 cors=bool(settings.cors_origins),
+                read_timeout_s=settings.read_timeout_s,
             )
         server = await asyncio.get_running_loop().create_server(
             protocol, host, port, reuse_address=True, backlog=1024

@@ -127,6 +127,9 @@ class ResolvedGateway:
     max_prompt_tokens: int | None = None
     max_tokens_limit: int | None = None
     request_timeout_s: float | None = None
+    read_timeout_s: float | None = 30.0
+    """The time a request's head and body may take to arrive, from its first byte
+    (None: no limit); a request not read by then gets a 408 and its connection closes."""
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = ()
     tracing: bool = False
@@ -163,6 +166,9 @@ class ResolvedGateway:
             max_prompt_tokens=prompt_limit,
             max_tokens_limit=tokens_limit,
             request_timeout_s=_positive_or_none("request_timeout_s", settings.request_timeout_s),
+            read_timeout_s=_positive_or_none(
+                "read_timeout_s", getattr(settings, "read_timeout_s", 30.0)
+            ),
             log_prompts=bool(settings.log_prompts),
             cors_origins=tuple(settings.cors_origins),
             tracing=tracing_enabled(settings.tracing),
