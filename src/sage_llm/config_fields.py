@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sage_llm.config_locate import KeyPath, Problems
-from sage_llm.errors import ConfigError, ConfigErrors
+from sage_llm.errors import ConfigError
 
 T = TypeVar("T")
 ForeignRules = Mapping[type[Any], Mapping[str, "Rule"]]
@@ -142,11 +142,8 @@ def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None
     try:
         build()
     except ConfigError as exc:
-        for one in exc.errors if isinstance(exc, ConfigErrors) else (exc,):
-            message = one.message
-            if one.key and message.startswith(f"{one.key}: "):
-                message = message[len(one.key) + 2 :]
-            p.add((*path, one.key) if one.key else path, message)
+        for one in exc.each():
+            p.add((*path, one.key) if one.key else path, one.detail)
     except (ValueError, TypeError) as exc:
         p.add(path, str(exc))
 

@@ -76,6 +76,17 @@ class ConfigError(SageLLMError):
         super().__init__(prefix + message, param=key)
         self.location = location
         self.key = key
+        self.detail = message
+        """The message without the location and key."""
+
+    def each(self) -> tuple[ConfigError, ...]:
+        """The problems this error stands for (:class:`ConfigErrors`: all of them)."""
+        return (self,)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same problem with its key under ``prefix`` (``prefix.key``)."""
+        key = prefix if self.key is None else f"{prefix}.{self.key}"
+        return ConfigError(self.detail, location=self.location, key=key)
 
 
 class ConfigErrors(ConfigError):
@@ -87,6 +98,9 @@ class ConfigErrors(ConfigError):
         self.errors = tuple(errors)
         self.location = errors[0].location
         self.key = self.param = errors[0].key
+
+    def each(self) -> tuple[ConfigError, ...]:
+        return self.errors
 
 
 class InvalidRequestError(SageLLMError):

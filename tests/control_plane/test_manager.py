@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from sage_llm import (
     ExecutionInstance,
     ExecutionInstanceType,
     ParallelismType,
+    PDSeparationConfig,
     RequestMetadata,
     RequestPriority,
     RequestStatus,
@@ -428,9 +430,10 @@ def test_a_parallelism_hint_prefers_instances_of_that_parallelism() -> None:
             ]
             plain = [make_metadata(f"p{i}", max_tokens=30) for i in range(2)]
             results = await asyncio.gather(*(cp.generate(m) for m in [*hinted, *plain]))
-            with pytest.raises(InvalidRequestError) as info:
-                await cp.generate(make_metadata("bad", parallelism_hint="zp"))
-        assert info.value.param == "parallelism_hint"
+            for bad in ("zp", "ep"):
+                with pytest.raises(InvalidRequestError) as info:
+                    await cp.generate(make_metadata("bad", parallelism_hint=bad))
+                assert info.value.param == "parallelism_hint"
         return {r.request_id: r.instance_id for r in results}
 
     placed = run_virtual(main())
@@ -440,12 +443,103 @@ def test_a_parallelism_hint_prefers_instances_of_that_parallelism() -> None:
     assert {placed["p0"], placed["p1"]} <= {"single", "tp4"}
 
 
+def test_rates_are_over_the_running_time_of_every_run() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        cp = _manager(1)
+        await cp.start()
+        t0 = loop.time()
+        results = [await cp.generate(make_metadata(f"r{i}", max_tokens=8)) for i in range(4)]
+        first_run = loop.time() - t0
+        await cp.stop()
+        stopped = cp.get_metrics()
+        await asyncio.sleep(100.0)  # not running: does not count
+        await cp.start()
+        await asyncio.sleep(1.0)
+        again = cp.get_metrics()
+        report = cp.get_instance_report("sim-0")
+        sched = cp.get_scheduling_metrics()
+        await cp.stop()
+        tokens = sum(r.completion_tokens for r in results)
+        assert first_run > 0
+        assert stopped.tokens_per_second == pytest.approx(tokens / first_run)
+        assert stopped.requests_per_second == pytest.approx(4 / first_run)
+        assert again.tokens_per_second == pytest.approx(tokens / (first_run + 1.0))
+        assert report.throughput_tokens_per_sec == pytest.approx(tokens / (first_run + 1.0))
+        assert sched.scheduling_throughput == pytest.approx(4 / (first_run + 1.0))
+        assert stopped.timestamp == cp.get_metrics().timestamp - timedelta(seconds=101.0)
+
+    run_virtual(main())
+
+
+def test_decisions_read_the_same_after_the_fleet_changes() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated")
+        cp.register_instance(
+            make_instance("tp4", tensor_parallel_size=4, gpu_count=4, price_per_gpu_hour=3.6)
+        )
+        async with cp:
+            await cp.generate(make_metadata("r", max_tokens=4))
+            before = cp.get_scheduling_decision("r")
+            cp.unregister_instance("tp4")
+            await asyncio.sleep(0.1)
+            cp.register_instance(make_instance("tp4", pipeline_parallel_size=8, gpu_count=8))
+            after = cp.get_scheduling_decision("r")
+        assert before is not None and after == before
+        assert after.parallelism_strategy is ParallelismType.TENSOR_PARALLEL
+        assert after.tensor_parallel_size == 4 and after.estimated_cost > 0
+
+    run_virtual(main())
+
+
+def test_bad_plugin_tables_are_all_reported_under_the_callers_names() -> None:
+    with pytest.raises(ConfigErrors) as info:
+        ControlPlaneManager(
+            scheduling_policy="priority", policy_params={"max_wait_s": -1},
+            routing_params={"kv_threshold": 7},
+            pd_config=PDSeparationConfig(
+                prefilling_threshold_input_tokens=-1,
+                metadata={"pairing_params": {"top_k": 0, "prefill_strategy": "nope"}},
+            ),
+        )  # fmt: skip
+    assert [e.key for e in info.value.errors] == [
+        "pd_config.prefilling_threshold_input_tokens",
+        "pd_config.metadata.pairing_params.top_k",
+        "pd_config.metadata.pairing_params.prefill_strategy",
+        "policy_params.max_wait_s",
+        "routing_params.kv_threshold",
+    ]
+    with pytest.raises(ConfigError, match="must be a table") as one:
+        ControlPlaneManager(policy_params="abc")  # type: ignore[arg-type]
+    assert one.value.key == "policy_params"
+
+
+def test_slo_attainment_is_by_the_priority_the_application_gave() -> None:
+    async def main() -> None:
+        async with _manager(scheduling_policy="slo_aware") as cp:
+            kept = make_metadata("kept", priority=RequestPriority.CRITICAL, slo_deadline_ms=60_000)
+            hopeless = make_metadata(
+                "hopeless", max_tokens=50, priority=RequestPriority.CRITICAL, slo_deadline_ms=1
+            )
+            results = [await cp.generate(kept), await cp.generate(hopeless)]
+            sched = cp.get_scheduling_metrics()
+            text = cp.prometheus_metrics().decode()
+        assert [r.slo_met for r in results] == [True, False]  # the second was demoted
+        assert sched.slo_compliance_by_priority == {"critical": 0.5}
+        assert 'sage_llm_slo_requests_total{priority="critical"} 2.0' in text
+
+    run_virtual(main())
+
+
 def test_parallelism_type_of_an_instances_sizes() -> None:
     assert ParallelismType.of() is None  # one GPU, one replica
     assert ParallelismType.of(4) is ParallelismType.TENSOR_PARALLEL
     assert ParallelismType.of(1, 4) is ParallelismType.PIPELINE_PARALLEL
     assert ParallelismType.of(data=2) is ParallelismType.DATA_PARALLEL
     assert ParallelismType.of(2, 2) is ParallelismType.HYBRID
+    for bad in ((-3, 2), (True, 2), (1, 0)):
+        with pytest.raises(ValueError, match="integers >= 1"):
+            ParallelismType.of(*bad)
 
 
 def test_the_scheduling_report_sees_the_queue_and_the_fleets_balance() -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from sage_llm.control_plane.metrics import LATENCY_BUCKETS
-from sage_llm.control_plane.promlite import LiteCounter, LiteGauge, LiteHistogram
+from sage_llm.control_plane.promlite import LiteCounter, LiteGauge, LiteHistogram, PeakGauge
 
 
 def _samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
@@ -101,3 +101,20 @@ def test_lite_gauge_labels_are_checked() -> None:
         per.labels(model="x")
     with pytest.raises(ValueError, match="expected labels"):
         per.labels("a", "b")
+
+
+def test_a_peak_gauge_keeps_its_peak_and_its_time_integral() -> None:
+    now = [10.0]
+    gauge = PeakGauge("q", "queue", registry=CollectorRegistry())
+    gauge.set(5)  # no clock yet: nothing integrated
+    gauge.start(lambda: now[0])
+    now[0] = 12.0
+    gauge.set(2)  # 5 for 2 s
+    now[0] = 15.0
+    gauge.set(7)  # 2 for 3 s
+    now[0] = 16.0
+    assert gauge.integral() == 5 * 2 + 2 * 3 + 7 * 1
+    gauge.stop()
+    now[0] = 100.0
+    assert gauge.integral() == 23.0  # stopped: the time since does not count
+    assert gauge.peak == 7 and gauge.value == 7

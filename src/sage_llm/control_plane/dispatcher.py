@@ -60,6 +60,7 @@ from sage_llm.control_plane.records import (
     STREAM_END,
     FinishedRecords,
     LastInstances,
+    Placement,
     RequestRecord,
 )
 from sage_llm.control_plane.routing.base import Router, route_id
@@ -89,8 +90,10 @@ from sage_llm.errors import (
 )
 from sage_llm.sim.clock import Clock
 from sage_llm.types import (
+    ExecutionInstance,
     ExecutionInstanceType,
     ParallelismType,
+    RequestPriority,
     RequestStatus,
     fill_request_result,
 )
@@ -270,8 +273,13 @@ class Dispatcher:
             rec.info = info  # the policy may have changed it (e.g. demoted)
             plan = self._pd_plan(info, snap) if info.model in pd_models else None
             if plan is not None:
-                self.metrics.routing_seconds.observe(time.perf_counter() - started)
+                decided_s = time.perf_counter() - started
+                self.metrics.routing_seconds.observe(decided_s)
+                self.metrics.on_pd_decision(decided_s)
                 rec.predicted_e2e_s = self._pd_predicted_e2e(snap, plan, info)
+                prefill_view = snap.get(plan.prefill_id)
+                if prefill_view is not None:
+                    rec.predicted_prefill_s = prefill_view.predict_ttft_s(info.prompt_tokens)
                 snap = with_pd_assignment(snap, plan, info)
                 self._start_pd(rec, plan)
                 continue
@@ -316,9 +324,11 @@ class Dispatcher:
             return _FAILED
         if chosen is None:
             return None
-        self.metrics.routing_seconds.observe(time.perf_counter() - started)
+        decided_s = time.perf_counter() - started
+        self.metrics.routing_seconds.observe(decided_s)
         if info.model in pd_models:
             self.metrics.on_pd_routed("colocated")
+            self.metrics.on_pd_decision(decided_s)
         view = snap.get(chosen)
         pending = (view.queued_prefill_tokens if view else 0) + info.prompt_tokens
         rec.predicted_e2e_s = (
@@ -429,6 +439,22 @@ class Dispatcher:
             return None
         ttft = p.predict_ttft_s(info.prompt_tokens) + plan.transfer_s + d.est_tpot_s
         return ttft + max(0, info.max_tokens - 1) * d.est_tpot_s
+
+    def _placement(
+        self, rec: RequestRecord, state: InstanceState | None
+    ) -> ExecutionInstance | Placement | None:
+        """Where ``rec`` ran, for its scheduling decision: its instance, a
+        :class:`Placement` for a disaggregated request, None when it never ran."""
+        if state is None or rec.instance_id is None:
+            return None
+        if rec.prefill_instance_id is None:
+            return state.instance
+        prefill = self.registry.find(rec.prefill_instance_id)
+        return Placement(
+            state.instance,
+            None if prefill is None else prefill.instance,
+            rec.predicted_prefill_s,
+        )
 
     def unservable_reason(self, model: str) -> str | None:
         """Why no registered instance could ever run a request for ``model`` (None: some
@@ -754,13 +780,16 @@ class Dispatcher:
         leg_s = now - (rec.scheduled_at if rec.scheduled_at is not None else now)
         run.prefill_end = now
         run.prefill_cost = run.prefill.cost_per_second * leg_s
-        run.prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch)
-        self._on_success(run.prefill)
+        prefill = run.prefill
+        prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch)
+        self._on_success(prefill)
         if handle.prompt_tokens:
             rec.prompt_tokens = handle.prompt_tokens
-        self.metrics.on_pd_prefill_leg(
-            leg_s, rec.prompt_tokens or run.prompt_tokens, run.prefill_cost
-        )
+        prompt_tokens = rec.prompt_tokens or run.prompt_tokens
+        prefill.completed += 1
+        prefill.prefilled_tokens += prompt_tokens
+        prefill.record_latency(leg_s * 1000.0)
+        self.metrics.on_pd_prefill_leg(leg_s, prompt_tokens, run.prefill_cost)
         self._release_prefill(run)
 
     async def _execute_pd(self, rec: RequestRecord, run: _PDRun) -> None:
@@ -1046,7 +1075,7 @@ class Dispatcher:
         if rec.stream is not None:
             rec.stream.put_nowait(STREAM_END)
         self.records.pop(rec.request_id, None)
-        self.finished.add(result, now)
+        self.finished.add(result, now, self._placement(rec, state))
         if state is not None and status is RequestStatus.COMPLETED:
             last, key = self.last_instances, info.session_id or info.user_id
             if last is not None and key is not None:
@@ -1060,7 +1089,8 @@ class Dispatcher:
             result,
             model=info.model,
             policy=policy_label(self.policy),
-            priority=info.priority,
+            # SLO attainment is by the priority the application gave (not a demotion's)
+            priority=info.priority if slo_met is None else RequestPriority.parse(rec.meta.priority),
             predicted_e2e_s=rec.predicted_e2e_s,
         )
         policy = self.policy

@@ -27,7 +27,12 @@ from sage_llm.control_plane.snapshot import (
 )
 from sage_llm.engines.base import EngineClient, EngineStats
 from sage_llm.errors import ConflictError, InstanceNotFoundError
-from sage_llm.types import ExecutionInstance, InstanceMetrics, ParallelismType
+from sage_llm.types import (
+    ExecutionInstance,
+    ExecutionInstanceType,
+    InstanceMetrics,
+    ParallelismType,
+)
 
 _Placement = tuple[
     int, float, str | None, str | None, int | None, str | None, frozenset[str], float
@@ -39,6 +44,16 @@ _ALPHA = 0.2
 _KEEP_LATENCIES = 512
 """Latencies kept per instance for its average (``public_instance``) and percentiles
 (``report``)."""
+
+
+def gpus_of(instance: ExecutionInstance) -> int:
+    """GPUs an instance occupies: its ``gpu_count``, at least TP × PP."""
+    return max(instance.gpu_count, instance.tensor_parallel_size * instance.pipeline_parallel_size)
+
+
+def price_per_second(instance: ExecutionInstance) -> float:
+    """What an instance's GPUs (:func:`gpus_of`) cost a second."""
+    return instance.price_per_gpu_hour * gpus_of(instance) / 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +79,13 @@ class InstanceState:
     removed: bool = False
     consecutive_failures: int = 0
     completed: int = 0
+    """Requests this instance did its part of: whole requests and decode legs that
+    completed here, and prefill legs that ended here."""
     failed: int = 0
+    """Engine calls that failed here (a request retried elsewhere counts too)."""
     tokens_generated: int = 0
+    prefilled_tokens: int = 0
+    """Prompt tokens of the prefill legs that ended here."""
     last_stats: EngineStats | None = None
     last_health_check: float | None = None
     est_ttft_base_s: float = 0.05
@@ -83,7 +103,8 @@ class InstanceState:
     :meth:`public_instance` reports."""
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     registered_at: float = 0.0
-    """When the instance was registered (clock seconds)."""
+    """When the instance was registered, in the control plane's running seconds (see
+    ``ControlPlaneManager``: the divisor of its rates)."""
     _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)
     _view_key: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
     _placement: _Placement | None = field(default=None, init=False, repr=False, compare=False)
@@ -131,9 +152,8 @@ class InstanceState:
 
     @property
     def gpu_count(self) -> int:
-        """GPUs the instance occupies: its ``gpu_count``, at least TP × PP."""
-        inst = self.instance
-        return max(inst.gpu_count, inst.tensor_parallel_size * inst.pipeline_parallel_size)
+        """GPUs the instance occupies (:func:`gpus_of`)."""
+        return gpus_of(self.instance)
 
     @property
     def parallelism(self) -> ParallelismType | None:
@@ -146,7 +166,7 @@ class InstanceState:
     @property
     def cost_per_second(self) -> float:
         """Price of the instance's GPUs per second (the same figure its view reports)."""
-        return self.instance.price_per_gpu_hour * self.gpu_count / 3600.0
+        return price_per_second(self.instance)
 
     def _live_key(self) -> tuple[object, ...]:
         inst = self.instance
@@ -208,7 +228,7 @@ class InstanceState:
         avg = sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
         return replace(
             inst,
-            is_healthy=self.healthy,
+            is_healthy=self.routable,
             is_available=self.accepting,
             active_requests=self.in_flight,
             current_load=min(1.0, self.in_flight / max(inst.max_concurrent_requests, 1)),
@@ -217,18 +237,22 @@ class InstanceState:
         )
 
     def report(
-        self, *, since: float, now: float, to_datetime: Callable[[float], datetime]
+        self, *, running_s: float, timestamp: datetime, to_datetime: Callable[[float], datetime]
     ) -> InstanceMetrics:
         """The instance's figures (``ControlPlaneManager.get_instance_report``):
         requests and tokens since it was registered, latency percentiles over its latest
-        :data:`_KEEP_LATENCIES` completed requests, tokens per second since ``since`` or its
-        registration (whichever is later), and the engine's latest scraped load.
-        ``gpu_utilization`` is the engine's KV cache usage (what engines export; the same
-        figure :meth:`public_instance` reports); ``gpu_memory_used_gb`` is not measured."""
+        :data:`_KEEP_LATENCIES` completed requests, tokens per second over the
+        ``running_s`` seconds the control plane has run since then, and the engine's
+        latest scraped load. A PREFILLING instance's requests are its prefill legs, its
+        latencies theirs (dispatch to the leg's end) and its tokens the prompt tokens it
+        prefilled. ``gpu_utilization`` is the engine's KV cache usage (what
+        engines export; the same figure :meth:`public_instance` reports);
+        ``gpu_memory_used_gb`` is not measured."""
         inst = self.instance
         lat = np.asarray(self.latencies_ms, dtype=float)
         stats = self.last_stats
-        elapsed = now - max(since, self.registered_at)
+        prefilling = inst.instance_type is ExecutionInstanceType.PREFILLING
+        tokens = self.prefilled_tokens if prefilling else self.tokens_generated
         checked = self.last_health_check
         metadata: dict[str, Any] = {
             "accepting": self.accepting,
@@ -236,6 +260,7 @@ class InstanceState:
             "circuit": self.breaker.state.label,
             "completed_requests": self.completed,
             "tokens_generated": self.tokens_generated,
+            "prefilled_tokens": self.prefilled_tokens,
             "queued_prefill_tokens": self.queued_prefill_tokens,
             "outstanding_decode_tokens": self.outstanding_decode_tokens,
         }
@@ -249,7 +274,7 @@ class InstanceState:
             )
         return InstanceMetrics(
             instance_id=inst.instance_id,
-            timestamp=to_datetime(now),
+            timestamp=timestamp,
             total_requests_processed=self.completed + self.failed,
             active_requests=self.in_flight,
             failed_requests=self.failed,
@@ -257,13 +282,13 @@ class InstanceState:
             p50_latency_ms=float(np.percentile(lat, 50)) if lat.size else 0.0,
             p95_latency_ms=float(np.percentile(lat, 95)) if lat.size else 0.0,
             p99_latency_ms=float(np.percentile(lat, 99)) if lat.size else 0.0,
-            throughput_tokens_per_sec=self.tokens_generated / elapsed if elapsed > 0 else 0.0,
+            throughput_tokens_per_sec=tokens / running_s if running_s > 0 else 0.0,
             gpu_utilization=stats.kv_usage if stats is not None else 0.0,
             gpu_memory_total_gb=inst.gpu_memory_gb * self.gpu_count,
             current_load=min(1.0, self.in_flight / max(inst.max_concurrent_requests, 1)),
             is_healthy=self.routable,
             last_health_check=None if checked is None else to_datetime(checked),
-            consecutive_failures=self.consecutive_failures,
+            consecutive_failures=max(self.consecutive_failures, self.breaker.consecutive_failures),
             metadata=metadata,
         )
 

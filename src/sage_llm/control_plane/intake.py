@@ -87,6 +87,12 @@ def build_request(
             hint = ParallelismType.parse(hint)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="parallelism_hint") from None
+    if hint is ParallelismType.EXPERT_PARALLEL:
+        raise InvalidRequestError(
+            "parallelism_hint: no instance declares expert parallelism, so an 'ep' hint "
+            "could never be followed; use tp, pp, dp or hybrid",
+            param="parallelism_hint",
+        )
     # every field in declaration order (make_*: one of each per request, built directly)
     info = fill_request_info(
         meta.request_id,

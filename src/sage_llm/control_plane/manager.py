@@ -23,8 +23,9 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import replace
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -32,7 +33,12 @@ from sage_llm.config import check_instance, check_manager_arguments
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
 from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
-from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
+from sage_llm.control_plane.instances import (
+    InstanceRegistry,
+    InstanceState,
+    LatencyPriors,
+    price_per_second,
+)
 from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import build_pd
@@ -67,6 +73,8 @@ from sage_llm.engines.base import (
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
     AdmissionError,
+    ConfigError,
+    ConfigErrors,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -96,6 +104,8 @@ from sage_llm.types import (
 )
 
 log = logging.getLogger("sage_llm.manager")
+
+T = TypeVar("T")
 
 EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
@@ -176,8 +186,25 @@ class ControlPlaneManager:
         self.enable_pd_separation = enable_pd_separation
         self.pd_config = pd_config or PDSeparationConfig(enabled=enable_pd_separation)
         pd_on = enable_pd_separation and self.pd_config.enabled
+        for name, table in (("policy_params", policy_params), ("routing_params", routing_params)):
+            if table is not None and not isinstance(table, Mapping):
+                raise ConfigError(f"must be a table (a mapping), got {table!r}", key=name)
+        problems: list[ConfigError] = []  # every plugin's, then raised at once
+
+        def built(build: Callable[[], T], key: str) -> T | None:
+            try:
+                return build()
+            except ConfigError as exc:
+                problems.extend(one.under(key) for one in exc.each())
+                return None
+
+        pd_config_ = self.pd_config
         self._pd = (
-            build_pd(self.pd_config, seed=seed, block_size=prefix_block_size) if pd_on else None
+            built(
+                lambda: build_pd(pd_config_, seed=seed, block_size=prefix_block_size), "pd_config"
+            )
+            if pd_on
+            else None
         )
         self.max_queue_size = max_queue_size
         self.default_max_tokens = default_max_tokens
@@ -208,8 +235,16 @@ class ControlPlaneManager:
         self._prefix = PrefixIndex(capacity_blocks=prefix_index_capacity)
         self._finished = FinishedRecords(result_retention, result_ttl_s)
         self._last_instances = LastInstances()
-        policy = build_policy(scheduling_policy, self._policy_params)
-        router = build_router(routing_strategy, routing_params, seed=seed)
+        policy = built(
+            lambda: build_policy(scheduling_policy, self._policy_params), "policy_params"
+        )
+        router = built(
+            lambda: build_router(routing_strategy, routing_params, seed=seed), "routing_params"
+        )
+        if problems:
+            raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+        assert policy is not None
+        assert router is not None
         self._dispatcher: Dispatcher | None = None
         self._pending_policy = policy
         self._pending_router = router
@@ -228,6 +263,11 @@ class ControlPlaneManager:
         self._running = False
         self._accepting = False
         self._started_at = 0.0
+        self._run_s = 0.0
+        """Seconds the control plane ran before its current run (rates are per running
+        second, over every run since it was made, as its counts are)."""
+        self._stopped: datetime | None = None
+        """When it last stopped: the timestamp of figures read while it is stopped."""
         self._metrics.set_policy(policy_label(policy), POLICY_NAMES)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -285,6 +325,7 @@ class ControlPlaneManager:
             ),
         )
         self._started_at = clock.now()
+        self._metrics.queue_depth.start(clock.now)
         self._deadlines = DeadlineTimers(asyncio.get_running_loop())
         self._running = True
         self._accepting = True
@@ -338,6 +379,10 @@ class ControlPlaneManager:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self._metrics.queue_depth.stop()
+        now = self.clock.now()
+        self._run_s += now - self._started_at
+        self._stopped = self.clock.to_datetime(now)
         self._running = False
         log.info("control plane stopped")
 
@@ -383,7 +428,7 @@ class ControlPlaneManager:
             client = self._make_sim_client(instance)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
-        state.registered_at = self.clock.now() if self._running else 0.0  # else: since start
+        state.registered_at = self._elapsed()
         self._monitor().attach(state)
         self._update_prefix_tracking()
         if self._running:
@@ -437,7 +482,7 @@ class ControlPlaneManager:
             "instance_id": instance_id,
             "model": state.instance.model_name,
             "role": state.instance.instance_type.value,
-            "is_healthy": state.healthy,
+            "is_healthy": state.routable,
             "draining": state.draining,
             "active_requests": state.in_flight,
             "max_concurrent_requests": state.instance.max_concurrent_requests,
@@ -693,51 +738,71 @@ class ControlPlaneManager:
     def get_scheduling_decision(self, request_id: str) -> SchedulingDecision | None:
         """Where a placed request went and what the control plane expected of it, as the
         seed's :class:`~sage_llm.types.SchedulingDecision`; None while it is queued, or
-        when it ended without being placed (refused, cancelled or failed in the queue).
+        when it ended without running (cancelled, or failed, in the queue).
 
         ``target_instance_id`` is the instance that ran it (the decode instance of a
         disaggregated request, whose prefill instance is ``prefill_instance_id``), on its
         last attempt (``metadata["attempts"]``); ``estimated_latency_ms`` the predicted
-        time from placement to the end (:attr:`RequestResult.predicted_e2e_ms`) and
-        ``estimated_cost`` that time at the instance's price; the parallelism is the
-        instance's (when it is still registered; TENSOR_PARALLEL of size 1 for one GPU);
-        ``decision_time`` when it was placed.
-        ``confidence`` is not measured. Raises :class:`RequestNotFoundError` for an unknown
-        or expired id."""
+        time from placement to the end (:attr:`RequestResult.predicted_e2e_ms`);
+        ``estimated_cost`` that time at the instance's price, plus the predicted prefill
+        leg at the prefill instance's price; the parallelism is the instance's, as it was
+        when the request ran (TENSOR_PARALLEL of size 1 for one GPU); ``decision_time``
+        when it was placed. ``confidence`` is not measured. Raises
+        :class:`RequestNotFoundError` for an unknown or expired id (a request refused at
+        admission never had one) and :class:`ControlPlaneNotRunningError` while the
+        control plane is stopped."""
         now = self.clock.now()
         rec = self._require_dispatcher().records.get(request_id)
+        prefill: ExecutionInstance | None = None
+        prefill_s: float | None = None
         if rec is not None:
-            instance_id, prefill_id = rec.instance_id, rec.prefill_instance_id
-            placed_at, predicted_s, attempts = rec.scheduled_at, rec.predicted_e2e_s, rec.attempts
+            if rec.instance_id is None or rec.scheduled_at is None:
+                return None
+            state = self._registry.get(rec.instance_id)
+            inst: ExecutionInstance = state.instance
+            prefill_id, placed_at = rec.prefill_instance_id, rec.scheduled_at
+            predicted_s, attempts = rec.predicted_e2e_s, rec.attempts
+            if prefill_id is not None:
+                found = self._registry.find(prefill_id)
+                prefill = None if found is None else found.instance
+                prefill_s = rec.predicted_prefill_s
         else:
             done = self._finished.get_timed(request_id, now)
             if done is None:
                 raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
-            finished_at, result = done
-            instance_id, prefill_id = result.instance_id, result.prefill_instance_id
+            finished_at, result, placed = done
+            if placed is None:
+                return None
+            if isinstance(placed, ExecutionInstance):
+                inst = placed
+            else:
+                inst, prefill, prefill_s = (
+                    placed.instance,
+                    placed.prefill_instance,
+                    placed.predicted_prefill_s,
+                )
+            prefill_id = result.prefill_instance_id
             served_s = (result.e2e_latency_ms - result.queue_wait_ms) / 1000.0
             placed_at, attempts = finished_at - served_s, result.attempts
             predicted = result.predicted_e2e_ms
             predicted_s = None if predicted is None else predicted / 1000.0
-        if instance_id is None or placed_at is None:
-            return None
-        state = self._registry.find(instance_id)
-        inst = state.instance if state is not None else None
-        tp = inst.tensor_parallel_size if inst is not None else 1
-        pp = inst.pipeline_parallel_size if inst is not None else 1
-        dp = inst.data_parallel_size if inst is not None else 1
-        price = state.cost_per_second if state is not None else 0.0
+        tp, pp, dp = inst.tensor_parallel_size, inst.pipeline_parallel_size, inst.data_parallel_size
+        cost = 0.0
+        if predicted_s is not None:
+            cost = predicted_s * price_per_second(inst)
+            if prefill is not None and prefill_s is not None:
+                cost += prefill_s * price_per_second(prefill)
         where = (
-            f"prefill on {prefill_id}, decode on {instance_id}"
+            f"prefill on {prefill_id}, decode on {inst.instance_id}"
             if prefill_id is not None
-            else f"the whole request on {instance_id}"
+            else f"the whole request on {inst.instance_id}"
         )
         return SchedulingDecision(
             request_id=request_id,
-            target_instance_id=instance_id,
+            target_instance_id=inst.instance_id,
             parallelism_strategy=ParallelismType.of(tp, pp, dp) or ParallelismType.TENSOR_PARALLEL,
             estimated_latency_ms=0.0 if predicted_s is None else predicted_s * 1000.0,
-            estimated_cost=0.0 if predicted_s is None else predicted_s * price,
+            estimated_cost=cost,
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
             decision_time=self.clock.to_datetime(placed_at),
@@ -810,16 +875,15 @@ class ControlPlaneManager:
     def get_metrics(self) -> PerformanceMetrics:
         disp = self._dispatcher
         queued = len(disp.policy) if disp else len(self._pending_policy)
-        active = sum(s.in_flight for s in self._registry)
-        elapsed = self.clock.now() - self._started_at if self._running else 0.0
-        memory = sum(s.instance.gpu_memory_gb * s.instance.gpu_count for s in self._registry)
+        active = int(self._metrics.running.value)  # a PD request holds two instances' slots
+        states = [s for s in self._registry if not s.removed]
+        memory = sum(s.instance.gpu_memory_gb * s.gpu_count for s in states)
         perf = self._metrics.performance(
-            active=active, queued=queued, elapsed_s=elapsed, gpu_memory_gb=memory
+            active=active, queued=queued, elapsed_s=self._elapsed(), gpu_memory_gb=memory
         )
-        usage = [s.last_stats.kv_usage for s in self._registry if s.last_stats is not None]
+        usage = [s.last_stats.kv_usage for s in states if s.last_stats is not None]
         perf.avg_gpu_utilization = sum(usage) / len(usage) if usage else 0.0
-        if self._running:
-            perf.timestamp = self.clock.to_datetime(self.clock.now())
+        perf.timestamp = self._timestamp()
         if self._pd is not None:
             perf.metadata["pd"] = self._metrics.pd_summary()
         return perf
@@ -834,10 +898,12 @@ class ControlPlaneManager:
         is not measured. :meth:`get_instance_metrics` gives the same state as a dict, with
         the latency estimates and the circuit breaker's details. Raises
         :class:`InstanceNotFoundError` for an unknown id."""
-        now = self.clock.now()
-        since = self._started_at if self._running else now
         state = self._registry.get(instance_id)
-        return state.report(since=since, now=now, to_datetime=self.clock.to_datetime)
+        return state.report(
+            running_s=self._elapsed() - state.registered_at,
+            timestamp=self._timestamp(),
+            to_datetime=self.clock.to_datetime,
+        )
 
     def get_scheduling_metrics(self) -> SchedulingMetrics:
         """The scheduler's figures since start (:meth:`ControlPlaneMetrics.scheduling`
@@ -847,8 +913,7 @@ class ControlPlaneManager:
         variance of the up instances' loads (in-flight requests over their
         ``max_concurrent_requests``), ``load_balance_coefficient`` Jain's fairness index
         of the same loads: 1.0 when even, ``1/n`` when one instance of ``n`` carries all."""
-        elapsed = self.clock.now() - self._started_at if self._running else 0.0
-        report = self._metrics.scheduling(policy=self.policy.name, elapsed_s=elapsed)
+        report = self._metrics.scheduling(policy=self.policy.name, elapsed_s=self._elapsed())
         loads = [
             s.in_flight / max(s.instance.max_concurrent_requests, 1) for s in self._registry if s.up
         ]
@@ -861,8 +926,7 @@ class ControlPlaneManager:
             )
         report.metadata["routing_strategy"] = self._routing_name
         report.metadata["queued_now"] = len(self.policy)
-        if self._running:
-            report.timestamp = self.clock.to_datetime(self.clock.now())
+        report.timestamp = self._timestamp()
         return report
 
     def get_pd_metrics(self) -> PDMetrics | None:
@@ -872,17 +936,28 @@ class ControlPlaneManager:
         from the PREFILLING and DECODING instances now."""
         if self._pd is None:
             return None
-        elapsed = self.clock.now() - self._started_at if self._running else 0.0
-        report = self._metrics.pd(elapsed_s=elapsed)
+        report = self._metrics.pd(elapsed_s=self._elapsed())
         prefilling = self._role_load(ExecutionInstanceType.PREFILLING)
         decoding = self._role_load(ExecutionInstanceType.DECODING)
         report.prefilling_active_requests, report.prefilling_gpu_util = prefilling[:2]
         report.decoding_active_requests, report.decoding_gpu_util = decoding[:2]
         queries, hits = prefilling[2] + decoding[2], prefilling[3] + decoding[3]
         report.kv_cache_hit_rate = hits / queries if queries > 0 else 0.0
-        if self._running:
-            report.timestamp = self.clock.to_datetime(self.clock.now())
+        report.timestamp = self._timestamp()
         return report
+
+    def _elapsed(self) -> float:
+        """Seconds the control plane has run, over all its runs (the rates' divisor)."""
+        if not self._running:
+            return self._run_s
+        return self._run_s + self.clock.now() - self._started_at
+
+    def _timestamp(self) -> datetime:
+        """When figures read now were taken: now while running, else when it last
+        stopped (the figures have not moved since), else the wall clock."""
+        if self._running:
+            return self.clock.to_datetime(self.clock.now())
+        return self._stopped if self._stopped is not None else datetime.now()
 
     def _role_load(self, role: ExecutionInstanceType) -> tuple[int, float, float, float]:
         """The instances of ``role`` now: requests in flight, mean KV cache usage, and
@@ -912,9 +987,9 @@ class ControlPlaneManager:
             "pd_separation": self.enable_pd_separation,
             "pd": self._pd_status(),
             "pending_requests": len(policy),
-            "running_requests": sum(s.in_flight for s in states),
+            "running_requests": int(self._metrics.running.value),
             "registered_instances": len(states),
-            "available_instances": sum(1 for s in states if s.healthy and s.accepting),
+            "available_instances": sum(1 for s in states if s.up),
             "models": sorted(self._registry.models()),
             "prefix_index_entries": len(self._prefix),
             "prefix_tracking": self._tracks_prefixes,

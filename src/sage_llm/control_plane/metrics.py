@@ -190,6 +190,9 @@ class ControlPlaneMetrics:
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)
         self._pd_fallback_count = 0
+        self._pd_prefill_legs = 0
+        self._pd_decisions = 0
+        self._pd_decision_s = 0.0
         self._pd_decode_ms: deque[float] = deque(maxlen=window)
         self.pd_prefill_tokens = 0
         self.pd_prefill_cost = 0.0
@@ -288,8 +291,15 @@ class ControlPlaneMetrics:
         ``cost``."""
         self._pd_prefill_ms.append(seconds * 1000.0)
         self.pd_prefill_leg.observe(seconds)
+        self._pd_prefill_legs += 1
         self.pd_prefill_tokens += tokens
         self.pd_prefill_cost += cost
+
+    def on_pd_decision(self, seconds: float) -> None:
+        """A request of a PD-enabled model was scheduled and routed (either way) in
+        ``seconds``."""
+        self._pd_decisions += 1
+        self._pd_decision_s += seconds
 
     def on_pd_decode_leg(self, seconds: float, tokens: int, cost: float) -> None:
         """A disaggregated request completed ``seconds`` after its prefill leg ended,
@@ -368,7 +378,7 @@ class ControlPlaneMetrics:
         ttft = np.asarray(self._ttft_ms, dtype=float)
         tpot = np.asarray(self._tpot_ms, dtype=float)
         queue = np.asarray(self._queue_ms, dtype=float)
-        elapsed = max(elapsed_s, 1e-9)
+        per_s = 1.0 / elapsed_s if elapsed_s > 0 else 0.0
         return PerformanceMetrics(
             total_requests=self._submitted,
             completed_requests=completed,
@@ -385,8 +395,8 @@ class ControlPlaneMetrics:
             p99_ttft_ms=_pct(ttft, 99),
             avg_tpot_ms=_mean(tpot),
             avg_queue_wait_ms=_mean(queue),
-            tokens_per_second=self._tokens / elapsed,
-            requests_per_second=completed / elapsed,
+            tokens_per_second=self._tokens * per_s,
+            requests_per_second=completed * per_s,
             total_gpu_memory_gb=gpu_memory_gb,
             total_cost=self._cost,
             cost_per_token=self._cost / self._tokens if self._tokens else 0.0,
@@ -403,8 +413,9 @@ class ControlPlaneMetrics:
           from a request's placement to its end that the chosen instance's estimate
           predicted (for ``max_tokens``) and the measured one, over the latest completed
           requests; ``prediction_accuracy_rate``: the share within 20% of the measured.
-        * ``queue_wait_time_p*`` in ms; ``queue_length_avg`` by Little's law (arrival rate
-          × mean queue wait); ``queue_length_max`` the highest queue depth seen.
+        * ``queue_wait_time_p*``: the queue waits of the latest completed requests, in ms;
+          ``queue_length_avg``: the queue depth averaged over the running time;
+          ``queue_length_max``: the highest queue depth seen.
         """
         decisions = self.routing_seconds.unlabelled
         count = decisions.count
@@ -412,12 +423,11 @@ class ControlPlaneMetrics:
         errors = np.abs(predictions[:, 0] - predictions[:, 1])
         within = errors <= 0.2 * predictions[:, 1]
         queue = np.asarray(self._queue_ms, dtype=float)
-        elapsed = max(elapsed_s, 1e-9)
-        mean_wait_s = float(queue.mean()) / 1000.0 if queue.size else 0.0
+        per_s = 1.0 / elapsed_s if elapsed_s > 0 else 0.0
         return SchedulingMetrics(
             policy_name=policy,
             scheduling_latency_us=decisions.sum / count * 1e6 if count else 0.0,
-            scheduling_throughput=count / elapsed if elapsed_s > 0 else 0.0,
+            scheduling_throughput=count * per_s,
             latency_prediction_error_avg=float(errors.mean()) if errors.size else 0.0,
             latency_prediction_error_p95=_pct(errors, 95),
             prediction_accuracy_rate=float(within.mean()) if within.size else 1.0,
@@ -427,7 +437,7 @@ class ControlPlaneMetrics:
             queue_wait_time_p50=_pct(queue, 50),
             queue_wait_time_p95=_pct(queue, 95),
             queue_wait_time_p99=_pct(queue, 99),
-            queue_length_avg=self._submitted / elapsed * mean_wait_s if elapsed_s > 0 else 0.0,
+            queue_length_avg=self.queue_depth.integral() * per_s,
             queue_length_max=int(self.queue_depth.peak),
             metadata={"decisions": count, "predictions": len(self._predictions)},
         )
@@ -438,15 +448,21 @@ class ControlPlaneMetrics:
         ``prefilling_latency_*``: the prefill legs; ``inter_cluster_transfer_latency_avg_ms``:
         the measured hand-off, from a prefill leg's end to the decode instance's first
         token (KV transfer, decode-side queueing, the first decode step); ``decoding_latency_*``:
-        from a prefill leg's end to the request's end; ``requests_routed_to_prefilling`` /
-        ``_decoding``: disaggregated requests (each has one leg on each), ``_hybrid``:
-        requests of a PD model served colocated; costs per token from the instances' prices.
+        from a prefill leg's end to the request's end; ``requests_routed_to_prefilling``:
+        disaggregated dispatches, ``_decoding``: those whose prefill leg ended, so that they
+        went on to their decode instance (one whose prefill leg failed is retried, perhaps
+        colocated), ``_hybrid``: requests of a PD model dispatched colocated; costs per
+        token from the instances' prices. ``metadata`` has the PD summary and how many
+        samples each latency is over (``*_samples``).
+        ``avg_routing_decision_time_us`` is the mean time of the scheduling and routing
+        decisions of requests of PD-enabled models (the PD decision and the pairing
+        included).
         """
         prefill = np.asarray(self._pd_prefill_ms, dtype=float)
         decode = np.asarray(self._pd_decode_ms, dtype=float)
         handoff = np.asarray(self._pd_handoff_ms, dtype=float)
         disaggregated = self._pd_paths.get("disaggregated", 0)
-        decisions = self.routing_seconds.unlabelled
+        decisions = self._pd_decisions
         return PDMetrics(
             prefilling_throughput_tokens_per_sec=(
                 self.pd_prefill_tokens / elapsed_s if elapsed_s > 0 else 0.0
@@ -463,12 +479,17 @@ class ControlPlaneMetrics:
                 self.pd_decode_cost / self.pd_decode_tokens if self.pd_decode_tokens else 0.0
             ),
             requests_routed_to_prefilling=disaggregated,
-            requests_routed_to_decoding=disaggregated,
+            requests_routed_to_decoding=self._pd_prefill_legs,
             requests_routed_to_hybrid=self._pd_paths.get("colocated", 0),
             avg_routing_decision_time_us=(
-                decisions.sum / decisions.count * 1e6 if decisions.count else 0.0
+                self._pd_decision_s / decisions * 1e6 if decisions else 0.0
             ),
-            metadata=self.pd_summary(),
+            metadata={
+                **self.pd_summary(),
+                "prefill_leg_samples": prefill.size,
+                "decode_leg_samples": decode.size,
+                "handoff_samples": handoff.size,
+            },
         )
 
 

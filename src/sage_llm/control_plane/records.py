@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest
-from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
+from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult, RequestStatus
 
 
 class StreamEnd:
@@ -79,6 +79,8 @@ class RequestRecord:
     finished_at: float | None = None
     pending_tokens_at_dispatch: int = 0
     predicted_e2e_s: float | None = None
+    predicted_prefill_s: float | None = None
+    """A disaggregated request's predicted prefill leg (its prefill instance's estimate)."""
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[object] = field(default_factory=list)
@@ -100,6 +102,21 @@ class RequestRecord:
         return self.first_token_at is not None
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request ran, as the instances were when it did (kept with its result, so
+    that its scheduling decision reads the same after the fleet changes)."""
+
+    instance: ExecutionInstance
+    prefill_instance: ExecutionInstance | None = None
+    predicted_prefill_s: float | None = None
+
+
+Placed = ExecutionInstance | Placement | None
+"""Where a finished request ran: its instance, a :class:`Placement` when it was
+disaggregated, None when it never ran."""
+
+
 class FinishedRecords:
     """Finished results kept for ``get_request_status``/``wait_for_result``: at most
     ``capacity`` of them, each for at most ``ttl_s`` seconds."""
@@ -109,7 +126,7 @@ class FinishedRecords:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity
         self._ttl_s = ttl_s
-        self._items: OrderedDict[str, tuple[float, RequestResult]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[float, RequestResult, Placed]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -117,8 +134,9 @@ class FinishedRecords:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._items
 
-    def add(self, result: RequestResult, now: float) -> None:
-        self._items[result.request_id] = (now, result)
+    def add(self, result: RequestResult, now: float, placement: Placed = None) -> None:
+        """Keep ``result``, finished at ``now``, with where it ran (:data:`Placed`)."""
+        self._items[result.request_id] = (now, result, placement)
         self._items.move_to_end(result.request_id)
         self.expire(now)
 
@@ -126,8 +144,8 @@ class FinishedRecords:
         item = self.get_timed(request_id, now)
         return item[1] if item else None
 
-    def get_timed(self, request_id: str, now: float) -> tuple[float, RequestResult] | None:
-        """``(when it finished, result)``, or None."""
+    def get_timed(self, request_id: str, now: float) -> tuple[float, RequestResult, Placed] | None:
+        """``(when it finished, result, where it was placed)``, or None."""
         self.expire(now)
         return self._items.get(request_id)
 

@@ -34,7 +34,6 @@ from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ConfigError,
-    ConfigErrors,
     ConflictError,
     InstanceNotFoundError,
     InvalidRequestError,
@@ -115,8 +114,7 @@ def _as_request_error(prefix: str | None = None) -> Iterator[None]:
         yield
     except ConfigError as exc:
         param = exc.key if prefix is None or exc.key is None else f"{prefix}.{exc.key}"
-        each = exc.errors if isinstance(exc, ConfigErrors) else (exc,)
-        raise InvalidRequestError("; ".join(map(str, each)), param=param) from None
+        raise InvalidRequestError("; ".join(map(str, exc.each())), param=param) from None
 
 
 class AdminRoutes:

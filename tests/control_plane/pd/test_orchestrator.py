@@ -22,7 +22,7 @@ from sage_llm.control_plane.pd.orchestrator import (
 )
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.snapshot import ClusterSnapshot
-from sage_llm.errors import ConfigError, StrategyNotFoundError
+from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType as Role
 from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
 
@@ -237,8 +237,9 @@ def test_named_strategies_can_rate_the_legs() -> None:
     chosen = [plan_of(orch, snap, request_id=f"r{n}").prefill_id for n in range(6)]
     assert chosen == ["p0", "p1", "p2", "p0", "p1", "p2"]
     assert orch.describe()["prefill_router"]["name"] == "round_robin"  # type: ignore[index]
-    with pytest.raises(StrategyNotFoundError):
-        PDOrchestrator(PairingParams(decode_strategy="nope"))
+    with pytest.raises(ConfigError, match="unknown routing strategy 'nope'") as info:
+        PairingParams(decode_strategy="nope")  # a parameter's error, naming it
+    assert info.value.key == "decode_strategy"
 
 
 @pytest.mark.parametrize(

@@ -124,9 +124,20 @@ def test_the_pd_report_measures_both_legs() -> None:
             report = cp.get_pd_metrics()
             status = cp.get_status()["pd"]
             decision = cp.get_scheduling_decision("r0")
+            prefill, decode = cp.get_instance_report("p0"), cp.get_instance_report("d0")
+            running = [asyncio.create_task(cp.generate(m)) for m in metas[:4]]
+            await asyncio.sleep(0.001)
+            active = cp.get_metrics().active_requests, cp.get_status()["running_requests"]
+            await asyncio.gather(*running)
+        assert active == (4, 4)  # each holds a slot on both instances, and counts once
+        assert prefill.total_requests_processed == decode.total_requests_processed == 6
+        assert prefill.metadata["prefilled_tokens"] == 6 * count_tokens(LONG)
+        assert prefill.throughput_tokens_per_sec > 0 and prefill.avg_latency_ms > 0
         assert decision is not None
         assert (decision.prefill_instance_id, decision.target_instance_id) == ("p0", "d0")
         assert decision.reason == "prefill on p0, decode on d0"
+        price = 2.0 / 3600.0  # both instances: one GPU at the default price
+        assert decision.estimated_cost > decision.estimated_latency_ms / 1000.0 * price
         assert report is not None
         assert report.requests_routed_to_prefilling == report.requests_routed_to_decoding == 6
         assert report.requests_routed_to_hybrid == 0
@@ -272,6 +283,10 @@ def test_prefill_failure_falls_back_to_colocated() -> None:
             res = await cp.generate(make_metadata("f1", prompt=LONG, max_tokens=4))
             status = cp.get_status()["pd"]
             text = cp.prometheus_metrics().decode()
+            report = cp.get_pd_metrics()
+        assert report is not None  # dispatched to a pair, never reached its decode instance
+        assert (report.requests_routed_to_prefilling, report.requests_routed_to_decoding) == (1, 0)
+        assert report.requests_routed_to_hybrid == 1  # then retried colocated
         assert res.status is RequestStatus.COMPLETED
         assert (res.instance_id, res.prefill_instance_id, res.attempts) == ("g0", None, 2)
         assert status["colocated_fallbacks"] == 1

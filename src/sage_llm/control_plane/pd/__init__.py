@@ -16,9 +16,9 @@ dispatcher runs them. ``docs/pd.md`` is the operator's guide.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd.connectors import (
@@ -44,8 +44,10 @@ from sage_llm.control_plane.pd.orchestrator import (
     PDPlan,
     with_pd_assignment,
 )
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, ConfigErrors
 from sage_llm.types import PDSeparationConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "CONNECTOR_NAMES",
@@ -128,15 +130,55 @@ def build_pd(
         decider_params = {"max_transfer_s": limit / 1000.0 if limit and limit > 0 else None}
         if kv_bytes is not None:
             decider_params["kv_bytes_per_token"] = kv_bytes
-    decider_params.update(_table(meta, "decider_params"))
+    # the config's names of the decider's parameters it sets (for its errors)
+    named = {
+        "min_prompt_tokens": "prefilling_threshold_input_tokens",
+        "min_ratio": "prefilling_threshold_ratio",
+        "max_transfer_s": "max_transfer_latency_ms",
+    }
+    given = _table(meta, "decider_params")
+    decider_params.update(given)
     pairing = _table(meta, "pairing_params")
     if kv_bytes is not None:
         pairing.setdefault("kv_bytes_per_token", kv_bytes)
-    return PDComponents(
-        decider=build_decider(spec.name, decider_params),
-        orchestrator=PDOrchestrator(
-            build_params(PairingParams, pairing, owner="PD pairing"), seed=seed
+    problems: list[ConfigError] = []
+
+    def built(build: Callable[[], T], where: Callable[[str | None], str]) -> T | None:
+        try:
+            return build()
+        except ConfigError as exc:
+            problems.extend(
+                ConfigError(one.detail, location=one.location, key=where(one.key))
+                for one in exc.each()
+            )
+            return None
+
+    decider = built(
+        lambda: build_decider(spec.name, decider_params),
+        lambda key: (
+            named[key]
+            if key in named and key not in given
+            else f"metadata.decider_params.{key}"
+            if key
+            else "routing_policy"
         ),
-        connector=build_connector(cfg.connector, _table(meta, "connector_params"), seed=seed),
+    )
+    orchestrator = built(
+        lambda: PDOrchestrator(build_params(PairingParams, pairing, owner="PD pairing"), seed=seed),
+        lambda key: f"metadata.pairing_params.{key}" if key else "metadata.pairing_params",
+    )
+    connector = built(
+        lambda: build_connector(cfg.connector, _table(meta, "connector_params"), seed=seed),
+        lambda key: f"metadata.connector_params.{key}" if key else "connector",
+    )
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+    assert decider is not None
+    assert orchestrator is not None
+    assert connector is not None
+    return PDComponents(
+        decider=decider,
+        orchestrator=orchestrator,
+        connector=connector,
         fallback_to_colocated=cfg.fallback_to_colocated,
     )

@@ -35,7 +35,7 @@ from sage_llm.control_plane.routing.base import RoutingDecision, Scorer
 from sage_llm.control_plane.routing.filters import CapacityFilter
 from sage_llm.control_plane.routing.pickers import MaxPicker
 from sage_llm.control_plane.routing.pipeline import Pipeline
-from sage_llm.control_plane.routing.registry import build_router
+from sage_llm.control_plane.routing.registry import build_router, get_strategy
 from sage_llm.control_plane.routing.scorers import (
     KVUsageScorer,
     LeastOutstandingScorer,
@@ -43,7 +43,7 @@ from sage_llm.control_plane.routing.scorers import (
     QueueDepthScorer,
 )
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, StrategyNotFoundError
 from sage_llm.types import ExecutionInstanceType
 
 LinkKind = Literal["nvlink", "machine", "rack", "network"]
@@ -188,6 +188,13 @@ class PairingParams:
             raise ConfigError("must be >= 1", key="top_k")
         if not 0.0 < self.kv_threshold <= 1.0:
             raise ConfigError(f"must be in (0, 1], got {self.kv_threshold!r}", key="kv_threshold")
+        for key in ("prefill_strategy", "decode_strategy"):
+            name = getattr(self, key)
+            if name:
+                try:
+                    get_strategy(name)
+                except StrategyNotFoundError as exc:
+                    raise ConfigError(exc.message, key=key) from None
         self.link_model()  # validates the link fields
 
     def link_model(self) -> LinkModel:
