@@ -118,7 +118,8 @@ def test_manager_kwargs_fit_control_plane_manager() -> None:
     ],
 )
 def test_instance_type_spellings(text: str, expected: ExecutionInstanceType) -> None:
-    cfg = config_from_dict({"instances": [{**INSTANCE, "instance_type": text}]})
+    general = {**INSTANCE, "instance_id": "g", "port": 8001}  # the fleet can serve
+    cfg = config_from_dict({"instances": [{**INSTANCE, "instance_type": text}, general]})
     assert cfg.control_plane.instances[0].instance_type is expected
 
 
@@ -171,12 +172,13 @@ def test_dict_role_values_may_be_objects() -> None:
                     **INSTANCE,
                     "instance_type": ExecutionInstanceType.PREFILLING,
                     "prefilling_config": PrefillingConfig(chunk_size=64),
-                }
+                },
+                {**INSTANCE, "instance_id": "d", "port": 8001, "instance_type": "DECODING"},
             ]
         },
         env={},
     )
-    [inst] = cfg.control_plane.instances
+    inst, _ = cfg.control_plane.instances
     assert inst.instance_type is ExecutionInstanceType.PREFILLING
     assert inst.prefilling_config == PrefillingConfig(chunk_size=64)
     with pytest.raises(ConfigError) as info:
@@ -547,6 +549,17 @@ def test_every_bad_policy_param_is_reported_with_its_line() -> None:
     ]
     assert "must be a number" in info.value.errors[0].message
     assert "must be > 0" in info.value.errors[1].message
+
+
+def test_a_fleet_that_could_never_serve_a_model_is_reported() -> None:
+    prefill_only = SEED[
+        : SEED.index('[[services.llm_control_plane.instances]]\ninstance_id = "llm-decode-1"')
+    ]
+    err = problem(prefill_only)
+    assert err.key == "services.llm_control_plane.instances"
+    assert "has no decode-capable instance to pair with" in err.message
+    err = problem(SEED.replace("enable_pd_separation = true", "enable_pd_separation = false"))
+    assert "PD disaggregation is disabled" in err.message
 
 
 def test_section_given_twice() -> None:

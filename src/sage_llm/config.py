@@ -53,10 +53,11 @@ from sage_llm.config_schema import (
     default_sim_model,
 )
 from sage_llm.control_plane.params import build_params
+from sage_llm.control_plane.pd.orchestrator import unservable_reason
 from sage_llm.control_plane.routing.registry import get_strategy
 from sage_llm.control_plane.scheduling.registry import params_class
 from sage_llm.errors import ConfigError, ConfigErrors
-from sage_llm.types import ExecutionInstance, PDSeparationConfig
+from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 
 __all__ = [
     "DEFAULT_SIM_MODEL",
@@ -437,6 +438,7 @@ def _control_plane(
             p,
         )
     _check_instances(service.get("instances"), cp.mode, (*spath, "instances"), env, p)
+    _check_servable(cp, (*spath, "instances"), p)
     return cp
 
 
@@ -479,6 +481,21 @@ def _check_instances(
                 p.add((*path, index, "api_key_env"), "set api_key or api_key_env, not both")
             else:
                 _env_secret(env_name, (*path, index, "api_key_env"), env, p)
+
+
+def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
+    """Each configured model must have an instance (or a PD pair) that can run its
+    requests: a fleet of only PREFILLING instances, say, could never answer one. Not
+    checked while an instance has problems of its own (a duplicate id …)."""
+    if any("instances" in (e.key or "") for e in p.errors):
+        return
+    members: dict[str, list[tuple[str, ExecutionInstanceType]]] = {}
+    for inst in cp.instances:
+        members.setdefault(inst.model_name, []).append((inst.instance_id, inst.instance_type))
+    for model, fleet in members.items():
+        reason = unservable_reason(model, fleet, pd_enabled=cp.enable_pd_separation)
+        if reason is not None:
+            p.add(path, f"{reason}, so no request for it could ever run")
 
 
 # -- secrets -------------------------------------------------------------------------------

@@ -369,7 +369,10 @@ class SageConfig:
         return [inst.to_instance() for inst in self.fleet()]
 
     def manager_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``ControlPlaneManager(**kwargs)``."""
+        """Keyword arguments for ``ControlPlaneManager(**kwargs)`` from the
+        ``[services.llm_control_plane]`` table only: ``[admission]`` and ``[health]`` are
+        applied by :func:`~sage_llm.control_plane.builder.build_manager`, which also
+        registers the instances (use it to build a manager from a file)."""
         return self.control_plane.manager_kwargs()
 
     def to_dict(self) -> dict[str, Any]:

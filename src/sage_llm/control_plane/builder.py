@@ -2,7 +2,7 @@
 
 Used by ``sage-llm serve`` and the SAGE services, so both read one config model. When the
 config names no instances, the embedded default fleet of simulated engines is registered
-(``[simulation]``), and the returned manager says so in :attr:`BuiltManager.embedded`.
+(``[simulation]``), and :func:`uses_embedded_fleet` says so.
 """
 
 from __future__ import annotations
