@@ -374,3 +374,12 @@ def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: P
                 pass
     finally:
         _stop(proc, pids)
+
+
+def test_serve_port_0_picks_a_free_port_as_the_files_key_does() -> None:
+    from sage_llm.cli import _listen_port
+
+    assert _listen_port(0) == 0
+    assert _listen_port(8080) == 8080
+    with pytest.raises(typer.BadParameter, match="1-65535"):
+        _listen_port(-1)

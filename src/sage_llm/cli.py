@@ -90,6 +90,11 @@ def _port(value: int | None) -> int | None:
     return value
 
 
+def _listen_port(value: int | None) -> int | None:
+    """A port to listen on: 0 picks a free one (as the file's ``gateway.port = 0``)."""
+    return value if value == 0 else _port(value)
+
+
 def _at_least_one(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise typer.BadParameter(f"must be >= 1, got {value}")
@@ -231,7 +236,8 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (overrides the file).")] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port (overrides the file).", callback=_port)
+        int | None,
+        typer.Option(help="Port (overrides the file; 0: any free port).", callback=_listen_port),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",

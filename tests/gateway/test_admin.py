@@ -10,7 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.admin import instance_json, to_jsonable
+from sage_llm.gateway.server import start_gateway
 from sage_llm.types import (
     ExecutionInstanceType,
     PrefillingConfig,
@@ -153,7 +155,23 @@ async def test_an_address_in_use_is_409() -> None:
         spec = {"instance_id": "twin", "host": inst.host, "port": inst.port, "model_name": MODEL}
         async with http.post(gw.url("/admin/instances"), json=spec) as r:
             assert r.status == 409
-            assert "already instance 'sim-0'" in (await _json(r))["error"]["message"]
+            assert "already the address of instance 'sim-0'" in (await _json(r))["error"]["message"]
+
+
+async def test_a_simulated_instances_nominal_address_is_free_for_others() -> None:
+    manager = ControlPlaneManager(mode="simulated")
+    manager.register_instance(make_instance("sim-0", port=8100))
+    await manager.start()
+    runner, port = await start_gateway(manager, None, environ={})
+    try:
+        spec = {"instance_id": "twin", "host": "127.0.0.1", "port": 8100, "model_name": MODEL}
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/admin/instances"
+            async with http.post(url, json=spec) as r:
+                assert r.status == 201, await r.text()
+    finally:
+        await runner.cleanup()
+        await manager.stop()
 
 
 async def test_unknown_instances_are_404() -> None:

@@ -210,8 +210,9 @@ def test_unknown_tasks_and_malformed_payloads_raise_clear_errors(
         with pytest.raises(InvalidRequestError) as err:
             svc.process(payload)
         assert err.value.param == param, payload
-    with pytest.raises(InvalidRequestError, match="manage weights on the engine host"):
-        svc.process({"task": "delete_model", "options": {}})
+    for task in ("delete_model", "fine_tune"):  # as VLLMService answers them
+        with pytest.raises(InvalidRequestError, match="manage weights on the engine host"):
+            svc.process({"task": task, "options": {}})
     with pytest.raises(ModelNotFoundError):
         _generate(svc, "x", model="gpt-9")
 

@@ -424,7 +424,7 @@ class ControlPlaneManager:
             raise ConflictError(f"instance {instance.instance_id!r} is already registered")
         if client is not None:
             self._given_clients.add(instance.instance_id)
-        if client is None and self._uses_sim(instance):
+        if client is None and self.simulates(instance):
             client = self._make_sim_client(instance)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
@@ -1111,7 +1111,9 @@ class ControlPlaneManager:
             dispatcher.wake()
         return rec
 
-    def _uses_sim(self, instance: ExecutionInstance) -> bool:
+    def simulates(self, instance: ExecutionInstance) -> bool:
+        """Whether ``instance`` runs on an in-process simulated engine (its address is
+        nominal: no server listens there)."""
         return self._engine_factory is None and (
             self.mode == "simulated" or instance.engine == "sim"
         )
@@ -1140,7 +1142,7 @@ class ControlPlaneManager:
     def _ensure_client(self, state: InstanceState) -> None:
         if not isinstance(state.client, _UnconnectedClient):
             return
-        if self._uses_sim(state.instance):  # again, after a stop()
+        if self.simulates(state.instance):  # again, after a stop()
             state.client = self._make_sim_client(state.instance)
             return
         if self._engine_factory is not None:

@@ -120,8 +120,10 @@ def _as_request_error(prefix: str | None = None) -> Iterator[None]:
 class AdminRoutes:
     """Handlers of the admin API, bound to one manager."""
 
-    def __init__(self, manager: ControlPlaneManager) -> None:
+    def __init__(self, manager: ControlPlaneManager, read_timeout_s: float | None = None) -> None:
         self.manager = manager
+        self.read_timeout_s = read_timeout_s
+        """How long a request body may take to arrive (None: no limit)."""
 
     def _instance_entry(self, instance: ExecutionInstance) -> dict[str, Any]:
         entry = instance_json(instance)
@@ -150,13 +152,14 @@ class AdminRoutes:
             return check_instance(instance)
 
     async def add_instance(self, request: web.Request) -> web.Response:
-        instance = self.parse_instance(await read_json(request))
+        instance = self.parse_instance(await read_json(request, self.read_timeout_s))
         address = (instance.host, instance.port)
-        for other in self.manager.get_instances():
-            if (other.host, other.port) == address:
+        manager = self.manager
+        for other in [] if manager.simulates(instance) else manager.get_instances():
+            if (other.host, other.port) == address and not manager.simulates(other):
                 raise ConflictError(
-                    f"{instance.host}:{instance.port} is already instance "
-                    f"{other.instance_id!r}'s address"
+                    f"{instance.host}:{instance.port} is already the address of instance "
+                    f"{other.instance_id!r}"
                 )
         with _as_request_error():
             self.manager.register_instance(instance)  # checked as a config file's entry
@@ -171,7 +174,7 @@ class AdminRoutes:
         raw = await request.read()
         drain = True
         if raw.strip():
-            drain = validate(DrainRequest, await read_json(request)).drain
+            drain = validate(DrainRequest, await read_json(request, self.read_timeout_s)).drain
         self._known(instance_id)
         self.manager.drain_instance(instance_id, drain)
         return web.json_response({"instance_id": instance_id, "draining": drain})
@@ -182,7 +185,7 @@ class AdminRoutes:
         return web.json_response({"instance_id": instance_id, "removed": True})
 
     async def set_policy(self, request: web.Request) -> web.Response:
-        req = validate(SetPolicyRequest, await read_json(request))
+        req = validate(SetPolicyRequest, await read_json(request, self.read_timeout_s))
         with _as_request_error("params"):
             self.manager.update_policy(req.policy, req.params)
         status = self.manager.get_status()

@@ -75,7 +75,7 @@ def create_app(
     router.add_get("/ready", openai.ready)
     router.add_get("/metrics", openai.metrics)
     router.add_get("/openapi.json", openapi_json)
-    add_admin_routes(app, AdminRoutes(manager))
+    add_admin_routes(app, AdminRoutes(manager, settings.read_timeout_s))
 
     if manage_lifecycle:
 

@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 CONTROL_PLANE_TASKS = (
     "generate", "embed", "show_instances", "health_check", "get_metrics", "set_policy",
-    "show_models", "download_model", "delete_model",
+    "show_models", "download_model", "delete_model", "fine_tune",
 )  # fmt: skip
 WEIGHTS_NOT_MANAGED = (
     "task {task!r} is not supported by sage-llm: manage weights on the engine host "
@@ -173,7 +173,7 @@ class ControlPlaneVLLMService(ManagedService):
         if task == "set_policy":
             name, params = _policy_args(req)
             return self._on_loop(lambda cp: _set_policy(cp, name, params))
-        if task in ("download_model", "delete_model"):
+        if task in ("download_model", "delete_model", "fine_tune"):
             raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task=task), param="task")
         if options:
             key = next(iter(options))
