@@ -19,7 +19,7 @@ from sage_llm.sim.factory import (
     sim_front_end_for,
     sim_latency_priors,
 )
-from sage_llm.types import ExecutionInstance
+from sage_llm.types import ExecutionInstance, ExecutionInstanceType
 from tests.factories import make_instance
 
 
@@ -97,3 +97,9 @@ def test_engine_sim_refuses_an_impossible_tp_at_start_up(tp: str) -> None:
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: tp: ") and "32 attention heads" in line
     assert "engine-sim:" not in proc.stdout  # refused before serving
+
+
+def test_a_role_given_as_a_string_is_read_as_register_instance_reads_it() -> None:
+    inst = ExecutionInstance("p0", "h", 8000, "llama-3-8b", instance_type="PREFILLING")  # type: ignore[arg-type]
+    engine = make_sim_engine(inst)
+    assert engine.config.role is ExecutionInstanceType.PREFILLING

@@ -890,10 +890,13 @@ class ControlPlaneManager:
 
     def get_instance_report(self, instance_id: str) -> InstanceMetrics:
         """One instance's figures as the seed's :class:`~sage_llm.types.InstanceMetrics`:
-        requests processed and failed since it was registered, latency percentiles over
-        its latest 512 completed requests, tokens per second since the control plane
-        started (or the instance was registered, if later), load, health, and the
-        engine's latest scraped figures in ``metadata``. ``gpu_utilization`` is the
+        requests processed since it was registered (completed here, or failed here: a
+        failed engine call counts even when the request then succeeded elsewhere;
+        cancelled ones are not counted), latency percentiles over its latest 512 completed
+        requests (arrival to end, the control plane's queue included; a PREFILLING
+        instance's are its prefill legs), tokens per second over the time the control
+        plane has run since it was registered, load, health, and the engine's latest
+        scraped figures in ``metadata``. ``gpu_utilization`` is the
         engine's KV cache usage (engines export no GPU utilization); ``gpu_memory_used_gb``
         is not measured. :meth:`get_instance_metrics` gives the same state as a dict, with
         the latency estimates and the circuit breaker's details. Raises

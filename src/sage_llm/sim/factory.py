@@ -88,7 +88,7 @@ def sim_config_for(instance: ExecutionInstance, **overrides: Any) -> SimEngineCo
     """The simulator settings that stand in for ``instance`` (a fitted profile's step model
     and engine limits when one is packaged for its GPU × model)."""
     md = instance.metadata
-    role = instance.instance_type
+    role = ExecutionInstanceType.parse(instance.instance_type)  # "PREFILLING" as registered
     if role is ExecutionInstanceType.HYBRID:
         role = ExecutionInstanceType.GENERAL
     seed = md.get("sim_seed")
