@@ -1475,7 +1475,9 @@ def test_bad_manager_arguments_are_all_reported_by_the_config_files_rules() -> N
         "max_queue_size",
         "engine_stream",
     ]
-    ControlPlaneManager(mode="SIM", engine_stream="Client")  # read as a file reads them
+    cp = ControlPlaneManager(mode=" HTTP ", engine_stream="Client")  # read as a file reads them
+    assert (cp.mode, cp.engine_stream) == ("http", "client")
+    assert ControlPlaneManager(mode="SIM").mode == "simulated"
 
 
 def test_a_request_cut_off_at_its_deadline_counts_as_an_slo_miss() -> None:

@@ -178,7 +178,8 @@ class ControlPlaneManager:
             seed=seed, max_queue_wait_s=max_queue_wait_s,
             reject_infeasible_slo=reject_infeasible_slo,
         )  # fmt: skip
-        mode = {"sim": "simulated", "local": "simulated"}.get(mode.strip().lower(), mode)
+        mode = mode.strip().lower()
+        mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         engine_stream = engine_stream.lower()
         self.mode = mode
         self.enable_auto_scaling = enable_auto_scaling
@@ -198,10 +199,10 @@ class ControlPlaneManager:
                 problems.extend(one.under(key) for one in exc.each())
                 return None
 
-        pd_config_ = self.pd_config
         self._pd = (
             built(
-                lambda: build_pd(pd_config_, seed=seed, block_size=prefix_block_size), "pd_config"
+                lambda: build_pd(self.pd_config, seed=seed, block_size=prefix_block_size),
+                "pd_config",
             )
             if pd_on
             else None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import re
 import time
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol, cast
 
+from sage_llm import jsonutil
+from sage_llm.gateway.errors import error_body
 from sage_llm.httpserve import tcp_nodelay
 from sage_llm.writebatch import WriteBatch
 
@@ -360,9 +361,7 @@ class LeanConnection(asyncio.Protocol):
         self.reading_since = None
         self._keep_alive = False
         message = f"the request did not arrive within {limit_s:g} s"
-        body = json.dumps(
-            {"error": {"message": message, "type": "timeout_error", "param": None, "code": 408}}
-        ).encode()
+        body = jsonutil.dumps(error_body(message, "timeout_error", 408))
         self.respond(408, body, content_type="application/json", headers={})
         self._server.writes.flush_one(transport)
         transport.close()
