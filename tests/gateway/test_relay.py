@@ -13,13 +13,17 @@ import pytest
 from aiohttp import web
 
 from sage_llm.config import GatewayConfig
+from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import ResponseFormat
 from sage_llm.gateway.lean import LeanStream
-from sage_llm.gateway.relay import _Choices, completion_body, merge_logprobs
+from sage_llm.gateway.relay import _Choices, completion_body, merge_delta, merge_logprobs
+from sage_llm.gateway.server import start_gateway
 from sage_llm.sim.engine import SimEngine
 from sage_llm.types import RequestStatus
+from tests.engines.fake_engine import start_app
 from tests.engines.probes import FaultyEngine
+from tests.factories import make_instance
 from tests.gateway.harness import chat_body, read_events, serve
 from tests.gateway.harness import completion_body as body_of
 
@@ -287,3 +291,137 @@ async def test_client_gone_when_the_stream_starts_cancels_quietly(
         result = await gw.manager.wait_for_result("left-early", timeout=5)
     assert result.status is RequestStatus.CANCELLED
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# --- what a vLLM engine sends beyond text reaches the client --------------------------------
+
+_CALL = {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+_ARGS = ('{"city": ', '"Paris"}')
+
+
+def _tool_engine() -> web.Application:
+    """A vLLM-shaped chat engine that answers with reasoning and a tool call, whole or as
+    deltas (the call's arguments in two pieces, as vLLM streams them)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        head = {"id": "chatcmpl-e", "object": "chat.completion", "created": 1,
+                "model": body["model"]}  # fmt: skip
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        if not body.get("stream"):
+            call = {**_CALL, "function": {"name": "get_weather", "arguments": "".join(_ARGS)}}
+            message = {"role": "assistant", "content": None, "reasoning_content": "I think.",
+                       "tool_calls": [call]}  # fmt: skip
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": "tool_calls", "stop_reason": 128008}  # fmt: skip
+            return web.json_response({**head, "choices": [choice], "usage": usage})
+        deltas = [
+            {"role": "assistant", "content": ""},
+            {"reasoning_content": "I "},
+            {"reasoning_content": "think."},
+            {"tool_calls": [_CALL]},
+            *({"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in _ARGS),
+        ]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {**head, "object": "chat.completion.chunk"}
+        for delta in deltas:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            await resp.write(f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n".encode())
+        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls",
+                "stop_reason": 128008}  # fmt: skip
+        await resp.write(f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n".encode())
+        tail = {**chunk, "choices": [], "usage": usage}
+        await resp.write(f"data: {json.dumps(tail)}\n\ndata: [DONE]\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", ok)
+    app.router.add_get("/metrics", ok)
+    return app
+
+
+@pytest.mark.parametrize("engine_stream", ["client", "always"])  # engine answers whole / streamed
+async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stream: str) -> None:
+    engine, engine_port = await start_app(_tool_engine())
+    manager = ControlPlaneManager(mode="http", engine_stream=engine_stream)
+    manager.register_instance(make_instance("tools", port=engine_port, model_name="m"))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    body = {"model": "m", "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}]}  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body) as r:
+                whole = await r.json()
+            async with http.post(url, json={**body, "stream": True}) as r:
+                events = await read_events(r)
+    finally:
+        await site.cleanup()
+        await engine.cleanup()
+    [choice] = whole["choices"]
+    call = {**_CALL, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert choice["message"] == {"role": "assistant", "content": None,
+                                 "reasoning_content": "I think.", "tool_calls": [call]}  # fmt: skip
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("tool_calls", 128008)
+    deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e["choices"]]
+    assert {"reasoning_content": "I "} in deltas
+    assert {"tool_calls": [_CALL]} in deltas
+    assert {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]} in deltas
+    last = [e for e in events if isinstance(e, dict) and e["choices"]][-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("tool_calls", 128008)
+
+
+def test_merge_delta_assembles_a_message_as_a_client_does() -> None:
+    merged: dict[str, Any] = {}
+    for part in (
+        {"reasoning_content": "a"},
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "c0",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": "{"},
+                }
+            ]
+        },
+        {
+            "tool_calls": [
+                {
+                    "index": 1,
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "g", "arguments": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": 0, "type": "function", "function": {"arguments": "}"}}]},
+        {"reasoning_content": "b", "annotations": ["x"]},
+        {"annotations": ["y"]},
+    ):
+        merge_delta(merged, part)
+    assert merged == {
+        "reasoning_content": "ab",
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "c0",
+                "type": "function",
+                "function": {"name": "f", "arguments": "{}"},
+            },
+            {
+                "index": 1,
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "g", "arguments": ""},
+            },
+        ],
+        "annotations": ["x", "y"],  # a list without indices is extended
+    }

@@ -95,7 +95,11 @@ class Chunk:
 
     ``text`` may be empty (e.g. a final usage-only chunk). ``index`` is the choice index
     when ``n > 1``. The gateway writes its own response objects from these fields (its
-    request id and model name, vLLM's shape), whatever the engine's objects looked like.
+    request id and model name, vLLM's shape), whatever the engine's objects looked like,
+    with what the engine sent beyond them passed on: ``fields`` holds the other fields of
+    the choice's delta (or message), such as ``tool_calls``, ``reasoning_content`` or
+    ``refusal``, and ``extras`` the choice's own other fields, such as ``stop_reason`` or
+    ``prompt_logprobs`` (None when there are none).
     """
 
     text: str
@@ -104,12 +108,15 @@ class Chunk:
     usage: Usage | None = None
     logprobs: Any = None
     index: int = 0
+    fields: Mapping[str, Any] | None = None
+    extras: Mapping[str, Any] | None = None
 
     def with_usage(self, usage: Usage) -> Chunk:
         """This chunk with ``usage`` (``replace`` without its per-call field walk)."""
         return fill_chunk(
-            self.text, self.token_ids, self.finish_reason, usage, self.logprobs, self.index
-        )
+            self.text, self.token_ids, self.finish_reason, usage, self.logprobs, self.index,
+            self.fields, self.extras,
+        )  # fmt: skip
 
 
 fill_usage = field_filler(Usage, tuple(f.name for f in fields(Usage)))

@@ -256,12 +256,32 @@ def _choice_text(choice: Mapping[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
+_CHOICE_KEYS = frozenset(
+    {"index", "text", "delta", "message", "logprobs", "finish_reason", "stop_reason", "token_ids"}
+)
+"""The fields of a choice a :class:`Chunk` has a place for (others go to its ``extras``)."""
+_PLAIN_PART = frozenset({"role", "content"})
+"""The fields of a delta or message a :class:`Chunk` has a place for (others: ``fields``)."""
+
+
 def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
     get = choice.get
     finish = get("finish_reason")
     ids = get("token_ids")
     text = get("text")
     index = get("index")
+    fields = extras = None
+    if text is None:  # chat: what the delta or message holds beyond its text
+        part = get("delta")
+        if part is None:
+            part = get("message")
+        if type(part) is dict and not part.keys() <= _PLAIN_PART:
+            fields = _set_fields(part, _PLAIN_PART)
+    stop = get("stop_reason")
+    if stop is not None or not choice.keys() <= _CHOICE_KEYS:
+        extras = _set_fields(choice, _CHOICE_KEYS)
+        if stop is not None:
+            extras = {**(extras or {}), "stop_reason": stop}
     return fill_chunk(  # every field, in Chunk's order
         text if type(text) is str else _choice_text(choice),
         tuple(int(t) for t in ids) if isinstance(ids, list) else (),
@@ -269,7 +289,15 @@ def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
         None,
         get("logprobs"),
         index if type(index) is int else _as_int(index),
+        fields,
+        extras,
     )
+
+
+def _set_fields(obj: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any] | None:
+    """The fields of ``obj`` outside ``known`` that hold something (not null, not empty)."""
+    found = {k: v for k, v in obj.items() if k not in known and v is not None and v != []}
+    return found or None
 
 
 def estimate_prompt_tokens(req: EngineRequest) -> int:
@@ -437,18 +465,32 @@ class ResponseFormat:
         return head
 
     def chunk(
-        self, text: str, finish_reason: str | None, *, index: int = 0, logprobs: Any = None
+        self,
+        text: str,
+        finish_reason: str | None,
+        *,
+        index: int = 0,
+        logprobs: Any = None,
+        fields: Mapping[str, Any] | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One stream chunk carrying ``text`` (and ``finish_reason`` on the last one)."""
+        """One stream chunk carrying ``text`` (and ``finish_reason`` on the last one), with
+        the engine's other delta ``fields`` (``tool_calls`` …) and choice ``extras``
+        (``stop_reason`` …) as :class:`Chunk` holds them."""
         head = self._head(final=False)
         choice: dict[str, Any] = {"index": index}
         if self.chat:
-            choice["delta"] = {"content": text} if text or finish_reason is None else {}
+            delta = {"content": text} if text or (finish_reason is None and not fields) else {}
+            if fields:
+                delta.update(fields)
+            choice["delta"] = delta
         else:
             choice["text"] = text
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         choice["stop_reason"] = None
+        if extras:
+            choice.update(extras)
         head["choices"] = [choice]
         return head
 

@@ -14,8 +14,9 @@ the instance's accounting), not after.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,12 +83,15 @@ per request)."""
 
 
 class _Choices:
-    """Per-index text, finish reason and logprobs of a generation."""
+    """Per-index text, finish reason, logprobs and the engine's other fields of a
+    generation (its deltas' ``fields`` merged as :func:`merge_delta` does)."""
 
     def __init__(self) -> None:
         self.text: dict[int, list[str]] = {}
         self.finish: dict[int, str | None] = {}
         self.logprobs: dict[int, list[Any]] = {}
+        self.fields: dict[int, dict[str, Any]] = {}
+        self.extras: dict[int, dict[str, Any]] = {}
         self.usage: Usage | None = None
 
     def add(self, chunk: Chunk) -> None:
@@ -98,11 +102,44 @@ class _Choices:
             self.finish[idx] = chunk.finish_reason
         if chunk.logprobs is not None:
             self.logprobs.setdefault(idx, []).append(chunk.logprobs)
+        if chunk.fields:
+            merge_delta(self.fields.setdefault(idx, {}), chunk.fields)
+        if chunk.extras:
+            self.extras.setdefault(idx, {}).update(chunk.extras)
         if chunk.usage is not None:
             self.usage = chunk.usage
 
     def indices(self) -> list[int]:
         return sorted(self.text) or [0]
+
+
+_STREAMED_TEXT = frozenset({"content", "arguments", "reasoning_content", "reasoning", "refusal"})
+"""Delta fields whose pieces make one text (a tool call's ``arguments`` come in pieces)."""
+
+
+def merge_delta(into: dict[str, Any], part: Mapping[str, Any]) -> None:
+    """Add one stream delta's fields to those of the deltas before it, as a client
+    assembles a message: the text fields of :data:`_STREAMED_TEXT` are concatenated,
+    objects merged, lists of objects with an ``index`` (``tool_calls``) merged item by
+    item, anything else replaced."""
+    for key, value in part.items():
+        old = into.get(key)
+        if old is None:
+            into[key] = copy.deepcopy(value)
+        elif key in _STREAMED_TEXT and isinstance(old, str) and isinstance(value, str):
+            into[key] = old + value
+        elif isinstance(old, dict) and isinstance(value, Mapping):
+            merge_delta(old, value)
+        elif isinstance(old, list) and isinstance(value, list):
+            by_index = {i.get("index"): i for i in old if isinstance(i, dict) and "index" in i}
+            for item in value:
+                same = by_index.get(item.get("index")) if isinstance(item, dict) else None
+                if same is not None:
+                    merge_delta(same, item)
+                else:
+                    old.append(copy.deepcopy(item))
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def merge_logprobs(parts: list[Any] | None) -> Any:
@@ -132,13 +169,22 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
     for idx in choices.indices():
         text = "".join(choices.text.get(idx, []))
         choice: dict[str, Any] = {"index": idx}
+        fields = choices.fields.get(idx)
         if fmt.chat:
-            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
+            if fields:
+                message.update(fields)
+                if message["tool_calls"] and not text:
+                    message["content"] = None  # a tool call has no text, as vLLM answers
+            choice["message"] = message
         else:
             choice["text"] = text
         choice["logprobs"] = merge_logprobs(choices.logprobs.get(idx))
         choice["finish_reason"] = choices.finish.get(idx) or "length"
         choice["stop_reason"] = None
+        extras = choices.extras.get(idx)
+        if extras:
+            choice.update(extras)
         out.append(choice)
     return {
         "id": fmt.id,
@@ -297,10 +343,13 @@ async def _relay(
                     role["choices"][0]["index"] = chunk.index
                     out += encode_event(role)
                 seen.add(chunk.index)
-                if chunk.text or chunk.finish_reason or chunk.logprobs is not None:
+                if (
+                    chunk.text or chunk.finish_reason or chunk.logprobs is not None
+                    or chunk.fields or chunk.extras
+                ):  # fmt: skip
                     event = fmt.chunk(
                         chunk.text, chunk.finish_reason, index=chunk.index,
-                        logprobs=chunk.logprobs,
+                        logprobs=chunk.logprobs, fields=chunk.fields, extras=chunk.extras,
                     )  # fmt: skip
                     out += encode_event(event)
                 if chunk.usage is not None:  # the engine's last chunk
