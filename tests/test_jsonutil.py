@@ -37,3 +37,10 @@ def test_invalid_documents_raise_value_error(raw: bytes) -> None:
 def test_unserialisable_objects_raise_type_error() -> None:
     with pytest.raises(TypeError):
         jsonutil.dumps({"x": object()})
+
+
+def test_a_lone_surrogate_goes_on_as_the_client_sent_it() -> None:
+    body = jsonutil.loads(b'{"prompt": "emoji \\ud83d cut"}')  # a string cut inside an emoji
+    assert body == {"prompt": "emoji \ud83d cut"}
+    assert jsonutil.dumps(body) == b'{"prompt":"emoji \\ud83d cut"}'
+    assert jsonutil.loads(jsonutil.dumps(body)) == body

@@ -1,9 +1,11 @@
 """Fast JSON for the request hot path: orjson, with the standard library as the fallback.
 
 orjson is several times faster than :mod:`json` at both ends. What it refuses falls back
-to :mod:`json`: documents with ``NaN``/``Infinity`` when reading, integers beyond 64 bits
-when writing, so what is accepted is the same as with the standard library. Two
-differences remain: orjson writes non-ASCII characters as UTF-8 instead of ``\\u``
+to :mod:`json`: documents with ``NaN``/``Infinity`` or a lone surrogate escape
+(``"\\ud83d"``, a string cut inside an emoji) when reading, integers beyond 64 bits and
+lone surrogates when writing (the fallback writes ASCII escapes, so such a string goes on
+as the client sent it), so what is accepted is the same as with the standard library.
+Two differences remain: orjson writes non-ASCII characters as UTF-8 instead of ``\\u``
 escapes (and never adds spaces), and it reads an integer literal beyond 64 bits as a
 float (no OpenAI request field holds such a number).
 """
@@ -28,5 +30,5 @@ def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON of ``obj``; ``TypeError`` for what JSON cannot hold."""
     try:
         return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except TypeError:  # ASCII escapes: a lone surrogate (valid JSON text) is written too
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")

@@ -103,6 +103,13 @@ _FULL_CREDIT = 1.0 - 1e-9
 the rounding of adding a fraction such as 0.1 ten times)."""
 
 
+def internal_error(exc: BaseException) -> str:
+    """The reason of a request failed by a bug (a plugin's, or the control plane's): the
+    exception's type and message, not its ``repr`` (which may hold the whole request);
+    the traceback goes to the log."""
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
 STOPPED = "control plane stopped"
 """The reason of a request cancelled because the control plane stopped."""
 
@@ -320,7 +327,7 @@ class Dispatcher:
                 chosen = route_id(self.router, info, snap)
         except Exception as exc:
             log.exception("routing request %s failed", rec.request_id)
-            self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}")
+            self._finish(rec, RequestStatus.FAILED, error=internal_error(exc))
             return _FAILED
         if chosen is None:
             return None
@@ -646,7 +653,7 @@ class Dispatcher:
         if isinstance(exc, (EngineError, InvalidRequestError)):
             return self._failed(rec, state, exc)
         log.error("request %s failed inside the control plane", rec.request_id, exc_info=exc)
-        self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=state)
+        self._finish(rec, RequestStatus.FAILED, error=internal_error(exc), state=state)
         return None
 
     def _cancelled(self, rec: RequestRecord, state: InstanceState, here: bool) -> bool:
@@ -841,7 +848,7 @@ class Dispatcher:
                              state=dstate, extra_cost=run.prefill_cost)  # fmt: skip
         except Exception as exc:
             log.exception("request %s failed inside the control plane", rec.request_id)
-            self._finish(rec, RequestStatus.FAILED, error=f"internal error: {exc!r}", state=dstate)
+            self._finish(rec, RequestStatus.FAILED, error=internal_error(exc), state=dstate)
         finally:
             self._release_prefill(run)
             dstate.in_flight -= 1

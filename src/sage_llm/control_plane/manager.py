@@ -31,7 +31,7 @@ import aiohttp
 
 from sage_llm.config import check_instance, check_manager_arguments
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
-from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, refusal_of
+from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, internal_error, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import (
     InstanceRegistry,
@@ -564,7 +564,7 @@ class ControlPlaneManager:
             try:
                 state = dispatcher.start_here(rec, queued=False, stream=True)
             except Exception as exc:  # a plugin's bug: the request ends, with the reason
-                dispatcher.fail_queued(rec, f"internal error: {exc!r}")
+                dispatcher.fail_queued(rec, internal_error(exc))
                 raise
             if rec.status is RequestStatus.QUEUED:
                 dispatcher.wake()
