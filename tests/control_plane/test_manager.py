@@ -531,6 +531,26 @@ def test_slo_attainment_is_by_the_priority_the_application_gave() -> None:
     run_virtual(main())
 
 
+def test_the_average_queue_length_is_the_time_requests_spent_queued_over_the_run() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _manager(1, bound=1, scheduling_policy="fifo") as cp:
+            started = loop.time()
+            metas = [make_metadata(f"q{i}", max_tokens=20) for i in range(4)]
+            ids = [await cp.submit_request(m) for m in metas]
+            await asyncio.sleep(0.05)
+            running = cp.get_scheduling_metrics()
+            halfway = loop.time() - started
+            results = [await cp.wait_for_result(rid) for rid in ids]
+            done = cp.get_scheduling_metrics()
+            elapsed = loop.time() - started
+        queued_s = sum(r.queue_wait_ms for r in results) / 1000.0
+        assert done.queue_length_avg == pytest.approx(queued_s / elapsed)
+        assert running.queue_length_avg == pytest.approx(3 * 0.05 / halfway)  # 3 waited so far
+
+    run_virtual(main())
+
+
 def test_parallelism_type_of_an_instances_sizes() -> None:
     assert ParallelismType.of() is None  # one GPU, one replica
     assert ParallelismType.of(4) is ParallelismType.TENSOR_PARALLEL

@@ -103,18 +103,8 @@ def test_lite_gauge_labels_are_checked() -> None:
         per.labels("a", "b")
 
 
-def test_a_peak_gauge_keeps_its_peak_and_its_time_integral() -> None:
-    now = [10.0]
+def test_a_peak_gauge_keeps_its_peak() -> None:
     gauge = PeakGauge("q", "queue", registry=CollectorRegistry())
-    gauge.set(5)  # no clock yet: nothing integrated
-    gauge.start(lambda: now[0])
-    now[0] = 12.0
-    gauge.set(2)  # 5 for 2 s
-    now[0] = 15.0
-    gauge.set(7)  # 2 for 3 s
-    now[0] = 16.0
-    assert gauge.integral() == 5 * 2 + 2 * 3 + 7 * 1
-    gauge.stop()
-    now[0] = 100.0
-    assert gauge.integral() == 23.0  # stopped: the time since does not count
-    assert gauge.peak == 7 and gauge.value == 7
+    for value in (5, 2, 7, 0):
+        gauge.set(value)
+    assert (gauge.peak, gauge.value) == (7, 0)

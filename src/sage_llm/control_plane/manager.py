@@ -326,7 +326,6 @@ class ControlPlaneManager:
             ),
         )
         self._started_at = clock.now()
-        self._metrics.queue_depth.start(clock.now)
         self._deadlines = DeadlineTimers(asyncio.get_running_loop())
         self._running = True
         self._accepting = True
@@ -380,7 +379,6 @@ class ControlPlaneManager:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self._metrics.queue_depth.stop()
         now = self.clock.now()
         self._run_s += now - self._started_at
         self._stopped = self.clock.to_datetime(now)
@@ -917,7 +915,16 @@ class ControlPlaneManager:
         variance of the up instances' loads (in-flight requests over their
         ``max_concurrent_requests``), ``load_balance_coefficient`` Jain's fairness index
         of the same loads: 1.0 when even, ``1/n`` when one instance of ``n`` carries all."""
-        report = self._metrics.scheduling(policy=self.policy.name, elapsed_s=self._elapsed())
+        disp = self._dispatcher
+        waiting_ms = 0.0  # the queue waits of the requests not ended yet, so far
+        if disp is not None and self._running:
+            now = self.clock.now()
+            for rec in disp.records.values():
+                left = rec.scheduled_at if rec.scheduled_at is not None else now
+                waiting_ms += (left - rec.info.arrival) * 1000.0
+        report = self._metrics.scheduling(
+            policy=self.policy.name, elapsed_s=self._elapsed(), waiting_ms=waiting_ms
+        )
         loads = [
             s.in_flight / max(s.instance.max_concurrent_requests, 1) for s in self._registry if s.up
         ]

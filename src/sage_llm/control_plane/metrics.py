@@ -201,6 +201,8 @@ class ControlPlaneMetrics:
         self._predictions: deque[tuple[float, float]] = deque(maxlen=window)
         """(predicted, measured) ms from placement to the end, of the latest completed
         requests that had a prediction."""
+        self._queued_ms = 0.0
+        """The queue waits of every request that ended (the area under the queue depth)."""
         self._slo_by_priority: dict[str, list[int]] = {}
         """Priority name: [requests with an SLO, those that met it]."""
         self._e2e_ms: deque[float] = deque(maxlen=window)
@@ -235,6 +237,7 @@ class ControlPlaneMetrics:
     ) -> None:
         status = result.status
         self._counts[status] += 1
+        self._queued_ms += result.queue_wait_ms
         instance = result.instance_id or "none"
         series = self._request_series.setdefault(instance, {})
         key = (status.value, model, policy)
@@ -404,7 +407,9 @@ class ControlPlaneMetrics:
             slo_compliance_rate=(self._slo_met_total / self._slo_total) if self._slo_total else 1.0,
         )
 
-    def scheduling(self, *, policy: str, elapsed_s: float) -> SchedulingMetrics:
+    def scheduling(
+        self, *, policy: str, elapsed_s: float, waiting_ms: float = 0.0
+    ) -> SchedulingMetrics:
         """The scheduler's figures since start (the manager adds the fleet's load balance).
 
         * ``scheduling_latency_us``: the mean time of one scheduling + routing decision;
@@ -414,7 +419,9 @@ class ControlPlaneMetrics:
           predicted (for ``max_tokens``) and the measured one, over the latest completed
           requests; ``prediction_accuracy_rate``: the share within 20% of the measured.
         * ``queue_wait_time_p*``: the queue waits of the latest completed requests, in ms;
-          ``queue_length_avg``: the queue depth averaged over the running time;
+          ``queue_length_avg``: the queue depth averaged over the running time (the time
+          every request spent queued, ``waiting_ms`` of those not ended yet included,
+          over the running seconds: Little's law, exactly);
           ``queue_length_max``: the highest queue depth seen.
         """
         decisions = self.routing_seconds.unlabelled
@@ -437,7 +444,7 @@ class ControlPlaneMetrics:
             queue_wait_time_p50=_pct(queue, 50),
             queue_wait_time_p95=_pct(queue, 95),
             queue_wait_time_p99=_pct(queue, 99),
-            queue_length_avg=self.queue_depth.integral() * per_s,
+            queue_length_avg=(self._queued_ms + waiting_ms) / 1000.0 * per_s,
             queue_length_max=int(self.queue_depth.peak),
             metadata={"decisions": count, "predictions": len(self._predictions)},
         )

@@ -223,44 +223,16 @@ class LiteGauge(_LiteValues):
 
 
 class PeakGauge(LiteGauge):
-    """An unlabelled :class:`LiteGauge` that also keeps the highest value it was set to
-    (``peak``) and, while it has a ``clock`` (a function returning seconds), the integral
-    of its value over that clock's time (``area``)."""
+    """An unlabelled :class:`LiteGauge` that also keeps the highest value it was set to."""
 
     def __init__(self, name: str, documentation: str, *, registry: CollectorRegistry) -> None:
         super().__init__(name, documentation, registry=registry)
         self.peak = 0.0
-        self.area = 0.0
-        self.clock: Callable[[], float] | None = None
-        self._since = 0.0
-
-    def start(self, clock: Callable[[], float]) -> None:
-        """Integrate from now on ``clock``'s time."""
-        self.clock = clock
-        self._since = clock()
-
-    def stop(self) -> None:
-        """Add the time since the last change, and stop integrating."""
-        self._accrue()
-        self.clock = None
 
     def set(self, value: float) -> None:
         if value > self.peak:
             self.peak = value
-        self._accrue()
         self._unlabelled().set(value)
-
-    def integral(self) -> float:
-        """``area``, up to now."""
-        self._accrue()
-        return self.area
-
-    def _accrue(self) -> None:
-        clock = self.clock
-        if clock is not None:
-            now = clock()
-            self.area += self._unlabelled().value * (now - self._since)
-            self._since = now
 
 
 class LiteCounter(_LiteValues):
