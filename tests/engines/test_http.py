@@ -526,6 +526,9 @@ async def test_embed_posts_inputs_and_returns_json(
     assert await client_for(port, session).embed("emb", ["a", "b"]) == answer
     assert rec.bodies[0] == {"model": "emb", "input": ["a", "b"]}
     assert rec.paths == ["/v1/embeddings"]
+    options = {"encoding_format": "base64", "dimensions": 2}
+    await client_for(port, session).embed("emb", [[1, 2], [3]], options)
+    assert rec.bodies[1] == {"model": "emb", "input": [[1, 2], [3]], **options}
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -89,12 +89,16 @@ class GatewayProbe(ConcurrencyProbe):
                 if held and produced == self.hold_after:
                     await self.gate.wait()
 
-    async def embed(self, model: str, inputs: list[str]) -> dict[str, Any]:
-        """Deterministic 8-dimensional embeddings from the shared tokenizer."""
+    async def embed(
+        self, model: str, inputs: list[Any], options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Deterministic 8-dimensional embeddings from the shared tokenizer (or the token
+        ids given); ``options`` are recorded in ``embed_options``."""
+        self.embed_options = dict(options or {})
         data = []
         total = 0
         for i, text in enumerate(inputs):
-            ids = tokenize(text)
+            ids = tokenize(text) if isinstance(text, str) else list(text)
             total += len(ids)
             vec = [(ids[j % len(ids)] % 1000) / 1000.0 if ids else 0.0 for j in range(8)]
             data.append({"object": "embedding", "index": i, "embedding": vec})

@@ -243,6 +243,13 @@ async def test_embeddings() -> None:
         assert len(one.data) == 1 and len(one.data[0].embedding) == 8
         assert [d.index for d in many.data] == [0, 1]
         assert one.model == MODEL
+        # token ids, as LangChain sends them; the request's options reach the engine
+        ids = await client.embeddings.create(model=MODEL, input=[5, 6, 7], dimensions=8)
+        probe = next(iter(gw.probes.values()))
+        # the client asks for base64 by default (and reads floats too)
+        assert probe.embed_options == {"dimensions": 8, "encoding_format": "base64"}
+        batch = await client.embeddings.create(model=MODEL, input=[[5, 6], [7]])
+        assert len(ids.data) == 1 and [d.index for d in batch.data] == [0, 1]
 
 
 async def test_models_are_aggregated_over_the_fleet() -> None:

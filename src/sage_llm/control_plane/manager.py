@@ -683,18 +683,23 @@ class ControlPlaneManager:
             ) from rec.exception
         raise EngineError(result.error or "request failed", retryable=False)
 
-    async def embed(self, model: str | None, inputs: list[str]) -> dict[str, Any]:
-        """Embeddings from an instance serving ``model`` (the least busy healthy one).
+    async def embed(
+        self,
+        model: str | None,
+        inputs: list[str] | list[list[int]],
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Embeddings from an instance serving ``model`` (the least busy healthy one), of
+        ``inputs``: texts, or token-id lists; ``options`` are the request's other fields
+        (``encoding_format``, ``dimensions`` …), passed to the engine as they are.
 
         Returns the engine's OpenAI-style JSON (``{"data": [{"embedding": [...]}], ...}``).
         """
         self._require_dispatcher()
-        if (
-            not isinstance(inputs, list)
-            or not inputs
-            or not all(isinstance(x, str) for x in inputs)
-        ):
-            raise InvalidRequestError("input must be a non-empty list of strings", param="input")
+        if not isinstance(inputs, list) or not inputs or not all(map(_embeddable, inputs)):
+            raise InvalidRequestError(
+                "input must be a non-empty list of strings or of token-id lists", param="input"
+            )
         name = resolve_model(
             RequestMetadata(request_id="embed", model_name=model), self._registry.models()
         )
@@ -713,7 +718,9 @@ class ControlPlaneManager:
             )
         state.in_flight += 1
         try:
-            result: dict[str, Any] = await embed(name, inputs)
+            result: dict[str, Any] = (
+                await embed(name, inputs) if not options else await embed(name, inputs, options)
+            )
         finally:
             state.in_flight -= 1
             self._require_dispatcher().wake()
@@ -1211,6 +1218,17 @@ class ControlPlaneManager:
                 dispatcher.fail_queued(rec, f"no instance serves model {rec.info.model!r} any more")
             elif (reason := dispatcher.unservable_reason(rec.info.model)) is not None:
                 dispatcher.fail_queued(rec, reason)
+
+
+def _embeddable(item: object) -> bool:
+    """A text, or a non-empty list of token ids."""
+    if isinstance(item, str):
+        return True
+    return (
+        isinstance(item, list)
+        and bool(item)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
+    )
 
 
 class _UnconnectedClient:

@@ -680,13 +680,18 @@ class HTTPEngineClient:
         raw = await self._request_bytes("GET", "/metrics", timeout_s=self._timeouts.request_s)
         return scrape_text_to_stats(raw.decode("utf-8", errors="replace"))
 
-    async def embed(self, model: str, inputs: list[str]) -> dict[str, Any]:
-        """``POST /v1/embeddings``; the engine's JSON answer."""
+    async def embed(
+        self,
+        model: str,
+        inputs: list[str] | list[list[int]],
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/embeddings`` with ``options`` (``encoding_format``, ``dimensions`` …)
+        as further fields; the engine's JSON answer."""
+        body = {**(options or {}), "model": model or self._instance.model_name}
+        body["input"] = list(inputs)
         obj = await self._request_json(
-            "POST",
-            "/v1/embeddings",
-            body={"model": model or self._instance.model_name, "input": list(inputs)},
-            timeout_s=self._timeouts.request_s,
+            "POST", "/v1/embeddings", body=body, timeout_s=self._timeouts.request_s
         )
         if not isinstance(obj, dict):
             raise self._error(EngineStreamError, "embeddings response is not a JSON object")

@@ -377,13 +377,18 @@ class OpenAIRoutes:
         body = await read_json(request, self.settings.read_timeout_s)
         req = validate(EmbeddingRequest, body)
         request[MODEL_KEY] = req.model
-        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+        raw = req.input
+        if isinstance(raw, str) or (raw and all(type(t) is int for t in raw)):
+            inputs: Any = [raw]  # one text, or one token-id list
+        else:
+            inputs = list(raw)
         if not inputs:
             raise InvalidRequestError("input: must not be empty", param="input")
+        options = {k: v for k, v in body.items() if k not in ("model", "input") and v is not None}
         timeout = self.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                result = await self.manager.embed(req.model, inputs)
+                result = await self.manager.embed(req.model, inputs, options)
         except TimeoutError:
             raise DeadlineExceededError(f"embeddings did not finish within {timeout:g} s") from None
         out = dict(result)

@@ -174,7 +174,10 @@ class EmbeddingRequest(BaseModel):
 
     model_config = _REQUEST
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(description="A string or a non-empty list of strings.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a non-empty list of strings, a list of token ids, or a list "
+        "of token-id lists."
+    )
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
