@@ -19,6 +19,7 @@ from sage_llm import (
     PDSeparationConfig,
     RequestMetadata,
     RequestPriority,
+    RequestResult,
     RequestStatus,
 )
 from sage_llm.engines.base import Chunk, EngineRequest
@@ -31,6 +32,7 @@ from sage_llm.errors import (
     EngineConnectionError,
     EngineError,
     EngineRequestRejectedError,
+    EngineTimeoutError,
     InstanceNotFoundError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -549,6 +551,34 @@ def test_the_average_queue_length_is_the_time_requests_spent_queued_over_the_run
         assert running.queue_length_avg == pytest.approx(3 * 0.05 / halfway)  # 3 waited so far
 
     run_virtual(main())
+
+
+def test_a_failover_is_not_a_wait_in_the_queue() -> None:
+    """A request whose first instance failed it after longer than ``max_queue_wait_s``
+    (no first token in time) is retried elsewhere, not failed as queued too long."""
+
+    class SlowFailure(FakeEngine):
+        async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+            await asyncio.sleep(3.0)
+            raise EngineTimeoutError("no first token within 3 s", instance_id=self.instance_id)
+            yield Chunk("")  # an async generator  # pragma: no cover
+
+    engines = {"slow": SlowFailure("slow"), "ok": FakeEngine("ok")}
+
+    async def main() -> list[RequestResult]:
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=lambda inst: engines[inst.instance_id],
+            routing_strategy="round_robin", max_queue_wait_s=2.0,
+        )  # fmt: skip
+        cp.register_instance(make_instance("slow"))
+        cp.register_instance(make_instance("ok", port=8001))
+        async with cp:  # round robin: one of the two goes to the slow instance first
+            metas = [make_metadata(f"r{i}", max_tokens=3) for i in range(2)]
+            return list(await asyncio.gather(*(cp.generate(m) for m in metas)))
+
+    results = run_virtual(main())
+    assert [(r.status, r.instance_id) for r in results] == [(RequestStatus.COMPLETED, "ok")] * 2
+    assert sorted(r.attempts for r in results) == [1, 2]
 
 
 def test_parallelism_type_of_an_instances_sizes() -> None:

@@ -972,8 +972,12 @@ class Dispatcher:
         rec.task = None
         # exponential backoff with jitter (seeded): base * 2^(attempt-1) * U[0.5, 1.5)
         backoff = self.retry_backoff_s * (2 ** (rec.attempts - 1)) * (0.5 + self._rng.random())
+        backoff = min(backoff, 2.0)
+        # max_queue_wait_s counts this wait in the queue from its start, after the backoff
+        # (not from the request's arrival: a failover is not a wait in the queue)
+        rec.queued_at = self.clock.now() + max(backoff, 0.0)
         if backoff > 0:
-            await self.clock.sleep(min(backoff, 2.0))
+            await self.clock.sleep(backoff)
         if rec.cancel_requested or rec.status is not RequestStatus.QUEUED:
             return
         self.policy.push(rec.info)
