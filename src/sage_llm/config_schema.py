@@ -271,6 +271,7 @@ class GatewayConfig:
     max_tokens_limit: int = opt(8192, _COUNT)
     request_timeout_s: float = opt(600.0, _POSITIVE)
     read_timeout_s: float = opt(30.0, _POSITIVE)
+    shutdown_timeout_s: float = opt(30.0, _POSITIVE)
     workers: int = opt(1, _COUNT)
     lean_server: bool = True
     log_prompts: bool = False

@@ -91,29 +91,39 @@ async def test_run_gateway_stops_the_manager_when_binding_fails() -> None:
     assert not manager.is_running
 
 
-async def test_requests_cancelled_by_shutdown_end_as_cancelled() -> None:
-    manager, probes, _ = make_manager(1, hold=lambda rid: True, hold_after=0)
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_requests_left_at_the_shutdown_limit_end_with_a_reason(lean_server: bool) -> None:
+    """Past ``shutdown_timeout_s`` what still runs is cancelled, and its client is told:
+    a whole answer's 503, a stream's error event and ``[DONE]`` (not a dropped connection)."""
+    manager, probes, _ = make_manager(1, hold=lambda rid: True, hold_after=1)
     port = _free_port()
     ready = asyncio.Event()
-    server = asyncio.create_task(
-        run_gateway(manager, GatewayConfig(), port=port, ready=ready,
-                    shutdown_timeout_s=0.2)
-    )  # fmt: skip
+    settings = GatewayConfig(lean_server=lean_server, shutdown_timeout_s=0.2)
+    server = asyncio.create_task(run_gateway(manager, settings, port=port, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
+    url = f"http://127.0.0.1:{port}/v1/completions"
     async with aiohttp.ClientSession() as http:
-        request = asyncio.create_task(
-            http.post(f"http://127.0.0.1:{port}/v1/completions", json=completion_body(),
-                      headers={"x-request-id": "stuck"})
-        )  # fmt: skip
-        await asyncio.wait_for(probes["sim-0"].started_event.wait(), 5)
-        server.cancel()
+        whole = asyncio.create_task(
+            http.post(url, json=completion_body(), headers={"x-request-id": "stuck"})
+        )
+        async with http.post(
+            url, json=completion_body(stream=True), headers={"x-request-id": "stuck-stream"}
+        ) as stream:
+            await stream.content.readline()  # its first chunk
+            await asyncio.wait_for(probes["sim-0"].started_event.wait(), 5)
+            server.cancel()
+            rest = await stream.text()
+        resp = await whole
+        body = await resp.json()
+        resp.release()
         with pytest.raises(asyncio.CancelledError):
             await server
-        with pytest.raises(aiohttp.ClientError):
-            resp = await request
-            resp.release()
+    assert resp.status == 503 and "control plane stopped" in body["error"]["message"]
+    *_, error, done = [e for e in rest.split("\n\n") if e.strip()]
+    assert done.strip() == "data: [DONE]"
+    assert "control plane stopped" in json.loads(error.strip()[len("data: ") :])["error"]["message"]
     assert not manager.is_running
-    assert probes["sim-0"].aborted == ["stuck"]
+    assert sorted(probes["sim-0"].aborted) == ["stuck", "stuck-stream"]
 
 
 async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:

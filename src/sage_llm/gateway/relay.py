@@ -22,10 +22,16 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from sage_llm.control_plane.dispatcher import STOPPED
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event, fill_format, usage_json
-from sage_llm.errors import DeadlineExceededError, RequestCancelledError, SageLLMError
+from sage_llm.errors import (
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    RequestCancelledError,
+    SageLLMError,
+)
 from sage_llm.fastinit import field_filler
 from sage_llm.gateway.errors import error_body
 from sage_llm.httpserve import tcp_nodelay
@@ -204,9 +210,10 @@ def _timeout_error(gen: Generation) -> DeadlineExceededError:
 def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | None) -> Usage:
     """The usage to report once the request ended; raises if it was cancelled."""
     if result is not None and result.status is RequestStatus.CANCELLED:
-        raise RequestCancelledError(
-            f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
-        )
+        message = f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
+        if result.error == STOPPED:  # the gateway is shutting down: 503, as for new ones
+            raise ControlPlaneNotRunningError(message)
+        raise RequestCancelledError(message)
     if seen is not None:
         return seen
     if result is None:

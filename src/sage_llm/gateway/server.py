@@ -96,9 +96,15 @@ class GatewaySite:
         """Whether the lean server serves the generation routes."""
         return self._lean is not None
 
-    async def cleanup(self) -> None:
+    def stop_accepting(self) -> None:
+        """Take no new connection; answers on kept-alive ones say ``Connection: close``."""
         if self._server is not None:
             self._server.close()
+        if self._lean is not None:
+            self._lean.closing = True
+
+    async def cleanup(self) -> None:
+        self.stop_accepting()
         if self._lean is not None:
             await self._lean.shutdown(self._shutdown_timeout_s)
         await self.runner.cleanup()
@@ -183,14 +189,21 @@ async def run_gateway(
     host: str | None = None,
     port: int | None = None,
     ready: asyncio.Event | None = None,
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    shutdown_timeout_s: float | None = None,
 ) -> None:
     """Start the manager, serve until cancelled or until the process gets SIGTERM, then
-    shut down gracefully: stop accepting connections, let in-flight requests finish for up
-    to ``shutdown_timeout_s``, then stop the manager. ``host``/``port`` override the
-    settings; ``ready`` is set once listening. (SIGINT, Ctrl-C, cancels the run the same
-    way through ``asyncio.run``.)
+    shut down gracefully: take no new connection, and let the requests in flight finish
+    for up to ``shutdown_timeout_s`` (default: the settings' ``shutdown_timeout_s``, else
+    30 s) while new requests on open connections get 503; then the manager stops, which
+    ends what is left with a reason (a whole answer's 503, a stream's error event and
+    ``[DONE]``), and the connections close. ``host``/``port`` override the settings;
+    ``ready`` is set once listening. (SIGINT, Ctrl-C, cancels the run the same way
+    through ``asyncio.run``.)
     """
+    if shutdown_timeout_s is None:
+        shutdown_timeout_s = float(
+            getattr(gateway, "shutdown_timeout_s", None) or DEFAULT_SHUTDOWN_TIMEOUT_S
+        )
     bind_host = host if host is not None else (gateway.host or DEFAULT_HOST)
     bind_port = port if port is not None else gateway.port
     if gateway.workers > 1:
@@ -214,7 +227,14 @@ async def run_gateway(
                     ready.set()
                 await stop.wait()
             finally:
-                log.info("gateway shutting down: finishing in-flight requests")
+                log.info(
+                    "gateway shutting down: finishing in-flight requests (up to %g s)",
+                    shutdown_timeout_s,
+                )
+                runner.stop_accepting()
+                # the manager ends what is still running with a reason while the
+                # connections are open to carry it; then they close
+                await manager.stop(drain_timeout_s=shutdown_timeout_s)
                 await runner.cleanup()
         finally:
             await manager.stop(drain_timeout_s=shutdown_timeout_s)
