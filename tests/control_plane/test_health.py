@@ -94,9 +94,11 @@ def test_only_instance_errors_count_against_health() -> None:
         assert counts_against_health(EngineError("misconfigured", status=status))
 
 
-def _manager(plan: FaultPlan, n: int = 2, **kwargs: object) -> ControlPlaneManager:
+def _manager(
+    plan: FaultPlan, n: int = 2, interval_s: float = 0.5, **kwargs: object
+) -> ControlPlaneManager:
     settings = HealthSettings(
-        interval_s=0.5,
+        interval_s=interval_s,
         timeout_s=0.2,
         breaker=BreakerSettings(failure_threshold=2, base_cooldown_s=0.5, max_cooldown_s=4.0),
     )
@@ -150,6 +152,36 @@ def test_requests_to_a_dead_instance_eject_it_fast_and_are_retried() -> None:
     run_virtual(main())
 
 
+def test_an_instance_down_from_the_start_is_out_after_its_first_probe() -> None:
+    """Not after ``failure_threshold`` probes an interval apart: until then, readiness
+    would count an instance that never answered."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse("crash@0+5"), interval_s=100.0)
+        async with cp:
+            await asyncio.sleep(0.3)  # the first probe, at once (0.2 s timeout)
+            assert cp.get_status()["circuits"]["sim-0"] == "open"
+            assert cp.get_status()["available_instances"] == 1
+            await asyncio.sleep(8.0)  # cool-downs of 0.5, 1, 2 and 4 s: readmitted at 7.5 s
+            assert cp.get_status()["circuits"]["sim-0"] == "closed"
+
+    run_virtual(main())
+
+
+def test_an_ejection_by_a_request_is_probed_at_the_cool_downs_end_not_the_next_interval() -> None:
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse("crash@1+0.2"), interval_s=100.0)
+        async with cp:
+            await asyncio.sleep(1.1)  # crashed: the next request to it ejects it
+            for i in range(2):
+                await cp.generate(RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2))
+            assert cp.get_status()["circuits"]["sim-0"] == "open"
+            await asyncio.sleep(1.5)  # a 0.5 s cool-down, then a probe (not at t = 100 s)
+            assert cp.get_status()["circuits"]["sim-0"] == "closed"
+
+    run_virtual(main())
+
+
 def test_half_open_admits_one_trial_request() -> None:
     async def main() -> None:
         cp = _manager(FaultPlan(), n=1)
@@ -170,7 +202,9 @@ def test_eject_on_errors_off_ignores_request_errors() -> None:
         cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
         insts = make_instances(2)
         cp.register_instance(
-            insts[0], FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500"))
+            # a per-request fault: its health probes pass
+            insts[0],
+            FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500@p1")),
         )
         cp.register_instance(insts[1])
         async with cp:

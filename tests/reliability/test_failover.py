@@ -94,7 +94,7 @@ def _meta(i: int, max_tokens: int = 8) -> RequestMetadata:
 
 def test_failure_before_first_token_retries_elsewhere() -> None:
     async def main() -> None:
-        async with _fleet("error=503") as cp:
+        async with _fleet("error=503@p1") as cp:  # a per-request fault: its probes pass
             results = await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
         assert all(r.status is RequestStatus.COMPLETED for r in results)
         assert all(r.instance_id == "sim-1" for r in results)

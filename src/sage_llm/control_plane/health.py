@@ -288,32 +288,47 @@ class HealthMonitor:
         except Exception as exc:  # any failure to answer is unhealthy
             why = f"health probe failed: {exc!r}"
         now = self.clock.now()
+        first = state.last_health_check is None
         state.last_health_check = now
         breaker = state.breaker
         if ok:
             self._apply(state, breaker.record_success(now))
+        elif first:  # never seen healthy: out at once, not after failure_threshold probes
+            self._apply(state, breaker.force_open(now, why), why=f"{why} (its first probe)")
+            self._apply(state, breaker.record_failure(now, why))
         else:
             self._apply(state, breaker.record_failure(now, why), why=why)
         return ok
 
     async def _probe_loop(self, state: InstanceState) -> None:
+        """Probe at once (an instance is not trusted before its first answer), then every
+        ``interval_s``; while the circuit is open, when its cool-down ends (an ejection by
+        a request's failure wakes the loop to wait for that, not for the next interval)."""
         event = self._probe_now[state.instance_id]
+        wait = 0.0
         while not state.removed:
+            if wait > 0:
+                woken = False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await event.wait()
+                        woken = True
+                event.clear()
+                breaker = state.breaker
+                if woken and breaker.state is CircuitState.OPEN:
+                    wait = max(0.0, breaker.open_until - self.clock.now())
+                    continue  # ejected meanwhile: probe when its cool-down ends
+            event.clear()
+            self._apply(state, state.breaker.poll(self.clock.now()))
+            await self.probe(state)
+            if state.breaker.state is CircuitState.HALF_OPEN:
+                await asyncio.sleep(min(self.settings.interval_s, 0.1))
             breaker = state.breaker
             wait = self.settings.interval_s
             if breaker.state is CircuitState.OPEN:
                 wait = min(wait, max(0.0, breaker.open_until - self.clock.now()))
             elif breaker.state is CircuitState.HALF_OPEN:
                 wait = 0.0
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await event.wait()
-            event.clear()
-            self._apply(state, state.breaker.poll(self.clock.now()))
-            await self.probe(state)
-            if state.breaker.state is CircuitState.HALF_OPEN:
-                await asyncio.sleep(min(self.settings.interval_s, 0.1))
 
     async def _stats_loop(self, state: InstanceState) -> None:
         while not state.removed:
@@ -340,6 +355,7 @@ class HealthMonitor:
                 state.breaker.open_until - self.clock.now(),
                 why or "failures",
             )
+            self.probe_soon(state.instance_id)  # its probe loop waits out the cool-down
         else:
             log.warning("instance %s circuit is now %s", state.instance_id, moved.label)
         self.metrics.circuit_transitions.labels(instance=state.instance_id, state=moved.label).inc()
