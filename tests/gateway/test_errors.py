@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
@@ -264,17 +265,26 @@ async def test_a_request_the_engine_refuses_is_400_naming_the_field_and_not_retr
             assert metrics["failed_requests"] == 0 and metrics["is_healthy"]
 
 
-async def test_no_healthy_instance_is_503() -> None:
-    async with serve(2) as gw, aiohttp.ClientSession() as http:
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_no_healthy_instance_is_503_and_logged_with_its_reason(
+    lean_server: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sage_llm.manager")
+    settings = GatewayConfig(lean_server=lean_server)
+    async with serve(2, settings=settings) as gw, aiohttp.ClientSession() as http:
         for iid in ("sim-0", "sim-1"):
             gw.manager.drain_instance(iid)
         for path, body in (
             ("/v1/completions", completion_body()),
             ("/v1/chat/completions", chat_body(stream=True)),
         ):
-            async with http.post(gw.url(path), json=body) as r:
+            headers = {"x-request-id": "nowhere"}
+            async with http.post(gw.url(path), json=body, headers=headers) as r:
                 assert r.status == 503
                 _assert_error(await r.json(), 503)
+    failed = [r.getMessage() for r in caplog.records if "failed (503" in r.getMessage()]
+    assert failed and failed[0].startswith("request nowhere failed (503 service_unavailable): ")
+    assert any("instance sim-0 draining" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("batching", [False, True], ids=["task", "here"])

@@ -447,6 +447,11 @@ class ControlPlaneManager:
                 "request(s) in flight finish first"
             )
         state.removed = True
+        log.info(
+            "removing instance %s (%d requests in flight finish first)",
+            instance_id,
+            state.in_flight,
+        )
         self._update_prefix_tracking()
         self._prefix.remove_instance(instance_id)
         for task in self._instance_tasks.pop(instance_id, []):
@@ -460,7 +465,13 @@ class ControlPlaneManager:
 
     def drain_instance(self, instance_id: str, draining: bool = True) -> None:
         """Stop (or resume) sending new requests to an instance; in-flight ones finish."""
-        self._registry.get(instance_id).draining = draining
+        state = self._registry.get(instance_id)
+        if state.draining != draining:
+            log.info(
+                "instance %s %s (%d requests in flight)",
+                instance_id, "draining" if draining else "no longer draining", state.in_flight,
+            )  # fmt: skip
+        state.draining = draining
         if self._dispatcher is not None:
             self._dispatcher.wake()
 

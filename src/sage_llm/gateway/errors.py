@@ -132,10 +132,21 @@ def internal_error_response() -> web.Response:
     return web.json_response(body, status=500)
 
 
+def log_failure(exc: SageLLMError, request_id: str) -> None:
+    """Log why a request failed on the fleet's side (a 5xx: an engine failed, no instance
+    was healthy, a deadline passed, the control plane stopped), as a stream's error event
+    is logged; the access line alone gives only the status."""
+    if exc.http_status >= 500:
+        log.warning(
+            "request %s failed (%d %s): %s", request_id, exc.http_status, exc.error_type, exc
+        )
+
+
 def error_response(request: web.Request, exc: Exception) -> web.Response:
     """The JSON response for ``exc`` raised while handling ``request`` (see the module
     docstring); an ``HTTPException`` below 400 (a redirect) is raised again."""
     if isinstance(exc, SageLLMError):
+        log_failure(exc, request.get(REQUEST_ID_KEY, "-"))
         return sage_error_response(exc)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
