@@ -6,8 +6,12 @@ import asyncio
 
 import aiohttp
 import openai
+from aiohttp import web
 
+from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.gateway.server import start_gateway
 from sage_llm.tokens import count_tokens
+from tests.engines.fake_engine import start_app
 from tests.factories import MODEL, make_instance
 from tests.gateway.harness import FAST, chat_body, completion_body, read_events, serve
 
@@ -312,3 +316,26 @@ async def test_sampling_fields_the_client_left_out_are_left_to_the_engine() -> N
         unset, given = gw.probes["sim-0"].requests
         assert (unset.temperature, unset.top_p) == (None, None)  # not sent to the engine
         assert (given.temperature, given.top_p) == (0.2, 0.5)
+
+
+async def test_embeddings_on_an_engine_without_them_are_a_400_not_a_retried_502() -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    engine = web.Application()
+    engine.router.add_get("/health", ok)
+    engine.router.add_get("/metrics", ok)  # no /v1/embeddings: aiohttp answers 404
+    runner, engine_port = await start_app(engine)
+    manager = ControlPlaneManager(mode="http")
+    manager.register_instance(make_instance("gen-only", port=engine_port))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": MODEL, "input": "hi"}
+            async with http.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["param"]) == (400, "model")
+        assert "supports embeddings" in error["message"]
+    finally:
+        await site.cleanup()
+        await runner.cleanup()

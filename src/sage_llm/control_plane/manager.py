@@ -732,6 +732,14 @@ class ControlPlaneManager:
             result: dict[str, Any] = (
                 await embed(name, inputs) if not options else await embed(name, inputs, options)
             )
+        except EngineError as exc:
+            if exc.status in (404, 405):  # the engine has no embeddings route
+                raise InvalidRequestError(
+                    f"model {name!r} is not served by an engine that supports embeddings "
+                    f"(instance {state.instance_id} answered {exc.status})",
+                    param="model",
+                ) from exc
+            raise
         finally:
             state.in_flight -= 1
             self._require_dispatcher().wake()
