@@ -181,6 +181,12 @@ async def test_validation_errors_are_openai_400s(
     assert (err["error"]["type"], err["error"]["param"]) == ("invalid_request_error", param)
 
 
+async def test_null_n_and_stream_are_their_defaults(base: str, http: aiohttp.ClientSession) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": None, "stream": None}
+    status, answer = await post(http, f"{base}/v1/completions", body)
+    assert status == 200 and answer["object"] == "text_completion"  # as vLLM reads nulls
+
+
 async def test_bad_json_and_unknown_model(base: str, http: aiohttp.ClientSession) -> None:
     async with http.post(f"{base}/v1/completions", data=b"{nope") as resp:
         assert resp.status == 400

@@ -499,7 +499,7 @@ class SimEngine:
         return ids
 
     def _check_max_tokens(self, req: EngineRequest, n_prompt: int) -> None:
-        if req.extra.get("n", 1) != 1:  # as the simulated engine's HTTP server answers
+        if req.extra.get("n") not in (None, 1):  # as the simulated engine's HTTP server answers
             raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")

@@ -108,9 +108,9 @@ def parse_request(
         stop = []
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):  # null is the default, as vLLM reads it
         raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null: not streamed
     options = body.get("stream_options")
     if not isinstance(stream, bool) or not isinstance(options, dict | None):
         raise InvalidRequestError("stream must be a boolean, stream_options an object")
