@@ -157,6 +157,19 @@ class FakeEngine:
         return None
 
 
+def probed_app() -> web.Application:
+    """An aiohttp app with an engine's probe routes (``/health`` and ``/metrics`` answer
+    200, empty); a test adds the routes it scripts."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", ok)
+    app.router.add_get("/metrics", ok)
+    return app
+
+
 async def start_app(app: web.Application) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on an ephemeral loopback port; handlers are cancelled on disconnect."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)

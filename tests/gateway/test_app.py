@@ -6,12 +6,11 @@ import asyncio
 
 import aiohttp
 import openai
-from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.server import start_gateway
 from sage_llm.tokens import count_tokens
-from tests.engines.fake_engine import start_app
+from tests.engines.fake_engine import probed_app, start_app
 from tests.factories import MODEL, make_instance
 from tests.gateway.harness import FAST, chat_body, completion_body, read_events, serve
 
@@ -319,13 +318,7 @@ async def test_sampling_fields_the_client_left_out_are_left_to_the_engine() -> N
 
 
 async def test_embeddings_on_an_engine_without_them_are_a_400_not_a_retried_502() -> None:
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    engine = web.Application()
-    engine.router.add_get("/health", ok)
-    engine.router.add_get("/metrics", ok)  # no /v1/embeddings: aiohttp answers 404
-    runner, engine_port = await start_app(engine)
+    runner, engine_port = await start_app(probed_app())  # no /v1/embeddings: a 404
     manager = ControlPlaneManager(mode="http")
     manager.register_instance(make_instance("gen-only", port=engine_port))
     site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})

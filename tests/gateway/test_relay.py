@@ -21,7 +21,7 @@ from sage_llm.gateway.relay import _Choices, completion_body, merge_delta, merge
 from sage_llm.gateway.server import start_gateway
 from sage_llm.sim.engine import SimEngine
 from sage_llm.types import RequestStatus
-from tests.engines.fake_engine import start_app
+from tests.engines.fake_engine import probed_app, start_app
 from tests.engines.probes import FaultyEngine
 from tests.factories import make_instance
 from tests.gateway.harness import chat_body, read_events, serve
@@ -337,13 +337,8 @@ def _tool_engine() -> web.Application:
         await resp.write_eof()
         return resp
 
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
+    app = probed_app()
     app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", ok)
-    app.router.add_get("/metrics", ok)
     return app
 
 
