@@ -4,6 +4,7 @@ which are not in the package)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -141,3 +142,12 @@ def free_ports(n: int) -> int:
                 sock.close()
         return base
     raise RuntimeError("no free ports")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

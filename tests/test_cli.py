@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from sage_llm.cli import app
 from sage_llm.control_plane.parallelism import plan_command
-from tests.factories import free_ports
+from tests.factories import alive, free_ports
 
 CLI = (sys.executable, "-m", "sage_llm.cli")
 
@@ -59,14 +59,6 @@ def listening() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield int(sock.getsockname()[1])
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # -- arguments are checked when they are parsed ------------------------------------------------

@@ -4,7 +4,6 @@ engines that die or hang, SIGTERM → SIGKILL escalation and cancellation."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from sage_llm.launch import (
     wait_healthy,
 )
 from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
-from tests.factories import free_ports
+from tests.factories import alive, free_ports
 
 GENERAL = ExecutionInstanceType.GENERAL
 
@@ -43,14 +42,6 @@ open(pidfile, "w").write(str(os.getpid()))
 print("stub ready", flush=True)
 srv.serve_forever()
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def stub(tmp_path: Path, name: str, port: int, *, stubborn: bool = False) -> EngineLaunch:
