@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sage_llm.control_plane.health import CircuitBreaker, CircuitState
+from sage_llm.control_plane.metrics import mean, percentile
 from sage_llm.control_plane.snapshot import (
     ClusterSnapshot,
     InstanceView,
@@ -278,10 +279,10 @@ class InstanceState:
             total_requests_processed=self.completed + self.failed,
             active_requests=self.in_flight,
             failed_requests=self.failed,
-            avg_latency_ms=float(lat.mean()) if lat.size else 0.0,
-            p50_latency_ms=float(np.percentile(lat, 50)) if lat.size else 0.0,
-            p95_latency_ms=float(np.percentile(lat, 95)) if lat.size else 0.0,
-            p99_latency_ms=float(np.percentile(lat, 99)) if lat.size else 0.0,
+            avg_latency_ms=mean(lat),
+            p50_latency_ms=percentile(lat, 50),
+            p95_latency_ms=percentile(lat, 95),
+            p99_latency_ms=percentile(lat, 99),
             throughput_tokens_per_sec=tokens / running_s if running_s > 0 else 0.0,
             gpu_utilization=stats.kv_usage if stats is not None else 0.0,
             gpu_memory_total_gb=inst.gpu_memory_gb * self.gpu_count,

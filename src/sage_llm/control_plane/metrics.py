@@ -333,8 +333,8 @@ class ControlPlaneMetrics:
             ("kv_transfer_predicted", self._pd_transfer_ms),
         ):
             a = np.asarray(window, dtype=float)
-            out[f"avg_{name}_ms"] = _mean(a)
-            out[f"p99_{name}_ms"] = _pct(a, 99)
+            out[f"avg_{name}_ms"] = mean(a)
+            out[f"p99_{name}_ms"] = percentile(a, 99)
         return out
 
     def set_policy(self, active: str, all_names: Iterable[str]) -> None:
@@ -390,14 +390,14 @@ class ControlPlaneMetrics:
             rejected_requests=self._rejected_count,
             active_requests=active,
             queued_requests=queued,
-            avg_latency_ms=_mean(e2e),
-            p50_latency_ms=_pct(e2e, 50),
-            p95_latency_ms=_pct(e2e, 95),
-            p99_latency_ms=_pct(e2e, 99),
-            avg_ttft_ms=_mean(ttft),
-            p99_ttft_ms=_pct(ttft, 99),
-            avg_tpot_ms=_mean(tpot),
-            avg_queue_wait_ms=_mean(queue),
+            avg_latency_ms=mean(e2e),
+            p50_latency_ms=percentile(e2e, 50),
+            p95_latency_ms=percentile(e2e, 95),
+            p99_latency_ms=percentile(e2e, 99),
+            avg_ttft_ms=mean(ttft),
+            p99_ttft_ms=percentile(ttft, 99),
+            avg_tpot_ms=mean(tpot),
+            avg_queue_wait_ms=mean(queue),
             tokens_per_second=self._tokens * per_s,
             requests_per_second=completed * per_s,
             total_gpu_memory_gb=gpu_memory_gb,
@@ -435,15 +435,15 @@ class ControlPlaneMetrics:
             policy_name=policy,
             scheduling_latency_us=decisions.sum / count * 1e6 if count else 0.0,
             scheduling_throughput=count * per_s,
-            latency_prediction_error_avg=float(errors.mean()) if errors.size else 0.0,
-            latency_prediction_error_p95=_pct(errors, 95),
+            latency_prediction_error_avg=mean(errors),
+            latency_prediction_error_p95=percentile(errors, 95),
             prediction_accuracy_rate=float(within.mean()) if within.size else 1.0,
             slo_compliance_by_priority={
                 name: met / total for name, (total, met) in self._slo_by_priority.items()
             },
-            queue_wait_time_p50=_pct(queue, 50),
-            queue_wait_time_p95=_pct(queue, 95),
-            queue_wait_time_p99=_pct(queue, 99),
+            queue_wait_time_p50=percentile(queue, 50),
+            queue_wait_time_p95=percentile(queue, 95),
+            queue_wait_time_p99=percentile(queue, 99),
             queue_length_avg=(self._queued_ms + waiting_ms) / 1000.0 * per_s,
             queue_length_max=int(self.queue_depth.peak),
             metadata={"decisions": count, "predictions": len(self._predictions)},
@@ -474,11 +474,11 @@ class ControlPlaneMetrics:
             prefilling_throughput_tokens_per_sec=(
                 self.pd_prefill_tokens / elapsed_s if elapsed_s > 0 else 0.0
             ),
-            prefilling_latency_avg_ms=_mean(prefill),
-            prefilling_latency_p99_ms=_pct(prefill, 99),
-            decoding_latency_avg_ms=_mean(decode),
-            decoding_latency_p99_ms=_pct(decode, 99),
-            inter_cluster_transfer_latency_avg_ms=_mean(handoff),
+            prefilling_latency_avg_ms=mean(prefill),
+            prefilling_latency_p99_ms=percentile(prefill, 99),
+            decoding_latency_avg_ms=mean(decode),
+            decoding_latency_p99_ms=percentile(decode, 99),
+            inter_cluster_transfer_latency_avg_ms=mean(handoff),
             prefilling_cost_per_token=(
                 self.pd_prefill_cost / self.pd_prefill_tokens if self.pd_prefill_tokens else 0.0
             ),
@@ -500,9 +500,11 @@ class ControlPlaneMetrics:
         )
 
 
-def _pct(a: np.ndarray, q: float) -> float:
+def percentile(a: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of ``a``; 0.0 for no samples."""
     return float(np.percentile(a, q)) if a.size else 0.0
 
 
-def _mean(a: np.ndarray) -> float:
+def mean(a: np.ndarray) -> float:
+    """The mean of ``a``; 0.0 for no samples."""
     return float(a.mean()) if a.size else 0.0
