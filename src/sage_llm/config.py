@@ -56,7 +56,7 @@ from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd.orchestrator import unservable_reason
 from sage_llm.control_plane.routing.registry import get_strategy
 from sage_llm.control_plane.scheduling.registry import params_class
-from sage_llm.errors import ConfigError, ConfigErrors
+from sage_llm.errors import ConfigError, ConfigErrors, raise_problems
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 
 __all__ = [
@@ -155,9 +155,7 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     else:
         problems.add(("metadata",), f"must be a table, got {type(metadata).__name__}")
     checked = read_dataclass(InstanceConfig, table, (), problems, foreign=FOREIGN_RULES)
-    errors = problems.errors
-    if errors:
-        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    raise_problems(problems.errors)
     assert checked is not None
     for name in _READ_BACK:
         old, new = getattr(instance, name), getattr(checked, name)
@@ -181,9 +179,7 @@ def check_manager_arguments(**values: Any) -> None:
         ControlPlaneConfig, {k: v for k, v in values.items() if k not in admission}, (), problems
     )
     read_dataclass(AdmissionConfig, admission, (), problems)
-    errors = problems.errors
-    if errors:
-        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    raise_problems(problems.errors)
 
 
 _ADMISSION_KEYS = ("max_queue_wait_s", "reject_infeasible_slo")
@@ -228,10 +224,7 @@ class _InstanceProblems(Problems):
 
 
 def _result(config: SageConfig | None, errors: list[ConfigError]) -> SageConfig:
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ConfigErrors(errors)
+    raise_problems(errors)
     assert config is not None
     return config
 

@@ -103,6 +103,15 @@ class ConfigErrors(ConfigError):
         return self.errors
 
 
+def raise_problems(errors: Sequence[ConfigError]) -> None:
+    """Raise the one problem of ``errors`` itself, several as :class:`ConfigErrors`;
+    nothing when there are none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+
+
 class InvalidRequestError(SageLLMError):
     http_status = 400
     error_type = "invalid_request_error"

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 
@@ -41,6 +41,7 @@ from sage_llm.control_plane.instances import (
 )
 from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
+from sage_llm.control_plane.params import Gathered
 from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.pd.orchestrator import PD_ROLES
 from sage_llm.control_plane.records import (
@@ -74,7 +75,6 @@ from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
     AdmissionError,
     ConfigError,
-    ConfigErrors,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -105,7 +105,6 @@ from sage_llm.types import (
 
 log = logging.getLogger("sage_llm.manager")
 
-T = TypeVar("T")
 
 EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
@@ -190,17 +189,9 @@ class ControlPlaneManager:
         for name, table in (("policy_params", policy_params), ("routing_params", routing_params)):
             if table is not None and not isinstance(table, Mapping):
                 raise ConfigError(f"must be a table (a mapping), got {table!r}", key=name)
-        problems: list[ConfigError] = []  # every plugin's, then raised at once
-
-        def built(build: Callable[[], T], key: str) -> T | None:
-            try:
-                return build()
-            except ConfigError as exc:
-                problems.extend(one.under(key) for one in exc.each())
-                return None
-
+        plugins = Gathered()  # every plugin's problems, raised at once
         self._pd = (
-            built(
+            plugins.built(
                 lambda: build_pd(self.pd_config, seed=seed, block_size=prefix_block_size),
                 "pd_config",
             )
@@ -236,14 +227,13 @@ class ControlPlaneManager:
         self._prefix = PrefixIndex(capacity_blocks=prefix_index_capacity)
         self._finished = FinishedRecords(result_retention, result_ttl_s)
         self._last_instances = LastInstances()
-        policy = built(
+        policy = plugins.built(
             lambda: build_policy(scheduling_policy, self._policy_params), "policy_params"
         )
-        router = built(
+        router = plugins.built(
             lambda: build_router(routing_strategy, routing_params, seed=seed), "routing_params"
         )
-        if problems:
-            raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+        plugins.raise_any()
         assert policy is not None
         assert router is not None
         self._dispatcher: Dispatcher | None = None

@@ -13,14 +13,15 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from sage_llm.errors import ConfigError, ConfigErrors
+from sage_llm.errors import ConfigError, raise_problems
 
-__all__ = ["build_params"]
+__all__ = ["Gathered", "build_params"]
 
 P = TypeVar("P")
+T = TypeVar("T")
 
 
 def build_params(
@@ -67,12 +68,39 @@ def build_params(
     for key, value in kwargs.items():
         if (problem := _alone(params_cls, key, value)) is not None:
             problems[key] = problem
-    errors = [problems[key] for key in raw if key in problems]
-    if not errors:  # each key is fine alone: the problem is between them
-        if isinstance(whole, ConfigError):
-            raise whole
-        raise ConfigError(str(whole)) from whole
-    raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    raise_problems([problems[key] for key in raw if key in problems])
+    # each key is fine alone: the problem is between them
+    if isinstance(whole, ConfigError):
+        raise whole
+    raise ConfigError(str(whole)) from whole
+
+
+class Gathered:
+    """The configuration problems of several plugins built one after the other, each
+    under the key it was given by (``policy_params.max_wait_s``), raised at once by
+    :meth:`raise_any`, so a caller hears of every bad table, not only the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def built(self, build: Callable[[], T], key: str | Callable[[str | None], str]) -> T | None:
+        """``build()``; None when it raised :class:`ConfigError`, whose problems are kept
+        with their keys under ``key`` (a prefix, or a function of the problem's key)."""
+        try:
+            return build()
+        except ConfigError as exc:
+            for one in exc.each():
+                if isinstance(key, str):
+                    self.errors.append(one.under(key))
+                else:
+                    self.errors.append(
+                        ConfigError(one.detail, location=one.location, key=key(one.key))
+                    )
+            return None
+
+    def raise_any(self) -> None:
+        """Raise what was gathered (see :func:`~sage_llm.errors.raise_problems`)."""
+        raise_problems(self.errors)
 
 
 def _alone(params_cls: type[Any], key: str, value: Any) -> ConfigError | None:

@@ -31,7 +31,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from sage_llm.config import ConfigErrors
 from sage_llm.config_fields import opt, read_dataclass, rule
 from sage_llm.config_locate import KeyLocator, KeyPath, Problems, format_key, syntax_error
 from sage_llm.control_plane.parallelism import (
@@ -45,7 +44,7 @@ from sage_llm.control_plane.parallelism import (
 )
 from sage_llm.control_plane.parallelism_eval import parse_gpu_text
 from sage_llm.control_plane.topology import InstanceTopology, Topology, parse_nvidia_smi_topo
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, raise_problems
 from sage_llm.sim.specs import get_gpu
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
 
@@ -474,11 +473,7 @@ def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstan
 
 
 def _raise(p: Problems) -> None:
-    errors = p.sorted()
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ConfigErrors(errors)
+    raise_problems(p.sorted())
 
 
 def _kind(value: object) -> str:

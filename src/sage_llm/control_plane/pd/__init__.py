@@ -16,11 +16,11 @@ dispatcher runs them. ``docs/pd.md`` is the operator's guide.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from sage_llm.control_plane.params import build_params
+from sage_llm.control_plane.params import Gathered, build_params
 from sage_llm.control_plane.pd.connectors import (
     CONNECTOR_NAMES,
     PDConnector,
@@ -44,10 +44,8 @@ from sage_llm.control_plane.pd.orchestrator import (
     PDPlan,
     with_pd_assignment,
 )
-from sage_llm.errors import ConfigError, ConfigErrors
+from sage_llm.errors import ConfigError
 from sage_llm.types import PDSeparationConfig
-
-T = TypeVar("T")
 
 __all__ = [
     "CONNECTOR_NAMES",
@@ -141,19 +139,8 @@ def build_pd(
     pairing = _table(meta, "pairing_params")
     if kv_bytes is not None:
         pairing.setdefault("kv_bytes_per_token", kv_bytes)
-    problems: list[ConfigError] = []
-
-    def built(build: Callable[[], T], where: Callable[[str | None], str]) -> T | None:
-        try:
-            return build()
-        except ConfigError as exc:
-            problems.extend(
-                ConfigError(one.detail, location=one.location, key=where(one.key))
-                for one in exc.each()
-            )
-            return None
-
-    decider = built(
+    parts = Gathered()
+    decider = parts.built(
         lambda: build_decider(spec.name, decider_params),
         lambda key: (
             named[key]
@@ -163,16 +150,15 @@ def build_pd(
             else "routing_policy"
         ),
     )
-    orchestrator = built(
+    orchestrator = parts.built(
         lambda: PDOrchestrator(build_params(PairingParams, pairing, owner="PD pairing"), seed=seed),
         lambda key: f"metadata.pairing_params.{key}" if key else "metadata.pairing_params",
     )
-    connector = built(
+    connector = parts.built(
         lambda: build_connector(cfg.connector, _table(meta, "connector_params"), seed=seed),
         lambda key: f"metadata.connector_params.{key}" if key else "connector",
     )
-    if problems:
-        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+    parts.raise_any()
     assert decider is not None
     assert orchestrator is not None
     assert connector is not None
