@@ -292,6 +292,9 @@ class HealthConfig:
     failure_threshold: int = opt(3, _COUNT)
     recovery_threshold: int = opt(1, _COUNT)
     eject_on_errors: bool = True
+    failure_rate_threshold: float = opt(0.5, rule(gt=0, le=1))
+    failure_rate_window: int = opt(20, rule(ge=2))
+    move_on_eject: bool = True
     connect_timeout_s: float = opt(5.0, _POSITIVE)
     first_token_timeout_s: float | None = opt(None, _POSITIVE)
     idle_timeout_s: float | None = opt(None, _POSITIVE)

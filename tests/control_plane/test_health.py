@@ -4,11 +4,12 @@ over faulty simulated engines (virtual time)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import pytest
 
-from sage_llm import ControlPlaneManager, RequestMetadata, RequestStatus
+from sage_llm import ControlPlaneManager, RequestMetadata, RequestResult, RequestStatus
 from sage_llm.control_plane.health import (
     BreakerSettings,
     CircuitBreaker,
@@ -18,6 +19,7 @@ from sage_llm.control_plane.health import (
     with_stream_timeouts,
 )
 from sage_llm.engines.base import Chunk
+from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.factory import make_sim_engine
@@ -64,7 +66,56 @@ def test_half_open_failure_reopens_with_doubled_capped_cooldown() -> None:
     b.record_success(6.0)
     assert b.state is CircuitState.CLOSED
     b.record_failure(7.0)
-    assert b.open_until == pytest.approx(8.0)  # back to the base after closing
+    assert b.open_until == pytest.approx(10.0)  # closed for less than 3 s: still 3 s
+    b.poll(10.0)
+    b.record_success(10.0)
+    b.record_failure(13.0)
+    assert b.open_until == pytest.approx(14.0)  # closed for 3 s: back to the base
+
+
+def test_a_breaker_requests_opened_is_closed_by_a_request_not_a_probe() -> None:
+    b = CircuitBreaker(BreakerSettings(failure_threshold=2))
+    b.record_failure(0.0, "HTTP 500", request=True)
+    assert b.record_failure(0.1, "HTTP 500", request=True) is CircuitState.OPEN
+    assert b.describe(0.2)["opened_by"] == "requests"
+    b.poll(2.0)
+    assert b.record_success(2.0) is None  # a probe: /health passes, requests may not
+    assert b.state is CircuitState.HALF_OPEN
+    assert b.record_success(2.1, request=True) is CircuitState.CLOSED
+    assert b.describe(2.2)["opened_by"] is None
+    # opened by probes: readmitted by a probe
+    b.record_failure(40.0)
+    b.record_failure(40.1)
+    assert b.describe(40.2)["opened_by"] == "probes"
+    b.poll(42.0)
+    assert b.record_success(42.0) is CircuitState.CLOSED
+
+
+def test_a_share_of_failed_requests_opens_the_breaker_though_successes_come_between() -> None:
+    b = CircuitBreaker(BreakerSettings(failure_threshold=3, failure_rate=0.5, rate_window=10))
+    moved = []
+    for i in range(11):  # fail, succeed, fail, succeed ...: never two failures in a row
+        if i % 2:
+            moved.append(b.record_success(float(i), request=True))
+        else:
+            moved.append(b.record_failure(float(i), "HTTP 500", request=True))
+    assert moved[:10] == [None] * 10
+    # the 11th, a failure: 5 of the last 10 failed
+    assert moved[10] is CircuitState.OPEN and b.by_requests
+    b2 = CircuitBreaker(BreakerSettings(failure_rate=None, rate_window=10))
+    for i in range(30):
+        if i % 2:
+            b2.record_success(float(i), request=True)
+        else:
+            b2.record_failure(float(i), request=True)
+    assert b2.state is CircuitState.CLOSED  # the share is not looked at
+    b3 = CircuitBreaker(BreakerSettings(failure_rate=0.5, rate_window=10))
+    for i in range(40):  # one failure in four: below the share
+        if i % 4:
+            b3.record_success(float(i), request=True)
+        else:
+            b3.record_failure(float(i), request=True)
+    assert b3.state is CircuitState.CLOSED
 
 
 def test_force_open_and_describe() -> None:
@@ -84,6 +135,10 @@ def test_bad_settings_are_rejected() -> None:
         BreakerSettings(base_cooldown_s=5.0, max_cooldown_s=1.0)
     with pytest.raises(ValueError, match="positive"):
         HealthSettings(interval_s=0.0)
+    with pytest.raises(ValueError, match="failure_rate"):
+        BreakerSettings(failure_rate=0.0)
+    with pytest.raises(ValueError, match="rate_window"):
+        BreakerSettings(rate_window=1)
 
 
 def test_only_instance_errors_count_against_health() -> None:
@@ -251,13 +306,168 @@ def test_builder_wires_health_and_admission_config() -> None:
     cfg = parse_config(
         "[health]\ninterval_s = 2.0\ntimeout_s = 0.5\nfailure_threshold = 4\n"
         "recovery_threshold = 2\neject_on_errors = false\nconnect_timeout_s = 1.5\n"
-        "first_token_timeout_s = 9.0\nidle_timeout_s = 3.0\n"
+        "first_token_timeout_s = 9.0\nidle_timeout_s = 3.0\nfailure_rate_threshold = 0.3\n"
+        "failure_rate_window = 12\nmove_on_eject = false\n"
         "[admission]\nmax_queue_wait_s = 7.0\nreject_infeasible_slo = true\n"
     )
     cp = build_manager(cfg)
     h = cp.health_settings
     assert (h.interval_s, h.timeout_s, h.eject_on_errors) == (2.0, 0.5, False)
     assert (h.breaker.failure_threshold, h.breaker.recovery_threshold) == (4, 2)
+    assert (h.breaker.failure_rate, h.breaker.rate_window, h.move_on_eject) == (0.3, 12, False)
     t = cp.engine_timeouts
     assert (t.connect_s, t.first_token_s, t.idle_s, t.health_s) == (1.5, 9.0, 3.0, 0.5)
     assert cp.max_queue_wait_s == 7.0 and cp.reject_infeasible_slo
+
+
+# --- an ejection moves the calls that have delivered nothing ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [
+        ("hang@1", False),  # no output at all: a whole answer's call on a hung engine
+        ("hang=2@1", False),  # output that reached no one (the call streamed anyway)
+        ("hang@1", True),  # a stream before its first chunk
+    ],
+)
+def test_an_ejection_moves_the_calls_that_delivered_nothing(fault: str, stream: bool) -> None:
+    """sim-0 hangs from t = 1 s (its probes too): its second failed probe, at about 1.7 s,
+    ejects it, and the request stuck on it is retried on sim-1 then, not after the
+    request's own limit. Its result holds sim-1's output only."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse(fault), routing_strategy="round_robin")
+        async with cp:
+            await asyncio.sleep(1.05)
+            metas = [
+                RequestMetadata(request_id=f"r{i}", prompt="x y", max_tokens=6) for i in (0, 1)
+            ]
+            runs: list[Coroutine[Any, Any, RequestResult]] = [
+                _drain(cp, meta) if stream else cp.generate(meta) for meta in metas
+            ]
+            started = cp.clock.now()
+            results = await asyncio.wait_for(asyncio.gather(*runs), 10.0)
+            took = cp.clock.now() - started
+            assert cp.get_status()["circuits"]["sim-0"] == "open"
+        moved = next(r for r in results if r.attempts == 2)
+        assert took < 1.5
+        for r in results:
+            assert r.status is RequestStatus.COMPLETED and r.instance_id == "sim-1"
+            assert r.completion_tokens == len(r.text.split()) == 6
+        assert moved.request_id in {"r0", "r1"}
+        assert cp.get_instance_metrics("sim-0")["failed_requests"] == 0  # the probes failed
+
+    run_virtual(main())
+
+
+async def _drain(cp: ControlPlaneManager, meta: RequestMetadata) -> RequestResult:
+    async for _ in cp.stream(meta):
+        pass
+    return await cp.wait_for_result(meta.request_id)
+
+
+def test_an_ejection_leaves_a_stream_that_delivered_output() -> None:
+    """A stream whose client has seen chunks is never restarted elsewhere: it stays on the
+    ejected instance, bounded by its idle limit, and fails with the reason."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse("hang=2@1"), engine_timeouts=HTTPTimeouts(idle_s=3.0))
+        async with cp:
+            await asyncio.sleep(1.05)
+            seen: list[str] = []
+            meta = RequestMetadata(
+                request_id="s", prompt="x y", max_tokens=6, preferred_instance_id="sim-0"
+            )
+            with pytest.raises(EngineError, match="no next token within 3 s"):
+                async for chunk in cp.stream(meta):
+                    seen.append(chunk.text)
+            assert cp.get_status()["circuits"]["sim-0"] == "open"
+            result = await cp.wait_for_result("s")
+        assert len(seen) == 2
+        assert result.status is RequestStatus.FAILED and result.instance_id == "sim-0"
+
+    run_virtual(main())
+
+
+def test_move_on_eject_off_leaves_the_calls_on_the_ejected_instance() -> None:
+    async def main() -> None:
+        settings = HealthSettings(
+            interval_s=0.5, timeout_s=0.2, move_on_eject=False,
+            breaker=BreakerSettings(failure_threshold=2, base_cooldown_s=0.5),
+        )  # fmt: skip
+        cp = ControlPlaneManager(
+            mode="simulated", health=settings, enable_pd_separation=False, seed=1,
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        for i, inst in enumerate(make_instances(2, max_concurrent_requests=8)):
+            engine = make_sim_engine(inst)
+            plan = FaultPlan.parse("hang@1")
+            cp.register_instance(inst, FaultyEngineClient(engine, plan) if i == 0 else engine)
+        async with cp:
+            await asyncio.sleep(1.05)
+            runs = [
+                asyncio.create_task(
+                    cp.generate(RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=4))
+                )
+                for i in (0, 1)
+            ]
+            await asyncio.sleep(5.0)
+            assert cp.get_status()["circuits"]["sim-0"] == "open"
+            assert [t.done() for t in runs].count(False) == 1  # still on the hung engine
+
+    run_virtual(main())
+
+
+def test_a_gray_failing_engine_stays_out_with_a_growing_cool_down() -> None:
+    """sim-0's requests all fail with a 500 while its /health passes: it is ejected by the
+    failures, its passing probes do not readmit it, and each trial request that fails
+    re-opens it for longer (not every second, as when a probe readmitted it). Every
+    request completes, on sim-1."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse("error=500@p1"), interval_s=0.5)
+        async with cp:
+            results = []
+            for i in range(60):
+                meta = RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2)
+                results.append(await cp.generate(meta))
+                await asyncio.sleep(0.25)  # 15 s
+            opens = cp.get_instance_metrics("sim-0")["circuit"]["transitions"]
+            tried = cp.get_instance_metrics("sim-0")["failed_requests"]
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert all(r.instance_id == "sim-1" for r in results)
+        # two failures to open, then one trial per cool-down of 0.5, 1, 2, 4 s ... (capped
+        # at 4 s): about 6 trials in 15 s, not one a second
+        assert tried <= 8
+        assert opens <= 2 * tried
+
+    run_virtual(main())
+
+
+def test_an_engine_failing_half_its_requests_is_ejected() -> None:
+    """Never ten failures in a row (the threshold here), but half of them fail."""
+
+    async def main() -> None:
+        settings = HealthSettings(
+            interval_s=0.5, timeout_s=0.2,
+            breaker=BreakerSettings(failure_threshold=10, base_cooldown_s=0.5, max_cooldown_s=4.0),
+        )  # fmt: skip
+        cp = ControlPlaneManager(
+            mode="simulated", health=settings, enable_pd_separation=False, seed=1,
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        for i, inst in enumerate(make_instances(2, max_concurrent_requests=8)):
+            engine = make_sim_engine(inst)
+            plan = FaultPlan.parse("error=500@p0.5; seed=2")
+            cp.register_instance(inst, FaultyEngineClient(engine, plan) if i == 0 else engine)
+        async with cp:
+            for i in range(60):
+                meta = RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2)
+                result = await cp.generate(meta)
+                assert result.status is RequestStatus.COMPLETED
+            circuit = cp.get_instance_metrics("sim-0")["circuit"]
+        assert circuit["transitions"] >= 1
+        assert circuit["state"] in ("open", "half-open")
+
+    run_virtual(main())

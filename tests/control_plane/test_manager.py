@@ -1572,3 +1572,40 @@ def test_topology_aware_routes_a_sessions_next_turn_close_to_its_previous_instan
         assert {machines[t.instance_id or ""] for t in turns} == {machines[first]}
 
     run_virtual(main())
+
+
+def test_a_request_cancelled_before_its_task_first_runs_ends_and_frees_its_slot() -> None:
+    """Cancelled in the same turn of the event loop as the dispatch pass that started it:
+    its task has not run yet, and cancelling that task would skip the engine call's body,
+    which ends the request and frees the instance's slot (the request was never ended)."""
+
+    async def main() -> None:
+        cp = _manager(2, scheduling_policy="slo_aware")
+        async with cp:
+            rids = [await cp.submit_request(make_metadata(f"r{i}", max_tokens=5)) for i in range(3)]
+            dispatcher = cp._require_dispatcher()
+            dispatcher.dispatch_ready()
+            assert all(dispatcher.records[r].status is RequestStatus.SCHEDULED for r in rids)
+            assert all([await cp.cancel_request(r) for r in rids])
+            results = [await cp.wait_for_result(r, timeout=1.0) for r in rids]
+            assert [s.in_flight for s in cp._registry] == [0, 0]
+            assert cp.get_status()["running_requests"] == 0
+        assert all(r.status is RequestStatus.CANCELLED for r in results)
+
+    run_virtual(main())
+
+
+def test_a_stop_before_the_started_tasks_first_run_frees_their_slots() -> None:
+    async def main() -> None:
+        cp = _manager(2, scheduling_policy="slo_aware")
+        await cp.start()
+        rids = [await cp.submit_request(make_metadata(f"r{i}", max_tokens=5)) for i in range(3)]
+        cp._require_dispatcher().dispatch_ready()
+        await cp.stop()
+        assert [s.in_flight for s in cp._registry] == [0, 0]
+        await cp.start()
+        results = [await cp.get_result(r) for r in rids]
+        await cp.stop()
+        assert all(r is not None and r.status is RequestStatus.CANCELLED for r in results)
+
+    run_virtual(main())

@@ -22,6 +22,8 @@ class ConcurrencyProbe:
         self.max_in_flight = 0
         self.started = 0
         self.request_ids: list[str] = []
+        self.finished: list[str] = []
+        """The requests whose stream the engine ran to its end."""
 
     @property
     def instance_id(self) -> str:
@@ -35,6 +37,7 @@ class ConcurrencyProbe:
         try:
             async for chunk in self.inner.generate(req):
                 yield chunk
+            self.finished.append(req.request_id)
         finally:
             self.in_flight -= 1
 

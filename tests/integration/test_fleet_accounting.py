@@ -118,17 +118,23 @@ async def _run_fleet(policy: str, routing: str, seed: int) -> None:
     faulty = probes["sim-3"]
     assert isinstance(faulty, FaultyEngine)
     starts = Counter(rid for p in probes.values() for rid in p.request_ids)
-    retried = Counter(faulty.failed_before)
-    for rid, n in starts.items():
-        assert n <= 1 + retried[rid], f"{rid} started {n} times"
-
+    # a request may start again after a failure (after output too: it was submitted, not
+    # streamed, so that output had reached no one), or when sim-3's ejection moved it,
+    # each start one of its attempts; it runs to its end once at most
     by_id = {r.request_id: r for r in results}
+    for rid, n in starts.items():
+        assert n <= by_id[rid].attempts, f"{rid} started {n} times"
+    ends = Counter(rid for p in probes.values() for rid in p.finished)
+    assert max(ends.values()) == 1
+    assert ends.keys() >= {r.request_id for r in results if r.status is RequestStatus.COMPLETED}
     for rid in faulty.failed_mid:
         res = by_id[rid]
-        assert res.status in (RequestStatus.FAILED, RequestStatus.CANCELLED)
-        if res.status is RequestStatus.FAILED:
-            assert res.error is not None
-            assert "mid-stream" in res.error
+        if res.status is RequestStatus.COMPLETED:  # from the start, elsewhere
+            assert res.instance_id != "sim-3" and res.attempts >= 2
+        elif res.status is RequestStatus.FAILED:  # no retry left
+            assert res.error is not None and "mid-stream" in res.error
+    if faulty.failed_mid:
+        assert any(by_id[rid].status is RequestStatus.COMPLETED for rid in faulty.failed_mid)
     for res in results:
         if res.status is RequestStatus.COMPLETED:
             assert res.finish_reason is not None

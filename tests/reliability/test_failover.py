@@ -11,10 +11,13 @@ import asyncio
 import os
 import signal
 
+import pytest
+
 from sage_llm import ControlPlaneManager, ExecutionInstance, RequestMetadata, RequestStatus
 from sage_llm.bench.procs import start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 from sage_llm.engines.http import HTTPTimeouts
+from sage_llm.errors import EngineError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
@@ -214,3 +217,63 @@ async def test_an_instance_serving_another_model_is_retried_around_and_ejected()
     finally:
         for runner, _ in servers:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("fault", ["truncate=3", "malformed=2", "hang=2"])
+def test_a_whole_answer_whose_engine_failed_after_output_is_retried_from_the_start(
+    fault: str,
+) -> None:
+    """The engine call of a request answered whole streamed (as an in-process engine's
+    always does, an HTTP engine's when sampled), and it broke after some output that no
+    one saw: the request is retried elsewhere, and its answer is the retry's alone."""
+
+    async def main() -> None:
+        timeouts = HTTPTimeouts(first_token_s=5.0, idle_s=1.0)
+        async with _fleet(fault, engine_timeouts=timeouts) as cp:
+            meta = _meta(0)
+            meta.preferred_instance_id = "sim-0"
+            res = await cp.generate(meta)
+        assert res.status is RequestStatus.COMPLETED, res.error
+        assert (res.instance_id, res.attempts) == ("sim-1", 2)
+        assert res.completion_tokens == len(res.text.split()) == 8
+        assert res.finish_reason == "length"
+
+    run_virtual(main())
+
+
+def test_a_stream_whose_engine_failed_after_output_is_not_retried() -> None:
+    async def main() -> None:
+        async with _fleet("truncate=3") as cp:
+            meta = _meta(0)
+            meta.preferred_instance_id = "sim-0"
+            seen = []
+            with pytest.raises(EngineError, match="without a finish reason"):
+                async for chunk in cp.stream(meta):
+                    seen.append(chunk.text)
+            res = await cp.wait_for_result("r0")
+        assert len(seen) == 3
+        assert (res.status, res.instance_id, res.attempts) == (RequestStatus.FAILED, "sim-0", 1)
+
+    run_virtual(main())
+
+
+def test_draining_the_last_instance_fails_the_queued_requests_with_a_503_reason() -> None:
+    """Draining takes no new request: requests queued for a model whose every instance is
+    draining would wait for an operator; they fail at once (503), as new ones are refused."""
+
+    async def main() -> None:
+        async with _fleet("slow=50") as cp:
+            cp.drain_instance("sim-1")
+            running = [asyncio.create_task(cp.generate(_meta(i, 64))) for i in range(6)]
+            await asyncio.sleep(0.01)  # four run on sim-0, two are queued
+            assert cp.get_status()["pending_requests"] == 2
+            cp.drain_instance("sim-0")
+            results = await asyncio.gather(*running)
+            with pytest.raises(NoHealthyInstanceError, match="draining"):
+                await cp.generate(_meta(9))
+            failed = [r for r in results if r.status is RequestStatus.FAILED]
+            assert len(failed) == 2 and all(r.attempts == 0 for r in failed)
+            assert all(r.error and "every instance serving model" in r.error for r in failed)
+            assert sum(r.status is RequestStatus.COMPLETED for r in results) == 4
+
+    run_virtual(main())

@@ -44,7 +44,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, TypeGuard, TypeVar, cast
 
-from sage_llm.control_plane.health import HealthMonitor, with_stream_timeouts
+from sage_llm.control_plane.health import (
+    HealthMonitor,
+    counts_against_health,
+    with_stream_timeouts,
+)
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import PDComponents, PDLegError, PDLegs, PDPlan
@@ -219,6 +223,7 @@ class Dispatcher:
         """The least time between two sampled streams on one instance (0: no limit)."""
         self._rng = random.Random(seed)  # retry backoff jitter
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
+        self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._here: RequestRecord | None = None  # see start_here
@@ -464,15 +469,34 @@ class Dispatcher:
         )
 
     def unservable_reason(self, model: str) -> str | None:
-        """Why no registered instance could ever run a request for ``model`` (None: some
-        can, now or once they have a free slot)."""
-        return unservable_reason(model, self._members(model), pd_enabled=self.pd is not None)
+        """Why no registered instance could run a request for ``model`` (None: some can,
+        now or once they have a free slot or are healthy again). A draining instance does
+        not count: it takes no new request until the operator says so."""
+        members = self._members(model)
+        reason = unservable_reason(model, members, pd_enabled=self.pd is not None)
+        if reason is None:
+            return None
+        draining = sum(
+            1
+            for s in self.registry
+            if s.instance.model_name == model and s.draining and not s.removed
+        )
+        if not draining:
+            return reason
+        if not members:
+            return f"every instance serving model {model!r} is draining ({draining})"
+        return f"{reason} (and {draining} draining)"
 
     def _members(self, model: str, excluded: frozenset[str] = frozenset()) -> list[Member]:
+        """The instances of ``model`` that may take its requests, now or later (not those
+        removed or draining, nor ``excluded``)."""
         return [
             (s.instance_id, s.instance.instance_type)
             for s in self.registry
-            if s.instance.model_name == model and not s.removed and s.instance_id not in excluded
+            if s.instance.model_name == model
+            and not s.removed
+            and not s.draining
+            and s.instance_id not in excluded
         ]
 
     # -- execution -------------------------------------------------------------------------
@@ -620,9 +644,34 @@ class Dispatcher:
 
     def _begin(self, rec: RequestRecord, state: InstanceState, *, one_piece: bool) -> EngineRequest:
         """``rec`` starts running on ``state``: its engine request (:meth:`_engine_request`)."""
+        self._may_begin(rec)
         rec.status = RequestStatus.RUNNING
         rec.meta.start_time = self.clock.to_datetime(self.clock.now())
         return self._engine_request(rec, state, one_piece=one_piece)
+
+    @staticmethod
+    def _may_begin(rec: RequestRecord) -> None:
+        """Raise what happened to ``rec`` between its start on an instance and its engine
+        call's beginning (its task's first step): a cancellation (:meth:`cancel` leaves a
+        task that has not run yet to end the request here, as cancelling the task itself
+        would skip its body and lose the request), or the instance's ejection
+        (:meth:`evict`)."""
+        if rec.cancel_requested:
+            raise asyncio.CancelledError
+        if rec.evicted is not None:
+            raise rec.evicted
+
+    def _eviction(self, rec: RequestRecord) -> EngineError | None:
+        """The eviction (:meth:`evict`) that a cancellation of ``rec``'s engine call was,
+        taken back from the running task (the call is retried, not cancelled); None when
+        the request itself was cancelled, or the control plane is stopping."""
+        exc = rec.evicted
+        if exc is None or rec.cancel_requested or self._stopping:
+            return None
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return exc
 
     def _completed(self, rec: RequestRecord, state: InstanceState, extra_cost: float = 0.0) -> None:
         """The engine's answer on ``state`` ended: the request completed (or, without a
@@ -631,7 +680,7 @@ class Dispatcher:
             raise EngineStreamError(
                 "engine stream ended without a finish reason",
                 instance_id=state.instance_id,
-                retryable=not rec.produced_output,
+                retryable=not rec.delivered,
             )
         self._on_success(state)
         self._finish(rec, RequestStatus.COMPLETED, state=state, extra_cost=extra_cost)
@@ -647,6 +696,9 @@ class Dispatcher:
         reason), or the error to retry it elsewhere with is returned. A cancellation that
         goes on up (see :meth:`_cancelled`) is raised again."""
         if isinstance(exc, asyncio.CancelledError):
+            evicted = self._eviction(rec)
+            if evicted is not None:
+                return self._failed(rec, state, evicted)
             if self._cancelled(rec, state, here):
                 raise exc
             return None
@@ -678,14 +730,28 @@ class Dispatcher:
         request ended FAILED."""
         exc = refusal_of(caught, state.instance_id) or caught
         assert isinstance(exc, EngineError)
-        if not isinstance(exc, EngineRequestRejectedError):  # else: the request's fault
+        # a refusal is the request's fault; an eviction, the instance's already counted one
+        if not isinstance(exc, EngineRequestRejectedError) and exc is not rec.evicted:
             state.failed += 1
             self._on_failure(state, exc)
-        if exc.retryable and not rec.produced_output and self._can_retry(rec, state):
+        if self._retryable(rec, exc) and self._can_retry(rec, state):
             return exc
         rec.exception = exc
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
         return None
+
+    @staticmethod
+    def _retryable(rec: RequestRecord, exc: EngineError) -> bool:
+        """Whether ``rec`` may be retried elsewhere after ``exc``: never once its consumer
+        has seen output; before that, when the engine call may be tried again
+        (``exc.retryable``: it failed before its first token), or when it failed after
+        output that reached no one (a whole answer's engine call that streamed) for a
+        reason of the instance's (:func:`counts_against_health`), not the request's."""
+        if rec.delivered:
+            return False
+        if exc.retryable:
+            return True
+        return rec.produced_output and refusal_of(exc) is None and counts_against_health(exc)
 
     def _release(self, rec: RequestRecord, state: InstanceState, prefill_pending: bool) -> None:
         """The engine call is over (however it ended): ``state`` stops carrying it."""
@@ -763,7 +829,7 @@ class Dispatcher:
         self.metrics.running.inc()
         self.metrics.on_pd_routed("disaggregated", plan.transfer_s)
         log.debug("request %s disaggregated: %s", rec.request_id, plan.reason)
-        run = _PDRun(pstate, dstate, info.prompt_tokens)
+        run = self._pd_runs[rec.request_id] = _PDRun(pstate, dstate, info.prompt_tokens)
         task = asyncio.create_task(self._execute_pd(rec, run), name=f"req-{rec.request_id}")
         rec.task = task
         self._tasks.add(task)
@@ -808,6 +874,7 @@ class Dispatcher:
             on_prefill_done=lambda handle: self._prefill_done(rec, run, handle),
         )  # fmt: skip
         try:
+            self._may_begin(rec)
             rec.status = RequestStatus.RUNNING
             rec.meta.start_time = self.clock.to_datetime(self.clock.now())
             one_piece = getattr(dstate.client, "complete", None) is not None
@@ -830,26 +897,20 @@ class Dispatcher:
                     rec.result.cost - run.prefill_cost,
                 )
         except asyncio.CancelledError:
-            reason = "cancelled by the caller" if rec.cancel_requested else STOPPED
-            self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
-                         extra_cost=run.prefill_cost)  # fmt: skip
-        except EngineError as exc:
-            prefill_leg = isinstance(exc, PDLegError) and exc.leg == "prefill"
-            failed = run.prefill if prefill_leg else dstate
-            if refusal_of(exc) is None:  # a refused request says nothing about the instance
-                failed.failed += 1
-                self._on_failure(failed, exc)
-            verdict = self._pd_retry(rec, exc, failed, prefill_leg)
-            if verdict is not None:
-                retry = (exc, failed, verdict)
+            evicted = self._eviction(rec)
+            if evicted is not None:
+                retry = self._pd_failed(rec, run, evicted)
             else:
-                rec.exception = exc
-                self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, failed),
-                             state=dstate, extra_cost=run.prefill_cost)  # fmt: skip
+                reason = "cancelled by the caller" if rec.cancel_requested else STOPPED
+                self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
+                             extra_cost=run.prefill_cost)  # fmt: skip
+        except EngineError as exc:
+            retry = self._pd_failed(rec, run, exc)
         except Exception as exc:
             log.exception("request %s failed inside the control plane", rec.request_id)
             self._finish(rec, RequestStatus.FAILED, error=internal_error(exc), state=dstate)
         finally:
+            self._pd_runs.pop(rec.request_id, None)
             self._release_prefill(run)
             dstate.in_flight -= 1
             dstate.outstanding_decode_tokens -= rec.info.max_tokens
@@ -865,13 +926,36 @@ class Dispatcher:
                 self.metrics.on_pd_fallback()
             await self._requeue(rec, failed_state, error)
 
+    def _pd_failed(
+        self, rec: RequestRecord, run: _PDRun, exc: EngineError
+    ) -> tuple[EngineError, InstanceState, bool] | None:
+        """A disaggregated request failed with ``exc`` (or was moved off an ejected instance,
+        ``exc`` its :attr:`~RequestRecord.evicted`): what to retry it with (the error, the
+        instance that failed, whether to run it colocated), or None when it ended FAILED."""
+        if exc is rec.evicted:  # the ejected instance has counted it already
+            prefill_leg = exc.instance_id == run.prefill.instance_id and run.prefill_open
+            failed = run.prefill if prefill_leg else run.decode
+        else:
+            prefill_leg = isinstance(exc, PDLegError) and exc.leg == "prefill"
+            failed = run.prefill if prefill_leg else run.decode
+            if refusal_of(exc) is None:  # a refused request says nothing about the instance
+                failed.failed += 1
+                self._on_failure(failed, exc)
+        verdict = self._pd_retry(rec, exc, failed, prefill_leg)
+        if verdict is not None:
+            return exc, failed, verdict
+        rec.exception = exc
+        self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, failed),
+                     state=run.decode, extra_cost=run.prefill_cost)  # fmt: skip
+        return None
+
     def _pd_retry(
         self, rec: RequestRecord, exc: EngineError, failed: InstanceState, prefill_leg: bool
     ) -> bool | None:
         """None: do not retry; True: retry colocated; False: retry anywhere."""
         assert self.pd is not None
         client_error = exc.status is not None and 400 <= exc.status < 500
-        if rec.produced_output or rec.attempts > self.max_retries:
+        if rec.delivered or rec.attempts > self.max_retries:
             return None
         if client_error and exc.status not in (408, 429):
             return None
@@ -879,7 +963,7 @@ class Dispatcher:
         whole = self._servable(rec.info.model, excluded, whole_only=True)
         if prefill_leg and self.pd.fallback_to_colocated and whole:
             return True
-        if exc.retryable and self._servable(rec.info.model, excluded):
+        if self._retryable(rec, exc) and self._servable(rec.info.model, excluded):
             return False
         return None
 
@@ -956,7 +1040,7 @@ class Dispatcher:
     async def _requeue(self, rec: RequestRecord, state: InstanceState, exc: EngineError) -> None:
         self.metrics.retries.inc()
         log.info(
-            "request %s: %s failed before the first token (%s); retrying elsewhere",
+            "request %s: %s failed before its output reached the client (%s); retrying elsewhere",
             rec.request_id,
             state.instance_id,
             exc.message,
@@ -970,6 +1054,9 @@ class Dispatcher:
         rec.instance_id = None
         rec.prefill_instance_id = None
         rec.task = None
+        rec.evicted = None
+        if rec.produced_output:  # output that reached no one: the retry starts afresh
+            rec.discard_output()
         # exponential backoff with jitter (seeded): base * 2^(attempt-1) * U[0.5, 1.5)
         backoff = self.retry_backoff_s * (2 ** (rec.attempts - 1)) * (0.5 + self._rng.random())
         backoff = min(backoff, 2.0)
@@ -999,19 +1086,80 @@ class Dispatcher:
         if rec.status.is_terminal:
             return False
         rec.cancel_requested = True
-        if rec.task is not None and not rec.task.done():
-            rec.task.cancel()
+        task = rec.task
+        if task is not None and not task.done():
+            if rec.status is not RequestStatus.SCHEDULED:
+                task.cancel()
+            # else its engine call has not begun: it ends the request as it begins
+            # (_may_begin); cancelling a task before its first step would skip its body
             return True
         reason = STOPPED if self._stopping else "cancelled by the caller"
         state = None
         if rec.status is RequestStatus.RUNNING and rec.instance_id is not None:
             # a stream whose relay holds a batch (see stream_here): it ends now
             state = self.registry.find(rec.instance_id)
+        elif rec.status is RequestStatus.SCHEDULED:
+            state = self._unstart(rec)  # its task was cancelled before it began (stop)
         else:
             self.policy.remove(rec.request_id)
         self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
         self.metrics.queue_depth.set(len(self.policy))
         return True
+
+    def _unstart(self, rec: RequestRecord) -> InstanceState | None:
+        """The instances ``rec`` was started on stop carrying it: its task was cancelled
+        before its first step (:meth:`cancel_all_tasks`), so its engine call, which would
+        have released them, never began. Returns its (decode) instance."""
+        state = None if rec.instance_id is None else self.registry.find(rec.instance_id)
+        run = self._pd_runs.pop(rec.request_id, None)
+        if run is not None:
+            self._release_prefill(run)
+        if state is not None:
+            self._release(rec, state, run is None)
+        return state
+
+    def evict(self, instance_id: str, why: str) -> int:
+        """Move the engine calls on ``instance_id``, just ejected, whose output has reached
+        no one: each is retried elsewhere as after a failure before its first token (its
+        call is cancelled, the cancellation taken back; it counts against ``max_retries``,
+        not again against the instance). A call that has delivered output stays (its first
+        token and idle limits still apply), as does one that could not be retried (no
+        retry left, or no other instance that may take it: moving it would only fail it),
+        and a disaggregated request whose prefill leg on ``instance_id`` is over. Returns
+        how many calls were moved."""
+        current = asyncio.current_task()
+        moved = 0
+        for rec in list(self.records.values()):
+            status = rec.status
+            task = rec.task
+            if (
+                (status is not RequestStatus.RUNNING and status is not RequestStatus.SCHEDULED)
+                or rec.delivered
+                or rec.cancel_requested
+                or rec.evicted is not None
+                or task is None  # a relay holds a batch of it: delivered
+                or task is current  # the call whose failure ejected the instance
+                or task.done()
+            ):
+                continue
+            if rec.instance_id != instance_id:
+                run = self._pd_runs.get(rec.request_id)
+                if run is None or run.prefill.instance_id != instance_id or not run.prefill_open:
+                    continue
+            if rec.attempts > self.max_retries or not self._servable(
+                rec.info.model, rec.info.excluded_instances | {instance_id}
+            ):
+                continue
+            rec.evicted = EngineError(
+                f"instance {instance_id} was ejected: {why}", instance_id=instance_id
+            )
+            if status is RequestStatus.RUNNING:
+                task.cancel()
+            # else its engine call has not begun: it sees the eviction as it begins
+            moved += 1
+        if moved:
+            log.warning("moving %d request(s) off ejected instance %s", moved, instance_id)
+        return moved
 
     def fail_queued(self, rec: RequestRecord, reason: str) -> None:
         if rec.status is RequestStatus.QUEUED:

@@ -10,15 +10,22 @@ Every registered instance has a :class:`CircuitBreaker`::
 A failure is a failed probe (``client.health()`` False, raising, or slower than
 ``timeout_s``) or, with ``eject_on_errors``, a request the engine failed (connection
 refused, timeout, 5xx, broken stream — not 4xx answers, which are the request's fault).
-OPEN: the instance gets no traffic (its view is unhealthy) and probes go on. The cool-down
-doubles with every re-open (``base_cooldown_s`` … ``max_cooldown_s``) and resets once the
-breaker closes. HALF_OPEN: one trial at a time — the router sees a capacity of one request,
-and the probe loop probes right away; ``recovery_threshold`` successes close the breaker,
-one failure opens it again.
+Besides ``failure_threshold`` consecutive failures, a share of ``failure_rate`` failed
+requests among the last ``rate_window`` opens the breaker (an engine failing part of its
+requests). OPEN: the instance gets no traffic (its view is unhealthy) and probes go on.
+The cool-down doubles with every re-open (``base_cooldown_s`` … ``max_cooldown_s``) and
+goes back to its base once the breaker has stayed closed for ``max_cooldown_s``.
+HALF_OPEN: one trial at a time — the router sees a capacity of one request;
+``recovery_threshold`` successes close the breaker, one failure opens it again. A breaker
+that requests' failures opened is closed only by requests' successes (its probes may pass
+while its requests fail: a gray failure); one that probes or a connection failure opened,
+by probes too, and the probe loop probes right away.
 
 A request failing on a connection error (refused, reset) opens the breaker at once, so an
 instance that died under traffic is ejected by the first request that notices; the probe
-loop readmits it after the cool-down if it answers again.
+loop readmits it after the cool-down if it answers again. With ``move_on_eject``, an
+ejection moves the instance's engine calls that have delivered nothing elsewhere
+(``Dispatcher.evict``).
 
 :class:`HealthMonitor` runs, per instance, the probe loop and the stats loop (engine load
 figures; advisory) and records breaker states in the metrics
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -69,27 +77,49 @@ class BreakerSettings:
     recovery_threshold: int = 1
     base_cooldown_s: float = 1.0
     max_cooldown_s: float = 30.0
+    failure_rate: float | None = 0.5
+    """Open also when at least this share of the last ``rate_window`` requests failed,
+    successes between them or not (None: only consecutive failures open it)."""
+    rate_window: int = 20
 
     def __post_init__(self) -> None:
         if self.failure_threshold < 1 or self.recovery_threshold < 1:
             raise ValueError("failure_threshold and recovery_threshold must be at least 1")
         if not 0 < self.base_cooldown_s <= self.max_cooldown_s:
             raise ValueError("need 0 < base_cooldown_s <= max_cooldown_s")
+        if self.failure_rate is not None and not 0 < self.failure_rate <= 1:
+            raise ValueError("failure_rate must be in (0, 1]")
+        if self.rate_window < 2:
+            raise ValueError("rate_window must be at least 2")
 
 
 class CircuitBreaker:
-    """The breaker of one instance. Pure state machine: every call takes ``now``."""
+    """The breaker of one instance. Pure state machine: every call takes ``now``.
+
+    Failures and successes are a probe's or, with ``request=True``, a request's. Requests
+    also fill a window of the last ``rate_window`` outcomes: a share of failures of at
+    least ``failure_rate`` in it opens the breaker though successes came between them (an
+    engine failing part of its requests). A breaker opened by requests is closed again
+    only by requests (the trials of its half-open state): an engine whose probes pass
+    while its requests fail (a gray failure) stays out, with a cool-down that grows at
+    each opening. The cool-down goes back to its base once the breaker has stayed closed
+    for ``max_cooldown_s``."""
 
     def __init__(self, settings: BreakerSettings | None = None) -> None:
         self.settings = settings or BreakerSettings()
         self.state = CircuitState.CLOSED
         self.consecutive_failures = 0
         self.trial_successes = 0
-        self.opens = 0  # consecutive openings without closing in between
+        self.opens = 0  # openings since the breaker last stayed closed for max_cooldown_s
         self.open_until = 0.0
         self.transitions = 0
         self.changed_at: float | None = None
+        self.closed_at: float | None = None
         self.last_failure: str | None = None
+        self.by_requests = False
+        """Whether requests' failures opened it: then only a request's success closes it."""
+        self._window: deque[bool] = deque(maxlen=self.settings.rate_window)
+        self._window_failures = 0
 
     @property
     def routable(self) -> bool:
@@ -106,14 +136,43 @@ class CircuitBreaker:
         self.transitions += 1
         self.changed_at = now
         if state is CircuitState.OPEN:
+            closed_at = self.closed_at
+            if closed_at is not None and now - closed_at >= self.settings.max_cooldown_s:
+                self.opens = 0  # it had stayed closed a while: a new episode
             self.opens += 1
             self.open_until = now + self.cooldown_s()
             self.trial_successes = 0
+            self._clear_window()
         elif state is CircuitState.CLOSED:
-            self.opens = 0
+            self.closed_at = now
+            self.by_requests = False
             self.consecutive_failures = 0
             self.trial_successes = 0
+            self._clear_window()
         return state
+
+    def _clear_window(self) -> None:
+        self._window.clear()
+        self._window_failures = 0
+
+    def _note(self, ok: bool) -> None:
+        """A request's outcome, into the window of the last ``rate_window``."""
+        window = self._window
+        if len(window) == window.maxlen and not window[0]:
+            self._window_failures -= 1
+        window.append(ok)
+        if not ok:
+            self._window_failures += 1
+
+    def _failing_share(self) -> bool:
+        """Whether the window is full and its share of failures reaches ``failure_rate``."""
+        rate = self.settings.failure_rate
+        window = self._window
+        return (
+            rate is not None
+            and len(window) == window.maxlen
+            and self._window_failures >= rate * len(window)
+        )
 
     def poll(self, now: float) -> CircuitState | None:
         """Move OPEN → HALF_OPEN once the cool-down has passed; returns the new state."""
@@ -121,39 +180,57 @@ class CircuitBreaker:
             return self._move(CircuitState.HALF_OPEN, now)
         return None
 
-    def record_success(self, now: float) -> CircuitState | None:
-        """A probe or request succeeded; returns the new state on a transition."""
+    def record_success(self, now: float, *, request: bool = False) -> CircuitState | None:
+        """A probe or (``request``) a request succeeded; returns the new state on a
+        transition. A probe's success does not close a breaker requests opened."""
         self.consecutive_failures = 0
-        if self.state is CircuitState.HALF_OPEN:
+        if request:
+            self._note(True)
+        if self.state is CircuitState.HALF_OPEN and (request or not self.by_requests):
             self.trial_successes += 1
             if self.trial_successes >= self.settings.recovery_threshold:
                 return self._move(CircuitState.CLOSED, now)
         return None
 
-    def record_failure(self, now: float, reason: str = "") -> CircuitState | None:
-        """A probe or request failed; returns the new state on a transition."""
+    def record_failure(
+        self, now: float, reason: str = "", *, request: bool = False
+    ) -> CircuitState | None:
+        """A probe or (``request``) a request failed; returns the new state on a
+        transition."""
         self.consecutive_failures += 1
         self.last_failure = reason or self.last_failure
+        if request:
+            self._note(False)
         if self.state is CircuitState.HALF_OPEN:
+            self.by_requests = self.by_requests or request
             return self._move(CircuitState.OPEN, now)
-        if (
-            self.state is CircuitState.CLOSED
-            and self.consecutive_failures >= self.settings.failure_threshold
+        if self.state is CircuitState.CLOSED and (
+            self.consecutive_failures >= self.settings.failure_threshold
+            or (request and self._failing_share())
         ):
+            self.by_requests = request
             return self._move(CircuitState.OPEN, now)
         return None
 
-    def force_open(self, now: float, reason: str) -> CircuitState | None:
-        """Open at once (e.g. a probe confirmed a connection failure)."""
+    def force_open(self, now: float, reason: str, *, request: bool = False) -> CircuitState | None:
+        """Open at once (a connection failure, or a failed first probe)."""
         self.last_failure = reason
         if self.state is CircuitState.OPEN:
             return None
+        self.by_requests = request
         return self._move(CircuitState.OPEN, now)
 
     def describe(self, now: float) -> dict[str, Any]:
         """JSON-ready state for status endpoints."""
         return {
             "state": self.state.label,
+            "opened_by": (
+                None
+                if self.state is CircuitState.CLOSED
+                else "requests"
+                if self.by_requests
+                else "probes"
+            ),
             "consecutive_failures": self.consecutive_failures,
             "transitions": self.transitions,
             "cooldown_remaining_s": (
@@ -171,6 +248,9 @@ class HealthSettings:
     timeout_s: float = 2.0
     stats_interval_s: float = 1.0
     eject_on_errors: bool = True
+    move_on_eject: bool = True
+    """Whether an ejection moves the instance's engine calls that have delivered nothing
+    to other instances (see :meth:`Dispatcher.evict`)."""
     breaker: BreakerSettings = BreakerSettings()
 
     def __post_init__(self) -> None:
@@ -186,9 +266,12 @@ class HealthSettings:
             timeout_s=config.timeout_s,
             stats_interval_s=stats_interval_s,
             eject_on_errors=config.eject_on_errors,
+            move_on_eject=config.move_on_eject,
             breaker=BreakerSettings(
                 failure_threshold=config.failure_threshold,
                 recovery_threshold=config.recovery_threshold,
+                failure_rate=config.failure_rate_threshold,
+                rate_window=config.failure_rate_window,
                 base_cooldown_s=base,
                 max_cooldown_s=max(base, 30.0),
             ),
@@ -219,13 +302,17 @@ class HealthMonitor:
         clock: Callable[[], Clock],
         metrics: ControlPlaneMetrics,
         on_change: Callable[[], None],
+        on_eject: Callable[[InstanceState, str], None] | None = None,
     ) -> None:
         """``clock`` returns the clock to read (resolved late: the manager's clock depends
-        on the loop it runs on); ``on_change`` is called after every breaker transition."""
+        on the loop it runs on); ``on_change`` is called after every breaker transition,
+        and ``on_eject`` (with ``move_on_eject``) with the instance and the reason when a
+        breaker opens."""
         self.settings = settings
         self._clock = clock
         self.metrics = metrics
         self._on_change = on_change
+        self._on_eject = on_eject if settings.move_on_eject else None
         self._probe_now: dict[str, asyncio.Event] = {}
 
     @property
@@ -253,7 +340,7 @@ class HealthMonitor:
 
     def on_request_success(self, state: InstanceState) -> None:
         state.consecutive_failures = 0
-        self._apply(state, state.breaker.record_success(self.clock.now()))
+        self._apply(state, state.breaker.record_success(self.clock.now(), request=True))
 
     def on_request_failure(self, state: InstanceState, exc: EngineError) -> None:
         state.consecutive_failures += 1
@@ -262,11 +349,14 @@ class HealthMonitor:
         now = self.clock.now()
         if isinstance(exc, EngineConnectionError):
             # refused or broken connection: eject now; the probe loop readmits it after
-            # the cool-down once a probe succeeds
-            self._apply(state, state.breaker.force_open(now, exc.message), why=exc.message)
-            self._apply(state, state.breaker.record_failure(now, exc.message))
+            # the cool-down once a probe succeeds (an engine that answers its probes
+            # again is back: a dead engine, not a gray failure)
+            breaker = state.breaker
+            self._apply(state, breaker.force_open(now, exc.message), why=exc.message)
+            self._apply(state, breaker.record_failure(now, exc.message, request=True))
         else:
-            self._apply(state, state.breaker.record_failure(now, exc.message), why=exc.message)
+            moved = state.breaker.record_failure(now, exc.message, request=True)
+            self._apply(state, moved, why=exc.message)
 
     def probe_soon(self, instance_id: str) -> None:
         """Wake the probe loop of ``instance_id`` now."""
@@ -327,8 +417,8 @@ class HealthMonitor:
             wait = self.settings.interval_s
             if breaker.state is CircuitState.OPEN:
                 wait = min(wait, max(0.0, breaker.open_until - self.clock.now()))
-            elif breaker.state is CircuitState.HALF_OPEN:
-                wait = 0.0
+            elif breaker.state is CircuitState.HALF_OPEN and not breaker.by_requests:
+                wait = 0.0  # else the trial requests decide; the probes go on at interval_s
 
     async def _stats_loop(self, state: InstanceState) -> None:
         while not state.removed:
@@ -356,6 +446,8 @@ class HealthMonitor:
                 why or "failures",
             )
             self.probe_soon(state.instance_id)  # its probe loop waits out the cool-down
+            if self._on_eject is not None:
+                self._on_eject(state, why or "failures")
         else:
             log.warning("instance %s circuit is now %s", state.instance_id, moved.label)
         self.metrics.circuit_transitions.labels(instance=state.instance_id, state=moved.label).inc()

@@ -463,6 +463,8 @@ class ControlPlaneManager:
             )  # fmt: skip
         state.draining = draining
         if self._dispatcher is not None:
+            if draining and self._running:
+                self._fail_unservable()  # queued ones no instance will take now
             self._dispatcher.wake()
 
     def get_instances(self) -> list[ExecutionInstance]:
@@ -667,6 +669,8 @@ class ControlPlaneManager:
             return
         if isinstance(rec.exception, DeadlineExceededError):
             raise DeadlineExceededError(result.error or rec.exception.message)
+        if isinstance(rec.exception, NoHealthyInstanceError):
+            raise NoHealthyInstanceError(result.error or rec.exception.message)
         refusal = refusal_of(rec.exception) if rec.exception is not None else None
         if refusal is not None:  # the client's request was refused: a 400, not a 502
             raise EngineRequestRejectedError(
@@ -1124,6 +1128,7 @@ class ControlPlaneManager:
             engine_request=engine_req,
             future=loop.create_future(),
             stream=ChunkChannel() if stream else None,
+            relayed=stream,
             chunks=[] if collect else None,
             queued_at=now,
         )
@@ -1191,12 +1196,17 @@ class ControlPlaneManager:
                 clock=lambda: self.clock,
                 metrics=self._metrics,
                 on_change=self._wake,
+                on_eject=self._evict,
             )
         return self._health
 
     def _wake(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.wake()
+
+    def _evict(self, state: InstanceState, why: str) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.evict(state.instance_id, why)
 
     def _start_instance_loops(self, state: InstanceState) -> None:
         if not self.enable_monitoring:
@@ -1217,15 +1227,19 @@ class ControlPlaneManager:
             asyncio.get_running_loop().create_task(state.client.aclose())
 
     def _fail_unservable(self) -> None:
-        """Fail queued requests whose model no instance serves any more."""
+        """Fail queued requests whose model no instance serves any more, or none that is
+        not draining (:class:`NoHealthyInstanceError`, a 503 over HTTP)."""
         dispatcher = self._require_dispatcher()
         models = self._registry.models()
         for rec in list(dispatcher.records.values()):
             if rec.status is not RequestStatus.QUEUED:
                 continue
             if rec.info.model not in models:
-                dispatcher.fail_queued(rec, f"no instance serves model {rec.info.model!r} any more")
-            elif (reason := dispatcher.unservable_reason(rec.info.model)) is not None:
+                reason: str | None = f"no instance serves model {rec.info.model!r} any more"
+            else:
+                reason = dispatcher.unservable_reason(rec.info.model)
+            if reason is not None:
+                rec.exception = NoHealthyInstanceError(reason)
                 dispatcher.fail_queued(rec, reason)
 
 

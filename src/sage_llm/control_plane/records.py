@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest
+from sage_llm.errors import EngineError
 from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult, RequestStatus
 
 
@@ -62,6 +63,9 @@ class RequestRecord:
     future: asyncio.Future[RequestResult]
     status: RequestStatus = RequestStatus.QUEUED
     stream: ChunkChannel | None = None
+    relayed: bool = False
+    """Whether a consumer takes the chunks as they come (a stream): its output, once there
+    is some, has been seen, and the request is not retried elsewhere after it."""
     chunks: list[Chunk] | None = None
     """The engine's chunks, kept for :meth:`ControlPlaneManager.collect` (no queue, no
     wake-up per chunk)."""
@@ -73,6 +77,9 @@ class RequestRecord:
     prefill_instance_id: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    evicted: EngineError | None = None
+    """Why its engine call is being moved off its instance (the instance was ejected while
+    the call had delivered nothing): the error it is retried elsewhere with."""
     queued_at: float = 0.0
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -100,6 +107,24 @@ class RequestRecord:
     @property
     def produced_output(self) -> bool:
         return self.first_token_at is not None
+
+    @property
+    def delivered(self) -> bool:
+        """Whether some of its output has reached its consumer (a stream's chunks); a whole
+        answer is delivered only at its end, so a failure before that may be retried."""
+        return self.relayed and self.first_token_at is not None
+
+    def discard_output(self) -> None:
+        """Forget the output of an engine call that failed before its consumer saw any
+        (it is retried elsewhere from the start)."""
+        self.first_token_at = None
+        self.text_parts.clear()
+        self.token_ids.clear()
+        self.logprobs.clear()
+        self.completion_tokens = self.prompt_tokens = self.cached_tokens = 0
+        self.finish_reason = None
+        if self.chunks is not None:
+            self.chunks.clear()
 
 
 @dataclass(frozen=True, slots=True)
