@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable, Iterator
 
@@ -46,13 +47,17 @@ def engine_server() -> Iterator[Callable[..., str]]:
 @pytest.fixture
 def embeddings_server() -> Iterator[str]:
     """A minimal OpenAI-compatible ``/v1/embeddings`` + ``/v1/models`` endpoint (the
-    simulated engine has no embeddings): vector i of an answer is ``[len(text), i]``."""
+    simulated engine has no embeddings): vector i of an answer is ``[len(text), i]``; an
+    input ``"hang"`` is answered after 30 s (or never: the handler is cancelled when its
+    client leaves)."""
     runner = LoopThread("embeddings-server")
     runner.start()
     holder: list[web.AppRunner] = []
 
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
+        if "hang" in body["input"]:
+            await asyncio.sleep(30.0)
         data = [
             {"object": "embedding", "index": i, "embedding": [float(len(t)), float(i)]}
             for i, t in enumerate(body["input"])
@@ -62,11 +67,15 @@ def embeddings_server() -> Iterator[str]:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "e5-small"}]})
 
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
     async def serve() -> int:
         app = web.Application()
         app.router.add_post("/v1/embeddings", embeddings)
         app.router.add_get("/v1/models", models)
-        app_runner = web.AppRunner(app, access_log=None)
+        app.router.add_get("/health", health)
+        app_runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await app_runner.setup()
         site = web.TCPSite(app_runner, "127.0.0.1", 0)
         await site.start()

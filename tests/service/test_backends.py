@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from sage_llm.errors import DeadlineExceededError, EngineConnectionError, ModelNotFoundError
-from sage_llm.service import VLLMService
+from sage_llm.service import ControlPlaneVLLMService, VLLMService
 from sage_llm.service.backends import EngineBackend, make_backend, service_instance
 from sage_llm.service.config import VLLMServiceConfig
 from sage_llm.types import ExecutionInstanceType
@@ -70,3 +70,23 @@ def test_model_mismatch_and_timeouts(engine_server: Callable[..., str]) -> None:
             svc.process({"inputs": "x", "options": {"max_tokens": 4000, "timeout": 0.05}})
         (entry,) = svc.process({"inputs": "still serving", "options": {"max_tokens": 2}})
         assert entry["usage"]["output_tokens"] == 2
+
+
+def test_embed_waits_no_longer_than_the_services_request_timeout(embeddings_server: str) -> None:
+    """``request_timeout_s`` is the default ``timeout`` of an ``embed`` call as of a
+    ``generate`` one, in both services (an engine that never answers held the call)."""
+    port = int(embeddings_server.rsplit(":", 1)[1])
+    instance = {"instance_id": "e", "host": "127.0.0.1", "port": port, "model_name": "e5-small"}
+    services = [
+        VLLMService(
+            {"model_id": "e5-small", "base_url": embeddings_server, "request_timeout_s": 0.2}
+        ),
+        ControlPlaneVLLMService(
+            {"request_timeout_s": 0.2, "enable_pd_separation": False, "instances": [instance]}
+        ),
+    ]
+    for service in services:
+        with service as svc:
+            assert svc.process({"task": "embed", "inputs": "ok"})["dimension"] == 2
+            with pytest.raises(DeadlineExceededError, match=r"0\.2 s"):
+                svc.process({"task": "embed", "inputs": ["a", "hang"]})

@@ -17,9 +17,11 @@ import pytest
 
 from sage_llm.errors import (
     ConfigError,
+    ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
+    InstanceNotFoundError,
     InvalidRequestError,
     ModelNotFoundError,
     PolicyNotFoundError,
@@ -191,6 +193,94 @@ def test_set_policy_switches_the_scheduling_policy(svc: ControlPlaneVLLMService)
     with pytest.raises(InvalidRequestError) as err:
         svc.process({"task": "set_policy"})
     assert err.value.param == "inputs"
+
+
+def test_set_policy_refuses_two_different_names(svc: ControlPlaneVLLMService) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        svc.process({"task": "set_policy", "inputs": "fifo", "options": {"policy": "priority"}})
+    assert err.value.param == "options.policy"
+    assert svc.process({"task": "get_metrics"})["status"]["scheduling_policy"] == "priority"
+
+
+def test_the_fleet_changes_at_run_time(svc: ControlPlaneVLLMService) -> None:
+    extra = {
+        "instance_id": "sim-9", "host": "localhost", "port": 9009, "model_name": MODEL,
+        "engine": "sim",  # as the embedded fleet's instances: an in-process simulated engine
+    }  # fmt: skip
+    entry = svc.process({"task": "register_instance", "inputs": extra})
+    assert (entry["instance_id"], entry["port"], entry["model_name"]) == ("sim-9", 9009, MODEL)
+    ids = [i["instance_id"] for i in svc.process({"task": "show_instances"})]
+    assert ids == ["sim-0", "sim-1", "sim-9"]
+    for iid in ("sim-0", "sim-1"):
+        assert svc.process({"task": "drain_instance", "inputs": iid}) == {
+            "instance_id": iid,
+            "draining": True,
+        }
+    [out] = _generate(svc, "only the new one is taking requests", max_tokens=2)
+    assert out["sage"]["instance_id"] == "sim-9"
+    undrained = svc.process(
+        {"task": "drain_instance", "inputs": "sim-0", "options": {"drain": False}}
+    )
+    assert undrained == {"instance_id": "sim-0", "draining": False}
+    removed = svc.process({"task": "unregister_instance", "inputs": "sim-9"})
+    assert removed == {"instance_id": "sim-9", "removed": True}
+    ids = [i["instance_id"] for i in svc.process({"task": "show_instances"})]
+    assert ids == ["sim-0", "sim-1"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "error", "param"),
+    [
+        ({"task": "register_instance", "inputs": "sim-9"}, InvalidRequestError, "inputs"),
+        (
+            {"task": "register_instance", "inputs": {"instance_id": "x", "hots": "h"}},
+            InvalidRequestError,
+            "inputs.hots",
+        ),
+        (
+            {"task": "register_instance", "inputs": {"instance_id": "x", "host": "h"}},
+            InvalidRequestError,
+            "inputs.port",
+        ),
+        (
+            {
+                "task": "register_instance",
+                "inputs": {"instance_id": "x", "host": "h", "port": 0, "model_name": MODEL},
+            },
+            ConfigError,
+            "port",
+        ),  # fmt: skip
+        (
+            {
+                "task": "register_instance",
+                "inputs": {"instance_id": "sim-0", "host": "h", "port": 1, "model_name": MODEL},
+            },
+            ConflictError,
+            None,
+        ),  # fmt: skip
+        ({"task": "drain_instance", "inputs": "sim-7"}, InstanceNotFoundError, None),
+        (
+            {"task": "drain_instance", "inputs": "sim-0", "options": {"drain": "no"}},
+            InvalidRequestError,
+            "options.drain",
+        ),  # fmt: skip
+        ({"task": "unregister_instance", "inputs": 3}, InvalidRequestError, "inputs"),
+        (
+            {"task": "unregister_instance", "inputs": "sim-0", "options": {"drain": True}},
+            InvalidRequestError,
+            "options.drain",
+        ),  # fmt: skip
+    ],
+)
+def test_fleet_changes_refuse_bad_arguments(
+    svc: ControlPlaneVLLMService, payload: dict[str, Any], error: type[Exception], param: str | None
+) -> None:
+    with pytest.raises(error) as err:
+        svc.process(payload)
+    if param is not None:
+        assert getattr(err.value, "param", None) == param
+    ids = [i["instance_id"] for i in svc.process({"task": "show_instances"})]
+    assert ids == ["sim-0", "sim-1"]
 
 
 def test_unknown_tasks_and_malformed_payloads_raise_clear_errors(

@@ -19,6 +19,8 @@ def test_parse_embed_accepts_a_string_or_a_list_of_strings() -> None:
     assert parse_embed("a", {}).texts == ["a"]
     req = parse_embed(["a", "b"], {"normalize": False, "batch_size": 8, "model": "e5"})
     assert (req.texts, req.normalize, req.model) == (["a", "b"], False, "e5")
+    assert (req.timeout_s, parse_embed("a", {}, 3.0).timeout_s) == (None, 3.0)
+    assert parse_embed("a", {"timeout": 1}, 3.0).timeout_s == 1.0
 
 
 @pytest.mark.parametrize(
@@ -27,6 +29,8 @@ def test_parse_embed_accepts_a_string_or_a_list_of_strings() -> None:
         (None, {}, "inputs"),
         ([], {}, "inputs"),
         (["a", 1], {}, "inputs"),
+        ("", {}, "inputs"),
+        (["a", "  "], {}, "inputs[1]"),
         ("a", {"normalize": "yes"}, "options.normalize"),
         ("a", {"model": ""}, "options.model"),
         ("a", {"timeout": 0}, "options.timeout"),

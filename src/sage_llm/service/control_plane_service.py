@@ -16,13 +16,15 @@ awaitable twin::
                                              "options": {"priority": "HIGH"}}, timeout=120)
 
 Tasks: ``generate``, ``embed``, ``show_instances``, ``health_check``, ``get_metrics``,
-``set_policy``, ``show_models``. See ``docs/service.md``.
+``set_policy``, ``show_models``, and the fleet's changes at run time: ``register_instance``,
+``drain_instance``, ``unregister_instance``. See ``docs/service.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import uuid
 from collections import Counter
@@ -52,7 +54,7 @@ from sage_llm.service.payloads import (
 from sage_llm.service.results import check_result, generation_entry, to_metadata
 from sage_llm.service.runner import LoopFactory, LoopThread
 from sage_llm.service.views import instances_view, metrics_view, models_view, result_info
-from sage_llm.types import RequestMetadata, RequestResult
+from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult
 
 __all__ = ["CONTROL_PLANE_TASKS", "WEIGHTS_NOT_MANAGED", "ControlPlaneVLLMService"]
 
@@ -60,7 +62,8 @@ T = TypeVar("T")
 
 CONTROL_PLANE_TASKS = (
     "generate", "embed", "show_instances", "health_check", "get_metrics", "set_policy",
-    "show_models", "download_model", "delete_model", "fine_tune",
+    "show_models", "register_instance", "drain_instance", "unregister_instance",
+    "download_model", "delete_model", "fine_tune",
 )  # fmt: skip
 WEIGHTS_NOT_MANAGED = (
     "task {task!r} is not supported by sage-llm: manage weights on the engine host "
@@ -169,10 +172,15 @@ class ControlPlaneVLLMService(ManagedService):
         if task == "generate":
             return self._generate(parse_generate(req.inputs, options, self.defaults))
         if task == "embed":
-            return self._embed(parse_embed(req.inputs, options))
+            return self._embed(parse_embed(req.inputs, options, self.defaults.timeout_s))
         if task == "set_policy":
             name, params = _policy_args(req)
             return self._on_loop(lambda cp: _set_policy(cp, name, params))
+        if task == "register_instance":
+            instance = _instance_arg(req)
+            return self._on_loop(lambda cp: _register(cp, instance))
+        if task in ("drain_instance", "unregister_instance"):
+            return self._on_loop(_fleet_change(req))
         if task in ("download_model", "delete_model", "fine_tune"):
             raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task=task), param="task")
         if options:
@@ -265,6 +273,60 @@ async def _cancel(cp: ControlPlaneManager, request_ids: list[str]) -> None:
             await cp.cancel_request(rid)
 
 
+def _instance_arg(req: Payload) -> ExecutionInstance:
+    """``register_instance``'s inputs: a dict of :class:`ExecutionInstance` fields, as an
+    ``[[instances]]`` entry of the config has them (checked as one when registered)."""
+    if req.options:
+        key = next(iter(req.options))
+        raise InvalidRequestError(
+            "register_instance takes the instance as inputs, no options", param=f"options.{key}"
+        )
+    fields = req.inputs
+    if not isinstance(fields, dict):
+        raise InvalidRequestError(
+            "register_instance needs the instance's fields as a dict in inputs", param="inputs"
+        )
+    known = {f.name for f in dataclasses.fields(ExecutionInstance)}
+    for key in fields:
+        if key not in known:
+            raise InvalidRequestError(f"{key!r} is not an instance field", param=f"inputs.{key}")
+    for key in ("instance_id", "host", "port", "model_name"):
+        if key not in fields:
+            raise InvalidRequestError(f"the instance needs {key}", param=f"inputs.{key}")
+    return ExecutionInstance(**fields)
+
+
+def _register(cp: ControlPlaneManager, instance: ExecutionInstance) -> dict[str, Any]:
+    cp.register_instance(instance)  # ConfigError for a bad field, ConflictError for an id
+    return next(e for e in instances_view(cp) if e["instance_id"] == instance.instance_id)
+
+
+def _fleet_change(req: Payload) -> Callable[[ControlPlaneManager], dict[str, Any]]:
+    """``drain_instance`` (``options.drain``, default true; false undrains) or
+    ``unregister_instance`` of the instance id in ``inputs``."""
+    iid = req.inputs
+    if not isinstance(iid, str) or not iid:
+        raise InvalidRequestError(f"{req.task} needs the instance id as inputs", param="inputs")
+    allowed = ("drain",) if req.task == "drain_instance" else ()
+    for key in req.options:
+        if key not in allowed:
+            raise InvalidRequestError(
+                f"unknown option {key!r} for {req.task}", param=f"options.{key}"
+            )
+    drain = req.options.get("drain", True)
+    if not isinstance(drain, bool):
+        raise InvalidRequestError("drain must be true or false", param="options.drain")
+
+    def change(cp: ControlPlaneManager) -> dict[str, Any]:
+        if req.task == "unregister_instance":
+            cp.unregister_instance(iid)  # InstanceNotFoundError, ConflictError
+            return {"instance_id": iid, "removed": True}
+        cp.drain_instance(iid, drain)
+        return {"instance_id": iid, "draining": drain}
+
+    return change
+
+
 def _policy_args(req: Payload) -> tuple[str, dict[str, Any] | None]:
     options = req.options
     for key in options:
@@ -273,7 +335,14 @@ def _policy_args(req: Payload) -> tuple[str, dict[str, Any] | None]:
                 f"unknown option {key!r} (set_policy takes policy and params)",
                 param=f"options.{key}",
             )
-    name = req.inputs if req.inputs is not None else options.get("policy")
+    named = options.get("policy")
+    if req.inputs is not None and named is not None and named != req.inputs:
+        raise InvalidRequestError(
+            f"set_policy names two policies: {req.inputs!r} in inputs and {named!r} in "
+            "options.policy",
+            param="options.policy",
+        )
+    name = req.inputs if req.inputs is not None else named
     if not isinstance(name, str) or not name:
         raise InvalidRequestError(
             "set_policy needs the policy name as inputs (or options.policy)", param="inputs"

@@ -41,10 +41,13 @@ class EmbedRequest:
     timeout_s: float | None = None
 
 
-def parse_embed(inputs: object, options: Mapping[str, Any]) -> EmbedRequest:
-    """Inputs: a string or a non-empty list of strings. Options: ``normalize`` (default
-    true), ``model``, ``timeout``; ``batch_size`` is accepted and ignored (the engine
-    batches)."""
+def parse_embed(
+    inputs: object, options: Mapping[str, Any], default_timeout_s: float | None = None
+) -> EmbedRequest:
+    """Inputs: a string or a non-empty list of strings, none of them blank. Options:
+    ``normalize`` (default true), ``model``, ``timeout`` (default ``default_timeout_s``,
+    the service's ``request_timeout_s``); ``batch_size`` is accepted and ignored (the
+    engine batches)."""
     reject_unknown(options, EMBED_OPTIONS, "options")
     if isinstance(inputs, str):
         texts = [inputs]
@@ -54,6 +57,10 @@ def parse_embed(inputs: object, options: Mapping[str, Any]) -> EmbedRequest:
         raise InvalidRequestError(
             "embed needs inputs: a string or a non-empty list of strings", param="inputs"
         )
+    for i, text in enumerate(texts):
+        if not text.strip():
+            where = "inputs" if isinstance(inputs, str) else f"inputs[{i}]"
+            raise InvalidRequestError("embed needs text, not a blank string", param=where)
     normalize = options.get("normalize", True)
     if not isinstance(normalize, bool):
         raise InvalidRequestError("normalize must be true or false", param="options.normalize")
@@ -65,7 +72,9 @@ def parse_embed(inputs: object, options: Mapping[str, Any]) -> EmbedRequest:
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
     ):
         raise InvalidRequestError("timeout must be a positive number", param="options.timeout")
-    return EmbedRequest(texts, normalize, model, None if timeout is None else float(timeout))
+    if timeout is None:
+        return EmbedRequest(texts, normalize, model, default_timeout_s)
+    return EmbedRequest(texts, normalize, model, float(timeout))
 
 
 def vectors_from_openai(obj: Mapping[str, Any], expected: int) -> list[list[float]]:

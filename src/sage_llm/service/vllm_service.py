@@ -143,7 +143,7 @@ class VLLMService(ManagedService):
             items = parse_generate(req.inputs, req.options, self.defaults)
             return backend.generate(items, _request_ids(items))
         if req.task == "embed":
-            return backend.embed(parse_embed(req.inputs, req.options))
+            return backend.embed(parse_embed(req.inputs, req.options, self.defaults.timeout_s))
         if req.task == "show_models":
             if req.options:
                 raise InvalidRequestError("show_models takes no options", param="options")
