@@ -77,7 +77,7 @@ def test_embed_waits_no_longer_than_the_services_request_timeout(embeddings_serv
     ``generate`` one, in both services (an engine that never answers held the call)."""
     port = int(embeddings_server.rsplit(":", 1)[1])
     instance = {"instance_id": "e", "host": "127.0.0.1", "port": port, "model_name": "e5-small"}
-    services = [
+    services: list[VLLMService | ControlPlaneVLLMService] = [
         VLLMService(
             {"model_id": "e5-small", "base_url": embeddings_server, "request_timeout_s": 0.2}
         ),

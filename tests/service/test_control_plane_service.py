@@ -249,7 +249,7 @@ def test_the_fleet_changes_at_run_time(svc: ControlPlaneVLLMService) -> None:
             },
             ConfigError,
             "port",
-        ),  # fmt: skip
+        ),
         (
             {
                 "task": "register_instance",
@@ -257,19 +257,19 @@ def test_the_fleet_changes_at_run_time(svc: ControlPlaneVLLMService) -> None:
             },
             ConflictError,
             None,
-        ),  # fmt: skip
+        ),
         ({"task": "drain_instance", "inputs": "sim-7"}, InstanceNotFoundError, None),
         (
             {"task": "drain_instance", "inputs": "sim-0", "options": {"drain": "no"}},
             InvalidRequestError,
             "options.drain",
-        ),  # fmt: skip
+        ),
         ({"task": "unregister_instance", "inputs": 3}, InvalidRequestError, "inputs"),
         (
             {"task": "unregister_instance", "inputs": "sim-0", "options": {"drain": True}},
             InvalidRequestError,
             "options.drain",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_fleet_changes_refuse_bad_arguments(
