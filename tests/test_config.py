@@ -519,6 +519,47 @@ def test_pd_errors() -> None:
     assert (err.location, err.key) == ("cfg.toml:3", "services.llm_control_plane.pd.enabled")
 
 
+def test_pd_plugin_params_are_checked_with_their_lines() -> None:
+    """The decider's, the pairing's and the connector's parameters (``pd.metadata``) are
+    checked by the config, each at its line, as the control plane would build them: a
+    file that passed the check had failed at start with the manager's names for them."""
+    text = (
+        '[services.llm_control_plane.pd]\nrouting_policy = "adaptive"\n'
+        "[services.llm_control_plane.pd.metadata]\n"
+        'kv_bytes_per_token = "big"\n'
+        "decider_params = { hysteresis = -1, bogus = 3 }\n"
+        "pairing_params = { top_k = 0 }\n"
+        "connector_params = { release_timeout_s = -1 }\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={})
+    prefix = "services.llm_control_plane.pd.metadata."
+    found = [(e.location, (e.key or "").removeprefix(prefix)) for e in info.value.errors]
+    assert found == [
+        ("cfg.toml:4", "kv_bytes_per_token"),  # once, not under both plugins that take it
+        ("cfg.toml:5", "decider_params.hysteresis"),
+        ("cfg.toml:5", "decider_params.bogus"),
+        ("cfg.toml:6", "pairing_params.top_k"),
+        ("cfg.toml:7", "connector_params.release_timeout_s"),
+    ]
+    err = problem("[services.llm_control_plane.pd.metadata]\npairing_params = 3\n")
+    assert (err.location, err.key) == ("cfg.toml:2", prefix + "pairing_params")
+
+
+def test_a_pd_range_error_does_not_hide_an_unservable_model() -> None:
+    text = (
+        "[services.llm_control_plane]\nenable_pd_separation = true\n"
+        "[services.llm_control_plane.pd]\nprefilling_min_instances = 6\n"
+        '[[services.llm_control_plane.instances]]\ninstance_id = "p"\nhost = "h"\nport = 1\n'
+        'model_name = "a"\ninstance_type = "PREFILLING"\n'
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={})
+    messages = [e.message for e in info.value.errors]
+    assert any("above prefilling_max_instances" in m for m in messages)
+    assert any("model 'a' has no decode-capable instance" in m for m in messages)
+
+
 def test_policy_and_routing_params_are_checked_by_the_plugins() -> None:
     err = problem(
         '[services.llm_control_plane]\nscheduling_policy = "priority"\n'

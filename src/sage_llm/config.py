@@ -53,6 +53,7 @@ from sage_llm.config_schema import (
     default_sim_model,
 )
 from sage_llm.control_plane.params import build_params
+from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.pd.orchestrator import unservable_reason
 from sage_llm.control_plane.routing.registry import get_strategy
 from sage_llm.control_plane.scheduling.registry import params_class
@@ -409,6 +410,10 @@ def _control_plane(
     pd = dataclasses.replace(cp.pd, enabled=enabled)
     cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
     _check_pd(pd, (*spath, "pd"), p)
+    if "pd" in service and not p.failed_under((*spath, "pd")):
+        # the plugins' own checks: the decider's, the pairing's and the connector's
+        # parameters (metadata.decider_params …), as the control plane will build them
+        read_params(lambda: build_pd(pd), (*spath, "pd"), p)
     policy, policy_params = cp.scheduling_policy, cp.policy_params
     if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
         read_params(
@@ -480,7 +485,7 @@ def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
     """Each configured model must have an instance (or a PD pair) that can run its
     requests: a fleet of only PREFILLING instances, say, could never answer one. Not
     checked while an instance has problems of its own (a duplicate id …)."""
-    if any("instances" in (e.key or "") for e in p.errors):
+    if p.failed_under(path):
         return
     members: dict[str, list[tuple[str, ExecutionInstanceType]]] = {}
     for inst in cp.instances:

@@ -138,12 +138,13 @@ def _fields_and_hints(cls: type[Any]) -> _Shape:
 
 
 def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None:
-    """Run ``build`` (a plugin's own parameter check); its errors are located under ``path``."""
+    """Run ``build`` (a plugin's own parameter check); its errors are located under ``path``
+    (a dotted key of the error, ``metadata.pairing_params.top_k``, as the keys it names)."""
     try:
         build()
     except ConfigError as exc:
         for one in exc.each():
-            p.add((*path, one.key) if one.key else path, one.detail)
+            p.add((*path, *one.key.split(".")) if one.key else path, one.detail)
     except (ValueError, TypeError) as exc:
         p.add(path, str(exc))
 

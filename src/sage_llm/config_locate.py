@@ -277,6 +277,11 @@ class Problems:
         """Whether a problem was recorded about ``path`` itself."""
         return path in self._paths
 
+    def failed_under(self, path: KeyPath) -> bool:
+        """Whether a problem was recorded about ``path`` or a key inside it."""
+        n = len(path)
+        return any(p[:n] == path for p in self._paths)
+
     def sorted(self) -> list[ConfigError]:
         """The problems in file order (those without a line keep their order, last)."""
 

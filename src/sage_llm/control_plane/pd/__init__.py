@@ -96,7 +96,7 @@ def _table(meta: Mapping[str, Any], key: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"must be a table, got {value!r}", key=f"pd.metadata.{key}")
+        raise ConfigError(f"must be a table, got {value!r}", key=f"metadata.{key}")
     return dict(value)
 
 
@@ -113,7 +113,17 @@ def build_pd(
     Raises :class:`ConfigError` for an unknown name or parameter.
     """
     meta = cfg.metadata or {}
+    parts = Gathered()
     kv_bytes = meta.get("kv_bytes_per_token")
+    if kv_bytes is not None and (
+        isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 1
+    ):  # checked here once: both the decider and the pairing would take it
+        parts.errors.append(
+            ConfigError(
+                f"must be a positive integer, got {kv_bytes!r}", key="metadata.kv_bytes_per_token"
+            )
+        )
+        kv_bytes = None
     spec = get_decider(cfg.routing_policy)
     decider_params: dict[str, Any] = {}
     if spec.name == "threshold":
@@ -134,12 +144,14 @@ def build_pd(
         "min_ratio": "prefilling_threshold_ratio",
         "max_transfer_s": "max_transfer_latency_ms",
     }
-    given = _table(meta, "decider_params")
+    given = parts.built(lambda: _table(meta, "decider_params"), lambda key: key or "") or {}
     decider_params.update(given)
-    pairing = _table(meta, "pairing_params")
+    pairing = parts.built(lambda: _table(meta, "pairing_params"), lambda key: key or "") or {}
     if kv_bytes is not None:
         pairing.setdefault("kv_bytes_per_token", kv_bytes)
-    parts = Gathered()
+    connector_params = (
+        parts.built(lambda: _table(meta, "connector_params"), lambda key: key or "") or {}
+    )
     decider = parts.built(
         lambda: build_decider(spec.name, decider_params),
         lambda key: (
@@ -155,7 +167,7 @@ def build_pd(
         lambda key: f"metadata.pairing_params.{key}" if key else "metadata.pairing_params",
     )
     connector = parts.built(
-        lambda: build_connector(cfg.connector, _table(meta, "connector_params"), seed=seed),
+        lambda: build_connector(cfg.connector, connector_params, seed=seed),
         lambda key: f"metadata.connector_params.{key}" if key else "connector",
     )
     parts.raise_any()
