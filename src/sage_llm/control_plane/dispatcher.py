@@ -872,6 +872,7 @@ class Dispatcher:
         legs = PDLegs(
             run.prefill.client, dstate.client, run.prefill.instance, dstate.instance,
             on_prefill_done=lambda handle: self._prefill_done(rec, run, handle),
+            spare_decode=lambda: self._spare_decode(rec.info.model, dstate.instance_id),
         )  # fmt: skip
         try:
             self._may_begin(rec)
@@ -926,6 +927,22 @@ class Dispatcher:
                 self.metrics.on_pd_fallback()
             await self._requeue(rec, failed_state, error)
 
+    def _spare_decode(self, model: str, failed_id: str) -> EngineClient | None:
+        """The client of a healthy DECODING or HYBRID instance of ``model`` other than
+        ``failed_id`` (a KV release's pull goes through it: one set up to pull KV), or
+        None."""
+        for state in self.registry:
+            if (
+                state.instance_id != failed_id
+                and state.instance.model_name == model
+                and state.instance.instance_type
+                in (ExecutionInstanceType.DECODING, ExecutionInstanceType.HYBRID)
+                and not state.removed
+                and state.routable
+            ):
+                return state.client
+        return None
+
     def _pd_failed(
         self, rec: RequestRecord, run: _PDRun, exc: EngineError
     ) -> tuple[EngineError, InstanceState, bool] | None:
@@ -945,8 +962,10 @@ class Dispatcher:
         if verdict is not None:
             return exc, failed, verdict
         rec.exception = exc
+        if prefill_leg:  # it ended on its prefill instance: the decode one never ran it
+            rec.instance_id = failed.instance_id
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, failed),
-                     state=run.decode, extra_cost=run.prefill_cost)  # fmt: skip
+                     state=failed, extra_cost=run.prefill_cost)  # fmt: skip
         return None
 
     def _pd_retry(

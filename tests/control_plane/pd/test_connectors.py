@@ -232,6 +232,34 @@ def test_vllm_decode_failure_names_the_decode_leg_and_releases_the_kv() -> None:
     run_virtual(main())
 
 
+def test_vllm_after_a_decode_failure_the_kv_is_pulled_through_a_spare_decode_instance() -> None:
+    """The failed decode instance would fail the pull too (the prefill side's KV stayed
+    pinned until its abort timeout): the pull goes through another decode instance."""
+
+    async def main() -> None:
+        hub = KVTransferHub()
+        p = SimEngine("p0", SimEngineConfig(role=Role.PREFILLING), kv_hub=hub)
+        d1 = SimEngine("d1", SimEngineConfig(role=Role.DECODING), kv_hub=hub)
+        prefill, spare = ConcurrencyProbe(p), ConcurrencyProbe(d1)  # no release_kv
+        broken = FakeEngine("d0", fail_with=EngineError("HTTP 500", instance_id="d0", status=500))
+        connector = VLLMConnector()
+        two = replace(legs(prefill, broken), spare_decode=lambda: spare)
+        with pytest.raises(PDLegError):
+            await collect(connector.run(request(), two))
+        assert spare.request_ids == ["r1-kv-release"]
+        assert nothing_pinned(p, "r1")
+        assert (connector.releases, connector.release_failures) == (1, 0)
+        # no spare: the failure is counted (and the KV waits for the abort timeout)
+        alone = VLLMConnector()
+        with pytest.raises(PDLegError):
+            await collect(alone.run(request("r2"), legs(ConcurrencyProbe(p), broken)))
+        assert (alone.releases, alone.describe()["kv_release_failures"]) == (0, 1)
+        await p.aclose()
+        await d1.aclose()
+
+    run_virtual(main())
+
+
 # --------------------------------------------------------------------------- SGLang
 
 

@@ -306,6 +306,16 @@ def test_prefill_failure_without_fallback_fails_with_the_prefill_error() -> None
         assert res.error is not None and "prefill leg failed: connection refused" in res.error
         assert "engine p0" in res.error
         assert fleet.probes["d0"].started == 0  # the decode leg was never called
+        assert (res.instance_id, res.prefill_instance_id) == ("p0", "p0")  # where it ended
+        counted = [
+            line
+            for line in fleet.cp.prometheus_metrics().decode().splitlines()
+            if line.startswith("sage_llm_requests_total{")
+        ]
+        assert counted == [
+            'sage_llm_requests_total{instance="p0",model="llama-3-8b",policy="fifo",'
+            'status="failed"} 1.0'
+        ]
         assert fleet.active("p0") == fleet.active("d0") == 0
 
     run_virtual(main())

@@ -79,13 +79,17 @@ class PDLegError(EngineError):
 @dataclass(frozen=True, slots=True)
 class PDLegs:
     """The two instances of a PD request. ``on_prefill_done`` is called once, with the
-    prefill leg's handle, as soon as that leg has ended successfully."""
+    prefill leg's handle, as soon as that leg has ended successfully. ``spare_decode``
+    gives another decode instance's client (None when there is none), through which a
+    connector that frees the prefill side's KV by a pull does it when the decode leg's
+    own instance failed."""
 
     prefill: EngineClient
     decode: EngineClient
     prefill_instance: ExecutionInstance
     decode_instance: ExecutionInstance
     on_prefill_done: Callable[[KVHandle], None] | None = None
+    spare_decode: Callable[[], EngineClient | None] | None = None
 
     def prefill_done(self, handle: KVHandle) -> None:
         if self.on_prefill_done is not None:
@@ -155,6 +159,9 @@ class VLLMConnector:
         self.params = params or VLLMConnectorParams()
         self.releases = 0
         """KV releases done after a cancellation or decode failure (for status pages)."""
+        self.release_failures = 0
+        """KV releases tried that failed: that KV stays pinned until the prefill engine's
+        own abort timeout."""
 
     async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
         """Prefill, then stream the decode leg."""
@@ -166,6 +173,7 @@ class VLLMConnector:
             raise PDLegError("prefill", exc, legs.prefill.instance_id) from exc
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
+        decode_failed = False
         stream = legs.decode.generate(req.with_changes(kv_transfer_params=dict(handle.params)))
         try:
             try:
@@ -173,16 +181,22 @@ class VLLMConnector:
                     owed = False
                     yield merge_usage(chunk, handle.prompt_tokens)
             except PDLegError:
+                decode_failed = True
                 raise
             except SageLLMError as exc:
+                decode_failed = True
                 raise PDLegError("decode", exc, legs.decode.instance_id) from exc
         finally:
             await _close(stream)
             if owed:
-                await self.release(req, handle, legs)
+                await self.release(req, handle, legs, decode_failed=decode_failed)
 
-    async def release(self, req: EngineRequest, handle: KVHandle, legs: PDLegs) -> bool:
-        """Free the KV a finished prefill leg keeps for ``req``; True when it was released."""
+    async def release(
+        self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool = False
+    ) -> bool:
+        """Free the KV a finished prefill leg keeps for ``req``; True when it was released.
+        By a pull, through the decode leg's instance, or another one (``legs.spare_decode``)
+        when that one failed (``decode_failed``) or the pull through it did."""
         remote_id = str(handle.params.get("remote_request_id") or req.request_id)
         direct = getattr(legs.prefill, "release_kv", None)
         try:
@@ -193,7 +207,7 @@ class VLLMConnector:
                         result = await result
                     released = bool(result)
                 elif self.params.release_by_pull:
-                    released = await self._pull(req, handle, legs)
+                    released = await self._pull_somewhere(req, handle, legs, decode_failed)
                 else:
                     log.info(
                         "request %s: KV stays pinned on %s until its abort timeout",
@@ -202,6 +216,7 @@ class VLLMConnector:
                     )
                     return False
         except (SageLLMError, TimeoutError) as exc:
+            self.release_failures += 1
             log.warning(
                 "request %s: could not release KV on %s: %s",
                 req.request_id,
@@ -213,8 +228,28 @@ class VLLMConnector:
             self.releases += 1
         return released
 
+    async def _pull_somewhere(
+        self, req: EngineRequest, handle: KVHandle, legs: PDLegs, decode_failed: bool
+    ) -> bool:
+        """:meth:`_pull` through the decode leg's instance unless it failed, else (or when
+        that pull fails) through a spare decode instance, when there is one."""
+        spare = legs.spare_decode() if legs.spare_decode is not None else None
+        if not decode_failed or spare is None:
+            try:
+                return await self._pull(req, handle, legs.decode)
+            except SageLLMError:
+                if spare is None:
+                    raise
+        assert spare is not None
+        log.info(
+            "request %s: releasing KV on %s through %s (its decode instance %s failed)",
+            req.request_id, legs.prefill.instance_id, spare.instance_id,
+            legs.decode.instance_id,
+        )  # fmt: skip
+        return await self._pull(req, handle, spare)
+
     @staticmethod
-    async def _pull(req: EngineRequest, handle: KVHandle, legs: PDLegs) -> bool:
+    async def _pull(req: EngineRequest, handle: KVHandle, decode: EngineClient) -> bool:
         extra = {k: v for k, v in req.extra.items() if k not in ("min_tokens", "n")}
         drain = req.with_changes(
             request_id=f"{req.request_id}-kv-release",
@@ -223,7 +258,7 @@ class VLLMConnector:
             extra=extra,
             kv_transfer_params=dict(handle.params),
         )
-        stream = legs.decode.generate(drain)
+        stream = decode.generate(drain)
         try:
             async for _chunk in stream:
                 pass
@@ -237,6 +272,7 @@ class VLLMConnector:
             "release_by_pull": self.params.release_by_pull,
             "release_timeout_s": self.params.release_timeout_s,
             "kv_releases": self.releases,
+            "kv_release_failures": self.release_failures,
         }
 
 
