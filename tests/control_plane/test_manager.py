@@ -1609,3 +1609,43 @@ def test_a_stop_before_the_started_tasks_first_run_frees_their_slots() -> None:
         assert all(r is not None and r.status is RequestStatus.CANCELLED for r in results)
 
     run_virtual(main())
+
+
+def test_a_request_that_is_not_request_metadata_is_refused_with_a_typed_error() -> None:
+    async def main() -> None:
+        async with _manager(1) as cp:
+            with pytest.raises(InvalidRequestError, match="RequestMetadata, got dict"):
+                await cp.submit_request({"request_id": "x"})  # type: ignore[arg-type]
+
+    run_virtual(main())
+
+
+class SlowClosingEngine(FakeEngine):
+    """Takes ``close_s`` to close (as a client draining its connections may)."""
+
+    closed = False
+    close_s = 0.0
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(self.close_s)
+        self.closed = True
+
+
+def test_stop_waits_for_the_clients_of_removed_instances_to_close() -> None:
+    async def main() -> None:
+        engines: list[SlowClosingEngine] = []
+
+        def factory(inst: ExecutionInstance) -> SlowClosingEngine:
+            engines.append(SlowClosingEngine(inst.instance_id))
+            engines[-1].close_s = 5.0 if inst.instance_id == "sim-0" else 0.0
+            return engines[-1]
+
+        cp = ControlPlaneManager(mode="simulated", engine_factory=factory)
+        for inst in make_instances(2):
+            cp.register_instance(inst)
+        async with cp:
+            cp.unregister_instance("sim-0")  # idle: removed at once, its client closing
+        assert engines[0].closed  # the task closing it was awaited, not left behind
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("close-")]
+
+    run_virtual(main())

@@ -195,6 +195,17 @@ def test_set_policy_switches_the_scheduling_policy(svc: ControlPlaneVLLMService)
     assert err.value.param == "inputs"
 
 
+def test_the_vllm_service_methods_work_on_the_control_plane_service(
+    svc: ControlPlaneVLLMService,
+) -> None:
+    """Code written for VLLMService's ``generate``/``show_models`` runs unchanged."""
+    [entry] = svc.generate("hello", max_tokens=3)
+    assert entry["usage"]["output_tokens"] == 3
+    assert [m["model_id"] for m in svc.show_models()] == [MODEL]
+    with pytest.raises(InvalidRequestError, match="supports embeddings"):
+        svc.embed(["a"])
+
+
 def test_set_policy_refuses_two_different_names(svc: ControlPlaneVLLMService) -> None:
     with pytest.raises(InvalidRequestError) as err:
         svc.process({"task": "set_policy", "inputs": "fifo", "options": {"policy": "priority"}})

@@ -245,6 +245,7 @@ class ControlPlaneManager:
         self._session: aiohttp.ClientSession | None = None
         self._kv_hub: Any = None  # sim.engine.KVTransferHub, created with the first sim engine
         self._loops: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
         self._deadlines: DeadlineTimers | None = None
         self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._given_clients: set[str] = set()
@@ -353,6 +354,7 @@ class ControlPlaneManager:
         for rec in list(dispatcher.records.values()):
             dispatcher.cancel(rec)
         all_tasks = self._loops + [t for ts in self._instance_tasks.values() for t in ts]
+        all_tasks += self._closing  # removed instances' clients, closing
         await asyncio.gather(*all_tasks, return_exceptions=True)
         self._loops.clear()
         self._instance_tasks.clear()
@@ -1066,6 +1068,10 @@ class ControlPlaneManager:
         dispatcher = self._require_dispatcher()
         if not self._accepting:
             raise ControlPlaneNotRunningError("the control plane is shutting down")
+        if not isinstance(meta, RequestMetadata):
+            raise InvalidRequestError(
+                f"a request is a RequestMetadata, got {type(meta).__name__}", param="request"
+            )
         if not meta.request_id:
             raise InvalidRequestError("request_id must not be empty", param="request_id")
         if meta.request_id in dispatcher.records:
@@ -1224,7 +1230,11 @@ class ControlPlaneManager:
         self._closed_given.discard(state.instance_id)
         self._metrics.forget_instance(state.instance_id)
         if self._running:
-            asyncio.get_running_loop().create_task(state.client.aclose())
+            task = asyncio.get_running_loop().create_task(
+                state.client.aclose(), name=f"close-{state.instance_id}"
+            )
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _fail_unservable(self) -> None:
         """Fail queued requests whose model no instance serves any more, or none that is

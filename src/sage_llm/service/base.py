@@ -141,7 +141,32 @@ else:
 class ManagedService(ServiceBase):
     """The lifecycle both services share. SAGE calls ``start()`` when the job starts and
     ``stop()`` then ``cleanup()`` when it ends; ``setup``/``cleanup`` do the work (both are
-    idempotent), and a service also works as a context manager."""
+    idempotent), and a service also works as a context manager. Both also have SAGE's
+    VLLMService methods (``generate``, ``embed``, ``show_models``), for callers that used
+    them directly."""
+
+    def process(self, payload: Any) -> Any:
+        """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
+        raise NotImplementedError
+
+    def generate(self, prompts: Any, **options: Any) -> list[dict[str, Any]]:
+        """``process({"task": "generate", "inputs": prompts, "options": options})``."""
+        result: list[dict[str, Any]] = self.process(
+            {"task": "generate", "inputs": prompts, "options": options}
+        )
+        return result
+
+    def embed(self, texts: Any, **options: Any) -> dict[str, Any]:
+        """``process({"task": "embed", "inputs": texts, "options": options})``."""
+        result: dict[str, Any] = self.process(
+            {"task": "embed", "inputs": texts, "options": options}
+        )
+        return result
+
+    def show_models(self) -> list[dict[str, Any]]:
+        """The models served, in SAGE's VLLMService shape."""
+        result: list[dict[str, Any]] = self.process({"task": "show_models"})
+        return result
 
     def start(self) -> None:
         """SAGE calls this when the job starts: make sure the service is set up."""

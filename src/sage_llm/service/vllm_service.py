@@ -110,27 +110,6 @@ class VLLMService(ManagedService):
         work = self._plan(payload)
         return await self._runner_or_raise(work).arun(work)
 
-    # SAGE's VLLMService methods, for callers that used them directly.
-
-    def generate(self, prompts: Any, **options: Any) -> list[dict[str, Any]]:
-        """``process({"task": "generate", "inputs": prompts, "options": options})``."""
-        result: list[dict[str, Any]] = self.process(
-            {"task": "generate", "inputs": prompts, "options": options}
-        )
-        return result
-
-    def embed(self, texts: Any, **options: Any) -> dict[str, Any]:
-        """``process({"task": "embed", "inputs": texts, "options": options})``."""
-        result: dict[str, Any] = self.process(
-            {"task": "embed", "inputs": texts, "options": options}
-        )
-        return result
-
-    def show_models(self) -> list[dict[str, Any]]:
-        """The models the engine serves, in SAGE's VLLMService shape."""
-        result: list[dict[str, Any]] = self.process({"task": "show_models"})
-        return result
-
     def _check_task(self, payload: Any) -> None:
         if isinstance(payload, Mapping) and payload.get("task") == "fine_tune":
             raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task="fine_tune"), param="task")
