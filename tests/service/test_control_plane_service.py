@@ -206,6 +206,22 @@ def test_the_vllm_service_methods_work_on_the_control_plane_service(
         svc.embed(["a"])
 
 
+def test_a_refused_option_is_named_as_the_payload_gives_it(
+    svc: ControlPlaneVLLMService,
+) -> None:
+    """The control plane's field names (``temperature``) are the payload's options, and in a
+    batch the input is named too, in ``param`` and the message (SAGE passes on only the
+    message)."""
+    with pytest.raises(InvalidRequestError) as err:
+        _generate(svc, "x", temperature=1000)
+    assert err.value.param == "options.temperature"
+    batch = ["ok", "ok too", {"prompt": "b", "options": {"model": "gpt-9"}}]
+    with pytest.raises(ModelNotFoundError) as found:
+        _generate(svc, batch)
+    assert found.value.param == "inputs[2].options.model"
+    assert str(found.value).startswith("inputs[2]: ")
+
+
 def test_set_policy_refuses_two_different_names(svc: ControlPlaneVLLMService) -> None:
     with pytest.raises(InvalidRequestError) as err:
         svc.process({"task": "set_policy", "inputs": "fifo", "options": {"policy": "priority"}})

@@ -215,8 +215,7 @@ class ControlPlaneVLLMService(ManagedService):
                 try:
                     submitted.append(await cp.submit_request(meta))
                 except SageLLMError as exc:
-                    if len(metas) > 1:
-                        exc.add_note(f"while submitting inputs[{index}]")
+                    _locate(exc, f"inputs[{index}]" if len(metas) > 1 else None)
                     raise
             async with asyncio.timeout(timeout):
                 results = await asyncio.gather(*(cp.wait_for_result(r) for r in submitted))
@@ -242,6 +241,26 @@ class ControlPlaneVLLMService(ManagedService):
         vectors = vectors_from_openai(answer, len(req.texts))
         model = answer.get("model") or req.model or ",".join(cp.get_status()["models"])
         return embed_result(str(model), vectors, req.normalize)
+
+
+_PAYLOAD_PARAMS = ("inputs", "options", "payload", "task")
+_INPUT_PARAMS = frozenset({"prompt", "messages", "input"})
+"""Request fields a payload gives as its input, not as an option."""
+
+
+def _locate(exc: SageLLMError, where: str | None) -> None:
+    """Name in ``exc`` the payload's part the control plane refused: its ``param`` (a
+    request field, ``temperature``) as the option it came from (``options.temperature``),
+    and, in a batch, the input (``where``: ``inputs[2]``), in ``param`` and in the message
+    (which is all SAGE's ``call_service`` passes on)."""
+    param = exc.param
+    if param in _INPUT_PARAMS or (where and not param):
+        exc.param = where or "inputs"
+    elif param and not param.startswith(_PAYLOAD_PARAMS):
+        exc.param = f"{where}.options.{param}" if where else f"options.{param}"
+    if where:
+        exc.message = f"{where}: {exc.message}"
+        exc.args = (exc.message, *exc.args[1:])
 
 
 def _request_ids(items: list[PromptInput]) -> list[str]:
