@@ -158,7 +158,7 @@ def test_a_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path: Path) -> Non
     assert output == f"error: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
     code, output = invoke("plan", "--topology", str(bad))
     assert code == 1
-    assert output == f"error: topology: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
+    assert output == f"error: --topology: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
     toml = tmp_path / "fleet.toml"
     toml.write_bytes(b"[launch]\nmodel = '\xff'\n")
     code, output = invoke("launch", str(toml))
@@ -166,6 +166,23 @@ def test_a_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path: Path) -> Non
     assert output.endswith(
         f"error: {toml}: launch file is not UTF-8 text (byte 0xff at offset 18)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--prompt-len", "0", "--prompt-len: must be >= 1 token, got 0"),
+        ("--output-len", "0", "--output-len: must be >= 1 token, got 0"),
+        ("--slo-tpot", "5", "--slo-tpot: expected a duration such as 2s or 50ms, got '5'"),
+        ("--gpus", "8xFOO", "--gpus: unknown GPU 'FOO'"),
+        ("--model", "nosuch", "--model: unknown model 'nosuch'"),
+    ],
+)
+def test_plan_errors_name_the_option(option: str, value: str, message: str) -> None:
+    code, output = invoke("plan", "--model", "llama-3-8b", option, value)
+    assert code == 1
+    assert output.startswith(f"error: {message}")
+    assert len(output.splitlines()) == 1
 
 
 def test_launch_checks_every_engine_port_before_starting(tmp_path: Path) -> None:
@@ -192,12 +209,60 @@ def test_launch_file_errors_name_the_line_and_the_expected_type(tmp_path: Path) 
 def test_launch_options_for_a_plan_file_are_refused_with_a_launch_file(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text("[launch]\n[[launch.instances]]\n")
-    code, output = invoke("launch", str(fleet), "--base-port", "18500")
+    for option in ("--base-port", "--node"):
+        code, output = invoke("launch", str(fleet), option, "1")
+        assert code == 1
+        assert output.endswith(
+            "error: --base-port, --log-dir and --node apply to a plan file (.json); "
+            "a launch file sets base_port, log_dir and node\n"
+        )
+
+
+def split_plan(tmp_path: Path) -> Path:
+    """A plan file as older planners wrote it: prefill on node 0, decode on node 1."""
+    plan = tmp_path / "split.json"
+    instances = [
+        {"role": role, "tp": 1, "gpu_ids": [g], "node": node}
+        for node, role in ((0, "prefilling"), (1, "decoding"))
+        for g in range(2)
+    ]
+    plan.write_text(json.dumps({"model": "llama-3-8b", "gpu": "L40S", "instances": instances}))
+    return plan
+
+
+def test_launching_a_node_that_could_never_serve_is_refused_before_starting(
+    tmp_path: Path,
+) -> None:
+    plan = split_plan(tmp_path)
+    for node, has, missing in (("0", "2 prefill", "decode"), ("1", "2 decode", "prefill")):
+        code, output = invoke(
+            "launch", str(plan), "--node", node, "--port", str(free_ports(1)),
+            "--log-dir", str(tmp_path / "logs"),
+        )  # fmt: skip
+        assert code == 1
+        assert output.startswith(
+            f"error: {plan}: node {node} would start only {has} instances: model 'llama-3-8b' "
+            f"has no {missing}-capable instance to pair with, so its gateway could never serve "
+            "a request; plan again"
+        )
+        assert len(output.splitlines()) == 1
+    assert not (tmp_path / "logs").exists()
+
+
+def test_node_chooses_the_plans_node_and_is_named_when_it_has_none(tmp_path: Path) -> None:
+    plan = tmp_path / "node1.json"
+    instances = [{"role": "general", "gpu_ids": [0], "node": 1}]
+    plan.write_text(json.dumps({"model": "llama-3-8b", "gpu": "H100", "instances": instances}))
+    code, output = invoke("launch", str(plan), "--port", str(free_ports(1)))
     assert code == 1
     assert output.endswith(
-        "error: --base-port and --log-dir apply to a plan file (.json); "
-        "a launch file sets base_port and log_dir\n"
+        f"error: {plan}: --node: the plan has no instance on node 0 (its nodes: 1)\n"
     )
+    code, output = invoke("launch", str(plan), "--node", "-1")
+    assert code == 2 and "Invalid value for '--node'" in output
+    with listening() as port:  # node 1 is accepted: the launch goes on to the gateway's port
+        code, output = invoke("launch", str(plan), "--node", "1", "--port", str(port))
+    assert output.endswith(f"port {port} is already in use\n")
 
 
 def test_the_gateway_port_must_be_free_before_engines_start(tmp_path: Path) -> None:
@@ -375,3 +440,23 @@ def test_serve_port_0_picks_a_free_port_as_the_files_key_does() -> None:
     assert _listen_port(8080) == 8080
     with pytest.raises(typer.BadParameter, match="1-65535"):
         _listen_port(-1)
+
+
+def test_topo_and_plan_read_the_json_topology_form(tmp_path: Path) -> None:
+    from sage_llm.control_plane.topology import parse_nvidia_smi_topo
+
+    saved = Path(__file__).parent / "fixtures" / "topology" / "a100-pcie-4gpu-nv12-pair-mlx5.txt"
+    topology = parse_nvidia_smi_topo(saved.read_text())
+    as_json = tmp_path / "topo.json"
+    as_json.write_text(json.dumps(topology.to_dict()))
+    code, output = invoke("topo", "--file", str(as_json))
+    assert code == 0 and output == topology.describe() + "\n"
+    code, output = invoke("plan", "--model", "llama-3-8b", "--gpus", "4xA100", "--topology",
+                          str(as_json))  # fmt: skip
+    assert code == 0 and "NVLink domains: 0,1." in output
+    as_json.write_text('{"gpus": 3}')
+    code, output = invoke("topo", "--file", str(as_json))
+    assert code == 1
+    assert output == (
+        f"error: {as_json}: topology: invalid topology: gpus must be a list of objects, got 3\n"
+    )

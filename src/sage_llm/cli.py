@@ -419,15 +419,17 @@ def engine_sim(
 @app.command()
 def topo(
     file: Annotated[
-        Path | None, typer.Option(help="Parse this saved `nvidia-smi topo -m` output.")
+        Path | None,
+        typer.Option(help="Parse this saved `nvidia-smi topo -m` output (or its JSON form)."),
     ] = None,
 ) -> None:
     """Show this machine's GPU topology (NVLink domains, NUMA nodes, PCIe distances)."""
-    from sage_llm.control_plane.topology import detect_topology, parse_nvidia_smi_topo
+    from sage_llm.control_plane.parallelism import parse_topology_text
+    from sage_llm.control_plane.topology import detect_topology
 
     if file is not None:
         try:
-            topology = parse_nvidia_smi_topo(_read_text(file))
+            topology = parse_topology_text(_read_text(file))
         except SageLLMError as exc:
             _fail(f"{file}: {exc}")
         typer.echo(topology.describe())
@@ -455,14 +457,19 @@ def plan(
 ) -> None:
     """Choose TP x PP x DP (x EP) and a prefill/decode split for a model on N GPUs."""
     from sage_llm.control_plane.parallelism import plan_command
+    from sage_llm.errors import ConfigError
 
     try:
         text = plan_command(
             model, gpus, slo_ttft, slo_tpot, prompt_len=prompt_len, output_len=output_len,
             rate=rate, topology_file=topology, allow_pd=not no_pd, as_json=as_json,
         )  # fmt: skip
-    except SageLLMError as exc:
-        _fail(exc.message)
+    except ConfigError as exc:
+        names = ("model", "gpus", "slo_ttft", "slo_tpot", "prompt_len", "output_len", "rate")
+        key = "gpus" if exc.key == "gpu" else exc.key
+        if key not in (*names, "topology"):
+            _fail(exc.message)
+        _fail(f"--{key.replace('_', '-')}: {exc.detail}")
     typer.echo(text)
 
 
@@ -489,6 +496,10 @@ def launch(
         Path | None,
         typer.Option(help="A plan's engine logs: <log-dir>/<id>.log (default: sage-llm-logs)."),
     ] = None,
+    node: Annotated[
+        int | None,
+        typer.Option(help="Start the instances the plan puts on this node (default: 0).", min=0),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
 ) -> None:
@@ -497,6 +508,7 @@ def launch(
     Ctrl-C or SIGTERM stops the gateway and every engine started (before it listens: exit 130/143).
     """
     _setup_logging(ctx, log_level, log_format)
+    from sage_llm.errors import ConfigError
     from sage_llm.launch import engines_from_plan, load_launch_config
 
     overrides: dict[str, object] = {}
@@ -504,14 +516,22 @@ def launch(
         overrides["base_port"] = base_port
     if log_dir is not None:
         overrides["log_dir"] = log_dir
+    if node is not None:
+        overrides["node"] = node
     if overrides and source.suffix != ".json":
         _fail(
-            "--base-port and --log-dir apply to a plan file (.json); "
-            "a launch file sets base_port and log_dir"
+            "--base-port, --log-dir and --node apply to a plan file (.json); "
+            "a launch file sets base_port, log_dir and node"
         )
     try:
         config = load_launch_config(source, overrides=overrides)
         engines = engines_from_plan(config.instances, config.settings)
+    except ConfigError as exc:
+        options = {"node": "--node", "base_port": "--base-port", "log_dir": "--log-dir"}
+        option = options.get(exc.key or "") if source.suffix == ".json" else None
+        if option is None:
+            _fail(exc.message)
+        _fail(f"{exc.location or source}: {option}: {exc.detail}")
     except SageLLMError as exc:
         _fail(exc.message)
     for engine in engines:
@@ -675,14 +695,28 @@ def bench_pd(
     ] = 2.0,
     include_70b: Annotated[bool, typer.Option(help="Include the 70B TP4 fleets.")] = True,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    n_long: Annotated[int, typer.Option(min=0, help="Long-prompt requests per fleet.")] = 120,
+    long_rate: Annotated[
+        float, typer.Option(help="Long-prompt arrivals per second.", callback=_positive)
+    ] = 12.0,
+    n_chat: Annotated[int, typer.Option(min=0, help="Chat requests per fleet.")] = 300,
+    chat_rate: Annotated[
+        float, typer.Option(help="Chat arrivals per second.", callback=_positive)
+    ] = 20.0,
+    fleets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated Llama-3-8B layouts to run (default: all, and 70B)."),
+    ] = None,
 ) -> None:
     """Colocated vs PD (several P:D ratios, adaptive decider) on long-prompt and chat work."""
     from sage_llm.bench.pd_bench import pd_bench_main
 
     try:
         code = pd_bench_main(
-            out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed
-        )
+            out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed,
+            n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
+            fleet_names=None if fleets is None else [f for f in fleets.split(",") if f],
+        )  # fmt: skip
     except SageLLMError as exc:
         _fail(exc.message)
     raise typer.Exit(code)

@@ -209,3 +209,21 @@ def test_pd_bench_main_checks_the_speed_before_running(
     monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
     with pytest.raises(ConfigError, match=r"^speed: must be a finite number > 0, got "):
         pd_bench_main(speed=speed)
+
+
+def test_the_cli_sizes_the_run(tmp_path: Path) -> None:
+    """``sage-llm bench pd`` takes the script's sizes: a small run is one command."""
+    from typer.testing import CliRunner
+
+    from sage_llm.cli import app
+
+    out = tmp_path / "pd.json"
+    args = ["bench", "pd", "--n-long", "4", "--n-chat", "6", "--fleets", "colocated,pd-3:5"]
+    result = CliRunner().invoke(app, [*args, "--long-rate", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cases = json.loads(out.read_text())["cases"]
+    assert {c["fleet"]["name"] for c in cases} == {"colocated", "pd-3:5"}
+    counts = {c["workload"]: c["requests"] for c in cases}
+    assert counts == {"long_prompt": 4, "sharegpt_like": 6}
+    bad = CliRunner().invoke(app, ["bench", "pd", "--fleets", "nope"])
+    assert bad.exit_code != 0 and "unknown fleet" in bad.output

@@ -159,6 +159,35 @@ def test_multi_node_plans_place_instances_on_each_node() -> None:
     assert all(c.shape.gpus <= 4 for c, _ in every_plan(p))
 
 
+def roles_by_node(insts: tuple[PlannedInstance, ...] | list[PlannedInstance]) -> list[set[str]]:
+    nodes: dict[int, set[str]] = {}
+    for i in insts:
+        nodes.setdefault(i.node, set()).add(i.role.value)
+    return [nodes[n] for n in sorted(nodes)]
+
+
+def test_a_multi_node_pd_split_puts_both_roles_on_each_node_where_the_counts_allow() -> None:
+    alloc, gpu = parse_gpus("2x4xL40S")
+    p = plan("llama-3-8b", alloc, gpu, WorkloadProfile(2000, 150), SLOTarget(1.5, 0.06))
+    both = {"prefilling", "decoding"}
+    assert p.candidate.label == "PD 4 × TP1 prefill + 4 × TP1 decode"
+    assert roles_by_node(p.instances) == [both, both]
+    assert [(i.role, i.node, i.gpu_ids) for i in p.instances][:2] == [
+        (PREFILL, 0, (0,)), (PREFILL, 0, (1,)),
+    ]  # fmt: skip
+    assert roles_by_node(find(p, "PD 4 × TP1 prefill + 2 × TP2 decode")) == [both, both]
+    assert "only one role" not in p.explanation
+    # One TP4 decode instance fills a node: the other node can only hold prefill instances.
+    assert roles_by_node(find(p, "PD 4 × TP1 prefill + 1 × TP4 decode")) == [
+        {"prefilling"}, {"decoding"},
+    ]  # fmt: skip
+    lone = plan("llama-3-70b", GPUAllocation(3, 4), "h100", CHAT, SLO)
+    assert lone.candidate.label == "PD 4 × TP2 prefill + 1 × TP4 decode"
+    assert "Nodes 0, 1, 2 hold only one role (the counts allow no more mixing)" in (
+        lone.explanation
+    )
+
+
 def test_sixteen_gpus_without_topology_are_two_nodes_of_eight() -> None:
     p = plan("llama-3-70b", 16, "h100", CHAT, SLO, allow_pd=False)
     assert "16 GPUs taken as 2 nodes of 8." in p.explanation

@@ -4,6 +4,8 @@ engines that die or hang, SIGTERM → SIGKILL escalation and cancellation."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -12,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.control_plane.parallelism import PlannedInstance
 from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, InstanceNotFoundError
 from sage_llm.launch import (
     EngineLaunch,
+    LaunchConfig,
     LaunchSettings,
     launch_engines,
     launch_from_config,
@@ -24,6 +28,7 @@ from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
 from tests.factories import alive, free_ports
 
 GENERAL = ExecutionInstanceType.GENERAL
+PREFILL, DECODE = ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING
 
 # A stand-in engine: answers /health, writes its pid, optionally ignores SIGTERM.
 STUB = """
@@ -255,3 +260,55 @@ async def test_an_engine_that_exits_as_its_port_answers_is_a_failed_start() -> N
             )
     finally:
         await runner.cleanup()
+
+
+async def test_each_run_starts_its_log_afresh(tmp_path: Path) -> None:
+    port = free_ports(1)
+    first = script("e", "import sys; print('first run failed', flush=True); sys.exit(3)", port)
+    with pytest.raises(EngineError, match="first run failed"):
+        await launch_engines([first], settings=settings(tmp_path, health_timeout_s=30))
+    second = script("e", "import sys; print('second run failed', flush=True); sys.exit(4)", port)
+    with pytest.raises(EngineError, match="exited with code 4") as info:
+        await launch_engines([second], settings=settings(tmp_path, health_timeout_s=30))
+    assert "first run" not in info.value.message
+    text = (tmp_path / "logs" / "e.log").read_text()
+    assert text.startswith("$ ") and "second run failed" in text and "first run" not in text
+
+
+async def test_an_engine_that_exits_while_serving_is_logged_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = free_ports(2)
+    fleet = await launch_engines(
+        [stub(tmp_path, "a", base), stub(tmp_path, "b", base + 1)], settings=settings(tmp_path)
+    )
+    async with fleet:
+        with caplog.at_level("WARNING", logger="sage_llm.launch"):
+            victim = fleet.processes[1]
+            os.kill(victim.pid, signal.SIGKILL)
+            await asyncio.wait_for(victim.process.wait(), 10)
+            for _ in range(100):  # the watcher runs once the loop has seen the exit
+                if caplog.records:
+                    break
+                await asyncio.sleep(0.01)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"engine b (pid {victim.pid}) exited with code -9 (SIGKILL) while serving; it is "
+            "not restarted and health checks will eject it; its log: "
+            f"{tmp_path / 'logs' / 'b.log'}"
+        ]
+        caplog.clear()
+    assert caplog.records == []  # stopping the fleet is no unexpected exit
+
+
+async def test_launch_from_config_refuses_a_fleet_its_manager_could_never_serve(
+    tmp_path: Path,
+) -> None:
+    pd = [PlannedInstance(PREFILL, 1, 1, 1, (0,)), PlannedInstance(DECODE, 1, 1, 1, (1,))]
+    config = LaunchConfig(settings(tmp_path, model="llama-3-8b"), pd)
+    cp = ControlPlaneManager(enable_pd_separation=False)
+    with pytest.raises(ConfigError, match=r"only 1 prefill and 1 decode instances: .* disabled"):
+        await launch_from_config(config, manager=cp)
+    alone = LaunchConfig(config.settings, pd[:1])
+    with pytest.raises(ConfigError, match="no decode-capable instance to pair with"):
+        await launch_from_config(alone, manager=ControlPlaneManager())
+    assert not (tmp_path / "logs").exists()

@@ -17,6 +17,7 @@ from sage_llm.launch import (
     LaunchSettings,
     engine_sim_argv,
     engines_from_plan,
+    fleet_problem,
     load_launch_config,
     load_plan_file,
     planned_instances_from_dicts,
@@ -404,3 +405,100 @@ def test_a_plan_file_takes_overrides_of_its_settings(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match="base_port: must be a port"):
         load_launch_config(path, overrides={"base_port": 0})
+
+
+def test_a_launch_file_whose_node_could_never_serve_is_a_located_error(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[launch]\nbase_port = 23100\n"
+        '[[launch.instances]]\nrole = "prefill"\ngpu_ids = [0]\n'
+        '[[launch.instances]]\nrole = "decode"\ngpu_ids = [1]\nnode = 1\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_launch_config(path)
+    assert str(info.value) == (
+        f"{path}:3: launch.instances: node 0 would start only 1 prefill instance: model "
+        "'llama-3-8b' has no decode-capable instance to pair with, so its gateway could never "
+        "serve a request"
+    )
+    path.write_text(path.read_text().replace("node = 1", "node = 0"))
+    assert len(load_launch_config(path).instances) == 2
+
+
+def test_fleet_problem_counts_the_instances_already_serving_the_model() -> None:
+    prefill_only = engines_from_plan(PD_PLAN[:1], LaunchSettings(model="m"))
+    assert fleet_problem(prefill_only) == (
+        "node 0 would start only 1 prefill instance: model 'm' has no decode-capable instance "
+        "to pair with, so its gateway could never serve a request"
+    )
+    assert fleet_problem(prefill_only, others=[("elsewhere", DECODE)]) is None
+    pd = engines_from_plan(PD_PLAN, LaunchSettings(model="m"))
+    assert fleet_problem(pd) is None
+    assert "PD disaggregation is disabled" in (fleet_problem(pd, pd_enabled=False) or "")
+    general = engines_from_plan(PD_PLAN, LaunchSettings(model="m", node=1))
+    assert fleet_problem(general, pd_enabled=False) is None
+
+
+def test_a_plan_file_split_by_role_across_nodes_is_refused_for_each_node(tmp_path: Path) -> None:
+    path = tmp_path / "split.json"
+    instances = [
+        {"role": role, "gpu_ids": [0], "node": node}
+        for node, role in ((0, "prefilling"), (1, "decoding"))
+    ]
+    path.write_text(json.dumps({"model": "llama-3-8b", "gpu": "L40S", "instances": instances}))
+    with pytest.raises(ConfigError, match=rf"^{path}: node 0 would start only 1 prefill "):
+        load_launch_config(path)
+    with pytest.raises(ConfigError, match=r"node 1 would start only 1 decode instance: .* no pre"):
+        load_launch_config(path, overrides={"node": 1})
+    with pytest.raises(ConfigError, match=rf"^{path}: node: the plan has no instance on node 2 "):
+        load_launch_config(path, overrides={"node": 2})
+
+
+def test_a_multi_node_pd_plan_launches_a_servable_fleet_on_each_node(tmp_path: Path) -> None:
+    path = tmp_path / "pd2node.json"
+    text = plan_command(
+        "llama-3-8b", "2x4xL40S", "1.5s", "60ms", prompt_len=2000, output_len=150, as_json=True
+    )
+    path.write_text(text)
+    assert json.loads(path.read_text())["plan"].startswith("PD ")
+    for node in (0, 1):
+        config = load_launch_config(path, overrides={"node": node})
+        roles = {e.role for e in engines_from_plan(config.instances, config.settings)}
+        assert roles == {PREFILL, DECODE}
+
+
+def test_the_launch_gpu_must_be_the_gpu_the_plan_is_for(tmp_path: Path) -> None:
+    plan = '[launch.plan]\ngpus = "2xH100"\nslo_ttft = "2s"\nslo_tpot = "50ms"\n'
+    path = write(tmp_path, f'[launch]\nmodel = "llama-3-8b"\ngpu = "l40s"\n{plan}')
+    with pytest.raises(ConfigError) as info:
+        load_launch_config(path)
+    assert str(info.value) == f"{path}:3: launch.gpu: 'l40s' conflicts with launch.plan.gpus (H100)"
+    path.write_text(f'[launch]\nmodel = "nosuch"\ngpu = "l40s"\n{plan}')  # reported together
+    with pytest.raises(ConfigErrors) as many:
+        load_launch_config(path)
+    assert [f"{e.location}: {e.key}" for e in many.value.errors] == [
+        f"{path}:2: launch.model", f"{path}:3: launch.gpu",
+    ]  # fmt: skip
+    path.write_text(f'[launch]\ngpu = "h100"\n{plan}')
+    assert load_launch_config(path).settings.sim_gpu == "h100"
+    path.write_text(f"[launch]\n{plan.replace('2xH100', '2xL40S')}")  # no gpu: the plan's
+    assert load_launch_config(path).settings.sim_gpu == "L40S"
+    (tmp_path / "plan.json").write_text(plan_command("llama-3-8b", "2xH100", as_json=True))
+    path.write_text('[launch]\ngpu = "a100"\nplan_file = "plan.json"\n')
+    with pytest.raises(ConfigError, match=r":2: launch\.gpu: 'a100' conflicts with plan\.json's"):
+        load_launch_config(path)
+
+
+def test_simulated_engines_need_a_known_model_and_gpu_at_config_time(tmp_path: Path) -> None:
+    path = write(tmp_path, '[launch]\nmodel = "gpt-4"\ngpu = "tpu"\n[[launch.instances]]\n')
+    with pytest.raises(ConfigErrors) as info:
+        load_launch_config(path)
+    assert [str(e).split(";")[0] for e in info.value.errors] == [
+        f"{path}:2: launch.model: unknown model 'gpt-4'",
+        f"{path}:3: launch.gpu: unknown GPU 'tpu'",
+    ]
+    path.write_text('[launch]\nmodel = "gpt-4"\nsim_model = "nope"\n[[launch.instances]]\n')
+    with pytest.raises(ConfigError, match=r":3: launch\.sim_model: unknown model 'nope'"):
+        load_launch_config(path)
+    path.write_text('[launch]\nengine = "vllm"\nmodel = "org/any-model"\n[[launch.instances]]\n')
+    assert load_launch_config(path).settings.model == "org/any-model"  # vLLM loads it

@@ -68,6 +68,7 @@ __all__ = [
     "WorkloadProfile",
     "parse_duration",
     "parse_gpus",
+    "parse_topology_text",
     "plan",
     "plan_command",
 ]
@@ -254,7 +255,8 @@ _Placed = tuple[int, tuple[int, ...], float]
 class _Placer:
     """Places instances largest first, each on the best group of free GPUs
     (:meth:`Topology.best_group`) of the lowest-numbered node where one fits inside an NVLink
-    domain, else of the lowest-numbered node where one fits at all.
+    domain, else of the lowest-numbered node where one fits at all. A PD split on several
+    nodes is interleaved instead, so that each node gets both roles where the counts allow.
 
     Nodes of one kind with the same free GPUs behave the same, so what a node takes is
     worked out once per (kind, free GPUs, size) and a fleet is placed in time linear in its
@@ -264,6 +266,9 @@ class _Placer:
     gpu: GPUSpec
     _fills: dict[tuple[int, tuple[int, ...], int, bool], list[_Step]] = field(default_factory=dict)
     _placed: dict[tuple[tuple[int, int], ...], list[_Placed] | None] = field(default_factory=dict)
+    _nodes_placed: dict[tuple[int, tuple[int, ...]], list[tuple[tuple[int, ...], float]] | None] = (
+        field(default_factory=dict)
+    )
 
     def _fill(self, node: _Node, free: tuple[int, ...], size: int, inside: bool) -> list[_Step]:
         """The groups of ``size`` a node with ``free`` GPUs takes one after another (only
@@ -287,9 +292,87 @@ class _Placer:
 
     def place(self, runs: tuple[tuple[int, int], ...]) -> list[_Placed] | None:
         """Node, GPUs and link of each instance of ``runs`` (``(size, count)`` in order), or
-        None when they do not fit."""
-        if runs in self._placed:
-            return self._placed[runs]
+        None when they do not fit. Several runs (a PD split's roles) on several nodes are
+        interleaved (:meth:`_mixed`) unless that fits worse than packing largest first."""
+        if runs not in self._placed:
+            packed = self._packed(runs)
+            mixed = self._mixed(runs) if len(runs) > 1 and len(self.nodes) > 1 else None
+            if mixed is not None and (
+                packed is None or sum(m[2] for m in mixed) >= sum(p[2] for p in packed) - 1e-9
+            ):
+                packed = mixed
+            self._placed[runs] = packed
+        return self._placed[runs]
+
+    def _mixed(self, runs: tuple[tuple[int, int], ...]) -> list[_Placed] | None:
+        """Each node gets both roles where the counts allow, so a PD split's KV hand-offs stay
+        inside a node and each node's engines can serve on their own: the instances, runs
+        interleaved in proportion to their counts, go first-fit (by GPU count) to the nodes,
+        then each node places its own largest first. None when a node cannot place its share."""
+        counts = [c for _, c in runs]
+        scale = math.prod(counts)
+        done = [0] * len(runs)
+        free = [len(n.ids) for n in self.nodes]
+        smallest = min(s for s, _ in runs)
+        fresh = list(range(len(self.nodes)))  # untouched nodes, in order
+        open_: list[int] = []  # touched nodes with room left
+        share: list[list[int]] = [[] for _ in self.nodes]  # instance indices per node
+        starts = [sum(counts[:j]) for j in range(len(runs))]
+        for _ in range(sum(counts)):
+            j = min(
+                (r for r in range(len(runs)) if done[r] < counts[r]),
+                key=lambda r: ((done[r] + 1) * scale // counts[r], r),
+            )
+            size = runs[j][0]
+            at = next((n for n in open_ if free[n] >= size), None)
+            if at is None:
+                at = next((n for n in fresh if free[n] >= size), None)
+                if at is None:
+                    return None
+                fresh.remove(at)
+                open_.append(at)
+            share[at].append(starts[j] + done[j])
+            done[j] += 1
+            free[at] -= size
+            if free[at] < smallest:
+                open_.remove(at)
+        sizes = [runs[j][0] for j, c in enumerate(counts) for _ in range(c)]
+        out: list[_Placed | None] = [None] * len(sizes)
+        for node, ks in zip(self.nodes, share, strict=True):
+            ks = sorted(ks, key=lambda k: (-sizes[k], k))
+            groups = self._node_groups(node, tuple(sizes[k] for k in ks))
+            if groups is None:
+                return None
+            for k, (group, link) in zip(ks, groups, strict=True):
+                out[k] = (node.index, group, link)
+        return [o for o in out if o is not None]
+
+    def _node_groups(
+        self, node: _Node, sizes: tuple[int, ...]
+    ) -> list[tuple[tuple[int, ...], float]] | None:
+        """GPUs and link of groups of ``sizes`` (largest first) on one node, or None."""
+        key = (node.kind, sizes)
+        if key not in self._nodes_placed:
+            out: list[tuple[tuple[int, ...], float]] | None = []
+            free = node.ids
+            for size in sorted(set(sizes), reverse=True):
+                need = sizes.count(size)
+                got: list[tuple[tuple[int, ...], float]] = []
+                for inside in (True, False):
+                    taken = self._fill(node, free, size, inside)[: need - len(got)]
+                    got += [(group, link) for group, link, _ in taken]
+                    if taken:
+                        free = taken[-1][2]
+                if len(got) < need:
+                    out = None
+                    break
+                assert out is not None
+                out += got
+            self._nodes_placed[key] = out
+        return self._nodes_placed[key]
+
+    def _packed(self, runs: tuple[tuple[int, int], ...]) -> list[_Placed] | None:
+        """Largest first, each on the lowest-numbered node where it fits."""
         starts = [sum(c for _, c in runs[:k]) for k in range(len(runs))]
         out: list[_Placed | None] = [None] * sum(c for _, c in runs)
         free = [n.ids for n in self.nodes]
@@ -312,7 +395,6 @@ class _Placer:
                 break
         else:
             result = [o for o in out if o is not None]
-        self._placed[runs] = result
         return result
 
 
@@ -422,7 +504,17 @@ class _Planner:
         """The p90 prompt's KV hand-off time of a PD fleet (0 for colocated)."""
         if cand.kind != "pd":
             return 0.0
-        if len({i.node for i in insts}) > 1:
+        on: dict[int, list[PlannedInstance]] = {}
+        for i in insts:
+            on.setdefault(i.node, []).append(i)
+        if all({i.role for i in here} == {PREFILL, DECODE} for here in on.values()):
+            # Each node pairs its own prefill and decode instances: hand-offs stay inside it.
+            groups = {
+                (self.nodes[n].kind, tuple(sorted({g for i in here for g in i.gpu_ids}))): n
+                for n, here in on.items()
+            }
+            link = min(_group_link(self.nodes[n], g, self.gpu)[1] for (_, g), n in groups.items())
+        elif len(on) > 1:
             link = NETWORK_GBPS
         else:
             group = tuple(sorted({g for i in insts for g in i.gpu_ids}))
@@ -751,6 +843,21 @@ def _instances(n: int) -> str:
     return f"{n} instance{'s' * (n != 1)}"
 
 
+def _one_role_nodes(insts: Sequence[PlannedInstance]) -> str:
+    """``"Node 3 holds"`` / ``"Nodes 3, 4, … (9 nodes) hold"`` for the nodes of a PD fleet
+    that get only one role (their engines cannot serve alone); ``""`` when none."""
+    roles: dict[int, set[ExecutionInstanceType]] = {}
+    for i in insts:
+        roles.setdefault(i.node, set()).add(i.role)
+    lone = sorted(n for n, r in roles.items() if len(r) == 1)
+    if not lone:
+        return ""
+    if len(lone) == 1:
+        return f"Node {lone[0]} holds"
+    listed = ", ".join(map(str, lone[:4])) + (f", … ({len(lone)} nodes)" if len(lone) > 4 else "")
+    return f"Nodes {listed} hold"
+
+
 def _why_lost(c: Candidate, e: PlanEstimates, best: Candidate, be: PlanEstimates) -> str:
     n, m = _count(c), _count(best)
     if e.capacity_rps >= (1 - TIE_TOLERANCE) * be.capacity_rps and n < m:
@@ -802,6 +909,12 @@ def _explain(
             f"  {k}: {i.role.value:<10} TP{i.tp} PP{i.pp}{f' EP{i.ep}' if i.ep > 1 else ''} on "
             f"{where}GPUs {gpus}" + (f" (link {i.link_gbps:g} GB/s)" if len(i.gpu_ids) > 1 else "")
         )
+    lone = _one_role_nodes(insts) if cand.kind == "pd" and pl.alloc.nodes > 1 else ""
+    if lone:
+        lines.append(
+            f"  {lone} only one role (the counts allow no more mixing): serve every node behind "
+            "one gateway; `sage-llm launch` of such a node alone refuses"
+        )
     if missed:
         lines.append(f"  at the workload's {w.rate:g} req/s: SLO NOT MET (above its capacity)")
     at = "at the workload's" if w.rate is not None and not missed else "at its capacity,"
@@ -835,6 +948,18 @@ def _explain(
     return "\n".join(lines)
 
 
+def parse_topology_text(text: str) -> Topology:
+    """A topology file: saved ``nvidia-smi topo -m`` output, or the JSON form of
+    :meth:`Topology.to_dict` (text starting with ``{``). ConfigError when it is neither."""
+    if not text.lstrip().startswith("{"):
+        return parse_nvidia_smi_topo(text)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"not valid JSON: {exc}", key="topology") from None
+    return Topology.from_dict(data)
+
+
 def plan_command(
     model: str = "llama-3-70b",
     gpus: str = "8xH100",
@@ -850,7 +975,9 @@ def plan_command(
     allow_pd: bool = True,
     as_json: bool = False,
 ) -> str:
-    """What ``sage-llm plan`` prints: the explanation, or the plan as JSON (``as_json``)."""
+    """What ``sage-llm plan`` prints: the explanation, or the plan as JSON (``as_json``).
+    A ConfigError's key is the parameter at fault (``prompt_len``, ``gpus``, ``slo_ttft`` …;
+    ``gpu`` for an unknown GPU type in ``gpus``)."""
     nodes, count, gpu = parse_gpu_text(gpus)
     # A plain count is split into nodes by plan(): of the topology's size when one is given.
     alloc = count if nodes is None else GPUAllocation(nodes, count)
@@ -867,12 +994,16 @@ def plan_command(
                 key="topology",
             ) from None
         try:
-            topology = parse_nvidia_smi_topo(text)
+            topology = parse_topology_text(text)
         except ConfigError as exc:
             raise ConfigError(f"{topology_file}: {exc.message}", key="topology") from None
-    workload = WorkloadProfile(
-        prompt_len, output_len, rate=rate, prompt_p90=prompt_p90, output_p90=output_p90
-    )
+    try:
+        workload = WorkloadProfile(
+            prompt_len, output_len, rate=rate, prompt_p90=prompt_p90, output_p90=output_p90
+        )
+    except ConfigError as exc:  # named by this function's parameters
+        key = {"prompt_mean": "prompt_len", "output_mean": "output_len"}.get(exc.key or "")
+        raise ConfigError(exc.detail, key=key or exc.key) from None
     slo = SLOTarget(
         parse_duration(slo_ttft, key="slo_ttft"), parse_duration(slo_tpot, key="slo_tpot")
     )

@@ -4,7 +4,8 @@ Before starting anything, the launcher checks that every engine's port is free (
 answers on it, and it can be bound): a port another process holds would make the engine
 fail while the stranger answered its health checks. Each engine runs as an asyncio
 subprocess in its own process group (so a terminal's Ctrl-C reaches the launcher, which then
-stops the engines in order), with stdout and stderr in ``<log_dir>/<instance_id>.log``.
+stops the engines in order), with stdout and stderr in ``<log_dir>/<instance_id>.log``
+(truncated at each start, so it holds this run only, beginning with the command line).
 The launcher polls ``GET /health`` until it answers 200 while the engine still runs (an
 engine that has exited by then, or before the launch is done, fails the launch with the end
 of its log), then registers an
@@ -12,6 +13,8 @@ of its log), then registers an
 ``machine_id`` / ``nvlink_domain`` / ``numa_node`` that
 :func:`~sage_llm.control_plane.topology.assign_instance_topology` gives its GPUs.
 
+Once the fleet runs, an engine that exits is logged at once (a warning naming the instance,
+its exit code and its log); it is not restarted, and health checks eject its instance.
 :meth:`LaunchedFleet.aclose` unregisters the instances, sends SIGTERM to every process
 group, waits ``stop_grace_s`` and sends SIGKILL to what is left. A failed or cancelled
 launch (Ctrl-C) stops whatever it had started before it re-raises::
@@ -52,6 +55,7 @@ from sage_llm.launch.plan_to_engines import (
     LaunchConfig,
     LaunchSettings,
     engines_from_plan,
+    fleet_problem,
     load_launch_config,
 )
 from sage_llm.types import ExecutionInstance
@@ -63,8 +67,9 @@ _TAIL_BYTES = 4000
 
 
 def _open_log(path: Path, header: str) -> IO[bytes]:
+    """A fresh log (an earlier run's is truncated), starting with ``header``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = path.open("ab")
+    fh = path.open("wb")
     fh.write(header.encode())
     fh.flush()
     return fh
@@ -196,6 +201,28 @@ class LaunchedFleet:
     manager: ControlPlaneManager | None = None
     stop_grace_s: float = 10.0
     closed: bool = False
+    _watchers: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+
+    def watch(self) -> None:
+        """Log a warning as soon as an engine exits before :meth:`aclose` (it is not
+        restarted; health checks eject its instance)."""
+        self._watchers += [
+            asyncio.create_task(self._watch(p), name=f"watch {p.launch.instance_id}")
+            for p in self.processes
+        ]
+
+    async def _watch(self, proc: EngineProcess) -> None:
+        code = await proc.process.wait()
+        if self.closed:
+            return
+        how = f"code {code}"
+        if code < 0 and -code in signal.valid_signals():
+            how += f" ({signal.Signals(-code).name})"
+        log.warning(
+            "engine %s (pid %d) exited with %s while serving; it is not restarted and health "
+            "checks will eject it; its log: %s",
+            proc.launch.instance_id, proc.pid, how, proc.log_path,
+        )  # fmt: skip
 
     @property
     def base_urls(self) -> list[str]:
@@ -212,6 +239,8 @@ class LaunchedFleet:
         if self.closed:
             return
         self.closed = True
+        for task in self._watchers:
+            task.cancel()
         if self.manager is not None:
             for inst in self.instances:
                 with contextlib.suppress(NotFoundError):
@@ -293,6 +322,7 @@ async def launch_engines(
             if manager is not None:
                 manager.register_instance(inst)
             fleet.instances.append(inst)
+        fleet.watch()
     except BaseException as exc:
         await _shielded_close(fleet)
         if isinstance(exc, BaseExceptionGroup):
@@ -365,6 +395,17 @@ async def launch_from_config(
             log.info("%s", detected.message)
         topology = detected.topology
     engines = engines_from_plan(config.instances, config.settings)
+    pd_enabled, others = True, []
+    if manager is not None:
+        pd_enabled = manager.enable_pd_separation and manager.pd_config.enabled
+        others = [
+            (i.instance_id, i.instance_type)
+            for i in manager.get_instances()
+            if i.model_name == config.settings.name
+        ]
+    problem = fleet_problem(engines, pd_enabled=pd_enabled, others=others)
+    if problem is not None:
+        raise ConfigError(problem)
     for e in engines:
         log.info("engine %s: %s", e.instance_id, e.shell())
     return await launch_engines(

@@ -20,6 +20,7 @@ Engine kinds (:data:`ENGINE_KINDS`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
@@ -40,12 +41,14 @@ from sage_llm.control_plane.parallelism import (
     SLOTarget,
     WorkloadProfile,
     parse_duration,
+    parse_topology_text,
     plan,
 )
 from sage_llm.control_plane.parallelism_eval import parse_gpu_text
-from sage_llm.control_plane.topology import InstanceTopology, Topology, parse_nvidia_smi_topo
+from sage_llm.control_plane.pd.orchestrator import Member, unservable_reason
+from sage_llm.control_plane.topology import InstanceTopology, Topology
 from sage_llm.errors import ConfigError, raise_problems
-from sage_llm.sim.specs import get_gpu
+from sage_llm.sim.specs import get_gpu, get_model
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "LaunchSettings",
     "engine_sim_argv",
     "engines_from_plan",
+    "fleet_problem",
     "load_launch_config",
     "load_plan_file",
     "planned_instances_from_dicts",
@@ -338,8 +342,33 @@ def engines_from_plan(
         )  # fmt: skip
         out.append(launch)
     if not out:
-        raise ConfigError(f"the plan has no instance on node {settings.node}", key="node")
+        nodes = ", ".join(map(str, sorted({inst.node for inst in instances})))
+        raise ConfigError(
+            f"the plan has no instance on node {settings.node} (its nodes: {nodes})", key="node"
+        )
     return out
+
+
+def fleet_problem(
+    engines: Sequence[EngineLaunch], *, pd_enabled: bool = True, others: Sequence[Member] = ()
+) -> str | None:
+    """Why the engines one launch starts (on one node), with the ``others`` already serving
+    their model, could never run a request, or None: PD roles need a prefill and a decode
+    instance side by side (:func:`~sage_llm.control_plane.pd.orchestrator.unservable_reason`)."""
+    if not engines:
+        return None
+    members = [(e.instance_id, e.role) for e in engines] + list(others)
+    reason = unservable_reason(engines[0].model_name, members, pd_enabled=pd_enabled)
+    if reason is None:
+        return None
+    roles: dict[str, int] = {}
+    for e in engines:
+        roles[_SIM_ROLE[e.role]] = roles.get(_SIM_ROLE[e.role], 0) + 1
+    what = " and ".join(f"{n} {role}" for role, n in roles.items())
+    return (
+        f"node {engines[0].node} would start only {what} instance{'s' * (len(engines) > 1)}: "
+        f"{reason}, so its gateway could never serve a request"
+    )
 
 
 def _check_port_ranges(instances: Sequence[PlannedInstance], settings: LaunchSettings) -> None:
@@ -559,6 +588,7 @@ class _PlanTable:
 
 _SOURCE_KEYS = ("topology_file", "plan_file", "plan", "instances")
 _LAUNCH = ("launch",)
+_PLAN_GPUS = "launch.plan.gpus"
 
 
 @dataclass(frozen=True)
@@ -610,14 +640,17 @@ def _read_topology(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Top
         p.add(path, f"must be a string, got {_kind(name)}")
         return None
     try:
-        return parse_nvidia_smi_topo(_read_text(base_dir / name, "topology file"))
+        return parse_topology_text(_read_text(base_dir / name, "topology file"))
     except ConfigError as exc:
         p.add(path, exc.message)
         return None
 
 
 def _read_plan(
-    table: object, settings: LaunchSettings, topology: Topology | None, p: Problems
+    table: object,
+    settings: LaunchSettings,
+    topology: Topology | None,
+    p: Problems,
 ) -> Plan | None:
     path = ("launch", "plan")
     if not isinstance(table, Mapping):
@@ -699,6 +732,17 @@ def load_launch_config(
             settings = LaunchSettings(**values)
         elif values:
             settings = replace(settings, **values)
+        try:
+            engines = engines_from_plan(instances, settings)  # the ports, this node's instances
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, location=str(path), key=exc.key) from None
+        problem = fleet_problem(engines)
+        if problem is not None:
+            raise ConfigError(
+                f"{problem}; plan again (each node then gets both roles where the counts "
+                "allow) or serve every node behind one gateway",
+                location=str(path),
+            )
         return LaunchConfig(settings, instances)
     if overrides:
         raise ConfigError(
@@ -718,6 +762,30 @@ def load_launch_config(
     return config
 
 
+def _check_same_gpu(given: str, planned: str, source: str, p: Problems) -> None:
+    """A problem at ``launch.gpu`` when ``given`` is not the GPU the plan is for."""
+    try:
+        same = get_gpu(given).name == get_gpu(planned).name
+    except ConfigError:
+        same = given.strip().lower() == planned.strip().lower()
+    if not same:
+        p.add(("launch", "gpu"), f"{given!r} conflicts with {source} ({planned})")
+
+
+def _check_sim_specs(table: Mapping[str, Any], settings: LaunchSettings, p: Problems) -> None:
+    """Simulated engines need a built-in model and GPU: check them now, not when the first
+    engine exits."""
+    key = "sim_model" if "sim_model" in table else "model"
+    for name, path, get in (
+        (settings.sim_model or settings.model, ("launch", key), get_model),
+        (settings.sim_gpu, ("launch", "gpu"), get_gpu),
+    ):
+        try:
+            get(name)
+        except ConfigError as exc:
+            p.add(path, exc.detail)
+
+
 def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> LaunchConfig | None:
     for key in sorted(set(doc) - {"launch"}):
         p.add((key,), "unknown table: a launch file has one [launch] table")
@@ -730,6 +798,8 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> Launc
         return None
     settings = _read_settings(table, base_dir, p)
     topology = _read_topology(table, base_dir, p)
+    if settings is not None and settings.engine == "sim":
+        _check_sim_specs(table, settings, p)
     sources = [k for k in ("plan_file", "plan", "instances") if k in table]
     if len(sources) != 1:
         p.add(_LAUNCH, "give exactly one of plan_file, [launch.plan] or [[launch.instances]]")
@@ -746,17 +816,35 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> Launc
             p.add(("launch", "plan_file"), f"must be a string, got {_kind(name)}")
         else:
             try:
-                _, instances = load_plan_file(base_dir / name)
+                data, instances = load_plan_file(base_dir / name)
             except ConfigError as exc:
                 p.add(("launch", "plan_file"), exc.message)
-    elif settings is not None and not p.errors:
+            else:
+                planned_gpu = data.get("gpu")
+                if isinstance(planned_gpu, str) and settings is not None:
+                    if "gpu" in table:
+                        _check_same_gpu(settings.sim_gpu, planned_gpu, f"{name}'s gpu", p)
+                    else:  # simulated engines simulate the GPU the plan is for
+                        settings = replace(settings, sim_gpu=planned_gpu)
+    if sources == ["plan"] and settings is not None and "gpu" in table:
+        gpus = table["plan"].get("gpus") if isinstance(table["plan"], Mapping) else None
+        with contextlib.suppress(ConfigError):  # a bad gpus is reported where it is read
+            if isinstance(gpus, str):
+                _check_same_gpu(settings.sim_gpu, parse_gpu_text(gpus)[2].name, _PLAN_GPUS, p)
+    if sources == ["plan"] and settings is not None and not p.errors:
         planned = _read_plan(table["plan"], settings, topology, p)
         instances = None if planned is None else list(planned.instances)
+        if planned is not None and "gpu" not in table:
+            settings = replace(settings, sim_gpu=planned.gpu.name)
     if settings is None or instances is None or p.errors:
         return None
     try:
-        engines_from_plan(instances, settings)  # the ports, and this machine's instances
+        engines = engines_from_plan(instances, settings)  # the ports, this machine's instances
     except ConfigError as exc:
         _add(p, _LAUNCH, exc)
+        return None
+    problem = fleet_problem(engines)
+    if problem is not None:
+        p.add(("launch", sources[0]), problem)
         return None
     return LaunchConfig(settings, instances, topology, planned)

@@ -81,7 +81,7 @@ class _EngineActor:
     def start(self, argv: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]:
         path = Path(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as fh:
+        with path.open("wb") as fh:  # this run's log only
             self.proc = subprocess.Popen(
                 argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **env}, process_group=0,
