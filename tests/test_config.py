@@ -68,6 +68,13 @@ def problem(text: str, env: dict[str, str] | None = None) -> ConfigError:
     return info.value
 
 
+def problems(text: str) -> tuple[ConfigError, ...]:
+    """The several problems ``text`` raises at once."""
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={})
+    return info.value.errors
+
+
 # -- the seed's format ---------------------------------------------------------------------
 
 
@@ -531,10 +538,8 @@ def test_pd_plugin_params_are_checked_with_their_lines() -> None:
         "pairing_params = { top_k = 0 }\n"
         "connector_params = { release_timeout_s = -1 }\n"
     )
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, "cfg.toml", env={})
     prefix = "services.llm_control_plane.pd.metadata."
-    found = [(e.location, (e.key or "").removeprefix(prefix)) for e in info.value.errors]
+    found = [(e.location, (e.key or "").removeprefix(prefix)) for e in problems(text)]
     assert found == [
         ("cfg.toml:4", "kv_bytes_per_token"),  # once, not under both plugins that take it
         ("cfg.toml:5", "decider_params.hysteresis"),
@@ -553,9 +558,7 @@ def test_a_pd_range_error_does_not_hide_an_unservable_model() -> None:
         '[[services.llm_control_plane.instances]]\ninstance_id = "p"\nhost = "h"\nport = 1\n'
         'model_name = "a"\ninstance_type = "PREFILLING"\n'
     )
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, "cfg.toml", env={})
-    messages = [e.message for e in info.value.errors]
+    messages = [e.message for e in problems(text)]
     assert any("above prefilling_max_instances" in m for m in messages)
     assert any("model 'a' has no decode-capable instance" in m for m in messages)
 
@@ -580,16 +583,14 @@ def test_every_bad_policy_param_is_reported_with_its_line() -> None:
         "[services.llm_control_plane.policy_params]\n"
         'aging_interval_s = "soon"\nmax_wait_s = -1.0\nagin = 1\n'
     )
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, "cfg.toml", env={})
-    found = [(e.location, e.key) for e in info.value.errors]
-    assert found == [
+    errors = problems(text)
+    assert [(e.location, e.key) for e in errors] == [
         ("cfg.toml:4", "services.llm_control_plane.policy_params.aging_interval_s"),
         ("cfg.toml:5", "services.llm_control_plane.policy_params.max_wait_s"),
         ("cfg.toml:6", "services.llm_control_plane.policy_params.agin"),
     ]
-    assert "must be a number" in info.value.errors[0].message
-    assert "must be > 0" in info.value.errors[1].message
+    assert "must be a number" in errors[0].message
+    assert "must be > 0" in errors[1].message
 
 
 def test_a_fleet_that_could_never_serve_a_model_is_reported() -> None:
@@ -957,6 +958,4 @@ def test_a_default_max_tokens_above_the_gateways_limit_is_refused() -> None:
 
 def test_every_missing_secret_is_reported_at_once() -> None:
     text = '[gateway]\napi_keys_env = "KEYS"\nadmin_token_env = "ADMIN"\n'
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, "cfg.toml", env={})
-    assert [e.key for e in info.value.errors] == ["gateway.api_keys_env", "gateway.admin_token_env"]
+    assert [e.key for e in problems(text)] == ["gateway.api_keys_env", "gateway.admin_token_env"]

@@ -150,12 +150,23 @@ def test_only_instance_errors_count_against_health() -> None:
 
 
 def _manager(
-    plan: FaultPlan, n: int = 2, interval_s: float = 0.5, **kwargs: object
+    plan: FaultPlan,
+    n: int = 2,
+    interval_s: float = 0.5,
+    *,
+    failure_threshold: int = 2,
+    move_on_eject: bool = True,
+    **kwargs: object,
 ) -> ControlPlaneManager:
+    """``n`` simulated instances, the first under ``plan``'s faults; probes every
+    ``interval_s`` (0.2 s timeout), cool-downs from 0.5 s to 4 s."""
     settings = HealthSettings(
         interval_s=interval_s,
         timeout_s=0.2,
-        breaker=BreakerSettings(failure_threshold=2, base_cooldown_s=0.5, max_cooldown_s=4.0),
+        move_on_eject=move_on_eject,
+        breaker=BreakerSettings(
+            failure_threshold=failure_threshold, base_cooldown_s=0.5, max_cooldown_s=4.0
+        ),
     )
     cp = ControlPlaneManager(
         mode="simulated",
@@ -392,18 +403,8 @@ def test_an_ejection_leaves_a_stream_that_delivered_output() -> None:
 
 def test_move_on_eject_off_leaves_the_calls_on_the_ejected_instance() -> None:
     async def main() -> None:
-        settings = HealthSettings(
-            interval_s=0.5, timeout_s=0.2, move_on_eject=False,
-            breaker=BreakerSettings(failure_threshold=2, base_cooldown_s=0.5),
-        )  # fmt: skip
-        cp = ControlPlaneManager(
-            mode="simulated", health=settings, enable_pd_separation=False, seed=1,
-            routing_strategy="round_robin",
-        )  # fmt: skip
-        for i, inst in enumerate(make_instances(2, max_concurrent_requests=8)):
-            engine = make_sim_engine(inst)
-            plan = FaultPlan.parse("hang@1")
-            cp.register_instance(inst, FaultyEngineClient(engine, plan) if i == 0 else engine)
+        plan = FaultPlan.parse("hang@1")
+        cp = _manager(plan, move_on_eject=False, routing_strategy="round_robin")
         async with cp:
             await asyncio.sleep(1.05)
             runs = [
@@ -449,18 +450,8 @@ def test_an_engine_failing_half_its_requests_is_ejected() -> None:
     """Never ten failures in a row (the threshold here), but half of them fail."""
 
     async def main() -> None:
-        settings = HealthSettings(
-            interval_s=0.5, timeout_s=0.2,
-            breaker=BreakerSettings(failure_threshold=10, base_cooldown_s=0.5, max_cooldown_s=4.0),
-        )  # fmt: skip
-        cp = ControlPlaneManager(
-            mode="simulated", health=settings, enable_pd_separation=False, seed=1,
-            routing_strategy="round_robin",
-        )  # fmt: skip
-        for i, inst in enumerate(make_instances(2, max_concurrent_requests=8)):
-            engine = make_sim_engine(inst)
-            plan = FaultPlan.parse("error=500@p0.5; seed=2")
-            cp.register_instance(inst, FaultyEngineClient(engine, plan) if i == 0 else engine)
+        plan = FaultPlan.parse("error=500@p0.5; seed=2")
+        cp = _manager(plan, failure_threshold=10, routing_strategy="round_robin")
         async with cp:
             for i in range(60):
                 meta = RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2)
