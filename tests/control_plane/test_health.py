@@ -35,7 +35,8 @@ def test_breaker_opens_after_threshold_and_recovers_through_half_open() -> None:
     assert (b.state, b.routable) == (CircuitState.OPEN, False)
     assert b.poll(0.5) is None  # cool-down of 1 s not over
     assert b.poll(1.2) is CircuitState.HALF_OPEN
-    assert (b.state, b.routable) == (CircuitState.HALF_OPEN, True)
+    # opened by probes: judged by probes, no request goes there until one passes
+    assert (b.state, b.routable) == (CircuitState.HALF_OPEN, False)
     assert b.record_success(1.3) is None  # 1 of 2
     assert b.record_success(1.4) is CircuitState.CLOSED
     assert b.transitions == 3
@@ -116,6 +117,20 @@ def test_a_share_of_failed_requests_opens_the_breaker_though_successes_come_betw
         else:
             b3.record_failure(float(i), request=True)
     assert b3.state is CircuitState.CLOSED
+
+
+def test_probe_failures_and_request_failures_are_counted_apart() -> None:
+    """Requests that began before an engine hung, and end well, do not undo its failed
+    probes (nor probes that pass its failed requests)."""
+    b = CircuitBreaker(BreakerSettings(failure_threshold=2))
+    assert b.record_failure(0.0, "probe timed out") is None
+    b.record_success(0.1, request=True)
+    assert b.consecutive_failures == 1
+    assert b.record_failure(0.5, "probe timed out") is CircuitState.OPEN
+    c = CircuitBreaker(BreakerSettings(failure_threshold=2))
+    c.record_failure(0.0, "HTTP 500", request=True)
+    c.record_success(0.1)  # a probe
+    assert c.record_failure(0.2, "HTTP 500", request=True) is CircuitState.OPEN
 
 
 def test_force_open_and_describe() -> None:
@@ -243,6 +258,12 @@ def test_an_ejection_by_a_request_is_probed_at_the_cool_downs_end_not_the_next_i
                 await cp.generate(RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2))
             assert cp.get_status()["circuits"]["sim-0"] == "open"
             await asyncio.sleep(1.5)  # a 0.5 s cool-down, then a probe (not at t = 100 s)
+            # opened by a request (a refused connection): a trial request readmits it
+            assert cp.get_status()["circuits"]["sim-0"] == "half-open"
+            trial = RequestMetadata(
+                request_id="trial", prompt="x", max_tokens=2, preferred_instance_id="sim-0"
+            )
+            assert (await cp.generate(trial)).instance_id == "sim-0"
             assert cp.get_status()["circuits"]["sim-0"] == "closed"
 
     run_virtual(main())
@@ -253,11 +274,17 @@ def test_half_open_admits_one_trial_request() -> None:
         cp = _manager(FaultPlan(), n=1)
         async with cp:
             state = cp._registry.get("sim-0")
-            state.breaker.force_open(cp.clock.now(), "test")
+            state.breaker.force_open(cp.clock.now(), "HTTP 500", request=True)
             state.breaker.poll(state.breaker.open_until)
             assert state.breaker.state is CircuitState.HALF_OPEN
             view = state.view()
             assert view.healthy and view.max_concurrency == 1
+            # opened by probes instead: no request until a probe passes
+            state.breaker.force_open(cp.clock.now(), "probe failed")
+            assert not state.view().healthy
+            state.breaker.poll(state.breaker.open_until)
+            assert state.breaker.state is CircuitState.HALF_OPEN
+            assert not state.view().healthy
 
     run_virtual(main())
 
@@ -420,14 +447,15 @@ def test_move_on_eject_off_leaves_the_calls_on_the_ejected_instance() -> None:
     run_virtual(main())
 
 
-def test_a_gray_failing_engine_stays_out_with_a_growing_cool_down() -> None:
-    """sim-0's requests all fail with a 500 while its /health passes: it is ejected by the
-    failures, its passing probes do not readmit it, and each trial request that fails
-    re-opens it for longer (not every second, as when a probe readmitted it). Every
-    request completes, on sim-1."""
+@pytest.mark.parametrize("fault", ["error=500@p1", "crash@p1"])
+def test_a_gray_failing_engine_stays_out_with_a_growing_cool_down(fault: str) -> None:
+    """sim-0's requests all fail (a 500, or a refused connection) while its /health
+    passes: it is ejected by the failures, its passing probes do not readmit it, and each
+    trial request that fails re-opens it for longer (not every second, as when a probe
+    readmitted it). Every request completes, on sim-1."""
 
     async def main() -> None:
-        cp = _manager(FaultPlan.parse("error=500@p1"), interval_s=0.5)
+        cp = _manager(FaultPlan.parse(fault), interval_s=0.5)
         async with cp:
             results = []
             for i in range(60):

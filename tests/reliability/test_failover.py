@@ -271,6 +271,10 @@ def test_draining_the_last_instance_fails_the_queued_requests_with_a_503_reason(
             results = await asyncio.gather(*running)
             with pytest.raises(NoHealthyInstanceError, match="draining"):
                 await cp.generate(_meta(9))
+            refused = cp.prometheus_metrics().decode()
+            assert 'sage_llm_requests_rejected_total{model="llama-3-8b",reason="draining"} 1.0' in (
+                refused
+            )
             failed = [r for r in results if r.status is RequestStatus.FAILED]
             assert len(failed) == 2 and all(r.attempts == 0 for r in failed)
             assert all(r.error and "every instance serving model" in r.error for r in failed)

@@ -15,11 +15,12 @@ requests among the last ``rate_window`` opens the breaker (an engine failing par
 requests). OPEN: the instance gets no traffic (its view is unhealthy) and probes go on.
 The cool-down doubles with every re-open (``base_cooldown_s`` … ``max_cooldown_s``) and
 goes back to its base once the breaker has stayed closed for ``max_cooldown_s``.
-HALF_OPEN: one trial at a time — the router sees a capacity of one request;
-``recovery_threshold`` successes close the breaker, one failure opens it again. A breaker
-that requests' failures opened is closed only by requests' successes (its probes may pass
-while its requests fail: a gray failure); one that probes or a connection failure opened,
-by probes too, and the probe loop probes right away.
+HALF_OPEN: ``recovery_threshold`` successes close the breaker, one failure opens it
+again. A breaker that requests' failures opened (a refused or broken connection among
+them) is closed only by trial requests, one at a time (the router sees a capacity of
+one): its probes may pass while its requests fail (a gray failure). One that probes
+opened is judged by probes: the probe loop probes right away, and no request goes there
+until one has passed.
 
 A request failing on a connection error (refused, reset) opens the breaker at once, so an
 instance that died under traffic is ejected by the first request that notices; the probe
@@ -96,19 +97,25 @@ class BreakerSettings:
 class CircuitBreaker:
     """The breaker of one instance. Pure state machine: every call takes ``now``.
 
-    Failures and successes are a probe's or, with ``request=True``, a request's. Requests
-    also fill a window of the last ``rate_window`` outcomes: a share of failures of at
-    least ``failure_rate`` in it opens the breaker though successes came between them (an
-    engine failing part of its requests). A breaker opened by requests is closed again
-    only by requests (the trials of its half-open state): an engine whose probes pass
-    while its requests fail (a gray failure) stays out, with a cool-down that grows at
-    each opening. The cool-down goes back to its base once the breaker has stayed closed
-    for ``max_cooldown_s``."""
+    Failures and successes are a probe's or, with ``request=True``, a request's; each kind
+    counts its own consecutive failures (requests that began before an engine hung, and
+    end well, do not undo its failed probes). Requests also fill a window of the last
+    ``rate_window`` outcomes: a share of failures of at least ``failure_rate`` in it opens
+    the breaker though successes came between them (an engine failing part of its
+    requests). A breaker opened by requests is closed again only by requests (the trials
+    of its half-open state): an engine whose probes pass while its requests fail (a gray
+    failure) stays out, with a cool-down that grows at each opening. One opened by probes
+    is judged by probes alone: half-open, it takes no request until a probe has passed.
+    The cool-down goes back to its base once the breaker has stayed closed for
+    ``max_cooldown_s``."""
 
     def __init__(self, settings: BreakerSettings | None = None) -> None:
         self.settings = settings or BreakerSettings()
         self.state = CircuitState.CLOSED
         self.consecutive_failures = 0
+        """The longer of the two runs of failures (probes', requests')."""
+        self._probe_failures = 0
+        self._request_failures = 0
         self.trial_successes = 0
         self.opens = 0  # openings since the breaker last stayed closed for max_cooldown_s
         self.open_until = 0.0
@@ -123,8 +130,12 @@ class CircuitBreaker:
 
     @property
     def routable(self) -> bool:
-        """Whether the instance may get requests at all (closed, or half-open for a trial)."""
-        return self.state is not CircuitState.OPEN
+        """Whether the instance may get requests at all: closed, or half-open for a trial
+        request (when requests opened it; probes judge the others)."""
+        state = self.state
+        return state is CircuitState.CLOSED or (
+            state is CircuitState.HALF_OPEN and self.by_requests
+        )
 
     def cooldown_s(self) -> float:
         """The cool-down of the current (or next) opening."""
@@ -146,7 +157,7 @@ class CircuitBreaker:
         elif state is CircuitState.CLOSED:
             self.closed_at = now
             self.by_requests = False
-            self.consecutive_failures = 0
+            self.consecutive_failures = self._probe_failures = self._request_failures = 0
             self.trial_successes = 0
             self._clear_window()
         return state
@@ -183,9 +194,12 @@ class CircuitBreaker:
     def record_success(self, now: float, *, request: bool = False) -> CircuitState | None:
         """A probe or (``request``) a request succeeded; returns the new state on a
         transition. A probe's success does not close a breaker requests opened."""
-        self.consecutive_failures = 0
         if request:
+            self._request_failures = 0
             self._note(True)
+        else:
+            self._probe_failures = 0
+        self.consecutive_failures = max(self._probe_failures, self._request_failures)
         if self.state is CircuitState.HALF_OPEN and (request or not self.by_requests):
             self.trial_successes += 1
             if self.trial_successes >= self.settings.recovery_threshold:
@@ -197,16 +211,20 @@ class CircuitBreaker:
     ) -> CircuitState | None:
         """A probe or (``request``) a request failed; returns the new state on a
         transition."""
-        self.consecutive_failures += 1
         self.last_failure = reason or self.last_failure
         if request:
+            self._request_failures += 1
+            run = self._request_failures
             self._note(False)
+        else:
+            self._probe_failures += 1
+            run = self._probe_failures
+        self.consecutive_failures = max(self._probe_failures, self._request_failures)
         if self.state is CircuitState.HALF_OPEN:
             self.by_requests = self.by_requests or request
             return self._move(CircuitState.OPEN, now)
         if self.state is CircuitState.CLOSED and (
-            self.consecutive_failures >= self.settings.failure_threshold
-            or (request and self._failing_share())
+            run >= self.settings.failure_threshold or (request and self._failing_share())
         ):
             self.by_requests = request
             return self._move(CircuitState.OPEN, now)
@@ -348,11 +366,13 @@ class HealthMonitor:
             return
         now = self.clock.now()
         if isinstance(exc, EngineConnectionError):
-            # refused or broken connection: eject now; the probe loop readmits it after
-            # the cool-down once a probe succeeds (an engine that answers its probes
-            # again is back: a dead engine, not a gray failure)
+            # refused or broken connection: eject now. A trial request readmits it after
+            # the cool-down (a probe that passes may be a gray failure's: an engine that
+            # drops its answers while /health answers); a dead engine fails its probes,
+            # which keep it open
             breaker = state.breaker
-            self._apply(state, breaker.force_open(now, exc.message), why=exc.message)
+            moved = breaker.force_open(now, exc.message, request=True)
+            self._apply(state, moved, why=exc.message)
             self._apply(state, breaker.record_failure(now, exc.message, request=True))
         else:
             moved = state.breaker.record_failure(now, exc.message, request=True)

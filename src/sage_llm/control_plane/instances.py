@@ -126,12 +126,9 @@ class InstanceState:
     @property
     def routable(self) -> bool:
         """Healthy, as the instance's view shows it: probes pass, the registered instance
-        is marked healthy and its circuit is not open."""
-        return (
-            self.healthy
-            and self.instance.is_healthy
-            and self.breaker.state is not CircuitState.OPEN
-        )
+        is marked healthy and its circuit lets requests through (closed, or half-open for
+        a trial request: :attr:`CircuitBreaker.routable`)."""
+        return self.healthy and self.instance.is_healthy and self.breaker.routable
 
     @property
     def up(self) -> bool:
@@ -363,15 +360,25 @@ class InstanceRegistry:
 
     def down_reason(self, model: str) -> str:
         """Why no instance serving ``model`` is up (see :meth:`up_kinds`), for an error."""
+        return self.down(model)[1]
+
+    def down(self, model: str) -> tuple[str, str]:
+        """Why no instance serving ``model`` is up: ``("draining", why)`` when every one of
+        them is draining, else ``("no_healthy_instance", why)`` (the reason label of a
+        refusal in ``sage_llm_requests_rejected_total``, and the error's message)."""
         serving = [
             s for s in self._states.values() if s.instance.model_name == model and not s.removed
         ]
         if serving and all(s.routable for s in serving):
             drained = sum(1 for s in serving if s.draining)
             if drained == len(serving):
-                return f"every instance serving model {model!r} is draining ({drained})"
-            return f"no instance serving model {model!r} is accepting requests right now"
-        return f"no healthy instance serves model {model!r} right now"
+                why = f"every instance serving model {model!r} is draining ({drained})"
+                return "draining", why
+            return (
+                "no_healthy_instance",
+                f"no instance serving model {model!r} is accepting requests right now",
+            )
+        return "no_healthy_instance", f"no healthy instance serves model {model!r} right now"
 
     def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
         views = tuple(s.view() for s in self._states.values() if not s.removed)

@@ -1097,8 +1097,9 @@ class ControlPlaneManager:
         queued = len(policy)
         some_up, whole = registry.up_kinds(model)
         if not some_up:
-            self._metrics.on_rejected("no_healthy_instance", model)
-            raise NoHealthyInstanceError(registry.down_reason(model))
+            label, why = registry.down(model)
+            self._metrics.on_rejected(label, model)
+            raise NoHealthyInstanceError(why)
         # an instance that runs whole requests serves the model: then nothing is unservable
         unservable = None if whole else dispatcher.unservable_reason(model)
         if unservable is not None:
