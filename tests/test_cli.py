@@ -14,9 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -392,26 +394,72 @@ def test_a_signal_during_startup_stops_every_engine_started(
         _stop(proc, pids)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            '[[services.llm_control_plane.instances]]\ninstance_id = "x"\nhost = "h"\n'
+            'port = 9\nmodel_name = "m"\n',
+            "services.llm_control_plane.instances: sage-llm launch registers the engines it "
+            "starts; leave the instances out of a --config file",
+        ),
+        (
+            '[services.llm_control_plane]\nmode = "simulated"\n',
+            "services.llm_control_plane.mode: sage-llm launch reaches its engines over HTTP; "
+            "mode 'simulated' does not",
+        ),
+    ],
+)
+def test_a_launch_config_file_without_instances_over_http(
+    tmp_path: Path, settings: str, message: str
+) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
+    config = tmp_path / "gateway.toml"
+    config.write_text(settings)
+    code, output = invoke("launch", str(plan), "--config", str(config))
+    assert code == 1
+    assert output == f"error: {config}: {message}\n"
+
+
 def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: Path) -> None:
+    """With a --config file for the gateway (an API key, an admin token, a policy): the
+    launched gateway had none of these, and --host 0.0.0.0 exposed it unauthenticated."""
     plan = tmp_path / "plan.json"
     plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
     base, gateway = free_ports(2), free_ports(1)
+    settings = tmp_path / "gateway.toml"
+    settings.write_text(
+        '[services.llm_control_plane]\nscheduling_policy = "priority"\n'
+        '[gateway]\napi_keys = ["key-1"]\nadmin_token = "admin-1"\n'
+    )
     argv = [*CLI, "launch", str(plan), "--port", str(gateway), "--base-port", str(base),
-            "--log-dir", "engine-logs", "--log-level", "warning"]  # fmt: skip
+            "--log-dir", "engine-logs", "--log-level", "warning",
+            "--config", str(settings)]  # fmt: skip
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
     )
     pids: list[int] = []
+
+    def get(path: str, token: str | None) -> Any:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        request = urllib.request.Request(f"http://127.0.0.1:{gateway}{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            return json.loads(resp.read())
+
     try:
         deadline = time.monotonic() + 60
         models: dict[str, object] = {}
         while not models and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
             with contextlib.suppress(OSError):
-                url = f"http://127.0.0.1:{gateway}/v1/models"
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    models = json.loads(resp.read())
+                models = get("/v1/models", "key-1")
         assert models, proc.communicate(timeout=30)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get("/v1/models", None)
+        refused.value.close()
+        assert refused.value.code == 401
+        assert get("/admin/status", "admin-1")["scheduling_policy"] == "priority"
         for port in (base, base + 1):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
                 assert resp.status == 200

@@ -27,13 +27,14 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from sage_llm.errors import SageLLMError
 
 if TYPE_CHECKING:
+    from sage_llm.config import SageConfig
     from sage_llm.launch import LaunchConfig
 
 app = typer.Typer(
@@ -131,6 +132,15 @@ def _checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
         return value
 
     return callback
+
+
+def _maybe(callback: Callable[[str], str]) -> Callable[[str | None], str | None]:
+    """``callback`` for an option that may be left out (None passes)."""
+
+    def check(value: str | None) -> str | None:
+        return None if value is None else callback(value)
+
+    return check
 
 
 def _policy(value: str) -> str:
@@ -477,14 +487,30 @@ def plan(
 def launch(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="A launch file (.toml) or a plan (.json).")],
-    policy: Annotated[str, typer.Option(help="Scheduling policy.", callback=_policy)] = (
-        "adaptive"
-    ),
-    routing: Annotated[str, typer.Option(help="Routing strategy.", callback=_routing)] = (
-        "load_balanced"
-    ),
-    host: Annotated[str, typer.Option(help="Gateway bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Gateway port.", callback=_port)] = 8080,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="A sage-llm config (as serve reads it) for the gateway ([gateway]: keys, "
+            "admin token, limits), [health], [admission] and the control plane's settings; "
+            "without instances (the launch starts them). Options override it.",
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(help="Scheduling policy (default: adaptive).", callback=_maybe(_policy)),
+    ] = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(help="Routing strategy (default: load_balanced).", callback=_maybe(_routing)),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Gateway bind address (default: 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Gateway port (default: 8080).", callback=_port)
+    ] = None,
     base_port: Annotated[
         int | None,
         typer.Option(
@@ -508,8 +534,28 @@ def launch(
     Ctrl-C or SIGTERM stops the gateway and every engine started (before it listens: exit 130/143).
     """
     _setup_logging(ctx, log_level, log_format)
+    from sage_llm.config import SageConfig, load_config
     from sage_llm.errors import ConfigError
+    from sage_llm.gateway.server import DEFAULT_HOST
     from sage_llm.launch import engines_from_plan, load_launch_config
+
+    try:
+        sage = load_config(config_file) if config_file is not None else SageConfig.default()
+    except SageLLMError as exc:
+        _fail(exc.message)
+    if sage.control_plane.instances:
+        _fail(
+            f"{config_file}: services.llm_control_plane.instances: sage-llm launch registers "
+            "the engines it starts; leave the instances out of a --config file"
+        )
+    if sage.control_plane.mode != "http":
+        _fail(
+            f"{config_file}: services.llm_control_plane.mode: sage-llm launch reaches its "
+            f"engines over HTTP; mode {sage.control_plane.mode!r} does not"
+        )
+    bind_host = host if host is not None else (sage.gateway.host or DEFAULT_HOST)
+    default_port = sage.gateway.port if config_file is not None else 8080
+    bind_port = port if port is not None else default_port
 
     overrides: dict[str, object] = {}
     if base_port is not None:
@@ -534,11 +580,17 @@ def launch(
         _fail(f"{exc.location or source}: {option}: {exc.detail}")
     except SageLLMError as exc:
         _fail(exc.message)
+    where = "--port" if port is not None else "gateway.port"
     for engine in engines:
-        if engine.port == port:
-            _fail(f"--port: {port} is also the port of engine {engine.instance_id!r}")
-    _check_listen(host, port)
-    stopped_by = _run_launch(config, policy=policy, routing=routing, host=host, port=port)
+        if engine.port == bind_port:
+            _fail(f"{where}: {bind_port} is also the port of engine {engine.instance_id!r}")
+    _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
+    chosen: dict[str, Any] = {}  # the options override the --config file
+    if policy is not None or config_file is None:
+        chosen["scheduling_policy"] = policy or "adaptive"
+    if routing is not None or config_file is None:
+        chosen["routing_strategy"] = routing or "load_balanced"
+    stopped_by = _run_launch(config, sage, chosen, host=bind_host, port=bind_port)
     if stopped_by is not None:
         _fail(
             f"{stopped_by.name} before the launch finished: stopped the engines it had started",
@@ -547,18 +599,17 @@ def launch(
 
 
 def _run_launch(
-    config: LaunchConfig, *, policy: str, routing: str, host: str, port: int
+    config: LaunchConfig, sage: SageConfig, overrides: dict[str, Any], *, host: str, port: int
 ) -> signal.Signals | None:
-    """Start the fleet, then serve the gateway until SIGTERM or Ctrl-C; stop the fleet.
-    The signal (SIGTERM or SIGINT) that stopped the launch before the gateway listened,
-    else None.
+    """Start the fleet, then serve the gateway (``sage``'s settings, the control plane's
+    with ``overrides``) until SIGTERM or Ctrl-C; stop the fleet. The signal (SIGTERM or
+    SIGINT) that stopped the launch before the gateway listened, else None.
 
     Until the gateway listens, SIGTERM cancels the launch (which stops every engine it had
     started, as Ctrl-C does); while it listens, the gateway handles SIGTERM itself (a
     graceful shutdown), and once it is done SIGTERM no longer interrupts stopping the fleet.
     """
-    from sage_llm.config import SageConfig
-    from sage_llm.control_plane.manager import ControlPlaneManager
+    from sage_llm.control_plane.builder import build_manager
     from sage_llm.gateway.server import run_gateway
     from sage_llm.launch import launch_from_config
 
@@ -582,16 +633,13 @@ def _run_launch(
             task.cancel()
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-        manager = ControlPlaneManager(scheduling_policy=policy, routing_strategy=routing)
+        manager = build_manager(sage, register=False, **overrides)
         try:
             await manager.start()
             async with await launch_from_config(config, manager=manager) as fleet:
                 typer.echo(fleet.describe())
                 try:
-                    await run_gateway(
-                        manager, SageConfig.default().gateway, host=host, port=port,
-                        ready=listening,
-                    )  # fmt: skip
+                    await run_gateway(manager, sage.gateway, host=host, port=port, ready=listening)
                 finally:
                     # run_gateway dropped its SIGTERM handler (SIGTERM would kill us now).
                     loop.add_signal_handler(signal.SIGTERM, on_sigterm)

@@ -24,10 +24,16 @@ def uses_embedded_fleet(config: SageConfig) -> bool:
 
 
 def build_manager(
-    config: SageConfig, *, engine_factory: EngineFactory | None = None, **overrides: Any
+    config: SageConfig,
+    *,
+    engine_factory: EngineFactory | None = None,
+    register: bool = True,
+    **overrides: Any,
 ) -> ControlPlaneManager:
     """A manager with the configured policy, routing, PD, admission and health settings,
-    and every configured instance (or the simulated fleet) registered. Not started."""
+    and every configured instance (or the simulated fleet) registered, unless
+    ``register`` is False (the caller registers its own: ``sage-llm launch``). Not
+    started."""
     kwargs = config.manager_kwargs()
     if config.admission.max_queue_size is not None:
         kwargs["max_queue_size"] = config.admission.max_queue_size
@@ -48,6 +54,8 @@ def build_manager(
         kwargs["engine_factory"] = engine_factory
     kwargs.update(overrides)
     manager = ControlPlaneManager(**kwargs)
+    if not register:
+        return manager
     for instance in config.execution_instances():
         manager.register_instance(instance)
     if uses_embedded_fleet(config):
