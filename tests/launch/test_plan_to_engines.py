@@ -213,6 +213,11 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
     config = load_launch_config(path)
     assert config.settings.model == "Llama-3-70B" and config.settings.sim_gpu == "H100"
     assert len(config.instances) == 2
+    # served under the name the plan was asked for (clients send it), not the spec's
+    assert data["served_model_name"] == config.settings.name == "llama-3-70b"
+    engines = engines_from_plan(config.instances, config.settings)
+    argv = list(engines[0].argv)
+    assert argv[argv.index("--served-model-name") + 1] == "llama-3-70b"
     (tmp_path / "bad.json").write_text(json.dumps({"model": "x"}))
     with pytest.raises(ConfigError, match="needs an 'instances' list"):
         load_plan_file(tmp_path / "bad.json")

@@ -1009,7 +1009,9 @@ def plan_command(
     )
     result = plan(model, alloc, gpu, workload, slo, topology, allow_pd=allow_pd)
     if as_json:
-        return json.dumps(result.to_dict(), indent=2, default=_json_default)
+        # the name it was asked for is the one clients will send (sage-llm launch serves it)
+        data = {"served_model_name": model, **result.to_dict()}
+        return json.dumps(data, indent=2, default=_json_default)
     return result.explanation
 
 

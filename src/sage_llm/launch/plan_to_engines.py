@@ -729,6 +729,9 @@ def load_launch_config(
         if settings is None:
             values.setdefault("model", str(data.get("model", "llama-3-8b")))
             values.setdefault("sim_gpu", str(data.get("gpu", "h100")))
+            served = data.get("served_model_name")  # the name `sage-llm plan` was given
+            if isinstance(served, str) and served:
+                values.setdefault("served_model_name", served)
             settings = LaunchSettings(**values)
         elif values:
             settings = replace(settings, **values)
