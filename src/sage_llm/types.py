@@ -183,6 +183,11 @@ class RequestMetadata:
     stream: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
     """Engine request fields passed through unchanged (``n``, ``logprobs``, ``seed`` …)."""
+    engine_max_tokens: bool = False
+    """With ``max_tokens`` None, leave the answer's length to the engine's own default (as
+    the gateway does for a client that gives none, as vLLM would) rather than sending the
+    control plane's ``default_max_tokens``, which then is only the scheduler's estimate of
+    the answer's length (16, vLLM's and OpenAI's default, for a completions request)."""
 
     @property
     def latency_ms(self) -> float | None:

@@ -51,6 +51,29 @@ def test_build_request_refuses_bad_fields() -> None:
         assert info.value.param == field
 
 
+@pytest.mark.parametrize(
+    ("chat", "engine", "estimate", "sent"),
+    [
+        (False, False, 128, True),  # the library's: default_max_tokens, sent
+        (True, False, 128, True),
+        (False, True, 16, False),  # the gateway's: the engine's default (16 for completions)
+        (True, True, 128, False),  # a chat's own length, estimated as default_max_tokens
+    ],
+)
+def test_an_unset_max_tokens_is_the_control_planes_or_the_engines(
+    chat: bool, engine: bool, estimate: int, sent: bool
+) -> None:
+    text = {"prompt": None, "messages": [{"role": "user", "content": "Hi"}]} if chat else {}
+    meta = make_metadata("r", max_tokens=None, engine_max_tokens=engine, **text)
+    info, req = build_request(meta, "m", now=0.0, stream=True, default_max_tokens=128,
+                              block_size=16)  # fmt: skip
+    assert (info.max_tokens, req.max_tokens, req.send_max_tokens) == (estimate, estimate, sent)
+    given = make_metadata("g", max_tokens=5, engine_max_tokens=engine, **text)
+    _, req = build_request(given, "m", now=0.0, stream=True, default_max_tokens=128,
+                           block_size=16)  # fmt: skip
+    assert (req.max_tokens, req.send_max_tokens) == (5, True)
+
+
 def test_an_unset_temperature_and_top_p_reach_the_engine_request_unset() -> None:
     meta = make_metadata("r", temperature=None, top_p=None)
     _, req = build_request(meta, "m", now=0.0, stream=True, default_max_tokens=16,

@@ -763,3 +763,5 @@ def test_an_unset_temperature_or_top_p_is_left_to_the_engine() -> None:
     assert "temperature" not in unset and "top_p" not in unset
     given = client.request_body(completion_req(temperature=0.0, top_p=0.5))
     assert (given["temperature"], given["top_p"]) == (0.0, 0.5)
+    assert "max_tokens" not in client.request_body(completion_req(send_max_tokens=False))
+    assert client.request_body(completion_req(max_tokens=9))["max_tokens"] == 9

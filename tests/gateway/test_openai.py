@@ -49,9 +49,9 @@ def test_completion_fields_map_onto_request_metadata() -> None:
     assert (gen.chat, gen.stream, gen.include_usage, gen.timeout_s) == (False, False, False, 60.0)
 
 
-def test_defaults_are_left_to_the_manager_and_the_engine() -> None:
+def test_defaults_are_left_to_the_engine() -> None:
     meta = _parse({"model": MODEL, "prompt": "Hi"}).meta
-    assert meta.max_tokens is None  # the manager's default_max_tokens
+    assert (meta.max_tokens, meta.engine_max_tokens) == (None, True)  # as vLLM's server
     assert (meta.temperature, meta.top_p) == (None, None)  # the engine's own defaults
     assert meta.stop is None
 

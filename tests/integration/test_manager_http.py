@@ -101,3 +101,35 @@ async def test_sampled_engine_streaming_over_http_measures_one_request_in_n(
     assert all(r.e2e_latency_ms is not None for r in results)
     assert count_tokens("".join(parts)) == 4
     assert streamed.ttft_ms is not None  # a streaming request always streams
+
+
+async def test_a_gateway_request_without_max_tokens_gets_the_engines_default(
+    two_engines: list[tuple[SimEngine, int]],
+) -> None:
+    """A client that gives no max_tokens gets what the engine gives it (vLLM: 16 for a
+    completion, a chat's whole answer), not the control plane's default_max_tokens (10
+    here), which only estimates it; a library caller's request gets that default."""
+    import aiohttp
+
+    from sage_llm.gateway.server import start_gateway
+
+    cp = ControlPlaneManager(scheduling_policy="fifo", default_max_tokens=10)
+    for n, (_, port) in enumerate(two_engines):
+        cp.register_instance(ExecutionInstance(f"http-{n}", "127.0.0.1", port, MODEL))
+    async with cp:
+        runner, port = await start_gateway(cp)
+        try:
+            async with aiohttp.ClientSession() as http:
+                base = f"http://127.0.0.1:{port}/v1"
+                chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+                async with http.post(f"{base}/chat/completions", json=chat) as resp:
+                    chat_usage = (await resp.json())["usage"]
+                plain = {"model": MODEL, "prompt": "hi"}
+                async with http.post(f"{base}/completions", json=plain) as resp:
+                    completion_usage = (await resp.json())["usage"]
+        finally:
+            await runner.cleanup()
+        library = await cp.generate(make_metadata("lib", max_tokens=None))
+    assert chat_usage["completion_tokens"] == 128  # engine-sim's chat answer, uncapped
+    assert completion_usage["completion_tokens"] == 16
+    assert library.completion_tokens == 10

@@ -414,3 +414,23 @@ async def test_simulated_engine_served_over_http_runs_pd_end_to_end() -> None:
             await engine.aclose()
         for runner in (p_runner, d_runner):
             await runner.cleanup()
+
+
+async def test_without_max_tokens_a_completion_gets_16_and_a_chat_its_answer(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    """As vLLM: 16 tokens for a completion; a chat runs to its end (the simulated model's
+    answer of 128 tokens, which has no end-of-sequence token of its own), within what is
+    left of the context (64 tokens here)."""
+    status, answer = await post(http, f"{base}/v1/completions", {"model": MODEL, "prompt": "x"})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 16
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    status, answer = await post(http, f"{base}/v1/chat/completions", chat)
+    usage = answer["usage"]
+    assert status == 200 and usage["completion_tokens"] == 64 - usage["prompt_tokens"]
+    engine = await start_engine_server(FakeEngine(), model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        status, answer = await post(http, f"http://127.0.0.1:{engine[1]}/v1/chat/completions", chat)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 128
+    finally:
+        await engine[0].cleanup()

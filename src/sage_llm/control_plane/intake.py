@@ -13,6 +13,9 @@ from sage_llm.types import ParallelismType, RequestMetadata, RequestPriority
 
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""The ``max_tokens`` of a completions request that gives none, on vLLM (and OpenAI)."""
+
 
 def resolve_model(meta: RequestMetadata, models: Set[str]) -> str:
     """The model a request is for: its ``model_name``, or the only model served."""
@@ -66,7 +69,14 @@ def build_request(
             raise InvalidRequestError("prompt must not be empty", param="prompt")
     else:
         raise InvalidRequestError("a prompt or messages is required", param="prompt")
-    max_tokens = meta.max_tokens if meta.max_tokens is not None else default_max_tokens
+    max_tokens = meta.max_tokens
+    send_max_tokens = True
+    if max_tokens is None:
+        send_max_tokens = not meta.engine_max_tokens
+        # the engine's default for a completion is 16 (vLLM's, OpenAI's); for a chat its
+        # answer's own length, estimated as the control plane's default
+        engine_default = not send_max_tokens and meta.messages is None
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if engine_default else default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
     temperature, top_p = meta.temperature, meta.top_p  # None: the engine's default
@@ -127,5 +137,6 @@ def build_request(
         dict(meta.extra_body),
         None,  # kv_transfer_params
         int(priority),
+        send_max_tokens,
     )
     return info, engine_req

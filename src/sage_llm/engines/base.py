@@ -64,6 +64,9 @@ class EngineRequest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     kv_transfer_params: Mapping[str, Any] | None = None
     priority: int = 2
+    send_max_tokens: bool = True
+    """False: ``max_tokens`` is the control plane's estimate, not sent (the engine's own
+    default applies; an in-process simulated engine produces that many tokens)."""
 
     @property
     def api(self) -> Literal["chat", "completions"]:

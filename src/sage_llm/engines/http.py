@@ -207,7 +207,8 @@ class HTTPEngineClient:
             body["prompt"] = [int(t) for t in req.prompt]
         else:
             raise InvalidRequestError("request has neither prompt nor messages", param="prompt")
-        body["max_tokens"] = req.max_tokens
+        if req.send_max_tokens:  # else the engine's default
+            body["max_tokens"] = req.max_tokens
         if req.temperature is not None:  # else the engine's default
             body["temperature"] = req.temperature
         if req.top_p is not None:

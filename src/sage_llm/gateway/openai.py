@@ -323,6 +323,9 @@ def parse_generation(
         stream=stream,
         extra_body={k: v for k, v in body.items() if k not in CONSUMED_FIELDS},
         tags={"source": "gateway"},
+        # no max_tokens: the engine's default, as vLLM's own server would apply it (16 for
+        # a completion; a chat runs to its end, within the engine's context length)
+        engine_max_tokens=True,
     )
     timeout = settings.request_timeout_s
     if slo_ms is not None:

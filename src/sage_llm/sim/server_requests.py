@@ -13,6 +13,11 @@ from sage_llm.engines.base import EngineRequest, Usage
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
 
 DEFAULT_MAX_TOKENS = 16
+"""A completions request's ``max_tokens`` when it gives none (vLLM's, OpenAI's)."""
+DEFAULT_CHAT_TOKENS = 128
+"""A chat answer's length when the request caps it with nothing: vLLM lets a chat run to
+its end-of-sequence token (or the context's end); the simulated model has none, and ends
+its answers here (the control plane's ``default_max_tokens`` estimates them the same)."""
 _CONSUMED = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
      "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n"}
@@ -91,7 +96,9 @@ def parse_request(
     if max_tokens is None and chat:
         max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
+        max_tokens = DEFAULT_CHAT_TOKENS if chat else DEFAULT_MAX_TOKENS
+        if max_model_len is not None and chat:  # no further than the context allows
+            max_tokens = max(1, min(max_tokens, max_model_len - prompt_tokens))
     if not is_int(max_tokens) or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
     if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:

@@ -419,3 +419,19 @@ def test_build_connector() -> None:
         build_connector("vllm", {"timeout": 3})
     with pytest.raises(ConfigError):
         build_connector("sglang", {"bootstrap_port": 0})
+
+
+def test_vllm_release_pull_asks_for_one_token_whatever_the_request_left_to_the_engine() -> None:
+    async def main() -> None:
+        decode = FakeEngine("d0")
+        req = request(max_tokens=128).with_changes(send_max_tokens=False)
+        handle = KVHandle("p0", {"remote_request_id": "r1"}, 10, 0, Chunk(text=" w0"))
+        assert await VLLMConnector._pull(req, handle, decode)
+        [pull] = decode.requests
+        assert (pull.request_id, pull.max_tokens, pull.send_max_tokens) == (
+            "r1-kv-release",
+            1,
+            True,
+        )
+
+    run_virtual(main())

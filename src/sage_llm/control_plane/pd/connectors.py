@@ -254,6 +254,7 @@ class VLLMConnector:
         drain = req.with_changes(
             request_id=f"{req.request_id}-kv-release",
             max_tokens=1,
+            send_max_tokens=True,  # one token, whatever the request left to the engine
             stream=False,
             extra=extra,
             kv_transfer_params=dict(handle.params),
