@@ -615,6 +615,8 @@ async def test_connection_refused_is_retryable(session: aiohttp.ClientSession) -
     with pytest.raises(EngineError):
         await client.stats()
     assert await client.health() is False
+    assert client.health_error is not None
+    assert client.health_error.startswith("GET /health failed: Cannot connect")
 
 
 async def test_health_is_false_on_error_status(
@@ -626,7 +628,9 @@ async def test_health_is_false_on_error_status(
         return web.Response(status=503)
 
     rec.handler = reply
-    assert await client_for(port, session).health() is False
+    client = client_for(port, session)
+    assert await client.health() is False
+    assert client.health_error == "GET /health answered HTTP 503"  # why, for the breaker
 
 
 async def test_malformed_json_before_output_is_retryable_stream_error(

@@ -393,6 +393,9 @@ class HealthMonitor:
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 ok = bool(await state.client.health())
+            if not ok:  # the client's reason, when it keeps one (the HTTP client does)
+                why = f"health probe failed: {getattr(state.client, 'health_error', None)}"
+                why = why.removesuffix(": None")
         except TimeoutError:
             why = f"health probe timed out after {self.settings.timeout_s:g} s"
         except Exception as exc:  # any failure to answer is unhealthy

@@ -163,6 +163,8 @@ class HTTPEngineClient:
             total=None, sock_connect=self._timeouts.connect_s
         )
         self._fast_pool: FastPool | None = None
+        self.health_error: str | None = None
+        """Why the last :meth:`health` probe failed (None: it passed, or none ran yet)."""
         connector = getattr(session, "connector", None)
         if (
             instance.scheme == "http"
@@ -665,16 +667,22 @@ class HTTPEngineClient:
         )
 
     async def health(self) -> bool:
-        """True when ``GET /health`` answers 200 within ``timeouts.health_s``; never raises."""
+        """True when ``GET /health`` answers 200 within ``timeouts.health_s``; never raises.
+        Why the last probe failed is in :attr:`health_error` (None after one that passed)."""
         try:
             async with asyncio.timeout(self._timeouts.health_s):
                 async with self._session.get(
                     self._base + "/health", headers=self._headers(), timeout=self._sock_timeout
                 ) as resp:
                     await resp.read()
-                    return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return False
+                    ok = resp.status == 200
+                    self.health_error = None if ok else f"GET /health answered HTTP {resp.status}"
+                    return ok
+        except TimeoutError:
+            self.health_error = f"GET /health timed out after {self._timeouts.health_s:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            self.health_error = f"GET /health failed: {exc or type(exc).__name__}"
+        return False
 
     async def stats(self) -> EngineStats:
         """Scrape ``GET /metrics`` into :class:`EngineStats`; failures raise EngineError."""
