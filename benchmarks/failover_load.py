@@ -23,8 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from sage_llm import ControlPlaneManager, ExecutionInstance
-from sage_llm.bench.procs import start_engine_sims
+from sage_llm import ControlPlaneManager
+from sage_llm.bench.procs import loopback_instances, start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.gateway.server import start_gateway
@@ -71,16 +71,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         enable_pd_separation=False, health=health, max_retries=3, seed=0,
         engine_timeouts=HTTPTimeouts(connect_s=3.0, first_token_s=10.0, idle_s=5.0),
     )  # fmt: skip
-    for i, proc in enumerate(fleet.engines):
-        cp.register_instance(
-            ExecutionInstance(
-                instance_id=f"engine-{i}",
-                host="127.0.0.1",
-                port=proc.port,
-                model_name=MODEL,
-                max_concurrent_requests=args.slots,
-            )
-        )
+    for instance in loopback_instances(fleet.engines, MODEL, max_concurrent_requests=args.slots):
+        cp.register_instance(instance)
     victim = fleet.engines[0]
     await cp.start()
     runner, port = await start_gateway(cp)

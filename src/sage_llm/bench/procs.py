@@ -43,6 +43,7 @@ from sage_llm.bench.peers import (
 )
 from sage_llm.engines.metrics_scrape import Samples, parse_prometheus_text
 from sage_llm.errors import ConfigError, SageLLMError
+from sage_llm.types import ExecutionInstance
 
 HOST = "127.0.0.1"
 ROLES = ("general", "prefill", "decode")
@@ -292,6 +293,23 @@ class EngineFleet:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def loopback_instances(
+    engines: Sequence[ManagedProcess], model: str, *, max_concurrent_requests: int = 64
+) -> list[ExecutionInstance]:
+    """One instance per engine process (``engine-<i>``, on its loopback port), ready to
+    register with a control plane in HTTP mode."""
+    return [
+        ExecutionInstance(
+            instance_id=f"engine-{i}",
+            host="127.0.0.1",
+            port=proc.port,
+            model_name=model,
+            max_concurrent_requests=max_concurrent_requests,
+        )
+        for i, proc in enumerate(engines)
+    ]
 
 
 def _roles(n: int, role: str | Sequence[str] | None) -> tuple[str, ...]:
