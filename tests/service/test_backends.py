@@ -6,7 +6,12 @@ from collections.abc import Callable
 
 import pytest
 
-from sage_llm.errors import DeadlineExceededError, EngineConnectionError, ModelNotFoundError
+from sage_llm.errors import (
+    DeadlineExceededError,
+    EngineConnectionError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 from sage_llm.service import ControlPlaneVLLMService, VLLMService
 from sage_llm.service.backends import EngineBackend, make_backend, service_instance
 from sage_llm.service.config import VLLMServiceConfig
@@ -90,3 +95,16 @@ def test_embed_waits_no_longer_than_the_services_request_timeout(embeddings_serv
             assert svc.process({"task": "embed", "inputs": "ok"})["dimension"] == 2
             with pytest.raises(DeadlineExceededError, match=r"0\.2 s"):
                 svc.process({"task": "embed", "inputs": ["a", "hang"]})
+
+
+def test_an_engine_without_embeddings_is_the_clients_error_on_both_services(
+    engine_server: Callable[..., str],
+) -> None:
+    """An engine that answers /v1/embeddings 404 (engine-sim has none) refuses the request
+    as the client's error, on VLLMService's HTTP path as through the control plane."""
+    with (
+        VLLMService({"model_id": MODEL, "base_url": engine_server()}) as svc,
+        pytest.raises(InvalidRequestError, match="not served by an engine that supports") as err,
+    ):
+        svc.process({"task": "embed", "inputs": "x"})
+    assert err.value.param == "model"

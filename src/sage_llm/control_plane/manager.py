@@ -70,6 +70,7 @@ from sage_llm.engines.base import (
     EngineClient,
     EngineRequest,
     EngineStats,
+    embeddings_refusal,
 )
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
@@ -729,12 +730,9 @@ class ControlPlaneManager:
                 await embed(name, inputs) if not options else await embed(name, inputs, options)
             )
         except EngineError as exc:
-            if exc.status in (404, 405):  # the engine has no embeddings route
-                raise InvalidRequestError(
-                    f"model {name!r} is not served by an engine that supports embeddings "
-                    f"(instance {state.instance_id} answered {exc.status})",
-                    param="model",
-                ) from exc
+            refusal = embeddings_refusal(exc, name, f"instance {state.instance_id}")
+            if refusal is not None:
+                raise refusal from exc
             raise
         finally:
             state.in_flight -= 1

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from sage_llm.errors import EngineError, InvalidRequestError
 from sage_llm.fastinit import field_filler
 
 ENGINE_STREAM = ("sampled", "always", "client")
@@ -79,6 +80,19 @@ class EngineRequest:
 fill_engine_request = field_filler(EngineRequest, tuple(f.name for f in fields(EngineRequest)))
 """``fill_engine_request(*values)``: an :class:`EngineRequest` from all its field values in
 field order (as ``EngineRequest(*values)``, several times faster: one is made per request)."""
+
+
+def embeddings_refusal(exc: EngineError, model: str, where: str) -> InvalidRequestError | None:
+    """The client's error for an engine (``where``) that answered an embeddings request
+    404 or 405: it has no embeddings route, so the request is refused as the client's
+    (a 400 naming ``model``), not failed as the engine's; None for any other failure."""
+    if exc.status not in (404, 405):
+        return None
+    return InvalidRequestError(
+        f"model {model!r} is not served by an engine that supports embeddings "
+        f"({where} answered {exc.status})",
+        param="model",
+    )
 
 
 @dataclass(frozen=True, slots=True)

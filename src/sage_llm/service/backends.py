@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from sage_llm.control_plane.intake import build_request
-from sage_llm.engines.base import EngineClient, Usage
+from sage_llm.engines.base import EngineClient, Usage, embeddings_refusal
 from sage_llm.errors import ConfigError, DeadlineExceededError, EngineError, ModelNotFoundError
 from sage_llm.service.config import VLLMServiceConfig
 from sage_llm.service.embeddings import (
@@ -194,9 +194,15 @@ class EngineBackend:
         embed = getattr(client, "embed", None)
         if embed is None:  # pragma: no cover - HTTPEngineClient has it
             raise EngineError("this engine client cannot embed", retryable=False)
-        answers: list[dict[str, Any]] = await _all(
-            [embed(model, req.texts)], req.timeout_s, "embed"
-        )
+        try:
+            answers: list[dict[str, Any]] = await _all(
+                [embed(model, req.texts)], req.timeout_s, "embed"
+            )
+        except EngineError as exc:  # as the control plane answers it
+            refusal = embeddings_refusal(exc, model, "the engine")
+            if refusal is not None:
+                raise refusal from exc
+            raise
         answer = answers[0]
         return embed_result(model, vectors_from_openai(answer, len(req.texts)), req.normalize)
 
