@@ -17,7 +17,9 @@ threshold 2) and the OpenAI gateway in-process take ``--requests`` calls to
 ``/v1/completions`` open-loop at ``--rate`` per second, answered whole unless
 ``--stream``. Reported: outcome counts, latency percentiles of the completed calls, how
 many took longer than 5 s, the requests engine 0 failed (each was retried elsewhere or
-failed), its breaker's transitions, and the time from the fault to its first ejection.
+failed), its breaker's transitions, and the time from the start of the load to its first
+ejection (``first_open_s``; the fault's ``--at`` counts from the engine's start, a
+moment before the load's).
 ``--no-move-on-eject`` runs with ``[health] move_on_eject = false``, to compare; with
 ``PYTHONPATH=<another checkout>/src`` the drill runs that checkout's code (engines
 included). Run::

@@ -492,9 +492,9 @@ def launch(
         typer.Option(
             "--config",
             "-c",
-            help="A sage-llm config (as serve reads it) for the gateway ([gateway]: keys, "
-            "admin token, limits), [health], [admission] and the control plane's settings; "
-            "without instances (the launch starts them). Options override it.",
+            help="A sage-llm config file, as serve reads it, without instances (the launch "
+            "starts them): the gateway's settings (API keys, admin token, limits), health, "
+            "admission and the control plane's. The options here override it.",
         ),
     ] = None,
     policy: Annotated[

@@ -103,6 +103,7 @@ def test_a_share_of_failed_requests_opens_the_breaker_though_successes_come_betw
     assert moved[:10] == [None] * 10
     # the 11th, a failure: 5 of the last 10 failed
     assert moved[10] is CircuitState.OPEN and b.by_requests
+    assert b.last_failure == "HTTP 500 (5 of its last 10 requests failed)"  # why, in the log
     b2 = CircuitBreaker(BreakerSettings(failure_rate=None, rate_window=10))
     for i in range(30):
         if i % 2:

@@ -103,17 +103,19 @@ async def test_sampled_engine_streaming_over_http_measures_one_request_in_n(
     assert streamed.ttft_ms is not None  # a streaming request always streams
 
 
+@pytest.mark.parametrize("mode", ["http", "simulated"])
 async def test_a_gateway_request_without_max_tokens_gets_the_engines_default(
-    two_engines: list[tuple[SimEngine, int]],
+    two_engines: list[tuple[SimEngine, int]], mode: str
 ) -> None:
     """A client that gives no max_tokens gets what the engine gives it (vLLM: 16 for a
     completion, a chat's whole answer), not the control plane's default_max_tokens (10
-    here), which only estimates it; a library caller's request gets that default."""
+    here), which only estimates it; a library caller's request gets that default. The
+    same from simulated engines over HTTP and in-process (the embedded fleet)."""
     import aiohttp
 
     from sage_llm.gateway.server import start_gateway
 
-    cp = ControlPlaneManager(scheduling_policy="fifo", default_max_tokens=10)
+    cp = ControlPlaneManager(scheduling_policy="fifo", default_max_tokens=10, mode=mode)
     for n, (_, port) in enumerate(two_engines):
         cp.register_instance(ExecutionInstance(f"http-{n}", "127.0.0.1", port, MODEL))
     async with cp:

@@ -430,3 +430,24 @@ def test_bad_logprobs_fields_raise_with_param(
         assert err.value.param == param
 
     virtual(main)
+
+
+def test_a_request_that_leaves_max_tokens_to_the_engine_gets_its_default() -> None:
+    """As engine-sim over HTTP: 16 tokens for a completion, 128 for a chat."""
+
+    async def main() -> None:
+        engine = SimEngine("e0", SimEngineConfig(model="llama-3-8b", speed=50.0))
+        completion = EngineRequest("c", "llama-3-8b", prompt="Hi", max_tokens=5)
+        chat = EngineRequest(
+            "h", "llama-3-8b", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+        )
+        counts = []
+        for req in (completion, chat):
+            chunks = [c async for c in engine.generate(req.with_changes(send_max_tokens=False))]
+            usage = chunks[-1].usage
+            assert usage is not None
+            counts.append(usage.completion_tokens)
+        await engine.aclose()
+        assert counts == [16, 128]
+
+    run_virtual(main())

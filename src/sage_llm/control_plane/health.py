@@ -223,9 +223,12 @@ class CircuitBreaker:
         if self.state is CircuitState.HALF_OPEN:
             self.by_requests = self.by_requests or request
             return self._move(CircuitState.OPEN, now)
-        if self.state is CircuitState.CLOSED and (
-            run >= self.settings.failure_threshold or (request and self._failing_share())
-        ):
+        if self.state is CircuitState.CLOSED and request and self._failing_share():
+            failed, window = self._window_failures, len(self._window)
+            self.last_failure = f"{reason} ({failed} of its last {window} requests failed)"
+            self.by_requests = True
+            return self._move(CircuitState.OPEN, now)
+        if self.state is CircuitState.CLOSED and run >= self.settings.failure_threshold:
             self.by_requests = request
             return self._move(CircuitState.OPEN, now)
         return None

@@ -60,6 +60,7 @@ from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.logprobs import PseudoLogprobs, requested_logprobs
+from sage_llm.sim.server_requests import engine_default_max_tokens
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
@@ -343,6 +344,13 @@ class SimEngine:
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
         prompt_ids = self._prompt_ids(req)
+        if not req.send_max_tokens:  # left to the engine, as over HTTP (engine-sim's default)
+            limit = self._config.max_model_len
+            chat = req.messages is not None
+            req = req.with_changes(
+                max_tokens=engine_default_max_tokens(chat, len(prompt_ids), limit),
+                send_max_tokens=True,
+            )
         self._check_max_tokens(req, len(prompt_ids))
         min_tokens = self._min_tokens(req)
         top = requested_logprobs(req)

@@ -18,6 +18,19 @@ DEFAULT_CHAT_TOKENS = 128
 """A chat answer's length when the request caps it with nothing: vLLM lets a chat run to
 its end-of-sequence token (or the context's end); the simulated model has none, and ends
 its answers here (the control plane's ``default_max_tokens`` estimates them the same)."""
+
+
+def engine_default_max_tokens(chat: bool, prompt_tokens: int, max_model_len: int | None) -> int:
+    """The simulated engine's answer length for a request that gives no ``max_tokens``:
+    :data:`DEFAULT_MAX_TOKENS` for a completion, :data:`DEFAULT_CHAT_TOKENS` for a chat, no
+    further than the context allows."""
+    if not chat:
+        return DEFAULT_MAX_TOKENS
+    if max_model_len is None:
+        return DEFAULT_CHAT_TOKENS
+    return max(1, min(DEFAULT_CHAT_TOKENS, max_model_len - prompt_tokens))
+
+
 _CONSUMED = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
      "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n"}
@@ -96,9 +109,7 @@ def parse_request(
     if max_tokens is None and chat:
         max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
-        max_tokens = DEFAULT_CHAT_TOKENS if chat else DEFAULT_MAX_TOKENS
-        if max_model_len is not None and chat:  # no further than the context allows
-            max_tokens = max(1, min(max_tokens, max_model_len - prompt_tokens))
+        max_tokens = engine_default_max_tokens(chat, prompt_tokens, max_model_len)
     if not is_int(max_tokens) or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
     if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
