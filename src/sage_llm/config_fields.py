@@ -166,14 +166,20 @@ def _kind(value: Any) -> str:
     return "table" if isinstance(value, Mapping) else type(value).__name__
 
 
-def _wrong(value: Any, expected: str, checks: Rule, path: KeyPath, p: Problems) -> _Invalid:
+def described(value: Any, *, secret: bool = False) -> str:
+    """A value as a type error names it: ``string '800'``, ``boolean true``, ``table``
+    (a secret's kind only)."""
     shown = ""
     if isinstance(value, bool):
         shown = f" {str(value).lower()}"
-    elif not checks.secret and isinstance(value, str | int | float):
+    elif not secret and isinstance(value, str | int | float):
         text = repr(value)
         shown = f" {text[:40]}…" if len(text) > 40 else f" {text}"
-    p.add(path, f"must be {expected}, got {_kind(value)}{shown}")
+    return f"{_kind(value)}{shown}"
+
+
+def _wrong(value: Any, expected: str, checks: Rule, path: KeyPath, p: Problems) -> _Invalid:
+    p.add(path, f"must be {expected}, got {described(value, secret=checks.secret)}")
     return _INVALID
 
 

@@ -61,7 +61,10 @@ def test_one_problem_raises_that_error_alone() -> None:
     with pytest.raises(ConfigError) as info:
         build_params(Params, {"count": "3"})
     assert not isinstance(info.value, ConfigErrors)
-    assert (info.value.key, info.value.message) == ("count", "count: must be an integer, got '3'")
+    assert (info.value.key, info.value.message) == (
+        "count",
+        "count: must be an integer, got string '3'",
+    )
 
 
 def test_a_problem_between_keys_is_reported_when_each_is_fine_alone() -> None:

@@ -291,7 +291,7 @@ async def test_set_policy_errors() -> None:
             error = (await _json(r))["error"]
         assert error["param"] == "params.max_wait_s"  # the first; the message has both
         assert error["message"] == (
-            "max_wait_s: must be a number, got 'x'; aging_interval_s: must be > 0, got -1.0"
+            "max_wait_s: must be a number, got string 'x'; aging_interval_s: must be > 0, got -1.0"
         )
         async with http.post(gw.url("/admin/set_policy"), json={"name": "fifo"}) as r:
             assert r.status == 400

@@ -16,6 +16,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from sage_llm.config_fields import described
 from sage_llm.errors import ConfigError, raise_problems
 
 __all__ = ["Gathered", "build_params"]
@@ -130,20 +131,20 @@ def _coerce(key: str, hint: Any, value: Any, *, finite: bool) -> Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"must be a number, got {value!r}", key=key)
+            raise ConfigError(f"must be a number, got {described(value)}", key=key)
         if finite and not math.isfinite(value):
             raise ConfigError(f"must be finite, got {value!r}", key=key)
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"must be an integer, got {value!r}", key=key)
+            raise ConfigError(f"must be an integer, got {described(value)}", key=key)
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"must be true or false, got {value!r}", key=key)
+            raise ConfigError(f"must be true or false, got {described(value)}", key=key)
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"must be a string, got {value!r}", key=key)
+            raise ConfigError(f"must be a string, got {described(value)}", key=key)
         return value
     return value
