@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sage_llm.config_fields import described
 from sage_llm.control_plane.params import Gathered, build_params
 from sage_llm.control_plane.pd.connectors import (
     CONNECTOR_NAMES,
@@ -120,7 +121,8 @@ def build_pd(
     ):  # checked here once: both the decider and the pairing would take it
         parts.errors.append(
             ConfigError(
-                f"must be a positive integer, got {kv_bytes!r}", key="metadata.kv_bytes_per_token"
+                f"must be a positive integer, got {described(kv_bytes)}",
+                key="metadata.kv_bytes_per_token",
             )
         )
         kv_bytes = None
