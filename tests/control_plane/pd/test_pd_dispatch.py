@@ -378,3 +378,61 @@ def test_unservable_fleets_fail_clearly() -> None:
             assert res.error == "model 'llama-3-8b' has no decode-capable instance to pair with"
 
     run_virtual(main())
+
+
+class HangingPrefill(PrefillProbe):
+    """A prefill engine that hangs at its first prefill leg: its legs never end, and from
+    then on its probes fail."""
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        self.prefill_ids.append(req.request_id)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def health(self) -> bool:
+        return not self.prefill_ids
+
+
+def test_a_prefill_leg_on_an_ejected_instance_is_moved_to_another_pair() -> None:
+    """p0 hangs in its prefill legs and fails its probes: once it is ejected, the legs
+    stuck there are retried on p1 (nothing had reached their clients)."""
+    from sage_llm.control_plane.health import BreakerSettings, HealthSettings
+
+    async def main() -> None:
+        health = HealthSettings(
+            interval_s=0.5, timeout_s=0.2, breaker=BreakerSettings(failure_threshold=2)
+        )
+        cp = ControlPlaneManager(
+            mode="simulated", health=health, seed=0,
+            pd_config=PDSeparationConfig(routing_policy="always"),
+        )  # fmt: skip
+        hub = KVTransferHub()
+        roles = [("p0", Role.PREFILLING), ("p1", Role.PREFILLING), ("d0", Role.DECODING)]
+        hung: HangingPrefill | None = None
+        for n, (iid, role) in enumerate(roles):
+            inst = make_instance(iid, port=8000 + n, instance_type=role)
+            engine = make_sim_engine(inst, kv_hub=hub)
+            if iid == "p0":
+                hung = HangingPrefill(engine)
+                cp.register_instance(inst, client=hung)
+            else:
+                cp.register_instance(inst, client=engine)
+        assert hung is not None
+        async with cp:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        cp.generate(make_metadata(f"r{i}", prompt=LONG, max_tokens=4))
+                        for i in range(4)
+                    )
+                ),
+                30.0,
+            )
+            assert cp.get_status()["circuits"]["p0"] == "open"
+        assert hung.prefill_ids  # some legs went there first
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert all(r.prefill_instance_id == "p1" for r in results)
+        moved = {r.request_id for r in results if r.attempts == 2}
+        assert moved == set(hung.prefill_ids)
+
+    run_virtual(main())
