@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestStatus
-from sage_llm.engines.base import EngineRequest, KVHandle
+from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
 from sage_llm.errors import EngineConnectionError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine
@@ -434,5 +434,53 @@ def test_a_prefill_leg_on_an_ejected_instance_is_moved_to_another_pair() -> None
         assert all(r.prefill_instance_id == "p1" for r in results)
         moved = {r.request_id for r in results if r.attempts == 2}
         assert moved == set(hung.prefill_ids)
+
+    run_virtual(main())
+
+
+class HangingDecode(ConcurrencyProbe):
+    """A decode engine that hangs at its first decode leg (no token ever comes), and from
+    then on fails its probes."""
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        self.request_ids.append(req.request_id)
+        await asyncio.Event().wait()
+        yield Chunk(text="unreachable")
+
+    async def health(self) -> bool:
+        return not self.request_ids
+
+
+def test_a_decode_leg_on_an_ejected_instance_is_moved_to_another_pair() -> None:
+    from sage_llm.control_plane.health import BreakerSettings, HealthSettings
+
+    async def main() -> None:
+        health = HealthSettings(
+            interval_s=0.5, timeout_s=0.2, breaker=BreakerSettings(failure_threshold=2)
+        )
+        cp = ControlPlaneManager(
+            mode="simulated", health=health, seed=0,
+            pd_config=PDSeparationConfig(routing_policy="always"),
+        )  # fmt: skip
+        hub = KVTransferHub()
+        roles = [("p0", Role.PREFILLING), ("d0", Role.DECODING), ("d1", Role.DECODING)]
+        hung: HangingDecode | None = None
+        for n, (iid, role) in enumerate(roles):
+            inst = make_instance(iid, port=8000 + n, instance_type=role)
+            engine = make_sim_engine(inst, kv_hub=hub)
+            if iid == "d0":
+                hung = HangingDecode(engine)
+                cp.register_instance(inst, client=hung)
+            else:
+                cp.register_instance(inst, client=engine)
+        assert hung is not None
+        async with cp:
+            metas = [make_metadata(f"r{i}", prompt=LONG, max_tokens=4) for i in range(4)]
+            results = await asyncio.wait_for(asyncio.gather(*map(cp.generate, metas)), 30.0)
+            assert cp.get_status()["circuits"]["d0"] == "open"
+        assert hung.request_ids  # some legs went there first
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert all(r.instance_id == "d1" for r in results)
+        assert {r.request_id for r in results if r.attempts == 2} == set(hung.request_ids)
 
     run_virtual(main())
