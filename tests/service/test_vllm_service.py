@@ -141,8 +141,13 @@ def test_over_http_against_a_simulated_engine_server(
 
 
 def test_use_control_plane_takes_the_same_payloads() -> None:
-    config = {**EXISTING_CONFIG, "use_control_plane": True, "control_plane": sim_fleet()}
+    config = {
+        **EXISTING_CONFIG, "use_control_plane": True, "control_plane": sim_fleet(),
+        "tags": ["chat"],
+    }  # fmt: skip
     with VLLMService(config, loop_factory=VirtualEventLoop) as svc:
+        # the service's tags, as without the control plane (they had been lost)
+        assert [m["tags"] for m in svc.show_models()] == [["chat"]]
         assert isinstance(svc.control_plane_service, ControlPlaneVLLMService)
         batch = svc.process({"task": "generate", "inputs": ["a", "b", "c"]})
         assert [e["usage"]["output_tokens"] for e in batch] == [24, 24, 24]  # sampling default

@@ -98,7 +98,7 @@ class VLLMService(ManagedService):
         """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
         if self._delegate is not None:
             self._check_task(payload)
-            return self._delegate.process(payload)
+            return self._tagged(payload, self._delegate.process(payload))
         work = self._plan(payload)
         return self._runner_or_raise(work).run(work)
 
@@ -106,9 +106,17 @@ class VLLMService(ManagedService):
         """:meth:`process` for asyncio callers."""
         if self._delegate is not None:
             self._check_task(payload)
-            return await self._delegate.aprocess(payload)
+            return self._tagged(payload, await self._delegate.aprocess(payload))
         work = self._plan(payload)
         return await self._runner_or_raise(work).arun(work)
+
+    def _tagged(self, payload: Any, result: Any) -> Any:
+        """``show_models``' entries from the control plane with this service's ``tags``, as
+        it gives them without the control plane."""
+        if isinstance(payload, Mapping) and payload.get("task") == "show_models":
+            for entry in result:
+                entry["tags"] = list(self.config.tags)
+        return result
 
     def _check_task(self, payload: Any) -> None:
         if isinstance(payload, Mapping) and payload.get("task") == "fine_tune":
