@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
+from typing import TypeVar
 
 import pytest
 
-from sage_llm import ControlPlaneManager, RequestStatus
+from sage_llm import ControlPlaneManager, RequestResult, RequestStatus
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
 from sage_llm.errors import EngineConnectionError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
@@ -393,47 +394,54 @@ class HangingPrefill(PrefillProbe):
         return not self.prefill_ids
 
 
+_Hung = TypeVar("_Hung", bound=ConcurrencyProbe)
+
+
+async def _four_requests_with_one_hanging(
+    roles: list[tuple[str, Role]], hung_id: str, hang: Callable[[SimEngine], _Hung]
+) -> tuple[list[RequestResult], str, _Hung]:
+    """Four disaggregated requests over ``roles``, ``hung_id``'s engine wrapped by
+    ``hang`` (probes every 0.5 s, ejected after two failed): their results, the hung
+    instance's circuit at the end, and its wrapper."""
+    from sage_llm.control_plane.health import BreakerSettings, HealthSettings
+
+    health = HealthSettings(
+        interval_s=0.5, timeout_s=0.2, breaker=BreakerSettings(failure_threshold=2)
+    )
+    cp = ControlPlaneManager(
+        mode="simulated", health=health, seed=0,
+        pd_config=PDSeparationConfig(routing_policy="always"),
+    )  # fmt: skip
+    hub = KVTransferHub()
+    hung: _Hung | None = None
+    for n, (iid, role) in enumerate(roles):
+        inst = make_instance(iid, port=8000 + n, instance_type=role)
+        engine = make_sim_engine(inst, kv_hub=hub)
+        if iid == hung_id:
+            hung = hang(engine)
+            cp.register_instance(inst, client=hung)
+        else:
+            cp.register_instance(inst, client=engine)
+    assert hung is not None
+    async with cp:
+        metas = [make_metadata(f"r{i}", prompt=LONG, max_tokens=4) for i in range(4)]
+        results = await asyncio.wait_for(asyncio.gather(*map(cp.generate, metas)), 30.0)
+        circuit = cp.get_status()["circuits"][hung_id]
+    return results, circuit, hung
+
+
 def test_a_prefill_leg_on_an_ejected_instance_is_moved_to_another_pair() -> None:
     """p0 hangs in its prefill legs and fails its probes: once it is ejected, the legs
     stuck there are retried on p1 (nothing had reached their clients)."""
-    from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 
     async def main() -> None:
-        health = HealthSettings(
-            interval_s=0.5, timeout_s=0.2, breaker=BreakerSettings(failure_threshold=2)
-        )
-        cp = ControlPlaneManager(
-            mode="simulated", health=health, seed=0,
-            pd_config=PDSeparationConfig(routing_policy="always"),
-        )  # fmt: skip
-        hub = KVTransferHub()
         roles = [("p0", Role.PREFILLING), ("p1", Role.PREFILLING), ("d0", Role.DECODING)]
-        hung: HangingPrefill | None = None
-        for n, (iid, role) in enumerate(roles):
-            inst = make_instance(iid, port=8000 + n, instance_type=role)
-            engine = make_sim_engine(inst, kv_hub=hub)
-            if iid == "p0":
-                hung = HangingPrefill(engine)
-                cp.register_instance(inst, client=hung)
-            else:
-                cp.register_instance(inst, client=engine)
-        assert hung is not None
-        async with cp:
-            results = await asyncio.wait_for(
-                asyncio.gather(
-                    *(
-                        cp.generate(make_metadata(f"r{i}", prompt=LONG, max_tokens=4))
-                        for i in range(4)
-                    )
-                ),
-                30.0,
-            )
-            assert cp.get_status()["circuits"]["p0"] == "open"
+        results, circuit, hung = await _four_requests_with_one_hanging(roles, "p0", HangingPrefill)
+        assert circuit == "open"
         assert hung.prefill_ids  # some legs went there first
         assert all(r.status is RequestStatus.COMPLETED for r in results)
         assert all(r.prefill_instance_id == "p1" for r in results)
-        moved = {r.request_id for r in results if r.attempts == 2}
-        assert moved == set(hung.prefill_ids)
+        assert {r.request_id for r in results if r.attempts == 2} == set(hung.prefill_ids)
 
     run_virtual(main())
 
@@ -452,32 +460,10 @@ class HangingDecode(ConcurrencyProbe):
 
 
 def test_a_decode_leg_on_an_ejected_instance_is_moved_to_another_pair() -> None:
-    from sage_llm.control_plane.health import BreakerSettings, HealthSettings
-
     async def main() -> None:
-        health = HealthSettings(
-            interval_s=0.5, timeout_s=0.2, breaker=BreakerSettings(failure_threshold=2)
-        )
-        cp = ControlPlaneManager(
-            mode="simulated", health=health, seed=0,
-            pd_config=PDSeparationConfig(routing_policy="always"),
-        )  # fmt: skip
-        hub = KVTransferHub()
         roles = [("p0", Role.PREFILLING), ("d0", Role.DECODING), ("d1", Role.DECODING)]
-        hung: HangingDecode | None = None
-        for n, (iid, role) in enumerate(roles):
-            inst = make_instance(iid, port=8000 + n, instance_type=role)
-            engine = make_sim_engine(inst, kv_hub=hub)
-            if iid == "d0":
-                hung = HangingDecode(engine)
-                cp.register_instance(inst, client=hung)
-            else:
-                cp.register_instance(inst, client=engine)
-        assert hung is not None
-        async with cp:
-            metas = [make_metadata(f"r{i}", prompt=LONG, max_tokens=4) for i in range(4)]
-            results = await asyncio.wait_for(asyncio.gather(*map(cp.generate, metas)), 30.0)
-            assert cp.get_status()["circuits"]["d0"] == "open"
+        results, circuit, hung = await _four_requests_with_one_hanging(roles, "d0", HangingDecode)
+        assert circuit == "open"
         assert hung.request_ids  # some legs went there first
         assert all(r.status is RequestStatus.COMPLETED for r in results)
         assert all(r.instance_id == "d1" for r in results)
