@@ -112,8 +112,6 @@ class CircuitBreaker:
     def __init__(self, settings: BreakerSettings | None = None) -> None:
         self.settings = settings or BreakerSettings()
         self.state = CircuitState.CLOSED
-        self.consecutive_failures = 0
-        """The longer of the two runs of failures (probes', requests')."""
         self._probe_failures = 0
         self._request_failures = 0
         self.trial_successes = 0
@@ -127,6 +125,11 @@ class CircuitBreaker:
         """Whether requests' failures opened it: then only a request's success closes it."""
         self._window: deque[bool] = deque(maxlen=self.settings.rate_window)
         self._window_failures = 0
+
+    @property
+    def consecutive_failures(self) -> int:
+        """The longer of the two runs of failures (probes', requests')."""
+        return max(self._probe_failures, self._request_failures)
 
     @property
     def routable(self) -> bool:
@@ -157,7 +160,7 @@ class CircuitBreaker:
         elif state is CircuitState.CLOSED:
             self.closed_at = now
             self.by_requests = False
-            self.consecutive_failures = self._probe_failures = self._request_failures = 0
+            self._probe_failures = self._request_failures = 0
             self.trial_successes = 0
             self._clear_window()
         return state
@@ -199,7 +202,6 @@ class CircuitBreaker:
             self._note(True)
         else:
             self._probe_failures = 0
-        self.consecutive_failures = max(self._probe_failures, self._request_failures)
         if self.state is CircuitState.HALF_OPEN and (request or not self.by_requests):
             self.trial_successes += 1
             if self.trial_successes >= self.settings.recovery_threshold:
@@ -219,7 +221,6 @@ class CircuitBreaker:
         else:
             self._probe_failures += 1
             run = self._probe_failures
-        self.consecutive_failures = max(self._probe_failures, self._request_failures)
         if self.state is CircuitState.HALF_OPEN:
             self.by_requests = self.by_requests or request
             return self._move(CircuitState.OPEN, now)
