@@ -949,15 +949,17 @@ class Dispatcher:
         """A disaggregated request failed with ``exc`` (or was moved off an ejected instance,
         ``exc`` its :attr:`~RequestRecord.evicted`): what to retry it with (the error, the
         instance that failed, whether to run it colocated), or None when it ended FAILED."""
-        if exc is rec.evicted:  # the ejected instance has counted it already
+        evicted = exc is rec.evicted
+        if evicted:
             prefill_leg = exc.instance_id == run.prefill.instance_id and run.prefill_open
-            failed = run.prefill if prefill_leg else run.decode
         else:
             prefill_leg = isinstance(exc, PDLegError) and exc.leg == "prefill"
-            failed = run.prefill if prefill_leg else run.decode
-            if refusal_of(exc) is None:  # a refused request says nothing about the instance
-                failed.failed += 1
-                self._on_failure(failed, exc)
+        failed = run.prefill if prefill_leg else run.decode
+        # the ejected instance has counted an eviction already; a refused request says
+        # nothing about the instance
+        if not evicted and refusal_of(exc) is None:
+            failed.failed += 1
+            self._on_failure(failed, exc)
         verdict = self._pd_retry(rec, exc, failed, prefill_leg)
         if verdict is not None:
             return exc, failed, verdict
