@@ -263,7 +263,7 @@ def serve(
     from sage_llm import eventloop
     from sage_llm.config import SageConfig, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
-    from sage_llm.gateway.server import DEFAULT_HOST, run_gateway
+    from sage_llm.gateway.server import run_gateway
 
     log = logging.getLogger("sage_llm.serve")
     try:
@@ -274,8 +274,7 @@ def serve(
         eventloop.resolve_loop(loop)
     except ValueError as exc:
         _fail(f"--loop: {exc}")
-    bind_host = host if host is not None else (cfg.gateway.host or DEFAULT_HOST)
-    bind_port = port if port is not None else cfg.gateway.port
+    bind_host, bind_port = _bind_address(cfg, host, port, cfg.gateway.port)
     if bind_port:  # 0 picks a free port
         _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
     if uses_embedded_fleet(cfg):
@@ -536,7 +535,6 @@ def launch(
     _setup_logging(ctx, log_level, log_format)
     from sage_llm.config import SageConfig, load_config
     from sage_llm.errors import ConfigError
-    from sage_llm.gateway.server import DEFAULT_HOST
     from sage_llm.launch import engines_from_plan, load_launch_config
 
     try:
@@ -553,9 +551,8 @@ def launch(
             f"{config_file}: services.llm_control_plane.mode: sage-llm launch reaches its "
             f"engines over HTTP; mode {sage.control_plane.mode!r} does not"
         )
-    bind_host = host if host is not None else (sage.gateway.host or DEFAULT_HOST)
     default_port = sage.gateway.port if config_file is not None else 8080
-    bind_port = port if port is not None else default_port
+    bind_host, bind_port = _bind_address(sage, host, port, default_port)
 
     overrides: dict[str, object] = {}
     if base_port is not None:
@@ -596,6 +593,17 @@ def launch(
             f"{stopped_by.name} before the launch finished: stopped the engines it had started",
             code=128 + stopped_by,
         )
+
+
+def _bind_address(
+    cfg: SageConfig, host: str | None, port: int | None, default_port: int
+) -> tuple[str, int]:
+    """Where a gateway listens: the options, else the file's ``[gateway]`` host (default
+    loopback) and ``default_port``."""
+    from sage_llm.gateway.server import DEFAULT_HOST
+
+    bind_host = host if host is not None else (cfg.gateway.host or DEFAULT_HOST)
+    return bind_host, port if port is not None else default_port
 
 
 def _run_launch(
