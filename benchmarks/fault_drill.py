@@ -10,7 +10,10 @@ Starts ``--engines`` ``sage-llm engine-sim`` processes, engine 0 with a fault fr
 * ``drop``: it drops the connection of every request without an answer
   (``truncate=0@AT``), its ``/health`` passing;
 * ``partial``: half of its requests fail with HTTP 500 from the start
-  (``error=500@p0.5``), its probes passing.
+  (``error=500@p0.5``), its probes passing;
+* ``stall``: every request it gets hangs from the start while its ``/health`` and
+  ``/metrics`` still answer (``hang@p1``): a wedged engine behind a live HTTP server. Only
+  the stall check (``--stall-timeout-s``, 5 s in this drill; 0 turns it off) ejects it.
 
 A control plane in HTTP mode over them (probes every 0.5 s, 0.3 s timeout, breaker
 threshold 2) and the OpenAI gateway in-process take ``--requests`` calls to
@@ -27,6 +30,8 @@ included). Run::
     .venv/bin/python benchmarks/fault_drill.py --fault hang --requests 400 --rate 20
     .venv/bin/python benchmarks/fault_drill.py --fault hang --no-move-on-eject --timeout-s 30
     .venv/bin/python benchmarks/fault_drill.py --fault gray --requests 600 --rate 20
+    .venv/bin/python benchmarks/fault_drill.py --fault stall --requests 400 --rate 20
+    .venv/bin/python benchmarks/fault_drill.py --fault stall --stall-timeout-s 0 --timeout-s 30
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.gateway.server import start_gateway
 
 MODEL = "llama-3-8b"
+FAULTS = ("hang", "gray", "drop", "partial", "stall")
 SLOW_S = 5.0
 """A completed call slower than this counts as held up by the fault."""
 
@@ -61,7 +67,9 @@ def fault_spec(fault: str, at: float) -> str:
         return f"truncate=0@{at:g}"
     if fault == "partial":
         return "error=500@p0.5; seed=1"
-    raise ValueError(f"unknown fault {fault!r}; expected hang, gray, drop or partial")
+    if fault == "stall":
+        return "hang@p1"
+    raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
 
 
 async def one(
@@ -103,7 +111,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     healthy = await start_engine_sims(args.engines - 1, model=MODEL, speed=args.speed)
     # move_on_eject only when off: the drill also runs on checkouts from before it
     # (PYTHONPATH=<checkout>/src), to compare
-    moving = {} if args.move_on_eject else {"move_on_eject": False}
+    moving: dict[str, Any] = {} if args.move_on_eject else {"move_on_eject": False}
+    stall = args.stall_timeout_s
+    if stall is None and args.fault == "stall":
+        stall = 5.0
+    if stall is not None:  # else the default (and a checkout from before the check runs)
+        moving["stall_timeout_s"] = stall or None
     health = HealthSettings(
         interval_s=0.5,
         timeout_s=0.3,
@@ -157,6 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "fault": args.fault,
         "spec": fault_spec(args.fault, args.at),
         "move_on_eject": args.move_on_eject,
+        "stall_timeout_s": stall,
         "stream": args.stream,
         "requests": args.requests,
         "rate_req_s": args.rate,
@@ -178,7 +192,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fault", choices=["hang", "gray", "drop", "partial"], default="hang")
+    p.add_argument("--fault", choices=FAULTS, default="hang")
     p.add_argument("--at", type=float, default=5.0, help="seconds before the fault")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--engines", type=int, default=3)
@@ -191,6 +205,10 @@ def main() -> None:
     p.add_argument(
         "--no-move-on-eject", dest="move_on_eject", action="store_false",
         help="[health] move_on_eject = false",
+    )  # fmt: skip
+    p.add_argument(
+        "--stall-timeout-s", type=float, default=None,
+        help="[health] stall_timeout_s (0: off; default 5 with --fault stall, else 60)",
     )  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -298,6 +298,7 @@ class HealthConfig:
     connect_timeout_s: float = opt(5.0, _POSITIVE)
     first_token_timeout_s: float | None = opt(None, _POSITIVE)
     idle_timeout_s: float | None = opt(None, _POSITIVE)
+    stall_timeout_s: float = opt(60.0, rule(ge=0))
 
     def __post_init__(self) -> None:
         validate(self)

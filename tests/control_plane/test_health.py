@@ -18,7 +18,7 @@ from sage_llm.control_plane.health import (
     counts_against_health,
     with_stream_timeouts,
 )
-from sage_llm.engines.base import Chunk
+from sage_llm.engines.base import Chunk, EngineStats
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 from sage_llm.sim.clock import run_virtual
@@ -172,6 +172,7 @@ def _manager(
     *,
     failure_threshold: int = 2,
     move_on_eject: bool = True,
+    stall_timeout_s: float | None = 60.0,
     **kwargs: object,
 ) -> ControlPlaneManager:
     """``n`` simulated instances, the first under ``plan``'s faults; probes every
@@ -180,6 +181,7 @@ def _manager(
         interval_s=interval_s,
         timeout_s=0.2,
         move_on_eject=move_on_eject,
+        stall_timeout_s=stall_timeout_s,
         breaker=BreakerSettings(
             failure_threshold=failure_threshold, base_cooldown_s=0.5, max_cooldown_s=4.0
         ),
@@ -489,5 +491,116 @@ def test_an_engine_failing_half_its_requests_is_ejected() -> None:
             circuit = cp.get_instance_metrics("sim-0")["circuit"]
         assert circuit["transitions"] >= 1
         assert circuit["state"] in ("open", "half-open")
+
+    run_virtual(main())
+
+
+# --- an engine that stalls while its probes pass ---------------------------------------------
+
+
+def _stall_run(cp: ControlPlaneManager, n: int, gap_s: float) -> Coroutine[Any, Any, list[float]]:
+    """Send ``n`` whole-answer requests ``gap_s`` apart; each must complete on sim-1.
+    Returns how long each took."""
+
+    async def one(i: int) -> float:
+        await asyncio.sleep(i * gap_s)
+        started = cp.clock.now()
+        meta = RequestMetadata(request_id=f"r{i}", prompt="x y", max_tokens=4)
+        result = await cp.generate(meta)
+        assert result.status is RequestStatus.COMPLETED and result.instance_id == "sim-1"
+        return cp.clock.now() - started
+
+    async def run() -> list[float]:
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    return run()
+
+
+def test_an_engine_that_stalls_while_its_probes_pass_is_ejected_and_its_calls_moved() -> None:
+    """Every request sim-0 takes hangs (``hang@p1``: its /health still answers, so the
+    probes never eject it, and a whole answer's call has no token to time). Its token
+    counters stand still with calls in flight: after ``stall_timeout_s`` it is ejected
+    and the call is moved to sim-1, not left for the request's own limit. Its trial
+    requests, after each cool-down, hang too and are moved the same way."""
+
+    async def main() -> None:
+        cp = _manager(
+            FaultPlan.parse("hang@p1"), stall_timeout_s=3.0, routing_strategy="round_robin"
+        )
+        async with cp:
+            took = await asyncio.wait_for(_stall_run(cp, 24, 0.5), 60.0)
+            circuit = cp.get_instance_metrics("sim-0")["circuit"]
+            text = cp.prometheus_metrics().decode()
+        # each ejection 3 s after the engine's counters were last seen move, judged on
+        # scrapes 1 s apart: at most two scrape intervals late
+        assert max(took) < 3.0 + 2 * 1.0 + 0.1
+        assert sum(t > 2.0 for t in took) >= 2  # the first call and at least one trial
+        assert circuit["opened_by"] == "requests"
+        assert circuit["last_failure"].startswith("stalled: its engine processed no token")
+        stalls = float(
+            text.split('sage_llm_instance_stalls_total{instance="sim-0"} ')[1].split()[0]
+        )
+        assert stalls >= 2
+
+    run_virtual(main())
+
+
+def test_without_stall_timeout_a_stalled_engine_keeps_its_call() -> None:
+    async def main() -> None:
+        cp = _manager(
+            FaultPlan.parse("hang@p1"), stall_timeout_s=None, routing_strategy="round_robin"
+        )
+        async with cp:
+            runs = [
+                asyncio.create_task(
+                    cp.generate(RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=4))
+                )
+                for i in (0, 1)
+            ]
+            await asyncio.sleep(30.0)
+            assert cp.get_status()["circuits"]["sim-0"] == "closed"
+            assert [t.done() for t in runs].count(False) == 1  # still on the stalled engine
+            for task in runs:
+                task.cancel()
+
+    run_virtual(main())
+
+
+def test_an_engine_slower_than_the_stall_limit_is_not_stalled() -> None:
+    async def main() -> None:
+        cp = _manager(FaultPlan(), n=1, stall_timeout_s=1.0)
+        async with cp:
+            meta = RequestMetadata(request_id="long", prompt="x y", max_tokens=400)
+            result = await cp.generate(meta)  # several seconds of decoding
+            assert result.status is RequestStatus.COMPLETED
+            assert result.e2e_latency_ms > 3000
+            assert cp.get_instance_metrics("sim-0")["circuit"]["transitions"] == 0
+
+    run_virtual(main())
+
+
+class _NoTokenCounters(FaultyEngineClient):
+    """An engine whose metrics have no token counters (a generic OpenAI server)."""
+
+    async def stats(self) -> EngineStats:
+        return EngineStats(running=1, source="unknown")
+
+
+def test_an_engine_without_token_counters_is_never_judged_stalled() -> None:
+    async def main() -> None:
+        settings = HealthSettings(interval_s=0.5, timeout_s=0.2, stall_timeout_s=1.0)
+        cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
+        (inst,) = make_instances(1)
+        cp.register_instance(
+            inst, _NoTokenCounters(make_sim_engine(inst), FaultPlan.parse("hang@p1"))
+        )
+        async with cp:
+            run = asyncio.create_task(
+                cp.generate(RequestMetadata(request_id="r", prompt="x", max_tokens=4))
+            )
+            await asyncio.sleep(10.0)
+            assert not run.done()
+            assert cp.get_status()["circuits"]["sim-0"] == "closed"
+            run.cancel()
 
     run_virtual(main())

@@ -217,6 +217,19 @@ def test_unknown_family_and_nan_values() -> None:
     assert (stats.running, stats.kv_usage) == (0, 1.0)
 
 
+@pytest.mark.parametrize("text", [VLLM_TEXT, VLLM_OLD_TEXT, SGLANG_TEXT, LLAMACPP_TEXT])
+def test_token_counters_are_reported_as_counted_only_when_present(text: str) -> None:
+    """A stall (token counters standing still) can be judged only on counters the engine
+    exports: ``counts_tokens`` says they were there, not zeros filled in."""
+    assert scrape_text_to_stats(text).counts_tokens
+    kept = "\n".join(
+        line for line in text.splitlines() if "tokens" not in line and "predicted" not in line
+    )
+    stats = scrape_text_to_stats(kept)
+    assert not stats.counts_tokens
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (0.0, 0.0)
+
+
 def test_stats_scrape_parses_only_the_metrics_it_reads() -> None:
     noise = "\n".join(
         f'vllm:e2e_request_latency_seconds_bucket{{le="{i}",model_name="m"}} {i}'

@@ -22,6 +22,11 @@ one): its probes may pass while its requests fail (a gray failure). One that pro
 opened is judged by probes: the probe loop probes right away, and no request goes there
 until one has passed.
 
+An engine that hangs while its probes pass is caught by its token counters: when the
+engine's stats (scraped every ``stats_interval_s``) show no prompt or generated token
+processed for ``stall_timeout_s`` while requests are in flight there, the breaker opens
+as by a request's failure (:meth:`HealthMonitor.watch_progress`).
+
 A request failing on a connection error (refused, reset) opens the breaker at once, so an
 instance that died under traffic is ejected by the first request that notices; the probe
 loop readmits it after the cool-down if it answers again. With ``move_on_eject``, an
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
     from sage_llm.config_schema import HealthConfig
     from sage_llm.control_plane.instances import InstanceState
     from sage_llm.control_plane.metrics import ControlPlaneMetrics
+    from sage_llm.engines.base import EngineStats
     from sage_llm.sim.clock import Clock
 
 log = logging.getLogger("sage_llm.health")
@@ -274,10 +280,18 @@ class HealthSettings:
     """Whether an ejection moves the instance's engine calls that have delivered nothing
     to other instances (see :meth:`Dispatcher.evict`)."""
     breaker: BreakerSettings = BreakerSettings()
+    stall_timeout_s: float | None = 60.0
+    """An instance with engine calls in flight whose engine has processed no token
+    (its prompt and generation token counters both stood still) for this long is ejected
+    as stalled: an engine that hangs while its probes pass. Judged on the stats the
+    stats loop scrapes, so only for engines that report the counters
+    (:attr:`~sage_llm.engines.base.EngineStats.counts_tokens`); None: never."""
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.timeout_s <= 0 or self.stats_interval_s <= 0:
             raise ValueError("health intervals and timeouts must be positive")
+        if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
+            raise ValueError("stall_timeout_s must be positive or None")
 
     @classmethod
     def from_config(cls, config: HealthConfig, *, stats_interval_s: float = 1.0) -> HealthSettings:
@@ -289,6 +303,7 @@ class HealthSettings:
             stats_interval_s=stats_interval_s,
             eject_on_errors=config.eject_on_errors,
             move_on_eject=config.move_on_eject,
+            stall_timeout_s=config.stall_timeout_s or None,  # 0: off
             breaker=BreakerSettings(
                 failure_threshold=config.failure_threshold,
                 recovery_threshold=config.recovery_threshold,
@@ -452,13 +467,43 @@ class HealthMonitor:
             if state.breaker.routable:
                 try:
                     async with asyncio.timeout(self.settings.timeout_s):
-                        state.last_stats = await state.client.stats()
-                    self.metrics.instance_kv_usage.labels(instance=state.instance_id).set(
-                        state.last_stats.kv_usage
-                    )
+                        stats = await state.client.stats()
                 except Exception as exc:  # stats are advisory; health decides
                     log.debug("stats of %s failed: %r", state.instance_id, exc)
+                else:
+                    state.last_stats = stats
+                    self.metrics.instance_kv_usage.labels(instance=state.instance_id).set(
+                        stats.kv_usage
+                    )
+                    self.watch_progress(state, stats)
             await asyncio.sleep(self.settings.stats_interval_s)
+
+    def watch_progress(self, state: InstanceState, stats: EngineStats) -> None:
+        """Eject ``state`` as stalled when its engine has processed no token for
+        ``stall_timeout_s`` while engine calls were in flight on it (see
+        :attr:`HealthSettings.stall_timeout_s`). The standstill is timed from the first
+        scrape that saw the counters where they stand, or that saw no call in flight, so it
+        is judged at most two ``stats_interval_s`` late (one to see the counters stop, one
+        to see the limit pass)."""
+        limit = self.settings.stall_timeout_s
+        if limit is None or not stats.counts_tokens:
+            return
+        now = self.clock.now()
+        done = stats.prompt_tokens_total + stats.generation_tokens_total
+        mark = state.progress
+        if state.in_flight <= 0 or mark is None or mark[0] != done:
+            state.progress = (done, now)
+            return
+        if now - mark[1] < limit:
+            return
+        state.progress = None  # timed afresh from the next scrape
+        why = (
+            f"stalled: its engine processed no token in {now - mark[1]:.0f} s with "
+            f"{state.in_flight} request(s) in flight"
+        )
+        self.metrics.instance_stalls.labels(instance=state.instance_id).inc()
+        # as a request's failure: a trial request, not a probe (they pass), readmits it
+        self._apply(state, state.breaker.force_open(now, why, request=True), why=why)
 
     # -- transitions -----------------------------------------------------------------------
 

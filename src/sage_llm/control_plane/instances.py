@@ -88,6 +88,10 @@ class InstanceState:
     prefilled_tokens: int = 0
     """Prompt tokens of the prefill legs that ended here."""
     last_stats: EngineStats | None = None
+    progress: tuple[float, float] | None = None
+    """The engine's processed tokens (prompt and generated, from its stats) and the time
+    they were first seen at that count with calls in flight: how long it has stood still
+    (see ``HealthMonitor.watch_progress``)."""
     last_health_check: float | None = None
     est_ttft_base_s: float = 0.05
     est_s_per_prefill_token: float = 1 / 8000.0

@@ -122,6 +122,13 @@ class ControlPlaneMetrics:
             ["instance", "state"],
             registry=r,
         )
+        self.instance_stalls = Counter(
+            f"{PREFIX}_instance_stalls",
+            "Ejections of an instance as stalled: its engine processed no token for "
+            "stall_timeout_s with requests in flight.",
+            ["instance"],
+            registry=r,
+        )
         self.instance_kv_usage = Gauge(
             f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance"],
             registry=r,
@@ -347,6 +354,7 @@ class ControlPlaneMetrics:
             self.instance_healthy,
             self.instance_kv_usage,
             self.circuit_state,
+            self.instance_stalls,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(instance_id)

@@ -174,6 +174,10 @@ class EngineStats:
     block_size: int | None = None
     source: str = ""
     """Which metric family the figures came from (``vllm``, ``sglang``, ``llamacpp``, ``sim``)."""
+    counts_tokens: bool = False
+    """Whether the engine reported its token counters (``prompt_tokens_total`` or
+    ``generation_tokens_total``): only then does a standstill of both mean it processed
+    nothing (see ``HealthSettings.stall_timeout_s``)."""
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -229,6 +229,8 @@ def _vllm(samples: Samples) -> EngineStats:
     info = samples.get("vllm:cache_config_info", [])
     blocks = _int_label(info, "num_gpu_blocks")
     sizes = _int_label(info, "block_size")
+    prompt = _sum(samples, "vllm:prompt_tokens_total", "vllm:prompt_tokens")
+    generated = _sum(samples, "vllm:generation_tokens_total", "vllm:generation_tokens")
     return EngineStats(
         running=round(_sum(samples, "vllm:num_requests_running") or 0.0),
         waiting=round(_sum(samples, "vllm:num_requests_waiting") or 0.0),
@@ -251,19 +253,19 @@ def _vllm(samples: Samples) -> EngineStats:
         or 0.0,
         preemptions_total=_sum(samples, "vllm:num_preemptions_total", "vllm:num_preemptions")
         or 0.0,
-        prompt_tokens_total=_sum(samples, "vllm:prompt_tokens_total", "vllm:prompt_tokens") or 0.0,
-        generation_tokens_total=_sum(
-            samples, "vllm:generation_tokens_total", "vllm:generation_tokens"
-        )
-        or 0.0,
+        prompt_tokens_total=prompt or 0.0,
+        generation_tokens_total=generated or 0.0,
         num_gpu_blocks=sum(blocks) if blocks else None,
         block_size=sizes[0] if sizes else None,
         source="vllm",
+        counts_tokens=prompt is not None or generated is not None,
     )
 
 
 def _sglang(samples: Samples) -> EngineStats:
-    prompt = _sum(samples, "sglang:prompt_tokens_total", "sglang:prompt_tokens") or 0.0
+    counted = _sum(samples, "sglang:prompt_tokens_total", "sglang:prompt_tokens")
+    generated = _sum(samples, "sglang:generation_tokens_total", "sglang:generation_tokens")
+    prompt = counted or 0.0
     cached = _sum(samples, "sglang:cached_tokens_total", "sglang:cached_tokens")
     queries, hits = 0.0, 0.0
     if cached is not None and prompt > 0:
@@ -283,24 +285,25 @@ def _sglang(samples: Samples) -> EngineStats:
         prefix_cache_hits_total=hits,
         preemptions_total=_sum(samples, "sglang:num_retracted_reqs_total") or 0.0,
         prompt_tokens_total=prompt,
-        generation_tokens_total=_sum(
-            samples, "sglang:generation_tokens_total", "sglang:generation_tokens"
-        )
-        or 0.0,
+        generation_tokens_total=generated or 0.0,
         num_gpu_blocks=round(capacity) if capacity else None,
         block_size=1 if capacity else None,
         source="sglang",
+        counts_tokens=counted is not None or generated is not None,
     )
 
 
 def _llamacpp(samples: Samples) -> EngineStats:
+    prompt = _sum(samples, "llamacpp:prompt_tokens_total")
+    generated = _sum(samples, "llamacpp:tokens_predicted_total")
     return EngineStats(
         running=round(_sum(samples, "llamacpp:requests_processing") or 0.0),
         waiting=round(_sum(samples, "llamacpp:requests_deferred") or 0.0),
         kv_usage=_fraction(_mean(samples, "llamacpp:kv_cache_usage_ratio")),
-        prompt_tokens_total=_sum(samples, "llamacpp:prompt_tokens_total") or 0.0,
-        generation_tokens_total=_sum(samples, "llamacpp:tokens_predicted_total") or 0.0,
+        prompt_tokens_total=prompt or 0.0,
+        generation_tokens_total=generated or 0.0,
         source="llamacpp",
+        counts_tokens=prompt is not None or generated is not None,
     )
 
 

@@ -870,6 +870,7 @@ class SimEngineCore:
             num_gpu_blocks=self.num_gpu_blocks,
             block_size=self.block_size,
             source="sim",
+            counts_tokens=True,
         )
 
     # -- lazy decodes ----------------------------------------------------------------

@@ -68,6 +68,7 @@ class InstantEngine:
             prompt_tokens_total=float(self._prompt_tokens),
             generation_tokens_total=float(self._generated),
             source="sim",
+            counts_tokens=True,
         )
 
     async def aclose(self) -> None:
