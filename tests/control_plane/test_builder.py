@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from sage_llm.config import SageConfig, load_config, parse_config
@@ -59,10 +60,14 @@ max_queue_size = 7
 
 [health]
 interval_s = 2.5
+stall_timeout_s = 12
 """
     )
     cp = build_manager(config)
     assert cp.max_queue_size == 7
     assert cp.health_interval_s == 2.5
+    assert cp.health_settings.stall_timeout_s == 12.0
+    off = replace(config, health=replace(config.health, stall_timeout_s=0.0))
+    assert build_manager(off).health_settings.stall_timeout_s is None  # 0: off
     assert cp.get_status()["routing_strategy"] == "round_robin"
     assert cp.policy.name == "priority"
