@@ -796,6 +796,36 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
             ControlPlaneManager(mode="simulated", engine_stream_sample_max_per_s=bad)
 
 
+def test_a_request_for_prompt_logprobs_is_never_streamed_from_the_engine() -> None:
+    """vLLM refuses ``prompt_logprobs`` with ``stream: true``: a non-streaming request that
+    asks for them is answered in one piece, sampled (each instance's first call would
+    stream) or ``engine_stream = "always"``."""
+
+    async def main(mode: str) -> None:
+        engines: dict[str, OnePieceEngine] = {}
+
+        def factory(inst: ExecutionInstance) -> OnePieceEngine:
+            engines[inst.instance_id] = OnePieceEngine(inst.instance_id)
+            return engines[inst.instance_id]
+
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=factory, engine_stream=mode,
+            engine_stream_sample=1.0, engine_stream_sample_max_per_s=0,
+        )  # fmt: skip
+        cp.register_instance(make_instances(1)[0])
+        async with cp:
+            for i in range(3):
+                meta = make_metadata(f"p{i}", max_tokens=4)
+                meta.extra_body["prompt_logprobs"] = 1
+                await cp.collect(meta)
+            await cp.collect(make_metadata("plain", max_tokens=4))
+        sent = {r.request_id: r.stream for r in engines["sim-0"].requests}
+        assert sent == {"p0": False, "p1": False, "p2": False, "plain": True}
+
+    for mode in ("sampled", "always"):
+        run_virtual(main(mode))
+
+
 def test_engine_stream_sampled_streams_at_most_the_limit_a_second_on_each_instance() -> None:
     """Every other request is due to stream (sample 0.5), 32 a second arrive, and at most 8
     a second may stream: a due request streams only once 1/8 s has passed since the

@@ -84,6 +84,7 @@ from sage_llm.engines.base import (
     EngineClient,
     EngineRequest,
     KVHandle,
+    answered_whole,
 )
 from sage_llm.errors import (
     DeadlineExceededError,
@@ -778,7 +779,7 @@ class Dispatcher:
         answer comes in pieces anyway (in-process engines), which costs nothing."""
         req = rec.engine_request
         sample = self.stream_sample
-        if req.stream or not sample:
+        if req.stream or not sample or answered_whole(req.extra):
             return req
         if one_piece:
             credit = state.stream_credit

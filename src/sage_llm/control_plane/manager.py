@@ -70,6 +70,7 @@ from sage_llm.engines.base import (
     EngineClient,
     EngineRequest,
     EngineStats,
+    answered_whole,
     embeddings_refusal,
 )
 from sage_llm.engines.http import HTTPTimeouts
@@ -1085,7 +1086,8 @@ class ControlPlaneManager:
             meta,
             model,
             now=self.clock.now(),
-            stream=stream or self.engine_stream == "always",
+            stream=stream
+            or (self.engine_stream == "always" and not answered_whole(meta.extra_body)),
             default_max_tokens=self.default_max_tokens,
             block_size=self.prefix_block_size if self._tracks_prefixes else None,
             previous_instance_id=None if session is None else self._last_instances.get(session),

@@ -77,6 +77,13 @@ class EngineRequest:
         return replace(self, **changes)
 
 
+def answered_whole(extra: Mapping[str, Any]) -> bool:
+    """Whether a request with these passed-through body fields must be answered by its
+    engine in one piece, not streamed unless its client streams: vLLM refuses
+    ``prompt_logprobs`` with ``stream: true`` (a stream has no place for them)."""
+    return extra.get("prompt_logprobs") is not None
+
+
 fill_engine_request = field_filler(EngineRequest, tuple(f.name for f in fields(EngineRequest)))
 """``fill_engine_request(*values)``: an :class:`EngineRequest` from all its field values in
 field order (as ``EngineRequest(*values)``, several times faster: one is made per request)."""
