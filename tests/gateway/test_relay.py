@@ -361,7 +361,9 @@ async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stre
         await site.cleanup()
         await engine.cleanup()
     [choice] = whole["choices"]
-    call = {**_CALL, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    # a whole answer's tool calls have no "index" (a stream's deltas do), as vLLM answers
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
     assert choice["message"] == {"role": "assistant", "content": None,
                                  "reasoning_content": "I think.", "tool_calls": [call]}  # fmt: skip
     assert (choice["finish_reason"], choice["stop_reason"]) == ("tool_calls", 128008)
@@ -371,6 +373,93 @@ async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stre
     assert {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]} in deltas
     last = [e for e in events if isinstance(e, dict) and e["choices"]][-1]["choices"][0]
     assert (last["finish_reason"], last["stop_reason"]) == ("tool_calls", 128008)
+
+
+def _ids_engine() -> web.Application:
+    """A vLLM-shaped chat engine that honours ``return_token_ids`` (each choice's
+    ``token_ids``; the answer's ``prompt_token_ids``) and adds ``system_fingerprint`` and
+    its PD ``kv_transfer_params`` to every object, whole or streamed."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        ids = bool(body.get("return_token_ids"))
+        head: dict[str, Any] = {"id": "chatcmpl-e", "object": "chat.completion", "created": 1,
+                                "model": body["model"], "system_fingerprint": "fp-1",
+                                "kv_transfer_params": {"remote_block_ids": [1]}}  # fmt: skip
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if not body.get("stream"):
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length",
+                      "message": {"role": "assistant", "content": "a b"}}  # fmt: skip
+            if ids:
+                choice["token_ids"] = [10, 11]
+                head["prompt_token_ids"] = [1, 2, 3]
+            return web.json_response({**head, "choices": [choice], "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {**head, "object": "chat.completion.chunk"}
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}  # fmt: skip
+        events: list[dict[str, Any]] = [{**chunk, "choices": [role]}]
+        if ids:
+            events[0]["prompt_token_ids"] = [1, 2, 3]
+        for i, (text, finish) in enumerate([("a", None), (" b", "length")]):
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                      "finish_reason": finish}  # fmt: skip
+            if ids:
+                choice["token_ids"] = [10 + i]
+            events.append({**chunk, "choices": [choice]})
+        events.append({**chunk, "choices": [], "usage": usage})
+        for event in events:
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = probed_app()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize("engine_stream", ["client", "always"])  # engine answers whole / streamed
+async def test_token_ids_and_the_engine_objects_own_fields_reach_the_client(
+    engine_stream: str,
+) -> None:
+    """vLLM's ``return_token_ids``: each choice's ``token_ids`` and the answer's
+    ``prompt_token_ids``, and fields such as ``system_fingerprint``, reach the client,
+    whole and streamed; the engines' ``kv_transfer_params`` do not."""
+    engine, engine_port = await start_app(_ids_engine())
+    manager = ControlPlaneManager(mode="http", engine_stream=engine_stream)
+    manager.register_instance(make_instance("ids", port=engine_port, model_name="m"))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "return_token_ids": True}  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body) as r:
+                whole = await r.json()
+            async with http.post(url, json={**body, "stream": True}) as r:
+                events = [e for e in await read_events(r) if isinstance(e, dict)]
+            async with http.post(url, json={**body, "return_token_ids": False}) as r:
+                plain = await r.json()
+    finally:
+        await site.cleanup()
+        await engine.cleanup()
+    assert whole["choices"][0]["token_ids"] == [10, 11]
+    assert whole["prompt_token_ids"] == [1, 2, 3]
+    assert whole["system_fingerprint"] == "fp-1"
+    assert whole["id"].startswith("chatcmpl-") and whole["id"] != "chatcmpl-e"
+    assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain
+    assert [e["choices"][0].get("token_ids") for e in events if e["choices"]] == [
+        *([None] * (len([e for e in events if e["choices"]]) - 2)),
+        [10],
+        [11],
+    ]
+    assert any(e.get("prompt_token_ids") == [1, 2, 3] for e in events)
+    texts = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(texts) == 2 and all(e["system_fingerprint"] == "fp-1" for e in texts)
+    for obj in (whole, plain, *events):
+        assert "kv_transfer_params" not in obj or obj["kv_transfer_params"] is None
 
 
 def test_merge_delta_assembles_a_message_as_a_client_does() -> None:

@@ -122,8 +122,11 @@ class Chunk:
     request id and model name, vLLM's shape), whatever the engine's objects looked like,
     with what the engine sent beyond them passed on: ``fields`` holds the other fields of
     the choice's delta (or message), such as ``tool_calls``, ``reasoning_content`` or
-    ``refusal``, and ``extras`` the choice's own other fields, such as ``stop_reason`` or
-    ``prompt_logprobs`` (None when there are none).
+    ``refusal``, ``extras`` the choice's own other fields, such as ``stop_reason`` or
+    ``prompt_logprobs`` (None when there are none), and ``top`` the other fields of the
+    engine's response object itself (a chat answer's ``prompt_logprobs`` and
+    ``prompt_token_ids``, ``system_fingerprint`` …), on the first chunk of the event or
+    answer that carried them.
     """
 
     text: str
@@ -134,12 +137,20 @@ class Chunk:
     index: int = 0
     fields: Mapping[str, Any] | None = None
     extras: Mapping[str, Any] | None = None
+    top: Mapping[str, Any] | None = None
 
     def with_usage(self, usage: Usage) -> Chunk:
         """This chunk with ``usage`` (``replace`` without its per-call field walk)."""
         return fill_chunk(
             self.text, self.token_ids, self.finish_reason, usage, self.logprobs, self.index,
-            self.fields, self.extras,
+            self.fields, self.extras, self.top,
+        )  # fmt: skip
+
+    def with_top(self, top: Mapping[str, Any]) -> Chunk:
+        """This chunk carrying ``top`` (the engine object's own other fields)."""
+        return fill_chunk(
+            self.text, self.token_ids, self.finish_reason, self.usage, self.logprobs,
+            self.index, self.fields, self.extras, top,
         )  # fmt: skip
 
 

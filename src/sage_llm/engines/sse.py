@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,7 +291,16 @@ def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
         index if type(index) is int else _as_int(index),
         fields,
         extras,
+        None,
     )
+
+
+_OBJECT_KEYS = frozenset(
+    {"id", "object", "created", "model", "choices", "usage", "kv_transfer_params"}
+)
+"""The fields of an engine's response object the gateway writes itself (or keeps to
+itself: ``kv_transfer_params`` is between the engines of a PD pair); the others go to the
+first chunk's ``top``."""
 
 
 def _set_fields(obj: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any] | None:
@@ -369,10 +378,13 @@ class StreamAssembler:
         if type(choices) is not list:
             raise self._fail(EngineStreamError, "stream event 'choices' is not a list")
         out: list[Chunk] = []
+        top = None if obj.keys() <= _OBJECT_KEYS else _set_fields(obj, _OBJECT_KEYS)
         for choice in choices:
             if type(choice) is not dict:  # JSON objects parse to dicts
                 raise self._fail(EngineStreamError, "stream choice is not an object")
             chunk = _choice_chunk(choice)
+            if top is not None:  # on the event's first chunk
+                chunk, top = chunk.with_top(top), None
             self.produced = True
             if chunk.text:
                 self._text_chunks += 1
@@ -421,6 +433,9 @@ def chunks_from_completion(
         estimate_prompt_tokens(req), sum(count_tokens(c.text) for c in chunks)
     )
     chunks[-1] = chunks[-1].with_usage(usage)
+    top = _set_fields(obj, _OBJECT_KEYS)
+    if top is not None:
+        chunks[0] = chunks[0].with_top(top)
     return chunks
 
 
@@ -473,10 +488,13 @@ class ResponseFormat:
         logprobs: Any = None,
         fields: Mapping[str, Any] | None = None,
         extras: Mapping[str, Any] | None = None,
+        token_ids: Sequence[int] = (),
+        top: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One stream chunk carrying ``text`` (and ``finish_reason`` on the last one), with
-        the engine's other delta ``fields`` (``tool_calls`` …) and choice ``extras``
-        (``stop_reason`` …) as :class:`Chunk` holds them."""
+        the engine's other delta ``fields`` (``tool_calls`` …), choice ``extras``
+        (``stop_reason`` …) and object fields ``top`` as :class:`Chunk` holds them, and
+        the choice's ``token_ids`` when given."""
         head = self._head(final=False)
         choice: dict[str, Any] = {"index": index}
         if self.chat:
@@ -489,9 +507,13 @@ class ResponseFormat:
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         choice["stop_reason"] = None
+        if token_ids:
+            choice["token_ids"] = list(token_ids)
         if extras:
             choice.update(extras)
         head["choices"] = [choice]
+        if top:
+            head.update(top)
         return head
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:

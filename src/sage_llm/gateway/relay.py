@@ -90,14 +90,17 @@ per request)."""
 
 class _Choices:
     """Per-index text, finish reason, logprobs and the engine's other fields of a
-    generation (its deltas' ``fields`` merged as :func:`merge_delta` does)."""
+    generation (its deltas' ``fields`` merged as :func:`merge_delta` does), the fields of
+    the engine's objects (``top``), and, with ``token_ids``, each choice's token ids."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, token_ids: bool = False) -> None:
         self.text: dict[int, list[str]] = {}
         self.finish: dict[int, str | None] = {}
         self.logprobs: dict[int, list[Any]] = {}
         self.fields: dict[int, dict[str, Any]] = {}
         self.extras: dict[int, dict[str, Any]] = {}
+        self.ids: dict[int, list[int]] | None = {} if token_ids else None
+        self.top: dict[str, Any] = {}
         self.usage: Usage | None = None
 
     def add(self, chunk: Chunk) -> None:
@@ -112,6 +115,10 @@ class _Choices:
             merge_delta(self.fields.setdefault(idx, {}), chunk.fields)
         if chunk.extras:
             self.extras.setdefault(idx, {}).update(chunk.extras)
+        if self.ids is not None:
+            self.ids.setdefault(idx, []).extend(chunk.token_ids)
+        if chunk.top:
+            self.top.update(chunk.top)
         if chunk.usage is not None:
             self.usage = chunk.usage
 
@@ -180,19 +187,26 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
             message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
             if fields:
                 message.update(fields)
-                if message["tool_calls"] and not text:
+                calls = message["tool_calls"]
+                if calls and not text:
                     message["content"] = None  # a tool call has no text, as vLLM answers
+                for call in calls if isinstance(calls, list) else ():
+                    if isinstance(call, dict):  # merged from deltas: a whole one has none
+                        call.pop("index", None)
             choice["message"] = message
         else:
             choice["text"] = text
         choice["logprobs"] = merge_logprobs(choices.logprobs.get(idx))
         choice["finish_reason"] = choices.finish.get(idx) or "length"
         choice["stop_reason"] = None
+        ids = None if choices.ids is None else choices.ids.get(idx)
+        if ids:  # the engine gave them (an engine without return_token_ids gives none)
+            choice["token_ids"] = ids
         extras = choices.extras.get(idx)
         if extras:
             choice.update(extras)
         out.append(choice)
-    return {
+    body = {
         "id": fmt.id,
         "object": "chat.completion" if fmt.chat else "text_completion",
         "created": fmt.created,
@@ -200,6 +214,14 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
         "choices": out,
         "usage": usage_json(usage),
     }
+    if choices.top:
+        body.update(choices.top)
+    return body
+
+
+def wants_token_ids(gen: Generation) -> bool:
+    """Whether the client asked for each choice's token ids (vLLM's ``return_token_ids``)."""
+    return bool(gen.meta.extra_body.get("return_token_ids"))
 
 
 def _timeout_error(gen: Generation) -> DeadlineExceededError:
@@ -230,7 +252,7 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     """Run ``gen`` to the end and return the whole response body."""
     fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
     chunks, result = await manager.collect(gen.meta, gen.timeout_s)
-    choices = _Choices()
+    choices = _Choices(token_ids=wants_token_ids(gen))
     for chunk in chunks:
         choices.add(chunk)
     return completion_body(fmt, choices, _usage_after(gen, result, choices.usage))
@@ -337,6 +359,7 @@ async def _relay(
     assert resp is not None
     seen: set[int] = set()
     usage: Usage | None = None
+    ids = wants_token_ids(gen)
     # The events of the chunks that arrived together are written at once, in one write;
     # a request's last chunk goes out together with the usage chunk and [DONE].
     try:
@@ -352,11 +375,12 @@ async def _relay(
                 seen.add(chunk.index)
                 if (
                     chunk.text or chunk.finish_reason or chunk.logprobs is not None
-                    or chunk.fields or chunk.extras
+                    or chunk.fields or chunk.extras or chunk.top
                 ):  # fmt: skip
                     event = fmt.chunk(
                         chunk.text, chunk.finish_reason, index=chunk.index,
                         logprobs=chunk.logprobs, fields=chunk.fields, extras=chunk.extras,
+                        token_ids=chunk.token_ids if ids else (), top=chunk.top,
                     )  # fmt: skip
                     out += encode_event(event)
                 if chunk.usage is not None:  # the engine's last chunk

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from sage_llm.control_plane.routing import prefix_index
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.snapshot import PrefixView
 from sage_llm.tokens import block_hashes, tokenize
@@ -132,14 +133,22 @@ def test_storage_does_not_grow_under_churn() -> None:
     block many times over leaves its memory where the first fill put it."""
     index = PrefixIndex(capacity_blocks=2_048)
     hashes = block_hashes(list(range(16 * 60_000)), 16)
+    # counted by the index's own allocations: the process's total also moves with what
+    # other threads (left by earlier tests) allocate meanwhile
+    own = [tracemalloc.Filter(True, prefix_index.__file__)]
+
+    def held() -> int:
+        snapshot = tracemalloc.take_snapshot().filter_traces(own)
+        return sum(stat.size for stat in snapshot.statistics("filename"))
+
     tracemalloc.start()
     try:
         for k in range(0, 2_048, 4):
             index.insert(f"i{k % 3}", hashes[k : k + 4])
-        filled, _ = tracemalloc.get_traced_memory()
+        filled = held()
         for k in range(2_048, len(hashes), 4):
             index.insert(f"i{k % 3}", hashes[k : k + 4])
-        churned, _ = tracemalloc.get_traced_memory()
+        churned = held()
     finally:
         tracemalloc.stop()
     assert index.blocks == 2_048
