@@ -178,7 +178,8 @@ class RequestMetadata:
 
     # Additions (all optional).
     messages: list[dict[str, Any]] | None = None
-    stop: list[str] | None = None
+    stop: str | list[str] | None = None
+    """Stop sequences; a string is one sequence (as in OpenAI's API)."""
     session_id: str | None = None
     stream: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)

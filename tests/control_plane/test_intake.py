@@ -44,11 +44,25 @@ def test_build_request_refuses_bad_fields() -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         build_request(make_metadata("r", max_tokens=0), "m", now=0.0, stream=True,
                       default_max_tokens=16, block_size=16)  # fmt: skip
-    for field, value in (("temperature", 2.5), ("temperature", float("nan")), ("top_p", 0.0)):
+    nan = float("nan")
+    for field, value in (
+        ("temperature", 2.5), ("temperature", nan), ("temperature", "0.5"), ("top_p", 0.0),
+        ("top_p", True), ("slo_deadline_ms", "100"), ("slo_deadline_ms", float("inf")),
+        ("cost_budget", "x"), ("cost_budget", -1), ("cost_budget", nan), ("prompt", 5),
+        ("prompt", ["a", "b"]), ("prompt", [[1, 2]]), ("messages", [1]), ("stop", 3),
+        ("stop", ["a", 1]), ("tags", None), ("extra_body", [1]),
+    ):  # fmt: skip
         with pytest.raises(InvalidRequestError) as info:
             build_request(make_metadata("r", **{field: value}), "m", now=0.0, stream=True,
                           default_max_tokens=16, block_size=16)  # fmt: skip
-        assert info.value.param == field
+        assert info.value.param == field, (field, value)
+
+
+def test_a_stop_string_is_one_stop_sequence() -> None:
+    """As OpenAI's API takes ``stop``: a string is one sequence, not its characters."""
+    _, req = build_request(make_metadata("r", stop="xyz"), "m", now=0.0, stream=True,
+                           default_max_tokens=16, block_size=16)  # fmt: skip
+    assert req.stop == ("xyz",)
 
 
 @pytest.mark.parametrize(

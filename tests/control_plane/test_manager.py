@@ -796,6 +796,28 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
             ControlPlaneManager(mode="simulated", engine_stream_sample_max_per_s=bad)
 
 
+def test_a_bad_time_limit_is_refused_before_the_request_is_taken() -> None:
+    """A ``collect`` with a bad ``timeout_s`` had been taken and then left QUEUED for
+    ever (in no queue); now nothing is taken, and the same id goes through after."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", enable_pd_separation=False)
+        cp.register_instance(make_instances(1)[0])
+        async with cp:
+            for bad in ("x", float("nan"), -1.0, 0, True):
+                with pytest.raises(InvalidRequestError, match="timeout_s") as info:
+                    await cp.collect(make_metadata("c", max_tokens=2), timeout_s=bad)  # type: ignore[arg-type]
+                assert info.value.param == "timeout_s"
+                with pytest.raises(InvalidRequestError, match="timeout"):
+                    await cp.wait_for_result("c", timeout=bad)  # type: ignore[arg-type]
+            with pytest.raises(RequestNotFoundError):
+                await cp.get_request_status("c")
+            _, result = await cp.collect(make_metadata("c", max_tokens=2), timeout_s=math.inf)
+            assert result.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
 def test_a_request_for_prompt_logprobs_is_never_streamed_from_the_engine() -> None:
     """vLLM refuses ``prompt_logprobs`` with ``stream: true``: a non-streaming request that
     asks for them is answered in one piece, sampled (each instance's first call would

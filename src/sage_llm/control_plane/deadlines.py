@@ -19,10 +19,26 @@ import logging
 import math
 from collections.abc import Callable
 
+from sage_llm.errors import InvalidRequestError
+
 log = logging.getLogger("sage_llm.deadlines")
 
 _MIN_WIDTH_S = 0.001
 _RELATIVE_WIDTH = 0.001
+
+
+def time_limit_arg(value: float | None, param: str) -> float | None:
+    """A time limit as given to the manager's calls: None (and infinity) for none, else
+    a positive number of seconds; anything else is the caller's error
+    (:class:`~sage_llm.errors.InvalidRequestError` naming ``param``), raised before a
+    request is taken."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidRequestError(
+            f"{param} must be a positive number of seconds or None, got {value!r}", param=param
+        )
+    return None if value == math.inf else value
 
 
 class DeadlineTimers:

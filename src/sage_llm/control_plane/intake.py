@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 
 from sage_llm import tokens
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
@@ -46,6 +46,19 @@ def _prompt_blocks(
     return tokens.prompt_blocks(prompt, block_size)
 
 
+def _real(value: object) -> bool:
+    """Whether ``value`` is a number (not a bool, not NaN): what a numeric field takes."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _shown(value: object) -> str:
+    """``value`` as an error message shows it (its type's name too when it is not a
+    number)."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if _real(value) else f"{text} ({type(value).__name__})"
+
+
 def build_request(
     meta: RequestMetadata,
     model: str,
@@ -59,12 +72,30 @@ def build_request(
     """Validate ``meta`` and build the scheduling view and the engine request of it; the
     prompt's block hashes with ``block_size`` tokens a block (None: no hashes, only the
     prompt's length); ``previous_instance_id`` the instance that served its session last."""
+    prompt = meta.prompt
     if meta.messages is not None:
         if not isinstance(meta.messages, list) or not meta.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
-        prompt_tokens, hashes = _prompt_blocks(tokens.chat_prompt_text(meta.messages), block_size)
-    elif meta.prompt is not None and (not isinstance(meta.prompt, str) or meta.prompt):
-        prompt_tokens, hashes = _prompt_blocks(meta.prompt, block_size)
+        try:
+            if not all(isinstance(m, Mapping) for m in meta.messages):
+                raise TypeError(meta.messages)
+            text = tokens.chat_prompt_text(meta.messages)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            raise InvalidRequestError(
+                "messages must be a list of {'role': ..., 'content': ...} objects",
+                param="messages",
+            ) from None
+        prompt_tokens, hashes = _prompt_blocks(text, block_size)
+    elif prompt is not None and (not isinstance(prompt, str) or prompt):
+        try:
+            if not isinstance(prompt, (str, list, tuple)):
+                raise TypeError(prompt)
+            prompt_tokens, hashes = _prompt_blocks(prompt, block_size)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(
+                f"prompt must be a string or a list of token ids, got {_shown(prompt)}",
+                param="prompt",
+            ) from None
         if not prompt_tokens:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
     else:
@@ -80,13 +111,37 @@ def build_request(
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
     temperature, top_p = meta.temperature, meta.top_p  # None: the engine's default
-    if temperature is not None and (math.isnan(temperature) or not 0.0 <= temperature <= 2.0):
-        raise InvalidRequestError("temperature must be within [0, 2]", param="temperature")
-    if top_p is not None and (math.isnan(top_p) or not 0.0 < top_p <= 1.0):
-        raise InvalidRequestError("top_p must be within (0, 1]", param="top_p")
+    if temperature is not None and not (_real(temperature) and 0.0 <= temperature <= 2.0):
+        raise InvalidRequestError(
+            f"temperature must be a number within [0, 2], got {_shown(temperature)}",
+            param="temperature",
+        )
+    if top_p is not None and not (_real(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidRequestError(
+            f"top_p must be a number within (0, 1], got {_shown(top_p)}", param="top_p"
+        )
     slo_ms = meta.slo_deadline_ms
-    if slo_ms is not None and (math.isnan(slo_ms) or slo_ms <= 0 or math.isinf(slo_ms)):
-        raise InvalidRequestError("slo_deadline_ms must be positive", param="slo_deadline_ms")
+    if slo_ms is not None and not (_real(slo_ms) and 0 < slo_ms < math.inf):
+        raise InvalidRequestError(
+            f"slo_deadline_ms must be a positive number, got {_shown(slo_ms)}",
+            param="slo_deadline_ms",
+        )
+    budget = meta.cost_budget
+    if budget is not None and not (_real(budget) and 0 <= budget < math.inf):
+        raise InvalidRequestError(
+            f"cost_budget must be a number >= 0, got {_shown(budget)}", param="cost_budget"
+        )
+    stop = meta.stop
+    if stop:
+        if isinstance(stop, str):  # one stop string, as OpenAI's API takes it
+            stop = [stop]
+        elif not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise InvalidRequestError(
+                f"stop must be a string or a list of strings, got {_shown(stop)}", param="stop"
+            )
+    for name, value in (("tags", meta.tags), ("extra_body", meta.extra_body)):
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"{name} must be a dict, got {_shown(value)}", param=name)
     try:
         priority = RequestPriority.parse(meta.priority)
     except ValueError as exc:
@@ -132,7 +187,7 @@ def build_request(
         max_tokens,
         meta.temperature,
         meta.top_p,
-        tuple(meta.stop or ()),
+        tuple(stop or ()),
         stream,
         dict(meta.extra_body),
         None,  # kv_transfer_params

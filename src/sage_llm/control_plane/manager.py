@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm.config import check_instance, check_manager_arguments
-from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit
+from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
 from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, internal_error, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import (
@@ -519,6 +519,7 @@ class ControlPlaneManager:
         """Wait until the request ends and return its result (also when it failed or was
         cancelled: check ``result.status``). Raises DeadlineExceededError on ``timeout``;
         the request itself goes on."""
+        timeout = time_limit_arg(timeout, "timeout")
         rec = self._require_dispatcher().records.get(request_id)
         if rec is None:
             done = self._finished.get(request_id, self.clock.now())
@@ -602,7 +603,7 @@ class ControlPlaneManager:
         :func:`asyncio.timeout` does, on the deadline timers the manager's requests share
         (at most 0.1% or 1 ms late; see :mod:`~sage_llm.control_plane.deadlines`). The
         gateway bounds a stream's relay with it."""
-        return TimeLimit(self._deadlines, timeout_s)
+        return TimeLimit(self._deadlines, time_limit_arg(timeout_s, "timeout_s"))
 
     async def collect(
         self, request: RequestMetadata, timeout_s: float | None = None
@@ -617,6 +618,7 @@ class ControlPlaneManager:
         (:meth:`Dispatcher.start_here`). ``timeout_s`` limits the whole request: once it
         passes (at most 0.1% or 1 ms later, see :mod:`~sage_llm.control_plane.deadlines`)
         the request is cancelled and :class:`DeadlineExceededError` raised."""
+        timeout_s = time_limit_arg(timeout_s, "timeout_s")  # before the request is taken
         dispatcher = self._require_dispatcher()
         lone = dispatcher.takes_lone()  # then started without the queue's round trip
         rec = self._submit(request, stream=False, collect=True, wake=False, queue=not lone)
