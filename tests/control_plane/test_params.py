@@ -74,6 +74,15 @@ def test_a_problem_between_keys_is_reported_when_each_is_fine_alone() -> None:
     assert info.value.key == "high"
 
 
+def test_a_limit_set_by_another_key_is_shown_as_given_not_as_its_default() -> None:
+    """``high`` alone fails against the default ``low`` (1.0); the table gives 0.7."""
+    with pytest.raises(ConfigError) as info:
+        build_params(Params, {"high": 0.5, "low": 0.7})
+    assert (info.value.key, info.value.message) == ("high", "high: must be >= low (0.7)")
+    with pytest.raises(ConfigError, match=r"must be below overload \(0.2\), got 0.5"):
+        build_policy("adaptive", {"light_load": 0.5, "overload": 0.2})
+
+
 def test_finite_refuses_infinity_and_nan() -> None:
     assert build_params(Params, {"high": math.inf}).high == math.inf
     for value in (math.inf, math.nan):

@@ -1038,6 +1038,8 @@ class ControlPlaneManager:
 
     def prometheus_metrics(self) -> bytes:
         """The Prometheus exposition text of this control plane's metrics."""
+        # the policy in charge: adaptive switches its inner policy on its own
+        self._metrics.set_policy(policy_label(self.policy), POLICY_NAMES)
         for state in self._registry:
             self._metrics.instance_healthy.labels(instance=state.instance_id).set(
                 1.0 if state.healthy else 0.0

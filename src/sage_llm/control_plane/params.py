@@ -69,6 +69,10 @@ def build_params(
     for key, value in kwargs.items():
         if (problem := _alone(params_cls, key, value)) is not None:
             problems[key] = problem
+    if isinstance(whole, ConfigError) and whole.key in problems:
+        # built with the values given, not the others' defaults: a limit another key
+        # sets is shown as given ("below overload (0.2)", not its default's 0.1)
+        problems[whole.key] = whole
     raise_problems([problems[key] for key in raw if key in problems])
     # each key is fine alone: the problem is between them
     if isinstance(whole, ConfigError):

@@ -440,7 +440,7 @@ def test_the_control_plane_on_a_small_fleet_places_budgeted_requests_on_the_chea
     """The reviewer's case end to end, on virtual time: 2 instances x 4 slots (prices 1
     and 5), one request a second with a cost budget, for 30 s."""
 
-    async def main() -> tuple[dict[str, object], Counter[str]]:
+    async def main() -> tuple[dict[str, object], Counter[str], str]:
         cp = ControlPlaneManager(scheduling_policy="adaptive", mode="simulated")
         for n, (iid, price) in enumerate([("cheap", 1.0), ("dear", 5.0)]):
             cp.register_instance(
@@ -460,9 +460,12 @@ def test_the_control_plane_on_a_small_fleet_places_budgeted_requests_on_the_chea
                 placed[result.instance_id] += 1
             policy = cp.policy
             assert isinstance(policy, AdaptivePolicy)
-            return policy.describe(), placed
+            return policy.describe(), placed, cp.prometheus_metrics().decode()
 
-    info, placed = run_virtual(main())
+    info, placed, text = run_virtual(main())
     assert info["current"] == "cost_optimized"
+    # the gauge follows the policy in charge (it had stayed at the first one, fifo)
+    assert 'sage_llm_scheduling_policy{policy="cost_optimized"} 1.0' in text
+    assert 'sage_llm_scheduling_policy{policy="fifo"} 0.0' in text
     assert "light load" in str(info["reason"])
     assert placed["cheap"] >= 27  # all but the ones fifo placed before the switch
