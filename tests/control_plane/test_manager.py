@@ -796,6 +796,22 @@ def test_engine_stream_sampled_streams_one_request_in_n_on_each_instance() -> No
             ControlPlaneManager(mode="simulated", engine_stream_sample_max_per_s=bad)
 
 
+def test_get_result_is_none_while_running_and_refuses_an_unknown_id() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", enable_pd_separation=False)
+        cp.register_instance(make_instances(1)[0])
+        async with cp:
+            rid = await cp.submit_request(make_metadata("g", max_tokens=50))
+            assert await cp.get_result(rid) is None  # in progress
+            await cp.wait_for_result(rid)
+            result = await cp.get_result(rid)
+            assert result is not None and result.status is RequestStatus.COMPLETED
+            with pytest.raises(RequestNotFoundError, match="'nope'"):
+                await cp.get_result("nope")
+
+    run_virtual(main())
+
+
 def test_a_bad_time_limit_is_refused_before_the_request_is_taken() -> None:
     """A ``collect`` with a bad ``timeout_s`` had been taken and then left QUEUED for
     ever (in no queue); now nothing is taken, and the same id goes through after."""

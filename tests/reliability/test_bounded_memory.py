@@ -17,7 +17,7 @@ import pytest
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestStatus
 from sage_llm.control_plane.records import FinishedRecords
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.errors import ModelNotFoundError
+from sage_llm.errors import ModelNotFoundError, RequestNotFoundError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.types import RequestResult
 from tests.factories import make_instances
@@ -48,7 +48,8 @@ def test_prefix_index_and_finished_records_stay_bounded() -> None:
             assert 0 < cp.get_status()["prefix_index_entries"] <= 50
             assert len(cp._finished) <= 20
             assert await cp.get_result("r119") is not None
-            assert await cp.get_result("r0") is None  # evicted, not kept for ever
+            with pytest.raises(RequestNotFoundError):  # evicted, not kept for ever
+                await cp.get_result("r0")
 
     run_virtual(main())
 

@@ -752,10 +752,15 @@ class ControlPlaneManager:
         return done.status
 
     async def get_result(self, request_id: str) -> RequestResult | None:
-        """The result when the request has ended, else None."""
+        """The result when the request has ended; None while it is in progress. Raises
+        :class:`RequestNotFoundError` for an id it does not know (never submitted, or
+        its result is no longer kept: ``result_retention``, ``result_ttl_s``)."""
         if request_id in self._require_dispatcher().records:
             return None
-        return self._finished.get(request_id, self.clock.now())
+        done = self._finished.get(request_id, self.clock.now())
+        if done is None:
+            raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
+        return done
 
     def get_scheduling_decision(self, request_id: str) -> SchedulingDecision | None:
         """Where a placed request went and what the control plane expected of it, as the

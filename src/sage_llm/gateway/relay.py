@@ -30,6 +30,7 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     RequestCancelledError,
+    RequestNotFoundError,
     SageLLMError,
 )
 from sage_llm.fastinit import field_filler
@@ -244,8 +245,12 @@ def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | No
 
 
 async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usage | None) -> Usage:
-    """:func:`_usage_after` with the result the manager kept."""
-    return _usage_after(gen, await manager.get_result(gen.request_id), seen)
+    """:func:`_usage_after` with the result the manager kept (none: no longer kept)."""
+    try:
+        result = await manager.get_result(gen.request_id)
+    except RequestNotFoundError:
+        result = None
+    return _usage_after(gen, result, seen)
 
 
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
