@@ -186,8 +186,15 @@ class RequestCancelledError(SageLLMError):
 
 
 class NoHealthyInstanceError(SageLLMError):
+    """No instance can take the request now. ``retry_after_s`` hints when one may (the end
+    of the nearest cool-down of an ejected instance); None when nothing says."""
+
     http_status = 503
     error_type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ControlPlaneNotRunningError(SageLLMError):

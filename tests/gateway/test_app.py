@@ -149,7 +149,7 @@ async def test_unknown_fields_reach_the_engine_unchanged_and_sage_fields_do_not(
         async with http.post(gw.url("/v1/chat/completions"), json=body) as resp:
             assert resp.status == 200
         (req,) = gw.probes["sim-0"].requests
-        assert dict(req.extra) == extra
+        assert dict(req.extra) == {**extra, "user": "alice"}  # user too, as the engine takes it
         assert req.priority == 1
         assert req.messages == body["messages"]
         assert req.max_tokens == 8

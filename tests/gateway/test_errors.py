@@ -287,6 +287,23 @@ async def test_no_healthy_instance_is_503_and_logged_with_its_reason(
     assert any("instance sim-0 draining" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_503_while_instances_cool_down_says_when_to_retry() -> None:
+    async with serve(2) as gw, aiohttp.ClientSession() as http:
+        now = gw.manager.clock.now()
+        for iid, cooldown in (("sim-0", 2.5), ("sim-1", 7.0)):
+            breaker = gw.manager._registry.get(iid).breaker
+            breaker.force_open(now, "test", request=True)
+            breaker.open_until = now + cooldown
+            gw.manager._registry.get(iid).healthy = False
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "3"  # the nearest cool-down, rounded up
+        gw.manager.drain_instance("sim-0")
+        gw.manager.drain_instance("sim-1")
+        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
+            assert r.status == 503 and "Retry-After" not in r.headers  # draining: no hint
+
+
 @pytest.mark.parametrize("batching", [False, True], ids=["task", "here"])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_request_timeout_is_504_and_cancels_the_request(stream: bool, batching: bool) -> None:

@@ -96,6 +96,21 @@ async def test_other_routes_on_the_same_connection_are_handed_to_aiohttp() -> No
         await _close(writer)
 
 
+async def test_a_head_with_bare_lf_line_ends_is_answered_at_once() -> None:
+    """Not left waiting for a CRLF CRLF that never comes (it had been answered 408 after
+    ``read_timeout_s``): aiohttp answers it, whatever it makes of it."""
+    async with serve(1) as gw:
+        for raw in (
+            _post("/v1/completions", completion_body()).replace(b"\r\n", b"\n"),
+            b"GET /v1/models HTTP/1.1\nHost: test\n\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(raw)
+            status, _, _ = await asyncio.wait_for(_response(reader), 5.0)
+            assert status in (200, 400)
+            await _close(writer)
+
+
 async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_order() -> None:
     # pipelined: the lean answer is written at the end of the turn in which the handler
     # ends, the same turn the connection is handed to aiohttp for the next request

@@ -45,7 +45,7 @@ def test_completion_fields_map_onto_request_metadata() -> None:
     assert meta.stop == ["END"]
     assert (meta.user_id, meta.session_id) == ("u1", "u1")
     assert meta.priority is RequestPriority.NORMAL
-    assert meta.extra_body == {}
+    assert meta.extra_body == {"user": "u1"}  # passed on as well
     assert (gen.chat, gen.stream, gen.include_usage, gen.timeout_s) == (False, False, False, 60.0)
 
 
@@ -65,6 +65,35 @@ def test_every_other_field_passes_through_unchanged() -> None:
     assert meta.extra_body == {"n": 3, "logprobs": 2, "seed": 1, "echo": True, "custom": nested}
     assert meta.extra_body["custom"] is nested
     assert not CONSUMED_FIELDS & set(meta.extra_body)
+
+
+def test_user_is_the_session_and_is_passed_on_too() -> None:
+    meta = _parse({"model": MODEL, "prompt": "Hi", "user": "u-7"}).meta
+    assert (meta.user_id, meta.session_id) == ("u-7", "u-7")
+    assert meta.extra_body == {"user": "u-7"}  # the engine gets it (OpenAI servers use it)
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "expected"),
+    [
+        (-10, "body", RequestPriority.CRITICAL),
+        (10, "body", RequestPriority.BACKGROUND),
+        (3, "body", RequestPriority.LOW),
+        ("-3", "header", RequestPriority.CRITICAL),
+        ("7", "header", RequestPriority.BACKGROUND),
+    ],
+)
+def test_an_integer_priority_outside_0_to_4_is_the_nearest_end(
+    value: int | str, where: str, expected: RequestPriority
+) -> None:
+    """vLLM's ``priority`` is any integer, lower sooner: the same order, not a 400."""
+    body: dict[str, Any] = {"model": MODEL, "prompt": "Hi"}
+    headers: dict[str, str] = {}
+    if where == "body":
+        body["priority"] = value
+    else:
+        headers["x-sage-priority"] = str(value)
+    assert _parse(body, headers).meta.priority is expected
 
 
 def test_chat_messages_are_kept_as_sent() -> None:
@@ -138,10 +167,11 @@ def test_include_usage_only_applies_to_streams() -> None:
         ({"model": MODEL, "prompt": "x", "n": 1.5}, {}, "n"),
         ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "yes"}}, {},
          "stream_options"),
-        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "9"}, "x-sage-priority"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "soon"}, "x-sage-priority"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "-3"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "inf"}, "x-sage-slo-ms"),
-        ({"model": MODEL, "prompt": "x", "priority": 7}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "soon"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x", "priority": 1.5}, {}, "priority"),
     ],
 )  # fmt: skip
 def test_invalid_fields_name_their_param(

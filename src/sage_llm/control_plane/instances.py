@@ -384,6 +384,19 @@ class InstanceRegistry:
             )
         return "no_healthy_instance", f"no healthy instance serves model {model!r} right now"
 
+    def back_in(self, model: str, now: float) -> float | None:
+        """Seconds until the nearest cool-down of an ejected instance serving ``model``
+        ends (when it may take requests again); None when none is cooling down."""
+        waits = [
+            s.breaker.open_until - now
+            for s in self._states.values()
+            if s.instance.model_name == model
+            and not s.removed
+            and not s.draining
+            and s.breaker.state is CircuitState.OPEN
+        ]
+        return max(0.0, min(waits)) if waits else None
+
     def snapshot(self, now: float, prefix: PrefixView) -> ClusterSnapshot:
         views = tuple(s.view() for s in self._states.values() if not s.removed)
         return fill_snapshot(now, views, prefix)

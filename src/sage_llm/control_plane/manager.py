@@ -1108,7 +1108,7 @@ class ControlPlaneManager:
         if not some_up:
             label, why = registry.down(model)
             self._metrics.on_rejected(label, model)
-            raise NoHealthyInstanceError(why)
+            raise NoHealthyInstanceError(why, retry_after_s=registry.back_in(model, now))
         # an instance that runs whole requests serves the model: then nothing is unservable
         unservable = None if whole else dispatcher.unservable_reason(model)
         if unservable is not None:

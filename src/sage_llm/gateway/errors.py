@@ -26,6 +26,7 @@ from aiohttp.typedefs import Handler
 from sage_llm.errors import (
     AdmissionError,
     AuthenticationError,
+    NoHealthyInstanceError,
     SageLLMError,
     SLOInfeasibleError,
 )
@@ -71,10 +72,13 @@ def retry_after_header(seconds: float | None) -> str:
 
 def sage_error_headers(exc: SageLLMError) -> dict[str, str]:
     """The headers an error's response carries: ``Retry-After`` on admission refusals
-    (not on an infeasible deadline), ``WWW-Authenticate`` on 401."""
+    (not on an infeasible deadline) and on a 503 while instances are cooling down,
+    ``WWW-Authenticate`` on 401."""
     headers: dict[str, str] = {}
     if isinstance(exc, AdmissionError) and not isinstance(exc, SLOInfeasibleError):
         # an infeasible deadline is as infeasible later: no Retry-After invites a retry
+        headers["Retry-After"] = retry_after_header(exc.retry_after_s)
+    elif isinstance(exc, NoHealthyInstanceError) and exc.retry_after_s is not None:
         headers["Retry-After"] = retry_after_header(exc.retry_after_s)
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"

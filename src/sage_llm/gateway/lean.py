@@ -7,8 +7,9 @@ traffic and always the same shape, so :class:`LeanServer` accepts the connection
 on :class:`asyncio.Protocol` objects, and serves those two routes with a handler of its
 own (:mod:`sage_llm.gateway.lean_routes`). Any other request — another route or method, a
 query string, ``HTTP/1.0``, a chunked or ``Expect: 100-continue`` body, a body above the
-size limit, a malformed or oversized head (a header name that is not a token, a control
-character anywhere in a header line), a CORS request when CORS is configured — makes
+size limit, a malformed or oversized head (bare-LF line ends, a header name that is not a
+token, a control character anywhere in a header line), a CORS request when CORS is
+configured — makes
 the connection switch to aiohttp's protocol for the rest of its life (the bytes already
 read are handed over), so every other route, error and edge case is answered by aiohttp
 exactly as before.
@@ -235,7 +236,7 @@ class LeanConnection(asyncio.Protocol):
         self.idle_since = None
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > _MAX_HEAD:
+            if len(buf) > _MAX_HEAD or b"\n\n" in buf:  # too long, or bare-LF lines
                 self._handover()
             elif self.reading_since is None:
                 self.reading_since = asyncio.get_running_loop().time()

@@ -55,9 +55,10 @@ SESSION_HEADER = "x-session-id"
 
 CONSUMED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-     "top_p", "stop", "stream", "stream_options", "user", "priority", "slo_deadline_ms"}
+     "top_p", "stop", "stream", "stream_options", "priority", "slo_deadline_ms"}
 )  # fmt: skip
-"""Body fields the gateway maps onto RequestMetadata; every other field is passed on."""
+"""Body fields the gateway maps onto RequestMetadata; every other field is passed on
+(``user`` too: the engine gets it as well as the control plane's session)."""
 
 _TYPE_HINTS = {
     "prompt": "must be a string, a list with one string, or a list of token ids",
@@ -132,6 +133,12 @@ def validate_chat(body: Mapping[str, Any]) -> ChatCompletionRequest:
 
 
 def _priority(value: object, param: str) -> RequestPriority:
+    """A priority by name or number; an integer outside 0-4 is taken as the nearest end
+    (vLLM's ``priority`` is any integer, lower sooner: the same order)."""
+    if isinstance(value, str) and value.strip().removeprefix("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = min(max(value, 0), len(RequestPriority) - 1)
     try:
         return RequestPriority.parse(value)  # type: ignore[arg-type]
     except (ValueError, TypeError):
