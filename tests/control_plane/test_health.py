@@ -236,6 +236,35 @@ def test_requests_to_a_dead_instance_eject_it_fast_and_are_retried() -> None:
     run_virtual(main())
 
 
+def test_a_connection_broken_after_output_does_not_eject_at_once() -> None:
+    """A refused connection (nothing produced) ejects at once; a stream broken mid-way
+    counts as one failure towards ``failure_threshold``, as a 5xx does."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan(), n=1)
+        async with cp:
+            state = cp._registry.get("sim-0")
+            monitor = cp._monitor()
+
+            def circuit() -> str:
+                return str(cp.get_status()["circuits"]["sim-0"])
+
+            mid = EngineConnectionError("stream broken", instance_id="sim-0", retryable=False)
+            monitor.on_request_failure(state, mid)
+            assert circuit() == "closed"
+            monitor.on_request_failure(state, mid)  # failure_threshold 2
+            assert circuit() == "open"
+            monitor.on_request_success(state)
+            state.breaker.poll(state.breaker.open_until)
+            monitor.on_request_success(state)
+            assert circuit() == "closed"
+            refused = EngineConnectionError("refused", instance_id="sim-0", retryable=True)
+            monitor.on_request_failure(state, refused)
+            assert circuit() == "open"
+
+    run_virtual(main())
+
+
 def test_an_instance_down_from_the_start_is_out_after_its_first_probe() -> None:
     """Not after ``failure_threshold`` probes an interval apart: until then, readiness
     would count an instance that never answered."""

@@ -27,9 +27,10 @@ engine's stats (scraped every ``stats_interval_s``) show no prompt or generated 
 processed for ``stall_timeout_s`` while requests are in flight there, the breaker opens
 as by a request's failure (:meth:`HealthMonitor.watch_progress`).
 
-A request failing on a connection error (refused, reset) opens the breaker at once, so an
-instance that died under traffic is ejected by the first request that notices; the probe
-loop readmits it after the cool-down if it answers again. With ``move_on_eject``, an
+A request failing on a connection error (refused, reset) before any output opens the
+breaker at once, so an instance that died under traffic is ejected by the first request
+that notices; the probe loop readmits it after the cool-down if it answers again. A
+stream broken after output counts as any other failure. With ``move_on_eject``, an
 ejection moves the instance's engine calls that have delivered nothing elsewhere
 (``Dispatcher.evict``).
 
@@ -384,11 +385,12 @@ class HealthMonitor:
         if not self.settings.eject_on_errors or not counts_against_health(exc):
             return
         now = self.clock.now()
-        if isinstance(exc, EngineConnectionError):
-            # refused or broken connection: eject now. A trial request readmits it after
-            # the cool-down (a probe that passes may be a gray failure's: an engine that
-            # drops its answers while /health answers); a dead engine fails its probes,
-            # which keep it open
+        if isinstance(exc, EngineConnectionError) and exc.retryable:
+            # refused or broken connection before any output: eject now. A trial request
+            # readmits it after the cool-down (a probe that passes may be a gray
+            # failure's: an engine that drops its answers while /health answers); a dead
+            # engine fails its probes, which keep it open. A stream broken after output
+            # counts as any failure: one client's dropped stream does not eject it
             breaker = state.breaker
             moved = breaker.force_open(now, exc.message, request=True)
             self._apply(state, moved, why=exc.message)
