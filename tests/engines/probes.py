@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 
-from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, KVHandle
+from sage_llm.engines.base import (
+    Chunk,
+    EngineClient,
+    EngineRequest,
+    EngineStats,
+    KVHandle,
+    ReportsContextLength,
+)
 from sage_llm.errors import EngineConnectionError, EngineStreamError
 
 
@@ -49,6 +56,10 @@ class ConcurrencyProbe:
 
     async def stats(self) -> EngineStats:
         return await self.inner.stats()
+
+    async def context_length(self) -> int | None:
+        inner = self.inner
+        return await inner.context_length() if isinstance(inner, ReportsContextLength) else None
 
     async def aclose(self) -> None:
         await self.inner.aclose()

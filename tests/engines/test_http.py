@@ -250,6 +250,22 @@ async def test_health_stats_and_models(sim_port: int, session: aiohttp.ClientSes
     assert await client.models() == [MODEL]
 
 
+async def test_context_length_is_the_model_cards_max_model_len(
+    fake: FakeEngine, session: aiohttp.ClientSession
+) -> None:
+    runner, port = await start_engine_server(fake, model_name=MODEL, max_model_len=4096)
+    try:
+        assert await client_for(port, session).context_length() == 4096
+    finally:
+        await runner.cleanup()
+    runner, port = await start_engine_server(fake, model_name=MODEL)  # unbounded: none
+    try:
+        assert await client_for(port, session).context_length() is None
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
 # --- wire format, against a recording server ----------------------------------------------
 
 

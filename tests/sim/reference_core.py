@@ -287,6 +287,7 @@ class ReferenceCore:
             num_gpu_blocks=self.num_gpu_blocks,
             block_size=self.block_size,
             source="sim",
+            counts_tokens=True,
         )
 
     # -- the step ------------------------------------------------------------------

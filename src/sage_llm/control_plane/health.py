@@ -45,12 +45,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sage_llm.engines.base import ReportsContextLength
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 
 if TYPE_CHECKING:
@@ -466,6 +468,8 @@ class HealthMonitor:
 
     async def _stats_loop(self, state: InstanceState) -> None:
         while not state.removed:
+            if state.breaker.routable and state.context_length is None:
+                await self._ask_context_length(state)
             if state.breaker.routable:
                 try:
                     async with asyncio.timeout(self.settings.timeout_s):
@@ -479,6 +483,20 @@ class HealthMonitor:
                     )
                     self.watch_progress(state, stats)
             await asyncio.sleep(self.settings.stats_interval_s)
+
+    async def _ask_context_length(self, state: InstanceState) -> None:
+        """Ask the engine its ``max_model_len`` (engines that can say,
+        :class:`~sage_llm.engines.base.ReportsContextLength`), at most once a minute."""
+        client = state.client
+        now = self.clock.now()
+        if not isinstance(client, ReportsContextLength) or now - state.context_asked_at < 60.0:
+            return
+        state.context_asked_at = now
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                state.context_length = await client.context_length()
+        except Exception as exc:  # advisory, as the stats are
+            log.debug("context length of %s unknown: %r", state.instance_id, exc)
 
     def watch_progress(self, state: InstanceState, stats: EngineStats) -> None:
         """Eject ``state`` as stalled when its engine has processed no token for
@@ -520,6 +538,7 @@ class HealthMonitor:
                 why or "failures",
             )
             self.probe_soon(state.instance_id)  # its probe loop waits out the cool-down
+            state.context_length, state.context_asked_at = None, -math.inf  # it may restart
             if self._on_eject is not None:
                 self._on_eject(state, why or "failures")
         else:

@@ -92,6 +92,11 @@ class InstanceState:
     """The engine's processed tokens (prompt and generated, from its stats) and the time
     they were first seen at that count with calls in flight: how long it has stood still
     (see ``HealthMonitor.watch_progress``)."""
+    context_length: int | None = None
+    """The engine's ``max_model_len``, as it last said (None: not known yet; asked again
+    after each ejection, as a restarted engine may serve another)."""
+    context_asked_at: float = -math.inf
+    """When the engine was last asked for it (at most once a minute while unknown)."""
     last_health_check: float | None = None
     est_ttft_base_s: float = 0.05
     est_s_per_prefill_token: float = 1 / 8000.0

@@ -474,6 +474,16 @@ class ControlPlaneManager:
     def get_instances(self) -> list[ExecutionInstance]:
         return [s.public_instance() for s in self._registry if not s.removed]
 
+    def context_length(self, model: str) -> int | None:
+        """The longest context (``max_model_len``, tokens) every instance of ``model`` that
+        has said serves: the least of theirs; None when none has said."""
+        known = [
+            s.context_length
+            for s in self._registry
+            if not s.removed and s.instance.model_name == model and s.context_length
+        ]
+        return min(known) if known else None
+
     async def engine_stats(self, instance_id: str) -> EngineStats:
         """Fresh load figures straight from an instance's engine."""
         return await self._registry.get(instance_id).client.stats()

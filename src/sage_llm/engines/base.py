@@ -234,3 +234,15 @@ class BatchingEngineClient(EngineClient, Protocol):
         """``generate``'s chunks, as lists of those that arrived together (none empty);
         closing it aborts the request as closing ``generate`` does."""
         ...
+
+
+@runtime_checkable
+class ReportsContextLength(Protocol):
+    """An engine client that can say the longest context (prompt and output, in tokens)
+    its engine serves: vLLM's ``max_model_len`` (``GET /v1/models``), or a simulated
+    engine's. The gateway's model cards show it."""
+
+    async def context_length(self) -> int | None:
+        """The engine's ``max_model_len`` for the instance's model; None when it does not
+        say."""
+        ...

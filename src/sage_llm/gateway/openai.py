@@ -426,6 +426,11 @@ class OpenAIRoutes:
             card["sage"]["instances"].append(inst.instance_id)
             if inst.is_healthy and inst.is_available:
                 card["sage"]["healthy_instances"] += 1
+        for name, card in cards.items():
+            length = self.manager.context_length(name)
+            if length is not None:  # as vLLM's card has it (the least of the fleet's)
+                card["max_model_len"] = length
+            card["permission"] = []
         return cards
 
     async def models(self, request: web.Request) -> web.Response:

@@ -309,6 +309,10 @@ class SimEngine:
     def config(self) -> SimEngineConfig:
         return self._config
 
+    async def context_length(self) -> int | None:
+        """The simulated model's ``max_model_len``."""
+        return self._config.max_model_len
+
     @property
     def front_end(self) -> FrontEndModel:
         """The front end in front of the core (all zero when there is none)."""

@@ -47,7 +47,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, EngineStats, KVHandle
+from sage_llm.engines.base import (
+    Chunk,
+    EngineClient,
+    EngineRequest,
+    EngineStats,
+    KVHandle,
+    ReportsContextLength,
+)
 from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, EngineStreamError
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.server_metrics import ReportsQueueTime
@@ -336,6 +343,11 @@ class FaultyEngineClient:
         if self._scheduled(FaultKind.CRASH) is not None:
             raise self._crash_error()
         return await self.inner.stats()
+
+    async def context_length(self) -> int | None:
+        """The wrapped engine's (None when it does not say)."""
+        inner = self.inner
+        return await inner.context_length() if isinstance(inner, ReportsContextLength) else None
 
     async def aclose(self) -> None:
         if self._exit_timer is not None:
