@@ -346,6 +346,38 @@ def test_queue_time_runs_from_arrival_to_first_scheduling() -> None:
     virtual(main)
 
 
+def test_stop_token_ids_end_the_answer_at_the_token_kept_in_it() -> None:
+    """As vLLM's ``stop_token_ids``: the first such token (at or after ``min_tokens``)
+    ends the answer with ``stop``; it is kept in the text and counted; the id is the stop
+    reason."""
+
+    async def main() -> None:
+        full = await collect(SimEngine("sim-0"), req("a", max_tokens=30))
+        ids = [t for c in full for t in c.token_ids]
+        engine = SimEngine("sim-0")
+        chunks = await collect(engine, req("a", max_tokens=30, extra={"stop_token_ids": [ids[6]]}))
+        got = [t for c in chunks for t in c.token_ids]
+        first = ids.index(ids[6])
+        assert got == ids[: first + 1]
+        assert chunks[-1].finish_reason == "stop"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == first + 1
+        assert engine.stop_reason("a") == ids[6]
+        assert engine.core.kv_usage == 0.0
+        late = await collect(
+            SimEngine("sim-0"),
+            req("a", max_tokens=30, extra={"stop_token_ids": [ids[0]], "min_tokens": 30}),
+        )
+        assert late[-1].finish_reason == "length"  # min_tokens first, as vLLM
+        for bad in ([-1], ["7"], 7, [True]):
+            with pytest.raises(InvalidRequestError) as err:
+                await collect(SimEngine("sim-0"), req(max_tokens=4, extra={"stop_token_ids": bad}))
+            assert err.value.param == "stop_token_ids"
+        with pytest.raises(InvalidRequestError, match="min_tokens must be less than or equal"):
+            await collect(SimEngine("sim-0"), req(max_tokens=2, extra={"min_tokens": 5}))
+
+    virtual(main)
+
+
 def test_stop_reason_is_the_matched_stop_string_and_none_otherwise() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

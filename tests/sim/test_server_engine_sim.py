@@ -231,6 +231,30 @@ async def test_stop_reason_is_the_matched_stop_string(http: aiohttp.ClientSessio
         assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
+async def test_stop_token_ids_and_max_completion_tokens_as_vllm(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        body = {**COMPLETION, "max_tokens": 30}
+        _, full = await post(http, url, body, "t")
+        words = full["choices"][0]["text"].split()
+        async with http.post(f"{base}/tokenize", json={"prompt": " " + words[3]}) as resp:
+            (stop_id,) = (await resp.json())["tokens"]
+        _, out = await post(http, url, {**body, "stop_token_ids": [stop_id]}, "t")
+        choice = out["choices"][0]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop_id)
+        assert choice["text"].split()[-1] == words[3]  # kept, as vLLM keeps it
+        events = await stream_events(http, url, {**body, "stop_token_ids": [stop_id]}, "t")
+        last = json.loads(events[-2])["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop_id)
+        chat = {**CHAT, "max_completion_tokens": 3, "max_tokens": 5}
+        _, answer = await post(http, f"{base}/v1/chat/completions", chat, "c")
+        assert answer["usage"]["completion_tokens"] == 3  # the newer name wins
+        status, err = await post(http, url, {**COMPLETION, "max_tokens": 2, "min_tokens": 5})
+        assert status == 400 and err["error"]["param"] == "min_tokens"
+
+
 async def test_unknown_routes_and_methods_answer_json_as_vllm_does(
     http: aiohttp.ClientSession,
 ) -> None:

@@ -297,7 +297,7 @@ class SimEngine:
         self._remote_addr: dict[tuple[str | None, str], tuple[str, int]] = {}
         self._remote_key: dict[str, tuple[str | None, str]] = {}
         # (queue time, stop string) of the last FINISHED_KEPT finished requests
-        self._finished: dict[str, tuple[float | None, str | None]] = {}
+        self._finished: dict[str, tuple[float | None, str | int | None]] = {}
         if kv_hub is not None:
             kv_hub.register(self)
 
@@ -357,6 +357,7 @@ class SimEngine:
             )
         self._check_max_tokens(req, len(prompt_ids))
         min_tokens = self._min_tokens(req)
+        stop_ids = self._stop_token_ids(req)
         top = requested_logprobs(req)
         await self._intake()
         stream = self._open(req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params)
@@ -375,18 +376,27 @@ class SimEngine:
                     item.retryable = produced == 0
                     raise item
                 pieces = stream.text.next_pieces(item.n)
+                stop_id = None
+                if stop_ids:  # the first stop token at or after min_tokens ends it, kept
+                    for k, tid in enumerate(PseudoText.token_ids(pieces)):
+                        if tid in stop_ids and produced + k + 1 >= min_tokens:
+                            pieces, stop_id = pieces[: k + 1], tid
+                            break
                 ids = PseudoText.token_ids(pieces)
                 text = "".join(pieces)
                 lp = None if logprobs is None else logprobs.next(pieces)
-                produced += item.n
+                produced += len(pieces)
                 finish = item.finish
-                stop: str | None = None
+                stop: str | int | None = None
                 if req.stop and produced >= min_tokens:
                     hit = _stop_at(text_so_far, text, req.stop)
                     if hit is not None:
                         cut, stop = hit
                         text, finish = text[:cut], "stop"
                         self._core.abort(req.request_id)
+                if stop is None and stop_id is not None:
+                    stop, finish = stop_id, "stop"
+                    self._core.abort(req.request_id)
                 text_so_far += text
                 if finish is not None:
                     done = True
@@ -451,9 +461,10 @@ class SimEngine:
         info = self._finished.get(request_id)
         return None if info is None else info[0]
 
-    def stop_reason(self, request_id: str) -> str | None:
-        """The stop string that ended the finished request ``request_id`` (None: it ended
-        otherwise, or is not among the last :data:`FINISHED_KEPT` finished here)."""
+    def stop_reason(self, request_id: str) -> str | int | None:
+        """The stop string or stop token id that ended the finished request ``request_id``
+        (None: it ended otherwise, or is not among the last :data:`FINISHED_KEPT` finished
+        here)."""
         info = self._finished.get(request_id)
         return None if info is None else info[1]
 
@@ -529,7 +540,27 @@ class SimEngine:
         value = req.extra.get("min_tokens", 0) or 0
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidRequestError("min_tokens must be an integer >= 0", param="min_tokens")
+        if value > req.max_tokens:  # as vLLM refuses it
+            raise InvalidRequestError(
+                f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, "
+                f"got {value}",
+                param="min_tokens",
+            )
         return value
+
+    @staticmethod
+    def _stop_token_ids(req: EngineRequest) -> frozenset[int]:
+        """``stop_token_ids``: token ids that end the answer (kept in it, with finish
+        reason ``stop`` and the id as ``stop_reason``), as vLLM's."""
+        value = req.extra.get("stop_token_ids") or ()
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+        ):
+            raise InvalidRequestError(
+                "stop_token_ids must be a list of token ids (integers >= 0)",
+                param="stop_token_ids",
+            )
+        return frozenset(value)
 
     async def _intake(self) -> None:
         """Wait for the front end to take the request in (at once without a front end)."""
@@ -579,7 +610,9 @@ class SimEngine:
         self._remote_addr[key] = (host, port)
         self._remote_key[request_id] = key
 
-    def _note_finished(self, request_id: str, queue_s: float | None, stop: str | None) -> None:
+    def _note_finished(
+        self, request_id: str, queue_s: float | None, stop: str | int | None
+    ) -> None:
         finished = self._finished
         finished.pop(request_id, None)
         if len(finished) >= FINISHED_KEPT:

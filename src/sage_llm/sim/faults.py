@@ -325,7 +325,7 @@ class FaultyEngineClient:
         inner = self.inner
         return inner.queue_time_s(request_id) if isinstance(inner, ReportsQueueTime) else None
 
-    def stop_reason(self, request_id: str) -> str | None:
+    def stop_reason(self, request_id: str) -> str | int | None:
         """The stop string that ended a finished request on the wrapped engine, if any."""
         inner = self.inner
         return inner.stop_reason(request_id) if isinstance(inner, ReportsStopReason) else None

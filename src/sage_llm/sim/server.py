@@ -482,8 +482,9 @@ class _EngineServer:
         queue = None if source is None else source.queue_time_s(parsed.req.request_id)
         self.metrics.observe_request(arrival, times, finish, usage, queue_s=queue)
 
-    def _stop_reason(self, parsed: ParsedRequest, finish: str | None) -> str | None:
-        """The stop string that ended the request, for a choice's ``stop_reason``."""
+    def _stop_reason(self, parsed: ParsedRequest, finish: str | None) -> str | int | None:
+        """The stop string or token id that ended the request, for a choice's
+        ``stop_reason``."""
         source = self._stop_source
         if finish != "stop" or source is None:
             return None

@@ -106,7 +106,7 @@ def parse_request(
     check_model(body.get("model"), model_name)
     prompt, messages, prompt_tokens = _prompt(body, chat)
     max_tokens = body.get("max_tokens")
-    if max_tokens is None and chat:
+    if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
         max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = engine_default_max_tokens(chat, prompt_tokens, max_model_len)
@@ -165,8 +165,8 @@ def parse_request(
 
 @runtime_checkable
 class ReportsStopReason(Protocol):
-    """Optional engine extension: the stop string that ended a finished request (``None``
-    when none did, or when unknown). The server answers it as the choice's
+    """Optional engine extension: the stop string or stop token id that ended a finished
+    request (``None`` when none did, or when unknown). The server answers it as the choice's
     ``stop_reason``, as vLLM does."""
 
-    def stop_reason(self, request_id: str) -> str | None: ...
+    def stop_reason(self, request_id: str) -> str | int | None: ...
