@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -12,8 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from sage_llm.bench.procs import dies_with_parent
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's"
@@ -66,21 +63,3 @@ def test_a_spawned_child_is_terminated_when_the_benchmark_dies(
             assert not _alive(child)
         finally:
             proc.kill()
-
-
-def test_elsewhere_argv_is_run_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "darwin")
-    assert dies_with_parent(["engine", "--port", "1"]) == ["engine", "--port", "1"]
-
-
-def test_the_wrapped_program_runs_with_its_arguments_and_status() -> None:
-    async def main() -> tuple[int, bytes]:
-        argv = dies_with_parent(
-            [sys.executable, "-c", "import sys; print(sys.argv[1:]); sys.exit(3)", "a b", "c"]
-        )
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate()
-        return proc.returncode or 0, out
-
-    code, out = asyncio.run(main())
-    assert (code, out.strip()) == (3, b"['a b', 'c']")

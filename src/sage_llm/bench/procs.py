@@ -43,6 +43,7 @@ from sage_llm.bench.peers import (
 )
 from sage_llm.engines.metrics_scrape import Samples, parse_prometheus_text
 from sage_llm.errors import ConfigError, SageLLMError
+from sage_llm.orphans import dies_with_parent
 from sage_llm.types import ExecutionInstance
 
 HOST = "127.0.0.1"
@@ -178,25 +179,6 @@ class ManagedProcess:
         return ProcessStartError(message, log_path=self.log_path)
 
 
-_DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit(143)  # the parent died before the line above\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def dies_with_parent(argv: Sequence[str]) -> list[str]:
-    """``argv`` run so that the kernel sends it SIGTERM when this process dies (Linux's
-    parent-death signal, set by a small Python step that then executes ``argv`` in the
-    same process); ``argv`` as it is elsewhere. A signal handler would not do: SIGKILL
-    and a crash run none, and SIGTERM would have to reach the benchmark's own loop."""
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-
-
 async def spawn(
     name: str,
     argv: Sequence[str],
@@ -208,8 +190,8 @@ async def spawn(
     """Start ``argv`` in a new session (its own process group), output to ``log_path``.
     On Linux it is also signalled (SIGTERM) when this process dies, however it dies: a
     benchmark killed by SIGTERM or SIGKILL leaves no engine or router behind
-    (:func:`dies_with_parent`). Raises :class:`ProcessStartError` when the program cannot
-    be executed."""
+    (:func:`~sage_llm.orphans.dies_with_parent`). Raises :class:`ProcessStartError` when
+    the program cannot be executed."""
     fd = await asyncio.to_thread(_open_log, log_path)
     try:
         proc = await asyncio.create_subprocess_exec(

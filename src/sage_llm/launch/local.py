@@ -58,6 +58,7 @@ from sage_llm.launch.plan_to_engines import (
     fleet_problem,
     load_launch_config,
 )
+from sage_llm.orphans import dies_with_parent
 from sage_llm.types import ExecutionInstance
 
 __all__ = ["EngineProcess", "LaunchedFleet", "launch_engines", "launch_from_config", "wait_healthy"]
@@ -174,12 +175,14 @@ async def _spawn(launch: EngineLaunch, log_dir: Path) -> EngineProcess:
     path = log_dir / f"{launch.instance_id}.log"
     fh = await asyncio.to_thread(_open_log, path, f"$ {launch.shell()}\n")
     try:
+        env = {**os.environ, **launch.env}
         proc = await asyncio.create_subprocess_exec(
-            *launch.argv,
+            # no engine is left behind if launch itself is killed
+            *dies_with_parent(launch.argv, path=env.get("PATH", "")),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=fh,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **launch.env},
+            env=env,
             process_group=0,
         )
     except OSError as exc:
