@@ -378,6 +378,15 @@ def test_stop_token_ids_end_the_answer_at_the_token_kept_in_it() -> None:
     virtual(main)
 
 
+def test_max_model_len_is_at_most_what_the_kv_cache_holds() -> None:
+    """vLLM refuses to start with a ``max_model_len`` its KV cache cannot hold; the
+    simulated engine serves (and reports) what it holds."""
+    small = SimEngine("s", SimEngineConfig(num_gpu_blocks=100, block_size=16))
+    assert small.config.max_model_len == 1600
+    roomy = SimEngine("r", SimEngineConfig(num_gpu_blocks=10_000, max_model_len=4096))
+    assert roomy.config.max_model_len == 4096
+
+
 def test_stop_reason_is_the_matched_stop_string_and_none_otherwise() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 from sage_llm import tokens
@@ -63,6 +65,8 @@ from sage_llm.sim.logprobs import PseudoLogprobs, requested_logprobs
 from sage_llm.sim.server_requests import engine_default_max_tokens
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
+
+log = logging.getLogger("sage_llm.sim.engine")
 
 __all__ = [
     "FINISHED_KEPT",
@@ -283,8 +287,17 @@ class SimEngine:
         self._outbox: deque[tuple[float, StepResult]] = deque()
         self._outbox_ready: asyncio.Event | None = None
         self._delivery: asyncio.Task[None] | None = None
-        self._config = config or SimEngineConfig()
-        self._core = SimEngineCore(self._config)
+        config = config or SimEngineConfig()
+        self._core = SimEngineCore(config)
+        held = self._core.num_gpu_blocks * config.block_size
+        if config.max_model_len > held:
+            # vLLM refuses to start so; the simulated engine serves what its cache holds
+            log.info(
+                "%s: max_model_len %d is above what its KV cache holds (%d tokens): "
+                "serving %d", instance_id, config.max_model_len, held, held,
+            )  # fmt: skip
+            config = replace(config, max_model_len=held)
+        self._config = config
         self._clock = clock
         self._hub = kv_hub
         self._streams: dict[str, _Stream] = {}
