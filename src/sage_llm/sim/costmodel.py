@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from sage_llm.errors import ConfigError
 from sage_llm.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
 
 PrefillChunk = tuple[int, int]
@@ -226,6 +227,12 @@ class LinearStepModel:
     beta2_us_per_decode_token: float
     label: str = "linear"
 
+    def __post_init__(self) -> None:
+        for key in ("beta0_us", "beta1_us_per_prefill_token", "beta2_us_per_decode_token"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):  # a step never takes less time
+                raise ConfigError(f"must be a finite number >= 0, got {value!r}", key=key)
+
     @classmethod
     def llama31_8b_h100(cls) -> LinearStepModel:
         """llm-d's published fit for Llama-3.1-8B on one H100 (TP1)."""
@@ -273,6 +280,15 @@ def fit_linear_step_model(
     coef, _, rank, _ = np.linalg.lstsq(design, data[:, 2] * 1e6, rcond=None)
     if rank < 3:
         raise ValueError("samples do not vary enough in prefill and decode tokens to fit")
+    names = ("β0 (µs a step)", "β1 (µs a prefill token)", "β2 (µs a decode token)")
+    negative = [
+        f"{name} = {value:.4g}" for name, value in zip(names, coef, strict=True) if value < 0
+    ]
+    if negative:  # more tokens would make a step faster, or a step take less than nothing
+        raise ValueError(
+            f"the least-squares fit gives {', '.join(negative)}: the samples do not follow a "
+            "linear step time; measure over a wider range of prefill and decode tokens"
+        )
     return LinearStepModel(float(coef[0]), float(coef[1]), float(coef[2]), label=label)
 
 
