@@ -22,6 +22,7 @@ from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
 from sage_llm.sim.server import start_engine_server
+from sage_llm.types import ExecutionInstanceType
 
 MODEL = "llama-3-8b"
 
@@ -199,11 +200,16 @@ async def test_model_card_and_tokenizer_report_the_engines_limit(
         async with http.get(f"{base}/server_info") as resp:
             info = await resp.json()
         assert (info["context_length"], info["tp_size"]) == (4096, 2)
+        assert info["disaggregation_mode"] == "null"
         status, err = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4096})
         assert status == 400 and err["error"]["param"] == "max_tokens"
         assert "maximum context length is 4096 tokens" in err["error"]["message"]
     async with served(fast_engine()) as base, http.get(f"{base}/v1/models") as resp:
         assert (await resp.json())["data"][0]["max_model_len"] == 32768
+    for role, mode in ((ExecutionInstanceType.PREFILLING, "prefill"),
+                       (ExecutionInstanceType.DECODING, "decode")):  # fmt: skip
+        async with served(fast_engine(role=role)) as base, http.get(f"{base}/server_info") as r:
+            assert (await r.json())["disaggregation_mode"] == mode  # as SGLang says it
 
 
 async def test_stop_reason_is_the_matched_stop_string(http: aiohttp.ClientSession) -> None:

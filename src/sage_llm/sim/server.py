@@ -162,6 +162,7 @@ def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
 
 
 _PD_ROLES = (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING)
+_ROLE_MODE = {ExecutionInstanceType.PREFILLING: "prefill", ExecutionInstanceType.DECODING: "decode"}
 
 
 async def _aclose(it: AsyncIterator[Chunk]) -> None:
@@ -605,7 +606,8 @@ class _EngineServer:
             "max_total_num_tokens": capacity,
             "max_total_tokens": capacity,
             "page_size": stats.block_size or 1,
-            "disaggregation_mode": "null",
+            # SGLang's words: "prefill" / "decode" for a PD role, else "null"
+            "disaggregation_mode": _ROLE_MODE.get(self.role, "null"),
             "internal_states": [{"load": stats.running + stats.waiting}],
             "engine": "sage-llm-sim",
             "vllm_config": f"model={self.model_name!r}, max_model_len={self.max_model_len}",
