@@ -607,7 +607,7 @@ class _EngineServer:
             "max_total_tokens": capacity,
             "page_size": stats.block_size or 1,
             # SGLang's words: "prefill" / "decode" for a PD role, else "null"
-            "disaggregation_mode": _ROLE_MODE.get(self.role, "null"),
+            "disaggregation_mode": "null" if self.role is None else _ROLE_MODE[self.role],
             "internal_states": [{"load": stats.running + stats.waiting}],
             "engine": "sage-llm-sim",
             "vllm_config": f"model={self.model_name!r}, max_model_len={self.max_model_len}",
