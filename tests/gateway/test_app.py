@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 import openai
 
+from sage_llm.config import GatewayConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.server import start_gateway
 from sage_llm.tokens import count_tokens
@@ -130,6 +131,60 @@ async def test_n_choices_are_rebuilt_by_index() -> None:
         assert finished == [0, 1]
         assert all(count_tokens(t) == 4 for t in texts.values())
         assert usage is not None and usage.completion_tokens == 8
+
+
+async def test_several_prompts_in_one_completions_request_are_answered_as_vllm_does() -> None:
+    """One request per prompt, answered as one: prompt k's choice i is choice k·n + i, the
+    usage is the sum, whole or streamed (the usage chunk once, at the end)."""
+    async with serve(2) as gw, _client(gw.base_url) as client:
+        prompts = ["The first prompt", "A second, longer prompt than the first"]
+        comp = await client.completions.create(
+            model=MODEL, prompt=prompts, max_tokens=3, n=2, extra_headers={"x-request-id": "b"}
+        )
+        assert comp.id == "cmpl-b"
+        assert [c.index for c in comp.choices] == [0, 1, 2, 3]
+        assert all(count_tokens(c.text) == 3 for c in comp.choices)
+        assert comp.usage is not None and comp.usage.completion_tokens == 12
+        assert comp.usage.prompt_tokens == sum(count_tokens(p) for p in prompts)
+        sent = sorted(r.request_id for p in gw.probes.values() for r in p.requests)
+        assert sent == ["b-0", "b-1"]
+        ids = await client.completions.create(model=MODEL, prompt=[[1, 2, 3], [4, 5]], max_tokens=2)
+        assert [c.index for c in ids.choices] == [0, 1]
+        assert ids.usage is not None and ids.usage.prompt_tokens == 5
+
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompts, max_tokens=4, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        texts: dict[int, str] = {}
+        finished: list[int] = []
+        usages = []
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usages.append(chunk.usage)
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                if choice.finish_reason:
+                    finished.append(choice.index)
+        assert sorted(finished) == [0, 1]
+        assert all(count_tokens(t) == 4 for t in texts.values())
+        assert len(usages) == 1 and usages[0].completion_tokens == 8
+        assert usages[0].prompt_tokens == comp.usage.prompt_tokens
+        assert not gw.manager._require_dispatcher().records  # every request ended
+
+
+async def test_one_refused_prompt_fails_the_request_and_cancels_the_others() -> None:
+    settings = GatewayConfig(max_prompt_tokens=40_000)  # the engine refuses it, not us
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        # the second is longer than the simulated model's context (32,768 tokens)
+        body = completion_body(prompt=["short", "word " * 33_000], max_tokens=4)
+        for stream in (False, True):
+            async with http.post(gw.url("/v1/completions"), json={**body, "stream": stream}) as r:
+                assert r.status == 400
+                error = (await r.json())["error"]
+                assert error["param"] == "prompt" and "rejected the request" in error["message"]
+        await asyncio.sleep(0.1)
+        assert not gw.manager._require_dispatcher().records
 
 
 async def test_stop_sequences_reach_the_engine() -> None:

@@ -33,7 +33,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi"}, "model"),
     ({"model": MODEL}, "prompt"),
     ({"model": MODEL, "prompt": 42}, "prompt"),
-    ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+    ({"model": MODEL, "prompt": ["a", [1]]}, "prompt"),  # several, of mixed kinds
     ({"model": MODEL, "prompt": []}, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": "8"}, "max_tokens"),

@@ -30,8 +30,8 @@ from sage_llm.gateway.observe import (
     valid_request_id,
     write_access_log,
 )
-from sage_llm.gateway.openai import json_object, log_prompt, parse_generation
-from sage_llm.gateway.relay import SSE_HEADERS, complete, relay_stream
+from sage_llm.gateway.openai import json_object, log_prompt, parse_generations
+from sage_llm.gateway.relay import SSE_HEADERS, complete_all, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
 
 log = logging.getLogger("sage_llm.gateway")
@@ -93,19 +93,20 @@ class LeanRoutes:
         headers: dict[str, str],
     ) -> int:
         chat = request.path == CHAT_PATH
-        gen = parse_generation(body, request.headers, rid, chat=chat, settings=self.settings)
-        log_prompt(gen, self.settings)
+        gens = parse_generations(body, request.headers, rid, chat=chat, settings=self.settings)
+        for gen in gens:
+            log_prompt(gen, self.settings)
         created = int(time.time())
-        if gen.stream:
+        if gens[0].stream:
 
             async def open_stream() -> LeanStream:
                 return conn.open_stream(
                     200, content_type=_SSE_TYPE, headers={**_SSE_EXTRA, **headers}
                 )
 
-            await relay_stream(open_stream, self.manager, gen, created)
+            await relay_stream(open_stream, self.manager, gens, created, rid)
             return 200
-        answer = jsonutil.dumps(await complete(self.manager, gen, created))
+        answer = jsonutil.dumps(await complete_all(self.manager, gens, created, rid))
         conn.respond(200, answer, content_type=_JSON, headers=headers)
         return 200
 

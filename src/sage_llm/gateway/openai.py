@@ -33,7 +33,7 @@ from sage_llm.errors import (
 )
 from sage_llm.gateway.errors import MODEL_KEY, REQUEST_ID_KEY, RESPONSE_HEADERS_KEY
 from sage_llm.gateway.observe import new_request_id
-from sage_llm.gateway.relay import Generation, complete, fill_generation, stream_response
+from sage_llm.gateway.relay import Generation, complete_all, fill_generation, stream_response
 from sage_llm.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -168,7 +168,8 @@ def _single_prompt(prompt: Any) -> str | list[int]:
     if isinstance(prompt[0], str | list):
         if len(prompt) != 1:
             raise InvalidRequestError(
-                "prompt: one prompt per request (send several requests)", param="prompt"
+                "prompt: several prompts must all be strings or all token-id lists",
+                param="prompt",
             )
         return _single_prompt(prompt[0])
     if any(t < 0 for t in prompt):
@@ -340,6 +341,41 @@ def parse_generation(
     return fill_generation(meta, chat, model, stream, include_usage, timeout)
 
 
+def several_prompts(body: Mapping[str, Any], chat: bool) -> list[Any] | None:
+    """The prompts of a completions request that gives several (a list of strings, or of
+    token-id lists, with more than one), as vLLM takes them; None for one prompt."""
+    prompt = None if chat else body.get("prompt")
+    if type(prompt) is not list or len(prompt) < 2:
+        return None
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        return prompt
+    return None  # a list of token ids (one prompt), or a mix the schema refuses
+
+
+def parse_generations(
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    request_id: str,
+    *,
+    chat: bool,
+    settings: ResolvedGateway,
+) -> list[Generation]:
+    """:func:`parse_generation`, or, for a completions request with several prompts, one
+    Generation per prompt (request ids ``<id>-0``, ``<id>-1``, …), each validated as a
+    request of its own; they are answered as one (:func:`~sage_llm.gateway.relay.complete_all`,
+    :func:`~sage_llm.gateway.relay.relay_stream` over
+    :func:`~sage_llm.gateway.relay.merged_batches`)."""
+    prompts = several_prompts(body, chat)
+    if prompts is None:
+        return [parse_generation(body, headers, request_id, chat=chat, settings=settings)]
+    return [
+        parse_generation(
+            {**body, "prompt": prompt}, headers, f"{request_id}-{k}", chat=chat, settings=settings
+        )
+        for k, prompt in enumerate(prompts)
+    ]
+
+
 def log_prompt(gen: Generation, settings: ResolvedGateway) -> None:
     """Log the prompt of ``gen`` (first 4000 characters) when ``log_prompts`` is on."""
     if settings.log_prompts:
@@ -374,13 +410,14 @@ class OpenAIRoutes:
         if isinstance(body.get("model"), str):
             request[MODEL_KEY] = body["model"]
         rid = request_id_of(request)
-        gen = parse_generation(body, request.headers, rid, chat=chat, settings=self.settings)
-        log_prompt(gen, self.settings)
+        gens = parse_generations(body, request.headers, rid, chat=chat, settings=self.settings)
+        for gen in gens:
+            log_prompt(gen, self.settings)
         created = int(time.time())
-        if gen.stream:
+        if gens[0].stream:
             headers = {"X-Request-Id": rid, **request.get(RESPONSE_HEADERS_KEY, {})}
-            return await stream_response(request, self.manager, gen, created, headers)
-        answer = jsonutil.dumps(await complete(self.manager, gen, created))
+            return await stream_response(request, self.manager, gens, created, headers, rid)
+        answer = jsonutil.dumps(await complete_all(self.manager, gens, created, rid))
         return web.Response(body=answer, content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:

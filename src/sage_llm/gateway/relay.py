@@ -13,11 +13,20 @@ the instance's accounting), not after.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -263,16 +272,119 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     return completion_body(fmt, choices, _usage_after(gen, result, choices.usage))
 
 
+async def complete_all(
+    manager: ControlPlaneManager, gens: Sequence[Generation], created: int, request_id: str
+) -> dict[str, Any]:
+    """:func:`complete`, or for several prompts (one Generation each, see
+    :func:`~sage_llm.gateway.openai.parse_generations`) one answer under ``request_id``, as
+    vLLM gives it: prompt ``k``'s choice ``i`` is choice ``k·n + i``, and the usage is the
+    sum. They run side by side; when one fails the others are cancelled and its error is
+    the answer."""
+    if len(gens) == 1:
+        return await complete(manager, gens[0], created)
+    tasks = [asyncio.ensure_future(complete(manager, gen, created)) for gen in gens]
+    try:
+        bodies = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    gen = gens[0]
+    n = _choices_per_prompt(gen)
+    merged = dict(bodies[0])
+    merged["id"] = fill_format(gen.chat, request_id, gen.model, created).id
+    merged["choices"] = [
+        {**choice, "index": k * n + choice["index"]}
+        for k, body in enumerate(bodies)
+        for choice in body["choices"]
+    ]
+    merged["usage"] = usage_json(
+        sum_usage(
+            Usage(
+                b["usage"]["prompt_tokens"],
+                b["usage"]["completion_tokens"],
+                b["usage"]["prompt_tokens_details"]["cached_tokens"],
+            )
+            for b in bodies
+        )
+    )
+    return merged
+
+
+def _choices_per_prompt(gen: Generation) -> int:
+    n = gen.meta.extra_body.get("n")
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+def sum_usage(usages: Iterable[Usage]) -> Usage:
+    """The usage of several requests answered as one."""
+    prompt = completion = cached = 0
+    for usage in usages:
+        prompt += usage.prompt_tokens
+        completion += usage.completion_tokens
+        cached += usage.cached_tokens
+    return Usage(prompt, completion, cached)
+
+
+async def merged_batches(
+    manager: ControlPlaneManager, gens: Sequence[Generation]
+) -> AsyncGenerator[list[Chunk], None]:
+    """The streams of several prompts' requests as one (vLLM's answer to a completions
+    request with several prompts): batches as each request's come, prompt ``k``'s choice
+    ``i`` renumbered ``k·n + i``; each request's last chunk keeps its finish reason but
+    not its usage, and the last of them all carries the sum (so the stream ends once every
+    prompt's answer is whole). A failure of one ends it (the others are cancelled);
+    closing it cancels them all."""
+    n = _choices_per_prompt(gens[0])
+    queue: asyncio.Queue[tuple[int, list[Chunk] | Exception | None]] = asyncio.Queue()
+
+    async def pump(k: int, gen: Generation) -> None:
+        try:
+            async with contextlib.aclosing(manager.stream_batches(gen.meta)) as batches:
+                async for batch in batches:
+                    queue.put_nowait((k, batch))
+        except Exception as exc:  # the merged stream raises it
+            queue.put_nowait((k, exc))
+        else:
+            queue.put_nowait((k, None))
+
+    tasks = [asyncio.ensure_future(pump(k, gen)) for k, gen in enumerate(gens)]
+    left = len(gens)
+    usages: list[Usage] = []
+    try:
+        while left:
+            k, item = await queue.get()
+            if item is None:
+                left -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            out: list[Chunk] = []
+            for chunk in item:
+                usage = chunk.usage
+                if usage is not None:
+                    usages.append(usage)
+                    usage = sum_usage(usages) if len(usages) == len(gens) else None
+                out.append(replace(chunk, index=k * n + chunk.index, usage=usage))
+            yield out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def stream_response(
     request: web.Request,
     manager: ControlPlaneManager,
-    gen: Generation,
+    gens: Sequence[Generation],
     created: int,
     headers: dict[str, str],
+    request_id: str,
 ) -> web.StreamResponse:
-    """Relay ``gen`` as server-sent events (:func:`relay_stream` onto aiohttp's response).
-    Errors before the first chunk raise (the error middleware answers with a JSON status);
-    later ones end the stream with an error event."""
+    """Relay ``gens`` (one, or one per prompt) as server-sent events (:func:`relay_stream`
+    onto aiohttp's response). Errors before the first chunk raise (the error middleware
+    answers with a JSON status); later ones end the stream with an error event."""
     resp = SSEResponse(headers={**SSE_HEADERS, **headers})
 
     async def prepared() -> StreamSink | None:
@@ -283,23 +395,26 @@ async def stream_response(
             return None
         return resp
 
-    await relay_stream(prepared, manager, gen, created)
+    await relay_stream(prepared, manager, gens, created, request_id)
     return resp
 
 
 async def relay_stream(
     open_sink: Callable[[], Awaitable[StreamSink | None]],
     manager: ControlPlaneManager,
-    gen: Generation,
+    gens: Sequence[Generation],
     created: int,
+    request_id: str,
 ) -> None:
-    """Relay ``gen`` as server-sent events onto the sink ``open_sink()`` opens once the
-    first chunk is there (a failure before it raises, so the client gets a JSON error
-    status instead); None from it means the client already left, and the request is
-    cancelled. The request's timeout covers both parts: before the first chunk it is a
-    JSON 504, after it an error event that ends the stream."""
-    fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
-    batches = manager.stream_batches(gen.meta)
+    """Relay ``gens`` (one, or one per prompt: :func:`merged_batches`) as server-sent
+    events under ``request_id`` onto the sink ``open_sink()`` opens once the first chunk
+    is there (a failure before it raises, so the client gets a JSON error status
+    instead); None from it means the client already left, and the request is cancelled.
+    The request's timeout covers both parts: before the first chunk it is a JSON 504,
+    after it an error event that ends the stream."""
+    gen = gens[0]
+    fmt = fill_format(gen.chat, request_id, gen.model, created)
+    batches = manager.stream_batches(gen.meta) if len(gens) == 1 else merged_batches(manager, gens)
     end = _Ending()
     try:
         try:

@@ -53,7 +53,9 @@ class GenerationFields(BaseModel):
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
-    prompt: Prompt = Field(description="Text, or token ids; one prompt per request.")
+    prompt: Prompt = Field(
+        description="Text or token ids, or several prompts (one answer, k·n + i choices)."
+    )
     logprobs: int | None = Field(None, ge=0)
     echo: bool | None = None
     best_of: int | None = Field(None, ge=1)
