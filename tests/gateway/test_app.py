@@ -177,7 +177,7 @@ async def test_one_refused_prompt_fails_the_request_and_cancels_the_others() -> 
     settings = GatewayConfig(max_prompt_tokens=40_000)  # the engine refuses it, not us
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         # the second is longer than the simulated model's context (32,768 tokens)
-        body = completion_body(prompt=["short", "word " * 33_000], max_tokens=4)
+        body = {**completion_body(max_tokens=4), "prompt": ["short", "word " * 33_000]}
         for stream in (False, True):
             async with http.post(gw.url("/v1/completions"), json={**body, "stream": stream}) as r:
                 assert r.status == 400
