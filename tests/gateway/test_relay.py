@@ -19,7 +19,9 @@ from sage_llm.engines.sse import ResponseFormat
 from sage_llm.gateway.lean import LeanStream
 from sage_llm.gateway.relay import _Choices, completion_body, merge_delta, merge_logprobs
 from sage_llm.gateway.server import start_gateway
+from sage_llm.sim.core import SimEngineConfig
 from sage_llm.sim.engine import SimEngine
+from sage_llm.sim.server import start_engine_server
 from sage_llm.types import RequestStatus
 from tests.engines.fake_engine import probed_app, start_app
 from tests.engines.probes import FaultyEngine
@@ -460,6 +462,39 @@ async def test_token_ids_and_the_engine_objects_own_fields_reach_the_client(
     assert len(texts) == 2 and all(e["system_fingerprint"] == "fp-1" for e in texts)
     for obj in (whole, plain, *events):
         assert "kv_transfer_params" not in obj or obj["kv_transfer_params"] is None
+
+
+async def test_continuous_usage_stats_reach_the_client_with_every_chunk() -> None:
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): the engine
+    puts the usage so far in every chunk, and each reaches the client with its chunk;
+    without it, no chunk but the last usage chunk has one."""
+    engine = SimEngine("sim-0", SimEngineConfig(speed=100.0))
+    runner, engine_port = await start_engine_server(engine, model_name="m")
+    manager = ControlPlaneManager(mode="http")
+    manager.register_instance(make_instance("cont", port=engine_port, model_name="m"))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    body = {"model": "m", "prompt": "Hello there", "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body) as r:
+                events = [e for e in await read_events(r) if isinstance(e, dict)]
+            plain = {**body, "stream_options": {"include_usage": True}}
+            async with http.post(url, json=plain) as r:
+                without = [e for e in await read_events(r) if isinstance(e, dict)]
+    finally:
+        await site.cleanup()
+        await runner.cleanup()
+        await engine.aclose()
+    chunks = [e for e in events if e["choices"]]
+    assert [e["usage"]["completion_tokens"] for e in chunks] == [1, 2, 3, 4]
+    prompt = chunks[0]["usage"]["prompt_tokens"]
+    assert all(
+        e["usage"]["total_tokens"] == prompt + e["usage"]["completion_tokens"] for e in chunks
+    )
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    assert [e.get("usage") for e in without if e["choices"]] == [None] * 4
 
 
 def test_merge_delta_assembles_a_message_as_a_client_does() -> None:

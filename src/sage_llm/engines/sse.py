@@ -338,6 +338,12 @@ class StreamAssembler:
         self._usage: Usage | None = None
         self._last_finish: tuple[str, int] | None = None
         self._text_chunks = 0
+        options = req.extra.get("stream_options")
+        self._continuous = isinstance(options, Mapping) and bool(
+            options.get("continuous_usage_stats")
+        )
+        """The request asked for the usage so far in every chunk: it goes on with each
+        event's first chunk (``top``), as the engine gave it."""
 
     def _fail(self, cls: type[EngineError], message: str, status: int | None = None) -> EngineError:
         prefix = f"{self._instance_id}: " if self._instance_id else ""
@@ -379,6 +385,8 @@ class StreamAssembler:
             raise self._fail(EngineStreamError, "stream event 'choices' is not a list")
         out: list[Chunk] = []
         top = None if obj.keys() <= _OBJECT_KEYS else _set_fields(obj, _OBJECT_KEYS)
+        if self._continuous and raw_usage is not None and choices:
+            top = {**(top or {}), "usage": raw_usage}
         for choice in choices:
             if type(choice) is not dict:  # JSON objects parse to dicts
                 raise self._fail(EngineStreamError, "stream choice is not an object")

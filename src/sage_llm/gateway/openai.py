@@ -261,7 +261,7 @@ def parse_generation(
     stop: str | list[str] | None = None
     priority_field: int | str | None = None
     slo_ms: float | None = None
-    include_usage = False
+    include_usage = continuous = False
     plain = _plain_body(body, chat)
     if plain is not None:  # the common shape, checked without the schema's machinery
         model, text, max_tokens, temperature, top_p, stream, user = plain
@@ -289,6 +289,7 @@ def parse_generation(
         priority_field, slo_ms = fields.priority, fields.slo_deadline_ms
         options = fields.stream_options
         include_usage = bool(stream and options is not None and options.include_usage)
+        continuous = include_usage and bool(options and options.continuous_usage_stats)
     prompt_param = "messages" if chat else "prompt"
     limit = settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
@@ -329,7 +330,7 @@ def parse_generation(
         user_id=user,
         session_id=session,
         stream=stream,
-        extra_body={k: v for k, v in body.items() if k not in CONSUMED_FIELDS},
+        extra_body=_passed_on(body, continuous),
         tags={"source": "gateway"},
         # no max_tokens: the engine's default, as vLLM's own server would apply it (16 for
         # a completion; a chat runs to its end, within the engine's context length)
@@ -339,6 +340,16 @@ def parse_generation(
     if slo_ms is not None:
         timeout = slo_ms / 1000.0 if timeout is None else min(timeout, slo_ms / 1000.0)
     return fill_generation(meta, chat, model, stream, include_usage, timeout)
+
+
+def _passed_on(body: Mapping[str, Any], continuous_usage: bool) -> dict[str, Any]:
+    """The body fields the engine gets as they are; with ``continuous_usage``, the stream
+    option that makes it put the usage so far in every chunk (which then reaches the
+    client with each)."""
+    extra = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
+    if continuous_usage:
+        extra["stream_options"] = {"continuous_usage_stats": True}
+    return extra
 
 
 def several_prompts(body: Mapping[str, Any], chat: bool) -> list[Any] | None:

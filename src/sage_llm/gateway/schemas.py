@@ -18,10 +18,13 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: ``include_usage`` adds a final usage chunk to a stream."""
+    """``stream_options``: ``include_usage`` adds a final usage chunk to a stream;
+    ``continuous_usage_stats`` (vLLM's, with ``include_usage``) the usage so far to every
+    chunk, as the engine reports it."""
 
     model_config = _REQUEST
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
 class GenerationFields(BaseModel):

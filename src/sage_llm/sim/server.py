@@ -151,6 +151,15 @@ def _engine_setting(engine: EngineClient, name: str) -> int | None:
     return None
 
 
+def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """A chunk's usage so far under ``continuous_usage_stats``, as vLLM's."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
 def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
     """A simulated engine's PD role (through wrappers such as the fault injector), or None
     for a general or unknown engine."""
@@ -439,16 +448,23 @@ class _EngineServer:
         times: list[float] = []
         finish: str | None = None
         usage: Usage | None = None
+        produced = 0
         try:
             if fmt.chat:
-                await resp.write(encode_event(fmt.role_chunk()))
+                role = fmt.role_chunk()
+                if parsed.continuous_usage:
+                    role["usage"] = _running_usage(parsed.prompt_tokens, 0)
+                await resp.write(encode_event(role))
             while chunk is not None:
                 times.append(self.clock.now())
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
+                produced += len(chunk.token_ids) or 1
                 body = fmt.chunk(chunk.text, chunk.finish_reason, logprobs=chunk.logprobs)
                 if chunk.finish_reason is not None:
                     body["choices"][0]["stop_reason"] = self._stop_reason(parsed, finish)
+                if parsed.continuous_usage:
+                    body["usage"] = _running_usage(parsed.prompt_tokens, produced)
                 await resp.write(encode_event(body))
                 try:
                     chunk = await anext(it)

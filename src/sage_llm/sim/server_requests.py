@@ -46,6 +46,9 @@ class ParsedRequest:
     include_usage: bool
     pd_role: Literal["prefill", "decode"] | None
     prompt_tokens: int
+    continuous_usage: bool = False
+    """``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk of
+    the stream carries the usage so far, as vLLM's do."""
 
     def estimate_usage(self, chunks: int) -> Usage:
         """Usage for an engine that reported none: one token per chunk."""
@@ -160,7 +163,8 @@ def parse_request(
         priority=priority,
     )
     include_usage = bool(options and options.get("include_usage"))
-    return ParsedRequest(req, stream, include_usage, role, prompt_tokens)
+    continuous = include_usage and bool(options and options.get("continuous_usage_stats"))
+    return ParsedRequest(req, stream, include_usage, role, prompt_tokens, continuous)
 
 
 @runtime_checkable
