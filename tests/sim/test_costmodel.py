@@ -236,16 +236,27 @@ def test_fit_rejects_too_few_or_degenerate_samples() -> None:
         fit_linear_step_model([(10, 0, 0.1), (20, 0, 0.2), (30, 0, 0.3)])
 
 
-def test_a_fit_or_a_model_with_negative_coefficients_is_refused() -> None:
-    """Step times that fall with more tokens fit negative betas, which clamp steps to
-    zero time (a 4000-token prompt with a TTFT of nothing): refused, not used."""
-    with pytest.raises(ValueError, match=r"β1 \(µs a prefill token\) = -12.5"):
-        fit_linear_step_model([(100, 0, 0.010), (200, 0, 0.008), (0, 10, 0.009), (0, 20, 0.0085)])
+def test_a_negative_per_token_cost_is_refitted_as_zero_and_a_timeless_model_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Step times that fall with more tokens fit negative slopes, which clamped steps to
+    zero time (a 4000-token prompt with a TTFT of nothing): such a term is refitted as 0,
+    with a warning. A model whose steps take no time at all is refused."""
+    fitted = fit_linear_step_model(
+        [(100, 0, 0.010), (200, 0, 0.008), (0, 10, 0.009), (0, 20, 0.0085)]
+    )
+    assert fitted.betas_us == pytest.approx((8875.0, 0.0, 0.0))
+    assert "refitted with it 0" in caplog.text
+    assert fitted.step_time([(4000, 0)], []) == pytest.approx(0.008875)
     with pytest.raises(ConfigError) as err:
         LinearStepModel(-1.0, 0.0, 0.0)
     assert err.value.key == "beta0_us"
+    with pytest.raises(ConfigError) as err:
+        LinearStepModel(1.0, -2.0, 0.0)
+    assert err.value.key == "beta1_us_per_prefill_token"
     with pytest.raises(ConfigError):
         LinearStepModel(1.0, float("nan"), 0.0)
+    assert LinearStepModel(-2000.0, 10.0, 3000.0).beta0_us == -2000.0  # a noisy intercept
 
 
 # -- TOML specs ----------------------------------------------------------------------

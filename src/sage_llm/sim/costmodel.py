@@ -22,6 +22,7 @@ See ``docs/simulator.md`` for the formulas and the measured fidelity.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import numpy as np
 
 from sage_llm.errors import ConfigError
 from sage_llm.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
+
+log = logging.getLogger("sage_llm.sim.costmodel")
 
 PrefillChunk = tuple[int, int]
 """``(new_tokens, context_len)``: tokens computed in this step, tokens already in the KV."""
@@ -228,10 +231,20 @@ class LinearStepModel:
     label: str = "linear"
 
     def __post_init__(self) -> None:
-        for key in ("beta0_us", "beta1_us_per_prefill_token", "beta2_us_per_decode_token"):
+        if not math.isfinite(self.beta0_us):
+            raise ConfigError(f"must be finite, got {self.beta0_us!r}", key="beta0_us")
+        for key in ("beta1_us_per_prefill_token", "beta2_us_per_decode_token"):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):  # a step never takes less time
+            if not (math.isfinite(value) and value >= 0):  # more tokens never take less
                 raise ConfigError(f"must be a finite number >= 0, got {value!r}", key=key)
+        # β0 may be negative (a fit's intercept under noise), as long as steps take time
+        if self.beta0_us <= 0 and not (
+            self.beta1_us_per_prefill_token > 0 or self.beta2_us_per_decode_token > 0
+        ):
+            raise ConfigError(
+                f"every step would take no time (β0 {self.beta0_us:g} µs and no per-token cost)",
+                key="beta0_us",
+            )
 
     @classmethod
     def llama31_8b_h100(cls) -> LinearStepModel:
@@ -277,19 +290,25 @@ def fit_linear_step_model(
     if data.ndim != 2 or data.shape[1] != 3 or not np.all(np.isfinite(data)):
         raise ValueError("samples must be finite (prefill_tokens, decode_tokens, seconds) rows")
     design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
-    coef, _, rank, _ = np.linalg.lstsq(design, data[:, 2] * 1e6, rcond=None)
-    if rank < 3:
-        raise ValueError("samples do not vary enough in prefill and decode tokens to fit")
-    names = ("β0 (µs a step)", "β1 (µs a prefill token)", "β2 (µs a decode token)")
-    negative = [
-        f"{name} = {value:.4g}" for name, value in zip(names, coef, strict=True) if value < 0
-    ]
-    if negative:  # more tokens would make a step faster, or a step take less than nothing
-        raise ValueError(
-            f"the least-squares fit gives {', '.join(negative)}: the samples do not follow a "
-            "linear step time; measure over a wider range of prefill and decode tokens"
+    y = data[:, 2] * 1e6
+    keep = [0, 1, 2]
+    while True:
+        coef, _, rank, _ = np.linalg.lstsq(design[:, keep], y, rcond=None)
+        if rank < len(keep):
+            raise ValueError("samples do not vary enough in prefill and decode tokens to fit")
+        negative = [(k, c) for k, c in zip(keep, coef, strict=True) if c < 0 and k != 0]
+        if not negative:
+            break
+        k, c = negative[0]  # a step cannot get faster with more tokens: that term is 0
+        log.warning(
+            "%s: the fit gives %s = %.4g µs a token; refitted with it 0", label, _BETAS[k], c
         )
-    return LinearStepModel(float(coef[0]), float(coef[1]), float(coef[2]), label=label)
+        keep.remove(k)
+    full = dict(zip(keep, (float(c) for c in coef), strict=True))
+    return LinearStepModel(full[0], full.get(1, 0.0), full.get(2, 0.0), label=label)
+
+
+_BETAS = ("β0", "β1 (prefill tokens)", "β2 (decode tokens)")
 
 
 @dataclass(frozen=True, slots=True)
