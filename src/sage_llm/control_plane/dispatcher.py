@@ -779,13 +779,15 @@ class Dispatcher:
         answer comes in pieces anyway (in-process engines), which costs nothing."""
         req = rec.engine_request
         sample = self.stream_sample
-        if req.stream or not sample or answered_whole(req.extra):
+        if req.stream or not sample:
             return req
         if one_piece:
             credit = state.stream_credit
             if credit < _FULL_CREDIT:
                 state.stream_credit = credit + sample
                 return req
+            if answered_whole(req.extra):  # checked only for the sample: it is one in ten
+                return req  # the credit waits, full, for the next request
             now = self.clock.now()
             if now < state.stream_sample_due:
                 return req

@@ -88,7 +88,7 @@ def build_request(
         prompt_tokens, hashes = _prompt_blocks(text, block_size)
     elif prompt is not None and (not isinstance(prompt, str) or prompt):
         try:
-            if not isinstance(prompt, (str, list, tuple)):
+            if type(prompt) is not str and not isinstance(prompt, (list, tuple)):
                 raise TypeError(prompt)
             prompt_tokens, hashes = _prompt_blocks(prompt, block_size)
         except (TypeError, ValueError):
@@ -139,9 +139,10 @@ def build_request(
             raise InvalidRequestError(
                 f"stop must be a string or a list of strings, got {_shown(stop)}", param="stop"
             )
-    for name, value in (("tags", meta.tags), ("extra_body", meta.extra_body)):
-        if not isinstance(value, Mapping):
-            raise InvalidRequestError(f"{name} must be a dict, got {_shown(value)}", param=name)
+    if type(meta.tags) is not dict or type(meta.extra_body) is not dict:  # else, dicts
+        for name, value in (("tags", meta.tags), ("extra_body", meta.extra_body)):
+            if not isinstance(value, Mapping):
+                raise InvalidRequestError(f"{name} must be a dict, got {_shown(value)}", param=name)
     try:
         priority = RequestPriority.parse(meta.priority)
     except ValueError as exc:

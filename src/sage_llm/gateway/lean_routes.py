@@ -31,7 +31,7 @@ from sage_llm.gateway.observe import (
     write_access_log,
 )
 from sage_llm.gateway.openai import json_object, log_prompt, parse_generations
-from sage_llm.gateway.relay import SSE_HEADERS, complete_all, relay_stream
+from sage_llm.gateway.relay import SSE_HEADERS, complete, complete_all, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
 
 log = logging.getLogger("sage_llm.gateway")
@@ -106,7 +106,11 @@ class LeanRoutes:
 
             await relay_stream(open_stream, self.manager, gens, created, rid)
             return 200
-        answer = jsonutil.dumps(await complete_all(self.manager, gens, created, rid))
+        if len(gens) == 1:  # no layer more for the common case
+            body_out = await complete(self.manager, gens[0], created)
+        else:
+            body_out = await complete_all(self.manager, gens, created, rid)
+        answer = jsonutil.dumps(body_out)
         conn.respond(200, answer, content_type=_JSON, headers=headers)
         return 200
 

@@ -33,7 +33,13 @@ from sage_llm.errors import (
 )
 from sage_llm.gateway.errors import MODEL_KEY, REQUEST_ID_KEY, RESPONSE_HEADERS_KEY
 from sage_llm.gateway.observe import new_request_id
-from sage_llm.gateway.relay import Generation, complete_all, fill_generation, stream_response
+from sage_llm.gateway.relay import (
+    Generation,
+    complete,
+    complete_all,
+    fill_generation,
+    stream_response,
+)
 from sage_llm.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -316,6 +322,9 @@ def parse_generation(
     if headers.get(SLO_HEADER):
         slo_ms = _slo_header(headers[SLO_HEADER])
     session = headers.get(SESSION_HEADER, "").strip() or user
+    extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
+    if continuous:  # the engine puts the usage so far in every chunk; it reaches the client
+        extra_body["stream_options"] = {"continuous_usage_stats": True}
     meta = RequestMetadata(
         request_id=request_id,
         prompt=prompt,
@@ -330,7 +339,7 @@ def parse_generation(
         user_id=user,
         session_id=session,
         stream=stream,
-        extra_body=_passed_on(body, continuous),
+        extra_body=extra_body,
         tags={"source": "gateway"},
         # no max_tokens: the engine's default, as vLLM's own server would apply it (16 for
         # a completion; a chat runs to its end, within the engine's context length)
@@ -340,16 +349,6 @@ def parse_generation(
     if slo_ms is not None:
         timeout = slo_ms / 1000.0 if timeout is None else min(timeout, slo_ms / 1000.0)
     return fill_generation(meta, chat, model, stream, include_usage, timeout)
-
-
-def _passed_on(body: Mapping[str, Any], continuous_usage: bool) -> dict[str, Any]:
-    """The body fields the engine gets as they are; with ``continuous_usage``, the stream
-    option that makes it put the usage so far in every chunk (which then reaches the
-    client with each)."""
-    extra = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
-    if continuous_usage:
-        extra["stream_options"] = {"continuous_usage_stats": True}
-    return extra
 
 
 def several_prompts(body: Mapping[str, Any], chat: bool) -> list[Any] | None:
@@ -376,7 +375,7 @@ def parse_generations(
     request of its own; they are answered as one (:func:`~sage_llm.gateway.relay.complete_all`,
     :func:`~sage_llm.gateway.relay.relay_stream` over
     :func:`~sage_llm.gateway.relay.merged_batches`)."""
-    prompts = several_prompts(body, chat)
+    prompts = None if type(body.get("prompt")) is not list else several_prompts(body, chat)
     if prompts is None:
         return [parse_generation(body, headers, request_id, chat=chat, settings=settings)]
     return [
@@ -428,7 +427,11 @@ class OpenAIRoutes:
         if gens[0].stream:
             headers = {"X-Request-Id": rid, **request.get(RESPONSE_HEADERS_KEY, {})}
             return await stream_response(request, self.manager, gens, created, headers, rid)
-        answer = jsonutil.dumps(await complete_all(self.manager, gens, created, rid))
+        if len(gens) == 1:
+            body_out = await complete(self.manager, gens[0], created)
+        else:
+            body_out = await complete_all(self.manager, gens, created, rid)
+        answer = jsonutil.dumps(body_out)
         return web.Response(body=answer, content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:

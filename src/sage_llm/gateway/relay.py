@@ -229,11 +229,6 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
     return body
 
 
-def wants_token_ids(gen: Generation) -> bool:
-    """Whether the client asked for each choice's token ids (vLLM's ``return_token_ids``)."""
-    return bool(gen.meta.extra_body.get("return_token_ids"))
-
-
 def _timeout_error(gen: Generation) -> DeadlineExceededError:
     assert gen.timeout_s is not None
     return DeadlineExceededError.request_timed_out(gen.request_id, gen.timeout_s)
@@ -266,7 +261,7 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     """Run ``gen`` to the end and return the whole response body."""
     fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
     chunks, result = await manager.collect(gen.meta, gen.timeout_s)
-    choices = _Choices(token_ids=wants_token_ids(gen))
+    choices = _Choices(token_ids=bool(gen.meta.extra_body.get("return_token_ids")))
     for chunk in chunks:
         choices.add(chunk)
     return completion_body(fmt, choices, _usage_after(gen, result, choices.usage))
@@ -275,13 +270,11 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
 async def complete_all(
     manager: ControlPlaneManager, gens: Sequence[Generation], created: int, request_id: str
 ) -> dict[str, Any]:
-    """:func:`complete`, or for several prompts (one Generation each, see
+    """Several prompts (one Generation each, see
     :func:`~sage_llm.gateway.openai.parse_generations`) one answer under ``request_id``, as
     vLLM gives it: prompt ``k``'s choice ``i`` is choice ``k·n + i``, and the usage is the
     sum. They run side by side; when one fails the others are cancelled and its error is
     the answer."""
-    if len(gens) == 1:
-        return await complete(manager, gens[0], created)
     tasks = [asyncio.ensure_future(complete(manager, gen, created)) for gen in gens]
     try:
         bodies = await asyncio.gather(*tasks)
@@ -479,7 +472,7 @@ async def _relay(
     assert resp is not None
     seen: set[int] = set()
     usage: Usage | None = None
-    ids = wants_token_ids(gen)
+    ids = bool(gen.meta.extra_body.get("return_token_ids"))  # vLLM's: each choice's token ids
     # The events of the chunks that arrived together are written at once, in one write;
     # a request's last chunk goes out together with the usage chunk and [DONE].
     try:
