@@ -487,11 +487,13 @@ class HealthMonitor:
     async def _ask_context_length(self, state: InstanceState) -> None:
         """Ask the engine its ``max_model_len`` (engines that can say,
         :class:`~sage_llm.engines.base.ReportsContextLength`), at most once a minute."""
-        client = state.client
         now = self.clock.now()
-        if not isinstance(client, ReportsContextLength) or now - state.context_asked_at < 60.0:
+        if now - state.context_asked_at < 60.0:
             return
         state.context_asked_at = now
+        client = state.client
+        if not isinstance(client, ReportsContextLength):  # a protocol check: once a minute
+            return
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 state.context_length = await client.context_length()
