@@ -90,6 +90,9 @@ def listening() -> Iterator[int]:
             "Invalid value for '--rate': must be a finite number > 0, got nan",
         ),
         (["demo", "--rate", "inf"], "got inf"),
+        (["demo", "--seed", "-1"], "Invalid value for '--seed': must be >= 0, got -1"),
+        (["bench", "pd", "--seed", "-1"], "Invalid value for '--seed': must be >= 0, got -1"),
+        (["bench", "compare", "--seed", "-2"], "Invalid value for '--seed': must be >= 0"),
         (["bench", "pd", "--speed", "-1"], "Invalid value for '--speed': must be a finite number"),
         (["bench", "pd", "--speed", "0"], "Invalid value for '--speed'"),
         (
@@ -150,6 +153,27 @@ def test_bad_arguments_are_refused_when_parsed(
 
 
 # -- what the arguments name is checked before any work -------------------------------------
+
+
+def test_an_unwritable_bench_pd_report_is_a_one_line_error_before_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(**_kwargs: object) -> dict[str, object]:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
+    code, output = invoke("bench", "pd", "--out", "/proc/x.json")
+    assert code == 1
+    assert output.startswith("error: out: cannot write /proc/x.json: ")  # why: per the OS
+    assert output.count("\n") == 1
+
+
+def test_demo_help_says_which_part_the_sizes_apply_to() -> None:
+    code, output = invoke("demo", "--help")
+    assert code == 0
+    text = " ".join(output.split())
+    assert "Part 1 (the gateway over HTTP) always sends 120 requests" in text
+    assert "--sessions and --rate size part 2" in text
 
 
 def test_a_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path: Path) -> None:

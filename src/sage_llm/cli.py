@@ -305,15 +305,35 @@ def serve(
         _fail(f"cannot listen on {bind_host}:{bind_port}: {reason}")
 
 
+def _seed(value: int | None) -> int | None:
+    """A workload seed: numpy's generators take no negative one."""
+    if value is not None and value < 0:
+        raise typer.BadParameter(f"must be >= 0, got {value}")
+    return value
+
+
 @app.command()
 def demo(
     sessions: Annotated[
-        int, typer.Option(help="Multi-turn sessions in the workload.", callback=_at_least_one)
+        int,
+        typer.Option(
+            help="Multi-turn sessions in part 2's workload (part 1 always sends 120 requests "
+            "at 24 req/s).",
+            callback=_at_least_one,
+        ),
     ] = 120,
-    rate: Annotated[float, typer.Option(help="New sessions per second.", callback=_positive)] = 9.0,
-    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    rate: Annotated[
+        float,
+        typer.Option(help="New sessions per second in part 2 (not part 1).", callback=_positive),
+    ] = 9.0,
+    seed: Annotated[
+        int, typer.Option(help="Workload seed (both parts), >= 0.", callback=_seed)
+    ] = 0,
 ) -> None:
-    """Run a short workload through a simulated fleet under several presets, side by side."""
+    """Run a short workload through a simulated fleet under several presets, side by side.
+
+    Part 1 (the gateway over HTTP) always sends 120 requests; --sessions and --rate size part 2.
+    """
     from sage_llm.bench.demo import run_demo
 
     try:
@@ -716,7 +736,7 @@ def bench_compare(
         bool,
         typer.Option(help="Instead: fifo vs priority vs slo_aware at 2x capacity (virtual time)."),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Workload seed, >= 0.", callback=_seed)] = 0,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/compare"),
 ) -> None:
     """sage-llm presets and peer routers over the same simulated engines, side by side."""
@@ -742,15 +762,21 @@ def bench_compare(
 
 @bench_app.command("pd")
 def bench_pd(
-    out: Annotated[Path | None, typer.Option(help="JSON report path.")] = None,
+    out: Annotated[
+        Path, typer.Option(help="JSON report path (checked before the benchmark runs).")
+    ] = Path("bench-out/pd/pd.json"),  # pd_bench.DEFAULT_OUT
     realtime: Annotated[
-        bool, typer.Option(help="Also compare with vllm-router PD over engine-sim processes.")
+        bool,
+        typer.Option(
+            help="Also compare with vllm-router PD over engine-sim processes: the same sizes "
+            "and rates, on the pd-P:D layouts of --fleets (default pd-3:5)."
+        ),
     ] = False,
     speed: Annotated[
         float, typer.Option(help="Time compression of the real-time part.", callback=_positive)
     ] = 2.0,
     include_70b: Annotated[bool, typer.Option(help="Include the 70B TP4 fleets.")] = True,
-    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Workload seed, >= 0.", callback=_seed)] = 0,
     n_long: Annotated[int, typer.Option(min=0, help="Long-prompt requests per fleet.")] = 120,
     long_rate: Annotated[
         float, typer.Option(help="Long-prompt arrivals per second.", callback=_positive)

@@ -15,7 +15,11 @@ from sage_llm.bench.compare import (
     build_workload,
     compare_main,
     overload_compare,
+    overload_title,
     parse_preset,
+    prefix_counters,
+    prefix_hit_delta,
+    prefix_hit_rates,
     rescale,
     run_compare,
     sage_config_toml,
@@ -24,8 +28,10 @@ from sage_llm.bench.compare import (
 )
 from sage_llm.bench.inprocess import Preset
 from sage_llm.bench.peers import PeerError, ensure_peer_sync
-from sage_llm.bench.stats import RequestMeasurement
+from sage_llm.bench.report import Entry
+from sage_llm.bench.stats import RequestMeasurement, summarize
 from sage_llm.config import parse_config
+from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.errors import ConfigError
 from sage_llm.tokens import tokenize
 from sage_llm.types import RequestPriority
@@ -137,6 +143,9 @@ def test_run_compare_tiny_end_to_end(tmp_path: Path) -> None:
     assert entry.kind == "sage" and entry.rate_rps == 4.0
     assert entry.summary.count == 4 and entry.summary.ok == 4
     assert entry.summary.output_token_throughput > 0
+    # the engines' prefix-cache counters over the run (engine-sim exports vLLM's)
+    assert 0.0 <= entry.extra["prefix_hit_rate"] <= 1.0
+    assert prefix_hit_rates(result.entries) == {entry.name: entry.extra["prefix_hit_rate"]}
     assert any("goodput" in m for m in messages)
     json_path, html_path = write_reports(result)
     data = json.loads(json_path.read_text())
@@ -237,3 +246,45 @@ def test_compare_main_refuses_a_bad_preset_before_starting_anything(
         compare_main(presets=["fifo+nosuch"], peers=[], out=tmp_path)
     assert info.value.message.count("error") == 0
     assert not any(tmp_path.iterdir())
+
+
+ENGINE_METRICS = """\
+# HELP vllm:prefix_cache_queries_total Prefix-cache queries, in tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {queries}
+# HELP vllm:prefix_cache_hits_total Prefix-cache hits, in tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {hits}
+vllm:num_requests_running{{engine="0",model_name="m"}} 0.0
+"""
+
+
+def test_prefix_hit_rate_is_the_increase_of_the_engines_counters() -> None:
+    def counters(queries: float, hits: float) -> tuple[float, float]:
+        got = prefix_counters(
+            parse_prometheus_text(ENGINE_METRICS.format(queries=queries, hits=hits))
+        )
+        assert got is not None
+        return got
+
+    assert counters(100.0, 40.0) == (100.0, 40.0)
+    assert prefix_counters(parse_prometheus_text("vllm:num_requests_running 0\n")) is None
+    older = parse_prometheus_text("vllm:prefix_cache_queries 8\nvllm:prefix_cache_hits 2\n")
+    assert prefix_counters(older) == (8.0, 2.0)
+    before = {"a": counters(100.0, 40.0), "b": counters(0.0, 0.0)}
+    after = {"a": counters(1100.0, 540.0), "b": counters(1000.0, 700.0)}
+    # (500 + 700) hits of (1000 + 1000) queries during the run; before it: left out
+    assert prefix_hit_delta(before, after) == pytest.approx(0.6)
+    assert prefix_hit_delta(None, after) is None
+    assert prefix_hit_delta(before, before) is None  # no query in between
+
+
+def test_prefix_hit_rates_come_from_the_entries_that_have_one() -> None:
+    s = summarize([], 1.0)
+    entries = [Entry("a", "sage", s, extra={"prefix_hit_rate": 0.25}), Entry("b", "peer", s)]
+    assert prefix_hit_rates(entries) == {"a": 0.25}
+
+
+def test_the_overload_title_names_the_offered_rate_and_the_capacity() -> None:
+    title = overload_title(2.0, 20.16)
+    assert title.startswith("offered 40.32 req/s = 2.0x capacity (20.16 req/s)")

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from sage_llm.bench.demo import (
     DEMO_SLO,
+    GATEWAY_RATE,
+    GATEWAY_REQUESTS,
     demo_fleet,
     demo_workload,
     gateway_demo,
@@ -15,8 +18,10 @@ from sage_llm.bench.demo import (
     render_table,
     run_demo,
 )
-from sage_llm.bench.inprocess import Preset, run_preset
+from sage_llm.bench.inprocess import Preset, RunResult, run_preset
+from sage_llm.bench.stats import RequestMeasurement, summarize
 from sage_llm.errors import ConfigError
+from sage_llm.types import RequestPriority
 
 
 async def test_gateway_demo_serves_every_request_over_http() -> None:
@@ -74,8 +79,42 @@ def test_run_demo_checks_its_arguments_before_part_one(monkeypatch: pytest.Monke
         ({"sessions": -3}, "sessions: must be >= 1, got -3"),
         ({"rate": 0.0}, "rate: must be a finite number > 0, got 0"),
         ({"rate": float("nan")}, "rate: must be a finite number > 0, got nan"),
+        ({"seed": -1}, "seed: must be >= 0, got -1"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ConfigError) as info:
             run_demo(**kwargs)
         assert info.value.message == message
+
+
+def test_part_one_says_its_size_is_fixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--sessions and --rate size part 2 only: part 1's header says what it sends."""
+    seen: dict[str, Any] = {}
+
+    async def stop(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise RuntimeError("stop after the header")
+
+    monkeypatch.setattr("sage_llm.bench.demo.gateway_demo", stop)
+    console = Console(width=200, record=True)
+    with pytest.raises(RuntimeError, match="stop after the header"):
+        run_demo(sessions=7, rate=2.0, seed=5, console=console)
+    assert seen == {"seed": 5}  # part 1 takes the seed, not the sizes
+    header = " ".join(console.export_text().split())
+    assert f"{GATEWAY_REQUESTS} requests at {GATEWAY_RATE:g} req/s" in header
+    assert "--sessions and --rate size part 2" in header
+
+
+def test_the_slo_columns_weigh_each_class_by_its_requests() -> None:
+    def m(i: int, priority: RequestPriority, met: bool) -> RequestMeasurement:
+        first = i + (0.1 if met else 5.0)
+        return RequestMeasurement(f"r{i}", priority, None, float(i), first, [first, first + 0.01],
+                                  first + 0.01, 10, 2)  # fmt: skip
+
+    crit, high = RequestPriority.CRITICAL, RequestPriority.HIGH
+    ms = [m(i, crit, True) for i in range(48)]
+    ms += [m(48 + i, high, i < 26) for i in range(36)]
+    ms += [m(84 + i, RequestPriority.LOW, i < 1) for i in range(4)]
+    run = RunResult(Preset("p", "fifo", "fifo"), summarize(ms, 100.0, DEMO_SLO), 0.5, ms, {})
+    cells = [str(next(iter(c.cells))) for c in render_table([run]).columns]
+    assert cells[-2:] == ["88%", "25%"]  # 74 of 84 (not (100% + 72.2%) / 2 = 86%), 1 of 4

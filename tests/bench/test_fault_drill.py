@@ -29,7 +29,7 @@ def test_a_hung_engines_calls_are_moved_and_every_request_completes(drill: Modul
     moved when it is ejected, and no request waits for the client's 20 s limit."""
     args = argparse.Namespace(
         fault="hang", at=0.5, requests=40, engines=2, rate=20.0, speed=20.0, slots=16,
-        max_tokens=8, stream=False, timeout_s=20.0, move_on_eject=True,
+        max_tokens=8, stream=False, timeout_s=20.0, move_on_eject=True, stall_timeout_s=None,
     )  # fmt: skip
     report = asyncio.run(drill.run(args))
     assert report["outcomes"] == {"ok": 40}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,7 @@ from sage_llm.bench.pd_bench import (
     SLO_TPOT,
     FleetSpec,
     chat_workload,
+    check_out,
     default_fleets,
     evaluate_targets,
     fleet_instances,
@@ -19,11 +22,12 @@ from sage_llm.bench.pd_bench import (
     long_prompt_workload,
     manager_kwargs,
     pd_bench_main,
+    realtime_fleets,
     run_case,
     run_pd_bench,
     select_fleets,
 )
-from sage_llm.bench.pd_realtime import rescale, sage_pd_manager
+from sage_llm.bench.pd_realtime import rescale, run_realtime, sage_pd_manager
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType, PDSeparationConfig, RequestPriority
@@ -227,3 +231,142 @@ def test_the_cli_sizes_the_run(tmp_path: Path) -> None:
     assert counts == {"long_prompt": 4, "sharegpt_like": 6}
     bad = CliRunner().invoke(app, ["bench", "pd", "--fleets", "nope"])
     assert bad.exit_code != 0 and "unknown fleet" in bad.output
+
+
+def _table_case(workload: str, fleet: str, requests: int) -> dict[str, Any]:
+    return {
+        "workload": workload, "fleet": {"name": fleet, "model": "llama-3-8b"},
+        "requests": requests, "rate_rps": 20.0, "goodput_rps": 11.82,
+        "goodput_tpot_rps": 11.82, "request_throughput_rps": 11.82, "ttft_p50_s": 0.031,
+        "ttft_p99_s": 0.069, "itl_p50_s": 0.008, "itl_p99_s": None,
+    }  # fmt: skip
+
+
+def test_the_table_shows_each_rows_size_and_keeps_its_columns_in_line() -> None:
+    report = {
+        "cases": [_table_case("long_prompt", "pd-3:5", 120),
+                  _table_case("sharegpt_like", "adaptive-2:2+4", 300)],
+        "realtime": {"speed": 2.0, "cases": [_table_case("sharegpt_like",
+                                                         "rt:vllm-router-pd-3:5", 6)]},
+    }  # fmt: skip
+    lines = format_table(report).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+    table = lines[head : head + 4]
+    assert table[0].split() == [
+        "workload", "model", "fleet", "requests", "rate", "goodput", "good-tpot", "thru",
+        "ttft50", "ttft99", "itl50", "itl99",
+    ]  # fmt: skip
+    assert [row.split()[3] for row in table[1:]] == ["120", "300", "6"]
+    # every column starts where its header does: each row is as long as the header line
+    assert {len(row) for row in table} == {len(table[0])}
+    starts = [table[0].index(h) for h in ("model", "fleet", "requests", "itl99")]
+    for row in table[1:]:
+        assert [row[s - 1] for s in starts] == [" "] * len(starts)
+        assert row[starts[0]] != " " and row[starts[1]] != " "
+    assert any(line.startswith("rt: rows") and "speed 2.0" in line for line in lines)
+
+
+def test_realtime_fleets_are_the_pd_layouts_named() -> None:
+    assert [f.name for f in realtime_fleets(None)] == ["pd-3:5"]
+    names = ["colocated", "pd-2:6", "adaptive-hybrid", "pd-4:4"]
+    assert [f.name for f in realtime_fleets(names)] == ["pd-2:6", "pd-4:4"]
+    with pytest.raises(ConfigError, match=r"^fleets: the real-time part .*needs a pd-P:D"):
+        realtime_fleets(["colocated", "adaptive-2:2+4"])
+    with pytest.raises(ConfigError, match="unknown fleet"):
+        realtime_fleets(["nope"])
+
+
+def test_pd_bench_main_passes_sizes_rates_and_fleets_to_the_realtime_part(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_bench(**kwargs: Any) -> dict[str, Any]:
+        seen["bench"] = kwargs
+        return {"cases": [], "targets": []}
+
+    async def fake_realtime(**kwargs: Any) -> dict[str, Any]:
+        seen["realtime"] = kwargs
+        return {"speed": kwargs["speed"], "cases": []}
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", fake_bench)
+    monkeypatch.setattr("sage_llm.bench.pd_realtime.run_realtime", fake_realtime)
+    rc = pd_bench_main(
+        out=None, realtime=True, speed=4.0, seed=3, n_long=7, long_rate=5.0, n_chat=9,
+        chat_rate=6.0, fleet_names=["colocated", "pd-2:6"],
+    )  # fmt: skip
+    assert rc == 0
+    rt = seen["realtime"]
+    assert [f.name for f in rt.pop("fleets")] == ["pd-2:6"]
+    assert rt == {"speed": 4.0, "seed": 3, "n_long": 7, "long_rate": 5.0, "n_chat": 9,
+                  "chat_rate": 6.0}  # fmt: skip
+    capsys.readouterr()
+
+
+def test_a_realtime_run_without_a_pd_layout_is_refused_before_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(**_kwargs: object) -> dict[str, object]:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
+    with pytest.raises(ConfigError, match="needs a pd-P:D layout"):
+        pd_bench_main(out=None, realtime=True, fleet_names=["colocated"])
+
+
+def test_realtime_runs_the_sizes_and_layouts_it_is_given() -> None:
+    """sage-llm's PD gateway over one prefill and one decode engine-sim process (no peer):
+    the workload's size, not a fixed 60 + 120, and the layout's name in the row."""
+    spec = FleetSpec("pd-1:1", prefill=1, decode=1, decider="always")
+    rt = asyncio.run(
+        run_realtime(fleets=[spec], n_long=0, n_chat=3, chat_rate=20.0, speed=2.0, peers=False)
+    )
+    (case,) = rt["cases"]
+    assert (case["workload"], case["requests"], case["failed"]) == ("sharegpt_like", 3, 0)
+    assert case["fleet"]["name"] == "rt:sage-llm-pd-1:1"
+    assert [f["name"] for f in rt["fleets"]] == ["pd-1:1"]
+    assert rt["params"]["n_chat"] == 3
+    with pytest.raises(ConfigError, match="only the pd-P:D layouts"):
+        asyncio.run(run_realtime(fleets=[FleetSpec("colocated", general=2)]))
+
+
+@pytest.mark.parametrize("bad", ["/proc/sage-llm-bench/pd.json", "/proc/x.json", "DIR"])
+def test_an_unwritable_out_is_refused_before_running(
+    bad: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(**_kwargs: object) -> dict[str, object]:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
+    out = tmp_path if bad == "DIR" else Path(bad)
+    with pytest.raises(ConfigError, match=rf"^out: (cannot write )?{out}") as info:
+        pd_bench_main(out=out)
+    assert "\n" not in info.value.message
+
+
+def test_check_out_leaves_no_file_behind(tmp_path: Path) -> None:
+    new = tmp_path / "a" / "b" / "pd.json"
+    check_out(new)
+    assert not new.exists() and new.parent.is_dir()
+    old = tmp_path / "old.json"
+    old.write_text("kept")
+    check_out(old)
+    assert old.read_text() == "kept"
+
+
+def test_bench_pd_writes_its_report_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sage-llm bench --help`` says every benchmark writes a report: bench pd's default
+    path, like bench compare's, is under bench-out/."""
+    from typer.testing import CliRunner
+
+    from sage_llm.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "pd", "--n-long", "1", "--n-chat", "0", "--fleets", "colocated"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "bench-out" / "pd" / "pd.json"
+    assert "report written to bench-out/pd/pd.json" in result.output
+    assert [c["requests"] for c in json.loads(report.read_text())["cases"]] == [1]

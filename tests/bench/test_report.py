@@ -10,11 +10,13 @@ from rich.console import Console
 
 from sage_llm.bench.report import (
     Entry,
+    _html_table,
     best_by_goodput,
     cdf_points,
     goodput_curves,
     summary_table,
     target_check,
+    urgent_and_rest,
     write_html,
     write_json,
 )
@@ -102,7 +104,7 @@ def test_summary_table_rows_and_slo_columns() -> None:
     assert "50.0%" in text  # CRITICAL met, HIGH missed
     assert "100.0%" in text  # LOW met
     assert "50%" in text  # prefix hit rate
-    headers = [str(column.header) for column in table.columns]
+    headers = [str(column.header).replace("\n", " ") for column in table.columns]
     assert [h for h in headers if h.startswith(("TTFT", "TPOT", "E2E"))] == [
         "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "E2E p99 (ms)",
     ]  # fmt: skip
@@ -128,3 +130,54 @@ def test_write_json_and_html(tmp_path: Path) -> None:
         assert (tmp_path / "html" / png).read_bytes()[:4] == b"\x89PNG"
         assert png in text
     assert not (tmp_path / "html" / "goodput_vs_rate.png").exists()
+
+
+def _classes(counts: dict[RequestPriority, tuple[int, int]]) -> BenchSummary:
+    """A summary whose class ``p`` has ``counts[p] = (met, requests)``."""
+    ms: list[RequestMeasurement] = []
+    for p, (met, n) in counts.items():
+        ms += [_m(len(ms), 0.1 if k < met else 5.0, priority=p) for k in range(n)]
+    return summarize(ms, 100.0, SLO_1S)
+
+
+def test_slo_columns_are_shares_of_requests_not_means_of_class_rates() -> None:
+    crit, high = RequestPriority.CRITICAL, RequestPriority.HIGH
+    normal, low = RequestPriority.NORMAL, RequestPriority.LOW
+    # CRITICAL 48 of 48, HIGH 26 of 36 (72.2%): 74 of 84 urgent requests met (88.1%; the
+    # mean of the class rates would say 86.1%). NORMAL 10 of 10, LOW 0 of 90: 10 of 100.
+    s = _classes({crit: (48, 48), high: (26, 36), normal: (10, 10), low: (0, 90)})
+    assert s.slo_counts_by_priority == {crit: (48, 48), high: (26, 36), normal: (10, 10),
+                                        low: (0, 90)}  # fmt: skip
+    urgent, rest = urgent_and_rest(s)
+    assert urgent == pytest.approx(74 / 84) and rest == pytest.approx(10 / 100)
+    console = Console(width=200, record=True)
+    console.print(summary_table([("p", s)]))
+    text = console.export_text()
+    assert "88.1%" in text and "86.1%" not in text
+    assert "10.0%" in text and "50.0%" not in text
+    html_text = _html_table([Entry("p", "sage", s)])
+    assert "88.1%" in html_text and "10.0%" in html_text
+    only_low = _classes({low: (1, 2)})
+    assert urgent_and_rest(only_low) == (None, 0.5)
+    assert only_low.to_dict()["slo_counts_by_priority"] == {"low": {"met": 1, "requests": 2}}
+
+
+@pytest.mark.parametrize("width", [160, 132])
+def test_summary_table_shows_every_contender_name_whole(width: int) -> None:
+    s, _ = _summary([0.1, 0.2])
+    names = ["fifo + load_balanced", "priority (no aging) + load_balanced",
+             "sglang-router power_of_two", "vllm-router cache_aware"]  # fmt: skip
+    console = Console(width=width, record=True)
+    console.print(summary_table([(n, s) for n in names], prefix_hit_rate={names[0]: 0.25}))
+    text = console.export_text()
+    for name in names:
+        assert name in text, text
+    assert "…" not in text.split("\n", 4)[-1]  # no cell cut short (headers may be)
+    assert "25%" in text
+
+
+def test_the_html_table_shows_the_prefix_hit_rate_when_known() -> None:
+    s, _ = _summary([0.1])
+    page = _html_table([Entry("a", "peer", s, extra={"prefix_hit_rate": 0.42}),
+                        Entry("b", "peer", s)])  # fmt: skip
+    assert "<th>prefix hit</th>" in page and "<td>42%</td>" in page

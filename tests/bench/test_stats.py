@@ -223,6 +223,9 @@ def test_summarize_hand_checked() -> None:
     assert summary.goodput == pytest.approx(0.2)
     assert summary.slo_attainment == pytest.approx(0.5)
     assert summary.slo_attainment_by_priority == {high: 0.5, low: 0.5}
+    assert summary.slo_counts_by_priority == {high: (1, 2), low: (1, 2)}
+    assert summary.slo_attainment_of([high, low]) == pytest.approx(0.5)
+    assert summary.slo_attainment_of([RequestPriority.CRITICAL]) is None
     assert summary.ttft is not None
     assert summary.ttft.count == 3
     assert summary.ttft.mean == pytest.approx((0.2 + 2.0 + 0.4) / 3)
@@ -239,6 +242,10 @@ def test_summarize_hand_checked() -> None:
     assert summary.errors == {"engine down": 1}
     as_dict = summary.to_dict()
     assert as_dict["slo_attainment_by_priority"] == {"high": 0.5, "low": 0.5}
+    assert as_dict["slo_counts_by_priority"] == {
+        "high": {"met": 1, "requests": 2},
+        "low": {"met": 1, "requests": 2},
+    }
     assert as_dict["slo"]["name"] == "chat"
     assert as_dict["ttft_s"]["count"] == 3
     assert json.loads(json.dumps(as_dict)) == as_dict

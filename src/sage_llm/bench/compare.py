@@ -36,12 +36,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from rich.console import Console
 
 from sage_llm.bench.demo import DEMO_PRESETS, DEMO_SLO, demo_fleet
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.loadgen import run_http_workload
-from sage_llm.bench.procs import ManagedProcess, free_ports, serving
+from sage_llm.bench.procs import EngineFleet, ManagedProcess, counter_total, free_ports, serving
 from sage_llm.bench.report import (
     Entry,
     report_console,
@@ -61,6 +62,7 @@ from sage_llm.bench.workloads import (
     trace_replay,
     with_priorities,
 )
+from sage_llm.engines.metrics_scrape import Samples
 from sage_llm.errors import ConfigError, SageLLMError
 from sage_llm.types import RequestPriority
 
@@ -71,7 +73,12 @@ __all__ = [
     "calibrate_capacity",
     "check_workload",
     "compare_main",
+    "overload_title",
     "parse_preset",
+    "prefix_counters",
+    "prefix_hit_delta",
+    "prefix_hit_rates",
+    "prefix_snapshot",
     "rescale",
     "run_compare",
 ]
@@ -397,6 +404,57 @@ def _entry(
     return Entry(name, kind, summary, scaled, extra=extra)
 
 
+_PREFIX_COUNTERS: tuple[tuple[str, str], ...] = (
+    ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"),
+    ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"),
+    ("vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_hits_total"),
+    ("vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits"),
+)
+"""(queries, hits) counter names of vLLM's prefix cache (in tokens), current names first;
+engine-sim exports the first pair."""
+
+
+def prefix_counters(samples: Samples) -> tuple[float, float] | None:
+    """An engine's prefix-cache (queries, hits) counters from its ``/metrics`` samples,
+    summed over label sets; None when it exports neither pair."""
+    for queries, hits in _PREFIX_COUNTERS:
+        if queries in samples and hits in samples:
+            return counter_total(samples, queries), counter_total(samples, hits)
+    return None
+
+
+PrefixSnapshot = dict[str, tuple[float, float]]
+"""Each engine's prefix-cache (queries, hits) counters, by URL."""
+
+
+async def prefix_snapshot(fleet: EngineFleet) -> PrefixSnapshot | None:
+    """Every engine's prefix-cache counters now; None when one cannot be scraped or
+    exports none (its hit rate is then unknown, not zero)."""
+    try:
+        scraped = await fleet.metrics()
+    except (OSError, TimeoutError, SageLLMError, aiohttp.ClientError):
+        return None
+    out: PrefixSnapshot = {}
+    for url, samples in scraped.items():
+        counters = prefix_counters(samples)
+        if counters is None:
+            return None
+        out[url] = counters
+    return out
+
+
+def prefix_hit_delta(before: PrefixSnapshot | None, after: PrefixSnapshot | None) -> float | None:
+    """The prefix-cache hit rate of what happened between two snapshots of the same engines:
+    hits / queries of the counters' increase summed over the engines (tokens served from
+    the cache over prompt tokens looked up); None without both snapshots or with no query
+    in between."""
+    if before is None or after is None or before.keys() != after.keys():
+        return None
+    queries = sum(after[url][0] - before[url][0] for url in after)
+    hits = sum(after[url][1] - before[url][1] for url in after)
+    return hits / queries if queries > 0 else None
+
+
 @dataclass(frozen=True)
 class CompareResult:
     """The entries of a run, the rates used and the capacity calibration."""
@@ -439,12 +497,17 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
                 cfg.engines, model=cfg.model, gpu=cfg.gpu, speed=cfg.speed
             ) as fleet:
                 say(f"{name} @ {rate:.2f} req/s: {len(workload)} requests")
+                before = await prefix_snapshot(fleet)
                 if preset is not None:
                     entry = await _run_sage(preset, fleet.urls, fast, cfg)
                 else:
                     peer, policy = name.split(" ", 1)
                     entry = await _run_peer(peer, policy, fleet.urls, fast, cfg)
-            entries.append(replace(entry, rate_rps=rate))
+                hit_rate = prefix_hit_delta(before, await prefix_snapshot(fleet))
+            extra = dict(entry.extra)
+            if hit_rate is not None:
+                extra["prefix_hit_rate"] = hit_rate
+            entries.append(replace(entry, rate_rps=rate, extra=extra))
             say(f"{name} @ {rate:.2f} req/s: goodput {entry.summary.goodput:.2f} req/s")
     return CompareResult(cfg, entries, rates, capacity)
 
@@ -462,6 +525,16 @@ def write_reports(result: CompareResult) -> tuple[Path, Path]:
         cfg.out, config, result.entries, title=f"sage-llm bench compare: {cfg.workload}"
     )
     return json_path, html_path
+
+
+def prefix_hit_rates(entries: Sequence[Entry]) -> dict[str, float]:
+    """The prefix-cache hit rate of each entry that has one (``extra["prefix_hit_rate"]``),
+    by name: what :func:`summary_table` shows in its "prefix hit" column."""
+    return {
+        e.name: float(e.extra["prefix_hit_rate"])
+        for e in entries
+        if isinstance(e.extra.get("prefix_hit_rate"), int | float)
+    }
 
 
 def compare_main(
@@ -506,8 +579,14 @@ def compare_main(
     with console.status("starting …") as status:
         result = asyncio.run(run_compare(cfg, lambda msg: status.update(msg)))
     for rate_used in result.rates:
-        rows = [(e.name, e.summary) for e in result.entries if e.rate_rps == rate_used]
-        console.print(summary_table(rows, title=f"{cfg.workload} @ {rate_used:.2f} req/s"))
+        at_rate = [e for e in result.entries if e.rate_rps == rate_used]
+        console.print(
+            summary_table(
+                [(e.name, e.summary) for e in at_rate],
+                title=f"{cfg.workload} @ {rate_used:.2f} req/s",
+                prefix_hit_rate=prefix_hit_rates(at_rate),
+            )
+        )
     check = target_check(result.entries)
     if check is not None:
         console.print(
@@ -603,6 +682,14 @@ def overload_compare(
     return entries, capacity
 
 
+def overload_title(overload: float, capacity: float) -> str:
+    """The overload table's title: the offered rate, and what it is a multiple of."""
+    return (
+        f"offered {overload * capacity:.2f} req/s = {overload}x capacity "
+        f"({capacity:.2f} req/s), virtual time"
+    )
+
+
 def overload_main(
     *,
     engines: int = 4,
@@ -628,12 +715,11 @@ def overload_main(
             seed=seed,
             progress=status.update,
         )
-    hits = {e.name: float(e.extra["prefix_hit_rate"]) for e in entries}
     console.print(
         summary_table(
             [(e.name, e.summary) for e in entries],
-            title=f"{overload}x capacity ({capacity:.2f} req/s), virtual time",
-            prefix_hit_rate=hits,
+            title=overload_title(overload, capacity),
+            prefix_hit_rate=prefix_hit_rates(entries),
         )
     )
     config = {

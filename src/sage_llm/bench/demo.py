@@ -2,7 +2,9 @@
 
 Part 1 starts ``sage-llm serve``'s embedded default (the OpenAI-compatible gateway over four
 simulated engines) on a loopback port and drives a short streaming workload through it over
-HTTP, as any OpenAI client would.
+HTTP, as any OpenAI client would: always :data:`GATEWAY_REQUESTS` requests at
+:data:`GATEWAY_RATE` per second (``--sessions`` and ``--rate`` size part 2 only; ``--seed``
+seeds both parts).
 
 Part 2: a multi-turn chat workload (shared system prompt, growing per-session prefixes,
 10% CRITICAL/HIGH traffic, per-priority deadlines) runs through four simulated L40S engines
@@ -23,7 +25,7 @@ from rich.table import Table
 
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
 from sage_llm.bench.loadgen import LoadReport, run_http_workload
-from sage_llm.bench.report import report_console
+from sage_llm.bench.report import fitted_table, report_console, urgent_and_rest
 from sage_llm.bench.stats import SLO, BenchSummary, summarize
 from sage_llm.bench.workloads import (
     LogNormal,
@@ -37,6 +39,11 @@ from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstance, RequestPriority
 
 DEMO_SLO = SLO(ttft_s=1.0, tpot_s=0.05, name="TTFT<=1s,TPOT<=50ms")
+
+GATEWAY_REQUESTS = 120
+"""Requests part 1 sends through the gateway (fixed: the options size part 2)."""
+GATEWAY_RATE = 24.0
+"""Their arrival rate, requests/s."""
 
 DEMO_PRESETS: tuple[Preset, ...] = (
     Preset("fifo + round_robin", "fifo", "round_robin"),
@@ -98,7 +105,9 @@ class GatewayDemoResult:
     per_instance: dict[str, int]
 
 
-async def gateway_demo(requests: int = 120, rate: float = 24.0, seed: int = 0) -> GatewayDemoResult:
+async def gateway_demo(
+    requests: int = GATEWAY_REQUESTS, rate: float = GATEWAY_RATE, seed: int = 0
+) -> GatewayDemoResult:
     """Serve the embedded default fleet through the gateway on loopback and drive it."""
     from sage_llm.config import SageConfig
     from sage_llm.control_plane.builder import build_manager
@@ -174,13 +183,17 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
 ) -> list[RunResult]:
-    """Part 1, then part 2 with ``sessions`` sessions starting at ``rate`` per second;
-    :class:`ConfigError` before either part when an argument is out of range."""
-    check_demo_args(sessions, rate)
+    """Part 1 (a fixed :data:`GATEWAY_REQUESTS` requests at :data:`GATEWAY_RATE` per
+    second), then part 2 with ``sessions`` sessions starting at ``rate`` per second; both
+    seeded by ``seed``. :class:`ConfigError` before either part when an argument is out of
+    range."""
+    check_demo_args(sessions, rate, seed)
     console = console or report_console(132)
     console.print(
         "[bold]sage-llm demo, part 1[/bold]: `sage-llm serve`'s embedded default (gateway + 4 "
-        "simulated H100 engines serving Llama-3-8B) on loopback, driven over HTTP …"
+        "simulated H100 engines serving Llama-3-8B) on loopback, driven over HTTP with "
+        f"{GATEWAY_REQUESTS} requests at {GATEWAY_RATE:g} req/s (fixed; --sessions and "
+        "--rate size part 2) …"
     )
     gw = asyncio.run(gateway_demo(seed=seed))
     console.print(render_gateway(gw))
@@ -202,42 +215,50 @@ def run_demo(
     return results
 
 
-def check_demo_args(sessions: int, rate: float) -> None:
-    """:class:`ConfigError` (key ``sessions`` or ``rate``) unless ``sessions >= 1`` and
-    ``rate`` is a finite number > 0."""
+def check_demo_args(sessions: int, rate: float, seed: int = 0) -> None:
+    """:class:`ConfigError` (key ``sessions``, ``rate`` or ``seed``) unless ``sessions >= 1``,
+    ``rate`` is a finite number > 0 and ``seed >= 0`` (numpy's generators take no negative
+    seed)."""
     if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
         raise ConfigError(f"must be >= 1, got {sessions!r}", key="sessions")
     if not (math.isfinite(rate) and rate > 0):
         raise ConfigError(f"must be a finite number > 0, got {rate:g}", key="rate")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"must be >= 0, got {seed!r}", key="seed")
 
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
 def render_table(results: Sequence[RunResult]) -> Table:
-    table = Table(title="Side by side (same workload, same simulated engines)")
+    """The side-by-side table; "SLO crit/high" and "SLO others" are the shares of those
+    requests that met the SLO (met / requests over the classes together)."""
     # Units in the headers (the percentages carry theirs, "85%"); headers on two lines keep
-    # the table within 132 columns without wrapping the preset names.
-    for col in ("preset", "done", "goodput\n(req/s)", "TTFT p50\n(ms)", "TTFT p99\n(ms)",
-                "TPOT p50\n(ms)", "E2E p99\n(ms)", "prefix\nhit", "SLO\ncrit/high",
-                "SLO\nothers"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "preset" else "right")
+    # the table within 132 columns, and no preset name or figure is cut short.
+    headers = ("preset", "done", "goodput\n(req/s)", "TTFT p50\n(ms)", "TTFT p99\n(ms)",
+               "TPOT p50\n(ms)", "E2E p99\n(ms)", "prefix\nhit", "SLO\ncrit/high",
+               "SLO\nothers")  # fmt: skip
+    rows = []
     for r in results:
         s = r.summary
-        by = s.slo_attainment_by_priority
-        urgent = [by[p] for p in (RequestPriority.CRITICAL, RequestPriority.HIGH) if p in by]
-        rest = [v for p, v in by.items() if p > RequestPriority.HIGH]
-        table.add_row(
-            r.preset.name,
-            f"{s.ok}/{s.count}",
-            f"{s.goodput:.2f}",
-            _ms(s.ttft.p50 if s.ttft else None),
-            _ms(s.ttft.p99 if s.ttft else None),
-            _ms(s.tpot.p50 if s.tpot else None),
-            _ms(s.e2e.p99 if s.e2e else None),
-            f"{r.prefix_hit_rate:.0%}",
-            f"{sum(urgent) / len(urgent):.0%}" if urgent else "-",
-            f"{sum(rest) / len(rest):.0%}" if rest else "-",
+        urgent, rest = urgent_and_rest(s)
+        rows.append(
+            (
+                r.preset.name,
+                f"{s.ok}/{s.count}",
+                f"{s.goodput:.2f}",
+                _ms(s.ttft.p50 if s.ttft else None),
+                _ms(s.ttft.p99 if s.ttft else None),
+                _ms(s.tpot.p50 if s.tpot else None),
+                _ms(s.e2e.p99 if s.e2e else None),
+                f"{r.prefix_hit_rate:.0%}",
+                _pct(urgent),
+                _pct(rest),
+            )
         )
-    return table
+    return fitted_table("Side by side (same workload, same simulated engines)", headers, rows)

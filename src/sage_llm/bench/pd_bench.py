@@ -41,16 +41,21 @@ from sage_llm.sim.specs import get_model
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 
 __all__ = [
+    "DEFAULT_OUT",
+    "REALTIME_FLEET",
     "SLO_ITL",
     "SLO_TPOT",
     "FleetSpec",
     "PDCase",
     "chat_workload",
+    "check_out",
+    "check_realtime_fleet",
     "default_fleets",
     "fleet_instances",
     "format_table",
     "long_prompt_workload",
     "pd_bench_main",
+    "realtime_fleets",
     "run_case",
     "run_pd_bench",
     "select_fleets",
@@ -63,6 +68,10 @@ SLO_TPOT = SLO(ttft_s=2.0, tpot_s=0.025, name="ttft<=2s,tpot<=25ms")
 NODE = "node-0"
 NVLINK_GBPS = 300.0
 GPUS = 8
+DEFAULT_OUT = Path("bench-out/pd/pd.json")
+"""Where ``sage-llm bench pd`` writes its JSON report unless ``--out`` says otherwise."""
+REALTIME_FLEET = "pd-3:5"
+"""The layout of the real-time part when no ``--fleets`` are named."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,63 @@ def select_fleets(names: Sequence[str], model: str = "llama-3-8b") -> list[Fleet
     if unknown or not names:
         raise ConfigError(f"unknown fleet(s) {unknown}; valid: {', '.join(known)}", key="fleets")
     return [known[n] for n in names]
+
+
+def check_realtime_fleet(spec: FleetSpec) -> None:
+    """:class:`ConfigError` (key ``fleets``) unless the real-time part can run ``spec``: a
+    Llama-3-8B TP1 layout of prefill and decode instances only, decider ``always``
+    (vllm-router's PD mode has no colocated, general or hybrid instances)."""
+    if (
+        spec.decider != "always"
+        or spec.general
+        or spec.hybrid
+        or spec.prefill < 1
+        or spec.decode < 1
+        or spec.model != "llama-3-8b"
+        or spec.tp != 1
+    ):
+        raise ConfigError(
+            f"{spec.name}: the real-time part runs only the pd-P:D layouts of llama-3-8b "
+            "(prefill and decode engines, decider always)",
+            key="fleets",
+        )
+
+
+def realtime_fleets(names: Sequence[str] | None) -> list[FleetSpec]:
+    """The layouts the real-time part runs: :data:`REALTIME_FLEET` when ``names`` is None,
+    else the ``pd-P:D`` layouts among ``names`` (the others have no vllm-router
+    counterpart); :class:`ConfigError` when that leaves none."""
+    if names is None:
+        return select_fleets([REALTIME_FLEET])
+    chosen = [f for f in select_fleets(names) if f.decider == "always"]
+    if not chosen:
+        raise ConfigError(
+            f"the real-time part (--realtime) needs a pd-P:D layout among {', '.join(names)}",
+            key="fleets",
+        )
+    for spec in chosen:
+        check_realtime_fleet(spec)
+    return chosen
+
+
+def check_out(path: Path) -> None:
+    """:class:`ConfigError` (key ``out``) unless a report can be written at ``path``, tried
+    now (its folders made, a new empty file created and removed again, an existing file
+    opened for appending and left as it was), so that a bad path fails before the
+    benchmark runs rather than after."""
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a file", key="out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with path.open("a"):
+                pass
+        else:
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", key="out") from None
 
 
 def fleet_instances(spec: FleetSpec, *, gpu: str = "h100") -> list[ExecutionInstance]:
@@ -376,30 +442,54 @@ def _ms(v: Any) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
+_COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("workload", False), ("model", False), ("fleet", False), ("requests", True),
+    ("rate", True), ("goodput", True), ("good-tpot", True), ("thru", True),
+    ("ttft50", True), ("ttft99", True), ("itl50", True), ("itl99", True),
+)  # fmt: skip
+"""The table's columns: (header, right-aligned)."""
+
+
+def _row(c: dict[str, Any]) -> list[str]:
+    return [
+        str(c["workload"]), str(c["fleet"]["model"]), str(c["fleet"]["name"]),
+        str(c["requests"]), f"{c['rate_rps']:.1f}", f"{c['goodput_rps']:.2f}",
+        f"{c['goodput_tpot_rps']:.2f}", f"{c['request_throughput_rps']:.2f}",
+        _ms(c["ttft_p50_s"]), _ms(c["ttft_p99_s"]), _ms(c["itl_p50_s"]), _ms(c["itl_p99_s"]),
+    ]  # fmt: skip
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """A short text table of the report's cases (and real-time runs, when present)."""
-    head = (
-        f"{'workload':<12} {'model':<11} {'fleet':<16} {'rate':>5} {'goodput':>7} "
-        f"{'good-tpot':>9} {'thru':>6} {'ttft50':>6} {'ttft99':>6} {'itl50':>5} {'itl99':>5}"
-    )
-    lines = [f"goodput: req/s meeting {SLO_ITL.name} (good-tpot: {SLO_TPOT.name}); ms", head]
-    rows = list(report.get("cases", [])) + list(report.get("realtime", {}).get("cases", []))
-    for c in rows:
-        f = c["fleet"]
+    """A short text table of the report's cases (and real-time runs, when present): one row
+    per run with the number of requests it ran, columns as wide as their longest cell."""
+    realtime = report.get("realtime") or {}
+    cases = list(report.get("cases", [])) + list(realtime.get("cases", []))
+    cells = [[h for h, _ in _COLUMNS]] + [_row(c) for c in cases]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
+    lines = [
+        f"goodput: req/s meeting {SLO_ITL.name} (good-tpot: {SLO_TPOT.name}); thru: req/s; "
+        "times in ms; requests: how many requests the row ran"
+    ]
+    if realtime.get("cases"):
         lines.append(
-            f"{c['workload']:<12} {f['model']:<11} {f['name']:<16} {c['rate_rps']:>5.1f} "
-            f"{c['goodput_rps']:>7.2f} {c['goodput_tpot_rps']:>9.2f} "
-            f"{c['request_throughput_rps']:>6.2f} {_ms(c['ttft_p50_s']):>6} "
-            f"{_ms(c['ttft_p99_s']):>6} {_ms(c['itl_p50_s']):>5} {_ms(c['itl_p99_s']):>5}"
+            f"rt: rows: engine-sim processes in real time at speed {realtime.get('speed')}, "
+            "through each proxy over HTTP; times in simulated seconds"
         )
-    for t in report.get("targets", []):
-        lines.append(f"targets: {json.dumps(t, default=str)}")
+    for row in cells:
+        lines.append(
+            " ".join(
+                cell.rjust(w) if right else cell.ljust(w)
+                for cell, w, (_, right) in zip(row, widths, _COLUMNS, strict=True)
+            ).rstrip()
+        )
+    for target in report.get("targets", []):
+        lines.append(f"targets: {json.dumps(target, default=str)}")
     return "\n".join(lines)
 
 
 def pd_bench_main(
     *,
-    out: Path | None = None,
+    out: Path | None = DEFAULT_OUT,
     n_long: int = 120,
     long_rate: float = 12.0,
     n_chat: int = 300,
@@ -411,13 +501,20 @@ def pd_bench_main(
     fleet_names: Sequence[str] | None = None,
 ) -> int:
     """``sage-llm bench pd``: run the benchmark, print the table, write the JSON report to
-    ``out`` (when given). ``realtime`` adds the vllm-router comparison over engine-sim
-    processes at ``speed``× time compression. ``fleet_names`` keeps only the Llama-3-8B
-    layouts of :func:`default_fleets` with those names (and no 70B). Returns the exit
-    status. Arguments are checked (:class:`ConfigError`) before anything runs."""
+    ``out`` (default :data:`DEFAULT_OUT`; None: no file). ``realtime`` adds the
+    vllm-router comparison over engine-sim processes at ``speed``× time compression, with
+    the same sizes and rates, on :func:`realtime_fleets` of ``fleet_names``.
+    ``fleet_names`` keeps only the Llama-3-8B layouts of :func:`default_fleets` with those
+    names (and no 70B). Returns the exit status. Arguments, and that ``out`` can be
+    written, are checked (:class:`ConfigError`) before anything runs."""
     if not (math.isfinite(speed) and speed > 0):
         raise ConfigError(f"must be a finite number > 0, got {speed:g}", key="speed")
+    if seed < 0:
+        raise ConfigError(f"must be >= 0, got {seed}", key="seed")
     fleets = None if fleet_names is None else select_fleets(fleet_names)
+    rt_fleets = realtime_fleets(fleet_names) if realtime else []
+    if out is not None:
+        check_out(out)
     report = run_pd_bench(
         n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
         fleets=fleets, include_70b=include_70b, seed=seed,
@@ -425,10 +522,17 @@ def pd_bench_main(
     if realtime:
         from sage_llm.bench.pd_realtime import run_realtime
 
-        report["realtime"] = asyncio.run(run_realtime(speed=speed, seed=seed))
+        rt = run_realtime(
+            fleets=rt_fleets, speed=speed, n_long=n_long, long_rate=long_rate,
+            n_chat=n_chat, chat_rate=chat_rate, seed=seed,
+        )  # fmt: skip
+        report["realtime"] = asyncio.run(rt)
     print(format_table(report))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {out}: {exc.strerror or exc}", key="out") from None
         print(f"report written to {out}")
     return 0

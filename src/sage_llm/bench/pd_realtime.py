@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from sage_llm.bench.pd_bench import (
     FleetSpec,
     PDCase,
     chat_workload,
+    check_realtime_fleet,
     long_prompt_workload,
 )
 from sage_llm.bench.procs import (
@@ -153,6 +155,7 @@ async def run_realtime(
     *,
     prefill: int = 3,
     decode: int = 5,
+    fleets: Sequence[FleetSpec] | None = None,
     speed: float = 2.0,
     n_long: int = 60,
     long_rate: float = 12.0,
@@ -164,15 +167,26 @@ async def run_realtime(
     """Run sage-llm PD and (when ``peers``) vllm-router PD over the same engine-sim
     processes, one workload after the other; returns the report's ``realtime`` section.
 
-    Rates are in simulated requests/s (the real rate is ``rate × speed``). Fresh engines are
-    started for each (router, workload) run, so no run inherits another's cache or pins.
+    The layouts are ``fleets`` (``pd-P:D`` layouts of Llama-3-8B: prefill and decode
+    instances only, decider ``always``), else one of ``prefill`` + ``decode`` engines.
+    ``n_long`` long-prompt and ``n_chat`` chat requests (0: that workload is left out), the
+    same seeded workloads as the in-process runs of those sizes. Rates are in simulated
+    requests/s (the real rate is ``rate × speed``). Fresh engines are started for each
+    (layout, router, workload) run, so no run inherits another's cache or pins.
     """
-    if prefill < 1 or decode < 1:
-        raise ConfigError("need at least one prefill and one decode engine", key="prefill")
-    if not speed > 0:
-        raise ConfigError("speed must be > 0", key="speed")
-    spec = FleetSpec(f"pd-{prefill}:{decode}", MODEL, prefill=prefill, decode=decode,
-                     decider="always")  # fmt: skip
+    if not (math.isfinite(speed) and speed > 0):
+        raise ConfigError(f"must be a finite number > 0, got {speed:g}", key="speed")
+    if n_long < 0 or n_chat < 0 or n_long + n_chat < 1:
+        raise ConfigError("need at least one request", key="n_long")
+    if not (long_rate > 0 and chat_rate > 0):
+        raise ConfigError("rates must be > 0", key="long_rate")
+    if fleets is None:
+        if prefill < 1 or decode < 1:
+            raise ConfigError("need at least one prefill and one decode engine", key="prefill")
+        fleets = [FleetSpec(f"pd-{prefill}:{decode}", MODEL, prefill=prefill, decode=decode,
+                            decider="always")]  # fmt: skip
+    for spec in fleets:
+        check_realtime_fleet(spec)
     workloads = [
         w
         for n, w in (
@@ -181,22 +195,33 @@ async def run_realtime(
         )
         if n > 0
     ]
-    roles = ["prefill"] * prefill + ["decode"] * decode
     cases: list[dict[str, Any]] = []
-    for w in workloads:
-        fast = scale_rate(w, speed)
-        runs = [("sage-llm-pd", True)] + ([("vllm-router-pd", False)] if peers else [])
-        for name, sage in runs:
-            async with await start_engine_sims(len(roles), speed=speed, role=roles) as fleet:
-                if sage:
-                    rep = await _via_sage(fleet, fast, seed)
-                else:
-                    rep = await _via_vllm_router(fleet, fast)
-            cases.append(_case(f"rt:{name}-{prefill}:{decode}", spec, w, rep, speed).to_dict())
+    for spec in fleets:
+        roles = ["prefill"] * spec.prefill + ["decode"] * spec.decode
+        layout = f"{spec.prefill}:{spec.decode}"
+        for w in workloads:
+            fast = scale_rate(w, speed)
+            runs = [("sage-llm-pd", True)] + ([("vllm-router-pd", False)] if peers else [])
+            for name, sage in runs:
+                async with await start_engine_sims(len(roles), speed=speed, role=roles) as fleet:
+                    if sage:
+                        rep = await _via_sage(fleet, fast, seed)
+                    else:
+                        rep = await _via_vllm_router(fleet, fast)
+                cases.append(_case(f"rt:{name}-{layout}", spec, w, rep, speed).to_dict())
     return {
         "speed": speed,
         "time_unit": "simulated seconds (real × speed)",
-        "engines": {"prefill": prefill, "decode": decode, "model": MODEL, "gpu": "h100"},
+        "engines": {"model": MODEL, "gpu": "h100"},
+        "fleets": [spec.to_dict() for spec in fleets],
+        "params": {
+            "n_long": n_long,
+            "long_rate": long_rate,
+            "n_chat": n_chat,
+            "chat_rate": chat_rate,
+            "seed": seed,
+            "peers": ["vllm-router"] if peers else [],
+        },
         "cases": cases,
     }
 

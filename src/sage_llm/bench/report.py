@@ -18,21 +18,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 
 from sage_llm.bench.stats import BenchSummary, RequestMeasurement, tpot, ttft
 from sage_llm.types import RequestPriority
 
 __all__ = [
+    "OTHERS",
+    "URGENT",
     "Entry",
+    "FittedTable",
     "TargetCheck",
     "best_by_goodput",
     "cdf_points",
+    "fitted_table",
     "goodput_curves",
     "report_console",
     "summary_table",
     "target_check",
+    "urgent_and_rest",
     "write_html",
     "write_json",
 ]
@@ -138,13 +144,71 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
-def _urgent_and_rest(by: Mapping[RequestPriority, float]) -> tuple[str, str]:
-    urgent = [by[p] for p in (RequestPriority.CRITICAL, RequestPriority.HIGH) if p in by]
-    rest = [v for p, v in by.items() if p > RequestPriority.HIGH]
-    return (
-        f"{sum(urgent) / len(urgent):.1%}" if urgent else "-",
-        f"{sum(rest) / len(rest):.1%}" if rest else "-",
-    )
+URGENT: tuple[RequestPriority, ...] = (RequestPriority.CRITICAL, RequestPriority.HIGH)
+"""The classes of the "SLO crit/high" column."""
+OTHERS: tuple[RequestPriority, ...] = tuple(p for p in RequestPriority if p not in URGENT)
+"""The classes of the "SLO others" column."""
+
+
+def urgent_and_rest(summary: BenchSummary) -> tuple[float | None, float | None]:
+    """SLO attainment of the CRITICAL+HIGH requests and of the other requests: each the
+    share of those requests that met the SLO (met / requests over the classes together, so
+    a class weighs by its request count); None for a group the run had no request of."""
+    return summary.slo_attainment_of(URGENT), summary.slo_attainment_of(OTHERS)
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}%}"
+
+
+def _urgent_and_rest(summary: BenchSummary, digits: int = 1) -> tuple[str, str]:
+    urgent, rest = urgent_and_rest(summary)
+    return _pct(urgent, digits), _pct(rest, digits)
+
+
+class FittedTable(Table):
+    """A table whose figures are never cut short: when its natural width is more than the
+    console's, each right-hand column is set to its narrowest width that cuts no cell and no
+    header word (headers wrap), before rich would shrink the columns evenly."""
+
+    def __init__(self, *args: Any, compact_widths: Sequence[int | None] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.compact_widths = list(compact_widths)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        natural = Measurement.get(console, options.update_width(10**6), self).maximum
+        if natural <= options.max_width:
+            yield from super().__rich_console__(console, options)
+            return
+        saved = [column.width for column in self.columns]
+        for column, width in zip(self.columns, self.compact_widths, strict=False):
+            if width is not None:
+                column.width = width
+        try:
+            yield from super().__rich_console__(console, options)
+        finally:
+            for column, width in zip(self.columns, saved, strict=True):
+                column.width = width
+
+
+def fitted_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> FittedTable:
+    """A :class:`FittedTable` of ``rows`` (strings): the left column (names) as wide as its
+    longest name and never wrapped, the others right-aligned and never narrower than their
+    longest cell; on a console too narrow for all of it, only headers wrap."""
+    compact: list[int | None] = [None]
+    for i, header in enumerate(headers[1:], start=1):
+        cells = max((len(row[i]) for row in rows), default=0)
+        compact.append(max(cells, *(len(word) for word in header.split())))
+    table = FittedTable(title=title, compact_widths=compact)
+    for i, header in enumerate(headers):
+        width = max((len(row[i]) for row in rows), default=0)
+        if i == 0:
+            table.add_column(header, no_wrap=True, min_width=max(width, len(header)))
+        else:
+            table.add_column(header, justify="right", min_width=width)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def summary_table(
@@ -154,31 +218,34 @@ def summary_table(
     prefix_hit_rate: Mapping[str, float] | None = None,
 ) -> Table:
     """A rich table with one row per ``(name, summary)``: completed, goodput, TTFT/TPOT/E2E
-    percentiles (ms), SLO attainment of CRITICAL+HIGH and of the other classes, and the
-    prefix-cache hit rate when ``prefix_hit_rate`` has the name."""
-    table = Table(title=title)
-    for col in ("contender", "done", "req/s", "goodput (req/s)", "TTFT p50 (ms)",
-                "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "E2E p99 (ms)",
-                "prefix hit", "SLO crit/high", "SLO others"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "contender" else "right")
+    percentiles (ms), SLO attainment of CRITICAL+HIGH and of the other classes (each the
+    share of those requests that met the SLO), and the prefix-cache hit rate when
+    ``prefix_hit_rate`` has the name. Names and figures are never cut short
+    (:func:`fitted_table`); headers take two lines to leave them the room."""
     hits = prefix_hit_rate or {}
+    cells = []
     for name, s in rows:
-        urgent, rest = _urgent_and_rest(s.slo_attainment_by_priority)
-        table.add_row(
-            name,
-            f"{s.ok}/{s.count}",
-            f"{s.request_throughput:.2f}",
-            f"{s.goodput:.2f}",
-            _ms(s.ttft.p50 if s.ttft else None),
-            _ms(s.ttft.p99 if s.ttft else None),
-            _ms(s.tpot.p50 if s.tpot else None),
-            _ms(s.tpot.p99 if s.tpot else None),
-            _ms(s.e2e.p99 if s.e2e else None),
-            f"{hits[name]:.0%}" if name in hits else "-",
-            urgent,
-            rest,
+        urgent, rest = _urgent_and_rest(s)
+        cells.append(
+            (
+                name,
+                f"{s.ok}/{s.count}",
+                f"{s.request_throughput:.2f}",
+                f"{s.goodput:.2f}",
+                _ms(s.ttft.p50 if s.ttft else None),
+                _ms(s.ttft.p99 if s.ttft else None),
+                _ms(s.tpot.p50 if s.tpot else None),
+                _ms(s.tpot.p99 if s.tpot else None),
+                _ms(s.e2e.p99 if s.e2e else None),
+                f"{hits[name]:.0%}" if name in hits else "-",
+                urgent,
+                rest,
+            )
         )
-    return table
+    headers = ("contender", "done", "req/s", "goodput\n(req/s)", "TTFT p50\n(ms)",
+               "TTFT p99\n(ms)", "TPOT p50\n(ms)", "TPOT p99\n(ms)", "E2E p99\n(ms)",
+               "prefix\nhit", "SLO\ncrit/high", "SLO\nothers")  # fmt: skip
+    return fitted_table(title, headers, cells)
 
 
 def _label(e: Entry) -> str:
@@ -293,17 +360,19 @@ def _plot_curves(curves: Mapping[str, list[tuple[float, float]]], path: Path) ->
 
 def _html_table(entries: Sequence[Entry]) -> str:
     head = ("contender", "kind", "rate r/s", "done", "goodput r/s", "TTFT p50 ms",
-            "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "SLO crit/high", "SLO others")  # fmt: skip
+            "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "prefix hit", "SLO crit/high",
+            "SLO others")  # fmt: skip
     rows = []
     for e in entries:
         s = e.summary
-        urgent, rest = _urgent_and_rest(s.slo_attainment_by_priority)
+        urgent, rest = _urgent_and_rest(s)
+        hit = e.extra.get("prefix_hit_rate")
         cells = (
             e.name, e.kind, "-" if e.rate_rps is None else f"{e.rate_rps:.2f}",
             f"{s.ok}/{s.count}", f"{s.goodput:.2f}",
             _ms(s.ttft.p50 if s.ttft else None), _ms(s.ttft.p99 if s.ttft else None),
             _ms(s.tpot.p50 if s.tpot else None), _ms(s.tpot.p99 if s.tpot else None),
-            urgent, rest,
+            _pct(hit, 0) if isinstance(hit, int | float) else "-", urgent, rest,
         )  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"

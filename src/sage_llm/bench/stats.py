@@ -308,6 +308,20 @@ class BenchSummary:
     fairness_index: float | None = None
     users: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    slo_counts_by_priority: dict[RequestPriority, tuple[int, int]] = field(default_factory=dict)
+    """Per priority: (requests meeting the SLO, requests), the counts behind
+    ``slo_attainment_by_priority``."""
+
+    def slo_attainment_of(self, priorities: Iterable[RequestPriority]) -> float | None:
+        """The share of the requests of ``priorities`` that met the SLO: met / requests over
+        those classes together (each class weighs by its request count, not equally); None
+        when the run had none of them."""
+        met = total = 0
+        for p in set(priorities):
+            m, n = self.slo_counts_by_priority.get(p, (0, 0))
+            met += m
+            total += n
+        return met / total if total else None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (priorities by lower-case name)."""
@@ -333,6 +347,10 @@ class BenchSummary:
             "slo_attainment": self.slo_attainment,
             "slo_attainment_by_priority": {
                 p.name.lower(): v for p, v in sorted(self.slo_attainment_by_priority.items())
+            },
+            "slo_counts_by_priority": {
+                p.name.lower(): {"met": m, "requests": n}
+                for p, (m, n) in sorted(self.slo_counts_by_priority.items())
             },
             "fairness_index": self.fairness_index,
             "fairness_metric": "jain(per-user mean ttft)",
@@ -409,4 +427,5 @@ def summarize(
         fairness_index=jain_index([sum(v) / len(v) for v in per_user.values()]),
         users=len(users),
         errors=dict(errors),
+        slo_counts_by_priority={p: (v[0], v[1]) for p, v in sorted(by_priority.items())},
     )
