@@ -103,6 +103,8 @@ class _Choices:
     generation (its deltas' ``fields`` merged as :func:`merge_delta` does), the fields of
     the engine's objects (``top``), and, with ``token_ids``, each choice's token ids."""
 
+    __slots__ = ("extras", "fields", "finish", "ids", "logprobs", "text", "top", "usage")
+
     def __init__(self, *, token_ids: bool = False) -> None:
         self.text: dict[int, list[str]] = {}
         self.finish: dict[int, str | None] = {}
@@ -110,7 +112,7 @@ class _Choices:
         self.fields: dict[int, dict[str, Any]] = {}
         self.extras: dict[int, dict[str, Any]] = {}
         self.ids: dict[int, list[int]] | None = {} if token_ids else None
-        self.top: dict[str, Any] = {}
+        self.top: dict[str, Any] | None = None
         self.usage: Usage | None = None
 
     def add(self, chunk: Chunk) -> None:
@@ -128,7 +130,7 @@ class _Choices:
         if self.ids is not None:
             self.ids.setdefault(idx, []).extend(chunk.token_ids)
         if chunk.top:
-            self.top.update(chunk.top)
+            self.top = {**(self.top or {}), **chunk.top}
         if chunk.usage is not None:
             self.usage = chunk.usage
 
@@ -209,9 +211,8 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
         choice["logprobs"] = merge_logprobs(choices.logprobs.get(idx))
         choice["finish_reason"] = choices.finish.get(idx) or "length"
         choice["stop_reason"] = None
-        ids = None if choices.ids is None else choices.ids.get(idx)
-        if ids:  # the engine gave them (an engine without return_token_ids gives none)
-            choice["token_ids"] = ids
+        if choices.ids is not None and (ids := choices.ids.get(idx)):
+            choice["token_ids"] = ids  # the engine gave them (without return_token_ids, none)
         extras = choices.extras.get(idx)
         if extras:
             choice.update(extras)
