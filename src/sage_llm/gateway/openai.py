@@ -67,7 +67,7 @@ CONSUMED_FIELDS = frozenset(
 (``user`` too: the engine gets it as well as the control plane's session)."""
 
 _TYPE_HINTS = {
-    "prompt": "must be a string, a list with one string, or a list of token ids",
+    "prompt": "must be a string, a list of token ids, or a list of those (several prompts)",
     "messages": "must be a non-empty list of messages",
     "stop": "must be a string or a list of strings",
     "stream": "must be a boolean",
