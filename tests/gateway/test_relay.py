@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -302,6 +303,23 @@ _CALL = {"index": 0, "id": "call_1", "type": "function",
 _ARGS = ('{"city": ', '"Paris"}')
 
 
+async def _sse(request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
+    """Answer ``request`` with ``events`` as server-sent events, then ``[DONE]``."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for event in events:
+        await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _chat_app(chat: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    app = probed_app()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
 def _tool_engine() -> web.Application:
     """A vLLM-shaped chat engine that answers with reasoning and a tool call, whole or as
     deltas (the call's arguments in two pieces, as vLLM streams them)."""
@@ -325,23 +343,17 @@ def _tool_engine() -> web.Application:
             {"tool_calls": [_CALL]},
             *({"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in _ARGS),
         ]
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
         chunk = {**head, "object": "chat.completion.chunk"}
-        for delta in deltas:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-            await resp.write(f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n".encode())
-        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls",
-                "stop_reason": 128008}  # fmt: skip
-        await resp.write(f"data: {json.dumps({**chunk, 'choices': [last]})}\n\n".encode())
-        tail = {**chunk, "choices": [], "usage": usage}
-        await resp.write(f"data: {json.dumps(tail)}\n\ndata: [DONE]\n\n".encode())
-        await resp.write_eof()
-        return resp
+        choices = [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            for delta in deltas
+        ]
+        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls",
+                        "stop_reason": 128008})  # fmt: skip
+        events = [{**chunk, "choices": [choice]} for choice in choices]
+        return await _sse(request, [*events, {**chunk, "choices": [], "usage": usage}])
 
-    app = probed_app()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    return _chat_app(chat)
 
 
 @pytest.mark.parametrize("engine_stream", ["client", "always"])  # engine answers whole / streamed
@@ -396,8 +408,6 @@ def _ids_engine() -> web.Application:
                 choice["token_ids"] = [10, 11]
                 head["prompt_token_ids"] = [1, 2, 3]
             return web.json_response({**head, "choices": [choice], "usage": usage})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
         chunk = {**head, "object": "chat.completion.chunk"}
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}  # fmt: skip
@@ -411,15 +421,9 @@ def _ids_engine() -> web.Application:
                 choice["token_ids"] = [10 + i]
             events.append({**chunk, "choices": [choice]})
         events.append({**chunk, "choices": [], "usage": usage})
-        for event in events:
-            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        return await _sse(request, events)
 
-    app = probed_app()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    return _chat_app(chat)
 
 
 @pytest.mark.parametrize("engine_stream", ["client", "always"])  # engine answers whole / streamed
