@@ -633,3 +633,32 @@ def test_an_engine_without_token_counters_is_never_judged_stalled() -> None:
             run.cancel()
 
     run_virtual(main())
+
+
+def test_a_failed_call_whose_only_other_instance_is_ejected_fails_not_waits() -> None:
+    """sim-0 answers every request with a 500 (its probes pass); sim-1 is down (its probes
+    fail). A request failed on sim-0 has nowhere to go: it fails at once with sim-0's
+    error. Before, it was queued again to wait for sim-1 until its own time limit."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated",
+            health=HealthSettings(interval_s=0.5, timeout_s=0.2),
+            enable_pd_separation=False,
+        )
+        for inst, spec in zip(make_instances(2), ("error=500@p1", "crash"), strict=True):
+            cp.register_instance(
+                inst, FaultyEngineClient(make_sim_engine(inst), FaultPlan.parse(spec))
+            )
+        async with cp:
+            await asyncio.sleep(1.0)
+            assert cp.get_status()["circuits"] == {"sim-0": "closed", "sim-1": "open"}
+            started = cp.clock.now()
+            meta = RequestMetadata(request_id="r", prompt="hi", max_tokens=2)
+            with pytest.raises(EngineError, match="HTTP 500") as err:
+                await cp.collect(meta, timeout_s=600.0)
+            assert cp.clock.now() - started < 1.0
+            assert err.value.instance_id == "sim-0"
+            assert (await cp.get_request_status("r")) is RequestStatus.FAILED
+
+    run_virtual(main())

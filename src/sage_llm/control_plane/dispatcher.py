@@ -488,9 +488,12 @@ class Dispatcher:
             return f"every instance serving model {model!r} is draining ({draining})"
         return f"{reason} (and {draining} draining)"
 
-    def _members(self, model: str, excluded: frozenset[str] = frozenset()) -> list[Member]:
+    def _members(
+        self, model: str, excluded: frozenset[str] = frozenset(), *, now: bool = False
+    ) -> list[Member]:
         """The instances of ``model`` that may take its requests, now or later (not those
-        removed or draining, nor ``excluded``)."""
+        removed or draining, nor ``excluded``); with ``now``, only those that may take one
+        now (routable: not ejected)."""
         return [
             (s.instance_id, s.instance.instance_type)
             for s in self.registry
@@ -498,6 +501,7 @@ class Dispatcher:
             and not s.removed
             and not s.draining
             and s.instance_id not in excluded
+            and (not now or s.routable)
         ]
 
     # -- execution -------------------------------------------------------------------------
@@ -993,8 +997,11 @@ class Dispatcher:
 
     def _servable(self, model: str, excluded: frozenset[str], *, whole_only: bool = False) -> bool:
         """Whether instances outside ``excluded`` could run a request for ``model`` (whole, or
-        as a PD pair unless ``whole_only``)."""
-        members = self._members(model, excluded)
+        as a PD pair unless ``whole_only``) now: a retry or a moved call goes only where an
+        instance may take it, not to the queue to wait for an ejected one to come back
+        (a request failed over had waited there until its time limit, 600 s, when the only
+        other instance was down)."""
+        members = self._members(model, excluded, now=True)
         if any(role.runs_whole_requests for _, role in members):
             return True
         return not whole_only and self.pd is not None and pair_exists(members)
