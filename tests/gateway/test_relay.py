@@ -487,12 +487,23 @@ async def test_continuous_usage_stats_reach_the_client_with_every_chunk() -> Non
             plain = {**body, "stream_options": {"include_usage": True}}
             async with http.post(url, json=plain) as r:
                 without = [e for e in await read_events(r) if isinstance(e, dict)]
+            chat_body_ = {**body, "messages": [{"role": "user", "content": "Hello there"}]}
+            del chat_body_["prompt"]
+            async with http.post(
+                url.replace("/completions", "/chat/completions"), json=chat_body_
+            ) as r:
+                chat = await read_events(r)
     finally:
         await site.cleanup()
         await runner.cleanup()
         await engine.aclose()
     chunks = [e for e in events if e["choices"]]
     assert [e["usage"]["completion_tokens"] for e in chunks] == [1, 2, 3, 4]
+    # a chat: the engine's role event's usage goes with the gateway's role chunk (one
+    # role chunk, as the engine sent it, not a role chunk and an empty one)
+    chat_events = [e for e in chat if isinstance(e, dict) and e["choices"]]
+    assert chat_events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["usage"]["completion_tokens"] for e in chat_events] == [0, 1, 2, 3, 4]
     prompt = chunks[0]["usage"]["prompt_tokens"]
     assert all(
         e["usage"]["total_tokens"] == prompt + e["usage"]["completion_tokens"] for e in chunks

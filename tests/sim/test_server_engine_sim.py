@@ -17,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 
+from sage_llm import tokens
 from sage_llm.engines.base import EngineClient
 from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
@@ -257,8 +258,37 @@ async def test_stop_token_ids_and_max_completion_tokens_as_vllm(
         chat = {**CHAT, "max_completion_tokens": 3, "max_tokens": 5}
         _, answer = await post(http, f"{base}/v1/chat/completions", chat, "c")
         assert answer["usage"]["completion_tokens"] == 3  # the newer name wins
+        zero = {**CHAT, "max_completion_tokens": 0}
+        status, err = await post(http, f"{base}/v1/chat/completions", zero)
+        assert status == 400 and err["error"]["param"] == "max_completion_tokens"
         status, err = await post(http, url, {**COMPLETION, "max_tokens": 2, "min_tokens": 5})
         assert status == 400 and err["error"]["param"] == "min_tokens"
+
+
+async def test_return_token_ids_gives_each_choices_ids_and_the_prompts(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM's ``return_token_ids``: a completion's choice has its ``token_ids`` and its
+    ``prompt_token_ids``; a chat's object has the prompt's; a stream's chunks their own."""
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        body = {**COMPLETION, "max_tokens": 5, "return_token_ids": True}
+        _, out = await post(http, url, body, "t")
+        choice = out["choices"][0]
+        assert len(choice["token_ids"]) == out["usage"]["completion_tokens"] == 5
+        assert choice["prompt_token_ids"] == tokens.tokenize(str(COMPLETION["prompt"]))
+        assert len(choice["prompt_token_ids"]) == out["usage"]["prompt_tokens"]
+        raw = await stream_events(http, url, {**body, "stream": True}, "t")
+        events = [json.loads(e) for e in raw if e != "[DONE]"]
+        streamed = [t for e in events if e["choices"] for t in e["choices"][0]["token_ids"]]
+        assert streamed == choice["token_ids"]  # the same request id: the same answer
+        assert events[0]["choices"][0]["prompt_token_ids"] == choice["prompt_token_ids"]
+        chat_url = f"{base}/v1/chat/completions"
+        _, chat = await post(http, chat_url, {**CHAT, "max_tokens": 3, "return_token_ids": True})
+        assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"]
+        assert len(chat["choices"][0]["token_ids"]) == 3
+        _, plain = await post(http, url, {**COMPLETION, "max_tokens": 2})
+        assert "token_ids" not in plain["choices"][0]
 
 
 async def test_unknown_routes_and_methods_answer_json_as_vllm_does(

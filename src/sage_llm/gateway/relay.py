@@ -482,19 +482,24 @@ async def _relay(
             last = False
             for chunk in batch:
                 usage = chunk.usage or usage
+                top = chunk.top
+                content = (
+                    chunk.text or chunk.finish_reason or chunk.logprobs is not None
+                    or chunk.fields or chunk.extras
+                )  # fmt: skip
                 if fmt.chat and chunk.index not in seen:
                     role = fmt.role_chunk()
                     role["choices"][0]["index"] = chunk.index
+                    if top and not content:  # the engine's own role event: its fields go
+                        role.update(top)  # with ours (the usage so far, prompt_token_ids)
+                        top = None
                     out += encode_event(role)
                 seen.add(chunk.index)
-                if (
-                    chunk.text or chunk.finish_reason or chunk.logprobs is not None
-                    or chunk.fields or chunk.extras or chunk.top
-                ):  # fmt: skip
+                if content or top:
                     event = fmt.chunk(
                         chunk.text, chunk.finish_reason, index=chunk.index,
                         logprobs=chunk.logprobs, fields=chunk.fields, extras=chunk.extras,
-                        token_ids=chunk.token_ids if ids else (), top=chunk.top,
+                        token_ids=chunk.token_ids if ids else (), top=top,
                     )  # fmt: skip
                     out += encode_event(event)
                 if chunk.usage is not None:  # the engine's last chunk

@@ -151,6 +151,16 @@ def _engine_setting(engine: EngineClient, name: str) -> int | None:
     return None
 
 
+def _prompt_ids(parsed: ParsedRequest) -> list[int]:
+    """The token ids of a request's prompt (its chat template's, for a chat), by the shared
+    tokenizer the simulated engine counts with."""
+    req = parsed.req
+    if req.messages is not None:
+        return tokens.tokenize(tokens.chat_prompt_text([dict(m) for m in req.messages]))
+    prompt = req.prompt
+    return tokens.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt or ()]
+
+
 def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     """A chunk's usage so far under ``continuous_usage_stats``, as vLLM's."""
     return {
@@ -385,6 +395,7 @@ class _EngineServer:
         self, request: web.Request, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
     ) -> web.Response:
         texts: list[str] = []
+        ids: list[int] = []
         times: list[float] = []
         logprobs: list[Any] = []
         finish: str | None = None
@@ -394,6 +405,7 @@ class _EngineServer:
             async for chunk in it:
                 times.append(self.clock.now())
                 texts.append(chunk.text)
+                ids.extend(chunk.token_ids)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
                 if chunk.logprobs is not None:
@@ -411,6 +423,9 @@ class _EngineServer:
         choice = body["choices"][0]
         choice["logprobs"] = _join_logprobs(logprobs)
         choice["stop_reason"] = self._stop_reason(parsed, finish)
+        if parsed.token_ids:
+            choice["token_ids"] = ids
+            (body if fmt.chat else choice)["prompt_token_ids"] = _prompt_ids(parsed)
         return web.json_response(body)
 
     async def _stream(
@@ -450,11 +465,15 @@ class _EngineServer:
         usage: Usage | None = None
         produced = 0
         try:
+            first = True
             if fmt.chat:
                 role = fmt.role_chunk()
                 if parsed.continuous_usage:
                     role["usage"] = _running_usage(parsed.prompt_tokens, 0)
+                if parsed.token_ids:
+                    role["prompt_token_ids"] = _prompt_ids(parsed)
                 await resp.write(encode_event(role))
+                first = False
             while chunk is not None:
                 times.append(self.clock.now())
                 finish = chunk.finish_reason or finish
@@ -465,6 +484,11 @@ class _EngineServer:
                     body["choices"][0]["stop_reason"] = self._stop_reason(parsed, finish)
                 if parsed.continuous_usage:
                     body["usage"] = _running_usage(parsed.prompt_tokens, produced)
+                if parsed.token_ids:
+                    body["choices"][0]["token_ids"] = list(chunk.token_ids)
+                    if first:  # a completion's first choice chunk carries its prompt's
+                        body["choices"][0]["prompt_token_ids"] = _prompt_ids(parsed)
+                first = False
                 await resp.write(encode_event(body))
                 try:
                     chunk = await anext(it)

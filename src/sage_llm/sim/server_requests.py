@@ -49,6 +49,10 @@ class ParsedRequest:
     continuous_usage: bool = False
     """``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk of
     the stream carries the usage so far, as vLLM's do."""
+    token_ids: bool = False
+    """``return_token_ids``: each choice carries its ``token_ids``, and the answer its
+    ``prompt_token_ids`` (a completion's in its choice, a chat's in the object), as
+    vLLM's do."""
 
     def estimate_usage(self, chunks: int) -> Usage:
         """Usage for an engine that reported none: one token per chunk."""
@@ -109,18 +113,19 @@ def parse_request(
     check_model(body.get("model"), model_name)
     prompt, messages, prompt_tokens = _prompt(body, chat)
     max_tokens = body.get("max_tokens")
+    param = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
-        max_tokens = body.get("max_completion_tokens")
+        max_tokens, param = body.get("max_completion_tokens"), "max_completion_tokens"
     if max_tokens is None:
         max_tokens = engine_default_max_tokens(chat, prompt_tokens, max_model_len)
     if not is_int(max_tokens) or max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
+        raise InvalidRequestError(f"{param} must be a positive integer", param=param)
     if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
         raise InvalidRequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
             f"{max_tokens} in the completion).",
-            param="max_tokens",
+            param=param,
         )
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -164,7 +169,8 @@ def parse_request(
     )
     include_usage = bool(options and options.get("include_usage"))
     continuous = include_usage and bool(options and options.get("continuous_usage_stats"))
-    return ParsedRequest(req, stream, include_usage, role, prompt_tokens, continuous)
+    token_ids = bool(body.get("return_token_ids"))
+    return ParsedRequest(req, stream, include_usage, role, prompt_tokens, continuous, token_ids)
 
 
 @runtime_checkable
