@@ -35,6 +35,8 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": 42}, "prompt"),
     ({"model": MODEL, "prompt": ["a", [1]]}, "prompt"),  # several, of mixed kinds
     ({"model": MODEL, "prompt": []}, "prompt"),
+    ({"model": MODEL, "prompt": [""]}, "prompt"),
+    ({"model": MODEL, "prompt": ["a", ""]}, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": "8"}, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, "max_tokens"),

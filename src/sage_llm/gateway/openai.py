@@ -167,10 +167,10 @@ def _slo_header(value: str) -> float:
 
 
 def _single_prompt(prompt: Any) -> str | list[int]:
+    if not prompt:  # "", [], or [""]'s element
+        raise InvalidRequestError("prompt: must not be empty", param="prompt")
     if isinstance(prompt, str):
         return prompt
-    if not prompt:
-        raise InvalidRequestError("prompt: must not be empty", param="prompt")
     if isinstance(prompt[0], str | list):
         if len(prompt) != 1:
             raise InvalidRequestError(
@@ -233,7 +233,7 @@ def _plain_body(
                 return None
     else:
         text = get("prompt")
-        if type(text) is not str:
+        if type(text) is not str or not text:  # an empty one: the schema path says why
             return None
     max_tokens = get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
