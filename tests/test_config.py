@@ -446,6 +446,37 @@ def test_duplicate_address_in_http_mode_only() -> None:
     assert len(parse_config(simulated).control_plane.instances) == 2
 
 
+def test_one_engine_under_two_names_is_a_duplicate_address() -> None:
+    """Host names are case-blind, and localhost is 127.0.0.1."""
+    for second in ('host = "LocalHost"\nport = 8000', 'host = "127.0.0.1"\nport = 8000'):
+        err = problem(SEED.replace('host = "localhost"\nport = 8001', second))
+        assert err.key == "services.llm_control_plane.instances[1].port"
+        assert "is also instances[0]'s address" in err.message
+
+
+def test_bad_latency_priors_in_metadata_are_reported_at_their_line() -> None:
+    """They had passed the check and then crashed ``serve`` (a string) or divided by zero
+    (a prefill rate of 0) when the instance was registered."""
+    text = SEED.replace(
+        "tensor_parallel_size = 4",
+        'tensor_parallel_size = 4\nmetadata = { tpot_ms = "fast", prefill_tokens_per_s = 0 }',
+    )
+    errs = problems(text)
+    assert {(e.location, e.key) for e in errs} == {
+        ("cfg.toml:15", "services.llm_control_plane.instances[0].metadata.tpot_ms"),
+        ("cfg.toml:15", "services.llm_control_plane.instances[0].metadata.prefill_tokens_per_s"),
+    }
+    good = SEED.replace(
+        "tensor_parallel_size = 4", "tensor_parallel_size = 4\nmetadata = { ttft_base_ms = 0 }"
+    )
+    assert parse_config(good).control_plane.instances[0].metadata["ttft_base_ms"] == 0
+    cp = ControlPlaneManager(mode="http")
+    bad = ExecutionInstance("x", "127.0.0.1", 9000, "m", metadata={"tpot_ms": -5})
+    with pytest.raises(ConfigError, match="must be > 0") as info:
+        cp.register_instance(bad)
+    assert (info.value.key, info.value.location) == ("metadata.tpot_ms", "instance 'x'")
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [("port = 0", "must be >= 1, got 0"), ("port = 65536", "must be <= 65535, got 65536")],

@@ -32,7 +32,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sage_llm.config_fields import read_dataclass, read_params, suggest
+from sage_llm.config_fields import (
+    LATENCY_PRIORS,
+    latency_prior_problem,
+    read_dataclass,
+    read_params,
+    suggest,
+)
 from sage_llm.config_locate import KeyLocator, KeyPath, Problems, syntax_error
 from sage_llm.config_schema import (
     DEFAULT_SIM_MODEL,
@@ -470,15 +476,28 @@ def _check_instances(
         host, port = item.get("host"), item.get("port")
         simulated = mode == "simulated" or item.get("engine") == "sim"
         if isinstance(host, str) and isinstance(port, int) and not simulated:
-            other = addresses.setdefault((host, port), index)
+            # host names are case-blind, and the loopback names are one host
+            name = host.strip().lower()
+            name = "127.0.0.1" if name in _LOOPBACK_NAMES else name
+            other = addresses.setdefault((name, port), index)
             if other != index:
                 p.add((*path, index, "port"), f"{host}:{port} is also instances[{other}]'s address")
+        metadata = item.get("metadata")
+        if isinstance(metadata, Mapping):
+            for key in LATENCY_PRIORS.keys() & metadata.keys():
+                problem = latency_prior_problem(metadata[key], key)
+                if problem is not None:
+                    p.add((*path, index, "metadata", key), problem)
         env_name = item.get("api_key_env")
         if isinstance(env_name, str) and not p.failed((*path, index, "api_key_env")):
             if item.get("api_key") is not None:
                 p.add((*path, index, "api_key_env"), "set api_key or api_key_env, not both")
             else:
                 _env_secret(env_name, (*path, index, "api_key_env"), env, p)
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1"})
+"""Two names of this machine's IPv4 loopback address: one engine, whichever is written."""
 
 
 def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:

@@ -305,3 +305,28 @@ def to_plain(value: Any, mask: str) -> Any:
     if isinstance(value, Mapping):
         return {str(k): to_plain(v, mask) for k, v in value.items()}
     return value
+
+
+LATENCY_PRIORS = {"tpot_ms": 20.0, "ttft_base_ms": 50.0, "prefill_tokens_per_s": 8000.0}
+"""An instance's ``metadata`` entries the control plane starts its latency estimates from
+(HTTP instances; simulated ones get their engine's), with their defaults."""
+
+
+def latency_prior_problem(value: object, key: str) -> str | None:
+    """What is wrong with ``value`` as the latency prior ``key``, or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if key == "ttft_base_ms":
+        return None if value >= 0 else f"must be >= 0, got {value!r}"
+    return None if value > 0 else f"must be > 0, got {value!r}"
+
+
+def latency_prior(metadata: Mapping[str, Any], key: str) -> float:
+    """The latency prior ``key`` of an instance's ``metadata`` (its default when absent);
+    :class:`~sage_llm.errors.ConfigError` naming ``metadata.<key>`` when it is not a
+    finite number above 0 (``ttft_base_ms``: 0 or more)."""
+    value = metadata.get(key, LATENCY_PRIORS[key])
+    problem = latency_prior_problem(value, key)
+    if problem is not None:
+        raise ConfigError(problem, key=f"metadata.{key}")
+    return float(value)

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm.config import check_instance, check_manager_arguments
+from sage_llm.config_fields import latency_prior
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
 from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, internal_error, refusal_of
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
@@ -1197,9 +1198,13 @@ class ControlPlaneManager:
         if priors is not None:
             return priors
         meta = instance.metadata
-        tpot = float(meta.get("tpot_ms", 20.0)) / 1000.0
-        prefill = float(meta.get("prefill_tokens_per_s", 8000.0))
-        base = float(meta.get("ttft_base_ms", 50.0)) / 1000.0
+        try:
+            tpot = latency_prior(meta, "tpot_ms") / 1000.0
+            prefill = latency_prior(meta, "prefill_tokens_per_s")
+            base = latency_prior(meta, "ttft_base_ms") / 1000.0
+        except ConfigError as exc:
+            exc.location = f"instance {instance.instance_id!r}"
+            raise
         return LatencyPriors(ttft_base_s=base, prefill_tokens_per_s=prefill, tpot_s=tpot)
 
     def _ensure_client(self, state: InstanceState) -> None:
