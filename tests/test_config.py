@@ -990,3 +990,17 @@ def test_a_default_max_tokens_above_the_gateways_limit_is_refused() -> None:
 def test_every_missing_secret_is_reported_at_once() -> None:
     text = '[gateway]\napi_keys_env = "KEYS"\nadmin_token_env = "ADMIN"\n'
     assert [e.key for e in problems(text)] == ["gateway.api_keys_env", "gateway.admin_token_env"]
+
+
+def test_a_file_not_in_utf8_is_reported_at_its_line_and_a_bom_is_read_past(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'[gateway]\nport = 8080\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert info.value.location == f"{bad}:3"
+    assert "not valid UTF-8 (byte 0xe9, column 12)" in info.value.message
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[gateway]\nport = 8080\n")
+    assert load_config(bom).gateway.port == 8080

@@ -238,11 +238,19 @@ def _result(config: SageConfig | None, errors: list[ConfigError]) -> SageConfig:
 
 def _load(path: Path, env: Mapping[str, str] | None) -> tuple[SageConfig | None, list[ConfigError]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
+        raw = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         return None, [ConfigError(f"cannot read config file: {reason}", location=str(path))]
-    return _parse(text, str(path), env)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        message = f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}, column {column})"
+        return None, [ConfigError(message, location=f"{path}:{line}")]
+    # a byte-order mark (some editors write one) is not TOML: read past it
+    return _parse(text.removeprefix("\ufeff"), str(path), env)
 
 
 def _parse(
