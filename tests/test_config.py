@@ -1004,3 +1004,12 @@ def test_a_file_not_in_utf8_is_reported_at_its_line_and_a_bom_is_read_past(
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf[gateway]\nport = 8080\n")
     assert load_config(bom).gateway.port == 8080
+
+
+def test_an_instance_at_the_gateways_own_address_is_refused() -> None:
+    own = SEED.replace('host = "localhost"\nport = 8001', 'host = "127.0.0.1"\nport = 8090')
+    err = problem(own + "\n[gateway]\nport = 8090\n")
+    assert err.key == "services.llm_control_plane.instances[1].port"
+    assert "the gateway's own address" in err.message
+    parse_config(own + '\n[gateway]\nport = 8090\nhost = "10.0.0.5"\n')  # another host
+    parse_config(own)  # the default port (8080) is not the instance's

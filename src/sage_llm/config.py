@@ -307,6 +307,8 @@ def _build(
         health = dataclasses.replace(health, interval_s=cp.health_interval_s)
     if admission.max_queue_size is not None:
         cp = dataclasses.replace(cp, max_queue_size=admission.max_queue_size)
+    if "port" in (raw["gateway"] or {}):  # a port given on the command line may differ
+        _check_not_the_gateway(cp, sections["gateway"], (*spath, "instances"), p)
     limit = sections["gateway"].max_tokens_limit
     if limit is not None and cp.default_max_tokens > limit:
         p.add(
@@ -502,6 +504,26 @@ def _check_instances(
                 p.add((*path, index, "api_key_env"), "set api_key or api_key_env, not both")
             else:
                 _env_secret(env_name, (*path, index, "api_key_env"), env, p)
+
+
+def _check_not_the_gateway(
+    cp: ControlPlaneConfig, gateway: GatewayConfig, path: KeyPath, p: Problems
+) -> None:
+    """An HTTP instance at the gateway's own address would be sent the gateway's requests
+    back (each then answered 409, its id already in progress)."""
+    if cp.mode == "simulated" or not gateway.port:
+        return
+    bind = gateway.host.strip().lower()
+    ours = {bind} | (_LOOPBACK_NAMES if bind in _LOOPBACK_NAMES | {"0.0.0.0", "::", ""} else set())
+    for index, inst in enumerate(cp.instances):
+        if inst.engine == "sim" or inst.port != gateway.port:
+            continue
+        if inst.host.strip().lower() in ours:
+            p.add(
+                (*path, index, "port"),
+                f"{inst.host}:{inst.port} is the gateway's own address (gateway.port): "
+                "its requests would come back to the gateway",
+            )
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1"})
