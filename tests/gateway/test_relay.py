@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -320,6 +320,20 @@ def _chat_app(chat: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> w
     return app
 
 
+@contextlib.asynccontextmanager
+async def _gateway_over(app: web.Application, engine_stream: str) -> AsyncIterator[str]:
+    """A gateway over the engine ``app`` (model ``m``); yields its chat completions URL."""
+    engine, engine_port = await start_app(app)
+    manager = ControlPlaneManager(mode="http", engine_stream=engine_stream)
+    manager.register_instance(make_instance("engine", port=engine_port, model_name="m"))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    try:
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        await site.cleanup()
+        await engine.cleanup()
+
+
 def _tool_engine() -> web.Application:
     """A vLLM-shaped chat engine that answers with reasoning and a tool call, whole or as
     deltas (the call's arguments in two pieces, as vLLM streams them)."""
@@ -358,22 +372,13 @@ def _tool_engine() -> web.Application:
 
 @pytest.mark.parametrize("engine_stream", ["client", "always"])  # engine answers whole / streamed
 async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stream: str) -> None:
-    engine, engine_port = await start_app(_tool_engine())
-    manager = ControlPlaneManager(mode="http", engine_stream=engine_stream)
-    manager.register_instance(make_instance("tools", port=engine_port, model_name="m"))
-    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
     body = {"model": "m", "messages": [{"role": "user", "content": "weather?"}],
             "tools": [{"type": "function", "function": {"name": "get_weather"}}]}  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(url, json=body) as r:
-                whole = await r.json()
-            async with http.post(url, json={**body, "stream": True}) as r:
-                events = await read_events(r)
-    finally:
-        await site.cleanup()
-        await engine.cleanup()
+    async with _gateway_over(_tool_engine(), engine_stream) as url, aiohttp.ClientSession() as http:
+        async with http.post(url, json=body) as r:
+            whole = await r.json()
+        async with http.post(url, json={**body, "stream": True}) as r:
+            events = await read_events(r)
     [choice] = whole["choices"]
     # a whole answer's tool calls have no "index" (a stream's deltas do), as vLLM answers
     call = {"id": "call_1", "type": "function",
@@ -433,24 +438,15 @@ async def test_token_ids_and_the_engine_objects_own_fields_reach_the_client(
     """vLLM's ``return_token_ids``: each choice's ``token_ids`` and the answer's
     ``prompt_token_ids``, and fields such as ``system_fingerprint``, reach the client,
     whole and streamed; the engines' ``kv_transfer_params`` do not."""
-    engine, engine_port = await start_app(_ids_engine())
-    manager = ControlPlaneManager(mode="http", engine_stream=engine_stream)
-    manager.register_instance(make_instance("ids", port=engine_port, model_name="m"))
-    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
             "return_token_ids": True}  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(url, json=body) as r:
-                whole = await r.json()
-            async with http.post(url, json={**body, "stream": True}) as r:
-                events = [e for e in await read_events(r) if isinstance(e, dict)]
-            async with http.post(url, json={**body, "return_token_ids": False}) as r:
-                plain = await r.json()
-    finally:
-        await site.cleanup()
-        await engine.cleanup()
+    async with _gateway_over(_ids_engine(), engine_stream) as url, aiohttp.ClientSession() as http:
+        async with http.post(url, json=body) as r:
+            whole = await r.json()
+        async with http.post(url, json={**body, "stream": True}) as r:
+            events = [e for e in await read_events(r) if isinstance(e, dict)]
+        async with http.post(url, json={**body, "return_token_ids": False}) as r:
+            plain = await r.json()
     assert whole["choices"][0]["token_ids"] == [10, 11]
     assert whole["prompt_token_ids"] == [1, 2, 3]
     assert whole["system_fingerprint"] == "fp-1"
