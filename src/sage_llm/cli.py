@@ -288,7 +288,8 @@ def serve(
             sim.model,
         )
     else:
-        log.info("config %s: %d instances", config, len(cfg.control_plane.instances))
+        count = len(cfg.control_plane.instances)
+        log.info("config %s: %d instance%s", config, count, "" if count == 1 else "s")
 
     async def main() -> None:
         manager = build_manager(cfg)

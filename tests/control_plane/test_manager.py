@@ -70,6 +70,15 @@ def test_register_instance_reads_a_role_name(mode: str) -> None:
     assert roles["i1"] is ExecutionInstanceType.DECODING
 
 
+def test_get_instances_reports_the_gpus_an_instance_is_counted_on() -> None:
+    """A TP-4 instance registered with the default ``gpu_count`` (1) is reported on the
+    4 GPUs the control plane counts it on (its cost, its memory), not 1."""
+    cp = ControlPlaneManager(mode="http")
+    cp.register_instance(make_instance("tp4", tensor_parallel_size=4))
+    cp.register_instance(make_instance("big", port=8001, gpu_count=8, tensor_parallel_size=2))
+    assert {i.instance_id: i.gpu_count for i in cp.get_instances()} == {"tp4": 4, "big": 8}
+
+
 @pytest.mark.parametrize("mode", ["http", "simulated"])
 @pytest.mark.parametrize(
     ("kwargs", "key", "message"),

@@ -230,11 +230,13 @@ class InstanceState:
         )
 
     def public_instance(self) -> ExecutionInstance:
-        """A copy of the registered instance with its live fields filled in."""
+        """A copy of the registered instance with its live fields filled in, and the GPUs
+        the control plane counts it on (``gpu_count``, at least TP × PP)."""
         inst = self.instance
         avg = sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
         return replace(
             inst,
+            gpu_count=self.gpu_count,
             is_healthy=self.routable,
             is_available=self.accepting,
             active_requests=self.in_flight,
