@@ -276,34 +276,31 @@ async def complete_all(
     vLLM gives it: prompt ``k``'s choice ``i`` is choice ``k·n + i``, and the usage is the
     sum. They run side by side; when one fails the others are cancelled and its error is
     the answer."""
-    tasks = [asyncio.ensure_future(complete(manager, gen, created)) for gen in gens]
+    tasks = [asyncio.ensure_future(manager.collect(g.meta, g.timeout_s)) for g in gens]
     try:
-        bodies = await asyncio.gather(*tasks)
+        answers = await asyncio.gather(*tasks)
     except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_all(tasks)
         raise
     gen = gens[0]
     n = _choices_per_prompt(gen)
-    merged = dict(bodies[0])
-    merged["id"] = fill_format(gen.chat, request_id, gen.model, created).id
-    merged["choices"] = [
-        {**choice, "index": k * n + choice["index"]}
-        for k, body in enumerate(bodies)
-        for choice in body["choices"]
-    ]
-    merged["usage"] = usage_json(
-        sum_usage(
-            Usage(
-                b["usage"]["prompt_tokens"],
-                b["usage"]["completion_tokens"],
-                b["usage"]["prompt_tokens_details"]["cached_tokens"],
-            )
-            for b in bodies
-        )
-    )
-    return merged
+    choices = _Choices(token_ids=bool(gen.meta.extra_body.get("return_token_ids")))
+    usages: list[Usage] = []
+    for k, (prompt_gen, (chunks, result)) in enumerate(zip(gens, answers, strict=True)):
+        seen: Usage | None = None
+        for chunk in chunks:
+            seen = chunk.usage or seen
+            choices.add(replace(chunk, index=k * n + chunk.index))
+        usages.append(_usage_after(prompt_gen, result, seen))
+    fmt = fill_format(gen.chat, request_id, gen.model, created)
+    return completion_body(fmt, choices, sum_usage(usages))
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (whatever it raised)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _choices_per_prompt(gen: Generation) -> int:
@@ -363,9 +360,7 @@ async def merged_batches(
                 out.append(replace(chunk, index=k * n + chunk.index, usage=usage))
             yield out
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_all(tasks)
 
 
 async def stream_response(
