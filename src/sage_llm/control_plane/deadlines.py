@@ -32,8 +32,8 @@ def time_limit_arg(value: float | None, param: str) -> float | None:
     a positive number of seconds; anything else is the caller's error
     (:class:`~sage_llm.errors.InvalidRequestError` naming ``param``), raised before a
     request is taken."""
-    if value is None:
-        return None
+    if value is None or (type(value) is float and 0.0 < value < math.inf):
+        return value  # the common cases, in one test
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise InvalidRequestError(
             f"{param} must be a positive number of seconds or None, got {value!r}", param=param

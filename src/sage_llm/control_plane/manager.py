@@ -108,8 +108,6 @@ from sage_llm.types import (
 
 log = logging.getLogger("sage_llm.manager")
 
-_INF = float("inf")
-
 
 EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
@@ -616,9 +614,7 @@ class ControlPlaneManager:
         :func:`asyncio.timeout` does, on the deadline timers the manager's requests share
         (at most 0.1% or 1 ms late; see :mod:`~sage_llm.control_plane.deadlines`). The
         gateway bounds a stream's relay with it."""
-        if timeout_s is not None and not (type(timeout_s) is float and 0.0 < timeout_s < _INF):
-            timeout_s = time_limit_arg(timeout_s, "timeout_s")
-        return TimeLimit(self._deadlines, timeout_s)
+        return TimeLimit(self._deadlines, time_limit_arg(timeout_s, "timeout_s"))
 
     async def collect(
         self, request: RequestMetadata, timeout_s: float | None = None
@@ -633,8 +629,7 @@ class ControlPlaneManager:
         (:meth:`Dispatcher.start_here`). ``timeout_s`` limits the whole request: once it
         passes (at most 0.1% or 1 ms later, see :mod:`~sage_llm.control_plane.deadlines`)
         the request is cancelled and :class:`DeadlineExceededError` raised."""
-        if timeout_s is not None and not (type(timeout_s) is float and 0.0 < timeout_s < _INF):
-            timeout_s = time_limit_arg(timeout_s, "timeout_s")  # before the request is taken
+        timeout_s = time_limit_arg(timeout_s, "timeout_s")  # before the request is taken
         dispatcher = self._require_dispatcher()
         lone = dispatcher.takes_lone()  # then started without the queue's round trip
         rec = self._submit(request, stream=False, collect=True, wake=False, queue=not lone)
