@@ -486,10 +486,7 @@ def _check_instances(
         host, port = item.get("host"), item.get("port")
         simulated = mode == "simulated" or item.get("engine") == "sim"
         if isinstance(host, str) and isinstance(port, int) and not simulated:
-            # host names are case-blind, and the loopback names are one host
-            name = host.strip().lower()
-            name = "127.0.0.1" if name in _LOOPBACK_NAMES else name
-            other = addresses.setdefault((name, port), index)
+            other = addresses.setdefault((_host_key(host), port), index)
             if other != index:
                 p.add((*path, index, "port"), f"{host}:{port} is also instances[{other}]'s address")
         metadata = item.get("metadata")
@@ -513,12 +510,13 @@ def _check_not_the_gateway(
     back (each then answered 409, its id already in progress)."""
     if cp.mode == "simulated" or not gateway.port:
         return
-    bind = gateway.host.strip().lower()
-    ours = {bind} | (_LOOPBACK_NAMES if bind in _LOOPBACK_NAMES | {"0.0.0.0", "::", ""} else set())
+    bind = _host_key(gateway.host)
+    # a gateway bound to every address is at the loopback address too
+    ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
     for index, inst in enumerate(cp.instances):
         if inst.engine == "sim" or inst.port != gateway.port:
             continue
-        if inst.host.strip().lower() in ours:
+        if _host_key(inst.host) in ours:
             p.add(
                 (*path, index, "port"),
                 f"{inst.host}:{inst.port} is the gateway's own address (gateway.port): "
@@ -526,8 +524,14 @@ def _check_not_the_gateway(
             )
 
 
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1"})
-"""Two names of this machine's IPv4 loopback address: one engine, whichever is written."""
+_LOOPBACK = "127.0.0.1"
+
+
+def _host_key(host: str) -> str:
+    """``host`` as two addresses are compared: case-blind, ``localhost`` read as
+    ``127.0.0.1`` (one engine, whichever name is written)."""
+    name = host.strip().lower()
+    return _LOOPBACK if name == "localhost" else name
 
 
 def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
