@@ -50,7 +50,6 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
-from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.errors import (
     ConfigError,
@@ -62,7 +61,7 @@ from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.logprobs import PseudoLogprobs, requested_logprobs
-from sage_llm.sim.server_requests import engine_default_max_tokens
+from sage_llm.sim.server_requests import engine_default_max_tokens, prompt_token_ids
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
@@ -512,8 +511,7 @@ class SimEngine:
         if req.messages is not None:
             if not req.messages:
                 raise InvalidRequestError("messages must not be empty", param="messages")
-            text = tokens.chat_prompt_text([dict(m) for m in req.messages])
-            ids, param = tokens.tokenize(text), "messages"
+            ids, param = prompt_token_ids(req), "messages"
         elif req.prompt is None:
             raise InvalidRequestError("either prompt or messages is required", param="prompt")
         else:
@@ -522,7 +520,7 @@ class SimEngine:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt
             ):
                 raise InvalidRequestError("token ids must be non-negative integers", param="prompt")
-            ids, param = tokens.tokenize(prompt), "prompt"
+            ids, param = prompt_token_ids(req), "prompt"
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
         limit = self._config.max_model_len

@@ -82,6 +82,7 @@ from sage_llm.sim.server_requests import (
     ReportsStopReason,
     check_model,
     parse_request,
+    prompt_token_ids,
 )
 from sage_llm.types import ExecutionInstanceType
 
@@ -149,16 +150,6 @@ def _engine_setting(engine: EngineClient, name: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
-
-
-def _prompt_ids(parsed: ParsedRequest) -> list[int]:
-    """The token ids of a request's prompt (its chat template's, for a chat), by the shared
-    tokenizer the simulated engine counts with."""
-    req = parsed.req
-    if req.messages is not None:
-        return tokens.tokenize(tokens.chat_prompt_text([dict(m) for m in req.messages]))
-    prompt = req.prompt
-    return tokens.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt or ()]
 
 
 def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -425,7 +416,7 @@ class _EngineServer:
         choice["stop_reason"] = self._stop_reason(parsed, finish)
         if parsed.token_ids:
             choice["token_ids"] = ids
-            (body if fmt.chat else choice)["prompt_token_ids"] = _prompt_ids(parsed)
+            (body if fmt.chat else choice)["prompt_token_ids"] = prompt_token_ids(parsed.req)
         return web.json_response(body)
 
     async def _stream(
@@ -471,7 +462,7 @@ class _EngineServer:
                 if parsed.continuous_usage:
                     role["usage"] = _running_usage(parsed.prompt_tokens, 0)
                 if parsed.token_ids:
-                    role["prompt_token_ids"] = _prompt_ids(parsed)
+                    role["prompt_token_ids"] = prompt_token_ids(parsed.req)
                 await resp.write(encode_event(role))
                 first = False
             while chunk is not None:
@@ -487,7 +478,7 @@ class _EngineServer:
                 if parsed.token_ids:
                     body["choices"][0]["token_ids"] = list(chunk.token_ids)
                     if first:  # a completion's first choice chunk carries its prompt's
-                        body["choices"][0]["prompt_token_ids"] = _prompt_ids(parsed)
+                        body["choices"][0]["prompt_token_ids"] = prompt_token_ids(parsed.req)
                 first = False
                 await resp.write(encode_event(body))
                 try:

@@ -20,6 +20,14 @@ its end-of-sequence token (or the context's end); the simulated model has none, 
 its answers here (the control plane's ``default_max_tokens`` estimates them the same)."""
 
 
+def prompt_token_ids(req: EngineRequest) -> list[int]:
+    """The token ids of ``req``'s prompt (its chat template's, for a chat), by the shared
+    tokenizer the simulated engine counts with (not checked: see ``SimEngine``)."""
+    if req.messages is not None:
+        return tokens.tokenize(tokens.chat_prompt_text([dict(m) for m in req.messages]))
+    return tokens.tokenize(req.prompt or "")
+
+
 def engine_default_max_tokens(chat: bool, prompt_tokens: int, max_model_len: int | None) -> int:
     """The simulated engine's answer length for a request that gives no ``max_tokens``:
     :data:`DEFAULT_MAX_TOKENS` for a completion, :data:`DEFAULT_CHAT_TOKENS` for a chat, no
