@@ -706,20 +706,22 @@ class HTTPEngineClient:
             raise self._error(EngineStreamError, "embeddings response is not a JSON object")
         return obj
 
-    async def models(self) -> list[str]:
-        """Model ids the engine serves (``GET /v1/models``)."""
+    async def _model_cards(self) -> list[dict[str, Any]]:
+        """The engine's model cards (``GET /v1/models``)."""
         obj = await self._request_json("GET", "/v1/models", timeout_s=self._timeouts.request_s)
         data = obj.get("data") if isinstance(obj, dict) else None
         if not isinstance(data, list):
             raise self._error(EngineStreamError, "models response has no data list")
-        return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+        return [card for card in data if isinstance(card, dict)]
+
+    async def models(self) -> list[str]:
+        """Model ids the engine serves (``GET /v1/models``)."""
+        return [str(card["id"]) for card in await self._model_cards() if "id" in card]
 
     async def context_length(self) -> int | None:
         """``max_model_len`` of the instance's model card (``GET /v1/models``; the only
         card when none has its name); None when the engine's cards have none."""
-        obj = await self._request_json("GET", "/v1/models", timeout_s=self._timeouts.request_s)
-        data = obj.get("data") if isinstance(obj, dict) else None
-        cards = [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+        cards = await self._model_cards()
         named = [c for c in cards if c.get("id") == self._instance.model_name]
         card = named[0] if named else cards[0] if len(cards) == 1 else None
         value = None if card is None else card.get("max_model_len")
