@@ -171,3 +171,33 @@ def test_a_virtual_loop_factory_runs_timers_without_waiting() -> None:
         assert runner.run(long_sleep()) == pytest.approx(3600)
     finally:
         runner.stop()
+
+
+def test_stop_from_inside_another_running_loop_closes_the_service_loop() -> None:
+    """An asyncio caller may stop the service from its own loop (``with`` inside a
+    coroutine): the service loop is finalized and closed by its own thread."""
+    runner = LoopThread()
+    runner.start()
+    gens: list[str] = []
+
+    async def open_generator() -> None:
+        async def gen() -> object:
+            try:
+                yield 1
+                yield 2
+            finally:
+                gens.append("closed")
+
+        it = gen()
+        await anext(it)  # left suspended: shutdown_asyncgens must close it
+
+    async def caller() -> asyncio.AbstractEventLoop | None:
+        await runner.arun(open_generator())
+        loop = runner.loop
+        runner.stop()  # synchronous, from inside this running loop
+        return loop
+
+    service_loop = asyncio.run(caller())
+    assert service_loop is not None and service_loop.is_closed()
+    assert gens == ["closed"]
+    assert (runner.running, runner.loop) == (False, None)

@@ -97,13 +97,11 @@ class LoopThread:
             shutdown = asyncio.run_coroutine_threadsafe(_shutdown(final), loop)
             shutdown.result(timeout)
         finally:
+            # The loop thread finalizes its loop itself (async generators, close): this
+            # caller may be running an event loop of its own, where run_until_complete
+            # on another loop raises.
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
-            if not thread.is_alive():
-                try:
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                finally:
-                    loop.close()
             with self._lock:
                 self._loop = self._thread = None
                 self._stopping = False
@@ -159,8 +157,10 @@ class LoopThread:
         loop.call_soon(ready.set)
         try:
             loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)
+            loop.close()
 
 
 async def _call(fn: Callable[[], Awaitable[None]]) -> None:
