@@ -102,6 +102,9 @@ class ConfigErrors(ConfigError):
     def each(self) -> tuple[ConfigError, ...]:
         return self.errors
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errors,))  # pickled with its problems, not its text
+
 
 def raise_problems(errors: Sequence[ConfigError]) -> None:
     """Raise the one problem of ``errors`` itself, several as :class:`ConfigErrors`;
