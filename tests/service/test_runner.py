@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -179,17 +180,18 @@ def test_stop_from_inside_another_running_loop_closes_the_service_loop() -> None
     runner = LoopThread()
     runner.start()
     gens: list[str] = []
+    kept: list[AsyncIterator[int]] = []
 
     async def open_generator() -> None:
-        async def gen() -> object:
+        async def gen() -> AsyncIterator[int]:
             try:
                 yield 1
                 yield 2
             finally:
                 gens.append("closed")
 
-        it = gen()
-        await anext(it)  # left suspended: shutdown_asyncgens must close it
+        kept.append(gen())
+        await anext(kept[0])  # left suspended: shutdown_asyncgens must close it
 
     async def caller() -> asyncio.AbstractEventLoop | None:
         await runner.arun(open_generator())
