@@ -525,6 +525,36 @@ def test_simulator_name_errors_name_the_key_once() -> None:
     assert str(info.value).startswith("instance 'i0': metadata.sim_gpu: unknown GPU 'tpu'; ")
 
 
+def test_sim_keys_inside_an_instances_metadata_are_an_error() -> None:
+    err = problem(SEED.replace("tensor_parallel_size = 1", 'metadata = { sim_gpu = "a100" }'))
+    assert err.key == "services.llm_control_plane.instances[1]"
+    assert "metadata.sim_gpu: give sim_gpu as a key of the instance" in err.message
+
+
+def test_a_simulated_engine_that_cannot_start_is_refused_with_its_line() -> None:
+    entry = SEED.replace(
+        "tensor_parallel_size = 1",
+        'tensor_parallel_size = 1\nengine = "sim"\nsim_model = "llama-3-70b"',
+    )
+    err = problem(entry)
+    assert str(err).startswith("cfg.toml:16: services.llm_control_plane.instances[1]: ")
+    assert "Llama-3-70B does not fit on 1 × H100" in err.message
+    fits = entry.replace("tensor_parallel_size = 1", "tensor_parallel_size = 4")
+    assert parse_config(fits, "cfg.toml", env={}).control_plane.instances[1].engine == "sim"
+    err = problem(entry.replace("tensor_parallel_size = 1", "tensor_parallel_size = 3"))
+    assert "does not divide Llama-3-70B's 64 attention heads" in err.message
+    # an engine that is not simulated is not judged by the simulator's GPUs
+    assert parse_config(entry.replace('engine = "sim"', ""), "cfg.toml", env={}).source
+
+
+def test_the_simulation_table_needs_a_model_that_fits() -> None:
+    err = problem('[simulation]\nmodel = "llama-3-70b"\n')
+    assert err.key == "simulation"
+    assert "does not fit on 1 × H100" in err.message and "tensor_parallel_size" in err.message
+    fleet = parse_config('[simulation]\nmodel = "llama-3-70b"\ntensor_parallel_size = 4\n').fleet()
+    assert {(i.tensor_parallel_size, i.gpu_count) for i in fleet} == {(4, 4)}
+
+
 def test_missing_required_instance_key() -> None:
     err = problem(
         SEED.replace(

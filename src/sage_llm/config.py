@@ -49,6 +49,7 @@ from sage_llm.config_schema import (
     SECTIONS,
     SERVICE_DEFAULT_KEYS,
     SERVICE_TYPES,
+    SIM_KEYS,
     AdmissionConfig,
     ControlPlaneConfig,
     GatewayConfig,
@@ -72,6 +73,7 @@ __all__ = [
     "MASK",
     "MODES",
     "SERVICE_TYPES",
+    "SIM_KEYS",
     "AdmissionConfig",
     "ConfigErrors",
     "ControlPlaneConfig",
@@ -84,6 +86,7 @@ __all__ = [
     "check_instance",
     "config_from_dict",
     "default_sim_model",
+    "instance_fields",
     "load_config",
     "parse_config",
 ]
@@ -171,6 +174,27 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     return instance
 
 
+def instance_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of an :class:`~sage_llm.types.ExecutionInstance` from an
+    instance given as a config file's entry has it (``sim_gpu`` … as its own keys) or as
+    the instance has them (in ``metadata``): the ``sim_*`` keys are moved into a copy of
+    ``metadata``. ``ConfigError`` when a key is given both ways."""
+    lifted = {key: fields[key] for key in SIM_KEYS if key in fields}
+    if not lifted:
+        return dict(fields)
+    out = {key: value for key, value in fields.items() if key not in lifted}
+    metadata = out.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, Mapping):
+        raise ConfigError(f"must be a table, got {type(metadata).__name__}", key="metadata")
+    for key in lifted:
+        if key in metadata:
+            raise ConfigError(f"is given twice: as {key} and as metadata.{key}", key=key)
+    out["metadata"] = {**metadata, **lifted}
+    return out
+
+
 def check_manager_arguments(**values: Any) -> None:
     """Check the ``ControlPlaneManager`` arguments a config file also has with the file's
     rules (those of ``[services.llm_control_plane]`` and of ``[admission]``): every
@@ -201,8 +225,7 @@ MANAGER_FILE_KEYS = frozenset(
 """The ``ControlPlaneManager`` arguments :func:`check_manager_arguments` checks."""
 
 
-_SIM_METADATA = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")
-"""``InstanceConfig`` keys that an ``ExecutionInstance`` carries in its ``metadata``."""
+_SIM_METADATA = SIM_KEYS
 _INSTANCE_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(InstanceConfig)

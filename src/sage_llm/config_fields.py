@@ -200,8 +200,10 @@ def _convert(
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         if isinstance(value, hint):
             return value
-        if not isinstance(value, str):
-            return _wrong(value, "a string", checks, path, p)
+        numbered = issubclass(hint, enum.IntEnum) and isinstance(value, int)
+        if not isinstance(value, str) and (not numbered or isinstance(value, bool)):
+            expected = "a string or an integer" if issubclass(hint, enum.IntEnum) else "a string"
+            return _wrong(value, expected, checks, path, p)
         try:
             return hint.parse(value)  # type: ignore[attr-defined]
         except ValueError as exc:

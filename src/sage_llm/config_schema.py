@@ -19,7 +19,7 @@ from sage_llm.control_plane.routing.registry import ROUTING_NAMES
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
 from sage_llm.engines.base import ENGINE_STREAM
 from sage_llm.errors import ConfigError
-from sage_llm.sim.specs import get_gpu, get_model
+from sage_llm.sim.specs import get_gpu, get_model, placement_problem
 from sage_llm.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -37,6 +37,10 @@ PD_CONNECTORS = ("vllm", "sglang")
 DEFAULT_SIM_MODEL = "llama-3-8b"
 MASK = "***"
 SECTIONS = ("gateway", "health", "admission", "simulation")
+SIM_KEYS = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")
+"""An instance entry's simulator keys; an ``ExecutionInstance`` carries them in its
+``metadata``."""
+
 SERVICE_DEFAULT_KEYS = (
     "default_priority",
     "default_slo_deadline_ms",
@@ -64,14 +68,6 @@ def _check_host(value: str) -> str | None:
         return "must be a host name or address, not a URL (set scheme separately)"
     if any(c.isspace() for c in value):
         return "must not contain spaces"
-    return None
-
-
-def _check_priority(value: str) -> str | None:
-    try:
-        RequestPriority.parse(value)
-    except ValueError as exc:
-        return str(exc)
     return None
 
 
@@ -170,8 +166,19 @@ class InstanceConfig:
             raise ValueError("prefilling_config is not allowed on a DECODING instance")
         if self.decoding_config is not None and kind is ExecutionInstanceType.PREFILLING:
             raise ValueError("decoding_config is not allowed on a PREFILLING instance")
+        doubled = [key for key in SIM_KEYS if key in self.metadata]
+        if doubled:  # to_instance would overwrite them with the instance's own keys
+            raise ValueError(
+                f"metadata.{doubled[0]}: give {doubled[0]} as a key of the instance, "
+                "not in its metadata"
+            )
         if not self.sim_model:
             object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
+        if self.engine == "sim":  # its engine is built from these when the fleet starts
+            tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+            problem = placement_problem(self.sim_model, self.sim_gpu, tp=tp, pp=pp)
+            if problem is not None:
+                raise ValueError(f"its simulated engine cannot start: {problem}")
 
     def to_instance(self) -> ExecutionInstance:
         """A fresh :class:`ExecutionInstance`; ``sim_*`` options go into its ``metadata``."""
@@ -222,9 +229,9 @@ class ControlPlaneConfig:
     prefix_index_capacity: int = opt(32_768, _COUNT)
     seed: int | None = None
     # request defaults of the SAGE services (SERVICE_DEFAULT_KEYS)
-    default_priority: str | None = opt(None, rule(nonempty=True, check=_check_priority))
+    default_priority: RequestPriority | None = None
     default_slo_deadline_ms: float | None = opt(None, _POSITIVE)
-    default_temperature: float | None = opt(None, rule(ge=0))
+    default_temperature: float | None = opt(None, rule(ge=0, le=2))
     default_top_p: float | None = opt(None, rule(gt=0, le=1))
     request_timeout_s: float | None = opt(None, _POSITIVE)
     pd: PDSeparationConfig = field(default_factory=PDSeparationConfig)
@@ -327,9 +334,16 @@ class SimulationConfig:
     speed: float = opt(1.0, _POSITIVE)
     seed: int = 0
     max_concurrent_requests: int = opt(64, _COUNT)
+    tensor_parallel_size: int = opt(1, _COUNT)
 
     def __post_init__(self) -> None:
         validate(self)
+        tp = self.tensor_parallel_size
+        problem = placement_problem(self.model, self.gpu, tp=tp)
+        if problem is not None:
+            raise ValueError(
+                f"the simulated engines cannot start: {problem}; set gpu or tensor_parallel_size"
+            )
 
     def fleet(self) -> tuple[InstanceConfig, ...]:
         """The simulated instances ``sim-0`` … (``engine = "sim"``, seeds ``seed + i``)."""
@@ -341,6 +355,8 @@ class SimulationConfig:
                 model_name=self.model,
                 engine="sim",
                 max_concurrent_requests=self.max_concurrent_requests,
+                tensor_parallel_size=self.tensor_parallel_size,
+                gpu_count=self.tensor_parallel_size,
                 sim_gpu=self.gpu,
                 sim_speed=self.speed,
                 sim_seed=self.seed + i,

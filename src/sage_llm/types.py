@@ -34,16 +34,18 @@ class RequestPriority(enum.IntEnum):
             return value
         if isinstance(value, bool):
             raise ValueError(f"invalid priority {value!r}")
-        if isinstance(value, int):
-            return cls(value)
-        text = str(value).strip()
-        if text.lstrip("-").isdigit():
-            return cls(int(text))
         try:
+            if isinstance(value, int):
+                return cls(value)
+            text = str(value).strip()
+            if text.lstrip("-").isdigit():
+                return cls(int(text))
             return cls[text.upper()]
-        except KeyError:
+        except (KeyError, ValueError):
             names = ", ".join(m.name.lower() for m in cls)
-            raise ValueError(f"invalid priority {value!r}; expected one of {names}") from None
+            raise ValueError(
+                f"invalid priority {value!r}; expected one of {names}, or 0-4"
+            ) from None
 
 
 class RequestStatus(enum.Enum):

@@ -337,3 +337,24 @@ def test_to_jsonable_handles_dataclasses_enums_and_datetimes() -> None:
         "c": 1.5,
     }
     json.dumps(out)
+
+
+async def test_simulator_keys_may_be_given_as_a_config_file_has_them() -> None:
+    base = {"host": "127.0.0.1", "model_name": MODEL, "engine": "sim"}
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        spec = {**base, "instance_id": "x", "port": 9001, "sim_gpu": "a100"}
+        async with http.post(gw.url("/admin/instances"), json=spec) as r:
+            assert r.status == 201, await r.text()
+        (added,) = [i for i in gw.manager.get_instances() if i.instance_id == "x"]
+        assert added.metadata["sim_gpu"] == "a100"
+        for spec, param in (
+            ({**base, "instance_id": "y", "port": 9002, "sim_gpu": "tpu"}, "metadata.sim_gpu"),
+            (
+                {**base, "instance_id": "y", "port": 9002, "sim_gpu": "a100",
+                 "metadata": {"sim_gpu": "h100"}},
+                "sim_gpu",
+            ),
+        ):  # fmt: skip
+            async with http.post(gw.url("/admin/instances"), json=spec) as r:
+                assert r.status == 400
+                assert (await _json(r))["error"]["param"] == param

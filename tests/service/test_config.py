@@ -65,6 +65,8 @@ def test_service_keys_become_request_defaults() -> None:
         ({"default_priority": "soonish"}, "default_priority"),
         ({"default_slo_deadline_ms": 0}, "default_slo_deadline_ms"),
         ({"default_top_p": "high"}, "default_top_p"),
+        ({"default_temperature": 5}, "default_temperature"),
+        ({"default_priority": 7}, "default_priority"),
         ({"config_path": 3}, "config_path"),
     ],
 )
@@ -72,6 +74,38 @@ def test_bad_service_keys_name_the_key(config: dict[str, Any], key: str) -> None
     with pytest.raises(ConfigError) as err:
         control_plane_service_config(config)
     assert err.value.key == key
+
+
+def test_an_integer_priority_is_a_default_priority() -> None:
+    parsed = control_plane_service_config({"default_priority": 0})
+    assert parsed.defaults.priority is RequestPriority.CRITICAL
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("default_priority", "asap"),
+        ("request_timeout_s", -5),
+        ("request_timeout_s", "5"),
+        ("default_temperature", "hot"),
+        ("default_temperature", 5),
+    ],
+)
+def test_request_defaults_beside_a_config_path_are_checked_as_in_a_file(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    path = tmp_path / "cp.toml"
+    path.write_text('[services.llm_control_plane]\nscheduling_policy = "fifo"\n')
+    with pytest.raises(ConfigError) as err:
+        control_plane_service_config({"config_path": str(path), key: value})
+    assert err.value.key == key
+
+
+def test_a_simulated_engine_that_fits_with_tensor_parallelism_is_accepted() -> None:
+    cfg = VLLMServiceConfig.from_dict(
+        {"model_id": "llama-3-70b", "engine": {"kind": "sim", "tensor_parallel_size": 4}}
+    )
+    assert cfg.backend == "sim"
 
 
 def test_config_path_sources_and_defaults(tmp_path: Path) -> None:
@@ -134,6 +168,15 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "host": "h", "port": 0}, "port"),
         ({"model_id": "m", "dialect": "tgi"}, "dialect"),
         ({"model_id": "m", "sim": {"sped": 2}}, "sim.sped"),
+        ({"model_id": "m", "engine": "sim", "sim": {"seed": "x"}}, "sim.seed"),
+        ({"model_id": "m", "engine": "sim", "sim": {"gpu": "rtx9999"}}, "sim.gpu"),
+        ({"model_id": "m", "engine": "sim", "sim": {"speed": -1}}, "sim.speed"),
+        (
+            {"model_id": "m", "engine": "sim", "sim": {"embedding_dimension": 0}},
+            "sim.embedding_dimension",
+        ),
+        ({"model_id": "m", "engine": "sim", "sim": {"model": "llama-3-70b"}}, "sim.model"),
+        ({"model_id": "llama-3-70b", "engine": "sim"}, "model_id"),
         ({"model_id": "m", "use_control_plane": "yes"}, "use_control_plane"),
         ({"model_id": "m", "control_plane": 5}, "control_plane"),
         ({"model_id": "m", "tags": "chat"}, "tags"),
@@ -151,6 +194,9 @@ def test_bad_sampling_values_name_the_key() -> None:
         ({"max_tokens": 0}, "sampling.max_tokens"),
         ({"temprature": 1}, "sampling.temprature"),
         ({"top_p": -1}, "sampling.top_p"),
+        ({"top_p": 5}, "sampling.top_p"),
+        ({"temperature": 5}, "sampling.temperature"),
+        ({"n": 2}, "sampling.n"),
     ):
         with pytest.raises(ConfigError) as err:
             VLLMServiceConfig.from_dict({"model_id": "m", "sampling": sampling})

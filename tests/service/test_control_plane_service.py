@@ -255,6 +255,26 @@ def test_the_fleet_changes_at_run_time(svc: ControlPlaneVLLMService) -> None:
     assert ids == ["sim-0", "sim-1"]
 
 
+def test_register_instance_takes_simulator_keys_either_way(svc: ControlPlaneVLLMService) -> None:
+    base = {"host": "localhost", "model_name": MODEL, "engine": "sim"}
+    svc.process(
+        {
+            "task": "register_instance",
+            "inputs": {**base, "instance_id": "s1", "port": 9011, "sim_gpu": "a100"},
+        }
+    )
+    svc.process({"task": "register_instance",
+                 "inputs": {**base, "instance_id": "s2", "port": 9012,
+                            "metadata": {"sim_gpu": "h200"}}})  # fmt: skip
+    shown = {i["instance_id"]: i for i in svc.process({"task": "show_instances"})}
+    assert {"s1", "s2"} <= shown.keys()
+    both = {**base, "instance_id": "s3", "port": 9013, "sim_gpu": "a100",
+            "metadata": {"sim_gpu": "h100"}}  # fmt: skip
+    with pytest.raises(InvalidRequestError) as err:
+        svc.process({"task": "register_instance", "inputs": both})
+    assert err.value.param == "inputs.sim_gpu"
+
+
 @pytest.mark.parametrize(
     ("payload", "error", "param"),
     [

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.config import check_instance
+from sage_llm.config import SIM_KEYS, check_instance, instance_fields
 from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
@@ -140,14 +140,15 @@ class AdminRoutes:
         entry (:func:`~sage_llm.config.check_instance`: JSON types without coercion, names,
         ranges); the live figures an instance may carry (``is_healthy``, ``current_load``
         …, which no config entry has) only for their JSON types. 400 names the bad field."""
-        unknown = sorted(set(body) - _INSTANCE_FIELDS)
+        unknown = sorted(set(body) - _INSTANCE_FIELDS - set(SIM_KEYS))
         if unknown:
             raise InvalidRequestError(
                 f"{unknown[0]}: not an ExecutionInstance field", param=unknown[0]
             )
         validate(InstanceSpec, body)  # the required fields, as the OpenAPI document says
         _no_coercion({key: value for key, value in body.items() if key in _LIVE_FIELDS})
-        instance = ExecutionInstance(**body)
+        with _as_request_error():
+            instance = ExecutionInstance(**instance_fields(body))  # sim_* as in a file
         with _as_request_error():
             return check_instance(instance)
 

@@ -28,7 +28,6 @@ from sage_llm.config import SageConfig, config_from_dict, load_config
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
 from sage_llm.errors import ConfigError
 from sage_llm.service.payloads import PASSTHROUGH_OPTIONS, RequestDefaults, suggest
-from sage_llm.types import RequestPriority
 
 __all__ = [
     "SERVICE_KEYS",
@@ -90,7 +89,9 @@ def control_plane_service_config(
             sage = load_config(path)
             overrides = {k: v for k, v in rest.items() if v is not None}
             if overrides:
-                cp = dataclasses.replace(sage.control_plane, **overrides)
+                checked = config_from_dict(overrides).control_plane  # as in a file
+                values = {k: getattr(checked, k) for k in overrides}
+                cp = dataclasses.replace(sage.control_plane, **values)
                 sage = dataclasses.replace(sage, control_plane=cp)
     return ControlPlaneServiceConfig(sage, _defaults(sage, base))
 
@@ -99,11 +100,7 @@ def _defaults(sage: SageConfig, base: RequestDefaults) -> RequestDefaults:
     """``base`` with the request defaults the config sets (already checked by the model)."""
     cp = sage.control_plane
     return RequestDefaults(
-        priority=(
-            RequestPriority.parse(cp.default_priority)
-            if cp.default_priority is not None
-            else base.priority
-        ),
+        priority=base.priority if cp.default_priority is None else cp.default_priority,
         slo_deadline_ms=_first(cp.default_slo_deadline_ms, base.slo_deadline_ms),
         max_tokens=base.max_tokens,
         temperature=_first(cp.default_temperature, base.temperature),
@@ -118,7 +115,13 @@ def _first(value: float | None, default: float | None) -> float | None:
 
 
 def _positive(
-    table: Mapping[str, Any], key: str, default: float | None, *, zero: bool = False, at: str = ""
+    table: Mapping[str, Any],
+    key: str,
+    default: float | None,
+    *,
+    zero: bool = False,
+    at: str = "",
+    high: float | None = None,
 ) -> float | None:
     value = table.get(key)
     if value is None:
@@ -132,6 +135,8 @@ def _positive(
     ):
         kind = "non-negative" if zero else "positive"
         raise ConfigError(f"must be a {kind} number", key=at + key)
+    if high is not None and value > high:
+        raise ConfigError(f"must be <= {high:g}, got {value!r}", key=at + key)
     return float(value)
 
 
@@ -254,7 +259,28 @@ class VLLMServiceConfig:
             request_timeout_s=_positive(data, "request_timeout_s", None),
         )
         config.request_defaults()  # checks the sampling table
+        _check_sim(sim)
+        if backend == "sim":
+            config.check_sim_engine()
         return config
+
+    def check_sim_engine(self) -> None:
+        """Raise ``ConfigError`` when the simulated engine cannot start (a model that does
+        not fit its GPUs, a TP size vLLM refuses)."""
+        from sage_llm.config_schema import default_sim_model
+        from sage_llm.sim.specs import placement_problem
+
+        model = str(self.sim.get("model") or default_sim_model(self.model_id))
+        tp = self.engine.get("tensor_parallel_size", 1)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError("must be an integer >= 1", key="engine.tensor_parallel_size")
+        problem = placement_problem(model, str(self.sim.get("gpu", "h100")), tp=tp)
+        if problem is not None:
+            raise ConfigError(
+                f"the simulated engine cannot start: {problem}; set sim.gpu or "
+                "engine.tensor_parallel_size",
+                key="sim.model" if self.sim.get("model") else "model_id",
+            )
 
     def request_defaults(self) -> RequestDefaults:
         """The ``sampling`` table as request defaults (other sampling keys pass through)."""
@@ -263,13 +289,39 @@ class VLLMServiceConfig:
         unknown = [k for k in s if k not in PASSTHROUGH_OPTIONS and k not in DEFAULT_SAMPLING]
         if unknown:
             raise ConfigError(f"unknown sampling key {unknown[0]!r}", key=f"sampling.{unknown[0]}")
+        if s.get("n", 1) != 1:  # as generate's own option
+            raise ConfigError("only n = 1 is supported: send a batch instead", key="sampling.n")
         return RequestDefaults(
             max_tokens=_sampling_int(s, "max_tokens"),
-            temperature=_positive(s, "temperature", None, zero=True, at="sampling."),
-            top_p=_positive(s, "top_p", None, at="sampling."),
+            temperature=_positive(s, "temperature", None, zero=True, at="sampling.", high=2.0),
+            top_p=_positive(s, "top_p", None, at="sampling.", high=1.0),
             timeout_s=self.request_timeout_s,
             extra=extra,
         )
+
+
+def _check_sim(sim: Mapping[str, Any]) -> None:
+    """The ``sim`` table's values, checked when the service is built rather than when its
+    engine starts or its first request comes (names known, numbers in range)."""
+    from sage_llm.sim.specs import get_gpu, get_model
+
+    for key in ("gpu", "model"):
+        value = sim.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError("must be a non-empty string", key=f"sim.{key}")
+        try:
+            (get_gpu if key == "gpu" else get_model)(value)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, key=f"sim.{key}") from None
+    _positive(sim, "speed", None, at="sim.")
+    for key, low in (("seed", 0), ("embedding_dimension", 1), ("max_concurrent_requests", 1)):
+        value = sim.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"must be an integer >= {low}", key=f"sim.{key}")
+        if value is not None and value < low:
+            raise ConfigError(f"must be an integer >= {low}, got {value}", key=f"sim.{key}")
 
 
 def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:

@@ -32,10 +32,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sage_llm.config import SageConfig, load_config
+from sage_llm.config import SIM_KEYS, SageConfig, instance_fields, load_config
 from sage_llm.control_plane.builder import build_manager
 from sage_llm.control_plane.manager import ControlPlaneManager, EngineFactory
 from sage_llm.errors import (
+    ConfigError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     InvalidRequestError,
@@ -307,12 +308,15 @@ def _instance_arg(req: Payload) -> ExecutionInstance:
         )
     known = {f.name for f in dataclasses.fields(ExecutionInstance)}
     for key in fields:
-        if key not in known:
+        if key not in known and key not in SIM_KEYS:
             raise InvalidRequestError(f"{key!r} is not an instance field", param=f"inputs.{key}")
     for key in ("instance_id", "host", "port", "model_name"):
         if key not in fields:
             raise InvalidRequestError(f"the instance needs {key}", param=f"inputs.{key}")
-    return ExecutionInstance(**fields)
+    try:
+        return ExecutionInstance(**instance_fields(fields))
+    except ConfigError as exc:
+        raise InvalidRequestError(exc.detail, param=f"inputs.{exc.key}") from None
 
 
 def _register(cp: ControlPlaneManager, instance: ExecutionInstance) -> dict[str, Any]:

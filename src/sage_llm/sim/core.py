@@ -44,7 +44,14 @@ from sage_llm.sim.costmodel import (
     fast_step_time,
 )
 from sage_llm.sim.roofline_step import roofline_step
-from sage_llm.sim.specs import GPUSpec, ModelSpec, kv_capacity_blocks, resolve_gpu, resolve_model
+from sage_llm.sim.specs import (
+    GPUSpec,
+    ModelSpec,
+    kv_capacity_blocks,
+    resolve_gpu,
+    resolve_model,
+    tp_problem,
+)
 from sage_llm.types import ExecutionInstanceType
 
 __all__ = [
@@ -152,25 +159,14 @@ class SimEngineConfig:
             self._check_tp()
 
     def _check_tp(self) -> None:
-        """Refuse a tensor-parallel size vLLM refuses: it must divide the attention heads,
-        and divide the KV heads or be a multiple of them (KV heads are replicated then)."""
+        """Refuse a tensor-parallel size vLLM refuses (:func:`tp_problem`)."""
         try:
             model = resolve_model(self.model)
         except ConfigError:
             return  # an unknown model is reported where the model is first needed
-        tp, heads, kv = self.tp, model.num_heads, model.num_kv_heads
-        if heads % tp:
-            raise ConfigError(
-                f"tensor-parallel size {tp} does not divide {model.name}'s {heads} attention "
-                "heads (vLLM refuses it)",
-                key="tp",
-            )
-        if (kv % tp) if tp <= kv else (tp % kv):
-            raise ConfigError(
-                f"tensor-parallel size {tp} neither divides nor is a multiple of "
-                f"{model.name}'s {kv} KV heads (vLLM refuses it)",
-                key="tp",
-            )
+        problem = tp_problem(model, self.tp)
+        if problem is not None:
+            raise ConfigError(problem, key="tp")
 
     def build_cost_model(self) -> CostModel:
         """The configured cost model, or the roofline model of ``gpu`` × ``model`` × TP/PP."""

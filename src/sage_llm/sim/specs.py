@@ -277,6 +277,37 @@ def kv_capacity_blocks(
     return blocks
 
 
+def tp_problem(model: ModelSpec, tp: int) -> str | None:
+    """Why vLLM refuses tensor-parallel size ``tp`` for ``model``, or None: it must divide
+    the attention heads, and divide the KV heads or be a multiple of them (KV heads are
+    replicated then)."""
+    heads, kv = model.num_heads, model.num_kv_heads
+    if heads % tp:
+        return (
+            f"tensor-parallel size {tp} does not divide {model.name}'s {heads} attention "
+            "heads (vLLM refuses it)"
+        )
+    if (kv % tp) if tp <= kv else (tp % kv):
+        return (
+            f"tensor-parallel size {tp} neither divides nor is a multiple of "
+            f"{model.name}'s {kv} KV heads (vLLM refuses it)"
+        )
+    return None
+
+
+def placement_problem(model: str, gpu: str, *, tp: int = 1, pp: int = 1) -> str | None:
+    """Why a simulated engine of ``model`` on ``tp × pp`` ``gpu``s cannot start (an unknown
+    name, a TP size vLLM refuses, weights that leave no room for the KV cache), or None."""
+    try:
+        spec = get_model(model)
+        problem = tp_problem(spec, tp)
+        if problem is None:
+            kv_capacity_blocks(spec, get_gpu(gpu), tp=tp, pp=pp)
+    except ConfigError as exc:
+        return exc.detail
+    return problem
+
+
 def load_specs_toml(path: str | Path) -> tuple[dict[str, GPUSpec], dict[str, ModelSpec]]:
     """Read ``[gpu.<name>]`` and ``[model.<name>]`` tables from a TOML file.
 
