@@ -24,6 +24,8 @@ can turn it into a JSON error body without a lookup table::
     ├── ControlPlaneNotRunningError (503, service_unavailable)
     ├── DeadlineExceededError (504, timeout_error)   a deadline or wait timeout passed
     └── EngineError (502, engine_error)              an engine call failed
+        ├── EngineRequestRejectedError (400)         the engine refused the request itself
+        │                                            (also an InvalidRequestError)
         ├── EngineConnectionError                    could not connect / connection dropped
         ├── EngineTimeoutError (504)
         └── EngineStreamError                        malformed or truncated stream
@@ -239,12 +241,14 @@ class EngineError(SageLLMError):
         self.retryable = retryable
 
 
-class EngineRequestRejectedError(EngineError):
+class EngineRequestRejectedError(EngineError, InvalidRequestError):
     """An engine refused the request itself: an HTTP 400, 413 or 422 answer (vLLM's answer
     to a prompt longer than the model's context, for instance), or an in-process engine's
     :class:`InvalidRequestError`. The same request would be refused on any instance, so it
     is not retried and does not count against the instance's health; the client gets a
-    400 with the engine's message (and the field it names, when it names one)."""
+    400 with the engine's message (and the field it names, when it names one). It is an
+    :class:`InvalidRequestError` too: ``except InvalidRequestError`` catches a bad request
+    whether the control plane or an engine found it."""
 
     http_status = 400
     error_type = "invalid_request_error"

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from sage_llm.control_plane.dispatcher import internal_error
+from sage_llm.control_plane.dispatcher import STOPPED, failure_error, internal_error
+from sage_llm.errors import (
+    ControlPlaneNotRunningError,
+    DeadlineExceededError,
+    EngineError,
+    EngineRequestRejectedError,
+    InvalidRequestError,
+    RequestCancelledError,
+)
+from sage_llm.types import RequestResult, RequestStatus
 
 
 def test_an_internal_error_names_the_exception_without_its_payload() -> None:
@@ -14,3 +23,25 @@ def test_an_internal_error_names_the_exception_without_its_payload() -> None:
     assert reason.startswith("internal error: UnicodeEncodeError: 'utf-8' codec can't encode")
     assert "secret text" not in reason  # the repr would have held the whole request
     assert internal_error(RuntimeError("router bug")) == "internal error: RuntimeError: router bug"
+
+
+def test_failure_error_gives_each_ending_its_type() -> None:
+    done = RequestResult("a", RequestStatus.COMPLETED, text="x")
+    assert failure_error(done, None) is None
+    failed = RequestResult("b", RequestStatus.FAILED, error="engine exploded", instance_id="i1")
+    generic = failure_error(failed, None)
+    assert type(generic) is EngineError and generic.message == "engine exploded"
+    assert (generic.instance_id, generic.retryable) == ("i1", False)
+    refused = failure_error(failed, InvalidRequestError("too long", param="max_tokens"))
+    assert isinstance(refused, EngineRequestRejectedError)
+    assert isinstance(refused, InvalidRequestError)
+    assert (refused.param, refused.http_status) == ("max_tokens", 400)
+    late = failure_error(failed, DeadlineExceededError("late"))
+    assert type(late) is DeadlineExceededError
+    cancelled = RequestResult("c", RequestStatus.CANCELLED)
+    assert failure_error(cancelled, None) is None  # a consumer that left: nothing to raise
+    assert isinstance(failure_error(cancelled, None, cancelled=True), RequestCancelledError)
+    stopped = RequestResult("d", RequestStatus.CANCELLED, error=STOPPED)
+    error = failure_error(stopped, None, cancelled=True)
+    assert isinstance(error, ControlPlaneNotRunningError)
+    assert "'d' was cancelled: control plane stopped" in str(error)

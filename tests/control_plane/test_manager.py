@@ -1726,3 +1726,28 @@ def test_stop_waits_for_the_clients_of_removed_instances_to_close() -> None:
         assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("close-")]
 
     run_virtual(main())
+
+
+def test_wait_for_result_raises_the_failure_with_its_type_when_asked() -> None:
+    async def main() -> None:
+        async with _manager() as cp:
+            rid = await cp.submit_request(make_metadata("big", max_tokens=10**8))
+            with pytest.raises(EngineRequestRejectedError) as err:  # waited while in flight
+                await cp.wait_for_result(rid, raise_failure=True)
+            assert err.value.param == "max_tokens"
+            assert isinstance(err.value, InvalidRequestError)
+            with pytest.raises(EngineRequestRejectedError) as again:  # from the kept results
+                await cp.wait_for_result(rid, raise_failure=True)
+            assert (again.value.param, again.value.message) == ("max_tokens", err.value.message)
+            failed = await cp.wait_for_result(rid)  # without: the result, as the seed's API
+            assert failed.status is RequestStatus.FAILED
+            ok = await cp.wait_for_result(
+                await cp.submit_request(make_metadata("ok", max_tokens=2)), raise_failure=True
+            )
+            assert ok.status is RequestStatus.COMPLETED
+            rid = await cp.submit_request(make_metadata("gone", max_tokens=200))
+            await cp.cancel_request(rid)
+            with pytest.raises(RequestCancelledError):
+                await cp.wait_for_result(rid, raise_failure=True)
+
+    run_virtual(main())

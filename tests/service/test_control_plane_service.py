@@ -21,6 +21,7 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
+    EngineRequestRejectedError,
     InstanceNotFoundError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -463,3 +464,20 @@ def test_no_config_is_the_embedded_simulated_fleet() -> None:
     svc = ControlPlaneVLLMService(loop_factory=VirtualEventLoop)
     assert svc.config.control_plane.instances == ()
     assert len(svc.config.fleet()) == svc.config.simulation.instances
+
+
+def test_an_engines_refusal_is_an_invalid_request_naming_the_option_and_the_input(
+    svc: ControlPlaneVLLMService,
+) -> None:
+    with pytest.raises(InvalidRequestError) as err:  # as VLLMService raises it
+        _generate(svc, "hi", max_tokens=10**8)
+    assert isinstance(err.value, EngineRequestRejectedError)
+    assert err.value.param == "options.max_tokens"
+    assert "maximum context length" in err.value.message
+    huge = {"prompt": "c", "options": {"max_tokens": 10**8}}
+    with pytest.raises(InvalidRequestError) as err:
+        _generate(svc, ["a", "b", huge], max_tokens=2)
+    assert err.value.param == "inputs[2].options.max_tokens"
+    assert err.value.message.startswith("inputs[2]: ")
+    metrics = svc.process({"task": "get_metrics"})
+    assert metrics["active_requests"] == metrics["queued_requests"] == 0  # none left behind

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
-from sage_llm.errors import ControlPlaneNotRunningError, EngineError, RequestCancelledError
 from sage_llm.service.payloads import RequestDefaults, parse_generate
-from sage_llm.service.results import check_result, generation_entry, to_metadata
-from sage_llm.types import RequestPriority, RequestResult, RequestStatus
+from sage_llm.service.results import generation_entry, to_metadata
+from sage_llm.types import RequestPriority
 
 
 def test_to_metadata_carries_the_options() -> None:
@@ -46,18 +43,3 @@ def test_generation_entry_has_exactly_the_vllm_service_shape() -> None:
         "usage": {"input_tokens": 3, "output_tokens": 1},
         "request_id": "r",
     }
-
-
-def test_check_result_raises_for_failed_and_cancelled_requests() -> None:
-    done = RequestResult("a", RequestStatus.COMPLETED, text="x")
-    assert check_result(done) is done
-    failed = RequestResult("b", RequestStatus.FAILED, error="engine exploded", instance_id="i1")
-    with pytest.raises(EngineError, match="'b' failed: engine exploded") as err:
-        check_result(failed)
-    assert err.value.instance_id == "i1"
-    assert not err.value.retryable
-    with pytest.raises(RequestCancelledError, match="'c' was cancelled"):
-        check_result(RequestResult("c", RequestStatus.CANCELLED))
-    stopped = RequestResult("d", RequestStatus.CANCELLED, error="control plane stopped")
-    with pytest.raises(ControlPlaneNotRunningError, match="'d' was cancelled: the control plane"):
-        check_result(stopped)  # by cleanup(): as service.md says

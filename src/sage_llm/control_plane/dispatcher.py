@@ -87,11 +87,15 @@ from sage_llm.engines.base import (
     answered_whole,
 )
 from sage_llm.errors import (
+    ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
     EngineRequestRejectedError,
     EngineStreamError,
     InvalidRequestError,
+    NoHealthyInstanceError,
+    RequestCancelledError,
+    SageLLMError,
 )
 from sage_llm.sim.clock import Clock
 from sage_llm.types import (
@@ -99,6 +103,7 @@ from sage_llm.types import (
     ExecutionInstanceType,
     ParallelismType,
     RequestPriority,
+    RequestResult,
     RequestStatus,
     fill_request_result,
 )
@@ -149,6 +154,50 @@ def refusal_of(
     if isinstance(exc, PDLegError):
         return refusal_of(exc.cause, exc.instance_id)
     return None
+
+
+def failure_error(
+    result: RequestResult, exception: BaseException | None, *, cancelled: bool = False
+) -> SageLLMError | None:
+    """The error a request that did not complete raises to whoever waits for it, from its
+    result and the exception that failed it (None for a completed one): a deadline as
+    :class:`DeadlineExceededError`, no instance as :class:`NoHealthyInstanceError`, an
+    engine's refusal of the request as :class:`EngineRequestRejectedError` (a 400 naming the
+    field), another engine failure as :class:`EngineError`. A cancelled request gives
+    :class:`RequestCancelledError` (:class:`ControlPlaneNotRunningError` when the control
+    plane's stop cancelled it) with ``cancelled``, else None."""
+    if result.status is RequestStatus.COMPLETED:
+        return None
+    if result.status is RequestStatus.CANCELLED:
+        if not cancelled:
+            return None
+        reason = result.error or "no reason given"
+        message = f"request {result.request_id!r} was cancelled: {reason}"
+        if reason == STOPPED:
+            return ControlPlaneNotRunningError(message)
+        return RequestCancelledError(message)
+    if isinstance(exception, DeadlineExceededError):
+        return DeadlineExceededError(result.error or exception.message)
+    if isinstance(exception, NoHealthyInstanceError):
+        return NoHealthyInstanceError(result.error or exception.message)
+    refusal = refusal_of(exception) if exception is not None else None
+    if refusal is not None:  # the client's request was refused: a 400, not a 502
+        return EngineRequestRejectedError(
+            result.error or refusal.message,
+            instance_id=refusal.instance_id,
+            status=refusal.status,
+            param=refusal.param,
+        )
+    if isinstance(exception, EngineError):
+        return EngineError(
+            result.error or exception.message,
+            instance_id=exception.instance_id,
+            status=exception.status,
+            retryable=False,
+        )
+    return EngineError(
+        result.error or "request failed", instance_id=result.instance_id, retryable=False
+    )
 
 
 def _batched(client: EngineClient) -> TypeGuard[BatchingEngineClient]:
@@ -1265,7 +1314,8 @@ class Dispatcher:
         if rec.stream is not None:
             rec.stream.put_nowait(STREAM_END)
         self.records.pop(rec.request_id, None)
-        self.finished.add(result, now, self._placement(rec, state))
+        failed = failure_error(result, rec.exception) if status is RequestStatus.FAILED else None
+        self.finished.add(result, now, self._placement(rec, state), failed)
         if state is not None and status is RequestStatus.COMPLETED:
             last, key = self.last_instances, info.session_id or info.user_id
             if last is not None and key is not None:

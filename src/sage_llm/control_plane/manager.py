@@ -32,7 +32,11 @@ import aiohttp
 from sage_llm.config import check_instance, check_manager_arguments
 from sage_llm.config_fields import latency_prior
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
-from sage_llm.control_plane.dispatcher import STOPPED, Dispatcher, internal_error, refusal_of
+from sage_llm.control_plane.dispatcher import (
+    Dispatcher,
+    failure_error,
+    internal_error,
+)
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import (
     InstanceRegistry,
@@ -82,11 +86,9 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
-    EngineRequestRejectedError,
     InvalidRequestError,
     NoHealthyInstanceError,
     QueueFullError,
-    RequestCancelledError,
     RequestNotFoundError,
     SLOInfeasibleError,
 )
@@ -526,26 +528,45 @@ class ControlPlaneManager:
         self,
         request_id: str,
         timeout: float | None = None,  # noqa: ASYNC109 - the seed API takes a timeout
+        *,
+        raise_failure: bool = False,
     ) -> RequestResult:
         """Wait until the request ends and return its result (also when it failed or was
         cancelled: check ``result.status``). Raises DeadlineExceededError on ``timeout``;
-        the request itself goes on."""
+        the request itself goes on.
+
+        With ``raise_failure`` a request that did not complete raises instead, as
+        :meth:`collect` does: an engine's refusal of the request as
+        :class:`~sage_llm.errors.EngineRequestRejectedError` (an ``InvalidRequestError``
+        naming the field), a deadline as ``DeadlineExceededError``, another failure as
+        ``EngineError``, a cancellation as ``RequestCancelledError``
+        (``ControlPlaneNotRunningError`` when :meth:`stop` cancelled it)."""
         timeout = time_limit_arg(timeout, "timeout")
         rec = self._require_dispatcher().records.get(request_id)
         if rec is None:
-            done = self._finished.get(request_id, self.clock.now())
+            now = self.clock.now()
+            done = self._finished.get(request_id, now)
             if done is None:
                 raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
+            if raise_failure:
+                error = self._finished.failure(request_id) or failure_error(
+                    done, None, cancelled=True
+                )
+                if error is not None:
+                    raise error
             return done
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # of the caller that races with the result
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(rec.future)
+                result = await asyncio.shield(rec.future)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"request {request_id!r} did not finish within {timeout} s"
             ) from None
+        if raise_failure:
+            self._raise_failure(rec, cancelled=True)
+        return result
 
     async def generate(self, request: RequestMetadata) -> RequestResult:
         """Submit and wait: the result of one request."""
@@ -672,38 +693,13 @@ class ControlPlaneManager:
         it failed, and with ``cancelled`` :class:`RequestCancelledError` if it was
         cancelled by :meth:`cancel_request` (:class:`ControlPlaneNotRunningError` by
         :meth:`stop`; not when its consumer closed the stream): a stream cut short never
-        ends as if it were whole."""
+        ends as if it were whole (see :func:`failure_error`)."""
         result = rec.result
-        if result is None or result.status is RequestStatus.COMPLETED:
+        if result is None:
             return
-        if result.status is RequestStatus.CANCELLED:
-            if cancelled:
-                reason = result.error or "no reason given"
-                message = f"request {rec.request_id!r} was cancelled: {reason}"
-                if reason == STOPPED:
-                    raise ControlPlaneNotRunningError(message)
-                raise RequestCancelledError(message)
-            return
-        if isinstance(rec.exception, DeadlineExceededError):
-            raise DeadlineExceededError(result.error or rec.exception.message)
-        if isinstance(rec.exception, NoHealthyInstanceError):
-            raise NoHealthyInstanceError(result.error or rec.exception.message)
-        refusal = refusal_of(rec.exception) if rec.exception is not None else None
-        if refusal is not None:  # the client's request was refused: a 400, not a 502
-            raise EngineRequestRejectedError(
-                result.error or refusal.message,
-                instance_id=refusal.instance_id,
-                status=refusal.status,
-                param=refusal.param,
-            ) from rec.exception
-        if isinstance(rec.exception, EngineError):
-            raise EngineError(
-                result.error or rec.exception.message,
-                instance_id=rec.exception.instance_id,
-                status=rec.exception.status,
-                retryable=False,
-            ) from rec.exception
-        raise EngineError(result.error or "request failed", retryable=False)
+        error = failure_error(result, rec.exception, cancelled=cancelled)
+        if error is not None:
+            raise error from rec.exception
 
     async def embed(
         self,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest
-from sage_llm.errors import EngineError
+from sage_llm.errors import EngineError, SageLLMError
 from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult, RequestStatus
 
 
@@ -152,6 +153,7 @@ class FinishedRecords:
         self._capacity = capacity
         self._ttl_s = ttl_s
         self._items: OrderedDict[str, tuple[float, RequestResult, Placed]] = OrderedDict()
+        self._failures: dict[str, SageLLMError] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -159,11 +161,30 @@ class FinishedRecords:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._items
 
-    def add(self, result: RequestResult, now: float, placement: Placed = None) -> None:
-        """Keep ``result``, finished at ``now``, with where it ran (:data:`Placed`)."""
-        self._items[result.request_id] = (now, result, placement)
-        self._items.move_to_end(result.request_id)
+    def add(
+        self,
+        result: RequestResult,
+        now: float,
+        placement: Placed = None,
+        failure: SageLLMError | None = None,
+    ) -> None:
+        """Keep ``result``, finished at ``now``, with where it ran (:data:`Placed`) and,
+        for a failed request, the error its waiters raise (one never raised: it holds no
+        traceback, and so no frames)."""
+        rid = result.request_id
+        self._items[rid] = (now, result, placement)
+        self._items.move_to_end(rid)
+        if failure is not None:
+            self._failures[rid] = failure
+        else:
+            self._failures.pop(rid, None)
         self.expire(now)
+
+    def failure(self, request_id: str) -> SageLLMError | None:
+        """A fresh copy of the error a kept failed request raises (None: it did not fail,
+        or is no longer kept)."""
+        kept = self._failures.get(request_id)
+        return None if kept is None else copy.copy(kept)
 
     def get(self, request_id: str, now: float) -> RequestResult | None:
         item = self.get_timed(request_id, now)
@@ -175,13 +196,15 @@ class FinishedRecords:
         return self._items.get(request_id)
 
     def expire(self, now: float) -> None:
+        failures = self._failures
         while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+            failures.pop(self._items.popitem(last=False)[0], None)
         while self._items:
             first_key = next(iter(self._items))
             if now - self._items[first_key][0] <= self._ttl_s:
                 break
             del self._items[first_key]
+            failures.pop(first_key, None)
 
 
 class LastInstances:

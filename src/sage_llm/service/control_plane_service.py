@@ -52,7 +52,7 @@ from sage_llm.service.payloads import (
     parse_generate,
     parse_payload,
 )
-from sage_llm.service.results import check_result, generation_entry, to_metadata
+from sage_llm.service.results import generation_entry, to_metadata
 from sage_llm.service.runner import LoopFactory, LoopThread
 from sage_llm.service.views import instances_view, metrics_view, models_view, result_info
 from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult
@@ -210,25 +210,37 @@ class ControlPlaneVLLMService(ManagedService):
         ]
         timeouts = [i.options.timeout_s for i in items if i.options.timeout_s is not None]
         timeout = min(timeouts) if timeouts else None
+        many = len(metas) > 1
         submitted: list[str] = []
+
+        async def result(index: int, rid: str) -> RequestResult:
+            # a failure raises with its type: an engine's refusal of the request is an
+            # InvalidRequestError naming the field, as VLLMService raises it
+            try:
+                return await cp.wait_for_result(rid, raise_failure=True)
+            except SageLLMError as exc:
+                _locate(exc, f"inputs[{index}]" if many else None)
+                raise
+
         try:
+            # the whole batch is queued before any of it runs: the policy orders it
             for index, meta in enumerate(metas):
                 try:
                     submitted.append(await cp.submit_request(meta))
                 except SageLLMError as exc:
-                    _locate(exc, f"inputs[{index}]" if len(metas) > 1 else None)
+                    _locate(exc, f"inputs[{index}]" if many else None)
                     raise
             async with asyncio.timeout(timeout):
-                results = await asyncio.gather(*(cp.wait_for_result(r) for r in submitted))
+                results = await asyncio.gather(*(result(i, r) for i, r in enumerate(submitted)))
         except TimeoutError:
             await _cancel(cp, submitted)
             raise DeadlineExceededError(
                 f"generate did not finish within the {timeout} s timeout"
             ) from None
         except BaseException:
-            await _cancel(cp, submitted)
+            await _cancel(cp, submitted)  # the other inputs' requests are cancelled
             raise
-        return [_entry(meta, check_result(res)) for meta, res in zip(metas, results, strict=True)]
+        return [_entry(meta, res) for meta, res in zip(metas, results, strict=True)]
 
     async def _embed(self, req: EmbedRequest) -> dict[str, Any]:
         cp = self._require_manager()

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sage_llm.control_plane.dispatcher import STOPPED
-from sage_llm.errors import ControlPlaneNotRunningError, EngineError, RequestCancelledError
 from sage_llm.service.payloads import PromptInput
-from sage_llm.types import RequestMetadata, RequestResult, RequestStatus
+from sage_llm.types import RequestMetadata
 
-__all__ = ["check_result", "generation_entry", "to_metadata"]
+__all__ = ["generation_entry", "to_metadata"]
 
 
 def to_metadata(item: PromptInput, request_id: str) -> RequestMetadata:
@@ -43,25 +41,6 @@ def to_metadata(item: PromptInput, request_id: str) -> RequestMetadata:
     if opts.top_p is not None:
         meta.top_p = opts.top_p
     return meta
-
-
-def check_result(result: RequestResult) -> RequestResult:
-    """``result`` when it completed; a failed request raises EngineError with its reason,
-    a cancelled one RequestCancelledError (ControlPlaneNotRunningError when the control
-    plane's stop cancelled it)."""
-    if result.status is RequestStatus.COMPLETED:
-        return result
-    if result.status is RequestStatus.CANCELLED:
-        message = f"request {result.request_id!r} was cancelled"
-        if result.error == STOPPED:  # by cleanup() / stop()
-            raise ControlPlaneNotRunningError(f"{message}: the control plane stopped")
-        raise RequestCancelledError(message)
-    reason = result.error or f"ended as {result.status.value}"
-    raise EngineError(
-        f"request {result.request_id!r} failed: {reason}",
-        instance_id=result.instance_id,
-        retryable=False,
-    )
 
 
 def generation_entry(
