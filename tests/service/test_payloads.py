@@ -96,6 +96,23 @@ def test_malformed_inputs_name_the_offending_item() -> None:
     urgent = {"prompt": "x", "options": {"priority": "urgent"}}
     _bad_inputs(["ok", urgent], "inputs[1].options.priority")
     _bad_inputs(["ok", {"prompt": "x", "options": 3}], "inputs[1].options")
+    _bad_inputs([[{"role": "wizard", "content": "x"}]], "inputs[0][0]")
+    _bad_inputs([[{"role": "user", "content": [1, 2]}]], "inputs[0][0]")
+    _bad_inputs([[{"role": "user", "content": "x", "name": object()}]], "inputs[0][0]")
+
+
+def test_numbers_of_other_libraries_are_read_as_pythons() -> None:
+    np = pytest.importorskip("numpy")
+    opts = parse_options(
+        {"max_tokens": np.int64(3), "temperature": np.float32(0.5), "seed": np.int64(7)},
+        RequestDefaults(),
+        "options",
+    )
+    assert (opts.max_tokens, opts.temperature, opts.extra) == (3, 0.5, {"seed": 7})
+    assert type(opts.max_tokens) is int and type(opts.extra["seed"]) is int
+    with pytest.raises(InvalidRequestError, match="cannot be sent as JSON") as err:
+        parse_options({"seed": object()}, RequestDefaults(), "options")
+    assert err.value.param == "options.seed"
 
 
 def test_options_are_validated_and_defaults_filled_in() -> None:

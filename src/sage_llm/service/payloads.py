@@ -18,7 +18,10 @@ raises :class:`~sage_llm.errors.InvalidRequestError` whose
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import numbers
+import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,11 +264,34 @@ def _messages(
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise InvalidRequestError("a chat message needs a role string", param=param)
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"unknown chat role {role!r}; use one of {', '.join(CHAT_ROLES)}", param=param
+            )
         content = message.get("content")
-        if not isinstance(content, str | list) and not (content is None and role == "assistant"):
-            raise InvalidRequestError("a chat message needs content (a string)", param=param)
+        parts = isinstance(content, list) and all(isinstance(c, Mapping) for c in content)
+        if (
+            not isinstance(content, str)
+            and not parts
+            and not (content is None and role == "assistant")
+        ):
+            raise InvalidRequestError(
+                "a chat message needs content: a string or a list of content parts (dicts)",
+                param=param,
+            )
+        try:
+            json.dumps(message)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(
+                "a chat message must hold only JSON values (strings, numbers, lists, dicts)",
+                param=param,
+            ) from None
         out.append(dict(message))
     return out
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+"""The roles of OpenAI's chat messages (vLLM's chat templates know no others)."""
 
 
 # -- generate options ----------------------------------------------------------------------
@@ -298,7 +324,10 @@ def parse_options(raw: Mapping[str, Any], defaults: RequestDefaults, where: str)
         logprobs = 1 if logprobs else None
     elif logprobs is not None:
         logprobs = _int(raw, "logprobs", None, where, low=0)
-    extra = {**defaults.extra, **{k: raw[k] for k in PASSTHROUGH_OPTIONS if k in raw}}
+    extra = {
+        **defaults.extra,
+        **{k: _json_value(raw[k], param(k)) for k in PASSTHROUGH_OPTIONS if k in raw},
+    }
     if extra.get("n", 1) != 1:
         raise InvalidRequestError("only n = 1 is supported: send a batch instead",
                                   param=param("n"))  # fmt: skip
@@ -326,6 +355,25 @@ def parse_options(raw: Mapping[str, Any], defaults: RequestDefaults, where: str)
     )
 
 
+def _json_value(value: Any, param: str) -> Any:
+    """An option passed to the engine as it is: a number of another library (numpy's
+    ``int64``) as Python's, anything else only when it can be sent as JSON."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(
+            f"{param.rsplit('.', 1)[-1]} cannot be sent as JSON ({type(value).__name__})",
+            param=param,
+        ) from None
+    return value
+
+
 def _number(
     raw: Mapping[str, Any],
     key: str,
@@ -338,6 +386,8 @@ def _number(
     value = raw.get(key)
     if value is None:
         return default
+    if not isinstance(value, bool | int | float) and isinstance(value, numbers.Real):
+        value = float(value)  # numpy's float32, a Fraction …
     bad = isinstance(value, bool) or not isinstance(value, int | float)
     if bad or math.isnan(value) or math.isinf(value) or value < low or (value == 0 and not zero):
         kind = "a non-negative" if zero else "a positive"
@@ -351,6 +401,8 @@ def _int(
     value = raw.get(key)
     if value is None:
         return default
+    if not isinstance(value, bool | int) and isinstance(value, numbers.Integral):
+        value = operator.index(value)  # numpy's int64 …
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidRequestError(f"{key} must be an integer >= {low}", param=f"{where}.{key}")
     return value
