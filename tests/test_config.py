@@ -136,7 +136,7 @@ def test_instance_type_spellings(text: str, expected: ExecutionInstanceType) -> 
 def test_bare_service_table_dict() -> None:
     cfg = config_from_dict(
         {
-            "type": "VLLMService",
+            "type": "ControlPlaneVLLMService",
             "scheduling_policy": "fifo",
             "routing_strategy": "round_robin",
             "instances": [INSTANCE, {**INSTANCE, "instance_id": "b", "port": 8001}],
@@ -326,8 +326,22 @@ def test_gateway_inside_the_service_table() -> None:
 def test_other_sage_services_are_left_alone() -> None:
     text = '[services.embedder]\ntype = "EmbeddingService"\nanything = 1\n' + SEED
     assert len(parse_config(text).control_plane.instances) == 2
-    by_type = parse_config('[services.my_llm]\ntype = "VLLMService"\nscheduling_policy = "fifo"\n')
+    by_type = parse_config(
+        '[services.my_llm]\ntype = "ControlPlaneVLLMService"\nscheduling_policy = "fifo"\n'
+    )
     assert by_type.control_plane.scheduling_policy == "fifo"
+
+
+def test_a_vllm_service_table_is_checked_with_vllm_services_keys() -> None:
+    table = '[services.llm]\ntype = "VLLMService"\nmodel_id = "m"\nengine = "sim"\n'
+    cfg = parse_config(table + SEED)  # not the control plane's table, and valid as it is
+    assert len(cfg.control_plane.instances) == 2
+    err = problem(table + "sampling = { temperature = 5 }\n")
+    assert str(err) == "cfg.toml:5: services.llm.sampling.temperature: must be <= 2, got 5"
+    err = problem(table.replace('model_id = "m"\n', ""))
+    assert err.key == "services.llm.model_id"
+    err = problem('[services.llm_control_plane]\ntype = "VLLMService"\n')
+    assert "the control plane's type is ControlPlaneVLLMService" in err.message
 
 
 def test_example_configs_all_load() -> None:

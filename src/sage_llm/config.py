@@ -50,6 +50,7 @@ from sage_llm.config_schema import (
     SERVICE_DEFAULT_KEYS,
     SERVICE_TYPES,
     SIM_KEYS,
+    VLLM_SERVICE_TYPE,
     AdmissionConfig,
     ControlPlaneConfig,
     GatewayConfig,
@@ -417,7 +418,12 @@ def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, An
             )
         chosen = ours[0] if ours else None
     for key, value in services.items():
-        if key == chosen or (isinstance(value, Mapping) and "type" in value):
+        if key == chosen:
+            continue
+        if isinstance(value, Mapping) and value.get("type") == VLLM_SERVICE_TYPE:
+            _check_vllm_service(value, ("services", str(key)), p)
+            continue
+        if isinstance(value, Mapping) and "type" in value:
             continue  # another SAGE service: not ours to check
         p.add(
             ("services", key),
@@ -426,6 +432,26 @@ def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, An
     if chosen is None:
         return {}, _SERVICE_PATH
     return _table(services[chosen], ("services", chosen), p), ("services", chosen)
+
+
+def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
+    """A ``VLLMService`` table, checked as :class:`~sage_llm.service.VLLMService` reads it
+    (its control plane's table too, with ``use_control_plane``)."""
+    from sage_llm.service.config import VLLMServiceConfig, control_plane_service_config
+
+    try:
+        cfg = VLLMServiceConfig.from_dict(table)
+    except ConfigError as exc:
+        for one in exc.each():
+            p.add((*path, *one.key.split(".")) if one.key else path, one.detail)
+        return
+    if cfg.use_control_plane and isinstance(cfg.control_plane, Mapping):
+        try:
+            control_plane_service_config(cfg.control_plane)
+        except ConfigError as exc:
+            for one in exc.each():
+                key = (*path, "control_plane", *(one.key.split(".") if one.key else ()))
+                p.add(key, one.detail)
 
 
 def _is_ours(value: Any) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.config_fields import Rule, opt, req, rule, to_plain, validate
+from sage_llm.config_fields import Rule, opt, req, rule, suggest, to_plain, validate
 from sage_llm.control_plane.routing.registry import ROUTING_NAMES
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
 from sage_llm.engines.base import ENGINE_STREAM
@@ -29,7 +29,10 @@ from sage_llm.types import (
     RequestPriority,
 )
 
-SERVICE_TYPES = ("ControlPlaneVLLMService", "VLLMService")
+SERVICE_TYPES = ("ControlPlaneVLLMService",)
+"""The ``type`` of a control-plane table under ``[services]``."""
+VLLM_SERVICE_TYPE = "VLLMService"
+"""The ``type`` of a SAGE ``VLLMService`` table (its own keys: ``model_id``, ``engine`` …)."""
 MODES = ("http", "simulated")
 ENGINES = ("vllm", "sglang", "openai", "sim")
 PD_DECIDERS = ("always", "never", "threshold", "prefix_aware", "adaptive")
@@ -69,6 +72,17 @@ def _check_host(value: str) -> str | None:
     if any(c.isspace() for c in value):
         return "must not contain spaces"
     return None
+
+
+def _check_service_type(value: str) -> str | None:
+    if value in SERVICE_TYPES:
+        return None
+    if value == VLLM_SERVICE_TYPE:
+        return (
+            "a VLLMService table holds VLLMService's keys (model_id, engine …) and is read by "
+            "VLLMService; the control plane's type is ControlPlaneVLLMService"
+        )
+    return f"unknown value {value!r}{suggest(value, SERVICE_TYPES, 'values')}"
 
 
 def _check_env_name(value: str) -> str | None:
@@ -206,7 +220,7 @@ class ControlPlaneConfig:
     """``[services.llm_control_plane]``: the keywords of ``ControlPlaneManager``, ``pd`` and
     the instances. ``policy_params``/``routing_params`` go to the policy/strategy as given."""
 
-    type: str = opt("ControlPlaneVLLMService", rule(choices=SERVICE_TYPES))
+    type: str = opt("ControlPlaneVLLMService", rule(check=_check_service_type))
     scheduling_policy: str = opt("adaptive", rule(choices=POLICY_NAMES, norm=_name))
     routing_strategy: str = opt("load_balanced", rule(choices=ROUTING_NAMES, norm=_name))
     enable_auto_scaling: bool = False

@@ -4,6 +4,7 @@ control plane."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -166,6 +167,31 @@ def test_use_control_plane_without_a_table_wraps_the_one_engine() -> None:
         assert entry["sage"]["instance_id"] == "vllm-0"
     with pytest.raises(ConfigError, match="use_control_plane needs engines"):
         VLLMService({**EXISTING_CONFIG, "use_control_plane": True})
+
+
+def test_use_control_plane_embeds_as_the_simulated_engine_does() -> None:
+    config = {**EXISTING_CONFIG, "engine": "sim"}
+    with (
+        VLLMService(config, loop_factory=VirtualEventLoop) as alone,
+        VLLMService({**config, "use_control_plane": True}, loop_factory=VirtualEventLoop) as cp,
+    ):
+        assert cp.embed(["hello world", "x"]) == alone.embed(["hello world", "x"])
+
+
+def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:
+    path = tmp_path / "services.toml"
+    table = '[services.{name}]\ntype = "VLLMService"\nmodel_id = "{name}"\nengine = "sim"\n'
+    path.write_text(table.format(name="llm") + '[services.other]\ntype = "Other"\n')
+    assert VLLMService.from_toml(path).config.model_id == "llm"
+    path.write_text(table.format(name="a") + table.format(name="b"))
+    assert VLLMService.from_toml(path, "b").config.model_id == "b"
+    with pytest.raises(ConfigError, match=r"several tables have it \(\[services\.a\]"):
+        VLLMService.from_toml(path)
+    with pytest.raises(ConfigError, match=r"\[services\.c\] is not one of them"):
+        VLLMService.from_toml(path, "c")
+    path.write_text(table.format(name="a") + "sampling = { top_p = 3 }\n")
+    with pytest.raises(ConfigError, match=r"services\.toml:5: services\.a\.sampling\.top_p"):
+        VLLMService.from_toml(path)
 
 
 @pytest.mark.skipif(vllm_installed(), reason="vLLM is installed: the in-process path is used")

@@ -100,6 +100,14 @@ def service_instance(cfg: VLLMServiceConfig) -> ExecutionInstance:
     )
 
 
+def sim_embed(cfg: VLLMServiceConfig, req: EmbedRequest) -> dict[str, Any]:
+    """``embed`` answered by ``engine = "sim"``: :func:`sim_embedding` of each text, of
+    ``sim.embedding_dimension`` (64) dimensions (computed here: no engine call)."""
+    model = req.model or cfg.embedding_model_id or cfg.model_id
+    dim = int(cfg.sim.get("embedding_dimension", 64))
+    return embed_result(model, [sim_embedding(t, dim) for t in req.texts], req.normalize)
+
+
 class EngineBackend:
     """One engine reached through an EngineClient (HTTP endpoint or simulated engine)."""
 
@@ -187,9 +195,7 @@ class EngineBackend:
     async def embed(self, req: EmbedRequest) -> dict[str, Any]:
         model = req.model or self._cfg.embedding_model_id or self._cfg.model_id
         if self._cfg.backend == "sim":
-            dim = int(self._cfg.sim.get("embedding_dimension", 64))
-            vectors = [sim_embedding(t, dim) for t in req.texts]
-            return embed_result(model, vectors, req.normalize)
+            return sim_embed(self._cfg, req)
         client = self._require()
         embed = getattr(client, "embed", None)
         if embed is None:  # pragma: no cover - HTTPEngineClient has it

@@ -11,18 +11,26 @@ engine (``engine = "sim"``), or ``vllm.LLM`` in this process (the ``vllm`` extra
 through a :class:`~sage_llm.service.control_plane_service.ControlPlaneVLLMService`,
 configured by the ``control_plane`` table (or TOML path); without one, the control plane
 gets this service's one engine as its only instance.
+
+In a SAGE ``services.toml`` it is a ``[services.<name>]`` table with ``type =
+"VLLMService"`` and these keys (:meth:`VLLMService.from_toml`; ``sage-llm config check``
+checks it).
 """
 
 from __future__ import annotations
 
 import threading
+import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
+from sage_llm.config import load_config
+from sage_llm.config_schema import VLLM_SERVICE_TYPE
 from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
-from sage_llm.service.backends import Backend, make_backend
+from sage_llm.service.backends import Backend, make_backend, sim_embed
 from sage_llm.service.base import ManagedService
 from sage_llm.service.config import VLLMServiceConfig
 from sage_llm.service.control_plane_service import (
@@ -59,6 +67,34 @@ class VLLMService(ManagedService):
             )
         else:
             self._backend = make_backend(self.config)
+
+    @classmethod
+    def from_toml(
+        cls, path: str | Path, name: str | None = None, *, loop_factory: LoopFactory | None = None
+    ) -> VLLMService:
+        """A service configured by the ``[services.<name>]`` table of a SAGE ``services.toml``
+        whose ``type`` is ``VLLMService`` (``name`` may be left out when there is one such
+        table). The whole file is checked first, as ``sage-llm config check`` does: each
+        problem with its line."""
+        load_config(path)
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+        services = data.get("services")
+        tables = {
+            key: table
+            for key, table in (services.items() if isinstance(services, Mapping) else ())
+            if isinstance(table, Mapping) and table.get("type") == VLLM_SERVICE_TYPE
+        }
+        if name is None and len(tables) == 1:
+            name = next(iter(tables))
+        if name is None or name not in tables:
+            found = ", ".join(f"[services.{key}]" for key in tables) or "none"
+            if name is None:
+                problem = f"several tables have it ({found}): name the one to use"
+            else:
+                problem = f"[services.{name}] is not one of them (they are: {found})"
+            raise ConfigError(f'a VLLMService table (type = "VLLMService"): {problem}',
+                              location=str(path))  # fmt: skip
+        return cls(tables[name], loop_factory=loop_factory)
 
     @property
     def control_plane_service(self) -> ControlPlaneVLLMService | None:
@@ -98,6 +134,9 @@ class VLLMService(ManagedService):
         """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
         if self._delegate is not None:
             self._check_task(payload)
+            embedded = self._sim_embed(payload)
+            if embedded is not None:
+                return embedded
             return self._tagged(payload, self._delegate.process(payload))
         work = self._plan(payload)
         return self._runner_or_raise(work).run(work)
@@ -106,6 +145,9 @@ class VLLMService(ManagedService):
         """:meth:`process` for asyncio callers."""
         if self._delegate is not None:
             self._check_task(payload)
+            embedded = self._sim_embed(payload)
+            if embedded is not None:
+                return embedded
             return self._tagged(payload, await self._delegate.aprocess(payload))
         work = self._plan(payload)
         return await self._runner_or_raise(work).arun(work)
@@ -117,6 +159,23 @@ class VLLMService(ManagedService):
             for entry in result:
                 entry["tags"] = list(self.config.tags)
         return result
+
+    def _sim_embed(self, payload: Any) -> dict[str, Any] | None:
+        """With ``engine = "sim"`` behind the control plane, ``embed`` is answered as
+        without it (the simulated engine's hashed vectors; its instance in the control plane
+        serves generation only); None for other payloads."""
+        if self.config.backend != "sim" or self.config.control_plane is not None:
+            return None
+        if not isinstance(payload, Mapping) or payload.get("task") != "embed":
+            return None
+        delegate = self._delegate
+        if delegate is None or not delegate.is_running:
+            raise ControlPlaneNotRunningError(
+                f"{self.name} is not set up: call setup() first (SAGE calls it when the "
+                "pipeline starts) or use the service as a context manager"
+            )
+        req = parse_payload(payload, VLLM_TASKS)
+        return sim_embed(self.config, parse_embed(req.inputs, req.options, self.defaults.timeout_s))
 
     def _check_task(self, payload: Any) -> None:
         if isinstance(payload, Mapping) and payload.get("task") == "fine_tune":
@@ -185,8 +244,9 @@ def _control_plane_config(cfg: VLLMServiceConfig) -> Any:
         entry["api_key"] = cfg.api_key
     if cfg.backend == "sim":
         entry.update(sim_gpu=inst.metadata["sim_gpu"], sim_speed=inst.metadata["sim_speed"])
-        if "sim_model" in inst.metadata:
-            entry["sim_model"] = inst.metadata["sim_model"]
+        for key in ("sim_model", "sim_seed"):
+            if key in inst.metadata:
+                entry[key] = inst.metadata[key]
     return {"instances": [entry], "enable_pd_separation": False}
 
 
