@@ -1751,3 +1751,16 @@ def test_wait_for_result_raises_the_failure_with_its_type_when_asked() -> None:
                 await cp.wait_for_result(rid, raise_failure=True)
 
     run_virtual(main())
+
+
+@pytest.mark.parametrize("request_id", [5, "", None])
+def test_a_request_id_must_be_a_non_empty_string(request_id: object) -> None:
+    async def main() -> None:
+        async with _manager() as cp:
+            meta = make_metadata("x")
+            meta.request_id = request_id  # type: ignore[assignment]
+            with pytest.raises(InvalidRequestError) as err:
+                await cp.submit_request(meta)
+            assert err.value.param == "request_id"
+
+    run_virtual(main())

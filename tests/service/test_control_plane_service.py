@@ -7,6 +7,7 @@ generation costs no real time and ordering results are exact.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -481,3 +482,21 @@ def test_an_engines_refusal_is_an_invalid_request_naming_the_option_and_the_inpu
     assert err.value.message.startswith("inputs[2]: ")
     metrics = svc.process({"task": "get_metrics"})
     assert metrics["active_requests"] == metrics["queued_requests"] == 0  # none left behind
+
+
+def test_health_check_probes_the_instances_now() -> None:
+    with socket.socket() as mute:  # takes connections, never answers: a probe times out
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        hung = {
+            "enable_pd_separation": False,
+            "health": {"timeout_s": 0.2},
+            "instances": [
+                {"instance_id": "hung", "host": "127.0.0.1", "port": mute.getsockname()[1],
+                 "model_name": MODEL}
+            ],
+        }  # fmt: skip
+        with ControlPlaneVLLMService(hung) as svc:  # asked before the health loop's probe ends
+            assert svc.process({"task": "health_check"}) == {"hung": False}
+            (shown,) = svc.process({"task": "show_instances"})
+            assert shown["is_healthy"] is False  # the probe's outcome counts: ejected

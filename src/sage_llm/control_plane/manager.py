@@ -477,6 +477,18 @@ class ControlPlaneManager:
     def get_instances(self) -> list[ExecutionInstance]:
         return [s.public_instance() for s in self._registry if not s.removed]
 
+    async def check_health(self) -> dict[str, bool]:
+        """Probe every instance now, as the health loop does (each outcome counts with the
+        instance's circuit breaker: an instance never seen healthy that fails is ejected at
+        once), and return which answered healthy. Probes run side by side, each bounded by
+        the health ``timeout_s``. Before its first probe an instance counts as healthy in
+        :meth:`get_instances`; this asks."""
+        self._require_dispatcher()
+        monitor = self._monitor()
+        states = [s for s in self._registry if not s.removed]
+        answers = await asyncio.gather(*(monitor.probe(s) for s in states))
+        return {s.instance_id: ok for s, ok in zip(states, answers, strict=True)}
+
     def context_length(self, model: str) -> int | None:
         """The longest context (``max_model_len``, tokens) every instance of ``model`` that
         has said serves: the least of theirs; None when none has said."""
@@ -1087,8 +1099,11 @@ class ControlPlaneManager:
             raise InvalidRequestError(
                 f"a request is a RequestMetadata, got {type(meta).__name__}", param="request"
             )
-        if not meta.request_id:
-            raise InvalidRequestError("request_id must not be empty", param="request_id")
+        rid = meta.request_id
+        if not isinstance(rid, str) or not rid:
+            raise InvalidRequestError(
+                f"request_id must be a non-empty string, got {rid!r}", param="request_id"
+            )
         if meta.request_id in dispatcher.records:
             raise ConflictError(f"request {meta.request_id!r} is already in progress")
         registry = self._registry

@@ -187,9 +187,10 @@ class ControlPlaneVLLMService(ManagedService):
         if options:
             key = next(iter(options))
             raise InvalidRequestError(f"task {task!r} takes no options", param=f"options.{key}")
+        if task == "health_check":
+            return self._check_health()
         views: dict[str, Callable[[ControlPlaneManager], Any]] = {
             "show_instances": instances_view,
-            "health_check": lambda cp: {i.instance_id: i.is_healthy for i in cp.get_instances()},
             "get_metrics": metrics_view,
             "show_models": lambda cp: models_view(cp.get_status()["models"]),
         }
@@ -197,6 +198,9 @@ class ControlPlaneVLLMService(ManagedService):
 
     async def _on_loop(self, fn: Callable[[ControlPlaneManager], T]) -> T:
         return fn(self._require_manager())
+
+    async def _check_health(self) -> dict[str, bool]:
+        return await self._require_manager().check_health()  # probed now
 
     def _require_manager(self) -> ControlPlaneManager:
         if self._manager is None:
