@@ -532,3 +532,23 @@ def test_topo_and_plan_read_the_json_topology_form(tmp_path: Path) -> None:
     assert output == (
         f"error: {as_json}: topology: invalid topology: gpus must be a list of objects, got 3\n"
     )
+
+
+def test_config_check_checks_a_launch_file_and_shows_its_engines(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[launch]\nbase_port = 23380\n[[launch.instances]]\nrole = "general"\ngpu_ids = [0]\n'
+    )
+    code, output = invoke("config", "check", "--print", str(fleet))
+    assert code == 0
+    first, engine = output.splitlines()
+    assert first == f"{fleet}: OK (1 engine on node 0)"
+    assert engine.startswith("local-general-0 (http://127.0.0.1:23380): CUDA_VISIBLE_DEVICES=0 ")
+    fleet.write_text('[launch]\nbase_port = "x"\n[launch.plan]\ngpus = "2xH100"\nslo_tpot = 5\n')
+    code, output = invoke("config", "check", str(fleet))
+    assert code == 1
+    assert output.splitlines() == [
+        f"{fleet}:2: launch.base_port: must be an integer, got string 'x'",
+        f'{fleet}:5: launch.plan.slo_tpot: must be a duration with its unit such as "2s" or '
+        '"50ms", got 5',
+    ]

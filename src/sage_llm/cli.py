@@ -602,6 +602,11 @@ def launch(
     for engine in engines:
         if engine.port == bind_port:
             _fail(f"{where}: {bind_port} is also the port of engine {engine.instance_id!r}")
+        if bind_port in engine.side_channel_ports:
+            _fail(
+                f"{where}: {bind_port} is also a NIXL side-channel port of engine "
+                f"{engine.instance_id!r}"
+            )
     _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
     chosen: dict[str, Any] = {}  # the options override the --config file
     if policy is not None or config_file is None:
@@ -847,16 +852,26 @@ def bench_proxy(
 
 @config_app.command("check")
 def config_check(
-    file: Annotated[Path, typer.Argument(help="The TOML file to check.")],
+    file: Annotated[
+        Path, typer.Argument(help="The file to check: a config file, a launch file or a plan.")
+    ],
     print_config: Annotated[
-        bool, typer.Option("--print", help="Print the resolved configuration.")
+        bool,
+        typer.Option(
+            "--print",
+            help="Print the resolved configuration (for a launch file or a plan: the engines "
+            "sage-llm launch would start, without starting them).",
+        ),
     ] = False,
 ) -> None:
-    """Report every problem in a config file, with file, line and key."""
+    """Report every problem in a config file, launch file or plan, with file, line and key."""
     import json
 
     from sage_llm.config import check_config, load_config
 
+    if _is_launch_file(file):
+        _check_launch_file(file, print_config)
+        return
     problems = check_config(file)
     for problem in problems:
         typer.echo(problem.message, err=True)
@@ -865,6 +880,40 @@ def config_check(
     typer.echo(f"{file}: OK")
     if print_config:
         typer.echo(json.dumps(load_config(file).to_dict(), indent=2, default=str))
+
+
+def _is_launch_file(path: Path) -> bool:
+    """A plan (``.json``) or a TOML file with a top-level ``launch`` table."""
+    import tomllib
+
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # check_config reports it
+    return "launch" in data
+
+
+def _check_launch_file(path: Path, print_engines: bool) -> None:
+    """``config check`` of a launch file or plan: what ``sage-llm launch`` checks before it
+    starts anything (its ports' being free aside)."""
+    from sage_llm.errors import ConfigError
+    from sage_llm.launch import engines_from_plan, load_launch_config
+
+    try:
+        config = load_launch_config(path)
+        engines = engines_from_plan(config.instances, config.settings)
+    except SageLLMError as exc:
+        errors = exc.each() if isinstance(exc, ConfigError) else (exc,)
+        for problem in errors:
+            typer.echo(problem.message, err=True)
+        raise typer.Exit(1) from None
+    node = config.settings.node
+    typer.echo(f"{path}: OK ({len(engines)} engine{'s' * (len(engines) != 1)} on node {node})")
+    if print_engines:
+        for engine in engines:
+            typer.echo(f"{engine.instance_id} ({engine.base_url}): {engine.shell()}")
 
 
 def main() -> None:

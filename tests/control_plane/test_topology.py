@@ -403,6 +403,9 @@ def test_from_dict_by_hand() -> None:
         {"gpus": [{"index": 0}]},
         {"gpus": [{"index": True}], "links": [["X"]]},
         {"gpus": [{"index": 0, "cpu_affinity": 5}], "links": [["X"]]},
+        {"gpus": [{"index": -1}], "links": [["X"]]},  # CUDA_VISIBLE_DEVICES=-1 hides them all
+        {"gpus": [{"index": 0, "numa_node": -3}], "links": [["X"]]},
+        {"gpus": [{"index": 0, "numa_node": "zero"}], "links": [["X"]]},
     ],
 )
 def test_from_dict_rejects_bad_data(data: dict[str, object]) -> None:

@@ -24,6 +24,7 @@ from sage_llm.launch import (
     launch_from_config,
     wait_healthy,
 )
+from sage_llm.launch.local import _log_problem
 from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
 from tests.factories import alive, free_ports
 
@@ -312,3 +313,18 @@ async def test_launch_from_config_refuses_a_fleet_its_manager_could_never_serve(
     with pytest.raises(ConfigError, match="no decode-capable instance to pair with"):
         await launch_from_config(alone, manager=ControlPlaneManager())
     assert not (tmp_path / "logs").exists()
+
+
+async def test_a_log_that_cannot_be_written_fails_the_launch_before_any_engine_starts(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "afile").write_text("")
+    base = free_ports(2)
+    engines = [stub(tmp_path, "first", base), stub(tmp_path, "second", base + 1)]
+    unusable = settings(tmp_path, log_dir=tmp_path / "afile" / "logs")
+    with pytest.raises(EngineError, match=r"^instance 'first': cannot write its log .*afile"):
+        await launch_engines(engines, settings=unusable)
+    assert not (tmp_path / "first.pid").exists()  # nothing was started
+    fine = settings(tmp_path)
+    assert _log_problem(fine.log_dir / "x" / "first.log") is None
+    assert not fine.log_dir.exists()  # the check left nothing behind

@@ -221,6 +221,15 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"model": "x"}))
     with pytest.raises(ConfigError, match="needs an 'instances' list"):
         load_plan_file(tmp_path / "bad.json")
+    # what its simulated engines would be is checked before any starts
+    for change, message in (
+        ({"model": "gpt-4"}, "unknown model 'gpt-4'"),
+        ({"gpu": "TPU"}, "unknown GPU 'TPU'"),
+        ({"model": None}, "the plan names no model"),
+    ):
+        (tmp_path / "changed.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(ConfigError, match=message):
+            load_launch_config(tmp_path / "changed.json")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -305,8 +314,13 @@ def test_launch_file_that_plans_with_a_topology(tmp_path: Path) -> None:
         ("[launch]\n", "exactly one of"),
         ("[other]\n", "one \\[launch\\] table"),
         (
-            '[launch]\n[launch.plan]\ngpus = "8xH100"\nslo_ttft = "2s"\n',
-            r":2: launch\.plan\.slo_tpot: is required",
+            '[launch]\n[launch.plan]\ngpus = "8xH100"\nslo_tpot = 50\n',
+            r":4: launch\.plan\.slo_tpot: must be a duration with its unit such as \"2s\" or "
+            r"\"50ms\", got 50$",
+        ),
+        (
+            '[launch]\nengine = "vllm"\n[[launch.instances]]\n',
+            r":1: launch\.model: is required with engine = 'vllm'",
         ),
         ("[launch\n", r":1: invalid TOML: .*\(column 8\)"),
         (
@@ -507,3 +521,24 @@ def test_simulated_engines_need_a_known_model_and_gpu_at_config_time(tmp_path: P
         load_launch_config(path)
     path.write_text('[launch]\nengine = "vllm"\nmodel = "org/any-model"\n[[launch.instances]]\n')
     assert load_launch_config(path).settings.model == "org/any-model"  # vLLM loads it
+
+
+def test_nixl_side_channel_ports_may_not_overlap_the_engines_ports(tmp_path: Path) -> None:
+    body = (
+        '[launch]\nengine = "vllm"\nmodel = "m"\nbase_port = 23320\nkv_base_port = {kv}\n'
+        '[[launch.instances]]\nrole = "prefill"\ntp = 2\ngpu_ids = [0, 1]\n'
+        '[[launch.instances]]\nrole = "decode"\ntp = 2\ngpu_ids = [2, 3]\n'
+    )
+    with pytest.raises(ConfigError, match=r"side-channel ports 23321-23324 overlap the engines' "
+                       r"HTTP ports 23320-23321 \(port 23321\)"):  # fmt: skip
+        load_launch_config(write(tmp_path, body.format(kv=23321)))
+    config = load_launch_config(write(tmp_path, body.format(kv=5600)))
+    engines = engines_from_plan(config.instances, config.settings)
+    assert [list(e.side_channel_ports) for e in engines] == [[5600, 5601], [5602, 5603]]
+
+
+def test_a_plan_tables_problems_are_reported_beside_the_launch_tables(tmp_path: Path) -> None:
+    body = '[launch]\nbase_port = "x"\n[launch.plan]\ngpus = "8xH100"\nslo_ttft = 2\n'
+    with pytest.raises(ConfigErrors) as info:
+        load_launch_config(write(tmp_path, body))
+    assert [e.key for e in info.value.errors] == ["launch.base_port", "launch.plan.slo_ttft"]

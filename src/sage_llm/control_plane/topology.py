@@ -414,9 +414,14 @@ def _join(items: Sequence[int]) -> str:
 
 
 def _as_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"expected an integer, got {value!r}")
-    return int(value)
+    """A GPU index, NUMA node or CPU id: an integer >= 0 (or its digits)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def _as_cpus(value: object) -> tuple[int, ...]:

@@ -173,7 +173,13 @@ class EngineProcess:
 
 async def _spawn(launch: EngineLaunch, log_dir: Path) -> EngineProcess:
     path = log_dir / f"{launch.instance_id}.log"
-    fh = await asyncio.to_thread(_open_log, path, f"$ {launch.shell()}\n")
+    try:
+        fh = await asyncio.to_thread(_open_log, path, f"$ {launch.shell()}\n")
+    except OSError as exc:
+        raise EngineError(
+            f"instance {launch.instance_id!r}: cannot write its log {path}: {exc.strerror or exc}",
+            instance_id=launch.instance_id, retryable=False,
+        ) from None  # fmt: skip
     try:
         env = {**os.environ, **launch.env}
         proc = await asyncio.create_subprocess_exec(
@@ -294,7 +300,7 @@ async def launch_engines(
     settings = settings or LaunchSettings()
     fields = _topology_fields(engines, topology or Topology(), settings.machine_id)
     for launch in engines:
-        problem = await asyncio.to_thread(_port_problem, launch)
+        problem = await asyncio.to_thread(_launch_problem, launch, settings.log_dir)
         if problem is not None:
             raise EngineError(
                 f"instance {launch.instance_id!r}: {problem}",
@@ -336,20 +342,57 @@ async def launch_engines(
     return fleet
 
 
-def _port_problem(launch: EngineLaunch) -> str | None:
-    """Why ``launch``'s port is not free (None: it looks free). Something that accepts
-    connections where the health check goes would answer for an engine that failed to bind;
-    a port that cannot be bound (EADDRINUSE) would make the engine fail."""
-    taken = f"port {launch.port} on {{}} is already in use (another process holds it)"
+def _launch_problem(launch: EngineLaunch, log_dir: Path) -> str | None:
+    """Why ``launch`` cannot start (None: nothing found): its log file cannot be written, or
+    a port it binds (HTTP, NIXL side channel) is taken. Checked before any engine starts."""
+    problem = _log_problem(log_dir / f"{launch.instance_id}.log")
+    if problem is not None:
+        return problem
+    for port in (launch.port, *launch.side_channel_ports):
+        problem = _port_problem(launch, port)
+        if problem is not None:
+            return problem if port == launch.port else f"NIXL side-channel {problem}"
+    return None
+
+
+def _log_problem(path: Path) -> str | None:
+    """Why the log file ``path`` cannot be written (None: it can), found by making it, and
+    its missing directories, and removing what was made."""
+    made: list[Path] = []
+    try:
+        for parent in reversed(path.parents):
+            if not parent.exists():
+                parent.mkdir()
+                made.append(parent)
+        existed = path.exists()
+        with path.open("ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        return f"cannot write its log {path}: {exc.strerror or exc}"
+    finally:
+        for parent in reversed(made):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+    return None
+
+
+def _port_problem(launch: EngineLaunch, port: int | None = None) -> str | None:
+    """Why ``port`` (default: ``launch``'s) is not free (None: it looks free). Something
+    that accepts connections where the health check goes would answer for an engine that
+    failed to bind; a port that cannot be bound (EADDRINUSE) would make the engine fail."""
+    port = launch.port if port is None else port
+    taken = f"port {port} on {{}} is already in use (another process holds it)"
     with (
         contextlib.suppress(OSError),
-        socket.create_connection((launch.host, launch.port), timeout=1.0),
+        socket.create_connection((launch.host, port), timeout=1.0),
     ):
         return taken.format(launch.host)
     host = launch.host if launch.bind_host is None else launch.bind_host
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
-            host or None, launch.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
@@ -409,8 +452,6 @@ async def launch_from_config(
     problem = fleet_problem(engines, pd_enabled=pd_enabled, others=others)
     if problem is not None:
         raise ConfigError(problem)
-    for e in engines:
-        log.info("engine %s: %s", e.instance_id, e.shell())
     return await launch_engines(
         engines, manager=manager, settings=config.settings, topology=topology
     )

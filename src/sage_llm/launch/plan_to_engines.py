@@ -182,6 +182,15 @@ class EngineLaunch:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def side_channel_ports(self) -> range:
+        """The NIXL side-channel ports a PD vLLM engine binds (one per GPU rank, from
+        ``VLLM_NIXL_SIDE_CHANNEL_PORT``); empty for the others."""
+        first = self.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+        if first is None or not first.isdigit():
+            return range(0)
+        return range(int(first), int(first) + self.tp * self.pp)
+
     def shell(self) -> str:
         """The command as one shell line, environment first (for logs and docs)."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
@@ -389,6 +398,16 @@ def _check_port_ranges(instances: Sequence[PlannedInstance], settings: LaunchSet
             "past 65535",
             key="kv_base_port",
         )
+    http = range(settings.base_port, settings.base_port + len(here))
+    side = range(settings.kv_base_port, settings.kv_base_port + kv)
+    shared = sorted(set(http) & set(side))
+    if shared:
+        raise ConfigError(
+            f"the PD engines' NIXL side-channel ports {side.start}-{side.stop - 1} overlap the "
+            f"engines' HTTP ports {http.start}-{http.stop - 1} (port {shared[0]}); move "
+            "kv_base_port or base_port",
+            key="kv_base_port",
+        )
 
 
 # -- planned instances ---------------------------------------------------------------------
@@ -576,8 +595,8 @@ class _PlanTable:
     """``[launch.plan]``: the planner's inputs (``gpus``: ``"8xH100"`` or a GPU count)."""
 
     gpus: Any
-    slo_ttft: Any
-    slo_tpot: Any
+    slo_ttft: Any = "2s"  # as sage-llm plan's
+    slo_tpot: Any = "50ms"
     prompt_len: int = opt(1024, rule(ge=1))
     output_len: int = opt(256, rule(ge=1))
     prompt_p90: int | None = opt(None, rule(ge=1))
@@ -619,6 +638,13 @@ def _read_settings(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Lau
             p.add(("launch", "env", name), f"must be a string, got {_kind(value)}")
     if len(p.errors) > before:
         return None
+    if read.engine != "sim" and "model" not in table:
+        p.add(
+            ("launch", "model"),
+            f"is required with engine = {read.engine!r}: the model vLLM loads (a Hugging "
+            "Face repo id or a local path)",
+        )
+        return None
     values = {k: getattr(read, k) for k in table if k not in _SOURCE_KEYS}
     if "gpu" in values:
         values["sim_gpu"] = values.pop("gpu")
@@ -648,10 +674,13 @@ def _read_topology(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Top
 
 def _read_plan(
     table: object,
-    settings: LaunchSettings,
+    settings: LaunchSettings | None,
     topology: Topology | None,
     p: Problems,
 ) -> Plan | None:
+    """The plan of ``[launch.plan]``; its keys are checked in any case, the planner runs
+    only when the file has no problem so far (``settings`` None: ``[launch]`` had some)."""
+    plan_now = settings is not None and not p.errors
     path = ("launch", "plan")
     if not isinstance(table, Mapping):
         p.add(path, f"must be a table, got {_kind(table)}")
@@ -668,10 +697,11 @@ def _read_plan(
             alloc = count if nodes is None else GPUAllocation(nodes, count)
         elif isinstance(read.gpus, int) and not isinstance(read.gpus, bool) and read.gpus >= 1:
             alloc = read.gpus
-            try:
-                gpu = get_gpu(settings.sim_gpu)
-            except ConfigError as exc:
-                _add(p, _LAUNCH, exc)
+            if settings is not None:
+                try:
+                    gpu = get_gpu(settings.sim_gpu)
+                except ConfigError as exc:
+                    _add(p, _LAUNCH, exc)
         else:
             p.add(
                 (*path, "gpus"),
@@ -681,11 +711,18 @@ def _read_plan(
         _add(p, path, exc)
     slo: list[float] = []
     for key in ("slo_ttft", "slo_tpot"):
+        value = getattr(read, key)
+        if not isinstance(value, str):  # a bare number: seconds or milliseconds?
+            p.add(
+                (*path, key),
+                f'must be a duration with its unit such as "2s" or "50ms", got {value!r}',
+            )
+            continue
         try:
-            slo.append(parse_duration(getattr(read, key), key=key))
+            slo.append(parse_duration(value, key=key))
         except ConfigError as exc:
             _add(p, path, exc)
-    if len(p.errors) > before:
+    if len(p.errors) > before or not plan_now or settings is None:
         return None
     workload = WorkloadProfile(
         read.prompt_len, read.output_len, rate=read.rate, prompt_p90=read.prompt_p90,
@@ -727,8 +764,21 @@ def load_launch_config(
         if unknown:
             raise ConfigError(f"not LaunchSettings fields: {', '.join(unknown)}", key="overrides")
         if settings is None:
-            values.setdefault("model", str(data.get("model", "llama-3-8b")))
-            values.setdefault("sim_gpu", str(data.get("gpu", "h100")))
+            for key in ("model", "gpu"):  # simulated engines of what the plan was made for
+                if not isinstance(data.get(key), str) or not data[key]:
+                    raise ConfigError(
+                        f"the plan names no {key} (a string); make it again with "
+                        "sage-llm plan --json",
+                        location=str(path),
+                        key=key,
+                    )
+            for name, get in ((data["model"], get_model), (data["gpu"], get_gpu)):
+                try:
+                    get(name)
+                except ConfigError as exc:
+                    raise ConfigError(exc.detail, location=str(path), key=exc.key) from None
+            values.setdefault("model", data["model"])
+            values.setdefault("sim_gpu", data["gpu"])
             served = data.get("served_model_name")  # the name `sage-llm plan` was given
             if isinstance(served, str) and served:
                 values.setdefault("served_model_name", served)
@@ -834,10 +884,10 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> Launc
         with contextlib.suppress(ConfigError):  # a bad gpus is reported where it is read
             if isinstance(gpus, str):
                 _check_same_gpu(settings.sim_gpu, parse_gpu_text(gpus)[2].name, _PLAN_GPUS, p)
-    if sources == ["plan"] and settings is not None and not p.errors:
+    if sources == ["plan"]:
         planned = _read_plan(table["plan"], settings, topology, p)
         instances = None if planned is None else list(planned.instances)
-        if planned is not None and "gpu" not in table:
+        if planned is not None and settings is not None and "gpu" not in table:
             settings = replace(settings, sim_gpu=planned.gpu.name)
     if settings is None or instances is None or p.errors:
         return None
