@@ -80,9 +80,17 @@ def test_kv_cache_of_the_needed_concurrency_must_fit_at_the_workload_rate() -> N
 
 
 def test_a_request_longer_than_the_kv_cache_is_rejected() -> None:
-    huge = WorkloadProfile(prompt_mean=1_000_000, output_mean=100)
+    huge = WorkloadProfile(prompt_mean=60_000, output_mean=100)  # in its 131,072 context
     with pytest.raises(ConfigError, match="KV cache for one p90 request"):
-        plan("llama-3-70b", 4, "a100", huge, SLOTarget(600.0, 1.0), allow_pd=False)
+        plan("llama-3.1-70b", 2, "a100", huge, SLOTarget(600.0, 1.0), allow_pd=False)
+
+
+def test_a_request_longer_than_the_models_context_is_rejected() -> None:
+    longer = WorkloadProfile(prompt_mean=8000, output_mean=256)
+    with pytest.raises(ConfigError, match=r"longer than Llama-2-7B's context window \(4,096") as e:
+        plan("llama-2-7b", 1, "h100", longer, SLOTarget(600.0, 1.0))
+    assert e.value.key == "prompt_len"
+    assert plan("llama-3.1-8b", 1, "h100", longer, SLOTarget(600.0, 1.0)).instances
 
 
 def test_heads_not_divisible_by_tp_are_rejected() -> None:

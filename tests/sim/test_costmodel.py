@@ -66,7 +66,8 @@ def test_gpu_lookup_by_alias(alias: str, name: str) -> None:
     [
         ("llama-3-8b", "Llama-3-8B"),
         ("meta-llama/Meta-Llama-3-8B", "Llama-3-8B"),
-        ("meta-llama/Llama-3.1-8B-Instruct", "Llama-3-8B"),
+        ("meta-llama/Llama-3.1-8B-Instruct", "Llama-3.1-8B"),
+        ("llama-3.3-70b", "Llama-3.1-70B"),
         ("meta-llama/Llama-2-7b-hf", "Llama-2-7B"),
         ("Qwen/Qwen2.5-72B-Instruct", "Qwen2.5-72B"),
         ("mistralai/Mixtral-8x7B-v0.1", "Mixtral-8x7B"),

@@ -726,6 +726,14 @@ def plan(
     ConfigError for bad inputs or when no candidate can serve the workload.
     """
     mspec, gspec = resolve_model(model), resolve_gpu(gpu)
+    longest = workload.p90_prompt + workload.p90_output
+    if mspec.max_context is not None and longest > mspec.max_context:
+        raise ConfigError(
+            f"one p90 request ({longest:.0f} tokens: prompt and output) is longer than "
+            f"{mspec.name}'s context window ({mspec.max_context:,} tokens); no engine would "
+            "take it",
+            key="prompt_len",
+        )
     notes: list[str] = []
     alloc = _allocation(gpus, topology, notes)
     nodes = _nodes(alloc, gspec, topology, notes)

@@ -79,10 +79,15 @@ class ModelSpec:
     dtype_bytes: int = 2
     num_experts: int = 1
     experts_per_token: int = 1
+    max_context: int | None = None
+    """The longest sequence (prompt + output) the model was trained for, in tokens (its
+    ``max_position_embeddings``); None: not known."""
 
     def __post_init__(self) -> None:
         if not self.params_b > 0:
             raise ValueError("ModelSpec.params_b must be positive")
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError("ModelSpec.max_context must be >= 1")
         for attr in (
             "num_layers",
             "hidden_size",
@@ -147,14 +152,21 @@ def _gpus() -> Mapping[str, GPUSpec]:
 
 def _models() -> Mapping[str, ModelSpec]:
     specs = (
-        ModelSpec("Llama-2-7B", 6.738, 32, 4096, 32, 32, 128, 11008, 32000),
-        ModelSpec("Llama-2-13B", 13.016, 40, 5120, 40, 40, 128, 13824, 32000),
-        ModelSpec("Llama-2-70B", 68.977, 80, 8192, 64, 8, 128, 28672, 32000),
-        ModelSpec("Llama-3-8B", 8.030261248, 32, 4096, 32, 8, 128, 14336, 128256),
-        ModelSpec("Llama-3-70B", 70.554, 80, 8192, 64, 8, 128, 28672, 128256),
-        ModelSpec("Qwen2.5-7B", 7.616, 28, 3584, 28, 4, 128, 18944, 152064),
-        ModelSpec("Qwen2.5-72B", 72.706, 80, 8192, 64, 8, 128, 29568, 152064),
-        ModelSpec("Mixtral-8x7B", 46.703, 32, 4096, 32, 8, 128, 14336, 32000, 2, 8, 2),
+        # max_context: each model's max_position_embeddings (Llama-3.1 and 3.3: 131,072).
+        ModelSpec("Llama-2-7B", 6.738, 32, 4096, 32, 32, 128, 11008, 32000, max_context=4096),
+        ModelSpec("Llama-2-13B", 13.016, 40, 5120, 40, 40, 128, 13824, 32000, max_context=4096),
+        ModelSpec("Llama-2-70B", 68.977, 80, 8192, 64, 8, 128, 28672, 32000, max_context=4096),
+        ModelSpec("Llama-3-8B", 8.030261248, 32, 4096, 32, 8, 128, 14336, 128256, max_context=8192),
+        ModelSpec("Llama-3-70B", 70.554, 80, 8192, 64, 8, 128, 28672, 128256, max_context=8192),
+        ModelSpec(
+            "Llama-3.1-8B", 8.030261248, 32, 4096, 32, 8, 128, 14336, 128256, max_context=131072
+        ),
+        ModelSpec("Llama-3.1-70B", 70.554, 80, 8192, 64, 8, 128, 28672, 128256, max_context=131072),
+        ModelSpec("Qwen2.5-7B", 7.616, 28, 3584, 28, 4, 128, 18944, 152064, max_context=32768),
+        ModelSpec("Qwen2.5-72B", 72.706, 80, 8192, 64, 8, 128, 29568, 152064, max_context=32768),
+        ModelSpec(
+            "Mixtral-8x7B", 46.703, 32, 4096, 32, 8, 128, 14336, 32000, 2, 8, 2, max_context=32768
+        ),
         # The tiny random-weight Llama served by the CPU vLLM build (REFERENCE.md §4).
         ModelSpec("tiny", 0.008716, 2, 128, 2, 2, 64, 512, 32000),
     )
@@ -185,10 +197,8 @@ _GPU_ALIASES: Mapping[str, str] = MappingProxyType(
 
 _MODEL_ALIASES: Mapping[str, str] = MappingProxyType(
     {
-        "llama-3.1-8b": "llama-3-8b",
         "llama3-8b": "llama-3-8b",
-        "llama-3.1-70b": "llama-3-70b",
-        "llama-3.3-70b": "llama-3-70b",
+        "llama-3.3-70b": "llama-3.1-70b",
         "llama3-70b": "llama-3-70b",
         "llama2-7b": "llama-2-7b",
         "llama2-13b": "llama-2-13b",
