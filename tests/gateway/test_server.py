@@ -158,6 +158,33 @@ async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+async def test_a_second_ctrl_c_ends_the_requests_in_flight_with_their_reason() -> None:
+    manager, probes, _ = make_manager(1, hold=lambda rid: rid == "held")
+    port = _free_port()
+    ready = asyncio.Event()
+    before = signal.getsignal(signal.SIGINT)
+    settings = GatewayConfig(port=port, shutdown_timeout_s=60)
+    server = asyncio.create_task(run_gateway(manager, settings, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            url, json=completion_body(stream=True), headers={"x-request-id": "held"}
+        ) as stream:
+            await stream.content.readline()
+            os.kill(os.getpid(), signal.SIGINT)  # the first: a graceful shutdown, which waits
+            await asyncio.sleep(0.05)
+            assert not server.done()
+            os.kill(os.getpid(), signal.SIGINT)  # the second: end it now, with its reason
+            rest = await asyncio.wait_for(stream.text(), 10)
+        await asyncio.wait_for(server, 10)  # well before the 60 s drain
+    *_, error, done = [e for e in rest.split("\n\n") if e.strip()]
+    assert done.strip() == "data: [DONE]"
+    assert "control plane stopped" in json.loads(error.strip()[len("data: ") :])["error"]["message"]
+    assert probes["sim-0"].aborted == ["held"]
+    assert signal.getsignal(signal.SIGINT) is before  # asyncio's or pytest's own, back
+
+
 _MALFORMED_HEADS = {
     "length-not-a-number": (
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}",

@@ -338,18 +338,34 @@ class ControlPlaneManager:
             self.mode,
         )
 
-    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+    async def stop(
+        self, drain_timeout_s: float = 0.0, *, hurry: asyncio.Event | None = None
+    ) -> None:
         """Stop accepting, optionally let queued and running requests finish for up to
-        ``drain_timeout_s``, then cancel whatever is left and close engine clients."""
+        ``drain_timeout_s`` (or until ``hurry`` is set), then cancel whatever is left (each
+        request ends CANCELLED with the reason "control plane stopped") and close engine
+        clients."""
         if not self._running:
             return
         self._accepting = False
         dispatcher = self._require_dispatcher()
-        if drain_timeout_s > 0 and dispatcher.records:
-            waits = [asyncio.shield(r.future) for r in dispatcher.records.values()]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(drain_timeout_s):
-                    await asyncio.gather(*waits)
+        if drain_timeout_s > 0 and dispatcher.records and not (hurry and hurry.is_set()):
+            waits: asyncio.Future[Any] = asyncio.gather(
+                *(asyncio.shield(r.future) for r in dispatcher.records.values())
+            )
+            hurried = asyncio.ensure_future(hurry.wait()) if hurry is not None else None
+            watched: list[asyncio.Future[Any]] = [waits] if hurried is None else [waits, hurried]
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(drain_timeout_s):
+                        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if hurried is not None:
+                    hurried.cancel()
+                if not waits.done():
+                    waits.cancel()  # the shields: the requests themselves go on
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waits
         for task in self._loops:
             task.cancel()
         for tasks in self._instance_tasks.values():

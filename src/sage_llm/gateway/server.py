@@ -15,6 +15,7 @@ answers the gateway's JSON error body too, and close the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -163,23 +164,50 @@ async def start_gateway(
     return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
-def _watch_sigterm(stop: asyncio.Event) -> bool:
-    """Set ``stop`` on SIGTERM, where the loop can watch signals (the main thread, Unix);
-    a SIGTERM after the first is logged and ignored, so a second one during the shutdown
-    cannot cut it short. Returns whether the handler is installed (remove it after)."""
+def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], None] | None:
+    """Watch SIGTERM and SIGINT (Ctrl-C) on the loop, where it can (the main thread, Unix),
+    until the shutdown is over; returns what undoes it (None where it cannot watch).
 
-    def received() -> None:
+    The first of either sets ``stop``: a graceful shutdown. A second SIGTERM is logged and
+    ignored, so it cannot cut the shutdown short (a launcher's engines would go with it). A
+    second Ctrl-C sets ``hurry``: the requests still in flight end now, each with its
+    reason (a whole answer's 503, a stream's error event and ``[DONE]``), rather than the
+    process dying under them."""
+    loop = asyncio.get_running_loop()
+
+    def sigterm() -> None:
         if stop.is_set():
             log.warning("SIGTERM again: already shutting down")
             return
         log.info("SIGTERM received")
         stop.set()
 
+    def sigint() -> None:
+        if not stop.is_set():
+            log.info("Ctrl-C: shutting down (Ctrl-C again ends the requests in flight now)")
+            stop.set()
+        elif not hurry.is_set():
+            log.warning("Ctrl-C again: ending the requests in flight now")
+            hurry.set()
+        else:
+            log.warning("Ctrl-C again: already ending the requests in flight")
+
+    before = signal.getsignal(signal.SIGINT)  # asyncio.run's own handler, put back after
     try:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, received)
+        loop.add_signal_handler(signal.SIGTERM, sigterm)
+        loop.add_signal_handler(signal.SIGINT, sigint)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
-        return False
-    return True
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGTERM)
+        return None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+    return undo
 
 
 async def run_gateway(
@@ -197,8 +225,9 @@ async def run_gateway(
     30 s) while new requests on open connections get 503; then the manager stops, which
     ends what is left with a reason (a whole answer's 503, a stream's error event and
     ``[DONE]``), and the connections close. ``host``/``port`` override the settings;
-    ``ready`` is set once listening. (SIGINT, Ctrl-C, cancels the run the same way
-    through ``asyncio.run``.)
+    ``ready`` is set once listening. Ctrl-C (SIGINT) stops it as SIGTERM does; a second
+    Ctrl-C during the shutdown ends the requests still in flight at once, each with its
+    reason (see :func:`_watch_signals`).
     """
     if shutdown_timeout_s is None:
         shutdown_timeout_s = float(
@@ -212,8 +241,8 @@ async def run_gateway(
             "(its queue and fleet state are not shared between processes)",
             gateway.workers,
         )
-    stop = asyncio.Event()
-    watching = _watch_sigterm(stop)  # until the shutdown is over, not only until SIGTERM
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    unwatch = _watch_signals(stop, hurry)  # until the shutdown is over, not only until a signal
     try:
         await manager.start()
         try:
@@ -234,11 +263,11 @@ async def run_gateway(
                 runner.stop_accepting()
                 # the manager ends what is still running with a reason while the
                 # connections are open to carry it; then they close
-                await manager.stop(drain_timeout_s=shutdown_timeout_s)
+                await manager.stop(drain_timeout_s=shutdown_timeout_s, hurry=hurry)
                 await runner.cleanup()
         finally:
-            await manager.stop(drain_timeout_s=shutdown_timeout_s)
+            await manager.stop(drain_timeout_s=shutdown_timeout_s, hurry=hurry)
             log.info("gateway stopped")
     finally:
-        if watching:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+        if unwatch is not None:
+            unwatch()
