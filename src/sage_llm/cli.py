@@ -473,14 +473,23 @@ def topo(
 @app.command()
 def plan(
     model: Annotated[str, typer.Option(help="Model (e.g. llama-3-70b).")] = "llama-3-70b",
-    gpus: Annotated[str, typer.Option(help="GPUs as COUNTxTYPE (e.g. 8xH100).")] = "8xH100",
+    gpus: Annotated[
+        str,
+        typer.Option(
+            help="GPUs as COUNTxTYPE (8xH100: one machine) or NODESxCOUNTxTYPE (2x8xH100)."
+        ),
+    ] = "8xH100",
     slo_ttft: Annotated[str, typer.Option(help="TTFT target (e.g. 2s, 500ms).")] = "2s",
     slo_tpot: Annotated[str, typer.Option(help="TPOT target (e.g. 50ms).")] = "50ms",
     prompt_len: Annotated[int, typer.Option(help="Mean prompt tokens.")] = 1024,
     output_len: Annotated[int, typer.Option(help="Mean output tokens.")] = 256,
-    rate: Annotated[float | None, typer.Option(help="Arrival rate, req/s.")] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="Arrival rate, req/s (default: none; the plan with the most goodput)."),
+    ] = None,
     topology: Annotated[
-        Path | None, typer.Option(help="Saved `nvidia-smi topo -m` output.")
+        Path | None,
+        typer.Option(help="Saved `nvidia-smi topo -m` output, or its JSON form (topo --json)."),
     ] = None,
     no_pd: Annotated[bool, typer.Option("--no-pd", help="Do not consider PD splits.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
@@ -582,7 +591,7 @@ def launch(
         overrides["log_dir"] = log_dir
     if node is not None:
         overrides["node"] = node
-    if overrides and source.suffix != ".json":
+    if overrides and source.suffix.lower() != ".json":
         _fail(
             "--base-port, --log-dir and --node apply to a plan file (.json); "
             "a launch file sets base_port, log_dir and node"
@@ -592,7 +601,7 @@ def launch(
         engines = engines_from_plan(config.instances, config.settings)
     except ConfigError as exc:
         options = {"node": "--node", "base_port": "--base-port", "log_dir": "--log-dir"}
-        option = options.get(exc.key or "") if source.suffix == ".json" else None
+        option = options.get(exc.key or "") if source.suffix.lower() == ".json" else None
         if option is None:
             _fail(exc.message)
         _fail(f"{exc.location or source}: {option}: {exc.detail}")

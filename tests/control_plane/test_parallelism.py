@@ -336,7 +336,7 @@ def test_parse_duration(text: str | float, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [("2", r"add a unit: s or ms"), ("fast", "expected a duration such as 2s or 50ms"),
-     ("-1s", "expected a duration"), ("0ms", "must be a positive duration"),
+     ("-1s", "must be a positive duration"), ("0ms", "must be a positive duration"),
      ("5 hours", "expected")],
 )  # fmt: skip
 def test_parse_duration_errors(text: str, message: str) -> None:

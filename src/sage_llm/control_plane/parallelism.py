@@ -708,6 +708,10 @@ def _profile_note(p: FittedProfile) -> str:
     )
 
 
+_LISTED = 32
+"""Instances a plan's text lists (the JSON form has them all)."""
+
+
 def plan(
     model: str | ModelSpec,
     gpus: int | GPUAllocation,
@@ -910,13 +914,16 @@ def _explain(
             f"{_rps(top[0])} req/s ({top[1]}). The best plan for the rate it can carry:"
         )
     lines.append(f"Chosen: {cand.label} ({est.gpus_used} of {total} GPUs)")
-    for k, i in enumerate(insts):
+    for k, i in enumerate(insts[:_LISTED]):
         gpus = ",".join(map(str, i.gpu_ids))
         where = f"node {i.node} " if pl.alloc.nodes > 1 else ""
         lines.append(
             f"  {k}: {i.role.value:<10} TP{i.tp} PP{i.pp}{f' EP{i.ep}' if i.ep > 1 else ''} on "
-            f"{where}GPUs {gpus}" + (f" (link {i.link_gbps:g} GB/s)" if len(i.gpu_ids) > 1 else "")
+            f"{where}GPU{'s' * (len(i.gpu_ids) > 1)} {gpus}"
+            + (f" (link {i.link_gbps:g} GB/s)" if len(i.gpu_ids) > 1 else "")
         )
+    if len(insts) > _LISTED:
+        lines.append(f"  … and {len(insts) - _LISTED} more (--json lists every instance)")
     lone = _one_role_nodes(insts) if cand.kind == "pd" and pl.alloc.nodes > 1 else ""
     if lone:
         lines.append(
@@ -994,7 +1001,10 @@ def plan_command(
         try:
             text = Path(topology_file).read_bytes().decode("utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read topology file: {exc}", key="topology") from None
+            raise ConfigError(
+                f"cannot read topology file {topology_file}: {exc.strerror or exc}",
+                key="topology",
+            ) from None
         except UnicodeDecodeError as exc:
             raise ConfigError(
                 f"{topology_file}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "

@@ -259,7 +259,7 @@ class InstanceShape:
 # -- parsing --------------------------------------------------------------------------------
 
 _GPUS_RE = re.compile(r"^(?:(\d+)\s*[x×*]\s*)?(\d+)\s*[x×*]\s*([a-z][\w.\-]*)$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|us|µs|m|min)?$")
+_DURATION_RE = re.compile(r"^(-?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|us|µs|m|min)?$")
 _UNITS: Mapping[str, float] = MappingProxyType(
     {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "m": 60.0, "min": 60.0}
 )

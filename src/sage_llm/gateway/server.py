@@ -24,6 +24,7 @@ from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.app import MANAGER_KEY, SETTINGS_KEY, create_app
+from sage_llm.gateway.auth import is_loopback
 from sage_llm.gateway.errors import protocol_error_body
 from sage_llm.gateway.lean import LeanServer
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
@@ -252,6 +253,13 @@ async def run_gateway(
             )
             try:
                 log.info("gateway listening on http://%s:%d", bind_host, bound)
+                open_to_all = not (gateway.api_keys or gateway.api_keys_env)
+                if open_to_all and bind_host != "localhost" and not is_loopback(bind_host):
+                    log.warning(
+                        "gateway on %s has no API key: anyone who can reach it may use it "
+                        "(set gateway.api_keys or gateway.api_keys_env)",
+                        bind_host,
+                    )
                 if ready is not None:
                     ready.set()
                 await stop.wait()

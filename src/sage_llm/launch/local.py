@@ -452,6 +452,11 @@ async def launch_from_config(
     problem = fleet_problem(engines, pd_enabled=pd_enabled, others=others)
     if problem is not None:
         raise ConfigError(problem)
+    if config.plan is not None:  # [launch.plan]: planned now
+        log.info(
+            "planned %s for %s on %s", config.plan.candidate.label, config.plan.model.name,
+            config.plan.gpu.name,
+        )  # fmt: skip
     return await launch_engines(
         engines, manager=manager, settings=config.settings, topology=topology
     )

@@ -98,8 +98,8 @@ class LaunchSettings:
 
     engine: Literal["vllm", "vllm-module", "sim"] = "sim"
     model: str = "llama-3-8b"
-    served_model_name: str | None = None
-    sim_model: str | None = None
+    served_model_name: str | None = opt(None, rule(nonempty=True))
+    sim_model: str | None = opt(None, rule(nonempty=True))
     sim_gpu: str = "h100"
     sim_speed: float = 1.0
     sim_entry: Literal["module", "script"] = "module"
@@ -568,8 +568,8 @@ class _LaunchTable:
 
     engine: str = opt("sim", rule(choices=ENGINE_KINDS))
     model: str = opt("llama-3-8b", rule(nonempty=True))
-    served_model_name: str | None = None
-    sim_model: str | None = None
+    served_model_name: str | None = opt(None, rule(nonempty=True))
+    sim_model: str | None = opt(None, rule(nonempty=True))
     gpu: str = opt("h100", rule(nonempty=True))
     sim_speed: float = opt(1.0, rule(gt=0))
     sim_entry: str = opt("module", rule(choices=("module", "script")))
@@ -648,8 +648,8 @@ def _read_settings(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Lau
     values = {k: getattr(read, k) for k in table if k not in _SOURCE_KEYS}
     if "gpu" in values:
         values["sim_gpu"] = values.pop("gpu")
-    if "log_dir" in values:
-        values["log_dir"] = base_dir / values["log_dir"]
+    # relative to the file, the default as a given one
+    values["log_dir"] = base_dir / values.get("log_dir", LaunchSettings.log_dir)
     try:
         return LaunchSettings(**values)
     except ConfigError as exc:
@@ -757,7 +757,7 @@ def load_launch_config(
     replacing its values; a launch file gives those keys itself.
     """
     path = Path(path)
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         data, instances = load_plan_file(path)
         values: dict[str, Any] = dict(overrides or {})
         unknown = sorted(set(values) - {f.name for f in fields(LaunchSettings)})
