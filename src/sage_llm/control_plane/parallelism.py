@@ -924,6 +924,13 @@ def _explain(
         )
     if len(insts) > _LISTED:
         lines.append(f"  … and {len(insts) - _LISTED} more (--json lists every instance)")
+    idle = total - est.gpus_used
+    if idle > 0:
+        lines.append(
+            f"  {idle} of {total} GPUs left idle: the instances of a plan share one shape (a "
+            f"PD plan's, one per role); plan the rest on their own (--gpus {idle}x"
+            f"{pl.gpu.name}) for a second pool behind the same gateway"
+        )
     lone = _one_role_nodes(insts) if cand.kind == "pd" and pl.alloc.nodes > 1 else ""
     if lone:
         lines.append(
