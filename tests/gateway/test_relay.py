@@ -555,3 +555,31 @@ def test_merge_delta_assembles_a_message_as_a_client_does() -> None:
         ],
         "annotations": ["x", "y"],  # a list without indices is extended
     }
+
+
+async def test_echo_and_prompt_logprobs_of_simulated_engines_reach_the_client() -> None:
+    """The in-process simulated engines answer ``echo`` and ``prompt_logprobs`` as vLLM's:
+    a completion led by its prompt (whole and streamed), and the prompt's logprobs in the
+    choice (a completion) or the answer (a chat)."""
+    prompt = "Tell me about the control plane."
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        url = gw.url("/v1/completions")
+        async with http.post(url, json=body_of(prompt, echo=True)) as r:
+            whole = await r.json()
+        async with http.post(url, json=body_of(prompt, echo=True, stream=True)) as r:
+            events = [e for e in await read_events(r) if isinstance(e, dict)]
+        async with http.post(url, json=body_of(prompt, prompt_logprobs=1)) as r:
+            scored = await r.json()
+        async with http.post(gw.url("/v1/chat/completions"),
+                             json=chat_body(prompt_logprobs=0)) as r:  # fmt: skip
+            chat = await r.json()
+        async with http.post(url, json=body_of(prompt, prompt_logprobs=1, stream=True)) as r:
+            refused = (r.status, await r.json())
+    assert whole["choices"][0]["text"].startswith(prompt)
+    streamed = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert streamed.startswith(prompt) and len(streamed) > len(prompt)
+    drawn = scored["choices"][0]["prompt_logprobs"]
+    assert drawn[0] is None and len(drawn) == scored["usage"]["prompt_tokens"]
+    assert chat["prompt_logprobs"][0] is None
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert refused[0] == 400 and refused[1]["error"]["param"] == "prompt_logprobs"

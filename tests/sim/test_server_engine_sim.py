@@ -364,6 +364,51 @@ async def test_chat_logprobs_in_vllms_shape(http: aiohttp.ClientSession) -> None
         assert all(e["top_logprobs"] == [] for e in bare["choices"][0]["logprobs"]["content"])
 
 
+async def test_echo_leads_a_completion_with_its_prompt(http: aiohttp.ClientSession) -> None:
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        prompt = COMPLETION["prompt"]
+        _, plain = await post(http, url, {**COMPLETION, "logprobs": 1}, "e")
+        _, out = await post(http, url, {**COMPLETION, "echo": True, "logprobs": 1}, "e")
+        text = out["choices"][0]["text"]
+        assert text == prompt + plain["choices"][0]["text"]
+        lp = out["choices"][0]["logprobs"]
+        assert "".join(lp["tokens"]) == text
+        assert lp["text_offset"] == [
+            sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))
+        ]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert out["usage"] == plain["usage"]  # the echoed prompt is not output
+        events = await stream_events(http, url, {**COMPLETION, "echo": True, "logprobs": 1}, "e")
+        parts = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert parts[0]["text"].startswith(prompt)
+        assert "".join(p["text"] for p in parts) == text
+        assert [o for p in parts for o in p["logprobs"]["text_offset"]] == lp["text_offset"]
+        status, err = await post(http, url, {**COMPLETION, "prompt": [1, 2, 3], "echo": True})
+        assert status == 400 and err["error"]["param"] == "echo"
+
+
+async def test_prompt_logprobs_in_vllms_shape(http: aiohttp.ClientSession) -> None:
+    async with served(fast_engine()) as base:
+        _, out = await post(
+            http, f"{base}/v1/completions", {**COMPLETION, "prompt_logprobs": 2}, "p"
+        )
+        drawn = out["choices"][0]["prompt_logprobs"]
+        assert len(drawn) == out["usage"]["prompt_tokens"] and drawn[0] is None
+        ids = tokens.tokenize(str(COMPLETION["prompt"]))
+        for tid, entry in zip(ids[1:], drawn[1:], strict=True):
+            mine = entry[str(tid)]
+            assert mine["logprob"] <= 0 and mine["rank"] >= 1 and 2 <= len(entry) <= 3
+            assert {"logprob", "rank", "decoded_token"} == set(mine)
+        _, chat = await post(http, f"{base}/v1/chat/completions",
+                             {**CHAT, "prompt_logprobs": 0}, "q")  # fmt: skip
+        assert chat["prompt_logprobs"][0] is None  # a chat's at the top, as vLLM's
+        assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+        status, err = await post(http, f"{base}/v1/completions",
+                                 {**COMPLETION, "prompt_logprobs": 1, "stream": True})  # fmt: skip
+        assert status == 400 and err["error"]["param"] == "prompt_logprobs"
+
+
 @pytest.mark.parametrize(
     ("path", "fields", "param"),
     [

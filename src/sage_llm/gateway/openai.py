@@ -296,6 +296,10 @@ def parse_generation(
         options = fields.stream_options
         include_usage = bool(stream and options is not None and options.include_usage)
         continuous = include_usage and bool(options and options.continuous_usage_stats)
+    if stream and body.get("prompt_logprobs") is not None:  # as vLLM refuses it
+        raise InvalidRequestError(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
     prompt_param = "messages" if chat else "prompt"
     limit = settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:

@@ -60,8 +60,19 @@ from sage_llm.errors import (
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
-from sage_llm.sim.logprobs import PseudoLogprobs, requested_logprobs
-from sage_llm.sim.server_requests import engine_default_max_tokens, prompt_token_ids
+from sage_llm.sim.logprobs import (
+    PseudoLogprobs,
+    echo_logprobs,
+    prompt_logprobs,
+    requested_logprobs,
+    requested_prompt_logprobs,
+)
+from sage_llm.sim.server_requests import (
+    engine_default_max_tokens,
+    prompt_pieces,
+    prompt_token_ids,
+    requested_echo,
+)
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
 
@@ -371,13 +382,16 @@ class SimEngine:
         min_tokens = self._min_tokens(req)
         stop_ids = self._stop_token_ids(req)
         top = requested_logprobs(req)
+        echo = requested_echo(req)
+        lead = _PromptLead(req, echo, top, requested_prompt_logprobs(req.extra, stream=False))
         await self._intake()
         stream = self._open(req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params)
         logprobs = None
         if top is not None:
             logprobs = PseudoLogprobs(
-                top, chat=req.api == "chat", seed=self._config.seed, request_id=req.request_id
-            )
+                top, chat=req.api == "chat", seed=self._config.seed, request_id=req.request_id,
+                offset=len(echo or ""),
+            )  # fmt: skip
         produced = 0
         done = False
         text_so_far = ""
@@ -414,9 +428,11 @@ class SimEngine:
                     done = True
                     self._note_finished(req.request_id, stream.queue_s, stop)
                     usage = Usage(len(prompt_ids), produced, stream.cached)
-                    yield Chunk(text, ids, finish_reason=finish, usage=usage, logprobs=lp)
+                    yield lead.first(
+                        Chunk(text, ids, finish_reason=finish, usage=usage, logprobs=lp)
+                    )
                     return
-                yield Chunk(text, ids, logprobs=lp)
+                yield lead.first(Chunk(text, ids, logprobs=lp))
         finally:
             self._close_stream(req.request_id, abort=not done)
 
@@ -814,6 +830,47 @@ class SimEngine:
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
             stream.queue.put_nowait(EngineConnectionError(message, instance_id=self._id))
+
+
+class _PromptLead:
+    """What leads a request's first chunk, as vLLM's first: a completion's echoed prompt
+    (its text, and its tokens' logprobs before the answer's) and ``prompt_logprobs`` (a
+    completion's among its choice's fields, a chat's among the answer's)."""
+
+    __slots__ = ("_chat", "_done", "_echo", "_prompt_top", "_req", "_top")
+
+    def __init__(
+        self, req: EngineRequest, echo: str | None, top: int | None, prompt_top: int | None
+    ) -> None:
+        self._req, self._echo, self._top, self._prompt_top = req, echo, top, prompt_top
+        self._chat = req.api == "chat"
+        self._done = echo is None and prompt_top is None
+
+    def first(self, chunk: Chunk) -> Chunk:
+        """``chunk``, led by the prompt's parts when it is the first."""
+        if self._done:
+            return chunk
+        self._done = True
+        req, text, lp = self._req, chunk.text, chunk.logprobs
+        if self._echo is not None:
+            text = self._echo + text
+            if self._top is not None:
+                pieces, _ = prompt_pieces(req)
+                prompt = echo_logprobs(pieces, self._top, req.request_id)
+                lp = prompt if lp is None else {k: prompt[k] + lp[k] for k in prompt}
+        extras, top = chunk.extras, chunk.top
+        if self._prompt_top is not None:
+            pieces, ids = prompt_pieces(req)
+            drawn = {"prompt_logprobs": prompt_logprobs(pieces, ids, self._prompt_top,
+                                                        req.request_id)}  # fmt: skip
+            if self._chat:
+                top = {**(top or {}), **drawn}
+            else:
+                extras = {**(extras or {}), **drawn}
+        return Chunk(
+            text, chunk.token_ids, chunk.finish_reason, chunk.usage, lp, chunk.index,
+            chunk.fields, extras, top,
+        )  # fmt: skip
 
 
 def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str] | None:

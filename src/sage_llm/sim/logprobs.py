@@ -34,8 +34,16 @@ from typing import Any
 from sage_llm.engines.base import EngineRequest
 from sage_llm.errors import InvalidRequestError
 from sage_llm.sim.text import WORDS
+from sage_llm.tokens import token_id
 
-__all__ = ["MAX_LOGPROBS", "PseudoLogprobs", "requested_logprobs"]
+__all__ = [
+    "MAX_LOGPROBS",
+    "PseudoLogprobs",
+    "echo_logprobs",
+    "prompt_logprobs",
+    "requested_logprobs",
+    "requested_prompt_logprobs",
+]
 
 MAX_LOGPROBS = 20
 """The most alternatives a request may ask for per token (vLLM's default ``max_logprobs``)."""
@@ -78,19 +86,89 @@ def requested_logprobs(req: EngineRequest) -> int | None:
     return top if wanted else None
 
 
+def requested_prompt_logprobs(body: Mapping[str, Any], *, stream: bool) -> int | None:
+    """``prompt_logprobs`` of a request body (alternatives per prompt token, 0 to
+    :data:`MAX_LOGPROBS`), or None; refused with ``stream``, as vLLM refuses it."""
+    value = body.get("prompt_logprobs")
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequestError("`prompt_logprobs` must be an integer", param="prompt_logprobs")
+    top = _count(value, "prompt_logprobs")
+    if stream:
+        raise InvalidRequestError(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
+    return top
+
+
+def _prompt_draws(
+    pieces: list[str], top: int, request_id: str
+) -> list[tuple[str, float, list[tuple[str, float]], int]]:
+    """Each prompt token after the first: its logprob, the ``top`` most likely tokens with
+    theirs, and its rank (the same draws for a request id, whoever asks)."""
+    drawer = PseudoLogprobs(top, chat=False, seed=0, request_id=f"prompt:{request_id}")
+    return [(piece, *drawer._ranked(piece)) for piece in pieces[1:]]
+
+
+def prompt_logprobs(
+    pieces: list[str], ids: list[int], top: int, request_id: str
+) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token (nothing comes before
+    it), then for each token ``{token_id: {"logprob", "rank", "decoded_token"}}`` for it and
+    the ``top`` most likely alternatives (its rank counts from 1 among them)."""
+    out: list[dict[str, Any] | None] = [None]
+    for (piece, logprob, alternatives, rank), tid in zip(
+        _prompt_draws(pieces, top, request_id), ids[1:], strict=True
+    ):
+        entry: dict[str, Any] = {}
+        entry[str(tid)] = {"logprob": logprob, "rank": rank, "decoded_token": piece}
+        for rank, (alt, lp) in enumerate(alternatives, start=1):
+            entry.setdefault(
+                str(token_id(alt)), {"logprob": lp, "rank": rank, "decoded_token": alt}
+            )
+        out.append(entry)
+    return out
+
+
+def echo_logprobs(pieces: list[str], top: int, request_id: str) -> dict[str, Any]:
+    """A completion's logprobs of its echoed prompt, in the shape of its own: the first
+    token's logprob and alternatives None (nothing comes before it), offsets from the start
+    of the prompt."""
+    drawn = _prompt_draws(pieces, top, request_id)
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [None, *(logprob for _, logprob, _, _ in drawn)],
+        "tokens": list(pieces),
+        "top_logprobs": [None, *({p: lp, **dict(alts)} for p, lp, alts, _ in drawn)],
+    }
+
+
 class PseudoLogprobs:
     """The logprobs of one request's tokens, chunk by chunk."""
 
     __slots__ = ("_chat", "_offset", "_rng", "_top")
 
-    def __init__(self, top: int, *, chat: bool, seed: int, request_id: str) -> None:
+    def __init__(
+        self, top: int, *, chat: bool, seed: int, request_id: str, offset: int = 0
+    ) -> None:
         self._top = top
         self._chat = chat
         self._rng = random.Random(f"logprobs:{seed}:{request_id}")
-        self._offset = 0
+        self._offset = offset
+        """Where the next token's text begins (an echoed prompt's length comes first)."""
 
     def _token(self, piece: str) -> tuple[float, list[tuple[str, float]]]:
         """The sampled ``piece``'s logprob and the most likely tokens with theirs."""
+        logprob, top, _ = self._ranked(piece)
+        return logprob, top
+
+    def _ranked(self, piece: str) -> tuple[float, list[tuple[str, float]], int]:
+        """:meth:`_token`, and ``piece``'s rank (1: the most likely)."""
         rng = self._rng
         ranks = max(self._top, 1) + 1
         left = 1.0
@@ -106,7 +184,7 @@ class PseudoLogprobs:
             (piece if rank == sampled else next(others), math.log(p))
             for rank, p in enumerate(probs[: self._top])
         ]
-        return math.log(probs[sampled]), top
+        return math.log(probs[sampled]), top, sampled + 1
 
     def next(self, pieces: list[str]) -> dict[str, Any]:
         """The logprobs object of a chunk of ``pieces`` (one token each)."""

@@ -389,6 +389,8 @@ class _EngineServer:
         ids: list[int] = []
         times: list[float] = []
         logprobs: list[Any] = []
+        extras: dict[str, Any] = {}
+        top: dict[str, Any] = {}
         finish: str | None = None
         usage: Usage | None = None
         it = self.engine.generate(parsed.req)
@@ -396,6 +398,8 @@ class _EngineServer:
             async for chunk in it:
                 times.append(self.clock.now())
                 texts.append(chunk.text)
+                extras.update(chunk.extras or {})
+                top.update(chunk.top or {})
                 ids.extend(chunk.token_ids)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
@@ -413,6 +417,8 @@ class _EngineServer:
         body = fmt.completion("".join(texts), finish, usage)
         choice = body["choices"][0]
         choice["logprobs"] = _join_logprobs(logprobs)
+        choice.update(extras)  # the engine's other choice fields (prompt_logprobs)
+        body.update(top)
         choice["stop_reason"] = self._stop_reason(parsed, finish)
         if parsed.token_ids:
             choice["token_ids"] = ids

@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from sage_llm import tokens
 from sage_llm.engines.base import EngineRequest, Usage
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
+from sage_llm.sim.logprobs import requested_prompt_logprobs
 
 DEFAULT_MAX_TOKENS = 16
 """A completions request's ``max_tokens`` when it gives none (vLLM's, OpenAI's)."""
@@ -26,6 +27,40 @@ def prompt_token_ids(req: EngineRequest) -> list[int]:
     if req.messages is not None:
         return tokens.tokenize(tokens.chat_prompt_text([dict(m) for m in req.messages]))
     return tokens.tokenize(req.prompt or "")
+
+
+def requested_echo(req: EngineRequest) -> str | None:
+    """The prompt text a completion's ``echo`` leads its answer with, or None (no echo, or
+    a chat: a chat's echo of its last message is not simulated). Raises
+    :class:`InvalidRequestError` for a non-boolean ``echo`` and for a prompt given as token
+    ids (the simulated engine has no vocabulary to decode them)."""
+    echo = req.extra.get("echo")
+    if echo not in (None, True, False):
+        raise InvalidRequestError("echo must be a boolean", param="echo")
+    if not echo or req.messages is not None:
+        return None
+    if not isinstance(req.prompt, str):
+        raise InvalidRequestError(
+            "the simulated engine cannot echo a prompt given as token ids (it has no "
+            "vocabulary to decode them)",
+            param="echo",
+        )
+    return req.prompt
+
+
+def prompt_pieces(req: EngineRequest) -> tuple[list[str], list[int]]:
+    """The text of each token of ``req``'s prompt (its chat template's, for a chat) and
+    its id; a prompt given as token ids has no text (empty pieces: the simulated engine
+    has no vocabulary to decode them)."""
+    if req.messages is not None:
+        text = tokens.chat_prompt_text([dict(m) for m in req.messages])
+    elif isinstance(req.prompt, str):
+        text = req.prompt
+    else:
+        ids = tokens.tokenize(req.prompt or [])
+        return [""] * len(ids), ids
+    pieces = tokens.split(text)
+    return pieces, [tokens.token_id(p) for p in pieces]
 
 
 def engine_default_max_tokens(chat: bool, prompt_tokens: int, max_model_len: int | None) -> int:
@@ -178,6 +213,8 @@ def parse_request(
     include_usage = bool(options and options.get("include_usage"))
     continuous = include_usage and bool(options and options.get("continuous_usage_stats"))
     token_ids = bool(body.get("return_token_ids"))
+    requested_echo(req)  # checked here: a 400 before the stream starts
+    requested_prompt_logprobs(req.extra, stream=stream)
     return ParsedRequest(req, stream, include_usage, role, prompt_tokens, continuous, token_ids)
 
 
