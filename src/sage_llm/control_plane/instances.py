@@ -369,6 +369,34 @@ class InstanceRegistry:
                 some = True
         return some, False
 
+    def up_members(self, model: str) -> list[tuple[str, ExecutionInstanceType]]:
+        """The instances serving ``model`` that are up (see :meth:`up_kinds`), with their
+        roles."""
+        return [
+            (s.instance_id, s.instance.instance_type)
+            for s in self._states.values()
+            if s.instance.model_name == model and s.up
+        ]
+
+    def pair_down_reason(self, model: str) -> str:
+        """Why no prefill/decode pair of ``model`` is up, for an error: the role none of
+        whose instances is up."""
+        up = self.up_members(model)
+        for role, can in (("prefill", "runs_prefill"), ("decode", "runs_decode")):
+            if not any(getattr(kind, can) for _, kind in up):
+                total = sum(
+                    1
+                    for st in self._states.values()
+                    if st.instance.model_name == model
+                    and not st.removed
+                    and getattr(st.instance.instance_type, can)
+                )
+                return (
+                    f"no {role}-capable instance of model {model!r} is healthy and accepting "
+                    f"requests right now (0 of {total})"
+                )
+        return f"no prefill/decode pair of model {model!r} is up right now"
+
     def down_reason(self, model: str) -> str:
         """Why no instance serving ``model`` is up (see :meth:`up_kinds`), for an error."""
         return self.down(model)[1]

@@ -48,7 +48,7 @@ from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.params import Gathered
 from sage_llm.control_plane.pd import build_pd
-from sage_llm.control_plane.pd.orchestrator import PD_ROLES
+from sage_llm.control_plane.pd.orchestrator import PD_ROLES, pair_exists
 from sage_llm.control_plane.records import (
     ChunkChannel,
     FinishedRecords,
@@ -279,6 +279,12 @@ class ControlPlaneManager:
     def is_running(self) -> bool:
         return self._running
 
+    @property
+    def is_accepting(self) -> bool:
+        """Running and taking new requests (False once :meth:`stop` began: while it drains
+        the requests in flight, new ones are refused)."""
+        return self._running and self._accepting
+
     async def start(self) -> None:
         """Start the dispatch loop and the per-instance health/stats loops. After
         :meth:`stop` it starts again, with new engine clients for the instances whose
@@ -492,6 +498,17 @@ class ControlPlaneManager:
 
     def get_instances(self) -> list[ExecutionInstance]:
         return [s.public_instance() for s in self._registry if not s.removed]
+
+    def servable_models(self) -> list[str]:
+        """The models a request could run for now: an instance that runs whole requests is
+        up (healthy and accepting), or, for a PD fleet, a prefill and a decode instance."""
+        registry, out = self._registry, []
+        pd = self.enable_pd_separation and self.pd_config.enabled
+        for model in sorted(registry.models()):
+            _, whole = registry.up_kinds(model)
+            if whole or (pd and pair_exists(registry.up_members(model))):
+                out.append(model)
+        return out
 
     async def check_health(self) -> dict[str, bool]:
         """Probe every instance now, as the health loop does (each outcome counts with the
@@ -1152,6 +1169,13 @@ class ControlPlaneManager:
         if unservable is not None:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
+        if not whole and not pair_exists(registry.up_members(model)):
+            # a PD fleet with one role's instances all down (ejected, or not accepting):
+            # no request can run until one is back, as when every instance is down
+            self._metrics.on_rejected("no_healthy_instance", model)
+            raise NoHealthyInstanceError(
+                registry.pair_down_reason(model), retry_after_s=registry.back_in(model, now)
+            )
         simple = dispatcher.admits_all
         if simple is not None and queued < self.max_queue_size and not self.reject_infeasible_slo:
             verdict = simple.admit_at(now)  # the same verdict, without a snapshot

@@ -470,3 +470,37 @@ def test_a_decode_leg_on_an_ejected_instance_is_moved_to_another_pair() -> None:
         assert {r.request_id for r in results if r.attempts == 2} == set(hung.request_ids)
 
     run_virtual(main())
+
+
+class _Unhealthy(ConcurrencyProbe):
+    """An engine whose health probes fail (its process gone, say)."""
+
+    async def health(self) -> bool:
+        return False
+
+
+def test_a_pd_fleet_whose_decode_pool_is_down_refuses_new_requests_at_once() -> None:
+    """The prefill instance is up, every decode instance ejected: a new request gets a 503
+    with when to retry, as when every instance is down, rather than waiting in the queue;
+    the models that can run a request leave it out (what ``/ready`` answers)."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", pd_config=PDSeparationConfig(routing_policy="always")
+        )
+        hub = KVTransferHub()
+        for n, (iid, role) in enumerate([("p0", Role.PREFILLING), ("d0", Role.DECODING)]):
+            inst = make_instance(iid, port=8000 + n, instance_type=role)
+            engine = make_sim_engine(inst, kv_hub=hub)
+            cp.register_instance(inst, client=_Unhealthy(engine) if iid == "d0" else engine)
+        async with cp:
+            await cp.check_health()  # the first probes: d0, never seen healthy, is ejected
+            assert cp.servable_models() == []
+            with pytest.raises(NoHealthyInstanceError) as err:
+                await cp.submit_request(make_metadata("r", prompt=LONG, max_tokens=4))
+            assert "no decode-capable instance of model" in err.value.message
+            assert "(0 of 1)" in err.value.message
+            assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
+            assert cp.get_status()["pending_requests"] == 0  # nothing was queued
+
+    run_virtual(main())
