@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -219,6 +220,11 @@ _MALFORMED_HEADS = {
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
         None,
     ),
+    "control-char-in-a-key": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+        b"Authorization: Bearer sk-SECRETKEY123\x01\r\nContent-Length: 2\r\n\r\n{}",
+        "authorization",
+    ),
 }
 
 
@@ -235,17 +241,20 @@ async def _exchange(port: int, data: bytes) -> bytes:
 @pytest.mark.parametrize("lean_server", [True, False])
 @pytest.mark.parametrize("case", sorted(_MALFORMED_HEADS))
 async def test_a_malformed_request_head_gets_a_json_400_and_a_closed_connection(
-    case: str, lean_server: bool
+    case: str, lean_server: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     data, param = _MALFORMED_HEADS[case]
     manager, _, _ = make_manager(1)
     await manager.start()
     runner, port = await start_gateway(manager, GatewayConfig(lean_server=lean_server))
     try:
-        raw = await _exchange(port, data)
+        with caplog.at_level(logging.DEBUG):
+            raw = await _exchange(port, data)
     finally:
         await runner.cleanup()
         await manager.stop()
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "SECRETKEY" not in logged and not any(r.exc_info for r in caplog.records)
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     assert lines[0].split(" ", 2)[1] == "400", raw
@@ -258,3 +267,4 @@ async def test_a_malformed_request_head_gets_a_json_400_and_a_closed_connection(
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", 400, param)
     assert error["message"].startswith("malformed HTTP request: ")
     assert "b'" not in error["message"]  # the client's bytes are not echoed back
+    assert headers["x-request-id"] in logged  # the answer's id, in one line of the log

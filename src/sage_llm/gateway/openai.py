@@ -507,12 +507,20 @@ class OpenAIRoutes:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        if not self.manager.is_running:
-            raise ControlPlaneNotRunningError("the control plane is not running")
+        if not self.manager.is_accepting:  # stopped, or draining its requests to stop
+            raise ControlPlaneNotRunningError("the control plane is not accepting requests")
         healthy = sum(1 for i in self.manager.get_instances() if i.is_healthy and i.is_available)
         if healthy == 0:
             raise NoHealthyInstanceError("no healthy instance is accepting requests")
-        return web.json_response({"status": "ready", "healthy_instances": healthy})
+        models = self.manager.servable_models()
+        if not models:  # e.g. a PD fleet whose decode instances are all down
+            raise NoHealthyInstanceError(
+                "no model can run a request: none has an instance, or a prefill/decode pair, "
+                "that is healthy and accepting requests"
+            )
+        return web.json_response(
+            {"status": "ready", "healthy_instances": healthy, "models": models}
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -41,7 +41,10 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 class _JsonErrorRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, answering what fails outside the app (a request head it
     cannot parse: 400; an error outside the middlewares: 500) with the gateway's JSON error
-    body, a fresh ``X-Request-Id`` and ``Connection: close``, instead of ``text/plain``."""
+    body, a fresh ``X-Request-Id`` and ``Connection: close``, instead of ``text/plain``. It
+    is logged under that id: a 400 as one line with the parser's reason, without the bytes
+    it quotes (an ``Authorization`` header among them would put a key in the log); a 500
+    with its traceback."""
 
     __slots__ = ()
 
@@ -52,12 +55,20 @@ class _JsonErrorRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # aiohttp's own: logs, and raises when a response has already started
-        super().handle_error(request, status, exc, message)
+        rid = new_request_id()
+        body = protocol_error_body(status, message)
+        if status >= 500:
+            log.error("request %s failed outside the app", rid, exc_info=exc)
+        else:  # the client's mistake: its reason, never the bytes (they may hold a key)
+            log.info(
+                "request %s from %s: %d %s", rid, request.remote, status, body["error"]["message"]
+            )
+        if request.writer.output_size > 0:  # as aiohttp's own: the answer had begun
+            raise ConnectionError(
+                "Response is sent already, cannot send another response with the error message"
+            )
         resp = web.json_response(
-            protocol_error_body(status, message),
-            status=status,
-            headers={REQUEST_ID_HEADER: new_request_id(), "Connection": "close"},
+            body, status=status, headers={REQUEST_ID_HEADER: rid, "Connection": "close"}
         )
         resp.force_close()  # the request's framing is unknown: nothing after it can be read
         return resp
