@@ -256,7 +256,8 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
         "/ready": {
             "get": _get(
                 "ready",
-                "Readiness: 200 with at least one healthy instance",
+                "Readiness: 200 when a request can run (a model has an instance, or a PD "
+                "pair, that is healthy and accepting); 503 while draining to stop",
                 _json("ReadyResponse", "Ready."),
                 ["probes"],
                 None,

@@ -318,6 +318,8 @@ class ReadyResponse(BaseModel):
     model_config = _RESPONSE
     status: str
     healthy_instances: int
+    models: list[str]
+    """The models a request can run for now."""
 
 
 # --- admin -------------------------------------------------------------------------------
