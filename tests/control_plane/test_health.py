@@ -209,12 +209,12 @@ def test_crashed_instance_is_ejected_by_probes_and_readmitted() -> None:
             assert cp.get_status()["circuits"]["sim-0"] == "open"
             assert not cp.get_instance_metrics("sim-0")["is_healthy"]
             text = cp.prometheus_metrics().decode()
-            assert 'sage_llm_instance_circuit_state{instance="sim-0"} 2.0' in text
+            assert 'sage_llm_instance_circuit_state{instance_id="sim-0"} 2.0' in text
             await asyncio.sleep(4.0)  # crash over at 5 s; cool-downs pass; a probe succeeds
             assert cp.get_status()["circuits"]["sim-0"] == "closed"
             text = cp.prometheus_metrics().decode()
-            assert 'sage_llm_instance_circuit_state{instance="sim-0"} 0.0' in text
-            assert 'circuit_transitions_total{instance="sim-0",state="open"}' in text
+            assert 'sage_llm_instance_circuit_state{instance_id="sim-0"} 0.0' in text
+            assert 'circuit_transitions_total{instance_id="sim-0",state="open"}' in text
 
     run_virtual(main())
 
@@ -567,7 +567,7 @@ def test_an_engine_that_stalls_while_its_probes_pass_is_ejected_and_its_calls_mo
         assert circuit["opened_by"] == "requests"
         assert circuit["last_failure"].startswith("stalled: its engine processed no token")
         stalls = float(
-            text.split('sage_llm_instance_stalls_total{instance="sim-0"} ')[1].split()[0]
+            text.split('sage_llm_instance_stalls_total{instance_id="sim-0"} ')[1].split()[0]
         )
         assert stalls >= 2
 

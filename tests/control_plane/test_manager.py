@@ -338,7 +338,7 @@ def test_status_metrics_and_prometheus_export() -> None:
         assert metrics.completed_requests == 5
         assert metrics.slo_compliance_rate == 1.0
         assert metrics.avg_latency_ms > 0
-        assert 'sage_llm_requests_total{instance="sim-' in text
+        assert 'sage_llm_requests_total{instance_id="sim-' in text
         assert 'status="completed"' in text
         assert "sage_llm_time_to_first_token_seconds_bucket" in text
         assert (

@@ -349,7 +349,7 @@ async def test_health_ready_and_metrics() -> None:
             assert r.status == 200
             assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
             text = await r.text()
-        assert 'sage_llm_requests_total{instance="sim-0",model="llama-3-8b"' in text
+        assert 'sage_llm_requests_total{instance_id="sim-0",model="llama-3-8b"' in text
         gw.manager.drain_instance("sim-0")
         async with http.get(gw.url("/ready")) as r:
             assert r.status == 503

@@ -105,11 +105,11 @@ def test_instance_metric_series_are_removed_on_unregister() -> None:
             results = await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
             assert {r.instance_id for r in results} == {"sim-0", "sim-1"}
             text = cp.prometheus_metrics().decode()
-            assert 'sage_llm_requests_total{instance="sim-1"' in text
+            assert 'sage_llm_requests_total{instance_id="sim-1"' in text
             cp.unregister_instance("sim-1")
             text = cp.prometheus_metrics().decode()
-            assert 'instance="sim-1"' not in text  # gauges, breaker and request series all gone
-            assert 'sage_llm_requests_total{instance="sim-0"' in text
+            assert 'instance_id="sim-1"' not in text  # gauges, breaker and request series all gone
+            assert 'sage_llm_requests_total{instance_id="sim-0"' in text
 
     run_virtual(main())
 

@@ -478,7 +478,7 @@ class HealthMonitor:
                     log.debug("stats of %s failed: %r", state.instance_id, exc)
                 else:
                     state.last_stats = stats
-                    self.metrics.instance_kv_usage.labels(instance=state.instance_id).set(
+                    self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(
                         stats.kv_usage
                     )
                     self.watch_progress(state, stats)
@@ -523,7 +523,7 @@ class HealthMonitor:
             f"stalled: its engine processed no token in {now - mark[1]:.0f} s with "
             f"{state.in_flight} request(s) in flight"
         )
-        self.metrics.instance_stalls.labels(instance=state.instance_id).inc()
+        self.metrics.instance_stalls.labels(instance_id=state.instance_id).inc()
         # as a request's failure: a trial request, not a probe (they pass), readmits it
         self._apply(state, state.breaker.force_open(now, why, request=True), why=why)
 
@@ -545,7 +545,9 @@ class HealthMonitor:
                 self._on_eject(state, why or "failures")
         else:
             log.warning("instance %s circuit is now %s", state.instance_id, moved.label)
-        self.metrics.circuit_transitions.labels(instance=state.instance_id, state=moved.label).inc()
+        self.metrics.circuit_transitions.labels(
+            instance_id=state.instance_id, state=moved.label
+        ).inc()
         self._publish(state)
         self._on_change()
 
@@ -553,8 +555,8 @@ class HealthMonitor:
         breaker = state.breaker
         state.healthy = breaker.routable
         iid = state.instance_id
-        self.metrics.instance_healthy.labels(instance=iid).set(1.0 if breaker.routable else 0.0)
-        self.metrics.circuit_state.labels(instance=iid).set(float(breaker.state.value))
+        self.metrics.instance_healthy.labels(instance_id=iid).set(1.0 if breaker.routable else 0.0)
+        self.metrics.circuit_state.labels(instance_id=iid).set(float(breaker.state.value))
 
 
 async def with_stream_timeouts(

@@ -1098,7 +1098,7 @@ class ControlPlaneManager:
         # the policy in charge: adaptive switches its inner policy on its own
         self._metrics.set_policy(policy_label(self.policy), POLICY_NAMES)
         for state in self._registry:
-            self._metrics.instance_healthy.labels(instance=state.instance_id).set(
+            self._metrics.instance_healthy.labels(instance_id=state.instance_id).set(
                 1.0 if state.healthy else 0.0
             )
         return self._metrics.exposition()

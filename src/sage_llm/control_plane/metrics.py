@@ -56,7 +56,7 @@ class ControlPlaneMetrics:
         self.requests = LiteCounter(
             f"{PREFIX}_requests",
             "Requests that ended, by final status.",
-            ["status", "model", "policy", "instance"],
+            ["status", "model", "policy", "instance_id"],
             registry=r,
         )
         self.rejected = Counter(
@@ -103,34 +103,34 @@ class ControlPlaneMetrics:
             f"{PREFIX}_requests_running", "Requests dispatched to engines.", registry=r
         )
         self.instance_in_flight = LiteGauge(
-            f"{PREFIX}_instance_in_flight", "Requests in flight per instance.", ["instance"],
+            f"{PREFIX}_instance_in_flight", "Requests in flight per instance.", ["instance_id"],
             registry=r,
         )  # fmt: skip
         self.instance_healthy = Gauge(
-            f"{PREFIX}_instance_healthy", "1 when the instance is healthy.", ["instance"],
+            f"{PREFIX}_instance_healthy", "1 when the instance is healthy.", ["instance_id"],
             registry=r,
         )  # fmt: skip
         self.circuit_state = Gauge(
             f"{PREFIX}_instance_circuit_state",
             "Circuit breaker state per instance: 0 closed, 1 half-open, 2 open.",
-            ["instance"],
+            ["instance_id"],
             registry=r,
         )
         self.circuit_transitions = Counter(
             f"{PREFIX}_instance_circuit_transitions",
             "Circuit breaker transitions per instance, by the state entered.",
-            ["instance", "state"],
+            ["instance_id", "state"],
             registry=r,
         )
         self.instance_stalls = Counter(
             f"{PREFIX}_instance_stalls",
             "Ejections of an instance as stalled: its engine processed no token for "
             "stall_timeout_s with requests in flight.",
-            ["instance"],
+            ["instance_id"],
             registry=r,
         )
         self.instance_kv_usage = Gauge(
-            f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance"],
+            f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance_id"],
             registry=r,
         )  # fmt: skip
         self.slo_requests = Counter(
@@ -251,7 +251,7 @@ class ControlPlaneMetrics:
         counter = series.get(key)
         if counter is None:
             counter = series[key] = self.requests.labels(
-                status=status.value, model=model, policy=policy, instance=instance
+                status=status.value, model=model, policy=policy, instance_id=instance
             )
         counter.inc()
         if status is RequestStatus.COMPLETED:
@@ -371,7 +371,7 @@ class ControlPlaneMetrics:
         child = self._in_flight_children.get(instance_id)
         if child is None:
             child = self._in_flight_children[instance_id] = self.instance_in_flight.labels(
-                instance=instance_id
+                instance_id=instance_id
             )
         child.set(value)
 

@@ -314,7 +314,7 @@ def test_prefill_failure_without_fallback_fails_with_the_prefill_error() -> None
             if line.startswith("sage_llm_requests_total{")
         ]
         assert counted == [
-            'sage_llm_requests_total{instance="p0",model="llama-3-8b",policy="fifo",'
+            'sage_llm_requests_total{instance_id="p0",model="llama-3-8b",policy="fifo",'
             'status="failed"} 1.0'
         ]
         assert fleet.active("p0") == fleet.active("d0") == 0
