@@ -80,3 +80,14 @@ async def test_every_dashboard_query_uses_an_exported_metric() -> None:
     }
     missing = sorted(used - exported)
     assert not missing, f"dashboard queries metrics the gateway does not export: {missing}"
+
+
+def test_every_exported_metric_is_in_the_gateway_guide() -> None:
+    """docs/gateway.md lists every metric the control plane exports, by its scraped name."""
+    from sage_llm.control_plane.metrics import ControlPlaneMetrics
+
+    guide = (DASHBOARD.parents[2] / "docs" / "gateway.md").read_text()
+    listed = set(re.findall(r"`(sage_llm_[a-z0-9_]+)`", guide))
+    families = ControlPlaneMetrics().registry.collect()
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    assert exported - listed == set()

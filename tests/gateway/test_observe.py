@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -171,3 +172,37 @@ async def test_probes_ignore_an_invalid_request_id_and_generation_routes_refuse_
                 assert (await r.json())["error"]["param"] == "x-request-id"
         async with http.get(gw.url("/v1/models"), headers={"x-request-id": bad}) as r:
             assert r.status == 400
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_error_answers_draining_and_missed_slos_are_in_the_metrics(
+    lean_server: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = GatewayConfig(lean_server=lean_server, api_keys=("k",))
+    auth = {"Authorization": "Bearer k"}
+    async with serve(2, settings=settings) as gw, aiohttp.ClientSession() as http:
+        url = gw.url("/v1/completions")
+        async with http.post(url, json=completion_body(model="nope"), headers=auth) as r:
+            assert r.status == 404
+        async with http.post(url, json=completion_body(), headers={"Authorization": "Bearer x"}):
+            pass
+        async with http.get(gw.url("/no/such/path")):
+            pass
+        tight = {**auth, "x-sage-slo-ms": "1"}  # a deadline no answer of 64 tokens meets
+        async with http.post(url, json=completion_body(max_tokens=64), headers=tight) as r:
+            await r.read()
+        for sim in ("sim-0", "sim-1"):
+            gw.manager.drain_instance(sim)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            async with http.get(gw.url("/ready")) as r:
+                assert r.status == 503
+        probed = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        async with http.get(gw.url("/metrics")) as r:
+            text = await r.text()
+    assert 'sage_llm_http_errors_total{route="/v1/completions",status="404"} 1.0' in text
+    assert 'sage_llm_http_errors_total{route="/v1/completions",status="401"} 1.0' in text
+    assert 'sage_llm_http_errors_total{route="other",status="404"} 1.0' in text
+    assert 'sage_llm_instance_draining{instance_id="sim-1"} 1.0' in text
+    assert 'sage_llm_slo_met_total{priority="normal"} 0.0' in text  # a ratio of 0, not none
+    assert probed == []  # an outage's probes are answered, not logged as failures

@@ -543,6 +543,8 @@ class HealthMonitor:
             state.context_length, state.context_asked_at = None, -math.inf  # it may restart
             if self._on_eject is not None:
                 self._on_eject(state, why or "failures")
+        elif moved is CircuitState.CLOSED:  # back: good news, not a warning
+            log.info("instance %s circuit is now %s", state.instance_id, moved.label)
         else:
             log.warning("instance %s circuit is now %s", state.instance_id, moved.label)
         self.metrics.circuit_transitions.labels(

@@ -1097,11 +1097,12 @@ class ControlPlaneManager:
         """The Prometheus exposition text of this control plane's metrics."""
         # the policy in charge: adaptive switches its inner policy on its own
         self._metrics.set_policy(policy_label(self.policy), POLICY_NAMES)
+        metrics = self._metrics
         for state in self._registry:
-            self._metrics.instance_healthy.labels(instance_id=state.instance_id).set(
-                1.0 if state.healthy else 0.0
-            )
-        return self._metrics.exposition()
+            iid = state.instance_id
+            metrics.instance_healthy.labels(instance_id=iid).set(1.0 if state.healthy else 0.0)
+            metrics.instance_draining.labels(instance_id=iid).set(1.0 if state.draining else 0.0)
+        return metrics.exposition()
 
     @property
     def metrics(self) -> ControlPlaneMetrics:

@@ -4,7 +4,7 @@ Prometheus series live in a registry owned by one :class:`ControlPlaneMetrics` (
 manager; nothing is registered globally). The same object keeps bounded in-memory windows
 for ``ControlPlaneManager.get_metrics()``.
 
-Label values are bounded: ``instance`` and ``model`` come from registered instances only,
+Label values are bounded: ``instance_id`` and ``model`` come from registered instances only,
 ``status``/``priority``/``reason`` from fixed enumerations.
 """
 
@@ -36,8 +36,9 @@ from sage_llm.types import (
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+"""Up to the gateway's default ``request_timeout_s`` (600 s): long answers are measured."""
 TOKEN_LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
     0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
@@ -110,6 +111,13 @@ class ControlPlaneMetrics:
             f"{PREFIX}_instance_healthy", "1 when the instance is healthy.", ["instance_id"],
             registry=r,
         )  # fmt: skip
+        self.instance_draining = Gauge(
+            f"{PREFIX}_instance_draining",
+            "1 while the instance is draining: it takes no new request (an operator's drain, "
+            "or its removal).",
+            ["instance_id"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             f"{PREFIX}_instance_circuit_state",
             "Circuit breaker state per instance: 0 closed, 1 half-open, 2 open.",
@@ -133,6 +141,14 @@ class ControlPlaneMetrics:
             f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance_id"],
             registry=r,
         )  # fmt: skip
+        self.http_errors = Counter(
+            f"{PREFIX}_http_errors",
+            "Requests the gateway answered with an error status, by route and status: 4xx "
+            "the client's (a bad field, an unknown model, a wrong API key …, many refused "
+            "before the control plane), 5xx the fleet's or the gateway's.",
+            ["route", "status"],
+            registry=r,
+        )
         self.slo_requests = Counter(
             f"{PREFIX}_slo_requests", "Finished requests that had an SLO.", ["priority"],
             registry=r,
@@ -281,12 +297,13 @@ class ControlPlaneMetrics:
             name = priority.name.lower()
             self._slo_total += 1
             self.slo_requests.labels(priority=name).inc()
-            counts = self._slo_by_priority.setdefault(name, [0, 0])
+            met = self.slo_met.labels(priority=name)  # 0 from its first request: attainment
+            counts = self._slo_by_priority.setdefault(name, [0, 0])  # of 0 is a ratio, too
             counts[0] += 1
             if result.slo_met:
                 counts[1] += 1
                 self._slo_met_total += 1
-                self.slo_met.labels(priority=name).inc()
+                met.inc()
 
     def on_pd_routed(self, path: str, predicted_transfer_s: float | None = None) -> None:
         """A request of a PD-enabled model was dispatched ``disaggregated`` or ``colocated``."""
@@ -348,10 +365,16 @@ class ControlPlaneMetrics:
         for name in all_names:
             self.policy_info.labels(policy=name).set(1.0 if name == active else 0.0)
 
+    def on_http_error(self, route: str, status: int) -> None:
+        """The gateway answered a request on ``route`` (one of a fixed set of labels) with
+        an error ``status`` (>= 400; 499: the client went away)."""
+        self.http_errors.labels(route=route, status=str(status)).inc()
+
     def forget_instance(self, instance_id: str) -> None:
         for gauge in (
             self.instance_in_flight,
             self.instance_healthy,
+            self.instance_draining,
             self.instance_kv_usage,
             self.circuit_state,
             self.instance_stalls,

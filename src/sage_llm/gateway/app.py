@@ -53,7 +53,11 @@ def create_app(
         client_max_size=settings.max_body_bytes,
         middlewares=[
             gateway_middleware(
-                settings.cors_origins, tracer, settings.api_keys, settings.admin_token
+                settings.cors_origins,
+                tracer,
+                settings.api_keys,
+                settings.admin_token,
+                manager.metrics.on_http_error,
             ),
         ],
     )

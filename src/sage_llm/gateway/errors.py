@@ -137,13 +137,17 @@ def internal_error_response() -> web.Response:
 
 
 def log_failure(exc: SageLLMError, request_id: str) -> None:
-    """Log why a request failed on the fleet's side (a 5xx: an engine failed, no instance
-    was healthy, a deadline passed, the control plane stopped), as a stream's error event
-    is logged; the access line alone gives only the status."""
-    if exc.http_status >= 500:
-        log.warning(
-            "request %s failed (%d %s): %s", request_id, exc.http_status, exc.error_type, exc
-        )
+    """Log why a request failed (the access line gives only the status), with its id as
+    the record's ``request_id`` (a field of its own in JSON logs): on the fleet's side (a
+    5xx: an engine failed, no instance was healthy, a deadline passed, the control plane
+    stopped) as a warning, as a stream's error event is logged; the client's (a 4xx: a bad
+    field, an unknown model, an engine's refusal of the request …) at INFO."""
+    level = logging.WARNING if exc.http_status >= 500 else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(
+            level, "request %s failed (%d %s): %s", request_id, exc.http_status,
+            exc.error_type, exc, extra={"request_id": request_id},
+        )  # fmt: skip
 
 
 def error_response(request: web.Request, exc: Exception) -> web.Response:

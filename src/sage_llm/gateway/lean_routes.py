@@ -80,6 +80,8 @@ class LeanRoutes:
         except Exception as exc:
             status = self._error(conn, exc, request, rid, headers)
         finally:
+            if status >= 400:
+                self.manager.metrics.on_http_error(request.path, status)  # a served route
             if access_log.isEnabledFor(logging.INFO):
                 latency_ms = (time.perf_counter() - started) * 1000.0
                 write_access_log(rid, request.method, request.path, status, latency_ms, model)

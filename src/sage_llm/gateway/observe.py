@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -138,6 +138,28 @@ def _bad_request_id() -> web.Response:
     return sage_error_response(bad_request_id_error())
 
 
+_ROUTES = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health",
+     "/ready", "/metrics", "/openapi.json"}
+)  # fmt: skip
+
+
+def route_label(path: str) -> str:
+    """A request path as a bounded metric label: a served route, ``/v1/models/{model}``,
+    ``/admin`` for the admin API, else ``other`` (an unknown path)."""
+    if path in _ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    if path == "/admin" or path.startswith("/admin/"):
+        return "/admin"
+    return "other"
+
+
+ErrorCounter = Callable[[str, int], None]
+"""Counts a request answered with an error status: ``(route label, status)``."""
+
+
 def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
     """The outermost middleware of one app (see the module docstring)."""
     return _observe(cors_origins, tracer, None)
@@ -148,15 +170,20 @@ def gateway_middleware(
     tracer: Any,
     api_keys: Sequence[str],
     admin_token: str | None,
+    count_error: ErrorCounter | None = None,
 ) -> Middleware:
     """:func:`observe_middleware`, :func:`~sage_llm.gateway.errors.error_middleware` and
     :func:`~sage_llm.gateway.auth.auth_middleware`, in that order, as one middleware (one
-    coroutine per request instead of three; the same responses)."""
-    return _observe(cors_origins, tracer, (tuple(api_keys), admin_token))
+    coroutine per request instead of three; the same responses); ``count_error`` counts
+    each answer with an error status."""
+    return _observe(cors_origins, tracer, (tuple(api_keys), admin_token), count_error)
 
 
 def _observe(
-    cors_origins: Sequence[str], tracer: Any, guard: tuple[tuple[str, ...], str | None] | None
+    cors_origins: Sequence[str],
+    tracer: Any,
+    guard: tuple[tuple[str, ...], str | None] | None,
+    count_error: ErrorCounter | None = None,
 ) -> Middleware:
     origins = tuple(cors_origins)
 
@@ -202,6 +229,8 @@ def _observe(
             status = 499  # the client went away
             raise
         finally:
+            if status >= 400 and count_error is not None:
+                count_error(route_label(request.path), status)
             if access_log.isEnabledFor(logging.INFO):
                 _access(request, rid, status, (time.perf_counter() - started) * 1000.0)
 

@@ -31,7 +31,12 @@ from sage_llm.errors import (
     ModelNotFoundError,
     NoHealthyInstanceError,
 )
-from sage_llm.gateway.errors import MODEL_KEY, REQUEST_ID_KEY, RESPONSE_HEADERS_KEY
+from sage_llm.gateway.errors import (
+    MODEL_KEY,
+    REQUEST_ID_KEY,
+    RESPONSE_HEADERS_KEY,
+    sage_error_response,
+)
 from sage_llm.gateway.observe import new_request_id
 from sage_llm.gateway.relay import (
     Generation,
@@ -507,16 +512,24 @@ class OpenAIRoutes:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
+        """Readiness; its 503s are answered, not raised: a load balancer probing an
+        outage every second would put a failed request in the log each time."""
         if not self.manager.is_accepting:  # stopped, or draining its requests to stop
-            raise ControlPlaneNotRunningError("the control plane is not accepting requests")
+            return sage_error_response(
+                ControlPlaneNotRunningError("the control plane is not accepting requests")
+            )
         healthy = sum(1 for i in self.manager.get_instances() if i.is_healthy and i.is_available)
         if healthy == 0:
-            raise NoHealthyInstanceError("no healthy instance is accepting requests")
+            return sage_error_response(
+                NoHealthyInstanceError("no healthy instance is accepting requests")
+            )
         models = self.manager.servable_models()
         if not models:  # e.g. a PD fleet whose decode instances are all down
-            raise NoHealthyInstanceError(
-                "no model can run a request: none has an instance, or a prefill/decode pair, "
-                "that is healthy and accepting requests"
+            return sage_error_response(
+                NoHealthyInstanceError(
+                    "no model can run a request: none has an instance, or a prefill/decode "
+                    "pair, that is healthy and accepting requests"
+                )
             )
         return web.json_response(
             {"status": "ready", "healthy_instances": healthy, "models": models}

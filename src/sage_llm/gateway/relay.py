@@ -542,5 +542,10 @@ async def _end_early(
 
 
 def _error_event(body: dict[str, Any], gen: Generation) -> bytes:
-    log.warning("stream of request %s ended with an error: %s", gen.request_id, body["error"])
+    error = body["error"]
+    log.warning(
+        "stream of request %s ended with an error (%s %s): %s", gen.request_id,
+        error.get("code"), error.get("type"), error.get("message"),
+        extra={"request_id": gen.request_id},
+    )  # fmt: skip
     return encode_event(body)
