@@ -82,12 +82,17 @@ async def test_cors_for_configured_origins() -> None:
 
 
 class _Span:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
         self.name = name
+        self.options = options
         self.attributes: dict[str, Any] = {}
+        self.status: Any = None
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
+
+    def set_status(self, status: Any) -> None:
+        self.status = status
 
 
 class _Tracer:
@@ -97,8 +102,8 @@ class _Tracer:
         self.spans: list[_Span] = []
 
     @contextmanager
-    def start_as_current_span(self, name: str) -> Iterator[_Span]:
-        span = _Span(name)
+    def start_as_current_span(self, name: str, **options: Any) -> Iterator[_Span]:
+        span = _Span(name, options)
         self.spans.append(span)
         yield span
 
@@ -109,18 +114,33 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     tracer = _Tracer()
     trace_mod = types.ModuleType("opentelemetry.trace")
     trace_mod.get_tracer = lambda name: tracer  # type: ignore[attr-defined]
+    trace_mod.SpanKind = types.SimpleNamespace(SERVER="server")  # type: ignore[attr-defined]
+    trace_mod.StatusCode = types.SimpleNamespace(ERROR="error")  # type: ignore[attr-defined]
+    trace_mod.Status = lambda code, text: (code, text)  # type: ignore[attr-defined]
+    propagate = types.ModuleType("opentelemetry.propagate")
+    propagate.extract = lambda carrier: {"parent": carrier.get("traceparent")}  # type: ignore[attr-defined]
     package = types.ModuleType("opentelemetry")
     package.trace = trace_mod  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "opentelemetry", package)
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", trace_mod)
+    monkeypatch.setitem(sys.modules, "opentelemetry.propagate", propagate)
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     settings = GatewayConfig(tracing=True)
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
-        headers = {"x-request-id": "traced"}
+        headers = {"x-request-id": "traced", "traceparent": parent}
         async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):
+            pass
+        gw.manager.drain_instance("sim-0")
+        async with http.post(gw.url("/v1/completions"), json=completion_body(),
+                             headers={"x-request-id": "refused"}):  # fmt: skip
             pass
     (span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "traced"]
     assert span.name == "POST /v1/completions"
     assert span.attributes["http.response.status_code"] == 200
+    assert span.options == {"context": {"parent": parent}, "kind": "server"}  # the caller's trace
+    assert span.attributes["gen_ai.request.model"] == "llama-3-8b" and span.status is None
+    (failed,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "refused"]
+    assert failed.status == ("error", "HTTP 503")
 
 
 def test_tracing_is_a_no_op_without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:

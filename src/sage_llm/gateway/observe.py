@@ -49,9 +49,29 @@ _CORS_ALLOW_HEADERS = (
 )
 
 
-def load_tracer(enabled: bool) -> Any:
-    """An OpenTelemetry tracer when ``enabled`` and ``opentelemetry-api`` is installed,
-    else None."""
+class Tracing:
+    """OpenTelemetry's pieces the gateway uses: a tracer, and, when the API has them, the
+    propagator that reads a caller's ``traceparent`` and the span status of an error."""
+
+    __slots__ = ("_error", "extract", "server_kind", "tracer")
+
+    def __init__(self, trace: Any, propagate: Any) -> None:
+        self.tracer = trace.get_tracer("sage_llm.gateway")
+        self.extract = getattr(propagate, "extract", None)
+        self.server_kind = getattr(getattr(trace, "SpanKind", None), "SERVER", None)
+        status, code = getattr(trace, "Status", None), getattr(trace, "StatusCode", None)
+        self._error = None if status is None or code is None else (status, code.ERROR)
+
+    def mark_error(self, span: Any, status: int) -> None:
+        """Set ``span``'s status to error for a 5xx answer (a 4xx is the client's)."""
+        if status >= 500 and self._error is not None:
+            make, error = self._error
+            span.set_status(make(error, f"HTTP {status}"))
+
+
+def load_tracer(enabled: bool) -> Tracing | None:
+    """OpenTelemetry's pieces when ``enabled`` and ``opentelemetry-api`` is installed, else
+    None."""
     if not enabled:
         return None
     try:
@@ -59,14 +79,25 @@ def load_tracer(enabled: bool) -> Any:
     except ImportError:
         log.warning("gateway tracing is enabled but opentelemetry-api is not installed")
         return None
-    return trace.get_tracer("sage_llm.gateway")
+    try:
+        propagate = importlib.import_module("opentelemetry.propagate")
+    except ImportError:
+        propagate = None
+    return Tracing(trace, propagate)
 
 
 @contextlib.contextmanager
-def _span(tracer: Any, request: web.Request, rid: str) -> Iterator[Any]:
+def _span(tracing: Tracing, request: web.Request, rid: str) -> Iterator[Any]:
+    """A server span for ``request``, a child of the caller's trace when its headers carry
+    one (``traceparent``)."""
     route = request.match_info.route.resource
     name = route.canonical if route is not None else request.path
-    with tracer.start_as_current_span(f"{request.method} {name}") as span:
+    options: dict[str, Any] = {}
+    if tracing.extract is not None:
+        options["context"] = tracing.extract(dict(request.headers))
+    if tracing.server_kind is not None:
+        options["kind"] = tracing.server_kind
+    with tracing.tracer.start_as_current_span(f"{request.method} {name}", **options) as span:
         span.set_attribute("http.request.method", request.method)
         span.set_attribute("http.route", name)
         span.set_attribute("sage.request_id", rid)
@@ -160,14 +191,14 @@ ErrorCounter = Callable[[str, int], None]
 """Counts a request answered with an error status: ``(route label, status)``."""
 
 
-def observe_middleware(cors_origins: Sequence[str], tracer: Any) -> Middleware:
+def observe_middleware(cors_origins: Sequence[str], tracer: Tracing | None) -> Middleware:
     """The outermost middleware of one app (see the module docstring)."""
     return _observe(cors_origins, tracer, None)
 
 
 def gateway_middleware(
     cors_origins: Sequence[str],
-    tracer: Any,
+    tracer: Tracing | None,
     api_keys: Sequence[str],
     admin_token: str | None,
     count_error: ErrorCounter | None = None,
@@ -181,7 +212,7 @@ def gateway_middleware(
 
 def _observe(
     cors_origins: Sequence[str],
-    tracer: Any,
+    tracer: Tracing | None,
     guard: tuple[tuple[str, ...], str | None] | None,
     count_error: ErrorCounter | None = None,
 ) -> Middleware:
@@ -221,6 +252,10 @@ def _observe(
                 with _span(tracer, request, rid) as span:
                     resp = await run(request, handler)
                     span.set_attribute("http.response.status_code", resp.status)
+                    model = request.get(MODEL_KEY)
+                    if model:
+                        span.set_attribute("gen_ai.request.model", model)
+                    tracer.mark_error(span, resp.status)
             status = resp.status
             if not resp.prepared:
                 resp.headers.update(headers)
