@@ -90,4 +90,5 @@ def test_every_exported_metric_is_in_the_gateway_guide() -> None:
     listed = set(re.findall(r"`(sage_llm_[a-z0-9_]+)`", guide))
     families = ControlPlaneMetrics().registry.collect()
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
-    assert exported - listed == set()
+    assert {name for name in exported if name.startswith("sage_llm_")} - listed == set()
+    assert "process_resident_memory_bytes" in exported and "`process_*`" in guide

@@ -15,7 +15,13 @@ from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+)
 
 from sage_llm.control_plane.promlite import (
     LiteCounter,
@@ -54,6 +60,7 @@ class ControlPlaneMetrics:
     def __init__(self, window: int = 10_000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: memory, CPU, open files (Linux)
         self.requests = LiteCounter(
             f"{PREFIX}_requests",
             "Requests that ended, by final status.",

@@ -37,12 +37,13 @@ _ERROR_TEXT = {
     "401": "Missing or invalid API key / admin token.",
     "403": "Admin API: wrong admin token, or a non-loopback client without one configured.",
     "404": "Unknown model, instance, policy or route.",
-    "409": "Conflict (duplicate instance id or request id).",
+    "409": "Conflict: an instance id or request id in use, or an instance already being removed.",
     "413": "Request body too large.",
     "429": "Queue full or deadline infeasible; see the Retry-After header.",
     "500": "Internal error.",
     "502": "The engine failed.",
-    "503": "No healthy instance, or the control plane is not running.",
+    "503": "No healthy instance (Retry-After, when one is cooling down), or the control "
+    "plane is not running.",
     "504": "The request exceeded request_timeout_s or its deadline and was cancelled.",
 }
 
@@ -51,20 +52,34 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+_ANSWER_ID = {
+    "X-Request-Id": {
+        "description": "The request's id: the one the request gave, else a fresh one.",
+        "schema": {"type": "string"},
+    }
+}
+"""The header every answer carries."""
+
+
 def _json(name: str, description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+    return {
+        "description": description,
+        "headers": dict(_ANSWER_ID),
+        "content": {"application/json": {"schema": _ref(name)}},
+    }
 
 
 def _errors(*codes: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for code in codes:
         out[code] = _json("ErrorResponse", _ERROR_TEXT[code])
-        if code == "429":
+        if code in ("429", "503"):
             out[code]["headers"] = {
+                **_ANSWER_ID,
                 "Retry-After": {
                     "description": "Seconds to wait before retrying (integer >= 1).",
                     "schema": {"type": "integer", "minimum": 1},
-                }
+                },
             }
     return out
 
@@ -303,7 +318,13 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
         },
         "/admin/instances/{instance_id}": {
             "delete": _admin(
-                "delete", "removeInstance", "Remove an instance", None, "404", path_param=True
+                "delete",
+                "removeInstance",
+                "Remove an instance",
+                None,
+                "404",
+                "409",
+                path_param=True,
             ),
         },
         "/admin/set_policy": {
