@@ -79,9 +79,10 @@ async def test_killing_an_engine_process_mid_traffic_loses_nothing() -> None:
 
 
 def _fleet(plan: str, **kwargs: object) -> ControlPlaneManager:
+    kwargs.setdefault("health", _HEALTH)
     cp = ControlPlaneManager(
         mode="simulated", scheduling_policy="fifo", enable_pd_separation=False,
-        health=_HEALTH, seed=3, **kwargs,  # type: ignore[arg-type]
+        seed=3, **kwargs,  # type: ignore[arg-type]
     )  # fmt: skip
     for i, inst in enumerate(make_instances(2, max_concurrent_requests=4)):
         engine = make_sim_engine(inst)
@@ -149,11 +150,30 @@ def test_hung_engine_hits_first_token_timeout_and_retries() -> None:
 def test_hang_mid_stream_hits_idle_timeout() -> None:
     async def main() -> None:
         timeouts = HTTPTimeouts(first_token_s=5.0, idle_s=1.0)
-        async with _fleet("hang=2", engine_timeouts=timeouts) as cp:
+        slow_probes = HealthSettings(interval_s=5.0, timeout_s=5.0)  # the idle limit comes first
+        async with _fleet("hang=2", engine_timeouts=timeouts, health=slow_probes) as cp:
             cp.drain_instance("sim-1")
             res = await cp.generate(_meta(0, max_tokens=16))
         assert res.status is RequestStatus.FAILED
         assert res.error is not None and "no next token within 1 s" in res.error
+
+    run_virtual(main())
+
+
+def test_a_call_on_an_ejected_instance_that_no_other_can_take_fails_at_once() -> None:
+    """The engine hangs (its probes too): once it is ejected, the call it holds fails with
+    that reason, as no other instance can take it, rather than wait for its time limit."""
+
+    async def main() -> None:
+        async with _fleet("hang=2") as cp:
+            cp.drain_instance("sim-1")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            res = await cp.generate(_meta(0, max_tokens=16))
+            took = loop.time() - started
+        assert res.status is RequestStatus.FAILED
+        assert res.error is not None and "instance sim-0 was ejected" in res.error
+        assert took < 5.0  # the probes' time (0.5 s each), not a request time limit
 
     run_virtual(main())
 

@@ -1202,11 +1202,12 @@ class Dispatcher:
         """Move the engine calls on ``instance_id``, just ejected, whose output has reached
         no one: each is retried elsewhere as after a failure before its first token (its
         call is cancelled, the cancellation taken back; it counts against ``max_retries``,
-        not again against the instance). A call that has delivered output stays (its first
-        token and idle limits still apply), as does one that could not be retried (no
-        retry left, or no other instance that may take it: moving it would only fail it),
-        and a disaggregated request whose prefill leg on ``instance_id`` is over. Returns
-        how many calls were moved."""
+        not again against the instance). One that cannot be retried (no retry left, or no
+        other instance that may take it now) fails at once with the ejection as its reason
+        (a 502), rather than wait on an engine its probes say is down until the request's
+        time limit (600 s by default). A call that has delivered output stays (its first
+        token and idle limits still apply), as does a disaggregated request whose prefill
+        leg on ``instance_id`` is over. Returns how many calls were moved or failed."""
         current = asyncio.current_task()
         moved = 0
         for rec in list(self.records.values()):
@@ -1226,19 +1227,18 @@ class Dispatcher:
                 run = self._pd_runs.get(rec.request_id)
                 if run is None or run.prefill.instance_id != instance_id or not run.prefill_open:
                     continue
-            if rec.attempts > self.max_retries or not self._servable(
-                rec.info.model, rec.info.excluded_instances | {instance_id}
-            ):
-                continue
             rec.evicted = EngineError(
                 f"instance {instance_id} was ejected: {why}", instance_id=instance_id
-            )
+            )  # retried where another instance may take it, else the request's failure
             if status is RequestStatus.RUNNING:
                 task.cancel()
             # else its engine call has not begun: it sees the eviction as it begins
             moved += 1
         if moved:
-            log.warning("moving %d request(s) off ejected instance %s", moved, instance_id)
+            log.warning(
+                "moving %d request(s) off ejected instance %s (failing those no other "
+                "instance can take)", moved, instance_id,
+            )  # fmt: skip
         return moved
 
     def fail_queued(self, rec: RequestRecord, reason: str) -> None:
