@@ -802,7 +802,10 @@ def bench_pd(
     ] = 20.0,
     fleets: Annotated[
         str | None,
-        typer.Option(help="Comma-separated Llama-3-8B layouts to run (default: all, and 70B)."),
+        typer.Option(
+            help="Comma-separated layouts to run (default: all): Llama-3-8B's and, with "
+            "--include-70b, Llama-3-70B's of those names (colocated, pd-1:1, adaptive-hybrid)."
+        ),
     ] = None,
 ) -> None:
     """Colocated vs PD (several P:D ratios, adaptive decider) on long-prompt and chat work."""

@@ -369,4 +369,16 @@ def test_bench_pd_writes_its_report_by_default(
     assert result.exit_code == 0, result.output
     report = tmp_path / "bench-out" / "pd" / "pd.json"
     assert "report written to bench-out/pd/pd.json" in result.output
-    assert [c["requests"] for c in json.loads(report.read_text())["cases"]] == [1]
+    cases = json.loads(report.read_text())["cases"]
+    # the layout for both models: --include-70b is the default, and --fleets names layouts
+    assert [(c["fleet"]["model"], c["requests"]) for c in cases] == [
+        ("llama-3-8b", 1), ("llama-3-70b", 1),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--no-include-70b"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(report.read_text())["cases"]) == 1
+    result = CliRunner().invoke(app, ["bench", "pd", "--n-long", "0", "--n-chat", "0"])
+    assert result.exit_code == 1
+    assert "n_long and n_chat are both 0" in result.output
+    result = CliRunner().invoke(app, ["bench", "pd", "--fleets", ""])
+    assert result.exit_code == 1 and "no fleet named; valid: colocated" in result.output

@@ -137,10 +137,38 @@ def select_fleets(names: Sequence[str], model: str = "llama-3-8b") -> list[Fleet
     """The layouts of :func:`default_fleets` called ``names`` (in that order); ConfigError
     naming the valid ones for an unknown name."""
     known = {f.name: f for f in default_fleets(model)}
+    if not names:
+        raise ConfigError(f"no fleet named; valid: {', '.join(known)}", key="fleets")
     unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise ConfigError(f"unknown fleet(s) {unknown}; valid: {', '.join(known)}", key="fleets")
+    if unknown:
+        raise ConfigError(
+            f"unknown fleet(s) {', '.join(unknown)}; valid: {', '.join(known)}", key="fleets"
+        )
     return [known[n] for n in names]
+
+
+def select_named_fleets(
+    names: Sequence[str], include_70b: bool
+) -> tuple[list[FleetSpec], list[FleetSpec]]:
+    """The Llama-3-8B layouts called ``names`` and, with ``include_70b``, the Llama-3-70B
+    ones (``colocated``, ``pd-1:1``, ``adaptive-hybrid``); ConfigError for a name that is
+    neither's, or for none."""
+    known8 = {f.name: f for f in default_fleets()}
+    known70 = {f.name: f for f in default_fleets("llama-3-70b")}
+    valid = ", ".join(dict.fromkeys([*known8, *known70]))
+    if not names:
+        raise ConfigError(f"no fleet named; valid: {valid}", key="fleets")
+    unknown = [n for n in names if n not in known8 and n not in known70]
+    if unknown:
+        raise ConfigError(f"unknown fleet(s) {', '.join(unknown)}; valid: {valid}", key="fleets")
+    eights = [known8[n] for n in names if n in known8]
+    seventies = [known70[n] for n in names if n in known70] if include_70b else []
+    if not eights and not seventies:
+        raise ConfigError(
+            f"{', '.join(names)} are 70B layouts only, and --no-include-70b leaves them out",
+            key="fleets",
+        )
+    return eights, seventies
 
 
 def check_realtime_fleet(spec: FleetSpec) -> None:
@@ -169,7 +197,8 @@ def realtime_fleets(names: Sequence[str] | None) -> list[FleetSpec]:
     counterpart); :class:`ConfigError` when that leaves none."""
     if names is None:
         return select_fleets([REALTIME_FLEET])
-    chosen = [f for f in select_fleets(names) if f.decider == "always"]
+    select_named_fleets(names, include_70b=True)  # an unknown name is reported as such
+    chosen = [f for f in default_fleets() if f.name in names and f.decider == "always"]
     if not chosen:
         raise ConfigError(
             f"the real-time part (--realtime) needs a pd-P:D layout among {', '.join(names)}",
@@ -393,21 +422,25 @@ def run_pd_bench(
     include_70b: bool = True,
     rate_70b_factor: float = 0.25,
     seed: int = 0,
+    fleets_70b: Sequence[FleetSpec] | None = None,
 ) -> dict[str, Any]:
     """The in-process (virtual time) part of the PD benchmark; returns the JSON report.
 
-    ``fleets`` defaults to :func:`default_fleets` for Llama-3-8B, plus the TP4 70B layouts
-    at ``rate_70b_factor`` of the rates when ``include_70b``.
+    ``fleets`` defaults to :func:`default_fleets` for Llama-3-8B, plus, when
+    ``include_70b``, ``fleets_70b`` at ``rate_70b_factor`` of the rates (default: the TP4 70B
+    layouts when ``fleets`` is None too, else none).
     """
-    if n_long < 0 or n_chat < 0 or n_long + n_chat < 1:
-        raise ConfigError("need at least one request", key="n_long")
+    if n_long < 0 or n_chat < 0:
+        raise ConfigError("must be >= 0", key="n_long" if n_long < 0 else "n_chat")
+    if n_long + n_chat < 1:
+        raise ConfigError("n_long and n_chat are both 0: there is no request to run")
     if not (long_rate > 0 and chat_rate > 0 and rate_70b_factor > 0):
         raise ConfigError("rates must be > 0", key="long_rate")
     plan: list[tuple[FleetSpec, Workload]] = []
     for w in _workloads(n_long, long_rate, n_chat, chat_rate, seed):
         plan.extend((f, w) for f in (fleets if fleets is not None else default_fleets()))
-    if include_70b and fleets is None:
-        f70 = default_fleets("llama-3-70b")
+    if include_70b and (fleets is None or fleets_70b is not None):  # chosen 8B: 70B as named
+        f70 = list(fleets_70b) if fleets_70b is not None else default_fleets("llama-3-70b")
         r = rate_70b_factor
         for w in _workloads(n_long, long_rate * r, n_chat, chat_rate * r, seed):
             plan.extend((f, w) for f in f70)
@@ -504,20 +537,24 @@ def pd_bench_main(
     ``out`` (default :data:`DEFAULT_OUT`; None: no file). ``realtime`` adds the
     vllm-router comparison over engine-sim processes at ``speed``× time compression, with
     the same sizes and rates, on :func:`realtime_fleets` of ``fleet_names``.
-    ``fleet_names`` keeps only the Llama-3-8B layouts of :func:`default_fleets` with those
-    names (and no 70B). Returns the exit status. Arguments, and that ``out`` can be
-    written, are checked (:class:`ConfigError`) before anything runs."""
+    ``fleet_names`` keeps only the layouts of :func:`default_fleets` with those names:
+    Llama-3-8B's and, with ``include_70b``, Llama-3-70B's. Returns the exit status.
+    Arguments, and that ``out`` can be written, are checked (:class:`ConfigError`) before
+    anything runs."""
     if not (math.isfinite(speed) and speed > 0):
         raise ConfigError(f"must be a finite number > 0, got {speed:g}", key="speed")
     if seed < 0:
         raise ConfigError(f"must be >= 0, got {seed}", key="seed")
-    fleets = None if fleet_names is None else select_fleets(fleet_names)
+    fleets: list[FleetSpec] | None = None
+    fleets_70b: list[FleetSpec] | None = None
+    if fleet_names is not None:
+        fleets, fleets_70b = select_named_fleets(fleet_names, include_70b)
     rt_fleets = realtime_fleets(fleet_names) if realtime else []
     if out is not None:
         check_out(out)
     report = run_pd_bench(
         n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
-        fleets=fleets, include_70b=include_70b, seed=seed,
+        fleets=fleets, include_70b=include_70b, seed=seed, fleets_70b=fleets_70b,
     )  # fmt: skip
     if realtime:
         from sage_llm.bench.pd_realtime import run_realtime
