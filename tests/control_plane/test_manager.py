@@ -1764,3 +1764,24 @@ def test_a_request_id_must_be_a_non_empty_string(request_id: object) -> None:
             assert err.value.param == "request_id"
 
     run_virtual(main())
+
+
+def test_a_prefix_cache_hit_does_not_make_the_prefill_estimate_faster() -> None:
+    """The prefill estimate learns from streamed TTFTs over the tokens the engine had to
+    prefill: a prompt found in its prefix cache does not count as prefilled in no time."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", engine_stream="always", seed=0)
+        cp.register_instance(make_instance("sim-0", max_concurrent_requests=8))
+        prompt = "the quick brown fox jumps " * 800  # about 4,000 tokens
+        async with cp:
+            first = await cp.generate(make_metadata("cold", prompt=prompt, max_tokens=2))
+            cold = cp.get_instance_metrics("sim-0")["est_prefill_tokens_per_s"]
+            for i in range(8):
+                again = await cp.generate(make_metadata(f"warm{i}", prompt=prompt, max_tokens=2))
+                assert again.cached_tokens > 3000  # the engine found it in its cache
+            warm = cp.get_instance_metrics("sim-0")["est_prefill_tokens_per_s"]
+        assert first.status is RequestStatus.COMPLETED
+        assert warm < 3 * cold  # counted whole, eight cache hits made it ~10x faster
+
+    run_virtual(main())

@@ -851,14 +851,22 @@ class Dispatcher:
 
     def _first_output(self, rec: RequestRecord, state: InstanceState) -> None:
         """The engine's first output for ``rec`` (a whole request on ``state``): its prefill
-        is done, and when the engine streamed, its TTFT refines ``state``'s estimate (an
-        answer that came in one piece has none)."""
+        is done. (When the engine streamed, its TTFT refines ``state``'s estimate once the
+        request ends: :meth:`_observe_prefill`.)"""
         state.queued_prefill_tokens -= rec.info.prompt_tokens
-        now = self.clock.now()
-        rec.first_token_at = now
-        if rec.engine_request.stream:
+        rec.first_token_at = self.clock.now()
+
+    @staticmethod
+    def _observe_prefill(rec: RequestRecord, state: InstanceState) -> None:
+        """A completed whole request's TTFT refines ``state``'s prefill estimate, over the
+        tokens it had to prefill: the pending ones at dispatch less those its engine found
+        in its prefix cache (known from the usage at the end; counted, a cache hit made the
+        instance look many times faster than it is for prompts that miss). An answer that
+        came in one piece has no TTFT."""
+        first, scheduled = rec.first_token_at, rec.scheduled_at
+        if rec.engine_request.stream and first is not None and scheduled is not None:
             state.observe_first_token(
-                now - (rec.scheduled_at or now), rec.pending_tokens_at_dispatch
+                first - scheduled, rec.pending_tokens_at_dispatch - rec.cached_tokens
             )
 
     # -- PD execution ----------------------------------------------------------------------
@@ -910,7 +918,7 @@ class Dispatcher:
         run.prefill_end = now
         run.prefill_cost = run.prefill.cost_per_second * leg_s
         prefill = run.prefill
-        prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch)
+        prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch - handle.cached_tokens)
         self._on_success(prefill)
         if handle.prompt_tokens:
             rec.prompt_tokens = handle.prompt_tokens
@@ -1323,6 +1331,8 @@ class Dispatcher:
             state.completed += 1
             state.tokens_generated += rec.completion_tokens
             state.record_latency(result.e2e_latency_ms)
+            if rec.prefill_instance_id is None:  # a whole request (a PD prefill leg: its own)
+                self._observe_prefill(rec, state)
             if tpot_s is not None:
                 state.observe_tpot(tpot_s)
         self.metrics.on_finished(
