@@ -280,8 +280,9 @@ def serve(
     if uses_embedded_fleet(cfg):
         sim = cfg.simulation
         log.info(
-            "no instances configured%s: starting the embedded default fleet of %d simulated "
-            "%s engines serving %s",
+            "no instances configured%s: the gateway serves an embedded fleet of %d simulated "
+            "%s engines of %s, in this process (their addresses are nominal: nothing listens "
+            "there)",
             "" if config is None else f" in {config}",
             sim.instances,
             sim.gpu,

@@ -60,7 +60,7 @@ def build_manager(
         manager.register_instance(instance)
     if uses_embedded_fleet(config):
         sim = config.simulation
-        log.info(
+        log.debug(  # serve says so at INFO; a library user sees it with debug logs
             "no instances configured: using the embedded fleet of %d simulated %s engines "
             "serving %s (speed %.1fx)",
             sim.instances,

@@ -1139,7 +1139,9 @@ class ControlPlaneManager:
                 f"request_id must be a non-empty string, got {rid!r}", param="request_id"
             )
         if meta.request_id in dispatcher.records:
-            raise ConflictError(f"request {meta.request_id!r} is already in progress")
+            raise ConflictError(
+                f"request {meta.request_id!r} is already in progress", param="request_id"
+            )
         registry = self._registry
         named = meta.model_name
         if named and registry.serves(named):

@@ -37,6 +37,7 @@ from sage_llm.errors import (
     ConflictError,
     InstanceNotFoundError,
     InvalidRequestError,
+    PolicyNotFoundError,
 )
 from sage_llm.gateway.openai import read_json, validate
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
@@ -187,8 +188,12 @@ class AdminRoutes:
 
     async def set_policy(self, request: web.Request) -> web.Response:
         req = validate(SetPolicyRequest, await read_json(request, self.read_timeout_s))
-        with _as_request_error("params"):
-            self.manager.update_policy(req.policy, req.params)
+        try:
+            with _as_request_error("params"):
+                self.manager.update_policy(req.policy, req.params)
+        except PolicyNotFoundError as exc:
+            exc.param = "policy"  # the body's field (the manager names its own argument)
+            raise
         status = self.manager.get_status()
         return web.json_response(
             {

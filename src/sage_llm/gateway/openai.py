@@ -76,7 +76,7 @@ _TYPE_HINTS = {
     "messages": "must be a non-empty list of messages",
     "stop": "must be a string or a list of strings",
     "stream": "must be a boolean",
-    "priority": "must be a priority name or an integer 0-4",
+    "priority": "must be a priority name or an integer (0-4; others are taken as the nearest)",
     "input": "must be a string or a non-empty list of strings",
 }
 
@@ -155,7 +155,9 @@ def _priority(value: object, param: str) -> RequestPriority:
     except (ValueError, TypeError):
         names = ", ".join(p.name.lower() for p in RequestPriority)
         raise InvalidRequestError(
-            f"{param}: invalid priority {value!r}; use one of {names} or 0-4", param=param
+            f"{param}: invalid priority {value!r}; use one of {names}, or an integer "
+            "(0-4; others are taken as the nearest)",
+            param=param,
         ) from None
 
 
