@@ -205,11 +205,14 @@ def test_crashed_instance_is_ejected_by_probes_and_readmitted() -> None:
         async with cp:
             await asyncio.sleep(0.9)
             assert cp.get_status()["circuits"]["sim-0"] == "closed"
+            kv = 'sage_llm_instance_kv_cache_usage{instance_id="sim-0"}'
+            assert kv in cp.prometheus_metrics().decode()  # its stats were read
             await asyncio.sleep(1.2)  # two failed probes at 1.0 and 1.5
             assert cp.get_status()["circuits"]["sim-0"] == "open"
             assert not cp.get_instance_metrics("sim-0")["is_healthy"]
             text = cp.prometheus_metrics().decode()
             assert 'sage_llm_instance_circuit_state{instance_id="sim-0"} 2.0' in text
+            assert kv not in text  # not its last figure, frozen: unknown while it is out
             await asyncio.sleep(4.0)  # crash over at 5 s; cool-downs pass; a probe succeeds
             assert cp.get_status()["circuits"]["sim-0"] == "closed"
             text = cp.prometheus_metrics().decode()

@@ -541,6 +541,8 @@ class HealthMonitor:
             )
             self.probe_soon(state.instance_id)  # its probe loop waits out the cool-down
             state.context_length, state.context_asked_at = None, -math.inf  # it may restart
+            with contextlib.suppress(KeyError):  # unknown until its stats are read again
+                self.metrics.instance_kv_usage.remove(state.instance_id)
             if self._on_eject is not None:
                 self._on_eject(state, why or "failures")
         elif moved is CircuitState.CLOSED:  # back: good news, not a warning
