@@ -493,6 +493,14 @@ def plan(
         typer.Option(help="Saved `nvidia-smi topo -m` output, or its JSON form (topo --json)."),
     ] = None,
     no_pd: Annotated[bool, typer.Option("--no-pd", help="Do not consider PD splits.")] = False,
+    per_node: Annotated[
+        bool,
+        typer.Option(
+            "--per-node",
+            help="Only plans each node of which can serve alone (as `sage-llm launch` runs "
+            "one node with its own gateway): no node with one PD role only.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Choose TP x PP x DP (x EP) and a prefill/decode split for a model on N GPUs."""
@@ -503,6 +511,7 @@ def plan(
         text = plan_command(
             model, gpus, slo_ttft, slo_tpot, prompt_len=prompt_len, output_len=output_len,
             rate=rate, topology_file=topology, allow_pd=not no_pd, as_json=as_json,
+            per_node=per_node,
         )  # fmt: skip
     except ConfigError as exc:
         names = ("model", "gpus", "slo_ttft", "slo_tpot", "prompt_len", "output_len", "rate")

@@ -574,3 +574,16 @@ def test_a_topology_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) ->
     with pytest.raises(ConfigError) as info:
         plan_command(topology_file=bad)
     assert str(info.value) == f"topology: {bad}: not UTF-8 text (byte 0xff at offset 0)"
+
+
+def test_per_node_keeps_only_plans_each_node_can_serve_alone() -> None:
+    """Two nodes of two GPUs: the best plan puts prefill on one node and decode on the
+    other; per node (as ``sage-llm launch`` runs a node), that plan is refused with why."""
+    nodes = GPUAllocation(nodes=2, gpus_per_node=2)
+    work = WorkloadProfile(prompt_mean=4000, output_mean=100)
+    best = plan("llama-3-70b", nodes, "h100", work, SLOTarget(2.0, 0.05))
+    assert best.candidate.kind == "pd"
+    alone = plan("llama-3-70b", nodes, "h100", work, SLOTarget(2.0, 0.05), per_node=True)
+    assert alone.candidate.kind == "colocated"
+    reasons = {c.label: r for c, r in alone.rejected}
+    assert "not launchable per node" in reasons[best.candidate.label]

@@ -722,11 +722,14 @@ def plan(
     *,
     allow_pd: bool = True,
     limits: EngineLimits | None = None,
+    per_node: bool = False,
 ) -> Plan:
     """The best TP × PP × DP (× EP) fleet, colocated or PD, for ``workload`` under ``slo``.
 
     ``gpus``: a count (above the node size, nodes of 8 or of the topology's GPUs, the last
-    one partial) or a :class:`GPUAllocation`; at most :data:`MAX_PLAN_GPUS`. Raises
+    one partial) or a :class:`GPUAllocation`; at most :data:`MAX_PLAN_GPUS`. ``per_node``
+    keeps only plans each node of which can serve requests on its own (no node with one
+    PD role only), as ``sage-llm launch`` runs a node with its own gateway. Raises
     ConfigError for bad inputs or when no candidate can serve the workload.
     """
     mspec, gspec = resolve_model(model), resolve_gpu(gpu)
@@ -774,6 +777,11 @@ def plan(
         insts = pl.instances(cand)
         if insts is None:
             rejected.append((cand, "the instances do not fit on the nodes' GPUs"))
+            continue
+        if per_node and cand.kind == "pd" and alloc.nodes > 1 and _one_role_nodes(insts):
+            rejected.append(
+                (cand, f"{_one_role_nodes(insts)} only one role: not launchable per node")
+            )
             continue
         sc = pl.evaluate(cand, insts)
         if sc.est.capacity_rps <= 0:
@@ -935,7 +943,8 @@ def _explain(
     if lone:
         lines.append(
             f"  {lone} only one role (the counts allow no more mixing): serve every node behind "
-            "one gateway; `sage-llm launch` of such a node alone refuses"
+            "one gateway; `sage-llm launch` of such a node alone refuses (--per-node plans "
+            "only what each node can serve alone)"
         )
     if missed:
         lines.append(f"  at the workload's {w.rate:g} req/s: SLO NOT MET (above its capacity)")
@@ -996,6 +1005,7 @@ def plan_command(
     topology_file: str | Path | None = None,
     allow_pd: bool = True,
     as_json: bool = False,
+    per_node: bool = False,
 ) -> str:
     """What ``sage-llm plan`` prints: the explanation, or the plan as JSON (``as_json``).
     A ConfigError's key is the parameter at fault (``prompt_len``, ``gpus``, ``slo_ttft`` …;
@@ -1032,7 +1042,7 @@ def plan_command(
     slo = SLOTarget(
         parse_duration(slo_ttft, key="slo_ttft"), parse_duration(slo_tpot, key="slo_tpot")
     )
-    result = plan(model, alloc, gpu, workload, slo, topology, allow_pd=allow_pd)
+    result = plan(model, alloc, gpu, workload, slo, topology, allow_pd=allow_pd, per_node=per_node)
     if as_json:
         # the name it was asked for is the one clients will send (sage-llm launch serves it)
         data = {"served_model_name": model, **result.to_dict()}

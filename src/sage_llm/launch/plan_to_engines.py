@@ -603,6 +603,8 @@ class _PlanTable:
     output_p90: int | None = opt(None, rule(ge=1))
     rate: float | None = opt(None, rule(gt=0))
     allow_pd: bool = True
+    per_node: bool = True
+    """Only plans each node of which can serve alone: a launch runs one node."""
 
 
 _SOURCE_KEYS = ("topology_file", "plan_file", "plan", "instances")
@@ -730,7 +732,10 @@ def _read_plan(
     )  # fmt: skip
     model = settings.sim_model or settings.model
     try:
-        return plan(model, alloc, gpu, workload, SLOTarget(*slo), topology, allow_pd=read.allow_pd)
+        return plan(
+            model, alloc, gpu, workload, SLOTarget(*slo), topology, allow_pd=read.allow_pd,
+            per_node=read.per_node,
+        )  # fmt: skip
     except ConfigError as exc:
         in_plan = exc.key is not None and exc.key in {f.name for f in fields(_PlanTable)}
         _add(p, path if in_plan or exc.key is None else _LAUNCH, exc)
