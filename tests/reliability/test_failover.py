@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import SimEngine
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
 from tests.factories import MODEL, make_instances
@@ -299,5 +301,45 @@ def test_draining_the_last_instance_fails_the_queued_requests_with_a_503_reason(
             assert len(failed) == 2 and all(r.attempts == 0 for r in failed)
             assert all(r.error and "every instance serving model" in r.error for r in failed)
             assert sum(r.status is RequestStatus.COMPLETED for r in results) == 4
+
+    run_virtual(main())
+
+
+class _SlowProbes:
+    """An engine whose health probes hang for a while (busy, say) while it works on."""
+
+    def __init__(self, engine: SimEngine, slow: tuple[float, float]) -> None:
+        self._engine, self._slow = engine, slow
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def health(self) -> bool:
+        start, end = self._slow
+        if start <= asyncio.get_running_loop().time() < end:
+            await asyncio.sleep(5)
+        return await self._engine.health()
+
+
+def test_a_call_stays_on_an_instance_ejected_for_a_moment() -> None:
+    """Its probes time out for 1.8 s, so it is ejected; its trial after the cool-down
+    passes, and the call it held, which no other instance could take, completes."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", scheduling_policy="fifo", enable_pd_separation=False,
+            health=_HEALTH, seed=1,
+        )  # fmt: skip
+        (inst,) = make_instances(1, max_concurrent_requests=4)
+        now = asyncio.get_running_loop().time()
+        cp.register_instance(inst, _SlowProbes(make_sim_engine(inst), (now + 1.2, now + 3.0)))
+        async with cp:
+            await asyncio.sleep(0.3)
+            res = await cp.generate(_meta(0, max_tokens=400))
+            opened = cp.metrics.circuit_transitions.labels(
+                instance_id=inst.instance_id, state="open"
+            )
+            assert opened._value.get() >= 1  # it was ejected meanwhile
+        assert res.status is RequestStatus.COMPLETED and res.completion_tokens == 400
 
     run_virtual(main())

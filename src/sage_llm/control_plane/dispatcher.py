@@ -1210,20 +1210,27 @@ class Dispatcher:
         """Move the engine calls on ``instance_id``, just ejected, whose output has reached
         no one: each is retried elsewhere as after a failure before its first token (its
         call is cancelled, the cancellation taken back; it counts against ``max_retries``,
-        not again against the instance). One that cannot be retried (no retry left, or no
-        other instance that may take it now) fails at once with the ejection as its reason
-        (a 502), rather than wait on an engine its probes say is down until the request's
-        time limit (600 s by default). A call that has delivered output stays (its first
-        token and idle limits still apply), as does a disaggregated request whose prefill
-        leg on ``instance_id`` is over. Returns how many calls were moved or failed."""
+        not again against the instance).
+
+        One that cannot be moved (no retry left, or no other instance that may take it
+        now) stays, as the instance may be back after its cool-down (probes that timed out
+        for a moment, say); if it is ejected again without having closed in between (its
+        trial failed: it is down, or hung), the call fails with the ejection as its reason
+        (a 502), rather than wait on that engine until the request's time limit (600 s by
+        default). A call that has delivered output stays (its first token and idle limits
+        still apply), as do one whose answer is whole and a disaggregated request whose
+        prefill leg on ``instance_id`` is over. Returns how many calls were moved or
+        failed."""
         current = asyncio.current_task()
-        moved = 0
+        transitions = self.registry.get(instance_id).breaker.transitions
+        moved = failed = 0
         for rec in list(self.records.values()):
             status = rec.status
             task = rec.task
             if (
                 (status is not RequestStatus.RUNNING and status is not RequestStatus.SCHEDULED)
                 or rec.delivered
+                or rec.finish_reason is not None  # its answer is whole: only its end is left
                 or rec.cancel_requested
                 or rec.evicted is not None
                 or task is None  # a relay holds a batch of it: delivered
@@ -1235,19 +1242,31 @@ class Dispatcher:
                 run = self._pd_runs.get(rec.request_id)
                 if run is None or run.prefill.instance_id != instance_id or not run.prefill_open:
                     continue
+            if rec.attempts > self.max_retries or not self._servable(
+                rec.info.model, rec.info.excluded_instances | {instance_id}
+            ):
+                stranded = rec.stranded
+                # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed
+                if stranded is None or stranded != (instance_id, transitions - 2):
+                    rec.stranded = (instance_id, transitions)  # it may be back: it stays
+                    continue
+                failed += 1  # down past its cool-down: fail it (no instance to move it to)
+            else:
+                moved += 1
             rec.evicted = EngineError(
                 f"instance {instance_id} was ejected: {why}", instance_id=instance_id
-            )  # retried where another instance may take it, else the request's failure
+            )
             if status is RequestStatus.RUNNING:
                 task.cancel()
             # else its engine call has not begun: it sees the eviction as it begins
-            moved += 1
         if moved:
+            log.warning("moving %d request(s) off ejected instance %s", moved, instance_id)
+        if failed:
             log.warning(
-                "moving %d request(s) off ejected instance %s (failing those no other "
-                "instance can take)", moved, instance_id,
+                "failing %d request(s) on instance %s: ejected again after its cool-down, "
+                "and no other instance can take them", failed, instance_id,
             )  # fmt: skip
-        return moved
+        return moved + failed
 
     def fail_queued(self, rec: RequestRecord, reason: str) -> None:
         if rec.status is RequestStatus.QUEUED:
