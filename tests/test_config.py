@@ -342,6 +342,9 @@ def test_a_vllm_service_table_is_checked_with_vllm_services_keys() -> None:
     assert err.key == "services.llm.model_id"
     err = problem('[services.llm_control_plane]\ntype = "VLLMService"\n')
     assert "the control plane's type is ControlPlaneVLLMService" in err.message
+    err = problem('[services.llm]\ntype = "VLLMService"\nscheduling_policy = "fifo"\n')
+    assert err.key == "services.llm.type"
+    assert 'for the control plane, type = "ControlPlaneVLLMService"' in err.message
 
 
 def test_example_configs_all_load() -> None:
@@ -557,6 +560,12 @@ def test_a_simulated_engine_that_cannot_start_is_refused_with_its_line() -> None
     assert parse_config(fits, "cfg.toml", env={}).control_plane.instances[1].engine == "sim"
     err = problem(entry.replace("tensor_parallel_size = 1", "tensor_parallel_size = 3"))
     assert "does not divide Llama-3-70B's 64 attention heads" in err.message
+    # in mode = "simulated", every instance's engine is simulated: judged the same way
+    simulated = entry.replace('engine = "sim"', "").replace(
+        "[services.llm_control_plane]\n", '[services.llm_control_plane]\nmode = "simulated"\n'
+    )
+    err = problem(simulated)
+    assert "instances[1]: its simulated engine cannot start" in str(err)
     # an engine that is not simulated is not judged by the simulator's GPUs
     assert parse_config(entry.replace('engine = "sim"', ""), "cfg.toml", env={}).source
 

@@ -66,6 +66,7 @@ from sage_llm.control_plane.pd.orchestrator import unservable_reason
 from sage_llm.control_plane.routing.registry import get_strategy
 from sage_llm.control_plane.scheduling.registry import params_class
 from sage_llm.errors import ConfigError, ConfigErrors, raise_problems
+from sage_llm.sim.specs import placement_problem
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 
 __all__ = [
@@ -439,6 +440,14 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
     (its control plane's table too, with ``use_control_plane``)."""
     from sage_llm.service.config import VLLMServiceConfig, control_plane_service_config
 
+    theirs = [k for k in ("scheduling_policy", "routing_strategy", "instances") if k in table]
+    if theirs and "model_id" not in table:  # a control plane's table under the old type
+        p.add(
+            (*path, "type"),
+            f"a VLLMService table holds VLLMService's keys (model_id, engine …), not "
+            f'{", ".join(theirs)}: for the control plane, type = "ControlPlaneVLLMService"',
+        )
+        return
     try:
         cfg = VLLMServiceConfig.from_dict(table)
     except ConfigError as exc:
@@ -502,6 +511,15 @@ def _control_plane(
         )
     _check_instances(service.get("instances"), cp.mode, (*spath, "instances"), env, p)
     _check_servable(cp, (*spath, "instances"), p)
+    if cp.mode == "simulated":  # every instance's engine is simulated (engine = "sim": its own)
+        for index, inst in enumerate(cp.instances):
+            tp, pp = inst.tensor_parallel_size, inst.pipeline_parallel_size
+            problem = placement_problem(inst.sim_model, inst.sim_gpu, tp=tp, pp=pp)
+            if problem is not None and inst.engine != "sim":
+                p.add(
+                    (*spath, "instances", index),
+                    f"its simulated engine cannot start: {problem}",
+                )
     return cp
 
 

@@ -127,7 +127,7 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     settings = GatewayConfig(tracing=True)
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
-        headers = {"x-request-id": "traced", "traceparent": parent}
+        headers = {"x-request-id": "traced", "Traceparent": parent}  # any case, as Go sends it
         async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):
             pass
         gw.manager.drain_instance("sim-0")

@@ -268,3 +268,22 @@ async def test_a_malformed_request_head_gets_a_json_400_and_a_closed_connection(
     assert error["message"].startswith("malformed HTTP request: ")
     assert "b'" not in error["message"]  # the client's bytes are not echoed back
     assert headers["x-request-id"] in logged  # the answer's id, in one line of the log
+
+
+async def test_an_applications_own_ctrl_c_handler_is_left_alone() -> None:
+    from sage_llm.gateway.server import _watch_signals
+
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    loop.add_signal_handler(signal.SIGINT, lambda: seen.append("mine"))
+    try:
+        undo = _watch_signals(asyncio.Event(), asyncio.Event())
+        assert undo is not None
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.05)
+        undo()
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.05)
+        assert seen == ["mine", "mine"]  # before and after: still the application's
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

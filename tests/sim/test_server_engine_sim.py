@@ -407,6 +407,21 @@ async def test_prompt_logprobs_in_vllms_shape(http: aiohttp.ClientSession) -> No
         status, err = await post(http, f"{base}/v1/completions",
                                  {**COMPLETION, "prompt_logprobs": 1, "stream": True})  # fmt: skip
         assert status == 400 and err["error"]["param"] == "prompt_logprobs"
+        # an echo's logprobs and prompt_logprobs are the same draws, whatever N each asks
+        both = {**COMPLETION, "echo": True, "logprobs": 3, "prompt_logprobs": 1}
+        _, out = await post(http, f"{base}/v1/completions", both, "b")
+        echoed = out["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
+        given = [
+            e[str(t)]["logprob"]
+            for t, e in zip(ids[1:], out["choices"][0]["prompt_logprobs"][1:], strict=True)
+        ]
+        assert echoed == given
+        # a prompt of token ids: its own token once, the alternatives under their ranks
+        by_ids = {**COMPLETION, "prompt": [9906, 1070, 77], "prompt_logprobs": 2}
+        _, ided = await post(http, f"{base}/v1/completions", by_ids, "i")
+        for entry in ided["choices"][0]["prompt_logprobs"][1:]:
+            ranks = [v["rank"] for v in entry.values()]
+            assert len(ranks) == len(set(ranks))
 
 
 @pytest.mark.parametrize(

@@ -478,9 +478,10 @@ class HealthMonitor:
                     log.debug("stats of %s failed: %r", state.instance_id, exc)
                 else:
                     state.last_stats = stats
-                    self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(
-                        stats.kv_usage
-                    )
+                    if state.breaker.routable:  # not ejected while the stats were read
+                        self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(
+                            stats.kv_usage
+                        )
                     self.watch_progress(state, stats)
             await asyncio.sleep(self.settings.stats_interval_s)
 

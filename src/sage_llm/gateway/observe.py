@@ -94,7 +94,7 @@ def _span(tracing: Tracing, request: web.Request, rid: str) -> Iterator[Any]:
     name = route.canonical if route is not None else request.path
     options: dict[str, Any] = {}
     if tracing.extract is not None:
-        options["context"] = tracing.extract(dict(request.headers))
+        options["context"] = tracing.extract(request.headers)  # any case: Traceparent too
     if tracing.server_kind is not None:
         options["kind"] = tracing.server_kind
     with tracing.tracer.start_as_current_span(f"{request.method} {name}", **options) as span:

@@ -184,7 +184,8 @@ def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], No
     ignored, so it cannot cut the shutdown short (a launcher's engines would go with it). A
     second Ctrl-C sets ``hurry``: the requests still in flight end now, each with its
     reason (a whole answer's 503, a stream's error event and ``[DONE]``), rather than the
-    process dying under them."""
+    process dying under them; a third raises ``KeyboardInterrupt``, Python's own way out.
+    Ctrl-C is taken over only from Python's or ``asyncio.run``'s handling of it."""
     loop = asyncio.get_running_loop()
 
     def sigterm() -> None:
@@ -201,13 +202,21 @@ def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], No
         elif not hurry.is_set():
             log.warning("Ctrl-C again: ending the requests in flight now")
             hurry.set()
-        else:
-            log.warning("Ctrl-C again: already ending the requests in flight")
+        else:  # a third: the way out, as Python's own Ctrl-C
+            log.warning("Ctrl-C a third time: exiting now")
+            raise KeyboardInterrupt
 
     before = signal.getsignal(signal.SIGINT)  # asyncio.run's own handler, put back after
+    # Ctrl-C is taken over only from Python's or asyncio.run's handling: an application
+    # that set its own keeps it
+    bound = getattr(before, "func", before)  # asyncio.run's: a partial of Runner._on_sigint
+    take_sigint = before is signal.default_int_handler or (
+        getattr(bound, "__func__", None) is getattr(asyncio.Runner, "_on_sigint", None)
+    )
     try:
         loop.add_signal_handler(signal.SIGTERM, sigterm)
-        loop.add_signal_handler(signal.SIGINT, sigint)
+        if take_sigint:
+            loop.add_signal_handler(signal.SIGINT, sigint)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
@@ -215,9 +224,10 @@ def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], No
 
     def undo() -> None:
         loop.remove_signal_handler(signal.SIGTERM)
-        loop.remove_signal_handler(signal.SIGINT)
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
+        if take_sigint:
+            loop.remove_signal_handler(signal.SIGINT)
+            if before is not None:
+                signal.signal(signal.SIGINT, before)
 
     return undo
 

@@ -264,10 +264,6 @@ def _messages(
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise InvalidRequestError("a chat message needs a role string", param=param)
-        if role not in CHAT_ROLES:
-            raise InvalidRequestError(
-                f"unknown chat role {role!r}; use one of {', '.join(CHAT_ROLES)}", param=param
-            )
         content = message.get("content")
         parts = isinstance(content, list) and all(isinstance(c, Mapping) for c in content)
         if (
@@ -288,10 +284,6 @@ def _messages(
             ) from None
         out.append(dict(message))
     return out
-
-
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-"""The roles of OpenAI's chat messages (vLLM's chat templates know no others)."""
 
 
 # -- generate options ----------------------------------------------------------------------

@@ -106,9 +106,14 @@ def _prompt_draws(
     pieces: list[str], top: int, request_id: str
 ) -> list[tuple[str, float, list[tuple[str, float]], int]]:
     """Each prompt token after the first: its logprob, the ``top`` most likely tokens with
-    theirs, and its rank (the same draws for a request id, whoever asks)."""
-    drawer = PseudoLogprobs(top, chat=False, seed=0, request_id=f"prompt:{request_id}")
-    return [(piece, *drawer._ranked(piece)) for piece in pieces[1:]]
+    theirs, and its rank: the same draws for a request id whatever ``top`` (an echo's and
+    ``prompt_logprobs`` agree), ``top`` only cutting the list of alternatives."""
+    drawer = PseudoLogprobs(MAX_LOGPROBS, chat=False, seed=0, request_id=f"prompt:{request_id}")
+    out = []
+    for piece in pieces[1:]:
+        logprob, alternatives, rank = drawer._ranked(piece)
+        out.append((piece, logprob, alternatives[:top], rank))
+    return out
 
 
 def prompt_logprobs(
@@ -123,10 +128,9 @@ def prompt_logprobs(
     ):
         entry: dict[str, Any] = {}
         entry[str(tid)] = {"logprob": logprob, "rank": rank, "decoded_token": piece}
-        for rank, (alt, lp) in enumerate(alternatives, start=1):
-            entry.setdefault(
-                str(token_id(alt)), {"logprob": lp, "rank": rank, "decoded_token": alt}
-            )
+        for place, (alt, lp) in enumerate(alternatives, start=1):
+            if place != rank:  # the prompt's own token is listed once, under its id
+                entry[str(token_id(alt))] = {"logprob": lp, "rank": place, "decoded_token": alt}
         out.append(entry)
     return out
 
