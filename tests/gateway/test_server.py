@@ -277,7 +277,7 @@ async def test_an_applications_own_ctrl_c_handler_is_left_alone() -> None:
     seen: list[str] = []
     loop.add_signal_handler(signal.SIGINT, lambda: seen.append("mine"))
     try:
-        undo = _watch_signals(asyncio.Event(), asyncio.Event())
+        undo = _watch_signals(asyncio.Event(), asyncio.Event(), asyncio.Event())
         assert undo is not None
         os.kill(os.getpid(), signal.SIGINT)
         await asyncio.sleep(0.05)

@@ -176,7 +176,9 @@ async def start_gateway(
     return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
-def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], None] | None:
+def _watch_signals(
+    stop: asyncio.Event, hurry: asyncio.Event, listening: asyncio.Event
+) -> Callable[[], None] | None:
     """Watch SIGTERM and SIGINT (Ctrl-C) on the loop, where it can (the main thread, Unix),
     until the shutdown is over; returns what undoes it (None where it cannot watch).
 
@@ -184,8 +186,9 @@ def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], No
     ignored, so it cannot cut the shutdown short (a launcher's engines would go with it). A
     second Ctrl-C sets ``hurry``: the requests still in flight end now, each with its
     reason (a whole answer's 503, a stream's error event and ``[DONE]``), rather than the
-    process dying under them; a third raises ``KeyboardInterrupt``, Python's own way out.
-    Ctrl-C is taken over only from Python's or ``asyncio.run``'s handling of it."""
+    process dying under them; a third raises ``KeyboardInterrupt``, Python's own way out, as
+    does a Ctrl-C before ``listening`` is set (while the gateway starts). Ctrl-C is taken
+    over only from Python's or ``asyncio.run``'s handling of it."""
     loop = asyncio.get_running_loop()
 
     def sigterm() -> None:
@@ -196,6 +199,8 @@ def _watch_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], No
         stop.set()
 
     def sigint() -> None:
+        if not listening.is_set():  # still starting: Ctrl-C interrupts it, as it always did
+            raise KeyboardInterrupt
         if not stop.is_set():
             log.info("Ctrl-C: shutting down (Ctrl-C again ends the requests in flight now)")
             stop.set()
@@ -263,8 +268,9 @@ async def run_gateway(
             "(its queue and fleet state are not shared between processes)",
             gateway.workers,
         )
-    stop, hurry = asyncio.Event(), asyncio.Event()
-    unwatch = _watch_signals(stop, hurry)  # until the shutdown is over, not only until a signal
+    stop, hurry, listening = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    # until the shutdown is over, not only until a signal
+    unwatch = _watch_signals(stop, hurry, listening)
     try:
         await manager.start()
         try:
@@ -281,6 +287,7 @@ async def run_gateway(
                         "(set gateway.api_keys or gateway.api_keys_env)",
                         bind_host,
                     )
+                listening.set()
                 if ready is not None:
                     ready.set()
                 await stop.wait()
