@@ -490,7 +490,9 @@ def plan(
     ] = None,
     topology: Annotated[
         Path | None,
-        typer.Option(help="Saved `nvidia-smi topo -m` output, or its JSON form (topo --json)."),
+        typer.Option(
+            help="Saved `nvidia-smi topo -m` output, or its JSON form (docs/topology.md)."
+        ),
     ] = None,
     no_pd: Annotated[bool, typer.Option("--no-pd", help="Do not consider PD splits.")] = False,
     per_node: Annotated[
