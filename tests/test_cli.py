@@ -520,7 +520,9 @@ def test_topo_and_plan_read_the_json_topology_form(tmp_path: Path) -> None:
     saved = Path(__file__).parent / "fixtures" / "topology" / "a100-pcie-4gpu-nv12-pair-mlx5.txt"
     topology = parse_nvidia_smi_topo(saved.read_text())
     as_json = tmp_path / "topo.json"
-    as_json.write_text(json.dumps(topology.to_dict()))
+    code, written = invoke("topo", "--file", str(saved), "--json")  # the form to save
+    assert code == 0 and json.loads(written) == topology.to_dict()
+    as_json.write_text(written)
     code, output = invoke("topo", "--file", str(as_json))
     assert code == 0 and output == topology.describe() + "\n"
     code, output = invoke("plan", "--model", "llama-3-8b", "--gpus", "4xA100", "--topology",

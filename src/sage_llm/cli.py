@@ -453,22 +453,35 @@ def topo(
         Path | None,
         typer.Option(help="Parse this saved `nvidia-smi topo -m` output (or its JSON form)."),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the topology's JSON form (what --topology and topology_file read).",
+        ),
+    ] = False,
 ) -> None:
     """Show this machine's GPU topology (NVLink domains, NUMA nodes, PCIe distances)."""
+    import json
+
     from sage_llm.control_plane.parallelism import parse_topology_text
-    from sage_llm.control_plane.topology import detect_topology
+    from sage_llm.control_plane.topology import Topology, detect_topology
+
+    def show(topology: Topology) -> None:
+        text = json.dumps(topology.to_dict(), indent=2) if as_json else topology.describe()
+        typer.echo(text)
 
     if file is not None:
         try:
             topology = parse_topology_text(_read_text(file))
         except SageLLMError as exc:
             _fail(f"{file}: {exc}")
-        typer.echo(topology.describe())
+        show(topology)
         return
     detected = detect_topology()
-    if detected.message:
-        typer.echo(detected.message)
-    typer.echo(detected.topology.describe())
+    if detected.message:  # on stderr with --json: stdout is the document
+        typer.echo(detected.message, err=as_json)
+    show(detected.topology)
 
 
 @app.command()
@@ -490,9 +503,7 @@ def plan(
     ] = None,
     topology: Annotated[
         Path | None,
-        typer.Option(
-            help="Saved `nvidia-smi topo -m` output, or its JSON form (docs/topology.md)."
-        ),
+        typer.Option(help="Saved `nvidia-smi topo -m` output, or its JSON form (topo --json)."),
     ] = None,
     no_pd: Annotated[bool, typer.Option("--no-pd", help="Do not consider PD splits.")] = False,
     per_node: Annotated[
