@@ -160,6 +160,16 @@ async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
 
 
 async def test_a_second_ctrl_c_ends_the_requests_in_flight_with_their_reason() -> None:
+    # as in a terminal: a job started in the background of a script ignores Ctrl-C (SIG_IGN
+    # from its shell), and the gateway leaves an ignored Ctrl-C ignored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        await _two_ctrl_c()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+async def _two_ctrl_c() -> None:
     manager, probes, _ = make_manager(1, hold=lambda rid: rid == "held")
     port = _free_port()
     ready = asyncio.Event()
@@ -167,6 +177,7 @@ async def test_a_second_ctrl_c_ends_the_requests_in_flight_with_their_reason() -
     settings = GatewayConfig(port=port, shutdown_timeout_s=60)
     server = asyncio.create_task(run_gateway(manager, settings, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
+    assert signal.getsignal(signal.SIGINT) is not before  # taken over while it serves
     url = f"http://127.0.0.1:{port}/v1/completions"
     async with aiohttp.ClientSession() as http:
         async with http.post(
@@ -174,8 +185,11 @@ async def test_a_second_ctrl_c_ends_the_requests_in_flight_with_their_reason() -
         ) as stream:
             await stream.content.readline()
             os.kill(os.getpid(), signal.SIGINT)  # the first: a graceful shutdown, which waits
-            await asyncio.sleep(0.05)
-            assert not server.done()
+            for _ in range(50):  # until the shutdown has begun (new requests refused)
+                await asyncio.sleep(0.01)
+                if not manager.is_accepting:
+                    break
+            assert not manager.is_accepting and not server.done()
             os.kill(os.getpid(), signal.SIGINT)  # the second: end it now, with its reason
             rest = await asyncio.wait_for(stream.text(), 10)
         await asyncio.wait_for(server, 10)  # well before the 60 s drain
@@ -287,3 +301,19 @@ async def test_an_applications_own_ctrl_c_handler_is_left_alone() -> None:
         assert seen == ["mine", "mine"]  # before and after: still the application's
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+
+
+async def test_an_ignored_ctrl_c_stays_ignored() -> None:
+    """A gateway started with Ctrl-C ignored (nohup, a script's background job) keeps it
+    ignored: it stops on SIGTERM, as such jobs are stopped."""
+    from sage_llm.gateway.server import _watch_signals
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        undo = _watch_signals(asyncio.Event(), asyncio.Event(), asyncio.Event())
+        assert undo is not None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        undo()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
