@@ -24,7 +24,7 @@ from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutErr
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
-from tests.factories import make_instances
+from tests.factories import make_instances, make_metadata
 
 
 def test_breaker_opens_after_threshold_and_recovers_through_half_open() -> None:
@@ -173,6 +173,7 @@ def _manager(
     failure_threshold: int = 2,
     move_on_eject: bool = True,
     stall_timeout_s: float | None = 60.0,
+    bound: int = 8,
     **kwargs: object,
 ) -> ControlPlaneManager:
     """``n`` simulated instances, the first under ``plan``'s faults; probes every
@@ -193,7 +194,7 @@ def _manager(
         seed=1,
         **kwargs,  # type: ignore[arg-type]
     )
-    for i, inst in enumerate(make_instances(n, max_concurrent_requests=8)):
+    for i, inst in enumerate(make_instances(n, max_concurrent_requests=bound)):
         engine = make_sim_engine(inst)
         cp.register_instance(inst, FaultyEngineClient(engine, plan) if i == 0 else engine)
     return cp
@@ -663,5 +664,28 @@ def test_a_failed_call_whose_only_other_instance_is_ejected_fails_not_waits() ->
             assert cp.clock.now() - started < 1.0
             assert err.value.instance_id == "sim-0"
             assert (await cp.get_request_status("r")) is RequestStatus.FAILED
+
+    run_virtual(main())
+
+
+def test_queued_requests_fail_once_the_fleet_fails_its_trial() -> None:
+    """One instance, one slot, requests queued behind its running one: the engine crashes
+    and stays down. Once its trial after the cool-down fails too, the queued requests fail
+    with 503's reason and when to retry, rather than wait for their own limits."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse("crash@1+600"), n=1, bound=1)
+        async with cp:
+            rids = [
+                await cp.submit_request(make_metadata(f"q{i}", max_tokens=2000)) for i in range(3)
+            ]
+            started = asyncio.get_running_loop().time()
+            results = [await cp.wait_for_result(rid) for rid in rids]
+            took = asyncio.get_running_loop().time() - started
+        assert all(r.status is RequestStatus.FAILED for r in results)
+        queued = [r for r in results if r.attempts == 0]
+        assert queued, "some requests were still queued when the engine crashed"
+        assert all("failed its trial after its cool-down" in (r.error or "") for r in queued)
+        assert took < 30.0  # the breaker's cool-downs, not a request's 600 s limit
 
     run_virtual(main())

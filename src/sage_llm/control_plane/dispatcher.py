@@ -179,7 +179,9 @@ def failure_error(
     if isinstance(exception, DeadlineExceededError):
         return DeadlineExceededError(result.error or exception.message)
     if isinstance(exception, NoHealthyInstanceError):
-        return NoHealthyInstanceError(result.error or exception.message)
+        return NoHealthyInstanceError(
+            result.error or exception.message, retry_after_s=exception.retry_after_s
+        )
     refusal = refusal_of(exception) if exception is not None else None
     if refusal is not None:  # the client's request was refused: a 400, not a 502
         return EngineRequestRejectedError(
@@ -1051,6 +1053,10 @@ class Dispatcher:
         if self._retryable(rec, exc) and self._servable(rec.info.model, excluded):
             return False
         return None
+
+    def servable_now(self, model: str) -> bool:
+        """Whether some instance, or PD pair, may take a request for ``model`` now."""
+        return self._servable(model, frozenset())
 
     def _servable(self, model: str, excluded: frozenset[str], *, whole_only: bool = False) -> bool:
         """Whether instances outside ``excluded`` could run a request for ``model`` (whole, or

@@ -1290,8 +1290,31 @@ class ControlPlaneManager:
             self._dispatcher.wake()
 
     def _evict(self, state: InstanceState, why: str) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.evict(state.instance_id, why)
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            return
+        dispatcher.evict(state.instance_id, why)
+        if state.breaker.opens >= 2:  # ejected again, its trial failed: it is down
+            self._fail_stranded_queue(state.instance.model_name, why)
+
+    def _fail_stranded_queue(self, model: str, why: str) -> None:
+        """Fail the queued requests of ``model`` when none of its instances may take a
+        request now and one has just failed its trial after a cool-down: the fleet is down,
+        not briefly out, and they would wait until their own limits
+        (:class:`NoHealthyInstanceError`, a 503 with ``Retry-After`` over HTTP)."""
+        dispatcher = self._require_dispatcher()
+        if dispatcher.servable_now(model):
+            return
+        now = self.clock.now()
+        retry_after = self._registry.back_in(model, now)
+        reason = (
+            f"no instance of model {model!r} can take requests: they are ejected, and one "
+            f"failed its trial after its cool-down ({why})"
+        )
+        for rec in list(dispatcher.records.values()):
+            if rec.status is RequestStatus.QUEUED and rec.info.model == model:
+                rec.exception = NoHealthyInstanceError(reason, retry_after_s=retry_after)
+                dispatcher.fail_queued(rec, reason)
 
     def _start_instance_loops(self, state: InstanceState) -> None:
         if not self.enable_monitoring:
