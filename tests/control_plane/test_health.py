@@ -689,3 +689,49 @@ def test_queued_requests_fail_once_the_fleet_fails_its_trial() -> None:
         assert took < 30.0  # the breaker's cool-downs, not a request's 600 s limit
 
     run_virtual(main())
+
+
+class _Blips:
+    """An engine whose probes fail during ``windows`` (seconds from ``t0``)."""
+
+    def __init__(self, engine: Any, windows: list[tuple[float, float]], t0: float) -> None:
+        self._engine, self._windows, self._t0 = engine, windows, t0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def health(self) -> bool:
+        t = asyncio.get_running_loop().time() - self._t0
+        if any(a <= t < b for a, b in self._windows):
+            return False
+        return bool(await self._engine.health())
+
+
+def test_queued_requests_wait_through_two_short_ejections_whose_trials_pass() -> None:
+    """Ejected twice within a short while, but each trial after the cool-down passes: the
+    queued requests wait and complete (only a failed trial means the fleet is down)."""
+
+    async def main() -> None:
+        settings = HealthSettings(
+            interval_s=0.5, timeout_s=0.2,
+            breaker=BreakerSettings(failure_threshold=2, base_cooldown_s=0.5, max_cooldown_s=4.0),
+        )  # fmt: skip
+        cp = ControlPlaneManager(
+            mode="simulated", health=settings, enable_pd_separation=False, seed=1
+        )
+        (inst,) = make_instances(1, max_concurrent_requests=1)
+        t0 = asyncio.get_running_loop().time()
+        cp.register_instance(inst, _Blips(make_sim_engine(inst), [(1.0, 1.9), (3.5, 4.4)], t0))
+        async with cp:
+            await asyncio.sleep(0.2)
+            rids = [
+                await cp.submit_request(make_metadata(f"q{i}", max_tokens=3000)) for i in range(4)
+            ]
+            results = [await cp.wait_for_result(rid) for rid in rids]
+            opened = cp.metrics.circuit_transitions.labels(instance_id="sim-0", state="open")
+            assert opened._value.get() == 2  # the two short ejections
+        assert [r.status for r in results] == [RequestStatus.COMPLETED] * 4, [
+            r.error for r in results
+        ]
+
+    run_virtual(main())

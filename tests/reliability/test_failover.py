@@ -321,9 +321,11 @@ class _SlowProbes:
         return await self._engine.health()
 
 
-def test_a_call_stays_on_an_instance_ejected_for_a_moment() -> None:
-    """Its probes time out for 1.8 s, so it is ejected; its trial after the cool-down
-    passes, and the call it held, which no other instance could take, completes."""
+@pytest.mark.parametrize(("slow_until", "tokens"), [(3.0, 400), (5.0, 2000)])
+def test_a_call_stays_on_an_instance_ejected_for_a_moment(slow_until: float, tokens: int) -> None:
+    """Its probes time out for a while, so it is ejected; the call it held, which no other
+    instance could take, completes: its trial after the cool-down passes (until 3.0), or it
+    fails but the call has had tokens meanwhile (until 5.0: the engine works on)."""
 
     async def main() -> None:
         cp = ControlPlaneManager(
@@ -332,14 +334,15 @@ def test_a_call_stays_on_an_instance_ejected_for_a_moment() -> None:
         )  # fmt: skip
         (inst,) = make_instances(1, max_concurrent_requests=4)
         now = asyncio.get_running_loop().time()
-        cp.register_instance(inst, _SlowProbes(make_sim_engine(inst), (now + 1.2, now + 3.0)))
+        slow = (now + 1.2, now + slow_until)
+        cp.register_instance(inst, _SlowProbes(make_sim_engine(inst), slow))
         async with cp:
             await asyncio.sleep(0.3)
-            res = await cp.generate(_meta(0, max_tokens=400))
+            res = await cp.generate(_meta(0, max_tokens=tokens))
             opened = cp.metrics.circuit_transitions.labels(
                 instance_id=inst.instance_id, state="open"
             )
             assert opened._value.get() >= 1  # it was ejected meanwhile
-        assert res.status is RequestStatus.COMPLETED and res.completion_tokens == 400
+        assert res.status is RequestStatus.COMPLETED and res.completion_tokens == tokens
 
     run_virtual(main())

@@ -1221,12 +1221,12 @@ class Dispatcher:
         One that cannot be moved (no retry left, or no other instance that may take it
         now) stays, as the instance may be back after its cool-down (probes that timed out
         for a moment, say); if it is ejected again without having closed in between (its
-        trial failed: it is down, or hung), the call fails with the ejection as its reason
-        (a 502), rather than wait on that engine until the request's time limit (600 s by
-        default). A call that has delivered output stays (its first token and idle limits
-        still apply), as do one whose answer is whole and a disaggregated request whose
-        prefill leg on ``instance_id`` is over. Returns how many calls were moved or
-        failed."""
+        trial failed: it is down, or hung) and the call has had no token meanwhile, the call
+        fails with the ejection as its reason (a 502), rather than wait on that engine
+        until the request's time limit (600 s by default). A call that has delivered
+        output stays (its first token and idle limits still apply), as do one whose answer
+        is whole and a disaggregated request whose prefill leg on ``instance_id`` is over.
+        Returns how many calls were moved or failed."""
         current = asyncio.current_task()
         transitions = self.registry.get(instance_id).breaker.transitions
         moved = failed = 0
@@ -1251,10 +1251,11 @@ class Dispatcher:
             if rec.attempts > self.max_retries or not self._servable(
                 rec.info.model, rec.info.excluded_instances | {instance_id}
             ):
-                stranded = rec.stranded
-                # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed
-                if stranded is None or stranded != (instance_id, transitions - 2):
-                    rec.stranded = (instance_id, transitions)  # it may be back: it stays
+                produced = rec.completion_tokens
+                # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed; and no token
+                # came for the call meanwhile (a busy engine's probes may fail as it works)
+                if rec.stranded != (instance_id, transitions - 2, produced):
+                    rec.stranded = (instance_id, transitions, produced)  # it stays
                     continue
                 failed += 1  # down past its cool-down: fail it (no instance to move it to)
             else:

@@ -125,6 +125,8 @@ class CircuitBreaker:
         self._request_failures = 0
         self.trial_successes = 0
         self.opens = 0  # openings since the breaker last stayed closed for max_cooldown_s
+        self.trial_failed = False
+        """Whether the last move was a failed trial: HALF_OPEN back to OPEN."""
         self.open_until = 0.0
         self.transitions = 0
         self.changed_at: float | None = None
@@ -155,6 +157,7 @@ class CircuitBreaker:
         return float(min(s.max_cooldown_s, s.base_cooldown_s * 2 ** max(self.opens - 1, 0)))
 
     def _move(self, state: CircuitState, now: float) -> CircuitState:
+        self.trial_failed = self.state is CircuitState.HALF_OPEN and state is CircuitState.OPEN
         self.state = state
         self.transitions += 1
         self.changed_at = now

@@ -1294,7 +1294,7 @@ class ControlPlaneManager:
         if dispatcher is None:
             return
         dispatcher.evict(state.instance_id, why)
-        if state.breaker.opens >= 2:  # ejected again, its trial failed: it is down
+        if state.breaker.trial_failed:  # ejected again from its trial: it is down
             self._fail_stranded_queue(state.instance.model_name, why)
 
     def _fail_stranded_queue(self, model: str, why: str) -> None:

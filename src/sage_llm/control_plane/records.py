@@ -81,10 +81,11 @@ class RequestRecord:
     evicted: EngineError | None = None
     """Why its engine call is being moved off its instance (the instance was ejected while
     the call had delivered nothing): the error it is retried elsewhere with."""
-    stranded: tuple[str, int] | None = None
+    stranded: tuple[str, int, int] | None = None
     """The instance its call stayed on when that was ejected and no other could take it,
-    with the instance's breaker transitions then: if the instance fails its next trial
-    (ejected again without having closed), the call fails."""
+    with the instance's breaker transitions and the call's output tokens then: if the
+    instance fails its next trial (ejected again without having closed) and the call has
+    produced nothing since, the call fails."""
     queued_at: float = 0.0
     scheduled_at: float | None = None
     first_token_at: float | None = None

@@ -231,8 +231,13 @@ def _watch_signals(
         loop.remove_signal_handler(signal.SIGTERM)
         if take_sigint:
             loop.remove_signal_handler(signal.SIGINT)
-            if before is not None:
-                signal.signal(signal.SIGINT, before)
+            # asyncio.run's handler only while its run lasts (after a KeyboardInterrupt it
+            # has ended: Python's own then, for a later asyncio.run to take over)
+            main_task = getattr(before, "keywords", {}).get("main_task")
+            ended = isinstance(main_task, asyncio.Task) and (
+                main_task.done() or main_task.cancelling() > 0
+            )
+            signal.signal(signal.SIGINT, signal.default_int_handler if ended else before)
 
     return undo
 
