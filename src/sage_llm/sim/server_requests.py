@@ -21,12 +21,20 @@ its end-of-sequence token (or the context's end); the simulated model has none, 
 its answers here (the control plane's ``default_max_tokens`` estimates them the same)."""
 
 
+def _prompt_text(req: EngineRequest) -> str | None:
+    """``req``'s prompt as text (its chat template's, for a chat); None for a prompt given
+    as token ids."""
+    if req.messages is not None:
+        return tokens.chat_prompt_text([dict(m) for m in req.messages])
+    prompt = req.prompt
+    return prompt if isinstance(prompt, str) else None if prompt else ""
+
+
 def prompt_token_ids(req: EngineRequest) -> list[int]:
     """The token ids of ``req``'s prompt (its chat template's, for a chat), by the shared
     tokenizer the simulated engine counts with (not checked: see ``SimEngine``)."""
-    if req.messages is not None:
-        return tokens.tokenize(tokens.chat_prompt_text([dict(m) for m in req.messages]))
-    return tokens.tokenize(req.prompt or "")
+    text = _prompt_text(req)
+    return tokens.tokenize(req.prompt or [] if text is None else text)
 
 
 def requested_echo(req: EngineRequest) -> str | None:
@@ -52,11 +60,8 @@ def prompt_pieces(req: EngineRequest) -> tuple[list[str], list[int]]:
     """The text of each token of ``req``'s prompt (its chat template's, for a chat) and
     its id; a prompt given as token ids has no text (empty pieces: the simulated engine
     has no vocabulary to decode them)."""
-    if req.messages is not None:
-        text = tokens.chat_prompt_text([dict(m) for m in req.messages])
-    elif isinstance(req.prompt, str):
-        text = req.prompt
-    else:
+    text = _prompt_text(req)
+    if text is None:
         ids = tokens.tokenize(req.prompt or [])
         return [""] * len(ids), ids
     pieces = tokens.split(text)
