@@ -448,19 +448,15 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
             f'{", ".join(theirs)}: for the control plane, type = "ControlPlaneVLLMService"',
         )
         return
-    try:
-        cfg = VLLMServiceConfig.from_dict(table)
-    except ConfigError as exc:
-        for one in exc.each():
-            p.add((*path, *one.key.split(".")) if one.key else path, one.detail)
+    built: list[VLLMServiceConfig] = []
+    read_params(lambda: built.append(VLLMServiceConfig.from_dict(table)), path, p)
+    if not built:
         return
-    if cfg.use_control_plane and isinstance(cfg.control_plane, Mapping):
-        try:
-            control_plane_service_config(cfg.control_plane)
-        except ConfigError as exc:
-            for one in exc.each():
-                key = (*path, "control_plane", *(one.key.split(".") if one.key else ()))
-                p.add(key, one.detail)
+    control_plane = built[0].control_plane
+    if built[0].use_control_plane and isinstance(control_plane, Mapping):
+        read_params(
+            lambda: control_plane_service_config(control_plane), (*path, "control_plane"), p
+        )
 
 
 def _is_ours(value: Any) -> bool:
