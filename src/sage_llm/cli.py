@@ -377,6 +377,14 @@ def engine_sim(
             callback=_at_least_one,
         ),
     ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Longest prompt + output in tokens (default: the model's context window, "
+            "at most what the KV cache holds).",
+            callback=_at_least_one,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
@@ -407,6 +415,8 @@ def engine_sim(
         }  # fmt: skip
         if max_num_seqs is not None:
             params["max_num_seqs"] = max_num_seqs
+        if max_model_len is not None:
+            params["max_model_len"] = max_model_len
         config, front_end = engine_settings(gpu, model, **params)
         engine: EngineClient = SimEngine(f"sim-{port}", config, front_end=front_end)
         if instant:
@@ -826,8 +836,8 @@ def bench_pd(
     fleets: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated layouts to run (default: all): Llama-3-8B's and, with "
-            "--include-70b, Llama-3-70B's of those names (colocated, pd-1:1, adaptive-hybrid)."
+            help="Comma-separated layouts to run (default: all): Llama-3.1-8B's and, with "
+            "--include-70b, Llama-3.1-70B's of those names (colocated, pd-1:1, adaptive-hybrid)."
         ),
     ] = None,
 ) -> None:

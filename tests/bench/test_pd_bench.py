@@ -41,13 +41,13 @@ CASE_FIELDS = {
 
 
 def test_default_fleets_fill_the_eight_gpu_node() -> None:
-    for model in ("llama-3-8b", "llama-3-70b"):
+    for model in ("llama-3.1-8b", "llama-3.1-70b"):
         fleets = default_fleets(model)
         assert all(f.gpus == 8 for f in fleets)
         assert fleets[0].decider is None  # the colocated baseline comes first
         assert {f.decider for f in fleets[1:]} <= {"always", "adaptive"}
     assert {f.name for f in default_fleets()} >= {"pd-2:6", "pd-3:5", "pd-4:4"}
-    assert all(f.tp == 4 for f in default_fleets("llama-3-70b"))
+    assert all(f.tp == 4 for f in default_fleets("llama-3.1-70b"))
 
 
 def test_fleet_instances_carry_roles_and_sim_metadata() -> None:
@@ -61,9 +61,9 @@ def test_fleet_instances_carry_roles_and_sim_metadata() -> None:
         i.metadata["sim_gpu"] == "h100" and i.metadata["sim_kv_link_gbps"] > 0 for i in insts
     )
     assert all(i.nvlink_domain == "node-0" for i in insts)
-    big = fleet_instances(default_fleets("llama-3-70b")[0])
+    big = fleet_instances(default_fleets("llama-3.1-70b")[0])
     assert [i.tensor_parallel_size for i in big] == [4, 4]
-    assert big[0].metadata["sim_model"] == "llama-3-70b"
+    assert big[0].metadata["sim_model"] == "llama-3.1-70b"
 
 
 def test_bad_fleets_are_rejected() -> None:
@@ -137,7 +137,7 @@ def test_small_in_process_comparison_produces_a_full_report() -> None:
 
 
 def test_seventy_b_tp4_case_runs() -> None:
-    spec = default_fleets("llama-3-70b")[1]
+    spec = default_fleets("llama-3.1-70b")[1]
     case = run_case(spec, long_prompt_workload(2, 1.0)).to_dict()
     assert case["fleet"]["tp"] == 4
     assert case["pd"]["disaggregated_requests"] == 2
@@ -153,7 +153,7 @@ def test_run_pd_bench_rejects_empty_and_bad_rates() -> None:
 
 def test_evaluate_targets_compares_against_colocated() -> None:
     def case(name: str, decider: str | None, workload: str, goodput: float) -> dict[str, object]:
-        fleet = {"name": name, "model": "llama-3-8b", "decider": decider}
+        fleet = {"name": name, "model": "llama-3.1-8b", "decider": decider}
         return {"fleet": fleet, "workload": workload, "goodput_rps": goodput}
 
     cases = [
@@ -233,10 +233,10 @@ def test_the_cli_sizes_the_run(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "unknown fleet" in bad.output
 
 
-def _table_case(workload: str, fleet: str, requests: int) -> dict[str, Any]:
+def _table_case(workload: str, fleet: str, requests: int, failed: int = 0) -> dict[str, Any]:
     return {
-        "workload": workload, "fleet": {"name": fleet, "model": "llama-3-8b"},
-        "requests": requests, "rate_rps": 20.0, "goodput_rps": 11.82,
+        "workload": workload, "fleet": {"name": fleet, "model": "llama-3.1-8b"},
+        "requests": requests, "failed": failed, "rate_rps": 20.0, "goodput_rps": 11.82,
         "goodput_tpot_rps": 11.82, "request_throughput_rps": 11.82, "ttft_p50_s": 0.031,
         "ttft_p99_s": 0.069, "itl_p50_s": 0.008, "itl_p99_s": None,
     }  # fmt: skip
@@ -245,7 +245,7 @@ def _table_case(workload: str, fleet: str, requests: int) -> dict[str, Any]:
 def test_the_table_shows_each_rows_size_and_keeps_its_columns_in_line() -> None:
     report = {
         "cases": [_table_case("long_prompt", "pd-3:5", 120),
-                  _table_case("sharegpt_like", "adaptive-2:2+4", 300)],
+                  _table_case("sharegpt_like", "adaptive-2:2+4", 300, failed=7)],
         "realtime": {"speed": 2.0, "cases": [_table_case("sharegpt_like",
                                                          "rt:vllm-router-pd-3:5", 6)]},
     }  # fmt: skip
@@ -253,10 +253,10 @@ def test_the_table_shows_each_rows_size_and_keeps_its_columns_in_line() -> None:
     head = next(i for i, line in enumerate(lines) if line.startswith("workload"))
     table = lines[head : head + 4]
     assert table[0].split() == [
-        "workload", "model", "fleet", "requests", "rate", "goodput", "good-tpot", "thru",
-        "ttft50", "ttft99", "itl50", "itl99",
+        "workload", "model", "fleet", "requests", "failed", "rate", "goodput", "good-tpot",
+        "thru", "ttft50", "ttft99", "itl50", "itl99",
     ]  # fmt: skip
-    assert [row.split()[3] for row in table[1:]] == ["120", "300", "6"]
+    assert [row.split()[3:5] for row in table[1:]] == [["120", "0"], ["300", "7"], ["6", "0"]]
     # every column starts where its header does: each row is as long as the header line
     assert {len(row) for row in table} == {len(table[0])}
     starts = [table[0].index(h) for h in ("model", "fleet", "requests", "itl99")]
@@ -372,7 +372,7 @@ def test_bench_pd_writes_its_report_by_default(
     cases = json.loads(report.read_text())["cases"]
     # the layout for both models: --include-70b is the default, and --fleets names layouts
     assert [(c["fleet"]["model"], c["requests"]) for c in cases] == [
-        ("llama-3-8b", 1), ("llama-3-70b", 1),
+        ("llama-3.1-8b", 1), ("llama-3.1-70b", 1),
     ]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--no-include-70b"])
     assert result.exit_code == 0, result.output

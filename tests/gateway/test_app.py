@@ -325,8 +325,8 @@ async def test_models_are_aggregated_over_the_fleet() -> None:
             async with http.get(gw.url("/v1/models")) as r:
                 data = (await r.json())["data"]
             assert data[0]["sage"] == {"instances": ["a-0", "a-1"], "healthy_instances": 2}
-            # as vLLM's cards: the simulated engines' context length (32768 by default)
-            assert [(d["max_model_len"], d["permission"]) for d in data] == [(32768, [])] * 2
+            # as vLLM's cards: the simulated engines' context length (Llama-3-8B's 8192)
+            assert [(d["max_model_len"], d["permission"]) for d in data] == [(8192, [])] * 2
             async with http.get(gw.url("/v1/models/org/model-b")) as r:
                 assert r.status == 200
                 assert (await r.json())["sage"]["instances"] == ["b-0"]

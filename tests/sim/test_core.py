@@ -272,6 +272,24 @@ def test_config_validation() -> None:
 
 
 @pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("llama-3-8b", 8192),  # max_position_embeddings, as vLLM defaults max_model_len
+        ("llama-3.1-8b", 131072),
+        ("llama-2-7b", 4096),
+        ("tiny", 32768),  # no context stated: DEFAULT_MAX_MODEL_LEN
+        ("no-such-model", 32768),  # refused where the model is first needed
+    ],
+)
+def test_max_model_len_defaults_to_the_models_context(model: str, expected: int) -> None:
+    assert SimEngineConfig(model=model).max_model_len == expected
+    assert SimEngineConfig(model=model, max_model_len=1000).max_model_len == 1000
+    with pytest.raises(ConfigError) as err:
+        SimEngineConfig(model=model, max_model_len=-1)
+    assert err.value.key == "max_model_len"
+
+
+@pytest.mark.parametrize(
     ("model", "tp", "match"),
     [
         ("llama-3-8b", 3, "32 attention heads"),

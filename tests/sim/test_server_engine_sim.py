@@ -205,8 +205,10 @@ async def test_model_card_and_tokenizer_report_the_engines_limit(
         status, err = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4096})
         assert status == 400 and err["error"]["param"] == "max_tokens"
         assert "maximum context length is 4096 tokens" in err["error"]["message"]
-    async with served(fast_engine()) as base, http.get(f"{base}/v1/models") as resp:
-        assert (await resp.json())["data"][0]["max_model_len"] == 32768
+    # by default the model's own context: Llama-3-8B's 8192, Llama-3.1-8B's 131072
+    for model, context in (("llama-3-8b", 8192), ("llama-3.1-8b", 131072)):
+        async with served(fast_engine(model=model)) as base, http.get(f"{base}/v1/models") as r:
+            assert (await r.json())["data"][0]["max_model_len"] == context
     for role, mode in ((ExecutionInstanceType.PREFILLING, "prefill"),
                        (ExecutionInstanceType.DECODING, "decode")):  # fmt: skip
         async with served(fast_engine(role=role)) as base, http.get(f"{base}/server_info") as r:

@@ -1,7 +1,9 @@
 """The PD benchmark (``sage-llm bench pd``): colocated vs prefill/decode disaggregation.
 
-One node of 8 H100-class GPUs (one NVLink domain, KV link 300 GB/s) serves Llama-3-8B as
-8 TP1 instances, or Llama-3-70B as 2 TP4 instances. Each fleet layout is run on the same
+One node of 8 H100-class GPUs (one NVLink domain, KV link 300 GB/s) serves Llama-3.1-8B as
+8 TP1 instances, or Llama-3.1-70B as 2 TP4 instances (Llama-3-8B's and Llama-3-70B's
+shapes with a 131,072-token context: a long prompt and its output go past their 8,192).
+Each fleet layout is run on the same
 workload, in process and on virtual time (:func:`sage_llm.bench.inprocess.replay` through a
 :class:`ControlPlaneManager` in ``simulated`` mode):
 
@@ -80,7 +82,7 @@ class FleetSpec:
     (None: colocated, PD disabled)."""
 
     name: str
-    model: str = "llama-3-8b"
+    model: str = "llama-3.1-8b"
     tp: int = 1
     prefill: int = 0
     decode: int = 0
@@ -115,9 +117,9 @@ class FleetSpec:
         }
 
 
-def default_fleets(model: str = "llama-3-8b") -> list[FleetSpec]:
+def default_fleets(model: str = "llama-3.1-8b") -> list[FleetSpec]:
     """The layouts compared on one 8-GPU node: TP1 for 8B, TP4 (two instances) for 70B."""
-    if model == "llama-3-70b":
+    if model == "llama-3.1-70b":
         return [
             FleetSpec("colocated", model, tp=4, general=2),
             FleetSpec("pd-1:1", model, tp=4, prefill=1, decode=1, decider="always"),
@@ -133,7 +135,7 @@ def default_fleets(model: str = "llama-3-8b") -> list[FleetSpec]:
     ]
 
 
-def select_fleets(names: Sequence[str], model: str = "llama-3-8b") -> list[FleetSpec]:
+def select_fleets(names: Sequence[str], model: str = "llama-3.1-8b") -> list[FleetSpec]:
     """The layouts of :func:`default_fleets` called ``names`` (in that order); ConfigError
     naming the valid ones for an unknown name."""
     known = {f.name: f for f in default_fleets(model)}
@@ -150,11 +152,11 @@ def select_fleets(names: Sequence[str], model: str = "llama-3-8b") -> list[Fleet
 def select_named_fleets(
     names: Sequence[str], include_70b: bool
 ) -> tuple[list[FleetSpec], list[FleetSpec]]:
-    """The Llama-3-8B layouts called ``names`` and, with ``include_70b``, the Llama-3-70B
+    """The Llama-3.1-8B layouts called ``names`` and, with ``include_70b``, the Llama-3.1-70B
     ones (``colocated``, ``pd-1:1``, ``adaptive-hybrid``); ConfigError for a name that is
     neither's, or for none."""
     known8 = {f.name: f for f in default_fleets()}
-    known70 = {f.name: f for f in default_fleets("llama-3-70b")}
+    known70 = {f.name: f for f in default_fleets("llama-3.1-70b")}
     valid = ", ".join(dict.fromkeys([*known8, *known70]))
     if not names:
         raise ConfigError(f"no fleet named; valid: {valid}", key="fleets")
@@ -173,7 +175,7 @@ def select_named_fleets(
 
 def check_realtime_fleet(spec: FleetSpec) -> None:
     """:class:`ConfigError` (key ``fleets``) unless the real-time part can run ``spec``: a
-    Llama-3-8B TP1 layout of prefill and decode instances only, decider ``always``
+    Llama-3.1-8B TP1 layout of prefill and decode instances only, decider ``always``
     (vllm-router's PD mode has no colocated, general or hybrid instances)."""
     if (
         spec.decider != "always"
@@ -181,11 +183,11 @@ def check_realtime_fleet(spec: FleetSpec) -> None:
         or spec.hybrid
         or spec.prefill < 1
         or spec.decode < 1
-        or spec.model != "llama-3-8b"
+        or spec.model != "llama-3.1-8b"
         or spec.tp != 1
     ):
         raise ConfigError(
-            f"{spec.name}: the real-time part runs only the pd-P:D layouts of llama-3-8b "
+            f"{spec.name}: the real-time part runs only the pd-P:D layouts of llama-3.1-8b "
             "(prefill and decode engines, decider always)",
             key="fleets",
         )
@@ -383,7 +385,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if b > 0 else (None if a == 0 else float("inf"))
 
 
-def evaluate_targets(cases: Sequence[dict[str, Any]], model: str = "llama-3-8b") -> dict[str, Any]:
+def evaluate_targets(
+    cases: Sequence[dict[str, Any]], model: str = "llama-3.1-8b"
+) -> dict[str, Any]:
     """The brief's targets over the in-process cases of ``model``: best PD ratio ≥ 1.5×
     colocated goodput on ``long_prompt``; adaptive ≥ 0.95× colocated on ``sharegpt_like``."""
 
@@ -426,7 +430,7 @@ def run_pd_bench(
 ) -> dict[str, Any]:
     """The in-process (virtual time) part of the PD benchmark; returns the JSON report.
 
-    ``fleets`` defaults to :func:`default_fleets` for Llama-3-8B, plus, when
+    ``fleets`` defaults to :func:`default_fleets` for Llama-3.1-8B, plus, when
     ``include_70b``, ``fleets_70b`` at ``rate_70b_factor`` of the rates (default: the TP4 70B
     layouts when ``fleets`` is None too, else none).
     """
@@ -440,7 +444,7 @@ def run_pd_bench(
     for w in _workloads(n_long, long_rate, n_chat, chat_rate, seed):
         plan.extend((f, w) for f in (fleets if fleets is not None else default_fleets()))
     if include_70b and (fleets is None or fleets_70b is not None):  # chosen 8B: 70B as named
-        f70 = list(fleets_70b) if fleets_70b is not None else default_fleets("llama-3-70b")
+        f70 = list(fleets_70b) if fleets_70b is not None else default_fleets("llama-3.1-70b")
         r = rate_70b_factor
         for w in _workloads(n_long, long_rate * r, n_chat, chat_rate * r, seed):
             plan.extend((f, w) for f in f70)
@@ -477,7 +481,7 @@ def _ms(v: Any) -> str:
 
 _COLUMNS: tuple[tuple[str, bool], ...] = (
     ("workload", False), ("model", False), ("fleet", False), ("requests", True),
-    ("rate", True), ("goodput", True), ("good-tpot", True), ("thru", True),
+    ("failed", True), ("rate", True), ("goodput", True), ("good-tpot", True), ("thru", True),
     ("ttft50", True), ("ttft99", True), ("itl50", True), ("itl99", True),
 )  # fmt: skip
 """The table's columns: (header, right-aligned)."""
@@ -486,7 +490,7 @@ _COLUMNS: tuple[tuple[str, bool], ...] = (
 def _row(c: dict[str, Any]) -> list[str]:
     return [
         str(c["workload"]), str(c["fleet"]["model"]), str(c["fleet"]["name"]),
-        str(c["requests"]), f"{c['rate_rps']:.1f}", f"{c['goodput_rps']:.2f}",
+        str(c["requests"]), str(c["failed"]), f"{c['rate_rps']:.1f}", f"{c['goodput_rps']:.2f}",
         f"{c['goodput_tpot_rps']:.2f}", f"{c['request_throughput_rps']:.2f}",
         _ms(c["ttft_p50_s"]), _ms(c["ttft_p99_s"]), _ms(c["itl_p50_s"]), _ms(c["itl_p99_s"]),
     ]  # fmt: skip
@@ -501,7 +505,7 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
     lines = [
         f"goodput: req/s meeting {SLO_ITL.name} (good-tpot: {SLO_TPOT.name}); thru: req/s; "
-        "times in ms; requests: how many requests the row ran"
+        "times in ms; requests: how many requests the row ran, failed: how many of them failed"
     ]
     if realtime.get("cases"):
         lines.append(
@@ -538,7 +542,7 @@ def pd_bench_main(
     vllm-router comparison over engine-sim processes at ``speed``× time compression, with
     the same sizes and rates, on :func:`realtime_fleets` of ``fleet_names``.
     ``fleet_names`` keeps only the layouts of :func:`default_fleets` with those names:
-    Llama-3-8B's and, with ``include_70b``, Llama-3-70B's. Returns the exit status.
+    Llama-3.1-8B's and, with ``include_70b``, Llama-3.1-70B's. Returns the exit status.
     Arguments, and that ``out`` can be written, are checked (:class:`ConfigError`) before
     anything runs."""
     if not (math.isfinite(speed) and speed > 0):

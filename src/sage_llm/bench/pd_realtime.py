@@ -55,7 +55,7 @@ from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparatio
 
 __all__ = ["rescale", "run_realtime", "sage_pd_manager"]
 
-MODEL = "llama-3-8b"
+MODEL = "llama-3.1-8b"
 
 
 def rescale(m: RequestMeasurement, k: float) -> RequestMeasurement:
@@ -167,7 +167,7 @@ async def run_realtime(
     """Run sage-llm PD and (when ``peers``) vllm-router PD over the same engine-sim
     processes, one workload after the other; returns the report's ``realtime`` section.
 
-    The layouts are ``fleets`` (``pd-P:D`` layouts of Llama-3-8B: prefill and decode
+    The layouts are ``fleets`` (``pd-P:D`` layouts of Llama-3.1-8B: prefill and decode
     instances only, decider ``always``), else one of ``prefill`` + ``decode`` engines.
     ``n_long`` long-prompt and ``n_chat`` chat requests (0: that workload is left out), the
     same seeded workloads as the in-process runs of those sizes. Rates are in simulated
@@ -203,7 +203,9 @@ async def run_realtime(
             fast = scale_rate(w, speed)
             runs = [("sage-llm-pd", True)] + ([("vllm-router-pd", False)] if peers else [])
             for name, sage in runs:
-                async with await start_engine_sims(len(roles), speed=speed, role=roles) as fleet:
+                async with await start_engine_sims(
+                    len(roles), model=MODEL, speed=speed, role=roles
+                ) as fleet:
                     if sage:
                         rep = await _via_sage(fleet, fast, seed)
                     else:

@@ -106,6 +106,21 @@ def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int,
     return tuple(hashes)
 
 
+DEFAULT_MAX_MODEL_LEN = 32768
+"""``max_model_len`` of a model that states no context window (``ModelSpec.max_context``)."""
+
+
+def default_max_model_len(model: str | ModelSpec) -> int:
+    """vLLM's default ``max_model_len`` for ``model``: its context window
+    (``max_position_embeddings``), or :data:`DEFAULT_MAX_MODEL_LEN` when the spec states
+    none or the name is unknown (reported where the model is first needed)."""
+    try:
+        context = resolve_model(model).max_context
+    except ConfigError:
+        return DEFAULT_MAX_MODEL_LEN
+    return DEFAULT_MAX_MODEL_LEN if context is None else context
+
+
 @dataclass(frozen=True, slots=True)
 class SimEngineConfig:
     """Settings of one simulated engine instance (vLLM's names where vLLM has one).
@@ -133,7 +148,7 @@ class SimEngineConfig:
     speed: float = 1.0
     seed: int = 0
     cost_model: CostModel | None = None
-    max_model_len: int = 8192 * 4
+    max_model_len: int = 0
     kv_pin_timeout_s: float = 480.0
     step_jitter: float = 0.0
     kv_host: str = "127.0.0.1"
@@ -141,9 +156,13 @@ class SimEngineConfig:
 
     def __post_init__(self) -> None:
         positive_ints = ("tp", "pp", "max_num_seqs", "max_num_batched_tokens", "block_size")
-        for key in (*positive_ints, "max_model_len"):
+        for key in positive_ints:
             if getattr(self, key) < 1:
                 raise ConfigError("must be >= 1", key=key)
+        if self.max_model_len < 0:
+            raise ConfigError("must be >= 1, or 0 for the model's context", key="max_model_len")
+        if self.max_model_len == 0:
+            object.__setattr__(self, "max_model_len", default_max_model_len(self.model))
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ConfigError("must be >= 1", key="num_gpu_blocks")
         if not 0 < self.gpu_memory_utilization <= 1:
