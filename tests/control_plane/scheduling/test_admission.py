@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from sage_llm.control_plane.scheduling.admission import (
@@ -13,7 +15,15 @@ from sage_llm.control_plane.scheduling.admission import (
     estimate_drain_s,
 )
 from sage_llm.control_plane.scheduling.base import ADMIT
-from tests.factories import make_instance_view, make_request_info, make_snapshot
+from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
+from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from tests.factories import (
+    make_instance_view,
+    make_request_info,
+    make_request_infos,
+    make_snapshot,
+)
 
 
 def test_queue_below_the_bound_is_admitted() -> None:
@@ -103,3 +113,65 @@ def test_deadline_counts_from_now_not_from_arrival() -> None:
 def test_feasibility_cannot_be_judged_without_instances() -> None:
     req = make_request_info(slo_s=0.001)
     assert check_deadline_feasible(req, make_snapshot(0)).admitted
+
+
+def _full_fleet(now: float = 0.0) -> tuple[InstanceView, ClusterSnapshot]:
+    """One instance with its one slot taken by a request with 49 output tokens to go (0.98
+    slot-seconds at 20 ms a token)."""
+    view = make_instance_view(
+        "i0", est_tpot_s=0.02, max_concurrency=1, in_flight=1, outstanding_decode_tokens=49
+    )
+    return view, make_snapshot([view], now=now)
+
+
+def _queued(n: int) -> FIFOPolicy:
+    policy = FIFOPolicy()
+    for req in make_request_infos(n, start=-1.0):
+        policy.push(req)
+    return policy
+
+
+def test_a_busy_fleets_wait_counts_against_the_deadline() -> None:
+    view, snap = _full_fleet()
+    # alone, the request's e2e is 1.0425 s; the running one holds the slot 0.98 s more
+    req = make_request_info("new", slo_s=2.5)
+    assert check_deadline_feasible(req, snap).admitted  # the queue is not looked at
+    assert check_deadline_feasible(req, snap, _queued(0).work_ahead).admitted
+    # one queued request ahead: 0.98 + 1.0425 of wait, then 1.0425 of its own
+    late = check_deadline_feasible(req, snap, _queued(1).work_ahead)
+    assert not late.admitted and late.retry_after_s is None
+    assert "predicted wait 2.022s for a free slot" in late.reason
+    assert "at least 1 queued request(s) ahead" in late.reason
+    assert check_deadline_feasible(replace(req, deadline=3.1), snap, _queued(1).work_ahead).admitted
+    # a free slot left after the queued requests ahead take theirs: no wait
+    free = make_snapshot([view, make_instance_view("i1", est_tpot_s=0.02, max_concurrency=2)])
+    assert check_deadline_feasible(req, free, _queued(1).work_ahead).admitted
+    # none left: of 30 queued requests ahead, the first 4 hold more slot-seconds than the
+    # 3 slots have before the deadline (3 × (2.5 − 1.0425) − 0.98 = 3.39 < 4 × 1.0425)
+    verdict = check_deadline_feasible(req, free, _queued(30).work_ahead)
+    assert "at least 4 queued request(s) ahead" in verdict.reason
+
+
+def test_only_the_requests_that_would_run_first_are_waited_for() -> None:
+    _view, snap = _full_fleet()
+    policy = SLOAwarePolicy()
+    policy.observe(snap)
+    for req in make_request_infos(30, start=-1.0):  # no deadline: an urgent request goes first
+        policy.push(req)
+    urgent = make_request_info("urgent", slo_s=2.5)
+    assert check_deadline_feasible(urgent, snap, policy.work_ahead).admitted
+    policy.push(make_request_info("sooner", arrival=-1.0, slo_s=3.0))  # deadline 2.0: ahead
+    assert not check_deadline_feasible(urgent, snap, policy.work_ahead).admitted
+
+
+def test_counting_the_queue_stops_once_the_deadline_is_out_of_reach() -> None:
+    seen: list[RequestInfo] = []
+
+    def cost(req: RequestInfo) -> float:
+        seen.append(req)
+        return 1.0
+
+    total, ahead = _queued(1000).work_ahead(make_request_info("new"), 0.0, cost, 4.5)
+    assert (total, ahead, len(seen)) == (5.0, 5, 5)
+    total, ahead = _queued(1000).work_ahead(make_request_info("new"), 0.0, cost, 4.5, 8)
+    assert (total, ahead) == (8.0, 8)

@@ -88,6 +88,16 @@ class LaneQueue:
         """All queued entries, in no particular order."""
         return list(self._entries.values())
 
+    def model_entries(self, model: str) -> list[QueueEntry]:
+        """The queued entries of ``model``, in no particular order."""
+        return [
+            item[2]
+            for (m, _lane), heap in self._heaps.items()
+            if m == model
+            for item in heap.items
+            if item[2].alive
+        ]
+
     def lane_counts(self) -> dict[int, int]:
         return {lane: n for lane, n in sorted(self._lane_counts.items()) if n}
 

@@ -26,6 +26,9 @@ compiles) and re-exported here.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 from sage_llm.control_plane.scheduling._lanes import LaneQueue, QueueEntry, serves, serving_models
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
@@ -113,6 +116,29 @@ class QueuedPolicy:
             return cands[0] if cands else None
         now = snap.now
         return min(cands, key=lambda e: self._rank(e, now))
+
+    def work_ahead(
+        self,
+        req: RequestInfo,
+        now: float,
+        cost: Callable[[RequestInfo], float],
+        budget: float,
+        min_count: int = 0,
+    ) -> tuple[float, int]:
+        """The summed ``cost`` of the queued requests of ``req``'s model that would run
+        before ``req`` if it were queued at ``now``, and how many they are; the sum stops
+        once it passes ``budget`` with at least ``min_count`` of them counted (the caller
+        then knows enough)."""
+        lane, key = self._place(req)
+        mine = self._rank(QueueEntry(req, lane, key, sys.maxsize), now)
+        total, count = 0.0, 0
+        for entry in self._queue.model_entries(req.model):
+            if self._rank(entry, now) < mine:
+                total += cost(entry.req)
+                count += 1
+                if total > budget and count >= min_count:
+                    break
+        return total, count
 
     def remove(self, request_id: str) -> RequestInfo | None:
         return self._queue.remove(request_id)

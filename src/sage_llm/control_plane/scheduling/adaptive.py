@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -192,6 +193,17 @@ class AdaptivePolicy:
 
     def constrain(self, req: RequestInfo, snap: ClusterSnapshot) -> frozenset[str] | None:
         return self._policy.constrain(req, snap)
+
+    def work_ahead(
+        self,
+        req: RequestInfo,
+        now: float,
+        cost: Callable[[RequestInfo], float],
+        budget: float,
+        min_count: int = 0,
+    ) -> tuple[float, int]:
+        """:meth:`QueuedPolicy.work_ahead` of the policy in use."""
+        return self._policy.work_ahead(req, now, cost, budget, min_count)
 
     def on_complete(self, record: CompletionRecord) -> None:
         if record.slo_met is not None:

@@ -12,7 +12,9 @@ All are pure functions of a :class:`~sage_llm.control_plane.snapshot.ClusterSnap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
@@ -104,8 +106,34 @@ def best_predicted_e2e(
     return best
 
 
-def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admission:
-    """Reject when even the best instance's predicted finish is past the deadline.
+class WorkAhead(Protocol):
+    """``work_ahead(req, now, cost, budget, min_count)``: the summed ``cost`` of the queued
+    requests that would run before ``req`` and their number, the sum cut short past
+    ``budget`` once ``min_count`` are counted
+    (:meth:`~sage_llm.control_plane.scheduling._queue.QueuedPolicy.work_ahead`)."""
+
+    def __call__(
+        self,
+        req: RequestInfo,
+        now: float,
+        cost: Callable[[RequestInfo], float],
+        budget: float,
+        min_count: int = 0,
+    ) -> tuple[float, int]: ...
+
+
+def check_deadline_feasible(
+    req: RequestInfo, snap: ClusterSnapshot, work_ahead: WorkAhead | None = None
+) -> Admission:
+    """Reject when the request is predicted to finish past its deadline: even the best
+    instance's predicted e2e is longer than the time left or, when the queued requests that
+    would run first (``work_ahead``, the policy's) leave it no free slot, the predicted wait
+    for one comes first and makes it so.
+
+    The wait is a fluid estimate over the eligible instances' slots: the slot-seconds their
+    running requests still hold (:meth:`InstanceView.busy_slot_s`) plus those of the queued
+    requests ahead (each its :meth:`InstanceView.service_s` on the best instance), spread
+    over every slot. Without ``work_ahead`` the queue is not looked at.
 
     Admits requests without a deadline, and requests no instance is eligible for (they
     wait for one; other checks deal with unknown models). The rejection has no
@@ -118,13 +146,29 @@ def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admissio
         return ADMIT
     inst, e2e = best
     remaining = req.deadline - snap.now
-    if e2e <= remaining:
+    if e2e > remaining:
+        return _infeasible(
+            f"best predicted e2e {e2e:.3f}s (instance {inst.instance_id}) exceeds the "
+            f"{remaining:.3f}s left before the deadline"
+        )
+    if work_ahead is None:
         return ADMIT
-    return Admission(
-        False,
-        reason=(
-            f"deadline infeasible: best predicted e2e {e2e:.3f}s (instance "
-            f"{inst.instance_id}) exceeds the {remaining:.3f}s left before the deadline"
-        ),
-        retry_after_s=None,
+    eligible = eligible_instances(req, snap)
+    free = sum(i.free_slots for i in eligible if i.has_capacity)
+    slots = sum(i.max_concurrency for i in eligible)
+    busy = sum(i.busy_slot_s() for i in eligible)
+    budget = (remaining - e2e) * slots - busy  # slot-seconds the requests ahead may take
+    queued_s, ahead = work_ahead(req, snap.now, inst.service_s, max(budget, 0.0), free + 1)
+    if ahead < free or queued_s <= budget:  # a free slot is left for it, or one frees in time
+        return ADMIT
+    wait = (busy + queued_s) / max(slots, 1)
+    queued = f"at least {ahead} queued request(s) ahead" if ahead else "every slot busy"
+    return _infeasible(
+        f"predicted wait {wait:.3f}s for a free slot ({queued}) plus the "
+        f"best predicted e2e {e2e:.3f}s (instance {inst.instance_id}) exceeds the "
+        f"{remaining:.3f}s left before the deadline"
     )
+
+
+def _infeasible(why: str) -> Admission:
+    return Admission(False, reason=f"deadline infeasible: {why}", retry_after_s=None)
