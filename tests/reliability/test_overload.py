@@ -163,3 +163,31 @@ def test_graceful_stop_refuses_new_work_and_finishes_in_flight() -> None:
         assert all(r is not None and r.status is RequestStatus.COMPLETED for r in results)
 
     run_virtual(main())
+
+
+@pytest.mark.parametrize("switch", [(), ("slo_aware",), ("fifo", "slo_aware")])
+def test_a_demoted_request_stays_without_its_deadline_across_policy_switches(
+    switch: tuple[str, ...],
+) -> None:
+    """A request demoted at admission runs after the feasible ones, also once the queue has
+    moved to another policy and back (it had gone first again, with its missed deadline)."""
+
+    async def main() -> None:
+        async with _one_slot(scheduling_policy="slo_aware") as cp:
+            await cp.submit_request(RequestMetadata(request_id="hog", prompt="x", max_tokens=200))
+            await asyncio.sleep(0.01)
+            demoted = replace(TIGHT, request_id="demoted", slo_deadline_ms=300)
+            await cp.submit_request(demoted)
+            assert cp.get_status()["policy"]["state"]["demoted"] == 1
+            for k in range(4):
+                await cp.submit_request(
+                    replace(TIGHT, request_id=f"d{k}", slo_deadline_ms=20_000 + 1000 * k)
+                )
+            for name in switch:
+                cp.update_policy(name)
+            results = [await cp.wait_for_result(r) for r in ("demoted", "d0", "d1", "d2", "d3")]
+            order = [r.request_id for r in sorted(results, key=lambda r: r.queue_wait_ms)]
+            assert order == ["d0", "d1", "d2", "d3", "demoted"]
+            assert [r.slo_met for r in results] == [False, True, True, True, True]
+
+    run_virtual(main())

@@ -1200,8 +1200,8 @@ class ControlPlaneManager:
                 raise SLOInfeasibleError(reason, retry_after_s=None)
             self._metrics.on_rejected("policy", model)
             raise AdmissionError(reason, retry_after_s=verdict.retry_after_s)
-        if verdict.priority is not None:
-            info = replace(info, priority=verdict.priority)
+        if verdict.priority is not None:  # demoted: scheduled without its deadline from now on
+            info = replace(info, priority=verdict.priority, deadline=None)
         loop = asyncio.get_running_loop()
         rec = RequestRecord(
             meta=meta,

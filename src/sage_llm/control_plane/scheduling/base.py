@@ -26,7 +26,9 @@ from sage_llm.types import RequestPriority
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """The verdict of ``admit``. ``priority`` set means: admit, demoted to this priority."""
+    """The verdict of ``admit``. ``priority`` set means: admit, demoted to this priority
+    and without a deadline (the manager schedules the request so from then on, under any
+    policy; its SLO still counts in ``slo_met``)."""
 
     admitted: bool
     reason: str = ""
