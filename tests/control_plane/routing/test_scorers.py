@@ -156,7 +156,8 @@ def test_session_affinity_ring_spans_all_instances_of_the_model() -> None:
     req = make_request_info(user_id="alice")
     sticky = scorer.sticky_instance(req, snap)
     assert sticky is not None
-    # the sticky instance unhealthy: still its key's owner, but no bonus anywhere
+    # the sticky instance unhealthy: still its key's owner; the bonus goes to the key's
+    # next choice among the others, the same one every time
     sick = make_snapshot([*(v for v in views if v.instance_id != sticky)])
     sick = ClusterSnapshot(
         now=0,
@@ -164,7 +165,10 @@ def test_session_affinity_ring_spans_all_instances_of_the_model() -> None:
     )
     assert scorer.sticky_instance(req, sick) == sticky
     runnable = sick.runnable(req)
-    assert set(scorer.score(req, runnable, sick).values()) == {0.0}
+    second = rendezvous_owner("alice", [v.instance_id for v in runnable])
+    assert second is not None and second != sticky
+    scores = scorer.score(req, runnable, sick)
+    assert {i for i, v in scores.items() if v} == {second} and scores[second] == 1.0
     # other models' and PD-only instances are not on the ring
     crowd = make_snapshot(
         [
@@ -188,7 +192,12 @@ def test_session_affinity_bypasses_an_overloaded_sticky_instance() -> None:
             for i in snap
         ]
     )
-    assert set(score(scorer, req, busy).values()) == {0.0}
+    scores = score(scorer, req, busy)
+    second = rendezvous_owner("s", [i.instance_id for i in snap if i.instance_id != sticky])
+    assert {i for i, v in scores.items() if v} == {second}
+    # every instance at or above the threshold: no bonus anywhere
+    full = make_snapshot([make_instance_view(i.instance_id, in_flight=80) for i in snap])
+    assert set(score(scorer, req, full).values()) == {0.0}
     with pytest.raises(ValueError, match="overload_threshold"):
         SessionAffinityScorer(overload_threshold=0.0)
     with pytest.raises(ValueError, match="ring_leg"):

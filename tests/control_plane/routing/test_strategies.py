@@ -13,7 +13,7 @@ from hypothesis import strategies as hs
 from sage_llm.control_plane.routing.base import RoutingDecision
 from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.routing.scorers import SessionAffinityScorer
+from sage_llm.control_plane.routing.scorers import SessionAffinityScorer, rendezvous_owner
 from sage_llm.control_plane.routing.strategies import (
     AffinityParams,
     LoadBalancedParams,
@@ -213,20 +213,32 @@ def sticky_of(req: RequestInfo, snap: ClusterSnapshot) -> str:
     return sticky
 
 
-def test_affinity_falls_back_to_least_loaded_when_sticky_is_overloaded() -> None:
+def test_affinity_moves_an_overloaded_sessions_turns_to_one_second_instance() -> None:
     snap = make_snapshot(4, in_flight=30)
     req = make_request_info(session_id="sess-7")
     sticky = sticky_of(req, snap)
-    least = next(i.instance_id for i in snap if i.instance_id != sticky)
+    others = [i.instance_id for i in snap if i.instance_id != sticky]
+    second = rendezvous_owner("sess-7", others)
+    assert second is not None
+    least = next(i for i in others if i != second)
     snap = with_view(snap, least, in_flight=10)
     router = affinity(AffinityParams(overload_threshold=0.8), rng=random.Random(0))
     assert route(router, req, snap).instance_id == sticky
     overloaded = with_view(snap, sticky, in_flight=80)
-    decision = route(router, req, overloaded)
-    assert decision.instance_id == least
-    assert decision.reason.startswith("affinity: least_outstanding")
+    # the key's next choice, not the least loaded: every turn lands on the same instance
+    for _ in range(5):
+        decision = route(router, req, overloaded)
+        assert decision.instance_id == second
+        assert decision.reason.startswith("affinity: session_affinity")
     relaxed = affinity(AffinityParams(overload_threshold=0.9), rng=random.Random(0))
     assert route(relaxed, req, overloaded).instance_id == sticky
+    # every instance at or above the threshold: the least loaded
+    fourth = next(i for i in others if i not in (second, least))
+    loads = {sticky: 90, second: 85, least: 81, fourth: 95}
+    full = make_snapshot([make_instance_view(i, in_flight=n) for i, n in loads.items()])
+    decision = route(router, req, full)
+    assert decision.instance_id == least
+    assert decision.reason.startswith("affinity: least_outstanding")
 
 
 @pytest.mark.parametrize(

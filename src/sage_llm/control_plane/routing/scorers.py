@@ -154,8 +154,10 @@ class SessionAffinityScorer:
     The key is mapped by rendezvous hashing over the ring: every instance of the request's
     model whose role runs ``ring_leg`` — healthy or not, full or not — so that an instance
     coming and going does not reshuffle other keys. When the sticky instance is not a
-    candidate, or its load is at or above ``overload_threshold``, nobody gets the bonus and
-    the other scorers decide (the fallback).
+    candidate, or its load is at or above ``overload_threshold``, the bonus goes to the
+    key's next choice: the candidate under the threshold that ranks highest for the key
+    (a stable second instance, so that the session's turns stay together, and its prefix
+    cached, while its own instance is away); with none, nobody gets it.
     """
 
     name = "session_affinity"
@@ -185,11 +187,21 @@ class SessionAffinityScorer:
     ) -> dict[str, float]:
         out = {c.instance_id: 0.0 for c in candidates}
         sticky = self.sticky_instance(req, snap)
-        if sticky is None or sticky not in out:
+        if sticky is None:
             return out
-        view = next(c for c in candidates if c.instance_id == sticky)
-        if view.load < self.overload_threshold:
-            out[sticky] = 1.0
+        limit = self.overload_threshold
+        if sticky in out:
+            view = next(c for c in candidates if c.instance_id == sticky)
+            if view.load < limit:
+                out[sticky] = 1.0
+                return out
+        key = req.sticky_key
+        assert key is not None  # (a sticky instance was found for it)
+        second = rendezvous_owner(
+            key, (c.instance_id for c in candidates if c.instance_id != sticky and c.load < limit)
+        )
+        if second is not None:
+            out[second] = 1.0
         return out
 
 
