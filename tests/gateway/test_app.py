@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 
 import aiohttp
 import openai
+from multidict import CIMultiDict
 
 from sage_llm.config import GatewayConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.server import start_gateway
 from sage_llm.tokens import count_tokens
+from sage_llm.types import RequestPriority
 from tests.engines.fake_engine import probed_app, start_app
 from tests.factories import MODEL, make_instance
 from tests.gateway.harness import FAST, chat_body, completion_body, read_events, serve
@@ -243,6 +247,25 @@ async def test_priority_from_headers_wins_over_body() -> None:
         requests = gw.probes["sim-0"].requests
         assert [r.priority for r in requests] == [case[2] for case in PRIORITY_CASES]
         assert all("priority" not in r.extra for r in requests)
+
+
+async def test_compressed_bodies_and_repeated_headers_read_alike_on_both_fronts() -> None:
+    """The lean front hands a gzip body to aiohttp, which inflates it, and reads a repeated
+    header's first value, as aiohttp does (a query string sends the request to aiohttp)."""
+    body = json.dumps(completion_body()).encode()
+    async with serve(1) as gw, aiohttp.ClientSession(auto_decompress=False) as http:
+        for path in ("/v1/completions", "/v1/completions?via=aiohttp"):
+            async with http.post(
+                gw.url(path),
+                data=gzip.compress(body),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            headers = CIMultiDict([("x-sage-priority", "high"), ("x-sage-priority", "bogus")])
+            async with http.post(gw.url(path), json=completion_body(), headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+        priorities = [r.priority for r in gw.probes["sim-0"].requests]
+        assert priorities[1::2] == [RequestPriority.HIGH] * 2
 
 
 async def test_slo_and_session_from_headers_and_body() -> None:

@@ -278,6 +278,8 @@ class LeanConnection(asyncio.Protocol):
 
     def _parse_head(self, head: bytes) -> tuple[str, str, dict[str, str]] | None:
         """Method, path and headers of a request the lean path serves; None otherwise."""
+        if not head.isascii():
+            return None  # aiohttp reads its header values as UTF-8
         text = head.decode("latin-1")
         eol = text.find("\r\n")
         parts = (text if eol < 0 else text[:eol]).split(" ")
@@ -300,13 +302,11 @@ class LeanConnection(asyncio.Protocol):
                     key = name.lower()
                     if len(names) < _HEADER_NAMES:
                         names[name] = key
-                value = value.strip()
                 if key in headers:
                     if key in _SINGLE:
                         return None
-                    headers[key] += ", " + value
-                else:
-                    headers[key] = value
+                    continue  # the first one counts, as aiohttp's request.headers[key]
+                headers[key] = value.strip()
         if not _HANDOVER.isdisjoint(headers):
             return None
         if self._server.cors and "origin" in headers:
@@ -394,8 +394,9 @@ _HEADER_NAMES = 256
 """How many header names a server remembers as valid (with their lower-case form)."""
 _SINGLE = frozenset({"content-length", "host", "content-type", "authorization"})
 """Headers that must not repeat (aiohttp answers the request when they do)."""
-_HANDOVER = frozenset({"transfer-encoding", "expect", "upgrade"})
-"""Headers whose requests aiohttp serves (chunked bodies, 100-continue, upgrades)."""
+_HANDOVER = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
+"""Headers whose requests aiohttp serves (chunked bodies, 100-continue, upgrades,
+compressed bodies)."""
 
 
 class LeanServer:
