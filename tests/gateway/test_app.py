@@ -177,10 +177,37 @@ async def test_several_prompts_in_one_completions_request_are_answered_as_vllm_d
         assert not gw.manager._require_dispatcher().records  # every request ended
 
 
+async def test_a_request_with_several_prompts_holds_its_own_id() -> None:
+    """While a request with several prompts runs (as ``dup-0``, ``dup-1``), a request with
+    its id is a 409, whole or streamed, either way round."""
+    async with serve(1, speed=0.5) as gw, aiohttp.ClientSession() as http:
+        url, headers = gw.url("/v1/completions"), {"x-request-id": "dup"}
+        records = gw.manager._require_dispatcher().records
+        several = {**completion_body(max_tokens=16), "prompt": ["one", "two"]}
+
+        async def post(body: dict[str, object]) -> int:
+            async with http.post(url, json=body, headers=headers) as r:
+                await r.read()
+                if r.status == 409:
+                    assert r.headers["x-should-retry"] == "false"
+                return r.status
+
+        for first, second in ((several, completion_body()), (completion_body(), several)):
+            for stream in (False, True):
+                running = asyncio.ensure_future(post({**first, "stream": stream}))
+                for _ in range(1000):  # until the first is in the control plane
+                    if any(rid.startswith("dup") for rid in records):
+                        break
+                    await asyncio.sleep(0.005)
+                assert await post({**second, "stream": stream}) == 409
+                assert await running == 200
+        assert await post(several) == 200  # free again once it has ended
+
+
 async def test_one_refused_prompt_fails_the_request_and_cancels_the_others() -> None:
     settings = GatewayConfig(max_prompt_tokens=40_000)  # the engine refuses it, not us
     async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
-        # the second is longer than the simulated model's context (32,768 tokens)
+        # the second is longer than the simulated model's context (Llama-3-8B's 8,192 tokens)
         body = {**completion_body(max_tokens=4), "prompt": ["short", "word " * 33_000]}
         for stream in (False, True):
             async with http.post(gw.url("/v1/completions"), json={**body, "stream": stream}) as r:

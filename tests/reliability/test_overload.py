@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import replace
 
 import aiohttp
+import openai
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestPriority, RequestStatus
@@ -46,10 +47,21 @@ async def test_an_infeasible_deadline_is_429_without_retry_after_and_counted_as_
             assert r.status == 429
             assert (await r.json())["error"]["type"] == "slo_infeasible"
             assert "Retry-After" not in r.headers  # it would be as infeasible later
+            assert r.headers["x-should-retry"] == "false"  # read by the OpenAI SDKs
+        client = openai.AsyncOpenAI(base_url=gw.url("/v1"), api_key="k", max_retries=2)
+        with pytest.raises(openai.RateLimitError):
+            await client.completions.create(
+                model=body["model"], prompt="hi", max_tokens=500,
+                extra_headers={"x-sage-slo-ms": "1"},
+            )  # fmt: skip
+        await client.close()
         async with http.get(gw.url("/metrics")) as r:
             text = await r.text()
-        assert 'sage_llm_requests_rejected_total{model="' in text
-        assert 'reason="slo_infeasible"' in text
+        rejected = [
+            line for line in text.splitlines()
+            if line.startswith("sage_llm_requests_rejected_total{") and "slo_infeasible" in line
+        ]  # fmt: skip
+        assert len(rejected) == 1 and rejected[0].endswith(" 2.0")  # no retry by the SDK
 
 
 def _one_slot(**settings: object) -> ControlPlaneManager:

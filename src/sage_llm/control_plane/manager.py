@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
@@ -255,6 +255,8 @@ class ControlPlaneManager:
         self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._given_clients: set[str] = set()
         """Instances whose engine client was given to :meth:`register_instance`."""
+        self._reserved_ids: set[str] = set()
+        """Request ids held by :meth:`reserve_request_id`."""
         self._closed_given: set[str] = set()
         """Of those, the ones whose client :meth:`stop` closed (start() refuses them)."""
         self._running = False
@@ -568,6 +570,23 @@ class ControlPlaneManager:
     async def submit_request(self, request: RequestMetadata) -> str:
         """Validate, admit and queue a request; returns its id. Raises on refusal."""
         return self._submit(request, stream=False).request_id
+
+    @contextlib.contextmanager
+    def reserve_request_id(self, request_id: str) -> Iterator[None]:
+        """Hold ``request_id`` for a request its caller runs as several under other ids (the
+        gateway runs a completions request with several prompts as ``{id}-0``, ``{id}-1``…):
+        while it is held, a request submitted with it, or a second reservation, is a
+        :class:`ConflictError`, as for a request in progress."""
+        dispatcher = self._require_dispatcher()
+        if request_id in dispatcher.records or request_id in self._reserved_ids:
+            raise ConflictError(
+                f"request {request_id!r} is already in progress", param="request_id"
+            )
+        self._reserved_ids.add(request_id)
+        try:
+            yield
+        finally:
+            self._reserved_ids.discard(request_id)
 
     async def wait_for_result(
         self,
@@ -1138,7 +1157,7 @@ class ControlPlaneManager:
             raise InvalidRequestError(
                 f"request_id must be a non-empty string, got {rid!r}", param="request_id"
             )
-        if meta.request_id in dispatcher.records:
+        if rid in dispatcher.records or (self._reserved_ids and rid in self._reserved_ids):
             raise ConflictError(
                 f"request {meta.request_id!r} is already in progress", param="request_id"
             )

@@ -26,6 +26,7 @@ from aiohttp.typedefs import Handler
 from sage_llm.errors import (
     AdmissionError,
     AuthenticationError,
+    ConflictError,
     NoHealthyInstanceError,
     SageLLMError,
     SLOInfeasibleError,
@@ -73,9 +74,13 @@ def retry_after_header(seconds: float | None) -> str:
 def sage_error_headers(exc: SageLLMError) -> dict[str, str]:
     """The headers an error's response carries: ``Retry-After`` on admission refusals
     (not on an infeasible deadline) and on a 503 while instances are cooling down,
-    ``WWW-Authenticate`` on 401."""
+    ``WWW-Authenticate`` on 401, and ``x-should-retry: false`` on the refusals that a retry
+    would meet again though their status is one clients retry (an infeasible deadline's
+    429, a conflict's 409): the OpenAI SDKs read it and do not retry."""
     headers: dict[str, str] = {}
-    if isinstance(exc, AdmissionError) and not isinstance(exc, SLOInfeasibleError):
+    if isinstance(exc, (SLOInfeasibleError, ConflictError)):
+        headers["x-should-retry"] = "false"
+    elif isinstance(exc, AdmissionError):
         # an infeasible deadline is as infeasible later: no Retry-After invites a retry
         headers["Retry-After"] = retry_after_header(exc.retry_after_s)
     elif isinstance(exc, NoHealthyInstanceError) and exc.retry_after_s is not None:

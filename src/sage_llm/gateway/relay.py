@@ -276,12 +276,13 @@ async def complete_all(
     vLLM gives it: prompt ``k``'s choice ``i`` is choice ``k·n + i``, and the usage is the
     sum. They run side by side; when one fails the others are cancelled and its error is
     the answer."""
-    tasks = [asyncio.ensure_future(manager.collect(g.meta, g.timeout_s)) for g in gens]
-    try:
-        answers = await asyncio.gather(*tasks)
-    except BaseException:
-        await _cancel_all(tasks)
-        raise
+    with manager.reserve_request_id(request_id):
+        tasks = [asyncio.ensure_future(manager.collect(g.meta, g.timeout_s)) for g in gens]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:
+            await _cancel_all(tasks)
+            raise
     gen = gens[0]
     n = _choices_per_prompt(gen)
     choices = _Choices(token_ids=bool(gen.meta.extra_body.get("return_token_ids")))
@@ -319,14 +320,23 @@ def sum_usage(usages: Iterable[Usage]) -> Usage:
 
 
 async def merged_batches(
-    manager: ControlPlaneManager, gens: Sequence[Generation]
+    manager: ControlPlaneManager, gens: Sequence[Generation], request_id: str
 ) -> AsyncGenerator[list[Chunk], None]:
     """The streams of several prompts' requests as one (vLLM's answer to a completions
-    request with several prompts): batches as each request's come, prompt ``k``'s choice
-    ``i`` renumbered ``k·n + i``; each request's last chunk keeps its finish reason but
-    not its usage, and the last of them all carries the sum (so the stream ends once every
-    prompt's answer is whole). A failure of one ends it (the others are cancelled);
-    closing it cancels them all."""
+    request with several prompts, ``request_id``, held while they run): batches as each
+    request's come, prompt ``k``'s choice ``i`` renumbered ``k·n + i``; each request's
+    last chunk keeps its finish reason but not its usage, and the last of them all carries
+    the sum (so the stream ends once every prompt's answer is whole). A failure of one ends
+    it (the others are cancelled); closing it cancels them all."""
+    with manager.reserve_request_id(request_id):
+        async with contextlib.aclosing(_merged(manager, gens)) as merged:
+            async for batch in merged:
+                yield batch
+
+
+async def _merged(
+    manager: ControlPlaneManager, gens: Sequence[Generation]
+) -> AsyncGenerator[list[Chunk], None]:
     n = _choices_per_prompt(gens[0])
     queue: asyncio.Queue[tuple[int, list[Chunk] | Exception | None]] = asyncio.Queue()
 
@@ -403,7 +413,11 @@ async def relay_stream(
     after it an error event that ends the stream."""
     gen = gens[0]
     fmt = fill_format(gen.chat, request_id, gen.model, created)
-    batches = manager.stream_batches(gen.meta) if len(gens) == 1 else merged_batches(manager, gens)
+    batches = (
+        manager.stream_batches(gen.meta)
+        if len(gens) == 1
+        else merged_batches(manager, gens, request_id)
+    )
     end = _Ending()
     try:
         try:
