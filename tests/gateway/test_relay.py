@@ -18,7 +18,13 @@ from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import ResponseFormat
 from sage_llm.gateway.lean import LeanStream
-from sage_llm.gateway.relay import _Choices, completion_body, merge_delta, merge_logprobs
+from sage_llm.gateway.relay import (
+    _Choices,
+    completion_body,
+    merge_delta,
+    merge_logprobs,
+    sum_usage,
+)
 from sage_llm.gateway.server import start_gateway
 from sage_llm.sim.core import SimEngineConfig
 from sage_llm.sim.engine import SimEngine
@@ -342,7 +348,8 @@ def _tool_engine() -> web.Application:
         body = await request.json()
         head = {"id": "chatcmpl-e", "object": "chat.completion", "created": 1,
                 "model": body["model"]}  # fmt: skip
-        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
+                 "completion_tokens_details": {"reasoning_tokens": 2}}  # fmt: skip
         if not body.get("stream"):
             call = {**_CALL, "function": {"name": "get_weather", "arguments": "".join(_ARGS)}}
             message = {"role": "assistant", "content": None, "reasoning_content": "I think.",
@@ -377,9 +384,15 @@ async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stre
     async with _gateway_over(_tool_engine(), engine_stream) as url, aiohttp.ClientSession() as http:
         async with http.post(url, json=body) as r:
             whole = await r.json()
-        async with http.post(url, json={**body, "stream": True}) as r:
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with http.post(url, json=streamed) as r:
             events = await read_events(r)
     [choice] = whole["choices"]
+    # the engine's other usage fields reach the client, whole or streamed
+    details = {"reasoning_tokens": 2}
+    assert whole["usage"]["completion_tokens_details"] == details
+    usages = [e["usage"] for e in events if isinstance(e, dict) and e.get("usage")]
+    assert [u["completion_tokens_details"] for u in usages] == [details]
     # a whole answer's tool calls have no "index" (a stream's deltas do), as vLLM answers
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
@@ -583,3 +596,16 @@ async def test_echo_and_prompt_logprobs_of_simulated_engines_reach_the_client() 
     assert chat["prompt_logprobs"][0] is None
     assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
     assert refused[0] == 400 and refused[1]["error"]["param"] == "prompt_logprobs"
+
+
+def test_several_prompts_usage_sums_the_engines_other_fields() -> None:
+    one = Usage(3, 5, 1, {"completion_tokens_details": {"reasoning_tokens": 2}, "tier": "a"})
+    two = Usage(4, 6, 0, {"completion_tokens_details": {"reasoning_tokens": 3, "audio": 1}})
+    total = sum_usage([one, two, Usage(1, 1)])
+    assert (total.prompt_tokens, total.completion_tokens, total.cached_tokens) == (8, 12, 1)
+    assert total.extra == {
+        "completion_tokens_details": {"reasoning_tokens": 5, "audio": 1},
+        "tier": "a",
+    }
+    assert one.extra == {"completion_tokens_details": {"reasoning_tokens": 2}, "tier": "a"}
+    assert sum_usage([Usage(1, 1)]).extra is None

@@ -104,9 +104,14 @@ def embeddings_refusal(exc: EngineError, model: str, where: str) -> InvalidReque
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Token counts of a request. ``extra`` holds the other fields of the engine's ``usage``
+    object (``completion_tokens_details``: reasoning tokens, …), passed on to the client as
+    they came; None when there are none."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    extra: Mapping[str, Any] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -155,7 +160,8 @@ class Chunk:
 
 
 fill_usage = field_filler(Usage, tuple(f.name for f in fields(Usage)))
-"""``fill_usage(prompt, completion, cached)``: a :class:`Usage` without its ``__init__``."""
+"""``fill_usage(prompt, completion, cached, extra)``: a :class:`Usage` without its
+``__init__``."""
 fill_chunk = field_filler(Chunk, tuple(f.name for f in fields(Chunk)))
 """``fill_chunk(*values)``: a :class:`Chunk` from all its field values in field order (one
 or more are parsed from every engine answer)."""

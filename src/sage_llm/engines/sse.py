@@ -185,9 +185,21 @@ def parse_usage(obj: Any) -> Usage | None:
         return None
     details = obj.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    extra = None
+    if len(obj) > 3 + ("prompt_tokens_details" in obj):  # others: reasoning tokens, …
+        extra = {k: v for k, v in obj.items() if k not in _USAGE_FIELDS} or None
     return fill_usage(
-        _as_int(obj.get("prompt_tokens")), _as_int(obj.get("completion_tokens")), _as_int(cached)
+        _as_int(obj.get("prompt_tokens")),
+        _as_int(obj.get("completion_tokens")),
+        _as_int(cached),
+        extra,
     )
+
+
+_USAGE_FIELDS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+)
+"""The ``usage`` fields :class:`Usage` holds (or derives) itself."""
 
 
 def stream_error(obj: Mapping[str, Any]) -> tuple[str, int | None] | None:
@@ -451,13 +463,17 @@ def chunks_from_completion(
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:
-    """An OpenAI ``usage`` object, with ``prompt_tokens_details.cached_tokens``."""
-    return {
+    """An OpenAI ``usage`` object, with ``prompt_tokens_details.cached_tokens`` and the
+    engine's other fields (:attr:`Usage.extra`)."""
+    out = {
         "prompt_tokens": usage.prompt_tokens,
         "total_tokens": usage.total_tokens,
         "completion_tokens": usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if usage.extra:
+        out.update(usage.extra)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

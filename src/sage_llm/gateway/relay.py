@@ -310,13 +310,31 @@ def _choices_per_prompt(gen: Generation) -> int:
 
 
 def sum_usage(usages: Iterable[Usage]) -> Usage:
-    """The usage of several requests answered as one."""
+    """The usage of several requests answered as one (the engine's other fields summed
+    where they are numbers, see :func:`_sum_extra`)."""
     prompt = completion = cached = 0
+    extra: dict[str, Any] | None = None
     for usage in usages:
         prompt += usage.prompt_tokens
         completion += usage.completion_tokens
         cached += usage.cached_tokens
-    return Usage(prompt, completion, cached)
+        if usage.extra:
+            extra = _sum_extra(extra or {}, usage.extra)
+    return Usage(prompt, completion, cached, extra)
+
+
+def _sum_extra(total: dict[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """``total`` with ``more`` added in: numbers summed, objects merged alike, anything
+    else kept from the first that had it."""
+    for key, value in more.items():
+        have = total.get(key)
+        if isinstance(have, int | float) and isinstance(value, int | float):
+            total[key] = have + value
+        elif isinstance(have, dict) and isinstance(value, Mapping):
+            total[key] = _sum_extra(dict(have), value)
+        elif key not in total:
+            total[key] = dict(value) if isinstance(value, Mapping) else value
+    return total
 
 
 async def merged_batches(

@@ -112,7 +112,7 @@ def merge_usage(chunk: Chunk, prompt_tokens: int) -> Chunk:
     usage = chunk.usage
     if usage is None or prompt_tokens <= 0 or usage.prompt_tokens == prompt_tokens:
         return chunk
-    merged = Usage(prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    merged = Usage(prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.extra)
     return replace(chunk, usage=merged)
 
 
