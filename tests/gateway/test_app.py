@@ -218,6 +218,23 @@ async def test_one_refused_prompt_fails_the_request_and_cancels_the_others() -> 
         assert not gw.manager._require_dispatcher().records
 
 
+async def test_a_stop_string_is_the_choices_stop_reason_in_process_too() -> None:
+    """The built-in fleet (simulated engines in the gateway's process) reports the stop
+    string that ended a choice, whole or streamed, as engine-sim and vLLM do over HTTP."""
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        url, same = gw.url("/v1/completions"), {"x-request-id": "same"}  # the same text
+        async with http.post(url, json=completion_body(max_tokens=12), headers=same) as r:
+            word = " " + (await r.json())["choices"][0]["text"].split()[4]
+        body = completion_body(max_tokens=12, stop=[word])
+        async with http.post(url, json=body, headers=same) as r:
+            (choice,) = (await r.json())["choices"]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", word)
+        async with http.post(url, json={**body, "stream": True}, headers=same) as r:
+            events = [e for e in await read_events(r) if isinstance(e, dict) and e["choices"]]
+        last = events[-1]["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == ("stop", word)
+
+
 async def test_stop_sequences_reach_the_engine() -> None:
     async with serve(1) as gw, aiohttp.ClientSession() as http:
         body = completion_body(max_tokens=16, stop=["zzz-never"], logprobs=2)

@@ -390,12 +390,16 @@ def test_max_model_len_is_at_most_what_the_kv_cache_holds() -> None:
 def test_stop_reason_is_the_matched_stop_string_and_none_otherwise() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")
-        full = "".join(c.text for c in await collect(engine, req("a", max_tokens=30)))
+        plain = await collect(engine, req("a", max_tokens=30))
+        full = "".join(c.text for c in plain)
         assert engine.stop_reason("a") is None
+        assert all(c.extras is None for c in plain)
         stop = " " + full.split()[5]
         chunks = await collect(engine, req("a", max_tokens=30, stop=["no-such-word", stop]))
         assert chunks[-1].finish_reason == "stop"
         assert engine.stop_reason("a") == stop  # the same request again, stopped this time
+        # on the last chunk too, as a choice's stop_reason in process (no server to ask)
+        assert chunks[-1].extras == {"stop_reason": stop}
         assert engine.stop_reason("unknown") is None
         await engine.aclose()
 

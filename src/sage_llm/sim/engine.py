@@ -428,9 +428,9 @@ class SimEngine:
                     done = True
                     self._note_finished(req.request_id, stream.queue_s, stop)
                     usage = Usage(len(prompt_ids), produced, stream.cached)
-                    yield lead.first(
-                        Chunk(text, ids, finish_reason=finish, usage=usage, logprobs=lp)
-                    )
+                    # vLLM's stop_reason: the stop string or token id that ended it
+                    extras = None if stop is None else {"stop_reason": stop}
+                    yield lead.first(Chunk(text, ids, finish, usage, lp, extras=extras))
                     return
                 yield lead.first(Chunk(text, ids, logprobs=lp))
         finally:
