@@ -375,6 +375,16 @@ async def test_embeddings() -> None:
         assert probe.embed_options == {"dimensions": 8, "encoding_format": "base64"}
         batch = await client.embeddings.create(model=MODEL, input=[[5, 6], [7]])
         assert len(ids.data) == 1 and [d.index for d in batch.data] == [0, 1]
+        # sage-llm's own fields are not the engine's
+        extra = {"priority": "high", "slo_deadline_ms": 500}
+        await client.embeddings.create(model=MODEL, input="x", extra_body=extra)
+        assert probe.embed_options == {"encoding_format": "base64"}
+        async with aiohttp.ClientSession() as http:
+            body = {"model": MODEL, "input": [{"text": "no"}]}
+            async with http.post(gw.url("/v1/embeddings"), json=body) as r:
+                error = (await r.json())["error"]
+        assert r.status == 400 and error["param"] == "input"
+        assert "a list of token ids or a list of token-id lists" in error["message"]
 
 
 async def test_models_are_aggregated_over_the_fleet() -> None:

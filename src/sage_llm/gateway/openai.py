@@ -77,8 +77,12 @@ _TYPE_HINTS = {
     "stop": "must be a string or a list of strings",
     "stream": "must be a boolean",
     "priority": "must be a priority name or an integer (0-4; others are taken as the nearest)",
-    "input": "must be a string or a non-empty list of strings",
+    "input": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
 }
+
+
+_NOT_EMBEDDING_OPTIONS = frozenset({"model", "input", "priority", "slo_deadline_ms"})
+"""Fields of an embeddings request that do not reach the engine."""
 
 
 def validation_error(exc: ValidationError) -> InvalidRequestError:
@@ -456,7 +460,10 @@ class OpenAIRoutes:
             inputs = list(raw)
         if not inputs:
             raise InvalidRequestError("input: must not be empty", param="input")
-        options = {k: v for k, v in body.items() if k not in ("model", "input") and v is not None}
+        # sage-llm's own fields are not the engine's (embeddings are not queued or scheduled)
+        options = {
+            k: v for k, v in body.items() if k not in _NOT_EMBEDDING_OPTIONS and v is not None
+        }
         timeout = self.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
