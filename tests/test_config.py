@@ -239,7 +239,7 @@ def test_defaults() -> None:
     assert cp.seed is None and cp.instances == () and cp.pd == PDSeparationConfig()
     gw = cfg.gateway
     assert (gw.host, gw.port, gw.api_keys, gw.admin_token) == ("127.0.0.1", 8080, (), None)
-    assert (gw.max_body_bytes, gw.max_prompt_tokens, gw.max_tokens_limit) == (1 << 20, 32768, 8192)
+    assert (gw.max_body_bytes, gw.max_prompt_tokens, gw.max_tokens_limit) == (1 << 20, 32768, None)
     assert (gw.request_timeout_s, gw.workers, gw.log_prompts, gw.tracing) == (
         600.0,
         1,

@@ -289,7 +289,7 @@ class GatewayConfig:
     admin_token_env: str | None = opt(None, _ENV)
     max_body_bytes: int = opt(1 << 20, _COUNT)
     max_prompt_tokens: int = opt(32_768, _COUNT)
-    max_tokens_limit: int = opt(8192, _COUNT)
+    max_tokens_limit: int | None = opt(None, _COUNT)
     request_timeout_s: float = opt(600.0, _POSITIVE)
     read_timeout_s: float = opt(30.0, _POSITIVE)
     shutdown_timeout_s: float = opt(30.0, _POSITIVE)

@@ -80,7 +80,8 @@ BAD_CHATS: list[tuple[dict[str, object], str]] = [
 
 
 async def test_bad_chat_fields_give_400() -> None:
-    async with serve(1) as gw, aiohttp.ClientSession() as http:
+    settings = GatewayConfig(max_tokens_limit=8192)
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
         for fields, param in BAD_CHATS:
             async with http.post(gw.url("/v1/chat/completions"), json=chat_body(**fields)) as r:
                 assert r.status == 400, fields

@@ -325,8 +325,8 @@ def parse_generation(
         # limit is within it without being counted
         if len(text or ()) > prompt_limit and (prompt_tokens := count_tokens(text)) > prompt_limit:
             raise InvalidRequestError(
-                f"{prompt_param}: the prompt has {prompt_tokens} tokens; this gateway accepts "
-                f"at most {prompt_limit}",
+                f"{prompt_param}: the prompt has about {prompt_tokens} tokens by this "
+                f"gateway's estimate (gateway.max_prompt_tokens: {prompt_limit})",
                 param=prompt_param,
             )
     priority = RequestPriority.NORMAL
