@@ -1785,3 +1785,35 @@ def test_a_prefix_cache_hit_does_not_make_the_prefill_estimate_faster() -> None:
         assert warm < 3 * cold  # counted whole, eight cache hits made it ~10x faster
 
     run_virtual(main())
+
+
+def test_adaptive_follows_the_fleet_once_traffic_stops() -> None:
+    """A burst of prioritised requests switches ``adaptive`` to ``priority``; once they are
+    done and nothing more comes, the control plane's ticks take it back to ``fifo`` (the
+    rule had been evaluated only when a request left the queue, so it stayed on
+    ``priority`` with the burst's signals)."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", scheduling_policy="adaptive")
+        for inst in make_instances(1, max_concurrent_requests=2):
+            cp.register_instance(inst)
+        async with cp:
+            levels = (RequestPriority.LOW, RequestPriority.HIGH)
+            ids = [
+                await cp.submit_request(
+                    make_metadata(f"r{k}", max_tokens=64, priority=levels[k % 2])
+                )
+                for k in range(40)
+            ]
+            for rid in ids:
+                await cp.wait_for_result(rid)
+            busy = cp.get_status()["policy"]
+            assert busy["current"] == "priority" and busy["switches"] == 1
+            await asyncio.sleep(10)  # idle
+            idle = cp.get_status()["policy"]
+            assert idle["current"] == "fifo", idle["reason"]
+            assert idle["reason"].startswith("light load")
+            assert idle["state"]["signals"]["queued"] == 0
+            assert b'sage_llm_scheduling_policy{policy="fifo"} 1.0' in cp.prometheus_metrics()
+
+    run_virtual(main())

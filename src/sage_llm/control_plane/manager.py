@@ -334,6 +334,7 @@ class ControlPlaneManager:
         self._running = True
         self._accepting = True
         self._loops.append(asyncio.create_task(self._dispatcher.run(), name="sage-dispatch"))
+        self._loops.append(asyncio.create_task(self._policy_ticks(), name="sage-policy-tick"))
         for state in self._registry:
             self._ensure_client(state)
             self._start_instance_loops(state)
@@ -967,6 +968,17 @@ class ControlPlaneManager:
     @property
     def policy(self) -> SchedulingPolicy:
         return self._dispatcher.policy if self._dispatcher else self._pending_policy
+
+    async def _policy_ticks(self) -> None:
+        """Call ``tick(snapshot)`` on the policy in use every ``tick_interval_s``, when it
+        has one (``adaptive``: its switch rule follows the fleet while the queue is idle)."""
+        while True:
+            policy = self.policy
+            tick = getattr(policy, "tick", None)
+            interval = getattr(policy, "tick_interval_s", 1.0) if tick is not None else 1.0
+            await asyncio.sleep(interval)
+            if tick is not None and policy is self.policy:
+                tick(self._registry.snapshot(self.clock.now(), self._prefix))
 
     # -- observability ---------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """``adaptive``: switches among the other four policies from what it observes.
 
-Signals, computed in ``pop`` at most once per ``eval_interval_s`` of ``snap.now``:
+Signals, computed in ``pop`` and :meth:`AdaptivePolicy.tick` (which the control plane calls
+every ``eval_interval_s``, so the rule also sees a queue that has emptied and traffic that
+has stopped) at most once per ``eval_interval_s`` of ``snap.now``:
 
 * ``load`` — waiting requests / fleet capacity (Σ ``max_concurrency`` of the snapshot),
   where *waiting* is the queued requests beyond the snapshot's free slots (those of the
@@ -214,6 +216,17 @@ class AdaptivePolicy:
         self._policy.on_complete(record)
 
     # -- the switch rule ---------------------------------------------------------------
+
+    @property
+    def tick_interval_s(self) -> float:
+        """How often the control plane calls :meth:`tick`."""
+        return self.params.eval_interval_s
+
+    def tick(self, snap: ClusterSnapshot) -> None:
+        """Evaluate the switch rule on ``snap`` (as ``pop`` does): the control plane calls
+        this every :attr:`tick_interval_s`, so that the policy in use, its reason and its
+        signals follow the fleet also while nothing is taken from the queue."""
+        self._maybe_switch(snap)
 
     def signals(self, snap: ClusterSnapshot) -> Signals:
         """The rule's inputs now (pure; does not evaluate the rule)."""
