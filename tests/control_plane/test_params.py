@@ -83,6 +83,39 @@ def test_a_limit_set_by_another_key_is_shown_as_given_not_as_its_default() -> No
         build_policy("adaptive", {"light_load": 0.5, "overload": 0.2})
 
 
+def test_limits_are_checked_against_the_values_given_whatever_else_is_wrong() -> None:
+    """With another key wrong too, a limit another key sets is still shown as given, and a
+    conflict with a default is filed under the key the table gives, with every problem."""
+    with pytest.raises(ConfigErrors) as info:
+        build_policy("adaptive", {"overload": 0.2, "light_load": 0.3, "window": 0})
+    assert [(e.key, e.message) for e in info.value.errors] == [
+        ("light_load", "light_load: must be below overload (0.2), got 0.3"),
+        ("window", "window: must be >= 1, got 0"),
+    ]
+    with pytest.raises(ConfigErrors) as info:
+        build_policy("adaptive", {"overload": 0.01, "min_samples": 300})
+    assert [e.key for e in info.value.errors] == ["overload", "min_samples"]
+    assert info.value.errors[0].message == (
+        "overload: conflicts with light_load at its default (0.05): light_load must be "
+        "below overload (0.01), got 0.05"
+    )
+    # a key that fails only against another's default is fine beside the value given
+    assert build_params(Params, {"high": 0.5, "low": 0.4}) == Params(low=0.4, high=0.5)
+
+
+def test_choices_are_read_in_any_letter_case_and_a_bad_one_is_shown() -> None:
+    assert build_params(Params, {"mode": " B"}).mode == "b"
+    policy = build_policy("slo_aware", {"infeasible_action": "Reject"})
+    assert policy.describe()["params"]["infeasible_action"] == "reject"  # type: ignore[index]
+    with pytest.raises(ConfigError, match="must be one of 'a', 'b', got string 'c'"):
+        build_params(Params, {"mode": "c"})
+
+
+def test_a_rack_rated_above_its_machine_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"must be at most machine_score \(0.1\), got 0.9"):
+        build_router("topology_aware", {"machine_score": 0.1, "rack_score": 0.9})
+
+
 def test_finite_refuses_infinity_and_nan() -> None:
     assert build_params(Params, {"high": math.inf}).high == math.inf
     for value in (math.inf, math.nan):

@@ -60,24 +60,28 @@ def build_params(
             kwargs[key] = _coerce(key, hints[key], value, finite=finite)
         except ConfigError as exc:
             problems[key] = exc
-    whole: Exception | None = None
     if not problems:
         try:
             return params_cls(**kwargs)
-        except (ConfigError, ValueError) as exc:
-            whole = exc
-    for key, value in kwargs.items():
-        if (problem := _alone(params_cls, key, value)) is not None:
+        except (ConfigError, ValueError):
+            pass
+    # each well-typed key with the others at their defaults: its own range, or a limit
+    alone = {k: p for k, v in kwargs.items() if (p := _alone(params_cls, k, v, {})) is not None}
+    # the keys fine alone, as given: each failing key is checked again beside them, so a
+    # limit another key sets is shown as given ("below overload (0.2)", not its default's
+    # 0.1), and a key that failed only against another's default is no problem
+    good = {k: v for k, v in kwargs.items() if k not in alone}
+    for key in alone:
+        if (problem := _alone(params_cls, key, kwargs[key], good)) is not None:
             problems[key] = problem
-    if isinstance(whole, ConfigError) and whole.key in problems:
-        # built with the values given, not the others' defaults: a limit another key
-        # sets is shown as given ("below overload (0.2)", not its default's 0.1)
-        problems[whole.key] = whole
-    raise_problems([problems[key] for key in raw if key in problems])
-    # each key is fine alone: the problem is between them
-    if isinstance(whole, ConfigError):
-        raise whole
-    raise ConfigError(str(whole)) from whole
+    # and a problem among the keys that are fine alone, or with a default they leave
+    if (between := _between(params_cls, good, raw)) is not None:
+        problems.setdefault(between.key or "", between)
+    raise_problems(
+        [problems[key] for key in raw if key in problems]
+        + [p for key, p in problems.items() if key not in raw]
+    )
+    return params_cls(**kwargs)  # (raises: with no problem found, it built above)
 
 
 class Gathered:
@@ -108,14 +112,38 @@ class Gathered:
         raise_problems(self.errors)
 
 
-def _alone(params_cls: type[Any], key: str, value: Any) -> ConfigError | None:
-    """The problem of ``key = value`` with every other parameter at its default."""
+def _alone(
+    params_cls: type[Any], key: str, value: Any, others: Mapping[str, Any]
+) -> ConfigError | None:
+    """The problem of ``key = value`` beside ``others`` (the rest at their defaults)."""
     try:
-        params_cls(**{key: value})
+        params_cls(**{**others, key: value})
     except ConfigError as exc:
         return exc if exc.key == key else None
     except ValueError as exc:
         return ConfigError(str(exc), key=key)
+    return None
+
+
+def _between(
+    params_cls: type[Any], good: Mapping[str, Any], raw: Mapping[str, Any]
+) -> ConfigError | None:
+    """The problem of building with ``good`` (keys each fine alone), if any. One filed under
+    a key the table does not give (a default that a given key conflicts with) is filed
+    under the given key instead, saying so, when there is one such key."""
+    try:
+        params_cls(**good)
+    except ConfigError as exc:
+        if exc.key is None or exc.key in raw or len(good) != 1:
+            return exc
+        (given,) = good
+        default = getattr(params_cls(), exc.key, None)
+        return ConfigError(
+            f"conflicts with {exc.key} at its default ({default}): {exc.key} {exc.detail}",
+            key=given,
+        )
+    except ValueError as exc:
+        return ConfigError(str(exc))
     return None
 
 
@@ -130,9 +158,15 @@ def _coerce(key: str, hint: Any, value: Any, *, finite: bool) -> Any:
             hint = rest[0] if len(rest) == 1 else hint
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}", key=key)
-        return value
+        if value in choices:
+            return value
+        if isinstance(value, str):  # in any letter case, as policy and strategy names
+            for choice in choices:
+                if isinstance(choice, str) and choice.lower() == value.strip().lower():
+                    return choice
+        raise ConfigError(
+            f"must be one of {', '.join(map(repr, choices))}, got {described(value)}", key=key
+        )
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"must be a number, got {described(value)}", key=key)

@@ -160,6 +160,11 @@ class TopologyAwareParams:
         _fraction("load_slack", self.load_slack)
         _fraction("machine_score", self.machine_score)
         _fraction("rack_score", self.rack_score)
+        if self.rack_score > self.machine_score:  # the same machine is in the same rack
+            raise ConfigError(
+                f"must be at most machine_score ({self.machine_score}), got {self.rack_score}",
+                key="rack_score",
+            )
         _fraction("kv_threshold", self.kv_threshold, allow_zero=False)
 
 
