@@ -12,7 +12,13 @@ from pydantic import ValidationError
 
 from sage_llm.config import GatewayConfig
 from sage_llm.errors import InvalidRequestError
-from sage_llm.gateway.openai import CONSUMED_FIELDS, _plain_body, parse_generation
+from sage_llm.gateway.openai import (
+    CONSUMED_FIELDS,
+    _plain_body,
+    json_object,
+    parse_generation,
+    validate,
+)
 from sage_llm.gateway.relay import Generation
 from sage_llm.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from sage_llm.gateway.settings import ResolvedGateway
@@ -166,7 +172,7 @@ def test_include_usage_only_applies_to_streams() -> None:
         ({"model": MODEL, "prompt": "x", "temperature": float("nan")}, {}, "temperature"),
         ({"model": MODEL, "prompt": "x", "n": 1.5}, {}, "n"),
         ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": "yes"}}, {},
-         "stream_options"),
+         "stream_options.include_usage"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "soon"}, "x-sage-priority"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "-3"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "inf"}, "x-sage-slo-ms"),
@@ -445,3 +451,12 @@ def test_chat_messages_are_refused_exactly_when_the_schema_refuses_them(messages
         assert err.value.message.startswith(err.value.param + ": ")
         return
     assert _parse(body, chat=True).meta.messages == messages
+
+
+def test_an_integer_beyond_64_bits_is_out_of_range_not_a_non_integer() -> None:
+    """JSON parsing reads it as a float; the 400 says what is wrong with it."""
+    body = json_object(b'{"model": "m", "prompt": "x", "seed": 18446744073709551616}')
+    with pytest.raises(InvalidRequestError) as err:
+        validate(CompletionRequest, body)
+    assert err.value.param == "seed"
+    assert "18446744073709551616 is out of range: integers must fit in 64 bits" in str(err.value)

@@ -85,15 +85,27 @@ _NOT_EMBEDDING_OPTIONS = frozenset({"model", "input", "priority", "slo_deadline_
 """Fields of an embeddings request that do not reach the engine."""
 
 
+_OBJECT_FIELDS = frozenset({"stream_options"})
+"""Request fields that are objects of known fields, which a 400's ``param`` names."""
+
+
 def validation_error(exc: ValidationError) -> InvalidRequestError:
     """The 400 error of a failed validation; ``param`` is the top-level field."""
     first = exc.errors()[0]
     loc = tuple(first.get("loc", ()))
-    param = str(loc[0]) if loc else None
+    top = str(loc[0]) if loc else None
+    # an object field's own field: stream_options.include_usage (other parts of the
+    # location name union members or list items, not fields)
+    param = top
+    if top in _OBJECT_FIELDS and len(loc) > 1 and isinstance(loc[1], str):
+        param = f"{top}.{loc[1]}"
+    value = first.get("input")
     if first.get("type") == "missing":
         detail = "is required"
-    elif param in _TYPE_HINTS:
-        detail = _TYPE_HINTS[param]
+    elif isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+        detail = f"{value:.0f} is out of range: integers must fit in 64 bits"
+    elif top in _TYPE_HINTS:
+        detail = _TYPE_HINTS[top]
     else:
         where = "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
         detail = f"{where} {first.get('msg', 'is invalid')}".strip()
