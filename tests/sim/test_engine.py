@@ -496,3 +496,26 @@ def test_a_request_that_leaves_max_tokens_to_the_engine_gets_its_default() -> No
         assert counts == [16, 128]
 
     run_virtual(main())
+
+
+def test_text_repeats_where_vllms_sampling_does() -> None:
+    """Greedy decoding gives a prompt the same text on any engine, a seed the same text for
+    the same prompt and seed; other requests differ by request id."""
+
+    async def main() -> None:
+        one, two = SimEngine("a", SimEngineConfig(seed=1)), SimEngine("b", SimEngineConfig(seed=2))
+
+        async def text(engine: SimEngine, rid: str, **kwargs: Any) -> str:
+            return "".join(c.text for c in await collect(engine, req(rid, **kwargs)))
+
+        greedy = await text(one, "g1", temperature=0.0)
+        assert greedy == await text(two, "g2", temperature=0.0)
+        assert greedy != await text(one, "g3", temperature=0.0, prompt="another prompt")
+        seeded = await text(one, "s1", extra={"seed": 7})
+        assert seeded == await text(two, "s2", extra={"seed": 7})
+        assert seeded != await text(one, "s3", extra={"seed": 8})
+        assert await text(one, "r1") != await text(one, "r2")
+        await one.aclose()
+        await two.aclose()
+
+    virtual(main)

@@ -45,7 +45,7 @@ def test_what_a_request_asks_for(request_: EngineRequest, wanted: int | None) ->
 
 def test_the_sampled_token_is_usually_but_not_always_the_most_likely() -> None:
     gen = PseudoLogprobs(2, chat=False, seed=0, request_id="r")
-    pieces = PseudoText(0, "r").next_pieces(2000)
+    pieces = PseudoText("0:r").next_pieces(2000)
     out = gen.next(pieces)
     top_hits = 0
     for piece, logprob, top in zip(out["tokens"], out["token_logprobs"], out["top_logprobs"],
@@ -57,7 +57,7 @@ def test_the_sampled_token_is_usually_but_not_always_the_most_likely() -> None:
 
 
 def test_chunks_continue_each_other() -> None:
-    pieces = PseudoText(3, "r").next_pieces(6)
+    pieces = PseudoText("3:r").next_pieces(6)
     whole = PseudoLogprobs(1, chat=False, seed=3, request_id="r").next(pieces)
     gen = PseudoLogprobs(1, chat=False, seed=3, request_id="r")
     parts = [gen.next(pieces[:2]), gen.next(pieces[2:5]), gen.next(pieces[5:])]

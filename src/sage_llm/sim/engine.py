@@ -46,7 +46,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -259,9 +259,9 @@ class _Delivery:
 class _Stream:
     __slots__ = ("arrival", "cached", "queue", "queue_s", "text")
 
-    def __init__(self, seed: int, request_id: str, arrival: float) -> None:
+    def __init__(self, text_key: str, arrival: float) -> None:
         self.queue: asyncio.Queue[_Delivery | EngineError] = asyncio.Queue()
-        self.text = PseudoText(seed, request_id)
+        self.text = PseudoText(text_key)
         self.cached = 0
         self.arrival = arrival
         self.queue_s: float | None = None
@@ -385,7 +385,10 @@ class SimEngine:
         echo = requested_echo(req)
         lead = _PromptLead(req, echo, top, requested_prompt_logprobs(req.extra, stream=False))
         await self._intake()
-        stream = self._open(req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params)
+        stream = self._open(
+            req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
+            text_key(req, prompt_ids, self._config.seed),
+        )  # fmt: skip
         logprobs = None
         if top is not None:
             logprobs = PseudoLogprobs(
@@ -446,7 +449,10 @@ class SimEngine:
             )
         prompt_ids = self._prompt_ids(req)
         await self._intake()
-        stream = self._open(req.request_id, prompt_ids, 1, {"do_remote_decode": True})
+        stream = self._open(
+            req.request_id, prompt_ids, 1, {"do_remote_decode": True},
+            text_key(req, prompt_ids, self._config.seed),
+        )  # fmt: skip
         done = False
         try:
             item = await stream.queue.get()
@@ -610,13 +616,14 @@ class SimEngine:
         prompt_ids: list[int],
         max_tokens: int,
         kv_transfer: Mapping[str, Any] | None,
+        text_key: str,
     ) -> _Stream:
         wake = self._ensure_running()
         now = (self._clock or current_clock()).now()
         self._core.add_request(
             request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer
         )
-        stream = _Stream(self._config.seed, request_id, now)
+        stream = _Stream(text_key, now)
         self._streams[request_id] = stream
         if kv_transfer and kv_transfer.get("do_remote_prefill"):
             self._remember_remote(request_id, kv_transfer)
@@ -871,6 +878,19 @@ class _PromptLead:
             text, chunk.token_ids, chunk.finish_reason, chunk.usage, lp, chunk.index,
             chunk.fields, extras, top,
         )  # fmt: skip
+
+
+def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) -> str:
+    """What a request's generated text is drawn from, repeatable where vLLM's sampling is:
+    greedy decoding (``temperature`` 0) gives a prompt the same text on every engine, and a
+    request's ``seed`` the same text for the same prompt and seed; other requests draw from
+    the engine's ``seed`` and their request id."""
+    seed = req.extra.get("seed")
+    if req.temperature == 0:
+        return f"greedy:{hash(tuple(prompt_ids))}"
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return f"seed:{seed}:{hash(tuple(prompt_ids))}"
+    return f"{engine_seed}:{req.request_id}"
 
 
 def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str] | None:

@@ -29,8 +29,10 @@ class PseudoText:
 
     __slots__ = ("_rng",)
 
-    def __init__(self, seed: int, request_id: str) -> None:
-        self._rng = random.Random(f"{seed}:{request_id}")
+    def __init__(self, key: str) -> None:
+        """``key``: what the words are drawn from (``"{seed}:{request_id}"``, see
+        :func:`sage_llm.sim.engine.text_key`)."""
+        self._rng = random.Random(key)
 
     def next_pieces(self, n: int) -> list[str]:
         """The next ``n`` pieces, each one token (a space and a word)."""
