@@ -519,3 +519,47 @@ def test_text_repeats_where_vllms_sampling_does() -> None:
         await two.aclose()
 
     virtual(main)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"top_k": -2}, "top_k", "top_k must be 0 (disable), or at least 1, got -2."),
+        ({"repetition_penalty": 0}, "repetition_penalty", "must be greater than zero"),
+        ({"presence_penalty": 3}, "presence_penalty", "must be in [-2, 2], got 3.0"),
+        ({"min_p": 1.5}, "min_p", "min_p must be in [0, 1]"),
+        ({"ignore_eos": "yes"}, "ignore_eos", "ignore_eos must be a boolean"),
+        ({"seed": 1.5}, "seed", "seed must be an integer"),
+        ({"frequency_penalty": "x"}, "frequency_penalty", "must be a number"),
+    ],
+)
+def test_sampling_parameters_vllm_refuses_are_refused(
+    extra: dict[str, Any], param: str, message: str
+) -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        with pytest.raises(InvalidRequestError) as err:
+            await collect(engine, req(extra=extra))
+        assert err.value.param == param and message in str(err.value)
+        fine = {"top_k": -1, "repetition_penalty": 1.1, "min_p": 0.1, "ignore_eos": True}
+        assert len(await collect(engine, req(extra=fine))) == 8
+        await engine.aclose()
+
+    virtual(main)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        full = "".join(c.text for c in await collect(engine, req("a", max_tokens=30)))
+        stop = full.split()[5]
+        kept = await collect(
+            engine, req("a", max_tokens=30, stop=[stop], extra={"include_stop_str_in_output": True})
+        )
+        cut = await collect(engine, req("a", max_tokens=30, stop=[stop]))
+        text = "".join(c.text for c in kept)
+        assert text.endswith(stop) and text == "".join(c.text for c in cut) + stop
+        assert kept[-1].finish_reason == "stop"
+        await engine.aclose()
+
+    virtual(main)

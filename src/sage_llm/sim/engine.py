@@ -379,6 +379,8 @@ class SimEngine:
                 send_max_tokens=True,
             )
         self._check_max_tokens(req, len(prompt_ids))
+        check_sampling(req.extra)
+        keep_stop = req.extra.get("include_stop_str_in_output") is True
         min_tokens = self._min_tokens(req)
         stop_ids = self._stop_token_ids(req)
         top = requested_logprobs(req)
@@ -420,8 +422,9 @@ class SimEngine:
                 if req.stop and produced >= min_tokens:
                     hit = _stop_at(text_so_far, text, req.stop)
                     if hit is not None:
-                        cut, stop = hit
-                        text, finish = text[:cut], "stop"
+                        cut, stop, end = hit
+                        # include_stop_str_in_output: the stop string stays in the text
+                        text, finish = text[: end if keep_stop else cut], "stop"
                         self._core.abort(req.request_id)
                 if stop is None and stop_id is not None:
                     stop, finish = stop_id, "stop"
@@ -880,6 +883,50 @@ class _PromptLead:
         )  # fmt: skip
 
 
+_SAMPLING_RANGES: dict[str, tuple[float, float, str]] = {
+    "presence_penalty": (-2.0, 2.0, "in [-2, 2]"),
+    "frequency_penalty": (-2.0, 2.0, "in [-2, 2]"),
+    "min_p": (0.0, 1.0, "in [0, 1]"),
+}
+_SAMPLING_FLAGS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+def check_sampling(extra: Mapping[str, Any]) -> None:
+    """Refuse the sampling parameters vLLM's ``SamplingParams`` refuses (400 naming the
+    field, in vLLM's words); the simulated text does not depend on them otherwise."""
+
+    def number(key: str) -> float | None:
+        value = extra.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidRequestError(f"{key} must be a number, got {value!r}", param=key)
+        return float(value)
+
+    for key, (lo, hi, text) in _SAMPLING_RANGES.items():
+        value = number(key)
+        if value is not None and not lo <= value <= hi:
+            raise InvalidRequestError(f"{key} must be {text}, got {value}.", param=key)
+    penalty = number("repetition_penalty")
+    if penalty is not None and not penalty > 0:
+        raise InvalidRequestError(
+            f"repetition_penalty must be greater than zero, got {penalty}.",
+            param="repetition_penalty",
+        )
+    top_k = extra.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise InvalidRequestError(
+            f"top_k must be 0 (disable), or at least 1, got {top_k}.", param="top_k"
+        )
+    for key in _SAMPLING_FLAGS:
+        value = extra.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequestError(f"{key} must be a boolean, got {value!r}", param=key)
+    seed = extra.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
+
+
 def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) -> str:
     """What a request's generated text is drawn from, repeatable where vLLM's sampling is:
     greedy decoding (``temperature`` 0) gives a prompt the same text on every engine, and a
@@ -893,11 +940,12 @@ def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) ->
     return f"{engine_seed}:{req.request_id}"
 
 
-def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str] | None:
-    """Where in ``text`` the earliest stop string ending inside ``text`` begins, and that
-    string (the first of ``stops`` among those beginning there)."""
+def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str, int] | None:
+    """Where in ``text`` the earliest stop string ending inside ``text`` begins, that
+    string (the first of ``stops`` among those beginning there), and where in ``text`` it
+    ends."""
     joined = before + text
-    best: tuple[int, str] | None = None
+    best: tuple[int, str, int] | None = None
     for stop in stops:
         if not stop:
             continue
@@ -905,5 +953,5 @@ def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str] | None:
         if start >= 0:
             cut = max(0, start - len(before))
             if best is None or cut < best[0]:
-                best = (cut, stop)
+                best = (cut, stop, start + len(stop) - len(before))
     return best
