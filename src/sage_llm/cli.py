@@ -884,15 +884,17 @@ def bench_proxy(
     if c1_engine not in C1_ENGINES:
         _fail(f"--c1-engine: {c1_engine!r} is not one of {', '.join(C1_ENGINES)}")
     peer_list = [p for p in peers.split(",") if p]
-    raise typer.Exit(
-        proxy_bench_main(
+    try:
+        code = proxy_bench_main(
             peers=peer_list,
             out=out,
             rounds=rounds,
             c1_engine=c1_engine,
             prompt_tokens=prompt_tokens,
         )
-    )
+    except SageLLMError as exc:
+        _fail(exc.message)
+    raise typer.Exit(code)
 
 
 @config_app.command("check")

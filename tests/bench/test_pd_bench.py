@@ -14,7 +14,6 @@ from sage_llm.bench.pd_bench import (
     SLO_TPOT,
     FleetSpec,
     chat_workload,
-    check_out,
     default_fleets,
     evaluate_targets,
     fleet_instances,
@@ -342,16 +341,6 @@ def test_an_unwritable_out_is_refused_before_running(
     with pytest.raises(ConfigError, match=rf"^out: (cannot write )?{out}") as info:
         pd_bench_main(out=out)
     assert "\n" not in info.value.message
-
-
-def test_check_out_leaves_no_file_behind(tmp_path: Path) -> None:
-    new = tmp_path / "a" / "b" / "pd.json"
-    check_out(new)
-    assert not new.exists() and new.parent.is_dir()
-    old = tmp_path / "old.json"
-    old.write_text("kept")
-    check_out(old)
-    assert old.read_text() == "kept"
 
 
 def test_bench_pd_writes_its_report_by_default(

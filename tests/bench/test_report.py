@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from sage_llm.bench.report import (
     _html_table,
     best_by_goodput,
     cdf_points,
+    check_out_dir,
+    check_out_file,
     goodput_curves,
     summary_table,
     target_check,
@@ -21,6 +24,7 @@ from sage_llm.bench.report import (
     write_json,
 )
 from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
+from sage_llm.errors import ConfigError
 from sage_llm.types import RequestPriority
 
 SLO_1S = SLO(ttft_s=1.0, tpot_s=0.05)
@@ -181,3 +185,31 @@ def test_the_html_table_shows_the_prefix_hit_rate_when_known() -> None:
     page = _html_table([Entry("a", "peer", s, extra={"prefix_hit_rate": 0.42}),
                         Entry("b", "peer", s)])  # fmt: skip
     assert "<th>prefix hit</th>" in page and "<td>42%</td>" in page
+
+
+def test_check_out_file_leaves_no_file_behind(tmp_path: Path) -> None:
+    new = tmp_path / "a" / "b" / "pd.json"
+    check_out_file(new)
+    assert not new.exists() and new.parent.is_dir()
+    old = tmp_path / "old.json"
+    old.write_text("kept")
+    check_out_file(old)
+    assert old.read_text() == "kept"
+
+
+def test_check_out_dir_makes_the_folder_and_leaves_nothing_in_it(tmp_path: Path) -> None:
+    out = tmp_path / "x" / "y"
+    check_out_dir(out)
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("check", [check_out_dir, check_out_file])
+def test_a_file_where_a_folder_goes_is_named(check: Callable[[Path], None], tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError) as info:
+        check(afile / "sub" / "report.json")
+    assert info.value.key == "out"
+    assert info.value.message == f"out: {afile} is a file, not a folder"
+    with pytest.raises(ConfigError, match=r"^out: cannot write"):
+        check(Path("/proc/sage-llm-nowhere/x"))

@@ -45,6 +45,7 @@ from sage_llm.bench.loadgen import run_http_workload
 from sage_llm.bench.procs import EngineFleet, ManagedProcess, counter_total, free_ports, serving
 from sage_llm.bench.report import (
     Entry,
+    check_out_dir,
     report_console,
     summary_table,
     target_check,
@@ -559,6 +560,7 @@ def compare_main(
     ``presets`` are ``policy+routing`` strings (default: the demo's five);
     ``peer_policies`` replaces :data:`PEER_POLICIES` for every peer; ``rate`` or
     ``rates`` fix the offered rate(s), otherwise ``load`` × calibrated capacity is used."""
+    check_out_dir(out)
     console = console or report_console()
     cfg = CompareConfig(
         workload=workload,
@@ -705,6 +707,7 @@ def overload_main(
         raise ConfigError(f"must be >= 1, got {engines}", key="engines")
     _positive(overload, "overload")
     _positive(duration_s, "duration_s")
+    check_out_dir(out)
     console = console or report_console()
     with console.status("starting …") as status:
         entries, capacity = overload_compare(

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.bench.inprocess import replay
+from sage_llm.bench.report import check_out_file
 from sage_llm.bench.stats import SLO, BenchSummary, summarize
 from sage_llm.bench.workloads import Uniform, Workload, sharegpt_like, synthetic
 from sage_llm.control_plane.manager import ControlPlaneManager
@@ -50,7 +51,6 @@ __all__ = [
     "FleetSpec",
     "PDCase",
     "chat_workload",
-    "check_out",
     "check_realtime_fleet",
     "default_fleets",
     "fleet_instances",
@@ -209,26 +209,6 @@ def realtime_fleets(names: Sequence[str] | None) -> list[FleetSpec]:
     for spec in chosen:
         check_realtime_fleet(spec)
     return chosen
-
-
-def check_out(path: Path) -> None:
-    """:class:`ConfigError` (key ``out``) unless a report can be written at ``path``, tried
-    now (its folders made, a new empty file created and removed again, an existing file
-    opened for appending and left as it was), so that a bad path fails before the
-    benchmark runs rather than after."""
-    try:
-        if path.is_dir():
-            raise ConfigError(f"{path} is a directory, not a file", key="out")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            with path.open("a"):
-                pass
-        else:
-            with path.open("x"):
-                pass
-            path.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", key="out") from None
 
 
 def fleet_instances(spec: FleetSpec, *, gpu: str = "h100") -> list[ExecutionInstance]:
@@ -555,7 +535,7 @@ def pd_bench_main(
         fleets, fleets_70b = select_named_fleets(fleet_names, include_70b)
     rt_fleets = realtime_fleets(fleet_names) if realtime else []
     if out is not None:
-        check_out(out)
+        check_out_file(out)
     report = run_pd_bench(
         n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
         fleets=fleets, include_70b=include_70b, seed=seed, fleets_70b=fleets_70b,

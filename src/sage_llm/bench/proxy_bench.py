@@ -51,7 +51,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from sage_llm.bench.report import report_console
+from sage_llm.bench.report import check_out_dir, report_console
 from sage_llm.bench.stats import percentile
 from sage_llm.tokens import count_tokens, split
 
@@ -496,6 +496,7 @@ def proxy_bench_main(
     prompt_tokens: int = 0,
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
+    check_out_dir(out)
     console = console or report_console()
     with console.status("measuring proxies …"):
         rows = asyncio.run(

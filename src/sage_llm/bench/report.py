@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from sage_llm.bench.stats import BenchSummary, RequestMeasurement, tpot, ttft
+from sage_llm.errors import ConfigError
 from sage_llm.types import RequestPriority
 
 __all__ = [
@@ -66,6 +68,57 @@ class Entry:
             "summary": self.summary.to_dict(),
             "extra": dict(self.extra),
         }
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing folder-to-be of ``path`` (itself or an ancestor) that is not a
+    folder, if any."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
+def check_out_dir(path: Path) -> None:
+    """:class:`ConfigError` (key ``out``) unless reports can be written under the folder
+    ``path``, tried now (made if missing, a file created in it and removed again), so that
+    a bad ``--out`` fails before the benchmark runs rather than after it."""
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{blocker} is a file, not a folder", key="out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".sage-llm-write-check-{os.getpid()}"
+        with probe.open("x"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write reports under {path}: {exc.strerror or exc}", key="out"
+        ) from None
+
+
+def check_out_file(path: Path) -> None:
+    """:class:`ConfigError` (key ``out``) unless a report can be written at ``path``, tried
+    now (its folders made, a new empty file created and removed again, an existing file
+    opened for appending and left as it was), so that a bad path fails before the
+    benchmark runs rather than after."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a file", key="out")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise ConfigError(f"{blocker} is a file, not a folder", key="out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with path.open("a"):
+                pass
+        else:
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", key="out") from None
 
 
 def report_console(width: int = 160) -> Console:
