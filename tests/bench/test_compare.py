@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.bench.compare import (
+    TRACE_MODEL,
     CompareConfig,
     as_text_prompts,
     build_workload,
@@ -54,6 +55,24 @@ def test_build_workload_offers_the_rate(kind: str) -> None:
     w = build_workload(kind, rate=5.0, duration_s=20.0, seed=1)
     assert w.summary()["rate_rps"] == pytest.approx(5.0)
     assert w == build_workload(kind, rate=5.0, duration_s=20.0, seed=1)
+
+
+def test_a_trace_offers_the_rate_for_the_duration(tmp_path: Path) -> None:
+    """The first rate × duration requests of the trace, rescaled to the rate (it had been
+    replayed whole, an hour of the public traces, whatever the options said)."""
+    trace = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 1000 * k, "input_length": 100 + k, "output_length": 8,
+             "hash_ids": [k]} for k in range(500)]  # fmt: skip
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = build_workload(f"trace:{trace}", rate=4.0, duration_s=10.0, model=TRACE_MODEL)
+    assert len(w.requests) == 40 and w.summary()["rate_rps"] == pytest.approx(4.0)
+    assert [r.prompt_tokens for r in w.requests[:3]] == [100, 101, 102]
+    assert {r.model for r in w.requests} == {TRACE_MODEL}
+
+
+def test_compare_main_refuses_rate_and_rates_together(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^rate: give rate or rates, not both"):
+        compare_main(rate=2.0, rates=[1.0, 2.0], peers=[], out=tmp_path)
 
 
 def test_build_workload_rejects_bad_input() -> None:

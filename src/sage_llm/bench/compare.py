@@ -132,6 +132,11 @@ def _positive(value: float, key: str) -> None:
         raise ConfigError(f"must be a finite number > 0, got {value:g}", key=key)
 
 
+TRACE_MODEL = "llama-3.1-8b"
+"""The model a trace runs on: Llama-3-8B's shape with a 131,072-token context (Mooncake's
+prompts go past Llama-3-8B's 8,192, which a simulated engine refuses as vLLM does)."""
+
+
 def build_workload(
     kind: str, *, rate: float, duration_s: float, seed: int = 0, model: str = "llama-3-8b"
 ) -> Workload:
@@ -139,15 +144,16 @@ def build_workload(
 
     ``multi-turn``: 4-turn chat sessions over a 1024-token shared system prompt;
     ``sharegpt``: ShareGPT-like length mix; ``synthetic``: log-normal prompts around 512
-    tokens, 128 output tokens; ``trace:PATH``: a Mooncake/Azure trace (rate and duration
-    ignored). Every workload except the trace is rescaled to the exact mean ``rate``."""
+    tokens, 128 output tokens; ``trace:PATH``: a Mooncake/Azure trace's first
+    ``rate × duration_s`` requests, their arrivals keeping the trace's shape. Every
+    workload is rescaled to the exact mean ``rate``."""
     _positive(rate, "rate")
     _positive(duration_s, "duration_s")
     check_workload(kind)
     n = max(2, round(rate * duration_s))
     if kind.startswith("trace:"):
-        return trace_replay(Path(kind.removeprefix("trace:")), model=model)
-    if kind == "multi-turn":
+        w = trace_replay(Path(kind.removeprefix("trace:")), model=model, limit=n)
+    elif kind == "multi-turn":
         turns = 4
         w = multi_turn(
             max(1, math.ceil(n / turns)),
@@ -559,10 +565,14 @@ def compare_main(
 
     ``presets`` are ``policy+routing`` strings (default: the demo's five);
     ``peer_policies`` replaces :data:`PEER_POLICIES` for every peer; ``rate`` or
-    ``rates`` fix the offered rate(s), otherwise ``load`` × calibrated capacity is used."""
+    ``rates`` fix the offered rate(s), otherwise ``load`` × calibrated capacity is used.
+    A trace runs on :data:`TRACE_MODEL`, whose context holds its long prompts."""
+    if rate is not None and rates:
+        raise ConfigError("give rate or rates, not both", key="rate")
     check_out_dir(out)
     console = console or report_console()
     cfg = CompareConfig(
+        model=TRACE_MODEL if workload.startswith("trace:") else CompareConfig.model,
         workload=workload,
         presets=tuple(parse_preset(p) for p in presets) if presets else DEMO_PRESETS,
         peers=tuple(peers),
