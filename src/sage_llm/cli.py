@@ -360,7 +360,11 @@ def engine_sim(
     port: Annotated[int, typer.Option(help="Port to listen on.", callback=_port)] = 8001,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     speed: Annotated[
-        float, typer.Option(help="Time scale: 2.0 runs twice as fast.", callback=_positive)
+        float,
+        typer.Option(
+            help="Time scale: 2.0 runs steps, KV transfers and the front end twice as fast.",
+            callback=_positive,
+        ),
     ] = 1.0,
     tp: Annotated[int, typer.Option(help="Tensor-parallel size.", callback=_at_least_one)] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.", callback=_at_least_one)] = 1,

@@ -420,3 +420,11 @@ def test_both_pd_legs_on_one_engine_reuse_the_local_kv() -> None:
     assert second.tokens == {"x": 3}
     assert second.steps[1].admitted == [("x", 992)]  # the pinned blocks became cache hits
     assert core.kv_usage == 0.0
+
+
+def test_speed_scales_the_kv_transfer_as_the_steps() -> None:
+    """``speed`` is the engine's time scale: a run at speed K, its times multiplied by K, is
+    the run at speed 1 (the transfer had run at speed 1 whatever K)."""
+    slow, fast = make_core(), make_core(speed=4.0)
+    assert fast.transfer_time_s(10_000) == pytest.approx(slow.transfer_time_s(10_000) / 4)
+    assert slow.transfer_time_s(10_000) == pytest.approx(10_000 * 131072 / 50e9)

@@ -235,3 +235,10 @@ def test_shared_core_engine_serves_prefill_legs_and_refuses_when_closed() -> Non
 
     # Intake 0-4 ms, the prefill step 4-14 (its shared part 12-14 alone), its output 14-15.
     assert run_virtual(main()) == 15.0
+
+
+def test_the_front_end_runs_on_the_engines_time_scale() -> None:
+    front = FrontEndModel(intake_s=0.008, per_output_s=0.002, shared_step_s=0.004)
+    fast = SimEngine("s", SimEngineConfig(speed=4.0), front_end=front)
+    assert fast.front_end == FrontEndModel(0.002, 0.0005, 0.001)
+    assert SimEngine("s", front_end=front).front_end is front

@@ -127,9 +127,12 @@ class SimEngineConfig:
 
     ``model``/``gpu`` are built-in spec names (or specs). ``num_gpu_blocks`` defaults to
     what fits in ``gpu_memory_utilization`` of the TP×PP GPUs' memory after the weights.
-    ``kv_link_gbps`` (GB/s) is the PD transfer link. ``speed`` scales compute (2.0 = twice
-    as fast). ``step_jitter`` is the relative standard deviation of random step-time noise
-    (seeded by ``seed``; 0 = none). ``cost_model`` replaces the roofline model.
+    ``kv_link_gbps`` (GB/s) is the PD transfer link. ``speed`` is the time scale of
+    everything the engine simulates: its steps, the PD KV transfer and its front end's work
+    (2.0 = all of it twice as fast), so a run at speed ``K`` with its times multiplied by
+    ``K`` is the run at speed 1. ``step_jitter`` is the relative standard deviation of
+    random step-time noise (seeded by ``seed``; 0 = none). ``cost_model`` replaces the
+    roofline model.
     """
 
     model: str | ModelSpec = "llama-3-8b"
@@ -1240,8 +1243,10 @@ class SimEngineCore:
         return True
 
     def transfer_time_s(self, tokens: int) -> float:
-        """Seconds to pull ``tokens`` tokens of KV over the PD link (``kv_link_gbps`` GB/s)."""
-        return max(0, tokens) * self.model.kv_bytes_per_token / (self.config.kv_link_gbps * 1e9)
+        """Seconds to pull ``tokens`` tokens of KV over the PD link (``kv_link_gbps`` GB/s),
+        on the engine's time scale (``speed``, as its steps)."""
+        link = self.config.kv_link_gbps * 1e9
+        return max(0, tokens) * self.model.kv_bytes_per_token / link / self.speed
 
     def _finish_transfers(self, now: float, res: StepResult) -> None:
         done = [r for r in self._transfers if r.ready_at <= now]

@@ -350,6 +350,14 @@ class FrontEndModel:
         """Front-end time of one step's ``outputs`` (requests that got tokens)."""
         return self.per_output_s * outputs
 
+    def at_speed(self, speed: float) -> FrontEndModel:
+        """This front end on an engine ``speed`` times as fast (every time / ``speed``)."""
+        if speed == 1.0:
+            return self
+        return FrontEndModel(
+            self.intake_s / speed, self.per_output_s / speed, self.shared_step_s / speed
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "intake_s": self.intake_s,

@@ -281,7 +281,10 @@ class SimEngine:
         front_end: FrontEndModel | None = None,
     ) -> None:
         self._id = instance_id
-        self._front_end = front_end or FrontEndModel()
+        # the front end's work runs on the engine's time scale too (speed, at the start)
+        self._front_end = (front_end or FrontEndModel()).at_speed(
+            1.0 if config is None else config.speed
+        )
         self._front: FrontEndQueue | None = (
             None if self._front_end.is_zero else FrontEndQueue(self._front_end)
         )
@@ -348,7 +351,9 @@ class SimEngine:
 
     @property
     def speed(self) -> float:
-        """Compute speed factor (2.0 = steps take half as long); may be changed live."""
+        """Time scale (2.0 = steps and KV transfers take half as long, and the front end's
+        work as configured); may be changed live, which scales the steps and transfers
+        from then on (e.g. a straggler), not the front end."""
         return self._core.speed
 
     @speed.setter
