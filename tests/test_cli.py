@@ -555,3 +555,26 @@ def test_config_check_checks_a_launch_file_and_shows_its_engines(tmp_path: Path)
         f'{fleet}:5: launch.plan.slo_tpot: must be a duration with its unit such as "2s" or '
         '"50ms", got 5',
     ]
+
+
+def test_engine_sim_takes_vllms_engine_shape_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flags a launch file passes to vLLM shape the simulated engine alike."""
+    served: list[Any] = []
+
+    async def serve(engine: Any, **_kwargs: object) -> None:
+        served.append(engine)
+
+    monkeypatch.setattr("sage_llm.sim.server.serve_engine", serve)
+    monkeypatch.setattr("sage_llm.cli._check_listen", lambda host, port: None)
+    code, out = invoke(
+        "engine-sim", "--port", "18999", "--max-num-batched-tokens", "2048",
+        "--gpu-memory-utilization", "0.5", "--block-size", "32",
+        "--num-gpu-blocks-override", "400", "--no-enable-chunked-prefill",
+        "--no-enable-prefix-caching", "--max-model-len", "4096",
+    )  # fmt: skip
+    assert code == 0, out
+    config = served[0].config
+    assert (config.max_num_batched_tokens, config.gpu_memory_utilization) == (2048, 0.5)
+    assert (config.block_size, config.num_gpu_blocks) == (32, 400)
+    assert not config.enable_chunked_prefill and not config.enable_prefix_caching
+    assert config.max_model_len == 4096

@@ -389,6 +389,42 @@ def engine_sim(
             callback=_at_least_one,
         ),
     ] = None,
+    max_num_batched_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Token budget of one engine step (default: the fitted profile's, else 8192).",
+            callback=_at_least_one,
+        ),
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="Share of GPU memory for weights and KV cache (default 0.9)."),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(help="KV block size in tokens (default 16).", callback=_at_least_one),
+    ] = None,
+    num_gpu_blocks_override: Annotated[
+        int | None,
+        typer.Option(
+            help="KV cache blocks (default: what fits in --gpu-memory-utilization).",
+            callback=_at_least_one,
+        ),
+    ] = None,
+    enable_chunked_prefill: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-chunked-prefill/--no-enable-chunked-prefill",
+            help="Chunked prefill (default: on).",
+        ),
+    ] = None,
+    enable_prefix_caching: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-prefix-caching/--no-enable-prefix-caching",
+            help="Prefix caching (default: on).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
@@ -419,8 +455,16 @@ def engine_sim(
         }  # fmt: skip
         if max_num_seqs is not None:
             params["max_num_seqs"] = max_num_seqs
-        if max_model_len is not None:
-            params["max_model_len"] = max_model_len
+        engine_args = {
+            "max_model_len": max_model_len,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "block_size": block_size,
+            "num_gpu_blocks": num_gpu_blocks_override,
+            "enable_chunked_prefill": enable_chunked_prefill,
+            "enable_prefix_caching": enable_prefix_caching,
+        }
+        params.update({k: v for k, v in engine_args.items() if v is not None})
         config, front_end = engine_settings(gpu, model, **params)
         engine: EngineClient = SimEngine(f"sim-{port}", config, front_end=front_end)
         if instant:
