@@ -578,3 +578,42 @@ def test_engine_sim_takes_vllms_engine_shape_flags(monkeypatch: pytest.MonkeyPat
     assert (config.block_size, config.num_gpu_blocks) == (32, 400)
     assert not config.enable_chunked_prefill and not config.enable_prefix_caching
     assert config.max_model_len == 4096
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_engine_sim_stops_at_once_ending_its_streams(sig: signal.Signals) -> None:
+    """SIGTERM stops engine-sim as Ctrl-C does, and neither waits for the streams in
+    flight: each ends with an error event and [DONE] (Ctrl-C had waited about 10 s, then
+    cut them; SIGTERM had killed the process)."""
+    port = free_ports(1)
+    argv = [*CLI, "engine-sim", "--port", str(port), "--speed", "0.05", "--log-level", "warning"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                break
+            time.sleep(0.1)
+        body = {"model": "llama-3-8b", "prompt": "hi", "max_tokens": 5000, "stream": True}
+        request = urllib.request.Request(
+            f"{url}/v1/completions", json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as stream:
+            stream.readline()  # the stream has started
+            proc.send_signal(sig)
+            started = time.monotonic()
+            rest = stream.read().decode()
+        proc.wait(timeout=30)
+        assert time.monotonic() - started < 5
+        assert proc.returncode == 0
+        assert '"message":"engine closed"' in rest
+        assert rest.rstrip().endswith("data: [DONE]")
+        _, err = proc.communicate(timeout=5)
+        assert "stopped; requests in flight were ended" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)

@@ -493,10 +493,18 @@ def engine_sim(
             faulty = FaultyEngineClient(engine, plan, exit_process=True)
             faulty.arm()
             served = faulty
-        await serve_engine(served, model_name=name, host=host, port=port)
+        # SIGTERM stops it as Ctrl-C does: the requests in flight end at once, then it exits
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await serve_engine(served, model_name=name, host=host, port=port, close_engine=True)
+        except asyncio.CancelledError:
+            typer.echo("sage-llm engine-sim: stopped; requests in flight were ended", err=True)
+            raise
 
     try:
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
             asyncio.run(main())
     except OSError as exc:  # taken since the check above
         reason = _cannot_listen(exc, port)

@@ -808,8 +808,11 @@ async def serve_engine(
     port: int = 8001,
     clock: Clock | None = None,
     max_model_len: int | None = None,
+    close_engine: bool = False,
 ) -> None:
-    """Serve ``engine`` until the calling task is cancelled."""
+    """Serve ``engine`` until the calling task is cancelled. With ``close_engine`` the
+    engine is closed first then, so that the requests in flight end at once (a stream with
+    an error event and ``[DONE]``) rather than the server waiting for them."""
     runner, _ = await start_engine_server(
         engine, model_name=model_name, host=host, port=port, clock=clock,
         max_model_len=max_model_len,
@@ -817,6 +820,8 @@ async def serve_engine(
     try:
         await asyncio.Event().wait()
     finally:
+        if close_engine:
+            await engine.aclose()
         await runner.cleanup()
 
 
