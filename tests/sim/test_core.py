@@ -289,6 +289,13 @@ def test_max_model_len_defaults_to_the_models_context(model: str, expected: int)
     assert err.value.key == "max_model_len"
 
 
+def test_max_model_len_above_the_models_context_is_refused_as_vllm_does() -> None:
+    with pytest.raises(ConfigError, match=r"100000 is above the model's context window \(8192"):
+        SimEngineConfig(model="llama-3-8b", max_model_len=100_000)
+    assert SimEngineConfig(model="llama-3.1-8b", max_model_len=100_000).max_model_len == 100_000
+    assert SimEngineConfig(model="tiny", max_model_len=100_000).max_model_len == 100_000
+
+
 @pytest.mark.parametrize(
     ("model", "tp", "match"),
     [

@@ -110,14 +110,20 @@ DEFAULT_MAX_MODEL_LEN = 32768
 """``max_model_len`` of a model that states no context window (``ModelSpec.max_context``)."""
 
 
+def _context_of(model: str | ModelSpec) -> int | None:
+    """``model``'s context window; None when its spec states none or the name is unknown
+    (reported where the model is first needed)."""
+    try:
+        return resolve_model(model).max_context
+    except ConfigError:
+        return None
+
+
 def default_max_model_len(model: str | ModelSpec) -> int:
     """vLLM's default ``max_model_len`` for ``model``: its context window
     (``max_position_embeddings``), or :data:`DEFAULT_MAX_MODEL_LEN` when the spec states
-    none or the name is unknown (reported where the model is first needed)."""
-    try:
-        context = resolve_model(model).max_context
-    except ConfigError:
-        return DEFAULT_MAX_MODEL_LEN
+    none or the name is unknown."""
+    context = _context_of(model)
     return DEFAULT_MAX_MODEL_LEN if context is None else context
 
 
@@ -166,6 +172,13 @@ class SimEngineConfig:
             raise ConfigError("must be >= 1, or 0 for the model's context", key="max_model_len")
         if self.max_model_len == 0:
             object.__setattr__(self, "max_model_len", default_max_model_len(self.model))
+        elif self.max_model_len > (context := _context_of(self.model) or self.max_model_len):
+            raise ConfigError(
+                f"{self.max_model_len} is above the model's context window ({context} tokens, "
+                "its max_position_embeddings), which vLLM refuses; simulate a model with a "
+                "longer context (e.g. llama-3.1-8b)",
+                key="max_model_len",
+            )
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ConfigError("must be >= 1", key="num_gpu_blocks")
         if not 0 < self.gpu_memory_utilization <= 1:

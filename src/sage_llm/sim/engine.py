@@ -305,9 +305,10 @@ class SimEngine:
         held = self._core.num_gpu_blocks * config.block_size
         if config.max_model_len > held:
             # vLLM refuses to start so; the simulated engine serves what its cache holds
-            log.info(
-                "%s: max_model_len %d is above what its KV cache holds (%d tokens): "
-                "serving %d", instance_id, config.max_model_len, held, held,
+            log.warning(
+                "%s: max_model_len %d is above what its KV cache holds (%d tokens), which "
+                "vLLM refuses at start-up: serving %d (give max_model_len, or more memory)",
+                instance_id, config.max_model_len, held, held,
             )  # fmt: skip
             config = replace(config, max_model_len=held)
         self._config = config
