@@ -63,7 +63,8 @@ def test_the_shared_fillers_take_every_field_in_declaration_order() -> None:
     )  # fmt: skip
     assert fill_request_result(*[getattr(result, f.name) for f in fields(RequestResult)]) == result
     usage = Usage(5, 4, 3)
-    assert fill_usage(5, 4, 3) == usage
+    assert fill_usage(5, 4, 3, None) == usage
+    assert fill_usage(5, 4, 3, {"x": 1}) == Usage(5, 4, 3, {"x": 1})
     chunk = Chunk(" a", (1, 2), "length", usage, {"lp": 1}, 2)
     assert fill_chunk(*[getattr(chunk, f.name) for f in fields(Chunk)]) == chunk
     assert chunk.with_usage(Usage()) == Chunk(" a", (1, 2), "length", Usage(), {"lp": 1}, 2)
