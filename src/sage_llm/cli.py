@@ -444,7 +444,7 @@ def engine_sim(
     from sage_llm.engines.base import EngineClient
     from sage_llm.sim.engine import SimEngine
     from sage_llm.sim.factory import engine_settings
-    from sage_llm.sim.instant import InstantEngine
+    from sage_llm.sim.instant import INSTANT_MAX_MODEL_LEN, InstantEngine
     from sage_llm.sim.server import serve_engine
     from sage_llm.types import ExecutionInstanceType
 
@@ -498,7 +498,10 @@ def engine_sim(
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            await serve_engine(served, model_name=name, host=host, port=port, close_engine=True)
+            await serve_engine(
+                served, model_name=name, host=host, port=port, close_engine=True,
+                max_model_len=INSTANT_MAX_MODEL_LEN if instant else None,
+            )  # fmt: skip
         except asyncio.CancelledError:
             typer.echo("sage-llm engine-sim: stopped; requests in flight were ended", err=True)
             raise

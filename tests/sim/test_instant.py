@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from sage_llm.engines.base import EngineClient, EngineRequest
-from sage_llm.errors import EngineError
-from sage_llm.sim.instant import InstantEngine
+from sage_llm.errors import EngineError, InvalidRequestError
+from sage_llm.sim.instant import INSTANT_MAX_MODEL_LEN, InstantEngine
 from sage_llm.sim.server import start_engine_server
 
 MODEL = "llama-3-8b"
@@ -29,6 +29,15 @@ async def test_generate_yields_max_tokens_chunks_then_usage() -> None:
     stats = await engine.stats()
     assert (stats.generation_tokens_total, stats.prompt_tokens_total) == (3, usage.prompt_tokens)
     assert await engine.health()
+
+
+async def test_a_request_beyond_its_context_is_refused() -> None:
+    engine = InstantEngine("i0")
+    assert await engine.context_length() == INSTANT_MAX_MODEL_LEN
+    req = EngineRequest("r1", MODEL, prompt="hi", max_tokens=100_000_000)
+    with pytest.raises(InvalidRequestError, match="maximum context length is 32768") as err:
+        [c async for c in engine.generate(req)]
+    assert err.value.param == "max_tokens"
 
 
 async def test_prefill_legs_are_refused_for_good() -> None:

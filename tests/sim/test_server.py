@@ -366,8 +366,8 @@ async def test_metrics_use_vllm_names_and_server_timings(http: aiohttp.ClientSes
     assert one("vllm:e2e_request_latency_seconds_sum") == 2.5
     assert one("vllm:request_queue_time_seconds_count") == 1.0
     assert one("vllm:request_queue_time_seconds_sum") == 0.25
-    ((labels, value),) = samples["vllm:request_success_total"]
-    assert (labels["finished_reason"], value) == ("length", 2.0)
+    success = {labels["finished_reason"]: v for labels, v in samples["vllm:request_success_total"]}
+    assert success == {"abort": 0.0, "length": 2.0, "stop": 0.0}  # vLLM's series, from 0
 
 
 def test_app_factory_rejects_bad_arguments(fake: FakeEngine) -> None:

@@ -9,7 +9,10 @@ latency, which depends on when a request arrives within its step loop and moves 
 than a proxy adds. Behind this engine it is not.
 
 Its text is one word per token (``" x"``), and its usage counts the prompt with the
-shared tokenizer. It runs whole requests only: PD legs are refused.
+shared tokenizer. It runs whole requests only: PD legs are refused. Its context is
+:data:`INSTANT_MAX_MODEL_LEN` tokens: a request asking for more is refused as the
+simulated engine refuses it (a ``max_tokens`` of a hundred million had held the server for
+minutes).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from collections.abc import AsyncIterator
 
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
-from sage_llm.errors import EngineError
+from sage_llm.errors import EngineError, InvalidRequestError
 
-__all__ = ["InstantEngine"]
+__all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
 _WORD = " x"
+
+INSTANT_MAX_MODEL_LEN = 32768
+"""The instant engine's ``max_model_len`` (prompt and output, tokens)."""
 
 
 class InstantEngine:
@@ -41,6 +47,13 @@ class InstantEngine:
         """``req.max_tokens`` chunks of one token each; the last carries the usage."""
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
+        limit = INSTANT_MAX_MODEL_LEN
+        if prompt + n > limit:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens; you requested "
+                f"{prompt + n} ({prompt} in the prompt, {n} in the completion)",
+                param="max_tokens",
+            )
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):
@@ -54,6 +67,10 @@ class InstantEngine:
             status=400,
             retryable=False,
         )
+
+    async def context_length(self) -> int | None:
+        """The engine's ``max_model_len``: :data:`INSTANT_MAX_MODEL_LEN`."""
+        return INSTANT_MAX_MODEL_LEN
 
     def queue_time_s(self, request_id: str) -> float | None:
         """Nothing waits here: every request's queue time is 0 (the engine server records

@@ -28,7 +28,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._values = (model_name, "0")
         self._stats = EngineStats()
-        self._finished: dict[str, int] = {}
+        # vLLM creates its finished-reason series at 0, before the first request ends
+        self._finished: dict[str, int] = {"abort": 0, "length": 0, "stop": 0}
 
         def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, _LABELS, registry=self.registry, buckets=buckets)
@@ -101,7 +102,8 @@ class ServerMetrics:
             "vllm:cache_config_info", "Information of the LLMEngine CacheConfig.",
             labels=["block_size", "num_gpu_blocks", "engine"],
         )  # fmt: skip
-        info.add_metric([str(s.block_size), str(s.num_gpu_blocks), "0"], 1.0)
+        if s.block_size is not None and s.num_gpu_blocks is not None:  # none: no KV cache
+            info.add_metric([str(s.block_size), str(s.num_gpu_blocks), "0"], 1.0)
         yield info
 
     def render(self, stats: EngineStats) -> bytes:
