@@ -371,3 +371,8 @@ def test_bench_pd_writes_its_report_by_default(
     assert "n_long and n_chat are both 0" in result.output
     result = CliRunner().invoke(app, ["bench", "pd", "--fleets", ""])
     assert result.exit_code == 1 and "no fleet named; valid: colocated" in result.output
+    # a 70B-only layout with the 70B runs off is refused, not dropped
+    fleets = ["--fleets", "colocated,pd-1:1", "--no-include-70b"]
+    result = CliRunner().invoke(app, ["bench", "pd", "--n-long", "1", "--n-chat", "0", *fleets])
+    assert result.exit_code == 1
+    assert "pd-1:1: 70B layout(s) only, which --no-include-70b leaves out" in result.output

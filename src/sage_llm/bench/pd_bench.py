@@ -165,9 +165,10 @@ def select_named_fleets(
         raise ConfigError(f"unknown fleet(s) {', '.join(unknown)}; valid: {valid}", key="fleets")
     eights = [known8[n] for n in names if n in known8]
     seventies = [known70[n] for n in names if n in known70] if include_70b else []
-    if not eights and not seventies:
+    left_out = [n for n in names if n not in known8 and not include_70b]
+    if left_out:  # every name runs, or the run is refused: none is dropped without a word
         raise ConfigError(
-            f"{', '.join(names)} are 70B layouts only, and --no-include-70b leaves them out",
+            f"{', '.join(left_out)}: 70B layout(s) only, which --no-include-70b leaves out",
             key="fleets",
         )
     return eights, seventies
