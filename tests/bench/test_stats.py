@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from sage_llm.bench.stats import (
     SLO,
     RequestMeasurement,
     e2e,
+    error_kind,
     itl,
     jain_index,
     latency_stats,
@@ -348,3 +350,20 @@ def test_measure_keeps_what_the_request_says_and_what_the_client_saw() -> None:
     # the load generator's first output is its first chunk
     assert measurement(wr, 1.0, [1.2, 1.5, 1.7, 1.9], 1.9, 4, None) == got
     assert measurement(wr, 1.0, [], 1.1, 0, "HTTP 503") == failed
+
+
+def test_errors_are_counted_by_kind_with_an_example() -> None:
+    """One cause with per-request figures is one entry, not one per request."""
+    failed = [
+        replace(
+            measure(f"r{k}", ok=False),
+            error=f"engine general-{k}: context length is 8192 tokens; you requested {8200 + k}",
+        )
+        for k in range(5)
+    ]
+    summary = summarize([*failed, replace(measure("x", ok=False), error=None)], 1.0)
+    kind = "engine general-N: context length is N tokens; you requested N"
+    assert summary.errors == {kind: 5, "unknown error": 1}
+    assert summary.error_examples[kind] == failed[0].error
+    assert summary.to_dict()["error_examples"][kind] == failed[0].error
+    assert error_kind("HTTP 503 after 2.5 s") == "HTTP N after N s"

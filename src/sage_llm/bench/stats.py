@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -308,6 +309,10 @@ class BenchSummary:
     fairness_index: float | None = None
     users: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    """Failed requests by kind of error: the message with its numbers shown as ``N``
+    (:func:`error_kind`), so that one cause with per-request figures is one entry."""
+    error_examples: dict[str, str] = field(default_factory=dict)
+    """For each kind in ``errors``, the first message of that kind, as it came."""
     slo_counts_by_priority: dict[RequestPriority, tuple[int, int]] = field(default_factory=dict)
     """Per priority: (requests meeting the SLO, requests), the counts behind
     ``slo_attainment_by_priority``."""
@@ -356,7 +361,17 @@ class BenchSummary:
             "fairness_metric": "jain(per-user mean ttft)",
             "users": self.users,
             "errors": dict(self.errors),
+            "error_examples": dict(self.error_examples),
         }
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def error_kind(message: str) -> str:
+    """``message`` with every number as ``N`` (``context length is N tokens; you requested
+    N``): the kind of error, whatever the request's own figures, ids and instance indices."""
+    return _NUMBER.sub("N", message)
 
 
 def summarize(
@@ -377,6 +392,7 @@ def summarize(
     per_user: dict[str, list[float]] = defaultdict(list)
     users: set[str] = set()
     errors: Counter[str] = Counter()
+    examples: dict[str, str] = {}
     for m in measurements:
         hit = meets_slo(m, named)
         counts = by_priority.get(m.priority)
@@ -387,7 +403,10 @@ def summarize(
         if user is not None:
             users.add(user)
         if not m.ok:
-            errors[m.error or "unknown error"] += 1
+            message = m.error or "unknown error"
+            kind = error_kind(message)
+            errors[kind] += 1
+            examples.setdefault(kind, message)
             continue
         if hit:
             met += 1
@@ -427,5 +446,6 @@ def summarize(
         fairness_index=jain_index([sum(v) / len(v) for v in per_user.values()]),
         users=len(users),
         errors=dict(errors),
+        error_examples=examples,
         slo_counts_by_priority={p: (v[0], v[1]) for p, v in sorted(by_priority.items())},
     )
