@@ -425,7 +425,7 @@ def engine_sim(
             help="Prefix caching (default: on).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of generated text.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of generated text, >= 0.", callback=_seed)] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
     faults: Annotated[

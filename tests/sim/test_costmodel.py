@@ -235,6 +235,8 @@ def test_fit_rejects_too_few_or_degenerate_samples() -> None:
         fit_linear_step_model([(1, 1, 0.1), (2, 2, 0.2)])
     with pytest.raises(ValueError, match="vary"):
         fit_linear_step_model([(10, 0, 0.1), (20, 0, 0.2), (30, 0, 0.3)])
+    with pytest.raises(ValueError, match="step times > 0"):
+        fit_linear_step_model([(10, 1, 0.1), (20, 2, -0.2), (30, 5, 0.3)])
 
 
 def test_a_negative_per_token_cost_is_refitted_as_zero_and_a_timeless_model_refused(

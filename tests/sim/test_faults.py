@@ -30,7 +30,12 @@ def test_parse_spec() -> None:
 @pytest.mark.parametrize(
     ("spec", "match"),
     [("explode", "unknown fault"), ("crash@x", "bad fault"), ("error=200", "bad fault"),
-     ("seed=q", "bad fault seed"), ("slow=0.5", "bad fault")],
+     ("seed=q", "bad fault seed"), ("slow=0.5", "bad fault"),
+     ("hang=-1", "hang takes a whole number of chunks >= 0"),
+     ("truncate=2.5", "truncate takes a whole number"), ("error=503.5", "HTTP error status"),
+     ("crash=5", "crash takes no value"), ("slow=inf", "must be finite"),
+     ("crash@nan", "must be finite"), ("crash@inf", "must be finite"),
+     ("seed=-1", "must be >= 0")],
 )  # fmt: skip
 def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -289,6 +289,8 @@ def fit_linear_step_model(
     data = np.asarray(samples, dtype=float)
     if data.ndim != 2 or data.shape[1] != 3 or not np.all(np.isfinite(data)):
         raise ValueError("samples must be finite (prefill_tokens, decode_tokens, seconds) rows")
+    if np.any(data < 0) or np.any(data[:, 2] == 0):
+        raise ValueError("samples must have token counts >= 0 and step times > 0")
     design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
     y = data[:, 2] * 1e6
     keep = [0, 1, 2]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 from collections.abc import AsyncIterator
@@ -95,14 +96,22 @@ class Fault:
     value: float | None = None
 
     def __post_init__(self) -> None:
+        times = (self.start_s, self.duration_s, self.probability, self.value)
+        if any(t is not None and not math.isfinite(t) for t in times):
+            raise ValueError("fault times, probability and value must be finite numbers")
         if self.start_s < 0 or (self.duration_s is not None and self.duration_s <= 0):
             raise ValueError("fault start must be >= 0 and duration > 0")
         if self.probability is not None and not 0.0 <= self.probability <= 1.0:
             raise ValueError("fault probability must be in [0, 1]")
+        if self.kind is FaultKind.CRASH and self.value is not None:
+            raise ValueError("crash takes no value (crash@T, crash@T+D or crash@pP)")
         if self.kind is FaultKind.SLOW and self.arg < 1.0:
             raise ValueError("slow factor must be >= 1")
-        if self.kind is FaultKind.ERROR and not 400 <= self.arg < 600:
+        if self.kind is FaultKind.ERROR and not (400 <= self.arg < 600 and self.arg.is_integer()):
             raise ValueError("error status must be an HTTP error status (400..599)")
+        counts = (FaultKind.HANG, FaultKind.TRUNCATE, FaultKind.MALFORMED)
+        if self.kind in counts and not (self.arg >= 0 and self.arg.is_integer()):
+            raise ValueError(f"{self.kind.value} takes a whole number of chunks >= 0")
 
     @property
     def arg(self) -> float:
@@ -168,6 +177,8 @@ class FaultPlan:
                     seed = int(item[5:])
                 except ValueError:
                     raise ConfigError(f"bad fault seed {item!r}") from None
+                if seed < 0:
+                    raise ConfigError(f"bad fault seed {item!r}: must be >= 0")
                 continue
             faults.append(_parse_one(item))
         return cls(tuple(faults), seed)
