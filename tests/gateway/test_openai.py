@@ -65,7 +65,7 @@ def test_defaults_are_left_to_the_engine() -> None:
 def test_every_other_field_passes_through_unchanged() -> None:
     nested = {"deep": [1, {"x": None}]}
     body = {"model": MODEL, "prompt": "Hi", "n": 3, "logprobs": 2, "seed": 1, "echo": True,
-            "custom": nested, "priority": 1, "slo_deadline_ms": 900.0,
+            "custom": nested, "priority": 1, "slo_deadline_ms": 900.0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     meta = _parse(body).meta
     assert meta.extra_body == {"n": 3, "logprobs": 2, "seed": 1, "echo": True, "custom": nested}
@@ -154,11 +154,15 @@ def test_timeout_is_the_tighter_of_request_timeout_and_slo() -> None:
     assert gen.timeout_s == 0.5
 
 
-def test_include_usage_only_applies_to_streams() -> None:
+def test_stream_options_are_for_streams_only() -> None:
+    """As OpenAI and vLLM answer: stream_options without stream is a 400 (null is none)."""
     options = {"include_usage": True}
     streamed = _parse({"model": MODEL, "prompt": "Hi", "stream": True, "stream_options": options})
     assert streamed.stream and streamed.include_usage
-    whole = _parse({"model": MODEL, "prompt": "Hi", "stream_options": options})
+    with pytest.raises(InvalidRequestError, match="only allowed when stream is true") as err:
+        _parse({"model": MODEL, "prompt": "Hi", "stream_options": options})
+    assert err.value.param == "stream_options"
+    whole = _parse({"model": MODEL, "prompt": "Hi", "stream_options": None})
     assert not whole.stream and not whole.include_usage
 
 

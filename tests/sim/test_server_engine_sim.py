@@ -445,3 +445,22 @@ async def test_bad_logprobs_fields_are_400s_naming_the_field(
         for stream in (False, True):
             status, err = await post(http, base + path, {**body, "stream": stream})
             assert status == 400 and err["error"]["param"] == param
+
+
+async def test_requests_are_read_as_vllm_reads_them(http: aiohttp.ClientSession) -> None:
+    """/ping answers as /health; stream_options without stream, and a token id beyond the
+    vocabulary, are 400s; a whole-number float max_tokens is read as an integer."""
+    async with served(fast_engine()) as base:
+        for method in (http.get, http.post):
+            async with method(f"{base}/ping") as resp:
+                assert resp.status == 200
+        url = f"{base}/v1/completions"
+        options = {**COMPLETION, "stream_options": {"include_usage": True}}
+        status, err = await post(http, url, options)
+        assert (status, err["error"]["param"]) == (400, "stream_options")
+        assert "only be defined when `stream=True`" in err["error"]["message"]
+        status, err = await post(http, url, {**COMPLETION, "prompt": [1, 2, 128256]})
+        assert (status, err["error"]["param"]) == (400, "prompt")
+        assert "Token id 128256 is out of vocabulary" in err["error"]["message"]
+        status, done = await post(http, url, {**COMPLETION, "max_tokens": 3.0})
+        assert status == 200 and done["usage"]["completion_tokens"] == 3

@@ -107,9 +107,13 @@ async def pd_servers() -> AsyncIterator[tuple[SimEngine, SimEngine, int, int]]:
 
 
 def _body(room: int, port: int | None, *, stream: bool, max_tokens: int = 8) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream,
-            "stream_options": {"include_usage": True}, "bootstrap_host": "127.0.0.1",
-            "bootstrap_port": port, "bootstrap_room": room}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream,
+        "bootstrap_host": "127.0.0.1", "bootstrap_port": port, "bootstrap_room": room,
+    }  # fmt: skip
+    if stream:  # stream_options only with stream, as vLLM and OpenAI accept them
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
 async def _post(http: aiohttp.ClientSession, port: int, body: dict[str, Any]) -> Any:

@@ -317,6 +317,10 @@ def parse_generation(
         stream, stop, user = bool(fields.stream), fields.stop, fields.user
         priority_field, slo_ms = fields.priority, fields.slo_deadline_ms
         options = fields.stream_options
+        if options is not None and not stream:  # as OpenAI and vLLM refuse it
+            raise InvalidRequestError(
+                "stream_options: only allowed when stream is true", param="stream_options"
+            )
         include_usage = bool(stream and options is not None and options.include_usage)
         continuous = include_usage and bool(options and options.continuous_usage_stats)
     if stream and body.get("prompt_logprobs") is not None:  # as vLLM refuses it

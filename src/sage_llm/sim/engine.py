@@ -551,6 +551,12 @@ class SimEngine:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt
             ):
                 raise InvalidRequestError("token ids must be non-negative integers", param="prompt")
+            vocab = self._core.model.vocab_size
+            if not isinstance(prompt, str) and prompt and (top := max(prompt)) >= vocab:
+                raise InvalidRequestError(  # as vLLM refuses it
+                    f"Token id {top} is out of vocabulary (the model's {vocab} tokens)",
+                    param="prompt",
+                )
             ids, param = prompt_token_ids(req), "prompt"
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)

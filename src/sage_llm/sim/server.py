@@ -754,6 +754,8 @@ def create_engine_app(
     app.router.add_post("/v1/chat/completions/render", srv.render)
     app.router.add_get("/v1/models", srv.models)
     app.router.add_get("/health", srv.health)
+    app.router.add_get("/ping", srv.health)  # vLLM's SageMaker-style probe, GET and POST
+    app.router.add_post("/ping", srv.health)
     app.router.add_get("/version", srv.version_info)
     app.router.add_get("/metrics", srv.metrics_text)
     app.router.add_post("/tokenize", srv.tokenize)

@@ -166,6 +166,8 @@ def parse_request(
         max_tokens, param = body.get("max_completion_tokens"), "max_completion_tokens"
     if max_tokens is None:
         max_tokens = engine_default_max_tokens(chat, prompt_tokens, max_model_len)
+    if isinstance(max_tokens, float) and max_tokens.is_integer():  # vLLM's pydantic takes 2.0
+        max_tokens = int(max_tokens)
     if not is_int(max_tokens) or max_tokens < 1:
         raise InvalidRequestError(f"{param} must be a positive integer", param=param)
     if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
@@ -188,6 +190,10 @@ def parse_request(
     options = body.get("stream_options")
     if not isinstance(stream, bool) or not isinstance(options, dict | None):
         raise InvalidRequestError("stream must be a boolean, stream_options an object")
+    if options and not stream:  # in vLLM's words
+        raise InvalidRequestError(
+            "Stream options can only be defined when `stream=True`.", param="stream_options"
+        )
     priority = body.get("priority", 2)
     if not is_int(priority):
         raise InvalidRequestError("priority must be an integer", param="priority")
