@@ -236,6 +236,20 @@ async def test_timeout_mid_stream_ends_with_a_timeout_event(batching: bool) -> N
         assert events[0]["choices"][0]["text"]
         result = await gw.manager.wait_for_result("slow-stream", timeout=5)
         assert result.status is RequestStatus.CANCELLED
+        assert result.error == "timed out: its limit of 0.3 s passed"  # not "by the caller"
+
+
+async def test_a_timed_out_answer_says_so_in_its_result() -> None:
+    settings = GatewayConfig(request_timeout_s=0.3)
+    async with serve(1, settings=settings, hold=lambda rid: True) as gw:
+        async with aiohttp.ClientSession() as s:
+            headers = {"x-request-id": "slow"}
+            async with s.post(gw.url("/v1/completions"), json=body_of(), headers=headers) as r:
+                assert r.status == 504
+        result = await gw.manager.wait_for_result("slow", timeout=5)
+        assert (result.status, result.error) == (
+            RequestStatus.CANCELLED, "timed out: its limit of 0.3 s passed"
+        )  # fmt: skip
 
 
 def test_merge_logprobs() -> None:

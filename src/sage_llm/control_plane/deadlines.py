@@ -103,13 +103,23 @@ class TimeLimit:
     raised out of the block, as :func:`asyncio.timeout` does: a cancellation of the task
     from elsewhere, at the same time or not, goes on up as :class:`asyncio.CancelledError`.
     ``timeout_s`` None sets no limit. It costs a third of :func:`asyncio.timeout_at`
-    (no context object of asyncio's, and a timer shared with other requests)."""
+    (no context object of asyncio's, and a timer shared with other requests).
+    ``on_expire`` is called when the limit passes, just before the task is cancelled."""
 
-    __slots__ = ("_at", "_cancelling", "_expired", "_handle", "_task", "_timeout_s", "_timers")
+    __slots__ = (
+        "_at", "_cancelling", "_expired", "_handle", "_on_expire", "_task", "_timeout_s",
+        "_timers",
+    )  # fmt: skip
 
-    def __init__(self, timers: DeadlineTimers | None, timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        timers: DeadlineTimers | None,
+        timeout_s: float | None,
+        on_expire: Callable[[], object] | None = None,
+    ) -> None:
         self._timers = timers
         self._timeout_s = timeout_s
+        self._on_expire = on_expire
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
         self._expired = False
@@ -142,6 +152,8 @@ class TimeLimit:
         task = self._task
         if task is not None and not task.done():
             self._expired = True
+            if self._on_expire is not None:  # before the cancellation reaches anyone
+                self._on_expire()
             task.cancel()
 
     async def __aexit__(

@@ -122,6 +122,14 @@ def internal_error(exc: BaseException) -> str:
 
 STOPPED = "control plane stopped"
 """The reason of a request cancelled because the control plane stopped."""
+CANCELLED_BY_CALLER = "cancelled by the caller"
+"""The error of a request its caller cancelled (without a reason of its own)."""
+
+
+def timed_out(timeout_s: float) -> str:
+    """The error of a request cancelled because its time limit passed."""
+    return f"timed out: its limit of {timeout_s:g} s passed"
+
 
 log = logging.getLogger("sage_llm.dispatcher")
 
@@ -688,7 +696,8 @@ class Dispatcher:
                 await batches.aclose()  # type: ignore[attr-defined]
             self._completed(rec, state)
         except GeneratorExit:  # the relay closed it before the end
-            self._finish(rec, RequestStatus.CANCELLED, error="cancelled by the caller", state=state)
+            reason = rec.cancel_reason or CANCELLED_BY_CALLER
+            self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
             raise
         except (asyncio.CancelledError, Exception) as exc:
             retry_error = self._raised(rec, state, exc, True)
@@ -769,7 +778,7 @@ class Dispatcher:
         cancellation goes on up: in the caller's task (``here``), one that was not the
         request's (:meth:`cancel`); the request's is taken back (``uncancel``)."""
         by_caller = (rec.cancel_requested or here) and not self._stopping
-        reason = "cancelled by the caller" if by_caller else STOPPED
+        reason = (rec.cancel_reason or CANCELLED_BY_CALLER) if by_caller else STOPPED
         self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
         if not here:
             return False
@@ -968,7 +977,9 @@ class Dispatcher:
             if evicted is not None:
                 retry = self._pd_failed(rec, run, evicted)
             else:
-                reason = "cancelled by the caller" if rec.cancel_requested else STOPPED
+                reason = (
+                    (rec.cancel_reason or CANCELLED_BY_CALLER) if rec.cancel_requested else STOPPED
+                )
                 self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
                              extra_cost=run.prefill_cost)  # fmt: skip
         except EngineError as exc:
@@ -1187,7 +1198,7 @@ class Dispatcher:
             # else its engine call has not begun: it ends the request as it begins
             # (_may_begin); cancelling a task before its first step would skip its body
             return True
-        reason = STOPPED if self._stopping else "cancelled by the caller"
+        reason = STOPPED if self._stopping else (rec.cancel_reason or CANCELLED_BY_CALLER)
         state = None
         if rec.status is RequestStatus.RUNNING and rec.instance_id is not None:
             # a stream whose relay holds a batch (see stream_here): it ends now

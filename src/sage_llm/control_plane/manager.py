@@ -36,6 +36,7 @@ from sage_llm.control_plane.dispatcher import (
     Dispatcher,
     failure_error,
     internal_error,
+    timed_out,
 )
 from sage_llm.control_plane.health import BreakerSettings, HealthMonitor, HealthSettings
 from sage_llm.control_plane.instances import (
@@ -694,13 +695,16 @@ class ControlPlaneManager:
             if not finished:
                 self._require_dispatcher().cancel(rec)
 
-    def time_limit(self, timeout_s: float | None) -> TimeLimit:
+    def time_limit(
+        self, timeout_s: float | None, on_expire: Callable[[], object] | None = None
+    ) -> TimeLimit:
         """``async with manager.time_limit(timeout_s):`` raises :class:`TimeoutError` out
         of a block that runs longer than ``timeout_s`` (None: no limit), as
         :func:`asyncio.timeout` does, on the deadline timers the manager's requests share
-        (at most 0.1% or 1 ms late; see :mod:`~sage_llm.control_plane.deadlines`). The
+        (at most 0.1% or 1 ms late; see :mod:`~sage_llm.control_plane.deadlines`);
+        ``on_expire()`` is called as the limit passes, before the block is cancelled. The
         gateway bounds a stream's relay with it."""
-        return TimeLimit(self._deadlines, time_limit_arg(timeout_s, "timeout_s"))
+        return TimeLimit(self._deadlines, time_limit_arg(timeout_s, "timeout_s"), on_expire)
 
     async def collect(
         self, request: RequestMetadata, timeout_s: float | None = None
@@ -720,11 +724,13 @@ class ControlPlaneManager:
         lone = dispatcher.takes_lone()  # then started without the queue's round trip
         rec = self._submit(request, stream=False, collect=True, wake=False, queue=not lone)
         waiter = rec.waiter = asyncio.get_running_loop().create_future()
-        timed_out = False
+        expired = False
 
         def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
+            nonlocal expired
+            expired = True
+            assert timeout_s is not None
+            rec.cancel_reason = timed_out(timeout_s)
             dispatcher.cancel(rec)
 
         deadlines = self._deadlines
@@ -746,7 +752,7 @@ class ControlPlaneManager:
         finally:
             if at is not None:
                 deadlines.discard(at, expire)  # type: ignore[union-attr]
-        if timed_out and result.status is RequestStatus.CANCELLED:
+        if expired and result.status is RequestStatus.CANCELLED:
             assert timeout_s is not None
             raise DeadlineExceededError.request_timed_out(rec.request_id, timeout_s)
         self._raise_failure(rec)
@@ -920,6 +926,15 @@ class ControlPlaneManager:
                 return False
             raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
         return dispatcher.cancel(rec)
+
+    def note_timed_out(self, request_id: str, timeout_s: float) -> None:
+        """Record that ``request_id`` passed its time limit: when its caller then cancels
+        it (a relay closing its stream), its error says so rather than "cancelled by the
+        caller". Nothing for a request that has ended."""
+        dispatcher = self._dispatcher
+        rec = None if dispatcher is None else dispatcher.records.get(request_id)
+        if rec is not None and not rec.status.is_terminal:
+            rec.cancel_reason = timed_out(timeout_s)
 
     # -- policy ----------------------------------------------------------------------------
 

@@ -78,6 +78,8 @@ class RequestRecord:
     prefill_instance_id: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    cancel_reason: str | None = None
+    """Why it is cancelled, when not by its caller (a time limit that passed): its error."""
     evicted: EngineError | None = None
     """Why its engine call is being moved off its instance (the instance was ejected while
     the call had delivered nothing): the error it is retried elsewhere with."""

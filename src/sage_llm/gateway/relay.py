@@ -437,9 +437,16 @@ async def relay_stream(
         else merged_batches(manager, gens, request_id)
     )
     end = _Ending()
+    timeout_s = gen.timeout_s
+
+    def expired() -> None:  # the requests' errors say so when they are cancelled for it
+        assert timeout_s is not None
+        for g in gens:
+            manager.note_timed_out(g.request_id, timeout_s)
+
     try:
         try:
-            async with manager.time_limit(gen.timeout_s):
+            async with manager.time_limit(timeout_s, expired):
                 first = await anext(batches, None)
                 if first is None:
                     await _final_usage(manager, gen, None)  # raises when it was cancelled
