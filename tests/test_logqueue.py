@@ -14,9 +14,11 @@ import time
 import uuid
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from sage_llm.logqueue import (
     LOG_FORMAT,
+    DroppedRecords,
     JsonFormatter,
     LogWriter,
     QueuedHandler,
@@ -101,6 +103,9 @@ def test_a_stalled_stream_blocks_no_caller_and_drops_beyond_capacity() -> None:
         assert time.perf_counter() - started < 1.0  # the callers never waited
         assert writer.dropped == 20  # 10 queued behind the stuck write, 20 dropped
         out.gate.set()
+        registry = CollectorRegistry()
+        registry.register(DroppedRecords(logger))
+        assert registry.get_sample_value("sage_llm_log_records_dropped_total") == 20.0
     text = out.getvalue()
     for i in range(11):
         assert f"line {i}\n" in text

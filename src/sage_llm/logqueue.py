@@ -36,9 +36,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TextIO
 
+from prometheus_client.core import CounterMetricFamily, Metric
+
 __all__ = [
     "LOG_FORMAT",
     "LOG_FORMATS",
+    "DroppedRecords",
     "JsonFormatter",
     "LogWriter",
     "QueuedHandler",
@@ -242,6 +245,25 @@ class QueuedHandler(logging.Handler):
 
     def flush(self) -> None:
         """Nothing to do here: the writer writes and flushes each batch."""
+
+
+class DroppedRecords:
+    """A Prometheus collector of ``sage_llm_log_records_dropped_total``: the log records
+    the queued handlers on ``logger`` (the root logger, where the CLI puts its handler)
+    have dropped, their queue full or their stream broken, read at each scrape."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger
+
+    def collect(self) -> Iterator[Metric]:
+        logger = self._logger or logging.getLogger()
+        dropped = sum(h.writer.dropped for h in logger.handlers if isinstance(h, QueuedHandler))
+        family = CounterMetricFamily(
+            "sage_llm_log_records_dropped",
+            "Log records dropped: the log writer's queue full or its stream broken.",
+        )
+        family.add_metric([], float(dropped))
+        yield family
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from sage_llm.control_plane.promlite import (
     LiteValue,
     PeakGauge,
 )
+from sage_llm.logqueue import DroppedRecords
 from sage_llm.types import (
     PDMetrics,
     PerformanceMetrics,
@@ -61,6 +62,7 @@ class ControlPlaneMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)  # process_*: memory, CPU, open files (Linux)
+        r.register(DroppedRecords())  # the log writer's dropped records
         self.requests = LiteCounter(
             f"{PREFIX}_requests",
             "Requests that ended, by final status.",
