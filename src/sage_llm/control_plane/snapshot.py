@@ -135,14 +135,6 @@ class InstanceView:
             + max(0, req.max_tokens - 1) * self.est_tpot_s
         )
 
-    def busy_slot_s(self) -> float:
-        """Predicted slot-seconds the instance's running requests still hold: their
-        pending prefill and the output tokens still expected from them."""
-        return (
-            self.queued_prefill_tokens / max(self.est_prefill_tps, 1e-9)
-            + self.outstanding_decode_tokens * self.est_tpot_s
-        )
-
     def predict_cost(self, prompt_tokens: int, output_tokens: int) -> float:
         """Price per GPU-hour × GPUs × predicted time (the cost_optimized objective)."""
         return self.cost_per_second * self.predict_e2e_s(prompt_tokens, output_tokens)

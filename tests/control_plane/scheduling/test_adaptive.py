@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -469,3 +470,18 @@ def test_the_control_plane_on_a_small_fleet_places_budgeted_requests_on_the_chea
     assert 'sage_llm_scheduling_policy{policy="fifo"} 0.0' in text
     assert "light load" in str(info["reason"])
     assert placed["cheap"] >= 27  # all but the ones fifo placed before the switch
+
+
+def test_a_demoted_request_counts_in_the_mix_as_it_came() -> None:
+    """``slo_aware`` demotes an infeasible deadline (the manager then pushes it without its
+    deadline, at BACKGROUND): the mix still counts a NORMAL request with a deadline, so
+    adaptive's own demotions do not move it off ``slo_aware``."""
+    policy = AdaptivePolicy(AdaptivePolicy.Params(initial="slo_aware"))
+    snap = make_snapshot([make_instance_view("i0", est_tpot_s=0.02)])
+    for k in range(10):
+        req = make_request_info(f"r{k}", slo_s=0.1)  # 1.04 s of work: infeasible
+        verdict = policy.admit(req, snap)
+        assert verdict.priority is RequestPriority.BACKGROUND
+        policy.push(replace(req, priority=verdict.priority, deadline=None))
+    signals = policy.signals(snap)
+    assert (signals.deadline_share, signals.priority_share) == (1.0, 0.0)

@@ -44,6 +44,10 @@ __all__ = [
     "serving_models",
 ]
 
+WORK_AHEAD_SCAN = 256
+"""How many queued entries :meth:`QueuedPolicy.work_ahead` looks at, at most (it runs on
+a deadline request's admission: its cost stays bounded however long the queue is)."""
+
 EPS = 1e-9
 """Tolerance for comparisons of waits against thresholds (float clock arithmetic)."""
 
@@ -122,23 +126,20 @@ class QueuedPolicy:
         req: RequestInfo,
         now: float,
         cost: Callable[[RequestInfo], float],
-        budget: float,
-        min_count: int = 0,
-    ) -> tuple[float, int]:
-        """The summed ``cost`` of the queued requests of ``req``'s model that would run
-        before ``req`` if it were queued at ``now``, and how many they are; the sum stops
-        once it passes ``budget`` with at least ``min_count`` of them counted (the caller
-        then knows enough)."""
+        limit: int = WORK_AHEAD_SCAN,
+    ) -> list[float]:
+        """The ``cost`` of each queued request of ``req``'s model that would run before
+        ``req`` if it were queued at ``now``: of every one, or of those among the first
+        ``limit`` queued entries looked at (a subset of them, in no particular order)."""
         lane, key = self._place(req)
         mine = self._rank(QueueEntry(req, lane, key, sys.maxsize), now)
-        total, count = 0.0, 0
-        for entry in self._queue.model_entries(req.model):
+        costs: list[float] = []
+        for looked, entry in enumerate(self._queue.model_entries(req.model)):
+            if looked >= limit:
+                break
             if self._rank(entry, now) < mine:
-                total += cost(entry.req)
-                count += 1
-                if total > budget and count >= min_count:
-                    break
-        return total, count
+                costs.append(cost(entry.req))
+        return costs
 
     def remove(self, request_id: str) -> RequestInfo | None:
         return self._queue.remove(request_id)

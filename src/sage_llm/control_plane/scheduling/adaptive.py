@@ -51,7 +51,7 @@ from sage_llm.control_plane.scheduling._params import (
     check_non_negative,
     check_positive,
 )
-from sage_llm.control_plane.scheduling._queue import EPS, QueuedPolicy
+from sage_llm.control_plane.scheduling._queue import EPS, WORK_AHEAD_SCAN, QueuedPolicy
 from sage_llm.control_plane.scheduling.base import Admission
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
@@ -82,6 +82,20 @@ class Signals:
     deadline_share: float
     priority_share: float
     cost_share: float
+
+
+_DEMOTED_KEPT = 4096
+"""How many demoted requests' own mix :class:`AdaptivePolicy` keeps until they are pushed
+(a request refused after its admission never is)."""
+
+
+def _mix_of(req: RequestInfo) -> tuple[bool, bool, bool]:
+    """Whether ``req`` has a deadline, a priority other than NORMAL, a cost budget."""
+    return (
+        req.deadline is not None,
+        req.priority != RequestPriority.NORMAL,
+        req.cost_budget is not None,
+    )
 
 
 class AdaptivePolicy:
@@ -146,6 +160,8 @@ class AdaptivePolicy:
         self._slo_met = 0
         self._mix: deque[tuple[bool, bool, bool]] = deque(maxlen=p.window)
         self._mix_counts = [0, 0, 0]
+        self._demoted_mix: dict[str, tuple[bool, bool, bool]] = {}
+        """The mix of requests the inner policy demoted at admission, until pushed."""
         self._history: deque[dict[str, object]] = deque(maxlen=16)
 
     @property
@@ -160,15 +176,16 @@ class AdaptivePolicy:
     # -- SchedulingPolicy, delegated ---------------------------------------------------
 
     def admit(self, req: RequestInfo, snap: ClusterSnapshot) -> Admission:
-        return self._policy.admit(req, snap)
+        verdict = self._policy.admit(req, snap)
+        if verdict.priority is not None:  # demoted: counted in the mix as it came
+            if len(self._demoted_mix) >= _DEMOTED_KEPT:
+                del self._demoted_mix[next(iter(self._demoted_mix))]
+            self._demoted_mix[req.request_id] = _mix_of(req)
+        return verdict
 
     def push(self, req: RequestInfo) -> None:
         self._policy.push(req)
-        mix = (
-            req.deadline is not None,
-            req.priority != RequestPriority.NORMAL,
-            req.cost_budget is not None,
-        )
+        mix = self._demoted_mix.pop(req.request_id, None) or _mix_of(req)
         if len(self._mix) == self._mix.maxlen:
             old = self._mix[0]
             for n in range(3):
@@ -201,11 +218,10 @@ class AdaptivePolicy:
         req: RequestInfo,
         now: float,
         cost: Callable[[RequestInfo], float],
-        budget: float,
-        min_count: int = 0,
-    ) -> tuple[float, int]:
+        limit: int = WORK_AHEAD_SCAN,
+    ) -> list[float]:
         """:meth:`QueuedPolicy.work_ahead` of the policy in use."""
-        return self._policy.work_ahead(req, now, cost, budget, min_count)
+        return self._policy.work_ahead(req, now, cost, limit)
 
     def on_complete(self, record: CompletionRecord) -> None:
         if record.slo_met is not None:

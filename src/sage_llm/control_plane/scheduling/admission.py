@@ -12,7 +12,7 @@ All are pure functions of a :class:`~sage_llm.control_plane.snapshot.ClusterSnap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,33 +107,40 @@ def best_predicted_e2e(
 
 
 class WorkAhead(Protocol):
-    """``work_ahead(req, now, cost, budget, min_count)``: the summed ``cost`` of the queued
-    requests that would run before ``req`` and their number, the sum cut short past
-    ``budget`` once ``min_count`` are counted
-    (:meth:`~sage_llm.control_plane.scheduling._queue.QueuedPolicy.work_ahead`)."""
+    """``work_ahead(req, now, cost)``: the ``cost`` of each queued request that would run
+    before ``req`` (of all, or of a subset when the queue is long;
+    :meth:`~sage_llm.control_plane.scheduling._queue.QueuedPolicy.work_ahead`)."""
 
     def __call__(
-        self,
-        req: RequestInfo,
-        now: float,
-        cost: Callable[[RequestInfo], float],
-        budget: float,
-        min_count: int = 0,
-    ) -> tuple[float, int]: ...
+        self, req: RequestInfo, now: float, cost: Callable[[RequestInfo], float]
+    ) -> list[float]: ...
+
+
+def queue_wait_lower_bound(costs: Sequence[float], slots: int) -> float:
+    """Seconds a request waits at least for a slot behind queued requests of ``costs``
+    seconds each, on ``slots`` slots that are all free now (those running are taken to end
+    at once): when it starts, a slot is free, so at most ``slots - 1`` of them are still
+    running, each with at most the longest cost to go, and every other second of their work
+    is done, ``slots`` seconds of it a second. 0 when they leave a slot free. Fewer costs
+    (a subset of those ahead) give a smaller bound, still a bound."""
+    if len(costs) < slots or slots < 1:
+        return 0.0
+    return max(0.0, (sum(costs) - (slots - 1) * max(costs)) / slots)
 
 
 def check_deadline_feasible(
     req: RequestInfo, snap: ClusterSnapshot, work_ahead: WorkAhead | None = None
 ) -> Admission:
     """Reject when the request is predicted to finish past its deadline: even the best
-    instance's predicted e2e is longer than the time left or, when the queued requests that
-    would run first (``work_ahead``, the policy's) leave it no free slot, the predicted wait
-    for one comes first and makes it so.
+    instance's predicted e2e is longer than the time left or, with ``work_ahead`` (the
+    policy's), the queued requests that would run first make it wait so long for a slot
+    that it is.
 
-    The wait is a fluid estimate over the eligible instances' slots: the slot-seconds their
-    running requests still hold (:meth:`InstanceView.busy_slot_s`) plus those of the queued
-    requests ahead (each its :meth:`InstanceView.service_s` on the best instance), spread
-    over every slot. Without ``work_ahead`` the queue is not looked at.
+    The wait is a lower bound (:func:`queue_wait_lower_bound`): the requests running now
+    are taken to end at once, and each queued request ahead holds one slot for its
+    :meth:`InstanceView.service_s` on the best instance. So a request is refused only when
+    even the best case misses its deadline. A model served by prefill/decode pairs is not
+    judged by the wait (their capacity is not in these slots).
 
     Admits requests without a deadline, and requests no instance is eligible for (they
     wait for one; other checks deal with unknown models). The rejection has no
@@ -151,23 +158,24 @@ def check_deadline_feasible(
             f"best predicted e2e {e2e:.3f}s (instance {inst.instance_id}) exceeds the "
             f"{remaining:.3f}s left before the deadline"
         )
-    if work_ahead is None:
+    if work_ahead is None or _has_pd_legs(req, snap):
         return ADMIT
-    eligible = eligible_instances(req, snap)
-    free = sum(i.free_slots for i in eligible if i.has_capacity)
-    slots = sum(i.max_concurrency for i in eligible)
-    busy = sum(i.busy_slot_s() for i in eligible)
-    budget = (remaining - e2e) * slots - busy  # slot-seconds the requests ahead may take
-    queued_s, ahead = work_ahead(req, snap.now, inst.service_s, max(budget, 0.0), free + 1)
-    if ahead < free or queued_s <= budget:  # a free slot is left for it, or one frees in time
+    slots = sum(i.max_concurrency for i in eligible_instances(req, snap))
+    costs = work_ahead(req, snap.now, inst.service_s)
+    wait = queue_wait_lower_bound(costs, slots)
+    if wait + e2e <= remaining:
         return ADMIT
-    wait = (busy + queued_s) / max(slots, 1)
-    queued = f"at least {ahead} queued request(s) ahead" if ahead else "every slot busy"
     return _infeasible(
-        f"predicted wait {wait:.3f}s for a free slot ({queued}) plus the "
-        f"best predicted e2e {e2e:.3f}s (instance {inst.instance_id}) exceeds the "
-        f"{remaining:.3f}s left before the deadline"
+        f"a wait of at least {wait:.3f}s for a slot ({len(costs)} queued request(s) ahead, "
+        f"{slots} slots) plus the best predicted e2e {e2e:.3f}s (instance "
+        f"{inst.instance_id}) exceeds the {remaining:.3f}s left before the deadline"
     )
+
+
+def _has_pd_legs(req: RequestInfo, snap: ClusterSnapshot) -> bool:
+    """Whether an instance of ``req``'s model runs only PD legs (a prefill/decode pair may
+    take the request besides the whole-request instances)."""
+    return any(i.model == req.model and not i.role.runs_whole_requests for i in snap.instances)
 
 
 def _infeasible(why: str) -> Admission:

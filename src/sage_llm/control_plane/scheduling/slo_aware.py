@@ -15,8 +15,8 @@ changes shift all predictions alike, so the order stays mostly deadline-driven; 
 whose service time differs a lot are ordered by their service time at push.
 
 Admission: a request predicted to miss its deadline (even on the best instance, after the
-predicted wait for a slot when every instance is busy: the slots' running work and that of
-the queued requests that would run first; see :func:`check_deadline_feasible`) is, by
+least it must wait for a slot behind the queued requests that would run first; see
+:func:`~sage_llm.control_plane.scheduling.admission.check_deadline_feasible`) is, by
 ``infeasible_action``, rejected (``Admission(False, reason)``), demoted (admitted with
 ``priority=BACKGROUND``; the policy queues it as a no-deadline request) or admitted as is.
 
