@@ -114,6 +114,12 @@ def test_choices_are_read_in_any_letter_case_and_a_bad_one_is_shown() -> None:
 def test_a_rack_rated_above_its_machine_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"must be at most machine_score \(0.1\), got 0.9"):
         build_router("topology_aware", {"machine_score": 0.1, "rack_score": 0.9})
+    # against the default rack_score: filed under the key given, whatever else is given
+    for raw in ({"machine_score": 0.2}, {"machine_score": 0.2, "load_slack": 0.5}):
+        with pytest.raises(ConfigError) as info:
+            build_router("topology_aware", raw)
+        assert info.value.key == "machine_score"
+        assert "conflicts with rack_score at its default (0.3)" in info.value.message
 
 
 def test_finite_refuses_infinity_and_nan() -> None:

@@ -16,6 +16,8 @@ from sage_llm.engines.sse import (
     chunks_from_completion,
     encode_event,
     error_from_body,
+    parse_usage,
+    usage_json,
 )
 from sage_llm.errors import EngineError, EngineStreamError
 
@@ -192,3 +194,18 @@ def test_response_format_matches_vllm_shapes() -> None:
         "completion_tokens": 1,
         "prompt_tokens_details": {"cached_tokens": 1},
     }
+
+
+def test_the_engines_other_usage_fields_are_kept_and_given_back() -> None:
+    details = {"completion_tokens_details": {"reasoning_tokens": 2}}
+    for usage in (
+        {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8, **details},
+        {"prompt_tokens": 3, "completion_tokens": 5, **details},  # without total_tokens
+        {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
+         "prompt_tokens_details": {"cached_tokens": 1}, **details},
+    ):  # fmt: skip
+        parsed = parse_usage(usage)
+        assert parsed is not None and parsed.extra == details
+        assert usage_json(parsed)["completion_tokens_details"] == {"reasoning_tokens": 2}
+    plain = parse_usage({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+    assert plain is not None and plain.extra is None

@@ -452,6 +452,7 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
         (["Content-Length: two"], None),
         (["Content-Length: 2", "Transfer-Encoding: chunked"], None),
         (["Content-Length: 2", "Content-Encoding: gzip"], None),
+        (["Connection: keep-alive", "Content-Length: 2", "Connection: close"], None),
         (["Content-Length: 2", "X-Session-Id: caf\xe9"], None),  # aiohttp reads UTF-8
         (["X\x01Bad: 1", "Content-Length: 2"], None),
         (["X-Bad: a\x00b", "Content-Length: 2"], None),
@@ -461,9 +462,9 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
         (["X Bad: 1", "Content-Length: 2"], None),
     ],
     ids=["plain", "blanks", "repeated", "folded", "space-before-colon", "no-colon",
-         "repeated-length", "no-length", "bad-length", "chunked", "compressed", "non-ascii",
-         "control-in-name",
-         "nul-in-value", "del-in-value", "bare-lf", "separator-in-name", "space-in-name"],
+         "repeated-length", "no-length", "bad-length", "chunked", "compressed",
+         "two-connections", "non-ascii", "control-in-name", "nul-in-value", "del-in-value",
+         "bare-lf", "separator-in-name", "space-in-name"],
 )  # fmt: skip
 def test_heads_are_parsed_or_handed_over(lines: list[str], expected: dict[str, str] | None) -> None:
     server = LeanServer(

@@ -164,6 +164,7 @@ def test_stream_options_are_for_streams_only() -> None:
     assert err.value.param == "stream_options"
     whole = _parse({"model": MODEL, "prompt": "Hi", "stream_options": None})
     assert not whole.stream and not whole.include_usage
+    assert not _parse({"model": MODEL, "prompt": "Hi", "stream_options": {}}).stream
 
 
 @pytest.mark.parametrize(
@@ -464,3 +465,8 @@ def test_an_integer_beyond_64_bits_is_out_of_range_not_a_non_integer() -> None:
         validate(CompletionRequest, body)
     assert err.value.param == "seed"
     assert "18446744073709551616 is out of range: integers must fit in 64 bits" in str(err.value)
+    # a float field's own range, not the integers'
+    big = json_object(b'{"model": "m", "prompt": "x", "temperature": 1e20}')
+    with pytest.raises(InvalidRequestError) as err:
+        validate(CompletionRequest, big)
+    assert "64 bits" not in str(err.value) and err.value.param == "temperature"

@@ -623,3 +623,5 @@ def test_several_prompts_usage_sums_the_engines_other_fields() -> None:
     }
     assert one.extra == {"completion_tokens_details": {"reasoning_tokens": 2}, "tier": "a"}
     assert sum_usage([Usage(1, 1)]).extra is None
+    flags = sum_usage([Usage(1, 1, 0, {"is_cached": True}), Usage(1, 1, 0, {"is_cached": True})])
+    assert flags.extra == {"is_cached": True}  # a flag is kept, not added up

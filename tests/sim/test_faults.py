@@ -45,6 +45,11 @@ def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
 def test_fault_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="probability"):
         Fault(FaultKind.CRASH, probability=2.0)
+    # integer values, as a caller may give them
+    assert Fault(FaultKind.ERROR, value=503).arg == 503
+    assert Fault(FaultKind.TRUNCATE, value=2).arg == 2
+    with pytest.raises(ValueError, match="whole number"):
+        Fault(FaultKind.HANG, value=-1)
 
 
 def _client(spec: str) -> FaultyEngineClient:

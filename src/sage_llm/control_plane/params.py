@@ -112,6 +112,15 @@ class Gathered:
         raise_problems(self.errors)
 
 
+def _builds(params_cls: type[Any], values: Mapping[str, Any], without: str) -> bool:
+    """Whether ``params_cls`` builds from ``values`` less the key ``without``."""
+    try:
+        params_cls(**{k: v for k, v in values.items() if k != without})
+    except (ConfigError, ValueError):
+        return False
+    return True
+
+
 def _alone(
     params_cls: type[Any], key: str, value: Any, others: Mapping[str, Any]
 ) -> ConfigError | None:
@@ -130,13 +139,16 @@ def _between(
 ) -> ConfigError | None:
     """The problem of building with ``good`` (keys each fine alone), if any. One filed under
     a key the table does not give (a default that a given key conflicts with) is filed
-    under the given key instead, saying so, when there is one such key."""
+    under the given key it conflicts with instead (the first whose leaving out clears it),
+    saying so."""
     try:
         params_cls(**good)
     except ConfigError as exc:
-        if exc.key is None or exc.key in raw or len(good) != 1:
+        if exc.key is None or exc.key in raw:
             return exc
-        (given,) = good
+        given = next((k for k in good if _builds(params_cls, good, k)), None)
+        if given is None:
+            return exc
         default = getattr(params_cls(), exc.key, None)
         return ConfigError(
             f"conflicts with {exc.key} at its default ({default}): {exc.key} {exc.detail}",

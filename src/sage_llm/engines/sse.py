@@ -186,7 +186,8 @@ def parse_usage(obj: Any) -> Usage | None:
     details = obj.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
     extra = None
-    if len(obj) > 3 + ("prompt_tokens_details" in obj):  # others: reasoning tokens, …
+    known = ("prompt_tokens" in obj) + ("completion_tokens" in obj) + ("total_tokens" in obj)
+    if len(obj) > known + ("prompt_tokens_details" in obj):  # others: reasoning tokens, …
         extra = {k: v for k, v in obj.items() if k not in _USAGE_FIELDS} or None
     return fill_usage(
         _as_int(obj.get("prompt_tokens")),

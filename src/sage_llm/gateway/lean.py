@@ -303,7 +303,7 @@ class LeanConnection(asyncio.Protocol):
                     if len(names) < _HEADER_NAMES:
                         names[name] = key
                 if key in headers:
-                    if key in _SINGLE:
+                    if key in _SINGLE or key == "connection":  # aiohttp reads all of these
                         return None
                     continue  # the first one counts, as aiohttp's request.headers[key]
                 headers[key] = value.strip()

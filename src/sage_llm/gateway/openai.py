@@ -102,7 +102,12 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
     value = first.get("input")
     if first.get("type") == "missing":
         detail = "is required"
-    elif isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+    elif (
+        str(first.get("type", "")).startswith("int_")
+        and isinstance(value, float)
+        and value.is_integer()
+        and abs(value) >= 2**63
+    ):
         detail = f"{value:.0f} is out of range: integers must fit in 64 bits"
     elif top in _TYPE_HINTS:
         detail = _TYPE_HINTS[top]
@@ -317,7 +322,7 @@ def parse_generation(
         stream, stop, user = bool(fields.stream), fields.stop, fields.user
         priority_field, slo_ms = fields.priority, fields.slo_deadline_ms
         options = fields.stream_options
-        if options is not None and not stream:  # as OpenAI and vLLM refuse it
+        if body.get("stream_options") and not stream:  # as OpenAI and vLLM refuse it ({} not)
             raise InvalidRequestError(
                 "stream_options: only allowed when stream is true", param="stream_options"
             )

@@ -107,10 +107,12 @@ class Fault:
             raise ValueError("crash takes no value (crash@T, crash@T+D or crash@pP)")
         if self.kind is FaultKind.SLOW and self.arg < 1.0:
             raise ValueError("slow factor must be >= 1")
-        if self.kind is FaultKind.ERROR and not (400 <= self.arg < 600 and self.arg.is_integer()):
+        if self.kind is FaultKind.ERROR and not (
+            400 <= self.arg < 600 and float(self.arg).is_integer()
+        ):
             raise ValueError("error status must be an HTTP error status (400..599)")
         counts = (FaultKind.HANG, FaultKind.TRUNCATE, FaultKind.MALFORMED)
-        if self.kind in counts and not (self.arg >= 0 and self.arg.is_integer()):
+        if self.kind in counts and not (self.arg >= 0 and float(self.arg).is_integer()):
             raise ValueError(f"{self.kind.value} takes a whole number of chunks >= 0")
 
     @property
