@@ -1232,7 +1232,7 @@ class ControlPlaneManager:
             snap = self._registry.snapshot(now, self._prefix)
             verdict = check_queue_bound(queued, self.max_queue_size, snap)
             if verdict.admitted and self.reject_infeasible_slo:
-                verdict = check_deadline_feasible(info, snap, getattr(policy, "work_ahead", None))
+                verdict = check_deadline_feasible(info, snap)
             if verdict.admitted:
                 verdict = policy.admit(info, snap)
         if not verdict.admitted:

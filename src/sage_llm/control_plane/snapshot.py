@@ -126,15 +126,6 @@ class InstanceView:
     def predict_e2e_s(self, prompt_tokens: int, output_tokens: int) -> float:
         return self.predict_ttft_s(prompt_tokens) + max(0, output_tokens - 1) * self.est_tpot_s
 
-    def service_s(self, req: RequestInfo) -> float:
-        """Predicted seconds ``req`` holds one of this instance's slots once it starts
-        (its prefill and decode, without the instance's backlog)."""
-        return (
-            self.est_ttft_base_s
-            + req.prompt_tokens / max(self.est_prefill_tps, 1e-9)
-            + max(0, req.max_tokens - 1) * self.est_tpot_s
-        )
-
     def predict_cost(self, prompt_tokens: int, output_tokens: int) -> float:
         """Price per GPU-hour × GPUs × predicted time (the cost_optimized objective)."""
         return self.cost_per_second * self.predict_e2e_s(prompt_tokens, output_tokens)

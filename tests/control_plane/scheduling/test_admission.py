@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from sage_llm.control_plane.scheduling._queue import WORK_AHEAD_SCAN
 from sage_llm.control_plane.scheduling.admission import (
     QueueBound,
     best_predicted_e2e,
@@ -12,19 +11,9 @@ from sage_llm.control_plane.scheduling.admission import (
     check_queue_bound,
     eligible_instances,
     estimate_drain_s,
-    queue_wait_lower_bound,
 )
 from sage_llm.control_plane.scheduling.base import ADMIT
-from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
-from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
-from sage_llm.control_plane.snapshot import RequestInfo
-from sage_llm.types import ExecutionInstanceType
-from tests.factories import (
-    make_instance_view,
-    make_request_info,
-    make_request_infos,
-    make_snapshot,
-)
+from tests.factories import make_instance_view, make_request_info, make_snapshot
 
 
 def test_queue_below_the_bound_is_admitted() -> None:
@@ -114,73 +103,3 @@ def test_deadline_counts_from_now_not_from_arrival() -> None:
 def test_feasibility_cannot_be_judged_without_instances() -> None:
     req = make_request_info(slo_s=0.001)
     assert check_deadline_feasible(req, make_snapshot(0)).admitted
-
-
-def _queued(n: int) -> FIFOPolicy:
-    policy = FIFOPolicy()
-    for req in make_request_infos(n, start=-1.0):
-        policy.push(req)
-    return policy
-
-
-def test_the_wait_is_a_lower_bound_over_every_slot() -> None:
-    # running requests are taken to end at once: fewer queued requests than slots, no wait
-    assert queue_wait_lower_bound([5.0, 5.0], 3) == 0.0
-    # one slot: every request ahead runs first
-    assert queue_wait_lower_bound([1.0, 2.0, 3.0], 1) == 6.0
-    # 4 slots, 8 requests of 1 s: 2 s of work a slot, less the 3 still running at its start
-    assert queue_wait_lower_bound([1.0] * 8, 4) == pytest.approx((8 - 3) / 4)
-    # one long request holds one slot, not all of them
-    assert queue_wait_lower_bound([2600.0, 1.0, 1.0, 1.0], 4) == 0.0
-
-
-def test_a_queue_that_keeps_every_slot_busy_counts_against_the_deadline() -> None:
-    view = make_instance_view("i0", est_tpot_s=0.02, max_concurrency=1)
-    snap = make_snapshot([view])
-    # alone, the request's e2e is 1.0425 s (its service on i0 the same)
-    req = make_request_info("new", slo_s=2.5)
-    assert check_deadline_feasible(req, snap).admitted  # the queue is not looked at
-    assert check_deadline_feasible(req, snap, _queued(1).work_ahead).admitted  # 2.085 s
-    late = check_deadline_feasible(req, snap, _queued(2).work_ahead)  # 3.1275 s
-    assert not late.admitted and late.retry_after_s is None
-    assert "a wait of at least 2.085s for a slot (2 queued request(s) ahead, 1 slots)" in (
-        late.reason
-    )
-    # more slots: the same queue leaves one free
-    wide = make_snapshot([view, make_instance_view("i1", est_tpot_s=0.02, max_concurrency=2)])
-    assert check_deadline_feasible(req, wide, _queued(2).work_ahead).admitted
-
-
-def test_a_model_with_prefill_decode_pairs_is_not_judged_by_the_wait() -> None:
-    views = [
-        make_instance_view("g0", est_tpot_s=0.02, max_concurrency=1),
-        make_instance_view("p0", role=ExecutionInstanceType.PREFILLING),
-        make_instance_view("d0", role=ExecutionInstanceType.DECODING),
-    ]
-    req = make_request_info("new", slo_s=2.5)
-    assert check_deadline_feasible(req, make_snapshot(views), _queued(30).work_ahead).admitted
-
-
-def test_only_the_requests_that_would_run_first_are_waited_for() -> None:
-    snap = make_snapshot([make_instance_view("i0", est_tpot_s=0.02, max_concurrency=1)])
-    policy = SLOAwarePolicy()
-    policy.observe(snap)
-    for req in make_request_infos(30, start=-1.0):  # no deadline: an urgent request goes first
-        policy.push(req)
-    urgent = make_request_info("urgent", slo_s=2.5)
-    assert check_deadline_feasible(urgent, snap, policy.work_ahead).admitted
-    for k in range(2):  # deadlines before its own: ahead of it
-        policy.push(make_request_info(f"sooner-{k}", arrival=-1.0, slo_s=3.0))
-    assert not check_deadline_feasible(urgent, snap, policy.work_ahead).admitted
-
-
-def test_the_queue_is_looked_at_only_so_far() -> None:
-    seen: list[RequestInfo] = []
-
-    def cost(req: RequestInfo) -> float:
-        seen.append(req)
-        return 1.0
-
-    assert len(_queued(100).work_ahead(make_request_info("new"), 0.0, cost, limit=10)) == 10
-    assert len(seen) == 10
-    assert len(_queued(2000).work_ahead(make_request_info("new"), 0.0, cost)) == WORK_AHEAD_SCAN

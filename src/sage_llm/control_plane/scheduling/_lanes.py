@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
 
 from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 from sage_llm.errors import ConflictError
@@ -88,15 +87,6 @@ class LaneQueue:
     def entries(self) -> list[QueueEntry]:
         """All queued entries, in no particular order."""
         return list(self._entries.values())
-
-    def model_entries(self, model: str) -> Iterator[QueueEntry]:
-        """The queued entries of ``model``, in no particular order, one at a time (the
-        queue must not change while they are read)."""
-        for (m, _lane), heap in self._heaps.items():
-            if m == model:
-                for item in heap.items:
-                    if item[2].alive:
-                        yield item[2]
 
     def lane_counts(self) -> dict[int, int]:
         return {lane: n for lane, n in sorted(self._lane_counts.items()) if n}

@@ -26,9 +26,6 @@ compiles) and re-exported here.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-
 from sage_llm.control_plane.scheduling._lanes import LaneQueue, QueueEntry, serves, serving_models
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
@@ -43,10 +40,6 @@ __all__ = [
     "serves",
     "serving_models",
 ]
-
-WORK_AHEAD_SCAN = 256
-"""How many queued entries :meth:`QueuedPolicy.work_ahead` looks at, at most (it runs on
-a deadline request's admission: its cost stays bounded however long the queue is)."""
 
 EPS = 1e-9
 """Tolerance for comparisons of waits against thresholds (float clock arithmetic)."""
@@ -120,26 +113,6 @@ class QueuedPolicy:
             return cands[0] if cands else None
         now = snap.now
         return min(cands, key=lambda e: self._rank(e, now))
-
-    def work_ahead(
-        self,
-        req: RequestInfo,
-        now: float,
-        cost: Callable[[RequestInfo], float],
-        limit: int = WORK_AHEAD_SCAN,
-    ) -> list[float]:
-        """The ``cost`` of each queued request of ``req``'s model that would run before
-        ``req`` if it were queued at ``now``: of every one, or of those among the first
-        ``limit`` queued entries looked at (a subset of them, in no particular order)."""
-        lane, key = self._place(req)
-        mine = self._rank(QueueEntry(req, lane, key, sys.maxsize), now)
-        costs: list[float] = []
-        for looked, entry in enumerate(self._queue.model_entries(req.model)):
-            if looked >= limit:
-                break
-            if self._rank(entry, now) < mine:
-                costs.append(cost(entry.req))
-        return costs
 
     def remove(self, request_id: str) -> RequestInfo | None:
         return self._queue.remove(request_id)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -51,7 +50,7 @@ from sage_llm.control_plane.scheduling._params import (
     check_non_negative,
     check_positive,
 )
-from sage_llm.control_plane.scheduling._queue import EPS, WORK_AHEAD_SCAN, QueuedPolicy
+from sage_llm.control_plane.scheduling._queue import EPS, QueuedPolicy
 from sage_llm.control_plane.scheduling.base import Admission
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
@@ -212,16 +211,6 @@ class AdaptivePolicy:
 
     def constrain(self, req: RequestInfo, snap: ClusterSnapshot) -> frozenset[str] | None:
         return self._policy.constrain(req, snap)
-
-    def work_ahead(
-        self,
-        req: RequestInfo,
-        now: float,
-        cost: Callable[[RequestInfo], float],
-        limit: int = WORK_AHEAD_SCAN,
-    ) -> list[float]:
-        """:meth:`QueuedPolicy.work_ahead` of the policy in use."""
-        return self._policy.work_ahead(req, now, cost, limit)
 
     def on_complete(self, record: CompletionRecord) -> None:
         if record.slo_met is not None:

@@ -12,9 +12,7 @@ All are pure functions of a :class:`~sage_llm.control_plane.snapshot.ClusterSnap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
@@ -106,41 +104,8 @@ def best_predicted_e2e(
     return best
 
 
-class WorkAhead(Protocol):
-    """``work_ahead(req, now, cost)``: the ``cost`` of each queued request that would run
-    before ``req`` (of all, or of a subset when the queue is long;
-    :meth:`~sage_llm.control_plane.scheduling._queue.QueuedPolicy.work_ahead`)."""
-
-    def __call__(
-        self, req: RequestInfo, now: float, cost: Callable[[RequestInfo], float]
-    ) -> list[float]: ...
-
-
-def queue_wait_lower_bound(costs: Sequence[float], slots: int) -> float:
-    """Seconds a request waits at least for a slot behind queued requests of ``costs``
-    seconds each, on ``slots`` slots that are all free now (those running are taken to end
-    at once): when it starts, a slot is free, so at most ``slots - 1`` of them are still
-    running, each with at most the longest cost to go, and every other second of their work
-    is done, ``slots`` seconds of it a second. 0 when they leave a slot free. Fewer costs
-    (a subset of those ahead) give a smaller bound, still a bound."""
-    if len(costs) < slots or slots < 1:
-        return 0.0
-    return max(0.0, (sum(costs) - (slots - 1) * max(costs)) / slots)
-
-
-def check_deadline_feasible(
-    req: RequestInfo, snap: ClusterSnapshot, work_ahead: WorkAhead | None = None
-) -> Admission:
-    """Reject when the request is predicted to finish past its deadline: even the best
-    instance's predicted e2e is longer than the time left or, with ``work_ahead`` (the
-    policy's), the queued requests that would run first make it wait so long for a slot
-    that it is.
-
-    The wait is a lower bound (:func:`queue_wait_lower_bound`): the requests running now
-    are taken to end at once, and each queued request ahead holds one slot for its
-    :meth:`InstanceView.service_s` on the best instance. So a request is refused only when
-    even the best case misses its deadline. A model served by prefill/decode pairs is not
-    judged by the wait (their capacity is not in these slots).
+def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admission:
+    """Reject when even the best instance's predicted finish is past the deadline.
 
     Admits requests without a deadline, and requests no instance is eligible for (they
     wait for one; other checks deal with unknown models). The rejection has no
@@ -153,30 +118,13 @@ def check_deadline_feasible(
         return ADMIT
     inst, e2e = best
     remaining = req.deadline - snap.now
-    if e2e > remaining:
-        return _infeasible(
-            f"best predicted e2e {e2e:.3f}s (instance {inst.instance_id}) exceeds the "
-            f"{remaining:.3f}s left before the deadline"
-        )
-    if work_ahead is None or _has_pd_legs(req, snap):
+    if e2e <= remaining:
         return ADMIT
-    slots = sum(i.max_concurrency for i in eligible_instances(req, snap))
-    costs = work_ahead(req, snap.now, inst.service_s)
-    wait = queue_wait_lower_bound(costs, slots)
-    if wait + e2e <= remaining:
-        return ADMIT
-    return _infeasible(
-        f"a wait of at least {wait:.3f}s for a slot ({len(costs)} queued request(s) ahead, "
-        f"{slots} slots) plus the best predicted e2e {e2e:.3f}s (instance "
-        f"{inst.instance_id}) exceeds the {remaining:.3f}s left before the deadline"
+    return Admission(
+        False,
+        reason=(
+            f"deadline infeasible: best predicted e2e {e2e:.3f}s (instance "
+            f"{inst.instance_id}) exceeds the {remaining:.3f}s left before the deadline"
+        ),
+        retry_after_s=None,
     )
-
-
-def _has_pd_legs(req: RequestInfo, snap: ClusterSnapshot) -> bool:
-    """Whether an instance of ``req``'s model runs only PD legs (a prefill/decode pair may
-    take the request besides the whole-request instances)."""
-    return any(i.model == req.model and not i.role.runs_whole_requests for i in snap.instances)
-
-
-def _infeasible(why: str) -> Admission:
-    return Admission(False, reason=f"deadline infeasible: {why}", retry_after_s=None)

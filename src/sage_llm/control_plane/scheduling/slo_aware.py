@@ -14,9 +14,7 @@ Approximation: slack is computed once, at push, from the latest snapshot the pol
 changes shift all predictions alike, so the order stays mostly deadline-driven; requests
 whose service time differs a lot are ordered by their service time at push.
 
-Admission: a request predicted to miss its deadline (even on the best instance, after the
-least it must wait for a slot behind the queued requests that would run first; see
-:func:`~sage_llm.control_plane.scheduling.admission.check_deadline_feasible`) is, by
+Admission: a request whose deadline even the best instance is predicted to miss is, by
 ``infeasible_action``, rejected (``Admission(False, reason)``), demoted (admitted with
 ``priority=BACKGROUND``; the policy queues it as a no-deadline request) or admitted as is.
 
@@ -77,7 +75,7 @@ class SLOAwarePolicy(QueuedPolicy):
 
     def admit(self, req: RequestInfo, snap: ClusterSnapshot) -> Admission:
         self.observe(snap)
-        verdict = check_deadline_feasible(req, snap, self.work_ahead)
+        verdict = check_deadline_feasible(req, snap)
         if verdict.admitted:
             return verdict
         action = self.params.infeasible_action
