@@ -485,3 +485,16 @@ def test_a_demoted_request_counts_in_the_mix_as_it_came() -> None:
         policy.push(replace(req, priority=verdict.priority, deadline=None))
     signals = policy.signals(snap)
     assert (signals.deadline_share, signals.priority_share) == (1.0, 0.0)
+
+
+def test_a_request_pushed_again_counts_once_in_the_mix() -> None:
+    """A retry or a request put back is pushed again: the mix counts it once."""
+    policy = AdaptivePolicy()
+    snap = make_snapshot([make_instance_view("i0")])
+    for k in range(4):
+        policy.push(make_request_info(f"r{k}"))
+    urgent = make_request_info("u", priority=RequestPriority.HIGH)
+    for _ in range(4):  # pushed, popped for a retry, pushed again …
+        policy.push(urgent)
+        assert policy.remove("u") is not None
+    assert policy.signals(snap).priority_share == pytest.approx(1 / 5)

@@ -157,7 +157,10 @@ class AdaptivePolicy:
         self._signals: Signals | None = None
         self._slo: deque[bool] = deque(maxlen=p.window)
         self._slo_met = 0
-        self._mix: deque[tuple[bool, bool, bool]] = deque(maxlen=p.window)
+        self._mix: deque[tuple[str, tuple[bool, bool, bool]]] = deque(maxlen=p.window)
+        self._mix_ids: dict[str, None] = {}
+        """The ids in ``_mix``: a request pushed again while in the window is not counted
+        again."""
         self._mix_counts = [0, 0, 0]
         self._demoted_mix: dict[str, tuple[bool, bool, bool]] = {}
         """The mix of requests the inner policy demoted at admission, until pushed."""
@@ -184,12 +187,17 @@ class AdaptivePolicy:
 
     def push(self, req: RequestInfo) -> None:
         self._policy.push(req)
-        mix = self._demoted_mix.pop(req.request_id, None) or _mix_of(req)
+        rid = req.request_id
+        if rid in self._mix_ids:  # pushed again (a retry, a request put back): counted
+            return
+        mix = self._demoted_mix.pop(rid, None) or _mix_of(req)
         if len(self._mix) == self._mix.maxlen:
-            old = self._mix[0]
+            old_id, old = self._mix[0]
+            self._mix_ids.pop(old_id, None)
             for n in range(3):
                 self._mix_counts[n] -= old[n]
-        self._mix.append(mix)
+        self._mix.append((rid, mix))
+        self._mix_ids[rid] = None
         for n in range(3):
             self._mix_counts[n] += mix[n]
 
@@ -213,6 +221,7 @@ class AdaptivePolicy:
         return self._policy.constrain(req, snap)
 
     def on_complete(self, record: CompletionRecord) -> None:
+        self._mix_ids.pop(record.request_id, None)  # its id may come again as a new request
         if record.slo_met is not None:
             if len(self._slo) == self._slo.maxlen:
                 self._slo_met -= self._slo[0]
