@@ -68,7 +68,9 @@ from sage_llm.sim.logprobs import (
     requested_prompt_logprobs,
 )
 from sage_llm.sim.server_requests import (
+    check_context,
     engine_default_max_tokens,
+    is_int,
     prompt_pieces,
     prompt_token_ids,
     requested_echo,
@@ -574,14 +576,7 @@ class SimEngine:
             raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")
-        limit = self._config.max_model_len
-        if n_prompt + req.max_tokens > limit:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {limit} tokens; you requested "
-                f"{n_prompt + req.max_tokens} ({n_prompt} in the prompt, "
-                f"{req.max_tokens} in the completion)",
-                param="max_tokens",
-            )
+        check_context(self._config.max_model_len, n_prompt, req.max_tokens)
 
     @staticmethod
     def _min_tokens(req: EngineRequest) -> int:
@@ -926,7 +921,7 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
             param="repetition_penalty",
         )
     top_k = extra.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+    if top_k is not None and (not is_int(top_k) or top_k < -1):
         raise InvalidRequestError(
             f"top_k must be 0 (disable), or at least 1, got {top_k}.", param="top_k"
         )
@@ -935,7 +930,7 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
         if value is not None and not isinstance(value, bool):
             raise InvalidRequestError(f"{key} must be a boolean, got {value!r}", param=key)
     seed = extra.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not is_int(seed):
         raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
 
 
@@ -947,7 +942,7 @@ def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) ->
     seed = req.extra.get("seed")
     if req.temperature == 0:
         return f"greedy:{hash(tuple(prompt_ids))}"
-    if isinstance(seed, int) and not isinstance(seed, bool):
+    if is_int(seed):
         return f"seed:{seed}:{hash(tuple(prompt_ids))}"
     return f"{engine_seed}:{req.request_id}"
 

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator
 
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
-from sage_llm.errors import EngineError, InvalidRequestError
+from sage_llm.errors import EngineError
+from sage_llm.sim.server_requests import check_context
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
@@ -47,13 +48,7 @@ class InstantEngine:
         """``req.max_tokens`` chunks of one token each; the last carries the usage."""
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
-        limit = INSTANT_MAX_MODEL_LEN
-        if prompt + n > limit:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {limit} tokens; you requested "
-                f"{prompt + n} ({prompt} in the prompt, {n} in the completion)",
-                param="max_tokens",
-            )
+        check_context(INSTANT_MAX_MODEL_LEN, prompt, n)
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):

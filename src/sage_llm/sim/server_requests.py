@@ -111,6 +111,18 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_context(limit: int, prompt_tokens: int, max_tokens: int) -> None:
+    """:class:`InvalidRequestError` (``param`` ``max_tokens``) when a request's prompt and
+    output go past an engine's ``max_model_len`` of ``limit`` tokens."""
+    if prompt_tokens + max_tokens > limit:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {limit} tokens; you requested "
+            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, "
+            f"{max_tokens} in the completion)",
+            param="max_tokens",
+        )
+
+
 def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
     value = body.get(key)
     if value is None:
