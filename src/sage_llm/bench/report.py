@@ -79,35 +79,10 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def check_out_dir(path: Path) -> None:
-    """:class:`ConfigError` (key ``out``) unless reports can be written under the folder
-    ``path``, tried now (made if missing, a file created in it and removed again), so that
-    a bad ``--out`` fails before the benchmark runs rather than after it."""
-    blocker = _file_in_the_way(path)
-    if blocker is not None:
-        raise ConfigError(f"{blocker} is a file, not a folder", key="out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".sage-llm-write-check-{os.getpid()}"
-        with probe.open("x"):
-            pass
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write reports under {path}: {exc.strerror or exc}", key="out"
-        ) from None
-
-
-def check_out_file(path: Path) -> None:
-    """:class:`ConfigError` (key ``out``) unless a report can be written at ``path``, tried
-    now (its folders made, a new empty file created and removed again, an existing file
-    opened for appending and left as it was), so that a bad path fails before the
-    benchmark runs rather than after."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder, not a file", key="out")
-    blocker = _file_in_the_way(path.parent)
-    if blocker is not None:
-        raise ConfigError(f"{blocker} is a file, not a folder", key="out")
+def _write_check(path: Path, what: str) -> None:
+    """Make ``path``'s folders and try it as a file: a new one is created and removed
+    again, an existing one opened for appending and left as it was; ConfigError (key
+    ``out``) naming ``what`` when that fails."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
@@ -118,7 +93,29 @@ def check_out_file(path: Path) -> None:
                 pass
             path.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", key="out") from None
+        raise ConfigError(f"cannot write {what}: {exc.strerror or exc}", key="out") from None
+
+
+def check_out_dir(path: Path) -> None:
+    """:class:`ConfigError` (key ``out``) unless reports can be written under the folder
+    ``path``, tried now (made if missing, a file created in it and removed again), so that
+    a bad ``--out`` fails before the benchmark runs rather than after it."""
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{blocker} is a file, not a folder", key="out")
+    _write_check(path / f".sage-llm-write-check-{os.getpid()}", f"reports under {path}")
+
+
+def check_out_file(path: Path) -> None:
+    """:class:`ConfigError` (key ``out``) unless a report can be written at ``path``, tried
+    now (as :func:`check_out_dir` tries its folder; an existing file is left as it was), so
+    that a bad path fails before the benchmark runs rather than after."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a file", key="out")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise ConfigError(f"{blocker} is a file, not a folder", key="out")
+    _write_check(path, str(path))
 
 
 def report_console(width: int = 160) -> Console:
