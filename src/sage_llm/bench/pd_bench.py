@@ -45,6 +45,8 @@ from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparatio
 
 __all__ = [
     "DEFAULT_OUT",
+    "MODEL_8B",
+    "MODEL_70B",
     "REALTIME_FLEET",
     "SLO_ITL",
     "SLO_TPOT",
@@ -76,13 +78,19 @@ REALTIME_FLEET = "pd-3:5"
 """The layout of the real-time part when no ``--fleets`` are named."""
 
 
+MODEL_8B = "llama-3.1-8b"
+"""The 8B model the benchmark serves (Llama-3-8B's shape, a context its prompts fit in)."""
+MODEL_70B = "llama-3.1-70b"
+"""The 70B model the benchmark serves (Llama-3-70B's shape, likewise)."""
+
+
 @dataclass(frozen=True)
 class FleetSpec:
     """A layout of the 8-GPU node: instance counts per role, TP size, and the PD decider
     (None: colocated, PD disabled)."""
 
     name: str
-    model: str = "llama-3.1-8b"
+    model: str = MODEL_8B
     tp: int = 1
     prefill: int = 0
     decode: int = 0
@@ -117,9 +125,9 @@ class FleetSpec:
         }
 
 
-def default_fleets(model: str = "llama-3.1-8b") -> list[FleetSpec]:
+def default_fleets(model: str = MODEL_8B) -> list[FleetSpec]:
     """The layouts compared on one 8-GPU node: TP1 for 8B, TP4 (two instances) for 70B."""
-    if model == "llama-3.1-70b":
+    if model == MODEL_70B:
         return [
             FleetSpec("colocated", model, tp=4, general=2),
             FleetSpec("pd-1:1", model, tp=4, prefill=1, decode=1, decider="always"),
@@ -135,7 +143,7 @@ def default_fleets(model: str = "llama-3.1-8b") -> list[FleetSpec]:
     ]
 
 
-def select_fleets(names: Sequence[str], model: str = "llama-3.1-8b") -> list[FleetSpec]:
+def select_fleets(names: Sequence[str], model: str = MODEL_8B) -> list[FleetSpec]:
     """The layouts of :func:`default_fleets` called ``names`` (in that order); ConfigError
     naming the valid ones for an unknown name."""
     known = {f.name: f for f in default_fleets(model)}
@@ -156,7 +164,7 @@ def select_named_fleets(
     ones (``colocated``, ``pd-1:1``, ``adaptive-hybrid``); ConfigError for a name that is
     neither's, or for none."""
     known8 = {f.name: f for f in default_fleets()}
-    known70 = {f.name: f for f in default_fleets("llama-3.1-70b")}
+    known70 = {f.name: f for f in default_fleets(MODEL_70B)}
     valid = ", ".join(dict.fromkeys([*known8, *known70]))
     if not names:
         raise ConfigError(f"no fleet named; valid: {valid}", key="fleets")
@@ -184,7 +192,7 @@ def check_realtime_fleet(spec: FleetSpec) -> None:
         or spec.hybrid
         or spec.prefill < 1
         or spec.decode < 1
-        or spec.model != "llama-3.1-8b"
+        or spec.model != MODEL_8B
         or spec.tp != 1
     ):
         raise ConfigError(
@@ -366,9 +374,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if b > 0 else (None if a == 0 else float("inf"))
 
 
-def evaluate_targets(
-    cases: Sequence[dict[str, Any]], model: str = "llama-3.1-8b"
-) -> dict[str, Any]:
+def evaluate_targets(cases: Sequence[dict[str, Any]], model: str = MODEL_8B) -> dict[str, Any]:
     """The brief's targets over the in-process cases of ``model``: best PD ratio ≥ 1.5×
     colocated goodput on ``long_prompt``; adaptive ≥ 0.95× colocated on ``sharegpt_like``."""
 
@@ -425,7 +431,7 @@ def run_pd_bench(
     for w in _workloads(n_long, long_rate, n_chat, chat_rate, seed):
         plan.extend((f, w) for f in (fleets if fleets is not None else default_fleets()))
     if include_70b and (fleets is None or fleets_70b is not None):  # chosen 8B: 70B as named
-        f70 = list(fleets_70b) if fleets_70b is not None else default_fleets("llama-3.1-70b")
+        f70 = list(fleets_70b) if fleets_70b is not None else default_fleets(MODEL_70B)
         r = rate_70b_factor
         for w in _workloads(n_long, long_rate * r, n_chat, chat_rate * r, seed):
             plan.extend((f, w) for f in f70)

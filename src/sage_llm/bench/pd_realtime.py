@@ -31,6 +31,7 @@ from typing import Any
 
 from sage_llm.bench.loadgen import LoadReport, run_http_workload
 from sage_llm.bench.pd_bench import (
+    MODEL_8B,
     SLO_ITL,
     SLO_TPOT,
     FleetSpec,
@@ -55,7 +56,7 @@ from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparatio
 
 __all__ = ["rescale", "run_realtime", "sage_pd_manager"]
 
-MODEL = "llama-3.1-8b"
+MODEL = MODEL_8B
 
 
 def rescale(m: RequestMeasurement, k: float) -> RequestMeasurement:
