@@ -453,9 +453,8 @@ def engine_sim(
             "tp": tp, "pp": pp, "role": ExecutionInstanceType.parse(role), "speed": speed,
             "seed": seed, "kv_host": host, "kv_port": port,
         }  # fmt: skip
-        if max_num_seqs is not None:
-            params["max_num_seqs"] = max_num_seqs
-        engine_args = {
+        engine_args = {  # those given; the others are the profile's or the defaults
+            "max_num_seqs": max_num_seqs,
             "max_model_len": max_model_len,
             "max_num_batched_tokens": max_num_batched_tokens,
             "gpu_memory_utilization": gpu_memory_utilization,
