@@ -1552,6 +1552,41 @@ def test_an_instance_being_removed_or_every_instance_draining_is_named_in_the_er
     run_virtual(main())
 
 
+def test_queued_requests_failed_when_every_instance_drains_leave_the_queue_depth_gauge() -> None:
+    async def main() -> None:
+        engines: dict[str, FakeEngine] = {}
+
+        def factory(inst: ExecutionInstance) -> FakeEngine:
+            engines[inst.instance_id] = FakeEngine(inst.instance_id, gate_after=1)
+            return engines[inst.instance_id]
+
+        cp = ControlPlaneManager(mode="http", engine_factory=factory, scheduling_policy="fifo")
+        cp.register_instance(make_instance("a", max_concurrent_requests=1))
+        async with cp:
+            await cp.submit_request(make_metadata("held", max_tokens=4))
+            await engines["a"].gated.wait()
+            for i in range(3):
+                await cp.submit_request(make_metadata(f"q{i}"))
+            assert _queue_depth(cp) == 3.0
+            cp.drain_instance("a")  # nothing left to serve the queued ones: they fail
+            for i in range(3):
+                assert (await cp.wait_for_result(f"q{i}")).status is RequestStatus.FAILED
+            assert _queue_depth(cp) == 0.0
+            engines["a"].release.set()
+            assert (await cp.wait_for_result("held")).status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def _queue_depth(cp: ControlPlaneManager) -> float:
+    [line] = [
+        line
+        for line in cp.prometheus_metrics().decode().splitlines()
+        if line.startswith("sage_llm_queue_depth ")
+    ]
+    return float(line.split()[1])
+
+
 @pytest.mark.parametrize(
     ("given", "name"), [("SLO-Aware", "slo_aware"), (" Priority ", "priority")]
 )

@@ -1287,9 +1287,11 @@ class Dispatcher:
         return moved + failed
 
     def fail_queued(self, rec: RequestRecord, reason: str) -> None:
+        """End ``rec`` FAILED with ``reason`` when it is still queued (it leaves the queue)."""
         if rec.status is RequestStatus.QUEUED:
             self.policy.remove(rec.request_id)
             self._finish(rec, RequestStatus.FAILED, error=reason)
+            self.metrics.queue_depth.set(len(self.policy))
 
     def _finish(
         self,
