@@ -389,11 +389,14 @@ def test_a_body_that_stops_arriving_gets_a_408(lean_server: bool) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         async with serve(1, settings=settings) as gw:
-            admin = (  # the admin API's bodies are timed too
-                b"POST /admin/set_policy HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n"
-                b"Content-Type: application/json\r\n\r\n{",
-            )
-            for pieces in (chunked, stalled, admin):
+            admin = [  # the admin API's bodies are timed too
+                (
+                    f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n"
+                    "Content-Type: application/json\r\n\r\n{"
+                ).encode()
+                for path in ("/admin/set_policy", "/admin/instances/i0/drain", "/admin/instances")
+            ]
+            for pieces in (chunked, stalled, *((piece,) for piece in admin)):
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                 started = loop.time()
                 for piece in pieces:

@@ -39,7 +39,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     PolicyNotFoundError,
 )
-from sage_llm.gateway.openai import read_json, validate
+from sage_llm.gateway.openai import json_object, read_body, read_json, validate
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
 from sage_llm.types import ExecutionInstance
 
@@ -173,10 +173,10 @@ class AdminRoutes:
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
-        raw = await request.read()
+        raw = await read_body(request, self.read_timeout_s)
         drain = True
         if raw.strip():
-            drain = validate(DrainRequest, await read_json(request, self.read_timeout_s)).drain
+            drain = validate(DrainRequest, json_object(raw)).drain
         self._known(instance_id)
         self.manager.drain_instance(instance_id, drain)
         return web.json_response({"instance_id": instance_id, "draining": drain})

@@ -120,14 +120,19 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
 async def read_json(request: web.Request, timeout_s: float | None = None) -> dict[str, Any]:
     """The request body as a JSON object (413 beyond ``client_max_size``, else 400); 408
     when it has not all arrived within ``timeout_s`` (None: no limit)."""
+    return json_object(await read_body(request, timeout_s))
+
+
+async def read_body(request: web.Request, timeout_s: float | None = None) -> bytes:
+    """The request body (413 beyond ``client_max_size``); 408 when it has not all arrived
+    within ``timeout_s`` (None: no limit)."""
     try:
         async with asyncio.timeout(timeout_s):
-            raw = await request.read()
+            return await request.read()
     except TimeoutError:
         raise web.HTTPRequestTimeout(
             text=f"the request body did not arrive within {timeout_s:g} s"
         ) from None
-    return json_object(raw)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
