@@ -372,7 +372,9 @@ def test_retry_after_is_a_whole_number_of_seconds(seconds: float | None, header:
 
 
 @pytest.mark.parametrize("lean_server", [True, False])
-def test_a_body_that_stops_arriving_gets_a_408(lean_server: bool) -> None:
+def test_a_body_that_stops_arriving_gets_a_408(
+    lean_server: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """Also a chunked body whose next chunk is malformed: aiohttp's parser stops feeding
     the body, and the handler would otherwise wait for it until the client leaves."""
     settings = GatewayConfig(read_timeout_s=5.0, lean_server=lean_server)
@@ -407,6 +409,14 @@ def test_a_body_that_stops_arriving_gets_a_408(lean_server: bool) -> None:
                 assert 5.0 <= loop.time() - started <= 6.0
                 rest = await reader.read()
                 assert b"timeout_error" in rest and b"did not arrive within 5 s" in rest
+                assert b"x-request-id: " in head.lower()
                 writer.close()
+            text = gw.manager.prometheus_metrics().decode()
+        # counted and logged alike by both fronts
+        assert 'sage_llm_http_errors_total{route="/v1/completions",status="408"} 2.0' in text
+        assert 'sage_llm_http_errors_total{route="/admin",status="408"} 3.0' in text
+        lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+        assert sum("path=/v1/completions status=408" in line for line in lines) == 2, lines
 
-    run_virtual(main())
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
+        run_virtual(main())

@@ -365,18 +365,31 @@ def test_a_request_slow_to_arrive_gets_a_408_and_its_connection_closes() -> None
             conn.respond(200, b"ok", content_type="text/plain", headers={})
 
         lean, server, port = await _lean_server(handler, _Fallback(), read_timeout_s=10.0)
+        noted: list[tuple[str, str, float]] = []
+
+        def on_read_timeout(method: str, path: str, waited_s: float) -> str:
+            noted.append((method, path, waited_s))
+            return f"late-{len(noted)}"
+
+        lean.on_read_timeout = on_read_timeout
         whole = _post("/v1/completions", {"prompt": "x"})
         head_end = whole.index(b"\r\n\r\n") + 4
-        for partial in (whole[: head_end + 3], whole[:20]):  # a body, then a head, cut short
+        # a body, a head, then a request line cut short
+        for partial in (whole[: head_end + 3], whole[:26], whole[:6]):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(partial)
             started = loop.time()
             status, headers, body = await _response(reader)
             assert (status, headers["connection"]) == (408, "close")
+            assert headers["x-request-id"] == f"late-{len(noted)}"
             assert json.loads(body)["error"]["type"] == "timeout_error"
             assert 10.0 <= loop.time() - started <= 11.0 + 0.01  # the sweep: at most 10% late
+            assert 10.0 <= noted[-1][2] <= 11.0 + 0.01
             assert await reader.read() == b""
             await _close(writer)
+        assert [(m, p) for m, p, _ in noted] == [
+            ("POST", "/v1/completions"), ("POST", "/v1/completions"), ("POST", "-"),
+        ]  # fmt: skip
         # a request that arrives in pieces, within the limit, is served; the connection
         # stays open, and the limit counts from the next request's first byte
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

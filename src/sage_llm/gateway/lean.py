@@ -40,6 +40,7 @@ from typing import Protocol, cast
 
 from sage_llm import jsonutil
 from sage_llm.gateway.errors import error_body
+from sage_llm.gateway.observe import REQUEST_ID_HEADER
 from sage_llm.httpserve import tcp_nodelay
 from sage_llm.writebatch import WriteBatch
 
@@ -359,11 +360,17 @@ class LeanConnection(asyncio.Protocol):
         transport = self._transport
         if self._task is not None or transport is None or self.closed:
             return
-        self.reading_since = None
+        since, self.reading_since = self.reading_since, None
         self._keep_alive = False
         message = f"the request did not arrive within {limit_s:g} s"
         body = jsonutil.dumps(error_body(message, "timeout_error", 408))
-        self.respond(408, body, content_type="application/json", headers={})
+        headers: dict[str, str] = {}
+        noted = self._server.on_read_timeout
+        if noted is not None:
+            method, path = _request_line(self._buf)
+            waited_s = 0.0 if since is None else asyncio.get_running_loop().time() - since
+            headers[REQUEST_ID_HEADER] = noted(method, path, waited_s)
+        self.respond(408, body, content_type="application/json", headers=headers)
         self._server.writes.flush_one(transport)
         transport.close()
 
@@ -383,6 +390,17 @@ _SWEEP_FRACTION = 0.1
 keep-alive timeout or of the read timeout, whichever is shorter."""
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name (RFC 9110's ``token``)."""
+
+
+def _request_line(buf: bytearray) -> tuple[str, str]:
+    """The method and path of the request line at the start of ``buf``, as far as they
+    have arrived (``-`` for what has not)."""
+    eol = buf.find(b"\r\n")
+    line = bytes(buf[: eol if eol >= 0 else 200]).decode("latin-1")
+    parts = line.split(" ")
+    method = parts[0] if len(parts) > 1 and parts[0] else "-"
+    path = parts[1] if len(parts) > 2 and parts[1] else "-"
+    return method, path
 
 
 def _tabbed_printable(line: str) -> bool:
@@ -413,8 +431,13 @@ class LeanServer:
         cors: bool = False,
         keepalive_timeout_s: float = 75.0,
         read_timeout_s: float | None = 30.0,
+        on_read_timeout: Callable[[str, str, float], str] | None = None,
     ) -> None:
         self.handler = handler
+        self.on_read_timeout = on_read_timeout
+        """Called for each request answered 408 (``read_timeout_s`` passed before it had
+        all arrived) with its method and path, as far as they arrived (``-`` otherwise),
+        and the seconds it had taken; returns the request id its answer carries."""
         self.fallback = fallback
         self.routes = routes
         self.max_body_bytes = max_body_bytes

@@ -27,6 +27,7 @@ from sage_llm.gateway.observe import (
     RequestIds,
     access_log,
     bad_request_id_error,
+    route_label,
     valid_request_id,
     write_access_log,
 )
@@ -115,6 +116,15 @@ class LeanRoutes:
         answer = jsonutil.dumps(body_out)
         conn.respond(200, answer, content_type=_JSON, headers=headers)
         return 200
+
+    def read_timed_out(self, method: str, path: str, waited_s: float) -> str:
+        """A request answered 408 by the lean server before it had all arrived: counted
+        and logged as the aiohttp app counts and logs one; the request id of its answer."""
+        rid = self._new_id()
+        self.manager.metrics.on_http_error(route_label(path), 408)
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_log(rid, method, path, 408, waited_s * 1000.0, None)
+        return rid
 
     @staticmethod
     def _error(

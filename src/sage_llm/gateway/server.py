@@ -137,13 +137,15 @@ async def serve_app(
         lean: LeanServer | None = None
         protocol: Callable[[], asyncio.Protocol] = fallback
         if settings.lean_server and not settings.tracing:
+            routes = LeanRoutes(app[MANAGER_KEY], settings)
             protocol = lean = LeanServer(
-                LeanRoutes(app[MANAGER_KEY], settings),
+                routes,
                 fallback,
                 routes=LEAN_ROUTES,
                 max_body_bytes=settings.max_body_bytes,
                 cors=bool(settings.cors_origins),
                 read_timeout_s=settings.read_timeout_s,
+                on_read_timeout=routes.read_timed_out,
             )
         server = await asyncio.get_running_loop().create_server(
             protocol, host, port, reuse_address=True, backlog=1024
