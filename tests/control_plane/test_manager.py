@@ -1545,6 +1545,12 @@ def test_an_instance_being_removed_or_every_instance_draining_is_named_in_the_er
             cp.unregister_instance("a")
             with pytest.raises(ConflictError, match="'a' is being removed: its 1 request"):
                 cp.register_instance(make_instance("a"))
+            with pytest.raises(ConflictError, match="'a' is being removed: its 1 request"):
+                cp.drain_instance("a", False)  # not back into the fleet
+            assert cp.get_instances() == []
+            [leaving] = cp.get_instances(removing=True)
+            assert (leaving.instance_id, leaving.active_requests) == ("a", 1)
+            assert cp.get_instance_metrics("a")["removing"] is True
             engines["a"].release.set()
             assert (await cp.wait_for_result("held")).status is RequestStatus.COMPLETED
             cp.register_instance(make_instance("a"))  # once its request has finished

@@ -223,6 +223,22 @@ async def test_removed_instance_finishes_in_flight_and_gets_no_new_requests() ->
             async with http.delete(gw.url(f"/admin/instances/{busy.instance_id}")) as r:
                 assert r.status == 409  # still finishing its request
                 assert "already being removed" in (await _json(r))["error"]["message"]
+            drain = gw.url(f"/admin/instances/{busy.instance_id}/drain")
+            async with http.post(drain, json={"drain": False}) as r:
+                assert r.status == 409  # not undrained back into the fleet
+                assert "is being removed" in (await _json(r))["error"]["message"]
+            async with http.get(gw.url("/admin/instances")) as r:  # listed until it is gone
+                listed = {d["instance_id"]: d for d in (await _json(r))["data"]}
+            assert listed[busy.instance_id]["removing"] is True
+            assert listed[busy.instance_id]["draining"] is True
+            assert listed[busy.instance_id]["active_requests"] == 1
+            assert listed[other.instance_id]["removing"] is False
+            async with http.get(gw.url("/admin/status")) as r:
+                live = (await _json(r))["instances"]
+            assert live[busy.instance_id]["removing"] is True
+            async with http.get(gw.url("/metrics")) as r:
+                text = await r.text()
+            assert f'sage_llm_instance_draining{{instance_id="{busy.instance_id}"}} 1.0' in text
             for i in range(4):
                 async with http.post(
                     gw.url("/v1/completions"),

@@ -489,6 +489,11 @@ class ControlPlaneManager:
     def drain_instance(self, instance_id: str, draining: bool = True) -> None:
         """Stop (or resume) sending new requests to an instance; in-flight ones finish."""
         state = self._registry.get(instance_id)
+        if state.removed:
+            raise ConflictError(
+                f"instance {instance_id!r} is being removed: its {state.in_flight} "
+                "request(s) in flight finish first"
+            )
         if state.draining != draining:
             log.info(
                 "instance %s %s (%d requests in flight)",
@@ -500,8 +505,11 @@ class ControlPlaneManager:
                 self._fail_unservable()  # queued ones no instance will take now
             self._dispatcher.wake()
 
-    def get_instances(self) -> list[ExecutionInstance]:
-        return [s.public_instance() for s in self._registry if not s.removed]
+    def get_instances(self, *, removing: bool = False) -> list[ExecutionInstance]:
+        """The registered instances, with their live figures; with ``removing``, also
+        those being removed (:meth:`unregister_instance`) whose requests in flight have
+        not finished yet."""
+        return [s.public_instance() for s in self._registry if removing or not s.removed]
 
     def servable_models(self) -> list[str]:
         """The models a request could run for now: an instance that runs whole requests is
@@ -551,7 +559,8 @@ class ControlPlaneManager:
             "model": state.instance.model_name,
             "role": state.instance.instance_type.value,
             "is_healthy": state.routable,
-            "draining": state.draining,
+            "draining": state.draining or state.removed,
+            "removing": state.removed,
             "active_requests": state.in_flight,
             "max_concurrent_requests": state.instance.max_concurrent_requests,
             "current_load": state.in_flight / state.instance.max_concurrent_requests,
@@ -1147,7 +1156,8 @@ class ControlPlaneManager:
         for state in self._registry:
             iid = state.instance_id
             metrics.instance_healthy.labels(instance_id=iid).set(1.0 if state.healthy else 0.0)
-            metrics.instance_draining.labels(instance_id=iid).set(1.0 if state.draining else 0.0)
+            draining = state.draining or state.removed
+            metrics.instance_draining.labels(instance_id=iid).set(1.0 if draining else 0.0)
         return metrics.exposition()
 
     @property

@@ -35,7 +35,6 @@ from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ConfigError,
     ConflictError,
-    InstanceNotFoundError,
     InvalidRequestError,
     PolicyNotFoundError,
 )
@@ -130,10 +129,11 @@ class AdminRoutes:
         entry = instance_json(instance)
         live = self.manager.get_instance_metrics(instance.instance_id)
         entry["draining"] = live["draining"]
+        entry["removing"] = live["removing"]
         return entry
 
     async def list_instances(self, request: web.Request) -> web.Response:
-        data = [self._instance_entry(i) for i in self.manager.get_instances()]
+        data = [self._instance_entry(i) for i in self.manager.get_instances(removing=True)]
         return web.json_response({"object": "list", "data": data})
 
     def parse_instance(self, body: dict[str, Any]) -> ExecutionInstance:
@@ -167,18 +167,13 @@ class AdminRoutes:
             self.manager.register_instance(instance)  # checked as a config file's entry
         return web.json_response(self._instance_entry(instance), status=201)
 
-    def _known(self, instance_id: str) -> None:
-        if not any(i.instance_id == instance_id for i in self.manager.get_instances()):
-            raise InstanceNotFoundError(f"no instance {instance_id!r} is registered")
-
     async def drain_instance(self, request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
         raw = await read_body(request, self.read_timeout_s)
         drain = True
         if raw.strip():
             drain = validate(DrainRequest, json_object(raw)).drain
-        self._known(instance_id)
-        self.manager.drain_instance(instance_id, drain)
+        self.manager.drain_instance(instance_id, drain)  # 404 unknown, 409 being removed
         return web.json_response({"instance_id": instance_id, "draining": drain})
 
     async def remove_instance(self, request: web.Request) -> web.Response:
@@ -205,7 +200,7 @@ class AdminRoutes:
     def _instance_metrics(self) -> dict[str, Any]:
         return {
             i.instance_id: to_jsonable(self.manager.get_instance_metrics(i.instance_id))
-            for i in self.manager.get_instances()
+            for i in self.manager.get_instances(removing=True)
         }
 
     async def status(self, request: web.Request) -> web.Response:
