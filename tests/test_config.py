@@ -513,6 +513,8 @@ def test_bad_port(line: str, message: str) -> None:
         ("tensor_parallel_size = 0", "tensor_parallel_size", "must be >= 1"),
         ('host = "http://localhost"', "host", "not a URL"),
         ('host = ""', "host", "must not be empty"),
+        ('host = "local\\u0007host"', "host", "must not contain control characters"),
+        ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),
         ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
         ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),
         ('scheme = "ftp"', "scheme", "unknown value"),

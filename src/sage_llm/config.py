@@ -160,7 +160,7 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     table = {name: getattr(instance, name) for name in _INSTANCE_FIELDS}
     for name in _NOT_NONE:
         if table[name] is None:
-            problems.add((name,), "must not be None")
+            problems.add((name,), "must not be None (null)")
     metadata: object = instance.metadata
     if isinstance(metadata, Mapping):
         table.update((key, metadata[key]) for key in _SIM_METADATA if key in metadata)

@@ -71,7 +71,14 @@ def _check_host(value: str) -> str | None:
         return "must be a host name or address, not a URL (set scheme separately)"
     if any(c.isspace() for c in value):
         return "must not contain spaces"
-    return None
+    return _check_printable(value)
+
+
+def _check_printable(value: str) -> str | None:
+    """Names shown in logs, metric labels and model lists: no control characters."""
+    if value.isprintable():
+        return None
+    return f"must not contain control characters, got {value!r}"
 
 
 def _check_service_type(value: str) -> str | None:
@@ -127,7 +134,7 @@ def default_sim_model(model_name: str) -> str:
 _PORT = rule(ge=1, le=65535)
 _COUNT = rule(ge=1)
 _POSITIVE = rule(gt=0)
-_ID = rule(nonempty=True)
+_ID = rule(nonempty=True, check=_check_printable)
 _ENV = rule(nonempty=True, check=_check_env_name)
 
 

@@ -88,7 +88,7 @@ class ExecutionInstanceType(enum.Enum):
         aliases = {"prefill": cls.PREFILLING, "decode": cls.DECODING, "mixed": cls.HYBRID}
         if text.lower() in aliases:
             return aliases[text.lower()]
-        names = ", ".join(m.name for m in cls)
+        names = "general, prefilling (or prefill), decoding (or decode), hybrid (or mixed)"
         raise ValueError(f"invalid instance_type {value!r}; expected one of {names}")
 
     @property

@@ -79,6 +79,12 @@ async def test_list_add_and_duplicate_instances() -> None:
         assert "engine-secret" not in text
 
 
+_DEFAULTED = (
+    "engine", "instance_type", "max_concurrent_requests", "tensor_parallel_size", "metadata",
+    "pipeline_parallel_size",
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("spec", "param"),
     [
@@ -137,6 +143,14 @@ async def test_list_add_and_duplicate_instances() -> None:
         (
             {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "current_load": "x"},
             "current_load",
+        ),
+        # names that reach logs, metric labels and model lists: no control characters
+        ({"instance_id": "x", "host": "h", "port": 1, "model_name": 'm"1\n'}, "model_name"),
+        ({"instance_id": "x\u0010", "host": "h", "port": 1, "model_name": "m"}, "instance_id"),
+        ({"instance_id": "x", "host": "h\u0010", "port": 1, "model_name": "m"}, "host"),
+        *(  # null for a field with a default: as the OpenAPI document says, not nullable
+            ({"instance_id": "x", "host": "h", "port": 1, "model_name": "m", key: None}, key)
+            for key in _DEFAULTED
         ),
     ],
 )

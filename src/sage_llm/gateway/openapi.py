@@ -37,6 +37,7 @@ _ERROR_TEXT = {
     "401": "Missing or invalid API key / admin token.",
     "403": "Admin API: wrong admin token, or a non-loopback client without one configured.",
     "404": "Unknown model, instance, policy or route.",
+    "408": "The request did not arrive whole within read_timeout_s of its first byte.",
     "409": "Conflict: an instance id or request id in use, or an instance already being removed.",
     "413": "Request body too large.",
     "429": "Queue full or deadline infeasible; see the Retry-After header.",
@@ -96,8 +97,8 @@ def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, An
 
 _REQUEST_ID = _header(
     "x-request-id",
-    "Request id (echoed back; generated when absent).",
-    {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{1,128}$"},
+    "Request id (echoed back; generated when absent or empty; 400 when malformed).",
+    {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{0,128}$"},
 )
 _GENERATION_HEADERS = [
     _REQUEST_ID,
@@ -139,7 +140,9 @@ def _generation(summary: str, request: str, response: str, op: str) -> dict[str,
             },
             "responses": {
                 "200": ok,
-                **_errors("400", "401", "404", "409", "413", "429", "500", "502", "503", "504"),
+                **_errors(
+                    "400", "401", "404", "408", "409", "413", "429", "500", "502", "503", "504"
+                ),
             },
         }
     }
@@ -185,7 +188,10 @@ def _admin(
         "tags": ["admin"],
         "security": _ADMIN,
         "parameters": params,
-        "responses": {ok: _json("AdminObject", "Done."), **_errors("401", "403", *errors)},
+        "responses": {
+            ok: _json("AdminObject", "Done."),
+            **_errors(*sorted({"400", "401", "403", *errors})),
+        },
     }
     if request is not None:
         out["requestBody"] = {
@@ -227,7 +233,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json("EmbeddingResponse", "The embeddings."),
-                    **_errors("400", "401", "404", "413", "500", "502", "503", "504"),
+                    **_errors("400", "401", "404", "408", "413", "500", "502", "503", "504"),
                 },
             }
         },
@@ -238,6 +244,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 _json("ModelList", "One card per served model."),
                 ["openai"],
                 _USER,
+                "400",
                 "401",
             )
         },
@@ -249,6 +256,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                     _json("ModelCard", "The card."),
                     ["openai"],
                     _USER,
+                    "400",
                     "401",
                     "404",
                 ),
@@ -300,6 +308,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 "Register an instance",
                 "InstanceSpec",
                 "400",
+                "408",
                 "409",
                 "413",
                 ok="201",
@@ -313,6 +322,9 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 "DrainRequest",
                 "400",
                 "404",
+                "408",
+                "409",
+                "413",
                 path_param=True,
             ),
         },
@@ -335,6 +347,8 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 "SetPolicyRequest",
                 "400",
                 "404",
+                "408",
+                "413",
             ),
         },
         "/admin/status": {"get": _admin("get", "status", "Control plane status", None)},

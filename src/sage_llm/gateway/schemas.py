@@ -334,13 +334,13 @@ class InstanceSpec(BaseModel):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     model_name: str = Field(min_length=1)
-    instance_type: str | None = Field(
-        None, description="general, prefilling, decoding or hybrid (also prefill/decode)."
+    instance_type: str = Field(
+        "general", description="general, prefilling, decoding or hybrid (also prefill/decode)."
     )
-    engine: str | None = Field(None, description="vllm, sglang, openai or sim.")
-    max_concurrent_requests: int | None = Field(None, ge=1)
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    metadata: dict[str, Any] | None = None
+    engine: str = Field("vllm", description="vllm, sglang, openai or sim.")
+    max_concurrent_requests: int = Field(100, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class DrainRequest(BaseModel):
