@@ -1584,6 +1584,19 @@ def test_queued_requests_failed_when_every_instance_drains_leave_the_queue_depth
     run_virtual(main())
 
 
+def test_every_registered_instance_has_its_gauges_before_its_first_request() -> None:
+    async def main() -> None:
+        cp = _manager(2)
+        async with cp:
+            text = cp.prometheus_metrics().decode()
+        for iid in ("sim-0", "sim-1"):
+            for gauge in ("in_flight", "healthy", "draining"):
+                assert f'sage_llm_instance_{gauge}{{instance_id="{iid}"}}' in text, (gauge, iid)
+        assert 'sage_llm_instance_in_flight{instance_id="sim-0"} 0.0' in text
+
+    run_virtual(main())
+
+
 def _queue_depth(cp: ControlPlaneManager) -> float:
     [line] = [
         line

@@ -1158,6 +1158,7 @@ class ControlPlaneManager:
             metrics.instance_healthy.labels(instance_id=iid).set(1.0 if state.healthy else 0.0)
             draining = state.draining or state.removed
             metrics.instance_draining.labels(instance_id=iid).set(1.0 if draining else 0.0)
+            metrics.set_in_flight(iid, state.in_flight)  # a series from its registration on
         return metrics.exposition()
 
     @property
