@@ -74,6 +74,25 @@ def test_half_open_failure_reopens_with_doubled_capped_cooldown() -> None:
     assert b.open_until == pytest.approx(14.0)  # closed for 3 s: back to the base
 
 
+def test_the_cool_down_grows_in_every_episode_however_long_ago_the_last_one_was() -> None:
+    """An episode begins when a breaker that stayed closed a while opens; its failed trials
+    then double the cool-down, though the breaker was last closed long before them."""
+    b = CircuitBreaker(
+        BreakerSettings(failure_threshold=1, base_cooldown_s=1.0, max_cooldown_s=30.0)
+    )
+    b.record_failure(0.0)
+    b.poll(1.0)
+    b.record_success(1.0)  # closed again: the first episode is over
+    now, cooldowns = 100.0, []
+    b.record_failure(now)  # a new outage, long after: a new episode, from the base
+    for _ in range(7):
+        cooldowns.append(b.open_until - now)
+        now = b.open_until
+        b.poll(now)
+        b.record_failure(now)  # its trial fails
+    assert cooldowns == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+
+
 def test_a_breaker_requests_opened_is_closed_by_a_request_not_a_probe() -> None:
     b = CircuitBreaker(BreakerSettings(failure_threshold=2))
     b.record_failure(0.0, "HTTP 500", request=True)

@@ -157,14 +157,21 @@ class CircuitBreaker:
         return float(min(s.max_cooldown_s, s.base_cooldown_s * 2 ** max(self.opens - 1, 0)))
 
     def _move(self, state: CircuitState, now: float) -> CircuitState:
-        self.trial_failed = self.state is CircuitState.HALF_OPEN and state is CircuitState.OPEN
+        before = self.state
+        self.trial_failed = before is CircuitState.HALF_OPEN and state is CircuitState.OPEN
         self.state = state
         self.transitions += 1
         self.changed_at = now
         if state is CircuitState.OPEN:
             closed_at = self.closed_at
-            if closed_at is not None and now - closed_at >= self.settings.max_cooldown_s:
-                self.opens = 0  # it had stayed closed a while: a new episode
+            if (
+                before is CircuitState.CLOSED
+                and closed_at is not None
+                and now - closed_at >= self.settings.max_cooldown_s
+            ):
+                # it had stayed closed a while: a new episode (a failed trial is not one,
+                # however long ago the breaker was last closed)
+                self.opens = 0
             self.opens += 1
             self.open_until = now + self.cooldown_s()
             self.trial_successes = 0
