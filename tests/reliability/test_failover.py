@@ -180,6 +180,32 @@ def test_a_call_on_an_ejected_instance_that_no_other_can_take_fails_at_once() ->
     run_virtual(main())
 
 
+def test_a_stream_under_way_on_an_engine_that_froze_fails_after_its_trial() -> None:
+    """The engine hangs mid-stream, its probes too, and no idle limit is set (the
+    default): the stream, which cannot move (its client has output), ends with the
+    ejection as its reason once the engine's trial after its cool-down has failed too,
+    not at the request's time limit."""
+
+    async def main() -> None:
+        async with _fleet("hang=2") as cp:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            chunks = []
+            with pytest.raises(EngineError, match="instance sim-0 was ejected") as info:
+                async for chunk in cp.stream(_meta(0, max_tokens=16)):  # on sim-0 (first)
+                    chunks.append(chunk)
+            took = loop.time() - started
+            assert info.value.instance_id == "sim-0"
+            assert len(chunks) == 2  # what the engine sent before it froze
+            res = await cp.wait_for_result("r0")
+            assert (res.status, res.instance_id, res.attempts) == (
+                RequestStatus.FAILED, "sim-0", 1,
+            )  # fmt: skip
+            assert took < 10.0  # two ejections and a cool-down, not a request time limit
+
+    run_virtual(main())
+
+
 def test_max_queue_wait_fails_old_queued_requests() -> None:
     async def main() -> None:
         async with _fleet("slow=50", max_queue_wait_s=0.5) as cp:

@@ -1235,8 +1235,10 @@ class Dispatcher:
         trial failed: it is down, or hung) and the call has had no token meanwhile, the call
         fails with the ejection as its reason (a 502), rather than wait on that engine
         until the request's time limit (600 s by default). A call that has delivered
-        output stays (its first token and idle limits still apply), as do one whose answer
-        is whole and a disaggregated request whose prefill leg on ``instance_id`` is over.
+        output (a stream under way) is never moved, but is failed the same way: a stream
+        on an engine that froze ends with an error event once the engine's trial after its
+        cool-down fails, not at the request's time limit. One whose answer is whole stays,
+        as does a disaggregated request whose prefill leg on ``instance_id`` is over.
         Returns how many calls were moved or failed."""
         current = asyncio.current_task()
         transitions = self.registry.get(instance_id).breaker.transitions
@@ -1246,7 +1248,6 @@ class Dispatcher:
             task = rec.task
             if (
                 (status is not RequestStatus.RUNNING and status is not RequestStatus.SCHEDULED)
-                or rec.delivered
                 or rec.finish_reason is not None  # its answer is whole: only its end is left
                 or rec.cancel_requested
                 or rec.evicted is not None
@@ -1259,8 +1260,10 @@ class Dispatcher:
                 run = self._pd_runs.get(rec.request_id)
                 if run is None or run.prefill.instance_id != instance_id or not run.prefill_open:
                     continue
-            if rec.attempts > self.max_retries or not self._servable(
-                rec.info.model, rec.info.excluded_instances | {instance_id}
+            if (
+                rec.delivered  # its consumer has output: it can only end here
+                or rec.attempts > self.max_retries
+                or not self._servable(rec.info.model, rec.info.excluded_instances | {instance_id})
             ):
                 produced = rec.completion_tokens
                 # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed; and no token
@@ -1268,7 +1271,7 @@ class Dispatcher:
                 if rec.stranded != (instance_id, transitions - 2, produced):
                     rec.stranded = (instance_id, transitions, produced)  # it stays
                     continue
-                failed += 1  # down past its cool-down: fail it (no instance to move it to)
+                failed += 1  # down past its cool-down: fail it (nowhere to move it to)
             else:
                 moved += 1
             rec.evicted = EngineError(
@@ -1282,7 +1285,8 @@ class Dispatcher:
         if failed:
             log.warning(
                 "failing %d request(s) on instance %s: ejected again after its cool-down, "
-                "and no other instance can take them", failed, instance_id,
+                "and they cannot move (streams under way, or no other instance can take "
+                "them)", failed, instance_id,
             )  # fmt: skip
         return moved + failed
 
