@@ -93,6 +93,24 @@ def test_the_cool_down_grows_in_every_episode_however_long_ago_the_last_one_was(
     assert cooldowns == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
 
 
+def test_a_breaker_requests_opened_sends_no_trial_request_until_a_probe_passes() -> None:
+    """Its engine went down after its requests opened it: while its probes fail, each
+    cool-down ends in a failed probe, not in a client request sent there to fail."""
+    b = CircuitBreaker(BreakerSettings(failure_threshold=1, base_cooldown_s=1.0))
+    b.record_failure(0.0, "HTTP 500", request=True)
+    now = b.open_until
+    for cooldown in (2.0, 4.0):
+        assert b.poll(now) is CircuitState.HALF_OPEN
+        assert not b.routable  # no trial request before a probe has passed
+        assert b.record_failure(now, "connection refused") is CircuitState.OPEN  # a probe
+        assert b.open_until - now == pytest.approx(cooldown)
+        now = b.open_until
+    b.poll(now)
+    assert b.record_success(now) is None  # a probe passes: requests still decide
+    assert (b.state, b.routable) == (CircuitState.HALF_OPEN, True)
+    assert b.record_success(now, request=True) is CircuitState.CLOSED
+
+
 def test_a_breaker_requests_opened_is_closed_by_a_request_not_a_probe() -> None:
     b = CircuitBreaker(BreakerSettings(failure_threshold=2))
     b.record_failure(0.0, "HTTP 500", request=True)
@@ -332,6 +350,9 @@ def test_half_open_admits_one_trial_request() -> None:
             state.breaker.force_open(cp.clock.now(), "HTTP 500", request=True)
             state.breaker.poll(state.breaker.open_until)
             assert state.breaker.state is CircuitState.HALF_OPEN
+            assert not state.view().healthy  # not before a probe has passed
+            state.breaker.record_success(cp.clock.now())  # a probe
+            assert state.breaker.state is CircuitState.HALF_OPEN  # requests decide
             view = state.view()
             assert view.healthy and view.max_concurrency == 1
             # opened by probes instead: no request until a probe passes

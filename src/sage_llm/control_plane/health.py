@@ -112,9 +112,12 @@ class CircuitBreaker:
     ``rate_window`` outcomes: a share of failures of at least ``failure_rate`` in it opens
     the breaker though successes came between them (an engine failing part of its
     requests). A breaker opened by requests is closed again only by requests (the trials
-    of its half-open state): an engine whose probes pass while its requests fail (a gray
-    failure) stays out, with a cool-down that grows at each opening. One opened by probes
-    is judged by probes alone: half-open, it takes no request until a probe has passed.
+    of its half-open state), and takes them only once a probe has passed since its
+    cool-down ended: an engine whose probes pass while its requests fail (a gray failure)
+    stays out, with a cool-down that grows at each opening, and no client request is
+    sent as a trial to an engine that does not even answer its probes. One opened by
+    probes is judged by probes alone: half-open, it takes no request until a probe has
+    passed.
     The cool-down goes back to its base once the breaker has stayed closed for
     ``max_cooldown_s``."""
 
@@ -134,6 +137,9 @@ class CircuitBreaker:
         self.last_failure: str | None = None
         self.by_requests = False
         """Whether requests' failures opened it: then only a request's success closes it."""
+        self.probe_passed = False
+        """Whether a probe has passed since the breaker last went half-open (a breaker
+        requests opened takes its trial requests only then)."""
         self._window: deque[bool] = deque(maxlen=self.settings.rate_window)
         self._window_failures = 0
 
@@ -148,7 +154,7 @@ class CircuitBreaker:
         request (when requests opened it; probes judge the others)."""
         state = self.state
         return state is CircuitState.CLOSED or (
-            state is CircuitState.HALF_OPEN and self.by_requests
+            state is CircuitState.HALF_OPEN and self.by_requests and self.probe_passed
         )
 
     def cooldown_s(self) -> float:
@@ -162,6 +168,7 @@ class CircuitBreaker:
         self.state = state
         self.transitions += 1
         self.changed_at = now
+        self.probe_passed = False
         if state is CircuitState.OPEN:
             closed_at = self.closed_at
             if (
@@ -221,6 +228,7 @@ class CircuitBreaker:
             self._note(True)
         else:
             self._probe_failures = 0
+            self.probe_passed = self.state is CircuitState.HALF_OPEN
         if self.state is CircuitState.HALF_OPEN and (request or not self.by_requests):
             self.trial_successes += 1
             if self.trial_successes >= self.settings.recovery_threshold:
@@ -439,6 +447,9 @@ class HealthMonitor:
         breaker = state.breaker
         if ok:
             self._apply(state, breaker.record_success(now))
+            if state.healthy != breaker.routable:  # a trial request may go there now
+                self._publish(state)
+                self._on_change()
         elif first:  # never seen healthy: out at once, not after failure_threshold probes
             self._apply(state, breaker.force_open(now, why), why=f"{why} (its first probe)")
             self._apply(state, breaker.record_failure(now, why))

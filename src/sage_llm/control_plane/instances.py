@@ -180,7 +180,8 @@ class InstanceState:
         stats = self.last_stats
         return (
             inst, inst.is_healthy, inst.is_available, inst.max_concurrent_requests,
-            self.healthy, self.draining, self.removed, self.breaker.state, self.in_flight,
+            self.healthy, self.draining, self.removed, self.breaker.state,
+            self.breaker.probe_passed, self.in_flight,
             self.queued_prefill_tokens, self.outstanding_decode_tokens, stats,
             self.est_ttft_base_s, self.est_s_per_prefill_token, self.est_tpot_s,
         )  # fmt: skip
