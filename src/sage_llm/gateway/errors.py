@@ -144,10 +144,14 @@ def internal_error_response() -> web.Response:
 def log_failure(exc: SageLLMError, request_id: str) -> None:
     """Log why a request failed (the access line gives only the status), with its id as
     the record's ``request_id`` (a field of its own in JSON logs): on the fleet's side (a
-    5xx: an engine failed, no instance was healthy, a deadline passed, the control plane
-    stopped) as a warning, as a stream's error event is logged; the client's (a 4xx: a bad
-    field, an unknown model, an engine's refusal of the request …) at INFO."""
-    level = logging.WARNING if exc.http_status >= 500 else logging.INFO
+    5xx: an engine failed, a deadline passed, the control plane stopped) as a warning, as
+    a stream's error event is logged; the client's (a 4xx: a bad field, an unknown model,
+    an engine's refusal of the request …) at INFO, and so a 503 for want of a healthy
+    instance: in an outage every request gets one, and the outage itself is logged once,
+    as it happens (ejections, drains), and counted in
+    ``sage_llm_requests_rejected_total``."""
+    fleet = exc.http_status >= 500 and not isinstance(exc, NoHealthyInstanceError)
+    level = logging.WARNING if fleet else logging.INFO
     if log.isEnabledFor(level):
         log.log(
             level, "request %s failed (%d %s): %s", request_id, exc.http_status,
