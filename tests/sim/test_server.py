@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -236,6 +237,31 @@ async def test_client_disconnect_closes_engine_iterator(http: aiohttp.ClientSess
     finally:
         fake.release.set()
         await runner.cleanup()
+
+
+async def test_a_client_gone_before_the_first_chunk_is_not_an_error_in_the_log(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that moved the call elsewhere while this engine was stopped, say: the
+    engine call ends, and nothing is logged as an error (also when the first chunk and
+    the connection's end come in one turn of the loop, which this test cannot time)."""
+    fake = FakeEngine(gate_after=0)
+    runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        body = {"prompt": "x", "max_tokens": 5, "stream": True}
+        task = asyncio.create_task(http.post(f"http://127.0.0.1:{port}/v1/completions", json=body))
+        await asyncio.wait_for(fake.gated.wait(), timeout=10)
+        task.cancel()  # the client goes before any byte of the answer
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        fake.release.set()
+        await asyncio.wait_for(fake.aborted_event.wait(), timeout=10)
+        await asyncio.sleep(0.05)
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --- PD legs ------------------------------------------------------------------------------

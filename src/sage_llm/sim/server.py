@@ -441,7 +441,13 @@ class _EngineServer:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
             tcp_nodelay(request.transport)
-            await resp.prepare(request)
+            try:
+                await resp.prepare(request)
+            except ConnectionResetError:
+                # the client went before the answer began: its connection was closed in
+                # the same turn of the loop as the first chunk came (the cancellation
+                # of this handler, which would have come next, is the usual way)
+                return resp
             await self._relay(request, resp, it, chunk, parsed, fmt, arrival)
             return resp
         finally:
