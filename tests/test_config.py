@@ -532,6 +532,29 @@ def test_instance_value_errors(replacement: str, key: str, message: str) -> None
     assert message in err.message
 
 
+def test_a_document_nested_too_deeply_is_one_error_not_a_traceback() -> None:
+    deep = "{a = " * 600 + "1" + "}" * 600
+    err = problem(f"[services.llm_control_plane]\npolicy_params = {deep}\n")
+    assert str(err) == "cfg.toml: tables or arrays nested too deeply to read"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ("[simulation]\ninstances = 50001\n", "simulation.instances", "must be <= 50000"),
+        (
+            "[services.llm_control_plane]\nprefix_index_capacity = 10000000000000\n",
+            "services.llm_control_plane.prefix_index_capacity",
+            "must be <= 16777216",
+        ),
+    ],
+)
+def test_sizes_that_could_not_be_served_are_refused(text: str, key: str, message: str) -> None:
+    err = problem(text)
+    assert (err.key, err.location) == (key, "cfg.toml:2")
+    assert message in err.message
+
+
 def test_simulator_name_errors_name_the_key_once() -> None:
     err = problem(SEED.replace("tensor_parallel_size = 1", 'sim_gpu = "tpu"'))
     assert str(err).startswith(
@@ -562,6 +585,8 @@ def test_a_simulated_engine_that_cannot_start_is_refused_with_its_line() -> None
     assert parse_config(fits, "cfg.toml", env={}).control_plane.instances[1].engine == "sim"
     err = problem(entry.replace("tensor_parallel_size = 1", "tensor_parallel_size = 3"))
     assert "does not divide Llama-3-70B's 64 attention heads" in err.message
+    err = problem(entry.replace("tensor_parallel_size = 1", "pipeline_parallel_size = 81"))
+    assert "pipeline-parallel size 81 is more than Llama-3-70B's 80 layers" in err.message
     # in mode = "simulated", every instance's engine is simulated: judged the same way
     simulated = entry.replace('engine = "sim"', "").replace(
         "[services.llm_control_plane]\n", '[services.llm_control_plane]\nmode = "simulated"\n'

@@ -995,7 +995,7 @@ def _is_launch_file(path: Path) -> bool:
         return True
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return False  # check_config reports it
     return "launch" in data
 

@@ -39,7 +39,7 @@ from sage_llm.config_fields import (
     read_params,
     suggest,
 )
-from sage_llm.config_locate import KeyLocator, KeyPath, Problems, syntax_error
+from sage_llm.config_locate import TOO_DEEP, KeyLocator, KeyPath, Problems, syntax_error
 from sage_llm.config_schema import (
     DEFAULT_SIM_MODEL,
     ENGINES,
@@ -284,10 +284,12 @@ def _parse(
     try:
         data = tomllib.loads(text)
         locator = KeyLocator(text)
+        problems = Problems(source, locator)
+        config = _build(data, problems, env, bare=False)
     except tomllib.TOMLDecodeError as exc:
         return None, [syntax_error(exc, source, text.count("\n") + 1)]
-    problems = Problems(source, locator)
-    config = _build(data, problems, env, bare=False)
+    except RecursionError:
+        return None, [ConfigError(TOO_DEEP, location=source)]
     return config, problems.sorted()
 
 

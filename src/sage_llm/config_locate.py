@@ -240,6 +240,10 @@ def _escaped(text: str, index: int) -> bool:
     return backslashes % 2 == 1
 
 
+TOO_DEEP = "tables or arrays nested too deeply to read"
+"""The error of a document nested deeper than the reader's recursion allows."""
+
+
 def syntax_error(exc: tomllib.TOMLDecodeError, source: str, line_count: int) -> ConfigError:
     """A TOML syntax error as a :class:`ConfigError` located at ``source:line``."""
     message = str(exc)

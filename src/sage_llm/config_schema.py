@@ -133,6 +133,12 @@ def default_sim_model(model_name: str) -> str:
 
 _PORT = rule(ge=1, le=65535)
 _COUNT = rule(ge=1)
+MAX_SIM_INSTANCES = 50_000
+"""The most instances a ``[simulation]`` table may ask for (their nominal ports, 8100 + i,
+stay below 65536)."""
+MAX_PREFIX_INDEX_CAPACITY = 1 << 24
+"""The most blocks a prefix index may be set to remember (about 1.3 GB, allocated at
+start: a larger figure is a typo more likely than a plan)."""
 _POSITIVE = rule(gt=0)
 _ID = rule(nonempty=True, check=_check_printable)
 _ENV = rule(nonempty=True, check=_check_env_name)
@@ -247,7 +253,7 @@ class ControlPlaneConfig:
     stats_interval_s: float = opt(1.0, _POSITIVE)
     health_interval_s: float = opt(5.0, _POSITIVE)
     prefix_block_size: int = opt(16, _COUNT)
-    prefix_index_capacity: int = opt(32_768, _COUNT)
+    prefix_index_capacity: int = opt(32_768, rule(ge=1, le=MAX_PREFIX_INDEX_CAPACITY))
     seed: int | None = None
     # request defaults of the SAGE services (SERVICE_DEFAULT_KEYS)
     default_priority: RequestPriority | None = None
@@ -349,7 +355,7 @@ class AdmissionConfig:
 class SimulationConfig:
     """``[simulation]``: the simulated fleet used when no instances are configured."""
 
-    instances: int = opt(4, _COUNT)
+    instances: int = opt(4, rule(ge=1, le=MAX_SIM_INSTANCES))
     model: str = opt(DEFAULT_SIM_MODEL, rule(nonempty=True, check=_check_model))
     gpu: str = opt("h100", rule(nonempty=True, check=_check_gpu))
     speed: float = opt(1.0, _POSITIVE)

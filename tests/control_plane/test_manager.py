@@ -1637,6 +1637,7 @@ def test_policy_and_routing_names_are_read_as_config_files_read_them(given: str,
         ({"health_interval_s": -1.0}, "health_interval_s"),
         ({"prefix_block_size": 0}, "prefix_block_size"),
         ({"prefix_index_capacity": 0}, "prefix_index_capacity"),
+        ({"prefix_index_capacity": 1 << 25}, "prefix_index_capacity"),
         ({"max_queue_wait_s": 0.0}, "max_queue_wait_s"),
     ],
 )

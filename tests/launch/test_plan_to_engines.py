@@ -221,6 +221,9 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"model": "x"}))
     with pytest.raises(ConfigError, match="needs an 'instances' list"):
         load_plan_file(tmp_path / "bad.json")
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply to read"):
+        load_plan_file(tmp_path / "deep.json")
     # what its simulated engines would be is checked before any starts
     for change, message in (
         ({"model": "gpt-4"}, "unknown model 'gpt-4'"),

@@ -33,7 +33,14 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from sage_llm.config_fields import opt, read_dataclass, rule
-from sage_llm.config_locate import KeyLocator, KeyPath, Problems, format_key, syntax_error
+from sage_llm.config_locate import (
+    TOO_DEEP,
+    KeyLocator,
+    KeyPath,
+    Problems,
+    format_key,
+    syntax_error,
+)
 from sage_llm.control_plane.parallelism import (
     GPUAllocation,
     Plan,
@@ -510,6 +517,8 @@ def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstan
         data = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"cannot read plan: {exc}", location=str(path)) from None
+    except RecursionError:
+        raise ConfigError(f"cannot read plan: {TOO_DEEP}", location=str(path)) from None
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
         raise ConfigError("a plan needs an 'instances' list", location=str(path))
     p = Problems(str(path))
@@ -813,6 +822,8 @@ def load_launch_config(
         locator = KeyLocator(text)
     except tomllib.TOMLDecodeError as exc:
         raise syntax_error(exc, str(path), text.count("\n") + 1) from None
+    except RecursionError:
+        raise ConfigError(TOO_DEEP, location=str(path)) from None
     p = Problems(str(path), locator)
     config = _from_document(doc, path.parent, p)
     _raise(p)

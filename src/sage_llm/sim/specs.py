@@ -307,10 +307,16 @@ def tp_problem(model: ModelSpec, tp: int) -> str | None:
 
 def placement_problem(model: str, gpu: str, *, tp: int = 1, pp: int = 1) -> str | None:
     """Why a simulated engine of ``model`` on ``tp × pp`` ``gpu``s cannot start (an unknown
-    name, a TP size vLLM refuses, weights that leave no room for the KV cache), or None."""
+    name, a TP size vLLM refuses, more pipeline stages than layers, weights that leave no
+    room for the KV cache), or None."""
     try:
         spec = get_model(model)
         problem = tp_problem(spec, tp)
+        if problem is None and pp > spec.num_layers:
+            problem = (
+                f"pipeline-parallel size {pp} is more than {spec.name}'s {spec.num_layers} "
+                "layers (a stage needs one at least)"
+            )
         if problem is None:
             kv_capacity_blocks(spec, get_gpu(gpu), tp=tp, pp=pp)
     except ConfigError as exc:
