@@ -89,11 +89,12 @@ def make_instance(
     port: int = 8000,
     model_name: str = MODEL,
     instance_type: ExecutionInstanceType = ExecutionInstanceType.GENERAL,
+    host: str = "127.0.0.1",
     **kwargs: Any,
 ) -> ExecutionInstance:
     return ExecutionInstance(
         instance_id=instance_id,
-        host="127.0.0.1",
+        host=host,
         port=port,
         model_name=model_name,
         instance_type=instance_type,

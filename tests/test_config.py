@@ -514,6 +514,8 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "http://localhost"', "host", "not a URL"),
         ('host = ""', "host", "must not be empty"),
         ('host = "local\\u0007host"', "host", "must not contain control characters"),
+        ('host = "[::1]"', "host", "write an IPv6 address without brackets: '::1'"),
+        ('host = "127.0.0.1:8001"', "host", "without a port (set port separately)"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),
         ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
         ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),
@@ -553,6 +555,12 @@ def test_sizes_that_could_not_be_served_are_refused(text: str, key: str, message
     err = problem(text)
     assert (err.key, err.location) == (key, "cfg.toml:2")
     assert message in err.message
+
+
+def test_an_ipv6_address_is_a_host() -> None:
+    text = SEED.replace('host = "localhost"\nport = 8001', 'host = "::1"\nport = 8001')
+    [_, inst] = parse_config(text, "cfg.toml", env={}).control_plane.instances
+    assert (inst.host, inst.to_instance().base_url) == ("::1", "http://[::1]:8001")
 
 
 def test_simulator_name_errors_name_the_key_once() -> None:

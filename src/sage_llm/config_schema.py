@@ -9,6 +9,7 @@ Each field's :class:`~sage_llm.config_fields.Rule` says what its value must sati
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ def _check_host(value: str) -> str | None:
         return "must be a host name or address, not a URL (set scheme separately)"
     if any(c.isspace() for c in value):
         return "must not contain spaces"
+    if value.startswith("[") and value.endswith("]"):
+        return f"write an IPv6 address without brackets: {value[1:-1]!r}"
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            return "must be a host name or address without a port (set port separately)"
     return _check_printable(value)
 
 

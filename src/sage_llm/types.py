@@ -18,6 +18,11 @@ from typing import Any
 from sage_llm.fastinit import field_filler
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::1]:8000``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 class RequestPriority(enum.IntEnum):
     """Request priority. Lower value = more urgent."""
 
@@ -285,7 +290,7 @@ class ExecutionInstance:
 
     @property
     def base_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        return f"{self.scheme}://{host_port(self.host, self.port)}"
 
     @property
     def available_capacity(self) -> float:

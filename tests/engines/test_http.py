@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -785,3 +786,31 @@ def test_an_unset_temperature_or_top_p_is_left_to_the_engine() -> None:
     assert (given["temperature"], given["top_p"]) == (0.0, 0.5)
     assert "max_tokens" not in client.request_body(completion_req(send_max_tokens=False))
     assert client.request_body(completion_req(max_tokens=9))["max_tokens"] == 9
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_an_engine_at_an_ipv6_address_is_reached(
+    session: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    runner, port = await start_engine_server(
+        fake, model_name=MODEL, host="::1", shutdown_timeout=1.0
+    )
+    try:
+        inst = make_instance("eng-6", host="::1", port=port, model_name=MODEL)
+        assert inst.base_url == f"http://[::1]:{port}"
+        client = HTTPEngineClient(inst, session)
+        assert await client.health()
+        chunks = await collect(client, completion_req(max_tokens=3))
+        assert "".join(c.text for c in chunks) == " w0 w1 w2"
+        assert (await client.complete(completion_req(request_id="r2")))[-1].finish_reason
+    finally:
+        await runner.cleanup()

@@ -31,6 +31,7 @@ from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
 from sage_llm.gateway.observe import REQUEST_ID_HEADER, new_request_id
 from sage_llm.gateway.settings import GatewaySettings
 from sage_llm.httpserve import new_runner
+from sage_llm.types import host_port
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -286,7 +287,7 @@ async def run_gateway(
                 app, bind_host, bind_port, shutdown_timeout_s=shutdown_timeout_s
             )
             try:
-                log.info("gateway listening on http://%s:%d", bind_host, bound)
+                log.info("gateway listening on http://%s", host_port(bind_host, bound))
                 open_to_all = not (gateway.api_keys or gateway.api_keys_env)
                 if open_to_all and bind_host != "localhost" and not is_loopback(bind_host):
                     log.warning(

@@ -56,7 +56,7 @@ from sage_llm.control_plane.pd.orchestrator import Member, unservable_reason
 from sage_llm.control_plane.topology import InstanceTopology, Topology
 from sage_llm.errors import ConfigError, raise_problems
 from sage_llm.sim.specs import get_gpu, get_model
-from sage_llm.types import ExecutionInstance, ExecutionInstanceType
+from sage_llm.types import ExecutionInstance, ExecutionInstanceType, host_port
 
 __all__ = [
     "ENGINE_KINDS",
@@ -187,7 +187,7 @@ class EngineLaunch:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{host_port(self.host, self.port)}"
 
     @property
     def side_channel_ports(self) -> range:

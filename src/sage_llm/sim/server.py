@@ -84,7 +84,7 @@ from sage_llm.sim.server_requests import (
     parse_request,
     prompt_token_ids,
 )
-from sage_llm.types import ExecutionInstanceType
+from sage_llm.types import ExecutionInstanceType, host_port
 
 _log = logging.getLogger(__name__)
 _PIECE_CACHE_LIMIT = 1 << 16
@@ -344,9 +344,8 @@ class _EngineServer:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.bootstrap_wait_s + 10.0)
             )
-        netloc = f"[{boot.host}]" if ":" in boot.host else boot.host
         path = BOOTSTRAP_PATH.format(room=boot.room)
-        url = f"http://{netloc}:{boot.port}{path}"
+        url = f"http://{host_port(boot.host, boot.port)}{path}"
         try:
             async with self._session.get(
                 url, params={"timeout_s": repr(self.bootstrap_wait_s)}

@@ -17,6 +17,7 @@ from sage_llm.errors import (
     InvalidRequestError,
 )
 from sage_llm.sim.server_requests import is_int
+from sage_llm.types import host_port
 
 _log = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ class HTTPKVReleaser:
     async def _post(self, host: str, port: int, request_id: str) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        netloc = f"[{host}]" if ":" in host else host
-        url = f"http://{netloc}:{port}{KV_RELEASE_PATH}"
+        url = f"http://{host_port(host, port)}{KV_RELEASE_PATH}"
         try:
             async with self._session.post(url, json={"request_id": request_id}) as resp:
                 await resp.read()
