@@ -70,7 +70,12 @@ def listening() -> Iterator[int]:
     ("argv", "message"),
     [
         (["serve", "--port", "99999"], "Invalid value for '--port': must be a port number"),
-        (["serve", "--port", "-1"], "must be a port number (1-65535), got -1"),
+        (["serve", "--port", "-1"], "must be a port number (1-65535, or 0: any free one), got -1"),
+        (["serve", "--host", ""], "Invalid value for '--host': must not be empty (0.0.0.0 binds"),
+        (["serve", "--host", " "], "Invalid value for '--host': must not be empty"),
+        (["engine-sim", "--host", ""], "Invalid value for '--host': must not be empty"),
+        (["launch", "fleet.toml", "--host", ""], "Invalid value for '--host': must not be empty"),
+        (["serve", "--host", "http://x"], "must be a host name or address, got 'http://x'"),
         (["engine-sim", "--port", "0"], "Invalid value for '--port': must be a port number"),
         (["engine-sim", "--port", "65536"], "(1-65535), got 65536"),
         (["launch", "fleet.toml", "--port", "70000"], "Invalid value for '--port'"),
@@ -535,6 +540,16 @@ def test_topo_and_plan_read_the_json_topology_form(tmp_path: Path) -> None:
     assert output == (
         f"error: {as_json}: topology: invalid topology: gpus must be a list of objects, got 3\n"
     )
+
+
+def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> None:
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text('[services.llm_control_plane]\nscheduling_policy = "fifo"\n')
+    proc = run_cli("config", "check", "--print", str(cfg))
+    assert proc.returncode == 0
+    plane = json.loads(proc.stdout)["services"]["llm_control_plane"]
+    assert plane["scheduling_policy"] == "fifo"
+    assert proc.stderr == f"{cfg}: OK\n"
 
 
 def test_config_check_checks_a_launch_file_and_shows_its_engines(tmp_path: Path) -> None:

@@ -93,7 +93,23 @@ def _port(value: int | None) -> int | None:
 
 def _listen_port(value: int | None) -> int | None:
     """A port to listen on: 0 picks a free one (as the file's ``gateway.port = 0``)."""
-    return value if value == 0 else _port(value)
+    if value is not None and not 0 <= value <= 65535:
+        raise typer.BadParameter(
+            f"must be a port number (1-65535, or 0: any free one), got {value}"
+        )
+    return value
+
+
+def _bind_host(value: str | None) -> str | None:
+    """An address to bind: not empty (an empty one would bind every interface, as an
+    unset shell variable in ``--host "$HOST"`` would ask by accident)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter(
+            "must not be empty (0.0.0.0 binds every interface, if that is what you want)"
+        )
+    if value is not None and (value != value.strip() or "://" in value or "/" in value):
+        raise typer.BadParameter(f"must be a host name or address, got {value!r}")
+    return value
 
 
 def _at_least_one(value: int | None) -> int | None:
@@ -244,10 +260,18 @@ def serve(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Cluster TOML (seed format).")
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (overrides the file).")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Bind address (overrides the file; default 127.0.0.1).", callback=_bind_host
+        ),
+    ] = None,
     port: Annotated[
         int | None,
-        typer.Option(help="Port (overrides the file; 0: any free port).", callback=_listen_port),
+        typer.Option(
+            help="Port (overrides the file; default 8080; 0: any free port).",
+            callback=_listen_port,
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
@@ -358,7 +382,7 @@ def engine_sim(
     model: Annotated[str, typer.Option(help="Simulated model (e.g. llama-3-8b).")] = "llama-3-8b",
     gpu: Annotated[str, typer.Option(help="Simulated GPU (h100, h200, a100, l40s, cpu).")] = "h100",
     port: Annotated[int, typer.Option(help="Port to listen on.", callback=_port)] = 8001,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind.", callback=_bind_host)] = "127.0.0.1",
     speed: Annotated[
         float,
         typer.Option(
@@ -626,10 +650,17 @@ def launch(
         typer.Option(help="Routing strategy (default: load_balanced).", callback=_maybe(_routing)),
     ] = None,
     host: Annotated[
-        str | None, typer.Option(help="Gateway bind address (default: 127.0.0.1).")
+        str | None,
+        typer.Option(
+            help="Gateway bind address (default: the file's [gateway] host, else 127.0.0.1).",
+            callback=_bind_host,
+        ),
     ] = None,
     port: Annotated[
-        int | None, typer.Option(help="Gateway port (default: 8080).", callback=_port)
+        int | None,
+        typer.Option(
+            help="Gateway port (default: the file's [gateway] port, else 8080).", callback=_port
+        ),
     ] = None,
     base_port: Annotated[
         int | None,
@@ -982,7 +1013,8 @@ def config_check(
         typer.echo(problem.message, err=True)
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"{file}: OK")
+    # with --print, standard output is the JSON alone (for jq and the like)
+    typer.echo(f"{file}: OK", err=print_config)
     if print_config:
         typer.echo(json.dumps(load_config(file).to_dict(), indent=2, default=str))
 
