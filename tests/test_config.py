@@ -1073,6 +1073,11 @@ def test_a_default_max_tokens_above_the_gateways_limit_is_refused() -> None:
     assert "20000 is above gateway.max_tokens_limit (100)" in err.message
     fine = text.replace("20000", "100")
     assert parse_config(fine).control_plane.default_max_tokens == 100
+    assert err.location == "cfg.toml:2"
+    # not written: the default (128) comes down to the limit, rather than be an error
+    # about a key the file does not have
+    implicit = "[gateway]\nmax_tokens_limit = 100\n"
+    assert parse_config(implicit).control_plane.default_max_tokens == 100
 
 
 def test_every_missing_secret_is_reported_at_once() -> None:

@@ -338,12 +338,16 @@ def _build(
         _check_not_the_gateway(cp, sections["gateway"], (*spath, "instances"), p)
     limit = sections["gateway"].max_tokens_limit
     if limit is not None and cp.default_max_tokens > limit:
-        p.add(
-            (*spath, "default_max_tokens"),
-            f"{cp.default_max_tokens} is above gateway.max_tokens_limit ({limit}): a request "
-            "without max_tokens would get more than the gateway lets a request ask for",
-        )
-        return None
+        if "default_max_tokens" not in service:  # its default: as much as the limit allows
+            cp = dataclasses.replace(cp, default_max_tokens=limit)
+        else:
+            p.add(
+                (*spath, "default_max_tokens"),
+                f"{cp.default_max_tokens} is above gateway.max_tokens_limit ({limit}): a "
+                "request without max_tokens would get more than the gateway lets a request "
+                "ask for",
+            )
+            return None
     return SageConfig(
         cp, sections["gateway"], health, admission, sections["simulation"], source=p.source
     )
