@@ -542,6 +542,23 @@ def test_topo_and_plan_read_the_json_topology_form(tmp_path: Path) -> None:
     )
 
 
+def test_serve_refuses_a_port_given_on_the_command_line_that_an_instance_has(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(
+        "[services.llm_control_plane]\n[[services.llm_control_plane.instances]]\n"
+        'instance_id = "a"\nhost = "localhost"\nport = 19206\nmodel_name = "m"\n'
+    )
+    code, output = invoke("serve", "--config", str(cfg), "--port", "19206")
+    assert code == 1
+    assert output == (
+        f"error: {cfg}: services.llm_control_plane.instances[0]: localhost:19206 is the "
+        "address the gateway would listen on (--host/--port): its requests would come back "
+        "to the gateway\n"
+    )
+
+
 def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> None:
     cfg = tmp_path / "cluster.toml"
     cfg.write_text('[services.llm_control_plane]\nscheduling_policy = "fifo"\n')

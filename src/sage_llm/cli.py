@@ -285,7 +285,7 @@ def serve(
     """
     _setup_logging(ctx, log_level, log_format)
     from sage_llm import eventloop
-    from sage_llm.config import SageConfig, load_config
+    from sage_llm.config import SageConfig, instances_at, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
     from sage_llm.gateway.server import run_gateway
 
@@ -299,6 +299,13 @@ def serve(
     except ValueError as exc:
         _fail(f"--loop: {exc}")
     bind_host, bind_port = _bind_address(cfg, host, port, cfg.gateway.port)
+    if host is not None or port is not None:  # the file's own address was checked with it
+        for index, inst in instances_at(cfg.control_plane, bind_host, bind_port):
+            _fail(
+                f"{cfg.source}: services.llm_control_plane.instances[{index}]: "
+                f"{inst.host}:{inst.port} is the address the gateway would listen on "
+                "(--host/--port): its requests would come back to the gateway"
+            )
     if bind_port:  # 0 picks a free port
         _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
     if uses_embedded_fleet(cfg):

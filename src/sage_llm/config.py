@@ -89,6 +89,7 @@ __all__ = [
     "config_from_dict",
     "default_sim_model",
     "instance_fields",
+    "instances_at",
     "load_config",
     "parse_config",
 ]
@@ -577,20 +578,28 @@ def _check_not_the_gateway(
 ) -> None:
     """An HTTP instance at the gateway's own address would be sent the gateway's requests
     back (each then answered 409, its id already in progress)."""
-    if cp.mode == "simulated" or not gateway.port:
-        return
-    bind = _host_key(gateway.host)
+    for index, inst in instances_at(cp, gateway.host, gateway.port):
+        p.add(
+            (*path, index, "port"),
+            f"{inst.host}:{inst.port} is the gateway's own address (gateway.port): "
+            "its requests would come back to the gateway",
+        )
+
+
+def instances_at(cp: ControlPlaneConfig, host: str, port: int) -> list[tuple[int, InstanceConfig]]:
+    """The HTTP instances of ``cp`` (by index) at the address a gateway bound to ``host``
+    and ``port`` listens on: the gateway's requests to them would come back to it. None
+    for port 0 (a free one is picked) and in ``simulated`` mode."""
+    if cp.mode == "simulated" or not port:
+        return []
+    bind = _host_key(host)
     # a gateway bound to every address is at the loopback address too
     ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
-    for index, inst in enumerate(cp.instances):
-        if inst.engine == "sim" or inst.port != gateway.port:
-            continue
-        if _host_key(inst.host) in ours:
-            p.add(
-                (*path, index, "port"),
-                f"{inst.host}:{inst.port} is the gateway's own address (gateway.port): "
-                "its requests would come back to the gateway",
-            )
+    return [
+        (index, inst)
+        for index, inst in enumerate(cp.instances)
+        if inst.engine != "sim" and inst.port == port and _host_key(inst.host) in ours
+    ]
 
 
 _LOOPBACK = "127.0.0.1"
