@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show SAGE's own logging")
     args = parser.parse_args(argv)
     if not SAGE_AVAILABLE:
-        print("This example needs SAGE: pip install 'sage-llm[sage]' (isage-common, isage-kernel)")
+        print(
+            "This example needs SAGE (isage-common, isage-kernel): `make install` installs "
+            "them; see docs/service.md to install them elsewhere"
+        )
         return 2
     try:
         config = load(args)

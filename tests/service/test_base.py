@@ -105,5 +105,5 @@ def test_without_sage_the_package_imports_and_the_services_run() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "SAGE is not installed (pip install 'sage-llm[sage]')" in proc.stdout
+    assert "SAGE is not installed (see docs/service.md: `make install` does it)" in proc.stdout
     assert proc.stdout.strip().endswith("ok")

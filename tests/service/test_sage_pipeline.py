@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", ImportWarning)  # isage-common 0.2.5 packaging warning
     pytest.importorskip(
         "sage.kernel.api.local_environment",
-        reason="SAGE is not installed (pip install 'sage-llm[sage]': isage-common, isage-kernel)",
+        reason="SAGE is not installed (isage-common, isage-kernel: see docs/service.md)",
     )
     # isage-common ships no type information (no py.typed marker): these classes are Any to
     # mypy, so the operators below subclass them under a narrow ignore[misc].

@@ -1,4 +1,5 @@
-"""Simulator fidelity against the real vLLM CPU engine (the tiny Llama of REFERENCE.md §4).
+"""Simulator fidelity against the real vLLM CPU engine (the tiny Llama of
+``scripts/make_tiny_model.py``).
 
 The benchmark measures the real engine, fits the simulator's step model and front end to
 it, and reports how well the simulator then reproduces the engine's latencies:

@@ -100,8 +100,9 @@ def vllm_cpu_settings(
     shape: EngineShape | None = None,
     extra_args: Sequence[str] = (),
 ) -> LaunchSettings:
-    """Launch settings for the CPU build of vLLM (REFERENCE.md §4): the API-server module
-    of the venv's python, bfloat16, eager mode, 1 GiB of KV cache, offline."""
+    """Launch settings for the CPU build of vLLM (``make test-real`` installs it): the
+    API-server module of the venv's python, bfloat16, eager mode, 1 GiB of KV cache,
+    offline."""
     s = shape or EngineShape()
     args = (
         "--max-model-len", str(s.max_model_len), "--dtype", "bfloat16", "--enforce-eager",

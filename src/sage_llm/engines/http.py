@@ -231,7 +231,7 @@ class HTTPEngineClient:
         return body
 
     def prefill_body(self, req: EngineRequest) -> dict[str, Any]:
-        """The body of a vLLM PD prefill leg (REFERENCE §2 step 2)."""
+        """The body of a vLLM PD prefill leg (docs/pd.md)."""
         body = self.request_body(req.with_changes(kv_transfer_params=None), stream=False)
         body["max_tokens"] = 1
         if "max_completion_tokens" in body:
@@ -627,7 +627,7 @@ class HTTPEngineClient:
         return True
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
-        """Run the prefill leg of a vLLM PD request (REFERENCE §2); the handle's ``params``
+        """Run the prefill leg of a vLLM PD request (docs/pd.md); the handle's ``params``
         are what the decode leg sends as ``kv_transfer_params``."""
         if self._dialect != "vllm":
             raise self._error(

@@ -79,7 +79,7 @@ ENGINE_KINDS = ("vllm", "vllm-module", "sim")
 KV_TRANSFER_CONFIG = json.dumps(
     {"kv_connector": "NixlConnector", "kv_role": "kv_both"}, separators=(",", ":")
 )
-"""The ``--kv-transfer-config`` value for PD roles (REFERENCE.md §2)."""
+"""The ``--kv-transfer-config`` value for PD roles (vLLM's NIXL connector, docs/pd.md)."""
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 _SIM_ROLE: Mapping[ExecutionInstanceType, str] = MappingProxyType(
     {

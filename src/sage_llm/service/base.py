@@ -106,7 +106,7 @@ class LocalBaseService:
             why = (
                 ""
                 if SAGE_AVAILABLE
-                else " and SAGE is not installed (pip install 'sage-llm[sage]')"
+                else " and SAGE is not installed (see docs/service.md: `make install` does it)"
             )
             raise SageLLMError(_NO_RUNTIME.format(name=type(self).__name__, method=method, why=why))
         return ctx

@@ -167,7 +167,7 @@ def _models() -> Mapping[str, ModelSpec]:
         ModelSpec(
             "Mixtral-8x7B", 46.703, 32, 4096, 32, 8, 128, 14336, 32000, 2, 8, 2, max_context=32768
         ),
-        # The tiny random-weight Llama served by the CPU vLLM build (REFERENCE.md §4).
+        # The tiny random-weight Llama served by the CPU vLLM build (scripts/make_tiny_model.py).
         ModelSpec("tiny", 0.008716, 2, 128, 2, 2, 64, 512, 32000),
     )
     return MappingProxyType({s.name.lower(): s for s in specs})

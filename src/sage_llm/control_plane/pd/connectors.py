@@ -4,7 +4,7 @@ A connector's ``run(req, legs)`` is an async generator of the decode instance's 
 the caller would see them from a colocated request. It raises :class:`PDLegError` (an
 :class:`~sage_llm.errors.EngineError` that names the failing leg) when a leg fails.
 
-* :class:`VLLMConnector` — vLLM's sequential ``kv_transfer_params`` protocol (REFERENCE §2):
+* :class:`VLLMConnector` — vLLM's sequential ``kv_transfer_params`` protocol (docs/pd.md):
   ``kv = await prefill.prefill(req)`` (the HTTP client sends ``max_tokens=1``,
   ``stream=false``, the ``do_remote_decode`` request dict), then ``decode.generate(req with
   kv_transfer_params=kv.params)`` streamed to the caller; the same request id (sent as
