@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sage_llm.config import SageConfig, config_from_dict, load_config
+from sage_llm.config import InstanceConfig, SageConfig, config_from_dict, load_config
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
 from sage_llm.errors import ConfigError
 from sage_llm.service import SAGE_AVAILABLE, ControlPlaneVLLMService
@@ -193,7 +193,14 @@ def load(args: argparse.Namespace) -> SageConfig:
 def describe(config: SageConfig) -> str:
     cp = config.control_plane
     if cp.instances:
-        fleet = ", ".join(f"{i.instance_id}@{i.host}:{i.port}" for i in cp.instances)
+        simulated = cp.mode == "simulated"
+
+        def one(i: InstanceConfig) -> str:
+            if simulated or i.engine == "sim":  # the address is nominal: nothing listens
+                return f"{i.instance_id}: simulated {i.sim_model} on {i.sim_gpu}"
+            return f"{i.instance_id}@{i.host}:{i.port}"
+
+        fleet = ", ".join(one(i) for i in cp.instances)
         where = f"{len(cp.instances)} configured instances ({fleet})"
     else:
         sim = config.simulation

@@ -24,6 +24,9 @@ def test_default_config_builds_the_embedded_simulated_fleet_that_serves() -> Non
             status = cp.get_status()
             result = await cp.generate(make_metadata("r1", model_name=None, max_tokens=5))
         assert status["registered_instances"] == config.simulation.instances
+        # mode http (a real engine registered later is reached over HTTP), every one simulated
+        assert status["mode"] == "http"
+        assert status["simulated_instances"] == config.simulation.instances
         assert status["scheduling_policy"] == config.control_plane.scheduling_policy
         assert result.status is RequestStatus.COMPLETED
         assert result.completion_tokens == 5

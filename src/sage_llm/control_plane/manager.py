@@ -340,11 +340,14 @@ class ControlPlaneManager:
             self._ensure_client(state)
             self._start_instance_loops(state)
         self._dispatcher.wake()
+        simulated = sum(1 for state in self._registry if self.simulates(state.instance))
         log.info(
-            "control plane started: policy=%s routing=%s instances=%d mode=%s",
+            "control plane started: policy=%s routing=%s instances=%d (%d simulated in this "
+            "process) mode=%s",
             self._pending_policy.name,
             self._routing_name,
             len(self._registry),
+            simulated,
             self.mode,
         )
 
@@ -1135,6 +1138,7 @@ class ControlPlaneManager:
             "pending_requests": len(policy),
             "running_requests": int(self._metrics.running.value),
             "registered_instances": len(states),
+            "simulated_instances": sum(1 for s in states if self.simulates(s.instance)),
             "available_instances": sum(1 for s in states if s.up),
             "models": sorted(self._registry.models()),
             "prefix_index_entries": len(self._prefix),
