@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -1593,6 +1593,31 @@ def test_every_registered_instance_has_its_gauges_before_its_first_request() -> 
             for gauge in ("in_flight", "healthy", "draining"):
                 assert f'sage_llm_instance_{gauge}{{instance_id="{iid}"}}' in text, (gauge, iid)
         assert 'sage_llm_instance_in_flight{instance_id="sim-0"} 0.0' in text
+
+    run_virtual(main())
+
+
+def test_no_policy_tick_timer_runs_unless_the_policy_has_a_tick() -> None:
+    """A loop on virtual time (a SAGE service's can be) idles when nothing is due; a tick
+    timer for a policy with no tick kept it jumping from one to the next, at full CPU."""
+
+    def awaiting(cp: ControlPlaneManager) -> str:
+        [task] = [t for t in cp._loops if t.get_name() == "sage-policy-tick"]
+        coro = task.get_coro()
+        assert isinstance(coro, Coroutine)
+        return str(getattr(coro.cr_await, "__qualname__", coro.cr_await))
+
+    async def main() -> None:
+        cp = _manager(scheduling_policy="fifo")
+        async with cp:
+            await asyncio.sleep(0)
+            assert awaiting(cp) == "Event.wait"  # no timer
+            cp.update_policy("adaptive")
+            await asyncio.sleep(0)
+            assert awaiting(cp) == "sleep"  # adaptive's tick, every tick_interval_s
+            cp.update_policy("priority")
+            await asyncio.sleep(5.0)  # the tick it was waiting for passes, then no more
+            assert awaiting(cp) == "Event.wait"
 
     run_virtual(main())
 

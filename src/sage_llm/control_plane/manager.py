@@ -251,6 +251,8 @@ class ControlPlaneManager:
         self._session: aiohttp.ClientSession | None = None
         self._kv_hub: Any = None  # sim.engine.KVTransferHub, created with the first sim engine
         self._loops: list[asyncio.Task[None]] = []
+        self._policy_changed = asyncio.Event()
+        """Set when the policy is switched (the tick loop waits for one with a ``tick``)."""
         self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
         self._deadlines: DeadlineTimers | None = None
         self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
@@ -335,6 +337,7 @@ class ControlPlaneManager:
         self._running = True
         self._accepting = True
         self._loops.append(asyncio.create_task(self._dispatcher.run(), name="sage-dispatch"))
+        self._policy_changed = asyncio.Event()  # of this loop (a manager may be restarted)
         self._loops.append(asyncio.create_task(self._policy_ticks(), name="sage-policy-tick"))
         for state in self._registry:
             self._ensure_client(state)
@@ -962,6 +965,7 @@ class ControlPlaneManager:
             self._dispatcher.wake()
         self._update_prefix_tracking()
         self._metrics.set_policy(policy_label(new), POLICY_NAMES)
+        self._policy_changed.set()
         log.info("scheduling policy switched from %s to %s", old.name, new.name)
 
     def update_routing(self, name: str, params: Mapping[str, Any] | None = None) -> None:
@@ -998,13 +1002,18 @@ class ControlPlaneManager:
 
     async def _policy_ticks(self) -> None:
         """Call ``tick(snapshot)`` on the policy in use every ``tick_interval_s``, when it
-        has one (``adaptive``: its switch rule follows the fleet while the queue is idle)."""
+        has one (``adaptive``: its switch rule follows the fleet while the queue is idle).
+        While the policy has none, no timer is set: the loop waits for a switch (a loop on
+        virtual time, as a service's can be, then idles rather than jump through them)."""
         while True:
             policy = self.policy
             tick = getattr(policy, "tick", None)
-            interval = getattr(policy, "tick_interval_s", 1.0) if tick is not None else 1.0
-            await asyncio.sleep(interval)
-            if tick is not None and policy is self.policy:
+            if tick is None:
+                self._policy_changed.clear()
+                await self._policy_changed.wait()
+                continue
+            await asyncio.sleep(getattr(policy, "tick_interval_s", 1.0))
+            if policy is self.policy:
                 tick(self._registry.snapshot(self.clock.now(), self._prefix))
 
     # -- observability ---------------------------------------------------------------------
