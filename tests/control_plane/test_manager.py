@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Coroutine
+import types
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -1604,7 +1605,7 @@ def test_no_policy_tick_timer_runs_unless_the_policy_has_a_tick() -> None:
     def awaiting(cp: ControlPlaneManager) -> str:
         [task] = [t for t in cp._loops if t.get_name() == "sage-policy-tick"]
         coro = task.get_coro()
-        assert isinstance(coro, Coroutine)
+        assert isinstance(coro, types.CoroutineType)
         return str(getattr(coro.cr_await, "__qualname__", coro.cr_await))
 
     async def main() -> None:
