@@ -11,6 +11,8 @@ from sage_llm.bench.demo import (
     DEMO_SLO,
     GATEWAY_RATE,
     GATEWAY_REQUESTS,
+    NEXT_STEPS,
+    conclusion,
     demo_fleet,
     demo_workload,
     gateway_demo,
@@ -54,6 +56,11 @@ def test_the_default_policy_leaves_fifo_when_the_demo_queues() -> None:
     assert goodput["adaptive"] >= 0.9 * goodput["slo_aware"]
     state = runs["adaptive"].policy_state["state"]
     assert [h["to"] for h in state["history"]][:1] == ["slo_aware"]
+    # the report's conclusion names the winner against the first preset, and the switch
+    lines = conclusion([runs["fifo"], runs["slo_aware"], runs["adaptive"]])
+    assert lines[0].startswith("Most goodput: ") and "× fifo's " in lines[0]
+    assert any(line.startswith("adaptive: adaptive switched to slo_aware") for line in lines)
+    assert lines[-1] == NEXT_STEPS
 
 
 def test_every_column_of_the_side_by_side_table_names_its_unit() -> None:

@@ -236,7 +236,45 @@ def run_demo(
         results.append(run_preset(preset, workload, demo_fleet, slo=DEMO_SLO, seed=seed))
     console.print(render_table(results))
     console.print(TABLE_LEGEND)
+    for line in conclusion(results):
+        console.print(line)
     return results
+
+
+NEXT_STEPS = (
+    "Next: `sage-llm serve` runs this gateway for real (point any OpenAI client at "
+    "http://127.0.0.1:8080/v1; docs/gateway.md), `make example` runs a SAGE pipeline on the "
+    "control plane, and docs/guide.md walks through the rest."
+)
+
+
+def conclusion(results: Sequence[RunResult]) -> list[str]:
+    """What the side-by-side table says, in a line or two (the preset with the most
+    goodput against the first, and where ``adaptive`` went), then where to go next."""
+    lines: list[str] = []
+    if results:
+        first = results[0]
+        best = max(results, key=lambda r: r.summary.goodput)
+        urgent_best, _ = urgent_and_rest(best.summary)
+        urgent_first, _ = urgent_and_rest(first.summary)
+        line = f"Most goodput: {best.preset.name}, {best.summary.goodput:.2f} req/s"
+        if best is not first and first.summary.goodput > 0:
+            ratio = best.summary.goodput / first.summary.goodput
+            line += f" ({ratio:.1f}× {first.preset.name}'s {first.summary.goodput:.2f})"
+        if urgent_best is not None and urgent_first is not None and best is not first:
+            line += (
+                f"; crit/high requests within their targets: {urgent_best:.0%} against "
+                f"{urgent_first:.0%}"
+            )
+        lines.append(line + ".")
+        for r in results:
+            history = (r.policy_state.get("state") or {}).get("history") or []
+            if history:
+                went = " then ".join(str(h.get("to")) for h in history[:3])
+                more = f" and {len(history) - 3} more switches" if len(history) > 3 else ""
+                lines.append(f"{r.preset.name}: adaptive switched to {went}{more}.")
+    lines.append(NEXT_STEPS)
+    return lines
 
 
 def check_demo_args(sessions: int, rate: float, seed: int = 0) -> None:
