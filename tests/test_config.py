@@ -386,6 +386,10 @@ def test_unknown_instance_key_and_section() -> None:
     err = problem("[gatway]\nport = 1\n")
     assert (err.location, err.key) == ("cfg.toml:1", "gatway")
     assert "did you mean 'gateway'" in err.message
+    # a word that is one part of a key: that key, not the nearest spelling (sim_model)
+    for short, meant in (("type", "instance_type"), ("engine_type", "engine")):
+        err = problem(SEED.replace('instance_type = "DECODING"', f'{short} = "DECODING"'))
+        assert f"did you mean {meant!r}" in err.message, err.message
 
 
 def test_wrong_type() -> None:

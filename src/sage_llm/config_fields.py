@@ -76,7 +76,16 @@ def req(checks: Rule) -> Any:
 
 
 def suggest(word: str, valid: Sequence[str], what: str = "keys") -> str:
-    """`` (did you mean 'x'?)`` for a close match, else `` (valid <what>: a, b)``."""
+    """`` (did you mean 'x'?)`` for a close match, else `` (valid <what>: a, b)``. A word
+    that is the first (or else the last) part of exactly one valid ``_``-joined key is
+    matched to it (``model`` to ``model_name``, ``type`` to ``instance_type``), before
+    spelling is looked at."""
+    for parts in (
+        [k for k in valid if k.startswith(f"{word}_")],
+        [k for k in valid if k.endswith(f"_{word}")],
+    ):
+        if len(parts) == 1:
+            return f" (did you mean {parts[0]!r}?)"
     close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
