@@ -1084,6 +1084,20 @@ def test_a_default_max_tokens_above_the_gateways_limit_is_refused() -> None:
     assert parse_config(implicit).control_plane.default_max_tokens == 100
 
 
+def test_a_missing_secret_hides_no_other_problem() -> None:
+    text = (
+        "[services.llm_control_plane]\ndefault_max_tokens = 500\n"
+        "[[services.llm_control_plane.instances]]\n"
+        'instance_id = "a"\nhost = "localhost"\nport = 9000\nmodel_name = "m"\n'
+        '[gateway]\nmax_tokens_limit = 100\nport = 9000\napi_keys_env = "UNSET_ZZ"\n'
+    )
+    assert [e.key for e in problems(text)] == [
+        "services.llm_control_plane.default_max_tokens",
+        "services.llm_control_plane.instances[0].port",
+        "gateway.api_keys_env",
+    ]
+
+
 def test_every_missing_secret_is_reported_at_once() -> None:
     text = '[gateway]\napi_keys_env = "KEYS"\nadmin_token_env = "ADMIN"\n'
     assert [e.key for e in problems(text)] == ["gateway.api_keys_env", "gateway.admin_token_env"]

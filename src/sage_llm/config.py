@@ -643,10 +643,13 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
 
 def _gateway_secrets(
     gw: GatewayConfig, path: KeyPath, env: Mapping[str, str], p: Problems
-) -> GatewayConfig | None:
+) -> GatewayConfig:
+    """``gw`` with its secrets read from the environment; on a problem (reported to
+    ``p``, so the configuration is refused) ``gw`` as it is, for the checks that follow
+    to report theirs too."""
     keys = list(gw.api_keys)
     token = gw.admin_token
-    ok = True  # every problem is reported, then None if there was one
+    ok = True  # every problem is reported
     if gw.api_keys_env is not None:
         raw = _env_secret(gw.api_keys_env, (*path, "api_keys_env"), env, p)
         from_env = [] if raw is None else [k.strip() for k in raw.split(",") if k.strip()]
@@ -665,7 +668,7 @@ def _gateway_secrets(
             token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
             ok = ok and token is not None
     if not ok:
-        return None
+        return gw
     return dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
 
 
