@@ -88,6 +88,7 @@ __all__ = [
     "check_instance",
     "config_from_dict",
     "default_sim_model",
+    "host_key",
     "instance_fields",
     "instances_at",
     "load_config",
@@ -556,7 +557,7 @@ def _check_instances(
         host, port = item.get("host"), item.get("port")
         simulated = mode == "simulated" or item.get("engine") == "sim"
         if isinstance(host, str) and isinstance(port, int) and not simulated:
-            other = addresses.setdefault((_host_key(host), port), index)
+            other = addresses.setdefault((host_key(host), port), index)
             if other != index:
                 p.add((*path, index, "port"), f"{host}:{port} is also instances[{other}]'s address")
         metadata = item.get("metadata")
@@ -592,20 +593,20 @@ def instances_at(cp: ControlPlaneConfig, host: str, port: int) -> list[tuple[int
     for port 0 (a free one is picked) and in ``simulated`` mode."""
     if cp.mode == "simulated" or not port:
         return []
-    bind = _host_key(host)
+    bind = host_key(host)
     # a gateway bound to every address is at the loopback address too
     ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
     return [
         (index, inst)
         for index, inst in enumerate(cp.instances)
-        if inst.engine != "sim" and inst.port == port and _host_key(inst.host) in ours
+        if inst.engine != "sim" and inst.port == port and host_key(inst.host) in ours
     ]
 
 
 _LOOPBACK = "127.0.0.1"
 
 
-def _host_key(host: str) -> str:
+def host_key(host: str) -> str:
     """``host`` as two addresses are compared: case-blind, ``localhost`` read as
     ``127.0.0.1`` (one engine, whichever name is written)."""
     name = host.strip().lower()

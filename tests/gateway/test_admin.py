@@ -170,6 +170,9 @@ async def test_an_address_in_use_is_409() -> None:
         async with http.post(gw.url("/admin/instances"), json=spec) as r:
             assert r.status == 409
             assert "already the address of instance 'sim-0'" in (await _json(r))["error"]["message"]
+        assert inst.host == "127.0.0.1"  # the same address written another way
+        async with http.post(gw.url("/admin/instances"), json={**spec, "host": "LocalHost"}) as r:
+            assert r.status == 409
 
 
 async def test_a_simulated_instances_nominal_address_is_free_for_others() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.config import SIM_KEYS, check_instance, instance_fields
+from sage_llm.config import SIM_KEYS, check_instance, host_key, instance_fields
 from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
@@ -155,10 +155,10 @@ class AdminRoutes:
 
     async def add_instance(self, request: web.Request) -> web.Response:
         instance = self.parse_instance(await read_json(request, self.read_timeout_s))
-        address = (instance.host, instance.port)
+        address = (host_key(instance.host), instance.port)
         manager = self.manager
-        for other in [] if manager.simulates(instance) else manager.get_instances():
-            if (other.host, other.port) == address and not manager.simulates(other):
+        for other in [] if manager.simulates(instance) else manager.get_instances(removing=True):
+            if (host_key(other.host), other.port) == address and not manager.simulates(other):
                 raise ConflictError(
                     f"{instance.host}:{instance.port} is already the address of instance "
                     f"{other.instance_id!r}"
