@@ -378,6 +378,21 @@ def _stop(proc: subprocess.Popen[str], pids: Sequence[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gpu-memory-utilization", "1.5"], "error: --gpu-memory-utilization: must be in (0, 1]"),
+        (["--tp", "3"], "error: --tp: tensor-parallel size 3 does not divide Llama-3-8B's 32"),
+    ],
+)
+def test_engine_sim_names_the_option_a_bad_engine_setting_came_from(
+    argv: list[str], message: str
+) -> None:
+    code, out = invoke("engine-sim", "--port", "18999", *argv)
+    assert code == 1
+    assert out.startswith(message), out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_startup_stops_every_engine_started(
     sig: signal.Signals, tmp_path: Path

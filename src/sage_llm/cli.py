@@ -100,6 +100,23 @@ def _listen_port(value: int | None) -> int | None:
     return value
 
 
+_OPTION_OF = {
+    "num_gpu_blocks": "--num-gpu-blocks-override",
+    "kv_host": "--host",
+    "kv_port": "--port",
+}
+"""The command-line option of an engine setting whose name is not the option's own."""
+
+
+def _as_option(exc: Exception, keys: set[str]) -> str:
+    """``exc``'s message, naming the option a setting in ``keys`` came from (``--tp``,
+    ``--gpu-memory-utilization``) rather than the setting's own name."""
+    key, detail = getattr(exc, "key", None), getattr(exc, "detail", None)
+    if isinstance(key, str) and key in keys and detail:
+        return f"{_OPTION_OF.get(key, '--' + key.replace('_', '-'))}: {detail}"
+    return str(exc)
+
+
 def _bind_host(value: str | None) -> str | None:
     """An address to bind: not empty (an empty one would bind every interface, as an
     unset shell variable in ``--host "$HOST"`` would ask by accident)."""
@@ -479,21 +496,22 @@ def engine_sim(
     from sage_llm.sim.server import serve_engine
     from sage_llm.types import ExecutionInstanceType
 
+    engine_args = {  # those given; the others are the profile's or the defaults
+        "max_num_seqs": max_num_seqs,
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "block_size": block_size,
+        "num_gpu_blocks": num_gpu_blocks_override,
+        "enable_chunked_prefill": enable_chunked_prefill,
+        "enable_prefix_caching": enable_prefix_caching,
+    }
+    options = {"tp", "pp", "speed", "seed", "kv_host", "kv_port", *engine_args}
     try:
         params: dict[str, object] = {
             "tp": tp, "pp": pp, "role": ExecutionInstanceType.parse(role), "speed": speed,
             "seed": seed, "kv_host": host, "kv_port": port,
         }  # fmt: skip
-        engine_args = {  # those given; the others are the profile's or the defaults
-            "max_num_seqs": max_num_seqs,
-            "max_model_len": max_model_len,
-            "max_num_batched_tokens": max_num_batched_tokens,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "block_size": block_size,
-            "num_gpu_blocks": num_gpu_blocks_override,
-            "enable_chunked_prefill": enable_chunked_prefill,
-            "enable_prefix_caching": enable_prefix_caching,
-        }
         params.update({k: v for k, v in engine_args.items() if v is not None})
         config, front_end = engine_settings(gpu, model, **params)
         engine: EngineClient = SimEngine(f"sim-{port}", config, front_end=front_end)
@@ -507,7 +525,7 @@ def engine_sim(
 
             plan = FaultPlan.parse(faults)
     except (SageLLMError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(_as_option(exc, options))
     _check_listen(host, port)
     name = served_model_name or model
     cost = "instant answers" if instant else config.build_cost_model().name
