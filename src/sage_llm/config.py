@@ -34,6 +34,7 @@ from typing import Any
 
 from sage_llm.config_fields import (
     LATENCY_PRIORS,
+    described,
     latency_prior_problem,
     read_dataclass,
     read_params,
@@ -167,7 +168,7 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     if isinstance(metadata, Mapping):
         table.update((key, metadata[key]) for key in _SIM_METADATA if key in metadata)
     else:
-        problems.add(("metadata",), f"must be a table, got {type(metadata).__name__}")
+        problems.add(("metadata",), f"must be a table, got {described(metadata)}")
     checked = read_dataclass(InstanceConfig, table, (), problems, foreign=FOREIGN_RULES)
     raise_problems(problems.errors)
     assert checked is not None
@@ -191,7 +192,7 @@ def instance_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     if metadata is None:
         metadata = {}
     elif not isinstance(metadata, Mapping):
-        raise ConfigError(f"must be a table, got {type(metadata).__name__}", key="metadata")
+        raise ConfigError(f"must be a table, got {described(metadata)}", key="metadata")
     for key in lifted:
         if key in metadata:
             raise ConfigError(f"is given twice: as {key} and as metadata.{key}", key=key)
@@ -304,7 +305,7 @@ def _build(
     """The configuration in ``data``: a document, or with ``bare`` (dicts, never files) the
     bare service table when ``data`` has no ``services`` and a key that is no section."""
     if not isinstance(data, Mapping):
-        p.add((), f"a configuration must be a table, got {type(data).__name__}")
+        p.add((), f"a configuration must be a table, got {described(data)}")
         return None
     environ: Mapping[str, str] = os.environ if env is None else env
     document: Mapping[str, Any] = {}
@@ -377,7 +378,7 @@ def _section(
 def _table(value: Any, path: KeyPath, p: Problems) -> Mapping[str, Any]:
     if isinstance(value, Mapping):
         return value
-    p.add(path, f"must be a table, got {type(value).__name__}")
+    p.add(path, f"must be a table, got {described(value)}")
     return {}
 
 
@@ -414,7 +415,7 @@ def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, An
     if services is None:
         return {}, _SERVICE_PATH
     if not isinstance(services, Mapping):
-        p.add(("services",), f"must be a table, got {type(services).__name__}")
+        p.add(("services",), f"must be a table, got {described(services)}")
         return {}, _SERVICE_PATH
     chosen = "llm_control_plane" if "llm_control_plane" in services else None
     if chosen is None:
