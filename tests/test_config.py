@@ -538,6 +538,13 @@ def test_instance_value_errors(replacement: str, key: str, message: str) -> None
     assert message in err.message
 
 
+@pytest.mark.parametrize(
+    ("text", "got"), [("gateway = 5\n", "integer 5"), ('health = "x"\n', "string 'x'")]
+)
+def test_a_section_that_is_no_table_says_what_it_is(text: str, got: str) -> None:
+    assert problem(text).message.endswith(f"must be a table, got {got}")
+
+
 def test_a_document_nested_too_deeply_is_one_error_not_a_traceback() -> None:
     deep = "{a = " * 600 + "1" + "}" * 600
     err = problem(f"[services.llm_control_plane]\npolicy_params = {deep}\n")
