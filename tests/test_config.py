@@ -545,6 +545,20 @@ def test_a_section_that_is_no_table_says_what_it_is(text: str, got: str) -> None
     assert problem(text).message.endswith(f"must be a table, got {got}")
 
 
+def test_a_setting_given_in_two_places_must_agree() -> None:
+    text = (
+        "[services.llm_control_plane]\nhealth_interval_s = 9\nmax_queue_size = 5\n"
+        "[health]\ninterval_s = 2\n[admission]\nmax_queue_size = 6\n"
+    )
+    assert [(e.key, e.location) for e in problems(text)] == [
+        ("services.llm_control_plane.health_interval_s", "cfg.toml:2"),
+        ("services.llm_control_plane.max_queue_size", "cfg.toml:3"),
+    ]
+    agree = text.replace("= 9", "= 2").replace("= 5", "= 6")
+    config = parse_config(agree)
+    assert (config.control_plane.health_interval_s, config.control_plane.max_queue_size) == (2, 6)
+
+
 def test_a_document_nested_too_deeply_is_one_error_not_a_traceback() -> None:
     deep = "{a = " * 600 + "1" + "}" * 600
     err = problem(f"[services.llm_control_plane]\npolicy_params = {deep}\n")

@@ -331,6 +331,14 @@ def _build(
     cp = _instance_secrets(cp, environ)
     health: HealthConfig = sections["health"]
     admission: AdmissionConfig = sections["admission"]
+    for key, section, value in (
+        ("health_interval_s", "health.interval_s", health.interval_s),
+        ("max_queue_size", "admission.max_queue_size", admission.max_queue_size),
+    ):  # the same setting in two places: they must agree (as pd.enabled and its flag)
+        table, name = section.split(".")
+        given = (raw[table] or {}).get(name) is not None and service.get(key) is not None
+        if given and getattr(cp, key) != value:
+            p.add((*spath, key), f"contradicts {section} ({value:g}); set one of them")
     if "interval_s" in (raw["health"] or {}):
         cp = dataclasses.replace(cp, health_interval_s=health.interval_s)
     else:
