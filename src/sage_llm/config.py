@@ -335,8 +335,9 @@ def _build(
         ("health_interval_s", "health.interval_s", health.interval_s),
         ("max_queue_size", "admission.max_queue_size", admission.max_queue_size),
     ):  # the same setting in two places: they must agree (as pd.enabled and its flag)
-        table, name = section.split(".")
-        given = (raw[table] or {}).get(name) is not None and service.get(key) is not None
+        section_name, name = section.split(".")
+        written = raw[section_name] or {}
+        given = written.get(name) is not None and service.get(key) is not None
         if given and getattr(cp, key) != value:
             p.add((*spath, key), f"contradicts {section} ({value:g}); set one of them")
     if "interval_s" in (raw["health"] or {}):
