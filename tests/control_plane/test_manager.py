@@ -1525,16 +1525,23 @@ def test_requests_cancelled_by_stop_say_so() -> None:
     run_virtual(main())
 
 
+def _gated_fleet(**instance: Any) -> tuple[ControlPlaneManager, dict[str, FakeEngine]]:
+    """A fifo manager over instance ``a`` (``instance``: its other fields) whose engine holds
+    each request after its first token until ``release`` is set; the engines by id."""
+    engines: dict[str, FakeEngine] = {}
+
+    def factory(inst: ExecutionInstance) -> FakeEngine:
+        engines[inst.instance_id] = FakeEngine(inst.instance_id, gate_after=1)
+        return engines[inst.instance_id]
+
+    cp = ControlPlaneManager(mode="http", engine_factory=factory, scheduling_policy="fifo")
+    cp.register_instance(make_instance("a", **instance))
+    return cp, engines
+
+
 def test_an_instance_being_removed_or_every_instance_draining_is_named_in_the_error() -> None:
     async def main() -> None:
-        engines: dict[str, FakeEngine] = {}
-
-        def factory(inst: ExecutionInstance) -> FakeEngine:
-            engines[inst.instance_id] = FakeEngine(inst.instance_id, gate_after=1)
-            return engines[inst.instance_id]
-
-        cp = ControlPlaneManager(mode="http", engine_factory=factory, scheduling_policy="fifo")
-        cp.register_instance(make_instance("a"))
+        cp, engines = _gated_fleet()
         async with cp:
             await cp.submit_request(make_metadata("held", max_tokens=4))
             await engines["a"].gated.wait()
@@ -1561,14 +1568,7 @@ def test_an_instance_being_removed_or_every_instance_draining_is_named_in_the_er
 
 def test_queued_requests_failed_when_every_instance_drains_leave_the_queue_depth_gauge() -> None:
     async def main() -> None:
-        engines: dict[str, FakeEngine] = {}
-
-        def factory(inst: ExecutionInstance) -> FakeEngine:
-            engines[inst.instance_id] = FakeEngine(inst.instance_id, gate_after=1)
-            return engines[inst.instance_id]
-
-        cp = ControlPlaneManager(mode="http", engine_factory=factory, scheduling_policy="fifo")
-        cp.register_instance(make_instance("a", max_concurrent_requests=1))
+        cp, engines = _gated_fleet(max_concurrent_requests=1)
         async with cp:
             await cp.submit_request(make_metadata("held", max_tokens=4))
             await engines["a"].gated.wait()
