@@ -394,10 +394,10 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 def _request_line(buf: bytearray) -> tuple[str, str]:
     """The method and path of the request line at the start of ``buf``, as far as they
-    have arrived (``-`` for what has not)."""
+    have arrived (``-`` for what has not, or is not printable ASCII: they go to the log)."""
     eol = buf.find(b"\r\n")
     line = bytes(buf[: eol if eol >= 0 else 200]).decode("latin-1")
-    parts = line.split(" ")
+    parts = [p if p.isascii() and p.isprintable() else "" for p in line.split(" ")]
     method = parts[0] if len(parts) > 1 and parts[0] else "-"
     path = parts[1] if len(parts) > 2 and parts[1] else "-"
     return method, path
