@@ -350,7 +350,7 @@ def _build(
         _check_not_the_gateway(cp, sections["gateway"], (*spath, "instances"), p)
     limit = sections["gateway"].max_tokens_limit
     if limit is not None and cp.default_max_tokens > limit:
-        if "default_max_tokens" not in service:  # its default: as much as the limit allows
+        if service.get("default_max_tokens") is None:  # its default: as much as the limit allows
             cp = dataclasses.replace(cp, default_max_tokens=limit)
         else:
             p.add(
