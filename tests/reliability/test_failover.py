@@ -17,9 +17,10 @@ import pytest
 from sage_llm import ControlPlaneManager, ExecutionInstance, RequestMetadata, RequestStatus
 from sage_llm.bench.procs import start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
+from sage_llm.engines.base import Chunk
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineError, NoHealthyInstanceError
-from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.clock import current_clock, run_virtual
 from sage_llm.sim.engine import SimEngine
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
@@ -202,6 +203,55 @@ def test_a_stream_under_way_on_an_engine_that_froze_fails_after_its_trial() -> N
                 RequestStatus.FAILED, "sim-0", 1,
             )  # fmt: skip
             assert took < 10.0  # two ejections and a cool-down, not a request time limit
+
+    run_virtual(main())
+
+
+class _BusyReasoner:
+    """An engine that streams reasoning only (chunks with no text) every 0.1 s for 5 s,
+    while its probes fail from 0.5 s on (busy): the stream goes on all along."""
+
+    def __init__(self, inner: SimEngine) -> None:
+        self.inner = inner
+        self.instance_id = inner.instance_id
+        self.started: float | None = None
+
+    async def generate(self, req: Any) -> Any:
+        clock = current_clock()
+        yield Chunk(text="", fields={"role": "assistant"})
+        for i in range(50):
+            await clock.sleep(0.1)
+            yield Chunk(text="", fields={"reasoning_content": f"r{i} "})
+        yield Chunk(text="answer", finish_reason="stop")
+
+    async def prefill(self, req: Any) -> Any:
+        return await self.inner.prefill(req)
+
+    async def health(self) -> bool:
+        now = current_clock().now()
+        self.started = now if self.started is None else self.started
+        return now - self.started < 0.5
+
+    async def stats(self) -> Any:
+        return await self.inner.stats()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_stream_that_goes_on_is_not_failed_however_often_its_instance_is_ejected() -> None:
+    """Its chunks carry reasoning, no text: what tells it from a stopped stream is that
+    chunks come, not that tokens are counted."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", health=_HEALTH, enable_pd_separation=False)
+        (inst,) = make_instances(1)
+        cp.register_instance(inst, _BusyReasoner(make_sim_engine(inst)))
+        async with cp:
+            chunks = [c async for c in cp.stream(_meta(0, max_tokens=200))]
+            assert cp.get_status()["circuits"]["sim-0"] == "open"  # ejected meanwhile
+        assert len(chunks) == 52 and chunks[-1].finish_reason == "stop"
+        assert cp.get_instance_metrics("sim-0")["circuit"]["transitions"] >= 3
 
     run_virtual(main())
 

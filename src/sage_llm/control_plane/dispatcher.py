@@ -1081,6 +1081,7 @@ class Dispatcher:
         return not whole_only and self.pd is not None and pair_exists(members)
 
     def _absorb(self, rec: RequestRecord, chunk: Chunk) -> None:
+        rec.pieces += 1
         if chunk.text:
             rec.text_parts.append(chunk.text)
         if chunk.token_ids:
@@ -1232,7 +1233,7 @@ class Dispatcher:
         One that cannot be moved (no retry left, or no other instance that may take it
         now) stays, as the instance may be back after its cool-down (probes that timed out
         for a moment, say); if it is ejected again without having closed in between (its
-        trial failed: it is down, or hung) and the call has had no token meanwhile, the call
+        trial failed: it is down, or hung) and the call has had no chunk meanwhile, the call
         fails with the ejection as its reason (a 502), rather than wait on that engine
         until the request's time limit (600 s by default). A call that has delivered
         output (a stream under way) is never moved, but is failed the same way: a stream
@@ -1265,8 +1266,8 @@ class Dispatcher:
                 or rec.attempts > self.max_retries
                 or not self._servable(rec.info.model, rec.info.excluded_instances | {instance_id})
             ):
-                produced = rec.completion_tokens
-                # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed; and no token
+                produced = rec.pieces
+                # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed; and nothing
                 # came for the call meanwhile (a busy engine's probes may fail as it works)
                 if rec.stranded != (instance_id, transitions - 2, produced):
                     rec.stranded = (instance_id, transitions, produced)  # it stays

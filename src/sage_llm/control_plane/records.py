@@ -84,10 +84,14 @@ class RequestRecord:
     """Why its engine call is being moved off its instance (the instance was ejected while
     the call had delivered nothing): the error it is retried elsewhere with."""
     stranded: tuple[str, int, int] | None = None
-    """The instance its call stayed on when that was ejected and no other could take it,
-    with the instance's breaker transitions and the call's output tokens then: if the
-    instance fails its next trial (ejected again without having closed) and the call has
-    produced nothing since, the call fails."""
+    """The instance its call stayed on when that was ejected and could not move, with the
+    instance's breaker transitions and the call's :attr:`pieces` then: if the instance
+    fails its next trial (ejected again without having closed) and the call has had
+    nothing from the engine since, the call fails."""
+    pieces: int = 0
+    """Chunks its engine calls have yielded, whatever they carried (text, reasoning, tool
+    calls, usage): how :meth:`Dispatcher.evict` tells a call that goes on from one that
+    stopped."""
     queued_at: float = 0.0
     scheduled_at: float | None = None
     first_token_at: float | None = None
