@@ -91,6 +91,11 @@ def test_the_cool_down_grows_in_every_episode_however_long_ago_the_last_one_was(
         b.poll(now)
         b.record_failure(now)  # its trial fails
     assert cooldowns == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+    for _ in range(2000):  # an outage of many hours: the cool-down stays at its cap
+        now = b.open_until
+        b.poll(now)
+        b.record_failure(now)
+    assert b.open_until - now == pytest.approx(30.0)
 
 
 def test_a_breaker_requests_opened_sends_no_trial_request_until_a_probe_passes() -> None:

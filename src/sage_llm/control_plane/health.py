@@ -160,7 +160,8 @@ class CircuitBreaker:
     def cooldown_s(self) -> float:
         """The cool-down of the current (or next) opening."""
         s = self.settings
-        return float(min(s.max_cooldown_s, s.base_cooldown_s * 2 ** max(self.opens - 1, 0)))
+        doublings = min(max(self.opens - 1, 0), 64)  # past the cap long before: no overflow
+        return float(min(s.max_cooldown_s, s.base_cooldown_s * 2**doublings))
 
     def _move(self, state: CircuitState, now: float) -> CircuitState:
         before = self.state
