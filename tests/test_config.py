@@ -520,6 +520,7 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "local\\u0007host"', "host", "must not contain control characters"),
         ('host = "[::1]"', "host", "write an IPv6 address without brackets: '::1'"),
         ('host = "127.0.0.1:8001"', "host", "without a port (set port separately)"),
+        ('host = "fe80::1%eth0"', "host", "with a zone id"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),
         ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
         ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),
@@ -554,6 +555,8 @@ def test_a_setting_given_in_two_places_must_agree() -> None:
         ("services.llm_control_plane.health_interval_s", "cfg.toml:2"),
         ("services.llm_control_plane.max_queue_size", "cfg.toml:3"),
     ]
+    bad = text.replace("max_queue_size = 6", "max_queue_size = -1")  # its own problem only
+    assert [e.key for e in problems(bad)][1:] == ["admission.max_queue_size"]
     agree = text.replace("= 9", "= 2").replace("= 5", "= 6")
     config = parse_config(agree)
     assert (config.control_plane.health_interval_s, config.control_plane.max_queue_size) == (2, 6)

@@ -331,15 +331,16 @@ def _build(
     cp = _instance_secrets(cp, environ)
     health: HealthConfig = sections["health"]
     admission: AdmissionConfig = sections["admission"]
-    for key, section, value in (
-        ("health_interval_s", "health.interval_s", health.interval_s),
-        ("max_queue_size", "admission.max_queue_size", admission.max_queue_size),
+    for key, section in (
+        ("health_interval_s", "health.interval_s"),
+        ("max_queue_size", "admission.max_queue_size"),
     ):  # the same setting in two places: they must agree (as pd.enabled and its flag)
         section_name, name = section.split(".")
-        written = raw[section_name] or {}
-        given = written.get(name) is not None and service.get(key) is not None
-        if given and getattr(cp, key) != value:
-            p.add((*spath, key), f"contradicts {section} ({value:g}); set one of them")
+        ours, theirs = service.get(key), (raw[section_name] or {}).get(name)
+        # as written; a bad value has its own problem, reported already
+        bad = any(p.failed((*where, name)) for where in ((section_name,), (*spath, section_name)))
+        if _number(ours) and _number(theirs) and ours != theirs and not bad:
+            p.add((*spath, key), f"contradicts {section} ({theirs!r}); set one of them")
     if "interval_s" in (raw["health"] or {}):
         cp = dataclasses.replace(cp, health_interval_s=health.interval_s)
     else:
@@ -382,6 +383,10 @@ def _section(
     if top is not None:
         return _table(top, (name,), p), (name,)
     return None, (name,)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _table(value: Any, path: KeyPath, p: Problems) -> Mapping[str, Any]:

@@ -79,6 +79,8 @@ def _check_host(value: str) -> str | None:
             ipaddress.IPv6Address(value)
         except ValueError:
             return "must be a host name or address without a port (set port separately)"
+        if "%" in value:
+            return "an IPv6 address with a zone id (%…) cannot be put in a URL here"
     return _check_printable(value)
 
 
