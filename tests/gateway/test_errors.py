@@ -390,7 +390,7 @@ def test_a_body_that_stops_arriving_gets_a_408(
     )
     stalled = (
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
-        b"Content-Type: application/json\r\n\r\n{",
+        b"X-Request-Id: stalled-1\r\nContent-Type: application/json\r\n\r\n{",
     )
 
     async def main() -> None:
@@ -415,6 +415,8 @@ def test_a_body_that_stops_arriving_gets_a_408(
                 rest = await reader.read()
                 assert b"timeout_error" in rest and b"did not arrive within 5 s" in rest
                 assert b"x-request-id: " in head.lower()
+                if pieces is stalled:  # the id its head gave, as on every answer
+                    assert b"x-request-id: stalled-1\r\n" in head.lower()
                 writer.close()
             text = gw.manager.prometheus_metrics().decode()
         # counted and logged alike by both fronts

@@ -366,9 +366,11 @@ def test_a_request_slow_to_arrive_gets_a_408_and_its_connection_closes() -> None
 
         lean, server, port = await _lean_server(handler, _Fallback(), read_timeout_s=10.0)
         noted: list[tuple[str, str, float]] = []
+        given_ids: list[str] = []
 
-        def on_read_timeout(method: str, path: str, waited_s: float) -> str:
+        def on_read_timeout(method: str, path: str, waited_s: float, given: str) -> str:
             noted.append((method, path, waited_s))
+            given_ids.append(given)
             return f"late-{len(noted)}"
 
         lean.on_read_timeout = on_read_timeout
@@ -390,6 +392,7 @@ def test_a_request_slow_to_arrive_gets_a_408_and_its_connection_closes() -> None
         assert [(m, p) for m, p, _ in noted] == [
             ("POST", "/v1/completions"), ("POST", "/v1/completions"), ("POST", "-"),
         ]  # fmt: skip
+        assert given_ids == ["", "", ""]  # the first head carried none
         # a request that arrives in pieces, within the limit, is served; the connection
         # stays open, and the limit counts from the next request's first byte
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -369,7 +369,7 @@ class LeanConnection(asyncio.Protocol):
         if noted is not None:
             method, path = _request_line(self._buf)
             waited_s = 0.0 if since is None else asyncio.get_running_loop().time() - since
-            headers[REQUEST_ID_HEADER] = noted(method, path, waited_s)
+            headers[REQUEST_ID_HEADER] = noted(method, path, waited_s, _given_id(self._buf))
         self.respond(408, body, content_type="application/json", headers=headers)
         self._server.writes.flush_one(transport)
         transport.close()
@@ -403,6 +403,19 @@ def _request_line(buf: bytearray) -> tuple[str, str]:
     return method, path
 
 
+def _given_id(buf: bytearray) -> str:
+    """The ``X-Request-Id`` of the request head at the start of ``buf`` when the head
+    has arrived whole, else ``""``."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return ""
+    for line in bytes(buf[:end]).decode("latin-1").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "x-request-id":
+            return value.strip()
+    return ""
+
+
 def _tabbed_printable(line: str) -> bool:
     """Whether ``line``'s only non-printable characters are tabs (blanks in a value)."""
     return line.replace("\t", " ").isprintable()
@@ -431,13 +444,14 @@ class LeanServer:
         cors: bool = False,
         keepalive_timeout_s: float = 75.0,
         read_timeout_s: float | None = 30.0,
-        on_read_timeout: Callable[[str, str, float], str] | None = None,
+        on_read_timeout: Callable[[str, str, float, str], str] | None = None,
     ) -> None:
         self.handler = handler
         self.on_read_timeout = on_read_timeout
         """Called for each request answered 408 (``read_timeout_s`` passed before it had
         all arrived) with its method and path, as far as they arrived (``-`` otherwise),
-        and the seconds it had taken; returns the request id its answer carries."""
+        the seconds it had taken and the ``X-Request-Id`` its head gave (``""``: none, or
+        the head is not whole); returns the request id its answer carries."""
         self.fallback = fallback
         self.routes = routes
         self.max_body_bytes = max_body_bytes

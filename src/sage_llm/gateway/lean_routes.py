@@ -117,10 +117,11 @@ class LeanRoutes:
         conn.respond(200, answer, content_type=_JSON, headers=headers)
         return 200
 
-    def read_timed_out(self, method: str, path: str, waited_s: float) -> str:
+    def read_timed_out(self, method: str, path: str, waited_s: float, given: str) -> str:
         """A request answered 408 by the lean server before it had all arrived: counted
-        and logged as the aiohttp app counts and logs one; the request id of its answer."""
-        rid = self._new_id()
+        and logged as the aiohttp app counts and logs one; the request id of its answer
+        (``given``, the id its head gave, when that is a valid one)."""
+        rid = given if given and valid_request_id(given) else self._new_id()
         self.manager.metrics.on_http_error(route_label(path), 408)
         if access_log.isEnabledFor(logging.INFO):
             write_access_log(rid, method, path, 408, waited_s * 1000.0, None)
