@@ -568,9 +568,9 @@ def test_serve_refuses_a_port_given_on_the_command_line_that_an_instance_has(
     code, output = invoke("serve", "--config", str(cfg), "--port", "19206")
     assert code == 1
     assert output == (
-        f"error: {cfg}: services.llm_control_plane.instances[0]: localhost:19206 is the "
-        "address the gateway would listen on (--host/--port): its requests would come back "
-        "to the gateway\n"
+        f"error: {cfg}: instance 'a' (instances[0]) at localhost:19206 is the address the "
+        "gateway would listen on (--host/--port): its requests would come back to the "
+        "gateway\n"
     )
 
 

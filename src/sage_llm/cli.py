@@ -319,7 +319,7 @@ def serve(
     if host is not None or port is not None:  # the file's own address was checked with it
         for index, inst in instances_at(cfg.control_plane, bind_host, bind_port):
             _fail(
-                f"{cfg.source}: services.llm_control_plane.instances[{index}]: "
+                f"{cfg.source}: instance {inst.instance_id!r} (instances[{index}]) at "
                 f"{inst.host}:{inst.port} is the address the gateway would listen on "
                 "(--host/--port): its requests would come back to the gateway"
             )

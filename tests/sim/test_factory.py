@@ -95,7 +95,7 @@ def test_engine_sim_refuses_an_impossible_tp_at_start_up(tp: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("error: tp: ") and "32 attention heads" in line
+    assert line.startswith("error: --tp: ") and "32 attention heads" in line
     assert "engine-sim:" not in proc.stdout  # refused before serving
 
 

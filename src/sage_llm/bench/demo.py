@@ -268,10 +268,15 @@ def conclusion(results: Sequence[RunResult]) -> list[str]:
             )
         lines.append(line + ".")
         for r in results:
-            history = (r.policy_state.get("state") or {}).get("history") or []
+            state = r.policy_state.get("state") or {}
+            history = state.get("history") or []  # the latest switches only
+            switches = int(state.get("switches") or len(history))
             if history:
-                went = " then ".join(str(h.get("to")) for h in history[:3])
-                more = f" and {len(history) - 3} more switches" if len(history) > 3 else ""
+                whole = switches == len(history)  # else the oldest were let go
+                shown = history[:3] if whole else history[-3:]
+                went = " then ".join(str(h.get("to")) for h in shown)
+                went = went if whole else f"… then {went}"
+                more = f" ({switches} switches in all)" if switches > 3 else ""
                 lines.append(f"{r.preset.name}: adaptive switched to {went}{more}.")
     lines.append(NEXT_STEPS)
     return lines

@@ -35,6 +35,7 @@ from typing import cast
 import aiohttp
 
 from sage_llm.httpserve import tcp_nodelay
+from sage_llm.types import host_port
 from sage_llm.writebatch import WriteBatch
 
 __all__ = ["EngineConnector", "FastPool", "FastResponse"]
@@ -397,7 +398,7 @@ class FastPool:
         self.writes = WriteBatch() if writes is None else writes
         """Requests leave together at the end of each turn of the loop (see
         :mod:`sage_llm.writebatch`; pools of one connector share it)."""
-        self._host_header = f"{host}:{port}"
+        self._host_header = host_port(host, port)  # an IPv6 address in brackets
         self._idle: deque[_Conn] = deque()
         self._closed = False
 
