@@ -562,6 +562,16 @@ def test_a_setting_given_in_two_places_must_agree() -> None:
     assert (config.control_plane.health_interval_s, config.control_plane.max_queue_size) == (2, 6)
 
 
+def test_a_sections_key_at_top_level_is_pointed_to_its_section() -> None:
+    assert [str(e) for e in problems("port = 8080\nmax_queue_wait_s = 3\n")] == [
+        "cfg.toml:1: port: unknown key (did you mean port under [gateway]?)",
+        "cfg.toml:2: max_queue_wait_s: unknown key (did you mean max_queue_wait_s under "
+        "[admission]?)",
+    ]
+    err = problem("[services.llm_control_plane]\nhealth_interval_s = inf\n")
+    assert err.message.endswith("must be a finite number, got inf")
+
+
 def test_a_document_nested_too_deeply_is_one_error_not_a_traceback() -> None:
     deep = "{a = " * 600 + "1" + "}" * 600
     err = problem(f"[services.llm_control_plane]\npolicy_params = {deep}\n")

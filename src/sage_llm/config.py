@@ -404,7 +404,13 @@ def _top_level_keys(document: Mapping[str, Any], p: Problems) -> None:
         if name in _DOCUMENT_KEYS:
             continue
         if name not in _SERVICE_KEYS:
-            p.add((name,), f"unknown key{suggest(name, _DOCUMENT_KEYS)}")
+            sections = [s for s, cls in _SECTION_CLASSES if name in _field_names(cls)]
+            hint = (
+                f" (did you mean {name} under [{sections[0]}]?)"
+                if len(sections) == 1
+                else suggest(name, _DOCUMENT_KEYS)
+            )
+            p.add((name,), f"unknown key{hint}")
             continue
         if name == "instances":
             header = "[[services.llm_control_plane.instances]]"
@@ -413,6 +419,10 @@ def _top_level_keys(document: Mapping[str, Any], p: Problems) -> None:
         else:
             header = "[services.llm_control_plane]"
         p.add((name,), f"unknown key (did you mean {header}?)")
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _bare_service(data: Mapping[str, Any], p: Problems) -> Mapping[str, Any]:

@@ -248,7 +248,7 @@ def _scalar(value: Any, hint: Any, checks: Rule, path: KeyPath, p: Problems) -> 
         if isinstance(value, bool) or not isinstance(value, int | float):
             return _wrong(value, "a number", checks, path, p)
         if not math.isfinite(value):
-            p.add(path, "must be a finite number")
+            p.add(path, f"must be a finite number, got {value!r}")
             return _INVALID
         value = float(value)
     problem = rule_problem(value, checks)
