@@ -67,6 +67,7 @@ from sage_llm.control_plane.pd.orchestrator import unservable_reason
 from sage_llm.control_plane.routing.registry import get_strategy
 from sage_llm.control_plane.scheduling.registry import params_class
 from sage_llm.errors import ConfigError, ConfigErrors, raise_problems
+from sage_llm.jsonutil import is_number
 from sage_llm.sim.specs import placement_problem
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 
@@ -339,7 +340,7 @@ def _build(
         ours, theirs = service.get(key), (raw[section_name] or {}).get(name)
         # as written; a bad value has its own problem, reported already
         bad = any(p.failed((*where, name)) for where in ((section_name,), (*spath, section_name)))
-        if _number(ours) and _number(theirs) and ours != theirs and not bad:
+        if is_number(ours) and is_number(theirs) and ours != theirs and not bad:
             p.add((*spath, key), f"contradicts {section} ({theirs!r}); set one of them")
     if "interval_s" in (raw["health"] or {}):
         cp = dataclasses.replace(cp, health_interval_s=health.interval_s)
@@ -383,10 +384,6 @@ def _section(
     if top is not None:
         return _table(top, (name,), p), (name,)
     return None, (name,)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _table(value: Any, path: KeyPath, p: Problems) -> Mapping[str, Any]:

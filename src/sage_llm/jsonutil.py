@@ -18,6 +18,12 @@ from typing import Any
 import orjson
 
 
+def is_number(value: object) -> bool:
+    """Whether a parsed value (JSON, TOML, a dict) is a number: an int or a float, not a
+    boolean (``True`` is an int to Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def loads(data: bytes | bytearray | str) -> Any:
     """Parse a JSON document; ``ValueError`` when it is not valid JSON."""
     try:

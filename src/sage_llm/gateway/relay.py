@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from sage_llm import jsonutil
 from sage_llm.control_plane.dispatcher import STOPPED
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, Usage
@@ -323,16 +324,12 @@ def sum_usage(usages: Iterable[Usage]) -> Usage:
     return Usage(prompt, completion, cached, extra)
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _sum_extra(total: dict[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
     """``total`` with ``more`` added in: numbers summed, objects merged alike, anything
     else kept from the first that had it."""
     for key, value in more.items():
         have = total.get(key)
-        if _number(have) and _number(value):
+        if jsonutil.is_number(have) and jsonutil.is_number(value):
             total[key] = have + value
         elif isinstance(have, dict) and isinstance(value, Mapping):
             total[key] = _sum_extra(dict(have), value)
