@@ -369,10 +369,17 @@ class LeanConnection(asyncio.Protocol):
         if noted is not None:
             method, path = _request_line(self._buf)
             waited_s = 0.0 if since is None else asyncio.get_running_loop().time() - since
-            headers[REQUEST_ID_HEADER] = noted(method, path, waited_s, _given_id(self._buf))
+            headers[REQUEST_ID_HEADER] = noted(method, path, waited_s, self._given_id())
         self.respond(408, body, content_type="application/json", headers=headers)
         self._server.writes.flush_one(transport)
         transport.close()
+
+    def _given_id(self) -> str:
+        """The ``X-Request-Id`` of the request being read, when its head has arrived whole
+        (read as :meth:`_next` reads it), else ``""``."""
+        end = self._buf.find(b"\r\n\r\n")
+        parsed = None if end < 0 else self._parse_head(bytes(self._buf[:end]))
+        return "" if parsed is None else parsed[2].get("x-request-id", "")
 
     def close_if_idle(self) -> None:
         """Close now unless a request is in progress (that one closes when it ends)."""
@@ -401,19 +408,6 @@ def _request_line(buf: bytearray) -> tuple[str, str]:
     method = parts[0] if len(parts) > 1 and parts[0] else "-"
     path = parts[1] if len(parts) > 2 and parts[1] else "-"
     return method, path
-
-
-def _given_id(buf: bytearray) -> str:
-    """The ``X-Request-Id`` of the request head at the start of ``buf`` when the head
-    has arrived whole, else ``""``."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return ""
-    for line in bytes(buf[:end]).decode("latin-1").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == "x-request-id":
-            return value.strip()
-    return ""
 
 
 def _tabbed_printable(line: str) -> bool:
