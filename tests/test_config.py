@@ -332,6 +332,24 @@ def test_other_sage_services_are_left_alone() -> None:
     assert by_type.control_plane.scheduling_policy == "fifo"
 
 
+def test_every_control_plane_service_table_is_checked() -> None:
+    other = (
+        '[services.embed_plane]\ntype = "ControlPlaneVLLMService"\nscheduling_policy = "fifoo"\n'
+        "[services.embed_plane.health]\ninterval_s = -1\n"
+    )
+    errs = problems(SEED + other)  # serve runs llm_control_plane; the other is still checked
+    assert [(e.key, e.detail) for e in errs] == [
+        ("services.embed_plane.scheduling_policy", "unknown value 'fifoo' (did you mean 'fifo'?)"),
+        ("services.embed_plane.health.interval_s", "must be > 0, got -1.0"),
+    ]
+    two = (
+        '[services.a]\ntype = "ControlPlaneVLLMService"\n'
+        '[services.b]\ntype = "ControlPlaneVLLMService"\nscheduling_policy = "bad"\n'
+    )
+    keys = [e.key for e in problems(two)]
+    assert keys == ["services", "services.b.scheduling_policy"]
+
+
 def test_a_vllm_service_table_is_checked_with_vllm_services_keys() -> None:
     table = '[services.llm]\ntype = "VLLMService"\nmodel_id = "m"\nengine = "sim"\n'
     cfg = parse_config(table + SEED)  # not the control plane's table, and valid as it is

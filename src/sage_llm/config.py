@@ -312,12 +312,13 @@ def _build(
     document: Mapping[str, Any] = {}
     service: Mapping[str, Any]
     spath: KeyPath = ()
+    others: list[str] = []
     if bare and "services" not in data and not set(data) <= set(_DOCUMENT_KEYS):
         service = _bare_service(data, p)
     else:
         _top_level_keys(data, p)
         document = data
-        service, spath = _find_service(data, p)
+        service, spath, others = _find_service(data, p)
     raw: dict[str, Mapping[str, Any] | None] = {}
     sections: dict[str, Any] = {}
     for name, cls in _SECTION_CLASSES:
@@ -327,6 +328,8 @@ def _build(
         if name == "gateway" and sections[name] is not None:
             sections[name] = _gateway_secrets(sections[name], path, environ, p)
     cp = _control_plane(service, spath, environ, p)
+    for key in others:
+        _check_other_service(document["services"][key], ("services", key), environ, p)
     if cp is None or any(value is None for value in sections.values()):
         return None
     cp = _instance_secrets(cp, environ)
@@ -431,13 +434,17 @@ def _bare_service(data: Mapping[str, Any], p: Problems) -> Mapping[str, Any]:
     return {k: v for k, v in data.items() if k not in unknown} if unknown else data
 
 
-def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, Any], KeyPath]:
+def _find_service(
+    data: Mapping[str, Any], p: Problems
+) -> tuple[Mapping[str, Any], KeyPath, list[str]]:
+    """The control plane's service table and its path, and the names of the other
+    control-plane service tables (a SAGE file may hold several; each is checked)."""
     services = data.get("services")
     if services is None:
-        return {}, _SERVICE_PATH
+        return {}, _SERVICE_PATH, []
     if not isinstance(services, Mapping):
         p.add(("services",), f"must be a table, got {described(services)}")
-        return {}, _SERVICE_PATH
+        return {}, _SERVICE_PATH, []
     chosen = "llm_control_plane" if "llm_control_plane" in services else None
     if chosen is None:
         ours = [k for k, v in services.items() if _is_ours(v)]
@@ -448,8 +455,12 @@ def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, An
                 "name the one to use llm_control_plane",
             )
         chosen = ours[0] if ours else None
+    others: list[str] = []
     for key, value in services.items():
         if key == chosen:
+            continue
+        if _is_ours(value):
+            others.append(str(key))
             continue
         if isinstance(value, Mapping) and value.get("type") == VLLM_SERVICE_TYPE:
             _check_vllm_service(value, ("services", str(key)), p)
@@ -461,8 +472,20 @@ def _find_service(data: Mapping[str, Any], p: Problems) -> tuple[Mapping[str, An
             f"unknown service{suggest(key, ['llm_control_plane'])} (a service table needs a type)",
         )
     if chosen is None:
-        return {}, _SERVICE_PATH
-    return _table(services[chosen], ("services", chosen), p), ("services", chosen)
+        return {}, _SERVICE_PATH, others
+    return _table(services[chosen], ("services", chosen), p), ("services", chosen), others
+
+
+def _check_other_service(
+    service: Mapping[str, Any], spath: KeyPath, env: Mapping[str, str], p: Problems
+) -> None:
+    """Another control plane's table (one ``serve`` does not run): checked by the same
+    rules, its own sections included, so that ``config check`` reports its problems too."""
+    for name, cls in _SECTION_CLASSES:
+        nested = service.get(name)
+        if nested is not None:
+            read_dataclass(cls, _table(nested, (*spath, name), p), (*spath, name), p)
+    _control_plane(service, spath, env, p)
 
 
 def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
