@@ -325,6 +325,16 @@ def test_an_address_that_does_not_resolve_is_a_one_line_error() -> None:
     assert proc.stderr.splitlines()[-1].startswith("error: --host: cannot resolve '999.1.1.1'")
 
 
+def test_a_file_host_that_does_not_resolve_is_located(tmp_path: Path) -> None:
+    config = tmp_path / "cluster.toml"
+    config.write_text('[services.llm_control_plane.gateway]\nhost = "999.1.1.1"\n')
+    proc = run_cli("serve", "--config", str(config), "--port", str(free_ports(1)))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"error: {config}:2: services.llm_control_plane.gateway.host: cannot resolve '999.1.1.1'"
+    )
+
+
 # -- help text ---------------------------------------------------------------------------------
 
 

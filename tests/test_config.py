@@ -323,6 +323,15 @@ def test_gateway_inside_the_service_table() -> None:
     assert cfg.gateway.port == 9999
 
 
+def test_where_the_bind_address_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[gateway]\n\nhost = "localhost"\n')
+    cfg = load_config(path)
+    assert cfg.where("gateway.host") == f"{path}:3: gateway.host"
+    assert cfg.where("gateway.port") == "gateway.port"  # not written: its default
+    assert SageConfig.default().where("gateway.host") == "gateway.host"
+
+
 def test_other_sage_services_are_left_alone() -> None:
     text = '[services.embedder]\ntype = "EmbeddingService"\nanything = 1\n' + SEED
     assert len(parse_config(text).control_plane.instances) == 2

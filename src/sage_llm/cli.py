@@ -324,7 +324,9 @@ def serve(
                 "(--host/--port): its requests would come back to the gateway"
             )
     if bind_port:  # 0 picks a free port
-        _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
+        _check_listen(
+            bind_host, bind_port, "--host" if host is not None else cfg.where("gateway.host")
+        )
     if uses_embedded_fleet(cfg):
         sim = cfg.simulation
         log.info(
@@ -763,7 +765,9 @@ def launch(
                 f"{where}: {bind_port} is also a NIXL side-channel port of engine "
                 f"{engine.instance_id!r}"
             )
-    _check_listen(bind_host, bind_port, "--host" if host is not None else "gateway.host")
+    _check_listen(
+        bind_host, bind_port, "--host" if host is not None else sage.where("gateway.host")
+    )
     chosen: dict[str, Any] = {}  # the options override the --config file
     if policy is not None or config_file is None:
         chosen["scheduling_policy"] = policy or "adaptive"

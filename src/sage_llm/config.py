@@ -321,9 +321,14 @@ def _build(
         service, spath, others = _find_service(data, p)
     raw: dict[str, Mapping[str, Any] | None] = {}
     sections: dict[str, Any] = {}
+    written_at: dict[str, str] = {}
     for name, cls in _SECTION_CLASSES:
         table, path = _section(document, service, spath, name, p)
         raw[name] = table
+        if name == "gateway":  # the bind address: resolved and bound only by serve
+            for key in ("host", "port"):
+                if key in (table or {}):
+                    written_at[f"gateway.{key}"] = p.where((*path, key))
         sections[name] = cls() if table is None else read_dataclass(cls, table, path, p)
         if name == "gateway" and sections[name] is not None:
             sections[name] = _gateway_secrets(sections[name], path, environ, p)
@@ -366,7 +371,13 @@ def _build(
             )
             return None
     return SageConfig(
-        cp, sections["gateway"], health, admission, sections["simulation"], source=p.source
+        cp,
+        sections["gateway"],
+        health,
+        admission,
+        sections["simulation"],
+        source=p.source,
+        written_at=written_at,
     )
 
 

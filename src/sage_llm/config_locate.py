@@ -273,9 +273,18 @@ class Problems:
     def add(self, path: KeyPath, message: str) -> None:
         """Record ``message`` about the value at ``path`` (``()`` = the whole input)."""
         self._paths.add(path)
+        self.errors.append(
+            ConfigError(message, location=self.location(path), key=format_key(path) or None)
+        )
+
+    def location(self, path: KeyPath) -> str:
+        """Where ``path`` is written: ``source:line`` (with a locator), else ``source``."""
         line = self.locator.line_of(path) if self.locator is not None else None
-        location = self.source if line is None else f"{self.source}:{line}"
-        self.errors.append(ConfigError(message, location=location, key=format_key(path) or None))
+        return self.source if line is None else f"{self.source}:{line}"
+
+    def where(self, path: KeyPath) -> str:
+        """``path`` as an error names it: ``source:line: key``."""
+        return f"{self.location(path)}: {format_key(path)}"
 
     def failed(self, path: KeyPath) -> bool:
         """Whether a problem was recorded about ``path`` itself."""

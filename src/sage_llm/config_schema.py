@@ -412,6 +412,15 @@ class SageConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     source: str = field(default="<default>", compare=False)
+    written_at: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Where some keys are written (``"gateway.host"`` →
+    ``"cluster.toml:7: services.llm_control_plane.gateway.host"``), for the errors found
+    after loading (``serve`` resolving the bind address); see :meth:`where`."""
+
+    def where(self, key: str) -> str:
+        """``key`` as written, with its file and line when known
+        (``"cluster.toml:7: gateway.host"``), else ``key`` alone."""
+        return self.written_at.get(key, key)
 
     @classmethod
     def default(cls) -> SageConfig:
