@@ -119,16 +119,39 @@ def test_syntax_error_carries_file_and_line() -> None:
     text = "a = 1\n[gateway\nport = 1\n"
     with pytest.raises(tomllib.TOMLDecodeError) as info:
         tomllib.loads(text)
-    error = syntax_error(info.value, "cfg.toml", 4)
+    error = syntax_error(info.value, "cfg.toml", text)
     assert error.location == "cfg.toml:2"
     assert "invalid TOML" in error.message
     assert "\n" not in str(error)
 
 
 def test_syntax_error_at_end_of_document_points_at_last_line() -> None:
+    text = 'a = 1\nb = "unterminated'
     with pytest.raises(tomllib.TOMLDecodeError) as info:
-        tomllib.loads('a = 1\nb = "unterminated')
-    assert syntax_error(info.value, "f.toml", 2).location == "f.toml:2"
+        tomllib.loads(text)
+    assert syntax_error(info.value, "f.toml", text).location == "f.toml:2"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[gateway]\nport = 1\n[gateway]\n",
+            "table gateway is declared twice; write its keys under one header",
+        ),
+        ("[[a.b]]\nx = 1\n[a.b]\n", "table a.b is declared twice; write its keys under one header"),
+        ("[gateway]\nport = 1\n  port = 2\n", "port is given a value twice; keep one"),
+        ('x = 1\n"x" = 2\n', '"x" is given a value twice; keep one'),
+        ("a = {b = 1}\na.c = 2\n", "a is an inline table: its keys go inside its braces"),
+        ("a = 1\n[a]\n", "Cannot overwrite a value (column 3)"),  # no key on the line
+    ],
+)
+def test_a_key_or_table_given_twice_is_said_in_the_files_words(text: str, message: str) -> None:
+    with pytest.raises(tomllib.TOMLDecodeError) as info:
+        tomllib.loads(text)
+    error = syntax_error(info.value, "f.toml", text)
+    last_line = text.count("\n")  # each case's mistake is on its last line
+    assert (error.location, error.detail) == (f"f.toml:{last_line}", f"invalid TOML: {message}")
 
 
 def test_problems_locate_and_sort_by_line() -> None:

@@ -291,7 +291,7 @@ def _parse(
         problems = Problems(source, locator)
         config = _build(data, problems, env, bare=False)
     except tomllib.TOMLDecodeError as exc:
-        return None, [syntax_error(exc, source, text.count("\n") + 1)]
+        return None, [syntax_error(exc, source, text)]
     except RecursionError:
         return None, [ConfigError(TOO_DEEP, location=source)]
     return config, problems.sorted()

@@ -17,6 +17,7 @@ values located this way, so a checker can report every problem of a file, not ju
 
 from __future__ import annotations
 
+import ast
 import bisect
 import json
 import re
@@ -30,6 +31,9 @@ KeyPath = tuple[PathPart, ...]
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 _TOML_AT_END = re.compile(r"\s*\(at end of document\)\s*$")
+_DECLARED_TWICE = re.compile(r"Cannot declare \((.*)\) twice")
+_INLINE_TABLE = re.compile(r"Cannot mutate immutable namespace \((.*)\)")
+_KEY_AT_LINE = re.compile(r"\s*([^=\s#\[][^=]*?)\s*=")
 
 
 def format_key(path: KeyPath) -> str:
@@ -244,17 +248,43 @@ TOO_DEEP = "tables or arrays nested too deeply to read"
 """The error of a document nested deeper than the reader's recursion allows."""
 
 
-def syntax_error(exc: tomllib.TOMLDecodeError, source: str, line_count: int) -> ConfigError:
-    """A TOML syntax error as a :class:`ConfigError` located at ``source:line``."""
+def syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> ConfigError:
+    """A TOML syntax error in ``text`` as a :class:`ConfigError` located at ``source:line``
+    (a table declared twice and a key given twice are said in the file's own words)."""
     message = str(exc)
     match = _TOML_POSITION.search(message)
-    if match is not None:
-        line = int(match.group(1))
-        text = f"invalid TOML: {message[: match.start()]} (column {match.group(2)})"
-    else:
-        line = line_count
-        text = f"invalid TOML: {_TOML_AT_END.sub('', message)} (at end of file)"
-    return ConfigError(text, location=f"{source}:{line}")
+    if match is None:
+        line = text.count("\n") + 1
+        why = f"invalid TOML: {_TOML_AT_END.sub('', message)} (at end of file)"
+        return ConfigError(why, location=f"{source}:{line}")
+    line = int(match.group(1))
+    reason = message[: match.start()]
+    why = f"invalid TOML: {reason} (column {match.group(2)})"
+    twice, inline = _DECLARED_TWICE.fullmatch(reason), _INLINE_TABLE.fullmatch(reason)
+    if twice is not None:
+        table = _names(twice.group(1))
+        if table:
+            why = f"invalid TOML: table {table} is declared twice; write its keys under one header"
+    elif inline is not None:
+        table = _names(inline.group(1))
+        if table:
+            why = f"invalid TOML: {table} is an inline table: its keys go inside its braces"
+    elif reason == "Cannot overwrite a value":
+        lines = text.splitlines()
+        key = _KEY_AT_LINE.match(lines[line - 1]) if 0 < line <= len(lines) else None
+        if key is not None:
+            why = f"invalid TOML: {key.group(1)} is given a value twice; keep one"
+    return ConfigError(why, location=f"{source}:{line}")
+
+
+def _names(text: str) -> str | None:
+    """The dotted key of a tuple of names as tomllib prints it (``'a', 'b'``), else None."""
+    try:
+        names = ast.literal_eval(f"({text})")
+    except (ValueError, SyntaxError):
+        return None
+    ok = isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)
+    return format_key(names) if ok else None
 
 
 class Problems:

@@ -821,7 +821,7 @@ def load_launch_config(
         doc = tomllib.loads(text)
         locator = KeyLocator(text)
     except tomllib.TOMLDecodeError as exc:
-        raise syntax_error(exc, str(path), text.count("\n") + 1) from None
+        raise syntax_error(exc, str(path), text) from None
     except RecursionError:
         raise ConfigError(TOO_DEEP, location=str(path)) from None
     p = Problems(str(path), locator)
