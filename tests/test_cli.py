@@ -545,6 +545,13 @@ def test_serve_port_0_picks_a_free_port_as_the_files_key_does() -> None:
         _listen_port(-1)
 
 
+def test_launch_port_0_is_taken_as_serves_is(tmp_path: Path) -> None:
+    missing = tmp_path / "fleet.toml"
+    code, output = invoke("launch", str(missing), "--port", "0")
+    assert code == 1
+    assert "--port" not in output and output.startswith(f"error: {missing}: cannot read")
+
+
 def test_topo_and_plan_read_the_json_topology_form(tmp_path: Path) -> None:
     from sage_llm.control_plane.topology import parse_nvidia_smi_topo
 

@@ -686,7 +686,8 @@ def launch(
     port: Annotated[
         int | None,
         typer.Option(
-            help="Gateway port (default: the file's [gateway] port, else 8080).", callback=_port
+            help="Gateway port (default: the file's [gateway] port, else 8080; 0: any free port).",
+            callback=_listen_port,
         ),
     ] = None,
     base_port: Annotated[
