@@ -1185,3 +1185,22 @@ def test_an_instance_at_the_gateways_own_address_is_refused() -> None:
     assert "the gateway's own address" in err.message
     parse_config(own + '\n[gateway]\nport = 8090\nhost = "10.0.0.5"\n')  # another host
     parse_config(own)  # the default port (8080) is not the instance's
+
+
+def test_one_bad_instance_does_not_hide_the_others_problems() -> None:
+    text = (
+        "[gateway]\nport = 8001\n[services.llm_control_plane]\n"
+        '[[services.llm_control_plane.instances]]\ninstance_id = "a"\nhost = "127.0.0.1"\n'
+        'port = 99999\nmodel_name = "m"\n'
+        '[[services.llm_control_plane.instances]]\ninstance_id = "b"\nhost = "127.0.0.1"\n'
+        'port = 8001\nmodel_name = "m"\n'
+        '[[services.llm_control_plane.instances]]\ninstance_id = "c"\nhost = "127.0.0.1"\n'
+        'port = 8002\nmodel_name = "m"\nengine = "sim"\nsim_model = "llama-3-70b"\n'
+        'sim_gpu = "l4"\n'
+    )
+    errs = problems(text)
+    base = "services.llm_control_plane.instances"
+    assert [e.key for e in errs] == [f"{base}[0].port", f"{base}[1].port", f"{base}[2].sim_gpu"]
+    assert "the gateway's own address" in errs[1].detail
+    # the default GPU in the bad name's place is not judged (70B "does not fit on 1 × H100")
+    assert errs[2].detail.startswith("unknown GPU 'l4'")

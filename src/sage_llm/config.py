@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +332,8 @@ def _build(
         sections[name] = cls() if table is None else read_dataclass(cls, table, path, p)
         if name == "gateway" and sections[name] is not None:
             sections[name] = _gateway_secrets(sections[name], path, environ, p)
-    cp = _control_plane(service, spath, environ, p)
+    built = _control_plane(service, spath, environ, p)
+    cp, checkable = built if built is not None else (None, [])
     for key in others:
         _check_other_service(document["services"][key], ("services", key), environ, p)
     if cp is None or any(value is None for value in sections.values()):
@@ -357,7 +358,7 @@ def _build(
     if admission.max_queue_size is not None:
         cp = dataclasses.replace(cp, max_queue_size=admission.max_queue_size)
     if "port" in (raw["gateway"] or {}):  # a port given on the command line may differ
-        _check_not_the_gateway(cp, sections["gateway"], (*spath, "instances"), p)
+        _check_not_the_gateway(cp, checkable, sections["gateway"], (*spath, "instances"), p)
     limit = sections["gateway"].max_tokens_limit
     if limit is not None and cp.default_max_tokens > limit:
         if service.get("default_max_tokens") is None:  # its default: as much as the limit allows
@@ -529,7 +530,9 @@ def _is_ours(value: Any) -> bool:
 
 def _control_plane(
     service: Mapping[str, Any], spath: KeyPath, env: Mapping[str, str], p: Problems
-) -> ControlPlaneConfig | None:
+) -> tuple[ControlPlaneConfig, list[tuple[int, InstanceConfig]]] | None:
+    """The control plane of ``service``, and its instances to check fleet-wide by index
+    (:func:`_checkable`)."""
     cp = read_dataclass(
         ControlPlaneConfig, service, spath, p, extra_keys=SECTIONS, foreign=FOREIGN_RULES
     )
@@ -571,8 +574,9 @@ def _control_plane(
         )
     _check_instances(service.get("instances"), cp.mode, (*spath, "instances"), env, p)
     _check_servable(cp, (*spath, "instances"), p)
+    checkable = _checkable(service, spath, cp, p)
     if cp.mode == "simulated":  # every instance's engine is simulated (engine = "sim": its own)
-        for index, inst in enumerate(cp.instances):
+        for index, inst in checkable:
             tp, pp = inst.tensor_parallel_size, inst.pipeline_parallel_size
             problem = placement_problem(inst.sim_model, inst.sim_gpu, tp=tp, pp=pp)
             if problem is not None and inst.engine != "sim":
@@ -580,7 +584,29 @@ def _control_plane(
                     (*spath, "instances", index),
                     f"its simulated engine cannot start: {problem}",
                 )
-    return cp
+    return cp, checkable
+
+
+def _checkable(
+    service: Mapping[str, Any], spath: KeyPath, cp: ControlPlaneConfig, p: Problems
+) -> list[tuple[int, InstanceConfig]]:
+    """The instances the fleet-wide checks look at, by index: every one; or, when some have
+    problems of their own (then ``cp`` holds none), each of the others, so that one bad
+    instance does not hide the others' problems."""
+    path = (*spath, "instances")
+    if not p.failed_under(path):
+        return list(enumerate(cp.instances))
+    raw = service.get("instances")
+    if not isinstance(raw, list | tuple):
+        return []
+    checkable = []
+    for index, item in enumerate(raw):
+        if isinstance(item, Mapping) and not p.failed_under((*path, index)):
+            scratch = Problems(p.source)  # its problems were reported with the control plane
+            inst = read_dataclass(InstanceConfig, item, (), scratch, foreign=FOREIGN_RULES)
+            if inst is not None and not scratch.errors:
+                checkable.append((index, inst))
+    return checkable
 
 
 def _check_pd(pd: PDSeparationConfig, path: KeyPath, p: Problems) -> None:
@@ -631,11 +657,15 @@ def _check_instances(
 
 
 def _check_not_the_gateway(
-    cp: ControlPlaneConfig, gateway: GatewayConfig, path: KeyPath, p: Problems
+    cp: ControlPlaneConfig,
+    checkable: Sequence[tuple[int, InstanceConfig]],
+    gateway: GatewayConfig,
+    path: KeyPath,
+    p: Problems,
 ) -> None:
     """An HTTP instance at the gateway's own address would be sent the gateway's requests
     back (each then answered 409, its id already in progress)."""
-    for index, inst in instances_at(cp, gateway.host, gateway.port):
+    for index, inst in instances_at(cp, gateway.host, gateway.port, checkable):
         p.add(
             (*path, index, "port"),
             f"{inst.host}:{inst.port} is the gateway's own address (gateway.port): "
@@ -643,10 +673,16 @@ def _check_not_the_gateway(
         )
 
 
-def instances_at(cp: ControlPlaneConfig, host: str, port: int) -> list[tuple[int, InstanceConfig]]:
-    """The HTTP instances of ``cp`` (by index) at the address a gateway bound to ``host``
-    and ``port`` listens on: the gateway's requests to them would come back to it. None
-    for port 0 (a free one is picked) and in ``simulated`` mode."""
+def instances_at(
+    cp: ControlPlaneConfig,
+    host: str,
+    port: int,
+    candidates: Sequence[tuple[int, InstanceConfig]] | None = None,
+) -> list[tuple[int, InstanceConfig]]:
+    """The HTTP instances of ``cp`` (by index; ``candidates``: those instead) at the address
+    a gateway bound to ``host`` and ``port`` listens on: the gateway's requests to them
+    would come back to it. None for port 0 (a free one is picked) and in ``simulated``
+    mode."""
     if cp.mode == "simulated" or not port:
         return []
     bind = host_key(host)
@@ -654,7 +690,7 @@ def instances_at(cp: ControlPlaneConfig, host: str, port: int) -> list[tuple[int
     ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
     return [
         (index, inst)
-        for index, inst in enumerate(cp.instances)
+        for index, inst in (enumerate(cp.instances) if candidates is None else candidates)
         if inst.engine != "sim" and inst.port == port and host_key(inst.host) in ours
     ]
 

@@ -103,9 +103,12 @@ def read_dataclass(
 ) -> T | None:
     """``cls`` built from ``table``; problems go to ``p``. Keys in ``extra_keys`` are allowed
     and skipped; ``foreign`` gives rules for dataclasses whose fields carry none. A bad value
-    leaves the field at its default; None is returned only when ``cls`` cannot be built."""
+    leaves the field at its default; None is returned only when ``cls`` cannot be built.
+    Its own checks across fields are reported only when every field was valid: with a
+    default in a bad value's place they would judge a value nobody wrote."""
     fields, hints = _fields_and_hints(cls)
     kwargs: dict[str, Any] = {}
+    before = len(p.errors)
     for key, value in table.items():
         if key not in fields:
             if key not in extra_keys:
@@ -129,7 +132,8 @@ def read_dataclass(
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        p.add(path, str(exc))
+        if len(p.errors) == before:
+            p.add(path, str(exc))
         return None
 
 
