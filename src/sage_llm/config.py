@@ -211,7 +211,12 @@ def check_manager_arguments(**values: Any) -> None:
     if missing:
         raise TypeError(f"check_manager_arguments: missing {', '.join(sorted(missing))}")
     problems = Problems("")
-    admission = {k: values[k] for k in _ADMISSION_KEYS}
+    for name, value in values.items():  # None is "not set" in a file, never an argument's value
+        default = _ARGUMENT_DEFAULTS.get(name)
+        if value is None and default is not None:
+            problems.add((name,), f"must not be None (its default is {default!r})")
+    values = {k: v for k, v in values.items() if not problems.failed((k,))}
+    admission = {k: values[k] for k in _ADMISSION_KEYS if k in values}
     read_dataclass(
         ControlPlaneConfig, {k: v for k, v in values.items() if k not in admission}, (), problems
     )
@@ -229,6 +234,15 @@ MANAGER_FILE_KEYS = frozenset(
     and f.name not in SERVICE_DEFAULT_KEYS
 ) | frozenset(_ADMISSION_KEYS)
 """The ``ControlPlaneManager`` arguments :func:`check_manager_arguments` checks."""
+_ARGUMENT_DEFAULTS = {
+    **{
+        f.name: f.default
+        for f in dataclasses.fields(ControlPlaneConfig)
+        if f.name in MANAGER_FILE_KEYS
+    },
+    **{f.name: f.default for f in dataclasses.fields(AdmissionConfig) if f.name in _ADMISSION_KEYS},
+}
+"""Their defaults in a file (None: the argument may be None)."""
 
 
 _SIM_METADATA = SIM_KEYS

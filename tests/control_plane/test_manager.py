@@ -1665,6 +1665,14 @@ def test_policy_and_routing_names_are_read_as_config_files_read_them(given: str,
         ({"prefix_index_capacity": 0}, "prefix_index_capacity"),
         ({"prefix_index_capacity": 1 << 25}, "prefix_index_capacity"),
         ({"max_queue_wait_s": 0.0}, "max_queue_wait_s"),
+        ({"result_ttl_s": None}, "result_ttl_s"),  # None is no argument's "not set"
+        ({"mode": None}, "mode"),
+        ({"max_queue_size": None}, "max_queue_size"),
+        ({"engine_stream": None}, "engine_stream"),
+        ({"pd_config": {"enabled": True}}, "pd_config"),
+        ({"health": "x"}, "health"),
+        ({"engine_timeouts": 3}, "engine_timeouts"),
+        ({"clock": 3}, "clock"),
     ],
 )
 def test_a_bad_manager_argument_is_a_config_error_naming_it(
@@ -1898,3 +1906,20 @@ def test_adaptive_follows_the_fleet_once_traffic_stops() -> None:
             assert b'sage_llm_scheduling_policy{policy="fifo"} 1.0' in cp.prometheus_metrics()
 
     run_virtual(main())
+
+
+def test_figures_can_be_read_before_the_first_start_outside_any_loop() -> None:
+    cp = ControlPlaneManager(mode="simulated")
+    cp.register_instance(make_instance("a"))
+    assert cp.get_instance_metrics("a")["draining"] is False
+    assert cp.get_instance_report("a").instance_id == "a"
+    with pytest.raises(ControlPlaneNotRunningError):
+        cp.get_scheduling_decision("r1")
+
+
+def test_drain_instance_takes_true_or_false_only() -> None:
+    cp = ControlPlaneManager(mode="simulated")
+    cp.register_instance(make_instance("a"))
+    with pytest.raises(ConfigError, match="draining: must be true or false, got 'no'"):
+        cp.drain_instance("a", "no")  # type: ignore[arg-type]
+    assert cp.get_instance_metrics("a")["draining"] is False

@@ -93,7 +93,7 @@ from sage_llm.errors import (
     RequestNotFoundError,
     SLOInfeasibleError,
 )
-from sage_llm.sim.clock import Clock, current_clock
+from sage_llm.sim.clock import Clock, RealClock, current_clock
 from sage_llm.types import (
     ExecutionInstance,
     ExecutionInstanceType,
@@ -183,6 +183,16 @@ class ControlPlaneManager:
             seed=seed, max_queue_wait_s=max_queue_wait_s,
             reject_infeasible_slo=reject_infeasible_slo,
         )  # fmt: skip
+        for name, given, kind in (
+            ("pd_config", pd_config, PDSeparationConfig),
+            ("health", health, HealthSettings),
+            ("engine_timeouts", engine_timeouts, HTTPTimeouts),
+            ("clock", clock, Clock),
+        ):
+            if given is not None and not isinstance(given, kind):
+                raise ConfigError(
+                    f"must be a {kind.__name__} (or None), got {type(given).__name__}", key=name
+                )
         mode = mode.strip().lower()
         mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         engine_stream = engine_stream.lower()
@@ -276,7 +286,14 @@ class ControlPlaneManager:
 
     @property
     def clock(self) -> Clock:
+        """The clock given, else that of the loop it runs on (virtual on a virtual loop).
+        Read outside any loop (figures asked for before the first start), the process's
+        monotonic clock, which a real loop would use too; the choice waits for a loop."""
         if self._clock is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return RealClock()
             self._clock = current_clock()
         return self._clock
 
@@ -494,6 +511,8 @@ class ControlPlaneManager:
 
     def drain_instance(self, instance_id: str, draining: bool = True) -> None:
         """Stop (or resume) sending new requests to an instance; in-flight ones finish."""
+        if not isinstance(draining, bool):
+            raise ConfigError(f"must be true or false, got {draining!r}", key="draining")
         state = self._registry.get(instance_id)
         if state.removed:
             raise ConflictError(
