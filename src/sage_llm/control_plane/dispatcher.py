@@ -948,6 +948,7 @@ class Dispatcher:
             run.prefill.client, dstate.client, run.prefill.instance, dstate.instance,
             on_prefill_done=lambda handle: self._prefill_done(rec, run, handle),
             spare_decode=lambda: self._spare_decode(rec.info.model, dstate.instance_id),
+            decode_down=lambda: dstate.removed or not dstate.routable,
         )  # fmt: skip
         try:
             self._may_begin(rec)

@@ -260,6 +260,89 @@ def test_vllm_after_a_decode_failure_the_kv_is_pulled_through_a_spare_decode_ins
     run_virtual(main())
 
 
+def test_vllm_a_leg_cancelled_off_a_down_decode_instance_pulls_through_a_spare() -> None:
+    """Moved off an ejected (hung) instance, the leg is cancelled, not failed: the pull
+    must not go through that instance (it waited the whole release_timeout_s there, holding
+    the request's retry, and the KV stayed pinned)."""
+
+    async def main() -> None:
+        hub = KVTransferHub()
+        p = SimEngine("p0", SimEngineConfig(role=Role.PREFILLING), kv_hub=hub)
+        d1 = SimEngine("d1", SimEngineConfig(role=Role.DECODING), kv_hub=hub)
+        hung = FakeEngine("d0", gate_after=0)  # never answers
+        spare = ConcurrencyProbe(d1)
+        connector = VLLMConnector()
+        watch = PrefillWatch()
+        two = replace(
+            legs(ConcurrencyProbe(p), hung, watch),
+            spare_decode=lambda: spare,
+            decode_down=lambda: True,  # ejected
+        )
+        task = asyncio.ensure_future(collect(connector.run(request(), two)))
+        await hung.gated.wait()
+        started = asyncio.get_running_loop().time()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert [r.request_id for r in hung.requests] == ["r1"]  # no pull through it
+        assert spare.request_ids == ["r1-kv-release"]
+        assert nothing_pinned(p, "r1")
+        assert (connector.releases, connector.release_failures) == (1, 0)
+        await p.aclose()
+        await d1.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_a_release_that_times_out_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        p, _ = sim_pair()
+        hung = FakeEngine("d0", gate_after=0)
+        connector = VLLMConnector(VLLMConnectorParams(release_timeout_s=2.0))
+        watch = PrefillWatch()
+        task = asyncio.ensure_future(
+            collect(connector.run(request(), legs(ConcurrencyProbe(p), hung, watch)))
+        )
+        await hung.gated.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert connector.release_failures == 1
+        await p.aclose()
+
+    run_virtual(main())
+    assert "no answer within release_timeout_s (2 s)" in caplog.text
+
+
+def test_vllm_a_whole_answer_leg_streams_so_a_pulled_kv_owes_no_release() -> None:
+    """A decode leg asked for its answer in one piece shows nothing until its end, so a
+    leg cut short after the decode engine pulled the KV looked as if it owed a release
+    (a second, needless one-token pull). Streamed, its first chunk says the KV was pulled."""
+
+    async def main() -> None:
+        p, d = sim_pair()
+        decode = FakeEngine("d0", gate_after=2)  # two chunks, then it waits
+        connector = VLLMConnector()
+        task = asyncio.ensure_future(
+            collect(connector.run(request(stream=False), legs(ConcurrencyProbe(p), decode)))
+        )
+        await decode.gated.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [(r.request_id, r.stream) for r in decode.requests] == [("r1", True)]
+        assert (connector.releases, connector.release_failures) == (0, 0)
+        # a prefill client that releases KV itself needs no stream to know
+        direct = FakeEngine("d1")
+        await collect(connector.run(request("r2", stream=False), legs(p, direct)))
+        assert [r.stream for r in direct.requests] == [False]
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
 # --------------------------------------------------------------------------- SGLang
 
 

@@ -90,6 +90,12 @@ class PDLegs:
     decode_instance: ExecutionInstance
     on_prefill_done: Callable[[KVHandle], None] | None = None
     spare_decode: Callable[[], EngineClient | None] | None = None
+    decode_down: Callable[[], bool] | None = None
+    """Whether the decode leg's instance is down now (ejected or removed): a leg cancelled
+    because of that failed as much as one that raised."""
+
+    def decode_is_down(self) -> bool:
+        return self.decode_down is not None and self.decode_down()
 
     def prefill_done(self, handle: KVHandle) -> None:
         if self.on_prefill_done is not None:
@@ -174,7 +180,12 @@ class VLLMConnector:
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
         decode_failed = False
-        stream = legs.decode.generate(req.with_changes(kv_transfer_params=dict(handle.params)))
+        decode_req = req.with_changes(kv_transfer_params=dict(handle.params))
+        if not decode_req.stream and self._releases_by_pull(legs):
+            # a whole answer comes only at its end; streamed, the leg's first chunk says the
+            # decode engine has pulled the KV, so that a leg cut short later owes no release
+            decode_req = decode_req.with_changes(stream=True)
+        stream = legs.decode.generate(decode_req)
         try:
             try:
                 async for chunk in stream:
@@ -189,7 +200,15 @@ class VLLMConnector:
         finally:
             await _close(stream)
             if owed:
-                await self.release(req, handle, legs, decode_failed=decode_failed)
+                failed = decode_failed or legs.decode_is_down()  # e.g. cancelled: ejected
+                await self.release(req, handle, legs, decode_failed=failed)
+
+    def _releases_by_pull(self, legs: PDLegs) -> bool:
+        """Whether KV left on the prefill side would be released by a pull (the prefill
+        client has no ``release_kv`` of its own)."""
+        return self.params.release_by_pull and not callable(
+            getattr(legs.prefill, "release_kv", None)
+        )
 
     async def release(
         self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool = False
@@ -217,11 +236,16 @@ class VLLMConnector:
                     return False
         except (SageLLMError, TimeoutError) as exc:
             self.release_failures += 1
+            why = (
+                str(exc)
+                or f"no answer within release_timeout_s ({self.params.release_timeout_s:g} s)"
+            )
             log.warning(
-                "request %s: could not release KV on %s: %s",
+                "request %s: could not release KV on %s (it stays pinned until the engine's "
+                "abort timeout): %s",
                 req.request_id,
                 legs.prefill.instance_id,
-                exc,
+                why,
             )
             return False
         if released:
