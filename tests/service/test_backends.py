@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
 
 from sage_llm.errors import (
+    ConflictError,
     DeadlineExceededError,
     EngineConnectionError,
     InvalidRequestError,
@@ -15,6 +17,8 @@ from sage_llm.errors import (
 from sage_llm.service import ControlPlaneVLLMService, VLLMService
 from sage_llm.service.backends import EngineBackend, make_backend, service_instance
 from sage_llm.service.config import VLLMServiceConfig
+from sage_llm.service.payloads import RequestDefaults, parse_generate
+from sage_llm.sim.clock import run_virtual
 from sage_llm.types import ExecutionInstanceType
 from tests.service.fleets import MODEL
 
@@ -108,3 +112,36 @@ def test_an_engine_without_embeddings_is_the_clients_error_on_both_services(
     ):
         svc.process({"task": "embed", "inputs": "x"})
     assert err.value.param == "model"
+
+
+def test_engine_refusals_and_id_clashes_name_the_payloads_part_as_the_control_plane_does() -> None:
+    """VLLMService's errors are those of ControlPlaneVLLMService: a refused field is named
+    as the option it came from (``options.max_tokens``, in a batch ``inputs[1].…``), and a
+    request id already running is a ConflictError."""
+
+    async def main() -> None:
+        cfg = VLLMServiceConfig.from_dict({"model_id": MODEL, "engine": "sim"})
+        backend = EngineBackend(cfg)
+        await backend.start()
+        try:
+            big = parse_generate(["a"], {"max_tokens": 10**6}, RequestDefaults())
+            with pytest.raises(InvalidRequestError) as one:
+                await backend.generate(big, ["r1"])
+            assert one.value.param == "options.max_tokens"
+            two = parse_generate(["a", {"prompt": "b", "options": {"max_tokens": 10**6}}],
+                                 {"max_tokens": 2}, RequestDefaults())  # fmt: skip
+            with pytest.raises(InvalidRequestError) as batch:
+                await backend.generate(two, ["b-0", "b-1"])
+            assert batch.value.param == "inputs[1].options.max_tokens"
+            assert str(batch.value).startswith("inputs[1]: ")
+            slow = parse_generate(["a"], {"max_tokens": 200}, RequestDefaults())
+            first = asyncio.ensure_future(backend.generate(slow, ["dup"]))
+            await asyncio.sleep(0.01)
+            with pytest.raises(ConflictError, match="request 'dup' is already in progress"):
+                await backend.generate(slow, ["dup"])
+            assert len(await first) == 1  # the first one runs on
+            assert len(await backend.generate(slow, ["dup"])) == 1  # and its id is free again
+        finally:
+            await backend.aclose()
+
+    run_virtual(main())

@@ -9,10 +9,12 @@ import pytest
 from sage_llm.errors import InvalidRequestError
 from sage_llm.service.payloads import (
     GenerateOptions,
+    PromptInput,
     RequestDefaults,
     parse_generate,
     parse_options,
     parse_payload,
+    request_ids,
 )
 from sage_llm.types import RequestPriority
 
@@ -169,3 +171,18 @@ def test_bad_options_raise_with_the_option_named(options: dict[str, Any], param:
 def test_an_unknown_option_suggests_the_close_one() -> None:
     with pytest.raises(InvalidRequestError, match="did you mean 'max_tokens'"):
         parse_options({"max_token": 5}, RequestDefaults(), "options")
+
+
+def test_every_request_id_of_a_batch_is_its_own() -> None:
+    def ids(*given: str | None) -> list[str]:
+        items = [
+            PromptInput("p", None, GenerateOptions(request_id=rid, max_tokens=1)) for rid in given
+        ]
+        return request_ids(items)
+
+    assert ids("r", "r", "x") == ["r-0", "r-1", "x"]
+    # the suffix would be another input's own id
+    assert ids("r", "r", "r-1") == ["r-0", "r-1-1", "r-1"]
+    assert ids("r", "r", "r-1", "r-1-1") == ["r-0", "r-1-2", "r-1", "r-1-1"]
+    fresh = ids(None, None)
+    assert len(set(fresh)) == 2 and all(len(rid) == 32 for rid in fresh)

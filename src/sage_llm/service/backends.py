@@ -19,7 +19,14 @@ from typing import Any, Protocol
 
 from sage_llm.control_plane.intake import build_request
 from sage_llm.engines.base import EngineClient, Usage, embeddings_refusal
-from sage_llm.errors import ConfigError, DeadlineExceededError, EngineError, ModelNotFoundError
+from sage_llm.errors import (
+    ConfigError,
+    ConflictError,
+    DeadlineExceededError,
+    EngineError,
+    ModelNotFoundError,
+    SageLLMError,
+)
 from sage_llm.service.config import VLLMServiceConfig
 from sage_llm.service.embeddings import (
     EmbedRequest,
@@ -27,7 +34,7 @@ from sage_llm.service.embeddings import (
     sim_embedding,
     vectors_from_openai,
 )
-from sage_llm.service.payloads import PromptInput
+from sage_llm.service.payloads import PromptInput, locate_error
 from sage_llm.service.results import generation_entry, to_metadata
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import ExecutionInstance
@@ -116,6 +123,8 @@ class EngineBackend:
         self._instance = service_instance(cfg)
         self._client: EngineClient | None = None
         self._session: Any = None
+        self._in_flight: set[str] = set()
+        """Request ids running now: a second one is refused, as the control plane does."""
 
     async def start(self) -> None:
         if self._cfg.backend == "sim":
@@ -147,12 +156,35 @@ class EngineBackend:
         self, items: list[PromptInput], request_ids: list[str]
     ) -> list[dict[str, Any]]:
         timeouts = [i.options.timeout_s for i in items if i.options.timeout_s is not None]
+        many = len(items) > 1
         entries: list[dict[str, Any]] = await _all(
-            [self._one(item, rid) for item, rid in zip(items, request_ids, strict=True)],
+            [
+                self._located(item, rid, f"inputs[{index}]" if many else None)
+                for index, (item, rid) in enumerate(zip(items, request_ids, strict=True))
+            ],
             min(timeouts) if timeouts else None,
             "generate",
         )
         return entries
+
+    async def _located(
+        self, item: PromptInput, request_id: str, where: str | None
+    ) -> dict[str, Any]:
+        """:meth:`_one`, its errors naming the payload's part (as the control plane's are)."""
+        if request_id in self._in_flight:
+            exc: SageLLMError = ConflictError(
+                f"request {request_id!r} is already in progress", param="request_id"
+            )
+            locate_error(exc, where)
+            raise exc
+        self._in_flight.add(request_id)
+        try:
+            return await self._one(item, request_id)
+        except SageLLMError as exc:
+            locate_error(exc, where)
+            raise
+        finally:
+            self._in_flight.discard(request_id)
 
     async def _one(self, item: PromptInput, request_id: str) -> dict[str, Any]:
         client = self._require()

@@ -26,8 +26,6 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-import uuid
-from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,8 +47,10 @@ from sage_llm.service.payloads import (
     Payload,
     PromptInput,
     RequestDefaults,
+    locate_error,
     parse_generate,
     parse_payload,
+    request_ids,
 )
 from sage_llm.service.results import generation_entry, to_metadata
 from sage_llm.service.runner import LoopFactory, LoopThread
@@ -210,7 +210,7 @@ class ControlPlaneVLLMService(ManagedService):
     async def _generate(self, items: list[PromptInput]) -> list[dict[str, Any]]:
         cp = self._require_manager()
         metas = [
-            to_metadata(item, rid) for item, rid in zip(items, _request_ids(items), strict=True)
+            to_metadata(item, rid) for item, rid in zip(items, request_ids(items), strict=True)
         ]
         timeouts = [i.options.timeout_s for i in items if i.options.timeout_s is not None]
         timeout = min(timeouts) if timeouts else None
@@ -223,7 +223,7 @@ class ControlPlaneVLLMService(ManagedService):
             try:
                 return await cp.wait_for_result(rid, raise_failure=True)
             except SageLLMError as exc:
-                _locate(exc, f"inputs[{index}]" if many else None)
+                locate_error(exc, f"inputs[{index}]" if many else None)
                 raise
 
         try:
@@ -232,7 +232,7 @@ class ControlPlaneVLLMService(ManagedService):
                 try:
                     submitted.append(await cp.submit_request(meta))
                 except SageLLMError as exc:
-                    _locate(exc, f"inputs[{index}]" if many else None)
+                    locate_error(exc, f"inputs[{index}]" if many else None)
                     raise
             async with asyncio.timeout(timeout):
                 results = await asyncio.gather(*(result(i, r) for i, r in enumerate(submitted)))
@@ -258,34 +258,6 @@ class ControlPlaneVLLMService(ManagedService):
         vectors = vectors_from_openai(answer, len(req.texts))
         model = answer.get("model") or req.model or ",".join(cp.get_status()["models"])
         return embed_result(str(model), vectors, req.normalize)
-
-
-_PAYLOAD_PARAMS = ("inputs", "options", "payload", "task")
-_INPUT_PARAMS = frozenset({"prompt", "messages", "input"})
-"""Request fields a payload gives as its input, not as an option."""
-
-
-def _locate(exc: SageLLMError, where: str | None) -> None:
-    """Name in ``exc`` the payload's part the control plane refused: its ``param`` (a
-    request field, ``temperature``) as the option it came from (``options.temperature``),
-    and, in a batch, the input (``where``: ``inputs[2]``), in ``param`` and in the message
-    (which is all SAGE's ``call_service`` passes on)."""
-    param = exc.param
-    if param in _INPUT_PARAMS or (where and not param):
-        exc.param = where or "inputs"
-    elif param and not param.startswith(_PAYLOAD_PARAMS):
-        exc.param = f"{where}.options.{param}" if where else f"options.{param}"
-    if where:
-        exc.message = f"{where}: {exc.message}"
-        exc.args = (exc.message, *exc.args[1:])
-
-
-def _request_ids(items: list[PromptInput]) -> list[str]:
-    """Each input's ``request_id`` option, else a fresh id; a repeated id (one given for the
-    whole batch) gets ``-<index>`` appended."""
-    ids = [i.options.request_id or uuid.uuid4().hex for i in items]
-    counts = Counter(ids)
-    return [f"{rid}-{n}" if counts[rid] > 1 else rid for n, rid in enumerate(ids)]
 
 
 def _entry(meta: RequestMetadata, result: RequestResult) -> dict[str, Any]:

@@ -22,11 +22,13 @@ import json
 import math
 import numbers
 import operator
+import uuid
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.errors import InvalidRequestError
+from sage_llm.errors import InvalidRequestError, SageLLMError
 from sage_llm.types import RequestPriority
 
 __all__ = [
@@ -36,10 +38,12 @@ __all__ = [
     "Payload",
     "PromptInput",
     "RequestDefaults",
+    "locate_error",
     "parse_generate",
     "parse_options",
     "parse_payload",
     "reject_unknown",
+    "request_ids",
     "suggest",
 ]
 
@@ -118,6 +122,46 @@ class PromptInput:
     prompt: str | None
     messages: list[dict[str, Any]] | None
     options: GenerateOptions
+
+
+def request_ids(items: Sequence[PromptInput]) -> list[str]:
+    """Each input's ``request_id`` option, else a fresh id. An id several inputs share (one
+    given for the whole batch) gets ``-<index>`` appended, and more (``-<index>-<k>``) when
+    that is another input's own id: every id of a batch is its own."""
+    ids = [i.options.request_id or uuid.uuid4().hex for i in items]
+    counts = Counter(ids)
+    taken = set(ids)
+    out: list[str] = []
+    for index, rid in enumerate(ids):
+        if counts[rid] > 1:
+            unique, k = f"{rid}-{index}", 0
+            while unique in taken:
+                k += 1
+                unique = f"{rid}-{index}-{k}"
+            taken.add(unique)
+            rid = unique
+        out.append(rid)
+    return out
+
+
+_PAYLOAD_PARAMS = ("inputs", "options", "payload", "task")
+_INPUT_PARAMS = frozenset({"prompt", "messages", "input"})
+"""Request fields a payload gives as its input, not as an option."""
+
+
+def locate_error(exc: SageLLMError, where: str | None) -> None:
+    """Name in ``exc`` the payload's part the engine or control plane refused: its
+    ``param`` (a request field, ``temperature``) as the option it came from
+    (``options.temperature``), and, in a batch, the input (``where``: ``inputs[2]``), in
+    ``param`` and in the message (which is all SAGE's ``call_service`` passes on)."""
+    param = exc.param
+    if param in _INPUT_PARAMS or (where and not param):
+        exc.param = where or "inputs"
+    elif param and not param.startswith(_PAYLOAD_PARAMS):
+        exc.param = f"{where}.options.{param}" if where else f"options.{param}"
+    if where:
+        exc.message = f"{where}: {exc.message}"
+        exc.args = (exc.message, *exc.args[1:])
 
 
 # -- payload -------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import threading
 import tomllib
-import uuid
-from collections import Counter
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from sage_llm.service.control_plane_service import (
     ControlPlaneVLLMService,
 )
 from sage_llm.service.embeddings import parse_embed
-from sage_llm.service.payloads import PromptInput, parse_generate, parse_payload
+from sage_llm.service.payloads import parse_generate, parse_payload, request_ids
 from sage_llm.service.runner import LoopFactory, LoopThread
 from sage_llm.service.views import models_view
 
@@ -187,7 +185,7 @@ class VLLMService(ManagedService):
         assert backend is not None
         if req.task == "generate":
             items = parse_generate(req.inputs, req.options, self.defaults)
-            return backend.generate(items, _request_ids(items))
+            return backend.generate(items, request_ids(items))
         if req.task == "embed":
             return backend.embed(parse_embed(req.inputs, req.options, self.defaults.timeout_s))
         if req.task == "show_models":
@@ -208,12 +206,6 @@ class VLLMService(ManagedService):
                 "pipeline starts) or use the service as a context manager"
             )
         return runner
-
-
-def _request_ids(items: list[PromptInput]) -> list[str]:
-    ids = [i.options.request_id or uuid.uuid4().hex for i in items]
-    counts = Counter(ids)
-    return [f"{rid}-{n}" if counts[rid] > 1 else rid for n, rid in enumerate(ids)]
 
 
 def _control_plane_config(cfg: VLLMServiceConfig) -> Any:
