@@ -33,3 +33,16 @@ def test_readme_snippet_matches_the_example() -> None:
                  "await control_plane.wait_for_result(request_id)"):  # fmt: skip
         assert line in readme
         assert line in (ROOT / "examples" / "seed_usage.py").read_text()
+
+
+def test_sage_pipeline_example_refuses_counts_below_one() -> None:
+    for option, value in (("--max-tokens", "-1"), ("--waves", "0"), ("--per-wave", "x")):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "sage_pipeline" / "main.py"), option, value],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stdout  # before SAGE starts: nothing sent
+        assert f"argument {option}: must be an integer >= 1, got" in proc.stderr

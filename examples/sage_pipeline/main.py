@@ -211,13 +211,24 @@ def describe(config: SageConfig) -> str:
     return f"ControlPlaneVLLMService: policy {cp.scheduling_policy}, {where}"
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="TOML file of the control plane (engines)")
     parser.add_argument("--policy", choices=POLICY_NAMES, help="override the scheduling policy")
-    parser.add_argument("--waves", type=int, default=2, help="batches sent (default 2)")
-    parser.add_argument("--per-wave", type=int, default=24, help="questions per batch")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument("--waves", type=_at_least_one, default=2, help="batches sent (default 2)")
+    parser.add_argument("--per-wave", type=_at_least_one, default=24, help="questions per batch")
+    parser.add_argument("--max-tokens", type=_at_least_one, default=64, help="tokens per answer")
     parser.add_argument("--verbose", action="store_true", help="show SAGE's own logging")
     args = parser.parse_args(argv)
     if not SAGE_AVAILABLE:
