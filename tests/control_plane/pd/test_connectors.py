@@ -315,34 +315,6 @@ def test_vllm_a_release_that_times_out_says_so(caplog: pytest.LogCaptureFixture)
     assert "no answer within release_timeout_s (2 s)" in caplog.text
 
 
-def test_vllm_a_whole_answer_leg_streams_so_a_pulled_kv_owes_no_release() -> None:
-    """A decode leg asked for its answer in one piece shows nothing until its end, so a
-    leg cut short after the decode engine pulled the KV looked as if it owed a release
-    (a second, needless one-token pull). Streamed, its first chunk says the KV was pulled."""
-
-    async def main() -> None:
-        p, d = sim_pair()
-        decode = FakeEngine("d0", gate_after=2)  # two chunks, then it waits
-        connector = VLLMConnector()
-        task = asyncio.ensure_future(
-            collect(connector.run(request(stream=False), legs(ConcurrencyProbe(p), decode)))
-        )
-        await decode.gated.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert [(r.request_id, r.stream) for r in decode.requests] == [("r1", True)]
-        assert (connector.releases, connector.release_failures) == (0, 0)
-        # a prefill client that releases KV itself needs no stream to know
-        direct = FakeEngine("d1")
-        await collect(connector.run(request("r2", stream=False), legs(p, direct)))
-        assert [r.stream for r in direct.requests] == [False]
-        await p.aclose()
-        await d.aclose()
-
-    run_virtual(main())
-
-
 # --------------------------------------------------------------------------- SGLang
 
 

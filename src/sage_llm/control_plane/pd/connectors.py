@@ -180,12 +180,10 @@ class VLLMConnector:
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
         decode_failed = False
-        decode_req = req.with_changes(kv_transfer_params=dict(handle.params))
-        if not decode_req.stream and self._releases_by_pull(legs):
-            # a whole answer comes only at its end; streamed, the leg's first chunk says the
-            # decode engine has pulled the KV, so that a leg cut short later owes no release
-            decode_req = decode_req.with_changes(stream=True)
-        stream = legs.decode.generate(decode_req)
+        # a leg asked for a whole answer shows nothing until its end: cut short, it is
+        # released anyway (the engine may have pulled the KV already; streaming every such
+        # leg to know would cost every request what only a cut-short one needs)
+        stream = legs.decode.generate(req.with_changes(kv_transfer_params=dict(handle.params)))
         try:
             try:
                 async for chunk in stream:
@@ -202,13 +200,6 @@ class VLLMConnector:
             if owed:
                 failed = decode_failed or legs.decode_is_down()  # e.g. cancelled: ejected
                 await self.release(req, handle, legs, decode_failed=failed)
-
-    def _releases_by_pull(self, legs: PDLegs) -> bool:
-        """Whether KV left on the prefill side would be released by a pull (the prefill
-        client has no ``release_kv`` of its own)."""
-        return self.params.release_by_pull and not callable(
-            getattr(legs.prefill, "release_kv", None)
-        )
 
     async def release(
         self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool = False
