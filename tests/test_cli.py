@@ -187,17 +187,15 @@ def test_a_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path: Path) -> Non
     bad.write_bytes(b"\xffGPU0\n")
     code, output = invoke("topo", "--file", str(bad))
     assert code == 1
-    assert output == f"error: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
+    assert output == f"error: {bad}:1: not valid UTF-8 (byte 0xff, column 1)\n"
     code, output = invoke("plan", "--topology", str(bad))
     assert code == 1
-    assert output == f"error: --topology: {bad}: not UTF-8 text (byte 0xff at offset 0)\n"
+    assert output == f"error: --topology: {bad}:1: not valid UTF-8 (byte 0xff, column 1)\n"
     toml = tmp_path / "fleet.toml"
     toml.write_bytes(b"[launch]\nmodel = '\xff'\n")
     code, output = invoke("launch", str(toml))
     assert code == 1
-    assert output.endswith(
-        f"error: {toml}: launch file is not UTF-8 text (byte 0xff at offset 18)\n"
-    )
+    assert output.endswith(f"error: {toml}:2: not valid UTF-8 (byte 0xff, column 10)\n")
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,8 @@ def _workload(value: str) -> str:
 
 def _read_text(path: Path) -> str:
     """The UTF-8 text of ``path``, else a one-line error naming it."""
+    from sage_llm.config_locate import utf8_problem
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -240,7 +242,8 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        _fail(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})")
+        line, message = utf8_problem(data, exc)
+        _fail(f"{path}:{line}: {message}")
 
 
 def _cannot_listen(exc: OSError, port: int) -> str | None:

@@ -40,7 +40,14 @@ from sage_llm.config_fields import (
     read_params,
     suggest,
 )
-from sage_llm.config_locate import TOO_DEEP, KeyLocator, KeyPath, Problems, syntax_error
+from sage_llm.config_locate import (
+    TOO_DEEP,
+    KeyLocator,
+    KeyPath,
+    Problems,
+    syntax_error,
+    utf8_problem,
+)
 from sage_llm.config_schema import (
     DEFAULT_SIM_MODEL,
     ENGINES,
@@ -288,9 +295,7 @@ def _load(path: Path, env: Mapping[str, str] | None) -> tuple[SageConfig | None,
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - raw.rfind(b"\n", 0, exc.start)
-        message = f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}, column {column})"
+        line, message = utf8_problem(raw, exc)
         return None, [ConfigError(message, location=f"{path}:{line}")]
     # a byte-order mark (some editors write one) is not TOML: read past it
     return _parse(text.removeprefix("\ufeff"), str(path), env)

@@ -573,7 +573,7 @@ def test_a_topology_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) ->
     bad.write_bytes(b"\xffGPU0\n")
     with pytest.raises(ConfigError) as info:
         plan_command(topology_file=bad)
-    assert str(info.value) == f"topology: {bad}: not UTF-8 text (byte 0xff at offset 0)"
+    assert str(info.value) == f"topology: {bad}:1: not valid UTF-8 (byte 0xff, column 1)"
 
 
 def test_per_node_keeps_only_plans_each_node_can_serve_alone() -> None:

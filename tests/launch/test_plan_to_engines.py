@@ -379,11 +379,11 @@ def test_files_that_are_not_utf8_text_are_a_clear_error(tmp_path: Path) -> None:
     for name in ("fleet.toml", "plan.json"):
         path = tmp_path / name
         path.write_bytes(b"[launch]\nmodel = '\xff\xfe'\n")
-        with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xff at offset 18\)"):
+        with pytest.raises(ConfigError, match=r":2: not valid UTF-8 \(byte 0xff, column 10\)"):
             load_launch_config(path)
     (tmp_path / "topo.txt").write_bytes(b"\x80GPU0\n")
     path = write(tmp_path, '[launch]\ntopology_file = "topo.txt"\n[[launch.instances]]\n')
-    message = r":2: launch\.topology_file: .*topo\.txt: topology file is not UTF-8 text"
+    message = r":2: launch\.topology_file: .*topo\.txt:1: not valid UTF-8 \(byte 0x80, column 1\)"
     with pytest.raises(ConfigError, match=message):
         load_launch_config(path)
 

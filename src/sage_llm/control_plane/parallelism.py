@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from sage_llm.config_locate import utf8_problem
 from sage_llm.control_plane.parallelism_eval import (
     DEFAULT_NODE_GPUS,
     MAX_PLAN_GPUS,
@@ -1023,11 +1024,8 @@ def plan_command(
                 key="topology",
             ) from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"{topology_file}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                f"{exc.start})",
-                key="topology",
-            ) from None
+            line, message = utf8_problem(exc.object, exc)
+            raise ConfigError(f"{topology_file}:{line}: {message}", key="topology") from None
         try:
             topology = parse_topology_text(text)
         except ConfigError as exc:

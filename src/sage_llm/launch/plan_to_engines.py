@@ -40,6 +40,7 @@ from sage_llm.config_locate import (
     Problems,
     format_key,
     syntax_error,
+    utf8_problem,
 )
 from sage_llm.control_plane.parallelism import (
     GPUAllocation,
@@ -503,10 +504,8 @@ def _read_text(path: Path, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            location=str(path),
-        ) from None
+        line, message = utf8_problem(data, exc)
+        raise ConfigError(message, location=f"{path}:{line}") from None
 
 
 def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstance]]:
