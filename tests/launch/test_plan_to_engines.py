@@ -545,3 +545,56 @@ def test_a_plan_tables_problems_are_reported_beside_the_launch_tables(tmp_path: 
     with pytest.raises(ConfigErrors) as info:
         load_launch_config(write(tmp_path, body))
     assert [e.key for e in info.value.errors] == ["launch.base_port", "launch.plan.slo_ttft"]
+
+
+def _problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_launch_config(path)
+    return [str(e) for e in info.value.each()]
+
+
+def test_what_would_stop_an_engine_once_started_is_said_before(tmp_path: Path) -> None:
+    sim = write(
+        tmp_path,
+        '[launch]\nengine = "sim"\nmodel = "llama-3-70b"\ngpu = "l40s"\n'
+        "[[launch.instances]]\ntp = 1\n[[launch.instances]]\ntp = 8\n",
+    )
+    assert _problems(sim) == [
+        f"{sim}:6: launch.instances[0].tp: its simulated engine cannot start: Llama-3-70B "
+        "does not fit on 1 × L40S (weights 131.4 GiB)"
+    ]
+    topo = (
+        Path(__file__).parent.parent / "fixtures" / "topology" / "a100-pcie-4gpu-nv12-pair-mlx5.txt"
+    )
+    vllm = write(
+        tmp_path,
+        f'[launch]\nengine = "vllm"\nmodel = "m"\ntopology_file = "{topo}"\n'
+        '[[launch.instances]]\nrole = "prefill"\ntp = 2\npp = 2\ngpu_ids = [0, 1, 2, 3]\n'
+        '[[launch.instances]]\nrole = "decode"\ntp = 2\ngpu_ids = [6, 7]\n',
+    )
+    assert _problems(vllm) == [
+        f"{vllm}:8: launch.instances[0].pp: a prefill instance runs with pp = 1: pipeline "
+        "parallelism is not among what vLLM's NixlConnector supports",
+        f"{vllm}:13: launch.instances[1].gpu_ids: GPU(s) 6, 7 are not in topology_file "
+        "(its GPUs: 0, 1, 2, 3)",
+    ]
+
+
+def test_ep_is_1_or_tp_and_hosts_are_not_empty(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[launch]\nhost = " "\nadvertise_host = ""\n[[launch.instances]]\ntp = 2\nep = 4\n',
+    )
+    assert _problems(path) == [
+        f"{path}:2: launch.host: must not be empty",
+        f"{path}:3: launch.advertise_host: must not be empty",
+        f"{path}:6: launch.instances[0].ep: must be 1 or tp (2), got 4: vLLM's expert "
+        "parallelism spans the instance's tensor-parallel group (EP = TP)",
+    ]
+    with pytest.raises(ConfigError, match="host: must not be empty"):
+        LaunchSettings(host="")
+
+
+def test_instances_without_gpu_ids_take_the_lowest_free_ones() -> None:
+    got = planned_instances_from_dicts([{"tp": 2}, {"gpu_ids": [4]}, {"tp": 2}, {"node": 1}])
+    assert [(i.gpu_ids, i.node) for i in got] == [((0, 1), 0), ((4,), 0), ((2, 3), 0), ((0,), 1)]

@@ -21,6 +21,7 @@ Engine kinds (:data:`ENGINE_KINDS`):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import shlex
@@ -56,7 +57,7 @@ from sage_llm.control_plane.parallelism_eval import parse_gpu_text
 from sage_llm.control_plane.pd.orchestrator import Member, unservable_reason
 from sage_llm.control_plane.topology import InstanceTopology, Topology
 from sage_llm.errors import ConfigError, raise_problems
-from sage_llm.sim.specs import get_gpu, get_model
+from sage_llm.sim.specs import get_gpu, get_model, placement_problem
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, host_port
 
 __all__ = [
@@ -91,6 +92,7 @@ _SIM_ROLE: Mapping[ExecutionInstanceType, str] = MappingProxyType(
     }
 )
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+_PD_ROLES = (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ class LaunchSettings:
             raise ConfigError("stop_grace_s, node must be >= 0 and max_concurrent_requests >= 1")
         if not self.machine_id:
             raise ConfigError("must not be empty", key="machine_id")
+        for key in ("host", "advertise_host"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ConfigError("must not be empty", key=key)
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         object.__setattr__(self, "log_dir", Path(self.log_dir))
@@ -455,6 +461,7 @@ def _read_instances(entries: object, path: KeyPath, p: Problems) -> list[Planned
         return None
     before = len(p.errors)
     out: list[PlannedInstance] = []
+    used: dict[int, set[int]] = {}  # per machine: the GPUs listed so far
     for k, entry in enumerate(entries):
         here = (*path, k)
         if not isinstance(entry, Mapping):
@@ -464,8 +471,19 @@ def _read_instances(entries: object, path: KeyPath, p: Problems) -> list[Planned
         read = read_dataclass(_InstanceEntry, entry, here, p)
         if read is None or len(p.errors) > entry_before:
             continue
-        gpus = read.gpu_ids if read.gpu_ids is not None else tuple(range(read.tp * read.pp))
-        if not gpus:
+        taken = used.setdefault(read.node, set())
+        gpus = read.gpu_ids
+        if gpus is None:  # the machine's lowest GPUs no earlier instance lists
+            free = (g for g in itertools.count() if g not in taken)
+            gpus = tuple(itertools.islice(free, read.tp * read.pp))
+        taken.update(gpus)
+        if read.ep not in (1, read.tp):
+            p.add(
+                (*here, "ep"),
+                f"must be 1 or tp ({read.tp}), got {read.ep}: vLLM's expert parallelism "
+                "spans the instance's tensor-parallel group (EP = TP)",
+            )
+        elif not gpus:
             p.add((*here, "gpu_ids"), "must be a non-empty list of GPU indices")
         elif len(gpus) != read.tp * read.pp:
             p.add((*here, "gpu_ids"), f"lists {len(gpus)} GPUs but tp × pp = {read.tp * read.pp}")
@@ -581,8 +599,8 @@ class _LaunchTable:
     gpu: str = opt("h100", rule(nonempty=True))
     sim_speed: float = opt(1.0, rule(gt=0))
     sim_entry: str = opt("module", rule(choices=("module", "script")))
-    host: str = "127.0.0.1"
-    advertise_host: str | None = None
+    host: str = opt("127.0.0.1", rule(nonempty=True))
+    advertise_host: str | None = opt(None, rule(nonempty=True))
     base_port: int = opt(8100, rule(ge=1, le=65535))
     kv_base_port: int = opt(5600, rule(ge=1, le=65535))
     machine_id: str = opt("local", rule(nonempty=True))
@@ -915,4 +933,51 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> Launc
     if problem is not None:
         p.add(("launch", sources[0]), problem)
         return None
+    _check_shapes(instances, settings, topology, sources[0], p)
+    if p.errors:
+        return None
     return LaunchConfig(settings, instances, topology, planned)
+
+
+def _check_shapes(
+    instances: Sequence[PlannedInstance],
+    settings: LaunchSettings,
+    topology: Topology | None,
+    source: str,
+    p: Problems,
+) -> None:
+    """What would stop an engine once started, said now: a simulated engine's model that
+    does not fit its GPUs (or a TP size vLLM refuses), a PD instance of vLLM with pipeline
+    stages (NIXL does not support them), GPUs this machine's ``topology_file`` lacks. For
+    ``[[launch.instances]]`` each at its entry; for a plan, once per shape."""
+    said: set[str] = set()
+
+    def add(k: int, key: str, message: str) -> None:
+        if source == "instances":
+            p.add(("launch", "instances", k, key), message)
+        elif message not in said:  # a plan's instances share their shapes
+            said.add(message)
+            p.add(("launch", source), f"instances[{k}].{key}: {message}")
+
+    known = set(topology.gpu_indices) if topology is not None else set()
+    for k, inst in enumerate(instances):
+        if settings.engine == "sim":
+            model = settings.sim_model or settings.model
+            problem = placement_problem(model, settings.sim_gpu, tp=inst.tp, pp=inst.pp)
+            if problem is not None:
+                add(k, "tp", f"its simulated engine cannot start: {problem}")
+        elif inst.pp > 1 and inst.role in _PD_ROLES:
+            add(
+                k,
+                "pp",
+                f"a {_SIM_ROLE[inst.role]} instance runs with pp = 1: pipeline parallelism is "
+                "not among what vLLM's NixlConnector supports",
+            )
+        unknown = sorted(set(inst.gpu_ids) - known) if known and inst.node == settings.node else []
+        if unknown:
+            add(
+                k,
+                "gpu_ids",
+                f"GPU(s) {', '.join(map(str, unknown))} are not in topology_file "
+                f"(its GPUs: {', '.join(map(str, sorted(known)))})",
+            )
