@@ -568,6 +568,22 @@ def test_an_unparsable_topology_file_names_the_option(tmp_path: Path) -> None:
         plan_command(topology_file=bad)
 
 
+def test_a_missed_target_is_never_written_as_the_target_itself() -> None:
+    p = plan("llama-2-70b", 6, "a100-80g", CHAT, SLO)
+    reasons = [r for _, r in p.rejected if "TPOT is missed" in r]
+    assert reasons
+    for reason in reasons:  # "(50.2 ms against 50 ms)", never "(50 ms against 50 ms)"
+        seen, target = reason.rsplit("(", 1)[1].rstrip(")").split(" against ")
+        assert seen != target
+
+
+def test_a_topology_file_without_gpus_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "topo.json"
+    empty.write_text('{"gpus": [], "nics": []}')
+    with pytest.raises(ConfigError, match=r"^topology: .*topo.json: lists no GPUs$"):
+        plan_command(topology_file=empty)
+
+
 def test_a_topology_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "topo.txt"
     bad.write_bytes(b"\xffGPU0\n")

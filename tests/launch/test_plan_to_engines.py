@@ -371,7 +371,8 @@ def test_every_problem_of_a_launch_file_is_reported_with_its_line(tmp_path: Path
         f"{path}:3: launch.host: must be a string, got integer 1",
         f"{path}:4: launch.hots: unknown key (did you mean 'host'?)",
         f"{path}:6: launch.instances[0].role: unknown role 'boss' "
-        "(expected general, prefill or decode)",
+        "(expected general, prefill or decode; or prefilling, decoding, hybrid, as plans "
+        "write them)",
     ]
 
 
@@ -598,3 +599,9 @@ def test_ep_is_1_or_tp_and_hosts_are_not_empty(tmp_path: Path) -> None:
 def test_instances_without_gpu_ids_take_the_lowest_free_ones() -> None:
     got = planned_instances_from_dicts([{"tp": 2}, {"gpu_ids": [4]}, {"tp": 2}, {"node": 1}])
     assert [(i.gpu_ids, i.node) for i in got] == [((0, 1), 0), ((4,), 0), ((2, 3), 0), ((0,), 1)]
+
+
+def test_a_topology_file_without_gpus_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "topo.json").write_text('{"gpus": [], "nics": []}')
+    path = write(tmp_path, '[launch]\ntopology_file = "topo.json"\n[[launch.instances]]\n')
+    assert _problems(path) == [f"{path}:2: launch.topology_file: topo.json lists no GPUs"]

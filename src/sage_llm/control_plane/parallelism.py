@@ -834,8 +834,20 @@ def _nothing_reason(sc: _Scored, slo: SLOTarget) -> str:
     checks = (("TPOT", lone.tpot_s, slo.tpot_s), ("TTFT", lone.ttft_s, slo.ttft_s))
     for name, value, target in checks:
         if name in limit and math.isfinite(value) and value > target:
-            why += f" ({_ms(value)} against {_ms(target)})"
+            why += f" ({_above(value, target)} against {_ms(target)})"
     return why
+
+
+def _above(value: float, target: float) -> str:
+    """``value`` (above ``target``) as :func:`_ms` writes it, with more digits where that
+    would round it to the target's figure (``50.4 ms against 50 ms``, not ``50 against 50``)."""
+    text = _ms(value)
+    unit, scale = (" ms", 1000.0) if value < 1 else (" s", 1.0)
+    digits = 0 if unit == " ms" else 2
+    while text == _ms(target) and digits < 6:
+        digits += 1
+        text = f"{value * scale:.{digits}f}{unit}"
+    return text
 
 
 def _kv_reason(at_rate: _Outcome, est: PlanEstimates) -> str:
@@ -1030,6 +1042,8 @@ def plan_command(
             topology = parse_topology_text(text)
         except ConfigError as exc:
             raise ConfigError(f"{topology_file}: {exc.message}", key="topology") from None
+        if not topology.gpu_indices:  # e.g. `sage-llm topo --json` of a machine without GPUs
+            raise ConfigError(f"{topology_file}: lists no GPUs", key="topology")
     try:
         workload = WorkloadProfile(
             prompt_len, output_len, rate=rate, prompt_p90=prompt_p90, output_p90=output_p90

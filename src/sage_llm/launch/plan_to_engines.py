@@ -426,7 +426,7 @@ def _check_port_ranges(instances: Sequence[PlannedInstance], settings: LaunchSet
 
 # -- planned instances ---------------------------------------------------------------------
 
-_ROLES = "general, prefill or decode"
+_ROLES = "general, prefill or decode; or prefilling, decoding, hybrid, as plans write them"
 
 
 def _role_problem(text: str) -> str | None:
@@ -694,10 +694,14 @@ def _read_topology(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Top
         p.add(path, f"must be a string, got {_kind(name)}")
         return None
     try:
-        return parse_topology_text(_read_text(base_dir / name, "topology file"))
+        topology = parse_topology_text(_read_text(base_dir / name, "topology file"))
     except ConfigError as exc:
         p.add(path, exc.message)
         return None
+    if not topology.gpu_indices:  # e.g. `sage-llm topo --json` of a machine without GPUs
+        p.add(path, f"{name} lists no GPUs")
+        return None
+    return topology
 
 
 def _read_plan(
