@@ -472,7 +472,20 @@ def test_a_launch_config_file_without_instances_over_http(
     config.write_text(settings)
     code, output = invoke("launch", str(plan), "--config", str(config))
     assert code == 1
-    assert output == f"error: {config}: {message}\n"
+    line = 2 if settings.startswith("[services") else 1
+    assert output == f"error: {config}:{line}: {message}\n"
+
+
+def test_a_launch_gateway_port_of_the_file_that_an_engine_has_is_located(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
+    config = tmp_path / "gateway.toml"
+    config.write_text("[gateway]\nport = 8100\n")
+    code, output = invoke("launch", str(plan), "--config", str(config))
+    assert code == 1
+    assert output.startswith(
+        f"error: {config}:2: gateway.port: 8100 is also the port of engine 'local-"
+    )
 
 
 def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: Path) -> None:

@@ -726,13 +726,13 @@ def launch(
         _fail(exc.message)
     if sage.control_plane.instances:
         _fail(
-            f"{config_file}: services.llm_control_plane.instances: sage-llm launch registers "
-            "the engines it starts; leave the instances out of a --config file"
+            f"{sage.where('instances')}: sage-llm launch registers the engines it starts; "
+            "leave the instances out of a --config file"
         )
     if sage.control_plane.mode != "http":
         _fail(
-            f"{config_file}: services.llm_control_plane.mode: sage-llm launch reaches its "
-            f"engines over HTTP; mode {sage.control_plane.mode!r} does not"
+            f"{sage.where('mode')}: sage-llm launch reaches its engines over HTTP; mode "
+            f"{sage.control_plane.mode!r} does not"
         )
     default_port = sage.gateway.port if config_file is not None else 8080
     bind_host, bind_port = _bind_address(sage, host, port, default_port)
@@ -760,7 +760,7 @@ def launch(
         _fail(f"{exc.location or source}: {option}: {exc.detail}")
     except SageLLMError as exc:
         _fail(exc.message)
-    where = "--port" if port is not None else "gateway.port"
+    where = "--port" if port is not None else sage.where("gateway.port")
     for engine in engines:
         if engine.port == bind_port:
             _fail(f"{where}: {bind_port} is also the port of engine {engine.instance_id!r}")

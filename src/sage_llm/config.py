@@ -353,6 +353,9 @@ def _build(
             sections[name] = _gateway_secrets(sections[name], path, environ, p)
     built = _control_plane(service, spath, environ, p)
     cp, checkable = built if built is not None else (None, [])
+    for key in ("instances", "mode"):  # what launch refuses in a --config file
+        if key in service:
+            written_at[key] = p.where((*spath, key))
     for key in others:
         _check_other_service(document["services"][key], ("services", key), environ, p)
     if cp is None or any(value is None for value in sections.values()):

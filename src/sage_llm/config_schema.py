@@ -414,8 +414,9 @@ class SageConfig:
     source: str = field(default="<default>", compare=False)
     written_at: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Where some keys are written (``"gateway.host"`` →
-    ``"cluster.toml:7: services.llm_control_plane.gateway.host"``), for the errors found
-    after loading (``serve`` resolving the bind address); see :meth:`where`."""
+    ``"cluster.toml:7: services.llm_control_plane.gateway.host"``; also ``gateway.port``,
+    ``instances`` and ``mode``), for the errors found after loading (``serve`` resolving the
+    bind address, ``launch`` refusing instances); see :meth:`where`."""
 
     def where(self, key: str) -> str:
         """``key`` as written, with its file and line when known
