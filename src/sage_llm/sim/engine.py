@@ -695,10 +695,16 @@ class SimEngine:
     async def _run(self, wake: asyncio.Event) -> None:
         clock = self._clock or current_clock()
         core = self._core
+        due: float | None = None
+        """When the step before ended on the engine's timeline (None after a pause): the
+        time spent since (this loop's own work, a late wake-up) comes off the next step's
+        sleep, so that back-to-back steps last what the cost model says on average rather
+        than that plus this process's overhead (which ``speed`` would magnify)."""
         try:
             while True:
                 if not core.has_work():
                     wake.clear()
+                    due = None
                     await wake.wait()
                     continue
                 now = clock.now()
@@ -707,13 +713,17 @@ class SimEngine:
                 self._notify_pulled(res)
                 if res.idle:
                     wake.clear()
+                    due = None
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), max(res.duration_s, 1e-9))
                     continue
                 if self._shared is not None:
+                    due = None
                     await self._shared_step(res)
                     continue
-                await clock.sleep(res.duration_s)
+                late = 0.0 if due is None else min(max(0.0, now - due), res.duration_s)
+                due = now + res.duration_s - late
+                await clock.sleep(due - clock.now())
                 if self._front is None:
                     self._deliver(res)
                 else:
