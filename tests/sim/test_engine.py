@@ -604,3 +604,26 @@ def test_the_loops_own_delay_comes_off_the_next_step() -> None:
         assert late == pytest.approx(exact, rel=0.01)  # was exact + 2 ms
 
     virtual(main)
+
+
+def test_a_stop_counts_only_the_tokens_given_in_generation_tokens_total() -> None:
+    """The engine steps on while its client reads; tokens made past a stop were counted
+    as generated (a request stopped at 7 tokens counted 8)."""
+
+    async def main() -> None:
+        engine = SimEngine("e", SimEngineConfig())
+        plain = await collect(engine, req("a", prompt="Hi", max_tokens=16, temperature=0.0))
+        words = "".join(c.text for c in plain).split()
+        stop_word = words[5]
+        base = (await engine.stats()).generation_tokens_total
+        chunks = await collect(
+            engine, req("b", prompt="Hi", max_tokens=16, temperature=0.0, stop=[stop_word])
+        )
+        usage = chunks[-1].usage
+        assert usage is not None and chunks[-1].finish_reason == "stop"
+        assert usage.completion_tokens < 16
+        after = (await engine.stats()).generation_tokens_total
+        assert after - base == usage.completion_tokens
+        await engine.aclose()
+
+    virtual(main)

@@ -848,19 +848,24 @@ class SimEngineCore:
         self._reqs[req_id] = req
         self._waiting.append(req)
 
-    def abort(self, req_id: str) -> bool:
-        """Drop a request wherever it is and free its KV blocks. False if unknown."""
+    def abort(self, req_id: str, *, delivered: int | None = None) -> bool:
+        """Drop a request wherever it is and free its KV blocks. False if unknown.
+        ``delivered``: the tokens its client was given (a stop string or token ended it
+        there); those generated past them are not counted in ``generation_tokens_total``
+        (vLLM drops them with the finished request)."""
         req = self._reqs.pop(req_id, None)
         if req is None:
             return False
         if req.state == _WAITING:
             self._waiting.remove(req)
         elif req.state == _RUNNING:
-            self._leave_running(req)
+            self._leave_running(req)  # a lazy decode's counters brought up to date
         elif req.state == _TRANSFER:
             self._transfers.remove(req)
         else:
             del self._pinned[req_id]
+        if delivered is not None and req.num_output > delivered:
+            self._gen_total -= req.num_output - delivered
         self._pool.free(req.blocks)
         req.blocks = []
         return True

@@ -433,10 +433,10 @@ class SimEngine:
                         cut, stop, end = hit
                         # include_stop_str_in_output: the stop string stays in the text
                         text, finish = text[: end if keep_stop else cut], "stop"
-                        self._core.abort(req.request_id)
+                        self._core.abort(req.request_id, delivered=produced)
                 if stop is None and stop_id is not None:
                     stop, finish = stop_id, "stop"
-                    self._core.abort(req.request_id)
+                    self._core.abort(req.request_id, delivered=produced)
                 text_so_far += text
                 if finish is not None:
                     done = True
