@@ -11,7 +11,7 @@ import pytest
 
 from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
-from sage_llm.errors import EngineConnectionError, EngineError, InvalidRequestError
+from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, InvalidRequestError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.server_metrics import ReportsQueueTime
@@ -627,3 +627,13 @@ def test_a_stop_counts_only_the_tokens_given_in_generation_tokens_total() -> Non
         await engine.aclose()
 
     virtual(main)
+
+
+def test_a_max_model_len_given_above_the_kv_cache_is_refused_as_vllm_does() -> None:
+    with pytest.raises(ConfigError) as info:
+        SimEngine("e", SimEngineConfig(num_gpu_blocks=2, max_model_len=100))
+    assert info.value.key == "max_model_len"
+    assert "100 is above what the KV cache holds (32 tokens)" in info.value.detail
+    # the model's context by default: served as far as the cache holds
+    lowered = SimEngine("e", SimEngineConfig(num_gpu_blocks=2))
+    assert lowered.config.max_model_len == 32

@@ -58,7 +58,13 @@ from sage_llm.errors import (
     InvalidRequestError,
 )
 from sage_llm.sim.clock import Clock, current_clock
-from sage_llm.sim.core import PinnedKV, SimEngineConfig, SimEngineCore, StepResult
+from sage_llm.sim.core import (
+    PinnedKV,
+    SimEngineConfig,
+    SimEngineCore,
+    StepResult,
+    default_max_model_len,
+)
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.logprobs import (
     PseudoLogprobs,
@@ -306,7 +312,14 @@ class SimEngine:
         self._core = SimEngineCore(config)
         held = self._core.num_gpu_blocks * config.block_size
         if config.max_model_len > held:
-            # vLLM refuses to start so; the simulated engine serves what its cache holds
+            if config.max_model_len != default_max_model_len(config.model):
+                raise ConfigError(  # a length given: refused, as vLLM refuses it
+                    f"{config.max_model_len} is above what the KV cache holds ({held} "
+                    "tokens): vLLM refuses to start so; give at most that, or more KV cache",
+                    key="max_model_len",
+                )
+            # the model's context by default: vLLM refuses that too; this engine serves what
+            # its cache holds
             log.warning(
                 "%s: max_model_len %d is above what its KV cache holds (%d tokens), which "
                 "vLLM refuses at start-up: serving %d (give max_model_len, or more memory)",
