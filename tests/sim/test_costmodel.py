@@ -313,7 +313,8 @@ def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
         ('[model.m]\nbase = "llama-3-8b"\nnum_layers = "many"\n', "model.m.num_layers"),
         ('[model.m]\nbase = "llama-3-8b"\nnum_layers = 2.5\n', "model.m.num_layers"),
         ('[model.m]\nbase = "nope"\n', "model.m.base"),
-        ("[gpu.x]\npeak_tflops = -1\nhbm_tbps = 1\nmemory_gb = 1\n", "gpu.x"),
+        ("[gpu.x]\npeak_tflops = -1\nhbm_tbps = 1\nmemory_gb = 1\n", "gpu.x.peak_tflops"),
+        ('[model.m]\nbase = "llama-3-8b"\nnum_heads = 0\n', "model.m.num_heads"),
     ],
 )
 def test_load_specs_toml_errors(tmp_path: Path, text: str, key: str) -> None:
@@ -323,6 +324,10 @@ def test_load_specs_toml_errors(tmp_path: Path, text: str, key: str) -> None:
         load_specs_toml(path)
     assert err.value.key == key
     assert str(path) in (err.value.location or "")
+    if key.count(".") == 2:  # a value's problem is at its own line
+        name = key.rsplit(".", 1)[1]
+        line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith(name))
+        assert err.value.location == f"{path}:{line}"
 
 
 def test_pipeline_never_beats_one_gpu_on_a_memory_bound_step() -> None:

@@ -443,6 +443,13 @@ def _build(
             )
         return cls(name=name, **values)
     except ValueError as exc:
+        # "GPUSpec.peak_tflops must be positive": at that key's line, when the file gives it
+        named = re.match(rf"{cls.__name__}\.(\w+) (.*)", str(exc), re.S)
+        if named is not None and named.group(1) in values:
+            key = named.group(1)
+            raise ConfigError(
+                named.group(2), location=_where(path, lines, key, dotted), key=f"{dotted}.{key}"
+            ) from exc
         raise ConfigError(str(exc), location=_where(path, lines, dotted), key=dotted) from exc
 
 
