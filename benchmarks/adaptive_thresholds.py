@@ -34,6 +34,8 @@ from sage_llm.bench.compare import calibrate_capacity, overload_workload
 from sage_llm.bench.demo import DEMO_SLO, demo_fleet, demo_workload
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.workloads import Workload
+from sage_llm.control_plane.scheduling.registry import build_policy
+from sage_llm.errors import SageLLMError
 from sage_llm.types import ExecutionInstance, RequestPriority
 
 Fleet = Callable[[], Sequence[ExecutionInstance]]
@@ -89,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         old = None if args.old is None else parse_params(args.old)
-    except ValueError as exc:
+        if old is not None:
+            build_policy("adaptive", old)  # its keys and values, before any run
+    except (ValueError, SageLLMError) as exc:
         parser.error(f"--old: {exc}")
     print(
         f"{'workload':<22}{'policy':<18}{'goodput':>8}{'TTFT p50':>9}{'p99':>7}"

@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
+from sage_llm.errors import SageLLMError
 from sage_llm.fastinit import field_filler
 from sage_llm.sim import accel
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
+from sage_llm.sim.core import default_max_model_len
 from sage_llm.tokens import VOCAB_SIZE
 from sage_llm.types import RequestPriority
 
@@ -124,7 +126,13 @@ def measure_capacity_rps(args: argparse.Namespace) -> float:
         seed=args.seed + 1,
         shared_prefix=args.shared_prefix,
     )
-    ends = sorted(m.end_s for m in sim.run(requests).measurements if m.ok)
+    measured = sim.run(requests).measurements
+    ends = sorted(m.end_s for m in measured if m.ok)
+    if len(ends) < 10:
+        raise SystemExit(
+            f"error: --rate auto: {len(ends)} of the {n} calibration requests completed "
+            f"({_first_error(measured)}); fix the workload or give --rate"
+        )
     lo, hi = ends[len(ends) // 10], ends[(len(ends) * 9) // 10]
     return (len(ends) * 8 // 10) / (hi - lo)
 
@@ -172,6 +180,18 @@ def run(
     return result, setup, sim
 
 
+def _first_error(measurements: Any) -> str:
+    """The most common reason of the failed requests, and how many failed so."""
+    reasons: dict[str, int] = {}
+    for m in measurements:
+        if not m.ok:
+            reasons[str(m.error)] = reasons.get(str(m.error), 0) + 1
+    if not reasons:
+        return "none failed"
+    reason, count = max(reasons.items(), key=lambda item: item[1])
+    return f"{count} failed: {reason}"
+
+
 def _ms(stats: Any, key: str) -> str:
     return "-" if stats is None else f"{getattr(stats, key) * 1000:.1f} ms"
 
@@ -201,6 +221,8 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
           f"{result.steps} engine steps")  # fmt: skip
     print(f"requests         {s.count} ({result.requests_per_wall_s:,.0f} simulated per "
           f"wall second), ok {s.ok}, failed {s.failed}")  # fmt: skip
+    if s.failed:
+        print(f"failures         {_first_error(result.measurements)}")
     print(f"throughput       {s.request_throughput:.1f} req/s, "
           f"{s.output_token_throughput:,.0f} output tok/s")  # fmt: skip
     print(f"TTFT             p50 {_ms(s.ttft, 'p50')}, p99 {_ms(s.ttft, 'p99')}")
@@ -213,23 +235,63 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
           f"candidates), mean {d.mean_us:.0f} us, p99 {d.p99_us:.0f} us")  # fmt: skip
 
 
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _setup_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, found before any simulating (else None): lengths,
+    the model and GPU, the policy and routing (by building a one-instance simulator), the
+    shared prefix against the model's context, and ``--out``."""
+    try:
+        length_dist(args.input_len)
+        length_dist(args.output_len)
+        fleet = make_fleet(1, gpu=args.gpu, model=args.model, max_concurrency=args.max_concurrency)
+        ClusterSimulator(fleet, policy=args.policy, routing=args.routing, seed=args.seed)
+    except (SageLLMError, ValueError) as exc:
+        return str(exc)
+    context = default_max_model_len(args.model)
+    if args.shared_prefix >= context:
+        return (
+            f"--shared-prefix {args.shared_prefix} leaves no room in {args.model}'s context "
+            f"({context} tokens)"
+        )
+    out = args.out
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        return f"--out {out}: not a file in an existing directory"
+    return None
+
+
 def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int:
     """The command; the simulator and its result go into ``keep`` when given (the caller
     then decides when they are freed: ``__main__`` never frees them, see below)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--instances", type=_at_least(1), default=1000)
+    parser.add_argument("--requests", type=_at_least(1), default=1_000_000)
     parser.add_argument("--policy", default="fifo")
     parser.add_argument("--routing", default="power_of_two")
     parser.add_argument("--rate", default="auto", help="req/s, or auto (70%% of capacity)")
     parser.add_argument("--input-len", default="512", help="length spec, e.g. lognormal:250,1")
     parser.add_argument("--output-len", default="128", help="length spec, e.g. uniform:16,256")
-    parser.add_argument("--shared-prefix", type=int, default=0, help="common prompt tokens")
+    parser.add_argument(
+        "--shared-prefix", type=_at_least(0), default=0, help="common prompt tokens"
+    )
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--max-concurrency", type=int, default=100)
-    parser.add_argument("--max-candidates", type=int, default=16)
-    parser.add_argument("--sample-above", type=int, default=256)
+    parser.add_argument("--max-concurrency", type=_at_least(1), default=100)
+    parser.add_argument("--max-candidates", type=_at_least(1), default=16)
+    parser.add_argument("--sample-above", type=_at_least(1), default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")
@@ -245,6 +307,9 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
                 raise ValueError
         except ValueError:
             parser.error("--rate must be a positive number or auto")
+    problem = _setup_problem(args)
+    if problem is not None:
+        parser.error(problem)
     if args.profile is not None:
         profiler = cProfile.Profile()
         result, setup, sim = profiler.runcall(run, args, accel_state)

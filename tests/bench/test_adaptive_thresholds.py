@@ -33,3 +33,14 @@ def test_contenders_are_the_fixed_policies_and_adaptive(script: ModuleType) -> N
 def test_main_rejects_bad_old_params(script: ModuleType) -> None:
     with pytest.raises(SystemExit):
         script.main(["--old", "nonsense"])
+
+
+def test_old_params_are_checked_before_any_run(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        script.main(["--old", "bogus=1"])
+    assert info.value.code == 2
+    assert "--old: bogus: unknown parameter for scheduling policy 'adaptive'" in (
+        capsys.readouterr().err
+    )

@@ -161,3 +161,18 @@ async def test_run_fidelity_measures_every_workload_repeatedly_and_reports(
     again = refit(measured)
     assert again["profile"] == report["profile"]
     assert again["evaluation"] == report["evaluation"]
+
+
+def test_refit_of_a_file_that_is_no_report_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.json"
+    other.write_text('{"a": 1}')
+    for given, message in (
+        (tmp_path / "nope.json", "cannot read"),
+        (other, "is not a fidelity report (written by --out): no 'calibration' in it"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["--refit", str(given), "--out", str(tmp_path / "x.json")])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err

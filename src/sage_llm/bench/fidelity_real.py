@@ -391,7 +391,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.refit is not None:
-        report = refit(json.loads(args.refit.read_text(encoding="utf-8")))
+        try:
+            report = refit(json.loads(args.refit.read_text(encoding="utf-8")))
+        except OSError as exc:
+            parser.error(f"--refit: cannot read {args.refit}: {exc.strerror or exc}")
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not such a report
+            what = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc)
+            parser.error(
+                f"--refit: {args.refit} is not a fidelity report (written by --out): {what}"
+            )
     else:
         missing = None if args.url else real_vllm_missing(args.python, args.model_dir)
         if missing:

@@ -1,0 +1,55 @@
+"""Tests for ``benchmarks/cluster_scale.py``: its options are checked before it simulates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.factories import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    return load_benchmark("cluster_scale")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--instances", "0"], "argument --instances: must be >= 1, got 0"),
+        (["--max-concurrency", "0"], "argument --max-concurrency: must be >= 1, got 0"),
+        (["--shared-prefix", "-1"], "argument --shared-prefix: must be >= 0, got -1"),
+        (["--policy", "nope"], "unknown scheduling policy 'nope'"),
+        (["--routing", "nope"], "unknown routing strategy 'nope'"),
+        (["--input-len", "foo"], "invalid length distribution 'foo'"),
+        (["--shared-prefix", "9000"], "--shared-prefix 9000 leaves no room in llama-3-8b's"),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_before_any_simulating(
+    script: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        script.main([*argv, "--requests", "10"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_must_be_a_file_in_an_existing_directory(
+    script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path), "--requests", "10"])
+    assert f"--out {tmp_path}: not a file in an existing directory" in capsys.readouterr().err
+
+
+def test_a_small_run_reports_its_failures_reason(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = script.main(["--instances", "2", "--requests", "40", "--rate", "100",
+                        "--input-len", "8100", "--output-len", "200"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "failed 40" in out
+    assert "failures         40 failed: " in out and "maximum context length" in out
