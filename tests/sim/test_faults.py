@@ -35,7 +35,8 @@ def test_parse_spec() -> None:
      ("truncate=2.5", "truncate takes a whole number"), ("error=503.5", "HTTP error status"),
      ("crash=5", "crash takes no value"), ("slow=inf", "must be finite"),
      ("crash@nan", "must be finite"), ("crash@inf", "must be finite"),
-     ("seed=-1", "must be >= 0")],
+     ("seed=-1", "must be >= 0"), ("hang@", "a time after '@' is missing"),
+     ("crash@ ", "a time after '@' is missing"), ("error=@p1", "a value after '=' is missing")],
 )  # fmt: skip
 def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -40,6 +40,22 @@ async def test_a_request_beyond_its_context_is_refused() -> None:
     assert err.value.param == "max_tokens"
 
 
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [({"stop": ["x"]}, "stop"), ({"extra": {"logprobs": 2}}, "logprobs"),
+     ({"extra": {"n": 2}}, "n"), ({"extra": {"echo": True}}, "echo")],
+)  # fmt: skip
+async def test_options_it_does_not_apply_are_refused_not_ignored(
+    changes: dict[str, object], param: str
+) -> None:
+    req = EngineRequest("r1", MODEL, prompt="hi", max_tokens=2).with_changes(**changes)
+    with pytest.raises(InvalidRequestError, match="does not apply") as err:
+        [c async for c in InstantEngine("i0").generate(req)]
+    assert err.value.param == param
+    plain = EngineRequest("r2", MODEL, prompt="hi", max_tokens=2, extra={"n": 1, "logprobs": None})
+    assert len([c async for c in InstantEngine("i0").generate(plain)]) == 2
+
+
 async def test_prefill_legs_are_refused_for_good() -> None:
     req = EngineRequest("r1", MODEL, prompt="x", max_tokens=1)
     with pytest.raises(EngineError, match="whole requests only") as err:

@@ -100,7 +100,11 @@ class RooflineCostModel:
         if self.tp < 1 or self.pp < 1:
             raise ValueError("tp and pp must be >= 1")
         if self.pp > self.model.num_layers:
-            raise ValueError("pp must not exceed the number of layers")
+            raise ConfigError(
+                f"must not exceed {self.model.name}'s {self.model.num_layers} layers, got "
+                f"{self.pp}",
+                key="pp",
+            )
         if not 0 < self.prefill_mfu <= 1 or not 0 < self.decode_bw_eff <= 1:
             raise ValueError("prefill_mfu and decode_bw_eff must be in (0, 1]")
         if self.overhead_s < 0 or self.allreduce_latency_s < 0:

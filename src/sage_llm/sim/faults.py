@@ -137,8 +137,14 @@ class Fault:
 
 
 def _parse_one(item: str) -> Fault:
-    head, _, when = item.partition("@")
-    name, _, value = head.partition("=")
+    head, at, when = item.partition("@")
+    name, equals, value = head.partition("=")
+    if (equals and not value.strip()) or (at and not when.strip()):
+        # "hang@" for "hang@5" would hang the engine from the start
+        missing = "a value after '='" if equals and not value.strip() else "a time after '@'"
+        raise ConfigError(
+            f"bad fault {item.strip()!r}: {missing} is missing (KIND[=VALUE][@T, @T+D or @pP])"
+        )
     try:
         kind = FaultKind(name.strip().lower())
     except ValueError:

@@ -9,7 +9,9 @@ latency, which depends on when a request arrives within its step loop and moves 
 than a proxy adds. Behind this engine it is not.
 
 Its text is one word per token (``" x"``), and its usage counts the prompt with the
-shared tokenizer. It runs whole requests only: PD legs are refused. Its context is
+shared tokenizer. It runs whole requests only: PD legs are refused, and so are the options
+it does not apply (``stop``, logprobs, ``n`` > 1, ``echo``), which it would otherwise
+answer as if honoured. Its context is
 :data:`INSTANT_MAX_MODEL_LEN` tokens: a request asking for more is refused as the
 simulated engine refuses it (a ``max_tokens`` of a hundred million had held the server for
 minutes).
@@ -21,12 +23,14 @@ from collections.abc import AsyncIterator
 
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
-from sage_llm.errors import EngineError
+from sage_llm.errors import EngineError, InvalidRequestError
 from sage_llm.sim.server_requests import check_context
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
 _WORD = " x"
+_NOT_APPLIED = ("logprobs", "top_logprobs", "prompt_logprobs", "stop_token_ids", "n", "echo")
+"""Request options the instant engine does not apply (``n`` of 1 is every answer's)."""
 
 INSTANT_MAX_MODEL_LEN = 32768
 """The instant engine's ``max_model_len`` (prompt and output, tokens)."""
@@ -46,6 +50,19 @@ class InstantEngine:
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
         """``req.max_tokens`` chunks of one token each; the last carries the usage."""
+        asked = [
+            k
+            for k in _NOT_APPLIED
+            if req.extra.get(k) not in (None, False, 0, 1 if k == "n" else 0)
+        ]
+        if req.stop:
+            asked.insert(0, "stop")
+        if asked:  # answered as if not asked, they would look honoured
+            raise InvalidRequestError(
+                f"an instant engine (engine-sim --instant, for measuring a proxy) does not "
+                f"apply {asked[0]}: leave it out, or use the simulated engine",
+                param=asked[0],
+            )
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
         check_context(INSTANT_MAX_MODEL_LEN, prompt, n)
