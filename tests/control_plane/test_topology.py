@@ -415,8 +415,20 @@ def test_from_dict_rejects_bad_data(data: dict[str, object]) -> None:
 
 
 def test_from_dict_names_a_missing_key() -> None:
-    with pytest.raises(ConfigError, match="missing key 'index'"):
+    with pytest.raises(ConfigError, match=r"gpus\[0\]: missing key 'index'"):
         Topology.from_dict({"gpus": [{"numa_node": 0}], "links": [["X"]]})
+
+
+def test_from_dict_names_the_bad_field() -> None:
+    data = {
+        "gpus": [{"index": 0}, {"index": 1, "numa_node": -3}],
+        "links": [["X", "SYS"], ["SYS", "X"]],
+    }
+    with pytest.raises(ConfigError) as info:
+        Topology.from_dict(data)
+    assert info.value.detail == (
+        "invalid topology: gpus[1].numa_node: expected an integer >= 0, got -3"
+    )
 
 
 def test_describe_summarises_the_machine() -> None:

@@ -347,15 +347,7 @@ class Topology:
         try:
             if not isinstance(data, Mapping):
                 raise ValueError(f"expected an object, got {_show(data)}")
-            gpus = tuple(
-                GPUInfo(
-                    index=_as_int(g["index"]),
-                    cpu_affinity=_as_cpus(g.get("cpu_affinity", ())),
-                    numa_node=None if g.get("numa_node") is None else _as_int(g["numa_node"]),
-                    gpu_numa_id=None if g.get("gpu_numa_id") is None else _as_int(g["gpu_numa_id"]),
-                )
-                for g in _objects(data, "gpus")
-            )
+            gpus = tuple(_gpu_info(k, g) for k, g in enumerate(_objects(data, "gpus")))
             nics = tuple(NICInfo(str(n["name"]), n.get("device")) for n in _objects(data, "nics"))
             links = _link_rows(data, "links")
             nic_links = _link_rows(data, "gpu_nic_links")
@@ -369,6 +361,27 @@ class Topology:
             raise ConfigError(f"invalid topology: missing key {exc}", key="topology") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"invalid topology: {exc}", key="topology") from None
+
+
+def _gpu_info(k: int, g: Mapping[str, Any]) -> GPUInfo:
+    """``gpus[k]`` of a topology object; a bad field's ValueError names it
+    (``gpus[0].numa_node``)."""
+    if "index" not in g:
+        raise ValueError(f"gpus[{k}]: missing key 'index'")
+    values: dict[str, Any] = {}
+    for key, read in (
+        ("index", _as_int),
+        ("cpu_affinity", _as_cpus),
+        ("numa_node", _as_int),
+        ("gpu_numa_id", _as_int),
+    ):
+        if g.get(key) is None:
+            continue
+        try:
+            values[key] = read(g[key])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"gpus[{k}].{key}: {exc}") from None
+    return GPUInfo(**values)
 
 
 def matrix_problem(a: str, b: str, cell: Link, mirror: Link, diagonal: bool) -> str | None:
