@@ -281,6 +281,10 @@ async def test_prefill_leg_answers_one_token_with_kv_transfer_params(
     assert out["choices"][0]["text"] == " w0"
     assert out["usage"]["completion_tokens"] == 1 and out["usage"]["prompt_tokens"] == 3
     assert [r.request_id for r in fake.prefills] == ["pd"] and fake.requests == []
+    status, out = await post(http, f"{base}/v1/completions", {**body, "stream": True})
+    assert status == 400 and out["error"]["param"] == "stream"
+    assert "answered in one piece" in out["error"]["message"]
+    assert [r.request_id for r in fake.prefills] == ["pd"]  # not run
 
 
 async def test_decode_leg_hands_params_to_generate(

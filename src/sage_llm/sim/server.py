@@ -277,6 +277,15 @@ class _EngineServer:
                 return _error(exc)
             parsed = replace(parsed, req=replace(parsed.req, kv_transfer_params=params))
         if parsed.pd_role == "prefill":
+            if parsed.stream:  # its kv_transfer_params come with a whole answer only
+                return _error(
+                    InvalidRequestError(
+                        "a PD prefill leg (kv_transfer_params.do_remote_decode) is answered "
+                        "in one piece, with the kv_transfer_params for the decode leg: send "
+                        "it with stream: false",
+                        param="stream",
+                    )
+                )
             return await self._prefill(parsed, fmt, arrival)
         if parsed.stream:
             return await self._stream(request, parsed, fmt, arrival)
