@@ -169,7 +169,10 @@ class ControlPlaneManager:
         Policy and routing names are read as config files read them (case-insensitive,
         ``-`` read as ``_``). The arguments a config file also has are checked by its rules
         (types and ranges, :func:`~sage_llm.config.check_manager_arguments`): a bad one
-        raises :class:`ConfigError` naming it, several raise :class:`ConfigErrors`."""
+        raises :class:`ConfigError` naming it, several raise :class:`ConfigErrors`. None is
+        no value for them (only ``seed`` and ``max_queue_wait_s`` may be None), and
+        ``pd_config``, ``health``, ``engine_timeouts`` and ``clock`` must be of their
+        types (or None, for their defaults)."""
         check_manager_arguments(
             mode=mode, enable_auto_scaling=enable_auto_scaling,
             enable_monitoring=enable_monitoring, enable_pd_separation=enable_pd_separation,
