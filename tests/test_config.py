@@ -357,6 +357,18 @@ def test_every_control_plane_service_table_is_checked() -> None:
     )
     keys = [e.key for e in problems(two)]
     assert keys == ["services", "services.b.scheduling_policy"]
+    whole = (  # the whole-file rules too, not only each table's own
+        '[services.second]\ntype = "ControlPlaneVLLMService"\ndefault_max_tokens = 500\n'
+        "max_queue_size = 7\n[services.second.gateway]\nport = 8001\nmax_tokens_limit = 100\n"
+        "[services.second.admission]\nmax_queue_size = 5\n"
+        '[[services.second.instances]]\ninstance_id = "a"\nhost = "127.0.0.1"\nport = 8001\n'
+        'model_name = "m"\n'
+    )
+    assert [e.key for e in problems(SEED + whole)] == [
+        "services.second.default_max_tokens",
+        "services.second.max_queue_size",
+        "services.second.instances[0].port",
+    ]
 
 
 def test_a_vllm_service_table_is_checked_with_vllm_services_keys() -> None:

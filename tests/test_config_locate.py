@@ -142,7 +142,16 @@ def test_syntax_error_at_end_of_document_points_at_last_line() -> None:
         ("[[a.b]]\nx = 1\n[a.b]\n", "table a.b is declared twice; write its keys under one header"),
         ("[gateway]\nport = 1\n  port = 2\n", "port is given a value twice; keep one"),
         ('x = 1\n"x" = 2\n', '"x" is given a value twice; keep one'),
-        ("a = {b = 1}\na.c = 2\n", "a is an inline table: its keys go inside its braces"),
+        (
+            "a = {b = 1}\na.c = 2\n",
+            "a was written whole (an inline table or an array) and cannot be added to here; "
+            "write all of it in one place",
+        ),
+        (
+            "a = [1]\n[[a]]\n",
+            "a was written whole (an inline table or an array) and cannot be added to here; "
+            "write all of it in one place",
+        ),
         ("a = 1\n[a]\n", "Cannot overwrite a value (column 3)"),  # no key on the line
     ],
 )

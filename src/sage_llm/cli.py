@@ -519,7 +519,12 @@ def engine_sim(
         }  # fmt: skip
         params.update({k: v for k, v in engine_args.items() if v is not None})
         config, front_end = engine_settings(gpu, model, **params)
-        engine: EngineClient = SimEngine(f"sim-{port}", config, front_end=front_end)
+        engine: EngineClient = SimEngine(
+            f"sim-{port}",
+            config,
+            front_end=front_end,
+            max_model_len_given=max_model_len is not None,
+        )
         if instant:
             if params["role"] is not ExecutionInstanceType.GENERAL:
                 raise ValueError("--instant runs whole requests only: use --role general")

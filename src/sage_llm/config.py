@@ -338,6 +338,23 @@ def _build(
         _top_level_keys(data, p)
         document = data
         service, spath, others = _find_service(data, p)
+    config = _service_config(document, service, spath, environ, p)
+    for key in others:  # checked as the chosen one is; its sections are its own tables
+        other = document["services"][key]
+        if isinstance(other, Mapping):
+            _service_config({}, other, ("services", key), environ, p)
+    return config
+
+
+def _service_config(
+    document: Mapping[str, Any],
+    service: Mapping[str, Any],
+    spath: KeyPath,
+    environ: Mapping[str, str],
+    p: Problems,
+) -> SageConfig | None:
+    """The configuration of the control-plane table ``service`` (at ``spath``), with its
+    sections from ``document``'s top level or from inside the table."""
     raw: dict[str, Mapping[str, Any] | None] = {}
     sections: dict[str, Any] = {}
     written_at: dict[str, str] = {}
@@ -356,8 +373,6 @@ def _build(
     for key in ("instances", "mode"):  # what launch refuses in a --config file
         if key in service:
             written_at[key] = p.where((*spath, key))
-    for key in others:
-        _check_other_service(document["services"][key], ("services", key), environ, p)
     if cp is None or any(value is None for value in sections.values()):
         return None
     cp = _instance_secrets(cp, environ)
@@ -508,18 +523,6 @@ def _find_service(
     if chosen is None:
         return {}, _SERVICE_PATH, others
     return _table(services[chosen], ("services", chosen), p), ("services", chosen), others
-
-
-def _check_other_service(
-    service: Mapping[str, Any], spath: KeyPath, env: Mapping[str, str], p: Problems
-) -> None:
-    """Another control plane's table (one ``serve`` does not run): checked by the same
-    rules, its own sections included, so that ``config check`` reports its problems too."""
-    for name, cls in _SECTION_CLASSES:
-        nested = service.get(name)
-        if nested is not None:
-            read_dataclass(cls, _table(nested, (*spath, name), p), (*spath, name), p)
-    _control_plane(service, spath, env, p)
 
 
 def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:

@@ -276,7 +276,10 @@ def syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> Config
     elif inline is not None:
         table = _names(inline.group(1))
         if table:
-            why = f"invalid TOML: {table} is an inline table: its keys go inside its braces"
+            why = (
+                f"invalid TOML: {table} was written whole (an inline table or an array) and "
+                "cannot be added to here; write all of it in one place"
+            )
     elif reason == "Cannot overwrite a value":
         lines = text.splitlines()
         key = _KEY_AT_LINE.match(lines[line - 1]) if 0 < line <= len(lines) else None

@@ -577,6 +577,20 @@ def test_a_missed_target_is_never_written_as_the_target_itself() -> None:
         assert seen != target
 
 
+@pytest.mark.parametrize(
+    ("value", "target", "text"),
+    [(0.05004, 0.05, "50.04 ms against 50.00 ms"), (0.9996, 0.9995, "999.6 ms against 999.5 ms"),
+     (0.098, 0.05, "98 ms against 50 ms"), (1.2, 0.9, "1.20 s against 900 ms"),
+     (2.004, 2.0, "2.004 s against 2.000 s")],
+)  # fmt: skip
+def test_a_miss_is_written_with_the_digits_that_show_it(
+    value: float, target: float, text: str
+) -> None:
+    from sage_llm.control_plane.parallelism import _above
+
+    assert _above(value, target) == text
+
+
 def test_a_topology_file_without_gpus_is_refused(tmp_path: Path) -> None:
     empty = tmp_path / "topo.json"
     empty.write_text('{"gpus": [], "nics": []}')

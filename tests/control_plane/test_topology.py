@@ -419,6 +419,14 @@ def test_from_dict_names_a_missing_key() -> None:
         Topology.from_dict({"gpus": [{"numa_node": 0}], "links": [["X"]]})
 
 
+def test_from_dict_requires_an_index_even_when_null() -> None:
+    with pytest.raises(ConfigError) as info:
+        Topology.from_dict({"gpus": [{"index": None}], "links": [["X"]]})
+    assert (
+        info.value.detail == "invalid topology: gpus[0].index: expected an integer >= 0, got None"
+    )
+
+
 def test_from_dict_names_the_bad_field() -> None:
     data = {
         "gpus": [{"index": 0}, {"index": 1, "numa_node": -3}],

@@ -599,6 +599,9 @@ def test_ep_is_1_or_tp_and_hosts_are_not_empty(tmp_path: Path) -> None:
 def test_instances_without_gpu_ids_take_the_lowest_free_ones() -> None:
     got = planned_instances_from_dicts([{"tp": 2}, {"gpu_ids": [4]}, {"tp": 2}, {"node": 1}])
     assert [(i.gpu_ids, i.node) for i in got] == [((0, 1), 0), ((4,), 0), ((2, 3), 0), ((0,), 1)]
+    # GPUs a later instance lists are not given to an earlier one
+    got = planned_instances_from_dicts([{"tp": 2}, {"tp": 2, "gpu_ids": [0, 1]}])
+    assert [i.gpu_ids for i in got] == [(2, 3), (0, 1)]
 
 
 def test_a_topology_file_without_gpus_is_refused(tmp_path: Path) -> None:

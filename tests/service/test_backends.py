@@ -134,6 +134,10 @@ def test_engine_refusals_and_id_clashes_name_the_payloads_part_as_the_control_pl
                 await backend.generate(two, ["b-0", "b-1"])
             assert batch.value.param == "inputs[1].options.max_tokens"
             assert str(batch.value).startswith("inputs[1]: ")
+            other = parse_generate(["a"], {"model": "zzz"}, RequestDefaults())
+            with pytest.raises(ModelNotFoundError) as model:
+                await backend.generate(other, ["m1"])
+            assert model.value.param == "options.model"
             slow = parse_generate(["a"], {"max_tokens": 200}, RequestDefaults())
             first = asyncio.ensure_future(backend.generate(slow, ["dup"]))
             await asyncio.sleep(0.01)

@@ -637,3 +637,8 @@ def test_a_max_model_len_given_above_the_kv_cache_is_refused_as_vllm_does() -> N
     # the model's context by default: served as far as the cache holds
     lowered = SimEngine("e", SimEngineConfig(num_gpu_blocks=2))
     assert lowered.config.max_model_len == 32
+    # the model's context asked for by name (engine-sim --max-model-len 8192) is refused too
+    with pytest.raises(ConfigError, match="8192 is above"):
+        SimEngine(
+            "e", SimEngineConfig(num_gpu_blocks=2, max_model_len=8192), max_model_len_given=True
+        )

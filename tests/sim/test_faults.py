@@ -36,7 +36,9 @@ def test_parse_spec() -> None:
      ("crash=5", "crash takes no value"), ("slow=inf", "must be finite"),
      ("crash@nan", "must be finite"), ("crash@inf", "must be finite"),
      ("seed=-1", "must be >= 0"), ("hang@", "a time after '@' is missing"),
-     ("crash@ ", "a time after '@' is missing"), ("error=@p1", "a value after '=' is missing")],
+     ("crash@ ", "a time after '@' is missing"), ("error=@p1", "a value after '=' is missing"),
+     ("hang@5+", "a duration after"), ("hang@ +3", "a start time before"),
+     ("error@p", "a probability after '@p' is missing")],
 )  # fmt: skip
 def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

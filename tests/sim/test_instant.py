@@ -43,6 +43,8 @@ async def test_a_request_beyond_its_context_is_refused() -> None:
 @pytest.mark.parametrize(
     ("changes", "param"),
     [({"stop": ["x"]}, "stop"), ({"extra": {"logprobs": 2}}, "logprobs"),
+     ({"extra": {"logprobs": 0}}, "logprobs"),
+     ({"extra": {"prompt_logprobs": 0}}, "prompt_logprobs"),
      ({"extra": {"n": 2}}, "n"), ({"extra": {"echo": True}}, "echo")],
 )  # fmt: skip
 async def test_options_it_does_not_apply_are_refused_not_ignored(
@@ -52,7 +54,10 @@ async def test_options_it_does_not_apply_are_refused_not_ignored(
     with pytest.raises(InvalidRequestError, match="does not apply") as err:
         [c async for c in InstantEngine("i0").generate(req)]
     assert err.value.param == param
-    plain = EngineRequest("r2", MODEL, prompt="hi", max_tokens=2, extra={"n": 1, "logprobs": None})
+    plain = EngineRequest(
+        "r2", MODEL, prompt="hi", max_tokens=2,
+        extra={"n": 1, "logprobs": None, "stop_token_ids": [], "echo": False},
+    )  # fmt: skip
     assert len([c async for c in InstantEngine("i0").generate(plain)]) == 2
 
 

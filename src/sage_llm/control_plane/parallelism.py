@@ -834,20 +834,23 @@ def _nothing_reason(sc: _Scored, slo: SLOTarget) -> str:
     checks = (("TPOT", lone.tpot_s, slo.tpot_s), ("TTFT", lone.ttft_s, slo.ttft_s))
     for name, value, target in checks:
         if name in limit and math.isfinite(value) and value > target:
-            why += f" ({_above(value, target)} against {_ms(target)})"
+            why += f" ({_above(value, target)})"
     return why
 
 
 def _above(value: float, target: float) -> str:
-    """``value`` (above ``target``) as :func:`_ms` writes it, with more digits where that
-    would round it to the target's figure (``50.4 ms against 50 ms``, not ``50 against 50``)."""
-    text = _ms(value)
-    unit, scale = (" ms", 1000.0) if value < 1 else (" s", 1.0)
-    digits = 0 if unit == " ms" else 2
-    while text == _ms(target) and digits < 6:
+    """``VALUE against TARGET`` (value above target) as :func:`_ms` writes them, with the
+    digits that show the miss (``50.04 ms against 50.00 ms``, not ``50 ms against 50
+    ms``)."""
+    shown, aim = _ms(value), _ms(target)
+    if (value < 1) != (target < 1):  # different units: the figures differ anyway
+        return f"{shown} against {aim}"
+    unit, scale, digits = (" ms", 1000.0, 0) if value < 1 else (" s", 1.0, 2)
+    while f"{value * scale:.{digits}f}" == f"{target * scale:.{digits}f}" and digits < 6:
         digits += 1
-        text = f"{value * scale:.{digits}f}{unit}"
-    return text
+    if (digits, unit) in ((0, " ms"), (2, " s")):
+        return f"{shown} against {aim}"
+    return f"{value * scale:.{digits}f}{unit} against {target * scale:.{digits}f}{unit}"
 
 
 def _kv_reason(at_rate: _Outcome, est: PlanEstimates) -> str:

@@ -375,7 +375,7 @@ def _gpu_info(k: int, g: Mapping[str, Any]) -> GPUInfo:
         ("numa_node", _as_int),
         ("gpu_numa_id", _as_int),
     ):
-        if g.get(key) is None:
+        if g.get(key) is None and key != "index":  # the index is required
             continue
         try:
             values[key] = read(g[key])

@@ -461,7 +461,7 @@ def _read_instances(entries: object, path: KeyPath, p: Problems) -> list[Planned
         return None
     before = len(p.errors)
     out: list[PlannedInstance] = []
-    used: dict[int, set[int]] = {}  # per machine: the GPUs listed so far
+    used = _listed_gpus(entries)  # per machine: the GPUs instances list (or were given)
     for k, entry in enumerate(entries):
         here = (*path, k)
         if not isinstance(entry, Mapping):
@@ -473,7 +473,7 @@ def _read_instances(entries: object, path: KeyPath, p: Problems) -> list[Planned
             continue
         taken = used.setdefault(read.node, set())
         gpus = read.gpu_ids
-        if gpus is None:  # the machine's lowest GPUs no earlier instance lists
+        if gpus is None:  # the machine's lowest GPUs no instance lists (or was given)
             free = (g for g in itertools.count() if g not in taken)
             gpus = tuple(itertools.islice(free, read.tp * read.pp))
         taken.update(gpus)
@@ -495,6 +495,19 @@ def _read_instances(entries: object, path: KeyPath, p: Problems) -> list[Planned
                 PlannedInstance(role, read.tp, read.pp, read.ep, gpus, read.node, read.link_gbps)
             )
     return out if len(p.errors) == before else None
+
+
+def _listed_gpus(entries: Sequence[object]) -> dict[int, set[int]]:
+    """The GPUs the entries list explicitly, per machine (``node``): instances without
+    ``gpu_ids`` are given others."""
+    listed: dict[int, set[int]] = {}
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        node, gpus = entry.get("node", 0), entry.get("gpu_ids")
+        if isinstance(node, int) and isinstance(gpus, list | tuple):
+            listed.setdefault(node, set()).update(g for g in gpus if isinstance(g, int))
+    return listed
 
 
 def planned_instances_from_dicts(

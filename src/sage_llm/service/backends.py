@@ -190,7 +190,9 @@ class EngineBackend:
         client = self._require()
         model = self._cfg.model_id
         if item.options.model is not None and item.options.model != model:
-            raise ModelNotFoundError(f"this service serves {model!r}, not {item.options.model!r}")
+            raise ModelNotFoundError(
+                f"this service serves {model!r}, not {item.options.model!r}", param="model"
+            )
         meta = to_metadata(item, request_id)
         default_max = item.options.max_tokens or 512
         _, req = build_request(

@@ -287,7 +287,12 @@ class SimEngine:
         clock: Clock | None = None,
         kv_hub: KVTransferHub | None = None,
         front_end: FrontEndModel | None = None,
+        max_model_len_given: bool | None = None,
     ) -> None:
+        """``max_model_len_given``: whether ``config.max_model_len`` was asked for (then one
+        above what the KV cache holds is refused, as vLLM refuses it) or is the model's
+        context by default (then the engine serves what the cache holds); None: given
+        unless it is the model's context."""
         self._id = instance_id
         # the front end's work runs on the engine's time scale too (speed, at the start)
         self._front_end = (front_end or FrontEndModel()).at_speed(
@@ -312,7 +317,10 @@ class SimEngine:
         self._core = SimEngineCore(config)
         held = self._core.num_gpu_blocks * config.block_size
         if config.max_model_len > held:
-            if config.max_model_len != default_max_model_len(config.model):
+            given = max_model_len_given
+            if given is None:
+                given = config.max_model_len != default_max_model_len(config.model)
+            if given:
                 raise ConfigError(  # a length given: refused, as vLLM refuses it
                     f"{config.max_model_len} is above what the KV cache holds ({held} "
                     "tokens): vLLM refuses to start so; give at most that, or more KV cache",

@@ -139,9 +139,19 @@ class Fault:
 def _parse_one(item: str) -> Fault:
     head, at, when = item.partition("@")
     name, equals, value = head.partition("=")
-    if (equals and not value.strip()) or (at and not when.strip()):
-        # "hang@" for "hang@5" would hang the engine from the start
-        missing = "a value after '='" if equals and not value.strip() else "a time after '@'"
+    start, plus, duration = when.partition("+")
+    missing = None  # "hang@" for "hang@5" would hang the engine from the start
+    if equals and not value.strip():
+        missing = "a value after '='"
+    elif at and not when.strip():
+        missing = "a time after '@'"
+    elif at and when.strip().startswith("p") and not when.strip()[1:].strip():
+        missing = "a probability after '@p'"
+    elif at and not start.strip():
+        missing = "a start time before '+'"
+    elif plus and not duration.strip():
+        missing = "a duration after '+'"
+    if missing is not None:
         raise ConfigError(
             f"bad fault {item.strip()!r}: {missing} is missing (KIND[=VALUE][@T, @T+D or @pP])"
         )

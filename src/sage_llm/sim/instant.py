@@ -36,6 +36,14 @@ INSTANT_MAX_MODEL_LEN = 32768
 """The instant engine's ``max_model_len`` (prompt and output, tokens)."""
 
 
+def _asked(key: str, value: object) -> bool:
+    """Whether option ``key`` asks for something: ``logprobs: 0`` does (the chosen token's
+    log-probability), ``n: 1``, ``echo: false`` and ``stop_token_ids: []`` do not."""
+    if value is None or value is False or value == []:
+        return False
+    return not (key == "n" and value == 1)
+
+
 class InstantEngine:
     """An :class:`~sage_llm.engines.base.EngineClient` whose every answer is immediate."""
 
@@ -50,11 +58,7 @@ class InstantEngine:
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
         """``req.max_tokens`` chunks of one token each; the last carries the usage."""
-        asked = [
-            k
-            for k in _NOT_APPLIED
-            if req.extra.get(k) not in (None, False, 0, 1 if k == "n" else 0)
-        ]
+        asked = [k for k in _NOT_APPLIED if _asked(k, req.extra.get(k))]
         if req.stop:
             asked.insert(0, "stop")
         if asked:  # answered as if not asked, they would look honoured
