@@ -66,7 +66,12 @@ def parse_params(text: str) -> dict[str, float]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"expected key=value, got {item!r}")
-        params[key.strip()] = float(value)
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{key.strip()}: expected a number, got {value!r}") from None
+    if not params:  # the "old thresholds" row would run today's
+        raise ValueError("expected key=value,… with one parameter at least")
     return params
 
 

@@ -40,6 +40,7 @@ from sage_llm.fastinit import field_filler
 from sage_llm.sim import accel
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
 from sage_llm.sim.core import default_max_model_len
+from sage_llm.sim.specs import get_gpu, get_model
 from sage_llm.tokens import VOCAB_SIZE
 from sage_llm.types import RequestPriority
 
@@ -251,25 +252,33 @@ def _at_least(low: int) -> Any:
 
 
 def _setup_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the options, found before any simulating (else None): lengths,
-    the model and GPU, the policy and routing (by building a one-instance simulator), the
-    shared prefix against the model's context, and ``--out``."""
-    try:
-        length_dist(args.input_len)
-        length_dist(args.output_len)
-        fleet = make_fleet(1, gpu=args.gpu, model=args.model, max_concurrency=args.max_concurrency)
-        ClusterSimulator(fleet, policy=args.policy, routing=args.routing, seed=args.seed)
-    except (SageLLMError, ValueError) as exc:
-        return str(exc)
+    """What is wrong with the options, found before any simulating (else None), naming the
+    option: lengths, the model and GPU, the policy and routing (by building a one-instance
+    simulator), the prompt against the model's context, ``--out`` and ``--profile``."""
+    checks: list[tuple[str, Any]] = [
+        ("--input-len", lambda: length_dist(args.input_len)),
+        ("--output-len", lambda: length_dist(args.output_len)),
+        ("--gpu", lambda: get_gpu(args.gpu)),
+        ("--model", lambda: get_model(args.model)),
+        ("--policy/--routing", lambda: ClusterSimulator(
+            make_fleet(1, max_concurrency=1), policy=args.policy, routing=args.routing
+        )),
+    ]  # fmt: skip
+    for option, check in checks:
+        try:
+            check()
+        except (SageLLMError, ValueError) as exc:
+            return f"{option}: {getattr(exc, 'detail', None) or exc}"
     context = default_max_model_len(args.model)
-    if args.shared_prefix >= context:
+    shortest = args.shared_prefix + (int(args.input_len) if args.input_len.strip().isdigit() else 0)
+    if shortest >= context:
         return (
-            f"--shared-prefix {args.shared_prefix} leaves no room in {args.model}'s context "
-            f"({context} tokens)"
+            f"--shared-prefix + --input-len: {shortest} prompt tokens leave no room in "
+            f"{args.model}'s context ({context} tokens)"
         )
-    out = args.out
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        return f"--out {out}: not a file in an existing directory"
+    for option, file in (("--out", args.out), ("--profile", args.profile)):
+        if file is not None and (file.is_dir() or not file.parent.is_dir()):
+            return f"{option} {file}: not a file in an existing directory"
     return None
 
 
@@ -320,6 +329,11 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
     if keep is not None:
         keep += [sim, result]
     report(result, setup, args)
+    if result.summary.count and not result.summary.ok:
+        print("error: no request completed (see failures above)", file=sys.stderr)
+        code = 1
+    else:
+        code = 0
     if args.out is not None:
         payload = {
             "command": " ".join(["python", "benchmarks/cluster_scale.py", *sys.argv[1:]]),
@@ -328,7 +342,7 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
             "result": result.to_dict(),
         }
         args.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -326,10 +326,8 @@ def serve(
                 f"{inst.host}:{inst.port} is the address the gateway would listen on "
                 "(--host/--port): its requests would come back to the gateway"
             )
-    if bind_port:  # 0 picks a free port
-        _check_listen(
-            bind_host, bind_port, "--host" if host is not None else cfg.where("gateway.host")
-        )
+    # port 0 binds a free port here too: the check still resolves the host
+    _check_listen(bind_host, bind_port, "--host" if host is not None else cfg.where("gateway.host"))
     if uses_embedded_fleet(cfg):
         sim = cfg.simulation
         log.info(

@@ -24,7 +24,9 @@ def script() -> ModuleType:
         (["--policy", "nope"], "unknown scheduling policy 'nope'"),
         (["--routing", "nope"], "unknown routing strategy 'nope'"),
         (["--input-len", "foo"], "invalid length distribution 'foo'"),
-        (["--shared-prefix", "9000"], "--shared-prefix 9000 leaves no room in llama-3-8b's"),
+        (["--shared-prefix", "9000"], "--input-len: 9512 prompt tokens leave no room in"),
+        (["--input-len", "0"], "--input-len: fixed length must be >= 1, got 0"),
+        (["--model", "nope"], "--model: unknown model 'nope'"),
     ],
 )
 def test_a_bad_option_is_a_usage_error_before_any_simulating(
@@ -36,12 +38,13 @@ def test_a_bad_option_is_a_usage_error_before_any_simulating(
     assert message in capsys.readouterr().err
 
 
-def test_out_must_be_a_file_in_an_existing_directory(
+def test_out_and_profile_must_be_files_in_existing_directories(
     script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit):
-        script.main(["--out", str(tmp_path), "--requests", "10"])
-    assert f"--out {tmp_path}: not a file in an existing directory" in capsys.readouterr().err
+    for option, value in (("--out", tmp_path), ("--profile", tmp_path / "no" / "p.prof")):
+        with pytest.raises(SystemExit):
+            script.main([option, str(value), "--requests", "10"])
+        assert f"{option} {value}: not a file in an existing directory" in capsys.readouterr().err
 
 
 def test_a_small_run_reports_its_failures_reason(
@@ -49,7 +52,9 @@ def test_a_small_run_reports_its_failures_reason(
 ) -> None:
     code = script.main(["--instances", "2", "--requests", "40", "--rate", "100",
                         "--input-len", "8100", "--output-len", "200"])  # fmt: skip
-    assert code == 0
-    out = capsys.readouterr().out
+    assert code == 1  # nothing completed
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "error: no request completed" in captured.err
     assert "failed 40" in out
     assert "failures         40 failed: " in out and "maximum context length" in out

@@ -330,6 +330,28 @@ def test_load_specs_toml_errors(tmp_path: Path, text: str, key: str) -> None:
         assert err.value.location == f"{path}:{line}"
 
 
+def test_load_specs_toml_locates_inline_tables_and_file_errors(tmp_path: Path) -> None:
+    path = tmp_path / "specs.toml"
+    for text, where, message in (
+        (  # an inline table's value: at its own line, not at the next table's
+            '[model]\nx = { base = "llama-3-8b", num_heads = 0 }\n\n[model.y]\n'
+            'base = "llama-3-8b"\nnum_heads = 32\n',
+            2,
+            "model.x.num_heads: must be >= 1",
+        ),
+        ("[gpu.x]\npeak_tflops = 1\npeak_tflops = 2\n", 3,
+         "invalid TOML: peak_tflops is given a value twice; keep one"),
+    ):  # fmt: skip
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as err:
+            load_specs_toml(path)
+        assert str(err.value) == f"{path}:{where}: {message}"
+    path.write_bytes(b"[gpu.x]\npeak_tflops = 1\xff\n")
+    with pytest.raises(ConfigError) as err:
+        load_specs_toml(path)
+    assert str(err.value) == f"{path}:2: not valid UTF-8 (byte 0xff, column 16)"
+
+
 def test_pipeline_never_beats_one_gpu_on_a_memory_bound_step() -> None:
     one = RooflineCostModel.from_names("h100", "llama-3-8b")
     pp4 = RooflineCostModel.from_names("h100", "llama-3-8b", pp=4)

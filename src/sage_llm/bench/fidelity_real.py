@@ -35,6 +35,7 @@ from sage_llm.bench.fidelity import (
     profile_path,
     render_table,
 )
+from sage_llm.config_locate import utf8_problem
 from sage_llm.engines.metrics_scrape import Samples, parse_prometheus_text
 from sage_llm.errors import EngineError
 from sage_llm.launch.local import launch_engines
@@ -392,9 +393,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.refit is not None:
         try:
-            report = refit(json.loads(args.refit.read_text(encoding="utf-8")))
+            data = args.refit.read_bytes()
         except OSError as exc:
             parser.error(f"--refit: cannot read {args.refit}: {exc.strerror or exc}")
+        try:
+            recorded = json.loads(data.decode("utf-8"))
+            if not isinstance(recorded, dict):
+                raise TypeError(f"a JSON {type(recorded).__name__}, not an object")
+            report = refit(recorded)
+        except UnicodeDecodeError as exc:
+            line, message = utf8_problem(data, exc)
+            parser.error(f"--refit: {args.refit}:{line}: {message}")
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not such a report
             what = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc)
             parser.error(

@@ -100,9 +100,9 @@ class RooflineCostModel:
         if self.tp < 1 or self.pp < 1:
             raise ValueError("tp and pp must be >= 1")
         if self.pp > self.model.num_layers:
-            raise ConfigError(
-                f"must not exceed {self.model.name}'s {self.model.num_layers} layers, got "
-                f"{self.pp}",
+            raise ConfigError(  # placement_problem's words
+                f"pipeline-parallel size {self.pp} is more than {self.model.name}'s "
+                f"{self.model.num_layers} layers (a stage needs one at least)",
                 key="pp",
             )
         if not 0 < self.prefill_mfu <= 1 or not 0 < self.decode_bw_eff <= 1:

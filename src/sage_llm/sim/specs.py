@@ -30,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from sage_llm.config_locate import KeyLocator, syntax_error, utf8_problem
 from sage_llm.errors import ConfigError
 
 GIB = 1 << 30
@@ -333,33 +334,39 @@ def load_specs_toml(path: str | Path) -> tuple[dict[str, GPUSpec], dict[str, Mod
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read spec file: {exc}", location=str(path)) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, message = utf8_problem(raw, exc)
+        raise ConfigError(message, location=f"{path}:{line}") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML: {exc}", location=str(path)) from exc
-    lines = text.splitlines()
+        raise syntax_error(exc, str(path), text) from None
+    locator = KeyLocator(text)
     for key in data:
         if key not in ("gpu", "model"):
             raise ConfigError(
                 "unknown table (expected [gpu.<name>] or [model.<name>])",
-                location=_where(path, lines, key),
+                location=_where(path, locator, key),
                 key=key,
             )
     gpus: dict[str, GPUSpec] = {}
     models: dict[str, ModelSpec] = {}
-    for name, table in _tables(path, lines, data, "gpu"):
-        base = _base(path, lines, table, f"gpu.{name}", gpus, BUILTIN_GPUS, get_gpu)
-        gpus[name] = _build(path, lines, GPUSpec, f"gpu.{name}", name, table, base)
-    for name, table in _tables(path, lines, data, "model"):
-        mbase = _base(path, lines, table, f"model.{name}", models, BUILTIN_MODELS, get_model)
-        models[name] = _build(path, lines, ModelSpec, f"model.{name}", name, table, mbase)
+    for name, table in _tables(path, locator, data, "gpu"):
+        base = _base(path, locator, table, f"gpu.{name}", gpus, BUILTIN_GPUS, get_gpu)
+        gpus[name] = _build(path, locator, GPUSpec, f"gpu.{name}", name, table, base)
+    for name, table in _tables(path, locator, data, "model"):
+        mbase = _base(path, locator, table, f"model.{name}", models, BUILTIN_MODELS, get_model)
+        models[name] = _build(path, locator, ModelSpec, f"model.{name}", name, table, mbase)
     return gpus, models
 
 
 def _tables(
-    path: Path, lines: list[str], data: Mapping[str, Any], kind: str
+    path: Path, locator: KeyLocator, data: Mapping[str, Any], kind: str
 ) -> list[tuple[str, Mapping[str, Any]]]:
     section = data.get(kind, {})
     out: list[tuple[str, Mapping[str, Any]]] = []
@@ -367,7 +374,7 @@ def _tables(
         if not isinstance(table, dict):
             raise ConfigError(
                 f"expected a table [{kind}.{name}]",
-                location=_where(path, lines, name),
+                location=_where(path, locator, kind, name),
                 key=f"{kind}.{name}",
             )
         out.append((name, table))
@@ -376,7 +383,7 @@ def _tables(
 
 def _base(
     path: Path,
-    lines: list[str],
+    locator: KeyLocator,
     table: Mapping[str, Any],
     dotted: str,
     earlier: Mapping[str, Any],
@@ -388,7 +395,9 @@ def _base(
         return None
     if not isinstance(base, str):
         raise ConfigError(
-            "base must be a string", location=_where(path, lines, "base", dotted), key=dotted
+            "base must be a string",
+            location=_where(path, locator, *_parts(dotted), "base"),
+            key=dotted,
         )
     if base in earlier:
         return earlier[base]
@@ -396,13 +405,15 @@ def _base(
         return lookup(base)
     except ConfigError as exc:
         raise ConfigError(
-            exc.message, location=_where(path, lines, "base", dotted), key=f"{dotted}.base"
+            exc.message,
+            location=_where(path, locator, *_parts(dotted), "base"),
+            key=f"{dotted}.base",
         ) from exc
 
 
 def _build(
     path: Path,
-    lines: list[str],
+    locator: KeyLocator,
     cls: Any,
     dotted: str,
     name: str,
@@ -418,7 +429,7 @@ def _build(
             allowed = ", ".join(["base", *spec_fields])
             raise ConfigError(
                 f"unknown key (allowed: {allowed})",
-                location=_where(path, lines, key, dotted),
+                location=_where(path, locator, *_parts(dotted), key),
                 key=f"{dotted}.{key}",
             )
         want_int = spec_fields[key].type in ("int", int)
@@ -427,7 +438,7 @@ def _build(
             kind = "an integer" if want_int else "a number"
             raise ConfigError(
                 f"must be {kind}, got {value!r}",
-                location=_where(path, lines, key, dotted),
+                location=_where(path, locator, *_parts(dotted), key),
                 key=f"{dotted}.{key}",
             )
         values[key] = float(value) if not want_int else value
@@ -438,7 +449,7 @@ def _build(
         if missing:
             raise ConfigError(
                 f"missing keys: {', '.join(missing)}",
-                location=_where(path, lines, dotted),
+                location=_where(path, locator, *_parts(dotted)),
                 key=dotted,
             )
         return cls(name=name, **values)
@@ -448,20 +459,23 @@ def _build(
         if named is not None and named.group(1) in values:
             key = named.group(1)
             raise ConfigError(
-                named.group(2), location=_where(path, lines, key, dotted), key=f"{dotted}.{key}"
+                named.group(2),
+                location=_where(path, locator, *_parts(dotted), key),
+                key=f"{dotted}.{key}",
             ) from exc
-        raise ConfigError(str(exc), location=_where(path, lines, dotted), key=dotted) from exc
+        raise ConfigError(
+            str(exc), location=_where(path, locator, *_parts(dotted)), key=dotted
+        ) from exc
 
 
-def _where(path: Path, lines: list[str], key: str, table: str | None = None) -> str:
-    """``file:line`` of the first line defining ``key`` (after the ``[table]`` header if given)."""
-    start = 0
-    if table is not None:
-        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
-        start = next((i for i, line in enumerate(lines) if header.search(line)), 0)
-    last = key.rsplit(".", 1)[-1]
-    pattern = re.compile(rf"^\s*(\[[^\]]*\b{re.escape(last)}\s*\]|{re.escape(last)}\s*=)")
-    for number in range(start, len(lines)):
-        if pattern.search(lines[number]):
-            return f"{path}:{number + 1}"
-    return str(path)
+def _where(path: Path, locator: KeyLocator, *parts: str) -> str:
+    """``file:line`` of the key ``parts`` (``("gpu", "x", "peak_tflops")``), or of its
+    nearest written ancestor; the file alone when none is written."""
+    line = locator.line_of(parts)
+    return str(path) if line is None else f"{path}:{line}"
+
+
+def _parts(dotted: str) -> tuple[str, str]:
+    """``("model", name)`` of ``"model.<name>"`` (a name may hold dots: ``llama-3.1-8b``)."""
+    kind, _, name = dotted.partition(".")
+    return kind, name
