@@ -233,17 +233,13 @@ def _workload(value: str) -> str:
 
 def _read_text(path: Path) -> str:
     """The UTF-8 text of ``path``, else a one-line error naming it."""
-    from sage_llm.config_locate import utf8_problem
+    from sage_llm.config_locate import read_utf8
+    from sage_llm.errors import ConfigError
 
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        _fail(f"{path}: cannot read: {exc.strerror or exc}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line, message = utf8_problem(data, exc)
-        _fail(f"{path}:{line}: {message}")
+        return read_utf8(path)
+    except ConfigError as exc:
+        _fail(exc.message)
 
 
 def _cannot_listen(exc: OSError, port: int) -> str | None:

@@ -45,8 +45,8 @@ from sage_llm.config_locate import (
     KeyLocator,
     KeyPath,
     Problems,
+    read_utf8,
     syntax_error,
-    utf8_problem,
 )
 from sage_llm.config_schema import (
     DEFAULT_SIM_MODEL,
@@ -288,15 +288,9 @@ def _result(config: SageConfig | None, errors: list[ConfigError]) -> SageConfig:
 
 def _load(path: Path, env: Mapping[str, str] | None) -> tuple[SageConfig | None, list[ConfigError]]:
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        return None, [ConfigError(f"cannot read config file: {reason}", location=str(path))]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line, message = utf8_problem(raw, exc)
-        return None, [ConfigError(message, location=f"{path}:{line}")]
+        text = read_utf8(path, "config file")
+    except ConfigError as exc:
+        return None, [exc]
     # a byte-order mark (some editors write one) is not TOML: read past it
     return _parse(text.removeprefix("\ufeff"), str(path), env)
 

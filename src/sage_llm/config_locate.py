@@ -22,6 +22,7 @@ import bisect
 import json
 import re
 import tomllib
+from pathlib import Path
 
 from sage_llm.errors import ConfigError
 
@@ -254,6 +255,22 @@ def utf8_problem(data: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
     line = data.count(b"\n", 0, exc.start) + 1
     column = exc.start - data.rfind(b"\n", 0, exc.start)
     return line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x}, column {column})"
+
+
+def read_utf8(path: Path, what: str = "file") -> str:
+    """The text of ``path``. :class:`ConfigError` located at ``path`` when it cannot be read
+    (``cannot read <what>: <reason>``), at ``path:line`` when it is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {what}: {exc.strerror or exc}", location=str(path)
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, message = utf8_problem(data, exc)
+        raise ConfigError(message, location=f"{path}:{line}") from None
 
 
 def syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> ConfigError:

@@ -35,9 +35,9 @@ from sage_llm.bench.fidelity import (
     profile_path,
     render_table,
 )
-from sage_llm.config_locate import utf8_problem
+from sage_llm.config_locate import read_utf8
 from sage_llm.engines.metrics_scrape import Samples, parse_prometheus_text
-from sage_llm.errors import EngineError
+from sage_llm.errors import ConfigError, EngineError
 from sage_llm.launch.local import launch_engines
 from sage_llm.launch.plan_to_engines import (
     EngineLaunch,
@@ -393,17 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.refit is not None:
         try:
-            data = args.refit.read_bytes()
-        except OSError as exc:
-            parser.error(f"--refit: cannot read {args.refit}: {exc.strerror or exc}")
+            text = read_utf8(args.refit, "the report")
+        except ConfigError as exc:
+            parser.error(f"--refit: {exc.message}")
         try:
-            recorded = json.loads(data.decode("utf-8"))
+            recorded = json.loads(text)
             if not isinstance(recorded, dict):
                 raise TypeError(f"a JSON {type(recorded).__name__}, not an object")
             report = refit(recorded)
-        except UnicodeDecodeError as exc:
-            line, message = utf8_problem(data, exc)
-            parser.error(f"--refit: {args.refit}:{line}: {message}")
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not such a report
             what = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc)
             parser.error(

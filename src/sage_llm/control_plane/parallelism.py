@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sage_llm.config_locate import utf8_problem
+from sage_llm.config_locate import read_utf8
 from sage_llm.control_plane.parallelism_eval import (
     DEFAULT_NODE_GPUS,
     MAX_PLAN_GPUS,
@@ -1032,15 +1032,10 @@ def plan_command(
     topology = None
     if topology_file is not None:
         try:
-            text = Path(topology_file).read_bytes().decode("utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read topology file {topology_file}: {exc.strerror or exc}",
-                key="topology",
-            ) from None
-        except UnicodeDecodeError as exc:
-            line, message = utf8_problem(exc.object, exc)
-            raise ConfigError(f"{topology_file}:{line}: {message}", key="topology") from None
+            text = read_utf8(Path(topology_file), f"topology file {topology_file}")
+        except ConfigError as exc:
+            where = "" if exc.detail.startswith("cannot read") else f"{exc.location}: "
+            raise ConfigError(f"{where}{exc.detail}", key="topology") from None
         try:
             topology = parse_topology_text(text)
         except ConfigError as exc:

@@ -40,8 +40,8 @@ from sage_llm.config_locate import (
     KeyPath,
     Problems,
     format_key,
+    read_utf8,
     syntax_error,
-    utf8_problem,
 )
 from sage_llm.control_plane.parallelism import (
     GPUAllocation,
@@ -526,17 +526,7 @@ def planned_instances_from_dicts(
 
 def _read_text(path: Path, what: str) -> str:
     """The text of ``path``; ConfigError (at ``path``) when it cannot be read or is not UTF-8."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {what}: {exc.strerror or exc}", location=str(path)
-        ) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line, message = utf8_problem(data, exc)
-        raise ConfigError(message, location=f"{path}:{line}") from None
+    return read_utf8(path, what)
 
 
 def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstance]]:

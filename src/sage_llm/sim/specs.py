@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sage_llm.config_locate import KeyLocator, syntax_error, utf8_problem
+from sage_llm.config_locate import KeyLocator, read_utf8, syntax_error
 from sage_llm.errors import ConfigError
 
 GIB = 1 << 30
@@ -333,15 +333,7 @@ def load_specs_toml(path: str | Path) -> tuple[dict[str, GPUSpec], dict[str, Mod
     A table may start from another spec with ``base = "<name>"``.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read spec file: {exc}", location=str(path)) from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line, message = utf8_problem(raw, exc)
-        raise ConfigError(message, location=f"{path}:{line}") from None
+    text = read_utf8(path, "spec file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
