@@ -7,6 +7,7 @@ import contextlib
 import math
 import types
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -1923,3 +1924,16 @@ def test_drain_instance_takes_true_or_false_only() -> None:
     with pytest.raises(ConfigError, match="draining: must be true or false, got 'no'"):
         cp.drain_instance("a", "no")  # type: ignore[arg-type]
     assert cp.get_instance_metrics("a")["draining"] is False
+
+
+def test_registered_live_flags_are_not_kept_as_flags() -> None:
+    """``is_healthy=False`` (as ``get_instances`` shows an ejected one) kept an instance
+    from every request for good; ``is_available=False`` registers it drained."""
+    cp = ControlPlaneManager(mode="simulated")
+    cp.register_instance(replace(make_instance("a"), is_healthy=False))
+    cp.register_instance(replace(make_instance("b", port=8001), is_available=False))
+    a, b = cp.get_instance_metrics("a"), cp.get_instance_metrics("b")
+    assert (a["is_healthy"], a["draining"]) == (True, False)
+    assert b["draining"] is True
+    cp.drain_instance("b", False)
+    assert cp.get_instance_metrics("b")["draining"] is False

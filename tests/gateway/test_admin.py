@@ -78,6 +78,18 @@ async def test_list_add_and_duplicate_instances() -> None:
             text = await r.text()
         assert "engine-secret" not in text
 
+        # live flags sent back as false: health is measured, "not available" is drained
+        for iid, flag in (("sim-unhealthy", "is_healthy"), ("sim-unavailable", "is_available")):
+            body = {**spec, "instance_id": iid, "port": 9100 + len(iid), flag: False}
+            async with http.post(gw.url("/admin/instances"), json=body) as r:
+                assert r.status == 201
+        unhealthy = gw.manager.get_instance_metrics("sim-unhealthy")
+        unavailable = gw.manager.get_instance_metrics("sim-unavailable")
+        assert (unhealthy["is_healthy"], unhealthy["draining"]) == (True, False)
+        assert unavailable["draining"] is True
+        gw.manager.drain_instance("sim-unavailable", False)  # and it can be let in
+        assert gw.manager.get_instance_metrics("sim-unavailable")["draining"] is False
+
 
 _DEFAULTED = (
     "engine", "instance_type", "max_concurrent_requests", "tensor_parallel_size", "metadata",

@@ -460,7 +460,11 @@ class ControlPlaneManager:
         The instance is first checked as a config file's instance entry is
         (:func:`sage_llm.config.check_instance`): a bad field raises :class:`ConfigError`
         naming the field and the instance, and an ``instance_type`` given as a string
-        (``"PREFILLING"``, ``"prefill"``) is parsed and stored on the instance."""
+        (``"PREFILLING"``, ``"prefill"``) is parsed and stored on the instance.
+        ``is_healthy`` false is not kept (health is measured: probes eject an instance that
+        is down), and ``is_available`` false registers it drained (:meth:`drain_instance`
+        with false lets it take requests): as flags of their own they would keep it from
+        every request for good, whatever its probes said."""
         check_instance(instance)
         known = self._registry.find(instance.instance_id)
         if known is not None and known.removed:
@@ -477,6 +481,9 @@ class ControlPlaneManager:
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
         state.registered_at = self._elapsed()
+        if not instance.is_available:
+            instance.is_available, state.draining = True, True
+        instance.is_healthy = True
         self._monitor().attach(state)
         self._update_prefix_tracking()
         if self._running:
