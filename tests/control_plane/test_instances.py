@@ -42,6 +42,7 @@ def _expected(state: InstanceState) -> InstanceView:
         est_ttft_base_s=state.est_ttft_base_s,
         est_prefill_tps=1.0 / state.est_s_per_prefill_token,
         est_tpot_s=state.est_tpot_s,
+        measured=state.measured,
     )
 
 
@@ -118,3 +119,18 @@ def test_serves_and_up_kinds_agree_with_models_and_up() -> None:
     check()
     assert registry.up_kinds("m") == (False, False)
     assert not registry.serves("gone") and registry.serves("m")
+
+
+def test_estimates_take_their_first_observation_and_learn_a_lower_fixed_part() -> None:
+    registry = InstanceRegistry()
+    state = registry.add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    assert not state.view().measured
+    state.observe_tpot(0.008)
+    assert state.est_tpot_s == pytest.approx(0.008)  # the prior replaced, not nudged
+    state.observe_tpot(0.010)
+    assert state.est_tpot_s == pytest.approx(0.009)  # the mean of the first two
+    for _ in range(50):  # TTFTs below the 50 ms prior of the fixed part
+        state.observe_first_token(0.018, 100)
+    assert state.est_ttft_base_s < 0.02
+    assert 1.0 / state.est_s_per_prefill_token <= 1e7 + 1  # bounded: it reached 1.5e20/s
+    assert state.measured and state.view().measured

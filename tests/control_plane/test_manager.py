@@ -46,8 +46,10 @@ from sage_llm.errors import (
     SageLLMError,
 )
 from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.tokens import count_tokens
 from tests.engines.fake_engine import BatchingFakeEngine, FakeEngine
+from tests.engines.probes import ConcurrencyProbe
 from tests.factories import MODEL, make_instance, make_instances, make_metadata
 
 
@@ -1937,3 +1939,34 @@ def test_registered_live_flags_are_not_kept_as_flags() -> None:
     assert b["draining"] is True
     cp.drain_instance("b", False)
     assert cp.get_instance_metrics("b")["draining"] is False
+
+
+def test_cost_optimized_gives_a_new_twin_its_share() -> None:
+    """An instance registered beside measured twins was priced by its (pessimistic)
+    priors under cost_optimized, never chosen, so never measured: it got 0 of 603
+    requests. Now it gets one to learn from, then its share."""
+
+    async def run(cp: ControlPlaneManager, prefix: str, n: int) -> None:
+        async def worker(w: int) -> None:  # 8 at a time: nobody's bound of 64 is reached
+            for k in range(w, n, 8):
+                rid = await cp.submit_request(make_metadata(f"{prefix}{k}", max_tokens=64))
+                assert (await cp.wait_for_result(rid)).status is RequestStatus.COMPLETED
+
+        await asyncio.gather(*(worker(w) for w in range(8)))
+
+    async def main() -> dict[str, int]:
+        async with _manager(2, scheduling_policy="cost_optimized", bound=64) as cp:
+            await run(cp, "a", 24)  # the two are measured now
+            # an engine the control plane does not know as simulated: default priors (20 ms)
+            engine = ConcurrencyProbe(SimEngine("new", SimEngineConfig()))
+            new = make_instance("new", port=9100, max_concurrent_requests=64)
+            cp.register_instance(new, client=engine)
+            await run(cp, "b", 48)
+            return {
+                i.instance_id: cp.get_instance_metrics(i.instance_id)["completed_requests"]
+                for i in cp.get_instances()
+            }
+
+    done = run_virtual(main())
+    assert sum(done.values()) == 72
+    assert done["new"] >= 8, done

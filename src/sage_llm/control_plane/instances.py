@@ -41,6 +41,8 @@ _Placement = tuple[
 
 # EWMA weight of a new observation in the latency estimates.
 _ALPHA = 0.2
+_MIN_S_PER_PREFILL_TOKEN = 1e-7
+"""The estimate's floor: 10 million prompt tokens a second (more than any instance)."""
 
 _KEEP_LATENCIES = 512
 """Latencies kept per instance for its average (``public_instance``) and percentiles
@@ -101,6 +103,10 @@ class InstanceState:
     est_ttft_base_s: float = 0.05
     est_s_per_prefill_token: float = 1 / 8000.0
     est_tpot_s: float = 0.02
+    ttft_samples: int = 0
+    tpot_samples: int = 0
+    """Observations behind the estimates: the first ones replace the priors outright (an
+    average of those seen), later ones move them by :data:`_ALPHA`."""
     stream_credit: float = 1.0
     """Sampled engine streaming (``engine_stream = "sampled"``): a non-streaming request
     streams when the credit is 1, which it then gives up; each adds the sample fraction (so
@@ -145,14 +151,28 @@ class InstanceState:
         return self.routable and self.accepting
 
     def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
-        """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch)."""
+        """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch).
+        A TTFT below the fixed part's estimate lowers that estimate (a prior above the
+        engine's real overhead made every token's share 0, and the prefill rate endless)."""
         if pending_tokens <= 0:
             return
+        self.ttft_samples += 1
+        alpha = max(_ALPHA, 1.0 / self.ttft_samples)
+        if ttft_s < self.est_ttft_base_s:
+            self.est_ttft_base_s += alpha * (ttft_s - self.est_ttft_base_s)
         per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
-        self.est_s_per_prefill_token += _ALPHA * (per_token - self.est_s_per_prefill_token)
+        estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
+        self.est_s_per_prefill_token = max(estimate, _MIN_S_PER_PREFILL_TOKEN)
 
     def observe_tpot(self, tpot_s: float) -> None:
-        self.est_tpot_s += _ALPHA * (tpot_s - self.est_tpot_s)
+        self.tpot_samples += 1
+        self.est_tpot_s += max(_ALPHA, 1.0 / self.tpot_samples) * (tpot_s - self.est_tpot_s)
+
+    @property
+    def measured(self) -> bool:
+        """Whether traffic has told anything of it yet: a request completed here or a
+        latency observed (before, its estimates are its priors)."""
+        return self.completed > 0 or self.tpot_samples > 0 or self.ttft_samples > 0
 
     def record_latency(self, latency_ms: float) -> None:
         self.latencies_ms.append(latency_ms)  # the oldest drops out past the window
@@ -184,6 +204,7 @@ class InstanceState:
             self.breaker.probe_passed, self.in_flight,
             self.queued_prefill_tokens, self.outstanding_decode_tokens, stats,
             self.est_ttft_base_s, self.est_s_per_prefill_token, self.est_tpot_s,
+            self.measured,
         )  # fmt: skip
 
     def view(self) -> InstanceView:
@@ -226,8 +247,9 @@ class InstanceState:
             stats.waiting if stats else 0,
             *placement,
             self.est_ttft_base_s,
-            1.0 / max(self.est_s_per_prefill_token, 1e-12),
+            1.0 / max(self.est_s_per_prefill_token, _MIN_S_PER_PREFILL_TOKEN),
             self.est_tpot_s,
+            self.measured,
         )
 
     def public_instance(self) -> ExecutionInstance:

@@ -100,6 +100,9 @@ class InstanceView:
     est_ttft_base_s: float = 0.05
     est_prefill_tps: float = 8000.0
     est_tpot_s: float = 0.02
+    measured: bool = True
+    """False until traffic has told anything of the instance (its ``est_*`` are priors):
+    a policy that ranks by them gives it a request to learn them (``cost_optimized``)."""
 
     @property
     def free_slots(self) -> int:

@@ -138,3 +138,17 @@ def test_invalid_params(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
         CostOptimizedPolicy.Params(**{key: value})  # type: ignore[arg-type]
     assert err.value.key == key
+
+
+def test_an_instance_not_measured_yet_gets_one_request_at_a_time_to_learn() -> None:
+    """Priced by its pessimistic priors, a new instance was never chosen, so never measured,
+    and took no request while its twins ran full."""
+    measured = make_instance_view("a", est_tpot_s=0.008)
+    new = make_instance_view("new", est_tpot_s=0.02, measured=False)
+    policy = CostOptimizedPolicy()
+    req = make_request_info()
+    assert policy.constrain(req, make_snapshot([measured, new])) == frozenset({"a", "new"})
+    busy = make_instance_view("new", est_tpot_s=0.02, measured=False, in_flight=1)
+    assert policy.constrain(req, make_snapshot([measured, busy])) == frozenset({"a"})
+    learned = make_instance_view("new", est_tpot_s=0.02)
+    assert policy.constrain(req, make_snapshot([measured, learned])) == frozenset({"a"})

@@ -126,7 +126,13 @@ class CostOptimizedPolicy(QueuedPolicy):
         self._counts[outcome] += 1
         cheapest = min(costs[i.instance_id] for i in pool)
         limit = cheapest * (1.0 + self.params.cost_tolerance) + 1e-12
-        return frozenset(i.instance_id for i in pool if costs[i.instance_id] <= limit)
+        # an instance nothing has been measured on yet is priced by its priors, which a
+        # ranking by price would never correct: one request at a time goes there to learn
+        return frozenset(
+            i.instance_id
+            for i in pool
+            if costs[i.instance_id] <= limit or (not i.measured and i.in_flight == 0)
+        )
 
     def _params_dict(self) -> dict[str, object]:
         return asdict(self.params)
