@@ -41,7 +41,7 @@ _Placement = tuple[
 
 # EWMA weight of a new observation in the latency estimates.
 _ALPHA = 0.2
-_MIN_S_PER_PREFILL_TOKEN = 1e-7
+MIN_S_PER_PREFILL_TOKEN = 1e-7
 """The estimate's floor: 10 million prompt tokens a second (more than any instance)."""
 
 _KEEP_LATENCIES = 512
@@ -162,7 +162,7 @@ class InstanceState:
             self.est_ttft_base_s += alpha * (ttft_s - self.est_ttft_base_s)
         per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
         estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
-        self.est_s_per_prefill_token = max(estimate, _MIN_S_PER_PREFILL_TOKEN)
+        self.est_s_per_prefill_token = max(estimate, MIN_S_PER_PREFILL_TOKEN)
 
     def observe_tpot(self, tpot_s: float) -> None:
         self.tpot_samples += 1
@@ -247,7 +247,7 @@ class InstanceState:
             stats.waiting if stats else 0,
             *placement,
             self.est_ttft_base_s,
-            1.0 / max(self.est_s_per_prefill_token, _MIN_S_PER_PREFILL_TOKEN),
+            1.0 / max(self.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
             self.est_tpot_s,
             self.measured,
         )

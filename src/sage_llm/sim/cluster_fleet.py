@@ -20,7 +20,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sage_llm.bench.workloads import WorkloadRequest
-from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
+from sage_llm.control_plane.instances import (
+    MIN_S_PER_PREFILL_TOKEN,
+    InstanceRegistry,
+    InstanceState,
+)
 from sage_llm.control_plane.snapshot import InstanceView, RequestInfo
 from sage_llm.errors import ConfigError
 from sage_llm.fastinit import field_filler
@@ -96,6 +100,7 @@ _DYNAMIC_VIEW_FIELDS = (
     "est_ttft_base_s",
     "est_prefill_tps",
     "est_tpot_s",
+    "measured",
 )
 """The :class:`InstanceView` fields the simulation changes; the others stay as registered."""
 _STATIC_VIEW_FIELDS = tuple(
@@ -250,8 +255,9 @@ class InstanceSlot:
             stats.kv_usage if stats else 0.0,
             stats.waiting if stats else 0,
             state.est_ttft_base_s,
-            1.0 / max(state.est_s_per_prefill_token, 1e-12),
+            1.0 / max(state.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
             state.est_tpot_s,
+            state.measured,
             *self._static_view,
         )
 
