@@ -249,14 +249,6 @@ TOO_DEEP = "tables or arrays nested too deeply to read"
 """The error of a document nested deeper than the reader's recursion allows."""
 
 
-def utf8_problem(data: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
-    """The line of the first byte of ``data`` that is not UTF-8, and what to say of it
-    (``not valid UTF-8 (byte 0xff, column 12)``): every file the project reads says it so."""
-    line = data.count(b"\n", 0, exc.start) + 1
-    column = exc.start - data.rfind(b"\n", 0, exc.start)
-    return line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x}, column {column})"
-
-
 def read_utf8(path: Path, what: str = "file") -> str:
     """The text of ``path``. :class:`ConfigError` located at ``path`` when it cannot be read
     (``cannot read <what>: <reason>``), at ``path:line`` when it is not UTF-8."""
@@ -268,8 +260,10 @@ def read_utf8(path: Path, what: str = "file") -> str:
         ) from None
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line, message = utf8_problem(data, exc)
+    except UnicodeDecodeError as exc:  # every file the project reads says it so
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        message = f"not valid UTF-8 (byte 0x{data[exc.start]:02x}, column {column})"
         raise ConfigError(message, location=f"{path}:{line}") from None
 
 

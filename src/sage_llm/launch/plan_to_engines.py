@@ -524,15 +524,10 @@ def planned_instances_from_dicts(
     return instances
 
 
-def _read_text(path: Path, what: str) -> str:
-    """The text of ``path``; ConfigError (at ``path``) when it cannot be read or is not UTF-8."""
-    return read_utf8(path, what)
-
-
 def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstance]]:
     """A ``sage-llm plan --json`` file: its top-level fields and its planned instances."""
     path = Path(path)
-    text = _read_text(path, "plan")
+    text = read_utf8(path, "plan")
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -697,7 +692,7 @@ def _read_topology(table: Mapping[str, Any], base_dir: Path, p: Problems) -> Top
         p.add(path, f"must be a string, got {_kind(name)}")
         return None
     try:
-        topology = parse_topology_text(_read_text(base_dir / name, "topology file"))
+        topology = parse_topology_text(read_utf8(base_dir / name, "topology file"))
     except ConfigError as exc:
         p.add(path, exc.message)
         return None
@@ -840,7 +835,7 @@ def load_launch_config(
             "overrides apply to a plan file (.json); a launch file sets these keys itself",
             location=str(path),
         )
-    text = _read_text(path, "launch file")
+    text = read_utf8(path, "launch file")
     try:
         doc = tomllib.loads(text)
         locator = KeyLocator(text)
