@@ -842,14 +842,12 @@ def _above(value: float, target: float) -> str:
     """``VALUE against TARGET`` (value above target) as :func:`_ms` writes them, with the
     digits that show the miss (``50.04 ms against 50.00 ms``, not ``50 ms against 50
     ms``)."""
-    shown, aim = _ms(value), _ms(target)
     if (value < 1) != (target < 1):  # different units: the figures differ anyway
-        return f"{shown} against {aim}"
+        return f"{_ms(value)} against {_ms(target)}"
+    # _ms's own precision first (0 digits in ms, 2 in s), more while the two read the same
     unit, scale, digits = (" ms", 1000.0, 0) if value < 1 else (" s", 1.0, 2)
     while f"{value * scale:.{digits}f}" == f"{target * scale:.{digits}f}" and digits < 6:
         digits += 1
-    if (digits, unit) in ((0, " ms"), (2, " s")):
-        return f"{shown} against {aim}"
     return f"{value * scale:.{digits}f}{unit} against {target * scale:.{digits}f}{unit}"
 
 
@@ -1032,10 +1030,9 @@ def plan_command(
     topology = None
     if topology_file is not None:
         try:
-            text = read_utf8(Path(topology_file), f"topology file {topology_file}")
+            text = read_utf8(Path(topology_file), "topology file")
         except ConfigError as exc:
-            where = "" if exc.detail.startswith("cannot read") else f"{exc.location}: "
-            raise ConfigError(f"{where}{exc.detail}", key="topology") from None
+            raise ConfigError(f"{exc.location}: {exc.detail}", key="topology") from None
         try:
             topology = parse_topology_text(text)
         except ConfigError as exc:

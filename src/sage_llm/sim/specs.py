@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sage_llm.config_locate import KeyLocator, read_utf8, syntax_error
+from sage_llm.config_locate import KeyLocator, Problems, read_utf8, syntax_error
 from sage_llm.errors import ConfigError
 
 GIB = 1 << 30
@@ -463,8 +463,7 @@ def _build(
 def _where(path: Path, locator: KeyLocator, *parts: str) -> str:
     """``file:line`` of the key ``parts`` (``("gpu", "x", "peak_tflops")``), or of its
     nearest written ancestor; the file alone when none is written."""
-    line = locator.line_of(parts)
-    return str(path) if line is None else f"{path}:{line}"
+    return Problems(str(path), locator).location(parts)
 
 
 def _parts(dotted: str) -> tuple[str, str]:
