@@ -28,6 +28,7 @@ import os
 import pstats
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,13 +184,10 @@ def run(
 
 def _first_error(measurements: Any) -> str:
     """The most common reason of the failed requests, and how many failed so."""
-    reasons: dict[str, int] = {}
-    for m in measurements:
-        if not m.ok:
-            reasons[str(m.error)] = reasons.get(str(m.error), 0) + 1
-    if not reasons:
+    common = Counter(str(m.error) for m in measurements if not m.ok).most_common(1)
+    if not common:
         return "none failed"
-    reason, count = max(reasons.items(), key=lambda item: item[1])
+    ((reason, count),) = common
     return f"{count} failed: {reason}"
 
 
