@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestResult, RequestStatus
 from sage_llm.control_plane.health import (
@@ -389,6 +390,45 @@ def test_eject_on_errors_off_ignores_request_errors() -> None:
     run_virtual(main())
 
 
+def test_instance_failure_counts_tell_failed_calls_from_failed_requests() -> None:
+    """``failed_requests`` counts what ``sage_llm_requests_total{status="failed"}`` counts
+    for the instance (requests that ended failed there); ``failed_calls`` the engine calls
+    that failed there, a call whose request was retried elsewhere included."""
+
+    async def main() -> tuple[list[dict[str, Any]], str]:
+        settings = HealthSettings(interval_s=100.0, eject_on_errors=False)
+        cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
+        insts = make_instances(2)
+        cp.register_instance(
+            insts[0],
+            FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500@p1")),
+        )
+        cp.register_instance(insts[1])
+        async with cp:
+            for i in range(4):
+                meta = RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2)
+                assert (await cp.generate(meta)).status is RequestStatus.COMPLETED
+            cp.drain_instance("sim-1")  # the last one has nowhere else to go
+            last = await cp.generate(RequestMetadata(request_id="r4", prompt="x", max_tokens=2))
+            assert last.status is RequestStatus.FAILED and last.instance_id == "sim-0"
+            return [cp.get_instance_metrics(i) for i in ("sim-0", "sim-1")], (
+                cp.prometheus_metrics().decode()
+            )
+
+    metrics, text = run_virtual(main())
+    failed = {
+        s.labels["instance_id"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "sage_llm_requests"
+        for s in family.samples
+        if s.name == "sage_llm_requests_total" and s.labels["status"] == "failed"
+    }
+    assert failed == {"sim-0": 1.0}
+    assert [m["failed_requests"] for m in metrics] == [1, 0]
+    assert metrics[0]["failed_calls"] >= 2 and metrics[1]["failed_calls"] == 0  # retried ones
+    assert metrics[1]["completed_requests"] == 4
+
+
 async def _chunks(delays: list[float]) -> AsyncIterator[Chunk]:
     for i, d in enumerate(delays):
         await asyncio.sleep(d)
@@ -475,7 +515,7 @@ def test_an_ejection_moves_the_calls_that_delivered_nothing(fault: str, stream: 
             assert r.status is RequestStatus.COMPLETED and r.instance_id == "sim-1"
             assert r.completion_tokens == len(r.text.split()) == 6
         assert moved.request_id in {"r0", "r1"}
-        assert cp.get_instance_metrics("sim-0")["failed_requests"] == 0  # the probes failed
+        assert cp.get_instance_metrics("sim-0")["failed_calls"] == 0  # the probes failed
 
     run_virtual(main())
 
@@ -545,7 +585,7 @@ def test_a_gray_failing_engine_stays_out_with_a_growing_cool_down(fault: str) ->
                 results.append(await cp.generate(meta))
                 await asyncio.sleep(0.25)  # 15 s
             opens = cp.get_instance_metrics("sim-0")["circuit"]["transitions"]
-            tried = cp.get_instance_metrics("sim-0")["failed_requests"]
+            tried = cp.get_instance_metrics("sim-0")["failed_calls"]
         assert all(r.status is RequestStatus.COMPLETED for r in results)
         assert all(r.instance_id == "sim-1" for r in results)
         # two failures to open, then one trial per cool-down of 0.5, 1, 2, 4 s ... (capped

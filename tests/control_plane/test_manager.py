@@ -1295,7 +1295,8 @@ def test_a_request_an_engine_refuses_fails_at_once_as_the_clients_error(
         assert "rejected the request" in exc.message and "n=1 only" in exc.message
         assert result.status is RequestStatus.FAILED and result.attempts == 1
         assert sum(len(e.requests) for e in engines.values()) == 1  # not retried
-        assert [m["failed_requests"] for m in metrics] == [0, 0]
+        assert [m["failed_calls"] for m in metrics] == [0, 0]  # not held against it
+        assert sum(m["failed_requests"] for m in metrics) == 1  # but it ended failed there
         assert [m["circuit"]["state"] for m in metrics] == ["closed", "closed"]
 
     run_virtual(main())

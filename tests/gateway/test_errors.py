@@ -263,9 +263,10 @@ async def test_a_request_the_engine_refuses_is_400_naming_the_field_and_not_retr
                 )
         # each went to one instance once, and neither instance is marked down for it
         assert sum(len(p.requests) for p in gw.probes.values()) == 3
-        for iid in ("sim-0", "sim-1"):
-            metrics = gw.manager.get_instance_metrics(iid)
-            assert metrics["failed_requests"] == 0 and metrics["is_healthy"]
+        # ... but each ended failed on its instance, as sage_llm_requests_total counts it
+        metrics = [gw.manager.get_instance_metrics(i) for i in ("sim-0", "sim-1")]
+        assert all(m["failed_calls"] == 0 and m["is_healthy"] for m in metrics)
+        assert sum(m["failed_requests"] for m in metrics) == 3
 
 
 @pytest.mark.parametrize("lean_server", [True, False])

@@ -797,7 +797,7 @@ class Dispatcher:
         assert isinstance(exc, EngineError)
         # a refusal is the request's fault; an eviction, the instance's already counted one
         if not isinstance(exc, EngineRequestRejectedError) and exc is not rec.evicted:
-            state.failed += 1
+            state.failed_calls += 1
             self._on_failure(state, exc)
         if self._retryable(rec, exc) and self._can_retry(rec, state):
             return exc
@@ -1036,7 +1036,7 @@ class Dispatcher:
         # the ejected instance has counted an eviction already; a refused request says
         # nothing about the instance
         if not evicted and refusal_of(exc) is None:
-            failed.failed += 1
+            failed.failed_calls += 1
             self._on_failure(failed, exc)
         verdict = self._pd_retry(rec, exc, failed, prefill_leg)
         if verdict is not None:
@@ -1369,6 +1369,8 @@ class Dispatcher:
         self.records.pop(rec.request_id, None)
         failed = failure_error(result, rec.exception) if status is RequestStatus.FAILED else None
         self.finished.add(result, now, self._placement(rec, state), failed)
+        if state is not None and status is RequestStatus.FAILED:
+            state.failed_requests += 1
         if state is not None and status is RequestStatus.COMPLETED:
             last, key = self.last_instances, info.session_id or info.user_id
             if last is not None and key is not None:

@@ -84,8 +84,12 @@ class InstanceState:
     completed: int = 0
     """Requests this instance did its part of: whole requests and decode legs that
     completed here, and prefill legs that ended here."""
-    failed: int = 0
-    """Engine calls that failed here (a request retried elsewhere counts too)."""
+    failed_requests: int = 0
+    """Requests that ended failed here (as ``sage_llm_requests_total{status="failed"}``
+    counts them by instance: an engine's refusal too)."""
+    failed_calls: int = 0
+    """Engine calls that failed here and counted against its health (a request retried
+    elsewhere counts too; an engine's refusal of the request does not)."""
     tokens_generated: int = 0
     prefilled_tokens: int = 0
     """Prompt tokens of the prefill legs that ended here."""
@@ -291,6 +295,7 @@ class InstanceState:
             "draining": self.draining,
             "circuit": self.breaker.state.label,
             "completed_requests": self.completed,
+            "failed_calls": self.failed_calls,
             "tokens_generated": self.tokens_generated,
             "prefilled_tokens": self.prefilled_tokens,
             "queued_prefill_tokens": self.queued_prefill_tokens,
@@ -307,9 +312,9 @@ class InstanceState:
         return InstanceMetrics(
             instance_id=inst.instance_id,
             timestamp=timestamp,
-            total_requests_processed=self.completed + self.failed,
+            total_requests_processed=self.completed + self.failed_requests,
             active_requests=self.in_flight,
-            failed_requests=self.failed,
+            failed_requests=self.failed_requests,
             avg_latency_ms=mean(lat),
             p50_latency_ms=percentile(lat, 50),
             p95_latency_ms=percentile(lat, 95),

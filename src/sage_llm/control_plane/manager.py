@@ -600,7 +600,8 @@ class ControlPlaneManager:
             "max_concurrent_requests": state.instance.max_concurrent_requests,
             "current_load": state.in_flight / state.instance.max_concurrent_requests,
             "completed_requests": state.completed,
-            "failed_requests": state.failed,
+            "failed_requests": state.failed_requests,
+            "failed_calls": state.failed_calls,
             "tokens_generated": state.tokens_generated,
             "kv_cache_usage": stats.kv_usage if stats else None,
             "engine_running": stats.running if stats else None,
@@ -1065,9 +1066,10 @@ class ControlPlaneManager:
 
     def get_instance_report(self, instance_id: str) -> InstanceMetrics:
         """One instance's figures as the seed's :class:`~sage_llm.types.InstanceMetrics`:
-        requests processed since it was registered (completed here, or failed here: a
-        failed engine call counts even when the request then succeeded elsewhere;
-        cancelled ones are not counted), latency percentiles over its latest 512 completed
+        requests processed since it was registered (completed here, or ended failed here,
+        as ``sage_llm_requests_total`` counts them; cancelled ones are not counted; the
+        engine calls that failed here, retried ones included, are ``failed_calls`` in
+        ``metadata``), latency percentiles over its latest 512 completed
         requests (arrival to end, the control plane's queue included; a PREFILLING
         instance's are its prefill legs), tokens per second over the time the control
         plane has run since it was registered, load, health, and the engine's latest

@@ -316,7 +316,8 @@ class SimControlPlane:
             if tpot_s is not None:
                 state.observe_tpot(tpot_s)
         else:
-            state.failed += 1
+            state.failed_requests += 1
+            state.failed_calls += 1
         fleet.mark(slot)
         counting = self._counting
         if counting is not None:
