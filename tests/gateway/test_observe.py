@@ -130,6 +130,18 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
         headers = {"x-request-id": "traced", "Traceparent": parent}  # any case, as Go sends it
         async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):
             pass
+        # a stream that its deadline cuts short: a 200 status line, then a 504 error event
+        cut = {"x-request-id": "cut", "x-sage-slo-ms": "50"}
+        body = completion_body(stream=True, max_tokens=400)
+        async with http.post(gw.url("/v1/completions"), json=body, headers=cut) as r:
+            assert r.status == 200 and '"code":504' in await r.text()
+        # a client that leaves mid-stream
+        left = {"x-request-id": "left"}
+        async with http.post(gw.url("/v1/completions"), json=body, headers=left) as r:
+            await r.content.readany()
+            r.close()
+        result = await gw.manager.wait_for_result("left", timeout=10)
+        assert result.status.value == "cancelled"
         gw.manager.drain_instance("sim-0")
         async with http.post(gw.url("/v1/completions"), json=completion_body(),
                              headers={"x-request-id": "refused"}):  # fmt: skip
@@ -141,6 +153,13 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     assert span.attributes["gen_ai.request.model"] == "llama-3-8b" and span.status is None
     (failed,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "refused"]
     assert failed.status == ("error", "HTTP 503")
+    (cut_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "cut"]
+    assert cut_span.attributes["http.response.status_code"] == 200
+    assert cut_span.attributes["sage.stream_error_code"] == 504
+    assert cut_span.status == ("error", "HTTP 504")
+    (left_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "left"]
+    assert left_span.attributes["http.response.status_code"] == 499  # though 200 was sent
+    assert "sage.stream_error_code" not in left_span.attributes and left_span.status is None
 
 
 def test_tracing_is_a_no_op_without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,7 @@ from sage_llm.gateway.errors import (
     error_response,
     sage_error_response,
 )
+from sage_llm.gateway.relay import CLIENT_GONE, SSEResponse
 
 access_log = logging.getLogger("sage_llm.gateway.access")
 log = logging.getLogger("sage_llm.gateway")
@@ -250,12 +251,20 @@ def _observe(
                 resp = await run(request, handler)
             else:
                 with _span(tracer, request, rid) as span:
-                    resp = await run(request, handler)
-                    span.set_attribute("http.response.status_code", resp.status)
+                    try:
+                        resp = await run(request, handler)
+                    except asyncio.CancelledError:
+                        span.set_attribute("http.response.status_code", 499)  # client gone
+                        raise
+                    failed = resp.stream_error if isinstance(resp, SSEResponse) else None
+                    gone = failed == CLIENT_GONE  # as when the handler is cancelled for it
+                    span.set_attribute("http.response.status_code", failed if gone else resp.status)
                     model = request.get(MODEL_KEY)
                     if model:
                         span.set_attribute("gen_ai.request.model", model)
-                    tracer.mark_error(span, resp.status)
+                    if failed is not None and not gone:  # an error event after a 200
+                        span.set_attribute("sage.stream_error_code", failed)
+                    tracer.mark_error(span, failed or resp.status)
             status = resp.status
             if not resp.prepared:
                 resp.headers.update(headers)

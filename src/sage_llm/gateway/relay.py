@@ -63,6 +63,14 @@ class SSEResponse(web.StreamResponse):
     ``prepare()``; the relay prepares it only once the first chunk is there."""
 
     _send_headers_immediately = False
+    stream_error: int | None = None
+    """How the stream ended when not well, for the trace span (its status line said 200):
+    the code of the error event that ended it, or 499 when the client went away first;
+    None when it ended well."""
+
+
+CLIENT_GONE = 499
+"""How a stream whose client went away before its end ended (nginx's status for it)."""
 
 
 class StreamSink(Protocol):
@@ -413,7 +421,7 @@ async def stream_response(
             return None
         return resp
 
-    await relay_stream(prepared, manager, gens, created, request_id)
+    resp.stream_error = await relay_stream(prepared, manager, gens, created, request_id)
     return resp
 
 
@@ -423,13 +431,14 @@ async def relay_stream(
     gens: Sequence[Generation],
     created: int,
     request_id: str,
-) -> None:
+) -> int | None:
     """Relay ``gens`` (one, or one per prompt: :func:`merged_batches`) as server-sent
     events under ``request_id`` onto the sink ``open_sink()`` opens once the first chunk
     is there (a failure before it raises, so the client gets a JSON error status
     instead); None from it means the client already left, and the request is cancelled.
     The request's timeout covers both parts: before the first chunk it is a JSON 504,
-    after it an error event that ends the stream."""
+    after it an error event that ends the stream. Returns how it ended when not well:
+    the code of the error event that ended it, or 499 when the client went away first."""
     gen = gens[0]
     fmt = fill_format(gen.chat, request_id, gen.model, created)
     batches = (
@@ -454,14 +463,14 @@ async def relay_stream(
                 end.sink = await open_sink()
                 if end.sink is None:  # the client left before its first byte
                     log.info("client of request %s went away; cancelling it", gen.request_id)
-                    return  # closing the stream below cancels the request
+                    return CLIENT_GONE  # closing the stream below cancels the request
                 end.opened = True
                 await _relay(end, batches, first, manager, gen, fmt)
         except TimeoutError:
             if not end.opened:  # nothing sent yet
                 raise _timeout_error(gen) from None
             if end.sink is not None:
-                end.tail += _error_event(_timeout_error(gen).to_openai(), gen)
+                end.fail(_timeout_error(gen).to_openai(), gen)
             else:  # the stream had ended (or its client had gone)
                 log.warning(
                     "request %s passed its %s s limit after its stream had ended; cancelling it",
@@ -471,19 +480,34 @@ async def relay_stream(
         await end.finish()
     finally:
         await batches.aclose()  # a request not finished by then is cancelled
+    return end.error
 
 
 class _Ending:
     """A stream's sink while open, and what is still to be written when it ends: the
     request's last chunk (held back so it leaves with the usage chunk), error events."""
 
-    __slots__ = ("opened", "sink", "tail")
+    __slots__ = ("error", "opened", "sink", "tail")
 
     def __init__(self) -> None:
         self.sink: StreamSink | None = None
         self.opened = False
         """Whether the sink was opened (the client has the status line)."""
         self.tail = b""
+        self.error: int | None = None
+        """The code of the error event in the tail, or :data:`CLIENT_GONE`; None while
+        all is well."""
+
+    def fail(self, body: dict[str, Any], gen: Generation) -> None:
+        """End the stream with the error event of ``body`` (logged as such)."""
+        error = body["error"]
+        code = error.get("code")
+        self.error = code if isinstance(code, int) else 500
+        log.warning(
+            "stream of request %s ended with an error (%s %s): %s", gen.request_id,
+            code, error.get("type"), error.get("message"), extra={"request_id": gen.request_id},
+        )  # fmt: skip
+        self.tail += encode_event(body)
 
     async def finish(self) -> None:
         """Write the tail and ``[DONE]``, and end the body (once; nothing when the sink
@@ -553,11 +577,12 @@ async def _relay(
     except ConnectionResetError:
         log.info("client of request %s went away; cancelling it", gen.request_id)
         end.sink = None  # nothing more can be written
+        end.error = CLIENT_GONE
     except SageLLMError as exc:
-        end.tail += _error_event(exc.to_openai(), gen)
+        end.fail(exc.to_openai(), gen)
     except Exception:
         log.exception("stream of request %s failed", gen.request_id)
-        end.tail += _error_event(error_body("internal server error", "internal_error", 500), gen)
+        end.fail(error_body("internal server error", "internal_error", 500), gen)
 
 
 async def _end_early(
@@ -579,13 +604,3 @@ async def _end_early(
             pass
     except SageLLMError as exc:
         log.warning("request %s failed after its whole answer was sent: %s", gen.request_id, exc)
-
-
-def _error_event(body: dict[str, Any], gen: Generation) -> bytes:
-    error = body["error"]
-    log.warning(
-        "stream of request %s ended with an error (%s %s): %s", gen.request_id,
-        error.get("code"), error.get("type"), error.get("message"),
-        extra={"request_id": gen.request_id},
-    )  # fmt: skip
-    return encode_event(body)
