@@ -69,6 +69,9 @@ def _setup_logging(ctx: typer.Context, level: str, fmt: str) -> None:
 
 
 _LOG_FORMAT_HELP = "Log lines: text, or json (one object per line, with the access log's fields)."
+_ENGINE_LOG_FORMAT_HELP = (
+    "Log lines: text, or json (one object per line). The engine writes no access log."
+)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -474,7 +477,7 @@ def engine_sim(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of generated text, >= 0.", callback=_seed)] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
-    log_format: Annotated[str, typer.Option(help=_LOG_FORMAT_HELP)] = "text",
+    log_format: Annotated[str, typer.Option(help=_ENGINE_LOG_FORMAT_HELP)] = "text",
     faults: Annotated[
         str | None,
         typer.Option(help="Fault plan, e.g. 'crash@30; error=503@p0.05' (see sim/faults.py)."),

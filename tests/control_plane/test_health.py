@@ -4,6 +4,7 @@ over faulty simulated engines (virtual time)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -390,10 +391,14 @@ def test_eject_on_errors_off_ignores_request_errors() -> None:
     run_virtual(main())
 
 
-def test_instance_failure_counts_tell_failed_calls_from_failed_requests() -> None:
+def test_instance_failure_counts_tell_failed_calls_from_failed_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """``failed_requests`` counts what ``sage_llm_requests_total{status="failed"}`` counts
     for the instance (requests that ended failed there); ``failed_calls`` the engine calls
-    that failed there, a call whose request was retried elsewhere included."""
+    that failed there, a call whose request was retried elsewhere included. Each retry's
+    log line carries the request id as a field (JSON logs show it)."""
+    caplog.set_level(logging.INFO, logger="sage_llm.dispatcher")
 
     async def main() -> tuple[list[dict[str, Any]], str]:
         settings = HealthSettings(interval_s=100.0, eject_on_errors=False)
@@ -425,8 +430,11 @@ def test_instance_failure_counts_tell_failed_calls_from_failed_requests() -> Non
     }
     assert failed == {"sim-0": 1.0}
     assert [m["failed_requests"] for m in metrics] == [1, 0]
-    assert metrics[0]["failed_calls"] >= 2 and metrics[1]["failed_calls"] == 0  # retried ones
+    assert metrics[0]["failed_calls"] >= 2 and metrics[1]["failed_calls"] == 0
     assert metrics[1]["completed_requests"] == 4
+    retries = [r for r in caplog.records if "retrying elsewhere" in r.getMessage()]
+    assert len(retries) == metrics[0]["failed_calls"] - 1 >= 1  # r4's last call: no retry
+    assert all(f"request {getattr(r, 'request_id', '?')}:" in r.getMessage() for r in retries)
 
 
 async def _chunks(delays: list[float]) -> AsyncIterator[Chunk]:

@@ -109,8 +109,9 @@ class _Tracer:
 
 
 async def test_tracing_spans_when_opentelemetry_is_importable(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sage_llm.gateway")
     tracer = _Tracer()
     trace_mod = types.ModuleType("opentelemetry.trace")
     trace_mod.get_tracer = lambda name: tracer  # type: ignore[attr-defined]
@@ -160,6 +161,12 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     (left_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "left"]
     assert left_span.attributes["http.response.status_code"] == 499  # though 200 was sent
     assert "sage.stream_error_code" not in left_span.attributes and left_span.status is None
+    # the lines about a request carry its id as a field (JSON logs show it)
+    for rid, words in (("left", "went away"), ("cut", "ended with an error")):
+        assert any(
+            words in r.getMessage() and getattr(r, "request_id", None) == rid
+            for r in caplog.records
+        ), rid
 
 
 def test_tracing_is_a_no_op_without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:

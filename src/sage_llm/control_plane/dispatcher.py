@@ -133,6 +133,13 @@ def timed_out(timeout_s: float) -> str:
 
 log = logging.getLogger("sage_llm.dispatcher")
 
+
+def _rid(rec: RequestRecord) -> dict[str, str]:
+    """A log record's ``extra`` for ``rec``: its request id as a field of its own (as the
+    gateway's lines about the request carry it)."""
+    return {"request_id": rec.request_id}
+
+
 _FAILED = object()
 """What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
 
@@ -391,7 +398,7 @@ class Dispatcher:
             if chosen is None and allowed is not None:
                 chosen = route_id(self.router, info, snap)
         except Exception as exc:
-            log.exception("routing request %s failed", rec.request_id)
+            log.exception("routing request %s failed", rec.request_id, extra=_rid(rec))
             self._finish(rec, RequestStatus.FAILED, error=internal_error(exc))
             return _FAILED
         if chosen is None:
@@ -769,7 +776,10 @@ class Dispatcher:
             return None
         if isinstance(exc, (EngineError, InvalidRequestError)):
             return self._failed(rec, state, exc)
-        log.error("request %s failed inside the control plane", rec.request_id, exc_info=exc)
+        log.error(
+            "request %s failed inside the control plane", rec.request_id,
+            exc_info=exc, extra=_rid(rec),
+        )  # fmt: skip
         self._finish(rec, RequestStatus.FAILED, error=internal_error(exc), state=state)
         return None
 
@@ -903,7 +913,7 @@ class Dispatcher:
             self.metrics.set_in_flight(state.instance_id, state.in_flight)
         self.metrics.running.inc()
         self.metrics.on_pd_routed("disaggregated", plan.transfer_s)
-        log.debug("request %s disaggregated: %s", rec.request_id, plan.reason)
+        log.debug("request %s disaggregated: %s", rec.request_id, plan.reason, extra=_rid(rec))
         run = self._pd_runs[rec.request_id] = _PDRun(pstate, dstate, info.prompt_tokens)
         task = asyncio.create_task(self._execute_pd(rec, run), name=f"req-{rec.request_id}")
         rec.task = task
@@ -986,7 +996,9 @@ class Dispatcher:
         except EngineError as exc:
             retry = self._pd_failed(rec, run, exc)
         except Exception as exc:
-            log.exception("request %s failed inside the control plane", rec.request_id)
+            log.exception(
+                "request %s failed inside the control plane", rec.request_id, extra=_rid(rec)
+            )
             self._finish(rec, RequestStatus.FAILED, error=internal_error(exc), state=dstate)
         finally:
             self._pd_runs.pop(rec.request_id, None)
@@ -1151,6 +1163,7 @@ class Dispatcher:
             rec.request_id,
             state.instance_id,
             exc.message,
+            extra=_rid(rec),
         )
         rec.info = replace(
             rec.info,

@@ -175,6 +175,7 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
         request.path,
         request.get(REQUEST_ID_KEY, "-"),
         exc_info=exc,
+        extra={"request_id": request.get(REQUEST_ID_KEY, "-")},
     )
     return internal_error_response()
 

@@ -77,7 +77,7 @@ class LeanRoutes:
             raise
         except ConnectionResetError:
             status = 499
-            log.info("client of request %s went away", rid)
+            log.info("client of request %s went away", rid, extra={"request_id": rid})
         except Exception as exc:
             status = self._error(conn, exc, request, rid, headers)
         finally:
@@ -143,7 +143,7 @@ class LeanRoutes:
         else:
             log.error(
                 "unhandled error in %s %s (request %s)",
-                request.method, request.path, rid, exc_info=exc,
+                request.method, request.path, rid, exc_info=exc, extra={"request_id": rid},
             )  # fmt: skip
             status, payload = 500, error_body("internal server error", "internal_error", 500)
         if conn.answered:  # a stream already started: it ended itself

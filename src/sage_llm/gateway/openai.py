@@ -431,7 +431,10 @@ def log_prompt(gen: Generation, settings: ResolvedGateway) -> None:
     """Log the prompt of ``gen`` (first 4000 characters) when ``log_prompts`` is on."""
     if settings.log_prompts:
         shown = gen.meta.messages if gen.chat else gen.meta.prompt
-        log.info("request %s prompt: %s", gen.request_id, json.dumps(shown)[:4000])
+        log.info(
+            "request %s prompt: %s", gen.request_id, json.dumps(shown)[:4000],
+            extra={"request_id": gen.request_id},
+        )  # fmt: skip
 
 
 def request_id_of(request: web.Request) -> str:

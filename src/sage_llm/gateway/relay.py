@@ -239,6 +239,15 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
     return body
 
 
+def _rid(gen: Generation) -> dict[str, str]:
+    """A log record's ``extra`` for ``gen``: its request id as a field of its own."""
+    return {"request_id": gen.request_id}
+
+
+def _client_gone(gen: Generation) -> None:
+    log.info("client of request %s went away; cancelling it", gen.request_id, extra=_rid(gen))
+
+
 def _timeout_error(gen: Generation) -> DeadlineExceededError:
     assert gen.timeout_s is not None
     return DeadlineExceededError.request_timed_out(gen.request_id, gen.timeout_s)
@@ -462,7 +471,7 @@ async def relay_stream(
                     await _final_usage(manager, gen, None)  # raises when it was cancelled
                 end.sink = await open_sink()
                 if end.sink is None:  # the client left before its first byte
-                    log.info("client of request %s went away; cancelling it", gen.request_id)
+                    _client_gone(gen)
                     return CLIENT_GONE  # closing the stream below cancels the request
                 end.opened = True
                 await _relay(end, batches, first, manager, gen, fmt)
@@ -476,6 +485,7 @@ async def relay_stream(
                     "request %s passed its %s s limit after its stream had ended; cancelling it",
                     gen.request_id,
                     gen.timeout_s,
+                    extra=_rid(gen),
                 )
         await end.finish()
     finally:
@@ -505,7 +515,7 @@ class _Ending:
         self.error = code if isinstance(code, int) else 500
         log.warning(
             "stream of request %s ended with an error (%s %s): %s", gen.request_id,
-            code, error.get("type"), error.get("message"), extra={"request_id": gen.request_id},
+            code, error.get("type"), error.get("message"), extra=_rid(gen),
         )  # fmt: skip
         self.tail += encode_event(body)
 
@@ -575,13 +585,13 @@ async def _relay(
         if gen.include_usage:
             end.tail += encode_event(fmt.usage_chunk(final))
     except ConnectionResetError:
-        log.info("client of request %s went away; cancelling it", gen.request_id)
+        _client_gone(gen)
         end.sink = None  # nothing more can be written
         end.error = CLIENT_GONE
     except SageLLMError as exc:
         end.fail(exc.to_openai(), gen)
     except Exception:
-        log.exception("stream of request %s failed", gen.request_id)
+        log.exception("stream of request %s failed", gen.request_id, extra=_rid(gen))
         end.fail(error_body("internal server error", "internal_error", 500), gen)
 
 
@@ -603,4 +613,7 @@ async def _end_early(
         while await anext(batches, None) is not None:
             pass
     except SageLLMError as exc:
-        log.warning("request %s failed after its whole answer was sent: %s", gen.request_id, exc)
+        log.warning(
+            "request %s failed after its whole answer was sent: %s", gen.request_id, exc,
+            extra=_rid(gen),
+        )  # fmt: skip

@@ -59,11 +59,14 @@ class _JsonErrorRequestHandler(web.RequestHandler):
         rid = new_request_id()
         body = protocol_error_body(status, message)
         if status >= 500:
-            log.error("request %s failed outside the app", rid, exc_info=exc)
+            log.error(
+                "request %s failed outside the app", rid, exc_info=exc, extra={"request_id": rid}
+            )
         else:  # the client's mistake: its reason, never the bytes (they may hold a key)
             log.info(
-                "request %s from %s: %d %s", rid, request.remote, status, body["error"]["message"]
-            )
+                "request %s from %s: %d %s", rid, request.remote, status,
+                body["error"]["message"], extra={"request_id": rid},
+            )  # fmt: skip
         if request.writer.output_size > 0:  # as aiohttp's own: the answer had begun
             raise ConnectionError(
                 "Response is sent already, cannot send another response with the error message"
