@@ -44,3 +44,24 @@ def test_a_lone_surrogate_goes_on_as_the_client_sent_it() -> None:
     assert body == {"prompt": "emoji \ud83d cut"}
     assert jsonutil.dumps(body) == b'{"prompt":"emoji \\ud83d cut"}'
     assert jsonutil.loads(jsonutil.dumps(body)) == body
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"x":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+@pytest.mark.parametrize("depth", [jsonutil.MAX_DEPTH + 1, 1100, 5000])
+def test_documents_nested_too_deep_are_refused_not_a_stack_overflow(depth: int) -> None:
+    # orjson stops at 1,024 levels and the standard library then overflows the stack
+    with pytest.raises(jsonutil.TooDeepError, match="deeper than 200 levels"):
+        jsonutil.loads(_nested(depth))
+    with pytest.raises(jsonutil.TooDeepError):
+        jsonutil.loads(_nested(depth).decode())
+
+
+def test_many_brackets_at_a_shallow_depth_are_read() -> None:
+    assert jsonutil.loads(_nested(jsonutil.MAX_DEPTH))["x"] is not None  # the limit itself
+    wide = b'{"x":[' + b",".join([b"[{}]"] * 1000) + b"]}"
+    assert len(jsonutil.loads(wide)["x"]) == 1000
+    doc = jsonutil.loads(_nested(jsonutil.MAX_DEPTH))
+    assert jsonutil.loads(jsonutil.dumps(doc)) == doc  # and written back (orjson: 254 levels)

@@ -24,12 +24,52 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+MAX_DEPTH = 200
+"""How deep :func:`loads` lets arrays and objects nest. Deeper documents are refused:
+:mod:`json` would overflow the interpreter's stack reading (or writing) one nested near
+a thousand levels, and orjson writes at most 254."""
+
+
+class TooDeepError(ValueError):
+    """A JSON document nested deeper than :data:`MAX_DEPTH`."""
+
+    def __init__(self) -> None:
+        super().__init__(f"arrays and objects nested deeper than {MAX_DEPTH} levels")
+
+
 def loads(data: bytes | bytearray | str) -> Any:
-    """Parse a JSON document; ``ValueError`` when it is not valid JSON."""
+    """Parse a JSON document; ``ValueError`` when it is not valid JSON, and
+    :class:`TooDeepError` (a ``ValueError``) when it nests deeper than
+    :data:`MAX_DEPTH`."""
     try:
-        return orjson.loads(data)
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)
+        try:
+            obj = json.loads(data)
+        except RecursionError:
+            raise TooDeepError from None
+    # a document cannot nest deeper than it has brackets: most are not walked at all
+    opens = data.count("[") + data.count("{") if isinstance(data, str) else (
+        data.count(b"[") + data.count(b"{")
+    )  # fmt: skip
+    if opens > MAX_DEPTH and _deeper_than(obj, MAX_DEPTH):
+        raise TooDeepError
+    return obj
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    """Whether ``obj``'s lists and dicts nest more than ``limit`` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in node if isinstance(child, list | dict))
+    return False
 
 
 def dumps(obj: Any) -> bytes:

@@ -167,6 +167,10 @@ async def test_errors_on_the_lean_path_are_openai_json() -> None:
         cases = [
             (b"{not json", "request body is not valid JSON"),
             (b"[1, 2]", "request body must be a JSON object"),
+            (  # no stack overflow, no 500
+                b'{"model":"m","x":' + b"[" * 1100 + b"]" * 1100 + b"}",
+                "request body is not valid JSON: arrays and objects nested deeper than 200 levels",
+            ),
         ]
         for raw, message in cases:
             head = (f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {len(raw)}"

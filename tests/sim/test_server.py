@@ -191,6 +191,9 @@ async def test_null_n_and_stream_are_their_defaults(base: str, http: aiohttp.Cli
 async def test_bad_json_and_unknown_model(base: str, http: aiohttp.ClientSession) -> None:
     async with http.post(f"{base}/v1/completions", data=b"{nope") as resp:
         assert resp.status == 400
+    deep = b'{"model":"m","x":' + b"[" * 1100 + b"]" * 1100 + b"}"
+    async with http.post(f"{base}/v1/completions", data=deep) as resp:
+        assert resp.status == 400 and "nested deeper" in (await resp.json())["error"]["message"]
     status, err = await post(http, f"{base}/v1/chat/completions",
                              {"model": "other", "messages": [{"role": "user"}]})  # fmt: skip
     assert status == 404

@@ -139,6 +139,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
     """``raw`` parsed as a JSON object; 400 (:class:`InvalidRequestError`) otherwise."""
     try:
         body = jsonutil.loads(raw) if raw else None
+    except jsonutil.TooDeepError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except ValueError:
         raise InvalidRequestError("request body is not valid JSON") from None
     if not isinstance(body, dict):

@@ -55,7 +55,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sage_llm import tokens
+from sage_llm import jsonutil, tokens
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
 from sage_llm.errors import (
@@ -235,7 +235,9 @@ class _EngineServer:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = await request.json()
+            body = jsonutil.loads(await request.read())
+        except jsonutil.TooDeepError as exc:
+            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
         except ValueError:
             raise InvalidRequestError("request body is not valid JSON") from None
         if not isinstance(body, dict):
