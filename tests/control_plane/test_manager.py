@@ -1467,6 +1467,62 @@ def test_a_failing_router_fails_the_request_and_loses_none(stream: bool, policy:
     run_virtual(main())
 
 
+def test_a_policy_that_cannot_choose_fails_the_queued_requests_and_loses_none() -> None:
+    """A policy whose ``pop`` raises (a plugin's bug) would never start a queued request
+    again: each ends FAILED with the reason, and what the pass had popped is not lost."""
+
+    async def main() -> None:
+        async with _manager(1, bound=1, scheduling_policy="priority") as cp:
+            holder = asyncio.create_task(cp.generate(make_metadata("holder", max_tokens=20)))
+            await asyncio.sleep(0.01)
+            waiting = [
+                asyncio.create_task(cp.generate(make_metadata(f"w{i}", max_tokens=2)))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.01)
+            assert len(cp.policy) == 3
+
+            def broken(snap: Any) -> Any:
+                raise RuntimeError("policy bug")
+
+            cp.policy.pop = broken  # type: ignore[method-assign]
+            assert (await holder).status is RequestStatus.COMPLETED
+            results = await asyncio.gather(*waiting)
+            assert cp._dispatcher is not None and not cp._dispatcher.records
+        assert [r.status for r in results] == [RequestStatus.FAILED] * 3
+        assert all(r.error == "internal error: RuntimeError: policy bug" for r in results)
+        assert len(cp.policy) == 0
+
+    run_virtual(main())
+
+
+def test_a_tiny_aging_interval_ages_at_once_instead_of_overflowing() -> None:
+    """``aging_interval_s = 1e-310`` (accepted: it is positive) made the levels waited an
+    infinity that has no integer: every dispatch pass failed and nothing queued ended."""
+
+    async def main() -> list[str]:
+        async with _manager(
+            1, bound=1, scheduling_policy="priority", policy_params={"aging_interval_s": 1e-310}
+        ) as cp:
+            order: list[str] = []
+
+            async def run(rid: str, priority: RequestPriority, tokens: int) -> None:
+                meta = make_metadata(rid, max_tokens=tokens, priority=priority)
+                assert (await cp.generate(meta)).status is RequestStatus.COMPLETED
+                order.append(rid)
+
+            holder = asyncio.create_task(run("holder", RequestPriority.NORMAL, 20))
+            await asyncio.sleep(0.01)
+            low = asyncio.create_task(run("low", RequestPriority.LOW, 2))
+            await asyncio.sleep(0.01)
+            high = asyncio.create_task(run("high", RequestPriority.HIGH, 2))
+            await asyncio.wait_for(asyncio.gather(holder, low, high), 600)
+            return order
+
+    # both aged to the top level at once: the older goes first
+    assert run_virtual(main()) == ["holder", "low", "high"]
+
+
 def test_the_control_plane_starts_again_after_a_stop_with_new_engine_clients() -> None:
     async def main() -> None:
         cp = _manager()

@@ -341,6 +341,30 @@ class Dispatcher:
         snap = self.registry.snapshot(self.clock.now(), self.prefix_index)
         pd_models = self._pd_models(snap)
         deferred: list[RequestInfo] = []
+        broken: Exception | None = None
+        try:
+            self._dispatch(snap, pd_models, deferred)
+        except Exception as exc:
+            broken = exc
+        finally:  # what was popped and kept queued goes back, whatever happened
+            for info in deferred:
+                self.policy.push(info)
+        if broken is not None:
+            # the policy (a plugin's bug) cannot choose: no queued request would ever start
+            log.error(
+                "scheduling policy %s failed choosing the next request; failing the queued "
+                "requests", self.policy.name, exc_info=broken,
+            )  # fmt: skip
+            reason = internal_error(broken)
+            for rec in [r for r in self.records.values() if r.status is RequestStatus.QUEUED]:
+                self.fail_queued(rec, reason)
+        self.metrics.queue_depth.set(len(self.policy))
+
+    def _dispatch(
+        self, snap: ClusterSnapshot, pd_models: tuple[str, ...], deferred: list[RequestInfo]
+    ) -> None:
+        """The loop of :meth:`dispatch_ready`: the requests it pops but cannot start now
+        go into ``deferred``."""
         while len(self.policy) and snap.has_capacity():
             started = time.perf_counter()
             info = self.policy.pop(servable_view(snap, pd_models) if pd_models else snap)
@@ -372,9 +396,6 @@ class Dispatcher:
                     break
                 continue
             snap = cast(ClusterSnapshot, after)
-        for info in deferred:
-            self.policy.push(info)
-        self.metrics.queue_depth.set(len(self.policy))
 
     def _route_and_start(
         self,

@@ -33,7 +33,8 @@ def effective_priority(priority: int, wait_s: float, aging_interval_s: float) ->
     """``priority`` lowered by one level per ``aging_interval_s`` waited (never below 0)."""
     if wait_s <= 0 or math.isinf(aging_interval_s):
         return priority
-    return max(0, priority - math.floor((wait_s + EPS) / aging_interval_s))
+    levels = (wait_s + EPS) / aging_interval_s  # inf for a tiny interval: no int of it
+    return 0 if levels >= priority else priority - math.floor(levels)
 
 
 def priority_rank(
