@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sage_llm.config import (
+    AdmissionConfig,
     ConfigErrors,
     ControlPlaneConfig,
     GatewayConfig,
+    HealthConfig,
     InstanceConfig,
     SageConfig,
+    SimulationConfig,
     check_config,
     check_instance,
     config_from_dict,
@@ -915,6 +920,44 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert err.location == str(missing) and "cannot read" in err.message
     with pytest.raises(ConfigError):
         load_config(missing)
+
+
+def test_programmatic_values_get_a_files_type_checks() -> None:
+    """Types and finiteness, as a file's values (a ValueError naming the field, where a
+    wrong type went on to fail somewhere else, naming nothing)."""
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: GatewayConfig(port="x"), "port: must be an integer, got string 'x'"),  # type: ignore[arg-type]
+        (lambda: ControlPlaneConfig(result_ttl_s=math.nan), "result_ttl_s: must be a finite"),
+        (
+            lambda: ControlPlaneConfig(max_retries=True),
+            "max_retries: must be an integer, got boolean",
+        ),
+        (lambda: HealthConfig(timeout_s="2"), "timeout_s: must be a number, got string '2'"),  # type: ignore[arg-type]
+        (lambda: SimulationConfig(instances="4"), "instances: must be an integer"),  # type: ignore[arg-type]
+        (lambda: GatewayConfig(api_keys=("k", 3)), r"api_keys\[1\]: must be a string"),  # type: ignore[arg-type]
+        (lambda: AdmissionConfig(max_queue_wait_s=10**400), "a float can hold"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
+    assert HealthConfig(timeout_s=2).timeout_s == 2  # an integer is a fine float
+
+
+def test_a_huge_integer_in_a_file_is_located_not_an_overflow(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    big = "1" + "0" * 400
+    path.write_text(
+        "[services.llm_control_plane]\n"
+        'scheduling_policy = "priority"\n'
+        f"policy_params = {{ max_wait_s = {big} }}\n"
+        f"[admission]\nmax_queue_wait_s = {big}\n"
+    )
+    assert [e.message for e in check_config(path)] == [
+        f"{path}:3: services.llm_control_plane.policy_params.max_wait_s: must be a number a "
+        "float can hold, got integer of 401 digits",
+        f"{path}:5: admission.max_queue_wait_s: must be a number a float can hold, got integer "
+        "of 401 digits",
+    ]
 
 
 def test_programmatic_values_are_checked() -> None:

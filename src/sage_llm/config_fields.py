@@ -185,6 +185,9 @@ def described(value: Any, *, secret: bool = False) -> str:
     shown = ""
     if isinstance(value, bool):
         shown = f" {str(value).lower()}"
+    elif not secret and isinstance(value, int) and value.bit_length() > 128:
+        digits = len(str(abs(value))) if value.bit_length() < 10_000 else "over 3,000"
+        shown = f" of {digits} digits"  # str() of a longer one is refused
     elif not secret and isinstance(value, str | int | float):
         text = repr(value)
         shown = f" {text[:40]}…" if len(text) > 40 else f" {text}"
@@ -251,15 +254,27 @@ def _scalar(value: Any, hint: Any, checks: Rule, path: KeyPath, p: Problems) -> 
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return _wrong(value, "a number", checks, path, p)
-        if not math.isfinite(value):
+        number = as_float(value)
+        if number is None:
+            p.add(path, f"must be a number a float can hold, got {described(value)}")
+            return _INVALID
+        if not math.isfinite(number):
             p.add(path, f"must be a finite number, got {value!r}")
             return _INVALID
-        value = float(value)
+        value = number
     problem = rule_problem(value, checks)
     if problem is not None:
         p.add(path, problem)
         return _INVALID
     return value
+
+
+def as_float(value: int | float) -> float | None:
+    """``value`` as a float; None for an integer beyond a float's range (``10**400``)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def rule_problem(value: object, checks: Rule) -> str | None:
@@ -287,19 +302,28 @@ def rule_problem(value: object, checks: Rule) -> str | None:
 
 
 def validate(obj: object) -> None:
-    """Raise ValueError when a field of dataclass ``obj`` breaks its :class:`Rule`.
-
-    For objects built in code; values read from a file were checked field by field already.
-    """
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        checks = f.metadata.get("rule")
-        if checks is None:
+    """Raise ValueError naming the field when a field of dataclass ``obj`` has the wrong
+    type, a number that is not finite, or breaks its :class:`Rule`: the checks a file's
+    value gets, for objects built in code (a nested dataclass has been checked when it was
+    built)."""
+    fields, hints = _fields_and_hints(type(obj))
+    p = Problems("<code>")
+    for name, f in fields.items():
+        value = getattr(obj, name)
+        hint = hints[name]
+        if value is None and _optional(hint):
             continue
-        value = getattr(obj, f.name)
-        for item in value if isinstance(value, tuple) else (value,):
-            problem = rule_problem(item, checks)
-            if problem is not None:
-                raise ValueError(f"{f.name}: {problem}")
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, hint):
+            continue
+        _convert(value, hint, f.metadata.get("rule") or Rule(), (name,), p, None)
+        if p.errors:
+            raise ValueError(f"{p.errors[0].key}: {p.errors[0].detail}")
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in (
+        typing.get_args(hint)
+    )
 
 
 def to_plain(value: Any, mask: str) -> Any:

@@ -129,6 +129,14 @@ def test_finite_refuses_infinity_and_nan() -> None:
             build_params(Params, {"high": value}, finite=True)
 
 
+def test_an_integer_beyond_a_float_is_a_config_error_not_an_overflow() -> None:
+    with pytest.raises(ConfigError, match="must be a number a float can hold, got integer of 401"):
+        build_params(Params, {"high": 10**400})
+    with pytest.raises(ConfigError) as info:
+        build_router("load_balanced", {"outstanding_weight": -(10**400)})
+    assert info.value.key == "outstanding_weight"
+
+
 def test_a_non_table_is_refused() -> None:
     with pytest.raises(ConfigError, match="parameters for thing must be a table, got 3"):
         build_params(Params, 3, owner="thing")  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from sage_llm.config_fields import described
+from sage_llm.config_fields import as_float, described
 from sage_llm.errors import ConfigError, raise_problems
 
 __all__ = ["Gathered", "build_params"]
@@ -182,9 +182,12 @@ def _coerce(key: str, hint: Any, value: Any, *, finite: bool) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"must be a number, got {described(value)}", key=key)
-        if finite and not math.isfinite(value):
+        number = as_float(value)
+        if number is None:
+            raise ConfigError(f"must be a number a float can hold, got {described(value)}", key=key)
+        if finite and not math.isfinite(number):
             raise ConfigError(f"must be finite, got {value!r}", key=key)
-        return float(value)
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"must be an integer, got {described(value)}", key=key)
