@@ -26,6 +26,7 @@ from sage_llm import (
 )
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import (
+    AdmissionError,
     ConfigError,
     ConfigErrors,
     ConflictError,
@@ -44,6 +45,7 @@ from sage_llm.errors import (
     RequestCancelledError,
     RequestNotFoundError,
     SageLLMError,
+    SLOInfeasibleError,
 )
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
@@ -1494,6 +1496,28 @@ def test_a_policy_that_cannot_choose_fails_the_queued_requests_and_loses_none() 
         assert len(cp.policy) == 0
 
     run_virtual(main())
+
+
+def test_a_refusal_is_classified_by_its_kind_not_by_words_in_its_reason() -> None:
+    """An over-budget refusal of a model named "slow-deadline-slo" is the policy's
+    AdmissionError (it was an SLOInfeasibleError: "slo" was in the reason)."""
+    model = "slow-deadline-slo"
+
+    async def main() -> str:
+        cp = ControlPlaneManager(
+            mode="simulated",
+            scheduling_policy="cost_optimized",
+            policy_params={"over_budget_action": "reject"},
+        )
+        cp.register_instance(make_instance("i0", model_name=model))
+        async with cp:
+            with pytest.raises(AdmissionError, match="over budget") as info:
+                await cp.submit_request(make_metadata(model_name=model, cost_budget=1e-12))
+            assert not isinstance(info.value, SLOInfeasibleError)
+            return cp.prometheus_metrics().decode()
+
+    text = run_virtual(main())
+    assert 'sage_llm_requests_rejected_total{model="slow-deadline-slo",reason="policy"} 1.0' in text
 
 
 def test_a_tiny_aging_interval_ages_at_once_instead_of_overflowing() -> None:

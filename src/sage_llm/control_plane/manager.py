@@ -1292,10 +1292,10 @@ class ControlPlaneManager:
                 verdict = policy.admit(info, snap)
         if not verdict.admitted:
             reason = verdict.reason
-            if queued >= self.max_queue_size:
+            if verdict.kind == "queue_full":
                 self._metrics.on_rejected("queue_full", model)
                 raise QueueFullError(reason, retry_after_s=verdict.retry_after_s)
-            if "slo" in reason.lower() or "deadline" in reason.lower():
+            if verdict.kind == "slo_infeasible":
                 self._metrics.on_rejected("slo_infeasible", model)
                 # no retry hint: the same deadline is as infeasible a second later
                 raise SLOInfeasibleError(reason, retry_after_s=None)

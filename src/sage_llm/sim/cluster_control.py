@@ -50,6 +50,12 @@ _completion_record = field_filler(
 )  # fmt: skip
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
 _COMPLETED, _FAILED = RequestStatus.COMPLETED, RequestStatus.FAILED
+_ERRORS = {
+    "queue_full": "QueueFullError",
+    "slo_infeasible": "SLOInfeasibleError",
+    "policy": "AdmissionError",
+}
+"""The error a refusal of each :attr:`Admission.kind` raises in the control plane."""
 
 
 class SimControlPlane:
@@ -154,22 +160,14 @@ class SimControlPlane:
             # reads only its time: the sample is drawn as usual, no view is built.
             if fleet.sampled_models:
                 fleet.skip_snapshot()
-            full = False
             verdict = policy.admit(info, fill_snapshot(now, (), fleet.prefix))
         else:
             snap = fleet.snapshot(now)
             verdict = check_queue_bound(queued, self.max_queue_size, snap)
-            full = not verdict.admitted
             if verdict.admitted:
                 verdict = policy.admit(info, snap)
         if not verdict.admitted:
-            reason = verdict.reason
-            kind = "AdmissionError"
-            if full:
-                kind = "QueueFullError"
-            elif "slo" in reason.lower() or "deadline" in reason.lower():
-                kind = "SLOInfeasibleError"
-            self._reject(wr, now, f"{kind}: {reason}")
+            self._reject(wr, now, f"{_ERRORS[verdict.kind]}: {verdict.reason}")
             return
         if verdict.priority is not None:
             info = replace(info, priority=verdict.priority)

@@ -70,7 +70,10 @@ def check_queue_bound(queued: int, max_queue: int, snap: ClusterSnapshot) -> Adm
         return ADMIT
     retry = estimate_drain_s(queued - max_queue + 1, snap)
     return Admission(
-        False, reason=f"queue full ({queued} queued, bound {max_queue})", retry_after_s=retry
+        False,
+        reason=f"queue full ({queued} queued, bound {max_queue})",
+        retry_after_s=retry,
+        kind="queue_full",
     )
 
 
@@ -127,4 +130,5 @@ def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admissio
             f"{inst.instance_id}) exceeds the {remaining:.3f}s left before the deadline"
         ),
         retry_after_s=None,
+        kind="slo_infeasible",
     )

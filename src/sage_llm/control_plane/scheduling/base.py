@@ -18,7 +18,7 @@ Contract (every policy in this package keeps it):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.types import RequestPriority
@@ -28,12 +28,17 @@ from sage_llm.types import RequestPriority
 class Admission:
     """The verdict of ``admit``. ``priority`` set means: admit, demoted to this priority
     and without a deadline (the manager schedules the request so from then on, under any
-    policy; its SLO still counts in ``slo_met``)."""
+    policy; its SLO still counts in ``slo_met``). ``kind`` says what a refusal is, for
+    its error and ``sage_llm_requests_rejected_total{reason}``: ``"slo_infeasible"`` (a
+    deadline no instance can meet: :class:`~sage_llm.errors.SLOInfeasibleError`, no retry
+    hint), ``"queue_full"`` (the manager's queue bound) or ``"policy"`` (any other:
+    :class:`~sage_llm.errors.AdmissionError` with ``retry_after_s``)."""
 
     admitted: bool
     reason: str = ""
     retry_after_s: float | None = None
     priority: RequestPriority | None = None
+    kind: Literal["policy", "slo_infeasible", "queue_full"] = "policy"
 
 
 ADMIT = Admission(True)
