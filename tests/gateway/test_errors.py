@@ -304,13 +304,19 @@ async def test_a_503_while_instances_cool_down_says_when_to_retry() -> None:
             breaker.force_open(now, "test", request=True)
             breaker.open_until = now + cooldown
             gw.manager._registry.get(iid).healthy = False
-        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
-            assert r.status == 503
-            assert r.headers["Retry-After"] == "3"  # the nearest cool-down, rounded up
+        embeddings = {"model": MODEL, "input": "x"}
+        for path, body in (("/v1/completions", completion_body()), ("/v1/embeddings", embeddings)):
+            async with http.post(gw.url(path), json=body) as r:
+                assert r.status == 503
+                assert r.headers["Retry-After"] == "3"  # the nearest cool-down, rounded up
         gw.manager.drain_instance("sim-0")
         gw.manager.drain_instance("sim-1")
-        async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
-            assert r.status == 503 and "Retry-After" not in r.headers  # draining: no hint
+        said = []
+        for path, body in (("/v1/completions", completion_body()), ("/v1/embeddings", embeddings)):
+            async with http.post(gw.url(path), json=body) as r:
+                assert r.status == 503 and "Retry-After" not in r.headers  # draining: no hint
+                said.append((await r.json())["error"]["message"])
+        assert said[0] == said[1]  # the same reason on both routes
 
 
 @pytest.mark.parametrize("batching", [False, True], ids=["task", "here"])

@@ -841,8 +841,11 @@ class ControlPlaneManager:
             s for s in self._registry
             if s.instance.model_name == name and s.healthy and s.accepting and not s.removed
         ]  # fmt: skip
-        if not states:
-            raise NoHealthyInstanceError(f"no healthy instance serves model {name!r}")
+        if not states:  # as a generation request is refused: why, and when to try again
+            raise NoHealthyInstanceError(
+                self._registry.down_reason(name),
+                retry_after_s=self._registry.back_in(name, self.clock.now()),
+            )
         state = min(states, key=lambda s: s.in_flight / s.instance.max_concurrent_requests)
         embed = getattr(state.client, "embed", None)
         if embed is None:
