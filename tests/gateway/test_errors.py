@@ -399,6 +399,10 @@ def test_a_body_that_stops_arriving_gets_a_408(
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
         b"X-Request-Id: stalled-1\r\nContent-Type: application/json\r\n\r\n{",
     )
+    chunk_then_nothing = (  # a well-formed chunk, then silence: the rest may still come
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n\r\n1\r\n{\r\n",
+    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -410,7 +414,7 @@ def test_a_body_that_stops_arriving_gets_a_408(
                 ).encode()
                 for path in ("/admin/set_policy", "/admin/instances/i0/drain", "/admin/instances")
             ]
-            for pieces in (chunked, stalled, *((piece,) for piece in admin)):
+            for pieces in (chunked, stalled, chunk_then_nothing, *((p,) for p in admin)):
                 reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
                 started = loop.time()
                 for piece in pieces:
@@ -419,7 +423,8 @@ def test_a_body_that_stops_arriving_gets_a_408(
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60.0)
                 assert head.startswith(b"HTTP/1.1 408"), head
                 assert 5.0 <= loop.time() - started <= 6.0
-                rest = await reader.read()
+                assert b"\r\nconnection: close\r\n" in head.lower()
+                rest = await asyncio.wait_for(reader.read(), 10.0)  # closed after it
                 assert b"timeout_error" in rest and b"did not arrive within 5 s" in rest
                 assert b"x-request-id: " in head.lower()
                 if pieces is stalled:  # the id its head gave, as on every answer
@@ -427,10 +432,10 @@ def test_a_body_that_stops_arriving_gets_a_408(
                 writer.close()
             text = gw.manager.prometheus_metrics().decode()
         # counted and logged alike by both fronts
-        assert 'sage_llm_http_errors_total{route="/v1/completions",status="408"} 2.0' in text
+        assert 'sage_llm_http_errors_total{route="/v1/completions",status="408"} 3.0' in text
         assert 'sage_llm_http_errors_total{route="/admin",status="408"} 3.0' in text
         lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
-        assert sum("path=/v1/completions status=408" in line for line in lines) == 2, lines
+        assert sum("path=/v1/completions status=408" in line for line in lines) == 3, lines
 
     with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
         run_virtual(main())

@@ -108,7 +108,10 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
         message = exc.text if exc.text and not exc.text.startswith(f"{status}:") else exc.reason
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
     body = error_body(message, _HTTP_TYPES.get(status, "internal_error"), status)
-    return web.json_response(body, status=status, headers=headers)
+    resp = web.json_response(body, status=status, headers=headers)
+    if status == 408:  # the rest of a stalled body may still come: nothing after it is a request
+        resp.force_close()
+    return resp
 
 
 _QUOTED_HEADER = re.compile(r"""b['"]([!#$%&'*+.^_`|~0-9A-Za-z-]+):""")

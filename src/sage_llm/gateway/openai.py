@@ -130,6 +130,10 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
+        # the connection closes after the 408: what more comes of the body is ignored
+        # (close), and aiohttp does not wait its lingering time for the rest (feed_eof)
+        request.protocol.close()
+        request.content.feed_eof()
         raise web.HTTPRequestTimeout(
             text=f"the request body did not arrive within {timeout_s:g} s"
         ) from None
