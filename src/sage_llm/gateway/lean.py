@@ -48,6 +48,9 @@ log = logging.getLogger("sage_llm.gateway")
 
 _MAX_HEAD = 16 * 1024
 """Heads longer than this go to aiohttp (which answers 400 beyond its own limits)."""
+_MAX_LINE = 8190
+"""Heads with a line longer than this go to aiohttp too: its limit on the request line, a
+header's name and a header's value (it answers 400 beyond them)."""
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -283,6 +286,8 @@ class LeanConnection(asyncio.Protocol):
             return None  # aiohttp reads its header values as UTF-8
         text = head.decode("latin-1")
         eol = text.find("\r\n")
+        if eol > _MAX_LINE or (eol < 0 and len(text) > _MAX_LINE):
+            return None
         parts = (text if eol < 0 else text[:eol]).split(" ")
         if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] != "POST":
             return None
@@ -293,6 +298,8 @@ class LeanConnection(asyncio.Protocol):
         names = self._server.header_names
         if eol >= 0:
             for line in text[eol + 2 :].split("\r\n"):
+                if len(line) > _MAX_LINE:
+                    return None
                 name, sep, value = line.partition(":")
                 if not sep or (not line.isprintable() and not _tabbed_printable(line)):
                     return None  # malformed, or a control character: aiohttp answers it
