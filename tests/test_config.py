@@ -1048,6 +1048,9 @@ def test_check_instance_accepts_what_the_loader_builds() -> None:
         ({"metadata": {"sim_model": "gpt-9"}}, "metadata.sim_model", "unknown model 'gpt-9'"),
         ({"metadata": {"sim_speed": 0}}, "metadata.sim_speed", "must be > 0, got 0"),
         ({"metadata": {"sim_seed": "x"}}, "metadata.sim_seed", "must be an integer, got string"),
+        # the latency priors, as a file's instance entry and registration check them
+        ({"metadata": {"tpot_ms": -1}}, "metadata.tpot_ms", "must be > 0, got -1"),
+        ({"metadata": {"ttft_base_ms": "x"}}, "metadata.ttft_base_ms", "must be a finite number"),
     ],
 )
 def test_check_instance_names_the_field_and_the_instance(

@@ -153,7 +153,8 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     """Check an :class:`~sage_llm.types.ExecutionInstance` built in code with the rules of a
     ``[[services.llm_control_plane.instances]]`` entry (types, names and ranges: a port in
     1..65535, sizes and counts >= 1 …; the ``sim_gpu``, ``sim_model``, ``sim_speed`` and
-    ``sim_seed`` entries of its ``metadata`` as the ``sim_*`` keys). Each problem is a
+    ``sim_seed`` entries of its ``metadata`` as the ``sim_*`` keys, and its latency priors:
+    ``tpot_ms``, ``prefill_tokens_per_s``, ``ttft_base_ms``). Each problem is a
     :class:`ConfigError` whose ``key`` (and ``param``) is the field and whose ``location`` is
     ``instance '<id>'``; one problem raises it, several raise :class:`ConfigErrors`.
 
@@ -175,6 +176,10 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     metadata: object = instance.metadata
     if isinstance(metadata, Mapping):
         table.update((key, metadata[key]) for key in _SIM_METADATA if key in metadata)
+        for key in sorted(LATENCY_PRIORS.keys() & metadata.keys()):
+            problem = latency_prior_problem(metadata[key], key)
+            if problem is not None:
+                problems.add(("metadata", key), problem)
     else:
         problems.add(("metadata",), f"must be a table, got {described(metadata)}")
     checked = read_dataclass(InstanceConfig, table, (), problems, foreign=FOREIGN_RULES)

@@ -1350,14 +1350,10 @@ class ControlPlaneManager:
         priors = sim_latency_priors(client) if client is not None else None
         if priors is not None:
             return priors
-        meta = instance.metadata
-        try:
-            tpot = latency_prior(meta, "tpot_ms") / 1000.0
-            prefill = latency_prior(meta, "prefill_tokens_per_s")
-            base = latency_prior(meta, "ttft_base_ms") / 1000.0
-        except ConfigError as exc:
-            exc.location = f"instance {instance.instance_id!r}"
-            raise
+        meta = instance.metadata  # checked by check_instance at registration
+        tpot = latency_prior(meta, "tpot_ms") / 1000.0
+        prefill = latency_prior(meta, "prefill_tokens_per_s")
+        base = latency_prior(meta, "ttft_base_ms") / 1000.0
         return LatencyPriors(ttft_base_s=base, prefill_tokens_per_s=prefill, tpot_s=tpot)
 
     def _ensure_client(self, state: InstanceState) -> None:
