@@ -331,7 +331,10 @@ class ExecutionInstance:
 
 @dataclass
 class SchedulingDecision:
-    """Where and why one request was placed."""
+    """Where and why one request was placed. ``parallelism_strategy`` is the target
+    instance's (:meth:`ParallelismType.of` its sizes); an instance on one GPU with one
+    replica reports ``TENSOR_PARALLEL`` with ``tensor_parallel_size`` 1 (tensor parallelism
+    of degree 1: the field is never None, as the seed API has it)."""
 
     request_id: str
     target_instance_id: str

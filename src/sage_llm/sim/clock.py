@@ -4,7 +4,9 @@ Everything time-dependent in sage-llm asks a :class:`Clock` for the time and sle
 ``asyncio.sleep``. Under :func:`run_virtual` the event loop itself runs on virtual time:
 whenever every task is waiting on a timer, the loop jumps straight to the next timer
 instead of sleeping. A simulation of minutes of traffic then takes as long as its
-computation, and is exactly repeatable. The virtual loop is meant for socket-free code
+computation, and is exactly repeatable when its random choices are seeded (a
+``ControlPlaneManager``'s ``seed``; without one its routers draw from the operating
+system). The virtual loop is meant for socket-free code
 (in-process simulated engines); real I/O still works but does not advance virtual time.
 """
 
