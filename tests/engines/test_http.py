@@ -572,6 +572,31 @@ async def test_http_status_errors(
     assert info.value.instance_id == "eng-0"
 
 
+@pytest.mark.parametrize(("status", "detail"), [(404, "Not Found"), (405, "Method Not Allowed")])
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_generation_route_the_engine_lacks_is_the_requests_fault(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, detail: str, chat: bool
+) -> None:
+    """A pooling model's server has no /v1/completions: FastAPI answers 404 {"detail"}.
+    That is the request's fault (a 400 naming ``model``), not the instance's: clients
+    sending completions to an embedding model had every instance of it ejected. A 404
+    error object (vLLM's "model does not exist") stays the instance's fault, above."""
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"detail": detail}, status=status)
+
+    rec.handler = reply
+    req = completion_req(messages=[{"role": "user", "content": "hi"}]) if chat else completion_req()
+    with pytest.raises(EngineRequestRejectedError) as info:
+        await collect(client_for(port, session), req)
+    exc = info.value
+    assert (exc.status, exc.retryable, exc.param) == (status, False, "model")
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    assert f"HTTP {status} from POST {route}: {detail}" in exc.message
+    assert f"its model is not served for {route} by this engine" in exc.message
+
+
 @pytest.mark.parametrize("status", [400, 413, 422])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_engine_refusing_the_request_is_a_rejection_not_a_failure(

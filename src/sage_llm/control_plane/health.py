@@ -340,7 +340,9 @@ class HealthSettings:
 INSTANCE_FAULT_STATUSES = frozenset({401, 403, 404})
 """Engine answers that are the instance's fault, not the request's: it refuses the
 credentials it was registered with (401, 403), or does not serve the model or the route
-the control plane sends it requests for (404: a wrong ``model_name`` or engine)."""
+the control plane sends it requests for (404: a wrong ``model_name`` or engine). A
+404 to a generation request without an error object (no such route for the engine's
+model) is the request's fault instead: the client refused, the instance kept."""
 
 
 def counts_against_health(exc: EngineError) -> bool:

@@ -42,6 +42,7 @@ from sage_llm.engines.sse import (
     error_from_body,
     error_param_from_body,
     parse_usage,
+    stream_error,
 )
 from sage_llm.errors import (
     EngineConnectionError,
@@ -118,6 +119,17 @@ def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.Client
 
 _REJECTED = frozenset({400, 413, 422})
 """Engine statuses that refuse the request itself (bad field, body too large, validation)."""
+_GENERATION_ROUTES = frozenset({"POST /v1/completions", "POST /v1/chat/completions"})
+
+
+def _error_object(raw: bytes) -> bool:
+    """Whether an error answer's body is an OpenAI-style error object (vLLM's own errors),
+    not a web framework's answer for a route it does not have (``{"detail": "Not Found"}``)."""
+    try:
+        parsed = jsonutil.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(parsed, Mapping) and stream_error(parsed) is not None
 
 
 def _retryable_status(status: int) -> bool:
@@ -262,6 +274,18 @@ class HTTPEngineClient:
         message of its body when it has one: :class:`EngineRequestRejectedError` when the
         engine refused the request itself (400, 413, 422)."""
         message = error_from_body(raw) or reason or "error"
+        if status in (404, 405) and what in _GENERATION_ROUTES and not _error_object(raw):
+            # not vLLM's "model does not exist" (an error object) but no such route: an
+            # engine whose model does not generate (a pooling model's server has no
+            # /v1/completions). The request's fault, as an embeddings request to a model
+            # that does not embed: not the instance's, so it is not ejected for it.
+            return self._error(
+                EngineRequestRejectedError,
+                f"rejected the request (HTTP {status} from {what}: {message}): its model is "
+                f"not served for {what.partition(' ')[2]} by this engine",
+                status=status,
+                param="model",
+            )
         if status in _REJECTED:
             return self._error(
                 EngineRequestRejectedError,
