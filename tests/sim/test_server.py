@@ -226,17 +226,34 @@ async def test_engine_error_mid_stream_is_an_error_event(http: aiohttp.ClientSes
         await runner.cleanup()
 
 
-async def test_client_disconnect_closes_engine_iterator(http: aiohttp.ClientSession) -> None:
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_closes_engine_iterator_and_counts_an_abort(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
     fake = FakeEngine(gate_after=1)
     runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
     try:
-        body = {"prompt": "x", "max_tokens": 5, "stream": True}
-        resp = await http.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
-        assert b" w0" in await resp.content.readuntil(b"\n\n")
-        await asyncio.wait_for(fake.gated.wait(), timeout=10)
-        resp.close()
+        body = {"prompt": "x", "max_tokens": 5, "stream": stream}
+        if stream:
+            resp = await http.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+            assert b" w0" in await resp.content.readuntil(b"\n\n")
+            await asyncio.wait_for(fake.gated.wait(), timeout=10)
+            resp.close()
+        else:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            task = asyncio.create_task(http.post(url, json=body))
+            await asyncio.wait_for(fake.gated.wait(), timeout=10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         await asyncio.wait_for(fake.aborted_event.wait(), timeout=10)
         assert fake.aborted == [fake.requests[0].request_id] and fake.finished == []
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+        # vLLM's count of requests that ended because their client went away
+        assert 'vllm:request_success_total{engine="0",finished_reason="abort",' in text
+        line = next(x for x in text.splitlines() if 'finished_reason="abort"' in x)
+        assert line.endswith(" 1.0"), line
     finally:
         fake.release.set()
         await runner.cleanup()

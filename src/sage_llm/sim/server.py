@@ -417,6 +417,9 @@ class _EngineServer:
                     logprobs.append(chunk.logprobs)
         except SageLLMError as exc:
             return _error(exc)
+        except asyncio.CancelledError:  # the client went away: the engine aborts it
+            self.metrics.count_abort()
+            raise
         finally:
             await _aclose(it)
         if finish is None:  # the engine's stream broke off: so does the connection
@@ -457,9 +460,13 @@ class _EngineServer:
                 # the client went before the answer began: its connection was closed in
                 # the same turn of the loop as the first chunk came (the cancellation
                 # of this handler, which would have come next, is the usual way)
+                self.metrics.count_abort()
                 return resp
             await self._relay(request, resp, it, chunk, parsed, fmt, arrival)
             return resp
+        except asyncio.CancelledError:  # the client went away: the engine aborts it
+            self.metrics.count_abort()
+            raise
         finally:
             await _aclose(it)
 
@@ -516,8 +523,9 @@ class _EngineServer:
         except SageLLMError as exc:  # after the first chunk: report it in the stream
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(encode_event(exc.to_openai()))
-        except ConnectionResetError:
-            return  # the client went away; the caller closes the engine iterator
+        except ConnectionResetError:  # the client went away; the caller closes the iterator
+            self.metrics.count_abort()
+            return
         else:
             self._observe(parsed, arrival, times, finish, usage)
         with contextlib.suppress(ConnectionResetError):

@@ -66,6 +66,11 @@ class ServerMetrics:
             self.queue.labels(*self._values).observe(max(0.0, queue_s))
         self._finished[finish] = self._finished.get(finish, 0) + 1
 
+    def count_abort(self) -> None:
+        """Count a request its client left before its end (``finished_reason="abort"``,
+        as vLLM counts one its client disconnected from)."""
+        self._finished["abort"] += 1
+
     def collect(self) -> Iterator[Metric]:
         """Gauges and counters of the last stats (called by the registry)."""
         s, labels, values = self._stats, list(_LABELS), list(self._values)
