@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+from typing import Any
 
 import aiohttp
 import openai
@@ -334,6 +335,39 @@ async def test_slo_and_session_from_headers_and_body() -> None:
         assert with_body.slo_met is True
         assert without.slo_met is None
         assert all("slo_deadline_ms" not in r.extra for r in gw.probes["sim-0"].requests)
+
+
+async def test_a_cost_budget_from_the_body_or_the_header_reaches_the_policy() -> None:
+    """``cost_budget`` (body) and ``x-sage-cost-budget`` (header, which wins) are the
+    cost_optimized policy's budget; neither reaches the engine."""
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        gw.manager.update_policy("cost_optimized", {"over_budget_action": "reject"})
+        tiny: dict[str, Any] = {"cost_budget": 1e-12}
+        ample: dict[str, Any] = {"cost_budget": 1e6}
+        cases = [
+            (tiny, {}, 429),
+            ({}, {"x-sage-cost-budget": "1e-12"}, 429),
+            (tiny, {"x-sage-cost-budget": "1e6"}, 200),  # the header wins
+            (ample, {}, 200),
+        ]
+        for fields, headers, status in cases:
+            body = completion_body(**fields)
+            async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as r:
+                answer = await r.json()
+                assert r.status == status, answer
+                if status == 429:
+                    assert "over budget" in answer["error"]["message"]
+        for bad in ("cheap", "-1", "nan"):
+            headers = {"x-sage-cost-budget": bad}
+            async with http.post(
+                gw.url("/v1/completions"), json=completion_body(), headers=headers
+            ) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["param"]) == (400, "x-sage-cost-budget")
+        body = completion_body(cost_budget=-1)
+        async with http.post(gw.url("/v1/completions"), json=body) as r:
+            assert (r.status, (await r.json())["error"]["param"]) == (400, "cost_budget")
+        assert all("cost_budget" not in r.extra for r in gw.probes["sim-0"].requests)
 
 
 async def test_request_id_is_honoured_and_echoed() -> None:

@@ -4,9 +4,10 @@ Request bodies are validated with the models of :mod:`sage_llm.gateway.schemas` 
 ``param`` naming the offending field) and turned into a
 :class:`~sage_llm.types.RequestMetadata`. Fields the gateway does not consume (``n``,
 ``logprobs``, ``seed``, unknown ones …) reach the engine unchanged through
-``RequestMetadata.extra_body``; the sage-llm fields ``priority`` and ``slo_deadline_ms`` do
-not. Priority, SLO and session may also come from the ``x-sage-priority``,
-``x-sage-slo-ms`` and ``x-session-id`` headers, which win over the body.
+``RequestMetadata.extra_body``; the sage-llm fields ``priority``, ``slo_deadline_ms`` and
+``cost_budget`` do not. Priority, SLO, cost budget and session may also come from the
+``x-sage-priority``, ``x-sage-slo-ms``, ``x-sage-cost-budget`` and ``x-session-id`` headers,
+which win over the body.
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ M = TypeVar("M", bound=BaseModel)
 
 PRIORITY_HEADER = "x-sage-priority"
 SLO_HEADER = "x-sage-slo-ms"
+BUDGET_HEADER = "x-sage-cost-budget"
 SESSION_HEADER = "x-session-id"
 
 CONSUMED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-     "top_p", "stop", "stream", "stream_options", "priority", "slo_deadline_ms"}
+     "top_p", "stop", "stream", "stream_options", "priority", "slo_deadline_ms",
+     "cost_budget"}
 )  # fmt: skip
 """Body fields the gateway maps onto RequestMetadata; every other field is passed on
 (``user`` too: the engine gets it as well as the control plane's session)."""
@@ -81,7 +84,7 @@ _TYPE_HINTS = {
 }
 
 
-_NOT_EMBEDDING_OPTIONS = frozenset({"model", "input", "priority", "slo_deadline_ms"})
+_NOT_EMBEDDING_OPTIONS = frozenset({"model", "input", "priority", "slo_deadline_ms", "cost_budget"})
 """Fields of an embeddings request that do not reach the engine."""
 
 
@@ -205,6 +208,18 @@ def _slo_header(value: str) -> float:
     return slo
 
 
+def _budget_header(value: str) -> float:
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = math.nan
+    if not math.isfinite(budget) or budget < 0:
+        raise InvalidRequestError(
+            f"{BUDGET_HEADER} must be a number >= 0 (the fleet's price unit)", param=BUDGET_HEADER
+        )
+    return budget
+
+
 def _single_prompt(prompt: Any) -> str | list[int]:
     if not prompt:  # "", [], or [""]'s element
         raise InvalidRequestError("prompt: must not be empty", param="prompt")
@@ -306,6 +321,7 @@ def parse_generation(
     stop: str | list[str] | None = None
     priority_field: int | str | None = None
     slo_ms: float | None = None
+    budget: float | None = None
     include_usage = continuous = False
     plain = _plain_body(body, chat)
     if plain is not None:  # the common shape, checked without the schema's machinery
@@ -332,6 +348,7 @@ def parse_generation(
         model, temperature, top_p = fields.model, fields.temperature, fields.top_p
         stream, stop, user = bool(fields.stream), fields.stop, fields.user
         priority_field, slo_ms = fields.priority, fields.slo_deadline_ms
+        budget = fields.cost_budget
         options = fields.stream_options
         if body.get("stream_options") and not stream:  # as OpenAI and vLLM refuse it ({} not)
             raise InvalidRequestError(
@@ -368,6 +385,8 @@ def parse_generation(
         priority = _priority(priority_field, "priority")
     if headers.get(SLO_HEADER):
         slo_ms = _slo_header(headers[SLO_HEADER])
+    if headers.get(BUDGET_HEADER):
+        budget = _budget_header(headers[BUDGET_HEADER])
     session = headers.get(SESSION_HEADER, "").strip() or user
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if continuous:  # the engine puts the usage so far in every chunk; it reaches the client
@@ -383,6 +402,7 @@ def parse_generation(
         stop=[stop] if isinstance(stop, str) else stop,
         priority=priority,
         slo_deadline_ms=slo_ms,
+        cost_budget=budget,
         user_id=user,
         session_id=session,
         stream=stream,

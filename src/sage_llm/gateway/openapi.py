@@ -111,6 +111,11 @@ _GENERATION_HEADERS = [
         {"type": "string"},
     ),
     _header(
+        "x-sage-cost-budget",
+        "The most the request may cost (cost_optimized's budget); wins over the body field.",
+        {"type": "string"},
+    ),
+    _header(
         "x-session-id",
         "Session id for affinity routing (else the body's user).",
         {"type": "string"},

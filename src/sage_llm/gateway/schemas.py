@@ -29,7 +29,7 @@ class StreamOptions(BaseModel):
 
 class GenerationFields(BaseModel):
     """Fields shared by completions and chat completions, plus the sage-llm extensions
-    ``priority`` and ``slo_deadline_ms`` (never passed to the engine)."""
+    ``priority``, ``slo_deadline_ms`` and ``cost_budget`` (never passed to the engine)."""
 
     model_config = _REQUEST
     model: str = Field(min_length=1, description="Served model name (see GET /v1/models).")
@@ -50,6 +50,12 @@ class GenerationFields(BaseModel):
     )
     slo_deadline_ms: float | None = Field(
         None, gt=0.0, description="sage-llm: end-to-end latency target in milliseconds."
+    )
+    cost_budget: float | None = Field(
+        None,
+        ge=0.0,
+        description="sage-llm: the most this request may cost, in the fleet's price unit "
+        "(the cost_optimized policy's budget).",
     )
 
 
