@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sage_llm.gateway.app import create_app
 from sage_llm.gateway.openapi import build_openapi
@@ -71,8 +72,9 @@ async def test_served_document_and_real_answers_match_the_schemas() -> None:
             CompletionResponse.model_validate(await r.json())
         async with http.post(gw.url("/v1/chat/completions"), json=chat_body()) as r:
             ChatCompletionResponse.model_validate(await r.json())
-        async with http.post(gw.url("/v1/embeddings"), json={"model": "llama-3-8b",
-                                                             "input": "hi"}) as r:  # fmt: skip
+        async with http.post(
+            gw.url("/v1/embeddings"), json={"model": "llama-3-8b", "input": "hi"}
+        ) as r:
             EmbeddingResponse.model_validate(await r.json())
         async with http.get(gw.url("/v1/models")) as r:
             ModelList.model_validate(await r.json())
@@ -81,9 +83,27 @@ async def test_served_document_and_real_answers_match_the_schemas() -> None:
 
 
 WEIRD_VALUES: list[Any] = [
-    None, True, False, -1, 0, 1, 2.5, 1e308, "", "x", "9" * 600, [], [1], ["a"], [[1]],
-    [None], {}, {"a": 1}, {"role": "user"}, [{"role": "user", "content": "hi"}],
-]  # fmt: skip
+    None,
+    True,
+    False,
+    -1,
+    0,
+    1,
+    2.5,
+    1e308,
+    "",
+    "x",
+    "9" * 600,
+    [],
+    [1],
+    ["a"],
+    [[1]],
+    [None],
+    {},
+    {"a": 1},
+    {"role": "user"},
+    [{"role": "user", "content": "hi"}],
+]
 
 MUTATED = {
     "/v1/completions": completion_body(max_tokens=2),
@@ -113,3 +133,62 @@ async def test_mutated_bodies_only_get_documented_statuses_and_never_500() -> No
                     assert r.status != 500, (path, body)
                     if r.status >= 400:
                         ErrorResponse.model_validate(await r.json())
+
+
+_SCHEMA_CASES: list[tuple[str, str, dict[str, Any], bool]] = [
+    # (route, request schema, body, accepted by the gateway)
+    ("/v1/completions", "CompletionRequest", {"prompt": "hi"}, True),
+    ("/v1/completions", "CompletionRequest", {"prompt": ["a", "b"]}, True),
+    ("/v1/completions", "CompletionRequest", {"prompt": [[1, 2], [3]]}, True),
+    ("/v1/completions", "CompletionRequest", {"prompt": ""}, False),
+    ("/v1/completions", "CompletionRequest", {"prompt": []}, False),
+    ("/v1/completions", "CompletionRequest", {"prompt": ["a", ""]}, False),
+    ("/v1/completions", "CompletionRequest", {"prompt": [[1], []]}, False),
+    ("/v1/completions", "CompletionRequest", {"prompt": [-1]}, False),
+    (
+        "/v1/chat/completions",
+        "ChatCompletionRequest",
+        {"messages": [{"role": "user", "content": "x"}]},
+        True,
+    ),
+    (
+        "/v1/chat/completions",
+        "ChatCompletionRequest",
+        {"messages": [{"role": "assistant", "content": None}, {"role": "user", "content": "x"}]},
+        True,
+    ),
+    (
+        "/v1/chat/completions",
+        "ChatCompletionRequest",
+        {"messages": [{"role": "", "content": "x"}]},
+        False,
+    ),
+    (
+        "/v1/chat/completions",
+        "ChatCompletionRequest",
+        {"messages": [{"role": "user", "content": None}]},
+        False,
+    ),
+    ("/v1/embeddings", "EmbeddingRequest", {"input": ["a", "b"]}, True),
+    ("/v1/embeddings", "EmbeddingRequest", {"input": [5, 6]}, True),
+    ("/v1/embeddings", "EmbeddingRequest", {"input": []}, False),
+    ("/v1/embeddings", "EmbeddingRequest", {"input": [[]]}, False),
+    ("/v1/embeddings", "EmbeddingRequest", {"input": [-5]}, False),
+]
+
+
+async def test_the_request_schemas_refuse_what_the_gateway_refuses() -> None:
+    """A client generated from /openapi.json (or a validator) and the server agree on the
+    bodies checked beyond their types: empty prompts, negative token ids, an empty role,
+    a null content where it is required, empty embeddings inputs."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")  # comes with schemathesis
+    doc = build_openapi()
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for route, name, fields, accepted in _SCHEMA_CASES:
+            body = {"model": "llama-3-8b", "max_tokens": 2, **fields}
+            if route == "/v1/embeddings":
+                del body["max_tokens"]
+            schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+            assert jsonschema_rs.is_valid(schema, body) is accepted, (name, fields)
+            async with http.post(gw.url(route), json=body) as r:
+                assert (r.status == 200) is accepted, (fields, await r.text())

@@ -831,8 +831,15 @@ class ControlPlaneManager:
         """
         self._require_dispatcher()
         if not isinstance(inputs, list) or not inputs or not all(map(_embeddable, inputs)):
+            negative = isinstance(inputs, list) and any(
+                isinstance(item, list) and any(isinstance(t, int) and t < 0 for t in item)
+                for item in inputs
+            )
             raise InvalidRequestError(
-                "input must be a non-empty list of strings or of token-id lists", param="input"
+                "input: token ids must be >= 0"
+                if negative
+                else "input must be a non-empty list of strings or of non-empty token-id lists",
+                param="input",
             )
         name = resolve_model(
             RequestMetadata(request_id="embed", model_name=model), self._registry.models()

@@ -7,14 +7,59 @@ document the API (``/openapi.json``); responses are built as plain dicts.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 _REQUEST = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="allow")
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+
+def _list(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": 1}
+
+
+_TOKEN_ID: dict[str, Any] = {"type": "integer", "minimum": 0}
+_TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+
+# The published schemas state what the gateway's own checks refuse beyond the types (an
+# empty prompt, a negative token id …), so that a client generated from /openapi.json and
+# the server agree; the checks themselves, and their messages, stay in the handlers.
+Prompt = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    WithJsonSchema(
+        {
+            "anyOf": [_TEXT, _list(_TEXT), _list(_TOKEN_ID), _list(_list(_TOKEN_ID))],
+            "description": "Text or token ids, or several prompts (one answer, k·n + i "
+            "choices); none empty, token ids >= 0.",
+        }
+    ),
+]
+EmbeddingInput = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                _list({"type": "string"}),
+                _list(_TOKEN_ID),
+                _list(_list(_TOKEN_ID)),
+            ],
+            "description": "A string, a non-empty list of strings, a list of token ids, or "
+            "a list of token-id lists (token ids >= 0).",
+        }
+    ),
+]
+Role = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            **_TEXT,
+            "description": "system, developer, user, assistant, tool, function, or a custom "
+            "role; content may not be null in system, developer, user and tool messages.",
+        }
+    ),
+]
 
 
 class StreamOptions(BaseModel):
@@ -62,9 +107,7 @@ class GenerationFields(BaseModel):
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
-    prompt: Prompt = Field(
-        description="Text or token ids, or several prompts (one answer, k·n + i choices)."
-    )
+    prompt: Prompt
     logprobs: int | None = Field(None, ge=0)
     echo: bool | None = None
     best_of: int | None = Field(None, ge=1)
@@ -156,8 +199,17 @@ class ChatMessage(BaseModel):
     role but those of :data:`CONTENT_REQUIRED_ROLES` (an assistant message with
     ``tool_calls``, a custom role)."""
 
-    model_config = _REQUEST
-    role: str
+    model_config = ConfigDict(
+        **_REQUEST,
+        json_schema_extra={  # content null only where the check allows it
+            "if": {
+                "properties": {"role": {"enum": [*sorted(CONTENT_REQUIRED_ROLES)]}},
+                "required": ["role"],
+            },
+            "then": {"properties": {"content": {"not": {"type": "null"}}}},
+        },
+    )
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -185,10 +237,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = _REQUEST
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A string, a non-empty list of strings, a list of token ids, or a list "
-        "of token-id lists."
-    )
+    input: EmbeddingInput
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
