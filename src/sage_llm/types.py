@@ -132,8 +132,8 @@ class ParallelismType(enum.Enum):
     @classmethod
     def of(cls, tensor: int = 1, pipeline: int = 1, data: int = 1) -> ParallelismType | None:
         """The parallelism of an instance of these sizes: the one kind above 1, HYBRID
-        when several are, None when none is (one GPU, one replica). Sizes are integers
-        >= 1 (else ValueError)."""
+        when several are, None when none is (one GPU, one replica). Each size must be an
+        integer of at least 1 (else ValueError)."""
         for size in (tensor, pipeline, data):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"parallel sizes must be integers >= 1, got {size!r}")

@@ -386,8 +386,9 @@ def topology_aware(
     rng: random.Random | None = None,
     leg: Leg = "whole",
 ) -> Pipeline:
-    """Close to the request's previous (else preferred) instance: NVLink peer > same machine
-    > same rack > elsewhere, among candidates within ``load_slack`` of the least loaded."""
+    """Close to the request's previous (else preferred) instance: an NVLink peer first,
+    then the same machine, the same rack, elsewhere; among candidates within
+    ``load_slack`` of the least loaded."""
     p = params or TopologyAwareParams()
     return Pipeline(
         "topology_aware",
