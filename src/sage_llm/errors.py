@@ -118,50 +118,66 @@ def raise_problems(errors: Sequence[ConfigError]) -> None:
 
 
 class InvalidRequestError(SageLLMError):
+    """A bad request: a field (``param`` names it) or a header with a value the control
+    plane refuses (HTTP 400)."""
+
     http_status = 400
     error_type = "invalid_request_error"
 
 
 class PayloadTooLargeError(InvalidRequestError):
+    """A request body above the gateway's ``max_body_bytes`` (HTTP 413)."""
+
     http_status = 413
 
 
 class AuthenticationError(SageLLMError):
+    """A missing or wrong API key or admin token (HTTP 401)."""
+
     http_status = 401
     error_type = "authentication_error"
 
 
 class PermissionDeniedError(SageLLMError):
+    """The admin API refused: a wrong admin token, or a client that is not on loopback
+    when no admin token is configured (HTTP 403)."""
+
     http_status = 403
     error_type = "permission_error"
 
 
 class NotFoundError(SageLLMError):
+    """Something named in the request does not exist (HTTP 404); the subclasses say
+    what."""
+
     http_status = 404
     error_type = "not_found_error"
 
 
 class ModelNotFoundError(NotFoundError):
-    pass
+    """No registered instance serves the requested model."""
 
 
 class RequestNotFoundError(NotFoundError):
-    pass
+    """No request with this id is in progress or kept among the finished ones."""
 
 
 class InstanceNotFoundError(NotFoundError):
-    pass
+    """No instance is registered with this id."""
 
 
 class PolicyNotFoundError(NotFoundError):
-    pass
+    """No scheduling policy has this name."""
 
 
 class StrategyNotFoundError(NotFoundError):
-    pass
+    """No routing strategy has this name."""
 
 
 class ConflictError(SageLLMError):
+    """An id already in use (a request id in progress, an instance id or address), or an
+    instance already being removed (HTTP 409)."""
+
     http_status = 409
     error_type = "conflict_error"
 
@@ -178,14 +194,21 @@ class AdmissionError(SageLLMError):
 
 
 class QueueFullError(AdmissionError):
-    pass
+    """Refused at admission: the queue holds ``max_queue_size`` requests (HTTP 429;
+    ``retry_after_s`` estimates when a place frees up)."""
 
 
 class SLOInfeasibleError(AdmissionError):
+    """Refused at admission: no instance is predicted to meet the request's deadline
+    (HTTP 429, no retry hint: a fixed deadline only gets harder to meet)."""
+
     error_type = "slo_infeasible"
 
 
 class RequestCancelledError(SageLLMError):
+    """The request was cancelled (by its caller, or its client went away) before it
+    completed."""
+
     http_status = 499
     error_type = "cancelled"
 
@@ -203,11 +226,15 @@ class NoHealthyInstanceError(SageLLMError):
 
 
 class ControlPlaneNotRunningError(SageLLMError):
+    """The control plane is not running (not started yet, or stopped) (HTTP 503)."""
+
     http_status = 503
     error_type = "service_unavailable"
 
 
 class DeadlineExceededError(SageLLMError):
+    """A request, or a wait for one, passed its time limit (HTTP 504)."""
+
     http_status = 504
     error_type = "timeout_error"
 
@@ -266,12 +293,14 @@ class EngineRequestRejectedError(EngineError, InvalidRequestError):
 
 
 class EngineConnectionError(EngineError):
-    pass
+    """The engine could not be reached, or the connection broke (HTTP 502)."""
 
 
 class EngineTimeoutError(EngineError):
+    """The engine did not answer in time: its first token, or the next chunk (HTTP 504)."""
+
     http_status = 504
 
 
 class EngineStreamError(EngineError):
-    pass
+    """The engine's stream was malformed or ended with an error event (HTTP 502)."""

@@ -1059,6 +1059,9 @@ class ControlPlaneManager:
     # -- observability ---------------------------------------------------------------------
 
     def get_metrics(self) -> PerformanceMetrics:
+        """The seed's :class:`~sage_llm.types.PerformanceMetrics`: request counts since
+        start, latency averages and percentiles, SLO compliance, throughput, queue and
+        running counts (PD figures in ``metadata["pd"]`` with PD separation on)."""
         disp = self._dispatcher
         queued = len(disp.policy) if disp else len(self._pending_policy)
         active = int(self._metrics.running.value)  # a PD request holds two instances' slots
@@ -1171,6 +1174,10 @@ class ControlPlaneManager:
         )
 
     def get_status(self) -> dict[str, Any]:
+        """The control plane's state as a dict: running and accepting, mode, the policy
+        (and the adaptive policy's choice and reason), routing, instance and request
+        counts, circuits, PD and engine-stream settings (what ``GET /admin/status``
+        shows)."""
         policy = self.policy
         states = [s for s in self._registry if not s.removed]
         return {
