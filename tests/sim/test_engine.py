@@ -60,6 +60,29 @@ def test_generate_yields_max_tokens_with_retokenizable_text() -> None:
     virtual(main)
 
 
+def test_a_request_in_its_last_step_still_runs_and_holds_its_kv() -> None:
+    """The core applies a step when it starts; while the step runs, its requests still
+    count as running and hold their KV, and its tokens are not counted yet (a one-token
+    request, as a PD prefill leg, was never seen running)."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        task = asyncio.create_task(collect(engine, req(prompt=PROMPT * 8, max_tokens=1)))
+        await asyncio.sleep(0.001)  # its single step has started: prefill, and its one token
+        during = await engine.stats()
+        chunks = await task
+        after = await engine.stats()
+        await engine.aclose()
+        assert len(chunks) == 1
+        assert (during.running, during.waiting) == (1, 0)
+        assert during.kv_usage > 0 and during.generation_tokens_total == 0
+        assert during.prompt_tokens_total == 0
+        assert (after.running, after.kv_usage, after.generation_tokens_total) == (0, 0.0, 1)
+        assert after.prompt_tokens_total == tokens.count_tokens(PROMPT * 8)
+
+    virtual(main)
+
+
 def test_engine_is_an_engine_client_with_stats_and_health() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0", SimEngineConfig(num_gpu_blocks=1000))

@@ -531,10 +531,12 @@ class StepResult:
         "_preempted",
         "duration_s",
         "idle",
+        "kv_freed",
         "num_cached_tokens",
         "num_decode_tokens",
         "num_new_tokens",
         "num_prefill_tokens",
+        "prompt_tokens_counted",
     )
 
     def __init__(
@@ -567,6 +569,10 @@ class StepResult:
         self.num_new_tokens = num_new_tokens
         """Tokens produced this step (``len(new_tokens)`` when the step lists them)."""
         self._first_tokens = first_tokens
+        self.kv_freed = 0.0
+        """The share of the KV cache the requests that finished this step freed."""
+        self.prompt_tokens_counted = 0
+        """Prompt tokens counted this step (those of the requests whose first token came)."""
 
     @property
     def new_tokens(self) -> list[tuple[str, int]]:
@@ -1337,6 +1343,7 @@ class SimEngineCore:
                 produced += 1
                 if req.num_output == 1:
                     self._prompt_total += req.num_prompt
+                    res.prompt_tokens_counted += req.num_prompt
                     res.first_tokens.append(req.id)
                 if req.num_output >= req.max_tokens:
                     done.append(req)
@@ -1351,10 +1358,12 @@ class SimEngineCore:
         if not done:
             return produced
         finished = res.finished
+        usage = self._pool.usage
         for req in done:
             finished.append((req.id, "length"))
             self._leave_running(req)
             self._finish(req, end, res)
+        res.kv_freed = usage - self._pool.usage
         return produced
 
     def _finish(self, req: _Req, end: float, res: StepResult) -> None:

@@ -342,6 +342,8 @@ class SimEngine:
         self._wake: asyncio.Event | None = None
         self._closed = False
         self._broken: BaseException | None = None
+        self._stepping: StepResult | None = None
+        """The step under way (between the core applying it and its end), for stats."""
         self._releaser: RemoteKVReleaser | None = None
         # (remote engine id, remote request id) -> (host, port), and local id -> that key
         self._remote_addr: dict[tuple[str | None, str], tuple[str, int]] = {}
@@ -454,10 +456,10 @@ class SimEngine:
                         cut, stop, end = hit
                         # include_stop_str_in_output: the stop string stays in the text
                         text, finish = text[: end if keep_stop else cut], "stop"
-                        self._core.abort(req.request_id, delivered=produced)
+                        self._stop(req.request_id, produced)
                 if stop is None and stop_id is not None:
                     stop, finish = stop_id, "stop"
-                    self._core.abort(req.request_id, delivered=produced)
+                    self._stop(req.request_id, produced)
                 text_so_far += text
                 if finish is not None:
                     done = True
@@ -538,7 +540,21 @@ class SimEngine:
         return not self._closed and self._broken is None
 
     async def stats(self) -> EngineStats:
-        return self._core.stats()
+        """The core's figures as an engine reports them while a step runs: the core applies
+        a step when it starts (its finished requests gone, its tokens counted), but until
+        the step ends its requests still run and hold their KV, and its tokens do not
+        exist yet (a prefill leg or a one-token request would never be seen running)."""
+        stats = self._core.stats()
+        res = self._stepping
+        if res is None:
+            return stats
+        return replace(
+            stats,
+            running=stats.running + len(res.finished),
+            kv_usage=min(1.0, stats.kv_usage + res.kv_freed),
+            prompt_tokens_total=stats.prompt_tokens_total - res.prompt_tokens_counted,
+            generation_tokens_total=stats.generation_tokens_total - res.num_new_tokens,
+        )
 
     async def aclose(self) -> None:
         """Stop the step loop; in-flight requests fail with EngineConnectionError."""
@@ -692,6 +708,14 @@ class SimEngine:
             if stream is not None and stream.queue_s is None:
                 stream.queue_s = max(0.0, now - stream.arrival)
 
+    def _stop(self, request_id: str, delivered: int) -> None:
+        """End a request at a stop after ``delivered`` tokens: the core forgets the tokens
+        it made past them, this step's among them (which :meth:`stats` then no longer
+        takes off the count)."""
+        res = self._stepping
+        if self._core.abort(request_id, delivered=delivered) and res is not None:
+            res.num_new_tokens -= sum(n for rid, n in res.new_tokens if rid == request_id)
+
     def _close_stream(self, request_id: str, *, abort: bool) -> None:
         self._streams.pop(request_id, None)
         key = self._remote_key.pop(request_id, None)
@@ -740,11 +764,19 @@ class SimEngine:
                     continue
                 if self._shared is not None:
                     due = None
-                    await self._shared_step(res)
+                    self._stepping = res
+                    try:
+                        await self._shared_step(res)
+                    finally:
+                        self._stepping = None
                     continue
                 late = 0.0 if due is None else min(max(0.0, now - due), res.duration_s)
                 due = now + res.duration_s - late
-                await clock.sleep(due - clock.now())
+                self._stepping = res
+                try:
+                    await clock.sleep(due - clock.now())
+                finally:
+                    self._stepping = None
                 if self._front is None:
                     self._deliver(res)
                 else:
