@@ -665,3 +665,29 @@ def test_a_max_model_len_given_above_the_kv_cache_is_refused_as_vllm_does() -> N
         SimEngine(
             "e", SimEngineConfig(num_gpu_blocks=2, max_model_len=8192), max_model_len_given=True
         )
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_stop_string_spanning_tokens_never_reaches_the_output(keep: bool) -> None:
+    """As vLLM's detokenizer: the text ends where the stop string begins, though its first
+    token came in an earlier chunk (with stop strings the stream holds back the characters
+    that could begin one); include_stop_str_in_output keeps the string."""
+
+    async def main() -> None:
+        engine = SimEngine("e")
+        plain = await collect(engine, req("a", prompt="Hi", max_tokens=12, temperature=0.0))
+        full = "".join(c.text for c in plain)
+        words = full.split()
+        stop = f"{words[3]} {words[4]}"  # two tokens: " w3", " w4"
+        extra: dict[str, Any] = {"include_stop_str_in_output": True} if keep else {}
+        chunks = await collect(
+            engine, req("b", prompt="Hi", max_tokens=12, temperature=0.0, stop=[stop], extra=extra)
+        )
+        await engine.aclose()
+        text = "".join(c.text for c in chunks)
+        start = full.index(stop)
+        assert text == (full[: start + len(stop)] if keep else full[:start])
+        assert chunks[-1].finish_reason == "stop" and chunks[-1].extras == {"stop_reason": stop}
+        assert sum(len(c.token_ids) for c in chunks) == 5  # its tokens, the stop's included
+
+    virtual(main)

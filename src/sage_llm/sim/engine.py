@@ -430,7 +430,13 @@ class SimEngine:
             )  # fmt: skip
         produced = 0
         done = False
-        text_so_far = ""
+        # As vLLM's detokenizer: the text made so far, and how much of it went out. With
+        # stop strings the last (longest stop - 1) characters are held back, so that a stop
+        # string spanning tokens never reaches the client (nor does it with
+        # include_stop_str_in_output, which holds nothing back and keeps the string).
+        full = ""
+        sent = 0
+        hold = max((len(x) for x in req.stop or () if x), default=1) - 1 if not keep_stop else 0
         try:
             while True:
                 item = await stream.queue.get()
@@ -439,28 +445,33 @@ class SimEngine:
                     raise item
                 pieces = stream.text.next_pieces(item.n)
                 stop_id = None
-                if stop_ids:  # the first stop token at or after min_tokens ends it, kept
+                if stop_ids:  # the first stop token at or after min_tokens ends it
                     for k, tid in enumerate(PseudoText.token_ids(pieces)):
                         if tid in stop_ids and produced + k + 1 >= min_tokens:
                             pieces, stop_id = pieces[: k + 1], tid
                             break
                 ids = PseudoText.token_ids(pieces)
-                text = "".join(pieces)
                 lp = None if logprobs is None else logprobs.next(pieces)
                 produced += len(pieces)
                 finish = item.finish
                 stop: str | int | None = None
+                before = len(full)
+                # a stop token's own text is left out, as vLLM v1 leaves it out (unless
+                # include_stop_str_in_output)
+                full += "".join(pieces[:-1] if stop_id is not None and not keep_stop else pieces)
+                end = len(full) if finish is not None or stop_id is not None else len(full) - hold
                 if req.stop and produced >= min_tokens:
-                    hit = _stop_at(text_so_far, text, req.stop)
+                    hit = _stop_in(full, before, req.stop)
                     if hit is not None:
-                        cut, stop, end = hit
+                        start, stop = hit
                         # include_stop_str_in_output: the stop string stays in the text
-                        text, finish = text[: end if keep_stop else cut], "stop"
+                        end, finish = (start + len(stop) if keep_stop else start), "stop"
                         self._stop(req.request_id, produced)
                 if stop is None and stop_id is not None:
                     stop, finish = stop_id, "stop"
                     self._stop(req.request_id, produced)
-                text_so_far += text
+                end = max(end, sent)
+                text, sent = full[sent:end], end
                 if finish is not None:
                     done = True
                     self._note_finished(req.request_id, stream.queue_s, stop)
@@ -1010,18 +1021,15 @@ def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) ->
     return f"{engine_seed}:{req.request_id}"
 
 
-def _stop_at(before: str, text: str, stops: Any) -> tuple[int, str, int] | None:
-    """Where in ``text`` the earliest stop string ending inside ``text`` begins, that
-    string (the first of ``stops`` among those beginning there), and where in ``text`` it
-    ends."""
-    joined = before + text
-    best: tuple[int, str, int] | None = None
+def _stop_in(text: str, since: int, stops: Any) -> tuple[int, str] | None:
+    """The earliest stop string in ``text`` that ends after ``since`` (the text before it
+    was searched already): where it begins and which it is (the first of ``stops``
+    among those beginning there)."""
+    best: tuple[int, str] | None = None
     for stop in stops:
         if not stop:
             continue
-        start = joined.find(stop, max(0, len(before) - len(stop) + 1))
-        if start >= 0:
-            cut = max(0, start - len(before))
-            if best is None or cut < best[0]:
-                best = (cut, stop, start + len(stop) - len(before))
+        start = text.find(stop, max(0, since - len(stop) + 1))
+        if start >= 0 and (best is None or start < best[0]):
+            best = (start, stop)
     return best
