@@ -119,6 +119,9 @@ class FakeEngine:
         self.prefills.append(req)
         if self.fail_with is not None:
             raise self.fail_with
+        if self.gate_after == 0:  # held, as a long prompt's prefill would be
+            self.gated.set()
+            await self.release.wait()
         params: dict[str, Any] = {
             "do_remote_prefill": True,
             "do_remote_decode": False,

@@ -259,6 +259,32 @@ async def test_client_disconnect_closes_engine_iterator_and_counts_an_abort(
         await runner.cleanup()
 
 
+async def test_a_client_gone_during_a_prefill_leg_counts_an_abort(
+    http: aiohttp.ClientSession,
+) -> None:
+    fake = FakeEngine(gate_after=0)
+    runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        body = {"prompt": "x", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        task = asyncio.create_task(http.post(url, json=body))
+        await asyncio.wait_for(fake.gated.wait(), timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # the server notices the closed connection
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            line = next(x for x in text.splitlines() if 'finished_reason="abort"' in x)
+            if line.endswith(" 1.0"):
+                break
+            await asyncio.sleep(0.01)
+        assert line.endswith(" 1.0"), line
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
 async def test_a_client_gone_before_the_first_chunk_is_not_an_error_in_the_log(
     http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -302,6 +302,9 @@ class _EngineServer:
             handle = await self.engine.prefill(parsed.req)
         except SageLLMError as exc:
             return _error(exc)
+        except asyncio.CancelledError:  # the client went away: the engine aborts the leg
+            self.metrics.count_abort()
+            raise
         now = self.clock.now()
         first = handle.first_token
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
@@ -327,6 +330,7 @@ class _EngineServer:
             return _error(exc)
         except asyncio.CancelledError:
             self.rooms.fail(boot.room, "the prefill leg was aborted")
+            self.metrics.count_abort()
             raise
         self.rooms.publish(boot.room, handle.params)
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
