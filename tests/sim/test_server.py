@@ -14,6 +14,7 @@ import pytest
 
 from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.errors import AdmissionError, EngineError
+from sage_llm.sim import server as sim_server
 from sage_llm.sim.server import create_engine_app, start_engine_server
 from tests.engines.fake_engine import MODEL, FakeEngine, ManualClock, start_app
 
@@ -186,6 +187,21 @@ async def test_null_n_and_stream_are_their_defaults(base: str, http: aiohttp.Cli
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": None, "stream": None}
     status, answer = await post(http, f"{base}/v1/completions", body)
     assert status == 200 and answer["object"] == "text_completion"  # as vLLM reads nulls
+
+
+async def test_a_body_above_the_limit_is_a_json_413(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sim_server, "MAX_BODY_BYTES", 1024)
+    runner, port = await start_engine_server(FakeEngine(), model_name=MODEL)
+    try:
+        big = {"model": MODEL, "prompt": "x" * 2000}
+        async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=big) as resp:
+            error = (await resp.json())["error"]  # not aiohttp's plain text
+        assert (resp.status, error["code"]) == (413, 413)
+        assert error["message"] == "request body larger than 1024 bytes"
+    finally:
+        await runner.cleanup()
 
 
 async def test_bad_json_and_unknown_model(base: str, http: aiohttp.ClientSession) -> None:

@@ -61,6 +61,7 @@ from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
 from sage_llm.errors import (
     EngineError,
     InvalidRequestError,
+    PayloadTooLargeError,
     SageLLMError,
 )
 from sage_llm.httpserve import start_site, tcp_nodelay
@@ -88,6 +89,10 @@ from sage_llm.types import ExecutionInstanceType, host_port
 
 _log = logging.getLogger(__name__)
 _PIECE_CACHE_LIMIT = 1 << 16
+
+
+MAX_BODY_BYTES = 64 << 20
+"""The largest request body an engine-sim server reads (a larger one is a JSON 413)."""
 
 
 def _error(exc: SageLLMError) -> web.Response:
@@ -236,6 +241,10 @@ class _EngineServer:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
             body = jsonutil.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLargeError(
+                f"request body larger than {request.client_max_size} bytes"
+            ) from None
         except jsonutil.TooDeepError as exc:
             raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
         except ValueError:
@@ -775,7 +784,7 @@ def create_engine_app(
     if max_model_len is not None and max_model_len <= 0:
         raise ValueError("max_model_len must be positive")
     srv = _EngineServer(engine, model_name, clock, max_model_len)
-    app = web.Application(client_max_size=64 << 20, middlewares=[_route_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_route_errors])
     app.router.add_post("/v1/completions", srv.completions)
     app.router.add_post("/v1/chat/completions", srv.chat)
     app.router.add_post("/v1/completions/render", srv.render)
