@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from sage_llm.errors import SageLLMError
+from sage_llm.errors import ConfigError, SageLLMError
 
 if TYPE_CHECKING:
     from sage_llm.config import SageConfig
@@ -515,17 +515,27 @@ def engine_sim(
             "seed": seed, "kv_host": host, "kv_port": port,
         }  # fmt: skip
         params.update({k: v for k, v in engine_args.items() if v is not None})
-        config, front_end = engine_settings(gpu, model, **params)
-        engine: EngineClient = SimEngine(
-            f"sim-{port}",
-            config,
-            front_end=front_end,
-            max_model_len_given=max_model_len is not None,
-        )
-        if instant:
+        engine: EngineClient
+        served_len: int | None = None  # the simulated engine's own, unless instant
+        if instant:  # its context is --max-model-len, not bound by a simulated KV cache
             if params["role"] is not ExecutionInstanceType.GENERAL:
                 raise ValueError("--instant runs whole requests only: use --role general")
-            engine = InstantEngine(f"sim-{port}")
+            params.pop("max_model_len", None)
+            config, _ = engine_settings(gpu, model, **params)  # the other options checked
+            served_len = INSTANT_MAX_MODEL_LEN if max_model_len is None else max_model_len
+            try:
+                engine = InstantEngine(f"sim-{port}", served_len)
+            except ValueError as exc:
+                detail = str(exc).removeprefix("max_model_len ")
+                raise ConfigError(detail, key="max_model_len") from None
+        else:
+            config, front_end = engine_settings(gpu, model, **params)
+            engine = SimEngine(
+                f"sim-{port}",
+                config,
+                front_end=front_end,
+                max_model_len_given=max_model_len is not None,
+            )
         plan = None
         if faults:
             from sage_llm.sim.faults import FaultPlan
@@ -555,7 +565,7 @@ def engine_sim(
         try:
             await serve_engine(
                 served, model_name=name, host=host, port=port, close_engine=True,
-                max_model_len=INSTANT_MAX_MODEL_LEN if instant else None,
+                max_model_len=served_len,
             )  # fmt: skip
         except asyncio.CancelledError:
             typer.echo("sage-llm engine-sim: stopped; requests in flight were ended", err=True)

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from sage_llm.engines.base import EngineClient, EngineRequest
-from sage_llm.errors import EngineError, InvalidRequestError
+from sage_llm.errors import InvalidRequestError
 from sage_llm.sim.instant import INSTANT_MAX_MODEL_LEN, InstantEngine
 from sage_llm.sim.server import start_engine_server
 
@@ -61,11 +61,22 @@ async def test_options_it_does_not_apply_are_refused_not_ignored(
     assert len([c async for c in InstantEngine("i0").generate(plain)]) == 2
 
 
-async def test_prefill_legs_are_refused_for_good() -> None:
+async def test_prefill_legs_are_refused_for_good_naming_the_option() -> None:
     req = EngineRequest("r1", MODEL, prompt="x", max_tokens=1)
-    with pytest.raises(EngineError, match="whole requests only") as err:
+    with pytest.raises(InvalidRequestError, match="whole requests only") as err:
         await InstantEngine("i0").prefill(req)
-    assert err.value.retryable is False
+    assert err.value.param == "kv_transfer_params"
+
+
+async def test_a_max_model_len_given_bounds_requests_and_is_reported() -> None:
+    engine = InstantEngine("i0", max_model_len=100)
+    assert await engine.context_length() == 100
+    long = EngineRequest("r1", MODEL, prompt="hi", max_tokens=200)
+    with pytest.raises(InvalidRequestError, match="maximum context length is 100 tokens"):
+        [c async for c in engine.generate(long)]
+    for bad in (0, True, "100"):
+        with pytest.raises(ValueError, match="max_model_len must be"):
+            InstantEngine("i0", max_model_len=bad)  # type: ignore[arg-type]
 
 
 async def test_served_over_http_answers_completions_and_streamed_chat() -> None:

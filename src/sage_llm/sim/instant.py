@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
-from sage_llm.errors import EngineError, InvalidRequestError
+from sage_llm.errors import InvalidRequestError
 from sage_llm.sim.server_requests import check_context
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
@@ -47,8 +47,14 @@ def _asked(key: str, value: object) -> bool:
 class InstantEngine:
     """An :class:`~sage_llm.engines.base.EngineClient` whose every answer is immediate."""
 
-    def __init__(self, instance_id: str) -> None:
+    def __init__(self, instance_id: str, max_model_len: int = INSTANT_MAX_MODEL_LEN) -> None:
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int):
+            raise ValueError(f"max_model_len must be an integer, got {max_model_len!r}")
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
         self._id = instance_id
+        self.max_model_len = max_model_len
+        """Prompt and output tokens a request may have together."""
         self._prompt_tokens = 0
         self._generated = 0
 
@@ -69,7 +75,7 @@ class InstantEngine:
             )
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
-        check_context(INSTANT_MAX_MODEL_LEN, prompt, n)
+        check_context(self.max_model_len, prompt, n)
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):
@@ -77,16 +83,15 @@ class InstantEngine:
         yield Chunk(text=_WORD, finish_reason="length", usage=Usage(prompt, n))
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
-        raise EngineError(
-            f"{self._id}: an instant engine runs whole requests only (no PD legs)",
-            instance_id=self._id,
-            status=400,
-            retryable=False,
+        raise InvalidRequestError(
+            "an instant engine (engine-sim --instant) runs whole requests only: it does not "
+            "apply kv_transfer_params (no PD legs); leave it out, or use the simulated engine",
+            param="kv_transfer_params",
         )
 
     async def context_length(self) -> int | None:
-        """The engine's ``max_model_len``: :data:`INSTANT_MAX_MODEL_LEN`."""
-        return INSTANT_MAX_MODEL_LEN
+        """The engine's ``max_model_len`` (:data:`INSTANT_MAX_MODEL_LEN` unless given)."""
+        return self.max_model_len
 
     def queue_time_s(self, request_id: str) -> float | None:
         """Nothing waits here: every request's queue time is 0 (the engine server records
