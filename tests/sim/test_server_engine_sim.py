@@ -297,6 +297,27 @@ async def test_return_token_ids_gives_each_choices_ids_and_the_prompts(
         assert "token_ids" not in plain["choices"][0]
 
 
+async def test_malformed_chat_messages_are_refused_as_vllm_refuses_them(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The gateway's own rule for a message (sage_llm.chat_messages): a content that is
+    not a string, a list of content parts or (outside system/developer/user/tool) null."""
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/chat/completions"
+        for messages, where in (
+            ([{"role": "user", "content": 5}], "messages[0].content"),
+            ([{"role": "user", "content": ["x"]}], "messages[0].content[0]"),
+            ([{"role": "user", "content": "a"}, {"content": "b"}], "messages[1].role"),
+            ([{"role": "system", "content": None}], "messages[0].content"),
+        ):
+            status, err = await post(http, url, {**CHAT, "messages": messages})
+            assert status == 400 and err["error"]["param"] == "messages"
+            assert err["error"]["message"].startswith(f"{where}: "), err
+        parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        status, _ = await post(http, url, {**CHAT, "messages": parts})
+        assert status == 200
+
+
 async def test_unknown_routes_and_methods_answer_json_as_vllm_does(
     http: aiohttp.ClientSession,
 ) -> None:

@@ -24,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from sage_llm import jsonutil
+from sage_llm.chat_messages import message_problem
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
@@ -51,7 +52,6 @@ from sage_llm.gateway.schemas import (
     CompletionRequest,
     EmbeddingRequest,
     GenerationFields,
-    message_problem,
 )
 from sage_llm.gateway.settings import ResolvedGateway
 from sage_llm.tokens import chat_prompt_text, count_tokens
@@ -266,7 +266,7 @@ def _plain_body(
 
     Plain: besides fields the schema does not declare (passed through unchanged), only
     ``model``, ``prompt`` (a string; completions) or ``messages`` (a non-empty list of valid
-    messages, :func:`~sage_llm.gateway.schemas.message_problem`; chat), ``max_tokens``,
+    messages, :func:`~sage_llm.chat_messages.message_problem`; chat), ``max_tokens``,
     ``temperature``, ``top_p``, ``stream`` and ``user``, with plain JSON types. Returns
     (model, prompt or messages, max_tokens, temperature, top_p, stream, user)."""
     plain = _PLAIN_CHAT if chat else _PLAIN_COMPLETION

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from sage_llm import tokens
+from sage_llm.chat_messages import message_problem
 from sage_llm.engines.base import EngineRequest, Usage
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
 from sage_llm.sim.logprobs import requested_prompt_logprobs
@@ -138,8 +139,11 @@ def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise InvalidRequestError("each message needs a string 'role'", param="messages")
+        for index, message in enumerate(messages):  # as vLLM's request validation
+            problem = message_problem(message)
+            if problem is not None:
+                where, detail = problem
+                raise InvalidRequestError(f"messages[{index}]{where}: {detail}", param="messages")
         return None, messages, tokens.count_tokens(tokens.chat_prompt_text(messages))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
