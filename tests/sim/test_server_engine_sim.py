@@ -297,6 +297,20 @@ async def test_return_token_ids_gives_each_choices_ids_and_the_prompts(
         assert "token_ids" not in plain["choices"][0]
 
 
+async def test_generated_token_ids_detokenize_to_the_generated_text(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with served(fast_engine()) as base:
+        body = {**COMPLETION, "max_tokens": 6, "return_token_ids": True}
+        _, out = await post(http, f"{base}/v1/completions", body)
+        choice = out["choices"][0]
+        status, detok = await post(http, f"{base}/detokenize", {"tokens": choice["token_ids"]})
+        assert (status, detok) == (200, {"prompt": choice["text"]})
+        wrong = {"model": "other", "tokens": choice["token_ids"]}
+        status, err = await post(http, f"{base}/detokenize", wrong)
+        assert status == 404 and err["error"]["param"] == "model"  # as /tokenize
+
+
 async def test_malformed_chat_messages_are_refused_as_vllm_refuses_them(
     http: aiohttp.ClientSession,
 ) -> None:

@@ -85,6 +85,7 @@ from sage_llm.sim.server_requests import (
     parse_request,
     prompt_token_ids,
 )
+from sage_llm.sim.text import WORDS
 from sage_llm.types import ExecutionInstanceType, host_port
 
 _log = logging.getLogger(__name__)
@@ -211,6 +212,9 @@ class _EngineServer:
         self.metrics = ServerMetrics(model_name)
         self.version = _package_version()
         self._pieces: dict[int, str] = {}
+        """Pieces of text tokenized here (recent ones: the cache is bounded)."""
+        self._generated = {tokens.token_id(f" {w}"): f" {w}" for w in WORDS}
+        """Every piece the simulated engine generates, so its output detokenizes."""
         self._queue_source = engine if isinstance(engine, ReportsQueueTime) else None
         self._stop_source = engine if isinstance(engine, ReportsStopReason) else None
         self.role = _engine_role(engine)
@@ -737,21 +741,25 @@ class _EngineServer:
     async def detokenize(self, request: web.Request) -> web.Response:
         try:
             body = await self._body(request)
+            if body.get("model") is not None:
+                check_model(body.get("model"), self.model_name)
             ids = body.get("tokens")
             if not isinstance(ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in ids
             ):
                 raise InvalidRequestError("tokens must be a list of integers", param="tokens")
-            unknown = [t for t in ids if t not in self._pieces]
+            pieces = [self._pieces.get(t) or self._generated.get(t) for t in ids]
+            unknown = [t for t, piece in zip(ids, pieces, strict=True) if piece is None]
             if unknown:
                 raise InvalidRequestError(
                     f"token ids {unknown[:5]} are unknown: the simulated tokenizer can only "
-                    "detokenize ids of text this server has tokenized",
+                    "detokenize the ids it generates and those of text this server has "
+                    "tokenized",
                     param="tokens",
                 )
         except SageLLMError as exc:
             return _error(exc)
-        return web.json_response({"prompt": "".join(self._pieces[t] for t in ids)})
+        return web.json_response({"prompt": "".join(p for p in pieces if p is not None)})
 
     async def render(self, request: web.Request) -> web.Response:
         try:
