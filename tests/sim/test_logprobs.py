@@ -81,7 +81,7 @@ def test_chat_entries_list_the_asked_alternatives_most_likely_first() -> None:
         (completion(logprobs="2"), "logprobs"),
         (chat(logprobs="yes"), "logprobs"),
         (chat(top_logprobs=3), "top_logprobs"),
-        (chat(logprobs=True, top_logprobs=2.0), "top_logprobs"),
+        (chat(logprobs=True, top_logprobs=2.5), "top_logprobs"),
     ],
 )
 def test_bad_values_name_the_field(request_: EngineRequest, param: str) -> None:

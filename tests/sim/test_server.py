@@ -167,7 +167,7 @@ async def test_stream_without_include_usage_has_no_usage_chunk(
     [
         ({"model": MODEL, "max_tokens": 1}, "prompt"),
         ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
-        ({"model": MODEL, "prompt": "x", "temperature": 5}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "temperature": -0.5}, "temperature"),
         ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
         ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 64}, "max_tokens"),

@@ -311,6 +311,38 @@ async def test_generated_token_ids_detokenize_to_the_generated_text(
         assert status == 404 and err["error"]["param"] == "model"  # as /tokenize
 
 
+async def test_fields_read_as_vllms_request_models_read_them(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Whole-number floats are integers, temperature has no upper bound, and a suffix is
+    refused in vLLM's words."""
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        accepted: list[dict[str, Any]] = [
+            {"min_tokens": 1.0},
+            {"logprobs": 2.0},
+            {"stop_token_ids": [5.0]},
+            {"temperature": 3},
+        ]
+        for fields in accepted:
+            status, out = await post(http, url, {**COMPLETION, **fields})
+            assert status == 200, (fields, out)
+        status, out = await post(http, url, {**COMPLETION, "logprobs": 2.0})
+        assert len(out["choices"][0]["logprobs"]["top_logprobs"][0]) == 2
+        refused: list[tuple[dict[str, Any], str]] = [
+            ({"min_tokens": 1.5}, "min_tokens"),
+            ({"suffix": "!"}, "suffix"),
+            ({"temperature": -1}, "temperature"),
+        ]
+        for fields, param in refused:
+            status, err = await post(http, url, {**COMPLETION, **fields})
+            assert (status, err["error"]["param"]) == (400, param), err
+        assert (
+            "suffix is not currently supported"
+            in ((await post(http, url, {**COMPLETION, "suffix": "!"}))[1]["error"]["message"])
+        )
+
+
 async def test_malformed_chat_messages_are_refused_as_vllm_refuses_them(
     http: aiohttp.ClientSession,
 ) -> None:

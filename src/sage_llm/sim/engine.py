@@ -80,6 +80,7 @@ from sage_llm.sim.server_requests import (
     prompt_pieces,
     prompt_token_ids,
     requested_echo,
+    whole,
 )
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
@@ -628,8 +629,8 @@ class SimEngine:
 
     @staticmethod
     def _min_tokens(req: EngineRequest) -> int:
-        value = req.extra.get("min_tokens", 0) or 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        value = whole(req.extra.get("min_tokens", 0) or 0)
+        if value is None or value < 0:
             raise InvalidRequestError("min_tokens must be an integer >= 0", param="min_tokens")
         if value > req.max_tokens:  # as vLLM refuses it
             raise InvalidRequestError(
@@ -641,17 +642,16 @@ class SimEngine:
 
     @staticmethod
     def _stop_token_ids(req: EngineRequest) -> frozenset[int]:
-        """``stop_token_ids``: token ids that end the answer (kept in it, with finish
-        reason ``stop`` and the id as ``stop_reason``), as vLLM's."""
+        """``stop_token_ids``: token ids that end the answer (with finish reason ``stop``
+        and the id as ``stop_reason``; its text left out), as vLLM's."""
         value = req.extra.get("stop_token_ids") or ()
-        if not isinstance(value, list | tuple) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-        ):
+        ids = [whole(t) for t in value] if isinstance(value, list | tuple) else [None]
+        if not all(t is not None and t >= 0 for t in ids):
             raise InvalidRequestError(
                 "stop_token_ids must be a list of token ids (integers >= 0)",
                 param="stop_token_ids",
             )
-        return frozenset(value)
+        return frozenset(t for t in ids if t is not None)
 
     async def _intake(self) -> None:
         """Wait for the front end to take the request in (at once without a front end)."""

@@ -54,8 +54,8 @@ _PIECES = tuple(" " + word for word in WORDS)
 
 
 def _count(value: Any, field: str) -> int:
-    if isinstance(value, bool):
-        value = int(value)
+    if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+        value = int(value)  # 2.0 is 2, as vLLM reads it
     if not isinstance(value, int) or value < 0:
         raise InvalidRequestError(f"`{field}` must be a non-negative integer", param=field)
     if value > MAX_LOGPROBS:

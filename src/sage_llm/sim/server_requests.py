@@ -3,6 +3,7 @@ what the server may ask an engine about a finished request (:class:`ReportsStopR
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,8 +130,21 @@ def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: fl
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise InvalidRequestError(f"{key} must be a number in [{lo}, {hi}]", param=key)
+        bounds = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+        raise InvalidRequestError(f"{key} must be a number {bounds}", param=key)
     return float(value)
+
+
+def whole(value: Any) -> int | None:
+    """``value`` as an integer when it is one, or a float with no fraction (``2.0``, which
+    vLLM's request models read as 2); None otherwise (a boolean is not one)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
@@ -200,6 +214,8 @@ def parse_request(
         stop = []
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+    if not chat and body.get("suffix") is not None:  # in vLLM's words
+        raise InvalidRequestError("suffix is not currently supported", param="suffix")
     if body.get("n") not in (None, 1):  # null is the default, as vLLM reads it
         raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
     stream = body.get("stream") or False  # null: not streamed
@@ -229,7 +245,7 @@ def parse_request(
         prompt=prompt,
         messages=messages,
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=_number(body, "temperature", 1.0, 0.0, math.inf),  # vLLM: >= 0
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         stop=tuple(stop),
         stream=stream,
