@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from sage_llm.bench.cli_args import at_least
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
 from sage_llm.errors import SageLLMError
 from sage_llm.fastinit import field_filler
@@ -234,21 +235,6 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
           f"candidates), mean {d.mean_us:.0f} us, p99 {d.p99_us:.0f} us")  # fmt: skip
 
 
-def _at_least(low: int) -> Any:
-    """An argparse type: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
 def _setup_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, found before any simulating (else None), naming the
     option: lengths, the model and GPU, the policy and routing (by building a one-instance
@@ -284,21 +270,19 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
     """The command; the simulator and its result go into ``keep`` when given (the caller
     then decides when they are freed: ``__main__`` never frees them, see below)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=_at_least(1), default=1000)
-    parser.add_argument("--requests", type=_at_least(1), default=1_000_000)
+    parser.add_argument("--instances", type=at_least(1), default=1000)
+    parser.add_argument("--requests", type=at_least(1), default=1_000_000)
     parser.add_argument("--policy", default="fifo")
     parser.add_argument("--routing", default="power_of_two")
     parser.add_argument("--rate", default="auto", help="req/s, or auto (70%% of capacity)")
     parser.add_argument("--input-len", default="512", help="length spec, e.g. lognormal:250,1")
     parser.add_argument("--output-len", default="128", help="length spec, e.g. uniform:16,256")
-    parser.add_argument(
-        "--shared-prefix", type=_at_least(0), default=0, help="common prompt tokens"
-    )
+    parser.add_argument("--shared-prefix", type=at_least(0), default=0, help="common prompt tokens")
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--max-concurrency", type=_at_least(1), default=100)
-    parser.add_argument("--max-candidates", type=_at_least(1), default=16)
-    parser.add_argument("--sample-above", type=_at_least(1), default=256)
+    parser.add_argument("--max-concurrency", type=at_least(1), default=100)
+    parser.add_argument("--max-candidates", type=at_least(1), default=16)
+    parser.add_argument("--sample-above", type=at_least(1), default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm import ControlPlaneManager
+from sage_llm.bench.cli_args import above, at_least, check_out
 from sage_llm.bench.procs import loopback_instances, start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 from sage_llm.engines.http import HTTPTimeouts
@@ -132,22 +133,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--engines", type=int, default=4)
-    p.add_argument("--rate", type=float, default=100.0, help="requests per second")
-    p.add_argument("--kill-at", type=float, default=5.0, help="seconds before the kill")
-    p.add_argument("--speed", type=float, default=10.0, help="engine-sim speed factor")
-    p.add_argument("--slots", type=int, default=64, help="max concurrent requests per engine")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--timeout-s", type=float, default=60.0, help="a request slower hangs")
+    p.add_argument("--requests", type=at_least(1), default=2000)
+    p.add_argument("--engines", type=at_least(2), default=4)
+    p.add_argument("--rate", type=above(0), default=100.0, help="requests per second")
+    p.add_argument("--kill-at", type=above(0), default=5.0, help="seconds before the kill")
+    p.add_argument("--speed", type=above(0), default=10.0, help="engine-sim speed factor")
+    p.add_argument(
+        "--slots", type=at_least(1), default=64, help="max concurrent requests per engine"
+    )
+    p.add_argument("--max-tokens", type=at_least(1), default=32)
+    p.add_argument("--timeout-s", type=above(0), default=60.0, help="a request slower hangs")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    check_out(p, "--out", args.out)
     report = asyncio.run(run(args))
     text = json.dumps(report, indent=2)
+    print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-    print(text)
 
 
 if __name__ == "__main__":

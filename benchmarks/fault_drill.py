@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm import ControlPlaneManager
+from sage_llm.bench.cli_args import above, at_least, check_out
 from sage_llm.bench.procs import loopback_instances, start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 from sage_llm.engines.http import HTTPTimeouts
@@ -193,15 +194,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fault", choices=FAULTS, default="hang")
-    p.add_argument("--at", type=float, default=5.0, help="seconds before the fault")
-    p.add_argument("--requests", type=int, default=400)
-    p.add_argument("--engines", type=int, default=3)
-    p.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    p.add_argument("--speed", type=float, default=10.0, help="engine-sim speed factor")
-    p.add_argument("--slots", type=int, default=64, help="max concurrent requests per engine")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--at", type=above(0), default=5.0, help="seconds before the fault")
+    p.add_argument("--requests", type=at_least(1), default=400)
+    p.add_argument("--engines", type=at_least(2), default=3)
+    p.add_argument("--rate", type=above(0), default=20.0, help="requests per second")
+    p.add_argument("--speed", type=above(0), default=10.0, help="engine-sim speed factor")
+    p.add_argument(
+        "--slots", type=at_least(1), default=64, help="max concurrent requests per engine"
+    )
+    p.add_argument("--max-tokens", type=at_least(1), default=16)
     p.add_argument("--stream", action="store_true", help="stream the answers")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="a call slower hangs")
+    p.add_argument("--timeout-s", type=above(0), default=60.0, help="a call slower hangs")
     p.add_argument(
         "--no-move-on-eject", dest="move_on_eject", action="store_false",
         help="[health] move_on_eject = false",
@@ -212,8 +215,7 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.engines < 2:
-        p.error("--engines must be at least 2 (one faulty, one to fail over to)")
+    check_out(p, "--out", args.out)
     report = asyncio.run(run(args))
     text = json.dumps(report, indent=2)
     print(text)

@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from sage_llm.bench.cli_args import at_least, check_out
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.stats import SLO
 from sage_llm.bench.workloads import LogNormal, Workload, synthetic
@@ -228,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default 1.0)",
     )  # fmt: skip
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals")
-    parser.add_argument("--max-requests", type=int, default=400)
+    parser.add_argument(
+        "--max-requests", type=at_least(200), default=400,
+        help="requests per simulation at most (at least 200: fewer judge the plans by noise; "
+        "a run gets rate × duration within [200, this])",
+    )  # fmt: skip
     parser.add_argument(
         "--thorough", action="store_true", help="loads 1.0 and 1.25, 40 s, up to 800 requests"
     )
@@ -236,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel sims")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
+    check_out(parser, "--json", args.json)
     loads = args.load or [1.0]
     if args.thorough:
         loads, args.duration, args.max_requests = args.load or [1.0, 1.25], 40.0, 800

@@ -39,6 +39,7 @@ from typing import Any
 
 import aiohttp
 
+from sage_llm.bench.cli_args import above, at_least, check_out
 from sage_llm.bench.procs import free_ports, start_engine_sims
 
 _CONFIG = """\
@@ -403,20 +404,22 @@ def rss_summary(samples: list[tuple[float, int]], warm_s: float, key: str) -> di
 def main() -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--minutes", type=above(0), default=30.0)
     p.add_argument(
         "--warmup-minutes",
         type=float,
         default=10.0,
         help="minutes before the growth baseline (the default caps fill within about 13 minutes)",
     )
-    p.add_argument("--load", type=float, default=0.7, help="fraction of measured capacity")
-    p.add_argument("--sample-s", type=float, default=10.0)
-    p.add_argument("--calibrate-s", type=float, default=20.0)
-    p.add_argument("--instances", type=int, default=4)
-    p.add_argument("--slots", type=int, default=4, help="max concurrent requests per engine")
-    p.add_argument("--speed", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--load", type=above(0), default=0.7, help="fraction of measured capacity")
+    p.add_argument("--sample-s", type=above(0), default=10.0)
+    p.add_argument("--calibrate-s", type=above(0), default=20.0)
+    p.add_argument("--instances", type=at_least(1), default=4)
+    p.add_argument(
+        "--slots", type=at_least(1), default=4, help="max concurrent requests per engine"
+    )
+    p.add_argument("--speed", type=above(0), default=1.0)
+    p.add_argument("--max-tokens", type=at_least(1), default=64)
     p.add_argument(
         "--prefix-index-capacity",
         type=int,
@@ -443,15 +446,17 @@ def main() -> None:
         help="run the gateway under tracemalloc; diff snapshots after warm-up and at the end",
     )
     args = p.parse_args()
+    if not 0 <= args.warmup_minutes < args.minutes:
+        p.error("--warmup-minutes must be >= 0 and below --minutes (samples must follow it)")
+    check_out(p, "--out", args.out)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.tracemalloc is not None:
         args.tracemalloc.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(soak(args))
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.write_text(text)
     summary = {k: v for k, v in report.items() if k != "samples"}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))  # first: the figures are not lost with the file
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

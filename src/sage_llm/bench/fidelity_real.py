@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from sage_llm.bench.cli_args import at_least, check_out
 from sage_llm.bench.fidelity import (
     EngineShape,
     Observed,
@@ -379,8 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(no engine is started or measured)",
     )  # fmt: skip
     parser.add_argument(
-        "--repeats", type=int, default=1, help="measure every workload this many times "
-        "(every other pass in reverse order) and average",
+        "--repeats", type=at_least(1), default=1, help="measure every workload this many "
+        "times (every other pass in reverse order) and average",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("reports/fidelity.json"))
     parser.add_argument(
@@ -391,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write the fitted profile there (default: the packaged cpu-tiny.json)",
     )
     args = parser.parse_args(argv)
+    check_out(parser, "--out", args.out)
+    if args.write_profile is not None:
+        check_out(parser, "--write-profile", args.write_profile)
     if args.refit is not None:
         try:
             text = read_utf8(args.refit, "the report")
@@ -411,17 +415,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             print(f"fidelity: {missing}", file=sys.stderr)
             return 2
-        report = asyncio.run(
-            run_fidelity(
-                args.python,
-                args.model_dir,
-                url=args.url,
-                port=args.port,
-                log_dir=args.out.parent / "fidelity-logs",
-                repeats=max(1, args.repeats),
-                measured_out=args.out.with_name(f"{args.out.stem}.measured.json"),
+        try:
+            report = asyncio.run(
+                run_fidelity(
+                    args.python,
+                    args.model_dir,
+                    url=args.url,
+                    port=args.port,
+                    log_dir=args.out.parent / "fidelity-logs",
+                    repeats=args.repeats,
+                    measured_out=args.out.with_name(f"{args.out.stem}.measured.json"),
+                )
             )
-        )
+        except aiohttp.ClientConnectionError as exc:  # nothing at --url, or it went away
+            print(f"fidelity: cannot measure {args.url or 'the engine'}: {exc}", file=sys.stderr)
+            return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.write_profile is not None:
@@ -433,7 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"fitted without the shared core:\n{report['no_shared_core_table']}")
     print(f"the same step model without the front end:\n{report['no_front_end_table']}")
     print(f"stock roofline `cpu` profile:\n{report['roofline_cpu_table']}")
-    print(f"report: {args.out} ({report.get('duration_s', '?')} s)")
+    took = report.get("duration_s", "?")
+    measured = " (the measurement's, refitted now)" if args.refit is not None else ""
+    print(f"report: {args.out} ({took} s{measured})")
     return 0
 
 

@@ -51,8 +51,11 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from sage_llm.bench.cli_args import at_least
 from sage_llm.bench.report import check_out_dir, report_console
 from sage_llm.bench.stats import percentile
+from sage_llm.errors import ConfigError
+from sage_llm.sim.core import default_max_model_len
 from sage_llm.tokens import count_tokens, split
 
 if TYPE_CHECKING:
@@ -497,6 +500,13 @@ def proxy_bench_main(
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     check_out_dir(out)
+    context = default_max_model_len("llama-3-8b")  # the concurrency-64 engines' model
+    if prompt_tokens + max_tokens > context:  # every request would be refused
+        raise ConfigError(
+            f"{prompt_tokens} prompt tokens and {max_tokens} to generate exceed the "
+            f"engines' context of {context} tokens",
+            key="prompt_tokens",
+        )
     console = console or report_console()
     with console.status("measuring proxies …"):
         rows = asyncio.run(
@@ -521,10 +531,10 @@ def _client_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--url", action="append", required=True, help="base URL (repeat: spread over several)"
     )
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--prompt-tokens", type=int, default=0)
+    parser.add_argument("--concurrency", type=at_least(1), default=1)
+    parser.add_argument("--requests", type=at_least(1), default=100)
+    parser.add_argument("--max-tokens", type=at_least(1), default=4)
+    parser.add_argument("--prompt-tokens", type=at_least(0), default=0)
     parser.add_argument("--stream", action="store_true")
     args = parser.parse_args(argv)
     result = asyncio.run(

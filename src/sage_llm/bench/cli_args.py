@@ -1,0 +1,55 @@
+"""Argument checks the benchmark scripts share (``benchmarks/*.py``): argparse types that
+refuse a value before the run instead of failing inside it, and an early check that the
+report can be written (a bad ``--out`` failed only after the whole run, its results lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from sage_llm.bench.report import check_out_file
+from sage_llm.errors import ConfigError
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def above(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite number > ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value <= low:
+            raise argparse.ArgumentTypeError(f"must be a finite number > {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+def check_out(parser: argparse.ArgumentParser, option: str, path: str | Path | None) -> None:
+    """Exit with ``parser``'s usage error unless a report can be written at ``path`` (tried
+    now: see :func:`~sage_llm.bench.report.check_out_file`); nothing for None."""
+    if path is None:
+        return
+    try:
+        check_out_file(Path(path))
+    except ConfigError as exc:
+        parser.error(f"{option}: {exc.detail}")

@@ -1,0 +1,63 @@
+"""The benchmark scripts' shared argument checks: refused before the run, not inside it."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sage_llm.bench.cli_args import above, at_least, check_out
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_at_least_and_above_refuse_with_the_reason() -> None:
+    assert at_least(1)("3") == 3
+    for parse, text, message in (
+        (at_least(1), "0", "must be >= 1, got 0"),
+        (at_least(1), "x", "must be an integer, got 'x'"),
+        (above(0), "0", "must be a finite number > 0, got 0"),
+        (above(0), "inf", "must be a finite number > 0, got inf"),
+        (above(0), "nan", "must be a finite number > 0, got nan"),
+        (above(0), "fast", "must be a number, got 'fast'"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+    assert above(0)("2.5") == 2.5
+
+
+def test_check_out_exits_with_a_usage_error_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="bench")
+    check_out(parser, "--out", None)
+    check_out(parser, "--out", tmp_path / "new" / "report.json")  # made, and left empty
+    assert not (tmp_path / "new" / "report.json").exists()
+    with pytest.raises(SystemExit):
+        check_out(parser, "--out", tmp_path)
+    assert "bench: error: --out: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("soak.py", ["--minutes", "0.1", "--warmup-minutes", "1"], "--warmup-minutes must be"),
+        ("soak.py", ["--load", "0"], "argument --load: must be a finite number > 0"),
+        ("failover_load.py", ["--requests", "0"], "argument --requests: must be >= 1"),
+        ("failover_load.py", ["--out", "/proc/nope/x.json"], "--out: cannot write"),
+        ("fault_drill.py", ["--engines", "1"], "argument --engines: must be >= 2"),
+        ("planner_vs_exhaustive.py", ["--json", "/proc/nope/x.json"], "--json: cannot write"),
+    ],
+)
+def test_the_scripts_refuse_bad_options_before_running(
+    script: str, args: list[str], message: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
