@@ -128,6 +128,10 @@ def listening() -> Iterator[int]:
             "Invalid value for '--workload': unknown workload 'nope'",
         ),
         (["bench", "compare", "--engines", "0"], "Invalid value for '--engines': must be >= 1"),
+        (
+            ["bench", "compare", "--overload", "--rate", "3", "--speed", "0.5"],
+            "--overload runs its own workload, presets and fleet: --rate, --speed do not apply",
+        ),
         (["bench", "compare", "--duration-s", "0"], "Invalid value for '--duration-s'"),
         (
             ["launch", "fleet.toml", "--policy", "nosuch"],

@@ -876,6 +876,7 @@ def _run_launch(
 
 @bench_app.command("compare")
 def bench_compare(
+    ctx: typer.Context,
     workload: Annotated[
         str,
         typer.Option(help="multi-turn, sharegpt, synthetic or trace:PATH.", callback=_workload),
@@ -924,6 +925,20 @@ def bench_compare(
     """sage-llm presets and peer routers over the same simulated engines, side by side."""
     from sage_llm.bench.compare import compare_main, overload_main
 
+    if overload:  # its workload, presets and fleet are its own: say so, not ignore them
+        unused = [
+            f"--{name.replace('_', '-')}"
+            for name in ("workload", "presets", "peers", "peer_policies", "rate", "rates",
+                         "load", "speed", "max_concurrent")
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        ]  # fmt: skip
+        if unused:
+            verb = "does" if len(unused) == 1 else "do"
+            _fail(
+                f"--overload runs its own workload, presets and fleet: {', '.join(unused)} "
+                f"{verb} not apply (it takes --engines, --duration-s, --seed and --out)",
+                code=2,
+            )
     try:
         if overload:
             code = overload_main(engines=engines, duration_s=duration_s, seed=seed, out=out)
