@@ -70,6 +70,22 @@ def test_a_trace_offers_the_rate_for_the_duration(tmp_path: Path) -> None:
     assert {r.model for r in w.requests} == {TRACE_MODEL}
 
 
+def test_a_trace_too_short_or_without_a_rate_is_refused(tmp_path: Path) -> None:
+    """An empty trace ran "successfully" (0 of 0), and one whose rows share a timestamp
+    was reported at the rate asked for while its requests all came at once."""
+    empty, same = tmp_path / "empty.jsonl", tmp_path / "same.jsonl"
+    empty.write_text("")
+    row = {"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [1]}
+    same.write_text((json.dumps(row) + "\n") * 10)
+    with pytest.raises(ConfigError, match="has 0 request\\(s\\), fewer than the 20") as info:
+        build_workload(f"trace:{empty}", rate=4.0, duration_s=5.0, model=TRACE_MODEL)
+    assert info.value.key == "workload"
+    with pytest.raises(ConfigError, match="has 10 request"):
+        build_workload(f"trace:{same}", rate=4.0, duration_s=5.0, model=TRACE_MODEL)
+    with pytest.raises(ConfigError, match="arrive at the same time"):
+        build_workload(f"trace:{same}", rate=1.0, duration_s=5.0, model=TRACE_MODEL)
+
+
 def test_compare_main_refuses_rate_and_rates_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^rate: give rate or rates, not both"):
         compare_main(rate=2.0, rates=[1.0, 2.0], peers=[], out=tmp_path)

@@ -152,7 +152,21 @@ def build_workload(
     check_workload(kind)
     n = max(2, round(rate * duration_s))
     if kind.startswith("trace:"):
-        w = trace_replay(Path(kind.removeprefix("trace:")), model=model, limit=n)
+        path = Path(kind.removeprefix("trace:"))
+        w = trace_replay(path, model=model, limit=n)
+        have = len(w.requests)
+        if have < n:  # the run would be shorter, or not at all, than what was asked
+            raise ConfigError(
+                f"trace {path} has {have} request(s), fewer than the {n} that rate × "
+                "duration ask for: lower the rate or the duration",
+                key="workload",
+            )
+        if not w.summary()["rate_rps"]:
+            raise ConfigError(
+                f"trace {path}: its first {n} requests arrive at the same time, so they "
+                "have no rate to scale to the one asked for",
+                key="workload",
+            )
     elif kind == "multi-turn":
         turns = 4
         w = multi_turn(
