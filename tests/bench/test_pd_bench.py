@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,16 @@ def test_run_pd_bench_rejects_empty_and_bad_rates() -> None:
         run_pd_bench(n_long=0, n_chat=0)
     with pytest.raises(ConfigError):
         run_pd_bench(n_long=1, long_rate=0.0, n_chat=0)
+    # each rate named, and an infinite one refused (its report had held Infinity)
+    for kwargs, key in (
+        ({"chat_rate": math.inf}, "chat_rate"),
+        ({"chat_rate": math.nan}, "chat_rate"),
+        ({"long_rate": 0.0}, "long_rate"),
+        ({"rate_70b_factor": -1.0}, "rate_70b_factor"),
+    ):
+        with pytest.raises(ConfigError, match="must be a finite number > 0") as info:
+            run_pd_bench(n_long=1, n_chat=1, **kwargs)  # type: ignore[arg-type]
+        assert info.value.key == key
 
 
 def test_evaluate_targets_compares_against_colocated() -> None:

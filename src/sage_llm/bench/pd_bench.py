@@ -425,8 +425,11 @@ def run_pd_bench(
         raise ConfigError("must be >= 0", key="n_long" if n_long < 0 else "n_chat")
     if n_long + n_chat < 1:
         raise ConfigError("n_long and n_chat are both 0: there is no request to run")
-    if not (long_rate > 0 and chat_rate > 0 and rate_70b_factor > 0):
-        raise ConfigError("rates must be > 0", key="long_rate")
+    for key, value in (
+        ("long_rate", long_rate), ("chat_rate", chat_rate), ("rate_70b_factor", rate_70b_factor)
+    ):  # fmt: skip
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"must be a finite number > 0, got {value:g}", key=key)
     plan: list[tuple[FleetSpec, Workload]] = []
     for w in _workloads(n_long, long_rate, n_chat, chat_rate, seed):
         plan.extend((f, w) for f in (fleets if fleets is not None else default_fleets()))
