@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -13,11 +14,13 @@ from sage_llm.bench.proxy_bench import (
     ProxyRow,
     bench_prompt,
     closed_loop,
+    proxy_bench_main,
     render_rows,
     rows_from,
     run_proxy_bench,
     target_lines,
 )
+from sage_llm.errors import ConfigError
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import create_engine_app
 from sage_llm.tokens import count_tokens
@@ -193,3 +196,13 @@ def test_closed_loop_rejects_bad_arguments() -> None:
         asyncio.run(closed_loop("http://127.0.0.1:1", concurrency=0, requests=1, stream=False))
     with pytest.raises(ValueError, match="base URL"):
         asyncio.run(closed_loop([], concurrency=1, requests=1, stream=False))
+
+
+def test_bad_peers_and_prompts_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="known: python-forwarder, sglang-router") as info:
+        proxy_bench_main(peers=["bogus"], out=tmp_path)
+    assert info.value.key == "peers"
+    # every request would be refused by the engines (they ran, and "passed")
+    with pytest.raises(ConfigError, match="exceed the engines' context of 8192") as info:
+        proxy_bench_main(peers=[], out=tmp_path, prompt_tokens=9000)
+    assert info.value.key == "prompt_tokens"

@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sage_llm.bench.cli_args import at_least
+from sage_llm.bench.peers import PEERS
 from sage_llm.bench.report import check_out_dir, report_console
 from sage_llm.bench.stats import percentile
 from sage_llm.errors import ConfigError
@@ -500,6 +501,10 @@ def proxy_bench_main(
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     check_out_dir(out)
+    for peer in peers:  # before any process starts, the forwarder named beside the routers
+        if peer != FORWARDER and peer not in PEERS:
+            known = ", ".join(sorted([*PEERS, FORWARDER]))
+            raise ConfigError(f"unknown peer {peer!r} (known: {known})", key="peers")
     context = default_max_model_len("llama-3-8b")  # the concurrency-64 engines' model
     if prompt_tokens + max_tokens > context:  # every request would be refused
         raise ConfigError(
