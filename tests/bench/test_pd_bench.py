@@ -320,8 +320,11 @@ def test_a_realtime_run_without_a_pd_layout_is_refused_before_running(
         raise AssertionError("the benchmark ran")
 
     monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
-    with pytest.raises(ConfigError, match="needs a pd-P:D layout"):
+    with pytest.raises(ConfigError, match=r"runs Llama-3\.1-8B's pd-P:D layouts"):
         pd_bench_main(out=None, realtime=True, fleet_names=["colocated"])
+    # a 70B layout is a pd-P:D layout too, but not one the real-time part runs: say which
+    with pytest.raises(ConfigError, match=r"\(pd-2:6, pd-3:5, pd-4:4\); none is among pd-1:1"):
+        pd_bench_main(out=None, realtime=True, fleet_names=["pd-1:1"])
 
 
 def test_realtime_runs_the_sizes_and_layouts_it_is_given() -> None:

@@ -209,10 +209,12 @@ def realtime_fleets(names: Sequence[str] | None) -> list[FleetSpec]:
     if names is None:
         return select_fleets([REALTIME_FLEET])
     select_named_fleets(names, include_70b=True)  # an unknown name is reported as such
-    chosen = [f for f in default_fleets() if f.name in names and f.decider == "always"]
+    layouts = [f for f in default_fleets() if f.decider == "always"]
+    chosen = [f for f in layouts if f.name in names]
     if not chosen:
         raise ConfigError(
-            f"the real-time part (--realtime) needs a pd-P:D layout among {', '.join(names)}",
+            f"the real-time part (--realtime) runs Llama-3.1-8B's pd-P:D layouts "
+            f"({', '.join(f.name for f in layouts)}); none is among {', '.join(names)}",
             key="fleets",
         )
     for spec in chosen:
