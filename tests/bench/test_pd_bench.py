@@ -280,7 +280,7 @@ def test_realtime_fleets_are_the_pd_layouts_named() -> None:
     assert [f.name for f in realtime_fleets(None)] == ["pd-3:5"]
     names = ["colocated", "pd-2:6", "adaptive-hybrid", "pd-4:4"]
     assert [f.name for f in realtime_fleets(names)] == ["pd-2:6", "pd-4:4"]
-    with pytest.raises(ConfigError, match=r"^fleets: the real-time part .*needs a pd-P:D"):
+    with pytest.raises(ConfigError, match=r"^fleets: the real-time part .*runs Llama-3.1-8B.s"):
         realtime_fleets(["colocated", "adaptive-2:2+4"])
     with pytest.raises(ConfigError, match="unknown fleet"):
         realtime_fleets(["nope"])

@@ -372,17 +372,21 @@ def test_half_open_admits_one_trial_request() -> None:
     run_virtual(main())
 
 
+def _erring_first(**health: Any) -> ControlPlaneManager:
+    """Two simulated instances, every request to the first failing with a 500 (a
+    per-request fault: its health probes pass); probes every 100 s."""
+    settings = HealthSettings(interval_s=100.0, **health)
+    cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
+    insts = make_instances(2)
+    faulty = FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500@p1"))
+    cp.register_instance(insts[0], faulty)
+    cp.register_instance(insts[1])
+    return cp
+
+
 def test_eject_on_errors_off_ignores_request_errors() -> None:
     async def main() -> None:
-        settings = HealthSettings(interval_s=100.0, eject_on_errors=False)
-        cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
-        insts = make_instances(2)
-        cp.register_instance(
-            # a per-request fault: its health probes pass
-            insts[0],
-            FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500@p1")),
-        )
-        cp.register_instance(insts[1])
+        cp = _erring_first(eject_on_errors=False)
         async with cp:
             for i in range(5):
                 await cp.generate(RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2))
@@ -401,14 +405,7 @@ def test_instance_failure_counts_tell_failed_calls_from_failed_requests(
     caplog.set_level(logging.INFO, logger="sage_llm.dispatcher")
 
     async def main() -> tuple[list[dict[str, Any]], str]:
-        settings = HealthSettings(interval_s=100.0, eject_on_errors=False)
-        cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
-        insts = make_instances(2)
-        cp.register_instance(
-            insts[0],
-            FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500@p1")),
-        )
-        cp.register_instance(insts[1])
+        cp = _erring_first(eject_on_errors=False)
         async with cp:
             for i in range(4):
                 meta = RequestMetadata(request_id=f"r{i}", prompt="x", max_tokens=2)

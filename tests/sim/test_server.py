@@ -242,6 +242,17 @@ async def test_engine_error_mid_stream_is_an_error_event(http: aiohttp.ClientSes
         await runner.cleanup()
 
 
+async def _leave_while_held(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], fake: FakeEngine
+) -> None:
+    """Post ``body`` and go away (the request cancelled) once ``fake`` holds it."""
+    task = asyncio.create_task(http.post(url, json=body))
+    await asyncio.wait_for(fake.gated.wait(), timeout=10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_closes_engine_iterator_and_counts_an_abort(
     http: aiohttp.ClientSession, stream: bool
@@ -256,12 +267,7 @@ async def test_client_disconnect_closes_engine_iterator_and_counts_an_abort(
             await asyncio.wait_for(fake.gated.wait(), timeout=10)
             resp.close()
         else:
-            url = f"http://127.0.0.1:{port}/v1/completions"
-            task = asyncio.create_task(http.post(url, json=body))
-            await asyncio.wait_for(fake.gated.wait(), timeout=10)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await _leave_while_held(http, f"http://127.0.0.1:{port}/v1/completions", body, fake)
         await asyncio.wait_for(fake.aborted_event.wait(), timeout=10)
         assert fake.aborted == [fake.requests[0].request_id] and fake.finished == []
         async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
@@ -282,12 +288,7 @@ async def test_a_client_gone_during_a_prefill_leg_counts_an_abort(
     runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
     try:
         body = {"prompt": "x", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        task = asyncio.create_task(http.post(url, json=body))
-        await asyncio.wait_for(fake.gated.wait(), timeout=10)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _leave_while_held(http, f"http://127.0.0.1:{port}/v1/completions", body, fake)
         for _ in range(200):  # the server notices the closed connection
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 text = await r.text()
