@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sage_llm.bench.cli_args import at_least, check_out
+from sage_llm.bench.cli_args import above, at_least, check_out
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.stats import SLO
 from sage_llm.bench.workloads import LogNormal, Workload, synthetic
@@ -224,11 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--scenario", action="append", help="run only these scenario names")
     parser.add_argument(
-        "--load", type=float, action="append",
+        "--load", type=above(0), action="append",
         help="offered load as a multiple of the chosen plan's estimated capacity (repeatable; "
         "default 1.0)",
     )  # fmt: skip
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals")
+    parser.add_argument("--duration", type=above(0), default=20.0, help="seconds of arrivals")
     parser.add_argument(
         "--max-requests", type=at_least(200), default=400,
         help="requests per simulation at most (at least 200: fewer judge the plans by noise; "
@@ -237,8 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--thorough", action="store_true", help="loads 1.0 and 1.25, 40 s, up to 800 requests"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel sims")
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument(
+        "--jobs", type=at_least(1), default=os.cpu_count() or 1, help="parallel sims"
+    )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     check_out(parser, "--json", args.json)

@@ -941,6 +941,11 @@ def test_programmatic_values_get_a_files_type_checks() -> None:
         with pytest.raises(ValueError, match=message):
             build()
     assert HealthConfig(timeout_s=2).timeout_s == 2  # an integer is a fine float
+    # read as a file's value is, and kept so: an exact "sim" check must not miss "SIM"
+    cp = ControlPlaneConfig(scheduling_policy="FIFO", mode="SIMULATED", enable_pd_separation=False)
+    assert (cp.scheduling_policy, cp.mode) == ("fifo", "simulated")
+    with pytest.raises(ValueError, match="its simulated engine cannot start"):
+        InstanceConfig("a", "h", 1, "m", engine="SIM", sim_model="llama-3-70b", sim_gpu="l40s")
 
 
 def test_a_huge_integer_in_a_file_is_located_not_an_overflow(tmp_path: Path) -> None:

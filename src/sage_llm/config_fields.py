@@ -305,7 +305,10 @@ def validate(obj: object) -> None:
     """Raise ValueError naming the field when a field of dataclass ``obj`` has the wrong
     type, a number that is not finite, or breaks its :class:`Rule`: the checks a file's
     value gets, for objects built in code (a nested dataclass has been checked when it was
-    built)."""
+    built). A value the file loader would read is read the same way and stored back (a
+    name in any case, ``"SIM"`` as ``"sim"``; a list for a tuple; an enum's name; a table
+    for a nested dataclass), so that the object's own checks and its users see it as a
+    loaded one's."""
     fields, hints = _fields_and_hints(type(obj))
     p = Problems("<code>")
     for name, f in fields.items():
@@ -315,9 +318,11 @@ def validate(obj: object) -> None:
             continue
         if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, hint):
             continue
-        _convert(value, hint, f.metadata.get("rule") or Rule(), (name,), p, None)
+        converted = _convert(value, hint, f.metadata.get("rule") or Rule(), (name,), p, None)
         if p.errors:
             raise ValueError(f"{p.errors[0].key}: {p.errors[0].detail}")
+        if converted is not value:
+            object.__setattr__(obj, name, converted)
 
 
 def _optional(hint: Any) -> bool:

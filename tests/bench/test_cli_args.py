@@ -50,6 +50,8 @@ def test_check_out_exits_with_a_usage_error_before_the_run(
         ("failover_load.py", ["--out", "/proc/nope/x.json"], "--out: cannot write"),
         ("fault_drill.py", ["--engines", "1"], "argument --engines: must be >= 2"),
         ("planner_vs_exhaustive.py", ["--json", "/proc/nope/x.json"], "--json: cannot write"),
+        ("planner_vs_exhaustive.py", ["--jobs", "0"], "argument --jobs: must be >= 1"),
+        ("planner_vs_exhaustive.py", ["--load", "nan"], "argument --load: must be a finite"),
     ],
 )
 def test_the_scripts_refuse_bad_options_before_running(
