@@ -350,10 +350,11 @@ class Dispatcher:
             for info in deferred:
                 self.policy.push(info)
         if broken is not None:
-            # the policy (a plugin's bug) cannot choose: no queued request would ever start
+            # a bug (the policy's pop, a plugin's) that would fail every pass the same way:
+            # no queued request would ever start
             log.error(
-                "scheduling policy %s failed choosing the next request; failing the queued "
-                "requests", self.policy.name, exc_info=broken,
+                "a dispatch pass failed (scheduling policy %s); failing the queued requests",
+                self.policy.name, exc_info=broken,
             )  # fmt: skip
             reason = internal_error(broken)
             for rec in [r for r in self.records.values() if r.status is RequestStatus.QUEUED]:
