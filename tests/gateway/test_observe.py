@@ -161,12 +161,18 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     (left_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "left"]
     assert left_span.attributes["http.response.status_code"] == 499  # though 200 was sent
     assert "sage.stream_error_code" not in left_span.attributes and left_span.status is None
-    # the lines about a request carry its id as a field (JSON logs show it)
-    for rid, words in (("left", "went away"), ("cut", "ended with an error")):
-        assert any(
-            words in r.getMessage() and getattr(r, "request_id", None) == rid
-            for r in caplog.records
-        ), rid
+    # the lines about a request carry its id as a field (JSON logs show it); a client's
+    # leaving is logged only when a write finds it gone (not when the handler is
+    # cancelled first), so only the cut stream's line is certain
+    assert any(
+        "ended with an error" in r.getMessage() and getattr(r, "request_id", None) == "cut"
+        for r in caplog.records
+    )
+    assert all(
+        getattr(r, "request_id", None) == "left"
+        for r in caplog.records
+        if "client of request left went away" in r.getMessage()
+    )
 
 
 def test_tracing_is_a_no_op_without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:

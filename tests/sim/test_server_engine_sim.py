@@ -314,8 +314,8 @@ async def test_generated_token_ids_detokenize_to_the_generated_text(
 async def test_fields_read_as_vllms_request_models_read_them(
     http: aiohttp.ClientSession,
 ) -> None:
-    """Whole-number floats are integers, temperature has no upper bound, and a suffix is
-    refused in vLLM's words."""
+    """Whole-number floats are integers, temperature has no upper bound, and a suffix and
+    a priority (vLLM's default FCFS scheduler takes none) are refused in vLLM's words."""
     async with served(fast_engine()) as base:
         url = f"{base}/v1/completions"
         accepted: list[dict[str, Any]] = [
@@ -323,6 +323,7 @@ async def test_fields_read_as_vllms_request_models_read_them(
             {"logprobs": 2.0},
             {"stop_token_ids": [5.0]},
             {"temperature": 3},
+            {"priority": 0},  # the FCFS default
         ]
         for fields in accepted:
             status, out = await post(http, url, {**COMPLETION, **fields})
@@ -334,6 +335,7 @@ async def test_fields_read_as_vllms_request_models_read_them(
             ({"min_tokens": 1.5}, "min_tokens"),
             ({"suffix": "!"}, "suffix"),
             ({"temperature": -1}, "temperature"),
+            ({"priority": 5}, "priority"),  # vLLM's FCFS scheduler takes no priority
         ]
         for fields, param in refused:
             status, err = await post(http, url, {**COMPLETION, **fields})

@@ -226,9 +226,14 @@ def parse_request(
         raise InvalidRequestError(
             "Stream options can only be defined when `stream=True`.", param="stream_options"
         )
-    priority = body.get("priority", 2)
-    if not is_int(priority):
+    given = body.get("priority")
+    if given is not None and not is_int(given):
         raise InvalidRequestError("priority must be an integer", param="priority")
+    if given:  # in vLLM's words: its default scheduler (FCFS) takes no priority
+        raise InvalidRequestError(
+            f"Got priority {given} but Priority scheduling is not enabled.", param="priority"
+        )
+    priority = 2  # the engine's default: FCFS, whatever the priority
     kv = body.get("kv_transfer_params")
     if not isinstance(kv, dict | None):
         raise InvalidRequestError(
