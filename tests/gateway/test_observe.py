@@ -133,7 +133,7 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
             pass
         # a stream that its deadline cuts short: a 200 status line, then a 504 error event
         cut = {"x-request-id": "cut", "x-sage-slo-ms": "50"}
-        body = completion_body(stream=True, max_tokens=400)
+        body = completion_body(stream=True, max_tokens=2000)  # ~0.3 s: never done first
         async with http.post(gw.url("/v1/completions"), json=body, headers=cut) as r:
             assert r.status == 200 and '"code":504' in await r.text()
         # a client that leaves mid-stream
