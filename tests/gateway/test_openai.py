@@ -15,13 +15,13 @@ from sage_llm.errors import InvalidRequestError
 from sage_llm.gateway.openai import (
     CONSUMED_FIELDS,
     _plain_body,
-    json_object,
     parse_generation,
     validate,
 )
 from sage_llm.gateway.relay import Generation
 from sage_llm.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.request_json import json_object
 from sage_llm.types import RequestPriority
 from tests.factories import MODEL
 

@@ -207,6 +207,8 @@ async def test_a_body_above_the_limit_is_a_json_413(
 async def test_bad_json_and_unknown_model(base: str, http: aiohttp.ClientSession) -> None:
     async with http.post(f"{base}/v1/completions", data=b"{nope") as resp:
         assert resp.status == 400
+    async with http.post(f"{base}/v1/completions", data=b"") as resp:  # as the gateway says
+        assert (await resp.json())["error"]["message"] == "request body must be a JSON object"
     deep = b'{"model":"m","x":' + b"[" * 1100 + b"]" * 1100 + b"}"
     async with http.post(f"{base}/v1/completions", data=deep) as resp:
         assert resp.status == 400 and "nested deeper" in (await resp.json())["error"]["message"]

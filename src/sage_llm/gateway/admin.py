@@ -38,8 +38,9 @@ from sage_llm.errors import (
     InvalidRequestError,
     PolicyNotFoundError,
 )
-from sage_llm.gateway.openai import json_object, read_body, read_json, validate
+from sage_llm.gateway.openai import read_body, read_json, validate
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
+from sage_llm.request_json import json_object
 from sage_llm.types import ExecutionInstance
 
 _INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionInstance))

@@ -31,9 +31,10 @@ from sage_llm.gateway.observe import (
     valid_request_id,
     write_access_log,
 )
-from sage_llm.gateway.openai import json_object, log_prompt, parse_generations
+from sage_llm.gateway.openai import log_prompt, parse_generations
 from sage_llm.gateway.relay import SSE_HEADERS, complete, complete_all, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.request_json import json_object
 
 log = logging.getLogger("sage_llm.gateway")
 

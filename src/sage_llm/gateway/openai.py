@@ -54,6 +54,7 @@ from sage_llm.gateway.schemas import (
     GenerationFields,
 )
 from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.request_json import json_object
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import RequestMetadata, RequestPriority
 
@@ -140,19 +141,6 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
         raise web.HTTPRequestTimeout(
             text=f"the request body did not arrive within {timeout_s:g} s"
         ) from None
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
-    """``raw`` parsed as a JSON object; 400 (:class:`InvalidRequestError`) otherwise."""
-    try:
-        body = jsonutil.loads(raw) if raw else None
-    except jsonutil.TooDeepError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    except ValueError:
-        raise InvalidRequestError("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    return body
 
 
 def validate(cls: type[M], body: Mapping[str, Any]) -> M:

@@ -55,7 +55,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sage_llm import jsonutil, tokens
+from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
 from sage_llm.errors import (
@@ -65,6 +65,7 @@ from sage_llm.errors import (
     SageLLMError,
 )
 from sage_llm.httpserve import start_site, tcp_nodelay
+from sage_llm.request_json import json_object
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.server_metrics import ReportsQueueTime, ServerMetrics
 from sage_llm.sim.server_pd import (
@@ -244,18 +245,12 @@ class _EngineServer:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            body = jsonutil.loads(await request.read())
+            raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLargeError(
                 f"request body larger than {request.client_max_size} bytes"
             ) from None
-        except jsonutil.TooDeepError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-        except ValueError:
-            raise InvalidRequestError("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidRequestError("request body must be a JSON object")
-        return body
+        return json_object(raw)
 
     # --- generation ----------------------------------------------------------------------
 

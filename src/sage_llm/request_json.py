@@ -1,0 +1,27 @@
+"""A request body read as the JSON object every OpenAI-style endpoint takes.
+
+The gateway and the simulated engine read request bodies the same way, and say the same
+thing about one they cannot use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sage_llm import jsonutil
+from sage_llm.errors import InvalidRequestError
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; :class:`InvalidRequestError` (a 400) otherwise:
+    "not valid JSON" (with the reason when it nests too deep) or "must be a JSON object"
+    (an empty body included)."""
+    try:
+        body = jsonutil.loads(raw) if raw else None
+    except jsonutil.TooDeepError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except ValueError:
+        raise InvalidRequestError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body

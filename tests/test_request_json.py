@@ -1,0 +1,31 @@
+"""Reading a request body as a JSON object (the gateway's and engine-sim's one reader)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.errors import InvalidRequestError
+from sage_llm.request_json import json_object
+
+
+def test_an_object_is_returned_as_parsed() -> None:
+    assert json_object(b'{"model": "m", "n": 2}') == {"model": "m", "n": 2}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{nope", "request body is not valid JSON"),
+        (b"", "request body must be a JSON object"),
+        (b"[1, 2]", "request body must be a JSON object"),
+        (b"null", "request body must be a JSON object"),
+        (
+            b"[" * 300 + b"]" * 300,
+            "request body is not valid JSON: arrays and objects nested deeper than 200 levels",
+        ),
+    ],
+)
+def test_what_is_not_a_json_object_is_a_400_saying_why(raw: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        json_object(raw)
+    assert str(err.value) == message
