@@ -233,7 +233,6 @@ def parse_request(
         raise InvalidRequestError(
             f"Got priority {given} but Priority scheduling is not enabled.", param="priority"
         )
-    priority = 2  # the engine's default: FCFS, whatever the priority
     kv = body.get("kv_transfer_params")
     if not isinstance(kv, dict | None):
         raise InvalidRequestError(
@@ -256,8 +255,7 @@ def parse_request(
         stream=stream,
         extra={k: v for k, v in body.items() if k not in _CONSUMED},
         kv_transfer_params=kv if role == "decode" else None,
-        priority=priority,
-    )
+    )  # priority: EngineRequest's default (FCFS takes none)
     include_usage = bool(options and options.get("include_usage"))
     continuous = include_usage and bool(options and options.get("continuous_usage_stats"))
     token_ids = bool(body.get("return_token_ids"))
