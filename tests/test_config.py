@@ -752,6 +752,21 @@ def test_pd_plugin_params_are_checked_with_their_lines() -> None:
     assert (err.location, err.key) == ("cfg.toml:2", prefix + "pairing_params")
 
 
+def test_an_unknown_pd_key_does_not_hide_the_plugins_checks() -> None:
+    text = (
+        "[services.llm_control_plane.pd]\nbogus = 1\n"
+        "metadata = { pairing_params = { top_k = 0 } }\n"
+    )
+    found = [(e.location, e.key) for e in problems(text)]
+    assert found == [
+        ("cfg.toml:2", "services.llm_control_plane.pd.bogus"),
+        ("cfg.toml:3", "services.llm_control_plane.pd.metadata.pairing_params.top_k"),
+    ]
+    # a refused value of a field the plugins read stops them being built (and misjudged)
+    text = '[services.llm_control_plane.pd]\nrouting_policy = "nope"\n' + text.split("\n", 2)[2]
+    assert problem(text).key == "services.llm_control_plane.pd.routing_policy"
+
+
 def test_a_pd_range_error_does_not_hide_an_unservable_model() -> None:
     text = (
         "[services.llm_control_plane]\nenable_pd_separation = true\n"

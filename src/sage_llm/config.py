@@ -552,6 +552,16 @@ def _is_ours(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("type") in SERVICE_TYPES
 
 
+def _pd_field_failed(spath: KeyPath, p: Problems) -> bool:
+    """Whether the ``pd`` table, or a value of one of its fields, was refused: the PD
+    plugins are then not built (they would be checked against values the file does not
+    hold). An unknown key in it does not stop them being checked."""
+    pd_path = (*spath, "pd")
+    return p.failed(pd_path) or any(
+        p.failed_under((*pd_path, f.name)) for f in dataclasses.fields(PDSeparationConfig)
+    )
+
+
 def _control_plane(
     service: Mapping[str, Any], spath: KeyPath, env: Mapping[str, str], p: Problems
 ) -> tuple[ControlPlaneConfig, list[tuple[int, InstanceConfig]]] | None:
@@ -571,7 +581,7 @@ def _control_plane(
     pd = dataclasses.replace(cp.pd, enabled=enabled)
     cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
     _check_pd(pd, (*spath, "pd"), p)
-    if "pd" in service and not p.failed_under((*spath, "pd")):
+    if "pd" in service and not _pd_field_failed(spath, p):
         # the plugins' own checks: the decider's, the pairing's and the connector's
         # parameters (metadata.decider_params …), as the control plane will build them
         read_params(lambda: build_pd(pd), (*spath, "pd"), p)
