@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
 
-from sage_llm.config_locate import KeyLocator, Problems, format_key, syntax_error
+from sage_llm.config_locate import (
+    JsonKeyLocator,
+    KeyLocator,
+    Problems,
+    format_key,
+    syntax_error,
+)
 
 DOC = '''\
 # comment
@@ -184,3 +191,21 @@ def test_problems_without_locator_use_source_only() -> None:
     problems.add(("gateway", "port"), "bad")
     assert problems.errors[0].location == "<dict>"
     assert problems.errors[0].key == "gateway.port"
+
+
+def test_json_keys_are_located_at_their_lines() -> None:
+    text = (
+        '{\n  "a": 1,\n  "instances": [\n    {"role": "p", "tp": 2},\n    {\n'
+        '      "tp": [1, {"x": "a,b}\\\\\\"]"}],\n      "gpu_ids": [0,\n        1]\n    }\n  ],\n'
+        '  "z": {}\n}\n'
+    )
+    json.loads(text)  # valid JSON, with a string holding brackets, a comma and escapes
+    locator = JsonKeyLocator(text)
+    assert [
+        locator.line_of(path)
+        for path in (
+            ("a",), ("instances",), ("instances", 0, "tp"), ("instances", 1),
+            ("instances", 1, "tp", 1, "x"), ("instances", 1, "gpu_ids", 1), ("z",),
+            ("z", "never", 3), ("nowhere",),
+        )
+    ] == [2, 3, 4, 5, 6, 8, 11, 11, None]  # fmt: skip

@@ -23,6 +23,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from typing import Any, Protocol
 
 from sage_llm.errors import ConfigError
 
@@ -238,6 +239,60 @@ class KeyLocator:
             self._value(path + key)
 
 
+class LinesOfKeys(Protocol):
+    """What :class:`Problems` asks of a locator: the line a key path is written at."""
+
+    def line_of(self, path: KeyPath) -> int | None: ...
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+')
+
+
+class JsonKeyLocator:
+    """Line numbers (1-based) of the members and elements of a JSON text (a plan file):
+    ``("instances", 1, "tp")`` is the line of the second instance's ``"tp"`` key. The text
+    must be valid JSON; it is scanned once, without recursion."""
+
+    def __init__(self, text: str) -> None:
+        starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self._lines: dict[KeyPath, int] = {}
+        # open containers: [path, next key (objects) or index (arrays), expecting a key]
+        stack: list[list[Any]] = []
+        for match in _JSON_TOKEN.finditer(text):
+            token, top = match.group(), stack[-1] if stack else None
+            if token in "}]":
+                stack.pop()
+                continue
+            if top is None:
+                path: KeyPath = ()
+            elif token == ",":
+                top[1], top[2] = (top[1] + 1, False) if isinstance(top[1], int) else (None, True)
+                continue
+            elif token == ":":
+                top[2] = False
+                continue
+            elif top[2]:  # an object's key
+                top[1], top[2] = json.loads(token), False
+                path = (*top[0], top[1])
+                self._lines.setdefault(path, bisect.bisect_right(starts, match.start()))
+                continue
+            else:
+                path = (*top[0], top[1])
+                self._lines.setdefault(path, bisect.bisect_right(starts, match.start()))
+            if token == "{":
+                stack.append([path, None, True])
+            elif token == "[":
+                stack.append([path, 0, False])
+
+    def line_of(self, path: KeyPath) -> int | None:
+        """The line of ``path``, else that of its nearest written ancestor, else None."""
+        for end in range(len(path), 0, -1):
+            line = self._lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+
 def _escaped(text: str, index: int) -> bool:
     backslashes = 0
     while index - backslashes - 1 >= 0 and text[index - backslashes - 1] == "\\":
@@ -313,10 +368,11 @@ class Problems:
     """Collects located configuration problems.
 
     ``source`` names the input (a file path, ``<string>``, ``<dict>``); with a
-    :class:`KeyLocator` each problem's location is ``source:line``.
+    :class:`KeyLocator` (TOML) or :class:`JsonKeyLocator` each problem's location is
+    ``source:line``.
     """
 
-    def __init__(self, source: str, locator: KeyLocator | None = None) -> None:
+    def __init__(self, source: str, locator: LinesOfKeys | None = None) -> None:
         self.source = source
         self.locator = locator
         self.errors: list[ConfigError] = []

@@ -608,3 +608,35 @@ def test_a_topology_file_without_gpus_is_refused(tmp_path: Path) -> None:
     (tmp_path / "topo.json").write_text('{"gpus": [], "nics": []}')
     path = write(tmp_path, '[launch]\ntopology_file = "topo.json"\n[[launch.instances]]\n')
     assert _problems(path) == [f"{path}:2: launch.topology_file: topo.json lists no GPUs"]
+
+
+def _line_with(path: Path, needle: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
+
+
+def test_a_plan_files_problems_are_located_at_their_lines(tmp_path: Path) -> None:
+    tp_0, tpu = '"tp": 0', '"TPU"'
+    text = plan_command("llama-3-8b", "2xH100", as_json=True)
+    data = json.loads(text)
+    data["instances"][1]["tp"] = 0
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data, indent=2))
+    with pytest.raises(ConfigError) as info:
+        load_plan_file(path)
+    assert (info.value.location, info.value.key) == (
+        f"{path}:{_line_with(path, tp_0)}",
+        "instances[1].tp",
+    )
+    data["instances"][1]["tp"] = 1
+    path.write_text(json.dumps({**data, "gpu": "TPU"}, indent=2))
+    with pytest.raises(ConfigError) as info:
+        load_launch_config(path)
+    assert (info.value.location, info.value.key) == (f"{path}:{_line_with(path, tpu)}", "gpu")
+    # a launch file's plan_file: the plan's own location is in the message
+    launch = write(tmp_path, '[launch]\nplan_file = "plan.json"\n')
+    path.write_text(json.dumps(data | {"instances": [{"tp": "x"}]}, indent=2))
+    bad = _line_with(path, '"x"')
+    assert _problems(launch) == [
+        f"{launch}:2: launch.plan_file: {path}:{bad}: instances[0].tp: must be an integer, "
+        "got string 'x'"
+    ]

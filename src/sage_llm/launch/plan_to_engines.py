@@ -36,6 +36,7 @@ from typing import Any, Literal
 from sage_llm.config_fields import opt, read_dataclass, rule
 from sage_llm.config_locate import (
     TOO_DEEP,
+    JsonKeyLocator,
     KeyLocator,
     KeyPath,
     Problems,
@@ -526,7 +527,13 @@ def planned_instances_from_dicts(
 
 def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstance]]:
     """A ``sage-llm plan --json`` file: its top-level fields and its planned instances."""
-    path = Path(path)
+    data, instances, _ = _read_plan_file(Path(path))
+    return data, instances
+
+
+def _read_plan_file(path: Path) -> tuple[dict[str, Any], list[PlannedInstance], Problems]:
+    """:func:`load_plan_file`, and a :class:`Problems` that locates the file's keys (for
+    the problems found later, each at its line)."""
     text = read_utf8(path, "plan")
     try:
         data = json.loads(text)
@@ -536,12 +543,12 @@ def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstan
         raise ConfigError(f"cannot read plan: {TOO_DEEP}", location=str(path)) from None
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
         raise ConfigError("a plan needs an 'instances' list", location=str(path))
-    p = Problems(str(path))
+    p = Problems(str(path), JsonKeyLocator(text))
     instances = _read_instances(data["instances"], ("instances",), p)
     _raise(p)
     assert instances is not None
     _warn_shared_gpus(instances, ("instances",), p)
-    return data, instances
+    return data, instances, p
 
 
 def _raise(p: Problems) -> None:
@@ -791,7 +798,7 @@ def load_launch_config(
     """
     path = Path(path)
     if path.suffix.lower() == ".json":
-        data, instances = load_plan_file(path)
+        data, instances, located = _read_plan_file(path)
         values: dict[str, Any] = dict(overrides or {})
         unknown = sorted(set(values) - {f.name for f in fields(LaunchSettings)})
         if unknown:
@@ -802,14 +809,15 @@ def load_launch_config(
                     raise ConfigError(
                         f"the plan names no {key} (a string); make it again with "
                         "sage-llm plan --json",
-                        location=str(path),
+                        location=located.location((key,)),
                         key=key,
                     )
-            for name, get in ((data["model"], get_model), (data["gpu"], get_gpu)):
+            for key, get in (("model", get_model), ("gpu", get_gpu)):
                 try:
-                    get(name)
+                    get(data[key])
                 except ConfigError as exc:
-                    raise ConfigError(exc.detail, location=str(path), key=exc.key) from None
+                    where = located.location((key,))
+                    raise ConfigError(exc.detail, location=where, key=key) from None
             values.setdefault("model", data["model"])
             values.setdefault("sim_gpu", data["gpu"])
             served = data.get("served_model_name")  # the name `sage-llm plan` was given
