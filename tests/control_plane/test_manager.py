@@ -2051,3 +2051,35 @@ def test_cost_optimized_gives_a_new_twin_its_share() -> None:
     done = run_virtual(main())
     assert sum(done.values()) == 72
     assert done["new"] >= 8, done
+
+
+class _GatedEmbedder(FakeEngine):
+    """An engine whose embeddings calls wait for ``release``; notes its closing."""
+
+    closed = False
+
+    async def embed(self, model: str, inputs: Any, options: Any = None) -> dict[str, Any]:
+        await self.release.wait()
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": []}]}
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_an_instance_removed_during_an_embeddings_call_goes_when_the_call_ends() -> None:
+    async def main() -> None:
+        engine = _GatedEmbedder("e")
+        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
+        cp.register_instance(make_instance("e"))
+        async with cp:
+            call = asyncio.create_task(cp.embed(None, ["hello"]))
+            await asyncio.sleep(0.1)
+            assert cp.get_instance_metrics("e")["active_requests"] == 1
+            cp.unregister_instance("e")
+            engine.release.set()
+            assert (await call)["data"]
+            await asyncio.sleep(0.1)
+            assert cp.get_instances(removing=True) == [] and engine.closed
+            cp.register_instance(make_instance("e"))  # its id is free again
+
+    run_virtual(main())

@@ -861,6 +861,7 @@ class ControlPlaneManager:
                 param="model",
             )
         state.in_flight += 1
+        self._metrics.set_in_flight(state.instance_id, state.in_flight)
         try:
             result: dict[str, Any] = (
                 await embed(name, inputs) if not options else await embed(name, inputs, options)
@@ -870,8 +871,11 @@ class ControlPlaneManager:
             if refusal is not None:
                 raise refusal from exc
             raise
-        finally:
+        finally:  # as a generation's call ends: a removed instance goes with its last call
             state.in_flight -= 1
+            self._metrics.set_in_flight(state.instance_id, state.in_flight)
+            if state.in_flight == 0:
+                self._on_instance_idle(state)
             self._require_dispatcher().wake()
         return result
 
