@@ -2083,3 +2083,36 @@ def test_an_instance_removed_during_an_embeddings_call_goes_when_the_call_ends()
             cp.register_instance(make_instance("e"))  # its id is free again
 
     run_virtual(main())
+
+
+class _DropsFirstCall(FakeEngine):
+    """An engine whose first call fails with a retryable connection error."""
+
+    calls = 0
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        self.calls += 1
+        if self.calls == 1:
+            raise EngineConnectionError("connection reset", instance_id="a", retryable=True)
+        async for chunk in super().generate(req):
+            yield chunk
+
+
+def test_without_monitoring_a_failed_request_ejects_nothing() -> None:
+    """No probe loop would bring an ejected instance back: it stays in the fleet."""
+
+    async def main() -> None:
+        engine = _DropsFirstCall("a")
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda _: engine, enable_monitoring=False
+        )
+        cp.register_instance(make_instance("a"))
+        async with cp:
+            first = await cp.generate(make_metadata("r0", max_tokens=2))
+            assert first.status is RequestStatus.FAILED and "connection reset" in str(first.error)
+            assert cp.get_instance_metrics("a")["circuit"]["state"] == "closed"
+            assert (await cp.generate(make_metadata("r1", max_tokens=2))).status is (
+                RequestStatus.COMPLETED
+            )
+
+    run_virtual(main())

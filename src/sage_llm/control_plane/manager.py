@@ -326,7 +326,9 @@ class ControlPlaneManager:
                 "again with a new client before start()"
             )
         clock = self.clock
-        health = self._monitor()
+        # without the probe loops nothing would bring an ejected instance back: requests'
+        # failures are then retried elsewhere but eject nothing
+        health = self._monitor() if self.enable_monitoring else None
         timeouts = self.engine_timeouts
         self._dispatcher = Dispatcher(
             registry=self._registry,
