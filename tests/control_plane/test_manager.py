@@ -2116,3 +2116,50 @@ def test_without_monitoring_a_failed_request_ejects_nothing() -> None:
             )
 
     run_virtual(main())
+
+
+class _FailsFirstCall(FakeEngine):
+    """An engine whose first call fails before its first token (a retryable 503)."""
+
+    calls = 0
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        self.calls += 1
+        if self.calls == 1:
+            raise EngineError("busy", instance_id=self.instance_id, status=503, retryable=True)
+        async for chunk in super().generate(req):
+            yield chunk
+
+
+@pytest.mark.parametrize("leave", ["drain", "remove"])
+def test_a_retry_waiting_for_the_only_other_instance_fails_when_that_one_leaves(
+    leave: str,
+) -> None:
+    """A request retried after failing on ``a`` waits for ``b``; drained or removed, ``b``
+    will never take it, and ``a`` is the instance it failed on: it ends, it does not wait
+    in the queue for ever."""
+
+    async def main() -> None:
+        engines = {"a": _FailsFirstCall("a"), "b": FakeEngine("b", gate_after=1)}
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda i: engines[i.instance_id], scheduling_policy="fifo"
+        )
+        cp.register_instance(make_instance("b", port=8001, max_concurrent_requests=1))
+        async with cp:
+            await cp.submit_request(make_metadata("held", max_tokens=4))
+            await engines["b"].gated.wait()
+            cp.register_instance(make_instance("a", port=8000, max_concurrent_requests=1))
+            await cp.submit_request(make_metadata("retried", max_tokens=4))
+            await asyncio.sleep(1.0)
+            assert await cp.get_request_status("retried") is RequestStatus.QUEUED
+            if leave == "drain":
+                cp.drain_instance("b")
+            else:
+                cp.unregister_instance("b")
+            result = await cp.wait_for_result("retried", timeout=60)
+            assert result.status is RequestStatus.FAILED
+            assert "it failed on instance(s) a, and no other instance" in str(result.error)
+            engines["b"].release.set()
+            assert (await cp.wait_for_result("held")).status is RequestStatus.COMPLETED
+
+    run_virtual(main())

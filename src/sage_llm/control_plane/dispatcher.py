@@ -557,13 +557,23 @@ class Dispatcher:
             rec.predicted_prefill_s,
         )
 
-    def unservable_reason(self, model: str) -> str | None:
+    def unservable_reason(self, model: str, excluded: frozenset[str] = frozenset()) -> str | None:
         """Why no registered instance could run a request for ``model`` (None: some can,
         now or once they have a free slot or are healthy again). A draining instance does
-        not count: it takes no new request until the operator says so."""
+        not count: it takes no new request until the operator says so. With ``excluded``
+        (the instances a retried request failed on) none of those counts either."""
+        pd_enabled = self.pd is not None
         members = self._members(model)
-        reason = unservable_reason(model, members, pd_enabled=self.pd is not None)
+        reason = unservable_reason(model, members, pd_enabled=pd_enabled)
         if reason is None:
+            if excluded and unservable_reason(
+                model, self._members(model, excluded), pd_enabled=pd_enabled
+            ):
+                tried = ", ".join(sorted(excluded))
+                return (
+                    f"it failed on instance(s) {tried}, and no other instance serving model "
+                    f"{model!r} can run it (the others are draining or removed)"
+                )
             return None
         draining = sum(
             1

@@ -1460,7 +1460,8 @@ class ControlPlaneManager:
 
     def _fail_unservable(self) -> None:
         """Fail queued requests whose model no instance serves any more, or none that is
-        not draining (:class:`NoHealthyInstanceError`, a 503 over HTTP)."""
+        not draining, or none but those a retried request already failed on
+        (:class:`NoHealthyInstanceError`, a 503 over HTTP)."""
         dispatcher = self._require_dispatcher()
         models = self._registry.models()
         for rec in list(dispatcher.records.values()):
@@ -1469,7 +1470,7 @@ class ControlPlaneManager:
             if rec.info.model not in models:
                 reason: str | None = f"no instance serves model {rec.info.model!r} any more"
             else:
-                reason = dispatcher.unservable_reason(rec.info.model)
+                reason = dispatcher.unservable_reason(rec.info.model, rec.info.excluded_instances)
             if reason is not None:
                 rec.exception = NoHealthyInstanceError(reason)
                 dispatcher.fail_queued(rec, reason)
