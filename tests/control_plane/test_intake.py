@@ -112,3 +112,12 @@ def test_build_request_without_a_block_size_counts_the_prompt_and_hashes_nothing
     info, _ = build_request(ids, "m", now=0.0, stream=False, default_max_tokens=16,
                             block_size=None)  # fmt: skip
     assert (info.prompt_tokens, info.block_hashes) == (5, ())
+
+
+@pytest.mark.parametrize("field", ["user_id", "session_id", "preferred_instance_id"])
+@pytest.mark.parametrize("value", [5, ["a"], {"a": 1}, ""])
+def test_ids_must_be_non_empty_strings(field: str, value: object) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        build_request(make_metadata("r", **{field: value}), "m", now=0.0, stream=True,
+                      default_max_tokens=16, block_size=16)  # fmt: skip
+    assert err.value.param == field and f"{field} must be a non-empty string" in str(err.value)

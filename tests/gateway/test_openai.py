@@ -470,3 +470,11 @@ def test_an_integer_beyond_64_bits_is_out_of_range_not_a_non_integer() -> None:
     with pytest.raises(InvalidRequestError) as err:
         validate(CompletionRequest, big)
     assert "64 bits" not in str(err.value) and err.value.param == "temperature"
+
+
+def test_an_empty_user_is_no_user_and_no_session() -> None:
+    """OpenAI takes ``"user": ""``; the control plane refuses an empty id."""
+    meta = _parse({"model": "m", "prompt": "x", "user": ""}).meta
+    assert (meta.user_id, meta.session_id) == (None, None)
+    meta = _parse({"model": "m", "prompt": "x", "user": ""}, {"x-session-id": "s"}).meta
+    assert (meta.user_id, meta.session_id) == (None, "s")

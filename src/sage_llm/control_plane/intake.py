@@ -143,6 +143,16 @@ def build_request(
         for name, value in (("tags", meta.tags), ("extra_body", meta.extra_body)):
             if not isinstance(value, Mapping):
                 raise InvalidRequestError(f"{name} must be a dict, got {_shown(value)}", param=name)
+    ids: tuple[tuple[str, object], ...] = (
+        ("user_id", meta.user_id),
+        ("session_id", meta.session_id),
+        ("preferred_instance_id", meta.preferred_instance_id),
+    )
+    for id_name, id_value in ids:
+        if id_value is not None and (type(id_value) is not str or not id_value):
+            raise InvalidRequestError(
+                f"{id_name} must be a non-empty string, got {_shown(id_value)}", param=id_name
+            )
     try:
         priority = RequestPriority.parse(meta.priority)
     except ValueError as exc:

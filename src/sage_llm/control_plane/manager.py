@@ -1281,7 +1281,10 @@ class ControlPlaneManager:
             or (self.engine_stream == "always" and not answered_whole(meta.extra_body)),
             default_max_tokens=self.default_max_tokens,
             block_size=self.prefix_block_size if self._tracks_prefixes else None,
-            previous_instance_id=None if session is None else self._last_instances.get(session),
+            # (a session id that is not a string is refused by build_request)
+            previous_instance_id=self._last_instances.get(session)
+            if type(session) is str
+            else None,
         )
         now = info.arrival
         policy = dispatcher.policy

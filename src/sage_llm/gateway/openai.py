@@ -375,6 +375,7 @@ def parse_generation(
         slo_ms = _slo_header(headers[SLO_HEADER])
     if headers.get(BUDGET_HEADER):
         budget = _budget_header(headers[BUDGET_HEADER])
+    user = user or None  # OpenAI takes an empty user: no user, no session
     session = headers.get(SESSION_HEADER, "").strip() or user
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if continuous:  # the engine puts the usage so far in every chunk; it reaches the client
