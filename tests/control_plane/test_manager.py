@@ -2163,3 +2163,24 @@ def test_a_retry_waiting_for_the_only_other_instance_fails_when_that_one_leaves(
             assert (await cp.wait_for_result("held")).status is RequestStatus.COMPLETED
 
     run_virtual(main())
+
+
+def test_results_stay_readable_after_stop_a_drains_included() -> None:
+    async def main() -> None:
+        cp = _manager(1)
+        with pytest.raises(ControlPlaneNotRunningError):
+            await cp.get_result("never")  # not yet started
+        async with cp:
+            await cp.generate(make_metadata("before", max_tokens=2))
+            for i in range(3):
+                await cp.submit_request(make_metadata(f"d{i}", max_tokens=4))
+            await cp.stop(drain_timeout_s=30.0)  # lets them finish
+        for rid in ("before", "d0", "d1", "d2"):
+            assert (await cp.wait_for_result(rid)).status is RequestStatus.COMPLETED
+            assert await cp.get_request_status(rid) is RequestStatus.COMPLETED
+            assert (await cp.get_result(rid)) is not None
+        assert cp.get_scheduling_decision("d2") is not None
+        with pytest.raises(RequestNotFoundError):
+            await cp.get_result("never")
+
+    run_virtual(main())

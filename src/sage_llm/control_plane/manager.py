@@ -655,7 +655,7 @@ class ControlPlaneManager:
         ``EngineError``, a cancellation as ``RequestCancelledError``
         (``ControlPlaneNotRunningError`` when :meth:`stop` cancelled it)."""
         timeout = time_limit_arg(timeout, "timeout")
-        rec = self._require_dispatcher().records.get(request_id)
+        rec = self._in_progress().get(request_id)
         if rec is None:
             now = self.clock.now()
             done = self._finished.get(request_id, now)
@@ -882,7 +882,7 @@ class ControlPlaneManager:
         return result
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
-        rec = self._require_dispatcher().records.get(request_id)
+        rec = self._in_progress().get(request_id)
         if rec is not None:
             return rec.status
         done = self._finished.get(request_id, self.clock.now())
@@ -894,7 +894,7 @@ class ControlPlaneManager:
         """The result when the request has ended; None while it is in progress. Raises
         :class:`RequestNotFoundError` for an id it does not know (never submitted, or
         its result is no longer kept: ``result_retention``, ``result_ttl_s``)."""
-        if request_id in self._require_dispatcher().records:
+        if request_id in self._in_progress():
             return None
         done = self._finished.get(request_id, self.clock.now())
         if done is None:
@@ -915,10 +915,10 @@ class ControlPlaneManager:
         when the request ran (TENSOR_PARALLEL of size 1 for one GPU); ``decision_time``
         when it was placed. ``confidence`` is not measured. Raises
         :class:`RequestNotFoundError` for an unknown or expired id (a request refused at
-        admission never had one) and :class:`ControlPlaneNotRunningError` while the
-        control plane is stopped."""
+        admission never had one) and :class:`ControlPlaneNotRunningError` before the
+        control plane has first started (after :meth:`stop` the results kept stay readable)."""
         now = self.clock.now()
-        rec = self._require_dispatcher().records.get(request_id)
+        rec = self._in_progress().get(request_id)
         prefill: ExecutionInstance | None = None
         prefill_s: float | None = None
         if rec is not None:
@@ -1233,6 +1233,14 @@ class ControlPlaneManager:
         return self._metrics
 
     # -- internals -------------------------------------------------------------------------
+
+    def _in_progress(self) -> Mapping[str, RequestRecord]:
+        """The requests in progress, to look one up: none once stopped (every request has
+        ended then, and the results kept stay readable: a drain's too);
+        :class:`ControlPlaneNotRunningError` before the first :meth:`start`."""
+        if self._dispatcher is None:
+            raise ControlPlaneNotRunningError("the control plane is not running; call start()")
+        return self._dispatcher.records if self._running else {}
 
     def _require_dispatcher(self) -> Dispatcher:
         if self._dispatcher is None or not self._running:
