@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 
-from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
+from sage_llm.errors import (
+    ConfigError,
+    ControlPlaneNotRunningError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 from sage_llm.service import ControlPlaneVLLMService, VLLMService, register_vllm_service
 from sage_llm.service.backends import vllm_installed
 from sage_llm.sim.clock import VirtualEventLoop
@@ -176,6 +181,12 @@ def test_use_control_plane_embeds_as_the_simulated_engine_does() -> None:
         VLLMService({**config, "use_control_plane": True}, loop_factory=VirtualEventLoop) as cp,
     ):
         assert cp.embed(["hello world", "x"]) == alone.embed(["hello world", "x"])
+        for svc in (alone, cp):  # an unknown model is refused, as a generation's is
+            model = svc.config.model_id
+            assert svc.embed("x", model=model)["model_id"] == model
+            with pytest.raises(ModelNotFoundError) as err:
+                svc.embed("x", model="other")
+            assert err.value.param == "model"
 
 
 def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:

@@ -107,10 +107,22 @@ def service_instance(cfg: VLLMServiceConfig) -> ExecutionInstance:
     )
 
 
+def local_embedding_model(cfg: VLLMServiceConfig, req: EmbedRequest) -> str:
+    """The model an embedding computed here (simulated or in-process vLLM) is of:
+    ``embedding_model_id`` or ``model_id``; :class:`ModelNotFoundError` when the request
+    names another."""
+    model = cfg.embedding_model_id or cfg.model_id
+    if req.model is not None and req.model != model:
+        raise ModelNotFoundError(
+            f"this service embeds with {model!r}, not {req.model!r}", param="model"
+        )
+    return model
+
+
 def sim_embed(cfg: VLLMServiceConfig, req: EmbedRequest) -> dict[str, Any]:
     """``embed`` answered by ``engine = "sim"``: :func:`sim_embedding` of each text, of
     ``sim.embedding_dimension`` (64) dimensions (computed here: no engine call)."""
-    model = req.model or cfg.embedding_model_id or cfg.model_id
+    model = local_embedding_model(cfg, req)
     dim = int(cfg.sim.get("embedding_dimension", 64))
     return embed_result(model, [sim_embedding(t, dim) for t in req.texts], req.normalize)
 
@@ -350,7 +362,7 @@ class InProcessVLLMBackend:
         return entries
 
     async def embed(self, req: EmbedRequest) -> dict[str, Any]:
-        model = self._cfg.embedding_model_id or self._cfg.model_id
+        model = local_embedding_model(self._cfg, req)
         vectors: list[list[float]] = await self._blocking(self._embed_sync, req.texts)
         return embed_result(model, vectors, req.normalize)
 
