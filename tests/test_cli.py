@@ -696,3 +696,26 @@ def test_engine_sim_stops_at_once_ending_its_streams(sig: signal.Signals) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+
+
+def test_a_file_of_other_services_only_is_refused_by_serve_and_noted_by_check(
+    tmp_path: Path,
+) -> None:
+    """A SAGE services.toml holding a VLLMService only: serving it would have served the
+    embedded simulated fleet, the endpoint it names ignored."""
+    cfg = tmp_path / "services.toml"
+    cfg.write_text('[services.llm]\ntype = "VLLMService"\nmodel_id = "m"\nengine = "sim"\n')
+    code, output = invoke("serve", "--config", str(cfg))
+    assert code == 1
+    assert output == (
+        f'error: {cfg}: services: no control-plane service table (type = "ControlPlaneVLLMService")'
+        " among llm (VLLMService): add [services.llm_control_plane], or give no file for the "
+        "embedded simulated fleet\n"
+    )
+    proc = run_cli("config", "check", str(cfg))
+    assert proc.returncode == 0  # valid for the VLLMService it holds
+    assert (proc.stdout, proc.stderr) == (
+        f"{cfg}: OK\n",
+        "note: no control-plane service table (services: llm (VLLMService)); "
+        "sage-llm serve and ControlPlaneVLLMService refuse this file\n",
+    )

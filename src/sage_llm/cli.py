@@ -311,6 +311,7 @@ def serve(
     log = logging.getLogger("sage_llm.serve")
     try:
         cfg = load_config(config) if config is not None else SageConfig.default()
+        cfg.check_has_control_plane()
     except SageLLMError as exc:
         _fail(exc.message)
     try:
@@ -1075,8 +1076,16 @@ def config_check(
         raise typer.Exit(1)
     # with --print, standard output is the JSON alone (for jq and the like)
     typer.echo(f"{file}: OK", err=print_config)
+    loaded = load_config(file)
+    if loaded.foreign_services:  # valid for SAGE's VLLMService; not a control plane's file
+        typer.echo(
+            f"note: no control-plane service table (services: "
+            f"{', '.join(loaded.foreign_services)}); sage-llm serve and "
+            "ControlPlaneVLLMService refuse this file",
+            err=True,
+        )
     if print_config:
-        typer.echo(json.dumps(load_config(file).to_dict(), indent=2, default=str))
+        typer.echo(json.dumps(loaded.to_dict(), indent=2, default=str))
 
 
 def _is_launch_file(path: Path) -> bool:

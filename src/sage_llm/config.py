@@ -338,6 +338,19 @@ def _build(
         document = data
         service, spath, others = _find_service(data, p)
     config = _service_config(document, service, spath, environ, p)
+    services = document.get("services")
+    if (
+        config is not None
+        and isinstance(services, Mapping)
+        and "llm_control_plane" not in services
+        and not any(_is_ours(value) for value in services.values())
+    ):  # SAGE's other services only
+        foreign = tuple(
+            f"{key} ({value['type']})"
+            for key, value in services.items()
+            if isinstance(value, Mapping) and isinstance(value.get("type"), str)
+        )
+        config = dataclasses.replace(config, foreign_services=foreign)
     for key in others:  # checked as the chosen one is; its sections are its own tables
         other = document["services"][key]
         if isinstance(other, Mapping):

@@ -418,6 +418,24 @@ class SageConfig:
     ``instances`` and ``mode``), for the errors found after loading (``serve`` resolving the
     bind address, ``launch`` refusing instances); see :meth:`where`."""
 
+    foreign_services: tuple[str, ...] = field(default=(), compare=False)
+    """The file's service tables when none of them is a control plane's, as ``"llm
+    (VLLMService)"``: its control plane is then the embedded default, which is not what
+    such a file means (``sage-llm serve`` and ``ControlPlaneVLLMService`` refuse it; see
+    :meth:`check_has_control_plane`)."""
+
+    def check_has_control_plane(self) -> None:
+        """Raise :class:`~sage_llm.errors.ConfigError` when the file this came from holds
+        service tables but no control plane's (:attr:`foreign_services`)."""
+        if self.foreign_services:
+            raise ConfigError(
+                f'no control-plane service table (type = "ControlPlaneVLLMService") among '
+                f"{', '.join(self.foreign_services)}: add [services.llm_control_plane], or "
+                "give no file for the embedded simulated fleet",
+                location=self.source,
+                key="services",
+            )
+
     def where(self, key: str) -> str:
         """``key`` as written, with its file and line when known
         (``"cluster.toml:7: gateway.host"``), else ``key`` alone."""

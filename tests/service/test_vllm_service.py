@@ -194,6 +194,9 @@ def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:
     table = '[services.{name}]\ntype = "VLLMService"\nmodel_id = "{name}"\nengine = "sim"\n'
     path.write_text(table.format(name="llm") + '[services.other]\ntype = "Other"\n')
     assert VLLMService.from_toml(path).config.model_id == "llm"
+    for build in (ControlPlaneVLLMService.from_toml, lambda p: ControlPlaneVLLMService(str(p))):
+        with pytest.raises(ConfigError, match=r"no control-plane service table .* llm \(VLLM"):
+            build(path)  # not the embedded simulated fleet in the endpoint's place
     path.write_text(table.format(name="a") + table.format(name="b"))
     assert VLLMService.from_toml(path, "b").config.model_id == "b"
     with pytest.raises(ConfigError, match=r"several tables have it \(\[services\.a\]"):

@@ -93,6 +93,7 @@ def control_plane_service_config(
                 values = {k: getattr(checked, k) for k in overrides}
                 cp = dataclasses.replace(sage.control_plane, **values)
                 sage = dataclasses.replace(sage, control_plane=cp)
+    sage.check_has_control_plane()  # a file of SAGE's other services only
     return ControlPlaneServiceConfig(sage, _defaults(sage, base))
 
 
