@@ -102,6 +102,16 @@ class Cluster:
     def pinned_nowhere(self, rid: str) -> bool:
         return all(e.core.release_kv(rid) is False for e in self.engines.values())
 
+    async def releases_ended(self, count: int) -> None:
+        """Until ``count`` KV releases have ended (a cancelled request's goes on after it),
+        within 10 s."""
+        async with asyncio.timeout(10.0):
+            while True:
+                connector = self.cp.get_status()["pd"]["connector"]
+                if connector["kv_releases"] + connector["kv_release_failures"] >= count:
+                    return
+                await asyncio.sleep(0.01)
+
 
 @contextlib.asynccontextmanager
 async def cluster(
@@ -239,6 +249,7 @@ async def test_cancel_between_the_legs_releases_the_prefill_kv() -> None:
         assert await c.cp.cancel_request(rid) is True
         res = await c.cp.wait_for_result(rid)
         assert res.status is RequestStatus.CANCELLED
+        await c.releases_ended(1)
         assert c.pinned_nowhere(rid)
         [p_leg] = c.proxies["p0"].generations
         returned = json.loads(p_leg.response)["kv_transfer_params"]

@@ -420,6 +420,9 @@ class ControlPlaneManager:
         if self._deadlines is not None:
             self._deadlines.close()
             self._deadlines = None
+        released = getattr(self._pd.connector, "wait_released", None) if self._pd else None
+        if released is not None:  # KV releases of cancelled PD requests, through the clients
+            await released()
         for state in self._registry:
             with contextlib.suppress(Exception):
                 await state.client.aclose()

@@ -167,6 +167,7 @@ async def _cancel_between_legs(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await connector.wait_released()  # the release goes on after the request has ended
 
 
 def test_vllm_cancel_between_legs_releases_the_prefill_kv() -> None:
@@ -181,6 +182,7 @@ def test_vllm_cancel_between_legs_releases_the_prefill_kv() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await connector.wait_released()
         assert nothing_pinned(p, "r1")
         assert connector.releases == 1
         assert d.core.num_running == 0 and d.core.num_waiting == 0
@@ -284,6 +286,7 @@ def test_vllm_a_leg_cancelled_off_a_down_decode_instance_pulls_through_a_spare()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await connector.wait_released()
         assert asyncio.get_running_loop().time() - started < 1.0
         assert [r.request_id for r in hung.requests] == ["r1"]  # no pull through it
         assert spare.request_ids == ["r1-kv-release"]
@@ -305,14 +308,43 @@ def test_vllm_a_release_that_times_out_says_so(caplog: pytest.LogCaptureFixture)
             collect(connector.run(request(), legs(ConcurrencyProbe(p), hung, watch)))
         )
         await hung.gated.wait()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        # the request ends at once (a deadline's 504 is not held by the release) ...
+        assert loop.time() - started < 0.01 and connector.release_failures == 0
+        await connector.wait_released()  # ... which goes on, bounded by release_timeout_s
+        assert loop.time() - started == pytest.approx(2.0, abs=0.01)
         assert connector.release_failures == 1
         await p.aclose()
 
     run_virtual(main())
     assert "no answer within release_timeout_s (2 s)" in caplog.text
+
+
+def test_vllm_a_release_cancelled_midway_is_counted_and_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The KV stays pinned: that is a failed release, not a silent one."""
+
+    async def main() -> None:
+        p, _ = sim_pair()
+        hung = FakeEngine("d0", gate_after=0)
+        connector = VLLMConnector()
+        releasing = asyncio.ensure_future(
+            connector.release(request(), KVHandle("p0", {}), legs(ConcurrencyProbe(p), hung))
+        )
+        await hung.gated.wait()
+        releasing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await releasing
+        assert (connector.releases, connector.release_failures) == (0, 1)
+        await p.aclose()
+
+    run_virtual(main())
+    assert "the release was cancelled before it ended" in caplog.text
 
 
 # --------------------------------------------------------------------------- SGLang

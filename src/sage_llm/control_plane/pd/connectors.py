@@ -168,6 +168,8 @@ class VLLMConnector:
         self.release_failures = 0
         """KV releases tried that failed: that KV stays pinned until the prefill engine's
         own abort timeout."""
+        self._releasing: set[asyncio.Task[bool]] = set()
+        """Releases going on after the request they were for was cancelled."""
 
     async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
         """Prefill, then stream the decode leg."""
@@ -184,6 +186,7 @@ class VLLMConnector:
         # released anyway (the engine may have pulled the KV already; streaming every such
         # leg to know would cost every request what only a cut-short one needs)
         stream = legs.decode.generate(req.with_changes(kv_transfer_params=dict(handle.params)))
+        cancelled = False
         try:
             try:
                 async for chunk in stream:
@@ -195,11 +198,35 @@ class VLLMConnector:
             except SageLLMError as exc:
                 decode_failed = True
                 raise PDLegError("decode", exc, legs.decode.instance_id) from exc
+            except (asyncio.CancelledError, GeneratorExit):
+                cancelled = True
+                raise
         finally:
             await _close(stream)
             if owed:
                 failed = decode_failed or legs.decode_is_down()  # e.g. cancelled: ejected
-                await self.release(req, handle, legs, decode_failed=failed)
+                if cancelled:  # the request ends now (a deadline's 504 on time); not the release
+                    self._release_later(req, handle, legs, decode_failed=failed)
+                else:
+                    await self.release(req, handle, legs, decode_failed=failed)
+
+    def _release_later(
+        self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool
+    ) -> None:
+        """:meth:`release` in a task of its own, which the request's end does not wait for
+        (it is bounded by ``release_timeout_s``; :meth:`wait_released` waits for it)."""
+        task = asyncio.get_running_loop().create_task(
+            self.release(req, handle, legs, decode_failed=decode_failed),
+            name=f"kv-release-{req.request_id}",
+        )
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def wait_released(self) -> None:
+        """Wait until the releases still going on have ended (each within
+        ``release_timeout_s``): the control plane's stop, before it closes the clients."""
+        while self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def release(
         self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool = False
@@ -225,12 +252,14 @@ class VLLMConnector:
                         legs.prefill.instance_id,
                     )
                     return False
-        except (SageLLMError, TimeoutError) as exc:
+        except (SageLLMError, TimeoutError, asyncio.CancelledError) as exc:
             self.release_failures += 1
-            why = (
-                str(exc)
-                or f"no answer within release_timeout_s ({self.params.release_timeout_s:g} s)"
-            )
+            if isinstance(exc, asyncio.CancelledError):
+                why = "the release was cancelled before it ended"
+            else:
+                why = str(exc) or (
+                    f"no answer within release_timeout_s ({self.params.release_timeout_s:g} s)"
+                )
             log.warning(
                 "request %s: could not release KV on %s (it stays pinned until the engine's "
                 "abort timeout): %s",
@@ -238,6 +267,8 @@ class VLLMConnector:
                 legs.prefill.instance_id,
                 why,
             )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return False
         if released:
             self.releases += 1
