@@ -2184,3 +2184,24 @@ def test_results_stay_readable_after_stop_a_drains_included() -> None:
             await cp.get_result("never")
 
     run_virtual(main())
+
+
+def test_a_pd_fleet_whose_prefill_instances_all_drain_refuses_as_draining() -> None:
+    """The refusal's reason label is ``draining`` (an operator's doing), not
+    ``no_healthy_instance``, which alerts on instances that are down."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", enable_pd_separation=True)
+        cp.register_instance(make_instance("p0", instance_type=ExecutionInstanceType.PREFILLING))
+        cp.register_instance(make_instance("d0", instance_type=ExecutionInstanceType.DECODING))
+        async with cp:
+            cp.drain_instance("p0")
+            with pytest.raises(NoHealthyInstanceError, match="no prefill-capable instance"):
+                await cp.submit_request(make_metadata("r"))
+            text = cp.prometheus_metrics().decode()
+            assert f'sage_llm_requests_rejected_total{{model="{MODEL}",reason="draining"}} 1.0' in (
+                text
+            )
+            assert 'reason="no_healthy_instance"' not in text
+
+    run_virtual(main())

@@ -586,6 +586,16 @@ class Dispatcher:
             return f"every instance serving model {model!r} is draining ({draining})"
         return f"{reason} (and {draining} draining)"
 
+    def drained_out(self, model: str) -> bool:
+        """Whether ``model`` is unservable only because instances are draining: with them
+        it would be servable (the refusal's reason label is then ``draining``)."""
+        members = [
+            (s.instance_id, s.instance.instance_type)
+            for s in self.registry
+            if s.instance.model_name == model and not s.removed
+        ]
+        return unservable_reason(model, members, pd_enabled=self.pd is not None) is None
+
     def _members(
         self, model: str, excluded: frozenset[str] = frozenset(), *, now: bool = False
     ) -> list[Member]:

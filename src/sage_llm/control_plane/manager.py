@@ -1307,8 +1307,9 @@ class ControlPlaneManager:
             raise NoHealthyInstanceError(why, retry_after_s=registry.back_in(model, now))
         # an instance that runs whole requests serves the model: then nothing is unservable
         unservable = None if whole else dispatcher.unservable_reason(model)
-        if unservable is not None:
-            self._metrics.on_rejected("no_healthy_instance", model)
+        if unservable is not None:  # e.g. a PD fleet whose prefill instances all drain
+            drained = dispatcher.drained_out(model)
+            self._metrics.on_rejected("draining" if drained else "no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
         if not whole and not pair_exists(registry.up_members(model)):
             # a PD fleet with one role's instances all down (ejected, or not accepting):
