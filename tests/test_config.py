@@ -711,8 +711,11 @@ def test_missing_required_instance_key() -> None:
 def test_role_config_must_match_instance_type() -> None:
     text = SEED + "[services.llm_control_plane.instances.prefilling_config]\nchunk_size = 64\n"
     err = problem(text)
-    assert (err.location, err.key) == ("cfg.toml:16", "services.llm_control_plane.instances[1]")
-    assert "prefilling_config is not allowed on a DECODING instance" in err.message
+    assert (err.location, err.key) == (
+        "cfg.toml:23",  # its table's header
+        "services.llm_control_plane.instances[1].prefilling_config",  # the key refused
+    )
+    assert err.message.endswith("prefilling_config: is not allowed on a DECODING instance")
 
 
 def test_pd_errors() -> None:
@@ -1090,8 +1093,9 @@ def test_check_instance_reports_every_problem_and_role_conflicts() -> None:
         check_instance(_instance(tensor_parallel_size=0, port=70000, instance_type="nope"))
     assert [e.key for e in info.value.errors] == ["port", "tensor_parallel_size", "instance_type"]
     inst = _instance(instance_type="decode", prefilling_config=PrefillingConfig())
-    with pytest.raises(ConfigError, match="prefilling_config is not allowed on a DECODING"):
+    with pytest.raises(ConfigError, match="prefilling_config: is not allowed on a DECODING") as err:
         check_instance(inst)
+    assert err.value.key == "prefilling_config"
     role: object = inst.instance_type
     assert role == "decode"  # nothing is changed when the check fails
     with pytest.raises(ConfigError) as err:

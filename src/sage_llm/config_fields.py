@@ -131,6 +131,10 @@ def read_dataclass(
         return None
     try:
         return cls(**kwargs)
+    except FieldValueError as exc:  # a check across fields, naming the one it refuses
+        if len(p.errors) == before:
+            p.add((*path, exc.key), exc.detail)
+        return None
     except (ValueError, TypeError) as exc:
         if len(p.errors) == before:
             p.add(path, str(exc))
@@ -299,6 +303,16 @@ def rule_problem(value: object, checks: Rule) -> str | None:
                 shown = int(bound) if float(bound).is_integer() else bound
                 return f"must be {word} {shown}, got {value!r}"
     return None
+
+
+class FieldValueError(ValueError):
+    """A dataclass's own check (across its fields) refusing the value of field ``key``:
+    a file's problem is then located at that key."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key}: {detail}")
+        self.key = key
+        self.detail = detail
 
 
 def validate(obj: object) -> None:

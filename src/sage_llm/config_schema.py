@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.config_fields import Rule, opt, req, rule, suggest, to_plain, validate
+from sage_llm.config_fields import (
+    FieldValueError,
+    Rule,
+    opt,
+    req,
+    rule,
+    suggest,
+    to_plain,
+    validate,
+)
 from sage_llm.control_plane.routing.registry import ROUTING_NAMES
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
 from sage_llm.engines.base import ENGINE_STREAM
@@ -200,9 +209,9 @@ class InstanceConfig:
         validate(self)
         kind = self.instance_type
         if self.prefilling_config is not None and kind is ExecutionInstanceType.DECODING:
-            raise ValueError("prefilling_config is not allowed on a DECODING instance")
+            raise FieldValueError("prefilling_config", "is not allowed on a DECODING instance")
         if self.decoding_config is not None and kind is ExecutionInstanceType.PREFILLING:
-            raise ValueError("decoding_config is not allowed on a PREFILLING instance")
+            raise FieldValueError("decoding_config", "is not allowed on a PREFILLING instance")
         doubled = [key for key in SIM_KEYS if key in self.metadata]
         if doubled:  # to_instance would overwrite them with the instance's own keys
             raise ValueError(

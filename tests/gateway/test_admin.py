@@ -153,6 +153,17 @@ _DEFAULTED = (
             "prefilling_config.chunk_size",
         ),
         (
+            {
+                "instance_id": "x",
+                "host": "h",
+                "port": 1,
+                "model_name": "m",
+                "instance_type": "decode",
+                "prefilling_config": {"chunk_size": 10},
+            },
+            "prefilling_config",  # not allowed on a decode instance
+        ),
+        (
             {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "current_load": "x"},
             "current_load",
         ),
