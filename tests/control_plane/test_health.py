@@ -826,3 +826,29 @@ def test_queued_requests_wait_through_two_short_ejections_whose_trials_pass() ->
         ]
 
     run_virtual(main())
+
+
+def test_an_instance_being_removed_is_still_probed_while_calls_run_on_it() -> None:
+    """Removed while a call is stuck on its hung engine: its probes still eject it and the
+    call is moved, instead of waiting for the request's own limit."""
+
+    async def main() -> None:
+        cp = _manager(FaultPlan.parse("hang@1"), routing_strategy="round_robin")
+        async with cp:
+            await asyncio.sleep(1.05)
+            metas = [
+                RequestMetadata(request_id=f"r{i}", prompt="x y", max_tokens=6) for i in (0, 1)
+            ]
+            runs = [asyncio.create_task(cp.generate(meta)) for meta in metas]
+            await asyncio.sleep(0.01)
+            cp.unregister_instance("sim-0")  # one call is on it
+            assert cp.get_instance_metrics("sim-0")["removing"] is True
+            started = cp.clock.now()
+            results = await asyncio.wait_for(asyncio.gather(*runs), 10.0)
+            assert cp.clock.now() - started < 1.5
+            listed = [i.instance_id for i in cp.get_instances(removing=True)]
+            assert listed == ["sim-1"]  # sim-0 gone with its last call
+        for r in results:
+            assert r.status is RequestStatus.COMPLETED and r.instance_id == "sim-1"
+
+    run_virtual(main())

@@ -466,7 +466,7 @@ class HealthMonitor:
         a request's failure wakes the loop to wait for that, not for the next interval)."""
         event = self._probe_now[state.instance_id]
         wait = 0.0
-        while not state.removed:
+        while not state.removed or state.in_flight:  # a removed one: its calls' end
             if wait > 0:
                 woken = False
                 with contextlib.suppress(TimeoutError):
@@ -491,7 +491,7 @@ class HealthMonitor:
                 wait = 0.0  # else the trial requests decide; the probes go on at interval_s
 
     async def _stats_loop(self, state: InstanceState) -> None:
-        while not state.removed:
+        while not state.removed or state.in_flight:  # a removed one: its calls' end
             if state.breaker.routable and state.context_length is None:
                 await self._ask_context_length(state)
             if state.breaker.routable:

@@ -515,9 +515,8 @@ class ControlPlaneManager:
         )
         self._update_prefix_tracking()
         self._prefix.remove_instance(instance_id)
-        for task in self._instance_tasks.pop(instance_id, []):
-            task.cancel()
-        self._monitor().forget(instance_id)
+        # its probes go on while requests are in flight on it: a hung engine is still
+        # ejected and its calls moved, not left to the requests' time limits
         if state.in_flight == 0:
             self._discard(state)
         if self._running and self._dispatcher is not None:
@@ -1463,6 +1462,10 @@ class ControlPlaneManager:
     def _discard(self, state: InstanceState) -> None:
         if self._registry.discard(state.instance_id) is None:
             return
+        for task in self._instance_tasks.pop(state.instance_id, []):
+            task.cancel()
+        if self._health is not None:
+            self._health.forget(state.instance_id)
         self._given_clients.discard(state.instance_id)
         self._closed_given.discard(state.instance_id)
         self._metrics.forget_instance(state.instance_id)
