@@ -2205,3 +2205,41 @@ def test_a_pd_fleet_whose_prefill_instances_all_drain_refuses_as_draining() -> N
             assert 'reason="no_healthy_instance"' not in text
 
     run_virtual(main())
+
+
+class _FailsFirstCallLate(FakeEngine):
+    """An engine whose first call fails (a retryable 503, before any output) after 5 s."""
+
+    calls = 0
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.sleep(5.0)
+            raise EngineError("busy", instance_id=self.instance_id, status=503, retryable=True)
+        async for chunk in super().generate(req):
+            yield chunk
+
+
+def test_queue_wait_counts_the_queue_not_the_time_on_an_engine_that_failed() -> None:
+    async def main() -> None:
+        engines = {"a": _FailsFirstCallLate("a"), "b": FakeEngine("b")}
+        cp = ControlPlaneManager(
+            mode="http",
+            engine_factory=lambda i: engines[i.instance_id],
+            scheduling_policy="fifo",
+            enable_monitoring=False,
+        )
+        cp.register_instance(make_instance("a", port=8000))
+        cp.register_instance(make_instance("b", port=8001))
+        async with cp:
+            meta = make_metadata("r", max_tokens=2)
+            meta.preferred_instance_id = "a"
+            result = await cp.generate(meta)
+        assert (result.status, result.instance_id, result.attempts) == (
+            RequestStatus.COMPLETED, "b", 2,
+        )  # fmt: skip
+        assert result.e2e_latency_ms is not None and result.e2e_latency_ms >= 5000.0
+        assert result.queue_wait_ms is not None and result.queue_wait_ms < 100.0
+
+    run_virtual(main())

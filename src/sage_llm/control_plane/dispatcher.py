@@ -624,6 +624,7 @@ class Dispatcher:
         rec.status = RequestStatus.SCHEDULED
         rec.instance_id = state.instance_id
         rec.scheduled_at = now
+        rec.queued_s += max(0.0, now - rec.queued_at)
         rec.attempts += 1
         rec.pending_tokens_at_dispatch = pending
         rec.meta.schedule_time = self.clock.to_datetime(now)
@@ -948,6 +949,7 @@ class Dispatcher:
         rec.instance_id = dstate.instance_id
         rec.prefill_instance_id = pstate.instance_id
         rec.scheduled_at = now
+        rec.queued_s += max(0.0, now - rec.queued_at)
         rec.attempts += 1
         rec.meta.schedule_time = self.clock.to_datetime(now)
         for state in (pstate, dstate):  # both end up holding the prompt's KV
@@ -1368,6 +1370,11 @@ class Dispatcher:
         self._colocated_only.discard(rec.request_id)
         now = self.clock.now()
         info = rec.info
+        # the time it waited in the queue, each wait (not its time on engines that failed
+        # it, nor a retry's backoff), this one too when it ends there
+        queue_wait_s = rec.queued_s
+        if rec.status is RequestStatus.QUEUED:
+            queue_wait_s += max(0.0, now - rec.queued_at)
         rec.status = status
         rec.error = error
         rec.finished_at = now
@@ -1387,7 +1394,6 @@ class Dispatcher:
                 slo_met = status is RequestStatus.COMPLETED and e2e_s * 1000.0 <= slo_ms
             elif e2e_s * 1000.0 >= slo_ms:  # cut off at (or after) its deadline: missed
                 slo_met = False
-        queue_wait_s = (rec.scheduled_at if rec.scheduled_at is not None else now) - info.arrival
         cost = extra_cost
         if state is not None and rec.scheduled_at is not None:
             cost += state.cost_per_second * (now - rec.scheduled_at)

@@ -93,6 +93,10 @@ class RequestRecord:
     calls, usage): how :meth:`Dispatcher.evict` tells a call that goes on from one that
     stopped."""
     queued_at: float = 0.0
+    """When its current (or last) wait in the queue began: its arrival, or a retry's
+    requeueing after its backoff."""
+    queued_s: float = 0.0
+    """The time its ended waits in the queue took (:attr:`queued_at` to being scheduled)."""
     scheduled_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
