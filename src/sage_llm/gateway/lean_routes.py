@@ -108,8 +108,8 @@ class LeanRoutes:
                     200, content_type=_SSE_TYPE, headers={**_SSE_EXTRA, **headers}
                 )
 
-            await relay_stream(open_stream, self.manager, gens, created, rid)
-            return 200
+            failed = await relay_stream(open_stream, self.manager, gens, created, rid)
+            return 200 if failed is None else failed  # counted and logged as it ended
         if len(gens) == 1:  # no layer more for the common case
             body_out = await complete(self.manager, gens[0], created)
         else:

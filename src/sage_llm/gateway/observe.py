@@ -266,6 +266,8 @@ def _observe(
                         span.set_attribute("sage.stream_error_code", failed)
                     tracer.mark_error(span, failed or resp.status)
             status = resp.status
+            if isinstance(resp, SSEResponse) and resp.stream_error is not None:
+                status = resp.stream_error  # a stream ended by an error event (or client gone)
             if not resp.prepared:
                 resp.headers.update(headers)
             return resp
