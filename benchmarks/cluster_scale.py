@@ -35,14 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from sage_llm.bench.cli_args import at_least
+from sage_llm.bench.cli_args import at_least, check_out
+from sage_llm.bench.stats import error_kind
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
 from sage_llm.errors import SageLLMError
 from sage_llm.fastinit import field_filler
 from sage_llm.sim import accel
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
 from sage_llm.sim.core import default_max_model_len
-from sage_llm.sim.specs import get_gpu, get_model
+from sage_llm.sim.specs import get_gpu, get_model, placement_problem
 from sage_llm.tokens import VOCAB_SIZE
 from sage_llm.types import RequestPriority
 
@@ -184,12 +185,19 @@ def run(
 
 
 def _first_error(measurements: Any) -> str:
-    """The most common reason of the failed requests, and how many failed so."""
-    common = Counter(str(m.error) for m in measurements if not m.ok).most_common(1)
-    if not common:
+    """The most common kind of failure (its numbers aside, as the JSON report groups
+    them), how many failed so, and one of its messages."""
+    kinds: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for m in measurements:
+        if not m.ok:
+            kind = error_kind(str(m.error))
+            kinds[kind] += 1
+            example.setdefault(kind, str(m.error))
+    if not kinds:
         return "none failed"
-    ((reason, count),) = common
-    return f"{count} failed: {reason}"
+    ((kind, count),) = kinds.most_common(1)
+    return f"{count} failed: {example[kind]}"
 
 
 def _ms(stats: Any, key: str) -> str:
@@ -244,6 +252,7 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
         ("--output-len", lambda: length_dist(args.output_len)),
         ("--gpu", lambda: get_gpu(args.gpu)),
         ("--model", lambda: get_model(args.model)),
+        ("--model", lambda: _fits(args.model, args.gpu)),
         ("--policy/--routing", lambda: ClusterSimulator(
             make_fleet(1, max_concurrency=1), policy=args.policy, routing=args.routing
         )),
@@ -260,10 +269,17 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
             f"--shared-prefix + --input-len: {shortest} prompt tokens leave no room in "
             f"{args.model}'s context ({context} tokens)"
         )
-    for option, file in (("--out", args.out), ("--profile", args.profile)):
-        if file is not None and (file.is_dir() or not file.parent.is_dir()):
-            return f"{option} {file}: not a file in an existing directory"
+    if args.profile is not None and (args.profile.is_dir() or not args.profile.parent.is_dir()):
+        return f"--profile {args.profile}: not a file in an existing directory"
     return None
+
+
+def _fits(model: str, gpu: str) -> None:
+    """``ValueError`` when an engine of ``model`` cannot start on one ``gpu`` (every
+    simulated instance has one GPU)."""
+    problem = placement_problem(model, gpu)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int:
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
     parser.add_argument("--max-concurrency", type=at_least(1), default=100)
     parser.add_argument("--max-candidates", type=at_least(1), default=16)
     parser.add_argument("--sample-above", type=at_least(1), default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")
     args = parser.parse_args(argv)
@@ -301,6 +317,7 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
     problem = _setup_problem(args)
     if problem is not None:
         parser.error(problem)
+    check_out(parser, "--out", args.out)  # tried now: not found unwritable after the run
     if args.profile is not None:
         profiler = cProfile.Profile()
         result, setup, sim = profiler.runcall(run, args, accel_state)

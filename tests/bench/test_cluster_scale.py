@@ -27,6 +27,8 @@ def script() -> ModuleType:
         (["--shared-prefix", "9000"], "--input-len: 9512 prompt tokens leave no room in"),
         (["--input-len", "0"], "--input-len: fixed length must be >= 1, got 0"),
         (["--model", "nope"], "--model: unknown model 'nope'"),
+        (["--model", "llama-3-70b"], "--model: Llama-3-70B does not fit on 1 × H100"),
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
     ],
 )
 def test_a_bad_option_is_a_usage_error_before_any_simulating(
@@ -41,20 +43,27 @@ def test_a_bad_option_is_a_usage_error_before_any_simulating(
 def test_out_and_profile_must_be_files_in_existing_directories(
     script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for option, value in (("--out", tmp_path), ("--profile", tmp_path / "no" / "p.prof")):
+    with pytest.raises(SystemExit):
+        script.main(["--profile", str(tmp_path / "no" / "p.prof"), "--requests", "10"])
+    assert "not a file in an existing directory" in capsys.readouterr().err
+    for out, message in (  # tried before the run, not after it
+        (tmp_path, f"--out: {tmp_path} is a folder, not a file"),
+        (tmp_path / "no" / "r.json", f"--out: cannot write {tmp_path / 'no' / 'r.json'}"),
+    ):
         with pytest.raises(SystemExit):
-            script.main([option, str(value), "--requests", "10"])
-        assert f"{option} {value}: not a file in an existing directory" in capsys.readouterr().err
+            script.main(["--out", str(out), "--requests", "10"])
+        assert message in capsys.readouterr().err
 
 
 def test_a_small_run_reports_its_failures_reason(
     script: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = script.main(["--instances", "2", "--requests", "40", "--rate", "100",
-                        "--input-len", "8100", "--output-len", "200"])  # fmt: skip
+                        "--input-len", "lognormal:8500,0.01", "--output-len", "200"])  # fmt: skip
     assert code == 1  # nothing completed
     captured = capsys.readouterr()
     out = captured.out
     assert "error: no request completed" in captured.err
     assert "failed 40" in out
+    # 40 of one kind, though each message has its own figures
     assert "failures         40 failed: " in out and "maximum context length" in out
