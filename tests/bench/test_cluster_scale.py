@@ -46,13 +46,9 @@ def test_out_and_profile_must_be_files_in_existing_directories(
     with pytest.raises(SystemExit):
         script.main(["--profile", str(tmp_path / "no" / "p.prof"), "--requests", "10"])
     assert "not a file in an existing directory" in capsys.readouterr().err
-    for out, message in (  # tried before the run, not after it
-        (tmp_path, f"--out: {tmp_path} is a folder, not a file"),
-        (tmp_path / "no" / "r.json", f"--out: cannot write {tmp_path / 'no' / 'r.json'}"),
-    ):
-        with pytest.raises(SystemExit):
-            script.main(["--out", str(out), "--requests", "10"])
-        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # tried before the run, not after it
+        script.main(["--out", str(tmp_path), "--requests", "10"])
+    assert f"--out: {tmp_path} is a folder, not a file" in capsys.readouterr().err
 
 
 def test_a_small_run_reports_its_failures_reason(
