@@ -315,6 +315,8 @@ def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
         ('[model.m]\nbase = "nope"\n', "model.m.base"),
         ("[gpu.x]\npeak_tflops = -1\nhbm_tbps = 1\nmemory_gb = 1\n", "gpu.x.peak_tflops"),
         ('[model.m]\nbase = "llama-3-8b"\nnum_heads = 0\n', "model.m.num_heads"),
+        ('[[gpu]]\nname = "b200"\npeak_tflops = 2250\n', "gpu"),  # an array of tables
+        ('model = "llama-3-8b"\n', "model"),
     ],
 )
 def test_load_specs_toml_errors(tmp_path: Path, text: str, key: str) -> None:

@@ -361,6 +361,13 @@ def _tables(
     path: Path, locator: KeyLocator, data: Mapping[str, Any], kind: str
 ) -> list[tuple[str, Mapping[str, Any]]]:
     section = data.get(kind, {})
+    if not isinstance(section, dict):  # [[gpu]], or gpu = "b200"
+        got = "an array" if isinstance(section, list) else "a value"
+        raise ConfigError(
+            f"expected tables [{kind}.<name>], got {got}",
+            location=_where(path, locator, kind),
+            key=kind,
+        )
     out: list[tuple[str, Mapping[str, Any]]] = []
     for name, table in section.items():
         if not isinstance(table, dict):
