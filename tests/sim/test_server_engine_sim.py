@@ -336,6 +336,8 @@ async def test_fields_read_as_vllms_request_models_read_them(
             ({"suffix": "!"}, "suffix"),
             ({"temperature": -1}, "temperature"),
             ({"priority": 5}, "priority"),  # vLLM's FCFS scheduler takes no priority
+            ({"stream": "yes"}, "stream"),
+            ({"stream": True, "stream_options": "x"}, "stream_options"),
         ]
         for fields, param in refused:
             status, err = await post(http, url, {**COMPLETION, **fields})

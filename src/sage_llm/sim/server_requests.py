@@ -220,8 +220,10 @@ def parse_request(
         raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
     stream = body.get("stream") or False  # null: not streamed
     options = body.get("stream_options")
-    if not isinstance(stream, bool) or not isinstance(options, dict | None):
-        raise InvalidRequestError("stream must be a boolean, stream_options an object")
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("stream must be a boolean", param="stream")
+    if not isinstance(options, dict | None):
+        raise InvalidRequestError("stream_options must be an object", param="stream_options")
     if options and not stream:  # in vLLM's words
         raise InvalidRequestError(
             "Stream options can only be defined when `stream=True`.", param="stream_options"
