@@ -395,6 +395,9 @@ def _stop(proc: subprocess.Popen[str], pids: Sequence[int]) -> None:
     [
         (["--gpu-memory-utilization", "1.5"], "error: --gpu-memory-utilization: must be in (0, 1]"),
         (["--tp", "3"], "error: --tp: tensor-parallel size 3 does not divide Llama-3-8B's 32"),
+        (["--model", "nope"], "error: --model: unknown model 'nope'"),
+        (["--gpu", "nope"], "error: --gpu: unknown GPU 'nope'"),
+        (["--model", "llama-3-70b"], "error: --model: Llama-3-70B does not fit on 1 × H100"),
     ],
 )
 def test_engine_sim_names_the_option_a_bad_engine_setting_came_from(

@@ -509,7 +509,7 @@ def engine_sim(
         "enable_chunked_prefill": enable_chunked_prefill,
         "enable_prefix_caching": enable_prefix_caching,
     }
-    options = {"tp", "pp", "speed", "seed", "kv_host", "kv_port", *engine_args}
+    options = {"model", "gpu", "tp", "pp", "speed", "seed", "kv_host", "kv_port", *engine_args}
     try:
         params: dict[str, object] = {
             "tp": tp, "pp": pp, "role": ExecutionInstanceType.parse(role), "speed": speed,
