@@ -205,6 +205,18 @@ async def test_model_card_and_tokenizer_report_the_engines_limit(
         status, err = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4096})
         assert status == 400 and err["error"]["param"] == "max_tokens"
         assert "maximum context length is 4096 tokens" in err["error"]["message"]
+        # a prompt that fills the context alone: its length is the problem, whatever
+        # max_tokens (none here), in vLLM's words
+        words = " ".join(["word"] * 4200)
+        for path, body, param in (
+            ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": words}]},
+             "messages"),
+            ("completions", {"model": MODEL, "prompt": words}, "prompt"),
+        ):  # fmt: skip
+            status, err = await post(http, f"{base}/v1/{path}", body)
+            assert (status, err["error"]["param"]) == (400, param), err
+            assert "However, your request has" in err["error"]["message"]
+            assert "input tokens. Please reduce the length" in err["error"]["message"]
     # by default the model's own context: Llama-3-8B's 8192, Llama-3.1-8B's 131072
     for model, context in (("llama-3-8b", 8192), ("llama-3.1-8b", 131072)):
         async with served(fast_engine(model=model)) as base, http.get(f"{base}/v1/models") as r:

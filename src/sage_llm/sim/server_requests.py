@@ -190,6 +190,13 @@ def parse_request(
     :class:`InvalidRequestError` (400) or :class:`ModelNotFoundError` (404)."""
     check_model(body.get("model"), model_name)
     prompt, messages, prompt_tokens = _prompt(body, chat)
+    if max_model_len is not None and prompt_tokens >= max_model_len:  # as vLLM says it
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {prompt_tokens} input tokens. Please reduce the length of the "
+            "input messages.",
+            param="messages" if chat else "prompt",
+        )
     max_tokens = body.get("max_tokens")
     param = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
