@@ -328,6 +328,12 @@ def test_profile_round_trips_and_builds_a_matching_sim_config() -> None:
     assert config.max_num_batched_tokens == SHAPE.max_num_batched_tokens
     core = SimEngineCore(config)
     assert core.num_gpu_blocks == SHAPE.num_gpu_blocks
+    # smaller blocks alone: as many tokens of KV cache (the engine's memory), more blocks
+    small = profile.sim_config(block_size=SHAPE.block_size // 2)
+    assert small.num_gpu_blocks is not None
+    assert small.num_gpu_blocks * small.block_size == SHAPE.num_gpu_blocks * SHAPE.block_size
+    given = profile.sim_config(block_size=SHAPE.block_size // 2, num_gpu_blocks=10)
+    assert given.num_gpu_blocks == 10  # an explicit count wins
 
 
 def test_packaged_cpu_tiny_profile_loads_and_mimics_its_own_measurements() -> None:

@@ -185,12 +185,18 @@ class FittedProfile:
         return LinearStepModel(b0, b1, b2, label=f"linear:{self.model}/{self.gpu}/fitted")
 
     def sim_config(self, **overrides: Any) -> SimEngineConfig:
-        """A :class:`SimEngineConfig` that mimics the measured engine (``overrides`` win)."""
+        """A :class:`SimEngineConfig` that mimics the measured engine (``overrides`` win).
+        Another ``block_size`` alone keeps the KV cache's size in tokens (the measured
+        engine's memory), not its count of blocks."""
         s = self.shape
+        blocks = s.num_gpu_blocks
+        block_size = overrides.get("block_size")
+        if isinstance(block_size, int) and block_size > 0 and "num_gpu_blocks" not in overrides:
+            blocks = max(1, s.num_gpu_blocks * s.block_size // block_size)
         values: dict[str, Any] = {
             "model": self.model, "gpu": self.gpu, "cost_model": self.cost_model(),
             "max_num_seqs": s.max_num_seqs, "max_num_batched_tokens": s.max_num_batched_tokens,
-            "block_size": s.block_size, "num_gpu_blocks": s.num_gpu_blocks,
+            "block_size": s.block_size, "num_gpu_blocks": blocks,
             "max_model_len": s.max_model_len,
         }  # fmt: skip
         return SimEngineConfig(**{**values, **overrides})
