@@ -640,3 +640,31 @@ def test_a_plan_files_problems_are_located_at_their_lines(tmp_path: Path) -> Non
         f"{launch}:2: launch.plan_file: {path}:{bad}: instances[0].tp: must be an integer, "
         "got string 'x'"
     ]
+
+
+def test_a_launch_files_plan_file_gives_its_model_to_simulated_engines(tmp_path: Path) -> None:
+    (tmp_path / "plan.json").write_text(plan_command("llama-3-70b", "8xH100", as_json=True))
+    path = write(tmp_path, '[launch]\nengine = "sim"\nplan_file = "plan.json"\n')
+    config = load_launch_config(path)  # no model: the plan's, under the name it was planned
+    assert (config.settings.model, config.settings.name) == ("Llama-3-70B", "llama-3-70b")
+    engines = engines_from_plan(config.instances, config.settings)
+    argv = list(engines[0].argv)
+    assert argv[argv.index("--model") + 1] == "Llama-3-70B"
+    for key in ("model", "sim_model"):  # another model is a conflict, not silently used
+        path = write(tmp_path, f'[launch]\n{key} = "llama-3-8b"\nplan_file = "plan.json"\n')
+        assert _problems(path) == [
+            f"{path}:2: launch.{key}: 'llama-3-8b' conflicts with plan.json's model (Llama-3-70B)"
+        ]
+
+
+def test_a_plan_files_simulated_shapes_are_checked_before_any_engine_starts(
+    tmp_path: Path,
+) -> None:
+    data = json.loads(plan_command("llama-3-8b", "4xH100", as_json=True))
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**data, "model": "Llama-3-70B"}, indent=2))
+    tp_line = _line_with(path, '"tp"')
+    assert _problems(path) == [  # once for the four instances of one shape
+        f"{path}:{tp_line}: instances[0].tp: its simulated engine cannot start: Llama-3-70B "
+        "does not fit on 1 × H100 (weights 131.4 GiB)"
+    ]

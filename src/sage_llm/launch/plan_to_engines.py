@@ -826,6 +826,17 @@ def load_launch_config(
             settings = LaunchSettings(**values)
         elif values:
             settings = replace(settings, **values)
+        if settings.engine == "sim":  # said now, each shape once, not when the engines exit
+            said: set[str] = set()
+            model = settings.sim_model or settings.model
+            for k, inst in enumerate(instances):
+                misfit = placement_problem(model, settings.sim_gpu, tp=inst.tp, pp=inst.pp)
+                if misfit is not None and misfit not in said:
+                    said.add(misfit)
+                    located.add(
+                        ("instances", k, "tp"), f"its simulated engine cannot start: {misfit}"
+                    )
+            _raise(located)
         try:
             engines = engines_from_plan(instances, settings)  # the ports, this node's instances
         except ConfigError as exc:
@@ -856,6 +867,35 @@ def load_launch_config(
     _raise(p)
     assert config is not None
     return config
+
+
+def _plans_model(
+    settings: LaunchSettings, table: Mapping[str, Any], data: Mapping[str, Any], name: str,
+    p: Problems,
+) -> LaunchSettings:  # fmt: skip
+    """Simulated engines of a ``plan_file``'s model: the plan's ``model`` (and the name it
+    was planned under, ``served_model_name``) when the launch file gives none; a problem
+    at the key when it gives another."""
+    planned = data.get("model")
+    if not isinstance(planned, str) or not planned:
+        return settings
+    key = "sim_model" if "sim_model" in table else "model" if "model" in table else None
+    if key is None:
+        served = data.get("served_model_name")
+        name_given = "served_model_name" in table or not isinstance(served, str) or not served
+        return replace(
+            settings,
+            model=planned,
+            served_model_name=settings.served_model_name if name_given else served,
+        )
+    given = settings.sim_model or settings.model
+    try:
+        same = get_model(given).name == get_model(planned).name
+    except ConfigError:  # an unknown name is reported where it is read
+        return settings
+    if not same:
+        p.add(("launch", key), f"{given!r} conflicts with {name}'s model ({planned})")
+    return settings
 
 
 def _check_same_gpu(given: str, planned: str, source: str, p: Problems) -> None:
@@ -922,6 +962,8 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> Launc
                         _check_same_gpu(settings.sim_gpu, planned_gpu, f"{name}'s gpu", p)
                     else:  # simulated engines simulate the GPU the plan is for
                         settings = replace(settings, sim_gpu=planned_gpu)
+                if settings is not None and settings.engine == "sim":
+                    settings = _plans_model(settings, table, data, name, p)
     if sources == ["plan"] and settings is not None and "gpu" in table:
         gpus = table["plan"].get("gpus") if isinstance(table["plan"], Mapping) else None
         with contextlib.suppress(ConfigError):  # a bad gpus is reported where it is read
