@@ -371,6 +371,16 @@ def test_plan_command_errors_are_clear() -> None:
         plan_command(model="gpt-9")
     with pytest.raises(ConfigError, match="cannot read topology file"):
         plan_command(topology_file="/nonexistent/topo.txt")
+    bad: list[tuple[dict[str, object], str]] = [  # from Python: a value of the wrong type
+        ({"gpus": 4}, "gpus"),
+        ({"rate": "10"}, "rate"),
+        ({"prompt_len": "10"}, "prompt_len"),
+        ({"output_p90": 1.5}, "output_p90"),
+    ]
+    for kwargs, key in bad:
+        with pytest.raises(ConfigError) as err:
+            plan_command(**kwargs)  # type: ignore[arg-type]
+        assert err.value.key == key, kwargs
 
 
 # -- review regressions ----------------------------------------------------------------------------

@@ -1024,6 +1024,7 @@ def plan_command(
     """What ``sage-llm plan`` prints: the explanation, or the plan as JSON (``as_json``).
     A ConfigError's key is the parameter at fault (``prompt_len``, ``gpus``, ``slo_ttft`` …;
     ``gpu`` for an unknown GPU type in ``gpus``)."""
+    _check_plan_types(model, gpus, prompt_len, output_len, prompt_p90, output_p90, rate)
     nodes, count, gpu = parse_gpu_text(gpus)
     # A plain count is split into nodes by plan(): of the topology's size when one is given.
     alloc = count if nodes is None else GPUAllocation(nodes, count)
@@ -1055,6 +1056,26 @@ def plan_command(
         data = {"served_model_name": model, **result.to_dict()}
         return json.dumps(data, indent=2, default=_json_default)
     return result.explanation
+
+
+def _check_plan_types(
+    model: object, gpus: object, prompt_len: object, output_len: object,
+    prompt_p90: object, output_p90: object, rate: object,
+) -> None:  # fmt: skip
+    """:class:`ConfigError` naming the parameter of :func:`plan_command` given a value of
+    the wrong type (from Python: the command line's are strings it parses)."""
+    for key, text in (("model", model), ("gpus", gpus)):
+        if not isinstance(text, str):
+            raise ConfigError(f"must be a string, got {text!r}", key=key)
+    lengths = (
+        ("prompt_len", prompt_len), ("output_len", output_len),
+        ("prompt_p90", prompt_p90), ("output_p90", output_p90),
+    )  # fmt: skip
+    for key, value in lengths:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"must be an integer (tokens), got {value!r}", key=key)
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
+        raise ConfigError(f"must be a number (requests per second), got {rate!r}", key="rate")
 
 
 def _json_default(value: object) -> object:
