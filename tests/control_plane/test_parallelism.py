@@ -627,3 +627,12 @@ def test_per_node_keeps_only_plans_each_node_can_serve_alone() -> None:
     assert alone.candidate.kind == "colocated"
     reasons = {c.label: r for c, r in alone.rejected}
     assert "not launchable per node" in reasons[best.candidate.label]
+
+
+def test_a_rate_beyond_every_plan_whose_kv_caps_it_shows_the_best_at_its_capacity() -> None:
+    """Not "no feasible plan": as when a latency target caps every plan."""
+    text = plan_command("llama-3-70b", "2x2xH100", rate=5)
+    assert "No plan meets the SLO at 5 req/s" in text
+    assert "Chosen: 2 × TP2" in text
+    data = json.loads(plan_command("llama-3-70b", "2x2xH100", rate=5, as_json=True))
+    assert data["instances"] and data["estimates"]["meets_slo"] is False

@@ -774,6 +774,7 @@ def plan(
                     if n_d >= 1:
                         cands.append(Candidate("pd", sp, n_p, sd, n_d))
     scored: list[_Scored] = []
+    kv_capped: list[tuple[_Scored, str]] = []  # miss the rate, for their KV cache
     for cand in cands:
         insts = pl.instances(cand)
         if insts is None:
@@ -788,9 +789,13 @@ def plan(
         if sc.est.capacity_rps <= 0:
             rejected.append((cand, _nothing_reason(sc, slo)))
         elif sc.at_rate is not None and not sc.at_rate.meets and "KV" in sc.est.limit:
-            rejected.append((cand, _kv_reason(sc.at_rate, sc.est)))
+            kv_capped.append((sc, _kv_reason(sc.at_rate, sc.est)))
         else:
             scored.append(sc)
+    if scored:
+        rejected.extend((sc.cand, why) for sc, why in kv_capped)
+    else:  # the rate is beyond every plan: the best is shown at its own capacity, as when
+        scored = [sc for sc, _ in kv_capped]  # a latency target caps them
     if not scored:
         reasons = "; ".join(f"{c.label}: {r}" for c, r in rejected[:6])
         raise ConfigError(
