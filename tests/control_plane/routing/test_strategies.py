@@ -121,6 +121,14 @@ def test_round_robin_cycles_in_instance_id_order() -> None:
     assert router.describe()["state"] == {"round_robin": {"last": {"llama-3-8b": "sim-1"}}}
 
 
+def test_round_robin_gives_ids_of_one_natural_key_each_a_turn() -> None:
+    """``gpu-01`` and ``gpu-1`` sort alike by their numbers; neither is skipped."""
+    views = [make_instance_view(i) for i in ("gpu-01", "gpu-1", "gpu-2")]
+    chosen, _ = dispatch(round_robin(rng=random.Random(0)), make_request_infos(6),
+                         make_snapshot(views))  # fmt: skip
+    assert chosen == ["gpu-01", "gpu-1", "gpu-2"] * 2
+
+
 def test_round_robin_skips_full_instances() -> None:
     snap = make_snapshot(4, max_concurrency=8)
     snap = with_view(snap, "i1", in_flight=8)
@@ -447,11 +455,11 @@ def test_params_validate(params: Callable[[], object], key: str) -> None:
 
 def _reference_next(last: str | None, ids: list[str]) -> str:
     """The round-robin order's definition: candidates sorted by ``(natural_key, id)``; the
-    first whose key is past the last one routed to's, else the first."""
+    first past the last one routed to in that order, else the first."""
     ordered = sorted((natural_key(i), i) for i in ids)
     if last is not None:
         for key, iid in ordered:
-            if key > natural_key(last):
+            if (key, iid) > (natural_key(last), last):
                 return iid
     return ordered[0][1]
 

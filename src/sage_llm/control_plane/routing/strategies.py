@@ -195,7 +195,9 @@ class RoundRobinCursor:
         self._last: dict[str, str] = {}
         self._keys: dict[str, tuple[str | int, ...]] = {}  # natural_key per instance id
         # per model: the candidates' ids, and their keys and ids in the round-robin order
-        self._order: dict[str, tuple[tuple[str, ...], list[tuple[str | int, ...]], list[str]]] = {}
+        self._order: dict[
+            str, tuple[tuple[str, ...], list[tuple[tuple[str | int, ...], str]], list[str]]
+        ] = {}
 
     def _key(self, instance_id: str) -> tuple[str | int, ...]:
         key = self._keys.get(instance_id)
@@ -207,9 +209,9 @@ class RoundRobinCursor:
 
     def next_instance(self, model: str, candidates: Sequence[InstanceView]) -> str:
         """The candidate that comes next for ``model``: the first in the order of
-        ``(natural_key(id), id)`` whose key is past the last one routed to's, or else the
-        first of all. The order is kept while the candidates stay the same (they do, from
-        one decision to the next, unless an instance fills up, fails or leaves)."""
+        ``(natural_key(id), id)`` past the last one routed to, or else the first of all.
+        The order is kept while the candidates stay the same (they do, from one decision
+        to the next, unless an instance fills up, fails or leaves)."""
         ids = tuple(map(_instance_id, candidates))
         cached = self._order.get(model)
         if cached is None or cached[0] != ids:
@@ -217,11 +219,11 @@ class RoundRobinCursor:
             ordered = sorted((sort_key(i), i) for i in ids)
             if len(self._order) >= 4096:  # models come and go: keep the memo bounded
                 self._order.clear()
-            cached = self._order[model] = (ids, [k for k, _ in ordered], [i for _, i in ordered])
+            cached = self._order[model] = (ids, ordered, [i for _, i in ordered])
         _, keys, order = cached
         last = self._last.get(model)
-        if last is not None:
-            at = bisect_right(keys, self._key(last))
+        if last is not None:  # by (key, id): ids of one key ("gpu-01", "gpu-1") each have a turn
+            at = bisect_right(keys, (self._key(last), last))
             if at < len(order):
                 return order[at]
         return order[0]
