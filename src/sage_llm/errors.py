@@ -17,8 +17,9 @@ can turn it into a JSON error body without a lookup table::
     │   └── PolicyNotFoundError / StrategyNotFoundError  unknown policy or routing name
     ├── ConflictError (409, conflict_error)          e.g. an instance id already registered
     ├── AdmissionError (429, rate_limit_error)       refused before queueing
-    │   └── QueueFullError                           carries ``retry_after_s``
-    ├── SLOInfeasibleError (429, slo_infeasible)     the deadline cannot be met
+    │   ├── QueueFullError                           carries ``retry_after_s``
+    │   ├── SLOInfeasibleError (slo_infeasible)      the deadline cannot be met
+    │   └── OverBudgetError                          no instance within the cost budget
     ├── RequestCancelledError (499, cancelled)
     ├── NoHealthyInstanceError (503, service_unavailable)
     ├── ControlPlaneNotRunningError (503, service_unavailable)
@@ -203,6 +204,11 @@ class SLOInfeasibleError(AdmissionError):
     (HTTP 429, no retry hint: a fixed deadline only gets harder to meet)."""
 
     error_type = "slo_infeasible"
+
+
+class OverBudgetError(AdmissionError):
+    """Refused at admission: even the cheapest instance would cost more than the request's
+    ``cost_budget`` (HTTP 429, no retry hint: the price does not drop a second later)."""
 
 
 class RequestCancelledError(SageLLMError):

@@ -40,6 +40,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NoHealthyInstanceError,
+    OverBudgetError,
     PolicyNotFoundError,
     QueueFullError,
     RequestCancelledError,
@@ -1499,8 +1500,8 @@ def test_a_policy_that_cannot_choose_fails_the_queued_requests_and_loses_none() 
 
 
 def test_a_refusal_is_classified_by_its_kind_not_by_words_in_its_reason() -> None:
-    """An over-budget refusal of a model named "slow-deadline-slo" is the policy's
-    AdmissionError (it was an SLOInfeasibleError: "slo" was in the reason)."""
+    """An over-budget refusal of a model named "slow-deadline-slo" is an OverBudgetError
+    (it was an SLOInfeasibleError: "slo" was in the reason)."""
     model = "slow-deadline-slo"
 
     async def main() -> str:
@@ -1511,13 +1512,15 @@ def test_a_refusal_is_classified_by_its_kind_not_by_words_in_its_reason() -> Non
         )
         cp.register_instance(make_instance("i0", model_name=model))
         async with cp:
-            with pytest.raises(AdmissionError, match="over budget") as info:
+            with pytest.raises(OverBudgetError, match="over budget") as info:
                 await cp.submit_request(make_metadata(model_name=model, cost_budget=1e-12))
             assert not isinstance(info.value, SLOInfeasibleError)
+            assert isinstance(info.value, AdmissionError) and info.value.retry_after_s is None
             return cp.prometheus_metrics().decode()
 
     text = run_virtual(main())
-    assert 'sage_llm_requests_rejected_total{model="slow-deadline-slo",reason="policy"} 1.0' in text
+    rejected = 'sage_llm_requests_rejected_total{model="slow-deadline-slo",reason="over_budget"}'
+    assert f"{rejected} 1.0" in text
 
 
 def test_a_tiny_aging_interval_ages_at_once_instead_of_overflowing() -> None:

@@ -355,8 +355,10 @@ async def test_a_cost_budget_from_the_body_or_the_header_reaches_the_policy() ->
             async with http.post(gw.url("/v1/completions"), json=body, headers=headers) as r:
                 answer = await r.json()
                 assert r.status == status, answer
-                if status == 429:
+                if status == 429:  # refused again a second later: no retry is invited
                     assert "over budget" in answer["error"]["message"]
+                    assert "Retry-After" not in r.headers
+                    assert r.headers["x-should-retry"] == "false"
         for bad in ("cheap", "-1", "nan"):
             headers = {"x-sage-cost-budget": bad}
             async with http.post(

@@ -89,6 +89,7 @@ from sage_llm.errors import (
     EngineError,
     InvalidRequestError,
     NoHealthyInstanceError,
+    OverBudgetError,
     QueueFullError,
     RequestNotFoundError,
     SLOInfeasibleError,
@@ -1336,6 +1337,9 @@ class ControlPlaneManager:
                 self._metrics.on_rejected("slo_infeasible", model)
                 # no retry hint: the same deadline is as infeasible a second later
                 raise SLOInfeasibleError(reason, retry_after_s=None)
+            if verdict.kind == "over_budget":
+                self._metrics.on_rejected("over_budget", model)
+                raise OverBudgetError(reason)  # as over budget a second later
             self._metrics.on_rejected("policy", model)
             raise AdmissionError(reason, retry_after_s=verdict.retry_after_s)
         if verdict.priority is not None:  # demoted: scheduled without its deadline from now on

@@ -28,6 +28,7 @@ from sage_llm.errors import (
     AuthenticationError,
     ConflictError,
     NoHealthyInstanceError,
+    OverBudgetError,
     SageLLMError,
     SLOInfeasibleError,
 )
@@ -76,9 +77,9 @@ def sage_error_headers(exc: SageLLMError) -> dict[str, str]:
     (not on an infeasible deadline) and on a 503 while instances are cooling down,
     ``WWW-Authenticate`` on 401, and ``x-should-retry: false`` on the refusals that a retry
     would meet again though their status is one clients retry (an infeasible deadline's
-    429, a conflict's 409): the OpenAI SDKs read it and do not retry."""
+    or a cost budget's 429, a conflict's 409): the OpenAI SDKs read it and do not retry."""
     headers: dict[str, str] = {}
-    if isinstance(exc, (SLOInfeasibleError, ConflictError)):
+    if isinstance(exc, (SLOInfeasibleError, OverBudgetError, ConflictError)):
         headers["x-should-retry"] = "false"
     elif isinstance(exc, AdmissionError):
         # an infeasible deadline is as infeasible later: no Retry-After invites a retry

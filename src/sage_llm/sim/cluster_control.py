@@ -53,6 +53,7 @@ _COMPLETED, _FAILED = RequestStatus.COMPLETED, RequestStatus.FAILED
 _ERRORS = {
     "queue_full": "QueueFullError",
     "slo_infeasible": "SLOInfeasibleError",
+    "over_budget": "OverBudgetError",
     "policy": "AdmissionError",
 }
 """The error a refusal of each :attr:`Admission.kind` raises in the control plane."""

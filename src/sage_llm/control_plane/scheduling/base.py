@@ -31,14 +31,16 @@ class Admission:
     policy; its SLO still counts in ``slo_met``). ``kind`` says what a refusal is, for
     its error and ``sage_llm_requests_rejected_total{reason}``: ``"slo_infeasible"`` (a
     deadline no instance can meet: :class:`~sage_llm.errors.SLOInfeasibleError`, no retry
-    hint), ``"queue_full"`` (the manager's queue bound) or ``"policy"`` (any other:
+    hint), ``"over_budget"`` (no instance within the request's cost budget:
+    :class:`~sage_llm.errors.OverBudgetError`, no retry hint), ``"queue_full"`` (the
+    manager's queue bound) or ``"policy"`` (any other:
     :class:`~sage_llm.errors.AdmissionError` with ``retry_after_s``)."""
 
     admitted: bool
     reason: str = ""
     retry_after_s: float | None = None
     priority: RequestPriority | None = None
-    kind: Literal["policy", "slo_infeasible", "queue_full"] = "policy"
+    kind: Literal["policy", "slo_infeasible", "over_budget", "queue_full"] = "policy"
 
 
 ADMIT = Admission(True)

@@ -101,6 +101,7 @@ class CostOptimizedPolicy(QueuedPolicy):
                 f"over budget: the cheapest instance of {req.model} would cost "
                 f"{min(costs):.6g}, above the request's cost_budget {req.cost_budget:.6g}"
             ),
+            kind="over_budget",
         )
 
     def constrain(self, req: RequestInfo, snap: ClusterSnapshot) -> frozenset[str] | None:
