@@ -424,8 +424,9 @@ def test_a_tiny_fleet_returns_from_slo_aware_to_fifo_once_the_queue_drains() -> 
     info = policy.describe()
     assert info["current"] == "slo_aware"
     assert info["since"] == 2.0
-    assert "queue at 1.50x fleet capacity (3 waiting / 2 slots; 5 queued, 2 slots free)" in str(
-        info["reason"]
+    # the reason is the rule's at its last evaluation (t = 9 s), with those numbers
+    assert "queue at 5.00x fleet capacity (10 waiting / 2 slots; 12 queued, 2 slots free)" in (
+        str(info["reason"])
     )
     fleet.run(10, 60, arrivals)
     info = policy.describe()
@@ -498,3 +499,18 @@ def test_a_request_pushed_again_counts_once_in_the_mix() -> None:
         policy.push(urgent)
         assert policy.remove("u") is not None
     assert policy.signals(snap).priority_share == pytest.approx(1 / 5)
+
+
+def test_the_reason_follows_the_rule_between_switches() -> None:
+    """Not "no load observed yet" once the rule has been evaluated; a switch the rule
+    names but min_dwell_s holds back is said so."""
+    policy = AdaptivePolicy()
+    fleet = MiniDispatcher(policy, [("i0", 2, 2.0)], run_s=1.0)
+
+    def arrivals(t: int) -> list[RequestInfo]:
+        return [make_request_info(f"d{t}.{k}", arrival=float(t), slo_s=30.0) for k in range(3)]
+
+    fleet.run(0, 0, arrivals)
+    reason = str(policy.describe()["reason"])
+    assert "no load observed yet" not in reason
+    assert reason.startswith("keeping fifo until the rule has named slo_aware for min_dwell_s")

@@ -275,6 +275,7 @@ class AdaptivePolicy:
         target, why = self.desired(sig)
         if target == self._current:
             self._pending = None
+            self._reason = why  # the rule's words now, with today's numbers
             return
         if self._pending is None or self._pending[0] != target:
             self._pending = (target, now)
@@ -282,6 +283,11 @@ class AdaptivePolicy:
         dwelt = now - self._since + EPS >= p.min_dwell_s
         if held and dwelt:
             self._switch(target, why, snap)
+        else:
+            self._reason = (
+                f"keeping {self._current} until the rule has named {target} for "
+                f"min_dwell_s ({p.min_dwell_s:g} s): {why}"
+            )
 
     def desired(self, sig: Signals) -> tuple[str, str]:
         """(policy the rule names for ``sig``, a sentence saying why, with the numbers)."""
