@@ -1323,6 +1323,10 @@ def test_prefixes_are_tracked_only_when_something_reads_them() -> None:
             assert cp.get_status()["prefix_index_entries"] == count_tokens(prompt) // 16
             cp.update_routing("round_robin")
             assert cp.get_status()["prefix_tracking"] is False
+            # what it held would go stale: emptied, so one switched on again starts empty
+            assert cp.get_status()["prefix_index_entries"] == 0
+            cp.update_routing("locality")
+            assert cp.get_status()["prefix_index_entries"] == 0
 
     run_virtual(main())
 

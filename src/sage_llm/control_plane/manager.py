@@ -1041,9 +1041,11 @@ class ControlPlaneManager:
         pd_fleet = self._pd is not None and any(
             s.instance.instance_type in PD_ROLES for s in self._registry if not s.removed
         )
-        self._tracks_prefixes = (
-            pd_fleet or router_wants(self._router())[0] or may_read_block_hashes(self.policy)
-        )
+        tracks = pd_fleet or router_wants(self._router())[0] or may_read_block_hashes(self.policy)
+        if self._tracks_prefixes and not tracks:
+            # what it holds goes stale from now on: one switched on again starts empty
+            self._prefix.clear()
+        self._tracks_prefixes = tracks
 
     @property
     def policy(self) -> SchedulingPolicy:
