@@ -208,6 +208,11 @@ async def test_api_keys_are_checked_on_the_lean_path() -> None:
         assert status == 401 and headers["www-authenticate"] == "Bearer"
         writer.write(_post("/v1/completions", completion_body(), "Authorization: Bearer k1"))
         assert (await _response(reader))[0] == 200
+        # a key that is not UTF-8: refused as any wrong key, on both fronts (was a 500)
+        for path in ("/v1/completions", "/v1/models?x=1"):
+            writer.write(_post(path, completion_body()).replace(
+                b"Host: test", b"Host: test\r\nAuthorization: Bearer \xff"))  # fmt: skip
+            assert (await _response(reader))[0] == 401
         await _close(writer)
 
 

@@ -35,7 +35,8 @@ def bearer_token(header: str | None) -> str | None:
 
 def matches_any(token: str, secrets: Sequence[str]) -> bool:
     """Constant-time comparison of ``token`` against every secret (no early exit)."""
-    given = token.encode("utf-8")
+    # a header's bytes that are not UTF-8 arrive as surrogates: they match no secret
+    given = token.encode("utf-8", "surrogatepass")
     found = False
     for secret in secrets:
         found |= hmac.compare_digest(given, secret.encode("utf-8"))
