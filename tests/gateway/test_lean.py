@@ -216,6 +216,21 @@ async def test_api_keys_are_checked_on_the_lean_path() -> None:
         await _close(writer)
 
 
+async def test_a_body_not_in_its_content_encoding_is_a_json_400() -> None:
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        for path in ("/v1/completions", "/v1/embeddings", "/admin/set_policy"):
+            writer.write(_post(path, completion_body(), "Content-Encoding: gzip"))
+            status, _, body = await _response(reader)
+            error = json.loads(body)["error"]
+            assert (status, error["type"]) == (400, "invalid_request_error"), body
+            assert error["message"].startswith("request body cannot be read")
+            assert await reader.read() == b""  # the connection is closed after it
+            await _close(writer)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        await _close(writer)
+
+
 async def test_connection_close_is_honoured() -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from sage_llm import jsonutil
@@ -133,6 +134,12 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
     try:
         async with asyncio.timeout(timeout_s):
             return await request.read()
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding it is not encoded in
+        # what is left of the body cannot be read either: the connection closes after the
+        # 400, and aiohttp does not try to read the rest (feed_eof)
+        request.protocol.close()
+        request.content.feed_eof()
+        raise InvalidRequestError(f"request body cannot be read: {exc}") from None
     except TimeoutError:
         # the connection closes after the 408: what more comes of the body is ignored
         # (close), and aiohttp does not wait its lingering time for the rest (feed_eof)
