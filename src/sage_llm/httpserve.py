@@ -18,11 +18,22 @@ def tcp_nodelay(transport: asyncio.BaseTransport | None) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+KEEPALIVE_TIMEOUT_S = 75.0
+"""How long an idle keep-alive connection stays open (the gateway's lean front closes its
+own after as long)."""
+
+
 def new_runner(app: web.Application, *, shutdown_timeout_s: float) -> web.AppRunner:
     """The runner every server here uses: a request's handler is cancelled when its client
-    disconnects; aiohttp's access log is off (callers write their own, without secrets)."""
+    disconnects; an idle keep-alive connection closes after :data:`KEEPALIVE_TIMEOUT_S`
+    (aiohttp's own default is an hour); aiohttp's access log is off (callers write their
+    own, without secrets)."""
     return web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
     )
 
 

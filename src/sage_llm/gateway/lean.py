@@ -18,7 +18,7 @@ Per connection, requests are served one at a time in arrival order (pipelined re
 wait in the buffer; reading pauses when it holds more than a whole request can). A
 client that disconnects cancels its request's handler, as aiohttp's
 ``handler_cancellation`` does. Idle keep-alive connections close after
-``keepalive_timeout_s`` (75 s, aiohttp's default), and a request whose head and body have
+``keepalive_timeout_s`` (75 s, as the aiohttp front's), and a request whose head and body have
 not all arrived ``read_timeout_s`` after its first byte gets a 408 and its connection
 closes (one sweep per tenth of the shorter of the two looks for both, so a connection
 closes at most 10% late and a request sets no timer of its own).
@@ -41,7 +41,7 @@ from typing import Protocol, cast
 from sage_llm import jsonutil
 from sage_llm.gateway.errors import error_body
 from sage_llm.gateway.observe import REQUEST_ID_HEADER
-from sage_llm.httpserve import tcp_nodelay
+from sage_llm.httpserve import KEEPALIVE_TIMEOUT_S, tcp_nodelay
 from sage_llm.writebatch import WriteBatch
 
 log = logging.getLogger("sage_llm.gateway")
@@ -443,7 +443,7 @@ class LeanServer:
         routes: frozenset[str],
         max_body_bytes: int,
         cors: bool = False,
-        keepalive_timeout_s: float = 75.0,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         read_timeout_s: float | None = 30.0,
         on_read_timeout: Callable[[str, str, float, str], str] | None = None,
     ) -> None:

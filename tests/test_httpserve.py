@@ -1,0 +1,31 @@
+"""The aiohttp servers' shared settings (``sage_llm.httpserve``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from sage_llm.httpserve import KEEPALIVE_TIMEOUT_S, start_site
+
+
+async def test_an_idle_keep_alive_connection_closes_after_the_documented_time() -> None:
+    """75 s, as the gateway's lean front (aiohttp's own default is an hour)."""
+    runner, port = await start_site(web.Application(), "127.0.0.1", 0, shutdown_timeout_s=1.0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            server = runner.server
+            assert server is not None
+            handlers = list(server.connections)  # the protocol serving this connection
+            for _ in range(100):
+                if handlers:
+                    break
+                await asyncio.sleep(0.01)
+                handlers = list(server.connections)
+            assert handlers and KEEPALIVE_TIMEOUT_S == 75.0
+            assert handlers[0]._keepalive_timeout == KEEPALIVE_TIMEOUT_S
+        finally:
+            writer.close()
+    finally:
+        await runner.cleanup()
