@@ -231,6 +231,20 @@ async def test_a_body_not_in_its_content_encoding_is_a_json_400() -> None:
         await _close(writer)
 
 
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
+async def test_an_http_version_other_than_1_0_or_1_1_is_a_json_400(version: str) -> None:
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            _post("/v1/completions", completion_body()).replace(b"HTTP/1.1", version.encode(), 1)
+        )
+        status, _, body = await _response(reader)
+        error = json.loads(body)["error"]
+        assert (status, error["type"]) == (400, "invalid_request_error")
+        assert "unsupported HTTP version" in error["message"]
+        await _close(writer)
+
+
 async def test_connection_close_is_honoured() -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
 from sage_llm.errors import InvalidRequestError
@@ -32,6 +32,7 @@ from sage_llm.gateway.errors import (
     MODEL_KEY,
     REQUEST_ID_KEY,
     RESPONSE_HEADERS_KEY,
+    error_body,
     error_response,
     sage_error_response,
 )
@@ -170,6 +171,18 @@ def _bad_request_id() -> web.Response:
     return sage_error_response(bad_request_id_error())
 
 
+_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+
+
+def _bad_version(version: HttpVersion) -> web.Response:
+    """The 400 of a request line whose HTTP version is neither 1.0 nor 1.1 (aiohttp's
+    parser reads ``HTTP/2.0`` and ``HTTP/0.9`` as versions); the connection closes."""
+    text = f"malformed HTTP request: unsupported HTTP version {version.major}.{version.minor}"
+    resp = web.json_response(error_body(text, "invalid_request_error", 400), status=400)
+    resp.force_close()
+    return resp
+
+
 _ROUTES = frozenset(
     {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health",
      "/ready", "/metrics", "/openapi.json"}
@@ -243,7 +256,9 @@ def _observe(
         status = 500
         try:
             resp: web.StreamResponse
-            if not valid:
+            if request.version not in _VERSIONS:
+                resp = _bad_version(request.version)
+            elif not valid:
                 resp = _bad_request_id()
             elif cors is not None and request.method == "OPTIONS":
                 resp = _preflight()
