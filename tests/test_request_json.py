@@ -10,6 +10,8 @@ from sage_llm.request_json import json_object
 
 def test_an_object_is_returned_as_parsed() -> None:
     assert json_object(b'{"model": "m", "n": 2}') == {"model": "m", "n": 2}
+    # what orjson leaves to the standard library is read the same way
+    assert json_object(b'{"p": "cut \\ud83d", "x": 1e300}') == {"p": "cut \ud83d", "x": 1e300}
 
 
 @pytest.mark.parametrize(
@@ -19,6 +21,12 @@ def test_an_object_is_returned_as_parsed() -> None:
         (b"", "request body must be a JSON object"),
         (b"[1, 2]", "request body must be a JSON object"),
         (b"null", "request body must be a JSON object"),
+        (b'{"x": NaN}', "request body is not valid JSON: NaN is not a JSON number"),
+        (b'{"x": -Infinity}', "request body is not valid JSON: -Infinity is not a JSON number"),
+        (  # it would go on to the engine as null
+            b'{"x": 1e400}',
+            "request body is not valid JSON: the number 1e400 is beyond a float's range",
+        ),
         (
             b"[" * 300 + b"]" * 300,
             "request body is not valid JSON: arrays and objects nested deeper than 200 levels",

@@ -13,6 +13,7 @@ float (no OpenAI request field holds such a number).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -55,6 +56,45 @@ def loads(data: bytes | bytearray | str) -> Any:
     if opens > MAX_DEPTH and _deeper_than(obj, MAX_DEPTH):
         raise TooDeepError
     return obj
+
+
+class NumberError(ValueError):
+    """A request body's number that no float holds (``1e400``), or a ``NaN`` or
+    ``Infinity``, which are not JSON."""
+
+
+def loads_request(data: bytes) -> Any:
+    """:func:`loads` for a request body, whose fields may go on to an engine as the client
+    sent them: a number no float holds (``1e400``), or ``NaN``/``Infinity`` (not JSON), is
+    refused (:class:`NumberError`), where writing it on would give ``null`` or a document
+    that is not JSON. (An integer beyond 64 bits is read as a float, as by :func:`loads`.)"""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        obj = _strictly(data)
+    opens = data.count(b"[") + data.count(b"{")
+    if opens > MAX_DEPTH and _deeper_than(obj, MAX_DEPTH):
+        raise TooDeepError
+    return obj
+
+
+def _strictly(data: bytes) -> Any:
+    """``data`` read by :mod:`json`, refusing what :func:`loads_request` refuses."""
+    try:
+        return json.loads(data, parse_float=_finite, parse_constant=_not_json)
+    except RecursionError:
+        raise TooDeepError from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NumberError(f"the number {text[:40]} is beyond a float's range")
+    return value
+
+
+def _not_json(text: str) -> float:
+    raise NumberError(f"{text} is not a JSON number")
 
 
 def _deeper_than(obj: Any, limit: int) -> bool:

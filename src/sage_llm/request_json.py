@@ -17,8 +17,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
     "not valid JSON" (with the reason when it nests too deep) or "must be a JSON object"
     (an empty body included)."""
     try:
-        body = jsonutil.loads(raw) if raw else None
-    except jsonutil.TooDeepError as exc:
+        body = jsonutil.loads_request(raw) if raw else None
+    except (jsonutil.TooDeepError, jsonutil.NumberError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except ValueError:
         raise InvalidRequestError("request body is not valid JSON") from None
