@@ -981,6 +981,13 @@ def test_a_huge_integer_in_a_file_is_located_not_an_overflow(tmp_path: Path) -> 
         f"{path}:5: admission.max_queue_wait_s: must be a number a float can hold, got integer "
         "of 401 digits",
     ]
+    # an integer key's bound quotes such a number by its size, however long
+    with pytest.raises(ConfigError, match=r"gateway.port: must be <= 65535, got integer of over"):
+        config_from_dict({"gateway": {"port": 10**5000}})
+    path.write_text("[gateway]\nport = 1" + "0" * 5000 + "\n")  # longer than Python reads
+    assert [e.message for e in check_config(path)] == [
+        f"{path}: cannot be read: it holds an integer of more than 4,300 digits"
+    ]
 
 
 def test_programmatic_values_are_checked() -> None:

@@ -12,8 +12,10 @@ from sage_llm.config_locate import (
     KeyLocator,
     Problems,
     format_key,
+    read_toml,
     syntax_error,
 )
+from sage_llm.errors import ConfigError
 
 DOC = '''\
 # comment
@@ -209,3 +211,10 @@ def test_json_keys_are_located_at_their_lines() -> None:
             ("z", "never", 3), ("nowhere",),
         )
     ] == [2, 3, 4, 5, 6, 8, 11, 11, None]  # fmt: skip
+
+
+def test_an_integer_too_long_to_read_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        read_toml("[gateway]\nport = 1" + "0" * 5000 + "\n", "big.toml")
+    assert err.value.location == "big.toml"
+    assert "more than 4,300 digits" in err.value.message

@@ -1090,13 +1090,13 @@ def config_check(
 
 def _is_launch_file(path: Path) -> bool:
     """A plan (``.json``) or a TOML file with a top-level ``launch`` table."""
-    import tomllib
+    from sage_llm.config_locate import read_toml
 
     if path.suffix.lower() == ".json":
         return True
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+        data = read_toml(path.read_text(encoding="utf-8-sig"), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
         return False  # check_config reports it
     return "launch" in data
 

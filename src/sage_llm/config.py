@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,8 @@ from sage_llm.config_locate import (
     KeyLocator,
     KeyPath,
     Problems,
+    read_toml,
     read_utf8,
-    syntax_error,
 )
 from sage_llm.config_schema import (
     DEFAULT_SIM_MODEL,
@@ -304,12 +303,13 @@ def _parse(
     text: str, source: str, env: Mapping[str, str] | None
 ) -> tuple[SageConfig | None, list[ConfigError]]:
     try:
-        data = tomllib.loads(text)
+        data = read_toml(text, source)
+    except ConfigError as exc:
+        return None, [exc]
+    try:
         locator = KeyLocator(text)
         problems = Problems(source, locator)
         config = _build(data, problems, env, bare=False)
-    except tomllib.TOMLDecodeError as exc:
-        return None, [syntax_error(exc, source, text)]
     except RecursionError:
         return None, [ConfigError(TOO_DEEP, location=source)]
     return config, problems.sorted()

@@ -301,7 +301,12 @@ def rule_problem(value: object, checks: Rule) -> str | None:
             )
             if broken:
                 shown = int(bound) if float(bound).is_integer() else bound
-                return f"must be {word} {shown}, got {value!r}"
+                got = (
+                    described(value)
+                    if isinstance(value, int) and value.bit_length() > 128
+                    else repr(value)
+                )
+                return f"must be {word} {shown}, got {got}"
     return None
 
 

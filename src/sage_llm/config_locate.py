@@ -322,6 +322,22 @@ def read_utf8(path: Path, what: str = "file") -> str:
         raise ConfigError(message, location=f"{path}:{line}") from None
 
 
+def read_toml(text: str, source: str) -> dict[str, Any]:
+    """``text`` (from ``source``) parsed as TOML; :class:`ConfigError` located at
+    ``source`` (and line) for a syntax error, nesting too deep to read, or an integer
+    longer than Python reads (4,300 digits)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise syntax_error(exc, source, text) from None
+    except RecursionError:
+        raise ConfigError(TOO_DEEP, location=source) from None
+    except ValueError:  # int() refuses a literal of over 4,300 digits
+        raise ConfigError(
+            "cannot be read: it holds an integer of more than 4,300 digits", location=source
+        ) from None
+
+
 def syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> ConfigError:
     """A TOML syntax error in ``text`` as a :class:`ConfigError` located at ``source:line``
     (a table declared twice and a key given twice are said in the file's own words)."""

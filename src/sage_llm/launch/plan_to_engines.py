@@ -26,7 +26,6 @@ import json
 import logging
 import shlex
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -41,8 +40,8 @@ from sage_llm.config_locate import (
     KeyPath,
     Problems,
     format_key,
+    read_toml,
     read_utf8,
-    syntax_error,
 )
 from sage_llm.control_plane.parallelism import (
     GPUAllocation,
@@ -855,11 +854,9 @@ def load_launch_config(
             location=str(path),
         )
     text = read_utf8(path, "launch file")
+    doc = read_toml(text, str(path))
     try:
-        doc = tomllib.loads(text)
         locator = KeyLocator(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise syntax_error(exc, str(path), text) from None
     except RecursionError:
         raise ConfigError(TOO_DEEP, location=str(path)) from None
     p = Problems(str(path), locator)

@@ -20,12 +20,12 @@ checks it).
 from __future__ import annotations
 
 import threading
-import tomllib
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from sage_llm.config import load_config
+from sage_llm.config_locate import read_toml
 from sage_llm.config_schema import VLLM_SERVICE_TYPE
 from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
 from sage_llm.service.backends import Backend, make_backend, sim_embed
@@ -75,7 +75,7 @@ class VLLMService(ManagedService):
         table). The whole file is checked first, as ``sage-llm config check`` does: each
         problem with its line."""
         load_config(path)
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+        data = read_toml(Path(path).read_text(encoding="utf-8-sig"), str(path))
         services = data.get("services")
         tables = {
             key: table

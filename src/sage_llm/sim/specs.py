@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sage_llm.config_locate import KeyLocator, Problems, read_utf8, syntax_error
+from sage_llm.config_locate import KeyLocator, Problems, read_toml, read_utf8
 from sage_llm.errors import ConfigError
 
 GIB = 1 << 30
@@ -334,10 +333,7 @@ def load_specs_toml(path: str | Path) -> tuple[dict[str, GPUSpec], dict[str, Mod
     """
     path = Path(path)
     text = read_utf8(path, "spec file")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise syntax_error(exc, str(path), text) from None
+    data = read_toml(text, str(path))
     locator = KeyLocator(text)
     for key in data:
         if key not in ("gpu", "model"):
