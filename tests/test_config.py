@@ -1293,3 +1293,17 @@ def test_one_bad_instance_does_not_hide_the_others_problems() -> None:
     assert "the gateway's own address" in errs[1].detail
     # the default GPU in the bad name's place is not judged (70B "does not fit on 1 × H100")
     assert errs[2].detail.startswith("unknown GPU 'l4'")
+
+
+def test_a_window_beyond_what_memory_holds_is_refused_by_the_check() -> None:
+    """It passed the check and then failed the start with an OverflowError (a deque's
+    length): each is refused at its line."""
+    text = (
+        "[health]\nfailure_rate_window = 10000000000\n"
+        "[services.llm_control_plane]\npolicy_params = { window = 10000000000 }\n"
+    )
+    found = [(e.location, e.key) for e in problems(text)]
+    assert found == [
+        ("cfg.toml:2", "health.failure_rate_window"),
+        ("cfg.toml:4", "services.llm_control_plane.policy_params.window"),
+    ]

@@ -25,6 +25,7 @@ from sage_llm.config_fields import (
     to_plain,
     validate,
 )
+from sage_llm.control_plane.params import MAX_WINDOW
 from sage_llm.control_plane.routing.registry import ROUTING_NAMES
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
 from sage_llm.engines.base import ENGINE_STREAM
@@ -346,7 +347,7 @@ class HealthConfig:
     recovery_threshold: int = opt(1, _COUNT)
     eject_on_errors: bool = True
     failure_rate_threshold: float = opt(0.5, rule(gt=0, le=1))
-    failure_rate_window: int = opt(20, rule(ge=2))
+    failure_rate_window: int = opt(20, rule(ge=2, le=MAX_WINDOW))
     move_on_eject: bool = True
     connect_timeout_s: float = opt(5.0, _POSITIVE)
     first_token_timeout_s: float | None = opt(None, _POSITIVE)

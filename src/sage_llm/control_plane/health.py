@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sage_llm.control_plane.params import MAX_WINDOW
 from sage_llm.engines.base import ReportsContextLength
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 
@@ -99,8 +100,8 @@ class BreakerSettings:
             raise ValueError("need 0 < base_cooldown_s <= max_cooldown_s")
         if self.failure_rate is not None and not 0 < self.failure_rate <= 1:
             raise ValueError("failure_rate must be in (0, 1]")
-        if self.rate_window < 2:
-            raise ValueError("rate_window must be at least 2")
+        if not 2 <= self.rate_window <= MAX_WINDOW:
+            raise ValueError(f"rate_window must be in [2, {MAX_WINDOW:,}]")
 
 
 class CircuitBreaker:

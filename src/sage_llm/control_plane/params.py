@@ -21,6 +21,10 @@ from sage_llm.errors import ConfigError, raise_problems
 
 __all__ = ["Gathered", "build_params"]
 
+MAX_WINDOW = 1_000_000
+"""The most outcomes a sliding window keeps (``health.failure_rate_window``, adaptive's
+``window``): it is a deque's length, held in memory."""
+
 P = TypeVar("P")
 T = TypeVar("T")
 

@@ -38,12 +38,15 @@ def check_fraction(key: str, value: float) -> None:
         raise ConfigError(f"must be in [0, 1], got {value!r}", key=key)
 
 
-def check_count(key: str, value: int, *, minimum: int = 1) -> None:
-    """``value`` must be an integer >= ``minimum``."""
+def check_count(key: str, value: int, *, minimum: int = 1, maximum: int | None = None) -> None:
+    """``value`` must be an integer >= ``minimum`` (and <= ``maximum``, when given)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"must be an integer, got {value!r}", key=key)
     if value < minimum:
         raise ConfigError(f"must be >= {minimum}, got {value!r}", key=key)
+    if maximum is not None and value > maximum:
+        shown = value if value.bit_length() <= 128 else f"an integer of {len(str(value))} digits"
+        raise ConfigError(f"must be <= {maximum}, got {shown}", key=key)
 
 
 def check_choice(key: str, value: object, choices: Collection[str]) -> None:

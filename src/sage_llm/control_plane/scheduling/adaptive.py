@@ -43,6 +43,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from sage_llm.control_plane.params import MAX_WINDOW
 from sage_llm.control_plane.scheduling._params import (
     check_choice,
     check_count,
@@ -123,7 +124,7 @@ class AdaptivePolicy:
             check_choice("initial", self.initial, INNER_POLICIES)
             check_positive("eval_interval_s", self.eval_interval_s, allow_inf=False)
             check_non_negative("min_dwell_s", self.min_dwell_s)
-            check_count("window", self.window)
+            check_count("window", self.window, maximum=MAX_WINDOW)  # a deque's bound
             check_count("min_samples", self.min_samples)
             if self.min_samples > self.window:
                 raise ConfigError(
