@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
+from datetime import date, datetime, time
 from typing import Any
 
 import aiohttp
@@ -387,6 +387,11 @@ def test_to_jsonable_handles_dataclasses_enums_and_datetimes() -> None:
     assert out["api_key"] == "***"
     assert out["metadata"] == {"when": "2025-01-01T00:00:00"}
     assert to_jsonable((1, {2})) == [1, [2]]
+    # a TOML file's local date and time (metadata = { d = 1979-05-27, t = 07:32:00 })
+    assert to_jsonable({"d": date(1979, 5, 27), "t": time(7, 32)}) == {
+        "d": "1979-05-27",
+        "t": "07:32:00",
+    }
     assert to_jsonable({"a": float("inf"), "b": float("nan"), "c": 1.5}) == {
         "a": None,
         "b": None,

@@ -24,7 +24,7 @@ import enum
 import math
 import typing
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, time
 from typing import Any
 
 from aiohttp import web
@@ -50,13 +50,13 @@ _SECRET_FIELDS = frozenset({"api_key"})
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, enums and datetimes as JSON values (recursively); non-finite floats
-    become null."""
+    """Dataclasses, enums, dates and times (a TOML file's metadata may hold them) as JSON
+    values (recursively); non-finite floats become null."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, datetime):
+    if isinstance(value, date | time):  # a datetime is a date
         return value.isoformat()
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN / Infinity
