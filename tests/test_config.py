@@ -1307,3 +1307,27 @@ def test_a_window_beyond_what_memory_holds_is_refused_by_the_check() -> None:
         ("cfg.toml:2", "health.failure_rate_window"),
         ("cfg.toml:4", "services.llm_control_plane.policy_params.window"),
     ]
+
+
+def test_a_bad_simulation_table_does_not_hide_the_checks_across_sections() -> None:
+    text = (
+        "[services.llm_control_plane]\nhealth_interval_s = 3.0\ndefault_max_tokens = 4096\n"
+        "[gateway]\nmax_tokens_limit = 1024\n[health]\ninterval_s = 4.0\n"
+        '[simulation]\nmodel = "llama-3-70b"\n'
+    )
+    keys = [e.key for e in problems(text)]
+    assert keys == [
+        "services.llm_control_plane.health_interval_s",
+        "services.llm_control_plane.default_max_tokens",
+        "simulation",
+    ]
+
+
+def test_a_refused_gateway_port_is_not_compared_with_the_instances() -> None:
+    """It stands for the default (8080) after being refused: an instance there is not
+    the gateway's own address."""
+    text = (
+        '[[services.llm_control_plane.instances]]\ninstance_id = "a"\nhost = "127.0.0.1"\n'
+        'port = 8080\nmodel_name = "m"\n[gateway]\nport = 70000\n'
+    )
+    assert problem(text).key == "gateway.port"

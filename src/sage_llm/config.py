@@ -385,8 +385,9 @@ def _service_config(
     for key in ("instances", "mode"):  # what launch refuses in a --config file
         if key in service:
             written_at[key] = p.where((*spath, key))
-    if cp is None or any(value is None for value in sections.values()):
+    if cp is None or any(sections[name] is None for name in ("gateway", "health", "admission")):
         return None
+    # (a bad [simulation] is reported: the checks across sections still run)
     cp = _instance_secrets(cp, environ)
     health: HealthConfig = sections["health"]
     admission: AdmissionConfig = sections["admission"]
@@ -406,7 +407,12 @@ def _service_config(
         health = dataclasses.replace(health, interval_s=cp.health_interval_s)
     if admission.max_queue_size is not None:
         cp = dataclasses.replace(cp, max_queue_size=admission.max_queue_size)
-    if "port" in (raw["gateway"] or {}):  # a port given on the command line may differ
+    gateway_address_ok = not any(
+        p.failed((*where, key))
+        for where in (("gateway",), (*spath, "gateway"))
+        for key in ("host", "port")
+    )  # a refused one stands for the default here: compared, it would be a false match
+    if "port" in (raw["gateway"] or {}) and gateway_address_ok:  # a --port may differ
         _check_not_the_gateway(cp, checkable, sections["gateway"], (*spath, "instances"), p)
     limit = sections["gateway"].max_tokens_limit
     if limit is not None and cp.default_max_tokens > limit:
@@ -420,6 +426,8 @@ def _service_config(
                 "ask for",
             )
             return None
+    if sections["simulation"] is None:
+        return None
     return SageConfig(
         cp,
         sections["gateway"],
