@@ -659,8 +659,10 @@ def test_simulator_name_errors_name_the_key_once() -> None:
 
 def test_sim_keys_inside_an_instances_metadata_are_an_error() -> None:
     err = problem(SEED.replace("tensor_parallel_size = 1", 'metadata = { sim_gpu = "a100" }'))
-    assert err.key == "services.llm_control_plane.instances[1]"
-    assert "metadata.sim_gpu: give sim_gpu as a key of the instance" in err.message
+    assert err.key == "services.llm_control_plane.instances[1].metadata.sim_gpu"  # the key itself
+    assert err.message.endswith(
+        "metadata.sim_gpu: give sim_gpu as a key of the instance, not in its metadata"
+    )
 
 
 def test_a_simulated_engine_that_cannot_start_is_refused_with_its_line() -> None:

@@ -133,7 +133,7 @@ def read_dataclass(
         return cls(**kwargs)
     except FieldValueError as exc:  # a check across fields, naming the one it refuses
         if len(p.errors) == before:
-            p.add((*path, exc.key), exc.detail)
+            p.add((*path, *exc.key.split(".")), exc.detail)
         return None
     except (ValueError, TypeError) as exc:
         if len(p.errors) == before:
@@ -311,8 +311,9 @@ def rule_problem(value: object, checks: Rule) -> str | None:
 
 
 class FieldValueError(ValueError):
-    """A dataclass's own check (across its fields) refusing the value of field ``key``:
-    a file's problem is then located at that key."""
+    """A dataclass's own check (across its fields) refusing the value of field ``key``
+    (dotted for a key inside it: ``metadata.sim_gpu``): a file's problem is then located
+    at that key."""
 
     def __init__(self, key: str, detail: str) -> None:
         super().__init__(f"{key}: {detail}")

@@ -215,9 +215,9 @@ class InstanceConfig:
             raise FieldValueError("decoding_config", "is not allowed on a PREFILLING instance")
         doubled = [key for key in SIM_KEYS if key in self.metadata]
         if doubled:  # to_instance would overwrite them with the instance's own keys
-            raise ValueError(
-                f"metadata.{doubled[0]}: give {doubled[0]} as a key of the instance, "
-                "not in its metadata"
+            raise FieldValueError(
+                f"metadata.{doubled[0]}",
+                f"give {doubled[0]} as a key of the instance, not in its metadata",
             )
         if not self.sim_model:
             object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
