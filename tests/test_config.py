@@ -219,6 +219,16 @@ def test_to_dict_round_trips() -> None:
     assert cfg.to_dict()["services"]["llm_control_plane"]["instances"][0]["instance_type"] == (
         "PREFILLING"
     )
+    # secrets from the environment: the *_env keys are written, the masked values are not
+    env = {"KEYS": "k1,k2", "TOKEN": "t", "ENGINE_KEY": "e"}
+    secret = parse_config(
+        SEED.replace("tensor_parallel_size = 1", 'api_key_env = "ENGINE_KEY"')
+        + '\n[gateway]\napi_keys_env = "KEYS"\nadmin_token_env = "TOKEN"\n',
+        env=env,
+    )
+    out = secret.to_dict()
+    assert "admin_token" not in out["gateway"] and "api_keys" not in out["gateway"]
+    assert config_from_dict(out, env=env) == secret
 
 
 # -- defaults ------------------------------------------------------------------------------

@@ -472,12 +472,19 @@ class SageConfig:
         return self.control_plane.manager_kwargs()
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as a document-shaped dict, secrets replaced by ``"***"``."""
+        """The configuration as a document-shaped dict, secrets replaced by ``"***"``; a
+        secret read from an environment variable (``admin_token_env`` …) is left out
+        beside it, so that the dict loads back (with the same environment)."""
         service = to_plain(self.control_plane, MASK)
-        return {
+        out = {
             "services": {"llm_control_plane": service},
             **{name: to_plain(getattr(self, name), MASK) for name in SECTIONS},
         }
+        for table in (out["gateway"], *service.get("instances", ())):
+            for secret in ("api_keys", "admin_token", "api_key"):
+                if table.get(f"{secret}_env") is not None:
+                    table.pop(secret, None)
+        return out
 
 
 FOREIGN_RULES: Mapping[type[Any], Mapping[str, Rule]] = {
