@@ -7,6 +7,7 @@ import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1343,3 +1344,19 @@ def test_a_refused_gateway_port_is_not_compared_with_the_instances() -> None:
         'port = 8080\nmodel_name = "m"\n[gateway]\nport = 70000\n'
     )
     assert problem(text).key == "gateway.port"
+
+
+def test_nested_pd_and_role_configs_built_in_code_are_checked_as_a_files() -> None:
+    pd_tables: list[tuple[Any, str]] = [
+        ({"kv_cache_memory_fraction": 5.0}, "pd.kv_cache_memory_fraction"),
+        (PDSeparationConfig(prefilling_min_instances=-3), "pd.prefilling_min_instances"),
+        ({"connector": "nope"}, "pd.connector"),
+    ]
+    for pd, key in pd_tables:
+        with pytest.raises(ValueError, match=key):
+            ControlPlaneConfig(pd=pd)
+    role: Any = {"chunk_size": 0}
+    with pytest.raises(ValueError, match=r"prefilling_config\.chunk_size"):
+        InstanceConfig("a", "h", 1, "m", prefilling_config=role)
+    sglang: Any = {"connector": "SGLang"}
+    assert ControlPlaneConfig(pd=sglang).pd.connector == "sglang"  # as a file is read

@@ -321,14 +321,15 @@ class FieldValueError(ValueError):
         self.detail = detail
 
 
-def validate(obj: object) -> None:
+def validate(obj: object, foreign: ForeignRules | None = None) -> None:
     """Raise ValueError naming the field when a field of dataclass ``obj`` has the wrong
     type, a number that is not finite, or breaks its :class:`Rule`: the checks a file's
     value gets, for objects built in code (a nested dataclass has been checked when it was
     built). A value the file loader would read is read the same way and stored back (a
     name in any case, ``"SIM"`` as ``"sim"``; a list for a tuple; an enum's name; a table
     for a nested dataclass), so that the object's own checks and its users see it as a
-    loaded one's."""
+    loaded one's. ``foreign`` gives the rules of nested dataclasses that have none of their
+    own (the seed's PD and role configs), as a file's reading applies them."""
     fields, hints = _fields_and_hints(type(obj))
     p = Problems("<code>")
     for name, f in fields.items():
@@ -336,9 +337,14 @@ def validate(obj: object) -> None:
         hint = hints[name]
         if value is None and _optional(hint):
             continue
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, hint):
+        if (
+            isinstance(hint, type)
+            and dataclasses.is_dataclass(hint)
+            and isinstance(value, hint)
+            and (foreign is None or hint not in foreign)  # else checked by its rules here
+        ):
             continue
-        converted = _convert(value, hint, f.metadata.get("rule") or Rule(), (name,), p, None)
+        converted = _convert(value, hint, f.metadata.get("rule") or Rule(), (name,), p, foreign)
         if p.errors:
             raise ValueError(f"{p.errors[0].key}: {p.errors[0].detail}")
         if converted is not value:

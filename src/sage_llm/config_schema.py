@@ -207,7 +207,7 @@ class InstanceConfig:
     sim_seed: int | None = None
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate(self, FOREIGN_RULES)  # its role configs' fields as a file's
         kind = self.instance_type
         if self.prefilling_config is not None and kind is ExecutionInstanceType.DECODING:
             raise FieldValueError("prefilling_config", "is not allowed on a DECODING instance")
@@ -285,7 +285,7 @@ class ControlPlaneConfig:
     instances: tuple[InstanceConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate(self, FOREIGN_RULES)  # its pd table's fields as a file's
 
     def pd_config(self) -> PDSeparationConfig:
         """A fresh copy of the PD settings (``enabled`` follows ``enable_pd_separation``)."""
