@@ -137,6 +137,15 @@ def test_higher_priority_requests_are_served_first_when_capacity_is_short() -> N
     assert batch[4]["sage"]["queue_wait_ms"] == 0  # CRITICAL went first
 
 
+def test_a_batch_larger_than_the_queue_is_refused_without_a_retry_hint() -> None:
+    """It is queued whole before any of it runs: a retry would be refused the same way."""
+    with _service(sim_fleet(instances=1, bound=1, max_queue_size=3)) as svc:
+        with pytest.raises(InvalidRequestError) as err:
+            svc.generate(["x"] * 10, max_tokens=4)
+        assert err.value.param == "inputs" and "parts of at most 3" in str(err.value)
+        assert len(svc.generate(["x"] * 3, max_tokens=4)) == 3
+
+
 def test_process_is_safe_from_eight_threads_at_once(svc: ControlPlaneVLLMService) -> None:
     barrier = threading.Barrier(8)
 

@@ -226,6 +226,14 @@ class ControlPlaneVLLMService(ManagedService):
                 locate_error(exc, f"inputs[{index}]" if many else None)
                 raise
 
+        bound = cp.max_queue_size
+        if len(metas) > bound:  # a retry would be refused the same way: no retry hint
+            raise InvalidRequestError(
+                f"a batch of {len(metas)} inputs is more than the control plane's queue holds "
+                f"(max_queue_size {bound}): it is queued whole before any of it runs, so send "
+                f"it in parts of at most {bound}",
+                param="inputs",
+            )
         try:
             # the whole batch is queued before any of it runs: the policy orders it
             for index, meta in enumerate(metas):
