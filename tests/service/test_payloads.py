@@ -11,6 +11,7 @@ from sage_llm.service.payloads import (
     GenerateOptions,
     PromptInput,
     RequestDefaults,
+    locate_error,
     parse_generate,
     parse_options,
     parse_payload,
@@ -186,3 +187,13 @@ def test_every_request_id_of_a_batch_is_its_own() -> None:
     assert ids("r", "r", "r-1", "r-1-1") == ["r-0", "r-1-2", "r-1", "r-1-1"]
     fresh = ids(None, None)
     assert len(set(fresh)) == 2 and all(len(rid) == 32 for rid in fresh)
+
+
+def test_a_request_fields_error_is_named_by_the_option_it_came_from() -> None:
+    """The control plane's ``model_name`` is the payload's ``model`` option."""
+    err = InvalidRequestError(
+        "model_name is required when several models are served", param="model_name"
+    )
+    locate_error(err, "inputs[1]")
+    assert err.param == "inputs[1].options.model"
+    assert str(err) == "inputs[1]: model is required when several models are served"

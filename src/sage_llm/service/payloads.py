@@ -147,6 +147,8 @@ def request_ids(items: Sequence[PromptInput]) -> list[str]:
 _PAYLOAD_PARAMS = ("inputs", "options", "payload", "task")
 _INPUT_PARAMS = frozenset({"prompt", "messages", "input"})
 """Request fields a payload gives as its input, not as an option."""
+_OPTION_NAMES = {"model_name": "model"}
+"""Request fields whose option has another name."""
 
 
 def locate_error(exc: SageLLMError, where: str | None) -> None:
@@ -155,6 +157,10 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
     (``options.temperature``), and, in a batch, the input (``where``: ``inputs[2]``), in
     ``param`` and in the message (which is all SAGE's ``call_service`` passes on)."""
     param = exc.param
+    if param in _OPTION_NAMES:
+        exc.message = exc.message.replace(param, _OPTION_NAMES[param], 1)
+        exc.args = (exc.message, *exc.args[1:])
+        param = _OPTION_NAMES[param]
     if param in _INPUT_PARAMS or (where and not param):
         exc.param = where or "inputs"
     elif param and not param.startswith(_PAYLOAD_PARAMS):
