@@ -245,6 +245,27 @@ async def test_an_http_version_other_than_1_0_or_1_1_is_a_json_400(version: str)
         await _close(writer)
 
 
+async def test_an_unknown_expectation_is_a_json_417_counted_and_logged() -> None:
+    async with serve(1) as gw:
+        for path in ("/v1/completions", "/admin/set_policy"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(_post(path, completion_body(), "Expect: 200-ok"))
+            status, headers, body = await _response(reader)
+            error = json.loads(body)["error"]
+            assert (status, error["code"]) == (417, 417), body
+            assert "x-request-id" in headers
+            await _close(writer)
+        text = gw.manager.prometheus_metrics().decode()
+        assert 'sage_llm_http_errors_total{route="/v1/completions",status="417"} 1.0' in text
+        # 100-continue is still answered as aiohttp answers it
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "Expect: 100-continue"))
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+        await reader.readline()
+        assert (await _response(reader))[0] == 200
+        await _close(writer)
+
+
 async def test_connection_close_is_honoured() -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

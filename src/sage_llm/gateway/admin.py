@@ -38,6 +38,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     PolicyNotFoundError,
 )
+from sage_llm.gateway.observe import expect_continue
 from sage_llm.gateway.openai import read_body, read_json, validate
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
 from sage_llm.request_json import json_object
@@ -220,10 +221,16 @@ class AdminRoutes:
 
 def add_admin_routes(app: web.Application, routes: AdminRoutes) -> None:
     """Register the admin routes on ``app``."""
-    app.router.add_get("/admin/instances", routes.list_instances)
-    app.router.add_post("/admin/instances", routes.add_instance)
-    app.router.add_post("/admin/instances/{instance_id}/drain", routes.drain_instance)
-    app.router.add_delete("/admin/instances/{instance_id}", routes.remove_instance)
-    app.router.add_post("/admin/set_policy", routes.set_policy)
-    app.router.add_get("/admin/status", routes.status)
-    app.router.add_get("/admin/metrics", routes.metrics)
+    app.router.add_get("/admin/instances", routes.list_instances, expect_handler=expect_continue)
+    app.router.add_post("/admin/instances", routes.add_instance, expect_handler=expect_continue)
+    app.router.add_post(
+        "/admin/instances/{instance_id}/drain",
+        routes.drain_instance,
+        expect_handler=expect_continue,
+    )
+    app.router.add_delete(
+        "/admin/instances/{instance_id}", routes.remove_instance, expect_handler=expect_continue
+    )
+    app.router.add_post("/admin/set_policy", routes.set_policy, expect_handler=expect_continue)
+    app.router.add_get("/admin/status", routes.status, expect_handler=expect_continue)
+    app.router.add_get("/admin/metrics", routes.metrics, expect_handler=expect_continue)

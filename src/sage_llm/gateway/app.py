@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.admin import AdminRoutes, add_admin_routes
-from sage_llm.gateway.observe import gateway_middleware, load_tracer
+from sage_llm.gateway.observe import expect_continue, gateway_middleware, load_tracer
 from sage_llm.gateway.openai import OpenAIRoutes
 from sage_llm.gateway.openapi import build_openapi
 from sage_llm.gateway.settings import GatewaySettings, ResolvedGateway, default_settings
@@ -70,15 +70,15 @@ def create_app(
         return web.json_response(document)
 
     router = app.router
-    router.add_post("/v1/completions", openai.completions)
-    router.add_post("/v1/chat/completions", openai.chat_completions)
-    router.add_post("/v1/embeddings", openai.embeddings)
-    router.add_get("/v1/models", openai.models)
-    router.add_get("/v1/models/{model:.+}", openai.model)
-    router.add_get("/health", openai.health)
-    router.add_get("/ready", openai.ready)
-    router.add_get("/metrics", openai.metrics)
-    router.add_get("/openapi.json", openapi_json)
+    router.add_post("/v1/completions", openai.completions, expect_handler=expect_continue)
+    router.add_post("/v1/chat/completions", openai.chat_completions, expect_handler=expect_continue)
+    router.add_post("/v1/embeddings", openai.embeddings, expect_handler=expect_continue)
+    router.add_get("/v1/models", openai.models, expect_handler=expect_continue)
+    router.add_get("/v1/models/{model:.+}", openai.model, expect_handler=expect_continue)
+    router.add_get("/health", openai.health, expect_handler=expect_continue)
+    router.add_get("/ready", openai.ready, expect_handler=expect_continue)
+    router.add_get("/metrics", openai.metrics, expect_handler=expect_continue)
+    router.add_get("/openapi.json", openapi_json, expect_handler=expect_continue)
     add_admin_routes(app, AdminRoutes(manager, settings.read_timeout_s))
 
     if manage_lifecycle:

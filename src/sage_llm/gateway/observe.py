@@ -174,6 +174,23 @@ def _bad_request_id() -> web.Response:
 _VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
+async def expect_continue(request: web.Request) -> None:
+    """Every route's ``Expect`` handler: ``100-continue`` is answered as aiohttp answers it;
+    any other expectation goes on to the middleware, which answers it with a JSON 417
+    (aiohttp's own handler answers plain text, unlogged and uncounted)."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer itself has not begun
+
+
+def _expectation_failed(expect: str) -> web.Response:
+    body = error_body(f"unknown expectation: Expect: {expect[:100]}", "invalid_request_error", 417)
+    resp = web.json_response(body, status=417)
+    resp.force_close()  # its body, if any, was not read
+    return resp
+
+
 def _bad_version(version: HttpVersion) -> web.Response:
     """The 400 of a request line whose HTTP version is neither 1.0 nor 1.1 (aiohttp's
     parser reads ``HTTP/2.0`` and ``HTTP/0.9`` as versions); the connection closes."""
@@ -258,6 +275,8 @@ def _observe(
             resp: web.StreamResponse
             if request.version not in _VERSIONS:
                 resp = _bad_version(request.version)
+            elif (expect := request.headers.get("Expect")) and expect.lower() != "100-continue":
+                resp = _expectation_failed(expect)
             elif not valid:
                 resp = _bad_request_id()
             elif cors is not None and request.method == "OPTIONS":
