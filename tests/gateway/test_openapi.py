@@ -169,6 +169,18 @@ _SCHEMA_CASES: list[tuple[str, str, dict[str, Any], bool]] = [
         {"messages": [{"role": "user", "content": None}]},
         False,
     ),
+    (
+        "/v1/chat/completions",
+        "ChatCompletionRequest",
+        {"messages": [{"role": "user", "content": [{"text": "a"}]}]},  # a part without a type
+        False,
+    ),
+    (
+        "/v1/chat/completions",
+        "ChatCompletionRequest",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]},
+        True,
+    ),
     ("/v1/embeddings", "EmbeddingRequest", {"input": ["a", "b"]}, True),
     ("/v1/embeddings", "EmbeddingRequest", {"input": [5, 6]}, True),
     ("/v1/embeddings", "EmbeddingRequest", {"input": []}, False),

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 
 from sage_llm.chat_messages import (
     CONTENT_REQUIRED_ROLES,
     PART_DETAIL,
+    TYPELESS_PART_KEYS,
     is_content_part,
     message_problem,
 )
@@ -121,13 +122,28 @@ class CompletionRequest(GenerationFields):
     suffix: str | None = None
 
 
+def _part_form(key: str, schema: JsonValue) -> JsonValue:
+    return {"required": [key], "properties": {key: schema}}
+
+
+_PART_FORMS: list[JsonValue] = [
+    _part_form("type", {"type": "string"}),
+    *(_part_form(key, {"not": {"type": "null"}}) for key in TYPELESS_PART_KEYS),
+]
+"""The forms of a content part the gateway takes: a string ``type``, or a type-less
+form's field (not null)."""
+
+
 class ContentPart(BaseModel):
     """One part of a message's ``content`` (``{"type": "text", "text": …}``,
     ``{"type": "image_url", "image_url": …}`` …): an object with a string ``type``, or one of
     vLLM's type-less forms ``{"image_url": …}``, ``{"audio_url": …}``, ``{"video_url": …}``,
     ``{"input_audio": …}``. Its fields pass through."""
 
-    model_config = _REQUEST
+    model_config = ConfigDict(
+        **_REQUEST,
+        json_schema_extra={"anyOf": _PART_FORMS},  # as is_content_part
+    )
     type: str | None = None
 
     @model_validator(mode="before")
