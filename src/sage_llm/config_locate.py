@@ -50,7 +50,21 @@ def format_key(path: KeyPath) -> str:
     return out
 
 
-class KeyLocator:
+class _Lines:
+    """Line numbers (1-based) of key paths, found by a subclass's scan."""
+
+    _lines: dict[KeyPath, int]
+
+    def line_of(self, path: KeyPath) -> int | None:
+        """The line of ``path``, else that of its nearest written ancestor, else None."""
+        for end in range(len(path), 0, -1):
+            line = self._lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+
+class KeyLocator(_Lines):
     """Line numbers (1-based) of the keys a TOML text defines. The text must be valid TOML."""
 
     def __init__(self, text: str) -> None:
@@ -65,14 +79,6 @@ class KeyLocator:
     def line_count(self) -> int:
         """Number of lines in the text."""
         return len(self._line_starts)
-
-    def line_of(self, path: KeyPath) -> int | None:
-        """The line defining ``path``, else that of its nearest defined ancestor, else None."""
-        for end in range(len(path), 0, -1):
-            line = self._lines.get(path[:end])
-            if line is not None:
-                return line
-        return None
 
     # -- scanning --------------------------------------------------------------------------
 
@@ -248,7 +254,7 @@ class LinesOfKeys(Protocol):
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"]+')
 
 
-class JsonKeyLocator:
+class JsonKeyLocator(_Lines):
     """Line numbers (1-based) of the members and elements of a JSON text (a plan file):
     ``("instances", 1, "tp")`` is the line of the second instance's ``"tp"`` key. The text
     must be valid JSON; it is scanned once, without recursion."""
@@ -283,14 +289,6 @@ class JsonKeyLocator:
                 stack.append([path, None, True])
             elif token == "[":
                 stack.append([path, 0, False])
-
-    def line_of(self, path: KeyPath) -> int | None:
-        """The line of ``path``, else that of its nearest written ancestor, else None."""
-        for end in range(len(path), 0, -1):
-            line = self._lines.get(path[:end])
-            if line is not None:
-                return line
-        return None
 
 
 def _escaped(text: str, index: int) -> bool:

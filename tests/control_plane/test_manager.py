@@ -2092,15 +2092,25 @@ def test_an_instance_removed_during_an_embeddings_call_goes_when_the_call_ends()
     run_virtual(main())
 
 
-class _DropsFirstCall(FakeEngine):
-    """An engine whose first call fails with a retryable connection error."""
+class _FailsFirstCall(FakeEngine):
+    """An engine whose first call fails before its first token, after ``delay_s``, with
+    ``error`` (default: a retryable 503); later calls are answered."""
 
-    calls = 0
+    def __init__(
+        self, instance_id: str, error: EngineError | None = None, delay_s: float = 0.0
+    ) -> None:
+        super().__init__(instance_id)
+        self.error = error or EngineError(
+            "busy", instance_id=instance_id, status=503, retryable=True
+        )
+        self.delay_s = delay_s
+        self.calls = 0
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
         self.calls += 1
         if self.calls == 1:
-            raise EngineConnectionError("connection reset", instance_id="a", retryable=True)
+            await asyncio.sleep(self.delay_s)
+            raise self.error
         async for chunk in super().generate(req):
             yield chunk
 
@@ -2109,7 +2119,8 @@ def test_without_monitoring_a_failed_request_ejects_nothing() -> None:
     """No probe loop would bring an ejected instance back: it stays in the fleet."""
 
     async def main() -> None:
-        engine = _DropsFirstCall("a")
+        reset = EngineConnectionError("connection reset", instance_id="a", retryable=True)
+        engine = _FailsFirstCall("a", reset)
         cp = ControlPlaneManager(
             mode="http", engine_factory=lambda _: engine, enable_monitoring=False
         )
@@ -2123,19 +2134,6 @@ def test_without_monitoring_a_failed_request_ejects_nothing() -> None:
             )
 
     run_virtual(main())
-
-
-class _FailsFirstCall(FakeEngine):
-    """An engine whose first call fails before its first token (a retryable 503)."""
-
-    calls = 0
-
-    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
-        self.calls += 1
-        if self.calls == 1:
-            raise EngineError("busy", instance_id=self.instance_id, status=503, retryable=True)
-        async for chunk in super().generate(req):
-            yield chunk
 
 
 @pytest.mark.parametrize("leave", ["drain", "remove"])
@@ -2214,23 +2212,9 @@ def test_a_pd_fleet_whose_prefill_instances_all_drain_refuses_as_draining() -> N
     run_virtual(main())
 
 
-class _FailsFirstCallLate(FakeEngine):
-    """An engine whose first call fails (a retryable 503, before any output) after 5 s."""
-
-    calls = 0
-
-    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
-        self.calls += 1
-        if self.calls == 1:
-            await asyncio.sleep(5.0)
-            raise EngineError("busy", instance_id=self.instance_id, status=503, retryable=True)
-        async for chunk in super().generate(req):
-            yield chunk
-
-
 def test_queue_wait_counts_the_queue_not_the_time_on_an_engine_that_failed() -> None:
     async def main() -> None:
-        engines = {"a": _FailsFirstCallLate("a"), "b": FakeEngine("b")}
+        engines = {"a": _FailsFirstCall("a", delay_s=5.0), "b": FakeEngine("b")}
         cp = ControlPlaneManager(
             mode="http",
             engine_factory=lambda i: engines[i.instance_id],
