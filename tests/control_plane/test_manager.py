@@ -2219,14 +2219,13 @@ def test_queue_wait_counts_the_queue_not_the_time_on_an_engine_that_failed() -> 
             mode="http",
             engine_factory=lambda i: engines[i.instance_id],
             scheduling_policy="fifo",
+            routing_strategy="round_robin",  # a first, then b
             enable_monitoring=False,
         )
         cp.register_instance(make_instance("a", port=8000))
         cp.register_instance(make_instance("b", port=8001))
         async with cp:
-            meta = make_metadata("r", max_tokens=2)
-            meta.preferred_instance_id = "a"
-            result = await cp.generate(meta)
+            result = await cp.generate(make_metadata("r", max_tokens=2))
         assert (result.status, result.instance_id, result.attempts) == (
             RequestStatus.COMPLETED, "b", 2,
         )  # fmt: skip
