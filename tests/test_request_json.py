@@ -22,6 +22,10 @@ def test_an_object_is_returned_as_parsed() -> None:
         (b"[1, 2]", "request body must be a JSON object"),
         (b"null", "request body must be a JSON object"),
         (b'{"x": NaN}', "request body is not valid JSON: NaN is not a JSON number"),
+        (  # an integer no float holds (its estimates had failed every queued request)
+            b'{"max_tokens": 1' + b"0" * 400 + b"}",
+            f"request body is not valid JSON: the number 1{'0' * 39}… is beyond a float's range",
+        ),
         (b'{"x": -Infinity}', "request body is not valid JSON: -Infinity is not a JSON number"),
         (  # it would go on to the engine as null
             b'{"x": 1e400}',

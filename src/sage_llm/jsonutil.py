@@ -81,7 +81,9 @@ def loads_request(data: bytes) -> Any:
 def _strictly(data: bytes) -> Any:
     """``data`` read by :mod:`json`, refusing what :func:`loads_request` refuses."""
     try:
-        return json.loads(data, parse_float=_finite, parse_constant=_not_json)
+        return json.loads(
+            data, parse_float=_finite, parse_int=_float_sized, parse_constant=_not_json
+        )
     except RecursionError:
         raise TooDeepError from None
 
@@ -91,6 +93,14 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise NumberError(f"the number {text[:40]} is beyond a float's range")
     return value
+
+
+def _float_sized(text: str) -> int:
+    """An integer literal, refused beyond a float's range (as orjson reads it: it reads an
+    integer beyond 64 bits as a float, and refuses one no float holds)."""
+    if len(text.lstrip("-")) > 308 and not math.isfinite(float(text)):
+        raise NumberError(f"the number {text[:40]}… is beyond a float's range")
+    return int(text)
 
 
 def _not_json(text: str) -> float:

@@ -121,3 +121,12 @@ def test_ids_must_be_non_empty_strings(field: str, value: object) -> None:
         build_request(make_metadata("r", **{field: value}), "m", now=0.0, stream=True,
                       default_max_tokens=16, block_size=16)  # fmt: skip
     assert err.value.param == field and f"{field} must be a non-empty string" in str(err.value)
+
+
+def test_a_max_tokens_beyond_64_bits_is_refused() -> None:
+    """Its estimates' arithmetic (floats) failed on it, and with it every queued request."""
+    for max_tokens in (2**63, 10**400):
+        with pytest.raises(InvalidRequestError) as err:
+            build_request(make_metadata("r", max_tokens=max_tokens), "m", now=0.0, stream=True,
+                          default_max_tokens=16, block_size=16)  # fmt: skip
+        assert err.value.param == "max_tokens"

@@ -59,6 +59,10 @@ def _shown(value: object) -> str:
     return text if _real(value) else f"{text} ({type(value).__name__})"
 
 
+MAX_TOKENS_BOUND = 2**63 - 1
+"""The largest ``max_tokens`` taken (an engine's own context limit refuses far less)."""
+
+
 def build_request(
     meta: RequestMetadata,
     model: str,
@@ -110,6 +114,12 @@ def build_request(
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if engine_default else default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
+    if max_tokens > MAX_TOKENS_BOUND:  # an estimate's arithmetic must hold it (a float)
+        raise InvalidRequestError(
+            f"max_tokens must be at most {MAX_TOKENS_BOUND}, got an integer of "
+            f"{max_tokens.bit_length()} bits",
+            param="max_tokens",
+        )
     temperature, top_p = meta.temperature, meta.top_p  # None: the engine's default
     if temperature is not None and not (_real(temperature) and 0.0 <= temperature <= 2.0):
         raise InvalidRequestError(
