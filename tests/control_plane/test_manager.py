@@ -2233,3 +2233,29 @@ def test_queue_wait_counts_the_queue_not_the_time_on_an_engine_that_failed() -> 
         assert result.queue_wait_ms is not None and result.queue_wait_ms < 100.0
 
     run_virtual(main())
+
+
+class _UnhealthyOnce(FakeEngine):
+    """An engine whose first health check fails."""
+
+    asked = 0
+
+    async def health(self) -> bool:
+        self.asked += 1
+        return self.asked > 1
+
+
+def test_without_monitoring_check_health_asks_and_ejects_nothing() -> None:
+    async def main() -> None:
+        engine = _UnhealthyOnce("a")
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda _: engine, enable_monitoring=False
+        )
+        cp.register_instance(make_instance("a"))
+        async with cp:
+            assert await cp.check_health() == {"a": False}
+            assert cp.get_instance_metrics("a")["circuit"]["state"] == "closed"
+            result = await cp.generate(make_metadata("r", max_tokens=2))
+            assert result.status is RequestStatus.COMPLETED
+
+    run_virtual(main())

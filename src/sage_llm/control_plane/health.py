@@ -431,8 +431,9 @@ class HealthMonitor:
 
     # -- active probes ---------------------------------------------------------------------
 
-    async def probe(self, state: InstanceState) -> bool:
-        """One probe; applies its outcome to the breaker. True when healthy."""
+    async def ask(self, state: InstanceState) -> tuple[bool, str]:
+        """Ask the instance's engine whether it is healthy, within ``timeout_s``: (healthy,
+        why not). Nothing is applied to its breaker (:meth:`probe` does that)."""
         ok = False
         why = "health probe failed"
         try:
@@ -445,6 +446,11 @@ class HealthMonitor:
             why = f"health probe timed out after {self.settings.timeout_s:g} s"
         except Exception as exc:  # any failure to answer is unhealthy
             why = f"health probe failed: {exc!r}"
+        return ok, why
+
+    async def probe(self, state: InstanceState) -> bool:
+        """One probe; applies its outcome to the breaker. True when healthy."""
+        ok, why = await self.ask(state)
         now = self.clock.now()
         first = state.last_health_check is None
         state.last_health_check = now

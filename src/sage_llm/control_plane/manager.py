@@ -567,10 +567,14 @@ class ControlPlaneManager:
         instance's circuit breaker: an instance never seen healthy that fails is ejected at
         once), and return which answered healthy. Probes run side by side, each bounded by
         the health ``timeout_s``. Before its first probe an instance counts as healthy in
-        :meth:`get_instances`; this asks."""
+        :meth:`get_instances`; this asks. With ``enable_monitoring`` off it only asks: no
+        answer ejects an instance, as no probe loop would bring it back."""
         self._require_dispatcher()
         monitor = self._monitor()
         states = [s for s in self._registry if not s.removed]
+        if not self.enable_monitoring:
+            asked = await asyncio.gather(*(monitor.ask(s) for s in states))
+            return {s.instance_id: ok for s, (ok, _) in zip(states, asked, strict=True)}
         answers = await asyncio.gather(*(monitor.probe(s) for s in states))
         return {s.instance_id: ok for s, ok in zip(states, answers, strict=True)}
 
