@@ -1046,8 +1046,9 @@ class ControlPlaneManager:
             s.instance.instance_type in PD_ROLES for s in self._registry if not s.removed
         )
         tracks = pd_fleet or router_wants(self._router())[0] or may_read_block_hashes(self.policy)
-        if self._tracks_prefixes and not tracks:
-            # what it holds goes stale from now on: one switched on again starts empty
+        if tracks != self._tracks_prefixes:
+            # switched off, what it holds goes stale (requests admitted before still add to
+            # it): one switched on starts empty
             self._prefix.clear()
         self._tracks_prefixes = tracks
 
