@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.control_plane.parallelism import (
+    TIE_TOLERANCE,
     Candidate,
     GPUAllocation,
     InstanceShape,
@@ -496,14 +497,11 @@ def test_a_rate_above_capacity_is_reported_plainly_and_consistently(rate: float)
     assert est.rate_rps == pytest.approx(est.capacity_rps)
     assert est.batch_per_instance <= 256 and est.kv_usage <= 1
     assert math.isfinite(est.ttft_s) and math.isfinite(est.tpot_s)
-    # One rule for every candidate: a plan that misses the rate because its KV cache runs out
-    # first is rejected; every listed plan that misses the rate is capped by something else.
-    for a in [*p.alternatives]:
-        assert a.estimates.meets_slo or "KV" not in a.estimates.limit, a.candidate.label
-        assert a.estimates.capacity_rps > 0
-    kv_rejected = [r for _, r in p.rejected if r.startswith("KV cache")]
-    assert kv_rejected
-    assert all("GiB" in r and "inf" not in r for r in kv_rejected)
+    # No plan carries the rate: each competes at its own capacity, whatever caps it (its
+    # KV cache too), and the chosen one has the highest
+    assert all(a.estimates.capacity_rps > 0 for a in p.alternatives)
+    assert est.capacity_rps == pytest.approx(top, rel=TIE_TOLERANCE)
+    assert not [r for _, r in p.rejected if r.startswith("KV cache")]
 
 
 def test_below_capacity_the_kv_rule_is_unchanged() -> None:

@@ -792,10 +792,10 @@ def plan(
             kv_capped.append((sc, _kv_reason(sc.at_rate, sc.est)))
         else:
             scored.append(sc)
-    if scored:
+    if any(sc.at_rate is None or sc.at_rate.meets for sc in scored):
         rejected.extend((sc.cand, why) for sc, why in kv_capped)
-    else:  # the rate is beyond every plan: the best is shown at its own capacity, as when
-        scored = [sc for sc, _ in kv_capped]  # a latency target caps them
+    else:  # the rate is beyond every plan: each competes at its own capacity, whatever caps
+        scored += [sc for sc, _ in kv_capped]  # it (a latency target, its KV cache)
     if not scored:
         reasons = "; ".join(f"{c.label}: {r}" for c, r in rejected[:6])
         raise ConfigError(
