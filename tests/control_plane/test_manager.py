@@ -2225,7 +2225,10 @@ def test_queue_wait_counts_the_queue_not_the_time_on_an_engine_that_failed() -> 
         cp.register_instance(make_instance("a", port=8000))
         cp.register_instance(make_instance("b", port=8001))
         async with cp:
-            result = await cp.generate(make_metadata("r", max_tokens=2))
+            running = asyncio.create_task(cp.generate(make_metadata("r", max_tokens=2)))
+            await asyncio.sleep(3.0)  # on a, which fails it at 5 s: not a wait in the queue
+            assert cp.get_scheduling_metrics().queue_length_avg < 0.01
+            result = await running
         assert (result.status, result.instance_id, result.attempts) == (
             RequestStatus.COMPLETED, "b", 2,
         )  # fmt: skip

@@ -1370,11 +1370,7 @@ class Dispatcher:
         self._colocated_only.discard(rec.request_id)
         now = self.clock.now()
         info = rec.info
-        # the time it waited in the queue, each wait (not its time on engines that failed
-        # it, nor a retry's backoff), this one too when it ends there
-        queue_wait_s = rec.queued_s
-        if rec.status is RequestStatus.QUEUED:
-            queue_wait_s += max(0.0, now - rec.queued_at)
+        queue_wait_s = rec.queue_wait_s(now)  # before its status changes
         rec.status = status
         rec.error = error
         rec.finished_at = now

@@ -1126,9 +1126,8 @@ class ControlPlaneManager:
         waiting_ms = 0.0  # the queue waits of the requests not ended yet, so far
         if disp is not None and self._running:
             now = self.clock.now()
-            for rec in disp.records.values():
-                left = rec.scheduled_at if rec.scheduled_at is not None else now
-                waiting_ms += (left - rec.info.arrival) * 1000.0
+            for rec in disp.records.values():  # as a result's queue_wait_ms counts it
+                waiting_ms += rec.queue_wait_s(now) * 1000.0
         report = self._metrics.scheduling(
             policy=self.policy.name, elapsed_s=self._elapsed(), waiting_ms=waiting_ms
         )

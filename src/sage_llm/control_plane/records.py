@@ -142,6 +142,14 @@ class RequestRecord:
         if self.chunks is not None:
             self.chunks.clear()
 
+    def queue_wait_s(self, now: float) -> float:
+        """The time it has waited in the queue by ``now``: its ended waits, and the one going
+        on while it is queued (not its time on an engine that failed it, nor a backoff)."""
+        waited = self.queued_s
+        if self.status is RequestStatus.QUEUED:
+            waited += max(0.0, now - self.queued_at)
+        return waited
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
