@@ -377,6 +377,8 @@ def test_plan_command_errors_are_clear() -> None:
         ({"rate": "10"}, "rate"),
         ({"prompt_len": "10"}, "prompt_len"),
         ({"output_p90": 1.5}, "output_p90"),
+        ({"topology_file": 5}, "topology"),
+        ({"allow_pd": "no"}, "allow_pd"),
     ]
     for kwargs, key in bad:
         with pytest.raises(ConfigError) as err:

@@ -1030,6 +1030,12 @@ def plan_command(
     A ConfigError's key is the parameter at fault (``prompt_len``, ``gpus``, ``slo_ttft`` …;
     ``gpu`` for an unknown GPU type in ``gpus``)."""
     _check_plan_types(model, gpus, prompt_len, output_len, prompt_p90, output_p90, rate)
+    if topology_file is not None and not isinstance(topology_file, str | Path):
+        raise ConfigError(f"must be a path, got {topology_file!r}", key="topology")
+    flags = (("allow_pd", allow_pd), ("as_json", as_json), ("per_node", per_node))
+    for flag_name, flag in flags:
+        if not isinstance(flag, bool):
+            raise ConfigError(f"must be true or false, got {flag!r}", key=flag_name)
     nodes, count, gpu = parse_gpu_text(gpus)
     # A plain count is split into nodes by plan(): of the topology's size when one is given.
     alloc = count if nodes is None else GPUAllocation(nodes, count)
