@@ -12,6 +12,13 @@ from sage_llm import jsonutil
 from sage_llm.errors import InvalidRequestError
 
 
+def unreadable_body(exc: Exception) -> InvalidRequestError:
+    """The 400 of a body the server could not read (a ``Content-Encoding`` it is not
+    encoded in …): the reason on one line, without aiohttp's ``400, message:``."""
+    reason = " ".join(str(exc).split()).removeprefix("400, message: ")
+    return InvalidRequestError(f"request body cannot be read: {reason}")
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """``raw`` parsed as a JSON object; :class:`InvalidRequestError` (a 400) otherwise:
     "not valid JSON" (with the reason when it nests too deep) or "must be a JSON object"

@@ -209,6 +209,10 @@ async def test_bad_json_and_unknown_model(base: str, http: aiohttp.ClientSession
         assert resp.status == 400
     async with http.post(f"{base}/v1/completions", data=b"") as resp:  # as the gateway says
         assert (await resp.json())["error"]["message"] == "request body must be a JSON object"
+    gzip = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with http.post(f"{base}/v1/completions", data=b'{"prompt": "x"}', headers=gzip) as r:
+        assert r.status == 400  # a JSON 400, as the gateway answers it (was a 500)
+        assert (await r.json())["error"]["message"].startswith("request body cannot be read: ")
     deep = b'{"model":"m","x":' + b"[" * 1100 + b"]" * 1100 + b"}"
     async with http.post(f"{base}/v1/completions", data=deep) as resp:
         assert resp.status == 400 and "nested deeper" in (await resp.json())["error"]["message"]

@@ -55,7 +55,7 @@ from sage_llm.gateway.schemas import (
     GenerationFields,
 )
 from sage_llm.gateway.settings import ResolvedGateway
-from sage_llm.request_json import json_object
+from sage_llm.request_json import json_object, unreadable_body
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import RequestMetadata, RequestPriority
 
@@ -139,7 +139,7 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
         # 400, and aiohttp does not try to read the rest (feed_eof)
         request.protocol.close()
         request.content.feed_eof()
-        raise InvalidRequestError(f"request body cannot be read: {exc}") from None
+        raise unreadable_body(exc) from None
     except TimeoutError:
         # the connection closes after the 408: what more comes of the body is ignored
         # (close), and aiohttp does not wait its lingering time for the rest (feed_eof)

@@ -54,6 +54,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, Usage
@@ -65,7 +66,7 @@ from sage_llm.errors import (
     SageLLMError,
 )
 from sage_llm.httpserve import start_site, tcp_nodelay
-from sage_llm.request_json import json_object
+from sage_llm.request_json import json_object, unreadable_body
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.server_metrics import ReportsQueueTime, ServerMetrics
 from sage_llm.sim.server_pd import (
@@ -250,6 +251,10 @@ class _EngineServer:
             raise PayloadTooLargeError(
                 f"request body larger than {request.client_max_size} bytes"
             ) from None
+        except RequestPayloadError as exc:  # as the gateway: the rest cannot be read either
+            request.protocol.close()
+            request.content.feed_eof()
+            raise unreadable_body(exc) from None
         return json_object(raw)
 
     # --- generation ----------------------------------------------------------------------
