@@ -2185,6 +2185,7 @@ def test_results_stay_readable_after_stop_a_drains_included() -> None:
             assert await cp.get_request_status(rid) is RequestStatus.COMPLETED
             assert (await cp.get_result(rid)) is not None
         assert cp.get_scheduling_decision("d2") is not None
+        assert await cp.cancel_request("d0") is False  # it had ended
         with pytest.raises(RequestNotFoundError):
             await cp.get_result("never")
 

@@ -986,14 +986,14 @@ class ControlPlaneManager:
 
     async def cancel_request(self, request_id: str) -> bool:
         """Cancel a queued or running request (a running one's engine call is aborted).
-        Returns False when the request had already ended."""
-        dispatcher = self._require_dispatcher()
-        rec = dispatcher.records.get(request_id)
+        Returns False when the request had already ended (after :meth:`stop` every one
+        has)."""
+        rec = self._in_progress().get(request_id)
         if rec is None:
             if self._finished.get(request_id, self.clock.now()) is not None:
                 return False
             raise RequestNotFoundError(f"no request {request_id!r} (unknown or expired)")
-        return dispatcher.cancel(rec)
+        return self._require_dispatcher().cancel(rec)
 
     def note_timed_out(self, request_id: str, timeout_s: float) -> None:
         """Record that ``request_id`` passed its time limit: when its caller then cancels
