@@ -711,8 +711,9 @@ def test_a_file_of_other_services_only_is_refused_by_serve_and_noted_by_check(
     code, output = invoke("serve", "--config", str(cfg))
     assert code == 1
     assert output == (
-        f'error: {cfg}: services: no control-plane service table (type = "ControlPlaneVLLMService")'
-        " among llm (VLLMService): add [services.llm_control_plane], or give no file for the "
+        f"error: {cfg}:1: services: no control-plane service table "
+        '(type = "ControlPlaneVLLMService") among llm (VLLMService): add '
+        "[services.llm_control_plane], or give no file for the "
         "embedded simulated fleet\n"
     )
     proc = run_cli("config", "check", str(cfg))

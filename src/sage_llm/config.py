@@ -350,7 +350,8 @@ def _build(
             for key, value in services.items()
             if isinstance(value, Mapping) and isinstance(value.get("type"), str)
         )
-        config = dataclasses.replace(config, foreign_services=foreign)
+        written_at = {**config.written_at, "services": p.where(("services",))}
+        config = dataclasses.replace(config, foreign_services=foreign, written_at=written_at)
     for key in others:  # checked as the chosen one is; its sections are its own tables
         other = document["services"][key]
         if isinstance(other, Mapping):

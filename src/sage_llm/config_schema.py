@@ -438,11 +438,12 @@ class SageConfig:
         """Raise :class:`~sage_llm.errors.ConfigError` when the file this came from holds
         service tables but no control plane's (:attr:`foreign_services`)."""
         if self.foreign_services:
+            where = self.written_at.get("services", "")
             raise ConfigError(
                 f'no control-plane service table (type = "ControlPlaneVLLMService") among '
                 f"{', '.join(self.foreign_services)}: add [services.llm_control_plane], or "
                 "give no file for the embedded simulated fleet",
-                location=self.source,
+                location=where.rpartition(": ")[0] or self.source,  # its file:line
                 key="services",
             )
 
