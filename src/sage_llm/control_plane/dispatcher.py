@@ -621,10 +621,10 @@ class Dispatcher:
         state.queued_prefill_tokens += info.prompt_tokens
         state.outstanding_decode_tokens += info.max_tokens
         now = self.clock.now()
+        rec.queued_s = rec.queue_wait_s(now)  # its wait ends (while it is still QUEUED)
         rec.status = RequestStatus.SCHEDULED
         rec.instance_id = state.instance_id
         rec.scheduled_at = now
-        rec.queued_s += max(0.0, now - rec.queued_at)
         rec.attempts += 1
         rec.pending_tokens_at_dispatch = pending
         rec.meta.schedule_time = self.clock.to_datetime(now)
@@ -945,11 +945,11 @@ class Dispatcher:
         dstate.in_flight += 1
         dstate.outstanding_decode_tokens += info.max_tokens
         now = self.clock.now()
+        rec.queued_s = rec.queue_wait_s(now)  # its wait ends (while it is still QUEUED)
         rec.status = RequestStatus.SCHEDULED
         rec.instance_id = dstate.instance_id
         rec.prefill_instance_id = pstate.instance_id
         rec.scheduled_at = now
-        rec.queued_s += max(0.0, now - rec.queued_at)
         rec.attempts += 1
         rec.meta.schedule_time = self.clock.to_datetime(now)
         for state in (pstate, dstate):  # both end up holding the prompt's KV
