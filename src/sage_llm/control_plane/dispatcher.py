@@ -589,25 +589,26 @@ class Dispatcher:
     def drained_out(self, model: str) -> bool:
         """Whether ``model`` is unservable only because instances are draining: with them
         it would be servable (the refusal's reason label is then ``draining``)."""
-        members = [
-            (s.instance_id, s.instance.instance_type)
-            for s in self.registry
-            if s.instance.model_name == model and not s.removed
-        ]
+        members = self._members(model, draining=True)
         return unservable_reason(model, members, pd_enabled=self.pd is not None) is None
 
     def _members(
-        self, model: str, excluded: frozenset[str] = frozenset(), *, now: bool = False
+        self,
+        model: str,
+        excluded: frozenset[str] = frozenset(),
+        *,
+        now: bool = False,
+        draining: bool = False,
     ) -> list[Member]:
         """The instances of ``model`` that may take its requests, now or later (not those
         removed or draining, nor ``excluded``); with ``now``, only those that may take one
-        now (routable: not ejected)."""
+        now (routable: not ejected); with ``draining``, draining ones too."""
         return [
             (s.instance_id, s.instance.instance_type)
             for s in self.registry
             if s.instance.model_name == model
             and not s.removed
-            and not s.draining
+            and (draining or not s.draining)
             and s.instance_id not in excluded
             and (not now or s.routable)
         ]
