@@ -198,6 +198,13 @@ def described(value: Any, *, secret: bool = False) -> str:
     return f"{_kind(value)}{shown}"
 
 
+def shown_value(value: Any) -> str:
+    """``repr(value)``, or for an integer too long to show so, its size (``integer of 401
+    digits``: ``str`` of one past 4,300 digits is refused)."""
+    long = isinstance(value, int) and value.bit_length() > 128
+    return described(value) if long else repr(value)
+
+
 def _wrong(value: Any, expected: str, checks: Rule, path: KeyPath, p: Problems) -> _Invalid:
     p.add(path, f"must be {expected}, got {described(value, secret=checks.secret)}")
     return _INVALID
@@ -301,12 +308,7 @@ def rule_problem(value: object, checks: Rule) -> str | None:
             )
             if broken:
                 shown = int(bound) if float(bound).is_integer() else bound
-                got = (
-                    described(value)
-                    if isinstance(value, int) and value.bit_length() > 128
-                    else repr(value)
-                )
-                return f"must be {word} {shown}, got {got}"
+                return f"must be {word} {shown}, got {shown_value(value)}"
     return None
 
 

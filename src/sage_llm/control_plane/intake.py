@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence, Set
 
 from sage_llm import tokens
+from sage_llm.config_fields import shown_value
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
 from sage_llm.engines.base import EngineRequest, fill_engine_request
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
@@ -116,8 +117,7 @@ def build_request(
         raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
     if max_tokens > MAX_TOKENS_BOUND:  # an estimate's arithmetic must hold it (a float)
         raise InvalidRequestError(
-            f"max_tokens must be at most {MAX_TOKENS_BOUND}, got an integer of "
-            f"{max_tokens.bit_length()} bits",
+            f"max_tokens must be at most {MAX_TOKENS_BOUND}, got {shown_value(max_tokens)}",
             param="max_tokens",
         )
     temperature, top_p = meta.temperature, meta.top_p  # None: the engine's default

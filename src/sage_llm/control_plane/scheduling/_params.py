@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+from sage_llm.config_fields import shown_value
 from sage_llm.errors import ConfigError
 
 
@@ -45,8 +46,7 @@ def check_count(key: str, value: int, *, minimum: int = 1, maximum: int | None =
     if value < minimum:
         raise ConfigError(f"must be >= {minimum}, got {value!r}", key=key)
     if maximum is not None and value > maximum:
-        shown = value if value.bit_length() <= 128 else f"an integer of {len(str(value))} digits"
-        raise ConfigError(f"must be <= {maximum}, got {shown}", key=key)
+        raise ConfigError(f"must be <= {maximum}, got {shown_value(value)}", key=key)
 
 
 def check_choice(key: str, value: object, choices: Collection[str]) -> None:
