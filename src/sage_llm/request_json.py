@@ -8,15 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
 from sage_llm import jsonutil
 from sage_llm.errors import InvalidRequestError
 
 
-def unreadable_body(exc: Exception) -> InvalidRequestError:
-    """The 400 of a body the server could not read (a ``Content-Encoding`` it is not
-    encoded in …): the reason on one line, without aiohttp's ``400, message:``."""
-    reason = " ".join(str(exc).split()).removeprefix("400, message: ")
-    return InvalidRequestError(f"request body cannot be read: {reason}")
+async def read_raw(request: web.Request) -> bytes:
+    """The body of ``request``. One it cannot read (a ``Content-Encoding`` it is not
+    encoded in …) is an :class:`InvalidRequestError` giving the reason on one line, and the
+    connection closes after its answer: aiohttp does not try to read the rest
+    (``feed_eof``), which could not be read either."""
+    try:
+        return await request.read()
+    except RequestPayloadError as exc:
+        request.protocol.close()
+        request.content.feed_eof()
+        reason = " ".join(str(exc).split()).removeprefix("400, message: ")
+        raise InvalidRequestError(f"request body cannot be read: {reason}") from None
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

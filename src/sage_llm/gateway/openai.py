@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from sage_llm import jsonutil
@@ -55,7 +54,7 @@ from sage_llm.gateway.schemas import (
     GenerationFields,
 )
 from sage_llm.gateway.settings import ResolvedGateway
-from sage_llm.request_json import json_object, unreadable_body
+from sage_llm.request_json import json_object, read_raw
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import RequestMetadata, RequestPriority
 
@@ -133,13 +132,7 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
     within ``timeout_s`` (None: no limit)."""
     try:
         async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except RequestPayloadError as exc:  # e.g. a Content-Encoding it is not encoded in
-        # what is left of the body cannot be read either: the connection closes after the
-        # 400, and aiohttp does not try to read the rest (feed_eof)
-        request.protocol.close()
-        request.content.feed_eof()
-        raise unreadable_body(exc) from None
+            return await read_raw(request)
     except TimeoutError:
         # the connection closes after the 408: what more comes of the body is ignored
         # (close), and aiohttp does not wait its lingering time for the rest (feed_eof)

@@ -54,7 +54,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, Usage
@@ -66,7 +65,7 @@ from sage_llm.errors import (
     SageLLMError,
 )
 from sage_llm.httpserve import start_site, tcp_nodelay
-from sage_llm.request_json import json_object, unreadable_body
+from sage_llm.request_json import json_object, read_raw
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.server_metrics import ReportsQueueTime, ServerMetrics
 from sage_llm.sim.server_pd import (
@@ -246,15 +245,11 @@ class _EngineServer:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
-            raw = await request.read()
+            raw = await read_raw(request)  # as the gateway reads one
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLargeError(
                 f"request body larger than {request.client_max_size} bytes"
             ) from None
-        except RequestPayloadError as exc:  # as the gateway: the rest cannot be read either
-            request.protocol.close()
-            request.content.feed_eof()
-            raise unreadable_body(exc) from None
         return json_object(raw)
 
     # --- generation ----------------------------------------------------------------------
