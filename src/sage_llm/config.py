@@ -704,6 +704,12 @@ def _check_instances(
                 problem = latency_prior_problem(metadata[key], key)
                 if problem is not None:
                     p.add((*path, index, "metadata", key), problem)
+            for key in SIM_KEYS:  # checked here, whatever else the entry lacks
+                if key in metadata:  # to_instance would overwrite them with the entry's keys
+                    p.add(
+                        (*path, index, "metadata", key),
+                        f"give {key} as a key of the instance, not in its metadata",
+                    )
         env_name = item.get("api_key_env")
         if isinstance(env_name, str) and not p.failed((*path, index, "api_key_env")):
             if item.get("api_key") is not None:

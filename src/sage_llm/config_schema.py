@@ -213,12 +213,6 @@ class InstanceConfig:
             raise FieldValueError("prefilling_config", "is not allowed on a DECODING instance")
         if self.decoding_config is not None and kind is ExecutionInstanceType.PREFILLING:
             raise FieldValueError("decoding_config", "is not allowed on a PREFILLING instance")
-        doubled = [key for key in SIM_KEYS if key in self.metadata]
-        if doubled:  # to_instance would overwrite them with the instance's own keys
-            raise FieldValueError(
-                f"metadata.{doubled[0]}",
-                f"give {doubled[0]} as a key of the instance, not in its metadata",
-            )
         if not self.sim_model:
             object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
         if self.engine == "sim":  # its engine is built from these when the fleet starts

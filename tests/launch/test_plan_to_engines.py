@@ -539,6 +539,14 @@ def test_nixl_side_channel_ports_may_not_overlap_the_engines_ports(tmp_path: Pat
     config = load_launch_config(write(tmp_path, body.format(kv=5600)))
     engines = engines_from_plan(config.instances, config.settings)
     assert [list(e.side_channel_ports) for e in engines] == [[5600, 5601], [5602, 5603]]
+    # a pipeline-parallel PD instance is reported beside the overlap, not hidden behind it
+    staged = body.replace("tp = 2\ngpu_ids = [2, 3]", "pp = 2\ngpu_ids = [2, 3]")
+    problems = _problems(write(tmp_path, staged.format(kv=23321)))
+    assert len(problems) == 2, problems
+    assert "overlap the engines' HTTP ports" in problems[0]
+    assert problems[1].endswith("launch.instances[1].pp: a decode instance runs with pp = 1: "
+                                "pipeline parallelism is not among what vLLM's NixlConnector "
+                                "supports")  # fmt: skip
 
 
 def test_a_plan_tables_problems_are_reported_beside_the_launch_tables(tmp_path: Path) -> None:

@@ -977,12 +977,11 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path, p: Problems) -> Launc
         engines = engines_from_plan(instances, settings)  # the ports, this machine's instances
     except ConfigError as exc:
         _add(p, _LAUNCH, exc)
-        return None
-    problem = fleet_problem(engines)
-    if problem is not None:
-        p.add(("launch", sources[0]), problem)
-        return None
-    _check_shapes(instances, settings, topology, sources[0], p)
+    else:
+        problem = fleet_problem(engines)
+        if problem is not None:
+            p.add(("launch", sources[0]), problem)
+    _check_shapes(instances, settings, topology, sources[0], p)  # reported beside the ports'
     if p.errors:
         return None
     return LaunchConfig(settings, instances, topology, planned)
