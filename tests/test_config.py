@@ -675,16 +675,14 @@ def test_sim_keys_inside_an_instances_metadata_are_an_error() -> None:
         "metadata.sim_gpu: give sim_gpu as a key of the instance, not in its metadata"
     )
     # an entry that lacks a required key still has its metadata checked
-    lacking = SEED.replace("tensor_parallel_size = 1", 'metadata = { sim_speed = 2.0 }')
+    lacking = SEED.replace("tensor_parallel_size = 1", "metadata = { sim_speed = 2.0 }")
     lacking = lacking.replace('model_name = "meta-llama/Llama-2-7b"', "", 1)
     with pytest.raises(ConfigErrors) as info:
         parse_config(lacking, "cfg.toml", env={})
     messages = [str(e) for e in info.value.errors]
     assert any(m.endswith(".model_name: is required") for m in messages), messages
-    assert any(
-        m.endswith("metadata.sim_speed: give sim_speed as a key of the instance, not in its metadata")
-        for m in messages
-    ), messages
+    wanted = "metadata.sim_speed: give sim_speed as a key of the instance, not in its metadata"
+    assert any(m.endswith(wanted) for m in messages), messages
 
 
 def test_a_simulated_engine_that_cannot_start_is_refused_with_its_line() -> None:
