@@ -669,6 +669,8 @@ def test_engine_sim_stops_at_once_ending_its_streams(sig: signal.Signals) -> Non
     cut them; SIGTERM had killed the process)."""
     port = free_ports(1)
     argv = [*CLI, "engine-sim", "--port", str(port), "--speed", "0.05", "--log-level", "warning"]
+    if sig is signal.SIGTERM:
+        argv += ["--log-format", "json"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -695,6 +697,8 @@ def test_engine_sim_stops_at_once_ending_its_streams(sig: signal.Signals) -> Non
         assert rest.rstrip().endswith("data: [DONE]")
         _, err = proc.communicate(timeout=5)
         assert "stopped; requests in flight were ended" in err and "Traceback" not in err
+        if sig is signal.SIGTERM:  # a log record, as JSON as every other line
+            assert all(json.loads(line)["level"] for line in err.splitlines()), err
     finally:
         if proc.poll() is None:
             proc.kill()

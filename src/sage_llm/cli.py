@@ -569,7 +569,10 @@ def engine_sim(
                 max_model_len=served_len,
             )  # fmt: skip
         except asyncio.CancelledError:
-            typer.echo("sage-llm engine-sim: stopped; requests in flight were ended", err=True)
+            # a log line (in the --log-format chosen), at WARNING: requests may have been cut
+            logging.getLogger("sage_llm.engine_sim").warning(
+                "sage-llm engine-sim: stopped; requests in flight were ended"
+            )
             raise
 
     try:

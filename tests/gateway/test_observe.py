@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -143,6 +144,14 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
             r.close()
         result = await gw.manager.wait_for_result("left", timeout=10)
         assert result.status.value == "cancelled"
+        # a client that leaves before a whole answer: the handler is cancelled
+        with pytest.raises(asyncio.TimeoutError):
+            await http.post(
+                gw.url("/v1/completions"), json={**body, "stream": False},
+                headers={"x-request-id": "gone"}, timeout=aiohttp.ClientTimeout(total=0.1),
+            )  # fmt: skip
+        result = await gw.manager.wait_for_result("gone", timeout=10)
+        assert result.status.value == "cancelled"
         gw.manager.drain_instance("sim-0")
         async with http.post(gw.url("/v1/completions"), json=completion_body(),
                              headers={"x-request-id": "refused"}):  # fmt: skip
@@ -161,11 +170,16 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     (left_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "left"]
     assert left_span.attributes["http.response.status_code"] == 499  # though 200 was sent
     assert "sage.stream_error_code" not in left_span.attributes and left_span.status is None
+    (gone_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "gone"]
+    assert gone_span.attributes["http.response.status_code"] == 499
+    assert gone_span.attributes["gen_ai.request.model"] == "llama-3-8b"  # set all the same
     # the lines about a request carry its id as a field (JSON logs show it); a client's
     # leaving is logged only when a write finds it gone (not when the handler is
     # cancelled first), so only the cut stream's line is certain
     assert any(
-        "ended with an error" in r.getMessage() and getattr(r, "request_id", None) == "cut"
+        r.getMessage().startswith("request cut failed (504 timeout_error): ")
+        and r.getMessage().endswith("(after its 200: the stream ended with an error event)")
+        and getattr(r, "request_id", None) == "cut"
         for r in caplog.records
     )
     assert all(

@@ -264,9 +264,14 @@ async def test_a_malformed_request_head_gets_a_json_400_and_a_closed_connection(
     try:
         with caplog.at_level(logging.DEBUG):
             raw = await _exchange(port, data)
+        text = manager.prometheus_metrics().decode()
     finally:
         await runner.cleanup()
         await manager.stop()
+    # counted, and access-logged under its answer's id, as the app's own error answers
+    assert 'sage_llm_http_errors_total{route="other",status="400"} 1.0' in text
+    access = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    assert len(access) == 1 and " status=400 " in access[0], access
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
     assert "SECRETKEY" not in logged and not any(r.exc_info for r in caplog.records)
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -282,6 +287,7 @@ async def test_a_malformed_request_head_gets_a_json_400_and_a_closed_connection(
     assert error["message"].startswith("malformed HTTP request: ")
     assert "b'" not in error["message"]  # the client's bytes are not echoed back
     assert headers["x-request-id"] in logged  # the answer's id, in one line of the log
+    assert f"request_id={headers['x-request-id']} " in access[0]
 
 
 async def test_an_applications_own_ctrl_c_handler_is_left_alone() -> None:

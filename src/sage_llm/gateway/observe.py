@@ -290,12 +290,12 @@ def _observe(
                     except asyncio.CancelledError:
                         span.set_attribute("http.response.status_code", 499)  # client gone
                         raise
+                    finally:  # the model, also of a request whose client went away
+                        if model := request.get(MODEL_KEY):
+                            span.set_attribute("gen_ai.request.model", model)
                     failed = resp.stream_error if isinstance(resp, SSEResponse) else None
                     gone = failed == CLIENT_GONE  # as when the handler is cancelled for it
                     span.set_attribute("http.response.status_code", failed if gone else resp.status)
-                    model = request.get(MODEL_KEY)
-                    if model:
-                        span.set_attribute("gen_ai.request.model", model)
                     if failed is not None and not gone:  # an error event after a 200
                         span.set_attribute("sage.stream_error_code", failed)
                     tracer.mark_error(span, failed or resp.status)

@@ -514,8 +514,9 @@ class _Ending:
         code = error.get("code")
         self.error = code if isinstance(code, int) else 500
         log.warning(
-            "stream of request %s ended with an error (%s %s): %s", gen.request_id,
-            code, error.get("type"), error.get("message"), extra=_rid(gen),
+            "request %s failed (%s %s): %s (after its 200: the stream ended with an error "
+            "event)", gen.request_id, code, error.get("type"), error.get("message"),
+            extra=_rid(gen),
         )  # fmt: skip
         self.tail += encode_event(body)
 

@@ -28,7 +28,13 @@ from sage_llm.gateway.auth import is_loopback
 from sage_llm.gateway.errors import protocol_error_body
 from sage_llm.gateway.lean import LeanServer
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
-from sage_llm.gateway.observe import REQUEST_ID_HEADER, new_request_id
+from sage_llm.gateway.observe import (
+    REQUEST_ID_HEADER,
+    ErrorCounter,
+    access_log,
+    new_request_id,
+    write_access_log,
+)
 from sage_llm.gateway.settings import GatewaySettings
 from sage_llm.httpserve import new_runner
 from sage_llm.types import host_port
@@ -45,9 +51,11 @@ class _JsonErrorRequestHandler(web.RequestHandler):
     body, a fresh ``X-Request-Id`` and ``Connection: close``, instead of ``text/plain``. It
     is logged under that id: a 400 as one line with the parser's reason, without the bytes
     it quotes (an ``Authorization`` header among them would put a key in the log); a 500
-    with its traceback."""
+    with its traceback. Each is counted (``count_error``, as the app counts its error
+    answers; route ``other``: the head's path cannot be trusted) and access-logged."""
 
     __slots__ = ()
+    count_error: ErrorCounter | None = None  # set on the subclass json_error_protocols makes
 
     def handle_error(
         self,
@@ -67,6 +75,10 @@ class _JsonErrorRequestHandler(web.RequestHandler):
                 "request %s from %s: %d %s", rid, request.remote, status,
                 body["error"]["message"], extra={"request_id": rid},
             )  # fmt: skip
+        if self.count_error is not None:
+            self.count_error("other", status)
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_log(rid, request.method, request.path, status, 0.0, None)
         if request.writer.output_size > 0:  # as aiohttp's own: the answer had begun
             raise ConnectionError(
                 "Response is sent already, cannot send another response with the error message"
@@ -78,14 +90,22 @@ class _JsonErrorRequestHandler(web.RequestHandler):
         return resp
 
 
-def json_error_protocols(server: web.Server) -> Callable[[], web.RequestHandler]:
+def json_error_protocols(
+    server: web.Server, count_error: ErrorCounter | None = None
+) -> Callable[[], web.RequestHandler]:
     """A protocol factory like aiohttp's ``server`` (its handlers, set up as ``server``
-    sets them up) whose handlers answer failures outside the app with JSON errors."""
+    sets them up) whose handlers answer failures outside the app with JSON errors, each
+    counted by ``count_error``."""
+    handler_class = type(
+        "_JsonErrorRequestHandler",
+        (_JsonErrorRequestHandler,),
+        {"__slots__": (), "count_error": staticmethod(count_error) if count_error else None},
+    )
 
     def protocol() -> web.RequestHandler:
         handler = server()
         # the same object layout (no slots added): only handle_error differs
-        handler.__class__ = _JsonErrorRequestHandler
+        handler.__class__ = handler_class
         return handler
 
     return protocol
@@ -137,7 +157,7 @@ async def serve_app(
     await runner.setup()
     try:
         assert runner.server is not None
-        fallback = json_error_protocols(runner.server)
+        fallback = json_error_protocols(runner.server, app[MANAGER_KEY].metrics.on_http_error)
         lean: LeanServer | None = None
         protocol: Callable[[], asyncio.Protocol] = fallback
         if settings.lean_server and not settings.tracing:

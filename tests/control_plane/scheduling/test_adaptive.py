@@ -278,7 +278,7 @@ def test_admission_and_completion_go_to_the_current_policy() -> None:
     assert inner["name"] == "slo_aware"
     inner_state = inner["state"]
     assert isinstance(inner_state, dict)
-    assert inner_state["completed"] == 20
+    assert inner_state["ended"] == 20
 
 
 def test_an_empty_fleet_does_not_break_the_rule() -> None:

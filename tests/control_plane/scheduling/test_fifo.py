@@ -160,4 +160,4 @@ def test_describe_names_params_and_state() -> None:
     info = policy.describe()
     assert info["name"] == "fifo"
     assert info["params"] == {}
-    assert info["state"] == {"queued": 1, "completed": 0}
+    assert info["state"] == {"queued": 1, "ended": 0}

@@ -59,7 +59,7 @@ class QueuedPolicy:
     def __init__(self) -> None:
         self._queue = LaneQueue()
         self._now: float | None = None
-        self._completed = 0
+        self._ended = 0  # requests that ended under it: completed, failed or cancelled
 
     # -- to be provided by subclasses -------------------------------------------------
 
@@ -75,7 +75,7 @@ class QueuedPolicy:
         raise NotImplementedError
 
     def _state(self) -> dict[str, object]:
-        return {"queued": len(self._queue), "completed": self._completed}
+        return {"queued": len(self._queue), "ended": self._ended}
 
     # -- SchedulingPolicy --------------------------------------------------------------
 
@@ -150,7 +150,7 @@ class QueuedPolicy:
         """All that this class's :meth:`on_complete` does with a record: count it. A
         caller that knows a policy's ``on_complete`` is this one (not overridden; see
         :func:`counting_only`) may call this instead, without building the record."""
-        self._completed += 1
+        self._ended += 1
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "params": self._params_dict(), "state": self._state()}
