@@ -1221,6 +1221,24 @@ def test_secrets_are_masked() -> None:
     for secret in ("sk-one", "sk-two", "adm-secret", "up-sec"):
         assert secret not in repr(cfg) and secret not in str(dumped)
     assert cfg.gateway.api_keys == ("sk-one", "sk-two")
+    # the masked dump is not taken for real secrets; secrets=True loads back as it was
+    with pytest.raises(ConfigErrors) as info:
+        config_from_dict(dumped, env={})
+    keys = [str(e.key) for e in info.value.errors]
+    assert sorted(keys) == [
+        "gateway.admin_token",
+        "gateway.api_keys[0]",
+        "gateway.api_keys[1]",
+        "services.llm_control_plane.instances[1].api_key",
+    ], keys
+    assert 'is "***", the mask a dumped configuration writes' in str(info.value)
+    assert config_from_dict(cfg.to_dict(secrets=True), env={}) == cfg
+    # file keys beside api_keys_env: the reloaded configuration has both
+    with_env = text.replace("[gateway]\n", '[gateway]\napi_keys_env = "MORE"\n')
+    both = parse_config(with_env, env={"MORE": "sk-env"})
+    assert both.gateway.api_keys == ("sk-one", "sk-two", "sk-env")
+    again = config_from_dict(both.to_dict(secrets=True), env={"MORE": "sk-env"})
+    assert again == both
 
 
 def test_secret_values_stay_out_of_error_messages() -> None:

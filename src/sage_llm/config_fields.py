@@ -288,11 +288,20 @@ def as_float(value: int | float) -> float | None:
         return None
 
 
+SECRET_MASK = "***"
+"""What :func:`to_plain` writes in a secret's place; refused as a secret's value."""
+
+
 def rule_problem(value: object, checks: Rule) -> str | None:
     """What is wrong with a (well-typed) ``value`` under ``checks``, or None."""
     if isinstance(value, str):
         if checks.nonempty and not value.strip():
             return "must not be empty"
+        if checks.secret and value == SECRET_MASK:  # a dumped config loaded back
+            return (
+                f'is "{SECRET_MASK}", the mask a dumped configuration writes in place of a '
+                "secret: give the secret itself (to_dict(secrets=True) keeps them)"
+            )
         if checks.choices is not None and value not in checks.choices:
             if checks.secret:
                 return "is not one of the allowed values"
@@ -359,14 +368,15 @@ def _optional(hint: Any) -> bool:
     )
 
 
-def to_plain(value: Any, mask: str) -> Any:
-    """``value`` (dataclasses, enums, tuples, mappings) as plain data, secrets masked."""
+def to_plain(value: Any, mask: str | None = SECRET_MASK) -> Any:
+    """``value`` (dataclasses, enums, tuples, mappings) as plain data, secrets replaced by
+    ``mask`` (None: kept)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(value):
             item = getattr(value, f.name)
             checks = f.metadata.get("rule")
-            if checks is not None and checks.secret and item:
+            if mask is not None and checks is not None and checks.secret and item:
                 item = [mask] * len(item) if isinstance(item, tuple) else mask
             out[f.name] = to_plain(item, mask)
         return out

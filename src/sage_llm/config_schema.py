@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sage_llm.config_fields import (
+    SECRET_MASK,
     FieldValueError,
     Rule,
     opt,
@@ -49,7 +50,7 @@ ENGINES = ("vllm", "sglang", "openai", "sim")
 PD_DECIDERS = ("always", "never", "threshold", "prefix_aware", "adaptive")
 PD_CONNECTORS = ("vllm", "sglang")
 DEFAULT_SIM_MODEL = "llama-3-8b"
-MASK = "***"
+MASK = SECRET_MASK
 SECTIONS = ("gateway", "health", "admission", "simulation")
 SIM_KEYS = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")
 """An instance entry's simulator keys; an ``ExecutionInstance`` carries them in its
@@ -466,20 +467,29 @@ class SageConfig:
         registers the instances (use it to build a manager from a file)."""
         return self.control_plane.manager_kwargs()
 
-    def to_dict(self) -> dict[str, Any]:
-        """The configuration as a document-shaped dict, secrets replaced by ``"***"``; a
-        secret read from an environment variable (``admin_token_env`` …) is left out
-        beside it, so that the dict loads back (with the same environment)."""
-        service = to_plain(self.control_plane, MASK)
+    def to_dict(self, *, secrets: bool = False) -> dict[str, Any]:
+        """The configuration as a document-shaped dict, for display: secrets replaced by
+        ``"***"`` (which a loader refuses as a secret). With ``secrets=True`` they are
+        kept, and the dict loads back (:func:`~sage_llm.config.config_from_dict`) as the
+        same configuration. Either way a secret read from an environment variable
+        (``admin_token_env``, ``api_key_env``) is left out beside its ``*_env`` key, to be
+        read from the same environment again; so are the API keys when ``api_keys_env`` is
+        set and secrets are masked (with ``secrets=True`` the keys read from the variable
+        stay among them: read again, they are the same keys)."""
+        mask = None if secrets else MASK
+        service = to_plain(self.control_plane, mask)
         out = {
             "services": {"llm_control_plane": service},
-            **{name: to_plain(getattr(self, name), MASK) for name in SECTIONS},
+            **{name: to_plain(getattr(self, name), mask) for name in SECTIONS},
         }
         for table in (out["gateway"], *service.get("instances", ())):
-            for secret in ("api_keys", "admin_token", "api_key"):
+            for secret in ("admin_token", "api_key") if secrets else _SECRETS:
                 if table.get(f"{secret}_env") is not None:
                     table.pop(secret, None)
         return out
+
+
+_SECRETS = ("api_keys", "admin_token", "api_key")
 
 
 FOREIGN_RULES: Mapping[type[Any], Mapping[str, Rule]] = {
