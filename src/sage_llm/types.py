@@ -43,7 +43,7 @@ class RequestPriority(enum.IntEnum):
             if isinstance(value, int):
                 return cls(value)
             text = str(value).strip()
-            if text.lstrip("-").isdigit():
+            if text.isascii() and text.lstrip("-").isdigit():
                 return cls(int(text))
             return cls[text.upper()]
         except (KeyError, ValueError):

@@ -457,7 +457,7 @@ def test_cpu_lists() -> None:
     assert parse_cpu_list("") == ()
     assert format_cpu_list((8, 7, 0, 1, 2, 5)) == "0-2,5,7-8"
     assert format_cpu_list(()) == ""
-    for bad in ("3-1", "a", "1,,2", "1-"):
+    for bad in ("3-1", "a", "1,,2", "1-", "\u00b2", "0-\u00b9"):  # ² is isdigit(), not int()
         with pytest.raises(ValueError, match="bad CPU list"):
             parse_cpu_list(bad)
 

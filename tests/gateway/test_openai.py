@@ -183,6 +183,10 @@ def test_stream_options_are_for_streams_only() -> None:
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "inf"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x", "priority": "soon"}, {}, "priority"),
         ({"model": MODEL, "prompt": "x", "priority": 1.5}, {}, "priority"),
+        # digits int() refuses (or that are not ASCII) are no number: not a crash, a 400
+        ({"model": MODEL, "prompt": "x", "priority": "\u00b3"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "\uff11"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "\u00b2"}, "x-sage-priority"),
     ],
 )  # fmt: skip
 def test_invalid_fields_name_their_param(

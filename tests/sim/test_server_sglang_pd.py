@@ -172,6 +172,11 @@ async def test_non_streamed_legs_and_a_decode_leg_that_cannot_find_its_prefill(
             assert resp.status == 504
         async with http.get(url, params={"timeout_s": "nope"}) as resp:
             assert resp.status == 400
+        # a room of digits int() refuses ("²" is isdigit()): the documented 400, not a 500
+        bad = f"http://127.0.0.1:{p_port}{BOOTSTRAP_PATH.format(room='%C2%B2')}"
+        async with http.get(bad, params={"timeout_s": "0.05"}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == "room"
 
 
 # --- sglang-router in PD mode over engine-sim processes -----------------------------------

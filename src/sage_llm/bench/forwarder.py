@@ -184,7 +184,7 @@ class _Front(asyncio.Protocol):
             name, _, value = line.partition(":")
             name = name.strip().lower()
             if name == "content-length":
-                if not value.strip().isdigit():
+                if not (value.strip().isascii() and value.strip().isdigit()):
                     raise _BadRequest(400, "bad Content-Length")
                 length = int(value)
             elif name == "transfer-encoding":

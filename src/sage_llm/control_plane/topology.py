@@ -428,7 +428,7 @@ def _join(items: Sequence[int]) -> str:
 
 def _as_int(value: object) -> int:
     """A GPU index, NUMA node or CPU id: an integer >= 0 (or its digits)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer >= 0, got {value!r}")
@@ -456,10 +456,15 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     cpus: set[int] = set()
     for item in text.split(","):
         lo, sep, hi = item.strip().partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+        if not _digits(lo) or (sep and not _digits(hi)) or (sep and int(hi) < int(lo)):
             raise ValueError(f"bad CPU list {text!r}")
         cpus.update(range(int(lo), int(hi if sep else lo) + 1))
     return tuple(sorted(cpus))
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits (``int()`` refuses some that ``isdigit()`` takes)."""
+    return text.isascii() and text.isdigit()
 
 
 def format_cpu_list(cpus: Sequence[int]) -> str:
@@ -475,7 +480,7 @@ def format_cpu_list(cpus: Sequence[int]) -> str:
 def _optional_int(text: str | None) -> int | None:
     if text is None or text.upper() == "N/A":
         return None
-    if not text.isdigit():
+    if not _digits(text):
         raise ValueError(f"expected a number or N/A, got {text!r}")
     return int(text)
 

@@ -182,7 +182,8 @@ class FastResponse:
         del conn.buf[: end + 4]
         lines = head.split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        code = parts[1] if len(parts) > 1 else ""
+        if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
             raise ConnectionError(f"not an HTTP/1.x response: {lines[0][:100]!r}")
         self.status = int(parts[1])
         self.reason = parts[2] if len(parts) > 2 else ""

@@ -169,8 +169,10 @@ def validate_chat(body: Mapping[str, Any]) -> ChatCompletionRequest:
 def _priority(value: object, param: str) -> RequestPriority:
     """A priority by name or number; an integer outside 0-4 is taken as the nearest end
     (vLLM's ``priority`` is any integer, lower sooner: the same order)."""
-    if isinstance(value, str) and value.strip().removeprefix("-").isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.removeprefix("-").isdigit():  # not "²" nor "１"
+            value = int(text)
     if isinstance(value, int) and not isinstance(value, bool):
         value = min(max(value, 0), len(RequestPriority) - 1)
     try:

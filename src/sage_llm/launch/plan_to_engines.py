@@ -201,7 +201,7 @@ class EngineLaunch:
         """The NIXL side-channel ports a PD vLLM engine binds (one per GPU rank, from
         ``VLLM_NIXL_SIDE_CHANNEL_PORT``); empty for the others."""
         first = self.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
-        if first is None or not first.isdigit():
+        if first is None or not (first.isascii() and first.isdigit()):
             return range(0)
         return range(int(first), int(first) + self.tp * self.pp)
 

@@ -391,7 +391,7 @@ class _EngineServer:
         hand its ``kv_transfer_params`` to the decode server (once)."""
         try:
             raw = request.match_info["room"]
-            if not raw.isdigit() or int(raw) >= 1 << 64:
+            if not (raw.isascii() and raw.isdigit()) or int(raw) >= 1 << 64:
                 raise InvalidRequestError("room must be an integer in [0, 2^64)", param="room")
             try:
                 timeout = float(request.query.get("timeout_s", self.bootstrap_wait_s))
