@@ -112,7 +112,8 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
         and value.is_integer()
         and abs(value) >= 2**63
     ):
-        detail = f"{value:.0f} is out of range: integers must fit in 64 bits"
+        # JSON read it as a float: its digits past the 17th are not the client's
+        detail = f"is out of range: integers must fit in 64 bits (got about {value:.3g})"
     elif top in _TYPE_HINTS:
         detail = _TYPE_HINTS[top]
     else:
