@@ -88,6 +88,7 @@ def listening() -> Iterator[int]:
         (["engine-sim", "--speed", "0"], "Invalid value for '--speed': must be a finite number"),
         (["engine-sim", "--tp", "0"], "Invalid value for '--tp': must be >= 1, got 0"),
         (["engine-sim", "--max-model-len", "0"], "'--max-model-len': must be >= 1, got 0"),
+        (["engine-sim", "--served-model-name", " "], "'--served-model-name': must not be empty"),
         (["demo", "--sessions", "0"], "Invalid value for '--sessions': must be >= 1, got 0"),
         (["demo", "--sessions", "-3"], "Invalid value for '--sessions': must be >= 1, got -3"),
         (["demo", "--rate", "0"], "Invalid value for '--rate': must be a finite number > 0, got 0"),

@@ -138,6 +138,12 @@ def _at_least_one(value: int | None) -> int | None:
     return value
 
 
+def _nonempty(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("must not be empty (leave it out for the default)")
+    return value
+
+
 def _positive(value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {value:g}")
@@ -423,7 +429,8 @@ def engine_sim(
         "general"
     ),
     served_model_name: Annotated[
-        str | None, typer.Option(help="Model name clients use (default: --model).")
+        str | None,
+        typer.Option(help="Model name clients use (default: --model).", callback=_nonempty),
     ] = None,
     max_num_seqs: Annotated[
         int | None,

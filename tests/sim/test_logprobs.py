@@ -56,6 +56,15 @@ def test_the_sampled_token_is_usually_but_not_always_the_most_likely() -> None:
     assert 0.7 < top_hits / len(pieces) < 0.9
 
 
+def test_greedy_sampling_always_takes_the_most_likely() -> None:
+    """temperature 0: a model's logprobs never show a likelier token than the one taken."""
+    gen = PseudoLogprobs(2, chat=False, seed=0, request_id="r", greedy=True)
+    out = gen.next(PseudoText("0:r").next_pieces(500))
+    for piece, logprob, top in zip(out["tokens"], out["token_logprobs"], out["top_logprobs"],
+                                   strict=True):  # fmt: skip
+        assert top[piece] == logprob == max(top.values())
+
+
 def test_chunks_continue_each_other() -> None:
     pieces = PseudoText("3:r").next_pieces(6)
     whole = PseudoLogprobs(1, chat=False, seed=3, request_id="r").next(pieces)

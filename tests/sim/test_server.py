@@ -291,6 +291,14 @@ async def test_client_disconnect_closes_engine_iterator_and_counts_an_abort(
         assert 'vllm:request_success_total{engine="0",finished_reason="abort",' in text
         line = next(x for x in text.splitlines() if 'finished_reason="abort"' in x)
         assert line.endswith(" 1.0"), line
+        # its first token was timed as it came, as vLLM times it; its end is not
+        counts = {
+            name: x.rsplit(" ", 1)[1]
+            for x in text.splitlines()
+            for name in ("time_to_first_token", "e2e_request_latency")
+            if x.startswith(f"vllm:{name}_seconds_count")
+        }
+        assert counts == {"time_to_first_token": "1.0", "e2e_request_latency": "0.0"}, counts
     finally:
         fake.release.set()
         await runner.cleanup()

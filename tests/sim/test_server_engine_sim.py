@@ -350,6 +350,19 @@ async def test_fields_read_as_vllms_request_models_read_them(
             ({"priority": 5}, "priority"),  # vLLM's FCFS scheduler takes no priority
             ({"stream": "yes"}, "stream"),
             ({"stream": True, "stream_options": "x"}, "stream_options"),
+            # "false" is no boolean: never taken as true
+            (
+                {"stream": True, "stream_options": {"include_usage": "false"}},
+                "stream_options.include_usage",
+            ),
+            (
+                {
+                    "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": 1},
+                },
+                "stream_options.continuous_usage_stats",
+            ),
+            ({"return_token_ids": "false"}, "return_token_ids"),
         ]
         for fields, param in refused:
             status, err = await post(http, url, {**COMPLETION, **fields})

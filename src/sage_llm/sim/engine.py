@@ -427,7 +427,7 @@ class SimEngine:
         if top is not None:
             logprobs = PseudoLogprobs(
                 top, chat=req.api == "chat", seed=self._config.seed, request_id=req.request_id,
-                offset=len(echo or ""),
+                offset=len(echo or ""), greedy=req.temperature == 0,
             )  # fmt: skip
         produced = 0
         done = False

@@ -155,13 +155,22 @@ def echo_logprobs(pieces: list[str], top: int, request_id: str) -> dict[str, Any
 class PseudoLogprobs:
     """The logprobs of one request's tokens, chunk by chunk."""
 
-    __slots__ = ("_chat", "_offset", "_rng", "_top")
+    __slots__ = ("_chat", "_greedy", "_offset", "_rng", "_top")
 
     def __init__(
-        self, top: int, *, chat: bool, seed: int, request_id: str, offset: int = 0
+        self,
+        top: int,
+        *,
+        chat: bool,
+        seed: int,
+        request_id: str,
+        offset: int = 0,
+        greedy: bool = False,
     ) -> None:
         self._top = top
         self._chat = chat
+        self._greedy = greedy
+        """Greedy sampling (``temperature`` 0): the sampled token is always the most likely."""
         self._rng = random.Random(f"logprobs:{seed}:{request_id}")
         self._offset = offset
         """Where the next token's text begins (an echoed prompt's length comes first)."""
@@ -182,7 +191,8 @@ class PseudoLogprobs:
             probs.append(p)
             left -= p
         probs.sort(reverse=True)
-        sampled = 0 if rng.random() < _TOP_SAMPLED else rng.randrange(1, ranks)
+        top_sampled = rng.random() < _TOP_SAMPLED or self._greedy
+        sampled = 0 if top_sampled else rng.randrange(1, ranks)
         others = iter(rng.sample([p for p in _PIECES if p != piece], ranks - 1))
         top = [
             (piece if rank == sampled else next(others), math.log(p))

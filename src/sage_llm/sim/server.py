@@ -430,7 +430,7 @@ class _EngineServer:
         except SageLLMError as exc:
             return _error(exc)
         except asyncio.CancelledError:  # the client went away: the engine aborts it
-            self.metrics.count_abort()
+            self.metrics.count_abort(arrival, times)
             raise
         finally:
             await _aclose(it)
@@ -536,8 +536,11 @@ class _EngineServer:
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(encode_event(exc.to_openai()))
         except ConnectionResetError:  # the client went away; the caller closes the iterator
-            self.metrics.count_abort()
+            self.metrics.count_abort(arrival, times)
             return
+        except asyncio.CancelledError:  # the client went away: _stream counts the abort
+            self.metrics.observe_tokens(arrival, times)
+            raise
         else:
             self._observe(parsed, arrival, times, finish, usage)
         with contextlib.suppress(ConnectionResetError):

@@ -56,19 +56,27 @@ class ServerMetrics:
         queue_s: float | None = None,
     ) -> None:
         """Record one finished request: ``times`` are the clock readings of its chunks."""
+        self.observe_tokens(arrival, times)
         if times:
-            self.ttft.labels(*self._values).observe(max(0.0, times[0] - arrival))
-            itl = self.itl.labels(*self._values)
-            for prev, cur in itertools.pairwise(times):
-                itl.observe(max(0.0, cur - prev))
             self.e2e.labels(*self._values).observe(max(0.0, times[-1] - arrival))
         if queue_s is not None:
             self.queue.labels(*self._values).observe(max(0.0, queue_s))
         self._finished[finish] = self._finished.get(finish, 0) + 1
 
-    def count_abort(self) -> None:
+    def observe_tokens(self, arrival: float, times: Sequence[float]) -> None:
+        """The TTFT and inter-token latencies of chunks read at ``times``."""
+        if times:
+            self.ttft.labels(*self._values).observe(max(0.0, times[0] - arrival))
+            itl = self.itl.labels(*self._values)
+            for prev, cur in itertools.pairwise(times):
+                itl.observe(max(0.0, cur - prev))
+
+    def count_abort(self, arrival: float = 0.0, times: Sequence[float] = ()) -> None:
         """Count a request its client left before its end (``finished_reason="abort"``,
-        as vLLM counts one its client disconnected from)."""
+        as vLLM counts one its client disconnected from); the chunks it had (read at
+        ``times``) are timed, as vLLM times each token as it comes (its end is not: no
+        end-to-end or queue time)."""
+        self.observe_tokens(arrival, times)
         self._finished["abort"] += 1
 
     def collect(self) -> Iterator[Metric]:

@@ -265,12 +265,25 @@ def parse_request(
         extra={k: v for k, v in body.items() if k not in _CONSUMED},
         kv_transfer_params=kv if role == "decode" else None,
     )  # priority: EngineRequest's default (FCFS takes none)
-    include_usage = bool(options and options.get("include_usage"))
-    continuous = include_usage and bool(options and options.get("continuous_usage_stats"))
-    token_ids = bool(body.get("return_token_ids"))
+    include_usage = _flag(options, "include_usage", "stream_options.")
+    continuous = include_usage and _flag(options, "continuous_usage_stats", "stream_options.")
+    token_ids = _flag(body, "return_token_ids")
     requested_echo(req)  # checked here: a 400 before the stream starts
     requested_prompt_logprobs(req.extra, stream=stream)
     return ParsedRequest(req, stream, include_usage, role, prompt_tokens, continuous, token_ids)
+
+
+def _flag(table: Mapping[str, Any] | None, key: str, prefix: str = "") -> bool:
+    """``table[key]`` as a flag: absent or null is false; a value that is not a boolean is
+    a 400 naming it (as the engine's other flags: "false" is no boolean, never true)."""
+    value = None if table is None else table.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequestError(
+            f"{prefix}{key} must be a boolean, got {value!r}", param=f"{prefix}{key}"
+        )
+    return value
 
 
 @runtime_checkable
