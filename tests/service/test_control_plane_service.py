@@ -199,11 +199,22 @@ def test_set_policy_switches_the_scheduling_policy(svc: ControlPlaneVLLMService)
     out = svc.process({"task": "set_policy", "options": {"policy": "slo_aware"}})
     assert out["scheduling_policy"] == "slo_aware"
     assert svc.process({"task": "get_metrics"})["status"]["scheduling_policy"] == "slo_aware"
-    with pytest.raises(PolicyNotFoundError):
+    with pytest.raises(PolicyNotFoundError) as missing:
         svc.process({"task": "set_policy", "inputs": "fastest"})
+    assert missing.value.param == "inputs"  # the payload's part, not the manager's argument
+    with pytest.raises(PolicyNotFoundError) as missing:
+        svc.process({"task": "set_policy", "options": {"policy": "fastest"}})
+    assert missing.value.param == "options.policy"
     with pytest.raises(InvalidRequestError) as err:
         svc.process({"task": "set_policy"})
     assert err.value.param == "inputs"
+    # a bad parameter is the payload's mistake: an InvalidRequestError naming it
+    for params, where in (({"zzz": 1}, "zzz"), ({"infeasible_action": "explode"}, None)):
+        payload = {"task": "set_policy", "inputs": "slo_aware", "options": {"params": params}}
+        with pytest.raises(InvalidRequestError) as err:
+            svc.process(payload)
+        assert err.value.param == f"options.params.{where or next(iter(params))}"
+    assert svc.process({"task": "get_metrics"})["status"]["scheduling_policy"] == "slo_aware"
 
 
 def test_the_vllm_service_methods_work_on_the_control_plane_service(
@@ -509,3 +520,10 @@ def test_health_check_probes_the_instances_now() -> None:
             assert svc.process({"task": "health_check"}) == {"hung": False}
             (shown,) = svc.process({"task": "show_instances"})
             assert shown["is_healthy"] is False  # the probe's outcome counts: ejected
+
+
+def test_request_defaults_of_another_type_are_a_config_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        ControlPlaneVLLMService({}, request_defaults={"priority": "asap"})  # type: ignore[arg-type]
+    assert err.value.key == "request_defaults"
+    assert "must be a sage_llm.service.RequestDefaults, got dict" in str(err.value)

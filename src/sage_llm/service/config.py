@@ -58,6 +58,11 @@ def control_plane_service_config(
     ``None`` is the embedded default (a simulated fleet). ``defaults`` are used for the
     request defaults the config does not set.
     """
+    if defaults is not None and not isinstance(defaults, RequestDefaults):
+        raise ConfigError(
+            f"must be a sage_llm.service.RequestDefaults, got {type(defaults).__name__}",
+            key="request_defaults",
+        )
     base = defaults or RequestDefaults()
     if config is None:
         sage = SageConfig.default()

@@ -38,6 +38,7 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     InvalidRequestError,
+    PolicyNotFoundError,
     SageLLMError,
 )
 from sage_llm.service.base import ManagedService
@@ -175,8 +176,8 @@ class ControlPlaneVLLMService(ManagedService):
         if task == "embed":
             return self._embed(parse_embed(req.inputs, options, self.defaults.timeout_s))
         if task == "set_policy":
-            name, params = _policy_args(req)
-            return self._on_loop(lambda cp: _set_policy(cp, name, params))
+            name, params, named_in = _policy_args(req)
+            return self._on_loop(lambda cp: _set_policy(cp, name, params, named_in))
         if task == "register_instance":
             instance = _instance_arg(req)
             return self._on_loop(lambda cp: _register(cp, instance))
@@ -346,7 +347,7 @@ def _fleet_change(req: Payload) -> Callable[[ControlPlaneManager], dict[str, Any
     return change
 
 
-def _policy_args(req: Payload) -> tuple[str, dict[str, Any] | None]:
+def _policy_args(req: Payload) -> tuple[str, dict[str, Any] | None, str]:
     options = req.options
     for key in options:
         if key not in _SET_POLICY_OPTIONS:
@@ -369,12 +370,21 @@ def _policy_args(req: Payload) -> tuple[str, dict[str, Any] | None]:
     params = options.get("params")
     if params is not None and not isinstance(params, dict):
         raise InvalidRequestError("params must be a dict", param="options.params")
-    return name, params
+    return name, params, "inputs" if req.inputs is not None else "options.policy"
 
 
 def _set_policy(
-    cp: ControlPlaneManager, name: str, params: dict[str, Any] | None
+    cp: ControlPlaneManager, name: str, params: dict[str, Any] | None, named_in: str
 ) -> dict[str, Any]:
+    """Switch to policy ``name`` (given in the payload at ``named_in``) with ``params``;
+    errors name the payload's part, as the admin API's name the body's field."""
     previous = cp.policy.name
-    cp.update_policy(name, params)
+    try:
+        cp.update_policy(name, params)
+    except PolicyNotFoundError as exc:
+        exc.param = named_in  # the payload's part (the manager names its own argument)
+        raise
+    except ConfigError as exc:  # a bad parameter: the request's mistake
+        param = "options.params" if exc.key is None else f"options.params.{exc.key}"
+        raise InvalidRequestError("; ".join(map(str, exc.each())), param=param) from None
     return {"previous": previous, "scheduling_policy": cp.policy.name}
