@@ -790,6 +790,18 @@ def test_an_unknown_pd_key_does_not_hide_the_plugins_checks() -> None:
     # a refused value of a field the plugins read stops them being built (and misjudged)
     text = '[services.llm_control_plane.pd]\nrouting_policy = "nope"\n' + text.split("\n", 2)[2]
     assert problem(text).key == "services.llm_control_plane.pd.routing_policy"
+    # one they do not read (a count above its maximum) does not
+    text = (
+        "[services.llm_control_plane.pd]\nprefilling_min_instances = 9\n"
+        'routing_policy = "adaptive"\n'
+        "metadata = { kv_bytes_per_token = 0, decider_params = { hysteresis = -1 } }\n"
+    )
+    found = [(e.location, e.key) for e in problems(text)]
+    assert found == [
+        ("cfg.toml:2", "services.llm_control_plane.pd.prefilling_min_instances"),
+        ("cfg.toml:4", "services.llm_control_plane.pd.metadata.kv_bytes_per_token"),
+        ("cfg.toml:4", "services.llm_control_plane.pd.metadata.decider_params.hysteresis"),
+    ]
 
 
 def test_a_pd_range_error_does_not_hide_an_unservable_model() -> None:
@@ -849,6 +861,20 @@ def test_section_given_twice() -> None:
     err = problem("[gateway]\nport = 1\n[services.llm_control_plane.gateway]\nport = 2\n")
     assert err.key == "services.llm_control_plane.gateway"
     assert "given twice" in err.message
+    # both copies are checked: the one the loader would drop has its problems said too
+    text = (
+        '[services.llm_control_plane.gateway]\nhost = "bad host"\n'
+        '[gateway]\nport = 70000\nfoo = 1\nadmin_token_env = "NOT_SET"\n'
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={})
+    assert [e.key for e in info.value.errors] == [
+        "services.llm_control_plane.gateway",
+        "services.llm_control_plane.gateway.host",
+        "gateway.port",
+        "gateway.foo",
+        "gateway.admin_token_env",
+    ]
 
 
 def test_unknown_service_table_without_type() -> None:

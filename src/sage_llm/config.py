@@ -372,7 +372,7 @@ def _service_config(
     sections: dict[str, Any] = {}
     written_at: dict[str, str] = {}
     for name, cls in _SECTION_CLASSES:
-        table, path = _section(document, service, spath, name, p)
+        table, path = _section(document, service, spath, name, environ, p)
         raw[name] = table
         if name == "gateway":  # the bind address: resolved and bound only by serve
             for key in ("host", "port"):
@@ -445,13 +445,19 @@ def _section(
     service: Mapping[str, Any],
     spath: KeyPath,
     name: str,
+    environ: Mapping[str, str],
     p: Problems,
 ) -> tuple[Mapping[str, Any] | None, KeyPath]:
-    """Section ``name``'s table (inside the service table, or top level) and its path."""
+    """Section ``name``'s table (inside the service table, or top level) and its path; when
+    both are given, that is a problem, and the top-level one's problems are reported too."""
     top, nested = document.get(name), service.get(name)
     if top is not None and nested is not None:
         where = ".".join(str(k) for k in (*spath, name))
         p.add((*spath, name), f"given twice, as [{name}] and as [{where}]; keep one")
+        cls = dict(_SECTION_CLASSES)[name]  # the other is checked too: each problem is said
+        checked = read_dataclass(cls, _table(top, (name,), p), (name,), p)
+        if isinstance(checked, GatewayConfig):
+            _gateway_secrets(checked, (name,), environ, p)
     if nested is not None:
         return _table(nested, (*spath, name), p), (*spath, name)
     if top is not None:
@@ -574,14 +580,33 @@ def _is_ours(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("type") in SERVICE_TYPES
 
 
-def _pd_field_failed(spath: KeyPath, p: Problems) -> bool:
-    """Whether the ``pd`` table, or a value of one of its fields, was refused: the PD
-    plugins are then not built (they would be checked against values the file does not
-    hold). An unknown key in it does not stop them being checked."""
+_PD_PLUGIN_FIELDS = (
+    "routing_policy",
+    "prefilling_threshold_input_tokens",
+    "prefilling_threshold_ratio",
+    "max_transfer_latency_ms",
+    "connector",
+    "metadata",
+)
+"""The ``pd`` fields :func:`~sage_llm.control_plane.pd.build_pd` reads."""
+
+
+def _pd_for_plugins(
+    pd: PDSeparationConfig, table: Mapping[str, Any], spath: KeyPath, p: Problems
+) -> PDSeparationConfig | None:
+    """The ``pd`` configuration to build the PD plugins from, to check their parameters:
+    ``pd`` when the table was read whole; when a field was refused that the plugins do not
+    read (``prefilling_min_instances`` above its maximum …), one of the fields they read,
+    as written; None when one of those, or the table, was refused (they would be checked
+    against values the file does not hold). An unknown key does not stop them being
+    checked."""
     pd_path = (*spath, "pd")
-    return p.failed(pd_path) or any(
-        p.failed_under((*pd_path, f.name)) for f in dataclasses.fields(PDSeparationConfig)
-    )
+    if p.failed(pd_path) or any(p.failed_under((*pd_path, name)) for name in _PD_PLUGIN_FIELDS):
+        return None
+    if not any(p.failed_under((*pd_path, f.name)) for f in dataclasses.fields(PDSeparationConfig)):
+        return pd
+    used = {key: table[key] for key in _PD_PLUGIN_FIELDS if key in table}
+    return read_dataclass(PDSeparationConfig, used, pd_path, Problems(p.source))
 
 
 def _control_plane(
@@ -603,10 +628,11 @@ def _control_plane(
     pd = dataclasses.replace(cp.pd, enabled=enabled)
     cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
     _check_pd(pd, (*spath, "pd"), p)
-    if "pd" in service and not _pd_field_failed(spath, p):
+    plugins_pd = _pd_for_plugins(pd, pd_table, spath, p) if isinstance(pd_table, Mapping) else None
+    if plugins_pd is not None:
         # the plugins' own checks: the decider's, the pairing's and the connector's
         # parameters (metadata.decider_params …), as the control plane will build them
-        read_params(lambda: build_pd(pd), (*spath, "pd"), p)
+        read_params(lambda: build_pd(plugins_pd), (*spath, "pd"), p)
     policy, policy_params = cp.scheduling_policy, cp.policy_params
     if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
         read_params(
