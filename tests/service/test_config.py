@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sage_llm.config import SageConfig, check_config, load_config
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, ConfigErrors
 from sage_llm.service.config import (
     DEFAULT_ENGINE,
     DEFAULT_SAMPLING,
@@ -201,6 +201,21 @@ def test_bad_sampling_values_name_the_key() -> None:
         with pytest.raises(ConfigError) as err:
             VLLMServiceConfig.from_dict({"model_id": "m", "sampling": sampling})
         assert err.value.key == key
+
+
+def test_every_problem_of_a_vllm_service_config_is_raised_at_once() -> None:
+    data = {
+        "model_id": "m", "engine": "sim", "colour": 1, "speed": 2,
+        "sim": {"gpu": "tpu", "speed": -1},
+        "sampling": {"temperature": 3.0, "max_tokens": 0}, "tags": "chat",
+    }  # fmt: skip
+    with pytest.raises(ConfigErrors) as err:
+        VLLMServiceConfig.from_dict(data)
+    assert sorted(str(e.key) for e in err.value.errors) == [
+        "colour", "sampling.max_tokens", "sampling.temperature", "sim.gpu", "sim.speed",
+        "speed", "tags",
+    ]  # fmt: skip
+    assert "sampling.max_tokens: must be a positive integer, got 0" in str(err.value)
 
 
 def test_request_defaults_in_a_toml_file(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from sage_llm.config import SageConfig, config_from_dict, load_config
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
+from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError
 from sage_llm.service.payloads import PASSTHROUGH_OPTIONS, RequestDefaults, suggest
 
@@ -204,70 +205,80 @@ class VLLMServiceConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VLLMServiceConfig:
-        """Read and check a VLLMService config dict (unknown keys are errors)."""
+        """Read and check a VLLMService config dict (unknown keys are errors). Every
+        problem is raised at once (:class:`~sage_llm.errors.ConfigErrors` for several)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"the VLLMService config must be a dict, got {type(data).__name__}")
+        g = Gathered()
         for key in data:
             if key not in _VLLM_KEYS:
-                raise ConfigError(f"unknown key{suggest(str(key), _VLLM_KEYS)}", key=str(key))
+                g.errors.append(
+                    ConfigError(f"unknown key{suggest(str(key), _VLLM_KEYS)}", key=str(key))
+                )
         model_id = data.get("model_id")
         if not isinstance(model_id, str) or not model_id:
-            raise ConfigError("is required: the model the engine serves", key="model_id")
-        engine_value = data.get("engine", {})
-        kind: str | None = None
-        if isinstance(engine_value, str):
-            kind, table = engine_value.strip().lower(), {}
-        elif isinstance(engine_value, Mapping):
-            table = dict(engine_value)
-            kind = table.pop("kind", None)
-        else:
-            raise ConfigError('must be "sim", "vllm" or a table of engine arguments', key="engine")
-        if kind not in (None, "sim", "vllm"):
-            raise ConfigError(f'unknown engine kind {kind!r}; use "sim" or "vllm"', key="engine")
-        host, port, scheme = _endpoint(data)
+            g.errors.append(ConfigError("is required: the model the engine serves", key="model_id"))
+            model_id = ""
+        kind, table = g.built(lambda: _engine_kind(data), _same) or (None, {})
+        host, port, scheme = g.built(lambda: _endpoint(data), _same) or (None, None, "http")
         if host is not None and kind == "sim":
-            raise ConfigError('engine = "sim" and an endpoint exclude each other', key="engine")
+            g.errors.append(
+                ConfigError('engine = "sim" and an endpoint exclude each other', key="engine")
+            )
         backend = "http" if host is not None else (kind or "vllm")
-        sampling = {**DEFAULT_SAMPLING, **_table(data, "sampling")}
+        sampling = {**DEFAULT_SAMPLING, **(g.built(lambda: _table(data, "sampling"), _same) or {})}
         engine = {**DEFAULT_ENGINE, **table}
-        sim = _table(data, "sim")
+        sim = g.built(lambda: _table(data, "sim"), _same) or {}
         for key in sim:
             if key not in _SIM_KEYS:
-                raise ConfigError(f"unknown key{suggest(str(key), _SIM_KEYS)}", key=f"sim.{key}")
+                g.errors.append(
+                    ConfigError(f"unknown key{suggest(str(key), _SIM_KEYS)}", key=f"sim.{key}")
+                )
         dialect = str(data.get("dialect", "vllm")).lower()
         if dialect not in _DIALECTS:
-            raise ConfigError(f"must be one of {', '.join(_DIALECTS)}", key="dialect")
+            g.errors.append(ConfigError(f"must be one of {', '.join(_DIALECTS)}", key="dialect"))
         cp = data.get("control_plane")
         if cp is not None and not isinstance(cp, Mapping | str):
-            raise ConfigError("must be a table (the control-plane config) or a TOML path",
-                              key="control_plane")  # fmt: skip
+            g.errors.append(
+                ConfigError(
+                    "must be a table (the control-plane config) or a TOML path",
+                    key="control_plane",
+                )
+            )
+            cp = None
         tags = data.get("tags", [])
         if not isinstance(tags, list | tuple) or not all(isinstance(t, str) for t in tags):
-            raise ConfigError("must be a list of strings", key="tags")
+            g.errors.append(ConfigError("must be a list of strings", key="tags"))
+            tags = []
         config = cls(
             model_id=model_id,
             backend=backend,
-            embedding_model_id=_opt_str(data, "embedding_model_id"),
-            auto_download=_bool(data, "auto_download", False),
-            auto_reload=_bool(data, "auto_reload", True),
+            embedding_model_id=g.built(lambda: _opt_str(data, "embedding_model_id"), _same),
+            auto_download=_or(g.built(lambda: _bool(data, "auto_download", False), _same), False),
+            auto_reload=_or(g.built(lambda: _bool(data, "auto_reload", True), _same), True),
             engine=engine,
-            embedding_engine={**engine, **_table(data, "embedding_engine")},
+            embedding_engine={
+                **engine, **(g.built(lambda: _table(data, "embedding_engine"), _same) or {})
+            },
             sampling=sampling,
             tags=tuple(tags),
             host=host,
             port=port,
             scheme=scheme,
-            api_key=_opt_str(data, "api_key"),
+            api_key=g.built(lambda: _opt_str(data, "api_key"), _same),
             dialect=dialect,
             sim=sim,
-            use_control_plane=_bool(data, "use_control_plane", False),
+            use_control_plane=_or(
+                g.built(lambda: _bool(data, "use_control_plane", False), _same), False
+            ),
             control_plane=cp,
-            request_timeout_s=_positive(data, "request_timeout_s", None),
-        )
-        config.request_defaults()  # checks the sampling table
-        _check_sim(sim)
-        if backend == "sim":
-            config.check_sim_engine()
+            request_timeout_s=g.built(lambda: _positive(data, "request_timeout_s", None), _same),
+        )  # fmt: skip
+        g.built(config.request_defaults, _same)  # checks the sampling table
+        g.built(lambda: _check_sim(sim), _same)
+        if backend == "sim" and not any((e.key or "").startswith("sim.") for e in g.errors):
+            g.built(config.check_sim_engine, _same)
+        g.raise_any()
         return config
 
     def check_sim_engine(self) -> None:
@@ -289,21 +300,30 @@ class VLLMServiceConfig:
             )
 
     def request_defaults(self) -> RequestDefaults:
-        """The ``sampling`` table as request defaults (other sampling keys pass through)."""
+        """The ``sampling`` table as request defaults (other sampling keys pass through);
+        every problem of the table raised at once."""
         s = self.sampling
+        g = Gathered()
         extra = {k: v for k, v in s.items() if k in PASSTHROUGH_OPTIONS and v not in (None, 0.0)}
-        unknown = [k for k in s if k not in PASSTHROUGH_OPTIONS and k not in DEFAULT_SAMPLING]
-        if unknown:
-            raise ConfigError(f"unknown sampling key {unknown[0]!r}", key=f"sampling.{unknown[0]}")
+        for key in s:
+            if key not in PASSTHROUGH_OPTIONS and key not in DEFAULT_SAMPLING:
+                g.errors.append(ConfigError(f"unknown sampling key {key!r}", key=f"sampling.{key}"))
         if s.get("n", 1) != 1:  # as generate's own option
-            raise ConfigError("only n = 1 is supported: send a batch instead", key="sampling.n")
-        return RequestDefaults(
-            max_tokens=_sampling_int(s, "max_tokens"),
-            temperature=_positive(s, "temperature", None, zero=True, at="sampling.", high=2.0),
-            top_p=_positive(s, "top_p", None, at="sampling.", high=1.0),
+            g.errors.append(
+                ConfigError("only n = 1 is supported: send a batch instead", key="sampling.n")
+            )
+        defaults = RequestDefaults(
+            max_tokens=g.built(lambda: _sampling_int(s, "max_tokens"), _same),
+            temperature=g.built(
+                lambda: _positive(s, "temperature", None, zero=True, at="sampling.", high=2.0),
+                _same,
+            ),
+            top_p=g.built(lambda: _positive(s, "top_p", None, at="sampling.", high=1.0), _same),
             timeout_s=self.request_timeout_s,
             extra=extra,
         )
+        g.raise_any()
+        return defaults
 
 
 def _check_sim(sim: Mapping[str, Any]) -> None:
@@ -311,23 +331,53 @@ def _check_sim(sim: Mapping[str, Any]) -> None:
     engine starts or its first request comes (names known, numbers in range)."""
     from sage_llm.sim.specs import get_gpu, get_model
 
+    g = Gathered()
     for key in ("gpu", "model"):
         value = sim.get(key)
         if value is None:
             continue
         if not isinstance(value, str) or not value:
-            raise ConfigError("must be a non-empty string", key=f"sim.{key}")
+            g.errors.append(ConfigError("must be a non-empty string", key=f"sim.{key}"))
+            continue
         try:
             (get_gpu if key == "gpu" else get_model)(value)
         except ConfigError as exc:
-            raise ConfigError(exc.detail, key=f"sim.{key}") from None
-    _positive(sim, "speed", None, at="sim.")
+            g.errors.append(ConfigError(exc.detail, key=f"sim.{key}"))
+    g.built(lambda: _positive(sim, "speed", None, at="sim."), _same)
     for key, low in (("seed", 0), ("embedding_dimension", 1), ("max_concurrent_requests", 1)):
         value = sim.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"must be an integer >= {low}", key=f"sim.{key}")
-        if value is not None and value < low:
-            raise ConfigError(f"must be an integer >= {low}, got {value}", key=f"sim.{key}")
+            g.errors.append(ConfigError(f"must be an integer >= {low}", key=f"sim.{key}"))
+        elif value is not None and value < low:
+            g.errors.append(
+                ConfigError(f"must be an integer >= {low}, got {value}", key=f"sim.{key}")
+            )
+    g.raise_any()
+
+
+def _engine_kind(data: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The ``engine`` value: its kind (``sim``, ``vllm``, None) and its table of arguments."""
+    engine_value = data.get("engine", {})
+    kind: str | None = None
+    if isinstance(engine_value, str):
+        kind, table = engine_value.strip().lower(), {}
+    elif isinstance(engine_value, Mapping):
+        table = dict(engine_value)
+        kind = table.pop("kind", None)
+    else:
+        raise ConfigError('must be "sim", "vllm" or a table of engine arguments', key="engine")
+    if kind not in (None, "sim", "vllm"):
+        raise ConfigError(f'unknown engine kind {kind!r}; use "sim" or "vllm"', key="engine")
+    return kind, table
+
+
+def _same(key: str | None) -> str:
+    """A problem's key as it is (for :meth:`Gathered.built`)."""
+    return key or ""
+
+
+def _or(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
 
 
 def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
@@ -389,5 +439,5 @@ def _sampling_int(sampling: Mapping[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError("must be a positive integer", key=f"sampling.{key}")
+        raise ConfigError(f"must be a positive integer, got {value!r}", key=f"sampling.{key}")
     return value
