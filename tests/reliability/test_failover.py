@@ -110,6 +110,31 @@ def test_failure_before_first_token_retries_elsewhere() -> None:
     run_virtual(main())
 
 
+def test_a_request_in_a_retrys_backoff_counts_as_queued() -> None:
+    """Between a failed attempt and its retry the request waits: the status, the metrics
+    and the queue-depth gauge count it as queued (they had said nothing was waiting)."""
+
+    async def main() -> None:
+        async with _fleet("error=503@p1") as cp:
+            dispatcher = cp._dispatcher
+            assert dispatcher is not None
+            dispatcher.retry_backoff_s = 1.0  # a backoff of 0.5-1.5 s: long enough to look
+            cp.drain_instance("sim-1")  # the first attempt goes to sim-0, which fails it
+            task = asyncio.ensure_future(cp.generate(_meta(0)))
+            await asyncio.sleep(0)
+            cp.drain_instance("sim-1", False)
+            await asyncio.sleep(0.2)  # failed on sim-0 (503), waiting out its backoff
+            assert cp.get_status()["pending_requests"] == 1
+            assert cp.get_metrics().queued_requests == 1
+            assert "sage_llm_queue_depth 1.0" in cp.prometheus_metrics().decode()
+            result = await task
+            assert (result.status, result.attempts) == (RequestStatus.COMPLETED, 2)
+            assert cp.get_status()["pending_requests"] == 0
+            assert "sage_llm_queue_depth 0.0" in cp.prometheus_metrics().decode()
+
+    run_virtual(main())
+
+
 def test_failure_mid_stream_fails_with_reason_and_is_not_rerun() -> None:
     async def main() -> None:
         async with _fleet("malformed=2") as cp:

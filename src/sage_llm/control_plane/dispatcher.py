@@ -289,6 +289,9 @@ class Dispatcher:
         self.stream_sample_gap_s = stream_sample_gap_s
         """The least time between two sampled streams on one instance (0: no limit)."""
         self._rng = random.Random(seed)  # retry backoff jitter
+        self.retrying = 0
+        """Requests waiting out a retry's backoff before they go back into the queue:
+        queued all the same (``queued_depth``, the status and the admission bound count them)."""
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
         self._wake = asyncio.Event()
@@ -332,7 +335,7 @@ class Dispatcher:
                 reason = f"queued longer than {limit:g} s (max_queue_wait_s)"
                 rec.exception = DeadlineExceededError(reason)
                 self.fail_queued(rec, reason)
-                self.metrics.queue_depth.set(len(self.policy))
+                self.metrics.queue_depth.set(self.queued_depth)
 
     def dispatch_ready(self) -> None:
         """One pass: start as many queued requests as the fleet has room for."""
@@ -359,7 +362,7 @@ class Dispatcher:
             reason = internal_error(broken)
             for rec in [r for r in self.records.values() if r.status is RequestStatus.QUEUED]:
                 self.fail_queued(rec, reason)
-        self.metrics.queue_depth.set(len(self.policy))
+        self.metrics.queue_depth.set(self.queued_depth)
 
     def _dispatch(
         self, snap: ClusterSnapshot, pd_models: tuple[str, ...], deferred: list[RequestInfo]
@@ -505,7 +508,7 @@ class Dispatcher:
             ):
                 return
         policy.push(info)
-        self.metrics.queue_depth.set(len(policy))
+        self.metrics.queue_depth.set(self.queued_depth)
 
     # -- PD decisions ----------------------------------------------------------------------
 
@@ -1201,6 +1204,11 @@ class Dispatcher:
         excluded = rec.info.excluded_instances | {state.instance_id}
         return self._servable(rec.info.model, excluded)
 
+    @property
+    def queued_depth(self) -> int:
+        """Requests waiting to run: in the policy's queue, or in a retry's backoff."""
+        return len(self.policy) + self.retrying
+
     async def _requeue(self, rec: RequestRecord, state: InstanceState, exc: EngineError) -> None:
         self.metrics.retries.inc()
         log.info(
@@ -1229,10 +1237,17 @@ class Dispatcher:
         # (not from the request's arrival: a failover is not a wait in the queue)
         rec.queued_at = self.clock.now() + max(backoff, 0.0)
         if backoff > 0:
-            await self.clock.sleep(backoff)
+            self.retrying += 1
+            self.metrics.queue_depth.set(self.queued_depth)
+            try:
+                await self.clock.sleep(backoff)
+            finally:
+                self.retrying -= 1
         if rec.cancel_requested or rec.status is not RequestStatus.QUEUED:
+            self.metrics.queue_depth.set(self.queued_depth)
             return
         self.policy.push(rec.info)
+        self.metrics.queue_depth.set(self.queued_depth)
         self.wake()
 
     @staticmethod
@@ -1268,7 +1283,7 @@ class Dispatcher:
         else:
             self.policy.remove(rec.request_id)
         self._finish(rec, RequestStatus.CANCELLED, error=reason, state=state)
-        self.metrics.queue_depth.set(len(self.policy))
+        self.metrics.queue_depth.set(self.queued_depth)
         return True
 
     def _unstart(self, rec: RequestRecord) -> InstanceState | None:
@@ -1355,7 +1370,7 @@ class Dispatcher:
         if rec.status is RequestStatus.QUEUED:
             self.policy.remove(rec.request_id)
             self._finish(rec, RequestStatus.FAILED, error=reason)
-            self.metrics.queue_depth.set(len(self.policy))
+            self.metrics.queue_depth.set(self.queued_depth)
 
     def _finish(
         self,

@@ -1079,7 +1079,7 @@ class ControlPlaneManager:
         start, latency averages and percentiles, SLO compliance, throughput, queue and
         running counts (PD figures in ``metadata["pd"]`` with PD separation on)."""
         disp = self._dispatcher
-        queued = len(disp.policy) if disp else len(self._pending_policy)
+        queued = disp.queued_depth if disp else len(self._pending_policy)
         active = int(self._metrics.running.value)  # a PD request holds two instances' slots
         states = [s for s in self._registry if not s.removed]
         memory = sum(s.instance.gpu_memory_gb * s.gpu_count for s in states)
@@ -1142,7 +1142,8 @@ class ControlPlaneManager:
                 sum(loads) ** 2 / (len(loads) * squares) if squares else 1.0
             )
         report.metadata["routing_strategy"] = self._routing_name
-        report.metadata["queued_now"] = len(self.policy)
+        disp = self._dispatcher
+        report.metadata["queued_now"] = len(self.policy) + (disp.retrying if disp else 0)
         report.timestamp = self._timestamp()
         return report
 
@@ -1207,7 +1208,8 @@ class ControlPlaneManager:
             "engine_stream_sample_max_per_s": self.engine_stream_sample_max_per_s,
             "pd_separation": self.enable_pd_separation,
             "pd": self._pd_status(),
-            "pending_requests": len(policy),
+            "pending_requests": len(policy)
+            + (self._dispatcher.retrying if self._dispatcher else 0),
             "running_requests": int(self._metrics.running.value),
             "registered_instances": len(states),
             "simulated_instances": sum(1 for s in states if self.simulates(s.instance)),
@@ -1305,7 +1307,7 @@ class ControlPlaneManager:
         )
         now = info.arrival
         policy = dispatcher.policy
-        queued = len(policy)
+        queued = len(policy) + dispatcher.retrying
         some_up, whole = registry.up_kinds(model)
         if not some_up:
             label, why = registry.down(model)
@@ -1367,7 +1369,7 @@ class ControlPlaneManager:
         self._metrics.on_submitted()
         if queue:
             policy.push(info)
-            self._metrics.queue_depth.set(len(policy))
+            self._metrics.queue_depth.set(len(policy) + dispatcher.retrying)
         if wake:
             dispatcher.wake()
         return rec
