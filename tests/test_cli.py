@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -612,11 +613,19 @@ def test_serve_refuses_a_port_given_on_the_command_line_that_an_instance_has(
 
 def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> None:
     cfg = tmp_path / "cluster.toml"
-    cfg.write_text('[services.llm_control_plane]\nscheduling_policy = "fifo"\n')
+    cfg.write_text(
+        '[services.llm_control_plane]\nscheduling_policy = "priority"\n'
+        "policy_params = { aging_interval_s = inf }\n"
+    )
     proc = run_cli("config", "check", "--print", str(cfg))
     assert proc.returncode == 0
-    plane = json.loads(proc.stdout)["services"]["llm_control_plane"]
-    assert plane["scheduling_policy"] == "fifo"
+
+    def strict(constant: str) -> None:  # Infinity and NaN are not JSON
+        raise AssertionError(f"{constant} in the output")
+
+    plane = json.loads(proc.stdout, parse_constant=strict)["services"]["llm_control_plane"]
+    assert plane["scheduling_policy"] == "priority"
+    assert plane["policy_params"] == {"aging_interval_s": math.inf}  # written 1e999
     assert proc.stderr == f"{cfg}: OK\n"
 
 

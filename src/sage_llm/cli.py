@@ -1072,8 +1072,7 @@ def config_check(
     ] = False,
 ) -> None:
     """Report every problem in a config file, launch file or plan, with file, line and key."""
-    import json
-
+    from sage_llm import jsonutil
     from sage_llm.config import check_config, load_config
 
     if _is_launch_file(file):
@@ -1095,7 +1094,7 @@ def config_check(
             err=True,
         )
     if print_config:
-        typer.echo(json.dumps(loaded.to_dict(), indent=2, default=str))
+        typer.echo(jsonutil.dumps_pretty(loaded.to_dict()))  # inf as 1e999: JSON has no inf
 
 
 def _is_launch_file(path: Path) -> bool:

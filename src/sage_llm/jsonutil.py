@@ -128,3 +128,27 @@ def dumps(obj: Any) -> bytes:
         return orjson.dumps(obj)
     except TypeError:  # ASCII escapes: a lone surrogate (valid JSON text) is written too
         return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+_INFINITY = "\x00infinity\x00"
+"""What an infinite float stands as while :func:`dumps_pretty` writes a document."""
+
+
+def dumps_pretty(obj: Any, *, indent: int = 2) -> str:
+    """Indented JSON of ``obj`` for people and tools (``jq``): an infinite float is written
+    ``1e999`` (``-1e999``), a number every JSON parser reads (as infinity, or the largest
+    float), where :mod:`json` writes ``Infinity``, which is not JSON; what JSON has no type
+    for is written as its ``str``."""
+
+    def marked(value: Any) -> Any:
+        if isinstance(value, float) and math.isinf(value):
+            return _INFINITY if value > 0 else "-" + _INFINITY
+        if isinstance(value, dict):
+            return {key: marked(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [marked(item) for item in value]
+        return value
+
+    text = json.dumps(marked(obj), indent=indent, default=str, allow_nan=False)
+    mark = json.dumps(_INFINITY)
+    return text.replace(f'"-{mark[1:]}', "-1e999").replace(mark, "1e999")

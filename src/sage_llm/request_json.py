@@ -29,12 +29,17 @@ async def read_raw(request: web.Request) -> bytes:
         raise InvalidRequestError(f"request body cannot be read: {reason}") from None
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes, *, infinity: bool = False) -> dict[str, Any]:
     """``raw`` parsed as a JSON object; :class:`InvalidRequestError` (a 400) otherwise:
     "not valid JSON" (with the reason when it nests too deep) or "must be a JSON object"
-    (an empty body included)."""
+    (an empty body included). A number no float holds (``1e999``) and ``Infinity`` are
+    refused, or read as infinity with ``infinity`` (a body that goes to no engine: a
+    policy parameter that ``inf`` switches off)."""
     try:
-        body = jsonutil.loads_request(raw) if raw else None
+        if not raw:
+            body = None
+        else:
+            body = jsonutil.loads(raw) if infinity else jsonutil.loads_request(raw)
     except (jsonutil.TooDeepError, jsonutil.NumberError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except ValueError:

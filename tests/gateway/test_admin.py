@@ -355,6 +355,13 @@ async def test_set_policy_errors() -> None:
         async with http.post(gw.url("/admin/set_policy"), json={"policy": "Cost-Optimized"}) as r:
             assert r.status == 200  # names as config files read them
         assert gw.manager.get_status()["scheduling_policy"] == "cost_optimized"
+        # inf, which switches aging off, as the docs write it in JSON (no engine sees it)
+        raw = b'{"policy": "priority", "params": {"aging_interval_s": 1e999}}'
+        async with http.post(gw.url("/admin/set_policy"), data=raw) as r:
+            assert r.status == 200, await r.text()
+            shown = (await _json(r))["policy"]["params"]
+        assert shown["aging_interval_s"] is None  # JSON has no infinity: shown as null
+        assert gw.manager.get_status()["policy"]["params"]["aging_interval_s"] == float("inf")
 
 
 async def test_status_and_metrics_json() -> None:

@@ -184,7 +184,8 @@ class AdminRoutes:
         return web.json_response({"instance_id": instance_id, "removed": True})
 
     async def set_policy(self, request: web.Request) -> web.Response:
-        req = validate(SetPolicyRequest, await read_json(request, self.read_timeout_s))
+        raw = await read_body(request, self.read_timeout_s)
+        req = validate(SetPolicyRequest, json_object(raw, infinity=True))  # 1e999: inf
         try:
             with _as_request_error("params"):
                 self.manager.update_policy(req.policy, req.params)

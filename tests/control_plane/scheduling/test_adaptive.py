@@ -279,6 +279,7 @@ def test_admission_and_completion_go_to_the_current_policy() -> None:
     inner_state = inner["state"]
     assert isinstance(inner_state, dict)
     assert inner_state["ended"] == 20
+    assert (state["queued"], state["ended"]) == (0, 20)  # as every policy reports them
 
 
 def test_an_empty_fleet_does_not_break_the_rule() -> None:
@@ -388,6 +389,12 @@ def test_signals_count_only_requests_that_wait_for_a_slot() -> None:
     assert sig.load == 2 / 16
     # nothing queued beyond the free slots: nothing waits
     assert policy.signals(make_snapshot(2, max_concurrency=4)).load == 0.0
+    # another model's free slots take none of them
+    other = make_instance_view("other", model="qwen", max_concurrency=64)
+    sig = policy.signals(make_snapshot([*views, other]))
+    assert (sig.queued, sig.free_slots, sig.waiting, sig.capacity) == (5, 67, 2, 80)
+    policy.push(make_request_info("q0", model="qwen"))  # one it has a slot for
+    assert policy.signals(make_snapshot([*views, other])).waiting == 2
 
 
 def test_light_load_on_a_small_fleet_switches_to_cost_optimized() -> None:

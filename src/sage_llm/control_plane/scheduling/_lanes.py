@@ -88,6 +88,13 @@ class LaneQueue:
         """All queued entries, in no particular order."""
         return list(self._entries.values())
 
+    def model_counts(self) -> dict[str, int]:
+        """How many requests are queued for each model."""
+        counts: dict[str, int] = {}
+        for (model, _lane), heap in self._heaps.items():
+            counts[model] = counts.get(model, 0) + len(heap.items) - heap.dead
+        return counts
+
     def lane_counts(self) -> dict[int, int]:
         return {lane: n for lane, n in sorted(self._lane_counts.items()) if n}
 

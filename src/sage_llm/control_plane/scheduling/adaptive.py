@@ -152,6 +152,7 @@ class AdaptivePolicy:
         self._current: str = p.initial
         self._reason = f"initial policy {p.initial}; no load observed yet"
         self._switches = 0
+        self._ended = 0  # requests that ended under it, whichever inner policy ran them
         self._since: float | None = None
         self._last_eval: float | None = None
         self._pending: tuple[str, float] | None = None
@@ -222,6 +223,7 @@ class AdaptivePolicy:
         return self._policy.constrain(req, snap)
 
     def on_complete(self, record: CompletionRecord) -> None:
+        self._ended += 1
         self._mix_ids.pop(record.request_id, None)  # its id may come again as a new request
         if record.slo_met is not None:
             if len(self._slo) == self._slo.maxlen:
@@ -246,12 +248,15 @@ class AdaptivePolicy:
     def signals(self, snap: ClusterSnapshot) -> Signals:
         """The rule's inputs now (pure; does not evaluate the rule)."""
         queued = len(self)
-        capacity = free = 0
+        capacity = 0
+        free_for: dict[str, int] = {}  # by model: a free slot runs only its model's requests
         for i in snap.instances:
             capacity += i.max_concurrency
             if i.role.runs_whole_requests and i.healthy and i.accepting:
-                free += i.free_slots
-        waiting = max(0, queued - free)
+                free_for[i.model] = free_for.get(i.model, 0) + i.free_slots
+        free = sum(free_for.values())
+        counts = self._policy.queue.model_counts()
+        waiting = sum(max(0, n - free_for.get(model, 0)) for model, n in counts.items())
         if capacity > 0:
             load = waiting / capacity
         else:
@@ -361,7 +366,7 @@ class AdaptivePolicy:
             "switches": self._switches,
             "since": self._since,
         }
-        state: dict[str, object] = dict(head)
+        state: dict[str, object] = {**head, "queued": len(self), "ended": self._ended}
         state["signals"] = None if self._signals is None else asdict(self._signals)
         state["pending"] = None if self._pending is None else list(self._pending)
         state["history"] = list(self._history)
