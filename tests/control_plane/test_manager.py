@@ -299,6 +299,27 @@ def test_policy_switch_keeps_queued_requests() -> None:
     run_virtual(main())
 
 
+def test_a_switch_to_fifo_runs_the_queued_requests_in_the_order_they_came() -> None:
+    """Requests queued under ``priority`` at one instant go on, after a switch to
+    ``fifo``, in submission order (its tie-break), not in the old policy's order."""
+
+    async def main() -> None:
+        async with _manager(1, bound=1, scheduling_policy="priority") as cp:
+            levels = [RequestPriority(k % 5) for k in range(10)]
+            ids = [
+                await cp.submit_request(make_metadata(f"q{k}", max_tokens=20, priority=p))
+                for k, p in enumerate(levels)
+            ]
+            await asyncio.sleep(0)  # one runs, nine wait
+            cp.update_policy("fifo")
+            results = [await cp.wait_for_result(i) for i in ids]
+        # all came at one instant: the order they started in is that of their queue waits
+        started = sorted(results, key=lambda r: r.queue_wait_ms or 0.0)
+        assert [r.request_id for r in started] == ids
+
+    run_virtual(main())
+
+
 def test_queue_bound_refuses_with_retry_hint() -> None:
     async def main() -> None:
         async with _manager(1, bound=1, max_queue_size=3) as cp:

@@ -1010,7 +1010,11 @@ class ControlPlaneManager:
         """Switch the scheduling policy at run time; queued requests move to the new one."""
         new = build_policy(name, params)
         old = self._dispatcher.policy if self._dispatcher else self._pending_policy
-        for info in old.drain():
+        moved = old.drain()  # in the old policy's order: pushed in the order they came,
+        if self._dispatcher is not None:  # so that the new one breaks its ties as it would
+            submitted = {rid: k for k, rid in enumerate(self._dispatcher.records)}
+            moved.sort(key=lambda info: submitted.get(info.request_id, len(submitted)))
+        for info in moved:
             new.push(info)
         self._pending_policy = new
         if self._dispatcher is not None:

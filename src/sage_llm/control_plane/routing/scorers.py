@@ -2,8 +2,9 @@
 
 Scorers are pure functions of the request, the candidates and the snapshot; the pipeline
 combines them as a weighted mean (``Σ weight·score / Σ weight``). Load-type scorers
-normalise across the candidates (``x / max x``), so the least loaded candidate scores 1
-and the most loaded 0 whenever they differ, and all score 1 when they are equal.
+normalise across the candidates (``x / max x``): on each load term an idle candidate
+scores 1, the busiest 0 and the others in proportion, so equal candidates score alike (1
+when all are idle, 0 when all are equally busy).
 """
 
 from __future__ import annotations

@@ -346,7 +346,10 @@ class AdaptivePolicy:
     def _switch(self, target: str, why: str, snap: ClusterSnapshot) -> None:
         old, new = self._policy, self._inner[target]
         new.observe(snap)
-        moved = old.drain()
+        # pushed in the order they came to it (not in the old rule's), so that the new
+        # rule breaks its ties as it would have (fifo: submission order)
+        came = {e.req.request_id: e.seq for e in old.queue.entries()}
+        moved = sorted(old.drain(), key=lambda req: came[req.request_id])
         for req in moved:
             new.push(req)
         self._history.append(
