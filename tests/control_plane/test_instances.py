@@ -129,6 +129,10 @@ def test_estimates_take_their_first_observation_and_learn_a_lower_fixed_part() -
     assert state.est_tpot_s == pytest.approx(0.008)  # the prior replaced, not nudged
     state.observe_tpot(0.010)
     assert state.est_tpot_s == pytest.approx(0.009)  # the mean of the first two
+    assert not state.view().measured  # two observations: one noisy request could put it off
+    for _ in range(3):
+        state.observe_tpot(0.009)
+    assert state.view().measured  # the mean of five
     for _ in range(50):  # TTFTs below the 50 ms prior of the fixed part
         state.observe_first_token(0.018, 100)
     assert state.est_ttft_base_s < 0.02

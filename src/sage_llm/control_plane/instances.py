@@ -41,6 +41,9 @@ _Placement = tuple[
 
 # EWMA weight of a new observation in the latency estimates.
 _ALPHA = 0.2
+LEARN_SAMPLES = 5
+"""Observations after which an instance counts as measured (``1 / _ALPHA``: up to then an
+estimate is the plain mean of its observations)."""
 MIN_S_PER_PREFILL_TOKEN = 1e-7
 """The estimate's floor: 10 million prompt tokens a second (more than any instance)."""
 
@@ -174,9 +177,10 @@ class InstanceState:
 
     @property
     def measured(self) -> bool:
-        """Whether traffic has told anything of it yet: a request completed here or a
-        latency observed (before, its estimates are its priors)."""
-        return self.completed > 0 or self.tpot_samples > 0 or self.ttft_samples > 0
+        """Whether traffic has told enough of it: :data:`LEARN_SAMPLES` requests completed
+        here or latencies observed (before, its estimates are its priors, or the mean of a
+        few observations, which one noisy request can put far off)."""
+        return max(self.completed, self.tpot_samples, self.ttft_samples) >= LEARN_SAMPLES
 
     def record_latency(self, latency_ms: float) -> None:
         self.latencies_ms.append(latency_ms)  # the oldest drops out past the window

@@ -101,8 +101,9 @@ class InstanceView:
     est_prefill_tps: float = 8000.0
     est_tpot_s: float = 0.02
     measured: bool = True
-    """False until traffic has told anything of the instance (its ``est_*`` are priors):
-    a policy that ranks by them gives it a request to learn them (``cost_optimized``)."""
+    """False until traffic has told enough of the instance (its ``est_*`` are priors, or
+    the mean of fewer than five observations): a policy that ranks by them gives it
+    requests to learn them (``cost_optimized``)."""
 
     @property
     def free_slots(self) -> int:
