@@ -1022,7 +1022,12 @@ def bench_proxy(
     ] = "vllm-router,sglang-router,python-forwarder",  # proxy_bench.DEFAULT_PEERS
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/proxy"),
     rounds: Annotated[
-        int, typer.Option(min=1, help="Interleaved rounds per target (req/s: their median).")
+        int,
+        typer.Option(
+            min=1,
+            help="Interleaved rounds per target (req/s: the median round's; "
+            "of an even count, the lower middle one).",
+        ),
     ] = 1,
     c1_engine: Annotated[
         str,

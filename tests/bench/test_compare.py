@@ -283,6 +283,29 @@ def test_compare_main_refuses_a_bad_preset_before_starting_anything(
     assert not any(tmp_path.iterdir())
 
 
+def test_one_engine_leaves_the_peers_power_of_two_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer routers refuse power_of_two over one worker: asked for, it is refused
+    before anything starts; by default it is left out (it had failed the run at its end)."""
+    ran: list[CompareConfig] = []
+
+    async def record(cfg: CompareConfig, _status: object) -> None:
+        ran.append(cfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("sage_llm.bench.compare.run_compare", record)
+    with pytest.raises(ConfigError, match=r"^peer_policies: power_of_two needs at least 2"):
+        compare_main(engines=1, peer_policies=["power_of_two"], out=tmp_path / "a")
+    assert not ran
+    with pytest.raises(RuntimeError, match="stop here"):
+        compare_main(engines=1, out=tmp_path / "b")
+    assert ran[0].peer_policies == {
+        "vllm-router": ("round_robin", "cache_aware"),
+        "sglang-router": ("round_robin", "cache_aware"),
+    }
+
+
 ENGINE_METRICS = """\
 # HELP vllm:prefix_cache_queries_total Prefix-cache queries, in tokens.
 # TYPE vllm:prefix_cache_queries_total counter

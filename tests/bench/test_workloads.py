@@ -305,6 +305,8 @@ def test_mooncake_rows_are_ordered_by_time(tmp_path: Path) -> None:
         ('{"timestamp": 0, "input_length": 5}', "missing output_length"),
         ('{"timestamp": 0, "input_length": -5, "output_length": 1}', "input_length"),
         ('{"timestamp": "x", "input_length": 5, "output_length": 1}', "timestamp"),
+        ('{"timestamp": NaN, "input_length": 5, "output_length": 1}', "finite number, got nan"),
+        ('{"timestamp": Infinity, "input_length": 5, "output_length": 1}', "got inf"),
         ('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [0.5]}', "hash"),
     ],
 )

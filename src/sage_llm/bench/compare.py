@@ -583,16 +583,24 @@ def compare_main(
     A trace runs on :data:`TRACE_MODEL`, whose context holds its long prompts."""
     if rate is not None and rates:
         raise ConfigError("give rate or rates, not both", key="rate")
+    policies = {p: tuple(peer_policies) for p in peers} if peer_policies else dict(PEER_POLICIES)
+    if engines < 2 and peers:  # the peer routers refuse power_of_two over one worker
+        if peer_policies and "power_of_two" in peer_policies:
+            raise ConfigError(
+                "power_of_two needs at least 2 engines (the peer routers refuse it over one)",
+                key="peer_policies",
+            )
+        policies = {p: tuple(x for x in v if x != "power_of_two") for p, v in policies.items()}
     check_out_dir(out)
     console = console or report_console()
+    if engines < 2 and peers and not peer_policies:
+        console.print("note: one engine: the peers' power_of_two is left out (it needs two)")
     cfg = CompareConfig(
         model=TRACE_MODEL if workload.startswith("trace:") else CompareConfig.model,
         workload=workload,
         presets=tuple(parse_preset(p) for p in presets) if presets else DEMO_PRESETS,
         peers=tuple(peers),
-        peer_policies=(
-            {p: tuple(peer_policies) for p in peers} if peer_policies else dict(PEER_POLICIES)
-        ),
+        peer_policies=policies,
         engines=engines,
         rates=tuple(rates) or ((rate,) if rate is not None else ()),
         load=load,

@@ -292,7 +292,8 @@ def rows_from(
         rows.append(
             ProxyRow(
                 target, stream, p50, added, c1.ttft_p50_ms() if stream else None,
-                statistics.median(rates), c1.errors + sum(c64.errors for _, c64 in runs),
+                # a round's own figure (an even count's lower middle, not a mean of two)
+                statistics.median_low(rates), c1.errors + sum(c64.errors for _, c64 in runs),
                 rates,
             )
         )  # fmt: skip

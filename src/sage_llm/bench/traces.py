@@ -81,8 +81,8 @@ def _mooncake_rows(path: Path, limit: int | None) -> list[_Row]:
             if not isinstance(hash_ids, list) or not all(isinstance(h, int) for h in hash_ids):
                 raise ConfigError("hash_ids must be a list of integers", location=where)
             ts = item["timestamp"]
-            if isinstance(ts, bool) or not isinstance(ts, int | float):
-                raise ConfigError(f"timestamp must be a number, got {ts!r}", location=where)
+            if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+                raise ConfigError(f"timestamp must be a finite number, got {ts!r}", location=where)
             input_length = _count(item["input_length"], where, "input_length")
             output_length = _count(item["output_length"], where, "output_length")
             rows.append((ts / 1000.0, input_length, output_length, hash_ids))
