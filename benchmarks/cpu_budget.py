@@ -60,14 +60,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sage_llm.bench.cli_args import at_least, check_out
 from sage_llm.bench.procs import group_cpu_s, start_engine_sims
 from sage_llm.bench.proxy_bench import (
     DEFAULT_PEERS,
     ProxyTarget,
     bench_gateway,
+    check_proxy_options,
     client_process,
     proxy_targets,
 )
+from sage_llm.errors import ConfigError
 
 MODEL = "llama-3-8b"
 LOG_DIR = Path("bench-out/cpu_budget")
@@ -262,8 +265,8 @@ def render(rows: Sequence[BudgetRow], concurrency: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", nargs="*", default=list(DEFAULT_PEERS))
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=at_least(1), default=64)
+    parser.add_argument("--requests", type=at_least(1), default=2000)
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
     parser.add_argument(
         "--json",
@@ -272,28 +275,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write the median rows and every run's row here (JSON)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=1, help="runs per target, interleaved; medians reported"
-    )
+        "--rounds", type=at_least(1), default=1,
+        help="runs per target, interleaved; medians reported",
+    )  # fmt: skip
     parser.add_argument(
         "--baseline-src", type=Path, default=None,
         help="also run sage-llm serve from this source tree (another checkout's src)",
     )  # fmt: skip
     parser.add_argument(
-        "--split", type=int, default=1, metavar="N",
+        "--split", type=at_least(1), default=1, metavar="N",
         help="also run N sage-llm serve processes (N >= 2), each over the whole fleet, the "
         "client's in-flight requests spread over them",
     )  # fmt: skip
     parser.add_argument(
-        "--prompt-tokens", type=int, default=0,
+        "--prompt-tokens", type=at_least(0), default=0,
         help="tokens in every request's prompt (0: the proxy bench's 14-token prompt)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.prompt_tokens < 0:
-        parser.error("--prompt-tokens must be at least 0")
-    if args.split < 1:
-        parser.error("--split must be at least 1")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    check_out(parser, "--json", args.json)
+    try:
+        check_proxy_options(args.peers, args.prompt_tokens)
+    except ConfigError as exc:
+        parser.error(f"--{(exc.key or '').replace('_', '-')}: {exc.detail}")
     if args.baseline_src is not None and not (args.baseline_src / "sage_llm").is_dir():
         parser.error(f"--baseline-src {args.baseline_src}: no sage_llm package in it")
     modes = {"both": (False, True), "plain": (False,), "stream": (True,)}[args.mode]

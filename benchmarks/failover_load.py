@@ -146,6 +146,12 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     check_out(p, "--out", args.out)
+    arrivals_s = args.requests / args.rate
+    if args.kill_at >= arrivals_s:  # a kill after the last arrival measures no failover
+        p.error(
+            f"--kill-at {args.kill_at:g}: the requests arrive within {arrivals_s:g} s "
+            "(--requests / --rate); kill an engine while they do"
+        )
     report = asyncio.run(run(args))
     text = json.dumps(report, indent=2)
     print(text)

@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sage_llm.bench.cli_args import at_least, check_out
 from sage_llm.bench.compare import sage_config_toml
 from sage_llm.bench.inprocess import Preset
 from sage_llm.bench.procs import (
@@ -187,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bare", action="store_true", help="measure a bare aiohttp proxy")
     parser.add_argument("--loop", default="auto", help="serve --loop (auto|uvloop|asyncio)")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--concurrency", type=at_least(1), default=64)
+    parser.add_argument("--requests", type=at_least(1), default=1500)
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
@@ -196,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the gateway's engine_stream setting",
     )  # fmt: skip
     args = parser.parse_args(args_in)
+    check_out(parser, "--json", args.json)
     modes = {"both": (False, True), "plain": (False,), "stream": (True,)}[args.mode]
     results = asyncio.run(
         measure(

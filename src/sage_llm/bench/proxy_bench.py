@@ -436,6 +436,23 @@ async def python_forwarder(
         yield proc
 
 
+def check_proxy_options(peers: Sequence[str], prompt_tokens: int, max_tokens: int = 4) -> None:
+    """:class:`ConfigError` for what would fail a proxy measurement only once its
+    processes run: an unknown peer (the forwarder is named beside the routers), or requests
+    longer than the engines' context (every one would be refused)."""
+    for peer in peers:
+        if peer != FORWARDER and peer not in PEERS:
+            known = ", ".join(sorted([*PEERS, FORWARDER]))
+            raise ConfigError(f"unknown peer {peer!r} (known: {known})", key="peers")
+    context = default_max_model_len("llama-3-8b")  # the concurrency-64 engines' model
+    if prompt_tokens + max_tokens > context:
+        raise ConfigError(
+            f"{prompt_tokens} prompt tokens and {max_tokens} to generate exceed the "
+            f"engines' context of {context} tokens",
+            key="prompt_tokens",
+        )
+
+
 async def run_proxy_bench(
     *,
     engines: int = 2,
@@ -502,17 +519,7 @@ def proxy_bench_main(
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     check_out_dir(out)
-    for peer in peers:  # before any process starts, the forwarder named beside the routers
-        if peer != FORWARDER and peer not in PEERS:
-            known = ", ".join(sorted([*PEERS, FORWARDER]))
-            raise ConfigError(f"unknown peer {peer!r} (known: {known})", key="peers")
-    context = default_max_model_len("llama-3-8b")  # the concurrency-64 engines' model
-    if prompt_tokens + max_tokens > context:  # every request would be refused
-        raise ConfigError(
-            f"{prompt_tokens} prompt tokens and {max_tokens} to generate exceed the "
-            f"engines' context of {context} tokens",
-            key="prompt_tokens",
-        )
+    check_proxy_options(peers, prompt_tokens, max_tokens)
     console = console or report_console()
     with console.status("measuring proxies …"):
         rows = asyncio.run(
