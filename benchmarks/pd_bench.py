@@ -40,7 +40,10 @@ def main() -> int:
     parser.add_argument("--speed", type=float, default=2.0, help="engine-sim time compression")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--fleets", default=None, help="comma-separated 8B layouts to run (default: all)"
+        "--fleets",
+        default=None,
+        help="comma-separated layouts to run (default: all): Llama-3.1-8B's and, without "
+        "--no-70b, Llama-3.1-70B's of those names (colocated, pd-1:1, adaptive-hybrid)",
     )
     a = parser.parse_args()
     try:
