@@ -787,9 +787,19 @@ def test_an_unknown_pd_key_does_not_hide_the_plugins_checks() -> None:
         ("cfg.toml:2", "services.llm_control_plane.pd.bogus"),
         ("cfg.toml:3", "services.llm_control_plane.pd.metadata.pairing_params.top_k"),
     ]
-    # a refused value of a field the plugins read stops them being built (and misjudged)
-    text = '[services.llm_control_plane.pd]\nrouting_policy = "nope"\n' + text.split("\n", 2)[2]
-    assert problem(text).key == "services.llm_control_plane.pd.routing_policy"
+    # a refused decider or connector: the parameters that depend on it are not judged
+    # (against another one they would be misjudged), the others are
+    text = (
+        '[services.llm_control_plane.pd]\nrouting_policy = "nope"\nconnector = "vlm"\n'
+        "metadata = { pairing_params = { top_k = 0 }, decider_params = { bogus = 1 }, "
+        "connector_params = { bogus = 1 } }\n"
+    )
+    found = [(e.location, e.key) for e in problems(text)]
+    assert found == [
+        ("cfg.toml:2", "services.llm_control_plane.pd.routing_policy"),
+        ("cfg.toml:3", "services.llm_control_plane.pd.connector"),
+        ("cfg.toml:4", "services.llm_control_plane.pd.metadata.pairing_params.top_k"),
+    ]
     # one they do not read (a count above its maximum) does not
     text = (
         "[services.llm_control_plane.pd]\nprefilling_min_instances = 9\n"

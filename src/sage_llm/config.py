@@ -580,33 +580,52 @@ def _is_ours(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("type") in SERVICE_TYPES
 
 
-_PD_PLUGIN_FIELDS = (
-    "routing_policy",
-    "prefilling_threshold_input_tokens",
-    "prefilling_threshold_ratio",
-    "max_transfer_latency_ms",
-    "connector",
-    "metadata",
-)
-"""The ``pd`` fields :func:`~sage_llm.control_plane.pd.build_pd` reads."""
+_PD_PLUGIN_READS = {
+    "routing_policy": "metadata.decider_params",
+    "prefilling_threshold_input_tokens": "metadata.decider_params",
+    "prefilling_threshold_ratio": "metadata.decider_params",
+    "max_transfer_latency_ms": "metadata.decider_params",
+    "connector": "metadata.connector_params",
+}
+"""The ``pd`` fields :func:`~sage_llm.control_plane.pd.build_pd` reads besides
+``metadata``, each with the parameters whose check depends on it."""
 
 
 def _pd_for_plugins(
     pd: PDSeparationConfig, table: Mapping[str, Any], spath: KeyPath, p: Problems
-) -> PDSeparationConfig | None:
-    """The ``pd`` configuration to build the PD plugins from, to check their parameters:
-    ``pd`` when the table was read whole; when a field was refused that the plugins do not
-    read (``prefilling_min_instances`` above its maximum …), one of the fields they read,
-    as written; None when one of those, or the table, was refused (they would be checked
-    against values the file does not hold). An unknown key does not stop them being
-    checked."""
+) -> tuple[PDSeparationConfig, tuple[str, ...]] | None:
+    """The ``pd`` configuration to build the PD plugins from, to check their parameters,
+    and the keys of the parameters not to judge: ``pd`` when the table was read whole;
+    else the fields they read as written, a refused one at its default, whose dependent
+    parameters are then not judged (checked against another decider or connector than
+    the file's, they would be misjudged); the pairing's and ``kv_bytes_per_token`` are
+    judged whatever else was refused. None when the table or its ``metadata`` was refused.
+    An unknown key does not stop them being checked."""
     pd_path = (*spath, "pd")
-    if p.failed(pd_path) or any(p.failed_under((*pd_path, name)) for name in _PD_PLUGIN_FIELDS):
+    if p.failed(pd_path) or p.failed_under((*pd_path, "metadata")):
         return None
     if not any(p.failed_under((*pd_path, f.name)) for f in dataclasses.fields(PDSeparationConfig)):
-        return pd
-    used = {key: table[key] for key in _PD_PLUGIN_FIELDS if key in table}
-    return read_dataclass(PDSeparationConfig, used, pd_path, Problems(p.source))
+        return pd, ()
+    refused = [name for name in _PD_PLUGIN_READS if p.failed_under((*pd_path, name))]
+    used = {
+        key: table[key]
+        for key in (*_PD_PLUGIN_READS, "metadata")
+        if key in table and key not in refused
+    }
+    cfg = read_dataclass(PDSeparationConfig, used, pd_path, Problems(p.source))
+    if cfg is None:
+        return None
+    return cfg, tuple(dict.fromkeys(_PD_PLUGIN_READS[name] for name in refused))
+
+
+def _pd_plugin_problems(cfg: PDSeparationConfig, skipped: Sequence[str]) -> None:
+    """Build the PD plugins of ``cfg``; raise their problems but those under ``skipped``."""
+    try:
+        build_pd(cfg)
+    except ConfigError as exc:
+        raise_problems(
+            [e for e in exc.each() if not any((e.key or "").startswith(k) for k in skipped)]
+        )
 
 
 def _control_plane(
@@ -628,11 +647,11 @@ def _control_plane(
     pd = dataclasses.replace(cp.pd, enabled=enabled)
     cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
     _check_pd(pd, (*spath, "pd"), p)
-    plugins_pd = _pd_for_plugins(pd, pd_table, spath, p) if isinstance(pd_table, Mapping) else None
-    if plugins_pd is not None:
+    plugins = _pd_for_plugins(pd, pd_table, spath, p) if isinstance(pd_table, Mapping) else None
+    if plugins is not None:
         # the plugins' own checks: the decider's, the pairing's and the connector's
         # parameters (metadata.decider_params …), as the control plane will build them
-        read_params(lambda: build_pd(plugins_pd), (*spath, "pd"), p)
+        read_params(lambda: _pd_plugin_problems(*plugins), (*spath, "pd"), p)
     policy, policy_params = cp.scheduling_policy, cp.policy_params
     if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
         read_params(

@@ -1067,8 +1067,10 @@ class Dispatcher:
 
     def _spare_decode(self, model: str, failed_id: str) -> EngineClient | None:
         """The client of a healthy DECODING or HYBRID instance of ``model`` other than
-        ``failed_id`` (a KV release's pull goes through it: one set up to pull KV), or
-        None."""
+        ``failed_id`` (a KV release's pull goes through it: one set up to pull KV), one
+        that is not draining when there is one (a draining one only rather than leave the
+        KV pinned until the engine's abort timeout), or None."""
+        draining: EngineClient | None = None
         for state in self.registry:
             if (
                 state.instance_id != failed_id
@@ -1078,8 +1080,10 @@ class Dispatcher:
                 and not state.removed
                 and state.routable
             ):
-                return state.client
-        return None
+                if not state.draining:
+                    return state.client
+                draining = draining or state.client
+        return draining
 
     def _pd_failed(
         self, rec: RequestRecord, run: _PDRun, exc: EngineError
@@ -1097,7 +1101,10 @@ class Dispatcher:
         # nothing about the instance
         if not evicted and refusal_of(exc) is None:
             failed.failed_calls += 1
-            self._on_failure(failed, exc)
+            # the leg's engine error judges the instance (a refused connection ejects it
+            # at once, as for a whole request), not the wrapper that names the leg
+            cause = exc.cause if isinstance(exc, PDLegError) else exc
+            self._on_failure(failed, cause if isinstance(cause, EngineError) else exc)
         verdict = self._pd_retry(rec, exc, failed, prefill_leg)
         if verdict is not None:
             return exc, failed, verdict

@@ -262,6 +262,35 @@ def test_vllm_after_a_decode_failure_the_kv_is_pulled_through_a_spare_decode_ins
     run_virtual(main())
 
 
+def test_vllm_a_release_after_a_decode_failure_outlives_the_requests_cancellation() -> None:
+    """The decode leg failed and the release began; the request is then cancelled (moved
+    off its ejected decode instance): the release goes on (it had been cut short, and the
+    KV stayed pinned until the engine's abort timeout)."""
+
+    async def main() -> None:
+        hub = KVTransferHub()
+        p = SimEngine("p0", SimEngineConfig(role=Role.PREFILLING), kv_hub=hub)
+        d1 = SimEngine("d1", SimEngineConfig(role=Role.DECODING), kv_hub=hub)
+        spare = ConcurrencyProbe(d1)
+        broken = FakeEngine("d0", fail_with=EngineError("HTTP 500", instance_id="d0", status=500))
+        connector = VLLMConnector()
+        two = replace(legs(ConcurrencyProbe(p), broken), spare_decode=lambda: spare)
+        task = asyncio.ensure_future(collect(connector.run(request(), two)))
+        while not spare.request_ids:  # noqa: ASYNC110 - the release's pull has begun
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await connector.wait_released()
+        assert spare.request_ids == ["r1-kv-release"]
+        assert nothing_pinned(p, "r1")
+        assert (connector.releases, connector.release_failures) == (1, 0)
+        await p.aclose()
+        await d1.aclose()
+
+    run_virtual(main())
+
+
 def test_vllm_a_leg_cancelled_off_a_down_decode_instance_pulls_through_a_spare() -> None:
     """Moved off an ejected (hung) instance, the leg is cancelled, not failed: the pull
     must not go through that instance (it waited the whole release_timeout_s there, holding

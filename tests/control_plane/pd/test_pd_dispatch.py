@@ -20,7 +20,7 @@ from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstanceType as Role
 from sage_llm.types import PDSeparationConfig
 from tests.engines.probes import ConcurrencyProbe, FaultyEngine
-from tests.factories import make_instance, make_metadata
+from tests.factories import MODEL, make_instance, make_metadata
 
 LONG = "the quick brown fox jumps over the lazy dog " * 70
 SHORT = "hello there"
@@ -303,6 +303,9 @@ def test_prefill_failure_without_fallback_fails_with_the_prefill_error() -> None
         fleet = Fleet(PD_PAIR, failing_prefill=True, pd_config=cfg, probes=True)
         async with fleet.cp as cp:
             res = await cp.generate(make_metadata("f2", prompt=LONG, max_tokens=4))
+            # a refused connection ejects the instance at once, a PD leg's as a whole
+            # request's (it took failure_threshold of them in a row)
+            assert cp.get_status()["circuits"]["p0"] == "open"
         assert res.status is RequestStatus.FAILED
         assert res.error is not None and "prefill leg failed: connection refused" in res.error
         assert "engine p0" in res.error
@@ -502,5 +505,23 @@ def test_a_pd_fleet_whose_decode_pool_is_down_refuses_new_requests_at_once() -> 
             assert "(0 of 1)" in err.value.message
             assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
             assert cp.get_status()["pending_requests"] == 0  # nothing was queued
+
+    run_virtual(main())
+
+
+def test_a_kv_release_pull_goes_through_a_decode_instance_not_draining_when_there_is_one() -> None:
+    async def main() -> None:
+        roles = [("p0", Role.PREFILLING), ("d0", Role.DECODING), ("d1", Role.DECODING),
+                 ("d2", Role.DECODING)]  # fmt: skip
+        fleet = Fleet(roles)
+        async with fleet.cp as cp:
+            dispatcher = cp._dispatcher
+            assert dispatcher is not None
+            cp.drain_instance("d1")  # the operator takes it out: no new request for it
+            spare = dispatcher._spare_decode(MODEL, "d0")
+            assert spare is not None and spare.instance_id == "d2"
+            cp.drain_instance("d2")  # only draining ones left: better than pinned KV
+            spare = dispatcher._spare_decode(MODEL, "d0")
+            assert spare is not None and spare.instance_id in ("d1", "d2")
 
     run_virtual(main())

@@ -205,22 +205,25 @@ class VLLMConnector:
             await _close(stream)
             if owed:
                 failed = decode_failed or legs.decode_is_down()  # e.g. cancelled: ejected
-                if cancelled:  # the request ends now (a deadline's 504 on time); not the release
-                    self._release_later(req, handle, legs, decode_failed=failed)
-                else:
-                    await self.release(req, handle, legs, decode_failed=failed)
+                release = self._release_later(req, handle, legs, decode_failed=failed)
+                if not cancelled:  # the request ends now (a deadline's 504 on time); else
+                    # it waits for the release, which goes on if the request is cancelled
+                    # meanwhile (moved off its ejected decode instance, say)
+                    await asyncio.shield(release)
 
     def _release_later(
         self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool
-    ) -> None:
-        """:meth:`release` in a task of its own, which the request's end does not wait for
-        (it is bounded by ``release_timeout_s``; :meth:`wait_released` waits for it)."""
+    ) -> asyncio.Task[bool]:
+        """:meth:`release` in a task of its own, which a cancellation of the request does
+        not cut short (it is bounded by ``release_timeout_s``; :meth:`wait_released`
+        waits for it)."""
         task = asyncio.get_running_loop().create_task(
             self.release(req, handle, legs, decode_failed=decode_failed),
             name=f"kv-release-{req.request_id}",
         )
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+        return task
 
     async def wait_released(self) -> None:
         """Wait until the releases still going on have ended (each within
