@@ -92,6 +92,7 @@ __all__ = [
     "InstanceConfig",
     "SageConfig",
     "SimulationConfig",
+    "at_address",
     "check_config",
     "check_instance",
     "config_from_dict",
@@ -792,14 +793,19 @@ def instances_at(
     mode."""
     if cp.mode == "simulated" or not port:
         return []
-    bind = host_key(host)
-    # a gateway bound to every address is at the loopback address too
-    ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
     return [
         (index, inst)
         for index, inst in (enumerate(cp.instances) if candidates is None else candidates)
-        if inst.engine != "sim" and inst.port == port and host_key(inst.host) in ours
+        if inst.engine != "sim" and at_address(inst.host, inst.port, host, port)
     ]
+
+
+def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
+    """Whether an engine at ``host:port`` is a gateway bound to ``bind_host:bind_port``
+    (one bound to every address is at the loopback address too)."""
+    bind = host_key(bind_host)
+    ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
+    return port == bind_port and host_key(host) in ours
 
 
 _LOOPBACK = "127.0.0.1"

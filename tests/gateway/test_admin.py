@@ -198,6 +198,28 @@ async def test_an_address_in_use_is_409() -> None:
             assert r.status == 409
 
 
+async def test_an_instance_at_the_gateways_own_address_is_refused() -> None:
+    """Its requests would come back to the gateway (each a 409 there, never ejected: the
+    gateway's /health answers its probes); a config file's entry there is refused too."""
+    manager = ControlPlaneManager(mode="http")
+    await manager.start()
+    runner, port = await start_gateway(manager, None, environ={})
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/admin/instances"
+            for host in ("127.0.0.1", "LocalHost"):
+                spec = {"instance_id": "self", "host": host, "port": port, "model_name": MODEL}
+                async with http.post(url, json=spec) as r:
+                    assert r.status == 400, await r.text()
+                    error = (await _json(r))["error"]
+                assert error["param"] == "port"
+                assert "is the gateway's own address" in error["message"]
+        assert manager.get_instances() == []
+    finally:
+        await runner.cleanup()
+        await manager.stop()
+
+
 async def test_a_simulated_instances_nominal_address_is_free_for_others() -> None:
     manager = ControlPlaneManager(mode="simulated")
     manager.register_instance(make_instance("sim-0", port=8100))

@@ -29,7 +29,11 @@ def test_parse_spec() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "match"),
-    [("explode", "unknown fault"), ("crash@x", "bad fault"), ("error=200", "bad fault"),
+    [("explode", "unknown fault"), ("error=200", "bad fault"),
+     ("crash@x", "bad fault 'crash@x': the time after '@' must be a number, got 'x'"),
+     ("hang=abc", "the value after '=' must be a number, got 'abc'"),
+     ("error=503@pq", "the probability after '@p' must be a number, got 'q'"),
+     ("slow=2@1+x", "the duration after '\\+' must be a number, got 'x'"),
      ("seed=q", "bad fault seed"), ("slow=0.5", "bad fault"),
      ("hang=-1", "hang takes a whole number of chunks >= 0"),
      ("truncate=2.5", "truncate takes a whole number"), ("error=503.5", "HTTP error status"),

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.config import SIM_KEYS, check_instance, host_key, instance_fields
+from sage_llm.config import SIM_KEYS, at_address, check_instance, host_key, instance_fields
 from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
@@ -126,6 +126,9 @@ class AdminRoutes:
         self.manager = manager
         self.read_timeout_s = read_timeout_s
         """How long a request body may take to arrive (None: no limit)."""
+        self.listening: tuple[str, int] | None = None
+        """The address the gateway listens on (set once it is bound): an instance
+        registered there would be sent the gateway's requests back."""
 
     def _instance_entry(self, instance: ExecutionInstance) -> dict[str, Any]:
         entry = instance_json(instance)
@@ -159,6 +162,17 @@ class AdminRoutes:
         instance = self.parse_instance(await read_json(request, self.read_timeout_s))
         address = (host_key(instance.host), instance.port)
         manager = self.manager
+        listening = self.listening
+        if (
+            listening is not None
+            and not manager.simulates(instance)
+            and at_address(instance.host, instance.port, *listening)
+        ):  # as a config file's entry there is refused
+            raise InvalidRequestError(
+                f"port: {instance.host}:{instance.port} is the gateway's own address: its "
+                "requests would come back to the gateway",
+                param="port",
+            )
         for other in [] if manager.simulates(instance) else manager.get_instances(removing=True):
             if (host_key(other.host), other.port) == address and not manager.simulates(other):
                 raise ConflictError(

@@ -31,6 +31,9 @@ MANAGER_KEY = web.AppKey("manager", ControlPlaneManager)
 SETTINGS_KEY = web.AppKey("gateway_settings", ResolvedGateway)
 """The resolved settings an app runs with."""
 
+ADMIN_KEY = web.AppKey("admin_routes", AdminRoutes)
+"""The admin API's handlers (``serve_app`` tells them the address it listens on)."""
+
 
 def create_app(
     manager: ControlPlaneManager,
@@ -79,7 +82,8 @@ def create_app(
     router.add_get("/ready", openai.ready, expect_handler=expect_continue)
     router.add_get("/metrics", openai.metrics, expect_handler=expect_continue)
     router.add_get("/openapi.json", openapi_json, expect_handler=expect_continue)
-    add_admin_routes(app, AdminRoutes(manager, settings.read_timeout_s))
+    admin = app[ADMIN_KEY] = AdminRoutes(manager, settings.read_timeout_s)
+    add_admin_routes(app, admin)
 
     if manage_lifecycle:
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.gateway.app import MANAGER_KEY, SETTINGS_KEY, create_app
+from sage_llm.gateway.app import ADMIN_KEY, MANAGER_KEY, SETTINGS_KEY, create_app
 from sage_llm.gateway.auth import is_loopback
 from sage_llm.gateway.errors import protocol_error_body
 from sage_llm.gateway.lean import LeanServer
@@ -178,6 +178,7 @@ async def serve_app(
         await runner.cleanup()
         raise
     bound = int(server.sockets[0].getsockname()[1])
+    app[ADMIN_KEY].listening = (host, bound)  # registering an instance there is refused
     site = GatewaySite(runner, server=server, lean=lean, shutdown_timeout_s=shutdown_timeout_s)
     return site, bound
 

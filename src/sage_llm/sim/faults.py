@@ -160,15 +160,31 @@ def _parse_one(item: str) -> Fault:
     except ValueError:
         kinds = ", ".join(k.value for k in FaultKind)
         raise ConfigError(f"unknown fault {name.strip()!r} (one of: {kinds})") from None
+
+    def number(text: str, what: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(
+                f"bad fault {item.strip()!r}: {what} must be a number, got {text.strip()!r}"
+            ) from None
+
     try:
-        val = float(value) if value.strip() else None
+        val = number(value, "the value after '='") if value.strip() else None
         when = when.strip()
         if not when:
             return Fault(kind, value=val)
         if when.startswith("p"):
-            return Fault(kind, probability=float(when[1:]), value=val)
+            return Fault(
+                kind, probability=number(when[1:], "the probability after '@p'"), value=val
+            )
         start, _, dur = when.partition("+")
-        return Fault(kind, float(start), float(dur) if dur else None, value=val)
+        return Fault(
+            kind,
+            number(start, "the time after '@'"),
+            number(dur, "the duration after '+'") if dur else None,
+            value=val,
+        )
     except ValueError as exc:
         raise ConfigError(f"bad fault {item!r}: {exc}") from None
 
