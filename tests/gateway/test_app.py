@@ -188,9 +188,11 @@ async def test_a_request_with_several_prompts_holds_its_own_id() -> None:
 
         async def post(body: dict[str, object]) -> int:
             async with http.post(url, json=body, headers=headers) as r:
-                await r.read()
+                answer = await r.read()
                 if r.status == 409:
                     assert r.headers["x-should-retry"] == "false"
+                    # the id came from the header: that is what the client should change
+                    assert json.loads(answer)["error"]["param"] == "x-request-id"
                 return r.status
 
         for first, second in ((several, completion_body()), (completion_body(), several)):

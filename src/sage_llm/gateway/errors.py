@@ -91,8 +91,18 @@ def sage_error_headers(exc: SageLLMError) -> dict[str, str]:
     return headers
 
 
+def as_answered(exc: SageLLMError) -> SageLLMError:
+    """``exc`` as the gateway answers it: a request id already in progress is the
+    ``x-request-id`` header's (the gateway's requests take their id from it), not the
+    control plane's ``request_id`` argument."""
+    if isinstance(exc, ConflictError) and exc.param == "request_id":
+        exc.param = "x-request-id"
+    return exc
+
+
 def sage_error_response(exc: SageLLMError) -> web.Response:
     """The JSON response of a :class:`SageLLMError`."""
+    exc = as_answered(exc)
     return web.json_response(
         exc.to_openai(), status=exc.http_status, headers=sage_error_headers(exc)
     )

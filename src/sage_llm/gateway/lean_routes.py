@@ -20,7 +20,7 @@ from sage_llm import jsonutil
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import SageLLMError
 from sage_llm.gateway.auth import bearer_token, check_api_key
-from sage_llm.gateway.errors import error_body, log_failure, sage_error_headers
+from sage_llm.gateway.errors import as_answered, error_body, log_failure, sage_error_headers
 from sage_llm.gateway.lean import LeanConnection, LeanRequest, LeanStream
 from sage_llm.gateway.observe import (
     REQUEST_ID_HEADER,
@@ -139,6 +139,7 @@ class LeanRoutes:
         """Answer ``exc`` as the error middleware would; the status sent."""
         if isinstance(exc, SageLLMError):
             log_failure(exc, rid)
+            exc = as_answered(exc)
             status, payload = exc.http_status, exc.to_openai()
             headers = {**sage_error_headers(exc), **headers}
         else:
