@@ -20,6 +20,15 @@ async def read_raw(request: web.Request) -> bytes:
     encoded in …) is an :class:`InvalidRequestError` giving the reason on one line, and the
     connection closes after its answer: aiohttp does not try to read the rest
     (``feed_eof``), which could not be read either."""
+    length, limit = request.content_length, request.client_max_size
+    waiting = request.headers.get("Expect", "").lower() == "100-continue"
+    if waiting and length is not None and limit and length > limit:
+        # the client waits for a 100 Continue before it sends the body: refused unread
+        # (one that sends its body at once is read up to the limit: its answer must not
+        # come while it is still writing)
+        request.protocol.close()  # the body is not read: nothing after it can be
+        request.content.feed_eof()  # nor is it waited for (aiohttp would linger for it)
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
     try:
         return await request.read()
     except RequestPayloadError as exc:

@@ -268,6 +268,25 @@ async def test_an_unknown_expectation_is_a_json_417_counted_and_logged() -> None
         await _close(writer)
 
 
+async def test_a_body_too_large_is_refused_without_inviting_its_upload() -> None:
+    """Expect: 100-continue with a Content-Length above max_body_bytes: the 413 comes at
+    once, no 100 Continue first (the client would have sent the whole body for nothing),
+    and the connection closes (the body was never read)."""
+    async with serve(1, settings=GatewayConfig(max_body_bytes=1000)) as gw:
+        for path in ("/v1/completions", "/admin/set_policy"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                "Content-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            writer.write(head.encode())  # and no body
+            status, _, body = await asyncio.wait_for(_response(reader), 5)
+            assert status == 413, body
+            assert json.loads(body)["error"]["code"] == 413
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+            await _close(writer)
+
+
 async def test_connection_close_is_honoured() -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

@@ -180,6 +180,9 @@ async def expect_continue(request: web.Request) -> None:
     (aiohttp's own handler answers plain text, unlogged and uncounted)."""
     expect = request.headers.get("Expect", "")
     if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        length = request.content_length
+        if length is not None and length > request.client_max_size:
+            return  # the 413 comes without inviting the upload (read_raw refuses it unread)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer itself has not begun
 
