@@ -152,3 +152,7 @@ def test_an_instance_not_measured_yet_gets_one_request_at_a_time_to_learn() -> N
     assert policy.constrain(req, make_snapshot([measured, busy])) == frozenset({"a"})
     learned = make_instance_view("new", est_tpot_s=0.02)
     assert policy.constrain(req, make_snapshot([measured, learned])) == frozenset({"a"})
+    # not one whose GPUs cost more: it would win only by being faster, nothing says it is
+    dear = make_instance_view("new", est_tpot_s=0.02, measured=False, price_per_gpu_hour=5.0)
+    cheap = make_instance_view("a", est_tpot_s=0.008, price_per_gpu_hour=1.0)
+    assert policy.constrain(req, make_snapshot([cheap, dear])) == frozenset({"a"})

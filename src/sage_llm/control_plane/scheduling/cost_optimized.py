@@ -125,14 +125,19 @@ class CostOptimizedPolicy(QueuedPolicy):
         else:
             pool, outcome = list(cands), "over_budget"
         self._counts[outcome] += 1
-        cheapest = min(costs[i.instance_id] for i in pool)
-        limit = cheapest * (1.0 + self.params.cost_tolerance) + 1e-12
-        # an instance nothing has been measured on yet is priced by its priors, which a
-        # ranking by price would never correct: one request at a time goes there to learn
+        tolerance = 1.0 + self.params.cost_tolerance
+        limit = min(costs[i.instance_id] for i in pool) * tolerance + 1e-12
+        # an instance whose estimates are still its priors, or the mean of a few requests
+        # (one slow one puts it far off), is priced by them, which a ranking by price would
+        # never correct: when its GPUs cost no more than the cheapest's, one request at a
+        # time goes there to learn (a dearer one would be chosen only for being faster,
+        # which is what it is not known to be)
+        rate = min(i.cost_per_second for i in pool) * tolerance + 1e-12
         return frozenset(
             i.instance_id
             for i in pool
-            if costs[i.instance_id] <= limit or (not i.measured and i.in_flight == 0)
+            if costs[i.instance_id] <= limit
+            or (not i.measured and i.in_flight == 0 and i.cost_per_second <= rate)
         )
 
     def _params_dict(self) -> dict[str, object]:
