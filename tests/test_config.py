@@ -674,6 +674,12 @@ def test_sim_keys_inside_an_instances_metadata_are_an_error() -> None:
     assert err.message.endswith(
         "metadata.sim_gpu: give sim_gpu as a key of the instance, not in its metadata"
     )
+    # said once (by the entry, and by the check that runs whatever else it lacks)
+    once = problem(SEED.replace("tensor_parallel_size = 4", 'metadata = { sim_gpu = "a" }'))
+    assert once.key == "services.llm_control_plane.instances[0].metadata.sim_gpu"
+    # built in code, as a file's entry is checked
+    with pytest.raises(ValueError, match=r"metadata\.sim_gpu"):
+        InstanceConfig("a", "h", 1, "m", engine="sim", metadata={"sim_gpu": "a100"})
     # an entry that lacks a required key still has its metadata checked
     lacking = SEED.replace("tensor_parallel_size = 1", "metadata = { sim_speed = 2.0 }")
     lacking = lacking.replace('model_name = "meta-llama/Llama-2-7b"', "", 1)

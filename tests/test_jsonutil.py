@@ -65,3 +65,13 @@ def test_many_brackets_at_a_shallow_depth_are_read() -> None:
     assert len(jsonutil.loads(wide)["x"]) == 1000
     doc = jsonutil.loads(_nested(jsonutil.MAX_DEPTH))
     assert jsonutil.loads(jsonutil.dumps(doc)) == doc  # and written back (orjson: 254 levels)
+
+
+def test_pretty_json_writes_infinity_as_a_number_json_parsers_read() -> None:
+    def strict(constant: str) -> None:  # Infinity and NaN are not JSON
+        raise AssertionError(constant)
+
+    text = jsonutil.dumps_pretty({"a": math.inf, "b": [-math.inf, math.nan], "c": "x"})
+    assert json.loads(text, parse_constant=strict) == {
+        "a": math.inf, "b": [-math.inf, None], "c": "x"
+    }  # fmt: skip

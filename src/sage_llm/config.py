@@ -66,6 +66,7 @@ from sage_llm.config_schema import (
     SageConfig,
     SimulationConfig,
     default_sim_model,
+    sim_key_in_metadata,
 )
 from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd import build_pd
@@ -750,12 +751,10 @@ def _check_instances(
                 problem = latency_prior_problem(metadata[key], key)
                 if problem is not None:
                     p.add((*path, index, "metadata", key), problem)
-            for key in SIM_KEYS:  # checked here, whatever else the entry lacks
-                if key in metadata:  # to_instance would overwrite them with the entry's keys
-                    p.add(
-                        (*path, index, "metadata", key),
-                        f"give {key} as a key of the instance, not in its metadata",
-                    )
+            for key in SIM_KEYS:  # checked here too, whatever else the entry lacks
+                where = (*path, index, "metadata", key)
+                if key in metadata and not p.failed(where):  # (said once, by the entry)
+                    p.add(where, sim_key_in_metadata(key))
         env_name = item.get("api_key_env")
         if isinstance(env_name, str) and not p.failed((*path, index, "api_key_env")):
             if item.get("api_key") is not None:

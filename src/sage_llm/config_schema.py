@@ -53,6 +53,13 @@ DEFAULT_SIM_MODEL = "llama-3-8b"
 MASK = SECRET_MASK
 SECTIONS = ("gateway", "health", "admission", "simulation")
 SIM_KEYS = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")
+
+
+def sim_key_in_metadata(key: str) -> str:
+    """The problem of a ``sim_*`` key written in an instance's ``metadata``."""
+    return f"give {key} as a key of the instance, not in its metadata"
+
+
 """An instance entry's simulator keys; an ``ExecutionInstance`` carries them in its
 ``metadata``."""
 
@@ -214,6 +221,9 @@ class InstanceConfig:
             raise FieldValueError("prefilling_config", "is not allowed on a DECODING instance")
         if self.decoding_config is not None and kind is ExecutionInstanceType.PREFILLING:
             raise FieldValueError("decoding_config", "is not allowed on a PREFILLING instance")
+        doubled = [key for key in SIM_KEYS if key in self.metadata]
+        if doubled:  # to_instance would overwrite them with the instance's own keys
+            raise FieldValueError(f"metadata.{doubled[0]}", sim_key_in_metadata(doubled[0]))
         if not self.sim_model:
             object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
         if self.engine == "sim":  # its engine is built from these when the fleet starts

@@ -137,11 +137,13 @@ _INFINITY = "\x00infinity\x00"
 def dumps_pretty(obj: Any, *, indent: int = 2) -> str:
     """Indented JSON of ``obj`` for people and tools (``jq``): an infinite float is written
     ``1e999`` (``-1e999``), a number every JSON parser reads (as infinity, or the largest
-    float), where :mod:`json` writes ``Infinity``, which is not JSON; what JSON has no type
-    for is written as its ``str``."""
+    float), where :mod:`json` writes ``Infinity``, which is not JSON; a NaN is written
+    ``null``; what JSON has no type for is written as its ``str``."""
 
     def marked(value: Any) -> Any:
-        if isinstance(value, float) and math.isinf(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            if math.isnan(value):
+                return None  # no number stands for it
             return _INFINITY if value > 0 else "-" + _INFINITY
         if isinstance(value, dict):
             return {key: marked(item) for key, item in value.items()}

@@ -131,6 +131,17 @@ def test_a_request_in_a_retrys_backoff_counts_as_queued() -> None:
             assert (result.status, result.attempts) == (RequestStatus.COMPLETED, 2)
             assert cp.get_status()["pending_requests"] == 0
             assert "sage_llm_queue_depth 0.0" in cp.prometheus_metrics().decode()
+            # one cancelled in its backoff is queued no more, at once
+            cp.drain_instance("sim-1")
+            rid = await cp.submit_request(_meta(1))
+            await asyncio.sleep(0)
+            cp.drain_instance("sim-1", False)
+            await asyncio.sleep(0.2)
+            assert cp.get_status()["pending_requests"] == 1
+            assert await cp.cancel_request(rid)
+            assert cp.get_status()["pending_requests"] == 0
+            assert cp.get_metrics().queued_requests == 0
+            assert "sage_llm_queue_depth 0.0" in cp.prometheus_metrics().decode()
 
     run_virtual(main())
 

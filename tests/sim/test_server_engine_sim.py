@@ -363,6 +363,10 @@ async def test_fields_read_as_vllms_request_models_read_them(
                 "stream_options.continuous_usage_stats",
             ),
             ({"return_token_ids": "false"}, "return_token_ids"),
+            (  # checked with include_usage off too
+                {"stream": True, "stream_options": {"continuous_usage_stats": "bogus"}},
+                "stream_options.continuous_usage_stats",
+            ),
         ]
         for fields, param in refused:
             status, err = await post(http, url, {**COMPLETION, **fields})

@@ -289,9 +289,9 @@ class Dispatcher:
         self.stream_sample_gap_s = stream_sample_gap_s
         """The least time between two sampled streams on one instance (0: no limit)."""
         self._rng = random.Random(seed)  # retry backoff jitter
-        self.retrying = 0
+        self._backing_off: set[str] = set()
         """Requests waiting out a retry's backoff before they go back into the queue:
-        queued all the same (``queued_depth``, the status and the admission bound count them)."""
+        queued all the same (:attr:`retrying`); one that ends meanwhile leaves it."""
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
         self._wake = asyncio.Event()
@@ -1214,7 +1214,13 @@ class Dispatcher:
     @property
     def queued_depth(self) -> int:
         """Requests waiting to run: in the policy's queue, or in a retry's backoff."""
-        return len(self.policy) + self.retrying
+        return len(self.policy) + len(self._backing_off)
+
+    @property
+    def retrying(self) -> int:
+        """How many requests wait out a retry's backoff (queued, though not in the
+        policy's queue yet: the status and the admission bound count them)."""
+        return len(self._backing_off)
 
     async def _requeue(self, rec: RequestRecord, state: InstanceState, exc: EngineError) -> None:
         self.metrics.retries.inc()
@@ -1244,12 +1250,12 @@ class Dispatcher:
         # (not from the request's arrival: a failover is not a wait in the queue)
         rec.queued_at = self.clock.now() + max(backoff, 0.0)
         if backoff > 0:
-            self.retrying += 1
+            self._backing_off.add(rec.request_id)
             self.metrics.queue_depth.set(self.queued_depth)
             try:
                 await self.clock.sleep(backoff)
             finally:
-                self.retrying -= 1
+                self._backing_off.discard(rec.request_id)
         if rec.cancel_requested or rec.status is not RequestStatus.QUEUED:
             self.metrics.queue_depth.set(self.queued_depth)
             return
@@ -1391,6 +1397,7 @@ class Dispatcher:
         if rec.status.is_terminal:
             return
         self._colocated_only.discard(rec.request_id)
+        self._backing_off.discard(rec.request_id)  # ended in its backoff: queued no more
         now = self.clock.now()
         info = rec.info
         queue_wait_s = rec.queue_wait_s(now)  # before its status changes

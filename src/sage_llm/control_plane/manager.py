@@ -1147,7 +1147,7 @@ class ControlPlaneManager:
             )
         report.metadata["routing_strategy"] = self._routing_name
         disp = self._dispatcher
-        report.metadata["queued_now"] = len(self.policy) + (disp.retrying if disp else 0)
+        report.metadata["queued_now"] = disp.queued_depth if disp else len(self.policy)
         report.timestamp = self._timestamp()
         return report
 
@@ -1212,8 +1212,9 @@ class ControlPlaneManager:
             "engine_stream_sample_max_per_s": self.engine_stream_sample_max_per_s,
             "pd_separation": self.enable_pd_separation,
             "pd": self._pd_status(),
-            "pending_requests": len(policy)
-            + (self._dispatcher.retrying if self._dispatcher else 0),
+            "pending_requests": (
+                self._dispatcher.queued_depth if self._dispatcher else len(policy)
+            ),
             "running_requests": int(self._metrics.running.value),
             "registered_instances": len(states),
             "simulated_instances": sum(1 for s in states if self.simulates(s.instance)),
@@ -1311,7 +1312,7 @@ class ControlPlaneManager:
         )
         now = info.arrival
         policy = dispatcher.policy
-        queued = len(policy) + dispatcher.retrying
+        queued = dispatcher.queued_depth
         some_up, whole = registry.up_kinds(model)
         if not some_up:
             label, why = registry.down(model)
@@ -1373,7 +1374,7 @@ class ControlPlaneManager:
         self._metrics.on_submitted()
         if queue:
             policy.push(info)
-            self._metrics.queue_depth.set(len(policy) + dispatcher.retrying)
+            self._metrics.queue_depth.set(dispatcher.queued_depth)
         if wake:
             dispatcher.wake()
         return rec

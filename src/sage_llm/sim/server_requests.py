@@ -266,7 +266,7 @@ def parse_request(
         kv_transfer_params=kv if role == "decode" else None,
     )  # priority: EngineRequest's default (FCFS takes none)
     include_usage = _flag(options, "include_usage", "stream_options.")
-    continuous = include_usage and _flag(options, "continuous_usage_stats", "stream_options.")
+    continuous = _flag(options, "continuous_usage_stats", "stream_options.") and include_usage
     token_ids = _flag(body, "return_token_ids")
     requested_echo(req)  # checked here: a 400 before the stream starts
     requested_prompt_logprobs(req.extra, stream=stream)
