@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin = None
     if args.pin is not None:
         cpus = args.pin.split(",")
-        if len(cpus) != 2 or not all(c.isdigit() for c in cpus):
+        if len(cpus) != 2 or not all(c.isascii() and c.isdigit() for c in cpus):
             parser.error(f"--pin {args.pin}: expected ENGINE_CPU,PROXY_CPU such as 0,1")
         pin = (cpus[0], cpus[1])
     if args.baseline_src is not None and not (args.baseline_src / "sage_llm").is_dir():

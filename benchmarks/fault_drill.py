@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import statistics
 import time
 from typing import Any
@@ -47,7 +46,7 @@ from typing import Any
 import aiohttp
 
 from sage_llm import ControlPlaneManager
-from sage_llm.bench.cli_args import above, at_least, check_out
+from sage_llm.bench.cli_args import above, at_least, at_least_number, check_out
 from sage_llm.bench.procs import loopback_instances, start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
 from sage_llm.engines.http import HTTPTimeouts
@@ -192,17 +191,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def at_least_zero(text: str) -> float:
-    """An argparse type: a finite number >= 0 (0 turns the stall timeout off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fault", choices=FAULTS, default="hang")
@@ -222,7 +210,7 @@ def main() -> None:
         help="[health] move_on_eject = false",
     )  # fmt: skip
     p.add_argument(
-        "--stall-timeout-s", type=at_least_zero, default=None,
+        "--stall-timeout-s", type=at_least_number(0), default=None,
         help="[health] stall_timeout_s (0: off; default 5 with --fault stall, else 60)",
     )  # fmt: skip
     p.add_argument("--out", default=None)

@@ -422,6 +422,6 @@ class Problems:
 
         def line(error: ConfigError) -> int:
             tail = (error.location or "").rsplit(":", 1)[-1]
-            return int(tail) if tail.isdigit() else 1 << 30
+            return int(tail) if tail.isascii() and tail.isdigit() else 1 << 30
 
         return sorted(self.errors, key=line)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.bench.cli_args import above, at_least, check_out
+from sage_llm.bench.cli_args import above, at_least, at_least_number, check_out
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,10 +23,13 @@ def test_at_least_and_above_refuse_with_the_reason() -> None:
         (above(0), "inf", "must be a finite number > 0, got inf"),
         (above(0), "nan", "must be a finite number > 0, got nan"),
         (above(0), "fast", "must be a number, got 'fast'"),
+        (at_least_number(0), "-1", "must be a finite number >= 0, got -1"),
+        (at_least_number(0), "nan", "must be a finite number >= 0, got nan"),
     ):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
     assert above(0)("2.5") == 2.5
+    assert at_least_number(0)("0") == 0.0
 
 
 def test_check_out_exits_with_a_usage_error_before_the_run(

@@ -44,6 +44,21 @@ def above(low: float) -> Callable[[str], float]:
     return parse
 
 
+def at_least_number(low: float) -> Callable[[str], float]:
+    """An argparse type: a finite number >= ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
+        return value
+
+    return parse
+
+
 def check_out(parser: argparse.ArgumentParser, option: str, path: str | Path | None) -> None:
     """Exit with ``parser``'s usage error unless a report can be written at ``path`` (tried
     now: see :func:`~sage_llm.bench.report.check_out_file`); nothing for None."""
