@@ -629,6 +629,22 @@ def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> N
     assert proc.stderr == f"{cfg}: OK\n"
 
 
+def test_config_check_reads_a_pipe_once() -> None:
+    """``config check /dev/stdin`` (or ``<(…)``): the file read once, its problems said
+    (it had been read three times, so found empty: OK)."""
+    text = '[services.llm_control_plane]\nscheduling_policy = "nope"\n[gateway]\nport = 70000\n'
+    proc = subprocess.run(
+        [*CLI, "config", "check", "/dev/stdin"], input=text, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "services.llm_control_plane.scheduling_policy",
+        "gateway.port",
+    ], lines
+
+
 def test_config_check_checks_a_launch_file_and_shows_its_engines(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(

@@ -25,7 +25,7 @@ import math
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -1078,19 +1078,25 @@ def config_check(
 ) -> None:
     """Report every problem in a config file, launch file or plan, with file, line and key."""
     from sage_llm import jsonutil
-    from sage_llm.config import check_config, load_config
+    from sage_llm.config import parse_config
+    from sage_llm.config_locate import read_utf8
 
-    if _is_launch_file(file):
+    if file.suffix.lower() == ".json":
         _check_launch_file(file, print_config)
         return
-    problems = check_config(file)
-    for problem in problems:
-        typer.echo(problem.message, err=True)
-    if problems:
-        raise typer.Exit(1)
+    try:  # read once: a pipe (<(…), /dev/stdin) can be read only once
+        text = read_utf8(file, "config file")
+    except ConfigError as exc:
+        _fail_problems([exc])
+    if _is_launch_text(text, file):
+        _check_launch_file(file, print_config)
+        return
+    try:
+        loaded = parse_config(text, str(file))
+    except ConfigError as exc:
+        _fail_problems(exc.each())
     # with --print, standard output is the JSON alone (for jq and the like)
     typer.echo(f"{file}: OK", err=print_config)
-    loaded = load_config(file)
     if loaded.foreign_services:  # valid for SAGE's VLLMService; not a control plane's file
         typer.echo(
             f"note: no control-plane service table (services: "
@@ -1102,17 +1108,22 @@ def config_check(
         typer.echo(jsonutil.dumps_pretty(loaded.to_dict()))  # inf as 1e999: JSON has no inf
 
 
-def _is_launch_file(path: Path) -> bool:
-    """A plan (``.json``) or a TOML file with a top-level ``launch`` table."""
+def _is_launch_text(text: str, path: Path) -> bool:
+    """Whether TOML ``text`` (of ``path``) has a top-level ``launch`` table."""
     from sage_llm.config_locate import read_toml
 
-    if path.suffix.lower() == ".json":
-        return True
     try:
-        data = read_toml(path.read_text(encoding="utf-8-sig"), str(path))
-    except (OSError, UnicodeDecodeError, ConfigError):
-        return False  # check_config reports it
+        data = read_toml(text.removeprefix("\ufeff"), str(path))
+    except ConfigError:
+        return False  # the config check reports it
     return "launch" in data
+
+
+def _fail_problems(problems: Sequence[ConfigError]) -> NoReturn:
+    """Each problem on a line of its own (standard error), then exit 1."""
+    for problem in problems:
+        typer.echo(problem.message, err=True)
+    raise typer.Exit(1)
 
 
 def _check_launch_file(path: Path, print_engines: bool) -> None:

@@ -297,13 +297,13 @@ def _load(path: Path, env: Mapping[str, str] | None) -> tuple[SageConfig | None,
         text = read_utf8(path, "config file")
     except ConfigError as exc:
         return None, [exc]
-    # a byte-order mark (some editors write one) is not TOML: read past it
-    return _parse(text.removeprefix("\ufeff"), str(path), env)
+    return _parse(text, str(path), env)
 
 
 def _parse(
     text: str, source: str, env: Mapping[str, str] | None
 ) -> tuple[SageConfig | None, list[ConfigError]]:
+    text = text.removeprefix("\ufeff")  # a byte-order mark (some editors write one) is not TOML
     try:
         data = read_toml(text, source)
     except ConfigError as exc:
