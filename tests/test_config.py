@@ -551,6 +551,11 @@ def test_bad_latency_priors_in_metadata_are_reported_at_their_line() -> None:
     with pytest.raises(ConfigError, match="must be > 0") as info:
         cp.register_instance(bad)
     assert (info.value.key, info.value.location) == ("metadata.tpot_ms", "instance 'x'")
+    # an integer no float holds: a line, not an OverflowError's traceback
+    huge = SEED.replace("tensor_parallel_size = 4", f"metadata = {{ tpot_ms = {10**400} }}")
+    assert problem(huge).message.endswith("must be a finite number, got integer of 401 digits")
+    with pytest.raises(ConfigError, match="integer of 401 digits"):
+        check_instance(ExecutionInstance("y", "h", 1, "m", metadata={"ttft_base_ms": 10**400}))
 
 
 @pytest.mark.parametrize(
@@ -1281,6 +1286,41 @@ def test_secrets_are_masked() -> None:
     assert both.gateway.api_keys == ("sk-one", "sk-two", "sk-env")
     again = config_from_dict(both.to_dict(secrets=True), env={"MORE": "sk-env"})
     assert again == both
+
+
+def test_duplicates_among_instances_given_as_dataclasses_or_engine_names_in_any_case() -> None:
+    a, b = InstanceConfig("a", "10.0.0.1", 8000, "m"), InstanceConfig("b", "10.0.0.1", 8000, "m")
+    with pytest.raises(ConfigError, match=r"instances\[1\]\.port: 10\.0\.0\.1:8000 is also"):
+        config_from_dict({"instances": [a, b]})
+    twin = InstanceConfig("a", "10.0.0.2", 8000, "m")
+    with pytest.raises(ConfigError, match="duplicate instance id 'a'"):
+        config_from_dict({"instances": [a, twin]})
+    # simulated engines may share a nominal address, whatever the case of "sim"
+    sims = [
+        {"instance_id": i, "host": "127.0.0.1", "port": 9000, "model_name": "llama-3-8b",
+         "engine": "SIM"}
+        for i in ("a", "b")
+    ]  # fmt: skip
+    assert len(config_from_dict({"instances": sims}).control_plane.instances) == 2
+
+
+def test_a_secret_that_no_client_could_send_is_refused_without_showing_it() -> None:
+    """A key with white space around it never matched a client's; one with a control
+    character broke every request's headers (its instance ejected at its first probe)."""
+    text = '[gateway]\napi_keys = ["key1 ", "ok\\u0007"]\nadmin_token = "a\\nb"\n'
+    found = [(e.key, e.detail) for e in problems(text)]
+    assert found == [
+        ("gateway.api_keys[0]", "must not begin or end with white space (a key is compared "
+         "as written)"),
+        ("gateway.api_keys[1]", "must not contain control characters (it goes in an HTTP "
+         "header)"),
+        ("gateway.admin_token", "must not contain control characters (it goes in an HTTP "
+         "header)"),
+    ]  # fmt: skip
+    err = problem('[gateway]\napi_keys_env = "K"\n', env={"K": "a\x01b"})
+    assert err.detail == "environment variable K holds control characters"
+    with pytest.raises(ConfigError, match="control characters"):
+        check_instance(ExecutionInstance("x", "h", 1, "m", api_key="k\nX-Injected: 1"))
 
 
 def test_secret_values_stay_out_of_error_messages() -> None:

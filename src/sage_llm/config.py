@@ -728,8 +728,14 @@ def _check_instances(
         return
     ids: dict[str, int] = {}
     addresses: dict[tuple[str, int], int] = {}
-    for index, item in enumerate(raw):
-        if not isinstance(item, Mapping):
+    for index, entry in enumerate(raw):
+        if isinstance(entry, InstanceConfig):  # given as the dataclass (config_from_dict)
+            item: Mapping[str, Any] = {
+                f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)
+            }
+        elif isinstance(entry, Mapping):
+            item = entry
+        else:
             continue
         iid = item.get("instance_id")
         if isinstance(iid, str):
@@ -740,7 +746,8 @@ def _check_instances(
                     f"duplicate instance id {iid!r} (also instances[{first}])",
                 )
         host, port = item.get("host"), item.get("port")
-        simulated = mode == "simulated" or item.get("engine") == "sim"
+        engine = item.get("engine")  # a name in any case, as it is read
+        simulated = mode == "simulated" or (isinstance(engine, str) and engine.lower() == "sim")
         if isinstance(host, str) and isinstance(port, int) and not simulated:
             other = addresses.setdefault((host_key(host), port), index)
             if other != index:
@@ -842,6 +849,9 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
         return None
     if not value.strip():
         p.add(path, f"environment variable {name} is empty")
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in value.strip()):  # (never quoted)
+        p.add(path, f"environment variable {name} holds control characters")
         return None
     return value.strip()
 

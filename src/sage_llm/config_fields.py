@@ -302,6 +302,10 @@ def rule_problem(value: object, checks: Rule) -> str | None:
                 f'is "{SECRET_MASK}", the mask a dumped configuration writes in place of a '
                 "secret: give the secret itself (to_dict(secrets=True) keeps them)"
             )
+        if checks.secret and value != value.strip():  # (its value is never quoted)
+            return "must not begin or end with white space (a key is compared as written)"
+        if checks.secret and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            return "must not contain control characters (it goes in an HTTP header)"
         if checks.choices is not None and value not in checks.choices:
             if checks.secret:
                 return "is not one of the allowed values"
@@ -396,8 +400,11 @@ LATENCY_PRIORS = {"tpot_ms": 20.0, "ttft_base_ms": 50.0, "prefill_tokens_per_s":
 
 def latency_prior_problem(value: object, key: str) -> str | None:
     """What is wrong with ``value`` as the latency prior ``key``, or None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return f"must be a finite number, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a finite number, got {described(value)}"
+    number = as_float(value)  # an integer no float holds: too large to be a latency
+    if number is None or not math.isfinite(number):
+        return f"must be a finite number, got {shown_value(value)}"
     if key == "ttft_base_ms":
         return None if value >= 0 else f"must be >= 0, got {value!r}"
     return None if value > 0 else f"must be > 0, got {value!r}"
