@@ -788,6 +788,27 @@ def test_pd_plugin_params_are_checked_with_their_lines() -> None:
     assert (err.location, err.key) == ("cfg.toml:2", prefix + "pairing_params")
 
 
+def test_a_pd_setting_given_again_as_a_plugin_parameter_must_agree() -> None:
+    text = (
+        "[services.llm_control_plane.pd]\nprefilling_threshold_input_tokens = 512\n"
+        "prefilling_threshold_ratio = 2.0\n"
+        "metadata = { decider_params = { min_prompt_tokens = 100, min_ratio = 2 }, "
+        "kv_bytes_per_token = 100, pairing_params = { kv_bytes_per_token = 200 } }\n"
+    )
+    prefix = "services.llm_control_plane.pd.metadata."
+    found = [((e.key or "").removeprefix(prefix), e.detail) for e in problems(text)]
+    assert found == [
+        (
+            "decider_params.min_prompt_tokens",
+            "contradicts pd.prefilling_threshold_input_tokens (512); set one of them",
+        ),
+        (
+            "pairing_params.kv_bytes_per_token",
+            "contradicts pd.metadata.kv_bytes_per_token (100); set one of them",
+        ),
+    ]  # (min_ratio 2 agrees with 2.0)
+
+
 def test_an_unknown_pd_key_does_not_hide_the_plugins_checks() -> None:
     text = (
         "[services.llm_control_plane.pd]\nbogus = 1\n"

@@ -620,6 +620,33 @@ def _pd_for_plugins(
     return cfg, tuple(dict.fromkeys(_PD_PLUGIN_READS[name] for name in refused))
 
 
+_PD_TWICE = (
+    ("prefilling_threshold_input_tokens", "decider_params", "min_prompt_tokens"),
+    ("prefilling_threshold_ratio", "decider_params", "min_ratio"),
+    ("metadata.kv_bytes_per_token", "pairing_params", "kv_bytes_per_token"),
+)
+"""A ``pd`` setting and the plugin parameter it sets, which ``metadata`` may set too."""
+
+
+def _check_pd_given_twice(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
+    """A setting given both as a ``pd`` key and as a plugin parameter in ``metadata``, with
+    two values: the parameter would win, unsaid (``--print`` showing the other)."""
+    meta = table.get("metadata")
+    if not isinstance(meta, Mapping):
+        return
+    for setting, plugin, key in _PD_TWICE:
+        params = meta.get(plugin)
+        owner = meta if setting.startswith("metadata.") else table
+        name = setting.removeprefix("metadata.")
+        if not isinstance(params, Mapping) or key not in params or name not in owner:
+            continue
+        if params[key] != owner[name]:
+            p.add(
+                (*path, "metadata", plugin, key),
+                f"contradicts pd.{setting} ({owner[name]!r}); set one of them",
+            )
+
+
 def _pd_plugin_problems(cfg: PDSeparationConfig, skipped: Sequence[str]) -> None:
     """Build the PD plugins of ``cfg``; raise their problems but those under ``skipped``."""
     try:
@@ -649,6 +676,8 @@ def _control_plane(
     pd = dataclasses.replace(cp.pd, enabled=enabled)
     cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
     _check_pd(pd, (*spath, "pd"), p)
+    if isinstance(pd_table, Mapping):
+        _check_pd_given_twice(pd_table, (*spath, "pd"), p)
     plugins = _pd_for_plugins(pd, pd_table, spath, p) if isinstance(pd_table, Mapping) else None
     if plugins is not None:
         # the plugins' own checks: the decider's, the pairing's and the connector's
