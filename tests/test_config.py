@@ -1323,6 +1323,10 @@ def test_duplicates_among_instances_given_as_dataclasses_or_engine_names_in_any_
         for i in ("a", "b")
     ]  # fmt: skip
     assert len(config_from_dict({"instances": sims}).control_plane.instances) == 2
+    # one IPv6 address written two ways is one address
+    v6 = [InstanceConfig("a", "::1", 8001, "m"), InstanceConfig("b", "0:0:0:0:0:0:0:1", 8001, "m")]
+    with pytest.raises(ConfigError, match="is also instances"):
+        config_from_dict({"instances": v6})
 
 
 def test_a_secret_that_no_client_could_send_is_refused_without_showing_it() -> None:

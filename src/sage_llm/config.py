@@ -26,6 +26,7 @@ environment variables and are masked in ``repr``, error messages and :meth:`Sage
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -848,9 +849,15 @@ _LOOPBACK = "127.0.0.1"
 
 def host_key(host: str) -> str:
     """``host`` as two addresses are compared: case-blind, ``localhost`` read as
-    ``127.0.0.1`` (one engine, whichever name is written)."""
+    ``127.0.0.1``, an IP address in its one written form (``0:0:0:0:0:0:0:1`` is ``::1``):
+    one engine, whichever way it is written."""
     name = host.strip().lower()
-    return _LOOPBACK if name == "localhost" else name
+    if name == "localhost":
+        return _LOOPBACK
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return name  # a host name
 
 
 def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:

@@ -158,6 +158,8 @@ def test_where_the_engine_is() -> None:
     [
         ({}, "model_id"),
         ({"model_id": "m", "modle": "x"}, "modle"),
+        ({"model_id": 5}, "model_id"),
+        ({"model_id": "  "}, "model_id"),
         ({"model_id": "m", "engine": "tpu"}, "engine"),
         ({"model_id": "m", "engine": 3}, "engine"),
         ({"model_id": "m", "engine": "sim", "base_url": "http://h:1"}, "engine"),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config import SageConfig, config_from_dict, load_config
+from sage_llm.config_fields import described
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
 from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError
@@ -216,8 +217,13 @@ class VLLMServiceConfig:
                     ConfigError(f"unknown key{suggest(str(key), _VLLM_KEYS)}", key=str(key))
                 )
         model_id = data.get("model_id")
-        if not isinstance(model_id, str) or not model_id:
+        if model_id is None:
             g.errors.append(ConfigError("is required: the model the engine serves", key="model_id"))
+        elif not isinstance(model_id, str) or not model_id.strip():
+            g.errors.append(
+                ConfigError(f"must be a model name, got {described(model_id)}", key="model_id")
+            )
+        if not isinstance(model_id, str):
             model_id = ""
         kind, table = g.built(lambda: _engine_kind(data), _same) or (None, {})
         host, port, scheme = g.built(lambda: _endpoint(data), _same) or (None, None, "http")
