@@ -184,6 +184,8 @@ def report(rows: list[dict[str, Any]], elapsed_s: float) -> str:
 def load(args: argparse.Namespace) -> SageConfig:
     """The embedded simulated fleet, or the ``--config`` file; ``--policy`` overrides."""
     config = load_config(args.config) if args.config else config_from_dict(EMBEDDED_FLEET)
+    config.check_has_control_plane()  # a file of SAGE's other services only: refused here,
+    # before SAGE starts (there the service's ConfigError would leave each call to time out)
     if args.policy:
         cp = dataclasses.replace(config.control_plane, scheduling_policy=args.policy)
         config = dataclasses.replace(config, control_plane=cp)

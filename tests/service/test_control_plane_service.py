@@ -18,6 +18,7 @@ import pytest
 
 from sage_llm.errors import (
     ConfigError,
+    ConfigErrors,
     ConflictError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -28,7 +29,7 @@ from sage_llm.errors import (
     ModelNotFoundError,
     PolicyNotFoundError,
 )
-from sage_llm.service import ControlPlaneVLLMService
+from sage_llm.service import ControlPlaneVLLMService, RequestDefaults
 from sage_llm.sim.clock import VirtualEventLoop
 from sage_llm.tokens import count_tokens
 from tests.service.fleets import MODEL, sim_fleet
@@ -91,6 +92,9 @@ def test_generate_a_prompt_returns_the_vllm_service_shape(svc: ControlPlaneVLLMS
     assert len(gen["token_ids"]) == 12
     assert gen["logprobs"] is None
     assert gen["finish_reason"] == "length"
+    # a count of 0 asks for the sampled tokens' own logprobs (0 == False had dropped them)
+    (counted,) = _generate(svc, "What is a control plane?", max_tokens=3, logprobs=0)
+    assert counted["generations"][0]["logprobs"] is not None
     assert entry["usage"] == {
         "input_tokens": count_tokens("What is a control plane?"),
         "output_tokens": 12,
@@ -522,8 +526,20 @@ def test_health_check_probes_the_instances_now() -> None:
             assert shown["is_healthy"] is False  # the probe's outcome counts: ejected
 
 
-def test_request_defaults_of_another_type_are_a_config_error() -> None:
+def test_request_defaults_of_another_type_or_bad_values_are_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         ControlPlaneVLLMService({}, request_defaults={"priority": "asap"})  # type: ignore[arg-type]
     assert err.value.key == "request_defaults"
     assert "must be a sage_llm.service.RequestDefaults, got dict" in str(err.value)
+    # values no request's options could hold: refused here, not by every request after
+    bad = RequestDefaults(
+        priority="LOW",  # type: ignore[arg-type]
+        max_tokens=-5, temperature=9.0, timeout_s=-1.0, extra={"bogus": 1},
+    )  # fmt: skip
+    with pytest.raises(ConfigErrors) as errs:
+        ControlPlaneVLLMService(None, request_defaults=bad)
+    assert sorted(str(e.key) for e in errs.value.errors) == [
+        "request_defaults.extra.bogus", "request_defaults.max_tokens",
+        "request_defaults.priority", "request_defaults.temperature",
+        "request_defaults.timeout_s",
+    ]  # fmt: skip

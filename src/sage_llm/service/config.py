@@ -30,6 +30,7 @@ from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
 from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError
 from sage_llm.service.payloads import PASSTHROUGH_OPTIONS, RequestDefaults, suggest
+from sage_llm.types import RequestPriority
 
 __all__ = [
     "SERVICE_KEYS",
@@ -60,11 +61,8 @@ def control_plane_service_config(
     ``None`` is the embedded default (a simulated fleet). ``defaults`` are used for the
     request defaults the config does not set.
     """
-    if defaults is not None and not isinstance(defaults, RequestDefaults):
-        raise ConfigError(
-            f"must be a sage_llm.service.RequestDefaults, got {type(defaults).__name__}",
-            key="request_defaults",
-        )
+    if defaults is not None:
+        check_request_defaults(defaults)
     base = defaults or RequestDefaults()
     if config is None:
         sage = SageConfig.default()
@@ -102,6 +100,56 @@ def control_plane_service_config(
                 sage = dataclasses.replace(sage, control_plane=cp)
     sage.check_has_control_plane()  # a file of SAGE's other services only
     return ControlPlaneServiceConfig(sage, _defaults(sage, base))
+
+
+def check_request_defaults(defaults: object) -> None:
+    """:class:`ConfigError` (several: :class:`~sage_llm.errors.ConfigErrors`) unless
+    ``defaults`` is a :class:`RequestDefaults` whose values a request's options could hold,
+    each problem keyed ``request_defaults.<field>`` (they had failed every request, under
+    the name of an option the caller never sent)."""
+    if not isinstance(defaults, RequestDefaults):
+        raise ConfigError(
+            f"must be a sage_llm.service.RequestDefaults, got {type(defaults).__name__}",
+            key="request_defaults",
+        )
+    g = Gathered()
+
+    def bad(name: str, problem: str) -> None:
+        g.errors.append(ConfigError(problem, key=f"request_defaults.{name}"))
+
+    priority: object = defaults.priority  # as given: the annotations are not checked
+    if not isinstance(priority, RequestPriority):
+        bad("priority", f"must be a RequestPriority, got {described(priority)}")
+    for name, low, high, above in (
+        ("slo_deadline_ms", 0.0, math.inf, True),
+        ("temperature", 0.0, 2.0, False),
+        ("top_p", 0.0, 1.0, True),
+        ("timeout_s", 0.0, math.inf, True),
+    ):
+        value = getattr(defaults, name)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value > high:
+            bad(name, f"must be a finite number <= {high:g}, got {described(value)}")
+        elif value < low or (above and value == low):
+            bad(name, f"must be {'>' if above else '>='} {low:g}, got {value!r}")
+    tokens = defaults.max_tokens
+    if tokens is not None and (
+        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
+    ):
+        bad("max_tokens", f"must be a positive integer, got {described(tokens)}")
+    extra: object = defaults.extra
+    if not isinstance(extra, Mapping):
+        bad("extra", f"must be a mapping, got {described(extra)}")
+    else:
+        for key in extra:
+            if key not in PASSTHROUGH_OPTIONS:
+                bad(
+                    f"extra.{key}",
+                    f"not an option passed to the engine{suggest(str(key), PASSTHROUGH_OPTIONS)}",
+                )
+    g.raise_any()
 
 
 def _defaults(sage: SageConfig, base: RequestDefaults) -> RequestDefaults:

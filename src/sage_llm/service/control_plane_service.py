@@ -270,7 +270,8 @@ class ControlPlaneVLLMService(ManagedService):
 
 
 def _entry(meta: RequestMetadata, result: RequestResult) -> dict[str, Any]:
-    asked = meta.extra_body.get("logprobs") not in (None, False)
+    wanted = meta.extra_body.get("logprobs")
+    asked = wanted is not None and wanted is not False  # a count of 0 asks (0 == False)
     entry = generation_entry(
         request_id=result.request_id,
         text=result.text,
