@@ -279,7 +279,7 @@ def test_launching_a_node_that_could_never_serve_is_refused_before_starting(
         assert output.startswith(
             f"error: {plan}: node {node} would start only {has} instances: model 'llama-3-8b' "
             f"has no {missing}-capable instance to pair with, so its gateway could never serve "
-            "a request; plan again"
+            "a request; plan again with --per-node"
         )
         assert len(output.splitlines()) == 1
     assert not (tmp_path / "logs").exists()
@@ -627,6 +627,21 @@ def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> N
     assert plane["scheduling_policy"] == "priority"
     assert plane["policy_params"] == {"aging_interval_s": math.inf}  # written 1e999
     assert proc.stderr == f"{cfg}: OK\n"
+
+
+def test_config_check_notes_a_launch_plan_that_cannot_carry_its_rate(tmp_path: Path) -> None:
+    """The launch serves the fleet the hardware allows, and says what it cannot carry (it
+    had said nothing of a rate 50 times the fleet's capacity)."""
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[launch]\nengine = "sim"\nmodel = "llama-3-70b"\nbase_port = 23400\n'
+        '[launch.plan]\ngpus = "8xH100"\nrate = 1000\n'
+    )
+    code, output = invoke("config", "check", str(path))
+    assert code == 0, output
+    assert "note: [launch.plan]: no plan meets the SLO at 1000 req/s: the highest goodput " in (
+        output
+    )
 
 
 def test_config_check_reads_a_pipe_once() -> None:

@@ -1142,6 +1142,9 @@ def _check_launch_file(path: Path, print_engines: bool) -> None:
         raise typer.Exit(1) from None
     node = config.settings.node
     typer.echo(f"{path}: OK ({len(engines)} engine{'s' * (len(engines) != 1)} on node {node})")
+    shortfall = config.plan.shortfall() if config.plan is not None else None
+    if shortfall is not None:
+        typer.echo(f"note: [launch.plan]: {shortfall}", err=True)
     if print_engines:
         for engine in engines:
             typer.echo(f"{engine.instance_id} ({engine.base_url}): {engine.shell()}")

@@ -221,6 +221,10 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"model": "x"}))
     with pytest.raises(ConfigError, match="needs an 'instances' list"):
         load_plan_file(tmp_path / "bad.json")
+    (tmp_path / "comma.json").write_text('{"instances": [\n  {"role": "general", "tp": 1,}]}\n')
+    with pytest.raises(ConfigError) as syntax:  # at its line, as a TOML file's error is
+        load_plan_file(tmp_path / "comma.json")
+    assert str(syntax.value).startswith(f"{tmp_path / 'comma.json'}:2: invalid JSON: ")
     (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
     with pytest.raises(ConfigError, match="nested too deeply to read"):
         load_plan_file(tmp_path / "deep.json")

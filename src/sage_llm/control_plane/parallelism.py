@@ -188,6 +188,23 @@ class Plan:
     rejected: list[tuple[Candidate, str]]
     assumptions: list[str] = field(default_factory=list)
 
+    def shortfall(self) -> str | None:
+        """What the plan cannot do that was asked of it (a rate no plan carries within the
+        SLO), in a sentence with the best capacity found; None when it meets the SLO or no
+        rate was asked for."""
+        rate, est = self.workload.rate, self.estimates
+        if rate is None or est.meets_slo:
+            return None
+        top = max(
+            [(est.capacity_rps, self.candidate.label)]
+            + [(a.estimates.capacity_rps, a.candidate.label) for a in self.alternatives]
+        )
+        return (
+            f"no plan meets the SLO at {rate:g} req/s: the highest goodput capacity found is "
+            f"{_rps(top[0])} req/s ({top[1]}); {self.candidate.label} is planned for the rate "
+            "it can carry"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form; ``sage-llm launch`` reads ``model``, ``gpu`` and ``instances``."""
         return {

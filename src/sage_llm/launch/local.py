@@ -457,6 +457,9 @@ async def launch_from_config(
             "planned %s for %s on %s", config.plan.candidate.label, config.plan.model.name,
             config.plan.gpu.name,
         )  # fmt: skip
+        shortfall = config.plan.shortfall()
+        if shortfall is not None:  # served all the same: the fleet this hardware allows
+            log.warning("[launch.plan]: %s", shortfall)
     return await launch_engines(
         engines, manager=manager, settings=config.settings, topology=topology
     )

@@ -536,6 +536,9 @@ def _read_plan_file(path: Path) -> tuple[dict[str, Any], list[PlannedInstance], 
     text = read_utf8(path, "plan")
     try:
         data = json.loads(text)
+    except json.JSONDecodeError as exc:  # at its line, as a TOML file's syntax error
+        raise ConfigError(f"invalid JSON: {exc.msg} (column {exc.colno})",
+                          location=f"{path}:{exc.lineno}") from None  # fmt: skip
     except ValueError as exc:
         raise ConfigError(f"cannot read plan: {exc}", location=str(path)) from None
     except RecursionError:
@@ -843,8 +846,9 @@ def load_launch_config(
         problem = fleet_problem(engines)
         if problem is not None:
             raise ConfigError(
-                f"{problem}; plan again (each node then gets both roles where the counts "
-                "allow) or serve every node behind one gateway",
+                f"{problem}; plan again with --per-node (each node a fleet of its own, both "
+                "roles on every node where the counts allow) or serve every node behind one "
+                "gateway",
                 location=str(path),
             )
         return LaunchConfig(settings, instances)
