@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -609,6 +610,19 @@ async def test_run_command_kills_the_process_on_timeout() -> None:
     # timeout 0 expires at once; a process left running would make proc.wait() hang here.
     with pytest.raises(TimeoutError):
         await run_command([sys.executable, "-c", "import signal; signal.pause()"], timeout_s=0)
+
+
+async def test_run_command_kills_a_wrappers_children_on_timeout(tmp_path: Path) -> None:
+    """A wrapper script (nvidia-smi over ssh) whose child keeps the pipes open: the call
+    returns at its timeout, not when the child ends (it had waited out a 30 s sleep)."""
+    wrapper = tmp_path / "smi"
+    wrapper.write_text("#!/bin/sh\nsleep 30\n")
+    wrapper.chmod(0o755)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await run_command([str(wrapper)], timeout_s=0.5)
+    assert loop.time() - started < 10
 
 
 def test_sync_wrapper_for_the_cli() -> None:

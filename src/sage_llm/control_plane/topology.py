@@ -18,7 +18,9 @@ import enum
 import functools
 import itertools
 import math
+import os
 import re
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -597,15 +599,17 @@ async def run_command(argv: Sequence[str], timeout_s: float = 10.0) -> str:
     exits non-zero and TimeoutError after ``timeout_s`` (the process is killed).
     """
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # a group of its own: a wrapper's children are killed too
+    )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except BaseException:  # timeout or cancellation: leave no process behind
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        # the whole group: a wrapper script's child (ssh …) would keep the pipes open, and
+        # the wait for the wrapper with them, until it ended of itself
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
         raise
     if proc.returncode:
         raise subprocess.CalledProcessError(
