@@ -418,6 +418,15 @@ def test_from_dict_rejects_bad_data(data: dict[str, object]) -> None:
 def test_from_dict_names_a_missing_key() -> None:
     with pytest.raises(ConfigError, match=r"gpus\[0\]: missing key 'index'"):
         Topology.from_dict({"gpus": [{"numa_node": 0}], "links": [["X"]]})
+    # {} or another JSON file (a plan) is no topology; a misspelt key is no absent one
+    with pytest.raises(ConfigError, match="missing key 'gpus'"):
+        Topology.from_dict({})
+    with pytest.raises(ConfigError, match=r"instances: unknown key"):
+        Topology.from_dict({"gpus": [], "instances": []})
+    typo = {"gpus": [{"index": 0, "numa_nod": 0}], "links": [["X"]]}
+    with pytest.raises(ConfigError, match=r"gpus\[0\]\.numa_nod: unknown key \(did you mean"):
+        Topology.from_dict(typo)
+    assert Topology.from_dict(Topology().to_dict()) == Topology()  # no GPUs: a valid one
 
 
 def test_from_dict_requires_an_index_even_when_null() -> None:

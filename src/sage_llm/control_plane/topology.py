@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypedDict
 
+from sage_llm.config_fields import suggest
 from sage_llm.errors import ConfigError
 
 FALLBACK = "no GPU topology; routing falls back to machine/rack ids"
@@ -349,8 +350,14 @@ class Topology:
         try:
             if not isinstance(data, Mapping):
                 raise ValueError(f"expected an object, got {_show(data)}")
+            _known_keys(data, _TOPOLOGY_KEYS, "")
+            if "gpus" not in data:  # {} or another JSON file: not an empty topology
+                raise ValueError("missing key 'gpus' (an empty list for a machine without GPUs)")
             gpus = tuple(_gpu_info(k, g) for k, g in enumerate(_objects(data, "gpus")))
-            nics = tuple(NICInfo(str(n["name"]), n.get("device")) for n in _objects(data, "nics"))
+            nic_objects = _objects(data, "nics")
+            for k, n in enumerate(nic_objects):
+                _known_keys(n, ("name", "device"), f"nics[{k}].")
+            nics = tuple(NICInfo(str(n["name"]), n.get("device")) for n in nic_objects)
             links = _link_rows(data, "links")
             nic_links = _link_rows(data, "gpu_nic_links")
             numa_nodes = data.get("numa_nodes", {})
@@ -370,6 +377,7 @@ def _gpu_info(k: int, g: Mapping[str, Any]) -> GPUInfo:
     (``gpus[0].numa_node``)."""
     if "index" not in g:
         raise ValueError(f"gpus[{k}]: missing key 'index'")
+    _known_keys(g, _GPU_KEYS, f"gpus[{k}].")
     values: dict[str, Any] = {}
     for key, read in (
         ("index", _as_int),
@@ -384,6 +392,20 @@ def _gpu_info(k: int, g: Mapping[str, Any]) -> GPUInfo:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"gpus[{k}].{key}: {exc}") from None
     return GPUInfo(**values)
+
+
+_TOPOLOGY_KEYS = ("gpus", "nics", "links", "gpu_nic_links", "numa_nodes", "nvlink_domains")
+"""The keys of a topology object (``nvlink_domains``, which :meth:`Topology.to_dict`
+writes, is read back from the links)."""
+_GPU_KEYS = ("index", "cpu_affinity", "numa_node", "gpu_numa_id")
+
+
+def _known_keys(table: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+    """ValueError for the first key of ``table`` not in ``known`` (a misspelt key would
+    be read as absent: a GPU on no NUMA node, say)."""
+    for key in table:
+        if key not in known:
+            raise ValueError(f"{where}{key}: unknown key{suggest(str(key), known)}")
 
 
 def matrix_problem(a: str, b: str, cell: Link, mirror: Link, diagonal: bool) -> str | None:
