@@ -577,6 +577,14 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
         read_params(
             lambda: control_plane_service_config(control_plane), (*path, "control_plane"), p
         )
+    elif built[0].use_control_plane and isinstance(control_plane, str):
+        # a file of its own, read beside this one (VLLMService.from_toml reads it so)
+        other = Path(p.source).parent / control_plane
+        try:
+            control_plane_service_config(other)
+        except ConfigError as exc:
+            for problem in exc.each():  # each at its own file and line, named from here
+                p.add((*path, "control_plane"), str(problem))
 
 
 def _is_ours(value: Any) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sage_llm.config import check_config
 from sage_llm.errors import (
     ConfigError,
     ControlPlaneNotRunningError,
@@ -206,6 +207,37 @@ def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:
     path.write_text(table.format(name="a") + "sampling = { top_p = 3 }\n")
     with pytest.raises(ConfigError, match=r"services\.toml:5: services\.a\.sampling\.top_p"):
         VLLMService.from_toml(path)
+
+
+def test_a_control_plane_file_is_read_beside_the_file_that_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "services.toml"
+    path.write_text(
+        '[services.llm]\ntype = "VLLMService"\nmodel_id = "llama-3-8b"\nengine = "sim"\n'
+        'use_control_plane = true\ncontrol_plane = "plane.toml"\n'
+    )
+    (tmp_path / "plane.toml").write_text(
+        '[services.llm_control_plane]\nscheduling_policy = "nope"\n'
+    )
+    monkeypatch.chdir("/")  # not where the files are
+    problems = [str(e) for e in check_config(path)]
+    assert problems == [
+        f"{path}:6: services.llm.control_plane: {tmp_path / 'plane.toml'}:2: "
+        "services.llm_control_plane.scheduling_policy: unknown value 'nope' (valid values: "
+        "fifo, priority, slo_aware, cost_optimized, adaptive)"
+    ]
+    (tmp_path / "plane.toml").write_text(
+        '[services.llm_control_plane]\nscheduling_policy = "fifo"\n'
+    )
+    assert check_config(path) == []
+    svc = VLLMService.from_toml(path)
+    delegate = svc.control_plane_service
+    assert delegate is not None
+    assert delegate.config.control_plane.scheduling_policy == "fifo"
+    # a control plane without use_control_plane would be ignored: refused
+    with pytest.raises(ConfigError, match=r"^control_plane: is given but use_control_plane"):
+        VLLMService({"model_id": "llama-3-8b", "engine": "sim", "control_plane": {}})
 
 
 @pytest.mark.skipif(vllm_installed(), reason="vLLM is installed: the in-process path is used")

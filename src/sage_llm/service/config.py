@@ -292,6 +292,14 @@ class VLLMServiceConfig:
         if dialect not in _DIALECTS:
             g.errors.append(ConfigError(f"must be one of {', '.join(_DIALECTS)}", key="dialect"))
         cp = data.get("control_plane")
+        if cp is not None and data.get("use_control_plane") is not True:
+            g.errors.append(
+                ConfigError(
+                    "is given but use_control_plane is not true, so it would be ignored: "
+                    "set use_control_plane = true, or leave control_plane out",
+                    key="control_plane",
+                )
+            )
         if cp is not None and not isinstance(cp, Mapping | str):
             g.errors.append(
                 ConfigError(

@@ -92,7 +92,11 @@ class VLLMService(ManagedService):
                 problem = f"[services.{name}] is not one of them (they are: {found})"
             raise ConfigError(f'a VLLMService table (type = "VLLMService"): {problem}',
                               location=str(path))  # fmt: skip
-        return cls(tables[name], loop_factory=loop_factory)
+        table = dict(tables[name])
+        control_plane = table.get("control_plane")
+        if isinstance(control_plane, str):  # a file of its own, beside this one
+            table["control_plane"] = str(Path(path).parent / control_plane)
+        return cls(table, loop_factory=loop_factory)
 
     @property
     def control_plane_service(self) -> ControlPlaneVLLMService | None:
