@@ -101,6 +101,14 @@ def test_limits_are_checked_against_the_values_given_whatever_else_is_wrong() ->
     )
     # a key that fails only against another's default is fine beside the value given
     assert build_params(Params, {"high": 0.5, "low": 0.4}) == Params(low=0.4, high=0.5)
+    # nor is it judged against the default of a key that was written but refused
+    for table, refused in (
+        ({"window": 500.0, "min_samples": 300}, "window"),
+        ({"overload": "high", "light_load": 0.2}, "overload"),
+    ):
+        with pytest.raises(ConfigError) as one:
+            build_policy("adaptive", table)
+        assert not isinstance(one.value, ConfigErrors) and one.value.key == refused
 
 
 def test_choices_are_read_in_any_letter_case_and_a_bad_one_is_shown() -> None:

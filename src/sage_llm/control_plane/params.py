@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -75,8 +76,11 @@ def build_params(
     # limit another key sets is shown as given ("below overload (0.2)", not its default's
     # 0.1), and a key that failed only against another's default is no problem
     good = {k: v for k, v in kwargs.items() if k not in alone}
+    refused = list(problems)  # written, but of no use: a limit one of them sets is unknown
     for key in alone:
-        if (problem := _alone(params_cls, key, kwargs[key], good)) is not None:
+        problem = _alone(params_cls, key, kwargs[key], good)
+        # (not judged against the default of a key that was refused)
+        if problem is not None and not any(_names(problem, r) for r in refused):
             problems[key] = problem
     # and a problem among the keys that are fine alone, or with a default they leave
     if (between := _between(params_cls, good, raw)) is not None:
@@ -114,6 +118,11 @@ class Gathered:
     def raise_any(self) -> None:
         """Raise what was gathered (see :func:`~sage_llm.errors.raise_problems`)."""
         raise_problems(self.errors)
+
+
+def _names(problem: ConfigError, key: str) -> bool:
+    """Whether ``problem``'s words name the parameter ``key`` (a limit it sets)."""
+    return re.search(rf"\b{re.escape(str(key))}\b", problem.detail) is not None
 
 
 def _builds(params_cls: type[Any], values: Mapping[str, Any], without: str) -> bool:
