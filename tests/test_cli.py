@@ -658,6 +658,12 @@ def test_config_check_reads_a_pipe_once() -> None:
         "services.llm_control_plane.scheduling_policy",
         "gateway.port",
     ], lines
+    launch = '[launch]\nengine = "sim"\nbase_port = 23390\n[[launch.instances]]\ngpu_ids = [0]\n'
+    proc = subprocess.run(
+        [*CLI, "config", "check", "/dev/stdin"], input=launch, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, "/dev/stdin: OK (1 engine on node 0)\n"), proc
 
 
 def test_config_check_checks_a_launch_file_and_shows_its_engines(tmp_path: Path) -> None:

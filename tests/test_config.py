@@ -20,6 +20,7 @@ from sage_llm.config import (
     InstanceConfig,
     SageConfig,
     SimulationConfig,
+    at_address,
     check_config,
     check_instance,
     config_from_dict,
@@ -1323,6 +1324,12 @@ def test_duplicates_among_instances_given_as_dataclasses_or_engine_names_in_any_
         for i in ("a", "b")
     ]  # fmt: skip
     assert len(config_from_dict({"instances": sims}).control_plane.instances) == 2
+    # the gateway's own address, by the families it listens on
+    assert at_address("::1", 8080, "::", 8080) and at_address("0:0:0:0:0:0:0:1", 8080, "::", 8080)
+    assert not at_address("127.0.0.1", 8080, "::", 8080)  # asyncio binds :: for IPv6 alone
+    assert at_address("127.0.0.2", 8080, "0.0.0.0", 8080)  # all of 127/8 is loopback
+    assert at_address("::1", 8080, "localhost", 8080)  # localhost: both families
+    assert not at_address("10.0.0.1", 8080, "0.0.0.0", 8080)
     # one IPv6 address written two ways is one address
     v6 = [InstanceConfig("a", "::1", 8001, "m"), InstanceConfig("b", "0:0:0:0:0:0:0:1", 8001, "m")]
     with pytest.raises(ConfigError, match="is also instances"):
@@ -1344,6 +1351,8 @@ def test_a_secret_that_no_client_could_send_is_refused_without_showing_it() -> N
     ]  # fmt: skip
     err = problem('[gateway]\napi_keys_env = "K"\n', env={"K": "a\x01b"})
     assert err.detail == "environment variable K holds control characters"
+    entry = SEED.replace("tensor_parallel_size = 4", 'api_key_env = "K"')  # (a line, no crash)
+    assert problem(entry, env={"K": "a\x01b"}).key.endswith("instances[0].api_key_env")  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="control characters"):
         check_instance(ExecutionInstance("x", "h", 1, "m", api_key="k\nX-Injected: 1"))
 

@@ -1089,7 +1089,7 @@ def config_check(
     except ConfigError as exc:
         _fail_problems([exc])
     if _is_launch_text(text, file):
-        _check_launch_file(file, print_config)
+        _check_launch_file(file, print_config, text)
         return
     try:
         loaded = parse_config(text, str(file))
@@ -1126,14 +1126,14 @@ def _fail_problems(problems: Sequence[ConfigError]) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _check_launch_file(path: Path, print_engines: bool) -> None:
+def _check_launch_file(path: Path, print_engines: bool, text: str | None = None) -> None:
     """``config check`` of a launch file or plan: what ``sage-llm launch`` checks before it
     starts anything (its ports' being free aside)."""
     from sage_llm.errors import ConfigError
     from sage_llm.launch import engines_from_plan, load_launch_config
 
     try:
-        config = load_launch_config(path)
+        config = load_launch_config(path, text=text)
         engines = engines_from_plan(config.instances, config.settings)
     except SageLLMError as exc:
         errors = exc.each() if isinstance(exc, ConfigError) else (exc,)

@@ -35,6 +35,7 @@ from typing import Any
 from sage_llm.config_fields import (
     LATENCY_PRIORS,
     described,
+    has_control_characters,
     latency_prior_problem,
     read_dataclass,
     read_params,
@@ -293,16 +294,18 @@ def _result(config: SageConfig | None, errors: list[ConfigError]) -> SageConfig:
     return config
 
 
-def _load(path: Path, env: Mapping[str, str] | None) -> tuple[SageConfig | None, list[ConfigError]]:
+def _load(
+    path: Path, env: Mapping[str, str] | None, *, nested: bool = False
+) -> tuple[SageConfig | None, list[ConfigError]]:
     try:
         text = read_utf8(path, "config file")
     except ConfigError as exc:
         return None, [exc]
-    return _parse(text, str(path), env)
+    return _parse(text, str(path), env, nested=nested)
 
 
 def _parse(
-    text: str, source: str, env: Mapping[str, str] | None
+    text: str, source: str, env: Mapping[str, str] | None, *, nested: bool = False
 ) -> tuple[SageConfig | None, list[ConfigError]]:
     text = text.removeprefix("\ufeff")  # a byte-order mark (some editors write one) is not TOML
     try:
@@ -312,6 +315,7 @@ def _parse(
     try:
         locator = KeyLocator(text)
         problems = Problems(source, locator)
+        problems.nested = nested  # a file another names: the files it names are not read
         config = _build(data, problems, env, bare=False)
     except RecursionError:
         return None, [ConfigError(TOO_DEEP, location=source)]
@@ -577,14 +581,19 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
         read_params(
             lambda: control_plane_service_config(control_plane), (*path, "control_plane"), p
         )
-    elif built[0].use_control_plane and isinstance(control_plane, str):
-        # a file of its own, read beside this one (VLLMService.from_toml reads it so)
+    elif built[0].use_control_plane and isinstance(control_plane, str) and not p.nested:
+        # a file of its own, read beside this one (VLLMService.from_toml reads it so),
+        # checked for itself only (not the files it names: two naming each other, or a
+        # file naming itself, would be read for ever)
         other = Path(p.source).parent / control_plane
-        try:
-            control_plane_service_config(other)
-        except ConfigError as exc:
-            for problem in exc.each():  # each at its own file and line, named from here
-                p.add((*path, "control_plane"), str(problem))
+        config, errors = _load(other, None, nested=True)
+        if config is not None and not errors:
+            try:
+                config.check_has_control_plane()
+            except ConfigError as exc:
+                errors = [exc]
+        for problem in errors:  # each at its own file and line, named from here
+            p.add((*path, "control_plane"), str(problem))
 
 
 def _is_ours(value: Any) -> bool:
@@ -845,11 +854,23 @@ def instances_at(
 
 
 def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
-    """Whether an engine at ``host:port`` is a gateway bound to ``bind_host:bind_port``
-    (one bound to every address is at the loopback address too)."""
-    bind = host_key(bind_host)
-    ours = {bind, _LOOPBACK} if bind in ("0.0.0.0", "::", "") else {bind}
-    return port == bind_port and host_key(host) in ours
+    """Whether an engine at ``host:port`` is a gateway bound to ``bind_host:bind_port``:
+    the same address, or a loopback address of a family it listens on whole (``0.0.0.0``:
+    IPv4's, ``::``: IPv6's, which asyncio binds alone, ``""``: both; ``localhost``: both
+    families' loopback, as it resolves)."""
+    if port != bind_port:
+        return False
+    bind, there = host_key(bind_host), host_key(host)
+    if there == bind:
+        return True
+    try:
+        address = ipaddress.ip_address(there)
+    except ValueError:
+        return False  # a host name: compared as written
+    if bind_host.strip().lower() == "localhost":
+        return str(address) in (_LOOPBACK, "::1")
+    families = {"0.0.0.0": (4,), "::": (6,), "": (4, 6)}.get(bind, ())
+    return address.is_loopback and address.version in families
 
 
 _LOOPBACK = "127.0.0.1"
@@ -894,7 +915,7 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
     if not value.strip():
         p.add(path, f"environment variable {name} is empty")
         return None
-    if any(ord(c) < 32 or ord(c) == 127 for c in value.strip()):  # (never quoted)
+    if has_control_characters(value.strip()):  # (never quoted)
         p.add(path, f"environment variable {name} holds control characters")
         return None
     return value.strip()
@@ -932,9 +953,15 @@ def _gateway_secrets(
 
 
 def _instance_secrets(cp: ControlPlaneConfig, env: Mapping[str, str]) -> ControlPlaneConfig:
-    """Instances with ``api_key`` read from ``api_key_env`` (problems were reported earlier)."""
+    """Instances with ``api_key`` read from ``api_key_env`` (problems were reported earlier:
+    a value that is no key leaves it unset)."""
+
+    def read(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value if value and not has_control_characters(value) else None
+
     instances = tuple(
-        dataclasses.replace(inst, api_key=env.get(inst.api_key_env, "").strip() or None)
+        dataclasses.replace(inst, api_key=read(inst.api_key_env))
         if inst.api_key_env is not None
         else inst
         for inst in cp.instances

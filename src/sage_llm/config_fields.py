@@ -292,6 +292,21 @@ SECRET_MASK = "***"
 """What :func:`to_plain` writes in a secret's place; refused as a secret's value."""
 
 
+def secret_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a key a client or the gateway sends in an HTTP header, or
+    None; the message never quotes it."""
+    if value != value.strip():
+        return "must not begin or end with white space (a key is compared as written)"
+    if has_control_characters(value):
+        return "must not contain control characters (it goes in an HTTP header)"
+    return None
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds an ASCII control character (one no HTTP header may carry)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def rule_problem(value: object, checks: Rule) -> str | None:
     """What is wrong with a (well-typed) ``value`` under ``checks``, or None."""
     if isinstance(value, str):
@@ -302,10 +317,8 @@ def rule_problem(value: object, checks: Rule) -> str | None:
                 f'is "{SECRET_MASK}", the mask a dumped configuration writes in place of a '
                 "secret: give the secret itself (to_dict(secrets=True) keeps them)"
             )
-        if checks.secret and value != value.strip():  # (its value is never quoted)
-            return "must not begin or end with white space (a key is compared as written)"
-        if checks.secret and any(ord(c) < 32 or ord(c) == 127 for c in value):
-            return "must not contain control characters (it goes in an HTTP header)"
+        if checks.secret and (problem := secret_problem(value)) is not None:
+            return problem
         if checks.choices is not None and value not in checks.choices:
             if checks.secret:
                 return "is not one of the allowed values"

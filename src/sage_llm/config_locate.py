@@ -391,6 +391,9 @@ class Problems:
         self.locator = locator
         self.errors: list[ConfigError] = []
         self._paths: set[KeyPath] = set()
+        self.nested = False
+        """Whether the input is a file another one names (a VLLMService's control_plane
+        file): the files it names in turn are not read."""
 
     def add(self, path: KeyPath, message: str) -> None:
         """Record ``message`` about the value at ``path`` (``()`` = the whole input)."""

@@ -159,6 +159,8 @@ def test_where_the_engine_is() -> None:
         ({}, "model_id"),
         ({"model_id": "m", "modle": "x"}, "modle"),
         ({"model_id": 5}, "model_id"),
+        ({"model_id": "m", "base_url": "http://h:1", "api_key": "a\x01b"}, "api_key"),
+        ({"model_id": "m", "base_url": "http://h:1", "api_key": " pad"}, "api_key"),
         ({"model_id": "  "}, "model_id"),
         ({"model_id": "m", "engine": "tpu"}, "engine"),
         ({"model_id": "m", "engine": 3}, "engine"),

@@ -534,12 +534,13 @@ def test_request_defaults_of_another_type_or_bad_values_are_a_config_error() -> 
     # values no request's options could hold: refused here, not by every request after
     bad = RequestDefaults(
         priority="LOW",  # type: ignore[arg-type]
-        max_tokens=-5, temperature=9.0, timeout_s=-1.0, extra={"bogus": 1},
+        max_tokens=-5, temperature=9.0, timeout_s=-1.0, extra={"bogus": 1, "n": 3},
     )  # fmt: skip
     with pytest.raises(ConfigErrors) as errs:
         ControlPlaneVLLMService(None, request_defaults=bad)
     assert sorted(str(e.key) for e in errs.value.errors) == [
-        "request_defaults.extra.bogus", "request_defaults.max_tokens",
+        "request_defaults.extra.bogus", "request_defaults.extra.n",
+        "request_defaults.max_tokens",
         "request_defaults.priority", "request_defaults.temperature",
         "request_defaults.timeout_s",
     ]  # fmt: skip

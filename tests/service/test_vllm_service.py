@@ -235,6 +235,14 @@ def test_a_control_plane_file_is_read_beside_the_file_that_names_it(
     delegate = svc.control_plane_service
     assert delegate is not None
     assert delegate.config.control_plane.scheduling_policy == "fifo"
+    # a file that names itself (its own control-plane table) is read once, not for ever
+    path.write_text(
+        '[services.llm]\ntype = "VLLMService"\nmodel_id = "llama-3-8b"\nengine = "sim"\n'
+        'use_control_plane = true\ncontrol_plane = "services.toml"\n'
+        '[services.llm_control_plane]\ntype = "ControlPlaneVLLMService"\nmode = "simulated"\n'
+    )
+    assert check_config(path) == []
+    assert VLLMService.from_toml(path, "llm").control_plane_service is not None
     # a control plane without use_control_plane would be ignored: refused
     with pytest.raises(ConfigError, match=r"^control_plane: is given but use_control_plane"):
         VLLMService({"model_id": "llama-3-8b", "engine": "sim", "control_plane": {}})

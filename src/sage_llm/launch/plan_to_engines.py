@@ -784,8 +784,10 @@ def load_launch_config(
     settings: LaunchSettings | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
+    text: str | None = None,
 ) -> LaunchConfig:
-    """Read a launch file (``.toml``, see docs/deployment.md) or a plan file (``.json``).
+    """Read a launch file (``.toml``, see docs/deployment.md) or a plan file (``.json``);
+    ``text``: a launch file's text read already (from a pipe, which reads only once).
 
     A launch file's ``[launch]`` table holds :class:`LaunchSettings` keys (``gpu`` for
     ``sim_gpu``) and one of ``plan_file``, ``[launch.plan]`` (planner inputs) or
@@ -857,7 +859,9 @@ def load_launch_config(
             "overrides apply to a plan file (.json); a launch file sets these keys itself",
             location=str(path),
         )
-    text = read_utf8(path, "launch file")
+    if text is None:
+        text = read_utf8(path, "launch file")
+    text = text.removeprefix("\ufeff")
     doc = read_toml(text, str(path))
     try:
         locator = KeyLocator(text)

@@ -25,11 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config import SageConfig, config_from_dict, load_config
-from sage_llm.config_fields import described
+from sage_llm.config_fields import described, secret_problem
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
 from sage_llm.control_plane.params import Gathered
-from sage_llm.errors import ConfigError
-from sage_llm.service.payloads import PASSTHROUGH_OPTIONS, RequestDefaults, suggest
+from sage_llm.errors import ConfigError, InvalidRequestError
+from sage_llm.service.payloads import (
+    PASSTHROUGH_OPTIONS,
+    RequestDefaults,
+    parse_options,
+    suggest,
+)
 from sage_llm.types import RequestPriority
 
 __all__ = [
@@ -143,6 +148,11 @@ def check_request_defaults(defaults: object) -> None:
     if not isinstance(extra, Mapping):
         bad("extra", f"must be a mapping, got {described(extra)}")
     else:
+        known = {k: v for k, v in extra.items() if k in PASSTHROUGH_OPTIONS}
+        try:  # their values as a request's own options are checked (n = 1 only …)
+            parse_options(known, RequestDefaults(), "extra")
+        except InvalidRequestError as exc:
+            bad(exc.param or "extra", exc.message)
         for key in extra:
             if key not in PASSTHROUGH_OPTIONS:
                 bad(
@@ -327,7 +337,7 @@ class VLLMServiceConfig:
             host=host,
             port=port,
             scheme=scheme,
-            api_key=g.built(lambda: _opt_str(data, "api_key"), _same),
+            api_key=g.built(lambda: _secret(data, "api_key"), _same),
             dialect=dialect,
             sim=sim,
             use_control_plane=_or(
@@ -486,6 +496,18 @@ def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise ConfigError("must be a non-empty string", key=key)
+    return value
+
+
+def _secret(data: Mapping[str, Any], key: str) -> str | None:
+    """:func:`_opt_str` for a key sent in an HTTP header (never quoted in a message)."""
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"must be a string, got {described(value, secret=True)}", key=key)
+    value = _opt_str(data, key)
+    problem = None if value is None else secret_problem(value)
+    if problem is not None:
+        raise ConfigError(problem, key=key)
     return value
 
 
