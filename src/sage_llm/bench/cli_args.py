@@ -31,29 +31,24 @@ def at_least(low: int) -> Callable[[str], int]:
 
 def above(low: float) -> Callable[[str], float]:
     """An argparse type: a finite number > ``low``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value <= low:
-            raise argparse.ArgumentTypeError(f"must be a finite number > {low:g}, got {text}")
-        return value
-
-    return parse
+    return _number(low, strict=True)
 
 
 def at_least_number(low: float) -> Callable[[str], float]:
     """An argparse type: a finite number >= ``low``."""
+    return _number(low, strict=False)
+
+
+def _number(low: float, *, strict: bool) -> Callable[[str], float]:
+    bound = f"{'>' if strict else '>='} {low:g}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
         return value
 
     return parse
