@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -104,7 +105,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             outcomes = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-        await asyncio.wait_for(kill_task, 30)
+        # the circuit opens within 30 s of the kill, or the report says it did not (null)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(kill_task, 30)
         status = cp.get_status()
         metrics = cp.get_instance_metrics("engine-0")
     finally:

@@ -664,6 +664,13 @@ def test_config_check_reads_a_pipe_once() -> None:
         timeout=60, check=False,
     )  # fmt: skip
     assert (proc.returncode, proc.stdout) == (0, "/dev/stdin: OK (1 engine on node 0)\n"), proc
+    plan = json.dumps({"model": "llama-3-8b", "gpu": "h100", "instances": [
+        {"role": "general", "tp": 1, "pp": 1, "gpu_ids": [0], "node": 0}]})  # fmt: skip
+    proc = subprocess.run(
+        [*CLI, "config", "check", "/dev/stdin"], input=plan, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.stdout.startswith("/dev/stdin: OK (1 engine"), proc  # a plan, not TOML
 
 
 def test_config_check_checks_a_launch_file_and_shows_its_engines(tmp_path: Path) -> None:

@@ -573,7 +573,7 @@ def engine_sim(
         try:
             await serve_engine(
                 served, model_name=name, host=host, port=port, close_engine=True,
-                max_model_len=served_len,
+                max_model_len=served_len, model_root=model,
             )  # fmt: skip
         except asyncio.CancelledError:
             # a log line (in the --log-format chosen), at WARNING: requests may have been cut
@@ -1080,6 +1080,7 @@ def config_check(
     from sage_llm import jsonutil
     from sage_llm.config import parse_config
     from sage_llm.config_locate import read_utf8
+    from sage_llm.launch.plan_to_engines import is_plan_text
 
     if file.suffix.lower() == ".json":
         _check_launch_file(file, print_config)
@@ -1088,7 +1089,7 @@ def config_check(
         text = read_utf8(file, "config file")
     except ConfigError as exc:
         _fail_problems([exc])
-    if _is_launch_text(text, file):
+    if is_plan_text(text) or _is_launch_text(text, file):  # a plan without .json: a pipe
         _check_launch_file(file, print_config, text)
         return
     try:

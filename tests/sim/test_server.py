@@ -550,3 +550,19 @@ async def test_without_max_tokens_a_completion_gets_16_and_a_chat_its_answer(
         assert status == 200 and answer["usage"]["completion_tokens"] == 128
     finally:
         await engine[0].cleanup()
+
+
+async def test_the_model_card_roots_the_served_name_in_the_model(
+    http: aiohttp.ClientSession,
+) -> None:
+    """As vLLM's: ``id`` the served name, ``root`` (and the probes' ``model_path``) the
+    model itself (``--model``)."""
+    runner, port = await start_engine_server(FakeEngine(), model_name="chat", model_root=MODEL)
+    try:
+        _, models = await get(http, f"http://127.0.0.1:{port}/v1/models")
+        (card,) = models["data"]
+        assert (card["id"], card["root"]) == ("chat", MODEL)
+        _, info = await get(http, f"http://127.0.0.1:{port}/server_info")
+        assert info["model_path"] == MODEL
+    finally:
+        await runner.cleanup()

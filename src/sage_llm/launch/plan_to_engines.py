@@ -530,10 +530,19 @@ def load_plan_file(path: str | Path) -> tuple[dict[str, Any], list[PlannedInstan
     return data, instances
 
 
-def _read_plan_file(path: Path) -> tuple[dict[str, Any], list[PlannedInstance], Problems]:
-    """:func:`load_plan_file`, and a :class:`Problems` that locates the file's keys (for
-    the problems found later, each at its line)."""
-    text = read_utf8(path, "plan")
+def is_plan_text(text: str) -> bool:
+    """Whether a file's ``text`` is a plan (JSON, an object) rather than a TOML launch file
+    (for a file without a ``.json`` suffix: one given through a pipe)."""
+    return text.removeprefix("\ufeff").lstrip().startswith("{")
+
+
+def _read_plan_file(
+    path: Path, text: str | None = None
+) -> tuple[dict[str, Any], list[PlannedInstance], Problems]:
+    """:func:`load_plan_file` (of ``text`` when read already), and a :class:`Problems` that
+    locates the file's keys (for the problems found later, each at its line)."""
+    if text is None:
+        text = read_utf8(path, "plan")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:  # at its line, as a TOML file's syntax error
@@ -801,8 +810,9 @@ def load_launch_config(
     replacing its values; a launch file gives those keys itself.
     """
     path = Path(path)
-    if path.suffix.lower() == ".json":
-        data, instances, located = _read_plan_file(path)
+    plan = path.suffix.lower() == ".json" or (text is not None and is_plan_text(text))
+    if plan:
+        data, instances, located = _read_plan_file(path, text)
         values: dict[str, Any] = dict(overrides or {})
         unknown = sorted(set(values) - {f.name for f in fields(LaunchSettings)})
         if unknown:

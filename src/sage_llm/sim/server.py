@@ -201,10 +201,18 @@ class _EngineServer:
     """Route handlers bound to one engine; ``create_engine_app`` wires them."""
 
     def __init__(
-        self, engine: EngineClient, model_name: str, clock: Clock | None, max_model_len: int | None
+        self,
+        engine: EngineClient,
+        model_name: str,
+        clock: Clock | None,
+        max_model_len: int | None,
+        model_root: str | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.model_root = model_root or model_name
+        """The model itself (vLLM's ``--model``), which ``/v1/models`` gives as ``root``
+        beside the served name."""
         if max_model_len is None:
             max_model_len = _engine_setting(engine, "max_model_len")
         self.max_model_len = max_model_len
@@ -602,7 +610,7 @@ class _EngineServer:
             "object": "model",
             "created": self._created(),
             "owned_by": "sage-llm",
-            "root": self.model_name,
+            "root": self.model_root,
             "parent": None,
             "max_model_len": self.max_model_len,
             "permission": [],
@@ -649,7 +657,7 @@ class _EngineServer:
 
     def _model_info(self) -> dict[str, Any]:
         return {
-            "model_path": self.model_name,
+            "model_path": self.model_root,
             "tokenizer_path": self.model_name,
             "served_model_name": self.model_name,
             "is_generation": True,
@@ -672,7 +680,7 @@ class _EngineServer:
             return _error(exc)
         capacity = (stats.num_gpu_blocks or 0) * (stats.block_size or 0)
         info = {
-            "model_path": self.model_name,
+            "model_path": self.model_root,
             "served_model_name": self.model_name,
             "tokenizer_path": self.model_name,
             "version": self.version,
@@ -778,18 +786,20 @@ def create_engine_app(
     model_name: str,
     clock: Clock | None = None,
     max_model_len: int | None = None,
+    model_root: str | None = None,
 ) -> web.Application:
     """An aiohttp application serving ``engine`` as model ``model_name`` with vLLM's API.
 
     ``clock`` times the latency histograms (default: the clock of the running loop);
     ``max_model_len`` bounds prompt + max_tokens and is the limit the server reports
-    (default: the engine's ``config.max_model_len`` when it has one, else unbounded).
+    (default: the engine's ``config.max_model_len`` when it has one, else unbounded);
+    ``model_root`` is the model itself, ``root`` in ``/v1/models`` (default: the name).
     """
     if not model_name:
         raise ValueError("model_name must not be empty")
     if max_model_len is not None and max_model_len <= 0:
         raise ValueError("max_model_len must be positive")
-    srv = _EngineServer(engine, model_name, clock, max_model_len)
+    srv = _EngineServer(engine, model_name, clock, max_model_len, model_root)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_route_errors])
     app.router.add_post("/v1/completions", srv.completions)
     app.router.add_post("/v1/chat/completions", srv.chat)
@@ -838,10 +848,14 @@ async def start_engine_server(
     clock: Clock | None = None,
     max_model_len: int | None = None,
     shutdown_timeout: float = 5.0,
+    model_root: str | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the bound
     port (``port=0`` picks a free one). Handlers are cancelled when their client goes."""
-    app = create_engine_app(engine, model_name=model_name, clock=clock, max_model_len=max_model_len)
+    app = create_engine_app(
+        engine, model_name=model_name, clock=clock, max_model_len=max_model_len,
+        model_root=model_root,
+    )  # fmt: skip
     return await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout)
 
 
@@ -854,13 +868,14 @@ async def serve_engine(
     clock: Clock | None = None,
     max_model_len: int | None = None,
     close_engine: bool = False,
+    model_root: str | None = None,
 ) -> None:
     """Serve ``engine`` until the calling task is cancelled. With ``close_engine`` the
     engine is closed first then, so that the requests in flight end at once (a stream with
     an error event and ``[DONE]``) rather than the server waiting for them."""
     runner, _ = await start_engine_server(
         engine, model_name=model_name, host=host, port=port, clock=clock,
-        max_model_len=max_model_len,
+        max_model_len=max_model_len, model_root=model_root,
     )  # fmt: skip
     try:
         await asyncio.Event().wait()
