@@ -794,11 +794,11 @@ def test_a_pd_setting_given_again_as_a_plugin_parameter_must_agree() -> None:
         "[services.llm_control_plane.pd]\nprefilling_threshold_input_tokens = 512\n"
         "prefilling_threshold_ratio = 2.0\n"
         "metadata = { decider_params = { min_prompt_tokens = 100, min_ratio = 2 }, "
-        "kv_bytes_per_token = 100, pairing_params = { kv_bytes_per_token = 200 } }\n"
+        "kv_bytes_per_token = 100, pairing_params = { kv_bytes_per_token = 200, top_k = 0 } }\n"
     )
     prefix = "services.llm_control_plane.pd.metadata."
     found = [((e.key or "").removeprefix(prefix), e.detail) for e in problems(text)]
-    assert found == [
+    assert sorted(found) == [
         (
             "decider_params.min_prompt_tokens",
             "contradicts pd.prefilling_threshold_input_tokens (512); set one of them",
@@ -807,6 +807,7 @@ def test_a_pd_setting_given_again_as_a_plugin_parameter_must_agree() -> None:
             "pairing_params.kv_bytes_per_token",
             "contradicts pd.metadata.kv_bytes_per_token (100); set one of them",
         ),
+        ("pairing_params.top_k", "must be >= 1"),  # the plugins are checked beside
     ]  # (min_ratio 2 agrees with 2.0)
 
 

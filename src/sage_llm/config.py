@@ -694,13 +694,13 @@ def _control_plane(
     pd = dataclasses.replace(cp.pd, enabled=enabled)
     cp = dataclasses.replace(cp, enable_pd_separation=enabled, pd=pd)
     _check_pd(pd, (*spath, "pd"), p)
-    if isinstance(pd_table, Mapping):
-        _check_pd_given_twice(pd_table, (*spath, "pd"), p)
     plugins = _pd_for_plugins(pd, pd_table, spath, p) if isinstance(pd_table, Mapping) else None
     if plugins is not None:
         # the plugins' own checks: the decider's, the pairing's and the connector's
         # parameters (metadata.decider_params …), as the control plane will build them
         read_params(lambda: _pd_plugin_problems(*plugins), (*spath, "pd"), p)
+    if isinstance(pd_table, Mapping):  # (after: its problems are under metadata)
+        _check_pd_given_twice(pd_table, (*spath, "pd"), p)
     policy, policy_params = cp.scheduling_policy, cp.policy_params
     if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
         read_params(
