@@ -291,7 +291,7 @@ class Dispatcher:
         self._rng = random.Random(seed)  # retry backoff jitter
         self._backing_off: set[str] = set()
         """Requests waiting out a retry's backoff before they go back into the queue:
-        queued all the same (:attr:`retrying`); one that ends meanwhile leaves it."""
+        queued all the same (:attr:`queued_depth`); one that ends meanwhile leaves it."""
         self._colocated_only: set[str] = set()  # retries after a failed prefill leg
         self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
         self._wake = asyncio.Event()
@@ -1215,12 +1215,6 @@ class Dispatcher:
     def queued_depth(self) -> int:
         """Requests waiting to run: in the policy's queue, or in a retry's backoff."""
         return len(self.policy) + len(self._backing_off)
-
-    @property
-    def retrying(self) -> int:
-        """How many requests wait out a retry's backoff (queued, though not in the
-        policy's queue yet: the status and the admission bound count them)."""
-        return len(self._backing_off)
 
     async def _requeue(self, rec: RequestRecord, state: InstanceState, exc: EngineError) -> None:
         self.metrics.retries.inc()

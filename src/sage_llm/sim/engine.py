@@ -79,6 +79,7 @@ from sage_llm.sim.server_requests import (
     is_int,
     prompt_pieces,
     prompt_token_ids,
+    request_flag,
     requested_echo,
     whole,
 )
@@ -1000,9 +1001,7 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
             f"top_k must be 0 (disable), or at least 1, got {top_k}.", param="top_k"
         )
     for key in _SAMPLING_FLAGS:
-        value = extra.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise InvalidRequestError(f"{key} must be a boolean, got {value!r}", param=key)
+        request_flag(extra, key)
     seed = extra.get("seed")
     if seed is not None and not is_int(seed):
         raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")

@@ -265,17 +265,19 @@ def parse_request(
         extra={k: v for k, v in body.items() if k not in _CONSUMED},
         kv_transfer_params=kv if role == "decode" else None,
     )  # priority: EngineRequest's default (FCFS takes none)
-    include_usage = _flag(options, "include_usage", "stream_options.")
-    continuous = _flag(options, "continuous_usage_stats", "stream_options.") and include_usage
-    token_ids = _flag(body, "return_token_ids")
+    include_usage = request_flag(options, "include_usage", "stream_options.")
+    continuous = (
+        request_flag(options, "continuous_usage_stats", "stream_options.") and include_usage
+    )
+    token_ids = request_flag(body, "return_token_ids")
     requested_echo(req)  # checked here: a 400 before the stream starts
     requested_prompt_logprobs(req.extra, stream=stream)
     return ParsedRequest(req, stream, include_usage, role, prompt_tokens, continuous, token_ids)
 
 
-def _flag(table: Mapping[str, Any] | None, key: str, prefix: str = "") -> bool:
+def request_flag(table: Mapping[str, Any] | None, key: str, prefix: str = "") -> bool:
     """``table[key]`` as a flag: absent or null is false; a value that is not a boolean is
-    a 400 naming it (as the engine's other flags: "false" is no boolean, never true)."""
+    a 400 naming it (``prefix`` + ``key``: "false" is no boolean, never true)."""
     value = None if table is None else table.get(key)
     if value is None:
         return False
