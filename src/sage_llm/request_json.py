@@ -20,15 +20,13 @@ async def read_raw(request: web.Request) -> bytes:
     encoded in …) is an :class:`InvalidRequestError` giving the reason on one line, and the
     connection closes after its answer: aiohttp does not try to read the rest
     (``feed_eof``), which could not be read either."""
-    length, limit = request.content_length, request.client_max_size
-    waiting = request.headers.get("Expect", "").lower() == "100-continue"
-    if waiting and length is not None and limit and length > limit:
-        # the client waits for a 100 Continue before it sends the body: refused unread
-        # (one that sends its body at once is read up to the limit: its answer must not
-        # come while it is still writing)
+    if too_large_unsent(request):  # refused unread (one that sends its body at once is
+        # read up to the limit: its answer must not come while it is still writing)
         request.protocol.close()  # the body is not read: nothing after it can be
         request.content.feed_eof()  # nor is it waited for (aiohttp would linger for it)
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.client_max_size, actual_size=request.content_length or 0
+        )
     try:
         return await request.read()
     except RequestPayloadError as exc:
@@ -36,6 +34,15 @@ async def read_raw(request: web.Request) -> bytes:
         request.content.feed_eof()
         reason = " ".join(str(exc).split()).removeprefix("400, message: ")
         raise InvalidRequestError(f"request body cannot be read: {reason}") from None
+
+
+def too_large_unsent(request: web.BaseRequest) -> bool:
+    """Whether ``request`` waits for a ``100 Continue`` before it sends a body its
+    ``Content-Length`` already puts above the size limit (so it is answered 413 at once,
+    without the 100 that would invite the upload)."""
+    length, limit = request.content_length, request.client_max_size
+    waiting = request.headers.get("Expect", "").lower() == "100-continue"
+    return waiting and length is not None and bool(limit) and length > limit
 
 
 def json_object(raw: bytes, *, infinity: bool = False) -> dict[str, Any]:

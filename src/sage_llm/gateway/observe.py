@@ -37,6 +37,7 @@ from sage_llm.gateway.errors import (
     sage_error_response,
 )
 from sage_llm.gateway.relay import CLIENT_GONE, SSEResponse
+from sage_llm.request_json import too_large_unsent
 
 access_log = logging.getLogger("sage_llm.gateway.access")
 log = logging.getLogger("sage_llm.gateway")
@@ -180,8 +181,7 @@ async def expect_continue(request: web.Request) -> None:
     (aiohttp's own handler answers plain text, unlogged and uncounted)."""
     expect = request.headers.get("Expect", "")
     if request.version == HttpVersion11 and expect.lower() == "100-continue":
-        length = request.content_length
-        if length is not None and length > request.client_max_size:
+        if too_large_unsent(request):
             return  # the 413 comes without inviting the upload (read_raw refuses it unread)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer itself has not begun
