@@ -1120,7 +1120,7 @@ def _is_launch_text(text: str, path: Path) -> bool:
     return "launch" in data
 
 
-def _fail_problems(problems: Sequence[ConfigError]) -> NoReturn:
+def _fail_problems(problems: Sequence[SageLLMError]) -> NoReturn:
     """Each problem on a line of its own (standard error), then exit 1."""
     for problem in problems:
         typer.echo(problem.message, err=True)
@@ -1137,10 +1137,7 @@ def _check_launch_file(path: Path, print_engines: bool, text: str | None = None)
         config = load_launch_config(path, text=text)
         engines = engines_from_plan(config.instances, config.settings)
     except SageLLMError as exc:
-        errors = exc.each() if isinstance(exc, ConfigError) else (exc,)
-        for problem in errors:
-            typer.echo(problem.message, err=True)
-        raise typer.Exit(1) from None
+        _fail_problems(exc.each() if isinstance(exc, ConfigError) else (exc,))
     node = config.settings.node
     typer.echo(f"{path}: OK ({len(engines)} engine{'s' * (len(engines) != 1)} on node {node})")
     shortfall = config.plan.shortfall() if config.plan is not None else None
