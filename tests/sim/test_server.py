@@ -393,7 +393,13 @@ async def test_information_endpoints(base: str, http: aiohttp.ClientSession) -> 
     assert status == 200 and isinstance(version["version"], str)
     _, models = await get(http, f"{base}/v1/models")
     assert [m["id"] for m in models["data"]] == [MODEL]
-    assert models["data"][0]["max_model_len"] == 64
+    card = models["data"][0]
+    assert card["max_model_len"] == 64
+    assert (card["owned_by"], card["root"], card["parent"]) == ("vllm", MODEL, None)
+    (permission,) = card["permission"]  # vLLM's card carries one ModelPermission
+    assert permission["id"].startswith("modelperm-")
+    assert permission["object"] == "model_permission"
+    assert (permission["allow_sampling"], permission["organization"]) == (True, "*")
     _, load = await get(http, f"{base}/get_load")
     assert load == [{"dp_rank": 0, "num_reqs": 2, "num_waiting_reqs": 2, "num_tokens": 4000,
                      "load": 2}]  # fmt: skip

@@ -605,15 +605,31 @@ class _EngineServer:
         return web.json_response({"version": self.version})
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {
+        created = self._created()
+        card = {  # vLLM's ModelCard, field for field (its one ModelPermission included)
             "id": self.model_name,
             "object": "model",
-            "created": self._created(),
-            "owned_by": "sage-llm",
+            "created": created,
+            "owned_by": "vllm",
             "root": self.model_root,
             "parent": None,
             "max_model_len": self.max_model_len,
-            "permission": [],
+            "permission": [
+                {
+                    "id": f"modelperm-{uuid.uuid4().hex}",
+                    "object": "model_permission",
+                    "created": created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
         }
         return web.json_response({"object": "list", "data": [card]})
 
