@@ -90,6 +90,10 @@ def listening() -> Iterator[int]:
         (["engine-sim", "--tp", "0"], "Invalid value for '--tp': must be >= 1, got 0"),
         (["engine-sim", "--max-model-len", "0"], "'--max-model-len': must be >= 1, got 0"),
         (["engine-sim", "--served-model-name", " "], "'--served-model-name': must not be empty"),
+        (
+            ["engine-sim", "--block-size", "24"],
+            "'--block-size': must be one of 1, 8, 16, 32, 64, 128 (as vLLM's), got 24",
+        ),
         (["demo", "--sessions", "0"], "Invalid value for '--sessions': must be >= 1, got 0"),
         (["demo", "--sessions", "-3"], "Invalid value for '--sessions': must be >= 1, got -3"),
         (["demo", "--rate", "0"], "Invalid value for '--rate': must be a finite number > 0, got 0"),

@@ -138,6 +138,16 @@ def _at_least_one(value: int | None) -> int | None:
     return value
 
 
+VLLM_BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # vLLM's BlockSize: what `vllm serve` accepts
+
+
+def _vllm_block_size(value: int | None) -> int | None:
+    if value is not None and value not in VLLM_BLOCK_SIZES:
+        sizes = ", ".join(map(str, VLLM_BLOCK_SIZES))
+        raise typer.BadParameter(f"must be one of {sizes} (as vLLM's), got {value}")
+    return value
+
+
 def _nonempty(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise typer.BadParameter("must not be empty (leave it out for the default)")
@@ -460,7 +470,10 @@ def engine_sim(
     ] = None,
     block_size: Annotated[
         int | None,
-        typer.Option(help="KV block size in tokens (default 16).", callback=_at_least_one),
+        typer.Option(
+            help="KV block size in tokens: 1, 8, 16, 32, 64 or 128, as vLLM's (default 16).",
+            callback=_vllm_block_size,
+        ),
     ] = None,
     num_gpu_blocks_override: Annotated[
         int | None,
