@@ -22,8 +22,7 @@ async def read_raw(request: web.Request) -> bytes:
     (``feed_eof``), which could not be read either."""
     if too_large_unsent(request):  # refused unread (one that sends its body at once is
         # read up to the limit: its answer must not come while it is still writing)
-        request.protocol.close()  # the body is not read: nothing after it can be
-        request.content.feed_eof()  # nor is it waited for (aiohttp would linger for it)
+        leave_unread(request)
         raise web.HTTPRequestEntityTooLarge(
             max_size=request.client_max_size, actual_size=request.content_length or 0
         )
@@ -36,13 +35,24 @@ async def read_raw(request: web.Request) -> bytes:
         raise InvalidRequestError(f"request body cannot be read: {reason}") from None
 
 
+def leave_unread(request: web.BaseRequest) -> None:
+    """Answer ``request`` without reading its body: the connection closes after the answer
+    (nothing after an unread body can be read) and aiohttp does not linger for the body."""
+    request.protocol.close()
+    request.content.feed_eof()
+
+
+def waits_to_send(request: web.BaseRequest) -> bool:
+    """Whether ``request`` waits for a ``100 Continue`` before it sends its body."""
+    return request.headers.get("Expect", "").lower() == "100-continue"
+
+
 def too_large_unsent(request: web.BaseRequest) -> bool:
     """Whether ``request`` waits for a ``100 Continue`` before it sends a body its
     ``Content-Length`` already puts above the size limit (so it is answered 413 at once,
     without the 100 that would invite the upload)."""
     length, limit = request.content_length, request.client_max_size
-    waiting = request.headers.get("Expect", "").lower() == "100-continue"
-    return waiting and length is not None and bool(limit) and length > limit
+    return waits_to_send(request) and length is not None and bool(limit) and length > limit
 
 
 def json_object(raw: bytes, *, infinity: bool = False) -> dict[str, Any]:

@@ -287,6 +287,39 @@ async def test_a_body_too_large_is_refused_without_inviting_its_upload() -> None
             await _close(writer)
 
 
+async def test_a_request_refused_by_its_key_is_refused_without_inviting_its_upload() -> None:
+    """Expect: 100-continue from a client the API keys or the admin token turn away: its
+    401/403 comes at once, with no 100 Continue first, and the connection closes (its body
+    was never read); with the right key the 100 comes and the request is served."""
+    settings = GatewayConfig(api_keys=("k1",), admin_token="t1")
+    refused = [
+        ("/v1/completions", "", 401),
+        ("/v1/completions", "Authorization: Bearer k2\r\n", 401),
+        ("/admin/set_policy", "", 401),
+        ("/admin/set_policy", "Authorization: Bearer k1\r\n", 403),
+    ]
+    async with serve(1, settings=settings) as gw:
+        for path, auth, expected in refused:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 100\r\nExpect: 100-continue\r\n{auth}\r\n"
+            )
+            writer.write(head.encode())  # and no body
+            status, _, body = await asyncio.wait_for(_response(reader), 5)
+            assert status == expected, (path, auth, body)
+            assert json.loads(body)["error"]["code"] == expected
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+            await _close(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "Expect: 100-continue",
+                           "Authorization: Bearer k1"))  # fmt: skip
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100")
+        await reader.readline()
+        assert (await _response(reader))[0] == 200
+        await _close(writer)
+
+
 async def test_connection_close_is_honoured() -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

@@ -38,7 +38,7 @@ from sage_llm.errors import (
     InvalidRequestError,
     PolicyNotFoundError,
 )
-from sage_llm.gateway.observe import expect_continue
+from sage_llm.gateway.observe import ExpectHandler
 from sage_llm.gateway.openai import read_body, read_json, validate
 from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
 from sage_llm.request_json import json_object
@@ -234,8 +234,11 @@ class AdminRoutes:
         return web.json_response(body)
 
 
-def add_admin_routes(app: web.Application, routes: AdminRoutes) -> None:
-    """Register the admin routes on ``app``."""
+def add_admin_routes(
+    app: web.Application, routes: AdminRoutes, expect_continue: ExpectHandler
+) -> None:
+    """Register the admin routes on ``app``, ``expect_continue`` answering their
+    ``Expect`` headers (:func:`~sage_llm.gateway.observe.continue_or_refuse`)."""
     app.router.add_get("/admin/instances", routes.list_instances, expect_handler=expect_continue)
     app.router.add_post("/admin/instances", routes.add_instance, expect_handler=expect_continue)
     app.router.add_post(

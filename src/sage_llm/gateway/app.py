@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.admin import AdminRoutes, add_admin_routes
-from sage_llm.gateway.observe import expect_continue, gateway_middleware, load_tracer
+from sage_llm.gateway.observe import continue_or_refuse, gateway_middleware, load_tracer
 from sage_llm.gateway.openai import OpenAIRoutes
 from sage_llm.gateway.openapi import build_openapi
 from sage_llm.gateway.settings import GatewaySettings, ResolvedGateway, default_settings
@@ -73,6 +73,7 @@ def create_app(
         return web.json_response(document)
 
     router = app.router
+    expect_continue = continue_or_refuse(settings.api_keys, settings.admin_token)
     router.add_post("/v1/completions", openai.completions, expect_handler=expect_continue)
     router.add_post("/v1/chat/completions", openai.chat_completions, expect_handler=expect_continue)
     router.add_post("/v1/embeddings", openai.embeddings, expect_handler=expect_continue)
@@ -83,7 +84,7 @@ def create_app(
     router.add_get("/metrics", openai.metrics, expect_handler=expect_continue)
     router.add_get("/openapi.json", openapi_json, expect_handler=expect_continue)
     admin = app[ADMIN_KEY] = AdminRoutes(manager, settings.read_timeout_s)
-    add_admin_routes(app, admin)
+    add_admin_routes(app, admin, expect_continue)
 
     if manage_lifecycle:
 

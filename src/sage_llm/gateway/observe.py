@@ -20,13 +20,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
-from sage_llm.errors import InvalidRequestError
+from sage_llm.errors import InvalidRequestError, SageLLMError
 from sage_llm.gateway.auth import authorize
 from sage_llm.gateway.errors import (
     MODEL_KEY,
@@ -37,7 +37,7 @@ from sage_llm.gateway.errors import (
     sage_error_response,
 )
 from sage_llm.gateway.relay import CLIENT_GONE, SSEResponse
-from sage_llm.request_json import too_large_unsent
+from sage_llm.request_json import leave_unread, too_large_unsent, waits_to_send
 
 access_log = logging.getLogger("sage_llm.gateway.access")
 log = logging.getLogger("sage_llm.gateway")
@@ -175,16 +175,32 @@ def _bad_request_id() -> web.Response:
 _VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
-async def expect_continue(request: web.Request) -> None:
-    """Every route's ``Expect`` handler: ``100-continue`` is answered as aiohttp answers it;
-    any other expectation goes on to the middleware, which answers it with a JSON 417
+ExpectHandler = Callable[[web.Request], Awaitable[None]]
+
+
+def continue_or_refuse(
+    api_keys: Sequence[str] = (), admin_token: str | None = None
+) -> ExpectHandler:
+    """Every route's ``Expect`` handler: ``100-continue`` is answered as aiohttp answers it,
+    unless the request is refused whatever its body (a body above the size limit; a request
+    the API keys or the admin token (:func:`~sage_llm.gateway.auth.authorize`) turn away):
+    then its 413, 401 or 403 comes at once, without the 100 that would invite the upload.
+    Any other expectation goes on to the middleware, which answers it with a JSON 417
     (aiohttp's own handler answers plain text, unlogged and uncounted)."""
-    expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11 and expect.lower() == "100-continue":
-        if too_large_unsent(request):
-            return  # the 413 comes without inviting the upload (read_raw refuses it unread)
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer itself has not begun
+    keys = tuple(api_keys)
+
+    async def expect(request: web.Request) -> None:
+        if request.version == HttpVersion11 and waits_to_send(request):
+            if too_large_unsent(request):
+                return  # read_raw refuses it unread
+            try:
+                authorize(request, keys, admin_token)
+            except SageLLMError:
+                return  # the middleware refuses it unread
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer itself has not begun
+
+    return expect
 
 
 def _expectation_failed(expect: str) -> web.Response:
@@ -257,6 +273,11 @@ def _observe(
             return await handler(request)
         try:
             authorize(request, guard[0], guard[1])
+        except SageLLMError as exc:
+            if waits_to_send(request):  # refused before its 100 Continue (continue_or_refuse)
+                leave_unread(request)
+            return error_response(request, exc)
+        try:
             return await handler(request)
         except Exception as exc:
             return error_response(request, exc)
