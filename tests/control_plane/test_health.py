@@ -759,13 +759,15 @@ def test_a_failed_call_whose_only_other_instance_is_ejected_fails_not_waits() ->
     run_virtual(main())
 
 
-def test_queued_requests_fail_once_the_fleet_fails_its_trial() -> None:
+@pytest.mark.parametrize("move_on_eject", [True, False])
+def test_queued_requests_fail_once_the_fleet_fails_its_trial(move_on_eject: bool) -> None:
     """One instance, one slot, requests queued behind its running one: the engine crashes
     and stays down. Once its trial after the cool-down fails too, the queued requests fail
-    with 503's reason and when to retry, rather than wait for their own limits."""
+    with 503's reason and when to retry, rather than wait for their own limits (also when
+    ejections do not move engine calls: that setting is about calls, not the queue)."""
 
     async def main() -> None:
-        cp = _manager(FaultPlan.parse("crash@1+600"), n=1, bound=1)
+        cp = _manager(FaultPlan.parse("crash@1+600"), n=1, bound=1, move_on_eject=move_on_eject)
         async with cp:
             rids = [
                 await cp.submit_request(make_metadata(f"q{i}", max_tokens=2000)) for i in range(3)

@@ -368,13 +368,13 @@ class HealthMonitor:
     ) -> None:
         """``clock`` returns the clock to read (resolved late: the manager's clock depends
         on the loop it runs on); ``on_change`` is called after every breaker transition,
-        and ``on_eject`` (with ``move_on_eject``) with the instance and the reason when a
-        breaker opens."""
+        and ``on_eject`` with the instance and the reason when a breaker opens (whatever
+        ``move_on_eject`` says: what an ejection does is the caller's)."""
         self.settings = settings
         self._clock = clock
         self.metrics = metrics
         self._on_change = on_change
-        self._on_eject = on_eject if settings.move_on_eject else None
+        self._on_eject = on_eject
         self._probe_now: dict[str, asyncio.Event] = {}
 
     @property

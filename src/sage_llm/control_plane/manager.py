@@ -1441,10 +1441,13 @@ class ControlPlaneManager:
             self._dispatcher.wake()
 
     def _evict(self, state: InstanceState, why: str) -> None:
+        """An instance ejected: its engine calls that delivered nothing move elsewhere
+        (with ``move_on_eject``), and its model's queue fails when the fleet is down."""
         dispatcher = self._dispatcher
         if dispatcher is None:
             return
-        dispatcher.evict(state.instance_id, why)
+        if self.health_settings.move_on_eject:
+            dispatcher.evict(state.instance_id, why)
         if state.breaker.trial_failed:  # ejected again from its trial: it is down
             self._fail_stranded_queue(state.instance.model_name, why)
 
