@@ -2113,6 +2113,74 @@ def test_an_instance_removed_during_an_embeddings_call_goes_when_the_call_ends()
     run_virtual(main())
 
 
+class _SlowEmbedder(FakeEngine):
+    """An engine whose embeddings calls take ``delay_s``; notes its closing."""
+
+    delay_s = 1.0
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(instance_id)
+        self.closed: list[bool] = []
+
+    async def embed(self, model: str, inputs: Any, options: Any = None) -> dict[str, Any]:
+        assert not self.closed, "called after the control plane closed its client"
+        await asyncio.sleep(self.delay_s)
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": []}]}
+
+    async def aclose(self) -> None:
+        self.closed.append(True)
+
+
+def test_stop_drains_embeddings_calls_as_requests() -> None:
+    """While stop() drains, an embeddings call in flight gets the drain time (its answer
+    is the engine's), a new one is refused as a request is; one still running when the
+    drain time is over is told the control plane stopped; the client closes after them."""
+
+    async def main() -> None:
+        engine = _SlowEmbedder("e")
+        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
+        cp.register_instance(make_instance("e"))
+        await cp.start()
+        call = asyncio.create_task(cp.embed(None, ["hello"]))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(cp.stop(drain_timeout_s=5.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(ControlPlaneNotRunningError, match="shutting down"):
+            await cp.embed(None, ["later"])
+        assert (await call)["data"] and not engine.closed
+        await stopping
+        assert engine.closed and cp.get_instance_metrics("e")["active_requests"] == 0
+
+        engine = _SlowEmbedder("e")
+        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
+        cp.register_instance(make_instance("e"))
+        await cp.start()
+        call = asyncio.create_task(cp.embed(None, ["hello"]))
+        await asyncio.sleep(0.1)
+        await cp.stop(drain_timeout_s=0.5)  # shorter than the call
+        with pytest.raises(ControlPlaneNotRunningError, match="control plane stopped"):
+            await call
+        assert engine.closed
+
+    run_virtual(main())
+
+
+def test_a_cancelled_embeddings_call_is_cancelled() -> None:
+    async def main() -> None:
+        engine = _SlowEmbedder("e")
+        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
+        cp.register_instance(make_instance("e"))
+        async with cp:
+            call = asyncio.create_task(cp.embed(None, ["hello"]))
+            await asyncio.sleep(0.1)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert cp.get_instance_metrics("e")["active_requests"] == 0
+
+    run_virtual(main())
+
+
 class _FailsFirstCall(FakeEngine):
     """An engine whose first call fails before its first token, after ``delay_s``, with
     ``error`` (default: a retryable 503); later calls are answered."""

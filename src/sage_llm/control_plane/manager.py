@@ -268,6 +268,8 @@ class ControlPlaneManager:
         self._policy_changed = asyncio.Event()
         """Set when the policy is switched (the tick loop waits for one with a ``tick``)."""
         self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
+        self._embeds: set[asyncio.Task[dict[str, Any]]] = set()
+        """Embedding calls in flight (not requests: :meth:`stop` drains them beside)."""
         self._deadlines: DeadlineTimers | None = None
         self._instance_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._given_clients: set[str] = set()
@@ -388,9 +390,11 @@ class ControlPlaneManager:
             return
         self._accepting = False
         dispatcher = self._require_dispatcher()
-        if drain_timeout_s > 0 and dispatcher.records and not (hurry and hurry.is_set()):
+        draining: list[asyncio.Future[Any]] = [r.future for r in dispatcher.records.values()]
+        draining += self._embeds
+        if drain_timeout_s > 0 and draining and not (hurry and hurry.is_set()):
             waits: asyncio.Future[Any] = asyncio.gather(
-                *(asyncio.shield(r.future) for r in dispatcher.records.values())
+                *(asyncio.shield(f) for f in draining), return_exceptions=True
             )
             hurried = asyncio.ensure_future(hurry.wait()) if hurry is not None else None
             watched: list[asyncio.Future[Any]] = [waits] if hurried is None else [waits, hurried]
@@ -413,8 +417,12 @@ class ControlPlaneManager:
         await dispatcher.cancel_all_tasks()
         for rec in list(dispatcher.records.values()):
             dispatcher.cancel(rec)
-        all_tasks = self._loops + [t for ts in self._instance_tasks.values() for t in ts]
+        for call in self._embeds:  # its caller is told the control plane stopped
+            call.cancel()
+        all_tasks: list[asyncio.Future[Any]] = [*self._loops]
+        all_tasks += (t for ts in self._instance_tasks.values() for t in ts)
         all_tasks += self._closing  # removed instances' clients, closing
+        all_tasks += self._embeds
         await asyncio.gather(*all_tasks, return_exceptions=True)
         self._loops.clear()
         self._instance_tasks.clear()
@@ -837,8 +845,13 @@ class ControlPlaneManager:
         (``encoding_format``, ``dimensions`` …), passed to the engine as they are.
 
         Returns the engine's OpenAI-style JSON (``{"data": [{"embedding": [...]}], ...}``).
+        While :meth:`stop` drains, new calls are refused and those in flight get its drain
+        time, as requests do; one still running after it raises
+        :class:`ControlPlaneNotRunningError`.
         """
         self._require_dispatcher()
+        if not self._accepting:
+            raise ControlPlaneNotRunningError("the control plane is shutting down")
         if not isinstance(inputs, list) or not inputs or not all(map(_embeddable, inputs)):
             negative = isinstance(inputs, list) and any(
                 isinstance(item, list) and any(isinstance(t, int) and t < 0 for t in item)
@@ -871,22 +884,29 @@ class ControlPlaneManager:
             )
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
+        call: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(
+            embed(name, inputs) if not options else embed(name, inputs, options)
+        )
+        self._embeds.add(call)
         try:
-            result: dict[str, Any] = (
-                await embed(name, inputs) if not options else await embed(name, inputs, options)
-            )
+            return await call
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if call.cancelled() and not (caller is not None and caller.cancelling()):
+                raise ControlPlaneNotRunningError("control plane stopped") from None
+            raise  # the caller's own cancellation
         except EngineError as exc:
             refusal = embeddings_refusal(exc, name, f"instance {state.instance_id}")
             if refusal is not None:
                 raise refusal from exc
             raise
         finally:  # as a generation's call ends: a removed instance goes with its last call
+            self._embeds.discard(call)
             state.in_flight -= 1
             self._metrics.set_in_flight(state.instance_id, state.in_flight)
             if state.in_flight == 0:
                 self._on_instance_idle(state)
-            self._require_dispatcher().wake()
-        return result
+            self._wake()
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
         rec = self._in_progress().get(request_id)
