@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -172,6 +174,63 @@ def test_a_virtual_loop_factory_runs_timers_without_waiting() -> None:
         assert runner.run(long_sleep()) == pytest.approx(3600)
     finally:
         runner.stop()
+
+
+def test_a_virtual_loop_holds_its_time_between_calls() -> None:
+    """A background timer (a health probe's) does not make virtual time run away while no
+    call is in flight: the loop waits for the next call; during a call time passes."""
+    runner = LoopThread(loop_factory=VirtualEventLoop)
+    ticks: list[float] = []
+
+    async def init() -> None:
+        async def probe() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                ticks.append(asyncio.get_running_loop().time())
+
+        asyncio.get_running_loop().create_task(probe())
+
+    async def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    runner.start(init)
+    try:
+        time.sleep(0.05)  # idle: the probe's timer must not be jumped to, again and again
+        assert runner.run(now()) == 0.0 and ticks == []
+        runner.run(asyncio.sleep(5.5))  # a call that waits: time passes, the probe runs
+        assert runner.run(now()) == pytest.approx(5.5) and len(ticks) == 5
+        time.sleep(0.05)
+        assert runner.run(now()) == pytest.approx(5.5) and len(ticks) == 5
+    finally:
+        runner.stop()
+
+
+def test_stop_cancels_the_calls_before_final_runs() -> None:
+    """``final`` (closing an engine) runs once the calls in flight are cancelled, so their
+    callers are told the service stopped, not what closing the engine did to them."""
+    runner = LoopThread()
+    runner.start()
+    entered = threading.Event()
+    seen: list[bool] = []
+    calls: list[asyncio.Task[Any]] = []
+
+    async def call() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        calls.append(task)
+        entered.set()
+        await asyncio.Event().wait()
+
+    async def final() -> None:
+        seen.append(all(task.done() for task in calls))
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(runner.run, call())
+        assert entered.wait(10)
+        runner.stop(final)
+        with pytest.raises(ControlPlaneNotRunningError, match="stopped before"):
+            waiting.result(10)
+    assert seen == [True]
 
 
 def test_stop_from_inside_another_running_loop_closes_the_service_loop() -> None:

@@ -10,8 +10,14 @@ submit coroutines to it with :meth:`LoopThread.run` (blocking) or :meth:`LoopThr
     answer = runner.run(handle(payload))
     runner.stop(final)                # runs ``final()``, cancels what is left, joins
 
-Stopping cancels every call still in flight; their callers get
+Stopping cancels every call still in flight (before ``final`` runs: its callers are told
+the service stopped, not what closing its engine did to them); their callers get
 :class:`~sage_llm.errors.ControlPlaneNotRunningError`.
+
+On a :class:`~sage_llm.sim.clock.VirtualEventLoop` virtual time passes only while the
+loop works for a caller (a call, ``init`` or ``final``): between calls the loop waits for
+the next one, as a real one would, rather than jump through its background timers (health
+probes, stats) at full speed.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._calls: set[asyncio.Task[Any]] = set()
+        """The tasks of calls in flight (read and written on the loop's thread only)."""
+        self._working = 0
+        """Coroutines submitted and not finished: calls, ``init`` and ``final``."""
 
     @property
     def running(self) -> bool:
@@ -74,7 +84,7 @@ class LoopThread:
         if init is None:
             return
         try:
-            asyncio.run_coroutine_threadsafe(_call(init), loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(self._work(_call(init)), loop).result(timeout)
         except BaseException:
             self.stop()
             raise
@@ -94,7 +104,7 @@ class LoopThread:
                 raise SageLLMError(f"{self._name} cannot be stopped from its own loop thread")
             self._stopping = True
         try:
-            shutdown = asyncio.run_coroutine_threadsafe(_shutdown(final), loop)
+            shutdown = asyncio.run_coroutine_threadsafe(self._work(self._shutdown(final)), loop)
             shutdown.result(timeout)
         finally:
             # The loop thread finalizes its loop itself (async generators, close): this
@@ -149,11 +159,52 @@ class LoopThread:
                 "process() was called from the service's own event loop and would block it; "
                 "await aprocess() instead"
             )
-        return asyncio.run_coroutine_threadsafe(coro, loop)
+        return asyncio.run_coroutine_threadsafe(self._work(coro, call=True), loop)
+
+    async def _work(self, coro: Coroutine[Any, Any, T], *, call: bool = False) -> T:
+        """Run ``coro`` for a caller: a ``call`` is cancelled first when the runner stops;
+        virtual time (:func:`_hold_time`) passes while any such coroutine runs."""
+        task = asyncio.current_task()
+        if call and task is not None:
+            self._calls.add(task)
+        self._working += 1
+        _hold_time(False)
+        try:
+            return await coro
+        finally:
+            self._working -= 1
+            if task is not None:
+                self._calls.discard(task)
+            if self._working == 0:
+                _hold_time(True)
+
+    async def _shutdown(self, final: Callable[[], Awaitable[None]] | None) -> None:
+        """Cancel the calls in flight, run ``final`` (its failure still lets the rest of
+        the shutdown happen), then cancel and await every other task of the loop."""
+        calls = [t for t in self._calls if not t.done()]
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
+        error: BaseException | None = None
+        if final is not None:
+            try:
+                await final()
+            except Exception as exc:
+                error = exc
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if error is not None:
+            raise error
 
     @staticmethod
     def _main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         asyncio.set_event_loop(loop)
+        loop.call_soon(_hold_time, True)  # until the first coroutine comes
         loop.call_soon(ready.set)
         try:
             loop.run_forever()
@@ -167,23 +218,12 @@ async def _call(fn: Callable[[], Awaitable[None]]) -> None:
     await fn()
 
 
-async def _shutdown(final: Callable[[], Awaitable[None]] | None) -> None:
-    """Run ``final`` (its failure still lets the rest of the shutdown happen), then cancel
-    and await every other task of the loop."""
-    error: BaseException | None = None
-    if final is not None:
-        try:
-            await final()
-        except Exception as exc:
-            error = exc
-    me = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
-    if error is not None:
-        raise error
+def _hold_time(held: bool) -> None:
+    """Hold (or let go) the virtual time of the running loop, when it has one
+    (:meth:`~sage_llm.sim.clock.VirtualEventLoop.hold_time`); a real loop has no say."""
+    hold = getattr(asyncio.get_running_loop(), "hold_time", None)
+    if hold is not None:
+        hold(held)
 
 
 def _current_task_cancelling() -> bool:

@@ -64,6 +64,7 @@ class _VirtualSelector(selectors.BaseSelector):
     def __init__(self) -> None:
         self._real = selectors.DefaultSelector()
         self._advance: Callable[[float], None] = lambda _dt: None
+        self.held = False
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._real.register(fileobj, events, data)
@@ -78,8 +79,9 @@ class _VirtualSelector(selectors.BaseSelector):
         ready = self._real.select(0)
         if ready or timeout == 0:
             return ready
-        if timeout is None:
-            # Nothing scheduled: only real I/O (or another thread) can wake the loop.
+        if timeout is None or self.held:
+            # Nothing scheduled, or time held: only real I/O (or another thread) can wake
+            # the loop.
             return self._real.select(None)
         self._advance(timeout)
         return []
@@ -99,6 +101,13 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         super().__init__(selector)
         self._virtual_now = float(start)
         selector._advance = self._advance
+        self._selector_ = selector
+
+    def hold_time(self, held: bool) -> None:
+        """While time is held, an idle loop waits for real I/O or a call from another
+        thread instead of jumping to its next timer (a service's loop holds it between
+        calls: see :class:`~sage_llm.service.runner.LoopThread`). Call it on the loop."""
+        self._selector_.held = held
 
     def _advance(self, dt: float) -> None:
         self._virtual_now += max(0.0, dt)
