@@ -190,7 +190,9 @@ class RequestMetadata:
     session_id: str | None = None
     stream: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
-    """Engine request fields passed through unchanged (``n``, ``logprobs``, ``seed`` …)."""
+    """Engine request fields passed through unchanged (``n``, ``logprobs``, ``seed`` …);
+    not those the request's own fields set (``model``, ``max_tokens``, ``prompt`` …:
+    :class:`InvalidRequestError` naming ``extra_body.<key>``)."""
     engine_max_tokens: bool = False
     """With ``max_tokens`` None, leave the answer's length to the engine's own default (as
     the gateway does for a client that gives none, as vLLM would) rather than sending the

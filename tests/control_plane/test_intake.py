@@ -58,6 +58,22 @@ def test_build_request_refuses_bad_fields() -> None:
         assert info.value.param == field, (field, value)
 
 
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [("max_tokens", "from the request's max_tokens"), ("model", "from the request's model_name"),
+     ("max_completion_tokens", "from the request's max_tokens"), ("stream", "stream itself"),
+     ("prompt", "from the request's prompt")],
+)  # fmt: skip
+def test_extra_body_may_not_set_what_the_request_sets(key: str, says: str) -> None:
+    """The control plane schedules on these (a max_tokens there had made a 2-token
+    estimate of a 300-token answer; a model there sent the request to another model)."""
+    with pytest.raises(InvalidRequestError) as info:
+        build_request(make_metadata("r", extra_body={key: 300, "seed": 1}), "m", now=0.0,
+                      stream=True, default_max_tokens=16, block_size=16)  # fmt: skip
+    assert info.value.param == f"extra_body.{key}"
+    assert says in str(info.value)
+
+
 def test_a_stop_string_is_one_stop_sequence() -> None:
     """As OpenAI's API takes ``stop``: a string is one sequence, not its characters."""
     _, req = build_request(make_metadata("r", stop="xyz"), "m", now=0.0, stream=True,

@@ -51,6 +51,7 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "hi", "priority": "urgent"}, "priority"),
     ({"model": MODEL, "prompt": "hi", "slo_deadline_ms": -5}, "slo_deadline_ms"),
     ({"model": MODEL, "prompt": "word " * 200}, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "kv_transfer_params": {}}, "kv_transfer_params"),
 ]
 
 

@@ -60,6 +60,18 @@ def _shown(value: object) -> str:
     return text if _real(value) else f"{text} ({type(value).__name__})"
 
 
+OWN_FIELDS = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+     "top_p", "stop", "stream", "kv_transfer_params"}
+)  # fmt: skip
+"""Engine body fields a request sets through its own fields (the control plane schedules on
+them, or sets them itself): not taken in ``extra_body``, where they would override them."""
+
+_OWN_FIELD_NAMES: dict[str, str | None] = {
+    "model": "model_name", "max_completion_tokens": "max_tokens",
+    "stream": None, "kv_transfer_params": None,
+}  # fmt: skip
+
 MAX_TOKENS_BOUND = 2**63 - 1
 """The largest ``max_tokens`` taken (an engine's own context limit refuses far less)."""
 
@@ -153,6 +165,15 @@ def build_request(
         for name, value in (("tags", meta.tags), ("extra_body", meta.extra_body)):
             if not isinstance(value, Mapping):
                 raise InvalidRequestError(f"{name} must be a dict, got {_shown(value)}", param=name)
+    if owned := OWN_FIELDS.intersection(meta.extra_body):
+        key = min(owned)
+        field_name = _OWN_FIELD_NAMES.get(key, key)
+        source = "itself" if field_name is None else f"from the request's {field_name}"
+        raise InvalidRequestError(
+            f"extra_body.{key}: the control plane sets {key} {source}; extra_body is for "
+            "the engine fields it does not read",
+            param=f"extra_body.{key}",
+        )
     ids: tuple[tuple[str, object], ...] = (
         ("user_id", meta.user_id),
         ("session_id", meta.session_id),

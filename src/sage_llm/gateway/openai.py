@@ -347,6 +347,11 @@ def parse_generation(
             )
         include_usage = bool(stream and options is not None and options.include_usage)
         continuous = include_usage and bool(options and options.continuous_usage_stats)
+    if "kv_transfer_params" in body:  # the PD legs' own (docs/pd.md)
+        raise InvalidRequestError(
+            "kv_transfer_params: the control plane sets it for its PD legs; a client does not",
+            param="kv_transfer_params",
+        )
     if stream and body.get("prompt_logprobs") is not None:  # as vLLM refuses it
         raise InvalidRequestError(
             "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
