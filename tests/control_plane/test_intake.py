@@ -49,8 +49,9 @@ def test_build_request_refuses_bad_fields() -> None:
         ("temperature", 2.5), ("temperature", nan), ("temperature", "0.5"), ("top_p", 0.0),
         ("top_p", True), ("slo_deadline_ms", "100"), ("slo_deadline_ms", float("inf")),
         ("cost_budget", "x"), ("cost_budget", -1), ("cost_budget", nan), ("prompt", 5),
-        ("prompt", ["a", "b"]), ("prompt", [[1, 2]]), ("messages", [1]), ("stop", 3),
-        ("stop", ["a", 1]), ("tags", None), ("extra_body", [1]),
+        ("prompt", ["a", "b"]), ("prompt", [[1, 2]]), ("stop", 3),
+        ("stop", ["a", 1]), ("tags", None), ("extra_body", [1]), ("billing_tier", 5),
+        ("billing_tier", ""),
     ):  # fmt: skip
         with pytest.raises(InvalidRequestError) as info:
             build_request(make_metadata("r", **{field: value}), "m", now=0.0, stream=True,
@@ -72,6 +73,22 @@ def test_extra_body_may_not_set_what_the_request_sets(key: str, says: str) -> No
                       stream=True, default_max_tokens=16, block_size=16)  # fmt: skip
     assert info.value.param == f"extra_body.{key}"
     assert says in str(info.value)
+
+
+def test_messages_are_checked_as_the_gateway_checks_them() -> None:
+    for messages, param in (
+        ([1], "messages[0]"),
+        ([{"content": "no role"}], "messages[0].role"),
+        ([{"role": "user", "content": "x"}, {"role": "user", "content": 5}], "messages[1].content"),
+    ):  # fmt: skip
+        with pytest.raises(InvalidRequestError) as info:
+            build_request(make_metadata("r", messages=messages, prompt=None), "m", now=0.0,
+                          stream=True, default_max_tokens=16, block_size=16)  # fmt: skip
+        assert info.value.param == param
+    both = make_metadata("r", messages=[{"role": "user", "content": "x"}], prompt="y")
+    with pytest.raises(InvalidRequestError, match="not both") as info:
+        build_request(both, "m", now=0.0, stream=True, default_max_tokens=16, block_size=16)
+    assert info.value.param == "prompt"
 
 
 def test_a_stop_string_is_one_stop_sequence() -> None:

@@ -185,6 +185,7 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "control_plane": 5}, "control_plane"),
         ({"model_id": "m", "tags": "chat"}, "tags"),
         ({"model_id": "m", "sampling": []}, "sampling"),
+        ({"model_id": "m", "engine": "sim", "type": "ControlPlaneVLLMService"}, "type"),
     ],
 )
 def test_bad_vllm_service_configs_name_the_key(data: dict[str, Any], key: str) -> None:

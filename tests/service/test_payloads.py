@@ -83,6 +83,24 @@ def test_a_batch_mixes_prompts_chats_and_request_dicts_with_their_own_options() 
     assert items[3].messages == CHAT
 
 
+def test_a_batch_items_problem_names_the_item_in_its_message() -> None:
+    """The message is all SAGE's call_service passes on: it names the input, as an engine's
+    refusal of that input does; a problem of the shared options or of one chat does not."""
+    cases = [
+        (["ok", {"prompt": "x", "options": {"priority": "asap"}}], "inputs[1]: invalid priority"),
+        (["ok", [{"role": "user", "content": 5}]], "inputs[1]: a chat message needs content"),
+        (["ok", 3], "inputs[1]: each input must be"),
+        ([{"role": "", "content": "x"}, {"role": "user", "content": "y"}], "a chat message"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(InvalidRequestError) as err:
+            parse_generate(inputs, {}, RequestDefaults())
+        assert str(err.value).startswith(message), (inputs, str(err.value))
+    with pytest.raises(InvalidRequestError) as err:
+        parse_generate(["a", "b"], {"priority": "asap"}, RequestDefaults())
+    assert str(err.value).startswith("invalid priority") and err.value.param == "options.priority"
+
+
 def test_malformed_inputs_name_the_offending_item() -> None:
     _bad_inputs(None, "inputs")
     _bad_inputs([], "inputs")

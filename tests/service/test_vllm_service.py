@@ -204,6 +204,10 @@ def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:
         VLLMService.from_toml(path)
     with pytest.raises(ConfigError, match=r"\[services\.c\] is not one of them"):
         VLLMService.from_toml(path, "c")
+    path.write_text('[services.other]\ntype = "Other"\n')
+    for name in (None, "other"):
+        with pytest.raises(ConfigError, match=r'type = "VLLMService"\): no \[services\.\*\] table'):
+            VLLMService.from_toml(path, name)
     path.write_text(table.format(name="a") + "sampling = { top_p = 3 }\n")
     with pytest.raises(ConfigError, match=r"services\.toml:5: services\.a\.sampling\.top_p"):
         VLLMService.from_toml(path)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence, Set
 
 from sage_llm import tokens
+from sage_llm.chat_messages import message_problem
 from sage_llm.config_fields import shown_value
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
 from sage_llm.engines.base import EngineRequest, fill_engine_request
@@ -93,6 +94,14 @@ def build_request(
     if meta.messages is not None:
         if not isinstance(meta.messages, list) or not meta.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        if prompt is not None:
+            raise InvalidRequestError("give a prompt or messages, not both", param="prompt")
+        for i, message in enumerate(meta.messages):  # as the gateway and vLLM check them
+            if (problem := message_problem(message)) is not None:
+                where, detail = problem
+                raise InvalidRequestError(
+                    f"messages[{i}]{where}: {detail}", param=f"messages[{i}]{where}"
+                )
         try:
             if not all(isinstance(m, Mapping) for m in meta.messages):
                 raise TypeError(meta.messages)
@@ -188,6 +197,11 @@ def build_request(
         priority = RequestPriority.parse(meta.priority)
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="priority") from None
+    if type(meta.billing_tier) is not str or not meta.billing_tier:
+        raise InvalidRequestError(
+            f"billing_tier must be a non-empty string, got {_shown(meta.billing_tier)}",
+            param="billing_tier",
+        )
     hint = meta.parallelism_hint
     if hint is not None and type(hint) is not ParallelismType:
         try:

@@ -26,7 +26,7 @@ from typing import Any
 
 from sage_llm.config import SageConfig, config_from_dict, load_config
 from sage_llm.config_fields import described, secret_problem
-from sage_llm.config_schema import SERVICE_DEFAULT_KEYS
+from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE
 from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError, InvalidRequestError
 from sage_llm.service.payloads import (
@@ -274,6 +274,14 @@ class VLLMServiceConfig:
                 g.errors.append(
                     ConfigError(f"unknown key{suggest(str(key), _VLLM_KEYS)}", key=str(key))
                 )
+        kind_given = data.get("type", VLLM_SERVICE_TYPE)
+        if kind_given != VLLM_SERVICE_TYPE:  # a table of another service, given to this one
+            g.errors.append(
+                ConfigError(
+                    f'must be "{VLLM_SERVICE_TYPE}" (or left out), got {described(kind_given)}',
+                    key="type",
+                )
+            )
         model_id = data.get("model_id")
         if model_id is None:
             g.errors.append(ConfigError("is required: the model the engine serves", key="model_id"))

@@ -248,7 +248,22 @@ def parse_generate(
         )
     if not inputs:
         raise InvalidRequestError("inputs must not be an empty list", param="inputs")
-    return [_item(x, options, defaults, f"inputs[{i}]") for i, x in enumerate(inputs)]
+    return [_batch_item(x, options, defaults, f"inputs[{i}]") for i, x in enumerate(inputs)]
+
+
+def _batch_item(
+    value: object, options: Mapping[str, Any], defaults: RequestDefaults, where: str
+) -> PromptInput:
+    """:func:`_item` of a batch: a problem of this input names it in its message too (the
+    message is all SAGE's ``call_service`` passes on), as an engine's refusal of it does."""
+    try:
+        return _item(value, options, defaults, where)
+    except InvalidRequestError as exc:
+        param = exc.param or ""
+        if param == where or param.startswith((f"{where}.", f"{where}[")):
+            exc.message = f"{where}: {exc.message}"
+            exc.args = (exc.message, *exc.args[1:])
+        raise
 
 
 def _is_chat(value: object) -> bool:

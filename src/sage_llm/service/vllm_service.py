@@ -86,7 +86,9 @@ class VLLMService(ManagedService):
             name = next(iter(tables))
         if name is None or name not in tables:
             found = ", ".join(f"[services.{key}]" for key in tables) or "none"
-            if name is None:
+            if not tables:
+                problem = "no [services.*] table has it"
+            elif name is None:
                 problem = f"several tables have it ({found}): name the one to use"
             else:
                 problem = f"[services.{name}] is not one of them (they are: {found})"
