@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from sage_llm.bench.procs import free_ports
-from sage_llm.engines.base import EngineRequest
+from sage_llm.engines.base import EngineClient, EngineRequest
 from sage_llm.engines.http import HTTPEngineClient, make_session
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
+from sage_llm.sim.instant import InstantEngine
 from sage_llm.sim.server import KV_RELEASE_PATH, HTTPKVReleaser, start_engine_server
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
 
@@ -23,10 +26,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def test_decode_server_releases_prefill_kv_in_another_server() -> None:
+@pytest.mark.parametrize("faults", [False, True], ids=["plain", "under-faults"])
+async def test_decode_server_releases_prefill_kv_in_another_server(faults: bool) -> None:
     """Two servers sharing no KVTransferHub: after the decode leg pulls the KV, the prefill
     engine's blocks are unpinned through ``POST /sim/kv/release``, long before the pin
-    timeout."""
+    timeout; also through the fault injector (``--faults``), which had hidden both ends."""
     p_port, d_port = free_ports(2)
     prefill = SimEngine(
         "p0",
@@ -35,8 +39,11 @@ async def test_decode_server_releases_prefill_kv_in_another_server() -> None:
     decode = SimEngine(
         "d0", SimEngineConfig(speed=100.0, role=ExecutionInstanceType.DECODING, kv_port=d_port)
     )
-    p_runner, _ = await start_engine_server(prefill, model_name=MODEL, port=p_port)
-    d_runner, _ = await start_engine_server(decode, model_name=MODEL, port=d_port)
+    served: list[EngineClient] = [prefill, decode]
+    if faults:  # a plan whose fault never comes
+        served = [FaultyEngineClient(e, FaultPlan.parse("error=503@100000")) for e in served]
+    p_runner, _ = await start_engine_server(served[0], model_name=MODEL, port=p_port)
+    d_runner, _ = await start_engine_server(served[1], model_name=MODEL, port=d_port)
     session = make_session()
     try:
         releaser = decode.remote_releaser
@@ -81,6 +88,22 @@ async def test_release_endpoint_validates_and_reports(http: aiohttp.ClientSessio
     finally:
         await engine.aclose()
         await runner.cleanup()
+
+
+async def test_a_refused_release_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    engine = InstantEngine("i0")  # pins no KV: the release endpoint refuses
+    runner, port = await start_engine_server(engine, model_name=MODEL)
+    releaser = HTTPKVReleaser(timeout_s=2.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sage_llm.sim"):
+            releaser.release("127.0.0.1", port, "r1")
+            await releaser.aclose()
+    finally:
+        await engine.aclose()
+        await runner.cleanup()
+    assert (releaser.sent, releaser.failed) == (0, 1)
+    assert "KV release of r1" in caplog.text and "refused: HTTP 400" in caplog.text
+    assert "does not pin KV" in caplog.text
 
 
 async def test_failed_release_is_counted_not_raised() -> None:

@@ -149,10 +149,22 @@ async def _no_chunks() -> AsyncIterator[Chunk]:
     yield  # pragma: no cover - makes this an async generator
 
 
+def _layers(engine: EngineClient) -> tuple[object, ...]:
+    """``engine`` and the engine a wrapper such as the fault injector wraps (its ``inner``):
+    where a simulated engine's settings and PD extensions are found."""
+    inner = getattr(engine, "inner", None)
+    return (engine,) if inner is None else (engine, inner)
+
+
+def _kv_engine(engine: EngineClient) -> ReleasesKV | None:
+    """What unpins ``engine``'s prefill KV (through a wrapper), or None if it pins none."""
+    return next((e for e in _layers(engine) if isinstance(e, ReleasesKV)), None)
+
+
 def _engine_setting(engine: EngineClient, name: str) -> int | None:
     """An integer setting of a simulated engine's config (through wrappers such as the
     fault injector), or None for an engine without one."""
-    for candidate in (engine, getattr(engine, "inner", None)):
+    for candidate in _layers(engine):
         value = getattr(getattr(candidate, "config", None), name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -171,7 +183,7 @@ def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]
 def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
     """A simulated engine's PD role (through wrappers such as the fault injector), or None
     for a general or unknown engine."""
-    for candidate in (engine, getattr(engine, "inner", None)):
+    for candidate in _layers(engine):
         role = getattr(getattr(candidate, "config", None), "role", None)
         if isinstance(role, ExecutionInstanceType) and role in _PD_ROLES:
             return role
@@ -230,11 +242,12 @@ class _EngineServer:
         self.rooms = BootstrapRooms(on_expire=self._release_expired)
         self.bootstrap_wait_s = BOOTSTRAP_WAIT_S
         self._session: aiohttp.ClientSession | None = None
+        self._kv = _kv_engine(engine)
 
     def _release_expired(self, params: Mapping[str, Any]) -> None:
         request_id = params.get("remote_request_id")
-        if isinstance(self.engine, ReleasesKV) and isinstance(request_id, str):
-            self.engine.release_kv(request_id)
+        if self._kv is not None and isinstance(request_id, str):
+            self._kv.release_kv(request_id)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -584,11 +597,11 @@ class _EngineServer:
                 raise InvalidRequestError(
                     "request_id must be a non-empty string", param="request_id"
                 )
-            if not isinstance(self.engine, ReleasesKV):
+            if (kv := self._kv) is None:
                 raise InvalidRequestError("this engine does not pin KV for PD")
         except SageLLMError as exc:
             return _error(exc)
-        released = self.engine.release_kv(request_id)
+        released = kv.release_kv(request_id)
         return web.json_response({"request_id": request_id, "released": released})
 
     # --- information endpoints -----------------------------------------------------------
@@ -838,14 +851,15 @@ def create_engine_app(
         await srv.aclose()
 
     app.on_cleanup.append(_close_server)
-    if isinstance(engine, NotifiesRemoteKV) and engine.remote_releaser is None:
+    notifier = next((e for e in _layers(engine) if isinstance(e, NotifiesRemoteKV)), None)
+    if notifier is not None and notifier.remote_releaser is None:
         releaser = HTTPKVReleaser()
-        engine.remote_releaser = releaser
+        notifier.remote_releaser = releaser
 
         async def _close_releaser(_: web.Application) -> None:
             await releaser.aclose()
-            if engine.remote_releaser is releaser:
-                engine.remote_releaser = None
+            if notifier.remote_releaser is releaser:
+                notifier.remote_releaser = None
 
         app.on_cleanup.append(_close_releaser)
     for path in ("/get_server_info", "/server_info"):

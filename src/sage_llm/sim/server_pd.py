@@ -178,8 +178,13 @@ class HTTPKVReleaser:
         url = f"http://{host_port(host, port)}{KV_RELEASE_PATH}"
         try:
             async with self._session.post(url, json={"request_id": request_id}) as resp:
-                await resp.read()
+                answer = await resp.read()
                 ok = resp.status == 200
+            if not ok:  # refused: the prefill engine keeps the KV until its pin timeout
+                text = " ".join(answer.decode("utf-8", "replace").split())[:200]
+                _log.warning(
+                    "KV release of %s at %s refused: HTTP %d %s", request_id, url, resp.status, text
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok = False
             _log.warning("KV release of %s at %s failed: %r", request_id, url, exc)
