@@ -846,6 +846,18 @@ def test_an_unknown_pd_key_does_not_hide_the_plugins_checks() -> None:
         ("cfg.toml:4", "services.llm_control_plane.pd.metadata.kv_bytes_per_token"),
         ("cfg.toml:4", "services.llm_control_plane.pd.metadata.decider_params.hysteresis"),
     ]
+    # a refused value the decider takes (not which decider it is) does not either
+    text = (
+        '[services.llm_control_plane.pd]\nrouting_policy = "adaptive"\n'
+        "max_transfer_latency_ms = -5\n"
+        'metadata = { decider_params = { slack = "x", hysteresis = 2.0 } }\n'
+    )
+    found = [(e.location, e.key) for e in problems(text)]
+    assert found == [
+        ("cfg.toml:3", "services.llm_control_plane.pd.max_transfer_latency_ms"),
+        ("cfg.toml:4", "services.llm_control_plane.pd.metadata.decider_params.slack"),
+        ("cfg.toml:4", "services.llm_control_plane.pd.metadata.decider_params.hysteresis"),
+    ]
 
 
 def test_a_pd_range_error_does_not_hide_an_unservable_model() -> None:

@@ -602,13 +602,14 @@ def _is_ours(value: Any) -> bool:
 
 _PD_PLUGIN_READS = {
     "routing_policy": "metadata.decider_params",
-    "prefilling_threshold_input_tokens": "metadata.decider_params",
-    "prefilling_threshold_ratio": "metadata.decider_params",
-    "max_transfer_latency_ms": "metadata.decider_params",
+    "prefilling_threshold_input_tokens": None,
+    "prefilling_threshold_ratio": None,
+    "max_transfer_latency_ms": None,
     "connector": "metadata.connector_params",
 }
 """The ``pd`` fields :func:`~sage_llm.control_plane.pd.build_pd` reads besides
-``metadata``, each with the parameters whose check depends on it."""
+``metadata``, each with the parameters whose check depends on it: those of the plugin it
+chooses (the others only give a parameter its value, which ``metadata`` may set again)."""
 
 
 def _pd_for_plugins(
@@ -616,11 +617,11 @@ def _pd_for_plugins(
 ) -> tuple[PDSeparationConfig, tuple[str, ...]] | None:
     """The ``pd`` configuration to build the PD plugins from, to check their parameters,
     and the keys of the parameters not to judge: ``pd`` when the table was read whole;
-    else the fields they read as written, a refused one at its default, whose dependent
-    parameters are then not judged (checked against another decider or connector than
-    the file's, they would be misjudged); the pairing's and ``kv_bytes_per_token`` are
-    judged whatever else was refused. None when the table or its ``metadata`` was refused.
-    An unknown key does not stop them being checked."""
+    else the fields they read as written, a refused one at its default; when that one
+    chooses a plugin, its parameters are then not judged (checked against another
+    decider or connector than the file's, they would be misjudged); the pairing's and
+    ``kv_bytes_per_token`` are judged whatever else was refused. None when the table or
+    its ``metadata`` was refused. An unknown key does not stop them being checked."""
     pd_path = (*spath, "pd")
     if p.failed(pd_path) or p.failed_under((*pd_path, "metadata")):
         return None
@@ -635,7 +636,8 @@ def _pd_for_plugins(
     cfg = read_dataclass(PDSeparationConfig, used, pd_path, Problems(p.source))
     if cfg is None:
         return None
-    return cfg, tuple(dict.fromkeys(_PD_PLUGIN_READS[name] for name in refused))
+    unjudged = (_PD_PLUGIN_READS[name] for name in refused)
+    return cfg, tuple(dict.fromkeys(key for key in unjudged if key is not None))
 
 
 _PD_TWICE = (
