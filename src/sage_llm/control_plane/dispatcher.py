@@ -1039,7 +1039,11 @@ class Dispatcher:
                 reason = (
                     (rec.cancel_reason or CANCELLED_BY_CALLER) if rec.cancel_requested else STOPPED
                 )
-                self._finish(rec, RequestStatus.CANCELLED, error=reason, state=dstate,
+                ended_on = dstate
+                if run.prefill_open:  # in its prefill leg: the decode instance never ran it
+                    ended_on = run.prefill
+                    rec.instance_id = ended_on.instance_id
+                self._finish(rec, RequestStatus.CANCELLED, error=reason, state=ended_on,
                              extra_cost=run.prefill_cost)  # fmt: skip
         except EngineError as exc:
             retry = self._pd_failed(rec, run, exc)

@@ -211,8 +211,16 @@ def test_cancel_between_the_legs_releases_the_prefill_kv() -> None:
             await asyncio.sleep(0.001)
             assert fleet.active("p0") == 1
             await cp.cancel_request(rid)
-            assert (await cp.wait_for_result(rid)).status is RequestStatus.CANCELLED
+            res = await cp.wait_for_result(rid)
+            assert res.status is RequestStatus.CANCELLED
             assert fleet.pinned_nowhere(rid) and p0.core.kv_usage == 0.0
+            # it ended on the prefill instance (the decode one never ran it), as a request
+            # that fails in its prefill leg does; the one cancelled later, on the decode one
+            assert res.instance_id == "p0"
+            text = cp.prometheus_metrics().decode()
+            for iid in ("p0", "d0"):
+                labels = f'instance_id="{iid}",model="{MODEL}",policy="fifo"'
+                assert labels + ',status="cancelled"' in text
 
     run_virtual(main())
 
