@@ -710,14 +710,14 @@ def test_engine_sim_takes_vllms_engine_shape_flags(monkeypatch: pytest.MonkeyPat
         "engine-sim", "--port", "18999", "--max-num-batched-tokens", "2048",
         "--gpu-memory-utilization", "0.5", "--block-size", "32",
         "--num-gpu-blocks-override", "400", "--no-enable-chunked-prefill",
-        "--no-enable-prefix-caching", "--max-model-len", "4096",
+        "--no-enable-prefix-caching", "--max-model-len", "2048",
     )  # fmt: skip
     assert code == 0, out
     config = served[0].config
     assert (config.max_num_batched_tokens, config.gpu_memory_utilization) == (2048, 0.5)
     assert (config.block_size, config.num_gpu_blocks) == (32, 400)
     assert not config.enable_chunked_prefill and not config.enable_prefix_caching
-    assert config.max_model_len == 4096
+    assert config.max_model_len == 2048
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -243,8 +243,10 @@ def chat_prompt_text(messages: Sequence[object]) -> str:
     for msg in messages:
         if isinstance(msg, Mapping):
             role = str(msg.get("role", "user"))
-            content = msg.get("content", "")
-            if isinstance(content, list):  # OpenAI content parts
+            content = msg.get("content")
+            if content is None:  # an assistant's tool-call turn has none
+                content = ""
+            elif isinstance(content, list):  # OpenAI content parts
                 content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
             parts.append(f"<|{role}|> {content}")
     parts.append("<|assistant|>")

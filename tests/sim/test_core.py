@@ -112,11 +112,17 @@ def test_decodes_are_scheduled_before_new_prefill_chunks() -> None:
     assert res.num_prefill_tokens == 511  # the budget left after the decode
 
 
-def test_chunked_prefill_disabled_rejects_prompts_over_the_budget() -> None:
-    core = make_core(max_num_batched_tokens=256, enable_chunked_prefill=False)
+def test_chunked_prefill_disabled_needs_a_budget_of_the_whole_context() -> None:
+    """As vLLM: without chunked prefill a step must hold a whole prompt, so a token budget
+    below max_model_len is refused at the start (it would refuse prompts the context
+    takes); prompts are prefilled whole, one beside another only when both fit."""
+    with pytest.raises(ConfigError, match="smaller than max_model_len") as config_err:
+        make_core(max_num_batched_tokens=256, enable_chunked_prefill=False)
+    assert config_err.value.key == "max_num_batched_tokens"
+    core = make_core(max_num_batched_tokens=256, enable_chunked_prefill=False, max_model_len=256)
     with pytest.raises(InvalidRequestError) as err:
         core.add_request("a", prompt(300), 4, arrival=0.0)
-    assert err.value.param == "prompt"
+    assert err.value.param in ("prompt", "max_tokens")
     core.add_request("b", prompt(200), 4, arrival=0.0)
     core.add_request("c", prompt(200, 5000), 4, arrival=0.0)
     trace = drive(core)

@@ -8,6 +8,7 @@ import sys
 import openai
 import pytest
 
+from sage_llm import tokens
 from sage_llm.engines.base import EngineClient, EngineRequest
 from sage_llm.errors import InvalidRequestError
 from sage_llm.sim.instant import INSTANT_MAX_MODEL_LEN, InstantEngine
@@ -26,6 +27,8 @@ async def test_generate_yields_max_tokens_chunks_then_usage() -> None:
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 3 and usage.prompt_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
+    # each chunk carries its token's id (return_token_ids), as the shared tokenizer gives it
+    assert [c.token_ids for c in chunks] == [(tokens.token_id(" x"),)] * 3
     stats = await engine.stats()
     assert (stats.generation_tokens_total, stats.prompt_tokens_total) == (3, usage.prompt_tokens)
     assert await engine.health()

@@ -569,3 +569,45 @@ async def test_requests_are_read_as_vllm_reads_them(http: aiohttp.ClientSession)
         assert "Token id 128256 is out of vocabulary" in err["error"]["message"]
         status, done = await post(http, url, {**COMPLETION, "max_tokens": 3.0})
         assert status == 200 and done["usage"]["completion_tokens"] == 3
+
+
+async def test_requests_read_as_vllms_request_models_read_them(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Whole-number floats for integer fields, an empty model name (the served one), a
+    batch of one token-id prompt, an empty stop string refused, a chat's default length
+    raised to its min_tokens: as vLLM answers each."""
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        for field in ({"top_k": 2.0}, {"seed": 1.0}, {"priority": 0.0}, {"model": ""}):
+            status, out = await post(http, url, {"prompt": "x", "max_tokens": 2, **field})
+            assert status == 200, (field, out)
+        status, out = await post(http, url, {"prompt": [[5, 6]], "max_tokens": 1})
+        assert status == 200 and out["usage"]["prompt_tokens"] == 2
+        for stop in ("", ["done", ""]):
+            status, out = await post(http, url, {"prompt": "x", "max_tokens": 2, "stop": stop})
+            assert (status, out["error"]["param"]) == (400, "stop")
+            assert out["error"]["message"] == "stop cannot contain an empty string."
+        chat = {"messages": [{"role": "user", "content": "x"}], "min_tokens": 200}
+        status, out = await post(http, f"{base}/v1/chat/completions", chat)
+        assert status == 200 and out["usage"]["completion_tokens"] >= 200
+
+
+async def test_tokenize_checks_messages_as_chat_does_and_detokenize_reads_prompt_ids(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with served(fast_engine()) as base:
+        bad: list[list[dict[str, str]]] = [[{}], []]
+        for messages in bad:
+            status, out = await post(http, f"{base}/tokenize", {"messages": messages})
+            assert (status, out["error"]["param"]) == (400, "messages"), out
+        tool_turn = [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": None, "tool_calls": []}]  # fmt: skip
+        status, out = await post(http, f"{base}/v1/chat/completions/render",
+                                 {"messages": tool_turn})  # fmt: skip
+        assert status == 200 and "None" not in json.dumps(out)
+        body = {"prompt": "Hello world", "max_tokens": 1, "return_token_ids": True}
+        _, out = await post(http, f"{base}/v1/completions", body)
+        ids = out["choices"][0]["prompt_token_ids"]
+        status, text = await post(http, f"{base}/detokenize", {"tokens": ids})
+        assert (status, text["prompt"]) == (200, "Hello world")

@@ -179,6 +179,14 @@ class SimEngineConfig:
                 "longer context (e.g. llama-3.1-8b)",
                 key="max_model_len",
             )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(  # as vLLM refuses it: it could not prefill a prompt it takes
+                f"{self.max_num_batched_tokens} is smaller than max_model_len "
+                f"({self.max_model_len}) with chunked prefill disabled, which would refuse "
+                "the longer prompts max_model_len takes: raise it, lower max_model_len, or "
+                "enable chunked prefill",
+                key="max_num_batched_tokens",
+            )
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ConfigError("must be >= 1", key="num_gpu_blocks")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -76,7 +76,6 @@ from sage_llm.sim.logprobs import (
 from sage_llm.sim.server_requests import (
     check_context,
     engine_default_max_tokens,
-    is_int,
     prompt_pieces,
     prompt_token_ids,
     request_flag,
@@ -996,14 +995,14 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
             param="repetition_penalty",
         )
     top_k = extra.get("top_k")
-    if top_k is not None and (not is_int(top_k) or top_k < -1):
+    if top_k is not None and ((k := whole(top_k)) is None or k < -1):
         raise InvalidRequestError(
             f"top_k must be 0 (disable), or at least 1, got {top_k}.", param="top_k"
         )
     for key in _SAMPLING_FLAGS:
         request_flag(extra, key)
     seed = extra.get("seed")
-    if seed is not None and not is_int(seed):
+    if seed is not None and whole(seed) is None:
         raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
 
 
@@ -1012,10 +1011,10 @@ def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) ->
     greedy decoding (``temperature`` 0) gives a prompt the same text on every engine, and a
     request's ``seed`` the same text for the same prompt and seed; other requests draw from
     the engine's ``seed`` and their request id."""
-    seed = req.extra.get("seed")
+    seed = whole(req.extra.get("seed"))
     if req.temperature == 0:
         return f"greedy:{hash(tuple(prompt_ids))}"
-    if is_int(seed):
+    if seed is not None:
         return f"seed:{seed}:{hash(tuple(prompt_ids))}"
     return f"{engine_seed}:{req.request_id}"
 

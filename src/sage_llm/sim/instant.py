@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
 from sage_llm.errors import InvalidRequestError
@@ -29,6 +30,8 @@ from sage_llm.sim.server_requests import check_context
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
 _WORD = " x"
+_WORD_IDS = (tokens.token_id(_WORD),)
+"""Its token id (``return_token_ids``), as the shared tokenizer gives it."""
 _NOT_APPLIED = ("logprobs", "top_logprobs", "prompt_logprobs", "stop_token_ids", "n", "echo")
 """Request options the instant engine does not apply (``n`` of 1 is every answer's)."""
 
@@ -79,8 +82,8 @@ class InstantEngine:
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):
-            yield Chunk(text=_WORD)
-        yield Chunk(text=_WORD, finish_reason="length", usage=Usage(prompt, n))
+            yield Chunk(text=_WORD, token_ids=_WORD_IDS)
+        yield Chunk(text=_WORD, finish_reason="length", usage=Usage(prompt, n), token_ids=_WORD_IDS)
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
         raise InvalidRequestError(

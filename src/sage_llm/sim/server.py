@@ -83,6 +83,7 @@ from sage_llm.sim.server_requests import (
     ParsedRequest,
     ReportsStopReason,
     check_model,
+    checked_messages,
     parse_request,
     prompt_token_ids,
 )
@@ -468,7 +469,9 @@ class _EngineServer:
         choice["stop_reason"] = self._stop_reason(parsed, finish)
         if parsed.token_ids:
             choice["token_ids"] = ids
-            (body if fmt.chat else choice)["prompt_token_ids"] = prompt_token_ids(parsed.req)
+            (body if fmt.chat else choice)["prompt_token_ids"] = prompt_token_ids(
+                parsed.req, self._learn
+            )
         return web.json_response(body)
 
     async def _stream(
@@ -524,7 +527,7 @@ class _EngineServer:
                 if parsed.continuous_usage:
                     role["usage"] = _running_usage(parsed.prompt_tokens, 0)
                 if parsed.token_ids:
-                    role["prompt_token_ids"] = prompt_token_ids(parsed.req)
+                    role["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
                 await resp.write(encode_event(role))
                 first = False
             while chunk is not None:
@@ -540,7 +543,9 @@ class _EngineServer:
                 if parsed.token_ids:
                     body["choices"][0]["token_ids"] = list(chunk.token_ids)
                     if first:  # a completion's first choice chunk carries its prompt's
-                        body["choices"][0]["prompt_token_ids"] = prompt_token_ids(parsed.req)
+                        body["choices"][0]["prompt_token_ids"] = prompt_token_ids(
+                            parsed.req, self._learn
+                        )
                 first = False
                 await resp.write(encode_event(body))
                 try:
@@ -742,11 +747,8 @@ class _EngineServer:
 
     def _prompt_text(self, body: Mapping[str, Any]) -> str | list[int]:
         check_model(body.get("model"), self.model_name)
-        if "messages" in body:
-            messages = body["messages"]
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise InvalidRequestError("messages must be a list of objects", param="messages")
-            return tokens.chat_prompt_text(messages)
+        if "messages" in body:  # checked as a chat request's are
+            return tokens.chat_prompt_text(checked_messages(body["messages"]))
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             return prompt

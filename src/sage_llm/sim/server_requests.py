@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -32,11 +32,17 @@ def _prompt_text(req: EngineRequest) -> str | None:
     return prompt if isinstance(prompt, str) else None if prompt else ""
 
 
-def prompt_token_ids(req: EngineRequest) -> list[int]:
+def prompt_token_ids(
+    req: EngineRequest, learn: Callable[[str], list[int]] | None = None
+) -> list[int]:
     """The token ids of ``req``'s prompt (its chat template's, for a chat), by the shared
-    tokenizer the simulated engine counts with (not checked: see ``SimEngine``)."""
+    tokenizer the simulated engine counts with (not checked: see ``SimEngine``); a text
+    prompt through ``learn`` when given (a server that remembers its pieces, to decode
+    them again)."""
     text = _prompt_text(req)
-    return tokens.tokenize(req.prompt or [] if text is None else text)
+    if text is None:
+        return tokens.tokenize(req.prompt or [])
+    return tokens.tokenize(text) if learn is None else learn(text)
 
 
 def requested_echo(req: EngineRequest) -> str | None:
@@ -150,18 +156,11 @@ def whole(value: Any) -> int | None:
 def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
     """(prompt, messages, prompt token count) of a request body."""
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequestError("messages must be a non-empty list", param="messages")
-        for index, message in enumerate(messages):  # as vLLM's request validation
-            problem = message_problem(message)
-            if problem is not None:
-                where, detail = problem
-                raise InvalidRequestError(f"messages[{index}]{where}: {detail}", param="messages")
+        messages = checked_messages(body.get("messages"))
         return None, messages, tokens.count_tokens(tokens.chat_prompt_text(messages))
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one prompt (text or token ids) is that prompt
     if isinstance(prompt, str) and prompt:
         return prompt, None, tokens.count_tokens(prompt)
     if isinstance(prompt, list) and prompt and all(is_int(t) and t >= 0 for t in prompt):
@@ -172,9 +171,23 @@ def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
     )
 
 
+def checked_messages(messages: Any) -> list[Any]:
+    """A request's chat ``messages``, checked as vLLM's request validation checks them (a
+    400, ``param`` ``messages``, naming the message and its field)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list", param="messages")
+    for index, message in enumerate(messages):
+        problem = message_problem(message)
+        if problem is not None:
+            where, detail = problem
+            raise InvalidRequestError(f"messages[{index}]{where}: {detail}", param="messages")
+    return messages
+
+
 def check_model(model: Any, model_name: str) -> None:
-    """404 (:class:`ModelNotFoundError`) unless ``model`` is absent or the served name."""
-    if model is not None and model != model_name:
+    """404 (:class:`ModelNotFoundError`) unless ``model`` is absent, empty (the served
+    model, as vLLM reads it) or the served name."""
+    if model is not None and model != "" and model != model_name:
         raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
 
@@ -203,6 +216,11 @@ def parse_request(
         max_tokens, param = body.get("max_completion_tokens"), "max_completion_tokens"
     if max_tokens is None:
         max_tokens = engine_default_max_tokens(chat, prompt_tokens, max_model_len)
+        at_least = whole(body.get("min_tokens"))
+        if chat and at_least is not None and at_least > max_tokens:  # vLLM's chat default
+            # is what the context leaves, which a min_tokens within the context never passes
+            room = max_model_len - prompt_tokens if max_model_len is not None else at_least
+            max_tokens = max(max_tokens, min(at_least, room))
     if isinstance(max_tokens, float) and max_tokens.is_integer():  # vLLM's pydantic takes 2.0
         max_tokens = int(max_tokens)
     if not is_int(max_tokens) or max_tokens < 1:
@@ -221,6 +239,8 @@ def parse_request(
         stop = []
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+    if "" in stop:  # in vLLM's words
+        raise InvalidRequestError("stop cannot contain an empty string.", param="stop")
     if not chat and body.get("suffix") is not None:  # in vLLM's words
         raise InvalidRequestError("suffix is not currently supported", param="suffix")
     if body.get("n") not in (None, 1):  # null is the default, as vLLM reads it
@@ -236,7 +256,7 @@ def parse_request(
             "Stream options can only be defined when `stream=True`.", param="stream_options"
         )
     given = body.get("priority")
-    if given is not None and not is_int(given):
+    if given is not None and whole(given) is None:
         raise InvalidRequestError("priority must be an integer", param="priority")
     if given:  # in vLLM's words: its default scheduler (FCFS) takes no priority
         raise InvalidRequestError(
