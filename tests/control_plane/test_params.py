@@ -111,6 +111,32 @@ def test_limits_are_checked_against_the_values_given_whatever_else_is_wrong() ->
         assert not isinstance(one.value, ConfigErrors) and one.value.key == refused
 
 
+def test_a_conflict_between_two_keys_hides_no_other_problem() -> None:
+    """A check raises its first problem: a conflict between two given keys had hidden a
+    third key's own range, and a second conflict; each is found now, in one pass."""
+    with pytest.raises(ConfigErrors) as info:
+        build_policy("adaptive", {"window": 10, "min_samples": 20, "light_load": 0.3})
+    assert [e.key for e in info.value.errors] == ["min_samples", "light_load"]
+    with pytest.raises(ConfigErrors) as info:
+        build_router("topology_aware",
+                     {"machine_score": 0.2, "rack_score": 0.5, "kv_threshold": 0})  # fmt: skip
+    assert [e.key for e in info.value.errors] == ["rack_score", "kv_threshold"]
+    no_weight = dict.fromkeys(
+        ("outstanding_weight", "queue_weight", "kv_weight", "latency_weight"), 0
+    )
+    with pytest.raises(ConfigErrors) as info:
+        build_router("load_balanced", {**no_weight, "preferred_weight": -1})
+    assert "preferred_weight" in [e.key for e in info.value.errors]
+    with pytest.raises(ConfigErrors) as info:  # two conflicts between given keys
+        build_policy(
+            "adaptive", {"window": 10, "min_samples": 20, "overload": 0.2, "light_load": 0.3}
+        )
+    assert [e.message for e in info.value.errors] == [
+        "min_samples: must be <= window (10), got 20",
+        "light_load: must be below overload (0.2), got 0.3",
+    ]
+
+
 def test_choices_are_read_in_any_letter_case_and_a_bad_one_is_shown() -> None:
     assert build_params(Params, {"mode": " B"}).mode == "b"
     policy = build_policy("slo_aware", {"infeasible_action": "Reject"})

@@ -71,20 +71,41 @@ def build_params(
         except (ConfigError, ValueError):
             pass
     # each well-typed key with the others at their defaults: its own range, or a limit
-    alone = {k: p for k, v in kwargs.items() if (p := _alone(params_cls, k, v, {})) is not None}
+    alone = {
+        k: p
+        for k, v in kwargs.items()
+        if (p := _alone(params_cls, k, v, {})) is not None and p is not _MASKED
+    }
     # the keys fine alone, as given: each failing key is checked again beside them, so a
     # limit another key sets is shown as given ("below overload (0.2)", not its default's
     # 0.1), and a key that failed only against another's default is no problem
     good = {k: v for k, v in kwargs.items() if k not in alone}
     refused = list(problems)  # written, but of no use: a limit one of them sets is unknown
+    # the problems among the keys that are fine alone, or with a default they leave: one
+    # at a time (a check raises its first), each key found left out for the next
+    between: dict[str, ConfigError] = {}
+    remaining = dict(good)
+    while (found := _between(params_cls, remaining, raw)) is not None:
+        key = found.key or ""
+        if key in between or key in problems:
+            break
+        between[key] = found
+        if remaining.pop(key, None) is None:
+            break
+    # beside the keys in no such problem (nor named by one), when those hid a key's own
+    involved = {g for k, p in between.items() for g in good if g == k or _names(p, g)}
+    clean = {k: v for k, v in good.items() if k not in involved}
     for key in alone:
         problem = _alone(params_cls, key, kwargs[key], good)
+        if problem is _MASKED:
+            problem = _alone(params_cls, key, kwargs[key], clean)
+            if problem is _MASKED:
+                problem = alone[key]
         # (not judged against the default of a key that was refused)
         if problem is not None and not any(_names(problem, r) for r in refused):
             problems[key] = problem
-    # and a problem among the keys that are fine alone, or with a default they leave
-    if (between := _between(params_cls, good, raw)) is not None:
-        problems.setdefault(between.key or "", between)
+    for key, found in between.items():
+        problems.setdefault(key, found)
     raise_problems(
         [problems[key] for key in raw if key in problems]
         + [p for key, p in problems.items() if key not in raw]
@@ -137,14 +158,20 @@ def _builds(params_cls: type[Any], values: Mapping[str, Any], without: str) -> b
 def _alone(
     params_cls: type[Any], key: str, value: Any, others: Mapping[str, Any]
 ) -> ConfigError | None:
-    """The problem of ``key = value`` beside ``others`` (the rest at their defaults)."""
+    """The problem of ``key = value`` beside ``others`` (the rest at their defaults), or
+    :data:`_MASKED` when another key's problem was raised first (a check raises its
+    first: ``key``'s is then unknown)."""
     try:
         params_cls(**{**others, key: value})
     except ConfigError as exc:
-        return exc if exc.key == key else None
+        return exc if exc.key == key else _MASKED
     except ValueError as exc:
         return ConfigError(str(exc), key=key)
     return None
+
+
+_MASKED = ConfigError("(a problem of another key came first)")
+"""What :func:`_alone` answers when a problem among ``others`` came before ``key``'s."""
 
 
 def _between(
