@@ -133,6 +133,9 @@ def test_a_breaker_requests_opened_is_closed_by_a_request_not_a_probe() -> None:
     b.record_failure(40.1)
     assert b.describe(40.2)["opened_by"] == "probes"
     b.poll(42.0)
+    # a request begun before the engine hung, ending well, does not undo its failed probes
+    assert b.record_success(42.0, request=True) is None
+    assert b.state is CircuitState.HALF_OPEN
     assert b.record_success(42.0) is CircuitState.CLOSED
 
 

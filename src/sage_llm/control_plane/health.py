@@ -224,14 +224,16 @@ class CircuitBreaker:
 
     def record_success(self, now: float, *, request: bool = False) -> CircuitState | None:
         """A probe or (``request``) a request succeeded; returns the new state on a
-        transition. A probe's success does not close a breaker requests opened."""
+        transition. A probe's success does not close a breaker requests opened, nor a
+        request's one probes opened (a request begun before the engine hung may end well
+        while its probes still time out)."""
         if request:
             self._request_failures = 0
             self._note(True)
         else:
             self._probe_failures = 0
             self.probe_passed = self.state is CircuitState.HALF_OPEN
-        if self.state is CircuitState.HALF_OPEN and (request or not self.by_requests):
+        if self.state is CircuitState.HALF_OPEN and request == self.by_requests:
             self.trial_successes += 1
             if self.trial_successes >= self.settings.recovery_threshold:
                 return self._move(CircuitState.CLOSED, now)
