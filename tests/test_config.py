@@ -1094,6 +1094,25 @@ def test_a_huge_integer_in_a_file_is_located_not_an_overflow(tmp_path: Path) -> 
     ]
 
 
+def test_an_integer_beyond_64_bits_is_refused_in_any_field() -> None:
+    """Counts go into float arithmetic (an instance's price) and into the engines: a
+    gpu_count of 310 digits had passed the check, then failed every request."""
+    big = 10**309
+    text = (
+        f"[services.llm_control_plane]\ndefault_max_tokens = {big}\n"
+        '[[services.llm_control_plane.instances]]\ninstance_id = "a"\nhost = "h"\n'
+        f'port = 8000\nmodel_name = "m"\ngpu_count = {big}\n'
+        f"tensor_parallel_size = {2**63}\n"
+    )
+    found = [(e.location, e.key, e.detail) for e in problems(text)]
+    assert [f[:2] for f in found] == [
+        ("cfg.toml:2", "services.llm_control_plane.default_max_tokens"),
+        ("cfg.toml:8", "services.llm_control_plane.instances[0].gpu_count"),
+        ("cfg.toml:9", "services.llm_control_plane.instances[0].tensor_parallel_size"),
+    ]
+    assert all("must be at most 9223372036854775807 (64 bits)" in f[2] for f in found)
+
+
 def test_programmatic_values_are_checked() -> None:
     with pytest.raises(ValueError, match="port"):
         InstanceConfig("a", "h", 0, "m")

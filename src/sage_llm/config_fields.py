@@ -307,6 +307,10 @@ def has_control_characters(text: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
+INT64_MAX = 2**63 - 1
+"""The largest integer a config field takes (a signed 64-bit one's)."""
+
+
 def rule_problem(value: object, checks: Rule) -> str | None:
     """What is wrong with a (well-typed) ``value`` under ``checks``, or None."""
     if isinstance(value, str):
@@ -335,6 +339,9 @@ def rule_problem(value: object, checks: Rule) -> str | None:
             if broken:
                 shown = int(bound) if float(bound).is_integer() else bound
                 return f"must be {word} {shown}, got {shown_value(value)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        # counts and sizes go into float arithmetic (a price, a deadline) and into engines
+        return f"must be at most {INT64_MAX} (64 bits), got {shown_value(value)}"
     return None
 
 

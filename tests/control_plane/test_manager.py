@@ -24,6 +24,7 @@ from sage_llm import (
     RequestResult,
     RequestStatus,
 )
+from sage_llm.control_plane.instances import InstanceState
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import (
     AdmissionError,
@@ -2350,5 +2351,30 @@ def test_without_monitoring_check_health_asks_and_ejects_nothing() -> None:
             assert cp.get_instance_metrics("a")["circuit"]["state"] == "closed"
             result = await cp.generate(make_metadata("r", max_tokens=2))
             assert result.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_a_bug_while_ending_a_request_still_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose end raised inside the control plane (its cost's arithmetic) had
+    been left unresolved: its caller waited forever. It ends failed, the bug its reason."""
+
+    def broken(self: object) -> float:
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr(InstanceState, "cost_per_second", property(broken))
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", seed=1)
+        cp.register_instance(make_instance("a"))
+        async with cp:
+            with pytest.raises(SageLLMError, match="internal error: OverflowError"):
+                await asyncio.wait_for(cp.generate(make_metadata("r", max_tokens=2)), 60)
+            chunks = cp.stream(make_metadata("s", max_tokens=2))
+            with pytest.raises(SageLLMError, match="internal error"):
+                async for _ in chunks:
+                    pass
+            status = cp.get_status()
+            assert (status["pending_requests"], status["running_requests"]) == (0, 0)
 
     run_virtual(main())

@@ -1392,6 +1392,36 @@ class Dispatcher:
         state: InstanceState | None = None,
         extra_cost: float = 0.0,
     ) -> None:
+        """End ``rec`` with ``status``: its result, its waiters, its figures. A bug while
+        doing so still ends it (failed, with the bug as its reason): no caller waits on a
+        request that can no longer end."""
+        try:
+            self._end(rec, status, error=error, state=state, extra_cost=extra_cost)
+        except Exception as exc:
+            log.exception(
+                "request %s could not be ended inside the control plane", rec.request_id,
+                extra=_rid(rec),
+            )  # fmt: skip
+            rec.status = RequestStatus.FAILED
+            rec.error = internal_error(exc)
+            failure = SageLLMError(rec.error)
+            for waiting in (rec.future, rec.waiter):
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(failure)
+                    waiting.exception()  # said here; a caller awaiting it still gets it
+            if rec.stream is not None:
+                rec.stream.put_nowait(STREAM_END)
+            self.records.pop(rec.request_id, None)
+
+    def _end(
+        self,
+        rec: RequestRecord,
+        status: RequestStatus,
+        *,
+        error: str | None,
+        state: InstanceState | None,
+        extra_cost: float,
+    ) -> None:
         if rec.status.is_terminal:
             return
         self._colocated_only.discard(rec.request_id)

@@ -92,6 +92,7 @@ from sage_llm.errors import (
     OverBudgetError,
     QueueFullError,
     RequestNotFoundError,
+    SageLLMError,
     SLOInfeasibleError,
 )
 from sage_llm.sim.clock import Clock, RealClock, current_clock
@@ -829,6 +830,8 @@ class ControlPlaneManager:
         ends as if it were whole (see :func:`failure_error`)."""
         result = rec.result
         if result is None:
+            if rec.status is RequestStatus.FAILED:  # a bug ended it before its result
+                raise SageLLMError(rec.error or "internal error")
             return
         error = failure_error(result, rec.exception, cancelled=cancelled)
         if error is not None:
