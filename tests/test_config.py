@@ -1289,6 +1289,30 @@ def test_secrets_from_environment() -> None:
             "gateway.api_keys_env",
             "must be an environment variable name",
         ),
+        (  # a dumped configuration's mask, not a secret (it had raised a traceback)
+            '[gateway]\napi_keys_env = "KEYS"\n',
+            {"KEYS": "k, ***"},
+            "gateway.api_keys_env",
+            'environment variable KEYS holds "***", the mask',
+        ),
+        (
+            '[gateway]\nadmin_token_env = "ADMIN"\n',
+            {"ADMIN": "***"},
+            "gateway.admin_token_env",
+            'environment variable ADMIN holds "***"',
+        ),
+        (  # a user's key would open the admin API
+            '[gateway]\napi_keys = ["k1"]\nadmin_token = "k1"\n',
+            {},
+            "gateway.admin_token",
+            "is also one of the API keys",
+        ),
+        (
+            '[gateway]\napi_keys_env = "KEYS"\nadmin_token_env = "ADMIN"\n',
+            {"KEYS": "k1,k2", "ADMIN": "k2"},
+            "gateway.admin_token_env",
+            "is also one of the API keys",
+        ),
     ],
 )
 def test_secret_environment_errors(text: str, env: dict[str, str], key: str, message: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from sage_llm.config_fields import (
     LATENCY_PRIORS,
+    SECRET_MASK,
     described,
     has_control_characters,
     latency_prior_problem,
@@ -920,7 +921,17 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
     if has_control_characters(value.strip()):  # (never quoted)
         p.add(path, f"environment variable {name} holds control characters")
         return None
+    if value.strip() == SECRET_MASK:
+        p.add(path, _env_mask_problem(name))
+        return None
     return value.strip()
+
+
+def _env_mask_problem(name: str) -> str:
+    return (
+        f'environment variable {name} holds "{SECRET_MASK}", the mask a dumped configuration '
+        "writes in place of a secret: give the secret itself"
+    )
 
 
 def _gateway_secrets(
@@ -940,6 +951,9 @@ def _gateway_secrets(
                 (*path, "api_keys_env"),
                 f"environment variable {gw.api_keys_env} holds no API key (only commas and spaces)",
             )
+        if SECRET_MASK in from_env:  # one of several
+            p.add((*path, "api_keys_env"), _env_mask_problem(gw.api_keys_env))
+            from_env = []
         ok = bool(from_env)
         keys += from_env
     if gw.admin_token_env is not None:
@@ -949,6 +963,10 @@ def _gateway_secrets(
         else:
             token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
             ok = ok and token is not None
+    if token is not None and token in keys:  # a user's key would open the admin API
+        where = "admin_token" if gw.admin_token_env is None else "admin_token_env"
+        p.add((*path, where), "is also one of the API keys: the admin token must be another")
+        ok = False
     if not ok:
         return gw
     return dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
@@ -960,7 +978,8 @@ def _instance_secrets(cp: ControlPlaneConfig, env: Mapping[str, str]) -> Control
 
     def read(name: str) -> str | None:
         value = env.get(name, "").strip()
-        return value if value and not has_control_characters(value) else None
+        usable = value and value != SECRET_MASK and not has_control_characters(value)
+        return value if usable else None
 
     instances = tuple(
         dataclasses.replace(inst, api_key=read(inst.api_key_env))

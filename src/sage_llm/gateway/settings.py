@@ -151,6 +151,11 @@ class ResolvedGateway:
         admin = settings.admin_token or None
         if admin is None and settings.admin_token_env:
             admin = _env_value(settings.admin_token_env, "admin_token_env", env)
+        if admin is not None and admin in keys:  # a user's key would open the admin API
+            raise ConfigError(
+                "is also one of the API keys: the admin token must be another",
+                key="gateway.admin_token",
+            )
         if settings.max_body_bytes < 1:
             raise ConfigError("must be >= 1", key="gateway.max_body_bytes")
         prompt_limit = settings.max_prompt_tokens
