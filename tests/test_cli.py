@@ -610,9 +610,14 @@ def test_serve_refuses_a_port_given_on_the_command_line_that_an_instance_has(
     assert code == 1
     assert output == (
         f"error: {cfg}: instance 'a' (instances[0]) at localhost:19206 is the address the "
-        "gateway would listen on (--host/--port): its requests would come back to the "
+        "gateway would listen on (127.0.0.1:19206): its requests would come back to the "
         "gateway\n"
     )
+    # the default port of a file that gives none is checked too; 0.0.0.0 reaches loopback
+    cfg.write_text(cfg.read_text().replace('"localhost"', '"0.0.0.0"').replace("19206", "8080"))
+    code, output = invoke("serve", "--config", str(cfg))
+    assert code == 1
+    assert "at 0.0.0.0:8080 is the address the gateway would listen on (127.0.0.1:8080)" in output
 
 
 def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> None:

@@ -582,6 +582,9 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "[::1]"', "host", "write an IPv6 address without brackets: '::1'"),
         ('host = "127.0.0.1:8001"', "host", "without a port (set port separately)"),
         ('host = "fe80::1%eth0"', "host", "with a zone id"),
+        ('host = "127.0.0.1#x"', "host", "without '#'"),  # the URL's port would be lost
+        ('host = "127.0.0.1?x"', "host", "without '?'"),
+        ('host = "user@h"', "host", "without '@'"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),
         ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
         ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),

@@ -323,6 +323,7 @@ def serve(
     from sage_llm.config import SageConfig, instances_at, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
     from sage_llm.gateway.server import run_gateway
+    from sage_llm.types import host_port
 
     log = logging.getLogger("sage_llm.serve")
     try:
@@ -335,13 +336,14 @@ def serve(
     except ValueError as exc:
         _fail(f"--loop: {exc}")
     bind_host, bind_port = _bind_address(cfg, host, port, cfg.gateway.port)
-    if host is not None or port is not None:  # the file's own address was checked with it
-        for index, inst in instances_at(cfg.control_plane, bind_host, bind_port):
-            _fail(
-                f"{cfg.source}: instance {inst.instance_id!r} (instances[{index}]) at "
-                f"{inst.host}:{inst.port} is the address the gateway would listen on "
-                "(--host/--port): its requests would come back to the gateway"
-            )
+    # (the file's own gateway.port was checked with it; --host/--port, or the default
+    # port of a file that gives none, are checked here)
+    for index, inst in instances_at(cfg.control_plane, bind_host, bind_port):
+        _fail(
+            f"{cfg.source}: instance {inst.instance_id!r} (instances[{index}]) at "
+            f"{inst.host}:{inst.port} is the address the gateway would listen on "
+            f"({host_port(bind_host, bind_port)}): its requests would come back to the gateway"
+        )
     # port 0 binds a free port here too: the check still resolves the host
     _check_listen(bind_host, bind_port, "--host" if host is not None else cfg.where("gateway.host"))
     if uses_embedded_fleet(cfg):

@@ -860,7 +860,8 @@ def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
     """Whether an engine at ``host:port`` is a gateway bound to ``bind_host:bind_port``:
     the same address, or a loopback address of a family it listens on whole (``0.0.0.0``:
     IPv4's, ``::``: IPv6's, which asyncio binds alone, ``""``: both; ``localhost``: both
-    families' loopback, as it resolves)."""
+    families' loopback, as it resolves). An engine at ``0.0.0.0`` (``::``) is reached at
+    the loopback address of its family, as a connection to it is."""
     if port != bind_port:
         return False
     bind, there = host_key(bind_host), host_key(host)
@@ -870,6 +871,10 @@ def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
         address = ipaddress.ip_address(there)
     except ValueError:
         return False  # a host name: compared as written
+    if address.is_unspecified:  # connecting to 0.0.0.0 (::) reaches this host's loopback
+        address = ipaddress.ip_address(_LOOPBACK if address.version == 4 else "::1")
+        if host_key(str(address)) == bind:
+            return True
     if bind_host.strip().lower() == "localhost":
         return str(address) in (_LOOPBACK, "::1")
     families = {"0.0.0.0": (4,), "::": (6,), "": (4, 6)}.get(bind, ())

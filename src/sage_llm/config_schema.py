@@ -90,6 +90,8 @@ def _check_host(value: str) -> str | None:
         return "must be a host name or address, not a URL (set scheme separately)"
     if any(c.isspace() for c in value):
         return "must not contain spaces"
+    if found := next((c for c in "?#@" if c in value), None):  # a URL's query, fragment,
+        return f"must be a host name or address, without {found!r}"  # user: not the host
     if value.startswith("[") and value.endswith("]"):
         return f"write an IPv6 address without brackets: {value[1:-1]!r}"
     if ":" in value:
