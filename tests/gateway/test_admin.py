@@ -83,6 +83,10 @@ async def test_list_add_and_duplicate_instances() -> None:
             body = {**spec, "instance_id": iid, "port": 9100 + len(iid), flag: False}
             async with http.post(gw.url("/admin/instances"), json=body) as r:
                 assert r.status == 201
+                answered = await _json(r)
+            async with http.get(gw.url("/admin/instances")) as r:
+                listed = [i for i in (await _json(r))["data"] if i["instance_id"] == iid]
+            assert listed == [answered]  # the 201 shows it as the list does
         unhealthy = gw.manager.get_instance_metrics("sim-unhealthy")
         unavailable = gw.manager.get_instance_metrics("sim-unavailable")
         assert (unhealthy["is_healthy"], unhealthy["draining"]) == (True, False)

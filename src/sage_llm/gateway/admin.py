@@ -181,7 +181,10 @@ class AdminRoutes:
                 )
         with _as_request_error():
             self.manager.register_instance(instance)  # checked as a config file's entry
-        return web.json_response(self._instance_entry(instance), status=201)
+        registered = next(  # as the list shows it (is_available: false when draining)
+            i for i in self.manager.get_instances() if i.instance_id == instance.instance_id
+        )
+        return web.json_response(self._instance_entry(registered), status=201)
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
