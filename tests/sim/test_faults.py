@@ -3,6 +3,8 @@ virtual time."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from sage_llm.engines.base import Chunk, EngineRequest
@@ -141,6 +143,30 @@ def test_hang_and_slow_take_longer() -> None:
         chunks = await _run(hang, _req())
         assert chunks[-1].finish_reason is not None
         assert asyncio.get_running_loop().time() - t0 >= 5.0
+
+    run_virtual(main())
+
+
+def test_a_scheduled_hang_freezes_streams_already_under_way() -> None:
+    """An engine that hangs stops the streams it is producing too, not only those that
+    begin while it hangs (they had run on: a drill of a hung engine tested nothing)."""
+
+    async def main() -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = _client("hang@1+10")
+        client.arm()
+        t0 = loop.time()
+        times: list[float] = []
+        reasons: list[str | None] = []
+        async for chunk in client.generate(_req(max_tokens=400)):
+            times.append(loop.time() - t0)
+            reasons.append(chunk.finish_reason)
+        assert reasons[-1] is not None and times[0] < 1.0  # it began before the hang
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert max(gaps) >= 9.0  # frozen through the window, once
+        assert sum(g >= 1.0 for g in gaps) == 1
 
     run_virtual(main())
 

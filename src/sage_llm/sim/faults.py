@@ -329,12 +329,19 @@ class FaultyEngineClient:
         if slow is not None:
             self.stats_injected.count(FaultKind.SLOW)
             it = _stretched(it, slow.arg, self.clock)
+        scheduled_hangs = any(f.kind is FaultKind.HANG and f.scheduled for f in self.plan.faults)
+        waited: list[Fault] = []  # the scheduled hangs this stream has waited out
         try:
             while True:
+                if hang is None and scheduled_hangs:  # one that began while it streamed
+                    live = self._scheduled(FaultKind.HANG)  # freezes it too, as an engine
+                    if live is not None and not any(live is w for w in waited):  # that hangs
+                        hang = live
                 if hang is not None and n >= int(hang.arg):
                     self.stats_injected.count(FaultKind.HANG)
                     wait = hang.remaining_s(self.elapsed_s()) if hang.scheduled else None
                     await self.clock.sleep(_HANG_FOREVER_S if wait is None else wait)
+                    waited.append(hang)
                     hang = None
                 if cut is not None and n >= int(cut.arg):
                     self.stats_injected.count(cut.kind)
