@@ -1097,6 +1097,20 @@ def test_a_huge_integer_in_a_file_is_located_not_an_overflow(tmp_path: Path) -> 
     ]
 
 
+def test_a_cors_origin_that_no_browser_sends_is_refused() -> None:
+    """A browser's Origin is scheme://host[:port]: an entry with a trailing slash, a path
+    or no scheme had been accepted, and never matched."""
+    text = (
+        '[gateway]\ncors_origins = ["https://a.example/", "https://ok.example:8443", '
+        '"b.example", "*", "https://c.example/app"]\n'
+    )
+    found = [(e.key, e.detail) for e in problems(text)]
+    assert [key for key, _ in found] == [
+        "gateway.cors_origins[0]", "gateway.cors_origins[2]", "gateway.cors_origins[4]",
+    ]  # fmt: skip
+    assert all("must be an origin as browsers send it" in detail for _, detail in found)
+
+
 def test_an_integer_beyond_64_bits_is_refused_in_any_field() -> None:
     """Counts go into float arithmetic (an instance's price) and into the engines: a
     gpu_count of 310 digits had passed the check, then failed every request."""

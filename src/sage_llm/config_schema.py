@@ -111,6 +111,20 @@ def _check_printable(value: str) -> str | None:
     return f"must not contain control characters, got {value!r}"
 
 
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
+
+
+def _check_origin(value: str) -> str | None:
+    """A CORS origin as a browser sends it (``https://app.example[:port]``), or ``*``: an
+    entry with a path, a trailing ``/`` or no scheme would never match one."""
+    if value == "*" or _ORIGIN.fullmatch(value):
+        return None
+    return (
+        "must be an origin as browsers send it (scheme://host[:port], no path) or '*', "
+        f"got {value!r}"
+    )
+
+
 def _check_service_type(value: str) -> str | None:
     if value in SERVICE_TYPES:
         return None
@@ -336,7 +350,7 @@ class GatewayConfig:
     workers: int = opt(1, _COUNT)
     lean_server: bool = True
     log_prompts: bool = False
-    cors_origins: tuple[str, ...] = opt((), _ID)
+    cors_origins: tuple[str, ...] = opt((), rule(nonempty=True, check=_check_origin))
     tracing: bool = False
 
     def __post_init__(self) -> None:

@@ -67,10 +67,16 @@ async def test_cors_for_configured_origins() -> None:
             assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
             assert "POST" in r.headers["Access-Control-Allow-Methods"]
             assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+            assert "X-Sage-Cost-Budget" in r.headers["Access-Control-Allow-Headers"]
+        # the headers a preflight names are allowed (the OpenAI SDK's x-stainless-* too)
+        asked = {**preflight, "Access-Control-Request-Headers": "authorization, x-stainless-os"}
+        async with http.options(gw.url("/v1/completions"), headers=asked) as r:
+            assert r.headers["Access-Control-Allow-Headers"] == "authorization, x-stainless-os"
         async with http.post(
             gw.url("/v1/completions"), json=completion_body(), headers=origin
         ) as r:
             assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "X-Should-Retry" in r.headers["Access-Control-Expose-Headers"]
         body = completion_body(stream=True)
         async with http.post(gw.url("/v1/completions"), json=body, headers=origin) as r:
             assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"

@@ -48,8 +48,12 @@ PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 """Routes that ignore an invalid ``x-request-id`` (they get a fresh id) instead of answering
 400: a load balancer's probe or a scrape must not fail on it."""
 _CORS_ALLOW_HEADERS = (
-    "Authorization, Content-Type, X-Request-Id, X-Sage-Priority, X-Sage-Slo-Ms, X-Session-Id"
+    "Authorization, Content-Type, X-Request-Id, X-Sage-Priority, X-Sage-Slo-Ms, "
+    "X-Sage-Cost-Budget, X-Session-Id"
 )
+"""The headers a preflight allows when it names none (those it names are allowed: the
+OpenAI SDKs' own ``x-stainless-*`` included)."""
+_HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 class Tracing:
@@ -120,17 +124,20 @@ def _response_headers(rid: str, cors: str | None) -> dict[str, str]:
     headers = {REQUEST_ID_HEADER: rid}
     if cors is not None:
         headers["Access-Control-Allow-Origin"] = cors
-        headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After, X-Should-Retry"
         if cors != "*":
             headers["Vary"] = "Origin"
     return headers
 
 
-def _preflight() -> web.Response:
+def _preflight(request: web.Request) -> web.Response:
     resp = web.Response(status=204)
     resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-    resp.headers["Access-Control-Allow-Headers"] = _CORS_ALLOW_HEADERS
+    asked = request.headers.get("Access-Control-Request-Headers", "").strip()
+    allowed = asked if _HEADER_LIST.fullmatch(asked) else _CORS_ALLOW_HEADERS
+    resp.headers["Access-Control-Allow-Headers"] = allowed
     resp.headers["Access-Control-Max-Age"] = "600"
+    resp.headers.add("Vary", "Access-Control-Request-Headers")
     return resp
 
 
@@ -304,7 +311,7 @@ def _observe(
             elif not valid:
                 resp = _bad_request_id()
             elif cors is not None and request.method == "OPTIONS":
-                resp = _preflight()
+                resp = _preflight(request)
             elif tracer is None:
                 resp = await run(request, handler)
             else:
