@@ -165,6 +165,12 @@ def test_stream_options_are_for_streams_only() -> None:
     whole = _parse({"model": MODEL, "prompt": "Hi", "stream_options": None})
     assert not whole.stream and not whole.include_usage
     assert not _parse({"model": MODEL, "prompt": "Hi", "stream_options": {}}).stream
+    # its fields the gateway does not answer itself reach the engine unchanged
+    usage_and_more = {"include_usage": True, "continuous_usage_stats": True, "foo": 1}
+    gen = _parse({"model": MODEL, "prompt": "Hi", "stream": True,
+                  "stream_options": usage_and_more})  # fmt: skip
+    assert gen.meta.extra_body["stream_options"] == {"foo": 1, "continuous_usage_stats": True}
+    assert "stream_options" not in streamed.meta.extra_body
 
 
 @pytest.mark.parametrize(

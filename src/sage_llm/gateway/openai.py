@@ -75,6 +75,9 @@ CONSUMED_FIELDS = frozenset(
 """Body fields the gateway maps onto RequestMetadata; every other field is passed on
 (``user`` too: the engine gets it as well as the control plane's session)."""
 
+_USAGE_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
+"""``stream_options`` fields the gateway answers itself (the engine always reports usage)."""
+
 _TYPE_HINTS = {
     "prompt": "must be a string, a list of token ids, or a list of those (several prompts)",
     "messages": "must be a non-empty list of messages",
@@ -386,8 +389,12 @@ def parse_generation(
     user = user or None  # OpenAI takes an empty user: no user, no session
     session = headers.get(SESSION_HEADER, "").strip() or user
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
-    if continuous:  # the engine puts the usage so far in every chunk; it reaches the client
-        extra_body["stream_options"] = {"continuous_usage_stats": True}
+    if stream and (given := body.get("stream_options")):  # its other fields go on unchanged
+        passed = {k: v for k, v in given.items() if k not in _USAGE_OPTIONS}
+        if continuous:  # the engine puts the usage so far in every chunk; it reaches the client
+            passed["continuous_usage_stats"] = True
+        if passed:
+            extra_body["stream_options"] = passed
     meta = RequestMetadata(
         request_id=request_id,
         prompt=prompt,
