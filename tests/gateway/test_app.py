@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import openai
+from aiohttp import web
 from multidict import CIMultiDict
 
 from sage_llm.config import GatewayConfig
@@ -501,6 +502,37 @@ async def test_embeddings_on_an_engine_without_them_are_a_400_not_a_retried_502(
                 error = (await r.json())["error"]
                 assert (r.status, error["param"]) == (400, "model")
         assert "supports embeddings" in error["message"]
+    finally:
+        await site.cleanup()
+        await runner.cleanup()
+
+
+async def test_embeddings_carry_the_request_id_and_answer_valid_json() -> None:
+    """The engine gets the client's x-request-id, as a generation's engine does; a NaN in
+    the engine's vector is answered as valid JSON (null), not as a body JSON refuses."""
+    seen: list[str | None] = []
+
+    async def embeddings(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Request-Id"))
+        text = '{"object": "list", "data": [{"index": 0, "embedding": [0.5, NaN]}]}'
+        return web.Response(text=text, content_type="application/json")
+
+    app = probed_app()
+    app.router.add_post("/v1/embeddings", embeddings)
+    runner, engine_port = await start_app(app)
+    manager = ControlPlaneManager(mode="http")
+    manager.register_instance(make_instance("emb", port=engine_port))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": MODEL, "input": "hi"}
+            headers = {"x-request-id": "emb-rid-1"}
+            url = f"http://127.0.0.1:{port}/v1/embeddings"
+            async with http.post(url, json=body, headers=headers) as r:
+                assert r.status == 200
+                answer = json.loads(await r.text())
+        assert answer["data"][0]["embedding"] == [0.5, None]
+        assert seen == ["emb-rid-1"]
     finally:
         await site.cleanup()
         await runner.cleanup()

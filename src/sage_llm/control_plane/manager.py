@@ -842,10 +842,13 @@ class ControlPlaneManager:
         model: str | None,
         inputs: list[str] | list[list[int]],
         options: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Embeddings from an instance serving ``model`` (the least busy healthy one), of
         ``inputs``: texts, or token-id lists; ``options`` are the request's other fields
-        (``encoding_format``, ``dimensions`` …), passed to the engine as they are.
+        (``encoding_format``, ``dimensions`` …), passed to the engine as they are;
+        ``request_id`` goes to an HTTP engine as its ``X-Request-Id``.
 
         Returns the engine's OpenAI-style JSON (``{"data": [{"embedding": [...]}], ...}``).
         While :meth:`stop` drains, new calls are refused and those in flight get its drain
@@ -887,9 +890,13 @@ class ControlPlaneManager:
             )
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
-        call: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(
-            embed(name, inputs) if not options else embed(name, inputs, options)
-        )
+        from sage_llm.engines.http import HTTPEngineClient  # (loaded with the http mode)
+
+        if request_id is not None and isinstance(state.client, HTTPEngineClient):
+            work = state.client.embed(name, inputs, options, request_id=request_id)
+        else:
+            work = embed(name, inputs) if not options else embed(name, inputs, options)
+        call: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(work)
         self._embeds.add(call)
         try:
             return await call

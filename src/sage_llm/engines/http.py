@@ -718,14 +718,17 @@ class HTTPEngineClient:
         model: str,
         inputs: list[str] | list[list[int]],
         options: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """``POST /v1/embeddings`` with ``options`` (``encoding_format``, ``dimensions`` …)
-        as further fields; the engine's JSON answer."""
+        as further fields (``request_id``: its ``X-Request-Id``); the engine's JSON answer."""
         body = {**(options or {}), "model": model or self._instance.model_name}
         body["input"] = list(inputs)
         obj = await self._request_json(
-            "POST", "/v1/embeddings", body=body, timeout_s=self._timeouts.request_s
-        )
+            "POST", "/v1/embeddings", body=body, request_id=request_id,
+            timeout_s=self._timeouts.request_s,
+        )  # fmt: skip
         if not isinstance(obj, dict):
             raise self._error(EngineStreamError, "embeddings response is not a JSON object")
         return obj

@@ -526,13 +526,16 @@ class OpenAIRoutes:
         timeout = self.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                result = await self.manager.embed(req.model, inputs, options)
+                result = await self.manager.embed(
+                    req.model, inputs, options, request_id=request[REQUEST_ID_KEY]
+                )
         except TimeoutError:
             raise DeadlineExceededError(f"embeddings did not finish within {timeout:g} s") from None
         out = dict(result)
         out.setdefault("object", "list")
         out.setdefault("model", req.model)
-        return web.json_response(out)
+        # valid JSON whatever the engine sent (a NaN in a vector is written null)
+        return web.Response(body=jsonutil.dumps(out), content_type="application/json")
 
     # -- models ----------------------------------------------------------------------------
 
