@@ -7,7 +7,8 @@ can turn it into a JSON error body without a lookup table::
     ├── ConfigError (400, invalid_config)            a bad config file, value or key
     │   └── ConfigErrors                             several at once (``errors``)
     ├── InvalidRequestError (400, invalid_request_error)  a bad request field (``param`` names it)
-    │   └── PayloadTooLargeError (413)
+    │   ├── PayloadTooLargeError (413)
+    │   └── UnsupportedMediaTypeError (415)       a body in an encoding it cannot read
     ├── AuthenticationError (401, authentication_error)
     ├── PermissionDeniedError (403, permission_error)
     ├── NotFoundError (404, not_found_error)
@@ -130,6 +131,12 @@ class PayloadTooLargeError(InvalidRequestError):
     """A request body above the gateway's ``max_body_bytes`` (HTTP 413)."""
 
     http_status = 413
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A request body in a ``Content-Encoding`` the server does not read (HTTP 415)."""
+
+    http_status = 415
 
 
 class AuthenticationError(SageLLMError):

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from sage_llm import jsonutil
-from sage_llm.errors import InvalidRequestError
+from sage_llm.errors import InvalidRequestError, UnsupportedMediaTypeError
 
 
 async def read_raw(request: web.Request) -> bytes:
@@ -26,6 +26,12 @@ async def read_raw(request: web.Request) -> bytes:
         raise web.HTTPRequestEntityTooLarge(
             max_size=request.client_max_size, actual_size=request.content_length or 0
         )
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and not _READABLE_ENCODINGS.issuperset(
+        e.strip().lower() for e in encoding.split(",")
+    ):  # aiohttp passes a body in an encoding it does not know on undecoded
+        leave_unread(request)
+        raise UnsupportedMediaTypeError(unsupported_encoding(encoding), param="content-encoding")
     try:
         return await request.read()
     except RequestPayloadError as exc:
@@ -33,6 +39,18 @@ async def read_raw(request: web.Request) -> bytes:
         request.content.feed_eof()
         reason = " ".join(str(exc).split()).removeprefix("400, message: ")
         raise InvalidRequestError(f"request body cannot be read: {reason}") from None
+
+
+_READABLE_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity", ""})
+"""The ``Content-Encoding`` values a request body is read in (aiohttp decodes them)."""
+
+
+def unsupported_encoding(encoding: str) -> str:
+    """The message of a body in an encoding that is not read."""
+    shown = " ".join(encoding.split())[:100]
+    return (
+        f"unsupported Content-Encoding: {shown} (request bodies are read in gzip, deflate or none)"
+    )
 
 
 def leave_unread(request: web.BaseRequest) -> None:

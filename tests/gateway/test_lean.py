@@ -233,6 +233,22 @@ async def test_a_body_not_in_its_content_encoding_is_a_json_400() -> None:
         await _close(writer)
 
 
+@pytest.mark.parametrize("encoding", ["br", "zstd", "bogus", "gzip, bogus"])
+async def test_a_body_in_an_encoding_not_read_is_a_json_415(encoding: str) -> None:
+    """Brotli (without its package) and zstd had been a 400 telling the client to install
+    a package on the server; an unknown encoding had been read undecoded."""
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), f"Content-Encoding: {encoding}"))
+        status, _, body = await _response(reader)
+        error = json.loads(body)["error"]
+        assert (status, error["param"]) == (415, "content-encoding"), body
+        assert error["message"].startswith("unsupported Content-Encoding: ")
+        assert "install" not in error["message"]
+        assert await reader.read() == b""  # closed: its body was not read
+        await _close(writer)
+
+
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
 async def test_an_http_version_other_than_1_0_or_1_1_is_a_json_400(version: str) -> None:
     async with serve(1) as gw:

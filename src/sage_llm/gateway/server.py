@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 from collections.abc import Callable, Mapping
 
@@ -25,7 +26,7 @@ from aiohttp import web
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.app import ADMIN_KEY, MANAGER_KEY, SETTINGS_KEY, create_app
 from sage_llm.gateway.auth import is_loopback
-from sage_llm.gateway.errors import protocol_error_body
+from sage_llm.gateway.errors import error_body, protocol_error_body
 from sage_llm.gateway.lean import LeanServer
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
 from sage_llm.gateway.observe import (
@@ -37,12 +38,17 @@ from sage_llm.gateway.observe import (
 )
 from sage_llm.gateway.settings import GatewaySettings
 from sage_llm.httpserve import new_runner
+from sage_llm.request_json import unsupported_encoding
 from sage_llm.types import host_port
 
 log = logging.getLogger("sage_llm.gateway")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+_UNDECODABLE = re.compile(r"Can not decode content-encoding: ([^\n.]+)")
+"""aiohttp's reason for a body encoding it cannot decode (brotli without its package …)."""
 
 
 class _JsonErrorRequestHandler(web.RequestHandler):
@@ -65,7 +71,15 @@ class _JsonErrorRequestHandler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         rid = new_request_id()
-        body = protocol_error_body(status, message)
+        undecodable = _UNDECODABLE.search(message or "") if status == 400 else None
+        if undecodable is not None:  # a body encoding aiohttp cannot decode (brotli, zstd)
+            status = 415
+            body = error_body(
+                unsupported_encoding(undecodable.group(1)), "invalid_request_error", status,
+                "content-encoding",
+            )  # fmt: skip
+        else:
+            body = protocol_error_body(status, message)
         if status >= 500:
             log.error(
                 "request %s failed outside the app", rid, exc_info=exc, extra={"request_id": rid}
