@@ -44,9 +44,11 @@ from sage_llm.bench.proxy_bench import (
     FORWARDER,
     ProxyTarget,
     bench_gateway,
+    check_proxy_options,
     client_process,
     proxy_targets,
 )
+from sage_llm.errors import ConfigError
 
 LOG_DIR = Path("bench-out/c1_latency")
 SAGE = "sage-llm serve, engine_stream=client"
@@ -183,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.requests < 1:
         parser.error("--rounds and --requests must be >= 1")
+    try:  # before any engine or gateway starts
+        check_proxy_options(args.peers, 0)
+    except ConfigError as exc:
+        parser.error(f"--peers: {exc.detail}")
     pin = None
     if args.pin is not None:
         cpus = args.pin.split(",")

@@ -183,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "max": round(done[-1], 3) if done else None,
             f"over_{SLOW_S:g}_s": sum(1 for s in done if s > SLOW_S),
         },
-        "engine0_failed_requests": metrics["failed_requests"],
+        "engine0_failed_calls": metrics["failed_calls"],  # retried elsewhere, or failed
         "engine0_completed_requests": metrics["completed_requests"],
         "engine0_circuit": metrics["circuit"],
         "first_open_s": None if opened_at is None else round(opened_at, 2),

@@ -41,6 +41,7 @@ import aiohttp
 
 from sage_llm.bench.cli_args import above, at_least, check_out
 from sage_llm.bench.procs import free_ports, start_engine_sims
+from sage_llm.orphans import dies_with_parent
 
 _CONFIG = """\
 [services.llm_control_plane]
@@ -269,11 +270,13 @@ async def soak_gateway(
     launcher = ["-m", "sage_llm.cli"]
     if traced is not None:
         launcher = ["-c", _TRACED_SERVE, str(traced)]
-    proc = await asyncio.create_subprocess_exec(
+    argv = dies_with_parent([  # stopped with this script, however it ends
         sys.executable, *launcher, "serve", "--config", str(cfg),
         "--port", str(port), "--log-level", "warning",
-        stdout=log, stderr=log, start_new_session=True,
-    )  # fmt: skip
+    ])  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=log, stderr=log, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     url = base + "/v1/completions"
     outcomes: dict[str, int] = {"ok": 0, "failed": 0}
@@ -451,6 +454,8 @@ def main() -> None:
     check_out(p, "--out", args.out)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.tracemalloc is not None:
+        if args.tracemalloc.exists() and not args.tracemalloc.is_dir():
+            p.error(f"--tracemalloc: {args.tracemalloc} is a file, not a folder")
         args.tracemalloc.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(soak(args))
     summary = {k: v for k, v in report.items() if k != "samples"}

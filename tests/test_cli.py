@@ -115,6 +115,7 @@ def listening() -> Iterator[int]:
             ["bench", "compare", "--rates", "1,-2"],
             "Invalid value for '--rates': must be finite numbers > 0, got -2",
         ),
+        (["bench", "compare", "--rates", "2,1,2"], "Invalid value for '--rates': 2 is given twice"),
         (
             ["bench", "compare", "--presets", "fifo+nosuch"],
             "Invalid value for '--presets': "

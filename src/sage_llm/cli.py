@@ -212,6 +212,7 @@ def _split(text: str | None) -> list[str]:
 
 
 def _rates(value: str | None) -> str | None:
+    seen: set[float] = set()
     for part in _split(value):
         try:
             rate = float(part)
@@ -219,6 +220,9 @@ def _rates(value: str | None) -> str | None:
             raise typer.BadParameter(f"{part!r} is not a number") from None
         if not (math.isfinite(rate) and rate > 0):
             raise typer.BadParameter(f"must be finite numbers > 0, got {part}")
+        if rate in seen:  # each rate's table would hold both runs
+            raise typer.BadParameter(f"{part} is given twice")
+        seen.add(rate)
     return value
 
 

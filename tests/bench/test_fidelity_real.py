@@ -176,3 +176,18 @@ def test_refit_of_a_file_that_is_no_report_is_a_usage_error(
             main(["--refit", str(given), "--out", str(tmp_path / "x.json")])
         assert info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_url_that_is_no_engine_base_url_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before anything runs (it had ended in a traceback from the HTTP client)."""
+    for url, message in (
+        ("127.0.0.1:19790", "is not an http(s)://host[:port] URL"),
+        ("localhost", "is not an http(s)://host[:port] URL"),
+        ("http://127.0.0.1:99999", "is not a URL: Port out of range"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["--url", url, "--out", str(tmp_path / "x.json")])
+        assert info.value.code == 2
+        assert f"--url: '{url}' {message}" in capsys.readouterr().err

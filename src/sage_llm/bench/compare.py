@@ -494,9 +494,22 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
     capacity: float | None = None
     rates = cfg.rates
     if not rates:
-        probe = build_workload(
-            cfg.workload, rate=1.0, duration_s=CALIBRATION_REQUESTS, seed=cfg.seed, model=cfg.model
-        )
+        try:
+            probe = build_workload(
+                cfg.workload, rate=1.0, duration_s=CALIBRATION_REQUESTS, seed=cfg.seed,
+                model=cfg.model,
+            )  # fmt: skip
+        except ConfigError as exc:
+            if not cfg.workload.startswith("trace:"):
+                raise
+            if "fewer than the" not in exc.detail:
+                raise
+            trace = cfg.workload.removeprefix("trace:")
+            raise ConfigError(  # its rate × duration were not the user's
+                f"trace {trace} has fewer than the {CALIBRATION_REQUESTS} requests that "
+                "calibrating the rate (--load) replays: give a longer trace, or --rate / --rates",
+                key="workload",
+            ) from None
         say("calibrating capacity on virtual time")
         capacity = await asyncio.to_thread(
             calibrate_capacity, probe, engines=cfg.engines, gpu=cfg.gpu, model=cfg.model
@@ -623,10 +636,14 @@ def compare_main(
         )
     check = target_check(result.entries)
     if check is not None:
+
+        def shown(ratio: float | None) -> str:  # none when a side has no figure
+            return "-" if ratio is None else f"{ratio:.2f}"
+
         console.print(
             f"best sage-llm: {check.best_sage}; best peer: {check.best_peer}; goodput ratio "
-            f"{check.goodput_ratio or 0:.2f} (target ≥ 1.25), P99 TTFT ratio "
-            f"{check.p99_ttft_ratio or 0:.2f} (target ≤ 0.7)"
+            f"{shown(check.goodput_ratio)} (target ≥ 1.25), P99 TTFT ratio "
+            f"{shown(check.p99_ttft_ratio)} (target ≤ 0.7)"
         )
     json_path, html_path = write_reports(result)
     console.print(f"wrote {json_path} and {html_path}")

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -364,6 +365,18 @@ def refit(report: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being an engine's base URL (``http://host:port``), or None."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        _ = parsed.port  # raises for one out of range
+    except ValueError as exc:
+        return f"{url!r} is not a URL: {exc}"
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"{url!r} is not an http(s)://host[:port] URL"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sage_llm.bench.fidelity``: measure, fit, compare, write the report."""
     default_python, default_model = real_vllm_paths()
@@ -392,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write the fitted profile there (default: the packaged cpu-tiny.json)",
     )
     args = parser.parse_args(argv)
+    if args.url is not None:
+        problem = _url_problem(args.url)
+        if problem is not None:
+            parser.error(f"--url: {problem}")
     check_out(parser, "--out", args.out)
     if args.write_profile is not None:
         check_out(parser, "--write-profile", args.write_profile)

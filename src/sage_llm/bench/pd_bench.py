@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_llm import jsonutil
 from sage_llm.bench.inprocess import replay
 from sage_llm.bench.report import check_out_file
 from sage_llm.bench.stats import SLO, BenchSummary, summarize
@@ -564,7 +565,7 @@ def pd_bench_main(
     if out is not None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            out.write_text(jsonutil.dumps_pretty(report) + "\n")  # (an infinite ratio: 1e999)
         except OSError as exc:
             raise ConfigError(f"cannot write {out}: {exc.strerror or exc}", key="out") from None
         print(f"report written to {out}")

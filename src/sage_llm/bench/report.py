@@ -23,6 +23,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
 
+from sage_llm import jsonutil
 from sage_llm.bench.stats import BenchSummary, RequestMeasurement, tpot, ttft
 from sage_llm.errors import ConfigError
 from sage_llm.types import RequestPriority
@@ -314,7 +315,7 @@ def write_json(
         **sections,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    path.write_text(jsonutil.dumps_pretty(data) + "\n", encoding="utf-8")
     return path
 
 
