@@ -171,6 +171,16 @@ def test_an_integer_beyond_a_float_is_a_config_error_not_an_overflow() -> None:
     assert info.value.key == "outstanding_weight"
 
 
+def test_an_integer_beyond_64_bits_is_refused() -> None:
+    """An integer parameter goes into float arithmetic (a PD transfer time): one beyond a
+    float had passed, then failed every disaggregated request."""
+    with pytest.raises(ConfigError, match=r"count: must be at most 9223372036854775807"):
+        build_params(Params, {"count": 10**400})
+    with pytest.raises(ConfigError, match=r"at most 9223372036854775807 \(64 bits\)") as info:
+        build_decider("adaptive", {"kv_bytes_per_token": 10**400})
+    assert info.value.key == "kv_bytes_per_token"
+
+
 def test_a_non_table_is_refused() -> None:
     with pytest.raises(ConfigError, match="parameters for thing must be a table, got 3"):
         build_params(Params, 3, owner="thing")  # type: ignore[arg-type]

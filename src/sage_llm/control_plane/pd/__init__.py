@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sage_llm.config_fields import described
+from sage_llm.config_fields import INT64_MAX, described
 from sage_llm.control_plane.params import Gathered, build_params
 from sage_llm.control_plane.pd.connectors import (
     CONNECTOR_NAMES,
@@ -117,11 +117,13 @@ def build_pd(
     parts = Gathered()
     kv_bytes = meta.get("kv_bytes_per_token")
     if kv_bytes is not None and (
-        isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 1
+        isinstance(kv_bytes, bool)
+        or not isinstance(kv_bytes, int)
+        or not 1 <= kv_bytes <= INT64_MAX
     ):  # checked here once: both the decider and the pairing would take it
         parts.errors.append(
             ConfigError(
-                f"must be a positive integer, got {described(kv_bytes)}",
+                f"must be a positive integer of at most 64 bits, got {described(kv_bytes)}",
                 key="metadata.kv_bytes_per_token",
             )
         )
