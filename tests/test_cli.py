@@ -724,6 +724,15 @@ def test_engine_sim_takes_vllms_engine_shape_flags(monkeypatch: pytest.MonkeyPat
     assert (config.block_size, config.num_gpu_blocks) == (32, 400)
     assert not config.enable_chunked_prefill and not config.enable_prefix_caching
     assert config.max_model_len == 2048
+    # without chunked prefill and no budget given, the budget is the context, as vLLM's
+    for extra, budget in (
+        (["--model", "llama-3.1-8b"], 131072),
+        (["--max-model-len", "4096"], 8192),
+    ):
+        served.clear()
+        code, out = invoke("engine-sim", "--port", "18999", "--no-enable-chunked-prefill", *extra)
+        assert code == 0, out
+        assert served[0].config.max_num_batched_tokens == budget
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

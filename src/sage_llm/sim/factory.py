@@ -21,6 +21,7 @@ from sage_llm.bench.fidelity import FittedProfile, load_profile
 from sage_llm.control_plane.instances import LatencyPriors
 from sage_llm.errors import ConfigError, NotFoundError
 from sage_llm.sim.clock import Clock
+from sage_llm.sim.core import default_max_model_len
 from sage_llm.sim.costmodel import FrontEndModel
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.specs import get_gpu, get_model
@@ -61,6 +62,10 @@ def _profile_for(instance: ExecutionInstance) -> FittedProfile | None:
     )
 
 
+UNCHUNKED_MIN_BATCHED_TOKENS = 8192
+"""vLLM's least default token budget of a step without chunked prefill."""
+
+
 def engine_settings(
     gpu: str, model: str, **params: Any
 ) -> tuple[SimEngineConfig, FrontEndModel | None]:
@@ -69,6 +74,11 @@ def engine_settings(
     one for this GPU × model on one device, with its front end; else the roofline defaults
     and no front end."""
     tp, pp = int(params.get("tp", 1)), int(params.get("pp", 1))
+    if params.get("enable_chunked_prefill") is False and "max_num_batched_tokens" not in params:
+        # as vLLM: without chunked prefill a step holds a whole prompt, so its default
+        # budget is the context (at least its usual 8192)
+        length = params.get("max_model_len") or default_max_model_len(model)
+        params["max_num_batched_tokens"] = max(int(length), UNCHUNKED_MIN_BATCHED_TOKENS)
     profile = fitted_profile(gpu, model, tp=tp, pp=pp)
     if profile is None:
         return SimEngineConfig(model=model, gpu=gpu, **params), None
