@@ -205,6 +205,32 @@ def test_a_virtual_loop_holds_its_time_between_calls() -> None:
         runner.stop()
 
 
+def test_a_virtual_loop_finalizes_its_generators_at_stop() -> None:
+    """A generator left suspended, whose finally waits on a timer, is finalized at stop on
+    virtual time too (time held between calls had left stop waiting its whole timeout)."""
+    runner = LoopThread(loop_factory=VirtualEventLoop)
+    runner.start()
+    closed: list[str] = []
+    kept: list[AsyncIterator[int]] = []
+
+    async def open_generator() -> None:
+        async def gen() -> AsyncIterator[int]:
+            try:
+                yield 1
+                yield 2
+            finally:
+                await asyncio.sleep(0.5)
+                closed.append("closed")
+
+        kept.append(gen())
+        await anext(kept[0])
+
+    runner.run(open_generator())
+    started = time.monotonic()
+    runner.stop(timeout=10)
+    assert time.monotonic() - started < 5 and closed == ["closed"]
+
+
 def test_stop_cancels_the_calls_before_final_runs() -> None:
     """``final`` (closing an engine) runs once the calls in flight are cancelled, so their
     callers are told the service stopped, not what closing the engine did to them."""

@@ -208,6 +208,9 @@ class LoopThread:
         loop.call_soon(ready.set)
         try:
             loop.run_forever()
+            hold = getattr(loop, "hold_time", None)
+            if hold is not None:  # its timers run out now: nothing waits for a call any more
+                hold(False)
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)
