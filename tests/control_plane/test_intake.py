@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 
 from sage_llm.control_plane.intake import build_request
@@ -85,6 +87,9 @@ def test_messages_are_checked_as_the_gateway_checks_them() -> None:
             build_request(make_metadata("r", messages=messages, prompt=None), "m", now=0.0,
                           stream=True, default_max_tokens=16, block_size=16)  # fmt: skip
         assert info.value.param == param
+    mapping = OrderedDict(role="user", content="x")  # a library caller's Mapping: a message
+    build_request(make_metadata("r", messages=[mapping], prompt=None), "m", now=0.0,
+                  stream=True, default_max_tokens=16, block_size=16)  # fmt: skip
     both = make_metadata("r", messages=[{"role": "user", "content": "x"}], prompt="y")
     with pytest.raises(InvalidRequestError, match="not both") as info:
         build_request(both, "m", now=0.0, stream=True, default_max_tokens=16, block_size=16)

@@ -171,6 +171,9 @@ def test_stream_options_are_for_streams_only() -> None:
                   "stream_options": usage_and_more})  # fmt: skip
     assert gen.meta.extra_body["stream_options"] == {"foo": 1, "continuous_usage_stats": True}
     assert "stream_options" not in streamed.meta.extra_body
+    # kv_transfer_params null is none (it is the PD legs' own otherwise: a 400)
+    gen = _parse({"model": MODEL, "prompt": "Hi", "kv_transfer_params": None})
+    assert "kv_transfer_params" not in gen.meta.extra_body
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def test_configured_admin_token_wins_over_the_environment() -> None:
         ({"KEYS": " , ,", "ADMIN": "t"}, "gateway.api_keys_env", "KEYS holds no API key"),
         ({"KEYS": "k"}, "gateway.admin_token_env", "ADMIN is not set"),
         ({"KEYS": "k", "ADMIN": " "}, "gateway.admin_token_env", "ADMIN is empty"),
-        ({"KEYS": "k,t", "ADMIN": "t"}, "gateway.admin_token", "also one of the API keys"),
+        ({"KEYS": "k,t", "ADMIN": "t"}, "gateway.admin_token_env", "also one of the API keys"),
     ],
 )
 def test_a_named_variable_unset_or_without_a_secret_is_an_error(

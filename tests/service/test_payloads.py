@@ -207,6 +207,14 @@ def test_every_request_id_of_a_batch_is_its_own() -> None:
     assert len(set(fresh)) == 2 and all(len(rid) == 32 for rid in fresh)
 
 
+def test_a_message_problem_is_named_by_the_input_not_an_option() -> None:
+    """The control plane names a chat message's problem ``messages[0]…``: the messages
+    are an input (they had been named ``inputs[1].options.messages[0]…``)."""
+    err = InvalidRequestError("messages[0].name: must be a string", param="messages[0].name")
+    locate_error(err, "inputs[1]")
+    assert err.param == "inputs[1]" and str(err).startswith("inputs[1]: messages[0].name")
+
+
 def test_a_request_fields_error_is_named_by_the_option_it_came_from() -> None:
     """The control plane's ``model_name`` is the payload's ``model`` option."""
     err = InvalidRequestError(

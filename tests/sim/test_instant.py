@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import aiohttp
 import openai
 import pytest
 
@@ -101,6 +102,15 @@ async def test_served_over_http_answers_completions_and_streamed_chat() -> None:
             usage = event.usage or usage
         assert text == " x x"
         assert usage is not None and usage.completion_tokens == 2
+        # the token ids it returns are ones its /detokenize reads
+        ids = await client.completions.create(
+            model=MODEL, prompt="hello", max_tokens=2, extra_body={"return_token_ids": True}
+        )
+        token_ids = ids.model_dump()["choices"][0]["token_ids"]
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/detokenize"
+            async with http.post(url, json={"tokens": token_ids}) as resp:
+                assert (resp.status, await resp.json()) == (200, {"prompt": " x x"})
     finally:
         await client.close()
         await runner.cleanup()

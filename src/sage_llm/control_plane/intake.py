@@ -97,6 +97,8 @@ def build_request(
         if prompt is not None:
             raise InvalidRequestError("give a prompt or messages, not both", param="prompt")
         for i, message in enumerate(meta.messages):  # as the gateway and vLLM check them
+            if type(message) is not dict and isinstance(message, Mapping):
+                message = dict(message)  # a library caller's mapping (an OrderedDict …)
             if (problem := message_problem(message)) is not None:
                 where, detail = problem
                 raise InvalidRequestError(

@@ -183,6 +183,8 @@ _VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
 ExpectHandler = Callable[[web.Request], Awaitable[None]]
+_REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
+"""Request key: its ``Expect: 100-continue`` was answered with no 100 (it is refused)."""
 
 
 def continue_or_refuse(
@@ -203,7 +205,8 @@ def continue_or_refuse(
             try:
                 authorize(request, keys, admin_token)
             except SageLLMError:
-                return  # the middleware refuses it unread
+                request[_REFUSED_UNREAD] = True  # the middleware refuses it unread
+                return
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer itself has not begun
 
@@ -281,7 +284,7 @@ def _observe(
         try:
             authorize(request, guard[0], guard[1])
         except SageLLMError as exc:
-            if waits_to_send(request):  # refused before its 100 Continue (continue_or_refuse)
+            if request.get(_REFUSED_UNREAD):  # before its 100 Continue (continue_or_refuse)
                 leave_unread(request)
             return error_response(request, exc)
         try:

@@ -70,10 +70,11 @@ SESSION_HEADER = "x-session-id"
 CONSUMED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
      "top_p", "stop", "stream", "stream_options", "priority", "slo_deadline_ms",
-     "cost_budget"}
+     "cost_budget", "kv_transfer_params"}
 )  # fmt: skip
-"""Body fields the gateway maps onto RequestMetadata; every other field is passed on
-(``user`` too: the engine gets it as well as the control plane's session)."""
+"""Body fields the gateway maps onto RequestMetadata (``kv_transfer_params``: refused
+unless null); every other field is passed on (``user`` too: the engine gets it as well as
+the control plane's session)."""
 
 _USAGE_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 """``stream_options`` fields the gateway answers itself (the engine always reports usage)."""
@@ -350,7 +351,7 @@ def parse_generation(
             )
         include_usage = bool(stream and options is not None and options.include_usage)
         continuous = include_usage and bool(options and options.continuous_usage_stats)
-    if "kv_transfer_params" in body:  # the PD legs' own (docs/pd.md)
+    if body.get("kv_transfer_params") is not None:  # the PD legs' own (docs/pd.md)
         raise InvalidRequestError(
             "kv_transfer_params: the control plane sets it for its PD legs; a client does not",
             param="kv_transfer_params",

@@ -154,7 +154,7 @@ class ResolvedGateway:
         if admin is not None and admin in keys:  # a user's key would open the admin API
             raise ConfigError(
                 "is also one of the API keys: the admin token must be another",
-                key="gateway.admin_token",
+                key="gateway.admin_token" if settings.admin_token else "gateway.admin_token_env",
             )
         if settings.max_body_bytes < 1:
             raise ConfigError("must be >= 1", key="gateway.max_body_bytes")

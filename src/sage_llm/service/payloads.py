@@ -161,7 +161,7 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
         exc.message = exc.message.replace(param, _OPTION_NAMES[param], 1)
         exc.args = (exc.message, *exc.args[1:])
         param = _OPTION_NAMES[param]
-    if param in _INPUT_PARAMS or (where and not param):
+    if param in _INPUT_PARAMS or (param or "").startswith("messages[") or (where and not param):
         exc.param = where or "inputs"
     elif param and not param.startswith(_PAYLOAD_PARAMS):
         exc.param = f"{where}.options.{param}" if where else f"options.{param}"

@@ -50,6 +50,9 @@ def _asked(key: str, value: object) -> bool:
 class InstantEngine:
     """An :class:`~sage_llm.engines.base.EngineClient` whose every answer is immediate."""
 
+    generated_pieces = (_WORD,)
+    """The text of every token it generates (its server's ``/detokenize`` reads them)."""
+
     def __init__(self, instance_id: str, max_model_len: int = INSTANT_MAX_MODEL_LEN) -> None:
         if isinstance(max_model_len, bool) or not isinstance(max_model_len, int):
             raise ValueError(f"max_model_len must be an integer, got {max_model_len!r}")

@@ -235,7 +235,8 @@ class _EngineServer:
         self.version = _package_version()
         self._pieces: dict[int, str] = {}
         """Pieces of text tokenized here (recent ones: the cache is bounded)."""
-        self._generated = {tokens.token_id(f" {w}"): f" {w}" for w in WORDS}
+        pieces = getattr(engine, "generated_pieces", None) or [f" {w}" for w in WORDS]
+        self._generated = {tokens.token_id(piece): piece for piece in pieces}
         """Every piece the simulated engine generates, so its output detokenizes."""
         self._queue_source = engine if isinstance(engine, ReportsQueueTime) else None
         self._stop_source = engine if isinstance(engine, ReportsStopReason) else None
