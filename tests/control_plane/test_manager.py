@@ -386,6 +386,12 @@ def test_typed_reports_of_instances_and_scheduling() -> None:
             ]
             results = await asyncio.gather(*(cp.generate(m) for m in metas))
             reports = {iid: cp.get_instance_report(iid) for iid in ("sim-0", "sim-1")}
+            views = {i.instance_id: i for i in cp.get_instances()}  # the same live figures
+            for iid, rep in reports.items():
+                assert views[iid].throughput_tokens_per_sec == pytest.approx(
+                    rep.throughput_tokens_per_sec
+                )
+                assert views[iid].avg_latency_ms == pytest.approx(rep.avg_latency_ms)
             sched = cp.get_scheduling_metrics()
             assert cp.get_pd_metrics() is None
             with pytest.raises(InstanceNotFoundError):

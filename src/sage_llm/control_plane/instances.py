@@ -260,11 +260,15 @@ class InstanceState:
             self.measured,
         )
 
-    def public_instance(self) -> ExecutionInstance:
-        """A copy of the registered instance with its live fields filled in, and the GPUs
-        the control plane counts it on (``gpu_count``, at least TP × PP)."""
+    def public_instance(self, running_s: float = 0.0) -> ExecutionInstance:
+        """A copy of the registered instance with its live fields filled in (tokens per
+        second over the ``running_s`` seconds the control plane has run since it was
+        registered, as :meth:`report`'s), and the GPUs the control plane counts it on
+        (``gpu_count``, at least TP × PP)."""
         inst = self.instance
         avg = sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
+        prefilling = inst.instance_type is ExecutionInstanceType.PREFILLING
+        tokens = self.prefilled_tokens if prefilling else self.tokens_generated
         return replace(
             inst,
             gpu_count=self.gpu_count,
@@ -273,6 +277,7 @@ class InstanceState:
             active_requests=self.in_flight,
             current_load=min(1.0, self.in_flight / max(inst.max_concurrent_requests, 1)),
             avg_latency_ms=avg,
+            throughput_tokens_per_sec=tokens / running_s if running_s > 0 else 0.0,
             gpu_utilization=self.last_stats.kv_usage if self.last_stats else 0.0,
         )
 

@@ -558,7 +558,12 @@ class ControlPlaneManager:
         """The registered instances, with their live figures; with ``removing``, also
         those being removed (:meth:`unregister_instance`) whose requests in flight have
         not finished yet."""
-        return [s.public_instance() for s in self._registry if removing or not s.removed]
+        elapsed = self._elapsed()
+        return [
+            s.public_instance(elapsed - s.registered_at)
+            for s in self._registry
+            if removing or not s.removed
+        ]
 
     def servable_models(self) -> list[str]:
         """The models a request could run for now: an instance that runs whole requests is
@@ -1017,7 +1022,8 @@ class ControlPlaneManager:
     async def cancel_request(self, request_id: str) -> bool:
         """Cancel a queued or running request (a running one's engine call is aborted).
         Returns False when the request had already ended (after :meth:`stop` every one
-        has)."""
+        has); raises :class:`RequestNotFoundError` for an id it does not know (never
+        given, or ended so long ago that its result was let go)."""
         rec = self._in_progress().get(request_id)
         if rec is None:
             if self._finished.get(request_id, self.clock.now()) is not None:
