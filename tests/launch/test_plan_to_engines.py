@@ -434,6 +434,22 @@ def test_a_plan_file_takes_overrides_of_its_settings(tmp_path: Path) -> None:
         load_launch_config(path, overrides={"base_port": 0})
 
 
+def test_simulated_settings_of_another_model_than_the_plans_are_refused(tmp_path: Path) -> None:
+    """A plan's shapes were chosen for its model and GPU: settings simulating another (the
+    LaunchSettings defaults among them) had started Llama-3-8B engines for a 70B plan."""
+    path = tmp_path / "plan.json"
+    path.write_text(plan_command("llama-3-70b", "8xH100", "2s", "50ms", as_json=True))
+    with pytest.raises(ConfigError, match="the plan is for the model 'Llama-3-70B'") as info:
+        load_launch_config(path, LaunchSettings(base_port=18820))
+    assert str(path) in str(info.value)
+    with pytest.raises(ConfigError, match="the plan is for the GPU 'H100'"):
+        load_launch_config(path, LaunchSettings(model="llama-3-70b", sim_gpu="a100"))
+    same = load_launch_config(path, LaunchSettings(model="llama-3-70b", base_port=18820))
+    assert same.settings.base_port == 18820
+    vllm = LaunchSettings(engine="vllm", model="/models/llama-3-70b", base_port=18820)
+    assert load_launch_config(path, vllm).settings.model == "/models/llama-3-70b"  # a path
+
+
 def test_a_launch_file_whose_node_could_never_serve_is_a_located_error(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -57,6 +57,7 @@ from sage_llm.launch.plan_to_engines import (
     engines_from_plan,
     fleet_problem,
     load_launch_config,
+    plan_settings_problem,
 )
 from sage_llm.orphans import dies_with_parent
 from sage_llm.types import ExecutionInstance
@@ -470,6 +471,9 @@ def _as_config(source: Any, settings: LaunchSettings | None) -> LaunchConfig:
         return source
     if isinstance(source, Plan):
         base = settings or LaunchSettings(model=source.model.name, sim_gpu=source.gpu.name)
+        problem = plan_settings_problem(base, source.model.name, source.gpu.name)
+        if problem is not None:
+            raise ConfigError(problem, key="settings")
         return LaunchConfig(base, list(source.instances))
     if isinstance(source, str | Path):
         return load_launch_config(source, settings)

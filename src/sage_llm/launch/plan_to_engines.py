@@ -788,6 +788,30 @@ def _read_plan(
         return None
 
 
+def plan_settings_problem(settings: LaunchSettings, model: object, gpu: object) -> str | None:
+    """What keeps simulated engines of ``settings`` from standing in for a plan made for
+    ``model`` on ``gpu`` (another model, or GPU, than the plan's: their shapes were chosen
+    for it), or None. A vLLM engine's ``model`` is a path: not compared."""
+    if settings.engine != "sim":
+        return None
+    for what, planned, given, get in (
+        ("model", model, settings.sim_model or settings.model, get_model),
+        ("GPU", gpu, settings.sim_gpu, get_gpu),
+    ):
+        if not isinstance(planned, str):
+            continue
+        try:
+            same = get(planned).name == get(given).name
+        except ConfigError:
+            continue  # an unknown name is said where it is read
+        if not same:
+            return (
+                f"the plan is for the {what} {planned!r} but the launch settings simulate "
+                f"{given!r}: give settings of the plan's {what}, or leave them out"
+            )
+    return None
+
+
 def load_launch_config(
     path: str | Path,
     settings: LaunchSettings | None = None,
@@ -840,6 +864,8 @@ def load_launch_config(
             settings = LaunchSettings(**values)
         elif values:
             settings = replace(settings, **values)
+        if problem := plan_settings_problem(settings, data.get("model"), data.get("gpu")):
+            raise ConfigError(problem, location=str(path), key="model")
         if settings.engine == "sim":  # said now, each shape once, not when the engines exit
             said: set[str] = set()
             model = settings.sim_model or settings.model
