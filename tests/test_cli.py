@@ -259,6 +259,16 @@ def test_launch_options_for_a_plan_file_are_refused_with_a_launch_file(tmp_path:
         )
 
 
+def test_a_plan_is_known_by_its_text_whatever_its_file_is_called(tmp_path: Path) -> None:
+    """As config check knows it: a plan saved as plan.out had been read as TOML by launch."""
+    plan = tmp_path / "plan.out"
+    plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
+    code, output = invoke("config", "check", str(plan))
+    assert code == 0 and "OK (2 engines on node 0)" in output
+    code, output = invoke("launch", str(plan), "--node", "3")  # a plan's option: it is read
+    assert code == 1 and f"{plan}: --node: " in output, output
+
+
 def split_plan(tmp_path: Path) -> Path:
     """A plan file as older planners wrote it: prefill on node 0, decode on node 1."""
     plan = tmp_path / "split.json"

@@ -759,8 +759,10 @@ def launch(
     """
     _setup_logging(ctx, log_level, log_format)
     from sage_llm.config import SageConfig, load_config
+    from sage_llm.config_locate import read_utf8
     from sage_llm.errors import ConfigError
     from sage_llm.launch import engines_from_plan, load_launch_config
+    from sage_llm.launch.plan_to_engines import is_plan_text
 
     try:
         sage = load_config(config_file) if config_file is not None else SageConfig.default()
@@ -786,17 +788,22 @@ def launch(
         overrides["log_dir"] = log_dir
     if node is not None:
         overrides["node"] = node
-    if overrides and source.suffix.lower() != ".json":
+    try:  # read once (a pipe has one reading), a plan known by its text as config check does
+        text = read_utf8(source, "the launch file")
+    except ConfigError as exc:
+        _fail(exc.message)
+    is_plan = source.suffix.lower() == ".json" or is_plan_text(text)
+    if overrides and not is_plan:
         _fail(
             "--base-port, --log-dir and --node apply to a plan file (.json); "
             "a launch file sets base_port, log_dir and node"
         )
     try:
-        config = load_launch_config(source, overrides=overrides)
+        config = load_launch_config(source, overrides=overrides, text=text)
         engines = engines_from_plan(config.instances, config.settings)
     except ConfigError as exc:
         options = {"node": "--node", "base_port": "--base-port", "log_dir": "--log-dir"}
-        option = options.get(exc.key or "") if source.suffix.lower() == ".json" else None
+        option = options.get(exc.key or "") if is_plan else None
         if option is None:
             _fail(exc.message)
         _fail(f"{exc.location or source}: {option}: {exc.detail}")
