@@ -145,8 +145,15 @@ async def test_a_missing_program_is_a_clear_error(tmp_path: Path) -> None:
 
 async def test_health_timeout(tmp_path: Path) -> None:
     hang = script("hang", "import time; time.sleep(60)", free_ports(1))
-    with pytest.raises(EngineTimeoutError, match=r"'hang' not healthy after 0\.3 s"):
-        await launch_engines([hang], settings=settings(tmp_path, health_timeout_s=0.3))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(EngineTimeoutError, match=r"'hang' not healthy after 0\.3 s") as info:
+        # a poll interval beyond the timeout: the timeout still bounds the wait
+        await launch_engines(
+            [hang], settings=settings(tmp_path, health_timeout_s=0.3, health_poll_s=20.0)
+        )
+    assert loop.time() - started < 10.0
+    assert "(GET http://127.0.0.1:" in str(info.value)  # what was polled, and its answer
     # the log records the command line that was run
     assert "time.sleep(60)" in (tmp_path / "logs" / "hang.log").read_text()
 

@@ -103,24 +103,32 @@ async def wait_healthy(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     probe = aiohttp.ClientTimeout(total=max(poll_s * 4, 1.0))
+    last = "no answer yet"
     try:
         while True:
             code = await exited()
             if code is not None:
                 raise EngineError(f"exited with code {code} before it was healthy", retryable=False)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            healthy = False
+            try:
                 async with http.get(url, timeout=probe) as resp:
                     healthy = resp.status == 200
-                if healthy:
-                    code = await exited()  # whoever answered, a dead engine is no engine
-                    if code is not None:
-                        raise EngineError(
-                            f"exited with code {code} before it was healthy", retryable=False
-                        )
-                    return
-            if loop.time() >= deadline:
-                raise EngineTimeoutError(f"not healthy after {timeout_s:g} s", retryable=False)
-            await asyncio.sleep(poll_s)
+                    last = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last = " ".join(str(exc).split()) or type(exc).__name__
+            if healthy:
+                code = await exited()  # whoever answered, a dead engine is no engine
+                if code is not None:
+                    raise EngineError(
+                        f"exited with code {code} before it was healthy", retryable=False
+                    )
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                raise EngineTimeoutError(
+                    f"not healthy after {timeout_s:g} s (GET {url}: {last})", retryable=False
+                )
+            await asyncio.sleep(min(poll_s, left))  # the deadline bounds the wait
     finally:
         if own:
             await http.close()
