@@ -138,3 +138,20 @@ def test_estimates_take_their_first_observation_and_learn_a_lower_fixed_part() -
     assert state.est_ttft_base_s < 0.02
     assert 1.0 / state.est_s_per_prefill_token <= 1e7 + 1  # bounded: it reached 1.5e20/s
     assert state.measured and state.view().measured
+
+
+def test_a_fleet_all_draining_is_down_as_draining_though_one_is_also_ejected() -> None:
+    """A planned stop is not an outage: one drained instance that was also ejected had
+    turned the refusal's reason into no_healthy_instance (queued ones said draining)."""
+    registry = InstanceRegistry()
+    states = [
+        registry.add(make_instance(iid, model_name="m"), None, LatencyPriors())  # type: ignore[arg-type]
+        for iid in ("a", "b")
+    ]
+    for state in states:
+        state.draining = True
+    states[1].breaker.state = CircuitState.OPEN
+    reason, why = registry.down("m")
+    assert (reason, why) == ("draining", "every instance serving model 'm' is draining (2)")
+    states[0].draining = False  # one not draining, and up: not a drain
+    assert registry.down("m")[0] == "no_healthy_instance"

@@ -445,11 +445,10 @@ class InstanceRegistry:
         serving = [
             s for s in self._states.values() if s.instance.model_name == model and not s.removed
         ]
+        if serving and all(s.draining for s in serving):  # ejected ones too: a planned stop
+            why = f"every instance serving model {model!r} is draining ({len(serving)})"
+            return "draining", why
         if serving and all(s.routable for s in serving):
-            drained = sum(1 for s in serving if s.draining)
-            if drained == len(serving):
-                why = f"every instance serving model {model!r} is draining ({drained})"
-                return "draining", why
             return (
                 "no_healthy_instance",
                 f"no instance serving model {model!r} is accepting requests right now",
