@@ -140,6 +140,24 @@ async def test_an_engine_failure_after_its_last_chunk_leaves_the_answer_whole(
     assert any("after its whole answer was sent" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_stream_of_several_prompts_is_logged_under_the_clients_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its failure line (and error event) name the id the client sent and got back, not a
+    prompt's part of it (``multi-0``), so the line joins the access line."""
+    async with serve(1, wrap=_faulty) as gw, aiohttp.ClientSession() as s:
+        body = body_of(stream=True, max_tokens=8)
+        body["prompt"] = ["first prompt", "second prompt"]
+        headers = {"x-request-id": "multi"}
+        async with s.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+            assert resp.status == 200 and resp.headers["x-request-id"] == "multi"
+            events = await read_events(resp)
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+    failed = [r for r in caplog.records if "(after its 200" in r.getMessage()]
+    assert [getattr(r, "request_id", None) for r in failed] == ["multi"]
+    assert failed[0].getMessage().startswith("request multi failed")
+
+
 async def test_mid_stream_failure_ends_with_an_error_event_then_done() -> None:
     async with serve(1, wrap=_faulty) as gw, aiohttp.ClientSession() as s:
         body = chat_body(stream=True, max_tokens=8, stream_options={"include_usage": True})

@@ -244,13 +244,18 @@ def _rid(gen: Generation) -> dict[str, str]:
     return {"request_id": gen.request_id}
 
 
-def _client_gone(gen: Generation) -> None:
-    log.info("client of request %s went away; cancelling it", gen.request_id, extra=_rid(gen))
+def _client_gone(request_id: str) -> None:
+    log.info(
+        "client of request %s went away; cancelling it", request_id,
+        extra={"request_id": request_id},
+    )  # fmt: skip
 
 
-def _timeout_error(gen: Generation) -> DeadlineExceededError:
+def _timeout_error(gen: Generation, request_id: str) -> DeadlineExceededError:
+    """``gen`` passed its time limit: said of ``request_id``, the client's (of a request
+    with several prompts, the whole request, not the prompt's part)."""
     assert gen.timeout_s is not None
-    return DeadlineExceededError.request_timed_out(gen.request_id, gen.timeout_s)
+    return DeadlineExceededError.request_timed_out(request_id, gen.timeout_s)
 
 
 def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | None) -> Usage:
@@ -455,7 +460,7 @@ async def relay_stream(
         if len(gens) == 1
         else merged_batches(manager, gens, request_id)
     )
-    end = _Ending()
+    end = _Ending(request_id)
     timeout_s = gen.timeout_s
 
     def expired() -> None:  # the requests' errors say so when they are cancelled for it
@@ -471,21 +476,21 @@ async def relay_stream(
                     await _final_usage(manager, gen, None)  # raises when it was cancelled
                 end.sink = await open_sink()
                 if end.sink is None:  # the client left before its first byte
-                    _client_gone(gen)
+                    _client_gone(request_id)
                     return CLIENT_GONE  # closing the stream below cancels the request
                 end.opened = True
                 await _relay(end, batches, first, manager, gen, fmt)
         except TimeoutError:
             if not end.opened:  # nothing sent yet
-                raise _timeout_error(gen) from None
+                raise _timeout_error(gen, request_id) from None
             if end.sink is not None:
-                end.fail(_timeout_error(gen).to_openai(), gen)
+                end.fail(_timeout_error(gen, request_id).to_openai())
             else:  # the stream had ended (or its client had gone)
                 log.warning(
                     "request %s passed its %s s limit after its stream had ended; cancelling it",
-                    gen.request_id,
+                    request_id,
                     gen.timeout_s,
-                    extra=_rid(gen),
+                    extra={"request_id": request_id},
                 )
         await end.finish()
     finally:
@@ -497,9 +502,11 @@ class _Ending:
     """A stream's sink while open, and what is still to be written when it ends: the
     request's last chunk (held back so it leaves with the usage chunk), error events."""
 
-    __slots__ = ("error", "opened", "sink", "tail")
+    __slots__ = ("error", "opened", "request_id", "sink", "tail")
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        """The client's id of the request (of one with several prompts: the whole's)."""
         self.sink: StreamSink | None = None
         self.opened = False
         """Whether the sink was opened (the client has the status line)."""
@@ -508,15 +515,16 @@ class _Ending:
         """The code of the error event in the tail, or :data:`CLIENT_GONE`; None while
         all is well."""
 
-    def fail(self, body: dict[str, Any], gen: Generation) -> None:
+    def fail(self, body: dict[str, Any]) -> None:
         """End the stream with the error event of ``body`` (logged as such)."""
         error = body["error"]
         code = error.get("code")
         self.error = code if isinstance(code, int) else 500
+        rid = self.request_id
         log.warning(
             "request %s failed (%s %s): %s (after its 200: the stream ended with an error "
-            "event)", gen.request_id, code, error.get("type"), error.get("message"),
-            extra=_rid(gen),
+            "event)", rid, code, error.get("type"), error.get("message"),
+            extra={"request_id": rid},
         )  # fmt: skip
         self.tail += encode_event(body)
 
@@ -586,14 +594,15 @@ async def _relay(
         if gen.include_usage:
             end.tail += encode_event(fmt.usage_chunk(final))
     except ConnectionResetError:
-        _client_gone(gen)
+        _client_gone(end.request_id)
         end.sink = None  # nothing more can be written
         end.error = CLIENT_GONE
     except SageLLMError as exc:
-        end.fail(exc.to_openai(), gen)
+        end.fail(exc.to_openai())
     except Exception:
-        log.exception("stream of request %s failed", gen.request_id, extra=_rid(gen))
-        end.fail(error_body("internal server error", "internal_error", 500), gen)
+        rid = end.request_id
+        log.exception("stream of request %s failed", rid, extra={"request_id": rid})
+        end.fail(error_body("internal server error", "internal_error", 500))
 
 
 async def _end_early(
@@ -615,6 +624,6 @@ async def _end_early(
             pass
     except SageLLMError as exc:
         log.warning(
-            "request %s failed after its whole answer was sent: %s", gen.request_id, exc,
-            extra=_rid(gen),
+            "request %s failed after its whole answer was sent: %s", end.request_id, exc,
+            extra={"request_id": end.request_id},
         )  # fmt: skip
