@@ -94,6 +94,21 @@ def test_no_deadline_requests_do_not_starve() -> None:
     assert served_at == 30.0
 
 
+def test_a_demoted_request_never_goes_before_a_deadline_request() -> None:
+    """Unlike a request without a deadline, a demoted one does not jump the deadline
+    requests once it has waited ``no_deadline_max_wait_s``: it would push feasible requests
+    past their deadlines (as the policy's docs promise it cannot)."""
+    policy = SLOAwarePolicy(SLOAwarePolicy.Params(no_deadline_max_wait_s=2.0))
+    snap = make_snapshot([SLOW], now=0.0)
+    hopeless = make_request_info("hopeless", arrival=0.0, slo_s=0.5, max_tokens=100)
+    assert policy.admit(hopeless, snap).priority is RequestPriority.BACKGROUND
+    policy.push(hopeless)
+    later = make_snapshot([SLOW], now=10.0)  # long past no_deadline_max_wait_s
+    admit_and_push(policy, make_request_info("feasible", arrival=10.0, slo_s=600.0), later)
+    admit_and_push(policy, make_request_info("patient", arrival=0.5), later)  # no deadline
+    assert pop_ids(policy, later) == ["patient", "feasible", "hopeless"]
+
+
 def test_infeasible_deadline_is_rejected_when_configured() -> None:
     policy = SLOAwarePolicy(SLOAwarePolicy.Params(infeasible_action="reject"))
     snap = make_snapshot([SLOW])

@@ -3,7 +3,8 @@
 Order (lower first):
 
 1. requests without a deadline that have waited ``no_deadline_max_wait_s`` or more,
-   oldest first (so they never starve);
+   oldest first (so they never starve; not demoted ones: they would push feasible
+   requests past their deadlines);
 2. requests with a deadline, least *slack* first, where
    ``slack = deadline - (now + best predicted e2e over the eligible instances)``;
 3. requests without a deadline (and demoted ones), in arrival order.
@@ -41,6 +42,7 @@ INFEASIBLE_ACTIONS = ("reject", "demote", "admit")
 
 _DEADLINE_LANE = 0
 _NO_DEADLINE_LANE = 1
+_DEMOTED_LANE = 2
 
 
 class SLOAwarePolicy(QueuedPolicy):
@@ -104,7 +106,9 @@ class SLOAwarePolicy(QueuedPolicy):
         return request_id in self._demoted
 
     def _place(self, req: RequestInfo) -> tuple[int, float]:
-        if req.deadline is None or req.request_id in self._demoted:
+        if req.request_id in self._demoted:
+            return _DEMOTED_LANE, req.arrival
+        if req.deadline is None:
             return _NO_DEADLINE_LANE, req.arrival
         best = None if self._snap is None else best_predicted_e2e(req, self._snap)
         service = 0.0 if best is None else best[1]
@@ -113,6 +117,8 @@ class SLOAwarePolicy(QueuedPolicy):
     def _rank(self, entry: QueueEntry, now: float) -> Rank:
         if entry.lane == _DEADLINE_LANE:
             return (1.0, entry.key, entry.seq)
+        if entry.lane == _DEMOTED_LANE:  # never ahead of a deadline it could push past
+            return (2.0, entry.key, entry.seq)
         if now - entry.req.arrival + EPS >= self.params.no_deadline_max_wait_s:
             return (0.0, entry.key, entry.seq)
         return (2.0, entry.key, entry.seq)
@@ -156,7 +162,9 @@ class SLOAwarePolicy(QueuedPolicy):
         state = super()._state()
         counts = self._queue.lane_counts()
         state["queued_with_deadline"] = counts.get(_DEADLINE_LANE, 0)
-        state["queued_without_deadline"] = counts.get(_NO_DEADLINE_LANE, 0)
+        state["queued_without_deadline"] = counts.get(_NO_DEADLINE_LANE, 0) + counts.get(
+            _DEMOTED_LANE, 0
+        )  # a demoted request is queued without its deadline
         state.update(self._counts)
         return state
 
