@@ -2384,3 +2384,24 @@ def test_a_bug_while_ending_a_request_still_ends_it(monkeypatch: pytest.MonkeyPa
             assert (status["pending_requests"], status["running_requests"]) == (0, 0)
 
     run_virtual(main())
+
+
+def test_a_burst_of_submits_to_an_idle_fleet_is_not_refused_as_a_full_queue() -> None:
+    """Each submit_request queued its request before any dispatch pass: with free slots
+    for all of them, a small queue bound had refused the third as a full queue."""
+
+    async def main() -> None:
+        cp = _manager(4, bound=4, max_queue_size=2)
+        async with cp:
+            rids = [await cp.submit_request(make_metadata(f"r{i}", max_tokens=4)) for i in range(6)]
+            results = [await cp.wait_for_result(rid) for rid in rids]
+            assert all(r.status is RequestStatus.COMPLETED for r in results)
+            # a full fleet still bounds its queue: 16 running, 2 queued, the next refused
+            more = [await cp.submit_request(make_metadata(f"m{i}", max_tokens=400))
+                    for i in range(18)]  # fmt: skip
+            with pytest.raises(QueueFullError):
+                await cp.submit_request(make_metadata("one-too-many", max_tokens=4))
+            for rid in more:
+                await cp.wait_for_result(rid)
+
+    run_virtual(main())

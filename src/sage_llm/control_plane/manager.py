@@ -1349,6 +1349,9 @@ class ControlPlaneManager:
         now = info.arrival
         policy = dispatcher.policy
         queued = dispatcher.queued_depth
+        if queued >= self.max_queue_size:  # at its bound: first start what can start now
+            dispatcher.dispatch_ready()  # (a burst of submits, each queued before a pass)
+            queued = dispatcher.queued_depth
         some_up, whole = registry.up_kinds(model)
         if not some_up:
             label, why = registry.down(model)
