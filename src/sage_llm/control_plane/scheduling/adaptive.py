@@ -303,6 +303,10 @@ class AdaptivePolicy:
             f"queue at {sig.load:.2f}x fleet capacity ({sig.waiting} waiting / "
             f"{sig.capacity} slots; {sig.queued} queued, {sig.free_slots} slots free)"
         )
+        if sig.queued == 0 and sig.capacity > 0 and sig.free_slots >= sig.capacity:
+            # idle: the windows (attainment, the request mix) are the past's, not the
+            # fleet's now; the next requests are admitted as arrival order admits them
+            return "fifo", "idle: nothing queued or running; arrival order is fair and cheapest"
         if sig.deadline_share >= p.deadline_share:
             low, high = p.slo_target - p.slo_margin, min(1.0, p.slo_target + p.slo_margin)
             if att is not None and (att < low or (cur == "slo_aware" and att < high)):
