@@ -371,7 +371,7 @@ class AdaptivePolicy:
             "current": self._current,
             "reason": self._reason,
             "switches": self._switches,
-            "since": self._since,
+            "since": self._since if self._switches else None,  # no switch yet: none
         }
         state: dict[str, object] = {**head, "queued": len(self), "ended": self._ended}
         state["signals"] = None if self._signals is None else asdict(self._signals)
