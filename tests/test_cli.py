@@ -269,6 +269,16 @@ def test_a_plan_is_known_by_its_text_whatever_its_file_is_called(tmp_path: Path)
     assert code == 1 and f"{plan}: --node: " in output, output
 
 
+def test_serve_refuses_a_json_file_as_config_check_does(tmp_path: Path) -> None:
+    """config check reads a .json file as a plan: serve had run it as TOML all the same."""
+    as_json = tmp_path / "cluster.json"
+    as_json.write_text("[services.llm_control_plane]\n")
+    code, output = invoke("serve", "--config", str(as_json))
+    assert code == 1 and "a .json file is a plan (sage-llm launch starts its engines)" in output
+    code, output = invoke("config", "check", str(as_json))
+    assert code == 1
+
+
 def split_plan(tmp_path: Path) -> Path:
     """A plan file as older planners wrote it: prefill on node 0, decode on node 1."""
     plan = tmp_path / "split.json"

@@ -330,6 +330,11 @@ def serve(
     from sage_llm.types import host_port
 
     log = logging.getLogger("sage_llm.serve")
+    if config is not None and config.suffix.lower() == ".json":  # as config check reads it
+        _fail(
+            f"{config}: a .json file is a plan (sage-llm launch starts its engines); the "
+            "gateway's configuration is a TOML file (.toml)"
+        )
     try:
         cfg = load_config(config) if config is not None else SageConfig.default()
         cfg.check_has_control_plane()
