@@ -585,6 +585,8 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "127.0.0.1#x"', "host", "without '#'"),  # the URL's port would be lost
         ('host = "127.0.0.1?x"', "host", "without '?'"),
         ('host = "user@h"', "host", "without '@'"),
+        ('machine_id = ""', "machine_id", "must not be empty"),  # every "" one machine
+        ('rack_id = " "', "rack_id", "must not be empty"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),
         ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
         ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),

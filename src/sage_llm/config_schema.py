@@ -210,9 +210,9 @@ class InstanceConfig:
     gpu_count: int = opt(1, _COUNT)
     gpu_memory_gb: float = opt(0.0, rule(ge=0))
     max_concurrent_requests: int = opt(100, _COUNT)
-    machine_id: str | None = None
-    rack_id: str | None = None
-    gpu_bus_id: str | None = None
+    machine_id: str | None = opt(None, _ID)  # "" would place every such instance alike
+    rack_id: str | None = opt(None, _ID)
+    gpu_bus_id: str | None = opt(None, _ID)
     gpu_device_id: int | None = opt(None, rule(ge=0))
     nvlink_peers: tuple[str, ...] = opt((), _ID)
     numa_node: int | None = opt(None, rule(ge=0))
@@ -221,7 +221,7 @@ class InstanceConfig:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     engine: str = opt("vllm", rule(choices=ENGINES, norm=str.lower))
     price_per_gpu_hour: float = opt(2.0, rule(ge=0))
-    nvlink_domain: str | None = None
+    nvlink_domain: str | None = opt(None, _ID)
     api_key: str | None = opt(None, rule(nonempty=True, secret=True))
     api_key_env: str | None = opt(None, _ENV)
     scheme: str = opt("http", rule(choices=("http", "https"), norm=str.lower))
