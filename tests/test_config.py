@@ -211,8 +211,14 @@ def test_document_dict_and_none_means_unset() -> None:
 
 
 def test_to_dict_round_trips() -> None:
+    on_sglang = SEED
+    for role in ("PREFILLING", "DECODING"):
+        typed = f'instance_type = "{role}"'
+        on_sglang = on_sglang.replace(typed, typed + '\nengine = "sglang"')
     cfg = parse_config(
-        SEED.replace("tensor_parallel_size = 1", "tensor_parallel_size = 1\nmetadata = {r = 1}")
+        on_sglang.replace(
+            "tensor_parallel_size = 1", "tensor_parallel_size = 1\nmetadata = {r = 1}"
+        )
         + '\n[gateway]\nport = 1234\ncors_origins = ["https://a"]\n[health]\ninterval_s = 2.0\n'
         + "[services.llm_control_plane.pd]\nconnector = 'sglang'\n",
         env={},
@@ -1111,6 +1117,25 @@ def test_a_cors_origin_that_no_browser_sends_is_refused() -> None:
         "gateway.cors_origins[0]", "gateway.cors_origins[2]", "gateway.cors_origins[4]",
     ]  # fmt: skip
     assert all("must be an origin as browsers send it" in detail for _, detail in found)
+
+
+def test_a_pd_instance_on_an_engine_the_connector_cannot_reach_is_refused() -> None:
+    """The docs promised it: an SGLang connector over vLLM engines (or the reverse) fails
+    every disaggregated request; simulated engines speak both."""
+    text = SEED + "[services.llm_control_plane.pd]\nconnector = 'sglang'\n"
+    found = [(e.key, e.detail) for e in problems(text)]
+    assert [key for key, _ in found] == [
+        "services.llm_control_plane.instances[0].engine",
+        "services.llm_control_plane.instances[1].engine",
+    ]
+    assert "cannot take the 'sglang' PD connector's hand-off" in found[0][1]
+    fine = text.replace(
+        'instance_type = "PREFILLING"', 'instance_type = "PREFILLING"\nengine = "sim"'
+    )
+    fine = fine.replace(
+        'instance_type = "DECODING"', 'instance_type = "DECODING"\nengine = "sglang"'
+    )
+    assert parse_config(fine, "cfg.toml", env={}).control_plane.pd.connector == "sglang"
 
 
 def test_an_integer_beyond_64_bits_is_refused_in_any_field() -> None:

@@ -727,6 +727,7 @@ def _control_plane(
         )
     _check_instances(service.get("instances"), cp.mode, (*spath, "instances"), env, p)
     _check_servable(cp, (*spath, "instances"), p)
+    _check_pd_connector(cp, (*spath, "instances"), p)
     checkable = _checkable(service, spath, cp, p)
     if cp.mode == "simulated":  # every instance's engine is simulated (engine = "sim": its own)
         for index, inst in checkable:
@@ -910,6 +911,27 @@ def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
         reason = unservable_reason(model, fleet, pd_enabled=cp.enable_pd_separation)
         if reason is not None:
             p.add(path, f"{reason}, so no request for it could ever run")
+
+
+def _check_pd_connector(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
+    """Each PREFILLING or DECODING instance's engine speaks the PD connector's hand-off
+    (``vllm``: ``kv_transfer_params``; ``sglang``: the bootstrap room): one that does not
+    would fail every disaggregated request. Simulated engines speak both."""
+    if cp.mode == "simulated" or not (cp.enable_pd_separation and cp.pd.enabled):
+        return
+    connector = cp.pd.connector
+    for index, inst in enumerate(cp.instances):
+        role = inst.instance_type
+        if role not in (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING):
+            continue
+        if inst.engine in ("sim", connector):
+            continue
+        p.add(
+            (*path, index, "engine"),
+            f"a {role.name} instance on {inst.engine!r} cannot take the {connector!r} PD "
+            f"connector's hand-off (pd.connector): run it on {connector}, or set "
+            f"pd.connector to an engine's own (vllm or sglang)",
+        )
 
 
 # -- secrets -------------------------------------------------------------------------------
