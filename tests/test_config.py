@@ -1160,6 +1160,9 @@ def test_an_integer_beyond_64_bits_is_refused_in_any_field() -> None:
 def test_programmatic_values_are_checked() -> None:
     with pytest.raises(ValueError, match="port"):
         InstanceConfig("a", "h", 0, "m")
+    for prior in ("x", -1):  # an instance's latency priors, as a file's are checked
+        with pytest.raises(ValueError, match=r"metadata\.tpot_ms: must be"):
+            InstanceConfig("a", "h", 1, "m", metadata={"tpot_ms": prior})
     with pytest.raises(ValueError, match="scheduling_policy"):
         ControlPlaneConfig(scheduling_policy="nope")
     with pytest.raises(ValueError, match="decoding_config"):

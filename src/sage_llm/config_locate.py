@@ -396,11 +396,16 @@ class Problems:
         file): the files it names in turn are not read."""
 
     def add(self, path: KeyPath, message: str) -> None:
-        """Record ``message`` about the value at ``path`` (``()`` = the whole input)."""
+        """Record ``message`` about the value at ``path`` (``()`` = the whole input); the
+        same message about the same value once (a field's own check and its dataclass's
+        may both find it)."""
+        error = ConfigError(message, location=self.location(path), key=format_key(path) or None)
+        if path in self._paths and any(
+            e.key == error.key and e.message == error.message for e in self.errors
+        ):
+            return
         self._paths.add(path)
-        self.errors.append(
-            ConfigError(message, location=self.location(path), key=format_key(path) or None)
-        )
+        self.errors.append(error)
 
     def location(self, path: KeyPath) -> str:
         """Where ``path`` is written: ``source:line`` (with a locator), else ``source``."""

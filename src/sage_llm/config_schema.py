@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sage_llm.config_fields import (
+    LATENCY_PRIORS,
     SECRET_MASK,
     FieldValueError,
     Rule,
+    latency_prior_problem,
     opt,
     req,
     rule,
@@ -240,6 +242,12 @@ class InstanceConfig:
         doubled = [key for key in SIM_KEYS if key in self.metadata]
         if doubled:  # to_instance would overwrite them with the instance's own keys
             raise FieldValueError(f"metadata.{doubled[0]}", sim_key_in_metadata(doubled[0]))
+        for key in LATENCY_PRIORS:  # as a file's metadata is checked
+            if (
+                key in self.metadata
+                and (problem := latency_prior_problem(self.metadata[key], key)) is not None
+            ):
+                raise FieldValueError(f"metadata.{key}", problem)
         if not self.sim_model:
             object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
         if self.engine == "sim":  # its engine is built from these when the fleet starts
