@@ -877,9 +877,11 @@ def _kv_reason(at_rate: _Outcome, est: PlanEstimates) -> str:
     ev, st = max(at_rate.states, key=lambda s: s[1].kv_tokens_needed / s[0].kv_tokens)
     need, room, rate = st.kv_tokens_needed, ev.kv_room_gib(), at_rate.rate
     if math.isfinite(need):
+        peak = st.batch + 2 * math.sqrt(st.batch)  # what the tokens are counted for
         return (
-            f"KV cache for the needed concurrency (~{st.batch:.0f} sequences, {need:.0f} "
-            f"tokens = {ev.kv_gib(need):.1f} GiB per GPU) exceeds the {room:.1f} GiB left after "
+            f"KV cache for the needed concurrency (~{st.batch:.0f} sequences on average, "
+            f"~{peak:.0f} at its peak: {need:.0f} tokens = {ev.kv_gib(need):.1f} GiB per GPU) "
+            f"exceeds the {room:.1f} GiB left after "
             f"weights at {rate:g} req/s (it holds {_rps(est.capacity_rps)} req/s at most)"
         )
     return (
