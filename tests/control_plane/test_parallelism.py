@@ -80,6 +80,17 @@ def test_kv_cache_of_the_needed_concurrency_must_fit_at_the_workload_rate() -> N
     assert alt.estimates.limit == "KV cache"
 
 
+def test_one_token_answers_have_no_tpot_to_limit_a_plan() -> None:
+    """TPOT is the time per output token after the first: a one-token answer has none, so
+    a TPOT target neither caps a plan nor makes it serve nothing."""
+    one = WorkloadProfile(prompt_mean=1024, output_mean=1)
+    loose = plan("llama-3-8b", 8, "h100", one, SLOTarget(ttft_s=2.0, tpot_s=10.0))
+    strict = plan("llama-3-8b", 8, "h100", one, SLOTarget(ttft_s=2.0, tpot_s=0.001))
+    assert strict.candidate.label == loose.candidate.label
+    assert strict.estimates.capacity_rps == pytest.approx(loose.estimates.capacity_rps)
+    assert strict.estimates.limit != "TPOT"
+
+
 def test_a_request_longer_than_the_kv_cache_is_rejected() -> None:
     huge = WorkloadProfile(prompt_mean=60_000, output_mean=100)  # in its 131,072 context
     with pytest.raises(ConfigError, match="KV cache for one p90 request"):

@@ -596,8 +596,8 @@ class ShapeEval:
             limit = "KV cache"
         elif state.batch + 2 * math.sqrt(state.batch) > self.limits.max_num_seqs:
             limit = _SEQS
-        elif tpot_s is not None and state.tpot_s > tpot_s:
-            limit = "TPOT"
+        elif tpot_s is not None and state.tpot_s > tpot_s and self.workload.p90_output > 1:
+            limit = "TPOT"  # (a one-token answer has no time per output token after it)
         elif ttft_s is not None and state.ttft_s > ttft_s:
             limit = "TTFT"
         return replace(state, limit=limit)
