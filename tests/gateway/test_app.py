@@ -153,7 +153,7 @@ async def test_several_prompts_in_one_completions_request_are_answered_as_vllm_d
         assert comp.usage is not None and comp.usage.completion_tokens == 12
         assert comp.usage.prompt_tokens == sum(count_tokens(p) for p in prompts)
         sent = sorted(r.request_id for p in gw.probes.values() for r in p.requests)
-        assert sent == ["b-0", "b-1"]
+        assert sent == ["b#0", "b#1"]
         ids = await client.completions.create(model=MODEL, prompt=[[1, 2, 3], [4, 5]], max_tokens=2)
         assert [c.index for c in ids.choices] == [0, 1]
         assert ids.usage is not None and ids.usage.prompt_tokens == 5

@@ -76,6 +76,11 @@ CONSUMED_FIELDS = frozenset(
 unless null); every other field is passed on (``user`` too: the engine gets it as well as
 the control plane's session)."""
 
+PART_MARK = "#"
+"""Between a request's id and a prompt's index in the ids of a request with several
+prompts: not a character of a client's ``x-request-id``, so a client's ``job-1`` is never
+prompt 1 of ``job``."""
+
 _USAGE_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 """``stream_options`` fields the gateway answers itself (the engine always reports usage)."""
 
@@ -443,7 +448,8 @@ def parse_generations(
     settings: ResolvedGateway,
 ) -> list[Generation]:
     """:func:`parse_generation`, or, for a completions request with several prompts, one
-    Generation per prompt (request ids ``<id>-0``, ``<id>-1``, …), each validated as a
+    Generation per prompt (request ids ``<id>#0``, ``<id>#1``, …: ``#`` is in no client's
+    id, so no other request's id is one of them), each validated as a
     request of its own; they are answered as one (:func:`~sage_llm.gateway.relay.complete_all`,
     :func:`~sage_llm.gateway.relay.relay_stream` over
     :func:`~sage_llm.gateway.relay.merged_batches`)."""
@@ -452,7 +458,11 @@ def parse_generations(
         return [parse_generation(body, headers, request_id, chat=chat, settings=settings)]
     return [
         parse_generation(
-            {**body, "prompt": prompt}, headers, f"{request_id}-{k}", chat=chat, settings=settings
+            {**body, "prompt": prompt},
+            headers,
+            f"{request_id}{PART_MARK}{k}",
+            chat=chat,
+            settings=settings,
         )
         for k, prompt in enumerate(prompts)
     ]
