@@ -158,6 +158,19 @@ async def test_a_stream_of_several_prompts_is_logged_under_the_clients_id(
     assert failed[0].getMessage().startswith("request multi failed")
 
 
+async def test_a_request_of_several_prompts_times_out_under_the_clients_id() -> None:
+    settings = GatewayConfig(request_timeout_s=0.3)
+    held = serve(1, settings=settings, hold=lambda rid: True, hold_after=1)
+    async with held as gw, aiohttp.ClientSession() as s:
+        body = body_of(max_tokens=8)
+        body["prompt"] = ["first prompt", "second prompt"]
+        headers = {"x-request-id": "late"}
+        async with s.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+            error = (await resp.json())["error"]
+    assert resp.status == 504
+    assert error["message"].startswith("request late did not finish within 0.3 s"), error
+
+
 async def test_mid_stream_failure_ends_with_an_error_event_then_done() -> None:
     async with serve(1, wrap=_faulty) as gw, aiohttp.ClientSession() as s:
         body = chat_body(stream=True, max_tokens=8, stream_options={"include_usage": True})

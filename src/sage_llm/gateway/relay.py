@@ -303,6 +303,13 @@ async def complete_all(
         tasks = [asyncio.ensure_future(manager.collect(g.meta, g.timeout_s)) for g in gens]
         try:
             answers = await asyncio.gather(*tasks)
+        except DeadlineExceededError as exc:  # said of the client's request, not a prompt's
+            await _cancel_all(tasks)
+            timeout = gens[0].timeout_s
+            prompt_part = any(str(exc).startswith(f"request {g.request_id} ") for g in gens)
+            if timeout is None or not prompt_part:
+                raise
+            raise DeadlineExceededError.request_timed_out(request_id, timeout) from exc
         except BaseException:
             await _cancel_all(tasks)
             raise
