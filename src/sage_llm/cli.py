@@ -767,7 +767,7 @@ def launch(
     from sage_llm.config_locate import read_utf8
     from sage_llm.errors import ConfigError
     from sage_llm.launch import engines_from_plan, load_launch_config
-    from sage_llm.launch.plan_to_engines import is_plan_text
+    from sage_llm.launch.plan_to_engines import fleet_problem, is_plan_text
 
     try:
         sage = load_config(config_file) if config_file is not None else SageConfig.default()
@@ -814,6 +814,12 @@ def launch(
         _fail(f"{exc.location or source}: {option}: {exc.detail}")
     except SageLLMError as exc:
         _fail(exc.message)
+    cp = sage.control_plane
+    if not (cp.enable_pd_separation and cp.pd.enabled):  # --config turns PD off
+        problem = fleet_problem(engines, pd_enabled=False)
+        if problem is not None:
+            key = "pd.enabled" if cp.enable_pd_separation else "enable_pd_separation"
+            _fail(f"{sage.where(key)}: {problem} (the engines of {source})")
     where = "--port" if port is not None else sage.where("gateway.port")
     for engine in engines:
         if engine.port == bind_port:

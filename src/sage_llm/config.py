@@ -391,9 +391,12 @@ def _service_config(
             sections[name] = _gateway_secrets(sections[name], path, environ, p)
     built = _control_plane(service, spath, environ, p)
     cp, checkable = built if built is not None else (None, [])
-    for key in ("instances", "mode"):  # what launch refuses in a --config file
-        if key in service:
+    for key in ("instances", "mode", "enable_pd_separation"):  # what launch refuses in a
+        if key in service:  # --config file
             written_at[key] = p.where((*spath, key))
+    pd_table = service.get("pd")
+    if isinstance(pd_table, Mapping) and "enabled" in pd_table:
+        written_at["pd.enabled"] = p.where((*spath, "pd", "enabled"))
     if cp is None or any(sections[name] is None for name in ("gateway", "health", "admission")):
         return None
     # (a bad [simulation] is reported: the checks across sections still run)
