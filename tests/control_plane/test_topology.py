@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -447,6 +448,24 @@ def test_from_dict_names_the_bad_field() -> None:
     assert info.value.detail == (
         "invalid topology: gpus[1].numa_node: expected an integer >= 0, got -3"
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"numa_nodes": {"a": "0-3"}}, "numa_nodes.a: "),
+        ({"numa_nodes": {"0": "0-3", "1": "2-5"}}, "numa_nodes.1: CPU 2 is also in node 0's"),
+        ({"nvlink_domains": [[0, 1]]}, "nvlink_domains [[0, 1]] disagree with the NV links"),
+    ],
+)
+def test_from_dict_names_what_it_cannot_take(extra: dict[str, object], message: str) -> None:
+    """A bad NUMA node is named; domains the links do not make are refused (they had been
+    dropped without a word, as had overlapping NUMA CPU lists)."""
+    data = {"gpus": [{"index": 0}, {"index": 1}], "links": [["X", "SYS"], ["SYS", "X"]]}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Topology.from_dict({**data, **extra})
+    linked = {**data, "links": [["X", "NV4"], ["NV4", "X"]], "nvlink_domains": [[0, 1]]}
+    assert Topology.from_dict(linked).nvlink_domains() == [frozenset({0, 1})]
 
 
 def test_describe_summarises_the_machine() -> None:

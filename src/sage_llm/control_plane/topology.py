@@ -364,8 +364,30 @@ class Topology:
             if not isinstance(numa_nodes, Mapping):
                 got = _show(numa_nodes)
                 raise ValueError(f"numa_nodes must be an object of node: CPUs, got {got}")
-            numa = {_as_int(k): _as_cpus(v) for k, v in numa_nodes.items()}
-            return cls(gpus, nics, links, nic_links, numa)
+            numa: dict[int, tuple[int, ...]] = {}
+            for k, v in numa_nodes.items():
+                try:
+                    node, cpus = _as_int(k), _as_cpus(v)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"numa_nodes.{k}: {exc}") from None
+                for other, taken in numa.items():
+                    if shared := sorted(set(cpus) & set(taken)):
+                        raise ValueError(
+                            f"numa_nodes.{k}: CPU {shared[0]} is also in node {other}'s "
+                            "(a CPU is on one NUMA node)"
+                        )
+                numa[node] = cpus
+            topology = cls(gpus, nics, links, nic_links, numa)
+            if "nvlink_domains" in data:  # written by to_dict, read from the links: they agree
+                given = data["nvlink_domains"]
+                derived = [sorted(d) for d in topology.nvlink_domains()]
+                if given != derived:
+                    raise ValueError(
+                        f"nvlink_domains {_show(given)} disagree with the NV links of "
+                        f"'links', whose domains are {derived} (the domains are read from "
+                        "the links: leave nvlink_domains out, or write NV# links)"
+                    )
+            return topology
         except KeyError as exc:
             raise ConfigError(f"invalid topology: missing key {exc}", key="topology") from None
         except (TypeError, ValueError, AttributeError) as exc:
@@ -396,7 +418,7 @@ def _gpu_info(k: int, g: Mapping[str, Any]) -> GPUInfo:
 
 _TOPOLOGY_KEYS = ("gpus", "nics", "links", "gpu_nic_links", "numa_nodes", "nvlink_domains")
 """The keys of a topology object (``nvlink_domains``, which :meth:`Topology.to_dict`
-writes, is read back from the links)."""
+writes, is read from the links: given, it must agree with them)."""
 _GPU_KEYS = ("index", "cpu_affinity", "numa_node", "gpu_numa_id")
 
 
