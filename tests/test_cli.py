@@ -226,6 +226,16 @@ def test_plan_errors_name_the_option(option: str, value: str, message: str) -> N
     assert len(output.splitlines()) == 1
 
 
+def test_plan_advice_for_idle_gpus_is_a_pool_that_could_serve() -> None:
+    """The idle GPUs' --gpus keeps their layout per machine (an instance never spans two),
+    and none is advised where one instance of the model could not fit."""
+    code, output = invoke("plan", "--model", "llama-3-70b", "--gpus", "6xH100")
+    assert code == 0 and "plan the rest on their own (--gpus 2xH100)" in output
+    code, output = invoke("plan", "--model", "llama-3-70b", "--gpus", "2x3xH200")
+    assert code == 0
+    assert "too few on a machine (1) to hold Llama-3-70B on their own" in output
+
+
 def test_launch_checks_every_engine_port_before_starting(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text("[launch]\nbase_port = 65535\n[[launch.instances]]\n[[launch.instances]]\n")

@@ -49,7 +49,7 @@ from sage_llm.control_plane.parallelism_eval import (
 )
 from sage_llm.control_plane.topology import Topology, parse_nvidia_smi_topo
 from sage_llm.errors import ConfigError
-from sage_llm.sim.specs import GPUSpec, ModelSpec, resolve_gpu, resolve_model
+from sage_llm.sim.specs import GPUSpec, ModelSpec, placement_problem, resolve_gpu, resolve_model
 from sage_llm.types import ExecutionInstanceType
 
 if TYPE_CHECKING:
@@ -873,6 +873,40 @@ def _above(value: float, target: float) -> str:
     return f"{value * scale:.{digits}f}{unit} against {target * scale:.{digits}f}{unit}"
 
 
+def _idle_advice(pl: _Planner, insts: Sequence[PlannedInstance]) -> str:
+    """What to do with a plan's idle GPUs: the ``--gpus`` of a second pool of them (an
+    instance never spans machines: their layout per machine), when one instance of the
+    model fits there."""
+    alloc = pl.alloc
+    used: dict[int, int] = {}
+    for inst in insts:
+        used[inst.node] = used.get(inst.node, 0) + len(inst.gpu_ids)
+    free = []
+    for node in range(alloc.nodes):
+        last = node == alloc.nodes - 1 and alloc.last_node_gpus is not None
+        size = alloc.last_node_gpus if last and alloc.last_node_gpus else alloc.gpus_per_node
+        if size - used.get(node, 0) > 0:
+            free.append(size - used.get(node, 0))
+    each = min(free)
+    fits = any(
+        placement_problem(pl.model.name, pl.gpu.name, tp=tp) is None
+        for tp in range(1, each + 1)
+        if each % tp == 0
+    )
+    if not fits:
+        return f"too few on a machine ({each}) to hold {pl.model.name} on their own"
+    if len(set(free)) > 1:
+        return (
+            f"plan them on their own, machine by machine ({', '.join(map(str, free))} free), "
+            "for a second pool behind the same gateway"
+        )
+    layout = f"{len(free)}x{each}x" if len(free) > 1 else f"{each}x"
+    return (
+        f"plan the rest on their own (--gpus {layout}{pl.gpu.name}) for a second pool "
+        "behind the same gateway"
+    )
+
+
 def _kv_reason(at_rate: _Outcome, est: PlanEstimates) -> str:
     ev, st = max(at_rate.states, key=lambda s: s[1].kv_tokens_needed / s[0].kv_tokens)
     need, room, rate = st.kv_tokens_needed, ev.kv_room_gib(), at_rate.rate
@@ -974,8 +1008,7 @@ def _explain(
     if idle > 0:
         lines.append(
             f"  {idle} of {total} GPUs left idle: the instances of a plan share one shape (a "
-            f"PD plan's, one per role); plan the rest on their own (--gpus {idle}x"
-            f"{pl.gpu.name}) for a second pool behind the same gateway"
+            f"PD plan's, one per role); {_idle_advice(pl, insts)}"
         )
     lone = _one_role_nodes(insts) if cand.kind == "pd" and pl.alloc.nodes > 1 else ""
     if lone:
