@@ -53,9 +53,15 @@ def unsupported_encoding(encoding: str) -> str:
     )
 
 
+LEFT_UNREAD = web.RequestKey("left_unread", bool)
+"""Set on a request answered without its body read (its answer says ``Connection: close``)."""
+
+
 def leave_unread(request: web.BaseRequest) -> None:
     """Answer ``request`` without reading its body: the connection closes after the answer
-    (nothing after an unread body can be read) and aiohttp does not linger for the body."""
+    (nothing after an unread body can be read; the answer says so) and aiohttp does not
+    linger for the body."""
+    request[LEFT_UNREAD] = True
     request.protocol.close()
     request.content.feed_eof()
 

@@ -296,9 +296,10 @@ async def test_a_body_too_large_is_refused_without_inviting_its_upload() -> None
                 "Content-Length: 10000000\r\nExpect: 100-continue\r\n\r\n"
             )
             writer.write(head.encode())  # and no body
-            status, _, body = await asyncio.wait_for(_response(reader), 5)
+            status, headers, body = await asyncio.wait_for(_response(reader), 5)
             assert status == 413, body
             assert json.loads(body)["error"]["code"] == 413
+            assert headers["connection"] == "close"  # as the closing answers say
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
             await _close(writer)
 

@@ -37,7 +37,7 @@ from sage_llm.gateway.errors import (
     sage_error_response,
 )
 from sage_llm.gateway.relay import CLIENT_GONE, SSEResponse
-from sage_llm.request_json import leave_unread, too_large_unsent, waits_to_send
+from sage_llm.request_json import LEFT_UNREAD, leave_unread, too_large_unsent, waits_to_send
 
 access_log = logging.getLogger("sage_llm.gateway.access")
 log = logging.getLogger("sage_llm.gateway")
@@ -338,6 +338,8 @@ def _observe(
                 status = resp.stream_error  # a stream ended by an error event (or client gone)
             if not resp.prepared:
                 resp.headers.update(headers)
+                if request.get(LEFT_UNREAD):  # the connection closes after it: said
+                    resp.force_close()
             return resp
         except asyncio.CancelledError:
             status = 499  # the client went away
