@@ -2099,6 +2099,13 @@ def test_cost_optimized_gives_a_new_twin_its_share() -> None:
     assert done["new"] >= 8, done
 
 
+def _serving(engine: FakeEngine) -> ControlPlaneManager:
+    """A manager whose one instance, ``e``, is ``engine``."""
+    cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
+    cp.register_instance(make_instance("e"))
+    return cp
+
+
 class _GatedEmbedder(FakeEngine):
     """An engine whose embeddings calls wait for ``release``; notes its closing."""
 
@@ -2115,8 +2122,7 @@ class _GatedEmbedder(FakeEngine):
 def test_an_instance_removed_during_an_embeddings_call_goes_when_the_call_ends() -> None:
     async def main() -> None:
         engine = _GatedEmbedder("e")
-        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
-        cp.register_instance(make_instance("e"))
+        cp = _serving(engine)
         async with cp:
             call = asyncio.create_task(cp.embed(None, ["hello"]))
             await asyncio.sleep(0.1)
@@ -2156,8 +2162,7 @@ def test_stop_drains_embeddings_calls_as_requests() -> None:
 
     async def main() -> None:
         engine = _SlowEmbedder("e")
-        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
-        cp.register_instance(make_instance("e"))
+        cp = _serving(engine)
         await cp.start()
         call = asyncio.create_task(cp.embed(None, ["hello"]))
         await asyncio.sleep(0.1)
@@ -2170,8 +2175,7 @@ def test_stop_drains_embeddings_calls_as_requests() -> None:
         assert engine.closed and cp.get_instance_metrics("e")["active_requests"] == 0
 
         engine = _SlowEmbedder("e")
-        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
-        cp.register_instance(make_instance("e"))
+        cp = _serving(engine)
         await cp.start()
         call = asyncio.create_task(cp.embed(None, ["hello"]))
         await asyncio.sleep(0.1)
@@ -2186,8 +2190,7 @@ def test_stop_drains_embeddings_calls_as_requests() -> None:
 def test_a_cancelled_embeddings_call_is_cancelled() -> None:
     async def main() -> None:
         engine = _SlowEmbedder("e")
-        cp = ControlPlaneManager(mode="http", engine_factory=lambda _: engine)
-        cp.register_instance(make_instance("e"))
+        cp = _serving(engine)
         async with cp:
             call = asyncio.create_task(cp.embed(None, ["hello"]))
             await asyncio.sleep(0.1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -490,21 +492,28 @@ async def test_sampling_fields_the_client_left_out_are_left_to_the_engine() -> N
         assert (given.temperature, given.top_p) == (0.2, 0.5)
 
 
-async def test_embeddings_on_an_engine_without_them_are_a_400_not_a_retried_502() -> None:
-    runner, engine_port = await start_app(probed_app())  # no /v1/embeddings: a 404
+@contextlib.asynccontextmanager
+async def _gateway_over(app: web.Application) -> AsyncIterator[str]:
+    """A gateway (its base URL) over one HTTP instance served by ``app``."""
+    runner, engine_port = await start_app(app)
     manager = ControlPlaneManager(mode="http")
-    manager.register_instance(make_instance("gen-only", port=engine_port))
+    manager.register_instance(make_instance("e0", port=engine_port))
     site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
     try:
-        async with aiohttp.ClientSession() as http:
-            body = {"model": MODEL, "input": "hi"}
-            async with http.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body) as r:
-                error = (await r.json())["error"]
-                assert (r.status, error["param"]) == (400, "model")
-        assert "supports embeddings" in error["message"]
+        yield f"http://127.0.0.1:{port}"
     finally:
         await site.cleanup()
         await runner.cleanup()
+
+
+async def test_embeddings_on_an_engine_without_them_are_a_400_not_a_retried_502() -> None:
+    # no /v1/embeddings: a 404
+    async with _gateway_over(probed_app()) as base, aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "input": "hi"}
+        async with http.post(f"{base}/v1/embeddings", json=body) as r:
+            error = (await r.json())["error"]
+            assert (r.status, error["param"]) == (400, "model")
+    assert "supports embeddings" in error["message"]
 
 
 async def test_embeddings_carry_the_request_id_and_answer_valid_json() -> None:
@@ -519,20 +528,11 @@ async def test_embeddings_carry_the_request_id_and_answer_valid_json() -> None:
 
     app = probed_app()
     app.router.add_post("/v1/embeddings", embeddings)
-    runner, engine_port = await start_app(app)
-    manager = ControlPlaneManager(mode="http")
-    manager.register_instance(make_instance("emb", port=engine_port))
-    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
-    try:
-        async with aiohttp.ClientSession() as http:
-            body = {"model": MODEL, "input": "hi"}
-            headers = {"x-request-id": "emb-rid-1"}
-            url = f"http://127.0.0.1:{port}/v1/embeddings"
-            async with http.post(url, json=body, headers=headers) as r:
-                assert r.status == 200
-                answer = json.loads(await r.text())
-        assert answer["data"][0]["embedding"] == [0.5, None]
-        assert seen == ["emb-rid-1"]
-    finally:
-        await site.cleanup()
-        await runner.cleanup()
+    async with _gateway_over(app) as base, aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "input": "hi"}
+        headers = {"x-request-id": "emb-rid-1"}
+        async with http.post(f"{base}/v1/embeddings", json=body, headers=headers) as r:
+            assert r.status == 200
+            answer = json.loads(await r.text())
+    assert answer["data"][0]["embedding"] == [0.5, None]
+    assert seen == ["emb-rid-1"]

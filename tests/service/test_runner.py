@@ -205,6 +205,25 @@ def test_a_virtual_loop_holds_its_time_between_calls() -> None:
         runner.stop()
 
 
+async def _suspended_generator(
+    closed: list[str], kept: list[AsyncIterator[int]], pause_s: float = 0.0
+) -> None:
+    """Leave a generator suspended (kept in ``kept``: its finalization is the loop's
+    shutdown's), whose ``finally`` waits ``pause_s`` then notes it in ``closed``."""
+
+    async def gen() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            if pause_s:
+                await asyncio.sleep(pause_s)
+            closed.append("closed")
+
+    kept.append(gen())
+    await anext(kept[-1])
+
+
 def test_a_virtual_loop_finalizes_its_generators_at_stop() -> None:
     """A generator left suspended, whose finally waits on a timer, is finalized at stop on
     virtual time too (time held between calls had left stop waiting its whole timeout)."""
@@ -212,20 +231,7 @@ def test_a_virtual_loop_finalizes_its_generators_at_stop() -> None:
     runner.start()
     closed: list[str] = []
     kept: list[AsyncIterator[int]] = []
-
-    async def open_generator() -> None:
-        async def gen() -> AsyncIterator[int]:
-            try:
-                yield 1
-                yield 2
-            finally:
-                await asyncio.sleep(0.5)
-                closed.append("closed")
-
-        kept.append(gen())
-        await anext(kept[0])
-
-    runner.run(open_generator())
+    runner.run(_suspended_generator(closed, kept, pause_s=0.5))
     started = time.monotonic()
     runner.stop(timeout=10)
     assert time.monotonic() - started < 5 and closed == ["closed"]
@@ -267,19 +273,8 @@ def test_stop_from_inside_another_running_loop_closes_the_service_loop() -> None
     gens: list[str] = []
     kept: list[AsyncIterator[int]] = []
 
-    async def open_generator() -> None:
-        async def gen() -> AsyncIterator[int]:
-            try:
-                yield 1
-                yield 2
-            finally:
-                gens.append("closed")
-
-        kept.append(gen())
-        await anext(kept[0])  # left suspended: shutdown_asyncgens must close it
-
     async def caller() -> asyncio.AbstractEventLoop | None:
-        await runner.arun(open_generator())
+        await runner.arun(_suspended_generator(gens, kept))
         loop = runner.loop
         runner.stop()  # synchronous, from inside this running loop
         return loop
