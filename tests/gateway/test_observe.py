@@ -72,6 +72,7 @@ async def test_cors_for_configured_origins() -> None:
         asked = {**preflight, "Access-Control-Request-Headers": "authorization, x-stainless-os"}
         async with http.options(gw.url("/v1/completions"), headers=asked) as r:
             assert r.headers["Access-Control-Allow-Headers"] == "authorization, x-stainless-os"
+            assert r.headers["Vary"] == "Origin, Access-Control-Request-Headers"
         async with http.post(
             gw.url("/v1/completions"), json=completion_body(), headers=origin
         ) as r:

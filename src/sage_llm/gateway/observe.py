@@ -125,8 +125,9 @@ def _response_headers(rid: str, cors: str | None) -> dict[str, str]:
     if cors is not None:
         headers["Access-Control-Allow-Origin"] = cors
         headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After, X-Should-Retry"
-        if cors != "*":
-            headers["Vary"] = "Origin"
+        # (a preflight's answer depends on the headers it asks for too)
+        vary = "Access-Control-Request-Headers"
+        headers["Vary"] = vary if cors == "*" else f"Origin, {vary}"
     return headers
 
 
@@ -137,7 +138,6 @@ def _preflight(request: web.Request) -> web.Response:
     allowed = asked if _HEADER_LIST.fullmatch(asked) else _CORS_ALLOW_HEADERS
     resp.headers["Access-Control-Allow-Headers"] = allowed
     resp.headers["Access-Control-Max-Age"] = "600"
-    resp.headers.add("Vary", "Access-Control-Request-Headers")
     return resp
 
 
