@@ -279,6 +279,22 @@ def test_prefill_role_returns_vllm_kv_transfer_params() -> None:
     virtual(main)
 
 
+def test_a_prefill_leg_refuses_what_its_decode_leg_would_refuse() -> None:
+    """Checked as vLLM checks a whole request before a leg runs: a bad sampling field had
+    passed the prefill leg (its KV pinned), then the decode leg refused it."""
+
+    async def main() -> None:
+        engine = SimEngine("p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING))
+        for extra, param in (({"top_k": -5}, "top_k"), ({"stop_token_ids": "a"}, "stop_token_ids"),
+                             ({"logprobs": 50}, "logprobs")):  # fmt: skip
+            with pytest.raises(InvalidRequestError) as err:
+                await engine.prefill(req("bad", extra=extra))
+            assert err.value.param == param
+        assert engine.core.kv_usage == 0.0  # nothing pinned
+
+    virtual(main)
+
+
 def test_decode_only_engine_refuses_prefill_legs() -> None:
     async def main() -> None:
         engine = SimEngine("d0", SimEngineConfig(role=ExecutionInstanceType.DECODING))

@@ -35,6 +35,22 @@ async def test_generate_yields_max_tokens_chunks_then_usage() -> None:
     assert await engine.health()
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"top_k": -5}, "top_k"), ({"presence_penalty": 5}, "presence_penalty"),
+     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 3}, "min_tokens")],
+)  # fmt: skip
+async def test_sampling_fields_vllm_refuses_are_refused(
+    extra: dict[str, object], param: str
+) -> None:
+    """As the simulated engine and vLLM refuse them: a proxy's error path is measured
+    behind it as behind them."""
+    req = EngineRequest("r1", MODEL, prompt="hi", max_tokens=2, extra=extra)
+    with pytest.raises(InvalidRequestError) as err:
+        [c async for c in InstantEngine("i0").generate(req)]
+    assert err.value.param == param
+
+
 async def test_a_request_beyond_its_context_is_refused() -> None:
     engine = InstantEngine("i0")
     assert await engine.context_length() == INSTANT_MAX_MODEL_LEN

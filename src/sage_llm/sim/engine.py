@@ -494,6 +494,12 @@ class SimEngine:
                 retryable=True,
             )
         prompt_ids = self._prompt_ids(req)
+        # the request's fields checked as its decode leg will check them (as vLLM checks
+        # the whole request before it runs a leg): refused here, nothing is pinned for it
+        check_sampling(req.extra)
+        self._stop_token_ids(req)
+        requested_logprobs(req)
+        requested_prompt_logprobs(req.extra, stream=False)
         await self._intake()
         stream = self._open(
             req.request_id, prompt_ids, 1, {"do_remote_decode": True},

@@ -25,7 +25,8 @@ from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
 from sage_llm.errors import InvalidRequestError
-from sage_llm.sim.server_requests import check_context
+from sage_llm.sim.engine import check_sampling
+from sage_llm.sim.server_requests import check_context, whole
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
@@ -78,6 +79,14 @@ class InstantEngine:
                 f"an instant engine (engine-sim --instant, for measuring a proxy) does not "
                 f"apply {asked[0]}: leave it out, or use the simulated engine",
                 param=asked[0],
+            )
+        check_sampling(req.extra)  # refused as the simulated engine (and vLLM) refuse them
+        at_least = whole(req.extra.get("min_tokens", 0) or 0)
+        if at_least is None or at_least < 0 or at_least > req.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be an integer >= 0 and at most max_tokens={req.max_tokens}, "
+                f"got {req.extra.get('min_tokens')!r}",
+                param="min_tokens",
             )
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
