@@ -171,6 +171,27 @@ def test_a_scheduled_hang_freezes_streams_already_under_way() -> None:
     run_virtual(main())
 
 
+def test_a_hang_ends_when_the_engine_is_closed() -> None:
+    """Closing the engine (a server's shutdown) ends its hung streams as a closing engine's
+    end, at once, rather than after the hang."""
+
+    async def main() -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = _client("hang=1")
+        stream = asyncio.ensure_future(_run(client, _req(max_tokens=50)))
+        await asyncio.sleep(5.0)
+        assert not stream.done()  # hung after its first chunk
+        started = loop.time()
+        await client.aclose()
+        with pytest.raises(EngineConnectionError, match="engine closed"):
+            await stream
+        assert loop.time() - started < 1.0
+
+    run_virtual(main())
+
+
 def test_random_faults_are_seeded() -> None:
     async def outcomes(seed: int) -> list[bool]:
         client = _client(f"error=500@p0.5; seed={seed}")

@@ -255,6 +255,8 @@ class FaultyEngineClient:
         self._rng = random.Random(plan.seed)
         self._armed_at: float | None = None
         self._exit_timer: asyncio.TimerHandle | None = None
+        self._closed = asyncio.Event()
+        """Set by :meth:`aclose`: a hang ends then (the engine is going away)."""
 
     @property
     def instance_id(self) -> str:
@@ -340,7 +342,7 @@ class FaultyEngineClient:
                 if hang is not None and n >= int(hang.arg):
                     self.stats_injected.count(FaultKind.HANG)
                     wait = hang.remaining_s(self.elapsed_s()) if hang.scheduled else None
-                    await self.clock.sleep(_HANG_FOREVER_S if wait is None else wait)
+                    await self._hang(_HANG_FOREVER_S if wait is None else wait)
                     waited.append(hang)
                     hang = None
                 if cut is not None and n >= int(cut.arg):
@@ -364,6 +366,21 @@ class FaultyEngineClient:
             if close is not None:
                 await close()
 
+    async def _hang(self, seconds: float) -> None:
+        """Hang for ``seconds``, or until the engine is closed: then its streams end as a
+        closing engine's do (it had kept a server's shutdown waiting out its timeout)."""
+        sleeping = asyncio.ensure_future(self.clock.sleep(seconds))
+        closing = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait((sleeping, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            closing.cancel()
+        if self._closed.is_set():
+            raise EngineConnectionError(
+                "engine closed", instance_id=self.instance_id, retryable=False
+            )
+
     async def prefill(self, req: EngineRequest) -> KVHandle:
         faults = {f.kind: f for f in self._request_faults()}
         if FaultKind.CRASH in faults:
@@ -386,7 +403,10 @@ class FaultyEngineClient:
         if self._scheduled(FaultKind.CRASH) is not None:
             raise self._crash_error()
         if (hang := self._scheduled(FaultKind.HANG)) is not None:
-            await self.clock.sleep(hang.remaining_s(self.elapsed_s()))
+            try:
+                await self._hang(hang.remaining_s(self.elapsed_s()))
+            except EngineConnectionError:  # closed while it hung
+                return False
         if self._scheduled(FaultKind.ERROR) is not None:
             return False
         return await self.inner.health()
@@ -402,6 +422,7 @@ class FaultyEngineClient:
         return await inner.context_length() if isinstance(inner, ReportsContextLength) else None
 
     async def aclose(self) -> None:
+        self._closed.set()
         if self._exit_timer is not None:
             self._exit_timer.cancel()
         await self.inner.aclose()
