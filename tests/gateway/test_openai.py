@@ -196,6 +196,12 @@ def test_stream_options_are_for_streams_only() -> None:
         ({"model": MODEL, "prompt": "x", "priority": "\u00b3"}, {}, "priority"),
         ({"model": MODEL, "prompt": "x", "priority": "\uff11"}, {}, "priority"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "\u00b2"}, "x-sage-priority"),
+        # a header given is read, even empty; its number as JSON writes one (not float()'s)
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": ""}, "x-sage-priority"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": ""}, "x-sage-slo-ms"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "1_000"}, "x-sage-slo-ms"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "\u0661\u0660"}, "x-sage-slo-ms"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-cost-budget": "1_0"}, "x-sage-cost-budget"),
     ],
 )  # fmt: skip
 def test_invalid_fields_name_their_param(

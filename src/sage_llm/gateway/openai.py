@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -196,11 +197,18 @@ def _priority(value: object, param: str) -> RequestPriority:
         ) from None
 
 
+_HEADER_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+"""A number as a header gives it: ASCII digits, as JSON writes them (not ``float()``'s
+``1_000`` or ``١``)."""
+
+
+def _header_number(value: str) -> float:
+    text = value.strip()
+    return float(text) if _HEADER_NUMBER.fullmatch(text) else math.nan
+
+
 def _slo_header(value: str) -> float:
-    try:
-        slo = float(value)
-    except ValueError:
-        slo = math.nan
+    slo = _header_number(value)
     if not math.isfinite(slo) or slo <= 0:
         raise InvalidRequestError(
             f"{SLO_HEADER} must be a positive number of milliseconds", param=SLO_HEADER
@@ -209,10 +217,7 @@ def _slo_header(value: str) -> float:
 
 
 def _budget_header(value: str) -> float:
-    try:
-        budget = float(value)
-    except ValueError:
-        budget = math.nan
+    budget = _header_number(value)
     if not math.isfinite(budget) or budget < 0:
         raise InvalidRequestError(
             f"{BUDGET_HEADER} must be a number >= 0 (the fleet's price unit)", param=BUDGET_HEADER
@@ -384,14 +389,14 @@ def parse_generation(
                 param=prompt_param,
             )
     priority = RequestPriority.NORMAL
-    if headers.get(PRIORITY_HEADER):
-        priority = _priority(headers[PRIORITY_HEADER], PRIORITY_HEADER)
+    if (given := headers.get(PRIORITY_HEADER)) is not None:  # present, even empty: read
+        priority = _priority(given, PRIORITY_HEADER)
     elif priority_field is not None:
         priority = _priority(priority_field, "priority")
-    if headers.get(SLO_HEADER):
-        slo_ms = _slo_header(headers[SLO_HEADER])
-    if headers.get(BUDGET_HEADER):
-        budget = _budget_header(headers[BUDGET_HEADER])
+    if (given := headers.get(SLO_HEADER)) is not None:
+        slo_ms = _slo_header(given)
+    if (given := headers.get(BUDGET_HEADER)) is not None:
+        budget = _budget_header(given)
     user = user or None  # OpenAI takes an empty user: no user, no session
     session = headers.get(SESSION_HEADER, "").strip() or user
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
