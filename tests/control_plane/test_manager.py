@@ -2419,3 +2419,20 @@ def test_a_burst_of_submits_to_an_idle_fleet_is_not_refused_as_a_full_queue() ->
                 await cp.wait_for_result(rid)
 
     run_virtual(main())
+
+
+def test_an_embeddings_call_holds_its_request_id_while_it_runs() -> None:
+    """Two requests in progress may not share an id: an embeddings call's included."""
+
+    async def main() -> None:
+        engine = _SlowEmbedder("e")
+        cp = _serving(engine)
+        async with cp:
+            call = asyncio.create_task(cp.embed(None, ["hello"], request_id="same"))
+            await asyncio.sleep(0.1)
+            with pytest.raises(ConflictError, match="'same' is already in progress"):
+                await cp.embed(None, ["again"], request_id="same")
+            await call
+            assert (await cp.embed(None, ["later"], request_id="same"))["data"]  # free again
+
+    run_virtual(main())

@@ -644,7 +644,8 @@ class ControlPlaneManager:
     @contextlib.contextmanager
     def reserve_request_id(self, request_id: str) -> Iterator[None]:
         """Hold ``request_id`` for a request its caller runs as several under other ids (the
-        gateway runs a completions request with several prompts as ``{id}-0``, ``{id}-1``…):
+        gateway runs a completions request with several prompts as ``{id}#0``, ``{id}#1``…),
+        or outside the queue (an embeddings call):
         while it is held, a request submitted with it, or a second reservation, is a
         :class:`ConflictError`, as for a request in progress."""
         dispatcher = self._require_dispatcher()
@@ -853,7 +854,8 @@ class ControlPlaneManager:
         """Embeddings from an instance serving ``model`` (the least busy healthy one), of
         ``inputs``: texts, or token-id lists; ``options`` are the request's other fields
         (``encoding_format``, ``dimensions`` …), passed to the engine as they are;
-        ``request_id`` goes to an HTTP engine as its ``X-Request-Id``.
+        ``request_id`` goes to an HTTP engine as its ``X-Request-Id``, and is in use while
+        the call runs (:class:`ConflictError` for one in use by a request or a call).
 
         Returns the engine's OpenAI-style JSON (``{"data": [{"embedding": [...]}], ...}``).
         While :meth:`stop` drains, new calls are refused and those in flight get its drain
@@ -893,6 +895,9 @@ class ControlPlaneManager:
                 f"model {name!r} is not served by an engine that supports embeddings",
                 param="model",
             )
+        held = contextlib.ExitStack()  # its id, as a request's, is in use while it runs
+        if request_id is not None:
+            held.enter_context(self.reserve_request_id(request_id))  # ConflictError if not
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
         from sage_llm.engines.http import HTTPEngineClient  # (loaded with the http mode)
@@ -916,6 +921,7 @@ class ControlPlaneManager:
                 raise refusal from exc
             raise
         finally:  # as a generation's call ends: a removed instance goes with its last call
+            held.close()
             self._embeds.discard(call)
             state.in_flight -= 1
             self._metrics.set_in_flight(state.instance_id, state.in_flight)
