@@ -1433,6 +1433,11 @@ def test_duplicates_among_instances_given_as_dataclasses_or_engine_names_in_any_
     assert at_address("127.0.0.2", 8080, "0.0.0.0", 8080)  # all of 127/8 is loopback
     assert at_address("::1", 8080, "localhost", 8080)  # localhost: both families
     assert not at_address("10.0.0.1", 8080, "0.0.0.0", 8080)
+    # bind addresses as the listener reads them: * is every address, 0 is 0.0.0.0
+    assert at_address("127.0.0.1", 8080, "*", 8080) and at_address("::1", 8080, "*", 8080)
+    assert at_address("127.0.0.1", 8080, "0", 8080)
+    # an engine at 0.0.0.0 is reached at the loopback address
+    assert at_address("0.0.0.0", 8080, "127.0.0.1", 8080)
     # one IPv6 address written two ways is one address
     v6 = [InstanceConfig("a", "::1", 8001, "m"), InstanceConfig("b", "0:0:0:0:0:0:0:1", 8001, "m")]
     with pytest.raises(ConfigError, match="is also instances"):

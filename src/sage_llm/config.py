@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -868,7 +869,7 @@ def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
     the loopback address of its family, as a connection to it is."""
     if port != bind_port:
         return False
-    bind, there = host_key(bind_host), host_key(host)
+    bind, there = _bind_key(bind_host), host_key(host)
     if there == bind:
         return True
     try:
@@ -886,6 +887,19 @@ def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
 
 
 _LOOPBACK = "127.0.0.1"
+
+
+def _bind_key(host: str) -> str:
+    """A bind address as the listener reads it, without a name lookup: ``*`` is every
+    address of both families (as ``""``), and an IPv4 shorthand (``0``, ``0x7f.1``) the
+    address it stands for; anything else as :func:`host_key` writes it."""
+    name = host.strip().lower()
+    if name == "*":
+        return ""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(name))
+    except OSError:
+        return host_key(host)
 
 
 def host_key(host: str) -> str:
