@@ -2436,3 +2436,32 @@ def test_an_embeddings_call_holds_its_request_id_while_it_runs() -> None:
             assert (await cp.embed(None, ["later"], request_id="same"))["data"]  # free again
 
     run_virtual(main())
+
+
+def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> None:
+    """Mixed contexts in one model's fleet: the short one's refusal (its max_model_len)
+    sends the request on to one whose context holds it, rather than failing a request the
+    fleet can serve, at random."""
+    engines = {
+        "short": SimEngine("short", SimEngineConfig(speed=100.0, max_model_len=1024)),
+        "long": SimEngine("long", SimEngineConfig(speed=100.0)),
+    }
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda inst: engines[inst.instance_id],
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        for iid in engines:
+            cp.register_instance(make_instance(iid, port=8000 + len(iid)))
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(4)]
+            assert all(r.status is RequestStatus.COMPLETED for r in results), results
+            assert {r.instance_id for r in results} == {"long"}
+            # one too long for every instance still fails with the engine's refusal
+            too_long = await cp.generate(make_metadata("huge", max_tokens=9000))
+            assert too_long.status is RequestStatus.FAILED
+            assert "maximum context length" in (too_long.error or "")
+
+    run_virtual(main())

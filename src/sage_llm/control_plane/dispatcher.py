@@ -858,9 +858,34 @@ class Dispatcher:
             self._on_failure(state, exc)
         if self._retryable(rec, exc) and self._can_retry(rec, state):
             return exc
+        if self._longer_context_elsewhere(rec, state, exc) and self._can_retry(rec, state):
+            return exc  # too long for this instance's context, not for its model's
         rec.exception = exc
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
         return None
+
+    def _longer_context_elsewhere(
+        self, rec: RequestRecord, state: InstanceState, exc: EngineError
+    ) -> bool:
+        """Whether ``exc`` is an engine's refusal of a request longer than its context
+        (its ``max_model_len``) while another instance of the model has a longer one (or
+        one not known yet): a fleet of mixed contexts serves it there."""
+        if rec.delivered or not isinstance(exc, EngineRequestRejectedError):
+            return False
+        if "maximum context length" not in str(exc).lower():  # vLLM's words, and SGLang's
+            return False
+        mine = state.context_length
+        if mine is None:  # its context unknown: nothing says another's is longer
+            return False
+        excluded = rec.info.excluded_instances
+        return any(
+            other is not state
+            and other.instance.model_name == state.instance.model_name
+            and other.instance_id not in excluded
+            and not other.removed
+            and (other.context_length is None or other.context_length > mine)
+            for other in self.registry
+        )
 
     @staticmethod
     def _retryable(rec: RequestRecord, exc: EngineError) -> bool:
