@@ -1138,6 +1138,23 @@ def test_a_pd_instance_on_an_engine_the_connector_cannot_reach_is_refused() -> N
     assert parse_config(fine, "cfg.toml", env={}).control_plane.pd.connector == "sglang"
 
 
+def test_a_pd_dataclass_in_a_dict_is_read_and_checked_as_its_table() -> None:
+    """PDSeparationConfig(enabled=False) had been read as PD on, its plugin parameters
+    unchecked; it is the table of what it sets, as the dict form."""
+    cfg = config_from_dict({"pd": PDSeparationConfig(enabled=False)})
+    assert (cfg.control_plane.pd.enabled, cfg.control_plane.enable_pd_separation) == (
+        False, False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="contradicts enable_pd_separation"):
+        config_from_dict({"enable_pd_separation": True, "pd": PDSeparationConfig(enabled=False)})
+    bad = PDSeparationConfig(metadata={"kv_bytes_per_token": 0, "decider_params": {"bogus": 1}})
+    with pytest.raises(ConfigErrors) as info:
+        config_from_dict({"pd": bad})
+    assert [e.key for e in info.value.errors] == [
+        "pd.metadata.kv_bytes_per_token", "pd.metadata.decider_params.bogus",
+    ]  # fmt: skip
+
+
 def test_an_integer_beyond_64_bits_is_refused_in_any_field() -> None:
     """Counts go into float arithmetic (an instance's price) and into the engines: a
     gpu_count of 310 digits had passed the check, then failed every request."""

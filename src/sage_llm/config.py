@@ -645,6 +645,24 @@ def _pd_for_plugins(
     return cfg, tuple(dict.fromkeys(key for key in unjudged if key is not None))
 
 
+def _set_fields(obj: Any) -> dict[str, Any]:
+    """A dataclass object given for a table, as the table of the fields it sets (those
+    not at their defaults: a dict that leaves a key out leaves it at its default too)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            out[f.name] = value
+            continue
+        if value != default:
+            out[f.name] = value
+    return out
+
+
 _PD_TWICE = (
     ("prefilling_threshold_input_tokens", "decider_params", "min_prompt_tokens"),
     ("prefilling_threshold_ratio", "decider_params", "min_ratio"),
@@ -693,6 +711,8 @@ def _control_plane(
     if cp is None:
         return None
     pd_table = service.get("pd")
+    if dataclasses.is_dataclass(pd_table) and not isinstance(pd_table, type):
+        pd_table = _set_fields(pd_table)  # checked as the table of what it sets
     enabled = cp.enable_pd_separation
     if isinstance(pd_table, Mapping) and isinstance(pd_table.get("enabled"), bool):
         if "enable_pd_separation" in service and enabled != cp.pd.enabled:
