@@ -1138,6 +1138,33 @@ def test_a_pd_instance_on_an_engine_the_connector_cannot_reach_is_refused() -> N
     assert parse_config(fine, "cfg.toml", env={}).control_plane.pd.connector == "sglang"
 
 
+def test_decider_parameters_that_contradict_the_pd_settings_are_refused() -> None:
+    """The decider's KV size, transfer limit or block size given again in decider_params
+    with another value: two plugins of one fleet had priced hand-offs differently."""
+    text = (
+        "[services.llm_control_plane]\nprefix_block_size = 32\n"
+        '[services.llm_control_plane.pd]\nrouting_policy = "adaptive"\n'
+        "max_transfer_latency_ms = 50\n"
+        "[services.llm_control_plane.pd.metadata]\nkv_bytes_per_token = 1024\n"
+        "[services.llm_control_plane.pd.metadata.decider_params]\n"
+        "kv_bytes_per_token = 2048\nmax_transfer_s = 2.0\n"
+    )
+    found = [(e.key or "", e.detail) for e in problems(text)]
+    assert sorted(key.rsplit(".", 1)[1] for key, _ in found) == [
+        "kv_bytes_per_token",
+        "max_transfer_s",
+    ]
+    assert all("contradicts pd." in detail for _, detail in found)
+    agreeing = text.replace("2048", "1024").replace("2.0", "0.05")
+    assert parse_config(agreeing, "cfg.toml", env={}).control_plane.pd.max_transfer_latency_ms == 50
+    block = text.replace('"adaptive"', '"prefix_aware"').replace(
+        "kv_bytes_per_token = 2048\nmax_transfer_s = 2.0\n", "block_size = 64\n"
+    )
+    with pytest.raises(ConfigError, match=r"contradicts prefix_block_size \(32\)") as info:
+        parse_config(block, "cfg.toml", env={})
+    assert (info.value.key or "").endswith("decider_params.block_size")
+
+
 def test_a_pd_dataclass_in_a_dict_is_read_and_checked_as_its_table() -> None:
     """PDSeparationConfig(enabled=False) had been read as PD on, its plugin parameters
     unchecked; it is the table of what it sets, as the dict form."""

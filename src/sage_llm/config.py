@@ -29,7 +29,7 @@ import dataclasses
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -663,12 +663,26 @@ def _set_fields(obj: Any) -> dict[str, Any]:
     return out
 
 
-_PD_TWICE = (
-    ("prefilling_threshold_input_tokens", "decider_params", "min_prompt_tokens"),
-    ("prefilling_threshold_ratio", "decider_params", "min_ratio"),
-    ("metadata.kv_bytes_per_token", "pairing_params", "kv_bytes_per_token"),
+def _same(value: object) -> object:
+    return value
+
+
+def _ms_as_limit_s(value: object) -> object:
+    """``max_transfer_latency_ms`` as the decider's ``max_transfer_s`` (0: no limit)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value / 1000.0 if value > 0 else None
+    return value
+
+
+_PD_TWICE: tuple[tuple[str, str, str, Callable[[object], object]], ...] = (
+    ("prefilling_threshold_input_tokens", "decider_params", "min_prompt_tokens", _same),
+    ("prefilling_threshold_ratio", "decider_params", "min_ratio", _same),
+    ("max_transfer_latency_ms", "decider_params", "max_transfer_s", _ms_as_limit_s),
+    ("metadata.kv_bytes_per_token", "pairing_params", "kv_bytes_per_token", _same),
+    ("metadata.kv_bytes_per_token", "decider_params", "kv_bytes_per_token", _same),
 )
-"""A ``pd`` setting and the plugin parameter it sets, which ``metadata`` may set too."""
+"""A ``pd`` setting and the plugin parameter it sets (its value as the parameter reads
+it), which ``metadata`` may set too."""
 
 
 def _check_pd_given_twice(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
@@ -677,13 +691,13 @@ def _check_pd_given_twice(table: Mapping[str, Any], path: KeyPath, p: Problems) 
     meta = table.get("metadata")
     if not isinstance(meta, Mapping):
         return
-    for setting, plugin, key in _PD_TWICE:
+    for setting, plugin, key, as_param in _PD_TWICE:
         params = meta.get(plugin)
         owner = meta if setting.startswith("metadata.") else table
         name = setting.removeprefix("metadata.")
         if not isinstance(params, Mapping) or key not in params or name not in owner:
             continue
-        if params[key] != owner[name]:
+        if params[key] != as_param(owner[name]):
             p.add(
                 (*path, "metadata", plugin, key),
                 f"contradicts pd.{setting} ({owner[name]!r}); set one of them",
@@ -728,6 +742,19 @@ def _control_plane(
         read_params(lambda: _pd_plugin_problems(*plugins), (*spath, "pd"), p)
     if isinstance(pd_table, Mapping):  # (after: its problems are under metadata)
         _check_pd_given_twice(pd_table, (*spath, "pd"), p)
+        meta = pd_table.get("metadata")
+        decider = meta.get("decider_params") if isinstance(meta, Mapping) else None
+        given = service.get("prefix_block_size")
+        if (
+            isinstance(decider, Mapping)
+            and given is not None
+            and decider.get("block_size", given) != given  # built with the manager's
+        ):
+            p.add(
+                (*spath, "pd", "metadata", "decider_params", "block_size"),
+                f"contradicts prefix_block_size ({given!r}), which prefix_aware counts "
+                "cached blocks with; set one of them",
+            )
     policy, policy_params = cp.scheduling_policy, cp.policy_params
     if "policy_params" in service and not p.failed((*spath, "scheduling_policy")):
         read_params(
