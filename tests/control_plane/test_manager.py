@@ -50,7 +50,7 @@ from sage_llm.errors import (
     SLOInfeasibleError,
 )
 from sage_llm.sim.clock import run_virtual
-from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.tokens import count_tokens
 from tests.engines.fake_engine import BatchingFakeEngine, FakeEngine
 from tests.engines.probes import ConcurrencyProbe
@@ -2443,9 +2443,10 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
     sends the request on to one whose context holds it, rather than failing a request the
     fleet can serve, at random."""
     engines = {
-        "short": SimEngine("short", SimEngineConfig(speed=100.0, max_model_len=1024)),
-        "long": SimEngine("long", SimEngineConfig(speed=100.0)),
-    }
+        f"short{k}": SimEngine(f"short{k}", SimEngineConfig(speed=100.0, max_model_len=1024))
+        for k in range(3)
+    }  # several short ones: a retry must not land on another of them
+    engines["long"] = SimEngine("long", SimEngineConfig(speed=100.0))
 
     async def main() -> None:
         cp = ControlPlaneManager(
@@ -2456,12 +2457,48 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
             cp.register_instance(make_instance(iid, port=8000 + len(iid)))
         async with cp:
             await asyncio.sleep(3.0)  # the probes learn each context
-            results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(4)]
+            results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(8)]
             assert all(r.status is RequestStatus.COMPLETED for r in results), results
             assert {r.instance_id for r in results} == {"long"}
             # one too long for every instance still fails with the engine's refusal
             too_long = await cp.generate(make_metadata("huge", max_tokens=9000))
             assert too_long.status is RequestStatus.FAILED
             assert "maximum context length" in (too_long.error or "")
+
+    run_virtual(main())
+
+
+def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one() -> None:
+    roles = {
+        "pre": ExecutionInstanceType.PREFILLING,
+        "dec": ExecutionInstanceType.DECODING,
+        "hyb": ExecutionInstanceType.HYBRID,
+    }
+    hub = KVTransferHub()
+    engines = {
+        iid: SimEngine(
+            iid,
+            SimEngineConfig(speed=100.0, role=role, max_model_len=1024 if iid != "hyb" else 0),
+            kv_hub=hub,
+        )
+        for iid, role in roles.items()
+    }
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda inst: engines[inst.instance_id],
+            enable_pd_separation=True,
+        )  # fmt: skip
+        for iid, role in roles.items():
+            cp.register_instance(make_instance(iid, port=8000 + len(iid), instance_type=role))
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            long_prompt = "word " * 1500
+            results = [
+                await cp.generate(make_metadata(f"p{k}", prompt=long_prompt, max_tokens=50))
+                for k in range(3)
+            ]
+            assert all(r.status is RequestStatus.COMPLETED for r in results), results
+            assert {r.instance_id for r in results} == {"hyb"}
 
     run_virtual(main())

@@ -859,10 +859,25 @@ class Dispatcher:
         if self._retryable(rec, exc) and self._can_retry(rec, state):
             return exc
         if self._longer_context_elsewhere(rec, state, exc) and self._can_retry(rec, state):
-            return exc  # too long for this instance's context, not for its model's
+            self._exclude_as_short(rec, state)  # too long for its context, not its model's
+            return exc
         rec.exception = exc
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
         return None
+
+    def _exclude_as_short(self, rec: RequestRecord, state: InstanceState) -> None:
+        """Keep ``rec``'s retry off every instance of its model whose known context is no
+        longer than ``state``'s (a retry routed to another short one had failed again)."""
+        mine = state.context_length
+        shorter = {
+            other.instance_id
+            for other in self.registry
+            if other.instance.model_name == state.instance.model_name
+            and other.context_length is not None
+            and mine is not None
+            and other.context_length <= mine
+        }
+        rec.info = replace(rec.info, excluded_instances=rec.info.excluded_instances | shorter)
 
     def _longer_context_elsewhere(
         self, rec: RequestRecord, state: InstanceState, exc: EngineError
@@ -1134,8 +1149,12 @@ class Dispatcher:
             # at once, as for a whole request), not the wrapper that names the leg
             cause = exc.cause if isinstance(exc, PDLegError) else exc
             self._on_failure(failed, cause if isinstance(cause, EngineError) else exc)
-        verdict = self._pd_retry(rec, exc, failed, prefill_leg)
+        refusal = refusal_of(exc, failed.instance_id)  # (a leg's error carries its engine's)
+        too_long = refusal is not None and self._longer_context_elsewhere(rec, failed, refusal)
+        verdict = self._pd_retry(rec, exc, failed, prefill_leg, too_long=too_long)
         if verdict is not None:
+            if too_long:
+                self._exclude_as_short(rec, failed)
             return exc, failed, verdict
         rec.exception = exc
         if prefill_leg:  # it ended on its prefill instance: the decode one never ran it
@@ -1145,13 +1164,24 @@ class Dispatcher:
         return None
 
     def _pd_retry(
-        self, rec: RequestRecord, exc: EngineError, failed: InstanceState, prefill_leg: bool
+        self,
+        rec: RequestRecord,
+        exc: EngineError,
+        failed: InstanceState,
+        prefill_leg: bool,
+        *,
+        too_long: bool = False,
     ) -> bool | None:
-        """None: do not retry; True: retry colocated; False: retry anywhere."""
+        """None: do not retry; True: retry colocated; False: retry anywhere. ``too_long``:
+        a leg refused the request as longer than its instance's context, which another
+        instance of the model has longer (:meth:`_longer_context_elsewhere`)."""
         assert self.pd is not None
         client_error = exc.status is not None and 400 <= exc.status < 500
         if rec.delivered or rec.attempts > self.max_retries:
             return None
+        if too_long:  # (the instances no longer than it are left out: _exclude_as_short)
+            excluded = rec.info.excluded_instances | {failed.instance_id}
+            return self._servable(rec.info.model, excluded, whole_only=True) or None
         if client_error and exc.status not in (408, 429):
             return None
         excluded = rec.info.excluded_instances | {failed.instance_id}
