@@ -16,7 +16,7 @@ from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError
 from sage_llm.sim.clock import run_virtual
-from sage_llm.types import RequestPriority, RequestStatus
+from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
 from tests.factories import (
     make_instance,
     make_instance_view,
@@ -521,3 +521,17 @@ def test_the_reason_follows_the_rule_between_switches() -> None:
     reason = str(policy.describe()["reason"])
     assert "no load observed yet" not in reason
     assert reason.startswith("keeping fifo until the rule has named slo_aware for min_dwell_s")
+
+
+def test_an_idle_fleet_of_any_roles_is_idle() -> None:
+    """Nothing queued or running: fifo, also on a PD fleet or with an instance drained
+    (the rule had compared the free slots of whole-request instances with every slot)."""
+    policy = AdaptivePolicy(SMALL_WINDOW)
+    set_attainment(policy, met=0)
+    pd = [make_instance_view("p", role=ExecutionInstanceType.PREFILLING),
+          make_instance_view("d", role=ExecutionInstanceType.DECODING),
+          make_instance_view("g", accepting=False)]  # fmt: skip
+    target, why = policy.desired(policy.signals(make_snapshot(pd, now=1.0)))
+    assert (target, why.split(":")[0]) == ("fifo", "idle")
+    busy = [*pd[:2], make_instance_view("g", in_flight=1)]
+    assert policy.signals(make_snapshot(busy, now=1.0)).running == 1

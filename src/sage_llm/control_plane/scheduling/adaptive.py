@@ -82,6 +82,8 @@ class Signals:
     deadline_share: float
     priority_share: float
     cost_share: float
+    running: int = 0
+    """Requests (and PD legs) running on the fleet's instances."""
 
 
 _DEMOTED_KEPT = 4096
@@ -248,10 +250,11 @@ class AdaptivePolicy:
     def signals(self, snap: ClusterSnapshot) -> Signals:
         """The rule's inputs now (pure; does not evaluate the rule)."""
         queued = len(self)
-        capacity = 0
+        capacity = running = 0
         free_for: dict[str, int] = {}  # by model: a free slot runs only its model's requests
         for i in snap.instances:
             capacity += i.max_concurrency
+            running += i.in_flight
             if i.role.runs_whole_requests and i.healthy and i.accepting:
                 free_for[i.model] = free_for.get(i.model, 0) + i.free_slots
         free = sum(free_for.values())
@@ -266,8 +269,9 @@ class AdaptivePolicy:
         arrivals = max(1, len(self._mix))
         d, pr, c = (n / arrivals for n in self._mix_counts)
         return Signals(
-            snap.now, queued, free, waiting, capacity, load, attainment, samples, d, pr, c
-        )
+            snap.now, queued, free, waiting, capacity, load, attainment, samples, d, pr, c,
+            running,
+        )  # fmt: skip
 
     def _maybe_switch(self, snap: ClusterSnapshot) -> None:
         now = snap.now
@@ -303,7 +307,7 @@ class AdaptivePolicy:
             f"queue at {sig.load:.2f}x fleet capacity ({sig.waiting} waiting / "
             f"{sig.capacity} slots; {sig.queued} queued, {sig.free_slots} slots free)"
         )
-        if sig.queued == 0 and sig.capacity > 0 and sig.free_slots >= sig.capacity:
+        if sig.queued == 0 and sig.running == 0:
             # idle: the windows (attainment, the request mix) are the past's, not the
             # fleet's now; the next requests are admitted as arrival order admits them
             return "fifo", "idle: nothing queued or running; arrival order is fair and cheapest"
