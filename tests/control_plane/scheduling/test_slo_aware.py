@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError
-from sage_llm.types import RequestPriority
+from sage_llm.types import RequestPriority, RequestStatus
 from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
 
 FAST = make_instance_view("fast", est_tpot_s=0.01)
@@ -109,6 +109,30 @@ def test_a_demoted_request_never_goes_before_a_deadline_request() -> None:
     assert pop_ids(policy, later) == ["patient", "feasible", "hopeless"]
 
 
+def _ended(request_id: str) -> CompletionRecord:
+    return CompletionRecord(
+        request_id=request_id, status=RequestStatus.COMPLETED, priority=RequestPriority.NORMAL,
+        instance_id="i0", arrival=0.0, finished=1.0, queue_wait_s=0.0, ttft_s=0.1,
+        tpot_s=0.01, e2e_s=1.0, prompt_tokens=10, completion_tokens=10, slo_met=False,
+    )  # fmt: skip
+
+
+def test_a_demoted_request_pushed_back_is_still_demoted() -> None:
+    """A popped request may come back (a retry, one a pass deferred): a demoted one goes
+    back to the demoted lane, not ahead of the deadline requests once aged."""
+    policy = SLOAwarePolicy(SLOAwarePolicy.Params(no_deadline_max_wait_s=2.0))
+    snap = make_snapshot([SLOW], now=0.0)
+    hopeless = make_request_info("hopeless", arrival=0.0, slo_s=0.5, max_tokens=100)
+    verdict = policy.admit(hopeless, snap)
+    demoted = replace(hopeless, priority=verdict.priority or hopeless.priority, deadline=None)
+    policy.push(demoted)
+    assert pop_ids(policy, snap) == ["hopeless"]
+    policy.push(demoted)  # its retry
+    later = make_snapshot([SLOW], now=10.0)
+    admit_and_push(policy, make_request_info("feasible", arrival=10.0, slo_s=600.0), later)
+    assert pop_ids(policy, later) == ["feasible", "hopeless"]
+
+
 def test_infeasible_deadline_is_rejected_when_configured() -> None:
     policy = SLOAwarePolicy(SLOAwarePolicy.Params(infeasible_action="reject"))
     snap = make_snapshot([SLOW])
@@ -132,6 +156,8 @@ def test_infeasible_deadline_is_demoted_by_default_and_queued_without_deadline()
     # A later, feasible deadline request goes first although its deadline is later.
     admit_and_push(policy, make_request_info("feasible", arrival=0.1, slo_s=60.0), snap)
     assert pop_ids(policy, snap) == ["feasible", "hopeless"]
+    assert policy.is_demoted("hopeless")  # until it ends: a retry comes back demoted
+    policy.on_complete(_ended("hopeless"))
     assert not policy.is_demoted("hopeless")
     state = policy.describe()["state"]
     assert isinstance(state, dict)

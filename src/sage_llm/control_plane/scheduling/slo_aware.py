@@ -35,10 +35,13 @@ from sage_llm.control_plane.scheduling.admission import (
     check_deadline_feasible,
 )
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
-from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.types import RequestPriority
 
 INFEASIBLE_ACTIONS = ("reject", "demote", "admit")
+
+_DEMOTED_KEPT = 4096
+"""How many demoted ids beyond twice the queue :class:`SLOAwarePolicy` keeps."""
 
 _DEADLINE_LANE = 0
 _NO_DEADLINE_LANE = 1
@@ -96,9 +99,12 @@ class SLOAwarePolicy(QueuedPolicy):
         )
 
     def _remember_demoted(self, request_id: str) -> None:
-        # Ids admitted but never pushed would pile up: prune them from time to time.
-        if len(self._demoted) > 2 * len(self._queue) + 1024:
-            self._demoted = {k: None for k in self._demoted if k in self._queue}
+        # Ids admitted but never pushed (or refused after admission) would pile up: the
+        # oldest are let go once they are many (a running one's id goes at its end too)
+        if len(self._demoted) > 2 * len(self._queue) + _DEMOTED_KEPT:
+            for stale in list(self._demoted)[: len(self._demoted) // 2]:
+                if stale not in self._queue:
+                    del self._demoted[stale]
         self._demoted[request_id] = None
 
     def is_demoted(self, request_id: str) -> bool:
@@ -123,11 +129,11 @@ class SLOAwarePolicy(QueuedPolicy):
             return (0.0, entry.key, entry.seq)
         return (2.0, entry.key, entry.seq)
 
-    def pop(self, snap: ClusterSnapshot) -> RequestInfo | None:
-        req = super().pop(snap)
-        if req is not None:
-            self._demoted.pop(req.request_id, None)
-        return req
+    def on_complete(self, record: CompletionRecord) -> None:
+        """A request ended: forgotten as demoted only now (popped, it may come back, a
+        retry's or a deferred one, and must go back to the demoted lane)."""
+        super().on_complete(record)
+        self._demoted.pop(record.request_id, None)
 
     def remove(self, request_id: str) -> RequestInfo | None:
         self._demoted.pop(request_id, None)
