@@ -1129,6 +1129,13 @@ def test_a_pd_instance_on_an_engine_the_connector_cannot_reach_is_refused() -> N
         "services.llm_control_plane.instances[1].engine",
     ]
     assert "cannot take the 'sglang' PD connector's hand-off" in found[0][1]
+    hybrid = text.replace('instance_type = "DECODING"', 'instance_type = "HYBRID"')
+    assert "HYBRID instance on 'vllm'" in str(problems(hybrid)[1])  # it may take a leg too
+    whole_only = "[services.llm_control_plane.pd]\nconnector = 'sglang'\n" + (
+        '[[services.llm_control_plane.instances]]\ninstance_id = "g"\nhost = "h"\nport = 1\n'
+        'model_name = "m"\n'
+    )  # a model served whole: no connector to speak
+    assert parse_config(whole_only, "cfg.toml", env={}).control_plane.instances
     fine = text.replace(
         'instance_type = "PREFILLING"', 'instance_type = "PREFILLING"\nengine = "sim"'
     )

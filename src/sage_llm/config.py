@@ -744,10 +744,10 @@ def _control_plane(
         _check_pd_given_twice(pd_table, (*spath, "pd"), p)
         meta = pd_table.get("metadata")
         decider = meta.get("decider_params") if isinstance(meta, Mapping) else None
-        given = service.get("prefix_block_size")
+        given = cp.prefix_block_size  # written, or its default: the manager's either way
         if (
             isinstance(decider, Mapping)
-            and given is not None
+            and pd_table.get("routing_policy", cp.pd.routing_policy) == "prefix_aware"
             and decider.get("block_size", given) != given  # built with the manager's
         ):
             p.add(
@@ -978,16 +978,24 @@ def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
 
 
 def _check_pd_connector(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
-    """Each PREFILLING or DECODING instance's engine speaks the PD connector's hand-off
-    (``vllm``: ``kv_transfer_params``; ``sglang``: the bootstrap room): one that does not
-    would fail every disaggregated request. Simulated engines speak both."""
+    """Each instance of a model served disaggregated (a PREFILLING, DECODING or HYBRID
+    instance serves it; a GENERAL one may take a leg too) has an engine that speaks the
+    PD connector's hand-off (``vllm``: ``kv_transfer_params``; ``sglang``: the bootstrap
+    room): one that does not would fail the disaggregated requests it takes part in.
+    Simulated engines speak both."""
     if cp.mode == "simulated" or not (cp.enable_pd_separation and cp.pd.enabled):
         return
     connector = cp.pd.connector
+    legs = (
+        ExecutionInstanceType.PREFILLING,
+        ExecutionInstanceType.DECODING,
+        ExecutionInstanceType.HYBRID,
+    )
+    disaggregated = {i.model_name for i in cp.instances if i.instance_type in legs}
     for index, inst in enumerate(cp.instances):
         role = inst.instance_type
-        if role not in (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING):
-            continue
+        if inst.model_name not in disaggregated:  # (its requests run whole)
+            continue  # (a GENERAL or HYBRID instance may take a leg of its model's too)
         if inst.engine in ("sim", connector):
             continue
         p.add(
