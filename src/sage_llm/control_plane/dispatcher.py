@@ -1457,9 +1457,10 @@ class Dispatcher:
                 "request %s could not be ended inside the control plane", rec.request_id,
                 extra=_rid(rec),
             )  # fmt: skip
-            rec.status = RequestStatus.FAILED
-            rec.error = internal_error(exc)
-            failure = SageLLMError(rec.error)
+            if rec.result is None:  # (a bug after its result: that result stands)
+                rec.status = RequestStatus.FAILED
+                rec.error = internal_error(exc)
+            failure = SageLLMError(internal_error(exc))
             for waiting in (rec.future, rec.waiter):
                 if waiting is not None and not waiting.done():
                     waiting.set_exception(failure)
