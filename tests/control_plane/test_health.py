@@ -379,7 +379,12 @@ def _erring_first(**health: Any) -> ControlPlaneManager:
     """Two simulated instances, every request to the first failing with a 500 (a
     per-request fault: its health probes pass); probes every 100 s."""
     settings = HealthSettings(interval_s=100.0, **health)
-    cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
+    cp = ControlPlaneManager(
+        mode="simulated",
+        health=settings,
+        enable_pd_separation=False,
+        routing_strategy="round_robin",
+    )  # (each instance in turn: a request is sure to meet the failing one)
     insts = make_instances(2)
     faulty = FaultyEngineClient(make_sim_engine(insts[0]), FaultPlan.parse("error=500@p1"))
     cp.register_instance(insts[0], faulty)

@@ -2502,3 +2502,52 @@ def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one()
             assert {r.instance_id for r in results} == {"hyb"}
 
     run_virtual(main())
+
+
+def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_refusal() -> None:
+    """The longer instance drains, or can run only a leg it was not asked for: the request
+    ends with the engine's refusal (leaving out every short instance had left it queued
+    with nowhere to go, for ever)."""
+    plain = {"s1": 1024, "s2": 1024, "long": 4096}
+    roles = {
+        "gen": ExecutionInstanceType.GENERAL,
+        "pre": ExecutionInstanceType.PREFILLING,
+        "dec": ExecutionInstanceType.DECODING,
+        "dec2": ExecutionInstanceType.DECODING,
+    }
+    pd_ctx = {"gen": 1024, "pre": 2048, "dec": 2048, "dec2": 4096}  # fmt: skip
+
+    async def main() -> None:
+        engines = {
+            i: SimEngine(i, SimEngineConfig(speed=100.0, max_model_len=n)) for i, n in plain.items()
+        }
+        cp = ControlPlaneManager(mode="http", engine_factory=lambda inst: engines[inst.instance_id])
+        for iid in engines:
+            cp.register_instance(make_instance(iid, port=8000 + len(iid)))
+        async with cp:
+            await asyncio.sleep(3.0)
+            cp.drain_instance("long")
+            meta = make_metadata("r0", prompt="word " * 2000, max_tokens=50)
+            result = await asyncio.wait_for(cp.generate(meta), 600)
+            assert result.status is RequestStatus.FAILED
+            assert "maximum context length is 1024" in (result.error or "")
+        hub = KVTransferHub()
+        pd_engines = {
+            i: SimEngine(i, SimEngineConfig(speed=100.0, role=roles[i], max_model_len=n),
+                         kv_hub=hub)
+            for i, n in pd_ctx.items()
+        }  # fmt: skip
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda inst: pd_engines[inst.instance_id],
+            enable_pd_separation=True,
+        )  # fmt: skip
+        for iid, role in roles.items():
+            cp.register_instance(make_instance(iid, port=9000 + len(iid), instance_type=role))
+        async with cp:
+            await asyncio.sleep(3.0)
+            meta = make_metadata("p0", prompt="word " * 3000, max_tokens=50)
+            result = await asyncio.wait_for(cp.generate(meta), 600)
+            assert result.status is RequestStatus.FAILED
+            assert "maximum context length" in (result.error or "")
+
+    run_virtual(main())

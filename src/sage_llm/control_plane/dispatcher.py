@@ -858,26 +858,31 @@ class Dispatcher:
             self._on_failure(state, exc)
         if self._retryable(rec, exc) and self._can_retry(rec, state):
             return exc
-        if self._longer_context_elsewhere(rec, state, exc) and self._can_retry(rec, state):
-            self._exclude_as_short(rec, state)  # too long for its context, not its model's
-            return exc
+        if self._longer_context_elsewhere(rec, state, exc):  # too long for its context only
+            shorter = self._as_short(state)  # none as short is tried: then one must be left
+            excluded = rec.info.excluded_instances | shorter | {state.instance_id}
+            if rec.attempts <= self.max_retries and self._servable(rec.info.model, excluded):
+                rec.info = replace(
+                    rec.info, excluded_instances=rec.info.excluded_instances | shorter
+                )
+                return exc
         rec.exception = exc
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, state), state=state)
         return None
 
-    def _exclude_as_short(self, rec: RequestRecord, state: InstanceState) -> None:
-        """Keep ``rec``'s retry off every instance of its model whose known context is no
-        longer than ``state``'s (a retry routed to another short one had failed again)."""
+    def _as_short(self, state: InstanceState) -> frozenset[str]:
+        """The instances of ``state``'s model whose known context is no longer than its
+        (a retry of a request too long for it is kept off them: one routed to another
+        short one had failed again)."""
         mine = state.context_length
-        shorter = {
+        return frozenset(
             other.instance_id
             for other in self.registry
             if other.instance.model_name == state.instance.model_name
             and other.context_length is not None
             and mine is not None
             and other.context_length <= mine
-        }
-        rec.info = replace(rec.info, excluded_instances=rec.info.excluded_instances | shorter)
+        )
 
     def _longer_context_elsewhere(
         self, rec: RequestRecord, state: InstanceState, exc: EngineError
@@ -897,7 +902,7 @@ class Dispatcher:
             other is not state
             and other.instance.model_name == state.instance.model_name
             and other.instance_id not in excluded
-            and not other.removed
+            and other.up  # (a draining or ejected one takes nothing now)
             and (other.context_length is None or other.context_length > mine)
             for other in self.registry
         )
@@ -1151,10 +1156,13 @@ class Dispatcher:
             self._on_failure(failed, cause if isinstance(cause, EngineError) else exc)
         refusal = refusal_of(exc, failed.instance_id)  # (a leg's error carries its engine's)
         too_long = refusal is not None and self._longer_context_elsewhere(rec, failed, refusal)
-        verdict = self._pd_retry(rec, exc, failed, prefill_leg, too_long=too_long)
+        shorter = self._as_short(failed) if too_long else frozenset()
+        verdict = self._pd_retry(rec, exc, failed, prefill_leg, too_long=too_long, shorter=shorter)
         if verdict is not None:
-            if too_long:
-                self._exclude_as_short(rec, failed)
+            if shorter:
+                rec.info = replace(
+                    rec.info, excluded_instances=rec.info.excluded_instances | shorter
+                )
             return exc, failed, verdict
         rec.exception = exc
         if prefill_leg:  # it ended on its prefill instance: the decode one never ran it
@@ -1171,16 +1179,18 @@ class Dispatcher:
         prefill_leg: bool,
         *,
         too_long: bool = False,
+        shorter: frozenset[str] = frozenset(),
     ) -> bool | None:
         """None: do not retry; True: retry colocated; False: retry anywhere. ``too_long``:
         a leg refused the request as longer than its instance's context, which another
-        instance of the model has longer (:meth:`_longer_context_elsewhere`)."""
+        instance of the model has longer (:meth:`_longer_context_elsewhere`): it is run
+        whole off the ``shorter`` instances, when one may take it."""
         assert self.pd is not None
         client_error = exc.status is not None and 400 <= exc.status < 500
         if rec.delivered or rec.attempts > self.max_retries:
             return None
-        if too_long:  # (the instances no longer than it are left out: _exclude_as_short)
-            excluded = rec.info.excluded_instances | {failed.instance_id}
+        if too_long:
+            excluded = rec.info.excluded_instances | shorter | {failed.instance_id}
             return self._servable(rec.info.model, excluded, whole_only=True) or None
         if client_error and exc.status not in (408, 429):
             return None
