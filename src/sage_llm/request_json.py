@@ -35,8 +35,7 @@ async def read_raw(request: web.Request) -> bytes:
     try:
         return await request.read()
     except RequestPayloadError as exc:
-        request.protocol.close()
-        request.content.feed_eof()
+        leave_unread(request)  # (the rest could not be read either)
         reason = " ".join(str(exc).split()).removeprefix("400, message: ")
         raise InvalidRequestError(f"request body cannot be read: {reason}") from None
 

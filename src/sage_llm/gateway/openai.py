@@ -55,7 +55,7 @@ from sage_llm.gateway.schemas import (
     GenerationFields,
 )
 from sage_llm.gateway.settings import ResolvedGateway
-from sage_llm.request_json import json_object, read_raw
+from sage_llm.request_json import json_object, leave_unread, read_raw
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import RequestMetadata, RequestPriority
 
@@ -146,9 +146,7 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
             return await read_raw(request)
     except TimeoutError:
         # the connection closes after the 408: what more comes of the body is ignored
-        # (close), and aiohttp does not wait its lingering time for the rest (feed_eof)
-        request.protocol.close()
-        request.content.feed_eof()
+        leave_unread(request)
         raise web.HTTPRequestTimeout(
             text=f"the request body did not arrive within {timeout_s:g} s"
         ) from None
