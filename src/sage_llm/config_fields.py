@@ -339,8 +339,15 @@ def rule_problem(value: object, checks: Rule) -> str | None:
             if broken:
                 shown = int(bound) if float(bound).is_integer() else bound
                 return f"must be {word} {shown}, got {shown_value(value)}"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
-        # counts and sizes go into float arithmetic (a price, a deadline) and into engines
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int64_problem(value)
+    return None
+
+
+def int64_problem(value: int) -> str | None:
+    """What is wrong with an integer beyond 64 bits, or None: counts and sizes go into
+    float arithmetic (a price, a deadline, a transfer time) and into engines."""
+    if abs(value) > INT64_MAX:
         return f"must be at most {INT64_MAX} (64 bits), got {shown_value(value)}"
     return None
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence, Set
 
 from sage_llm import tokens
 from sage_llm.chat_messages import message_problem
-from sage_llm.config_fields import shown_value
+from sage_llm.config_fields import INT64_MAX, shown_value
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
 from sage_llm.engines.base import EngineRequest, fill_engine_request
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
@@ -73,7 +73,7 @@ _OWN_FIELD_NAMES: dict[str, str | None] = {
     "stream": None, "kv_transfer_params": None,
 }  # fmt: skip
 
-MAX_TOKENS_BOUND = 2**63 - 1
+MAX_TOKENS_BOUND = INT64_MAX
 """The largest ``max_tokens`` taken (an engine's own context limit refuses far less)."""
 
 

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from sage_llm.config_fields import INT64_MAX, as_float, described, shown_value
+from sage_llm.config_fields import as_float, described, int64_problem
 from sage_llm.errors import ConfigError, raise_problems
 
 __all__ = ["Gathered", "build_params"]
@@ -231,10 +231,8 @@ def _coerce(key: str, hint: Any, value: Any, *, finite: bool) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"must be an integer, got {described(value)}", key=key)
-        if abs(value) > INT64_MAX:  # it goes into float arithmetic (a transfer time …)
-            raise ConfigError(
-                f"must be at most {INT64_MAX} (64 bits), got {shown_value(value)}", key=key
-            )
+        if (problem := int64_problem(value)) is not None:
+            raise ConfigError(problem, key=key)
         return value
     if hint is bool:
         if not isinstance(value, bool):
