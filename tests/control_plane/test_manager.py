@@ -577,6 +577,31 @@ def test_slo_attainment_is_by_the_priority_the_application_gave() -> None:
     run_virtual(main())
 
 
+def test_a_demoted_request_stays_behind_deadline_ones_after_a_policy_switch() -> None:
+    """The demotion is marked on the request: a new ``slo_aware`` object (a switch away and
+    back) keeps it behind a later deadline request, past ``no_deadline_max_wait_s``."""
+
+    async def main() -> None:
+        async with _manager(1, bound=1, scheduling_policy="slo_aware") as cp:
+            await cp.submit_request(make_metadata("long", max_tokens=6000))
+            await asyncio.sleep(0)
+            await cp.submit_request(make_metadata("hopeless", max_tokens=50, slo_deadline_ms=1))
+            cp.update_policy("fifo")
+            cp.update_policy("slo_aware")
+            await asyncio.sleep(35.0)  # past the default no_deadline_max_wait_s (30 s)
+            await cp.submit_request(
+                make_metadata("feasible", max_tokens=50, slo_deadline_ms=3_600_000)
+            )
+            hopeless = await cp.wait_for_result("hopeless")
+            feasible = await cp.wait_for_result("feasible")
+            await cp.wait_for_result("long")
+        assert hopeless.status is feasible.status is RequestStatus.COMPLETED
+        assert feasible.queue_wait_ms is not None and hopeless.queue_wait_ms is not None
+        assert 35_000 + feasible.queue_wait_ms < hopeless.queue_wait_ms  # feasible began first
+
+    run_virtual(main())
+
+
 def test_the_average_queue_length_is_the_time_requests_spent_queued_over_the_run() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

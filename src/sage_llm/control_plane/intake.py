@@ -236,6 +236,7 @@ def build_request(
         dict(meta.tags),
         hint,
         meta.billing_tier,
+        False,  # demoted
     )
     engine_req = fill_engine_request(
         meta.request_id,

@@ -1401,7 +1401,7 @@ class ControlPlaneManager:
             self._metrics.on_rejected("policy", model)
             raise AdmissionError(reason, retry_after_s=verdict.retry_after_s)
         if verdict.priority is not None:  # demoted: scheduled without its deadline from now on
-            info = replace(info, priority=verdict.priority, deadline=None)
+            info = replace(info, priority=verdict.priority, deadline=None, demoted=True)
         loop = asyncio.get_running_loop()
         rec = RequestRecord(
             meta=meta,

@@ -51,6 +51,10 @@ class RequestInfo:
     billing_tier: str = "standard"
     """``RequestMetadata.billing_tier``, for custom policies and routers (the built-in
     ones do not read it)."""
+    demoted: bool = False
+    """Demoted at admission (an infeasible deadline under ``slo_aware``'s ``demote``): its
+    deadline and priority were dropped, and it is never aged ahead of deadline requests,
+    whichever policy queues it (one switched to later included)."""
 
     @property
     def slo_s(self) -> float | None:

@@ -152,6 +152,7 @@ class SimControlPlane:
             {},
             None,
             "standard",
+            False,
         )
         policy = self.policy
         queued = len(self.queued)
@@ -170,8 +171,8 @@ class SimControlPlane:
         if not verdict.admitted:
             self._reject(wr, now, f"{_ERRORS[verdict.kind]}: {verdict.reason}")
             return
-        if verdict.priority is not None:
-            info = replace(info, priority=verdict.priority)
+        if verdict.priority is not None:  # demoted: as the manager schedules it
+            info = replace(info, priority=verdict.priority, deadline=None, demoted=True)
         rec = SimRequest(wr, info, ids)
         if self.record_token_times:
             rec.token_times = []

@@ -133,6 +133,20 @@ def test_a_demoted_request_pushed_back_is_still_demoted() -> None:
     assert pop_ids(policy, later) == ["feasible", "hopeless"]
 
 
+def test_a_request_marked_demoted_is_demoted_for_any_slo_aware_policy() -> None:
+    """The manager marks the request itself (``RequestInfo.demoted``): a policy object that
+    never admitted it (a switch away and back, ``update_policy``) still keeps it behind
+    the deadline requests however long it waits."""
+    policy = SLOAwarePolicy(SLOAwarePolicy.Params(no_deadline_max_wait_s=2.0))
+    hopeless = make_request_info("hopeless", arrival=0.0, max_tokens=100)
+    policy.push(replace(hopeless, priority=RequestPriority.BACKGROUND, demoted=True))
+    later = make_snapshot([SLOW], now=10.0)
+    admit_and_push(policy, make_request_info("feasible", arrival=10.0, slo_s=600.0), later)
+    admit_and_push(policy, make_request_info("patient", arrival=0.5), later)  # no deadline
+    assert not policy.is_demoted("hopeless")  # not known to this object: marked on the request
+    assert pop_ids(policy, later) == ["patient", "feasible", "hopeless"]
+
+
 def test_infeasible_deadline_is_rejected_when_configured() -> None:
     policy = SLOAwarePolicy(SLOAwarePolicy.Params(infeasible_action="reject"))
     snap = make_snapshot([SLOW])

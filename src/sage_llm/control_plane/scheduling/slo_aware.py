@@ -112,7 +112,7 @@ class SLOAwarePolicy(QueuedPolicy):
         return request_id in self._demoted
 
     def _place(self, req: RequestInfo) -> tuple[int, float]:
-        if req.request_id in self._demoted:
+        if req.demoted or req.request_id in self._demoted:
             return _DEMOTED_LANE, req.arrival
         if req.deadline is None:
             return _NO_DEADLINE_LANE, req.arrival
