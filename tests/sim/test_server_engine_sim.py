@@ -611,3 +611,28 @@ async def test_tokenize_checks_messages_as_chat_does_and_detokenize_reads_prompt
         ids = out["choices"][0]["prompt_token_ids"]
         status, text = await post(http, f"{base}/detokenize", {"tokens": ids})
         assert (status, text["prompt"]) == (200, "Hello world")
+
+
+async def test_requests_sharing_an_id_are_all_served_as_vllm_serves_them(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A client's ``X-Request-Id`` need not be unique: as vLLM does, the engine gives a
+    duplicate an id of its own and answers each under the client's id."""
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        body = {**COMPLETION, "max_tokens": 40}
+        answers = await asyncio.gather(
+            post(http, url, body, rid="same"),
+            post(http, url, body, rid="same"),
+            stream_events(http, url, body, rid="same"),
+        )
+        status_a, a = answers[0]
+        status_b, b = answers[1]
+        events = answers[2]
+        samples = await metrics(http, base)
+    assert (status_a, status_b) == (200, 200)
+    assert a["id"] == b["id"] == "cmpl-same"
+    assert a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"] == 40
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[0])["id"] == "cmpl-same"
+    assert total(samples, "vllm:request_success_total") == 3

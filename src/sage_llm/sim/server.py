@@ -245,6 +245,8 @@ class _EngineServer:
         self.bootstrap_wait_s = BOOTSTRAP_WAIT_S
         self._session: aiohttp.ClientSession | None = None
         self._kv = _kv_engine(engine)
+        self._live: dict[str, int] = {}
+        """Request ids in flight here, by how many requests carry each."""
 
     def _release_expired(self, params: Mapping[str, Any]) -> None:
         request_id = params.get("remote_request_id")
@@ -301,6 +303,28 @@ class _EngineServer:
             chat=chat, request_id=parsed.req.request_id, model=self.model_name,
             created=self._created(),
         )  # fmt: skip
+        given = parsed.req.request_id
+        live = self._live
+        if given in live:  # as vLLM: a client's id need not be unique, the engine's is
+            unique = f"{given}-{uuid.uuid4().hex[:8]}"
+            parsed = replace(parsed, req=replace(parsed.req, request_id=unique))
+        live[given] = live.get(given, 0) + 1
+        try:
+            return await self._serve(request, parsed, fmt, arrival, boot)
+        finally:
+            if live[given] == 1:
+                del live[given]
+            else:
+                live[given] -= 1
+
+    async def _serve(
+        self,
+        request: web.Request,
+        parsed: ParsedRequest,
+        fmt: ResponseFormat,
+        arrival: float,
+        boot: Bootstrap | None,
+    ) -> web.StreamResponse:
         if boot is not None and self.role is ExecutionInstanceType.PREFILLING:
             return await self._sglang_prefill(request, parsed, fmt, arrival, boot)
         if boot is not None and parsed.pd_role is None:  # a DECODING engine
