@@ -1349,6 +1349,10 @@ def test_secrets_from_environment() -> None:
     )
     cfg = parse_config(text, env={"KEYS": "k1, k2,,file-key", "ADMIN": " tok ", "UP": "up-key"})
     assert cfg.gateway.api_keys == ("file-key", "k1", "k2")
+    assert cfg.gateway.api_keys_from_env == ("k1", "k2")
+    # a dump shows the file's own key (masked), not those of the environment
+    assert cfg.to_dict()["gateway"]["api_keys"] == ["***"]
+    assert "api_keys_from_env" not in cfg.to_dict(secrets=True)["gateway"]
     assert cfg.gateway.admin_token == "tok"
     assert cfg.control_plane.instances[1].api_key == "up-key"
     assert cfg.execution_instances()[1].api_key == "up-key"

@@ -1068,7 +1068,11 @@ def _gateway_secrets(
         ok = False
     if not ok:
         return gw
-    return dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
+    loaded = dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
+    if gw.api_keys_env is not None:  # told apart from the file's own in a dump
+        added = tuple(key for key in loaded.api_keys if key not in gw.api_keys)
+        object.__setattr__(loaded, "api_keys_from_env", added)
+    return loaded
 
 
 def _instance_secrets(cp: ControlPlaneConfig, env: Mapping[str, str]) -> ControlPlaneConfig:

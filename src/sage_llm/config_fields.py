@@ -405,6 +405,8 @@ def to_plain(value: Any, mask: str | None = SECRET_MASK) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(value):
+            if not f.init:  # derived, not a key of a file
+                continue
             item = getattr(value, f.name)
             checks = f.metadata.get("rule")
             if mask is not None and checks is not None and checks.secret and item:

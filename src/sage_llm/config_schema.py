@@ -349,6 +349,10 @@ class GatewayConfig:
     api_keys_env: str | None = opt(None, _ENV)
     admin_token: str | None = opt(None, rule(nonempty=True, secret=True))
     admin_token_env: str | None = opt(None, _ENV)
+    api_keys_from_env: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    """Those of ``api_keys`` read from ``api_keys_env`` only (not also the file's) when the
+    file was loaded: not a key of a file; a dump leaves them out, beside their
+    ``api_keys_env``."""
     max_body_bytes: int = opt(1 << 20, _COUNT)
     max_prompt_tokens: int = opt(32_768, _COUNT)
     max_tokens_limit: int | None = opt(None, _COUNT)
@@ -507,9 +511,10 @@ class SageConfig:
         kept, and the dict loads back (:func:`~sage_llm.config.config_from_dict`) as the
         same configuration. Either way a secret read from an environment variable
         (``admin_token_env``, ``api_key_env``) is left out beside its ``*_env`` key, to be
-        read from the same environment again; so are the API keys when ``api_keys_env`` is
-        set and secrets are masked (with ``secrets=True`` the keys read from the variable
-        stay among them: read again, they are the same keys)."""
+        read from the same environment again; so are the API keys read from
+        ``api_keys_env`` when secrets are masked (the file's own are shown, masked; with
+        ``secrets=True`` the keys read from the variable stay among them: read again, they
+        are the same keys)."""
         mask = None if secrets else MASK
         service = to_plain(self.control_plane, mask)
         out = {
@@ -517,13 +522,18 @@ class SageConfig:
             **{name: to_plain(getattr(self, name), mask) for name in SECTIONS},
         }
         for table in (out["gateway"], *service.get("instances", ())):
-            for secret in ("admin_token", "api_key") if secrets else _SECRETS:
+            for secret in ("admin_token", "api_key"):
                 if table.get(f"{secret}_env") is not None:
                     table.pop(secret, None)
+        gw = self.gateway
+        if gw.api_keys_env is not None and not secrets:  # the file's own keys, masked
+            from_env = set(gw.api_keys_from_env)
+            own = sum(key not in from_env for key in gw.api_keys)
+            if own:
+                out["gateway"]["api_keys"] = [MASK] * own
+            else:
+                out["gateway"].pop("api_keys", None)
         return out
-
-
-_SECRETS = ("api_keys", "admin_token", "api_key")
 
 
 FOREIGN_RULES: Mapping[type[Any], Mapping[str, Rule]] = {
