@@ -2136,7 +2136,9 @@ class _GatedEmbedder(FakeEngine):
 
     closed = False
 
-    async def embed(self, model: str, inputs: Any, options: Any = None) -> dict[str, Any]:
+    async def embed(
+        self, model: str, inputs: Any, options: Any = None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         await self.release.wait()
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": []}]}
 
@@ -2171,7 +2173,9 @@ class _SlowEmbedder(FakeEngine):
         super().__init__(instance_id)
         self.closed: list[bool] = []
 
-    async def embed(self, model: str, inputs: Any, options: Any = None) -> dict[str, Any]:
+    async def embed(
+        self, model: str, inputs: Any, options: Any = None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
         assert not self.closed, "called after the control plane closed its client"
         await asyncio.sleep(self.delay_s)
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": []}]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -90,11 +90,18 @@ class GatewayProbe(ConcurrencyProbe):
                     await self.gate.wait()
 
     async def embed(
-        self, model: str, inputs: list[Any], options: dict[str, Any] | None = None
+        self,
+        model: str,
+        inputs: list[Any],
+        options: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Deterministic 8-dimensional embeddings from the shared tokenizer (or the token
-        ids given); ``options`` are recorded in ``embed_options``."""
+        ids given); ``options`` are recorded in ``embed_options``, ``request_id`` in
+        ``embed_request_id``."""
         self.embed_options = dict(options or {})
+        self.embed_request_id = request_id
         data = []
         total = 0
         for i, text in enumerate(inputs):

@@ -420,6 +420,10 @@ async def test_embeddings() -> None:
         extra = {"priority": "high", "slo_deadline_ms": 500}
         await client.embeddings.create(model=MODEL, input="x", extra_body=extra)
         assert probe.embed_options == {"encoding_format": "base64"}
+        # the request's id reaches the engine as a generation request's does
+        named = {"X-Request-Id": "emb-1"}
+        await client.embeddings.create(model=MODEL, input="x", extra_headers=named)
+        assert probe.embed_request_id == "emb-1"
         async with aiohttp.ClientSession() as http:
             body = {"model": MODEL, "input": [{"text": "no"}]}
             async with http.post(gw.url("/v1/embeddings"), json=body) as r:

@@ -73,6 +73,7 @@ from sage_llm.control_plane.scheduling.registry import (
 )
 from sage_llm.engines.base import (
     Chunk,
+    EmbeddingEngineClient,
     EngineClient,
     EngineRequest,
     EngineStats,
@@ -854,7 +855,7 @@ class ControlPlaneManager:
         """Embeddings from an instance serving ``model`` (the least busy healthy one), of
         ``inputs``: texts, or token-id lists; ``options`` are the request's other fields
         (``encoding_format``, ``dimensions`` …), passed to the engine as they are;
-        ``request_id`` goes to an HTTP engine as its ``X-Request-Id``, and is in use while
+        ``request_id`` goes to the engine (an HTTP engine's ``X-Request-Id``), and is in use while
         the call runs (:class:`ConflictError` for one in use by a request or a call).
 
         Returns the engine's OpenAI-style JSON (``{"data": [{"embedding": [...]}], ...}``).
@@ -889,8 +890,8 @@ class ControlPlaneManager:
                 retry_after_s=self._registry.back_in(name, self.clock.now()),
             )
         state = min(states, key=lambda s: s.in_flight / s.instance.max_concurrent_requests)
-        embed = getattr(state.client, "embed", None)
-        if embed is None:
+        client = state.client
+        if not isinstance(client, EmbeddingEngineClient):
             raise InvalidRequestError(
                 f"model {name!r} is not served by an engine that supports embeddings",
                 param="model",
@@ -900,12 +901,7 @@ class ControlPlaneManager:
             held.enter_context(self.reserve_request_id(request_id))  # ConflictError if not
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
-        from sage_llm.engines.http import HTTPEngineClient  # (loaded with the http mode)
-
-        if request_id is not None and isinstance(state.client, HTTPEngineClient):
-            work = state.client.embed(name, inputs, options, request_id=request_id)
-        else:
-            work = embed(name, inputs) if not options else embed(name, inputs, options)
+        work = client.embed(name, inputs, options or None, request_id=request_id)
         call: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(work)
         self._embeds.add(call)
         try:

@@ -233,6 +233,25 @@ class EngineClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class EmbeddingEngineClient(EngineClient, Protocol):
+    """An :class:`EngineClient` whose engine serves embeddings (``HTTPEngineClient``):
+    the control plane sends ``/v1/embeddings`` calls only to such clients."""
+
+    async def embed(
+        self,
+        model: str,
+        inputs: list[str] | list[list[int]],
+        options: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The engine's OpenAI-style answer for ``inputs`` (texts or token-id lists);
+        ``options`` are the request's other fields, passed as they are; ``request_id``
+        names the call to the engine (an HTTP engine's ``X-Request-Id``)."""
+        ...
+
+
 class BatchingEngineClient(EngineClient, Protocol):
     """An :class:`EngineClient` that also yields its chunks a read at a time."""
 
