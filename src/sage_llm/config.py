@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from typing import Any
 from sage_llm.config_fields import (
     LATENCY_PRIORS,
     SECRET_MASK,
+    as_float,
     described,
     has_control_characters,
     latency_prior_problem,
@@ -187,6 +189,15 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
                 problems.add(("metadata", key), problem)
     else:
         problems.add(("metadata",), f"must be a table, got {described(metadata)}")
+    for name in _LIVE_FLAGS:  # "false" would read as true
+        if not isinstance(flag := getattr(instance, name), bool):
+            problems.add((name,), f"must be true or false, got {described(flag)}")
+    for name in _LIVE_FIGURES:
+        figure = getattr(instance, name)
+        plain = isinstance(figure, int | float) and not isinstance(figure, bool)
+        number = as_float(figure) if plain else None
+        if number is None or not math.isfinite(number) or number < 0:
+            problems.add((name,), f"must be a finite number >= 0, got {described(figure)}")
     checked = read_dataclass(InstanceConfig, table, (), problems, foreign=FOREIGN_RULES)
     raise_problems(problems.errors)
     assert checked is not None
@@ -276,6 +287,15 @@ _NOT_NONE = tuple(
     if f.name in _INSTANCE_FIELDS and f.default is not dataclasses.MISSING and f.default is not None
 )
 """Fields with a default that is not None: None there is a mistake, not "unset"."""
+_LIVE_FLAGS = ("is_available", "is_healthy")
+_LIVE_FIGURES = (
+    "gpu_utilization",
+    "current_load",
+    "avg_latency_ms",
+    "throughput_tokens_per_sec",
+    "active_requests",
+)
+"""An instance's live figures (no config entry has them): numbers >= 0 when given."""
 _READ_BACK = ("instance_type", "engine", "scheme", "prefilling_config", "decoding_config")
 """Fields whose value as read (an enum from a name, a lowered name, a role-config object from
 a dict) replaces what the caller gave."""

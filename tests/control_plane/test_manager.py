@@ -123,6 +123,70 @@ def test_register_instance_without_an_id() -> None:
     assert (info.value.location, info.value.key) == ("instance", "instance_id")
 
 
+def test_an_engine_factory_that_fails_at_run_time_registers_nothing() -> None:
+    """A factory's failure is a ConfigError naming the instance; the instance is not left
+    half registered (it would take requests and fail them, and hold its id)."""
+
+    def factory(instance: ExecutionInstance) -> FakeEngine:
+        if instance.instance_id.startswith("bad"):
+            raise ValueError("no client for it")
+        return FakeEngine(instance.instance_id)
+
+    async def main() -> None:
+        cp = ControlPlaneManager(engine_factory=factory)
+        cp.register_instance(make_instance("good", port=8001))
+        async with cp:
+            with pytest.raises(ConfigError, match="engine_factory failed: ValueError") as info:
+                cp.register_instance(make_instance("bad"))
+            assert info.value.key == "engine_factory" and "'bad'" in info.value.message
+            assert [i.instance_id for i in cp.get_instances()] == ["good"]
+            results = [await cp.generate(make_metadata(f"r{k}")) for k in range(4)]
+            assert all(r.status is RequestStatus.COMPLETED for r in results)
+            cp.register_instance(make_instance("bad", port=9001), client=FakeEngine("bad"))
+
+    run_virtual(main())
+
+
+def test_an_engine_factory_must_be_callable_and_make_clients() -> None:
+    with pytest.raises(ConfigError, match="must be a callable") as info:
+        ControlPlaneManager(engine_factory="x")  # type: ignore[arg-type]
+    assert info.value.key == "engine_factory"
+
+    async def main() -> None:
+        cp = ControlPlaneManager(engine_factory=lambda instance: "not a client")  # type: ignore[arg-type,return-value]
+        cp.register_instance(make_instance("i0"))
+        with pytest.raises(ConfigError, match="returned str, not an EngineClient"):
+            await cp.start()
+        assert not cp.is_running  # nothing started
+
+    run_virtual(main())
+
+
+def test_register_instance_refuses_an_address_in_use_and_bad_live_figures() -> None:
+    """Two instances at one ``host:port`` would count one engine's limit twice (409 through
+    the gateway, as a config file refuses it); a live flag ``"false"`` would read as true."""
+    cp = ControlPlaneManager()
+    cp.register_instance(make_instance("h1", port=9000))
+    taken = r"127\.0\.0\.1:9000 is already the address of instance 'h1'"
+    with pytest.raises(ConflictError, match=taken):
+        cp.register_instance(make_instance("h2", port=9000))
+    with pytest.raises(ConflictError, match="already the address"):
+        cp.register_instance(make_instance("h3", host="LOCALHOST", port=9000))
+    cp.register_instance(make_instance("h4", port=9000), client=FakeEngine("h4"))  # the caller's
+    bad: list[tuple[str, Any, str]] = [
+        ("is_available", "false", "must be true or false, got string 'false'"),
+        ("is_healthy", 0, "must be true or false, got"),
+        ("current_load", "x", "must be a finite number >= 0, got string 'x'"),
+        ("active_requests", -1, "must be a finite number >= 0, got"),
+        ("avg_latency_ms", math.nan, "must be a finite number >= 0"),
+    ]
+    for field, value, message in bad:
+        with pytest.raises(ConfigError, match=message) as info:
+            cp.register_instance(make_instance("z", port=9100, **{field: value}))
+        assert info.value.key == field
+    assert [i.instance_id for i in cp.get_instances()] == ["h1", "h4"]
+
+
 def test_seed_snippet_returns_generated_text() -> None:
     async def main() -> None:
         cp = ControlPlaneManager(
@@ -794,7 +858,7 @@ def test_a_failed_one_piece_call_is_retried_elsewhere() -> None:
             routing_strategy="round_robin",
         )  # fmt: skip
         cp.register_instance(make_instance("bad"))
-        cp.register_instance(make_instance("good"))
+        cp.register_instance(make_instance("good", port=8001))
         async with cp:
             results = [
                 (await cp.collect(make_metadata(f"r{i}", max_tokens=2)))[1] for i in range(4)
@@ -2482,8 +2546,8 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
             mode="http", engine_factory=lambda inst: engines[inst.instance_id],
             routing_strategy="round_robin",
         )  # fmt: skip
-        for iid in engines:
-            cp.register_instance(make_instance(iid, port=8000 + len(iid)))
+        for k, iid in enumerate(engines):
+            cp.register_instance(make_instance(iid, port=8000 + k))
         async with cp:
             await asyncio.sleep(3.0)  # the probes learn each context
             results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(8)]
@@ -2518,8 +2582,8 @@ def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one()
             mode="http", engine_factory=lambda inst: engines[inst.instance_id],
             enable_pd_separation=True,
         )  # fmt: skip
-        for iid, role in roles.items():
-            cp.register_instance(make_instance(iid, port=8000 + len(iid), instance_type=role))
+        for k, (iid, role) in enumerate(roles.items()):
+            cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role))
         async with cp:
             await asyncio.sleep(3.0)  # the probes learn each context
             long_prompt = "word " * 1500
@@ -2551,8 +2615,8 @@ def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_re
             i: SimEngine(i, SimEngineConfig(speed=100.0, max_model_len=n)) for i, n in plain.items()
         }
         cp = ControlPlaneManager(mode="http", engine_factory=lambda inst: engines[inst.instance_id])
-        for iid in engines:
-            cp.register_instance(make_instance(iid, port=8000 + len(iid)))
+        for k, iid in enumerate(engines):
+            cp.register_instance(make_instance(iid, port=8000 + k))
         async with cp:
             await asyncio.sleep(3.0)
             cp.drain_instance("long")
@@ -2570,8 +2634,8 @@ def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_re
             mode="http", engine_factory=lambda inst: pd_engines[inst.instance_id],
             enable_pd_separation=True,
         )  # fmt: skip
-        for iid, role in roles.items():
-            cp.register_instance(make_instance(iid, port=9000 + len(iid), instance_type=role))
+        for k, (iid, role) in enumerate(roles.items()):
+            cp.register_instance(make_instance(iid, port=9000 + k, instance_type=role))
         async with cp:
             await asyncio.sleep(3.0)
             meta = make_metadata("p0", prompt="word " * 3000, max_tokens=50)

@@ -331,6 +331,20 @@ def test_register_instance_takes_simulator_keys_either_way(svc: ControlPlaneVLLM
             ConflictError,
             None,
         ),
+        (
+            {
+                "task": "register_instance",
+                "inputs": {
+                    "instance_id": "x",
+                    "host": "h",
+                    "port": 1,
+                    "model_name": MODEL,
+                    "is_available": "false",
+                },
+            },
+            ConfigError,
+            "is_available",
+        ),
         ({"task": "drain_instance", "inputs": "sim-7"}, InstanceNotFoundError, None),
         (
             {"task": "drain_instance", "inputs": "sim-0", "options": {"drain": "no"}},

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from sage_llm.config import check_instance, check_manager_arguments
+from sage_llm.config import check_instance, check_manager_arguments, host_key
 from sage_llm.config_fields import latency_prior
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
 from sage_llm.control_plane.dispatcher import (
@@ -199,6 +199,11 @@ class ControlPlaneManager:
                 raise ConfigError(
                     f"must be a {kind.__name__} (or None), got {type(given).__name__}", key=name
                 )
+        if engine_factory is not None and not callable(engine_factory):
+            raise ConfigError(
+                f"must be a callable (or None), got {type(engine_factory).__name__}",
+                key="engine_factory",
+            )
         mode = mode.strip().lower()
         mode = {"sim": "simulated", "local": "simulated"}.get(mode, mode)
         engine_stream = engine_stream.lower()
@@ -330,6 +335,8 @@ class ControlPlaneManager:
                 "the control plane stopped: unregister_instance() and register_instance() them "
                 "again with a new client before start()"
             )
+        for state in self._registry:  # first: a failing engine_factory starts nothing
+            self._ensure_client(state)
         clock = self.clock
         # without the probe loops nothing would bring an ejected instance back: requests'
         # failures are then retried elsewhere but eject nothing
@@ -367,7 +374,6 @@ class ControlPlaneManager:
         self._policy_changed = asyncio.Event()  # of this loop (a manager may be restarted)
         self._loops.append(asyncio.create_task(self._policy_ticks(), name="sage-policy-tick"))
         for state in self._registry:
-            self._ensure_client(state)
             self._start_instance_loops(state)
         self._dispatcher.wake()
         simulated = sum(1 for state in self._registry if self.simulates(state.instance))
@@ -471,7 +477,9 @@ class ControlPlaneManager:
         such a client is the caller's: :meth:`stop` closes it, and the instance must be
         registered again with a new one before the next :meth:`start`. Raises
         :class:`ConflictError` for an id in use, also by an instance still being removed
-        (its requests in flight finish first).
+        (its requests in flight finish first), and, for an instance this manager reaches
+        over HTTP (no ``client`` given, no ``engine_factory``), for the ``host:port`` of
+        another instance not simulated (one engine would count as two).
 
         The instance is first checked as a config file's instance entry is
         (:func:`sage_llm.config.check_instance`): a bad field raises :class:`ConfigError`
@@ -490,12 +498,26 @@ class ControlPlaneManager:
             )
         if known is not None:
             raise ConflictError(f"instance {instance.instance_id!r} is already registered")
-        if client is not None:
-            self._given_clients.add(instance.instance_id)
+        if self._reached_at_address(instance, client is not None):  # one engine as two
+            address = (host_key(instance.host), instance.port)
+            for other in self._registry:
+                if (host_key(other.instance.host), other.instance.port) == address and (
+                    not self.simulates(other.instance)
+                ):
+                    raise ConflictError(
+                        f"{instance.host}:{instance.port} is already the address of instance "
+                        f"{other.instance_id!r}"
+                    )
+        given = client is not None
         if client is None and self.simulates(instance):
             client = self._make_sim_client(instance)
+        made = None  # running: its client first, so that nothing is registered if that fails
+        if client is None and self._running:
+            made = self._new_client(instance)
+        if given:
+            self._given_clients.add(instance.instance_id)
         priors = self._priors(instance, client)
-        state = self._registry.add(instance, client or _UnconnectedClient(instance), priors)
+        state = self._registry.add(instance, client or made or _UnconnectedClient(instance), priors)
         state.registered_at = self._elapsed()
         if not instance.is_available:
             instance.is_available, state.draining = True, True
@@ -507,6 +529,11 @@ class ControlPlaneManager:
             self._start_instance_loops(state)
             self._require_dispatcher().wake()
         log.info("registered instance %s (%s)", instance.instance_id, instance.model_name)
+
+    def _reached_at_address(self, instance: ExecutionInstance, given: bool) -> bool:
+        """Whether this manager reaches ``instance`` over HTTP at its ``host:port`` (not
+        simulated, nor through a client of the caller's (``given``) or ``engine_factory``)."""
+        return not given and not self.simulates(instance)
 
     def unregister_instance(self, instance_id: str) -> None:
         """Remove an instance: it gets no new requests; requests in flight finish first.
@@ -1449,21 +1476,40 @@ class ControlPlaneManager:
         return LatencyPriors(ttft_base_s=base, prefill_tokens_per_s=prefill, tpot_s=tpot)
 
     def _ensure_client(self, state: InstanceState) -> None:
-        if not isinstance(state.client, _UnconnectedClient):
-            return
-        if self.simulates(state.instance):  # again, after a stop()
-            state.client = self._make_sim_client(state.instance)
-            return
+        if isinstance(state.client, _UnconnectedClient):
+            state.client = self._new_client(state.instance)
+
+    def _new_client(self, instance: ExecutionInstance) -> EngineClient:
+        """The client :meth:`start` makes for ``instance`` (simulated, ``engine_factory``'s,
+        else HTTP). An ``engine_factory`` that raises (other than a sage-llm error, raised as
+        it is) or returns no client is a :class:`ConfigError` naming the instance."""
+        if self.simulates(instance):  # again, after a stop()
+            return self._make_sim_client(instance)
         if self._engine_factory is not None:
-            state.client = self._engine_factory(state.instance)
-            return
+            iid = instance.instance_id
+            try:
+                client = self._engine_factory(instance)
+            except SageLLMError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"instance {iid!r}: engine_factory failed: {type(exc).__name__}: {exc}",
+                    key="engine_factory",
+                ) from exc
+            if not isinstance(client, EngineClient):
+                raise ConfigError(
+                    f"instance {iid!r}: engine_factory returned {type(client).__name__}, "
+                    "not an EngineClient",
+                    key="engine_factory",
+                )
+            return client
         from sage_llm.engines.http import HTTPEngineClient, make_session
 
         if self._session is None:
             self._session = make_session()
-        dialect = state.instance.engine if state.instance.engine in ("sglang", "openai") else "vllm"
-        state.client = HTTPEngineClient(
-            state.instance, self._session, dialect=dialect, timeouts=self.engine_timeouts
+        dialect = instance.engine if instance.engine in ("sglang", "openai") else "vllm"
+        return HTTPEngineClient(
+            instance, self._session, dialect=dialect, timeouts=self.engine_timeouts
         )
 
     def _monitor(self) -> HealthMonitor:

@@ -29,12 +29,11 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.config import SIM_KEYS, at_address, check_instance, host_key, instance_fields
+from sage_llm.config import SIM_KEYS, at_address, check_instance, instance_fields
 from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ConfigError,
-    ConflictError,
     InvalidRequestError,
     PolicyNotFoundError,
 )
@@ -160,7 +159,6 @@ class AdminRoutes:
 
     async def add_instance(self, request: web.Request) -> web.Response:
         instance = self.parse_instance(await read_json(request, self.read_timeout_s))
-        address = (host_key(instance.host), instance.port)
         manager = self.manager
         listening = self.listening
         if (
@@ -173,14 +171,8 @@ class AdminRoutes:
                 "requests would come back to the gateway",
                 param="port",
             )
-        for other in [] if manager.simulates(instance) else manager.get_instances(removing=True):
-            if (host_key(other.host), other.port) == address and not manager.simulates(other):
-                raise ConflictError(
-                    f"{instance.host}:{instance.port} is already the address of instance "
-                    f"{other.instance_id!r}"
-                )
-        with _as_request_error():
-            self.manager.register_instance(instance)  # checked as a config file's entry
+        with _as_request_error():  # checked as a config file's entry; 409 for a taken address
+            self.manager.register_instance(instance)
         registered = next(  # as the list shows it (is_available: false when draining)
             i for i in self.manager.get_instances() if i.instance_id == instance.instance_id
         )
