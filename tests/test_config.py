@@ -565,6 +565,30 @@ def test_bad_latency_priors_in_metadata_are_reported_at_their_line() -> None:
         check_instance(ExecutionInstance("y", "h", 1, "m", metadata={"ttft_base_ms": 10**400}))
 
 
+def test_a_bad_bootstrap_port_in_metadata_is_reported_at_its_line() -> None:
+    """The SGLang connector reads it for every PD request: a string had failed each of them
+    with an internal error (and a traceback), a port out of range each with a 400."""
+    text = SEED.replace(
+        "tensor_parallel_size = 4",
+        'tensor_parallel_size = 4\nmetadata = { bootstrap_port = "abc" }',
+    )
+    err = problem(text)
+    assert (err.location, err.key) == (
+        "cfg.toml:15",
+        "services.llm_control_plane.instances[0].metadata.bootstrap_port",
+    )
+    assert err.message.endswith("must be a TCP port (an integer in 1..65535), got string 'abc'")
+    good = SEED.replace("tensor_parallel_size = 4", "metadata = { bootstrap_port = 9000 }")
+    assert parse_config(good).control_plane.instances[0].metadata["bootstrap_port"] == 9000
+    for bad in (99999, 0, True, 80.0):
+        instance = ExecutionInstance("y", "h", 1, "m", metadata={"bootstrap_port": bad})
+        with pytest.raises(ConfigError, match="must be a TCP port") as info:
+            check_instance(instance)
+        assert info.value.key == "metadata.bootstrap_port"
+    with pytest.raises(ValueError, match=r"metadata\.bootstrap_port"):
+        InstanceConfig("z", "h", 1, "m", metadata={"bootstrap_port": -3})
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [("port = 0", "must be >= 1, got 0"), ("port = 65536", "must be <= 65535, got 65536")],

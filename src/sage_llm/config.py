@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config_fields import (
-    LATENCY_PRIORS,
+    CHECKED_METADATA,
     SECRET_MASK,
     as_float,
     described,
     has_control_characters,
-    latency_prior_problem,
+    metadata_problem,
     read_dataclass,
     read_params,
     suggest,
@@ -183,8 +183,8 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     metadata: object = instance.metadata
     if isinstance(metadata, Mapping):
         table.update((key, metadata[key]) for key in _SIM_METADATA if key in metadata)
-        for key in sorted(LATENCY_PRIORS.keys() & metadata.keys()):
-            problem = latency_prior_problem(metadata[key], key)
+        for key in sorted(CHECKED_METADATA & metadata.keys()):
+            problem = metadata_problem(key, metadata[key])
             if problem is not None:
                 problems.add(("metadata", key), problem)
     else:
@@ -876,8 +876,8 @@ def _check_instances(
                 p.add((*path, index, "port"), f"{host}:{port} is also instances[{other}]'s address")
         metadata = item.get("metadata")
         if isinstance(metadata, Mapping):
-            for key in LATENCY_PRIORS.keys() & metadata.keys():
-                problem = latency_prior_problem(metadata[key], key)
+            for key in sorted(CHECKED_METADATA & metadata.keys()):
+                problem = metadata_problem(key, metadata[key])
                 if problem is not None:
                     p.add((*path, index, "metadata", key), problem)
             for key in SIM_KEYS:  # checked here too, whatever else the entry lacks

@@ -439,6 +439,22 @@ def latency_prior_problem(value: object, key: str) -> str | None:
     return None if value > 0 else f"must be > 0, got {value!r}"
 
 
+CHECKED_METADATA = frozenset({*LATENCY_PRIORS, "bootstrap_port"})
+"""The ``metadata`` entries of an instance the control plane reads (checked wherever an
+instance is: a config file, ``check_instance``, the admin API)."""
+
+
+def metadata_problem(key: str, value: object) -> str | None:
+    """What is wrong with ``value`` as the ``metadata`` entry ``key`` (one of
+    :data:`CHECKED_METADATA`; another key: None)."""
+    if key in LATENCY_PRIORS:
+        return latency_prior_problem(value, key)
+    port = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+    if key == "bootstrap_port" and not port:  # where SGLang decode legs fetch the KV from
+        return f"must be a TCP port (an integer in 1..65535), got {described(value)}"
+    return None
+
+
 def latency_prior(metadata: Mapping[str, Any], key: str) -> float:
     """The latency prior ``key`` of an instance's ``metadata`` (its default when absent);
     :class:`~sage_llm.errors.ConfigError` naming ``metadata.<key>`` when it is not a

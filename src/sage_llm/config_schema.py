@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sage_llm.config_fields import (
-    LATENCY_PRIORS,
+    CHECKED_METADATA,
     SECRET_MASK,
     FieldValueError,
     Rule,
-    latency_prior_problem,
+    metadata_problem,
     opt,
     req,
     rule,
@@ -242,11 +242,8 @@ class InstanceConfig:
         doubled = [key for key in SIM_KEYS if key in self.metadata]
         if doubled:  # to_instance would overwrite them with the instance's own keys
             raise FieldValueError(f"metadata.{doubled[0]}", sim_key_in_metadata(doubled[0]))
-        for key in LATENCY_PRIORS:  # as a file's metadata is checked
-            if (
-                key in self.metadata
-                and (problem := latency_prior_problem(self.metadata[key], key)) is not None
-            ):
+        for key in sorted(CHECKED_METADATA & self.metadata.keys()):  # as a file's are
+            if (problem := metadata_problem(key, self.metadata[key])) is not None:
                 raise FieldValueError(f"metadata.{key}", problem)
         if not self.sim_model:
             object.__setattr__(self, "sim_model", default_sim_model(self.model_name))
