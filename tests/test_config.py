@@ -341,6 +341,15 @@ def test_pd_table_and_enable_flag() -> None:
     assert only_pd.control_plane.enable_pd_separation is False
 
 
+def test_the_gateway_host_is_an_address_to_listen_on() -> None:
+    """Not an engine's: no scheme to set (its URL hint was an instance's), and any form
+    the system resolves is taken (``0``, ``127.1``)."""
+    err = problem('[gateway]\nhost = "http://x"\n')
+    assert err.key == "gateway.host"
+    assert err.message.endswith("must be a host name or address to listen on, not a URL")
+    assert parse_config('[gateway]\nhost = "127.1"\n').gateway.host == "127.1"
+
+
 def test_gateway_inside_the_service_table() -> None:
     cfg = parse_config("[services.llm_control_plane.gateway]\nport = 9999\n")
     assert cfg.gateway.port == 9999
@@ -615,6 +624,11 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "127.0.0.1#x"', "host", "without '#'"),  # the URL's port would be lost
         ('host = "127.0.0.1?x"', "host", "without '?'"),
         ('host = "user@h"', "host", "without '@'"),
+        # forms inet_aton reads but no engine URL can hold (the client refuses them)
+        ('host = "127.1"', "host", "must be an IPv4 address written in full"),
+        ('host = "2130706433"', "host", "(four numbers 0-255 without leading zeros"),
+        ('host = "127.0.0.01"', "host", "got '127.0.0.01'"),
+        ('host = "1.2.3.999"', "host", "must be an IPv4 address written in full"),
         ('machine_id = ""', "machine_id", "must not be empty"),  # every "" one machine
         ('rack_id = " "', "rack_id", "must not be empty"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),

@@ -87,9 +87,32 @@ def _mode(value: str) -> str:
     return {"sim": "simulated", "local": "simulated"}.get(text, text)
 
 
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
+
+
 def _check_host(value: str) -> str | None:
+    """An instance's host: what an engine URL is built from (``scheme://host:port``)."""
     if "://" in value or "/" in value:
         return "must be a host name or address, not a URL (set scheme separately)"
+    if _DIGITS_AND_DOTS.fullmatch(value):  # 127.1, 2130706433, 01.2.3.4: no URL's host
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            return (
+                "must be an IPv4 address written in full (four numbers 0-255 without "
+                f"leading zeros, e.g. 127.0.0.1), got {value!r}"
+            )
+    return _check_address(value)
+
+
+def _check_bind_host(value: str) -> str | None:
+    """The gateway's address to listen on (any form the system resolves: ``0``, ``127.1``)."""
+    if "://" in value or "/" in value:
+        return "must be a host name or address to listen on, not a URL"
+    return _check_address(value)
+
+
+def _check_address(value: str) -> str | None:
     if any(c.isspace() for c in value):
         return "must not contain spaces"
     if found := next((c for c in "?#@" if c in value), None):  # a URL's query, fragment,
@@ -340,7 +363,7 @@ class GatewayConfig:
     file and from ``api_keys_env``; empty means no authentication on the OpenAI routes.
     Without an admin token the admin API answers loopback clients only."""
 
-    host: str = opt("127.0.0.1", rule(nonempty=True, check=_check_host))
+    host: str = opt("127.0.0.1", rule(nonempty=True, check=_check_bind_host))
     port: int = opt(8080, rule(ge=0, le=65535))
     api_keys: tuple[str, ...] = opt((), rule(nonempty=True, secret=True))
     api_keys_env: str | None = opt(None, _ENV)
