@@ -1006,24 +1006,33 @@ def _check_pd_connector(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> N
     if cp.mode == "simulated" or not (cp.enable_pd_separation and cp.pd.enabled):
         return
     connector = cp.pd.connector
-    legs = (
-        ExecutionInstanceType.PREFILLING,
-        ExecutionInstanceType.DECODING,
-        ExecutionInstanceType.HYBRID,
-    )
-    disaggregated = {i.model_name for i in cp.instances if i.instance_type in legs}
+    disaggregated = {i.model_name for i in cp.instances if i.instance_type in PD_LEG_ROLES}
     for index, inst in enumerate(cp.instances):
-        role = inst.instance_type
         if inst.model_name not in disaggregated:  # (its requests run whole)
             continue  # (a GENERAL or HYBRID instance may take a leg of its model's too)
-        if inst.engine in ("sim", connector):
-            continue
-        p.add(
-            (*path, index, "engine"),
-            f"a {role.name} instance on {inst.engine!r} cannot take the {connector!r} PD "
-            f"connector's hand-off (pd.connector): run it on {connector}, or set "
-            f"pd.connector to an engine's own (vllm or sglang)",
-        )
+        problem = pd_engine_problem(inst.instance_type, inst.engine, connector)
+        if problem is not None:
+            p.add((*path, index, "engine"), problem)
+
+
+PD_LEG_ROLES = (
+    ExecutionInstanceType.PREFILLING,
+    ExecutionInstanceType.DECODING,
+    ExecutionInstanceType.HYBRID,
+)
+"""Roles whose instances make their model served disaggregated under PD."""
+
+
+def pd_engine_problem(role: ExecutionInstanceType, engine: str, connector: str) -> str | None:
+    """Why an instance of ``role`` on ``engine`` cannot take part in the ``connector`` PD
+    connector's hand-off of its model's requests (None: it can; ``sim`` speaks both)."""
+    if engine in ("sim", connector):
+        return None
+    return (
+        f"a {role.name} instance on {engine!r} cannot take the {connector!r} PD "
+        f"connector's hand-off (pd.connector): run it on {connector}, or set "
+        f"pd.connector to an engine's own (vllm or sglang)"
+    )
 
 
 # -- secrets -------------------------------------------------------------------------------

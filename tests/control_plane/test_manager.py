@@ -187,6 +187,35 @@ def test_register_instance_refuses_an_address_in_use_and_bad_live_figures() -> N
     assert [i.instance_id for i in cp.get_instances()] == ["h1", "h4"]
 
 
+def test_register_instance_checks_the_engine_against_the_pd_connector() -> None:
+    """As a config file's instances are checked: an engine that cannot take the PD
+    connector's hand-off would fail every disaggregated request it took part in."""
+    cp = ControlPlaneManager(enable_pd_separation=True)  # the vllm connector
+    cp.register_instance(
+        make_instance("p0", port=9000, instance_type=ExecutionInstanceType.PREFILLING)
+    )
+    with pytest.raises(ConfigError, match="cannot take the 'vllm' PD connector") as info:
+        cp.register_instance(
+            make_instance(
+                "d0", port=9001, instance_type=ExecutionInstanceType.DECODING, engine="sglang"
+            )
+        )
+    assert (info.value.location, info.value.key) == ("instance 'd0'", "engine")
+    # a whole-request instance of another model runs its requests whole: any engine
+    cp.register_instance(make_instance("g0", port=9002, model_name="other", engine="sglang"))
+    # a leg of that model's would make g0 take legs it cannot
+    with pytest.raises(ConfigError, match="instance 'g0' of its model: a GENERAL instance"):
+        cp.register_instance(
+            make_instance(
+                "p1", port=9003, model_name="other", instance_type=ExecutionInstanceType.PREFILLING
+            )
+        )
+    cp.register_instance(
+        make_instance("s0", port=9004, instance_type=ExecutionInstanceType.DECODING, engine="sim")
+    )
+    assert [i.instance_id for i in cp.get_instances()] == ["p0", "g0", "s0"]
+
+
 def test_seed_snippet_returns_generated_text() -> None:
     async def main() -> None:
         cp = ControlPlaneManager(

@@ -29,7 +29,13 @@ from typing import Any
 
 import aiohttp
 
-from sage_llm.config import check_instance, check_manager_arguments, host_key
+from sage_llm.config import (
+    PD_LEG_ROLES,
+    check_instance,
+    check_manager_arguments,
+    host_key,
+    pd_engine_problem,
+)
 from sage_llm.config_fields import latency_prior
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
 from sage_llm.control_plane.dispatcher import (
@@ -508,6 +514,8 @@ class ControlPlaneManager:
                         f"{instance.host}:{instance.port} is already the address of instance "
                         f"{other.instance_id!r}"
                     )
+        if self._pd is not None and not self.simulates(instance):
+            self._check_pd_engine(instance)
         given = client is not None
         if client is None and self.simulates(instance):
             client = self._make_sim_client(instance)
@@ -529,6 +537,31 @@ class ControlPlaneManager:
             self._start_instance_loops(state)
             self._require_dispatcher().wake()
         log.info("registered instance %s (%s)", instance.instance_id, instance.model_name)
+
+    def _check_pd_engine(self, instance: ExecutionInstance) -> None:
+        """As a config file's instances are checked (``pd.connector`` against each engine
+        of a model served disaggregated): :class:`ConfigError` naming ``engine`` when the
+        instance, or another of its model on an engine of its own, could not take the PD
+        connector's hand-off once it is registered."""
+        assert self._pd is not None
+        connector = self._pd.connector.name
+        model = instance.model_name
+        peers = [
+            s.instance for s in self._registry if not s.removed and s.instance.model_name == model
+        ]
+        if not any(i.instance_type in PD_LEG_ROLES for i in (instance, *peers)):
+            return  # its model's requests run whole
+        peers = [i for i in peers if not self.simulates(i)]  # (simulated ones speak both)
+        problem = pd_engine_problem(instance.instance_type, instance.engine, connector)
+        where = f"instance {instance.instance_id!r}"
+        if problem is None and instance.instance_type in PD_LEG_ROLES:  # others take legs now
+            for other in peers:
+                found = pd_engine_problem(other.instance_type, other.engine, connector)
+                if found is not None:
+                    problem = f"instance {other.instance_id!r} of its model: {found}"
+                    break
+        if problem is not None:
+            raise ConfigError(problem, location=where, key="engine")
 
     def _reached_at_address(self, instance: ExecutionInstance, given: bool) -> bool:
         """Whether this manager reaches ``instance`` over HTTP at its ``host:port`` (not
