@@ -695,6 +695,25 @@ def test_a_demoted_request_stays_behind_deadline_ones_after_a_policy_switch() ->
     run_virtual(main())
 
 
+def test_a_fleet_of_pd_roles_refuses_an_infeasible_deadline_as_a_whole_fleet_does() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", enable_pd_separation=True, scheduling_policy="slo_aware",
+            policy_params={"infeasible_action": "reject"},
+        )  # fmt: skip
+        cp.register_instance(make_instance("p0", instance_type=ExecutionInstanceType.PREFILLING))
+        cp.register_instance(
+            make_instance("d0", port=8001, instance_type=ExecutionInstanceType.DECODING)
+        )
+        async with cp:
+            with pytest.raises(SLOInfeasibleError, match="instance d0"):
+                await cp.generate(make_metadata("hopeless", max_tokens=200, slo_deadline_ms=1))
+            ok = await cp.generate(make_metadata("fine", max_tokens=20, slo_deadline_ms=60_000))
+        assert ok.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
 def test_the_average_queue_length_is_the_time_requests_spent_queued_over_the_run() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

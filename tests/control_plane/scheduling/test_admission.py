@@ -13,6 +13,7 @@ from sage_llm.control_plane.scheduling.admission import (
     estimate_drain_s,
 )
 from sage_llm.control_plane.scheduling.base import ADMIT
+from sage_llm.types import ExecutionInstanceType
 from tests.factories import make_instance_view, make_request_info, make_snapshot
 
 
@@ -103,3 +104,33 @@ def test_deadline_counts_from_now_not_from_arrival() -> None:
 def test_feasibility_cannot_be_judged_without_instances() -> None:
     req = make_request_info(slo_s=0.001)
     assert check_deadline_feasible(req, make_snapshot(0)).admitted
+
+
+PD_FLEET = [
+    make_instance_view("p0", role=ExecutionInstanceType.PREFILLING, est_prefill_tps=4000.0),
+    make_instance_view("p1", role=ExecutionInstanceType.PREFILLING, est_prefill_tps=8000.0),
+    make_instance_view("d0", role=ExecutionInstanceType.DECODING, est_tpot_s=0.02),
+    make_instance_view("d1", role=ExecutionInstanceType.DECODING, est_tpot_s=0.01),
+]
+
+
+def test_a_fleet_of_pd_roles_is_judged_by_its_best_pd_pair() -> None:
+    """Its requests run disaggregated: deadline refusals and the queue's retry estimate
+    had been skipped there (no instance ran them whole)."""
+    snap = make_snapshot(PD_FLEET, now=0.0)
+    req = make_request_info(prompt_tokens=800, max_tokens=100, slo_s=0.5)
+    assert eligible_instances(req, snap) == ()
+    best = best_predicted_e2e(req, snap)
+    assert best is not None
+    # the fastest prefill (p1: 0.05 + 800/8000) then 100 tokens at d1's pace
+    assert best[0].instance_id == "d1"
+    assert best[1] == pytest.approx(0.15 + 100 * 0.01)
+    late = check_deadline_feasible(req, snap)
+    assert not late.admitted and "instance d1" in late.reason
+    assert check_deadline_feasible(make_request_info(prompt_tokens=800, slo_s=60.0), snap).admitted
+    verdict = check_queue_bound(5, 5, snap)
+    assert verdict.retry_after_s is not None and verdict.retry_after_s > 0
+    # one role missing: nothing can run it, nothing to judge by
+    half = make_snapshot(PD_FLEET[:2], now=0.0)
+    assert best_predicted_e2e(req, half) is None
+    assert check_queue_bound(5, 5, half).retry_after_s is None

@@ -7,6 +7,7 @@ import pytest
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot
 from sage_llm.errors import ConfigError
+from sage_llm.types import ExecutionInstanceType
 from sage_llm.types import RequestPriority as P
 from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
 
@@ -100,6 +101,22 @@ def test_admission_rejects_an_impossible_budget_when_configured() -> None:
     assert "budget" in verdict.reason
     assert policy.admit(make_request_info(cost_budget=0.0005), fleet()).admitted
     assert policy.admit(make_request_info(), fleet()).admitted
+
+
+def test_admission_judges_a_fleet_of_pd_roles_by_its_cheapest_pair() -> None:
+    """Its requests run disaggregated (no instance runs them whole): the budget had been
+    admitted unchecked there. Prefill: 0.0625 s at 1.0/h; decode: 50 tokens x 0.02 s at
+    2.0/h; about 0.000573 in all."""
+    policy = CostOptimizedPolicy(CostOptimizedPolicy.Params(over_budget_action="reject"))
+    pd = make_snapshot(
+        [
+            make_instance_view("p0", role=ExecutionInstanceType.PREFILLING, price_per_gpu_hour=1.0),
+            make_instance_view("d0", role=ExecutionInstanceType.DECODING, est_tpot_s=0.02),
+        ],
+        now=0.0,
+    )
+    assert not policy.admit(make_request_info(cost_budget=0.0005), pd).admitted
+    assert policy.admit(make_request_info(cost_budget=0.0006), pd).admitted
 
 
 def test_admission_judges_the_budget_on_an_empty_queue() -> None:

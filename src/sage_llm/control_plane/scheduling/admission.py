@@ -5,7 +5,8 @@
 * :func:`best_predicted_e2e` / :func:`check_deadline_feasible` — can any instance finish
   the request before its deadline? (used by ``slo_aware``).
 * :func:`eligible_instances` — instances that could ever run a request (healthy, accepting,
-  same model, whole-request role, not excluded), free slot or not.
+  same model, whole-request role, not excluded), free slot or not; :func:`pd_leg_instances`
+  those that could run its legs when none runs it whole (a fleet of PD roles).
 
 All are pure functions of a :class:`~sage_llm.control_plane.snapshot.ClusterSnapshot`.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.types import ExecutionInstanceType
 
 TYPICAL_PROMPT_TOKENS = 512
 TYPICAL_OUTPUT_TOKENS = 128
@@ -35,6 +37,33 @@ def eligible_instances(req: RequestInfo, snap: ClusterSnapshot) -> tuple[Instanc
     )
 
 
+def pd_leg_instances(
+    req: RequestInfo, snap: ClusterSnapshot
+) -> tuple[tuple[InstanceView, ...], tuple[InstanceView, ...]]:
+    """The instances that could run ``req``'s prefill leg and its decode leg (healthy,
+    accepting, same model, not excluded, a PREFILLING or DECODING role): what a fleet
+    that runs no whole request of its model offers it under PD."""
+    legs = [
+        i
+        for i in snap.instances
+        if i.model == req.model
+        and not i.role.runs_whole_requests
+        and i.healthy
+        and i.accepting
+        and i.instance_id not in req.excluded_instances
+    ]
+    return (
+        tuple(i for i in legs if i.role.runs_prefill),
+        tuple(i for i in legs if i.role.runs_decode),
+    )
+
+
+def predicted_pd_e2e(prefill: InstanceView, decode: InstanceView, req: RequestInfo) -> float:
+    """A disaggregated request's predicted e2e: its prefill leg's time to first token, then
+    every output token at the decode instance's pace (the KV transfer left out)."""
+    return prefill.predict_ttft_s(req.prompt_tokens) + max(1, req.max_tokens) * decode.est_tpot_s
+
+
 def estimate_drain_s(
     requests: int,
     snap: ClusterSnapshot,
@@ -44,15 +73,27 @@ def estimate_drain_s(
 ) -> float | None:
     """Seconds for the fleet to start ``requests`` more requests of a typical size.
 
-    Throughput is Σ max_concurrency / predicted e2e over healthy, accepting instances;
-    None when there is none.
+    Throughput is Σ max_concurrency / predicted e2e over healthy, accepting instances
+    (the decode instances, after the fastest prefill, of a fleet of PD roles only); None
+    when there is none.
     """
     rate = 0.0
+    prefill_s: float | None = None
     for inst in snap.instances:
-        if inst.healthy and inst.accepting and inst.role.runs_whole_requests:
+        if not (inst.healthy and inst.accepting):
+            continue
+        if inst.role.runs_whole_requests:
             rate += inst.max_concurrency / max(
                 inst.predict_e2e_s(prompt_tokens, output_tokens), 1e-9
             )
+        elif inst.role.runs_prefill:
+            ttft = inst.predict_ttft_s(prompt_tokens)
+            prefill_s = ttft if prefill_s is None else min(prefill_s, ttft)
+    if rate <= 0.0 and prefill_s is not None:
+        for inst in snap.instances:
+            if inst.healthy and inst.accepting and inst.role is ExecutionInstanceType.DECODING:
+                decode_s = prefill_s + max(1, output_tokens) * inst.est_tpot_s
+                rate += inst.max_concurrency / max(decode_s, 1e-9)
     if rate <= 0.0:
         return None
     return max(MIN_RETRY_AFTER_S, requests / rate)
@@ -97,13 +138,22 @@ def best_predicted_e2e(
 ) -> tuple[InstanceView, float] | None:
     """The eligible instance with the lowest predicted e2e for ``req`` and that e2e.
 
-    None when no instance is eligible (:func:`eligible_instances`).
+    None when no instance is eligible (:func:`eligible_instances`). A fleet that runs no
+    whole request of ``req``'s model has its best PD pair predicted instead (the fastest
+    prefill leg, the fastest decode instance, which is the one returned), for the
+    request runs disaggregated there.
     """
     best: tuple[InstanceView, float] | None = None
     for inst in eligible_instances(req, snap):
         e2e = inst.predict_e2e_s(req.prompt_tokens, req.max_tokens)
         if best is None or e2e < best[1]:
             best = (inst, e2e)
+    if best is None:
+        prefills, decodes = pd_leg_instances(req, snap)
+        if prefills and decodes:
+            prefill = min(prefills, key=lambda i: i.predict_ttft_s(req.prompt_tokens))
+            decode = min(decodes, key=lambda i: i.est_tpot_s)
+            best = (decode, predicted_pd_e2e(prefill, decode, req))
     return best
 
 

@@ -31,7 +31,7 @@ from sage_llm.control_plane.scheduling._params import (
     check_positive,
 )
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
-from sage_llm.control_plane.scheduling.admission import eligible_instances
+from sage_llm.control_plane.scheduling.admission import eligible_instances, pd_leg_instances
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.scheduling.priority import priority_rank
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
@@ -43,6 +43,24 @@ OVER_BUDGET_ACTIONS = ("reject", "cheapest")
 def best_case_cost(inst: InstanceView, req: RequestInfo) -> float:
     """Cost of ``req`` on ``inst`` if nothing were queued there."""
     return replace(inst, queued_prefill_tokens=0).predict_cost(req.prompt_tokens, req.max_tokens)
+
+
+def cheapest_costs(req: RequestInfo, snap: ClusterSnapshot) -> list[float]:
+    """:func:`best_case_cost` of ``req`` on each eligible instance; on a fleet that runs no
+    whole request of its model, the cheapest PD pair's (each leg's time at its instance's
+    price, nothing queued), as the request runs disaggregated there."""
+    costs = [best_case_cost(i, req) for i in eligible_instances(req, snap)]
+    if costs:
+        return costs
+    prefills, decodes = pd_leg_instances(req, snap)
+    if not (prefills and decodes):
+        return []
+    prefill = min(
+        i.cost_per_second * replace(i, queued_prefill_tokens=0).predict_ttft_s(req.prompt_tokens)
+        for i in prefills
+    )
+    decode = min(i.cost_per_second * max(1, req.max_tokens) * i.est_tpot_s for i in decodes)
+    return [prefill + decode]
 
 
 class CostOptimizedPolicy(QueuedPolicy):
@@ -91,7 +109,7 @@ class CostOptimizedPolicy(QueuedPolicy):
         self.observe(snap)
         if self.params.over_budget_action != "reject" or req.cost_budget is None:
             return ADMIT
-        costs = [best_case_cost(i, req) for i in eligible_instances(req, snap)]
+        costs = cheapest_costs(req, snap)
         if not costs or min(costs) <= req.cost_budget:
             return ADMIT
         self._counts["rejected"] += 1
