@@ -493,6 +493,34 @@ def test_an_integer_beyond_64_bits_is_out_of_range_not_a_non_integer() -> None:
     assert "64 bits" not in str(err.value) and err.value.param == "temperature"
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "chat"),
+    [
+        ("seed", "9223372036854775808", False),  # read as an integer: 2**63
+        ("seed", "-9223372036854775809", False),
+        ("n", "18446744073709551615", False),
+        ("logprobs", "9223372036854775808", False),
+        ("max_completion_tokens", "18446744073709551615", True),
+        ("top_logprobs", "9223372036854775808", True),
+        ("priority", "18446744073709551615", False),  # not the nearest end: out of range
+    ],
+)
+def test_integers_from_2_63_to_2_64_are_out_of_range_as_larger_ones(
+    field: str, value: str, chat: bool
+) -> None:
+    """JSON reads them as integers (not floats): the same 400 as beyond, naming the field."""
+    head = '"messages": [{"role": "user", "content": "x"}]' if chat else '"prompt": "x"'
+    body = json_object(f'{{"model": "m", {head}, "{field}": {value}}}'.encode())
+    with pytest.raises(InvalidRequestError) as err:
+        _parse(body, chat=chat)
+    assert err.value.param == field
+    assert str(err.value).startswith(f"{field}: is out of range: integers must fit in 64 bits")
+    low = json_object(b'{"model": "m", "prompt": "x", "seed": -9223372036854775808}')
+    assert _parse(low).meta.extra_body["seed"] == -(2**63)
+    with pytest.raises(InvalidRequestError, match="got integer of 400 digits"):  # no float
+        _parse({"model": "m", "prompt": "x", "priority": "9" * 400})
+
+
 def test_an_empty_user_is_no_user_and_no_session() -> None:
     """OpenAI takes ``"user": ""``; the control plane refuses an empty id."""
     meta = _parse({"model": "m", "prompt": "x", "user": ""}).meta

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from sage_llm import jsonutil
 from sage_llm.chat_messages import message_problem
+from sage_llm.config_fields import INT64_MAX, as_float, shown_value
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
@@ -103,6 +104,23 @@ _OBJECT_FIELDS = frozenset({"stream_options"})
 """Request fields that are objects of known fields, which a 400's ``param`` names."""
 
 
+_BOUND_ERRORS = frozenset({"less_than_equal", "greater_than_equal"})
+
+
+def _int64_overflow(value: object) -> str | None:
+    """What is wrong with ``value`` when it is a whole number no 64-bit integer holds."""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+        shown = f"about {value:.3g}"
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        if value == -INT64_MAX - 1:
+            return None
+        big = as_float(value)  # None: no float holds it
+        shown = shown_value(value) if big is None else f"about {big:.3g}"
+    else:
+        return None
+    return f"is out of range: integers must fit in 64 bits (got {shown})"
+
+
 def validation_error(exc: ValidationError) -> InvalidRequestError:
     """The 400 error of a failed validation; ``param`` is the top-level field."""
     first = exc.errors()[0]
@@ -114,16 +132,16 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
     if top in _OBJECT_FIELDS and len(loc) > 1 and isinstance(loc[1], str):
         param = f"{top}.{loc[1]}"
     value = first.get("input")
-    if first.get("type") == "missing":
+    kind = str(first.get("type", ""))
+    if kind == "missing":
         detail = "is required"
     elif (
-        str(first.get("type", "")).startswith("int_")
-        and isinstance(value, float)
-        and value.is_integer()
-        and abs(value) >= 2**63
-    ):
-        # JSON read it as a float: its digits past the 17th are not the client's
-        detail = f"is out of range: integers must fit in 64 bits (got about {value:.3g})"
+        (kind.startswith("int_") and isinstance(value, float))
+        or (kind in _BOUND_ERRORS and isinstance(value, int))
+    ) and (overflow := _int64_overflow(value)):
+        # (JSON read one beyond 2**64 as a float: its digits past the 17th are not the
+        # client's; one below, as an integer)
+        detail = overflow
     elif top in _TYPE_HINTS:
         detail = _TYPE_HINTS[top]
     else:
@@ -182,6 +200,8 @@ def _priority(value: object, param: str) -> RequestPriority:
         text = value.strip()
         if text.isascii() and text.removeprefix("-").isdigit():  # not "²" nor "１"
             value = int(text)
+    if overflow := _int64_overflow(value):  # as any integer field's: not the nearest end
+        raise InvalidRequestError(f"{param}: {overflow}", param=param)
     if isinstance(value, int) and not isinstance(value, bool):
         value = min(max(value, 0), len(RequestPriority) - 1)
     try:

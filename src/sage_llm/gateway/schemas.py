@@ -18,6 +18,7 @@ from sage_llm.chat_messages import (
     is_content_part,
     message_problem,
 )
+from sage_llm.config_fields import INT64_MAX
 
 _REQUEST = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="allow")
@@ -86,14 +87,18 @@ class GenerationFields(BaseModel):
 
     model_config = _REQUEST
     model: str = Field(min_length=1, description="Served model name (see GET /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="Tokens to generate at most."
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, description="Choices to generate (passed to the engine).")
+    n: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="Choices to generate (passed to the engine)."
+    )
     stream: bool | None = Field(None, description="Answer with server-sent events.")
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = Field(None, description="End-user id; also the session id.")
@@ -116,9 +121,9 @@ class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
     prompt: Prompt
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     suffix: str | None = None
 
 
@@ -188,9 +193,9 @@ class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)  # the engine's --max-logprobs bounds it
+    top_logprobs: int | None = Field(None, ge=0, le=INT64_MAX)  # and the engine's --max-logprobs
 
 
 class EmbeddingRequest(BaseModel):
@@ -200,7 +205,7 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=INT64_MAX)
     user: str | None = None
 
 
