@@ -45,6 +45,24 @@ async def test_access_log_has_request_id_status_and_model_but_no_secrets(
     assert SECRET_PROMPT not in everything
 
 
+async def test_a_client_cannot_forge_an_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A newline in the path (aiohttp's front decodes it) or the body's model (the lean
+    front's) is quoted in the text line, not written as a line of its own."""
+    caplog.set_level("INFO", logger="sage_llm.gateway")
+    forged = "\n2026-12-01 00:00:00,000 INFO sage_llm.gateway.access: request_id=forged"
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/v1/%0Arequest_id=forged%20status=200")) as r:
+            assert r.status == 404
+        body = completion_body()
+        body["model"] = "x" + forged
+        async with http.post(gw.url("/v1/completions"), json=body) as r:
+            assert r.status == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    assert len(lines) == 2 and all("\n" not in line for line in lines), lines
+    assert "path='/v1/\\nrequest_id=forged status=200'" in lines[0]
+    assert lines[1].endswith(f"model={('x' + forged)!r}")
+
+
 async def test_prompts_are_logged_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="sage_llm.gateway")
     settings = GatewayConfig(log_prompts=True)

@@ -358,18 +358,25 @@ def _access(request: web.Request, rid: str, status: int, latency_ms: float) -> N
     write_access_log(rid, request.method, request.path, status, latency_ms, model)
 
 
+def _plain(text: str) -> bool:
+    """Whether ``text`` stands in a ``key=value`` log line as it is."""
+    return text.isprintable() and " " not in text
+
+
 def write_access_log(
     rid: str, method: str, path: str, status: int, latency_ms: float, model: str | None
 ) -> None:
-    """The one access-log line of a request (both HTTP fronts write it)."""
+    """The one access-log line of a request (both HTTP fronts write it). The client's
+    ``path`` and ``model`` are quoted in the text line when they hold a space or a
+    control character (a newline would forge a line of its own)."""
     access_log.info(
         "request_id=%s method=%s path=%s status=%d latency_ms=%.1f model=%s",
         rid,
         method,
-        path,
+        path if _plain(path) else repr(path),
         status,
         latency_ms,
-        model or "-",
+        "-" if not model else model if _plain(model) else repr(model),
         extra={
             "request_id": rid,
             "method": method,
