@@ -770,6 +770,16 @@ def test_a_simulated_engine_that_cannot_start_is_refused_with_its_line() -> None
     assert parse_config(entry.replace('engine = "sim"', ""), "cfg.toml", env={}).source
 
 
+def test_the_simulation_seed_leaves_room_for_every_instances_seed() -> None:
+    """The instances' seeds are seed + i: one past 64 bits had passed the check and then
+    failed ``serve`` with a traceback about ``sim_seed``, a key the file did not have."""
+    err = problem("[simulation]\nseed = 9223372036854775807\ninstances = 2\n")
+    assert (err.location, err.key) == ("cfg.toml:2", "simulation.seed")
+    assert "must be at most 9223372036854775806 with 2 instances" in err.message
+    top = parse_config("[simulation]\nseed = 9223372036854775806\ninstances = 2\n")
+    assert [i.sim_seed for i in top.simulation.fleet()] == [2**63 - 2, 2**63 - 1]
+
+
 def test_the_simulation_table_needs_a_model_that_fits() -> None:
     err = problem('[simulation]\nmodel = "llama-3-70b"\n')
     assert err.key == "simulation"

@@ -17,6 +17,7 @@ from typing import Any
 
 from sage_llm.config_fields import (
     CHECKED_METADATA,
+    INT64_MAX,
     SECRET_MASK,
     FieldValueError,
     Rule,
@@ -438,6 +439,13 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        last = INT64_MAX - (self.instances - 1)  # the instances' seeds are seed + i
+        if self.seed > last:
+            raise FieldValueError(
+                "seed",
+                f"must be at most {last} with {self.instances} instances (their seeds, seed + "
+                f"0 … {self.instances - 1}, must fit in 64 bits), got {self.seed}",
+            )
         tp = self.tensor_parallel_size
         problem = placement_problem(self.model, self.gpu, tp=tp)
         if problem is not None:
