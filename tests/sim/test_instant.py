@@ -81,10 +81,16 @@ async def test_options_it_does_not_apply_are_refused_not_ignored(
     assert len([c async for c in InstantEngine("i0").generate(plain)]) == 2
 
 
-async def test_prefill_legs_are_refused_for_good_naming_the_option() -> None:
+async def test_pd_legs_are_refused_for_good_naming_the_option() -> None:
     req = EngineRequest("r1", MODEL, prompt="x", max_tokens=1)
     with pytest.raises(InvalidRequestError, match="whole requests only") as err:
         await InstantEngine("i0").prefill(req)
+    assert err.value.param == "kv_transfer_params"
+    # a decode leg too: run whole, it would look served with no KV pulled
+    params = {"do_remote_prefill": True, "remote_request_id": "zz"}
+    decode = EngineRequest("r2", MODEL, prompt="x", max_tokens=2, kv_transfer_params=params)
+    with pytest.raises(InvalidRequestError, match="whole requests only") as err:
+        [c async for c in InstantEngine("i0").generate(decode)]
     assert err.value.param == "kv_transfer_params"
 
 

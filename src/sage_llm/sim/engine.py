@@ -413,7 +413,7 @@ class SimEngine:
         self._check_max_tokens(req, len(prompt_ids))
         check_sampling(req.extra)
         keep_stop = req.extra.get("include_stop_str_in_output") is True
-        min_tokens = self._min_tokens(req)
+        min_tokens = min_tokens_of(req)
         stop_ids = self._stop_token_ids(req)
         top = requested_logprobs(req)
         echo = requested_echo(req)
@@ -632,19 +632,6 @@ class SimEngine:
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")
         check_context(self._config.max_model_len, n_prompt, req.max_tokens)
-
-    @staticmethod
-    def _min_tokens(req: EngineRequest) -> int:
-        value = whole(req.extra.get("min_tokens", 0) or 0)
-        if value is None or value < 0:
-            raise InvalidRequestError("min_tokens must be an integer >= 0", param="min_tokens")
-        if value > req.max_tokens:  # as vLLM refuses it
-            raise InvalidRequestError(
-                f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, "
-                f"got {value}",
-                param="min_tokens",
-            )
-        return value
 
     @staticmethod
     def _stop_token_ids(req: EngineRequest) -> frozenset[int]:
@@ -976,6 +963,20 @@ _SAMPLING_RANGES: dict[str, tuple[float, float, str]] = {
     "min_p": (0.0, 1.0, "in [0, 1]"),
 }
 _SAMPLING_FLAGS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+def min_tokens_of(req: EngineRequest) -> int:
+    """``req``'s ``min_tokens`` (0 when not given); refused as vLLM refuses it: not a whole
+    number >= 0, or above ``max_tokens``."""
+    value = whole(req.extra.get("min_tokens", 0) or 0)
+    if value is None or value < 0:
+        raise InvalidRequestError("min_tokens must be an integer >= 0", param="min_tokens")
+    if value > req.max_tokens:  # as vLLM refuses it
+        raise InvalidRequestError(
+            f"min_tokens must be less than or equal to max_tokens={req.max_tokens}, got {value}",
+            param="min_tokens",
+        )
+    return value
 
 
 def check_sampling(extra: Mapping[str, Any]) -> None:

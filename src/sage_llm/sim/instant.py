@@ -25,8 +25,8 @@ from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
 from sage_llm.errors import InvalidRequestError
-from sage_llm.sim.engine import check_sampling
-from sage_llm.sim.server_requests import check_context, whole
+from sage_llm.sim.engine import check_sampling, min_tokens_of
+from sage_llm.sim.server_requests import check_context
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
@@ -71,6 +71,8 @@ class InstantEngine:
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
         """``req.max_tokens`` chunks of one token each; the last carries the usage."""
+        if req.kv_transfer_params:  # a decode leg would run whole: no KV, nothing said
+            raise _no_pd_legs()
         asked = [k for k in _NOT_APPLIED if _asked(k, req.extra.get(k))]
         if req.stop:
             asked.insert(0, "stop")
@@ -81,13 +83,7 @@ class InstantEngine:
                 param=asked[0],
             )
         check_sampling(req.extra)  # refused as the simulated engine (and vLLM) refuse them
-        at_least = whole(req.extra.get("min_tokens", 0) or 0)
-        if at_least is None or at_least < 0 or at_least > req.max_tokens:
-            raise InvalidRequestError(
-                f"min_tokens must be an integer >= 0 and at most max_tokens={req.max_tokens}, "
-                f"got {req.extra.get('min_tokens')!r}",
-                param="min_tokens",
-            )
+        min_tokens_of(req)  # refused as the simulated engine refuses it (its output is fixed)
         n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
         check_context(self.max_model_len, prompt, n)
@@ -98,11 +94,7 @@ class InstantEngine:
         yield Chunk(text=_WORD, finish_reason="length", usage=Usage(prompt, n), token_ids=_WORD_IDS)
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
-        raise InvalidRequestError(
-            "an instant engine (engine-sim --instant) runs whole requests only: it does not "
-            "apply kv_transfer_params (no PD legs); leave it out, or use the simulated engine",
-            param="kv_transfer_params",
-        )
+        raise _no_pd_legs()
 
     async def context_length(self) -> int | None:
         """The engine's ``max_model_len`` (:data:`INSTANT_MAX_MODEL_LEN` unless given)."""
@@ -126,3 +118,11 @@ class InstantEngine:
 
     async def aclose(self) -> None:
         return None
+
+
+def _no_pd_legs() -> InvalidRequestError:
+    return InvalidRequestError(
+        "an instant engine (engine-sim --instant) runs whole requests only: it does not "
+        "apply kv_transfer_params (no PD legs); leave it out, or use the simulated engine",
+        param="kv_transfer_params",
+    )
