@@ -161,6 +161,22 @@ async def test_a_stream_cut_before_any_output_drops_the_connection_too(
                 await post(http, f"{base}/v1/completions", {**COMPLETION, "stream": stream})
 
 
+async def test_a_random_crash_drops_the_connection_as_a_crashed_engine_would(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Not a 502 whose text says "connection refused": a router's drill meets the
+    connection failure itself (the process stays up: its other requests are served)."""
+    async with served(faulty("crash@p1; seed=1")) as base:
+        for stream in (False, True):
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await post(http, f"{base}/v1/completions", {**COMPLETION, "stream": stream})
+        leg = {**COMPLETION, "kv_transfer_params": {"do_remote_decode": True}}
+        with pytest.raises(aiohttp.ServerDisconnectedError):  # a prefill leg too
+            await post(http, f"{base}/v1/completions", leg)
+        async with http.get(f"{base}/health") as r:
+            assert r.status == 200  # a random crash hits requests, not the probes
+
+
 # --- metrics ------------------------------------------------------------------------------
 
 

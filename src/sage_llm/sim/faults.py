@@ -14,8 +14,10 @@ process exit (``exit_process=True``) and errors reach the client over HTTP.
 
 Fault kinds (``value`` in brackets):
 
-* ``crash`` — calls fail with a connection error (in-process) or the process exits; health
-  probes fail;
+* ``crash`` — calls fail with a connection error (in-process; :class:`InjectedCrash`) or
+  the process exits (scheduled crashes under the engine server, ``exit_process=True``);
+  the engine server drops the connection of a request a random crash hits, with no
+  answer; health probes fail;
 * ``hang`` [chunks before hanging, default 0] — the stream stops producing (for timeouts);
   health probes hang too;
 * ``slow`` [factor, default 4] — every chunk takes ``factor`` times as long;
@@ -62,6 +64,11 @@ from sage_llm.sim.server_metrics import ReportsQueueTime
 from sage_llm.sim.server_requests import ReportsStopReason
 
 _HANG_FOREVER_S = 3600.0
+
+
+class InjectedCrash(EngineConnectionError):
+    """A call failed by a ``crash`` fault: the engine server drops the client's connection
+    for it, with no answer, as a crashed engine's connection drops."""
 
 
 class FaultKind(Enum):
@@ -309,7 +316,7 @@ class FaultyEngineClient:
 
     def _crash_error(self, *, retryable: bool = True) -> EngineConnectionError:
         self.stats_injected.count(FaultKind.CRASH)
-        return EngineConnectionError(
+        return InjectedCrash(
             "connection refused (injected crash)", instance_id=self.instance_id,
             retryable=retryable,
         )  # fmt: skip

@@ -67,6 +67,7 @@ from sage_llm.errors import (
 from sage_llm.httpserve import start_site, tcp_nodelay
 from sage_llm.request_json import json_object, read_raw
 from sage_llm.sim.clock import Clock, current_clock
+from sage_llm.sim.faults import InjectedCrash
 from sage_llm.sim.server_metrics import ReportsQueueTime, ServerMetrics
 from sage_llm.sim.server_pd import (
     BOOTSTRAP_PATH,
@@ -111,6 +112,16 @@ def _error(exc: SageLLMError) -> web.Response:
         phrase = "Error"
     body = {"error": {"message": exc.message, "type": phrase, "param": exc.param, "code": status}}
     return web.json_response(body, status=status)
+
+
+def _failed(request: web.Request, exc: SageLLMError) -> web.Response:
+    """The answer to a call that failed before any output: ``exc`` as vLLM's error body, or
+    for an injected crash (``--faults "crash@pP"``) no answer at all (the connection drops,
+    as a crashed engine's does)."""
+    if isinstance(exc, InjectedCrash):
+        _drop_connection(request)
+        return web.Response()
+    return _error(exc)
 
 
 def _drop_connection(request: web.Request) -> None:
@@ -343,20 +354,20 @@ class _EngineServer:
                         param="stream",
                     )
                 )
-            return await self._prefill(parsed, fmt, arrival)
+            return await self._prefill(request, parsed, fmt, arrival)
         if parsed.stream:
             return await self._stream(request, parsed, fmt, arrival)
         return await self._complete(request, parsed, fmt, arrival)
 
     async def _prefill(
-        self, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
-    ) -> web.Response:
+        self, request: web.Request, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
+    ) -> web.StreamResponse:
         """A PD prefill leg: always a non-streaming answer of one token plus the engine's
         ``kv_transfer_params`` (what vLLM's proxy sends and expects)."""
         try:
             handle = await self.engine.prefill(parsed.req)
         except SageLLMError as exc:
-            return _error(exc)
+            return _failed(request, exc)
         except asyncio.CancelledError:  # the client went away: the engine aborts the leg
             self.metrics.count_abort()
             raise
@@ -382,7 +393,7 @@ class _EngineServer:
             handle = await self.engine.prefill(parsed.req)
         except SageLLMError as exc:
             self.rooms.fail(boot.room, exc.message)
-            return _error(exc)
+            return _failed(request, exc)
         except asyncio.CancelledError:
             self.rooms.fail(boot.room, "the prefill leg was aborted")
             self.metrics.count_abort()
@@ -475,7 +486,7 @@ class _EngineServer:
                 if chunk.logprobs is not None:
                     logprobs.append(chunk.logprobs)
         except SageLLMError as exc:
-            return _error(exc)
+            return _failed(request, exc)
         except asyncio.CancelledError:  # the client went away: the engine aborts it
             self.metrics.count_abort(arrival, times)
             raise
@@ -510,7 +521,7 @@ class _EngineServer:
                 _drop_connection(request)
                 return web.Response()
             except SageLLMError as exc:
-                return _error(exc)
+                return _failed(request, exc)
             resp = web.StreamResponse(
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
