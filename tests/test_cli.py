@@ -697,6 +697,23 @@ def test_config_check_notes_a_launch_plan_that_cannot_carry_its_rate(tmp_path: P
     )
 
 
+def test_config_check_notes_seed_pd_settings_not_acted_on(tmp_path: Path) -> None:
+    """They are accepted (the seed's API) but change nothing: said, at their lines."""
+    path = tmp_path / "pd.toml"
+    path.write_text(
+        "[services.llm_control_plane.pd]\nenable_pd_tracing = true\n"
+        'kv_cache_storage = "gpu"\ncollect_pd_metrics = false\n'
+    )
+    code, output = invoke("config", "check", str(path))
+    assert code == 0, output
+    notes = [line for line in output.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: {path}:{line}: services.llm_control_plane.pd.{key}: a seed setting this "
+        "version accepts but does not act on (see docs/config.md)"
+        for key, line in (("collect_pd_metrics", 4), ("enable_pd_tracing", 2))
+    ]  # (kv_cache_storage at its default: nothing to say)
+
+
 def test_config_check_reads_a_pipe_once() -> None:
     """``config check /dev/stdin`` (or ``<(…)``): the file read once, its problems said
     (it had been read three times, so found empty: OK)."""

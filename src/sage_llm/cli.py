@@ -1117,6 +1117,7 @@ def config_check(
     from sage_llm import jsonutil
     from sage_llm.config import parse_config
     from sage_llm.config_locate import read_utf8
+    from sage_llm.config_schema import INERT_NOTE
     from sage_llm.launch.plan_to_engines import is_plan_text
 
     if file.suffix.lower() == ".json":
@@ -1142,6 +1143,8 @@ def config_check(
             "ControlPlaneVLLMService refuse this file",
             err=True,
         )
+    for key in loaded.inert_settings():
+        typer.echo(f"note: {key}: {INERT_NOTE}", err=True)
     if print_config:
         typer.echo(jsonutil.dumps_pretty(loaded.to_dict()))  # inf as 1e999: JSON has no inf
 

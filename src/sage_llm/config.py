@@ -57,6 +57,7 @@ from sage_llm.config_schema import (
     DEFAULT_SIM_MODEL,
     ENGINES,
     FOREIGN_RULES,
+    INERT_PD_FIELDS,
     MASK,
     MODES,
     SECTIONS,
@@ -416,8 +417,10 @@ def _service_config(
         if key in service:  # --config file
             written_at[key] = p.where((*spath, key))
     pd_table = service.get("pd")
-    if isinstance(pd_table, Mapping) and "enabled" in pd_table:
-        written_at["pd.enabled"] = p.where((*spath, "pd", "enabled"))
+    if isinstance(pd_table, Mapping):
+        for key in ("enabled", *INERT_PD_FIELDS):
+            if key in pd_table:
+                written_at[f"pd.{key}"] = p.where((*spath, "pd", key))
     if cp is None or any(sections[name] is None for name in ("gateway", "health", "admission")):
         return None
     # (a bad [simulation] is reported: the checks across sections still run)

@@ -533,6 +533,18 @@ class SageConfig:
         registers the instances (use it to build a manager from a file)."""
         return self.control_plane.manager_kwargs()
 
+    def inert_settings(self) -> list[str]:
+        """The seed's PD settings this configuration sets to other than their defaults
+        although this version does not act on them (:data:`INERT_PD_FIELDS`), each as
+        :meth:`where` shows it: ``config check`` notes them, ``build_manager`` logs them as
+        warnings."""
+        pd, default = self.control_plane.pd, PDSeparationConfig()
+        return [
+            self.written_at.get(f"pd.{name}", f"services.llm_control_plane.pd.{name}")
+            for name in INERT_PD_FIELDS
+            if getattr(pd, name) != getattr(default, name)
+        ]
+
     def to_dict(self, *, secrets: bool = False) -> dict[str, Any]:
         """The configuration as a document-shaped dict, for display: secrets replaced by
         ``"***"`` (which a loader refuses as a secret). With ``secrets=True`` they are
@@ -562,6 +574,30 @@ class SageConfig:
             else:
                 out["gateway"].pop("api_keys", None)
         return out
+
+
+INERT_NOTE = "a seed setting this version accepts but does not act on (see docs/config.md)"
+"""What ``config check`` and ``build_manager`` say of each :meth:`SageConfig.inert_settings`
+key."""
+INERT_PD_FIELDS = (
+    "enable_dynamic_scaling",
+    "prefilling_min_instances",
+    "prefilling_max_instances",
+    "decoding_min_instances",
+    "decoding_max_instances",
+    "kv_cache_storage",
+    "kv_cache_eviction_policy",
+    "kv_cache_memory_fraction",
+    "enable_kv_cache_transfer",
+    "kv_cache_transfer_buffer_mb",
+    "collect_pd_metrics",
+    "pd_metrics_interval_sec",
+    "enable_pd_tracing",
+)
+"""``PDSeparationConfig`` fields of the seed's API that this version accepts (and checks)
+but does not act on: the engines hold and move the KV cache themselves (their connector's
+settings), PD metrics are always recorded, PD requests are traced as every request is
+(the gateway's ``tracing``), and the pools are not scaled."""
 
 
 FOREIGN_RULES: Mapping[type[Any], Mapping[str, Rule]] = {

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from sage_llm.config import SageConfig, load_config, parse_config
 from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
@@ -74,3 +77,15 @@ stall_timeout_s = 12
     assert build_manager(off).health_settings.stall_timeout_s is None  # 0: off
     assert cp.get_status()["routing_strategy"] == "round_robin"
     assert cp.policy.name == "priority"
+
+
+def test_seed_pd_settings_not_acted_on_are_logged_as_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = parse_config("[services.llm_control_plane.pd]\nenable_pd_tracing = true\n", "pd.toml")
+    with caplog.at_level(logging.WARNING, logger="sage_llm.builder"):
+        build_manager(cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "pd.toml:2: services.llm_control_plane.pd.enable_pd_tracing: a seed setting this "
+        "version accepts but does not act on (see docs/config.md)"
+    ]

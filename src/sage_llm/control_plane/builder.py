@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from sage_llm.config import SageConfig
+from sage_llm.config_schema import INERT_NOTE
 from sage_llm.control_plane.health import HealthSettings
 from sage_llm.control_plane.manager import ControlPlaneManager, EngineFactory
 from sage_llm.engines.http import HTTPTimeouts
@@ -54,6 +55,8 @@ def build_manager(
         kwargs["engine_factory"] = engine_factory
     kwargs.update(overrides)
     manager = ControlPlaneManager(**kwargs)
+    for key in config.inert_settings():
+        log.warning("%s: %s", key, INERT_NOTE)
     if not register:
         return manager
     for instance in config.execution_instances():
