@@ -76,6 +76,7 @@ from sage_llm.control_plane.scheduling._queue import (
     queue_order_only,
     serves,
 )
+from sage_llm.control_plane.scheduling.admission import eligible_instances
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.engines.base import (
@@ -292,7 +293,9 @@ class Dispatcher:
         self._backing_off: set[str] = set()
         """Requests waiting out a retry's backoff before they go back into the queue:
         queued all the same (:attr:`queued_depth`); one that ends meanwhile leaves it."""
-        self._colocated_only: set[str] = set()  # retries after a failed prefill leg
+        self._colocated_only: set[str] = set()
+        """Retries after a failed prefill leg: run colocated while a whole-request instance
+        can take them, as a pair again once none can (excluded, down or drained)."""
         self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -524,8 +527,10 @@ class Dispatcher:
     def _pd_plan(self, info: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
         """The pair to run ``info`` disaggregated on, or None to run it colocated."""
         pd = self.pd
-        if pd is None or info.request_id in self._colocated_only:
+        if pd is None:
             return None
+        if info.request_id in self._colocated_only and eligible_instances(info, snap):
+            return None  # its prefill leg failed: colocated, while an instance can take it
         if snap.runnable(info):
             decision = pd.decider.decide(info, snap)
             if not decision.disaggregate:

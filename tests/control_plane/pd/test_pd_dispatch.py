@@ -12,13 +12,14 @@ import pytest
 
 from sage_llm import ControlPlaneManager, RequestResult, RequestStatus
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
-from sage_llm.errors import EngineConnectionError, NoHealthyInstanceError
+from sage_llm.errors import EngineConnectionError, EngineError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstanceType as Role
 from sage_llm.types import PDSeparationConfig
+from tests.engines.fake_engine import FakeEngine
 from tests.engines.probes import ConcurrencyProbe, FaultyEngine
 from tests.factories import MODEL, make_instance, make_metadata
 
@@ -531,5 +532,46 @@ def test_a_kv_release_pull_goes_through_a_decode_instance_not_draining_when_ther
             cp.drain_instance("d2")  # only draining ones left: better than pinned KV
             spare = dispatcher._spare_decode(MODEL, "d0")
             assert spare is not None and spare.instance_id in ("d1", "d2")
+
+    run_virtual(main())
+
+
+def test_a_failed_colocated_retry_goes_back_to_a_free_pair() -> None:
+    """Its prefill leg failed (so it was retried colocated) and the colocated retry failed
+    too: with no whole-request instance left to it, it runs on another pair, not queued
+    for ever beside an idle fleet."""
+    failed: list[str] = []  # the first prefill leg, wherever it runs, fails
+
+    class FirstPrefillFails(FakeEngine):
+        async def prefill(self, req: EngineRequest) -> KVHandle:
+            if not failed:
+                failed.append(self.instance_id)
+                raise EngineError("HTTP 503", instance_id=self.instance_id, status=503)
+            return await super().prefill(req)
+
+    busy = EngineError("g0: HTTP 503", instance_id="g0", status=503)
+    engines: dict[str, FakeEngine] = {
+        "p0": FirstPrefillFails("p0"),
+        "p1": FirstPrefillFails("p1"),
+        "d0": FakeEngine("d0"),
+        "g0": FakeEngine("g0", fail_with=busy),
+    }
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=lambda inst: engines[inst.instance_id],
+            pd_config=PDSeparationConfig(routing_policy="always"),
+        )  # fmt: skip
+        roles = [("p0", Role.PREFILLING), ("p1", Role.PREFILLING), ("d0", Role.DECODING)]
+        for n, (iid, role) in enumerate([*roles, ("g0", Role.GENERAL)]):
+            cp.register_instance(make_instance(iid, port=8000 + n, instance_type=role))
+        async with cp:
+            res = await cp.wait_for_result(
+                await cp.submit_request(make_metadata("r1", max_tokens=4)), timeout=60.0
+            )
+        assert res.status is RequestStatus.COMPLETED, res.error
+        other = "p1" if failed == ["p0"] else "p0"
+        assert (res.prefill_instance_id, res.instance_id, res.attempts) == (other, "d0", 3)
+        assert len(engines["g0"].requests) == 1  # the colocated retry, which failed
 
     run_virtual(main())
