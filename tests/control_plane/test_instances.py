@@ -155,3 +155,16 @@ def test_a_fleet_all_draining_is_down_as_draining_though_one_is_also_ejected() -
     assert (reason, why) == ("draining", "every instance serving model 'm' is draining (2)")
     states[0].draining = False  # one not draining, and up: not a drain
     assert registry.down("m")[0] == "no_healthy_instance"
+
+
+def test_back_in_is_now_for_an_instance_on_trial() -> None:
+    """A 503 while the only instance's trial probe runs said no Retry-After at all: it may
+    take requests as soon as the probe answers."""
+    registry = InstanceRegistry()
+    state = registry.add(make_instance("a", model_name="m"), None, LatencyPriors())  # type: ignore[arg-type]
+    assert registry.back_in("m", 0.0) is None  # up: nothing to wait for
+    state.breaker.state = CircuitState.OPEN
+    state.breaker.open_until = 5.0
+    assert registry.back_in("m", 2.0) == 3.0
+    state.breaker.state = CircuitState.HALF_OPEN
+    assert registry.back_in("m", 2.0) == 0.0

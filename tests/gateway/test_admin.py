@@ -93,6 +93,17 @@ async def test_list_add_and_duplicate_instances() -> None:
         assert unavailable["draining"] is True
         gw.manager.drain_instance("sim-unavailable", False)  # and it can be let in
         assert gw.manager.get_instance_metrics("sim-unavailable")["draining"] is False
+        # an entry as GET lists it (draining and removing included) registers as listed
+        async with http.get(gw.url("/admin/instances")) as r:
+            (entry,) = [i for i in (await _json(r))["data"] if i["instance_id"] == "sim-0"]
+        assert {"draining", "removing"} <= entry.keys()
+        copy = {**entry, "instance_id": "sim-copy", "port": 9300, "draining": True}
+        async with http.post(gw.url("/admin/instances"), json=copy) as r:
+            assert r.status == 201, await r.text()
+            assert (await _json(r))["draining"] is True
+        async with http.post(gw.url("/admin/instances"), json={**copy, "removing": 1}) as r:
+            assert r.status == 400
+            assert (await _json(r))["error"]["param"] == "removing"
 
 
 _DEFAULTED = (

@@ -457,14 +457,15 @@ class InstanceRegistry:
 
     def back_in(self, model: str, now: float) -> float | None:
         """Seconds until the nearest cool-down of an ejected instance serving ``model``
-        ends (when it may take requests again); None when none is cooling down."""
+        ends (when it may take requests again; 0 for one whose trial probe is under way);
+        None when none is cooling down or on trial."""
         waits = [
-            s.breaker.open_until - now
+            0.0 if s.breaker.state is CircuitState.HALF_OPEN else s.breaker.open_until - now
             for s in self._states.values()
             if s.instance.model_name == model
             and not s.removed
             and not s.draining
-            and s.breaker.state is CircuitState.OPEN
+            and s.breaker.state is not CircuitState.CLOSED
         ]
         return max(0.0, min(waits)) if waits else None
 

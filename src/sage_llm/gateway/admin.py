@@ -47,6 +47,8 @@ _INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionInstanc
 _LIVE_FIELDS = _INSTANCE_FIELDS - {f.name for f in dataclasses.fields(InstanceConfig)}
 """ExecutionInstance fields no config entry has: the live figures (``is_healthy`` …)."""
 _SECRET_FIELDS = frozenset({"api_key"})
+_LISTED_ONLY = ("draining", "removing")
+"""Fields ``GET /admin/instances`` adds to an instance's entry (its live state)."""
 
 
 def to_jsonable(value: Any) -> Any:
@@ -144,7 +146,15 @@ class AdminRoutes:
         """An ExecutionInstance from a request body, checked as a config file's instance
         entry (:func:`~sage_llm.config.check_instance`: JSON types without coercion, names,
         ranges); the live figures an instance may carry (``is_healthy``, ``current_load``
-        …, which no config entry has) only for their JSON types. 400 names the bad field."""
+        …, which no config entry has) only for their JSON types, and ``draining`` and
+        ``removing`` as ``GET`` lists them (an entry sent back registers as it was listed:
+        ``draining: true`` drained). 400 names the bad field."""
+        listed = {key: body[key] for key in _LISTED_ONLY if key in body}
+        for key, value in listed.items():
+            if not isinstance(value, bool):
+                raise InvalidRequestError(f"{key}: must be true or false, not {value!r}", param=key)
+        if listed:
+            body = {key: value for key, value in body.items() if key not in listed}
         unknown = sorted(set(body) - _INSTANCE_FIELDS - set(SIM_KEYS))
         if unknown:
             raise InvalidRequestError(
@@ -154,6 +164,8 @@ class AdminRoutes:
         _no_coercion({key: value for key, value in body.items() if key in _LIVE_FIELDS})
         with _as_request_error():
             instance = ExecutionInstance(**instance_fields(body))  # sim_* as in a file
+        if listed.get("draining"):  # (registered drained, as is_available false asks)
+            instance.is_available = False
         with _as_request_error():
             return check_instance(instance)
 
