@@ -92,3 +92,14 @@ def test_every_exported_metric_is_in_the_gateway_guide() -> None:
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     assert {name for name in exported if name.startswith("sage_llm_")} - listed == set()
     assert "process_resident_memory_bytes" in exported and "`process_*`" in guide
+
+
+def test_the_data_source_chosen_on_import_is_the_one_used() -> None:
+    """Grafana puts the source chosen for each ``__inputs`` entry where ``${NAME}`` is
+    written: one written nowhere would leave the panels on the default source."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    text = DASHBOARD.read_text()
+    for entry in dashboard["__inputs"]:
+        assert f"${{{entry['name']}}}" in text, entry["name"]
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["current"]["value"] == "${DS_PROMETHEUS}"  # the panels' ${datasource}
