@@ -111,7 +111,7 @@ def test_an_engine_without_embeddings_is_the_clients_error_on_both_services(
         pytest.raises(InvalidRequestError, match="not served by an engine that supports") as err,
     ):
         svc.process({"task": "embed", "inputs": "x"})
-    assert err.value.param == "model"
+    assert err.value.param == "options.model"  # the payload's part, as a generation's
 
 
 def test_engine_refusals_and_id_clashes_name_the_payloads_part_as_the_control_plane_does() -> None:

@@ -187,7 +187,7 @@ def test_use_control_plane_embeds_as_the_simulated_engine_does() -> None:
             assert svc.embed("x", model=model)["model_id"] == model
             with pytest.raises(ModelNotFoundError) as err:
                 svc.embed("x", model="other")
-            assert err.value.param == "model"
+            assert err.value.param == "options.model"  # the payload's part
 
 
 def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:

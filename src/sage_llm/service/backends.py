@@ -114,7 +114,7 @@ def local_embedding_model(cfg: VLLMServiceConfig, req: EmbedRequest) -> str:
     model = cfg.embedding_model_id or cfg.model_id
     if req.model is not None and req.model != model:
         raise ModelNotFoundError(
-            f"this service embeds with {model!r}, not {req.model!r}", param="model"
+            f"this service embeds with {model!r}, not {req.model!r}", param="options.model"
         )
     return model
 

@@ -49,6 +49,7 @@ from sage_llm.service.payloads import (
     PromptInput,
     RequestDefaults,
     locate_error,
+    located,
     parse_generate,
     parse_payload,
     request_ids,
@@ -174,7 +175,7 @@ class ControlPlaneVLLMService(ManagedService):
         if task == "generate":
             return self._generate(parse_generate(req.inputs, options, self.defaults))
         if task == "embed":
-            return self._embed(parse_embed(req.inputs, options, self.defaults.timeout_s))
+            return located(self._embed(parse_embed(req.inputs, options, self.defaults.timeout_s)))
         if task == "set_policy":
             name, params, named_in = _policy_args(req)
             return self._on_loop(lambda cp: _set_policy(cp, name, params, named_in))

@@ -24,12 +24,14 @@ import numbers
 import operator
 import uuid
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sage_llm.errors import InvalidRequestError, SageLLMError
 from sage_llm.types import RequestPriority
+
+T = TypeVar("T")
 
 __all__ = [
     "GENERATE_OPTIONS",
@@ -168,6 +170,15 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
     if where:
         exc.message = f"{where}: {exc.message}"
         exc.args = (exc.message, *exc.args[1:])
+
+
+async def located(work: Awaitable[T]) -> T:
+    """``work``'s result; its error, naming the payload's part (:func:`locate_error`)."""
+    try:
+        return await work
+    except SageLLMError as exc:
+        locate_error(exc, None)
+        raise
 
 
 # -- payload -------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from sage_llm.service.control_plane_service import (
     ControlPlaneVLLMService,
 )
 from sage_llm.service.embeddings import parse_embed
-from sage_llm.service.payloads import parse_generate, parse_payload, request_ids
+from sage_llm.service.payloads import located, parse_generate, parse_payload, request_ids
 from sage_llm.service.runner import LoopFactory, LoopThread
 from sage_llm.service.views import models_view
 
@@ -193,7 +193,9 @@ class VLLMService(ManagedService):
             items = parse_generate(req.inputs, req.options, self.defaults)
             return backend.generate(items, request_ids(items))
         if req.task == "embed":
-            return backend.embed(parse_embed(req.inputs, req.options, self.defaults.timeout_s))
+            return located(
+                backend.embed(parse_embed(req.inputs, req.options, self.defaults.timeout_s))
+            )
         if req.task == "show_models":
             if req.options:
                 raise InvalidRequestError("show_models takes no options", param="options")
