@@ -194,6 +194,24 @@ def test_bad_vllm_service_configs_name_the_key(data: dict[str, Any], key: str) -
     assert err.value.key == key
 
 
+def test_unknown_vllm_service_keys_get_a_suggestion_or_the_valid_keys() -> None:
+    """As a control plane's tables' unknown keys do (config.md)."""
+    messages = []
+    for data in (
+        {"model_id": "m", "engine": "sim", "foo": 1},
+        {"model_id": "m", "engine": "sim", "sim": {"gpuu": "h100"}},
+        {"model_id": "m", "engine": "sim", "sampling": {"tempreature": 1}},
+    ):
+        with pytest.raises(ConfigError) as err:
+            VLLMServiceConfig.from_dict(data).request_defaults()
+        messages.append(str(err.value))
+    assert messages[0].startswith("foo: unknown key (valid keys: type, model_id, ")
+    assert messages[1] == "sim.gpuu: unknown key (did you mean 'gpu'?)"
+    assert messages[2] == (
+        "sampling.tempreature: unknown sampling key 'tempreature' (did you mean 'temperature'?)"
+    )
+
+
 def test_bad_sampling_values_name_the_key() -> None:
     for sampling, key in (
         ({"max_tokens": 0}, "sampling.max_tokens"),

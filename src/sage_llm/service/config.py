@@ -26,6 +26,7 @@ from typing import Any
 
 from sage_llm.config import SageConfig, config_from_dict, load_config
 from sage_llm.config_fields import described, secret_problem
+from sage_llm.config_fields import suggest as suggest_key
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE
 from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError, InvalidRequestError
@@ -272,7 +273,7 @@ class VLLMServiceConfig:
         for key in data:
             if key not in _VLLM_KEYS:
                 g.errors.append(
-                    ConfigError(f"unknown key{suggest(str(key), _VLLM_KEYS)}", key=str(key))
+                    ConfigError(f"unknown key{suggest_key(str(key), _VLLM_KEYS)}", key=str(key))
                 )
         kind_given = data.get("type", VLLM_SERVICE_TYPE)
         if kind_given != VLLM_SERVICE_TYPE:  # a table of another service, given to this one
@@ -304,7 +305,7 @@ class VLLMServiceConfig:
         for key in sim:
             if key not in _SIM_KEYS:
                 g.errors.append(
-                    ConfigError(f"unknown key{suggest(str(key), _SIM_KEYS)}", key=f"sim.{key}")
+                    ConfigError(f"unknown key{suggest_key(str(key), _SIM_KEYS)}", key=f"sim.{key}")
                 )
         dialect = str(data.get("dialect", "vllm")).lower()
         if dialect not in _DIALECTS:
@@ -387,7 +388,10 @@ class VLLMServiceConfig:
         extra = {k: v for k, v in s.items() if k in PASSTHROUGH_OPTIONS and v not in (None, 0.0)}
         for key in s:
             if key not in PASSTHROUGH_OPTIONS and key not in DEFAULT_SAMPLING:
-                g.errors.append(ConfigError(f"unknown sampling key {key!r}", key=f"sampling.{key}"))
+                hint = suggest(str(key), [*DEFAULT_SAMPLING, *PASSTHROUGH_OPTIONS])
+                g.errors.append(
+                    ConfigError(f"unknown sampling key {key!r}{hint}", key=f"sampling.{key}")
+                )
         if s.get("n", 1) != 1:  # as generate's own option
             g.errors.append(
                 ConfigError("only n = 1 is supported: send a batch instead", key="sampling.n")
