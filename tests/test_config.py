@@ -1101,6 +1101,11 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert err.location == str(missing) and "cannot read" in err.message
     with pytest.raises(ConfigError):
         load_config(missing)
+    # a path no system call takes (a ValueError had escaped check_config, which never raises)
+    [err] = check_config("a\x00b.toml")
+    assert err.message == "'a\\x00b.toml': cannot read config file: the path holds a NUL character"
+    with pytest.raises(ConfigError, match="NUL character"):
+        load_config("a\x00b.toml")
 
 
 def test_programmatic_values_get_a_files_type_checks() -> None:

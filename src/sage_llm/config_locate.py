@@ -311,6 +311,10 @@ def read_utf8(path: Path, what: str = "file") -> str:
         raise ConfigError(
             f"cannot read {what}: {exc.strerror or exc}", location=str(path)
         ) from None
+    except ValueError:  # a path no system call takes: a NUL byte in it
+        raise ConfigError(
+            f"cannot read {what}: the path holds a NUL character", location=repr(str(path))
+        ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:  # every file the project reads says it so
