@@ -148,6 +148,9 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
         (_post("/v1/completions", completion_body()).replace(b"Host:", b"X\x01y: 1\r\nHost:"), 400),
         # a header line beyond aiohttp's 8,190 bytes: its 400 (the same head on both fronts)
         (_post("/v1/completions", completion_body(), "x-long: " + "a" * 9000), 400),
+        # more headers than aiohttp's 128: its 400; 128 are served
+        (_post("/v1/completions", completion_body(), *[f"x-h{i}: v" for i in range(126)]), 400),
+        (_post("/v1/completions", completion_body(), *[f"x-h{i}: v" for i in range(125)]), 200),
     ],
     ids=[
         "too-large",
@@ -158,6 +161,8 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
         "http10",
         "control-char",
         "long-header",
+        "129-headers",
+        "128-headers",
     ],
 )
 async def test_unusual_requests_get_aiohttps_answers(request_bytes: bytes, status: int) -> None:

@@ -51,6 +51,9 @@ _MAX_HEAD = 16 * 1024
 _MAX_LINE = 8190
 """Heads with a line longer than this go to aiohttp too: its limit on the request line, a
 header's name and a header's value (it answers 400 beyond them)."""
+_MAX_HEADERS = 128
+"""Heads with more header lines than this go to aiohttp too: its limit (``max_headers``),
+beyond which it answers 400 (too many headers)."""
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -297,7 +300,10 @@ class LeanConnection(asyncio.Protocol):
         headers: dict[str, str] = {}
         names = self._server.header_names
         if eol >= 0:
-            for line in text[eol + 2 :].split("\r\n"):
+            lines = text[eol + 2 :].split("\r\n")
+            if len(lines) > _MAX_HEADERS:
+                return None
+            for line in lines:
                 if len(line) > _MAX_LINE:
                     return None
                 name, sep, value = line.partition(":")
