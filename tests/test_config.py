@@ -416,6 +416,16 @@ def test_a_vllm_service_table_is_checked_with_vllm_services_keys() -> None:
     err = problem('[services.llm]\ntype = "VLLMService"\nscheduling_policy = "fifo"\n')
     assert err.key == "services.llm.type"
     assert 'for the control plane, type = "ControlPlaneVLLMService"' in err.message
+    # its control plane's instances, at their lines (the index had been a quoted key)
+    nested = (
+        table + "use_control_plane = true\n[services.llm.control_plane]\n"
+        '[[services.llm.control_plane.instances]]\ninstance_id = "a"\nhost = "h"\n'
+        'port = 0\nmodel_name = "m"\n'
+    )
+    err = problem(nested)
+    assert str(err) == (
+        "cfg.toml:10: services.llm.control_plane.instances[0].port: must be >= 1, got 0"
+    )
 
 
 def test_example_configs_all_load() -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -161,9 +162,27 @@ def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None
         build()
     except ConfigError as exc:
         for one in exc.each():
-            p.add((*path, *one.key.split(".")) if one.key else path, one.detail)
+            p.add((*path, *key_parts(one.key)) if one.key else path, one.detail)
     except (ValueError, TypeError) as exc:
         p.add(path, str(exc))
+
+
+_INDEXED = re.compile(r"(.*?)((?:\[\d+\])+)")
+
+
+def key_parts(key: str) -> KeyPath:
+    """A dotted key of an error (``instances[1].port``) as a key path
+    (``("instances", 1, "port")``): array indexes as the numbers they are."""
+    parts: list[str | int] = []
+    for part in key.split("."):
+        indexed = _INDEXED.fullmatch(part)
+        if indexed is None:
+            parts.append(part)
+            continue
+        if indexed.group(1):
+            parts.append(indexed.group(1))
+        parts.extend(int(i) for i in re.findall(r"\d+", indexed.group(2)))
+    return tuple(parts)
 
 
 class _Invalid:
