@@ -187,7 +187,7 @@ def run_scenario(
                     "chosen": k == 0,
                     "est_capacity_rps": round(est.capacity_rps, 3),
                     "est_ttft_s": round(est.ttft_s, 4),
-                    "est_tpot_s": round(est.tpot_s, 4),
+                    "est_tpot_s": None if est.tpot_s is None else round(est.tpot_s, 4),
                     **sim,
                 }
             )

@@ -89,6 +89,9 @@ def test_one_token_answers_have_no_tpot_to_limit_a_plan() -> None:
     assert strict.candidate.label == loose.candidate.label
     assert strict.estimates.capacity_rps == pytest.approx(loose.estimates.capacity_rps)
     assert strict.estimates.limit != "TPOT"
+    # nor is one shown: a figure far above the target beside meets_slo true had misled
+    assert strict.estimates.tpot_s is None and strict.estimates.to_dict()["tpot_s"] is None
+    assert "TPOT n/a (one-token answers)" in strict.explanation
 
 
 def test_a_request_longer_than_the_kv_cache_is_rejected() -> None:
@@ -263,7 +266,7 @@ def test_estimates_at_the_workload_rate() -> None:
     p = plan("llama-3-70b", 8, "h100", CHAT.with_rate(5.0), SLO)
     est = p.estimates
     assert est.rate_rps == 5.0 and est.meets_slo and est.goodput_rps == 5.0
-    assert 0 < est.tpot_s < SLO.tpot_s and 0 < est.ttft_s < SLO.ttft_s
+    assert est.tpot_s is not None and 0 < est.tpot_s < SLO.tpot_s and 0 < est.ttft_s < SLO.ttft_s
     over = plan("llama-3-70b", 8, "h100", CHAT.with_rate(100.0), SLO)
     assert not over.estimates.meets_slo
     assert over.estimates.goodput_rps == pytest.approx(over.estimates.capacity_rps)
@@ -509,7 +512,7 @@ def test_a_rate_above_capacity_is_reported_plainly_and_consistently(rate: float)
     est = p.estimates
     assert est.rate_rps == pytest.approx(est.capacity_rps)
     assert est.batch_per_instance <= 256 and est.kv_usage <= 1
-    assert math.isfinite(est.ttft_s) and math.isfinite(est.tpot_s)
+    assert est.tpot_s is not None and math.isfinite(est.ttft_s) and math.isfinite(est.tpot_s)
     # No plan carries the rate: each competes at its own capacity, whatever caps it (its
     # KV cache too), and the chosen one has the highest
     assert all(a.estimates.capacity_rps > 0 for a in p.alternatives)
@@ -551,6 +554,7 @@ def test_the_planner_uses_the_fitted_cpu_tiny_profile() -> None:
     est = p.estimates
     assert est.batch_per_instance + 2 * math.sqrt(est.batch_per_instance) <= 32  # its max_num_seqs
     # A decode step of B sequences is the fitted β0 + β2·B, as in engine-sim.
+    assert est.tpot_s is not None
     assert est.tpot_s >= (b0 + b2 * est.batch_per_instance) * 1e-6 * 0.99
     assert est.capacity_rps < 20  # the roofline cpu spec claimed ~150 req/s
     assert "Fitted profile of cpu × tiny" in p.explanation

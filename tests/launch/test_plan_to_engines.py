@@ -545,6 +545,10 @@ def test_simulated_engines_need_a_known_model_and_gpu_at_config_time(tmp_path: P
         load_launch_config(path)
     path.write_text('[launch]\nengine = "vllm"\nmodel = "org/any-model"\n[[launch.instances]]\n')
     assert load_launch_config(path).settings.model == "org/any-model"  # vLLM loads it
+    # a plan of it needs a built-in shape: the message says which key gives it
+    path.write_text('[launch]\nengine = "vllm"\nmodel = "org/any-model"\n[launch.plan]\ngpus = 2\n')
+    with pytest.raises(ConfigError, match=r":3: launch\.model: unknown model .* set sim_model to"):
+        load_launch_config(path)
 
 
 def test_nixl_side_channel_ports_may_not_overlap_the_engines_ports(tmp_path: Path) -> None:

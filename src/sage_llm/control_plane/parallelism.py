@@ -148,7 +148,8 @@ class PlanEstimates:
     limit: str
     rate_rps: float
     ttft_s: float
-    tpot_s: float
+    tpot_s: float | None
+    """None when the workload's answers are one token (p90): no time per output token."""
     goodput_rps: float
     meets_slo: bool
     batch_per_instance: float
@@ -584,7 +585,7 @@ class _Planner:
             limit=limit,
             rate_rps=shown.rate,
             ttft_s=shown.ttft_s,
-            tpot_s=shown.tpot_s,
+            tpot_s=shown.tpot_s if self.workload.p90_output > 1 else None,
             goodput_rps=rate if meets else min(rate, total),
             meets_slo=meets,
             batch_per_instance=shown.batch,
@@ -1022,8 +1023,13 @@ def _explain(
     at = "at the workload's" if w.rate is not None and not missed else "at its capacity,"
     q = f"p{slo.attainment * 100:g}"
     lines.append(
-        f"  {at} {_rps(est.rate_rps)} req/s: TTFT {q} ≈ {_ms(est.ttft_s)}, TPOT {q} ≈ "
-        f"{_ms(est.tpot_s)}, ~{est.batch_per_instance:.0f} sequences per instance, "
+        f"  {at} {_rps(est.rate_rps)} req/s: TTFT {q} ≈ {_ms(est.ttft_s)}, "
+        + (
+            "TPOT n/a (one-token answers)"
+            if est.tpot_s is None
+            else f"TPOT {q} ≈ {_ms(est.tpot_s)}"
+        )
+        + f", ~{est.batch_per_instance:.0f} sequences per instance, "
         f"KV cache {est.kv_usage:.0%} full"
     )
     lines.append(

@@ -783,6 +783,13 @@ def _read_plan(
             per_node=read.per_node,
         )  # fmt: skip
     except ConfigError as exc:
+        if exc.key == "model" and settings.sim_model is None and settings.engine != "sim":
+            # (vLLM loads any model: the plan needs the shape of one the planner knows)
+            exc = ConfigError(
+                f"{exc.detail}; [launch.plan] plans with a built-in model's shape: set "
+                "sim_model to the built-in model closest to it",
+                key="model",
+            )
         in_plan = exc.key is not None and exc.key in {f.name for f in fields(_PlanTable)}
         _add(p, path if in_plan or exc.key is None else _LAUNCH, exc)
         return None
