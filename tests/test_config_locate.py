@@ -162,6 +162,17 @@ def test_syntax_error_at_end_of_document_points_at_last_line() -> None:
             "write all of it in one place",
         ),
         ("a = 1\n[a]\n", "Cannot overwrite a value (column 3)"),  # no key on the line
+        # tomllib names the table being added; the one written whole is its parent
+        (
+            "[s]\npd = { on = true }\n[s.pd.metadata]\n",
+            "s.pd was written whole (an inline table or an array) and cannot be added to "
+            "here; write all of it in one place",
+        ),
+        (
+            "[s]\npd = { on = true }\npd.metadata.x = 1\n",
+            "s.pd was written whole (an inline table or an array) and cannot be added to "
+            "here; write all of it in one place",
+        ),
     ],
 )
 def test_a_key_or_table_given_twice_is_said_in_the_files_words(text: str, message: str) -> None:

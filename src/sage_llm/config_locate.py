@@ -353,16 +353,19 @@ def syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> Config
     reason = message[: match.start()]
     why = f"invalid TOML: {reason} (column {match.group(2)})"
     twice, inline = _DECLARED_TWICE.fullmatch(reason), _INLINE_TABLE.fullmatch(reason)
-    if twice is not None:
-        table = _names(twice.group(1))
-        if table:
-            why = f"invalid TOML: table {table} is declared twice; write its keys under one header"
-    elif inline is not None:
-        table = _names(inline.group(1))
-        if table:
+    said = twice or inline
+    names = None if said is None else _name_tuple(said.group(1))
+    if names:
+        whole = _written_whole(names, text, line)  # tomllib names the key being added
+        if twice is not None and whole is None:
             why = (
-                f"invalid TOML: {table} was written whole (an inline table or an array) and "
-                "cannot be added to here; write all of it in one place"
+                f"invalid TOML: table {format_key(names)} is declared twice; write its keys "
+                "under one header"
+            )
+        else:
+            why = (
+                f"invalid TOML: {format_key(whole or names)} was written whole (an inline "
+                "table or an array) and cannot be added to here; write all of it in one place"
             )
     elif reason == "Cannot overwrite a value":
         lines = text.splitlines()
@@ -372,14 +375,33 @@ def syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> Config
     return ConfigError(why, location=f"{source}:{line}")
 
 
-def _names(text: str) -> str | None:
-    """The dotted key of a tuple of names as tomllib prints it (``'a', 'b'``), else None."""
+def _name_tuple(text: str) -> tuple[str, ...] | None:
+    """A tuple of names as tomllib prints it (``'a', 'b'``), else None."""
     try:
         names = ast.literal_eval(f"({text})")
     except (ValueError, SyntaxError):
         return None
     ok = isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)
-    return format_key(names) if ok else None
+    return names if ok else None
+
+
+def _written_whole(names: tuple[str, ...], text: str, line: int) -> tuple[str, ...] | None:
+    """Of the key path ``names`` that the TOML ``text`` could not take at ``line``, the
+    part the lines before had written whole (an inline table: ``pd = {…}`` before
+    ``[….pd.metadata]``), when it is shorter than ``names``; else None (``names`` itself
+    was there already)."""
+    try:
+        before = tomllib.loads("\n".join(text.splitlines()[: line - 1]))
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        return None
+    node: Any = before
+    for depth, name in enumerate(names):
+        if isinstance(node, list) and node and isinstance(node[-1], dict):
+            node = node[-1]  # an array of tables: its last one is being written
+        if not isinstance(node, dict) or name not in node:
+            return names[:depth] if depth and depth < len(names) else None
+        node = node[name]
+    return None
 
 
 class Problems:
