@@ -1269,6 +1269,13 @@ def test_an_integer_beyond_64_bits_is_refused_in_any_field() -> None:
         ("cfg.toml:9", "services.llm_control_plane.instances[0].tensor_parallel_size"),
     ]
     assert all("must be at most 9223372036854775807 (64 bits)" in f[2] for f in found)
+    # the lowest 64-bit integer is one, and one below it is said as what it is
+    low = parse_config(f"[simulation]\ninstances = 1\nseed = {-(2**63)}\n")
+    assert low.simulation.seed == -(2**63)
+    err = problem(f"[simulation]\ninstances = 1\nseed = {-(2**63) - 1}\n")
+    assert err.message.endswith(
+        "must be at least -9223372036854775808 (64 bits), got -9223372036854775809"
+    )
 
 
 def test_programmatic_values_are_checked() -> None:
@@ -1416,6 +1423,10 @@ def test_secrets_from_environment() -> None:
     # a dump shows the file's own key (masked), not those of the environment
     assert cfg.to_dict()["gateway"]["api_keys"] == ["***"]
     assert "api_keys_from_env" not in cfg.to_dict(secrets=True)["gateway"]
+    moved = dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, port=9999))
+    assert moved.to_dict()["gateway"]["api_keys"] == ["***"]
+    err = problem('[gateway]\napi_keys_from_env = ["x"]\n')  # not a key of a file
+    assert err.key == "gateway.api_keys_from_env" and "unknown key" in err.message
     assert cfg.gateway.admin_token == "tok"
     assert cfg.control_plane.instances[1].api_key == "up-key"
     assert cfg.execution_instances()[1].api_key == "up-key"

@@ -209,11 +209,26 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     return instance
 
 
+LISTED_KEYS = ("draining", "removing")
+"""What an instance's listing adds to its fields (``GET /admin/instances``, the SAGE
+service's ``show_instances``): taken back by :func:`instance_fields`."""
+
+
 def instance_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of an :class:`~sage_llm.types.ExecutionInstance` from an
     instance given as a config file's entry has it (``sim_gpu`` … as its own keys) or as
     the instance has them (in ``metadata``): the ``sim_*`` keys are moved into a copy of
-    ``metadata``. ``ConfigError`` when a key is given both ways."""
+    ``metadata``. An instance's listing may be given back as it is: ``draining: true`` is
+    ``is_available: false`` (registered drained), ``removing`` is read for its type only.
+    ``ConfigError`` when a key is given both ways, or a listed state is not a boolean."""
+    listed = {key: fields[key] for key in LISTED_KEYS if key in fields}
+    for key, value in listed.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, got {described(value)}", key=key)
+    if listed:
+        fields = {key: value for key, value in fields.items() if key not in listed}
+        if listed.get("draining"):
+            fields["is_available"] = False
     lifted = {key: fields[key] for key in SIM_KEYS if key in fields}
     if not lifted:
         return dict(fields)
@@ -1100,11 +1115,9 @@ def _gateway_secrets(
         ok = False
     if not ok:
         return gw
-    loaded = dataclasses.replace(gw, api_keys=tuple(dict.fromkeys(keys)), admin_token=token)
-    if gw.api_keys_env is not None:  # told apart from the file's own in a dump
-        added = tuple(key for key in loaded.api_keys if key not in gw.api_keys)
-        object.__setattr__(loaded, "api_keys_from_env", added)
-    return loaded
+    merged = tuple(dict.fromkeys(keys))
+    added = tuple(key for key in merged if key not in gw.api_keys)  # told apart in a dump
+    return dataclasses.replace(gw, api_keys=merged, admin_token=token, api_keys_from_env=added)
 
 
 def _instance_secrets(cp: ControlPlaneConfig, env: Mapping[str, str]) -> ControlPlaneConfig:

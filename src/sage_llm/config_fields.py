@@ -150,7 +150,7 @@ def _fields_and_hints(cls: type[Any]) -> _Shape:
     """``cls``'s init fields by name and its resolved type hints (computed once per class)."""
     shape = _SHAPES.get(cls)
     if shape is None:
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not _derived(f)}
         shape = _SHAPES[cls] = (fields, typing.get_type_hints(cls))
     return shape
 
@@ -238,7 +238,11 @@ def _convert(
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):  # an object built in code: its values are checked
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(hint) if f.init}
+            value = {
+                f.name: getattr(value, f.name)
+                for f in dataclasses.fields(hint)
+                if f.init and not _derived(f)
+            }
         if not isinstance(value, Mapping):
             return _wrong(value, "a table", checks, path, p)
         built = read_dataclass(hint, value, path, p, foreign=foreign)
@@ -363,11 +367,22 @@ def rule_problem(value: object, checks: Rule) -> str | None:
     return None
 
 
+DERIVED = "derived"
+"""The metadata key of a dataclass field derived when a file is read (not one of its
+keys): read from no file, written in no dump, carried by ``dataclasses.replace``."""
+
+
+def _derived(f: dataclasses.Field[Any]) -> bool:
+    return bool(f.metadata.get(DERIVED))
+
+
 def int64_problem(value: int) -> str | None:
     """What is wrong with an integer beyond 64 bits, or None: counts and sizes go into
     float arithmetic (a price, a deadline, a transfer time) and into engines."""
-    if abs(value) > INT64_MAX:
+    if value > INT64_MAX:
         return f"must be at most {INT64_MAX} (64 bits), got {shown_value(value)}"
+    if value < -INT64_MAX - 1:
+        return f"must be at least {-INT64_MAX - 1} (64 bits), got {shown_value(value)}"
     return None
 
 
@@ -424,7 +439,7 @@ def to_plain(value: Any, mask: str | None = SECRET_MASK) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(value):
-            if not f.init:  # derived, not a key of a file
+            if not f.init or _derived(f):  # not a key of a file
                 continue
             item = getattr(value, f.name)
             checks = f.metadata.get("rule")

@@ -17,6 +17,7 @@ from typing import Any
 
 from sage_llm.config_fields import (
     CHECKED_METADATA,
+    DERIVED,
     INT64_MAX,
     SECRET_MASK,
     FieldValueError,
@@ -370,7 +371,9 @@ class GatewayConfig:
     api_keys_env: str | None = opt(None, _ENV)
     admin_token: str | None = opt(None, rule(nonempty=True, secret=True))
     admin_token_env: str | None = opt(None, _ENV)
-    api_keys_from_env: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    api_keys_from_env: tuple[str, ...] = field(
+        default=(), repr=False, compare=False, metadata={DERIVED: True}
+    )
     """Those of ``api_keys`` read from ``api_keys_env`` only (not also the file's) when the
     file was loaded: not a key of a file; a dump leaves them out, beside their
     ``api_keys_env``."""

@@ -173,6 +173,10 @@ def test_register_instance_refuses_an_address_in_use_and_bad_live_figures() -> N
     with pytest.raises(ConflictError, match="already the address"):
         cp.register_instance(make_instance("h3", host="LOCALHOST", port=9000))
     cp.register_instance(make_instance("h4", port=9000), client=FakeEngine("h4"))  # the caller's
+    # nominal addresses (simulated mode or engine), whoever makes the clients: no clash
+    made = ControlPlaneManager(mode="simulated", engine_factory=lambda i: FakeEngine(i.instance_id))
+    made.register_instance(make_instance("s1", port=9000))
+    made.register_instance(make_instance("s2", port=9000))
     bad: list[tuple[str, Any, str]] = [
         ("is_available", "false", "must be true or false, got string 'false'"),
         ("is_healthy", 0, "must be true or false, got"),
@@ -2294,6 +2298,28 @@ class _SlowEmbedder(FakeEngine):
 
     async def aclose(self) -> None:
         self.closed.append(True)
+
+
+def test_an_embeddings_call_a_client_refuses_at_once_gives_its_slot_back() -> None:
+    """A client whose ``embed`` raises before it returns an awaitable (an older signature
+    without ``request_id``) had left the instance one call busy for good."""
+
+    class OldEmbedder(FakeEngine):
+        async def embed(self, model: str, inputs: Any, options: Any = None) -> dict[str, Any]:
+            return {"object": "list", "data": []}
+
+    async def main() -> None:
+        cp = _serving(OldEmbedder("e"))
+        async with cp:
+            for _ in range(2):
+                with pytest.raises(TypeError):
+                    await cp.embed(None, ["hello"], request_id="emb-1")
+            assert cp.get_instance_metrics("e")["active_requests"] == 0
+            cp.unregister_instance("e")
+            await asyncio.sleep(0.1)
+            assert cp.get_instances(removing=True) == []
+
+    run_virtual(main())
 
 
 def test_stop_drains_embeddings_calls_as_requests() -> None:

@@ -202,15 +202,25 @@ async def test_bad_instance_specs_give_400(spec: dict[str, Any], param: str) -> 
 
 
 async def test_an_address_in_use_is_409() -> None:
-    async with serve(1) as gw, aiohttp.ClientSession() as http:
-        (inst,) = gw.manager.get_instances()
-        spec = {"instance_id": "twin", "host": inst.host, "port": inst.port, "model_name": MODEL}
-        async with http.post(gw.url("/admin/instances"), json=spec) as r:
-            assert r.status == 409
-            assert "already the address of instance 'sim-0'" in (await _json(r))["error"]["message"]
-        assert inst.host == "127.0.0.1"  # the same address written another way
-        async with http.post(gw.url("/admin/instances"), json={**spec, "host": "LocalHost"}) as r:
-            assert r.status == 409
+    manager = ControlPlaneManager(mode="http")  # engines reached at their addresses
+    manager.register_instance(make_instance("e0", port=8100))
+    await manager.start()
+    runner, port = await start_gateway(manager, None, environ={})
+    try:
+        url = f"http://127.0.0.1:{port}/admin/instances"
+        spec = {"instance_id": "twin", "host": "127.0.0.1", "port": 8100, "model_name": MODEL}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=spec) as r:
+                assert r.status == 409
+                assert (
+                    "already the address of instance 'e0'" in (await _json(r))["error"]["message"]
+                )
+            # the same address written another way
+            async with http.post(url, json={**spec, "host": "LocalHost"}) as r:
+                assert r.status == 409
+    finally:
+        await runner.cleanup()
+        await manager.stop()
 
 
 async def test_an_instance_at_the_gateways_own_address_is_refused() -> None:

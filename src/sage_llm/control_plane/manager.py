@@ -483,9 +483,9 @@ class ControlPlaneManager:
         such a client is the caller's: :meth:`stop` closes it, and the instance must be
         registered again with a new one before the next :meth:`start`. Raises
         :class:`ConflictError` for an id in use, also by an instance still being removed
-        (its requests in flight finish first), and, for an instance this manager reaches
-        over HTTP (no ``client`` given, no ``engine_factory``), for the ``host:port`` of
-        another instance not simulated (one engine would count as two).
+        (its requests in flight finish first), and, for an instance reached at its address
+        (no ``client`` given; not simulated mode nor ``engine = "sim"``), for the
+        ``host:port`` of another such instance (one engine would count as two).
 
         The instance is first checked as a config file's instance entry is
         (:func:`sage_llm.config.check_instance`): a bad field raises :class:`ConfigError`
@@ -508,13 +508,13 @@ class ControlPlaneManager:
             address = (host_key(instance.host), instance.port)
             for other in self._registry:
                 if (host_key(other.instance.host), other.instance.port) == address and (
-                    not self.simulates(other.instance)
+                    not self._nominal(other.instance)
                 ):
                     raise ConflictError(
                         f"{instance.host}:{instance.port} is already the address of instance "
                         f"{other.instance_id!r}"
                     )
-        if self._pd is not None and not self.simulates(instance):
+        if self._pd is not None and not self._nominal(instance):
             self._check_pd_engine(instance)
         given = client is not None
         if client is None and self.simulates(instance):
@@ -551,7 +551,7 @@ class ControlPlaneManager:
         ]
         if not any(i.instance_type in PD_LEG_ROLES for i in (instance, *peers)):
             return  # its model's requests run whole
-        peers = [i for i in peers if not self.simulates(i)]  # (simulated ones speak both)
+        peers = [i for i in peers if not self._nominal(i)]  # (simulated ones speak both)
         problem = pd_engine_problem(instance.instance_type, instance.engine, connector)
         where = f"instance {instance.instance_id!r}"
         if problem is None and instance.instance_type in PD_LEG_ROLES:  # others take legs now
@@ -564,9 +564,16 @@ class ControlPlaneManager:
             raise ConfigError(problem, location=where, key="engine")
 
     def _reached_at_address(self, instance: ExecutionInstance, given: bool) -> bool:
-        """Whether this manager reaches ``instance`` over HTTP at its ``host:port`` (not
-        simulated, nor through a client of the caller's (``given``) or ``engine_factory``)."""
-        return not given and not self.simulates(instance)
+        """Whether ``instance`` is reached at its ``host:port``: not through a client of
+        the caller's (``given``), and its address not nominal (simulated mode or engine,
+        whoever makes its client: ``engine_factory`` too)."""
+        return not given and not self._nominal(instance)
+
+    def _nominal(self, instance: ExecutionInstance) -> bool:
+        """Whether ``instance``'s address and engine are nominal: simulated mode or an
+        ``engine = "sim"`` instance, as a config file's check reads them (an
+        ``engine_factory`` may make their clients)."""
+        return self.mode == "simulated" or instance.engine == "sim"
 
     def unregister_instance(self, instance_id: str) -> None:
         """Remove an instance: it gets no new requests; requests in flight finish first.
@@ -961,14 +968,15 @@ class ControlPlaneManager:
             held.enter_context(self.reserve_request_id(request_id))  # ConflictError if not
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
-        work = client.embed(name, inputs, options or None, request_id=request_id)
-        call: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(work)
-        self._embeds.add(call)
-        try:
+        call: asyncio.Task[dict[str, Any]] | None = None
+        try:  # (its count is given back whatever the call does, a bad client's too)
+            work = client.embed(name, inputs, options or None, request_id=request_id)
+            call = asyncio.ensure_future(work)
+            self._embeds.add(call)
             return await call
         except asyncio.CancelledError:
             caller = asyncio.current_task()
-            if call.cancelled() and not (caller is not None and caller.cancelling()):
+            if call is not None and call.cancelled() and not (caller and caller.cancelling()):
                 raise ControlPlaneNotRunningError("control plane stopped") from None
             raise  # the caller's own cancellation
         except EngineError as exc:
@@ -978,7 +986,8 @@ class ControlPlaneManager:
             raise
         finally:  # as a generation's call ends: a removed instance goes with its last call
             held.close()
-            self._embeds.discard(call)
+            if call is not None:
+                self._embeds.discard(call)
             state.in_flight -= 1
             self._metrics.set_in_flight(state.instance_id, state.in_flight)
             if state.in_flight == 0:

@@ -29,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.config import SIM_KEYS, at_address, check_instance, instance_fields
+from sage_llm.config import LISTED_KEYS, SIM_KEYS, at_address, check_instance, instance_fields
 from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
@@ -47,8 +47,6 @@ _INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionInstanc
 _LIVE_FIELDS = _INSTANCE_FIELDS - {f.name for f in dataclasses.fields(InstanceConfig)}
 """ExecutionInstance fields no config entry has: the live figures (``is_healthy`` …)."""
 _SECRET_FIELDS = frozenset({"api_key"})
-_LISTED_ONLY = ("draining", "removing")
-"""Fields ``GET /admin/instances`` adds to an instance's entry (its live state)."""
 
 
 def to_jsonable(value: Any) -> Any:
@@ -149,13 +147,7 @@ class AdminRoutes:
         …, which no config entry has) only for their JSON types, and ``draining`` and
         ``removing`` as ``GET`` lists them (an entry sent back registers as it was listed:
         ``draining: true`` drained). 400 names the bad field."""
-        listed = {key: body[key] for key in _LISTED_ONLY if key in body}
-        for key, value in listed.items():
-            if not isinstance(value, bool):
-                raise InvalidRequestError(f"{key}: must be true or false, not {value!r}", param=key)
-        if listed:
-            body = {key: value for key, value in body.items() if key not in listed}
-        unknown = sorted(set(body) - _INSTANCE_FIELDS - set(SIM_KEYS))
+        unknown = sorted(set(body) - _INSTANCE_FIELDS - set(SIM_KEYS) - set(LISTED_KEYS))
         if unknown:
             raise InvalidRequestError(
                 f"{unknown[0]}: not an ExecutionInstance field", param=unknown[0]
@@ -164,8 +156,6 @@ class AdminRoutes:
         _no_coercion({key: value for key, value in body.items() if key in _LIVE_FIELDS})
         with _as_request_error():
             instance = ExecutionInstance(**instance_fields(body))  # sim_* as in a file
-        if listed.get("draining"):  # (registered drained, as is_available false asks)
-            instance.is_available = False
         with _as_request_error():
             return check_instance(instance)
 
