@@ -109,7 +109,8 @@ _BOUND_ERRORS = frozenset({"less_than_equal", "greater_than_equal"})
 
 def _int64_overflow(value: object) -> str | None:
     """What is wrong with ``value`` when it is a whole number no 64-bit integer holds."""
-    if isinstance(value, float) and value.is_integer() and not -(2**63) <= value < 2**63:
+    # (a float: JSON read an integer beyond 64 bits so, -2**63 - 1 as -2**63 among them)
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
         shown = f"about {value:.3g}"
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
         if value == -INT64_MAX - 1:
