@@ -407,6 +407,21 @@ def test_stop_token_ids_end_the_answer_at_the_token_kept_in_it() -> None:
             req("a", max_tokens=30, extra={"stop_token_ids": [ids[0]], "min_tokens": 30}),
         )
         assert late[-1].finish_reason == "length"  # min_tokens first, as vLLM
+        # vLLM masks stop tokens while fewer than min_tokens were generated: a stop token
+        # at position min_tokens - 1 does not end it, one at position min_tokens does
+        stop_at = ids[2]
+        assert ids.index(stop_at) == 2  # (its first place)
+        masked = await collect(
+            SimEngine("sim-0"),
+            req("a", max_tokens=30, extra={"stop_token_ids": [stop_at], "min_tokens": 3}),
+        )
+        kept = [t for c in masked for t in c.token_ids]
+        assert kept[:3] == ids[:3] and len(kept) > 3  # went on past it
+        ended = await collect(
+            SimEngine("sim-0"),
+            req("a", max_tokens=30, extra={"stop_token_ids": [stop_at], "min_tokens": 2}),
+        )
+        assert [t for c in ended for t in c.token_ids] == ids[:3]
         for bad in ([-1], ["7"], 7, [True]):
             with pytest.raises(InvalidRequestError) as err:
                 await collect(SimEngine("sim-0"), req(max_tokens=4, extra={"stop_token_ids": bad}))

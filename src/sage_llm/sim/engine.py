@@ -446,9 +446,10 @@ class SimEngine:
                     raise item
                 pieces = stream.text.next_pieces(item.n)
                 stop_id = None
-                if stop_ids:  # the first stop token at or after min_tokens ends it
+                if stop_ids:  # the first stop token after min_tokens others ends it (vLLM
+                    # masks stop tokens while fewer than min_tokens have been generated)
                     for k, tid in enumerate(PseudoText.token_ids(pieces)):
-                        if tid in stop_ids and produced + k + 1 >= min_tokens:
+                        if tid in stop_ids and produced + k >= min_tokens:
                             pieces, stop_id = pieces[: k + 1], tid
                             break
                 ids = PseudoText.token_ids(pieces)
@@ -461,7 +462,7 @@ class SimEngine:
                 # include_stop_str_in_output)
                 full += "".join(pieces[:-1] if stop_id is not None and not keep_stop else pieces)
                 end = len(full) if finish is not None or stop_id is not None else len(full) - hold
-                if req.stop and produced >= min_tokens:
+                if req.stop and produced > min_tokens:  # as vLLM's detokenizer checks them
                     hit = _stop_in(full, before, req.stop)
                     if hit is not None:
                         start, stop = hit
