@@ -190,6 +190,35 @@ def test_cancelling_mid_stream_aborts_and_frees_kv() -> None:
     virtual(main)
 
 
+def test_an_aborted_request_counts_only_what_its_client_was_given() -> None:
+    """As vLLM's output processor: the tokens of a step still running when the client went
+    away are not counted (each aborted stream had counted one more than it was given), nor
+    the prompt of one that went before its first token."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        gen = engine.generate(req(max_tokens=100))
+        got = [await anext(gen) for _ in range(3)]
+        await gen.aclose()  # read as they came: the next step was under way
+        await asyncio.sleep(0.05)
+        stats = await engine.stats()
+        assert stats.generation_tokens_total == sum(len(c.token_ids) for c in got) == 3
+        assert stats.prompt_tokens_total == tokens.count_tokens(PROMPT)
+
+        early = SimEngine("sim-1")
+        task = asyncio.create_task(collect(early, req("r1", prompt="word " * 4000)))
+        await asyncio.sleep(0)  # it runs its prefill, then goes away before the token
+        await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)
+        stats = await early.stats()
+        assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (0.0, 0.0)
+
+    virtual(main)
+
+
 def test_close_fails_in_flight_streams() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

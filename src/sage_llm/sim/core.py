@@ -864,9 +864,10 @@ class SimEngineCore:
 
     def abort(self, req_id: str, *, delivered: int | None = None) -> bool:
         """Drop a request wherever it is and free its KV blocks. False if unknown.
-        ``delivered``: the tokens its client was given (a stop string or token ended it
-        there); those generated past them are not counted in ``generation_tokens_total``
-        (vLLM drops them with the finished request)."""
+        ``delivered``: the tokens its client was given (a stop ended it there, or the client
+        went away); those generated past them are not counted in ``generation_tokens_total``
+        (vLLM drops them with the finished or aborted request), nor, when none was given,
+        its prompt in ``prompt_tokens_total``."""
         req = self._reqs.pop(req_id, None)
         if req is None:
             return False
@@ -880,9 +881,16 @@ class SimEngineCore:
             del self._pinned[req_id]
         if delivered is not None and req.num_output > delivered:
             self._gen_total -= req.num_output - delivered
+            if delivered == 0:  # vLLM counts a prompt with the first token it hands out
+                self._prompt_total -= req.num_prompt
         self._pool.free(req.blocks)
         req.blocks = []
         return True
+
+    def prompt_tokens(self, req_id: str) -> int | None:
+        """The prompt tokens of request ``req_id`` while it is here; None otherwise."""
+        req = self._reqs.get(req_id)
+        return None if req is None else req.num_prompt
 
     def release_kv(self, req_id: str) -> bool:
         """The decode side pulled a prefill leg's KV: unpin its blocks (they stay cached)."""

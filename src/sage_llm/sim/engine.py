@@ -266,10 +266,13 @@ class _Delivery:
 
 
 class _Stream:
-    __slots__ = ("arrival", "cached", "queue", "queue_s", "text")
+    __slots__ = ("arrival", "cached", "emitted", "queue", "queue_s", "text")
 
     def __init__(self, text_key: str, arrival: float) -> None:
         self.queue: asyncio.Queue[_Delivery | EngineError] = asyncio.Queue()
+        self.emitted = 0
+        """Tokens its steps have handed out (queued for the reader): those vLLM's output
+        processor has counted; an abort drops only those of a step still running."""
         self.text = PseudoText(text_key)
         self.cached = 0
         self.arrival = arrival
@@ -484,7 +487,7 @@ class SimEngine:
                     return
                 yield lead.first(Chunk(text, ids, logprobs=lp))
         finally:
-            self._close_stream(req.request_id, abort=not done)
+            self._close_stream(req.request_id, abort=not done, delivered=stream.emitted)
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
         """Run the prefill leg of a PD request: one token, KV pinned for the decode side."""
@@ -714,20 +717,26 @@ class SimEngine:
                 stream.queue_s = max(0.0, now - stream.arrival)
 
     def _stop(self, request_id: str, delivered: int) -> None:
-        """End a request at a stop after ``delivered`` tokens: the core forgets the tokens
-        it made past them, this step's among them (which :meth:`stats` then no longer
-        takes off the count)."""
+        """End a request after ``delivered`` tokens (a stop, or its client went away): the
+        core forgets the tokens it made past them, this step's among them (which
+        :meth:`stats` then no longer takes off the count), and, with none delivered, its
+        prompt (counted with the first token it hands out, as vLLM counts it)."""
         res = self._stepping
+        prompt = self._core.prompt_tokens(request_id)
         if self._core.abort(request_id, delivered=delivered) and res is not None:
             res.num_new_tokens -= sum(n for rid, n in res.new_tokens if rid == request_id)
+            if delivered == 0 and prompt is not None and request_id in res.first_tokens:
+                res.prompt_tokens_counted -= prompt
 
-    def _close_stream(self, request_id: str, *, abort: bool) -> None:
+    def _close_stream(self, request_id: str, *, abort: bool, delivered: int = 0) -> None:
+        """Forget a request's stream; with ``abort`` (it did not finish), abort it in the
+        core after the ``delivered`` tokens its steps had handed out."""
         self._streams.pop(request_id, None)
         key = self._remote_key.pop(request_id, None)
         if key is not None:
             self._remote_addr.pop(key, None)
         if abort:
-            self._core.abort(request_id)
+            self._stop(request_id, delivered)
 
     def _ensure_running(self) -> asyncio.Event:
         if self._closed or self._broken is not None:
@@ -910,6 +919,7 @@ class SimEngine:
         for req_id, n in res.new_tokens:
             stream = streams.get(req_id)
             if stream is not None:
+                stream.emitted += n
                 stream.queue.put_nowait(_Delivery(n, finished.get(req_id), pinned.get(req_id)))
 
     def _fail_all(self, message: str) -> None:
