@@ -612,7 +612,9 @@ def test_text_repeats_where_vllms_sampling_does() -> None:
         ({"presence_penalty": 3}, "presence_penalty", "must be in [-2, 2], got 3.0"),
         ({"min_p": 1.5}, "min_p", "min_p must be in [0, 1]"),
         ({"ignore_eos": "yes"}, "ignore_eos", "ignore_eos must be a boolean"),
-        ({"seed": 1.5}, "seed", "seed must be an integer"),
+        ({"seed": 1.5}, "seed", "seed must be a 64-bit integer"),
+        ({"seed": 2**64}, "seed", "seed must be a 64-bit integer"),
+        ({"seed": 1e30}, "seed", "seed must be a 64-bit integer"),
         ({"frequency_penalty": "x"}, "frequency_penalty", "must be a number"),
     ],
 )

@@ -169,6 +169,7 @@ async def test_stream_without_include_usage_has_no_usage_chunk(
         ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"model": MODEL, "prompt": "x", "temperature": -0.5}, "temperature"),
         ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
         ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 64}, "max_tokens"),
         ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
@@ -181,6 +182,9 @@ async def test_validation_errors_are_openai_400s(
     assert status == 400
     assert set(err["error"]) == {"message", "type", "param", "code"}
     assert (err["error"]["type"], err["error"]["param"]) == ("invalid_request_error", param)
+    if param == "n":  # an n the engine does not serve, or no n at all
+        wanted = "serves n=1 only" if body["n"] == 2 else "n must be an integer >= 1, got 0"
+        assert wanted in err["error"]["message"]
 
 
 async def test_null_n_and_stream_are_their_defaults(base: str, http: aiohttp.ClientSession) -> None:

@@ -1020,8 +1020,10 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
     for key in _SAMPLING_FLAGS:
         request_flag(extra, key)
     seed = extra.get("seed")
-    if seed is not None and whole(seed) is None:
-        raise InvalidRequestError(f"seed must be an integer, got {seed!r}", param="seed")
+    if seed is not None and ((n := whole(seed)) is None or not -(2**63) <= n < 2**63):
+        raise InvalidRequestError(  # vLLM's request models bound it to a C long
+            f"seed must be a 64-bit integer, got {seed!r}", param="seed"
+        )
 
 
 def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) -> str:

@@ -243,7 +243,10 @@ def parse_request(
         raise InvalidRequestError("stop cannot contain an empty string.", param="stop")
     if not chat and body.get("suffix") is not None:  # in vLLM's words
         raise InvalidRequestError("suffix is not currently supported", param="suffix")
-    if body.get("n") not in (None, 1):  # null is the default, as vLLM reads it
+    n = body.get("n")
+    if n is not None and n != 1:  # null is the default, as vLLM reads it
+        if (count := whole(n)) is None or count < 1:  # refused as vLLM refuses it
+            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
         raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
     stream = body.get("stream") or False  # null: not streamed
     options = body.get("stream_options")
