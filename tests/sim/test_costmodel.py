@@ -293,6 +293,13 @@ params_b = 12.0
     assert model.step_time([(100, 0)], []) > 0
 
 
+def test_a_specs_max_context_stays_an_integer(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.toml"
+    path.write_text('[model.m]\nbase = "llama-3-8b"\nmax_context = 100\n', encoding="utf-8")
+    _, models = load_specs_toml(path)
+    assert models["m"].max_context == 100 and type(models["m"].max_context) is int
+
+
 def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(
@@ -312,6 +319,7 @@ def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
         ("[gpu.x]\npeak_tflops = 1\n", "gpu.x"),
         ('[model.m]\nbase = "llama-3-8b"\nnum_layers = "many"\n', "model.m.num_layers"),
         ('[model.m]\nbase = "llama-3-8b"\nnum_layers = 2.5\n', "model.m.num_layers"),
+        ('[model.m]\nbase = "llama-3-8b"\nmax_context = 100.5\n', "model.m.max_context"),
         ('[model.m]\nbase = "nope"\n', "model.m.base"),
         ("[gpu.x]\npeak_tflops = -1\nhbm_tbps = 1\nmemory_gb = 1\n", "gpu.x.peak_tflops"),
         ('[model.m]\nbase = "llama-3-8b"\nnum_heads = 0\n', "model.m.num_heads"),

@@ -427,7 +427,7 @@ def _build(
                 location=_where(path, locator, *_parts(dotted), key),
                 key=f"{dotted}.{key}",
             )
-        want_int = spec_fields[key].type in ("int", int)
+        want_int = spec_fields[key].type in ("int", int, "int | None")  # (max_context)
         ok = isinstance(value, int) if want_int else isinstance(value, int | float)
         if isinstance(value, bool) or not ok:
             kind = "an integer" if want_int else "a number"
