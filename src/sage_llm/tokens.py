@@ -237,8 +237,10 @@ def _text_block_hashes(text: str, ends: Sequence[int]) -> tuple[int, ...]:
     return tuple(hashes)
 
 
-def chat_prompt_text(messages: Sequence[object]) -> str:
-    """Flatten chat messages into the text the engine would tokenize (role tags included)."""
+def chat_prompt_text(messages: Sequence[object], *, generation_prompt: bool = True) -> str:
+    """Flatten chat messages into the text the engine would tokenize (role tags included,
+    and the assistant's tag that asks for the answer unless ``generation_prompt`` is
+    False, as a chat template's ``add_generation_prompt``)."""
     parts: list[str] = []
     for msg in messages:
         if isinstance(msg, Mapping):
@@ -249,5 +251,6 @@ def chat_prompt_text(messages: Sequence[object]) -> str:
             elif isinstance(content, list):  # OpenAI content parts
                 content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
             parts.append(f"<|{role}|> {content}")
-    parts.append("<|assistant|>")
+    if generation_prompt:
+        parts.append("<|assistant|>")
     return "\n".join(parts)

@@ -433,6 +433,15 @@ async def test_tokenize_detokenize_and_render(base: str, http: aiohttp.ClientSes
     status, rendered = await post(http, f"{base}/v1/chat/completions/render", chat)
     assert status == 200 and "<|user|> Hello" in rendered["prompt"]
     assert len(rendered["token_ids"]) > 1
+    # add_generation_prompt, as a chat template reads it (default true)
+    status, with_tag = await post(http, f"{base}/tokenize", chat)
+    status_b, without = await post(
+        http, f"{base}/tokenize", {**chat, "add_generation_prompt": False}
+    )
+    assert (status, status_b) == (200, 200)
+    assert without["count"] < with_tag["count"]
+    status, err = await post(http, f"{base}/tokenize", {**chat, "add_generation_prompt": "no"})
+    assert status == 400 and err["error"]["param"] == "add_generation_prompt"
 
 
 # --- metrics ------------------------------------------------------------------------------
