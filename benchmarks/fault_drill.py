@@ -21,8 +21,10 @@ threshold 2) and the OpenAI gateway in-process take ``--requests`` calls to
 ``--stream``. Reported: outcome counts, latency percentiles of the completed calls, how
 many took longer than 5 s, the requests engine 0 failed (each was retried elsewhere or
 failed), its breaker's transitions, and the time from the start of the load to its first
-ejection (``first_open_s``; the fault's ``--at`` counts from the engine's start, a
-moment before the load's).
+ejection (``first_open_s``); the fault's ``--at`` counts from engine 0's start, a moment
+before the load's, so the report gives when the fault began from the load's start
+(``fault_began_s``: between its two figures; an ``--at`` shorter than the start-up of the
+other engines and the gateway makes the fault begin before the first request).
 ``--no-move-on-eject`` runs with ``[health] move_on_eject = false``, to compare; with
 ``PYTHONPATH=<another checkout>/src`` the drill runs that checkout's code (engines
 included). Run::
@@ -106,9 +108,11 @@ async def one(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the drill; returns the report."""
+    spawned = time.perf_counter()  # engine 0 arms its fault plan as its process starts
     faulty = await start_engine_sims(
         1, model=MODEL, speed=args.speed, extra_args=["--faults", fault_spec(args.fault, args.at)]
     )
+    ready = time.perf_counter()
     healthy = await start_engine_sims(args.engines - 1, model=MODEL, speed=args.speed)
     # move_on_eject only when off: the drill also runs on checkouts from before it
     # (PYTHONPATH=<checkout>/src), to compare
@@ -187,6 +191,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine0_completed_requests": metrics["completed_requests"],
         "engine0_circuit": metrics["circuit"],
         "first_open_s": None if opened_at is None else round(opened_at, 2),
+        # when the fault began, from the start of the load: between these two (the fault
+        # counts from engine 0's start, which came before the load's)
+        "fault_began_s": [round(spawned + args.at - start, 2), round(ready + args.at - start, 2)],
         "circuits_at_end": status["circuits"],
     }
 

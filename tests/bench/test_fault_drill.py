@@ -35,4 +35,6 @@ def test_a_hung_engines_calls_are_moved_and_every_request_completes(drill: Modul
     assert report["outcomes"] == {"ok": 40}
     assert report["completed_s"]["max"] < 10.0
     assert report["first_open_s"] is not None
+    low, high = report["fault_began_s"]  # from the load's start; the ejection came after
+    assert low <= high and report["first_open_s"] > low
     assert report["engine0_circuit"]["opened_by"] == "probes"
