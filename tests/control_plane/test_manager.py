@@ -2671,6 +2671,42 @@ def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one()
     run_virtual(main())
 
 
+def test_a_pd_request_too_long_for_a_short_pair_runs_on_a_longer_pair() -> None:
+    """No instance runs it whole: it had been retried only whole, so it failed with the
+    short pair's refusal though a longer pair could serve it."""
+    contexts = {"p-short": 1024, "d-short": 1024, "p-long": 4096, "d-long": 4096}
+    hub = KVTransferHub()
+
+    def role(iid: str) -> ExecutionInstanceType:
+        return ExecutionInstanceType.PREFILLING if iid[0] == "p" else ExecutionInstanceType.DECODING
+
+    engines = {
+        iid: SimEngine(
+            iid, SimEngineConfig(speed=100.0, role=role(iid), max_model_len=n), kv_hub=hub
+        )
+        for iid, n in contexts.items()
+    }
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda inst: engines[inst.instance_id],
+            pd_config=PDSeparationConfig(routing_policy="always"),
+        )  # fmt: skip
+        for k, iid in enumerate(contexts):
+            cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role(iid)))
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            long_prompt = "word " * 1500
+            results = [
+                await cp.generate(make_metadata(f"p{k}", prompt=long_prompt, max_tokens=50))
+                for k in range(4)
+            ]
+        assert all(r.status is RequestStatus.COMPLETED for r in results), results
+        assert {(r.prefill_instance_id, r.instance_id) for r in results} == {("p-long", "d-long")}
+
+    run_virtual(main())
+
+
 def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_refusal() -> None:
     """The longer instance drains, or can run only a leg it was not asked for: the request
     ends with the engine's refusal (leaving out every short instance had left it queued

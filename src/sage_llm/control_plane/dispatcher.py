@@ -1189,14 +1189,16 @@ class Dispatcher:
         """None: do not retry; True: retry colocated; False: retry anywhere. ``too_long``:
         a leg refused the request as longer than its instance's context, which another
         instance of the model has longer (:meth:`_longer_context_elsewhere`): it is run
-        whole off the ``shorter`` instances, when one may take it."""
+        off the ``shorter`` instances, whole when one may take it, else on a longer pair."""
         assert self.pd is not None
         client_error = exc.status is not None and 400 <= exc.status < 500
         if rec.delivered or rec.attempts > self.max_retries:
             return None
         if too_long:
             excluded = rec.info.excluded_instances | shorter | {failed.instance_id}
-            return self._servable(rec.info.model, excluded, whole_only=True) or None
+            if self._servable(rec.info.model, excluded, whole_only=True):
+                return True
+            return False if self._servable(rec.info.model, excluded) else None
         if client_error and exc.status not in (408, 429):
             return None
         excluded = rec.info.excluded_instances | {failed.instance_id}
