@@ -2635,6 +2635,19 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
     run_virtual(main())
 
 
+async def _long_requests_once_contexts_are_known(
+    cp: ControlPlaneManager, n: int
+) -> list[RequestResult]:
+    """``n`` requests of a 1,500-word prompt (too long for a 1,024-token context), one
+    after another, once the probes have learnt each instance's context."""
+    await asyncio.sleep(3.0)
+    long_prompt = "word " * 1500
+    return [
+        await cp.generate(make_metadata(f"p{k}", prompt=long_prompt, max_tokens=50))
+        for k in range(n)
+    ]
+
+
 def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one() -> None:
     roles = {
         "pre": ExecutionInstanceType.PREFILLING,
@@ -2659,14 +2672,9 @@ def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one()
         for k, (iid, role) in enumerate(roles.items()):
             cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role))
         async with cp:
-            await asyncio.sleep(3.0)  # the probes learn each context
-            long_prompt = "word " * 1500
-            results = [
-                await cp.generate(make_metadata(f"p{k}", prompt=long_prompt, max_tokens=50))
-                for k in range(3)
-            ]
-            assert all(r.status is RequestStatus.COMPLETED for r in results), results
-            assert {r.instance_id for r in results} == {"hyb"}
+            results = await _long_requests_once_contexts_are_known(cp, 3)
+        assert all(r.status is RequestStatus.COMPLETED for r in results), results
+        assert {r.instance_id for r in results} == {"hyb"}
 
     run_virtual(main())
 
@@ -2695,12 +2703,7 @@ def test_a_pd_request_too_long_for_a_short_pair_runs_on_a_longer_pair() -> None:
         for k, iid in enumerate(contexts):
             cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role(iid)))
         async with cp:
-            await asyncio.sleep(3.0)  # the probes learn each context
-            long_prompt = "word " * 1500
-            results = [
-                await cp.generate(make_metadata(f"p{k}", prompt=long_prompt, max_tokens=50))
-                for k in range(4)
-            ]
+            results = await _long_requests_once_contexts_are_known(cp, 4)
         assert all(r.status is RequestStatus.COMPLETED for r in results), results
         assert {(r.prefill_instance_id, r.instance_id) for r in results} == {("p-long", "d-long")}
 
