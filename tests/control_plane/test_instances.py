@@ -134,10 +134,24 @@ def test_estimates_take_their_first_observation_and_learn_a_lower_fixed_part() -
         state.observe_tpot(0.009)
     assert state.view().measured  # the mean of five
     for _ in range(50):  # TTFTs below the 50 ms prior of the fixed part
-        state.observe_first_token(0.018, 100)
+        state.observe_first_token(0.018, 1000)
     assert state.est_ttft_base_s < 0.02
     assert 1.0 / state.est_s_per_prefill_token <= 1e7 + 1  # bounded: it reached 1.5e20/s
     assert state.measured and state.view().measured
+
+
+def test_short_prompts_tell_the_fixed_part_of_the_ttft_not_the_prefill_rate() -> None:
+    """An engine's 2 s overhead on a one-token prompt had been read as a prefill rate of
+    half a token a second (a full queue's Retry-After then said 17 minutes)."""
+    registry = InstanceRegistry()
+    state = registry.add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    prior_rate = 1.0 / state.est_s_per_prefill_token
+    state.observe_first_token(2.0, 1)
+    assert state.est_ttft_base_s == pytest.approx(2.0, rel=1e-3)
+    assert 1.0 / state.est_s_per_prefill_token == pytest.approx(prior_rate)
+    # a long prompt then tells the rate, beyond the fixed part learnt
+    state.observe_first_token(2.5, 1000)
+    assert 1.0 / state.est_s_per_prefill_token == pytest.approx(2000.0, rel=0.05)
 
 
 def test_a_fleet_all_draining_is_down_as_draining_though_one_is_also_ejected() -> None:

@@ -44,6 +44,11 @@ _ALPHA = 0.2
 LEARN_SAMPLES = 5
 """Observations after which an instance counts as measured (``1 / _ALPHA``: up to then an
 estimate is the plain mean of its observations)."""
+RATE_FROM_TOKENS = 256
+"""Prompts shorter than this tell the fixed part of the time to first token, not the
+prefill rate: what such a TTFT has above the fixed part is mostly the engine's overhead
+(one 2 s TTFT of a one-token prompt had set the rate to half a token a second, and a
+full queue's Retry-After to 17 minutes)."""
 MIN_S_PER_PREFILL_TOKEN = 1e-7
 """The estimate's floor: 10 million prompt tokens a second (more than any instance)."""
 
@@ -111,6 +116,9 @@ class InstanceState:
     est_s_per_prefill_token: float = 1 / 8000.0
     est_tpot_s: float = 0.02
     ttft_samples: int = 0
+    rate_samples: int = 0
+    """TTFTs of :data:`RATE_FROM_TOKENS` pending tokens or more (those the prefill rate is
+    learnt from), among ``ttft_samples``."""
     tpot_samples: int = 0
     """Observations behind the estimates: the first ones replace the priors outright (an
     average of those seen), later ones move them by :data:`_ALPHA`."""
@@ -160,13 +168,21 @@ class InstanceState:
     def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
         """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch).
         A TTFT below the fixed part's estimate lowers that estimate (a prior above the
-        engine's real overhead made every token's share 0, and the prefill rate endless)."""
+        engine's real overhead made every token's share 0, and the prefill rate endless);
+        one of fewer than :data:`RATE_FROM_TOKENS` pending tokens refines the fixed part
+        only (what it has beyond the tokens' predicted share)."""
         if pending_tokens <= 0:
             return
         self.ttft_samples += 1
         alpha = max(_ALPHA, 1.0 / self.ttft_samples)
+        if pending_tokens < RATE_FROM_TOKENS:
+            fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
+            self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
+            return
         if ttft_s < self.est_ttft_base_s:
             self.est_ttft_base_s += alpha * (ttft_s - self.est_ttft_base_s)
+        self.rate_samples += 1
+        alpha = max(_ALPHA, 1.0 / self.rate_samples)  # (the first replaces the prior)
         per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
         estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
         self.est_s_per_prefill_token = max(estimate, MIN_S_PER_PREFILL_TOKEN)
