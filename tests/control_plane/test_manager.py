@@ -175,6 +175,10 @@ def test_register_instance_refuses_an_address_in_use_and_bad_live_figures() -> N
     cp.register_instance(make_instance("h4", port=9000), client=FakeEngine("h4"))  # the caller's
     # nominal addresses (simulated mode or engine), whoever makes the clients: no clash
     made = ControlPlaneManager(mode="simulated", engine_factory=lambda i: FakeEngine(i.instance_id))
+    # a caller's client is not reached at its address, registered before or after
+    either = ControlPlaneManager()
+    either.register_instance(make_instance("c1", port=9200), client=FakeEngine("c1"))
+    either.register_instance(make_instance("c2", port=9200))
     made.register_instance(make_instance("s1", port=9000))
     made.register_instance(make_instance("s2", port=9000))
     bad: list[tuple[str, Any, str]] = [

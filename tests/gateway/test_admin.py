@@ -245,6 +245,14 @@ async def test_an_instance_at_the_gateways_own_address_is_refused() -> None:
         await manager.stop()
 
 
+async def test_the_gateways_own_address_is_free_for_a_simulated_instance() -> None:
+    """Simulated mode: the address is nominal whoever makes the clients (engine_factory)."""
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        spec = {"instance_id": "x", "host": "127.0.0.1", "port": gw.port, "model_name": MODEL}
+        async with http.post(gw.url("/admin/instances"), json=spec) as r:
+            assert r.status == 201, await r.text()
+
+
 async def test_a_simulated_instances_nominal_address_is_free_for_others() -> None:
     manager = ControlPlaneManager(mode="simulated")
     manager.register_instance(make_instance("sim-0", port=8100))

@@ -615,6 +615,7 @@ def test_text_repeats_where_vllms_sampling_does() -> None:
         ({"seed": 1.5}, "seed", "seed must be a 64-bit integer"),
         ({"seed": 2**64}, "seed", "seed must be a 64-bit integer"),
         ({"seed": 1e30}, "seed", "seed must be a 64-bit integer"),
+        ({"seed": -float(2**63)}, "seed", "seed must be a 64-bit integer"),  # JSON's -2**63-1
         ({"frequency_penalty": "x"}, "frequency_penalty", "must be a number"),
     ],
 )

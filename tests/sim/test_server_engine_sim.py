@@ -652,3 +652,21 @@ async def test_requests_sharing_an_id_are_all_served_as_vllm_serves_them(
     assert events[-1] == "[DONE]"
     assert json.loads(events[0])["id"] == "cmpl-same"
     assert total(samples, "vllm:request_success_total") == 3
+
+
+async def test_a_chat_without_the_generation_prompt_runs_the_prompt_render_shows(
+    http: aiohttp.ClientSession,
+) -> None:
+    """``add_generation_prompt: false`` leaves the assistant's tag out of the prompt the
+    chat completion counts, as /tokenize and render show it."""
+    async with served(fast_engine()) as base:
+        bare = {**CHAT, "add_generation_prompt": False, "max_tokens": 1}
+        _, counted = await post(http, f"{base}/tokenize", bare)
+        _, tagged = await post(http, f"{base}/tokenize", CHAT)
+        status, done = await post(http, f"{base}/v1/chat/completions", bare)
+        assert status == 200, done
+        assert done["usage"]["prompt_tokens"] == counted["count"] < tagged["count"]
+        status, err = await post(
+            http, f"{base}/v1/chat/completions", {**bare, "add_generation_prompt": 1}
+        )
+        assert status == 400 and err["error"]["param"] == "add_generation_prompt"

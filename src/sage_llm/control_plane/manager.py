@@ -506,15 +506,16 @@ class ControlPlaneManager:
             raise ConflictError(f"instance {instance.instance_id!r} is already registered")
         if self._reached_at_address(instance, client is not None):  # one engine as two
             address = (host_key(instance.host), instance.port)
+            theirs = self._given_clients
             for other in self._registry:
                 if (host_key(other.instance.host), other.instance.port) == address and (
-                    not self._nominal(other.instance)
+                    self._reached_at_address(other.instance, other.instance_id in theirs)
                 ):
                     raise ConflictError(
                         f"{instance.host}:{instance.port} is already the address of instance "
                         f"{other.instance_id!r}"
                     )
-        if self._pd is not None and not self._nominal(instance):
+        if self._pd is not None and not self.nominal(instance):
             self._check_pd_engine(instance)
         given = client is not None
         if client is None and self.simulates(instance):
@@ -551,7 +552,7 @@ class ControlPlaneManager:
         ]
         if not any(i.instance_type in PD_LEG_ROLES for i in (instance, *peers)):
             return  # its model's requests run whole
-        peers = [i for i in peers if not self._nominal(i)]  # (simulated ones speak both)
+        peers = [i for i in peers if not self.nominal(i)]  # (simulated ones speak both)
         problem = pd_engine_problem(instance.instance_type, instance.engine, connector)
         where = f"instance {instance.instance_id!r}"
         if problem is None and instance.instance_type in PD_LEG_ROLES:  # others take legs now
@@ -567,9 +568,9 @@ class ControlPlaneManager:
         """Whether ``instance`` is reached at its ``host:port``: not through a client of
         the caller's (``given``), and its address not nominal (simulated mode or engine,
         whoever makes its client: ``engine_factory`` too)."""
-        return not given and not self._nominal(instance)
+        return not given and not self.nominal(instance)
 
-    def _nominal(self, instance: ExecutionInstance) -> bool:
+    def nominal(self, instance: ExecutionInstance) -> bool:
         """Whether ``instance``'s address and engine are nominal: simulated mode or an
         ``engine = "sim"`` instance, as a config file's check reads them (an
         ``engine_factory`` may make their clients)."""

@@ -165,7 +165,7 @@ class AdminRoutes:
         listening = self.listening
         if (
             listening is not None
-            and not manager.simulates(instance)
+            and not manager.nominal(instance)
             and at_address(instance.host, instance.port, *listening)
         ):  # as a config file's entry there is refused
             raise InvalidRequestError(

@@ -516,7 +516,7 @@ class SimEngine:
                 raise item
             done = True
         finally:
-            self._close_stream(req.request_id, abort=not done)
+            self._close_stream(req.request_id, abort=not done, delivered=stream.emitted)
         self._note_finished(req.request_id, stream.queue_s, None)
         pinned = item.pinned
         if pinned is None:  # pragma: no cover - the core always pins a prefill leg
@@ -1020,7 +1020,12 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
     for key in _SAMPLING_FLAGS:
         request_flag(extra, key)
     seed = extra.get("seed")
-    if seed is not None and ((n := whole(seed)) is None or not -(2**63) <= n < 2**63):
+    # (a float: JSON read an integer beyond 64 bits so, -2**63 - 1 as -2**63 among them)
+    if seed is not None and (
+        (n := whole(seed)) is None
+        or not -(2**63) <= n < 2**63
+        or (isinstance(seed, float) and abs(seed) >= 2**63)
+    ):
         raise InvalidRequestError(  # vLLM's request models bound it to a C long
             f"seed must be a 64-bit integer, got {seed!r}", param="seed"
         )

@@ -85,6 +85,7 @@ from sage_llm.sim.server_requests import (
     ReportsStopReason,
     check_model,
     checked_messages,
+    generation_prompt,
     parse_request,
     prompt_token_ids,
 )
@@ -784,13 +785,8 @@ class _EngineServer:
     def _prompt_text(self, body: Mapping[str, Any]) -> str | list[int]:
         check_model(body.get("model"), self.model_name)
         if "messages" in body:  # checked as a chat request's are
-            add = body.get("add_generation_prompt")
-            if add is not None and not isinstance(add, bool):
-                raise InvalidRequestError(
-                    "add_generation_prompt must be a boolean", param="add_generation_prompt"
-                )
             return tokens.chat_prompt_text(
-                checked_messages(body["messages"]), generation_prompt=add is not False
+                checked_messages(body["messages"]), generation_prompt=generation_prompt(body)
             )
         prompt = body.get("prompt")
         if isinstance(prompt, str):

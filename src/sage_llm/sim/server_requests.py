@@ -23,11 +23,23 @@ its end-of-sequence token (or the context's end); the simulated model has none, 
 its answers here (the control plane's ``default_max_tokens`` estimates them the same)."""
 
 
+def generation_prompt(fields: Mapping[str, Any]) -> bool:
+    """A chat request's ``add_generation_prompt`` (true when not given, as vLLM's chat
+    template reads it): whether its prompt ends with the assistant's tag."""
+    add = fields.get("add_generation_prompt")
+    if add is not None and not isinstance(add, bool):
+        raise InvalidRequestError(
+            "add_generation_prompt must be a boolean", param="add_generation_prompt"
+        )
+    return add is not False
+
+
 def _prompt_text(req: EngineRequest) -> str | None:
     """``req``'s prompt as text (its chat template's, for a chat); None for a prompt given
     as token ids."""
     if req.messages is not None:
-        return tokens.chat_prompt_text([dict(m) for m in req.messages])
+        messages = [dict(m) for m in req.messages]
+        return tokens.chat_prompt_text(messages, generation_prompt=generation_prompt(req.extra))
     prompt = req.prompt
     return prompt if isinstance(prompt, str) else None if prompt else ""
 
@@ -157,7 +169,8 @@ def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
     """(prompt, messages, prompt token count) of a request body."""
     if chat:
         messages = checked_messages(body.get("messages"))
-        return None, messages, tokens.count_tokens(tokens.chat_prompt_text(messages))
+        text = tokens.chat_prompt_text(messages, generation_prompt=generation_prompt(body))
+        return None, messages, tokens.count_tokens(text)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one prompt (text or token ids) is that prompt
