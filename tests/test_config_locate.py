@@ -168,6 +168,11 @@ def test_syntax_error_at_end_of_document_points_at_last_line() -> None:
             "s.pd was written whole (an inline table or an array) and cannot be added to "
             "here; write all of it in one place",
         ),
+        (  # an array of inline tables is a value too (not an array of tables)
+            "a = [{b = 1}]\n[a.b]\n",
+            "a was written whole (an inline table or an array) and cannot be added to here; "
+            "write all of it in one place",
+        ),
         (
             "[s]\npd = { on = true }\npd.metadata.x = 1\n",
             "s.pd was written whole (an inline table or an array) and cannot be added to "

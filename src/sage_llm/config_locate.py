@@ -390,18 +390,39 @@ def _written_whole(names: tuple[str, ...], text: str, line: int) -> tuple[str, .
     part the lines before had written whole (an inline table: ``pd = {…}`` before
     ``[….pd.metadata]``), when it is shorter than ``names``; else None (``names`` itself
     was there already)."""
+    lines = text.splitlines()[: line - 1]
     try:
-        before = tomllib.loads("\n".join(text.splitlines()[: line - 1]))
+        before = tomllib.loads("\n".join(lines))
     except (tomllib.TOMLDecodeError, ValueError, RecursionError):
         return None
+    headers = {_header_key(ln) for ln in lines if ln.lstrip().startswith("[[")}
     node: Any = before
     for depth, name in enumerate(names):
-        if isinstance(node, list) and node and isinstance(node[-1], dict):
+        if isinstance(node, list):
+            if not (node and isinstance(node[-1], dict)) or names[:depth] not in headers:
+                return names[:depth]  # an array written as a value: whole
             node = node[-1]  # an array of tables: its last one is being written
         if not isinstance(node, dict) or name not in node:
             return names[:depth] if depth and depth < len(names) else None
         node = node[name]
     return None
+
+
+def _header_key(line: str) -> tuple[str, ...] | None:
+    """The key path of an ``[[…]]`` header line (bare or quoted keys), else None."""
+    inner = line.strip().removeprefix("[[").split("]]", 1)[0]
+    try:
+        parsed = tomllib.loads(f"[[{inner}]]")
+    except tomllib.TOMLDecodeError:
+        return None
+    path: list[str] = []
+    node: Any = parsed
+    while isinstance(node, dict) and len(node) == 1:
+        key, node = next(iter(node.items()))
+        path.append(key)
+        if isinstance(node, list):
+            node = node[-1] if node else None
+    return tuple(path)
 
 
 class Problems:
