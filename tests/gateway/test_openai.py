@@ -521,6 +521,23 @@ def test_integers_from_2_63_to_2_64_are_out_of_range_as_larger_ones(
         _parse({"model": "m", "prompt": "x", "priority": "9" * 400})
 
 
+def test_a_body_priority_is_checked_when_a_header_overrides_it() -> None:
+    """As every other sage-llm field with its header: a typo is a 400 either way."""
+    body = {"model": "m", "prompt": "x", "priority": "bogus"}
+    with pytest.raises(InvalidRequestError) as err:
+        _parse(body, {"x-sage-priority": "high"})
+    assert err.value.param == "priority"
+    meta = _parse({**body, "priority": "low"}, {"x-sage-priority": "high"}).meta
+    assert meta.priority is RequestPriority.HIGH  # the header wins
+
+
+def test_max_completion_tokens_of_a_completion_is_passed_on_as_an_unknown_field() -> None:
+    """It is a chat field: on a completion the gateway neither reads nor drops it."""
+    gen = _parse({"model": "m", "prompt": "x", "max_tokens": 2, "max_completion_tokens": 101})
+    assert gen.meta.max_tokens == 2
+    assert gen.meta.extra_body == {"max_completion_tokens": 101}
+
+
 def test_an_empty_user_is_no_user_and_no_session() -> None:
     """OpenAI takes ``"user": ""``; the control plane refuses an empty id."""
     meta = _parse({"model": "m", "prompt": "x", "user": ""}).meta

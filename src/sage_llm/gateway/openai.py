@@ -77,6 +77,9 @@ CONSUMED_FIELDS = frozenset(
 """Body fields the gateway maps onto RequestMetadata (``kv_transfer_params``: refused
 unless null); every other field is passed on (``user`` too: the engine gets it as well as
 the control plane's session)."""
+_COMPLETION_CONSUMED = CONSUMED_FIELDS - {"max_completion_tokens"}
+"""A completion's (``max_completion_tokens`` is a chat field: on a completion it is an
+unknown field, passed on unchanged)."""
 
 PART_MARK = "#"
 """Between a request's id and a prompt's index in the ids of a request with several
@@ -408,17 +411,18 @@ def parse_generation(
                 param=prompt_param,
             )
     priority = RequestPriority.NORMAL
+    if priority_field is not None:  # checked whether a header overrides it or not
+        priority = _priority(priority_field, "priority")
     if (given := headers.get(PRIORITY_HEADER)) is not None:  # present, even empty: read
         priority = _priority(given, PRIORITY_HEADER)
-    elif priority_field is not None:
-        priority = _priority(priority_field, "priority")
     if (given := headers.get(SLO_HEADER)) is not None:
         slo_ms = _slo_header(given)
     if (given := headers.get(BUDGET_HEADER)) is not None:
         budget = _budget_header(given)
     user = user or None  # OpenAI takes an empty user: no user, no session
     session = headers.get(SESSION_HEADER, "").strip() or user
-    extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
+    consumed = CONSUMED_FIELDS if chat else _COMPLETION_CONSUMED
+    extra_body = {k: v for k, v in body.items() if k not in consumed}
     if stream and (given := body.get("stream_options")):  # its other fields go on unchanged
         passed = {k: v for k, v in given.items() if k not in _USAGE_OPTIONS}
         if continuous:  # the engine puts the usage so far in every chunk; it reaches the client
