@@ -194,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpus = args.pin.split(",")
         if len(cpus) != 2 or not all(c.isascii() and c.isdigit() for c in cpus):
             parser.error(f"--pin {args.pin}: expected ENGINE_CPU,PROXY_CPU such as 0,1")
+        free = os.sched_getaffinity(0)
+        missing = [c for c in cpus if int(c) not in free]
+        if missing:  # taskset would fail, and the run go on unpinned, unsaid
+            parser.error(f"--pin {args.pin}: CPU {missing[0]} is not one this process may use")
         pin = (cpus[0], cpus[1])
     if args.baseline_src is not None and not (args.baseline_src / "sage_llm").is_dir():
         parser.error(f"--baseline-src {args.baseline_src}: no sage_llm package in it")

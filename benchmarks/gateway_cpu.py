@@ -187,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bare", action="store_true", help="measure a bare aiohttp proxy")
-    parser.add_argument("--loop", default="auto", help="serve --loop (auto|uvloop|asyncio)")
+    parser.add_argument(
+        "--loop", default="auto", choices=("auto", "uvloop", "asyncio"), help="serve --loop"
+    )
     parser.add_argument("--concurrency", type=at_least(1), default=64)
     parser.add_argument("--requests", type=at_least(1), default=1500)
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")

@@ -247,9 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     loads = args.load or [1.0]
     if args.thorough:
         loads, args.duration, args.max_requests = args.load or [1.0, 1.25], 40.0, 800
+    known = [s.name for s in SCENARIOS]
+    unknown = [name for name in args.scenario or () if name not in known]
+    if unknown:  # each one given runs, or the run is refused
+        parser.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(known)}")
     chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
-    if not chosen:
-        parser.error(f"unknown scenario; known: {', '.join(s.name for s in SCENARIOS)}")
     results = []
     started = time.perf_counter()
     for sc in chosen:

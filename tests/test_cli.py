@@ -117,6 +117,10 @@ def listening() -> Iterator[int]:
         ),
         (["bench", "compare", "--rates", "2,1,2"], "Invalid value for '--rates': 2 is given twice"),
         (
+            ["bench", "compare", "--presets", "fifo+round_robin,fifo + round_robin"],
+            "Invalid value for '--presets': fifo + round_robin is given twice",
+        ),
+        (
             ["bench", "compare", "--presets", "fifo+nosuch"],
             "Invalid value for '--presets': "
             "preset 'fifo+nosuch': unknown routing strategy 'nosuch'",

@@ -229,11 +229,15 @@ def _rates(value: str | None) -> str | None:
 def _presets(value: str | None) -> str | None:
     from sage_llm.bench.compare import parse_preset
 
+    seen: set[str] = set()
     for spec in _split(value):
         try:
-            parse_preset(spec)
+            name = parse_preset(spec).name
         except SageLLMError as exc:
             raise _bad(exc) from None
+        if name in seen:  # it would run twice, reported twice under one name
+            raise typer.BadParameter(f"{spec} is given twice")
+        seen.add(name)
     return value
 
 

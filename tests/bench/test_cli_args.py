@@ -67,6 +67,13 @@ def test_check_out_exits_with_a_usage_error_before_the_run(
         ("planner_vs_exhaustive.py", ["--json", "/proc/nope/x.json"], "--json: cannot write"),
         ("planner_vs_exhaustive.py", ["--jobs", "0"], "argument --jobs: must be >= 1"),
         ("planner_vs_exhaustive.py", ["--load", "nan"], "argument --load: must be a finite"),
+        (  # each scenario named runs, or none does
+            "planner_vs_exhaustive.py",
+            ["--scenario", "nope", "--scenario", "llama-3-70b-8xh100-chat"],
+            "unknown scenario 'nope'",
+        ),
+        ("gateway_cpu.py", ["--loop", "bogus"], "argument --loop: invalid choice: 'bogus'"),
+        ("c1_latency.py", ["--pin", "0,4096"], "--pin 0,4096: CPU 4096 is not one"),
     ],
 )
 def test_the_scripts_refuse_bad_options_before_running(

@@ -304,6 +304,9 @@ def test_one_engine_leaves_the_peers_power_of_two_out(
         "vllm-router": ("round_robin", "cache_aware"),
         "sglang-router": ("round_robin", "cache_aware"),
     }
+    with pytest.raises(RuntimeError, match="stop here"):  # no peers: no peer policies
+        compare_main(engines=1, peers=(), out=tmp_path / "c")
+    assert ran[1].peer_policies == {}
 
 
 ENGINE_METRICS = """\

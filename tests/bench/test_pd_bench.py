@@ -93,6 +93,8 @@ def test_select_fleets_by_name() -> None:
     assert [f.name for f in select_fleets(["pd-4:4", "colocated"])] == ["pd-4:4", "colocated"]
     with pytest.raises(ConfigError, match="unknown fleet"):
         select_fleets(["pd-9:9"])
+    with pytest.raises(ConfigError, match="pd-4:4 is given twice"):  # it would run twice
+        select_fleets(["pd-4:4", "colocated", "pd-4:4"])
 
 
 def test_workloads_have_the_named_shapes() -> None:
@@ -389,4 +391,4 @@ def test_bench_pd_writes_its_report_by_default(
     fleets = ["--fleets", "colocated,pd-1:1", "--no-include-70b"]
     result = CliRunner().invoke(app, ["bench", "pd", "--n-long", "1", "--n-chat", "0", *fleets])
     assert result.exit_code == 1
-    assert "pd-1:1: 70B layout(s) only, which --no-include-70b leaves out" in result.output
+    assert "pd-1:1: 70B layout(s) only, which this run leaves out" in result.output

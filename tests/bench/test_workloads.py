@@ -349,6 +349,10 @@ def test_bad_azure_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bad TIMESTAMP") as info:
         trace_replay(path)
     assert info.value.location == f"{path}:3"
+    mixed = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46+00:00,374,44\n"
+    path.write_text(mixed + "2023-11-16 18:15:50,396,109\n")  # one zone, then none
+    with pytest.raises(ConfigError, match="has no time zone where the first row's has one"):
+        trace_replay(path)
     with pytest.raises(DatasetNotFoundError):
         trace_replay(tmp_path / "absent.jsonl")
     odd = tmp_path / "odd.txt"

@@ -596,7 +596,11 @@ def compare_main(
     A trace runs on :data:`TRACE_MODEL`, whose context holds its long prompts."""
     if rate is not None and rates:
         raise ConfigError("give rate or rates, not both", key="rate")
-    policies = {p: tuple(peer_policies) for p in peers} if peer_policies else dict(PEER_POLICIES)
+    policies = {  # the peers that run only
+        p: tuple(peer_policies) if peer_policies else PEER_POLICIES[p]
+        for p in peers
+        if peer_policies or p in PEER_POLICIES
+    }
     if engines < 2 and peers:  # the peer routers refuse power_of_two over one worker
         if peer_policies and "power_of_two" in peer_policies:
             raise ConfigError(

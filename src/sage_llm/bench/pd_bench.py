@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,15 @@ def select_fleets(names: Sequence[str], model: str = MODEL_8B) -> list[FleetSpec
         raise ConfigError(
             f"unknown fleet(s) {', '.join(unknown)}; valid: {', '.join(known)}", key="fleets"
         )
+    _refuse_twice(names)
     return [known[n] for n in names]
+
+
+def _refuse_twice(names: Sequence[str]) -> None:
+    """A layout named twice would run twice and be reported twice under one name."""
+    twice = [n for n, count in Counter(names).items() if count > 1]
+    if twice:
+        raise ConfigError(f"{twice[0]} is given twice", key="fleets")
 
 
 def select_named_fleets(
@@ -172,12 +181,14 @@ def select_named_fleets(
     unknown = [n for n in names if n not in known8 and n not in known70]
     if unknown:
         raise ConfigError(f"unknown fleet(s) {', '.join(unknown)}; valid: {valid}", key="fleets")
+    _refuse_twice(names)
     eights = [known8[n] for n in names if n in known8]
     seventies = [known70[n] for n in names if n in known70] if include_70b else []
     left_out = [n for n in names if n not in known8 and not include_70b]
     if left_out:  # every name runs, or the run is refused: none is dropped without a word
         raise ConfigError(
-            f"{', '.join(left_out)}: 70B layout(s) only, which --no-include-70b leaves out",
+            f"{', '.join(left_out)}: 70B layout(s) only, which this run leaves out (the 70B "
+            "layouts are off)",
             key="fleets",
         )
     return eights, seventies

@@ -108,6 +108,15 @@ def _azure_rows(path: Path, limit: int | None) -> list[_Row]:
                     f"bad TIMESTAMP {record['TIMESTAMP']!r}", location=where
                 ) from None
             first = stamp if first is None else first
+            if (stamp.tzinfo is None) != (first.tzinfo is None):
+                raise ConfigError(
+                    f"TIMESTAMP {record['TIMESTAMP']!r} "
+                    f"{'has no' if stamp.tzinfo is None else 'has a'} time zone where the "
+                    "first row's "
+                    f"{'has one' if stamp.tzinfo is None else 'has none'}: give every row "
+                    "one, or none",
+                    location=where,
+                )
             context = _count(record["ContextTokens"], where, "ContextTokens")
             generated = _count(record["GeneratedTokens"], where, "GeneratedTokens")
             rows.append(((stamp - first).total_seconds(), context, generated, None))
