@@ -670,3 +670,28 @@ async def test_a_chat_without_the_generation_prompt_runs_the_prompt_render_shows
             http, f"{base}/v1/chat/completions", {**bare, "add_generation_prompt": 1}
         )
         assert status == 400 and err["error"]["param"] == "add_generation_prompt"
+
+
+async def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with served(fast_engine(max_model_len=4096)) as base:
+        url = f"{base}/v1/completions"
+        status, one = await post(
+            http, url, {**COMPLETION, "prompt": "Hi there you", "truncate_prompt_tokens": 1}
+        )
+        assert status == 200 and one["usage"]["prompt_tokens"] == 1
+        long = {**COMPLETION, "prompt": "word " * 9000, "truncate_prompt_tokens": 100}
+        status, cut = await post(http, url, long)  # beyond the context, served once cut
+        assert status == 200 and cut["usage"]["prompt_tokens"] == 100
+        status, chat = await post(
+            http, f"{base}/v1/chat/completions", {**CHAT, "truncate_prompt_tokens": 2}
+        )
+        assert status == 200 and chat["usage"]["prompt_tokens"] == 2
+        for bad, words in (
+            (0, "must be -1 or an integer >= 1"),
+            (5000, "greater than max_model_len"),
+        ):
+            status, err = await post(http, url, {**COMPLETION, "truncate_prompt_tokens": bad})
+            assert status == 400 and words in err["error"]["message"]
+            assert err["error"]["param"] == "truncate_prompt_tokens"

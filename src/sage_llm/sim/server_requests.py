@@ -204,6 +204,45 @@ def check_model(model: Any, model_name: str) -> None:
         raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
 
+def _truncated(
+    body: Mapping[str, Any],
+    prompt: Any,
+    messages: Any,
+    prompt_tokens: int,
+    max_model_len: int | None,
+) -> tuple[Any, Any, int]:
+    """(prompt, messages, prompt token count) after vLLM's ``truncate_prompt_tokens``: the
+    last k tokens of the prompt (a chat's as its template renders it), k = -1 meaning the
+    model's context; a prompt so cut is given as its token ids."""
+    given = body.get("truncate_prompt_tokens")
+    if given is None:
+        return prompt, messages, prompt_tokens
+    keep = whole(given)
+    if keep is None or keep < -1 or keep == 0:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens must be -1 or an integer >= 1, got {given!r}",
+            param="truncate_prompt_tokens",
+        )
+    if keep == -1:
+        if max_model_len is None:
+            return prompt, messages, prompt_tokens
+        keep = max_model_len
+    elif max_model_len is not None and keep > max_model_len:  # in vLLM's words
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens value ({keep}) is greater than max_model_len "
+            f"({max_model_len}). Please, select a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
+    if prompt_tokens <= keep:
+        return prompt, messages, prompt_tokens
+    if messages is not None:
+        text = tokens.chat_prompt_text(messages, generation_prompt=generation_prompt(body))
+        ids = tokens.tokenize(text)
+    else:
+        ids = tokens.tokenize(prompt)
+    return ids[-keep:], None, keep
+
+
 def parse_request(
     body: Mapping[str, Any],
     *,
@@ -215,7 +254,7 @@ def parse_request(
     """Validate an OpenAI completions (``chat=False``) or chat body. Raises
     :class:`InvalidRequestError` (400) or :class:`ModelNotFoundError` (404)."""
     check_model(body.get("model"), model_name)
-    prompt, messages, prompt_tokens = _prompt(body, chat)
+    prompt, messages, prompt_tokens = _truncated(body, *_prompt(body, chat), max_model_len)
     if max_model_len is not None and prompt_tokens >= max_model_len:  # as vLLM says it
         raise InvalidRequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
