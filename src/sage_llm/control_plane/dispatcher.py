@@ -93,6 +93,7 @@ from sage_llm.errors import (
     EngineError,
     EngineRequestRejectedError,
     EngineStreamError,
+    EngineTimeoutError,
     InvalidRequestError,
     NoHealthyInstanceError,
     RequestCancelledError,
@@ -1096,6 +1097,16 @@ class Dispatcher:
                 self._finish(rec, RequestStatus.CANCELLED, error=reason, state=ended_on,
                              extra_cost=run.prefill_cost)  # fmt: skip
         except EngineError as exc:
+            if (
+                isinstance(exc, EngineTimeoutError)
+                and not isinstance(exc, PDLegError)
+                and run.prefill_open
+                and exc.instance_id == dstate.instance_id
+            ):  # the first-token limit ran out in the prefill leg: the prefill instance's
+                cause = EngineTimeoutError(
+                    exc.message, instance_id=run.prefill.instance_id, retryable=exc.retryable
+                )
+                exc = PDLegError("prefill", cause, run.prefill.instance_id)
             retry = self._pd_failed(rec, run, exc)
         except Exception as exc:
             log.exception(

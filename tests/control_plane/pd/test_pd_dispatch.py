@@ -12,6 +12,7 @@ import pytest
 
 from sage_llm import ControlPlaneManager, RequestResult, RequestStatus
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
+from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineConnectionError, EngineError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine
@@ -573,5 +574,35 @@ def test_a_failed_colocated_retry_goes_back_to_a_free_pair() -> None:
         other = "p1" if failed == ["p0"] else "p0"
         assert (res.prefill_instance_id, res.instance_id, res.attempts) == (other, "d0", 3)
         assert len(engines["g0"].requests) == 1  # the colocated retry, which failed
+
+    run_virtual(main())
+
+
+def test_a_prefill_leg_past_the_first_token_limit_fails_the_prefill_instance() -> None:
+    """The first-token limit runs out while the prefill leg is still running: the prefill
+    instance failed (it had been counted against the decode one, which was ejected for a
+    slow prefill engine, and the slow one kept its place)."""
+
+    class SlowPrefill(FakeEngine):
+        async def prefill(self, req: EngineRequest) -> KVHandle:
+            await asyncio.sleep(60.0)
+            return await super().prefill(req)
+
+    engines: dict[str, FakeEngine] = {"p0": SlowPrefill("p0"), "d0": FakeEngine("d0")}
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=lambda inst: engines[inst.instance_id],
+            pd_config=PDSeparationConfig(routing_policy="always"), engine_stream="always",
+            engine_timeouts=HTTPTimeouts(first_token_s=2.0), max_retries=0,
+        )  # fmt: skip
+        cp.register_instance(make_instance("p0", instance_type=Role.PREFILLING))
+        cp.register_instance(make_instance("d0", port=8001, instance_type=Role.DECODING))
+        async with cp:
+            res = await cp.generate(make_metadata("slow", max_tokens=4))
+            p0, d0 = cp.get_instance_metrics("p0"), cp.get_instance_metrics("d0")
+        assert res.status is RequestStatus.FAILED
+        assert res.error is not None and "engine p0" in res.error and "prefill leg" in res.error
+        assert (p0["failed_calls"], d0["failed_calls"]) == (1, 0)
 
     run_virtual(main())
