@@ -426,6 +426,9 @@ def test_a_vllm_service_table_is_checked_with_vllm_services_keys() -> None:
     assert str(err) == (
         "cfg.toml:10: services.llm.control_plane.instances[0].port: must be >= 1, got 0"
     )
+    # a quoted key with a dot in it: quoted, at its own line
+    err = problem(table + '[services.llm.sampling]\ntemperature = 0.5\n"top.p" = 1\n')
+    assert (err.location, err.key) == ("cfg.toml:7", 'services.llm.sampling."top.p"')
 
 
 def test_example_configs_all_load() -> None:

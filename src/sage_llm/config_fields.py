@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import json
 import math
 import re
 import types
@@ -167,21 +168,21 @@ def read_params(build: Callable[[], object], path: KeyPath, p: Problems) -> None
         p.add(path, str(exc))
 
 
-_INDEXED = re.compile(r"(.*?)((?:\[\d+\])+)")
+_KEY_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[\d+\]|[^.\[\]"]+')
 
 
 def key_parts(key: str) -> KeyPath:
-    """A dotted key of an error (``instances[1].port``) as a key path
-    (``("instances", 1, "port")``): array indexes as the numbers they are."""
+    """A dotted key of an error, as :func:`~sage_llm.config_locate.format_key` writes it
+    (``instances[1].port``, ``sampling."top.p"``), as a key path (``("instances", 1,
+    "port")``): array indexes as the numbers they are, quoted parts unquoted."""
     parts: list[str | int] = []
-    for part in key.split("."):
-        indexed = _INDEXED.fullmatch(part)
-        if indexed is None:
-            parts.append(part)
-            continue
-        if indexed.group(1):
-            parts.append(indexed.group(1))
-        parts.extend(int(i) for i in re.findall(r"\d+", indexed.group(2)))
+    for token in _KEY_TOKEN.findall(key):
+        if token.startswith('"'):
+            parts.append(json.loads(token))
+        elif token.startswith("["):
+            parts.append(int(token[1:-1]))
+        else:
+            parts.append(token)
     return tuple(parts)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from sage_llm.config import SageConfig, config_from_dict, load_config
 from sage_llm.config_fields import described, secret_problem
 from sage_llm.config_fields import suggest as suggest_key
+from sage_llm.config_locate import format_key
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE
 from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError, InvalidRequestError
@@ -273,7 +274,10 @@ class VLLMServiceConfig:
         for key in data:
             if key not in _VLLM_KEYS:
                 g.errors.append(
-                    ConfigError(f"unknown key{suggest_key(str(key), _VLLM_KEYS)}", key=str(key))
+                    ConfigError(
+                        f"unknown key{suggest_key(str(key), _VLLM_KEYS)}",
+                        key=format_key((str(key),)),
+                    )
                 )
         kind_given = data.get("type", VLLM_SERVICE_TYPE)
         if kind_given != VLLM_SERVICE_TYPE:  # a table of another service, given to this one
@@ -305,7 +309,10 @@ class VLLMServiceConfig:
         for key in sim:
             if key not in _SIM_KEYS:
                 g.errors.append(
-                    ConfigError(f"unknown key{suggest_key(str(key), _SIM_KEYS)}", key=f"sim.{key}")
+                    ConfigError(
+                        f"unknown key{suggest_key(str(key), _SIM_KEYS)}",
+                        key=format_key(("sim", str(key))),
+                    )
                 )
         dialect = str(data.get("dialect", "vllm")).lower()
         if dialect not in _DIALECTS:
@@ -390,7 +397,10 @@ class VLLMServiceConfig:
             if key not in PASSTHROUGH_OPTIONS and key not in DEFAULT_SAMPLING:
                 hint = suggest(str(key), [*DEFAULT_SAMPLING, *PASSTHROUGH_OPTIONS])
                 g.errors.append(
-                    ConfigError(f"unknown sampling key {key!r}{hint}", key=f"sampling.{key}")
+                    ConfigError(
+                        f"unknown sampling key {key!r}{hint}",
+                        key=format_key(("sampling", str(key))),
+                    )
                 )
         if s.get("n", 1) != 1:  # as generate's own option
             g.errors.append(
