@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -72,45 +71,6 @@ async def test_decode_server_releases_prefill_kv_in_another_server(faults: bool)
         for runner in (p_runner, d_runner):
             await runner.cleanup()
     assert decode.remote_releaser is None  # the server removed its releaser on cleanup
-
-
-async def test_a_decode_leg_gone_before_its_pull_releases_the_prefill_kv() -> None:
-    """Its client went away after it took the KV's address, before it pulled the KV (the
-    SGLang connector has no release of its own): the prefill side's pin had stayed until
-    its timeout, minutes later."""
-    p_port, d_port = free_ports(2)
-    prefill = SimEngine(
-        "p0", SimEngineConfig(speed=100.0, role=ExecutionInstanceType.PREFILLING, kv_port=p_port)
-    )
-    decode = SimEngine(
-        "d0", SimEngineConfig(speed=0.01, role=ExecutionInstanceType.DECODING, kv_port=d_port)
-    )  # slow: its pull is still under way when the client goes
-    p_runner, _ = await start_engine_server(prefill, model_name=MODEL, port=p_port)
-    d_runner, _ = await start_engine_server(decode, model_name=MODEL, port=d_port)
-    session = make_session()
-    try:
-        releaser = decode.remote_releaser
-        assert isinstance(releaser, HTTPKVReleaser)
-        p = HTTPEngineClient(ExecutionInstance("p0", "127.0.0.1", p_port, MODEL), session)
-        req = EngineRequest("pd-2", MODEL, prompt=" ".join(["word"] * 2000), max_tokens=4)
-        handle = await p.prefill(req)
-        assert prefill.core.kv_usage > 0
-        leg = decode.generate(req.with_changes(kv_transfer_params=handle.params))
-        task = asyncio.create_task(anext(leg))
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await leg.aclose()
-        await releaser.aclose()  # waits for the background notification
-        assert (releaser.sent, releaser.failed) == (1, 0)
-        assert prefill.core.kv_usage == 0.0
-    finally:
-        await session.close()
-        for engine in (prefill, decode):
-            await engine.aclose()
-        for runner in (p_runner, d_runner):
-            await runner.cleanup()
 
 
 async def test_release_endpoint_validates_and_reports(http: aiohttp.ClientSession) -> None:

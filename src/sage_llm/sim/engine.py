@@ -734,9 +734,7 @@ class SimEngine:
         self._streams.pop(request_id, None)
         key = self._remote_key.pop(request_id, None)
         if key is not None:
-            addr = self._remote_addr.pop(key, None)
-            if abort and addr is not None:  # a decode leg gone before it pulled the KV:
-                self._release_remote(key, addr)  # the prefill side need not keep it
+            self._remote_addr.pop(key, None)
         if abort:
             self._stop(request_id, delivered)
 
@@ -900,17 +898,12 @@ class SimEngine:
             self._fail_all(f"simulated engine front end failed: {exc!r}")
 
     def _notify_pulled(self, res: StepResult) -> None:
-        for key in res.kv_pulled:
-            self._release_remote(key, self._remote_addr.pop(key, None))
-
-    def _release_remote(self, key: tuple[str | None, str], addr: tuple[str, int] | None) -> None:
-        """Tell the prefill side of ``key`` (engine id, its request id) that its pinned KV
-        is no longer wanted: through the hub in this process, else at ``addr``."""
-        engine_id, request_id = key
-        if self._hub is not None and self._hub.release(engine_id, request_id):
-            return
-        if addr is not None and self._releaser is not None:
-            self._releaser.release(addr[0], addr[1], request_id)
+        for engine_id, request_id in res.kv_pulled:
+            if self._hub is not None and self._hub.release(engine_id, request_id):
+                continue
+            addr = self._remote_addr.pop((engine_id, request_id), None)
+            if addr is not None and self._releaser is not None:
+                self._releaser.release(addr[0], addr[1], request_id)
 
     def _note_admitted(self, res: StepResult) -> None:
         for req_id, cached in res.admitted:
