@@ -121,6 +121,10 @@ def listening() -> Iterator[int]:
             "Invalid value for '--presets': fifo + round_robin is given twice",
         ),
         (
+            ["bench", "compare", "--presets", "fifo+round_robin,FIFO+round-robin"],
+            "Invalid value for '--presets': FIFO+round-robin is given twice",
+        ),
+        (
             ["bench", "compare", "--presets", "fifo+nosuch"],
             "Invalid value for '--presets': "
             "preset 'fifo+nosuch': unknown routing strategy 'nosuch'",

@@ -232,7 +232,7 @@ def _presets(value: str | None) -> str | None:
     seen: set[str] = set()
     for spec in _split(value):
         try:
-            name = parse_preset(spec).name
+            name = parse_preset(spec).name  # its names as read (FIFO, round-robin)
         except SageLLMError as exc:
             raise _bad(exc) from None
         if name in seen:  # it would run twice, reported twice under one name

@@ -531,11 +531,12 @@ def test_a_body_priority_is_checked_when_a_header_overrides_it() -> None:
     assert meta.priority is RequestPriority.HIGH  # the header wins
 
 
-def test_max_completion_tokens_of_a_completion_is_passed_on_as_an_unknown_field() -> None:
-    """It is a chat field: on a completion the gateway neither reads nor drops it."""
+def test_max_completion_tokens_of_a_completion_is_ignored() -> None:
+    """It is a chat field: a completion ignores it, as vLLM's do (passed on, the control
+    plane would refuse it: it owns the budget the engine gets)."""
     gen = _parse({"model": "m", "prompt": "x", "max_tokens": 2, "max_completion_tokens": 101})
     assert gen.meta.max_tokens == 2
-    assert gen.meta.extra_body == {"max_completion_tokens": 101}
+    assert gen.meta.extra_body == {}
 
 
 def test_an_empty_user_is_no_user_and_no_session() -> None:

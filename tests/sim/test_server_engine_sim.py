@@ -688,6 +688,18 @@ async def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(
             http, f"{base}/v1/chat/completions", {**CHAT, "truncate_prompt_tokens": 2}
         )
         assert status == 200 and chat["usage"]["prompt_tokens"] == 2
+        # a cut text prompt stays text: echoed, its tokens decoded (as vLLM's)
+        text = " ".join(f"w{k}" for k in range(40))
+        body = {**COMPLETION, "prompt": text, "truncate_prompt_tokens": 5, "echo": True}
+        status, echoed = await post(http, url, {**body, "max_tokens": 2, "prompt_logprobs": 0})
+        assert status == 200, echoed
+        choice = echoed["choices"][0]
+        assert choice["text"].startswith(" w35 w36 w37 w38 w39")
+        decoded = [next(iter(t.values()))["decoded_token"] for t in choice["prompt_logprobs"][1:]]
+        assert decoded == [" w36", " w37", " w38", " w39"]
+        chat_echo = {**CHAT, "truncate_prompt_tokens": 2, "echo": True}
+        status, _ = await post(http, f"{base}/v1/chat/completions", chat_echo)
+        assert status == 200  # a chat's echo is ignored, cut or not
         for bad, words in (
             (0, "must be -1 or an integer >= 1"),
             (5000, "greater than max_model_len"),

@@ -102,7 +102,7 @@ def parse_preset(spec: str) -> Preset:
     from sage_llm.control_plane.routing.registry import get_strategy
     from sage_llm.control_plane.scheduling.registry import params_class
 
-    parts = [p.strip() for p in spec.split("+")]
+    parts = [p.strip().lower().replace("-", "_") for p in spec.split("+")]  # as read
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"preset {spec!r} is not 'policy+routing'", key="presets")
     try:

@@ -1101,6 +1101,7 @@ class Dispatcher:
                 isinstance(exc, EngineTimeoutError)
                 and not isinstance(exc, PDLegError)
                 and run.prefill_open
+                and rec.first_token_at is None  # (the first-token limit, not the idle one)
                 and exc.instance_id == dstate.instance_id
             ):  # the first-token limit ran out in the prefill leg: the prefill instance's
                 cause = EngineTimeoutError(

@@ -77,9 +77,7 @@ CONSUMED_FIELDS = frozenset(
 """Body fields the gateway maps onto RequestMetadata (``kv_transfer_params``: refused
 unless null); every other field is passed on (``user`` too: the engine gets it as well as
 the control plane's session)."""
-_COMPLETION_CONSUMED = CONSUMED_FIELDS - {"max_completion_tokens"}
-"""A completion's (``max_completion_tokens`` is a chat field: on a completion it is an
-unknown field, passed on unchanged)."""
+
 
 PART_MARK = "#"
 """Between a request's id and a prompt's index in the ids of a request with several
@@ -421,8 +419,7 @@ def parse_generation(
         budget = _budget_header(given)
     user = user or None  # OpenAI takes an empty user: no user, no session
     session = headers.get(SESSION_HEADER, "").strip() or user
-    consumed = CONSUMED_FIELDS if chat else _COMPLETION_CONSUMED
-    extra_body = {k: v for k, v in body.items() if k not in consumed}
+    extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if stream and (given := body.get("stream_options")):  # its other fields go on unchanged
         passed = {k: v for k, v in given.items() if k not in _USAGE_OPTIONS}
         if continuous:  # the engine puts the usage so far in every chunk; it reaches the client

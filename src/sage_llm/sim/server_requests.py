@@ -212,8 +212,9 @@ def _truncated(
     max_model_len: int | None,
 ) -> tuple[Any, Any, int]:
     """(prompt, messages, prompt token count) after vLLM's ``truncate_prompt_tokens``: the
-    last k tokens of the prompt (a chat's as its template renders it), k = -1 meaning the
-    model's context; a prompt so cut is given as its token ids."""
+    last k tokens of the prompt (a chat's as its template renders it, then given as that
+    text), k = -1 meaning the model's context; text stays text (echoed, its tokens decoded),
+    token ids stay ids."""
     given = body.get("truncate_prompt_tokens")
     if given is None:
         return prompt, messages, prompt_tokens
@@ -236,11 +237,10 @@ def _truncated(
     if prompt_tokens <= keep:
         return prompt, messages, prompt_tokens
     if messages is not None:
-        text = tokens.chat_prompt_text(messages, generation_prompt=generation_prompt(body))
-        ids = tokens.tokenize(text)
-    else:
-        ids = tokens.tokenize(prompt)
-    return ids[-keep:], None, keep
+        prompt = tokens.chat_prompt_text(messages, generation_prompt=generation_prompt(body))
+    if isinstance(prompt, str):
+        return "".join(tokens.split(prompt)[-keep:]), None, keep
+    return list(prompt)[-keep:], None, keep
 
 
 def parse_request(
@@ -255,6 +255,7 @@ def parse_request(
     :class:`InvalidRequestError` (400) or :class:`ModelNotFoundError` (404)."""
     check_model(body.get("model"), model_name)
     prompt, messages, prompt_tokens = _truncated(body, *_prompt(body, chat), max_model_len)
+    cut_chat = chat and messages is None  # its cut template text runs as a prompt
     if max_model_len is not None and prompt_tokens >= max_model_len:  # as vLLM says it
         raise InvalidRequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
@@ -337,7 +338,11 @@ def parse_request(
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         stop=tuple(stop),
         stream=stream,
-        extra={k: v for k, v in body.items() if k not in _CONSUMED},
+        extra={
+            k: v
+            for k, v in body.items()
+            if k not in _CONSUMED and not (cut_chat and k == "echo")  # (a chat's: ignored)
+        },
         kv_transfer_params=kv if role == "decode" else None,
     )  # priority: EngineRequest's default (FCFS takes none)
     include_usage = request_flag(options, "include_usage", "stream_options.")
