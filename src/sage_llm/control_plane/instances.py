@@ -44,9 +44,11 @@ _ALPHA = 0.2
 LEARN_SAMPLES = 5
 """Observations after which an instance counts as measured (``1 / _ALPHA``: up to then an
 estimate is the plain mean of its observations)."""
-_SPREAD = 0.1
-"""The spread of pending tokens (standard deviation over mean) from which the TTFT's
-per-token cost is fitted rather than kept."""
+RATE_FROM_TOKENS = 256
+"""Prompts shorter than this tell the fixed part of the time to first token, not the
+prefill rate: what such a TTFT has above the fixed part is mostly the engine's overhead
+(one 2 s TTFT of a one-token prompt had set the rate to half a token a second, and a
+full queue's Retry-After to 17 minutes)."""
 MIN_S_PER_PREFILL_TOKEN = 1e-7
 """The estimate's floor: 10 million prompt tokens a second (more than any instance)."""
 
@@ -114,10 +116,9 @@ class InstanceState:
     est_s_per_prefill_token: float = 1 / 8000.0
     est_tpot_s: float = 0.02
     ttft_samples: int = 0
-    ttft_fit: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    """The TTFT observations' weighted means and co-moments (pending tokens x, TTFT y):
-    ``(mean x, mean y, var x, cov xy)``, from which the fixed part and the per-token
-    cost are fitted (:meth:`observe_first_token`)."""
+    rate_samples: int = 0
+    """TTFTs of :data:`RATE_FROM_TOKENS` pending tokens or more (those the prefill rate is
+    learnt from), among ``ttft_samples``."""
     tpot_samples: int = 0
     """Observations behind the estimates: the first ones replace the priors outright (an
     average of those seen), later ones move them by :data:`_ALPHA`."""
@@ -165,31 +166,26 @@ class InstanceState:
         return self.routable and self.accepting
 
     def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
-        """Refine the TTFT estimate (fixed part + pending tokens x cost per token) from one
-        request's TTFT and the tokens pending at its dispatch: a least-squares line through
-        the observations (the first ones equally weighted, later ones by :data:`_ALPHA`).
-        Where their prompt lengths hardly differ, the line's slope cannot be told from its
-        fixed part: the cost per token stays (lowered only where it alone would exceed
-        what was seen) and the fixed part takes the rest (an engine's 2 s overhead had
-        been read as a prefill rate of half a token a second, and a full queue's
-        Retry-After had said 17 minutes)."""
+        """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch).
+        A TTFT below the fixed part's estimate lowers that estimate (a prior above the
+        engine's real overhead made every token's share 0, and the prefill rate endless);
+        one of fewer than :data:`RATE_FROM_TOKENS` pending tokens refines the fixed part
+        only (what it has beyond the tokens' predicted share)."""
         if pending_tokens <= 0:
             return
         self.ttft_samples += 1
         alpha = max(_ALPHA, 1.0 / self.ttft_samples)
-        mx, my, vxx, cxy = self.ttft_fit
-        dx, dy = pending_tokens - mx, ttft_s - my
-        mx, my = mx + alpha * dx, my + alpha * dy
-        vxx = (1.0 - alpha) * (vxx + alpha * dx * dx)
-        cxy = (1.0 - alpha) * (cxy + alpha * dx * dy)
-        self.ttft_fit = (mx, my, vxx, cxy)
-        if vxx > (_SPREAD * mx) ** 2:  # lengths that differ: the line's slope is told
-            slope = cxy / vxx
-        else:
-            slope = min(self.est_s_per_prefill_token, my / mx)
-        slope = max(slope, MIN_S_PER_PREFILL_TOKEN)
-        self.est_s_per_prefill_token = slope
-        self.est_ttft_base_s = max(my - slope * mx, 0.0)
+        if pending_tokens < RATE_FROM_TOKENS:
+            fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
+            self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
+            return
+        if ttft_s < self.est_ttft_base_s:
+            self.est_ttft_base_s += alpha * (ttft_s - self.est_ttft_base_s)
+        self.rate_samples += 1
+        alpha = max(_ALPHA, 1.0 / self.rate_samples)  # (the first replaces the prior)
+        per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
+        estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
+        self.est_s_per_prefill_token = max(estimate, MIN_S_PER_PREFILL_TOKEN)
 
     def observe_tpot(self, tpot_s: float) -> None:
         self.tpot_samples += 1
