@@ -690,16 +690,22 @@ def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> N
     assert proc.stderr == f"{cfg}: OK\n"
 
 
+def _checked_ok(path: Path, text: str) -> str:
+    """``config check`` of ``text`` written at ``path``: its output, the check passed."""
+    path.write_text(text)
+    code, output = invoke("config", "check", str(path))
+    assert code == 0, output
+    return output
+
+
 def test_config_check_notes_a_launch_plan_that_cannot_carry_its_rate(tmp_path: Path) -> None:
     """The launch serves the fleet the hardware allows, and says what it cannot carry (it
     had said nothing of a rate 50 times the fleet's capacity)."""
-    path = tmp_path / "fleet.toml"
-    path.write_text(
+    output = _checked_ok(
+        tmp_path / "fleet.toml",
         '[launch]\nengine = "sim"\nmodel = "llama-3-70b"\nbase_port = 23400\n'
-        '[launch.plan]\ngpus = "8xH100"\nrate = 1000\n'
+        '[launch.plan]\ngpus = "8xH100"\nrate = 1000\n',
     )
-    code, output = invoke("config", "check", str(path))
-    assert code == 0, output
     assert "note: [launch.plan]: no plan meets the SLO at 1000 req/s: the highest goodput " in (
         output
     )
@@ -708,12 +714,11 @@ def test_config_check_notes_a_launch_plan_that_cannot_carry_its_rate(tmp_path: P
 def test_config_check_notes_seed_pd_settings_not_acted_on(tmp_path: Path) -> None:
     """They are accepted (the seed's API) but change nothing: said, at their lines."""
     path = tmp_path / "pd.toml"
-    path.write_text(
+    output = _checked_ok(
+        path,
         "[services.llm_control_plane.pd]\nenable_pd_tracing = true\n"
-        'kv_cache_storage = "gpu"\ncollect_pd_metrics = false\n'
+        'kv_cache_storage = "gpu"\ncollect_pd_metrics = false\n',
     )
-    code, output = invoke("config", "check", str(path))
-    assert code == 0, output
     notes = [line for line in output.splitlines() if line.startswith("note:")]
     assert notes == [
         f"note: {path}:{line}: services.llm_control_plane.pd.{key}: a seed setting this "

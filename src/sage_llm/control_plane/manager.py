@@ -1493,9 +1493,7 @@ class ControlPlaneManager:
     def simulates(self, instance: ExecutionInstance) -> bool:
         """Whether ``instance`` runs on an in-process simulated engine (its address is
         nominal: no server listens there)."""
-        return self._engine_factory is None and (
-            self.mode == "simulated" or instance.engine == "sim"
-        )
+        return self._engine_factory is None and self.nominal(instance)
 
     def _make_sim_client(self, instance: ExecutionInstance) -> EngineClient:
         from sage_llm.sim.factory import make_sim_engine
