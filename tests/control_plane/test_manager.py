@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -2609,6 +2609,22 @@ def test_an_embeddings_call_holds_its_request_id_while_it_runs() -> None:
     run_virtual(main())
 
 
+def _over_engines(
+    engines: Mapping[str, SimEngine],
+    roles: Mapping[str, ExecutionInstanceType] | None = None,
+    **kwargs: Any,
+) -> ControlPlaneManager:
+    """An HTTP-mode manager whose instances, one per engine (of its role in ``roles``,
+    GENERAL otherwise; at port 8000 + k), are reached through those in-process engines."""
+    cp = ControlPlaneManager(
+        mode="http", engine_factory=lambda inst: engines[inst.instance_id], **kwargs
+    )
+    for k, iid in enumerate(engines):
+        role = (roles or {}).get(iid, ExecutionInstanceType.GENERAL)
+        cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role))
+    return cp
+
+
 def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> None:
     """Mixed contexts in one model's fleet: the short one's refusal (its max_model_len)
     sends the request on to one whose context holds it, rather than failing a request the
@@ -2620,12 +2636,7 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
     engines["long"] = SimEngine("long", SimEngineConfig(speed=100.0))
 
     async def main() -> None:
-        cp = ControlPlaneManager(
-            mode="http", engine_factory=lambda inst: engines[inst.instance_id],
-            routing_strategy="round_robin",
-        )  # fmt: skip
-        for k, iid in enumerate(engines):
-            cp.register_instance(make_instance(iid, port=8000 + k))
+        cp = _over_engines(engines, routing_strategy="round_robin")
         async with cp:
             await asyncio.sleep(3.0)  # the probes learn each context
             results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(8)]
@@ -2669,12 +2680,7 @@ def test_a_pd_request_too_long_for_its_legs_context_runs_whole_on_a_longer_one()
     }
 
     async def main() -> None:
-        cp = ControlPlaneManager(
-            mode="http", engine_factory=lambda inst: engines[inst.instance_id],
-            enable_pd_separation=True,
-        )  # fmt: skip
-        for k, (iid, role) in enumerate(roles.items()):
-            cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role))
+        cp = _over_engines(engines, roles, enable_pd_separation=True)
         async with cp:
             results = await _long_requests_once_contexts_are_known(cp, 3)
         assert all(r.status is RequestStatus.COMPLETED for r in results), results
@@ -2700,12 +2706,8 @@ def test_a_pd_request_too_long_for_a_short_pair_runs_on_a_longer_pair() -> None:
     }
 
     async def main() -> None:
-        cp = ControlPlaneManager(
-            mode="http", engine_factory=lambda inst: engines[inst.instance_id],
-            pd_config=PDSeparationConfig(routing_policy="always"),
-        )  # fmt: skip
-        for k, iid in enumerate(contexts):
-            cp.register_instance(make_instance(iid, port=8000 + k, instance_type=role(iid)))
+        roles = {iid: role(iid) for iid in contexts}
+        cp = _over_engines(engines, roles, pd_config=PDSeparationConfig(routing_policy="always"))
         async with cp:
             results = await _long_requests_once_contexts_are_known(cp, 4)
         assert all(r.status is RequestStatus.COMPLETED for r in results), results
@@ -2731,9 +2733,7 @@ def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_re
         engines = {
             i: SimEngine(i, SimEngineConfig(speed=100.0, max_model_len=n)) for i, n in plain.items()
         }
-        cp = ControlPlaneManager(mode="http", engine_factory=lambda inst: engines[inst.instance_id])
-        for k, iid in enumerate(engines):
-            cp.register_instance(make_instance(iid, port=8000 + k))
+        cp = _over_engines(engines)
         async with cp:
             await asyncio.sleep(3.0)
             cp.drain_instance("long")
@@ -2747,12 +2747,7 @@ def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_re
                          kv_hub=hub)
             for i, n in pd_ctx.items()
         }  # fmt: skip
-        cp = ControlPlaneManager(
-            mode="http", engine_factory=lambda inst: pd_engines[inst.instance_id],
-            enable_pd_separation=True,
-        )  # fmt: skip
-        for k, (iid, role) in enumerate(roles.items()):
-            cp.register_instance(make_instance(iid, port=9000 + k, instance_type=role))
+        cp = _over_engines(pd_engines, roles, enable_pd_separation=True)
         async with cp:
             await asyncio.sleep(3.0)
             meta = make_metadata("p0", prompt="word " * 3000, max_tokens=50)
