@@ -22,7 +22,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from sage_llm.config_locate import KeyPath, Problems
 from sage_llm.errors import ConfigError
@@ -375,6 +375,19 @@ keys): read from no file, written in no dump, carried by ``dataclasses.replace``
 
 def _derived(f: dataclasses.Field[Any]) -> bool:
     return bool(f.metadata.get(DERIVED))
+
+
+def beyond_int64(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a whole number no 64-bit integer holds: an integer out of
+    range, or a whole float of 2**63 or more in size (JSON reads an integer past 64 bits
+    as one, -2**63 - 1 as -2**63 among them)."""
+    if isinstance(value, float):
+        return value.is_integer() and abs(value) >= 2**63
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not -INT64_MAX - 1 <= value <= INT64_MAX
+    )
 
 
 def int64_problem(value: int) -> str | None:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from sage_llm import jsonutil
 from sage_llm.chat_messages import message_problem
-from sage_llm.config_fields import INT64_MAX, as_float, shown_value
+from sage_llm.config_fields import as_float, beyond_int64, shown_value
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
@@ -109,17 +109,12 @@ _BOUND_ERRORS = frozenset({"less_than_equal", "greater_than_equal"})
 
 
 def _int64_overflow(value: object) -> str | None:
-    """What is wrong with ``value`` when it is a whole number no 64-bit integer holds."""
-    # (a float: JSON read an integer beyond 64 bits so, -2**63 - 1 as -2**63 among them)
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
-        shown = f"about {value:.3g}"
-    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
-        if value == -INT64_MAX - 1:
-            return None
-        big = as_float(value)  # None: no float holds it
-        shown = shown_value(value) if big is None else f"about {big:.3g}"
-    else:
+    """What is wrong with ``value`` when it is a whole number no 64-bit integer holds
+    (:func:`~sage_llm.config_fields.beyond_int64`)."""
+    if not beyond_int64(value):
         return None
+    big = value if isinstance(value, float) else as_float(value)  # None: no float holds it
+    shown = shown_value(value) if big is None else f"about {big:.3g}"
     return f"is out of range: integers must fit in 64 bits (got {shown})"
 
 

@@ -50,6 +50,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+from sage_llm.config_fields import beyond_int64
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.errors import (
     ConfigError,
@@ -1020,12 +1021,7 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
     for key in _SAMPLING_FLAGS:
         request_flag(extra, key)
     seed = extra.get("seed")
-    # (a float: JSON read an integer beyond 64 bits so, -2**63 - 1 as -2**63 among them)
-    if seed is not None and (
-        (n := whole(seed)) is None
-        or not -(2**63) <= n < 2**63
-        or (isinstance(seed, float) and abs(seed) >= 2**63)
-    ):
+    if seed is not None and (whole(seed) is None or beyond_int64(seed)):
         raise InvalidRequestError(  # vLLM's request models bound it to a C long
             f"seed must be a 64-bit integer, got {seed!r}", param="seed"
         )
