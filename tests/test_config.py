@@ -24,8 +24,10 @@ from sage_llm.config import (
     check_config,
     check_instance,
     config_from_dict,
+    instance_fields,
     load_config,
     parse_config,
+    unknown_instance_keys,
 )
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import ConfigError
@@ -1743,3 +1745,19 @@ def test_nested_pd_and_role_configs_built_in_code_are_checked_as_a_files() -> No
         InstanceConfig("a", "h", 1, "m", prefilling_config=role)
     sglang: Any = {"connector": "SGLang"}
     assert ControlPlaneConfig(pd=sglang).pd.connector == "sglang"  # as a file is read
+
+
+def test_instance_fields_reads_sim_keys_and_listing() -> None:
+    fields = instance_fields(
+        {"instance_id": "a", "sim_gpu": "A100", "draining": True, "removing": False}
+    )
+    assert fields == {"instance_id": "a", "metadata": {"sim_gpu": "A100"}, "is_available": False}
+    with pytest.raises(ConfigError, match="must be true or false") as info:
+        instance_fields({"instance_id": "a", "draining": "yes"})
+    assert info.value.key == "draining"
+
+
+def test_unknown_instance_keys_leave_fields_sim_keys_and_listing() -> None:
+    given = {"instance_id": "a", "sim_gpu": "A100", "draining": True, "gpus": 2, "colour": 1}
+    assert unknown_instance_keys(given) == ["colour", "gpus"]
+    assert unknown_instance_keys({"instance_id": "a", "is_healthy": True}) == []

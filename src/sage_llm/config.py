@@ -110,6 +110,7 @@ __all__ = [
     "instances_at",
     "load_config",
     "parse_config",
+    "unknown_instance_keys",
 ]
 
 _DOCUMENT_KEYS = ("services", *SECTIONS)
@@ -212,6 +213,16 @@ def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
 LISTED_KEYS = ("draining", "removing")
 """What an instance's listing adds to its fields (``GET /admin/instances``, the SAGE
 service's ``show_instances``): taken back by :func:`instance_fields`."""
+
+
+def unknown_instance_keys(fields: Mapping[str, Any]) -> list[str]:
+    """The keys of an instance given as :func:`instance_fields` takes it that are none of
+    an :class:`~sage_llm.types.ExecutionInstance`'s fields, ``sim_*`` keys or listed
+    states, sorted: what the admin API and the SAGE service refuse."""
+    known = {f.name for f in dataclasses.fields(ExecutionInstance)}
+    return sorted(
+        key for key in fields if key not in known and key not in SIM_KEYS and key not in LISTED_KEYS
+    )
 
 
 def instance_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,12 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.config import LISTED_KEYS, SIM_KEYS, at_address, check_instance, instance_fields
+from sage_llm.config import (
+    at_address,
+    check_instance,
+    instance_fields,
+    unknown_instance_keys,
+)
 from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
@@ -147,7 +152,7 @@ class AdminRoutes:
         …, which no config entry has) only for their JSON types, and ``draining`` and
         ``removing`` as ``GET`` lists them (an entry sent back registers as it was listed:
         ``draining: true`` drained). 400 names the bad field."""
-        unknown = sorted(set(body) - _INSTANCE_FIELDS - set(SIM_KEYS) - set(LISTED_KEYS))
+        unknown = unknown_instance_keys(body)
         if unknown:
             raise InvalidRequestError(
                 f"{unknown[0]}: not an ExecutionInstance field", param=unknown[0]

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sage_llm.config import LISTED_KEYS, SIM_KEYS, SageConfig, instance_fields, load_config
+from sage_llm.config import SageConfig, instance_fields, load_config, unknown_instance_keys
 from sage_llm.control_plane.builder import build_manager
 from sage_llm.control_plane.manager import ControlPlaneManager, EngineFactory
 from sage_llm.errors import (
@@ -305,10 +304,8 @@ def _instance_arg(req: Payload) -> ExecutionInstance:
         raise InvalidRequestError(
             "register_instance needs the instance's fields as a dict in inputs", param="inputs"
         )
-    known = {f.name for f in dataclasses.fields(ExecutionInstance)}
-    for key in fields:
-        if key not in known and key not in SIM_KEYS and key not in LISTED_KEYS:
-            raise InvalidRequestError(f"{key!r} is not an instance field", param=f"inputs.{key}")
+    for key in unknown_instance_keys(fields):
+        raise InvalidRequestError(f"{key!r} is not an instance field", param=f"inputs.{key}")
     for key in ("instance_id", "host", "port", "model_name"):
         if key not in fields:
             raise InvalidRequestError(f"the instance needs {key}", param=f"inputs.{key}")
