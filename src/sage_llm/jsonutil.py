@@ -25,6 +25,18 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def whole(value: Any) -> int | None:
+    """``value`` as an integer when it is one, or a float with no fraction (``2.0``, which
+    vLLM's request models read as 2); None otherwise (a boolean is not one)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 MAX_DEPTH = 200
 """How deep :func:`loads` lets arrays and objects nest. Deeper documents are refused:
 :mod:`json` would overflow the interpreter's stack reading (or writing) one nested near

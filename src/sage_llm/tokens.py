@@ -44,6 +44,14 @@ def tokenize(prompt: str | Sequence[int]) -> list[int]:
     return [int(t) for t in prompt]
 
 
+def last_tokens(prompt: str | Sequence[int], keep: int) -> str | list[int]:
+    """The prompt's last ``keep`` tokens (``keep >= 1``), as vLLM's
+    ``truncate_prompt_tokens`` keeps them: text stays text, token ids stay ids."""
+    if isinstance(prompt, str):
+        return "".join(split(prompt)[-keep:])
+    return list(prompt)[-keep:]
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     """Chained hashes of the full blocks of ``token_ids`` (like vLLM's prefix caching):
     block *i*'s hash covers every token up to the end of block *i*, so equal hashes mean

@@ -10,7 +10,7 @@ from sage_llm.control_plane.intake import build_request
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import EngineRequest
 from sage_llm.errors import InvalidRequestError
-from sage_llm.tokens import prompt_blocks
+from sage_llm.tokens import chat_prompt_text, last_tokens, prompt_blocks
 from sage_llm.types import RequestPriority
 from tests.factories import make_metadata
 
@@ -168,3 +168,34 @@ def test_a_max_tokens_beyond_64_bits_is_refused() -> None:
             build_request(make_metadata("r", max_tokens=max_tokens), "m", now=0.0, stream=True,
                           default_max_tokens=16, block_size=16)  # fmt: skip
         assert err.value.param == "max_tokens"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_truncate_prompt_tokens_is_the_prompt_the_engine_runs(chat: bool) -> None:
+    """vLLM keeps the prompt's last k tokens: the control plane schedules (context check,
+    predictions, prefix affinity) on those, and passes the field on unchanged."""
+    words = "Hello there " * 40
+    text = {"messages": [{"role": "user", "content": words}]} if chat else {}
+    prompt = None if chat else words
+    whole_info, _ = build_request(make_metadata("r0", prompt=prompt, **text), "m", now=0.0,
+                                  stream=False, default_max_tokens=16, block_size=4)  # fmt: skip
+    meta = make_metadata("r1", prompt=prompt, extra_body={"truncate_prompt_tokens": 8.0}, **text)
+    info, req = build_request(meta, "m", now=0.0, stream=False, default_max_tokens=16,
+                              block_size=4)  # fmt: skip
+    assert whole_info.prompt_tokens > 8
+    assert info.prompt_tokens == 8
+    source = chat_prompt_text(meta.messages) if meta.messages else words
+    assert info.block_hashes == prompt_blocks(last_tokens(source, 8), 4)[1]  # the last 8's
+    assert len(info.block_hashes) == 2
+    assert req.extra == {"truncate_prompt_tokens": 8.0}
+    for keep in (-1, 0, "8", True, 500):  # the engine's context, refused by it, or above
+        other = make_metadata("r2", prompt=prompt, extra_body={"truncate_prompt_tokens": keep},
+                              **text)  # fmt: skip
+        kept, _ = build_request(other, "m", now=0.0, stream=False, default_max_tokens=16,
+                                block_size=4)  # fmt: skip
+        assert kept.prompt_tokens == whole_info.prompt_tokens
+    ids = make_metadata(
+        "r3", prompt=list(range(300, 320)), extra_body={"truncate_prompt_tokens": 5}
+    )
+    info, _ = build_request(ids, "m", now=0.0, stream=False, default_max_tokens=16, block_size=None)
+    assert info.prompt_tokens == 5

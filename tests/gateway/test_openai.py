@@ -243,6 +243,17 @@ def test_max_prompt_tokens_is_exact_at_the_limit(prompt: str | list[int], ok: bo
     assert err.value.param == "prompt"
 
 
+def test_max_prompt_tokens_counts_what_truncate_prompt_tokens_keeps() -> None:
+    """The engine runs the prompt's last k tokens: a k within the limit takes any prompt."""
+    settings = ResolvedGateway.from_settings(GatewayConfig(max_prompt_tokens=5), {})
+    body = {"model": MODEL, "prompt": " alpha" * 50, "truncate_prompt_tokens": 5}
+    assert _parse(body, settings=settings).meta.extra_body == {"truncate_prompt_tokens": 5}
+    for keep in (6, -1, 0, "5"):  # more than the limit, the context, or refused by the engine
+        with pytest.raises(InvalidRequestError, match="about 50 tokens") as err:
+            _parse({**body, "truncate_prompt_tokens": keep}, settings=settings)
+        assert err.value.param == "prompt"
+
+
 # --- the plain-body check agrees with the schema ------------------------------------------
 
 _VALUES = st.one_of(

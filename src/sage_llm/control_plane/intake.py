@@ -11,6 +11,7 @@ from sage_llm.config_fields import INT64_MAX, shown_value
 from sage_llm.control_plane.snapshot import RequestInfo, fill_request_info
 from sage_llm.engines.base import EngineRequest, fill_engine_request
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
+from sage_llm.jsonutil import whole
 from sage_llm.types import ParallelismType, RequestMetadata, RequestPriority
 
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
@@ -46,6 +47,14 @@ def _prompt_blocks(
         n = tokens.count_tokens(prompt) if isinstance(prompt, str) else len(tokens.tokenize(prompt))
         return n, ()
     return tokens.prompt_blocks(prompt, block_size)
+
+
+def truncation(extra_body: Mapping[str, object]) -> int | None:
+    """The tokens an engine keeps of a prompt given ``extra_body``'s
+    ``truncate_prompt_tokens`` (vLLM's: the prompt's last k); None when it keeps all, or
+    the value is one the engine reads otherwise (``-1``, its context) or refuses."""
+    keep = whole(extra_body.get("truncate_prompt_tokens"))
+    return keep if keep is not None and keep >= 1 else None
 
 
 def _real(value: object) -> bool:
@@ -114,11 +123,13 @@ def build_request(
                 param="messages",
             ) from None
         prompt_tokens, hashes = _prompt_blocks(text, block_size)
+        source: str | Sequence[int] = text
     elif prompt is not None and (not isinstance(prompt, str) or prompt):
         try:
             if type(prompt) is not str and not isinstance(prompt, (list, tuple)):
                 raise TypeError(prompt)
             prompt_tokens, hashes = _prompt_blocks(prompt, block_size)
+            source = prompt
         except (TypeError, ValueError):
             raise InvalidRequestError(
                 f"prompt must be a string or a list of token ids, got {_shown(prompt)}",
@@ -185,6 +196,10 @@ def build_request(
             "the engine fields it does not read",
             param=f"extra_body.{key}",
         )
+    if (keep := truncation(meta.extra_body)) is not None and prompt_tokens > keep:
+        # the engine keeps the last `keep` tokens: what it runs, and what its cache holds
+        kept = tokens.last_tokens(source, keep)
+        prompt_tokens, hashes = _prompt_blocks(kept, block_size)
     ids: tuple[tuple[str, object], ...] = (
         ("user_id", meta.user_id),
         ("session_id", meta.session_id),

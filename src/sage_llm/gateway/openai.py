@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from sage_llm import jsonutil
 from sage_llm.chat_messages import message_problem
 from sage_llm.config_fields import as_float, beyond_int64, shown_value
+from sage_llm.control_plane.intake import truncation
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
@@ -393,7 +394,9 @@ def parse_generation(
             param=max_tokens_param,
         )
     prompt_limit = settings.max_prompt_tokens
-    if prompt_limit is not None:
+    if prompt_limit is not None and not (
+        (keep := truncation(body)) is not None and keep <= prompt_limit
+    ):  # an engine that keeps at most the limit's tokens (truncate_prompt_tokens) runs it
         text = prompt if messages is None else chat_prompt_text(messages)
         # a token is at least one character (or one id): a prompt no longer than the
         # limit is within it without being counted

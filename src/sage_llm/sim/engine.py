@@ -58,6 +58,7 @@ from sage_llm.errors import (
     EngineError,
     InvalidRequestError,
 )
+from sage_llm.jsonutil import whole
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.core import (
     PinnedKV,
@@ -81,7 +82,6 @@ from sage_llm.sim.server_requests import (
     prompt_token_ids,
     request_flag,
     requested_echo,
-    whole,
 )
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType

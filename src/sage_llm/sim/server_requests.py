@@ -13,6 +13,7 @@ from sage_llm import tokens
 from sage_llm.chat_messages import message_problem
 from sage_llm.engines.base import EngineRequest, Usage
 from sage_llm.errors import InvalidRequestError, ModelNotFoundError
+from sage_llm.jsonutil import whole
 from sage_llm.sim.logprobs import requested_prompt_logprobs
 
 DEFAULT_MAX_TOKENS = 16
@@ -153,18 +154,6 @@ def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: fl
     return float(value)
 
 
-def whole(value: Any) -> int | None:
-    """``value`` as an integer when it is one, or a float with no fraction (``2.0``, which
-    vLLM's request models read as 2); None otherwise (a boolean is not one)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
 def _prompt(body: Mapping[str, Any], chat: bool) -> tuple[Any, Any, int]:
     """(prompt, messages, prompt token count) of a request body."""
     if chat:
@@ -238,9 +227,7 @@ def _truncated(
         return prompt, messages, prompt_tokens
     if messages is not None:
         prompt = tokens.chat_prompt_text(messages, generation_prompt=generation_prompt(body))
-    if isinstance(prompt, str):
-        return "".join(tokens.split(prompt)[-keep:]), None, keep
-    return list(prompt)[-keep:], None, keep
+    return tokens.last_tokens(prompt, keep), None, keep
 
 
 def parse_request(
