@@ -534,7 +534,10 @@ async def test_embed_posts_inputs_and_returns_json(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession
 ) -> None:
     rec, port = raw
-    answer = {"object": "list", "data": [{"index": 0, "embedding": [0.5]}]}
+    answer = {
+        "object": "list",
+        "data": [{"index": 0, "embedding": [0.5]}, {"index": 1, "embedding": [0.25]}],
+    }
 
     async def reply(request: web.Request) -> web.StreamResponse:
         return web.json_response(answer)
@@ -546,6 +549,31 @@ async def test_embed_posts_inputs_and_returns_json(
     options = {"encoding_format": "base64", "dimensions": 2}
     await client_for(port, session).embed("emb", [[1, 2], [3]], options)
     assert rec.bodies[1] == {"model": "emb", "input": [[1, 2], [3]], **options}
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        ([], "not a JSON object"),
+        ({"object": "list"}, "has no data list"),
+        ({"object": "list", "data": {}}, "has no data list"),
+        ({"object": "list", "data": [{"embedding": [0.5]}]}, "has 1 embeddings for 2 inputs"),
+    ],
+)
+async def test_an_embeddings_answer_without_one_embedding_per_input_is_an_engine_error(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, answer: object, says: str
+) -> None:
+    """An answer without ``data`` had reached the client as a 200 the OpenAI SDK cannot
+    read (``ValueError: No embedding data received``)."""
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response(answer)
+
+    rec.handler = reply
+    with pytest.raises(EngineStreamError, match=says) as info:
+        await client_for(port, session).embed("emb", ["a", "b"])
+    assert info.value.instance_id == "eng-0"
 
 
 # --- errors -------------------------------------------------------------------------------

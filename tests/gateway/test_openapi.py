@@ -53,6 +53,18 @@ def test_every_route_is_documented_and_every_ref_resolves() -> None:
             assert names == [seg[1:-1] for seg in path.split("/") if seg.startswith("{")]
 
 
+def test_routes_with_a_body_list_what_the_body_may_be_refused_with() -> None:
+    """415 (an unread Content-Encoding) and 417 (an unknown Expect) are sent on every route
+    that reads a body, and 409 (a request id in progress) on embeddings too: a client
+    generated from the document had not been told of them."""
+    doc = build_openapi()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if "requestBody" in op:
+                assert {"408", "413", "415", "417"} <= set(op["responses"]), (method, path)
+    assert "409" in doc["paths"]["/v1/embeddings"]["post"]["responses"]
+
+
 def test_request_schemas_allow_unknown_fields_and_name_required_ones() -> None:
     schemas = build_openapi()["components"]["schemas"]
     completion = schemas["CompletionRequest"]

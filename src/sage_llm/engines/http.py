@@ -731,6 +731,14 @@ class HTTPEngineClient:
         )  # fmt: skip
         if not isinstance(obj, dict):
             raise self._error(EngineStreamError, "embeddings response is not a JSON object")
+        data = obj.get("data")
+        if not isinstance(data, list):  # the OpenAI SDKs cannot read such an answer
+            raise self._error(EngineStreamError, "embeddings response has no data list")
+        if len(data) != len(body["input"]):
+            raise self._error(
+                EngineStreamError,
+                f"embeddings response has {len(data)} embeddings for {len(inputs)} inputs",
+            )
         return obj
 
     async def _model_cards(self) -> list[dict[str, Any]]:

@@ -40,6 +40,9 @@ _ERROR_TEXT = {
     "408": "The request did not arrive whole within read_timeout_s of its first byte.",
     "409": "Conflict: an instance id or request id in use, or an instance already being removed.",
     "413": "Request body too large.",
+    "415": "A body in a Content-Encoding the gateway does not read (it reads gzip, deflate "
+    "or none).",
+    "417": "An Expect header other than 100-continue.",
     "429": "Queue full or deadline infeasible; see the Retry-After header.",
     "500": "Internal error.",
     "502": "The engine failed.",
@@ -83,6 +86,11 @@ def _errors(*codes: str) -> dict[str, Any]:
                 },
             }
     return out
+
+
+_BODY_ERRORS = ("400", "401", "408", "413", "415", "417")
+"""What a route that reads a body may answer before its own checks: a bad body or head,
+no key, a slow or oversized upload, an unread encoding, an unknown ``Expect``."""
 
 
 def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -145,9 +153,7 @@ def _generation(summary: str, request: str, response: str, op: str) -> dict[str,
             },
             "responses": {
                 "200": ok,
-                **_errors(
-                    "400", "401", "404", "408", "409", "413", "429", "500", "502", "503", "504"
-                ),
+                **_errors(*_BODY_ERRORS, "404", "409", "429", "500", "502", "503", "504"),
             },
         }
     }
@@ -195,7 +201,7 @@ def _admin(
         "parameters": params,
         "responses": {
             ok: _json("AdminObject", "Done."),
-            **_errors(*sorted({"400", "401", "403", *errors})),
+            **_errors(*sorted({"400", "401", "403", *errors, *(_BODY_ERRORS if request else ())})),
         },
     }
     if request is not None:
@@ -238,7 +244,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json("EmbeddingResponse", "The embeddings."),
-                    **_errors("400", "401", "404", "408", "413", "500", "502", "503", "504"),
+                    **_errors(*_BODY_ERRORS, "404", "409", "500", "502", "503", "504"),
                 },
             }
         },
