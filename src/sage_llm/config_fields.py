@@ -218,6 +218,13 @@ def described(value: Any, *, secret: bool = False) -> str:
     return f"{_kind(value)}{shown}"
 
 
+def name_key(name: object) -> str:
+    """A plugin's name as it is looked up (policies, routing strategies, PD deciders and
+    the parameters that name one): case-insensitive, ``-`` read as ``_``
+    (``Cost-Optimized`` is ``cost_optimized``)."""
+    return str(name).strip().lower().replace("-", "_")
+
+
 def shown_value(value: Any) -> str:
     """``repr(value)``, or for an integer too long to show so, its size (``integer of 401
     digits``: ``str`` of one past 4,300 digits is refused)."""

@@ -23,6 +23,7 @@ from sage_llm.config_fields import (
     FieldValueError,
     Rule,
     metadata_problem,
+    name_key,
     opt,
     req,
     rule,
@@ -78,10 +79,6 @@ SERVICE_DEFAULT_KEYS = (
 defaults of ``ControlPlaneVLLMService.process`` (not ``ControlPlaneManager`` arguments)."""
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _name(value: str) -> str:
-    return value.strip().lower().replace("-", "_")
 
 
 def _mode(value: str) -> str:
@@ -305,8 +302,8 @@ class ControlPlaneConfig:
     the instances. ``policy_params``/``routing_params`` go to the policy/strategy as given."""
 
     type: str = opt("ControlPlaneVLLMService", rule(check=_check_service_type))
-    scheduling_policy: str = opt("adaptive", rule(choices=POLICY_NAMES, norm=_name))
-    routing_strategy: str = opt("load_balanced", rule(choices=ROUTING_NAMES, norm=_name))
+    scheduling_policy: str = opt("adaptive", rule(choices=POLICY_NAMES, norm=name_key))
+    routing_strategy: str = opt("load_balanced", rule(choices=ROUTING_NAMES, norm=name_key))
     enable_auto_scaling: bool = False
     enable_monitoring: bool = True
     enable_pd_separation: bool = True
@@ -609,7 +606,7 @@ FOREIGN_RULES: Mapping[type[Any], Mapping[str, Rule]] = {
         "prefilling_max_instances": _COUNT,
         "decoding_min_instances": rule(ge=0),
         "decoding_max_instances": _COUNT,
-        "routing_policy": rule(choices=PD_DECIDERS, norm=_name),
+        "routing_policy": rule(choices=PD_DECIDERS, norm=name_key),
         "prefilling_threshold_input_tokens": rule(ge=0),
         "prefilling_threshold_ratio": rule(ge=0),
         "kv_cache_memory_fraction": rule(gt=0, le=1),

@@ -141,6 +141,11 @@ def test_choices_are_read_in_any_letter_case_and_a_bad_one_is_shown() -> None:
     assert build_params(Params, {"mode": " B"}).mode == "b"
     policy = build_policy("slo_aware", {"infeasible_action": "Reject"})
     assert policy.describe()["params"]["infeasible_action"] == "reject"  # type: ignore[index]
+    # a policy named as scheduling_policy names one: "-" read as "_"
+    for name in ("slo-aware", "Cost-Optimized", " SLO_AWARE"):
+        adaptive = build_policy("adaptive", {"initial": name})
+        initial = adaptive.describe()["params"]["initial"]  # type: ignore[index]
+        assert initial == name.strip().lower().replace("-", "_")
     with pytest.raises(ConfigError, match="must be one of 'a', 'b', got string 'c'"):
         build_params(Params, {"mode": "c"})
 

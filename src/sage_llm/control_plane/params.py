@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from sage_llm.config_fields import as_float, described, int64_problem
+from sage_llm.config_fields import as_float, described, int64_problem, name_key
 from sage_llm.errors import ConfigError, raise_problems
 
 __all__ = ["Gathered", "build_params"]
@@ -212,9 +212,9 @@ def _coerce(key: str, hint: Any, value: Any, *, finite: bool) -> Any:
         choices = typing.get_args(hint)
         if value in choices:
             return value
-        if isinstance(value, str):  # in any letter case, as policy and strategy names
+        if isinstance(value, str):  # read as policy and strategy names are (name_key)
             for choice in choices:
-                if isinstance(choice, str) and choice.lower() == value.strip().lower():
+                if isinstance(choice, str) and name_key(choice) == name_key(value):
                     return choice
         raise ConfigError(
             f"must be one of {', '.join(map(repr, choices))}, got {described(value)}", key=key

@@ -17,6 +17,10 @@ from typing import Protocol
 from sage_llm.fastinit import field_filler
 from sage_llm.types import ExecutionInstanceType, ParallelismType, RequestPriority, RequestStatus
 
+PAIR_VIEW_PREFIX = "pd-pair:"
+"""Id prefix of the stand-in views the dispatcher adds for free PD pairs
+(:func:`sage_llm.control_plane.pd.orchestrator.servable_view`): not instances of their own."""
+
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:

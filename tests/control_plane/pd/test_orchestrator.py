@@ -7,7 +7,6 @@ import math
 import pytest
 
 from sage_llm.control_plane.pd.orchestrator import (
-    PAIR_VIEW_PREFIX,
     LinkModel,
     PairingParams,
     PDOrchestrator,
@@ -21,7 +20,7 @@ from sage_llm.control_plane.pd.orchestrator import (
     with_pd_assignment,
 )
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
-from sage_llm.control_plane.snapshot import ClusterSnapshot
+from sage_llm.control_plane.snapshot import PAIR_VIEW_PREFIX, ClusterSnapshot
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType as Role
 from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view

@@ -224,6 +224,7 @@ def test_matches_a_naive_model_and_stays_bounded(
 ) -> None:
     index = PrefixIndex(capacity_blocks=capacity)
     model: dict[int, set[str]] = {}  # block → holders, least recently inserted first
+    evictions = 0
     for op, iid, hashes in ops:
         if op == "insert":
             index.insert(iid, hashes)
@@ -231,6 +232,8 @@ def test_matches_a_naive_model_and_stays_bounded(
                 model[h] = model.pop(h, set()) | {iid}
             while len(model) > capacity:
                 del model[next(iter(model))]
+                evictions += 1
+            assert index.evictions == evictions  # a call longer than the capacity too
         elif op == "evict":
             index.evict(iid, hashes)
             for h in set(hashes) & model.keys():

@@ -13,11 +13,17 @@ import pytest
 from sage_llm import ControlPlaneManager
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
+from sage_llm.control_plane.snapshot import (
+    PAIR_VIEW_PREFIX,
+    ClusterSnapshot,
+    CompletionRecord,
+    RequestInfo,
+)
 from sage_llm.errors import ConfigError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
 from tests.factories import (
+    MODEL,
     make_instance,
     make_instance_view,
     make_metadata,
@@ -535,3 +541,24 @@ def test_an_idle_fleet_of_any_roles_is_idle() -> None:
     assert (target, why.split(":")[0]) == ("fifo", "idle")
     busy = [*pd[:2], make_instance_view("g", in_flight=1)]
     assert policy.signals(make_snapshot(busy, now=1.0)).running == 1
+
+
+def test_a_pd_only_fleet_counts_its_own_slots_and_its_free_pairs() -> None:
+    """The dispatcher's stand-in view of a free pair had been counted as an instance (12
+    slots on a fleet of 8), and the timer's evaluation, without it, saw no free slot on a
+    PD-only fleet: both now see 8 slots, and a free pair's decode slots as free."""
+    policy = AdaptivePolicy()
+    for k in range(5):
+        policy.push(make_request_info(f"r{k}"))
+    pd = [
+        make_instance_view("p", role=ExecutionInstanceType.PREFILLING, max_concurrency=4),
+        make_instance_view("d", role=ExecutionInstanceType.DECODING, max_concurrency=4,
+                           in_flight=1),
+    ]  # fmt: skip
+    stand_in = make_instance_view(PAIR_VIEW_PREFIX + MODEL, max_concurrency=3)
+    alone = policy.signals(make_snapshot(pd))
+    assert (alone.capacity, alone.free_slots, alone.waiting) == (8, 3, 2)
+    assert policy.signals(make_snapshot([*pd, stand_in])) == alone
+    # no prefill instance free: no pair, so no free slot
+    busy = [replace(pd[0], in_flight=4), pd[1]]
+    assert policy.signals(make_snapshot(busy)).free_slots == 0

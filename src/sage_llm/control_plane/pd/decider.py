@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from sage_llm.config_fields import name_key
 from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd.orchestrator import LinkModel
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
@@ -451,7 +452,7 @@ DECIDER_NAMES: tuple[str, ...] = tuple(s.name for s in DECIDERS)
 def get_decider(name: str) -> DeciderSpec:
     """The decider called ``name`` (case-insensitive, ``-`` read as ``_``); ConfigError
     listing the valid names otherwise."""
-    wanted = str(name).strip().lower().replace("-", "_")
+    wanted = name_key(name)
     for spec in DECIDERS:
         if spec.name == wanted:
             return spec

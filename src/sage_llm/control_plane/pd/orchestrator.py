@@ -42,7 +42,12 @@ from sage_llm.control_plane.routing.scorers import (
     PrefixMatchScorer,
     QueueDepthScorer,
 )
-from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
+from sage_llm.control_plane.snapshot import (
+    PAIR_VIEW_PREFIX,
+    ClusterSnapshot,
+    InstanceView,
+    RequestInfo,
+)
 from sage_llm.errors import ConfigError, StrategyNotFoundError
 from sage_llm.types import ExecutionInstanceType
 
@@ -53,9 +58,6 @@ PD_ROLES = frozenset(
 )
 """Roles that mark a model's fleet as set up for PD (engines started with a KV connector).
 A model served only by GENERAL instances is never disaggregated."""
-
-PAIR_VIEW_PREFIX = "pd-pair:"
-"""Id prefix of the stand-in views :func:`servable_view` adds for free PD pairs."""
 
 
 def _positive(key: str, value: float) -> None:

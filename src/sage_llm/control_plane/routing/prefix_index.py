@@ -99,14 +99,21 @@ class PrefixIndex:
         The result is that of recording every block, in order, and then evicting from the
         old end: the blocks not in this call go first, oldest first. (Of a call naming
         more distinct blocks than the capacity only the last ``capacity_blocks`` are
-        recorded, as the others would be evicted at once.)"""
+        recorded; the others are evicted at once, and counted in ``evictions``.)"""
         hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
         if not hashes:  # a prompt shorter than one block: nothing to record
             return
         if len(set(hashes)) != len(hashes):  # keep each block at its last position
             hashes = list(dict.fromkeys(reversed(hashes)))[::-1]
         if len(hashes) > self.capacity_blocks:
-            hashes = hashes[-self.capacity_blocks :]
+            cut = len(hashes) - self.capacity_blocks
+            for h in hashes[:cut]:  # recorded and evicted at once: those known leave too
+                e = self._find(h)
+                if e != _FREE:
+                    self._drop(self._held[e])
+                    self._remove(e)
+            self.evictions += cut
+            hashes = hashes[cut:]
         slot = self._slot_of.get(instance_id)
         if slot is None:
             slot = self._take_slot(instance_id)

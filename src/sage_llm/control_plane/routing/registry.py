@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from sage_llm.config_fields import name_key
 from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.routing import strategies as st
 from sage_llm.control_plane.routing.filters import LEGS, Leg
@@ -62,7 +63,7 @@ def get_strategy(name: str) -> StrategySpec[Any]:
 
     Raises :class:`StrategyNotFoundError` listing the valid names.
     """
-    wanted = str(name).strip().lower().replace("-", "_")
+    wanted = name_key(name)
     for spec in STRATEGIES:
         if spec.name == wanted:
             return spec

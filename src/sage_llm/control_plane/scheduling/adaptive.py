@@ -57,9 +57,14 @@ from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
 from sage_llm.control_plane.scheduling.priority import PriorityPolicy
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
+from sage_llm.control_plane.snapshot import (
+    PAIR_VIEW_PREFIX,
+    ClusterSnapshot,
+    CompletionRecord,
+    RequestInfo,
+)
 from sage_llm.errors import ConfigError
-from sage_llm.types import RequestPriority
+from sage_llm.types import ExecutionInstanceType, RequestPriority
 
 INNER_POLICIES = ("fifo", "priority", "slo_aware", "cost_optimized")
 
@@ -252,11 +257,24 @@ class AdaptivePolicy:
         queued = len(self)
         capacity = running = 0
         free_for: dict[str, int] = {}  # by model: a free slot runs only its model's requests
+        decode_free: dict[str, int] = {}
+        prefill_free: set[str] = set()
         for i in snap.instances:
+            if i.instance_id.startswith(PAIR_VIEW_PREFIX):
+                continue  # the dispatcher's stand-in for a free pair: no instance of its own
             capacity += i.max_concurrency
             running += i.in_flight
-            if i.role.runs_whole_requests and i.healthy and i.accepting:
+            if not (i.healthy and i.accepting):
+                continue
+            if i.role.runs_whole_requests:
                 free_for[i.model] = free_for.get(i.model, 0) + i.free_slots
+            elif i.role is ExecutionInstanceType.DECODING:
+                decode_free[i.model] = decode_free.get(i.model, 0) + i.free_slots
+            elif i.has_capacity:
+                prefill_free.add(i.model)
+        for model, slots in decode_free.items():  # a PD-only model: its free pairs' slots
+            if not free_for.get(model) and model in prefill_free:
+                free_for[model] = slots
         free = sum(free_for.values())
         counts = self._policy.queue.model_counts()
         waiting = sum(max(0, n - free_for.get(model, 0)) for model, n in counts.items())

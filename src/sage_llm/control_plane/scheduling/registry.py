@@ -12,6 +12,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sage_llm.config_fields import name_key
 from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
@@ -64,7 +65,7 @@ def _lookup(name: str) -> tuple[Callable[[Any], SchedulingPolicy], type[Any]]:
     """The policy called ``name``: case-insensitive, ``-`` read as ``_`` (as config files
     and routing strategy names are read)."""
     try:
-        return _POLICIES[str(name).strip().lower().replace("-", "_")]
+        return _POLICIES[name_key(name)]
     except KeyError:
         valid = ", ".join(POLICY_NAMES)
         raise PolicyNotFoundError(
