@@ -52,6 +52,80 @@ full queue's Retry-After to 17 minutes)."""
 MIN_S_PER_PREFILL_TOKEN = 1e-7
 """The estimate's floor: 10 million prompt tokens a second (more than any instance)."""
 
+FIT_DECAY = 1.0 / 64
+"""How fast :class:`PrefillFit` forgets: each new sample weighs ``1 / (1 - FIT_DECAY)``
+times the one before (a memory of about 64 samples; a window of a few had let noisy chat
+traffic swing the fitted rate over four orders of magnitude)."""
+FIT_MIN_SAMPLES = 16
+FIT_MIN_SPREAD = 0.25
+"""The least coefficient of variation of the prompts' lengths a fit is read from: prompts
+of about one length cannot tell a fixed part from a per-token cost."""
+FIT_MIN_T = 4.0
+"""The least t-statistic of the fitted per-token cost (its estimate over its standard
+error) a fit is read with."""
+
+
+@dataclass(slots=True)
+class PrefillFit:
+    """A weighted least-squares line through the latest (pending tokens, TTFT) pairs of
+    prompts of :data:`RATE_FROM_TOKENS` tokens or more: both parts of the time to first
+    token, read when the prompts' lengths vary enough to tell them apart (a fleet whose
+    prompts are all long otherwise reads an engine's fixed overhead as per-token cost)."""
+
+    w: float = 0.0
+    w2: float = 0.0
+    x: float = 0.0
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+    yy: float = 0.0
+    samples: int = 0
+    short: float = 0.0
+    """The decayed count of short prompts seen: those tell the fixed part directly, and a
+    fit is not read while they come."""
+
+    def add(self, x: float, y: float) -> None:
+        keep = 1.0 - FIT_DECAY
+        self.w = keep * self.w + 1.0
+        self.w2 = keep * keep * self.w2 + 1.0
+        self.x = keep * self.x + x
+        self.y = keep * self.y + y
+        self.xx = keep * self.xx + x * x
+        self.xy = keep * self.xy + x * y
+        self.yy = keep * self.yy + y * y
+        self.short *= keep
+        self.samples += 1
+
+    def note_short(self) -> None:
+        self.short = (1.0 - FIT_DECAY) * self.short + 1.0
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed part in seconds, seconds per token) when the samples tell both apart:
+        enough of them, lengths spread, a per-token cost clear of the noise, and neither
+        part negative (a superlinear prefill would give a negative fixed part); else
+        None."""
+        if self.samples < FIT_MIN_SAMPLES or self.short >= 0.5:
+            return None
+        w = self.w
+        mx, my = self.x / w, self.y / w
+        var_x = self.xx / w - mx * mx
+        if var_x <= (FIT_MIN_SPREAD * mx) ** 2:
+            return None
+        cov = self.xy / w - mx * my
+        slope = cov / var_x
+        fixed = my - slope * mx
+        if slope <= 0.0 or fixed < 0.0:
+            return None
+        residual = max(self.yy / w - my * my - slope * cov, 0.0)
+        n_eff = w * w / self.w2
+        if n_eff <= 2.0:
+            return None
+        error = math.sqrt(residual / ((n_eff - 2.0) * var_x))
+        if slope < FIT_MIN_T * error:
+            return None
+        return fixed, slope
+
+
 _KEEP_LATENCIES = 512
 """Latencies kept per instance for its average (``public_instance``) and percentiles
 (``report``)."""
@@ -119,6 +193,8 @@ class InstanceState:
     rate_samples: int = 0
     """TTFTs of :data:`RATE_FROM_TOKENS` pending tokens or more (those the prefill rate is
     learnt from), among ``ttft_samples``."""
+    prefill_fit: PrefillFit = field(default_factory=PrefillFit)
+    """Both parts of the TTFT fitted to long prompts (:meth:`observe_first_token`)."""
     tpot_samples: int = 0
     """Observations behind the estimates: the first ones replace the priors outright (an
     average of those seen), later ones move them by :data:`_ALPHA`."""
@@ -170,18 +246,26 @@ class InstanceState:
         A TTFT below the fixed part's estimate lowers that estimate (a prior above the
         engine's real overhead made every token's share 0, and the prefill rate endless);
         one of fewer than :data:`RATE_FROM_TOKENS` pending tokens refines the fixed part
-        only (what it has beyond the tokens' predicted share)."""
+        only (what it has beyond the tokens' predicted share). While only long prompts
+        come, and their lengths vary enough to tell them apart, both parts are a line fitted
+        to the latest of them (:class:`PrefillFit`)."""
         if pending_tokens <= 0:
             return
         self.ttft_samples += 1
         alpha = max(_ALPHA, 1.0 / self.ttft_samples)
         if pending_tokens < RATE_FROM_TOKENS:
+            self.prefill_fit.note_short()
             fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
             self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
             return
+        self.rate_samples += 1
+        self.prefill_fit.add(pending_tokens, ttft_s)
+        if (line := self.prefill_fit.line()) is not None:
+            self.est_ttft_base_s = line[0]
+            self.est_s_per_prefill_token = max(line[1], MIN_S_PER_PREFILL_TOKEN)
+            return
         if ttft_s < self.est_ttft_base_s:
             self.est_ttft_base_s += alpha * (ttft_s - self.est_ttft_base_s)
-        self.rate_samples += 1
         alpha = max(_ALPHA, 1.0 / self.rate_samples)  # (the first replaces the prior)
         per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
         estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
