@@ -385,6 +385,14 @@ def test_an_address_that_does_not_resolve_is_a_one_line_error() -> None:
     assert proc.stderr.splitlines()[-1].startswith("error: --host: cannot resolve '999.1.1.1'")
 
 
+def test_a_host_with_an_empty_label_is_a_one_line_error() -> None:
+    """It had crashed serve with a traceback (UnicodeError from the IDNA codec)."""
+    proc = run_cli("serve", "--host", "a..b", "--port", str(free_ports(1)))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "dot-separated labels are 1-63 characters long" in proc.stderr
+
+
 def test_a_file_host_that_does_not_resolve_is_located(tmp_path: Path) -> None:
     config = tmp_path / "cluster.toml"
     config.write_text('[services.llm_control_plane.gateway]\nhost = "999.1.1.1"\n')

@@ -554,8 +554,11 @@ def test_duplicate_address_in_http_mode_only() -> None:
 
 
 def test_one_engine_under_two_names_is_a_duplicate_address() -> None:
-    """Host names are case-blind, and localhost is 127.0.0.1."""
-    for second in ('host = "LocalHost"\nport = 8000', 'host = "127.0.0.1"\nport = 8000'):
+    """Host names are case-blind, localhost is 127.0.0.1, and an engine at 0.0.0.0 is
+    reached at 127.0.0.1 (as the gateway's own-address check reads it)."""
+    seconds = ('host = "LocalHost"\nport = 8000', 'host = "127.0.0.1"\nport = 8000',
+               'host = "0.0.0.0"\nport = 8000')  # fmt: skip
+    for second in seconds:
         err = problem(SEED.replace('host = "localhost"\nport = 8001', second))
         assert err.key == "services.llm_control_plane.instances[1].port"
         assert "is also instances[0]'s address" in err.message
@@ -1185,6 +1188,48 @@ def test_a_cors_origin_that_no_browser_sends_is_refused() -> None:
         "gateway.cors_origins[0]", "gateway.cors_origins[2]", "gateway.cors_origins[4]",
     ]  # fmt: skip
     assert all("must be an origin as browsers send it" in detail for _, detail in found)
+
+
+def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
+    """Browsers send scheme and host in lower case and leave the default port out: such
+    entries, and a port out of range, had been taken and never matched."""
+    text = (
+        '[gateway]\ncors_origins = ["https://Chat.Example.com", "https://b.example:443", '
+        '"https://c.example:99999", "http://d.example:8080", "http://e.example:80"]\n'
+    )
+    found = [(e.key, e.detail) for e in problems(text)]
+    assert found == [
+        ("gateway.cors_origins[0]",
+         "must be in lower case, as browsers send an origin: 'https://chat.example.com'"),
+        ("gateway.cors_origins[1]",
+         "must leave out the scheme's default port, as browsers do: 'https://b.example'"),
+        ("gateway.cors_origins[2]",
+         "must have a port number 1-65535 after the host, got 'https://c.example:99999'"),
+        ("gateway.cors_origins[4]",
+         "must leave out the scheme's default port, as browsers do: 'http://e.example'"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", ["gpu-node-1..lan", ".lead", "a" * 64 + ".example"])
+def test_a_host_name_no_lookup_could_take_is_refused(host: str) -> None:
+    """An empty or over-long label had passed the check, then crashed serve (the gateway's
+    host) or failed every health probe (an instance's)."""
+    hint = "must be a host name whose dot-separated labels are 1-63 characters long"
+    err = problem(f'[gateway]\nhost = "{host}"\n')
+    assert err.key == "gateway.host" and hint in err.message
+    err = problem(SEED.replace('host = "localhost"\nport = 8001', f'host = "{host}"\nport = 8001'))
+    assert err.key == "services.llm_control_plane.instances[1].host" and hint in err.message
+    assert parse_config('[gateway]\nhost = "gpu-node-1.lan."\n').gateway.host == "gpu-node-1.lan."
+
+
+def test_our_service_type_in_another_case_under_another_name_is_an_error() -> None:
+    """Read as another SAGE service's table, it had been skipped: check said OK, serve
+    refused the file."""
+    for kind, meant in (("controlplanevllmservice", "ControlPlaneVLLMService"),
+                        ("vllmservice", "VLLMService")):  # fmt: skip
+        err = problem(f'[services.x]\ntype = "{kind}"\nscheduling_policy = "fifo"\n')
+        assert (err.location, err.key) == ("cfg.toml:2", "services.x.type")
+        assert err.message.endswith(f"unknown value {kind!r} (did you mean {meant!r}?)")
 
 
 def test_a_pd_instance_on_an_engine_the_connector_cannot_reach_is_refused() -> None:

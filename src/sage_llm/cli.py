@@ -129,6 +129,11 @@ def _bind_host(value: str | None) -> str | None:
         )
     if value is not None and (value != value.strip() or "://" in value or "/" in value):
         raise typer.BadParameter(f"must be a host name or address, got {value!r}")
+    if value is not None:
+        from sage_llm.config_schema import bind_host_problem  # (the file's gateway.host rule)
+
+        if (problem := bind_host_problem(value)) is not None:
+            raise typer.BadParameter(problem)
     return value
 
 
@@ -289,6 +294,8 @@ def _check_listen(host: str, port: int, host_source: str = "--host") -> None:
         )[0]
     except socket.gaierror as exc:
         _fail(f"{host_source}: cannot resolve {host!r} ({exc.strerror})")
+    except UnicodeError:  # an empty or over-long label (a..b): no name to look up
+        _fail(f"{host_source}: {host!r} is not a host name (a label is empty or too long)")
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

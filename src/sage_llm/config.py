@@ -86,6 +86,7 @@ from sage_llm.sim.specs import placement_problem
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 
 __all__ = [
+    "BARE_KEYS",
     "DEFAULT_SIM_MODEL",
     "ENGINES",
     "MASK",
@@ -110,12 +111,13 @@ __all__ = [
     "instances_at",
     "load_config",
     "parse_config",
+    "reached_key",
     "unknown_instance_keys",
 ]
 
 _DOCUMENT_KEYS = ("services", *SECTIONS)
 _SERVICE_KEYS = tuple(f.name for f in dataclasses.fields(ControlPlaneConfig))
-_BARE_KEYS = (*_DOCUMENT_KEYS, *_SERVICE_KEYS)
+BARE_KEYS = (*_DOCUMENT_KEYS, *_SERVICE_KEYS)
 """The keys a mapping given to :func:`config_from_dict` may hold at its top level."""
 _SERVICE_PATH: KeyPath = ("services", "llm_control_plane")
 _SECTION_CLASSES: tuple[tuple[str, type[Any]], ...] = (
@@ -565,9 +567,9 @@ def _field_names(cls: type[Any]) -> set[str]:
 def _bare_service(data: Mapping[str, Any], p: Problems) -> Mapping[str, Any]:
     """``data`` as the bare service table, less its unknown keys (reported against every key
     the top level of a dict may hold)."""
-    unknown = [key for key in data if key not in _BARE_KEYS]
+    unknown = [key for key in data if key not in BARE_KEYS]
     for key in unknown:
-        p.add((str(key),), f"unknown key{suggest(str(key), _BARE_KEYS)}")
+        p.add((str(key),), f"unknown key{suggest(str(key), BARE_KEYS)}")
     return {k: v for k, v in data.items() if k not in unknown} if unknown else data
 
 
@@ -603,6 +605,17 @@ def _find_service(
             _check_vllm_service(value, ("services", str(key)), p)
             continue
         if isinstance(value, Mapping) and "type" in value:
+            kind = value["type"]
+            ours_in_another_case = next(
+                (t for t in (*SERVICE_TYPES, VLLM_SERVICE_TYPE)
+                 if isinstance(kind, str) and kind.strip().lower() == t.lower()),
+                None,
+            )  # fmt: skip
+            if ours_in_another_case is not None:  # read as another's, it would be ignored
+                p.add(
+                    ("services", key, "type"),
+                    f"unknown value {kind!r} (did you mean {ours_in_another_case!r}?)",
+                )
             continue  # another SAGE service: not ours to check
         p.add(
             ("services", key),
@@ -900,7 +913,7 @@ def _check_instances(
         engine = item.get("engine")  # a name in any case, as it is read
         simulated = mode == "simulated" or (isinstance(engine, str) and engine.lower() == "sim")
         if isinstance(host, str) and isinstance(port, int) and not simulated:
-            other = addresses.setdefault((host_key(host), port), index)
+            other = addresses.setdefault((reached_key(host), port), index)
             if other != index:
                 p.add((*path, index, "port"), f"{host}:{port} is also instances[{other}]'s address")
         metadata = item.get("metadata")
@@ -1009,6 +1022,16 @@ def host_key(host: str) -> str:
         return str(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
         return name  # a host name
+
+
+def reached_key(host: str) -> str:
+    """An engine's ``host`` as :func:`host_key` writes it, the unspecified address read as
+    the loopback address of its family (a connection to ``0.0.0.0`` reaches this host's
+    ``127.0.0.1``): two engine addresses that reach one engine have one key."""
+    key = host_key(host)
+    if key == "0.0.0.0":
+        return _LOOPBACK
+    return "::1" if key == "::" else key
 
 
 def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from sage_llm.config_fields import (
     CHECKED_METADATA,
@@ -104,7 +105,7 @@ def _check_host(value: str) -> str | None:
     return _check_address(value)
 
 
-def _check_bind_host(value: str) -> str | None:
+def bind_host_problem(value: str) -> str | None:
     """The gateway's address to listen on (any form the system resolves: ``0``, ``127.1``)."""
     if "://" in value or "/" in value:
         return "must be a host name or address to listen on, not a URL"
@@ -125,7 +126,24 @@ def _check_address(value: str) -> str | None:
             return "must be a host name or address without a port (set port separately)"
         if "%" in value:
             return "an IPv6 address with a zone id (%…) cannot be put in a URL here"
+    elif problem := _name_problem(value):
+        return problem
     return _check_printable(value)
+
+
+def _name_problem(value: str) -> str | None:
+    """A host name no lookup could take: an empty label (``a..b``, a leading dot), one
+    longer than 63 characters, or a name longer than 253 (the resolver's limits)."""
+    try:
+        encoded = value.encode("idna")
+    except UnicodeError:
+        return (
+            "must be a host name whose dot-separated labels are 1-63 characters long, "
+            f"got {value!r}"
+        )
+    if len(encoded.rstrip(b".")) > 253:
+        return f"must be a host name of at most 253 characters, got {len(encoded)}"
+    return None
 
 
 def _check_printable(value: str) -> str | None:
@@ -141,12 +159,29 @@ _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
 def _check_origin(value: str) -> str | None:
     """A CORS origin as a browser sends it (``https://app.example[:port]``), or ``*``: an
     entry with a path, a trailing ``/`` or no scheme would never match one."""
-    if value == "*" or _ORIGIN.fullmatch(value):
+    if value == "*":
         return None
-    return (
-        "must be an origin as browsers send it (scheme://host[:port], no path) or '*', "
-        f"got {value!r}"
-    )
+    if not _ORIGIN.fullmatch(value):
+        return (
+            "must be an origin as browsers send it (scheme://host[:port], no path) or '*', "
+            f"got {value!r}"
+        )
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        return f"must have a port number 1-65535 after the host, got {value!r}"
+    if port == 0:
+        return f"must have a port number 1-65535 after the host, got {value!r}"
+    if value != value.lower():
+        return f"must be in lower case, as browsers send an origin: {value.lower()!r}"
+    if port is not None and _DEFAULT_PORTS.get(parts.scheme) == port:
+        shown = value[: value.rindex(":")]
+        return f"must leave out the scheme's default port, as browsers do: {shown!r}"
+    return None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _check_service_type(value: str) -> str | None:
@@ -362,7 +397,7 @@ class GatewayConfig:
     file and from ``api_keys_env``; empty means no authentication on the OpenAI routes.
     Without an admin token the admin API answers loopback clients only."""
 
-    host: str = opt("127.0.0.1", rule(nonempty=True, check=_check_bind_host))
+    host: str = opt("127.0.0.1", rule(nonempty=True, check=bind_host_problem))
     port: int = opt(8080, rule(ge=0, le=65535))
     api_keys: tuple[str, ...] = opt((), rule(nonempty=True, secret=True))
     api_keys_env: str | None = opt(None, _ENV)

@@ -170,8 +170,12 @@ def test_register_instance_refuses_an_address_in_use_and_bad_live_figures() -> N
     taken = r"127\.0\.0\.1:9000 is already the address of instance 'h1'"
     with pytest.raises(ConflictError, match=taken):
         cp.register_instance(make_instance("h2", port=9000))
+    for host in ("LOCALHOST", "0.0.0.0"):  # one engine, however its address is written
+        with pytest.raises(ConflictError, match="already the address"):
+            cp.register_instance(make_instance("h3", host=host, port=9000))
+    cp.register_instance(make_instance("v6", host="::", port=9300))
     with pytest.raises(ConflictError, match="already the address"):
-        cp.register_instance(make_instance("h3", host="LOCALHOST", port=9000))
+        cp.register_instance(make_instance("v6b", host="::1", port=9300))
     cp.register_instance(make_instance("h4", port=9000), client=FakeEngine("h4"))  # the caller's
     # nominal addresses (simulated mode or engine), whoever makes the clients: no clash
     made = ControlPlaneManager(mode="simulated", engine_factory=lambda i: FakeEngine(i.instance_id))
@@ -192,7 +196,7 @@ def test_register_instance_refuses_an_address_in_use_and_bad_live_figures() -> N
         with pytest.raises(ConfigError, match=message) as info:
             cp.register_instance(make_instance("z", port=9100, **{field: value}))
         assert info.value.key == field
-    assert [i.instance_id for i in cp.get_instances()] == ["h1", "h4"]
+    assert [i.instance_id for i in cp.get_instances()] == ["h1", "v6", "h4"]
 
 
 def test_register_instance_checks_the_engine_against_the_pd_connector() -> None:

@@ -284,3 +284,7 @@ def test_bad_request_defaults_in_a_toml_file_name_line_and_key(tmp_path: Path) -
     assert "invalid priority 'soonish'" in errors[0].message
     with pytest.raises(ConfigError, match="move scheduling_policy there"):
         control_plane_service_config({"config_path": str(path), "scheduling_policy": "fifo"})
+    # a key no file has either is a misspelling, not a misplaced key
+    with pytest.raises(ConfigError, match=r"unknown key \(did you mean 'config_path'\?\)") as info:
+        control_plane_service_config({"config_path": str(path), "confg_path": 1})
+    assert info.value.key == "confg_path"

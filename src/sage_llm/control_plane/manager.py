@@ -33,8 +33,8 @@ from sage_llm.config import (
     PD_LEG_ROLES,
     check_instance,
     check_manager_arguments,
-    host_key,
     pd_engine_problem,
+    reached_key,
 )
 from sage_llm.config_fields import latency_prior
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
@@ -505,10 +505,10 @@ class ControlPlaneManager:
         if known is not None:
             raise ConflictError(f"instance {instance.instance_id!r} is already registered")
         if self._reached_at_address(instance, client is not None):  # one engine as two
-            address = (host_key(instance.host), instance.port)
+            address = (reached_key(instance.host), instance.port)
             theirs = self._given_clients
             for other in self._registry:
-                if (host_key(other.instance.host), other.instance.port) == address and (
+                if (reached_key(other.instance.host), other.instance.port) == address and (
                     self._reached_at_address(other.instance, other.instance_id in theirs)
                 ):
                     raise ConflictError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_llm.config import SageConfig, config_from_dict, load_config
+from sage_llm.config import BARE_KEYS, SageConfig, config_from_dict, load_config
 from sage_llm.config_fields import described, secret_problem
 from sage_llm.config_fields import suggest as suggest_key
 from sage_llm.config_locate import format_key
@@ -92,6 +92,10 @@ def control_plane_service_config(
         else:
             # beside a file, the dict may still set the request defaults (they win)
             misplaced = sorted(k for k in rest if k not in SERVICE_DEFAULT_KEYS)
+            for key in misplaced:
+                if key not in BARE_KEYS:  # a misspelt config_path is not a file's key
+                    valid = (*SERVICE_KEYS, *BARE_KEYS)
+                    raise ConfigError(f"unknown key{suggest_key(str(key), valid)}", key=str(key))
             if misplaced:
                 raise ConfigError(
                     f"config_path is given, so the control plane is configured in that file; "
