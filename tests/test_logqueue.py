@@ -157,6 +157,9 @@ def test_levels_by_name_or_number_and_unknown_names() -> None:
     assert parse_level(logging.DEBUG) == logging.DEBUG
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         parse_level("loud")
+    for alias in ("warn", "FATAL", "notset"):  # Python's aliases: not the documented names
+        with pytest.raises(ValueError, match=r"\(known: debug, info, warning, error, critical\)"):
+            parse_level(alias)
     with pytest.raises(ValueError, match="capacity must be at least 1"):
         LogWriter(io.StringIO(), logging.Formatter(), capacity=0)
 

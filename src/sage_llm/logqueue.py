@@ -74,12 +74,20 @@ def parse_level(level: str | int) -> int:
     names the known ones."""
     if isinstance(level, int):
         return level
-    value = logging.getLevelName(level.upper())
-    if not isinstance(value, int):
-        raise ValueError(
-            f"unknown log level {level!r} (known: debug, info, warning, error, critical)"
-        )
+    value = _LEVELS.get(level.strip().lower())
+    if value is None:  # (Python's aliases warn, fatal and notset too)
+        raise ValueError(f"unknown log level {level!r} (known: {', '.join(_LEVELS)})")
     return value
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+"""The level names ``--log-level`` takes (docs/gateway.md, Logs)."""
 
 
 class JsonFormatter(logging.Formatter):

@@ -862,3 +862,19 @@ def test_an_instance_being_removed_is_still_probed_while_calls_run_on_it() -> No
             assert r.status is RequestStatus.COMPLETED and r.instance_id == "sim-1"
 
     run_virtual(main())
+
+
+def test_a_stall_is_never_judged_before_its_limit() -> None:
+    """A call that came just after a scrape that saw none in flight had been timed from
+    that scrape, and ejected up to one stats interval before ``stall_timeout_s``."""
+
+    async def main() -> None:
+        cp = _manager(
+            FaultPlan.parse("hang@p1"), stall_timeout_s=3.0, routing_strategy="round_robin"
+        )
+        async with cp:
+            await asyncio.sleep(1.95)  # just after a scrape: the next is 1 s away
+            took = await asyncio.wait_for(_stall_run(cp, 1, 0.0), 60.0)
+        assert 3.0 <= took[0] < 3.0 + 2 * 1.0 + 0.1  # moved to sim-1: not early, not late
+
+    run_virtual(main())

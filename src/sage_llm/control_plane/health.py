@@ -538,16 +538,20 @@ class HealthMonitor:
         """Eject ``state`` as stalled when its engine has processed no token for
         ``stall_timeout_s`` while engine calls were in flight on it (see
         :attr:`HealthSettings.stall_timeout_s`). The standstill is timed from the first
-        scrape that saw the counters where they stand, or that saw no call in flight, so it
-        is judged at most two ``stats_interval_s`` late (one to see the counters stop, one
-        to see the limit pass)."""
+        scrape that saw calls in flight with the counters where they stand (never from one
+        that saw none: a call that came after it would have been judged early), so it is
+        judged at most two ``stats_interval_s`` late (one to see the counters stop, one to
+        see the limit pass)."""
         limit = self.settings.stall_timeout_s
         if limit is None or not stats.counts_tokens:
             return
         now = self.clock.now()
         done = stats.prompt_tokens_total + stats.generation_tokens_total
         mark = state.progress
-        if state.in_flight <= 0 or mark is None or mark[0] != done:
+        if state.in_flight <= 0:
+            state.progress = None  # timed from the first scrape that sees a call
+            return
+        if mark is None or mark[0] != done:
             state.progress = (done, now)
             return
         if now - mark[1] < limit:
