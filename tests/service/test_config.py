@@ -168,6 +168,12 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "base_url": "h:8000"}, "base_url"),
         ({"model_id": "m", "base_url": "http://h:1/api"}, "base_url"),
         ({"model_id": "m", "base_url": "http://h:1", "port": 2}, "base_url"),
+        ({"model_id": "m", "base_url": "http://h:99999"}, "base_url"),  # a raw ValueError
+        ({"model_id": "m", "base_url": "http://h:abc"}, "base_url"),
+        ({"model_id": "m", "base_url": "http://h:0"}, "base_url"),  # it had become port 80
+        ({"model_id": "m", "base_url": "http://u:pw@h:1"}, "base_url"),  # dropped unsaid
+        ({"model_id": "m", "base_url": "http://h:1?x=1"}, "base_url"),
+        ({"model_id": "m", "sampling": {"max_tokens": 10**30}}, "sampling.max_tokens"),
         ({"model_id": "m", "port": 8000}, "host"),
         ({"model_id": "m", "host": "h", "port": 0}, "port"),
         ({"model_id": "m", "dialect": "tgi"}, "dialect"),
@@ -192,6 +198,32 @@ def test_bad_vllm_service_configs_name_the_key(data: dict[str, Any], key: str) -
     with pytest.raises(ConfigError) as err:
         VLLMServiceConfig.from_dict(data)
     assert err.value.key == key
+
+
+def test_a_simulated_engine_names_the_engine_arguments_it_does_not_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A vLLM table switched to the simulator is kept as written (it runs once switched
+    back), and a warning says what is not read (max_model_len had gone unsaid)."""
+    with caplog.at_level("WARNING", logger="sage_llm.service"):
+        cfg = VLLMServiceConfig.from_dict(
+            {"model_id": "m", "engine": {"kind": "sim", "max_model_len": 100, "dtype": "half",
+                                         "tensor_parallel_size": 1}}
+        )  # fmt: skip
+    assert cfg.backend == "sim" and cfg.engine["max_model_len"] == 100
+    assert "engine.dtype, engine.max_model_len not read" in caplog.text
+    caplog.clear()
+    VLLMServiceConfig.from_dict({"model_id": "m", "engine": {"kind": "sim"}})
+    assert caplog.text == ""
+
+
+def test_a_max_tokens_default_beyond_64_bits_is_refused_when_built() -> None:
+    """It had failed every call, under the name of an option the caller never gave."""
+    with pytest.raises(
+        ConfigError, match=r"must be at most 9223372036854775807 \(64 bits\)"
+    ) as err:
+        control_plane_service_config(None, defaults=RequestDefaults(max_tokens=10**30))
+    assert err.value.key == "request_defaults.max_tokens"
 
 
 def test_unknown_vllm_service_keys_get_a_suggestion_or_the_valid_keys() -> None:

@@ -558,3 +558,14 @@ def test_request_defaults_of_another_type_or_bad_values_are_a_config_error() -> 
         "request_defaults.priority", "request_defaults.temperature",
         "request_defaults.timeout_s",
     ]  # fmt: skip
+
+
+def test_tasks_take_their_own_options_at_the_top_level_and_no_inputs_when_they_have_none() -> None:
+    with _service() as svc:
+        moved = svc.process({"task": "drain_instance", "inputs": "sim-0", "drain": True})
+        assert moved == {"instance_id": "sim-0", "draining": True}
+        svc.process({"task": "set_policy", "inputs": "priority", "params": {"max_wait_s": 5.0}})
+        for task in ("show_instances", "health_check", "get_metrics", "show_models"):
+            with pytest.raises(InvalidRequestError, match=f"task '{task}' takes no inputs") as err:
+                svc.process({"task": task, "inputs": "sim-0"})
+            assert err.value.param == "inputs"

@@ -8,6 +8,7 @@ import pytest
 
 from sage_llm.errors import InvalidRequestError
 from sage_llm.service.payloads import (
+    GENERATE_OPTIONS,
     GenerateOptions,
     PromptInput,
     RequestDefaults,
@@ -19,7 +20,7 @@ from sage_llm.service.payloads import (
 )
 from sage_llm.types import RequestPriority
 
-TASKS = ("generate", "embed", "show_models")
+TASKS = {"generate": GENERATE_OPTIONS, "embed": ("normalize",), "show_models": ()}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
@@ -223,3 +224,12 @@ def test_a_request_fields_error_is_named_by_the_option_it_came_from() -> None:
     locate_error(err, "inputs[1]")
     assert err.param == "inputs[1].options.model"
     assert str(err) == "inputs[1]: model is required when several models are served"
+
+
+def test_top_level_options_are_those_of_the_payloads_task() -> None:
+    """Only generate's option names had been taken at the top level: embed's normalize,
+    set_policy's params, drain_instance's drain were unknown payload keys there."""
+    req = parse_payload({"task": "embed", "inputs": "x", "normalize": False}, TASKS)
+    assert dict(req.options) == {"normalize": False}
+    _bad({"task": "embed", "inputs": "x", "priority": 1}, "priority", "unknown payload key")
+    _bad({"task": "show_models", "max_tokens": 1}, "max_tokens", "unknown payload key")

@@ -272,3 +272,15 @@ def test_process_needs_setup() -> None:
     finally:
         svc.stop()
         svc.cleanup()
+
+
+def test_show_models_takes_no_inputs_and_embed_its_options_at_the_top_level(
+    sim_service: VLLMService,
+) -> None:
+    with pytest.raises(InvalidRequestError, match="show_models takes no inputs") as err:
+        sim_service.process({"task": "show_models", "inputs": "anything"})
+    assert err.value.param == "inputs"
+    top = sim_service.process({"task": "embed", "inputs": "x", "normalize": False})
+    assert top == sim_service.process(
+        {"task": "embed", "inputs": "x", "options": {"normalize": False}}
+    )

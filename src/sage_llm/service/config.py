@@ -18,6 +18,7 @@ control plane (``use_control_plane``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config import BARE_KEYS, SageConfig, config_from_dict, load_config
-from sage_llm.config_fields import described, secret_problem
+from sage_llm.config_fields import INT64_MAX, beyond_int64, described, secret_problem, shown_value
 from sage_llm.config_fields import suggest as suggest_key
 from sage_llm.config_locate import format_key
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE
@@ -45,6 +46,8 @@ __all__ = [
     "VLLMServiceConfig",
     "control_plane_service_config",
 ]
+
+log = logging.getLogger("sage_llm.service")
 
 SERVICE_KEYS = ("config_path",)
 """Keys of a ControlPlaneVLLMService dict that are not part of the shared config model."""
@@ -150,6 +153,8 @@ def check_request_defaults(defaults: object) -> None:
         isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
     ):
         bad("max_tokens", f"must be a positive integer, got {described(tokens)}")
+    elif tokens is not None and beyond_int64(tokens):  # as a request's own max_tokens
+        bad("max_tokens", f"must be at most {INT64_MAX} (64 bits), got {shown_value(tokens)}")
     extra: object = defaults.extra
     if not isinstance(extra, Mapping):
         bad("extra", f"must be a mapping, got {described(extra)}")
@@ -307,6 +312,13 @@ class VLLMServiceConfig:
                 ConfigError('engine = "sim" and an endpoint exclude each other', key="engine")
             )
         backend = "http" if host is not None else (kind or "vllm")
+        unread = sorted(str(k) for k in table if k != "tensor_parallel_size")
+        if kind == "sim" and unread:  # a vLLM config switched to the simulator: said, not
+            log.warning(  # refused (it runs as written once switched back)
+                "engine: the simulated engine reads only tensor_parallel_size; %s not read "
+                "(its context is its model's; sim = {gpu, model, speed, ...} sets the rest)",
+                ", ".join(f"engine.{k}" for k in unread),
+            )
         sampling = {**DEFAULT_SAMPLING, **(g.built(lambda: _table(data, "sampling"), _same) or {})}
         engine = {**DEFAULT_ENGINE, **table}
         sim = g.built(lambda: _table(data, "sim"), _same) or {}
@@ -494,8 +506,23 @@ def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
         if parts.path.rstrip("/") not in ("", "/v1"):
             raise ConfigError("must be the server root (http://host:port or .../v1)",
                               key="base_url")  # fmt: skip
+        if parts.username is not None or parts.query or parts.fragment:  # else dropped
+            raise ConfigError(
+                "must be the server root without credentials, query or fragment (set "
+                "api_key for a key)",
+                key="base_url",
+            )
+        try:
+            given = parts.port
+        except ValueError:
+            given = 0
+        if given == 0:  # out of range, not a number, or 0 (which had become 80)
+            raise ConfigError(
+                f"must have a port number 1-65535 after the host, got {base_url!r}",
+                key="base_url",
+            )
         default_port = 443 if parts.scheme == "https" else 80
-        return parts.hostname, parts.port or default_port, parts.scheme
+        return parts.hostname, given or default_port, parts.scheme
     if host is None and port is None:
         return None, None, scheme
     if not isinstance(host, str) or not host:
@@ -550,4 +577,9 @@ def _sampling_int(sampling: Mapping[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"must be a positive integer, got {value!r}", key=f"sampling.{key}")
+    if beyond_int64(value):  # as a request's own option
+        raise ConfigError(
+            f"must be at most {INT64_MAX} (64 bits), got {shown_value(value)}",
+            key=f"sampling.{key}",
+        )
     return value

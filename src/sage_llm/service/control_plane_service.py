@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,8 +42,15 @@ from sage_llm.errors import (
 )
 from sage_llm.service.base import ManagedService
 from sage_llm.service.config import ConfigSource, control_plane_service_config
-from sage_llm.service.embeddings import EmbedRequest, embed_result, parse_embed, vectors_from_openai
+from sage_llm.service.embeddings import (
+    EMBED_OPTIONS,
+    EmbedRequest,
+    embed_result,
+    parse_embed,
+    vectors_from_openai,
+)
 from sage_llm.service.payloads import (
+    GENERATE_OPTIONS,
     Payload,
     PromptInput,
     RequestDefaults,
@@ -62,16 +69,20 @@ __all__ = ["CONTROL_PLANE_TASKS", "WEIGHTS_NOT_MANAGED", "ControlPlaneVLLMServic
 
 T = TypeVar("T")
 
-CONTROL_PLANE_TASKS = (
-    "generate", "embed", "show_instances", "health_check", "get_metrics", "set_policy",
-    "show_models", "register_instance", "drain_instance", "unregister_instance",
-    "download_model", "delete_model", "fine_tune",
-)  # fmt: skip
+_SET_POLICY_OPTIONS = frozenset({"policy", "params"})
+CONTROL_PLANE_TASKS: Mapping[str, Collection[str]] = {
+    "generate": GENERATE_OPTIONS, "embed": EMBED_OPTIONS, "show_instances": (),
+    "health_check": (), "get_metrics": (), "set_policy": _SET_POLICY_OPTIONS,
+    "show_models": (), "register_instance": (), "drain_instance": ("drain",),
+    "unregister_instance": (), "download_model": (), "delete_model": (), "fine_tune": (),
+}  # fmt: skip
+"""The tasks, each with the options it takes (in ``options``, or at the payload's top
+level)."""
+_NO_INPUTS = frozenset({"show_instances", "health_check", "get_metrics", "show_models"})
 WEIGHTS_NOT_MANAGED = (
     "task {task!r} is not supported by sage-llm: manage weights on the engine host "
     "(the engines load their models themselves)"
 )
-_SET_POLICY_OPTIONS = frozenset({"policy", "params"})
 
 
 class ControlPlaneVLLMService(ManagedService):
@@ -188,6 +199,8 @@ class ControlPlaneVLLMService(ManagedService):
         if options:
             key = next(iter(options))
             raise InvalidRequestError(f"task {task!r} takes no options", param=f"options.{key}")
+        if req.inputs is not None and task in _NO_INPUTS:  # (not a filter: said so)
+            raise InvalidRequestError(f"task {task!r} takes no inputs", param="inputs")
         if task == "health_check":
             return self._check_health()
         views: dict[str, Callable[[ControlPlaneManager], Any]] = {

@@ -184,10 +184,10 @@ async def located(work: Awaitable[T]) -> T:
 # -- payload -------------------------------------------------------------------------------
 
 
-def parse_payload(
-    payload: object, tasks: Collection[str], option_keys: Collection[str] = GENERATE_OPTIONS
-) -> Payload:
-    """Check the payload's shape and task (default ``generate``, as SAGE's VLLMService)."""
+def parse_payload(payload: object, tasks: Mapping[str, Collection[str]]) -> Payload:
+    """Check the payload's shape and task (default ``generate``, as SAGE's VLLMService):
+    ``tasks`` maps each task to the options it takes, which may also be given at the top
+    level of the payload (the seed's style)."""
     if not isinstance(payload, Mapping):
         raise InvalidRequestError(
             f"payload must be a dict with task, inputs and options, got {type(payload).__name__}",
@@ -208,6 +208,7 @@ def parse_payload(
             f"options must be a dict, got {type(options).__name__}", param="options"
         )
     merged = dict(options)
+    option_keys = tasks[task]
     for key, value in payload.items():
         if key in _PAYLOAD_KEYS:
             continue

@@ -20,7 +20,7 @@ checks it).
 from __future__ import annotations
 
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Collection, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,25 @@ from sage_llm.service.control_plane_service import (
     WEIGHTS_NOT_MANAGED,
     ControlPlaneVLLMService,
 )
-from sage_llm.service.embeddings import parse_embed
-from sage_llm.service.payloads import located, parse_generate, parse_payload, request_ids
+from sage_llm.service.embeddings import EMBED_OPTIONS, parse_embed
+from sage_llm.service.payloads import (
+    GENERATE_OPTIONS,
+    located,
+    parse_generate,
+    parse_payload,
+    request_ids,
+)
 from sage_llm.service.runner import LoopFactory, LoopThread
 from sage_llm.service.views import models_view
 
 __all__ = ["VLLM_TASKS", "VLLMService", "register_vllm_service"]
 
-VLLM_TASKS = ("generate", "embed", "show_models", "download_model", "delete_model", "fine_tune")
+VLLM_TASKS: Mapping[str, Collection[str]] = {
+    "generate": GENERATE_OPTIONS, "embed": EMBED_OPTIONS, "show_models": (),
+    "download_model": (), "delete_model": (), "fine_tune": (),
+}  # fmt: skip
+"""The tasks, each with the options it takes (in ``options``, or at the payload's top
+level)."""
 
 
 class VLLMService(ManagedService):
@@ -199,6 +210,8 @@ class VLLMService(ManagedService):
         if req.task == "show_models":
             if req.options:
                 raise InvalidRequestError("show_models takes no options", param="options")
+            if req.inputs is not None:  # (not a filter: said so)
+                raise InvalidRequestError("show_models takes no inputs", param="inputs")
             return self._models(backend)
         raise InvalidRequestError(WEIGHTS_NOT_MANAGED.format(task=req.task), param="task")
 
