@@ -196,7 +196,11 @@ def build_request(
             "the engine fields it does not read",
             param=f"extra_body.{key}",
         )
-    if (keep := truncation(meta.extra_body)) is not None and prompt_tokens > keep:
+    if (
+        meta.extra_body
+        and (keep := truncation(meta.extra_body)) is not None
+        and prompt_tokens > keep
+    ):
         # the engine keeps the last `keep` tokens: what it runs, and what its cache holds
         kept = tokens.last_tokens(source, keep)
         prompt_tokens, hashes = _prompt_blocks(kept, block_size)

@@ -394,13 +394,16 @@ def parse_generation(
             param=max_tokens_param,
         )
     prompt_limit = settings.max_prompt_tokens
-    if prompt_limit is not None and not (
-        (keep := truncation(body)) is not None and keep <= prompt_limit
-    ):  # an engine that keeps at most the limit's tokens (truncate_prompt_tokens) runs it
+    if prompt_limit is not None:
         text = prompt if messages is None else chat_prompt_text(messages)
         # a token is at least one character (or one id): a prompt no longer than the
-        # limit is within it without being counted
-        if len(text or ()) > prompt_limit and (prompt_tokens := count_tokens(text)) > prompt_limit:
+        # limit is within it without being counted; an engine that keeps at most the
+        # limit's tokens of it (truncate_prompt_tokens) runs it within the limit too
+        if (
+            len(text or ()) > prompt_limit
+            and not ((keep := truncation(body)) is not None and keep <= prompt_limit)
+            and (prompt_tokens := count_tokens(text)) > prompt_limit
+        ):
             raise InvalidRequestError(
                 f"{prompt_param}: the prompt has about {prompt_tokens} tokens by this "
                 f"gateway's estimate (gateway.max_prompt_tokens: {prompt_limit})",
