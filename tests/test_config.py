@@ -829,6 +829,16 @@ def test_role_config_must_match_instance_type() -> None:
     assert err.message.endswith("prefilling_config: is not allowed on a DECODING instance")
 
 
+def test_a_role_config_conflict_is_reported_beside_the_entrys_other_problems() -> None:
+    """One bad field had hidden it until the next run (the entry's own check never ran)."""
+    bad_port = SEED.replace('host = "localhost"\nport = 8001', 'host = "localhost"\nport = "x"')
+    text = bad_port + "[services.llm_control_plane.instances.prefilling_config]\nchunk_size = 64\n"
+    assert [(e.location, e.key) for e in problems(text)] == [
+        ("cfg.toml:19", "services.llm_control_plane.instances[1].port"),
+        ("cfg.toml:23", "services.llm_control_plane.instances[1].prefilling_config"),
+    ]
+
+
 def test_pd_errors() -> None:
     err = problem("[services.llm_control_plane.pd]\nconector = 'vllm'\n")
     assert (err.location, err.key) == ("cfg.toml:2", "services.llm_control_plane.pd.conector")

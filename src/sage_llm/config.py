@@ -60,6 +60,7 @@ from sage_llm.config_schema import (
     INERT_PD_FIELDS,
     MASK,
     MODES,
+    ROLE_CONFIGS,
     SECTIONS,
     SERVICE_DEFAULT_KEYS,
     SERVICE_TYPES,
@@ -73,6 +74,7 @@ from sage_llm.config_schema import (
     SageConfig,
     SimulationConfig,
     default_sim_model,
+    role_config_problem,
     sim_key_in_metadata,
 )
 from sage_llm.control_plane.params import build_params
@@ -926,12 +928,29 @@ def _check_instances(
                 where = (*path, index, "metadata", key)
                 if key in metadata and not p.failed(where):  # (said once, by the entry)
                     p.add(where, sim_key_in_metadata(key))
+        _check_role_configs(item, (*path, index), p)
         env_name = item.get("api_key_env")
         if isinstance(env_name, str) and not p.failed((*path, index, "api_key_env")):
             if item.get("api_key") is not None:
                 p.add((*path, index, "api_key_env"), "set api_key or api_key_env, not both")
             else:
                 _env_secret(env_name, (*path, index, "api_key_env"), env, p)
+
+
+def _check_role_configs(item: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
+    """A role's config on an instance of another role, checked on the raw entry when the
+    entry has problems of its own (else :class:`InstanceConfig` reported it): one bad field
+    had hidden it until the next run."""
+    if not p.failed_under(path):
+        return
+    given = [k for k in ROLE_CONFIGS if item.get(k) is not None]
+    try:
+        kind = ExecutionInstanceType.parse(item.get("instance_type", "GENERAL"))
+    except (ValueError, TypeError):
+        return  # (its own problem, reported)
+    problem = role_config_problem(kind, given)
+    if problem is not None and not p.failed((*path, problem[0])):
+        p.add((*path, problem[0]), problem[1])
 
 
 def _check_not_the_gateway(

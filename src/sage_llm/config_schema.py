@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -247,6 +247,21 @@ _ID = rule(nonempty=True, check=_check_printable)
 _ENV = rule(nonempty=True, check=_check_env_name)
 
 
+ROLE_CONFIGS = ("prefilling_config", "decoding_config")
+
+
+def role_config_problem(
+    kind: ExecutionInstanceType, given: Sequence[str]
+) -> tuple[str, str] | None:
+    """(key, problem) of a role's config (``ROLE_CONFIGS``, those ``given``) on an
+    instance of another role; None when they agree."""
+    if "prefilling_config" in given and kind is ExecutionInstanceType.DECODING:
+        return "prefilling_config", "is not allowed on a DECODING instance"
+    if "decoding_config" in given and kind is ExecutionInstanceType.PREFILLING:
+        return "decoding_config", "is not allowed on a PREFILLING instance"
+    return None
+
+
 @dataclass(frozen=True)
 class InstanceConfig:
     """One ``[[services.llm_control_plane.instances]]`` entry: an engine instance.
@@ -291,11 +306,9 @@ class InstanceConfig:
 
     def __post_init__(self) -> None:
         validate(self, FOREIGN_RULES)  # its role configs' fields as a file's
-        kind = self.instance_type
-        if self.prefilling_config is not None and kind is ExecutionInstanceType.DECODING:
-            raise FieldValueError("prefilling_config", "is not allowed on a DECODING instance")
-        if self.decoding_config is not None and kind is ExecutionInstanceType.PREFILLING:
-            raise FieldValueError("decoding_config", "is not allowed on a PREFILLING instance")
+        given = [k for k in ROLE_CONFIGS if getattr(self, k) is not None]
+        if (misplaced := role_config_problem(self.instance_type, given)) is not None:
+            raise FieldValueError(*misplaced)
         doubled = [key for key in SIM_KEYS if key in self.metadata]
         if doubled:  # to_instance would overwrite them with the instance's own keys
             raise FieldValueError(f"metadata.{doubled[0]}", sim_key_in_metadata(doubled[0]))
