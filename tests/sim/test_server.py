@@ -284,6 +284,14 @@ async def test_client_disconnect_closes_engine_iterator_and_counts_an_abort(
             resp = await http.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
             assert b" w0" in await resp.content.readuntil(b"\n\n")
             await asyncio.wait_for(fake.gated.wait(), timeout=10)
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:  # mid-stream
+                running = await r.text()
+            # timed as it came, as vLLM times a token in the step that makes it (the
+            # histograms had been filled only when a request ended)
+            assert "vllm:time_to_first_token_seconds_count{" in running
+            line = next(x for x in running.splitlines()
+                        if x.startswith("vllm:time_to_first_token_seconds_count"))  # fmt: skip
+            assert line.endswith(" 1.0"), line
             resp.close()
         else:
             await _leave_while_held(http, f"http://127.0.0.1:{port}/v1/completions", body, fake)

@@ -372,7 +372,7 @@ class _EngineServer:
         except asyncio.CancelledError:  # the client went away: the engine aborts the leg
             self.metrics.count_abort()
             raise
-        now = self.clock.now()
+        now = self.metrics.observe_token(arrival, None, self.clock.now())
         first = handle.first_token
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
         self._observe(parsed, arrival, [now], "length", usage)
@@ -403,7 +403,8 @@ class _EngineServer:
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
         first = handle.first_token or Chunk("", (), "length", usage)
         if not parsed.stream:
-            self._observe(parsed, arrival, [self.clock.now()], "length", usage)
+            now = self.metrics.observe_token(arrival, None, self.clock.now())
+            self._observe(parsed, arrival, [now], "length", usage)
             return web.json_response(fmt.completion(first.text, "length", usage))
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -474,10 +475,12 @@ class _EngineServer:
         top: dict[str, Any] = {}
         finish: str | None = None
         usage: Usage | None = None
+        last: float | None = None
         it = self.engine.generate(parsed.req)
         try:
             async for chunk in it:
-                times.append(self.clock.now())
+                times.append(self.metrics.observe_token(arrival, last, self.clock.now()))
+                last = times[-1]
                 texts.append(chunk.text)
                 extras.update(chunk.extras or {})
                 top.update(chunk.top or {})
@@ -489,7 +492,7 @@ class _EngineServer:
         except SageLLMError as exc:
             return _failed(request, exc)
         except asyncio.CancelledError:  # the client went away: the engine aborts it
-            self.metrics.count_abort(arrival, times)
+            self.metrics.count_abort()
             raise
         finally:
             await _aclose(it)
@@ -554,6 +557,7 @@ class _EngineServer:
         arrival: float,
     ) -> None:
         times: list[float] = []
+        last: float | None = None
         finish: str | None = None
         usage: Usage | None = None
         produced = 0
@@ -568,7 +572,8 @@ class _EngineServer:
                 await resp.write(encode_event(role))
                 first = False
             while chunk is not None:
-                times.append(self.clock.now())
+                times.append(self.metrics.observe_token(arrival, last, self.clock.now()))
+                last = times[-1]
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
                 produced += len(chunk.token_ids) or 1
@@ -599,10 +604,9 @@ class _EngineServer:
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(encode_event(exc.to_openai()))
         except ConnectionResetError:  # the client went away; the caller closes the iterator
-            self.metrics.count_abort(arrival, times)
+            self.metrics.count_abort()
             return
         except asyncio.CancelledError:  # the client went away: _stream counts the abort
-            self.metrics.observe_tokens(arrival, times)
             raise
         else:
             self._observe(parsed, arrival, times, finish, usage)

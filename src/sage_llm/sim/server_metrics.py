@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -55,28 +54,28 @@ class ServerMetrics:
         *,
         queue_s: float | None = None,
     ) -> None:
-        """Record one finished request: ``times`` are the clock readings of its chunks."""
-        self.observe_tokens(arrival, times)
+        """Record one finished request: ``times`` are the clock readings of its chunks
+        (each timed as it came, :meth:`observe_token`: its end and queue time here)."""
         if times:
             self.e2e.labels(*self._values).observe(max(0.0, times[-1] - arrival))
         if queue_s is not None:
             self.queue.labels(*self._values).observe(max(0.0, queue_s))
         self._finished[finish] = self._finished.get(finish, 0) + 1
 
-    def observe_tokens(self, arrival: float, times: Sequence[float]) -> None:
-        """The TTFT and inter-token latencies of chunks read at ``times``."""
-        if times:
-            self.ttft.labels(*self._values).observe(max(0.0, times[0] - arrival))
-            itl = self.itl.labels(*self._values)
-            for prev, cur in itertools.pairwise(times):
-                itl.observe(max(0.0, cur - prev))
+    def observe_token(self, arrival: float, last: float | None, now: float) -> float:
+        """Time a chunk read at ``now`` as it comes, as vLLM times each token in the step
+        that makes it: the TTFT of a request's first (``last`` None), else the gap since
+        its last chunk. Returns ``now`` (the next chunk's ``last``)."""
+        if last is None:
+            self.ttft.labels(*self._values).observe(max(0.0, now - arrival))
+        else:
+            self.itl.labels(*self._values).observe(max(0.0, now - last))
+        return now
 
-    def count_abort(self, arrival: float = 0.0, times: Sequence[float] = ()) -> None:
+    def count_abort(self) -> None:
         """Count a request its client left before its end (``finished_reason="abort"``,
-        as vLLM counts one its client disconnected from); the chunks it had (read at
-        ``times``) are timed, as vLLM times each token as it comes (its end is not: no
-        end-to-end or queue time)."""
-        self.observe_tokens(arrival, times)
+        as vLLM counts one its client disconnected from); its chunks were timed as they
+        came, its end is not (no end-to-end or queue time)."""
         self._finished["abort"] += 1
 
     def collect(self) -> Iterator[Metric]:
