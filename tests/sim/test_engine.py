@@ -754,3 +754,31 @@ def test_a_stop_string_spanning_tokens_never_reaches_the_output(keep: bool) -> N
         assert sum(len(c.token_ids) for c in chunks) == 5  # its tokens, the stop's included
 
     virtual(main)
+
+
+def test_truncate_prompt_tokens_in_process_as_over_http() -> None:
+    """The in-process engine had run the whole prompt while the control plane counted the
+    kept tokens (and engine-sim over HTTP cut it): one rule, the prompt's last k."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        try:
+            chunks = await collect(engine, req(max_tokens=2, extra={"truncate_prompt_tokens": 5}))
+            usage = chunks[-1].usage
+            assert usage is not None and usage.prompt_tokens == 5
+            long = req("r1", prompt="word " * 9000, max_tokens=2,
+                       extra={"truncate_prompt_tokens": 100.0})  # fmt: skip
+            usage = (await collect(engine, long))[-1].usage  # beyond the context, cut to 100
+            assert usage is not None and usage.prompt_tokens == 100
+            chat = req("r2", prompt=None, messages=[{"role": "user", "content": PROMPT}],
+                       max_tokens=2, extra={"truncate_prompt_tokens": 3, "echo": True})  # fmt: skip
+            usage = (await collect(engine, chat))[-1].usage
+            assert usage is not None and usage.prompt_tokens == 3
+            for bad in (True, 0, -2, "5"):
+                with pytest.raises(InvalidRequestError) as info:
+                    await collect(engine, req("r3", extra={"truncate_prompt_tokens": bad}))
+                assert info.value.param == "truncate_prompt_tokens"
+        finally:
+            await engine.aclose()
+
+    virtual(main)

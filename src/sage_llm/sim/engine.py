@@ -82,6 +82,7 @@ from sage_llm.sim.server_requests import (
     prompt_token_ids,
     request_flag,
     requested_echo,
+    truncated_request,
 )
 from sage_llm.sim.text import PseudoText
 from sage_llm.types import ExecutionInstanceType
@@ -406,6 +407,7 @@ class SimEngine:
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
+        req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         if not req.send_max_tokens:  # left to the engine, as over HTTP (engine-sim's default)
             limit = self._config.max_model_len
@@ -498,6 +500,7 @@ class SimEngine:
                 instance_id=self._id,
                 retryable=True,
             )
+        req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         # the request's fields checked as its decode leg will check them (as vLLM checks
         # the whole request before it runs a leg): refused here, nothing is pinned for it

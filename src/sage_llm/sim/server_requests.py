@@ -230,6 +230,24 @@ def _truncated(
     return tokens.last_tokens(prompt, keep), None, keep
 
 
+def truncated_request(req: EngineRequest, max_model_len: int) -> EngineRequest:
+    """``req`` as the engine runs it under its ``truncate_prompt_tokens`` (the HTTP server
+    cuts a body's prompt in :func:`parse_request`; an in-process engine's request is cut
+    here, by the same rule): the prompt's last k tokens, a chat's as its template's text
+    (its ``echo`` then ignored, as over HTTP). ``req`` itself when nothing is cut."""
+    if req.extra.get("truncate_prompt_tokens") is None:
+        return req
+    prompt, messages = req.prompt, req.messages
+    count = len(prompt_token_ids(req)) if messages is not None or prompt is not None else 0
+    cut, cut_messages, _ = _truncated(req.extra, prompt, messages, count, max_model_len)
+    if cut is prompt and cut_messages is messages:
+        return req
+    extra = req.extra
+    if messages is not None and cut_messages is None:  # a cut chat runs as a prompt
+        extra = {k: v for k, v in extra.items() if k != "echo"}
+    return req.with_changes(prompt=cut, messages=cut_messages, extra=extra)
+
+
 def parse_request(
     body: Mapping[str, Any],
     *,
