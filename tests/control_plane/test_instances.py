@@ -202,6 +202,25 @@ def test_prompts_of_one_length_or_with_short_ones_are_not_fitted() -> None:
     assert sq.est_ttft_base_s >= 0.0
 
 
+@pytest.mark.parametrize("factor", [3.0, 1 / 3])
+def test_an_engine_that_changes_speed_is_followed_within_a_few_requests(factor: float) -> None:
+    """A fit over ~64 samples had taken up to 130 TTFTs to follow a 3x change (and read an
+    engine that got faster as 2-3x too slow meanwhile): it is forgotten on the drift."""
+    rng = random.Random(3)
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    ratios = []
+    for i in range(260):
+        scale = factor if i >= 200 else 1.0
+        tokens = rng.randint(256, 6000)
+        state.observe_first_token(
+            scale * (0.03 + tokens / 10_000) * math.exp(rng.gauss(0, 0.1)), tokens
+        )
+        truth = scale * (0.03 + 2000 / 10_000)
+        ratios.append((state.est_ttft_base_s + 2000 * state.est_s_per_prefill_token) / truth)
+    assert all(0.8 <= r <= 1.25 for r in ratios[150:200])  # fitted before the change
+    assert all(0.75 <= r <= 1.33 for r in ratios[220:])  # and followed within 20 after it
+
+
 def test_noisy_chat_traffic_keeps_the_fitted_rate_near_the_engines() -> None:
     """A fit over a window of a few samples had swung between 561 and 10 million tokens a
     second on such traffic: over the fit's memory it stays within a factor of two."""

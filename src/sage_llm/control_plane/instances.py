@@ -60,6 +60,10 @@ FIT_MIN_SAMPLES = 16
 FIT_MIN_SPREAD = 0.25
 """The least coefficient of variation of the prompts' lengths a fit is read from: prompts
 of about one length cannot tell a fixed part from a per-token cost."""
+FIT_RESET_DRIFT = 0.3
+"""The drift (:attr:`PrefillFit.drift`) past which the fit is forgotten: an engine that
+became 3x slower or faster is then followed as fast as the EWMA rule follows it (a fit
+over ~64 samples had taken up to 130 samples to; noisy chat traffic stays below it)."""
 FIT_MIN_T = 4.0
 """The least t-statistic of the fitted per-token cost (its estimate over its standard
 error) a fit is read with."""
@@ -70,7 +74,8 @@ class PrefillFit:
     """A weighted least-squares line through the latest (pending tokens, TTFT) pairs of
     prompts of :data:`RATE_FROM_TOKENS` tokens or more: both parts of the time to first
     token, read when the prompts' lengths vary enough to tell them apart (a fleet whose
-    prompts are all long otherwise reads an engine's fixed overhead as per-token cost)."""
+    prompts are all long otherwise reads an engine's fixed overhead as per-token cost).
+    Forgotten when the TTFTs drift from their predictions (:data:`FIT_RESET_DRIFT`)."""
 
     w: float = 0.0
     w2: float = 0.0
@@ -80,6 +85,9 @@ class PrefillFit:
     xy: float = 0.0
     yy: float = 0.0
     samples: int = 0
+    drift: float = 0.0
+    """The exponentially weighted mean log ratio of the TTFTs to their predictions: a
+    change of the engine's speed shows in it first."""
     short: float = 0.0
     """The decayed count of short prompts seen: those tell the fixed part directly, and a
     fit is not read while they come."""
@@ -259,6 +267,13 @@ class InstanceState:
             self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
             return
         self.rate_samples += 1
+        predicted = self.est_ttft_base_s + pending_tokens * self.est_s_per_prefill_token
+        if predicted > 0.0 and ttft_s > 0.0:
+            drift = self.prefill_fit.drift
+            drift += _ALPHA * (math.log(ttft_s / predicted) - drift)
+            self.prefill_fit.drift = drift
+            if abs(drift) > FIT_RESET_DRIFT:  # the engine changed: forget the old line
+                self.prefill_fit = PrefillFit()
         self.prefill_fit.add(pending_tokens, ttft_s)
         if (line := self.prefill_fit.line()) is not None:
             self.est_ttft_base_s = line[0]
