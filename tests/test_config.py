@@ -1268,6 +1268,22 @@ def test_a_pd_instance_on_an_engine_the_connector_cannot_reach_is_refused() -> N
     assert parse_config(fine, "cfg.toml", env={}).control_plane.pd.connector == "sglang"
 
 
+@pytest.mark.parametrize("role", ["GENERAL", "HYBRID"])
+def test_a_general_or_hybrid_sglang_instance_of_a_pd_model_is_refused(role: str) -> None:
+    """An SGLang server takes a leg only in its --disaggregation-mode: given one, it ran
+    the whole request and its partner leg waited a minute for the hand-off."""
+    text = SEED.replace(
+        'instance_type = "PREFILLING"', 'instance_type = "PREFILLING"\nengine = "sglang"'
+    )
+    text = text.replace(
+        'instance_type = "DECODING"', f'instance_type = "{role}"\nengine = "sglang"'
+    )
+    text += "[services.llm_control_plane.pd]\nconnector = 'sglang'\n"
+    err = problem(text)
+    assert err.key == "services.llm_control_plane.instances[1].engine"
+    assert f"a {role} instance on 'sglang' cannot take a PD leg" in err.message
+
+
 def test_decider_parameters_that_contradict_the_pd_settings_are_refused() -> None:
     """The decider's KV size, transfer limit or block size given again in decider_params
     with another value: two plugins of one fleet had priced hand-offs differently."""

@@ -1086,6 +1086,7 @@ def _check_pd_connector(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> N
             p.add((*path, index, "engine"), problem)
 
 
+_GENERAL = ExecutionInstanceType.GENERAL
 PD_LEG_ROLES = (
     ExecutionInstanceType.PREFILLING,
     ExecutionInstanceType.DECODING,
@@ -1096,7 +1097,17 @@ PD_LEG_ROLES = (
 
 def pd_engine_problem(role: ExecutionInstanceType, engine: str, connector: str) -> str | None:
     """Why an instance of ``role`` on ``engine`` cannot take part in the ``connector`` PD
-    connector's hand-off of its model's requests (None: it can; ``sim`` speaks both)."""
+    connector's hand-off of its model's requests (None: it can; ``sim`` speaks both). An
+    SGLang server takes a leg only in its ``--disaggregation-mode`` (prefill or decode):
+    one without it ignores the hand-off and runs the whole request, so a GENERAL or HYBRID
+    instance on SGLang cannot take the legs such a role is given."""
+    if engine == "sglang" == connector and role in (_GENERAL, ExecutionInstanceType.HYBRID):
+        return (
+            f"a {role.name} instance on 'sglang' cannot take a PD leg: an SGLang server takes "
+            "one only in its --disaggregation-mode (prefill or decode) and runs the whole "
+            "request otherwise (its partner leg then waits a minute for the hand-off): make "
+            "it PREFILLING or DECODING, or serve its model under another name"
+        )
     if engine in ("sim", connector):
         return None
     return (
