@@ -557,7 +557,7 @@ def test_one_engine_under_two_names_is_a_duplicate_address() -> None:
     """Host names are case-blind, localhost is 127.0.0.1, and an engine at 0.0.0.0 is
     reached at 127.0.0.1 (as the gateway's own-address check reads it)."""
     seconds = ('host = "LocalHost"\nport = 8000', 'host = "127.0.0.1"\nport = 8000',
-               'host = "0.0.0.0"\nport = 8000')  # fmt: skip
+               'host = "0.0.0.0"\nport = 8000', 'host = "localhost."\nport = 8000')  # fmt: skip
     for second in seconds:
         err = problem(SEED.replace('host = "localhost"\nport = 8001', second))
         assert err.key == "services.llm_control_plane.instances[1].port"

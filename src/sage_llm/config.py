@@ -1031,10 +1031,12 @@ def _bind_key(host: str) -> str:
 
 
 def host_key(host: str) -> str:
-    """``host`` as two addresses are compared: case-blind, ``localhost`` read as
-    ``127.0.0.1``, an IP address in its one written form (``0:0:0:0:0:0:0:1`` is ``::1``):
-    one engine, whichever way it is written."""
+    """``host`` as two addresses are compared: case-blind, a name's trailing dot (the
+    root's) left out, ``localhost`` read as ``127.0.0.1``, an IP address in its one written
+    form (``0:0:0:0:0:0:0:1`` is ``::1``): one engine, whichever way it is written."""
     name = host.strip().lower()
+    if name.endswith(".") and name != ".":
+        name = name[:-1]  # example.com. is example.com
     if name == "localhost":
         return _LOOPBACK
     try:

@@ -181,11 +181,17 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
         async with http.post(gw.url("/v1/completions"), json=completion_body(),
                              headers={"x-request-id": "refused"}):  # fmt: skip
             pass
+        for path, rid in (("/v1/secret-token-abc/x", "unknown"), ("/admin/instances/z", "405")):
+            async with http.get(gw.url(path), headers={"x-request-id": rid}) as r:
+                assert r.status in (404, 405)
     (span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "traced"]
     assert span.name == "POST /v1/completions"
     assert span.attributes["http.response.status_code"] == 200
     assert span.options == {"context": {"parent": parent}, "kind": "server"}  # the caller's trace
     assert span.attributes["gen_ai.request.model"] == "llama-3-8b" and span.status is None
+    for rid in ("unknown", "405"):  # a path no route matched: named by the method alone
+        (stray,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == rid]
+        assert stray.name == "GET" and "http.route" not in stray.attributes
     (failed,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "refused"]
     assert failed.status == ("error", "HTTP 503")
     (cut_span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "cut"]

@@ -96,17 +96,22 @@ def load_tracer(enabled: bool) -> Tracing | None:
 @contextlib.contextmanager
 def _span(tracing: Tracing, request: web.Request, rid: str) -> Iterator[Any]:
     """A server span for ``request``, a child of the caller's trace when its headers carry
-    one (``traceparent``)."""
+    one (``traceparent``). Its name is the method and the route's template; a path no
+    route matched is not trusted (a client could name spans at will, and put anything in
+    them): its span is named by the method alone, ``http.route`` left unset, as
+    OpenTelemetry's conventions ask."""
     route = request.match_info.route.resource
-    name = route.canonical if route is not None else request.path
+    name = route.canonical if route is not None else None
     options: dict[str, Any] = {}
     if tracing.extract is not None:
         options["context"] = tracing.extract(request.headers)  # any case: Traceparent too
     if tracing.server_kind is not None:
         options["kind"] = tracing.server_kind
-    with tracing.tracer.start_as_current_span(f"{request.method} {name}", **options) as span:
+    title = request.method if name is None else f"{request.method} {name}"
+    with tracing.tracer.start_as_current_span(title, **options) as span:
         span.set_attribute("http.request.method", request.method)
-        span.set_attribute("http.route", name)
+        if name is not None:
+            span.set_attribute("http.route", name)
         span.set_attribute("sage.request_id", rid)
         yield span
 
