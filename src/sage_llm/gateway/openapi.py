@@ -91,6 +91,9 @@ def _errors(*codes: str) -> dict[str, Any]:
 _BODY_ERRORS = ("400", "401", "408", "413", "415", "417")
 """What a route that reads a body may answer before its own checks: a bad body or head,
 no key, a slow or oversized upload, an unread encoding, an unknown ``Expect``."""
+_HEAD_ERRORS = ("415", "417")
+"""What every route may answer for its request's head alone: a ``Content-Encoding`` the
+gateway does not read, an ``Expect`` other than ``100-continue``."""
 
 
 def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +368,12 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
         "/admin/status": {"get": _admin("get", "status", "Control plane status", None)},
         "/admin/metrics": {"get": _admin("get", "adminMetrics", "Aggregate metrics (JSON)", None)},
     }
+    for ops in paths.values():  # the front refuses these before any route, bodies or not
+        for op in ops.values():
+            op["responses"].update(
+                {code: body for code, body in _errors(*_HEAD_ERRORS).items()
+                 if code not in op["responses"]}
+            )  # fmt: skip
     return {
         "openapi": "3.1.0",
         "info": {
