@@ -90,7 +90,7 @@ def _mode(value: str) -> str:
 _DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
 
 
-def _check_host(value: str) -> str | None:
+def host_problem(value: str) -> str | None:
     """An instance's host: what an engine URL is built from (``scheme://host:port``)."""
     if "://" in value or "/" in value:
         return "must be a host name or address, not a URL (set scheme separately)"
@@ -272,7 +272,7 @@ class InstanceConfig:
     """
 
     instance_id: str = req(_ID)
-    host: str = req(rule(nonempty=True, check=_check_host))
+    host: str = req(rule(nonempty=True, check=host_problem))
     port: int = req(_PORT)
     model_name: str = req(_ID)
     tensor_parallel_size: int = opt(1, _COUNT)

@@ -173,6 +173,9 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "base_url": "http://h:0"}, "base_url"),  # it had become port 80
         ({"model_id": "m", "base_url": "http://u:pw@h:1"}, "base_url"),  # dropped unsaid
         ({"model_id": "m", "base_url": "http://h:1?x=1"}, "base_url"),
+        ({"model_id": "m", "base_url": "http://a..b:8000"}, "base_url"),  # UnicodeError per call
+        ({"model_id": "m", "base_url": "http://[::1"}, "base_url"),  # a raw ValueError
+        ({"model_id": "m", "host": "a..b", "port": 8000}, "host"),
         ({"model_id": "m", "sampling": {"max_tokens": 10**30}}, "sampling.max_tokens"),
         ({"model_id": "m", "port": 8000}, "host"),
         ({"model_id": "m", "host": "h", "port": 0}, "port"),

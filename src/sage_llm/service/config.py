@@ -29,7 +29,7 @@ from sage_llm.config import BARE_KEYS, SageConfig, config_from_dict, load_config
 from sage_llm.config_fields import INT64_MAX, beyond_int64, described, secret_problem, shown_value
 from sage_llm.config_fields import suggest as suggest_key
 from sage_llm.config_locate import format_key
-from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE
+from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE, host_problem
 from sage_llm.control_plane.params import Gathered
 from sage_llm.errors import ConfigError, InvalidRequestError
 from sage_llm.service.payloads import (
@@ -500,7 +500,10 @@ def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
             raise ConfigError("give base_url or host and port, not both", key="base_url")
         if not isinstance(base_url, str):
             raise ConfigError("must be a URL string", key="base_url")
-        parts = urlsplit(base_url.strip())
+        try:
+            parts = urlsplit(base_url.strip())
+        except ValueError:  # an unclosed IPv6 bracket (http://[::1)
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("must be an http(s) URL like http://host:8000", key="base_url")
         if parts.path.rstrip("/") not in ("", "/v1"):
@@ -521,12 +524,16 @@ def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
                 f"must have a port number 1-65535 after the host, got {base_url!r}",
                 key="base_url",
             )
+        if (problem := host_problem(parts.hostname)) is not None:  # as an instance's host
+            raise ConfigError(f"its host {problem}", key="base_url")
         default_port = 443 if parts.scheme == "https" else 80
         return parts.hostname, given or default_port, parts.scheme
     if host is None and port is None:
         return None, None, scheme
     if not isinstance(host, str) or not host:
         raise ConfigError("is required with port", key="host")
+    if (problem := host_problem(host)) is not None:  # as an instance's host
+        raise ConfigError(problem, key="host")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError("must be a port number (1-65535)", key="port")
     if scheme not in ("http", "https"):
