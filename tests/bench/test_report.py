@@ -72,6 +72,23 @@ def test_target_check_ratios_hand_computed() -> None:
     assert check.to_dict()["goodput_met"] is True
 
 
+def test_target_check_compares_runs_at_one_rate() -> None:
+    """sage-llm at 1 req/s against a peer at 20 had met the P99 target: the check is of
+    the highest rate both were run at, and says which."""
+    good, _ = _summary([0.1, 0.1, 0.1, 0.1])
+    bad, _ = _summary([5.0, 5.0, 5.0, 0.1])
+    peer, _ = _summary([0.5, 0.5, 0.5, 0.5])
+    entries = [Entry("slo", "sage", good, rate_rps=1.0), Entry("slo", "sage", bad, rate_rps=20.0),
+               Entry("rr", "peer", peer, rate_rps=20.0), Entry("rr", "peer", peer, rate_rps=1.0),
+               Entry("rr", "peer", peer, rate_rps=40.0)]  # fmt: skip
+    check = target_check(entries)
+    assert check is not None and check.rate_rps == 20.0
+    assert check.goodput_ratio == pytest.approx(0.25) and not check.p99_met
+    assert check.where == " at 20.00 req/s" and check.to_dict()["rate_rps"] == 20.0
+    assert target_check([Entry("slo", "sage", good, rate_rps=1.0),
+                         Entry("rr", "peer", peer, rate_rps=2.0)]) is None  # fmt: skip
+
+
 def test_target_check_needs_both_kinds_and_handles_zero_goodput() -> None:
     sage, _ = _summary([0.1])
     assert target_check([Entry("a", "sage", sage)]) is None

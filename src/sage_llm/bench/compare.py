@@ -645,7 +645,8 @@ def compare_main(
             return "-" if ratio is None else f"{ratio:.2f}"
 
         console.print(
-            f"best sage-llm: {check.best_sage}; best peer: {check.best_peer}; goodput ratio "
+            f"best sage-llm: {check.best_sage}; best peer: {check.best_peer}{check.where}; "
+            "goodput ratio "
             f"{shown(check.goodput_ratio)} (target ≥ 1.25), P99 TTFT ratio "
             f"{shown(check.p99_ttft_ratio)} (target ≤ 0.7)"
         )

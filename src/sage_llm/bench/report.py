@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -158,6 +159,8 @@ class TargetCheck:
     """Best sage P99 TTFT / best peer P99 TTFT (None when either is unmeasured or 0)."""
     goodput_target: float = 1.25
     p99_target: float = 0.7
+    rate_rps: float | None = None
+    """The offered rate both were run at (None: a run without one)."""
 
     @property
     def goodput_met(self) -> bool:
@@ -177,18 +180,32 @@ class TargetCheck:
             "p99_target": self.p99_target,
             "goodput_met": self.goodput_met,
             "p99_met": self.p99_met,
+            "rate_rps": self.rate_rps,
         }
+
+    @property
+    def where(self) -> str:
+        """`` at R req/s`` when the check is of one rate of several, else nothing."""
+        return "" if self.rate_rps is None else f" at {self.rate_rps:.2f} req/s"
 
 
 def target_check(entries: Sequence[Entry]) -> TargetCheck | None:
-    """Compare the best ``sage`` entry with the best ``peer`` entry; None without both."""
-    sage, peer = best_by_goodput(entries, "sage"), best_by_goodput(entries, "peer")
+    """Compare the best ``sage`` entry with the best ``peer`` entry run at the same rate
+    (the highest rate both were run at: the most demanding), never across rates (a run at
+    1 req/s against one at 20 had met the P99 target); None without both."""
+    rates = {e.rate_rps for e in entries if e.kind == "sage"}
+    rates &= {e.rate_rps for e in entries if e.kind == "peer"}
+    if not rates:
+        return None
+    rate = max(rates, key=lambda r: -math.inf if r is None else r)
+    at_rate = [e for e in entries if e.rate_rps == rate]
+    sage, peer = best_by_goodput(at_rate, "sage"), best_by_goodput(at_rate, "peer")
     if sage is None or peer is None:
         return None
     g_ratio = sage.summary.goodput / peer.summary.goodput if peer.summary.goodput > 0 else None
     s_ttft, p_ttft = sage.summary.ttft, peer.summary.ttft
     p_ratio = s_ttft.p99 / p_ttft.p99 if s_ttft and p_ttft and p_ttft.p99 > 0 else None
-    return TargetCheck(sage.name, peer.name, g_ratio, p_ratio)
+    return TargetCheck(sage.name, peer.name, g_ratio, p_ratio, rate_rps=rate)
 
 
 def _ms(v: float | None) -> str:
@@ -449,7 +466,7 @@ def write_html(
     if check is not None:
         check_html = (
             f"<p>Best sage-llm preset <b>{html.escape(check.best_sage)}</b> vs best peer "
-            f"<b>{html.escape(check.best_peer)}</b>: goodput ratio "
+            f"<b>{html.escape(check.best_peer)}</b>{html.escape(check.where)}: goodput ratio "
             f"{'-' if check.goodput_ratio is None else f'{check.goodput_ratio:.2f}'} "
             f"(target ≥ {check.goodput_target}), P99 TTFT ratio "
             f"{'-' if check.p99_ttft_ratio is None else f'{check.p99_ttft_ratio:.2f}'} "
