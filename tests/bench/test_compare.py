@@ -159,6 +159,14 @@ def test_compare_config_validates() -> None:
         CompareConfig(peers=("nginx",))
     with pytest.raises(ConfigError):
         CompareConfig(rates=(1.0, -1.0))
+    # a peer or a peer policy given twice would run twice, reported under one name
+    with pytest.raises(ConfigError, match="vllm-router is given twice") as info:
+        CompareConfig(peers=("vllm-router", "vllm-router"))
+    assert info.value.key == "peers"
+    twice = {"vllm-router": ("round_robin", "round_robin")}
+    with pytest.raises(ConfigError, match="round_robin is given twice") as info:
+        CompareConfig(peers=("vllm-router",), peer_policies=twice)
+    assert info.value.key == "peer_policies"
 
 
 def test_run_compare_tiny_end_to_end(tmp_path: Path) -> None:

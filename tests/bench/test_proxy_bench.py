@@ -13,6 +13,7 @@ from sage_llm.bench.proxy_bench import (
     ClientResult,
     ProxyRow,
     bench_prompt,
+    check_proxy_options,
     closed_loop,
     proxy_bench_main,
     render_rows,
@@ -91,6 +92,12 @@ def test_target_lines_set_each_gateway_target_against_the_faster_rust_router() -
     assert target_lines([row("sage-llm serve", False, 0.6, 100.0)]) == [
         "sage-llm serve, non-streaming: c1 added 0.60 ms (not met: < 0.5 ms)"
     ]
+
+
+def test_a_peer_given_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="vllm-router is given twice") as info:
+        check_proxy_options(["vllm-router", "sglang-router", "vllm-router"], 8)
+    assert info.value.key == "peers"
 
 
 def test_run_rejects_an_unknown_c1_engine_before_starting_anything() -> None:

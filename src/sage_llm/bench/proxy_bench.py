@@ -440,6 +440,9 @@ def check_proxy_options(peers: Sequence[str], prompt_tokens: int, max_tokens: in
     """:class:`ConfigError` for what would fail a proxy measurement only once its
     processes run: an unknown peer (the forwarder is named beside the routers), or requests
     longer than the engines' context (every one would be refused)."""
+    if len(set(peers)) != len(peers):  # it would run twice, reported twice under one name
+        twice = next(p for p in peers if list(peers).count(p) > 1)
+        raise ConfigError(f"{twice} is given twice", key="peers")
     for peer in peers:
         if peer != FORWARDER and peer not in PEERS:
             known = ", ".join(sorted([*PEERS, FORWARDER]))
