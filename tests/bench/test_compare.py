@@ -163,7 +163,7 @@ def test_compare_config_validates() -> None:
     with pytest.raises(ConfigError, match="vllm-router is given twice") as info:
         CompareConfig(peers=("vllm-router", "vllm-router"))
     assert info.value.key == "peers"
-    twice = {"vllm-router": ("round_robin", "round_robin")}
+    twice: dict[str, tuple[str, ...]] = {"vllm-router": ("round_robin", "round_robin")}
     with pytest.raises(ConfigError, match="round_robin is given twice") as info:
         CompareConfig(peers=("vllm-router",), peer_policies=twice)
     assert info.value.key == "peer_policies"
