@@ -489,6 +489,11 @@ def test_cpu_lists() -> None:
     for bad in ("3-1", "a", "1,,2", "1-", "\u00b2", "0-\u00b9"):  # ² is isdigit(), not int()
         with pytest.raises(ValueError, match="bad CPU list"):
             parse_cpu_list(bad)
+    # a range far past any machine's CPUs: refused at once (expanded, it took all memory)
+    assert len(parse_cpu_list("0-65535")) == 65536
+    for huge in ("0-9999999999", "65536"):
+        with pytest.raises(ValueError, match="is out of range"):
+            parse_cpu_list(huge)
 
 
 # --- /sys NUMA ----------------------------------------------------------------------------

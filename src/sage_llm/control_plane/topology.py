@@ -488,7 +488,10 @@ def _as_cpus(value: object) -> tuple[int, ...]:
         return parse_cpu_list(value)
     if not isinstance(value, Sequence):
         raise ValueError(f"expected a CPU list, got {value!r}")
-    return tuple(sorted({_as_int(v) for v in value}))
+    cpus = {_as_int(v) for v in value}
+    if any(c < 0 or c > MAX_CPU_ID for c in cpus):
+        raise ValueError(f"CPU list {list(value)!r} is out of range (CPU ids 0-{MAX_CPU_ID})")
+    return tuple(sorted(cpus))
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -504,8 +507,14 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
         lo, sep, hi = item.strip().partition("-")
         if not _digits(lo) or (sep and not _digits(hi)) or (sep and int(hi) < int(lo)):
             raise ValueError(f"bad CPU list {text!r}")
+        if int(hi if sep else lo) > MAX_CPU_ID:  # (expanded, a typo would take all memory)
+            raise ValueError(f"CPU list {text!r} is out of range (CPU ids 0-{MAX_CPU_ID})")
         cpus.update(range(int(lo), int(hi if sep else lo) + 1))
     return tuple(sorted(cpus))
+
+
+MAX_CPU_ID = 65535
+"""The largest CPU id a CPU list may name (Linux builds for at most 8192 CPUs)."""
 
 
 def _digits(text: str) -> bool:
