@@ -233,10 +233,26 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
         ({"model": "gpt-4"}, "unknown model 'gpt-4'"),
         ({"gpu": "TPU"}, "unknown GPU 'TPU'"),
         ({"model": None}, "the plan names no model"),
+        ({"served_model_name": 5}, "served_model_name: must be a non-empty string, got integer 5"),
+        ({"served_model_name": ""}, "served_model_name: must be a non-empty string"),
     ):
         (tmp_path / "changed.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(ConfigError, match=message):
             load_launch_config(tmp_path / "changed.json")
+
+
+def test_launch_env_names_and_nul_characters_are_refused_at_their_key() -> None:
+    """They had passed config check, then failed the engine's start with a ValueError
+    traceback."""
+    for values, key in (
+        ({"env": {"A=B": "c"}}, "env"),
+        ({"env": {"": "c"}}, "env"),
+        ({"env": {"A": "x\0y"}}, "env.A"),
+        ({"extra_args": ["--x\0"]}, "extra_args"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            LaunchSettings(**values)
+        assert info.value.key == key
 
 
 def write(tmp_path: Path, text: str) -> Path:

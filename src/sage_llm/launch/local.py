@@ -200,7 +200,7 @@ async def _spawn(launch: EngineLaunch, log_dir: Path) -> EngineProcess:
             env=env,
             process_group=0,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL or '=' in env or argv)
         fh.close()
         raise EngineError(
             f"instance {launch.instance_id!r}: cannot start {launch.argv[0]!r}: {exc}",

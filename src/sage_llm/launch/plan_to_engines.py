@@ -153,6 +153,17 @@ class LaunchSettings:
             value = getattr(self, key)
             if value is not None and not value.strip():
                 raise ConfigError("must not be empty", key=key)
+        for name, value in self.env.items():  # else the engine's start fails (ValueError)
+            if not name or "=" in name or "\0" in name:
+                raise ConfigError(
+                    f"{name!r} is not an environment variable name (no '=', not empty)",
+                    key="env",
+                )
+            if isinstance(value, str) and "\0" in value:
+                raise ConfigError("must not hold a NUL character", key=f"env.{name}")
+        for arg in self.extra_args:
+            if isinstance(arg, str) and "\0" in arg:
+                raise ConfigError(f"{arg!r} holds a NUL character", key="extra_args")
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         object.__setattr__(self, "log_dir", Path(self.log_dir))
@@ -844,6 +855,13 @@ def load_launch_config(
     plan = path.suffix.lower() == ".json" or (text is not None and is_plan_text(text))
     if plan:
         data, instances, located = _read_plan_file(path, text)
+        served = data.get("served_model_name")  # the name `sage-llm plan` was given
+        if served is not None and (not isinstance(served, str) or not served.strip()):
+            raise ConfigError(  # else dropped, and the engines served under another name
+                f"must be a non-empty string, got {_kind(served)}",
+                location=located.location(("served_model_name",)),
+                key="served_model_name",
+            )
         values: dict[str, Any] = dict(overrides or {})
         unknown = sorted(set(values) - {f.name for f in fields(LaunchSettings)})
         if unknown:
