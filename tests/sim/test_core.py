@@ -275,6 +275,17 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError) as model_err:
         make_core(model="llama-3-70b", gpu="l40s")
     assert model_err.value.key == "model"
+    # not finite, or of the wrong type: an infinite jitter had made every step endless,
+    # a NaN one had turned it off
+    bad: list[tuple[str, object]] = [
+        ("step_jitter", math.inf), ("step_jitter", math.nan), ("speed", math.inf),
+        ("kv_link_gbps", math.nan), ("max_num_seqs", 2.5), ("max_num_seqs", True),
+        ("seed", -1), ("kv_port", 70000), ("enable_prefix_caching", "yes"),
+    ]  # fmt: skip
+    for key, value in bad:
+        with pytest.raises(ConfigError) as err:
+            SimEngineConfig(**{key: value})  # type: ignore[arg-type]
+        assert err.value.key == key, (key, value)
 
 
 @pytest.mark.parametrize(

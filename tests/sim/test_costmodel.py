@@ -265,6 +265,23 @@ def test_a_negative_per_token_cost_is_refitted_as_zero_and_a_timeless_model_refu
 # -- TOML specs ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[gpu.g]\nbase = "h100"\nmemory_gb = inf\n',
+        '[gpu.g]\nbase = "h100"\nnvlink_gbps = nan\n',
+        '[model.m]\nbase = "llama-3-8b"\nparams_b = inf\n',
+    ],
+)
+def test_specs_of_infinite_or_nan_figures_are_refused(tmp_path: Path, text: str) -> None:
+    """They had loaded, then failed the engine with a bare ValueError (or fallen back to
+    PCIe without a word)."""
+    path = tmp_path / "specs.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"must be (a )?finite number"):
+        load_specs_toml(path)
+
+
 def test_load_specs_toml(tmp_path: Path) -> None:
     path = tmp_path / "specs.toml"
     path.write_text(

@@ -166,8 +166,22 @@ class SimEngineConfig:
     def __post_init__(self) -> None:
         positive_ints = ("tp", "pp", "max_num_seqs", "max_num_batched_tokens", "block_size")
         for key in positive_ints:
-            if getattr(self, key) < 1:
-                raise ConfigError("must be >= 1", key=key)
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"must be an integer >= 1, got {value!r}", key=key)
+        for key in ("max_model_len", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"must be an integer, got {value!r}", key=key)
+        if self.seed < 0:
+            raise ConfigError(f"must be >= 0, got {self.seed}", key="seed")
+        for key in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"must be true or false, got {getattr(self, key)!r}", key=key)
+        for key in ("kv_port",):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+                raise ConfigError(f"must be a port number (1-65535), got {value!r}", key=key)
         if self.max_model_len < 0:
             raise ConfigError("must be >= 1, or 0 for the model's context", key="max_model_len")
         if self.max_model_len == 0:
@@ -192,10 +206,14 @@ class SimEngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("must be in (0, 1]", key="gpu_memory_utilization")
         for key in ("kv_link_gbps", "speed", "kv_pin_timeout_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError("must be > 0", key=key)
-        if self.step_jitter < 0:
-            raise ConfigError("must be >= 0", key="step_jitter")
+            if not 0 < getattr(self, key) < math.inf:  # (NaN fails it too)
+                raise ConfigError(
+                    f"must be a finite number > 0, got {getattr(self, key)!r}", key=key
+                )
+        if not 0 <= self.step_jitter < math.inf:  # inf had made a step last forever
+            raise ConfigError(
+                f"must be a finite number >= 0, got {self.step_jitter!r}", key="step_jitter"
+            )
         if not isinstance(self.role, ExecutionInstanceType):
             raise ConfigError("must be an ExecutionInstanceType", key="role")
         if self.tp > 1:

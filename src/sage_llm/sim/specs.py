@@ -48,10 +48,10 @@ class GPUSpec:
 
     def __post_init__(self) -> None:
         for attr in ("peak_tflops", "hbm_tbps", "memory_gb"):
-            if not getattr(self, attr) > 0:
-                raise ValueError(f"GPUSpec.{attr} must be positive")
-        if self.nvlink_gbps < 0 or self.pcie_gbps < 0:
-            raise ValueError("GPUSpec link bandwidths must be >= 0")
+            if not 0 < getattr(self, attr) < math.inf:
+                raise ValueError(f"GPUSpec.{attr} must be a finite number > 0")
+        if not (0 <= self.nvlink_gbps < math.inf and 0 <= self.pcie_gbps < math.inf):
+            raise ValueError("GPUSpec link bandwidths must be finite numbers >= 0")
 
     @property
     def memory_bytes(self) -> float:
@@ -84,8 +84,8 @@ class ModelSpec:
     ``max_position_embeddings``); None: not known."""
 
     def __post_init__(self) -> None:
-        if not self.params_b > 0:
-            raise ValueError("ModelSpec.params_b must be positive")
+        if not 0 < self.params_b < math.inf:
+            raise ValueError("ModelSpec.params_b must be a finite number > 0")
         if self.max_context is not None and self.max_context < 1:
             raise ValueError("ModelSpec.max_context must be >= 1")
         for attr in (
