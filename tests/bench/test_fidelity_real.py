@@ -178,6 +178,21 @@ def test_refit_of_a_file_that_is_no_report_is_a_usage_error(
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("field", "value"), [("ttft_s", "x"), ("ttft_s", -1), ("concurrency", 0)])
+def test_refit_of_a_report_with_a_bad_observation_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object
+) -> None:
+    """One bad observation had ended in a traceback (or, negative, been fitted)."""
+    report = json.loads((Path(__file__).parent / "fidelity_recorded_quiet.json").read_text())
+    report["calibration"]["prefill"][0][field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as info:
+        main(["--refit", str(bad), "--out", str(tmp_path / "x.json")])
+    assert info.value.code == 2
+    assert "is not a fidelity report (written by --out): bad observation" in capsys.readouterr().err
+
+
 def test_a_url_that_is_no_engine_base_url_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(recorded, dict):
                 raise TypeError(f"a JSON {type(recorded).__name__}, not an object")
             report = refit(recorded)
-        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not such a report
+        except (ValueError, KeyError, TypeError, ConfigError) as exc:  # not such a report
             what = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc)
             parser.error(
                 f"--refit: {args.refit} is not a fidelity report (written by --out): {what}"
