@@ -641,16 +641,21 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
             f'{", ".join(theirs)}: for the control plane, type = "ControlPlaneVLLMService"',
         )
         return
-    built: list[VLLMServiceConfig] = []
-    read_params(lambda: built.append(VLLMServiceConfig.from_dict(table)), path, p)
-    if not built:
+    read_params(lambda: VLLMServiceConfig.from_dict(table), path, p)
+    # its control plane is checked whatever else the table's problems (else they had
+    # shown only on the next run), when these two keys are sound
+    control_plane = table.get("control_plane")
+    if (
+        table.get("use_control_plane") is not True
+        or p.failed((*path, "control_plane"))
+        or p.failed((*path, "use_control_plane"))
+    ):
         return
-    control_plane = built[0].control_plane
-    if built[0].use_control_plane and isinstance(control_plane, Mapping):
+    if isinstance(control_plane, Mapping):
         read_params(
             lambda: control_plane_service_config(control_plane), (*path, "control_plane"), p
         )
-    elif built[0].use_control_plane and isinstance(control_plane, str) and not p.nested:
+    elif isinstance(control_plane, str) and not p.nested:
         # a file of its own, read beside this one (VLLMService.from_toml reads it so),
         # checked for itself only (not the files it names: two naming each other, or a
         # file naming itself, would be read for ever)

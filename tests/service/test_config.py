@@ -323,3 +323,27 @@ def test_bad_request_defaults_in_a_toml_file_name_line_and_key(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"unknown key \(did you mean 'config_path'\?\)") as info:
         control_plane_service_config({"config_path": str(path), "confg_path": 1})
     assert info.value.key == "confg_path"
+
+
+def test_a_vllm_services_control_plane_is_checked_beside_its_own_problems(
+    tmp_path: Path,
+) -> None:
+    """One problem of the VLLMService table had left its control plane unchecked (a
+    missing file too) until the next run."""
+    (tmp_path / "cp_bad.toml").write_text(
+        '[services.llm_control_plane]\nscheduling_policy = "fifoo"\n'
+    )
+    head = '[services.llm]\ntype = "VLLMService"\nmodel_id = "llama-3-8b"\nengine = "sim"\n'
+    for control_plane, says in (
+        ('"cp_bad.toml"', "cp_bad.toml:2: services.llm_control_plane.scheduling_policy"),
+        ('"missing.toml"', "missing.toml: cannot read config file"),
+        ('{ scheduling_policy = "fifoo" }', "unknown value 'fifoo'"),
+    ):
+        path = tmp_path / "v.toml"
+        path.write_text(
+            head + "sampling = { temperature = 3 }\nuse_control_plane = true\n"
+            f"control_plane = {control_plane}\n"
+        )
+        errors = check_config(path)
+        assert errors[0].key == "services.llm.sampling.temperature"
+        assert any(says in str(e) for e in errors[1:]), [str(e) for e in errors]
