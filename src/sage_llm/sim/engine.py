@@ -417,7 +417,7 @@ class SimEngine:
                 send_max_tokens=True,
             )
         self._check_max_tokens(req, len(prompt_ids))
-        check_sampling(req.extra)
+        check_sampling(req.extra, self._core.model.vocab_size)
         keep_stop = req.extra.get("include_stop_str_in_output") is True
         min_tokens = min_tokens_of(req)
         stop_ids = self._stop_token_ids(req)
@@ -504,7 +504,7 @@ class SimEngine:
         prompt_ids = self._prompt_ids(req)
         # the request's fields checked as its decode leg will check them (as vLLM checks
         # the whole request before it runs a leg): refused here, nothing is pinned for it
-        check_sampling(req.extra)
+        check_sampling(req.extra, self._core.model.vocab_size)
         self._stop_token_ids(req)
         requested_logprobs(req)
         requested_prompt_logprobs(req.extra, stream=False)
@@ -994,9 +994,10 @@ def min_tokens_of(req: EngineRequest) -> int:
     return value
 
 
-def check_sampling(extra: Mapping[str, Any]) -> None:
+def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:
     """Refuse the sampling parameters vLLM's ``SamplingParams`` refuses (400 naming the
-    field, in vLLM's words); the simulated text does not depend on them otherwise."""
+    field, in vLLM's words; token ids against ``vocab``, the model's vocabulary, when
+    given); the simulated text does not depend on them otherwise."""
 
     def number(key: str) -> float | None:
         value = extra.get(key)
@@ -1028,6 +1029,58 @@ def check_sampling(extra: Mapping[str, Any]) -> None:
         raise InvalidRequestError(  # vLLM's request models bound it to a C long
             f"seed must be a 64-bit integer, got {seed!r}", param="seed"
         )
+    _check_token_fields(extra, vocab)
+
+
+def _check_token_fields(extra: Mapping[str, Any], vocab: int | None) -> None:
+    """``logit_bias``, ``allowed_token_ids`` and ``bad_words`` as vLLM's request models and
+    processor check them."""
+    bias = extra.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, Mapping):
+            raise InvalidRequestError("logit_bias must be an object", param="logit_bias")
+        ids = []
+        for key, value in bias.items():
+            token = whole(key) if not isinstance(key, str) else None
+            if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+                token = int(key)
+            if token is None:
+                raise InvalidRequestError(
+                    f"Found token_id `{key}` in logit_bias but token_id must be an integer "
+                    "or string representing an integer",
+                    param="logit_bias",
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidRequestError(
+                    f"logit_bias values must be numbers, got {value!r}", param="logit_bias"
+                )
+            ids.append(token)
+        outside = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        if outside:
+            raise InvalidRequestError(
+                f"token_id(s) {outside} in logit_bias contain out-of-vocab token ids. "
+                f"Vocabulary size: {vocab}",
+                param="logit_bias",
+            )
+    allowed = extra.get("allowed_token_ids")
+    if allowed is not None:
+        if not isinstance(allowed, list) or any(whole(t) is None for t in allowed):
+            raise InvalidRequestError(
+                "allowed_token_ids must be a list of token ids", param="allowed_token_ids"
+            )
+        if not allowed:
+            raise InvalidRequestError(
+                "allowed_token_ids is not None and empty!", param="allowed_token_ids"
+            )
+        if any(t < 0 or (vocab is not None and t >= vocab) for t in allowed):
+            raise InvalidRequestError(
+                "allowed_token_ids contains out-of-vocab token id!", param="allowed_token_ids"
+            )
+    bad_words = extra.get("bad_words")
+    if bad_words is not None and (
+        not isinstance(bad_words, list) or not all(isinstance(w, str) for w in bad_words)
+    ):
+        raise InvalidRequestError("bad_words must be a list of strings", param="bad_words")
 
 
 def text_key(req: EngineRequest, prompt_ids: Sequence[int], engine_seed: int) -> str:
