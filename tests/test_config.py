@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -1201,23 +1202,25 @@ def test_a_cors_origin_that_no_browser_sends_is_refused() -> None:
 
 
 def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
-    """Browsers send scheme and host in lower case and leave the default port out: such
-    entries, and a port out of range, had been taken and never matched."""
-    text = (
-        '[gateway]\ncors_origins = ["https://Chat.Example.com", "https://b.example:443", '
-        '"https://c.example:99999", "http://d.example:8080", "http://e.example:80"]\n'
-    )
-    found = [(e.key, e.detail) for e in problems(text)]
-    assert found == [
-        ("gateway.cors_origins[0]",
-         "must be in lower case, as browsers send an origin: 'https://chat.example.com'"),
-        ("gateway.cors_origins[1]",
-         "must leave out the scheme's default port, as browsers do: 'https://b.example'"),
-        ("gateway.cors_origins[2]",
-         "must have a port number 1-65535 after the host, got 'https://c.example:99999'"),
-        ("gateway.cors_origins[4]",
-         "must leave out the scheme's default port, as browsers do: 'http://e.example'"),
-    ]  # fmt: skip
+    """Browsers send scheme and host in lower case, the host in its ASCII form, an IPv6
+    address compressed, and leave the default port out: such entries, and a port out of
+    range, had been taken and never matched."""
+    given = ["https://Chat.Example.com", "https://b.example:443", "https://c.example:99999",
+             "http://d.example:8080", "https://bücher.example", "http://e.example:08080",
+             "http://[0:0:0:0:0:0:0:1]", "http://f.example:"]  # fmt: skip
+    text = f"[gateway]\ncors_origins = {json.dumps(given, ensure_ascii=False)}\n"
+    found = {e.key: e.detail for e in problems(text)}
+    sent = {0: "https://chat.example.com", 1: "https://b.example",
+            4: "https://xn--bcher-kva.example", 5: "http://e.example:8080",
+            6: "http://[::1]", 7: "http://f.example"}  # fmt: skip
+    for index, origin in sent.items():
+        assert found.pop(f"gateway.cors_origins[{index}]").startswith(
+            f"must be written as browsers send it: {origin!r}"
+        )
+    assert found == {
+        "gateway.cors_origins[2]": "must have a port number 1-65535 after the host, got "
+        "'https://c.example:99999'"
+    }
 
 
 @pytest.mark.parametrize("host", ["gpu-node-1..lan", ".lead", "a" * 64 + ".example"])

@@ -173,12 +173,26 @@ def _check_origin(value: str) -> str | None:
         return f"must have a port number 1-65535 after the host, got {value!r}"
     if port == 0:
         return f"must have a port number 1-65535 after the host, got {value!r}"
-    if value != value.lower():
-        return f"must be in lower case, as browsers send an origin: {value.lower()!r}"
-    if port is not None and _DEFAULT_PORTS.get(parts.scheme) == port:
-        shown = value[: value.rindex(":")]
-        return f"must leave out the scheme's default port, as browsers do: {shown!r}"
+    canonical = _origin_as_sent(parts.scheme, parts.hostname or "", port)
+    if canonical is not None and canonical != value:  # else it never matches one
+        return f"must be written as browsers send it: {canonical!r}, got {value!r}"
     return None
+
+
+def _origin_as_sent(scheme: str, host: str, port: int | None) -> str | None:
+    """The origin a browser sends for ``scheme://host[:port]`` (RFC 6454: scheme and host
+    in lower case, the host in its ASCII form, an IPv6 address compressed, no default
+    port); None when the host is no name or address it could send."""
+    scheme = scheme.lower()
+    try:
+        host = str(ipaddress.IPv6Address(host)).join("[]") if ":" in host else host
+        ascii_host = host if host.startswith("[") else host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        return None
+    shown = f"{scheme}://{ascii_host.lower()}"
+    if port is not None and _DEFAULT_PORTS.get(scheme) != port:
+        shown += f":{port}"
+    return shown
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
