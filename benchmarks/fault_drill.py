@@ -24,7 +24,9 @@ failed), its breaker's transitions, and the time from the start of the load to i
 ejection (``first_open_s``); the fault's ``--at`` counts from engine 0's start, a moment
 before the load's, so the report gives when the fault began from the load's start
 (``fault_began_s``: between its two figures; an ``--at`` shorter than the start-up of the
-other engines and the gateway makes the fault begin before the first request).
+other engines and the gateway makes the fault begin before the first request). ``gray``,
+``partial`` and ``stall`` run from engine 0's start: they take no ``--at``, and their
+``fault_began_s`` is that start.
 ``--no-move-on-eject`` runs with ``[health] move_on_eject = false``, to compare; with
 ``PYTHONPATH=<another checkout>/src`` the drill runs that checkout's code (engines
 included). Run::
@@ -56,6 +58,8 @@ from sage_llm.gateway.server import start_gateway
 
 MODEL = "llama-3-8b"
 FAULTS = ("hang", "gray", "drop", "partial", "stall")
+TIMED_FAULTS = ("hang", "drop")
+"""The faults that begin ``--at`` seconds in; the others run from engine 0's start."""
 SLOW_S = 5.0
 """A completed call slower than this counts as held up by the fault."""
 
@@ -171,6 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for outcome, _ in results:
         counts[outcome] = counts.get(outcome, 0) + 1
     done = sorted(s for outcome, s in results if outcome == "ok")
+    delay = args.at if args.fault in TIMED_FAULTS else 0.0
     return {
         "fault": args.fault,
         "spec": fault_spec(args.fault, args.at),
@@ -192,8 +197,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine0_circuit": metrics["circuit"],
         "first_open_s": None if opened_at is None else round(opened_at, 2),
         # when the fault began, from the start of the load: between these two (the fault
-        # counts from engine 0's start, which came before the load's)
-        "fault_began_s": [round(spawned + args.at - start, 2), round(ready + args.at - start, 2)],
+        # counts from engine 0's start, which came before the load's; one that runs from
+        # the start began with engine 0)
+        "fault_began_s": [round(spawned + delay - start, 2), round(ready + delay - start, 2)],
         "circuits_at_end": status["circuits"],
     }
 
@@ -201,7 +207,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fault", choices=FAULTS, default="hang")
-    p.add_argument("--at", type=above(0), default=5.0, help="seconds before the fault")
+    p.add_argument(
+        "--at", dest="at_given", type=above(0), default=None,
+        help="seconds before the fault (hang and drop; default 5)",
+    )  # fmt: skip
     p.add_argument("--requests", type=at_least(1), default=400)
     p.add_argument("--engines", type=at_least(2), default=3)
     p.add_argument("--rate", type=above(0), default=20.0, help="requests per second")
@@ -223,6 +232,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     check_out(p, "--out", args.out)
+    if args.fault not in TIMED_FAULTS and args.at_given is not None:
+        p.error(f"--at: the {args.fault} fault runs from engine 0's start (only "
+                f"{' and '.join(TIMED_FAULTS)} begin --at seconds in)")  # fmt: skip
+    args.at = 5.0 if args.at_given is None else args.at_given
     report = asyncio.run(run(args))
     text = json.dumps(report, indent=2)
     print(text)

@@ -53,6 +53,11 @@ def test_check_out_exits_with_a_usage_error_before_the_run(
         ("failover_load.py", ["--out", "/proc/nope/x.json"], "--out: cannot write"),
         ("fault_drill.py", ["--engines", "1"], "argument --engines: must be >= 2"),
         ("fault_drill.py", ["--stall-timeout-s", "-1"], "--stall-timeout-s: must be a finite"),
+        (  # it had been added to engine 0's start: a fault "begun" after its ejection
+            "fault_drill.py",
+            ["--fault", "gray", "--at", "1"],
+            "--at: the gray fault runs from engine 0's start",
+        ),
         (
             "failover_load.py",
             ["--requests", "10", "--rate", "10", "--kill-at", "4"],
