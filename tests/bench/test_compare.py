@@ -86,6 +86,21 @@ def test_a_trace_too_short_or_without_a_rate_is_refused(tmp_path: Path) -> None:
         build_workload(f"trace:{same}", rate=1.0, duration_s=5.0, model=TRACE_MODEL)
 
 
+@pytest.mark.parametrize("key", ["input_length", "output_length"])
+def test_a_trace_row_longer_than_any_context_is_refused_at_its_line(
+    tmp_path: Path, key: str
+) -> None:
+    """A row of 10 billion prompt tokens had been built, token by token, until memory ran
+    out."""
+    trace = tmp_path / "huge.jsonl"
+    rows = [{"timestamp": 100 * k, "input_length": 10, "output_length": 8} for k in range(30)]
+    rows[3][key] = 10_000_000_000
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=f"{key} must be at most 1048576 tokens") as info:
+        build_workload(f"trace:{trace}", rate=2.0, duration_s=5.0, model=TRACE_MODEL)
+    assert f"{trace}:4" in str(info.value)
+
+
 def test_compare_main_refuses_rate_and_rates_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^rate: give rate or rates, not both"):
         compare_main(rate=2.0, rates=[1.0, 2.0], peers=[], out=tmp_path)

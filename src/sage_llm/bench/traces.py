@@ -56,7 +56,18 @@ def _count(value: object, where: str, key: str) -> int:
         raise ConfigError(f"{key} must be an integer, got {value!r}", location=where) from None
     if number < 0:
         raise ConfigError(f"{key} must be >= 0, got {number}", location=where)
+    if number > MAX_TRACE_TOKENS:  # its prompt would be built, token by token, first
+        raise ConfigError(
+            f"{key} must be at most {MAX_TRACE_TOKENS} tokens (more than any model's "
+            f"context), got {number}",
+            location=where,
+        )
     return max(number, 1)
+
+
+MAX_TRACE_TOKENS = 1 << 20
+"""The longest prompt or output a trace row may give (a row of 10 billion tokens had been
+built into a prompt until memory ran out)."""
 
 
 def _mooncake_rows(path: Path, limit: int | None) -> list[_Row]:
