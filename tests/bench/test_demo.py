@@ -87,6 +87,11 @@ def test_run_demo_checks_its_arguments_before_part_one(monkeypatch: pytest.Monke
         ({"rate": 0.0}, "rate: must be a finite number > 0, got 0"),
         ({"rate": float("nan")}, "rate: must be a finite number > 0, got nan"),
         ({"seed": -1}, "seed: must be >= 0, got -1"),
+        (  # its sessions would start over 38 years of simulated time
+            {"sessions": 120, "rate": 1e-7},
+            "rate: must be at least 0.00139 for 120 sessions (they would start over more "
+            "than a day of simulated time, hours to run), got 1e-07",
+        ),
     ]
     for kwargs, message in bad:
         with pytest.raises(ConfigError) as info:

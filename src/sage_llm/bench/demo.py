@@ -282,14 +282,25 @@ def conclusion(results: Sequence[RunResult]) -> list[str]:
     return lines
 
 
+MAX_SPAN_S = 86_400.0
+"""The simulated time part 2's sessions may take to start (a day: about three minutes to
+run; a rate of 1e-9 had run for days, printing nothing)."""
+
+
 def check_demo_args(sessions: int, rate: float, seed: int = 0) -> None:
     """:class:`ConfigError` (key ``sessions``, ``rate`` or ``seed``) unless ``sessions >= 1``,
-    ``rate`` is a finite number > 0 and ``seed >= 0`` (numpy's generators take no negative
-    seed)."""
+    ``rate`` is a finite number > 0 that starts them within :data:`MAX_SPAN_S` of simulated
+    time, and ``seed >= 0`` (numpy's generators take no negative seed)."""
     if isinstance(sessions, bool) or not isinstance(sessions, int) or sessions < 1:
         raise ConfigError(f"must be >= 1, got {sessions!r}", key="sessions")
     if not (math.isfinite(rate) and rate > 0):
         raise ConfigError(f"must be a finite number > 0, got {rate:g}", key="rate")
+    if sessions / rate > MAX_SPAN_S:  # each simulated second costs wall time to run
+        raise ConfigError(
+            f"must be at least {sessions / MAX_SPAN_S:.3g} for {sessions} sessions (they "
+            f"would start over more than a day of simulated time, hours to run), got {rate:g}",
+            key="rate",
+        )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"must be >= 0, got {seed!r}", key="seed")
 
