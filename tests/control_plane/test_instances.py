@@ -202,6 +202,16 @@ def test_prompts_of_one_length_or_with_short_ones_are_not_fitted() -> None:
     assert sq.est_ttft_base_s >= 0.0
 
 
+def test_the_drift_reset_does_not_keep_the_fit_from_forming() -> None:
+    """The drift had been measured against the EWMA rule's predictions too, which are off
+    in just the case the fit is for: reset every few samples, a 2 s overhead's fit formed
+    at sample 191 of chat-like traffic, or never."""
+    lengths = lambda rng: max(256, int(math.exp(rng.gauss(6.5, 0.8))))  # noqa: E731
+    state, _ = _fed(lengths, 2.0, 5000.0, 0.1, n=80)
+    assert state.prefill_fit.line() is not None
+    assert state.est_ttft_base_s == pytest.approx(2.0, rel=0.1)
+
+
 @pytest.mark.parametrize("factor", [3.0, 1 / 3])
 def test_an_engine_that_changes_speed_is_followed_within_a_few_requests(factor: float) -> None:
     """A fit over ~64 samples had taken up to 130 TTFTs to follow a 3x change (and read an

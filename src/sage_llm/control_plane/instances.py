@@ -86,8 +86,11 @@ class PrefillFit:
     yy: float = 0.0
     samples: int = 0
     drift: float = 0.0
-    """The exponentially weighted mean log ratio of the TTFTs to their predictions: a
-    change of the engine's speed shows in it first."""
+    """The exponentially weighted mean log ratio of the TTFTs to the fit's predictions
+    (measured only while the fit is the estimate: the EWMA rule's own predictions are off
+    in just the case the fit is for): a change of the engine's speed shows in it first."""
+    in_use: bool = False
+    """Whether the last TTFT's estimate was the fit's."""
     short: float = 0.0
     """The decayed count of short prompts seen: those tell the fixed part directly, and a
     fit is not read while they come."""
@@ -267,15 +270,16 @@ class InstanceState:
             self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
             return
         self.rate_samples += 1
+        fit = self.prefill_fit
         predicted = self.est_ttft_base_s + pending_tokens * self.est_s_per_prefill_token
-        if predicted > 0.0 and ttft_s > 0.0:
-            drift = self.prefill_fit.drift
-            drift += _ALPHA * (math.log(ttft_s / predicted) - drift)
-            self.prefill_fit.drift = drift
-            if abs(drift) > FIT_RESET_DRIFT:  # the engine changed: forget the old line
-                self.prefill_fit = PrefillFit()
-        self.prefill_fit.add(pending_tokens, ttft_s)
-        if (line := self.prefill_fit.line()) is not None:
+        if fit.in_use and predicted > 0.0 and ttft_s > 0.0:  # the fit's own predictions
+            fit.drift += _ALPHA * (math.log(ttft_s / predicted) - fit.drift)
+            if abs(fit.drift) > FIT_RESET_DRIFT:  # the engine changed: forget the old line
+                fit = self.prefill_fit = PrefillFit()
+        fit.add(pending_tokens, ttft_s)
+        line = fit.line()
+        fit.in_use = line is not None
+        if line is not None:
             self.est_ttft_base_s = line[0]
             self.est_s_per_prefill_token = max(line[1], MIN_S_PER_PREFILL_TOKEN)
             return
