@@ -248,11 +248,25 @@ def test_launch_env_names_and_nul_characters_are_refused_at_their_key() -> None:
         ({"env": {"A=B": "c"}}, "env"),
         ({"env": {"": "c"}}, "env"),
         ({"env": {"A": "x\0y"}}, "env.A"),
-        ({"extra_args": ["--x\0"]}, "extra_args"),
+        ({"extra_args": ["--x\0"]}, "extra_args.0"),
     ):
         with pytest.raises(ConfigError) as info:
             LaunchSettings(**values)
         assert info.value.key == key
+
+
+def test_a_launch_files_process_problems_are_reported_with_its_others(tmp_path: Path) -> None:
+    """Each at its key, beside another field's problem (one at a time, behind it, before)."""
+    path = tmp_path / "l.toml"
+    path.write_text(
+        '[launch]\nenv = { "A=B" = "1", GOOD = "x\\u0000y" }\nextra_args = ["--x\\u0000"]\n'
+        "stop_grace_s = -1\n[[launch.instances]]\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_launch_config(path)
+    assert [e.key for e in info.value.errors] == [
+        "launch.env", "launch.env.GOOD", "launch.extra_args[0]", "launch.stop_grace_s",
+    ]  # fmt: skip
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -280,7 +280,7 @@ def test_config_validation() -> None:
     bad: list[tuple[str, object]] = [
         ("step_jitter", math.inf), ("step_jitter", math.nan), ("speed", math.inf),
         ("kv_link_gbps", math.nan), ("max_num_seqs", 2.5), ("max_num_seqs", True),
-        ("seed", -1), ("kv_port", 70000), ("enable_prefix_caching", "yes"),
+        ("seed", 1.5), ("kv_port", 70000), ("enable_prefix_caching", "yes"),
     ]  # fmt: skip
     for key, value in bad:
         with pytest.raises(ConfigError) as err:

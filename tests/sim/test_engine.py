@@ -790,6 +790,7 @@ def test_truncate_prompt_tokens_in_process_as_over_http() -> None:
         ({"logit_bias": "x"}, "logit_bias"),
         ({"logit_bias": {"5": "big"}}, "logit_bias"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit to isdigit(), not to int()
         ({"logit_bias": {"999999": 1}}, "logit_bias"),  # beyond Llama-3's 128,256 tokens
         ({"allowed_token_ids": [999999]}, "allowed_token_ids"),
         ({"allowed_token_ids": [-3]}, "allowed_token_ids"),
@@ -806,7 +807,7 @@ def test_token_fields_vllm_refuses_are_refused(extra: dict[str, Any], param: str
             with pytest.raises(InvalidRequestError) as info:
                 await collect(engine, req(extra=extra))
             assert info.value.param == param
-            fine = {"logit_bias": {"5": -100, "6": 2.5}, "allowed_token_ids": [5, 6],
+            fine = {"logit_bias": {"5": -100, "+6": 2.5}, "allowed_token_ids": [5, 6.0],
                     "bad_words": ["x"]}  # fmt: skip
             assert await collect(engine, req("ok", extra=fine))
         finally:

@@ -153,17 +153,8 @@ class LaunchSettings:
             value = getattr(self, key)
             if value is not None and not value.strip():
                 raise ConfigError("must not be empty", key=key)
-        for name, value in self.env.items():  # else the engine's start fails (ValueError)
-            if not name or "=" in name or "\0" in name:
-                raise ConfigError(
-                    f"{name!r} is not an environment variable name (no '=', not empty)",
-                    key="env",
-                )
-            if isinstance(value, str) and "\0" in value:
-                raise ConfigError("must not hold a NUL character", key=f"env.{name}")
-        for arg in self.extra_args:
-            if isinstance(arg, str) and "\0" in arg:
-                raise ConfigError(f"{arg!r} holds a NUL character", key="extra_args")
+        for where, problem in process_problems(self.env, self.extra_args):
+            raise ConfigError(problem, key=".".join(map(str, where)))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         object.__setattr__(self, "log_dir", Path(self.log_dir))
@@ -675,6 +666,26 @@ class LaunchConfig:
     plan: Plan | None = None
 
 
+def process_problems(env: object, extra_args: object) -> list[tuple[KeyPath, str]]:
+    """(key path, problem) of each ``env`` name or value and ``extra_args`` string that an
+    engine's process could not be started with (an ``=`` in a name, none, a NUL
+    character): the start would fail with a ValueError."""
+    found: list[tuple[KeyPath, str]] = []
+    if isinstance(env, Mapping):
+        for name, value in env.items():
+            if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+                found.append(
+                    (("env",), f"{name!r} is not an environment variable name (no '=', not empty)")
+                )
+            elif isinstance(value, str) and "\0" in value:
+                found.append((("env", name), "must not hold a NUL character"))
+    if isinstance(extra_args, list | tuple):
+        for index, arg in enumerate(extra_args):
+            if isinstance(arg, str) and "\0" in arg:
+                found.append((("extra_args", index), f"{arg!r} holds a NUL character"))
+    return found
+
+
 def _add(p: Problems, path: KeyPath, exc: ConfigError) -> None:
     """``exc`` located under ``path`` (plus its key, when it has one and no location)."""
     if exc.location or not exc.key:
@@ -685,6 +696,8 @@ def _add(p: Problems, path: KeyPath, exc: ConfigError) -> None:
 
 def _read_settings(table: Mapping[str, Any], base_dir: Path, p: Problems) -> LaunchSettings | None:
     before = len(p.errors)
+    for where, problem in process_problems(table.get("env"), table.get("extra_args")):
+        p.add((*_LAUNCH, *where), problem)  # each, whatever else the table's problems
     read = read_dataclass(_LaunchTable, table, _LAUNCH, p, extra_keys=_SOURCE_KEYS)
     if read is None:
         return None

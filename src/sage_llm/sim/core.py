@@ -173,8 +173,6 @@ class SimEngineConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"must be an integer, got {value!r}", key=key)
-        if self.seed < 0:
-            raise ConfigError(f"must be >= 0, got {self.seed}", key="seed")
         for key in ("enable_prefix_caching", "enable_chunked_prefill"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"must be true or false, got {getattr(self, key)!r}", key=key)

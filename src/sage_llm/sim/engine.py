@@ -1032,6 +1032,15 @@ def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:
     _check_token_fields(extra, vocab)
 
 
+def _int_text(text: str) -> int | None:
+    """``text`` as Python's ``int()`` reads it (vLLM's reading of a logit_bias key: ``+5``
+    too), or None (``²`` is a digit to ``isdigit`` that ``int`` refuses)."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _check_token_fields(extra: Mapping[str, Any], vocab: int | None) -> None:
     """``logit_bias``, ``allowed_token_ids`` and ``bad_words`` as vLLM's request models and
     processor check them."""
@@ -1041,9 +1050,7 @@ def _check_token_fields(extra: Mapping[str, Any], vocab: int | None) -> None:
             raise InvalidRequestError("logit_bias must be an object", param="logit_bias")
         ids = []
         for key, value in bias.items():
-            token = whole(key) if not isinstance(key, str) else None
-            if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-                token = int(key)
+            token = whole(key) if not isinstance(key, str) else _int_text(key)
             if token is None:
                 raise InvalidRequestError(
                     f"Found token_id `{key}` in logit_bias but token_id must be an integer "
