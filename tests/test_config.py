@@ -1207,19 +1207,28 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
     range, had been taken and never matched."""
     given = ["https://Chat.Example.com", "https://b.example:443", "https://c.example:99999",
              "http://d.example:8080", "https://bücher.example", "http://e.example:08080",
-             "http://[0:0:0:0:0:0:0:1]", "http://f.example:"]  # fmt: skip
+             "http://[0:0:0:0:0:0:0:1]", "http://f.example:", "http://faß.de",
+             "http://a..b"]  # fmt: skip
     text = f"[gateway]\ncors_origins = {json.dumps(given, ensure_ascii=False)}\n"
     found = {e.key: e.detail for e in problems(text)}
-    sent = {0: "https://chat.example.com", 1: "https://b.example",
-            4: "https://xn--bcher-kva.example", 5: "http://e.example:8080",
-            6: "http://[::1]", 7: "http://f.example"}  # fmt: skip
+    sent = {
+        0: "https://chat.example.com",
+        1: "https://b.example",
+        4: "https://xn--bcher-kva.example",
+        5: "http://e.example:8080",
+        6: "http://[::1]",
+        7: "http://f.example",
+        8: "http://xn--fa-hia.de",  # UTS-46, as browsers send it (not fass.de)
+    }
     for index, origin in sent.items():
         assert found.pop(f"gateway.cors_origins[{index}]").startswith(
             f"must be written as browsers send it: {origin!r}"
         )
     assert found == {
         "gateway.cors_origins[2]": "must have a port number 1-65535 after the host, got "
-        "'https://c.example:99999'"
+        "'https://c.example:99999'",
+        "gateway.cors_origins[9]": "must have a host name or address a browser could send, "
+        "got 'http://a..b'",
     }
 
 

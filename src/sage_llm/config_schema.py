@@ -174,9 +174,25 @@ def _check_origin(value: str) -> str | None:
     if port == 0:
         return f"must have a port number 1-65535 after the host, got {value!r}"
     canonical = _origin_as_sent(parts.scheme, parts.hostname or "", port)
-    if canonical is not None and canonical != value:  # else it never matches one
+    if canonical is None:  # an empty or over-long label, a bad IPv6 address
+        return f"must have a host name or address a browser could send, got {value!r}"
+    if canonical != value:  # else it never matches one
         return f"must be written as browsers send it: {canonical!r}, got {value!r}"
     return None
+
+
+def _ascii_host(host: str) -> str:
+    """``host`` in the ASCII form browsers send (UTS-46 without transitional mapping, as
+    Chrome and Firefox do: ``faß.de`` is ``xn--fa-hia.de``; with the ``idna`` package that
+    aiohttp's URL library brings, else the standard library's IDNA 2003, which maps ß to
+    ss). ``UnicodeError`` for a host that has none."""
+    if host.isascii():
+        return host.encode("idna").decode("ascii")  # (its empty-label checks)
+    try:
+        import idna
+    except ImportError:
+        return host.encode("idna").decode("ascii")
+    return idna.encode(host, uts46=True, transitional=False).decode("ascii")
 
 
 def _origin_as_sent(scheme: str, host: str, port: int | None) -> str | None:
@@ -186,7 +202,7 @@ def _origin_as_sent(scheme: str, host: str, port: int | None) -> str | None:
     scheme = scheme.lower()
     try:
         host = str(ipaddress.IPv6Address(host)).join("[]") if ":" in host else host
-        ascii_host = host if host.startswith("[") else host.encode("idna").decode("ascii")
+        ascii_host = host if host.startswith("[") else _ascii_host(host)
     except (ValueError, UnicodeError):
         return None
     shown = f"{scheme}://{ascii_host.lower()}"
