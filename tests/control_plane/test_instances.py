@@ -212,6 +212,30 @@ def test_the_drift_reset_does_not_keep_the_fit_from_forming() -> None:
     assert state.est_ttft_base_s == pytest.approx(2.0, rel=0.1)
 
 
+def test_a_fit_paused_by_a_short_prompt_still_notices_a_change() -> None:
+    """A short prompt pauses the fit for ~44 long ones; its drift had not been measured
+    meanwhile, so an engine that got 3x faster then was read through the stale line, up
+    to 2.6x off."""
+    rng = random.Random(5)
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+
+    def feed(scale: float, tokens: int) -> None:
+        noise = math.exp(rng.gauss(0, 0.1))
+        state.observe_first_token(scale * (0.5 + tokens / 10_000) * noise, tokens)
+
+    for _ in range(200):
+        feed(1.0, rng.randint(256, 6000))
+    feed(1.0, 10)
+    for _ in range(30):
+        feed(1.0, rng.randint(256, 6000))
+    ratios = []
+    for _ in range(40):
+        feed(1 / 3, rng.randint(256, 6000))
+        predicted = state.est_ttft_base_s + 2000 * state.est_s_per_prefill_token
+        ratios.append(predicted / ((0.5 + 2000 / 10_000) / 3))
+    assert all(0.8 <= r <= 1.25 for r in ratios[20:]), [round(r, 2) for r in ratios]
+
+
 @pytest.mark.parametrize("factor", [3.0, 1 / 3])
 def test_an_engine_that_changes_speed_is_followed_within_a_few_requests(factor: float) -> None:
     """A fit over ~64 samples had taken up to 130 TTFTs to follow a 3x change (and read an

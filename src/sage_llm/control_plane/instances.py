@@ -86,11 +86,9 @@ class PrefillFit:
     yy: float = 0.0
     samples: int = 0
     drift: float = 0.0
-    """The exponentially weighted mean log ratio of the TTFTs to the fit's predictions
-    (measured only while the fit is the estimate: the EWMA rule's own predictions are off
-    in just the case the fit is for): a change of the engine's speed shows in it first."""
-    in_use: bool = False
-    """Whether the last TTFT's estimate was the fit's."""
+    """The exponentially weighted mean log ratio of the TTFTs to the fit's own predictions
+    (measured while it has a line, read or paused: the EWMA rule's predictions are off in
+    just the case the fit is for): a change of the engine's speed shows in it first."""
     short: float = 0.0
     """The decayed count of short prompts seen: those tell the fixed part directly, and a
     fit is not read while they come."""
@@ -110,12 +108,13 @@ class PrefillFit:
     def note_short(self) -> None:
         self.short = (1.0 - FIT_DECAY) * self.short + 1.0
 
-    def line(self) -> tuple[float, float] | None:
+    def line(self, *, paused: bool = False) -> tuple[float, float] | None:
         """(fixed part in seconds, seconds per token) when the samples tell both apart:
         enough of them, lengths spread, a per-token cost clear of the noise, and neither
         part negative (a superlinear prefill would give a negative fixed part); else
-        None."""
-        if self.samples < FIT_MIN_SAMPLES or self.short >= 0.5:
+        None. Also None while short prompts come, unless ``paused`` (the line they keep
+        from being read)."""
+        if self.samples < FIT_MIN_SAMPLES or (self.short >= 0.5 and not paused):
             return None
         w = self.w
         mx, my = self.x / w, self.y / w
@@ -271,14 +270,15 @@ class InstanceState:
             return
         self.rate_samples += 1
         fit = self.prefill_fit
-        predicted = self.est_ttft_base_s + pending_tokens * self.est_s_per_prefill_token
-        if fit.in_use and predicted > 0.0 and ttft_s > 0.0:  # the fit's own predictions
+        if (own := fit.line(paused=True)) is not None and ttft_s > 0.0:
+            # against the fit's own line, read or paused by short prompts (not the EWMA
+            # rule's, which is off in just the case the fit is for)
+            predicted = own[0] + pending_tokens * own[1]
             fit.drift += _ALPHA * (math.log(ttft_s / predicted) - fit.drift)
             if abs(fit.drift) > FIT_RESET_DRIFT:  # the engine changed: forget the old line
                 fit = self.prefill_fit = PrefillFit()
         fit.add(pending_tokens, ttft_s)
         line = fit.line()
-        fit.in_use = line is not None
         if line is not None:
             self.est_ttft_base_s = line[0]
             self.est_s_per_prefill_token = max(line[1], MIN_S_PER_PREFILL_TOKEN)
