@@ -1208,7 +1208,7 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
     given = ["https://Chat.Example.com", "https://b.example:443", "https://c.example:99999",
              "http://d.example:8080", "https://bücher.example", "http://e.example:08080",
              "http://[0:0:0:0:0:0:0:1]", "http://f.example:", "http://faß.de",
-             "http://a..b"]  # fmt: skip
+             "http://a..b", "http://☃.net", "http://[::1"]  # fmt: skip
     text = f"[gateway]\ncors_origins = {json.dumps(given, ensure_ascii=False)}\n"
     found = {e.key: e.detail for e in problems(text)}
     sent = {
@@ -1219,6 +1219,7 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
         6: "http://[::1]",
         7: "http://f.example",
         8: "http://xn--fa-hia.de",  # UTS-46, as browsers send it (not fass.de)
+        10: "http://xn--n3h.net",  # without IDNA 2008's stricter rules, as browsers
     }
     for index, origin in sent.items():
         assert found.pop(f"gateway.cors_origins[{index}]").startswith(
@@ -1229,6 +1230,8 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
         "'https://c.example:99999'",
         "gateway.cors_origins[9]": "must have a host name or address a browser could send, "
         "got 'http://a..b'",
+        "gateway.cors_origins[11]": "must have a host name or address a browser could send, "
+        "got 'http://[::1'",  # (a traceback had ended config check)
     }
 
 

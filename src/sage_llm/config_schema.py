@@ -166,10 +166,12 @@ def _check_origin(value: str) -> str | None:
             "must be an origin as browsers send it (scheme://host[:port], no path) or '*', "
             f"got {value!r}"
         )
-    parts = urlsplit(value)
     try:
+        parts = urlsplit(value)
         port = parts.port
-    except ValueError:
+    except ValueError:  # an unmatched bracket (http://[::1), or a port that is no number
+        if "[" in value or "]" in value:
+            return f"must have a host name or address a browser could send, got {value!r}"
         return f"must have a port number 1-65535 after the host, got {value!r}"
     if port == 0:
         return f"must have a port number 1-65535 after the host, got {value!r}"
@@ -192,7 +194,20 @@ def _ascii_host(host: str) -> str:
         import idna
     except ImportError:
         return host.encode("idna").decode("ascii")
-    return idna.encode(host, uts46=True, transitional=False).decode("ascii")
+    # the URL Standard's processing: UTS-46 mapping, then Punycode, without IDNA 2008's
+    # stricter rules (a browser sends http://☃.net as http://xn--n3h.net)
+    mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
+    labels = mapped.split(".")
+    if mapped.endswith("."):
+        labels = labels[:-1]
+    out = []
+    for label in labels:
+        if not label.isascii():
+            label = "xn--" + label.encode("punycode").decode("ascii")
+        if not 0 < len(label) <= 63:
+            raise UnicodeError(f"label empty or too long: {label!r}")
+        out.append(label)
+    return ".".join(out) + ("." if mapped.endswith(".") else "")
 
 
 def _origin_as_sent(scheme: str, host: str, port: int | None) -> str | None:

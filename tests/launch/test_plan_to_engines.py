@@ -249,6 +249,8 @@ def test_launch_env_names_and_nul_characters_are_refused_at_their_key() -> None:
         ({"env": {"": "c"}}, "env"),
         ({"env": {"A": "x\0y"}}, "env.A"),
         ({"extra_args": ["--x\0"]}, "extra_args.0"),
+        ({"extra_args": (a for a in ["--y\0"])}, "extra_args.0"),
+        ({"extra_args": "--x"}, "extra_args"),
     ):
         with pytest.raises(ConfigError) as info:
             LaunchSettings(**values)

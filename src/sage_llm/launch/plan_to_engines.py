@@ -153,6 +153,10 @@ class LaunchSettings:
             value = getattr(self, key)
             if value is not None and not value.strip():
                 raise ConfigError("must not be empty", key=key)
+        given: object = self.extra_args  # as given: the annotation is not checked
+        if isinstance(given, str):  # (its characters would be the arguments)
+            raise ConfigError("must be a list of strings, not a string", key="extra_args")
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))  # (a generator too)
         for where, problem in process_problems(self.env, self.extra_args):
             raise ConfigError(problem, key=".".join(map(str, where)))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
