@@ -1002,17 +1002,13 @@ def at_address(host: str, port: int, bind_host: str, bind_port: int) -> bool:
     the loopback address of its family, as a connection to it is."""
     if port != bind_port:
         return False
-    bind, there = _bind_key(bind_host), host_key(host)
+    bind, there = _bind_key(bind_host), reached_key(host)  # (0.0.0.0 is the loopback)
     if there == bind:
         return True
     try:
         address = ipaddress.ip_address(there)
     except ValueError:
         return False  # a host name: compared as written
-    if address.is_unspecified:  # connecting to 0.0.0.0 (::) reaches this host's loopback
-        address = ipaddress.ip_address(_LOOPBACK if address.version == 4 else "::1")
-        if host_key(str(address)) == bind:
-            return True
     if bind_host.strip().lower() == "localhost":
         return str(address) in (_LOOPBACK, "::1")
     families = {"0.0.0.0": (4,), "::": (6,), "": (4, 6)}.get(bind, ())
