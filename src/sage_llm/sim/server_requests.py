@@ -102,8 +102,11 @@ def engine_default_max_tokens(chat: bool, prompt_tokens: int, max_model_len: int
 
 _CONSUMED = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-     "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n"}
+     "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n",
+     "truncate_prompt_tokens"}
 )  # fmt: skip
+"""Body fields :func:`parse_request` applies itself (``truncate_prompt_tokens`` too: the
+engine is given the cut prompt, not the field to cut it again)."""
 
 
 @dataclass(frozen=True, slots=True)
