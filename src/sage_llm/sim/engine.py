@@ -1041,6 +1041,10 @@ def _int_text(text: str) -> int | None:
         return None
 
 
+def _out_of_vocab(token: int, vocab: int | None) -> bool:
+    return token < 0 or (vocab is not None and token >= vocab)
+
+
 def _check_token_fields(extra: Mapping[str, Any], vocab: int | None) -> None:
     """``logit_bias``, ``allowed_token_ids`` and ``bad_words`` as vLLM's request models and
     processor check them."""
@@ -1062,7 +1066,7 @@ def _check_token_fields(extra: Mapping[str, Any], vocab: int | None) -> None:
                     f"logit_bias values must be numbers, got {value!r}", param="logit_bias"
                 )
             ids.append(token)
-        outside = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+        outside = [t for t in ids if _out_of_vocab(t, vocab)]
         if outside:
             raise InvalidRequestError(
                 f"token_id(s) {outside} in logit_bias contain out-of-vocab token ids. "
@@ -1079,7 +1083,7 @@ def _check_token_fields(extra: Mapping[str, Any], vocab: int | None) -> None:
             raise InvalidRequestError(
                 "allowed_token_ids is not None and empty!", param="allowed_token_ids"
             )
-        if any(t < 0 or (vocab is not None and t >= vocab) for t in allowed):
+        if any(_out_of_vocab(t, vocab) for t in allowed):
             raise InvalidRequestError(
                 "allowed_token_ids contains out-of-vocab token id!", param="allowed_token_ids"
             )
