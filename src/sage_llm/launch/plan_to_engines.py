@@ -160,7 +160,6 @@ class LaunchSettings:
         for where, problem in process_problems(self.env, self.extra_args):
             raise ConfigError(problem, key=".".join(map(str, where)))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
-        object.__setattr__(self, "extra_args", tuple(self.extra_args))
         object.__setattr__(self, "log_dir", Path(self.log_dir))
 
     @property
