@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config import BARE_KEYS, SageConfig, config_from_dict, load_config
-from sage_llm.config_fields import INT64_MAX, beyond_int64, described, secret_problem, shown_value
+from sage_llm.config_fields import described, int64_problem, secret_problem
 from sage_llm.config_fields import suggest as suggest_key
 from sage_llm.config_locate import format_key
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE, host_problem
@@ -153,8 +153,8 @@ def check_request_defaults(defaults: object) -> None:
         isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
     ):
         bad("max_tokens", f"must be a positive integer, got {described(tokens)}")
-    elif tokens is not None and beyond_int64(tokens):  # as a request's own max_tokens
-        bad("max_tokens", f"must be at most {INT64_MAX} (64 bits), got {shown_value(tokens)}")
+    elif tokens is not None and (problem := int64_problem(tokens)) is not None:
+        bad("max_tokens", problem)  # as a request's own max_tokens
     extra: object = defaults.extra
     if not isinstance(extra, Mapping):
         bad("extra", f"must be a mapping, got {described(extra)}")
@@ -584,9 +584,6 @@ def _sampling_int(sampling: Mapping[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"must be a positive integer, got {value!r}", key=f"sampling.{key}")
-    if beyond_int64(value):  # as a request's own option
-        raise ConfigError(
-            f"must be at most {INT64_MAX} (64 bits), got {shown_value(value)}",
-            key=f"sampling.{key}",
-        )
+    if (problem := int64_problem(value)) is not None:  # as a request's own option
+        raise ConfigError(problem, key=f"sampling.{key}")
     return value
