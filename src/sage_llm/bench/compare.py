@@ -46,6 +46,7 @@ from sage_llm.bench.procs import EngineFleet, ManagedProcess, counter_total, fre
 from sage_llm.bench.report import (
     Entry,
     check_out_dir,
+    refuse_repeats,
     report_console,
     summary_table,
     target_check,
@@ -240,16 +241,6 @@ def rescale(measurements: Sequence[RequestMeasurement], factor: float) -> list[R
     ]
 
 
-def _once(names: Sequence[str], key: str) -> None:
-    """ConfigError naming ``key`` for a name given twice (it would run twice, and be
-    reported twice under one name)."""
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ConfigError(f"{name} is given twice", key=key)
-        seen.add(name)
-
-
 @dataclass(frozen=True)
 class CompareConfig:
     """Everything one ``compare`` run needs (rates in requests per simulated second)."""
@@ -281,9 +272,9 @@ class CompareConfig:
             _positive(getattr(self, key), key)
         for rate in self.rates:
             _positive(rate, "rates")
-        _once(self.peers, "peers")  # each would run twice, reported twice under one name
+        refuse_repeats(self.peers, "peers")
         for policies in self.peer_policies.values():
-            _once(policies, "peer_policies")
+            refuse_repeats(policies, "peer_policies")
         for peer in self.peers:
             try:
                 spec = get_spec(peer)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 from sage_llm import jsonutil
 from sage_llm.bench.inprocess import replay
-from sage_llm.bench.report import check_out_file
+from sage_llm.bench.report import check_out_file, refuse_repeats
 from sage_llm.bench.stats import SLO, BenchSummary, summarize
 from sage_llm.bench.workloads import Uniform, Workload, sharegpt_like, synthetic
 from sage_llm.control_plane.manager import ControlPlaneManager
@@ -156,15 +155,8 @@ def select_fleets(names: Sequence[str], model: str = MODEL_8B) -> list[FleetSpec
         raise ConfigError(
             f"unknown fleet(s) {', '.join(unknown)}; valid: {', '.join(known)}", key="fleets"
         )
-    _refuse_twice(names)
+    refuse_repeats(names, "fleets")
     return [known[n] for n in names]
-
-
-def _refuse_twice(names: Sequence[str]) -> None:
-    """A layout named twice would run twice and be reported twice under one name."""
-    twice = [n for n, count in Counter(names).items() if count > 1]
-    if twice:
-        raise ConfigError(f"{twice[0]} is given twice", key="fleets")
 
 
 def select_named_fleets(
@@ -181,7 +173,7 @@ def select_named_fleets(
     unknown = [n for n in names if n not in known8 and n not in known70]
     if unknown:
         raise ConfigError(f"unknown fleet(s) {', '.join(unknown)}; valid: {valid}", key="fleets")
-    _refuse_twice(names)
+    refuse_repeats(names, "fleets")
     eights = [known8[n] for n in names if n in known8]
     seventies = [known70[n] for n in names if n in known70] if include_70b else []
     left_out = [n for n in names if n not in known8 and not include_70b]

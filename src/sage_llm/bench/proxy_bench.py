@@ -53,7 +53,7 @@ from rich.table import Table
 
 from sage_llm.bench.cli_args import at_least
 from sage_llm.bench.peers import PEERS
-from sage_llm.bench.report import check_out_dir, report_console
+from sage_llm.bench.report import check_out_dir, refuse_repeats, report_console
 from sage_llm.bench.stats import percentile
 from sage_llm.errors import ConfigError
 from sage_llm.sim.core import default_max_model_len
@@ -440,9 +440,7 @@ def check_proxy_options(peers: Sequence[str], prompt_tokens: int, max_tokens: in
     """:class:`ConfigError` for what would fail a proxy measurement only once its
     processes run: an unknown peer (the forwarder is named beside the routers), or requests
     longer than the engines' context (every one would be refused)."""
-    if len(set(peers)) != len(peers):  # it would run twice, reported twice under one name
-        twice = next(p for p in peers if list(peers).count(p) > 1)
-        raise ConfigError(f"{twice} is given twice", key="peers")
+    refuse_repeats(peers, "peers")
     for peer in peers:
         if peer != FORWARDER and peer not in PEERS:
             known = ", ".join(sorted([*PEERS, FORWARDER]))

@@ -108,6 +108,16 @@ def check_out_dir(path: Path) -> None:
     _write_check(path / f".sage-llm-write-check-{os.getpid()}", f"reports under {path}")
 
 
+def refuse_repeats(names: Sequence[str], key: str) -> None:
+    """ConfigError naming ``key`` for a name given twice: it would run twice, and be
+    reported twice under one name."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{name} is given twice", key=key)
+        seen.add(name)
+
+
 def check_out_file(path: Path) -> None:
     """:class:`ConfigError` (key ``out``) unless a report can be written at ``path``, tried
     now (as :func:`check_out_dir` tries its folder; an existing file is left as it was), so
