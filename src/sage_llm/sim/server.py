@@ -475,12 +475,11 @@ class _EngineServer:
         top: dict[str, Any] = {}
         finish: str | None = None
         usage: Usage | None = None
-        last: float | None = None
         it = self.engine.generate(parsed.req)
         try:
             async for chunk in it:
+                last = times[-1] if times else None
                 times.append(self.metrics.observe_token(arrival, last, self.clock.now()))
-                last = times[-1]
                 texts.append(chunk.text)
                 extras.update(chunk.extras or {})
                 top.update(chunk.top or {})
@@ -557,7 +556,6 @@ class _EngineServer:
         arrival: float,
     ) -> None:
         times: list[float] = []
-        last: float | None = None
         finish: str | None = None
         usage: Usage | None = None
         produced = 0
@@ -572,8 +570,8 @@ class _EngineServer:
                 await resp.write(encode_event(role))
                 first = False
             while chunk is not None:
+                last = times[-1] if times else None
                 times.append(self.metrics.observe_token(arrival, last, self.clock.now()))
-                last = times[-1]
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
                 produced += len(chunk.token_ids) or 1
