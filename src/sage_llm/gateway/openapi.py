@@ -88,9 +88,9 @@ def _errors(*codes: str) -> dict[str, Any]:
     return out
 
 
-_BODY_ERRORS = ("400", "401", "408", "413", "415", "417")
+_BODY_ERRORS = ("400", "401", "408", "413")
 """What a route that reads a body may answer before its own checks: a bad body or head,
-no key, a slow or oversized upload, an unread encoding, an unknown ``Expect``."""
+no key, a slow or oversized upload (and, as every route, :data:`_HEAD_ERRORS`)."""
 _HEAD_ERRORS = ("415", "417")
 """What every route may answer for its request's head alone: a ``Content-Encoding`` the
 gateway does not read, an ``Expect`` other than ``100-continue``."""
