@@ -129,6 +129,18 @@ def test_assembler_n_greater_than_one_ends_with_finish_and_usage() -> None:
     assert out[-1].usage == Usage(0, 2)
 
 
+def test_assembler_refuses_a_stream_that_leaves_a_choice_unfinished() -> None:
+    """With n > 1 a stream that ended with one choice still open had been taken as whole
+    (and its answer rebuilt in one piece said ``"length"`` for it)."""
+    asm = StreamAssembler(REQ)
+    for index, finish in ((0, None), (1, None), (0, None), (1, "length")):
+        asm.on_event(json.dumps({"choices": [{"index": index, "text": "t",
+                                              "finish_reason": finish}]}))  # fmt: skip
+    asm.on_event("[DONE]")
+    with pytest.raises(EngineStreamError, match="without a finish_reason for choice 0"):
+        asm.finish()
+
+
 def test_assembler_errors() -> None:
     with pytest.raises(EngineStreamError):
         StreamAssembler(REQ).on_event('"just a string"')
@@ -158,6 +170,7 @@ def test_assembler_done_marker_and_events_without_choices() -> None:
     assert asm.on_event('{"id": "x", "object": "text_completion"}') == []
     chat = asm.on_event('{"choices": [{"index": 0, "delta": {"content": "hi"}}]}')
     assert [(c.text, c.index) for c in chat] == [("hi", 0)]
+    asm = StreamAssembler(REQ)
     odd = asm.on_event('{"choices": [{"index": true, "text": 5, "finish_reason": "stop"}]}')
     assert odd == []  # the finishing chunk is held for the usage
     (last,) = asm.finish()

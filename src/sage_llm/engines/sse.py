@@ -350,6 +350,8 @@ class StreamAssembler:
         self._held: Chunk | None = None
         self._usage: Usage | None = None
         self._last_finish: tuple[str, int] | None = None
+        self._unfinished: set[int] = set()
+        """Choices (``index``) seen without their ``finish_reason`` yet."""
         self._text_chunks = 0
         options = req.extra.get("stream_options")
         self._continuous = isinstance(options, Mapping) and bool(
@@ -415,7 +417,9 @@ class StreamAssembler:
             if chunk.finish_reason is not None:
                 self._held = chunk
                 self._last_finish = (chunk.finish_reason, chunk.index)
+                self._unfinished.discard(chunk.index)
             else:
+                self._unfinished.add(chunk.index)
                 out.append(chunk)
         return out
 
@@ -423,6 +427,11 @@ class StreamAssembler:
         """At the end of the stream: the final chunk, with ``finish_reason`` and ``usage``."""
         if self._last_finish is None:
             raise self._fail(EngineStreamError, "stream ended without a finish_reason")
+        if self._unfinished:  # with n > 1: every choice ends with its own
+            raise self._fail(
+                EngineStreamError,
+                f"stream ended without a finish_reason for choice {min(self._unfinished)}",
+            )
         usage = self._usage or Usage(estimate_prompt_tokens(self._req), self._text_chunks)
         held, self._held = self._held, None
         if held is not None:
