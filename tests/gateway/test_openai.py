@@ -514,6 +514,8 @@ def test_an_integer_beyond_64_bits_is_out_of_range_not_a_non_integer() -> None:
         ("max_completion_tokens", "18446744073709551615", True),
         ("top_logprobs", "9223372036854775808", True),
         ("priority", "18446744073709551615", False),  # not the nearest end: out of range
+        ("max_tokens", "9223372036854775808", False),  # a plain body (had its own message)
+        ("max_tokens", "9223372036854775808", True),
     ],
 )
 def test_integers_from_2_63_to_2_64_are_out_of_range_as_larger_ones(

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from sage_llm import jsonutil
 from sage_llm.chat_messages import message_problem
-from sage_llm.config_fields import as_float, beyond_int64, shown_value
+from sage_llm.config_fields import INT64_MAX, as_float, beyond_int64, shown_value
 from sage_llm.control_plane.intake import truncation
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
@@ -311,7 +311,7 @@ def _plain_body(
         if type(text) is not str or not text:  # an empty one: the schema path says why
             return None
     max_tokens = get("max_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= INT64_MAX):
         return None
     temperature, top_p = get("temperature"), get("top_p")
     if not _plain_number(temperature, 0.0, 2.0) or not _plain_number(
