@@ -45,6 +45,7 @@ def _expected(state: InstanceState) -> InstanceView:
         est_ttft_base_s=state.est_ttft_base_s,
         est_prefill_tps=1.0 / state.est_s_per_prefill_token,
         est_tpot_s=state.est_tpot_s,
+        est_chunk_tps=1.0 / state.est_s_per_chunk_token,
         measured=state.measured,
     )
 
@@ -261,6 +262,48 @@ def test_noisy_chat_traffic_keeps_the_fitted_rate_near_the_engines() -> None:
     lengths = lambda rng: max(256, int(math.exp(rng.gauss(6.5, 0.8))))  # noqa: E731
     _, rates = _fed(lengths, 0.05, 8000.0, 0.3)
     assert min(rates) > 4000.0 and max(rates) < 16_000.0
+
+
+def _roofline_ttft(tokens: int, scale: float = 1.0) -> float:
+    """A TTFT on a roofline engine: 4 ms of intake, then one step, the smoothed maximum of
+    its memory time (an 8 ms decode step) and its compute time (38,000 tokens a second)."""
+    return scale * (0.004 + math.hypot(0.008, tokens / 38_000))
+
+
+def test_the_chunk_cost_is_the_compute_bound_rate_though_chat_ttfts_read_faster() -> None:
+    """On chat traffic most prompts' steps are memory-bound, so the TTFT line reads a rate
+    faster than the compute-bound one (1.4x here, 2.3x in the PD benchmark's chat); the PD
+    decider's stall model had read that rate and kept 1,500-token prompts beside running
+    decodes (a 22 ms gap predicted, 38 ms taken)."""
+    rng = random.Random(11)
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    assert state.est_s_per_chunk_token == state.est_s_per_prefill_token  # nothing told yet
+    for _ in range(10):
+        state.observe_tpot(0.008)
+    for _ in range(300):
+        tokens = max(1, int(math.exp(rng.gauss(5.5, 1.0))))  # median ~250 tokens
+        state.observe_first_token(_roofline_ttft(tokens), tokens)
+    assert 1.0 / state.est_s_per_chunk_token == pytest.approx(38_000, rel=0.15)
+    assert 1.0 / state.est_s_per_prefill_token > 1.3 * 38_000
+    view = state.view()
+    assert view.est_chunk_tps == pytest.approx(1.0 / state.est_s_per_chunk_token)
+    # the stall the decider predicts for a 1,500-token chunk beside decodes: the step's
+    stall = math.hypot(view.est_tpot_s, 1500 / (view.est_chunk_tps or 0.0))
+    assert stall == pytest.approx(math.hypot(0.008, 1500 / 38_000), rel=0.15)
+
+
+def test_the_chunk_cost_is_forgotten_with_the_fit_when_the_engine_changes_speed() -> None:
+    rng = random.Random(4)
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    for _ in range(10):
+        state.observe_tpot(0.008)
+    for i in range(240):
+        tokens = rng.randint(256, 6000)
+        state.observe_first_token(_roofline_ttft(tokens, 3.0 if i >= 200 else 1.0), tokens)
+        if i == 199:
+            assert 1.0 / state.est_s_per_chunk_token == pytest.approx(38_000, rel=0.15)
+    # 3x slower steps; the TPOT estimate is the old one, so read as more compute per token
+    assert 1.0 / state.est_s_per_chunk_token < 38_000 / 2.5
 
 
 def test_a_fleet_all_draining_is_down_as_draining_though_one_is_also_ejected() -> None:

@@ -701,6 +701,7 @@ class ControlPlaneManager:
             "prefix_cache_hit_rate": stats.prefix_hit_rate if stats else None,
             "est_tpot_ms": state.est_tpot_s * 1000.0,
             "est_prefill_tokens_per_s": 1.0 / state.est_s_per_prefill_token,
+            "est_chunk_tokens_per_s": 1.0 / state.est_s_per_chunk_token,
             "circuit": state.breaker.describe(self.clock.now()),
         }
 

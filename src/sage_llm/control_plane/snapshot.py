@@ -108,6 +108,10 @@ class InstanceView:
     est_ttft_base_s: float = 0.05
     est_prefill_tps: float = 8000.0
     est_tpot_s: float = 0.02
+    est_chunk_tps: float | None = None
+    """Prompt tokens a second in a step beside running decodes: the compute-bound rate
+    (``InstanceState.est_s_per_chunk_token``), which the PD decider's stall model reads
+    (None: ``est_prefill_tps``)."""
     measured: bool = True
     """False until traffic has told enough of the instance (its ``est_*`` are priors, or
     the mean of fewer than five observations): a policy that ranks by them gives it

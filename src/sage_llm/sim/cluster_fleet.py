@@ -100,6 +100,7 @@ _DYNAMIC_VIEW_FIELDS = (
     "est_ttft_base_s",
     "est_prefill_tps",
     "est_tpot_s",
+    "est_chunk_tps",
     "measured",
 )
 """The :class:`InstanceView` fields the simulation changes; the others stay as registered."""
@@ -257,6 +258,7 @@ class InstanceSlot:
             state.est_ttft_base_s,
             1.0 / max(state.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
             state.est_tpot_s,
+            1.0 / state.est_s_per_chunk_token,
             state.measured,
             *self._static_view,
         )

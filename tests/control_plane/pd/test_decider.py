@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -227,15 +228,31 @@ def test_adaptive_predicts_the_stall_a_long_prefill_causes_on_running_decodes() 
     snap = gap_fleet()
     g0 = snap.get("g0")
     assert g0 is not None
-    # a decode step plus the chunk's prefill time, the chunk capped at max_batched_tokens
-    assert decider.stall_s(g0, 4000) == pytest.approx(0.008 + 4000 / 40_000)
-    assert decider.stall_s(g0, 20_000) == pytest.approx(0.008 + 8192 / 40_000)
+    # the smoothed maximum of a decode step and the chunk's compute time, the chunk capped
+    # at max_batched_tokens; without a chunk rate of its own, at the prefill rate
+    assert decider.stall_s(g0, 4000) == pytest.approx(math.hypot(0.008, 4000 / 40_000))
+    assert decider.stall_s(g0, 20_000) == pytest.approx(math.hypot(0.008, 8192 / 40_000))
+    assert decider.stall_s(g0, 0) == pytest.approx(0.008)
     long_req = make_request_info(prompt_tokens=4000, max_tokens=300)
     colo = decider.colocated(long_req, snap)
-    assert colo is not None and colo.gap_s == pytest.approx(0.108)
+    assert colo is not None and colo.gap_s == pytest.approx(math.hypot(0.008, 0.1))
     decision = decider.decide(long_req, snap)
     assert decision.disaggregate is True
-    assert "gap=108ms" in decision.reason
+    assert "gap=100ms" in decision.reason
+
+
+def test_adaptive_stall_reads_the_rate_beside_decodes_not_the_ttft_rate() -> None:
+    """Chat TTFTs read a prefill rate twice the compute-bound one (most prompts' steps are
+    memory-bound); the gap is predicted at the rate a chunk runs beside decodes."""
+    decider = AdaptiveDecider(GAP_TARGETS)
+    snap = gap_fleet(est_prefill_tps=90_000.0, est_chunk_tps=40_000.0)
+    g0 = snap.get("g0")
+    assert g0 is not None
+    assert decider.stall_s(g0, 1500) == pytest.approx(math.hypot(0.008, 1500 / 40_000))
+    req = make_request_info(prompt_tokens=1500, max_tokens=200)
+    colo = decider.colocated(req, snap)
+    assert colo is not None and colo.gap_s > 0.025  # at 90k tokens/s it would be 0.018
+    assert decider.decide(req, snap).disaggregate is True
 
 
 def test_adaptive_keeps_short_prompts_colocated_when_every_target_holds_with_slack() -> None:

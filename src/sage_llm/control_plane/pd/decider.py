@@ -287,10 +287,12 @@ class AdaptiveDecider:
 
     def stall_s(self, v: InstanceView, prefill_tokens: int) -> float:
         """The inter-token gap of decodes running on ``v`` in a step that also carries
-        ``prefill_tokens`` of prompt (at most ``max_batched_tokens``): a decode step plus
-        the chunk's prefill time at ``v``'s prefill rate."""
+        ``prefill_tokens`` of prompt (at most ``max_batched_tokens``): the roofline's
+        smoothed maximum of a decode step (memory-bound) and the chunk's compute time at
+        ``v``'s rate beside decodes (``est_chunk_tps``), ``hypot(tpot, chunk / rate)``."""
         chunk = min(max(prefill_tokens, 0), self.params.max_batched_tokens)
-        return v.est_tpot_s + chunk / max(v.est_prefill_tps, 1e-9)
+        rate = v.est_prefill_tps if v.est_chunk_tps is None else v.est_chunk_tps
+        return math.hypot(v.est_tpot_s, chunk / max(rate, 1e-9))
 
     def prefill_gap_s(self, v: InstanceView, req: RequestInfo) -> float:
         """The gap that computing ``req``'s prompt on ``v`` inflicts on the decodes running

@@ -417,6 +417,7 @@ def servable_view(snap: ClusterSnapshot, pd_models: Sequence[str]) -> ClusterSna
                 est_ttft_base_s=p.est_ttft_base_s + d.est_tpot_s,
                 est_prefill_tps=p.est_prefill_tps,
                 est_tpot_s=d.est_tpot_s,
+                est_chunk_tps=p.est_chunk_tps,
             )
         )
     if not extra:
