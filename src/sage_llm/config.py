@@ -1034,16 +1034,19 @@ def _bind_key(host: str) -> str:
 def host_key(host: str) -> str:
     """``host`` as two addresses are compared: case-blind, a name's trailing dot (the
     root's) left out, ``localhost`` read as ``127.0.0.1``, an IP address in its one written
-    form (``0:0:0:0:0:0:0:1`` is ``::1``): one engine, whichever way it is written."""
+    form (``0:0:0:0:0:0:0:1`` is ``::1``, an IPv4-mapped ``::ffff:127.0.0.1`` the IPv4
+    address it reaches): one engine, whichever way it is written."""
     name = host.strip().lower()
     if name.endswith(".") and name != ".":
         name = name[:-1]  # example.com. is example.com
     if name == "localhost":
         return _LOOPBACK
     try:
-        return str(ipaddress.ip_address(name.strip("[]")))
+        address = ipaddress.ip_address(name.strip("[]"))
     except ValueError:
         return name  # a host name
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(address if mapped is None else mapped)
 
 
 def reached_key(host: str) -> str:
