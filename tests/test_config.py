@@ -25,6 +25,7 @@ from sage_llm.config import (
     check_config,
     check_instance,
     config_from_dict,
+    host_key,
     instance_fields,
     load_config,
     parse_config,
@@ -558,11 +559,22 @@ def test_one_engine_under_two_names_is_a_duplicate_address() -> None:
     """Host names are case-blind, localhost is 127.0.0.1, and an engine at 0.0.0.0 is
     reached at 127.0.0.1 (as the gateway's own-address check reads it)."""
     seconds = ('host = "LocalHost"\nport = 8000', 'host = "127.0.0.1"\nport = 8000',
-               'host = "0.0.0.0"\nport = 8000', 'host = "localhost."\nport = 8000')  # fmt: skip
+               'host = "0.0.0.0"\nport = 8000', 'host = "localhost."\nport = 8000',
+               'host = "::ffff:127.0.0.1"\nport = 8000')  # fmt: skip
     for second in seconds:
         err = problem(SEED.replace('host = "localhost"\nport = 8001', second))
         assert err.key == "services.llm_control_plane.instances[1].port"
         assert "is also instances[0]'s address" in err.message
+
+
+def test_an_ipv4_mapped_address_is_the_ipv4_address_it_reaches() -> None:
+    """``::ffff:127.0.0.1`` reaches ``127.0.0.1``: as the gateway's own address it had
+    passed the check, and each request came back to the gateway (a 502)."""
+    assert host_key("::ffff:127.0.0.1") == host_key("[::FFFF:7f00:1]") == "127.0.0.1"
+    assert at_address("::ffff:127.0.0.1", 8000, "127.0.0.1", 8000)
+    assert at_address("::ffff:127.0.0.1", 8000, "0.0.0.0", 8000)
+    assert not at_address("::ffff:127.0.0.1", 8000, "::", 8000)  # IPv6 only
+    assert host_key("::1") == "::1" and host_key("::ffff:10.0.0.1") == "10.0.0.1"
 
 
 def test_bad_latency_priors_in_metadata_are_reported_at_their_line() -> None:
@@ -651,6 +663,7 @@ def test_bad_port(line: str, message: str) -> None:
         ('machine_id = ""', "machine_id", "must not be empty"),  # every "" one machine
         ('rack_id = " "', "rack_id", "must not be empty"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),
+        ('sim_model = "llama-3-8b "', "sim_model", "must not begin or end with white space"),
         ('engine = "trt"', "engine", "valid values: vllm, sglang, openai, sim"),
         ('sim_gpu = "tpu"', "sim_gpu", "unknown GPU"),
         ('scheme = "ftp"', "scheme", "unknown value"),
@@ -666,6 +679,22 @@ def test_instance_value_errors(replacement: str, key: str, message: str) -> None
     err = problem(text)
     assert err.key == f"services.llm_control_plane.instances[1].{key}"
     assert message in err.message
+
+
+def test_names_with_white_space_at_an_end_are_refused() -> None:
+    """A model served as ``"llama-3-8b "`` answered a request for ``llama-3-8b`` with a 404
+    that listed it."""
+    text = SEED.replace('"llm-decode-1"', '"llm-decode-1 "').replace(
+        'model_name = "meta-llama/Llama-2-7b"\ninstance_type = "DECODING"',
+        'model_name = " meta-llama/Llama-2-7b"\ninstance_type = "DECODING"',
+    )
+    assert {(e.key, e.detail.split(",")[0]) for e in problems(text)} == {
+        (f"services.llm_control_plane.instances[1].{key}", "must not begin or end with white space")
+        for key in ("instance_id", "model_name")
+    }
+    err = problem('[simulation]\nmodel = "llama-3-8b "\n')
+    assert (err.key, err.location) == ("simulation.model", "cfg.toml:2")
+    assert "must not begin or end with white space" in err.message
 
 
 @pytest.mark.parametrize(

@@ -147,10 +147,14 @@ def _name_problem(value: str) -> str | None:
 
 
 def _check_printable(value: str) -> str | None:
-    """Names shown in logs, metric labels and model lists: no control characters."""
-    if value.isprintable():
-        return None
-    return f"must not contain control characters, got {value!r}"
+    """Names shown in logs, metric labels and model lists: no control characters, and no
+    white space at either end (a model served as ``"m "`` answered a request for ``m``
+    with a 404 that listed it)."""
+    if not value.isprintable():
+        return f"must not contain control characters, got {value!r}"
+    if value != value.strip():
+        return f"must not begin or end with white space, got {value!r}"
+    return None
 
 
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
@@ -264,6 +268,8 @@ def _check_gpu(value: str) -> str | None:
 def _check_model(value: str) -> str | None:
     if not value:
         return None
+    if problem := _check_printable(value):  # served under this name as written
+        return problem
     try:
         get_model(value)
     except ConfigError as exc:
