@@ -180,7 +180,7 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "port": 8000}, "host"),
         ({"model_id": "m", "host": "h", "port": 0}, "port"),
         ({"model_id": "m", "dialect": "tgi"}, "dialect"),
-        ({"model_id": "m", "sim": {"sped": 2}}, "sim.sped"),
+        ({"model_id": "m", "engine": "sim", "sim": {"sped": 2}}, "sim.sped"),
         ({"model_id": "m", "engine": "sim", "sim": {"seed": "x"}}, "sim.seed"),
         ({"model_id": "m", "engine": "sim", "sim": {"gpu": "rtx9999"}}, "sim.gpu"),
         ({"model_id": "m", "engine": "sim", "sim": {"speed": -1}}, "sim.speed"),
@@ -195,12 +195,49 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "tags": "chat"}, "tags"),
         ({"model_id": "m", "sampling": []}, "sampling"),
         ({"model_id": "m", "engine": "sim", "type": "ControlPlaneVLLMService"}, "type"),
+        # given where nothing reads them (they had been kept and ignored)
+        ({"model_id": "m", "base_url": "http://h:1", "sim": {"gpu": "a100"}}, "sim"),
+        ({"model_id": "m", "engine": "sim", "dialect": "sglang"}, "dialect"),
+        ({"model_id": "m", "engine": "sim", "scheme": "https"}, "scheme"),
+        ({"model_id": "m", "engine": "sim", "api_key": "k"}, "api_key"),
+        (
+            {
+                "model_id": "m",
+                "engine": "sim",
+                "use_control_plane": True,
+                "control_plane": {"scheduling_policy": "x"},
+            },
+            "control_plane.scheduling_policy",
+        ),
     ],
 )
 def test_bad_vllm_service_configs_name_the_key(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         VLLMServiceConfig.from_dict(data)
     assert err.value.key == key
+
+
+def test_every_problem_of_a_vllm_service_config_is_reported_at_once() -> None:
+    """A bad tensor_parallel_size beside a sim.* problem, and a control_plane table's
+    problems beside the rest, had come one pass after another."""
+    data: dict[str, Any] = {
+        "model_id": "llama-3-8b", "engine": {"kind": "sim", "tensor_parallel_size": 0},
+        "sim": {"speed": 0}, "sampling": {"temperature": -1},
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        VLLMServiceConfig.from_dict(data)
+    keys = {e.key for e in err.value.each()}
+    assert keys == {"sim.speed", "sampling.temperature", "engine.tensor_parallel_size"}
+    data = {
+        "model_id": "m", "engine": "sim", "sampling": {"temperature": 5},
+        "use_control_plane": True,
+        "control_plane": {"instances": [{"instance_id": "a", "host": "h", "port": 0,
+                                         "model_name": "m"}]},
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        VLLMServiceConfig.from_dict(data)
+    keys = {e.key for e in err.value.each()}
+    assert keys == {"sampling.temperature", "control_plane.instances[0].port"}
 
 
 def test_a_simulated_engine_names_the_engine_arguments_it_does_not_read(

@@ -312,6 +312,16 @@ class VLLMServiceConfig:
                 ConfigError('engine = "sim" and an endpoint exclude each other', key="engine")
             )
         backend = "http" if host is not None else (kind or "vllm")
+        if host is None:  # read only by the HTTP client of an endpoint
+            for key in _ENDPOINT_ONLY:
+                if key in data:
+                    g.errors.append(
+                        ConfigError(
+                            "applies only to an HTTP endpoint (base_url or host), and none "
+                            "is given, so it would be ignored",
+                            key=key,
+                        )
+                    )
         unread = sorted(str(k) for k in table if k != "tensor_parallel_size")
         if kind == "sim" and unread:  # a vLLM config switched to the simulator: said, not
             log.warning(  # refused (it runs as written once switched back)
@@ -322,6 +332,14 @@ class VLLMServiceConfig:
         sampling = {**DEFAULT_SAMPLING, **(g.built(lambda: _table(data, "sampling"), _same) or {})}
         engine = {**DEFAULT_ENGINE, **table}
         sim = g.built(lambda: _table(data, "sim"), _same) or {}
+        if "sim" in data and backend != "sim":
+            g.errors.append(
+                ConfigError(
+                    f'applies only with engine = "sim" (this service uses {backend!r}), so it '
+                    "would be ignored",
+                    key="sim",
+                )
+            )
         for key in sim:
             if key not in _SIM_KEYS:
                 g.errors.append(
@@ -350,6 +368,8 @@ class VLLMServiceConfig:
                 )
             )
             cp = None
+        if isinstance(cp, Mapping) and data.get("use_control_plane") is True:
+            g.built(lambda: control_plane_service_config(cp), "control_plane")
         tags = data.get("tags", [])
         if not isinstance(tags, list | tuple) or not all(isinstance(t, str) for t in tags):
             g.errors.append(ConfigError("must be a list of strings", key="tags"))
@@ -380,7 +400,11 @@ class VLLMServiceConfig:
         )  # fmt: skip
         g.built(config.request_defaults, _same)  # checks the sampling table
         g.built(lambda: _check_sim(sim), _same)
-        if backend == "sim" and not any((e.key or "").startswith("sim.") for e in g.errors):
+        if backend == "sim":
+            g.built(lambda: _tensor_parallel(config.engine), _same)
+        if backend == "sim" and not any(
+            (e.key or "").startswith(("sim.", "engine.tensor_parallel_size")) for e in g.errors
+        ):
             g.built(config.check_sim_engine, _same)
         g.raise_any()
         return config
@@ -392,9 +416,7 @@ class VLLMServiceConfig:
         from sage_llm.sim.specs import placement_problem
 
         model = str(self.sim.get("model") or default_sim_model(self.model_id))
-        tp = self.engine.get("tensor_parallel_size", 1)
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ConfigError("must be an integer >= 1", key="engine.tensor_parallel_size")
+        tp = _tensor_parallel(self.engine)
         problem = placement_problem(model, str(self.sim.get("gpu", "h100")), tp=tp)
         if problem is not None:
             raise ConfigError(
@@ -479,6 +501,17 @@ def _engine_kind(data: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
     if kind not in (None, "sim", "vllm"):
         raise ConfigError(f'unknown engine kind {kind!r}; use "sim" or "vllm"', key="engine")
     return kind, table
+
+
+_ENDPOINT_ONLY = ("scheme", "dialect", "api_key")
+"""Keys only an HTTP endpoint's client reads."""
+
+
+def _tensor_parallel(engine: Mapping[str, Any]) -> int:
+    tp = engine.get("tensor_parallel_size", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError("must be an integer >= 1", key="engine.tensor_parallel_size")
+    return tp
 
 
 def _same(key: str | None) -> str:
