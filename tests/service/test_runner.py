@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from sage_llm.errors import ControlPlaneNotRunningError, InvalidRequestError, SageLLMError
+from sage_llm.errors import (
+    ConfigError,
+    ControlPlaneNotRunningError,
+    InvalidRequestError,
+    SageLLMError,
+)
+from sage_llm.service import ControlPlaneVLLMService
 from sage_llm.service.runner import LoopThread
 from sage_llm.sim.clock import VirtualEventLoop
 
@@ -283,3 +289,43 @@ def test_stop_from_inside_another_running_loop_closes_the_service_loop() -> None
     assert service_loop is not None and service_loop.is_closed()
     assert gens == ["closed"]
     assert (runner.running, runner.loop) == (False, None)
+
+
+def test_a_loop_factory_that_gives_no_usable_loop_is_a_config_error_not_a_hang() -> None:
+    """None, a closed loop or a running one had killed the loop thread while ``start``
+    waited for it for ever; a value that is no callable raised a bare TypeError."""
+    closed = asyncio.new_event_loop()
+    closed.close()
+    for factory, what in (
+        (lambda: None, "must return an asyncio event loop, got NoneType"),
+        (lambda: closed, "this one is closed"),
+    ):
+        runner = LoopThread("t", factory)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=what) as err:
+            runner.start()
+        assert err.value.key == "loop_factory"
+        assert not runner.running and runner.loop is None
+
+    async def inside() -> None:  # asyncio.get_running_loop from async code
+        runner = LoopThread("t", asyncio.get_running_loop)
+        with pytest.raises(ConfigError, match="already running"):
+            runner.start()
+
+    asyncio.run(inside())
+    with pytest.raises(ConfigError, match="must be a callable") as err:
+        LoopThread("t", 5)  # type: ignore[arg-type]
+    assert err.value.key == "loop_factory"
+    with pytest.raises(ConfigError, match="must be a callable"):
+        ControlPlaneVLLMService(None, loop_factory=5)  # type: ignore[arg-type]
+
+
+def test_a_loop_that_fails_to_run_is_reported_by_start() -> None:
+    class Broken(asyncio.SelectorEventLoop):
+        def run_forever(self) -> None:
+            raise RuntimeError("no selector")
+
+    runner = LoopThread("t", Broken)
+    with pytest.raises(SageLLMError, match=r"could not start.*no selector"):
+        runner.start()
+    assert runner.loop is None
+    runner.stop()  # nothing to stop

@@ -61,7 +61,7 @@ from sage_llm.service.payloads import (
     request_ids,
 )
 from sage_llm.service.results import generation_entry, to_metadata
-from sage_llm.service.runner import LoopFactory, LoopThread
+from sage_llm.service.runner import LoopFactory, LoopThread, check_loop_factory
 from sage_llm.service.views import instances_view, metrics_view, models_view, result_info
 from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult
 
@@ -106,6 +106,7 @@ class ControlPlaneVLLMService(ManagedService):
         parsed = control_plane_service_config(config, defaults=request_defaults)
         self.config: SageConfig = parsed.sage
         self.defaults: RequestDefaults = parsed.defaults
+        check_loop_factory(loop_factory)
         self._loop_factory = loop_factory
         self._engine_factory = engine_factory
         self._lock = threading.Lock()

@@ -28,18 +28,29 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from sage_llm.errors import ControlPlaneNotRunningError, SageLLMError
+from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, SageLLMError
 
-__all__ = ["LoopFactory", "LoopThread"]
+__all__ = ["LoopFactory", "LoopThread", "check_loop_factory"]
 
 T = TypeVar("T")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def check_loop_factory(loop_factory: object) -> None:
+    """Raise ``ConfigError`` (key ``loop_factory``) unless it is None or callable."""
+    if loop_factory is not None and not callable(loop_factory):
+        raise ConfigError(
+            "must be a callable that returns a new asyncio event loop, got "
+            f"{type(loop_factory).__name__}",
+            key="loop_factory",
+        )
 
 
 class LoopThread:
     """One daemon thread running one event loop; thread-safe to call from any thread."""
 
     def __init__(self, name: str = "sage-llm-service", loop_factory: LoopFactory | None = None):
+        check_loop_factory(loop_factory)
         self._name = name
         self._loop_factory = loop_factory or asyncio.new_event_loop
         self._lock = threading.Lock()
@@ -74,13 +85,32 @@ class LoopThread:
             if self._loop is not None:
                 raise SageLLMError(f"{self._name} is already started")
             loop = self._loop_factory()
+            if not isinstance(loop, asyncio.AbstractEventLoop):
+                raise ConfigError(
+                    f"must return an asyncio event loop, got {type(loop).__name__}",
+                    key="loop_factory",
+                )
+            if loop.is_closed() or loop.is_running():
+                state = "closed" if loop.is_closed() else "already running"
+                raise ConfigError(
+                    f"must return a new event loop for the service's own thread; this one "
+                    f"is {state}",
+                    key="loop_factory",
+                )
             ready = threading.Event()
+            failed: list[BaseException] = []
             thread = threading.Thread(
-                target=self._main, args=(loop, ready), name=self._name, daemon=True
+                target=self._main, args=(loop, ready, failed), name=self._name, daemon=True
             )
             self._loop, self._thread, self._stopping = loop, thread, False
             thread.start()
             ready.wait()
+            if failed:  # the loop never ran: nothing to stop
+                thread.join()
+                self._loop = self._thread = None
+                raise SageLLMError(
+                    f"{self._name}: its event loop could not start: {failed[0]!r}"
+                ) from failed[0]
         if init is None:
             return
         try:
@@ -202,19 +232,27 @@ class LoopThread:
             raise error
 
     @staticmethod
-    def _main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    def _main(
+        loop: asyncio.AbstractEventLoop, ready: threading.Event, failed: list[BaseException]
+    ) -> None:
         asyncio.set_event_loop(loop)
-        loop.call_soon(_hold_time, True)  # until the first coroutine comes
-        loop.call_soon(ready.set)
         try:
+            loop.call_soon(_hold_time, True)  # until the first coroutine comes
+            loop.call_soon(ready.set)
             loop.run_forever()
             hold = getattr(loop, "hold_time", None)
             if hold is not None:  # its timers run out now: nothing waits for a call any more
                 hold(False)
             loop.run_until_complete(loop.shutdown_asyncgens())
+        except BaseException as exc:
+            if ready.is_set():
+                raise
+            failed.append(exc)  # start() says so (it had waited for ever)
         finally:
+            ready.set()
             asyncio.set_event_loop(None)
-            loop.close()
+            if not loop.is_running():
+                loop.close()
 
 
 async def _call(fn: Callable[[], Awaitable[None]]) -> None:

@@ -43,7 +43,7 @@ from sage_llm.service.payloads import (
     parse_payload,
     request_ids,
 )
-from sage_llm.service.runner import LoopFactory, LoopThread
+from sage_llm.service.runner import LoopFactory, LoopThread, check_loop_factory
 from sage_llm.service.views import models_view
 
 __all__ = ["VLLM_TASKS", "VLLMService", "register_vllm_service"]
@@ -63,6 +63,7 @@ class VLLMService(ManagedService):
         super().__init__()
         self.config = VLLMServiceConfig.from_dict(config)
         self.defaults = self.config.request_defaults()
+        check_loop_factory(loop_factory)
         self._loop_factory = loop_factory
         self._lock = threading.Lock()
         self._runner: LoopThread | None = None
