@@ -13,7 +13,13 @@ import pytest
 from sage_llm import ControlPlaneManager, RequestResult, RequestStatus
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
 from sage_llm.engines.http import HTTPTimeouts
-from sage_llm.errors import EngineConnectionError, EngineError, NoHealthyInstanceError
+from sage_llm.errors import (
+    EngineConnectionError,
+    EngineError,
+    EngineRequestRejectedError,
+    InvalidRequestError,
+    NoHealthyInstanceError,
+)
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine
 from sage_llm.sim.factory import make_sim_engine
@@ -34,6 +40,8 @@ class PrefillProbe(ConcurrencyProbe):
     def __init__(self, inner: SimEngine, *, fail: bool = False) -> None:
         super().__init__(inner)
         self.fail = fail
+        self.error: Exception | None = None
+        """Raised by each prefill leg when set (beside ``fail``'s refused connection)."""
         self.prefills_in_flight = 0
         self.max_prefills_in_flight = 0
         self.prefill_ids: list[str] = []
@@ -42,6 +50,8 @@ class PrefillProbe(ConcurrencyProbe):
         self.prefill_ids.append(req.request_id)
         if self.fail:
             raise EngineConnectionError("connection refused", instance_id=self.instance_id)
+        if self.error is not None:
+            raise self.error
         self.prefills_in_flight += 1
         self.max_prefills_in_flight = max(self.max_prefills_in_flight, self.prefills_in_flight)
         try:
@@ -331,6 +341,48 @@ def test_prefill_failure_without_fallback_fails_with_the_prefill_error() -> None
             'status="failed"} 1.0'
         ]
         assert fleet.active("p0") == fleet.active("d0") == 0
+
+    run_virtual(main())
+
+
+def _refuses_legs(iid: str) -> EngineRequestRejectedError:
+    """What an engine without a KV connector answers a leg (engine-sim --instant's 400)."""
+    return EngineRequestRejectedError(
+        f"{iid}: rejected the request: does not apply kv_transfer_params (no PD legs)",
+        instance_id=iid,
+        status=400,
+        param="kv_transfer_params",
+    )
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_prefill_engine_refusing_the_legs_own_field_is_its_failure(fallback: bool) -> None:
+    """An engine that cannot run PD legs refused kv_transfer_params with a 400: the client
+    got an invalid_request_error naming a field it never sent (and may not send), the
+    colocated fallback was skipped, and the instance never counted a failure."""
+
+    async def main() -> None:
+        cfg = PDSeparationConfig(routing_policy="always", fallback_to_colocated=fallback)
+        roles = [("g0", Role.GENERAL), *PD_PAIR] if fallback else PD_PAIR  # else: no retry
+        fleet = Fleet(roles, pd_config=cfg, probes=True)
+        fleet.probes["p0"].error = _refuses_legs("p0")  # type: ignore[attr-defined]
+        async with fleet.cp as cp:
+            res = await cp.generate(make_metadata("k1", prompt=LONG, max_tokens=4))
+            failed_calls = cp.get_instance_metrics("p0")["failed_calls"]
+            error: EngineError | None = None
+            try:
+                await cp.wait_for_result("k1", raise_failure=True)
+            except EngineError as exc:
+                error = exc
+        assert failed_calls == 1
+        if fallback:
+            assert res.status is RequestStatus.COMPLETED and res.instance_id == "g0"
+            assert error is None
+        else:
+            assert res.status is RequestStatus.FAILED
+            assert res.error is not None and "kv_transfer_params" in res.error
+            assert error is not None and error.http_status == 502
+            assert not isinstance(error, InvalidRequestError)
 
     run_virtual(main())
 

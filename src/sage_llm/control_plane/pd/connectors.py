@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from sage_llm.control_plane.params import build_params
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, KVHandle, Usage
-from sage_llm.errors import ConfigError, EngineError, SageLLMError
+from sage_llm.errors import ConfigError, EngineError, InvalidRequestError, SageLLMError
 from sage_llm.types import ExecutionInstance
 
 log = logging.getLogger("sage_llm.pd")
@@ -56,11 +56,25 @@ SGLANG_BOOTSTRAP_PORT = 8998
 """SGLang's default ``--disaggregation-bootstrap-port``."""
 
 
+LEG_FIELDS = frozenset({"kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room"})
+"""Fields the connectors set on a leg (clients may not): an engine's refusal of one is the
+instance's failure, not a bad request."""
+
+
 class PDLegError(EngineError):
     """One leg of a PD request failed. ``leg`` is ``"prefill"`` or ``"decode"``; ``cause``
     is the engine's error (its ``status`` and ``retryable`` are kept)."""
 
     def __init__(self, leg: Leg, cause: SageLLMError, instance_id: str) -> None:
+        if isinstance(cause, InvalidRequestError) and cause.param in LEG_FIELDS:
+            # the engine refused a field the control plane set, not the client: the
+            # instance cannot run PD legs (an engine without a KV connector, say); it
+            # counts against the instance and the request may run elsewhere
+            cause = EngineError(
+                f"{cause.message} (the control plane sets {cause.param} on PD legs: is "
+                f"{instance_id} an engine that runs them?)",
+                instance_id=instance_id,
+            )
         if isinstance(cause, EngineError):
             status, retryable = cause.status, cause.retryable
             where = cause.instance_id or instance_id
