@@ -171,6 +171,31 @@ async def test_a_request_of_several_prompts_times_out_under_the_clients_id() -> 
     assert error["message"].startswith("request late did not finish within 0.3 s"), error
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cancelled_prompt_of_several_is_said_of_the_clients_request(stream: bool) -> None:
+    """The error named the manager's request of one prompt (``gone#0``), an id the client
+    never saw, where the timeout's says the client's (the gateway's shutdown said so)."""
+    held = serve(1, hold=lambda rid: True, hold_after=0 if stream else 1)
+    async with held as gw, aiohttp.ClientSession() as s:
+        body = body_of(max_tokens=8, stream=stream)
+        body["prompt"] = ["first prompt", "second prompt"]
+        headers = {"x-request-id": "gone"}
+        post = asyncio.ensure_future(s.post(gw.url("/v1/completions"), json=body, headers=headers))
+        for _ in range(200):
+            if gw.manager.get_status()["running"] >= 2:
+                break
+            await asyncio.sleep(0.01)
+        for k in (0, 1):  # as the control plane's stop cancels them
+            assert await gw.manager.cancel_request(f"gone#{k}")
+        async with await post as resp:
+            if stream and resp.status == 200:
+                events = await read_events(resp)
+                error = events[-2]["error"]
+            else:
+                error = (await resp.json())["error"]
+    assert error["message"].replace("'", "").startswith("request gone was cancelled"), error
+
+
 async def test_mid_stream_failure_ends_with_an_error_event_then_done() -> None:
     async with serve(1, wrap=_faulty) as gw, aiohttp.ClientSession() as s:
         body = chat_body(stream=True, max_tokens=8, stream_options={"include_usage": True})

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import re
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -258,10 +259,13 @@ def _timeout_error(gen: Generation, request_id: str) -> DeadlineExceededError:
     return DeadlineExceededError.request_timed_out(request_id, gen.timeout_s)
 
 
-def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | None) -> Usage:
-    """The usage to report once the request ended; raises if it was cancelled."""
+def _usage_after(
+    gen: Generation, result: RequestResult | None, seen: Usage | None, request_id: str
+) -> Usage:
+    """The usage to report once the request ended; raises if it was cancelled (said of
+    ``request_id``, the client's request: of several prompts, not the prompt's part)."""
     if result is not None and result.status is RequestStatus.CANCELLED:
-        message = f"request {gen.request_id} was cancelled: {result.error or 'no reason given'}"
+        message = f"request {request_id} was cancelled: {result.error or 'no reason given'}"
         if result.error == STOPPED:  # the gateway is shutting down: 503, as for new ones
             raise ControlPlaneNotRunningError(message)
         raise RequestCancelledError(message)
@@ -272,13 +276,26 @@ def _usage_after(gen: Generation, result: RequestResult | None, seen: Usage | No
     return Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
 
 
-async def _final_usage(manager: ControlPlaneManager, gen: Generation, seen: Usage | None) -> Usage:
+async def _final_usage(
+    manager: ControlPlaneManager, gen: Generation, seen: Usage | None, request_id: str
+) -> Usage:
     """:func:`_usage_after` with the result the manager kept (none: no longer kept)."""
     try:
         result = await manager.get_result(gen.request_id)
     except RequestNotFoundError:
         result = None
-    return _usage_after(gen, result, seen)
+    return _usage_after(gen, result, seen, request_id)
+
+
+def _said_of_request(exc: BaseException, request_id: str) -> None:
+    """Name the client's ``request_id`` in ``exc``'s message where it names a prompt's
+    part of it (``<id>#k``, the manager's request of prompt ``k``): the client knows only
+    its own id (``X-Request-Id``, the access log's)."""
+    if not isinstance(exc, SageLLMError) or f"{request_id}#" not in exc.message:
+        return
+    message = re.sub(re.escape(request_id) + r"#\d+", request_id, exc.message)
+    exc.message = message
+    exc.args = (message, *exc.args[1:])
 
 
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
@@ -288,7 +305,7 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     choices = _Choices(token_ids=bool(gen.meta.extra_body.get("return_token_ids")))
     for chunk in chunks:
         choices.add(chunk)
-    return completion_body(fmt, choices, _usage_after(gen, result, choices.usage))
+    return completion_body(fmt, choices, _usage_after(gen, result, choices.usage, gen.request_id))
 
 
 async def complete_all(
@@ -310,8 +327,9 @@ async def complete_all(
             if timeout is None or not prompt_part:
                 raise
             raise DeadlineExceededError.request_timed_out(request_id, timeout) from exc
-        except BaseException:
+        except BaseException as exc:
             await _cancel_all(tasks)
+            _said_of_request(exc, request_id)
             raise
     gen = gens[0]
     n = _choices_per_prompt(gen)
@@ -322,7 +340,7 @@ async def complete_all(
         for chunk in chunks:
             seen = chunk.usage or seen
             choices.add(replace(chunk, index=k * n + chunk.index))
-        usages.append(_usage_after(prompt_gen, result, seen))
+        usages.append(_usage_after(prompt_gen, result, seen, request_id))
     fmt = fill_format(gen.chat, request_id, gen.model, created)
     return completion_body(fmt, choices, sum_usage(usages))
 
@@ -378,8 +396,12 @@ async def merged_batches(
     it (the others are cancelled); closing it cancels them all."""
     with manager.reserve_request_id(request_id):
         async with contextlib.aclosing(_merged(manager, gens)) as merged:
-            async for batch in merged:
-                yield batch
+            try:
+                async for batch in merged:
+                    yield batch
+            except SageLLMError as exc:
+                _said_of_request(exc, request_id)
+                raise
 
 
 async def _merged(
@@ -480,7 +502,7 @@ async def relay_stream(
             async with manager.time_limit(timeout_s, expired):
                 first = await anext(batches, None)
                 if first is None:
-                    await _final_usage(manager, gen, None)  # raises when it was cancelled
+                    await _final_usage(manager, gen, None, request_id)  # raises if cancelled
                 end.sink = await open_sink()
                 if end.sink is None:  # the client left before its first byte
                     _client_gone(request_id)
@@ -597,7 +619,7 @@ async def _relay(
                 await _end_early(end, batches, gen, fmt, usage)
                 return
             batch = await anext(batches, None)
-        final = await _final_usage(manager, gen, usage)
+        final = await _final_usage(manager, gen, usage, end.request_id)
         if gen.include_usage:
             end.tail += encode_event(fmt.usage_chunk(final))
     except ConnectionResetError:
