@@ -173,3 +173,13 @@ def test_an_instance_not_measured_yet_gets_one_request_at_a_time_to_learn() -> N
     dear = make_instance_view("new", est_tpot_s=0.02, measured=False, price_per_gpu_hour=5.0)
     cheap = make_instance_view("a", est_tpot_s=0.008, price_per_gpu_hour=1.0)
     assert policy.constrain(req, make_snapshot([cheap, dear])) == frozenset({"a"})
+
+
+def test_a_new_twin_learns_beside_a_slower_gpu_cheaper_per_hour() -> None:
+    """Its price was compared with the cheapest per hour in the fleet (a slower A100), not
+    with the cheapest candidate's: the shipped simulated example's new H100 got 0 of 200."""
+    h0 = make_instance_view("h100-0", est_tpot_s=0.00831, measured=False)
+    h1 = make_instance_view("h100-1", est_tpot_s=0.00785)
+    a0 = make_instance_view("a100-0", est_tpot_s=0.01361, price_per_gpu_hour=1.2)
+    allowed = CostOptimizedPolicy().constrain(make_request_info(), make_snapshot([h0, h1, a0]))
+    assert allowed is not None and {"h100-0", "h100-1"} <= allowed

@@ -149,8 +149,11 @@ class CostOptimizedPolicy(QueuedPolicy):
         # (one slow one puts it far off), is priced by them, which a ranking by price would
         # never correct: when its GPUs cost no more than the cheapest's, one request at a
         # time goes there to learn (a dearer one would be chosen only for being faster,
-        # which is what it is not known to be)
-        rate = min(i.cost_per_second for i in pool) * tolerance + 1e-12
+        # which is what it is not known to be). "The cheapest" are those of the lowest
+        # predicted cost, not the lowest price per hour: a slower GPU cheaper per hour
+        # in the fleet had shut a new twin of the cheapest out (0 of 200 requests)
+        cheapest = [i for i in pool if costs[i.instance_id] <= limit]
+        rate = max(i.cost_per_second for i in cheapest) * tolerance + 1e-12
         return frozenset(
             i.instance_id
             for i in pool
