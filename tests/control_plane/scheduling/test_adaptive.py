@@ -310,6 +310,7 @@ def test_an_empty_fleet_does_not_break_the_rule() -> None:
         ({"slo_target": 1.5}, "slo_target"),
         ({"initial": "adaptive"}, "initial"),
         ({"eval_interval_s": 0.0}, "eval_interval_s"),
+        ({"eval_interval_s": 1e-9}, "eval_interval_s"),  # its tick had spun a core
     ],
 )
 def test_invalid_params_name_the_key(values: dict[str, object], key: str) -> None:

@@ -105,6 +105,11 @@ def _mix_of(req: RequestInfo) -> tuple[bool, bool, bool]:
     )
 
 
+MIN_EVAL_INTERVAL_S = 0.001
+"""The shortest ``eval_interval_s``: the control plane's tick runs at it, and 1e-9 had
+kept an idle control plane busy on a whole core (and a simulation from ending)."""
+
+
 class AdaptivePolicy:
     """Runs one of fifo / priority / slo_aware / cost_optimized; see the module docstring."""
 
@@ -130,6 +135,12 @@ class AdaptivePolicy:
         def __post_init__(self) -> None:
             check_choice("initial", self.initial, INNER_POLICIES)
             check_positive("eval_interval_s", self.eval_interval_s, allow_inf=False)
+            if self.eval_interval_s < MIN_EVAL_INTERVAL_S:  # its tick would spin a core
+                raise ConfigError(
+                    f"must be >= {MIN_EVAL_INTERVAL_S} s (the control plane ticks at it), "
+                    f"got {self.eval_interval_s!r}",
+                    key="eval_interval_s",
+                )
             check_non_negative("min_dwell_s", self.min_dwell_s)
             check_count("window", self.window, maximum=MAX_WINDOW)  # a deque's bound
             check_count("min_samples", self.min_samples)
