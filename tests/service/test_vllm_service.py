@@ -175,6 +175,21 @@ def test_use_control_plane_without_a_table_wraps_the_one_engine() -> None:
         VLLMService({**EXISTING_CONFIG, "use_control_plane": True})
 
 
+def test_a_control_plane_table_without_instances_wraps_the_services_own_engine() -> None:
+    """It had served the embedded simulated fleet (another model, made-up text) in place
+    of the engine the service names."""
+    table = {"scheduling_policy": "priority"}
+    config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": True,
+              "control_plane": table}  # fmt: skip
+    with VLLMService(config, loop_factory=VirtualEventLoop) as svc:
+        (entry,) = svc.process({"inputs": "Hi", "options": {"max_tokens": 2}})
+        assert entry["sage"]["instance_id"] == "vllm-0"
+        inner = svc.control_plane_service
+        assert inner is not None and inner.config.control_plane.scheduling_policy == "priority"
+    with pytest.raises(ConfigError, match="use_control_plane needs engines"):
+        VLLMService({**EXISTING_CONFIG, "use_control_plane": True, "control_plane": table})
+
+
 def test_use_control_plane_embeds_as_the_simulated_engine_does() -> None:
     config = {**EXISTING_CONFIG, "engine": "sim"}
     with (

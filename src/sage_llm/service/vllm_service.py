@@ -232,9 +232,14 @@ class VLLMService(ManagedService):
 
 def _control_plane_config(cfg: VLLMServiceConfig) -> Any:
     """The control-plane config of ``use_control_plane``: the ``control_plane`` table or
-    path, else one instance, this service's own engine."""
-    if cfg.control_plane is not None:
-        return cfg.control_plane
+    path, else one instance, this service's own engine; a table that lists no instances
+    (and no ``[simulation]``) gets that one too (it had served the embedded simulated
+    fleet in place of the endpoint the service names, with made-up text)."""
+    table = cfg.control_plane
+    if table is not None and (
+        not isinstance(table, Mapping) or "instances" in table or "simulation" in table
+    ):
+        return table
     if cfg.backend == "vllm":
         raise ConfigError(
             "use_control_plane needs engines the control plane can reach: give a "
@@ -261,6 +266,8 @@ def _control_plane_config(cfg: VLLMServiceConfig) -> Any:
         for key in ("sim_model", "sim_seed"):
             if key in inst.metadata:
                 entry[key] = inst.metadata[key]
+    if table is not None:
+        return {**table, "instances": [entry]}
     return {"instances": [entry], "enable_pd_separation": False}
 
 
