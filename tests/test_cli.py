@@ -374,8 +374,9 @@ def test_a_port_in_use_is_a_one_line_error(command: str) -> None:
     with listening() as port:
         proc = run_cli(command, "--port", str(port))
     assert proc.returncode == 1
+    option = "--port: " if command == "serve" else ""  # (serve names where it came from)
     assert proc.stderr.splitlines()[-1] == (
-        f"error: cannot listen on 127.0.0.1:{port}: port {port} is already in use"
+        f"error: {option}cannot listen on 127.0.0.1:{port}: port {port} is already in use"
     )
 
 
@@ -668,16 +669,33 @@ def test_serve_refuses_a_port_given_on_the_command_line_that_an_instance_has(
     )
     code, output = invoke("serve", "--config", str(cfg), "--port", "19206")
     assert code == 1
-    assert output == (
-        f"error: {cfg}: instance 'a' (instances[0]) at localhost:19206 is the address the "
-        "gateway would listen on (127.0.0.1:19206): its requests would come back to the "
-        "gateway\n"
+    assert output == (  # at the instance's port, with its line and key
+        f"error: {cfg}:5: services.llm_control_plane.instances[0].port: localhost:19206 is "
+        "the address the gateway would listen on (127.0.0.1:19206): its requests would come "
+        "back to the gateway\n"
     )
     # the default port of a file that gives none is checked too; 0.0.0.0 reaches loopback
     cfg.write_text(cfg.read_text().replace('"localhost"', '"0.0.0.0"').replace("19206", "8080"))
     code, output = invoke("serve", "--config", str(cfg))
     assert code == 1
-    assert "at 0.0.0.0:8080 is the address the gateway would listen on (127.0.0.1:8080)" in output
+    assert "0.0.0.0:8080 is the address the gateway would listen on (127.0.0.1:8080)" in output
+
+
+def test_a_file_address_that_cannot_be_listened_on_is_said_at_its_key(tmp_path: Path) -> None:
+    """A gateway.host that cannot be bound, or a busy gateway.port, had no file or line."""
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[gateway]\nhost = "10.9.9.9"\n')
+    proc = run_cli("serve", "--config", str(cfg), "--port", str(free_ports(1)))
+    assert proc.stderr.splitlines()[-1].startswith(
+        f"error: {cfg}:2: gateway.host: cannot listen on 10.9.9.9:"
+    )
+    with listening() as port:
+        cfg.write_text(f"[gateway]\nport = {port}\n")
+        proc = run_cli("serve", "--config", str(cfg))
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: {cfg}:2: gateway.port: cannot listen on 127.0.0.1:{port}: port {port} is "
+        "already in use"
+    )
 
 
 def test_config_check_print_writes_the_json_alone_on_stdout(tmp_path: Path) -> None:

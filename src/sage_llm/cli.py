@@ -285,9 +285,13 @@ def _cannot_listen(exc: OSError, port: int) -> str | None:
     return None
 
 
-def _check_listen(host: str, port: int, host_source: str = "--host") -> None:
+def _check_listen(
+    host: str, port: int, host_source: str = "--host", port_source: str | None = None
+) -> None:
     """A one-line error unless ``host:port`` can be listened on now (servers bind with
-    SO_REUSEADDR, so a port left in TIME_WAIT is free)."""
+    SO_REUSEADDR, so a port left in TIME_WAIT is free). ``host_source``/``port_source``
+    name where each was given (an option, or a file's ``file:line: key``); a busy port is
+    said of ``port_source``, another failure to bind of ``host_source``."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -301,7 +305,10 @@ def _check_listen(host: str, port: int, host_source: str = "--host") -> None:
         try:
             sock.bind(address)
         except OSError as exc:
-            _fail(f"cannot listen on {host}:{port}: {_cannot_listen(exc, port) or exc}")
+            source = port_source if exc.errno == errno.EADDRINUSE else host_source
+            given = source is not None and (source.startswith("--") or ": " in source)
+            where = f"{source}: " if given else ""  # (a bare key: a default, not written)
+            _fail(f"{where}cannot listen on {host}:{port}: {_cannot_listen(exc, port) or exc}")
 
 
 @app.command()
@@ -359,13 +366,21 @@ def serve(
     # (the file's own gateway.port was checked with it; --host/--port, or the default
     # port of a file that gives none, are checked here)
     for index, inst in instances_at(cfg.control_plane, bind_host, bind_port):
+        key = f"instances[{index}].port"
+        where = cfg.where(key)
+        if where == key:  # (not written in a file with lines)
+            where = f"{cfg.source}: instance {inst.instance_id!r} ({key})"
         _fail(
-            f"{cfg.source}: instance {inst.instance_id!r} (instances[{index}]) at "
-            f"{inst.host}:{inst.port} is the address the gateway would listen on "
+            f"{where}: {inst.host}:{inst.port} is the address the gateway would listen on "
             f"({host_port(bind_host, bind_port)}): its requests would come back to the gateway"
         )
     # port 0 binds a free port here too: the check still resolves the host
-    _check_listen(bind_host, bind_port, "--host" if host is not None else cfg.where("gateway.host"))
+    _check_listen(
+        bind_host,
+        bind_port,
+        "--host" if host is not None else cfg.where("gateway.host"),
+        "--port" if port is not None else cfg.where("gateway.port"),
+    )
     if uses_embedded_fleet(cfg):
         sim = cfg.simulation
         log.info(

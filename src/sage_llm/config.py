@@ -446,6 +446,10 @@ def _service_config(
     for key in ("instances", "mode", "enable_pd_separation"):  # what launch refuses in a
         if key in service:  # --config file
             written_at[key] = p.where((*spath, key))
+    entries = service.get("instances")
+    for index, entry in enumerate(entries if isinstance(entries, list) else ()):
+        if isinstance(entry, Mapping) and "port" in entry:  # serve's own-address check
+            written_at[f"instances[{index}].port"] = p.where((*spath, "instances", index, "port"))
     pd_table = service.get("pd")
     if isinstance(pd_table, Mapping):
         for key in ("enabled", *INERT_PD_FIELDS):
