@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sage_llm import ControlPlaneManager
 from sage_llm.bench.procs import counter_total, free_ports, scrape_metrics
 from sage_llm.control_plane.pd.connectors import (
     PDLegError,
@@ -29,6 +30,7 @@ from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
 from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstanceType as Role
+from sage_llm.types import PDSeparationConfig
 from tests.engines.fake_engine import MODEL as FAKE_MODEL
 from tests.engines.fake_engine import FakeEngine
 from tests.engines.probes import ConcurrencyProbe
@@ -535,6 +537,18 @@ def test_build_connector() -> None:
         build_connector("vllm", {"timeout": 3})
     with pytest.raises(ConfigError):
         build_connector("sglang", {"bootstrap_port": 0})
+
+
+def test_an_unknown_connector_in_code_is_said_at_its_own_key() -> None:
+    """It had been said at pd_config.metadata.connector_params.connector."""
+    with pytest.raises(ConfigError) as err:
+        ControlPlaneManager(pd_config=PDSeparationConfig(connector="nixl"))
+    assert err.value.key == "pd_config.connector"
+    with pytest.raises(ConfigError) as err:
+        ControlPlaneManager(
+            pd_config=PDSeparationConfig(metadata={"connector_params": {"timeout": 3}})
+        )
+    assert err.value.key == "pd_config.metadata.connector_params.timeout"
 
 
 def test_vllm_release_pull_asks_for_one_token_whatever_the_request_left_to_the_engine() -> None:
