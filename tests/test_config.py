@@ -1353,6 +1353,8 @@ def test_decider_parameters_that_contradict_the_pd_settings_are_refused() -> Non
     with pytest.raises(ConfigError, match=r"contradicts prefix_block_size \(32\)") as info:
         parse_config(block, "cfg.toml", env={})
     assert (info.value.key or "").endswith("decider_params.block_size")
+    bad = block.replace("block_size = 64", 'block_size = "x"')  # said once, as bad
+    assert problem(bad).detail == "must be an integer, got string 'x'"
 
 
 def test_a_pd_dataclass_in_a_dict_is_read_and_checked_as_its_table() -> None:

@@ -818,13 +818,15 @@ def _control_plane(
         meta = pd_table.get("metadata")
         decider = meta.get("decider_params") if isinstance(meta, Mapping) else None
         given = cp.prefix_block_size  # written, or its default: the manager's either way
+        block_key = (*spath, "pd", "metadata", "decider_params", "block_size")
         if (
             isinstance(decider, Mapping)
             and pd_table.get("routing_policy", cp.pd.routing_policy) == "prefix_aware"
             and decider.get("block_size", given) != given  # built with the manager's
+            and not p.failed(block_key)  # (a bad value is said once, as bad)
         ):
             p.add(
-                (*spath, "pd", "metadata", "decider_params", "block_size"),
+                block_key,
                 f"contradicts prefix_block_size ({given!r}), which prefix_aware counts "
                 "cached blocks with; set one of them",
             )
