@@ -385,6 +385,33 @@ def test_retry_after_is_a_whole_number_of_seconds(seconds: float | None, header:
 
 
 @pytest.mark.parametrize("lean_server", [True, False])
+def test_a_client_gone_while_its_body_came_is_counted_and_logged_as_499(
+    lean_server: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lean front had dropped it unsaid (the aiohttp app counts and logs a 499)."""
+    partial = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
+        b'X-Request-Id: partial-1\r\nContent-Type: application/json\r\n\r\n{"model"'
+    )
+
+    async def main() -> None:
+        async with serve(1, settings=GatewayConfig(lean_server=lean_server)) as gw:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(partial)
+            await asyncio.sleep(0.3)
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.3)
+            text = gw.manager.prometheus_metrics().decode()
+        assert 'sage_llm_http_errors_total{route="/v1/completions",status="499"} 1.0' in text
+        lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+        assert [line for line in lines if "partial-1" in line and "status=499" in line], lines
+
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
+        run_virtual(main())
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
 def test_a_body_that_stops_arriving_gets_a_408(
     lean_server: bool, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -154,6 +154,13 @@ class LeanConnection(asyncio.Protocol):
         self.idle_since = None
         if self._task is not None:
             self._task.cancel()
+        elif self.reading_since is not None:  # gone while its request's body came
+            gone, head = self._server.on_client_gone, self._whole_head()
+            if gone is not None and head is not None:
+                method, path, headers = head
+                waited_s = asyncio.get_running_loop().time() - self.reading_since
+                gone(method, path, waited_s, headers.get("x-request-id", ""))
+            self.reading_since = None
         self._wake_writer(ConnectionResetError("the client closed the connection"))
 
     def pause_writing(self) -> None:
@@ -390,9 +397,14 @@ class LeanConnection(asyncio.Protocol):
     def _given_id(self) -> str:
         """The ``X-Request-Id`` of the request being read, when its head has arrived whole
         (read as :meth:`_next` reads it), else ``""``."""
-        end = self._buf.find(b"\r\n\r\n")
-        parsed = None if end < 0 else self._parse_head(bytes(self._buf[:end]))
+        parsed = self._whole_head()
         return "" if parsed is None else parsed[2].get("x-request-id", "")
+
+    def _whole_head(self) -> tuple[str, str, dict[str, str]] | None:
+        """The head of the request being read when it has arrived whole and is one the lean
+        path serves (:meth:`_parse_head`), else None."""
+        end = self._buf.find(b"\r\n\r\n")
+        return None if end < 0 else self._parse_head(bytes(self._buf[:end]))
 
     def close_if_idle(self) -> None:
         """Close now unless a request is in progress (that one closes when it ends)."""
@@ -452,8 +464,13 @@ class LeanServer:
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         read_timeout_s: float | None = 30.0,
         on_read_timeout: Callable[[str, str, float, str], str] | None = None,
+        on_client_gone: Callable[[str, str, float, str], None] | None = None,
     ) -> None:
         self.handler = handler
+        self.on_client_gone = on_client_gone
+        """Called for each request whose client closed the connection after its head and
+        before its whole body (method, path, seconds since it began to arrive, the
+        ``X-Request-Id`` its head gave): a 499, as the aiohttp app counts and logs one."""
         self.on_read_timeout = on_read_timeout
         """Called for each request answered 408 (``read_timeout_s`` passed before it had
         all arrived) with its method and path, as far as they arrived (``-`` otherwise),

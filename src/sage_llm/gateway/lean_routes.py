@@ -32,7 +32,7 @@ from sage_llm.gateway.observe import (
     write_access_log,
 )
 from sage_llm.gateway.openai import log_prompt, parse_generations
-from sage_llm.gateway.relay import SSE_HEADERS, complete, complete_all, relay_stream
+from sage_llm.gateway.relay import CLIENT_GONE, SSE_HEADERS, complete, complete_all, relay_stream
 from sage_llm.gateway.settings import ResolvedGateway
 from sage_llm.request_json import json_object
 
@@ -127,6 +127,14 @@ class LeanRoutes:
         if access_log.isEnabledFor(logging.INFO):
             write_access_log(rid, method, path, 408, waited_s * 1000.0, None)
         return rid
+
+    def client_gone_reading(self, method: str, path: str, waited_s: float, given: str) -> None:
+        """A request whose client left while its body came: counted and logged as the
+        aiohttp app counts and logs one (a 499)."""
+        rid = given if given and valid_request_id(given) else self._new_id()
+        self.manager.metrics.on_http_error(route_label(path), CLIENT_GONE)
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_log(rid, method, path, CLIENT_GONE, waited_s * 1000.0, None)
 
     @staticmethod
     def _error(

@@ -184,6 +184,7 @@ async def serve_app(
                 cors=bool(settings.cors_origins),
                 read_timeout_s=settings.read_timeout_s,
                 on_read_timeout=routes.read_timed_out,
+                on_client_gone=routes.client_gone_reading,
             )
         server = await asyncio.get_running_loop().create_server(
             protocol, host, port, reuse_address=True, backlog=1024
