@@ -116,6 +116,26 @@ def test_a_long_prefill_queue_loses_to_an_idle_instance() -> None:
     assert plan_of(no_speed, snap, prompt_tokens=4000).prefill_id == "p0"
 
 
+def test_a_prefill_instance_not_measured_yet_gets_legs_to_be_measured_by() -> None:
+    """Its 8,000 tokens/s prior lost every pair to a measured 47,000: a new or added
+    prefill instance took no leg (0 of 170), so it was never measured."""
+    measured = make_instance_view("pB", role=Role.PREFILLING, est_prefill_tps=47_000.0,
+                                  est_ttft_base_s=0.01)  # fmt: skip
+    new = make_instance_view("pA", role=Role.PREFILLING, measured=False)
+    decode = make_instance_view("d0", role=Role.DECODING)
+    plans = [
+        plan_of(PDOrchestrator(seed=seed), make_snapshot([measured, new, decode]),
+                prompt_tokens=1500).prefill_id
+        for seed in range(8)
+    ]  # fmt: skip
+    assert "pA" in plans
+    # as fast as the fastest measured one, but on its own queue: a deep one still loses
+    busy = with_view(make_snapshot([measured, new, decode]), "pA", queued_prefill_tokens=200_000)
+    for seed in range(4):
+        snap = busy
+        assert plan_of(PDOrchestrator(seed=seed), snap, prompt_tokens=1500).prefill_id == "pB"
+
+
 def test_transfer_cost_prefers_the_nvlink_peer() -> None:
     snap = make_snapshot(
         [

@@ -280,6 +280,25 @@ class PDOrchestrator:
         prefill_s = max(prefill.predict_ttft_s(req.prompt_tokens), 1e-9)
         return prefill_s / (prefill_s + self.links.transfer_s(req.prompt_tokens, prefill, decode))
 
+    @staticmethod
+    def _prefill_ttfts(req: RequestInfo, prefills: list[InstanceView]) -> dict[str, float]:
+        """Each prefill candidate's predicted TTFT for ``req``. A ``PREFILLING`` one not
+        measured yet (its estimates are priors) is predicted at the fastest measured
+        candidate's estimates on its own queue: priors slower than a measured rate had
+        lost it every pair, and prefill legs are its only requests, so it was never
+        measured (a new or added prefill instance took none). A ``GENERAL``/``HYBRID`` one
+        is measured by its other requests, and kept where phase isolation puts it."""
+        measured = [pv for pv in prefills if pv.measured]
+        ref = max(measured, key=lambda pv: pv.est_prefill_tps, default=None)
+        out: dict[str, float] = {}
+        for pv in prefills:
+            if pv.measured or ref is None or pv.role is not ExecutionInstanceType.PREFILLING:
+                out[pv.instance_id] = pv.predict_ttft_s(req.prompt_tokens)
+            else:
+                pending = pv.queued_prefill_tokens + req.prompt_tokens
+                out[pv.instance_id] = ref.est_ttft_base_s + pending / max(ref.est_prefill_tps, 1e-9)
+        return out
+
     def plan(self, req: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
         """The best pair for ``req`` now, or None when no two different instances can take
         the two legs (both need a free slot)."""
@@ -287,7 +306,7 @@ class PDOrchestrator:
         prefills = self._ranked(self.prefill_router, req, snap) if decodes else []
         p = self.params
         total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight + p.ttft_weight
-        ttfts = {pv.instance_id: pv.predict_ttft_s(req.prompt_tokens) for pv, _ in prefills}
+        ttfts = self._prefill_ttfts(req, [pv for pv, _ in prefills])
         fastest = min(ttfts.values(), default=0.0)
         best: tuple[float, InstanceView, InstanceView] | None = None
         scores: dict[str, float] = {}
