@@ -599,6 +599,7 @@ def engine_sim(
             from sage_llm.sim.faults import FaultPlan
 
             plan = FaultPlan.parse(faults)
+            plan.check_for_process()
     except (SageLLMError, ValueError) as exc:
         _fail(_as_option(exc, options))
     _check_listen(host, port)

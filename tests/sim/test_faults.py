@@ -73,6 +73,15 @@ async def _run(client: FaultyEngineClient, req: EngineRequest) -> list[Chunk]:
     return [c async for c in client.generate(req)]
 
 
+def test_a_crash_with_a_window_is_refused_for_an_engine_process() -> None:
+    """Over HTTP the process exits at T: ``crash@30+10`` ("down for 10 s") had killed it
+    for good, unsaid."""
+    with pytest.raises(ValueError, match=r"crash@1\+3: the process exits at 1 s"):
+        FaultPlan.parse("crash@1+3").check_for_process()
+    for fine in ("crash@1", "crash@p0.1", "hang@1+3", "error=503@2+1"):
+        FaultPlan.parse(fine).check_for_process()
+
+
 def test_no_faults_passes_everything_through() -> None:
     async def main() -> None:
         client = _client("")

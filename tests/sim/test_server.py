@@ -450,6 +450,13 @@ async def test_tokenize_detokenize_and_render(base: str, http: aiohttp.ClientSes
     assert without["count"] < with_tag["count"]
     status, err = await post(http, f"{base}/tokenize", {**chat, "add_generation_prompt": "no"})
     assert status == 400 and err["error"]["param"] == "add_generation_prompt"
+    # continue_final_message goes on from the last message: not with a new tag (vLLM's 400)
+    going_on = {**chat, "continue_final_message": True}
+    status, err = await post(http, f"{base}/v1/chat/completions", {**going_on, "max_tokens": 1})
+    assert status == 400 and err["error"]["param"] == "continue_final_message"
+    assert "Cannot set both" in err["error"]["message"]
+    status, tok = await post(http, f"{base}/tokenize", {**going_on, "add_generation_prompt": False})
+    assert status == 200 and tok["count"] == without["count"]
 
 
 # --- metrics ------------------------------------------------------------------------------

@@ -224,6 +224,18 @@ class FaultPlan:
             faults.append(_parse_one(item))
         return cls(tuple(faults), seed)
 
+    def check_for_process(self) -> None:
+        """Raise ``ValueError`` for what an engine process cannot do: a crash with a
+        window (``crash@T+D``) exits the process at ``T``, and nothing brings it back after
+        ``D`` (in-process, the window ends and the engine answers again)."""
+        for fault in self.faults:
+            if fault.kind is FaultKind.CRASH and fault.scheduled and fault.duration_s:
+                raise ValueError(
+                    f"crash@{fault.start_s:g}+{fault.duration_s:g}: the process exits at "
+                    f"{fault.start_s:g} s and does not come back after the window; write "
+                    f"crash@{fault.start_s:g} and restart it to bring it back"
+                )
+
     def scheduled_at(self, elapsed_s: float) -> list[Fault]:
         return [f for f in self.faults if f.active_at(elapsed_s)]
 

@@ -32,6 +32,16 @@ def generation_prompt(fields: Mapping[str, Any]) -> bool:
         raise InvalidRequestError(
             "add_generation_prompt must be a boolean", param="add_generation_prompt"
         )
+    go_on = fields.get("continue_final_message")
+    if go_on is not None and not isinstance(go_on, bool):
+        raise InvalidRequestError(
+            "continue_final_message must be a boolean", param="continue_final_message"
+        )
+    if go_on and add is not False:  # vLLM's refusal (the prompt would end with a new tag)
+        raise InvalidRequestError(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
     return add is not False
 
 
