@@ -244,6 +244,21 @@ def test_topology_ranks_nvlink_over_machine_over_rack_over_other() -> None:
         TopologyScorer(machine=1.5)
 
 
+def test_topology_breaks_a_tie_on_one_machine_by_numa_node() -> None:
+    """``numa_node`` was documented to break such ties and read nowhere (a coin flip)."""
+    views = [
+        make_instance_view("prev", machine_id="m0", numa_node=0),
+        make_instance_view("same-numa", machine_id="m0", numa_node=0),
+        make_instance_view("other-numa", machine_id="m0", numa_node=1),
+        make_instance_view("unknown", machine_id="m0"),
+    ]
+    s = score(
+        TopologyScorer(), make_request_info(previous_instance_id="prev"), make_snapshot(views)
+    )
+    assert s["same-numa"] == pytest.approx(0.7)
+    assert s["other-numa"] == s["unknown"] == 0.6
+
+
 def test_preferred_instance() -> None:
     snap = make_snapshot(3)
     req = make_request_info(preferred_instance_id="i1")
