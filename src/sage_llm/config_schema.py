@@ -170,15 +170,16 @@ def _check_origin(value: str) -> str | None:
             "must be an origin as browsers send it (scheme://host[:port], no path) or '*', "
             f"got {value!r}"
         )
+    bad_port = f"must have a port number 1-65535 after the host, got {value!r}"
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError:  # an unmatched bracket (http://[::1), or a port that is no number
         if "[" in value or "]" in value:
             return f"must have a host name or address a browser could send, got {value!r}"
-        return f"must have a port number 1-65535 after the host, got {value!r}"
+        return bad_port
     if port == 0:
-        return f"must have a port number 1-65535 after the host, got {value!r}"
+        return bad_port
     canonical = _origin_as_sent(parts.scheme, parts.hostname or "", port)
     if canonical is None:  # an empty or over-long label, a bad IPv6 address
         return f"must have a host name or address a browser could send, got {value!r}"
