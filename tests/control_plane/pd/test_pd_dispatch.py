@@ -387,6 +387,30 @@ def test_a_prefill_engine_refusing_the_legs_own_field_is_its_failure(fallback: b
     run_virtual(main())
 
 
+def test_a_refusal_of_a_field_the_connector_did_not_set_stays_the_clients() -> None:
+    """The vllm connector does not set bootstrap_room: a client's bad one, refused by the
+    engine, is the client's 400 (counting it against the instance had let one client get
+    the only prefill instance ejected)."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, probes=True)
+        fleet.probes["p0"].error = EngineRequestRejectedError(  # type: ignore[attr-defined]
+            "p0: rejected the request: bootstrap_room must be an integer in [0, 2^64)",
+            instance_id="p0", status=400, param="bootstrap_room",
+        )  # fmt: skip
+        async with fleet.cp as cp:
+            for k in range(4):
+                res = await cp.generate(make_metadata(f"b{k}", prompt=LONG, max_tokens=4))
+                assert res.status is RequestStatus.FAILED
+            with pytest.raises(InvalidRequestError) as err:
+                await cp.wait_for_result("b0", raise_failure=True)
+            assert err.value.param == "bootstrap_room"
+            assert cp.get_instance_metrics("p0")["failed_calls"] == 0
+            assert cp.get_status()["circuits"]["p0"] == "closed"
+
+    run_virtual(main())
+
+
 def test_decode_failure_before_the_first_token_is_retried_on_another_pair() -> None:
     async def main() -> None:
         seen: set[str] = set()

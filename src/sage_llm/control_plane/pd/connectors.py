@@ -56,17 +56,26 @@ SGLANG_BOOTSTRAP_PORT = 8998
 """SGLang's default ``--disaggregation-bootstrap-port``."""
 
 
-LEG_FIELDS = frozenset({"kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room"})
-"""Fields the connectors set on a leg (clients may not): an engine's refusal of one is the
-instance's failure, not a bad request."""
+VLLM_LEG_FIELDS = frozenset({"kv_transfer_params"})
+"""The field the ``vllm`` connector sets on its legs."""
+SGLANG_LEG_FIELDS = frozenset({"bootstrap_host", "bootstrap_port", "bootstrap_room"})
+"""The fields the ``sglang`` connector sets on its legs (over any a client sent)."""
 
 
 class PDLegError(EngineError):
     """One leg of a PD request failed. ``leg`` is ``"prefill"`` or ``"decode"``; ``cause``
-    is the engine's error (its ``status`` and ``retryable`` are kept)."""
+    is the engine's error (its ``status`` and ``retryable`` are kept). An engine's refusal
+    of one of ``set_fields`` (those the connector set on the leg, not a client's) is the
+    instance's failure, not a bad request."""
 
-    def __init__(self, leg: Leg, cause: SageLLMError, instance_id: str) -> None:
-        if isinstance(cause, InvalidRequestError) and cause.param in LEG_FIELDS:
+    def __init__(
+        self,
+        leg: Leg,
+        cause: SageLLMError,
+        instance_id: str,
+        set_fields: frozenset[str] = frozenset(),
+    ) -> None:
+        if isinstance(cause, InvalidRequestError) and cause.param in set_fields:
             # the engine refused a field the control plane set, not the client: the
             # instance cannot run PD legs (an engine without a KV connector, say); it
             # counts against the instance and the request may run elsewhere
@@ -192,7 +201,7 @@ class VLLMConnector:
         except PDLegError:
             raise
         except SageLLMError as exc:
-            raise PDLegError("prefill", exc, legs.prefill.instance_id) from exc
+            raise PDLegError("prefill", exc, legs.prefill.instance_id, VLLM_LEG_FIELDS) from exc
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
         decode_failed = False
@@ -211,7 +220,7 @@ class VLLMConnector:
                 raise
             except SageLLMError as exc:
                 decode_failed = True
-                raise PDLegError("decode", exc, legs.decode.instance_id) from exc
+                raise PDLegError("decode", exc, legs.decode.instance_id, VLLM_LEG_FIELDS) from exc
             except (asyncio.CancelledError, GeneratorExit):
                 cancelled = True
                 raise
@@ -386,7 +395,7 @@ class SGLangConnector:
         except PDLegError:
             raise
         except SageLLMError as exc:
-            raise PDLegError("prefill", exc, legs.prefill.instance_id) from exc
+            raise PDLegError("prefill", exc, legs.prefill.instance_id, SGLANG_LEG_FIELDS) from exc
         finally:
             await _close(stream)
         handle = KVHandle(
@@ -435,7 +444,7 @@ class SGLangConnector:
         except PDLegError:
             raise
         except SageLLMError as exc:
-            raise PDLegError("decode", exc, legs.decode.instance_id) from exc
+            raise PDLegError("decode", exc, legs.decode.instance_id, SGLANG_LEG_FIELDS) from exc
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
