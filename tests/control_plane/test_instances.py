@@ -306,6 +306,28 @@ def test_the_chunk_cost_is_forgotten_with_the_fit_when_the_engine_changes_speed(
     assert 1.0 / state.est_s_per_chunk_token < 38_000 / 2.5
 
 
+def test_the_chunk_cost_follows_a_speed_change_when_no_fit_forms() -> None:
+    """Long prompts of one length (short ones beside them telling the fixed part) form no
+    TTFT line, whose reset had been the chunk cost's only one: a 3x slower engine took
+    ~100 samples to be followed."""
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    rng = random.Random(2)
+    for _ in range(10):
+        state.observe_tpot(0.008)
+    rates = []
+    for i in range(260):
+        scale = 3.0 if i >= 200 else 1.0
+        tokens = 2000 if i % 2 else 10
+        noise = math.exp(rng.gauss(0, 0.05))
+        state.observe_first_token(_roofline_ttft(tokens, scale) * noise, tokens)
+        rates.append(1.0 / state.est_s_per_chunk_token)
+    assert state.prefill_fit.line(paused=True) is None
+    assert rates[199] == pytest.approx(38_000, rel=0.15)
+    # 3x slower steps read through the old TPOT estimate: a third of the rate, or less,
+    # within 30 samples (15 long prompts)
+    assert rates[230] < 38_000 / 2.5, rates[200:231:5]
+
+
 def test_a_fleet_all_draining_is_down_as_draining_though_one_is_also_ejected() -> None:
     """A planned stop is not an outage: one drained instance that was also ejected had
     turned the refusal's reason into no_healthy_instance (queued ones said draining)."""

@@ -154,10 +154,22 @@ class ChunkCost:
 
     xy: float = 0.0
     xx: float = 0.0
+    drift: float = 0.0
+    """The exponentially weighted mean log ratio of compute-bound prompts' compute times to
+    the estimate's (those whose predicted compute is at least twice a decode step: the
+    others' are mostly noise). Past :data:`FIT_RESET_DRIFT` the estimate is forgotten (an
+    engine that got 3x slower had been followed over ~100 samples where its prompts were
+    of one length, so that no fit formed to be reset with)."""
 
     def add(self, tokens: int, excess_s: float, tpot_s: float) -> None:
         keep = 1.0 - FIT_DECAY
         compute_s = math.sqrt(max((excess_s + tpot_s) ** 2 - tpot_s * tpot_s, 0.0))
+        s = self.s_per_token()
+        if s is not None and tokens * s >= 2.0 * tpot_s:
+            ratio = min(max(compute_s / (tokens * s), 0.01), 100.0)
+            self.drift += _ALPHA * (math.log(ratio) - self.drift)
+            if abs(self.drift) > FIT_RESET_DRIFT:  # the engine changed: start again
+                self.xy = self.xx = self.drift = 0.0
         self.xy = keep * self.xy + tokens * compute_s
         self.xx = keep * self.xx + float(tokens) * tokens
 
