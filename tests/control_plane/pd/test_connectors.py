@@ -549,6 +549,11 @@ def test_an_unknown_connector_in_code_is_said_at_its_own_key() -> None:
             pd_config=PDSeparationConfig(metadata={"connector_params": {"timeout": 3}})
         )
     assert err.value.key == "pd_config.metadata.connector_params.timeout"
+    with pytest.raises(ConfigError) as err:  # a stray parameter named connector: its own
+        ControlPlaneManager(
+            pd_config=PDSeparationConfig(metadata={"connector_params": {"connector": "vllm"}})
+        )
+    assert err.value.key == "pd_config.metadata.connector_params.connector"
 
 
 def test_vllm_release_pull_asks_for_one_token_whatever_the_request_left_to_the_engine() -> None:

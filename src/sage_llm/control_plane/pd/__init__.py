@@ -172,9 +172,7 @@ def build_pd(
     )
     connector = parts.built(
         lambda: build_connector(cfg.connector, connector_params, seed=seed),
-        lambda key: (
-            "connector" if key in (None, "", "connector") else f"metadata.connector_params.{key}"
-        ),
+        lambda key: f"metadata.connector_params.{key}" if key else "connector",
     )
     parts.raise_any()
     assert decider is not None

@@ -480,7 +480,6 @@ def build_connector(
         return SGLangConnector(
             build_params(SGLangConnectorParams, params, owner="PD connector 'sglang'"), seed=seed
         )
-    raise ConfigError(
-        f"unknown PD connector {name!r}; valid names: {', '.join(CONNECTOR_NAMES)}",
-        key="connector",
+    raise ConfigError(  # (no key: the name's, not a parameter's; the caller says where)
+        f"unknown PD connector {name!r}; valid names: {', '.join(CONNECTOR_NAMES)}"
     )
