@@ -46,6 +46,7 @@ def _expected(state: InstanceState) -> InstanceView:
         est_prefill_tps=1.0 / state.est_s_per_prefill_token,
         est_tpot_s=state.est_tpot_s,
         est_chunk_tps=1.0 / state.est_s_per_chunk_token,
+        rate_measured=state.rate_samples > 0,
         measured=state.measured,
     )
 

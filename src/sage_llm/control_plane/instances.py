@@ -388,7 +388,7 @@ class InstanceState:
             self.breaker.probe_passed, self.in_flight,
             self.queued_prefill_tokens, self.outstanding_decode_tokens, stats,
             self.est_ttft_base_s, self.est_s_per_prefill_token, self.est_tpot_s,
-            self.chunk_cost.xy, self.chunk_cost.xx, self.measured,
+            self.chunk_cost.xy, self.chunk_cost.xx, self.rate_samples > 0, self.measured,
         )  # fmt: skip
 
     def view(self) -> InstanceView:
@@ -434,6 +434,7 @@ class InstanceState:
             1.0 / max(self.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
             self.est_tpot_s,
             1.0 / self.est_s_per_chunk_token,
+            self.rate_samples > 0,
             self.measured,
         )
 

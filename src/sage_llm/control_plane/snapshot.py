@@ -112,6 +112,9 @@ class InstanceView:
     """Prompt tokens a second in a step beside running decodes: the compute-bound rate
     (``InstanceState.est_s_per_chunk_token``), which the PD decider's stall model reads
     (None: ``est_prefill_tps``)."""
+    rate_measured: bool = True
+    """False while ``est_prefill_tps`` is still its prior: no prompt long enough to tell the
+    rate (``RATE_FROM_TOKENS``) ran there yet, however many short ones did."""
     measured: bool = True
     """False until traffic has told enough of the instance (its ``est_*`` are priors, or
     the mean of fewer than five observations): a policy that ranks by them gives it

@@ -101,6 +101,7 @@ _DYNAMIC_VIEW_FIELDS = (
     "est_prefill_tps",
     "est_tpot_s",
     "est_chunk_tps",
+    "rate_measured",
     "measured",
 )
 """The :class:`InstanceView` fields the simulation changes; the others stay as registered."""
@@ -259,6 +260,7 @@ class InstanceSlot:
             1.0 / max(state.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
             state.est_tpot_s,
             1.0 / state.est_s_per_chunk_token,
+            state.rate_samples > 0,
             state.measured,
             *self._static_view,
         )

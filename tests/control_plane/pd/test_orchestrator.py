@@ -121,10 +121,18 @@ def test_a_prefill_instance_not_measured_yet_gets_legs_to_be_measured_by() -> No
     prefill instance took no leg (0 of 170), so it was never measured."""
     measured = make_instance_view("pB", role=Role.PREFILLING, est_prefill_tps=47_000.0,
                                   est_ttft_base_s=0.01)  # fmt: skip
-    new = make_instance_view("pA", role=Role.PREFILLING, measured=False)
+    new = make_instance_view("pA", role=Role.PREFILLING, measured=False, rate_measured=False)
     decode = make_instance_view("d0", role=Role.DECODING)
     plans = [
         plan_of(PDOrchestrator(seed=seed), make_snapshot([measured, new, decode]),
+                prompt_tokens=1500).prefill_id
+        for seed in range(8)
+    ]  # fmt: skip
+    assert "pA" in plans
+    # after short legs only it counts as measured, its rate still the prior: the same
+    short_only = make_instance_view("pA", role=Role.PREFILLING, rate_measured=False)
+    plans = [
+        plan_of(PDOrchestrator(seed=seed), make_snapshot([measured, short_only, decode]),
                 prompt_tokens=1500).prefill_id
         for seed in range(8)
     ]  # fmt: skip

@@ -282,17 +282,18 @@ class PDOrchestrator:
 
     @staticmethod
     def _prefill_ttfts(req: RequestInfo, prefills: list[InstanceView]) -> dict[str, float]:
-        """Each prefill candidate's predicted TTFT for ``req``. A ``PREFILLING`` one not
-        measured yet (its estimates are priors) is predicted at the fastest measured
-        candidate's estimates on its own queue: priors slower than a measured rate had
-        lost it every pair, and prefill legs are its only requests, so it was never
-        measured (a new or added prefill instance took none). A ``GENERAL``/``HYBRID`` one
-        is measured by its other requests, and kept where phase isolation puts it."""
-        measured = [pv for pv in prefills if pv.measured]
+        """Each prefill candidate's predicted TTFT for ``req``. A ``PREFILLING`` one whose
+        prefill rate is still its prior (no long prompt ran there yet, however many short
+        ones did) is predicted at the estimates of the fastest one whose rate is measured,
+        on its own queue: its prior, slower than a measured rate, had lost it every pair,
+        and prefill legs are its only requests, so it was never measured (a new or added
+        prefill instance took none). A ``GENERAL``/``HYBRID`` one is measured by its other
+        requests, and kept where phase isolation puts it."""
+        measured = [pv for pv in prefills if pv.rate_measured]
         ref = max(measured, key=lambda pv: pv.est_prefill_tps, default=None)
         out: dict[str, float] = {}
         for pv in prefills:
-            if pv.measured or ref is None or pv.role is not ExecutionInstanceType.PREFILLING:
+            if pv.rate_measured or ref is None or pv.role is not ExecutionInstanceType.PREFILLING:
                 out[pv.instance_id] = pv.predict_ttft_s(req.prompt_tokens)
             else:
                 pending = pv.queued_prefill_tokens + req.prompt_tokens
