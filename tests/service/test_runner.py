@@ -329,3 +329,21 @@ def test_a_loop_that_fails_to_run_is_reported_by_start() -> None:
         runner.start()
     assert runner.loop is None
     runner.stop()  # nothing to stop
+
+
+def test_an_init_raising_keyboard_interrupt_is_an_error_not_a_wedged_runner() -> None:
+    """It had ended the loop's thread: start waited out its timeout, raised "Event loop is
+    closed", and the runner could be neither stopped nor started again."""
+
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    runner = LoopThread("k")
+    started = time.monotonic()
+    with pytest.raises(SageLLMError, match="KeyboardInterrupt"):
+        runner.start(interrupted, timeout=30)
+    assert time.monotonic() - started < 10
+    assert runner.loop is None
+    runner.start()  # usable again
+    assert runner.run(_thread_name()) == "k"
+    runner.stop()

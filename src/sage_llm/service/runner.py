@@ -132,6 +132,10 @@ class LoopThread:
                 return
             if threading.current_thread() is thread:
                 raise SageLLMError(f"{self._name} cannot be stopped from its own loop thread")
+            if loop.is_closed() or not thread.is_alive():  # its thread ended already
+                thread.join(timeout)
+                self._loop = self._thread = None
+                return
             self._stopping = True
         try:
             shutdown = asyncio.run_coroutine_threadsafe(self._work(self._shutdown(final)), loop)
@@ -201,6 +205,9 @@ class LoopThread:
         _hold_time(False)
         try:
             return await coro
+        except (KeyboardInterrupt, SystemExit) as exc:  # raised out of the loop, they would
+            # end its thread, and the caller would wait out its timeout on a dead loop
+            raise SageLLMError(f"{self._name}: a call raised {exc!r}") from exc
         finally:
             self._working -= 1
             if task is not None:
