@@ -200,6 +200,8 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "engine": "sim", "dialect": "sglang"}, "dialect"),
         ({"model_id": "m", "engine": "sim", "scheme": "https"}, "scheme"),
         ({"model_id": "m", "engine": "sim", "api_key": "k"}, "api_key"),
+        ({"model_id": "m", "base_url": "http://h:1", "scheme": "https"}, "scheme"),
+        ({"model_id": " m", "base_url": "http://h:1"}, "model_id"),
         (
             {
                 "model_id": "m",
@@ -215,6 +217,15 @@ def test_bad_vllm_service_configs_name_the_key(data: dict[str, Any], key: str) -
     with pytest.raises(ConfigError) as err:
         VLLMServiceConfig.from_dict(data)
     assert err.value.key == key
+
+
+def test_endpoint_keys_beside_a_bad_endpoint_are_not_said_to_lack_one() -> None:
+    """A bad base_url had made dialect and api_key 'apply only to an endpoint, and none is
+    given'."""
+    data = {"model_id": "m", "base_url": "ftp://x:1", "api_key": "k", "dialect": "openai"}
+    with pytest.raises(ConfigError) as err:
+        VLLMServiceConfig.from_dict(data)
+    assert {e.key for e in err.value.each()} == {"base_url"}
 
 
 def test_every_problem_of_a_vllm_service_config_is_reported_at_once() -> None:

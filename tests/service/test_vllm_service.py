@@ -188,6 +188,18 @@ def test_a_control_plane_table_without_instances_wraps_the_services_own_engine()
         assert inner is not None and inner.config.control_plane.scheduling_policy == "priority"
     with pytest.raises(ConfigError, match="use_control_plane needs engines"):
         VLLMService({**EXISTING_CONFIG, "use_control_plane": True, "control_plane": table})
+    empty = {**config, "control_plane": {"instances": []}}  # an empty list: none either
+    with VLLMService(empty, loop_factory=VirtualEventLoop) as svc:
+        (entry,) = svc.process({"inputs": "Hi", "options": {"max_tokens": 2}})
+        assert entry["sage"]["instance_id"] == "vllm-0"
+    # a whole document is passed on as it is (wrapping it had made it invalid)
+    document = {"services": {"llm_control_plane": {"scheduling_policy": "fifo", "instances": [
+        {"instance_id": "a", "host": "127.0.0.1", "port": 20201, "model_name":
+         EXISTING_CONFIG["model_id"], "engine": "sim"}]}}}  # fmt: skip
+    whole = {**config, "control_plane": document}
+    with VLLMService(whole, loop_factory=VirtualEventLoop) as svc:
+        (entry,) = svc.process({"inputs": "Hi", "options": {"max_tokens": 2}})
+        assert entry["sage"]["instance_id"] == "a"
 
 
 def test_use_control_plane_embeds_as_the_simulated_engine_does() -> None:

@@ -303,6 +303,12 @@ class VLLMServiceConfig:
             g.errors.append(
                 ConfigError(f"must be a model name, got {described(model_id)}", key="model_id")
             )
+        elif model_id != model_id.strip():  # served under this name as written
+            g.errors.append(
+                ConfigError(
+                    f"must not begin or end with white space, got {model_id!r}", key="model_id"
+                )
+            )
         if not isinstance(model_id, str):
             model_id = ""
         kind, table = g.built(lambda: _engine_kind(data), _same) or (None, {})
@@ -312,7 +318,7 @@ class VLLMServiceConfig:
                 ConfigError('engine = "sim" and an endpoint exclude each other', key="engine")
             )
         backend = "http" if host is not None else (kind or "vllm")
-        if host is None:  # read only by the HTTP client of an endpoint
+        if not any(k in data for k in ("base_url", "host", "port")):  # only an endpoint's
             for key in _ENDPOINT_ONLY:
                 if key in data:
                     g.errors.append(
@@ -531,6 +537,11 @@ def _endpoint(data: Mapping[str, Any]) -> tuple[str | None, int | None, str]:
     if base_url is not None:
         if host is not None or port is not None:
             raise ConfigError("give base_url or host and port, not both", key="base_url")
+        if "scheme" in data:  # (it had been read nowhere beside a URL)
+            raise ConfigError(
+                "is base_url's own (http:// or https://): leave scheme out beside base_url",
+                key="scheme",
+            )
         if not isinstance(base_url, str):
             raise ConfigError("must be a URL string", key="base_url")
         try:

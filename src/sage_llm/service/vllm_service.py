@@ -232,12 +232,16 @@ class VLLMService(ManagedService):
 
 def _control_plane_config(cfg: VLLMServiceConfig) -> Any:
     """The control-plane config of ``use_control_plane``: the ``control_plane`` table or
-    path, else one instance, this service's own engine; a table that lists no instances
-    (and no ``[simulation]``) gets that one too (it had served the embedded simulated
-    fleet in place of the endpoint the service names, with made-up text)."""
+    path, else one instance, this service's own engine. A bare control-plane table that
+    lists no instances (none, or an empty list, and no ``[simulation]``) gets that one too
+    (it had served the embedded simulated fleet in place of the endpoint the service
+    names, with made-up text); a whole document (``services``) or a ``config_path`` one is
+    passed on as it is."""
     table = cfg.control_plane
     if table is not None and (
-        not isinstance(table, Mapping) or "instances" in table or "simulation" in table
+        not isinstance(table, Mapping)
+        or table.get("instances")
+        or any(key in table for key in ("simulation", "services", "config_path"))
     ):
         return table
     if cfg.backend == "vllm":
