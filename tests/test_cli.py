@@ -364,7 +364,7 @@ def test_the_gateway_port_must_be_free_before_engines_start(tmp_path: Path) -> N
         code, output = invoke("launch", str(fleet), "--port", str(port))
     assert code == 1
     assert output.endswith(
-        f"error: cannot listen on 127.0.0.1:{port}: port {port} is already in use\n"
+        f"error: --port: cannot listen on 127.0.0.1:{port}: port {port} is already in use\n"
     )
     assert not (tmp_path / "sage-llm-logs").exists()
 
@@ -679,6 +679,13 @@ def test_serve_refuses_a_port_given_on_the_command_line_that_an_instance_has(
     code, output = invoke("serve", "--config", str(cfg))
     assert code == 1
     assert "0.0.0.0:8080 is the address the gateway would listen on (127.0.0.1:8080)" in output
+
+
+def test_an_ipv4_mapped_host_is_a_one_line_error_not_a_traceback() -> None:
+    """The check bound without IPV6_V6ONLY (so it passed) and asyncio's bind failed."""
+    proc = run_cli("serve", "--host", "::ffff:127.0.0.1", "--port", str(free_ports(1)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: --host: cannot listen on ")
 
 
 def test_a_file_address_that_cannot_be_listened_on_is_said_at_its_key(tmp_path: Path) -> None:

@@ -302,10 +302,14 @@ def _check_listen(
         _fail(f"{host_source}: {host!r} is not a host name (a label is empty or too long)")
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio binds it (an IPv4-mapped address fails)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind(address)
         except OSError as exc:
-            source = port_source if exc.errno == errno.EADDRINUSE else host_source
+            # a port in use, or one below the unprivileged range, is the port's problem
+            ports = (errno.EADDRINUSE, errno.EACCES)
+            source = port_source if exc.errno in ports else host_source
             given = source is not None and (source.startswith("--") or ": " in source)
             where = f"{source}: " if given else ""  # (a bare key: a default, not written)
             _fail(f"{where}cannot listen on {host}:{port}: {_cannot_listen(exc, port) or exc}")
@@ -857,7 +861,10 @@ def launch(
                 f"{engine.instance_id!r}"
             )
     _check_listen(
-        bind_host, bind_port, "--host" if host is not None else sage.where("gateway.host")
+        bind_host,
+        bind_port,
+        "--host" if host is not None else sage.where("gateway.host"),
+        "--port" if port is not None else sage.where("gateway.port"),
     )
     chosen: dict[str, Any] = {}  # the options override the --config file
     if policy is not None or config_file is None:
