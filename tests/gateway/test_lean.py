@@ -503,6 +503,37 @@ def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits()
     run_virtual(main())
 
 
+def test_a_request_dropped_by_the_servers_shutdown_is_no_client_gone() -> None:
+    """The server's own close of a request still arriving had been counted and logged as
+    the client leaving (499); the client's own leaving is."""
+
+    async def main() -> None:
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            conn.respond(200, b"ok", content_type="text/plain", headers={})
+
+        lean, server, port = await _lean_server(handler, _Fallback())
+        gone: list[str] = []
+        lean.on_client_gone = lambda method, path, waited_s, given: gone.append(given)
+        whole = _post("/v1/completions", {"prompt": "x"}, "x-request-id: mine")
+        head_end = whole.index(b"\r\n\r\n") + 4
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(whole[: head_end + 3])  # the head, part of the body; then it leaves
+        await asyncio.sleep(0.5)
+        await _close(writer)
+        await asyncio.sleep(0.5)
+        assert gone == ["mine"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(whole[: head_end + 3])  # the same, then the server shuts down
+        await asyncio.sleep(0.5)
+        server.close()
+        await lean.shutdown(1.0)
+        assert await reader.read() == b""
+        await _close(writer)
+        assert gone == ["mine"]
+
+    run_virtual(main())
+
+
 def test_a_request_slow_to_arrive_gets_a_408_and_its_connection_closes() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

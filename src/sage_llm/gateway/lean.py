@@ -407,8 +407,11 @@ class LeanConnection(asyncio.Protocol):
         return None if end < 0 else self._parse_head(bytes(self._buf[:end]))
 
     def close_if_idle(self) -> None:
-        """Close now unless a request is in progress (that one closes when it ends)."""
+        """Close now unless a request is in progress (that one closes when it ends). A
+        request still arriving is dropped by the server, not left by its client: not a 499
+        (:meth:`connection_lost`)."""
         if self._task is None and self._transport is not None:
+            self.reading_since = None
             self._server.writes.flush_one(self._transport)
             self._transport.close()
 
