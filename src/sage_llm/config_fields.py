@@ -333,6 +333,17 @@ def secret_problem(value: str) -> str | None:
     return None
 
 
+def name_problem(value: str) -> str | None:
+    """Names shown in logs, metric labels and model lists: no control characters, and no
+    white space at either end (a model served as ``"m "`` answered a request for ``m``
+    with a 404 that listed it)."""
+    if not value.isprintable():
+        return f"must not contain control characters, got {value!r}"
+    if value != value.strip():
+        return f"must not begin or end with white space, got {value!r}"
+    return None
+
+
 def has_control_characters(text: str) -> bool:
     """Whether ``text`` holds an ASCII control character (one no HTTP header may carry)."""
     return any(ord(c) < 32 or ord(c) == 127 for c in text)

@@ -25,6 +25,7 @@ from sage_llm.config_fields import (
     Rule,
     metadata_problem,
     name_key,
+    name_problem,
     opt,
     req,
     rule,
@@ -146,15 +147,7 @@ def _name_problem(value: str) -> str | None:
     return None
 
 
-def _check_printable(value: str) -> str | None:
-    """Names shown in logs, metric labels and model lists: no control characters, and no
-    white space at either end (a model served as ``"m "`` answered a request for ``m``
-    with a 404 that listed it)."""
-    if not value.isprintable():
-        return f"must not contain control characters, got {value!r}"
-    if value != value.strip():
-        return f"must not begin or end with white space, got {value!r}"
-    return None
+_check_printable = name_problem
 
 
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")

@@ -235,6 +235,7 @@ def test_plan_json_from_plan_command_loads_back(tmp_path: Path) -> None:
         ({"model": None}, "the plan names no model"),
         ({"served_model_name": 5}, "served_model_name: must be a non-empty string, got integer 5"),
         ({"served_model_name": ""}, "served_model_name: must be a non-empty string"),
+        ({"served_model_name": "m "}, "served_model_name: must not begin or end with white"),
     ):
         (tmp_path / "changed.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(ConfigError, match=message):
@@ -275,6 +276,24 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "fleet.toml"
     path.write_text(text)
     return path
+
+
+def test_launch_names_with_white_space_at_an_end_are_refused_at_their_key(
+    tmp_path: Path,
+) -> None:
+    """They had passed config check, then failed the launch after its engines started."""
+    path = tmp_path / "l.toml"
+    path.write_text(
+        '[launch]\nmodel = "llama-3-8b "\nserved_model_name = "m "\nsim_model = " x"\n'
+        "[[launch.instances]]\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_launch_config(path)
+    assert [(e.key, e.location) for e in info.value.errors] == [
+        ("launch.model", f"{path}:2"),
+        ("launch.served_model_name", f"{path}:3"),
+        ("launch.sim_model", f"{path}:4"),
+    ]
 
 
 def test_launch_file_with_explicit_instances(tmp_path: Path) -> None:

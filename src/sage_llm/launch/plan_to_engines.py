@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from sage_llm.config_fields import opt, read_dataclass, rule
+from sage_llm.config_fields import name_problem, opt, read_dataclass, rule
 from sage_llm.config_locate import (
     TOO_DEEP,
     JsonKeyLocator,
@@ -108,8 +108,8 @@ class LaunchSettings:
 
     engine: Literal["vllm", "vllm-module", "sim"] = "sim"
     model: str = "llama-3-8b"
-    served_model_name: str | None = opt(None, rule(nonempty=True))
-    sim_model: str | None = opt(None, rule(nonempty=True))
+    served_model_name: str | None = opt(None, rule(nonempty=True, check=name_problem))
+    sim_model: str | None = opt(None, rule(nonempty=True, check=name_problem))
     sim_gpu: str = "h100"
     sim_speed: float = 1.0
     sim_entry: Literal["module", "script"] = "module"
@@ -614,9 +614,9 @@ class _LaunchTable:
     the defaults here are unused: only keys the file gives are passed on."""
 
     engine: str = opt("sim", rule(choices=ENGINE_KINDS))
-    model: str = opt("llama-3-8b", rule(nonempty=True))
-    served_model_name: str | None = opt(None, rule(nonempty=True))
-    sim_model: str | None = opt(None, rule(nonempty=True))
+    model: str = opt("llama-3-8b", rule(nonempty=True, check=name_problem))
+    served_model_name: str | None = opt(None, rule(nonempty=True, check=name_problem))
+    sim_model: str | None = opt(None, rule(nonempty=True, check=name_problem))
     gpu: str = opt("h100", rule(nonempty=True))
     sim_speed: float = opt(1.0, rule(gt=0))
     sim_entry: str = opt("module", rule(choices=("module", "script")))
@@ -875,6 +875,12 @@ def load_launch_config(
         if served is not None and (not isinstance(served, str) or not served.strip()):
             raise ConfigError(  # else dropped, and the engines served under another name
                 f"must be a non-empty string, got {_kind(served)}",
+                location=located.location(("served_model_name",)),
+                key="served_model_name",
+            )
+        if isinstance(served, str) and (problem := name_problem(served)) is not None:
+            raise ConfigError(
+                problem,
                 location=located.location(("served_model_name",)),
                 key="served_model_name",
             )
