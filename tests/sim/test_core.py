@@ -282,6 +282,7 @@ def test_config_validation() -> None:
         ("step_jitter", math.inf), ("step_jitter", math.nan), ("speed", math.inf),
         ("kv_link_gbps", math.nan), ("max_num_seqs", 2.5), ("max_num_seqs", True),
         ("seed", 1.5), ("kv_port", 70000), ("enable_prefix_caching", "yes"),
+        ("cost_model", "x"),  # (an AttributeError on the first request had said so)
     ]  # fmt: skip
     compiled = not str(core_module.__file__).endswith(".py")  # (the accelerator built)
     for key, value in bad:
@@ -289,7 +290,8 @@ def test_config_validation() -> None:
             continue  # compiled, an int field stores True as the int 1 before our check
         # compiled, a field's wrong type is mypyc's TypeError before any check of ours
         wrong_type = isinstance(value, str | float) and key in ("max_num_seqs", "seed",
-                                                               "enable_prefix_caching")  # fmt: skip
+                                                               "enable_prefix_caching",
+                                                               "cost_model")  # fmt: skip
         expected = (ConfigError, TypeError) if compiled and wrong_type else ConfigError
         with pytest.raises(expected) as refused:
             SimEngineConfig(**{key: value})  # type: ignore[arg-type]

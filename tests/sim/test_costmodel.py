@@ -320,13 +320,14 @@ def test_a_specs_max_context_stays_an_integer(tmp_path: Path) -> None:
 def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(
-        "[gpu.x]\npeak_tflops = 1\nhbm_tbps = 1\nmemory_gb = 1\nflux_capacitor = 3\n",
+        "[gpu.x]\npeak_tflops = 1\nhbm_tbps = 1\nmemory_gb = 1\nnvlink_gbps = 0\n"
+        "pcie_gbps = 32\nflux_capacitor = 3\n",
         encoding="utf-8",
     )
     with pytest.raises(ConfigError) as err:
         load_specs_toml(path)
     assert err.value.key == "gpu.x.flux_capacitor"
-    assert err.value.location == f"{path}:5"
+    assert err.value.location == f"{path}:7"
 
 
 @pytest.mark.parametrize(
@@ -338,7 +339,14 @@ def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
         ('[model.m]\nbase = "llama-3-8b"\nnum_layers = 2.5\n', "model.m.num_layers"),
         ('[model.m]\nbase = "llama-3-8b"\nmax_context = 100.5\n', "model.m.max_context"),
         ('[model.m]\nbase = "nope"\n', "model.m.base"),
-        ("[gpu.x]\npeak_tflops = -1\nhbm_tbps = 1\nmemory_gb = 1\n", "gpu.x.peak_tflops"),
+        (
+            "[gpu.x]\npeak_tflops = -1\nhbm_tbps = 1\nmemory_gb = 1\nnvlink_gbps = 0\n"
+            "pcie_gbps = 32\n",
+            "gpu.x.peak_tflops",
+        ),
+        # link bandwidths left out had read as no NVLink, unsaid
+        ("[gpu.x]\npeak_tflops = 1\nhbm_tbps = 1\nmemory_gb = 1\n", "gpu.x"),
+        ('[model.m]\nbase = "llama-3-8b"\nnum_kv_heads = 5\n', "model.m.num_kv_heads"),
         ('[model.m]\nbase = "llama-3-8b"\nnum_heads = 0\n', "model.m.num_heads"),
         ('[[gpu]]\nname = "b200"\npeak_tflops = 2250\n', "gpu"),  # an array of tables
         ('model = "llama-3-8b"\n', "model"),

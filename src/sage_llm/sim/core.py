@@ -176,6 +176,12 @@ class SimEngineConfig:
         for key in ("enable_prefix_caching", "enable_chunked_prefill"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"must be true or false, got {getattr(self, key)!r}", key=key)
+        if self.cost_model is not None and not isinstance(self.cost_model, CostModel):
+            raise ConfigError(  # (else an AttributeError on the first request)
+                "must be a cost model (with step_time and describe), got "
+                f"{type(self.cost_model).__name__}",
+                key="cost_model",
+            )
         for key in ("kv_port",):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
