@@ -252,6 +252,9 @@ def test_launch_env_names_and_nul_characters_are_refused_at_their_key() -> None:
         ({"extra_args": ["--x\0"]}, "extra_args.0"),
         ({"extra_args": (a for a in ["--y\0"])}, "extra_args.0"),
         ({"extra_args": "--x"}, "extra_args"),
+        # a flag the launcher sets: the engine had listened where nothing waited for it
+        ({"extra_args": ["--port", "20425"]}, "extra_args.0"),
+        ({"extra_args": ["--max-num-seqs", "8", "--host=0.0.0.0"]}, "extra_args.2"),
     ):
         with pytest.raises(ConfigError) as info:
             LaunchSettings(**values)

@@ -686,7 +686,25 @@ def process_problems(env: object, extra_args: object) -> list[tuple[KeyPath, str
         for index, arg in enumerate(extra_args):
             if isinstance(arg, str) and "\0" in arg:
                 found.append((("extra_args", index), f"{arg!r} holds a NUL character"))
+            elif isinstance(arg, str) and arg.split("=", 1)[0] in MANAGED_FLAGS:
+                found.append(
+                    (
+                        ("extra_args", index),
+                        f"{arg!r}: the launcher sets {arg.split('=', 1)[0]} itself (from the "
+                        "plan and the launch settings); given again, the engine would not be "
+                        "the one it registers and waits for",
+                    )
+                )
     return found
+
+
+MANAGED_FLAGS = frozenset({
+    "--host", "--port", "--model", "--served-model-name", "--tensor-parallel-size", "-tp",
+    "--pipeline-parallel-size", "-pp", "--kv-transfer-config", "--gpu", "--tp", "--pp",
+    "--role", "--seed",
+})  # fmt: skip
+"""The engine flags the launcher sets (:func:`vllm_argv`, :func:`engine_sim_argv`): an
+``extra_args`` entry may not give them again (vLLM and engine-sim take the last one)."""
 
 
 def _add(p: Problems, path: KeyPath, exc: ConfigError) -> None:
