@@ -352,8 +352,6 @@ class StreamAssembler:
         self._last_finish: tuple[str, int] | None = None
         self._unfinished: set[int] = set()
         """Choices (``index``) seen without their ``finish_reason`` yet."""
-        self._finished: set[int] = set()
-        """Choices that ended (with their ``finish_reason``)."""
         self._text_chunks = 0
         options = req.extra.get("stream_options")
         self._continuous = isinstance(options, Mapping) and bool(
@@ -420,7 +418,6 @@ class StreamAssembler:
                 self._held = chunk
                 self._last_finish = (chunk.finish_reason, chunk.index)
                 self._unfinished.discard(chunk.index)
-                self._finished.add(chunk.index)
             else:
                 self._unfinished.add(chunk.index)
                 out.append(chunk)
@@ -435,23 +432,12 @@ class StreamAssembler:
                 EngineStreamError,
                 f"stream ended without a finish_reason for choice {min(self._unfinished)}",
             )
-        if (missing := _missing_choices(self._req, self._finished)) is not None:
-            raise self._fail(EngineStreamError, missing)
         usage = self._usage or Usage(estimate_prompt_tokens(self._req), self._text_chunks)
         held, self._held = self._held, None
         if held is not None:
             return [held.with_usage(usage)]
         reason, index = self._last_finish
         return [Chunk(text="", finish_reason=reason, usage=usage, index=index)]
-
-
-def _missing_choices(req: EngineRequest, indexes: set[int]) -> str | None:
-    """Why an answer with the choices ``indexes`` lacks some of the ``n`` the request asked
-    for (None: it has them all)."""
-    n = req.extra.get("n")
-    if type(n) is not int or n <= 1 or len(indexes) >= n:
-        return None
-    return f"the answer has {len(indexes)} of the {n} choices asked for (n)"
 
 
 def chunks_from_completion(
@@ -473,8 +459,6 @@ def chunks_from_completion(
         raise EngineStreamError(  # (every choice: an answer in one piece is not cut short)
             prefix + "completion choices are malformed or unfinished", instance_id=instance_id
         )
-    if (missing := _missing_choices(req, {c.index for c in chunks})) is not None:
-        raise EngineStreamError(prefix + missing, instance_id=instance_id)
     usage = parse_usage(obj.get("usage")) or Usage(
         estimate_prompt_tokens(req), sum(count_tokens(c.text) for c in chunks)
     )
