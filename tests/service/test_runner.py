@@ -347,3 +347,28 @@ def test_an_init_raising_keyboard_interrupt_is_an_error_not_a_wedged_runner() ->
     runner.start()  # usable again
     assert runner.run(_thread_name()) == "k"
     runner.stop()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_a_task_a_call_awaits_raising_an_interrupt_leaves_the_loop_running(
+    exc: type[BaseException],
+) -> None:
+    """Raised in a task the call awaited (not the call itself), it had ended the loop's
+    thread, and the caller waited for ever."""
+
+    async def boom() -> None:
+        raise exc
+
+    async def nested() -> None:
+        await asyncio.gather(boom())
+
+    runner = LoopThread("n")
+    runner.start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(runner.run, nested())
+            with pytest.raises(SageLLMError, match=exc.__name__):
+                future.result(timeout=10)
+        assert runner.running and runner.run(_thread_name()) == "n"
+    finally:
+        runner.stop()

@@ -246,7 +246,17 @@ class LoopThread:
         try:
             loop.call_soon(_hold_time, True)  # until the first coroutine comes
             loop.call_soon(ready.set)
-            loop.run_forever()
+            while True:
+                try:
+                    loop.run_forever()
+                except (KeyboardInterrupt, SystemExit):
+                    if not ready.is_set() or loop.is_closed():
+                        raise
+                    # a task raised it: the task ended with it (whoever awaits it gets
+                    # it, and a call's caller gets a SageLLMError); the loop goes on
+                    # (ended, its thread had left every caller waiting for ever)
+                    continue
+                break
             hold = getattr(loop, "hold_time", None)
             if hold is not None:  # its timers run out now: nothing waits for a call any more
                 hold(False)
