@@ -651,3 +651,19 @@ def test_a_rate_beyond_every_plan_whose_kv_caps_it_shows_the_best_at_its_capacit
     assert "Chosen: 2 × TP2" in text
     data = json.loads(plan_command("llama-3-70b", "2x2xH100", rate=5, as_json=True))
     assert data["instances"] and data["estimates"]["meets_slo"] is False
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (lambda: SLOTarget(ttft_s="2s", tpot_s=0.05), "ttft_s"),  # type: ignore[arg-type]
+        (lambda: SLOTarget(ttft_s=None, tpot_s=0.05), "ttft_s"),  # type: ignore[arg-type]
+        (lambda: WorkloadProfile(prompt_mean="1024", output_mean=256), "prompt_mean"),  # type: ignore[arg-type]
+        (lambda: WorkloadProfile(prompt_mean=1024, output_mean=256, rate="5"), "rate"),  # type: ignore[arg-type]
+    ],
+)
+def test_planner_inputs_of_the_wrong_type_name_their_field(build: object, key: str) -> None:
+    """They had raised a bare TypeError of '>' naming no field."""
+    with pytest.raises(ConfigError, match="must be a number") as err:
+        build()  # type: ignore[operator]
+    assert err.value.key == key

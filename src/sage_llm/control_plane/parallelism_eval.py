@@ -63,6 +63,17 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+def _numbers(obj: object, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` naming the first of ``obj``'s fields that is no number
+    (``optional`` ones may be None): a string had met a bare ``TypeError`` of ``>``."""
+    for key in (*required, *optional):
+        value = getattr(obj, key)
+        if value is None and key in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, got {value!r}", key=key)
+
+
 @dataclass(frozen=True)
 class WorkloadProfile:
     """Request lengths (tokens) and arrival rate (requests/s) the plan must serve.
@@ -80,6 +91,8 @@ class WorkloadProfile:
     prompt_sq_mean: float | None = None
 
     def __post_init__(self) -> None:
+        _numbers(self, ("prompt_mean", "output_mean"), ("rate", "prompt_p90", "output_p90",
+                                                          "prompt_sq_mean"))  # fmt: skip
         for key in ("prompt_mean", "output_mean"):
             if not getattr(self, key) >= 1:
                 raise ConfigError(f"must be >= 1 token, got {getattr(self, key)}", key=key)
@@ -157,6 +170,7 @@ class SLOTarget:
     attainment: float = 0.9
 
     def __post_init__(self) -> None:
+        _numbers(self, ("ttft_s", "tpot_s", "attainment"), ())
         for key in ("ttft_s", "tpot_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"must be > 0 seconds, got {getattr(self, key)}", key=key)
