@@ -136,6 +136,16 @@ class PrefillFit:
         return fixed, slope
 
 
+CHUNK_SETTLE_SAMPLES = 8
+"""Compute-bound samples a :class:`ChunkCost` takes in before its drift may reset it."""
+CHUNK_RESET_KEEP = 0.1
+"""The weight a :class:`ChunkCost` keeps of what it had learnt when its drift resets it:
+a prompt's compute time (its TTFT less the fixed part) is noisy, and an estimate forgotten
+outright was read from the next noisy sample alone (on chat traffic with 50 % noise its
+95th percentile went from 1.7x to 2.5x the engine's rate); a tenth is forgotten within
+a few samples when the engine did change."""
+
+
 @dataclass(slots=True)
 class ChunkCost:
     """The compute cost of a prompt token in a step that also runs decodes: what a
@@ -154,10 +164,13 @@ class ChunkCost:
 
     xy: float = 0.0
     xx: float = 0.0
+    settled: int = 0
+    """Compute-bound samples since the estimate began (or was last forgotten)."""
     drift: float = 0.0
     """The exponentially weighted mean log ratio of compute-bound prompts' compute times to
     the estimate's (those whose predicted compute is at least twice a decode step: the
-    others' are mostly noise). Past :data:`FIT_RESET_DRIFT` the estimate is forgotten (an
+    others' are mostly noise). Past :data:`FIT_RESET_DRIFT` the estimate is mostly forgotten
+    (:data:`CHUNK_RESET_KEEP`; an
     engine that got 3x slower had been followed over ~100 samples where its prompts were
     of one length, so that no fit formed to be reset with)."""
 
@@ -168,8 +181,14 @@ class ChunkCost:
         if s is not None and tokens * s >= 2.0 * tpot_s:
             ratio = min(max(compute_s / (tokens * s), 0.01), 100.0)
             self.drift += _ALPHA * (math.log(ratio) - self.drift)
-            if abs(self.drift) > FIT_RESET_DRIFT:  # the engine changed: start again
-                self.xy = self.xx = self.drift = 0.0
+            self.settled += 1
+            # the engine changed: mostly start again (not before the estimate has settled
+            # on a few samples)
+            if abs(self.drift) > FIT_RESET_DRIFT and self.settled >= CHUNK_SETTLE_SAMPLES:
+                self.xy *= CHUNK_RESET_KEEP
+                self.xx *= CHUNK_RESET_KEEP
+                self.drift = 0.0
+                self.settled = 0
         self.xy = keep * self.xy + tokens * compute_s
         self.xx = keep * self.xx + float(tokens) * tokens
 
