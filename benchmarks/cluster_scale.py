@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from sage_llm.bench.cli_args import at_least, check_out
+from sage_llm.bench.lengths import Fixed, LogNormal, Uniform
 from sage_llm.bench.stats import error_kind
 from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
 from sage_llm.errors import SageLLMError
@@ -263,7 +264,7 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
         except (SageLLMError, ValueError) as exc:
             return f"{option}: {getattr(exc, 'detail', None) or exc}"
     context = default_max_model_len(args.model)
-    shortest = args.shared_prefix + (int(args.input_len) if args.input_len.strip().isdigit() else 0)
+    shortest = args.shared_prefix + _least(length_dist(args.input_len))
     if shortest >= context:
         return (
             f"--shared-prefix + --input-len: {shortest} prompt tokens leave no room in "
@@ -272,6 +273,16 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
     if args.profile is not None and (args.profile.is_dir() or not args.profile.parent.is_dir()):
         return f"--profile {args.profile}: not a file in an existing directory"
     return None
+
+
+def _least(dist: LengthDist) -> int:
+    """The shortest length ``dist`` draws (a length spec's too: ``fixed:N``, ``uniform:…``;
+    only a bare integer had been checked against the context)."""
+    if isinstance(dist, Fixed):
+        return dist.value
+    if isinstance(dist, Uniform | LogNormal):
+        return dist.lo
+    return min(dist.values)
 
 
 def _fits(model: str, gpu: str) -> None:

@@ -51,7 +51,9 @@ def main() -> int:
             out=a.out, n_long=a.n_long, long_rate=a.long_rate, n_chat=a.n_chat,
             chat_rate=a.chat_rate, include_70b=not a.no_70b, realtime=a.realtime, speed=a.speed,
             seed=a.seed,
-            fleet_names=None if a.fleets is None else [f for f in a.fleets.split(",") if f],
+            fleet_names=None
+            if a.fleets is None
+            else [f.strip() for f in a.fleets.split(",") if f.strip()],
         )  # fmt: skip
     except SageLLMError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

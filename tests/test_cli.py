@@ -906,3 +906,19 @@ def test_a_file_of_other_services_only_is_refused_by_serve_and_noted_by_check(
         "note: no control-plane service table (services: llm (VLLMService)); "
         "sage-llm serve and ControlPlaneVLLMService refuse this file\n",
     )
+
+
+def test_bench_lists_are_read_alike_and_an_empty_preset_list_is_refused(tmp_path: Path) -> None:
+    """`--fleets "a, b"` had been refused for ' b' (the space unseen), `--presets ''` had
+    run the default five."""
+    code, output = invoke(
+        "bench", "pd", "--n-long", "1", "--n-chat", "0", "--no-include-70b",
+        "--fleets", "colocated, pd-3:5", "--out", str(tmp_path / "pd.json"),
+    )  # fmt: skip
+    assert code == 0, output
+    code, output = invoke("bench", "compare", "--presets", "", "--peers", "")
+    assert code == 2 and "no preset named" in output
+    proc = subprocess.run(
+        [sys.executable, "-m", "sage_llm.bench.peers", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:")

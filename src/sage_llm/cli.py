@@ -234,6 +234,8 @@ def _rates(value: str | None) -> str | None:
 def _presets(value: str | None) -> str | None:
     from sage_llm.bench.compare import parse_preset
 
+    if value is not None and not _split(value):  # it had run the default five
+        raise typer.BadParameter("no preset named (leave --presets out for the default five)")
     seen: set[str] = set()
     for spec in _split(value):
         try:
@@ -1079,7 +1081,7 @@ def bench_pd(
         code = pd_bench_main(
             out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed,
             n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
-            fleet_names=None if fleets is None else [f for f in fleets.split(",") if f],
+            fleet_names=None if fleets is None else _split(fleets),
         )  # fmt: skip
     except SageLLMError as exc:
         _fail(exc.message)
@@ -1119,7 +1121,7 @@ def bench_proxy(
 
     if c1_engine not in C1_ENGINES:
         _fail(f"--c1-engine: {c1_engine!r} is not one of {', '.join(C1_ENGINES)}")
-    peer_list = [p for p in peers.split(",") if p]
+    peer_list = _split(peers)
     try:
         code = proxy_bench_main(
             peers=peer_list,

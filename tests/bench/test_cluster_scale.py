@@ -25,6 +25,9 @@ def script() -> ModuleType:
         (["--routing", "nope"], "unknown routing strategy 'nope'"),
         (["--input-len", "foo"], "invalid length distribution 'foo'"),
         (["--shared-prefix", "9000"], "--input-len: 9512 prompt tokens leave no room in"),
+        # a length spec's shortest too (it had been simulated, every request refused)
+        (["--input-len", "fixed:100000"], "--input-len: 100000 prompt tokens leave no room"),
+        (["--input-len", "uniform:9000,9500"], "--input-len: 9000 prompt tokens leave no room"),
         (["--input-len", "0"], "--input-len: fixed length must be >= 1, got 0"),
         (["--model", "nope"], "--model: unknown model 'nope'"),
         (["--model", "llama-3-70b"], "--model: Llama-3-70B does not fit on 1 × H100"),

@@ -184,6 +184,33 @@ def test_compare_config_validates() -> None:
     assert info.value.key == "peer_policies"
 
 
+def test_a_rate_a_trace_cannot_supply_is_refused_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found after the earlier rates had run, it had thrown their results away."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        "".join(
+            json.dumps({"timestamp": i * 100, "input_length": 20, "output_length": 4}) + "\n"
+            for i in range(10)
+        )
+    )
+    started: list[int] = []
+
+    async def no_engines(*args: object, **kwargs: object) -> None:
+        started.append(1)
+        raise AssertionError("an engine started")
+
+    monkeypatch.setattr("sage_llm.bench.procs.start_engine_sims", no_engines)
+    cfg = CompareConfig(
+        workload=f"trace:{trace}", presets=(Preset("fifo + round_robin", "fifo", "round_robin"),),
+        peers=(), engines=1, rates=(2.0, 100.0), duration_s=1.0, out=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="fewer than the 100"):
+        asyncio.run(run_compare(cfg))
+    assert started == []
+
+
 def test_run_compare_tiny_end_to_end(tmp_path: Path) -> None:
     """One preset over one engine-sim process through a `sage-llm serve` process."""
     cfg = CompareConfig(

@@ -523,11 +523,21 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
     contenders: list[tuple[str, str, Preset | None]] = [
         ("sage", p.name, p) for p in cfg.presets
     ] + [("peer", f"{peer} {pol}", None) for peer in cfg.peers for pol in cfg.peer_policies[peer]]
-    entries: list[Entry] = []
-    for rate in rates:
-        workload = build_workload(
+    # every rate's workload, and every peer's install, before the first run: a rate a trace
+    # cannot supply, or a peer that does not install, had thrown the runs before away
+    workloads = [
+        build_workload(
             cfg.workload, rate=rate, duration_s=cfg.duration_s, seed=cfg.seed, model=cfg.model
         )
+        for rate in rates
+    ]
+    if cfg.peers:
+        from sage_llm.bench.peers import ensure_peer
+
+        for peer in cfg.peers:
+            await ensure_peer(peer)  # (cached: the runs find it installed)
+    entries: list[Entry] = []
+    for rate, workload in zip(rates, workloads, strict=True):
         fast = scale_rate(as_text_prompts(workload), cfg.speed)
         for _kind, name, preset in contenders:
             say(f"{name} @ {rate:.2f} req/s: starting {cfg.engines} engines")

@@ -480,6 +480,12 @@ def describe(install: PeerInstall) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sage_llm.bench.peers [NAME ...]``: install peers (default: all)."""
     names = list(sys.argv[1:] if argv is None else argv) or sorted(PEERS)
+    if any(name in ("-h", "--help") for name in names):
+        print(
+            "usage: python -m sage_llm.bench.peers [NAME ...]: install the peer routers "
+            f"(default: all of {', '.join(sorted(PEERS))}) into their cached virtualenvs"
+        )
+        return 0
     status = 0
     for name in names:
         try:

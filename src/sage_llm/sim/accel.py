@@ -182,6 +182,13 @@ def clean() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "status"
+    if command in ("-h", "--help"):
+        print(
+            "usage: python -m sage_llm.sim.accel [build [-v] | clean | status]: compile the "
+            "simulator's hot modules with mypyc, remove them, or say whether they are "
+            "built and current (the default)"
+        )
+        return 0
     if command == "build":
         return build(verbose="-v" in args[1:])
     if command == "clean":
