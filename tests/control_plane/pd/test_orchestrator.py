@@ -123,20 +123,13 @@ def test_a_prefill_instance_not_measured_yet_gets_legs_to_be_measured_by() -> No
                                   est_ttft_base_s=0.01)  # fmt: skip
     new = make_instance_view("pA", role=Role.PREFILLING, measured=False, rate_measured=False)
     decode = make_instance_view("d0", role=Role.DECODING)
-    plans = [
-        plan_of(PDOrchestrator(seed=seed), make_snapshot([measured, new, decode]),
-                prompt_tokens=1500).prefill_id
-        for seed in range(8)
-    ]  # fmt: skip
-    assert "pA" in plans
     # after short legs only it counts as measured, its rate still the prior: the same
     short_only = make_instance_view("pA", role=Role.PREFILLING, rate_measured=False)
-    plans = [
-        plan_of(PDOrchestrator(seed=seed), make_snapshot([measured, short_only, decode]),
-                prompt_tokens=1500).prefill_id
-        for seed in range(8)
-    ]  # fmt: skip
-    assert "pA" in plans
+    for candidate in (new, short_only):
+        snap = make_snapshot([measured, candidate, decode])
+        picked = {plan_of(PDOrchestrator(seed=seed), snap, prompt_tokens=1500).prefill_id
+                  for seed in range(8)}  # fmt: skip
+        assert "pA" in picked
     # as fast as the fastest measured one, but on its own queue: a deep one still loses
     busy = with_view(make_snapshot([measured, new, decode]), "pA", queued_prefill_tokens=200_000)
     for seed in range(4):
