@@ -255,6 +255,7 @@ def test_launch_env_names_and_nul_characters_are_refused_at_their_key() -> None:
         # a flag the launcher sets: the engine had listened where nothing waited for it
         ({"extra_args": ["--port", "20425"]}, "extra_args.0"),
         ({"extra_args": ["--max-num-seqs", "8", "--host=0.0.0.0"]}, "extra_args.2"),
+        ({"engine": "vllm", "extra_args": ["--tensor_parallel_size", "4"]}, "extra_args.0"),
     ):
         with pytest.raises(ConfigError) as info:
             LaunchSettings(**values)
@@ -279,6 +280,14 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "fleet.toml"
     path.write_text(text)
     return path
+
+
+def test_flags_the_launcher_does_not_set_on_an_engine_may_be_given() -> None:
+    """vLLM's --seed and a whole-request --kv-transfer-config (KV offloading) are not the
+    launcher's there (they had been refused as if they were)."""
+    LaunchSettings(engine="vllm", extra_args=("--seed", "42", "--kv-transfer-config", "{}"))
+    with pytest.raises(ConfigError):
+        LaunchSettings(engine="sim", extra_args=("--seed", "42"))
 
 
 def test_launch_names_with_white_space_at_an_end_are_refused_at_their_key(

@@ -157,7 +157,7 @@ class LaunchSettings:
         if isinstance(given, str):  # (its characters would be the arguments)
             raise ConfigError("must be a list of strings, not a string", key="extra_args")
         object.__setattr__(self, "extra_args", tuple(self.extra_args))  # (a generator too)
-        for where, problem in process_problems(self.env, self.extra_args):
+        for where, problem in process_problems(self.env, self.extra_args, self.engine):
             raise ConfigError(problem, key=".".join(map(str, where)))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "log_dir", Path(self.log_dir))
@@ -669,10 +669,14 @@ class LaunchConfig:
     plan: Plan | None = None
 
 
-def process_problems(env: object, extra_args: object) -> list[tuple[KeyPath, str]]:
+def process_problems(
+    env: object, extra_args: object, engine: object = "sim"
+) -> list[tuple[KeyPath, str]]:
     """(key path, problem) of each ``env`` name or value and ``extra_args`` string that an
     engine's process could not be started with (an ``=`` in a name, none, a NUL
-    character): the start would fail with a ValueError."""
+    character: the start would fail with a ValueError), or that gives again a flag the
+    launcher sets on ``engine``'s command line (:data:`MANAGED_FLAGS`)."""
+    managed = MANAGED_FLAGS["sim" if engine == "sim" else "vllm"]
     found: list[tuple[KeyPath, str]] = []
     if isinstance(env, Mapping):
         for name, value in env.items():
@@ -686,25 +690,39 @@ def process_problems(env: object, extra_args: object) -> list[tuple[KeyPath, str
         for index, arg in enumerate(extra_args):
             if isinstance(arg, str) and "\0" in arg:
                 found.append((("extra_args", index), f"{arg!r} holds a NUL character"))
-            elif isinstance(arg, str) and arg.split("=", 1)[0] in MANAGED_FLAGS:
+            elif isinstance(arg, str) and (flag := _flag(arg)) in managed:
                 found.append(
                     (
                         ("extra_args", index),
-                        f"{arg!r}: the launcher sets {arg.split('=', 1)[0]} itself (from the "
-                        "plan and the launch settings); given again, the engine would not be "
-                        "the one it registers and waits for",
+                        f"{arg!r}: the launcher sets {flag} itself (from the plan and the "
+                        "launch settings); given again, the engine would not be the one it "
+                        "registers and waits for",
                     )
                 )
     return found
 
 
-MANAGED_FLAGS = frozenset({
-    "--host", "--port", "--model", "--served-model-name", "--tensor-parallel-size", "-tp",
-    "--pipeline-parallel-size", "-pp", "--kv-transfer-config", "--gpu", "--tp", "--pp",
-    "--role", "--seed",
-})  # fmt: skip
-"""The engine flags the launcher sets (:func:`vllm_argv`, :func:`engine_sim_argv`): an
-``extra_args`` entry may not give them again (vLLM and engine-sim take the last one)."""
+MANAGED_FLAGS: dict[str, frozenset[str]] = {
+    "vllm": frozenset({
+        "--host", "--port", "--model", "--served-model-name", "--tensor-parallel-size",
+        "-tp", "--pipeline-parallel-size", "-pp",
+    }),
+    "sim": frozenset({
+        "--host", "--port", "--model", "--served-model-name", "--gpu", "--tp", "--pp",
+        "--role", "--seed",
+    }),
+}  # fmt: skip
+"""The flags the launcher sets on each kind of engine's command line (:func:`vllm_argv`,
+:func:`engine_sim_argv`; a PD role's ``--kv-transfer-config`` is the plan's, and may be
+given for a whole-request one): an ``extra_args`` entry may not give them again (vLLM
+and engine-sim take the last one)."""
+
+
+def _flag(arg: str) -> str:
+    """``arg``'s option name as the engines read it (``--served_model_name=x`` is
+    ``--served-model-name``: vLLM's parser reads ``_`` as ``-``)."""
+    name = arg.split("=", 1)[0]
+    return name[:2] + name[2:].replace("_", "-") if name.startswith("--") else name
 
 
 def _add(p: Problems, path: KeyPath, exc: ConfigError) -> None:
@@ -717,7 +735,8 @@ def _add(p: Problems, path: KeyPath, exc: ConfigError) -> None:
 
 def _read_settings(table: Mapping[str, Any], base_dir: Path, p: Problems) -> LaunchSettings | None:
     before = len(p.errors)
-    for where, problem in process_problems(table.get("env"), table.get("extra_args")):
+    engine = table.get("engine", "sim")
+    for where, problem in process_problems(table.get("env"), table.get("extra_args"), engine):
         p.add((*_LAUNCH, *where), problem)  # each, whatever else the table's problems
     read = read_dataclass(_LaunchTable, table, _LAUNCH, p, extra_keys=_SOURCE_KEYS)
     if read is None:
