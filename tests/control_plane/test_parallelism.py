@@ -667,3 +667,10 @@ def test_planner_inputs_of_the_wrong_type_name_their_field(build: object, key: s
     with pytest.raises(ConfigError, match="must be a number") as err:
         build()  # type: ignore[operator]
     assert err.value.key == key
+
+
+def test_planner_inputs_take_numpy_numbers() -> None:
+    import numpy as np
+
+    WorkloadProfile(np.int64(1024), np.int64(256), rate=np.float32(5))  # type: ignore[arg-type]
+    SLOTarget(np.float32(2.0), np.float32(0.05))  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ The planner's inputs live here too: :class:`WorkloadProfile`, :class:`SLOTarget`
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -70,7 +71,7 @@ def _numbers(obj: object, required: tuple[str, ...], optional: tuple[str, ...]) 
         value = getattr(obj, key)
         if value is None and key in optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's too
             raise ConfigError(f"must be a number, got {value!r}", key=key)
 
 
