@@ -182,7 +182,7 @@ def clean() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "status"
-    if command in ("-h", "--help"):
+    if any(arg in ("-h", "--help") for arg in args):  # (clean --help had cleaned)
         print(
             "usage: python -m sage_llm.sim.accel [build [-v] | clean | status]: compile the "
             "simulator's hot modules with mypyc, remove them, or say whether they are "
