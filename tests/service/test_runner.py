@@ -372,3 +372,25 @@ def test_a_task_a_call_awaits_raising_an_interrupt_leaves_the_loop_running(
         assert runner.running and runner.run(_thread_name()) == "n"
     finally:
         runner.stop()
+
+
+def test_stop_ends_the_thread_though_a_callback_keeps_raising_system_exit() -> None:
+    """The raise in stop()'s loop iteration had undone its loop.stop(); run_forever was
+    started again and the thread ran on after stop() returned."""
+
+    async def arm() -> None:
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            loop.call_later(0.0005, tick)
+            raise SystemExit
+
+        loop.call_soon(tick)
+
+    for _ in range(20):
+        runner = LoopThread("t")
+        runner.start()
+        runner.run(arm())
+        thread = runner._thread
+        runner.stop(timeout=5)
+        assert thread is not None and not thread.is_alive()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -57,6 +58,8 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_asked = threading.Event()
+        """Set by :meth:`stop` before it stops the loop (the loop thread reads it)."""
         self._calls: set[asyncio.Task[Any]] = set()
         """The tasks of calls in flight (read and written on the loop's thread only)."""
         self._working = 0
@@ -99,8 +102,12 @@ class LoopThread:
                 )
             ready = threading.Event()
             failed: list[BaseException] = []
+            self._stop_asked = threading.Event()
             thread = threading.Thread(
-                target=self._main, args=(loop, ready, failed), name=self._name, daemon=True
+                target=self._main,
+                args=(loop, ready, failed, self._stop_asked),
+                name=self._name,
+                daemon=True,
             )
             self._loop, self._thread, self._stopping = loop, thread, False
             thread.start()
@@ -144,6 +151,7 @@ class LoopThread:
             # The loop thread finalizes its loop itself (async generators, close): this
             # caller may be running an event loop of its own, where run_until_complete
             # on another loop raises.
+            self._stop_asked.set()
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
             with self._lock:
@@ -240,7 +248,10 @@ class LoopThread:
 
     @staticmethod
     def _main(
-        loop: asyncio.AbstractEventLoop, ready: threading.Event, failed: list[BaseException]
+        loop: asyncio.AbstractEventLoop,
+        ready: threading.Event,
+        failed: list[BaseException],
+        stop_asked: threading.Event,
     ) -> None:
         asyncio.set_event_loop(loop)
         try:
@@ -252,6 +263,8 @@ class LoopThread:
                 except (KeyboardInterrupt, SystemExit):
                     if not ready.is_set() or loop.is_closed():
                         raise
+                    if stop_asked.is_set():  # (the raise may have undone stop()'s stop)
+                        break
                     # a task raised it: the task ended with it (whoever awaits it gets
                     # it, and a call's caller gets a SageLLMError); the loop goes on
                     # (ended, its thread had left every caller waiting for ever)
@@ -260,7 +273,8 @@ class LoopThread:
             hold = getattr(loop, "hold_time", None)
             if hold is not None:  # its timers run out now: nothing waits for a call any more
                 hold(False)
-            loop.run_until_complete(loop.shutdown_asyncgens())
+            with contextlib.suppress(KeyboardInterrupt, SystemExit):  # (a callback's, as
+                loop.run_until_complete(loop.shutdown_asyncgens())  # above: it is closing)
         except BaseException as exc:
             if ready.is_set():
                 raise
