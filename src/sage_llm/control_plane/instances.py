@@ -169,10 +169,10 @@ class ChunkCost:
     drift: float = 0.0
     """The exponentially weighted mean log ratio of compute-bound prompts' compute times to
     the estimate's (those whose predicted compute is at least twice a decode step: the
-    others' are mostly noise). Past :data:`FIT_RESET_DRIFT` the estimate is mostly forgotten
-    (:data:`CHUNK_RESET_KEEP`; an
-    engine that got 3x slower had been followed over ~100 samples where its prompts were
-    of one length, so that no fit formed to be reset with)."""
+    others' are mostly noise). Past :data:`FIT_RESET_DRIFT` the estimate is mostly
+    forgotten (:data:`CHUNK_RESET_KEEP`; an engine that got 3x slower had been followed
+    over ~100 samples where its prompts were of one length, so that no fit formed to be
+    reset with)."""
 
     def add(self, tokens: int, excess_s: float, tpot_s: float) -> None:
         keep = 1.0 - FIT_DECAY

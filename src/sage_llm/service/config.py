@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_llm.config import BARE_KEYS, SageConfig, config_from_dict, load_config
-from sage_llm.config_fields import described, int64_problem, secret_problem
+from sage_llm.config_fields import described, int64_problem, name_problem, secret_problem
 from sage_llm.config_fields import suggest as suggest_key
 from sage_llm.config_locate import format_key
 from sage_llm.config_schema import SERVICE_DEFAULT_KEYS, VLLM_SERVICE_TYPE, host_problem
@@ -303,12 +303,8 @@ class VLLMServiceConfig:
             g.errors.append(
                 ConfigError(f"must be a model name, got {described(model_id)}", key="model_id")
             )
-        elif model_id != model_id.strip():  # served under this name as written
-            g.errors.append(
-                ConfigError(
-                    f"must not begin or end with white space, got {model_id!r}", key="model_id"
-                )
-            )
+        elif (problem := name_problem(model_id)) is not None:  # served under it as written
+            g.errors.append(ConfigError(problem, key="model_id"))
         if not isinstance(model_id, str):
             model_id = ""
         kind, table = g.built(lambda: _engine_kind(data), _same) or (None, {})
