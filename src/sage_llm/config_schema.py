@@ -129,7 +129,7 @@ def _check_address(value: str) -> str | None:
             return "an IPv6 address with a zone id (%…) cannot be put in a URL here"
     elif problem := _name_problem(value):
         return problem
-    return _check_printable(value)
+    return name_problem(value)
 
 
 def _name_problem(value: str) -> str | None:
@@ -145,9 +145,6 @@ def _name_problem(value: str) -> str | None:
     if len(encoded.rstrip(b".")) > 253:
         return f"must be a host name of at most 253 characters, got {len(encoded)}"
     return None
-
-
-_check_printable = name_problem
 
 
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
@@ -262,7 +259,7 @@ def _check_gpu(value: str) -> str | None:
 def _check_model(value: str) -> str | None:
     if not value:
         return None
-    if problem := _check_printable(value):  # served under this name as written
+    if problem := name_problem(value):  # served under this name as written
         return problem
     try:
         get_model(value)
@@ -288,7 +285,7 @@ MAX_PREFIX_INDEX_CAPACITY = 1 << 24
 """The most blocks a prefix index may be set to remember (about 1.3 GB, allocated at
 start: a larger figure is a typo more likely than a plan)."""
 _POSITIVE = rule(gt=0)
-_ID = rule(nonempty=True, check=_check_printable)
+_ID = rule(nonempty=True, check=name_problem)
 _ENV = rule(nonempty=True, check=_check_env_name)
 
 
