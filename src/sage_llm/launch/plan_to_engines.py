@@ -909,17 +909,15 @@ def load_launch_config(
     if plan:
         data, instances, located = _read_plan_file(path, text)
         served = data.get("served_model_name")  # the name `sage-llm plan` was given
-        if served is not None and (not isinstance(served, str) or not served.strip()):
-            raise ConfigError(  # else dropped, and the engines served under another name
-                f"must be a non-empty string, got {_kind(served)}",
-                location=located.location(("served_model_name",)),
-                key="served_model_name",
-            )
-        if isinstance(served, str) and (problem := name_problem(served)) is not None:
+        if served is None:
+            problem = None
+        elif isinstance(served, str) and served.strip():
+            problem = name_problem(served)
+        else:
+            problem = f"must be a non-empty string, got {_kind(served)}"
+        if problem is not None:  # else dropped, and the engines served under another name
             raise ConfigError(
-                problem,
-                location=located.location(("served_model_name",)),
-                key="served_model_name",
+                problem, location=located.location(("served_model_name",)), key="served_model_name"
             )
         values: dict[str, Any] = dict(overrides or {})
         unknown = sorted(set(values) - {f.name for f in fields(LaunchSettings)})
