@@ -635,7 +635,7 @@ def _find_service(
 def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
     """A ``VLLMService`` table, checked as :class:`~sage_llm.service.VLLMService` reads it
     (its control plane's table too, with ``use_control_plane``)."""
-    from sage_llm.service.config import VLLMServiceConfig, control_plane_service_config
+    from sage_llm.service.config import VLLMServiceConfig
 
     theirs = [k for k in ("scheduling_policy", "routing_strategy", "instances") if k in table]
     if theirs and "model_id" not in table:  # a control plane's table under the old type
@@ -645,8 +645,10 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
             f'{", ".join(theirs)}: for the control plane, type = "ControlPlaneVLLMService"',
         )
         return
+    # (its control_plane table, with use_control_plane, is checked by from_dict itself,
+    # beside the table's other problems)
     read_params(lambda: VLLMServiceConfig.from_dict(table), path, p)
-    # its control plane is checked whatever else the table's problems (else they had
+    # a control_plane file is checked whatever else the table's problems (else they had
     # shown only on the next run), when these two keys are sound
     control_plane = table.get("control_plane")
     if (
@@ -655,11 +657,7 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
         or p.failed((*path, "use_control_plane"))
     ):
         return
-    if isinstance(control_plane, Mapping):
-        read_params(
-            lambda: control_plane_service_config(control_plane), (*path, "control_plane"), p
-        )
-    elif isinstance(control_plane, str) and not p.nested:
+    if isinstance(control_plane, str) and not p.nested:
         # a file of its own, read beside this one (VLLMService.from_toml reads it so),
         # checked for itself only (not the files it names: two naming each other, or a
         # file naming itself, would be read for ever)
