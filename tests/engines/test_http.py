@@ -419,6 +419,25 @@ async def test_generate_batches_yields_what_each_read_brought(
     assert last.usage is not None and last.usage.completion_tokens == 2
 
 
+async def test_generate_batches_ends_a_stream_read_at_once_in_one_batch(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    """A whole answer in one read (the usage event and ``[DONE]`` with the text) is one
+    list, its last chunk with the finish reason and the usage: the relay writes it to its
+    client at once, in one write, instead of holding the last chunk for a read of its own."""
+    rec, port = raw
+    whole = text_event("a") + text_event("b", "stop") + ev({"choices": [], "usage": USAGE})
+    rec.handler = lambda r: sse(r, [whole + b"data: [DONE]\n\n"])
+    batches: list[list[Chunk]] = []
+    async with aclosing(client_for(port, session).generate_batches(completion_req())) as it:
+        async for batch in it:
+            batches.append(batch)
+    assert [[c.text for c in b] for b in batches] == [["a", "b"]]
+    last = batches[0][-1]
+    assert last.finish_reason == "stop"
+    assert last.usage is not None and last.usage.completion_tokens == 2
+
+
 async def test_generate_batches_yields_the_chunks_before_a_bad_event_then_raises(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession
 ) -> None:

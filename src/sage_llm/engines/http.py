@@ -466,9 +466,11 @@ class HTTPEngineClient:
         first_deadline: float | None,
     ) -> AsyncGenerator[list[Chunk], None]:
         """The stream loop of both transports: SSE events to chunks, one list per read
-        (none when a read completes no chunk), reading with the first-token deadline until
-        a token came and the idle timeout after it; ``read`` returns ``b""`` at the end of
-        the body."""
+        (none when a read completes no chunk; the stream's last chunk, with the finish
+        reason and the usage, is in the list of the read that ended the stream, so that
+        an answer read at once is relayed in one write), reading with the first-token
+        deadline until a token came and the idle timeout after it; ``read`` returns
+        ``b""`` at the end of the body."""
         loop = asyncio.get_running_loop()
         decoder = SSEDecoder()
         idle = self._timeouts.idle_s
@@ -486,17 +488,17 @@ class HTTPEngineClient:
             try:
                 for event in events:
                     batch += asm.on_event(event.data)
+                ended = asm.done or not data
+                if ended:  # the last chunk goes with the read that ended the stream
+                    batch += asm.finish()
             except Exception:
                 if batch:  # the chunks before the bad event go out first
                     yield batch
                 raise
             if batch:
                 yield batch
-            if asm.done or not data:
-                break
-        last = asm.finish()
-        if last:
-            yield last
+            if ended:
+                return
 
     # --- the lean hot path -----------------------------------------------------------
 
