@@ -1175,8 +1175,10 @@ def test_cancelling_a_request_running_in_the_callers_task_ends_it_not_the_caller
             waiting = await _parked(cp, engine, "c")
             assert engine.tasks["c"] is waiting
             assert await cp.cancel_request("c")
-            _, result = await waiting  # the caller gets the outcome, not a cancellation
+            with pytest.raises(RequestCancelledError, match="cancelled by the caller"):
+                await waiting  # the caller gets the outcome, not a cancellation of its task
             assert waiting.cancelling() == 0
+            result = await cp.wait_for_result("c")
             assert result.status is RequestStatus.CANCELLED
             assert result.error == "cancelled by the caller"
             assert engine.aborted == ["c"]
@@ -1246,7 +1248,9 @@ def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() ->
         await cp.start()
         waiting = await _parked(cp, engines["sim-0"], "c")
         await cp.stop()
-        _, result = await waiting
+        with pytest.raises(ControlPlaneNotRunningError, match="control plane stopped"):
+            await waiting
+        result = await cp.wait_for_result("c")
         assert result.status is RequestStatus.CANCELLED
         assert result.error == "control plane stopped"
 

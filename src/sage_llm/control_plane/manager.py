@@ -849,7 +849,9 @@ class ControlPlaneManager:
         self, request: RequestMetadata, timeout_s: float | None = None
     ) -> tuple[list[Chunk], RequestResult]:
         """Submit a request and wait for its end: every chunk the engine produced, in
-        order, and the result. A failure raises, as at the end of :meth:`stream`;
+        order, and the result. A failure raises, as at the end of :meth:`stream`: a
+        cancellation (:meth:`cancel_request`) as :class:`RequestCancelledError`, one by
+        :meth:`stop` as :class:`ControlPlaneNotRunningError`, never as a partial answer;
         cancelling the caller cancels the request. Cheaper than draining :meth:`stream`
         when nothing is relayed before the end (one wake-up, not one per batch).
 
@@ -894,7 +896,7 @@ class ControlPlaneManager:
         if expired and result.status is RequestStatus.CANCELLED:
             assert timeout_s is not None
             raise DeadlineExceededError.request_timed_out(rec.request_id, timeout_s)
-        self._raise_failure(rec)
+        self._raise_failure(rec, cancelled=True)  # its chunks are not a whole answer
         return rec.chunks or [], result
 
     @staticmethod
