@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from sage_llm.bench import proxy_bench
 from sage_llm.bench.proxy_bench import (
     PROMPT,
     ClientResult,
@@ -213,3 +214,18 @@ def test_bad_peers_and_prompts_are_refused_before_anything_starts(tmp_path: Path
     with pytest.raises(ConfigError, match="exceed the engines' context of 8192") as info:
         proxy_bench_main(peers=[], out=tmp_path, prompt_tokens=9000)
     assert info.value.key == "prompt_tokens"
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["-h"], 0), (["--rounds", "3"], 2)])
+def test_the_module_refuses_options_it_does_not_take(
+    argv: list[str], code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m sage_llm.bench.proxy_bench --help`` (or any option but ``client``) says
+    how to run it; it does not start the bench with its defaults."""
+
+    def bench() -> int:
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(proxy_bench, "proxy_bench_main", bench)
+    assert proxy_bench._module_main(argv) == code
+    assert "sage-llm bench proxy --help" in capsys.readouterr().err

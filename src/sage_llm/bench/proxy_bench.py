@@ -562,7 +562,20 @@ def _client_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _module_main(argv: Sequence[str]) -> int:
+    """``python -m sage_llm.bench.proxy_bench``: the bench with its defaults, or ``client
+    OPTIONS``, the load client the bench runs; anything else is refused (the bench's
+    options are ``sage-llm bench proxy``'s)."""
+    if argv and argv[0] == "client":
+        return _client_main(argv[1:])
+    if argv:
+        sys.stderr.write(
+            "usage: python -m sage_llm.bench.proxy_bench [client --help | client OPTIONS]\n"
+            "(the bench with options: sage-llm bench proxy --help)\n"
+        )
+        return 0 if argv[0] in ("-h", "--help") else 2
+    return proxy_bench_main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    if len(sys.argv) > 1 and sys.argv[1] == "client":
-        sys.exit(_client_main(sys.argv[2:]))
-    sys.exit(proxy_bench_main())
+    sys.exit(_module_main(sys.argv[1:]))
