@@ -194,6 +194,8 @@ _INVALID = _Invalid()
 
 
 def _kind(value: Any) -> str:
+    if value is None:  # a JSON body's null (TOML has none)
+        return "null"
     if isinstance(value, bool):
         return "boolean"
     names = {int: "integer", float: "float", str: "string", list: "array", tuple: "array"}

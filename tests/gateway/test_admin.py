@@ -404,6 +404,11 @@ async def test_set_policy_errors() -> None:
         assert error["message"] == (
             "max_wait_s: must be a number, got string 'x'; aging_interval_s: must be > 0, got -1.0"
         )
+        body = {"policy": "priority", "params": {"max_wait_s": None}}
+        async with http.post(gw.url("/admin/set_policy"), json=body) as r:
+            assert r.status == 400
+            error = (await _json(r))["error"]
+        assert error["message"] == "max_wait_s: must be a number, got null"  # JSON's name
         async with http.post(gw.url("/admin/set_policy"), json={"name": "fifo"}) as r:
             assert r.status == 400
         assert gw.manager.get_status()["scheduling_policy"] == "fifo"
