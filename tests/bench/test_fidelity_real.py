@@ -178,6 +178,21 @@ def test_refit_of_a_file_that_is_no_report_is_a_usage_error(
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--repeats", "3"], ["--repeats=3"], ["--url", "http://h:1"]])
+def test_refit_refuses_the_options_of_a_measurement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str]
+) -> None:
+    """--refit measures nothing: a measurement's option beside it is refused, not ignored."""
+    report = tmp_path / "r.json"
+    report.write_text((Path(__file__).parent / "fidelity_recorded_quiet.json").read_text())
+    with pytest.raises(SystemExit) as info:
+        main(["--refit", str(report), *option, "--out", str(tmp_path / "x.json")])
+    assert info.value.code == 2
+    name = option[0].split("=")[0]
+    assert f"--refit measures nothing: {name} does not apply" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize(("field", "value"), [("ttft_s", "x"), ("ttft_s", -1), ("concurrency", 0)])
 def test_refit_of_a_report_with_a_bad_observation_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object

@@ -377,6 +377,10 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+_MEASURE_OPTIONS = ("--python", "--model-dir", "--port", "--url", "--repeats")
+"""The options of a measurement, which ``--refit`` (no measurement) refuses."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sage_llm.bench.fidelity``: measure, fit, compare, write the report."""
     default_python, default_model = real_vllm_paths()
@@ -405,6 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write the fitted profile there (default: the packaged cpu-tiny.json)",
     )
     args = parser.parse_args(argv)
+    if args.refit is not None:  # nothing is measured: say so, not ignore them
+        given = sys.argv[1:] if argv is None else argv
+        unused = [opt for opt in _MEASURE_OPTIONS if any(
+            a == opt or a.startswith(opt + "=") for a in given)]  # fmt: skip
+        if unused:
+            verb = "does" if len(unused) == 1 else "do"
+            parser.error(f"--refit measures nothing: {', '.join(unused)} {verb} not apply")
     if args.url is not None:
         problem = _url_problem(args.url)
         if problem is not None:
