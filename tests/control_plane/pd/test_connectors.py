@@ -422,6 +422,53 @@ def test_sglang_runs_the_legs_concurrently_and_drains_the_prefill() -> None:
     run_virtual(main())
 
 
+def test_sglang_a_prefill_leg_that_never_ends_does_not_hold_back_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The decode leg ended while the prefill leg's response went on: the last chunk, with
+    the decode leg's own usage, and the end go out at once (they had waited twice
+    drain_timeout_s); the prefill leg is drained meanwhile and aborted drain_timeout_s
+    later, once, saying why."""
+
+    async def main() -> None:
+        p, d = FakeEngine("p0", gate_after=0), FakeEngine("d0", cached_tokens=2)
+        watch = PrefillWatch()
+        connector = SGLangConnector(SGLangConnectorParams(drain_timeout_s=5.0))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        chunks = await collect(connector.run(request(max_tokens=3), legs(p, d, watch)))
+        assert loop.time() == start  # nothing waited for the prefill leg
+        assert chunks[-1].usage == Usage(count_tokens(PROMPT), 3, 2)
+        assert d.finished == ["r1"]
+        assert p.in_flight == 1 and p.aborted == []  # drained, not aborted yet
+        await p.aborted_event.wait()
+        assert loop.time() - start == pytest.approx(5.0)
+        assert p.aborted == ["r1"] and not watch.done.is_set()
+        await connector.wait_released()
+
+    with caplog.at_level("WARNING", logger="sage_llm.pd"):
+        run_virtual(main())
+    [record] = [r for r in caplog.records if r.name == "sage_llm.pd"]
+    assert record.getMessage() == (
+        "request r1: prefill leg on p0 did not end cleanly after its decode leg: "
+        "no end within drain_timeout_s (5 s); aborted"
+    )
+
+
+def test_sglang_stop_aborts_the_prefill_legs_still_draining() -> None:
+    async def main() -> None:
+        p, d = FakeEngine("p0", gate_after=0), FakeEngine("d0")
+        connector = SGLangConnector()
+        await collect(connector.run(request(max_tokens=3), legs(p, d)))
+        assert p.in_flight == 1
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await connector.wait_released()
+        assert loop.time() == start and p.aborted == ["r1"]
+
+    run_virtual(main())
+
+
 def test_sglang_prefill_failure_cancels_the_decode_leg() -> None:
     async def main() -> None:
         p = FakeEngine("p0", fail_with=EngineError("boom", instance_id="p0", status=500))

@@ -682,3 +682,35 @@ def test_a_prefill_leg_past_the_first_token_limit_fails_the_prefill_instance() -
         assert (p0["failed_calls"], d0["failed_calls"]) == (1, 0)
 
     run_virtual(main())
+
+
+def test_an_sglang_prefill_leg_that_never_ends_does_not_hold_back_the_answer() -> None:
+    """The decode leg's answer is whole: the request completes then, its prefill leg drained
+    meanwhile (waiting for it had held the answer back twice drain_timeout_s, past the idle
+    limit, which failed it); the stop aborts it."""
+    engines = {"p0": FakeEngine("p0", gate_after=0), "d0": FakeEngine("d0")}
+
+    async def main() -> None:
+        cfg = PDSeparationConfig(
+            routing_policy="always", connector="sglang",
+            metadata={"connector_params": {"drain_timeout_s": 5.0}},
+        )  # fmt: skip
+        cp = ControlPlaneManager(
+            mode="simulated", engine_factory=lambda inst: engines[inst.instance_id],
+            pd_config=cfg, engine_stream="always", engine_timeouts=HTTPTimeouts(idle_s=2.0),
+        )  # fmt: skip
+        cp.register_instance(make_instance("p0", instance_type=Role.PREFILLING, engine="sglang"))
+        cp.register_instance(
+            make_instance("d0", port=8001, instance_type=Role.DECODING, engine="sglang")
+        )
+        loop = asyncio.get_running_loop()
+        async with cp:
+            start = loop.time()
+            res = await cp.generate(make_metadata("s1", prompt=LONG, max_tokens=4))
+            assert loop.time() == start
+            assert engines["p0"].in_flight == 1  # its prefill leg is still being drained
+        assert res.status is RequestStatus.COMPLETED, res.error
+        assert (res.prompt_tokens, res.completion_tokens) == (count_tokens(LONG), 4)
+        assert engines["p0"].aborted == ["s1"]
+
+    run_virtual(main())

@@ -13,7 +13,9 @@ the caller would see them from a colocated request. It raises :class:`PDLegError
 * :class:`SGLangConnector` — SGLang's concurrent bootstrap protocol: the same body, with
   ``bootstrap_host``/``bootstrap_port``/``bootstrap_room``, goes to both instances at once;
   the decode stream is returned and the prefill stream drained. Prefill fails → the decode
-  leg is cancelled; decode fails → the prefill leg is aborted.
+  leg is cancelled; decode fails → the prefill leg is aborted. The decode stream's end is
+  the answer's: a prefill stream still open then is drained in a task of its own for up to
+  ``drain_timeout_s``, then aborted.
 
 The in-process simulated engine speaks the vLLM protocol (``SimEngine.prefill`` and
 ``generate`` with ``kv_transfer_params``), so it needs no connector of its own.
@@ -28,8 +30,9 @@ blocks once they have been read). Without that, vLLM frees them only when its ab
 timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg still
 in flight is aborted by closing its connection, which vLLM treats as an abort.
 
-Usage: prompt tokens come from the prefill leg, completion and cached tokens from the
-decode leg (its last chunk carries the merged :class:`~sage_llm.engines.base.Usage`).
+Usage: prompt tokens come from the prefill leg (SGLang: from the decode leg when the
+prefill leg has not ended by then), completion and cached tokens from the decode leg (its
+last chunk carries the merged :class:`~sage_llm.engines.base.Usage`).
 """
 
 from __future__ import annotations
@@ -375,6 +378,9 @@ class SGLangConnector:
     def __init__(self, params: SGLangConnectorParams | None = None, *, seed: int | None = None):
         self.params = params or SGLangConnectorParams()
         self._rng = random.Random(seed)
+        self._draining: dict[asyncio.Task[None], asyncio.Task[KVHandle]] = {}
+        """Prefill legs drained after their decode legs (and requests) ended, by the task
+        that drains each."""
 
     def bootstrap(self, prefill: ExecutionInstance) -> dict[str, Any]:
         """The fields added to both legs' bodies (a fresh room each call)."""
@@ -407,15 +413,47 @@ class SGLangConnector:
         legs.prefill_done(handle)
         return handle
 
-    async def _prompt_tokens(self, prefill: asyncio.Task[KVHandle]) -> int:
-        """The prefill leg's prompt tokens, waiting for it up to ``drain_timeout_s``."""
+    def _drain_later(self, prefill: asyncio.Task[KVHandle], legs: PDLegs, rid: str) -> None:
+        """:meth:`_drain` in a task of its own: the request ends without waiting for it
+        (:meth:`wait_released` waits for it)."""
+        task = asyncio.get_running_loop().create_task(
+            self._drain(prefill, legs, rid), name=f"pd-drain-{rid}"
+        )
+        self._draining[task] = prefill
+        task.add_done_callback(lambda done: self._draining.pop(done, None))
+
+    async def _drain(self, prefill: asyncio.Task[KVHandle], legs: PDLegs, rid: str) -> None:
+        """Wait, once, up to ``drain_timeout_s`` for the prefill leg to end after its decode
+        leg did; abort it (close its connection) when it has not."""
         try:
-            async with asyncio.timeout(self.params.drain_timeout_s):
-                handle = await asyncio.shield(prefill)
-        except (SageLLMError, TimeoutError) as exc:
-            log.warning("prefill leg did not end cleanly after its decode leg: %s", exc)
-            return 0
-        return handle.prompt_tokens
+            await asyncio.wait({prefill}, timeout=self.params.drain_timeout_s)
+        finally:
+            timed_out = not prefill.done()
+            if timed_out:
+                prefill.cancel()
+            await asyncio.gather(prefill, return_exceptions=True)
+        if timed_out:
+            why = f"no end within drain_timeout_s ({self.params.drain_timeout_s:g} s); aborted"
+        elif prefill.cancelled():  # aborted by the control plane's stop
+            return
+        elif (failure := prefill.exception()) is not None:
+            why = str(failure) or type(failure).__name__
+        else:
+            return
+        log.warning(
+            "request %s: prefill leg on %s did not end cleanly after its decode leg: %s",
+            rid,
+            legs.prefill.instance_id,
+            why,
+        )
+
+    async def wait_released(self) -> None:
+        """Abort the prefill legs still draining after their requests ended, and wait until
+        they are closed: the control plane's stop, before it closes the clients."""
+        while self._draining:
+            for prefill in self._draining.values():
+                prefill.cancel()
+            await asyncio.gather(*self._draining, return_exceptions=True)
 
     async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
         """Send both legs at once; stream the decode leg, drain the prefill leg."""
@@ -423,6 +461,7 @@ class SGLangConnector:
         prefill = asyncio.create_task(self._prefill_leg(body, legs), name=f"pd-p-{req.request_id}")
         stream = legs.decode.generate(body)
         pending: asyncio.Task[Chunk | None] | None = None  # the decode leg's next chunk
+        ended = False  # the decode leg ended: the prefill leg is drained, not aborted
         try:
             while True:
                 if not prefill.done():
@@ -437,10 +476,12 @@ class SGLangConnector:
                     chunk, pending = await pending, None
                 if chunk is None:
                     break
-                if chunk.usage is not None:
-                    chunk = merge_usage(chunk, await self._prompt_tokens(prefill))
+                if chunk.usage is not None and prefill.done():
+                    # (a prefill leg not ended yet holds nothing back: the decode leg's own
+                    # prompt tokens stand)
+                    chunk = merge_usage(chunk, prefill.result().prompt_tokens)
                 yield chunk
-            await self._prompt_tokens(prefill)
+            ended = True
         except PDLegError:
             raise
         except SageLLMError as exc:
@@ -451,9 +492,12 @@ class SGLangConnector:
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
             await _close(stream)
-            if not prefill.done():
-                prefill.cancel()
-            await asyncio.gather(prefill, return_exceptions=True)
+            if ended and not prefill.done():  # the answer is out: it does not wait for it
+                self._drain_later(prefill, legs, req.request_id)
+            else:
+                if not prefill.done():
+                    prefill.cancel()
+                await asyncio.gather(prefill, return_exceptions=True)
 
     def describe(self) -> dict[str, object]:
         return {
