@@ -351,7 +351,26 @@ async def test_prefill_without_kv_transfer_params_explains_configuration(
     rec.handler = reply
     with pytest.raises(EngineError, match="--kv-transfer-config") as info:
         await client_for(port, session).prefill(completion_req())
-    assert info.value.retryable is False
+    # the instance's failure, as the engine's refusal of the field is: tried elsewhere
+    assert info.value.retryable is True and info.value.status is None
+
+
+async def test_prefill_with_kv_transfer_params_not_an_object_says_so(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        choice = {"index": 0, "text": "x", "finish_reason": "length"}
+        return web.json_response({"choices": [choice], "usage": USAGE, "kv_transfer_params": [1]})
+
+    rec.handler = reply
+    with pytest.raises(EngineStreamError) as info:
+        await client_for(port, session).prefill(completion_req())
+    assert info.value.message == (
+        "eng-0: prefill response's kv_transfer_params is not an object: [1]"
+    )
+    assert info.value.retryable is True
 
 
 async def test_usage_chunk_after_finish_is_merged_into_last_chunk(

@@ -56,6 +56,9 @@ class RecordingProxy:
         self.session = session
         self.exchanges: list[Exchange] = []
         self.fail_status: int | None = None
+        self.without_kv = False
+        """Answer generation requests as an engine without a KV connector does: a
+        completion with no ``kv_transfer_params``."""
         self.generation_seen = asyncio.Event()
 
     @property
@@ -72,6 +75,10 @@ class RecordingProxy:
                 ex.status = self.fail_status
                 error = {"error": {"message": "prefill worker crashed", "type": "internal"}}
                 return web.json_response(error, status=self.fail_status)
+            if self.without_kv:
+                choice = {"index": 0, "text": " x", "finish_reason": "length"}
+                usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+                return web.json_response({"choices": [choice], "usage": usage})
         headers = {
             name: value
             for name in ("Content-Type", "X-Request-Id")
@@ -120,9 +127,10 @@ async def cluster(
     general: bool = False,
     fallback: bool = True,
     engine_stream: str = "always",
+    prefills: int = 1,
 ) -> AsyncIterator[Cluster]:
     hub = KVTransferHub()
-    roles = [("p0", Role.PREFILLING), ("d0", Role.DECODING)]
+    roles = [*((f"p{n}", Role.PREFILLING) for n in range(prefills)), ("d0", Role.DECODING)]
     if general:
         roles.append(("g0", Role.GENERAL))
     cfg = PDSeparationConfig(routing_policy="always", fallback_to_colocated=fallback)
@@ -282,3 +290,19 @@ async def test_prefill_failure_falls_back_to_a_colocated_instance() -> None:
     assert (res.instance_id, res.prefill_instance_id, res.attempts) == ("g0", None, 2)
     assert "kv_transfer_params" not in whole.json()
     assert status["colocated_fallbacks"] == 1
+
+
+async def test_a_prefill_engine_without_a_kv_connector_is_failed_over() -> None:
+    """An engine with no KV connector answers the prefill leg without kv_transfer_params:
+    that is the instance's failure, and each request it took runs on the other pair (they
+    had failed with a 502)."""
+    async with cluster(prefills=2, fallback=False) as c:
+        c.proxies["p1"].without_kv = True
+        metas = [make_metadata(f"k{i}", prompt=PROMPT, max_tokens=4) for i in range(6)]
+        results = await asyncio.gather(*(c.cp.generate(m) for m in metas))
+        p1 = c.cp.get_instance_metrics("p1")
+        tried = len(c.proxies["p1"].generations)
+    for res in results:
+        assert res.status is RequestStatus.COMPLETED, res.error
+        assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0")
+    assert tried >= 1 and p1["failed_calls"] == tried

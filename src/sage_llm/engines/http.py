@@ -673,13 +673,19 @@ class HTTPEngineClient:
         err = error_from_body(obj)
         if err is not None and "choices" not in obj:
             raise self._error(EngineError, f"prefill failed: {err}", retryable=True)
+        # either is the instance's failure (as an engine's refusal of the field is): the
+        # request may run on another pair
         params = obj.get("kv_transfer_params")
-        if not isinstance(params, dict):
+        if params is None:
             raise self._error(
                 EngineError,
                 "prefill response has no kv_transfer_params: the engine is not configured "
                 f"for PD ({PD_INSTRUCTIONS})",
-                retryable=False,
+            )
+        if not isinstance(params, dict):
+            raise self._error(
+                EngineStreamError,
+                f"prefill response's kv_transfer_params is not an object: {params!r:.80}",
             )
         usage = parse_usage(obj.get("usage"))
         chunks = chunks_from_completion(obj, req, self.instance_id)
