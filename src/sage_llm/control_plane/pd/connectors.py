@@ -148,6 +148,11 @@ def merge_usage(chunk: Chunk, prompt_tokens: int) -> Chunk:
     return replace(chunk, usage=merged)
 
 
+def _ended_well(task: asyncio.Task[KVHandle]) -> bool:
+    """``task`` is done, with a result (not cancelled, not failed)."""
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 async def _next(it: AsyncIterator[Chunk]) -> Chunk | None:
     try:
         return await anext(it)
@@ -476,9 +481,10 @@ class SGLangConnector:
                     chunk, pending = await pending, None
                 if chunk is None:
                     break
-                if chunk.usage is not None and prefill.done():
-                    # (a prefill leg not ended yet holds nothing back: the decode leg's own
-                    # prompt tokens stand)
+                if chunk.usage is not None and _ended_well(prefill):
+                    # (a prefill leg not ended yet, or ended badly after the decode leg's
+                    # last chunk, holds nothing back: the decode leg's own prompt tokens
+                    # stand)
                     chunk = merge_usage(chunk, prefill.result().prompt_tokens)
                 yield chunk
             ended = True
