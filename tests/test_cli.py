@@ -193,6 +193,20 @@ def test_an_unwritable_bench_pd_report_is_a_one_line_error_before_the_run(
     assert output.count("\n") == 1
 
 
+def test_bench_pd_speed_without_realtime_is_refused_before_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--speed compresses the real-time part only: without --realtime it would be ignored."""
+
+    def never(**_kwargs: object) -> dict[str, object]:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
+    code, output = invoke("bench", "pd", "--speed", "4")
+    assert code == 2
+    assert output == "error: --speed: applies to the real-time part only: give --realtime too\n"
+
+
 def test_demo_help_says_which_part_the_sizes_apply_to() -> None:
     code, output = invoke("demo", "--help")
     assert code == 0

@@ -1043,6 +1043,7 @@ def bench_compare(
 
 @bench_app.command("pd")
 def bench_pd(
+    ctx: typer.Context,
     out: Annotated[
         Path, typer.Option(help="JSON report path (checked before the benchmark runs).")
     ] = Path("bench-out/pd/pd.json"),  # pd_bench.DEFAULT_OUT
@@ -1077,6 +1078,9 @@ def bench_pd(
     """Colocated vs PD (several P:D ratios, adaptive decider) on long-prompt and chat work."""
     from sage_llm.bench.pd_bench import pd_bench_main
 
+    speed_given = getattr(ctx.get_parameter_source("speed"), "name", None) == "COMMANDLINE"
+    if speed_given and not realtime:  # say so, not ignore it
+        _fail("--speed: applies to the real-time part only: give --realtime too", code=2)
     try:
         code = pd_bench_main(
             out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed,
