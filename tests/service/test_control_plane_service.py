@@ -179,6 +179,29 @@ def test_aprocess_serves_asyncio_callers(svc: ControlPlaneVLLMService) -> None:
     assert [r[0]["usage"]["output_tokens"] for r in results] == [3, 3, 3, 3]
 
 
+def test_a_cancelled_aprocess_frees_its_request_id_when_it_returns() -> None:
+    """Reusing the id at once had raised ConflictError: the cancelled call had returned
+    before its request was cancelled on the service loop."""
+
+    def payload(max_tokens: int) -> dict[str, Any]:
+        return {"inputs": "hi", "options": {"max_tokens": max_tokens, "request_id": "R1"}}
+
+    async def main(service: ControlPlaneVLLMService) -> list[Any]:
+        long = asyncio.ensure_future(service.aprocess(payload(3000)))
+        while (await service.aprocess({"task": "get_metrics"}))["active_requests"] == 0:
+            assert not long.done()
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        result: list[Any] = await service.aprocess(payload(2))
+        return result
+
+    with ControlPlaneVLLMService(sim_fleet(1)) as service:  # real time: the request runs long
+        result = asyncio.run(main(service))
+    assert result[0]["request_id"] == "R1"
+    assert result[0]["sage"]["status"] == "completed"
+
+
 def test_information_tasks(svc: ControlPlaneVLLMService) -> None:
     _generate(svc, "warm up", max_tokens=2)
     instances = svc.process({"task": "show_instances"})

@@ -166,6 +166,42 @@ def test_arun_caller_gets_a_clear_error_when_the_service_stops() -> None:
     asyncio.run(caller())
 
 
+def test_a_cancelled_arun_returns_once_its_call_has_ended_on_the_loop() -> None:
+    """The caller's cancellation had been re-raised at once, while the call was still
+    cleaning up on the service loop (a request id it held was still in use)."""
+    runner = LoopThread()
+    runner.start()
+    entered, cleaning = threading.Event(), threading.Event()
+    proceed = asyncio.Event()  # (of the service loop: set there)
+    ended: list[str] = []
+
+    async def call() -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaning.set()
+            await proceed.wait()  # its clean-up takes a while
+            ended.append("cleaned up")
+
+    async def caller() -> None:
+        pending = asyncio.ensure_future(runner.arun(call()))
+        await asyncio.to_thread(entered.wait, 10)
+        pending.cancel()
+        await asyncio.to_thread(cleaning.wait, 10)
+        assert not pending.done()  # still waiting for the clean-up
+        assert runner.loop is not None
+        runner.loop.call_soon_threadsafe(proceed.set)
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert ended == ["cleaned up"]
+
+    try:
+        asyncio.run(caller())
+    finally:
+        runner.stop()
+
+
 def test_a_virtual_loop_factory_runs_timers_without_waiting() -> None:
     runner = LoopThread(loop_factory=VirtualEventLoop)
     runner.start()

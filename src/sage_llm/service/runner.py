@@ -173,20 +173,36 @@ class LoopThread:
             ) from None
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the service loop and await it from the caller's loop."""
-        future = self._submit(coro, allow_same_thread=True)
+        """Run ``coro`` on the service loop and await it from the caller's loop.
+
+        When the caller is cancelled, ``coro`` is cancelled on the service loop and
+        awaited (up to :data:`CANCEL_WAIT_S`) before the cancellation is re-raised: what
+        it holds (a request id) is free once the cancelled call has returned.
+        """
+        call = _Call()
+        future = self._submit(coro, allow_same_thread=True, call=call)
+        waiter = asyncio.wrap_future(future)
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.shield(waiter)  # the caller's cancellation is ours to pass
         except asyncio.CancelledError:
             if future.cancelled() and not _current_task_cancelling():
                 raise ControlPlaneNotRunningError(
                     f"{self._name} stopped before the call finished"
                 ) from None
-            future.cancel()
+            loop = self._loop
+            with contextlib.suppress(RuntimeError):  # (its loop closed: nothing runs there)
+                if loop is not None:
+                    loop.call_soon_threadsafe(call.cancel)
+            if not waiter.done():
+                await asyncio.wait([waiter], timeout=CANCEL_WAIT_S)
             raise
 
     def _submit(
-        self, coro: Coroutine[Any, Any, T], *, allow_same_thread: bool = False
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        allow_same_thread: bool = False,
+        call: _Call | None = None,
     ) -> concurrent.futures.Future[T]:
         loop = self._loop
         if loop is None or self._stopping or not loop.is_running():
@@ -201,12 +217,21 @@ class LoopThread:
                 "process() was called from the service's own event loop and would block it; "
                 "await aprocess() instead"
             )
-        return asyncio.run_coroutine_threadsafe(self._work(coro, call=True), loop)
+        work = self._work(coro, call=True, handle=call)
+        return asyncio.run_coroutine_threadsafe(work, loop)
 
-    async def _work(self, coro: Coroutine[Any, Any, T], *, call: bool = False) -> T:
+    async def _work(
+        self, coro: Coroutine[Any, Any, T], *, call: bool = False, handle: _Call | None = None
+    ) -> T:
         """Run ``coro`` for a caller: a ``call`` is cancelled first when the runner stops;
-        virtual time (:func:`_hold_time`) passes while any such coroutine runs."""
+        virtual time (:func:`_hold_time`) passes while any such coroutine runs. ``handle``
+        lets the caller cancel it from its own thread (:meth:`_Call.cancel`)."""
         task = asyncio.current_task()
+        if handle is not None:
+            if handle.cancelled:  # its caller left before it started
+                coro.close()
+                raise asyncio.CancelledError
+            handle.task = task
         if call and task is not None:
             self._calls.add(task)
         self._working += 1
@@ -284,6 +309,25 @@ class LoopThread:
             asyncio.set_event_loop(None)
             if not loop.is_running():
                 loop.close()
+
+
+CANCEL_WAIT_S = 10.0
+"""How long a cancelled :meth:`LoopThread.arun` waits for its call to end on the loop."""
+
+
+class _Call:
+    """A call submitted by :meth:`LoopThread.arun`: its task on the service loop, once it
+    has started (read and written on the loop's thread only)."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Cancel the call (on the loop's thread): its task, or the call before it starts."""
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
 
 
 async def _call(fn: Callable[[], Awaitable[None]]) -> None:
