@@ -141,6 +141,13 @@ def test_vllm_service_config_accepts_sages_keys_and_fills_its_defaults() -> None
     )
 
 
+def test_a_sampling_seed_of_0_is_sent_and_default_penalties_are_not() -> None:
+    """``0 == 0.0``: seed 0 had been dropped with the default penalties of 0.0."""
+    sampling = {"seed": 0, "top_k": 0, "min_tokens": 0, "repetition_penalty": 1.0}
+    cfg = VLLMServiceConfig.from_dict({"model_id": "m", "sampling": sampling})
+    assert cfg.request_defaults().extra == sampling  # not presence/frequency_penalty 0.0
+
+
 def test_where_the_engine_is() -> None:
     def backend(**data: Any) -> str:
         return VLLMServiceConfig.from_dict({"model_id": "m", **data}).backend

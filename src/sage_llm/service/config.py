@@ -432,7 +432,11 @@ class VLLMServiceConfig:
         every problem of the table raised at once."""
         s = self.sampling
         g = Gathered()
-        extra = {k: v for k, v in s.items() if k in PASSTHROUGH_OPTIONS and v not in (None, 0.0)}
+        extra = {  # a built-in default (penalty 0.0) is the engine's own: not sent
+            k: v
+            for k, v in s.items()
+            if k in PASSTHROUGH_OPTIONS and v is not None and not _built_in(k, v)
+        }
         for key in s:
             if key not in PASSTHROUGH_OPTIONS and key not in DEFAULT_SAMPLING:
                 hint = suggest(str(key), [*DEFAULT_SAMPLING, *PASSTHROUGH_OPTIONS])
@@ -458,6 +462,13 @@ class VLLMServiceConfig:
         )
         g.raise_any()
         return defaults
+
+
+def _built_in(key: str, value: object) -> bool:
+    """True when ``value`` is :data:`DEFAULT_SAMPLING`'s own for ``key`` (a penalty of
+    0.0; never a seed of 0, which has no default though ``0 == 0.0``)."""
+    default = DEFAULT_SAMPLING.get(key)
+    return default is not None and type(value) is type(default) and value == default
 
 
 def _check_sim(sim: Mapping[str, Any]) -> None:
