@@ -148,6 +148,12 @@ def test_a_sampling_seed_of_0_is_sent_and_default_penalties_are_not() -> None:
     assert cfg.request_defaults().extra == sampling  # not presence/frequency_penalty 0.0
 
 
+def test_a_sampling_value_of_none_is_not_given() -> None:
+    """``n = None`` had been refused (only n = 1), as a request's own option had."""
+    cfg = VLLMServiceConfig.from_dict({"model_id": "m", "sampling": {"n": None, "seed": None}})
+    assert cfg.request_defaults().extra == {}
+
+
 def test_where_the_engine_is() -> None:
     def backend(**data: Any) -> str:
         return VLLMServiceConfig.from_dict({"model_id": "m", **data}).backend

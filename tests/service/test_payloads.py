@@ -162,6 +162,15 @@ def test_options_are_validated_and_defaults_filled_in() -> None:
     assert opts.tags == {"app": "qa"}
 
 
+def test_a_pass_through_option_of_none_is_not_given() -> None:
+    """``n = None`` had been refused (only n = 1), and ``seed = None`` sent to the engine as
+    null: None means "not given", as it does for every other option."""
+    defaults = RequestDefaults(extra={"seed": 3, "top_k": None})
+    opts = parse_options({"n": None, "seed": None, "min_p": None}, defaults, "options")
+    assert opts.extra == {"seed": 3}
+    assert parse_options({"n": None, "seed": None}, RequestDefaults(), "options").extra == {}
+
+
 @pytest.mark.parametrize(
     ("options", "param"),
     [

@@ -446,7 +446,7 @@ class VLLMServiceConfig:
                         key=format_key(("sampling", str(key))),
                     )
                 )
-        if s.get("n", 1) != 1:  # as generate's own option
+        if s.get("n") not in (None, 1):  # as generate's own option (None: not given)
             g.errors.append(
                 ConfigError("only n = 1 is supported: send a batch instead", key="sampling.n")
             )

@@ -393,9 +393,9 @@ def parse_options(raw: Mapping[str, Any], defaults: RequestDefaults, where: str)
         logprobs = 1 if logprobs else None
     elif logprobs is not None:
         logprobs = _int(raw, "logprobs", None, where, low=0)
-    extra = {
-        **defaults.extra,
-        **{k: _json_value(raw[k], param(k)) for k in PASSTHROUGH_OPTIONS if k in raw},
+    extra = {  # None: not given, as for every other option (never sent as null)
+        **{k: v for k, v in defaults.extra.items() if v is not None},
+        **{k: _json_value(raw[k], param(k)) for k in PASSTHROUGH_OPTIONS if raw.get(k) is not None},
     }
     if extra.get("n", 1) != 1:
         raise InvalidRequestError("only n = 1 is supported: send a batch instead",
