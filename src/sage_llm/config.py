@@ -635,7 +635,7 @@ def _find_service(
 def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) -> None:
     """A ``VLLMService`` table, checked as :class:`~sage_llm.service.VLLMService` reads it
     (its control plane's table too, with ``use_control_plane``)."""
-    from sage_llm.service.config import VLLMServiceConfig
+    from sage_llm.service.config import VLLMServiceConfig, check_beside_config_path
 
     theirs = [k for k in ("scheduling_policy", "routing_strategy", "instances") if k in table]
     if theirs and "model_id" not in table:  # a control plane's table under the old type
@@ -646,11 +646,17 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
         )
         return
     # (its control_plane table, with use_control_plane, is checked by from_dict itself,
-    # beside the table's other problems)
+    # beside the table's other problems; the file a table's config_path names below)
+    control_plane = table.get("control_plane")
+    file_at: KeyPath = (*path, "control_plane")
+    if isinstance(control_plane, Mapping) and isinstance(control_plane.get("config_path"), str):
+        file_at = (*file_at, "config_path")  # the file, read beside this one as below
+        rest = {k: v for k, v in control_plane.items() if k != "config_path"}
+        read_params(lambda: check_beside_config_path(rest), file_at[:-1], p)
+        table, control_plane = {**table, "control_plane": rest}, control_plane["config_path"]
     read_params(lambda: VLLMServiceConfig.from_dict(table), path, p)
     # a control_plane file is checked whatever else the table's problems (else they had
     # shown only on the next run), when these two keys are sound
-    control_plane = table.get("control_plane")
     if (
         table.get("use_control_plane") is not True
         or p.failed((*path, "control_plane"))
@@ -669,7 +675,7 @@ def _check_vllm_service(table: Mapping[str, Any], path: KeyPath, p: Problems) ->
             except ConfigError as exc:
                 errors = [exc]
         for problem in errors:  # each at its own file and line, named from here
-            p.add((*path, "control_plane"), str(problem))
+            p.add(file_at, str(problem))
 
 
 def _is_ours(value: Any) -> bool:

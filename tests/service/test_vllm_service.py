@@ -240,6 +240,44 @@ def test_from_toml_reads_a_vllm_service_table(tmp_path: Path) -> None:
         VLLMService.from_toml(path)
 
 
+def test_a_control_plane_tables_config_path_is_read_beside_the_file_that_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It had been read from the working directory, and a missing file's error had not
+    named the file tried."""
+    path = tmp_path / "services.toml"
+    path.write_text(
+        '[services.llm]\ntype = "VLLMService"\nmodel_id = "llama-3-8b"\nengine = "sim"\n'
+        'use_control_plane = true\ncontrol_plane = { config_path = "plane.toml" }\n'
+    )
+    monkeypatch.chdir("/")  # not where the files are
+    problems = [str(e) for e in check_config(path)]
+    assert problems == [
+        f"{path}:6: services.llm.control_plane.config_path: {tmp_path / 'plane.toml'}: "
+        "cannot read config file: No such file or directory"
+    ]
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'plane.toml'}: cannot read"):
+        VLLMService.from_toml(path)
+    (tmp_path / "plane.toml").write_text(
+        '[services.llm_control_plane]\nscheduling_policy = "fifo"\n'
+        "[services.llm_control_plane.simulation]\ninstances = 1\n"
+    )
+    assert check_config(path) == []
+    delegate = VLLMService.from_toml(path).control_plane_service
+    assert delegate is not None
+    assert delegate.config.control_plane.scheduling_policy == "fifo"
+    # beside config_path only request defaults; a file naming itself is read once
+    text = path.read_text()
+    path.write_text(text.replace('"plane.toml" }', '"plane.toml", routing_strategy = "affinity" }'))
+    assert [e.key for e in check_config(path)] == ["services.llm.control_plane.config_path"]
+    path.write_text(
+        text.replace("plane.toml", "services.toml")
+        + '[services.llm_control_plane]\ntype = "ControlPlaneVLLMService"\nmode = "simulated"\n'
+    )
+    assert check_config(path) == []
+    assert VLLMService.from_toml(path, "llm").control_plane_service is not None
+
+
 def test_a_control_plane_file_is_read_beside_the_file_that_names_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

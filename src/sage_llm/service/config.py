@@ -44,6 +44,8 @@ __all__ = [
     "SERVICE_KEYS",
     "ControlPlaneServiceConfig",
     "VLLMServiceConfig",
+    "check_beside_config_path",
+    "control_plane_beside",
     "control_plane_service_config",
 ]
 
@@ -93,18 +95,7 @@ def control_plane_service_config(
         elif not isinstance(path, str | Path):
             raise ConfigError("must be a path string", key="config_path")
         else:
-            # beside a file, the dict may still set the request defaults (they win)
-            misplaced = sorted(k for k in rest if k not in SERVICE_DEFAULT_KEYS)
-            for key in misplaced:
-                if key not in BARE_KEYS:  # a misspelt config_path is not a file's key
-                    valid = (*SERVICE_KEYS, *BARE_KEYS)
-                    raise ConfigError(f"unknown key{suggest_key(str(key), valid)}", key=str(key))
-            if misplaced:
-                raise ConfigError(
-                    f"config_path is given, so the control plane is configured in that file; "
-                    f"move {', '.join(misplaced)} there",
-                    key="config_path",
-                )
+            check_beside_config_path(rest)
             sage = load_config(path)
             overrides = {k: v for k, v in rest.items() if v is not None}
             if overrides:
@@ -114,6 +105,38 @@ def control_plane_service_config(
                 sage = dataclasses.replace(sage, control_plane=cp)
     sage.check_has_control_plane()  # a file of SAGE's other services only
     return ControlPlaneServiceConfig(sage, _defaults(sage, base))
+
+
+def check_beside_config_path(rest: Mapping[str, Any]) -> None:
+    """Raise unless ``rest``, the keys beside ``config_path``, are request defaults only
+    (the control plane is configured in that file)."""
+    misplaced = sorted(k for k in rest if k not in SERVICE_DEFAULT_KEYS)
+    for key in misplaced:
+        if key not in BARE_KEYS:  # a misspelt config_path is not a file's key
+            valid = (*SERVICE_KEYS, *BARE_KEYS)
+            raise ConfigError(f"unknown key{suggest_key(str(key), valid)}", key=str(key))
+    if misplaced:
+        raise ConfigError(
+            f"config_path is given, so the control plane is configured in that file; "
+            f"move {', '.join(misplaced)} there",
+            key="config_path",
+        )
+
+
+def control_plane_beside(table: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
+    """A VLLMService ``table`` read from the file ``source``, with its ``control_plane``
+    file (a TOML path, or a table's ``config_path``) re-based beside that file, where it is
+    read from (not the working directory)."""
+    table = dict(table)
+    here = Path(source).parent
+    control_plane = table.get("control_plane")
+    if isinstance(control_plane, str):
+        table["control_plane"] = str(here / control_plane)
+    elif isinstance(control_plane, Mapping) and isinstance(
+        path := control_plane.get("config_path"), str | Path
+    ):
+        table["control_plane"] = {**control_plane, "config_path": str(here / path)}
+    return table
 
 
 def check_request_defaults(defaults: object) -> None:

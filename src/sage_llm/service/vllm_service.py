@@ -30,7 +30,7 @@ from sage_llm.config_schema import VLLM_SERVICE_TYPE
 from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
 from sage_llm.service.backends import Backend, make_backend, sim_embed
 from sage_llm.service.base import ManagedService
-from sage_llm.service.config import VLLMServiceConfig
+from sage_llm.service.config import VLLMServiceConfig, control_plane_beside
 from sage_llm.service.control_plane_service import (
     WEIGHTS_NOT_MANAGED,
     ControlPlaneVLLMService,
@@ -106,10 +106,7 @@ class VLLMService(ManagedService):
                 problem = f"[services.{name}] is not one of them (they are: {found})"
             raise ConfigError(f'a VLLMService table (type = "VLLMService"): {problem}',
                               location=str(path))  # fmt: skip
-        table = dict(tables[name])
-        control_plane = table.get("control_plane")
-        if isinstance(control_plane, str):  # a file of its own, beside this one
-            table["control_plane"] = str(Path(path).parent / control_plane)
+        table = control_plane_beside(tables[name], path)  # its file, beside this one
         return cls(table, loop_factory=loop_factory)
 
     @property
