@@ -147,6 +147,34 @@ def test_over_http_against_a_simulated_engine_server(
         assert [m["model_id"] for m in svc.process({"task": "show_models"})] == [MODEL]
 
 
+def test_over_http_a_model_the_server_does_not_serve_is_model_not_found(
+    engine_server: Callable[..., str],
+) -> None:
+    """The engine's 404 ("The model ... does not exist") had been a plain EngineError."""
+    url = engine_server(model=MODEL)
+    with VLLMService({**EXISTING_CONFIG, "model_id": "other-model", "base_url": url}) as svc:
+        with pytest.raises(ModelNotFoundError, match="other-model") as err:
+            svc.generate("hi", max_tokens=2)
+        assert err.value.param is None  # the payload named no model
+        with pytest.raises(ModelNotFoundError) as err:
+            svc.generate(["a", "b"], max_tokens=2, model="other-model")
+        assert err.value.param == "inputs[0].options.model"
+
+
+def test_show_models_lists_the_model_the_service_serves_with_or_without_control_plane(
+    engine_server: Callable[..., str],
+) -> None:
+    """Over HTTP it had listed every model of the server, beside the control plane's one."""
+    url = engine_server(model="served-by-the-server")
+    config = {**EXISTING_CONFIG, "model_id": "llama-3-8b", "base_url": url}
+    with (
+        VLLMService(config) as alone,
+        VLLMService({**config, "use_control_plane": True}) as cp,
+    ):
+        for svc in (alone, cp):
+            assert [m["model_id"] for m in svc.show_models()] == ["llama-3-8b"]
+
+
 def test_use_control_plane_takes_the_same_payloads() -> None:
     config = {
         **EXISTING_CONFIG, "use_control_plane": True, "control_plane": sim_fleet(),

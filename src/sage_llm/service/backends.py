@@ -24,6 +24,7 @@ from sage_llm.errors import (
     ConflictError,
     DeadlineExceededError,
     EngineError,
+    EngineRequestRejectedError,
     ModelNotFoundError,
     SageLLMError,
 )
@@ -215,15 +216,24 @@ class EngineBackend:
         logprobs: list[Any] = []
         finish: str | None = None
         usage: Usage | None = None
-        async for chunk in client.generate(req):
-            if chunk.index != 0:
-                continue
-            text.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
-            if chunk.logprobs is not None:
-                logprobs.append(chunk.logprobs)
-            finish = chunk.finish_reason or finish
-            usage = chunk.usage or usage
+        try:
+            async for chunk in client.generate(req):
+                if chunk.index != 0:
+                    continue
+                text.append(chunk.text)
+                token_ids.extend(chunk.token_ids)
+                if chunk.logprobs is not None:
+                    logprobs.append(chunk.logprobs)
+                finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
+        except EngineError as exc:
+            if exc.status == 404 and not isinstance(exc, EngineRequestRejectedError):
+                # vLLM's "The model `x` does not exist" (no such route is a rejection)
+                raise ModelNotFoundError(
+                    f"model {model!r} is not served by the engine ({exc.message})",
+                    param="model" if item.options.model is not None else None,
+                ) from exc
+            raise
         if finish is None:
             raise EngineError(f"request {request_id!r}: the engine ended without a finish reason",
                               instance_id=client.instance_id, retryable=False)  # fmt: skip
@@ -259,13 +269,9 @@ class EngineBackend:
         return embed_result(model, vectors_from_openai(answer, len(req.texts)), req.normalize)
 
     async def models(self) -> list[str]:
-        if self._cfg.backend == "sim":
-            return [self._cfg.model_id]
-        lister = getattr(self._require(), "models", None)
-        if lister is None:  # pragma: no cover - HTTPEngineClient has it
-            return [self._cfg.model_id]
-        served: list[str] = await lister()
-        return served
+        """The model this service generates with (as the control plane lists its one
+        instance's), not whatever else the engine's server lists."""
+        return [self._cfg.model_id]
 
 
 async def _all(coros: list[Coroutine[Any, Any, Any]], limit_s: float | None, what: str) -> Any:
