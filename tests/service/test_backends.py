@@ -106,12 +106,17 @@ def test_an_engine_without_embeddings_is_the_clients_error_on_both_services(
 ) -> None:
     """An engine that answers /v1/embeddings 404 (engine-sim has none) refuses the request
     as the client's error, on VLLMService's HTTP path as through the control plane."""
-    with (
-        VLLMService({"model_id": MODEL, "base_url": engine_server()}) as svc,
-        pytest.raises(InvalidRequestError, match="not served by an engine that supports") as err,
-    ):
-        svc.process({"task": "embed", "inputs": "x"})
-    assert err.value.param == "options.model"  # the payload's part, as a generation's
+    with VLLMService({"model_id": MODEL, "base_url": engine_server()}) as svc:
+        with pytest.raises(
+            InvalidRequestError, match="not served by an engine that supports"
+        ) as err:
+            svc.process({"task": "embed", "inputs": "x", "options": {"model": MODEL}})
+        assert err.value.param == "options.model"  # the payload's part, as a generation's
+        with pytest.raises(
+            InvalidRequestError, match="not served by an engine that supports"
+        ) as err:
+            svc.process({"task": "embed", "inputs": "x"})
+        assert err.value.param is None  # no model given (it had named options.model)
 
 
 def test_engine_refusals_and_id_clashes_name_the_payloads_part_as_the_control_plane_does() -> None:

@@ -420,8 +420,12 @@ def test_unknown_tasks_and_malformed_payloads_raise_clear_errors(
 def test_embed_without_an_embedding_engine_raises_a_clear_error(
     svc: ControlPlaneVLLMService,
 ) -> None:
-    with pytest.raises(InvalidRequestError, match="supports embeddings"):
+    with pytest.raises(InvalidRequestError, match="supports embeddings") as err:
         svc.process({"task": "embed", "inputs": ["a", "b"]})
+    assert err.value.param is None  # no model was given (it had named options.model)
+    with pytest.raises(InvalidRequestError, match="supports embeddings") as err:
+        svc.process({"task": "embed", "inputs": ["a"], "options": {"model": MODEL}})
+    assert err.value.param == "options.model"
 
 
 def test_a_timeout_raises_and_cancels_the_request(svc: ControlPlaneVLLMService) -> None:

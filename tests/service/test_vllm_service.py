@@ -106,7 +106,7 @@ def test_malformed_payloads_and_unknown_tasks(sim_service: VLLMService) -> None:
         ({"task": "generate", "inputs": 3}, "inputs"),
         ({"task": "generate", "inputs": "x", "options": {"max_tokens": -1}}, "options.max_tokens"),
         ({"task": "embed", "inputs": [1, 2]}, "inputs"),
-        ({"task": "show_models", "options": {"all": True}}, "options"),
+        ({"task": "show_models", "options": {"all": True}}, "options.all"),
     ]:
         with pytest.raises(InvalidRequestError) as err:
             sim_service.process(payload)

@@ -186,7 +186,8 @@ class ControlPlaneVLLMService(ManagedService):
         if task == "generate":
             return self._generate(parse_generate(req.inputs, options, self.defaults))
         if task == "embed":
-            return located(self._embed(parse_embed(req.inputs, options, self.defaults.timeout_s)))
+            embed = parse_embed(req.inputs, options, self.defaults.timeout_s)
+            return located(self._embed(embed), gave_model=embed.model is not None)
         if task == "set_policy":
             name, params, named_in = _policy_args(req)
             return self._on_loop(lambda cp: _set_policy(cp, name, params, named_in))

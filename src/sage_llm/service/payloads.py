@@ -172,11 +172,15 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
         exc.args = (exc.message, *exc.args[1:])
 
 
-async def located(work: Awaitable[T]) -> T:
-    """``work``'s result; its error, naming the payload's part (:func:`locate_error`)."""
+async def located(work: Awaitable[T], *, gave_model: bool = True) -> T:
+    """``work``'s result; its error, naming the payload's part (:func:`locate_error`). An
+    error about the ``model`` names none when the payload gave no model (``gave_model``
+    false: the service chose it, and ``options.model`` was never sent)."""
     try:
         return await work
     except SageLLMError as exc:
+        if not gave_model and exc.param in ("model", *_OPTION_NAMES):
+            exc.param = None
         locate_error(exc, None)
         raise
 

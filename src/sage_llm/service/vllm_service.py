@@ -202,12 +202,12 @@ class VLLMService(ManagedService):
             items = parse_generate(req.inputs, req.options, self.defaults)
             return backend.generate(items, request_ids(items))
         if req.task == "embed":
-            return located(
-                backend.embed(parse_embed(req.inputs, req.options, self.defaults.timeout_s))
-            )
+            embed = parse_embed(req.inputs, req.options, self.defaults.timeout_s)
+            return located(backend.embed(embed), gave_model=embed.model is not None)
         if req.task == "show_models":
             if req.options:
-                raise InvalidRequestError("show_models takes no options", param="options")
+                key = next(iter(req.options))  # as the control-plane service names it
+                raise InvalidRequestError("show_models takes no options", param=f"options.{key}")
             if req.inputs is not None:  # (not a filter: said so)
                 raise InvalidRequestError("show_models takes no inputs", param="inputs")
             return self._models(backend)
