@@ -253,6 +253,9 @@ def test_the_vllm_service_methods_work_on_the_control_plane_service(
     assert [m["model_id"] for m in svc.show_models()] == [MODEL]
     with pytest.raises(InvalidRequestError, match="supports embeddings"):
         svc.embed(["a"])
+    for task in (svc.download_model, svc.delete_model, svc.fine_tune):
+        with pytest.raises(InvalidRequestError, match="not supported by sage-llm"):
+            task(MODEL)
 
 
 def test_a_refused_option_is_named_as_the_payload_gives_it(

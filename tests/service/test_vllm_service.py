@@ -98,6 +98,16 @@ def test_weight_management_tasks_are_refused_clearly(sim_service: VLLMService) -
         assert err.value.param == "task"
     with pytest.raises(InvalidRequestError, match="manage weights on the engine host"):
         sim_service.process({"task": "download_model", "inputs": MODEL})
+    # SAGE's methods of the same names (fine_tune had been an AttributeError)
+    calls: list[Callable[[], Any]] = [
+        lambda: sim_service.download_model(MODEL),
+        lambda: sim_service.delete_model(model_id=MODEL),
+        lambda: sim_service.fine_tune({"dataset": "d"}),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRequestError, match="not supported by sage-llm") as err:
+            call()
+        assert err.value.param == "task"
 
 
 def test_malformed_payloads_and_unknown_tasks(sim_service: VLLMService) -> None:

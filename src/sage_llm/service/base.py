@@ -142,8 +142,8 @@ class ManagedService(ServiceBase):
     """The lifecycle both services share. SAGE calls ``start()`` when the job starts and
     ``stop()`` then ``cleanup()`` when it ends; ``setup``/``cleanup`` do the work (both are
     idempotent), and a service also works as a context manager. Both also have SAGE's
-    VLLMService methods (``generate``, ``embed``, ``show_models``), for callers that used
-    them directly."""
+    VLLMService methods (``generate``, ``embed``, ``show_models``, and ``download_model``,
+    ``delete_model``, ``fine_tune``, which raise), for callers that used them directly."""
 
     def process(self, payload: Any) -> Any:
         """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
@@ -167,6 +167,21 @@ class ManagedService(ServiceBase):
         """The models served, in SAGE's VLLMService shape."""
         result: list[dict[str, Any]] = self.process({"task": "show_models"})
         return result
+
+    def download_model(self, *args: Any, **kwargs: Any) -> Any:
+        """SAGE's VLLMService method: raises ``InvalidRequestError`` (weights are managed on
+        the engine hosts), as ``process({"task": "download_model"})`` does."""
+        return self.process({"task": "download_model"})
+
+    def delete_model(self, *args: Any, **kwargs: Any) -> Any:
+        """SAGE's VLLMService method: raises ``InvalidRequestError``, as
+        :meth:`download_model` does."""
+        return self.process({"task": "delete_model"})
+
+    def fine_tune(self, *args: Any, **kwargs: Any) -> Any:
+        """SAGE's VLLMService method: raises ``InvalidRequestError``, as
+        :meth:`download_model` does."""
+        return self.process({"task": "fine_tune"})
 
     def start(self) -> None:
         """SAGE calls this when the job starts: make sure the service is set up."""
