@@ -814,3 +814,47 @@ def test_token_fields_vllm_refuses_are_refused(extra: dict[str, Any], param: str
             await engine.aclose()
 
     virtual(main)
+
+
+# --- a request id used again ------------------------------------------------------------------
+
+
+def test_an_id_sent_again_while_its_call_is_open_ends_that_call_and_runs_alone() -> None:
+    """A caller that ended a request may send its id again before the engine call of the
+    first has closed (the control plane frees an id when the request ends): the new
+    request gets its own tokens only, and the old call ends with an error."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        old = engine.generate(req("r", max_tokens=100))
+        await anext(old)
+        await anext(old)  # the old call is open, between two of its tokens
+        again = await collect(engine, req("r", max_tokens=2))
+        assert sum(len(c.token_ids) for c in again) == 2
+        assert again[-1].usage is not None and again[-1].usage.completion_tokens == 2
+        with pytest.raises(EngineError, match="'r' was sent again"):
+            await anext(old)
+        await old.aclose()
+        stats = await engine.stats()
+        assert (stats.running, stats.waiting) == (0, 0)
+        await engine.aclose()
+
+    virtual(main)
+
+
+def test_a_step_computed_for_an_ended_request_gives_nothing_to_its_ids_next_request() -> None:
+    """The tokens of a step that was computed while the first request ran go to no one when
+    that request ends before the step does, also when its id is sent again meanwhile."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        old = engine.generate(req("r", max_tokens=100))
+        await anext(old)
+        await asyncio.sleep(0)  # the engine computes its next step and waits out its time
+        await old.aclose()  # ended mid-step: the step's token for it is not delivered
+        again = await collect(engine, req("r", max_tokens=2))
+        assert sum(len(c.token_ids) for c in again) == 2
+        assert [c.finish_reason for c in again] == [None, "length"]
+        await engine.aclose()
+
+    virtual(main)

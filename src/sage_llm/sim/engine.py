@@ -268,9 +268,13 @@ class _Delivery:
 
 
 class _Stream:
-    __slots__ = ("arrival", "cached", "emitted", "queue", "queue_s", "text")
+    __slots__ = ("arrival", "cached", "emitted", "epoch", "queue", "queue_s", "text")
 
-    def __init__(self, text_key: str, arrival: float) -> None:
+    def __init__(self, text_key: str, arrival: float, epoch: int) -> None:
+        self.epoch = epoch
+        """Its place among the engine's opened streams: a step's tokens go to the stream
+        that was open under their request id when the step was computed, not to a later
+        one under the same id (a request id used again after its call was ended)."""
         self.queue: asyncio.Queue[_Delivery | EngineError] = asyncio.Queue()
         self.emitted = 0
         """Tokens its steps have handed out (queued for the reader): those vLLM's output
@@ -344,6 +348,11 @@ class SimEngine:
         self._clock = clock
         self._hub = kv_hub
         self._streams: dict[str, _Stream] = {}
+        self._opened = 0
+        """Streams opened so far (the last one's :attr:`_Stream.epoch`)."""
+        self._step_epochs: dict[int, dict[str, int]] = {}
+        """For each computed step not delivered yet (by ``id``), the epoch of the stream
+        each of its tokens is for."""
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
@@ -474,10 +483,10 @@ class SimEngine:
                         start, stop = hit
                         # include_stop_str_in_output: the stop string stays in the text
                         end, finish = (start + len(stop) if keep_stop else start), "stop"
-                        self._stop(req.request_id, produced)
+                        self._stop(req.request_id, produced, stream)
                 if stop is None and stop_id is not None:
                     stop, finish = stop_id, "stop"
-                    self._stop(req.request_id, produced)
+                    self._stop(req.request_id, produced, stream)
                 end = max(end, sent)
                 text, sent = full[sent:end], end
                 if finish is not None:
@@ -490,7 +499,7 @@ class SimEngine:
                     return
                 yield lead.first(Chunk(text, ids, logprobs=lp))
         finally:
-            self._close_stream(req.request_id, abort=not done, delivered=stream.emitted)
+            self._close_stream(req.request_id, stream, abort=not done)
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
         """Run the prefill leg of a PD request: one token, KV pinned for the decode side."""
@@ -520,7 +529,7 @@ class SimEngine:
                 raise item
             done = True
         finally:
-            self._close_stream(req.request_id, abort=not done, delivered=stream.emitted)
+            self._close_stream(req.request_id, stream, abort=not done)
         self._note_finished(req.request_id, stream.queue_s, None)
         pinned = item.pinned
         if pinned is None:  # pragma: no cover - the core always pins a prefill leg
@@ -679,10 +688,17 @@ class SimEngine:
     ) -> _Stream:
         wake = self._ensure_running()
         now = (self._clock or current_clock()).now()
+        old = self._streams.get(request_id)
+        if old is not None:  # its caller ended it, and its call has not closed yet
+            self._close_stream(request_id, old, abort=True)
+            old.queue.put_nowait(
+                EngineError(f"request {request_id!r} was sent again", instance_id=self._id)
+            )
         self._core.add_request(
             request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer
         )
-        stream = _Stream(text_key, now)
+        self._opened += 1
+        stream = _Stream(text_key, now, self._opened)
         self._streams[request_id] = stream
         if kv_transfer and kv_transfer.get("do_remote_prefill"):
             self._remember_remote(request_id, kv_transfer)
@@ -720,11 +736,14 @@ class SimEngine:
             if stream is not None and stream.queue_s is None:
                 stream.queue_s = max(0.0, now - stream.arrival)
 
-    def _stop(self, request_id: str, delivered: int) -> None:
+    def _stop(self, request_id: str, delivered: int, stream: _Stream) -> None:
         """End a request after ``delivered`` tokens (a stop, or its client went away): the
         core forgets the tokens it made past them, this step's among them (which
         :meth:`stats` then no longer takes off the count), and, with none delivered, its
-        prompt (counted with the first token it hands out, as vLLM counts it)."""
+        prompt (counted with the first token it hands out, as vLLM counts it). Nothing
+        when ``stream`` is no longer the one open under ``request_id``."""
+        if self._streams.get(request_id) is not stream:
+            return
         res = self._stepping
         prompt = self._core.prompt_tokens(request_id)
         if self._core.abort(request_id, delivered=delivered) and res is not None:
@@ -732,15 +751,18 @@ class SimEngine:
             if delivered == 0 and prompt is not None and request_id in res.first_tokens:
                 res.prompt_tokens_counted -= prompt
 
-    def _close_stream(self, request_id: str, *, abort: bool, delivered: int = 0) -> None:
-        """Forget a request's stream; with ``abort`` (it did not finish), abort it in the
-        core after the ``delivered`` tokens its steps had handed out."""
+    def _close_stream(self, request_id: str, stream: _Stream, *, abort: bool) -> None:
+        """Forget a request's ``stream``; with ``abort`` (it did not finish), abort it in
+        the core after the tokens its steps had handed out. Nothing when ``stream`` is no
+        longer the one open under ``request_id`` (it was closed when the id came again)."""
+        if self._streams.get(request_id) is not stream:
+            return
+        if abort:
+            self._stop(request_id, stream.emitted, stream)
         self._streams.pop(request_id, None)
         key = self._remote_key.pop(request_id, None)
         if key is not None:
             self._remote_addr.pop(key, None)
-        if abort:
-            self._stop(request_id, delivered)
 
     def _ensure_running(self) -> asyncio.Event:
         if self._closed or self._broken is not None:
@@ -772,6 +794,7 @@ class SimEngine:
                     continue
                 now = clock.now()
                 res = core.step(now)
+                self._note_epochs(res)
                 self._note_scheduled(res, now)
                 self._notify_pulled(res)
                 if res.idle:
@@ -915,14 +938,23 @@ class SimEngine:
             if stream is not None:
                 stream.cached = cached
 
+    def _note_epochs(self, res: StepResult) -> None:
+        """Which stream each of the step's tokens is for (see :attr:`_Stream.epoch`)."""
+        if res.new_tokens:
+            streams = self._streams
+            self._step_epochs[id(res)] = {
+                rid: stream.epoch for rid, _ in res.new_tokens if (stream := streams.get(rid))
+            }
+
     def _deliver(self, res: StepResult) -> None:
         streams = self._streams
         self._note_admitted(res)
         finished = dict(res.finished)
         pinned = {p.request_id: p for p in res.kv_pinned}
+        epochs = self._step_epochs.pop(id(res), None)
         for req_id, n in res.new_tokens:
             stream = streams.get(req_id)
-            if stream is not None:
+            if stream is not None and (epochs is None or epochs.get(req_id) == stream.epoch):
                 stream.emitted += n
                 stream.queue.put_nowait(_Delivery(n, finished.get(req_id), pinned.get(req_id)))
 
