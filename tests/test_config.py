@@ -660,6 +660,9 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "2130706433"', "host", "(four numbers 0-255 without leading zeros"),
         ('host = "127.0.0.01"', "host", "got '127.0.0.01'"),
         ('host = "1.2.3.999"', "host", "must be an IPv4 address written in full"),
+        ('host = "0x7f.1"', "host", "without leading zeros): '127.0.0.1', got '0x7f.1'"),
+        ('host = "0177.0.0.1"', "host", "'127.0.0.1', got '0177.0.0.1'"),
+        ('host = "0X7F.0.0.1"', "host", "'127.0.0.1', got '0X7F.0.0.1'"),
         ('machine_id = ""', "machine_id", "must not be empty"),  # every "" one machine
         ('rack_id = " "', "rack_id", "must not be empty"),
         ('nvlink_peers = ["p\\u001b"]', "nvlink_peers[0]", "must not contain control"),

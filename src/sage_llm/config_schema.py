@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,11 +92,34 @@ def _mode(value: str) -> str:
 _DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
 
 
+def ipv4_shorthand(value: str) -> str | None:
+    """The IPv4 address in full (``127.0.0.1``) that ``value`` stands for when it is a
+    shorthand the system reads but no URL's host is (``127.1``, ``0x7f.1``,
+    ``0177.0.0.1``, ``2130706433``); None for an address written in full, or no address."""
+    if any(c.isspace() for c in value):  # (inet_aton reads up to one, ignoring the rest)
+        return None
+    try:
+        full = socket.inet_ntoa(socket.inet_aton(value))
+    except (OSError, ValueError):
+        return None
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return full
+    return None
+
+
 def host_problem(value: str) -> str | None:
     """An instance's host: what an engine URL is built from (``scheme://host:port``)."""
     if "://" in value or "/" in value:
         return "must be a host name or address, not a URL (set scheme separately)"
-    if _DIGITS_AND_DOTS.fullmatch(value):  # 127.1, 2130706433, 01.2.3.4: no URL's host
+    full = ipv4_shorthand(value)  # 127.1, 0x7f.1, 2130706433, 01.2.3.4: no URL's host
+    if full is not None:
+        return (
+            "must be an IPv4 address written in full (four numbers 0-255 without "
+            f"leading zeros): {full!r}, got {value!r}"
+        )
+    if _DIGITS_AND_DOTS.fullmatch(value):  # 1.2.3.999: no address at all
         try:
             ipaddress.IPv4Address(value)
         except ValueError:
