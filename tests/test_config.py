@@ -718,6 +718,11 @@ def test_a_setting_given_in_two_places_must_agree() -> None:
     ]
     bad = text.replace("max_queue_size = 6", "max_queue_size = -1")  # its own problem only
     assert [e.key for e in problems(bad)][1:] == ["admission.max_queue_size"]
+    ours_bad = text.replace("= 9", "= 0").replace("= 5", "= 0")  # the same, the other way
+    assert [(e.key, e.detail) for e in problems(ours_bad)] == [
+        ("services.llm_control_plane.health_interval_s", "must be > 0, got 0.0"),
+        ("services.llm_control_plane.max_queue_size", "must be >= 1, got 0"),
+    ]
     agree = text.replace("= 9", "= 2").replace("= 5", "= 6")
     config = parse_config(agree)
     assert (config.control_plane.health_interval_s, config.control_plane.max_queue_size) == (2, 6)

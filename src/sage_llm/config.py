@@ -468,7 +468,9 @@ def _service_config(
         section_name, name = section.split(".")
         ours, theirs = service.get(key), (raw[section_name] or {}).get(name)
         # as written; a bad value has its own problem, reported already
-        bad = any(p.failed((*where, name)) for where in ((section_name,), (*spath, section_name)))
+        bad = p.failed((*spath, key)) or any(
+            p.failed((*where, name)) for where in ((section_name,), (*spath, section_name))
+        )
         if is_number(ours) and is_number(theirs) and ours != theirs and not bad:
             p.add((*spath, key), f"contradicts {section} ({theirs!r}); set one of them")
     if "interval_s" in (raw["health"] or {}):
