@@ -1027,6 +1027,23 @@ def test_every_bad_policy_param_is_reported_with_its_line() -> None:
     assert "must be > 0" in errors[1].message
 
 
+def test_a_plugin_parameter_name_with_a_dot_is_shown_quoted() -> None:
+    """``"aging.interval_s"`` is one (unknown) name, not ``aging`` and ``interval_s``."""
+    err = problem('[services.llm_control_plane]\npolicy_params = { "aging.interval_s" = 1 }\n')
+    assert (err.location, err.key) == (
+        "cfg.toml:2",
+        'services.llm_control_plane.policy_params."aging.interval_s"',
+    )
+    err = problem(
+        "[services.llm_control_plane.pd]\n"
+        'routing_policy = "adaptive"\nmetadata = { decider_params = { "a.b" = 1 } }\n'
+    )
+    assert (err.location, err.key) == (
+        "cfg.toml:3",
+        'services.llm_control_plane.pd.metadata.decider_params."a.b"',
+    )
+
+
 def test_a_fleet_that_could_never_serve_a_model_is_reported() -> None:
     prefill_only = SEED[
         : SEED.index('[[services.llm_control_plane.instances]]\ninstance_id = "llm-decode-1"')

@@ -67,6 +67,14 @@ def test_one_problem_raises_that_error_alone() -> None:
     )
 
 
+def test_an_unknown_name_that_is_no_bare_key_is_quoted() -> None:
+    """As a config file's key is written (``policy_params."a.b"``): a dot in the name is
+    not read as a table's."""
+    with pytest.raises(ConfigErrors) as info:
+        build_params(Params, {"a.b": 1, "a b": 2, "c": 3})
+    assert [e.key for e in info.value.errors] == ['"a.b"', '"a b"', "c"]
+
+
 def test_a_problem_between_keys_is_reported_when_each_is_fine_alone() -> None:
     with pytest.raises(ConfigError) as info:
         build_params(Params, {"low": 5.0, "high": 2.0})

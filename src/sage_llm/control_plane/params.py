@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from sage_llm.config_fields import as_float, described, int64_problem, name_key
+from sage_llm.config_locate import format_key
 from sage_llm.errors import ConfigError, raise_problems
 
 __all__ = ["Gathered", "build_params"]
@@ -58,7 +59,8 @@ def build_params(
         if key not in known:
             valid = ", ".join(known) or "none"
             problems[key] = ConfigError(
-                f"unknown parameter{for_owner}; valid: {valid}", key=str(key)
+                f"unknown parameter{for_owner}; valid: {valid}",
+                key=format_key((str(key),)),  # "a.b": one name, not a table's
             )
             continue
         try:
