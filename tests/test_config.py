@@ -1257,12 +1257,13 @@ def test_a_cors_origin_that_no_browser_sends_is_refused() -> None:
 
 def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
     """Browsers send scheme and host in lower case, the host in its ASCII form, an IPv6
-    address compressed, and leave the default port out: such entries, and a port out of
-    range, had been taken and never matched."""
+    address compressed, an IPv4 address in full, and leave the default port out: such
+    entries, and a port out of range, had been taken and never matched."""
     given = ["https://Chat.Example.com", "https://b.example:443", "https://c.example:99999",
              "http://d.example:8080", "https://bücher.example", "http://e.example:08080",
              "http://[0:0:0:0:0:0:0:1]", "http://f.example:", "http://faß.de",
-             "http://a..b", "http://☃.net", "http://[::1"]  # fmt: skip
+             "http://a..b", "http://☃.net", "http://[::1", "http://127.1",
+             "http://0x7F.0.0.1:8080", "https://0177.0.0.1"]  # fmt: skip
     text = f"[gateway]\ncors_origins = {json.dumps(given, ensure_ascii=False)}\n"
     found = {e.key: e.detail for e in problems(text)}
     sent = {
@@ -1274,6 +1275,9 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
         7: "http://f.example",
         8: "http://xn--fa-hia.de",  # UTS-46, as browsers send it (not fass.de)
         10: "http://xn--n3h.net",  # without IDNA 2008's stricter rules, as browsers
+        12: "http://127.0.0.1",  # an IPv4 shorthand, in full
+        13: "http://127.0.0.1:8080",
+        14: "https://127.0.0.1",
     }
     for index, origin in sent.items():
         assert found.pop(f"gateway.cors_origins[{index}]").startswith(

@@ -231,14 +231,16 @@ def _ascii_host(host: str) -> str:
 
 def _origin_as_sent(scheme: str, host: str, port: int | None) -> str | None:
     """The origin a browser sends for ``scheme://host[:port]`` (RFC 6454: scheme and host
-    in lower case, the host in its ASCII form, an IPv6 address compressed, no default
-    port); None when the host is no name or address it could send."""
+    in lower case, the host in its ASCII form, an IPv6 address compressed, an IPv4
+    shorthand in full, no default port); None when the host is no name or address it
+    could send."""
     scheme = scheme.lower()
     try:
         host = str(ipaddress.IPv6Address(host)).join("[]") if ":" in host else host
         ascii_host = host if host.startswith("[") else _ascii_host(host)
     except (ValueError, UnicodeError):
         return None
+    ascii_host = ipv4_shorthand(ascii_host) or ascii_host  # http://127.1 is sent in full
     shown = f"{scheme}://{ascii_host.lower()}"
     if port is not None and _DEFAULT_PORTS.get(scheme) != port:
         shown += f":{port}"
