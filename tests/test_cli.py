@@ -139,6 +139,11 @@ def listening() -> Iterator[int]:
             "Invalid value for '--peers': unknown peer 'nginx'",
         ),
         (
+            ["bench", "proxy", "--peers", "nginx"],
+            "Invalid value for '--peers': unknown peer 'nginx' (known: python-forwarder, ",
+        ),
+        (["bench", "proxy", "--peers", "vllm-router,vllm-router"], "vllm-router is given twice"),
+        (
             ["bench", "compare", "--workload", "nope"],
             "Invalid value for '--workload': unknown workload 'nope'",
         ),
@@ -169,6 +174,7 @@ def test_bad_arguments_are_refused_when_parsed(
         ("sage_llm.bench.compare", "compare_main"),
         ("sage_llm.bench.compare", "overload_main"),
         ("sage_llm.bench.pd_bench", "pd_bench_main"),
+        ("sage_llm.bench.proxy_bench", "proxy_bench_main"),
         ("sage_llm.launch", "launch_from_config"),
     ):
         monkeypatch.setattr(f"{module}.{name}", never)
@@ -479,6 +485,8 @@ def _stop(proc: subprocess.Popen[str], pids: Sequence[int]) -> None:
         (["--model", "nope"], "error: --model: unknown model 'nope'"),
         (["--gpu", "nope"], "error: --gpu: unknown GPU 'nope'"),
         (["--model", "llama-3-70b"], "error: --model: Llama-3-70B does not fit on 1 × H100"),
+        (["--faults", "bogus"], "error: --faults: unknown fault 'bogus' (one of: crash"),
+        (["--faults", "crash@5+5"], "error: --faults: crash@5+5: the process exits at 5 s"),
     ],
 )
 def test_engine_sim_names_the_option_a_bad_engine_setting_came_from(

@@ -259,6 +259,14 @@ def _peers(value: str) -> str:
     return value
 
 
+def _proxy_peers(value: str) -> str:
+    """``bench proxy``'s peers: the peer routers and python-forwarder, each once."""
+    from sage_llm.bench.proxy_bench import check_proxy_options
+
+    # (no prompt is too long: only the peers are checked)
+    return _checked_by(lambda text: check_proxy_options(_split(text), prompt_tokens=0))(value)
+
+
 def _workload(value: str) -> str:
     from sage_llm.bench.compare import check_workload
 
@@ -600,14 +608,17 @@ def engine_sim(
                 front_end=front_end,
                 max_model_len_given=max_model_len is not None,
             )
-        plan = None
-        if faults:
-            from sage_llm.sim.faults import FaultPlan
-
-            plan = FaultPlan.parse(faults)
-            plan.check_for_process()
     except (SageLLMError, ValueError) as exc:
         _fail(_as_option(exc, options))
+    plan = None
+    if faults:
+        from sage_llm.sim.faults import FaultPlan
+
+        try:
+            plan = FaultPlan.parse(faults)
+            plan.check_for_process()
+        except (SageLLMError, ValueError) as exc:
+            _fail(f"--faults: {exc}")
     _check_listen(host, port)
     name = served_model_name or model
     cost = "instant answers" if instant else config.build_cost_model().name
@@ -1095,7 +1106,10 @@ def bench_pd(
 @bench_app.command("proxy")
 def bench_proxy(
     peers: Annotated[
-        str, typer.Option(help="Comma-separated peers (Rust routers, python-forwarder).")
+        str,
+        typer.Option(
+            help="Comma-separated peers (Rust routers, python-forwarder).", callback=_proxy_peers
+        ),
     ] = "vllm-router,sglang-router,python-forwarder",  # proxy_bench.DEFAULT_PEERS
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/proxy"),
     rounds: Annotated[
