@@ -162,13 +162,15 @@ def test_over_http_a_model_the_server_does_not_serve_is_model_not_found(
 ) -> None:
     """The engine's 404 ("The model ... does not exist") had been a plain EngineError."""
     url = engine_server(model=MODEL)
-    with VLLMService({**EXISTING_CONFIG, "model_id": "other-model", "base_url": url}) as svc:
-        with pytest.raises(ModelNotFoundError, match="other-model") as err:
-            svc.generate("hi", max_tokens=2)
-        assert err.value.param is None  # the payload named no model
-        with pytest.raises(ModelNotFoundError) as err:
-            svc.generate(["a", "b"], max_tokens=2, model="other-model")
-        assert err.value.param == "inputs[0].options.model"
+    config = {**EXISTING_CONFIG, "model_id": "other-model", "base_url": url}
+    for cp in (False, True):  # the same error through the control plane
+        with VLLMService({**config, "use_control_plane": cp}) as svc:
+            with pytest.raises(ModelNotFoundError, match="other-model") as err:
+                svc.generate("hi", max_tokens=2)
+            assert err.value.param is None  # the payload named no model
+            with pytest.raises(ModelNotFoundError) as err:
+                svc.generate(["a", "b"], max_tokens=2, model="other-model")
+            assert err.value.param in ("inputs[0].options.model", "inputs[1].options.model")
 
 
 def test_show_models_lists_the_model_the_service_serves_with_or_without_control_plane(

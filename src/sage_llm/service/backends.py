@@ -128,6 +128,21 @@ def sim_embed(cfg: VLLMServiceConfig, req: EmbedRequest) -> dict[str, Any]:
     return embed_result(model, [sim_embedding(t, dim) for t in req.texts], req.normalize)
 
 
+def model_not_served(
+    exc: EngineError, model: str | None, *, named: bool
+) -> ModelNotFoundError | None:
+    """The :class:`ModelNotFoundError` an engine's 404 for ``model`` is (vLLM's "The model
+    `x` does not exist"; a refusal of the request, such as no such route, is not one);
+    None for any other failure. ``named``: the payload gave the model (``param`` then
+    names it)."""
+    if exc.status != 404 or isinstance(exc, EngineRequestRejectedError):
+        return None
+    return ModelNotFoundError(
+        f"model {model!r} is not served by the engine ({exc.message})",
+        param="model" if named else None,
+    )
+
+
 class EngineBackend:
     """One engine reached through an EngineClient (HTTP endpoint or simulated engine)."""
 
@@ -227,12 +242,9 @@ class EngineBackend:
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
         except EngineError as exc:
-            if exc.status == 404 and not isinstance(exc, EngineRequestRejectedError):
-                # vLLM's "The model `x` does not exist" (no such route is a rejection)
-                raise ModelNotFoundError(
-                    f"model {model!r} is not served by the engine ({exc.message})",
-                    param="model" if item.options.model is not None else None,
-                ) from exc
+            unknown = model_not_served(exc, model, named=item.options.model is not None)
+            if unknown is not None:
+                raise unknown from exc
             raise
         if finish is None:
             raise EngineError(f"request {request_id!r}: the engine ended without a finish reason",

@@ -36,10 +36,12 @@ from sage_llm.errors import (
     ConfigError,
     ControlPlaneNotRunningError,
     DeadlineExceededError,
+    EngineError,
     InvalidRequestError,
     PolicyNotFoundError,
     SageLLMError,
 )
+from sage_llm.service.backends import model_not_served
 from sage_llm.service.base import ManagedService
 from sage_llm.service.config import ConfigSource, control_plane_service_config
 from sage_llm.service.embeddings import (
@@ -238,6 +240,14 @@ class ControlPlaneVLLMService(ManagedService):
             # InvalidRequestError naming the field, as VLLMService raises it
             try:
                 return await cp.wait_for_result(rid, raise_failure=True)
+            except EngineError as exc:  # an engine's 404 for the model: as VLLMService says it
+                named = items[index].options.model is not None
+                unknown = model_not_served(exc, metas[index].model_name, named=named)
+                if unknown is None:
+                    locate_error(exc, f"inputs[{index}]" if many else None)
+                    raise
+                locate_error(unknown, f"inputs[{index}]" if many else None)
+                raise unknown from exc
             except SageLLMError as exc:
                 locate_error(exc, f"inputs[{index}]" if many else None)
                 raise
