@@ -384,7 +384,10 @@ _MEASURE_OPTIONS = ("--python", "--model-dir", "--port", "--url", "--repeats")
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sage_llm.bench.fidelity``: measure, fit, compare, write the report."""
     default_python, default_model = real_vllm_paths()
-    parser = argparse.ArgumentParser(description="Simulator fidelity against real vLLM (CPU).")
+    parser = argparse.ArgumentParser(
+        description="Simulator fidelity against real vLLM (CPU).",
+        allow_abbrev=False,  # --refit refuses the options of a measurement by their names
+    )
     parser.add_argument("--python", type=Path, default=default_python, help="vLLM venv python")
     parser.add_argument("--model-dir", type=Path, default=default_model, help="tiny model dir")
     parser.add_argument("--port", type=int, default=8470, help="port of the real engine")
