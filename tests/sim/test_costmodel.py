@@ -121,8 +121,24 @@ def test_kv_capacity_matches_llm_d_for_llama31_8b_h100() -> None:
 def test_kv_capacity_grows_with_tp_and_rejects_models_that_do_not_fit() -> None:
     model, gpu = get_model("llama-3-70b"), get_gpu("h100")
     assert kv_capacity_blocks(model, gpu, tp=8) > kv_capacity_blocks(model, gpu, tp=4)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="does not fit on 1 × H100") as err:
         kv_capacity_blocks(model, gpu, tp=1)
+    assert err.value.key == "model"
+
+
+def test_kv_capacity_blames_a_memory_share_too_small_for_a_model_the_gpus_hold() -> None:
+    with pytest.raises(ConfigError) as err:
+        kv_capacity_blocks(get_model("llama-3-8b"), get_gpu("h100"), gpu_memory_utilization=0.01)
+    assert err.value.key == "gpu_memory_utilization"
+    assert err.value.detail == (
+        "0.01 of each H100's 80 GiB is 0.8 GiB, but Llama-3-8B on 1 × H100 needs 15.0 GiB "
+        "per GPU (its weights and one KV block), a share of at least 0.19"
+    )
+    model, gpu = get_model("llama-3-70b"), get_gpu("h200")  # 131.4 GiB of weights, 141 GiB
+    with pytest.raises(ConfigError, match=r"a share of at least 0\.94$") as err:
+        kv_capacity_blocks(model, gpu)
+    assert err.value.key == "gpu_memory_utilization"
+    assert kv_capacity_blocks(model, gpu, gpu_memory_utilization=0.94) >= 1
 
 
 def test_spec_constructors_reject_bad_values() -> None:

@@ -103,3 +103,13 @@ def test_a_role_given_as_a_string_is_read_as_register_instance_reads_it() -> Non
     inst = ExecutionInstance("p0", "h", 8000, "llama-3-8b", instance_type="PREFILLING")  # type: ignore[arg-type]
     engine = make_sim_engine(inst)
     assert engine.config.role is ExecutionInstanceType.PREFILLING
+
+
+def test_engine_sim_names_the_memory_share_that_leaves_no_room_for_the_model() -> None:
+    argv = [sys.executable, "-m", "sage_llm.cli", "engine-sim", "--port", "22001"]
+    argv += ["--gpu-memory-utilization", "0.01"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: --gpu-memory-utilization: 0.01 of each H100's 80 GiB")
+    assert "engine-sim:" not in proc.stdout  # refused before serving

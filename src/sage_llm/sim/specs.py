@@ -277,12 +277,28 @@ def kv_capacity_blocks(
     ``max(1, kv_heads/tp)`` KV heads (heads are replicated when ``tp > kv_heads``). Memory is
     taken in GiB, as the driver reports it; activation memory is not reserved. This gives
     llm-d's 29,205 blocks for Llama-3.1-8B on one H100.
+
+    Raises :class:`ConfigError` with key ``gpu_memory_utilization`` when the weights and one
+    KV block fit in a GPU's memory but not in that share of it, else with key ``model`` when
+    they do not fit in the GPUs at all.
     """
-    per_gpu = gpu.memory_bytes * gpu_memory_utilization - model.weight_bytes / (tp * pp)
+    weights = model.weight_bytes / (tp * pp)
+    per_gpu = gpu.memory_bytes * gpu_memory_utilization - weights
     kv_heads = max(1.0, model.num_kv_heads / tp)
     layers = math.ceil(model.num_layers / pp)
     per_token = 2 * layers * kv_heads * model.head_dim * model.dtype_bytes
-    blocks = int(per_gpu // (per_token * block_size))
+    block_bytes = per_token * block_size
+    blocks = int(per_gpu // block_bytes)
+    if blocks < 1 and gpu.memory_bytes - weights >= block_bytes:  # the share is too small
+        needed = weights + block_bytes
+        least = min(1.0, math.ceil(needed / gpu.memory_bytes * 100) / 100)
+        raise ConfigError(
+            f"{gpu_memory_utilization:g} of each {gpu.name}'s {gpu.memory_gb:g} GiB is "
+            f"{gpu.memory_bytes * gpu_memory_utilization / GIB:.1f} GiB, but {model.name} on "
+            f"{tp * pp} × {gpu.name} needs {needed / GIB:.1f} GiB per GPU (its weights and "
+            f"one KV block), a share of at least {least:g}",
+            key="gpu_memory_utilization",
+        )
     if blocks < 1:
         raise ConfigError(
             f"{model.name} does not fit on {tp * pp} × {gpu.name} "
