@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sage_llm.bench.pd_bench import DEFAULT_OUT, pd_bench_main
-from sage_llm.errors import SageLLMError
+from sage_llm.errors import ConfigError, SageLLMError
 
 
 def main() -> int:
@@ -55,6 +55,12 @@ def main() -> int:
             if a.fleets is None
             else [f.strip() for f in a.fleets.split(",") if f.strip()],
         )  # fmt: skip
+    except ConfigError as exc:  # named by the option given, not by pd_bench_main's parameter
+        if exc.key is not None and exc.key in vars(a):
+            print(f"error: --{exc.key.replace('_', '-')}: {exc.detail}", file=sys.stderr)
+        else:
+            print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     except SageLLMError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

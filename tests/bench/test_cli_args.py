@@ -90,3 +90,25 @@ def test_the_scripts_refuse_bad_options_before_running(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n-long", "-1"], "error: --n-long: must be >= 0\n"),
+        (["--long-rate", "0"], "error: --long-rate: must be a finite number > 0, got 0\n"),
+        (["--fleets", "nope"], "error: --fleets: unknown fleet(s) nope; valid: "),
+    ],
+)
+def test_pd_bench_names_the_option_it_refuses(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "pd.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pd_bench.py"), *args, "--no-70b",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(message)
+    assert not out.exists()
