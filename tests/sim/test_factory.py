@@ -3,6 +3,7 @@ roofline defaults when one exists for the GPU × model."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -47,6 +48,29 @@ def test_engine_settings_use_the_fitted_profile_and_its_front_end() -> None:
     assert front == (None if packaged.front_end.is_zero else packaged.front_end)
     config, _ = engine_settings("cpu", "tiny", max_num_seqs=4)
     assert config.max_num_seqs == 4  # explicit settings win
+
+
+def test_engine_settings_say_a_profile_fixes_the_kv_cache_whatever_the_memory_share(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    packaged = load_profile("cpu", "tiny")
+    with caplog.at_level(logging.WARNING, logger="sage_llm.sim.factory"):
+        config, _ = engine_settings("cpu", "tiny", gpu_memory_utilization=0.5)
+    assert config.num_gpu_blocks == packaged.shape.num_gpu_blocks  # the measured engine's
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        "gpu_memory_utilization 0.5 is not applied: the fitted cpu × tiny profile fixes the "
+        f"KV cache at {packaged.shape.num_gpu_blocks} blocks"
+    )
+    assert "--num-gpu-blocks-override" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sage_llm.sim.factory"):
+        config, _ = engine_settings("cpu", "tiny", gpu_memory_utilization=0.5, num_gpu_blocks=3)
+        engine_settings("cpu", "tiny")
+        engine_settings("h100", "llama-3-8b", gpu_memory_utilization=0.5)  # no profile
+    assert config.num_gpu_blocks == 3
+    assert not caplog.records
 
 
 def test_engine_settings_without_a_profile_are_the_roofline_defaults() -> None:

@@ -14,6 +14,7 @@ engine limits and front end stand in for the roofline defaults.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Any
 
@@ -26,6 +27,8 @@ from sage_llm.sim.costmodel import FrontEndModel
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.specs import get_gpu, get_model
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType
+
+log = logging.getLogger("sage_llm.sim.factory")
 
 DEFAULT_SIM_MODEL = "llama-3-8b"
 DEFAULT_SIM_GPU = "h100"
@@ -72,7 +75,9 @@ def engine_settings(
     """The settings of one simulated engine of ``model`` on ``gpu`` (``params`` are other
     :class:`SimEngineConfig` fields and win): from the packaged fitted profile when there is
     one for this GPU × model on one device, with its front end; else the roofline defaults
-    and no front end."""
+    and no front end. A profile's KV cache is the measured engine's count of blocks:
+    ``gpu_memory_utilization`` does not change it (a warning is logged), ``num_gpu_blocks``
+    does."""
     tp, pp = int(params.get("tp", 1)), int(params.get("pp", 1))
     if params.get("enable_chunked_prefill") is False and "max_num_batched_tokens" not in params:
         # as vLLM: without chunked prefill a step holds a whole prompt, so its default
@@ -83,7 +88,18 @@ def engine_settings(
     if profile is None:
         return SimEngineConfig(model=model, gpu=gpu, **params), None
     front = None if profile.front_end.is_zero else profile.front_end
-    return profile.sim_config(**params), front
+    config = profile.sim_config(**params)
+    if "gpu_memory_utilization" in params and "num_gpu_blocks" not in params:
+        # the profile's KV cache is the measured engine's blocks, not a share of memory
+        log.warning(
+            "gpu_memory_utilization %g is not applied: the fitted %s × %s profile fixes the "
+            "KV cache at %d blocks of %d tokens (vLLM's CPU build ignores "
+            "gpu_memory_utilization too); num_gpu_blocks (engine-sim: "
+            "--num-gpu-blocks-override) sets it",
+            params["gpu_memory_utilization"], profile.gpu, profile.model,
+            config.num_gpu_blocks, config.block_size,
+        )  # fmt: skip
+    return config, front
 
 
 def sim_front_end_for(instance: ExecutionInstance) -> FrontEndModel | None:
