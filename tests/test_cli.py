@@ -195,7 +195,7 @@ def test_an_unwritable_bench_pd_report_is_a_one_line_error_before_the_run(
     monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
     code, output = invoke("bench", "pd", "--out", "/proc/x.json")
     assert code == 1
-    assert output.startswith("error: out: cannot write /proc/x.json: ")  # why: per the OS
+    assert output.startswith("error: --out: cannot write /proc/x.json: ")  # why: per the OS
     assert output.count("\n") == 1
 
 
@@ -211,6 +211,21 @@ def test_bench_pd_speed_without_realtime_is_refused_before_the_run(
     code, output = invoke("bench", "pd", "--speed", "4")
     assert code == 2
     assert output == "error: --speed: applies to the real-time part only: give --realtime too\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["bench", "compare", "--rate", "1", "--rates", "1,2"], "error: --rate: "),
+        (["bench", "pd", "--fleets", "nope"], "error: --fleets: unknown fleet(s) nope"),
+        (["bench", "proxy", "--prompt-tokens", "9000"], "error: --prompt-tokens: 9000 prompt"),
+    ],
+)
+def test_bench_errors_name_the_option_as_typed(argv: list[str], said: str) -> None:
+    """A bench command's refusal names the option (``--rate``), not the parameter."""
+    code, output = invoke(*argv)
+    assert code == 1
+    assert output.startswith(said), output
 
 
 def test_demo_help_says_which_part_the_sizes_apply_to() -> None:

@@ -1048,7 +1048,7 @@ def bench_compare(
                 out=out,
             )  # fmt: skip
     except SageLLMError as exc:
-        _fail(exc.message)
+        _fail(_as_option(exc, set(ctx.params)))
     raise typer.Exit(code)
 
 
@@ -1099,7 +1099,7 @@ def bench_pd(
             fleet_names=None if fleets is None else _split(fleets),
         )  # fmt: skip
     except SageLLMError as exc:
-        _fail(exc.message)
+        _fail(_as_option(exc, set(ctx.params)))
     raise typer.Exit(code)
 
 
@@ -1149,7 +1149,7 @@ def bench_proxy(
             prompt_tokens=prompt_tokens,
         )
     except SageLLMError as exc:
-        _fail(exc.message)
+        _fail(_as_option(exc, {"peers", "out", "rounds", "c1_engine", "prompt_tokens"}))
     raise typer.Exit(code)
 
 
