@@ -289,6 +289,32 @@ async def test_an_unknown_expectation_is_a_json_417_counted_and_logged() -> None
         await _close(writer)
 
 
+async def test_a_client_gone_before_its_100_continue_is_a_499_not_a_500() -> None:
+    """A client that leaves (a reset) right after an ``Expect: 100-continue`` head: the
+    100 cannot be written; that had been a traceback and a 500 of route ``other`` under an
+    id of the gateway's; it is the client's 499, under its id and route."""
+    async with serve(1) as gw:
+        for k in range(5):
+            _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 50\r\nExpect: 100-continue\r\nx-request-id: gone-{k}\r\n\r\n"
+            )
+            writer.write(head.encode())
+            await writer.drain()
+            writer.transport.abort()  # a reset, as a client that crashed
+        gone = 'sage_llm_http_errors_total{route="/v1/completions",status="499"}'
+        # (a reset that came before the head was read is no request at all: not every
+        # one of the five need be counted)
+        for _ in range(500):
+            if gone in gw.manager.prometheus_metrics().decode():
+                break
+            await asyncio.sleep(0.01)
+        assert gone in gw.manager.prometheus_metrics().decode()
+        await asyncio.sleep(0.1)  # the others' ends
+        assert 'status="500"' not in gw.manager.prometheus_metrics().decode()
+
+
 async def test_a_body_too_large_is_refused_without_inviting_its_upload() -> None:
     """Expect: 100-continue with a Content-Length above max_body_bytes: the 413 comes at
     once, no 100 Continue first (the client would have sent the whole body for nothing),

@@ -190,6 +190,8 @@ _VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 ExpectHandler = Callable[[web.Request], Awaitable[None]]
 _REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
 """Request key: its ``Expect: 100-continue`` was answered with no 100 (it is refused)."""
+_GONE_BEFORE_BODY = web.RequestKey("gone_before_body", bool)
+"""Request key: its client went away before its ``100 Continue`` could be written."""
 
 
 def continue_or_refuse(
@@ -212,10 +214,23 @@ def continue_or_refuse(
             except SageLLMError:
                 request[_REFUSED_UNREAD] = True  # the middleware refuses it unread
                 return
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except ConnectionError:  # the client left: the middleware says so (a 499)
+                request[_GONE_BEFORE_BODY] = True
+                return
             request.writer.output_size = 0  # the answer itself has not begun
 
     return expect
+
+
+def _client_gone() -> web.Response:
+    """The answer to a request whose client left before its ``100 Continue``: counted and
+    logged as 499 under the client's request id and route; never sent (aiohttp's write to
+    the closed connection fails quietly)."""
+    resp = web.Response(status=499, reason="Client Closed Request")
+    resp.force_close()
+    return resp
 
 
 def _expectation_failed(expect: str) -> web.Response:
@@ -316,6 +331,8 @@ def _observe(
                 resp = _bad_version(request.version)
             elif (expect := request.headers.get("Expect")) and expect.lower() != "100-continue":
                 resp = _expectation_failed(expect)
+            elif request.get(_GONE_BEFORE_BODY):
+                resp = _client_gone()
             elif not valid:
                 resp = _bad_request_id()
             elif cors is not None and request.method == "OPTIONS":
