@@ -194,6 +194,74 @@ def test_vllm_cancel_between_legs_releases_the_prefill_kv() -> None:
     run_virtual(main())
 
 
+class SlowAnswer:
+    """A prefill client whose leg ends on the engine (its KV pinned) and whose answer then
+    takes until ``arrived`` is set to reach the connector."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+        self.instance_id = engine.instance_id
+        self.arrived = asyncio.Event()
+        self.leg_ended = asyncio.Event()
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        handle = await self.engine.prefill(req)
+        self.leg_ended.set()
+        await self.arrived.wait()
+        return handle
+
+    def release_kv(self, request_id: str) -> bool:
+        return self.engine.release_kv(request_id)
+
+
+def test_vllm_cancelled_as_its_prefill_leg_ends_releases_the_kv_pinned_for_it() -> None:
+    """The request is cancelled after the engine ended the leg, before its answer came:
+    closing the connection would not free that KV; the leg gets its grace to answer, and
+    its KV is released."""
+
+    async def main() -> None:
+        p, d = sim_pair()
+        prefill = SlowAnswer(p)
+        connector = VLLMConnector()
+        pair = legs(prefill, d)  # type: ignore[arg-type]  # (no generate: never a decode leg)
+        task = asyncio.ensure_future(collect(connector.run(request(), pair)))
+        await prefill.leg_ended.wait()
+        assert p.core.kv_usage > 0  # pinned for a decode side
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        prefill.arrived.set()  # the answer comes within the grace
+        await connector.wait_released()
+        assert nothing_pinned(p, "r1")
+        assert connector.releases == 1
+        assert d.core.num_running == 0 and d.core.num_waiting == 0  # no decode leg ran
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_a_prefill_leg_not_ended_in_its_grace_is_aborted() -> None:
+    async def main() -> None:
+        p, d = sim_pair()
+        prefill = SlowAnswer(p)
+        connector = VLLMConnector(VLLMConnectorParams(cancel_grace_s=0.5))
+        pair = legs(prefill, d)  # type: ignore[arg-type]  # (no generate: never a decode leg)
+        task = asyncio.ensure_future(collect(connector.run(request(), pair)))
+        await prefill.leg_ended.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started = asyncio.get_running_loop().time()
+        await connector.wait_released()  # the answer never comes: aborted at the grace
+        assert asyncio.get_running_loop().time() - started == pytest.approx(0.5, abs=0.01)
+        assert connector.releases == 0 and connector.release_failures == 0
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
 def test_vllm_releases_by_pulling_when_the_prefill_client_cannot_release() -> None:
     async def main() -> None:
         p, d = sim_pair(link_gbps=1.0)

@@ -218,13 +218,15 @@ def test_cancel_between_the_legs_releases_the_prefill_kv() -> None:
             assert res.prefill_instance_id == "p0"
             assert fleet.pinned_nowhere(rid) and p0.core.kv_usage == 0.0
             assert fleet.active("p0") == fleet.active("d0") == 0
-            # Cancelled while its prefill leg runs: that leg is aborted, nothing pinned.
+            # Cancelled while its prefill leg runs: that leg ends within its grace (its
+            # KV is released) or is aborted; either way nothing stays pinned.
             rid = await cp.submit_request(make_metadata("c2", prompt=LONG, max_tokens=8))
             await asyncio.sleep(0.001)
             assert fleet.active("p0") == 1
             await cp.cancel_request(rid)
             res = await cp.wait_for_result(rid)
             assert res.status is RequestStatus.CANCELLED
+            await asyncio.sleep(1.0)  # the leg's grace (0.25 s), then its release
             assert fleet.pinned_nowhere(rid) and p0.core.kv_usage == 0.0
             # it ended on the prefill instance (the decode one never ran it), as a request
             # that fails in its prefill leg does; the one cancelled later, on the decode one

@@ -27,8 +27,10 @@ releases them: directly when the prefill client has a ``release_kv(request_id)``
 (the simulated engine does), otherwise by pulling them with a one-token decode leg whose
 output is discarded (``release_by_pull``; vLLM's NIXL connector frees the prefill side's
 blocks once they have been read). Without that, vLLM frees them only when its abort
-timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg still
-in flight is aborted by closing its connection, which vLLM treats as an abort.
+timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg
+whose request is cancelled gets ``cancel_grace_s`` to answer (its engine may have ended it,
+the answer on its way: that KV is released too); one still in flight then is aborted by
+closing its connection, which vLLM treats as an abort.
 
 Usage: prompt tokens come from the prefill leg (SGLang: from the decode leg when the
 prefill leg has not ended by then), completion and cached tokens from the decode leg (its
@@ -178,13 +180,17 @@ def _positive(key: str, value: float) -> None:
 class VLLMConnectorParams:
     """``release_by_pull``: release KV left on the prefill side by a discarded one-token
     decode leg when the prefill client has no ``release_kv``; ``release_timeout_s`` bounds
-    that release."""
+    that release. ``cancel_grace_s``: how long a prefill leg whose request was cancelled
+    may still end (its answer may be on its way: the engine then holds KV for it, which is
+    released) before its connection is closed (which aborts a leg the engine still runs)."""
 
     release_by_pull: bool = True
     release_timeout_s: float = 10.0
+    cancel_grace_s: float = 0.25
 
     def __post_init__(self) -> None:
         _positive("release_timeout_s", self.release_timeout_s)
+        _positive("cancel_grace_s", self.cancel_grace_s)
 
 
 class VLLMConnector:
@@ -204,8 +210,12 @@ class VLLMConnector:
 
     async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
         """Prefill, then stream the decode leg."""
+        leg = asyncio.ensure_future(legs.prefill.prefill(req))
         try:
-            handle = await legs.prefill.prefill(req)
+            handle = await asyncio.shield(leg)  # cancelled: :meth:`_settle_cancelled`
+        except asyncio.CancelledError:
+            self._settle_cancelled(req, leg, legs)
+            raise
         except PDLegError:
             raise
         except SageLLMError as exc:
@@ -241,6 +251,29 @@ class VLLMConnector:
                     # it waits for the release, which goes on if the request is cancelled
                     # meanwhile (moved off its ejected decode instance, say)
                     await asyncio.shield(release)
+
+    def _settle_cancelled(
+        self, req: EngineRequest, leg: asyncio.Future[KVHandle], legs: PDLegs
+    ) -> None:
+        """The request was cancelled during its prefill leg: the leg may have ended on the
+        engine already (its answer on the way), and the engine then holds KV for a decode
+        leg that will never come. Closing the leg's connection would not free it. So the
+        leg is given ``cancel_grace_s`` to end, in a task of its own; ended, its KV is
+        released (:meth:`release`); not ended, its connection is closed, which aborts it."""
+
+        async def settle() -> bool:
+            done, _ = await asyncio.wait({leg}, timeout=self.params.cancel_grace_s)
+            if not done:
+                leg.cancel()
+                await asyncio.gather(leg, return_exceptions=True)
+                return False
+            if leg.cancelled() or leg.exception() is not None:
+                return False
+            return await self.release(req, leg.result(), legs)
+
+        task = asyncio.get_running_loop().create_task(settle(), name=f"kv-settle-{req.request_id}")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def _release_later(
         self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool
