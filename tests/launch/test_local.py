@@ -4,14 +4,17 @@ engines that die or hang, SIGTERM → SIGKILL escalation and cancellation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.parallelism import PlannedInstance
@@ -22,6 +25,7 @@ from sage_llm.launch import (
     LaunchSettings,
     launch_engines,
     launch_from_config,
+    local,
     wait_healthy,
 )
 from sage_llm.launch.local import _log_problem
@@ -240,9 +244,8 @@ async def test_a_port_another_process_holds_fails_the_launch_before_any_engine_s
     assert not (tmp_path / "first.pid").exists()
 
 
-async def test_an_engine_that_exits_as_its_port_answers_is_a_failed_start() -> None:
-    """Something else answers /health while the engine has died: not healthy."""
-    from aiohttp import web
+async def _health_server() -> tuple[web.AppRunner, int]:
+    """An HTTP server in this process (no engine's) answering ``GET /health`` 200."""
 
     async def health(_request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -253,7 +256,12 @@ async def test_an_engine_that_exits_as_its_port_answers_is_a_failed_start() -> N
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
+    return runner, int(runner.addresses[0][1])
+
+
+async def test_an_engine_that_exits_as_its_port_answers_is_a_failed_start() -> None:
+    """Something else answers /health while the engine has died: not healthy."""
+    runner, port = await _health_server()
     calls = 0
 
     async def dies_meanwhile() -> int | None:
@@ -335,3 +343,45 @@ async def test_a_log_that_cannot_be_written_fails_the_launch_before_any_engine_s
     fine = settings(tmp_path)
     assert _log_problem(fine.log_dir / "x" / "first.log") is None
     assert not fine.log_dir.exists()  # the check left nothing behind
+
+
+@pytest.mark.parametrize("engine", ["exits", "loads"])
+async def test_a_stranger_answering_an_engines_port_fails_the_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """Two launches at once: both found the port free, the other one's engine took it."""
+    monkeypatch.setattr(local, "_launch_problem", lambda launch, log_dir: None)
+    runner, port = await _health_server()
+    code = {
+        "exits": f"import sys; print('port {port} is already in use', flush=True); sys.exit(1)",
+        "loads": "import time; print('loading', flush=True); time.sleep(60)",
+    }[engine]
+    manager = ControlPlaneManager()
+    try:
+        with pytest.raises(
+            EngineError,
+            match=rf"^instance 'e' (does not hold its port {port}: another process listens "
+            rf"there and answered GET http://127\.0\.0\.1:{port}/health|exited with code 1)",
+        ) as info:
+            await launch_engines(
+                [replace(script("e", code, port), model_name="m")],
+                manager=manager,
+                settings=settings(tmp_path),
+            )
+    finally:
+        await runner.cleanup()
+    assert info.value.instance_id == "e"
+    assert manager.get_instances() == []
+
+
+async def test_an_engine_that_exited_is_noticed_before_the_loop_reaps_it(tmp_path: Path) -> None:
+    launch = script("e", "import sys; sys.exit(3)", free_ports(1))
+    proc = await local._spawn(launch, tmp_path)
+    try:
+        with contextlib.suppress(ChildProcessError):  # (the child watcher may reap it first)
+            # blocks on purpose: the loop must not run (and see the exit) meanwhile
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222 - see above
+        assert proc.returncode is None  # the loop has not seen the exit yet
+        assert await proc.exited() == 3
+    finally:
+        await proc.stop(1.0)

@@ -8,7 +8,9 @@ stops the engines in order), with stdout and stderr in ``<log_dir>/<instance_id>
 (truncated at each start, so it holds this run only, beginning with the command line).
 The launcher polls ``GET /health`` until it answers 200 while the engine still runs (an
 engine that has exited by then, or before the launch is done, fails the launch with the end
-of its log), then registers an
+of its log) and, on Linux, holds the socket listening on its port (a stranger that took the
+port after the check, say an engine of a launch started at the same time, fails the launch
+instead of answering for an engine that could not bind), then registers an
 :class:`~sage_llm.types.ExecutionInstance` per engine with the control plane, with the
 ``machine_id`` / ``nvlink_domain`` / ``numa_node`` that
 :func:`~sage_llm.control_plane.topology.assign_instance_topology` gives its GPUs.
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -93,11 +96,14 @@ async def wait_healthy(
     timeout_s: float,
     poll_s: float = 0.25,
     session: aiohttp.ClientSession | None = None,
+    holds_port: Callable[[], Awaitable[bool | None]] | None = None,
 ) -> None:
     """Poll ``url`` (``…/health``) until it answers 200 while the engine still runs.
     ``exited`` returns the exit code once the engine has died (None while it runs): then
     EngineError, even when something answered at ``url``; after ``timeout_s``,
-    EngineTimeoutError."""
+    EngineTimeoutError. ``holds_port`` tells, once ``url`` answered, whether the engine
+    holds the socket listening on its port (None: cannot tell): False is an EngineError,
+    another process answered."""
     own = session is None
     http = session or aiohttp.ClientSession()
     loop = asyncio.get_running_loop()
@@ -121,6 +127,12 @@ async def wait_healthy(
                 if code is not None:
                     raise EngineError(
                         f"exited with code {code} before it was healthy", retryable=False
+                    )
+                if holds_port is not None and await holds_port() is False:
+                    raise EngineError(
+                        f"does not hold its port {urlsplit(url).port}: another process listens "
+                        f"there and answered GET {url}",
+                        retryable=False,
                     )
                 return
             left = deadline - loop.time()
@@ -152,7 +164,16 @@ class EngineProcess:
         return self.process.returncode
 
     async def exited(self) -> int | None:
-        return self.process.returncode
+        """The exit code once the process has exited, even before the event loop has
+        reaped it (None while it runs)."""
+        if self.process.returncode is None and not _has_exited(self.process.pid):
+            return None
+        return await self.process.wait()
+
+    async def holds_port(self) -> bool | None:
+        """Whether this process, its process group or a descendant holds the socket
+        listening on the engine's port (None: cannot tell, e.g. no ``/proc``)."""
+        return await asyncio.to_thread(_holds_port, self.process.pid, self.launch.port)
 
     def log_tail(self) -> str:
         return _tail(self.log_path)
@@ -323,7 +344,7 @@ async def launch_engines(
             for proc in fleet.processes:
                 tg.create_task(_healthy(proc, settings, session))
         for proc in fleet.processes:
-            if proc.returncode is not None:  # healthy once, dead before the others were
+            if await proc.exited() is not None:  # healthy once, dead before the others were
                 tail = await asyncio.to_thread(proc.log_tail)
                 raise EngineError(
                     f"instance {proc.launch.instance_id!r} exited with code {proc.returncode} "
@@ -412,6 +433,66 @@ def _port_problem(launch: EngineLaunch, port: int | None = None) -> str | None:
     return None
 
 
+def _has_exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, looked at without reaping it (the event loop's child
+    watcher does that, and sets the returncode only when the loop next runs)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already: the returncode is on its way
+        return True
+    except (AttributeError, OSError):  # no waitid here
+        return False
+
+
+def _holds_port(pid: int, port: int) -> bool | None:
+    """Whether a socket listening on TCP ``port`` is open in process ``pid``, a process of
+    its group or a descendant (None: cannot tell: no ``/proc/net/tcp``, or nothing listens
+    on ``port``), from the socket inodes in ``/proc/net/tcp{,6}`` and ``/proc/PID/fd``."""
+    listening: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            cols = line.split()  # sl local_address rem_address st … uid timeout inode
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                listening.add(f"socket:[{cols[9]}]")
+    if not readable or not listening:
+        return None
+    for member in _process_family(pid):
+        fd_dir = f"/proc/{member}/fd"
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to look at
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"{fd_dir}/{fd}") in listening:
+                        return True
+    return False
+
+
+def _process_family(pid: int) -> set[int]:
+    """``pid``, the processes of its process group and its descendants, from ``/proc``."""
+    parents: dict[int, int] = {}
+    family = {pid}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid, pgrp = (int(v) for v in stat[stat.rindex(")") + 2 :].split()[1:3])
+            parents[int(entry)] = ppid
+            if pgrp == pid:
+                family.add(int(entry))
+    grown = True
+    while grown:
+        more = {child for child, parent in parents.items() if parent in family} - family
+        family |= more
+        grown = bool(more)
+    return family
+
+
 async def _healthy(
     proc: EngineProcess, settings: LaunchSettings, session: aiohttp.ClientSession
 ) -> None:
@@ -419,6 +500,7 @@ async def _healthy(
         await wait_healthy(
             f"{proc.launch.base_url}/health", exited=proc.exited, session=session,
             timeout_s=settings.health_timeout_s, poll_s=settings.health_poll_s,
+            holds_port=proc.holds_port,
         )  # fmt: skip
     except EngineError as exc:
         tail = await asyncio.to_thread(proc.log_tail)
