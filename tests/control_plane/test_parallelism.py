@@ -108,6 +108,24 @@ def test_a_request_longer_than_the_models_context_is_rejected() -> None:
     assert plan("llama-3.1-8b", 1, "h100", longer, SLOTarget(600.0, 1.0)).instances
 
 
+@pytest.mark.parametrize(
+    ("lengths", "key"),
+    [
+        ({"prompt_len": 100, "output_len": 9000}, "output_len"),  # the prompt alone fits
+        ({"prompt_len": 9000, "output_len": 100}, "prompt_len"),
+        ({"prompt_len": 100, "prompt_p90": 8192, "output_len": 10}, "prompt_p90"),
+        ({"prompt_p90": 8000, "output_p90": 500}, "output_p90"),
+        ({"prompt_len": 8000, "output_len": 100, "output_p90": 500}, "output_p90"),
+    ],
+)
+def test_a_request_longer_than_the_context_names_the_length_that_tipped_it_over(
+    lengths: dict[str, int], key: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"longer than Llama-3-8B's context window") as e:
+        plan_command("llama-3-8b", "1xH100", **lengths)  # type: ignore[arg-type]
+    assert e.value.key == key
+
+
 def test_heads_not_divisible_by_tp_are_rejected() -> None:
     p = plan("qwen2.5-7b", 8, "h100", CHAT, SLO, allow_pd=False)
     reasons = {c.label: r for c, r in p.rejected}

@@ -414,6 +414,14 @@ def test_launch_file_that_plans_with_a_topology(tmp_path: Path) -> None:
             r":4: launch\.plan\.slo_ttft: expected a duration such as 2s or 50ms, got '2'",
         ),
         (
+            '[launch]\n[launch.plan]\ngpus = "1xH100"\nprompt_p90 = 8000\noutput_p90 = 500\n',
+            r":5: launch\.plan\.output_p90: one p90 request \(8500 tokens: ",
+        ),
+        (
+            '[launch]\n[launch.plan]\ngpus = "1xH100"\nprompt_len = 9000\n',
+            r":4: launch\.plan\.prompt_len: one p90 request \(9256 tokens: ",
+        ),
+        (
             "[launch]\nbase_port = 65535\n[[launch.instances]]\n[[launch.instances]]\n",
             r":2: launch\.base_port: 2 engines need ports 65535-65536, past 65535",
         ),

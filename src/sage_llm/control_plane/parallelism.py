@@ -752,14 +752,7 @@ def plan(
     ConfigError for bad inputs or when no candidate can serve the workload.
     """
     mspec, gspec = resolve_model(model), resolve_gpu(gpu)
-    longest = workload.p90_prompt + workload.p90_output
-    if mspec.max_context is not None and longest > mspec.max_context:
-        raise ConfigError(
-            f"one p90 request ({longest:.0f} tokens: prompt and output) is longer than "
-            f"{mspec.name}'s context window ({mspec.max_context:,} tokens); no engine would "
-            "take it",
-            key="prompt_len",
-        )
+    _check_context(mspec, workload)
     notes: list[str] = []
     alloc = _allocation(gpus, topology, notes)
     nodes = _nodes(alloc, gspec, topology, notes)
@@ -834,6 +827,25 @@ def plan(
         mspec, gspec, workload, slo, best.cand, best.insts, best.est, explanation,
         alternatives, rejected, notes,
     )  # fmt: skip
+
+
+def _check_context(mspec: ModelSpec, workload: WorkloadProfile) -> None:
+    """ConfigError when a p90 prompt and a p90 output together exceed the model's context,
+    keyed by the length that tipped it over: the prompt's when it leaves no room for one
+    output token, else the output's; its p90 where that is not its mean."""
+    prompt, output = workload.p90_prompt, workload.p90_output
+    if mspec.max_context is None or prompt + output <= mspec.max_context:
+        return
+    if prompt + 1 > mspec.max_context:
+        key = "prompt_len" if workload.prompt_p90 == workload.prompt_mean else "prompt_p90"
+    else:
+        key = "output_len" if workload.output_p90 == workload.output_mean else "output_p90"
+    raise ConfigError(
+        f"one p90 request ({prompt + output:.0f} tokens: prompt {prompt:.0f} and output "
+        f"{output:.0f}) is longer than {mspec.name}'s context window ({mspec.max_context:,} "
+        "tokens); no engine would take it",
+        key=key,
+    )
 
 
 def _count(cand: Candidate) -> int:
