@@ -335,6 +335,20 @@ def test_launching_pd_roles_with_pd_off_in_the_config_names_the_key(tmp_path: Pa
     assert f"(the engines of {plan})" in output
 
 
+def test_launching_pd_roles_with_pd_enabled_off_in_the_config_names_that_key(
+    tmp_path: Path,
+) -> None:
+    plan = tmp_path / "pd.json"
+    instances = [{"role": role, "tp": 1, "gpu_ids": [g], "node": 0}
+                 for g, role in enumerate(("prefilling", "decoding"))]  # fmt: skip
+    plan.write_text(json.dumps({"model": "llama-3-8b", "gpu": "H100", "instances": instances}))
+    cfg = tmp_path / "nopd.toml"
+    cfg.write_text("[services.llm_control_plane.pd]\nenabled = false\n")
+    code, output = invoke("launch", str(plan), "--config", str(cfg), "--base-port", "18810")
+    assert code == 1
+    assert f"error: {cfg}:2: services.llm_control_plane.pd.enabled: node 0" in output
+
+
 def test_serve_refuses_a_json_file_as_config_check_does(tmp_path: Path) -> None:
     """config check reads a .json file as a plan: serve had run it as TOML all the same."""
     as_json = tmp_path / "cluster.json"

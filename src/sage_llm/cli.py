@@ -862,7 +862,9 @@ def launch(
     if not (cp.enable_pd_separation and cp.pd.enabled):  # --config turns PD off
         problem = fleet_problem(engines, pd_enabled=False)
         if problem is not None:
-            key = "pd.enabled" if cp.enable_pd_separation else "enable_pd_separation"
+            # the one of the two the file sets (loading makes them agree)
+            written = [k for k in ("enable_pd_separation", "pd.enabled") if k in sage.written_at]
+            key = written[0] if written else "enable_pd_separation"
             _fail(f"{sage.where(key)}: {problem} (the engines of {source})")
     where = "--port" if port is not None else sage.where("gateway.port")
     for engine in engines:
