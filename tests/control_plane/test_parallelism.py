@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -555,6 +556,51 @@ def test_plans_that_serve_nothing_are_rejected() -> None:
     assert "0.00 req/s" not in big.explanation
     with pytest.raises(ConfigError, match=r"no feasible plan.*serves nothing under the SLO"):
         plan("llama-3-70b", 8, "h100", CHAT, SLOTarget(ttft_s=0.001, tpot_s=0.05))
+
+
+def test_no_feasible_plan_says_how_many_reasons_it_leaves_out() -> None:
+    with pytest.raises(ConfigError, match="no feasible plan") as e:
+        plan("llama-3-70b", 8, "h100", CHAT, SLOTarget(ttft_s=0.001, tpot_s=0.05))
+    shown = e.value.message.split(": ", 1)[1].split("; ")
+    assert len(shown) == 7 and re.fullmatch(r"… and \d+ more", shown[-1]), shown[-1]
+    with pytest.raises(ConfigError) as few:  # all shown: nothing to add
+        plan("llama-3-70b", 1, "h100", CHAT, SLO)
+    assert "more" not in few.value.message
+
+
+@pytest.mark.parametrize(
+    ("slo_ttft", "slo_tpot", "shown"),
+    [
+        ("2s", "1us", r"\(\d+ ms against 1 µs\)"),
+        ("2s", "500us", r"\(\d+ ms against 500 µs\)"),
+        ("2s", "5ms", r"\(\d+ ms against 5 ms\)"),
+        ("1ms", "50ms", r"\(\d+ ms against 1 ms\)"),
+    ],
+)
+def test_sub_millisecond_targets_are_written_in_microseconds(
+    slo_ttft: str, slo_tpot: str, shown: str
+) -> None:
+    with pytest.raises(ConfigError, match=shown) as e:
+        plan_command("llama-3-8b", "1xH100", slo_ttft, slo_tpot)
+    assert "against 0 ms" not in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        ((None, 1, "h100", CHAT, SLO), "model"),
+        (("llama-3-8b", 1, None, CHAT, SLO), "gpu"),
+        (("llama-3-8b", 1, "h100", None, SLO), "workload"),
+        (("llama-3-8b", 1, "h100", CHAT, 0.05), "slo"),
+        (("llama-3-8b", 1, "h100", CHAT, SLO, "topo.txt"), "topology"),
+    ],
+)
+def test_plan_arguments_of_the_wrong_type_are_config_errors(
+    args: tuple[object, ...], key: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: must be ") as e:
+        plan(*args)  # type: ignore[arg-type]
+    assert e.value.key == key
 
 
 def test_the_planner_uses_the_fitted_cpu_tiny_profile() -> None:

@@ -173,6 +173,12 @@ def test_launch_settings_validation() -> None:
         LaunchSettings(base_port=0)
     with pytest.raises(ConfigError, match="health_timeout_s"):
         LaunchSettings(health_timeout_s=0)
+    with pytest.raises(ConfigError, match=r"^base_port: must be an integer, got '8100'$"):
+        LaunchSettings(base_port="8100")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^kv_base_port: must be an integer, got True$"):
+        LaunchSettings(kv_base_port=True)
+    with pytest.raises(ConfigError, match=r"^health_poll_s: must be a number, got '1'$"):
+        LaunchSettings(health_poll_s="1")  # type: ignore[arg-type]
     assert LaunchSettings(host="10.0.0.5").reachable_host == "10.0.0.5"
     assert LaunchSettings(host="0.0.0.0", advertise_host="node7").reachable_host == "node7"
 

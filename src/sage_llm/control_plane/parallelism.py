@@ -751,6 +751,7 @@ def plan(
     PD role only), as ``sage-llm launch`` runs a node with its own gateway. Raises
     ConfigError for bad inputs or when no candidate can serve the workload.
     """
+    _check_plan_args(model, gpu, workload, slo, topology, limits)
     mspec, gspec = resolve_model(model), resolve_gpu(gpu)
     _check_context(mspec, workload)
     notes: list[str] = []
@@ -808,7 +809,10 @@ def plan(
     else:  # the rate is beyond every plan: each competes at its own capacity, whatever caps
         scored += [sc for sc, _ in kv_capped]  # it (a latency target, its KV cache)
     if not scored:
-        reasons = "; ".join(f"{c.label}: {r}" for c, r in rejected[:6])
+        shown = 6
+        reasons = "; ".join(f"{c.label}: {r}" for c, r in rejected[:shown])
+        if len(rejected) > shown:
+            reasons += f"; … and {len(rejected) - shown} more"
         raise ConfigError(
             f"no feasible plan for {mspec.name} on {alloc.total} × {gspec.name}: {reasons}"
         )
@@ -827,6 +831,23 @@ def plan(
         mspec, gspec, workload, slo, best.cand, best.insts, best.est, explanation,
         alternatives, rejected, notes,
     )  # fmt: skip
+
+
+def _check_plan_args(
+    model: object, gpu: object, workload: object, slo: object, topology: object, limits: object
+) -> None:
+    """:class:`ConfigError` naming the argument of :func:`plan` of the wrong type."""
+    expected: tuple[tuple[str, object, type | tuple[type, ...], str], ...] = (
+        ("model", model, (str, ModelSpec), "a model name or a ModelSpec"),
+        ("gpu", gpu, (str, GPUSpec), "a GPU name or a GPUSpec"),
+        ("workload", workload, WorkloadProfile, "a WorkloadProfile"),
+        ("slo", slo, SLOTarget, "an SLOTarget"),
+        ("topology", topology, (Topology, type(None)), "a Topology or None"),
+        ("limits", limits, (EngineLimits, type(None)), "EngineLimits or None"),
+    )
+    for key, value, kind, what in expected:
+        if not isinstance(value, kind):
+            raise ConfigError(f"must be {what}, got {value!r}", key=key)
 
 
 def _check_context(mspec: ModelSpec, workload: WorkloadProfile) -> None:
@@ -877,10 +898,11 @@ def _above(value: float, target: float) -> str:
     """``VALUE against TARGET`` (value above target) as :func:`_ms` writes them, with the
     digits that show the miss (``50.04 ms against 50.00 ms``, not ``50 ms against 50
     ms``)."""
-    if (value < 1) != (target < 1):  # different units: the figures differ anyway
+    if _unit(value) != _unit(target):  # different units: the figures differ anyway
         return f"{_ms(value)} against {_ms(target)}"
-    # _ms's own precision first (0 digits in ms, 2 in s), more while the two read the same
-    unit, scale, digits = (" ms", 1000.0, 0) if value < 1 else (" s", 1.0, 2)
+    # _ms's own precision first (0 digits in µs and ms, 2 in s), more while the two read
+    # the same
+    unit, scale, digits = _unit(value)
     while f"{value * scale:.{digits}f}" == f"{target * scale:.{digits}f}" and digits < 6:
         digits += 1
     return f"{value * scale:.{digits}f}{unit} against {target * scale:.{digits}f}{unit}"
@@ -939,9 +961,18 @@ def _kv_reason(at_rate: _Outcome, est: PlanEstimates) -> str:
 
 
 def _ms(seconds: float) -> str:
+    """A duration in µs below 1 ms, in ms below 1 s, else in s."""
     if math.isinf(seconds):
         return "∞"
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+    unit, scale, digits = _unit(seconds)
+    return f"{seconds * scale:.{digits}f}{unit}"
+
+
+def _unit(seconds: float) -> tuple[str, float, int]:
+    """The unit :func:`_ms` writes ``seconds`` in: its name, scale and digits."""
+    if seconds < 1e-3:
+        return " µs", 1e6, 0
+    return (" ms", 1e3, 0) if seconds < 1 else (" s", 1.0, 2)
 
 
 def _instances(n: int) -> str:

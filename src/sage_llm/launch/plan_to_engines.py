@@ -95,6 +95,11 @@ _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 _PD_ROLES = (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING)
 
 
+_INT_SETTINGS = ("base_port", "kv_base_port", "node", "max_concurrent_requests")
+_NUMBER_SETTINGS = ("sim_speed", "health_timeout_s", "health_poll_s", "stop_grace_s",
+                    "gpu_memory_gb")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LaunchSettings:
     """How to start the engines of a plan on one machine.
@@ -139,6 +144,14 @@ class LaunchSettings:
             raise ConfigError("must be 'module' or 'script'", key="sim_entry")
         if not self.model:
             raise ConfigError("must not be empty", key="model")
+        numbers = (
+            *((k, int, "an integer") for k in _INT_SETTINGS),
+            *((k, int | float, "a number") for k in _NUMBER_SETTINGS),
+        )
+        for key, kind, what in numbers:  # (from Python, a string would fail a comparison)
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ConfigError(f"must be {what}, got {value!r}", key=key)
         for key in ("base_port", "kv_base_port"):
             if not 1 <= getattr(self, key) <= 65535:
                 raise ConfigError(f"must be a port (1-65535), got {getattr(self, key)}", key=key)
