@@ -186,31 +186,26 @@ def test_bad_arguments_are_refused_when_parsed(
 # -- what the arguments name is checked before any work -------------------------------------
 
 
-def test_an_unwritable_bench_pd_report_is_a_one_line_error_before_the_run(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("argv", "code", "said"),
+    [
+        # (then why, as the OS says it)
+        (["--out", "/proc/x.json"], 1, "error: --out: cannot write /proc/x.json: "),
+        # --speed compresses the real-time part only: without --realtime it would be ignored
+        (["--speed", "4"], 2, "error: --speed: applies to the real-time part only: give --"),
+    ],
+)
+def test_bench_pd_refuses_what_it_cannot_do_in_one_line_before_the_run(
+    argv: list[str], code: int, said: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def never(**_kwargs: object) -> dict[str, object]:
         raise AssertionError("the benchmark ran")
 
     monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
-    code, output = invoke("bench", "pd", "--out", "/proc/x.json")
-    assert code == 1
-    assert output.startswith("error: --out: cannot write /proc/x.json: ")  # why: per the OS
+    exit_code, output = invoke("bench", "pd", *argv)
+    assert exit_code == code
+    assert output.startswith(said)
     assert output.count("\n") == 1
-
-
-def test_bench_pd_speed_without_realtime_is_refused_before_the_run(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """--speed compresses the real-time part only: without --realtime it would be ignored."""
-
-    def never(**_kwargs: object) -> dict[str, object]:
-        raise AssertionError("the benchmark ran")
-
-    monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
-    code, output = invoke("bench", "pd", "--speed", "4")
-    assert code == 2
-    assert output == "error: --speed: applies to the real-time part only: give --realtime too\n"
 
 
 @pytest.mark.parametrize(

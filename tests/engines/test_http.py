@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -339,38 +340,32 @@ async def test_prefill_leg_body_matches_vllm_protocol(
     assert handle.first_token is not None and handle.first_token.text == "Hi"
 
 
-async def test_prefill_without_kv_transfer_params_explains_configuration(
-    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("fields", "error", "said"),
+    [
+        ({}, EngineError, "--kv-transfer-config"),  # the engine is not configured for PD
+        ({"kv_transfer_params": [1]}, EngineStreamError,
+         "eng-0: prefill response's kv_transfer_params is not an object: [1]"),
+    ],
+)  # fmt: skip
+async def test_a_prefill_answer_without_usable_kv_transfer_params_is_the_instances_failure(
+    raw: tuple[Recorder, int],
+    session: aiohttp.ClientSession,
+    fields: dict[str, object],
+    error: type[EngineError],
+    said: str,
 ) -> None:
     rec, port = raw
 
     async def reply(request: web.Request) -> web.StreamResponse:
         choice = {"index": 0, "text": "x", "finish_reason": "length"}
-        return web.json_response({"choices": [choice], "usage": USAGE})
+        return web.json_response({"choices": [choice], "usage": USAGE, **fields})
 
     rec.handler = reply
-    with pytest.raises(EngineError, match="--kv-transfer-config") as info:
+    with pytest.raises(error, match=re.escape(said)) as info:
         await client_for(port, session).prefill(completion_req())
     # the instance's failure, as the engine's refusal of the field is: tried elsewhere
     assert info.value.retryable is True and info.value.status is None
-
-
-async def test_prefill_with_kv_transfer_params_not_an_object_says_so(
-    raw: tuple[Recorder, int], session: aiohttp.ClientSession
-) -> None:
-    rec, port = raw
-
-    async def reply(request: web.Request) -> web.StreamResponse:
-        choice = {"index": 0, "text": "x", "finish_reason": "length"}
-        return web.json_response({"choices": [choice], "usage": USAGE, "kv_transfer_params": [1]})
-
-    rec.handler = reply
-    with pytest.raises(EngineStreamError) as info:
-        await client_for(port, session).prefill(completion_req())
-    assert info.value.message == (
-        "eng-0: prefill response's kv_transfer_params is not an object: [1]"
-    )
-    assert info.value.retryable is True
 
 
 async def test_usage_chunk_after_finish_is_merged_into_last_chunk(
