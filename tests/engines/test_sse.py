@@ -19,7 +19,7 @@ from sage_llm.engines.sse import (
     parse_usage,
     usage_json,
 )
-from sage_llm.errors import EngineError, EngineStreamError
+from sage_llm.errors import EngineError, EngineRequestRejectedError, EngineStreamError
 
 REQ = EngineRequest(request_id="r", model="m", prompt="a b c")
 
@@ -235,3 +235,49 @@ def test_the_engines_other_usage_fields_are_kept_and_given_back() -> None:
         assert usage_json(parsed)["completion_tokens_details"] == {"reasoning_tokens": 2}
     plain = parse_usage({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
     assert plain is not None and plain.extra is None
+
+
+def test_a_leading_byte_order_mark_is_dropped_once() -> None:
+    """WHATWG: the first event of a stream that begins with a BOM is not lost."""
+    dec = SSEDecoder()
+    events = dec.feed('\ufeffdata: {"a":1}\n\n'.encode()) + dec.feed(b'data: {"b":2}\n\n')
+    assert [e.data for e in events] == ['{"a":1}', '{"b":2}']
+    split = SSEDecoder()  # a BOM split between reads; one inside the stream is kept
+    rest = b"\xbfdata: x\n\n" + "data: \ufeffy\n\n".encode()
+    events = split.feed(b"\xef\xbb") + split.feed(rest)
+    assert [e.data for e in events] == ["x", "\ufeffy"]
+
+
+def test_an_error_field_is_an_error_event_with_the_engines_message() -> None:
+    """llama.cpp's server sends a stream's error as an ``error:`` field."""
+    body = json.dumps(
+        {"code": 400, "message": "the request exceeds the available context size",
+         "type": "invalid_request_error"}
+    )  # fmt: skip
+    (event,) = SSEDecoder().feed(f"error: {body}\n\n".encode())
+    assert (event.event, event.data) == ("error", body)
+    with pytest.raises(EngineError, match="exceeds the available context size") as info:
+        StreamAssembler(REQ).on_event(event.data, event.event)
+    assert not isinstance(info.value, EngineRequestRejectedError)  # no field named
+    with pytest.raises(EngineError, match="engine error in stream: out of memory"):
+        StreamAssembler(REQ).on_event("out of memory", "error")  # not JSON: its text
+
+
+def test_an_error_event_naming_a_field_before_any_token_is_the_requests_refusal() -> None:
+    refusal = {"error": {"message": "max_tokens too large", "type": "BadRequestError",
+                         "param": "max_tokens", "code": 400}}  # fmt: skip
+    with pytest.raises(EngineRequestRejectedError, match="max_tokens too large") as refused:
+        StreamAssembler(REQ, "e0").on_event(json.dumps(refusal))
+    assert (refused.value.param, refused.value.status, refused.value.retryable) == (
+        "max_tokens", 400, False
+    )  # fmt: skip
+    # vLLM says 400 of any failure inside a stream: without a field it is the engine's
+    vague = {"error": {"message": "boom", "type": "BadRequestError", "code": 400}}
+    with pytest.raises(EngineError) as failed:
+        StreamAssembler(REQ).on_event(json.dumps(vague))
+    assert type(failed.value) is EngineError
+    asm = StreamAssembler(REQ)  # after a token it cannot be the request's refusal
+    asm.on_event(json.dumps({"choices": [{"index": 0, "text": "x"}]}))
+    with pytest.raises(EngineError) as late:
+        asm.on_event(json.dumps(refusal))
+    assert type(late.value) is EngineError

@@ -487,7 +487,7 @@ class HTTPEngineClient:
             batch: list[Chunk] = []
             try:
                 for event in events:
-                    batch += asm.on_event(event.data)
+                    batch += asm.on_event(event.data, event.event)
                 ended = asm.done or not data
                 if ended:  # the last chunk goes with the read that ended the stream
                     batch += asm.finish()

@@ -7,8 +7,10 @@
 The decoder follows the WHATWG event-stream rules that matter for LLM servers: lines end in
 ``\\n``, ``\\r\\n`` or ``\\r``; ``data:`` lines of one event are joined with ``\\n``; a blank
 line ends the event; lines starting with ``:`` are comments; one space after the colon is
-dropped. Bytes may arrive split anywhere, including inside a UTF-8 sequence or between
-``\\r`` and ``\\n``.
+dropped; one byte-order mark at the start of the stream is dropped. Bytes may arrive split
+anywhere, including inside a UTF-8 sequence or between ``\\r`` and ``\\n``. An ``error:``
+field (llama.cpp's server sends a stream's error so) is an event named ``error`` with that
+data, as ``event: error`` names one.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import codecs
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from sage_llm import jsonutil
 from sage_llm.engines.base import Chunk, EngineRequest, Usage, fill_chunk, fill_usage
-from sage_llm.errors import EngineError, EngineStreamError
+from sage_llm.errors import EngineError, EngineRequestRejectedError, EngineStreamError
 from sage_llm.fastinit import field_filler
 from sage_llm.tokens import chat_prompt_text, count_tokens
 
@@ -57,6 +59,8 @@ class SSEDecoder:
         self._event = ""
         self._id: str | None = None
         self._saw_field = False
+        self._started = False
+        """Some text has come (a byte-order mark is dropped only before any)."""
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Decode ``chunk`` and return the events it completed (possibly none)."""
@@ -70,6 +74,10 @@ class SSEDecoder:
             text = self._utf8.decode(chunk)
         if not text:
             return []
+        if not self._started:
+            self._started = True
+            if text[0] == "\ufeff":  # WHATWG: one leading byte-order mark is dropped
+                text = text[1:]
         self._buf += text
         return self._drain(final=False)
 
@@ -141,6 +149,9 @@ class SSEDecoder:
             self._event = value
         elif name == "id":
             self._id = value
+        elif name == "error":  # llama.cpp's stream error: an event named "error"
+            self._data.append(value)
+            self._event = "error"
         else:
             return  # "retry" and unknown fields are ignored
         self._saw_field = True
@@ -369,10 +380,14 @@ class StreamAssembler:
             retryable=not self.produced,
         )
 
-    def on_event(self, data: str) -> list[Chunk]:
-        """Chunks completed by one event's ``data`` (possibly none)."""
+    def on_event(self, data: str, kind: str = "message") -> list[Chunk]:
+        """Chunks completed by one event's ``data`` (possibly none); ``kind``: the event's
+        name (an ``error`` event's data is the error, with or without ``{"error": …}``
+        around it)."""
         if self.done:
             return []
+        if kind == "error":
+            self._event_error(data)
         if data == DONE or (data[:1] != "{" and data.strip() == DONE):
             self.done = True
             return []
@@ -386,7 +401,7 @@ class StreamAssembler:
             raise self._fail(EngineStreamError, f"stream event is not an object: {data[:200]!r}")
         err = stream_error(obj)
         if err is not None:
-            raise self._fail(EngineError, f"engine error in stream: {err[0]}", err[1])
+            self._raise_error(obj, err)
         get = obj.get
         raw_usage = get("usage")
         if raw_usage is not None:
@@ -422,6 +437,36 @@ class StreamAssembler:
                 self._unfinished.add(chunk.index)
                 out.append(chunk)
         return out
+
+    def _event_error(self, data: str) -> None:
+        """Raise the error an ``error`` event carries."""
+        try:
+            obj = jsonutil.loads(data)
+        except ValueError:
+            obj = None
+        if type(obj) is not dict:
+            raise self._fail(EngineError, f"engine error in stream: {data[:500] or 'no reason'}")
+        if stream_error(obj) is None:  # llama.cpp's: the error object itself
+            obj = {"error": obj}
+        err = stream_error(obj)
+        assert err is not None
+        self._raise_error(obj, err)
+
+    def _raise_error(self, obj: Mapping[str, Any], err: tuple[str, int | None]) -> NoReturn:
+        """Raise an engine's error event: a refusal of the request (a 400, 413 or 422 that
+        names the field, before any token) as :class:`EngineRequestRejectedError`, as the
+        same answer with that HTTP status is; any other as :class:`EngineError` (vLLM says
+        400 of any failure inside a stream, so a code alone tells nothing)."""
+        message, code = err
+        inner = obj.get("error")
+        where = inner if isinstance(inner, Mapping) else obj
+        param = where.get("param")
+        if code in (400, 413, 422) and isinstance(param, str) and param and not self.produced:
+            prefix = f"{self._instance_id}: " if self._instance_id else ""
+            raise EngineRequestRejectedError(
+                prefix + message, instance_id=self._instance_id, status=code, param=param
+            )
+        raise self._fail(EngineError, f"engine error in stream: {message}", code)
 
     def finish(self) -> list[Chunk]:
         """At the end of the stream: the final chunk, with ``finish_reason`` and ``usage``."""
