@@ -111,7 +111,32 @@ async def test_content_length_body_and_one_write_per_request(
     assert head.startswith("POST /v1/completions HTTP/1.1\r\n")
     assert f"Host: 127.0.0.1:{pool.port}\r\n" in head
     assert "Content-Length: 7\r\n" in head and "X-Request-Id: r1\r\n" in head
+    assert "Accept-Encoding: identity\r\n" in head  # the body as it is
     assert raw.bodies == [b'{"a":1}']
+
+
+async def test_interim_answers_are_read_past_to_the_final_one(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    """RFC 9110: a client reads any 1xx heads (but 101) before the final answer."""
+    raw, _port = server
+    raw.reply = send(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    resp = await pool.request("POST", "/v1/completions", b"{}")
+    assert (resp.status, resp.content_type) == (200, "application/json")
+    assert "link" not in resp.headers  # the interim answer's
+    assert await body_of(resp) == b"{}"
+
+
+async def test_a_compressed_body_is_refused_naming_its_encoding(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\nxx")
+    with pytest.raises(ConnectionError, match="Content-Encoding 'gzip'"):
+        await pool.request("POST", "/v1/completions", b"{}")
 
 
 async def test_response_headers_are_lower_cased_trimmed_and_repeats_joined(

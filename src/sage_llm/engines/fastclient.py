@@ -168,23 +168,16 @@ class FastResponse:
         self._drain_timer: asyncio.TimerHandle | None = None
 
     async def _read_head(self) -> None:
-        conn = self._conn
-        assert conn is not None
+        """The final response's head: interim ones (``100 Continue``, ``103 Early Hints``:
+        1xx but 101) are read past, as RFC 9110 asks of every client."""
         while True:
-            end = conn.buf.find(b"\r\n\r\n")
-            if end >= 0:
+            lines = await self._next_head()
+            parts = lines[0].split(" ", 2)
+            code = parts[1] if len(parts) > 1 else ""
+            if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
+                raise ConnectionError(f"not an HTTP/1.x response: {lines[0][:100]!r}")
+            if not (100 <= int(code) < 200) or int(code) == 101:
                 break
-            if len(conn.buf) > _MAX_HEAD:
-                raise ConnectionError("response head too large")
-            if not await conn.more():
-                raise ConnectionError(_closed_message(conn, "before the response"))
-        head = bytes(conn.buf[:end]).decode("latin-1")
-        del conn.buf[: end + 4]
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ", 2)
-        code = parts[1] if len(parts) > 1 else ""
-        if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
-            raise ConnectionError(f"not an HTTP/1.x response: {lines[0][:100]!r}")
         self.status = int(parts[1])
         self.reason = parts[2] if len(parts) > 2 else ""
         headers = self.headers
@@ -196,6 +189,12 @@ class FastResponse:
             value = value.strip()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         self.content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        coding = headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("identity", ""):  # asked for identity: a body this reads as it is
+            raise ConnectionError(
+                f"the engine answered with Content-Encoding {coding!r}, which this client "
+                "does not decode (it asks for identity)"
+            )
         connection = headers.get("connection", "").lower()
         self._keep_alive = (
             "close" not in connection if parts[0] == "HTTP/1.1" else "keep-alive" in connection
@@ -215,6 +214,22 @@ class FastResponse:
         else:
             self._mode = 2
             self._keep_alive = False
+
+    async def _next_head(self) -> list[str]:
+        """The lines of the next response head in the buffer (waiting for it)."""
+        conn = self._conn
+        assert conn is not None
+        while True:
+            end = conn.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(conn.buf) > _MAX_HEAD:
+                raise ConnectionError("response head too large")
+            if not await conn.more():
+                raise ConnectionError(_closed_message(conn, "before the response"))
+        head = bytes(conn.buf[:end]).decode("latin-1")
+        del conn.buf[: end + 4]
+        return head.split("\r\n")
 
     @property
     def at_eof(self) -> bool:
@@ -454,7 +469,7 @@ class FastPool:
         assert transport is not None
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-            f"Content-Length: {len(body)}\r\n{headers}\r\n"
+            f"Accept-Encoding: identity\r\nContent-Length: {len(body)}\r\n{headers}\r\n"
         )
         resp = FastResponse(self, conn)
         try:
