@@ -900,3 +900,28 @@ async def test_an_engine_at_an_ipv6_address_is_reached(
         assert (await client.complete(completion_req(request_id="r2")))[-1].finish_reason
     finally:
         await runner.cleanup()
+
+
+async def test_a_compressed_answer_is_decoded_or_an_unusable_answer_never_a_broken_link(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, request: pytest.FixtureRequest
+) -> None:
+    """aiohttp's transport decodes gzip; the lean one asks for identity and fails a gzip
+    answer as an unusable answer (EngineStreamError), not as a broken connection, which
+    would eject the instance at once."""
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        choice = {"index": 0, "text": "zipped", "finish_reason": "stop"}
+        resp = web.json_response({"choices": [choice], "usage": USAGE})
+        resp.enable_compression(web.ContentCoding.gzip)  # whatever the client asked for
+        return resp
+
+    rec.handler = reply
+    client = client_for(port, session)
+    if request.node.callspec.params["session"] == "aiohttp":
+        chunks = await collect(client, completion_req(stream=False))
+        assert [c.text for c in chunks] == ["zipped"]
+        return
+    with pytest.raises(EngineStreamError, match="Content-Encoding 'gzip'") as info:
+        await collect(client, completion_req(stream=False))
+    assert type(info.value) is EngineStreamError and info.value.retryable

@@ -134,6 +134,11 @@ class _Conn(asyncio.Protocol):
             self.transport.abort()
 
 
+class UnsupportedEncodingError(ValueError):
+    """An answer's body came compressed though identity was asked for: the engine's
+    answer is unusable, its connection is not at fault."""
+
+
 class FastResponse:
     """The response to one :meth:`FastPool.request`; read its body, then :meth:`release`
     it (back to the pool when read to the end and reusable) or :meth:`close` it."""
@@ -191,7 +196,7 @@ class FastResponse:
         self.content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         coding = headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("identity", ""):  # asked for identity: a body this reads as it is
-            raise ConnectionError(
+            raise UnsupportedEncodingError(
                 f"the engine answered with Content-Encoding {coding!r}, which this client "
                 "does not decode (it asks for identity)"
             )

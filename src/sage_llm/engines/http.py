@@ -33,7 +33,12 @@ import aiohttp
 
 from sage_llm import jsonutil
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle
-from sage_llm.engines.fastclient import EngineConnector, FastPool, FastResponse
+from sage_llm.engines.fastclient import (
+    EngineConnector,
+    FastPool,
+    FastResponse,
+    UnsupportedEncodingError,
+)
 from sage_llm.engines.metrics_scrape import scrape_text_to_stats
 from sage_llm.engines.sse import (
     SSEDecoder,
@@ -520,6 +525,8 @@ class HTTPEngineClient:
                     )
         except TimeoutError:
             raise self._error(EngineTimeoutError, f"POST {path} timed out") from None
+        except UnsupportedEncodingError as exc:  # an answer unusable, not a broken connection
+            raise self._error(EngineStreamError, f"POST {path}: {exc}", retryable=True) from exc
         except OSError as exc:
             raise self._error(EngineConnectionError, f"POST {path} failed: {exc}") from exc
         if resp.status < 400:

@@ -463,8 +463,9 @@ class StreamAssembler:
         param = where.get("param")
         if code in (400, 413, 422) and isinstance(param, str) and param and not self.produced:
             prefix = f"{self._instance_id}: " if self._instance_id else ""
+            said = f"rejected the request (error event, code {code}, in its stream): {message}"
             raise EngineRequestRejectedError(
-                prefix + message, instance_id=self._instance_id, status=code, param=param
+                prefix + said, instance_id=self._instance_id, status=code, param=param
             )
         raise self._fail(EngineError, f"engine error in stream: {message}", code)
 
