@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -179,6 +181,18 @@ def test_launch_settings_validation() -> None:
         LaunchSettings(kv_base_port=True)
     with pytest.raises(ConfigError, match=r"^health_poll_s: must be a number, got '1'$"):
         LaunchSettings(health_poll_s="1")  # type: ignore[arg-type]
+    # every field of the wrong type, or out of range, is named, with what it got
+    for given, said in [
+        ({"log_dir": 5}, "log_dir: must be a path, got 5"),
+        ({"host": 5}, "host: must be a string, got 5"),
+        ({"extra_args": None}, "extra_args: must be a list of strings, got None"),
+        ({"env": None}, "env: must be a mapping of names to values, got None"),
+        ({"max_concurrent_requests": 0}, "max_concurrent_requests: must be >= 1, got 0"),
+        ({"node": -1}, "node: must be >= 0, got -1"),
+        ({"stop_grace_s": math.nan}, "stop_grace_s: must be a finite number, got nan"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+            LaunchSettings(**given)  # type: ignore[arg-type]
     assert LaunchSettings(host="10.0.0.5").reachable_host == "10.0.0.5"
     assert LaunchSettings(host="0.0.0.0", advertise_host="node7").reachable_host == "node7"
 

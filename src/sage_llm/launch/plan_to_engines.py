@@ -24,9 +24,10 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -152,14 +153,30 @@ class LaunchSettings:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ConfigError(f"must be {what}, got {value!r}", key=key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"must be a finite number, got {value!r}", key=key)
+        texts = ("model", "sim_gpu", "host", "machine_id", "python")
+        for key in (*texts, "served_model_name", "sim_model", "advertise_host"):
+            value = getattr(self, key)
+            if not isinstance(value, str) and (key in texts or value is not None):
+                raise ConfigError(f"must be a string, got {value!r}", key=key)
+        if not isinstance(self.log_dir, str | Path):
+            raise ConfigError(f"must be a path, got {self.log_dir!r}", key="log_dir")
+        if not isinstance(self.env, Mapping):
+            raise ConfigError(f"must be a mapping of names to values, got {self.env!r}", key="env")
+        if not isinstance(self.extra_args, Iterable):
+            raise ConfigError(
+                f"must be a list of strings, got {self.extra_args!r}", key="extra_args"
+            )
         for key in ("base_port", "kv_base_port"):
             if not 1 <= getattr(self, key) <= 65535:
                 raise ConfigError(f"must be a port (1-65535), got {getattr(self, key)}", key=key)
         for key in ("health_timeout_s", "health_poll_s", "sim_speed"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"must be > 0, got {getattr(self, key)}", key=key)
-        if self.stop_grace_s < 0 or self.max_concurrent_requests < 1 or self.node < 0:
-            raise ConfigError("stop_grace_s, node must be >= 0 and max_concurrent_requests >= 1")
+        for key, low in (("stop_grace_s", 0), ("node", 0), ("max_concurrent_requests", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"must be >= {low}, got {getattr(self, key)}", key=key)
         if not self.machine_id:
             raise ConfigError("must not be empty", key="machine_id")
         for key in ("host", "advertise_host"):
