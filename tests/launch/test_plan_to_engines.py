@@ -677,6 +677,30 @@ def _problems(path: Path) -> list[str]:
     return [str(e) for e in info.value.each()]
 
 
+@pytest.mark.parametrize(
+    ("share", "starts"),
+    [('"--gpu-memory-utilization", "0.95"', True), ('"--gpu_memory_utilization=0.92"', False)],
+)
+def test_the_memory_share_the_engines_are_given_is_the_one_checked(
+    tmp_path: Path, share: str, starts: bool
+) -> None:
+    """Llama-3-70B on one H200 needs a share of 0.94: the engines' own
+    --gpu-memory-utilization, not vLLM's default 0.9, says whether it starts."""
+    path = write(
+        tmp_path,
+        f'[launch]\nengine = "sim"\nmodel = "llama-3-70b"\ngpu = "h200"\n'
+        f"extra_args = [{share}]\n[[launch.instances]]\ntp = 1\n",
+    )
+    if starts:
+        load_launch_config(path)
+        return
+    assert _problems(path) == [
+        f"{path}:7: launch.instances[0].tp: its simulated engine cannot start: 0.92 of each "
+        "H200's 141 GiB is 129.7 GiB, but Llama-3-70B on 1 × H200 needs 131.4 GiB per GPU "
+        "(its weights and one KV block), a share of at least 0.94"
+    ]
+
+
 def test_what_would_stop_an_engine_once_started_is_said_before(tmp_path: Path) -> None:
     sim = write(
         tmp_path,

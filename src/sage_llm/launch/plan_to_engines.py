@@ -101,6 +101,23 @@ _NUMBER_SETTINGS = ("sim_speed", "health_timeout_s", "health_poll_s", "stop_grac
                     "gpu_memory_gb")  # fmt: skip
 
 
+def _memory_share(extra_args: Sequence[str]) -> float:
+    """The ``--gpu-memory-utilization`` the engines are given in ``extra_args`` (the last
+    one, as an argument parser reads it; ``_`` read as ``-``), else vLLM's 0.9; one that
+    is not a number in (0, 1] is left to the engine to refuse."""
+    share = 0.9
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name.replace("_", "-") != "--gpu-memory-utilization":
+            continue
+        text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        with contextlib.suppress(ValueError):
+            if 0 < (given := float(text)) <= 1:
+                share = given
+    return share
+
+
 @dataclass(frozen=True)
 class LaunchSettings:
     """How to start the engines of a plan on one machine.
@@ -982,7 +999,10 @@ def load_launch_config(
             said: set[str] = set()
             model = settings.sim_model or settings.model
             for k, inst in enumerate(instances):
-                misfit = placement_problem(model, settings.sim_gpu, tp=inst.tp, pp=inst.pp)
+                misfit = placement_problem(
+                    model, settings.sim_gpu, tp=inst.tp, pp=inst.pp,
+                    gpu_memory_utilization=_memory_share(settings.extra_args),
+                )  # fmt: skip
                 if misfit is not None and misfit not in said:
                     said.add(misfit)
                     located.add(
@@ -1167,7 +1187,10 @@ def _check_shapes(
     for k, inst in enumerate(instances):
         if settings.engine == "sim":
             model = settings.sim_model or settings.model
-            problem = placement_problem(model, settings.sim_gpu, tp=inst.tp, pp=inst.pp)
+            problem = placement_problem(
+                model, settings.sim_gpu, tp=inst.tp, pp=inst.pp,
+                gpu_memory_utilization=_memory_share(settings.extra_args),
+            )  # fmt: skip
             if problem is not None:
                 add(k, "tp", f"its simulated engine cannot start: {problem}")
         elif inst.pp > 1 and inst.role in _PD_ROLES:

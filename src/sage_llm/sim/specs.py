@@ -326,10 +326,12 @@ def tp_problem(model: ModelSpec, tp: int) -> str | None:
     return None
 
 
-def placement_problem(model: str, gpu: str, *, tp: int = 1, pp: int = 1) -> str | None:
+def placement_problem(
+    model: str, gpu: str, *, tp: int = 1, pp: int = 1, gpu_memory_utilization: float = 0.9
+) -> str | None:
     """Why a simulated engine of ``model`` on ``tp × pp`` ``gpu``s cannot start (an unknown
     name, a TP size vLLM refuses, more pipeline stages than layers, weights that leave no
-    room for the KV cache), or None."""
+    room for the KV cache in ``gpu_memory_utilization`` of each GPU), or None."""
     try:
         spec = get_model(model)
         problem = tp_problem(spec, tp)
@@ -339,7 +341,9 @@ def placement_problem(model: str, gpu: str, *, tp: int = 1, pp: int = 1) -> str 
                 "layers (a stage needs one at least)"
             )
         if problem is None:
-            kv_capacity_blocks(spec, get_gpu(gpu), tp=tp, pp=pp)
+            kv_capacity_blocks(
+                spec, get_gpu(gpu), tp=tp, pp=pp, gpu_memory_utilization=gpu_memory_utilization
+            )
     except ConfigError as exc:
         return exc.detail
     return problem
