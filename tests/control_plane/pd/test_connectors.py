@@ -262,6 +262,56 @@ def test_vllm_a_prefill_leg_not_ended_in_its_grace_is_aborted() -> None:
     run_virtual(main())
 
 
+class HeldPrefill:
+    """A prefill client whose legs all answer when ``arrived`` is set; it records its
+    releases."""
+
+    instance_id = "p0"
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.started = 0
+        self.released: list[str] = []
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        self.started += 1
+        await self.arrived.wait()
+        params = {"do_remote_prefill": True, "remote_request_id": req.request_id}
+        return KVHandle("p0", params, prompt_tokens=3)
+
+    def release_kv(self, request_id: str) -> bool:
+        self.released.append(request_id)
+        return True
+
+
+def test_vllm_a_cancelled_leg_releases_nothing_once_its_request_runs_there_again() -> None:
+    """The request was cancelled during its leg and sent again (moved to another pair)
+    to the same prefill instance under its id: the old leg's answer, coming in its grace,
+    must not release the KV that id now holds for the new leg."""
+
+    async def main() -> None:
+        prefill, decode = HeldPrefill(), FakeEngine("d0")
+        connector = VLLMConnector()
+        pair = legs(prefill, decode)  # type: ignore[arg-type]  # (no generate: never a decode leg)
+        first = asyncio.ensure_future(collect(connector.run(request(max_tokens=2), pair)))
+        await asyncio.sleep(0.001)  # the leg has begun
+        assert prefill.started == 1
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        again = asyncio.ensure_future(collect(connector.run(request(max_tokens=2), pair)))
+        await asyncio.sleep(0.001)
+        assert prefill.started == 2
+        prefill.arrived.set()  # both legs answer: the old one within its grace
+        chunks = await again
+        await connector.wait_released()
+        assert prefill.released == []
+        assert [c.text for c in chunks] == [" w0", " w1"]
+        assert connector._legs == {}  # nothing kept per request
+
+    run_virtual(main())
+
+
 def test_vllm_releases_by_pulling_when_the_prefill_client_cannot_release() -> None:
     async def main() -> None:
         p, d = sim_pair(link_gbps=1.0)

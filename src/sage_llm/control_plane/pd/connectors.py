@@ -207,19 +207,28 @@ class VLLMConnector:
         own abort timeout."""
         self._releasing: set[asyncio.Task[bool]] = set()
         """Releases going on after the request they were for was cancelled."""
+        self._legs: dict[tuple[str, str], int] = {}
+        """The last prefill leg begun on each (prefill instance, request id): a leg whose
+        request was cancelled releases its KV only while no later leg uses that id there
+        (a retry of the request on the same instance)."""
 
     async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
         """Prefill, then stream the decode leg."""
+        key = (legs.prefill.instance_id, req.request_id)
+        number = self._legs[key] = self._legs.get(key, 0) + 1
         leg = asyncio.ensure_future(legs.prefill.prefill(req))
         try:
             handle = await asyncio.shield(leg)  # cancelled: :meth:`_settle_cancelled`
         except asyncio.CancelledError:
-            self._settle_cancelled(req, leg, legs)
+            self._settle_cancelled(req, leg, legs, number)  # (which forgets the leg)
             raise
         except PDLegError:
+            self._forget_leg(key, number)
             raise
         except SageLLMError as exc:
+            self._forget_leg(key, number)
             raise PDLegError("prefill", exc, legs.prefill.instance_id, VLLM_LEG_FIELDS) from exc
+        self._forget_leg(key, number)
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
         decode_failed = False
@@ -252,24 +261,37 @@ class VLLMConnector:
                     # meanwhile (moved off its ejected decode instance, say)
                     await asyncio.shield(release)
 
+    def _forget_leg(self, key: tuple[str, str], number: int) -> None:
+        """The leg ``number`` on ``key`` has ended (unless a later one began there since)."""
+        if self._legs.get(key) == number:
+            del self._legs[key]
+
     def _settle_cancelled(
-        self, req: EngineRequest, leg: asyncio.Future[KVHandle], legs: PDLegs
+        self, req: EngineRequest, leg: asyncio.Future[KVHandle], legs: PDLegs, number: int
     ) -> None:
         """The request was cancelled during its prefill leg: the leg may have ended on the
         engine already (its answer on the way), and the engine then holds KV for a decode
         leg that will never come. Closing the leg's connection would not free it. So the
         leg is given ``cancel_grace_s`` to end, in a task of its own; ended, its KV is
-        released (:meth:`release`); not ended, its connection is closed, which aborts it."""
+        released (:meth:`release`); not ended, its connection is closed, which aborts it.
+        A leg of the request begun on the same instance since (``number`` is no longer the
+        last) holds that id there now: its KV is its own, and nothing is released."""
+        key = (legs.prefill.instance_id, req.request_id)
 
         async def settle() -> bool:
-            done, _ = await asyncio.wait({leg}, timeout=self.params.cancel_grace_s)
-            if not done:
-                leg.cancel()
-                await asyncio.gather(leg, return_exceptions=True)
-                return False
-            if leg.cancelled() or leg.exception() is not None:
-                return False
-            return await self.release(req, leg.result(), legs)
+            try:
+                done, _ = await asyncio.wait({leg}, timeout=self.params.cancel_grace_s)
+                if not done:
+                    leg.cancel()
+                    await asyncio.gather(leg, return_exceptions=True)
+                    return False
+                if leg.cancelled() or leg.exception() is not None:
+                    return False
+                if self._legs.get(key) != number:  # the request runs there again
+                    return False
+                return await self.release(req, leg.result(), legs)
+            finally:
+                self._forget_leg(key, number)
 
         task = asyncio.get_running_loop().create_task(settle(), name=f"kv-settle-{req.request_id}")
         self._releasing.add(task)
