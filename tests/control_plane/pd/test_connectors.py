@@ -263,19 +263,19 @@ def test_vllm_a_prefill_leg_not_ended_in_its_grace_is_aborted() -> None:
 
 
 class HeldPrefill:
-    """A prefill client whose legs all answer when ``arrived`` is set; it records its
-    releases."""
+    """A prefill client whose legs each answer when their gate (``gates[k]`` for the k-th
+    leg) is set; it records its releases."""
 
     instance_id = "p0"
 
     def __init__(self) -> None:
-        self.arrived = asyncio.Event()
-        self.started = 0
+        self.gates: list[asyncio.Event] = []
         self.released: list[str] = []
 
     async def prefill(self, req: EngineRequest) -> KVHandle:
-        self.started += 1
-        await self.arrived.wait()
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
         params = {"do_remote_prefill": True, "remote_request_id": req.request_id}
         return KVHandle("p0", params, prompt_tokens=3)
 
@@ -287,26 +287,36 @@ class HeldPrefill:
 def test_vllm_a_cancelled_leg_releases_nothing_once_its_request_runs_there_again() -> None:
     """The request was cancelled during its leg and sent again (moved to another pair)
     to the same prefill instance under its id: the old leg's answer, coming in its grace,
-    must not release the KV that id now holds for the new leg."""
+    must not release the KV that id holds for a later leg, also after one later leg ended
+    and another began."""
 
     async def main() -> None:
         prefill, decode = HeldPrefill(), FakeEngine("d0")
         connector = VLLMConnector()
         pair = legs(prefill, decode)  # type: ignore[arg-type]  # (no generate: never a decode leg)
-        first = asyncio.ensure_future(collect(connector.run(request(max_tokens=2), pair)))
-        await asyncio.sleep(0.001)  # the leg has begun
-        assert prefill.started == 1
+
+        def run() -> asyncio.Future[list[Chunk]]:
+            return asyncio.ensure_future(collect(connector.run(request(max_tokens=2), pair)))
+
+        first = run()
+        await asyncio.sleep(0.001)  # its leg has begun
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        again = asyncio.ensure_future(collect(connector.run(request(max_tokens=2), pair)))
+        second = run()
         await asyncio.sleep(0.001)
-        assert prefill.started == 2
-        prefill.arrived.set()  # both legs answer: the old one within its grace
-        chunks = await again
+        prefill.gates[1].set()
+        assert [c.text for c in await second] == [" w0", " w1"]
+        third = run()
+        await asyncio.sleep(0.001)
+        assert len(prefill.gates) == 3
+        prefill.gates[0].set()  # the first leg answers within its grace
+        await asyncio.sleep(0.01)
+        assert prefill.released == []  # the third leg's KV is its own
+        prefill.gates[2].set()
+        assert [c.text for c in await third] == [" w0", " w1"]
         await connector.wait_released()
         assert prefill.released == []
-        assert [c.text for c in chunks] == [" w0", " w1"]
         assert connector._legs == {}  # nothing kept per request
 
     run_virtual(main())

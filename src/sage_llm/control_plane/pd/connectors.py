@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import math
 import random
@@ -207,6 +208,7 @@ class VLLMConnector:
         own abort timeout."""
         self._releasing: set[asyncio.Task[bool]] = set()
         """Releases going on after the request they were for was cancelled."""
+        self._leg_numbers = itertools.count(1)
         self._legs: dict[tuple[str, str], int] = {}
         """The last prefill leg begun on each (prefill instance, request id): a leg whose
         request was cancelled releases its KV only while no later leg uses that id there
@@ -215,7 +217,7 @@ class VLLMConnector:
     async def run(self, req: EngineRequest, legs: PDLegs) -> AsyncGenerator[Chunk, None]:
         """Prefill, then stream the decode leg."""
         key = (legs.prefill.instance_id, req.request_id)
-        number = self._legs[key] = self._legs.get(key, 0) + 1
+        number = self._legs[key] = next(self._leg_numbers)  # never one a key had before
         leg = asyncio.ensure_future(legs.prefill.prefill(req))
         try:
             handle = await asyncio.shield(leg)  # cancelled: :meth:`_settle_cancelled`
@@ -228,6 +230,9 @@ class VLLMConnector:
         except SageLLMError as exc:
             self._forget_leg(key, number)
             raise PDLegError("prefill", exc, legs.prefill.instance_id, VLLM_LEG_FIELDS) from exc
+        except BaseException:  # a client's own failure (a bug): the leg is over all the same
+            self._forget_leg(key, number)
+            raise
         self._forget_leg(key, number)
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
