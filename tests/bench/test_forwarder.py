@@ -175,8 +175,10 @@ async def _cut_upstream(answer: bytes) -> tuple[asyncio.Server, str]:
             b"Transfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n",
             200,
         ),
+        # a compressed answer the lean transport does not decode: unusable, a 502
+        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\nxx", 502),
     ],
-    ids=["before-the-first-byte", "inside-a-stream"],
+    ids=["before-the-first-byte", "inside-a-stream", "compressed"],
 )
 def test_an_answer_that_breaks_off(answer: bytes, status: int) -> None:
     """Before anything was relayed: a 502. Inside a relayed stream: the client's

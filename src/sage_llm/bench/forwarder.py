@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sage_llm.engines.fastclient import FastPool
+from sage_llm.engines.fastclient import FastPool, UnsupportedEncodingError
 from sage_llm.gateway.errors import error_body
 from sage_llm.httpserve import tcp_nodelay
 from sage_llm.writebatch import WriteBatch
@@ -106,7 +106,7 @@ class Forwarder:
         self._next = (self._next + 1) % len(self._pools)
         try:
             resp = await pool.request(request.method, request.path, request.body, _JSON_HEADER)
-        except OSError as exc:
+        except (OSError, UnsupportedEncodingError) as exc:
             self.writes.write(out, _error(502, "Bad Gateway", f"upstream failed: {exc}"))
             return
         clean = started = False
