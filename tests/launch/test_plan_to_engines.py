@@ -190,9 +190,14 @@ def test_launch_settings_validation() -> None:
         ({"max_concurrent_requests": 0}, "max_concurrent_requests: must be >= 1, got 0"),
         ({"node": -1}, "node: must be >= 0, got -1"),
         ({"stop_grace_s": math.nan}, "stop_grace_s: must be a finite number, got nan"),
+        ({"extra_args": ["--enforce-eager", None]}, "extra_args[1]: must be a string, got None"),
+        ({"env": {"A": 5}}, "env.A: must be a string, got 5"),
+        ({"python": ""}, "python: must not be empty"),
+        ({"gpu_memory_gb": -5.0}, "gpu_memory_gb: must be >= 0, got -5.0"),
     ]:
         with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
             LaunchSettings(**given)  # type: ignore[arg-type]
+    assert LaunchSettings(extra_args=(a for a in ["--x"])).extra_args == ("--x",)  # type: ignore[arg-type]
     assert LaunchSettings(host="10.0.0.5").reachable_host == "10.0.0.5"
     assert LaunchSettings(host="0.0.0.0", advertise_host="node7").reachable_host == "node7"
 
@@ -679,7 +684,12 @@ def _problems(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("share", "starts"),
-    [('"--gpu-memory-utilization", "0.95"', True), ('"--gpu_memory_utilization=0.92"', False)],
+    [
+        ('"--gpu-memory-utilization", "0.95"', True),
+        ('"--gpu-memory-utilization=0.92"', False),
+        ('"--num-gpu-blocks-override", "1000"', True),  # its KV size given: no share
+        ('"--gpu-memory-utilization", "1.5"', True),  # the engine refuses that itself
+    ],
 )
 def test_the_memory_share_the_engines_are_given_is_the_one_checked(
     tmp_path: Path, share: str, starts: bool

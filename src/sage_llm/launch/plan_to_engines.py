@@ -102,19 +102,26 @@ _NUMBER_SETTINGS = ("sim_speed", "health_timeout_s", "health_poll_s", "stop_grac
 
 
 def _memory_share(extra_args: Sequence[str]) -> float:
-    """The ``--gpu-memory-utilization`` the engines are given in ``extra_args`` (the last
-    one, as an argument parser reads it; ``_`` read as ``-``), else vLLM's 0.9; one that
-    is not a number in (0, 1] is left to the engine to refuse."""
+    """The share of each GPU's memory a simulated engine's KV cache may fill beside the
+    weights, by its ``extra_args``: the last ``--gpu-memory-utilization`` (as its argument
+    parser reads it), else vLLM's 0.9. The whole memory (1.0: the weights must still fit)
+    when the engine is given its KV size (``--num-gpu-blocks-override``), or a share that
+    is not a number in (0, 1]: the engine refuses that itself, in its own words."""
     share = 0.9
     args = list(extra_args)
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
-        if name.replace("_", "-") != "--gpu-memory-utilization":
+        if name == "--num-gpu-blocks-override":
+            return 1.0
+        if name != "--gpu-memory-utilization":
             continue
         text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-        with contextlib.suppress(ValueError):
-            if 0 < (given := float(text)) <= 1:
-                share = given
+        try:
+            share = float(text)
+        except ValueError:
+            share = 1.0
+        if not 0 < share <= 1:
+            share = 1.0
     return share
 
 
@@ -181,10 +188,23 @@ class LaunchSettings:
             raise ConfigError(f"must be a path, got {self.log_dir!r}", key="log_dir")
         if not isinstance(self.env, Mapping):
             raise ConfigError(f"must be a mapping of names to values, got {self.env!r}", key="env")
-        if not isinstance(self.extra_args, Iterable):
-            raise ConfigError(
-                f"must be a list of strings, got {self.extra_args!r}", key="extra_args"
-            )
+        args: object = self.extra_args
+        if not isinstance(args, Iterable) or isinstance(args, str | bytes):
+            raise ConfigError(f"must be a list of strings, got {args!r}", key="extra_args")
+        object.__setattr__(self, "extra_args", given_args := tuple(args))  # (a generator too)
+        for i, arg in enumerate(given_args):
+            if not isinstance(arg, str):
+                raise ConfigError(f"must be a string, got {arg!r}", key=f"extra_args[{i}]")
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise ConfigError(
+                    f"must be a string, got {value!r}", key=format_key(("env", str(name)))
+                )
+        for key in ("python", "sim_gpu", "machine_id"):
+            if not getattr(self, key).strip():
+                raise ConfigError("must not be empty", key=key)
+        if not self.gpu_memory_gb >= 0:
+            raise ConfigError(f"must be >= 0, got {self.gpu_memory_gb}", key="gpu_memory_gb")
         for key in ("base_port", "kv_base_port"):
             if not 1 <= getattr(self, key) <= 65535:
                 raise ConfigError(f"must be a port (1-65535), got {getattr(self, key)}", key=key)
