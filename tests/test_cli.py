@@ -317,31 +317,26 @@ def test_a_plan_is_known_by_its_text_whatever_its_file_is_called(tmp_path: Path)
     assert code == 1 and f"{plan}: --node: " in output, output
 
 
-def test_launching_pd_roles_with_pd_off_in_the_config_names_the_key(tmp_path: Path) -> None:
-    plan = tmp_path / "pd.json"
-    instances = [{"role": role, "tp": 1, "gpu_ids": [g], "node": 0}
-                 for g, role in enumerate(("prefilling", "decoding"))]  # fmt: skip
-    plan.write_text(json.dumps({"model": "llama-3-8b", "gpu": "H100", "instances": instances}))
-    cfg = tmp_path / "nopd.toml"
-    cfg.write_text("[services.llm_control_plane]\nenable_pd_separation = false\n")
-    code, output = invoke("launch", str(plan), "--config", str(cfg), "--base-port", "18810")
-    assert code == 1
-    assert f"error: {cfg}:2: services.llm_control_plane.enable_pd_separation: node 0" in output
-    assert f"(the engines of {plan})" in output
-
-
-def test_launching_pd_roles_with_pd_enabled_off_in_the_config_names_that_key(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("[services.llm_control_plane]\nenable_pd_separation = false\n", "enable_pd_separation"),
+        ("[services.llm_control_plane.pd]\nenabled = false\n", "pd.enabled"),
+    ],
+)
+def test_launching_pd_roles_with_pd_off_in_the_config_names_the_key_it_sets(
+    tmp_path: Path, table: str, key: str
 ) -> None:
     plan = tmp_path / "pd.json"
     instances = [{"role": role, "tp": 1, "gpu_ids": [g], "node": 0}
                  for g, role in enumerate(("prefilling", "decoding"))]  # fmt: skip
     plan.write_text(json.dumps({"model": "llama-3-8b", "gpu": "H100", "instances": instances}))
     cfg = tmp_path / "nopd.toml"
-    cfg.write_text("[services.llm_control_plane.pd]\nenabled = false\n")
+    cfg.write_text(table)
     code, output = invoke("launch", str(plan), "--config", str(cfg), "--base-port", "18810")
     assert code == 1
-    assert f"error: {cfg}:2: services.llm_control_plane.pd.enabled: node 0" in output
+    assert f"error: {cfg}:2: services.llm_control_plane.{key}: node 0" in output
+    assert f"(the engines of {plan})" in output
 
 
 def test_serve_refuses_a_json_file_as_config_check_does(tmp_path: Path) -> None:
