@@ -1263,7 +1263,8 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
              "http://d.example:8080", "https://bücher.example", "http://e.example:08080",
              "http://[0:0:0:0:0:0:0:1]", "http://f.example:", "http://faß.de",
              "http://a..b", "http://☃.net", "http://[::1", "http://127.1",
-             "http://0x7F.0.0.1:8080", "https://0177.0.0.1"]  # fmt: skip
+             "http://0x7F.0.0.1:8080", "https://0177.0.0.1", "http://127.0.0.1.",
+             "http://1.2.3.999"]  # fmt: skip
     text = f"[gateway]\ncors_origins = {json.dumps(given, ensure_ascii=False)}\n"
     found = {e.key: e.detail for e in problems(text)}
     sent = {
@@ -1278,6 +1279,7 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
         12: "http://127.0.0.1",  # an IPv4 shorthand, in full
         13: "http://127.0.0.1:8080",
         14: "https://127.0.0.1",
+        15: "http://127.0.0.1",  # a trailing dot after an address is dropped
     }
     for index, origin in sent.items():
         assert found.pop(f"gateway.cors_origins[{index}]").startswith(
@@ -1290,6 +1292,8 @@ def test_a_cors_origin_browsers_never_send_in_that_form_is_refused() -> None:
         "got 'http://a..b'",
         "gateway.cors_origins[11]": "must have a host name or address a browser could send, "
         "got 'http://[::1'",  # (a traceback had ended config check)
+        "gateway.cors_origins[16]": "must have a host name or address a browser could send, "
+        "got 'http://1.2.3.999'",  # a host ending in a number is an address, or none
     }
 
 

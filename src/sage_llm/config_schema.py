@@ -240,6 +240,15 @@ def _origin_as_sent(scheme: str, host: str, port: int | None) -> str | None:
         ascii_host = host if host.startswith("[") else _ascii_host(host)
     except (ValueError, UnicodeError):
         return None
+    if _DIGITS_AND_DOTS.fullmatch(ascii_host):  # WHATWG: a host ending in a number is IPv4
+        bare = ascii_host.removesuffix(".")  # (one trailing dot is dropped)
+        full = ipv4_shorthand(bare)
+        if full is None:
+            try:
+                full = str(ipaddress.IPv4Address(bare))
+            except ValueError:  # 1.2.3.999: no origin a browser sends
+                return None
+        ascii_host = full
     ascii_host = ipv4_shorthand(ascii_host) or ascii_host  # http://127.1 is sent in full
     shown = f"{scheme}://{ascii_host.lower()}"
     if port is not None and _DEFAULT_PORTS.get(scheme) != port:
