@@ -387,6 +387,12 @@ def test_plan_command_renders_the_explanation() -> None:
     assert "Top alternatives" in out and "Rejected (4):" in out
 
 
+def test_plan_text_writes_a_sub_millisecond_target_in_microseconds() -> None:
+    from sage_llm.control_plane import parallelism_eval as pe
+
+    assert [pe._fmt_s(s) for s in (0.0005, 0.05, 2.0)] == ["500 µs", "50 ms", "2.00 s"]
+
+
 def test_plan_command_json_and_topology_file() -> None:
     data = json.loads(
         plan_command("llama-3-8b", "2xA100", "1s", "40ms", topology_file=A100_PCIE, as_json=True)

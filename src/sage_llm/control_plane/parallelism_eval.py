@@ -184,6 +184,8 @@ class SLOTarget:
 
 
 def _fmt_s(seconds: float) -> str:
+    if seconds < 1e-3:  # a sub-millisecond target is not "0 ms"
+        return f"{seconds * 1e6:.0f} µs"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
