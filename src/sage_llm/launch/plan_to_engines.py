@@ -188,8 +188,9 @@ class LaunchSettings:
             raise ConfigError(f"must be a path, got {self.log_dir!r}", key="log_dir")
         if not isinstance(self.env, Mapping):
             raise ConfigError(f"must be a mapping of names to values, got {self.env!r}", key="env")
-        args: object = self.extra_args
-        if not isinstance(args, Iterable) or isinstance(args, str | bytes):
+        args: object = self.extra_args  # as given: the annotation is not checked
+        if not isinstance(args, Iterable) or isinstance(args, str | bytes):  # (a string's
+            # characters would be the arguments)
             raise ConfigError(f"must be a list of strings, got {args!r}", key="extra_args")
         object.__setattr__(self, "extra_args", given_args := tuple(args))  # (a generator too)
         for i, arg in enumerate(given_args):
@@ -214,16 +215,10 @@ class LaunchSettings:
         for key, low in (("stop_grace_s", 0), ("node", 0), ("max_concurrent_requests", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"must be >= {low}, got {getattr(self, key)}", key=key)
-        if not self.machine_id:
-            raise ConfigError("must not be empty", key="machine_id")
         for key in ("host", "advertise_host"):
             value = getattr(self, key)
             if value is not None and not value.strip():
                 raise ConfigError("must not be empty", key=key)
-        given: object = self.extra_args  # as given: the annotation is not checked
-        if isinstance(given, str):  # (its characters would be the arguments)
-            raise ConfigError("must be a list of strings, not a string", key="extra_args")
-        object.__setattr__(self, "extra_args", tuple(self.extra_args))  # (a generator too)
         for where, problem in process_problems(self.env, self.extra_args, self.engine):
             raise ConfigError(problem, key=".".join(map(str, where)))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
@@ -1018,11 +1013,11 @@ def load_launch_config(
         if settings.engine == "sim":  # said now, each shape once, not when the engines exit
             said: set[str] = set()
             model = settings.sim_model or settings.model
+            share = _memory_share(settings.extra_args)
             for k, inst in enumerate(instances):
                 misfit = placement_problem(
-                    model, settings.sim_gpu, tp=inst.tp, pp=inst.pp,
-                    gpu_memory_utilization=_memory_share(settings.extra_args),
-                )  # fmt: skip
+                    model, settings.sim_gpu, tp=inst.tp, pp=inst.pp, gpu_memory_utilization=share
+                )
                 if misfit is not None and misfit not in said:
                     said.add(misfit)
                     located.add(
@@ -1204,13 +1199,13 @@ def _check_shapes(
             p.add(("launch", source), f"instances[{k}].{key}: {message}")
 
     known = set(topology.gpu_indices) if topology is not None else set()
+    model = settings.sim_model or settings.model
+    share = _memory_share(settings.extra_args)
     for k, inst in enumerate(instances):
         if settings.engine == "sim":
-            model = settings.sim_model or settings.model
             problem = placement_problem(
-                model, settings.sim_gpu, tp=inst.tp, pp=inst.pp,
-                gpu_memory_utilization=_memory_share(settings.extra_args),
-            )  # fmt: skip
+                model, settings.sim_gpu, tp=inst.tp, pp=inst.pp, gpu_memory_utilization=share
+            )
             if problem is not None:
                 add(k, "tp", f"its simulated engine cannot start: {problem}")
         elif inst.pp > 1 and inst.role in _PD_ROLES:
