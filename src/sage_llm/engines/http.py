@@ -41,6 +41,7 @@ from sage_llm.engines.fastclient import (
 )
 from sage_llm.engines.metrics_scrape import scrape_text_to_stats
 from sage_llm.engines.sse import (
+    REJECTED_CODES,
     SSEDecoder,
     StreamAssembler,
     chunks_from_completion,
@@ -122,8 +123,6 @@ def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.Client
     )
 
 
-_REJECTED = frozenset({400, 413, 422})
-"""Engine statuses that refuse the request itself (bad field, body too large, validation)."""
 _GENERATION_ROUTES = frozenset({"POST /v1/completions", "POST /v1/chat/completions"})
 
 
@@ -291,7 +290,7 @@ class HTTPEngineClient:
                 status=status,
                 param="model",
             )
-        if status in _REJECTED:
+        if status in REJECTED_CODES:
             return self._error(
                 EngineRequestRejectedError,
                 f"rejected the request (HTTP {status} from {what}): {message}",

@@ -32,6 +32,10 @@ DONE = "[DONE]"
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
+REJECTED_CODES = frozenset({400, 413, 422})
+"""Engine statuses (and error-event codes) that refuse the request itself: a bad field, a
+body too large, a validation error."""
+
 
 @dataclass(frozen=True, slots=True)
 class SSEEvent:
@@ -446,9 +450,10 @@ class StreamAssembler:
             obj = None
         if type(obj) is not dict:
             raise self._fail(EngineError, f"engine error in stream: {data[:500] or 'no reason'}")
-        if stream_error(obj) is None:  # llama.cpp's: the error object itself
-            obj = {"error": obj}
         err = stream_error(obj)
+        if err is None:  # llama.cpp's: the error object itself
+            obj = {"error": obj}
+            err = stream_error(obj)
         assert err is not None
         self._raise_error(obj, err)
 
@@ -461,7 +466,7 @@ class StreamAssembler:
         inner = obj.get("error")
         where = inner if isinstance(inner, Mapping) else obj
         param = where.get("param")
-        if code in (400, 413, 422) and isinstance(param, str) and param and not self.produced:
+        if code in REJECTED_CODES and isinstance(param, str) and param and not self.produced:
             prefix = f"{self._instance_id}: " if self._instance_id else ""
             said = f"rejected the request (error event, code {code}, in its stream): {message}"
             raise EngineRequestRejectedError(
