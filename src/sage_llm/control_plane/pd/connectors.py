@@ -45,7 +45,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -151,7 +151,21 @@ def merge_usage(chunk: Chunk, prompt_tokens: int) -> Chunk:
     return replace(chunk, usage=merged)
 
 
-def _ended_well(task: asyncio.Task[KVHandle]) -> bool:
+async def _ended_within(task: asyncio.Future[KVHandle], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for a leg's ``task`` to end; cancel it (which closes its
+    connection: the engine aborts the leg) and wait it out when it has not. True when it
+    ended on its own."""
+    try:
+        await asyncio.wait({task}, timeout=timeout_s)
+    finally:
+        ended = task.done()
+        if not ended:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return ended
+
+
+def _ended_well(task: asyncio.Future[KVHandle]) -> bool:
     """``task`` is done, with a result (not cancelled, not failed)."""
     return task.done() and not task.cancelled() and task.exception() is None
 
@@ -285,12 +299,8 @@ class VLLMConnector:
 
         async def settle() -> bool:
             try:
-                done, _ = await asyncio.wait({leg}, timeout=self.params.cancel_grace_s)
-                if not done:
-                    leg.cancel()
-                    await asyncio.gather(leg, return_exceptions=True)
-                    return False
-                if leg.cancelled() or leg.exception() is not None:
+                ended = await _ended_within(leg, self.params.cancel_grace_s)
+                if not ended or not _ended_well(leg):
                     return False
                 if self._legs.get(key) != number:  # the request runs there again
                     return False
@@ -298,9 +308,7 @@ class VLLMConnector:
             finally:
                 self._forget_leg(key, number)
 
-        task = asyncio.get_running_loop().create_task(settle(), name=f"kv-settle-{req.request_id}")
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        self._in_background(settle(), f"kv-settle-{req.request_id}")
 
     def _release_later(
         self, req: EngineRequest, handle: KVHandle, legs: PDLegs, *, decode_failed: bool
@@ -308,10 +316,14 @@ class VLLMConnector:
         """:meth:`release` in a task of its own, which a cancellation of the request does
         not cut short (it is bounded by ``release_timeout_s``; :meth:`wait_released`
         waits for it)."""
-        task = asyncio.get_running_loop().create_task(
+        return self._in_background(
             self.release(req, handle, legs, decode_failed=decode_failed),
-            name=f"kv-release-{req.request_id}",
+            f"kv-release-{req.request_id}",
         )
+
+    def _in_background(self, work: Coroutine[Any, Any, bool], name: str) -> asyncio.Task[bool]:
+        """``work`` in a task of its own, which :meth:`wait_released` waits for."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
         return task
@@ -490,14 +502,7 @@ class SGLangConnector:
     async def _drain(self, prefill: asyncio.Task[KVHandle], legs: PDLegs, rid: str) -> None:
         """Wait, once, up to ``drain_timeout_s`` for the prefill leg to end after its decode
         leg did; abort it (close its connection) when it has not."""
-        try:
-            await asyncio.wait({prefill}, timeout=self.params.drain_timeout_s)
-        finally:
-            timed_out = not prefill.done()
-            if timed_out:
-                prefill.cancel()
-            await asyncio.gather(prefill, return_exceptions=True)
-        if timed_out:
+        if not await _ended_within(prefill, self.params.drain_timeout_s):
             why = f"no end within drain_timeout_s ({self.params.drain_timeout_s:g} s); aborted"
         elif prefill.cancelled():  # aborted by the control plane's stop
             return
