@@ -240,17 +240,15 @@ class ControlPlaneVLLMService(ManagedService):
             # InvalidRequestError naming the field, as VLLMService raises it
             try:
                 return await cp.wait_for_result(rid, raise_failure=True)
-            except EngineError as exc:  # an engine's 404 for the model: as VLLMService says it
-                named = items[index].options.model is not None
-                unknown = model_not_served(exc, metas[index].model_name, named=named)
-                if unknown is None:
-                    locate_error(exc, f"inputs[{index}]" if many else None)
-                    raise
-                locate_error(unknown, f"inputs[{index}]" if many else None)
-                raise unknown from exc
             except SageLLMError as exc:
-                locate_error(exc, f"inputs[{index}]" if many else None)
-                raise
+                unknown = None  # an engine's 404 for the model: as VLLMService says it
+                if isinstance(exc, EngineError):
+                    named = items[index].options.model is not None
+                    unknown = model_not_served(exc, metas[index].model_name, named=named)
+                locate_error(unknown or exc, f"inputs[{index}]" if many else None)
+                if unknown is None:
+                    raise
+                raise unknown from exc
 
         bound = cp.max_queue_size
         if len(metas) > bound:  # a retry would be refused the same way: no retry hint
