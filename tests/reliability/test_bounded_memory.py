@@ -15,6 +15,7 @@ import tracemalloc
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestMetadata, RequestStatus
+from sage_llm.control_plane.manager import REMOVED_COUNTS_KEEP_S
 from sage_llm.control_plane.records import FinishedRecords
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.errors import ModelNotFoundError, RequestNotFoundError
@@ -99,6 +100,9 @@ def test_finished_records_expire_after_their_ttl() -> None:
 
 
 def test_instance_metric_series_are_removed_on_unregister() -> None:
+    """Gauges go with the instance; its counters stay REMOVED_COUNTS_KEEP_S, so that a
+    scrape sees the requests that ended as it went, then go too."""
+
     async def main() -> None:
         cp = _manager()
         async with cp:
@@ -108,8 +112,49 @@ def test_instance_metric_series_are_removed_on_unregister() -> None:
             assert 'sage_llm_requests_total{instance_id="sim-1"' in text
             cp.unregister_instance("sim-1")
             text = cp.prometheus_metrics().decode()
+            assert 'sage_llm_instance_in_flight{instance_id="sim-1"' not in text
+            assert 'sage_llm_instance_healthy{instance_id="sim-1"' not in text
+            assert 'sage_llm_requests_total{instance_id="sim-1"' in text
+            await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
+            text = cp.prometheus_metrics().decode()
             assert 'instance_id="sim-1"' not in text  # gauges, breaker and request series all gone
             assert 'sage_llm_requests_total{instance_id="sim-0"' in text
+
+    run_virtual(main())
+
+
+def test_a_request_ending_as_its_instance_is_removed_is_counted_in_metrics() -> None:
+    async def main() -> None:
+        cp = _manager()
+        async with cp:
+            meta = RequestMetadata(request_id="last", prompt="hello", max_tokens=40)
+            await cp.submit_request(meta)
+            for _ in range(100):
+                if await cp.get_request_status("last") is RequestStatus.RUNNING:
+                    break
+                await asyncio.sleep(0.001)
+            instance = cp._require_dispatcher().records["last"].instance_id
+            assert instance is not None
+            cp.unregister_instance(instance)  # drains: the request goes on
+            assert (await cp.wait_for_result("last")).instance_id == instance
+            text = cp.prometheus_metrics().decode()
+            assert f'instance_id="{instance}",model=' in text
+            assert f'sage_llm_instance_in_flight{{instance_id="{instance}"' not in text
+
+    run_virtual(main())
+
+
+def test_an_instance_registered_again_keeps_its_counters() -> None:
+    async def main() -> None:
+        cp = _manager()
+        async with cp:
+            await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
+            inst = next(s.instance for s in cp._registry if s.instance_id == "sim-1")
+            cp.unregister_instance("sim-1")
+            cp.register_instance(inst)
+            await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
+            text = cp.prometheus_metrics().decode()
+            assert 'sage_llm_requests_total{instance_id="sim-1"' in text
 
     run_virtual(main())
 

@@ -123,6 +123,10 @@ log = logging.getLogger("sage_llm.manager")
 
 EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
+REMOVED_COUNTS_KEEP_S = 300.0
+"""How long a removed instance's counter series (``sage_llm_requests_total`` and its
+breaker's and stall counters) stay in ``/metrics`` after it went: its last requests end
+as it goes, and a scrape must see them counted (five minutes: several scrape intervals)."""
 
 
 class ControlPlaneManager:
@@ -281,6 +285,8 @@ class ControlPlaneManager:
         self._policy_changed = asyncio.Event()
         """Set when the policy is switched (the tick loop waits for one with a ``tick``)."""
         self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
+        self._forget_counts: dict[str, asyncio.TimerHandle] = {}
+        """Removed instances whose counter series go later (:data:`REMOVED_COUNTS_KEEP_S`)."""
         self._embeds: set[asyncio.Task[dict[str, Any]]] = set()
         """Embedding calls in flight (not requests: :meth:`stop` drains them beside)."""
         self._deadlines: DeadlineTimers | None = None
@@ -438,6 +444,10 @@ class ControlPlaneManager:
         all_tasks += self._closing  # removed instances' clients, closing
         all_tasks += self._embeds
         await asyncio.gather(*all_tasks, return_exceptions=True)
+        for instance_id, handle in self._forget_counts.items():
+            handle.cancel()
+            self._metrics.forget_instance_counts(instance_id)
+        self._forget_counts.clear()
         self._loops.clear()
         self._instance_tasks.clear()
         if self._deadlines is not None:
@@ -527,6 +537,9 @@ class ControlPlaneManager:
             self._given_clients.add(instance.instance_id)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or made or _UnconnectedClient(instance), priors)
+        kept = self._forget_counts.pop(instance.instance_id, None)
+        if kept is not None:  # registered again: its counters go on from where they were
+            kept.cancel()
         state.registered_at = self._elapsed()
         if not instance.is_available:
             instance.is_available, state.draining = True, True
@@ -1620,12 +1633,22 @@ class ControlPlaneManager:
         self._given_clients.discard(state.instance_id)
         self._closed_given.discard(state.instance_id)
         self._metrics.forget_instance(state.instance_id)
+        if self._running:  # its counters stay until scrapes have seen its last requests
+            self._forget_counts[state.instance_id] = asyncio.get_running_loop().call_later(
+                REMOVED_COUNTS_KEEP_S, self._forget_instance_counts, state.instance_id
+            )
+        else:
+            self._metrics.forget_instance_counts(state.instance_id)
         if self._running:
             task = asyncio.get_running_loop().create_task(
                 state.client.aclose(), name=f"close-{state.instance_id}"
             )
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    def _forget_instance_counts(self, instance_id: str) -> None:
+        del self._forget_counts[instance_id]
+        self._metrics.forget_instance_counts(instance_id)
 
     def _fail_unservable(self) -> None:
         """Fail queued requests whose model no instance serves any more, or none that is

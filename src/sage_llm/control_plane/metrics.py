@@ -380,23 +380,29 @@ class ControlPlaneMetrics:
         self.http_errors.labels(route=route, status=str(status)).inc()
 
     def forget_instance(self, instance_id: str) -> None:
+        """Drop a removed instance's gauges (its counters: :meth:`forget_instance_counts`)."""
         for gauge in (
             self.instance_in_flight,
             self.instance_healthy,
             self.instance_draining,
             self.instance_kv_usage,
             self.circuit_state,
-            self.instance_stalls,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(instance_id)
+        self._in_flight_children.pop(instance_id, None)
+
+    def forget_instance_counts(self, instance_id: str) -> None:
+        """Drop a removed instance's counters: its requests by status, its breaker's
+        transitions, its stalls."""
+        with contextlib.suppress(KeyError):
+            self.instance_stalls.remove(instance_id)
         for state in ("closed", "half-open", "open"):
             with contextlib.suppress(KeyError):
                 self.circuit_transitions.remove(instance_id, state)
         for status, model, policy in self._request_series.pop(instance_id, {}):
             with contextlib.suppress(KeyError):
                 self.requests.remove(status, model, policy, instance_id)
-        self._in_flight_children.pop(instance_id, None)
 
     def set_in_flight(self, instance_id: str, value: int) -> None:
         """The ``instance_in_flight`` gauge of one instance (child looked up once)."""
