@@ -48,3 +48,15 @@ def test_last_instances_keep_the_latest_of_the_most_recently_served_sessions() -
     last.note("c", "i3")  # b, the least recently served, goes
     assert (last.get("a"), last.get("b"), last.get("c")) == ("i2", None, "i3")
     assert len(last) == 2
+
+
+def test_last_instances_hold_a_long_session_id_in_bounded_memory() -> None:
+    last = LastInstances(capacity=4)
+    long_a, long_b = "a" * 200_000, "a" * 199_999 + "b"
+    last.note(long_a, "i0")
+    last.note(long_b, "i1")
+    assert (last.get(long_a), last.get(long_b)) == ("i0", "i1")
+    assert all(len(key) <= LastInstances.LONG_KEY for key in last._items)
+    exact = "s" * LastInstances.LONG_KEY  # at the bound: kept as it is
+    last.note(exact, "i2")
+    assert exact in last._items and last.get(exact) == "i2"

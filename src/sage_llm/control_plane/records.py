@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -230,11 +231,20 @@ class FinishedRecords:
             failures.pop(first_key, None)
 
 
+def _digest(key: str) -> str:
+    """A fixed-size stand-in for a long key (32 hex digits: its 128-bit BLAKE2b digest)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 class LastInstances:
     """The instance that last completed a request of each session (``session_id``, else
     ``user_id``): the previous instance of a session's next request, which
     ``topology_aware`` routes close to. At most ``capacity`` sessions, the least recently
-    served forgotten first."""
+    served forgotten first. A key longer than :data:`LONG_KEY` characters is kept as a
+    digest of itself, so that the map's memory is bounded whatever clients send as their
+    session or user id (up to the body's size)."""
+
+    LONG_KEY = 64
 
     def __init__(self, capacity: int = 65_536) -> None:
         if capacity < 1:
@@ -246,9 +256,13 @@ class LastInstances:
         return len(self._items)
 
     def get(self, key: str) -> str | None:
+        if len(key) > self.LONG_KEY:
+            key = _digest(key)
         return self._items.get(key)
 
     def note(self, key: str, instance_id: str) -> None:
+        if len(key) > self.LONG_KEY:
+            key = _digest(key)
         items = self._items
         items[key] = instance_id
         items.move_to_end(key)
