@@ -437,6 +437,37 @@ async def test_session_close_closes_the_fast_pools(server: tuple[RawServer, int]
     await raw.closed.wait()
 
 
+async def test_the_last_client_of_an_address_closes_its_pool(
+    server: tuple[RawServer, int],
+) -> None:
+    """A removed instance's client gives its pool back: the last one of the address
+    closes its idle connections and the connector forgets the pool; a client of the same
+    address made before that keeps the pool it shares."""
+    raw, port = server
+    raw.reply = send(CHUNKED)
+    session = make_session()
+    connector = session.connector
+    assert isinstance(connector, EngineConnector)
+    try:
+        first = HTTPEngineClient(make_instance("a", port=port), session)
+        second = HTTPEngineClient(make_instance("b", port=port), session)
+        pool = first._fast_pool
+        assert pool is not None and second._fast_pool is pool
+        assert await body_of(await pool.request("POST", "/x", b"")) == b"hello, world"
+        await first.aclose()
+        await first.aclose()  # once only
+        assert first._fast_pool is None and pool.idle_connections == 1
+        assert connector.fast_pool("127.0.0.1", port) is pool
+        connector.release_pool("127.0.0.1", port)
+        await second.aclose()
+        assert pool.idle_connections == 0
+        await raw.closed.wait()  # the engine saw its connection close
+        again = connector.fast_pool("127.0.0.1", port)
+        assert again is not None and again is not pool
+    finally:
+        await session.close()
+
+
 async def test_engine_client_uses_the_fast_path_only_where_it_can() -> None:
     session = make_session()
     limited = make_session(limit=8)

@@ -512,10 +512,13 @@ class EngineConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._fast_keepalive_s = fast_keepalive_s
         self._fast: dict[tuple[str, int], FastPool] = {}
+        self._users: dict[tuple[str, int], int] = {}
+        """How many clients took each pool (:meth:`fast_pool`) and have not given it back."""
         self._writes = WriteBatch()
 
     def fast_pool(self, host: str, port: int) -> FastPool | None:
-        """The pool for ``host:port``; None once the connector is closed."""
+        """The pool for ``host:port``, shared by the clients of that address, each of
+        which gives it back with :meth:`release_pool`; None once the connector is closed."""
         if self.closed:
             return None
         key = (host, port)
@@ -524,10 +527,26 @@ class EngineConnector(aiohttp.TCPConnector):
             pool = self._fast[key] = FastPool(
                 host, port, keepalive_s=self._fast_keepalive_s, writes=self._writes
             )
+        self._users[key] = self._users.get(key, 0) + 1
         return pool
+
+    def release_pool(self, host: str, port: int) -> None:
+        """A client of ``host:port`` is done with its pool: the last one's going closes
+        the pool's idle connections (those in use close when their call ends) and forgets
+        it (a removed engine's connections are not kept open, nor its pool)."""
+        key = (host, port)
+        users = self._users.get(key, 0) - 1
+        if users > 0:
+            self._users[key] = users
+            return
+        self._users.pop(key, None)
+        pool = self._fast.pop(key, None)
+        if pool is not None:
+            pool.close()
 
     async def close(self, *, abort_ssl: bool = False) -> None:
         for pool in self._fast.values():
             pool.close()
         self._fast.clear()
+        self._users.clear()
         await super().close(abort_ssl=abort_ssl)

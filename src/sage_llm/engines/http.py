@@ -179,20 +179,22 @@ class HTTPEngineClient:
             total=None, sock_connect=self._timeouts.connect_s
         )
         self._fast_pool: FastPool | None = None
+        self._connector: EngineConnector | None = None
+        """Whose pool :attr:`_fast_pool` is (given back by :meth:`aclose`)."""
         self.health_error: str | None = None
         """Why the last :meth:`health` probe failed (None: it passed, or none ran yet)."""
         connector = getattr(session, "connector", None)
+        self._fast_headers = "Content-Type: application/json\r\n"
+        if instance.api_key:
+            self._fast_headers += f"Authorization: Bearer {instance.api_key}\r\n"
         if (
             instance.scheme == "http"
             and isinstance(connector, EngineConnector)
             and connector.limit == 0
-        ):
+            and (not instance.api_key or _header_safe(instance.api_key))  # else aiohttp
+        ):  # rejects it, as it always did
             self._fast_pool = connector.fast_pool(instance.host, int(instance.port))
-        self._fast_headers = "Content-Type: application/json\r\n"
-        if instance.api_key:
-            self._fast_headers += f"Authorization: Bearer {instance.api_key}\r\n"
-            if not _header_safe(instance.api_key):
-                self._fast_pool = None  # let aiohttp reject it as it always did
+            self._connector = connector
 
     @property
     def instance_id(self) -> str:
@@ -777,4 +779,9 @@ class HTTPEngineClient:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     async def aclose(self) -> None:
-        """Nothing to release: the shared session belongs to its creator."""
+        """Give back the engine's connection pool (the last client of an address closes
+        its idle connections; calls in flight end first); the shared session belongs to
+        its creator."""
+        connector, self._connector, self._fast_pool = self._connector, None, None
+        if connector is not None:
+            connector.release_pool(self._instance.host, int(self._instance.port))
