@@ -172,3 +172,32 @@ def test_unknown_models_never_become_metric_labels() -> None:
             assert 'model="m-' not in text
 
     run_virtual(main())
+
+
+def test_a_model_no_instance_serves_any_more_loses_its_series_later() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", enable_pd_separation=False)
+        inst, other = make_instances(2, max_concurrent_requests=4)
+        other.model_name = "other-model"
+        cp.register_instance(inst)
+        cp.register_instance(other)
+        async with cp:
+            meta = _meta(0)
+            meta.model_name = inst.model_name
+            await cp.generate(meta)
+            await cp.generate(
+                RequestMetadata(request_id="o", prompt="hi", max_tokens=2, model_name="other-model")
+            )
+            text = cp.prometheus_metrics().decode()
+            assert 'sage_llm_e2e_request_latency_seconds_count{model="other-model"}' in text
+            cp.unregister_instance(other.instance_id)
+            text = cp.prometheus_metrics().decode()  # its last requests still counted
+            assert 'sage_llm_e2e_request_latency_seconds_count{model="other-model"}' in text
+            await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
+            text = cp.prometheus_metrics().decode()
+            assert 'model="other-model"' not in text
+            assert (
+                f'sage_llm_e2e_request_latency_seconds_count{{model="{inst.model_name}"}}' in text
+            )
+
+    run_virtual(main())

@@ -125,7 +125,8 @@ EngineFactory = Callable[[ExecutionInstance], EngineClient]
 MODES = ("http", "simulated")
 REMOVED_COUNTS_KEEP_S = 300.0
 """How long a removed instance's counter series (``sage_llm_requests_total`` and its
-breaker's and stall counters) stay in ``/metrics`` after it went: its last requests end
+breaker's and stall counters), and a model's series once no instance serves it (its
+latency histograms, refusals), stay in ``/metrics`` after it went: its last requests end
 as it goes, and a scrape must see them counted (five minutes: several scrape intervals)."""
 
 
@@ -287,6 +288,8 @@ class ControlPlaneManager:
         self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
         self._forget_counts: dict[str, asyncio.TimerHandle] = {}
         """Removed instances whose counter series go later (:data:`REMOVED_COUNTS_KEEP_S`)."""
+        self._forget_models: dict[str, asyncio.TimerHandle] = {}
+        """Models no instance serves any more, whose series go later (the same delay)."""
         self._embeds: set[asyncio.Task[dict[str, Any]]] = set()
         """Embedding calls in flight (not requests: :meth:`stop` drains them beside)."""
         self._deadlines: DeadlineTimers | None = None
@@ -448,6 +451,10 @@ class ControlPlaneManager:
             handle.cancel()
             self._metrics.forget_instance_counts(instance_id)
         self._forget_counts.clear()
+        for model, handle in self._forget_models.items():
+            handle.cancel()
+            self._metrics.forget_model(model)
+        self._forget_models.clear()
         self._loops.clear()
         self._instance_tasks.clear()
         if self._deadlines is not None:
@@ -537,9 +544,12 @@ class ControlPlaneManager:
             self._given_clients.add(instance.instance_id)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or made or _UnconnectedClient(instance), priors)
-        kept = self._forget_counts.pop(instance.instance_id, None)
-        if kept is not None:  # registered again: its counters go on from where they were
-            kept.cancel()
+        for kept in (
+            self._forget_counts.pop(instance.instance_id, None),
+            self._forget_models.pop(instance.model_name, None),
+        ):
+            if kept is not None:  # registered again: its counters go on from where they were
+                kept.cancel()
         state.registered_at = self._elapsed()
         if not instance.is_available:
             instance.is_available, state.draining = True, True
@@ -1633,12 +1643,21 @@ class ControlPlaneManager:
         self._given_clients.discard(state.instance_id)
         self._closed_given.discard(state.instance_id)
         self._metrics.forget_instance(state.instance_id)
+        model = state.instance.model_name
+        gone = all(other.instance.model_name != model for other in self._registry)
         if self._running:  # its counters stay until scrapes have seen its last requests
-            self._forget_counts[state.instance_id] = asyncio.get_running_loop().call_later(
+            loop = asyncio.get_running_loop()
+            self._forget_counts[state.instance_id] = loop.call_later(
                 REMOVED_COUNTS_KEEP_S, self._forget_instance_counts, state.instance_id
             )
+            if gone and model not in self._forget_models:
+                self._forget_models[model] = loop.call_later(
+                    REMOVED_COUNTS_KEEP_S, self._forget_model, model
+                )
         else:
             self._metrics.forget_instance_counts(state.instance_id)
+            if gone:
+                self._metrics.forget_model(model)
         if self._running:
             task = asyncio.get_running_loop().create_task(
                 state.client.aclose(), name=f"close-{state.instance_id}"
@@ -1649,6 +1668,10 @@ class ControlPlaneManager:
     def _forget_instance_counts(self, instance_id: str) -> None:
         del self._forget_counts[instance_id]
         self._metrics.forget_instance_counts(instance_id)
+
+    def _forget_model(self, model: str) -> None:
+        del self._forget_models[model]
+        self._metrics.forget_model(model)
 
     def _fail_unservable(self) -> None:
         """Fail queued requests whose model no instance serves any more, or none that is

@@ -218,6 +218,8 @@ class ControlPlaneMetrics:
             tuple[LiteHistogramChild, LiteHistogramChild, LiteHistogramChild, LiteHistogramChild],
         ] = {}
         self._in_flight_children: dict[str, LiteValue] = {}
+        self._rejected_reasons: dict[str, set[str]] = {}
+        """Per model, the reasons its requests were refused for (its rejected series)."""
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)
@@ -256,6 +258,7 @@ class ControlPlaneMetrics:
 
     def on_rejected(self, reason: str, model: str) -> None:
         self._rejected_count += 1
+        self._rejected_reasons.setdefault(model, set()).add(reason)
         self.rejected.labels(reason=reason, model=model).inc()
 
     def on_finished(
@@ -403,6 +406,22 @@ class ControlPlaneMetrics:
         for status, model, policy in self._request_series.pop(instance_id, {}):
             with contextlib.suppress(KeyError):
                 self.requests.remove(status, model, policy, instance_id)
+
+    def forget_model(self, model: str) -> None:
+        """Drop the series of a model no instance serves any more: its latency histograms,
+        its refusals, and its requests that ended on no instance."""
+        if self._model_children.pop(model, None) is not None:
+            for histogram in (self.e2e, self.queue_time, self.ttft, self.tpot):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(model)
+        for reason in self._rejected_reasons.pop(model, ()):
+            with contextlib.suppress(KeyError):
+                self.rejected.remove(reason, model)
+        unplaced = self._request_series.get("none", {})
+        for key in [key for key in unplaced if key[1] == model]:
+            del unplaced[key]
+            with contextlib.suppress(KeyError):
+                self.requests.remove(key[0], model, key[2], "none")
 
     def set_in_flight(self, instance_id: str, value: int) -> None:
         """The ``instance_in_flight`` gauge of one instance (child looked up once)."""
