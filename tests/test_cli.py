@@ -963,3 +963,32 @@ def test_bench_lists_are_read_alike_and_an_empty_preset_list_is_refused(tmp_path
         [sys.executable, "-m", "sage_llm.bench.peers", "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.startswith("usage:")
+
+
+def test_the_package_and_the_command_line_import_without_the_control_plane() -> None:
+    """Importing ``sage_llm`` (as the ``sage-llm`` script does first) is quick: the manager
+    comes when asked for, so a Ctrl-C at start lands in the command, not in an import."""
+    code = (
+        "import sys, sage_llm.cli; "
+        "print('sage_llm.control_plane.manager' in sys.modules); "
+        "from sage_llm import ControlPlaneManager; print(ControlPlaneManager.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "ControlPlaneManager"]
+
+
+def test_an_interrupt_before_a_command_runs_is_one_line_and_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sage_llm.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted (SIGINT)\n"

@@ -7,7 +7,8 @@ Public API (everything else is private and may change)::
     )
 """
 
-from sage_llm.control_plane.manager import ControlPlaneManager
+from typing import TYPE_CHECKING, Any
+
 from sage_llm.errors import (
     AdmissionError,
     ConfigError,
@@ -38,7 +39,21 @@ from sage_llm.types import (
     SchedulingMetrics,
 )
 
+if TYPE_CHECKING:
+    from sage_llm.control_plane.manager import ControlPlaneManager
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``ControlPlaneManager`` is imported when first asked for: importing the package
+    (as every ``sage_llm.*`` module and the command line do) stays quick."""
+    if name == "ControlPlaneManager":
+        from sage_llm.control_plane.manager import ControlPlaneManager
+
+        return ControlPlaneManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdmissionError",

@@ -1251,6 +1251,9 @@ def main() -> None:
     except SageLLMError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # before a command ran (in one, it exits 130 quietly)
+        typer.echo("error: interrupted (SIGINT)", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
