@@ -16,17 +16,20 @@ from sage_llm.control_plane.health import (
     BreakerSettings,
     CircuitBreaker,
     CircuitState,
+    HealthMonitor,
     HealthSettings,
     counts_against_health,
     with_stream_timeouts,
 )
+from sage_llm.control_plane.instances import InstanceState
+from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.engines.base import Chunk, EngineStats
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
-from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.clock import VirtualClock, run_virtual
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
-from tests.factories import make_instances, make_metadata
+from tests.factories import make_instance, make_instances, make_metadata
 
 
 def test_breaker_opens_after_threshold_and_recovers_through_half_open() -> None:
@@ -876,5 +879,39 @@ def test_a_stall_is_never_judged_before_its_limit() -> None:
             await asyncio.sleep(1.95)  # just after a scrape: the next is 1 s away
             took = await asyncio.wait_for(_stall_run(cp, 1, 0.0), 60.0)
         assert 3.0 <= took[0] < 3.0 + 2 * 1.0 + 0.1  # moved to sim-1: not early, not late
+
+    run_virtual(main())
+
+
+def test_a_call_after_an_idle_spell_is_timed_from_the_first_scrape_that_sees_it() -> None:
+    """The engine's counters stood still through a long idle spell after its last call
+    ended: the standstill of a new call is timed from the first scrape that sees it, not
+    from a mark the earlier call left."""
+
+    async def main() -> None:
+        clock = VirtualClock()
+        monitor = HealthMonitor(
+            HealthSettings(stall_timeout_s=60.0),
+            clock=lambda: clock,
+            metrics=ControlPlaneMetrics(),
+            on_change=lambda: None,
+        )
+        inst = make_instance()
+        state = InstanceState(instance=inst, client=make_sim_engine(inst))
+        monitor.attach(state)
+        stats = EngineStats(prompt_tokens_total=100, generation_tokens_total=50, counts_tokens=True)
+        state.in_flight = 1
+        monitor.watch_progress(state, stats)  # a call in flight, the counters at 150
+        await asyncio.sleep(1.0)
+        state.in_flight = 0  # it ended
+        monitor.watch_progress(state, stats)
+        await asyncio.sleep(600.0)  # ten minutes idle, then a new call
+        state.in_flight = 1
+        seen = []
+        for wait in (0.0, 59.0, 1.0):  # still at 150 a minute later: stalled, not before
+            await asyncio.sleep(wait)
+            monitor.watch_progress(state, stats)
+            seen.append(state.breaker.state)
+        assert seen == [CircuitState.CLOSED, CircuitState.CLOSED, CircuitState.OPEN]
 
     run_virtual(main())
