@@ -56,6 +56,23 @@ def test_breaker_success_resets_failure_count_when_closed() -> None:
     assert b.state is CircuitState.CLOSED
 
 
+def test_a_recovered_breaker_counts_failures_afresh() -> None:
+    """Requests failing before probes opened the breaker: once the probes close it again,
+    those failures are forgotten, and it takes failure_threshold new ones to open it."""
+    b = CircuitBreaker(BreakerSettings(failure_threshold=3))
+    b.record_failure(0.0, "HTTP 500", request=True)
+    b.record_failure(0.1, "HTTP 500", request=True)
+    for _ in range(3):
+        b.record_failure(0.2, "probe timed out")
+    assert b.describe(0.3)["opened_by"] == "probes"
+    b.poll(5.0)
+    assert b.record_success(5.0) is CircuitState.CLOSED
+    assert b.describe(5.0)["consecutive_failures"] == 0
+    assert b.record_failure(6.0, "HTTP 500", request=True) is None
+    assert b.record_failure(6.1, "HTTP 500", request=True) is None
+    assert b.record_failure(6.2, "HTTP 500", request=True) is CircuitState.OPEN
+
+
 def test_half_open_failure_reopens_with_doubled_capped_cooldown() -> None:
     b = CircuitBreaker(
         BreakerSettings(failure_threshold=1, base_cooldown_s=1.0, max_cooldown_s=3.0)
