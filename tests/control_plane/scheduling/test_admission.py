@@ -33,6 +33,16 @@ def test_full_queue_is_refused_with_a_retry_estimate() -> None:
     assert further.retry_after_s > verdict.retry_after_s
 
 
+def test_a_queue_just_full_is_told_to_wait_for_one_request_to_start() -> None:
+    """At the bound, one queued request must start before a slot frees: the retry hint is
+    the drain of one request, not of none (the 0.1 s floor)."""
+    snap = make_snapshot([make_instance_view("slow", max_concurrency=1, est_tpot_s=0.5)])
+    one = estimate_drain_s(1, snap)
+    assert one is not None and one > 10.0
+    assert check_queue_bound(10, 10, snap).retry_after_s == pytest.approx(one)
+    assert check_queue_bound(11, 10, snap).retry_after_s == pytest.approx(2 * one)
+
+
 def test_retry_estimate_shrinks_with_a_bigger_fleet() -> None:
     small = estimate_drain_s(1000, make_snapshot(1))
     large = estimate_drain_s(1000, make_snapshot(8))
