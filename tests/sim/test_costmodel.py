@@ -114,6 +114,20 @@ def test_moe_flops_use_active_params_and_memory_all_params() -> None:
     assert model.step_time([], [100]) < model.step_time([], [100] * 64)
 
 
+def test_a_moe_decode_step_reads_only_the_experts_its_tokens_reach() -> None:
+    """Mixtral routes each token to 2 of its 8 experts: a step of one sequence reads a
+    quarter of the experts' weights, one of four or more reads them all."""
+    mixtral = get_model("mixtral-8x7b")
+    model = RooflineCostModel(get_gpu("h100"), mixtral, tp=2)
+    one, four, many = (model.step_time([], [100] * n) for n in (1, 4, 64))
+    assert one < 0.4 * many
+    assert four == pytest.approx(many, rel=0.02)  # every expert reached already
+    expert_bytes = mixtral.expert_params_per_layer * mixtral.num_layers * mixtral.dtype_bytes
+    bytes_per_s = model.gpu.hbm_tbps * 1e12 * model.decode_bw_eff * model.tp
+    # the six experts one sequence leaves idle: the weights four sequences read besides
+    assert four - one == pytest.approx(6 * expert_bytes / bytes_per_s, rel=0.02)
+
+
 def test_kv_capacity_matches_llm_d_for_llama31_8b_h100() -> None:
     assert kv_capacity_blocks(get_model("llama-3.1-8b"), get_gpu("h100")) == 29205
 
