@@ -497,6 +497,22 @@ def test_bool_is_not_an_int_but_an_int_is_a_float() -> None:
     assert "finite" in problem("[health]\ntimeout_s = inf\n").message
 
 
+def test_a_boolean_is_not_a_number() -> None:
+    err = problem("[services.llm_control_plane]\nstats_interval_s = true\n")
+    assert (err.location, err.key) == ("cfg.toml:2", "services.llm_control_plane.stats_interval_s")
+    assert "must be a number, got boolean true" in err.message
+
+
+def test_a_value_at_an_inclusive_bound_is_accepted() -> None:
+    cfg = parse_config(
+        "[services.llm_control_plane]\nengine_stream_sample = 1.0\n\n[gateway]\nport = 65535\n"
+    )
+    assert cfg.gateway.port == 65535
+    assert ControlPlaneManager(**cfg.manager_kwargs()).engine_stream_sample == 1.0
+    instance = SEED.replace("port = 8000", "port = 65535")
+    assert parse_config(instance).control_plane.instances[0].port == 65535
+
+
 def test_bad_enum_values() -> None:
     err = problem(SEED.replace('"adaptive"', '"adaptiv"'))
     assert (err.location, err.key) == ("cfg.toml:4", "services.llm_control_plane.scheduling_policy")
