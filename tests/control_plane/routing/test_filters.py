@@ -81,6 +81,13 @@ def test_capacity_filter_drops_kv_saturated_instances_while_others_have_room() -
     assert ids(CapacityFilter(0.95).filter(req, all_hot, make_snapshot(all_hot))) == ["x", "y"]
 
 
+def test_capacity_filter_drops_an_instance_exactly_at_the_kv_threshold() -> None:
+    views = [make_instance_view("full", kv_usage=0.95), make_instance_view("ok", kv_usage=0.5)]
+    assert ids(CapacityFilter(0.95).filter_runnable(views)) == ["ok"]
+    req = make_request_info()
+    assert ids(CapacityFilter(0.95).filter(req, views, make_snapshot(views))) == ["ok"]
+
+
 def test_capacity_filter_rejects_a_bad_threshold() -> None:
     with pytest.raises(ValueError, match="kv_threshold"):
         CapacityFilter(0.0)

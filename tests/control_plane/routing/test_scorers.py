@@ -131,6 +131,26 @@ def test_prefix_match_bonus_only_within_load_slack() -> None:
         PrefixMatchScorer(load_slack=2.0)
 
 
+def test_prefix_match_bonus_reaches_a_load_at_the_edge_of_the_slack() -> None:
+    """``load <= min load + load_slack``: with no slack, equally loaded candidates all get
+    it; an instance exactly ``load_slack`` above the least loaded one gets it too."""
+    index = PrefixIndex()
+    index.insert("a", [1, 2])
+    req = make_request_info(block_hashes=(1, 2))
+    equal = make_snapshot(
+        [make_instance_view(i, in_flight=2, max_concurrency=8) for i in "ab"], prefix=index
+    )
+    assert score(PrefixMatchScorer(load_slack=0.0), req, equal) == {"a": 1.0, "b": 0.0}
+    edge = make_snapshot(
+        [
+            make_instance_view("a", in_flight=4, max_concurrency=8),
+            make_instance_view("b", in_flight=2, max_concurrency=8),
+        ],
+        prefix=index,
+    )
+    assert score(PrefixMatchScorer(load_slack=0.25), req, edge)["a"] == 1.0
+
+
 def test_session_affinity_marks_one_instance_per_key() -> None:
     snap = make_snapshot(5)
     scorer = SessionAffinityScorer()
@@ -242,6 +262,16 @@ def test_topology_ranks_nvlink_over_machine_over_rack_over_other() -> None:
     assert score(TopologyScorer(), gone, snap)["far"] == 1.0
     with pytest.raises(ValueError, match="machine"):
         TopologyScorer(machine=1.5)
+
+
+def test_topology_reference_is_the_previous_instance_before_the_preferred_one() -> None:
+    snap = make_snapshot(
+        [make_instance_view("a", machine_id="m1"), make_instance_view("b", machine_id="m2")]
+    )
+    both = make_request_info(previous_instance_id="a", preferred_instance_id="b")
+    ref = TopologyScorer.reference(both, snap)
+    assert ref is not None and ref.instance_id == "a"
+    assert score(TopologyScorer(), both, snap) == {"a": 1.0, "b": 0.0}
 
 
 def test_topology_breaks_a_tie_on_one_machine_by_numa_node() -> None:
