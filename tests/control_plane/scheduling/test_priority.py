@@ -174,6 +174,21 @@ def test_describe_counts_by_priority() -> None:
     assert state["queued_by_priority"] == {"HIGH": 2, "BACKGROUND": 1}
 
 
+def test_describe_counts_only_the_requests_still_queued() -> None:
+    policy = PriorityPolicy()
+    for i in range(3):
+        policy.push(make_request_info(f"h{i}", arrival=i, priority=P.HIGH))
+    policy.push(make_request_info("b", arrival=3, priority=P.BACKGROUND))
+    snap = make_snapshot(1, max_concurrency=8)
+    popped = policy.pop(snap)
+    assert popped is not None and popped.request_id == "h0"
+    assert policy.remove("h1") is not None
+    assert policy.remove("b") is not None
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    assert state["queued_by_priority"] == {"HIGH": 1}
+
+
 @pytest.mark.parametrize(
     ("key", "value"), [("aging_interval_s", 0.0), ("max_wait_s", -1.0), ("max_wait_s", math.nan)]
 )
