@@ -75,6 +75,27 @@ def test_a_discarded_deadline_is_not_called_and_an_empty_bucket_drops_its_timer(
     run_virtual(main(), start=0.0)
 
 
+def test_the_last_discard_of_a_bucket_cancels_its_timer_and_forgets_the_bucket() -> None:
+    """Requests that end long before their limit leave no timer or bucket behind."""
+
+    async def main() -> None:
+        timers = DeadlineTimers(asyncio.get_running_loop())
+        first, second = (lambda: None), (lambda: None)
+        at = timers.add(600.0, first)
+        assert timers.add(600.0, second) == at
+        handle = timers._buckets[at][1]
+        timers.discard(at, first)
+        assert not handle.cancelled()  # the other deadline still needs it
+        timers.discard(at, second)
+        assert handle.cancelled()
+        assert timers._buckets == {}
+        for i in range(1000):  # a thousand requests, each done at once
+            timers.discard(timers.add(600.0 + i, first), first)
+        assert timers._buckets == {}
+
+    run_virtual(main(), start=0.0)
+
+
 def test_a_failing_call_does_not_stop_the_others_and_close_cancels_every_timer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
