@@ -110,6 +110,19 @@ def test_literal_strings_and_hash_inside_strings() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('a = """x \\""" y\n"""\nb = 1\n', 3),  # an escaped quote does not close it
+        ('a = """x \\\\"""\nb = 1\n', 2),  # an escaped backslash, then the closing quotes
+    ],
+    ids=["escaped-quote", "escaped-backslash"],
+)
+def test_backslashes_before_the_quotes_of_a_multiline_string(text: str, line: int) -> None:
+    assert tomllib.loads(text)["b"] == 1
+    assert KeyLocator(text).line_of(("b",)) == line
+
+
+@pytest.mark.parametrize(
     ("path", "text"),
     [
         (
