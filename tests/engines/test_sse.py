@@ -248,6 +248,14 @@ def test_a_leading_byte_order_mark_is_dropped_once() -> None:
     assert [e.data for e in events] == ["x", "\ufeffy"]
 
 
+def test_a_byte_order_mark_that_begins_a_later_read_is_kept() -> None:
+    """Only the stream's first character may be a dropped BOM, not each read's."""
+    dec = SSEDecoder()
+    events = dec.feed(b"data: first\n\n") + dec.feed(b"data: ")
+    events += dec.feed("\ufeffsecond\n\n".encode())
+    assert [e.data for e in events] == ["first", "\ufeffsecond"]
+
+
 def test_an_error_field_is_an_error_event_with_the_engines_message() -> None:
     """llama.cpp's server sends a stream's error as an ``error:`` field."""
     body = json.dumps(
