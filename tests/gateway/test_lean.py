@@ -144,6 +144,8 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
             400,
         ),
         (_post("/v1/completions", completion_body()).replace(b"HTTP/1.1", b"HTTP/1.0"), 200),
+        # HTTP/1.1 without Host (RFC 9112 3.2): aiohttp's 400
+        (_post("/v1/completions", completion_body()).replace(b"Host: test\r\n", b""), 400),
         # a control character in a header name: aiohttp's 400
         (_post("/v1/completions", completion_body()).replace(b"Host:", b"X\x01y: 1\r\nHost:"), 400),
         # a header line beyond aiohttp's 8,190 bytes: its 400 (the same head on both fronts)
@@ -159,6 +161,7 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
         "get",
         "chunked",
         "http10",
+        "no-host",
         "control-char",
         "long-header",
         "129-headers",
@@ -657,17 +660,18 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
     [
         (["Host: t", "Content-Length: 2"], {"host": "t", "content-length": "2"}),
         # names are lower-cased, values lose the blanks around them, empty values stay
-        (["X-Sage-Priority:\thigh  ", "content-LENGTH:2", "X-Empty:"],
-         {"x-sage-priority": "high", "content-length": "2", "x-empty": ""}),
+        (["X-Sage-Priority:\thigh  ", "content-LENGTH:2", "X-Empty:", "host: t"],
+         {"x-sage-priority": "high", "content-length": "2", "x-empty": "", "host": "t"}),
         # of a repeated header the first counts, as in aiohttp's request.headers[name]
-        (["X-Sage-Priority: high", "Content-Length: 2", "x-sage-priority: bogus"],
-         {"x-sage-priority": "high", "content-length": "2"}),
+        (["X-Sage-Priority: high", "Content-Length: 2", "x-sage-priority: bogus", "Host: t"],
+         {"x-sage-priority": "high", "content-length": "2", "host": "t"}),
         # everything below is handed to aiohttp
         (["Host: t", " folded", "Content-Length: 2"], None),
         (["Host : t", "Content-Length: 2"], None),
         (["no colon here", "Content-Length: 2"], None),
         (["Content-Length: 2", "Content-Length: 2"], None),
         (["Host: t"], None),
+        (["Content-Length: 2"], None),  # HTTP/1.1 without Host: aiohttp's 400
         (["Content-Length: two"], None),
         (["Content-Length: 2", "Transfer-Encoding: chunked"], None),
         (["Content-Length: 2", "Content-Encoding: gzip"], None),
@@ -681,7 +685,7 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
         (["X Bad: 1", "Content-Length: 2"], None),
     ],
     ids=["plain", "blanks", "repeated", "folded", "space-before-colon", "no-colon",
-         "repeated-length", "no-length", "bad-length", "chunked", "compressed",
+         "repeated-length", "no-length", "no-host", "bad-length", "chunked", "compressed",
          "two-connections", "non-ascii", "control-in-name", "nul-in-value", "del-in-value",
          "bare-lf", "separator-in-name", "space-in-name"],
 )  # fmt: skip

@@ -7,12 +7,11 @@ traffic and always the same shape, so :class:`LeanServer` accepts the connection
 on :class:`asyncio.Protocol` objects, and serves those two routes with a handler of its
 own (:mod:`sage_llm.gateway.lean_routes`). Any other request — another route or method, a
 query string, ``HTTP/1.0``, a chunked or ``Expect: 100-continue`` body, a body above the
-size limit, a malformed or oversized head (bare-LF line ends, a header name that is not a
-token, a control character anywhere in a header line), a CORS request when CORS is
-configured — makes
-the connection switch to aiohttp's protocol for the rest of its life (the bytes already
-read are handed over), so every other route, error and edge case is answered by aiohttp
-exactly as before.
+size limit, no ``Host`` header, a malformed or oversized head (bare-LF line ends, a header
+name that is not a token, a control character anywhere in a header line), a CORS request
+when CORS is configured — makes the connection switch to aiohttp's protocol for the rest
+of its life (the bytes already read are handed over), so every other route, error and edge
+case is answered by aiohttp exactly as before.
 
 Per connection, requests are served one at a time in arrival order (pipelined requests
 wait in the buffer; reading pauses when it holds more than a whole request can). A
@@ -328,8 +327,8 @@ class LeanConnection(asyncio.Protocol):
                         return None
                     continue  # the first one counts, as aiohttp's request.headers[key]
                 headers[key] = value.strip()
-        if not _HANDOVER.isdisjoint(headers):
-            return None
+        if not _HANDOVER.isdisjoint(headers) or "host" not in headers:
+            return None  # no Host: aiohttp's 400 (RFC 9112 section 3.2)
         if self._server.cors and "origin" in headers:
             return None
         length = headers.get("content-length")
