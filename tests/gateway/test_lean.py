@@ -371,13 +371,26 @@ async def test_a_request_refused_by_its_key_is_refused_without_inviting_its_uplo
         await _close(writer)
 
 
-async def test_connection_close_is_honoured() -> None:
+@pytest.mark.parametrize("value", ["close", "keep-alive, Close", "x-a ,close"])
+async def test_connection_close_is_honoured(value: str) -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(_post("/v1/completions", completion_body(), "Connection: close"))
+        writer.write(_post("/v1/completions", completion_body(), f"Connection: {value}"))
         status, headers, _ = await _response(reader)
         assert status == 200 and headers["connection"] == "close"
         assert await reader.read() == b""  # the server closed it
+        await _close(writer)
+
+
+async def test_a_connection_header_without_the_close_token_keeps_the_connection() -> None:
+    """``Connection`` is a list of tokens: ``closed`` or ``x-noclose`` is not ``close`` (the
+    lean front had closed on any value holding the word; aiohttp keeps them open)."""
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        for value in ("closed", "x-noclose", "keep-alive, x-close-later"):
+            writer.write(_post("/v1/completions", completion_body(), f"Connection: {value}"))
+            status, headers, _ = await _response(reader)
+            assert status == 200 and "connection" not in headers, value
         await _close(writer)
 
 

@@ -271,7 +271,8 @@ class LeanConnection(asyncio.Protocol):
         body = bytes(buf[end + 4 : total])
         del buf[:total]
         self.reading_since = None
-        self._keep_alive = "close" not in headers.get("connection", "").lower()
+        connection = headers.get("connection")
+        self._keep_alive = connection is None or not _has_close(connection)
         self._answered = self.unfinished = False
         request = LeanRequest(method, path, headers, body)
         self._task = asyncio.get_running_loop().create_task(self._serve(request))
@@ -435,6 +436,13 @@ def _request_line(buf: bytearray) -> tuple[str, str]:
     method = parts[0] if len(parts) > 1 and parts[0] else "-"
     path = parts[1] if len(parts) > 2 and parts[1] else "-"
     return method, path
+
+
+def _has_close(connection: str) -> bool:
+    """Whether a ``Connection`` value, a comma-separated list of tokens (RFC 9110 section
+    7.6.1), holds ``close`` (not merely a token containing it, as ``closed``)."""
+    value = connection.lower()
+    return "close" in value and any(t.strip() == "close" for t in value.split(","))
 
 
 def _tabbed_printable(line: str) -> bool:
