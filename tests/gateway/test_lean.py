@@ -257,6 +257,33 @@ async def test_a_body_in_an_encoding_not_read_is_a_json_415(encoding: str) -> No
         await _close(writer)
 
 
+@pytest.mark.parametrize("lean_server", [True, False])
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "x-mine , chunked"])
+async def test_a_transfer_coding_other_than_chunked_is_a_json_501(
+    coding: str, lean_server: bool
+) -> None:
+    """``gzip, chunked`` had been read as ``chunked``, the gzip ignored (RFC 9112 section
+    6.1: a transfer coding the server does not know gets 501). One that does not end in
+    ``chunked`` is aiohttp's parser's 400."""
+    async with serve(1, settings=GatewayConfig(lean_server=lean_server)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        body = json.dumps(completion_body()).encode()
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: %b\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+            % (coding.encode(), len(body), body)
+        )
+        status, headers, raw = await _response(reader)
+        error = json.loads(raw)["error"]
+        assert (status, error["param"], error["code"]) == (501, "transfer-encoding", 501), raw
+        assert error["message"] == f"unsupported Transfer-Encoding: {coding}"
+        assert headers["connection"] == "close" and "x-request-id" in headers
+        assert await reader.read() == b""  # closed: its body was not read
+        await _close(writer)
+        text = gw.manager.prometheus_metrics().decode()
+        assert 'sage_llm_http_errors_total{route="/v1/completions",status="501"} 1.0' in text
+
+
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
 async def test_an_http_version_other_than_1_0_or_1_1_is_a_json_400(version: str) -> None:
     async with serve(1) as gw:

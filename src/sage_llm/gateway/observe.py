@@ -240,6 +240,26 @@ def _expectation_failed(expect: str) -> web.Response:
     return resp
 
 
+def _unknown_coding(request: web.Request) -> str | None:
+    """The request's ``Transfer-Encoding`` when it is not exactly ``chunked`` (aiohttp's
+    parser reads ``gzip, chunked`` as chunked and ignores the gzip), else None."""
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if not codings:
+        return None
+    value = ", ".join(codings)
+    return None if value.strip().lower() == "chunked" else value
+
+
+def _not_implemented_coding(coding: str) -> web.Response:
+    """The 501 of a transfer coding the gateway does not read (RFC 9112 section 6.1); the
+    connection closes (its body was not read)."""
+    text = f"unsupported Transfer-Encoding: {coding[:100]}"
+    body = error_body(text, "invalid_request_error", 501, "transfer-encoding")
+    resp = web.json_response(body, status=501)
+    resp.force_close()
+    return resp
+
+
 def _bad_version(version: HttpVersion) -> web.Response:
     """The 400 of a request line whose HTTP version is neither 1.0 nor 1.1 (aiohttp's
     parser reads ``HTTP/2.0`` and ``HTTP/0.9`` as versions); the connection closes."""
@@ -331,6 +351,8 @@ def _observe(
                 resp = _bad_version(request.version)
             elif (expect := request.headers.get("Expect")) and expect.lower() != "100-continue":
                 resp = _expectation_failed(expect)
+            elif (coding := _unknown_coding(request)) is not None:
+                resp = _not_implemented_coding(coding)
             elif request.get(_GONE_BEFORE_BODY):
                 resp = _client_gone()
             elif not valid:
