@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from typing import Any
 
 import aiohttp
@@ -653,6 +654,39 @@ def test_a_request_slow_to_arrive_gets_a_408_and_its_connection_closes() -> None
         await _close(writer)
         server.close()
         await lean.shutdown(1.0)
+
+    run_virtual(main())
+
+
+def test_pipelined_requests_wait_while_their_client_reads_no_answer() -> None:
+    """A client that pipelines requests and reads none of the answers: the next request
+    waits until the answers before it have been taken (``resume_writing``), as a stream's
+    writes do; it had been served at once, its answer piling up in the gateway's memory."""
+
+    async def main() -> None:
+        answer = b"x" * (256 * 1024)
+        served: list[LeanRequest] = []
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            served.append(request)
+            conn.respond(200, answer, content_type="text/plain", headers={})
+
+        _lean, server, port = await _lean_server(handler, _Fallback())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        count = 60  # 15 MiB of answers; the kernel's buffers hold at most about 4 MiB
+        writer.write(_post("/v1/completions", {}) * count)
+        await asyncio.sleep(5.0)
+        assert len(served) < 30
+        for _ in range(count):  # once read, every answer comes, in turn
+            status, _, body = await _response(reader)
+            assert (status, len(body)) == (200, len(answer))
+        assert len(served) == count
+        await _close(writer)
+        server.close()
 
     run_virtual(main())
 

@@ -14,7 +14,9 @@ of its life (the bytes already read are handed over), so every other route, erro
 case is answered by aiohttp exactly as before.
 
 Per connection, requests are served one at a time in arrival order (pipelined requests
-wait in the buffer; reading pauses when it holds more than a whole request can). A
+wait in the buffer; reading pauses when it holds more than a whole request can, and while
+the client has not read the answers before: the next request starts only once they have
+left the transport's buffer, ``resume_writing``, so answers never pile up in memory). A
 client that disconnects cancels its request's handler, as aiohttp's
 ``handler_cancellation`` does. Idle keep-alive connections close after
 ``keepalive_timeout_s`` (75 s, as the aiohttp front's), and a request whose head and body have
@@ -137,8 +139,10 @@ class LeanConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if self._task is None:
+        if self._task is None and not self._write_paused:
             self._next()
+        elif self._task is None:
+            self._hold()
         elif len(self._buf) > self._server.max_buffer and not self._read_paused:
             assert self._transport is not None
             self._transport.pause_reading()
@@ -168,6 +172,12 @@ class LeanConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_writer(None)
+        transport = self._transport
+        held = self._task is None and self._read_paused and not self.closed
+        if held and transport is not None and not transport.is_closing():  # go on
+            self._read_paused = False
+            transport.resume_reading()
+            self._next()
 
     # --- writing (used by the handler) ---------------------------------------------------
 
@@ -347,6 +357,9 @@ class LeanConnection(asyncio.Protocol):
             self._server.writes.flush_one(transport)
             transport.close()
             return
+        if self._buf and self._write_paused:
+            self._hold()
+            return
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
@@ -354,6 +367,15 @@ class LeanConnection(asyncio.Protocol):
             self._next()
         else:
             self._arm_idle()
+
+    def _hold(self) -> None:
+        """Between requests, while the client has not read the answers before (writing is
+        paused): start no request, and read no more, until ``resume_writing``. What has
+        arrived of the next request is not timed meanwhile (its reading was stopped)."""
+        self.idle_since = self.reading_since = None
+        if not self._read_paused and self._transport is not None:
+            self._transport.pause_reading()
+            self._read_paused = True
 
     def _handover(self) -> None:
         """Give the connection, and what was read of it, to aiohttp's protocol."""
