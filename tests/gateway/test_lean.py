@@ -481,6 +481,24 @@ async def test_a_client_that_disconnects_cancels_its_request() -> None:
         await asyncio.wait_for(probe.aborted_event.wait(), 5)
 
 
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_a_half_close_cancels_the_request_as_a_close_does(lean_server: bool) -> None:
+    """A half-close (``shutdown(SHUT_WR)``, as ``nc -N`` does) cannot be told from a close:
+    on both fronts it cancels the request in progress (documented), so that a client that
+    left stops its engine's work."""
+    settings = GatewayConfig(lean_server=lean_server)
+    async with serve(1, settings=settings, hold=lambda rid: rid == "half") as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "x-request-id: half"))
+        (probe,) = gw.probes.values()
+        await probe.started_event.wait()
+        writer.write_eof()
+        result = await gw.manager.wait_for_result("half", timeout=5)
+        assert result.status is RequestStatus.CANCELLED
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # no answer; closed
+        await _close(writer)
+
+
 async def test_lean_server_can_be_turned_off() -> None:
     async with serve(1, settings=GatewayConfig(lean_server=False)) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

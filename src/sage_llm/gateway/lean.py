@@ -149,7 +149,9 @@ class LeanConnection(asyncio.Protocol):
             self._read_paused = True
 
     def eof_received(self) -> bool:
-        return False  # close; a request in progress is cancelled in connection_lost
+        # close; a request in progress is cancelled in connection_lost (a half-close too:
+        # it cannot be told from a close, whose request's work must stop)
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
