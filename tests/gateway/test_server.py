@@ -14,7 +14,8 @@ import pytest
 
 from sage_llm.config import GatewayConfig
 from sage_llm.gateway.server import run_gateway, start_gateway
-from tests.gateway.harness import completion_body, make_manager, read_events
+from sage_llm.sim.clock import run_virtual
+from tests.gateway.harness import completion_body, make_manager, read_events, serve
 
 
 def _free_port() -> int:
@@ -323,3 +324,78 @@ async def test_an_ignored_ctrl_c_stays_ignored() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+_LONG_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n" + b"".join(
+    b"X-H%d: %b\r\n" % (n, b"a" * 170) for n in range(100)
+)
+"""An unfinished head longer than the lean front reads itself (it hands it to aiohttp)."""
+
+
+@pytest.mark.parametrize("case", ["long-head", "after-handover", "aiohttp-only"])
+def test_a_head_slow_to_arrive_gets_a_408_on_either_front(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``read_timeout_s`` times heads on connections aiohttp owns too (it had timed only
+    bodies there): a head handed over unfinished by the lean front (counted from its first
+    byte), a head after another request on a connection aiohttp took over, and any head
+    with ``lean_server = false``."""
+    settings = GatewayConfig(read_timeout_s=5.0, lean_server=case != "aiohttp-only")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with serve(1, settings=settings) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            if case == "after-handover":
+                writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                await reader.readexactly(int(head.lower().split(b"content-length: ")[1][:2]))
+            started = loop.time()
+            writer.write(
+                _LONG_HEAD if case == "long-head" else b"POST /v1/completions HTTP/1.1\r\n"
+            )
+            answer = asyncio.ensure_future(reader.read())  # all of it, until closed
+            for n in range(4):  # a line a second, no end of head
+                await asyncio.sleep(1.0)
+                writer.write(b"X-Z%d: 1\r\n" % n)
+            raw = await asyncio.wait_for(answer, 60.0)
+            waited = loop.time() - started
+            writer.close()
+            text = gw.manager.prometheus_metrics().decode()
+        assert raw.startswith(b"HTTP/1.1 408 "), raw
+        assert 5.0 <= waited <= 5.5 + 0.01  # the sweep: at most 10% late
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"\r\nconnection: close" in head.lower() and b"\r\nx-request-id: " in head.lower()
+        error = json.loads(body)["error"]
+        assert (error["type"], error["code"]) == ("timeout_error", 408)
+        assert error["message"] == "the request did not arrive within 5 s"
+        assert 'sage_llm_http_errors_total{route="/v1/completions",status="408"} 1.0' in text
+        lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+        assert sum("path=/v1/completions status=408" in line for line in lines) == 1, lines
+
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
+        run_virtual(main())
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+def test_a_head_in_pieces_within_the_limit_is_served_and_idle_time_is_not_timed(
+    lean_server: bool,
+) -> None:
+    async def main() -> None:
+        settings = GatewayConfig(read_timeout_s=5.0, lean_server=lean_server)
+        async with serve(1, settings=settings) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            for piece in (b"GET /health HTTP/1.1\r\n", b"Host: t\r\n", b"\r\n"):
+                writer.write(piece)  # the whole head within 4 s of its first byte
+                await asyncio.sleep(2.0)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            await reader.readexactly(int(head.lower().split(b"content-length: ")[1][:2]))
+            with pytest.raises(TimeoutError):  # idle, kept alive: no 408
+                await asyncio.wait_for(reader.read(1), 20.0)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+
+    run_virtual(main())

@@ -48,7 +48,9 @@ from sage_llm.writebatch import WriteBatch
 log = logging.getLogger("sage_llm.gateway")
 
 _MAX_HEAD = 16 * 1024
-"""Heads longer than this go to aiohttp (which answers 400 beyond its own limits)."""
+"""Heads longer than this go to aiohttp (which answers 400 beyond its own limits), with the
+time their first byte came (``head_began``, when the protocol has it), so that
+``read_timeout_s`` still counts from it."""
 _MAX_LINE = 8190
 """Heads with a line longer than this go to aiohttp too: its limit on the request line, a
 header's name and a header's value (it answers 400 beyond them)."""
@@ -394,6 +396,10 @@ class LeanConnection(asyncio.Protocol):
         protocol.connection_made(transport)
         data, self._buf = bytes(self._buf), bytearray()
         if data:
+            began = getattr(protocol, "head_began", None)
+            if began is not None:  # its read timeout counts from the head's first byte
+                since = self.reading_since
+                began(asyncio.get_running_loop().time() if since is None else since, data)
             protocol.data_received(data)
 
     def _arm_idle(self) -> None:
@@ -411,7 +417,7 @@ class LeanConnection(asyncio.Protocol):
         headers: dict[str, str] = {}
         noted = self._server.on_read_timeout
         if noted is not None:
-            method, path = _request_line(self._buf)
+            method, path = request_line(self._buf)
             waited_s = 0.0 if since is None else asyncio.get_running_loop().time() - since
             headers[REQUEST_ID_HEADER] = noted(method, path, waited_s, self._given_id())
         self.respond(408, body, content_type="application/json", headers=headers)
@@ -451,7 +457,7 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name (RFC 9110's ``token``)."""
 
 
-def _request_line(buf: bytearray) -> tuple[str, str]:
+def request_line(buf: bytes | bytearray) -> tuple[str, str]:
     """The method and path of the request line at the start of ``buf``, as far as they
     have arrived (``-`` for what has not, or is not printable ASCII: they go to the log)."""
     eol = buf.find(b"\r\n")
@@ -511,6 +517,8 @@ class LeanServer:
         the seconds it had taken and the ``X-Request-Id`` its head gave (``""``: none, or
         the head is not whole); returns the request id its answer carries."""
         self.fallback = fallback
+        """aiohttp's protocol factory; a protocol with ``head_began(at, data)`` is told, as
+        a connection is handed to it, when the bytes handed over began to arrive."""
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.max_buffer = max_body_bytes + _MAX_HEAD

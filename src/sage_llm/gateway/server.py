@@ -9,7 +9,10 @@ generation routes itself and hands every other connection to the aiohttp app; wi
 
 aiohttp answers what it cannot parse (a malformed request head) without the app and its
 middlewares; its connection handlers here (:func:`json_error_protocols`) give those
-answers the gateway's JSON error body too, and close the connection.
+answers the gateway's JSON error body too, and close the connection. They also time
+request heads (aiohttp times none; the app times bodies): a head not whole
+``read_timeout_s`` after its first byte gets the JSON 408 and its connection closes, as on
+the lean front (:class:`HeadTimer`).
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
+from sage_llm import jsonutil
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.app import ADMIN_KEY, MANAGER_KEY, SETTINGS_KEY, create_app
 from sage_llm.gateway.auth import is_loopback
 from sage_llm.gateway.errors import error_body, protocol_error_body
-from sage_llm.gateway.lean import LeanServer
+from sage_llm.gateway.lean import LeanServer, request_line
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
 from sage_llm.gateway.observe import (
     REQUEST_ID_HEADER,
     ErrorCounter,
     access_log,
     new_request_id,
+    route_label,
     write_access_log,
 )
 from sage_llm.gateway.settings import GatewaySettings
@@ -51,6 +56,70 @@ _UNDECODABLE = re.compile(r"Can not decode content-encoding: ([^\n.]+)")
 """aiohttp's reason for a body encoding it cannot decode (brotli without its package …)."""
 
 
+_SWEEP_FRACTION = 0.1
+"""Heads slow to arrive are looked for every tenth of the read timeout (as on the lean
+front): one is answered at most 10% late."""
+
+
+class HeadTimer:
+    """Times the request heads arriving on aiohttp's connections: a head that has not
+    arrived whole ``limit_s`` after its first byte gets a JSON 408, counted by
+    ``count_error`` and access-logged, and its connection closes. One sweep per tenth of
+    the limit looks for them, while any head is arriving (a head sets no timer)."""
+
+    def __init__(self, limit_s: float, count_error: ErrorCounter | None = None) -> None:
+        self.limit_s = limit_s
+        self.count_error = count_error
+        self.arriving: dict[_JsonErrorRequestHandler, tuple[float, bytes]] = {}
+        """Each connection with a head arriving: when its first byte came, and the first
+        bytes (its request line, as far as it came, for the log)."""
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def begin(self, handler: _JsonErrorRequestHandler, at: float, data: bytes) -> None:
+        if handler not in self.arriving:
+            self.arriving[handler] = (at, data[:200])
+            if self._sweep is None:
+                loop = asyncio.get_running_loop()
+                self._sweep = loop.call_later(self.limit_s * _SWEEP_FRACTION, self._look)
+
+    def end(self, handler: _JsonErrorRequestHandler) -> None:
+        self.arriving.pop(handler, None)
+
+    def _look(self) -> None:
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        for handler, (since, first) in list(self.arriving.items()):
+            if not handler.waiting:  # a request is being served: its head had come
+                self.end(handler)
+            elif now - since >= self.limit_s:
+                self.end(handler)
+                self._time_out(handler, now - since, first)
+        if self.arriving:
+            self._sweep = asyncio.get_running_loop().call_later(
+                self.limit_s * _SWEEP_FRACTION, self._look
+            )
+
+    def _time_out(self, handler: _JsonErrorRequestHandler, waited_s: float, first: bytes) -> None:
+        transport = handler.transport
+        if transport is None or transport.is_closing():
+            return
+        rid = new_request_id()
+        method, path = request_line(first)
+        if self.count_error is not None:
+            self.count_error(route_label(path), 408)
+        if access_log.isEnabledFor(logging.INFO):
+            write_access_log(rid, method, path, 408, waited_s * 1000.0, None)
+        message = f"the request did not arrive within {self.limit_s:g} s"
+        body = jsonutil.dumps(error_body(message, "timeout_error", 408))
+        head = (
+            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n{REQUEST_ID_HEADER}: {rid}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport.write(head.encode("latin-1") + body)
+        handler.force_close()  # closes the transport once the answer has left
+
+
 class _JsonErrorRequestHandler(web.RequestHandler):
     """aiohttp's connection handler, answering what fails outside the app (a request head it
     cannot parse: 400; an error outside the middlewares: 500) with the gateway's JSON error
@@ -62,6 +131,36 @@ class _JsonErrorRequestHandler(web.RequestHandler):
 
     __slots__ = ()
     count_error: ErrorCounter | None = None  # set on the subclass json_error_protocols makes
+    heads: HeadTimer | None = None  # likewise
+
+    @property
+    def waiting(self) -> bool:
+        """Whether it waits for a request (none is being served, none read whole)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
+    def data_received(self, data: bytes) -> None:
+        heads = self.heads
+        if heads is None:
+            super().data_received(data)
+            return
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # a head came whole (what follows it is not timed)
+            heads.end(self)
+        elif data and self.waiting:  # a head begins (or goes on) arriving
+            heads.begin(self, self._loop.time(), data)
+
+    def head_began(self, at: float, data: bytes) -> None:
+        """The bytes about to be handed over (by the lean front) began to arrive at
+        ``at``: a head not whole among them is timed from then."""
+        if self.heads is not None:
+            self.heads.begin(self, at, data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.heads is not None:
+            self.heads.end(self)
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -105,15 +204,23 @@ class _JsonErrorRequestHandler(web.RequestHandler):
 
 
 def json_error_protocols(
-    server: web.Server, count_error: ErrorCounter | None = None
+    server: web.Server,
+    count_error: ErrorCounter | None = None,
+    read_timeout_s: float | None = None,
 ) -> Callable[[], web.RequestHandler]:
     """A protocol factory like aiohttp's ``server`` (its handlers, set up as ``server``
     sets them up) whose handlers answer failures outside the app with JSON errors, each
-    counted by ``count_error``."""
+    counted by ``count_error``, and a head not whole ``read_timeout_s`` after its first
+    byte with a JSON 408 (None: heads are not timed)."""
+    heads = HeadTimer(read_timeout_s, count_error) if read_timeout_s else None
     handler_class = type(
         "_JsonErrorRequestHandler",
         (_JsonErrorRequestHandler,),
-        {"__slots__": (), "count_error": staticmethod(count_error) if count_error else None},
+        {
+            "__slots__": (),
+            "count_error": staticmethod(count_error) if count_error else None,
+            "heads": heads,
+        },
     )
 
     def protocol() -> web.RequestHandler:
@@ -171,7 +278,9 @@ async def serve_app(
     await runner.setup()
     try:
         assert runner.server is not None
-        fallback = json_error_protocols(runner.server, app[MANAGER_KEY].metrics.on_http_error)
+        fallback = json_error_protocols(
+            runner.server, app[MANAGER_KEY].metrics.on_http_error, settings.read_timeout_s
+        )
         lean: LeanServer | None = None
         protocol: Callable[[], asyncio.Protocol] = fallback
         if settings.lean_server and not settings.tracing:
