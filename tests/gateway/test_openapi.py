@@ -60,7 +60,7 @@ def test_routes_with_a_body_list_what_the_body_may_be_refused_with() -> None:
     doc = build_openapi()
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
-            assert {"415", "417"} <= set(op["responses"]), (method, path)  # any request's
+            assert {"415", "417", "501"} <= set(op["responses"]), (method, path)  # any request's
             if "requestBody" in op:
                 assert {"408", "413"} <= set(op["responses"]), (method, path)
     assert "409" in doc["paths"]["/v1/embeddings"]["post"]["responses"]

@@ -399,3 +399,26 @@ def test_a_head_in_pieces_within_the_limit_is_served_and_idle_time_is_not_timed(
             writer.close()
 
     run_virtual(main())
+
+
+def test_heads_go_untimed_with_a_warning_on_an_aiohttp_without_the_handler_state(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The head timer reads aiohttp's connection handler state between requests; an
+    aiohttp that keeps it otherwise gets no head timing (and a warning), not a broken
+    connection handler."""
+    from aiohttp import web
+
+    from sage_llm.gateway.server import json_error_protocols
+
+    async def main() -> None:
+        server = web.Server(lambda request: web.Response())  # type: ignore[arg-type,return-value]
+        timed = json_error_protocols(server, None, 5.0)()
+        assert type(timed).heads is not None  # type: ignore[attr-defined]
+        monkeypatch.setattr(web.RequestHandler, "__slots__", ("_other",))
+        untimed = json_error_protocols(server, None, 5.0)()
+        assert type(untimed).heads is None  # type: ignore[attr-defined]
+
+    with caplog.at_level(logging.WARNING, logger="sage_llm.gateway"):
+        run_virtual(main())
+    assert any("are not timed" in r.getMessage() for r in caplog.records)

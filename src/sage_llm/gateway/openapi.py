@@ -43,6 +43,7 @@ _ERROR_TEXT = {
     "415": "A body in a Content-Encoding the gateway does not read (it reads gzip, deflate "
     "or none).",
     "417": "An Expect header other than 100-continue.",
+    "501": "A Transfer-Encoding other than chunked.",
     "429": "Queue full or deadline infeasible; see the Retry-After header.",
     "500": "Internal error.",
     "502": "The engine failed.",
@@ -91,9 +92,10 @@ def _errors(*codes: str) -> dict[str, Any]:
 _BODY_ERRORS = ("400", "401", "408", "413")
 """What a route that reads a body may answer before its own checks: a bad body or head,
 no key, a slow or oversized upload (and, as every route, :data:`_HEAD_ERRORS`)."""
-_HEAD_ERRORS = ("415", "417")
+_HEAD_ERRORS = ("415", "417", "501")
 """What every route may answer for its request's head alone: a ``Content-Encoding`` the
-gateway does not read, an ``Expect`` other than ``100-continue``."""
+gateway does not read, an ``Expect`` other than ``100-continue``, a ``Transfer-Encoding``
+other than ``chunked``."""
 
 
 def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:

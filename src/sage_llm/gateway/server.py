@@ -61,6 +61,11 @@ _SWEEP_FRACTION = 0.1
 front): one is answered at most 10% late."""
 
 
+_HEAD_STATE = frozenset({"_waiter", "_messages", "_request_count"})
+"""What :class:`HeadTimer` reads of aiohttp's connection handler (its state between
+requests: aiohttp 3.9 to 3.14 keep it so); without it heads are not timed."""
+
+
 class HeadTimer:
     """Times the request heads arriving on aiohttp's connections: a head that has not
     arrived whole ``limit_s`` after its first byte gets a JSON 408, counted by
@@ -213,6 +218,14 @@ def json_error_protocols(
     counted by ``count_error``, and a head not whole ``read_timeout_s`` after its first
     byte with a JSON 408 (None: heads are not timed)."""
     heads = HeadTimer(read_timeout_s, count_error) if read_timeout_s else None
+    kept = set(getattr(web.RequestHandler, "__slots__", ()))
+    if heads is not None and not _HEAD_STATE.issubset(kept):
+        log.warning(
+            "this aiohttp's connection handler keeps no %s: request heads on its "
+            "connections are not timed",
+            ", ".join(sorted(_HEAD_STATE)),
+        )
+        heads = None
     handler_class = type(
         "_JsonErrorRequestHandler",
         (_JsonErrorRequestHandler,),
