@@ -516,7 +516,7 @@ def test_engine_sim_names_the_option_a_bad_engine_setting_came_from(
     assert out.startswith(message), out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_startup_stops_every_engine_started(
     sig: signal.Signals, tmp_path: Path
 ) -> None:
@@ -541,7 +541,14 @@ def test_a_signal_during_startup_stops_every_engine_started(
         """
     )
     argv = [*CLI, "launch", str(fleet), "--port", str(free_ports(1)), "--log-level", "warning"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # SIGHUP's default action (the case where the launch takes it), even under nohup
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 60

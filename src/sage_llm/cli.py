@@ -909,37 +909,46 @@ def _run_launch(
     config: LaunchConfig, sage: SageConfig, overrides: dict[str, Any], *, host: str, port: int
 ) -> signal.Signals | None:
     """Start the fleet, then serve the gateway (``sage``'s settings, the control plane's
-    with ``overrides``) until SIGTERM or Ctrl-C; stop the fleet. The signal (SIGTERM or
-    SIGINT) that stopped the launch before the gateway listened, else None.
+    with ``overrides``) until SIGTERM, SIGHUP or Ctrl-C; stop the fleet. The signal
+    (SIGTERM, SIGHUP or SIGINT) that stopped the launch before the gateway listened, else
+    None.
 
-    Until the gateway listens, SIGTERM cancels the launch (which stops every engine it had
-    started, as Ctrl-C does); while it listens, the gateway handles SIGTERM itself (a
-    graceful shutdown), and once it is done SIGTERM no longer interrupts stopping the fleet.
+    Until the gateway listens, SIGTERM (and SIGHUP, unless it is ignored, as under
+    ``nohup``) cancels the launch (which stops every engine it had started, as Ctrl-C
+    does); while it listens, the gateway handles them itself (a graceful shutdown), and once
+    it is done they no longer interrupt stopping the fleet.
     """
     from sage_llm.control_plane.builder import build_manager
     from sage_llm.gateway.server import run_gateway
     from sage_llm.launch import launch_from_config
 
     log = logging.getLogger("sage_llm.launch")
-    terminated = False
+    terminated: signal.Signals | None = None
     listening = asyncio.Event()
+    # SIGHUP (a closed terminal) as SIGTERM, unless ignored (nohup) or the caller's own
+    hangup = signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
     async def main() -> None:
         nonlocal terminated
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
 
-        def on_sigterm() -> None:
+        def on_signal(sig: signal.Signals) -> None:
             nonlocal terminated
-            if listening.is_set() or terminated:
-                log.info("SIGTERM received: already stopping")
+            if listening.is_set() or terminated is not None:
+                log.info("%s received: already stopping", sig.name)
                 return
-            log.info("SIGTERM received: stopping the engines started so far")
-            terminated = True
+            log.info("%s received: stopping the engines started so far", sig.name)
+            terminated = sig
             assert task is not None
             task.cancel()
 
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        def watch() -> None:
+            loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+            if hangup:
+                loop.add_signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
+
+        watch()
         manager = build_manager(sage, register=False, **overrides)
         try:
             await manager.start()
@@ -948,8 +957,8 @@ def _run_launch(
                 try:
                     await run_gateway(manager, sage.gateway, host=host, port=port, ready=listening)
                 finally:
-                    # run_gateway dropped its SIGTERM handler (SIGTERM would kill us now).
-                    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+                    # run_gateway dropped its SIGTERM/SIGHUP handlers (they would kill us now)
+                    watch()
         finally:
             await manager.stop()
 
@@ -958,9 +967,9 @@ def _run_launch(
     except KeyboardInterrupt:
         return None if listening.is_set() else signal.SIGINT
     except asyncio.CancelledError:
-        if not terminated:
+        if terminated is None:
             raise
-        return signal.SIGTERM
+        return terminated
     except SageLLMError as exc:
         _fail(exc.message)
     except OSError as exc:  # the gateway's port, taken since the check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -158,6 +159,48 @@ async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
     assert events[-1] == "[DONE]"
     assert not manager.is_running
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+async def test_sighup_shuts_the_gateway_down_as_sigterm_does_unless_ignored() -> None:
+    """A closed terminal's SIGHUP drains the gateway (its default action would cut every
+    stream mid-body); under nohup (SIGHUP ignored) it stays ignored."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
+        port = _free_port()
+        ready = asyncio.Event()
+        server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL
+        async with aiohttp.ClientSession() as http:
+            headers = {"x-request-id": "in-flight"}
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json=completion_body(stream=True),
+                headers=headers,
+            ) as stream:
+                await stream.content.readline()
+                os.kill(os.getpid(), signal.SIGHUP)
+                await asyncio.sleep(0.05)
+                assert not server.done()  # draining: the stream goes on
+                probes["sim-0"].gate.set()
+                events = await read_events(stream)
+            await asyncio.wait_for(server, 10)
+        assert events[-1] == "[DONE]"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        manager, _, _ = make_manager(1)
+        ready = asyncio.Event()
+        server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.05)
+        assert not server.done() and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 async def test_a_second_ctrl_c_ends_the_requests_in_flight_with_their_reason() -> None:

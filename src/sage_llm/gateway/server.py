@@ -343,10 +343,12 @@ async def start_gateway(
 def _watch_signals(
     stop: asyncio.Event, hurry: asyncio.Event, listening: asyncio.Event
 ) -> Callable[[], None] | None:
-    """Watch SIGTERM and SIGINT (Ctrl-C) on the loop, where it can (the main thread, Unix),
-    until the shutdown is over; returns what undoes it (None where it cannot watch).
+    """Watch SIGTERM, SIGHUP and SIGINT (Ctrl-C) on the loop, where it can (the main
+    thread, Unix), until the shutdown is over; returns what undoes it (None where it cannot
+    watch). SIGHUP counts as SIGTERM, and is watched only where it would otherwise end the
+    process (not under ``nohup``, not when the application handles it).
 
-    The first of either sets ``stop``: a graceful shutdown. A second SIGTERM is logged and
+    The first of them sets ``stop``: a graceful shutdown. A second SIGTERM is logged and
     ignored, so it cannot cut the shutdown short (a launcher's engines would go with it). A
     second Ctrl-C sets ``hurry``: the requests still in flight end now, each with its
     reason (a whole answer's 503, a stream's error event and ``[DONE]``), rather than the
@@ -355,11 +357,11 @@ def _watch_signals(
     over only from Python's or ``asyncio.run``'s handling of it."""
     loop = asyncio.get_running_loop()
 
-    def sigterm() -> None:
+    def sigterm(name: str) -> None:
         if stop.is_set():
-            log.warning("SIGTERM again: already shutting down")
+            log.warning("%s again: already shutting down", name)
             return
-        log.info("SIGTERM received")
+        log.info("%s received", name)
         stop.set()
 
     def sigint() -> None:
@@ -382,17 +384,26 @@ def _watch_signals(
     take_sigint = before is signal.default_int_handler or (
         getattr(bound, "__func__", None) is getattr(asyncio.Runner, "_on_sigint", None)
     )
+    # SIGHUP (a closed terminal, a dropped SSH session) as SIGTERM, unless it is ignored
+    # (nohup) or the application's own
+    hangup = getattr(signal, "SIGHUP", None)
+    take_sighup = hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL
     try:
-        loop.add_signal_handler(signal.SIGTERM, sigterm)
+        loop.add_signal_handler(signal.SIGTERM, sigterm, "SIGTERM")
+        if take_sighup:
+            loop.add_signal_handler(signal.SIGHUP, sigterm, "SIGHUP")
         if take_sigint:
             loop.add_signal_handler(signal.SIGINT, sigint)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGHUP)
         return None
 
     def undo() -> None:
         loop.remove_signal_handler(signal.SIGTERM)
+        if take_sighup:
+            loop.remove_signal_handler(signal.SIGHUP)
         if take_sigint:
             loop.remove_signal_handler(signal.SIGINT)
             # asyncio.run's handler only while its run lasts (after a KeyboardInterrupt it
