@@ -465,3 +465,22 @@ def test_heads_go_untimed_with_a_warning_on_an_aiohttp_without_the_handler_state
     with caplog.at_level(logging.WARNING, logger="sage_llm.gateway"):
         run_virtual(main())
     assert any("are not timed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1", True),
+        ("LOCALHOST", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("", False),
+    ],
+)
+def test_the_open_gateway_warning_knows_loopback_hosts_however_written(
+    host: str, loopback: bool
+) -> None:
+    from sage_llm.gateway.server import _loopback_only
+
+    assert asyncio.run(_loopback_only(host)) is loopback

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import re
 import signal
+import socket
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
@@ -340,6 +341,21 @@ async def start_gateway(
     return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
+async def _loopback_only(host: str) -> bool:
+    """Whether every address ``host`` binds is a loopback one (``127.1``, ``LOCALHOST``
+    and ``::1`` as well as ``127.0.0.1``); the empty host binds every interface."""
+    if not host:
+        return False
+    if is_loopback(host):
+        return True
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(is_loopback(str(info[4][0])) for info in infos)
+
+
 def _watch_signals(
     stop: asyncio.Event, hurry: asyncio.Event, listening: asyncio.Event
 ) -> Callable[[], None] | None:
@@ -461,7 +477,7 @@ async def run_gateway(
             try:
                 log.info("gateway listening on http://%s", host_port(bind_host, bound))
                 open_to_all = not (gateway.api_keys or gateway.api_keys_env)
-                if open_to_all and bind_host != "localhost" and not is_loopback(bind_host):
+                if open_to_all and not await _loopback_only(bind_host):
                     log.warning(
                         "gateway on %s has no API key: anyone who can reach it may use it "
                         "(set gateway.api_keys or gateway.api_keys_env)",
