@@ -484,3 +484,30 @@ def test_the_open_gateway_warning_knows_loopback_hosts_however_written(
     from sage_llm.gateway.server import _loopback_only
 
     assert asyncio.run(_loopback_only(host)) is loopback
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_answers_on_kept_alive_connections_say_close_once_the_gateway_stops(
+    lean_server: bool,
+) -> None:
+    """From ``stop_accepting`` on, every answer says ``Connection: close``, the aiohttp
+    front's (every route but the lean ones, or all of them) as the lean front's."""
+    manager, _, _ = make_manager(1)
+    site, port = await start_gateway(
+        manager, GatewayConfig(lean_server=lean_server), manage_lifecycle=True
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+        for stopping in (False, True):
+            if stopping:
+                site.stop_accepting()
+            writer.write(request)
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            assert head.startswith(b"http/1.1 200 "), head
+            assert (b"\r\nconnection: close" in head) is stopping, head
+            await reader.readexactly(int(head.split(b"content-length: ")[1].split(b"\r\n")[0]))
+        assert await reader.read() == b""  # closed after the answer
+        writer.close()
+    finally:
+        await site.cleanup()

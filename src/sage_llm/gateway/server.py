@@ -246,6 +246,23 @@ def json_error_protocols(
     return protocol
 
 
+class _Closing:
+    """Whether the gateway is stopping: from then on, aiohttp's answers say ``Connection:
+    close`` (the lean front's have their own flag), so that a client or a load balancer
+    stops sending on connections that are about to close."""
+
+    __slots__ = ("closing",)
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    async def mark(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """An ``on_response_prepare`` hook: close the connection after this answer."""
+        if self.closing:  # (aiohttp has written its Connection header by now, or not)
+            response.force_close()
+            response.headers["Connection"] = "close"
+
+
 class GatewaySite:
     """A serving gateway: ``await site.cleanup()`` stops accepting connections, lets
     requests in progress finish (up to the shutdown timeout) and stops the app."""
@@ -257,11 +274,13 @@ class GatewaySite:
         server: asyncio.AbstractServer | None = None,
         lean: LeanServer | None = None,
         shutdown_timeout_s: float = 5.0,
+        closing: _Closing | None = None,
     ) -> None:
         self.runner = runner
         self._server = server
         self._lean = lean
         self._shutdown_timeout_s = shutdown_timeout_s
+        self._closing = closing
 
     @property
     def lean(self) -> bool:
@@ -274,6 +293,8 @@ class GatewaySite:
             self._server.close()
         if self._lean is not None:
             self._lean.closing = True
+        if self._closing is not None:
+            self._closing.closing = True
 
     async def cleanup(self) -> None:
         self.stop_accepting()
@@ -288,6 +309,8 @@ async def serve_app(
     """Serve a gateway ``app`` (made by :func:`~sage_llm.gateway.app.create_app`) on
     ``host:port``; the site and the bound port (``port=0`` picks a free one)."""
     settings = app[SETTINGS_KEY]
+    closing = _Closing()
+    app.on_response_prepare.append(closing.mark)
     runner = new_runner(app, shutdown_timeout_s=shutdown_timeout_s)
     await runner.setup()
     try:
@@ -317,7 +340,9 @@ async def serve_app(
         raise
     bound = int(server.sockets[0].getsockname()[1])
     app[ADMIN_KEY].listening = (host, bound)  # registering an instance there is refused
-    site = GatewaySite(runner, server=server, lean=lean, shutdown_timeout_s=shutdown_timeout_s)
+    site = GatewaySite(
+        runner, server=server, lean=lean, shutdown_timeout_s=shutdown_timeout_s, closing=closing
+    )
     return site, bound
 
 
