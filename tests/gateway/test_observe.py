@@ -107,6 +107,25 @@ async def test_cors_for_configured_origins() -> None:
             assert r.status == 405
 
 
+async def test_a_cors_request_on_a_new_connection_gets_the_cors_headers() -> None:
+    """A POST with an Origin on a connection of its own (no preflight before it on that
+    connection): the lean front hands it to aiohttp, whose CORS answers it."""
+    settings = GatewayConfig(cors_origins=("https://app.example",))
+    async with serve(1, settings=settings) as gw:
+        for stream in (False, True):
+            async with (
+                aiohttp.ClientSession() as http,  # a new connection each time
+                http.post(
+                    gw.url("/v1/completions"),
+                    json=completion_body(stream=stream),
+                    headers={"Origin": "https://app.example"},
+                ) as r,
+            ):
+                assert r.status == 200
+                assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+                await r.read()
+
+
 class _Span:
     def __init__(self, name: str, options: dict[str, Any]) -> None:
         self.name = name

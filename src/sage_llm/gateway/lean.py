@@ -67,7 +67,8 @@ class LeanRequest:
     method: str
     path: str
     headers: dict[str, str]
-    """Header names lower-cased; repeated headers joined with ``", "``."""
+    """Header names lower-cased; of a repeated header, the first (as aiohttp's
+    ``request.headers[name]``; one that must not repeat hands the request to aiohttp)."""
     body: bytes
 
 
