@@ -129,69 +129,53 @@ async def test_requests_left_at_the_shutdown_limit_end_with_a_reason(lean_server
     assert sorted(probes["sim-0"].aborted) == ["stuck", "stuck-stream"]
 
 
-async def test_sigterm_shuts_the_gateway_down_gracefully() -> None:
-    manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
-    port = _free_port()
-    ready = asyncio.Event()
-    server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    # run_gateway watches SIGTERM on the loop (never the default action: that would kill
-    # the test run)
-    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        headers = {"x-request-id": "in-flight"}
-        async with http.post(
-            base + "/v1/completions", json=completion_body(stream=True), headers=headers
-        ) as stream:
-            await stream.content.readline()
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(5):
-                await asyncio.sleep(0)
-            # a second SIGTERM while in-flight requests finish is logged and ignored (the
-            # default action would end the process, and a launcher its engines with it)
-            os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(0.05)
-            assert not server.done()
-            probes["sim-0"].gate.set()
-            events = await read_events(stream)
-        await asyncio.wait_for(server, 10)  # returns: a stop, not a cancellation
-    assert events[-1] == "[DONE]"
-    assert not manager.is_running
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-
-
-async def test_sighup_shuts_the_gateway_down_as_sigterm_does_unless_ignored() -> None:
-    """A closed terminal's SIGHUP drains the gateway (its default action would cut every
-    stream mid-body); under nohup (SIGHUP ignored) it stays ignored."""
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+async def test_sigterm_or_sighup_shuts_the_gateway_down_gracefully(sig: signal.Signals) -> None:
+    """SIGTERM, and SIGHUP (a closed terminal: its default action would cut every stream
+    mid-body) as SIGTERM, drain the gateway; a second one is logged and ignored."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # even when run under nohup
     try:
         manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
         port = _free_port()
         ready = asyncio.Event()
         server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
         await asyncio.wait_for(ready.wait(), 10)
-        assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL
+        # run_gateway watches the signal on the loop (never the default action: that would
+        # kill the test run)
+        assert signal.getsignal(sig) is not signal.SIG_DFL
+        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             headers = {"x-request-id": "in-flight"}
             async with http.post(
-                f"http://127.0.0.1:{port}/v1/completions",
-                json=completion_body(stream=True),
-                headers=headers,
+                base + "/v1/completions", json=completion_body(stream=True), headers=headers
             ) as stream:
                 await stream.content.readline()
-                os.kill(os.getpid(), signal.SIGHUP)
+                os.kill(os.getpid(), sig)
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                # a second one while in-flight requests finish is logged and ignored (the
+                # default action would end the process, and a launcher its engines with it)
+                os.kill(os.getpid(), sig)
                 await asyncio.sleep(0.05)
-                assert not server.done()  # draining: the stream goes on
+                assert not server.done()
                 probes["sim-0"].gate.set()
                 events = await read_events(stream)
-            await asyncio.wait_for(server, 10)
+            await asyncio.wait_for(server, 10)  # returns: a stop, not a cancellation
         assert events[-1] == "[DONE]"
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        assert not manager.is_running
+        assert signal.getsignal(sig) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+async def test_an_ignored_sighup_stays_ignored() -> None:
+    """Under nohup (SIGHUP ignored) the gateway leaves SIGHUP ignored."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
         manager, _, _ = make_manager(1)
         ready = asyncio.Event()
-        server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
+        config = GatewayConfig(port=_free_port())
+        server = asyncio.create_task(run_gateway(manager, config, ready=ready))
         await asyncio.wait_for(ready.wait(), 10)
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.sleep(0.05)
