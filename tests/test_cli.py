@@ -610,9 +610,14 @@ def test_a_launch_gateway_port_of_the_file_that_an_engine_has_is_located(tmp_pat
     )
 
 
-def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     """With a --config file for the gateway (an API key, an admin token, a policy): the
-    launched gateway had none of these, and --host 0.0.0.0 exposed it unauthenticated."""
+    launched gateway had none of these, and --host 0.0.0.0 exposed it unauthenticated.
+    SIGHUP, as SIGTERM, shuts the serving gateway down, then the engines (the launch had
+    kept SIGHUP from the gateway, and ignored it while it served)."""
     plan = tmp_path / "plan.json"
     plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
     base, gateway = free_ports(2), free_ports(1)
@@ -625,7 +630,12 @@ def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: P
             "--log-dir", "engine-logs", "--log-level", "warning",
             "--config", str(settings)]  # fmt: skip
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # even under nohup
     )
     pids: list[int] = []
 
@@ -653,7 +663,7 @@ def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(tmp_path: P
                 assert resp.status == 200
         logs = sorted(p.name for p in (tmp_path / "engine-logs").iterdir())
         assert logs == ["local-general-0.log", "local-general-1.log"]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
         pids = [int(m) for m in re.findall(r" pid (\d+) \(", out)]
         assert proc.returncode == 0, err

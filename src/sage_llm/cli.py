@@ -954,6 +954,8 @@ def _run_launch(
             await manager.start()
             async with await launch_from_config(config, manager=manager) as fleet:
                 typer.echo(fleet.describe())
+                if hangup:  # the gateway takes SIGHUP over only from its default action
+                    loop.remove_signal_handler(signal.SIGHUP)
                 try:
                     await run_gateway(manager, sage.gateway, host=host, port=port, ready=listening)
                 finally:
