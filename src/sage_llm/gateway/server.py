@@ -67,26 +67,39 @@ _HEAD_STATE = frozenset({"_waiter", "_messages", "_request_count"})
 requests: aiohttp 3.9 to 3.14 keep it so); without it heads are not timed."""
 
 
+_LINE_KEPT = 200
+"""Bytes of an arriving head kept for the 408's log line and route: its request line."""
+
+
 class HeadTimer:
     """Times the request heads arriving on aiohttp's connections: a head that has not
     arrived whole ``limit_s`` after its first byte gets a JSON 408, counted by
     ``count_error`` and access-logged, and its connection closes. One sweep per tenth of
-    the limit looks for them, while any head is arriving (a head sets no timer)."""
+    the limit looks for them, while any head is arriving (a head sets no timer). A head
+    whose first bytes came in the read that ended the request before it (pipelined) is
+    timed from its next read: aiohttp's parser keeps those bytes out of sight; with no next
+    read, the keep-alive timeout closes the connection."""
 
     def __init__(self, limit_s: float, count_error: ErrorCounter | None = None) -> None:
         self.limit_s = limit_s
         self.count_error = count_error
         self.arriving: dict[_JsonErrorRequestHandler, tuple[float, bytes]] = {}
-        """Each connection with a head arriving: when its first byte came, and the first
-        bytes (its request line, as far as it came, for the log)."""
+        """Each connection with a head arriving: when its first byte came, and its first
+        bytes (its request line, as far as it came, for the log and the route)."""
         self._sweep: asyncio.TimerHandle | None = None
 
     def begin(self, handler: _JsonErrorRequestHandler, at: float, data: bytes) -> None:
-        if handler not in self.arriving:
-            self.arriving[handler] = (at, data[:200])
-            if self._sweep is None:
-                loop = asyncio.get_running_loop()
-                self._sweep = loop.call_later(self.limit_s * _SWEEP_FRACTION, self._look)
+        """``data`` of a head arrived (its first bytes at ``at``): timed from its first."""
+        arriving = self.arriving.get(handler)
+        if arriving is not None:
+            since, first = arriving
+            if len(first) < _LINE_KEPT and b"\r\n" not in first:  # its request line goes on
+                self.arriving[handler] = (since, (first + data)[:_LINE_KEPT])
+            return
+        self.arriving[handler] = (at, data[:_LINE_KEPT])
+        if self._sweep is None:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(self.limit_s * _SWEEP_FRACTION, self._look)
 
     def end(self, handler: _JsonErrorRequestHandler) -> None:
         self.arriving.pop(handler, None)
