@@ -60,3 +60,7 @@ def test_last_instances_hold_a_long_session_id_in_bounded_memory() -> None:
     exact = "s" * LastInstances.LONG_KEY  # at the bound: kept as it is
     last.note(exact, "i2")
     assert exact in last._items and last.get(exact) == "i2"
+    wide = "\U0001f600" * LastInstances.LONG_KEY  # 4 bytes a character: a digest too
+    last.note(wide, "i3")
+    assert wide not in last._items and last.get(wide) == "i3"
+    assert all(key.isascii() for key in last._items)

@@ -201,3 +201,26 @@ def test_a_model_no_instance_serves_any_more_loses_its_series_later() -> None:
             )
 
     run_virtual(main())
+
+
+def test_an_instance_registered_again_with_another_model_drops_the_old_models_requests() -> None:
+    async def main() -> None:
+        cp = _manager()
+        async with cp:
+            await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
+            inst = next(s.instance for s in cp._registry if s.instance_id == "sim-1")
+            old_model = inst.model_name
+            cp.unregister_instance("sim-1")
+            inst.model_name = "other-model"
+            cp.register_instance(inst)
+            text = cp.prometheus_metrics().decode()
+            assert f'instance_id="sim-1",model="{old_model}"' not in text
+            assert f'instance_id="sim-0",model="{old_model}"' in text  # still served there
+            await cp.generate(
+                RequestMetadata(request_id="o", prompt="hi", max_tokens=2, model_name="other-model")
+            )
+            await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
+            text = cp.prometheus_metrics().decode()
+            assert 'instance_id="sim-1",model="other-model"' in text
+
+    run_virtual(main())

@@ -286,8 +286,9 @@ class ControlPlaneManager:
         self._policy_changed = asyncio.Event()
         """Set when the policy is switched (the tick loop waits for one with a ``tick``)."""
         self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
-        self._forget_counts: dict[str, asyncio.TimerHandle] = {}
-        """Removed instances whose counter series go later (:data:`REMOVED_COUNTS_KEEP_S`)."""
+        self._forget_counts: dict[str, tuple[asyncio.TimerHandle, str]] = {}
+        """Removed instances whose counter series go later (:data:`REMOVED_COUNTS_KEEP_S`),
+        with the model they served."""
         self._forget_models: dict[str, asyncio.TimerHandle] = {}
         """Models no instance serves any more, whose series go later (the same delay)."""
         self._embeds: set[asyncio.Task[dict[str, Any]]] = set()
@@ -447,7 +448,7 @@ class ControlPlaneManager:
         all_tasks += self._closing  # removed instances' clients, closing
         all_tasks += self._embeds
         await asyncio.gather(*all_tasks, return_exceptions=True)
-        for instance_id, handle in self._forget_counts.items():
+        for instance_id, (handle, _) in self._forget_counts.items():
             handle.cancel()
             self._metrics.forget_instance_counts(instance_id)
         self._forget_counts.clear()
@@ -544,12 +545,14 @@ class ControlPlaneManager:
             self._given_clients.add(instance.instance_id)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or made or _UnconnectedClient(instance), priors)
-        for kept in (
-            self._forget_counts.pop(instance.instance_id, None),
-            self._forget_models.pop(instance.model_name, None),
-        ):
-            if kept is not None:  # registered again: its counters go on from where they were
-                kept.cancel()
+        counted = self._forget_counts.pop(instance.instance_id, None)
+        if counted is not None:  # registered again: its counters go on from where they were
+            counted[0].cancel()
+            if counted[1] != instance.model_name:  # but its old model's requests are another's
+                self._metrics.forget_instance_counts(instance.instance_id, counted[1])
+        served = self._forget_models.pop(instance.model_name, None)
+        if served is not None:
+            served.cancel()
         state.registered_at = self._elapsed()
         if not instance.is_available:
             instance.is_available, state.draining = True, True
@@ -1647,9 +1650,10 @@ class ControlPlaneManager:
         gone = all(other.instance.model_name != model for other in self._registry)
         if self._running:  # its counters stay until scrapes have seen its last requests
             loop = asyncio.get_running_loop()
-            self._forget_counts[state.instance_id] = loop.call_later(
+            handle = loop.call_later(
                 REMOVED_COUNTS_KEEP_S, self._forget_instance_counts, state.instance_id
             )
+            self._forget_counts[state.instance_id] = (handle, model)
             if gone and model not in self._forget_models:
                 self._forget_models[model] = loop.call_later(
                     REMOVED_COUNTS_KEEP_S, self._forget_model, model

@@ -395,21 +395,27 @@ class ControlPlaneMetrics:
                 gauge.remove(instance_id)
         self._in_flight_children.pop(instance_id, None)
 
-    def forget_instance_counts(self, instance_id: str) -> None:
+    def forget_instance_counts(self, instance_id: str, model: str | None = None) -> None:
         """Drop a removed instance's counters: its requests by status, its breaker's
-        transitions, its stalls."""
-        with contextlib.suppress(KeyError):
-            self.instance_stalls.remove(instance_id)
-        for state in ("closed", "half-open", "open"):
+        transitions, its stalls; with ``model``, only its requests of that model."""
+        if model is None:
             with contextlib.suppress(KeyError):
-                self.circuit_transitions.remove(instance_id, state)
-        for status, model, policy in self._request_series.pop(instance_id, {}):
+                self.instance_stalls.remove(instance_id)
+            for state in ("closed", "half-open", "open"):
+                with contextlib.suppress(KeyError):
+                    self.circuit_transitions.remove(instance_id, state)
+        series = self._request_series.get(instance_id, {})
+        for key in [key for key in series if model is None or key[1] == model]:
+            del series[key]
             with contextlib.suppress(KeyError):
-                self.requests.remove(status, model, policy, instance_id)
+                self.requests.remove(key[0], key[1], key[2], instance_id)
+        if not series:
+            self._request_series.pop(instance_id, None)
 
     def forget_model(self, model: str) -> None:
         """Drop the series of a model no instance serves any more: its latency histograms,
-        its refusals, and its requests that ended on no instance."""
+        its refusals, and its requests (an instance id registered again with another model
+        may still hold some)."""
         if self._model_children.pop(model, None) is not None:
             for histogram in (self.e2e, self.queue_time, self.ttft, self.tpot):
                 with contextlib.suppress(KeyError):
@@ -417,11 +423,8 @@ class ControlPlaneMetrics:
         for reason in self._rejected_reasons.pop(model, ()):
             with contextlib.suppress(KeyError):
                 self.rejected.remove(reason, model)
-        unplaced = self._request_series.get("none", {})
-        for key in [key for key in unplaced if key[1] == model]:
-            del unplaced[key]
-            with contextlib.suppress(KeyError):
-                self.requests.remove(key[0], model, key[2], "none")
+        for instance_id in list(self._request_series):
+            self.forget_instance_counts(instance_id, model)
 
     def set_in_flight(self, instance_id: str, value: int) -> None:
         """The ``instance_in_flight`` gauge of one instance (child looked up once)."""

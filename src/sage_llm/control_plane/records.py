@@ -240,9 +240,9 @@ class LastInstances:
     """The instance that last completed a request of each session (``session_id``, else
     ``user_id``): the previous instance of a session's next request, which
     ``topology_aware`` routes close to. At most ``capacity`` sessions, the least recently
-    served forgotten first. A key longer than :data:`LONG_KEY` characters is kept as a
-    digest of itself, so that the map's memory is bounded whatever clients send as their
-    session or user id (up to the body's size)."""
+    served forgotten first. A key longer than :data:`LONG_KEY` characters, or not ASCII,
+    is kept as a digest of itself (32 ASCII characters), so that the map's memory is
+    bounded whatever clients send as their session or user id (up to the body's size)."""
 
     LONG_KEY = 64
 
@@ -256,12 +256,12 @@ class LastInstances:
         return len(self._items)
 
     def get(self, key: str) -> str | None:
-        if len(key) > self.LONG_KEY:
+        if len(key) > self.LONG_KEY or not key.isascii():
             key = _digest(key)
         return self._items.get(key)
 
     def note(self, key: str, instance_id: str) -> None:
-        if len(key) > self.LONG_KEY:
+        if len(key) > self.LONG_KEY or not key.isascii():
             key = _digest(key)
         items = self._items
         items[key] = instance_id
