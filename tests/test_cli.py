@@ -1009,3 +1009,30 @@ def test_an_interrupt_before_a_command_runs_is_one_line_and_status_130(
         cli.main()
     assert exc.value.code == 130
     assert capsys.readouterr().err == "error: interrupted (SIGINT)\n"
+
+
+def test_an_interrupt_while_the_command_line_loads_is_one_line_and_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ``sage-llm`` script loads the command line under its own Ctrl-C answer (its
+    imports had printed a traceback)."""
+    import types
+
+    from sage_llm.__main__ import main
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "sage_llm.cli", Loading("sage_llm.cli"))
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted (SIGINT)\n"
+
+
+def test_python_dash_m_sage_llm_runs_the_command_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sage_llm", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "sageLLM control plane" in out

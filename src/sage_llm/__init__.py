@@ -7,52 +7,62 @@ Public API (everything else is private and may change)::
     )
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from sage_llm.errors import (
-    AdmissionError,
-    ConfigError,
-    EngineError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OverBudgetError,
-    QueueFullError,
-    SageLLMError,
-    SLOInfeasibleError,
-)
-from sage_llm.types import (
-    DecodingConfig,
-    ExecutionInstance,
-    ExecutionInstanceType,
-    InstanceMetrics,
-    ParallelismType,
-    PDMetrics,
-    PDSeparationConfig,
-    PerformanceMetrics,
-    PreffillingConfig,
-    PrefillingConfig,
-    RequestMetadata,
-    RequestPriority,
-    RequestResult,
-    RequestStatus,
-    SchedulingDecision,
-    SchedulingMetrics,
-)
 
 if TYPE_CHECKING:
     from sage_llm.control_plane.manager import ControlPlaneManager
+    from sage_llm.errors import (
+        AdmissionError,
+        ConfigError,
+        EngineError,
+        InvalidRequestError,
+        ModelNotFoundError,
+        OverBudgetError,
+        QueueFullError,
+        SageLLMError,
+        SLOInfeasibleError,
+    )
+    from sage_llm.types import (
+        DecodingConfig,
+        ExecutionInstance,
+        ExecutionInstanceType,
+        InstanceMetrics,
+        ParallelismType,
+        PDMetrics,
+        PDSeparationConfig,
+        PerformanceMetrics,
+        PreffillingConfig,
+        PrefillingConfig,
+        RequestMetadata,
+        RequestPriority,
+        RequestResult,
+        RequestStatus,
+        SchedulingDecision,
+        SchedulingMetrics,
+    )
 
 __version__ = "0.1.0"
 
+_ERRORS = (
+    "AdmissionError", "ConfigError", "EngineError", "InvalidRequestError",
+    "ModelNotFoundError", "OverBudgetError", "QueueFullError", "SageLLMError",
+    "SLOInfeasibleError",
+)  # fmt: skip
+_HOME = {
+    "ControlPlaneManager": "sage_llm.control_plane.manager",
+    **dict.fromkeys(_ERRORS, "sage_llm.errors"),
+}
+"""Where each public name lives (the others: :mod:`sage_llm.types`)."""
+
 
 def __getattr__(name: str) -> Any:
-    """``ControlPlaneManager`` is imported when first asked for: importing the package
-    (as every ``sage_llm.*`` module and the command line do) stays quick."""
-    if name == "ControlPlaneManager":
-        from sage_llm.control_plane.manager import ControlPlaneManager
-
-        return ControlPlaneManager
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """The public names are imported when first asked for: importing the package (as every
+    ``sage_llm.*`` module and the command line do) costs nothing, so a Ctrl-C while the
+    command line starts lands where it is answered in one line."""
+    if name not in __all__ or name == "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME.get(name, "sage_llm.types")), name)
 
 
 __all__ = [
