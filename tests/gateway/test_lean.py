@@ -712,6 +712,46 @@ def test_pipelined_requests_wait_while_their_client_reads_no_answer() -> None:
     run_virtual(main())
 
 
+def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_timeout() -> None:
+    """Pipelined requests held while their client reads nothing, and an answer left unread:
+    the connection closes (its unread answers dropped) once the keep-alive timeout has
+    passed, as an idle one does; a close alone would wait for the client to read."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answer = b"x" * (256 * 1024)
+        served: list[LeanRequest] = []
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            served.append(request)
+            conn.respond(200, answer, content_type="text/plain", headers={})
+
+        lean, server, port = await _lean_server(handler, _Fallback())
+        for count in (60, 1):  # held requests; one answer left unread
+            served.clear()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, _post("/v1/completions", {}) * count)
+            for _ in range(100):
+                if served:
+                    break
+                await asyncio.sleep(0.01)
+            started = loop.time()
+            for _ in range(400):
+                if not lean.connections:
+                    break
+                await asyncio.sleep(0.1)
+            assert not lean.connections  # gone, though its client never read
+            assert 30.0 <= loop.time() - started <= 33.0 + 0.2
+            assert len(served) < count or count == 1
+            sock.close()
+        server.close()
+
+    run_virtual(main())
+
+
 def test_a_stream_its_handler_leaves_unended_closes_the_connection() -> None:
     """A handler that returns with its chunked response not ended (``write_eof`` never
     reached) leaves the connection closed, not waiting for a next request the client

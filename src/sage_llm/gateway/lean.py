@@ -376,8 +376,11 @@ class LeanConnection(asyncio.Protocol):
     def _hold(self) -> None:
         """Between requests, while the client has not read the answers before (writing is
         paused): start no request, and read no more, until ``resume_writing``. What has
-        arrived of the next request is not timed meanwhile (its reading was stopped)."""
-        self.idle_since = self.reading_since = None
+        arrived of the next request is not timed meanwhile (its reading was stopped); the
+        connection waits on its client as an idle one does, and closes as one after the
+        keep-alive timeout."""
+        self.reading_since = None
+        self.idle_since = asyncio.get_running_loop().time()
         if not self._read_paused and self._transport is not None:
             self._transport.pause_reading()
             self._read_paused = True
@@ -437,14 +440,20 @@ class LeanConnection(asyncio.Protocol):
         end = self._buf.find(b"\r\n\r\n")
         return None if end < 0 else self._parse_head(bytes(self._buf[:end]))
 
-    def close_if_idle(self) -> None:
+    def close_if_idle(self, *, unread: bool = False) -> None:
         """Close now unless a request is in progress (that one closes when it ends). A
         request still arriving is dropped by the server, not left by its client: not a 499
-        (:meth:`connection_lost`)."""
-        if self._task is None and self._transport is not None:
+        (:meth:`connection_lost`). With ``unread``, answers the client has left unread
+        (the keep-alive timeout passed meanwhile) are dropped: a close would wait for the
+        client to read them first, for ever if it never does."""
+        transport = self._transport
+        if self._task is None and transport is not None:
             self.reading_since = None
-            self._server.writes.flush_one(self._transport)
-            self._transport.close()
+            self._server.writes.flush_one(transport)
+            if unread and transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -561,7 +570,7 @@ class LeanServer:
         for conn in list(self.connections):
             since = conn.idle_since
             if since is not None and idle_limit > 0 and now - since >= idle_limit:
-                conn.close_if_idle()
+                conn.close_if_idle(unread=True)
                 continue
             reading = conn.reading_since
             if reading is not None and read_limit and now - reading >= read_limit:
