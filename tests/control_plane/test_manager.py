@@ -2425,6 +2425,31 @@ def test_without_monitoring_a_failed_request_ejects_nothing() -> None:
     run_virtual(main())
 
 
+@pytest.mark.parametrize("max_retries", [0, 1, 2])
+def test_a_request_failing_everywhere_is_tried_max_retries_plus_one_times(
+    max_retries: int,
+) -> None:
+    """Every instance fails before its first token: the request is tried once, then
+    retried ``max_retries`` times on other instances (more are free), then fails."""
+
+    async def main() -> None:
+        refused = EngineConnectionError("refused", instance_id="any", retryable=True)
+        engines = {f"e{i}": FakeEngine(f"e{i}", fail_with=refused) for i in range(5)}
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda i: engines[i.instance_id],
+            enable_monitoring=False, max_retries=max_retries,
+        )  # fmt: skip
+        for i in range(5):
+            cp.register_instance(make_instance(f"e{i}", port=8000 + i))
+        async with cp:
+            result = await cp.generate(make_metadata("r0", max_tokens=4))
+        assert result.status is RequestStatus.FAILED
+        assert sum(len(e.requests) for e in engines.values()) == max_retries + 1
+        assert result.attempts == max_retries + 1
+
+    run_virtual(main())
+
+
 @pytest.mark.parametrize("leave", ["drain", "remove"])
 def test_a_retry_waiting_for_the_only_other_instance_fails_when_that_one_leaves(
     leave: str,
