@@ -2450,6 +2450,55 @@ def test_a_request_failing_everywhere_is_tried_max_retries_plus_one_times(
     run_virtual(main())
 
 
+def test_an_instances_load_counters_return_to_zero_however_its_requests_end() -> None:
+    """Completed, failed and cancelled requests (running or queued) each give back what
+    they held: in flight, queued prefill tokens, outstanding decode tokens."""
+
+    async def main() -> None:
+        engine = FakeEngine("a")
+        cp = ControlPlaneManager(
+            mode="http", engine_factory=lambda _: engine, enable_monitoring=False,
+            scheduling_policy="fifo",
+        )  # fmt: skip
+        cp.register_instance(make_instance("a", max_concurrent_requests=1))
+
+        def load() -> tuple[int, int, int]:
+            report = cp.get_instance_report("a")
+            md = report.metadata
+            return (
+                report.active_requests,
+                md["queued_prefill_tokens"],
+                md["outstanding_decode_tokens"],
+            )
+
+        async with cp:
+            for i in range(2):
+                done = await cp.generate(make_metadata(f"ok{i}", max_tokens=4))
+                assert done.status is RequestStatus.COMPLETED
+            assert load() == (0, 0, 0)
+            engine.fail_with = EngineError("bad request", instance_id="a", status=400)
+            failed = await cp.generate(make_metadata("before", max_tokens=4))
+            engine.fail_after = 2
+            failed_mid = await cp.generate(make_metadata("mid", max_tokens=4))
+            assert failed.status is failed_mid.status is RequestStatus.FAILED
+            assert load() == (0, 0, 0)
+            engine.fail_with = engine.fail_after = None
+            engine.gate_after = 1
+            await cp.submit_request(make_metadata("running", max_tokens=8))
+            await engine.gated.wait()
+            await cp.submit_request(make_metadata("queued", max_tokens=8))
+            assert load()[0] == 1 and load()[2] > 0
+            assert await cp.cancel_request("queued") is True
+            assert await cp.cancel_request("running") is True
+            for rid in ("running", "queued"):
+                result = await cp.wait_for_result(rid)
+                assert result.status is RequestStatus.CANCELLED
+            assert engine.aborted[-1] == "running"
+            assert load() == (0, 0, 0)
+
+    run_virtual(main())
+
+
 @pytest.mark.parametrize("leave", ["drain", "remove"])
 def test_a_retry_waiting_for_the_only_other_instance_fails_when_that_one_leaves(
     leave: str,
