@@ -29,6 +29,7 @@ from sage_llm.gateway.server import start_gateway
 from sage_llm.sim.core import SimEngineConfig
 from sage_llm.sim.engine import SimEngine
 from sage_llm.sim.server import start_engine_server
+from sage_llm.tokens import tokenize
 from sage_llm.types import RequestStatus
 from tests.engines.fake_engine import probed_app, start_app
 from tests.engines.probes import FaultyEngine
@@ -545,6 +546,32 @@ async def test_token_ids_and_the_engine_objects_own_fields_reach_the_client(
     assert len(texts) == 2 and all(e["system_fingerprint"] == "fp-1" for e in texts)
     for obj in (whole, plain, *events):
         assert "kv_transfer_params" not in obj or obj["kv_transfer_params"] is None
+
+
+async def test_each_of_several_choices_carries_its_own_token_ids() -> None:
+    """``n`` = 2 with ``return_token_ids``: each choice, whole or streamed, has the ids of
+    its own text (the simulated engine's ids are its text's tokens), not the first's."""
+    body = body_of(n=2, return_token_ids=True, max_tokens=3)
+    async with serve() as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/v1/completions"), json=body) as r:
+            assert r.status == 200
+            whole = await r.json()
+        async with http.post(gw.url("/v1/completions"), json={**body, "stream": True}) as r:
+            events = [e for e in await read_events(r) if isinstance(e, dict)]
+    choices = sorted(whole["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1]
+    for c in choices:
+        assert c["token_ids"] == tokenize(c["text"]) and len(c["token_ids"]) == 3
+    assert choices[0]["token_ids"] != choices[1]["token_ids"]
+    texts: dict[int, str] = {0: "", 1: ""}
+    ids: dict[int, list[int]] = {0: [], 1: []}
+    for event in events:
+        for c in event["choices"]:
+            texts[c["index"]] += c["text"]
+            ids[c["index"]] += c.get("token_ids") or []
+    for index in (0, 1):
+        assert ids[index] == tokenize(texts[index]) and len(ids[index]) == 3
+    assert ids[0] != ids[1]
 
 
 async def test_continuous_usage_stats_reach_the_client_with_every_chunk() -> None:
