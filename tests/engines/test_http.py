@@ -614,7 +614,16 @@ async def test_an_embeddings_answer_without_one_embedding_per_input_is_an_engine
 
 @pytest.mark.parametrize(
     ("status", "retryable"),
-    [(500, True), (503, True), (429, True), (404, True), (401, True), (403, True), (409, False)],
+    [
+        (500, True),
+        (503, True),
+        (429, True),
+        (408, True),
+        (404, True),
+        (401, True),
+        (403, True),
+        (409, False),
+    ],
 )
 async def test_http_status_errors(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, retryable: bool
