@@ -282,6 +282,19 @@ async def test_bad_chunk_size_raises(server: tuple[RawServer, int], pool: FastPo
     resp.close()
 
 
+async def test_a_chunk_not_followed_by_crlf_raises(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    """A chunk's data longer than its size said is not read as the next size line."""
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n")
+    resp = await pool.request("POST", "/x", b"")
+    with pytest.raises(ConnectionError, match="malformed chunked body"):
+        await resp.read()
+    resp.close()
+    assert pool.idle_connections == 0
+
+
 async def test_closed_before_the_response(server: tuple[RawServer, int], pool: FastPool) -> None:
     raw, _port = server
     raw.reply = send(close=True)
