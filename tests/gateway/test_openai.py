@@ -189,6 +189,7 @@ def test_stream_options_are_for_streams_only() -> None:
          "stream_options.include_usage"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "soon"}, "x-sage-priority"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "-3"}, "x-sage-slo-ms"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "0"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "inf"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x", "priority": "soon"}, {}, "priority"),
         ({"model": MODEL, "prompt": "x", "priority": 1.5}, {}, "priority"),
@@ -212,6 +213,14 @@ def test_invalid_fields_name_their_param(
     assert err.value.param == param
     assert err.value.http_status == 400
     assert err.value.message.startswith(param)
+
+
+def test_values_at_their_limits_are_accepted() -> None:
+    """A ``max_tokens`` equal to the gateway's limit (512 here; 513 is refused above) and a
+    cost budget of 0 (nothing may be spent: a number >= 0) are taken."""
+    assert _parse({"model": MODEL, "prompt": "x", "max_tokens": 512}).meta.max_tokens == 512
+    meta = _parse({"model": MODEL, "prompt": "x"}, {"x-sage-cost-budget": "0"}).meta
+    assert meta.cost_budget == 0.0
 
 
 def test_max_prompt_tokens_counts_chat_prompts_too() -> None:
