@@ -391,6 +391,8 @@ async def test_set_policy_errors() -> None:
     async with serve(1) as gw, aiohttp.ClientSession() as http:
         async with http.post(gw.url("/admin/set_policy"), json={"policy": "nope"}) as r:
             assert r.status == 404
+            error = (await _json(r))["error"]
+        assert error["param"] == "policy"  # the body's field, not the manager's argument
         body = {"policy": "priority", "params": {"no_such_param": 1}}
         async with http.post(gw.url("/admin/set_policy"), json=body) as r:
             assert r.status == 400
