@@ -714,6 +714,24 @@ def test_build_connector() -> None:
         build_connector("sglang", {"bootstrap_port": 0})
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0])
+@pytest.mark.parametrize(
+    ("params", "key"),
+    [
+        (VLLMConnectorParams, "release_timeout_s"),
+        (VLLMConnectorParams, "cancel_grace_s"),
+        (SGLangConnectorParams, "drain_timeout_s"),
+    ],
+)
+def test_connector_timeouts_must_be_finite_and_positive(
+    params: type[VLLMConnectorParams | SGLangConnectorParams], key: str, value: float
+) -> None:
+    fields: dict[str, Any] = {key: value}
+    with pytest.raises(ConfigError, match="must be a finite number > 0") as err:
+        params(**fields)
+    assert err.value.key == key
+
+
 def test_an_unknown_connector_in_code_is_said_at_its_own_key() -> None:
     """It had been said at pd_config.metadata.connector_params.connector."""
     with pytest.raises(ConfigError) as err:
