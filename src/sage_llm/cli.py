@@ -915,8 +915,8 @@ def _run_launch(
 
     Until the gateway listens, SIGTERM (and SIGHUP, unless it is ignored, as under
     ``nohup``) cancels the launch (which stops every engine it had started, as Ctrl-C
-    does); while it listens, the gateway handles them itself (a graceful shutdown), and once
-    it is done they no longer interrupt stopping the fleet.
+    does); while it listens, they shut the gateway down gracefully, and once it is done
+    they no longer interrupt stopping the fleet. Its handlers stay in place throughout.
     """
     from sage_llm.control_plane.builder import build_manager
     from sage_llm.gateway.server import run_gateway
@@ -932,9 +932,15 @@ def _run_launch(
         nonlocal terminated
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
+        stop = asyncio.Event()  # the gateway's graceful shutdown
+        serving = False
 
         def on_signal(sig: signal.Signals) -> None:
             nonlocal terminated
+            if listening.is_set() and serving and not stop.is_set():
+                log.info("%s received", sig.name)
+                stop.set()
+                return
             if listening.is_set() or terminated is not None:
                 log.info("%s received: already stopping", sig.name)
                 return
@@ -943,24 +949,24 @@ def _run_launch(
             assert task is not None
             task.cancel()
 
-        def watch() -> None:
-            loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
-            if hangup:
-                loop.add_signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
-
-        watch()
+        # the launch's handlers stay for the whole run (the gateway leaves SIGTERM and
+        # SIGHUP to them): a signal is never left to its default action, which would end
+        # the launch without stopping its engines
+        loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+        if hangup:
+            loop.add_signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
         manager = build_manager(sage, register=False, **overrides)
         try:
             await manager.start()
             async with await launch_from_config(config, manager=manager) as fleet:
                 typer.echo(fleet.describe())
-                if hangup:  # the gateway takes SIGHUP over only from its default action
-                    loop.remove_signal_handler(signal.SIGHUP)
+                serving = True
                 try:
-                    await run_gateway(manager, sage.gateway, host=host, port=port, ready=listening)
+                    await run_gateway(
+                        manager, sage.gateway, host=host, port=port, ready=listening, stop=stop
+                    )
                 finally:
-                    # run_gateway dropped its SIGTERM/SIGHUP handlers (they would kill us now)
-                    watch()
+                    serving = False
         finally:
             await manager.stop()
 

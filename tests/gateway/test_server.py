@@ -500,3 +500,40 @@ async def test_answers_on_kept_alive_connections_say_close_once_the_gateway_stop
         writer.close()
     finally:
         await site.cleanup()
+
+
+async def test_a_caller_given_stop_event_shuts_the_gateway_down_and_keeps_its_signals() -> None:
+    """With ``stop``, the caller (a launcher) keeps SIGTERM and SIGHUP: the gateway never
+    touches them (their handlers stay in place, never left to the default action between
+    the caller's and the gateway's), and setting ``stop`` drains it as SIGTERM would."""
+    loop = asyncio.get_running_loop()
+    noted: list[str] = []
+    loop.add_signal_handler(signal.SIGTERM, noted.append, "term")
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
+        port, ready, stop = _free_port(), asyncio.Event(), asyncio.Event()
+        config = GatewayConfig(port=port)
+        server = asyncio.create_task(run_gateway(manager, config, ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 10)
+        assert signal.getsignal(signal.SIGTERM) is before
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json=completion_body(stream=True),
+                headers={"x-request-id": "in-flight"},
+            ) as stream:
+                await stream.content.readline()
+                os.kill(os.getpid(), signal.SIGTERM)  # the caller's: noted, no shutdown
+                await asyncio.sleep(0.05)
+                assert noted == ["term"] and not server.done()
+                stop.set()
+                await asyncio.sleep(0.05)
+                assert not server.done()  # draining: the stream goes on
+                probes["sim-0"].gate.set()
+                events = await read_events(stream)
+            await asyncio.wait_for(server, 10)
+        assert events[-1] == "[DONE]" and not manager.is_running
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

@@ -395,12 +395,13 @@ async def _loopback_only(host: str) -> bool:
 
 
 def _watch_signals(
-    stop: asyncio.Event, hurry: asyncio.Event, listening: asyncio.Event
+    stop: asyncio.Event, hurry: asyncio.Event, listening: asyncio.Event, *, terminate: bool = True
 ) -> Callable[[], None] | None:
     """Watch SIGTERM, SIGHUP and SIGINT (Ctrl-C) on the loop, where it can (the main
     thread, Unix), until the shutdown is over; returns what undoes it (None where it cannot
     watch). SIGHUP counts as SIGTERM, and is watched only where it would otherwise end the
-    process (not under ``nohup``, not when the application handles it).
+    process (not under ``nohup``, not when the application handles it). Without
+    ``terminate``, SIGTERM and SIGHUP are left to the caller (who sets ``stop``).
 
     The first of them sets ``stop``: a graceful shutdown. A second SIGTERM is logged and
     ignored, so it cannot cut the shutdown short (a launcher's engines would go with it). A
@@ -441,21 +442,25 @@ def _watch_signals(
     # SIGHUP (a closed terminal, a dropped SSH session) as SIGTERM, unless it is ignored
     # (nohup) or the application's own
     hangup = getattr(signal, "SIGHUP", None)
-    take_sighup = hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL
+    take_sighup = terminate and hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL
     try:
-        loop.add_signal_handler(signal.SIGTERM, sigterm, "SIGTERM")
+        if terminate:
+            loop.add_signal_handler(signal.SIGTERM, sigterm, "SIGTERM")
         if take_sighup:
             loop.add_signal_handler(signal.SIGHUP, sigterm, "SIGHUP")
         if take_sigint:
             loop.add_signal_handler(signal.SIGINT, sigint)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not Unix
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.remove_signal_handler(signal.SIGTERM)
-            loop.remove_signal_handler(signal.SIGHUP)
+            if terminate:
+                loop.remove_signal_handler(signal.SIGTERM)
+            if take_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
         return None
 
     def undo() -> None:
-        loop.remove_signal_handler(signal.SIGTERM)
+        if terminate:
+            loop.remove_signal_handler(signal.SIGTERM)
         if take_sighup:
             loop.remove_signal_handler(signal.SIGHUP)
         if take_sigint:
@@ -479,6 +484,7 @@ async def run_gateway(
     port: int | None = None,
     ready: asyncio.Event | None = None,
     shutdown_timeout_s: float | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """Start the manager, serve until cancelled or until the process gets SIGTERM, then
     shut down gracefully: take no new connection, and let the requests in flight finish
@@ -488,7 +494,10 @@ async def run_gateway(
     ``[DONE]``), and the connections close. ``host``/``port`` override the settings;
     ``ready`` is set once listening. Ctrl-C (SIGINT) stops it as SIGTERM does; a second
     Ctrl-C during the shutdown ends the requests still in flight at once, each with its
-    reason (see :func:`_watch_signals`).
+    reason (see :func:`_watch_signals`). SIGHUP counts as SIGTERM unless it is ignored or
+    the application's own. With ``stop``, setting it shuts the gateway down as SIGTERM
+    does, and SIGTERM and SIGHUP are left to the caller (a launcher keeps its own handlers
+    throughout: a signal is never left to its default action in between).
     """
     if shutdown_timeout_s is None:
         shutdown_timeout_s = float(
@@ -502,9 +511,11 @@ async def run_gateway(
             "(its queue and fleet state are not shared between processes)",
             gateway.workers,
         )
-    stop, hurry, listening = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    terminate = stop is None
+    stop = asyncio.Event() if stop is None else stop
+    hurry, listening = asyncio.Event(), asyncio.Event()
     # until the shutdown is over, not only until a signal
-    unwatch = _watch_signals(stop, hurry, listening)
+    unwatch = _watch_signals(stop, hurry, listening, terminate=terminate)
     try:
         await manager.start()
         try:
