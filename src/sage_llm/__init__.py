@@ -8,6 +8,7 @@ Public API (everything else is private and may change)::
 """
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,12 +58,20 @@ _HOME = {
 
 
 def __getattr__(name: str) -> Any:
-    """The public names are imported when first asked for: importing the package (as every
-    ``sage_llm.*`` module and the command line do) costs nothing, so a Ctrl-C while the
-    command line starts lands where it is answered in one line."""
-    if name not in __all__ or name == "__version__":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOME.get(name, "sage_llm.types")), name)
+    """The public names, and the package's modules (``sage_llm.errors``, …), are imported
+    when first asked for: importing the package (as every ``sage_llm.*`` module and the
+    command line do) costs nothing, so a Ctrl-C while the command line starts lands where
+    it is answered in one line."""
+    if name in __all__ and name != "__version__":
+        return getattr(importlib.import_module(_HOME.get(name, "sage_llm.types")), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names with the module's own (``help(sage_llm)`` lists them)."""
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [
