@@ -537,3 +537,29 @@ async def test_a_caller_given_stop_event_shuts_the_gateway_down_and_keeps_its_si
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+def test_a_pipelined_heads_408_names_no_method_it_did_not_see(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A head begun in the read that ended the request before it (its first bytes out of
+    the timer's sight) is timed from its next read, and its 408 is logged with ``-`` for
+    the method and path, not with a fragment of that read."""
+    settings = GatewayConfig(read_timeout_s=2.0, lean_server=False)
+
+    async def main() -> None:
+        async with serve(1, settings=settings) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nPOST /v1/comp")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            await asyncio.sleep(1.0)
+            writer.write(b"letions HTTP/1.1\r\n")
+            raw = await asyncio.wait_for(reader.read(), 60.0)
+            writer.close()
+        assert b"HTTP/1.1 408 " in raw, raw
+        lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+        assert any("method=- path=- status=408" in line for line in lines), lines
+
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
+        run_virtual(main())

@@ -69,6 +69,8 @@ requests: aiohttp 3.9 to 3.14 keep it so); without it heads are not timed."""
 
 _LINE_KEPT = 200
 """Bytes of an arriving head kept for the 408's log line and route: its request line."""
+_LINE_START = re.compile(rb"[A-Z]+(?: |$)")
+"""How a request line starts: its method (or the first letters of one), then a space."""
 
 
 class HeadTimer:
@@ -93,10 +95,13 @@ class HeadTimer:
         arriving = self.arriving.get(handler)
         if arriving is not None:
             since, first = arriving
-            if len(first) < _LINE_KEPT and b"\r\n" not in first:  # its request line goes on
+            if first and len(first) < _LINE_KEPT and b"\r\n" not in first:  # the line goes on
                 self.arriving[handler] = (since, (first + data)[:_LINE_KEPT])
             return
-        self.arriving[handler] = (at, data[:_LINE_KEPT])
+        # what does not start as a request line does ("GET /…", or a method's first
+        # letters) is the rest of a head begun unseen (pipelined): its line is not known
+        line = data[:_LINE_KEPT] if _LINE_START.match(data) else b""
+        self.arriving[handler] = (at, line)
         if self._sweep is None:
             loop = asyncio.get_running_loop()
             self._sweep = loop.call_later(self.limit_s * _SWEEP_FRACTION, self._look)
