@@ -715,7 +715,8 @@ def test_pipelined_requests_wait_while_their_client_reads_no_answer() -> None:
 def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_timeout() -> None:
     """Pipelined requests held while their client reads nothing, and an answer left unread:
     the connection closes (its unread answers dropped) once the keep-alive timeout has
-    passed, as an idle one does; a close alone would wait for the client to read."""
+    passed twice without the client reading (a close alone would wait for the client to
+    read); a client reading slowly keeps it."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -724,6 +725,9 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
 
         async def handler(request: LeanRequest, conn: LeanConnection) -> None:
             served.append(request)
+            sock = conn._transport.get_extra_info("socket") if conn._transport else None
+            if sock is not None:  # the answers stay in the gateway, not in the kernel
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             conn.respond(200, answer, content_type="text/plain", headers={})
 
         lean, server, port = await _lean_server(handler, _Fallback())
@@ -739,14 +743,30 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
                     break
                 await asyncio.sleep(0.01)
             started = loop.time()
-            for _ in range(400):
+            for _ in range(800):
                 if not lean.connections:
                     break
                 await asyncio.sleep(0.1)
             assert not lean.connections  # gone, though its client never read
-            assert 30.0 <= loop.time() - started <= 33.0 + 0.2
+            # the keep-alive timeout, twice when answers were left in the gateway's buffer
+            assert 30.0 <= loop.time() - started <= 66.0 + 0.2
             assert len(served) < count or count == 1
             sock.close()
+        # a client reading its answers slowly (4 KiB every 2 s: 3 answers over 400 s, well
+        # past the keep-alive timeout) gets all of them, whole
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, _post("/v1/completions", {}) * 3)
+        got = bytearray()
+        while chunk := await loop.sock_recv(sock, 4096):
+            got += chunk
+            if got.count(answer) == 3:
+                break
+            await asyncio.sleep(2.0)
+        assert got.count(answer) == 3
+        sock.close()
         server.close()
 
     run_virtual(main())

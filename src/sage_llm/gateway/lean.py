@@ -125,6 +125,9 @@ class LeanConnection(asyncio.Protocol):
         """Loop time since which the connection has waited for a request (None: busy)."""
         self.reading_since: float | None = None
         """Loop time of the first byte of a request not yet read whole (None: none)."""
+        self._unread = -1
+        """Bytes of answers its client had not read at the idle sweep's last look (-1: none
+        seen): one that is reading them slowly is not idle."""
         self.closed = False
         self.unfinished = False
         """A chunked response was started and not ended (``write_eof``): when its handler
@@ -440,12 +443,22 @@ class LeanConnection(asyncio.Protocol):
         end = self._buf.find(b"\r\n\r\n")
         return None if end < 0 else self._parse_head(bytes(self._buf[:end]))
 
+    def reading_answers(self) -> bool:
+        """Whether its client has read some of the answers left in the transport since the
+        last time this was asked (a slow reader, not an idle client)."""
+        transport = self._transport
+        left = 0 if transport is None else transport.get_write_buffer_size()
+        moved = left > 0 and left != self._unread
+        self._unread = left
+        return moved
+
     def close_if_idle(self, *, unread: bool = False) -> None:
         """Close now unless a request is in progress (that one closes when it ends). A
         request still arriving is dropped by the server, not left by its client: not a 499
         (:meth:`connection_lost`). With ``unread``, answers the client has left unread
-        (the keep-alive timeout passed meanwhile) are dropped: a close would wait for the
-        client to read them first, for ever if it never does."""
+        (the keep-alive timeout passed, and again, without its client reading any of them)
+        are dropped: a close would wait for the client to read them first, for ever if it
+        never does."""
         transport = self._transport
         if self._task is None and transport is not None:
             self.reading_since = None
@@ -570,7 +583,10 @@ class LeanServer:
         for conn in list(self.connections):
             since = conn.idle_since
             if since is not None and idle_limit > 0 and now - since >= idle_limit:
-                conn.close_if_idle(unread=True)
+                if conn.reading_answers():  # still reading its answers: not idle yet
+                    conn.idle_since = now
+                else:
+                    conn.close_if_idle(unread=True)
                 continue
             reading = conn.reading_since
             if reading is not None and read_limit and now - reading >= read_limit:
