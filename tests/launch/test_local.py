@@ -244,6 +244,41 @@ async def test_a_port_another_process_holds_fails_the_launch_before_any_engine_s
     assert not (tmp_path / "first.pid").exists()
 
 
+async def test_a_taken_nixl_side_channel_port_fails_the_launch(tmp_path: Path) -> None:
+    """A tp=2 PD engine binds one side-channel port per rank: the second one is checked."""
+    base = free_ports(3)
+    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(base + 1)}
+    prefill = replace(script("pd-p0", "raise SystemExit(3)", base), role=PREFILL, env=env, tp=2)
+    assert list(prefill.side_channel_ports) == [base + 1, base + 2]
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        stranger.bind(("127.0.0.1", base + 2))
+        stranger.listen()
+        with pytest.raises(
+            EngineError,
+            match=rf"^instance 'pd-p0': NIXL side-channel port {base + 2} on 127\.0\.0\.1 is "
+            r"already in use \(another process holds it\)$",
+        ):
+            await launch_engines([prefill], settings=settings(tmp_path))
+
+
+async def test_a_port_taken_on_another_address_fails_a_launch_binding_every_address(
+    tmp_path: Path,
+) -> None:
+    """Reached on 127.0.0.1 but bound on 0.0.0.0: a listener on 127.0.0.2 is in the way."""
+    port = free_ports(1)
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.2", port))
+        stranger.listen()
+        engine = replace(script("e0", "raise SystemExit(3)", port), bind_host="0.0.0.0")
+        with pytest.raises(
+            EngineError,
+            match=rf"^instance 'e0': port {port} on 0\.0\.0\.0 is already in use "
+            r"\(another process holds it\)$",
+        ):
+            await launch_engines([engine], settings=settings(tmp_path))
+
+
 async def _health_server() -> tuple[web.AppRunner, int]:
     """An HTTP server in this process (no engine's) answering ``GET /health`` 200."""
 
