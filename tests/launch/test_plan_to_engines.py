@@ -669,6 +669,17 @@ def test_nixl_side_channel_ports_may_not_overlap_the_engines_ports(tmp_path: Pat
                                 "supports")  # fmt: skip
 
 
+def test_a_pipeline_parallel_pd_engine_has_a_side_channel_port_per_gpu_rank() -> None:
+    """tp=1, pp=2: two ranks, so two NIXL ports each, the next instance's after them."""
+    plan = [
+        PlannedInstance(PREFILL, 1, 2, 1, (0, 1)),
+        PlannedInstance(DECODE, 1, 2, 1, (2, 3)),
+    ]
+    engines = engines_from_plan(plan, LaunchSettings(engine="vllm", kv_base_port=5600))
+    assert [e.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for e in engines] == ["5600", "5602"]
+    assert [list(e.side_channel_ports) for e in engines] == [[5600, 5601], [5602, 5603]]
+
+
 def test_a_plan_tables_problems_are_reported_beside_the_launch_tables(tmp_path: Path) -> None:
     body = '[launch]\nbase_port = "x"\n[launch.plan]\ngpus = "8xH100"\nslo_ttft = 2\n'
     with pytest.raises(ConfigErrors) as info:
