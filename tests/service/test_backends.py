@@ -18,7 +18,7 @@ from sage_llm.service import ControlPlaneVLLMService, VLLMService
 from sage_llm.service.backends import EngineBackend, make_backend, service_instance
 from sage_llm.service.config import VLLMServiceConfig
 from sage_llm.service.payloads import RequestDefaults, parse_generate
-from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.clock import VirtualEventLoop, run_virtual
 from sage_llm.types import ExecutionInstanceType
 from tests.service.fleets import MODEL
 
@@ -154,3 +154,13 @@ def test_engine_refusals_and_id_clashes_name_the_payloads_part_as_the_control_pl
             await backend.aclose()
 
     run_virtual(main())
+
+
+def test_a_logprobs_count_of_0_returns_the_sampled_tokens_logprobs() -> None:
+    """0 asks for the sampled tokens' own logprobs (0 == False would drop them)."""
+    with VLLMService({"model_id": MODEL, "engine": "sim"}, loop_factory=VirtualEventLoop) as svc:
+        for count in (0, 1):
+            (entry,) = svc.generate("Hello there", max_tokens=3, logprobs=count)
+            assert len(entry["generations"][0]["logprobs"]) == 3, count
+        (entry,) = svc.generate("Hello there", max_tokens=3)
+        assert entry["generations"][0]["logprobs"] is None
