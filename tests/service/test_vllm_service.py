@@ -215,6 +215,16 @@ def test_use_control_plane_without_a_table_wraps_the_one_engine() -> None:
         VLLMService({**EXISTING_CONFIG, "use_control_plane": True})
 
 
+def test_the_sim_concurrency_bound_reaches_the_control_planes_instance() -> None:
+    config = {**EXISTING_CONFIG, "engine": "sim", "sim": {"max_concurrent_requests": 2},
+              "use_control_plane": True}  # fmt: skip
+    with VLLMService(config, loop_factory=VirtualEventLoop) as svc:
+        inner = svc.control_plane_service
+        assert inner is not None
+        (inst,) = inner.process({"task": "show_instances"})
+        assert (inst["instance_id"], inst["max_concurrent_requests"]) == ("vllm-0", 2)
+
+
 def test_a_control_plane_table_without_instances_wraps_the_services_own_engine() -> None:
     """It had served the embedded simulated fleet (another model, made-up text) in place
     of the engine the service names."""
