@@ -147,6 +147,8 @@ def test_a_batch_larger_than_the_queue_is_refused_without_a_retry_hint() -> None
         with pytest.raises(InvalidRequestError) as err:
             svc.generate(["x"] * 10, max_tokens=4)
         assert err.value.param == "inputs" and "parts of at most 3" in str(err.value)
+        with pytest.raises(InvalidRequestError, match="a batch of 4 inputs"):
+            svc.generate(["x"] * 4, max_tokens=4)  # one more than the queue holds
         assert len(svc.generate(["x"] * 3, max_tokens=4)) == 3
 
 
@@ -437,6 +439,18 @@ def test_a_timeout_raises_and_cancels_the_request(svc: ControlPlaneVLLMService) 
     metrics = svc.process({"task": "get_metrics"})
     assert metrics["cancelled_requests"] == 1
     assert metrics["active_requests"] == 0
+
+
+def test_the_shortest_timeout_of_a_batchs_items_applies_to_the_whole_call(
+    svc: ControlPlaneVLLMService,
+) -> None:
+    batch = [
+        {"prompt": "write a long essay", "options": {"timeout": 20}},
+        {"prompt": "write another", "options": {"timeout": 0.05}},
+    ]
+    with pytest.raises(DeadlineExceededError, match=r"0\.05 s"):
+        _generate(svc, batch, max_tokens=4000)
+    assert svc.process({"task": "get_metrics"})["cancelled_requests"] == 2
 
 
 def test_a_failed_request_raises_engine_error_with_the_reason(dead_port: int) -> None:
