@@ -371,6 +371,27 @@ def test_best_group_on_a_large_box_grows_greedily_within_an_island() -> None:
     assert t.best_group(13) is not None
 
 
+def test_best_group_prefers_the_highest_weakest_pair_before_the_highest_total() -> None:
+    """(0, 1, 2): PIX, PIX and one NODE pair, the higher total; (3, 4, 5): PHB throughout,
+    the higher weakest pair. All on one NUMA node, no NVLink; SYS between the two."""
+    links = {(0, 1): LinkType.PIX, (0, 2): LinkType.PIX, (1, 2): LinkType.NODE,
+             (3, 4): LinkType.PHB, (3, 5): LinkType.PHB, (4, 5): LinkType.PHB}  # fmt: skip
+
+    def link(a: int, b: int) -> Link:
+        if a == b:
+            return Link(LinkType.SELF)
+        return Link(links.get((min(a, b), max(a, b)), LinkType.SYS))
+
+    t = Topology(
+        tuple(GPUInfo(i, numa_node=0) for i in range(6)),
+        links=tuple(tuple(link(a, b) for b in range(6)) for a in range(6)),
+    )
+    first = [t.bandwidth_gbps(a, b) for a, b in ((0, 1), (0, 2), (1, 2))]
+    second = [t.bandwidth_gbps(a, b) for a, b in ((3, 4), (3, 5), (4, 5))]
+    assert min(first) < min(second) and sum(first) > sum(second)
+    assert t.best_group(3) == (3, 4, 5)
+
+
 # --- dict form and description ------------------------------------------------------------
 
 
