@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +90,16 @@ def test_target_check_compares_runs_at_one_rate() -> None:
                          Entry("rr", "peer", peer, rate_rps=2.0)]) is None  # fmt: skip
 
 
+def test_target_check_of_a_sage_run_without_a_ttft_has_no_p99_ratio() -> None:
+    failed = RequestMeasurement("r0", RequestPriority.NORMAL, None, 0.0, None, (), 1.0, 10, 0,
+                                ok=False, error="boom")  # fmt: skip
+    dead = summarize([failed], 10.0, SLO_1S)
+    assert dead.ttft is None
+    peer, _ = _summary([0.1, 0.2])
+    check = target_check([Entry("dead", "sage", dead), Entry("rr", "peer", peer)])
+    assert check is not None and check.p99_ttft_ratio is None and not check.p99_met
+
+
 def test_target_check_needs_both_kinds_and_handles_zero_goodput() -> None:
     sage, _ = _summary([0.1])
     assert target_check([Entry("a", "sage", sage)]) is None
@@ -111,6 +122,9 @@ def test_goodput_curves_only_for_names_with_several_rates() -> None:
     entries = [Entry("a", "sage", s2, rate_rps=2.0), Entry("a", "sage", s1, rate_rps=1.0),
                Entry("b", "peer", s1, rate_rps=1.0)]  # fmt: skip
     assert goodput_curves(entries) == {"a": [(1.0, 0.1), (2.0, 0.2)]}
+    # one rate twice is not a curve
+    assert goodput_curves([Entry("a", "sage", s1, rate_rps=1.0),
+                           Entry("a", "sage", s2, rate_rps=1.0)]) == {}  # fmt: skip
 
 
 def test_summary_table_rows_and_slo_columns() -> None:
@@ -130,6 +144,30 @@ def test_summary_table_rows_and_slo_columns() -> None:
         "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "E2E p99 (ms)",
     ]  # fmt: skip
     assert "goodput (req/s)" in headers
+
+
+def test_each_column_holds_its_own_figure_in_the_table_and_the_html() -> None:
+    """TTFT, TPOT and E2E percentiles all differ; BACKGROUND counts among the others."""
+    crit, normal = RequestPriority.CRITICAL, RequestPriority.NORMAL
+    ms = [_m(0, 0.1, tokens=4, tpot_s=0.02, priority=crit), _m(1, 0.3, tokens=6, tpot_s=0.05),
+          _m(2, 5.0, tokens=3, tpot_s=0.2, priority=RequestPriority.BACKGROUND),
+          _m(3, 0.2, tokens=5, tpot_s=0.03, priority=normal)]  # fmt: skip
+    s = summarize(ms, 10.0, SLO(ttft_s=1.0, tpot_s=None))
+    assert s.ttft is not None and s.tpot is not None and s.e2e is not None
+    ms_of = {"TTFT p50": s.ttft.p50, "TTFT p99": s.ttft.p99, "TPOT p50": s.tpot.p50,
+             "TPOT p99": s.tpot.p99}  # fmt: skip
+    figures = {f"{k} (ms)": f"{v * 1000:.0f}" for k, v in ms_of.items()}
+    assert len(set(figures.values())) == 4
+    slo = {"SLO crit/high": "100.0%", "SLO others": "66.7%"}  # BACKGROUND missed
+    table = summary_table([("x", s)])
+    row = {str(c.header).replace("\n", " "): str(next(iter(c.cells))) for c in table.columns}
+    expected = figures | slo | {"E2E p99 (ms)": f"{s.e2e.p99 * 1000:.0f}"}
+    assert {header: row[header] for header in expected} == expected
+    page = _html_table([Entry("x", "sage", s)])
+    cells = dict(zip(re.findall(r"<th>([^<]*)</th>", page), re.findall(r"<td>([^<]*)</td>", page),
+                     strict=True))  # fmt: skip
+    expected = {k.replace("(ms)", "ms"): v for k, v in figures.items()} | slo
+    assert {header: cells[header] for header in expected} == expected
 
 
 def test_write_json_and_html(tmp_path: Path) -> None:
