@@ -183,6 +183,9 @@ def test_meets_slo_each_dimension() -> None:
     empty = RequestMeasurement("e", RequestPriority.NORMAL, None, 0.0, None, [], 2.0, 1, 0)
     assert not meets_slo(empty, slo)
     assert meets_slo(empty, SLO(ttft_s=3.0, tpot_s=0.1))
+    # A target reached exactly is met.
+    on_time = RequestMeasurement("t", RequestPriority.NORMAL, None, 0.0, 0.5, [0.5], 0.5, 1, 1)
+    assert meets_slo(on_time, SLO(ttft_s=0.5, tpot_s=None))
     # No SLO at all: a completed request meets it.
     assert meets_slo(measure(ttft_s=100.0), None)
 
