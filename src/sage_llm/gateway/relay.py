@@ -585,7 +585,7 @@ async def _relay(
     # a request's last chunk goes out together with the usage chunk and [DONE].
     try:
         while batch is not None:
-            out = b""
+            out: list[bytes] = []  # joined once: a backlog's batch is long
             last = False
             for chunk in batch:
                 usage = chunk.usage or usage
@@ -600,7 +600,7 @@ async def _relay(
                     if top and not content:  # the engine's own role event: its fields go
                         role.update(top)  # with ours (the usage so far, prompt_token_ids)
                         top = None
-                    out += encode_event(role)
+                    out.append(encode_event(role))
                 seen.add(chunk.index)
                 if content or top:
                     event = fmt.chunk(
@@ -608,13 +608,13 @@ async def _relay(
                         logprobs=chunk.logprobs, fields=chunk.fields, extras=chunk.extras,
                         token_ids=chunk.token_ids if ids else (), top=top,
                     )  # fmt: skip
-                    out += encode_event(event)
+                    out.append(encode_event(event))
                 if chunk.usage is not None:  # the engine's last chunk
-                    end.tail += out  # with the rest of its batch, it goes out last
-                    out = b""
+                    end.tail += b"".join(out)  # with the rest of its batch, it goes out last
+                    out = []
                     last = chunk.finish_reason is not None
             if out:
-                await resp.write(out)
+                await resp.write(b"".join(out))
             if last and usage is not None:
                 await _end_early(end, batches, gen, fmt, usage)
                 return
