@@ -772,6 +772,42 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
     run_virtual(main())
 
 
+def test_shutdown_drops_answers_left_unread_within_its_timeout() -> None:
+    """A connection whose client reads none of its answer does not outlive the shutdown:
+    its answer goes once the shutdown's timeout has passed (a close alone would wait for
+    the client for ever)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answer = b"x" * (256 * 1024)
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            sock = conn._transport.get_extra_info("socket") if conn._transport else None
+            if sock is not None:  # the answer stays in the gateway, not in the kernel
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            conn.respond(200, answer, content_type="text/plain", headers={})
+
+        lean, server, port = await _lean_server(handler, _Fallback())
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, _post("/v1/completions", {}))
+        for _ in range(100):
+            if lean.connections and all(c.task is None for c in lean.connections):
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        started = loop.time()
+        await lean.shutdown(5.0)
+        assert 5.0 <= loop.time() - started <= 5.0 + 0.1
+        await asyncio.sleep(0)  # the aborted connection's end is reported a turn later
+        assert not lean.connections
+        sock.close()
+
+    run_virtual(main())
+
+
 def test_a_stream_its_handler_leaves_unended_closes_the_connection() -> None:
     """A handler that returns with its chunked response not ended (``write_eof`` never
     reached) leaves the connection closed, not waiting for a next request the client

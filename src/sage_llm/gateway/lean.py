@@ -30,9 +30,13 @@ to a timeout, then cancels them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import fcntl
 import logging
 import re
+import sys
+import termios
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -444,10 +448,12 @@ class LeanConnection(asyncio.Protocol):
         return None if end < 0 else self._parse_head(bytes(self._buf[:end]))
 
     def reading_answers(self) -> bool:
-        """Whether its client has read some of the answers left in the transport since the
-        last time this was asked (a slow reader, not an idle client)."""
+        """Whether its client has read some of the answers left to it since the last time
+        this was asked (a slow reader, not an idle client): what the transport holds and
+        what the socket has not had acknowledged (the kernel's send queue, which a reader
+        drains long before the transport is let write again)."""
         transport = self._transport
-        left = 0 if transport is None else transport.get_write_buffer_size()
+        left = 0 if transport is None else _unsent(transport)
         moved = left > 0 and left != self._unread
         self._unread = left
         return moved
@@ -473,6 +479,8 @@ class LeanConnection(asyncio.Protocol):
         return self._task
 
 
+_UNREAD_POLL_S = 0.05
+"""How often a shutdown looks whether the answers left to clients have been read."""
 _SWEEP_FRACTION = 0.1
 """Idle connections, and requests slow to arrive, are looked for every tenth of the
 keep-alive timeout or of the read timeout, whichever is shorter."""
@@ -489,6 +497,20 @@ def request_line(buf: bytes | bytearray) -> tuple[str, str]:
     method = parts[0] if len(parts) > 1 and parts[0] else "-"
     path = parts[1] if len(parts) > 2 and parts[1] else "-"
     return method, path
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to ``transport`` its peer has not acknowledged: the transport's buffer
+    and, where the system tells (Linux ``SIOCOUTQ``), the socket's send queue."""
+    size = transport.get_write_buffer_size()
+    if size == 0:
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            size += int.from_bytes(queued, sys.byteorder, signed=True)
+    return size
 
 
 def _has_close(connection: str) -> bool:
@@ -604,7 +626,10 @@ class LeanServer:
 
     async def shutdown(self, timeout_s: float) -> None:
         """Close idle connections; wait up to ``timeout_s`` for requests in progress, then
-        cancel them and close their connections."""
+        cancel them and close their connections; answers their clients have not read by
+        then are dropped (their connections would stay open for as long as they wait)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
         self.closing = True
         if self._sweep is not None:
             self._sweep.cancel()
@@ -620,3 +645,9 @@ class LeanServer:
                 await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.connections):
             conn.close_if_idle()
+        for _ in range(int(timeout_s / _UNREAD_POLL_S) + 1):  # answers still being read
+            if not self.connections or loop.time() >= give_up:
+                break
+            await asyncio.sleep(_UNREAD_POLL_S)
+        for conn in list(self.connections):  # what is left unread goes: it would hold them
+            conn.close_if_idle(unread=True)
