@@ -1002,12 +1002,13 @@ def test_the_lazy_package_still_offers_its_modules_and_lists_its_names() -> None
         "print(sage_llm.errors.ConfigError.__module__, sage_llm.types.__name__); "
         "print(all(n in dir(sage_llm) for n in sage_llm.__all__)); "
         "print('class RequestMetadata' in pydoc.render_doc(sage_llm, renderer=pydoc.plaintext)); "
-        "print(hasattr(sage_llm, 'no_such_name'))"
+        "print(hasattr(sage_llm, 'no_such_name'), hasattr(sage_llm, 'cli.x'), "
+        "hasattr(sage_llm, 'gateway.server'))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == ["sage_llm.errors", "sage_llm.types", "True", "True", "False"]
+    assert out == ["sage_llm.errors", "sage_llm.types", "True", "True", "False", "False", "False"]
 
 
 def test_an_interrupt_before_a_command_runs_is_one_line_and_status_130(

@@ -64,8 +64,12 @@ def __getattr__(name: str) -> Any:
     it is answered in one line."""
     if name in __all__ and name != "__version__":
         return getattr(importlib.import_module(_HOME.get(name, "sage_llm.types")), name)
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
+    if name.isidentifier() and not name.startswith("_"):
+        try:
+            if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+                return importlib.import_module(f"{__name__}.{name}")
+        except ImportError:
+            pass
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
