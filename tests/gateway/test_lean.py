@@ -772,6 +772,59 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
     run_virtual(main())
 
 
+def test_a_stream_left_unread_ends_as_its_client_gone_and_a_slow_reader_gets_it_all() -> None:
+    """A stream whose client reads none of it for the keep-alive timeout, and again, is
+    ended as a client gone (its connection aborted: the handler had waited for ever); a
+    client reading slowly gets the whole stream."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ended: list[BaseException | None] = []
+        piece = b"y" * 16384
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            sock = conn._transport.get_extra_info("socket") if conn._transport else None
+            if sock is not None:  # what is written stays in the gateway, not in the kernel
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            stream = conn.open_stream(200, content_type="text/event-stream", headers={})
+            try:
+                for _ in range(40):
+                    await stream.write(piece)
+                await stream.write_eof()
+            except ConnectionResetError as exc:
+                ended.append(exc)
+                raise
+            ended.append(None)
+
+        _lean, server, port = await _lean_server(handler, _Fallback())
+        socks = []
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, _post("/v1/completions", {}))
+            socks.append(sock)
+        _never, slow = socks  # the first reads nothing
+        got = bytearray()
+        while chunk := await loop.sock_recv(slow, 4096):  # 4 KiB every 2 s: 320 s
+            got += chunk
+            if got.endswith(b"0\r\n\r\n"):
+                break
+            await asyncio.sleep(2.0)
+        assert got.count(piece) == 40  # the slow reader's stream, whole
+        for _ in range(300):
+            if len(ended) == 2:
+                break
+            await asyncio.sleep(1.0)
+        assert None in ended and any(isinstance(e, ConnectionResetError) for e in ended)
+        for sock in socks:
+            sock.close()
+        server.close()
+
+    run_virtual(main())
+
+
 def test_shutdown_drops_answers_left_unread_within_its_timeout() -> None:
     """A connection whose client reads none of its answer does not outlive the shutdown:
     its answer goes once the shutdown's timeout has passed (a close alone would wait for

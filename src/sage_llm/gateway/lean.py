@@ -207,12 +207,28 @@ class LeanConnection(asyncio.Protocol):
             self._server.writes.write(transport, data)
 
     async def drain(self) -> None:
-        """Wait while the client reads slower than the response is written."""
-        if not self._write_paused:
-            return
-        if self._drain is None or self._drain.done():
-            self._drain = asyncio.get_running_loop().create_future()
-        await self._drain
+        """Wait while the client reads slower than the response is written; one that has
+        read none of it for ``keepalive_timeout_s``, and again, is gone: its connection is
+        aborted (``ConnectionResetError``, as for a client that left), so that a stream
+        left unread does not hold its request for as long as the client waits."""
+        limit = self._server.keepalive_timeout_s
+        while self._write_paused:
+            if self._drain is None or self._drain.done():
+                self._drain = asyncio.get_running_loop().create_future()
+            if not limit or limit <= 0:
+                await self._drain
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drain), limit)
+            except TimeoutError:
+                if self.reading_answers():  # slow, but reading
+                    continue
+                transport = self._transport
+                if transport is not None:
+                    transport.abort()
+                raise ConnectionResetError(
+                    f"the client read none of its answer for {limit:g} s"
+                ) from None
 
     def respond(
         self, status: int, body: bytes, *, content_type: str, headers: Mapping[str, str]
