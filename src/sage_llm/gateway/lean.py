@@ -439,8 +439,7 @@ class LeanConnection(asyncio.Protocol):
             return
         since, self.reading_since = self.reading_since, None
         self._keep_alive = False
-        message = f"the request did not arrive within {limit_s:g} s"
-        body = jsonutil.dumps(error_body(message, "timeout_error", 408))
+        body = read_timeout_body(limit_s)
         headers: dict[str, str] = {}
         noted = self._server.on_read_timeout
         if noted is not None:
@@ -497,11 +496,19 @@ class LeanConnection(asyncio.Protocol):
 
 _UNREAD_POLL_S = 0.05
 """How often a shutdown looks whether the answers left to clients have been read."""
-_SWEEP_FRACTION = 0.1
+SWEEP_FRACTION = 0.1
 """Idle connections, and requests slow to arrive, are looked for every tenth of the
-keep-alive timeout or of the read timeout, whichever is shorter."""
+keep-alive timeout or of the read timeout, whichever is shorter (aiohttp's connections'
+heads too, :class:`sage_llm.gateway.server.HeadTimer`): at most 10% late."""
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name (RFC 9110's ``token``)."""
+
+
+def read_timeout_body(limit_s: float) -> bytes:
+    """The JSON error body of a request that did not arrive within ``limit_s`` (408),
+    the same on both fronts."""
+    message = f"the request did not arrive within {limit_s:g} s"
+    return jsonutil.dumps(error_body(message, "timeout_error", 408))
 
 
 def request_line(buf: bytes | bytearray) -> tuple[str, str]:
@@ -606,7 +613,7 @@ class LeanServer:
         (while there are connections)."""
         limits = [t for t in (self.keepalive_timeout_s, self.read_timeout_s) if t and t > 0]
         if self._sweep is None and limits and not self.closing:
-            period = min(limits) * _SWEEP_FRACTION
+            period = min(limits) * SWEEP_FRACTION
             self._sweep = asyncio.get_running_loop().call_later(period, self._close_idle)
 
     def _close_idle(self) -> None:

@@ -27,12 +27,11 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from sage_llm import jsonutil
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.app import ADMIN_KEY, MANAGER_KEY, SETTINGS_KEY, create_app
 from sage_llm.gateway.auth import is_loopback
 from sage_llm.gateway.errors import error_body, protocol_error_body
-from sage_llm.gateway.lean import LeanServer, request_line
+from sage_llm.gateway.lean import SWEEP_FRACTION, LeanServer, read_timeout_body, request_line
 from sage_llm.gateway.lean_routes import LEAN_ROUTES, LeanRoutes
 from sage_llm.gateway.observe import (
     REQUEST_ID_HEADER,
@@ -55,11 +54,6 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 _UNDECODABLE = re.compile(r"Can not decode content-encoding: ([^\n.]+)")
 """aiohttp's reason for a body encoding it cannot decode (brotli without its package …)."""
-
-
-_SWEEP_FRACTION = 0.1
-"""Heads slow to arrive are looked for every tenth of the read timeout (as on the lean
-front): one is answered at most 10% late."""
 
 
 _HEAD_STATE = frozenset({"_waiter", "_messages", "_request_count"})
@@ -106,7 +100,7 @@ class HeadTimer:
         self.arriving[handler] = (at, line)
         if self._sweep is None:
             loop = asyncio.get_running_loop()
-            self._sweep = loop.call_later(self.limit_s * _SWEEP_FRACTION, self._look)
+            self._sweep = loop.call_later(self.limit_s * SWEEP_FRACTION, self._look)
 
     def end(self, handler: _JsonErrorRequestHandler) -> None:
         self.arriving.pop(handler, None)
@@ -122,7 +116,7 @@ class HeadTimer:
                 self._time_out(handler, now - since, first)
         if self.arriving:
             self._sweep = asyncio.get_running_loop().call_later(
-                self.limit_s * _SWEEP_FRACTION, self._look
+                self.limit_s * SWEEP_FRACTION, self._look
             )
 
     def _time_out(self, handler: _JsonErrorRequestHandler, waited_s: float, first: bytes) -> None:
@@ -135,8 +129,7 @@ class HeadTimer:
             self.count_error(route_label(path), 408)
         if access_log.isEnabledFor(logging.INFO):
             write_access_log(rid, method, path, 408, waited_s * 1000.0, None)
-        message = f"the request did not arrive within {self.limit_s:g} s"
-        body = jsonutil.dumps(error_body(message, "timeout_error", 408))
+        body = read_timeout_body(self.limit_s)
         head = (
             "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n{REQUEST_ID_HEADER}: {rid}\r\n"
