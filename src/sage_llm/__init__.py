@@ -45,16 +45,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_ERRORS = (
-    "AdmissionError", "ConfigError", "EngineError", "InvalidRequestError",
-    "ModelNotFoundError", "OverBudgetError", "QueueFullError", "SageLLMError",
-    "SLOInfeasibleError",
-)  # fmt: skip
-_HOME = {
-    "ControlPlaneManager": "sage_llm.control_plane.manager",
-    **dict.fromkeys(_ERRORS, "sage_llm.errors"),
-}
-"""Where each public name lives (the others: :mod:`sage_llm.types`)."""
+_HOMES = ("sage_llm.types", "sage_llm.errors", "sage_llm.control_plane.manager")
+"""The modules the public names live in, looked in in this order."""
 
 
 def __getattr__(name: str) -> Any:
@@ -63,7 +55,10 @@ def __getattr__(name: str) -> Any:
     command line do) costs nothing, so a Ctrl-C while the command line starts lands where
     it is answered in one line."""
     if name in __all__ and name != "__version__":
-        return getattr(importlib.import_module(_HOME.get(name, "sage_llm.types")), name)
+        for home in _HOMES:
+            module = importlib.import_module(home)
+            if hasattr(module, name):
+                return getattr(module, name)
     if name.isidentifier() and not name.startswith("_"):
         try:
             if importlib.util.find_spec(f"{__name__}.{name}") is not None:
