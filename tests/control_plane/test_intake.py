@@ -42,6 +42,26 @@ def test_build_request_fills_every_field_of_both(chat: bool) -> None:
     assert info.tags is not meta.tags and req.extra is not meta.extra_body
 
 
+def test_echo_with_max_tokens_0_is_the_prompt_alone_scheduled_as_one_token() -> None:
+    # vLLM's answer to it (lm-eval's log-likelihood requests): the engine gets 0 and runs
+    # one token, which the control plane's estimates count
+    echo = make_metadata("r", max_tokens=0, extra_body={"echo": True, "logprobs": 1})
+    info, req = build_request(echo, "m", now=0.0, stream=False, default_max_tokens=16,
+                              block_size=16)  # fmt: skip
+    assert (info.max_tokens, req.max_tokens, req.send_max_tokens) == (1, 0, True)
+    for refused in (
+        make_metadata("r", max_tokens=0),
+        make_metadata("r", max_tokens=0, extra_body={"echo": "yes"}),
+        make_metadata("r", max_tokens=False, extra_body={"echo": True}),
+        make_metadata("r", prompt=None, messages=[{"role": "user", "content": "hi"}],
+                      max_tokens=0, extra_body={"echo": True}),
+    ):  # fmt: skip
+        with pytest.raises(InvalidRequestError) as err:
+            build_request(refused, "m", now=0.0, stream=False, default_max_tokens=16,
+                          block_size=16)  # fmt: skip
+        assert err.value.param == "max_tokens"
+
+
 def test_build_request_refuses_bad_fields() -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         build_request(make_metadata("r", max_tokens=0), "m", now=0.0, stream=True,

@@ -251,6 +251,26 @@ async def test_stop_sequences_reach_the_engine() -> None:
         assert req.extra["logprobs"] == 2
 
 
+async def test_echo_with_max_tokens_0_answers_the_prompt_alone() -> None:
+    # what lm-eval's log-likelihood requests send, as vLLM answers them: the prompt and its
+    # logprobs, the engine asked for 0 tokens
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        body = completion_body(max_tokens=0, echo=True, logprobs=1)
+        async with http.post(gw.url("/v1/completions"), json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            (choice,) = (await resp.json())["choices"]
+        assert choice["text"] == body["prompt"] and choice["finish_reason"] == "length"
+        assert "".join(choice["logprobs"]["tokens"]) == body["prompt"]
+        (req,) = gw.probes["sim-0"].requests
+        assert req.max_tokens == 0 and req.extra["echo"] is True
+        async with http.post(gw.url("/v1/completions"), json={**body, "stream": True}) as resp:
+            events = [e for e in await read_events(resp) if isinstance(e, dict)]
+        assert "".join(e["choices"][0]["text"] for e in events) == body["prompt"]
+        async with http.post(gw.url("/v1/completions"), json={**body, "echo": False}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == "max_tokens"
+
+
 async def test_unknown_fields_reach_the_engine_unchanged_and_sage_fields_do_not() -> None:
     extra = {"foo": {"bar": [1, 2, {"baz": None}]}, "seed": 7, "min_tokens": 2}
     async with serve(1) as gw, aiohttp.ClientSession() as http:

@@ -215,6 +215,19 @@ def test_invalid_fields_name_their_param(
     assert err.value.message.startswith(param)
 
 
+def test_max_tokens_0_is_taken_with_echo_on_a_completion_only() -> None:
+    """vLLM answers a completion with ``echo: true`` and ``max_tokens: 0`` with its prompt
+    alone (lm-eval's log-likelihood requests); without echo, or on a chat, 0 is refused."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 1}
+    gen = _parse(body)
+    assert gen.meta.max_tokens == 0 and gen.meta.extra_body == {"echo": True, "logprobs": 1}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "echo": True}
+    for refused in ({**body, "echo": False}, {**chat, "max_tokens": 0}):
+        with pytest.raises(InvalidRequestError) as err:
+            _parse(refused, chat="messages" in refused)
+        assert err.value.param == "max_tokens" and err.value.message.startswith("max_tokens")
+
+
 def test_values_at_their_limits_are_accepted() -> None:
     """A ``max_tokens`` equal to the gateway's limit (512 here; 513 is refused above) and a
     cost budget of 0 (nothing may be spent: a number >= 0) are taken."""

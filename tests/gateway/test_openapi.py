@@ -73,7 +73,10 @@ def test_request_schemas_allow_unknown_fields_and_name_required_ones() -> None:
     assert set(completion["required"]) == {"model", "prompt"}
     assert set(schemas["ChatCompletionRequest"]["required"]) == {"model", "messages"}
     assert "priority" in completion["properties"]
-    assert completion["properties"]["max_tokens"]["anyOf"][0]["minimum"] == 1
+    # a completion's 0 is for echo: true only (the prompt alone); a chat's is at least 1
+    assert completion["properties"]["max_tokens"]["anyOf"][0]["minimum"] == 0
+    chat = schemas["ChatCompletionRequest"]["properties"]["max_tokens"]
+    assert chat["anyOf"][0]["minimum"] == 1
 
 
 async def test_served_document_and_real_answers_match_the_schemas() -> None:

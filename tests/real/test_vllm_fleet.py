@@ -154,6 +154,21 @@ async def test_completions_chat_and_models_through_the_gateway(real: RealFleet) 
     assert card["sage"]["healthy_instances"] == 2
 
 
+async def test_echo_with_max_tokens_0_is_the_prompt_alone(real: RealFleet) -> None:
+    # lm-eval's log-likelihood request: the prompt and its tokens' logprobs, nothing more
+    prompt = "The river runs to the sea"
+    out = await _post(
+        real, "/v1/completions",
+        {"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1},
+    )  # fmt: skip
+    choice = out["choices"][0]
+    assert choice["text"] == prompt, out
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == out["usage"]["prompt_tokens"] > 0
+    assert logprobs["token_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in logprobs["token_logprobs"][1:])
+
+
 async def test_streaming_relays_tokens_and_the_usage_chunk(real: RealFleet) -> None:
     body = {"model": MODEL, "prompt": "Stream this", "max_tokens": 12, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip

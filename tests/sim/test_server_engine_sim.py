@@ -511,6 +511,34 @@ async def test_echo_leads_a_completion_with_its_prompt(http: aiohttp.ClientSessi
         assert status == 400 and err["error"]["param"] == "echo"
 
 
+async def test_echo_with_max_tokens_0_answers_the_prompt_alone(
+    http: aiohttp.ClientSession,
+) -> None:
+    # as vLLM answers it (what lm-eval's log-likelihood requests send): the prompt, its
+    # logprobs, finish "length", and the one token it ran counted in the usage
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        prompt = str(COMPLETION["prompt"])
+        body = {**COMPLETION, "max_tokens": 0, "echo": True, "logprobs": 1}
+        status, out = await post(http, url, body, "z")
+        assert status == 200, out
+        choice = out["choices"][0]
+        assert choice["text"] == prompt and choice["finish_reason"] == "length"
+        lp = choice["logprobs"]
+        assert "".join(lp["tokens"]) == prompt
+        assert len(lp["token_logprobs"]) == len(tokens.tokenize(prompt))
+        usage = out["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(lp["tokens"]), 1)
+        events = await stream_events(http, url, {**body, "stream": True}, "z")
+        parts = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert "".join(p["text"] for p in parts) == prompt
+        assert parts[-1]["finish_reason"] == "length"
+        for refused in ({**COMPLETION, "max_tokens": 0}, {**CHAT, "max_tokens": 0, "echo": True}):
+            status, err = await post(http, url if "prompt" in refused else
+                                     f"{base}/v1/chat/completions", refused)  # fmt: skip
+            assert status == 400 and err["error"]["param"] == "max_tokens", err
+
+
 async def test_prompt_logprobs_in_vllms_shape(http: aiohttp.ClientSession) -> None:
     async with served(fast_engine()) as base:
         _, out = await post(

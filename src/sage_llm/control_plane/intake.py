@@ -147,8 +147,20 @@ def build_request(
         # answer's own length, estimated as the control plane's default
         engine_default = not send_max_tokens and meta.messages is None
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if engine_default else default_max_tokens
+    engine_max_tokens = max_tokens
+    if (
+        type(max_tokens) is int
+        and max_tokens == 0
+        and meta.messages is None
+        and meta.extra_body.get("echo") is True
+    ):
+        # the prompt alone (vLLM's answer): the engine runs one token and leaves it out
+        max_tokens = 1
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be a positive integer", param="max_tokens")
+        raise InvalidRequestError(
+            "max_tokens must be a positive integer (0 only with echo: true, on a completion)",
+            param="max_tokens",
+        )
     if max_tokens > MAX_TOKENS_BOUND:  # an estimate's arithmetic must hold it (a float)
         raise InvalidRequestError(
             f"max_tokens must be at most {MAX_TOKENS_BOUND}, got {shown_value(max_tokens)}",
@@ -262,7 +274,7 @@ def build_request(
         model,
         meta.prompt if meta.messages is None else None,
         meta.messages,
-        max_tokens,
+        engine_max_tokens,
         meta.temperature,
         meta.top_p,
         tuple(stop or ()),

@@ -366,6 +366,10 @@ def parse_generation(
             comp_req = validate(CompletionRequest, body)
             fields, prompt = comp_req, _single_prompt(comp_req.prompt)
             max_tokens = comp_req.max_tokens
+            if max_tokens == 0 and not comp_req.echo:  # vLLM's: the prompt alone, echoed
+                raise InvalidRequestError(
+                    "max_tokens: must be at least 1 (0 only with echo: true)", param="max_tokens"
+                )
         model, temperature, top_p = fields.model, fields.temperature, fields.top_p
         stream, stop, user = bool(fields.stream), fields.stop, fields.user
         priority_field, slo_ms = fields.priority, fields.slo_deadline_ms

@@ -121,6 +121,13 @@ class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
     prompt: Prompt
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=INT64_MAX,
+        description="Tokens to generate at most; 0 only with echo: true (the prompt alone, "
+        "as vLLM answers it).",
+    )
     logprobs: int | None = Field(None, ge=0, le=INT64_MAX)
     echo: bool | None = None
     best_of: int | None = Field(None, ge=1, le=INT64_MAX)

@@ -77,6 +77,7 @@ from sage_llm.sim.logprobs import (
 )
 from sage_llm.sim.server_requests import (
     check_context,
+    echo_only,
     engine_default_max_tokens,
     prompt_pieces,
     prompt_token_ids,
@@ -425,6 +426,9 @@ class SimEngine:
                 max_tokens=engine_default_max_tokens(chat, len(prompt_ids), limit),
                 send_max_tokens=True,
             )
+        prompt_only = echo_only(req)  # runs one token, left out of the answer
+        if prompt_only:
+            req = req.with_changes(max_tokens=1)
         self._check_max_tokens(req, len(prompt_ids))
         check_sampling(req.extra, self._core.model.vocab_size)
         keep_stop = req.extra.get("include_stop_str_in_output") is True
@@ -495,6 +499,8 @@ class SimEngine:
                     usage = Usage(len(prompt_ids), produced, stream.cached)
                     # vLLM's stop_reason: the stop string or token id that ended it
                     extras = None if stop is None else {"stop_reason": stop}
+                    if prompt_only:
+                        text, ids, lp = "", (), None
                     yield lead.first(Chunk(text, ids, finish, usage, lp, extras=extras))
                     return
                 yield lead.first(Chunk(text, ids, logprobs=lp))

@@ -87,6 +87,18 @@ def requested_echo(req: EngineRequest) -> str | None:
     return req.prompt
 
 
+def echo_only(req: EngineRequest) -> bool:
+    """Whether ``req`` asks for its prompt alone: a completion with ``echo: true`` and
+    ``max_tokens: 0``. vLLM answers it with the prompt (and its logprobs when asked for):
+    it runs one token, which it leaves out of the text and counts in the usage."""
+    return (
+        type(req.max_tokens) is int
+        and req.max_tokens == 0
+        and req.messages is None
+        and (req.extra.get("echo") is True)
+    )
+
+
 def prompt_pieces(req: EngineRequest) -> tuple[list[str], list[int]]:
     """The text of each token of ``req``'s prompt (its chat template's, for a chat) and
     its id; a prompt given as token ids has no text (empty pieces: the simulated engine
@@ -294,7 +306,8 @@ def parse_request(
             max_tokens = max(max_tokens, min(at_least, room))
     if isinstance(max_tokens, float) and max_tokens.is_integer():  # vLLM's pydantic takes 2.0
         max_tokens = int(max_tokens)
-    if not is_int(max_tokens) or max_tokens < 1:
+    least = 0 if not chat and body.get("echo") is True else 1  # 0: the prompt alone
+    if not is_int(max_tokens) or max_tokens < least:
         raise InvalidRequestError(f"{param} must be a positive integer", param=param)
     if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
         raise InvalidRequestError(
