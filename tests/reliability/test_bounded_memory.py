@@ -203,7 +203,11 @@ def test_a_model_no_instance_serves_any_more_loses_its_series_later() -> None:
     run_virtual(main())
 
 
-def test_an_instance_registered_again_with_another_model_drops_the_old_models_requests() -> None:
+def test_another_model_registered_under_an_id_keeps_its_old_models_requests_a_while() -> None:
+    """The old model's requests of an instance id registered again with another model stay
+    REMOVED_COUNTS_KEEP_S, as any removed instance's (scrapes see its last requests), and
+    then go; its new model's, and its breaker's, stay with it."""
+
     async def main() -> None:
         cp = _manager()
         async with cp:
@@ -214,13 +218,15 @@ def test_an_instance_registered_again_with_another_model_drops_the_old_models_re
             inst.model_name = "other-model"
             cp.register_instance(inst)
             text = cp.prometheus_metrics().decode()
-            assert f'instance_id="sim-1",model="{old_model}"' not in text
-            assert f'instance_id="sim-0",model="{old_model}"' in text  # still served there
+            assert f'instance_id="sim-1",model="{old_model}"' in text  # still counted
             await cp.generate(
                 RequestMetadata(request_id="o", prompt="hi", max_tokens=2, model_name="other-model")
             )
             await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
             text = cp.prometheus_metrics().decode()
+            assert f'instance_id="sim-1",model="{old_model}"' not in text
+            assert f'instance_id="sim-0",model="{old_model}"' in text  # still served there
             assert 'instance_id="sim-1",model="other-model"' in text
+            assert 'sage_llm_instance_healthy{instance_id="sim-1"}' in text
 
     run_virtual(main())

@@ -286,9 +286,9 @@ class ControlPlaneManager:
         self._policy_changed = asyncio.Event()
         """Set when the policy is switched (the tick loop waits for one with a ``tick``)."""
         self._closing: set[asyncio.Task[None]] = set()  # clients of removed instances
-        self._forget_counts: dict[str, tuple[asyncio.TimerHandle, str]] = {}
-        """Removed instances whose counter series go later (:data:`REMOVED_COUNTS_KEEP_S`),
-        with the model they served."""
+        self._forget_counts: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        """Removed instances' counter series that go later (:data:`REMOVED_COUNTS_KEEP_S`),
+        by instance id and the model it served then."""
         self._forget_models: dict[str, asyncio.TimerHandle] = {}
         """Models no instance serves any more, whose series go later (the same delay)."""
         self._embeds: set[asyncio.Task[dict[str, Any]]] = set()
@@ -448,7 +448,7 @@ class ControlPlaneManager:
         all_tasks += self._closing  # removed instances' clients, closing
         all_tasks += self._embeds
         await asyncio.gather(*all_tasks, return_exceptions=True)
-        for instance_id, (handle, _) in self._forget_counts.items():
+        for (instance_id, _), handle in self._forget_counts.items():
             handle.cancel()
             self._metrics.forget_instance_counts(instance_id)
         self._forget_counts.clear()
@@ -545,11 +545,9 @@ class ControlPlaneManager:
             self._given_clients.add(instance.instance_id)
         priors = self._priors(instance, client)
         state = self._registry.add(instance, client or made or _UnconnectedClient(instance), priors)
-        counted = self._forget_counts.pop(instance.instance_id, None)
+        counted = self._forget_counts.pop((instance.instance_id, instance.model_name), None)
         if counted is not None:  # registered again: its counters go on from where they were
-            counted[0].cancel()
-            if counted[1] != instance.model_name:  # but its old model's requests are another's
-                self._metrics.forget_instance_counts(instance.instance_id, counted[1])
+            counted.cancel()  # (those of another model it served go when their time is up)
         served = self._forget_models.pop(instance.model_name, None)
         if served is not None:
             served.cancel()
@@ -1650,10 +1648,10 @@ class ControlPlaneManager:
         gone = all(other.instance.model_name != model for other in self._registry)
         if self._running:  # its counters stay until scrapes have seen its last requests
             loop = asyncio.get_running_loop()
-            handle = loop.call_later(
-                REMOVED_COUNTS_KEEP_S, self._forget_instance_counts, state.instance_id
+            key = (state.instance_id, model)
+            self._forget_counts[key] = loop.call_later(
+                REMOVED_COUNTS_KEEP_S, self._forget_instance_counts, key
             )
-            self._forget_counts[state.instance_id] = (handle, model)
             if gone and model not in self._forget_models:
                 self._forget_models[model] = loop.call_later(
                     REMOVED_COUNTS_KEEP_S, self._forget_model, model
@@ -1669,9 +1667,17 @@ class ControlPlaneManager:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def _forget_instance_counts(self, instance_id: str) -> None:
-        del self._forget_counts[instance_id]
-        self._metrics.forget_instance_counts(instance_id)
+    def _forget_instance_counts(self, key: tuple[str, str]) -> None:
+        """A removed instance's time is up: its requests of the model it served then go,
+        and, unless its id is registered again (or has other models' series waiting), its
+        other counters (its breaker's transitions, its stalls)."""
+        del self._forget_counts[key]
+        instance_id, model = key
+        self._metrics.forget_instance_counts(instance_id, model)
+        if self._registry.find(instance_id) is None and not any(
+            other == instance_id for other, _ in self._forget_counts
+        ):
+            self._metrics.forget_instance_counts(instance_id)
 
     def _forget_model(self, model: str) -> None:
         del self._forget_models[model]
