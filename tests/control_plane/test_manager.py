@@ -25,6 +25,7 @@ from sage_llm import (
     RequestStatus,
 )
 from sage_llm.control_plane.instances import InstanceState
+from sage_llm.control_plane.manager import REMOVED_COUNTS_KEEP_S
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import (
     AdmissionError,
@@ -2377,6 +2378,112 @@ def test_a_cancelled_embeddings_call_is_cancelled() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await call
             assert cp.get_instance_metrics("e")["active_requests"] == 0
+
+    run_virtual(main())
+
+
+class _FailingEmbedder(FakeEngine):
+    """An engine whose embeddings calls fail with ``error``; counts them."""
+
+    def __init__(self, instance_id: str, error: EngineError) -> None:
+        super().__init__(instance_id)
+        self.error = error
+        self.embed_calls = 0
+
+    async def embed(
+        self, model: str, inputs: Any, options: Any = None, *, request_id: str | None = None
+    ) -> dict[str, Any]:
+        self.embed_calls += 1
+        raise self.error
+
+
+def _embedders(*engines: FakeEngine) -> ControlPlaneManager:
+    """A manager with one instance per engine, by the engines' ids, in their order."""
+    by_id = {e.instance_id: e for e in engines}
+    cp = ControlPlaneManager(mode="http", engine_factory=lambda inst: by_id[inst.instance_id])
+    for port, engine in enumerate(engines, 8000):
+        cp.register_instance(make_instance(engine.instance_id, port=port))
+    return cp
+
+
+def test_an_embeddings_call_that_fails_on_an_instance_is_retried_on_another() -> None:
+    """A connection failure (retryable) counts against the instance's health and the call
+    goes to another instance of the model; the client sees the answer."""
+
+    async def main() -> None:
+        dead = _FailingEmbedder("a", EngineConnectionError("a: refused", instance_id="a"))
+        live = _SlowEmbedder("b")
+        live.delay_s = 0.01
+        cp = _embedders(dead, live)
+        async with cp:
+            assert (await cp.embed(None, ["hello"]))["data"]
+            assert dead.embed_calls == 1
+            assert cp.get_instance_metrics("a")["failed_calls"] == 1
+            assert cp.get_instance_metrics("b")["failed_calls"] == 0
+            text = cp.prometheus_metrics().decode()
+            assert "sage_llm_request_retries_total 1.0" in text
+            assert (
+                'sage_llm_embedding_requests_total{instance_id="b",model="'
+                f'{MODEL}",status="completed"}} 1.0'
+            ) in text
+
+    run_virtual(main())
+
+
+def test_an_embeddings_call_the_engine_refuses_is_not_retried_nor_held_against_it() -> None:
+    async def main() -> None:
+        refusal = EngineRequestRejectedError("a: bad input", instance_id="a", status=400)
+        picky = _FailingEmbedder("a", refusal)
+        other = _FailingEmbedder("b", refusal)
+        cp = _embedders(picky, other)
+        async with cp:
+            with pytest.raises(EngineRequestRejectedError):
+                await cp.embed(None, ["hello"])
+            assert (picky.embed_calls, other.embed_calls) == (1, 0)
+            assert cp.get_instance_metrics("a")["failed_calls"] == 0
+            text = cp.prometheus_metrics().decode()
+            assert f'instance_id="a",model="{MODEL}",status="failed"}} 1.0' in text
+
+    run_virtual(main())
+
+
+def test_an_embeddings_call_fails_when_every_instance_failed_it() -> None:
+    async def main() -> None:
+        engines = [
+            _FailingEmbedder(i, EngineError(f"{i}: 503", instance_id=i, status=503))
+            for i in ("a", "b", "c", "d")
+        ]
+        cp = _embedders(*engines)  # max_retries 2: three instances tried, the last's error
+        async with cp:
+            with pytest.raises(EngineError, match="c: 503"):
+                await cp.embed(None, ["hello"])
+            assert [e.embed_calls for e in engines] == [1, 1, 1, 0]
+
+    run_virtual(main())
+
+
+def test_embeddings_refusals_and_outcomes_are_counted() -> None:
+    async def main() -> None:
+        engine = _SlowEmbedder("e")
+        cp = _serving(engine)
+        async with cp:
+            await cp.embed(None, ["hello"])
+            call = asyncio.create_task(cp.embed(None, ["hello"]))
+            await asyncio.sleep(0.1)
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+            cp.drain_instance("e")
+            with pytest.raises(NoHealthyInstanceError):
+                await cp.embed(None, ["hello"])
+            text = cp.prometheus_metrics().decode()
+            for status in ("completed", "cancelled"):
+                series = f'instance_id="e",model="{MODEL}",status="{status}"}} 1.0'
+                assert f"sage_llm_embedding_requests_total{{{series}" in text
+            assert f'requests_rejected_total{{model="{MODEL}",reason="draining"}} 1.0' in text
+            cp.unregister_instance("e")
+            await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
+            assert "sage_llm_embedding_requests_total{" not in cp.prometheus_metrics().decode()
 
     run_virtual(main())
 

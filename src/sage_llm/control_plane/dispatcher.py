@@ -807,7 +807,7 @@ class Dispatcher:
                 instance_id=state.instance_id,
                 retryable=not rec.delivered,
             )
-        self._on_success(state)
+        self.on_call_success(state)
         self._finish(rec, RequestStatus.COMPLETED, state=state, extra_cost=extra_cost)
 
     def _raised(
@@ -861,7 +861,7 @@ class Dispatcher:
         # a refusal is the request's fault; an eviction, the instance's already counted one
         if not isinstance(exc, EngineRequestRejectedError) and exc is not rec.evicted:
             state.failed_calls += 1
-            self._on_failure(state, exc)
+            self.on_call_failure(state, exc)
         if self._retryable(rec, exc) and self._can_retry(rec, state):
             return exc
         if self._longer_context_elsewhere(rec, state, exc):  # too long for its context only
@@ -1039,7 +1039,7 @@ class Dispatcher:
         run.prefill_cost = run.prefill.cost_per_second * leg_s
         prefill = run.prefill
         prefill.observe_first_token(leg_s, rec.pending_tokens_at_dispatch - handle.cached_tokens)
-        self._on_success(prefill)
+        self.on_call_success(prefill)
         if handle.prompt_tokens:
             rec.prompt_tokens = handle.prompt_tokens
         prompt_tokens = rec.prompt_tokens or run.prompt_tokens
@@ -1170,7 +1170,7 @@ class Dispatcher:
             # the leg's engine error judges the instance (a refused connection ejects it
             # at once, as for a whole request), not the wrapper that names the leg
             cause = exc.cause if isinstance(exc, PDLegError) else exc
-            self._on_failure(failed, cause if isinstance(cause, EngineError) else exc)
+            self.on_call_failure(failed, cause if isinstance(cause, EngineError) else exc)
         refusal = refusal_of(exc, failed.instance_id)  # (a leg's error carries its engine's)
         too_long = refusal is not None and self._longer_context_elsewhere(rec, failed, refusal)
         shorter = self._as_short(failed) if too_long else frozenset()
@@ -1281,13 +1281,15 @@ class Dispatcher:
             instance_id=state.instance_id,
         )
 
-    def _on_success(self, state: InstanceState) -> None:
+    def on_call_success(self, state: InstanceState) -> None:
+        """An engine call on ``state`` ended well (its health counts it)."""
         if self.health is not None:
             self.health.on_request_success(state)
         else:
             state.consecutive_failures = 0
 
-    def _on_failure(self, state: InstanceState, exc: EngineError) -> None:
+    def on_call_failure(self, state: InstanceState, exc: EngineError) -> None:
+        """An engine call on ``state`` failed with ``exc`` (its health counts it)."""
         if self.health is not None:
             self.health.on_request_failure(state, exc)
         else:

@@ -94,6 +94,7 @@ from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
+    EngineRequestRejectedError,
     InvalidRequestError,
     NoHealthyInstanceError,
     OverBudgetError,
@@ -975,25 +976,84 @@ class ControlPlaneManager:
         name = resolve_model(
             RequestMetadata(request_id="embed", model_name=model), self._registry.models()
         )
-        states = [
-            s for s in self._registry
-            if s.instance.model_name == name and s.healthy and s.accepting and not s.removed
-        ]  # fmt: skip
-        if not states:  # as a generation request is refused: why, and when to try again
-            raise NoHealthyInstanceError(
-                self._registry.down_reason(name),
-                retry_after_s=self._registry.back_in(name, self.clock.now()),
-            )
-        state = min(states, key=lambda s: s.in_flight / s.instance.max_concurrent_requests)
-        client = state.client
-        if not isinstance(client, EmbeddingEngineClient):
-            raise InvalidRequestError(
-                f"model {name!r} is not served by an engine that supports embeddings",
-                param="model",
-            )
-        held = contextlib.ExitStack()  # its id, as a request's, is in use while it runs
-        if request_id is not None:
-            held.enter_context(self.reserve_request_id(request_id))  # ConflictError if not
+        with contextlib.ExitStack() as held:  # its id, as a request's, is in use while it runs
+            if request_id is not None:
+                held.enter_context(self.reserve_request_id(request_id))  # ConflictError if not
+            return await self._embed_retried(name, inputs, options, request_id)
+
+    async def _embed_retried(
+        self,
+        name: str,
+        inputs: list[str] | list[list[int]],
+        options: Mapping[str, Any] | None,
+        request_id: str | None,
+    ) -> dict[str, Any]:
+        """:meth:`embed` on the least busy healthy instance of ``name``; a failure of the
+        instance's (a connection error, a 5xx, 408 or 429: ``retryable``) counts against
+        its health and is retried on another, at most ``max_retries`` times, as a
+        request's engine call is."""
+        dispatcher = self._require_dispatcher()
+        tried: set[str] = set()
+        while True:
+            states = [
+                s for s in self._registry
+                if s.instance.model_name == name and s.healthy and s.accepting
+                and not s.removed and s.instance_id not in tried
+            ]  # fmt: skip
+            if not states:  # as a generation request is refused: why, and when to try again
+                label, why = self._registry.down(name)
+                self._metrics.on_rejected(label, name)
+                raise NoHealthyInstanceError(
+                    why, retry_after_s=self._registry.back_in(name, self.clock.now())
+                )
+            state = min(states, key=lambda s: s.in_flight / s.instance.max_concurrent_requests)
+            client = state.client
+            if not isinstance(client, EmbeddingEngineClient):
+                raise InvalidRequestError(
+                    f"model {name!r} is not served by an engine that supports embeddings",
+                    param="model",
+                )
+            try:
+                answer = await self._embed_on(state, client, name, inputs, options, request_id)
+            except EngineError as exc:
+                if exc.retryable and len(tried) < dispatcher.max_retries and any(
+                    s.instance.model_name == name and s.healthy and s.accepting
+                    and not s.removed and s.instance_id not in tried | {state.instance_id}
+                    for s in self._registry
+                ):  # fmt: skip
+                    tried.add(state.instance_id)
+                    self._metrics.retries.inc()
+                    log.warning(
+                        "embeddings call on %s failed (%s); retrying on another instance",
+                        state.instance_id, exc,
+                    )  # fmt: skip
+                    continue
+                self._metrics.on_embedding("failed", name, state.instance_id)
+                raise
+            except asyncio.CancelledError:
+                self._metrics.on_embedding("cancelled", name, state.instance_id)
+                raise
+            except ControlPlaneNotRunningError:
+                self._metrics.on_embedding("cancelled", name, state.instance_id)
+                raise
+            except Exception:
+                self._metrics.on_embedding("failed", name, state.instance_id)
+                raise
+            self._metrics.on_embedding("completed", name, state.instance_id)
+            return answer
+
+    async def _embed_on(
+        self,
+        state: InstanceState,
+        client: EmbeddingEngineClient,
+        name: str,
+        inputs: list[str] | list[list[int]],
+        options: Mapping[str, Any] | None,
+        request_id: str | None,
+    ) -> dict[str, Any]:
+        """One embeddings call on ``state``'s engine (``client``); its failure counts against the
+        instance (as a request's engine call's), not an engine's refusal of the request."""
+        dispatcher = self._require_dispatcher()
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
         call: asyncio.Task[dict[str, Any]] | None = None
@@ -1001,7 +1061,7 @@ class ControlPlaneManager:
             work = client.embed(name, inputs, options or None, request_id=request_id)
             call = asyncio.ensure_future(work)
             self._embeds.add(call)
-            return await call
+            answer = await call
         except asyncio.CancelledError:
             caller = asyncio.current_task()
             if call is not None and call.cancelled() and not (caller and caller.cancelling()):
@@ -1011,9 +1071,11 @@ class ControlPlaneManager:
             refusal = embeddings_refusal(exc, name, f"instance {state.instance_id}")
             if refusal is not None:
                 raise refusal from exc
+            if not isinstance(exc, EngineRequestRejectedError):  # the request's own fault
+                state.failed_calls += 1
+                dispatcher.on_call_failure(state, exc)
             raise
         finally:  # as a generation's call ends: a removed instance goes with its last call
-            held.close()
             if call is not None:
                 self._embeds.discard(call)
             state.in_flight -= 1
@@ -1021,6 +1083,8 @@ class ControlPlaneManager:
             if state.in_flight == 0:
                 self._on_instance_idle(state)
             self._wake()
+        dispatcher.on_call_success(state)
+        return answer
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
         rec = self._in_progress().get(request_id)

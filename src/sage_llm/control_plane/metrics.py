@@ -78,6 +78,12 @@ class ControlPlaneMetrics:
         self.retries = Counter(
             f"{PREFIX}_request_retries", "Engine calls retried on another instance.", registry=r
         )
+        self.embeddings = LiteCounter(
+            f"{PREFIX}_embedding_requests",
+            "Embedding calls that ended, by final status (not queued: not in requests_total).",
+            ["status", "model", "instance_id"],
+            registry=r,
+        )
         self.ttft = LiteHistogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Time from arrival to the first token.",
@@ -211,6 +217,8 @@ class ControlPlaneMetrics:
         # policy): looked up without prometheus_client's labels() on the hot path, and
         # dropped with the instance on unregister.
         self._request_series: dict[str, dict[tuple[str, str, str], LiteValue]] = {}
+        # The embedding counter's (status, model) per instance, dropped alike.
+        self._embedding_series: dict[str, set[tuple[str, str]]] = {}
         # Per-model histogram children (e2e, queue, ttft, tpot); models are bounded by the
         # registered fleet (unknown models are refused before any metric is labelled).
         self._model_children: dict[
@@ -260,6 +268,12 @@ class ControlPlaneMetrics:
         self._rejected_count += 1
         self._rejected_reasons.setdefault(model, set()).add(reason)
         self.rejected.labels(reason=reason, model=model).inc()
+
+    def on_embedding(self, status: str, model: str, instance_id: str) -> None:
+        """An embedding call on ``instance_id`` ended: ``completed``, ``failed`` or
+        ``cancelled``."""
+        self._embedding_series.setdefault(instance_id, set()).add((status, model))
+        self.embeddings.labels(status=status, model=model, instance_id=instance_id).inc()
 
     def on_finished(
         self,
@@ -411,6 +425,13 @@ class ControlPlaneMetrics:
                 self.requests.remove(key[0], key[1], key[2], instance_id)
         if not series:
             self._request_series.pop(instance_id, None)
+        embedded = self._embedding_series.get(instance_id, set())
+        for status, of in [key for key in embedded if model is None or key[1] == model]:
+            embedded.discard((status, of))
+            with contextlib.suppress(KeyError):
+                self.embeddings.remove(status, of, instance_id)
+        if not embedded:
+            self._embedding_series.pop(instance_id, None)
 
     def forget_model(self, model: str) -> None:
         """Drop the series of a model no instance serves any more: its latency histograms,
@@ -423,7 +444,7 @@ class ControlPlaneMetrics:
         for reason in self._rejected_reasons.pop(model, ()):
             with contextlib.suppress(KeyError):
                 self.rejected.remove(reason, model)
-        for instance_id in list(self._request_series):
+        for instance_id in {*self._request_series, *self._embedding_series}:
             self.forget_instance_counts(instance_id, model)
 
     def set_in_flight(self, instance_id: str, value: int) -> None:
