@@ -671,6 +671,10 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "127.0.0.1#x"', "host", "without '#'"),  # the URL's port would be lost
         ('host = "127.0.0.1?x"', "host", "without '?'"),
         ('host = "user@h"', "host", "without '@'"),
+        # characters no lookup takes (a name of them had loaded, and failed every probe)
+        ("host = 'a<b>'", "host", "letters, digits, '-', '_' and dots, not '<'"),
+        ("host = '%41'", "host", "not '%'"),
+        ("host = '\"'", "host", "not '\"'"),
         # forms inet_aton reads but no engine URL can hold (the client refuses them)
         ('host = "127.1"', "host", "must be an IPv4 address written in full"),
         ('host = "2130706433"', "host", "(four numbers 0-255 without leading zeros"),

@@ -168,7 +168,15 @@ def _name_problem(value: str) -> str | None:
         )
     if len(encoded.rstrip(b".")) > 253:
         return f"must be a host name of at most 253 characters, got {len(encoded)}"
+    printable = (c for c in encoded if 0x20 < c < 0x7F)  # (control characters: name_problem)
+    if bad := next((chr(c) for c in printable if not _NAME_BYTE.fullmatch(bytes([c]))), None):
+        return f"must be a host name of letters, digits, '-', '_' and dots, not {bad!r}"
     return None
+
+
+_NAME_BYTE = re.compile(rb"[A-Za-z0-9._-]")
+"""A byte of a host name's IDNA form that a lookup takes (``_`` too: hosts files and
+container networks use it)."""
 
 
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")

@@ -117,6 +117,7 @@ _DEFAULTED = (
     [
         ({"host": "h", "port": 1, "model_name": "m"}, "instance_id"),
         ({"instance_id": "x", "host": "h", "port": 0, "model_name": "m"}, "port"),
+        ({"instance_id": "x", "host": "a<b>{}", "port": 1, "model_name": "m"}, "host"),
         ({"instance_id": "x", "host": "h", "port": "many", "model_name": "m"}, "port"),
         (
             {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "instance_type": "gpu"},
