@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiohttp
@@ -220,3 +221,44 @@ async def test_the_request_schemas_refuse_what_the_gateway_refuses() -> None:
             assert jsonschema_rs.is_valid(schema, body) is accepted, (name, fields)
             async with http.post(gw.url(route), json=body) as r:
                 assert (r.status == 200) is accepted, (fields, await r.text())
+
+
+_HEADER_VALUES = {
+    "x-sage-priority": ["high", "HIGH", "low", "3", "-5", "99", "", "urgent", "0", "1.5"],
+    "x-sage-slo-ms": ["1", "0", "0.0", "0e5", ".5", "+3", "-1", "1e3", "", "7", "abc", "1_0"],
+    "x-sage-cost-budget": ["0", "1.5", "-1", "", "+0", "1e2", "x", "1_0"],
+}
+
+
+@pytest.mark.parametrize("header", sorted(_HEADER_VALUES))
+async def test_the_documented_header_patterns_are_what_the_gateway_takes(header: str) -> None:
+    """A value matches the header's pattern exactly when the gateway takes it (a 400
+    otherwise, even empty: a header given is read)."""
+    (schema,) = [
+        p["schema"]
+        for p in build_openapi()["paths"]["/v1/completions"]["post"]["parameters"]
+        if p["name"] == header
+    ]
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for value in _HEADER_VALUES[header]:
+            body = completion_body(max_tokens=1)
+            async with http.post(
+                gw.url("/v1/completions"), json=body, headers={header: value}
+            ) as resp:
+                taken = resp.status != 400  # (a 1 ms SLO is taken, then a 504)
+            documented = re.search(schema["pattern"], value) is not None
+            assert taken == documented, (header, value, resp.status)
+
+
+async def test_probes_answer_any_request_id_as_documented() -> None:
+    doc = build_openapi()
+    for path in ("/health", "/ready", "/metrics"):
+        (param,) = doc["paths"][path]["get"]["parameters"]
+        assert param["name"] == "x-request-id" and "pattern" not in param["schema"]
+    assert "400" in doc["paths"]["/openapi.json"]["get"]["responses"]
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for path in ("/health", "/ready", "/metrics"):
+            async with http.get(gw.url(path), headers={"x-request-id": "bad id"}) as resp:
+                assert resp.status == 200 and resp.headers["x-request-id"] != "bad id"
+        async with http.get(gw.url("/openapi.json"), headers={"x-request-id": "bad id"}) as r:
+            assert r.status == 400

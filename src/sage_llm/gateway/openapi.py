@@ -113,20 +113,39 @@ _REQUEST_ID = _header(
     "Request id (echoed back; generated when absent or empty; 400 when malformed).",
     {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{0,128}$"},
 )
+_PROBE_REQUEST_ID = _header(
+    "x-request-id",
+    "Request id, echoed back when well formed; a probe answers any other (or none) under a "
+    "generated id, never with a 400.",
+    {"type": "string"},
+)
+_NAMES = "|".join(
+    "".join(f"[{c.upper()}{c}]" for c in name)
+    for name in ("critical", "high", "normal", "low", "background")
+)
+_NUMBER = "\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][+-]?[0-9]+)?"
+"""A number as a header gives it (ASCII digits, as JSON writes them)."""
+_POSITIVE = "\\+?([0-9]*[1-9][0-9]*(\\.[0-9]*)?|[0-9]*\\.[0-9]*[1-9][0-9]*)([eE][+-]?[0-9]+)?"
+"""One of them with a digit other than 0 before its exponent (> 0, as it is read)."""
 _GENERATION_HEADERS = [
     _REQUEST_ID,
     _header(
-        "x-sage-priority", "Priority name or 0-4; wins over the body field.", {"type": "string"}
+        "x-sage-priority",
+        "Priority name (any case) or an integer (0-4; others are taken as the nearest); wins "
+        "over the body field. Read when given, even empty (a 400).",
+        {"type": "string", "pattern": f"^(-?[0-9]{{1,18}}|{_NAMES})$"},
     ),
     _header(
         "x-sage-slo-ms",
-        "End-to-end latency target in ms; wins over the body field.",
-        {"type": "string"},
+        "End-to-end latency target in ms, a number > 0; wins over the body field. Read when "
+        "given, even empty (a 400).",
+        {"type": "string", "pattern": f"^{_POSITIVE}$"},
     ),
     _header(
         "x-sage-cost-budget",
-        "The most the request may cost (cost_optimized's budget); wins over the body field.",
-        {"type": "string"},
+        "The most the request may cost (cost_optimized's budget), a number >= 0; wins over "
+        "the body field. Read when given, even empty (a 400).",
+        {"type": "string", "pattern": f"^{_NUMBER}$"},
     ),
     _header(
         "x-session-id",
@@ -171,12 +190,13 @@ def _get(
     tags: list[str],
     security: Security | None,
     *errors: str,
+    request_id: dict[str, Any] = _REQUEST_ID,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "operationId": op,
         "summary": summary,
         "tags": tags,
-        "parameters": [_REQUEST_ID],
+        "parameters": [request_id],
         "responses": {"200": response, **_errors(*errors)},
     }
     if security is not None:
@@ -290,6 +310,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 ["probes"],
                 None,
                 "503",
+                request_id=_PROBE_REQUEST_ID,
             )
         },
         "/ready": {
@@ -301,9 +322,19 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 ["probes"],
                 None,
                 "503",
+                request_id=_PROBE_REQUEST_ID,
             )
         },
-        "/metrics": {"get": _get("metrics", "Prometheus metrics", text, ["probes"], None)},
+        "/metrics": {
+            "get": _get(
+                "metrics",
+                "Prometheus metrics",
+                text,
+                ["probes"],
+                None,
+                request_id=_PROBE_REQUEST_ID,
+            )  # fmt: skip
+        },
         "/openapi.json": {
             "get": _get(
                 "openapi",
@@ -314,6 +345,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 },
                 ["probes"],
                 None,
+                "400",  # a malformed x-request-id
             )
         },
         "/admin/instances": {
