@@ -333,7 +333,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 ["probes"],
                 None,
                 request_id=_PROBE_REQUEST_ID,
-            )  # fmt: skip
+            )
         },
         "/openapi.json": {
             "get": _get(
