@@ -18,7 +18,7 @@ every measured time is multiplied by K before it is summarised, so all figures a
 simulated seconds (the proxies' own overhead is multiplied by K too; keep K modest).
 
 "80% of capacity" (``--load``) is calibrated on virtual time before the run: 400 requests of
-the workload arrive at once at the in-process simulator (same GPU, model and engine count;
+the workload arrive at 1000 req/s at the in-process simulator (same GPU, model and engine count;
 ``fifo + load_balanced``; no control-plane concurrency limit), and capacity is the rate of
 completions between the 10th and the 90th percentile completion (:func:`calibrate_capacity`).
 The offered rate is ``load × capacity``.
@@ -212,8 +212,9 @@ def calibrate_capacity(
     max_concurrent: int = 100_000,
     seed: int = 0,
 ) -> float:
-    """Requests/s the fleet sustains on ``workload``: every request arrives at once
-    (in-process simulator, virtual time, ``fifo + load_balanced``, ``max_concurrent``
+    """Requests/s the fleet sustains on ``workload``: its requests arrive compressed to
+    1000 req/s, far above any fleet's capacity (in-process simulator, virtual time,
+    ``fifo + load_balanced``, ``max_concurrent``
     requests per instance: by default no control-plane limit) and
     :func:`steady_throughput` of the completions is the capacity. Give a workload of a
     few hundred requests so that the fleet saturates."""
