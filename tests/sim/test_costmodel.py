@@ -13,6 +13,7 @@ from sage_llm.sim.costmodel import (
     CostModel,
     LinearStepModel,
     RooflineCostModel,
+    fast_step_time,
     fit_linear_step_model,
 )
 from sage_llm.sim.specs import (
@@ -290,6 +291,31 @@ def test_a_negative_per_token_cost_is_refitted_as_zero_and_a_timeless_model_refu
     with pytest.raises(ConfigError):
         LinearStepModel(1.0, float("nan"), 0.0)
     assert LinearStepModel(-2000.0, 10.0, 3000.0).beta0_us == -2000.0  # a noisy intercept
+
+
+def test_a_negative_intercept_is_kept_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Only a per-token cost below 0 is refitted as 0: a negative β0 is the fit's intercept
+    (docs/simulator.md), kept as it is, and nothing is logged."""
+    samples = [
+        (p, d, (-500 + 20 * p + 10 * d) * 1e-6) for p in (100, 200, 400) for d in (8, 16, 32)
+    ]
+    fitted = fit_linear_step_model(samples)
+    assert fitted.betas_us == pytest.approx((-500.0, 20.0, 10.0))
+    assert "refitted" not in caplog.text
+
+
+def test_a_negative_intercept_never_makes_a_step_take_negative_time() -> None:
+    model = LinearStepModel(-2000.0, 10.0, 5.0)
+    fast = fast_step_time(model)
+    assert fast is not None
+    # β0 + 5 µs for one decode, β0 + 500 µs for a 50-token chunk: both below 0, so 0 seconds
+    assert model.step_time([], [100]) == 0.0
+    assert model.step_time([(50, 0)], []) == 0.0
+    assert fast([], 1, 100) == 0.0
+    assert fast([(50, 0)], 0, 0) == 0.0
+    # past the intercept the time is the line's: -2000 + 10·300 + 5·2 µs
+    assert model.step_time([(300, 0)], [7, 9]) == pytest.approx(1010e-6)
+    assert fast([(300, 0)], 2, 16) == pytest.approx(1010e-6)
 
 
 # -- TOML specs ----------------------------------------------------------------------
