@@ -169,6 +169,17 @@ def test_requests_larger_than_the_cache_are_rejected() -> None:
     assert err.value.param == "max_tokens"
 
 
+def test_a_request_that_exactly_fills_the_cache_is_served_and_one_token_more_refused() -> None:
+    core = make_core(num_gpu_blocks=4, block_size=16)
+    core.add_request("fits", prompt(60), 4, arrival=0.0)  # 64 tokens: all 4 blocks of 16
+    trace = drive(core)
+    assert trace.tokens == {"fits": 4}
+    assert trace.finished == {"fits": "length"}
+    with pytest.raises(InvalidRequestError, match="exceed the KV cache") as err:
+        core.add_request("over", prompt(60), 5, arrival=trace.end)  # 65 tokens: a 5th block
+    assert err.value.param == "max_tokens"
+
+
 def test_prefix_cache_hit_lowers_ttft_by_the_cached_fraction() -> None:
     core = make_core()
     shared = prompt(2048)
