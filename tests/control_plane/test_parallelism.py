@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,23 @@ def test_heads_not_divisible_by_tp_are_rejected() -> None:
     p = plan("qwen2.5-7b", 8, "h100", CHAT, SLO, allow_pd=False)
     reasons = {c.label: r for c, r in p.rejected}
     assert reasons["1 × TP8"] == "28 attention heads are not divisible by TP8"
+
+
+def test_experts_not_divisible_by_ep_are_rejected() -> None:
+    moe12 = replace(get_model("mixtral-8x7b"), name="moe-12", num_experts=12)
+    p = plan(moe12, 8, "h100", CHAT, SLO, allow_pd=False)
+    assert not any("EP8" in cand.label for cand, _ in every_plan(p))
+    reasons = {c.label: r for c, r in p.rejected if "EP8" in c.label}
+    assert reasons and set(reasons.values()) == {"12 experts are not divisible by EP8"}
+
+
+def test_no_shape_pipelines_over_more_stages_than_the_model_has_layers() -> None:
+    """The tiny model has 2 layers: PP4 and PP8 are never tried, and 8 GPUs still plan."""
+    assert get_model("tiny").num_layers == 2
+    p = plan("tiny", 8, "h100", WorkloadProfile(128, 32), SLOTarget(2.0, 0.05))
+    tried = [c for c, _ in every_plan(p)] + [c for c, _ in p.rejected]
+    assert tried and max(c.shape.pp for c in tried) == 2
+    assert p.candidate.gpus == 8
 
 
 # -- topology-aware placement --------------------------------------------------------------------
@@ -264,6 +282,53 @@ def test_long_prompts_with_tight_tpot_get_a_pd_split() -> None:
     assert best_colocated.estimates.capacity_rps < p.estimates.capacity_rps
     colocated = plan("llama-3-8b", 8, "h100", long, SLOTarget(2.0, 0.015), allow_pd=False)
     assert all(c.kind == "colocated" for c, _ in every_plan(colocated))
+
+
+def pd_ttft(p: Plan, label: str, kv_link_gbps: float) -> tuple[float, float]:
+    """The plan's TTFT of PD candidate ``label`` and the one docs/deployment.md assembles:
+    the prefill instance's TTFT, the KV transfer of a p90 prompt over ``kv_link_gbps`` and
+    one decode step, each instance taking its share of the workload's rate."""
+    everything = [(p.candidate, tuple(p.instances), p.estimates)] + [
+        (a.candidate, a.instances, a.estimates) for a in p.alternatives
+    ]
+    insts, est = next((i, e) for c, i, e in everything if c.label == label)
+    rate = p.workload.rate
+    assert rate is not None and est.meets_slo and est.rate_rps == rate
+
+    def role(kind: ExecutionInstanceType) -> tuple[ShapeEval, float]:
+        mine = [i for i in insts if i.role is kind]
+        i = mine[0]
+        ev = ShapeEval(p.model, p.gpu, i.tp, i.pp, i.ep, i.link_gbps, p.workload)
+        return ev, rate / len(mine)
+
+    prefill, prefill_rate = role(PREFILL)
+    decode, decode_rate = role(DECODE)
+    kv_s = p.workload.p90_prompt * p.model.kv_bytes_per_token / (kv_link_gbps * 1e9)
+    expected = (
+        prefill.prefill_only(prefill_rate, 0.9).ttft_s
+        + kv_s
+        + decode.decode_only(decode_rate).tpot_s
+    )
+    return est.ttft_s, expected
+
+
+def test_a_pd_ttft_adds_the_kv_transfer_and_one_decode_step() -> None:
+    """Both roles on one H100 node: the p90 prompt's KV crosses NVLink (450 GB/s)."""
+    p = plan("llama-3-8b", 4, "h100", WorkloadProfile(1024, 256, rate=5), SLO)
+    got, expected = pd_ttft(p, "PD 2 × TP1 prefill + 2 × TP1 decode", get_gpu("h100").nvlink_gbps)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_pd_kv_transfer_between_nodes_goes_at_the_network_speed() -> None:
+    """2 nodes of 4 L40S, a TP4 instance of each role: one role a node, so the hand-off
+    crosses the network (25 GB/s)."""
+    from sage_llm.control_plane.parallelism import NETWORK_GBPS
+
+    workload = WorkloadProfile(4096, 64, rate=1)
+    p = plan("llama-3-8b", GPUAllocation(2, 4), "l40s", workload, SLOTarget(5.0, 0.2))
+    assert NETWORK_GBPS == 25.0
+    got, expected = pd_ttft(p, "PD 1 × TP4 prefill + 1 × TP4 decode", NETWORK_GBPS)
+    assert got == pytest.approx(expected, rel=1e-9)
 
 
 def test_short_chat_prompts_stay_colocated() -> None:
@@ -654,6 +719,42 @@ def test_redundancy_wording_depends_on_the_instance_counts() -> None:
     assert "3 instances instead of 4" in _why_lost(three, est(10.1), four, est(10.0))
     assert "no redundancy" in _why_lost(one, est(10.1), four, est(10.0))
     assert "1 instance instead of 4" in _why_lost(one, est(10.1), four, est(10.0))
+
+
+def test_an_equal_goodput_loses_on_more_gpus_only() -> None:
+    from sage_llm.control_plane.parallelism import PlanEstimates, _why_lost
+
+    def est(gpus: int) -> PlanEstimates:
+        return PlanEstimates(10.0, "TTFT", 10.0, 0.1, 0.01, 10.0, True, 4.0, 0.3, gpus)
+
+    best = Candidate("colocated", InstanceShape(1), 4)
+    other = Candidate("colocated", InstanceShape(2), 4)
+    assert _why_lost(other, est(8), best, est(4)) == "same goodput with 8 GPUs instead of 4"
+    assert _why_lost(other, est(4), best, est(8)).startswith("equal estimate")
+    assert _why_lost(other, est(4), best, est(4)).startswith("equal estimate")
+
+
+@pytest.mark.parametrize(
+    ("lone", "text"),
+    [
+        (1, "Node 1 holds"),
+        (4, "Nodes 1, 2, 3, 4 hold"),
+        (5, "Nodes 1, 2, 3, 4, … (5 nodes) hold"),
+        (6, "Nodes 1, 2, 3, 4, … (6 nodes) hold"),
+    ],
+)
+def test_nodes_of_one_role_are_each_named_or_counted(lone: int, text: str) -> None:
+    from sage_llm.control_plane.parallelism import _one_role_nodes
+
+    both = [
+        PlannedInstance(PREFILL, 1, 1, 1, (0,), node=0),
+        PlannedInstance(DECODE, 1, 1, 1, (1,), node=0),
+    ]
+    decode_only = [
+        PlannedInstance(DECODE, 8, 1, 1, tuple(range(8)), node=n) for n in range(1, lone + 1)
+    ]
+    assert _one_role_nodes(both + decode_only) == text
+    assert _one_role_nodes(both) == ""
 
 
 def test_an_unparsable_topology_file_names_the_option(tmp_path: Path) -> None:
