@@ -345,6 +345,21 @@ def test_pd_table_and_enable_flag() -> None:
     assert only_pd.control_plane.enable_pd_separation is False
 
 
+def test_pd_config_follows_the_enable_flag_of_a_config_built_in_code() -> None:
+    off = ControlPlaneConfig(enable_pd_separation=False)
+    assert off.pd.enabled is True  # the table's default, which the flag overrides
+    assert off.pd_config().enabled is False
+    assert off.manager_kwargs()["pd_config"].enabled is False
+    assert ControlPlaneConfig().pd_config().enabled is True
+
+
+@pytest.mark.parametrize("mode", ["sim", "local", "SIM", " Local ", "simulated"])
+def test_every_spelling_of_the_simulated_mode_means_simulated(mode: str) -> None:
+    text = f'[services.llm_control_plane]\nmode = "{mode}"\n'
+    assert parse_config(text, "cfg.toml", env={}).control_plane.mode == "simulated"
+    assert ControlPlaneConfig(mode=mode).mode == "simulated"
+
+
 def test_the_gateway_host_is_an_address_to_listen_on() -> None:
     """Not an engine's: no scheme to set (its URL hint was an instance's), and any form
     the system resolves is taken (``0``, ``127.1``)."""
