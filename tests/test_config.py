@@ -924,6 +924,17 @@ def test_pd_errors() -> None:
     assert (err.location, err.key) == ("cfg.toml:3", "services.llm_control_plane.pd.enabled")
 
 
+@pytest.mark.parametrize("role", ["prefilling", "decoding"])
+def test_pd_min_instances_equal_to_max_are_accepted(role: str) -> None:
+    table = f"[services.llm_control_plane.pd]\n{role}_min_instances = 2\n"
+    cfg = parse_config(f"{table}{role}_max_instances = 2\n", "cfg.toml", env={})
+    pd = cfg.control_plane.pd
+    assert (getattr(pd, f"{role}_min_instances"), getattr(pd, f"{role}_max_instances")) == (2, 2)
+    err = problem(f"{table}{role}_max_instances = 1\n")
+    assert err.key == f"services.llm_control_plane.pd.{role}_min_instances"
+    assert err.message.endswith(f"is above {role}_max_instances (1)")
+
+
 def test_pd_plugin_params_are_checked_with_their_lines() -> None:
     """The decider's, the pairing's and the connector's parameters (``pd.metadata``) are
     checked by the config, each at its line, as the control plane would build them: a
