@@ -660,6 +660,16 @@ def test_a_bad_bootstrap_port_in_metadata_is_reported_at_its_line() -> None:
         InstanceConfig("z", "h", 1, "m", metadata={"bootstrap_port": -3})
 
 
+@pytest.mark.parametrize("port", [1, 65535])
+def test_a_bootstrap_port_at_either_end_of_the_range_is_accepted(port: int) -> None:
+    instance = InstanceConfig("p0", "h", 1, "m", metadata={"bootstrap_port": port})
+    assert instance.metadata["bootstrap_port"] == port
+    check_instance(ExecutionInstance("p0", "h", 1, "m", metadata={"bootstrap_port": port}))
+    with pytest.raises(ConfigError, match=r"TCP port \(an integer in 1\.\.65535\), got") as err:
+        check_instance(ExecutionInstance("p0", "h", 1, "m", metadata={"bootstrap_port": 65536}))
+    assert err.value.key == "metadata.bootstrap_port"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [("port = 0", "must be >= 1, got 0"), ("port = 65536", "must be <= 65535, got 65536")],
