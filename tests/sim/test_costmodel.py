@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,33 @@ def test_per_layer_time_matches_vidur_within_15_percent(gpu: str, tokens: int) -
     measured = VIDUR_MS[gpu][tokens]
     predicted = model.per_layer_time_s(tokens) * 1e3
     assert abs(predicted - measured) / measured < 0.15
+
+
+def on_a_free_link(model: RooflineCostModel) -> RooflineCostModel:
+    """``model`` with GPU-to-GPU traffic that costs nothing (no bandwidth nor latency)."""
+    gpu = replace(model.gpu, nvlink_gbps=1e15)
+    return replace(model, gpu=gpu, allreduce_latency_s=0.0)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_tp_layer_adds_its_two_all_reduces(tp: int) -> None:
+    """docs/simulator.md: two ring all-reduces of the activations per layer, each
+    ``2·(tp−1)/tp · tokens·hidden·dtype / NVLink`` plus ``allreduce_latency_s``."""
+    model = RooflineCostModel.from_names("h100", "llama-3-70b", tp=tp)
+    m, tokens = model.model, 4096
+    per_call = 2 * (tp - 1) / tp * tokens * m.hidden_size * m.dtype_bytes / 450e9 + 5e-6
+    extra = model.per_layer_time_s(tokens) - on_a_free_link(model).per_layer_time_s(tokens)
+    assert extra == pytest.approx(2 * per_call, rel=1e-6)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_a_pipeline_adds_one_activation_hop_between_each_pair_of_stages(pp: int) -> None:
+    """One prompt is one micro-batch: its activations cross the ``pp − 1`` stage borders."""
+    model = RooflineCostModel.from_names("h100", "llama-3-8b", pp=pp)
+    m, tokens = model.model, 8192
+    hop = tokens * m.hidden_size * m.dtype_bytes / 450e9
+    extra = model.step_time([(tokens, 0)], []) - on_a_free_link(model).step_time([(tokens, 0)], [])
+    assert extra == pytest.approx((pp - 1) * hop, rel=1e-6)
 
 
 # -- linear model --------------------------------------------------------------------
