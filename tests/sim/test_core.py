@@ -417,6 +417,17 @@ def test_pinned_kv_expires_after_the_timeout() -> None:
     assert waited.tokens == {"q": 2}
 
 
+def test_pinned_kv_alone_leaves_the_core_idle_without_waiting_for_its_expiry() -> None:
+    """Only a queued request waits on a pin's expiry: with none, an idle step takes no time."""
+    core = make_core(kv_pin_timeout_s=30.0)
+    core.add_request("p", prompt(100), 8, arrival=0.0, kv_transfer={"do_remote_decode": True})
+    trace = drive(core)
+    assert not core.has_work() and core.kv_usage > 0
+    res = core.step(trace.end)
+    assert res.idle
+    assert res.duration_s == 0.0
+
+
 def test_decode_leg_waits_for_the_kv_transfer() -> None:
     core = make_core(kv_link_gbps=25.0)
     params = {"do_remote_prefill": True, "remote_engine_id": "p0", "remote_request_id": "x"}
