@@ -2383,18 +2383,30 @@ def test_a_cancelled_embeddings_call_is_cancelled() -> None:
 
 
 class _FailingEmbedder(FakeEngine):
-    """An engine whose embeddings calls fail with ``error``; counts them."""
+    """An engine whose embeddings calls fail with ``error`` after ``delay_s`` (answered
+    once ``error`` is None, or once ``gate`` is set when there is one); counts them."""
 
-    def __init__(self, instance_id: str, error: EngineError) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        error: EngineError | None,
+        delay_s: float = 0.0,
+        gate: asyncio.Event | None = None,
+    ) -> None:
         super().__init__(instance_id)
-        self.error = error
+        self.error, self.delay_s, self.gate = error, delay_s, gate
         self.embed_calls = 0
 
     async def embed(
         self, model: str, inputs: Any, options: Any = None, *, request_id: str | None = None
     ) -> dict[str, Any]:
         self.embed_calls += 1
-        raise self.error
+        await asyncio.sleep(self.delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": []}]}
 
 
 def _embedders(*engines: FakeEngine) -> ControlPlaneManager:
@@ -2458,6 +2470,66 @@ def test_an_embeddings_call_fails_when_every_instance_failed_it() -> None:
             with pytest.raises(EngineError, match="c: 503"):
                 await cp.embed(None, ["hello"])
             assert [e.embed_calls for e in engines] == [1, 1, 1, 0]
+
+    run_virtual(main())
+
+
+def test_an_embeddings_retry_goes_to_an_instance_that_serves_embeddings() -> None:
+    async def main() -> None:
+        failing = _FailingEmbedder("a", EngineError("a: 503", instance_id="a", status=503))
+        plain = FakeEngine("b")  # no embeddings at all
+        able = _FailingEmbedder("c", None)
+        cp = _embedders(failing, plain, able)
+        async with cp:
+            assert (await cp.embed(None, ["hello"]))["data"]
+            assert (failing.embed_calls, able.embed_calls) == (1, 1)
+            text = cp.prometheus_metrics().decode()
+            assert f'instance_id="c",model="{MODEL}",status="completed"}} 1.0' in text
+
+    run_virtual(main())
+
+
+def test_stop_drains_an_embeddings_call_through_its_retry() -> None:
+    """The drain time covers the whole call: its retry on another instance too."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        late = _FailingEmbedder("a", EngineError("a: 503", instance_id="a", status=503), 1.0)
+        slow = _FailingEmbedder("b", None, 3.0)
+        cp = _embedders(late, slow)
+        await cp.start()
+        call = asyncio.create_task(cp.embed(None, ["hello"], request_id="e1"))
+        await asyncio.sleep(0.1)
+        began = loop.time()
+        await cp.stop(drain_timeout_s=30)
+        assert loop.time() - began == pytest.approx(3.9, abs=0.05)
+        assert (await call)["data"] and (late.embed_calls, slow.embed_calls) == (1, 1)
+
+    run_virtual(main())
+
+
+def test_a_removed_instance_keeps_no_series_after_its_last_embeddings_call() -> None:
+    """Its last call ending well (a half-open breaker closing) brought its gauges back."""
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        engine = _FailingEmbedder("a", EngineConnectionError("a: refused", instance_id="a"))
+        cp = _embedders(engine)
+        async with cp:
+            with pytest.raises(EngineConnectionError):
+                await cp.embed(None, ["hello"])
+            for _ in range(120):  # ejected, then half-open after its cool-down
+                if cp.get_instance_metrics("a")["is_healthy"]:
+                    break
+                await asyncio.sleep(1)
+            engine.error, engine.gate = None, gate
+            call = asyncio.create_task(cp.embed(None, ["hello"]))
+            await asyncio.sleep(0.1)
+            cp.unregister_instance("a")
+            gate.set()
+            assert (await call)["data"]
+            await asyncio.sleep(REMOVED_COUNTS_KEEP_S + 1)
+            assert 'instance_id="a"' not in cp.prometheus_metrics().decode()
 
     run_virtual(main())
 

@@ -203,6 +203,31 @@ def test_a_model_no_instance_serves_any_more_loses_its_series_later() -> None:
     run_virtual(main())
 
 
+def test_stop_keeps_the_counters_of_an_id_registered_again_with_another_model() -> None:
+    """stop() drops the series removed instances left; not those of an id registered
+    again (with another model) since, which go on counting across a restart."""
+
+    async def main() -> None:
+        cp = _manager()
+        async with cp:
+            await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
+            inst = next(s.instance for s in cp._registry if s.instance_id == "sim-1")
+            old_model = inst.model_name
+            cp.unregister_instance("sim-1")
+            inst.model_name = "other-model"
+            cp.register_instance(inst)
+            other = RequestMetadata(request_id="o1", prompt="hi", max_tokens=2)
+            other.model_name = "other-model"
+            await cp.generate(other)
+        text = cp.prometheus_metrics().decode()
+        assert f'instance_id="sim-1",model="{old_model}"' not in text
+        assert 'instance_id="sim-1",model="other-model",policy="fifo",status="completed"} 1.0' in (
+            text
+        )
+
+    run_virtual(main())
+
+
 def test_another_model_registered_under_an_id_keeps_its_old_models_requests_a_while() -> None:
     """The old model's requests of an instance id registered again with another model stay
     REMOVED_COUNTS_KEEP_S, as any removed instance's (scrapes see its last requests), and

@@ -449,9 +449,11 @@ class ControlPlaneManager:
         all_tasks += self._closing  # removed instances' clients, closing
         all_tasks += self._embeds
         await asyncio.gather(*all_tasks, return_exceptions=True)
-        for (instance_id, _), handle in self._forget_counts.items():
-            handle.cancel()
-            self._metrics.forget_instance_counts(instance_id)
+        for (instance_id, model), handle in self._forget_counts.items():
+            handle.cancel()  # a removed instance's series of the model it served then go,
+            self._metrics.forget_instance_counts(instance_id, model)  # and, its id not
+            if self._registry.find(instance_id) is None:  # registered again, the rest
+                self._metrics.forget_instance_counts(instance_id)
         self._forget_counts.clear()
         for model, handle in self._forget_models.items():
             handle.cancel()
@@ -979,7 +981,19 @@ class ControlPlaneManager:
         with contextlib.ExitStack() as held:  # its id, as a request's, is in use while it runs
             if request_id is not None:
                 held.enter_context(self.reserve_request_id(request_id))  # ConflictError if not
-            return await self._embed_retried(name, inputs, options, request_id)
+            # the whole call (its retries too) in a task of its own, which stop() drains as
+            # it drains requests, and cancels once the drain time is over
+            call = asyncio.ensure_future(self._embed_retried(name, inputs, options, request_id))
+            self._embeds.add(call)
+            try:
+                return await call
+            except asyncio.CancelledError:
+                caller = asyncio.current_task()
+                if call.cancelled() and not (caller and caller.cancelling()):
+                    raise ControlPlaneNotRunningError("control plane stopped") from None
+                raise  # the caller's own cancellation (which cancelled the call too)
+            finally:
+                self._embeds.discard(call)
 
     async def _embed_retried(
         self,
@@ -991,82 +1005,89 @@ class ControlPlaneManager:
         """:meth:`embed` on the least busy healthy instance of ``name``; a failure of the
         instance's (a connection error, a 5xx, 408 or 429: ``retryable``) counts against
         its health and is retried on another, at most ``max_retries`` times, as a
-        request's engine call is."""
+        request's engine call is. Each call's outcome is counted on the instance that
+        ended it."""
         dispatcher = self._require_dispatcher()
         tried: set[str] = set()
+        failure: EngineError | None = None
         while True:
-            states = [
-                s for s in self._registry
-                if s.instance.model_name == name and s.healthy and s.accepting
-                and not s.removed and s.instance_id not in tried
-            ]  # fmt: skip
-            if not states:  # as a generation request is refused: why, and when to try again
-                label, why = self._registry.down(name)
-                self._metrics.on_rejected(label, name)
-                raise NoHealthyInstanceError(
-                    why, retry_after_s=self._registry.back_in(name, self.clock.now())
-                )
-            state = min(states, key=lambda s: s.in_flight / s.instance.max_concurrent_requests)
-            client = state.client
-            if not isinstance(client, EmbeddingEngineClient):
+            state = self._embedder(name, tried)
+            if state is None:
+                if failure is not None:  # no other instance to try: the last failure
+                    raise failure
+                if not any(self._embedders(name, tried)):  # none of the model is up
+                    label, why = self._registry.down(name)
+                    self._metrics.on_rejected(label, name)
+                    raise NoHealthyInstanceError(
+                        why, retry_after_s=self._registry.back_in(name, self.clock.now())
+                    )
                 raise InvalidRequestError(
                     f"model {name!r} is not served by an engine that supports embeddings",
                     param="model",
                 )
+            outcome = "failed"
             try:
-                answer = await self._embed_on(state, client, name, inputs, options, request_id)
+                answer = await self._embed_on(state, name, inputs, options, request_id)
+                outcome = "completed"
+                return answer
             except EngineError as exc:
-                if exc.retryable and len(tried) < dispatcher.max_retries and any(
-                    s.instance.model_name == name and s.healthy and s.accepting
-                    and not s.removed and s.instance_id not in tried | {state.instance_id}
-                    for s in self._registry
-                ):  # fmt: skip
+                if exc.retryable and len(tried) < dispatcher.max_retries:
                     tried.add(state.instance_id)
-                    self._metrics.retries.inc()
-                    log.warning(
-                        "embeddings call on %s failed (%s); retrying on another instance",
-                        state.instance_id, exc,
-                    )  # fmt: skip
-                    continue
-                self._metrics.on_embedding("failed", name, state.instance_id)
+                    if self._embedder(name, tried) is not None:
+                        outcome = ""  # not the call's end: it goes on elsewhere
+                        failure = exc
+                        self._metrics.retries.inc()
+                        log.warning(
+                            "embeddings call on %s failed (%s); retrying on another instance",
+                            state.instance_id, exc,
+                        )  # fmt: skip
+                        continue
                 raise
-            except asyncio.CancelledError:
-                self._metrics.on_embedding("cancelled", name, state.instance_id)
+            except (asyncio.CancelledError, ControlPlaneNotRunningError):
+                outcome = "cancelled"
                 raise
-            except ControlPlaneNotRunningError:
-                self._metrics.on_embedding("cancelled", name, state.instance_id)
-                raise
-            except Exception:
-                self._metrics.on_embedding("failed", name, state.instance_id)
-                raise
-            self._metrics.on_embedding("completed", name, state.instance_id)
-            return answer
+            finally:
+                if outcome:
+                    self._metrics.on_embedding(outcome, name, state.instance_id)
+
+    def _embedders(self, name: str, tried: set[str]) -> list[InstanceState]:
+        """The instances of ``name`` up now (healthy, accepting, not removed), but those in
+        ``tried``."""
+        return [
+            s for s in self._registry
+            if s.instance.model_name == name and s.healthy and s.accepting
+            and not s.removed and s.instance_id not in tried
+        ]  # fmt: skip
+
+    def _embedder(self, name: str, tried: set[str]) -> InstanceState | None:
+        """The least busy of :meth:`_embedders` whose engine serves embeddings (None if
+        none does)."""
+        able = [
+            s for s in self._embedders(name, tried) if isinstance(s.client, EmbeddingEngineClient)
+        ]
+        return min(
+            able, key=lambda s: s.in_flight / s.instance.max_concurrent_requests, default=None
+        )
 
     async def _embed_on(
         self,
         state: InstanceState,
-        client: EmbeddingEngineClient,
         name: str,
         inputs: list[str] | list[list[int]],
         options: Mapping[str, Any] | None,
         request_id: str | None,
     ) -> dict[str, Any]:
-        """One embeddings call on ``state``'s engine (``client``); its failure counts against the
+        """One embeddings call on ``state``'s engine; its failure counts against the
         instance (as a request's engine call's), not an engine's refusal of the request."""
+        client = state.client
+        assert isinstance(client, EmbeddingEngineClient)
         dispatcher = self._require_dispatcher()
         state.in_flight += 1
         self._metrics.set_in_flight(state.instance_id, state.in_flight)
-        call: asyncio.Task[dict[str, Any]] | None = None
         try:  # (its count is given back whatever the call does, a bad client's too)
-            work = client.embed(name, inputs, options or None, request_id=request_id)
-            call = asyncio.ensure_future(work)
-            self._embeds.add(call)
-            answer = await call
-        except asyncio.CancelledError:
-            caller = asyncio.current_task()
-            if call is not None and call.cancelled() and not (caller and caller.cancelling()):
-                raise ControlPlaneNotRunningError("control plane stopped") from None
-            raise  # the caller's own cancellation
+            answer = await client.embed(name, inputs, options or None, request_id=request_id)
+            dispatcher.on_call_success(state)  # (before a removed instance goes, below)
+            return answer
         except EngineError as exc:
             refusal = embeddings_refusal(exc, name, f"instance {state.instance_id}")
             if refusal is not None:
@@ -1076,15 +1097,11 @@ class ControlPlaneManager:
                 dispatcher.on_call_failure(state, exc)
             raise
         finally:  # as a generation's call ends: a removed instance goes with its last call
-            if call is not None:
-                self._embeds.discard(call)
             state.in_flight -= 1
             self._metrics.set_in_flight(state.instance_id, state.in_flight)
             if state.in_flight == 0:
                 self._on_instance_idle(state)
             self._wake()
-        dispatcher.on_call_success(state)
-        return answer
 
     async def get_request_status(self, request_id: str) -> RequestStatus:
         rec = self._in_progress().get(request_id)
