@@ -367,6 +367,7 @@ def test_the_gateway_host_is_an_address_to_listen_on() -> None:
     assert err.key == "gateway.host"
     assert err.message.endswith("must be a host name or address to listen on, not a URL")
     assert parse_config('[gateway]\nhost = "127.1"\n').gateway.host == "127.1"
+    assert parse_config('[gateway]\nhost = "*"\n').gateway.host == "*"  # every address
 
 
 def test_gateway_inside_the_service_table() -> None:
@@ -700,6 +701,9 @@ def test_bad_port(line: str, message: str) -> None:
         ("host = 'a<b>'", "host", "letters, digits, '-', '_' and dots, not '<'"),
         ("host = '%41'", "host", "not '%'"),
         ("host = '\"'", "host", "not '\"'"),
+        # a URL holds a name in its NFKC form: checked (and refused) as the engine sees it
+        ('host = "\uff11\uff12\uff17.\uff11"', "host", "must be written as '127.1'"),
+        ('host = "a\u202eb"', "host", "without '\\u202e' (IDNA takes no such character)"),
         # forms inet_aton reads but no engine URL can hold (the client refuses them)
         ('host = "127.1"', "host", "must be an IPv4 address written in full"),
         ('host = "2130706433"', "host", "(four numbers 0-255 without leading zeros"),

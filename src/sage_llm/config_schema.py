@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import re
 import socket
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,10 @@ def host_problem(value: str) -> str | None:
     """An instance's host: what an engine URL is built from (``scheme://host:port``)."""
     if "://" in value or "/" in value:
         return "must be a host name or address, not a URL (set scheme separately)"
+    normal = unicodedata.normalize("NFKC", value)
+    if normal != value and not any(c.isspace() or not c.isprintable() for c in value):
+        # a URL holds it so (１２７.１ is 127.1): its checks, the address's too, see that
+        return f"must be written as {normal!r} (the form a URL's host takes), got {value!r}"
     full = ipv4_shorthand(value)  # 127.1, 0x7f.1, 2130706433, 01.2.3.4: no URL's host
     if full is not None:
         return (
@@ -127,7 +132,13 @@ def host_problem(value: str) -> str | None:
                 "must be an IPv4 address written in full (four numbers 0-255 without "
                 f"leading zeros, e.g. 127.0.0.1), got {value!r}"
             )
-    return _check_address(value)
+    problem = _check_address(value)
+    if problem is None and ":" not in value:  # a name (not an IPv6 address): its bytes
+        encoded = value.encode("idna")
+        printable = (c for c in encoded if 0x20 < c < 0x7F)  # (control characters: above)
+        if bad := next((chr(c) for c in printable if not _NAME_BYTE.fullmatch(bytes([c]))), None):
+            return f"must be a host name of letters, digits, '-', '_' and dots, not {bad!r}"
+    return problem
 
 
 def bind_host_problem(value: str) -> str | None:
@@ -162,15 +173,27 @@ def _name_problem(value: str) -> str | None:
     try:
         encoded = value.encode("idna")
     except UnicodeError:
+        if (c := _idna_refused(value)) is not None:
+            return f"must be a host name without {c!r} (IDNA takes no such character)"
         return (
             "must be a host name whose dot-separated labels are 1-63 characters long, "
             f"got {value!r}"
         )
     if len(encoded.rstrip(b".")) > 253:
         return f"must be a host name of at most 253 characters, got {len(encoded)}"
-    printable = (c for c in encoded if 0x20 < c < 0x7F)  # (control characters: name_problem)
-    if bad := next((chr(c) for c in printable if not _NAME_BYTE.fullmatch(bytes([c]))), None):
-        return f"must be a host name of letters, digits, '-', '_' and dots, not {bad!r}"
+    return None
+
+
+def _idna_refused(value: str) -> str | None:
+    """The first character of ``value`` that IDNA refuses whatever its label (a name it
+    cannot encode for another reason, an empty or too long label, gives None)."""
+    for c in value:
+        if c == ".":
+            continue
+        try:
+            c.encode("idna")
+        except UnicodeError:
+            return c
     return None
 
 
