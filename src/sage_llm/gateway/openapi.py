@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from sage_llm.config_fields import INT64_MAX
 from sage_llm.gateway import schemas as s
 
 _MODELS: tuple[type[BaseModel], ...] = (
@@ -123,29 +124,55 @@ _NAMES = "|".join(
     "".join(f"[{c.upper()}{c}]" for c in name)
     for name in ("critical", "high", "normal", "low", "background")
 )
-_NUMBER = "\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][+-]?[0-9]+)?"
-"""A number as a header gives it (ASCII digits, as JSON writes them)."""
-_POSITIVE = "\\+?([0-9]*[1-9][0-9]*(\\.[0-9]*)?|[0-9]*\\.[0-9]*[1-9][0-9]*)([eE][+-]?[0-9]+)?"
+
+
+def _at_most(bound: int) -> str:
+    """A pattern of the decimal numbers 0 to ``bound``, leading zeros allowed."""
+    digits = str(bound)
+    n = len(digits)
+    forms = [f"[0-9]{{1,{n - 1}}}"] if n > 1 else []
+    for i, d in enumerate(digits):  # n digits: the bound's first i, then a smaller one
+        if d != "0":
+            forms.append(f"{digits[:i]}[0-{int(d) - 1}][0-9]{{{n - i - 1}}}")
+    forms.append(digits)
+    return f"0*({'|'.join(forms)})"
+
+
+_INT64 = f"(-?{_at_most(INT64_MAX)}|-{_at_most(INT64_MAX + 1)})"
+"""A whole number a 64-bit integer holds."""
+_EXPONENT = "([eE][+-]?[0-9]{1,2})?"
+_NUMBER = f"\\+?([0-9]{{1,200}}(\\.[0-9]{{0,200}})?|\\.[0-9]{{1,200}}){_EXPONENT}"
+"""A number as a header gives it (ASCII digits, as JSON writes them), within the sizes
+documented: up to 200 digits each side of the point, an exponent of one or two (always
+finite, and never 0 but when written 0)."""
+_POSITIVE = (
+    f"\\+?(0{{0,100}}[1-9][0-9]{{0,199}}(\\.[0-9]{{0,200}})?"
+    f"|0{{0,200}}\\.0{{0,199}}[1-9][0-9]{{0,200}}){_EXPONENT}"
+)
 """One of them with a digit other than 0 before its exponent (> 0, as it is read)."""
+_NEGATIVE_ZERO = f"-(0{{1,200}}(\\.0{{0,200}})?|\\.0{{1,200}}){_EXPONENT}"
+"""Minus 0 (which is >= 0)."""
 _GENERATION_HEADERS = [
     _REQUEST_ID,
     _header(
         "x-sage-priority",
-        "Priority name (any case) or an integer (0-4; others are taken as the nearest); wins "
+        "Priority name (any case) or a 64-bit integer (0-4; others are taken as the nearest); wins "
         "over the body field. Read when given, even empty (a 400).",
-        {"type": "string", "pattern": f"^(-?[0-9]{{1,18}}|{_NAMES})$"},
+        {"type": "string", "pattern": f"^({_INT64}|{_NAMES})$"},
     ),
     _header(
         "x-sage-slo-ms",
-        "End-to-end latency target in ms, a number > 0; wins over the body field. Read when "
-        "given, even empty (a 400).",
+        "End-to-end latency target in ms, a number > 0 (up to 200 digits each side of the "
+        "point, an exponent of 1-2 digits); wins over the body field. Read when given, even "
+        "empty (a 400).",
         {"type": "string", "pattern": f"^{_POSITIVE}$"},
     ),
     _header(
         "x-sage-cost-budget",
-        "The most the request may cost (cost_optimized's budget), a number >= 0; wins over "
-        "the body field. Read when given, even empty (a 400).",
-        {"type": "string", "pattern": f"^{_NUMBER}$"},
+        "The most the request may cost (cost_optimized's budget), a number >= 0 (up to 200 "
+        "digits each side of the point, an exponent of 1-2 digits); wins over the body "
+        "field. Read when given, even empty (a 400).",
+        {"type": "string", "pattern": f"^({_NUMBER}|{_NEGATIVE_ZERO})$"},
     ),
     _header(
         "x-session-id",
