@@ -2534,6 +2534,47 @@ def test_a_removed_instance_keeps_no_series_after_its_last_embeddings_call() -> 
     run_virtual(main())
 
 
+def test_embeddings_are_refused_as_draining_when_only_their_instances_drain() -> None:
+    """An instance of the model whose engine serves no embeddings does not turn the 503
+    of a drained (or ejected) embeddings instance into a 400."""
+
+    async def main() -> None:
+        cp = _embedders(_FailingEmbedder("a", None), FakeEngine("s"))
+        async with cp:
+            cp.drain_instance("a")
+            with pytest.raises(NoHealthyInstanceError, match="draining"):
+                await cp.embed(None, ["hello"])
+            text = cp.prometheus_metrics().decode()
+            assert f'requests_rejected_total{{model="{MODEL}",reason="draining"}} 1.0' in text
+        cp = _embedders(FakeEngine("s"))
+        async with cp:
+            with pytest.raises(InvalidRequestError, match="supports embeddings"):
+                await cp.embed(None, ["hello"])
+
+    run_virtual(main())
+
+
+def test_stop_closes_the_client_of_an_instance_removed_during_an_embeddings_call() -> None:
+    class SlowToClose(_SlowEmbedder):
+        async def aclose(self) -> None:
+            await asyncio.sleep(0.05)
+            await super().aclose()
+
+    async def main() -> None:
+        engine = SlowToClose("a")
+        cp = _embedders(engine, _FailingEmbedder("b", None))
+        await cp.start()
+        call = asyncio.create_task(cp.embed(None, ["hello"]))
+        await asyncio.sleep(0.1)
+        cp.unregister_instance("a")
+        await cp.stop(0)
+        assert engine.closed
+        with pytest.raises(ControlPlaneNotRunningError):
+            await call
+
+    run_virtual(main())
+
+
 def test_embeddings_refusals_and_outcomes_are_counted() -> None:
     async def main() -> None:
         engine = _SlowEmbedder("e")

@@ -635,12 +635,17 @@ class InstanceRegistry:
         """Why no instance serving ``model`` is up (see :meth:`up_kinds`), for an error."""
         return self.down(model)[1]
 
-    def down(self, model: str) -> tuple[str, str]:
-        """Why no instance serving ``model`` is up: ``("draining", why)`` when every one of
-        them is draining, else ``("no_healthy_instance", why)`` (the reason label of a
-        refusal in ``sage_llm_requests_rejected_total``, and the error's message)."""
+    def down(
+        self, model: str, among: Callable[[InstanceState], bool] | None = None
+    ) -> tuple[str, str]:
+        """Why no instance serving ``model`` (of those ``among`` takes, when given) is up:
+        ``("draining", why)`` when every one of them is draining, else
+        ``("no_healthy_instance", why)`` (the reason label of a refusal in
+        ``sage_llm_requests_rejected_total``, and the error's message)."""
         serving = [
-            s for s in self._states.values() if s.instance.model_name == model and not s.removed
+            s
+            for s in self._states.values()
+            if s.instance.model_name == model and not s.removed and (among is None or among(s))
         ]
         if serving and all(s.draining for s in serving):  # ejected ones too: a planned stop
             why = f"every instance serving model {model!r} is draining ({len(serving)})"
@@ -652,15 +657,18 @@ class InstanceRegistry:
             )
         return "no_healthy_instance", f"no healthy instance serves model {model!r} right now"
 
-    def back_in(self, model: str, now: float) -> float | None:
-        """Seconds until the nearest cool-down of an ejected instance serving ``model``
-        ends (when it may take requests again; 0 for one whose trial probe is under way);
-        None when none is cooling down or on trial."""
+    def back_in(
+        self, model: str, now: float, among: Callable[[InstanceState], bool] | None = None
+    ) -> float | None:
+        """Seconds until the nearest cool-down of an ejected instance serving ``model`` (of
+        those ``among`` takes, when given) ends (when it may take requests again; 0 for one
+        whose trial probe is under way); None when none is cooling down or on trial."""
         waits = [
             0.0 if s.breaker.state is CircuitState.HALF_OPEN else s.breaker.open_until - now
             for s in self._states.values()
             if s.instance.model_name == model
             and not s.removed
+            and (among is None or among(s))
             and not s.draining
             and s.breaker.state is not CircuitState.CLOSED
         ]

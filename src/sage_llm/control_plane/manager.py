@@ -131,6 +131,11 @@ latency histograms, refusals), stay in ``/metrics`` after it went: its last requ
 as it goes, and a scrape must see them counted (five minutes: several scrape intervals)."""
 
 
+def _embeds(state: InstanceState) -> bool:
+    """Whether ``state``'s engine serves embeddings."""
+    return isinstance(state.client, EmbeddingEngineClient)
+
+
 class ControlPlaneManager:
     """Schedules and routes requests over registered engine instances."""
 
@@ -449,6 +454,10 @@ class ControlPlaneManager:
         all_tasks += self._closing  # removed instances' clients, closing
         all_tasks += self._embeds
         await asyncio.gather(*all_tasks, return_exceptions=True)
+        while closing := [task for task in self._closing if not task.done()]:
+            # removed instances whose last call ended just now (a cancelled embeddings
+            # call's): their clients close too
+            await asyncio.gather(*closing, return_exceptions=True)
         for (instance_id, model), handle in self._forget_counts.items():
             handle.cancel()  # a removed instance's series of the model it served then go,
             self._metrics.forget_instance_counts(instance_id, model)  # and, its id not
@@ -1015,15 +1024,19 @@ class ControlPlaneManager:
             if state is None:
                 if failure is not None:  # no other instance to try: the last failure
                     raise failure
-                if not any(self._embedders(name, tried)):  # none of the model is up
-                    label, why = self._registry.down(name)
-                    self._metrics.on_rejected(label, name)
-                    raise NoHealthyInstanceError(
-                        why, retry_after_s=self._registry.back_in(name, self.clock.now())
+                if not any(
+                    _embeds(s) for s in self._registry
+                    if s.instance.model_name == name and not s.removed
+                ):  # fmt: skip
+                    raise InvalidRequestError(
+                        f"model {name!r} is not served by an engine that supports embeddings",
+                        param="model",
                     )
-                raise InvalidRequestError(
-                    f"model {name!r} is not served by an engine that supports embeddings",
-                    param="model",
+                # those that serve them are all down: as a generation request is refused
+                label, why = self._registry.down(name, _embeds)
+                self._metrics.on_rejected(label, name)
+                raise NoHealthyInstanceError(
+                    why, retry_after_s=self._registry.back_in(name, self.clock.now(), _embeds)
                 )
             outcome = "failed"
             try:
@@ -1050,21 +1063,14 @@ class ControlPlaneManager:
                 if outcome:
                     self._metrics.on_embedding(outcome, name, state.instance_id)
 
-    def _embedders(self, name: str, tried: set[str]) -> list[InstanceState]:
-        """The instances of ``name`` up now (healthy, accepting, not removed), but those in
-        ``tried``."""
-        return [
+    def _embedder(self, name: str, tried: set[str]) -> InstanceState | None:
+        """The least busy instance of ``name`` up now (healthy, accepting, not removed)
+        whose engine serves embeddings, but those in ``tried`` (None if there is none)."""
+        able = [
             s for s in self._registry
             if s.instance.model_name == name and s.healthy and s.accepting
-            and not s.removed and s.instance_id not in tried
+            and not s.removed and s.instance_id not in tried and _embeds(s)
         ]  # fmt: skip
-
-    def _embedder(self, name: str, tried: set[str]) -> InstanceState | None:
-        """The least busy of :meth:`_embedders` whose engine serves embeddings (None if
-        none does)."""
-        able = [
-            s for s in self._embedders(name, tried) if isinstance(s.client, EmbeddingEngineClient)
-        ]
         return min(
             able, key=lambda s: s.in_flight / s.instance.max_concurrent_requests, default=None
         )
