@@ -203,6 +203,9 @@ def test_stream_options_are_for_streams_only() -> None:
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "1_000"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "\u0661\u0660"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-cost-budget": "1_0"}, "x-sage-cost-budget"),
+        # past what int() reads (4,300 digits): out of range, not a crash
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "1" * 4301}, "x-sage-priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "-" + "1" * 5000}, {}, "priority"),
     ],
 )  # fmt: skip
 def test_invalid_fields_name_their_param(

@@ -197,6 +197,12 @@ def _priority(value: object, param: str) -> RequestPriority:
     if isinstance(value, str):
         text = value.strip()
         if text.isascii() and text.removeprefix("-").isdigit():  # not "²" nor "１"
+            if len(text.lstrip("-0")) > 19:  # past 64 bits (and past what int() reads)
+                raise InvalidRequestError(
+                    f"{param}: is out of range: integers must fit in 64 bits (got integer "
+                    f"of {len(text.lstrip('-0'))} digits)",
+                    param=param,
+                )
             value = int(text)
     if overflow := _int64_overflow(value):  # as any integer field's: not the nearest end
         raise InvalidRequestError(f"{param}: {overflow}", param=param)

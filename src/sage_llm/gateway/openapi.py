@@ -146,7 +146,7 @@ _NUMBER = f"\\+?([0-9]{{1,200}}(\\.[0-9]{{0,200}})?|\\.[0-9]{{1,200}}){_EXPONENT
 documented: up to 200 digits each side of the point, an exponent of one or two (always
 finite, and never 0 but when written 0)."""
 _POSITIVE = (
-    f"\\+?(0{{0,100}}[1-9][0-9]{{0,199}}(\\.[0-9]{{0,200}})?"
+    f"\\+?(0{{0,199}}[1-9][0-9]{{0,199}}(\\.[0-9]{{0,200}})?"
     f"|0{{0,200}}\\.0{{0,199}}[1-9][0-9]{{0,200}}){_EXPONENT}"
 )
 """One of them with a digit other than 0 before its exponent (> 0, as it is read)."""
