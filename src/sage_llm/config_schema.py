@@ -114,10 +114,11 @@ def host_problem(value: str) -> str | None:
     """An instance's host: what an engine URL is built from (``scheme://host:port``)."""
     if "://" in value or "/" in value:
         return "must be a host name or address, not a URL (set scheme separately)"
-    normal = unicodedata.normalize("NFKC", value)
+    # a URL holds a name in its NFKC form, with IDNA's dots as dots (１２７。１ is 127.1)
+    normal = unicodedata.normalize("NFKC", value).replace("\u3002", ".")
     if normal != value and not any(c.isspace() or not c.isprintable() for c in value):
-        # a URL holds it so (１２７.１ is 127.1): its checks, the address's too, see that
-        return f"must be written as {normal!r} (the form a URL's host takes), got {value!r}"
+        written = ipv4_shorthand(normal) or normal  # (the address's checks see that form)
+        return f"must be written as {written!r} (the form a URL's host takes), got {value!r}"
     full = ipv4_shorthand(value)  # 127.1, 0x7f.1, 2130706433, 01.2.3.4: no URL's host
     if full is not None:
         return (
@@ -133,6 +134,8 @@ def host_problem(value: str) -> str | None:
                 f"leading zeros, e.g. 127.0.0.1), got {value!r}"
             )
     problem = _check_address(value)
+    if problem is None and ":" in value and "%" in value:  # (one to listen on may)
+        return "an IPv6 address with a zone id (%…) cannot be put in a URL here"
     if problem is None and ":" not in value:  # a name (not an IPv6 address): its bytes
         encoded = value.encode("idna")
         printable = (c for c in encoded if 0x20 < c < 0x7F)  # (control characters: above)
@@ -160,8 +163,6 @@ def _check_address(value: str) -> str | None:
             ipaddress.IPv6Address(value)
         except ValueError:
             return "must be a host name or address without a port (set port separately)"
-        if "%" in value:
-            return "an IPv6 address with a zone id (%…) cannot be put in a URL here"
     elif problem := _name_problem(value):
         return problem
     return name_problem(value)
@@ -172,13 +173,17 @@ def _name_problem(value: str) -> str | None:
     longer than 63 characters, or a name longer than 253 (the resolver's limits)."""
     try:
         encoded = value.encode("idna")
-    except UnicodeError:
+    except UnicodeError as exc:
         if (c := _idna_refused(value)) is not None:
             return f"must be a host name without {c!r} (IDNA takes no such character)"
-        return (
-            "must be a host name whose dot-separated labels are 1-63 characters long, "
-            f"got {value!r}"
-        )
+        labels = value.rstrip(".").split(".")
+        if any(not label or len(label) > 63 for label in labels):
+            return (
+                "must be a host name whose dot-separated labels are 1-63 characters long, "
+                f"got {value!r}"
+            )
+        why = exc.__cause__ or exc  # the codec's own reason (a BIDI rule, a long label …)
+        return f"must be a host name IDNA can encode ({why}), got {value!r}"
     if len(encoded.rstrip(b".")) > 253:
         return f"must be a host name of at most 253 characters, got {len(encoded)}"
     return None
