@@ -307,3 +307,77 @@ def test_adaptive_pairs_avoid_legs_that_would_break_the_gap_target() -> None:
     assert pred.where.startswith("p0->")
     assert decider.params.itl_slo_s is not None
     assert pred.gap_s <= decider.params.itl_slo_s
+
+
+def test_prefix_aware_disaggregates_exactly_min_uncached_tokens() -> None:
+    decider = PrefixAwareDecider(PrefixAwareParams(min_uncached_tokens=512))
+    snap = make_snapshot([make_instance_view("g0")])
+    assert decider.decide(make_request_info(prompt_tokens=512), snap).disaggregate is True
+    assert decider.decide(make_request_info(prompt_tokens=511), snap).disaggregate is False
+
+
+def test_adaptive_retry_plans_no_pair_through_an_excluded_instance() -> None:
+    # p0 prefills fastest, but it failed this request: the retry's pair uses p1
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING, est_prefill_tps=20_000.0),
+            make_instance_view("p1", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    decider = AdaptiveDecider()
+    fresh = decider.disaggregated(make_request_info(prompt_tokens=1000), snap)
+    assert fresh is not None and fresh.where == "p0->d0"
+    retry = make_request_info(prompt_tokens=1000, excluded_instances=frozenset({"p0"}))
+    pred = decider.disaggregated(retry, snap)
+    assert pred is not None and pred.where == "p1->d0"
+
+
+def test_adaptive_transfer_just_above_the_limit_stays_colocated() -> None:
+    # a slow colocated instance: without the limit the pair wins
+    snap = make_snapshot(
+        [
+            make_instance_view("g0", est_ttft_base_s=2.0),
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    req = make_request_info(prompt_tokens=600, max_tokens=50)
+    p0, d0 = snap.get("p0"), snap.get("d0")
+    assert p0 is not None and d0 is not None
+    transfer = AdaptiveParams().link_model().transfer_s(600, p0, d0)
+    at_limit = AdaptiveDecider(AdaptiveParams(max_transfer_s=transfer))
+    assert at_limit.decide(req, snap).disaggregate is True
+    above = AdaptiveDecider(AdaptiveParams(max_transfer_s=transfer / 1.2))
+    decision = above.decide(req, snap)
+    assert decision.disaggregate is False
+    assert "transfer limit" in decision.reason
+
+
+def test_adaptive_without_targets_compares_the_paths_with_no_slack_rule() -> None:
+    # no SLO target and no deadline: badness is the predicted end-to-end time in seconds,
+    # which a slack fraction does not bound; the faster pair wins
+    snap = make_snapshot(
+        [
+            make_instance_view("g0", est_ttft_base_s=0.5),
+            make_instance_view("p0", role=Role.PREFILLING, est_ttft_base_s=0.01, nvlink_domain="x"),
+            make_instance_view("d0", role=Role.DECODING, nvlink_domain="x"),
+        ]
+    )
+    req = make_request_info(prompt_tokens=100, max_tokens=5)
+    decider = AdaptiveDecider()
+    colo = decider.colocated(req, snap)
+    assert colo is not None and colo.badness <= decider.params.slack
+    decision = decider.decide(req, snap)
+    assert decision.disaggregate is True
+    assert "disaggregated predicted better" in decision.reason
+
+
+def test_adaptive_tpot_target_does_not_count_for_a_single_output_token() -> None:
+    # max_tokens=1: no inter-token time at all, however slow the decode step
+    decider = AdaptiveDecider(AdaptiveParams(ttft_slo_s=1.0, tpot_slo_s=0.05))
+    snap = make_snapshot([make_instance_view("g0", est_tpot_s=1.0)])
+    colo = decider.colocated(make_request_info(prompt_tokens=100, max_tokens=1), snap)
+    assert colo is not None
+    assert colo.badness == pytest.approx(colo.ttft_s / 1.0)
+    assert colo.badness < 1.0
