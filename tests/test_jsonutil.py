@@ -75,3 +75,26 @@ def test_pretty_json_writes_infinity_as_a_number_json_parsers_read() -> None:
     assert json.loads(text, parse_constant=strict) == {
         "a": math.inf, "b": [-math.inf, None], "c": "x"
     }  # fmt: skip
+
+
+def test_whole_takes_integers_and_floats_without_a_fraction_only() -> None:
+    assert (jsonutil.whole(2), jsonutil.whole(2.0)) == (2, 2)
+    assert jsonutil.whole(2.5) is None
+    assert jsonutil.whole(True) is None
+    assert jsonutil.whole("2") is None
+
+
+def test_a_request_of_nested_objects_too_deep_is_refused() -> None:
+    depth = jsonutil.MAX_DEPTH + 100
+    objects = b'{"a":' * depth + b"1" + b"}" * depth  # no array at all
+    with pytest.raises(jsonutil.TooDeepError):
+        jsonutil.loads_request(objects)
+    with pytest.raises(jsonutil.TooDeepError):
+        jsonutil.loads(objects)
+
+
+def test_the_limit_itself_is_read_with_more_brackets_beside_it() -> None:
+    # 200 levels deep and 201 brackets: the walk runs, and finds no level past the limit
+    doc = "[" + "[" * (jsonutil.MAX_DEPTH - 1) + "]" * (jsonutil.MAX_DEPTH - 1) + ",[]]"
+    assert len(jsonutil.loads(doc)) == 2
+    assert len(jsonutil.loads_request(doc.encode())) == 2
