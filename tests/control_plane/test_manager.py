@@ -2489,6 +2489,46 @@ def test_an_embeddings_retry_goes_to_an_instance_that_serves_embeddings() -> Non
     run_virtual(main())
 
 
+def test_embeddings_calls_at_once_go_to_the_least_busy_instances() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+        engines = [_FailingEmbedder(i, None, gate=gate) for i in ("a", "b")]
+        cp = _embedders(*engines)
+        async with cp:
+            first = asyncio.create_task(cp.embed(None, ["one"]))
+            await asyncio.sleep(0.1)
+            second = asyncio.create_task(cp.embed(None, ["two"]))
+            await asyncio.sleep(0.1)
+            assert [e.embed_calls for e in engines] == [1, 1]  # "a" is busy: "b" takes one
+            gate.set()
+            assert (await first)["data"] and (await second)["data"]
+
+    run_virtual(main())
+
+
+class _SizedEngine(FakeEngine):
+    """An engine that says its ``max_model_len``."""
+
+    def __init__(self, instance_id: str, max_model_len: int) -> None:
+        super().__init__(instance_id)
+        self.max_model_len = max_model_len
+
+    async def context_length(self) -> int | None:
+        return self.max_model_len
+
+
+def test_the_context_length_of_a_model_is_the_least_of_its_instances() -> None:
+    async def main() -> None:
+        cp = _embedders(_SizedEngine("a", 32768), _SizedEngine("b", 4096))
+        assert cp.context_length(MODEL) is None  # no engine has said yet
+        async with cp:
+            await asyncio.sleep(1.0)
+            assert cp.context_length(MODEL) == 4096
+            assert cp.context_length("other-model") is None
+
+    run_virtual(main())
+
+
 def test_stop_drains_an_embeddings_call_through_its_retry() -> None:
     """The drain time covers the whole call: its retry on another instance too."""
 
