@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from sage_llm import tokens
-from sage_llm.tokens import block_hashes, count_tokens, prompt_blocks, split, tokenize
+from sage_llm.tokens import (
+    block_hashes,
+    chat_prompt_text,
+    count_tokens,
+    prompt_blocks,
+    split,
+    tokenize,
+)
 
 
 def test_block_hashes_are_fixed_values() -> None:
@@ -62,6 +69,14 @@ def test_ids_outside_32_bits_wrap_and_other_int_types_agree() -> None:
     assert block_hashes(tuple(ids), 16) == block_hashes(ids, 16)
     floats: list[Any] = [float(i) for i in ids]  # not typed as ids, but accepted
     assert block_hashes(floats, 16) == block_hashes(ids, 16)
+
+
+def test_ids_wrap_modulo_2_to_the_32_with_the_high_bit_kept() -> None:
+    # a negative id is its value modulo 2**32, not a 31-bit one: -1 is 2**32 - 1
+    high = [2**32 - 1, 2**31, 2**31 + 5, 7]
+    assert block_hashes([-1, 2**31, 2**31 + 5 - 2**32, 7], 4) == block_hashes(high, 4)
+    assert block_hashes([2**32 - 1 + 2**32, 2**31, 2**31 + 5, 7], 4) == block_hashes(high, 4)
+    assert block_hashes(high, 4) != block_hashes([2**31 - 1, 0, 5, 7], 4)
 
 
 def _reference_block_hashes(token_ids: Sequence[Any], block_size: int) -> tuple[int, ...]:
@@ -183,3 +198,15 @@ def test_character_classes_are_the_regular_expressions() -> None:
 def test_prompt_blocks_rejects_a_bad_block_size_even_for_a_short_prompt() -> None:
     with pytest.raises(ValueError, match="block_size"):
         prompt_blocks("hi", 0)
+
+
+def test_chat_prompt_text_of_a_turn_without_content_has_an_empty_body() -> None:
+    turn: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": []}
+    assert chat_prompt_text([turn], generation_prompt=False) == "<|assistant|> "
+    assert chat_prompt_text([{"role": "user"}], generation_prompt=False) == "<|user|> "
+
+
+def test_chat_prompt_text_joins_content_parts_with_a_space() -> None:
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    text = chat_prompt_text([{"role": "user", "content": parts}])
+    assert text == "<|user|> Hello world\n<|assistant|>"
