@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from sage_llm.errors import InvalidRequestError
-from sage_llm.request_json import json_object
+from sage_llm.request_json import json_object, too_large_unsent
 
 
 def test_an_object_is_returned_as_parsed() -> None:
@@ -41,3 +42,17 @@ def test_what_is_not_a_json_object_is_a_400_saying_why(raw: bytes, message: str)
     with pytest.raises(InvalidRequestError) as err:
         json_object(raw)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("length", "expect", "refused"),
+    [(1024, "100-continue", False), (1025, "100-continue", True), (1025, None, False)],
+)
+def test_a_body_announced_above_the_size_limit_is_refused_unsent(
+    length: int, expect: str | None, refused: bool
+) -> None:
+    headers = {"Content-Length": str(length)}
+    if expect is not None:
+        headers["Expect"] = expect
+    request = make_mocked_request("POST", "/v1/completions", headers, client_max_size=1024)
+    assert too_large_unsent(request) is refused
