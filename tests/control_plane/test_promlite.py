@@ -3,6 +3,7 @@ _created)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -40,6 +41,18 @@ def test_exposition_matches_prometheus_client() -> None:
     assert _samples(ours) == _samples(theirs)
     lite.remove("a")
     ref.remove("a")
+    assert _samples(ours) == _samples(theirs)
+
+
+def test_buckets_ending_in_infinity_give_one_inf_bucket() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    lite = LiteHistogram("h", "doc", buckets=(1.0, math.inf), registry=ours)
+    ref = Histogram("h", "doc", buckets=(1.0, math.inf), registry=theirs)
+    for v in (0.5, 3.0):
+        lite.observe(v)
+        ref.observe(v)
+    lines = generate_latest(ours).decode().splitlines()
+    assert [line for line in lines if 'le="+Inf"' in line] == ['h_bucket{le="+Inf"} 2.0']
     assert _samples(ours) == _samples(theirs)
 
 
