@@ -137,6 +137,39 @@ def test_a_prefill_instance_not_measured_yet_gets_legs_to_be_measured_by() -> No
         assert plan_of(PDOrchestrator(seed=seed), snap, prompt_tokens=1500).prefill_id == "pB"
 
 
+def test_a_hybrid_prefill_leg_fits_its_role_half_as_well_as_a_dedicated_one() -> None:
+    # HYBRID and GENERAL prefill candidates, alike but for their roles: the pair through
+    # the HYBRID one scores higher by its role fit of 0.5 (GENERAL: 0), both legs averaged
+    snap = make_snapshot(
+        [
+            make_instance_view("h0", role=Role.HYBRID),
+            make_instance_view("g0"),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )
+    p = PairingParams()
+    total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight + p.ttft_weight
+    for seed in range(4):
+        plan = plan_of(PDOrchestrator(p, seed=seed), snap)
+        assert (plan.prefill_id, plan.decode_id) == ("h0", "d0")
+        gain = plan.scores["h0->d0"] - plan.scores["g0->d0"]
+        assert gain == pytest.approx(p.role_weight * 0.5 / 2.0 / total)
+
+
+def test_an_unmeasured_general_prefill_candidate_is_predicted_at_its_own_rate() -> None:
+    # only a PREFILLING instance not measured yet borrows the fastest measured rate; a
+    # GENERAL one is measured by its other requests and predicted as it is
+    ref = make_instance_view("p0", role=Role.PREFILLING, est_prefill_tps=50_000.0)
+    general = make_instance_view("g0", est_prefill_tps=1000.0, rate_measured=False)
+    new = make_instance_view("p1", role=Role.PREFILLING, est_prefill_tps=1000.0,
+                             rate_measured=False)  # fmt: skip
+    req = make_request_info(prompt_tokens=1000)
+    ttfts = PDOrchestrator._prefill_ttfts(req, [ref, general, new])
+    assert ttfts["g0"] == pytest.approx(general.predict_ttft_s(1000))
+    assert ttfts["p1"] == pytest.approx(ref.est_ttft_base_s + 1000 / 50_000.0)
+    assert ttfts["g0"] > 10 * ttfts["p1"]
+
+
 def test_transfer_cost_prefers_the_nvlink_peer() -> None:
     snap = make_snapshot(
         [
