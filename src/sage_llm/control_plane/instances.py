@@ -631,10 +631,6 @@ class InstanceRegistry:
                 )
         return f"no prefill/decode pair of model {model!r} is up right now"
 
-    def down_reason(self, model: str) -> str:
-        """Why no instance serving ``model`` is up (see :meth:`up_kinds`), for an error."""
-        return self.down(model)[1]
-
     def down(
         self, model: str, among: Callable[[InstanceState], bool] | None = None
     ) -> tuple[str, str]:
