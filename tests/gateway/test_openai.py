@@ -87,6 +87,9 @@ def test_user_is_the_session_and_is_passed_on_too() -> None:
         (3, "body", RequestPriority.LOW),
         ("-3", "header", RequestPriority.CRITICAL),
         ("7", "header", RequestPriority.BACKGROUND),
+        # leading zeros past what int() reads (4,300 digits) are still the number
+        ("-" + "0" * 5000 + "3", "header", RequestPriority.CRITICAL),
+        ("0" * 5000 + "3", "body", RequestPriority.LOW),
     ],
 )
 def test_an_integer_priority_outside_0_to_4_is_the_nearest_end(

@@ -197,13 +197,14 @@ def _priority(value: object, param: str) -> RequestPriority:
     if isinstance(value, str):
         text = value.strip()
         if text.isascii() and text.removeprefix("-").isdigit():  # not "²" nor "１"
-            if len(text.lstrip("-0")) > 19:  # past 64 bits (and past what int() reads)
+            digits = text.removeprefix("-").lstrip("0") or "0"  # (int() reads 4,300 at most)
+            if len(digits) > 19:  # past 64 bits
                 raise InvalidRequestError(
                     f"{param}: is out of range: integers must fit in 64 bits (got integer "
-                    f"of {len(text.lstrip('-0'))} digits)",
+                    f"of {len(digits)} digits)",
                     param=param,
                 )
-            value = int(text)
+            value = int(digits) * (-1 if text.startswith("-") else 1)
     if overflow := _int64_overflow(value):  # as any integer field's: not the nearest end
         raise InvalidRequestError(f"{param}: {overflow}", param=param)
     if isinstance(value, int) and not isinstance(value, bool):

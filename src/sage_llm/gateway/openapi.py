@@ -162,9 +162,9 @@ _GENERATION_HEADERS = [
     ),
     _header(
         "x-sage-slo-ms",
-        "End-to-end latency target in ms, a number > 0 (up to 200 digits each side of the "
-        "point, an exponent of 1-2 digits); wins over the body field. Read when given, even "
-        "empty (a 400).",
+        "End-to-end latency target in ms, a number > 0 (up to 200 digits after the point and "
+        "200 before it, up to 199 leading zeros aside; an exponent of 1-2 digits); wins over "
+        "the body field. Read when given, even empty (a 400).",
         {"type": "string", "pattern": f"^{_POSITIVE}$"},
     ),
     _header(
