@@ -118,6 +118,8 @@ def host_problem(value: str) -> str | None:
     normal = unicodedata.normalize("NFKC", value).replace("\u3002", ".")
     if normal != value and not any(c.isspace() or not c.isprintable() for c in value):
         written = ipv4_shorthand(normal) or normal  # (the address's checks see that form)
+        if (problem := host_problem(written)) is not None:  # no form to advise: why not
+            return f"{problem} (as a URL holds {value!r})"
         return f"must be written as {written!r} (the form a URL's host takes), got {value!r}"
     full = ipv4_shorthand(value)  # 127.1, 0x7f.1, 2130706433, 01.2.3.4: no URL's host
     if full is not None:
@@ -171,6 +173,7 @@ def _check_address(value: str) -> str | None:
 def _name_problem(value: str) -> str | None:
     """A host name no lookup could take: an empty label (``a..b``, a leading dot), one
     longer than 63 characters, or a name longer than 253 (the resolver's limits)."""
+    value = value.translate(_IDNA_DOTS)  # IDNA's other dots separate labels as "." does
     try:
         encoded = value.encode("idna")
     except UnicodeError as exc:
@@ -201,6 +204,9 @@ def _idna_refused(value: str) -> str | None:
             return c
     return None
 
+
+_IDNA_DOTS = str.maketrans("\u3002\uff0e\uff61", "...")
+"""The label separators IDNA reads as dots."""
 
 _NAME_BYTE = re.compile(rb"[A-Za-z0-9._-]")
 """A byte of a host name's IDNA form that a lookup takes (``_`` too: hosts files and
