@@ -632,26 +632,32 @@ class InstanceRegistry:
         return f"no prefill/decode pair of model {model!r} is up right now"
 
     def down(
-        self, model: str, among: Callable[[InstanceState], bool] | None = None
+        self,
+        model: str,
+        among: Callable[[InstanceState], bool] | None = None,
+        *,
+        what: str | None = None,
     ) -> tuple[str, str]:
         """Why no instance serving ``model`` (of those ``among`` takes, when given) is up:
         ``("draining", why)`` when every one of them is draining, else
         ``("no_healthy_instance", why)`` (the reason label of a refusal in
-        ``sage_llm_requests_rejected_total``, and the error's message)."""
+        ``sage_llm_requests_rejected_total``, and the error's message, which names what
+        they serve as ``what``: by default "model '<model>'")."""
+        what = what or f"model {model!r}"
         serving = [
             s
             for s in self._states.values()
             if s.instance.model_name == model and not s.removed and (among is None or among(s))
         ]
         if serving and all(s.draining for s in serving):  # ejected ones too: a planned stop
-            why = f"every instance serving model {model!r} is draining ({len(serving)})"
+            why = f"every instance serving {what} is draining ({len(serving)})"
             return "draining", why
         if serving and all(s.routable for s in serving):
             return (
                 "no_healthy_instance",
-                f"no instance serving model {model!r} is accepting requests right now",
+                f"no instance serving {what} is accepting requests right now",
             )
-        return "no_healthy_instance", f"no healthy instance serves model {model!r} right now"
+        return "no_healthy_instance", f"no healthy instance serves {what} right now"
 
     def back_in(
         self, model: str, now: float, among: Callable[[InstanceState], bool] | None = None

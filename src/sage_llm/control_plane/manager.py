@@ -1033,7 +1033,7 @@ class ControlPlaneManager:
                         param="model",
                     )
                 # those that serve them are all down: as a generation request is refused
-                label, why = self._registry.down(name, _embeds)
+                label, why = self._registry.down(name, _embeds, what=f"embeddings of {name!r}")
                 self._metrics.on_rejected(label, name)
                 raise NoHealthyInstanceError(
                     why, retry_after_s=self._registry.back_in(name, self.clock.now(), _embeds)
