@@ -1024,16 +1024,19 @@ class ControlPlaneManager:
             if state is None:
                 if failure is not None:  # no other instance to try: the last failure
                     raise failure
-                if not any(
+                serving = [
                     _embeds(s) for s in self._registry
                     if s.instance.model_name == name and not s.removed
-                ):  # fmt: skip
+                ]  # fmt: skip
+                if not any(serving):
                     raise InvalidRequestError(
                         f"model {name!r} is not served by an engine that supports embeddings",
                         param="model",
                     )
                 # those that serve them are all down: as a generation request is refused
-                label, why = self._registry.down(name, _embeds, what=f"embeddings of {name!r}")
+                # (said of them alone when the model has others)
+                what = None if all(serving) else f"embeddings of {name!r}"
+                label, why = self._registry.down(name, _embeds, what=what)
                 self._metrics.on_rejected(label, name)
                 raise NoHealthyInstanceError(
                     why, retry_after_s=self._registry.back_in(name, self.clock.now(), _embeds)
