@@ -248,3 +248,11 @@ def test_stats_scrape_parses_only_the_metrics_it_reads() -> None:
 def test_a_malformed_line_of_a_metric_the_stats_read_still_raises() -> None:
     with pytest.raises(MetricsParseError, match="line 2"):
         scrape_text_to_stats('ok 1\nvllm:num_requests_running{engine="0" 3\n')
+
+
+def test_a_bad_timestamp_is_reported_as_a_timestamp() -> None:
+    with pytest.raises(MetricsParseError, match="invalid timestamp 'notatimestamp'"):
+        parse_prometheus_text("vllm:num_requests_running 3 notatimestamp\n")
+    assert parse_prometheus_text("vllm:num_requests_running 3 1712000000000\n") == {
+        "vllm:num_requests_running": [({}, 3.0)]
+    }

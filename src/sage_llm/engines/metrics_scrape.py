@@ -95,24 +95,25 @@ def _parse_sample(line: str, lineno: int) -> tuple[str, dict[str, str], float]:
     fields = rest.split()
     if not fields:
         raise MetricsParseError(f"sample {name!r} has no value", line=lineno)
+    value = _parse_value(fields[0], lineno)
     # After the value: an optional timestamp, then an optional OpenMetrics exemplar (" # ...").
     tail = fields[1:]
     if tail and tail[0] != "#":
-        _parse_value(tail[0], lineno)
+        _parse_value(tail[0], lineno, what="timestamp")
         tail = tail[1:]
     if tail and tail[0] != "#":
         raise MetricsParseError(f"trailing text after sample {name!r}", line=lineno)
-    return name, labels, _parse_value(fields[0], lineno)
+    return name, labels, value
 
 
-def _parse_value(token: str, lineno: int) -> float:
+def _parse_value(token: str, lineno: int, *, what: str = "sample value") -> float:
     special = _SPECIAL_VALUES.get(token.lower())
     if special is not None:
         return special
     try:
         return float(token)
     except ValueError:
-        raise MetricsParseError(f"invalid sample value {token!r}", line=lineno) from None
+        raise MetricsParseError(f"invalid {what} {token!r}", line=lineno) from None
 
 
 def _parse_labels(
