@@ -256,3 +256,30 @@ def test_a_bad_timestamp_is_reported_as_a_timestamp() -> None:
     assert parse_prometheus_text("vllm:num_requests_running 3 1712000000000\n") == {
         "vllm:num_requests_running": [({}, 3.0)]
     }
+
+
+def test_a_label_name_may_not_contain_a_colon() -> None:
+    with pytest.raises(MetricsParseError, match="line 1"):
+        parse_prometheus_text('vllm:num_requests_running{model:name="x"} 3\n')
+
+
+def test_a_name_filter_drops_quoted_name_samples_of_other_metrics() -> None:
+    text = '{"http.server.duration", le="1"} 5\nvllm:num_requests_running 3\n'
+    wanted = parse_prometheus_text(text, frozenset({"vllm:num_requests_running"}))
+    assert wanted == {"vllm:num_requests_running": [({}, 3.0)]}
+
+
+def test_vllm_names_win_over_sglang_names_on_one_page() -> None:
+    stats = scrape_text_to_stats("vllm:num_requests_running 3\nsglang:num_running_reqs 9\n")
+    assert (stats.source, stats.running) == ("vllm", 3)
+
+
+def test_one_vllm_token_counter_is_enough_to_count_tokens() -> None:
+    stats = scrape_text_to_stats("vllm:prompt_tokens_total 120\n")
+    assert (stats.prompt_tokens_total, stats.counts_tokens) == (120.0, True)
+
+
+def test_sglang_cache_hit_rate_above_one_is_clamped() -> None:
+    stats = scrape_text_to_stats("sglang:cache_hit_rate 1.5\nsglang:num_running_reqs 1\n")
+    assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (1.0, 1.0)
+    assert stats.prefix_hit_rate == 1.0
