@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from sage_llm.engines.fastclient import (
+    _PAUSE_AT,
     EngineConnector,
     FastPool,
     FastResponse,
     UnsupportedEncodingError,
+    _Conn,
 )
 from sage_llm.engines.http import HTTPEngineClient, make_session
 from sage_llm.sim.clock import run_virtual
@@ -493,3 +495,91 @@ async def test_engine_client_uses_the_fast_path_only_where_it_can() -> None:
     finally:
         await session.close()
         await limited.close()
+
+
+async def test_a_304_has_no_body_whatever_its_content_length(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    """RFC 9110 15.4.5: a 304's Content-Length describes the representation, not a body."""
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
+    resp = await pool.request("POST", "/x", b"{}")
+    assert resp.status == 304
+    assert await asyncio.wait_for(body_of(resp), 10) == b""
+    assert pool.idle_connections == 1
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert await body_of(await pool.request("POST", "/x", b"{}")) == b"hello"
+    assert raw.connections == 1
+
+
+async def test_a_101_is_the_answer_not_an_interim_one(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    )
+    resp = await asyncio.wait_for(pool.request("POST", "/x", b"{}"), 10)
+    assert (resp.status, resp.headers["upgrade"]) == (101, "h2c")
+    resp.close()
+
+
+@pytest.mark.parametrize(("connection", "kept"), [(b"", 0), (b"Connection: Keep-Alive\r\n", 1)])
+async def test_an_http10_connection_is_kept_only_when_asked(
+    server: tuple[RawServer, int], pool: FastPool, connection: bytes, kept: int
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.0 200 OK\r\n" + connection + b"Content-Length: 2\r\n\r\nok")
+    assert await body_of(await pool.request("POST", "/x", b"{}")) == b"ok"
+    assert pool.idle_connections == kept
+
+
+async def test_a_connection_released_to_a_closed_pool_is_closed(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    resp = await pool.request("POST", "/x", b"{}")
+    assert await resp.read() == b"ok"
+    pool.close()  # connections in use close when released
+    resp.release()
+    assert pool.idle_connections == 0
+    await asyncio.wait_for(raw.closed.wait(), 10)
+
+
+async def test_the_most_recently_used_idle_connection_is_reused_first(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    first = await pool.request("POST", "/x", b"{}")
+    second = await pool.request("POST", "/x", b"{}")
+    recent = second._conn
+    assert await first.read() == await second.read() == b"ok"
+    first.release()
+    second.release()
+    third = await pool.request("POST", "/x", b"{}")
+    assert third._conn is recent
+    assert await body_of(third) == b"ok"
+    assert raw.connections == 2
+
+
+async def test_reading_pauses_while_a_large_body_is_not_read(
+    server: tuple[RawServer, int], pool: FastPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw, _port = server
+    size = 8 << 20
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size, b"x" * size)
+    full = asyncio.Event()
+    receive = _Conn.data_received
+
+    def data_received(conn: _Conn, data: bytes) -> None:
+        receive(conn, data)
+        if len(conn.buf) > _PAUSE_AT:
+            full.set()
+
+    monkeypatch.setattr(_Conn, "data_received", data_received)
+    resp = await pool.request("POST", "/x", b"{}")
+    await asyncio.wait_for(full.wait(), 10)  # nobody reads: the buffer grows to its bound
+    assert resp._conn is not None and resp._conn.paused
+    assert len(await body_of(resp)) == size  # and reading resumes
