@@ -35,6 +35,15 @@ async def test_generate_yields_max_tokens_chunks_then_usage() -> None:
     assert await engine.health()
 
 
+async def test_max_tokens_one_gives_one_chunk() -> None:
+    engine = InstantEngine("i0")
+    req = EngineRequest("r1", MODEL, prompt="Hi", max_tokens=1)
+    chunks = [c async for c in engine.generate(req)]
+    assert [(c.text, c.finish_reason) for c in chunks] == [(" x", "length")]
+    usage = chunks[0].usage
+    assert usage is not None and usage.completion_tokens == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [({"top_k": -5}, "top_k"), ({"presence_penalty": 5}, "presence_penalty"),
