@@ -44,7 +44,8 @@ def test_parse_spec() -> None:
      ("seed=-1", "must be >= 0"), ("hang@", "a time after '@' is missing"),
      ("crash@ ", "a time after '@' is missing"), ("error=@p1", "a value after '=' is missing"),
      ("hang@5+", "a duration after"), ("hang@ +3", "a start time before"),
-     ("error@p", "a probability after '@p' is missing")],
+     ("error@p", "a probability after '@p' is missing"),
+     ("error=600", "HTTP error status"), ("crash=0@5", "crash takes no value")],
 )  # fmt: skip
 def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -78,6 +79,8 @@ def test_a_crash_with_a_window_is_refused_for_an_engine_process() -> None:
     for good, unsaid."""
     with pytest.raises(ValueError, match=r"crash@1\+3: the process exits at 1 s"):
         FaultPlan.parse("crash@1+3").check_for_process()
+    with pytest.raises(ValueError, match=r"crash@0\+5: the process exits at 0 s"):
+        FaultPlan.parse("crash@0+5").check_for_process()
     for fine in ("crash@1", "crash@p0.1", "hang@1+3", "error=503@2+1"):
         FaultPlan.parse(fine).check_for_process()
 
@@ -243,6 +246,56 @@ def test_the_wrapper_reports_the_engines_queue_times_and_stop_reasons() -> None:
         assert client.queue_time_s("unknown") is None
         bare = FaultyEngineClient(FakeEngine(), FaultPlan.parse(""))
         assert bare.queue_time_s("q") is None and bare.stop_reason("q") is None
+        await client.aclose()
+
+    run_virtual(main())
+
+
+def test_an_engine_process_exits_at_its_first_scheduled_crash() -> None:
+    async def main() -> None:
+        import asyncio
+
+        client = FaultyEngineClient(
+            make_sim_engine(make_instance("e0")), FaultPlan.parse("crash@30; crash@2"),
+            exit_process=True,
+        )  # fmt: skip
+        client.arm()
+        timer = client._exit_timer
+        assert timer is not None
+        timer.cancel()  # (not to exit the test run)
+        assert timer.when() - asyncio.get_running_loop().time() == pytest.approx(2.0)
+        await client.aclose()
+
+    run_virtual(main())
+
+
+def test_a_slowed_stream_is_counted() -> None:
+    async def main() -> None:
+        client = _client("slow=2")
+        await _run(client, _req())
+        assert client.stats_injected.injected == {"slow": 1}
+
+    run_virtual(main())
+
+
+def test_a_crash_during_a_stream_is_not_retryable() -> None:
+    """A crash before the first chunk may be retried elsewhere; after it, the client has
+    part of an answer already."""
+
+    async def main() -> None:
+        import asyncio
+
+        client = _client("crash@1")
+        client.arm()
+        got: list[Chunk] = []
+        with pytest.raises(EngineConnectionError, match="injected crash") as info:
+            async for chunk in client.generate(_req(max_tokens=4000)):
+                got.append(chunk)
+        assert got and not info.value.retryable
+        with pytest.raises(EngineConnectionError) as before:
+            await _run(client, _req("r2"))
+        assert before.value.retryable
+        assert asyncio.get_running_loop().time() >= 1.0
         await client.aclose()
 
     run_virtual(main())
