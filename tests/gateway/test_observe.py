@@ -7,15 +7,23 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sage_llm.config import GatewayConfig
-from sage_llm.gateway.observe import RequestIds, load_tracer, valid_request_id
+from sage_llm.gateway.observe import (
+    RequestIds,
+    load_tracer,
+    observe_middleware,
+    route_label,
+    valid_request_id,
+    write_access_log,
+)
 from tests.gateway.harness import completion_body, serve
 
 SECRET_PROMPT = "my very private prompt text"
@@ -340,3 +348,83 @@ async def test_a_stream_ended_by_an_error_event_is_counted_and_logged_with_its_c
     assert 'sage_llm_http_errors_total{route="/v1/completions",status="504"} 1.0' in text
     [line] = [r.getMessage() for r in caplog.records if "request_id=cut " in r.getMessage()]
     assert " status=504 " in line
+
+
+@asynccontextmanager
+async def _observed(cors_origins: tuple[str, ...] = ()) -> AsyncIterator[str]:
+    """An app of one route behind the observing middleware; yields its base URL."""
+
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[observe_middleware(cors_origins, None)])
+    app.router.add_route("*", "/v1/completions", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_star_origin_allows_any_origin_as_a_star() -> None:
+    async with _observed(("*",)) as base, aiohttp.ClientSession() as http:
+        headers = {"Origin": "https://app.example"}
+        async with http.post(base + "/v1/completions", json={}, headers=headers) as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_a_preflight_naming_a_malformed_header_list_gets_the_default_list() -> None:
+    async with _observed(("https://a.example",)) as base, aiohttp.ClientSession() as http:
+        preflight = {
+            "Origin": "https://a.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": 'x-a; evil="1", (y)',
+        }
+        async with http.options(base + "/v1/completions", headers=preflight) as r:
+            assert r.status == 204
+            allowed = r.headers["Access-Control-Allow-Headers"]
+            assert "evil" not in allowed and "Authorization" in allowed
+
+
+async def test_expect_100_continue_is_matched_in_any_case() -> None:
+    async with _observed() as base, aiohttp.ClientSession() as http:
+        headers = {"Expect": "100-Continue", "Content-Type": "application/json"}
+        async with http.post(base + "/v1/completions", data=b"{}", headers=headers) as r:
+            assert r.status == 200
+
+
+async def test_a_chunked_transfer_coding_is_matched_in_any_case() -> None:
+    async with _observed() as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        )
+        status = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+    assert status.startswith(b"HTTP/1.1 200 "), status
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [("/v1/models/llama-3", "/v1/models/{model}"), ("/admin", "/admin"),
+     ("/admin/instances", "/admin"), ("/administrator", "other"), ("/nope", "other")],
+)  # fmt: skip
+def test_route_labels_are_bounded(path: str, label: str) -> None:
+    assert route_label(path) == label
+
+
+def test_an_access_log_path_with_a_space_is_quoted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="sage_llm.gateway")
+    write_access_log("r1", "GET", "/v1/x status=200 model=gpt-4", 404, 1.0, "a b")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    assert "path='/v1/x status=200 model=gpt-4' status=404" in line
+    assert line.endswith("model='a b'")
