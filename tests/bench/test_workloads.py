@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from sage_llm.bench.sharegpt import DatasetNotFoundError
 from sage_llm.bench.stats import SLO
+from sage_llm.bench.workload_core import evolve
 from sage_llm.bench.workloads import (
     TRACE_BLOCK_TOKENS,
     Empirical,
@@ -477,6 +479,17 @@ def test_with_priorities_keeps_sessions_together() -> None:
     }
 
 
+def test_with_priorities_keeps_the_targets_of_priorities_without_an_entry() -> None:
+    base = synthetic(6, 5.0, 8, 4, seed=1)
+    base = Workload(base.name, tuple(evolve(r, slo_ttft_s=2.0, slo_e2e_s=9.0) for r in base))
+    workload = with_priorities(base, {"high": 1, "low": 1}, {"high": (0.5, None, 3.0)}, seed=3)
+    targets = {(r.priority, r.slo_ttft_s, r.slo_tpot_s, r.slo_e2e_s) for r in workload}
+    assert targets == {
+        (RequestPriority.HIGH, 0.5, None, 3.0),
+        (RequestPriority.LOW, 2.0, None, 9.0),
+    }
+
+
 @pytest.mark.parametrize(
     ("mix", "slos"),
     [
@@ -500,8 +513,9 @@ def test_scale_rate() -> None:
     assert faster.summary()["rate_rps"] == pytest.approx(2 * base.summary()["rate_rps"])
     assert [r.prompt for r in faster] == [r.prompt for r in base]
     assert scale_rate(faster, 0.25).params["rate_scale"] == 0.5
-    with pytest.raises(ConfigError, match="factor"):
-        scale_rate(base, 0.0)
+    for factor in (0.0, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="factor"):
+            scale_rate(base, factor)
 
 
 # --- validation -----------------------------------------------------------------------
