@@ -230,3 +230,50 @@ def test_the_cli_rejects_an_unknown_log_level_or_format(argv: list[str], message
     )
     assert proc.returncode == 1
     assert message in proc.stderr
+
+
+class _BreaksWhenOpened(_GatedStream):
+    """A pipe that breaks on its first write, once ``gate`` is set."""
+
+    def write(self, s: str) -> int:
+        self.entered.set()
+        self.gate.wait(10)
+        raise BrokenPipeError("stderr went away")
+
+
+def test_records_queued_when_the_stream_breaks_are_counted_as_dropped() -> None:
+    logger, out = _fresh_logger(), _BreaksWhenOpened()
+    with queued_logging("info", out, logger=logger) as writer:
+        assert writer is not None
+        logger.info("first")  # the writer is in write(): the pipe is about to break
+        assert out.entered.wait(5)
+        for i in range(10):
+            logger.info("queued %d", i)  # behind it
+        out.gate.set()
+    assert writer.dropped == 11
+
+
+def test_dropped_records_are_noted_once_per_burst() -> None:
+    logger, out = _fresh_logger(), _GatedStream()
+    with queued_logging("info", out, logger=logger, capacity=2) as writer:
+        assert writer is not None
+        logger.info("first")
+        assert out.entered.wait(5)  # stuck: the burst beyond its capacity is dropped
+        for i in range(10):
+            logger.info("burst %d", i)
+        out.gate.set()
+        for i in range(3):  # later records, each written on its own: no new note
+            logger.info("later %d", i)
+            deadline = time.monotonic() + 5
+            while f"later {i}\n" not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    notes = [line for line in out.getvalue().splitlines() if "were dropped" in line]
+    assert len(notes) == 1 and f"{writer.dropped} log records were dropped" in notes[0], notes
+
+
+def test_json_lines_keep_their_own_level_and_logger_over_extra_fields() -> None:
+    logger, out = _fresh_logger(), io.StringIO()
+    with queued_logging("info", out, fmt="json", logger=logger):
+        logger.warning("disk almost full", extra={"level": "debug", "logger": "spoofed"})
+    record = json.loads(out.getvalue().splitlines()[0])
+    assert (record["level"], record["logger"]) == ("WARNING", logger.name)
