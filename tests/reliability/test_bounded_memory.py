@@ -203,6 +203,18 @@ def test_a_model_no_instance_serves_any_more_loses_its_series_later() -> None:
     run_virtual(main())
 
 
+async def _registered_again_with_another_model(cp: ControlPlaneManager) -> str:
+    """Run requests on both instances, then remove ``sim-1`` and register its id again
+    with ``other-model``; returns the model it served before."""
+    await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
+    inst = next(s.instance for s in cp._registry if s.instance_id == "sim-1")
+    old_model = inst.model_name
+    cp.unregister_instance("sim-1")
+    inst.model_name = "other-model"
+    cp.register_instance(inst)
+    return old_model
+
+
 def test_stop_keeps_the_counters_of_an_id_registered_again_with_another_model() -> None:
     """stop() drops the series removed instances left; not those of an id registered
     again (with another model) since, which go on counting across a restart."""
@@ -210,12 +222,7 @@ def test_stop_keeps_the_counters_of_an_id_registered_again_with_another_model() 
     async def main() -> None:
         cp = _manager()
         async with cp:
-            await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
-            inst = next(s.instance for s in cp._registry if s.instance_id == "sim-1")
-            old_model = inst.model_name
-            cp.unregister_instance("sim-1")
-            inst.model_name = "other-model"
-            cp.register_instance(inst)
+            old_model = await _registered_again_with_another_model(cp)
             other = RequestMetadata(request_id="o1", prompt="hi", max_tokens=2)
             other.model_name = "other-model"
             await cp.generate(other)
@@ -236,12 +243,7 @@ def test_another_model_registered_under_an_id_keeps_its_old_models_requests_a_wh
     async def main() -> None:
         cp = _manager()
         async with cp:
-            await asyncio.gather(*(cp.generate(_meta(i)) for i in range(8)))
-            inst = next(s.instance for s in cp._registry if s.instance_id == "sim-1")
-            old_model = inst.model_name
-            cp.unregister_instance("sim-1")
-            inst.model_name = "other-model"
-            cp.register_instance(inst)
+            old_model = await _registered_again_with_another_model(cp)
             text = cp.prometheus_metrics().decode()
             assert f'instance_id="sim-1",model="{old_model}"' in text  # still counted
             await cp.generate(
