@@ -206,6 +206,10 @@ def test_stream_options_are_for_streams_only() -> None:
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "1_000"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "\u0661\u0660"}, "x-sage-slo-ms"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-cost-budget": "1_0"}, "x-sage-cost-budget"),
+        # white space other than an HTTP header's (U+00A0, U+3000) is no part of a priority
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "1\u00a0"}, "x-sage-priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "\u30002"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "100\u00a0"}, "x-sage-slo-ms"),
         # past what int() reads (4,300 digits): out of range, not a crash
         ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "1" * 4301}, "x-sage-priority"),
         ({"model": MODEL, "prompt": "x", "priority": "-" + "1" * 5000}, {}, "priority"),

@@ -194,9 +194,12 @@ def validate_chat(body: Mapping[str, Any]) -> ChatCompletionRequest:
 def _priority(value: object, param: str) -> RequestPriority:
     """A priority by name or number; an integer outside 0-4 is taken as the nearest end
     (vLLM's ``priority`` is any integer, lower sooner: the same order)."""
+    given = value
     if isinstance(value, str):
-        text = value.strip()
-        if text.isascii() and text.removeprefix("-").isdigit():  # not "²" nor "１"
+        text = value.strip(" \t")  # (an HTTP header's white space: not U+00A0, U+3000 …)
+        if not text.isascii():  # names and digits are ASCII: not "²", "１" nor "2\u00a0"
+            value = None  # (refused below, named as given)
+        elif text.removeprefix("-").isdigit():
             digits = text.removeprefix("-").lstrip("0") or "0"  # (int() reads 4,300 at most)
             if len(digits) > 19:  # past 64 bits
                 raise InvalidRequestError(
@@ -210,11 +213,13 @@ def _priority(value: object, param: str) -> RequestPriority:
     if isinstance(value, int) and not isinstance(value, bool):
         value = min(max(value, 0), len(RequestPriority) - 1)
     try:
+        if value is None:
+            raise ValueError(given)
         return RequestPriority.parse(value)  # type: ignore[arg-type]
     except (ValueError, TypeError):
         names = ", ".join(p.name.lower() for p in RequestPriority)
         raise InvalidRequestError(
-            f"{param}: invalid priority {value!r}; use one of {names}, or an integer "
+            f"{param}: invalid priority {given!r}; use one of {names}, or an integer "
             "(0-4; others are taken as the nearest)",
             param=param,
         ) from None
@@ -226,7 +231,7 @@ _HEADER_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[
 
 
 def _header_number(value: str) -> float:
-    text = value.strip()
+    text = value.strip(" \t")  # (an HTTP header's white space: not U+00A0, U+3000 …)
     return float(text) if _HEADER_NUMBER.fullmatch(text) else math.nan
 
 
