@@ -162,16 +162,17 @@ _GENERATION_HEADERS = [
     ),
     _header(
         "x-sage-slo-ms",
-        "End-to-end latency target in ms, a number > 0 (up to 200 digits after the point and "
-        "200 before it, up to 199 leading zeros aside; an exponent of 1-2 digits); wins over "
-        "the body field. Read when given, even empty (a 400).",
+        "End-to-end latency target in ms, a number > 0 (the pattern bounds its digits, a few "
+        "hundred, and its exponent, 1-2 digits; the gateway takes any finite number > 0); "
+        "wins over the body field. Read when given, even empty (a 400).",
         {"type": "string", "pattern": f"^{_POSITIVE}$"},
     ),
     _header(
         "x-sage-cost-budget",
-        "The most the request may cost (cost_optimized's budget), a number >= 0 (up to 200 "
-        "digits each side of the point, an exponent of 1-2 digits); wins over the body "
-        "field. Read when given, even empty (a 400).",
+        "The most the request may cost (cost_optimized's budget), a number >= 0 (the pattern "
+        "bounds its digits, 200 each side of the point, and its exponent, 1-2 digits; the "
+        "gateway takes any finite number >= 0); wins over the body field. Read when given, "
+        "even empty (a 400).",
         {"type": "string", "pattern": f"^({_NUMBER}|{_NEGATIVE_ZERO})$"},
     ),
     _header(
