@@ -258,6 +258,22 @@ def test_a_bad_timestamp_is_reported_as_a_timestamp() -> None:
     }
 
 
+@pytest.mark.parametrize("timestamp", ["NaN", "+Inf", "1e999", "1_000", "\u0661\u0662"])
+def test_a_timestamp_is_a_finite_number_of_ascii_digits(timestamp: str) -> None:
+    with pytest.raises(MetricsParseError, match="invalid timestamp"):
+        parse_prometheus_text(f"a 1 {timestamp}\n")
+    assert parse_prometheus_text("a 1 1712000000.125\n") == {"a": [({}, 1.0)]}  # seconds
+
+
+@pytest.mark.parametrize("value", ["1_0", "\u0661", "0x10"])
+def test_a_sample_value_is_written_in_ascii_digits(value: str) -> None:
+    """As Prometheus reads a value (not float()'s underscores or other scripts' digits);
+    NaN and the infinities are values."""
+    with pytest.raises(MetricsParseError, match="invalid sample value"):
+        parse_prometheus_text(f"a {value}\n")
+    assert parse_prometheus_text("a +Inf\nb NaN\nc -3e2\n")["c"] == [({}, -300.0)]
+
+
 def test_a_label_name_may_not_contain_a_colon() -> None:
     with pytest.raises(MetricsParseError, match="line 1"):
         parse_prometheus_text('vllm:num_requests_running{model:name="x"} 3\n')

@@ -16,6 +16,7 @@ KV-cache usage are averaged.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from sage_llm.engines.base import EngineStats
@@ -99,21 +100,27 @@ def _parse_sample(line: str, lineno: int) -> tuple[str, dict[str, str], float]:
     # After the value: an optional timestamp, then an optional OpenMetrics exemplar (" # ...").
     tail = fields[1:]
     if tail and tail[0] != "#":
-        _parse_value(tail[0], lineno, what="timestamp")
+        if not _TIMESTAMP.fullmatch(tail[0]):  # milliseconds, a finite number
+            raise MetricsParseError(f"invalid timestamp {tail[0]!r}", line=lineno)
         tail = tail[1:]
     if tail and tail[0] != "#":
         raise MetricsParseError(f"trailing text after sample {name!r}", line=lineno)
     return name, labels, value
 
 
-def _parse_value(token: str, lineno: int, *, what: str = "sample value") -> float:
+def _parse_value(token: str, lineno: int) -> float:
     special = _SPECIAL_VALUES.get(token.lower())
     if special is not None:
         return special
-    try:
+    if _NUMBER.fullmatch(token):  # (not float()'s "1_0" nor non-ASCII digits)
         return float(token)
-    except ValueError:
-        raise MetricsParseError(f"invalid {what} {token!r}", line=lineno) from None
+    raise MetricsParseError(f"invalid sample value {token!r}", line=lineno)
+
+
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+"""A sample value as the text format writes it (besides NaN and the infinities)."""
+_TIMESTAMP = re.compile(r"[+-]?[0-9]{1,20}(\.[0-9]{1,20})?")
+"""A sample's timestamp: milliseconds (OpenMetrics' seconds may have a fraction)."""
 
 
 def _parse_labels(
