@@ -370,7 +370,7 @@ def test_the_gateway_host_is_an_address_to_listen_on() -> None:
     assert parse_config('[gateway]\nhost = "*"\n').gateway.host == "*"  # every address
     assert parse_config('[gateway]\nhost = "a\u3002b"\n').gateway.host == "a\u3002b"
     err = problem('[gateway]\nhost = "a\u3002\u3002b"\n')  # an empty label, not the dot
-    assert err.message.endswith("1-63 characters long, got 'a..b'")
+    assert err.message.endswith("1-63 characters long, got 'a\u3002\u3002b'")  # as written
     link_local = 'host = "fe80::1%eth0"'  # an address to listen on (not a URL's) may have one
     assert parse_config(f"[gateway]\n{link_local}\n").gateway.host == "fe80::1%eth0"
 
@@ -710,7 +710,11 @@ def test_bad_port(line: str, message: str) -> None:
         ('host = "\uff11\uff12\uff17.\uff11"', "host", "must be written as '127.0.0.1'"),
         ('host = "127\u30021"', "host", "must be written as '127.0.0.1'"),  # IDNA's dot
         # no form to advise: why the form a URL holds is refused
-        ('host = "a\u3002\u3002b"', "host", "1-63 characters long, got 'a..b' (as a URL holds"),
+        (
+            'host = "a\u3002\u3002b"',
+            "host",
+            "got 'a..b' (written 'a\u3002\u3002b', which a URL holds as 'a..b')",
+        ),
         ('host = "a\u05d0b"', "host", "IDNA can encode (Violation of BIDI requirement 2)"),
         ('host = "a\u202eb"', "host", "without '\\u202e' (IDNA takes no such character)"),
         # forms inet_aton reads but no engine URL can hold (the client refuses them)

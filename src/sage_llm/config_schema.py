@@ -90,7 +90,7 @@ def _mode(value: str) -> str:
     return {"sim": "simulated", "local": "simulated"}.get(text, text)
 
 
-_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]*[0-9][0-9.]*")
 
 
 def ipv4_shorthand(value: str) -> str | None:
@@ -119,7 +119,7 @@ def host_problem(value: str) -> str | None:
     if normal != value and not any(c.isspace() or not c.isprintable() for c in value):
         written = ipv4_shorthand(normal) or normal  # (the address's checks see that form)
         if (problem := host_problem(written)) is not None:  # no form to advise: why not
-            return f"{problem} (as a URL holds {value!r})"
+            return f"{problem} (written {value!r}, which a URL holds as {written!r})"
         return f"must be written as {written!r} (the form a URL's host takes), got {value!r}"
     full = ipv4_shorthand(value)  # 127.1, 0x7f.1, 2130706433, 01.2.3.4: no URL's host
     if full is not None:
@@ -173,13 +173,13 @@ def _check_address(value: str) -> str | None:
 def _name_problem(value: str) -> str | None:
     """A host name no lookup could take: an empty label (``a..b``, a leading dot), one
     longer than 63 characters, or a name longer than 253 (the resolver's limits)."""
-    value = value.translate(_IDNA_DOTS)  # IDNA's other dots separate labels as "." does
+    name = value.translate(_IDNA_DOTS)  # IDNA's other dots separate labels as "." does
     try:
-        encoded = value.encode("idna")
+        encoded = name.encode("idna")
     except UnicodeError as exc:
-        if (c := _idna_refused(value)) is not None:
+        if (c := _idna_refused(name)) is not None:
             return f"must be a host name without {c!r} (IDNA takes no such character)"
-        labels = value.rstrip(".").split(".")
+        labels = name.rstrip(".").split(".")
         if any(not label or len(label) > 63 for label in labels):
             return (
                 "must be a host name whose dot-separated labels are 1-63 characters long, "
