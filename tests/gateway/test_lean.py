@@ -245,11 +245,15 @@ async def test_a_body_not_in_its_content_encoding_is_a_json_400() -> None:
         await _close(writer)
 
 
+@pytest.mark.parametrize("lean_server", [True, False])
 @pytest.mark.parametrize("encoding", ["br", "zstd", "bogus", "gzip, bogus"])
-async def test_a_body_in_an_encoding_not_read_is_a_json_415(encoding: str) -> None:
+async def test_a_body_in_an_encoding_not_read_is_a_json_415(
+    encoding: str, lean_server: bool
+) -> None:
     """Brotli (without its package) and zstd had been a 400 telling the client to install
-    a package on the server; an unknown encoding had been read undecoded."""
-    async with serve(1) as gw:
+    a package on the server; an unknown encoding had been read undecoded. On either front
+    (aiohttp's answers it on its error path)."""
+    async with serve(1, settings=GatewayConfig(lean_server=lean_server)) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(_post("/v1/completions", completion_body(), f"Content-Encoding: {encoding}"))
         status, _, body = await _response(reader)
@@ -377,6 +381,8 @@ async def test_a_request_refused_by_its_key_is_refused_without_inviting_its_uplo
     refused = [
         ("/v1/completions", "", 401),
         ("/v1/completions", "Authorization: Bearer k2\r\n", 401),
+        ("/v1/chat/completions", "Authorization: Bearer k2\r\n", 401),
+        ("/v1/embeddings", "Authorization: Bearer k2\r\n", 401),  # aiohttp's routes too
         ("/admin/set_policy", "", 401),
         ("/admin/set_policy", "Authorization: Bearer k1\r\n", 403),
     ]
