@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
+import pytest
 from aiohttp import web
 
 from sage_llm.httpserve import KEEPALIVE_TIMEOUT_S, start_site
@@ -29,3 +31,23 @@ async def test_an_idle_keep_alive_connection_closes_after_the_documented_time() 
             writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_site_that_cannot_bind_cleans_its_app_up() -> None:
+    """Its runner is cleaned up (the app's on_cleanup hooks run) before the error goes on."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cleaned: list[bool] = []
+
+    async def on_cleanup(_app: web.Application) -> None:
+        cleaned.append(True)
+
+    app = web.Application()
+    app.on_cleanup.append(on_cleanup)
+    try:
+        with pytest.raises(OSError):
+            await start_site(app, "127.0.0.1", taken.getsockname()[1], shutdown_timeout_s=1.0)
+    finally:
+        taken.close()
+    assert cleaned == [True]

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 
@@ -408,6 +409,43 @@ def test_a_head_slow_to_arrive_gets_a_408_on_either_front(
 
     with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
         run_virtual(main())
+
+
+def test_a_timed_out_head_of_an_unknown_path_is_counted_under_route_other() -> None:
+    """A 408's route label is bounded as every other's: the head's path is no label."""
+
+    async def main() -> None:
+        settings = GatewayConfig(read_timeout_s=1.0, lean_server=False)
+        async with serve(1, settings=settings) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET /scan-0 HTTP/1.1\r\n")  # the head never ends
+            raw = await asyncio.wait_for(reader.read(), 30.0)
+            writer.close()
+            text = gw.manager.prometheus_metrics().decode()
+        assert raw.startswith(b"HTTP/1.1 408 "), raw
+        assert 'sage_llm_http_errors_total{route="other",status="408"} 1.0' in text
+        assert "/scan-0" not in text
+
+    run_virtual(main())
+
+
+def test_a_lean_408_answers_under_a_fresh_id_when_the_head_gave_a_bad_one() -> None:
+    async def main() -> None:
+        async with serve(1, settings=GatewayConfig(read_timeout_s=1.0)) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nx-request-id: bad id<s>\r\n"
+                b"Content-Length: 50\r\n\r\n{"
+            )  # the body never ends
+            raw = await asyncio.wait_for(reader.read(), 30.0)
+            writer.close()
+        head = raw.partition(b"\r\n\r\n")[0].decode().lower()
+        assert head.startswith("http/1.1 408 "), raw
+        (rid,) = [line[len("x-request-id: ") :] for line in head.split("\r\n")
+                  if line.startswith("x-request-id: ")]  # fmt: skip
+        assert re.fullmatch("[0-9a-f]{32}", rid), rid
+
+    run_virtual(main())
 
 
 @pytest.mark.parametrize("lean_server", [True, False])
