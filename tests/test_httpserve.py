@@ -46,7 +46,7 @@ async def test_a_site_that_cannot_bind_cleans_its_app_up() -> None:
     app = web.Application()
     app.on_cleanup.append(on_cleanup)
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="ddress already in use"):
             await start_site(app, "127.0.0.1", taken.getsockname()[1], shutdown_timeout_s=1.0)
     finally:
         taken.close()
