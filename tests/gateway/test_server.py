@@ -513,9 +513,10 @@ def test_the_open_gateway_warning_knows_loopback_hosts_however_written(
     assert asyncio.run(_loopback_only(host)) is loopback
 
 
+@pytest.mark.parametrize("route", ["health", "completions"])
 @pytest.mark.parametrize("lean_server", [True, False])
 async def test_answers_on_kept_alive_connections_say_close_once_the_gateway_stops(
-    lean_server: bool,
+    lean_server: bool, route: str
 ) -> None:
     """From ``stop_accepting`` on, every answer says ``Connection: close``, the aiohttp
     front's (every route but the lean ones, or all of them) as the lean front's."""
@@ -526,6 +527,12 @@ async def test_answers_on_kept_alive_connections_say_close_once_the_gateway_stop
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+        if route == "completions":  # on the lean front when it is on
+            body = json.dumps(completion_body(max_tokens=2)).encode()
+            request = (
+                b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
         for stopping in (False, True):
             if stopping:
                 site.stop_accepting()
