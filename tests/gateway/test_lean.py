@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from typing import Any
 
@@ -950,3 +951,18 @@ def test_heads_are_parsed_or_handed_over(lines: list[str], expected: dict[str, s
         assert parsed == ("POST", "/v1/completions", expected)
     other_route = _head_of(*lines).replace(b"/v1/completions", b"/v1/other", 1)
     assert LeanConnection(server)._parse_head(other_route) is None
+
+
+async def test_the_lean_fronts_access_line_names_the_model(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line per request, as the app writes it, with the body's model."""
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
+        async with serve(1) as gw, aiohttp.ClientSession() as http:
+            body = completion_body(max_tokens=2)
+            async with http.post(gw.url("/v1/completions"), json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    (line,) = [line for line in lines if "path=/v1/completions" in line]
+    assert line.endswith(f"model={body['model']}"), line
