@@ -162,7 +162,7 @@ class _Tracer:
         yield span
 
 
-async def test_tracing_spans_when_opentelemetry_is_importable(
+def test_tracing_spans_when_opentelemetry_is_importable(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="sage_llm.gateway")
@@ -181,37 +181,43 @@ async def test_tracing_spans_when_opentelemetry_is_importable(
     monkeypatch.setitem(sys.modules, "opentelemetry.propagate", propagate)
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     settings = GatewayConfig(tracing=True)
-    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
-        headers = {"x-request-id": "traced", "Traceparent": parent}  # any case, as Go sends it
-        async with http.post(gw.url("/v1/completions"), json=completion_body(), headers=headers):
-            pass
-        # a stream that its deadline cuts short: a 200 status line, then a 504 error event
-        cut = {"x-request-id": "cut", "x-sage-slo-ms": "50"}
-        body = completion_body(stream=True, max_tokens=2000)  # ~0.3 s: never done first
-        async with http.post(gw.url("/v1/completions"), json=body, headers=cut) as r:
-            assert r.status == 200 and '"code":504' in await r.text()
-        # a client that leaves mid-stream
-        left = {"x-request-id": "left"}
-        async with http.post(gw.url("/v1/completions"), json=body, headers=left) as r:
-            await r.content.readany()
-            r.close()
-        result = await gw.manager.wait_for_result("left", timeout=10)
-        assert result.status.value == "cancelled"
-        # a client that leaves before a whole answer: the handler is cancelled
-        with pytest.raises(asyncio.TimeoutError):
-            await http.post(
-                gw.url("/v1/completions"), json={**body, "stream": False},
-                headers={"x-request-id": "gone"}, timeout=aiohttp.ClientTimeout(total=0.1),
-            )  # fmt: skip
-        result = await gw.manager.wait_for_result("gone", timeout=10)
-        assert result.status.value == "cancelled"
-        gw.manager.drain_instance("sim-0")
-        async with http.post(gw.url("/v1/completions"), json=completion_body(),
-                             headers={"x-request-id": "refused"}):  # fmt: skip
-            pass
-        for path, rid in (("/v1/secret-token-abc/x", "unknown"), ("/admin/instances/z", "405")):
-            async with http.get(gw.url(path), headers={"x-request-id": rid}) as r:
-                assert r.status in (404, 405)
+
+    async def main() -> None:
+        async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+            headers = {"x-request-id": "traced", "Traceparent": parent}  # any case, as Go sends it
+            async with http.post(
+                gw.url("/v1/completions"), json=completion_body(), headers=headers
+            ):
+                pass
+            # a stream that its deadline cuts short: a 200 status line, then a 504 error event
+            cut = {"x-request-id": "cut", "x-sage-slo-ms": "50"}
+            body = completion_body(stream=True, max_tokens=2000)  # ~0.3 s: never done first
+            async with http.post(gw.url("/v1/completions"), json=body, headers=cut) as r:
+                assert r.status == 200 and '"code":504' in await r.text()
+            # a client that leaves mid-stream
+            left = {"x-request-id": "left"}
+            async with http.post(gw.url("/v1/completions"), json=body, headers=left) as r:
+                await r.content.readany()
+                r.close()
+            result = await gw.manager.wait_for_result("left", timeout=10)
+            assert result.status.value == "cancelled"
+            # a client that leaves before a whole answer: the handler is cancelled
+            with pytest.raises(asyncio.TimeoutError):
+                await http.post(
+                    gw.url("/v1/completions"), json={**body, "stream": False},
+                    headers={"x-request-id": "gone"}, timeout=aiohttp.ClientTimeout(total=0.1),
+                )  # fmt: skip
+            result = await gw.manager.wait_for_result("gone", timeout=10)
+            assert result.status.value == "cancelled"
+            gw.manager.drain_instance("sim-0")
+            async with http.post(gw.url("/v1/completions"), json=completion_body(),
+                                 headers={"x-request-id": "refused"}):  # fmt: skip
+                pass
+            for path, rid in (("/v1/secret-token-abc/x", "unknown"), ("/admin/instances/z", "405")):
+                async with http.get(gw.url(path), headers={"x-request-id": rid}) as r:
+                    assert r.status in (404, 405)
+
+    run_virtual(main())
     (span,) = [s for s in tracer.spans if s.attributes.get("sage.request_id") == "traced"]
     assert span.name == "POST /v1/completions"
     assert span.attributes["http.response.status_code"] == 200
