@@ -198,8 +198,8 @@ def _priority(value: object, param: str) -> RequestPriority:
     if isinstance(value, str):
         text = value.strip(" \t")  # (an HTTP header's white space: not U+00A0, U+3000 …)
         if not text.isascii():  # names and digits are ASCII: not "²", "１" nor "2\u00a0"
-            value = None  # (refused below, named as given)
-        elif text.removeprefix("-").isdigit():
+            raise _not_a_priority(given, param)
+        if text.removeprefix("-").isdigit():
             digits = text.removeprefix("-").lstrip("0") or "0"  # (int() reads 4,300 at most)
             if len(digits) > 19:  # past 64 bits
                 raise InvalidRequestError(
@@ -213,16 +213,19 @@ def _priority(value: object, param: str) -> RequestPriority:
     if isinstance(value, int) and not isinstance(value, bool):
         value = min(max(value, 0), len(RequestPriority) - 1)
     try:
-        if value is None:
-            raise ValueError(given)
         return RequestPriority.parse(value)  # type: ignore[arg-type]
     except (ValueError, TypeError):
-        names = ", ".join(p.name.lower() for p in RequestPriority)
-        raise InvalidRequestError(
-            f"{param}: invalid priority {given!r}; use one of {names}, or an integer "
-            "(0-4; others are taken as the nearest)",
-            param=param,
-        ) from None
+        raise _not_a_priority(given, param) from None
+
+
+def _not_a_priority(given: object, param: str) -> InvalidRequestError:
+    """The 400 for ``given``, which names no priority."""
+    names = ", ".join(p.name.lower() for p in RequestPriority)
+    return InvalidRequestError(
+        f"{param}: invalid priority {given!r}; use one of {names}, or an integer "
+        "(0-4; others are taken as the nearest)",
+        param=param,
+    )
 
 
 _HEADER_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
