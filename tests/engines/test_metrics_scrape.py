@@ -265,6 +265,15 @@ def test_a_timestamp_is_a_finite_number_of_ascii_digits(timestamp: str) -> None:
     assert parse_prometheus_text("a 1 1712000000.125\n") == {"a": [({}, 1.0)]}  # seconds
 
 
+@pytest.mark.parametrize("timestamp", ["1.7e9", "1712000000.", ".5", "-1", "+1712000000000"])
+def test_a_timestamp_is_any_real_number_openmetrics_writes(timestamp: str) -> None:
+    """OpenMetrics' ``timestamp = realnumber`` (seconds, with a fraction or an exponent)."""
+    text = f'vllm:num_requests_running{{model_name="m"}} 3 {timestamp}\n'
+    assert parse_prometheus_text(text) == {
+        "vllm:num_requests_running": [({"model_name": "m"}, 3.0)]
+    }
+
+
 @pytest.mark.parametrize("value", ["1_0", "\u0661", "0x10"])
 def test_a_sample_value_is_written_in_ascii_digits(value: str) -> None:
     """As Prometheus reads a value (not float()'s underscores or other scripts' digits);
@@ -272,6 +281,16 @@ def test_a_sample_value_is_written_in_ascii_digits(value: str) -> None:
     with pytest.raises(MetricsParseError, match="invalid sample value"):
         parse_prometheus_text(f"a {value}\n")
     assert parse_prometheus_text("a +Inf\nb NaN\nc -3e2\n")["c"] == [({}, -300.0)]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("Infinity", math.inf), ("+infinity", math.inf), ("-Infinity", -math.inf), ("inf", math.inf)],
+)
+def test_the_infinities_are_read_as_go_and_openmetrics_write_them(
+    value: str, expected: float
+) -> None:
+    assert parse_prometheus_text(f"a {value}\n") == {"a": [({}, expected)]}
 
 
 def test_a_label_name_may_not_contain_a_colon() -> None:

@@ -30,7 +30,13 @@ _NAME_CHARS = _NAME_START | frozenset("0123456789")
 _LABEL_START = _NAME_START - {":"}
 _LABEL_CHARS = _LABEL_START | frozenset("0123456789")
 _ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
-_SPECIAL_VALUES = {"+inf": math.inf, "inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_SPECIAL_VALUES = {
+    **{f"{sign}{word}": math.inf for sign in ("", "+") for word in ("inf", "infinity")},
+    "-inf": -math.inf,
+    "-infinity": -math.inf,
+    "nan": math.nan,
+}
+"""NaN and the infinities, in any case, as Prometheus and OpenMetrics write them."""
 
 
 class MetricsParseError(EngineError):
@@ -100,12 +106,18 @@ def _parse_sample(line: str, lineno: int) -> tuple[str, dict[str, str], float]:
     # After the value: an optional timestamp, then an optional OpenMetrics exemplar (" # ...").
     tail = fields[1:]
     if tail and tail[0] != "#":
-        if not _TIMESTAMP.fullmatch(tail[0]):  # milliseconds, a finite number
+        if not _is_timestamp(tail[0]):
             raise MetricsParseError(f"invalid timestamp {tail[0]!r}", line=lineno)
         tail = tail[1:]
     if tail and tail[0] != "#":
         raise MetricsParseError(f"trailing text after sample {name!r}", line=lineno)
     return name, labels, value
+
+
+def _is_timestamp(token: str) -> bool:
+    """A finite number: Prometheus' integer milliseconds, OpenMetrics' seconds as any real
+    number (``1.7e9``, ``5.``, ``.5``)."""
+    return _NUMBER.fullmatch(token) is not None and math.isfinite(float(token))
 
 
 def _parse_value(token: str, lineno: int) -> float:
@@ -118,9 +130,8 @@ def _parse_value(token: str, lineno: int) -> float:
 
 
 _NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
-"""A sample value as the text format writes it (besides NaN and the infinities)."""
-_TIMESTAMP = re.compile(r"[+-]?[0-9]{1,20}(\.[0-9]{1,20})?")
-"""A sample's timestamp: milliseconds (OpenMetrics' seconds may have a fraction)."""
+"""A sample value or timestamp as the text format writes it (besides NaN and the
+infinities)."""
 
 
 def _parse_labels(
