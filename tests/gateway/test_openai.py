@@ -209,6 +209,9 @@ def test_stream_options_are_for_streams_only() -> None:
         # white space other than an HTTP header's (U+00A0, U+3000) is no part of a priority
         ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "1\u00a0"}, "x-sage-priority"),
         ({"model": MODEL, "prompt": "x", "priority": "\u30002"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "2\n"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "\x0b7"}, {}, "priority"),
+        ({"model": MODEL, "prompt": "x", "priority": "high\r"}, {}, "priority"),
         ({"model": MODEL, "prompt": "x"}, {"x-sage-slo-ms": "100\u00a0"}, "x-sage-slo-ms"),
         # past what int() reads (4,300 digits): out of range, not a crash
         ({"model": MODEL, "prompt": "x"}, {"x-sage-priority": "1" * 4301}, "x-sage-priority"),

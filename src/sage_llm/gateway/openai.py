@@ -197,7 +197,7 @@ def _priority(value: object, param: str) -> RequestPriority:
     given = value
     if isinstance(value, str):
         text = value.strip(" \t")  # (an HTTP header's white space: not U+00A0, U+3000 …)
-        if not text.isascii():  # names and digits are ASCII: not "²", "１" nor "2\u00a0"
+        if not text.isascii() or text != text.strip():  # not "²", "１", "2\u00a0" nor "7\n"
             raise _not_a_priority(given, param)
         if text.removeprefix("-").isdigit():
             digits = text.removeprefix("-").lstrip("0") or "0"  # (int() reads 4,300 at most)
