@@ -548,6 +548,52 @@ async def test_token_ids_and_the_engine_objects_own_fields_reach_the_client(
         assert "kv_transfer_params" not in obj or obj["kv_transfer_params"] is None
 
 
+def _fingerprint_on_usage_engine() -> web.Application:
+    """vLLM 0.32's stream: ``system_fingerprint`` on its usage event alone (choices
+    ``[]``), the last event before ``[DONE]``."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        head = {"id": "chatcmpl-e", "object": "chat.completion.chunk", "created": 1,
+                "model": "m"}  # fmt: skip
+        events: list[dict[str, Any]] = [
+            {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                  "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {"content": " b"},
+                                  "finish_reason": "length"}]},
+            {**head, "choices": [], "system_fingerprint": "fp-1",
+             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+        ]  # fmt: skip
+        return await _sse(request, events)
+
+    return _chat_app(chat)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_the_fingerprint_of_the_engines_usage_event_reaches_the_client(
+    include_usage: bool,
+) -> None:
+    """The gateway asks every engine stream for its usage; vLLM then says
+    ``system_fingerprint`` on that usage event only, which the client may not have asked
+    for: it goes with the last chunk, streamed or assembled into a whole answer."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    async with (
+        _gateway_over(_fingerprint_on_usage_engine(), "always") as url,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(url, json=body) as r:
+            whole = await r.json()
+        async with http.post(url, json={**body, "stream": True, **options}) as r:
+            events = [e for e in await read_events(r) if isinstance(e, dict)]
+    assert whole["system_fingerprint"] == "fp-1"
+    assert whole["choices"][0]["message"]["content"] == "a b"
+    marked = [e for e in events if "system_fingerprint" in e]
+    assert [e["choices"][0]["finish_reason"] for e in marked] == ["length"]
+    assert marked[0]["system_fingerprint"] == "fp-1"
+    assert any("usage" in e for e in events) is include_usage
+
+
 async def test_each_of_several_choices_carries_its_own_token_ids() -> None:
     """``n`` = 2 with ``return_token_ids``: each choice, whole or streamed, has the ids of
     its own text (the simulated engine's ids are its text's tokens), not the first's."""

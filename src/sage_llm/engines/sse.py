@@ -419,7 +419,12 @@ class StreamAssembler:
             raise self._fail(EngineStreamError, "stream event 'choices' is not a list")
         out: list[Chunk] = []
         top = None if obj.keys() <= _OBJECT_KEYS else _set_fields(obj, _OBJECT_KEYS)
-        if self._continuous and raw_usage is not None and choices:
+        if not choices:  # the usage event: vLLM's last words (system_fingerprint) go with
+            held = self._held  # the last chunk, which waits for the usage
+            if top is not None and held is not None:
+                self._held = held.with_top({**(held.top or {}), **top})
+            return out
+        if self._continuous and raw_usage is not None:
             top = {**(top or {}), "usage": raw_usage}
         for choice in choices:
             if type(choice) is not dict:  # JSON objects parse to dicts
