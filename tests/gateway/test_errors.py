@@ -239,6 +239,25 @@ async def test_queue_full_is_429_with_retry_after() -> None:
                 await client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
 
 
+async def test_an_engines_refusal_of_the_output_limit_names_the_field_the_client_gave() -> None:
+    """A chat's ``max_completion_tokens`` reaches the engine as ``max_tokens``; when the
+    engine refuses it (past the model's context: 8,192 tokens), the client's error names
+    ``max_completion_tokens``, whole or streamed, as vLLM's own answer would."""
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        for field in ("max_completion_tokens", "max_tokens"):
+            for stream in (False, True):
+                body = chat_body(**{field: 9000}, stream=stream)
+                if field == "max_completion_tokens":
+                    body["max_tokens"] = 3  # the newer name wins, in the refusal too
+                async with http.post(gw.url("/v1/chat/completions"), json=body) as r:
+                    assert r.status == 400, body
+                    error = (await r.json())["error"]
+                _assert_error({"error": error}, 400, field)
+                assert "rejected the request" in error["message"]
+                other = {"max_tokens", "max_completion_tokens"} - {field}
+                assert other.pop() not in error["message"]
+
+
 async def test_a_request_the_engine_refuses_is_400_naming_the_field_and_not_retried() -> None:
     # the simulated engine refuses a negative min_tokens, which the gateway passes through
     # unchecked (as an HTTP engine answers 400 to a prompt longer than its context): the

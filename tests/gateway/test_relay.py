@@ -17,10 +17,13 @@ from sage_llm.config import GatewayConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, EngineClient, Usage
 from sage_llm.engines.sse import ResponseFormat
+from sage_llm.errors import EngineRequestRejectedError
 from sage_llm.gateway.lean import LeanStream
 from sage_llm.gateway.relay import (
+    _as_the_client_named,
     _Choices,
     completion_body,
+    fill_generation,
     merge_delta,
     merge_logprobs,
     sum_usage,
@@ -33,7 +36,7 @@ from sage_llm.tokens import tokenize
 from sage_llm.types import RequestStatus
 from tests.engines.fake_engine import probed_app, start_app
 from tests.engines.probes import FaultyEngine
-from tests.factories import make_instance
+from tests.factories import make_instance, make_metadata
 from tests.gateway.harness import chat_body, read_events, serve
 from tests.gateway.harness import completion_body as body_of
 
@@ -754,3 +757,26 @@ def test_several_prompts_usage_sums_the_engines_other_fields() -> None:
     assert sum_usage([Usage(1, 1)]).extra is None
     flags = sum_usage([Usage(1, 1, 0, {"is_cached": True}), Usage(1, 1, 0, {"is_cached": True})])
     assert flags.extra == {"is_cached": True}  # a flag is kept, not added up
+
+
+def test_an_engines_refusal_of_max_tokens_is_said_in_the_clients_name() -> None:
+    """vLLM's words, about the ``max_tokens`` the gateway sent it, name the chat's
+    ``max_completion_tokens`` the client gave (and nothing else changes)."""
+    said = (
+        "engine vllm-0: rejected the request (HTTP 400 from POST /v1/chat/completions): "
+        "max_tokens=600 cannot be greater than max_model_len=512 (parameter=max_tokens, "
+        "value=600)"
+    )
+    meta = make_metadata()
+    for named, expected in (
+        ("max_completion_tokens", said.replace("max_tokens", "max_completion_tokens")),
+        ("max_tokens", said),
+    ):
+        gen = fill_generation(meta, True, "m", False, False, None, named)
+        exc = EngineRequestRejectedError(said, instance_id="vllm-0", status=400, param="max_tokens")
+        _as_the_client_named(exc, gen)
+        assert (exc.param, exc.message, str(exc)) == (named, expected, expected)
+    other = EngineRequestRejectedError(said, status=400, param="prompt")
+    gen = fill_generation(meta, True, "m", False, False, None, "max_completion_tokens")
+    _as_the_client_named(other, gen)
+    assert (other.param, other.message) == ("prompt", said)

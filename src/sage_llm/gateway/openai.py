@@ -470,7 +470,7 @@ def parse_generation(
     timeout = settings.request_timeout_s
     if slo_ms is not None:
         timeout = slo_ms / 1000.0 if timeout is None else min(timeout, slo_ms / 1000.0)
-    return fill_generation(meta, chat, model, stream, include_usage, timeout)
+    return fill_generation(meta, chat, model, stream, include_usage, timeout, max_tokens_param)
 
 
 def several_prompts(body: Mapping[str, Any], chat: bool) -> list[Any] | None:

@@ -40,6 +40,7 @@ from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event, fill_
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
+    EngineRequestRejectedError,
     RequestCancelledError,
     RequestNotFoundError,
     SageLLMError,
@@ -95,6 +96,9 @@ class Generation:
     include_usage: bool
     timeout_s: float | None
     """Whole-request limit: the smaller of ``request_timeout_s`` and the SLO deadline."""
+    max_tokens_param: str
+    """The field the client gave the output limit in (a chat's ``max_completion_tokens``
+    reaches the engine as ``max_tokens``)."""
 
     @property
     def request_id(self) -> str:
@@ -102,10 +106,11 @@ class Generation:
 
 
 fill_generation = field_filler(
-    Generation, ("meta", "chat", "model", "stream", "include_usage", "timeout_s")
+    Generation,
+    ("meta", "chat", "model", "stream", "include_usage", "timeout_s", "max_tokens_param"),
 )
-"""``Generation(meta, chat, model, stream, include_usage, timeout_s)``, faster (one is made
-per request)."""
+"""``Generation(meta, chat, model, stream, include_usage, timeout_s, max_tokens_param)``,
+faster (one is made per request)."""
 
 
 class _Choices:
@@ -298,10 +303,30 @@ def _said_of_request(exc: BaseException, request_id: str) -> None:
     exc.args = (message, *exc.args[1:])
 
 
+def _as_the_client_named(exc: BaseException, gen: Generation) -> None:
+    """Name the output limit in an engine's refusal of it as the client named it (a
+    chat's ``max_completion_tokens``, which the engine got as ``max_tokens``)."""
+    named = gen.max_tokens_param
+    if (
+        named == "max_tokens"
+        or not isinstance(exc, EngineRequestRejectedError)
+        or exc.param != "max_tokens"
+    ):
+        return
+    exc.param = named
+    message = re.sub(r"\bmax_tokens\b", named, exc.message)
+    exc.message = message
+    exc.args = (message, *exc.args[1:])
+
+
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:
     """Run ``gen`` to the end and return the whole response body."""
     fmt = fill_format(gen.chat, gen.request_id, gen.model, created)
-    chunks, result = await manager.collect(gen.meta, gen.timeout_s)
+    try:
+        chunks, result = await manager.collect(gen.meta, gen.timeout_s)
+    except EngineRequestRejectedError as exc:
+        _as_the_client_named(exc, gen)
+        raise
     choices = _Choices(token_ids=bool(gen.meta.extra_body.get("return_token_ids")))
     for chunk in chunks:
         choices.add(chunk)
@@ -330,6 +355,7 @@ async def complete_all(
         except BaseException as exc:
             await _cancel_all(tasks)
             _said_of_request(exc, request_id)
+            _as_the_client_named(exc, gens[0])
             raise
     gen = gens[0]
     n = _choices_per_prompt(gen)
@@ -522,6 +548,9 @@ async def relay_stream(
                     extra={"request_id": request_id},
                 )
         await end.finish()
+    except EngineRequestRejectedError as exc:  # before the first chunk: a JSON 400
+        _as_the_client_named(exc, gen)
+        raise
     finally:
         await batches.aclose()  # a request not finished by then is cancelled
     return end.error
@@ -627,6 +656,7 @@ async def _relay(
         end.sink = None  # nothing more can be written
         end.error = CLIENT_GONE
     except SageLLMError as exc:
+        _as_the_client_named(exc, gen)
         end.fail(exc.to_openai())
     except Exception:
         rid = end.request_id
