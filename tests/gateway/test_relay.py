@@ -572,6 +572,59 @@ def _fingerprint_on_usage_engine() -> web.Application:
     return _chat_app(chat)
 
 
+def _user_role_engine() -> web.Application:
+    """vLLM's answer to ``add_generation_prompt: false``: the role of the last message
+    (here ``user``), whole or streamed, and no ``tool_calls`` (vLLM 0.32 leaves an empty
+    list out)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        head = {"id": "chatcmpl-e", "created": 1, "model": "m"}
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if not body.get("stream"):
+            message = {"role": "user", "content": "a b", "refusal": None}
+            choice = {"index": 0, "message": message, "finish_reason": "length"}
+            whole = {**head, "object": "chat.completion", "usage": usage, "choices": [choice]}
+            return web.json_response(whole)
+        head["object"] = "chat.completion.chunk"
+        events: list[dict[str, Any]] = [
+            {**head, "choices": [{"index": 0, "delta": {"role": "user", "content": ""},
+                                  "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {"content": " b"},
+                                  "finish_reason": "length"}]},
+            {**head, "choices": [], "usage": usage},
+        ]  # fmt: skip
+        return await _sse(request, events)
+
+    return _chat_app(chat)
+
+
+@pytest.mark.parametrize("engine_stream", ["client", "always"])
+async def test_a_whole_chat_answer_has_the_engines_role_and_no_empty_tool_calls(
+    engine_stream: str,
+) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "add_generation_prompt": False}  # fmt: skip
+    async with (
+        _gateway_over(_user_role_engine(), engine_stream) as url,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(url, json=body) as r:
+            whole = await r.json()
+        async with http.post(url, json={**body, "stream": True}) as r:
+            events = [e for e in await read_events(r) if isinstance(e, dict)]
+    message = whole["choices"][0]["message"]
+    assert (message["role"], message["content"]) == ("user", "a b")
+    assert "tool_calls" not in message
+    roles = [e["choices"][0]["delta"].get("role") for e in events if e["choices"]]
+    assert roles[0] == "assistant" and "user" in roles  # ours first, then the engine's
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        == "a b"
+    )
+
+
 @pytest.mark.parametrize("include_usage", [False, True])
 async def test_the_fingerprint_of_the_engines_usage_event_reaches_the_client(
     include_usage: bool,

@@ -289,7 +289,8 @@ _CHOICE_KEYS = frozenset(
 )
 """The fields of a choice a :class:`Chunk` has a place for (others go to its ``extras``)."""
 _PLAIN_PART = frozenset({"role", "content"})
-"""The fields of a delta or message a :class:`Chunk` has a place for (others: ``fields``)."""
+"""The fields of a delta or message a :class:`Chunk` has a place for (others: ``fields``,
+and a role other than the assistant's)."""
 
 
 def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
@@ -303,8 +304,12 @@ def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
         part = get("delta")
         if part is None:
             part = get("message")
-        if type(part) is dict and not part.keys() <= _PLAIN_PART:
-            fields = _set_fields(part, _PLAIN_PART)
+        if type(part) is dict:
+            if not part.keys() <= _PLAIN_PART:
+                fields = _set_fields(part, _PLAIN_PART)
+            role = part.get("role")
+            if role is not None and role != "assistant":  # add_generation_prompt: false
+                fields = {**(fields or {}), "role": role}  # (vLLM: the last message's)
     stop = get("stop_reason")
     if stop is not None or not choice.keys() <= _CHOICE_KEYS:
         extras = _set_fields(choice, _CHOICE_KEYS)
@@ -618,7 +623,7 @@ class ResponseFormat:
         head = self._head(final=True)
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+            choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         choice["logprobs"] = None

@@ -211,10 +211,10 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
         choice: dict[str, Any] = {"index": idx}
         fields = choices.fields.get(idx)
         if fmt.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
-            if fields:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if fields:  # the engine's tool calls, reasoning, role …
                 message.update(fields)
-                calls = message["tool_calls"]
+                calls = message.get("tool_calls")
                 if calls and not text:
                     message["content"] = None  # a tool call has no text, as vLLM answers
                 for call in calls if isinstance(calls, list) else ():
