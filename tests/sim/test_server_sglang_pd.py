@@ -43,9 +43,13 @@ def test_parse_bootstrap_reads_and_checks_the_fields() -> None:
                            "bootstrap_room": 2**63 - 1})  # fmt: skip
     assert got == Bootstrap("10.0.0.1", 8998, 2**63 - 1)
     assert parse_bootstrap({"bootstrap_room": 5}) == Bootstrap(None, None, 5)
+    assert parse_bootstrap({"bootstrap_room": 2**64 - 1}) == Bootstrap(None, None, 2**64 - 1)
+    for room in (-1, 2**64):  # a room is an unsigned 64-bit number, as SGLang's
+        with pytest.raises(InvalidRequestError, match=r"in \[0, 2\^64\)") as caught:
+            parse_bootstrap({"bootstrap_room": room})
+        assert caught.value.param == "bootstrap_room"
     for bad in (
         {"bootstrap_room": [1, 2]},
-        {"bootstrap_room": -1},
         {"bootstrap_room": True},
         {"bootstrap_room": "7"},
         {"bootstrap_room": 1, "bootstrap_port": 0},
