@@ -395,6 +395,28 @@ async def test_decode_leg_hands_params_to_generate(
     assert fake.requests[-1].kv_transfer_params == params
 
 
+@pytest.mark.parametrize("timeout_s", ["0", "-1", "601", "nan"])
+async def test_a_bootstrap_wait_outside_its_bounds_is_a_400(
+    base: str, http: aiohttp.ClientSession, timeout_s: str
+) -> None:
+    """``timeout_s`` is in (0, 600]: a wait of none at all is no wait for a room."""
+    async with http.get(f"{base}/sim/bootstrap/7", params={"timeout_s": timeout_s}) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["param"] == "timeout_s" and "(0, 600]" in error["message"]
+
+
+async def test_a_bootstrap_room_is_below_2_to_the_64(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{base}/sim/bootstrap/{2**64}", params={"timeout_s": "0.01"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "room"
+    last = f"{base}/sim/bootstrap/{2**64 - 1}"  # taken: waited for, and never published
+    async with http.get(last, params={"timeout_s": "0.01"}) as resp:
+        assert resp.status == 504
+
+
 # --- probe endpoints ----------------------------------------------------------------------
 
 
