@@ -453,8 +453,17 @@ async def test_information_endpoints(base: str, http: aiohttp.ClientSession) -> 
 async def test_tokenize_detokenize_and_render(base: str, http: aiohttp.ClientSession) -> None:
     status, tok = await post(http, f"{base}/tokenize", {"model": MODEL, "prompt": "Hello, world"})
     assert status == 200 and tok["count"] == 3 and tok["max_model_len"] == 64
+    assert tok["token_strs"] is None  # only when asked for
     status, detok = await post(http, f"{base}/detokenize", {"tokens": tok["tokens"]})
     assert status == 200 and detok == {"prompt": "Hello, world"}
+    status, strs = await post(http, f"{base}/tokenize",
+                              {"prompt": "Hello, world", "return_token_strs": True})  # fmt: skip
+    assert status == 200 and strs["token_strs"] == ["Hello", ",", " world"]
+    # token ids have no text of their own here: their strings are null, as for no request
+    status, ids = await post(http, f"{base}/tokenize",
+                             {"prompt": [1, 2, 3], "return_token_strs": True})  # fmt: skip
+    assert status == 200
+    assert (ids["count"], ids["tokens"], ids["token_strs"]) == (3, [1, 2, 3], None)
     status, err = await post(http, f"{base}/detokenize", {"tokens": [1]})
     assert status == 400 and err["error"]["param"] == "tokens"
     status, rendered = await post(http, f"{base}/v1/completions/render", {"prompt": "Hello"})
