@@ -450,6 +450,30 @@ async def test_information_endpoints(base: str, http: aiohttp.ClientSession) -> 
         assert status == 200 and info["model_path"] == MODEL and info["is_generation"] is True
 
 
+async def test_server_info_load_counts_running_and_waiting_requests(
+    http: aiohttp.ClientSession,
+) -> None:
+    """SGLang's ``internal_states[0].load``: the requests the engine holds, those running
+    (one here, held mid-answer) and those waiting (the fake engine's two)."""
+    fake = FakeEngine(gate_after=0)
+    runner, port = await start_engine_server(fake, model_name=MODEL, shutdown_timeout=1.0)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = {"prompt": "x", "max_tokens": 2}
+        answer = asyncio.create_task(post(http, f"{url}/v1/completions", body))
+        await asyncio.wait_for(fake.gated.wait(), timeout=10)
+        for path in ("/get_server_info", "/server_info"):
+            status, info = await get(http, url + path)
+            assert status == 200 and info["internal_states"] == [{"load": 3}]
+        fake.release.set()
+        assert (await answer)[0] == 200
+        _, info = await get(http, f"{url}/get_server_info")
+        assert info["internal_states"] == [{"load": 2}]
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
 async def test_tokenize_detokenize_and_render(base: str, http: aiohttp.ClientSession) -> None:
     status, tok = await post(http, f"{base}/tokenize", {"model": MODEL, "prompt": "Hello, world"})
     assert status == 200 and tok["count"] == 3 and tok["max_model_len"] == 64
