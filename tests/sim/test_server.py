@@ -162,6 +162,24 @@ async def test_stream_without_include_usage_has_no_usage_chunk(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_continuous_usage_stats_ride_every_chunk_only_with_include_usage(
+    base: str, http: aiohttp.ClientSession, include_usage: bool
+) -> None:
+    """As vLLM: ``continuous_usage_stats`` gives every chunk its usage so far, and without
+    ``include_usage`` no chunk carries usage at all."""
+    options = {"include_usage": include_usage, "continuous_usage_stats": True}
+    body = {"model": MODEL, "prompt": "p q", "max_tokens": 2, "stream": True,
+            "stream_options": options}  # fmt: skip
+    events = await sse_events(http, f"{base}/v1/completions", body)
+    objs = [json.loads(e) for e in events[:-1]]
+    if not include_usage:
+        assert len(objs) == 2 and all("usage" not in o for o in objs)
+        return
+    assert [o["usage"]["completion_tokens"] for o in objs] == [1, 2, 2]
+    assert objs[-1]["choices"] == []  # the closing usage chunk
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
