@@ -168,6 +168,19 @@ def test_engines_from_plan_for_engine_sim_and_the_instance_to_register() -> None
     assert inst.metadata["gpu_ids"] == [0, 1] and inst.metadata["sim_gpu"] == "a100"
 
 
+def test_a_slowed_simulation_and_a_pipelined_instance_to_register() -> None:
+    """A ``sim_speed`` below 1 reaches the engine as ``--speed`` as one above does; an
+    instance of tp x pp GPUs counts them all, and its device is its first GPU."""
+    plan = [PlannedInstance(GENERAL, 2, 2, 1, (2, 3, 4, 5))]
+    settings = LaunchSettings(engine="sim", model="llama-3-8b", sim_gpu="a100", sim_speed=0.5)
+    (engine,) = engines_from_plan(plan, settings)
+    assert engine.argv[-2:] == ("--speed", "0.5")
+    inst = engine.to_instance()
+    assert (inst.tensor_parallel_size, inst.pipeline_parallel_size) == (2, 2)
+    assert (inst.gpu_count, inst.gpu_device_id) == (4, 2)
+    assert inst.metadata["gpu_ids"] == [2, 3, 4, 5]
+
+
 def test_launch_settings_validation() -> None:
     with pytest.raises(ConfigError, match="unknown engine 'tgi'"):
         LaunchSettings(engine="tgi")  # type: ignore[arg-type]
