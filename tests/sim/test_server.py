@@ -579,6 +579,9 @@ async def test_metrics_use_vllm_names_and_server_timings(http: aiohttp.ClientSes
         assert name in samples
     assert one("vllm:num_requests_waiting") == 2.0
     assert one("vllm:generation_tokens_total") == 300.0
+    # each counter from its own statistic (the fake engine's 100 queried, 40 hit)
+    assert one("vllm:prefix_cache_queries_total") == 100.0
+    assert one("vllm:prefix_cache_hits_total") == 40.0
     ((info, _),) = samples["vllm:cache_config_info"]
     assert (info["block_size"], info["num_gpu_blocks"]) == ("16", "1000")
     # Request 1: chunks at +0.5, +1.0, +1.5; request 2: at +0.5, +1.0.
