@@ -445,6 +445,18 @@ def test_views_are_what_the_registry_builds() -> None:
         assert slot.state.view() == slot.state._build_view()
 
 
+def test_stats_refreshes_go_on_while_work_is_left_after_the_last_arrival() -> None:
+    sim = ClusterSimulator(
+        make_fleet(1), policy="fifo", routing="load_balanced", stats_interval_s=1.0
+    )
+    long = WorkloadRequest("r0", 0.0, list(range(1, 2001)), 2000, 2000)
+    result = sim.run([long])
+    assert result.sim_time_s > 10.0  # many refresh intervals after the only arrival
+    state = sim.fleet.slots[0].state
+    assert state.last_stats == sim.fleet.slots[0].core.stats()  # refreshed after the end
+    assert state.last_stats is not None and state.last_stats.generation_tokens_total == 2000
+
+
 def test_measurements_pass_their_own_checks() -> None:
     result = ClusterSimulator(_fleet(2, bound=4), policy="fifo", routing="random").run(
         _load(60, rate=40.0)
