@@ -14,6 +14,7 @@ from sage_llm.bench.compare import (
     CompareConfig,
     as_text_prompts,
     build_workload,
+    check_workload,
     compare_main,
     overload_compare,
     overload_title,
@@ -113,6 +114,20 @@ def test_build_workload_rejects_bad_input() -> None:
         build_workload("synthetic", rate=0.0, duration_s=10.0)
     with pytest.raises(ConfigError):
         build_workload("synthetic", rate=1.0, duration_s=0.0)
+
+
+def test_a_trace_must_be_a_file(tmp_path: Path) -> None:
+    for path in (tmp_path, tmp_path / "missing.jsonl"):
+        with pytest.raises(ConfigError, match="no trace file at") as info:
+            check_workload(f"trace:{path}")
+        assert info.value.key == "workload"
+
+
+def test_build_workload_offers_rate_times_duration_requests_rounded() -> None:
+    """The nearest whole number of requests to rate × duration, at least 2."""
+    assert len(build_workload("synthetic", rate=2.9, duration_s=1.0)) == 3
+    assert len(build_workload("synthetic", rate=2.2, duration_s=1.0)) == 2
+    assert len(build_workload("synthetic", rate=0.5, duration_s=1.0)) == 2
 
 
 def test_as_text_prompts_keeps_token_counts_and_shared_prefixes() -> None:
@@ -388,6 +403,9 @@ def test_prefix_hit_rate_is_the_increase_of_the_engines_counters() -> None:
     assert prefix_hit_delta(before, after) == pytest.approx(0.6)
     assert prefix_hit_delta(None, after) is None
     assert prefix_hit_delta(before, before) is None  # no query in between
+    # not the same engines (one left between the snapshots): no rate of theirs to compare
+    assert prefix_hit_delta(before, {"a": after["a"]}) is None
+    assert prefix_hit_delta(before, {**after, "c": counters(10.0, 5.0)}) is None
 
 
 def test_prefix_hit_rates_come_from_the_entries_that_have_one() -> None:
