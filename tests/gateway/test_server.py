@@ -608,3 +608,94 @@ def test_a_pipelined_heads_408_names_no_method_it_did_not_see(
 
     with caplog.at_level(logging.INFO, logger="sage_llm.gateway.access"):
         run_virtual(main())
+
+
+def test_an_error_outside_the_app_is_a_logged_json_500_that_closes_its_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What fails outside the app's middlewares gets the JSON 500, is logged at ERROR with
+    its traceback and counted, and its connection closes (as its ``Connection: close``
+    says), the request being well formed and kept alive or not."""
+    from aiohttp import web
+
+    from sage_llm.gateway.server import json_error_protocols
+
+    async def broken(request: web.BaseRequest) -> web.StreamResponse:
+        raise RuntimeError("broken outside the app")
+
+    counted: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        server = web.Server(broken)
+        protocol = json_error_protocols(
+            server, lambda route, status: counted.append((route, status))
+        )
+        listener = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+        port = int(listener.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 30.0)  # until closed (kept alive: never)
+        finally:
+            writer.close()
+            listener.close()
+            await server.shutdown(1.0)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500 "), raw
+        assert b"\r\nconnection: close" in head.lower()
+        error = json.loads(body)["error"]
+        assert (error["type"], error["code"]) == ("internal_error", 500)
+
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway"):
+        run_virtual(main())
+    assert counted == [("other", 500)]
+    (failed,) = [r for r in caplog.records if "failed outside the app" in r.getMessage()]
+    assert failed.levelno == logging.ERROR and failed.exc_info is not None
+
+
+@pytest.mark.parametrize(
+    ("addresses", "loopback"),
+    [(["127.0.0.1", "::1"], True), (["127.0.0.1", "192.0.2.7"], False), ([], False)],
+)
+async def test_a_host_name_is_loopback_only_when_every_address_it_binds_is(
+    addresses: list[str], loopback: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that resolves to a loopback address and another binds both: the gateway
+    can be reached from beyond this machine."""
+    from sage_llm.gateway.server import _loopback_only
+
+    async def resolve(host: str, port: object, **kwargs: object) -> list[tuple[object, ...]]:
+        assert host == "gateway.test"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in addresses]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", resolve)
+    assert await _loopback_only("gateway.test") is loopback
+
+
+@pytest.mark.parametrize("keys", ["none", "file", "env"])
+async def test_a_gateway_open_beyond_loopback_is_warned_of_unless_it_has_api_keys(
+    keys: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning that anyone may use the gateway is logged only without API keys, from
+    the file (``gateway.api_keys``) or the environment (``gateway.api_keys_env``)."""
+    from sage_llm.gateway import server as server_module
+
+    async def reachable(host: str) -> bool:
+        return False  # as a bind beyond loopback, without binding one in a test
+
+    monkeypatch.setattr(server_module, "_loopback_only", reachable)
+    monkeypatch.setenv("SAGE_TEST_KEYS", "k1")
+    config = GatewayConfig(
+        port=_free_port(),
+        api_keys=("k1",) if keys == "file" else (),
+        api_keys_env="SAGE_TEST_KEYS" if keys == "env" else None,
+    )
+    manager, _, _ = make_manager(1)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="sage_llm.gateway"):
+        server = asyncio.create_task(run_gateway(manager, config, ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(server, 10)
+    warned = any("has no API key" in r.getMessage() for r in caplog.records)
+    assert warned is (keys == "none")
