@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from sage_llm.errors import AuthenticationError, PermissionDeniedError
 from sage_llm.gateway.auth import (
+    authorize,
     bearer_token,
     check_admin,
     check_api_key,
@@ -87,3 +89,12 @@ def test_admin_with_a_token_requires_it_from_everyone() -> None:
         check_admin("127.0.0.1", "wrong", "s3cret")
     with pytest.raises(PermissionDeniedError):
         check_admin("10.1.2.3", "wrong", "s3cret")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/admin/instances"])
+def test_options_needs_no_credentials(path: str) -> None:
+    """A CORS preflight carries no credentials: ``OPTIONS`` always goes on (the CORS layer
+    or the route answers it); any other method on the same path is checked."""
+    authorize(make_mocked_request("OPTIONS", path), ["k1"], "s3cret")
+    with pytest.raises(AuthenticationError):
+        authorize(make_mocked_request("POST", path), ["k1"], "s3cret")
