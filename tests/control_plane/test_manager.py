@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import types
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -2990,6 +2990,60 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
             too_long = await cp.generate(make_metadata("huge", max_tokens=9000))
             assert too_long.status is RequestStatus.FAILED
             assert "maximum context length" in (too_long.error or "")
+
+    run_virtual(main())
+
+
+class _NewerVllmWords(SimEngine):
+    """A simulated engine that refuses as vLLM 0.11+ words it: ``max_tokens`` past its
+    context, or a prompt longer than it (the words only; vLLM 0.11+ also serves a prompt
+    and ``max_tokens`` past it cut to its context, which this engine refuses)."""
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        limit = self._config.max_model_len
+        if req.max_tokens > limit:
+            raise EngineRequestRejectedError(
+                f"{self.instance_id}: rejected the request (HTTP 400 from POST "
+                f"/v1/completions): max_tokens={req.max_tokens} cannot be greater than "
+                f"max_model_len={limit}. Please request fewer output tokens. "
+                f"(parameter=max_tokens, value={req.max_tokens})",
+                instance_id=self.instance_id, status=400, param="max_tokens",
+            )  # fmt: skip
+        try:
+            async for chunk in super().generate(req):
+                yield chunk
+        except InvalidRequestError as exc:
+            if "maximum context length" not in exc.message:
+                raise
+            raise EngineRequestRejectedError(
+                f"{self.instance_id}: rejected the request (HTTP 400 from POST "
+                f"/v1/completions): The decoder prompt (length 1500) is longer than the "
+                f"maximum model length of {limit}. Make sure that `max_model_len` is no "
+                "smaller than the number of text tokens.",
+                instance_id=self.instance_id, status=400, param="input_tokens",
+            ) from None  # fmt: skip
+
+
+def test_the_refusals_of_newer_vllm_send_a_request_to_a_longer_context_too() -> None:
+    """vLLM 0.11+ words a request past its context otherwise than vLLM before it: the
+    request runs on the instance whose context holds it all the same."""
+    engines: dict[str, SimEngine] = {
+        f"short{k}": _NewerVllmWords(f"short{k}", SimEngineConfig(speed=100.0, max_model_len=1024))
+        for k in range(2)
+    }
+    engines["long"] = SimEngine("long", SimEngineConfig(speed=100.0))
+
+    async def main() -> None:
+        cp = _over_engines(engines, routing_strategy="round_robin")
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(4)]
+            prompt = "word " * 1500
+            for k in range(4):
+                meta = make_metadata(f"p{k}", prompt=prompt, max_tokens=10)
+                results.append(await cp.generate(meta))
+            assert all(r.status is RequestStatus.COMPLETED for r in results), results
+            assert {r.instance_id for r in results} == {"long"}
 
     run_virtual(main())
 

@@ -173,6 +173,20 @@ def refusal_of(
     return None
 
 
+_CONTEXT_REFUSALS = (
+    "maximum context length",  # vLLM's (to 0.10; since, a prompt past it), SGLang's
+    "longer than the maximum model length",  # vLLM 0.11+: a prompt that fills it
+    "cannot be greater than max_model_len",  # vLLM 0.11+: max_tokens past it
+)
+
+
+def is_context_refusal(message: str) -> bool:
+    """Whether an engine's refusal ``message`` says the request is longer than its context
+    (its ``max_model_len``), in the words of the vLLM and SGLang releases."""
+    lowered = message.lower()
+    return any(words in lowered for words in _CONTEXT_REFUSALS)
+
+
 def failure_error(
     result: RequestResult, exception: BaseException | None, *, cancelled: bool = False
 ) -> SageLLMError | None:
@@ -898,7 +912,7 @@ class Dispatcher:
         one not known yet): a fleet of mixed contexts serves it there."""
         if rec.delivered or not isinstance(exc, EngineRequestRejectedError):
             return False
-        if "maximum context length" not in str(exc).lower():  # vLLM's words, and SGLang's
+        if not is_context_refusal(str(exc)):
             return False
         mine = state.context_length
         if mine is None:  # its context unknown: nothing says another's is longer
