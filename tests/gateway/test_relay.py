@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from sage_llm.gateway.lean import LeanStream
 from sage_llm.gateway.relay import (
     _as_the_client_named,
     _Choices,
+    _merged,
     completion_body,
     fill_generation,
     merge_delta,
@@ -833,3 +835,27 @@ def test_an_engines_refusal_of_max_tokens_is_said_in_the_clients_name() -> None:
     gen = fill_generation(meta, True, "m", False, False, None, "max_completion_tokens")
     _as_the_client_named(other, gen)
     assert (other.param, other.message) == ("prompt", said)
+
+
+async def test_a_stream_of_several_prompts_pulls_no_further_ahead_than_its_reader() -> None:
+    """While the client reads nothing, the prompts' streams wait: their batches do not
+    pile up in memory (every token of every prompt had)."""
+    pulled: Counter[str] = Counter()
+
+    class _Endless:
+        async def stream_batches(self, meta: Any) -> AsyncGenerator[list[Chunk], None]:
+            for _ in range(10_000):
+                pulled[meta.request_id] += 1
+                yield [Chunk(text="x")]
+
+    gens = [
+        fill_generation(make_metadata(f"r#{k}"), False, "m", True, False, None, "max_tokens")
+        for k in range(3)
+    ]
+    merged = _merged(cast(ControlPlaneManager, _Endless()), gens)
+    assert (await anext(merged))[0].text == "x"
+    for _ in range(100):  # the pumps' turns
+        await asyncio.sleep(0)
+    assert sum(pulled.values()) <= 2 * len(gens) + 1, pulled  # the queue's, the pumps', one read
+    assert set(pulled) == {"r#0", "r#1", "r#2"}
+    await merged.aclose()

@@ -434,17 +434,19 @@ async def _merged(
     manager: ControlPlaneManager, gens: Sequence[Generation]
 ) -> AsyncGenerator[list[Chunk], None]:
     n = _choices_per_prompt(gens[0])
-    queue: asyncio.Queue[tuple[int, list[Chunk] | Exception | None]] = asyncio.Queue()
+    # bounded: while the client reads nothing the pumps wait, and so do the engines' streams
+    # (unbounded, every token of every prompt had piled up in memory)
+    queue: asyncio.Queue[tuple[int, list[Chunk] | Exception | None]] = asyncio.Queue(len(gens))
 
     async def pump(k: int, gen: Generation) -> None:
         try:
             async with contextlib.aclosing(manager.stream_batches(gen.meta)) as batches:
                 async for batch in batches:
-                    queue.put_nowait((k, batch))
+                    await queue.put((k, batch))
         except Exception as exc:  # the merged stream raises it
-            queue.put_nowait((k, exc))
+            await queue.put((k, exc))
         else:
-            queue.put_nowait((k, None))
+            await queue.put((k, None))
 
     tasks = [asyncio.ensure_future(pump(k, gen)) for k, gen in enumerate(gens)]
     left = len(gens)
