@@ -3048,6 +3048,46 @@ def test_the_refusals_of_newer_vllm_send_a_request_to_a_longer_context_too() -> 
     run_virtual(main())
 
 
+class _CuttingEngine(SimEngine):
+    """A simulated engine that serves a request past its context as vLLM 0.11+ does:
+    ``max_tokens`` cut to what its context holds after the prompt, no refusal."""
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        room = self._config.max_model_len - len(self._prompt_ids(req))
+        async for chunk in super().generate(req.with_changes(max_tokens=min(req.max_tokens, room))):
+            yield chunk
+
+
+def test_a_request_past_a_short_context_goes_to_a_longer_one_rather_than_be_cut() -> None:
+    """vLLM 0.11+ serves a prompt and ``max_tokens`` past its context cut short: once the
+    contexts are known, such a request goes to an instance whose context holds it whole;
+    one that fits goes anywhere, and one no instance holds runs as the engines answer."""
+    engines: dict[str, SimEngine] = {
+        f"short{k}": _CuttingEngine(f"short{k}", SimEngineConfig(speed=100.0, max_model_len=1024))
+        for k in range(2)
+    }
+    engines["long"] = SimEngine("long", SimEngineConfig(speed=100.0, max_model_len=2048))
+
+    async def main() -> None:
+        cp = _over_engines(engines, routing_strategy="round_robin")
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            prompt = "word " * 600
+            whole = [
+                await cp.generate(make_metadata(f"w{k}", prompt=prompt, max_tokens=600))
+                for k in range(4)
+            ]
+            assert [(r.instance_id, r.completion_tokens) for r in whole] == [("long", 600)] * 4
+            small = [await cp.generate(make_metadata(f"s{k}", max_tokens=8)) for k in range(6)]
+            assert {r.instance_id for r in small} == {"short0", "short1", "long"}
+            cp.drain_instance("long")  # none left that holds it: cut short, as vLLM serves it
+            cut = await cp.generate(make_metadata("c", prompt=prompt, max_tokens=600))
+            assert cut.status is RequestStatus.COMPLETED and cut.instance_id != "long"
+            assert cut.completion_tokens < 600
+
+    run_virtual(main())
+
+
 async def _long_requests_once_contexts_are_known(
     cp: ControlPlaneManager, n: int
 ) -> list[RequestResult]:

@@ -1235,9 +1235,10 @@ class Dispatcher:
             return False
         return None
 
-    def servable_now(self, model: str) -> bool:
-        """Whether some instance, or PD pair, may take a request for ``model`` now."""
-        return self._servable(model, frozenset())
+    def servable_now(self, model: str, excluded: frozenset[str] = frozenset()) -> bool:
+        """Whether some instance, or PD pair, not in ``excluded`` may take a request for
+        ``model`` now."""
+        return self._servable(model, excluded)
 
     def _servable(self, model: str, excluded: frozenset[str], *, whole_only: bool = False) -> bool:
         """Whether instances outside ``excluded`` could run a request for ``model`` (whole, or

@@ -603,6 +603,24 @@ class InstanceRegistry:
                 some = True
         return some, False
 
+    def too_short(self, model: str, tokens: int) -> frozenset[str]:
+        """The instances of ``model`` whose known context holds fewer than ``tokens``
+        (a request's prompt and ``max_tokens``) while another of its instances that is up
+        has a longer one, or one not known yet: the request is kept off them (vLLM 0.11+
+        would cut its answer to the context rather than refuse it). Empty when none is
+        that short, or none is longer (the engines then answer as they do)."""
+        short: set[str] = set()
+        longer = False
+        for s in self._states.values():
+            if s.instance.model_name != model or s.removed:
+                continue
+            known = s.context_length
+            if known is not None and known < tokens:
+                short.add(s.instance_id)
+            elif s.up:
+                longer = True
+        return frozenset(short) if short and longer else frozenset()
+
     def up_members(self, model: str) -> list[tuple[str, ExecutionInstanceType]]:
         """The instances serving ``model`` that are up (see :meth:`up_kinds`), with their
         roles."""

@@ -1535,6 +1535,11 @@ class ControlPlaneManager:
             if type(session) is str
             else None,
         )
+        if engine_req.send_max_tokens:  # its whole answer: on an instance whose context holds it
+            short = registry.too_short(model, info.prompt_tokens + info.max_tokens)
+            excluded = info.excluded_instances | short
+            if short and dispatcher.servable_now(model, excluded):
+                info = replace(info, excluded_instances=excluded)
         now = info.arrival
         policy = dispatcher.policy
         queued = dispatcher.queued_depth
