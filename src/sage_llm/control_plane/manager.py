@@ -1537,9 +1537,10 @@ class ControlPlaneManager:
         )
         if engine_req.send_max_tokens:  # its whole answer: on an instance whose context holds it
             short = registry.too_short(model, info.prompt_tokens + info.max_tokens)
-            excluded = info.excluded_instances | short
-            if short and dispatcher.servable_now(model, excluded):
-                info = replace(info, excluded_instances=excluded)
+            if short:  # (kept on them when nothing else may take it now)
+                excluded = info.excluded_instances | short
+                if dispatcher.servable_now(model, excluded):
+                    info = replace(info, excluded_instances=excluded)
         now = info.arrival
         policy = dispatcher.policy
         queued = dispatcher.queued_depth
