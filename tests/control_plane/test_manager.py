@@ -3088,6 +3088,44 @@ def test_a_request_past_a_short_context_goes_to_a_longer_one_rather_than_be_cut(
     run_virtual(main())
 
 
+def test_a_request_kept_off_short_contexts_runs_on_one_when_the_longer_one_leaves() -> None:
+    """Queued for the longer instance, which then drains (or is removed): the request
+    runs on a short one, cut as its engine answers, not failed as if it had failed there."""
+    for leave in ("drain", "remove"):
+        engines: dict[str, SimEngine] = {
+            f"short{k}": _CuttingEngine(f"short{k}", SimEngineConfig(speed=1.0, max_model_len=1024))
+            for k in range(2)
+        }
+        engines["long"] = SimEngine("long", SimEngineConfig(speed=1.0, max_model_len=2048))
+
+        async def main(leave: str = leave, engines: dict[str, SimEngine] = engines) -> None:
+            cp = _over_engines(engines, routing_strategy="round_robin")
+            for state in cp._registry:
+                state.instance.max_concurrent_requests = 1
+            async with cp:
+                await asyncio.sleep(3.0)  # the probes learn each context
+                prompt = "word " * 600
+                busy = asyncio.ensure_future(
+                    cp.generate(make_metadata("busy", prompt=prompt, max_tokens=600))
+                )
+                await asyncio.sleep(0.05)
+                queued = asyncio.ensure_future(
+                    cp.generate(make_metadata("queued", prompt=prompt, max_tokens=600))
+                )
+                await asyncio.sleep(0.05)
+                assert await cp.get_request_status("queued") is RequestStatus.QUEUED
+                if leave == "drain":
+                    cp.drain_instance("long")
+                else:
+                    cp.unregister_instance("long")
+                first, second = await asyncio.gather(busy, queued)
+                assert (first.instance_id, first.completion_tokens) == ("long", 600)
+                assert second.status is RequestStatus.COMPLETED, second.error
+                assert second.instance_id != "long" and second.completion_tokens < 600
+
+    run_virtual(main())
+
+
 async def _long_requests_once_contexts_are_known(
     cp: ControlPlaneManager, n: int
 ) -> list[RequestResult]:

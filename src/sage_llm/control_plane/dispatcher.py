@@ -1477,6 +1477,23 @@ class Dispatcher:
             )  # fmt: skip
         return moved + failed
 
+    def take_back_kept_off(self, rec: RequestRecord) -> bool:
+        """Let the queued ``rec`` run on the instances kept off for their context
+        (:attr:`RequestRecord.kept_off`) when no other instance could run it any more;
+        whether that made it servable."""
+        if not rec.kept_off or rec.status is not RequestStatus.QUEUED:
+            return False
+        excluded = rec.info.excluded_instances - rec.kept_off
+        if self.unservable_reason(rec.info.model, excluded) is not None:
+            return False
+        queued = self.policy.remove(rec.request_id) is not None  # (none while backing off)
+        rec.info = replace(rec.info, excluded_instances=excluded)
+        rec.kept_off = frozenset()
+        if queued:
+            self.policy.push(rec.info)
+        self.wake()
+        return True
+
     def fail_queued(self, rec: RequestRecord, reason: str) -> None:
         """End ``rec`` FAILED with ``reason`` when it is still queued (it leaves the queue)."""
         if rec.status is RequestStatus.QUEUED:

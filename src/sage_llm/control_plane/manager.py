@@ -1535,11 +1535,13 @@ class ControlPlaneManager:
             if type(session) is str
             else None,
         )
+        kept_off: frozenset[str] = frozenset()
         if engine_req.send_max_tokens:  # its whole answer: on an instance whose context holds it
             short = registry.too_short(model, info.prompt_tokens + info.max_tokens)
             if short:  # (kept on them when nothing else may take it now)
                 excluded = info.excluded_instances | short
                 if dispatcher.servable_now(model, excluded):
+                    kept_off = short - info.excluded_instances
                     info = replace(info, excluded_instances=excluded)
         now = info.arrival
         policy = dispatcher.policy
@@ -1601,6 +1603,7 @@ class ControlPlaneManager:
             relayed=stream,
             chunks=[] if collect else None,
             queued_at=now,
+            kept_off=kept_off,
         )
         meta.model_name = model
         meta.arrival_time = meta.queue_time = self.clock.to_datetime(now)
@@ -1792,6 +1795,8 @@ class ControlPlaneManager:
                 reason: str | None = f"no instance serves model {rec.info.model!r} any more"
             else:
                 reason = dispatcher.unservable_reason(rec.info.model, rec.info.excluded_instances)
+                if reason is not None and dispatcher.take_back_kept_off(rec):
+                    continue  # a shorter context serves it now, cut as its engine answers
             if reason is not None:
                 rec.exception = NoHealthyInstanceError(reason)
                 dispatcher.fail_queued(rec, reason)

@@ -78,6 +78,9 @@ class RequestRecord:
     instance_id: str | None = None
     prefill_instance_id: str | None = None
     attempts: int = 0
+    kept_off: frozenset[str] = frozenset()
+    """Instances in ``info.excluded_instances`` only because their context cannot hold the
+    whole answer (never tried): taken back when no other instance can run it."""
     cancel_requested: bool = False
     cancel_reason: str | None = None
     """Why it is cancelled, when not by its caller (a time limit that passed): its error."""
