@@ -621,22 +621,32 @@ async def _relay(
             for chunk in batch:
                 usage = chunk.usage or usage
                 top = chunk.top
-                content = (
-                    chunk.text or chunk.finish_reason or chunk.logprobs is not None
-                    or chunk.fields or chunk.extras
-                )  # fmt: skip
+                fields = chunk.fields
                 if fmt.chat and chunk.index not in seen:
                     role = fmt.role_chunk()
-                    role["choices"][0]["index"] = chunk.index
+                    first = role["choices"][0]
+                    first["index"] = chunk.index
+                    if fields is not None and "role" in fields:  # not the assistant's: the
+                        first["delta"]["role"] = fields["role"]  # engine's, in our role event
+                        fields = {k: v for k, v in fields.items() if k != "role"} or None
+                    content = (
+                        chunk.text or chunk.finish_reason or chunk.logprobs is not None
+                        or fields or chunk.extras
+                    )  # fmt: skip
                     if top and not content:  # the engine's own role event: its fields go
                         role.update(top)  # with ours (the usage so far, prompt_token_ids)
                         top = None
                     out.append(encode_event(role))
-                seen.add(chunk.index)
+                    seen.add(chunk.index)
+                else:
+                    content = (
+                        chunk.text or chunk.finish_reason or chunk.logprobs is not None
+                        or fields or chunk.extras
+                    )  # fmt: skip
                 if content or top:
                     event = fmt.chunk(
                         chunk.text, chunk.finish_reason, index=chunk.index,
-                        logprobs=chunk.logprobs, fields=chunk.fields, extras=chunk.extras,
+                        logprobs=chunk.logprobs, fields=fields, extras=chunk.extras,
                         token_ids=chunk.token_ids if ids else (), top=top,
                     )  # fmt: skip
                     out.append(encode_event(event))
