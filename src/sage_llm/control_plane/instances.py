@@ -536,6 +536,9 @@ class InstanceState:
         )
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 class InstanceRegistry:
     """All registered instances, by id, in registration order."""
 
@@ -609,17 +612,21 @@ class InstanceRegistry:
         has a longer one, or one not known yet: the request is kept off them (vLLM 0.11+
         would cut its answer to the context rather than refuse it). Empty when none is
         that short, or none is longer (the engines then answer as they do)."""
-        short: set[str] = set()
-        longer = False
+        short = [
+            s.instance_id
+            for s in self._states.values()  # (per request: the context first, cheapest)
+            if (known := s.context_length) is not None
+            and known < tokens
+            and s.instance.model_name == model
+            and not s.removed
+        ]
+        if not short:
+            return _NONE
         for s in self._states.values():
-            if s.instance.model_name != model or s.removed:
-                continue
             known = s.context_length
-            if known is not None and known < tokens:
-                short.add(s.instance_id)
-            elif s.up:
-                longer = True
-        return frozenset(short) if short and longer else frozenset()
+            if (known is None or known >= tokens) and s.instance.model_name == model and s.up:
+                return frozenset(short)
+        return _NONE
 
     def up_members(self, model: str) -> list[tuple[str, ExecutionInstanceType]]:
         """The instances serving ``model`` that are up (see :meth:`up_kinds`), with their
