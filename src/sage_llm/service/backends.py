@@ -304,6 +304,17 @@ async def _all(coros: list[Coroutine[Any, Any, Any]], limit_s: float | None, wha
             await asyncio.gather(*pending, return_exceptions=True)
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine: ``LLM.shutdown()`` where vLLM has it, else its engine
+    core client's ``shutdown()`` (vLLM 0.32: ``llm.llm_engine.engine_core``)."""
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (llm, engine, getattr(engine, "engine_core", None)):
+        shutdown = getattr(owner, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+            return
+
+
 class InProcessVLLMBackend:
     """``vllm.LLM`` hosted in this process (SAGE's original VLLMService behaviour)."""
 
@@ -324,7 +335,12 @@ class InProcessVLLMBackend:
         return LLM(**{**dict(engine), "model": model})
 
     async def aclose(self) -> None:
+        """Shut the engines down (vLLM's engine core and worker processes, which dropping
+        the ``LLM`` leaves running until Python exits), in a worker thread."""
+        engines = [e for e in (self._llm, self._embedder) if e is not None]
         self._llm = self._embedder = None
+        for engine in engines:
+            await asyncio.to_thread(shutdown_engine, engine)
 
     async def _blocking(self, fn: Any, *args: Any) -> Any:
         if self._lock is None or self._llm is None:
