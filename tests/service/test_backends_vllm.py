@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sage_llm.service import VLLMService
+from sage_llm.service.runner import LoopThread
 from tests.service import fake_vllm
 
 ENGINE = {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True}
@@ -50,3 +51,20 @@ def test_cleanup_shuts_the_engine_down_in_a_worker_thread(fake: fake_vllm.Fake) 
     assert entry["generations"][0]["text"] == "hello"
     svc.cleanup()
     assert [e.shut_down for e in fake.llms] == [True, True, True]
+
+
+def test_setup_waits_for_the_model_load_without_a_time_limit(
+    fake: fake_vllm.Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real model's load often takes longer than the 60 s a start had been given."""
+    limits: list[float | None] = []
+    start = LoopThread.start
+
+    def recorded(self: LoopThread, init: Any = None, timeout: float | None = 60.0) -> None:
+        limits.append(timeout)
+        start(self, init, timeout)
+
+    monkeypatch.setattr(LoopThread, "start", recorded)
+    with VLLMService({"model_id": "tiny", "engine": ENGINE}) as svc:
+        assert _generate(svc, "a b", max_tokens=1)[0]["generations"][0]["text"] == "a"
+    assert limits == [None]

@@ -77,6 +77,30 @@ def test_failed_init_stops_the_thread_and_reraises() -> None:
     runner.stop()
 
 
+def test_an_init_past_its_time_limit_is_a_sage_error_naming_it() -> None:
+    """An ``init`` that runs past ``timeout`` is cancelled and said (it had been a bare
+    ``TimeoutError()``); its own TimeoutError stays its own."""
+    cancelled = threading.Event()
+
+    async def load_model() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    async def own() -> None:
+        raise TimeoutError("the engine said so")
+
+    runner = LoopThread("svc")
+    with pytest.raises(SageLLMError, match=r"svc did not start: .*load_model\(\) did not "
+                       r"finish within 0\.05 s") as err:  # fmt: skip
+        runner.start(load_model, timeout=0.05)
+    assert type(err.value) is SageLLMError and cancelled.is_set()
+    assert not runner.running
+    with pytest.raises(TimeoutError, match="the engine said so"):
+        runner.start(own, timeout=None)
+
+
 def test_calls_before_start_or_after_stop_are_refused() -> None:
     runner = LoopThread()
     with pytest.raises(ControlPlaneNotRunningError, match="setup"):

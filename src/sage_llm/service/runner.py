@@ -34,6 +34,9 @@ from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, SageLLMErr
 __all__ = ["LoopFactory", "LoopThread", "check_loop_factory"]
 
 T = TypeVar("T")
+
+START_TIMEOUT_S = 60.0
+"""How long :meth:`LoopThread.start` waits for its ``init`` by default."""
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
@@ -81,9 +84,13 @@ class LoopThread:
         return thread is not None and threading.current_thread() is thread
 
     def start(
-        self, init: Callable[[], Awaitable[None]] | None = None, timeout: float = 60.0
+        self,
+        init: Callable[[], Awaitable[None]] | None = None,
+        timeout: float | None = START_TIMEOUT_S,
     ) -> None:
-        """Start the thread and run ``init()`` on its loop; on failure stop and re-raise."""
+        """Start the thread and run ``init()`` on its loop; on failure stop and re-raise.
+        ``init`` that runs past ``timeout`` seconds (None: no limit) is cancelled, and a
+        :class:`SageLLMError` says so."""
         with self._lock:
             if self._loop is not None:
                 raise SageLLMError(f"{self._name} is already started")
@@ -120,10 +127,17 @@ class LoopThread:
                 ) from failed[0]
         if init is None:
             return
+        started = asyncio.run_coroutine_threadsafe(self._work(_call(init)), loop)
         try:
-            asyncio.run_coroutine_threadsafe(self._work(_call(init)), loop).result(timeout)
-        except BaseException:
+            started.result(timeout)
+        except BaseException as exc:
+            timed_out = isinstance(exc, TimeoutError) and not started.done()  # (not init's)
             self.stop()
+            if timed_out:
+                what = getattr(init, "__qualname__", "its start")
+                raise SageLLMError(
+                    f"{self._name} did not start: {what}() did not finish within {timeout:g} s"
+                ) from None
             raise
 
     def stop(

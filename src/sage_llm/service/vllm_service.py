@@ -43,7 +43,7 @@ from sage_llm.service.payloads import (
     parse_payload,
     request_ids,
 )
-from sage_llm.service.runner import LoopFactory, LoopThread, check_loop_factory
+from sage_llm.service.runner import START_TIMEOUT_S, LoopFactory, LoopThread, check_loop_factory
 from sage_llm.service.views import models_view
 
 __all__ = ["VLLM_TASKS", "VLLMService", "register_vllm_service"]
@@ -127,7 +127,8 @@ class VLLMService(ManagedService):
             backend = self._backend
             assert backend is not None
             runner = LoopThread(f"sage-llm-{self.name}", self._loop_factory)
-            runner.start(backend.start)
+            # A model's load (in-process vLLM) takes as long as it takes: no limit.
+            runner.start(backend.start, None if self.config.backend == "vllm" else START_TIMEOUT_S)
             self._runner = runner
         self.logger.info(f"{self.name}: serving {self.config.model_id} ({self.config.backend})")
 
