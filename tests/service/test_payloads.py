@@ -235,6 +235,29 @@ def test_a_request_fields_error_is_named_by_the_option_it_came_from() -> None:
     assert str(err) == "inputs[1]: model is required when several models are served"
 
 
+@pytest.mark.parametrize(
+    ("param", "where", "named"),
+    [
+        ("input_text", None, "inputs"),  # vLLM 0.32: a prompt past the context
+        ("input_text", "inputs[1]", "inputs[1]"),
+        ("prompt_token_ids", None, "inputs"),
+        ("body.stop", None, "options.stop"),  # vLLM's pydantic errors: loc body.<field>
+        ("body.stop", "inputs[1]", "inputs[1].options.stop"),
+        ("body.prompt", "inputs[0]", "inputs[0]"),
+        ("body.messages[0].content", None, "inputs"),
+        ("body", None, None),
+    ],
+)
+def test_an_engines_names_for_the_input_and_its_request_body_name_the_payloads_part(
+    param: str, where: str | None, named: str | None
+) -> None:
+    """vLLM's ``input_text`` / ``prompt_token_ids`` are the input, and its ``body.<field>``
+    the field (they had become ``options.input_text``, ``options.body.stop``)."""
+    err = InvalidRequestError("refused", param=param)
+    locate_error(err, where)
+    assert err.param == named
+
+
 def test_top_level_options_are_those_of_the_payloads_task() -> None:
     """Only generate's option names had been taken at the top level: embed's normalize,
     set_policy's params, drain_instance's drain were unknown payload keys there."""

@@ -147,8 +147,9 @@ def request_ids(items: Sequence[PromptInput]) -> list[str]:
 
 
 _PAYLOAD_PARAMS = ("inputs", "options", "payload", "task")
-_INPUT_PARAMS = frozenset({"prompt", "messages", "input"})
-"""Request fields a payload gives as its input, not as an option."""
+_INPUT_PARAMS = frozenset({"prompt", "messages", "input", "input_text", "prompt_token_ids"})
+"""Request fields a payload gives as its input, not as an option (vLLM names a prompt past
+the context ``input_text``)."""
 _OPTION_NAMES = {"model_name": "model"}
 """Request fields whose option has another name."""
 
@@ -159,6 +160,9 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
     (``options.temperature``), and, in a batch, the input (``where``: ``inputs[2]``), in
     ``param`` and in the message (which is all SAGE's ``call_service`` passes on)."""
     param = exc.param
+    if param is not None and (param == "body" or param.startswith("body.")):
+        param = param.removeprefix("body").removeprefix(".") or None  # vLLM's pydantic loc
+        exc.param = param
     if param in _OPTION_NAMES:
         exc.message = exc.message.replace(param, _OPTION_NAMES[param], 1)
         exc.args = (exc.message, *exc.args[1:])
