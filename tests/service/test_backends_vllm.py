@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sage_llm.errors import EngineError, EngineRequestRejectedError, InvalidRequestError
 from sage_llm.service import VLLMService
 from sage_llm.service.runner import LoopThread
 from tests.service import fake_vllm
@@ -68,3 +69,43 @@ def test_setup_waits_for_the_model_load_without_a_time_limit(
     with VLLMService({"model_id": "tiny", "engine": ENGINE}) as svc:
         assert _generate(svc, "a b", max_tokens=1)[0]["generations"][0]["text"] == "a"
     assert limits == [None]
+
+
+def test_vllms_refusals_are_sage_errors_naming_the_input(
+    svc: VLLMService, fake: fake_vllm.Fake
+) -> None:
+    """vLLM's VLLMValidationError / ValueError had leaked; they are the errors the HTTP
+    services raise, naming the part of the payload (``inputs[i]`` in a batch)."""
+    long = "word " * 200  # past the fake's 512-character context
+    with pytest.raises(EngineRequestRejectedError, match="maximum context length") as one:
+        _generate(svc, long, max_tokens=4)
+    assert one.value.param == "inputs"
+    with pytest.raises(InvalidRequestError) as batch:  # the one refused is found
+        _generate(svc, ["hi", [{"role": "user", "content": "hey"}], long], max_tokens=4)
+    assert isinstance(batch.value, EngineRequestRejectedError)
+    assert batch.value.param == "inputs[2]" and str(batch.value).startswith("inputs[2]: ")
+    with pytest.raises(EngineRequestRejectedError, match="top_k must be 0") as bad:
+        _generate(svc, ["hi", {"prompt": "yo", "options": {"top_k": -5}}], max_tokens=4)
+    assert bad.value.param == "inputs[1]"
+    with pytest.raises(EngineRequestRejectedError, match=r"min_p must be in \[0, 1\]") as one:
+        _generate(svc, "hi", min_p=3)
+    assert one.value.param is None  # (vLLM names no field: as over HTTP)
+    refusal = r"not served by an engine that supports embeddings .*only supported for pooling"
+    with pytest.raises(InvalidRequestError, match=refusal) as embed:
+        svc.process({"task": "embed", "inputs": "hello"})
+    assert type(embed.value) is InvalidRequestError and embed.value.param is None
+    with pytest.raises(InvalidRequestError) as named:
+        svc.process({"task": "embed", "inputs": "hello", "options": {"model": "tiny"}})
+    assert named.value.param == "options.model"
+    (entry,) = _generate(svc, "still serving", max_tokens=1)  # the engine goes on
+    assert entry["generations"][0]["text"] == "still"
+
+
+def test_an_engine_failure_is_an_engine_error(svc: VLLMService, fake: fake_vllm.Fake) -> None:
+    def dead(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("EngineCore encountered an issue")
+
+    fake.llms[0].generate = dead  # type: ignore[method-assign]
+    with pytest.raises(EngineError, match="RuntimeError: EngineCore encountered") as err:
+        _generate(svc, "hi")
+    assert not isinstance(err.value, InvalidRequestError)

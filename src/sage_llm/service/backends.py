@@ -25,6 +25,7 @@ from sage_llm.errors import (
     DeadlineExceededError,
     EngineError,
     EngineRequestRejectedError,
+    InvalidRequestError,
     ModelNotFoundError,
     SageLLMError,
 )
@@ -357,30 +358,22 @@ class InProcessVLLMBackend:
     def _generate_sync(
         self, items: list[PromptInput], request_ids: list[str]
     ) -> list[dict[str, Any]]:
-        from vllm import SamplingParams
-
-        def params(item: PromptInput) -> Any:
-            o = item.options
-            kw = {"max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p,
-                  "stop": list(o.stop) or None, "logprobs": o.logprobs, **o.extra}  # fmt: skip
-            return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
-
-        outputs: dict[int, Any] = {}
-        prompts = [i for i, item in enumerate(items) if item.prompt is not None]
-        chats = [i for i, item in enumerate(items) if item.messages is not None]
-        if prompts:
-            got = self._llm.generate(
-                [items[i].prompt for i in prompts], [params(items[i]) for i in prompts]
-            )
-            outputs.update(zip(prompts, got, strict=True))
-        if chats:
-            got = self._llm.chat(
-                [items[i].messages for i in chats], [params(items[i]) for i in chats]
-            )
-            outputs.update(zip(chats, got, strict=True))
+        """Run ``items`` on the engine; vLLM's refusals as :mod:`sage_llm.errors`, naming
+        the input (``inputs[i]`` in a batch), as the HTTP services name them."""
+        many = len(items) > 1
+        params = []
+        for index, item in enumerate(items):
+            try:
+                params.append(_sampling_params(item))
+            except Exception as exc:
+                raise engine_failure(exc, f"inputs[{index}]" if many else None) from exc
+        try:
+            outputs = self._run(items, params)
+        except Exception as exc:
+            culprit = self._culprit(items) if many and _refused(exc) else None
+            raise engine_failure(exc, None if culprit is None else f"inputs[{culprit}]") from exc
         entries = []
-        for i, rid in enumerate(request_ids):
-            out = outputs[i]
+        for out, rid in zip(outputs, request_ids, strict=True):
             seq = out.outputs[0]
             entries.append(
                 generation_entry(
@@ -394,6 +387,36 @@ class InProcessVLLMBackend:
                 )
             )
         return entries
+
+    def _run(self, items: list[PromptInput], params: list[Any]) -> list[Any]:
+        """The engine's outputs of ``items`` (prompts in one call, chats in another), in
+        input order."""
+        outputs: dict[int, Any] = {}
+        prompts = [i for i, item in enumerate(items) if item.prompt is not None]
+        chats = [i for i, item in enumerate(items) if item.messages is not None]
+        if prompts:
+            got = self._llm.generate(
+                [items[i].prompt for i in prompts], [params[i] for i in prompts], use_tqdm=False
+            )
+            outputs.update(zip(prompts, got, strict=True))
+        if chats:
+            got = self._llm.chat(
+                [items[i].messages for i in chats], [params[i] for i in chats], use_tqdm=False
+            )
+            outputs.update(zip(chats, got, strict=True))
+        return [outputs[i] for i in range(len(items))]
+
+    def _culprit(self, items: list[PromptInput]) -> int | None:
+        """The index of the batch's input the engine refuses on its own (vLLM's refusal of
+        a batch does not say which), tried one at a time for one token; None when none is
+        refused alone."""
+        for index, item in enumerate(items):
+            try:
+                self._run([item], [_sampling_params(item, max_tokens=1)])
+            except Exception as exc:
+                if _refused(exc):
+                    return index
+        return None
 
     async def embed(self, req: EmbedRequest) -> dict[str, Any]:
         model = local_embedding_model(self._cfg, req)
@@ -410,8 +433,63 @@ class InProcessVLLMBackend:
             engine = self._llm
         if not hasattr(engine, "embed"):
             raise EngineError("this vLLM build has no embedding API (LLM.embed)", retryable=False)
-        return [list(map(float, o.outputs.embedding)) for o in engine.embed(texts)]
+        try:
+            return [list(map(float, o.outputs.embedding)) for o in engine.embed(texts)]
+        except Exception as exc:
+            runner = getattr(getattr(engine, "model_config", None), "runner_type", None)
+            if _refused(exc) and runner is not None and runner != "pooling":
+                model = cfg.embedding_model_id or cfg.model_id  # as the HTTP service says it
+                raise InvalidRequestError(
+                    f"model {model!r} is not served by an engine that supports embeddings "
+                    f"(the in-process vLLM engine: {exc})",
+                    param="model",
+                ) from exc
+            raise engine_failure(exc, None) from exc
 
     async def models(self) -> list[str]:
         cfg = self._cfg
         return [m for m in (cfg.model_id, cfg.embedding_model_id) if m]
+
+
+def _sampling_params(item: PromptInput, **override: Any) -> Any:
+    """The ``vllm.SamplingParams`` of ``item`` (vLLM checks them as it builds them)."""
+    from vllm import SamplingParams
+
+    o = item.options
+    kw = {"max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p,
+          "stop": list(o.stop) or None, "logprobs": o.logprobs, **o.extra, **override}  # fmt: skip
+    return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether vLLM refused the request itself (a ``VLLMClientError``, or the
+    ``ValueError`` / ``TypeError`` of its checks), not failed."""
+    if isinstance(exc, ValueError | TypeError | InvalidRequestError):
+        return True
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # an older vLLM: its refusals are ValueErrors
+        return False
+    return isinstance(exc, VLLMClientError)
+
+
+def engine_failure(exc: BaseException, where: str | None) -> SageLLMError:
+    """An in-process vLLM engine's exception as the :mod:`sage_llm.errors` one the HTTP
+    services raise: a refusal of the request is an :class:`EngineRequestRejectedError`
+    (``param`` the field vLLM names, ``input_text`` for a prompt past the context), any
+    other failure an :class:`EngineError`; named after the payload's part (``where``:
+    ``inputs[2]`` in a batch) by :func:`locate_error`."""
+    if isinstance(exc, SageLLMError):
+        err = exc
+    elif _refused(exc):
+        param = getattr(exc, "parameter", None)
+        err = EngineRequestRejectedError(
+            f"the in-process vLLM engine rejected the request: {exc or type(exc).__name__}",
+            param=param if isinstance(param, str) else None,
+        )
+    else:
+        err = EngineError(
+            f"the in-process vLLM engine failed: {type(exc).__name__}: {exc}", retryable=False
+        )
+    locate_error(err, where)
+    return err
