@@ -3,12 +3,20 @@ module shaped as vLLM 0.32's (tests.service.fake_vllm): CI runs without vLLM."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from sage_llm.errors import EngineError, EngineRequestRejectedError, InvalidRequestError
+from sage_llm.errors import (
+    DeadlineExceededError,
+    EngineError,
+    EngineRequestRejectedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 from sage_llm.service import VLLMService
 from sage_llm.service.runner import LoopThread
 from tests.service import fake_vllm
@@ -109,3 +117,42 @@ def test_an_engine_failure_is_an_engine_error(svc: VLLMService, fake: fake_vllm.
     with pytest.raises(EngineError, match="RuntimeError: EngineCore encountered") as err:
         _generate(svc, "hi")
     assert not isinstance(err.value, InvalidRequestError)
+
+
+def test_the_model_and_timeout_options_are_honoured(svc: VLLMService, fake: fake_vllm.Fake) -> None:
+    """``model`` other than the service's is a ModelNotFoundError, and a call past its
+    ``timeout`` a DeadlineExceededError, as over HTTP (both had been ignored); the engine
+    takes the next call once the timed-out one has left it (one call at a time)."""
+    with pytest.raises(ModelNotFoundError, match="serves 'tiny', not 'other'") as one:
+        _generate(svc, "hi", model="other")
+    assert one.value.param == "options.model"
+    with pytest.raises(ModelNotFoundError) as batch:
+        _generate(svc, ["hi", {"prompt": "yo", "options": {"model": "other"}}])
+    assert batch.value.param == "inputs[1].options.model"
+    assert fake.llms[0].calls == []  # refused before the engine was asked
+    assert _generate(svc, "a b", model="tiny", max_tokens=1)[0]["generations"][0]["text"] == "a"
+
+    llm = fake.llms[0]
+    answer = llm.generate
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    inside: list[int] = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        inside.append(1)
+        entered.release()
+        try:
+            assert len(inside) == 1, "two calls ran on the engine at once"
+            gate.wait()
+            return answer(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    llm.generate = slow  # type: ignore[method-assign]
+    with pytest.raises(DeadlineExceededError, match=r"within the 0\.05 s timeout"):
+        _generate(svc, "a b", timeout=0.05)
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(_generate, svc, "c d", max_tokens=1)
+        assert entered.acquire(timeout=10)  # the timed-out call, still on the engine
+        assert not entered.acquire(timeout=0.2)  # the next one waits for it to leave
+        gate.set()
+        assert later.result()[0]["generations"][0]["text"] == "c"

@@ -346,14 +346,40 @@ class InProcessVLLMBackend:
     async def _blocking(self, fn: Any, *args: Any) -> Any:
         if self._lock is None or self._llm is None:
             raise EngineError("the in-process vLLM engine is not started", retryable=False)
-        async with self._lock:
-            return await asyncio.to_thread(fn, *args)
+        lock = self._lock
+        await lock.acquire()
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+
+        def done(task: asyncio.Future[Any]) -> None:
+            # The engine takes the next call once this one's thread has returned, even
+            # when its caller left (timed out, cancelled): vLLM's LLM runs one at a time.
+            lock.release()
+            if not task.cancelled():
+                task.exception()  # (retrieved: a caller that left does not read it)
+
+        work.add_done_callback(done)
+        return await asyncio.shield(work)
 
     async def generate(
         self, items: list[PromptInput], request_ids: list[str]
     ) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self._blocking(self._generate_sync, items, request_ids)
-        return result
+        """:meth:`_generate_sync` in the worker thread, within the inputs' ``timeout``
+        (the shortest), for this service's model only, as the HTTP services answer."""
+        model = self._cfg.model_id
+        for index, item in enumerate(items):
+            if item.options.model is not None and item.options.model != model:
+                exc = ModelNotFoundError(
+                    f"this service serves {model!r}, not {item.options.model!r}", param="model"
+                )
+                locate_error(exc, f"inputs[{index}]" if len(items) > 1 else None)
+                raise exc
+        timeouts = [i.options.timeout_s for i in items if i.options.timeout_s is not None]
+        result: list[list[dict[str, Any]]] = await _all(
+            [self._blocking(self._generate_sync, items, request_ids)],
+            min(timeouts) if timeouts else None,
+            "generate",
+        )
+        return result[0]
 
     def _generate_sync(
         self, items: list[PromptInput], request_ids: list[str]
