@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from sage_llm.errors import (
+    ConfigError,
+    ControlPlaneNotRunningError,
     DeadlineExceededError,
     EngineError,
     EngineRequestRejectedError,
@@ -156,3 +158,44 @@ def test_the_model_and_timeout_options_are_honoured(svc: VLLMService, fake: fake
         assert not entered.acquire(timeout=0.2)  # the next one waits for it to leave
         gate.set()
         assert later.result()[0]["generations"][0]["text"] == "c"
+
+
+def test_engine_arguments_vllm_does_not_take_are_refused_when_the_service_is_built(
+    fake: fake_vllm.Fake,
+) -> None:
+    """Each unknown argument is a ConfigError naming it (it had failed setup() with a raw
+    TypeError); ``model`` is model_id's."""
+    with pytest.raises(ConfigError) as err:
+        VLLMService({"model_id": "tiny", "engine": {**ENGINE, "enforce_eagre": True},
+                     "embedding_model_id": "e5", "embedding_engine": {"model": "x"}})  # fmt: skip
+    keys = [e.key for e in err.value.each()]
+    assert keys == ["engine.enforce_eagre", "embedding_engine.model"]
+    assert "did you mean 'enforce_eager'?" in str(err.value)
+    assert fake.llms == []
+
+
+def test_a_failed_load_is_a_typed_error_with_vllms_message(
+    fake: fake_vllm.Fake, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default max_model_len (4096) gives way to a model with a shorter context (it
+    had failed setup()); an argument vLLM refuses is a ConfigError with its message, any
+    other failure an EngineError (they had been raw pydantic / vLLM errors)."""
+    with VLLMService({"model_id": "tiny"}) as svc:  # the default engine table
+        assert "max_model_len" not in fake.llms[-1].kwargs
+        assert fake.llms[-1].kwargs["gpu_memory_utilization"] == 0.9
+        assert _generate(svc, "a b", max_tokens=1)[0]["generations"][0]["text"] == "a"
+    assert "its own" in caplog.text
+    svc = VLLMService({"model_id": "tiny", "engine": {"max_model_len": 3000}})
+    with pytest.raises(ConfigError, match=r"(?s)engine: vLLM could not load .tiny.: ValueError: .*"
+                       r"max_model_len \(3000\) is greater than the derived") as err:  # fmt: skip
+        svc.setup()
+    assert err.value.key == "engine"
+    with pytest.raises(ControlPlaneNotRunningError):  # not set up
+        _generate(svc, "hi")
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("Engine core initialization failed")
+
+    monkeypatch.setattr(fake.module, "LLM", broken)
+    with pytest.raises(EngineError, match="could not load 'tiny': RuntimeError: Engine core"):
+        VLLMService({"model_id": "tiny", "engine": ENGINE}).setup()

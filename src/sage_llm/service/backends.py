@@ -14,7 +14,10 @@ Both run on the service's event loop and answer with the VLLMService result shap
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import dataclasses
+import inspect
+import logging
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
 from sage_llm.control_plane.intake import build_request
@@ -28,20 +31,23 @@ from sage_llm.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     SageLLMError,
+    raise_problems,
 )
-from sage_llm.service.config import VLLMServiceConfig
+from sage_llm.service.config import DEFAULT_ENGINE, VLLMServiceConfig
 from sage_llm.service.embeddings import (
     EmbedRequest,
     embed_result,
     sim_embedding,
     vectors_from_openai,
 )
-from sage_llm.service.payloads import PromptInput, locate_error
+from sage_llm.service.payloads import PromptInput, locate_error, suggest
 from sage_llm.service.results import generation_entry, to_metadata
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import ExecutionInstance
 
 __all__ = ["Backend", "EngineBackend", "InProcessVLLMBackend", "make_backend", "vllm_installed"]
+
+log = logging.getLogger("sage_llm.service")
 
 VLLM_MISSING = (
     "vLLM is not installed, so VLLMService cannot host the model in this process: install "
@@ -81,7 +87,50 @@ def make_backend(cfg: VLLMServiceConfig) -> Backend:
         return EngineBackend(cfg)
     if not vllm_installed():
         raise ConfigError(VLLM_MISSING, key="engine")
+    check_engine_arguments(cfg)
     return InProcessVLLMBackend(cfg)
+
+
+def vllm_engine_arguments() -> frozenset[str]:
+    """The keyword arguments ``vllm.LLM`` takes: its own and ``vllm.EngineArgs``'s fields
+    (empty when vLLM cannot say)."""
+    from vllm import LLM, EngineArgs
+
+    names: set[str] = set()
+    if dataclasses.is_dataclass(EngineArgs):
+        names.update(f.name for f in dataclasses.fields(EngineArgs))
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    try:
+        params = inspect.signature(LLM.__init__).parameters.values()
+        names.update(p.name for p in params if p.kind in named and p.name != "self")
+    except (TypeError, ValueError):  # pragma: no cover - a signature inspect cannot read
+        pass
+    return frozenset(names)
+
+
+def check_engine_arguments(cfg: VLLMServiceConfig) -> None:
+    """:class:`ConfigError` (``engine.<name>``; several: ConfigErrors) for each argument of
+    the ``engine`` / ``embedding_engine`` tables that ``vllm.LLM`` does not take (it had
+    failed ``setup()`` with a raw TypeError), and for ``model``, which ``model_id`` sets."""
+    known = vllm_engine_arguments()
+    problems: list[ConfigError] = []
+    tables: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = [
+        ("engine", cfg.engine, {}),
+        ("embedding_engine", cfg.embedding_engine, cfg.engine),
+    ]
+    for key, table, inherited in tables:
+        for name in table:
+            if name in inherited:  # (the embedding engine's are the engine's, and its own)
+                continue
+            if name == "model":
+                problems.append(ConfigError(
+                    "is set by model_id (embedding_model_id for embedding_engine): leave it "
+                    "out", key=f"{key}.model"))  # fmt: skip
+            elif known and name not in known:
+                problems.append(ConfigError(
+                    f"is not an argument of vllm.LLM (vllm.EngineArgs){suggest(name, known)}",
+                    key=f"{key}.{name}"))  # fmt: skip
+    raise_problems(problems)
 
 
 def service_instance(cfg: VLLMServiceConfig) -> ExecutionInstance:
@@ -327,13 +376,30 @@ class InProcessVLLMBackend:
 
     async def start(self) -> None:
         self._lock = asyncio.Lock()
-        self._llm = await asyncio.to_thread(self._load, self._cfg.model_id, self._cfg.engine)
+        self._llm = await asyncio.to_thread(
+            self._load, self._cfg.model_id, self._cfg.engine, "engine"
+        )
 
     @staticmethod
-    def _load(model: str, engine: Any) -> Any:
+    def _load(model: str, engine: Mapping[str, Any], key: str) -> Any:
+        """``vllm.LLM(model=model, **engine)``; its failure a :class:`ConfigError` (``key``)
+        for arguments vLLM refuses, else an :class:`EngineError`, with vLLM's message. The
+        default ``max_model_len`` (4096) gives way to a model's shorter context."""
         from vllm import LLM
 
-        return LLM(**{**dict(engine), "model": model})
+        args = {**dict(engine), "model": model}
+        try:
+            return LLM(**args)
+        except Exception as exc:
+            default = args.get("max_model_len") == DEFAULT_ENGINE["max_model_len"]
+            if not (default and "derived max_model_len" in str(exc)):
+                raise load_failure(exc, model, key) from exc
+        log.warning("%s: its context is shorter than the default max_model_len %s: it runs "
+                    "with its own", model, args.pop("max_model_len"))  # fmt: skip
+        try:
+            return LLM(**args)
+        except Exception as exc:
+            raise load_failure(exc, model, key) from exc
 
     async def aclose(self) -> None:
         """Shut the engines down (vLLM's engine core and worker processes, which dropping
@@ -453,7 +519,9 @@ class InProcessVLLMBackend:
         cfg = self._cfg
         if cfg.embedding_model_id and cfg.embedding_model_id != cfg.model_id:
             if self._embedder is None:
-                self._embedder = self._load(cfg.embedding_model_id, cfg.embedding_engine)
+                self._embedder = self._load(
+                    cfg.embedding_model_id, cfg.embedding_engine, "embedding_engine"
+                )
             engine = self._embedder
         else:
             engine = self._llm
@@ -519,3 +587,13 @@ def engine_failure(exc: BaseException, where: str | None) -> SageLLMError:
         )
     locate_error(err, where)
     return err
+
+
+def load_failure(exc: Exception, model: str, key: str) -> SageLLMError:
+    """``vllm.LLM``'s failure to load ``model``: arguments it refuses (a ValueError, as
+    pydantic's ValidationError is, or a TypeError) are a :class:`ConfigError` of ``key``,
+    anything else an :class:`EngineError`; both carry vLLM's message."""
+    what = f"vLLM could not load {model!r}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, ValueError | TypeError):
+        return ConfigError(what, key=key)
+    return EngineError(what, retryable=False)
