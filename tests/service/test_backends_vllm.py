@@ -3,6 +3,7 @@ module shaped as vLLM 0.32's (tests.service.fake_vllm): CI runs without vLLM."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -199,3 +200,28 @@ def test_a_failed_load_is_a_typed_error_with_vllms_message(
     monkeypatch.setattr(fake.module, "LLM", broken)
     with pytest.raises(EngineError, match="could not load 'tiny': RuntimeError: Engine core"):
         VLLMService({"model_id": "tiny", "engine": ENGINE}).setup()
+
+
+def test_logprobs_come_in_openais_format_as_over_http(svc: VLLMService) -> None:
+    """vLLM's ``{token_id: Logprob}`` per token (not JSON) becomes the pieces the HTTP path
+    gives: a prompt's completion format, with the top ``count + 1``; a chat's content
+    format, with ``count``."""
+    (entry,) = _generate(svc, "a b c", max_tokens=2, logprobs=2)
+    pieces = entry["generations"][0]["logprobs"]
+    assert pieces == [
+        {"text_offset": [0], "token_logprobs": [-1.5], "tokens": ["a"],
+         "top_logprobs": [{"a": -1.5, "<1>": -1.0, "<2>": -2.0}]},
+        {"text_offset": [1], "token_logprobs": [-2.5], "tokens": [" b"],
+         "top_logprobs": [{" b": -2.5, "<1>": -1.0, "<2>": -2.0}]},
+    ]  # fmt: skip
+    chat = [{"role": "user", "content": "a b c"}]
+    (entry,) = _generate(svc, chat, max_tokens=1, logprobs=True)
+    assert entry["generations"][0]["logprobs"] == [
+        {"content": [{"token": "a", "logprob": -1.5, "bytes": [97],
+                      "top_logprobs": [{"token": "a", "logprob": -1.5, "bytes": [97]}]}]}
+    ]  # fmt: skip
+    (entry,) = _generate(svc, chat, max_tokens=1, logprobs=0)
+    assert entry["generations"][0]["logprobs"][0]["content"][0]["top_logprobs"] == []
+    json.dumps(entry)
+    (entry,) = _generate(svc, "a b c", max_tokens=1)
+    assert entry["generations"][0]["logprobs"] is None

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from sage_llm.control_plane.intake import build_request
@@ -465,20 +465,43 @@ class InProcessVLLMBackend:
             culprit = self._culprit(items) if many and _refused(exc) else None
             raise engine_failure(exc, None if culprit is None else f"inputs[{culprit}]") from exc
         entries = []
-        for out, rid in zip(outputs, request_ids, strict=True):
+        for item, out, rid in zip(items, outputs, request_ids, strict=True):
             seq = out.outputs[0]
             entries.append(
                 generation_entry(
                     request_id=rid,
                     text=seq.text,
                     token_ids=list(seq.token_ids),
-                    logprobs=getattr(seq, "logprobs", None),
+                    logprobs=self._logprobs(item, seq),
                     finish_reason=getattr(seq, "finish_reason", None),
                     input_tokens=len(out.prompt_token_ids or ()),
                     output_tokens=len(seq.token_ids),
                 )
             )
         return entries
+
+    def _logprobs(self, item: PromptInput, seq: Any) -> list[dict[str, Any]] | None:
+        """The logprobs of ``seq`` (vLLM's ``{token_id: Logprob}`` per token) as the HTTP
+        path gives them: OpenAI's format for the input's kind, one piece per token; None
+        unless asked for."""
+        count = item.options.logprobs
+        steps = getattr(seq, "logprobs", None)
+        if count is None or steps is None:
+            return None
+
+        def decode(token_id: int, logprob: Any = None) -> str:
+            text = getattr(logprob, "decoded_token", None)
+            if isinstance(text, str):
+                return text
+            return str(self._llm.get_tokenizer().decode([token_id]))
+
+        chat = item.messages is not None
+        return [
+            (chat_logprobs if chat else completion_logprobs)(step, token_id, count, decode, offset)
+            for token_id, step, offset in zip(
+                seq.token_ids, steps, _offsets(seq.token_ids, steps, decode), strict=False
+            )
+        ]
 
     def _run(self, items: list[PromptInput], params: list[Any]) -> list[Any]:
         """The engine's outputs of ``items`` (prompts in one call, chats in another), in
@@ -597,3 +620,51 @@ def load_failure(exc: Exception, model: str, key: str) -> SageLLMError:
     if isinstance(exc, ValueError | TypeError):
         return ConfigError(what, key=key)
     return EngineError(what, retryable=False)
+
+
+_Decode = Callable[..., str]
+
+
+def _offsets(token_ids: Sequence[int], steps: Sequence[Any], decode: _Decode) -> list[int]:
+    """Each token's offset in the answer's text (OpenAI's ``text_offset``)."""
+    offsets, at = [], 0
+    for token_id, step in zip(token_ids, steps, strict=False):
+        offsets.append(at)
+        at += len(decode(token_id, (step or {}).get(token_id)))
+    return offsets
+
+
+def _lp(logprob: Any) -> float:
+    return max(float(logprob.logprob), -9999.0)  # (-inf is not JSON: OpenAI's floor)
+
+
+def completion_logprobs(
+    step: Mapping[int, Any] | None, token_id: int, count: int, decode: _Decode, offset: int
+) -> dict[str, Any]:
+    """One token's piece of a prompt's logprobs, as vLLM's /v1/completions streams it:
+    ``{"text_offset", "token_logprobs", "tokens", "top_logprobs"}``, the top ``count + 1``
+    (the sampled token's first)."""
+    if step is None or token_id not in step:
+        return {"text_offset": [offset], "token_logprobs": [None], "tokens": [decode(token_id)],
+                "top_logprobs": [None]}  # fmt: skip
+    top = {decode(t, lp): _lp(lp) for i, (t, lp) in enumerate(step.items()) if i <= count}
+    return {"text_offset": [offset], "token_logprobs": [_lp(step[token_id])],
+            "tokens": [decode(token_id, step[token_id])], "top_logprobs": [top]}  # fmt: skip
+
+
+def chat_logprobs(
+    step: Mapping[int, Any] | None, token_id: int, count: int, decode: _Decode, offset: int
+) -> dict[str, Any]:
+    """One token's piece of a chat's logprobs, as vLLM's /v1/chat/completions streams it:
+    ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``, ``count`` of them in
+    ``top_logprobs``."""
+
+    def entry(t: int, lp: Any) -> dict[str, Any]:
+        token = decode(t, lp)
+        value = -9999.0 if lp is None else _lp(lp)
+        return {"token": token, "logprob": value, "bytes": list(token.encode("utf-8", "replace"))}
+
+    if step is None or token_id not in step:  # (vLLM's defaults for a token without one)
+        return {"content": [{**entry(token_id, None), "top_logprobs": []}]}
+    top = [entry(t, lp) for i, (t, lp) in enumerate(step.items()) if i < count]
+    return {"content": [{**entry(token_id, step[token_id]), "top_logprobs": top}]}
