@@ -731,6 +731,37 @@ def test_an_engine_slower_than_the_stall_limit_is_not_stalled() -> None:
     run_virtual(main())
 
 
+class _TokensCountedAsRequestsEnd(FaultyEngineClient):
+    """llama.cpp's counters: a request's tokens counted when it ends (its slot's reset),
+    its forward passes as they run (``llamacpp:n_decode_total``)."""
+
+    async def stats(self) -> EngineStats:
+        inner = await super().stats()
+        return EngineStats(
+            running=inner.running, source="llamacpp", counts_tokens=True,
+            steps_total=inner.prompt_tokens_total + inner.generation_tokens_total,
+        )  # fmt: skip
+
+
+def test_an_engine_whose_tokens_count_as_requests_end_is_not_stalled_while_it_steps() -> None:
+    """llama.cpp adds a request's generated tokens only when it ends: its decode steps
+    show its progress meanwhile, and a long generation is not judged a stall."""
+
+    async def main() -> None:
+        settings = HealthSettings(interval_s=0.5, timeout_s=0.2, stall_timeout_s=1.0)
+        cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
+        (inst,) = make_instances(1)
+        cp.register_instance(inst, _TokensCountedAsRequestsEnd(make_sim_engine(inst), FaultPlan()))
+        async with cp:
+            meta = RequestMetadata(request_id="long", prompt="x y", max_tokens=400)
+            result = await cp.generate(meta)  # several seconds of decoding
+            assert result.status is RequestStatus.COMPLETED
+            assert result.e2e_latency_ms > 3000
+            assert cp.get_instance_metrics("sim-0")["circuit"]["transitions"] == 0
+
+    run_virtual(main())
+
+
 class _NoTokenCounters(FaultyEngineClient):
     """An engine whose metrics have no token counters (a generic OpenAI server)."""
 

@@ -91,6 +91,9 @@ llamacpp:kv_cache_usage_ratio 0.125
 llamacpp:requests_processing 2
 # TYPE llamacpp:requests_deferred gauge
 llamacpp:requests_deferred 5
+# HELP llamacpp:n_decode_total Total number of llama_decode() calls
+# TYPE llamacpp:n_decode_total counter
+llamacpp:n_decode_total 300
 """
 
 
@@ -207,6 +210,7 @@ def test_llamacpp_stats() -> None:
     assert (stats.running, stats.waiting) == (2, 5)
     assert stats.kv_usage == pytest.approx(0.125)
     assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (2048.0, 512.0)
+    assert stats.steps_total == 300.0 and stats.counts_tokens  # its progress between ends
 
 
 def test_unknown_family_and_nan_values() -> None:
@@ -222,9 +226,8 @@ def test_token_counters_are_reported_as_counted_only_when_present(text: str) -> 
     """A stall (token counters standing still) can be judged only on counters the engine
     exports: ``counts_tokens`` says they were there, not zeros filled in."""
     assert scrape_text_to_stats(text).counts_tokens
-    kept = "\n".join(
-        line for line in text.splitlines() if "tokens" not in line and "predicted" not in line
-    )
+    counters = ("tokens", "predicted", "n_decode")  # (llama.cpp's decode calls count too)
+    kept = "\n".join(line for line in text.splitlines() if not any(c in line for c in counters))
     stats = scrape_text_to_stats(kept)
     assert not stats.counts_tokens
     assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (0.0, 0.0)

@@ -546,7 +546,7 @@ class HealthMonitor:
         if limit is None or not stats.counts_tokens:
             return
         now = self.clock.now()
-        done = stats.prompt_tokens_total + stats.generation_tokens_total
+        done = stats.prompt_tokens_total + stats.generation_tokens_total + stats.steps_total
         mark = state.progress
         if state.in_flight <= 0:
             state.progress = None  # timed from the first scrape that sees a call

@@ -202,6 +202,10 @@ class EngineStats:
     """Whether the engine reported its token counters (``prompt_tokens_total`` or
     ``generation_tokens_total``): only then does a standstill of both mean it processed
     nothing (see ``HealthSettings.stall_timeout_s``)."""
+    steps_total: float = 0.0
+    """Forward passes the engine ran, where it counts them (llama.cpp's ``llama_decode``
+    calls, ``llamacpp:n_decode_total``): its progress while its token counters stand
+    still (llama.cpp adds a request's generated tokens only when the request ends)."""
 
     @property
     def prefix_hit_rate(self) -> float:

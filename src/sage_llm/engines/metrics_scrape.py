@@ -314,7 +314,8 @@ def _sglang(samples: Samples) -> EngineStats:
 
 def _llamacpp(samples: Samples) -> EngineStats:
     prompt = _sum(samples, "llamacpp:prompt_tokens_total")
-    generated = _sum(samples, "llamacpp:tokens_predicted_total")
+    generated = _sum(samples, "llamacpp:tokens_predicted_total")  # (as requests end)
+    steps = _sum(samples, "llamacpp:n_decode_total")  # (every decode step)
     return EngineStats(
         running=round(_sum(samples, "llamacpp:requests_processing") or 0.0),
         waiting=round(_sum(samples, "llamacpp:requests_deferred") or 0.0),
@@ -322,7 +323,8 @@ def _llamacpp(samples: Samples) -> EngineStats:
         prompt_tokens_total=prompt or 0.0,
         generation_tokens_total=generated or 0.0,
         source="llamacpp",
-        counts_tokens=prompt is not None or generated is not None,
+        counts_tokens=prompt is not None or generated is not None or steps is not None,
+        steps_total=steps or 0.0,
     )
 
 
@@ -360,7 +362,7 @@ STATS_METRICS = frozenset(
         # llama.cpp
         "llamacpp:requests_processing", "llamacpp:requests_deferred",
         "llamacpp:kv_cache_usage_ratio", "llamacpp:prompt_tokens_total",
-        "llamacpp:tokens_predicted_total",
+        "llamacpp:tokens_predicted_total", "llamacpp:n_decode_total",
     }
 )  # fmt: skip
 """Every metric name :func:`to_engine_stats` reads."""
