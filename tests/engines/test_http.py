@@ -240,6 +240,28 @@ async def test_cancelling_consumer_task_aborts_on_the_engine(
         await runner.cleanup()
 
 
+async def test_context_length_of_llama_cpp_is_its_slots_n_ctx(
+    session: aiohttp.ClientSession,
+) -> None:
+    """llama.cpp's ``llama-server`` gives no ``max_model_len``: its card's ``meta.n_ctx``
+    is a slot's context (``-c`` over ``-np``), which is what holds one request."""
+    card: dict[str, Any] = {"id": MODEL, "object": "model", "owned_by": "llamacpp",
+            "meta": {"n_ctx": 512, "n_ctx_train": 32768, "n_vocab": 262144}}  # fmt: skip
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [card]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner, port = await start_app(app)
+    try:
+        assert await client_for(port, session).context_length() == 512
+        card["max_model_len"] = 1024  # where both are given, vLLM's field
+        assert await client_for(port, session).context_length() == 1024
+    finally:
+        await runner.cleanup()
+
+
 async def test_health_stats_and_models(sim_port: int, session: aiohttp.ClientSession) -> None:
     client = client_for(sim_port, session)
     assert await client.health() is True

@@ -771,11 +771,17 @@ class HTTPEngineClient:
 
     async def context_length(self) -> int | None:
         """``max_model_len`` of the instance's model card (``GET /v1/models``; the only
-        card when none has its name); None when the engine's cards have none."""
+        card when none has its name), or llama.cpp's ``meta.n_ctx`` (a slot's context,
+        which is what holds a request); None when the engine's cards have neither."""
         cards = await self._model_cards()
         named = [c for c in cards if c.get("id") == self._instance.model_name]
         card = named[0] if named else cards[0] if len(cards) == 1 else None
-        value = None if card is None else card.get("max_model_len")
+        if card is None:
+            return None
+        value = card.get("max_model_len")
+        meta = card.get("meta")
+        if value is None and isinstance(meta, dict):  # llama.cpp's llama-server
+            value = meta.get("n_ctx")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     async def aclose(self) -> None:
