@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from sage_llm.control_plane.dispatcher import STOPPED, failure_error, internal_error
+import pytest
+
+from sage_llm.control_plane.dispatcher import (
+    STOPPED,
+    failure_error,
+    internal_error,
+    is_context_refusal,
+)
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
     DeadlineExceededError,
@@ -45,3 +52,24 @@ def test_failure_error_gives_each_ending_its_type() -> None:
     error = failure_error(stopped, None, cancelled=True)
     assert isinstance(error, ControlPlaneNotRunningError)
     assert "'d' was cancelled: control plane stopped" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        # vLLM to 0.10 (and SGLang)
+        ("This model's maximum context length is 2048 tokens. However, you requested 2100 "
+         "tokens (100 in the messages, 2000 in the completion).", True),
+        # vLLM 0.11+: max_tokens past the context, a prompt past it, one that fills it
+        ("max_tokens=600 cannot be greater than max_model_len=512. Please request fewer "
+         "output tokens.", True),
+        ("The decoder prompt (length 600) is longer than the maximum model length of 512.",
+         True),
+        ("max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", True),
+        # the request's own faults
+        ("max_tokens must be at least 1, got -5.", False),
+        ("top_k must be 0 (disable), or at least 1, got -5.", False),
+    ],
+)  # fmt: skip
+def test_context_refusals_are_told_in_each_engines_words(message: str, expected: bool) -> None:
+    assert is_context_refusal(f"engine v: rejected the request (HTTP 400): {message}") is expected

@@ -177,6 +177,7 @@ _CONTEXT_REFUSALS = (
     "maximum context length",  # vLLM's (to 0.10; since, a prompt past it), SGLang's
     "longer than the maximum model length",  # vLLM 0.11+: a prompt that fills it
     "cannot be greater than max_model_len",  # vLLM 0.11+: max_tokens past it
+    "max_tokens must be at least 1, got 0",  # vLLM 0.11+: a prompt that fills it (no room)
 )
 
 
