@@ -219,7 +219,9 @@ async def test_one_refused_prompt_fails_the_request_and_cancels_the_others() -> 
             async with http.post(gw.url("/v1/completions"), json={**body, "stream": stream}) as r:
                 assert r.status == 400
                 error = (await r.json())["error"]
-                assert error["param"] == "prompt" and "rejected the request" in error["message"]
+                assert (
+                    error["param"] == "input_tokens" and "rejected the request" in error["message"]
+                )
         await asyncio.sleep(0.1)
         assert not gw.manager._require_dispatcher().records
 

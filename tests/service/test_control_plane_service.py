@@ -556,7 +556,7 @@ def test_an_engines_refusal_is_an_invalid_request_naming_the_option_and_the_inpu
         _generate(svc, "hi", max_tokens=10**8)
     assert isinstance(err.value, EngineRequestRejectedError)
     assert err.value.param == "options.max_tokens"
-    assert "maximum context length" in err.value.message
+    assert "cannot be greater than max_model_len" in err.value.message
     huge = {"prompt": "c", "options": {"max_tokens": 10**8}}
     with pytest.raises(InvalidRequestError) as err:
         _generate(svc, ["a", "b", huge], max_tokens=2)

@@ -28,17 +28,30 @@ def test_a_second_request_with_an_id_in_progress_is_refused_as_a_conflict() -> N
     assert refused.arrival_s == 0.01 and served.ok and served.output_tokens == 200
 
 
-def test_a_request_filling_the_context_exactly_runs_and_one_token_more_is_refused() -> None:
-    sim = _simulator()
+@pytest.mark.parametrize("token_times", [False, True])
+def test_a_request_past_the_context_runs_cut_and_one_past_it_alone_is_refused(
+    token_times: bool,
+) -> None:
+    """As SimEngine and vLLM 0.32: max_tokens cut to what the context holds after the
+    prompt; refused for max_tokens above the context, or a prompt that fills it."""
+    fleet = make_fleet(1, max_concurrency=100)
+    sim = ClusterSimulator(fleet, policy="fifo", routing="load_balanced",
+                           record_token_times=token_times)  # fmt: skip
     limit = sim.fleet.slots[0].max_model_len
     fits = _request("fits", 0.0, prompt=limit - 16, max_tokens=16)
-    over = _request("over", 1.0, prompt=limit - 15, max_tokens=16)
-    by_id = {m.request_id: m for m in sim.run([fits, over]).measurements}
+    cut = _request("cut", 1.0, prompt=limit - 15, max_tokens=16)
+    over = _request("over", 2.0, prompt=8, max_tokens=limit + 1)
+    full = _request("full", 3.0, prompt=limit, max_tokens=1)
+    by_id = {m.request_id: m for m in sim.run([fits, cut, over, full]).measurements}
     assert by_id["fits"].ok and by_id["fits"].output_tokens == 16
-    assert not by_id["over"].ok
+    assert by_id["cut"].ok and by_id["cut"].output_tokens == 15
     assert by_id["over"].error == (
-        f"InvalidRequestError: this model's maximum context length is {limit} tokens; "
-        f"you requested {limit + 1} ({limit - 15} in the prompt, 16 in the completion)"
+        f"InvalidRequestError: max_tokens={limit + 1} cannot be greater than "
+        f"max_model_len={limit}. Please request fewer output tokens. "
+        f"(parameter=max_tokens, value={limit + 1})"
+    )
+    assert by_id["full"].error == (
+        "InvalidRequestError: max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
     )
 
 

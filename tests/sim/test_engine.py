@@ -240,8 +240,9 @@ def test_close_fails_in_flight_streams() -> None:
         ({"prompt": None, "messages": []}, "messages"),
         ({"prompt": [1, -2, 3]}, "prompt"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"prompt": list(range(300))}, "prompt"),
-        ({"prompt": list(range(200)), "max_tokens": 100}, "max_tokens"),
+        ({"prompt": list(range(300))}, "input_tokens"),
+        ({"prompt": list(range(256))}, "max_tokens"),
+        ({"prompt": list(range(200)), "max_tokens": 300}, "max_tokens"),
         ({"extra": {"min_tokens": -1}}, "min_tokens"),
         ({"extra": {"n": 2}}, "n"),
     ],
@@ -252,6 +253,19 @@ def test_invalid_requests_raise_with_param(request_kwargs: dict[str, Any], param
         with pytest.raises(InvalidRequestError) as err:
             await collect(engine, req(**request_kwargs))
         assert err.value.param == param
+
+    virtual(main)
+
+
+def test_a_request_past_its_context_runs_cut_to_it() -> None:
+    """As vLLM 0.32: max_tokens cut to what the context holds after the prompt."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig(max_model_len=256))
+        chunks = await collect(engine, req(prompt=list(range(200)), max_tokens=100))
+        await engine.aclose()
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage is not None
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (200, 56)
 
     virtual(main)
 

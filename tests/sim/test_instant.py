@@ -64,7 +64,7 @@ async def test_a_request_beyond_its_context_is_refused() -> None:
     engine = InstantEngine("i0")
     assert await engine.context_length() == INSTANT_MAX_MODEL_LEN
     req = EngineRequest("r1", MODEL, prompt="hi", max_tokens=100_000_000)
-    with pytest.raises(InvalidRequestError, match="maximum context length is 32768") as err:
+    with pytest.raises(InvalidRequestError, match="max_model_len=32768") as err:
         [c async for c in engine.generate(req)]
     assert err.value.param == "max_tokens"
 
@@ -107,8 +107,11 @@ async def test_a_max_model_len_given_bounds_requests_and_is_reported() -> None:
     engine = InstantEngine("i0", max_model_len=100)
     assert await engine.context_length() == 100
     long = EngineRequest("r1", MODEL, prompt="hi", max_tokens=200)
-    with pytest.raises(InvalidRequestError, match="maximum context length is 100 tokens"):
+    with pytest.raises(InvalidRequestError, match="cannot be greater than max_model_len=100"):
         [c async for c in engine.generate(long)]
+    cut = EngineRequest("r2", MODEL, prompt="hi", max_tokens=100)  # served, cut (as vLLM)
+    *_, last = [c async for c in engine.generate(cut)]
+    assert last.usage is not None and last.usage.prompt_tokens + last.usage.completion_tokens == 100
     for bad in (0, True, "100"):
         with pytest.raises(ValueError, match="max_model_len must be"):
             InstantEngine("i0", max_model_len=bad)  # type: ignore[arg-type]

@@ -189,7 +189,7 @@ async def test_continuous_usage_stats_ride_every_chunk_only_with_include_usage(
         ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
         ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
         ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
-        ({"model": MODEL, "prompt": "x", "max_tokens": 64}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 65}, "max_tokens"),
         ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
     ],
 )

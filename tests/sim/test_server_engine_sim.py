@@ -218,21 +218,32 @@ async def test_model_card_and_tokenizer_report_the_engines_limit(
             info = await resp.json()
         assert (info["context_length"], info["tp_size"]) == (4096, 2)
         assert info["disaggregation_mode"] == "null"
-        status, err = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4096})
+        status, err = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4097})
         assert status == 400 and err["error"]["param"] == "max_tokens"
-        assert "maximum context length is 4096 tokens" in err["error"]["message"]
-        # a prompt that fills the context alone: its length is the problem, whatever
-        # max_tokens (none here), in vLLM's words
+        assert (
+            "max_tokens=4097 cannot be greater than max_model_len=4096" in err["error"]["message"]
+        )
+        # the context holds the prompt and less than max_tokens: served cut, as vLLM 0.32
+        status, out = await post(http, f"{base}/v1/completions", {**COMPLETION, "max_tokens": 4096})
+        assert status == 200 and out["choices"][0]["finish_reason"] == "length"
+        usage = out["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 4096
+        # a prompt longer than the context: its length is the problem, whatever max_tokens
+        # (none here), in vLLM's words (a text prompt counted to one token past the context)
         words = " ".join(["word"] * 4200)
-        for path, body, param in (
-            ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": words}]},
-             "messages"),
-            ("completions", {"model": MODEL, "prompt": words}, "prompt"),
+        chat = [{"role": "user", "content": words}]
+        for path, body in (
+            ("chat/completions", {"model": MODEL, "messages": chat}),
+            ("completions", {"model": MODEL, "prompt": words}),
         ):  # fmt: skip
             status, err = await post(http, f"{base}/v1/{path}", body)
-            assert (status, err["error"]["param"]) == (400, param), err
-            assert "However, your request has" in err["error"]["message"]
-            assert "input tokens. Please reduce the length" in err["error"]["message"]
+            assert (status, err["error"]["param"]) == (400, "input_tokens"), err
+            assert err["error"]["message"] == (
+                "This model's maximum context length is 4096 tokens. However, your prompt "
+                "contains at least 4097 input tokens, which exceeds this limit even without any "
+                "output tokens. Please reduce the length of the input prompt. "
+                "(parameter=input_tokens, value=4097)"
+            )
     # by default the model's own context: Llama-3-8B's 8192, Llama-3.1-8B's 131072
     for model, context in (("llama-3-8b", 8192), ("llama-3.1-8b", 131072)):
         async with served(fast_engine(model=model)) as base, http.get(f"{base}/v1/models") as r:

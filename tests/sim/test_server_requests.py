@@ -15,16 +15,24 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize(
-    "extra", [{}, {"max_tokens": 1}, {"echo": True, "max_tokens": 0}], ids=["plain", "one", "echo"]
-)
-def test_a_prompt_that_fills_the_context_is_refused_at_the_prompt(extra: dict[str, Any]) -> None:
-    """As vLLM: a prompt of max_model_len tokens leaves no room, even for an echo alone
-    (max_tokens 0), and the 400 names the prompt, not max_tokens."""
+    ("extra", "param", "words"),
+    [({}, "max_tokens", "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+     ({"max_tokens": 1}, "max_tokens", "max_tokens must be at least 1, got 0."),
+     ({"echo": True, "max_tokens": 0}, None,
+      "The decoder prompt (length {n}) plus the number of requested output tokens (at least 1) "
+      "is longer than the maximum model length of {n}.")],
+    ids=["plain", "one", "echo"],
+)  # fmt: skip
+def test_a_prompt_that_fills_the_context_is_refused(
+    extra: dict[str, Any], param: str | None, words: str
+) -> None:
+    """As vLLM 0.32: a prompt of max_model_len tokens leaves no room (max_tokens cut to 0),
+    even for an echo alone (max_tokens 0), which its engine refuses in its own words."""
     n = tokens.count_tokens(PROMPT)
-    with pytest.raises(InvalidRequestError, match="maximum context length") as caught:
+    with pytest.raises(InvalidRequestError) as caught:
         parse_request({"prompt": PROMPT, **extra}, chat=False, model_name="m", max_model_len=n)
-    assert caught.value.param == "prompt"
-    assert f"your request has {n} input tokens" in caught.value.message
+    assert caught.value.param == param
+    assert caught.value.message.startswith(words.format(n=n))
     echo = parse_request(
         {"prompt": PROMPT, "echo": True, "max_tokens": 0},
         chat=False, model_name="m", max_model_len=n + 1,
@@ -32,19 +40,61 @@ def test_a_prompt_that_fills_the_context_is_refused_at_the_prompt(extra: dict[st
     assert (echo.prompt_tokens, echo.req.max_tokens) == (n, 0)  # one token less: served
 
 
+def test_a_prompt_longer_than_the_context_is_refused_naming_input_tokens() -> None:
+    """vLLM 0.32's words: a text prompt counted as its tokenizer cuts it (one token past
+    the context, "at least"), a prompt of token ids in full."""
+    n = tokens.count_tokens(PROMPT)
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_request({"prompt": PROMPT}, chat=False, model_name="m", max_model_len=n - 3)
+    assert caught.value.param == "input_tokens"
+    assert caught.value.message == (
+        f"This model's maximum context length is {n - 3} tokens. However, your prompt contains "
+        f"at least {n - 2} input tokens, which exceeds this limit even without any output "
+        f"tokens. Please reduce the length of the input prompt. "
+        f"(parameter=input_tokens, value={n - 2})"
+    )
+    with pytest.raises(InvalidRequestError, match="contains 10 input tokens") as caught:
+        parse_request({"prompt": list(range(10)), "max_tokens": 2}, chat=False, model_name="m",
+                      max_model_len=5)  # fmt: skip
+    assert caught.value.param == "input_tokens"
+
+
+def test_a_prompt_and_max_tokens_past_the_context_are_served_cut() -> None:
+    """vLLM 0.32 runs max_tokens cut to what the context holds after the prompt."""
+    n = tokens.count_tokens(PROMPT)
+    for field in ("max_tokens", "max_completion_tokens"):
+        body = {"messages": CHAT, field: 100}
+        got = parse_request(body, chat=True, model_name="m", max_model_len=100)
+        assert got.req.max_tokens == 100 - got.prompt_tokens
+    got = parse_request({"prompt": PROMPT, "max_tokens": n + 3}, chat=False, model_name="m",
+                        max_model_len=n + 3)  # fmt: skip
+    assert got.req.max_tokens == 3
+    cut = parse_request(
+        {"prompt": list(range(50)), "max_tokens": 2, "truncate_prompt_tokens": -1},
+        chat=False, model_name="m", max_model_len=20,
+    )  # fmt: skip
+    assert (cut.prompt_tokens, cut.req.max_tokens) == (19, 1)  # -1: a token left for the answer
+
+
 def test_a_chat_overflow_names_the_field_that_asked_for_the_tokens() -> None:
     for field in ("max_tokens", "max_completion_tokens"):
-        with pytest.raises(InvalidRequestError, match="maximum context length") as caught:
+        with pytest.raises(InvalidRequestError) as caught:
             parse_request(
                 {"messages": CHAT, field: 10**6}, chat=True, model_name="m", max_model_len=100
             )
         assert caught.value.param == field
+        assert caught.value.message == (
+            f"{field}=1000000 cannot be greater than max_model_len=100. Please request fewer "
+            f"output tokens. (parameter={field}, value=1000000)"
+        )
     with pytest.raises(InvalidRequestError) as caught:  # the newer name wins over max_tokens
         parse_request(
             {"messages": CHAT, "max_tokens": 1, "max_completion_tokens": 10**6},
             chat=True, model_name="m", max_model_len=100,
         )  # fmt: skip
     assert caught.value.param == "max_completion_tokens"
+    both = {"messages": CHAT, "max_tokens": 10**6, "max_completion_tokens": 5}
+    assert parse_request(both, chat=True, model_name="m", max_model_len=100).req.max_tokens == 5
 
 
 def test_top_p_outside_zero_to_one_is_refused() -> None:

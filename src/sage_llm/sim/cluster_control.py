@@ -34,6 +34,7 @@ from sage_llm.fastinit import field_filler
 from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
 from sage_llm.sim.cluster_results import request_measurement
 from sage_llm.sim.cluster_state import FleetState
+from sage_llm.sim.server_requests import context_max_tokens
 from sage_llm.types import RequestStatus
 
 __all__ = ["SimControlPlane"]
@@ -257,18 +258,17 @@ class SimControlPlane:
         assert ids is not None
         core = slot.core
         error = None
-        if len(ids) + info.max_tokens > slot.max_model_len:
-            error = _engine_refusal(slot, len(ids), info.max_tokens)
+        hashes = None  # the engine hashes the prompt itself unless it has them already
+        if self.track_prefixes and core.block_size == self.prefix_block_size:
+            hashes = info.block_hashes
+        try:  # cut to the context, or refused, as SimEngine.generate does before queueing
+            run = context_max_tokens(slot.max_model_len, len(ids), info.max_tokens)
+            core.add_request(info.request_id, ids, run, arrival=now, block_hashes=hashes)
+        except (InvalidRequestError, ConflictError) as exc:
+            error = f"{type(exc).__name__}: {exc.message}"
         else:
-            hashes = None  # the engine hashes the prompt itself unless it has them already
-            if self.track_prefixes and core.block_size == self.prefix_block_size:
-                hashes = info.block_hashes
-            try:
-                core.add_request(
-                    info.request_id, ids, info.max_tokens, arrival=now, block_hashes=hashes
-                )
-            except (InvalidRequestError, ConflictError) as exc:
-                error = f"{type(exc).__name__}: {exc.message}"
+            if not self.record_token_times:  # (counted token by token otherwise)
+                rec.output = run
         if error is not None:
             del self.reqs[info.request_id]
             self.complete(rec, slot, now, error=error)
@@ -293,7 +293,7 @@ class SimControlPlane:
         info, state = rec.info, slot.state
         ok = error is None
         first = rec.first_token_s
-        output = (rec.output if self.record_token_times else info.max_tokens) if ok else 0
+        output = rec.output if ok else 0
         arrival = info.arrival
         e2e_s = now - arrival
         tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
@@ -379,15 +379,3 @@ class SimControlPlane:
                 request_measurement(rec, rec.info.arrival, None, now, 0, "never dispatched")
             )
         self.reqs.clear()
-
-
-def _engine_refusal(slot: InstanceSlot, n_prompt: int, max_tokens: int) -> str | None:
-    """The context-length checks ``SimEngine.generate`` makes before queueing a request."""
-    limit = slot.max_model_len
-    if n_prompt + max_tokens > limit:
-        return (
-            f"InvalidRequestError: this model's maximum context length is {limit} tokens; "
-            f"you requested {n_prompt + max_tokens} ({n_prompt} in the prompt, {max_tokens} "
-            "in the completion)"
-        )
-    return None

@@ -76,7 +76,7 @@ from sage_llm.sim.logprobs import (
     requested_prompt_logprobs,
 )
 from sage_llm.sim.server_requests import (
-    check_context,
+    context_max_tokens,
     echo_only,
     engine_default_max_tokens,
     prompt_pieces,
@@ -419,7 +419,8 @@ class SimEngine:
         """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
-        if not req.send_max_tokens:  # left to the engine, as over HTTP (engine-sim's default)
+        given = req.send_max_tokens
+        if not given:  # left to the engine, as over HTTP (engine-sim's default)
             limit = self._config.max_model_len
             chat = req.messages is not None
             req = req.with_changes(
@@ -427,9 +428,9 @@ class SimEngine:
                 send_max_tokens=True,
             )
         prompt_only = echo_only(req)  # runs one token, left out of the answer
+        req = self._within_context(req, len(prompt_ids), given=given, least=int(not prompt_only))
         if prompt_only:
             req = req.with_changes(max_tokens=1)
-        self._check_max_tokens(req, len(prompt_ids))
         check_sampling(req.extra, self._core.model.vocab_size)
         keep_stop = req.extra.get("include_stop_str_in_output") is True
         min_tokens = min_tokens_of(req)
@@ -517,6 +518,8 @@ class SimEngine:
             )
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
+        text = req.messages is not None or isinstance(req.prompt, str)
+        context_max_tokens(self._config.max_model_len, len(prompt_ids), 1, text=text)
         # the request's fields checked as its decode leg will check them (as vLLM checks
         # the whole request before it runs a leg): refused here, nothing is pinned for it
         check_sampling(req.extra, self._core.model.vocab_size)
@@ -640,21 +643,24 @@ class SimEngine:
             ids, param = prompt_token_ids(req), "prompt"
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
-        limit = self._config.max_model_len
-        if len(ids) > limit:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; this model's maximum context length "
-                f"is {limit} tokens",
-                param=param,
-            )
         return ids
 
-    def _check_max_tokens(self, req: EngineRequest, n_prompt: int) -> None:
+    def _within_context(
+        self, req: EngineRequest, n_prompt: int, *, given: bool, least: int
+    ) -> EngineRequest:
+        """``req`` with its ``max_tokens`` cut to what the context holds after its prompt,
+        or refused, as vLLM 0.32 does (:func:`context_max_tokens`; ``given``: the client
+        gave it; ``least``: 0 for an echo of the prompt alone)."""
         if req.extra.get("n") not in (None, 1):  # as the simulated engine's HTTP server answers
             raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
-        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+        if not isinstance(req.max_tokens, int) or req.max_tokens < least:
             raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")
-        check_context(self._config.max_model_len, n_prompt, req.max_tokens)
+        text = req.messages is not None or isinstance(req.prompt, str)
+        limit = self._config.max_model_len
+        cut = context_max_tokens(
+            limit, n_prompt, req.max_tokens, "max_tokens" if given else None, text=text
+        )
+        return req if cut == req.max_tokens else req.with_changes(max_tokens=cut)
 
     @staticmethod
     def _stop_token_ids(req: EngineRequest) -> frozenset[int]:

@@ -12,9 +12,9 @@ Its text is one word per token (``" x"``), and its usage counts the prompt with 
 shared tokenizer. It runs whole requests only: PD legs are refused, and so are the options
 it does not apply (``stop``, logprobs, ``n`` > 1, ``echo``), which it would otherwise
 answer as if honoured. Its context is
-:data:`INSTANT_MAX_MODEL_LEN` tokens: a request asking for more is refused as the
-simulated engine refuses it (a ``max_tokens`` of a hundred million had held the server for
-minutes).
+:data:`INSTANT_MAX_MODEL_LEN` tokens: a request past it is cut to it, or refused, as the
+simulated engine (and vLLM) does it (a ``max_tokens`` of a hundred million had held the
+server for minutes).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, U
 from sage_llm.engines.sse import estimate_prompt_tokens
 from sage_llm.errors import InvalidRequestError
 from sage_llm.sim.engine import check_sampling, min_tokens_of
-from sage_llm.sim.server_requests import check_context
+from sage_llm.sim.server_requests import context_max_tokens
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
 
@@ -84,9 +84,10 @@ class InstantEngine:
             )
         check_sampling(req.extra)  # refused as the simulated engine (and vLLM) refuse them
         min_tokens_of(req)  # refused as the simulated engine refuses it (its output is fixed)
-        n = max(1, req.max_tokens)
         prompt = estimate_prompt_tokens(req)
-        check_context(self.max_model_len, prompt, n)
+        given = "max_tokens" if req.send_max_tokens else None
+        text = req.messages is not None or isinstance(req.prompt, str)
+        n = context_max_tokens(self.max_model_len, prompt, max(1, req.max_tokens), given, text=text)
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):

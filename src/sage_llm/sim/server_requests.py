@@ -157,16 +157,54 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_context(limit: int, prompt_tokens: int, max_tokens: int) -> None:
-    """:class:`InvalidRequestError` (``param`` ``max_tokens``) when a request's prompt and
-    output go past an engine's ``max_model_len`` of ``limit`` tokens."""
-    if prompt_tokens + max_tokens > limit:
+def context_max_tokens(
+    limit: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    param: str | None = "max_tokens",
+    *,
+    text: bool = False,
+) -> int:
+    """``max_tokens`` as vLLM 0.32 runs it under a ``max_model_len`` of ``limit`` tokens:
+    cut to what the context holds after the prompt (the answer then ends with finish reason
+    ``length``). Refused, in vLLM's words (each one the control plane's
+    ``is_context_refusal`` knows, but for a prompt that fills the context exactly): a
+    ``max_tokens`` above the context (``param``: the field the client gave it in; None
+    when the engine chose it), a prompt longer than the context (``param``
+    ``input_tokens``; a ``text`` prompt is counted, as vLLM's tokenizer cuts it, to one
+    token past the context at most: "at least"), and one that leaves no room for a token
+    (``max_tokens`` 0, an echo of the prompt alone, only then in the words of its engine).
+    """
+    if param is not None and max_tokens > limit:
         raise InvalidRequestError(
-            f"this model's maximum context length is {limit} tokens; you requested "
-            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, "
-            f"{max_tokens} in the completion)",
+            f"{param}={max_tokens} cannot be greater than max_model_len={limit}. Please "
+            f"request fewer output tokens. (parameter={param}, value={max_tokens})",
+            param=param,
+        )
+    if prompt_tokens > limit:
+        count = min(prompt_tokens, limit + 1) if text else prompt_tokens
+        qualifier = "at least " if count == limit + 1 else ""
+        raise InvalidRequestError(
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"contains {qualifier}{count} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={count})",
+            param="input_tokens",
+        )
+    if max_tokens == 0 and prompt_tokens == limit:  # the prompt alone (echo): its engine's
+        raise InvalidRequestError(
+            f"The decoder prompt (length {prompt_tokens}) plus the number of requested "
+            f"output tokens (at least 1) is longer than the maximum model length of "
+            f"{limit}. Make sure that `max_model_len` is no smaller than the number of "
+            "text tokens (prompt + requested output tokens)."
+        )
+    cut = min(max_tokens, limit - prompt_tokens)
+    if max_tokens > 0 and cut < 1:
+        raise InvalidRequestError(
+            f"max_tokens must be at least 1, got {cut}. (parameter=max_tokens, value={cut})",
             param="max_tokens",
         )
+    return cut
 
 
 def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -227,8 +265,8 @@ def _truncated(
 ) -> tuple[Any, Any, int]:
     """(prompt, messages, prompt token count) after vLLM's ``truncate_prompt_tokens``: the
     last k tokens of the prompt (a chat's as its template renders it, then given as that
-    text), k = -1 meaning the model's context; text stays text (echoed, its tokens decoded),
-    token ids stay ids."""
+    text), k = -1 meaning the model's context less a token (room for the answer, as vLLM
+    0.32 keeps it); text stays text (echoed, its tokens decoded), token ids stay ids."""
     given = body.get("truncate_prompt_tokens")
     if given is None:
         return prompt, messages, prompt_tokens
@@ -241,7 +279,7 @@ def _truncated(
     if keep == -1:
         if max_model_len is None:
             return prompt, messages, prompt_tokens
-        keep = max_model_len
+        keep = max(1, max_model_len - 1)
     elif max_model_len is not None and keep > max_model_len:  # in vLLM's words
         raise InvalidRequestError(
             f"truncate_prompt_tokens value ({keep}) is greater than max_model_len "
@@ -286,17 +324,11 @@ def parse_request(
     check_model(body.get("model"), model_name)
     prompt, messages, prompt_tokens = _truncated(body, *_prompt(body, chat), max_model_len)
     cut_chat = chat and messages is None  # its cut template text runs as a prompt
-    if max_model_len is not None and prompt_tokens >= max_model_len:  # as vLLM says it
-        raise InvalidRequestError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"request has {prompt_tokens} input tokens. Please reduce the length of the "
-            "input messages.",
-            param="messages" if chat else "prompt",
-        )
     max_tokens = body.get("max_tokens")
     param = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the newer name wins
         max_tokens, param = body.get("max_completion_tokens"), "max_completion_tokens"
+    asked = max_tokens is not None
     if max_tokens is None:
         max_tokens = engine_default_max_tokens(chat, prompt_tokens, max_model_len)
         at_least = whole(body.get("min_tokens"))
@@ -309,13 +341,11 @@ def parse_request(
     least = 0 if not chat and body.get("echo") is True else 1  # 0: the prompt alone
     if not is_int(max_tokens) or max_tokens < least:
         raise InvalidRequestError(f"{param} must be a positive integer", param=param)
-    if max_model_len is not None and prompt_tokens + max_tokens > max_model_len:
-        raise InvalidRequestError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
-            f"{max_tokens} in the completion).",
-            param=param,
-        )
+    if max_model_len is not None:  # cut to the context, or refused, as vLLM 0.32 does
+        max_tokens = context_max_tokens(
+            max_model_len, prompt_tokens, max_tokens, param if asked else None,
+            text=not isinstance(prompt, list),
+        )  # fmt: skip
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
