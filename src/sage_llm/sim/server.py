@@ -369,9 +369,6 @@ class _EngineServer:
             handle = await self.engine.prefill(parsed.req)
         except SageLLMError as exc:
             return _failed(request, exc)
-        except asyncio.CancelledError:  # the client went away: the engine aborts the leg
-            self.metrics.count_abort()
-            raise
         now = self.metrics.observe_token(arrival, None, self.clock.now())
         first = handle.first_token
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
@@ -397,7 +394,6 @@ class _EngineServer:
             return _failed(request, exc)
         except asyncio.CancelledError:
             self.rooms.fail(boot.room, "the prefill leg was aborted")
-            self.metrics.count_abort()
             raise
         self.rooms.publish(boot.room, handle.params)
         usage = Usage(handle.prompt_tokens, 1, handle.cached_tokens)
@@ -490,10 +486,7 @@ class _EngineServer:
                     logprobs.append(chunk.logprobs)
         except SageLLMError as exc:
             return _failed(request, exc)
-        except asyncio.CancelledError:  # the client went away: the engine aborts it
-            self.metrics.count_abort()
-            raise
-        finally:
+        finally:  # (a client gone: the engine aborts it, not counted, as vLLM counts none)
             await _aclose(it)
         if finish is None:  # the engine's stream broke off: so does the connection
             _drop_connection(request)
@@ -535,14 +528,10 @@ class _EngineServer:
                 # the client went before the answer began: its connection was closed in
                 # the same turn of the loop as the first chunk came (the cancellation
                 # of this handler, which would have come next, is the usual way)
-                self.metrics.count_abort()
                 return resp
             await self._relay(request, resp, it, chunk, parsed, fmt, arrival)
             return resp
-        except asyncio.CancelledError:  # the client went away: the engine aborts it
-            self.metrics.count_abort()
-            raise
-        finally:
+        finally:  # (a client gone: the engine aborts it, not counted, as vLLM counts none)
             await _aclose(it)
 
     async def _relay(
@@ -602,10 +591,7 @@ class _EngineServer:
             with contextlib.suppress(ConnectionResetError):
                 await resp.write(encode_event(exc.to_openai()))
         except ConnectionResetError:  # the client went away; the caller closes the iterator
-            self.metrics.count_abort()
             return
-        except asyncio.CancelledError:  # the client went away: _stream counts the abort
-            raise
         else:
             self._observe(parsed, arrival, times, finish, usage)
         with contextlib.suppress(ConnectionResetError):
