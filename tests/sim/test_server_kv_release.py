@@ -84,7 +84,7 @@ async def test_release_endpoint_validates_and_reports(http: aiohttp.ClientSessio
         for bad in ({}, {"request_id": 3}, {"request_id": ""}, [1]):
             async with http.post(url, json=bad) as resp:
                 assert resp.status == 400
-                assert (await resp.json())["error"]["type"] == "invalid_request_error"
+                assert (await resp.json())["error"]["type"] == "BadRequestError"
     finally:
         await engine.aclose()
         await runner.cleanup()

@@ -100,18 +100,44 @@ MAX_BODY_BYTES = 64 << 20
 """The largest request body an engine-sim server reads (a larger one is a JSON 413)."""
 
 
+_VLLM_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    422: "UnprocessableEntityError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
+"""The error ``type`` vLLM 0.32's error handler writes for a status
+(``create_error_response``); any other status gets its phrase, as its HTTPException
+handler writes it (OpenAI's ``invalid_request_error`` & co. are the gateway's, not vLLM's)."""
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _error_body(exc: SageLLMError) -> dict[str, Any]:
+    """vLLM's error body for ``exc``, answered with its ``http_status``."""
+    status = exc.http_status
+    kind = _VLLM_ERROR_TYPES.get(status) or _phrase(status)
+    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": status}}
+
+
 def _error(exc: SageLLMError) -> web.Response:
-    """The JSON error answer to ``exc``: an engine error with the HTTP status the engine
-    answered (``EngineError.status``) gets that status, in the body vLLM's server sends
-    for it (the type is the status's phrase, as its HTTPException handler writes it)."""
+    """The JSON error answer to ``exc``, in the body vLLM's server sends for it: an engine
+    error with the HTTP status the engine answered (``EngineError.status``) gets that
+    status (the type is the status's phrase, as vLLM's HTTPException handler writes it)."""
     status = exc.status if isinstance(exc, EngineError) else None
     if status is None or not 400 <= status < 600 or status == exc.http_status:
-        return web.json_response(exc.to_openai(), status=exc.http_status)
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    body = {"error": {"message": exc.message, "type": phrase, "param": exc.param, "code": status}}
+        return web.json_response(_error_body(exc), status=exc.http_status)
+    body = {
+        "error": {"message": exc.message, "type": _phrase(status), "param": exc.param,
+                  "code": status}
+    }  # fmt: skip
     return web.json_response(body, status=status)
 
 
@@ -589,7 +615,7 @@ class _EngineServer:
                 await resp.write(encode_event(fmt.usage_chunk(usage)))
         except SageLLMError as exc:  # after the first chunk: report it in the stream
             with contextlib.suppress(ConnectionResetError):
-                await resp.write(encode_event(exc.to_openai()))
+                await resp.write(encode_event(_error_body(exc)))
         except ConnectionResetError:  # the client went away; the caller closes the iterator
             return
         else:
