@@ -97,6 +97,16 @@ def test_a_chat_overflow_names_the_field_that_asked_for_the_tokens() -> None:
     assert parse_request(both, chat=True, model_name="m", max_model_len=100).req.max_tokens == 5
 
 
+def test_more_than_four_stop_strings_are_refused_as_vllm_refuses_them() -> None:
+    four = parse_request({"prompt": "hi", "stop": list("abcd")}, chat=False, model_name="m")
+    assert four.req.stop == tuple("abcd")
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_request({"messages": CHAT, "stop": list("abcde")}, chat=True, model_name="m")
+    assert caught.value.param == "body.stop"  # as vLLM 0.32's validation handler names it
+    assert "'List should have at most 4 items after validation, not 5'" in caught.value.message
+    assert caught.value.message.startswith("2 validation errors:\n  {'type': 'string_type'")
+
+
 def test_top_p_outside_zero_to_one_is_refused() -> None:
     """vLLM's range for top_p is (0, 1]: 0 would keep no token."""
     for bad in (0, 0.0, -0.1, 1.5):

@@ -18,6 +18,8 @@ from sage_llm.sim.logprobs import requested_prompt_logprobs
 
 DEFAULT_MAX_TOKENS = 16
 """A completions request's ``max_tokens`` when it gives none (vLLM's, OpenAI's)."""
+MAX_STOP_STRINGS = 4
+"""The most ``stop`` strings a request may give (vLLM's ``VLLM_MAX_STOP_STRINGS``)."""
 DEFAULT_CHAT_TOKENS = 128
 """A chat answer's length when the request caps it with nothing: vLLM lets a chat run to
 its end-of-sequence token (or the context's end); the simulated model has none, and ends
@@ -353,6 +355,17 @@ def parse_request(
         stop = []
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:  # in vLLM 0.32's words (its request model's check)
+        k, most = len(stop), MAX_STOP_STRINGS
+        raise InvalidRequestError(
+            "2 validation errors:\n"
+            f"  {{'type': 'string_type', 'loc': 'body.stop', 'msg': 'Input should be a valid "
+            f"string', 'input': '<list of {k} items>'}}\n"
+            f"  {{'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should have at most "
+            f"{most} items after validation, not {k}', 'input': '<list of {k} items>', 'ctx': "
+            f"{{'field_type': 'List', 'max_length': {most}, 'actual_length': {k}}}}}",
+            param="body.stop",
+        )
     if "" in stop:  # in vLLM's words
         raise InvalidRequestError("stop cannot contain an empty string.", param="stop")
     if not chat and body.get("suffix") is not None:  # in vLLM's words
