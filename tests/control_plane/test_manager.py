@@ -2995,9 +2995,9 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
 
 
 class _NewerVllmWords(SimEngine):
-    """A simulated engine that refuses as vLLM 0.11+ words it: ``max_tokens`` past its
-    context, or a prompt longer than it (the words only; vLLM 0.11+ also serves a prompt
-    and ``max_tokens`` past it cut to its context, which this engine refuses)."""
+    """A simulated engine that refuses a request past its context in the words of the
+    HTTP answers of vLLM 0.11+ (the simulated engine says vLLM 0.32's own: a prompt past
+    the context in "maximum context length" words, which older releases used too)."""
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         limit = self._config.max_model_len
@@ -3048,22 +3048,12 @@ def test_the_refusals_of_newer_vllm_send_a_request_to_a_longer_context_too() -> 
     run_virtual(main())
 
 
-class _CuttingEngine(SimEngine):
-    """A simulated engine that serves a request past its context as vLLM 0.11+ does:
-    ``max_tokens`` cut to what its context holds after the prompt, no refusal."""
-
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
-        room = self._config.max_model_len - len(self._prompt_ids(req))
-        async for chunk in super().generate(req.with_changes(max_tokens=min(req.max_tokens, room))):
-            yield chunk
-
-
 def test_a_request_past_a_short_context_goes_to_a_longer_one_rather_than_be_cut() -> None:
     """vLLM 0.11+ serves a prompt and ``max_tokens`` past its context cut short: once the
     contexts are known, such a request goes to an instance whose context holds it whole;
     one that fits goes anywhere, and one no instance holds runs as the engines answer."""
     engines: dict[str, SimEngine] = {
-        f"short{k}": _CuttingEngine(f"short{k}", SimEngineConfig(speed=100.0, max_model_len=1024))
+        f"short{k}": SimEngine(f"short{k}", SimEngineConfig(speed=100.0, max_model_len=1024))
         for k in range(2)
     }
     engines["long"] = SimEngine("long", SimEngineConfig(speed=100.0, max_model_len=2048))
@@ -3093,7 +3083,7 @@ def test_a_request_kept_off_short_contexts_runs_on_one_when_the_longer_one_leave
     runs on a short one, cut as its engine answers, not failed as if it had failed there."""
     for leave in ("drain", "remove"):
         engines: dict[str, SimEngine] = {
-            f"short{k}": _CuttingEngine(f"short{k}", SimEngineConfig(speed=1.0, max_model_len=1024))
+            f"short{k}": SimEngine(f"short{k}", SimEngineConfig(speed=1.0, max_model_len=1024))
             for k in range(2)
         }
         engines["long"] = SimEngine("long", SimEngineConfig(speed=1.0, max_model_len=2048))
