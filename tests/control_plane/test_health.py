@@ -718,17 +718,19 @@ def test_without_stall_timeout_a_stalled_engine_keeps_its_call() -> None:
     run_virtual(main())
 
 
-def test_an_engine_slower_than_the_stall_limit_is_not_stalled() -> None:
-    async def main() -> None:
-        cp = _manager(FaultPlan(), n=1, stall_timeout_s=1.0)
-        async with cp:
-            meta = RequestMetadata(request_id="long", prompt="x y", max_tokens=400)
-            result = await cp.generate(meta)  # several seconds of decoding
-            assert result.status is RequestStatus.COMPLETED
-            assert result.e2e_latency_ms > 3000
-            assert cp.get_instance_metrics("sim-0")["circuit"]["transitions"] == 0
+async def _a_long_generation_is_not_stalled(cp: ControlPlaneManager) -> None:
+    """Several seconds of decoding on sim-0, past a 1 s stall limit: it completes, and
+    the instance's circuit never moves."""
+    async with cp:
+        meta = RequestMetadata(request_id="long", prompt="x y", max_tokens=400)
+        result = await cp.generate(meta)
+        assert result.status is RequestStatus.COMPLETED
+        assert result.e2e_latency_ms > 3000
+        assert cp.get_instance_metrics("sim-0")["circuit"]["transitions"] == 0
 
-    run_virtual(main())
+
+def test_an_engine_slower_than_the_stall_limit_is_not_stalled() -> None:
+    run_virtual(_a_long_generation_is_not_stalled(_manager(FaultPlan(), n=1, stall_timeout_s=1.0)))
 
 
 class _TokensCountedAsRequestsEnd(FaultyEngineClient):
@@ -752,12 +754,7 @@ def test_an_engine_whose_tokens_count_as_requests_end_is_not_stalled_while_it_st
         cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
         (inst,) = make_instances(1)
         cp.register_instance(inst, _TokensCountedAsRequestsEnd(make_sim_engine(inst), FaultPlan()))
-        async with cp:
-            meta = RequestMetadata(request_id="long", prompt="x y", max_tokens=400)
-            result = await cp.generate(meta)  # several seconds of decoding
-            assert result.status is RequestStatus.COMPLETED
-            assert result.e2e_latency_ms > 3000
-            assert cp.get_instance_metrics("sim-0")["circuit"]["transitions"] == 0
+        await _a_long_generation_is_not_stalled(cp)
 
     run_virtual(main())
 

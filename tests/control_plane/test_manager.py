@@ -2995,38 +2995,35 @@ def test_a_request_too_long_for_one_instances_context_runs_on_a_longer_one() -> 
 
 
 class _NewerVllmWords(SimEngine):
-    """A simulated engine that refuses a request past its context in the words of the
-    HTTP answers of vLLM 0.11+ (the simulated engine says vLLM 0.32's own: a prompt past
-    the context in "maximum context length" words, which older releases used too)."""
+    """A simulated engine that holds half the context its model card says, and refuses
+    what is past that in the words of vLLM 0.11+'s HTTP answers (as an engine whose
+    tokenizer counts more tokens than the control plane's estimate): a request the
+    control plane sends it, its refusal is what moves the request on."""
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
-        limit = self._config.max_model_len
+        limit = self._config.max_model_len // 2
+        said = f"{self.instance_id}: rejected the request (HTTP 400 from POST /v1/completions): "
         if req.max_tokens > limit:
             raise EngineRequestRejectedError(
-                f"{self.instance_id}: rejected the request (HTTP 400 from POST "
-                f"/v1/completions): max_tokens={req.max_tokens} cannot be greater than "
+                f"{said}max_tokens={req.max_tokens} cannot be greater than "
                 f"max_model_len={limit}. Please request fewer output tokens. "
                 f"(parameter=max_tokens, value={req.max_tokens})",
                 instance_id=self.instance_id, status=400, param="max_tokens",
             )  # fmt: skip
-        try:
-            async for chunk in super().generate(req):
-                yield chunk
-        except InvalidRequestError as exc:
-            if "maximum context length" not in exc.message:
-                raise
+        if (n := len(self._prompt_ids(req))) > limit:
             raise EngineRequestRejectedError(
-                f"{self.instance_id}: rejected the request (HTTP 400 from POST "
-                f"/v1/completions): The decoder prompt (length 1500) is longer than the "
-                f"maximum model length of {limit}. Make sure that `max_model_len` is no "
-                "smaller than the number of text tokens.",
+                f"{said}The decoder prompt (length {n}) is longer than the maximum model "
+                f"length of {limit}. Make sure that `max_model_len` is no smaller than the "
+                "number of text tokens.",
                 instance_id=self.instance_id, status=400, param="input_tokens",
-            ) from None  # fmt: skip
+            )  # fmt: skip
+        async for chunk in super().generate(req):
+            yield chunk
 
 
 def test_the_refusals_of_newer_vllm_send_a_request_to_a_longer_context_too() -> None:
-    """vLLM 0.11+ words a request past its context otherwise than vLLM before it: the
-    request runs on the instance whose context holds it all the same."""
+    """vLLM 0.11+ words a request past its context otherwise than vLLM before it: its
+    refusal sends the request on to the instance whose context holds it all the same."""
     engines: dict[str, SimEngine] = {
         f"short{k}": _NewerVllmWords(f"short{k}", SimEngineConfig(speed=100.0, max_model_len=1024))
         for k in range(2)
@@ -3037,8 +3034,8 @@ def test_the_refusals_of_newer_vllm_send_a_request_to_a_longer_context_too() -> 
         cp = _over_engines(engines, routing_strategy="round_robin")
         async with cp:
             await asyncio.sleep(3.0)  # the probes learn each context
-            results = [await cp.generate(make_metadata(f"r{k}", max_tokens=2000)) for k in range(4)]
-            prompt = "word " * 1500
+            results = [await cp.generate(make_metadata(f"r{k}", max_tokens=800)) for k in range(4)]
+            prompt = "word " * 700
             for k in range(4):
                 meta = make_metadata(f"p{k}", prompt=prompt, max_tokens=10)
                 results.append(await cp.generate(meta))
