@@ -66,6 +66,9 @@ def test_failure_error_gives_each_ending_its_type() -> None:
         ("The decoder prompt (length 600) is longer than the maximum model length of 512.",
          True),
         ("max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", True),
+        # llama.cpp's llama-server (a slot's context)
+        ("request (701 tokens) exceeds the available context size (512 tokens), try "
+         "increasing it", True),
         # the request's own faults
         ("max_tokens must be at least 1, got -5.", False),
         ("top_k must be 0 (disable), or at least 1, got -5.", False),

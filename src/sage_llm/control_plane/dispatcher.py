@@ -178,12 +178,14 @@ _CONTEXT_REFUSALS = (
     "longer than the maximum model length",  # vLLM 0.11+: a prompt that fills it
     "cannot be greater than max_model_len",  # vLLM 0.11+: max_tokens past it
     "max_tokens must be at least 1, got 0",  # vLLM 0.11+: a prompt that fills it (no room)
+    "exceeds the available context size",  # llama.cpp's llama-server (a slot's context)
+    "is larger than the max context size",  # llama.cpp's, older releases
 )
 
 
 def is_context_refusal(message: str) -> bool:
     """Whether an engine's refusal ``message`` says the request is longer than its context
-    (its ``max_model_len``), in the words of the vLLM and SGLang releases."""
+    (its ``max_model_len``), in the words of the vLLM, SGLang and llama.cpp releases."""
     lowered = message.lower()
     return any(words in lowered for words in _CONTEXT_REFUSALS)
 
