@@ -23,7 +23,7 @@ from sage_llm.control_plane.health import (
 )
 from sage_llm.control_plane.instances import InstanceState
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
-from sage_llm.engines.base import Chunk, EngineStats
+from sage_llm.engines.base import Chunk, EngineRequest, EngineStats
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 from sage_llm.sim.clock import VirtualClock, run_virtual
@@ -755,6 +755,78 @@ def test_an_engine_whose_tokens_count_as_requests_end_is_not_stalled_while_it_st
         (inst,) = make_instances(1)
         cp.register_instance(inst, _TokensCountedAsRequestsEnd(make_sim_engine(inst), FaultPlan()))
         await _a_long_generation_is_not_stalled(cp)
+
+    run_virtual(main())
+
+
+class _SilentWhenHung(FaultyEngineClient):
+    """An engine frozen whole once it has a request: its metrics stop answering too (a
+    stopped process, SIGSTOP), while its probes still pass."""
+
+    called = False
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        self.called = True
+        return super().generate(req)
+
+    async def stats(self) -> EngineStats:
+        if self.called:
+            raise EngineTimeoutError("metrics scrape timed out", instance_id=self.instance_id)
+        return await super().stats()
+
+
+def test_an_engine_frozen_whole_is_judged_stalled_though_its_metrics_do_not_answer() -> None:
+    """The standstill goes on while the scrapes fail: the instance is ejected as stalled
+    after ``stall_timeout_s``, and its call moved (the check had been suspended, leaving it
+    to the probes, which a process with a live HTTP front may pass)."""
+
+    async def main() -> None:
+        settings = HealthSettings(interval_s=0.5, timeout_s=0.2, stall_timeout_s=3.0)
+        cp = ControlPlaneManager(
+            mode="simulated", health=settings, enable_pd_separation=False,
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        frozen, alive = make_instances(2)
+        cp.register_instance(
+            frozen, _SilentWhenHung(make_sim_engine(frozen), FaultPlan.parse("hang@p1"))
+        )
+        cp.register_instance(alive)
+        async with cp:
+            took = await asyncio.wait_for(_stall_run(cp, 4, 0.5), 60.0)
+            circuit = cp.get_instance_metrics("sim-0")["circuit"]
+        assert max(took) < 3.0 + 3 * 1.0 + 0.1
+        assert circuit["last_failure"].startswith("stalled: its engine processed no token")
+        assert "metrics no longer answering" in circuit["last_failure"]
+
+    run_virtual(main())
+
+
+class _RestartedSmaller(FaultyEngineClient):
+    """An engine restarted, between two probes, with a shorter context."""
+
+    context = 4096
+
+    async def context_length(self) -> int | None:
+        return self.context
+
+
+def test_a_known_context_is_asked_again_once_a_minute() -> None:
+    """An engine restarted with a shorter context, faster than its probes eject it: the
+    control plane learns the new context within about a minute."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", health=HealthSettings(interval_s=0.5), enable_pd_separation=False
+        )
+        (inst,) = make_instances(1)
+        engine = _RestartedSmaller(make_sim_engine(inst), FaultPlan())
+        cp.register_instance(inst, engine)
+        async with cp:
+            await asyncio.sleep(2.0)
+            assert cp.context_length(inst.model_name) == 4096
+            engine.context = 512
+            await asyncio.sleep(62.0)
+            assert cp.context_length(inst.model_name) == 512
 
     run_virtual(main())
 

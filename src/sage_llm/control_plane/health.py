@@ -501,7 +501,7 @@ class HealthMonitor:
 
     async def _stats_loop(self, state: InstanceState) -> None:
         while not state.removed or state.in_flight:  # a removed one: its calls' end
-            if state.breaker.routable and state.context_length is None:
+            if state.breaker.routable:  # (again once a minute: a restart may change it)
                 await self._ask_context_length(state)
             if state.breaker.routable:
                 try:
@@ -509,6 +509,7 @@ class HealthMonitor:
                         stats = await state.client.stats()
                 except Exception as exc:  # stats are advisory; health decides
                     log.debug("stats of %s failed: %r", state.instance_id, exc)
+                    self.watch_silence(state)
                 else:
                     state.last_stats = stats
                     if state.breaker.routable:  # not ejected while the stats were read
@@ -556,11 +557,37 @@ class HealthMonitor:
             return
         if now - mark[1] < limit:
             return
+        self._stalled(state, f"processed no token in {now - mark[1]:.0f} s")
+
+    def watch_silence(self, state: InstanceState) -> None:
+        """A scrape of ``state``'s metrics failed: the standstill timed by
+        :meth:`watch_progress` goes on (an engine frozen whole answers no scrape either;
+        timed from this scrape when none had seen its calls), and ``state`` is ejected as
+        stalled once it has lasted ``stall_timeout_s`` with engine calls in flight. Only
+        an engine whose scrapes have shown token counters is judged."""
+        limit = self.settings.stall_timeout_s
+        seen = state.last_stats
+        if limit is None or seen is None or not seen.counts_tokens:
+            return  # (an engine without token counters, or /metrics, is never judged)
+        now = self.clock.now()
+        mark = state.progress
+        if state.in_flight <= 0:
+            state.progress = None
+            return
+        if mark is None:  # its calls came after the last scrape that answered
+            state.progress = (-1.0, now)
+            return
+        if now - mark[1] >= limit:
+            self._stalled(
+                state,
+                f"processed no token in {now - mark[1]:.0f} s, its metrics no longer answering",
+            )
+
+    def _stalled(self, state: InstanceState, what: str) -> None:
+        """Eject ``state`` as stalled: its engine ``what``."""
+        now = self.clock.now()
         state.progress = None  # timed afresh from the next scrape
-        why = (
-            f"stalled: its engine processed no token in {now - mark[1]:.0f} s with "
-            f"{state.in_flight} request(s) in flight"
-        )
+        why = f"stalled: its engine {what} with {state.in_flight} request(s) in flight"
         self.metrics.instance_stalls.labels(instance_id=state.instance_id).inc()
         # as a request's failure: a trial request, not a probe (they pass), readmits it
         self._apply(state, state.breaker.force_open(now, why, request=True), why=why)
