@@ -509,7 +509,6 @@ class HealthMonitor:
                         stats = await state.client.stats()
                 except Exception as exc:  # stats are advisory; health decides
                     log.debug("stats of %s failed: %r", state.instance_id, exc)
-                    self.watch_silence(state)
                 else:
                     state.last_stats = stats
                     if state.breaker.routable:  # not ejected while the stats were read
@@ -531,9 +530,12 @@ class HealthMonitor:
             return
         try:
             async with asyncio.timeout(self.settings.timeout_s):
-                state.context_length = await client.context_length()
+                said = await client.context_length()
         except Exception as exc:  # advisory, as the stats are
             log.debug("context length of %s unknown: %r", state.instance_id, exc)
+        else:
+            if said is not None:  # (a card missing for a moment leaves what was known)
+                state.context_length = said
 
     def watch_progress(self, state: InstanceState, stats: EngineStats) -> None:
         """Eject ``state`` as stalled when its engine has processed no token for
@@ -558,30 +560,6 @@ class HealthMonitor:
         if now - mark[1] < limit:
             return
         self._stalled(state, f"processed no token in {now - mark[1]:.0f} s")
-
-    def watch_silence(self, state: InstanceState) -> None:
-        """A scrape of ``state``'s metrics failed: the standstill timed by
-        :meth:`watch_progress` goes on (an engine frozen whole answers no scrape either;
-        timed from this scrape when none had seen its calls), and ``state`` is ejected as
-        stalled once it has lasted ``stall_timeout_s`` with engine calls in flight. Only
-        an engine whose scrapes have shown token counters is judged."""
-        limit = self.settings.stall_timeout_s
-        seen = state.last_stats
-        if limit is None or seen is None or not seen.counts_tokens:
-            return  # (an engine without token counters, or /metrics, is never judged)
-        now = self.clock.now()
-        mark = state.progress
-        if state.in_flight <= 0:
-            state.progress = None
-            return
-        if mark is None:  # its calls came after the last scrape that answered
-            state.progress = (-1.0, now)
-            return
-        if now - mark[1] >= limit:
-            self._stalled(
-                state,
-                f"processed no token in {now - mark[1]:.0f} s, its metrics no longer answering",
-            )
 
     def _stalled(self, state: InstanceState, what: str) -> None:
         """Eject ``state`` as stalled: its engine ``what``."""
