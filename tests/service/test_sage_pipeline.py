@@ -8,6 +8,8 @@ runs each service's calls on that service's own request thread. Skipped only whe
 from __future__ import annotations
 
 import queue
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -58,11 +60,25 @@ def _run(service: type[Any], config: dict[str, Any], records: list[dict[str, Any
     env.register_service("llm", service, config, loop_factory=VirtualEventLoop)
     env.from_batch(records).map(AskLLM, parallelism=parallelism).sink(Collect, out)
     env.submit(autostop=True)
+    _join_pipeline_threads()
     results: dict[str, dict[str, Any]] = {}
     while not out.empty():
         item = out.get_nowait()
         results[item["name"]] = item
     return results
+
+
+_PIPELINE_THREADS = ("sage-llm-service", "AskLLM", "QueueListener", "ServiceResponseListener")
+"""Threads of a pipeline's service and workers, which outlive ``submit(autostop=True)`` a
+moment while they shut down."""
+
+
+def _join_pipeline_threads(timeout_s: float = 30.0) -> None:
+    """Wait until the pipeline's threads have ended, so none runs into the next test."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(_PIPELINE_THREADS):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _generate(name: str, inputs: Any, **options: Any) -> dict[str, Any]:
