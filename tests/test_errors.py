@@ -33,3 +33,14 @@ def test_errors_unpickle_with_their_fields() -> None:
     assert (request.message, request.param) == ("bad", "x")
     engine = pickle.loads(pickle.dumps(EngineError("down", instance_id="i", retryable=True)))
     assert (engine.instance_id, engine.retryable) == ("i", True)
+
+
+def test_reword_changes_what_the_error_says_and_nothing_else() -> None:
+    exc = InvalidRequestError("max_tokens: too many", param="max_tokens")
+    exc.reword("inputs[1]: max_tokens: too many")
+    assert (str(exc), exc.message, exc.param) == (
+        "inputs[1]: max_tokens: too many",
+        "inputs[1]: max_tokens: too many",
+        "max_tokens",
+    )
+    assert exc.to_openai()["error"]["message"] == "inputs[1]: max_tokens: too many"

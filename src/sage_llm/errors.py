@@ -53,6 +53,11 @@ class SageLLMError(Exception):
         self.message = message
         self.param = param
 
+    def reword(self, message: str) -> None:
+        """Say ``message`` instead (``str(exc)`` too), the error otherwise unchanged."""
+        self.message = message
+        self.args = (message, *self.args[1:])
+
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI-style error body: ``{"error": {"message", "type", "param", "code"}}``."""
         return {

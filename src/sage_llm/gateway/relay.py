@@ -298,9 +298,7 @@ def _said_of_request(exc: BaseException, request_id: str) -> None:
     its own id (``X-Request-Id``, the access log's)."""
     if not isinstance(exc, SageLLMError) or f"{request_id}#" not in exc.message:
         return
-    message = re.sub(re.escape(request_id) + r"#\d+", request_id, exc.message)
-    exc.message = message
-    exc.args = (message, *exc.args[1:])
+    exc.reword(re.sub(re.escape(request_id) + r"#\d+", request_id, exc.message))
 
 
 def _as_the_client_named(exc: BaseException, gen: Generation) -> None:
@@ -314,9 +312,7 @@ def _as_the_client_named(exc: BaseException, gen: Generation) -> None:
     ):
         return
     exc.param = named
-    message = re.sub(r"\bmax_tokens\b", named, exc.message)
-    exc.message = message
-    exc.args = (message, *exc.args[1:])
+    exc.reword(re.sub(r"\bmax_tokens\b", named, exc.message))
 
 
 async def complete(manager: ControlPlaneManager, gen: Generation, created: int) -> dict[str, Any]:

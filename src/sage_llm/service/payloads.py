@@ -164,16 +164,14 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
         param = param.removeprefix("body").removeprefix(".") or None  # vLLM's pydantic loc
         exc.param = param
     if param in _OPTION_NAMES:
-        exc.message = exc.message.replace(param, _OPTION_NAMES[param], 1)
-        exc.args = (exc.message, *exc.args[1:])
+        exc.reword(exc.message.replace(param, _OPTION_NAMES[param], 1))
         param = _OPTION_NAMES[param]
     if param in _INPUT_PARAMS or (param or "").startswith("messages[") or (where and not param):
         exc.param = where or "inputs"
     elif param and not param.startswith(_PAYLOAD_PARAMS):
         exc.param = f"{where}.options.{param}" if where else f"options.{param}"
     if where:
-        exc.message = f"{where}: {exc.message}"
-        exc.args = (exc.message, *exc.args[1:])
+        exc.reword(f"{where}: {exc.message}")
 
 
 async def located(work: Awaitable[T], *, gave_model: bool = True) -> T:
@@ -281,8 +279,7 @@ def _batch_item(
     except InvalidRequestError as exc:
         param = exc.param or ""
         if param == where or param.startswith((f"{where}.", f"{where}[")):
-            exc.message = f"{where}: {exc.message}"
-            exc.args = (exc.message, *exc.args[1:])
+            exc.reword(f"{where}: {exc.message}")
         raise
 
 
