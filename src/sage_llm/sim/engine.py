@@ -518,8 +518,7 @@ class SimEngine:
             )
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
-        text = req.messages is not None or isinstance(req.prompt, str)
-        context_max_tokens(self._config.max_model_len, len(prompt_ids), 1, text=text)
+        context_max_tokens(self._config.max_model_len, len(prompt_ids), 1, text=is_text(req))
         # the request's fields checked as its decode leg will check them (as vLLM checks
         # the whole request before it runs a leg): refused here, nothing is pinned for it
         check_sampling(req.extra, self._core.model.vocab_size)
@@ -655,10 +654,9 @@ class SimEngine:
             raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
         if not isinstance(req.max_tokens, int) or req.max_tokens < least:
             raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")
-        text = req.messages is not None or isinstance(req.prompt, str)
         limit = self._config.max_model_len
         cut = context_max_tokens(
-            limit, n_prompt, req.max_tokens, "max_tokens" if given else None, text=text
+            limit, n_prompt, req.max_tokens, "max_tokens" if given else None, text=is_text(req)
         )
         return req if cut == req.max_tokens else req.with_changes(max_tokens=cut)
 
@@ -1036,6 +1034,12 @@ def min_tokens_of(req: EngineRequest) -> int:
             param="min_tokens",
         )
     return value
+
+
+def is_text(req: EngineRequest) -> bool:
+    """Whether ``req``'s prompt is text (a chat's messages too), which vLLM's tokenizer
+    counts only up to a token past the context (token ids are counted whole)."""
+    return req.messages is not None or isinstance(req.prompt, str)
 
 
 def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:

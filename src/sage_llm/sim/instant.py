@@ -25,7 +25,7 @@ from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
 from sage_llm.errors import InvalidRequestError
-from sage_llm.sim.engine import check_sampling, min_tokens_of
+from sage_llm.sim.engine import check_sampling, is_text, min_tokens_of
 from sage_llm.sim.server_requests import context_max_tokens
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
@@ -86,8 +86,9 @@ class InstantEngine:
         min_tokens_of(req)  # refused as the simulated engine refuses it (its output is fixed)
         prompt = estimate_prompt_tokens(req)
         given = "max_tokens" if req.send_max_tokens else None
-        text = req.messages is not None or isinstance(req.prompt, str)
-        n = context_max_tokens(self.max_model_len, prompt, max(1, req.max_tokens), given, text=text)
+        n = context_max_tokens(
+            self.max_model_len, prompt, max(1, req.max_tokens), given, text=is_text(req)
+        )
         self._prompt_tokens += prompt
         self._generated += n
         for _ in range(n - 1):

@@ -120,10 +120,15 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-def _error_body(exc: SageLLMError) -> dict[str, Any]:
-    """vLLM's error body for ``exc``, answered with its ``http_status``."""
-    status = exc.http_status
-    kind = _VLLM_ERROR_TYPES.get(status) or _phrase(status)
+def _error_body(exc: SageLLMError, status: int | None = None) -> dict[str, Any]:
+    """vLLM's error body for ``exc``, answered with its ``http_status`` (or ``status``, the
+    one an engine answered with, typed by its phrase as vLLM's HTTPException handler
+    writes it)."""
+    if status is None:
+        status = exc.http_status
+        kind = _VLLM_ERROR_TYPES.get(status) or _phrase(status)
+    else:
+        kind = _phrase(status)
     return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": status}}
 
 
@@ -134,11 +139,7 @@ def _error(exc: SageLLMError) -> web.Response:
     status = exc.status if isinstance(exc, EngineError) else None
     if status is None or not 400 <= status < 600 or status == exc.http_status:
         return web.json_response(_error_body(exc), status=exc.http_status)
-    body = {
-        "error": {"message": exc.message, "type": _phrase(status), "param": exc.param,
-                  "code": status}
-    }  # fmt: skip
-    return web.json_response(body, status=status)
+    return web.json_response(_error_body(exc, status), status=status)
 
 
 def _failed(request: web.Request, exc: SageLLMError) -> web.Response:
