@@ -559,13 +559,11 @@ class HealthMonitor:
             return
         if now - mark[1] < limit:
             return
-        self._stalled(state, f"processed no token in {now - mark[1]:.0f} s")
-
-    def _stalled(self, state: InstanceState, what: str) -> None:
-        """Eject ``state`` as stalled: its engine ``what``."""
-        now = self.clock.now()
         state.progress = None  # timed afresh from the next scrape
-        why = f"stalled: its engine {what} with {state.in_flight} request(s) in flight"
+        why = (
+            f"stalled: its engine processed no token in {now - mark[1]:.0f} s with "
+            f"{state.in_flight} request(s) in flight"
+        )
         self.metrics.instance_stalls.labels(instance_id=state.instance_id).inc()
         # as a request's failure: a trial request, not a probe (they pass), readmits it
         self._apply(state, state.breaker.force_open(now, why, request=True), why=why)
