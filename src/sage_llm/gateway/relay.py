@@ -618,27 +618,26 @@ async def _relay(
                 usage = chunk.usage or usage
                 top = chunk.top
                 fields = chunk.fields
-                if fmt.chat and chunk.index not in seen:
+                first = fmt.chat and chunk.index not in seen
+                engine_role = None
+                if first and fields is not None and "role" in fields:  # not the assistant's:
+                    engine_role = fields["role"]  # the engine's, said in our role event
+                    fields = {k: v for k, v in fields.items() if k != "role"} or None
+                content = (
+                    chunk.text or chunk.finish_reason or chunk.logprobs is not None
+                    or fields or chunk.extras
+                )  # fmt: skip
+                if first:
                     role = fmt.role_chunk()
-                    first = role["choices"][0]
-                    first["index"] = chunk.index
-                    if fields is not None and "role" in fields:  # not the assistant's: the
-                        first["delta"]["role"] = fields["role"]  # engine's, in our role event
-                        fields = {k: v for k, v in fields.items() if k != "role"} or None
-                    content = (
-                        chunk.text or chunk.finish_reason or chunk.logprobs is not None
-                        or fields or chunk.extras
-                    )  # fmt: skip
+                    choice = role["choices"][0]
+                    choice["index"] = chunk.index
+                    if engine_role is not None:
+                        choice["delta"]["role"] = engine_role
                     if top and not content:  # the engine's own role event: its fields go
                         role.update(top)  # with ours (the usage so far, prompt_token_ids)
                         top = None
                     out.append(encode_event(role))
                     seen.add(chunk.index)
-                else:
-                    content = (
-                        chunk.text or chunk.finish_reason or chunk.logprobs is not None
-                        or fields or chunk.extras
-                    )  # fmt: skip
                 if content or top:
                     event = fmt.chunk(
                         chunk.text, chunk.finish_reason, index=chunk.index,
