@@ -11,7 +11,10 @@ to tell what a proxy adds from what the machine adds:
 * ``--pin ENGINE_CPU,PROXY_CPU``: the concurrency-1 engines on one core and the proxies
   on another (``taskset``; the client is left to the scheduler);
 * ``--baseline-src DIR``: one more target, ``sage-llm serve`` run from another checkout's
-  ``src`` (``engine_stream = "client"``, as the target ``sage-llm serve`` here).
+  ``src`` (``engine_stream = "client"``, as the target ``sage-llm serve`` here);
+* ``--warmup N``: unmeasured requests before each measured run (the proxy bench's
+  :data:`~sage_llm.bench.proxy_bench.C1_WARMUP` unless given; before the thirty-first
+  round of docs/benchmarks.md, 5, and ``--warmup 5`` measures as those rounds did).
 
 Targets: ``direct`` (the first engine), ``sage-llm serve`` (``engine_stream =
 "client"``), ``python-forwarder`` (:mod:`sage_llm.bench.forwarder`) and ``--peers``. Every
@@ -26,6 +29,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/c1_latency.py --mode stream --rounds 3 --after-c64
     .venv/bin/python benchmarks/c1_latency.py --mode stream --after-c64 --pin 0,1
     .venv/bin/python benchmarks/c1_latency.py --baseline-src /tmp/base/src --rounds 5
+    .venv/bin/python benchmarks/c1_latency.py --mode stream --rounds 6 --warmup 5
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 
 from sage_llm.bench.procs import EngineFleet, start_engine_sims
 from sage_llm.bench.proxy_bench import (
+    C1_WARMUP,
     FORWARDER,
     ProxyTarget,
     bench_gateway,
@@ -98,6 +103,7 @@ async def run(
     modes: Sequence[bool],
     rounds: int,
     requests: int,
+    warmup: int,
     peers: Sequence[str],
     after_c64: bool,
     pin: tuple[str, str] | None,
@@ -128,7 +134,9 @@ async def run(
             order = names[k % len(names) :] + names[: k % len(names)]  # each its turn first
             for stream in modes:
                 for name in order:
-                    result = await client_process(targets[name].url, 1, requests, stream)
+                    result = await client_process(
+                        targets[name].url, 1, requests, stream, warmup=warmup
+                    )
                     p50 = statistics.median(result.latencies_s) * 1000.0
                     ttft = statistics.median(result.ttfts_s) * 1000.0 if result.ttfts_s else None
                     split = split_share(result.latencies_s, result.ttfts_s)
@@ -178,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("both", "plain", "stream"), default="both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument(
+        "--warmup", type=int, default=C1_WARMUP, help="unmeasured requests before each run"
+    )
     parser.add_argument("--peers", nargs="*", default=[FORWARDER])
     parser.add_argument("--after-c64", action="store_true")
     parser.add_argument("--pin", default=None, help="ENGINE_CPU,PROXY_CPU (e.g. 0,1)")
@@ -185,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.requests < 1:
         parser.error("--rounds and --requests must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     try:  # before any engine or gateway starts
         check_proxy_options(args.peers, 0)
     except ConfigError as exc:
@@ -205,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline = None if args.baseline_src is None else args.baseline_src.resolve()
     results = asyncio.run(
         run(
-            modes=modes, rounds=args.rounds, requests=args.requests, peers=args.peers,
+            modes=modes, rounds=args.rounds, requests=args.requests, warmup=args.warmup,
+            peers=args.peers,
             after_c64=args.after_c64, pin=pin, baseline=baseline,
         )
     )  # fmt: skip

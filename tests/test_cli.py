@@ -143,6 +143,7 @@ def listening() -> Iterator[int]:
             "Invalid value for '--peers': unknown peer 'nginx' (known: python-forwarder, ",
         ),
         (["bench", "proxy", "--peers", "vllm-router,vllm-router"], "vllm-router is given twice"),
+        (["bench", "proxy", "--c1-warmup", "-1"], "Invalid value for '--c1-warmup'"),
         (
             ["bench", "compare", "--workload", "nope"],
             "Invalid value for '--workload': unknown workload 'nope'",

@@ -1152,6 +1152,12 @@ def bench_proxy(
             min=0, help="Tokens in every request's prompt (0: the 14-token default prompt)."
         ),
     ] = 0,
+    c1_warmup: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Unmeasured requests through a target before each concurrency-1 run."
+        ),
+    ] = 1000,  # proxy_bench.C1_WARMUP
 ) -> None:
     """Proxy overhead: sage-llm serve vs the Rust routers (req/s, added latency, TTFT)."""
     from sage_llm.bench.proxy_bench import C1_ENGINES, proxy_bench_main
@@ -1166,6 +1172,7 @@ def bench_proxy(
             rounds=rounds,
             c1_engine=c1_engine,
             prompt_tokens=prompt_tokens,
+            c1_warmup=c1_warmup,
         )
     except SageLLMError as exc:
         _fail(_as_option(exc, {"peers", "out", "rounds", "c1_engine", "prompt_tokens"}))

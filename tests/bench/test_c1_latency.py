@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -21,13 +22,22 @@ def test_a_short_run_measures_every_target_in_every_mode(
     c1: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(c1, "LOG_DIR", tmp_path)
+    warmups: list[int] = []
+    measure = c1.client_process
+
+    async def client(*args: Any, warmup: int, **kwargs: Any) -> Any:
+        warmups.append(warmup)
+        return await measure(*args, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(c1, "client_process", client)
     results = asyncio.run(
         c1.run(
-            modes=(False, True), rounds=1, requests=5, peers=[], after_c64=False, pin=None,
-            baseline=None,
+            modes=(False, True), rounds=1, requests=5, warmup=2, peers=[], after_c64=False,
+            pin=None, baseline=None,
         )
     )  # fmt: skip
     assert set(results) == {(t, s) for t in ("direct", c1.SAGE) for s in (False, True)}
+    assert warmups == [2] * 4  # every measured run after the warm-up asked for
     for (_, stream), runs in results.items():
         ((p50, ttft, split),) = runs
         assert p50 > 0
@@ -64,6 +74,7 @@ def test_a_stream_is_split_when_its_end_came_well_after_its_first_piece(
         (["--pin", "a,b"], "expected ENGINE_CPU,PROXY_CPU"),
         (["--rounds", "0"], "--rounds and --requests must be >= 1"),
         (["--baseline-src", "/nonexistent"], "no sage_llm package in it"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_starts(

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from sage_llm.bench import proxy_bench
 from sage_llm.bench.proxy_bench import (
+    C1_WARMUP,
     PROMPT,
     ClientResult,
     ProxyRow,
     bench_prompt,
     check_proxy_options,
+    client_process,
     closed_loop,
     proxy_bench_main,
     render_rows,
@@ -104,6 +108,44 @@ def test_a_peer_given_twice_is_refused() -> None:
 def test_run_rejects_an_unknown_c1_engine_before_starting_anything() -> None:
     with pytest.raises(ValueError, match="c1_engine"):
         asyncio.run(run_proxy_bench(c1_engine="gpu", peers=()))
+    with pytest.raises(ValueError, match="c1_warmup"):
+        asyncio.run(run_proxy_bench(c1_warmup=-1, peers=()))
+
+
+def test_the_command_line_warms_up_as_the_bench_does_and_passes_its_count_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sage_llm import cli
+
+    default = inspect.signature(cli.bench_proxy).parameters["c1_warmup"].default
+    assert default == C1_WARMUP  # the command's default is the bench's
+    seen: dict[str, object] = {}
+
+    def bench(**kwargs: object) -> int:
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(proxy_bench, "proxy_bench_main", bench)
+    result = CliRunner().invoke(cli.app, ["bench", "proxy", "--c1-warmup", "7"])
+    assert result.exit_code == 0, result.output
+    assert seen["c1_warmup"] == 7
+
+
+def test_the_client_process_sends_its_warmup_requests_before_the_measured_ones() -> None:
+    async def main() -> tuple[ClientResult, float]:
+        engine = SimEngine("sim-0", SimEngineConfig(speed=1000.0))
+        runner, port = await start_app(create_engine_app(engine, model_name="llama-3-8b"))
+        try:
+            result = await client_process(f"http://127.0.0.1:{port}", 2, 4, False, warmup=3)
+            # 4 tokens per request (max_tokens, ignore_eos): the requests it served
+            return result, (await engine.stats()).generation_tokens_total / 4
+        finally:
+            await runner.cleanup()
+            await engine.aclose()
+
+    result, served = asyncio.run(main())
+    assert result.errors == 0 and len(result.latencies_s) == 4  # only these are measured
+    assert served == 4 + 3
 
 
 def test_rounds_give_the_median_rate_and_pool_the_latencies() -> None:

@@ -19,6 +19,11 @@ streaming ``/v1/completions``:
   whether a proxy relays the first chunk at once;
 * ``req/s c64``: completed requests per second at concurrency 64.
 
+Each concurrency-1 run is preceded by :data:`C1_WARMUP` unmeasured requests (``c1_warmup``)
+through the same target, each concurrency-64 run by 5 per engine URL: the first few hundred
+requests of a lone client after a pause come slower through every proxy, and the
+concurrency-1 figures are of the steady state (docs/benchmarks.md, thirty-first round).
+
 ``sage-llm serve`` is measured twice (:data:`SAGE_TARGETS`): as configured by default
 (``engine_stream = "sampled"``), and with ``engine_stream = "client"``. The peers
 (:data:`DEFAULT_PEERS`) are the two Rust routers and ``python-forwarder``
@@ -105,6 +110,13 @@ def bench_prompt(prompt_tokens: int = 0) -> str:
     filler = _FILLER * (need // count_tokens(_FILLER) + 1)
     return "".join(split(filler)[:need] + tail)
 
+
+C1_WARMUP = 1000
+"""Unmeasured requests before each concurrency-1 run. With 5, the p50 through a proxy
+measured the warm-up of the run as much as the proxy: a lone client's first 200–400
+requests after a pause (a new client process, the target idle while others were measured)
+came apart more often (the end of a stream a wake-up after its first piece) and 0.1–0.2 ms
+slower through every Python proxy, then settled; 1,000 take under a second."""
 
 C1_ENGINES = ("instant", "sim")
 """The engines the concurrency-1 runs can go to: ``engine-sim --instant`` or the
@@ -229,6 +241,7 @@ async def client_process(
     stream: bool,
     max_tokens: int = 4,
     prompt_tokens: int = 0,
+    warmup: int = 5,
 ) -> ClientResult:
     """:func:`closed_loop` in a process of its own (so it never shares a proxy's cores'
     event loop with it), over one base URL or several; raises RuntimeError when that
@@ -238,6 +251,7 @@ async def client_process(
             *(arg for u in urls for arg in ("--url", u)),
             "--concurrency", str(concurrency), "--requests", str(requests),
             "--max-tokens", str(max_tokens), "--prompt-tokens", str(prompt_tokens),
+            "--warmup", str(warmup),
             ] + (["--stream"] if stream else [])  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -466,12 +480,15 @@ async def run_proxy_bench(
     rounds: int = 1,
     c1_engine: str = "instant",
     prompt_tokens: int = 0,
+    c1_warmup: int = C1_WARMUP,
 ) -> list[ProxyRow]:
     """Measure every target in both modes, ``rounds`` times (see the module docstring)."""
     from sage_llm.bench.procs import start_engine_sims
 
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
+    if c1_warmup < 0:
+        raise ValueError("c1_warmup must be >= 0")
     if c1_engine not in C1_ENGINES:
         raise ValueError(f"c1_engine must be one of {', '.join(C1_ENGINES)}, not {c1_engine!r}")
     results: dict[tuple[str, bool], list[tuple[ClientResult, ClientResult]]] = {}
@@ -494,7 +511,7 @@ async def run_proxy_bench(
                 for name in names[k % len(names) :] + names[: k % len(names)]:
                     url = c1_targets[name].url
                     c1 = await client_process(
-                        url, 1, requests_c1, stream, max_tokens, prompt_tokens
+                        url, 1, requests_c1, stream, max_tokens, prompt_tokens, c1_warmup
                     )
                     url = targets[name].url
                     c64 = await client_process(
@@ -517,6 +534,7 @@ def proxy_bench_main(
     rounds: int = 1,
     c1_engine: str = "instant",
     prompt_tokens: int = 0,
+    c1_warmup: int = C1_WARMUP,
 ) -> int:
     """Entry point of ``sage-llm bench proxy``: prints the table, writes ``proxy.json``."""
     check_out_dir(out)
@@ -527,7 +545,7 @@ def proxy_bench_main(
             run_proxy_bench(
                 engines=engines, speed=speed, max_tokens=max_tokens, requests_c1=requests_c1,
                 requests_c64=requests_c64, peers=peers, log_dir=out / "logs", rounds=rounds,
-                c1_engine=c1_engine, prompt_tokens=prompt_tokens,
+                c1_engine=c1_engine, prompt_tokens=prompt_tokens, c1_warmup=c1_warmup,
             )
         )  # fmt: skip
     console.print(render_rows(rows, c1_engine=c1_engine))
@@ -550,11 +568,14 @@ def _client_main(argv: Sequence[str]) -> int:
     parser.add_argument("--max-tokens", type=at_least(1), default=4)
     parser.add_argument("--prompt-tokens", type=at_least(0), default=0)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument(
+        "--warmup", type=at_least(0), default=5, help="unmeasured requests first, per URL"
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(
         closed_loop(
             args.url, concurrency=args.concurrency, requests=args.requests, stream=args.stream,
-            max_tokens=args.max_tokens, prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens, prompt_tokens=args.prompt_tokens, warmup=args.warmup,
         )
     )  # fmt: skip
     data: dict[str, Any] = asdict(result)
