@@ -52,6 +52,7 @@ from sage_llm.control_plane.health import (
 from sage_llm.control_plane.instances import InstanceRegistry, InstanceState
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.pd import PDComponents, PDLegError, PDLegs, PDPlan
+from sage_llm.control_plane.pd.connectors import samples_asked
 from sage_llm.control_plane.pd.orchestrator import (
     Member,
     pair_exists,
@@ -399,7 +400,11 @@ class Dispatcher:
             if rec is None or rec.status is not RequestStatus.QUEUED:
                 continue
             rec.info = info  # the policy may have changed it (e.g. demoted)
-            plan = self._pd_plan(info, snap) if info.model in pd_models else None
+            plan = (
+                self._pd_plan(info, snap)
+                if info.model in pd_models and self.may_split(rec.engine_request)
+                else None
+            )
             if plan is not None:
                 decided_s = time.perf_counter() - started
                 self.metrics.routing_seconds.observe(decided_s)
@@ -541,6 +546,17 @@ class Dispatcher:
         for view in snap:
             roles.setdefault(view.model, set()).add(view.role)
         return tuple(m for m, r in roles.items() if uses_pd(r))
+
+    def runs_whole(self, model: str) -> bool:
+        """Whether an instance of ``model`` that runs whole requests is registered (up or
+        not, draining or not)."""
+        return any(role.runs_whole_requests for _, role in self._members(model, draining=True))
+
+    def may_split(self, req: EngineRequest) -> bool:
+        """Whether ``req`` may run disaggregated: not when it asks for several samples and
+        the PD connector cannot split such a request (then it runs colocated)."""
+        pd = self.pd
+        return pd is None or pd.connector.splits_samples or samples_asked(req.extra) == 1
 
     def _pd_plan(self, info: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
         """The pair to run ``info`` disaggregated on, or None to run it colocated."""
@@ -1152,7 +1168,7 @@ class Dispatcher:
         """The client of a healthy DECODING or HYBRID instance of ``model`` other than
         ``failed_id`` (a KV release's pull goes through it: one set up to pull KV), one
         that is not draining when there is one (a draining one only rather than leave the
-        KV pinned until the engine's abort timeout), or None."""
+        KV pinned until the engine gives up on it), or None."""
         draining: EngineClient | None = None
         for state in self.registry:
             if (

@@ -55,6 +55,7 @@ from sage_llm.control_plane.intake import build_request, resolve_model
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
 from sage_llm.control_plane.params import Gathered
 from sage_llm.control_plane.pd import build_pd
+from sage_llm.control_plane.pd.connectors import samples_asked
 from sage_llm.control_plane.pd.orchestrator import PD_ROLES, pair_exists
 from sage_llm.control_plane.records import (
     ChunkChannel,
@@ -1566,6 +1567,16 @@ class ControlPlaneManager:
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(
                 registry.pair_down_reason(model), retry_after_s=registry.back_in(model, now)
+            )
+        if not whole and not dispatcher.may_split(engine_req) and not dispatcher.runs_whole(model):
+            pd = dispatcher.pd
+            assert pd is not None  # (may_split is True without PD)
+            raise InvalidRequestError(
+                f"n={samples_asked(engine_req.extra)} cannot run on model {model!r}: its PD "
+                f"connector {pd.connector.name!r} cannot split a request for several samples "
+                "between a prefill and a decode instance, and none of the model's instances "
+                "runs whole requests (register a hybrid or general one, or ask for n=1)",
+                param="n",
             )
         simple = dispatcher.admits_all
         if simple is not None and queued < self.max_queue_size and not self.reject_infeasible_slo:

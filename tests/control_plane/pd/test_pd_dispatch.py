@@ -716,3 +716,65 @@ def test_an_sglang_prefill_leg_that_never_ends_does_not_hold_back_the_answer() -
         assert engines["p0"].aborted == ["s1"]
 
     run_virtual(main())
+
+
+def _fake_pd_fleet(
+    roles: list[tuple[str, Role]], connector: str = "vllm"
+) -> tuple[ControlPlaneManager, dict[str, FakeEngine]]:
+    engines = {iid: FakeEngine(iid) for iid, _ in roles}
+    cp = ControlPlaneManager(
+        mode="simulated", engine_factory=lambda inst: engines[inst.instance_id],
+        pd_config=PDSeparationConfig(routing_policy="always", connector=connector),
+    )  # fmt: skip
+    for n, (iid, role) in enumerate(roles):
+        cp.register_instance(make_instance(iid, port=8000 + n, instance_type=role))
+    return cp, engines
+
+
+def test_a_request_for_several_samples_runs_colocated_over_the_vllm_connector() -> None:
+    """vLLM's prefill leg of an ``n`` > 1 request pins a KV copy per sample but hands the
+    decode leg one: such a request runs on a whole-request instance, even where the
+    decider disaggregates everything; n=1 still goes to the pair."""
+    cp, engines = _fake_pd_fleet([("g0", Role.GENERAL), *PD_PAIR])
+
+    async def main() -> tuple[RequestResult, RequestResult]:
+        async with cp:
+            many = await cp.generate(make_metadata("many", extra_body={"n": 2}, max_tokens=4))
+            one = await cp.generate(make_metadata("one", extra_body={"n": 1}, max_tokens=4))
+        return many, one
+
+    many, one = run_virtual(main())
+    assert (many.instance_id, many.prefill_instance_id) == ("g0", None), many.error
+    assert one.instance_id == "d0" and one.prefill_instance_id is not None, one.error
+    prefilled = [r.request_id for e in engines.values() for r in e.prefills]
+    assert prefilled == ["one"]  # no prefill leg for the request of two samples
+    assert [r.extra.get("n") for r in engines["g0"].requests] == [2]  # asked whole, as sent
+
+
+def test_a_request_for_several_samples_is_refused_by_a_vllm_pd_fleet_without_whole_instances() -> (
+    None
+):
+    cp, engines = _fake_pd_fleet(list(PD_PAIR))
+
+    async def main() -> None:
+        async with cp:
+            with pytest.raises(InvalidRequestError, match="cannot split a request") as info:
+                await cp.submit_request(make_metadata("many", extra_body={"n": 3}))
+            assert info.value.param == "n"
+            assert "n=3" in str(info.value) and "'vllm'" in str(info.value)
+            ok = await cp.generate(make_metadata("one", max_tokens=4))  # n=1: the pair
+            assert (ok.prefill_instance_id, ok.instance_id) == ("p0", "d0"), ok.error
+
+    run_virtual(main())
+    assert [r.request_id for e in engines.values() for r in e.prefills] == ["one"]
+
+
+def test_a_request_for_several_samples_is_split_by_the_sglang_connector() -> None:
+    cp, engines = _fake_pd_fleet(list(PD_PAIR), connector="sglang")
+
+    async def main() -> RequestResult:
+        async with cp:
+            return await cp.generate(make_metadata("many", extra_body={"n": 2}, max_tokens=4))
+
+    res = run_virtual(main())
+    assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0"), res.error

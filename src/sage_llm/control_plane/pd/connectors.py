@@ -26,8 +26,10 @@ the decode leg fails, before the decode instance produced its first token, the c
 releases them: directly when the prefill client has a ``release_kv(request_id)`` method
 (the simulated engine does), otherwise by pulling them with a one-token decode leg whose
 output is discarded (``release_by_pull``; vLLM's NIXL connector frees the prefill side's
-blocks once they have been read). Without that, vLLM frees them only when its abort
-timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg
+blocks once they have been read). Without that, vLLM frees them only when it gives up
+on them: vLLM 0.32's NIXL connector when its lease runs out
+(``kv_connector_extra_config.kv_lease_duration``, 30 s by default), older releases when
+their abort timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg
 whose request is cancelled gets ``cancel_grace_s`` to answer (its engine may have ended it,
 the answer on its way: that KV is released too); one still in flight then is aborted by
 closing its connection, which vLLM treats as an abort.
@@ -136,10 +138,20 @@ class PDConnector(Protocol):
     """Runs both legs of a PD request and yields the decode instance's chunks."""
 
     name: str
+    splits_samples: bool
+    """Whether a request for several samples (``n`` > 1) can run disaggregated through it;
+    when not, such requests run colocated (:func:`samples_asked`)."""
 
     def run(self, req: EngineRequest, legs: PDLegs) -> AsyncIterator[Chunk]: ...
 
     def describe(self) -> dict[str, object]: ...
+
+
+def samples_asked(extra: Mapping[str, object]) -> int:
+    """The samples a request's extra fields ask for (``n``; 1 when not a whole number
+    above 1: the engine answers for anything else)."""
+    n = extra.get("n")
+    return n if type(n) is int and n > 1 else 1
 
 
 def merge_usage(chunk: Chunk, prompt_tokens: int) -> Chunk:
@@ -212,14 +224,19 @@ class VLLMConnector:
     """Sequential hand-off with ``kv_transfer_params`` (see the module docstring)."""
 
     name = "vllm"
+    splits_samples = False
+    """vLLM 0.32's prefill leg of a request for ``n`` samples pins a KV copy per sample
+    but answers one ``kv_transfer_params``: both decode samples read that one copy (the
+    second time, maybe after it was freed) and the other stays pinned until its lease runs
+    out (measured against two real vLLM servers with NIXL)."""
 
     def __init__(self, params: VLLMConnectorParams | None = None) -> None:
         self.params = params or VLLMConnectorParams()
         self.releases = 0
         """KV releases done after a cancellation or decode failure (for status pages)."""
         self.release_failures = 0
-        """KV releases tried that failed: that KV stays pinned until the prefill engine's
-        own abort timeout."""
+        """KV releases tried that failed: that KV stays pinned until the prefill engine
+        gives up on it (its NIXL lease, or an older vLLM's abort timeout)."""
         self._releasing: set[asyncio.Task[bool]] = set()
         """Releases going on after the request they were for was cancelled."""
         self._leg_numbers = itertools.count(1)
@@ -353,7 +370,7 @@ class VLLMConnector:
                     released = await self._pull_somewhere(req, handle, legs, decode_failed)
                 else:
                     log.info(
-                        "request %s: KV stays pinned on %s until its abort timeout",
+                        "request %s: KV stays pinned on %s until the engine gives up on it",
                         req.request_id,
                         legs.prefill.instance_id,
                     )
@@ -367,8 +384,8 @@ class VLLMConnector:
                     f"no answer within release_timeout_s ({self.params.release_timeout_s:g} s)"
                 )
             log.warning(
-                "request %s: could not release KV on %s (it stays pinned until the engine's "
-                "abort timeout): %s",
+                "request %s: could not release KV on %s (it stays pinned until the engine "
+                "gives up on it: its NIXL lease, or an older vLLM's abort timeout): %s",
                 req.request_id,
                 legs.prefill.instance_id,
                 why,
@@ -451,6 +468,9 @@ class SGLangConnector:
     """Concurrent hand-off through SGLang's bootstrap server (see the module docstring)."""
 
     name = "sglang"
+    splits_samples = True
+    """Both legs get the whole request, ``n`` included (not checked against a real SGLang
+    pair: there is no CPU build)."""
 
     def __init__(self, params: SGLangConnectorParams | None = None, *, seed: int | None = None):
         self.params = params or SGLangConnectorParams()
