@@ -778,3 +778,5 @@ def test_a_request_for_several_samples_is_split_by_the_sglang_connector() -> Non
 
     res = run_virtual(main())
     assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0"), res.error
+    for iid in ("p0", "d0"):  # both legs are the whole request, its n included
+        assert [r.extra.get("n") for r in engines[iid].requests] == [2]
