@@ -10,7 +10,13 @@ from dataclasses import replace
 import pytest
 
 from sage_llm.control_plane.health import CircuitState
-from sage_llm.control_plane.instances import InstanceRegistry, InstanceState, LatencyPriors
+from sage_llm.control_plane.instances import (
+    TPOT_BUCKETS,
+    InstanceRegistry,
+    InstanceState,
+    LatencyPriors,
+    batch_bucket,
+)
 from sage_llm.control_plane.snapshot import InstanceView
 from sage_llm.engines.base import EngineStats
 from sage_llm.types import ExecutionInstanceType
@@ -44,10 +50,12 @@ def _expected(state: InstanceState) -> InstanceView:
         network_bandwidth_gbps=inst.network_bandwidth_gbps,
         est_ttft_base_s=state.est_ttft_base_s,
         est_prefill_tps=1.0 / state.est_s_per_prefill_token,
-        est_tpot_s=state.est_tpot_s,
+        # the TPOT of a request joining now (see the bucket tests below)
+        est_tpot_s=state.tpot_at(state.in_flight + 1)[0],
         est_chunk_tps=1.0 / state.est_s_per_chunk_token,
         rate_measured=state.rate_samples > 0,
         measured=state.measured,
+        tpot_known=state.tpot_at(state.in_flight + 1)[1],
     )
 
 
@@ -124,6 +132,47 @@ def test_serves_and_up_kinds_agree_with_models_and_up() -> None:
     check()
     assert registry.up_kinds("m") == (False, False)
     assert not registry.serves("gone") and registry.serves("m")
+
+
+def test_batch_buckets_go_by_bit_length() -> None:
+    assert [batch_bucket(b) for b in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17)] == [
+        0, 0, 1, 2, 2, 3, 3, 4, 4, 5,
+    ]  # fmt: skip
+    assert batch_bucket(10**9) == TPOT_BUCKETS - 1
+
+
+def test_the_tpot_is_predicted_for_the_batch_a_request_joins() -> None:
+    """The view's TPOT is the one of a request joining now (a batch of ``in_flight + 1``):
+    its bucket's when learnt; else the nearest lower bucket's (decode steps are no faster in
+    a bigger batch), known too; else the lowest bucket's above, not known; else the overall
+    estimate (the prior at first), not known. One EWMA over every batch had kept a
+    burst's TPOT (~3x a solo request's on vLLM) for the idle instance after it."""
+    registry = InstanceRegistry()
+    state = registry.add(make_instance("e0"), None, LatencyPriors(tpot_s=0.03))  # type: ignore[arg-type]
+    view = state.view()
+    assert (view.est_tpot_s, view.tpot_known) == (0.03, False)  # the prior
+    for _ in range(8):
+        state.observe_tpot(0.006, batch=8)  # a burst's, in batches of 5-8
+    assert state.est_tpot_s == pytest.approx(0.006)  # the overall estimate learns them all
+    view = state.view()
+    assert view.est_tpot_s == pytest.approx(0.006) and not view.tpot_known  # from above
+    state.observe_tpot(0.002, batch=1)
+    view = state.view()
+    assert view.est_tpot_s == pytest.approx(0.002) and view.tpot_known  # idle: solo
+    assert state.est_tpot_s == pytest.approx(0.006 + 0.2 * (0.002 - 0.006))
+    state.in_flight = 2  # joins a batch of 3 (bucket 3-4): none there, solo's from below
+    view = state.view()
+    assert view.est_tpot_s == pytest.approx(0.002) and view.tpot_known
+    state.in_flight = 5  # a batch of 6: learnt there
+    view = state.view()
+    assert view.est_tpot_s == pytest.approx(0.006) and view.tpot_known
+    state.in_flight = 40  # a batch of 41: the nearest below is 5-8's
+    assert state.view().est_tpot_s == pytest.approx(0.006)
+    state.observe_tpot(0.004, batch=3)  # the first of bucket 3-4 replaces nothing else
+    state.in_flight = 3
+    assert state.view().est_tpot_s == pytest.approx(0.004)
+    state.observe_tpot(0.010)  # no batch: the overall estimate only
+    assert state.view().est_tpot_s == pytest.approx(0.004)
 
 
 def test_estimates_take_their_first_observation_and_learn_a_lower_fixed_part() -> None:

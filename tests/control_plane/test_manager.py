@@ -26,7 +26,7 @@ from sage_llm import (
 )
 from sage_llm.control_plane.instances import InstanceState
 from sage_llm.control_plane.manager import REMOVED_COUNTS_KEEP_S
-from sage_llm.engines.base import Chunk, EngineRequest
+from sage_llm.engines.base import Chunk, EngineRequest, Usage
 from sage_llm.errors import (
     AdmissionError,
     ConfigError,
@@ -3219,3 +3219,75 @@ def test_a_request_too_long_for_the_instances_that_can_take_it_fails_with_the_re
             assert "maximum context length" in (result.error or "")
 
     run_virtual(main())
+
+
+class _BatchPaced(FakeEngine):
+    """An engine whose decode step takes 2 ms per request it runs: a request in a batch of 8
+    decodes 8x slower than a solo one (a small engine's steps grow with the batch)."""
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        self.in_flight += 1
+        try:
+            n = req.max_tokens
+            for i in range(n):
+                await asyncio.sleep(0.002 * self.in_flight)
+                last = i == n - 1
+                usage = Usage(8, n) if last else None
+                yield Chunk(text=f" w{i}", finish_reason="length" if last else None, usage=usage)
+        finally:
+            self.in_flight -= 1
+
+
+def _paced_fleet(policy: str, **kwargs: Any) -> ControlPlaneManager:
+    """Two identical instances of 8 slots on :class:`_BatchPaced` engines."""
+    cp = ControlPlaneManager(
+        mode="simulated", scheduling_policy=policy,
+        engine_factory=lambda inst: _BatchPaced(inst.instance_id), **kwargs,
+    )  # fmt: skip
+    for inst in make_instances(2, max_concurrent_requests=8):
+        cp.register_instance(inst)
+    return cp
+
+
+async def _burst(cp: ControlPlaneManager, prefix: str, n: int = 16) -> None:
+    metas = [make_metadata(f"{prefix}{i}", max_tokens=64) for i in range(n)]
+    results = await asyncio.gather(*(cp.generate(m) for m in metas))
+    assert all(r.status is RequestStatus.COMPLETED for r in results)
+
+
+@pytest.mark.parametrize(
+    ("policy", "kwargs"),
+    [
+        ("slo_aware", {"policy_params": {"infeasible_action": "reject"}}),
+        ("fifo", {"reject_infeasible_slo": True}),
+        ("cost_optimized", {"policy_params": {"over_budget_action": "reject"}}),
+    ],
+)
+def test_an_idle_fleet_takes_after_a_burst_what_a_solo_request_meets(
+    policy: str, kwargs: dict[str, Any]
+) -> None:
+    """A burst (16 requests on 8 slots each of two instances) had raised both TPOT
+    estimates ~7x, and afterwards, on an idle fleet, every request with a deadline (or a
+    budget) that a solo request meets with room to spare was refused, for good: a refused
+    request never runs, so the estimate never came down. The TPOT is learnt per batch
+    now, and an idle instance is predicted by what solo requests took."""
+
+    async def main() -> list[RequestResult]:
+        async with _paced_fleet(policy, **kwargs) as cp:
+            solo = [await cp.generate(make_metadata(f"s{i}", max_tokens=64)) for i in range(6)]
+            took = max(r.e2e_latency_ms for r in solo)  # ~130 ms
+            cost = max(r.cost for r in solo)
+            await _burst(cp, "b")
+            out = []
+            for i in range(5):
+                meta = make_metadata(f"t{i}", max_tokens=64)
+                if policy == "cost_optimized":
+                    meta.cost_budget = 2.0 * cost
+                else:
+                    meta.slo_deadline_ms = 2.0 * took
+                out.append(await cp.generate(meta))
+            return out
+
+    results = run_virtual(main())
+    assert [r.status for r in results] == [RequestStatus.COMPLETED] * 5
+    assert all(r.slo_met is not False for r in results)

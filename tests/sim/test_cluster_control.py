@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sage_llm.bench.workloads import WorkloadRequest
+from sage_llm.control_plane.instances import batch_bucket
 from sage_llm.sim.cluster import ClusterSimulator, make_fleet
 
 
@@ -70,3 +71,22 @@ def test_the_registry_learns_the_tpot_a_lone_request_measured() -> None:
     state = sim.fleet.slots[0].state
     assert state.tpot_samples == 1
     assert state.est_tpot_s == pytest.approx((m.end_s - m.first_token_s) / 4)
+
+
+def test_the_registry_learns_the_tpot_of_the_batch_a_request_ran_in() -> None:
+    """As the dispatcher does: the batch is the larger of the instance's in-flight counts
+    when the request started and when it ended (itself included). A lone request teaches
+    batch 1. Three started together on one instance, the shortest first: the first ends
+    beside the other two (3), the second started second and ends beside the third (2),
+    the third started third (3); none teaches batch 1."""
+    sim = _simulator()
+    sim.run([_request("r0", 0.0, max_tokens=5)])
+    state = sim.fleet.slots[0].state
+    assert state.tpot_batch_samples[batch_bucket(1)] == 1
+    assert state.tpot_at(1)[0] == pytest.approx(state.est_tpot_s) and state.tpot_at(1)[1]
+    burst = _simulator(1, max_concurrency=3)
+    burst.run([_request(f"b{i}", 0.0, max_tokens=5 + 10 * i) for i in range(3)])
+    state = burst.fleet.slots[0].state
+    assert state.tpot_batch_samples[:3] == [0, 1, 2]
+    assert state.tpot_at(1)[1] is False  # nothing learnt alone: a bound from above
+    assert state.tpot_at(3)[1] is True

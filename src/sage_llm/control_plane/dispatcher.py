@@ -670,6 +670,7 @@ class Dispatcher:
         rec.scheduled_at = now
         rec.attempts += 1
         rec.pending_tokens_at_dispatch = pending
+        rec.batch_at_start = state.in_flight
         rec.meta.schedule_time = self.clock.to_datetime(now)
         self.prefix_index.insert(state.instance_id, info.block_hashes)
         self.metrics.set_in_flight(state.instance_id, state.in_flight)
@@ -1037,6 +1038,7 @@ class Dispatcher:
         rec.status = RequestStatus.SCHEDULED
         rec.instance_id = dstate.instance_id
         rec.prefill_instance_id = pstate.instance_id
+        rec.batch_at_start = dstate.in_flight
         rec.scheduled_at = now
         rec.attempts += 1
         rec.meta.schedule_time = self.clock.to_datetime(now)
@@ -1633,8 +1635,8 @@ class Dispatcher:
             state.record_latency(result.e2e_latency_ms)
             if rec.prefill_instance_id is None:  # a whole request (a PD prefill leg: its own)
                 self._observe_prefill(rec, state)
-            if tpot_s is not None:
-                state.observe_tpot(tpot_s)
+            if tpot_s is not None:  # (its instance carries it until after this)
+                state.observe_tpot(tpot_s, max(rec.batch_at_start, state.in_flight))
         self.metrics.on_finished(
             result,
             model=info.model,

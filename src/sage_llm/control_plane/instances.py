@@ -199,6 +199,18 @@ class ChunkCost:
         return max(self.xy / self.xx, MIN_S_PER_PREFILL_TOKEN)
 
 
+TPOT_BUCKETS = 12
+"""Batch buckets the TPOT is learnt in (:func:`batch_bucket`): b = 1, 2, 3-4, 5-8, …; the
+last takes every batch above 1,024."""
+
+
+def batch_bucket(batch: int) -> int:
+    """The TPOT bucket of a request that ran in a batch of ``batch`` (itself included):
+    0 for 1, 1 for 2, 2 for 3-4, 3 for 5-8, … (by bit length), at most
+    :data:`TPOT_BUCKETS` - 1."""
+    return min(max(batch - 1, 0).bit_length(), TPOT_BUCKETS - 1)
+
+
 _KEEP_LATENCIES = 512
 """Latencies kept per instance for its average (``public_instance``) and percentiles
 (``report``)."""
@@ -274,6 +286,16 @@ class InstanceState:
     tpot_samples: int = 0
     """Observations behind the estimates: the first ones replace the priors outright (an
     average of those seen), later ones move them by :data:`_ALPHA`."""
+    tpot_by_batch: list[float] = field(default_factory=lambda: [0.0] * TPOT_BUCKETS)
+    """The TPOT estimate per batch bucket (:func:`batch_bucket`), learnt as
+    :attr:`est_tpot_s` is (the first observations of a bucket averaged, then EWMA): an
+    instance's decode steps are slower in a bigger batch, and one estimate over every batch
+    kept the TPOT learnt in a burst for the idle instance after it (~3x a solo request's
+    on vLLM), so that deadlines and budgets a solo request meets were refused."""
+    tpot_batch_samples: list[int] = field(default_factory=lambda: [0] * TPOT_BUCKETS)
+    """Observations behind each bucket of :attr:`tpot_by_batch`."""
+    tpot_buckets_seen: int = 0
+    """Bit ``k`` is set once bucket ``k`` has an observation (:meth:`tpot_at` reads it)."""
     stream_credit: float = 1.0
     """Sampled engine streaming (``engine_stream = "sampled"``): a non-streaming request
     streams when the credit is 1, which it then gives up; each adds the sample fraction (so
@@ -366,9 +388,36 @@ class InstanceState:
         s = self.chunk_cost.s_per_token()
         return self.est_s_per_prefill_token if s is None else s
 
-    def observe_tpot(self, tpot_s: float) -> None:
+    def observe_tpot(self, tpot_s: float, batch: int | None = None) -> None:
+        """Refine the TPOT estimates from one request's TPOT: the overall one
+        (:attr:`est_tpot_s`, what ``/admin/status`` reports) and, given the ``batch`` the
+        request ran in (a proxy: the larger of the instance's in-flight counts when it
+        started and when it ended, itself included), that batch's bucket's
+        (:attr:`tpot_by_batch`)."""
         self.tpot_samples += 1
         self.est_tpot_s += max(_ALPHA, 1.0 / self.tpot_samples) * (tpot_s - self.est_tpot_s)
+        if batch is None:
+            return
+        k = batch_bucket(batch)
+        n = self.tpot_batch_samples[k] = self.tpot_batch_samples[k] + 1
+        self.tpot_by_batch[k] += max(_ALPHA, 1.0 / n) * (tpot_s - self.tpot_by_batch[k])
+        self.tpot_buckets_seen |= 1 << k
+
+    def tpot_at(self, batch: int) -> tuple[float, bool]:
+        """The predicted TPOT of a request that runs in a batch of ``batch``, and whether it
+        is known there: the estimate of the batch's bucket when it has observations; else
+        that of the nearest lower bucket with some (decode steps are no faster in a bigger
+        batch: the closest bound from below), also known; else that of the lowest bucket
+        with some, not known (a bound from above); else the overall estimate (the prior
+        at first), not known."""
+        seen = self.tpot_buckets_seen
+        if not seen:
+            return self.est_tpot_s, False
+        k = batch_bucket(batch)
+        below = seen & ((2 << k) - 1)
+        if below:
+            return self.tpot_by_batch[below.bit_length() - 1], True
+        return self.tpot_by_batch[(seen & -seen).bit_length() - 1], False
 
     @property
     def measured(self) -> bool:
@@ -407,7 +456,8 @@ class InstanceState:
             self.breaker.probe_passed, self.in_flight,
             self.queued_prefill_tokens, self.outstanding_decode_tokens, stats,
             self.est_ttft_base_s, self.est_s_per_prefill_token, self.est_tpot_s,
-            self.chunk_cost.xy, self.chunk_cost.xx, self.rate_samples > 0, self.measured,
+            self.tpot_samples, self.chunk_cost.xy, self.chunk_cost.xx, self.rate_samples > 0,
+            self.measured,
         )  # fmt: skip
 
     def view(self) -> InstanceView:
@@ -434,6 +484,7 @@ class InstanceState:
             self._placement_of = inst
         stats = self.last_stats
         breaker = self.breaker.state
+        tpot_s, tpot_known = self.tpot_at(self.in_flight + 1)  # a request joining now
         # every field, in InstanceView's order (a view is built per request and instance)
         return fill_view(
             inst.instance_id,
@@ -451,10 +502,11 @@ class InstanceState:
             *placement,
             self.est_ttft_base_s,
             1.0 / max(self.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
-            self.est_tpot_s,
+            tpot_s,
             1.0 / self.est_s_per_chunk_token,
             self.rate_samples > 0,
             self.measured,
+            tpot_known,
         )
 
     def public_instance(self, running_s: float = 0.0) -> ExecutionInstance:

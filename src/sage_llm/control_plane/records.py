@@ -105,6 +105,9 @@ class RequestRecord:
     first_token_at: float | None = None
     finished_at: float | None = None
     pending_tokens_at_dispatch: int = 0
+    batch_at_start: int = 0
+    """Its (decode) instance's in-flight count once it started there, itself included:
+    with the count when it ends, the batch its TPOT is learnt for (``observe_tpot``)."""
     predicted_e2e_s: float | None = None
     predicted_prefill_s: float | None = None
     """A disaggregated request's predicted prefill leg (its prefill instance's estimate)."""

@@ -82,7 +82,8 @@ class InstanceView:
     prompt tokens dispatched whose first token has not come back yet;
     ``outstanding_decode_tokens`` the output tokens still expected from running requests.
     ``est_*`` are EWMA estimates from observed traffic (priors from the instance's declared
-    figures until then).
+    figures until then); ``est_tpot_s`` is the one of a request joining now, in a batch of
+    ``in_flight + 1`` (``tpot_known``).
     """
 
     instance_id: str
@@ -119,6 +120,13 @@ class InstanceView:
     """False until traffic has told enough of the instance (its ``est_*`` are priors, or
     the mean of fewer than five observations): a policy that ranks by them gives it
     requests to learn them (``cost_optimized``)."""
+    tpot_known: bool = True
+    """Whether ``est_tpot_s`` was learnt from requests that ran in a batch the size of the
+    one a request joining now would run in (``in_flight + 1``), or a smaller one (a bound
+    from below: decode steps are no faster in a bigger batch). False while it is the prior,
+    or learnt only in bigger batches (a bound from above: a burst's): predictions from it
+    do not refuse a request (``check_deadline_feasible``, ``cost_optimized``), whose
+    result then tells it (see ``InstanceState.tpot_at``)."""
 
     @property
     def free_slots(self) -> int:

@@ -242,6 +242,7 @@ class SimControlPlane:
         state.in_flight = in_flight = in_flight + 1
         state.queued_prefill_tokens += info.prompt_tokens
         state.outstanding_decode_tokens += info.max_tokens
+        rec.batch_at_start = in_flight
         if in_flight > slot.max_in_flight:
             slot.max_in_flight = in_flight
         if in_flight == slot.bound:
@@ -314,7 +315,7 @@ class SimControlPlane:
             state.tokens_generated += output
             state.record_latency(e2e_s * 1000.0)
             if tpot_s is not None:
-                state.observe_tpot(tpot_s)
+                state.observe_tpot(tpot_s, max(rec.batch_at_start, in_flight))
         else:
             state.failed_requests += 1
             state.failed_calls += 1

@@ -103,6 +103,7 @@ _DYNAMIC_VIEW_FIELDS = (
     "est_chunk_tps",
     "rate_measured",
     "measured",
+    "tpot_known",
 )
 """The :class:`InstanceView` fields the simulation changes; the others stay as registered."""
 _STATIC_VIEW_FIELDS = tuple(
@@ -126,6 +127,7 @@ class SimRequest:
     """
 
     __slots__ = (
+        "batch_at_start",
         "first_token_s",
         "info",
         "output",
@@ -158,6 +160,7 @@ class SimRequest:
         self.slot: InstanceSlot | None = None
         self.scheduled_at = 0.0
         self.pending_tokens = 0
+        self.batch_at_start = 0
         self.predicted_e2e_s: float | None = None
         self.first_token_s: float | None = None
         self.output = 0
@@ -250,6 +253,7 @@ class InstanceSlot:
         ``__init__``; a view is rebuilt about twice per decision)."""
         state = self.state
         stats = state.last_stats
+        tpot_s, tpot_known = state.tpot_at(state.in_flight + 1)
         return _make_view(
             state.in_flight,
             state.queued_prefill_tokens,
@@ -258,10 +262,11 @@ class InstanceSlot:
             stats.waiting if stats else 0,
             state.est_ttft_base_s,
             1.0 / max(state.est_s_per_prefill_token, MIN_S_PER_PREFILL_TOKEN),
-            state.est_tpot_s,
+            tpot_s,
             1.0 / state.est_s_per_chunk_token,
             state.rate_samples > 0,
             state.measured,
+            tpot_known,
             *self._static_view,
         )
 

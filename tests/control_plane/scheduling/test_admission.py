@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from sage_llm.control_plane.scheduling.admission import (
@@ -103,6 +105,25 @@ def test_deadline_feasibility() -> None:
     assert "deadline" in late.reason
     assert "i0" in late.reason
     assert late.retry_after_s is None
+
+
+def test_a_tpot_not_known_at_the_requests_batch_refuses_only_by_its_ttft() -> None:
+    """A TPOT learnt only in bigger batches (a burst's), or still the prior, is no bound
+    from below: a deadline refused for it was refused for good (a refused request never
+    runs to correct it). Only what is known, the TTFT, refuses then."""
+    known = make_instance_view("i0", est_tpot_s=0.02)  # 1.0425 s predicted, as above
+    unknown = make_instance_view("i0", est_tpot_s=0.02, tpot_known=False)
+    req = make_request_info(slo_s=0.5)
+    assert not check_deadline_feasible(req, make_snapshot([known])).admitted
+    assert check_deadline_feasible(req, make_snapshot([unknown])).admitted
+    assert check_deadline_feasible(req, make_snapshot([known, unknown])).admitted
+    # the time to first token alone (0.0625 s) is past the deadline: refused
+    hopeless = check_deadline_feasible(make_request_info(slo_s=0.05), make_snapshot([unknown]))
+    assert not hopeless.admitted and "1.042s" in hopeless.reason
+    pd = [replace(v, tpot_known=False) if v.role.runs_decode else v for v in PD_FLEET]
+    pd_req = make_request_info(prompt_tokens=800, max_tokens=100, slo_s=0.5)
+    assert not check_deadline_feasible(pd_req, make_snapshot(PD_FLEET)).admitted
+    assert check_deadline_feasible(pd_req, make_snapshot(pd)).admitted
 
 
 def test_deadline_counts_from_now_not_from_arrival() -> None:

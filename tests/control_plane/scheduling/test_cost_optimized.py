@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
@@ -101,6 +103,18 @@ def test_admission_rejects_an_impossible_budget_when_configured() -> None:
     assert "budget" in verdict.reason
     assert policy.admit(make_request_info(cost_budget=0.0005), fleet()).admitted
     assert policy.admit(make_request_info(), fleet()).admitted
+
+
+def test_admission_refuses_by_a_tpot_not_known_at_the_batch_only_its_prefill() -> None:
+    """A TPOT learnt only in a burst's batches (or the prior) priced an idle fleet out of
+    budgets a solo request meets, for good: refused requests never ran to correct it."""
+    policy = CostOptimizedPolicy(CostOptimizedPolicy.Params(over_budget_action="reject"))
+    views = [replace(v, tpot_known=False) for v in fleet().instances]
+    assert not policy.admit(make_request_info(cost_budget=1e-4), fleet()).admitted
+    assert policy.admit(make_request_info(cost_budget=1e-4), make_snapshot(views)).admitted
+    # what a prefill alone costs is known (cheap_slow's: 1.0/3600 * 0.0625 ≈ 1.7e-5): a
+    # budget below it is still refused
+    assert not policy.admit(make_request_info(cost_budget=1e-6), make_snapshot(views)).admitted
 
 
 def test_admission_judges_a_fleet_of_pd_roles_by_its_cheapest_pair() -> None:

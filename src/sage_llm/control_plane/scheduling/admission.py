@@ -3,7 +3,8 @@
 * :func:`check_queue_bound` / :class:`QueueBound` — refuse when the queue is full, with a
   ``retry_after_s`` estimated from the fleet's throughput.
 * :func:`best_predicted_e2e` / :func:`check_deadline_feasible` — can any instance finish
-  the request before its deadline? (used by ``slo_aware``).
+  the request before its deadline? (used by ``slo_aware``); :func:`least_e2e_floor` —
+  what the predictions may refuse it by.
 * :func:`eligible_instances` — instances that could ever run a request (healthy, accepting,
   same model, whole-request role, not excluded), free slot or not; :func:`pd_leg_instances`
   those that could run its legs when none runs it whole (a fleet of PD roles).
@@ -157,11 +158,39 @@ def best_predicted_e2e(
     return best
 
 
+def e2e_floor(inst: InstanceView, req: RequestInfo) -> float:
+    """What a prediction may refuse ``req`` by on ``inst``: its predicted e2e when the TPOT
+    is known at the batch the request would join (``InstanceView.tpot_known``), else its
+    predicted time to first token alone. A TPOT learnt only in bigger batches (a burst's,
+    ~3x a solo request's on vLLM) or still the prior is no bound from below, and a request
+    refused for it never runs, so the estimate would never come down."""
+    if inst.tpot_known:
+        return inst.predict_e2e_s(req.prompt_tokens, req.max_tokens)
+    return inst.predict_ttft_s(req.prompt_tokens)
+
+
+def least_e2e_floor(req: RequestInfo, snap: ClusterSnapshot) -> float | None:
+    """The least :func:`e2e_floor` of ``req`` over the instances that could run it (those
+    of :func:`best_predicted_e2e`: on a fleet that runs no whole request of its model, the
+    fastest prefill leg and a decode instance's known TPOT, none when not known)."""
+    floors = [e2e_floor(i, req) for i in eligible_instances(req, snap)]
+    if floors:
+        return min(floors)
+    prefills, decodes = pd_leg_instances(req, snap)
+    if not (prefills and decodes):
+        return None
+    prefill = min(i.predict_ttft_s(req.prompt_tokens) for i in prefills)
+    tokens = max(1, req.max_tokens)
+    return prefill + min(tokens * i.est_tpot_s if i.tpot_known else 0.0 for i in decodes)
+
+
 def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admission:
     """Reject when even the best instance's predicted finish is past the deadline.
 
     Admits requests without a deadline, and requests no instance is eligible for (they
-    wait for one; other checks deal with unknown models). The rejection has no
+    wait for one; other checks deal with unknown models), and requests that an instance
+    whose TPOT is not known at the batch they would join might meet (:func:`e2e_floor`:
+    its time to first token alone meets the deadline). The rejection has no
     ``retry_after_s``: retrying later only makes a fixed deadline harder to meet.
     """
     if req.deadline is None:
@@ -172,6 +201,9 @@ def check_deadline_feasible(req: RequestInfo, snap: ClusterSnapshot) -> Admissio
     inst, e2e = best
     remaining = req.deadline - snap.now
     if e2e <= remaining:
+        return ADMIT
+    floor = least_e2e_floor(req, snap)
+    if floor is None or floor <= remaining:  # a TPOT not known there: it runs and tells it
         return ADMIT
     return Admission(
         False,

@@ -15,9 +15,12 @@ so the router still spreads load over equally cheap instances.
 
 Admission: with ``over_budget_action="reject"``, a request with a ``cost_budget`` below
 the cheapest cost any instance of its model could offer (predicted with that instance's
-queue empty) is rejected; with ``"cheapest"`` (default) it is admitted and runs on the
-cheapest instance. A request admitted when it fitted and over budget by dispatch time
-(load rose) also runs on the cheapest instance: ``constrain`` cannot refuse.
+queue empty) is rejected, unless an instance whose TPOT is not known at the batch the
+request would join might do (its prefill alone within the budget: it is admitted, and its
+result tells the TPOT; see ``admission.e2e_floor``);
+with ``"cheapest"`` (default) it is admitted and runs on the cheapest instance. A
+request admitted when it fitted and over budget by dispatch time (load rose) also runs on
+the cheapest instance: ``constrain`` cannot refuse.
 """
 
 from __future__ import annotations
@@ -40,16 +43,22 @@ ORDERS = ("fifo", "priority")
 OVER_BUDGET_ACTIONS = ("reject", "cheapest")
 
 
-def best_case_cost(inst: InstanceView, req: RequestInfo) -> float:
-    """Cost of ``req`` on ``inst`` if nothing were queued there."""
-    return replace(inst, queued_prefill_tokens=0).predict_cost(req.prompt_tokens, req.max_tokens)
+def best_case_cost(inst: InstanceView, req: RequestInfo, *, floor: bool = False) -> float:
+    """Cost of ``req`` on ``inst`` if nothing were queued there. With ``floor``, what a
+    prediction may refuse it by: its prefill alone where the TPOT is not known at the batch
+    the request would join (``InstanceView.tpot_known``; see ``admission.e2e_floor``)."""
+    idle = replace(inst, queued_prefill_tokens=0)
+    if floor and not inst.tpot_known:
+        return idle.cost_per_second * idle.predict_ttft_s(req.prompt_tokens)
+    return idle.predict_cost(req.prompt_tokens, req.max_tokens)
 
 
-def cheapest_costs(req: RequestInfo, snap: ClusterSnapshot) -> list[float]:
+def cheapest_costs(req: RequestInfo, snap: ClusterSnapshot, *, floor: bool = False) -> list[float]:
     """:func:`best_case_cost` of ``req`` on each eligible instance; on a fleet that runs no
     whole request of its model, the cheapest PD pair's (each leg's time at its instance's
-    price, nothing queued), as the request runs disaggregated there."""
-    costs = [best_case_cost(i, req) for i in eligible_instances(req, snap)]
+    price, nothing queued), as the request runs disaggregated there (with ``floor``, a
+    decode instance's TPOT not known counts nothing)."""
+    costs = [best_case_cost(i, req, floor=floor) for i in eligible_instances(req, snap)]
     if costs:
         return costs
     prefills, decodes = pd_leg_instances(req, snap)
@@ -59,7 +68,12 @@ def cheapest_costs(req: RequestInfo, snap: ClusterSnapshot) -> list[float]:
         i.cost_per_second * replace(i, queued_prefill_tokens=0).predict_ttft_s(req.prompt_tokens)
         for i in prefills
     )
-    decode = min(i.cost_per_second * max(1, req.max_tokens) * i.est_tpot_s for i in decodes)
+    decode = min(
+        i.cost_per_second * max(1, req.max_tokens) * i.est_tpot_s
+        if i.tpot_known or not floor
+        else 0.0
+        for i in decodes
+    )
     return [prefill + decode]
 
 
@@ -112,6 +126,8 @@ class CostOptimizedPolicy(QueuedPolicy):
         costs = cheapest_costs(req, snap)
         if not costs or min(costs) <= req.cost_budget:
             return ADMIT
+        if min(cheapest_costs(req, snap, floor=True)) <= req.cost_budget:
+            return ADMIT  # a TPOT not known there: it runs and tells it
         self._counts["rejected"] += 1
         return Admission(
             False,
