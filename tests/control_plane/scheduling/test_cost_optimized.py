@@ -117,6 +117,22 @@ def test_admission_refuses_by_a_tpot_not_known_at_the_batch_only_its_prefill() -
     assert not policy.admit(make_request_info(cost_budget=1e-6), make_snapshot(views)).admitted
 
 
+def test_an_idle_twin_whose_tpot_is_not_known_alone_gets_a_request_to_learn_it() -> None:
+    """Its TPOT learnt only in a burst, an equally priced twin was priced out by the other,
+    which had run a light request alone since, and took no light traffic again."""
+    solo = make_instance_view("a", est_tpot_s=0.002)
+    burst = make_instance_view("b", est_tpot_s=0.006, tpot_known=False)
+    policy = CostOptimizedPolicy()
+    req = make_request_info()
+    assert policy.constrain(req, make_snapshot([solo, burst])) == frozenset({"a", "b"})
+    busy = replace(burst, in_flight=1)  # one at a time
+    assert policy.constrain(req, make_snapshot([solo, busy])) == frozenset({"a"})
+    learnt = replace(burst, tpot_known=True)
+    assert policy.constrain(req, make_snapshot([solo, learnt])) == frozenset({"a"})
+    dear = replace(burst, price_per_gpu_hour=5.0)
+    assert policy.constrain(req, make_snapshot([solo, dear])) == frozenset({"a"})
+
+
 def test_admission_judges_a_fleet_of_pd_roles_by_its_cheapest_pair() -> None:
     """Its requests run disaggregated (no instance runs them whole): the budget had been
     admitted unchecked there. Prefill: 0.0625 s at 1.0/h; decode: 50 tokens x 0.02 s at

@@ -165,7 +165,9 @@ class CostOptimizedPolicy(QueuedPolicy):
         # (one slow one puts it far off), is priced by them, which a ranking by price would
         # never correct: when its GPUs cost no more than the cheapest's, one request at a
         # time goes there to learn (a dearer one would be chosen only for being faster,
-        # which is what it is not known to be). "The cheapest" are those of the lowest
+        # which is what it is not known to be). So does an idle one whose TPOT is not
+        # known at batch 1 (learnt only in a burst, ~3x a solo request's on vLLM: a twin
+        # had got no light traffic after one). "The cheapest" are those of the lowest
         # predicted cost, not the lowest price per hour: a slower GPU cheaper per hour
         # in the fleet had shut a new twin of the cheapest out (0 of 200 requests)
         cheapest = [i for i in pool if costs[i.instance_id] <= limit]
@@ -174,7 +176,11 @@ class CostOptimizedPolicy(QueuedPolicy):
             i.instance_id
             for i in pool
             if costs[i.instance_id] <= limit
-            or (not i.measured and i.in_flight == 0 and i.cost_per_second <= rate)
+            or (
+                (not i.measured or not i.tpot_known)
+                and i.in_flight == 0
+                and i.cost_per_second <= rate
+            )
         )
 
     def _params_dict(self) -> dict[str, object]:
