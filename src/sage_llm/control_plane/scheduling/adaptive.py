@@ -4,7 +4,8 @@ Signals, computed in ``pop`` and :meth:`AdaptivePolicy.tick` (which the control 
 every ``eval_interval_s``, so the rule also sees a queue that has emptied and traffic that
 has stopped) at most once per ``eval_interval_s`` of ``snap.now``:
 
-* ``load`` — waiting requests / fleet capacity (Σ ``max_concurrency`` of the snapshot),
+* ``load`` — waiting requests / fleet capacity (Σ ``max_concurrency`` of the snapshot's
+  views: a half-open instance's is 1),
   where *waiting* is the queued requests beyond the snapshot's free slots (those of the
   healthy, accepting whole-request instances): the requests about to start on free slots,
   the one being popped among them, do not wait. A request waits about ``load`` times a
