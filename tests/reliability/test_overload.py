@@ -136,6 +136,9 @@ def test_a_demoted_request_stays_without_its_deadline_across_policy_switches(
 
     async def main() -> None:
         async with _one_slot(scheduling_policy="slo_aware") as cp:
+            # a solo request first: the TPOT a deadline is judged by is then known (one
+            # not known yet refuses nothing beyond the time to first token)
+            await cp.generate(RequestMetadata(request_id="solo", prompt="x", max_tokens=8))
             await cp.submit_request(RequestMetadata(request_id="hog", prompt="x", max_tokens=200))
             await asyncio.sleep(0.01)
             demoted = replace(TIGHT, request_id="demoted", slo_deadline_ms=300)
