@@ -8,10 +8,16 @@
 #
 # The tests themselves run from the project venv; only the vLLM servers run from this venv.
 #
+# With --nixl (`make test-real-pd`) it also installs NIXL from PyPI (nixl and nixl-cu12: the
+# wheel imports without CUDA and moves the KV over UCX in host memory) into a directory of
+# its own, which the PD tier puts on the vLLM servers' PYTHONPATH; idempotent as well (a
+# stamp written after an import succeeded).
+#
 # Environment:
 #   SAGE_LLM_REAL_CACHE  cache root            (default: <repo>/.cache/real-vllm)
 #   SAGE_LLM_REAL_VENV   venv holding vLLM     (default: $SAGE_LLM_REAL_CACHE/venv)
 #   SAGE_LLM_REAL_MODEL  tiny model directory  (default: $SAGE_LLM_REAL_CACHE/tiny-llama)
+#   SAGE_LLM_REAL_NIXL   NIXL --target dir     (default: $SAGE_LLM_REAL_CACHE/nixl; --nixl)
 #   PYTHON               interpreter for the venv (default: python3.11, else python3)
 set -euo pipefail
 
@@ -19,8 +25,19 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${SAGE_LLM_REAL_CACHE:-$ROOT/.cache/real-vllm}"
 VENV="${SAGE_LLM_REAL_VENV:-$CACHE/venv}"
 MODEL="${SAGE_LLM_REAL_MODEL:-$CACHE/tiny-llama}"
+NIXL="${SAGE_LLM_REAL_NIXL:-$CACHE/nixl}"
 TORCH_VERSION="2.13.0"
 VLLM_VERSION="0.32.0"
+NIXL_VERSION="1.5.2"
+NIXL_CU12_VERSION="1.5.1"
+
+WITH_NIXL=0
+for arg in "$@"; do
+    case "$arg" in
+        --nixl) WITH_NIXL=1 ;;
+        *) echo "usage: $0 [--nixl]" >&2; exit 2 ;;
+    esac
+done
 
 if [[ -z "${PYTHON:-}" ]]; then
     if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
@@ -65,4 +82,20 @@ else
     "$VENV/bin/python" "$ROOT/scripts/make_tiny_model.py" --out "$MODEL" --seed 0
 fi
 
-log "done in $(( $(date +%s) - start )) s (venv: $VENV, model: $MODEL)"
+if [[ "$WITH_NIXL" == 1 ]]; then
+    if [[ -f "$NIXL/.sage-llm-ready" ]] && PYTHONPATH="$NIXL" "$VENV/bin/python" -c \
+        'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("nixl") else 1)' \
+        >/dev/null 2>&1; then
+        log "NIXL present: $NIXL"
+    else
+        log "installing nixl==$NIXL_VERSION nixl-cu12==$NIXL_CU12_VERSION into $NIXL"
+        rm -rf "$NIXL"
+        "$VENV/bin/python" -m pip install --quiet --no-deps --target "$NIXL" \
+            "nixl==$NIXL_VERSION" "nixl-cu12==$NIXL_CU12_VERSION"
+        PYTHONPATH="$NIXL" "$VENV/bin/python" -c 'from nixl._api import nixl_agent' >/dev/null
+        touch "$NIXL/.sage-llm-ready"
+        log "NIXL ready"
+    fi
+fi
+
+log "done in $(( $(date +%s) - start )) s (venv: $VENV, model: $MODEL$([[ "$WITH_NIXL" == 1 ]] && echo ", nixl: $NIXL"))"
