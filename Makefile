@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-real lint docs bench bench-peers bench-proxy bench-pd example install clean \
+.PHONY: demo test test-real test-real-pd lint docs bench bench-peers bench-proxy bench-pd example install clean \
 	sim-accel sim-accel-clean
 
 # SAGE (isage-common, isage-kernel) is installed without its dependency pins, which would
@@ -33,6 +33,12 @@ test: $(STAMP)
 test-real: $(STAMP)
 	bash scripts/setup-real-vllm.sh
 	SAGE_LLM_REAL=1 $(BIN)/python -m pytest tests/real -q -ra
+
+# Real-vLLM PD tier: the same cache plus NIXL (setup-real-vllm.sh --nixl), then tests/real_pd
+# against a prefill and a decode vLLM CPU engine whose KV NIXL moves, behind the gateway.
+test-real-pd: $(STAMP)
+	bash scripts/setup-real-vllm.sh --nixl
+	SAGE_LLM_REAL_PD=1 $(BIN)/python -m pytest tests/real_pd -q -ra
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks
