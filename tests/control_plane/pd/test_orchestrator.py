@@ -324,6 +324,22 @@ def test_servable_view_stands_in_for_free_pairs_only() -> None:
     assert servable_view(full, ["llama-3-8b"]) is full
 
 
+def test_servable_views_stand_in_knows_what_the_pair_knows() -> None:
+    # a decode TPOT learnt only in bigger batches (or still the prior) is no more known
+    # on the stand-in than on the decode instance (it refuses nothing by it)
+    pd_only = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING, rate_measured=False),
+            make_instance_view("d0", role=Role.DECODING, tpot_known=False, measured=False),
+        ]
+    )
+    stand_in = servable_view(pd_only, ["llama-3-8b"]).get(PAIR_VIEW_PREFIX + "llama-3-8b")
+    assert stand_in is not None
+    assert (stand_in.tpot_known, stand_in.measured, stand_in.rate_measured) == (
+        False, False, False,
+    )  # fmt: skip
+
+
 def test_can_serve_counts_free_pairs() -> None:
     snap = make_snapshot(
         [

@@ -412,7 +412,8 @@ def unservable_reason(model: str, members: Sequence[Member], *, pd_enabled: bool
 def servable_view(snap: ClusterSnapshot, pd_models: Sequence[str]) -> ClusterSnapshot:
     """``snap`` plus, for each of ``pd_models`` that has a free PREFILLING and a free
     DECODING instance but no whole-request instance with a free slot, one stand-in GENERAL
-    view (id ``pd-pair:<model>``) with the pair's latency estimates.
+    view (id ``pd-pair:<model>``) with the pair's latency estimates (and how far they are
+    known: ``rate_measured``, ``measured``, ``tpot_known``).
 
     Scheduling policies only pop requests for models some whole-request instance can start;
     the dispatcher shows them this view so requests for a PD-only fleet are popped too.
@@ -438,6 +439,9 @@ def servable_view(snap: ClusterSnapshot, pd_models: Sequence[str]) -> ClusterSna
                 est_prefill_tps=p.est_prefill_tps,
                 est_tpot_s=d.est_tpot_s,
                 est_chunk_tps=p.est_chunk_tps,
+                rate_measured=p.rate_measured,
+                measured=p.measured and d.measured,
+                tpot_known=d.tpot_known,  # (a prior's, or a burst's, refuses nothing)
             )
         )
     if not extra:
