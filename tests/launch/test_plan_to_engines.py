@@ -314,6 +314,74 @@ def test_a_launch_files_process_problems_are_reported_with_its_others(tmp_path: 
     ]  # fmt: skip
 
 
+def test_a_launch_files_kv_transfer_config_is_added_to_its_pd_engines(tmp_path: Path) -> None:
+    """vLLM's CPU build keeps the KV it hands over in host memory only when told
+    (``kv_buffer_device = "cpu"``): the launcher had no way to say it but a second
+    ``--kv-transfer-config`` in ``extra_args``, which whole-request engines got too."""
+    path = tmp_path / "l.toml"
+    path.write_text(
+        '[launch]\nengine = "vllm-module"\nmodel = "/models/tiny"\n'
+        'kv_transfer_config = { kv_buffer_device = "cpu", '
+        "kv_connector_extra_config = { kv_lease_duration = 600 } }\n"
+        '[[launch.instances]]\nrole = "prefill"\n[[launch.instances]]\nrole = "decode"\n'
+        '[[launch.instances]]\nrole = "general"\n'
+    )
+    config = load_launch_config(path)
+    engines = engines_from_plan(config.instances, config.settings)
+    flags = [e.argv[e.argv.index("--kv-transfer-config") + 1] for e in engines[:2]]
+    assert [json.loads(f) for f in flags] == 2 * [
+        {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_both",
+            "kv_buffer_device": "cpu",
+            "kv_connector_extra_config": {"kv_lease_duration": 600},
+        }
+    ]
+    assert "--kv-transfer-config" not in engines[2].argv  # a whole-request engine: none
+    # the plain call and an empty table: the launcher's own
+    assert vllm_argv("m", served_model_name="m", host="h", port=1, role=DECODE,
+                     kv_transfer_config={})[-1] == KV_TRANSFER_CONFIG  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "words"),
+    [
+        ('kv_transfer_config = "cpu"', "launch.kv_transfer_config", "must be a table"),
+        ('kv_transfer_config = { kv_role = "kv_producer" }',
+         "launch.kv_transfer_config.kv_role", "the launcher sets kv_role itself"),
+        ('kv_transfer_config = { kv_connector = "LMCacheConnectorV1" }',
+         "launch.kv_transfer_config.kv_connector", "the launcher sets kv_connector itself"),
+        ("kv_transfer_config = { when = 1979-05-27 }",
+         "launch.kv_transfer_config.when", "a value JSON can hold"),
+        ("kv_transfer_config = { x = nan }", "launch.kv_transfer_config.x",
+         "a value JSON can hold"),
+    ],
+)  # fmt: skip
+def test_a_bad_kv_transfer_config_is_refused_at_its_key_and_line(
+    tmp_path: Path, table: str, key: str, words: str
+) -> None:
+    path = tmp_path / "l.toml"
+    path.write_text(f'[launch]\nengine = "vllm"\nmodel = "m"\n{table}\n[[launch.instances]]\n')
+    with pytest.raises((ConfigError, ConfigErrors)) as info:
+        load_launch_config(path)
+    errors = info.value.errors if isinstance(info.value, ConfigErrors) else [info.value]
+    assert [(e.key, e.location) for e in errors] == [(key, f"{path}:4")]
+    assert words in str(errors[0])
+
+
+def test_kv_transfer_config_from_code_is_checked_and_frozen() -> None:
+    settings = LaunchSettings(engine="vllm", kv_transfer_config={"kv_buffer_device": "cpu"})
+    with pytest.raises(TypeError):
+        settings.kv_transfer_config["x"] = 1  # type: ignore[index]
+    with pytest.raises(ConfigError) as info:
+        LaunchSettings(engine="vllm", kv_transfer_config={"k": object()})
+    assert info.value.key == "kv_transfer_config.k"
+    with pytest.raises(ConfigError) as info:
+        vllm_argv("m", served_model_name="m", host="h", port=1, role=PREFILL,
+                  kv_transfer_config={"kv_role": "kv_consumer"})  # fmt: skip
+    assert info.value.key == "kv_transfer_config.kv_role"
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "fleet.toml"
     path.write_text(text)

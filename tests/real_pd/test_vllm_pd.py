@@ -39,16 +39,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MODEL = "tiny"
 # vLLM's CPU build needs the KV buffer in host memory; the lease outlasts a starved decode
-# engine's late pull on a loaded machine (docs/pd.md).
-KV_TRANSFER_CONFIG = json.dumps(
-    {
-        "kv_connector": "NixlConnector",
-        "kv_role": "kv_both",
-        "kv_buffer_device": "cpu",
-        "kv_connector_extra_config": {"kv_lease_duration": 600},
-    },
-    separators=(",", ":"),
-)
+# engine's late pull on a loaded machine (docs/pd.md). The launcher adds them to its
+# NixlConnector / kv_both --kv-transfer-config.
+KV_TRANSFER = {"kv_buffer_device": "cpu", "kv_connector_extra_config": {"kv_lease_duration": 600}}
 BY_SOURCE = "vllm:prompt_tokens_by_source_total"
 
 
@@ -110,10 +103,10 @@ async def pd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PDFleet]
         python, model_dir, base_port=base, served_model_name=MODEL,
         shape=EngineShape(max_num_seqs=16, max_num_batched_tokens=2048),
         log_dir=tmp_path_factory.mktemp("vllm-pd-logs"),
-        extra_args=("--kv-transfer-config", KV_TRANSFER_CONFIG),  # (the last one counts)
     )  # fmt: skip
     settings = replace(
         settings,
+        kv_transfer_config=KV_TRANSFER,
         kv_base_port=_port("SAGE_LLM_REAL_PD_KV_PORT", 2),
         env={**settings.env, "PYTHONPATH": str(nixl_dir()),
              "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"},

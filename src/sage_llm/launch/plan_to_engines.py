@@ -79,10 +79,12 @@ __all__ = [
 log = logging.getLogger("sage_llm.launch")
 
 ENGINE_KINDS = ("vllm", "vllm-module", "sim")
-KV_TRANSFER_CONFIG = json.dumps(
-    {"kv_connector": "NixlConnector", "kv_role": "kv_both"}, separators=(",", ":")
+_KV_TRANSFER: Mapping[str, str] = MappingProxyType(
+    {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 )
-"""The ``--kv-transfer-config`` value for PD roles (vLLM's NIXL connector, docs/pd.md)."""
+KV_TRANSFER_CONFIG = json.dumps(dict(_KV_TRANSFER), separators=(",", ":"))
+"""The ``--kv-transfer-config`` value for PD roles (vLLM's NIXL connector, docs/pd.md), to
+which :attr:`LaunchSettings.kv_transfer_config` adds its entries."""
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 _SIM_ROLE: Mapping[ExecutionInstanceType, str] = MappingProxyType(
     {
@@ -158,6 +160,11 @@ class LaunchSettings:
     stop_grace_s: float = 10.0
     max_concurrent_requests: int = 256
     gpu_memory_gb: float = 0.0
+    kv_transfer_config: Mapping[str, Any] = field(default_factory=dict)
+    """Entries added to a vLLM prefill or decode engine's ``--kv-transfer-config``
+    (:data:`KV_TRANSFER_CONFIG`), e.g. ``{"kv_buffer_device": "cpu"}`` for vLLM's CPU
+    build or ``kv_connector_extra_config``; not ``kv_connector`` nor ``kv_role``, which
+    the launcher sets (the control plane's ``vllm`` connector speaks NIXL's protocol)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_KINDS:
@@ -223,6 +230,9 @@ class LaunchSettings:
             raise ConfigError(problem, key=".".join(map(str, where)))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "log_dir", Path(self.log_dir))
+        object.__setattr__(
+            self, "kv_transfer_config", MappingProxyType(_kv_transfer(self.kv_transfer_config))
+        )
 
     @property
     def name(self) -> str:
@@ -314,6 +324,35 @@ class EngineLaunch:
         )
 
 
+def _kv_transfer(given: object) -> dict[str, Any]:
+    """``given`` as :attr:`LaunchSettings.kv_transfer_config`: a mapping of names to
+    values JSON can write; ConfigError naming the entry otherwise."""
+    key = "kv_transfer_config"
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"must be a table of names to values, got {given!r}", key=key)
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        where = format_key((key, str(name)))
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"must be named by a non-empty string, got {name!r}", key=key)
+        if name in _KV_TRANSFER:
+            raise ConfigError(
+                f"the launcher sets {name} itself ({_KV_TRANSFER[name]!r}: the control "
+                "plane's vllm connector speaks NIXL's protocol, docs/pd.md)",
+                key=where,
+            )
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"must be a value JSON can hold (a string, number, boolean, list or table), "
+                f"got {value!r}",
+                key=where,
+            ) from None
+        out[name] = value
+    return out
+
+
 def vllm_argv(
     model: str,
     *,
@@ -327,8 +366,11 @@ def vllm_argv(
     entry: Literal["vllm", "vllm-module"] = "vllm",
     python: str = sys.executable,
     extra_args: Sequence[str] = (),
+    kv_transfer_config: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """A vLLM OpenAI server command line (``vllm serve`` or the API-server module)."""
+    """A vLLM OpenAI server command line (``vllm serve`` or the API-server module); a
+    prefill or decode one's ``--kv-transfer-config`` is :data:`KV_TRANSFER_CONFIG` with
+    ``kv_transfer_config``'s entries added (checked as :class:`LaunchSettings` checks it)."""
     head = (
         ["vllm", "serve", model]
         if entry == "vllm"
@@ -345,7 +387,11 @@ def vllm_argv(
     if ep > 1:
         argv.append("--enable-expert-parallel")
     if role in (ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING):
-        argv += ["--kv-transfer-config", KV_TRANSFER_CONFIG]
+        config = KV_TRANSFER_CONFIG
+        if kv_transfer_config:
+            added = _kv_transfer(kv_transfer_config)
+            config = json.dumps({**_KV_TRANSFER, **added}, separators=(",", ":"))
+        argv += ["--kv-transfer-config", config]
     return argv + list(extra_args)
 
 
@@ -420,6 +466,7 @@ def engines_from_plan(
                 settings.model, served_model_name=settings.name, host=settings.host, port=port,
                 tp=inst.tp, pp=inst.pp, ep=inst.ep, role=inst.role, entry=settings.engine,
                 python=settings.python, extra_args=settings.extra_args,
+                kv_transfer_config=settings.kv_transfer_config,
             )  # fmt: skip
             if role != "general":
                 env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kv_port)
@@ -697,6 +744,7 @@ class _LaunchTable:
     stop_grace_s: float = opt(10.0, rule(ge=0))
     max_concurrent_requests: int = opt(256, rule(ge=1))
     gpu_memory_gb: float = opt(0.0, rule(ge=0))
+    kv_transfer_config: dict[str, Any] = field(default_factory=dict)  # checked by the settings
 
 
 @dataclass(frozen=True)
