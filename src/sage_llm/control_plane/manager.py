@@ -1568,16 +1568,9 @@ class ControlPlaneManager:
             raise NoHealthyInstanceError(
                 registry.pair_down_reason(model), retry_after_s=registry.back_in(model, now)
             )
-        if not whole and not dispatcher.may_split(engine_req) and not dispatcher.runs_whole(model):
-            pd = dispatcher.pd
-            assert pd is not None  # (may_split is True without PD)
-            raise InvalidRequestError(
-                f"n={samples_asked(engine_req.extra)} cannot run on model {model!r}: its PD "
-                f"connector {pd.connector.name!r} cannot split a request for several samples "
-                "between a prefill and a decode instance, and none of the model's instances "
-                "runs whole requests (register a hybrid or general one, or ask for n=1)",
-                param="n",
-            )
+        unsplittable = None if whole else self._unsplittable_reason(engine_req, model)
+        if unsplittable is not None:
+            raise InvalidRequestError(unsplittable, param="n")
         simple = dispatcher.admits_all
         if simple is not None and queued < self.max_queue_size and not self.reject_infeasible_slo:
             verdict = simple.admit_at(now)  # the same verdict, without a snapshot
@@ -1793,10 +1786,27 @@ class ControlPlaneManager:
         del self._forget_models[model]
         self._metrics.forget_model(model)
 
+    def _unsplittable_reason(self, req: EngineRequest, model: str) -> str | None:
+        """Why ``req`` cannot run on ``model``'s fleet: it asks for several samples, its PD
+        connector cannot split such a request, and no instance of the model that runs
+        whole requests is registered (None: it may run)."""
+        dispatcher = self._require_dispatcher()
+        if dispatcher.may_split(req) or dispatcher.runs_whole(model):
+            return None
+        pd = dispatcher.pd
+        assert pd is not None  # (may_split is True without PD)
+        return (
+            f"n={samples_asked(req.extra)} cannot run on model {model!r}: its PD "
+            f"connector {pd.connector.name!r} cannot split a request for several samples "
+            "between a prefill and a decode instance, and none of the model's instances "
+            "runs whole requests (register a hybrid or general one, or ask for n=1)"
+        )
+
     def _fail_unservable(self) -> None:
         """Fail queued requests whose model no instance serves any more, or none that is
-        not draining, or none but those a retried request already failed on
-        (:class:`NoHealthyInstanceError`, a 503 over HTTP)."""
+        not draining, or none but those a retried request already failed on, or, for a
+        request for several samples that its PD connector cannot split, none that runs
+        whole requests (:class:`NoHealthyInstanceError`, a 503 over HTTP)."""
         dispatcher = self._require_dispatcher()
         models = self._registry.models()
         for rec in list(dispatcher.records.values()):
@@ -1808,6 +1818,8 @@ class ControlPlaneManager:
                 reason = dispatcher.unservable_reason(rec.info.model, rec.info.excluded_instances)
                 if reason is not None and dispatcher.take_back_kept_off(rec):
                     continue  # a shorter context serves it now, cut as its engine answers
+                if reason is None:  # (its last whole-request instance was removed)
+                    reason = self._unsplittable_reason(rec.engine_request, rec.info.model)
             if reason is not None:
                 rec.exception = NoHealthyInstanceError(reason)
                 dispatcher.fail_queued(rec, reason)

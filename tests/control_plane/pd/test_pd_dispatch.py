@@ -769,6 +769,31 @@ def test_a_request_for_several_samples_is_refused_by_a_vllm_pd_fleet_without_who
     assert [r.request_id for e in engines.values() for r in e.prefills] == ["one"]
 
 
+def test_a_queued_request_for_several_samples_fails_when_its_last_whole_instance_goes() -> None:
+    """An ``n`` > 1 request queued for a draining whole-request instance (the vllm
+    connector cannot split it) fails with the submit's reason once that instance is
+    unregistered, rather than wait for one that will not come; n=1 still runs on the
+    pair."""
+    cp, engines = _fake_pd_fleet([("g0", Role.GENERAL), *PD_PAIR])
+
+    async def main() -> None:
+        async with cp:
+            cp.drain_instance("g0")
+            meta = make_metadata("many", extra_body={"n": 2}, max_tokens=4)
+            many = asyncio.create_task(cp.collect(meta))
+            await asyncio.sleep(0.5)
+            assert await cp.get_request_status("many") is RequestStatus.QUEUED
+            cp.unregister_instance("g0")
+            with pytest.raises(NoHealthyInstanceError, match="n=2 cannot run on model"):
+                await asyncio.wait_for(many, 1.0)  # (a 503 over HTTP)
+            assert await cp.get_request_status("many") is RequestStatus.FAILED
+            ok = await cp.generate(make_metadata("one", max_tokens=4))
+            assert (ok.prefill_instance_id, ok.instance_id) == ("p0", "d0"), ok.error
+
+    run_virtual(main())
+    assert engines["g0"].requests == []
+
+
 def test_a_request_for_several_samples_is_split_by_the_sglang_connector() -> None:
     cp, engines = _fake_pd_fleet(list(PD_PAIR), connector="sglang")
 
