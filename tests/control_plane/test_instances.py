@@ -173,6 +173,9 @@ def test_the_tpot_is_predicted_for_the_batch_a_request_joins() -> None:
     assert state.view().est_tpot_s == pytest.approx(0.004)
     state.observe_tpot(0.010)  # no batch: the overall estimate only
     assert state.view().est_tpot_s == pytest.approx(0.004)
+    state.observe_tpot(0.003, batch=2)
+    state.in_flight = 1  # joins a batch of 2 (bucket 2), not a solo request's (bucket 1)
+    assert state.view().est_tpot_s == pytest.approx(0.003)
 
 
 def test_estimates_take_their_first_observation_and_learn_a_lower_fixed_part() -> None:

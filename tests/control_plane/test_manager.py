@@ -2149,6 +2149,31 @@ def test_a_prefix_cache_hit_does_not_make_the_prefill_estimate_faster() -> None:
     run_virtual(main())
 
 
+def test_the_registry_learns_the_tpot_of_the_batch_a_request_ran_in() -> None:
+    """As the simulator does: the batch is the larger of the instance's in-flight counts
+    when the request started and when it ended, itself counted in both. A lone request
+    teaches batch 1; a request that joins another and outlives it ran in a batch of 2,
+    as did the one it joined: neither teaches batch 1."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", engine_stream="always", seed=0)
+        cp.register_instance(make_instance("sim-0", max_concurrent_requests=8))
+        async with cp:
+            state = cp._registry.get("sim-0")
+            lone = await cp.generate(make_metadata("lone", max_tokens=20))
+            assert lone.status is RequestStatus.COMPLETED
+            assert state.tpot_batch_samples[:3] == [1, 0, 0]
+            await cp.submit_request(make_metadata("a", max_tokens=60))
+            await asyncio.sleep(0.2)  # a decodes
+            assert state.in_flight == 1
+            await cp.submit_request(make_metadata("b", max_tokens=400))
+            for rid in ("a", "b"):
+                assert (await cp.wait_for_result(rid)).status is RequestStatus.COMPLETED
+            assert state.tpot_batch_samples[:3] == [1, 2, 0]
+
+    run_virtual(main())
+
+
 def test_adaptive_follows_the_fleet_once_traffic_stops() -> None:
     """A burst of prioritised requests switches ``adaptive`` to ``priority``; once they are
     done and nothing more comes, the control plane's ticks take it back to ``fifo`` (the

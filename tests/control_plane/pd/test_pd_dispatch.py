@@ -11,6 +11,7 @@ from typing import TypeVar
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestResult, RequestStatus
+from sage_llm.control_plane.instances import batch_bucket
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
@@ -258,6 +259,30 @@ def test_load_is_accounted_per_phase_and_bounded_on_both_instances() -> None:
         assert 1 <= d0.max_in_flight <= 3
         assert len(p0.prefill_ids) == len(set(p0.prefill_ids)) == 26  # none ran twice
         assert all(fleet.pinned_nowhere(r.request_id) for r in results)
+
+    run_virtual(main())
+
+
+def test_the_decode_instance_learns_the_tpot_of_the_decode_batch_a_request_joined() -> None:
+    """A disaggregated request's TPOT is learnt for the batch on its decode instance (the
+    larger of that instance's in-flight counts at its start and at its end): x joins three
+    requests decoding on d0 while p0 is idle and outlives them, so it ran in a batch of 4,
+    not alone."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            for i in range(3):
+                await cp.submit_request(make_metadata(f"b{i}", prompt=SHORT, max_tokens=60))
+            await asyncio.sleep(0.3)  # their prefill legs are done: d0 alone carries them
+            assert (fleet.active("p0"), fleet.active("d0")) == (0, 3)
+            await cp.submit_request(make_metadata("x", prompt=SHORT, max_tokens=400))
+            results = [await cp.wait_for_result(r) for r in ("b0", "b1", "b2", "x")]
+            assert all(r.status is RequestStatus.COMPLETED for r in results)
+            assert results[-1].prefill_instance_id == "p0"
+            d0 = cp._registry.get("d0")
+            assert d0.tpot_batch_samples[batch_bucket(1)] == 0  # x's too: not learnt alone
+            assert d0.tpot_batch_samples[batch_bucket(4)] == 4
 
     run_virtual(main())
 
@@ -767,6 +792,26 @@ def test_a_request_for_several_samples_is_refused_by_a_vllm_pd_fleet_without_who
 
     run_virtual(main())
     assert [r.request_id for e in engines.values() for r in e.prefills] == ["one"]
+
+
+def test_a_request_for_several_samples_waits_for_its_draining_whole_instance() -> None:
+    """The only whole-request instance drains when an ``n`` > 1 request arrives over the
+    vllm connector: the request is accepted (drains are undone), and runs there once the
+    instance is back, never on the pair."""
+    cp, engines = _fake_pd_fleet([("g0", Role.GENERAL), *PD_PAIR])
+
+    async def main() -> RequestResult:
+        async with cp:
+            cp.drain_instance("g0")
+            await cp.submit_request(make_metadata("many", extra_body={"n": 2}, max_tokens=4))
+            await asyncio.sleep(0.5)
+            assert await cp.get_request_status("many") is RequestStatus.QUEUED
+            cp.drain_instance("g0", draining=False)
+            return await cp.wait_for_result("many")
+
+    res = run_virtual(main())
+    assert (res.instance_id, res.prefill_instance_id) == ("g0", None), res.error
+    assert [r.request_id for e in engines.values() for r in e.prefills] == []
 
 
 def test_a_queued_request_for_several_samples_fails_when_its_last_whole_instance_goes() -> None:

@@ -120,10 +120,17 @@ def test_a_tpot_not_known_at_the_requests_batch_refuses_only_by_its_ttft() -> No
     # the time to first token alone (0.0625 s) is past the deadline: refused
     hopeless = check_deadline_feasible(make_request_info(slo_s=0.05), make_snapshot([unknown]))
     assert not hopeless.admitted and "1.042s" in hopeless.reason
+    # the time to first token (0.5 + 500/1000 = 1.0 s) exactly at the deadline: admitted
+    at = replace(unknown, est_ttft_base_s=0.5, est_prefill_tps=1000.0)
+    just = make_request_info(prompt_tokens=500, max_tokens=50, slo_s=1.0)
+    assert check_deadline_feasible(just, make_snapshot([at])).admitted
     pd = [replace(v, tpot_known=False) if v.role.runs_decode else v for v in PD_FLEET]
     pd_req = make_request_info(prompt_tokens=800, max_tokens=100, slo_s=0.5)
     assert not check_deadline_feasible(pd_req, make_snapshot(PD_FLEET)).admitted
     assert check_deadline_feasible(pd_req, make_snapshot(pd)).admitted
+    # by the fastest prefill leg (p1's 0.15 s), not the slowest (p2's 1.1 s)
+    slow = make_instance_view("p2", role=ExecutionInstanceType.PREFILLING, est_ttft_base_s=1.0)
+    assert check_deadline_feasible(pd_req, make_snapshot([*pd, slow])).admitted
 
 
 def test_deadline_counts_from_now_not_from_arrival() -> None:
