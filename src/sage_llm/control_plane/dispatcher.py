@@ -901,7 +901,7 @@ class Dispatcher:
         if self._longer_context_elsewhere(rec, state, exc):  # too long for its context only
             shorter = self._as_short(state)  # none as short is tried: then one must be left
             excluded = rec.info.excluded_instances | shorter | {state.instance_id}
-            if rec.attempts <= self.max_retries and self._servable(rec.info.model, excluded):
+            if rec.attempts <= self.max_retries and self._servable_for(rec, excluded):
                 rec.info = replace(
                     rec.info, excluded_instances=rec.info.excluded_instances | shorter
                 )
@@ -1261,6 +1261,12 @@ class Dispatcher:
         ``model`` now."""
         return self._servable(model, excluded)
 
+    def _servable_for(self, rec: RequestRecord, excluded: frozenset[str]) -> bool:
+        """:meth:`_servable` for ``rec``: on a whole-request instance only when it may not
+        run disaggregated (:meth:`may_split`; it had waited in the queue for good)."""
+        whole_only = not self.may_split(rec.engine_request)
+        return self._servable(rec.info.model, excluded, whole_only=whole_only)
+
     def _servable(self, model: str, excluded: frozenset[str], *, whole_only: bool = False) -> bool:
         """Whether instances outside ``excluded`` could run a request for ``model`` (whole, or
         as a PD pair unless ``whole_only``) now: a retry or a moved call goes only where an
@@ -1334,8 +1340,7 @@ class Dispatcher:
     def _can_retry(self, rec: RequestRecord, state: InstanceState) -> bool:
         if rec.attempts > self.max_retries:
             return False
-        excluded = rec.info.excluded_instances | {state.instance_id}
-        return self._servable(rec.info.model, excluded)
+        return self._servable_for(rec, rec.info.excluded_instances | {state.instance_id})
 
     @property
     def queued_depth(self) -> int:
@@ -1471,7 +1476,7 @@ class Dispatcher:
             if (
                 rec.delivered  # its consumer has output: it can only end here
                 or rec.attempts > self.max_retries
-                or not self._servable(rec.info.model, rec.info.excluded_instances | {instance_id})
+                or not self._servable_for(rec, rec.info.excluded_instances | {instance_id})
             ):
                 produced = rec.pieces
                 # OPEN -> HALF_OPEN -> OPEN: two transitions, its trial failed; and nothing

@@ -839,6 +839,37 @@ def test_a_queued_request_for_several_samples_fails_when_its_last_whole_instance
     assert engines["g0"].requests == []
 
 
+@pytest.mark.parametrize("other", [False, True])
+def test_a_request_for_several_samples_is_retried_only_on_another_whole_instance(
+    other: bool,
+) -> None:
+    """Its whole-request instance fails before the first token: the ``n`` > 1 request (the
+    vllm connector cannot split it) is retried on another whole-request instance, or, with
+    only the pair left, fails with the engine's error rather than wait for good."""
+    cp, engines = _fake_pd_fleet([("g0", Role.GENERAL), *PD_PAIR])
+    g0 = engines["g0"]  # held at its first token, then refused: before any output
+    g0.gate_after = g0.fail_after = 0
+    g0.fail_with = EngineConnectionError("connection refused", instance_id="g0")
+
+    async def main() -> RequestResult:
+        async with cp:
+            await cp.submit_request(make_metadata("many", extra_body={"n": 2}, max_tokens=4))
+            await g0.gated.wait()  # on g0, the only whole-request instance yet
+            if other:
+                engines["g1"] = FakeEngine("g1")
+                cp.register_instance(make_instance("g1", port=8009, instance_type=Role.GENERAL))
+            g0.release.set()
+            return await asyncio.wait_for(cp.wait_for_result("many"), 60.0)
+
+    res = run_virtual(main())
+    if other:
+        assert (res.status, res.instance_id) == (RequestStatus.COMPLETED, "g1"), res.error
+    else:
+        assert res.status is RequestStatus.FAILED
+        assert res.error == "engine g0 failed: connection refused"
+    assert [r.request_id for e in engines.values() for r in e.prefills] == []
+
+
 def test_a_request_for_several_samples_is_split_by_the_sglang_connector() -> None:
     cp, engines = _fake_pd_fleet(list(PD_PAIR), connector="sglang")
 
