@@ -540,16 +540,36 @@ class _Fallback:
         return Proto()
 
 
+def _lean_only(
+    handler: Any, fallback: _Fallback, read_timeout_s: float | None = 30.0
+) -> LeanServer:
+    """A lean server for ``/v1/completions`` (30 s keep-alive)."""
+    return LeanServer(
+        handler, fallback, routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
+        keepalive_timeout_s=30.0, read_timeout_s=read_timeout_s,
+    )  # fmt: skip
+
+
 async def _lean_server(
     handler: Any, fallback: _Fallback, read_timeout_s: float | None = 30.0
 ) -> tuple[LeanServer, asyncio.Server, int]:
     """A lean server for ``/v1/completions`` (30 s keep-alive) on a loopback port."""
-    lean = LeanServer(
-        handler, fallback, routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
-        keepalive_timeout_s=30.0, read_timeout_s=read_timeout_s,
-    )  # fmt: skip
+    lean = _lean_only(handler, fallback, read_timeout_s)
     server = await asyncio.get_running_loop().create_server(lean, "127.0.0.1", 0)
     return lean, server, server.sockets[0].getsockname()[1]
+
+
+async def _paired_client(lean: LeanServer) -> socket.socket:
+    """A non-blocking client socket whose other end (a Unix socket pair's) ``lean`` serves,
+    for tests of whether a client reads its answers. What such a client has not read
+    changes only when it reads; on loopback TCP the kernel also acknowledges, retransmits
+    and updates windows in real time, which the virtual clock outruns (30 s of it pass in
+    microseconds): such work landing between two idle sweeps made a client that never
+    reads look like one reading now and then, and kept its connection open."""
+    client, end = socket.socketpair()
+    client.setblocking(False)
+    await asyncio.get_running_loop().connect_accepted_socket(lean, end)
+    return client
 
 
 def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits() -> None:
@@ -737,13 +757,10 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             conn.respond(200, answer, content_type="text/plain", headers={})
 
-        lean, server, port = await _lean_server(handler, _Fallback())
+        lean = _lean_only(handler, _Fallback())
         for count in (60, 1):  # held requests; one answer left unread
             served.clear()
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", port))
+            sock = await _paired_client(lean)
             await loop.sock_sendall(sock, _post("/v1/completions", {}) * count)
             for _ in range(100):
                 if served:
@@ -761,10 +778,7 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
             sock.close()
         # a client reading its answers slowly (4 KiB every 2 s: 3 answers over 400 s, well
         # past the keep-alive timeout) gets all of them, whole
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port))
+        sock = await _paired_client(lean)
         await loop.sock_sendall(sock, _post("/v1/completions", {}) * 3)
         got = bytearray()
         while chunk := await loop.sock_recv(sock, 4096):
@@ -774,7 +788,6 @@ def test_a_client_that_never_reads_its_answers_is_closed_after_the_keepalive_tim
             await asyncio.sleep(2.0)
         assert got.count(answer) == 3
         sock.close()
-        server.close()
 
     run_virtual(main())
 
@@ -803,13 +816,10 @@ def test_a_stream_left_unread_ends_as_its_client_gone_and_a_slow_reader_gets_it_
                 raise
             ended.append(None)
 
-        _lean, server, port = await _lean_server(handler, _Fallback())
+        lean = _lean_only(handler, _Fallback())
         socks = []
         for _ in range(2):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", port))
+            sock = await _paired_client(lean)
             await loop.sock_sendall(sock, _post("/v1/completions", {}))
             socks.append(sock)
         _never, slow = socks  # the first reads nothing
@@ -827,7 +837,6 @@ def test_a_stream_left_unread_ends_as_its_client_gone_and_a_slow_reader_gets_it_
         assert None in ended and any(isinstance(e, ConnectionResetError) for e in ended)
         for sock in socks:
             sock.close()
-        server.close()
 
     run_virtual(main())
 
