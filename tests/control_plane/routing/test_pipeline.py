@@ -183,6 +183,15 @@ def test_reason_names_the_strategy_and_top_factor() -> None:
     assert decision.reason == "lb: preferred_instance=1.00 (2 candidates)"
 
 
+def test_reason_names_the_first_scorer_on_a_tie() -> None:
+    first, second = FixedScorer("first", {"i0": 1.0}), FixedScorer("second", {"i0": 1.0})
+    for scorers, name in (([first, second], "first"), ([second, first], "second")):
+        pipe = Pipeline("t", [], [(s, 1.0) for s in scorers], MaxPicker(), random.Random(0))
+        decision = pipe.route(make_request_info(), make_snapshot(2))
+        assert decision is not None
+        assert decision.reason == f"t: {name}=1.00 (2 candidates)"
+
+
 def test_a_scorer_breaking_the_contract_is_reported() -> None:
     snap = make_snapshot(2)
     bad = Pipeline("bad", [], [(FixedScorer("wild", {"i0": 1.5}), 1.0)], MaxPicker())
