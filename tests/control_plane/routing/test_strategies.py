@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as hs
 from sage_llm.control_plane.routing.base import RoutingDecision
 from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
+from sage_llm.control_plane.routing.registry import ROUTING_NAMES, build_router
 from sage_llm.control_plane.routing.scorers import SessionAffinityScorer, rendezvous_owner
 from sage_llm.control_plane.routing.strategies import (
     AffinityParams,
@@ -27,9 +29,10 @@ from sage_llm.control_plane.routing.strategies import (
     power_of_two,
     random_choice,
     round_robin,
+    router_wants,
     topology_aware,
 )
-from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
+from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType as Role
 from tests.control_plane.routing.test_scorers import cluster_cases
@@ -108,6 +111,14 @@ def test_load_balanced_can_honour_a_preferred_instance() -> None:
     assert route(plain, req, snap).instance_id != "i2"
     keen = load_balanced(LoadBalancedParams(preferred_weight=10.0), rng=random.Random(0))
     assert route(keen, req, snap).instance_id == "i2"
+
+
+def test_load_balanced_needs_a_load_weight_even_with_a_preferred_weight() -> None:
+    loads = ("outstanding_weight", "queue_weight", "kv_weight", "latency_weight")
+    with pytest.raises(ConfigError) as err:
+        build_router("load_balanced", {**dict.fromkeys(loads, 0.0), "preferred_weight": 1.0})
+    assert err.value.key == "outstanding_weight"
+    assert all(name in str(err.value) for name in loads)
 
 
 # ---------------------------------------------------------------- round_robin
@@ -304,6 +315,30 @@ def test_locality_ignores_the_prefix_holder_when_overloaded_beyond_the_slack() -
     assert route(wide, req, snap).instance_id == "i2"
 
 
+@pytest.mark.parametrize(
+    ("idle", "excluded"),
+    [
+        (make_instance_view("idle", model="other"), frozenset[str]()),
+        (make_instance_view("idle", healthy=False), frozenset[str]()),
+        (make_instance_view("idle"), frozenset({"idle"})),
+    ],
+    ids=["other-model", "unhealthy", "excluded"],
+)
+def test_locality_slack_is_measured_from_the_least_loaded_candidate(
+    idle: InstanceView, excluded: frozenset[str]
+) -> None:
+    index = PrefixIndex()
+    index.insert("holder", [1, 2, 3, 4])
+    holder = make_instance_view("holder", in_flight=3, max_concurrency=10)
+    other = make_instance_view("other", in_flight=2, max_concurrency=10)
+    req = make_request_info(block_hashes=(1, 2, 3, 4), excluded_instances=excluded)
+    router = locality(rng=random.Random(0))
+    for views in ([holder, other], [holder, other, idle]):  # the idle one changes nothing
+        decision = route(router, req, make_snapshot(views, prefix=index))
+        assert decision.instance_id == "holder"
+        assert decision.reason == "locality: prefix_match=1.00 (2 candidates)"
+
+
 def test_locality_hot_prefix_does_not_pile_onto_one_instance() -> None:
     index = PrefixIndex()
     snap = make_snapshot(4, max_concurrency=10, prefix=index)
@@ -367,6 +402,32 @@ def test_topology_is_balanced_with_load() -> None:
     assert route(loose, req, snap).instance_id == "peer"
 
 
+def test_topology_drops_kv_saturated_instances_before_capping_load() -> None:
+    router = topology_aware(rng=random.Random(0))
+    assert router.describe()["filters"] == ["capacity", "load_cap"]
+    snap = make_snapshot(
+        [
+            make_instance_view("full-kv", max_concurrency=10, kv_usage=0.99),
+            make_instance_view("roomy", in_flight=5, max_concurrency=10, kv_usage=0.1),
+        ]
+    )
+    assert route(router, make_request_info(), snap).instance_id == "roomy"
+
+
+def test_topology_accepts_a_rack_score_up_to_the_machine_score() -> None:
+    router = build_router("topology_aware", {"machine_score": 0.5, "rack_score": 0.5})
+    assert (router.params["machine_score"], router.params["rack_score"]) == (0.5, 0.5)
+    with pytest.raises(ConfigError) as err:
+        build_router("topology_aware", {"machine_score": 0.5, "rack_score": 0.6})
+    assert err.value.key == "rack_score"
+
+
+@pytest.mark.parametrize("name", ["locality", "topology_aware"])
+@pytest.mark.parametrize("slack", [0.0, 1.0])
+def test_load_slack_accepts_0_and_1(name: str, slack: float) -> None:
+    assert build_router(name, {"load_slack": slack}).params["load_slack"] == slack
+
+
 # ---------------------------------------------------------------- all strategies
 
 
@@ -396,6 +457,72 @@ def test_strategies_never_cross_models_roles_or_exclusions(make: Callable[..., P
         assert limited.instance_id == "ok-2"
         assert all(0.0 <= v <= 1.0 for v in decision.scores.values())
     assert router.route(make_request_info(model="none"), snap) is None
+
+
+@pytest.mark.parametrize("name", [n for n in ROUTING_NAMES if n != "random"])
+def test_strategies_but_random_avoid_instances_at_their_kv_threshold(name: str) -> None:
+    index = PrefixIndex()
+    index.insert("full-kv", [1, 2, 3, 4])
+    snap = make_snapshot(
+        [
+            make_instance_view("full-kv", max_concurrency=10, kv_usage=0.6),
+            make_instance_view("roomy", in_flight=2, max_concurrency=10, kv_usage=0.1),
+        ],
+        prefix=index,
+    )
+    reqs = [
+        make_request_info(
+            f"r{n}", user_id=f"u{n}", block_hashes=(1, 2, 3, 4), previous_instance_id="full-kv"
+        )
+        for n in range(20)
+    ]
+
+    def chosen(params: dict[str, float]) -> set[str]:
+        router = build_router(name, params, seed=0)
+        filters = router.describe()["filters"]
+        assert isinstance(filters, list) and filters[0] == "capacity"
+        return {route(router, req, snap).instance_id for req in reqs}
+
+    assert "full-kv" in chosen({})  # below the default threshold, it is attractive
+    assert chosen({"kv_threshold": 0.5}) == {"roomy"}
+
+
+def test_default_params_are_the_documented_ones() -> None:
+    doc = (Path(__file__).parents[3] / "docs" / "routing.md").read_text()
+    table = doc.split("### Parameters at a glance", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, dict[str, float]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        pairs = [] if cells[1] == "none" else cells[1].strip("`").split(", ")
+        documented[cells[0].strip("`")] = {
+            key: float(value) for key, value in (pair.split("=") for pair in pairs)
+        }
+    assert list(documented) == list(ROUTING_NAMES)
+    for name, defaults in documented.items():
+        assert build_router(name).params == defaults, name
+
+
+class _Opaque:
+    """A router that is not a Pipeline."""
+
+    name = "opaque"
+
+    def route(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None = None
+    ) -> RoutingDecision | None:
+        return None
+
+    def describe(self) -> dict[str, object]:
+        return {}
+
+
+def test_router_wants_reports_what_a_router_may_read() -> None:
+    assert router_wants(_Opaque()) == (True, True)  # cannot be inspected: it may read both
+    assert router_wants(locality()) == (True, False)
+    assert router_wants(affinity()) == (False, True)
+    assert router_wants(load_balanced()) == (False, False)
 
 
 @pytest.mark.parametrize("make", ALL)
