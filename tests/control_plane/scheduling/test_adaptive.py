@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any, Literal
 
 import pytest
 
@@ -150,6 +151,11 @@ def test_attainment_inside_the_margin_band_keeps_slo_aware() -> None:
     set_attainment(policy, met=19)  # 95 %: recovered to target but not above target + margin
     tick(policy, 11.0, 60.0)
     assert policy.current == "slo_aware"
+    reason = str(policy.describe()["reason"])  # the stay condition, not "below target"
+    assert reason.startswith(
+        "SLO attainment 95.0% over the last 20 deadline completions has not reached 97.0% "
+        "(target 95.0% + margin): staying in slo_aware (entered below 93.0%)"
+    )
     set_attainment(policy, met=20)  # 100 %, light load -> fifo after 10 s
     tick(policy, 61.0, 70.0)
     assert policy.current == "slo_aware"
@@ -241,6 +247,32 @@ def test_priority_stays_while_load_oscillates_inside_the_band() -> None:
         tick(policy, float(k), float(k))
     assert policy.current == "priority"
     assert policy.describe()["switches"] == 1
+
+
+@pytest.mark.parametrize(
+    ("initial", "kwargs", "stay"),
+    [
+        ("slo_aware", {"slo_s": 100.0}, "above light_load 0.05: staying in slo_aware "
+         "(entered at >= 0.1) and 100% of recent requests carry a deadline"),
+        ("priority", {"priority": RequestPriority.HIGH}, "above light_load 0.05: staying in "
+         "priority (entered at >= 0.1) and 100% of recent requests have a non-NORMAL priority"),
+        ("cost_optimized", {"cost_budget": 1.0}, "below overload 0.1: staying in "
+         "cost_optimized (entered at <= 0.05) and 100% of recent requests carry a cost budget"),
+    ],
+)  # fmt: skip
+def test_the_reason_inside_the_load_band_gives_the_stay_condition(
+    initial: Literal["slo_aware", "priority", "cost_optimized"], kwargs: dict[str, Any], stay: str
+) -> None:
+    """Load 0.07, between light_load and overload: the policy in charge stays, and its
+    reason says so (it had said "... >= 0.1" or "... <= 0.05" of a 0.07 load)."""
+    policy = AdaptivePolicy(AdaptivePolicy.Params(initial=initial))
+    for k in range(7):
+        policy.push(make_request_info(f"r{k}", **kwargs))
+    policy.tick(make_snapshot([make_instance_view(max_concurrency=100, in_flight=100)]))
+    assert policy.current == initial
+    assert str(policy.describe()["reason"]) == (
+        "queue at 0.07x fleet capacity (7 waiting / 100 slots; 7 queued, 0 slots free), " + stay
+    )
 
 
 def test_cost_budgets_under_light_load_switch_to_cost_optimized() -> None:

@@ -343,29 +343,41 @@ class AdaptivePolicy:
             return "fifo", "idle: nothing queued or running; arrival order is fair and cheapest"
         if sig.deadline_share >= p.deadline_share:
             low, high = p.slo_target - p.slo_margin, min(1.0, p.slo_target + p.slo_margin)
-            if att is not None and (att < low or (cur == "slo_aware" and att < high)):
+            deadlines = f"{sig.deadline_share:.0%} of recent requests carry a deadline"
+            if att is not None and att < low:
                 return "slo_aware", (
                     f"SLO attainment {att:.1%} over the last {sig.slo_samples} deadline "
                     f"completions is below target {p.slo_target:.1%} "
-                    f"(switch below {low:.1%}, back above {high:.1%}) and "
-                    f"{sig.deadline_share:.0%} of recent requests carry a deadline"
+                    f"(switch below {low:.1%}, back above {high:.1%}) and {deadlines}"
+                )
+            if att is not None and cur == "slo_aware" and att < high:
+                return "slo_aware", (
+                    f"SLO attainment {att:.1%} over the last {sig.slo_samples} deadline "
+                    f"completions has not reached {high:.1%} (target {p.slo_target:.1%} + "
+                    f"margin): staying in slo_aware (entered below {low:.1%}) and {deadlines}"
                 )
             if self._loaded(sig.load, holding=cur == "slo_aware"):
-                return "slo_aware", (
-                    f"requests queue: {load} >= {p.overload} and "
-                    f"{sig.deadline_share:.0%} of recent requests carry a deadline"
+                return (
+                    "slo_aware",
+                    f"{self._band('requests queue', load, sig.load)} and {deadlines}",
                 )
         overloaded = self._loaded(sig.load, holding=cur == "priority")
         if sig.priority_share >= p.priority_share and overloaded:
             return "priority", (
-                f"overload: {load} >= {p.overload} and {sig.priority_share:.0%} of recent "
-                f"requests have a non-NORMAL priority"
+                f"{self._band('overload', load, sig.load)} and {sig.priority_share:.0%} of "
+                f"recent requests have a non-NORMAL priority"
             )
         light = sig.load < p.overload if cur == "cost_optimized" else sig.load <= p.light_load
         if sig.cost_share >= p.cost_share and light:
+            if sig.load <= p.light_load:
+                band = f"light load: {load} <= {p.light_load}"
+            else:  # inside the band: held
+                band = (
+                    f"{load}, below overload {p.overload}: staying in cost_optimized "
+                    f"(entered at <= {p.light_load})"
+                )
             return "cost_optimized", (
-                f"light load: {load} <= {p.light_load} and {sig.cost_share:.0%} of recent "
-                f"requests carry a cost budget"
+                f"{band} and {sig.cost_share:.0%} of recent requests carry a cost budget"
             )
         if sig.load <= p.light_load:
             att_text = "n/a" if att is None else f"{att:.1%}"
@@ -380,6 +392,18 @@ class AdaptivePolicy:
         to switch to one, ``load > light_load`` to stay in it (``holding``)."""
         p = self.params
         return load > p.light_load if holding else load >= p.overload
+
+    def _band(self, entering: str, load: str, value: float) -> str:
+        """Why a queue-ordering policy is named at load ``value``: it queues (``>=
+        overload``: ``entering`` says so), or, below that, the current one stays while
+        ``> light_load``."""
+        p = self.params
+        if value >= p.overload:
+            return f"{entering}: {load} >= {p.overload}"
+        return (
+            f"{load}, above light_load {p.light_load}: staying in {self._current} "
+            f"(entered at >= {p.overload})"
+        )
 
     def _switch(self, target: str, why: str, snap: ClusterSnapshot) -> None:
         old, new = self._policy, self._inner[target]
