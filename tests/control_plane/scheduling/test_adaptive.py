@@ -132,6 +132,21 @@ def test_queued_requests_survive_a_switch_and_are_served_in_the_new_order() -> N
     assert [first.request_id, second.request_id] == ["soon", "late"]
 
 
+def test_its_own_switch_into_slo_aware_orders_the_moved_requests_by_slack() -> None:
+    """adaptive gives slo_aware the snapshot before moving the queue into it: a long
+    request (8 s of work, deadline 10 s) goes before a short one due at 5 s (an operator's
+    ``update_policy`` moves them by deadline alone)."""
+    policy = AdaptivePolicy(AdaptivePolicy.Params(min_dwell_s=0.0))
+    policy.push(make_request_info("short", max_tokens=2, slo_s=5.0))
+    policy.push(make_request_info("long", max_tokens=400, slo_s=10.0))
+    for k in range(30):  # 31 queued, 1 slot free: 0.3x, queueing
+        policy.push(make_request_info(f"q{k}", slo_s=100.0))
+    got = policy.pop(make_snapshot([make_instance_view(max_concurrency=100, in_flight=99)]))
+    assert policy.current == "slo_aware"
+    assert got is not None
+    assert got.request_id == "long"
+
+
 def test_alternating_attainment_does_not_flap() -> None:
     policy = AdaptivePolicy(SMALL_WINDOW)
     push_deadline_requests(policy, 3)
