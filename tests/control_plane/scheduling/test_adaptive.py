@@ -610,3 +610,86 @@ def test_a_pd_only_fleet_counts_its_own_slots_and_its_free_pairs() -> None:
     # no prefill instance free: no pair, so no free slot
     busy = [replace(pd[0], in_flight=4), pd[1]]
     assert policy.signals(make_snapshot(busy)).free_slots == 0
+
+
+def test_the_dwell_restarts_when_the_rule_names_another_policy() -> None:
+    """slo_aware named at t=0, priority from t=1: at t=2 priority has been named for 1 s
+    only, short of min_dwell_s (2 s), so no switch until t=3."""
+    policy = AdaptivePolicy()
+    push_deadline_requests(policy, 30)
+    tick(policy, 0.0, 0.0)
+    push_mixed_priority(policy, 200)  # the mix window (200): no deadlines any more
+    tick(policy, 1.0, 2.0)
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    assert (policy.current, state["pending"]) == ("fifo", ["priority", 1.0])
+    tick(policy, 3.0, 3.0)
+    assert policy.current == "priority"
+
+
+def test_requests_running_with_none_queued_is_not_idle() -> None:
+    policy = AdaptivePolicy()
+    for k in range(5):
+        policy.push(make_request_info(f"c{k}", cost_budget=1.0))
+    policy.drain()  # all five started
+    sig = policy.signals(make_snapshot([make_instance_view(in_flight=5)]))
+    assert (sig.queued, sig.running) == (0, 5)
+    target, why = policy.desired(sig)
+    assert (target, why.split(":")[0]) == ("cost_optimized", "light load")
+
+
+def test_a_switch_keeps_submission_order_for_equal_arrivals() -> None:
+    """priority -> fifo: a LOW request submitted before a HIGH one at the same arrival
+    goes first under fifo (moved in the order they came, not in priority's)."""
+    policy = AdaptivePolicy(AdaptivePolicy.Params(initial="priority", min_dwell_s=0.0))
+    policy.push(make_request_info("first", priority=RequestPriority.LOW))
+    policy.push(make_request_info("second", priority=RequestPriority.HIGH))
+    got = policy.pop(make_snapshot([make_instance_view(in_flight=1)]))
+    assert policy.current == "fifo"
+    assert got is not None
+    assert got.request_id == "first"
+
+
+def test_a_deadline_share_exactly_at_its_threshold_counts() -> None:
+    policy = AdaptivePolicy(AdaptivePolicy.Params(min_dwell_s=0.0))  # deadline_share 0.3
+    for k in range(20):
+        policy.push(make_request_info(f"r{k}", slo_s=100.0 if k < 6 else None))  # 30 %
+    tick(policy, 0.0, 0.0)
+    assert policy.current == "slo_aware"
+
+
+@pytest.mark.parametrize(
+    ("initial", "met", "target"),
+    [
+        ("fifo", 4, "slo_aware"),  # 20 %: below slo_target - slo_margin (25 %)
+        ("fifo", 5, "fifo"),  # exactly 25 %: not below it
+        ("slo_aware", 14, "slo_aware"),  # 70 %: below slo_target + slo_margin (75 %)
+        ("slo_aware", 15, "fifo"),  # exactly 75 %: reached, slo_aware is left
+    ],
+)
+def test_attainment_exactly_at_a_threshold_is_not_below_it(
+    initial: Literal["fifo", "slo_aware"], met: int, target: str
+) -> None:
+    params = AdaptivePolicy.Params(initial=initial, slo_target=0.5, slo_margin=0.25)
+    policy = AdaptivePolicy(params)
+    set_attainment(policy, met=met)
+    push_deadline_requests(policy, 1)  # on a fleet with a slot for it: load 0
+    sig = policy.signals(make_snapshot([make_instance_view(in_flight=1)]))
+    assert policy.desired(sig)[0] == target
+
+
+def test_since_is_null_until_the_first_switch() -> None:
+    policy = AdaptivePolicy()
+    policy.push(make_request_info())
+    policy.tick(make_snapshot([make_instance_view(in_flight=1)], now=7.0))
+    info = policy.describe()
+    assert (info["current"], info["switches"], info["since"]) == ("fifo", 0, None)
+
+
+def test_an_interval_of_clock_steps_is_a_whole_interval() -> None:
+    """On a clock of 0.1 s steps, 4.3 - 3.3000000000000003 is a second (eval_interval_s)."""
+    policy = AdaptivePolicy()
+    policy.push(make_request_info())
+    for step in (33, 43):
+        policy.tick(make_snapshot([make_instance_view(in_flight=1)], now=step * 0.1))
+    assert last_signals(policy)["now"] == 43 * 0.1
