@@ -59,6 +59,22 @@ def test_budget_excludes_instances_that_cost_too_much() -> None:
     assert policy.constrain(req, fleet()) == frozenset({"cheap_slow"})
 
 
+def test_a_cost_exactly_at_the_budget_is_within_it() -> None:
+    # e2e 0.5 + 500/1000 = 1 s: 0.001 at 3.6 per GPU-hour, 3 % more (past the tolerance) at
+    # 3.708; a budget of 0.001 allows the first only
+    at = make_instance_view(
+        "at_budget", price_per_gpu_hour=3.6, est_ttft_base_s=0.5, est_prefill_tps=1000.0
+    )
+    over = replace(at, instance_id="over_budget", price_per_gpu_hour=3.708)
+    req = make_request_info(prompt_tokens=500, max_tokens=1, cost_budget=0.001)
+    assert at.predict_cost(500, 1) == 0.001
+    policy = CostOptimizedPolicy()
+    assert policy.constrain(req, make_snapshot([at, over])) == frozenset({"at_budget"})
+    state = policy.describe()["state"]
+    assert isinstance(state, dict)
+    assert state["over_budget"] == 0
+
+
 def test_over_budget_everywhere_falls_back_to_the_cheapest() -> None:
     policy = CostOptimizedPolicy()
     req = make_request_info(cost_budget=1e-6)
@@ -185,6 +201,17 @@ def test_invalid_params(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
         CostOptimizedPolicy.Params(**{key: value})  # type: ignore[arg-type]
     assert err.value.key == key
+
+
+def test_fifo_order_across_models_is_by_arrival_not_push_order() -> None:
+    """A retry is pushed back with its first arrival: it goes before a newer request."""
+    policy = CostOptimizedPolicy()
+    policy.push(make_request_info("b-new", model="b", arrival=4.0))
+    policy.push(make_request_info("a-retry", model="a", arrival=1.0, attempt=1))
+    fleet = [make_instance_view("ia", model="a"), make_instance_view("ib", model="b")]
+    first = policy.pop(make_snapshot(fleet, now=5.0))
+    assert first is not None
+    assert first.request_id == "a-retry"
 
 
 def test_an_instance_not_measured_yet_gets_one_request_at_a_time_to_learn() -> None:

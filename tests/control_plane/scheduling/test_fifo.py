@@ -48,6 +48,17 @@ def test_equal_arrivals_keep_push_order() -> None:
     assert pop_all(policy, make_snapshot(1)) == ["x", "y", "z"]
 
 
+def test_equal_arrivals_of_two_models_keep_push_order() -> None:
+    policy = FIFOPolicy()
+    policy.push(make_request_info("a-old", model="a", arrival=0.0))
+    policy.push(make_request_info("b-tie-first", model="b", arrival=1.0))
+    policy.push(make_request_info("a-tie-second", model="a", arrival=1.0))
+    fleet = make_snapshot(
+        [make_instance_view("ia", model="a"), make_instance_view("ib", model="b")]
+    )
+    assert pop_all(policy, fleet) == ["a-old", "b-tie-first", "a-tie-second"]
+
+
 def test_peek_does_not_remove() -> None:
     policy = FIFOPolicy()
     policy.push(make_request_info("a", arrival=1.0))

@@ -58,6 +58,14 @@ def test_an_aged_request_overtakes_newer_higher_priority_ones() -> None:
     assert pop_ids(policy, make_snapshot(1, now=9.5)) == ["old-low", "new-normal"]
 
 
+def test_aging_counts_a_wait_of_clock_steps_as_whole_intervals() -> None:
+    """On a clock of 0.1 s steps, 9.1 - 4.1 is 4.999999999999999: one interval (5 s)."""
+    policy = PriorityPolicy()
+    policy.push(make_request_info("old-normal", priority=P.NORMAL, arrival=41 * 0.1))
+    policy.push(make_request_info("new-high", priority=P.HIGH, arrival=60 * 0.1))
+    assert pop_ids(policy, make_snapshot(1, now=91 * 0.1)) == ["old-normal", "new-high"]
+
+
 def test_not_yet_aged_request_stays_behind() -> None:
     policy = PriorityPolicy()
     policy.push(make_request_info("old-low", priority=P.LOW, arrival=0.0))

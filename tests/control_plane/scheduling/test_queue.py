@@ -109,3 +109,12 @@ def test_priority_queue_matches_brute_force(
         assert len(policy) == len(ref.queued)
     drained = {r.request_id for r in policy.drain()}
     assert drained == set(ref.queued)
+
+
+def test_drain_before_any_snapshot_orders_as_at_the_latest_arrival() -> None:
+    """No snapshot seen (as after a policy switch): the latest time seen is the latest
+    arrival, when the BACKGROUND request has waited 100 s and aged to the top."""
+    policy = PriorityPolicy()
+    policy.push(make_request_info("bg-old", priority=RequestPriority.BACKGROUND, arrival=0.0))
+    policy.push(make_request_info("crit-new", priority=RequestPriority.CRITICAL, arrival=100.0))
+    assert [r.request_id for r in policy.drain()] == ["bg-old", "crit-new"]

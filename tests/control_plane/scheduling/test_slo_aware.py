@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from sage_llm.control_plane.scheduling.admission import check_deadline_feasible
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError
@@ -94,6 +95,14 @@ def test_no_deadline_requests_do_not_starve() -> None:
     assert served_at == 30.0
 
 
+def test_no_deadline_requests_past_their_max_wait_go_oldest_first() -> None:
+    policy = SLOAwarePolicy()  # no_deadline_max_wait_s 30
+    policy.push(make_request_info("b-waited-90s", model="b", arrival=10.0))
+    policy.push(make_request_info("a-waited-100s", model="a", arrival=0.0))
+    fleet = [make_instance_view("ia", model="a"), make_instance_view("ib", model="b")]
+    assert pop_ids(policy, make_snapshot(fleet, now=100.0)) == ["a-waited-100s", "b-waited-90s"]
+
+
 def test_a_demoted_request_never_goes_before_a_deadline_request() -> None:
     """Unlike a request without a deadline, a demoted one does not jump the deadline
     requests once it has waited ``no_deadline_max_wait_s``: it would push feasible requests
@@ -131,6 +140,20 @@ def test_a_demoted_request_pushed_back_is_still_demoted() -> None:
     later = make_snapshot([SLOW], now=10.0)
     admit_and_push(policy, make_request_info("feasible", arrival=10.0, slo_s=600.0), later)
     assert pop_ids(policy, later) == ["feasible", "hopeless"]
+
+
+def test_a_demoted_request_removed_from_the_queue_is_forgotten() -> None:
+    """Cancelled while queued: its id, used again by a feasible request, is not demoted."""
+    policy = SLOAwarePolicy()
+    snap = make_snapshot([FAST])
+    hopeless = make_request_info("a", slo_s=0.01, max_tokens=100)
+    assert policy.admit(hopeless, snap).priority is RequestPriority.BACKGROUND
+    policy.push(hopeless)
+    assert policy.remove("a") is not None
+    assert not policy.is_demoted("a")
+    admit_and_push(policy, make_request_info("b", slo_s=60.0), snap)
+    admit_and_push(policy, make_request_info("a", slo_s=50.0), snap)
+    assert pop_ids(policy, snap) == ["a", "b"]
 
 
 def test_a_request_marked_demoted_is_demoted_for_any_slo_aware_policy() -> None:
@@ -209,6 +232,16 @@ def test_constrain_keeps_only_instances_that_meet_the_deadline() -> None:
     assert policy.constrain(req, snap) == frozenset({"fast", "fast2"})
     full = with_view(snap, "fast2", in_flight=100)
     assert policy.constrain(req, full) == frozenset({"fast"})
+
+
+def test_constrain_keeps_an_instance_predicted_to_finish_exactly_at_the_deadline() -> None:
+    """As admission does (predicted e2e <= time left)."""
+    fast = make_instance_view("fast", est_ttft_base_s=0.5, est_prefill_tps=1000.0)  # e2e 1 s
+    slow = make_instance_view("slow", est_ttft_base_s=1.5, est_prefill_tps=1000.0)  # e2e 2 s
+    snap = make_snapshot([fast, slow])
+    req = make_request_info("r", prompt_tokens=500, max_tokens=1, slo_s=1.0)
+    assert check_deadline_feasible(req, snap).admitted
+    assert SLOAwarePolicy().constrain(req, snap) == frozenset({"fast"})
 
 
 def test_constrain_leaves_the_choice_open_without_deadline_or_feasible_instance() -> None:
