@@ -27,11 +27,15 @@ def skip_reason() -> str | None:
     return f"real-vLLM tier: {missing}" if missing else None
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = skip_reason()
+def skip_tier(items: list[pytest.Item], here: Path, reason: str | None) -> None:
+    """Mark every test collected under ``here`` skipped with ``reason`` (when not None)."""
     if reason is None:
         return
     marker = pytest.mark.skip(reason=reason)
     for item in items:
-        if HERE in Path(str(item.path)).resolve().parents:
+        if here in Path(str(item.path)).resolve().parents:
             item.add_marker(marker)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_tier(items, HERE, skip_reason())

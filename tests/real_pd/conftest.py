@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.bench.fidelity_real import real_vllm_missing, real_vllm_paths
+from tests.real.conftest import skip_tier
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -39,10 +40,4 @@ def skip_reason() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = skip_reason()
-    if reason is None:
-        return
-    marker = pytest.mark.skip(reason=reason)
-    for item in items:
-        if HERE in Path(str(item.path)).resolve().parents:
-            item.add_marker(marker)
+    skip_tier(items, HERE, skip_reason())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +32,7 @@ from sage_llm.gateway import start_gateway
 from sage_llm.launch import LaunchedFleet, launch_engines
 from sage_llm.launch.plan_to_engines import engines_from_plan, planned_instances_from_dicts
 from sage_llm.types import PDSeparationConfig, RequestResult, RequestStatus
+from tests.factories import free_ports
 from tests.real_pd.conftest import ROOT, nixl_dir, skip_reason
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -68,28 +68,10 @@ class PDFleet:
         return self.fleet.base_urls[1]
 
 
-def _free_run(count: int) -> int:
-    """A port ``p`` with ``p`` … ``p + count - 1`` free on the loopback address."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            first = int(a.getsockname()[1])
-        if first + count > 65535:
-            continue
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 def _port(name: str, count: int) -> int:
     """The first of ``count`` ports: ``$name`` when set, else free ones."""
     given = os.environ.get(name)
-    return int(given) if given else _free_run(count)
+    return int(given) if given else free_ports(count)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
