@@ -412,6 +412,28 @@ def _erring_first(**health: Any) -> ControlPlaneManager:
     return cp
 
 
+def test_a_success_ends_the_instances_run_of_consecutive_failures() -> None:
+    """A request failed on the instance (a 503), then one that completes there: its
+    report's ``consecutive_failures`` counts the failures since the last success, 0."""
+
+    async def main() -> None:
+        settings = HealthSettings(interval_s=100.0, breaker=BreakerSettings(failure_threshold=5))
+        cp = ControlPlaneManager(mode="simulated", health=settings, enable_pd_separation=False)
+        (inst,) = make_instances(1)
+        engine = FaultyEngineClient(make_sim_engine(inst), FaultPlan.parse("error=503@p1"))
+        cp.register_instance(inst, engine)
+        async with cp:
+            failed = await cp.generate(make_metadata("r0", max_tokens=2))
+            assert failed.status is RequestStatus.FAILED
+            assert cp.get_instance_report("sim-0").consecutive_failures == 1
+            engine.plan = FaultPlan()  # the engine answers again
+            done = await cp.generate(make_metadata("r1", max_tokens=2))
+            assert done.status is RequestStatus.COMPLETED
+            assert cp.get_instance_report("sim-0").consecutive_failures == 0
+
+    run_virtual(main())
+
+
 def test_eject_on_errors_off_ignores_request_errors() -> None:
     async def main() -> None:
         cp = _erring_first(eject_on_errors=False)
@@ -579,6 +601,32 @@ def test_an_ejection_leaves_a_stream_that_delivered_output() -> None:
             result = await cp.wait_for_result("s")
         assert len(seen) == 2
         assert result.status is RequestStatus.FAILED and result.instance_id == "sim-0"
+
+    run_virtual(main())
+
+
+def test_a_stream_that_delivered_output_stays_and_completes_when_its_instance_recovers() -> None:
+    """Its engine hangs after two chunks from 1 s to 2 s: the probes eject the instance,
+    but the stream, whose client has seen chunks, is never moved; it goes on when the
+    engine does (before its idle limit of 30 s) and completes there."""
+
+    async def main() -> None:
+        plan = FaultPlan.parse("hang=2@1+1.0")
+        cp = _manager(plan, engine_timeouts=HTTPTimeouts(idle_s=30.0))
+        async with cp:
+            await asyncio.sleep(1.05)
+            seen: list[str] = []
+            meta = RequestMetadata(
+                request_id="s", prompt="x y", max_tokens=6, preferred_instance_id="sim-0"
+            )
+            async for chunk in cp.stream(meta):
+                seen.append(chunk.text)
+            result = await cp.wait_for_result("s")
+            opened = cp.metrics.circuit_transitions.labels(instance_id="sim-0", state="open")
+            assert opened._value.get() == 1  # it was ejected meanwhile
+        assert len(seen) == 6
+        assert result.status is RequestStatus.COMPLETED, result.error
+        assert (result.instance_id, result.attempts, result.completion_tokens) == ("sim-0", 1, 6)
 
     run_virtual(main())
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,10 +20,10 @@ import pytest
 from sage_llm import ControlPlaneManager, ExecutionInstance, RequestMetadata, RequestStatus
 from sage_llm.bench.procs import start_engine_sims
 from sage_llm.control_plane.health import BreakerSettings, HealthSettings
-from sage_llm.engines.base import Chunk
+from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import EngineError, NoHealthyInstanceError
-from sage_llm.sim.clock import current_clock, run_virtual
+from sage_llm.sim.clock import Clock, current_clock, run_virtual
 from sage_llm.sim.engine import SimEngine
 from sage_llm.sim.factory import make_sim_engine
 from sage_llm.sim.faults import FaultPlan, FaultyEngineClient
@@ -142,6 +145,59 @@ def test_a_request_in_a_retrys_backoff_counts_as_queued() -> None:
             assert cp.get_status()["pending_requests"] == 0
             assert cp.get_metrics().queued_requests == 0
             assert "sage_llm_queue_depth 0.0" in cp.prometheus_metrics().decode()
+
+    run_virtual(main())
+
+
+class _TopOfJitter(random.Random):
+    """A jitter generator pinned at the top of its range: U[0.5, 1.5) draws 1.499."""
+
+    def random(self) -> float:
+        return 0.999
+
+
+class _SleepLog:
+    """A clock that notes the sleeps asked of it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    def to_datetime(self, t: float) -> datetime:
+        return self._clock.to_datetime(t)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await self._clock.sleep(seconds)
+
+
+def test_retry_backoffs_double_with_each_attempt_up_to_a_cap_of_2_s() -> None:
+    """operations.md: a retry waits ``0.05 s × 2^(attempt-1) × U[0.5, 1.5)``, capped at
+    2 s. A request failing before its first token on instance after instance (8 retries),
+    its jitter pinned at the top of the range: each backoff doubles the last until 2 s."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", scheduling_policy="fifo", enable_pd_separation=False,
+            seed=3, max_retries=8, health=HealthSettings(eject_on_errors=False),
+        )  # fmt: skip
+        for inst in make_instances(9):
+            cp.register_instance(
+                inst, FaultyEngineClient(make_sim_engine(inst), FaultPlan.parse("error=503@p1"))
+            )
+        async with cp:
+            dispatcher = cp._dispatcher
+            assert dispatcher is not None
+            dispatcher._rng = _TopOfJitter()
+            log = _SleepLog(dispatcher.clock)
+            dispatcher.clock = log
+            res = await cp.generate(_meta(0))
+        assert (res.status, res.attempts) == (RequestStatus.FAILED, 9)
+        expected = [0.05 * 1.499 * 2**k for k in range(5)] + [2.0] * 3  # 2.398 s: capped
+        assert log.sleeps == pytest.approx(expected)
 
     run_virtual(main())
 
@@ -371,6 +427,44 @@ def test_a_whole_answer_whose_engine_failed_after_output_is_retried_from_the_sta
         assert (res.instance_id, res.attempts) == ("sim-1", 2)
         assert res.completion_tokens == len(res.text.split()) == 8
         assert res.finish_reason == "length"
+
+    run_virtual(main())
+
+
+class _TooManyRequestsAfterOutput:
+    """An engine that answers each request's first chunk, then fails it with a 429: a
+    reason of the request's (too many requests), not the instance's."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        async for chunk in self._engine.generate(req):
+            yield chunk
+            raise EngineError("too many requests", status=429, retryable=False)
+
+
+def test_a_whole_answer_that_failed_after_output_for_its_own_reason_is_not_retried() -> None:
+    """After output that reached no one, a whole answer is retried only for a reason of
+    the instance's (one that counts against its health): a 429 fails it where it ran."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", scheduling_policy="fifo", enable_pd_separation=False,
+            health=_HEALTH, seed=3,
+        )  # fmt: skip
+        faulty, sound = make_instances(2, max_concurrent_requests=4)
+        cp.register_instance(faulty, _TooManyRequestsAfterOutput(make_sim_engine(faulty)))
+        cp.register_instance(sound)
+        async with cp:
+            meta = _meta(0)
+            meta.preferred_instance_id = "sim-0"
+            res = await cp.generate(meta)
+        assert (res.status, res.instance_id, res.attempts) == (RequestStatus.FAILED, "sim-0", 1)
+        assert res.error and "HTTP 429" in res.error
 
     run_virtual(main())
 
