@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sage_llm.control_plane.metrics import ControlPlaneMetrics
-from sage_llm.types import RequestPriority, RequestResult, RequestStatus
+from sage_llm.types import PerformanceMetrics, RequestPriority, RequestResult, RequestStatus
 
 
 def _finish(
@@ -14,10 +15,20 @@ def _finish(
     *,
     e2e_ms: float = 0.0,
     queue_ms: float = 0.0,
+    ttft_ms: float | None = None,
+    tpot_ms: float | None = None,
+    slo_met: bool | None = None,
     predicted_e2e_s: float | None = None,
 ) -> None:
     result = RequestResult(
-        request_id="r", status=status, e2e_latency_ms=e2e_ms, queue_wait_ms=queue_ms
+        request_id="r",
+        status=status,
+        e2e_latency_ms=e2e_ms,
+        queue_wait_ms=queue_ms,
+        ttft_ms=ttft_ms,
+        tpot_ms=tpot_ms,
+        slo_met=slo_met,
+        instance_id="i1",
     )
     metrics.on_finished(
         result,
@@ -26,6 +37,20 @@ def _finish(
         priority=RequestPriority.NORMAL,
         predicted_e2e_s=predicted_e2e_s,
     )
+
+
+def _samples(metrics: ControlPlaneMetrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The exposed samples called ``name``, by their sorted labels."""
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def _performance(metrics: ControlPlaneMetrics, elapsed_s: float = 1.0) -> PerformanceMetrics:
+    return metrics.performance(active=0, queued=0, elapsed_s=elapsed_s, gpu_memory_gb=0.0)
 
 
 def test_the_prediction_error_is_measured_from_the_placement() -> None:
@@ -68,3 +93,98 @@ def test_a_removed_instance_takes_its_breaker_transitions_with_it() -> None:
     text = metrics.exposition().decode()
     assert 'instance_id="gone"' not in text
     assert text.count('instance_id="kept"') >= 3
+
+
+_LATENCY_HISTOGRAMS = (
+    "sage_llm_e2e_request_latency_seconds",
+    "sage_llm_request_queue_time_seconds",
+    "sage_llm_time_to_first_token_seconds",
+    "sage_llm_time_per_output_token_seconds",
+)
+
+
+@pytest.mark.parametrize("status", [RequestStatus.FAILED, RequestStatus.CANCELLED])
+def test_a_request_that_did_not_complete_is_only_in_requests_total(status: RequestStatus) -> None:
+    metrics = ControlPlaneMetrics()
+    _finish(metrics, status, e2e_ms=5000.0, queue_ms=10.0, ttft_ms=50.0, tpot_ms=5.0)
+    for name in _LATENCY_HISTOGRAMS:
+        assert _samples(metrics, f"{name}_count") == {}
+    report = _performance(metrics)
+    assert (report.avg_latency_ms, report.avg_ttft_ms, report.avg_tpot_ms) == (0.0, 0.0, 0.0)
+    assert report.avg_queue_wait_ms == 0.0
+    labels = (("instance_id", "i1"), ("model", "m"), ("policy", "fifo"), ("status", status.value))
+    assert _samples(metrics, "sage_llm_requests_total") == {labels: 1.0}
+
+
+def test_latencies_are_observed_in_seconds_each_in_its_own_histogram() -> None:
+    metrics = ControlPlaneMetrics()
+    _finish(metrics, e2e_ms=1500.0, queue_ms=250.0, ttft_ms=300.0, tpot_ms=20.0)
+    sums = {name: _samples(metrics, f"{name}_sum") for name in _LATENCY_HISTOGRAMS}
+    expected = dict(zip(_LATENCY_HISTOGRAMS, (1.5, 0.25, 0.3, 0.02), strict=True))
+    for name, value in expected.items():
+        assert sums[name] == {(("model", "m"),): pytest.approx(value)}
+
+
+def test_forgetting_a_model_removes_its_refusals() -> None:
+    metrics = ControlPlaneMetrics()
+    for model in ("old", "kept"):
+        metrics.on_rejected("queue_full", model)
+        metrics.on_rejected("no_healthy_instance", model)
+    metrics.forget_model("old")
+    refused = _samples(metrics, "sage_llm_requests_rejected_total")
+    assert {dict(labels)["model"] for labels in refused} == {"kept"}
+    assert len(refused) == 2
+
+
+def test_a_removed_instance_takes_its_stalls_and_embeddings_with_it() -> None:
+    metrics = ControlPlaneMetrics()
+    for instance_id in ("gone", "kept"):
+        metrics.instance_stalls.labels(instance_id=instance_id).inc()
+        metrics.on_embedding("completed", "e", instance_id)
+        metrics.on_embedding("failed", "f", instance_id)
+    metrics.forget_instance_counts("gone")
+    stalls = _samples(metrics, "sage_llm_instance_stalls_total")
+    assert stalls == {(("instance_id", "kept"),): 1.0}
+    embedded = _samples(metrics, "sage_llm_embedding_requests_total")
+    assert {dict(labels)["instance_id"] for labels in embedded} == {"kept"}
+    assert len(embedded) == 2
+
+
+def test_rejected_requests_counts_the_refusals() -> None:
+    metrics = ControlPlaneMetrics()
+    metrics.on_rejected("queue_full", "m")
+    metrics.on_rejected("slo_infeasible", "n")
+    assert _performance(metrics).rejected_requests == 2
+
+
+def test_requests_per_second_counts_completed_requests() -> None:
+    metrics = ControlPlaneMetrics()
+    for _ in range(4):
+        metrics.on_submitted()
+    _finish(metrics)
+    _finish(metrics, RequestStatus.FAILED)
+    report = _performance(metrics, elapsed_s=2.0)
+    assert (report.total_requests, report.requests_per_second) == (4, 0.5)
+
+
+def test_the_scheduling_latency_is_in_microseconds() -> None:
+    metrics = ControlPlaneMetrics()
+    for seconds in (40e-6, 60e-6):  # decisions of 40 and 60 us
+        metrics.routing_seconds.observe(seconds)
+    report = metrics.scheduling(policy="fifo", elapsed_s=1.0)
+    assert report.scheduling_latency_us == pytest.approx(50.0)
+
+
+def test_slo_compliance_is_full_with_no_slo_request() -> None:
+    metrics = ControlPlaneMetrics()
+    _finish(metrics)
+    assert _performance(metrics).slo_compliance_rate == 1.0
+    _finish(metrics, slo_met=False)
+    assert _performance(metrics).slo_compliance_rate == 0.0
+
+
+def test_the_longest_queue_is_kept_even_of_one_request() -> None:
+    metrics = ControlPlaneMetrics()
+    metrics.queue_depth.set(1)
+    metrics.queue_depth.set(0)
+    assert metrics.scheduling(policy="fifo", elapsed_s=1.0).queue_length_max == 1

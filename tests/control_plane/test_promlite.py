@@ -121,3 +121,14 @@ def test_a_peak_gauge_keeps_its_peak() -> None:
     for value in (5, 2, 7, 0):
         gauge.set(value)
     assert (gauge.peak, gauge.value) == (7, 0)
+
+
+def test_a_histogram_sum_includes_a_negative_observation() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    lite = LiteHistogram("n", "doc", buckets=(1.0,), registry=ours)
+    ref = Histogram("n", "doc", buckets=(1.0,), registry=theirs)
+    for v in (-0.5, 2.0):
+        lite.observe(v)
+        ref.observe(v)
+    assert lite.unlabelled.sum == 1.5
+    assert _samples(ours) == _samples(theirs)
