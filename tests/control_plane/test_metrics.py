@@ -188,3 +188,22 @@ def test_the_longest_queue_is_kept_even_of_one_request() -> None:
     metrics.queue_depth.set(1)
     metrics.queue_depth.set(0)
     assert metrics.scheduling(policy="fifo", elapsed_s=1.0).queue_length_max == 1
+
+
+def test_pd_figures_count_ended_prefill_legs_per_leg_costs_handoffs_and_us() -> None:
+    metrics = ControlPlaneMetrics()
+    for _ in range(2):
+        metrics.on_pd_routed("disaggregated", 0.002)
+    metrics.on_pd_prefill_leg(0.1, tokens=100, cost=1.0)  # one prefill leg ended, one failed
+    metrics.on_pd_handoff(0.03)
+    metrics.on_pd_decode_leg(0.5, tokens=50, cost=2.0)
+    for seconds in (10e-6, 30e-6):  # decisions of 10 and 30 us
+        metrics.on_pd_decision(seconds)
+    report = metrics.pd(elapsed_s=1.0)
+    assert (report.requests_routed_to_prefilling, report.requests_routed_to_decoding) == (2, 1)
+    assert report.prefilling_cost_per_token == pytest.approx(0.01)
+    assert report.decoding_cost_per_token == pytest.approx(0.04)
+    assert report.inter_cluster_transfer_latency_avg_ms == pytest.approx(30.0)
+    assert report.metadata["avg_handoff_ms"] == pytest.approx(30.0)
+    assert report.metadata["avg_prefill_leg_ms"] == pytest.approx(100.0)
+    assert report.avg_routing_decision_time_us == pytest.approx(20.0)
