@@ -28,6 +28,7 @@ from sage_llm.gateway.relay import (
     fill_generation,
     merge_delta,
     merge_logprobs,
+    relay_stream,
     sum_usage,
 )
 from sage_llm.gateway.server import start_gateway
@@ -35,7 +36,7 @@ from sage_llm.sim.core import SimEngineConfig
 from sage_llm.sim.engine import SimEngine
 from sage_llm.sim.server import start_engine_server
 from sage_llm.tokens import tokenize
-from sage_llm.types import RequestStatus
+from sage_llm.types import RequestResult, RequestStatus
 from tests.engines.fake_engine import probed_app, start_app
 from tests.engines.probes import FaultyEngine
 from tests.factories import make_instance, make_metadata
@@ -861,3 +862,125 @@ async def test_a_stream_of_several_prompts_pulls_no_further_ahead_than_its_reade
     assert sum(pulled.values()) <= 2 * len(gens) + 1, pulled  # the queue's, the pumps', one read
     assert set(pulled) == {"r#0", "r#1", "r#2"}
     await merged.aclose()
+
+
+class _Scripted:
+    """A manager whose stream is ``batches`` (an exception among them is raised there) and
+    whose result of it is ``result``: what :func:`relay_stream` reads."""
+
+    def __init__(self, batches: list[list[Chunk] | Exception], result: RequestResult) -> None:
+        self.batches = batches
+        self.result = result
+
+    async def stream_batches(self, meta: Any) -> AsyncGenerator[list[Chunk], None]:
+        for batch in self.batches:
+            if isinstance(batch, Exception):
+                raise batch
+            yield batch
+
+    def time_limit(self, timeout_s: float | None, on_expire: object = None) -> Any:
+        return asyncio.timeout(timeout_s)
+
+    async def get_result(self, request_id: str) -> RequestResult:
+        return self.result
+
+
+class _Recorder:
+    """A sink that keeps each write (``write`` or ``write_eof``) and its bytes."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, bytes]] = []
+
+    async def write(self, data: bytes) -> None:
+        self.writes.append(("write", data))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self.writes.append(("write_eof", data))
+
+    def events(self, data: bytes | None = None) -> list[Any]:
+        text = (b"".join(d for _, d in self.writes) if data is None else data).decode()
+        blocks = [b[len("data: ") :] for b in text.split("\n\n") if b.startswith("data: ")]
+        return [b if b == "[DONE]" else json.loads(b) for b in blocks]
+
+
+async def _relay_scripted(
+    batches: list[list[Chunk] | Exception], *, include_usage: bool, n: int = 1
+) -> tuple[_Recorder, int | None]:
+    sink = _Recorder()
+    result = RequestResult("s", RequestStatus.COMPLETED, prompt_tokens=3, completion_tokens=2,
+                           cached_tokens=1)  # fmt: skip
+    manager = cast(ControlPlaneManager, _Scripted(batches, result))
+    meta = make_metadata("s", extra_body={"n": n})
+    gen = fill_generation(meta, False, "m", True, include_usage, None, "max_tokens")
+
+    async def open_sink() -> _Recorder:
+        return sink
+
+    return sink, await relay_stream(open_sink, manager, [gen], 0, "s")
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_usage_chunk_follows_the_last_chunk_only_with_include_usage(
+    include_usage: bool,
+) -> None:
+    """Without ``stream_options.include_usage`` no chunk carries a usage, also when the
+    engine's chunks had none (the usage then is the request's result's, cached tokens
+    included)."""
+    batches: list[list[Chunk] | Exception] = [[Chunk("a")], [Chunk("b", finish_reason="stop")]]
+    sink, ended = await _relay_scripted(batches, include_usage=include_usage)
+    events = sink.events()
+    assert ended is None and events[-1] == "[DONE]"
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["a", "b"]
+    usages = [e["usage"] for e in events[:-1] if e.get("usage")]
+    if not include_usage:
+        assert usages == [] and len(events) == 3
+        return
+    assert events[-2]["choices"] == []
+    assert usages == [
+        {"prompt_tokens": 3, "total_tokens": 5, "completion_tokens": 2,
+         "prompt_tokens_details": {"cached_tokens": 1}}
+    ]  # fmt: skip
+
+
+async def test_the_last_chunk_usage_chunk_done_and_body_end_leave_in_one_write() -> None:
+    last = Chunk("b", finish_reason="stop", usage=Usage(3, 2))
+    sink, _ = await _relay_scripted([[Chunk("a")], [last]], include_usage=True)
+    assert [how for how, _ in sink.writes] == ["write", "write_eof"]
+    ending = sink.events(sink.writes[-1][1])
+    assert ending[0]["choices"][0]["finish_reason"] == "stop"
+    assert ending[1]["choices"] == [] and ending[1]["usage"]["completion_tokens"] == 2
+    assert ending[2:] == ["[DONE]"]
+
+
+async def test_an_unexpected_failure_mid_stream_ends_with_an_error_event_then_done() -> None:
+    """Never a silent truncation, whatever the failure (not only the library's errors)."""
+    sink, ended = await _relay_scripted([[Chunk("a")], RuntimeError("a bug")], include_usage=True)
+    events = sink.events()
+    assert ended == 500
+    assert events[0]["choices"][0]["text"] == "a"
+    assert events[1]["error"]["type"] == "internal_error" and events[1]["error"]["code"] == 500
+    assert events[2:] == ["[DONE]"]
+    assert sink.writes[-1][0] == "write_eof"
+
+
+async def test_a_stream_of_several_prompts_makes_prompt_ks_choice_i_choice_k_n_plus_i() -> None:
+    class _TwoChoices:
+        async def stream_batches(self, meta: Any) -> AsyncGenerator[list[Chunk], None]:
+            k = meta.request_id[-1]
+            yield [Chunk(f"p{k}c{i}", finish_reason="stop", index=i) for i in range(2)]
+
+    gens = [
+        fill_generation(
+            make_metadata(f"r#{k}", extra_body={"n": 2}),
+            False,
+            "m",
+            True,
+            False,
+            None,
+            "max_tokens",
+        )
+        for k in range(3)
+    ]
+    merged = _merged(cast(ControlPlaneManager, _TwoChoices()), gens)
+    indexes = {c.text: c.index for batch in [b async for b in merged] for c in batch}
+    assert indexes == {f"p{k}c{i}": 2 * k + i for k in range(3) for i in range(2)}
