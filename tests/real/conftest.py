@@ -7,12 +7,17 @@ test here is skipped, with the reason, when the switch is off or either is missi
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from sage_llm import ControlPlaneManager
 from sage_llm.bench.fidelity_real import real_vllm_missing, real_vllm_paths
+from sage_llm.gateway import start_gateway
+from sage_llm.launch import EngineLaunch, LaunchedFleet, LaunchSettings, launch_engines
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -39,3 +44,23 @@ def skip_tier(items: list[pytest.Item], here: Path, reason: str | None) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_tier(items, HERE, skip_reason())
+
+
+@contextlib.asynccontextmanager
+async def served_fleet(
+    manager: ControlPlaneManager,
+    engines: Sequence[EngineLaunch],
+    settings: LaunchSettings,
+    *,
+    gateway_port: int = 0,
+) -> AsyncIterator[tuple[LaunchedFleet, str]]:
+    """``engines`` launched and registered with the running ``manager``, behind a gateway
+    on ``gateway_port`` (a free one by default): the fleet and the gateway's base URL;
+    everything is stopped on the way out, failed test or not."""
+    fleet = await launch_engines(engines, manager=manager, settings=settings)
+    async with fleet:
+        runner, port = await start_gateway(manager, port=gateway_port)
+        try:
+            yield fleet, f"http://127.0.0.1:{port}"
+        finally:
+            await runner.cleanup()

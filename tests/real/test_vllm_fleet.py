@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +23,10 @@ from sage_llm import ControlPlaneManager
 from sage_llm.bench.fidelity import EngineShape
 from sage_llm.bench.fidelity_real import real_vllm_paths, vllm_cpu_engines, vllm_cpu_settings
 from sage_llm.engines.base import EngineStats
-from sage_llm.gateway import start_gateway
-from sage_llm.launch import LaunchedFleet, launch_engines
+from sage_llm.launch import LaunchedFleet
 from sage_llm.types import RequestStatus
-from tests.real.conftest import ROOT, skip_reason
+from tests.factories import free_ports
+from tests.real.conftest import ROOT, served_fleet, skip_reason
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -48,23 +47,6 @@ class RealFleet:
         return [inst.instance_id for inst in self.fleet.instances]
 
 
-def _free_port_pair() -> int:
-    """A port ``p`` with ``p`` and ``p + 1`` free on the loopback address."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def real(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RealFleet]:
     reason = skip_reason()
@@ -73,23 +55,18 @@ async def real(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RealFl
     python, model_dir = real_vllm_paths(ROOT)
     shape = EngineShape(max_num_seqs=16, max_num_batched_tokens=2048)
     settings = vllm_cpu_settings(
-        python, model_dir, base_port=_free_port_pair(), shape=shape,
+        python, model_dir, base_port=free_ports(2), shape=shape,
         log_dir=tmp_path_factory.mktemp("vllm-logs"), served_model_name=MODEL,
     )  # fmt: skip
     manager = ControlPlaneManager(
         scheduling_policy="fifo", routing_strategy="locality", enable_pd_separation=False,
         stats_interval_s=0.25, health_interval_s=0.5, max_retries=2,
     )  # fmt: skip
-    async with manager:
-        fleet = await launch_engines(
-            vllm_cpu_engines(settings, 2), manager=manager, settings=settings
-        )
-        async with fleet:
-            runner, port = await start_gateway(manager)
-            try:
-                yield RealFleet(manager, fleet, f"http://127.0.0.1:{port}")
-            finally:
-                await runner.cleanup()
+    async with (
+        manager,
+        served_fleet(manager, vllm_cpu_engines(settings, 2), settings) as (fleet, url),
+    ):
+        yield RealFleet(manager, fleet, url)
 
 
 async def _post(

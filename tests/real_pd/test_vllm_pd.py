@@ -28,11 +28,11 @@ from sage_llm.bench.fidelity import EngineShape
 from sage_llm.bench.fidelity_real import real_vllm_paths, vllm_cpu_settings
 from sage_llm.control_plane.health import HealthSettings
 from sage_llm.engines.metrics_scrape import parse_prometheus_text
-from sage_llm.gateway import start_gateway
-from sage_llm.launch import LaunchedFleet, launch_engines
+from sage_llm.launch import LaunchedFleet
 from sage_llm.launch.plan_to_engines import engines_from_plan, planned_instances_from_dicts
 from sage_llm.types import PDSeparationConfig, RequestResult, RequestStatus
 from tests.factories import free_ports
+from tests.real.conftest import served_fleet
 from tests.real_pd.conftest import ROOT, nixl_dir, skip_reason
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -107,15 +107,12 @@ async def pd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PDFleet]
         health=HealthSettings(interval_s=0.5, timeout_s=30.0, stats_interval_s=0.25,
                               stall_timeout_s=None),
     )  # fmt: skip
-    async with manager:
-        fleet = await launch_engines(engines, manager=manager, settings=settings)
-        async with fleet:
-            gw_port = base + 2 if os.environ.get("SAGE_LLM_REAL_PD_PORT") else 0
-            runner, port = await start_gateway(manager, port=gw_port)
-            try:
-                yield PDFleet(manager, fleet, f"http://127.0.0.1:{port}")
-            finally:
-                await runner.cleanup()
+    gw_port = base + 2 if os.environ.get("SAGE_LLM_REAL_PD_PORT") else 0
+    async with (
+        manager,
+        served_fleet(manager, engines, settings, gateway_port=gw_port) as (fleet, url),
+    ):
+        yield PDFleet(manager, fleet, url)
 
 
 # -- helpers ---------------------------------------------------------------------------------
