@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sage_llm.engines.base import EngineRequest
 from sage_llm.engines.fastclient import (
     _PAUSE_AT,
     EngineConnector,
@@ -338,12 +339,12 @@ async def test_cancelling_the_request_closes_the_connection(
 _STREAM_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
 
 
-def _gated_reply(go: asyncio.Event, rest: bytes | None) -> Reply:
-    """A chunked body's head and first chunk, then, once ``go`` is set, ``rest`` (None:
-    the connection closes instead)."""
+def _gated_reply(go: asyncio.Event, rest: bytes | None, head: bytes = _STREAM_HEAD) -> Reply:
+    """A chunked body's ``head`` (its status line, headers and first chunks), then, once
+    ``go`` is set, ``rest`` (None: the connection closes instead)."""
 
     async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(_STREAM_HEAD)
+        writer.write(head)
         await writer.drain()
         gone = asyncio.ensure_future(reader.read())  # b"" once the client closes
         waiting = asyncio.ensure_future(go.wait())
@@ -411,6 +412,60 @@ async def test_a_body_released_before_its_end_that_goes_wrong_is_not_reused(
     for _ in range(10):  # let the loop see what came
         await asyncio.sleep(0)
     assert not back.is_set() and pool.idle_connections == 0
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_SSE_TO_DONE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + _chunk(b'data: {"choices":[{"index":0,"text":"hi","finish_reason":"stop"}]}\n\n')
+    + _chunk(b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n')
+    + _chunk(b"data: [DONE]\n\n")
+)
+"""A stream up to its ``[DONE]`` event, the body's last chunk not sent yet."""
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["generate", "complete"])
+async def test_a_stream_whose_body_ends_after_its_done_event_reuses_the_connection(
+    server: tuple[RawServer, int], stream: bool
+) -> None:
+    """The engine client hands the rest of the body to the pool's drainer after
+    ``[DONE]`` (in ``generate``, and in ``complete`` when the engine streams anyway): the
+    connection goes back to the pool once the last chunk comes, not closed meanwhile."""
+    raw, port = server
+    go = asyncio.Event()
+    raw.reply = _gated_reply(go, b"0\r\n\r\n", head=_SSE_TO_DONE)
+    session = make_session()
+    try:
+        client = HTTPEngineClient(make_instance("e0", port=port), session)
+        pool = client._fast_pool
+        assert pool is not None
+        back = asyncio.Event()
+        put_back = pool.put_back
+
+        def noting(conn: Any) -> None:
+            put_back(conn)
+            back.set()
+
+        pool.put_back = noting  # type: ignore[method-assign]
+        req = EngineRequest(request_id="r0", prompt="x", max_tokens=1, model="m", stream=stream)
+        chunks = await asyncio.wait_for(client.complete(req), 10)
+        assert [c.text for c in chunks] == ["hi"] and chunks[-1].finish_reason == "stop"
+        go.set()
+        waits = [asyncio.ensure_future(back.wait()), asyncio.ensure_future(raw.closed.wait())]
+        await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        assert back.is_set() and not raw.closed.is_set()  # put back, not closed
+        assert pool.idle_connections == 1
+        raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        assert await body_of(await pool.request("POST", "/x", b"{}")) == b"ok"
+        assert raw.connections == 1
+    finally:
+        await session.close()
 
 
 def test_a_body_released_before_its_end_that_never_comes_is_closed_in_time() -> None:

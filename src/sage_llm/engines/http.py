@@ -567,7 +567,7 @@ class HTTPEngineClient:
             pool, self._path(req), jsonutil.dumps(self.request_body(req, stream=False)),
             req.request_id, first_deadline,
         )  # fmt: skip
-        clean = False
+        clean = released = False
         try:
             if resp.content_type == "application/json":
                 answer = await self._fast_json(resp, req, first_deadline)
@@ -577,11 +577,12 @@ class HTTPEngineClient:
             async with contextlib.aclosing(self._fast_events(resp, req, first_deadline)) as relay:
                 streamed = [chunk async for batch in relay for chunk in batch]
             self._fast_release(resp)
+            released = True
             return streamed
         finally:
             if clean:
                 resp.release()
-            else:
+            elif not released:  # (once released, the rest of the body is its drainer's)
                 resp.close()
 
     def _fast_events(
@@ -611,7 +612,7 @@ class HTTPEngineClient:
         first_deadline = self._first_deadline(req)
         path = self._path(req)
         resp = await self._fast_send(pool, path, data, req.request_id, first_deadline)
-        clean = False
+        clean = released = False
         try:
             if resp.content_type == "application/json":
                 chunks = await self._fast_json(resp, req, first_deadline)
@@ -623,11 +624,12 @@ class HTTPEngineClient:
                 async for batch in relay:
                     yield batch
             self._fast_release(resp)
+            released = True
         finally:
             if clean:
                 resp.release()
-            else:
-                resp.close()  # nothing left to close after _fast_release
+            elif not released:  # (once released, the rest of the body is its drainer's)
+                resp.close()
 
     def _fast_release(self, resp: FastResponse) -> None:
         """After ``[DONE]``: the rest of the body (its last chunk) is read as it arrives,
