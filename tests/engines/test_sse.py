@@ -174,6 +174,31 @@ def test_assembler_errors() -> None:
             StreamAssembler(REQ).on_event(bad)
 
 
+@pytest.mark.parametrize(
+    "ids", [["a"], [None], [1.5], [True, 2], [{"x": 1}], "1 2", {"0": 1}], ids=repr
+)
+def test_malformed_token_ids_are_a_stream_error_naming_the_field(ids: object) -> None:
+    choice = {"index": 0, "text": "hi", "token_ids": ids}
+    with pytest.raises(EngineStreamError, match="'token_ids'") as info:
+        StreamAssembler(REQ, "e0").on_event(json.dumps({"choices": [choice]}))
+    assert str(info.value).startswith("e0: ") and info.value.instance_id == "e0"
+    assert info.value.retryable  # nothing was produced before it
+    whole = {"choices": [{**choice, "finish_reason": "stop"}]}
+    with pytest.raises(EngineStreamError, match="'token_ids'") as info:
+        chunks_from_completion(whole, REQ, "e0")
+    assert str(info.value).startswith("e0: ") and info.value.instance_id == "e0"
+
+
+def test_token_ids_are_kept_and_null_ones_are_empty() -> None:
+    for ids, kept in (([7, 8], (7, 8)), ([], ()), (None, ())):
+        choice = {"index": 0, "text": "hi", "token_ids": ids, "finish_reason": "stop"}
+        asm = StreamAssembler(REQ)
+        asm.on_event(json.dumps({"choices": [choice]}))
+        (last,) = asm.finish()
+        (whole,) = chunks_from_completion({"choices": [choice]}, REQ)
+        assert last.token_ids == whole.token_ids == kept
+
+
 def test_assembler_done_marker_and_events_without_choices() -> None:
     for done in ("[DONE]", " [DONE]\n"):
         asm = StreamAssembler(REQ)

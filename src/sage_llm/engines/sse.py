@@ -293,10 +293,24 @@ _PLAIN_PART = frozenset({"role", "content"})
 and a role other than the assistant's)."""
 
 
+def _bad_token_ids(ids: Any) -> EngineStreamError:
+    """The error for a choice whose ``token_ids`` is not a list of integers (the callers
+    reword it with their instance)."""
+    return EngineStreamError(f"choice's 'token_ids' is not a list of integers: {ids!r:.80}")
+
+
 def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
+    """One choice's chunk; :class:`EngineStreamError` for ``token_ids`` that are not a list
+    of integers."""
     get = choice.get
     finish = get("finish_reason")
     ids = get("token_ids")
+    if ids is None:
+        ids = ()
+    elif type(ids) is list and all(type(t) is int for t in ids):
+        ids = tuple(ids)
+    else:
+        raise _bad_token_ids(ids)
     text = get("text")
     index = get("index")
     fields = extras = None
@@ -317,7 +331,7 @@ def _choice_chunk(choice: Mapping[str, Any]) -> Chunk:
             extras = {**(extras or {}), "stop_reason": stop}
     return fill_chunk(  # every field, in Chunk's order
         text if type(text) is str else _choice_text(choice),
-        tuple(int(t) for t in ids) if isinstance(ids, list) else (),
+        ids,
         str(finish) if finish else None,
         None,
         get("logprobs"),
@@ -434,7 +448,10 @@ class StreamAssembler:
         for choice in choices:
             if type(choice) is not dict:  # JSON objects parse to dicts
                 raise self._fail(EngineStreamError, "stream choice is not an object")
-            chunk = _choice_chunk(choice)
+            try:
+                chunk = _choice_chunk(choice)
+            except EngineStreamError as exc:
+                raise self._fail(EngineStreamError, str(exc)) from None
             if top is not None:  # on the event's first chunk
                 chunk, top = chunk.with_top(top), None
             self.produced = True
@@ -515,7 +532,10 @@ def chunks_from_completion(
     choices = obj.get("choices")
     if not isinstance(choices, list) or not choices:
         raise EngineStreamError(prefix + "completion has no choices", instance_id=instance_id)
-    chunks = [_choice_chunk(c) for c in choices if isinstance(c, Mapping)]
+    try:
+        chunks = [_choice_chunk(c) for c in choices if isinstance(c, Mapping)]
+    except EngineStreamError as exc:
+        raise EngineStreamError(prefix + str(exc), instance_id=instance_id) from None
     if len(chunks) != len(choices) or any(c.finish_reason is None for c in chunks):
         raise EngineStreamError(  # (every choice: an answer in one piece is not cut short)
             prefix + "completion choices are malformed or unfinished", instance_id=instance_id
