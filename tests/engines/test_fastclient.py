@@ -638,3 +638,55 @@ async def test_reading_pauses_while_a_large_body_is_not_read(
     await asyncio.wait_for(full.wait(), 10)  # nobody reads: the buffer grows to its bound
     assert resp._conn is not None and resp._conn.paused
     assert len(await body_of(resp)) == size  # and reading resumes
+
+
+async def test_an_error_answer_released_before_its_body_ended_is_not_reused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    """A 500 of Content-Length 10 released after its first 5 bytes (nothing left in the
+    buffer): the rest is still to come on that connection, so it is closed, not pooled."""
+    raw, _port = server
+    go = asyncio.Event()
+    head = b"HTTP/1.1 500 Oops\r\nContent-Length: 10\r\n\r\nhello"
+    raw.reply = _gated_reply(go, b"world", head=head)
+    resp = await pool.request("POST", "/x", b"")
+    assert resp.status == 500 and await resp.read_some() == b"hello"
+    resp.release()
+    assert pool.idle_connections == 0
+    go.set()
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert await body_of(await pool.request("POST", "/x", b"")) == b"ok"
+    assert raw.connections == 2
+
+
+def test_the_connect_timeout_applies_on_the_lean_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def slow_connect(_pool: FastPool) -> _Conn:
+        await asyncio.sleep(3600)
+        raise ConnectionError("unreachable")
+
+    monkeypatch.setattr(FastPool, "_connect", slow_connect)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = FastPool("127.0.0.1", closed_port())
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("POST", "/x", b"", connect_timeout_s=0.5)
+        assert loop.time() - started == pytest.approx(0.5, abs=0.01)
+        pool.close()
+
+    run_virtual(main())
+
+
+async def test_a_204_without_content_length_has_no_body_and_is_reused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 204 No Content\r\n\r\n")
+    resp = await pool.request("POST", "/x", b"{}")
+    assert resp.status == 204
+    assert await asyncio.wait_for(body_of(resp), 10) == b""
+    assert pool.idle_connections == 1
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert await body_of(await pool.request("POST", "/x", b"{}")) == b"hello"
+    assert raw.connections == 1

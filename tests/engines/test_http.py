@@ -585,6 +585,42 @@ async def test_one_piece_answers_reuse_the_connection(
     assert peers[1] == peers[0] and peers[2] == peers[0]
 
 
+async def test_the_aiohttp_path_reads_a_stream_to_its_end_after_done_and_reuses_it(
+    raw: tuple[Recorder, int],
+) -> None:
+    """The body's end comes after ``[DONE]`` (here: once the consumer has the last
+    chunk): it is read before the connection is given back, so the next request goes
+    over the same connection."""
+    rec, port = raw
+    peers: list[object] = []
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_event("hi", "stop") + ev({"choices": [], "usage": USAGE}))
+        await resp.write(b"data: [DONE]\n\n")
+        await go.wait()
+        await resp.write_eof()
+        return resp
+
+    rec.handler = reply
+    session = make_session(limit=1024)  # aiohttp's transport
+    try:
+        client = client_for(port, session)
+        assert client._fast_pool is None
+        for _ in range(3):
+            go = asyncio.Event()
+            async with asyncio.timeout(10):
+                async for chunk in client.generate(completion_req()):
+                    if chunk.finish_reason is not None:
+                        go.set()
+        assert len(peers) == 3 and peers[0] is not None
+        assert peers[1] == peers[0] and peers[2] == peers[0]
+    finally:
+        await session.close()
+
+
 async def test_embed_posts_inputs_and_returns_json(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession
 ) -> None:
@@ -689,6 +725,27 @@ async def test_a_generation_route_the_engine_lacks_is_the_requests_fault(
     assert f"its model is not served for {route} by this engine" in exc.message
 
 
+@pytest.mark.parametrize(("status", "retryable"), [(404, True), (405, False)])
+async def test_a_route_other_than_generation_answering_not_found_is_the_instances_failure(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, retryable: bool
+) -> None:
+    """The "route not served" rejection is for the generation routes only: an engine
+    whose ``GET /v1/models`` or ``GET /metrics`` answers 404 is itself at fault (another
+    instance may be tried); a 405 is a plain EngineError too."""
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"detail": "Not Found"}, status=status)
+
+    rec.handler = reply
+    client = client_for(port, session)
+    for call in (client.models, client.stats):
+        with pytest.raises(EngineError, match="Not Found") as info:
+            await call()
+        assert type(info.value) is EngineError
+        assert (info.value.status, info.value.retryable) == (status, retryable)
+
+
 @pytest.mark.parametrize("status", [400, 413, 422])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_engine_refusing_the_request_is_a_rejection_not_a_failure(
@@ -765,6 +822,24 @@ async def test_health_is_false_on_error_status(
     client = client_for(port, session)
     assert await client.health() is False
     assert client.health_error == "GET /health answered HTTP 503"  # why, for the breaker
+
+
+async def test_health_is_true_only_for_200(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    status = 204
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status)
+
+    rec.handler = reply
+    client = client_for(port, session)
+    assert await client.health() is False
+    assert client.health_error == "GET /health answered HTTP 204"
+    status = 200
+    assert await client.health() is True
+    assert client.health_error is None
 
 
 async def test_malformed_json_before_output_is_retryable_stream_error(
@@ -847,7 +922,8 @@ async def test_first_token_timeout(
     rec.handler = hang
     client = client_for(port, session, timeouts=HTTPTimeouts(first_token_s=0.05))
     with pytest.raises(EngineTimeoutError) as info:
-        await collect(client, completion_req())
+        async with asyncio.timeout(10):  # (a TimeoutError, not a hang, if it is not applied)
+            await collect(client, completion_req())
     assert info.value.retryable is True
     await asyncio.wait_for(rec.disconnected.wait(), timeout=10)
 
@@ -869,7 +945,8 @@ async def test_idle_timeout_after_output(
     client = client_for(port, session, timeouts=HTTPTimeouts(idle_s=0.05))
     got: list[Chunk] = []
     with pytest.raises(EngineTimeoutError) as info:
-        await collect_into(got, client, completion_req())
+        async with asyncio.timeout(10):  # (a TimeoutError, not a hang, if idle_s is not applied)
+            await collect_into(got, client, completion_req())
     assert [c.text for c in got] == ["a"]
     assert info.value.retryable is False
     await asyncio.wait_for(rec.disconnected.wait(), timeout=10)

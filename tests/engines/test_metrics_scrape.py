@@ -321,3 +321,28 @@ def test_sglang_cache_hit_rate_above_one_is_clamped() -> None:
     stats = scrape_text_to_stats("sglang:cache_hit_rate 1.5\nsglang:num_running_reqs 1\n")
     assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (1.0, 1.0)
     assert stats.prefix_hit_rate == 1.0
+
+
+def test_infinite_values_are_dropped_like_nan() -> None:
+    text = (
+        'vllm:num_requests_running{engine="0"} 2\n'
+        'vllm:num_requests_waiting{engine="0"} +Inf\n'
+        'vllm:kv_cache_usage_perc{engine="0"} 0.5\n'
+        'vllm:kv_cache_usage_perc{engine="1"} -Inf\n'
+    )
+    stats = scrape_text_to_stats(text)
+    assert (stats.running, stats.waiting, stats.kv_usage) == (2, 0, 0.5)
+
+
+def test_sglang_preemptions_are_its_retracted_requests() -> None:
+    stats = scrape_text_to_stats(SGLANG_TEXT + 'sglang:num_retracted_reqs_total{tp_rank="0"} 7\n')
+    assert stats.preemptions_total == 7.0
+
+
+def test_sglang_with_no_prompt_tokens_counted_yet_uses_its_cache_hit_rate() -> None:
+    text = (
+        "sglang:num_running_reqs 1\nsglang:prompt_tokens_total 0\n"
+        "sglang:cached_tokens_total 0\nsglang:cache_hit_rate 0.4\n"
+    )
+    stats = scrape_text_to_stats(text)
+    assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (1.0, 0.4)

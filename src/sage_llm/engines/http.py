@@ -14,7 +14,11 @@ Errors (all :class:`~sage_llm.errors.EngineError`; ``retryable`` is True only wh
 engine has produced nothing for the request):
 
 * cannot connect, or the connection drops → :class:`~sage_llm.errors.EngineConnectionError`
-* HTTP status ≥ 400 → ``EngineError(status=...)``, retryable for 408, 429 and 5xx
+* HTTP status ≥ 400 → ``EngineError(status=...)``, retryable for 401, 403, 404, 408, 429
+  and 5xx (the instance's fault, or overload), except the engine's refusals of the request
+  itself: 400, 413 and 422, and a 404 or 405 without an error object from a generation route
+  (no such route: its model is not served for it) →
+  :class:`~sage_llm.errors.EngineRequestRejectedError`, not retryable
 * a malformed stream, or one that ends without ``finish_reason`` →
   :class:`~sage_llm.errors.EngineStreamError`
 * an ``error`` object inside the stream → ``EngineError``
