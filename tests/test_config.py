@@ -1916,6 +1916,29 @@ def test_one_bad_instance_does_not_hide_the_others_problems() -> None:
     assert errs[2].detail.startswith("unknown GPU 'l4'")
 
 
+def test_one_bad_instance_does_not_hide_the_other_models_servability_or_connector() -> None:
+    """Only the models with an instance with problems of its own go unchecked: that
+    instance might be the one that runs their requests."""
+    prefill = (
+        '[[services.llm_control_plane.instances]]\ninstance_id = "p"\nhost = "h"\nport = 1\n'
+        'model_name = "m"\ninstance_type = "PREFILLING"\nengine = "openai"\n'
+    )
+    other = '[[services.llm_control_plane.instances]]\ninstance_id = "q"\nhost = "h2"\n'
+    base = "services.llm_control_plane.instances"
+    errs = problems(prefill + other + 'port = 70000\nmodel_name = "other"\n')
+    assert [(e.location, e.key) for e in errs] == [
+        ("cfg.toml:1", base),
+        ("cfg.toml:7", f"{base}[0].engine"),
+        ("cfg.toml:11", f"{base}[1].port"),
+    ]
+    assert "model 'm' has no decode-capable instance" in errs[0].message
+    assert "cannot take the 'vllm' PD connector's hand-off" in errs[1].message
+    # the bad instance serves 'm' as DECODING: 'm' might be served, not said otherwise
+    decode = 'port = 70000\nmodel_name = "m"\ninstance_type = "DECODING"\n'
+    errs = problems(prefill + other + decode)
+    assert [e.key for e in errs] == [f"{base}[0].engine", f"{base}[1].port"]
+
+
 def test_a_window_beyond_what_memory_holds_is_refused_by_the_check() -> None:
     """It passed the check and then failed the start with an OverflowError (a deque's
     length): each is refused at its line."""

@@ -858,9 +858,10 @@ def _control_plane(
             p,
         )
     _check_instances(service.get("instances"), cp.mode, (*spath, "instances"), env, p)
-    _check_servable(cp, (*spath, "instances"), p)
-    _check_pd_connector(cp, (*spath, "instances"), p)
     checkable = _checkable(service, spath, cp, p)
+    unsure = _unsure_models(service.get("instances"), checkable, (*spath, "instances"), p)
+    _check_servable(cp, checkable, unsure, (*spath, "instances"), p)
+    _check_pd_connector(cp, checkable, (*spath, "instances"), p)
     if cp.mode == "simulated":  # every instance's engine is simulated (engine = "sim": its own)
         for index, inst in checkable:
             tp, pp = inst.tensor_parallel_size, inst.pipeline_parallel_size
@@ -1071,32 +1072,74 @@ def reached_key(host: str) -> str:
     return "::1" if key == "::" else key
 
 
-def _check_servable(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
+def _unsure_models(
+    raw: object, checkable: Sequence[tuple[int, InstanceConfig]], path: KeyPath, p: Problems
+) -> set[str] | None:
+    """The models served by an instance the fleet-wide checks do not look at (one with
+    problems of its own); None when such an instance's model is not known (none given, or
+    a bad one: it might be any)."""
+    if not isinstance(raw, list | tuple):
+        return set()
+    checked = {index for index, _ in checkable}
+    models: set[str] = set()
+    for index, entry in enumerate(raw):
+        if index in checked:
+            continue
+        model = (
+            entry.model_name
+            if isinstance(entry, InstanceConfig)
+            else entry.get("model_name")
+            if isinstance(entry, Mapping)
+            else None
+        )
+        if not isinstance(model, str) or p.failed((*path, index, "model_name")):
+            return None
+        models.add(model)
+    return models
+
+
+def _check_servable(
+    cp: ControlPlaneConfig,
+    checkable: Sequence[tuple[int, InstanceConfig]],
+    unsure: set[str] | None,
+    path: KeyPath,
+    p: Problems,
+) -> None:
     """Each configured model must have an instance (or a PD pair) that can run its
-    requests: a fleet of only PREFILLING instances, say, could never answer one. Not
-    checked while an instance has problems of its own (a duplicate id …)."""
-    if p.failed_under(path):
+    requests: a fleet of only PREFILLING instances, say, could never answer one. A model
+    one of whose instances has problems of its own (a duplicate id …) is not checked:
+    that instance might be the one that runs its requests (``unsure``: those models; None:
+    every model)."""
+    if unsure is None:
         return
     members: dict[str, list[tuple[str, ExecutionInstanceType]]] = {}
-    for inst in cp.instances:
+    for _, inst in checkable:
         members.setdefault(inst.model_name, []).append((inst.instance_id, inst.instance_type))
-    for model, fleet in members.items():
-        reason = unservable_reason(model, fleet, pd_enabled=cp.enable_pd_separation)
+    for model, group in members.items():
+        if model in unsure:
+            continue
+        reason = unservable_reason(model, group, pd_enabled=cp.enable_pd_separation)
         if reason is not None:
             p.add(path, f"{reason}, so no request for it could ever run")
 
 
-def _check_pd_connector(cp: ControlPlaneConfig, path: KeyPath, p: Problems) -> None:
+def _check_pd_connector(
+    cp: ControlPlaneConfig,
+    checkable: Sequence[tuple[int, InstanceConfig]],
+    path: KeyPath,
+    p: Problems,
+) -> None:
     """Each instance of a model served disaggregated (a PREFILLING, DECODING or HYBRID
     instance serves it; a GENERAL one may take a leg too) has an engine that speaks the
     PD connector's hand-off (``vllm``: ``kv_transfer_params``; ``sglang``: the bootstrap
     room): one that does not would fail the disaggregated requests it takes part in.
-    Simulated engines speak both."""
+    Simulated engines speak both. Checked on the instances without problems of their own
+    (``checkable``, by index): one with problems can only add a model served so."""
     if cp.mode == "simulated" or not (cp.enable_pd_separation and cp.pd.enabled):
         return
     connector = cp.pd.connector
-    disaggregated = {i.model_name for i in cp.instances if i.instance_type in PD_LEG_ROLES}
-    for index, inst in enumerate(cp.instances):
+    disaggregated = {i.model_name for _, i in checkable if i.instance_type in PD_LEG_ROLES}
+    for index, inst in checkable:
         if inst.model_name not in disaggregated:  # (its requests run whole)
             continue  # (a GENERAL or HYBRID instance may take a leg of its model's too)
         problem = pd_engine_problem(inst.instance_type, inst.engine, connector)
