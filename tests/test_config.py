@@ -1725,6 +1725,21 @@ def test_secret_environment_errors(text: str, env: dict[str, str], key: str, mes
     assert message in err.message
 
 
+def test_an_admin_token_in_the_file_equal_to_a_key_is_reported_at_its_own_line() -> None:
+    """Not at admin_token_env, whose variable is not read beside it."""
+    text = '[gateway]\napi_keys = ["k"]\nadmin_token = "k"\nadmin_token_env = "TOK"\n'
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, "cfg.toml", env={"TOK": "z"})
+    assert [(e.location, e.key, e.detail) for e in info.value.errors] == [
+        (
+            "cfg.toml:3",
+            "gateway.admin_token",
+            "is also one of the API keys: the admin token must be another",
+        ),
+        ("cfg.toml:4", "gateway.admin_token_env", "set admin_token or admin_token_env, not both"),
+    ]
+
+
 def test_instance_secret_environment_error() -> None:
     err = problem(
         SEED.replace(

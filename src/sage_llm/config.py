@@ -1235,7 +1235,7 @@ def _gateway_secrets(
             token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
             ok = ok and token is not None
     if token is not None and token in keys:  # a user's key would open the admin API
-        where = "admin_token" if gw.admin_token_env is None else "admin_token_env"
+        where = "admin_token" if gw.admin_token is not None else "admin_token_env"
         p.add((*path, where), "is also one of the API keys: the admin token must be another")
         ok = False
     if not ok:
