@@ -110,6 +110,25 @@ def test_literal_strings_and_hash_inside_strings() -> None:
 
 
 @pytest.mark.parametrize(
+    "key",
+    [
+        '"po\\U00000072t"',
+        '"po\\u0072t"',
+        '"a\\tb\\nc\\bd\\fe\\rf"',
+        '"q\\"k\\\\"',
+        "'lit\\U00000072'",
+        '"caf\\u00E9 \\U0001F600"',
+    ],
+)
+def test_quoted_keys_are_read_with_every_toml_escape(key: str) -> None:
+    """A key written with an escape JSON lacks (``\\U`` with 8 digits) was placed at its
+    table's header."""
+    text = f"[t]\na = 1\n\n{key} = 2\n"
+    (name,) = tomllib.loads(text)["t"].keys() - {"a"}
+    assert KeyLocator(text).line_of(("t", name)) == 4
+
+
+@pytest.mark.parametrize(
     ("text", "line"),
     [
         ('a = """x \\""" y\n"""\nb = 1\n', 3),  # an escaped quote does not close it

@@ -36,6 +36,9 @@ _TOML_AT_END = re.compile(r"\s*\(at end of document\)\s*$")
 _DECLARED_TWICE = re.compile(r"Cannot declare \((.*)\) twice")
 _INLINE_TABLE = re.compile(r"Cannot mutate immutable namespace \((.*)\)")
 _KEY_AT_LINE = re.compile(r"\s*([^=\s#\[][^=]*?)\s*=")
+_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))", re.DOTALL)
+"""An escape of a TOML basic string: ``\\uXXXX``, ``\\UXXXXXXXX`` or one character."""
+_ESCAPED_CHARS = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
 
 
 def format_key(path: KeyPath) -> str:
@@ -186,11 +189,7 @@ class KeyLocator(_Lines):
         raw = self._text[start : self._pos]
         if quote == "'":
             return raw[1:-1]
-        try:
-            decoded = json.loads(raw)
-        except ValueError:
-            return raw[1:-1]
-        return decoded if isinstance(decoded, str) else raw[1:-1]
+        return _ESCAPE.sub(_unescape, raw[1:-1])
 
     def _value(self, path: KeyPath) -> None:
         self._skip_space(newlines=False)
@@ -289,6 +288,18 @@ class JsonKeyLocator(_Lines):
                 stack.append([path, None, True])
             elif token == "[":
                 stack.append([path, 0, False])
+
+
+def _unescape(match: re.Match[str]) -> str:
+    """The character a TOML basic string's escape stands for (an invalid one as written:
+    ``tomllib`` has refused the text then)."""
+    code = match[1] or match[2]
+    if code is not None:
+        try:
+            return chr(int(code, 16))
+        except ValueError:  # beyond U+10FFFF
+            return match[0]
+    return _ESCAPED_CHARS.get(match[3], match[0])
 
 
 def _escaped(text: str, index: int) -> bool:
