@@ -496,7 +496,11 @@ def test_unknown_instance_key_and_section() -> None:
     assert (err.location, err.key) == ("cfg.toml:1", "gatway")
     assert "did you mean 'gateway'" in err.message
     # a word that is one part of a key: that key, not the nearest spelling (sim_model)
-    for short, meant in (("type", "instance_type"), ("engine_type", "engine")):
+    for short, meant in (
+        ("type", "instance_type"),
+        ("engine_type", "engine"),
+        ("model", "model_name"),
+    ):
         err = problem(SEED.replace('instance_type = "DECODING"', f'{short} = "DECODING"'))
         assert f"did you mean {meant!r}" in err.message, err.message
 
@@ -664,6 +668,35 @@ def test_a_bad_bootstrap_port_in_metadata_is_reported_at_its_line() -> None:
         assert info.value.key == "metadata.bootstrap_port"
     with pytest.raises(ValueError, match=r"metadata\.bootstrap_port"):
         InstanceConfig("z", "h", 1, "m", metadata={"bootstrap_port": -3})
+
+
+def test_zero_is_accepted_where_it_means_something() -> None:
+    """A gateway port of 0 binds any free port; a stall timeout of 0 turns the check off."""
+    cfg = parse_config("[gateway]\nport = 0\n[health]\nstall_timeout_s = 0\n")
+    assert (cfg.gateway.port, cfg.health.stall_timeout_s) == (0, 0.0)
+
+
+def test_a_failure_rate_window_is_at_least_two_requests() -> None:
+    assert parse_config("[health]\nfailure_rate_window = 2\n").health.failure_rate_window == 2
+    err = problem("[health]\nfailure_rate_window = 1\n")
+    assert (err.location, err.key) == ("cfg.toml:2", "health.failure_rate_window")
+    assert "must be >= 2, got 1" in err.message
+
+
+def test_two_problems_with_one_key_are_both_reported() -> None:
+    entry = (
+        '[[services.llm_control_plane.instances]]\ninstance_id = "ID"\nhost = "h"\n'
+        'port = 70000\nmodel_name = "m"\n'
+    )
+    errs = problems(entry.replace("ID", "a") + entry.replace("ID", "b"))
+    assert [
+        (e.location, e.detail)
+        for e in errs
+        if e.key == "services.llm_control_plane.instances[1].port"
+    ] == [
+        ("cfg.toml:9", "must be <= 65535, got 70000"),
+        ("cfg.toml:9", "h:70000 is also instances[0]'s address"),
+    ]
 
 
 @pytest.mark.parametrize("port", [1, 65535])

@@ -243,6 +243,16 @@ def test_problems_without_locator_use_source_only() -> None:
     assert problems.errors[0].key == "gateway.port"
 
 
+def test_problems_keeps_every_message_about_a_key_once() -> None:
+    problems = Problems("<dict>")
+    for message in ("first", "second", "first"):
+        problems.add(("gateway", "port"), message)
+    assert [e.message for e in problems.errors] == [
+        "<dict>: gateway.port: first",
+        "<dict>: gateway.port: second",
+    ]
+
+
 def test_json_keys_are_located_at_their_lines() -> None:
     text = (
         '{\n  "a": 1,\n  "instances": [\n    {"role": "p", "tp": 2},\n    {\n'
