@@ -1126,7 +1126,9 @@ class Dispatcher:
                     (rec.cancel_reason or CANCELLED_BY_CALLER) if rec.cancel_requested else STOPPED
                 )
                 ended_on = dstate
-                if run.prefill_open:  # in its prefill leg: the decode instance never ran it
+                if run.prefill_open and not rec.produced_output:
+                    # in its prefill leg, nothing from the decode instance (under SGLang's
+                    # concurrent legs, output came from it: it ran there)
                     ended_on = run.prefill
                     rec.instance_id = ended_on.instance_id
                 self._finish(rec, RequestStatus.CANCELLED, error=reason, state=ended_on,
@@ -1217,7 +1219,9 @@ class Dispatcher:
                 )
             return exc, failed, verdict
         rec.exception = exc
-        if prefill_leg:  # it ended on its prefill instance: the decode one never ran it
+        if prefill_leg and not rec.produced_output:
+            # it ended on its prefill instance: nothing came from the decode one (under
+            # SGLang's concurrent legs, output that did came from it: it ran there)
             rec.instance_id = failed.instance_id
         self._finish(rec, RequestStatus.FAILED, error=self._reason(exc, failed),
                      state=failed, extra_cost=run.prefill_cost)  # fmt: skip

@@ -20,6 +20,7 @@ from sage_llm.errors import (
     EngineRequestRejectedError,
     InvalidRequestError,
     NoHealthyInstanceError,
+    RequestCancelledError,
 )
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine
@@ -881,3 +882,59 @@ def test_a_request_for_several_samples_is_split_by_the_sglang_connector() -> Non
     assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0"), res.error
     for iid in ("p0", "d0"):  # both legs are the whole request, its n included
         assert [r.extra.get("n") for r in engines[iid].requests] == [2]
+
+
+def _sglang_fleet(engines: dict[str, FakeEngine]) -> ControlPlaneManager:
+    """g0 (GENERAL), p0, d0 over ``engines``, the sglang connector, every call streamed."""
+    cp = ControlPlaneManager(
+        mode="simulated", engine_factory=lambda inst: engines[inst.instance_id],
+        pd_config=PDSeparationConfig(routing_policy="always", connector="sglang"),
+        engine_stream="always",
+    )  # fmt: skip
+    for n, (iid, role) in enumerate([("g0", Role.GENERAL), *PD_PAIR]):
+        cp.register_instance(make_instance(iid, port=8000 + n, instance_type=role, engine="sglang"))
+    return cp
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_an_sglang_request_ending_in_its_prefill_leg_after_output_ends_on_the_decode_instance(
+    cancel: bool,
+) -> None:
+    """SGLang runs both legs at once: the decode leg has streamed output to the client when
+    the prefill leg fails (or the client cancels while it still runs). The request ran on
+    the decode instance, where that output came from (it had been put on the prefill
+    instance); a failure is not retried (its output is out, though a whole-request
+    instance is free)."""
+    reset = EngineConnectionError("connection reset", instance_id="p0", retryable=True)
+    engines = {
+        "g0": FakeEngine("g0"),
+        "p0": FakeEngine("p0", gate_after=0, fail_with=reset, fail_after=0),
+        "d0": FakeEngine("d0", gate_after=3),
+    }
+    cp = _sglang_fleet(engines)
+
+    async def main() -> RequestResult:
+        texts: list[str] = []
+
+        async def consume() -> None:
+            async for chunk in cp.stream(make_metadata("s1", max_tokens=8)):
+                texts.append(chunk.text)
+
+        async with cp:
+            consumer = asyncio.create_task(consume())
+            await engines["d0"].gated.wait()  # three tokens out, its prefill leg held
+            await asyncio.sleep(0.01)  # they reach the client
+            assert texts == [" w0", " w1", " w2"]
+            if cancel:
+                assert await cp.cancel_request("s1") is True
+            else:
+                engines["p0"].release.set()  # the prefill leg fails
+            with pytest.raises(RequestCancelledError if cancel else EngineError):
+                await asyncio.wait_for(consumer, 5.0)
+            return await cp.wait_for_result("s1")
+
+    res = run_virtual(main())
+    status = RequestStatus.CANCELLED if cancel else RequestStatus.FAILED
+    assert (res.status, res.attempts) == (status, 1)
+    assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0")
+    assert engines["g0"].requests == []  # not retried colocated
