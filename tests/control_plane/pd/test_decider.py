@@ -12,6 +12,7 @@ from sage_llm.control_plane.pd.decider import (
     DECIDER_NAMES,
     AdaptiveDecider,
     AdaptiveParams,
+    PathPrediction,
     PrefixAwareDecider,
     PrefixAwareParams,
     ThresholdDecider,
@@ -381,3 +382,24 @@ def test_adaptive_tpot_target_does_not_count_for_a_single_output_token() -> None
     assert colo is not None
     assert colo.badness == pytest.approx(colo.ttft_s / 1.0)
     assert colo.badness < 1.0
+
+
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_adaptive_predicts_pairs_of_top_k_plus_one_candidates_of_each_leg(top_k: int) -> None:
+    """One more than ``top_k`` of each side, as the orchestrator pairs."""
+    pairs: list[str] = []
+
+    class Recording(AdaptiveDecider):
+        def _predict(self, *args: Any, **kwargs: Any) -> PathPrediction:
+            pred = super()._predict(*args, **kwargs)
+            pairs.append(pred.where)
+            return pred
+
+    snap = make_snapshot(
+        [make_instance_view(f"p{i}", role=Role.PREFILLING) for i in range(6)]
+        + [make_instance_view(f"d{i}", role=Role.DECODING) for i in range(6)]
+    )
+    assert Recording(AdaptiveParams(top_k=top_k)).disaggregated(make_request_info(), snap)
+    legs = [where.split("->") for where in pairs]
+    assert len({p for p, _ in legs}) == len({d for _, d in legs}) == top_k + 1
+    assert len(legs) == (top_k + 1) ** 2

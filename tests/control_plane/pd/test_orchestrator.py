@@ -375,3 +375,17 @@ def test_pair_exists_and_unservable_reasons() -> None:
     assert off is not None and "PD disaggregation is disabled" in off
     assert "no decode-capable" in str(unservable_reason(model, [p], pd_enabled=True))
     assert "no prefill-capable" in str(unservable_reason(model, [d], pd_enabled=True))
+
+
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_top_k_plus_one_candidates_of_each_leg_are_paired(top_k: int) -> None:
+    """One more than ``top_k`` of each side (so each keeps ``top_k`` partners when an
+    instance that runs either leg ranks on both sides: it cannot pair with itself)."""
+    snap = make_snapshot(
+        [make_instance_view(f"p{i}", role=Role.PREFILLING) for i in range(6)]
+        + [make_instance_view(f"d{i}", role=Role.DECODING) for i in range(6)]
+    )
+    plan = plan_of(PDOrchestrator(PairingParams(top_k=top_k), seed=0), snap)
+    pairs = [key.split("->") for key in plan.scores]
+    assert len({p for p, _ in pairs}) == len({d for _, d in pairs}) == top_k + 1
+    assert len(pairs) == (top_k + 1) ** 2

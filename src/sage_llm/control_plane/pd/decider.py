@@ -191,7 +191,10 @@ class AdaptiveParams:
     ``max_batched_tokens``: prefill tokens one engine step carries at most (vLLM's
     ``max_num_batched_tokens``), which bounds a chunked-prefill stall;
     ``max_transfer_s``: never disaggregate when the KV transfer alone would take longer
-    (None: no limit); the link fields are those of
+    (None: no limit); ``top_k``: the disaggregated path is predicted over pairs of the best
+    ``top_k`` + 1 candidates of each leg (one more than ``top_k``, so that each keeps
+    ``top_k`` partners when an instance that may run either leg ranks on both sides: it
+    cannot pair with itself); the link fields are those of
     :class:`~sage_llm.control_plane.pd.orchestrator.LinkModel`."""
 
     ttft_slo_s: float | None = None

@@ -1,8 +1,8 @@
 """PD pair selection: which instance prefills a request and which one decodes it.
 
 :class:`PDOrchestrator` scores the two legs with separate routers (per-role profiles), then
-scores (prefill, decode) pairs over the best ``top_k`` of each side, with the cost of moving
-the KV cache between them as part of the pair's score. Everything here is pure and
+scores (prefill, decode) pairs over the best ``top_k`` + 1 of each side, with the cost of
+moving the KV cache between them as part of the pair's score. Everything here is pure and
 synchronous, like the routing pipeline it is built from.
 
 Roles: a PREFILLING instance only takes prefill legs, a DECODING one only decode legs;
@@ -154,7 +154,9 @@ class PairingParams:
     with a prompt, nor decode behind one, and such instances settle into a prefill group
     and a decode group) and its prefill speed (``ttft_weight``: the fastest candidate's
     predicted TTFT over this one's, so a long prefill queue on a dedicated instance loses to
-    an idle instance). ``top_k`` candidates of each leg are paired.
+    an idle instance). The best ``top_k`` + 1 candidates of each leg are paired: one more
+    than ``top_k``, so that each keeps ``top_k`` partners when an instance that may run
+    either leg ranks on both sides (it cannot pair with itself).
     """
 
     prefill_strategy: str = ""
