@@ -938,3 +938,115 @@ def test_an_sglang_request_ending_in_its_prefill_leg_after_output_ends_on_the_de
     assert (res.status, res.attempts) == (status, 1)
     assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0")
     assert engines["g0"].requests == []  # not retried colocated
+
+
+def test_both_instances_carry_no_load_once_their_pd_requests_end() -> None:
+    """The prefill instance gives back its queued prefill tokens, the decode instance its
+    outstanding decode tokens (left there, they had made both look busy for good)."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            metas = [make_metadata(f"r{i}", prompt=LONG, max_tokens=4 + i) for i in range(4)]
+            results = await asyncio.gather(*(cp.generate(m) for m in metas))
+            assert all(r.status is RequestStatus.COMPLETED for r in results)
+            p0, d0 = cp._registry.get("p0"), cp._registry.get("d0")
+            assert (p0.queued_prefill_tokens, p0.outstanding_decode_tokens) == (0, 0)
+            assert (d0.queued_prefill_tokens, d0.outstanding_decode_tokens) == (0, 0)
+
+    run_virtual(main())
+
+
+def test_the_prefill_instance_learns_its_rate_over_the_tokens_it_had_to_prefill() -> None:
+    """The same prompt again is found in its prefix cache: those legs' few uncached tokens
+    leave the rate learnt from the first one as it was (counted whole, the cache hits had
+    made the instance look about four times faster than it is)."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            first = await cp.generate(make_metadata("r0", prompt=LONG, max_tokens=4))
+            rate = cp.get_instance_metrics("p0")["est_prefill_tokens_per_s"]
+            assert first.cached_tokens == 0 and rate > 0
+            for i in range(1, 4):
+                res = await cp.generate(make_metadata(f"r{i}", prompt=LONG, max_tokens=4))
+                assert res.cached_tokens > 0.9 * res.prompt_tokens
+            assert cp.get_instance_metrics("p0")["est_prefill_tokens_per_s"] == pytest.approx(rate)
+
+    run_virtual(main())
+
+
+def test_a_decode_leg_failure_retried_on_a_general_instance_is_no_colocated_fallback() -> None:
+    """Only a failed prefill leg falls back to colocated; a decode leg that fails before its
+    first token is retried as any failure (here on the only other instance, a GENERAL
+    one), not counted as a fallback."""
+
+    async def main() -> None:
+        seen: set[str] = set()
+
+        def first_time(rid: str) -> bool:
+            fresh = rid not in seen
+            seen.add(rid)
+            return fresh
+
+        hub = KVTransferHub()
+        cp = ControlPlaneManager(
+            mode="simulated", pd_config=PDSeparationConfig(routing_policy="always")
+        )
+        for n, (iid, role) in enumerate([("g0", Role.GENERAL), *PD_PAIR]):
+            inst = make_instance(iid, port=8000 + n, instance_type=role)
+            engine = make_sim_engine(inst, kv_hub=hub)
+            client = FaultyEngine(engine, fail_before=first_time) if iid == "d0" else engine
+            cp.register_instance(inst, client=client)
+        async with cp:
+            res = await cp.generate(make_metadata("x1", prompt=LONG, max_tokens=4))
+            status = cp.get_status()["pd"]
+        assert (res.status, res.attempts) == (RequestStatus.COMPLETED, 2)
+        assert (res.prefill_instance_id, res.instance_id) == ("p0", "g0")
+        assert status["colocated_fallbacks"] == 0
+
+    run_virtual(main())
+
+
+def test_the_pd_report_times_each_routing_decision() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            for i in range(3):
+                await cp.generate(make_metadata(f"r{i}", prompt=LONG, max_tokens=4))
+            report = cp.get_pd_metrics()
+        assert report is not None and report.requests_routed_to_prefilling == 3
+        assert report.avg_routing_decision_time_us > 0
+
+    run_virtual(main())
+
+
+def test_the_decode_legs_cost_per_token_leaves_out_the_prefill_legs_cost() -> None:
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        async with fleet.cp as cp:
+            res = await cp.generate(make_metadata("r0", prompt=LONG, max_tokens=4))
+            report = cp.get_pd_metrics()
+        assert report is not None and res.prompt_tokens == count_tokens(LONG)
+        prefill_cost = report.prefilling_cost_per_token * res.prompt_tokens
+        assert 0 < prefill_cost < res.cost
+        assert report.decoding_cost_per_token == pytest.approx((res.cost - prefill_cost) / 4)
+
+    run_virtual(main())
+
+
+def test_only_a_streamed_decode_leg_is_timed_as_a_hand_off() -> None:
+    """A decode leg asked for its answer in one piece shows its first token only at its end:
+    that is no hand-off time (it had counted the whole decode)."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, engine_stream="client")
+        async with fleet.cp as cp:
+            await cp.generate(make_metadata("whole", prompt=LONG, max_tokens=40))
+            assert [c async for c in cp.stream(make_metadata("s", prompt=LONG, max_tokens=40))]
+            report = cp.get_pd_metrics()
+        assert report is not None
+        assert report.metadata["decode_leg_samples"] == 2
+        assert report.metadata["handoff_samples"] == 1
+
+    run_virtual(main())
