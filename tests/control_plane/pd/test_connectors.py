@@ -117,6 +117,36 @@ def test_vllm_usage_takes_prompt_from_prefill_and_cached_from_decode() -> None:
     run_virtual(main())
 
 
+class PromptCount(FakeEngine):
+    """Says ``prompt_tokens`` as its prompt's count on either leg (the decode leg's own
+    count differs from the prefill leg's: a decode engine counts what it was sent)."""
+
+    def __init__(self, instance_id: str, prompt_tokens: int, **kw: Any) -> None:
+        super().__init__(instance_id, **kw)
+        self.prompt_tokens = prompt_tokens
+
+    async def prefill(self, req: EngineRequest) -> KVHandle:
+        return replace(await super().prefill(req), prompt_tokens=self.prompt_tokens)
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        async for chunk in super().generate(req):
+            if chunk.usage is not None:
+                chunk = replace(chunk, usage=replace(chunk.usage, prompt_tokens=self.prompt_tokens))
+            yield chunk
+
+
+@pytest.mark.parametrize("connector", [VLLMConnector(), SGLangConnector()], ids=["vllm", "sglang"])
+def test_usage_prompt_tokens_come_from_the_prefill_leg(connector: Any) -> None:
+    async def main() -> None:
+        p, d = PromptCount("p0", 100), PromptCount("d0", 1, cached_tokens=3)
+        chunks = await asyncio.wait_for(
+            collect(connector.run(request(max_tokens=3), legs(p, d))), 5.0
+        )
+        assert chunks[-1].usage == Usage(100, 3, 3)
+
+    run_virtual(main())
+
+
 def test_merge_usage() -> None:
     chunk = Chunk("x", usage=Usage(5, 2, 1))
     merged = merge_usage(chunk, 9)
@@ -332,6 +362,26 @@ def test_vllm_releases_by_pulling_when_the_prefill_client_cannot_release() -> No
         assert nothing_pinned(p, "r1")
         await p.aclose()
         await d.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_a_release_names_the_prefill_engines_own_request_id() -> None:
+    """The prefill engine keeps the KV under its own request id (``remote_request_id``,
+    vLLM's ``cmpl-…`` one), not the control plane's."""
+    released: list[str] = []
+
+    class Releasing(FakeEngine):
+        def release_kv(self, request_id: str) -> bool:
+            released.append(request_id)
+            return True
+
+    async def main() -> None:
+        p, d = Releasing("p0"), FakeEngine("d0")
+        handle = await p.prefill(request())
+        handle = replace(handle, params={**handle.params, "remote_request_id": "cmpl-r1-0-ab"})
+        assert await VLLMConnector().release(request(), handle, legs(p, d)) is True
+        assert released == ["cmpl-r1-0-ab"]
 
     run_virtual(main())
 
@@ -613,8 +663,8 @@ def test_sglang_decode_failure_aborts_the_prefill_leg() -> None:
     async def main() -> None:
         p = FakeEngine("p0", gate_after=0)
         d = FakeEngine("d0", fail_with=EngineConnectionError("reset", instance_id="d0"))
-        with pytest.raises(PDLegError) as err:
-            await collect(SGLangConnector().run(request(), legs(p, d)))
+        with pytest.raises(PDLegError) as err:  # (not aborted, the prefill leg never ends)
+            await asyncio.wait_for(collect(SGLangConnector().run(request(), legs(p, d))), 5.0)
         assert err.value.leg == "decode"
         assert p.aborted == ["r1"]
 
@@ -628,7 +678,8 @@ def test_sglang_cancellation_aborts_both_legs() -> None:
         await d.gated.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await task
+            async with asyncio.timeout(5.0):  # (not aborted, the prefill leg never ends)
+                await task
         assert p.aborted == ["r1"] and d.aborted == ["r1"]
 
     run_virtual(main())

@@ -43,7 +43,8 @@ class PrefillProbe(ConcurrencyProbe):
         super().__init__(inner)
         self.fail = fail
         self.error: Exception | None = None
-        """Raised by each prefill leg when set (beside ``fail``'s refused connection)."""
+        """Raised by each leg when set (beside ``fail``'s refused connection, a prefill
+        leg's)."""
         self.prefills_in_flight = 0
         self.max_prefills_in_flight = 0
         self.prefill_ids: list[str] = []
@@ -60,6 +61,12 @@ class PrefillProbe(ConcurrencyProbe):
             return await self.inner.prefill(req)
         finally:
             self.prefills_in_flight -= 1
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
+        if self.error is not None:
+            raise self.error
+        async for chunk in super().generate(req):
+            yield chunk
 
 
 class Fleet:
@@ -383,20 +390,22 @@ def _refuses_legs(iid: str) -> EngineRequestRejectedError:
     )
 
 
+@pytest.mark.parametrize("leg", ["p0", "d0"])
 @pytest.mark.parametrize("fallback", [True, False])
-def test_a_prefill_engine_refusing_the_legs_own_field_is_its_failure(fallback: bool) -> None:
-    """An engine that cannot run PD legs refused kv_transfer_params with a 400: the client
-    got an invalid_request_error naming a field it never sent (and may not send), the
-    colocated fallback was skipped, and the instance never counted a failure."""
+def test_an_engine_refusing_its_legs_own_field_is_its_failure(fallback: bool, leg: str) -> None:
+    """An engine that cannot run PD legs (the prefill or the decode one) refused
+    kv_transfer_params with a 400: the client got an invalid_request_error naming a field
+    it never sent (and may not send), the colocated fallback (or retry) was skipped, and
+    the instance never counted a failure."""
 
     async def main() -> None:
         cfg = PDSeparationConfig(routing_policy="always", fallback_to_colocated=fallback)
         roles = [("g0", Role.GENERAL), *PD_PAIR] if fallback else PD_PAIR  # else: no retry
         fleet = Fleet(roles, pd_config=cfg, probes=True)
-        fleet.probes["p0"].error = _refuses_legs("p0")  # type: ignore[attr-defined]
+        fleet.probes[leg].error = _refuses_legs(leg)  # type: ignore[attr-defined]
         async with fleet.cp as cp:
             res = await cp.generate(make_metadata("k1", prompt=LONG, max_tokens=4))
-            failed_calls = cp.get_instance_metrics("p0")["failed_calls"]
+            failed_calls = cp.get_instance_metrics(leg)["failed_calls"]
             error: EngineError | None = None
             try:
                 await cp.wait_for_result("k1", raise_failure=True)
