@@ -403,3 +403,32 @@ def test_adaptive_predicts_pairs_of_top_k_plus_one_candidates_of_each_leg(top_k:
     legs = [where.split("->") for where in pairs]
     assert len({p for p, _ in legs}) == len({d for _, d in legs}) == top_k + 1
     assert len(legs) == (top_k + 1) ** 2
+
+
+def _decide_on(
+    colocated: float, disaggregated: float, *, stalling: bool = False, **params: Any
+) -> bool:
+    """The adaptive decider's choice between two paths of the given badness."""
+    decider = AdaptiveDecider(AdaptiveParams(**params))
+    decider.colocated = lambda req, snap: PathPrediction(0.1, 0.01, 0.2, colocated, "g0")  # type: ignore[method-assign]
+    decider.disaggregated = lambda req, snap: PathPrediction(  # type: ignore[method-assign]
+        0.1, 0.01, 0.2, disaggregated, "p0->d0"
+    )
+    decider._stalling_prompt = lambda req, snap, colo: stalling  # type: ignore[method-assign]
+    return decider.decide(make_request_info(), make_snapshot([])).disaggregate
+
+
+def test_adaptive_disaggregates_only_when_better_by_more_than_the_hysteresis() -> None:
+    assert _decide_on(1.0, 0.75, hysteresis=0.25, slack=0.0) is False  # exactly 25 % better
+    assert _decide_on(1.0, 0.74, hysteresis=0.25, slack=0.0) is True
+
+
+def test_adaptive_keeps_colocated_a_request_whose_badness_is_at_most_the_slack() -> None:
+    assert _decide_on(0.75, 0.1, slack=0.75, ttft_slo_s=1.0) is False  # at the slack
+    assert _decide_on(0.76, 0.1, slack=0.75, ttft_slo_s=1.0) is True
+
+
+def test_adaptive_sends_a_stalling_prompt_to_a_pair_whose_badness_is_at_most_the_slack() -> None:
+    near: dict[str, Any] = {"slack": 0.75, "hysteresis": 0.5, "itl_slo_s": 0.05}
+    assert _decide_on(1.0, 0.75, stalling=True, **near) is True  # at it (not 50 % better)
+    assert _decide_on(1.0, 0.76, stalling=True, **near) is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -389,3 +390,13 @@ def test_top_k_plus_one_candidates_of_each_leg_are_paired(top_k: int) -> None:
     pairs = [key.split("->") for key in plan.scores]
     assert len({p for p, _ in pairs}) == len({d for _, d in pairs}) == top_k + 1
     assert len(pairs) == (top_k + 1) ** 2
+
+
+def test_instances_on_different_machines_without_a_rack_are_a_network_apart() -> None:
+    a = make_instance_view("p0", machine_id="host-a")
+    b = make_instance_view("d0", machine_id="host-b")
+    links = LinkModel()
+    assert links.kind(a, b) == "network"
+    rack = [replace(v, rack_id="r1") for v in (a, b)]
+    assert links.kind(*rack) == "rack"
+    assert links.bandwidth_gbps(a, b) < links.bandwidth_gbps(*rack)
