@@ -1243,6 +1243,44 @@ def test_a_time_limit_also_ends_a_request_still_queued() -> None:
     run_virtual(main())
 
 
+@pytest.mark.parametrize("end", ["time limit", "cancel_request", "stop"])
+def test_a_request_ended_in_its_retrys_backoff_returns_to_its_caller_at_once(end: str) -> None:
+    """A call run in the caller's task that fails retryably waits out its backoff there:
+    its time limit, a cancellation or stop() passing meanwhile ends the request and the
+    wait, so collect returns as it ends (a time limit at most 1 ms late), not after the
+    backoff (0.5 s to 1.5 s here)."""
+
+    async def main() -> None:
+        cp, engines = _gated_manager(n=2)
+        loop = asyncio.get_running_loop()
+        await cp.start()
+        for engine in engines.values():
+            engine.fail_with = EngineConnectionError("refused", instance_id=engine.instance_id)
+        cp._require_dispatcher().retry_backoff_s = 1.0
+        if end == "time limit":
+            started = loop.time()
+            with pytest.raises(DeadlineExceededError, match=r"did not finish within 0\.01 s"):
+                await cp.collect(make_metadata("r", max_tokens=2), timeout_s=0.01)
+            assert 0.01 <= loop.time() - started <= 0.01 + 0.001
+        else:
+            caller = asyncio.create_task(cp.collect(make_metadata("r", max_tokens=2)))
+            await asyncio.sleep(0.1)
+            assert cp._require_dispatcher().queued_depth == 1  # in its backoff
+            started = loop.time()
+            if end == "stop":
+                await cp.stop()
+            else:
+                assert await cp.cancel_request("r")
+            expected = ControlPlaneNotRunningError if end == "stop" else RequestCancelledError
+            with pytest.raises(expected):
+                await asyncio.wait_for(caller, 5)
+            assert loop.time() == started
+        assert (await cp.wait_for_result("r")).status is RequestStatus.CANCELLED
+        await cp.stop()
+
+    run_virtual(main())
+
+
 def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() -> None:
     async def main() -> None:
         cp, engines = _gated_manager(gate_after=1)

@@ -1381,9 +1381,13 @@ class Dispatcher:
         if backoff > 0:
             self._backing_off.add(rec.request_id)
             self.metrics.queue_depth.set(self.queued_depth)
+            # a request that ends meanwhile (cancelled, timed out, stopped) ends the wait:
+            # a caller whose task runs it (execute_here) learns of its end at once
+            sleeping = asyncio.ensure_future(self.clock.sleep(backoff))
             try:
-                await self.clock.sleep(backoff)
+                await asyncio.wait((sleeping, rec.future), return_when=asyncio.FIRST_COMPLETED)
             finally:
+                sleeping.cancel()
                 self._backing_off.discard(rec.request_id)
         if rec.cancel_requested or rec.status is not RequestStatus.QUEUED:
             self.metrics.queue_depth.set(self.queued_depth)
