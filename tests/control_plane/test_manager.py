@@ -776,6 +776,33 @@ def test_a_failover_is_not_a_wait_in_the_queue() -> None:
     assert sorted(r.attempts for r in results) == [1, 2]
 
 
+def test_a_request_fails_as_it_goes_over_max_queue_wait_s_not_at_its_limit() -> None:
+    """``max_queue_wait_s`` (config.md): a request queued longer fails as it goes over
+    (not at the next sweep); one that has waited exactly that long is still queued."""
+
+    async def main() -> None:
+        cp, engines = _gated_manager(bound=1, gate_after=1, max_queue_wait_s=1.0)
+        async with cp:
+            hold = await _parked(cp, engines["sim-0"], "hold")
+            loop = asyncio.get_running_loop()
+            queued_at = loop.time()
+            await cp.submit_request(make_metadata("b", max_tokens=2))
+            await asyncio.sleep(1.0)
+            for _ in range(5):  # every pass due at the limit
+                await asyncio.sleep(0)
+            assert loop.time() - queued_at == 1.0
+            assert await cp.get_request_status("b") is RequestStatus.QUEUED
+            result = await asyncio.wait_for(cp.wait_for_result("b"), 5)
+            assert result.status is RequestStatus.FAILED
+            assert result.error == "queued longer than 1 s (max_queue_wait_s)"
+            assert 1.0 < loop.time() - queued_at <= 1.0 + 0.001
+            assert 1000.0 <= result.queue_wait_ms <= 1001.0
+            engines["sim-0"].release.set()
+            await hold
+
+    run_virtual(main())
+
+
 def test_parallelism_type_of_an_instances_sizes() -> None:
     assert ParallelismType.of() is None  # one GPU, one replica
     assert ParallelismType.of(4) is ParallelismType.TENSOR_PARALLEL

@@ -331,33 +331,44 @@ class Dispatcher:
             self._wake.set()
 
     async def run(self) -> None:
+        expires_at: float | None = None  # when the first queued request goes over its limit
         while True:
-            if self.max_queue_wait_s is None:
+            if expires_at is None:
                 await self._wake.wait()
-            else:  # wake up now and then to fail requests queued for too long
-                sweep = min(1.0, max(0.05, self.max_queue_wait_s / 4))
+            else:  # wake up as the first queued request goes over max_queue_wait_s
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(sweep):
+                    async with asyncio.timeout(max(expires_at - self.clock.now(), 1e-6)):
                         await self._wake.wait()
             self._wake.clear()
             try:
-                self.expire_queued()
+                expires_at = self.expire_queued()
                 self.dispatch_ready()
             except Exception:  # a bug in a plugin must not kill the loop
                 log.exception("dispatch pass failed")
+                if expires_at is not None:  # not again at once
+                    expires_at = max(expires_at, self.clock.now() + 0.05)
 
-    def expire_queued(self) -> None:
-        """Fail queued requests that waited longer than ``max_queue_wait_s``."""
+    def expire_queued(self) -> float | None:
+        """Fail queued requests that waited longer than ``max_queue_wait_s`` (one that
+        waited exactly that long stays). Returns when the first of those left goes over
+        it (None: none queued, or no limit): a request queued later (the dispatcher is
+        woken then) goes over it later."""
         limit = self.max_queue_wait_s
         if limit is None:
-            return
+            return None
         now = self.clock.now()
+        first: float | None = None
         for rec in list(self.records.values()):
-            if rec.status is RequestStatus.QUEUED and now - rec.queued_at > limit:
+            if rec.status is not RequestStatus.QUEUED:
+                continue
+            if now - rec.queued_at > limit:
                 reason = f"queued longer than {limit:g} s (max_queue_wait_s)"
                 rec.exception = DeadlineExceededError(reason)
                 self.fail_queued(rec, reason)
                 self.metrics.queue_depth.set(self.queued_depth)
+            elif first is None or rec.queued_at < first:
+                first = rec.queued_at
+        return None if first is None else first + limit
 
     def dispatch_ready(self) -> None:
         """One pass: start as many queued requests as the fleet has room for."""
