@@ -488,8 +488,10 @@ class RequestResult:
 
     Latencies are in milliseconds; ``ttft_ms``/``tpot_ms`` are None when no token was produced
     or when the engine answered in one piece (see the manager's ``engine_stream``).
-    ``slo_met`` is None when the request had no SLO, or was cancelled before its deadline
-    (one cut off at or after its deadline missed it).
+    ``slo_met`` is True for a completed request whose ``e2e_latency_ms`` is at most its
+    ``slo_deadline_ms`` (equal to it included), False for one later, one that failed, or
+    one cut off at or after its deadline; None when the request had no SLO, or was
+    cancelled before its deadline.
     """
 
     request_id: str

@@ -71,7 +71,7 @@ def test_build_request_refuses_bad_fields() -> None:
         ("temperature", 2.5), ("temperature", nan), ("temperature", "0.5"), ("top_p", 0.0),
         ("top_p", True), ("slo_deadline_ms", "100"), ("slo_deadline_ms", float("inf")),
         ("cost_budget", "x"), ("cost_budget", -1), ("cost_budget", nan), ("prompt", 5),
-        ("prompt", ["a", "b"]), ("prompt", [[1, 2]]), ("stop", 3),
+        ("prompt", ["a", "b"]), ("prompt", [[1, 2]]), ("prompt", []), ("stop", 3),
         ("stop", ["a", 1]), ("tags", None), ("extra_body", [1]), ("billing_tier", 5),
         ("billing_tier", ""),
     ):  # fmt: skip

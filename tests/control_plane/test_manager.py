@@ -368,6 +368,23 @@ def test_cancel_queued_and_running_requests() -> None:
     run_virtual(main())
 
 
+def test_a_cancelled_queued_request_leaves_the_queue_and_its_place_at_the_bound() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(bound=1, gate_after=1, max_queue_size=1)
+        async with cp:
+            hold = await _parked(cp, engines["sim-0"], "hold")
+            await cp.submit_request(make_metadata("queued", max_tokens=2))
+            assert cp.get_status()["pending_requests"] == 1 and _queue_depth(cp) == 1.0
+            assert await cp.cancel_request("queued")
+            assert cp.get_status()["pending_requests"] == 0 and _queue_depth(cp) == 0.0
+            await cp.submit_request(make_metadata("next", max_tokens=2))  # not a full queue
+            engines["sim-0"].release.set()
+            await hold
+            assert (await cp.wait_for_result("next")).status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
 def test_finished_status_is_retained_for_a_bounded_time() -> None:
     async def main() -> None:
         async with _manager(result_ttl_s=30.0) as cp:
@@ -400,7 +417,8 @@ def test_policy_switch_keeps_queued_requests() -> None:
             await asyncio.sleep(0.01)
             cp.update_policy("priority")
             assert cp.get_status()["scheduling_policy"] == "priority"
-            results = [await cp.wait_for_result(i) for i in ids]
+            # a request lost in the switch fails here by name (not a hang)
+            results = [await asyncio.wait_for(cp.wait_for_result(i), 5) for i in ids]
         assert all(r.status is RequestStatus.COMPLETED for r in results)
 
     run_virtual(main())
@@ -419,7 +437,7 @@ def test_a_switch_to_fifo_runs_the_queued_requests_in_the_order_they_came() -> N
             ]
             await asyncio.sleep(0)  # one runs, nine wait
             cp.update_policy("fifo")
-            results = [await cp.wait_for_result(i) for i in ids]
+            results = [await asyncio.wait_for(cp.wait_for_result(i), 5) for i in ids]  # no loss
         # all came at one instant: the order they started in is that of their queue waits
         started = sorted(results, key=lambda r: r.queue_wait_ms or 0.0)
         assert [r.request_id for r in started] == ids
@@ -1308,14 +1326,36 @@ def test_a_request_ended_in_its_retrys_backoff_returns_to_its_caller_at_once(end
     run_virtual(main())
 
 
+def test_a_collect_with_a_time_limit_leaves_no_deadline_behind_when_it_ends() -> None:
+    async def main() -> None:
+        cp, engines = _gated_manager(bound=1)
+        async with cp:
+            assert cp._deadlines is not None
+            for i in range(3):  # run in the caller's task
+                await cp.collect(make_metadata(f"here{i}", max_tokens=2), timeout_s=600)
+            engines["sim-0"].gate_after = 1
+            hold = await _parked(cp, engines["sim-0"], "hold")
+            queued = asyncio.create_task(
+                cp.collect(make_metadata("queued", max_tokens=2), timeout_s=600)
+            )
+            await asyncio.sleep(0.01)
+            assert len(cp._deadlines) == 1
+            engines["sim-0"].gate_after = None
+            engines["sim-0"].release.set()
+            await asyncio.gather(hold, queued)  # ended in a task of the dispatcher's
+            assert len(cp._deadlines) == 0
+
+    run_virtual(main())
+
+
 def test_stopping_the_control_plane_ends_a_call_running_in_the_callers_task() -> None:
     async def main() -> None:
         cp, engines = _gated_manager(gate_after=1)
         await cp.start()
         waiting = await _parked(cp, engines["sim-0"], "c")
-        await cp.stop()
+        await asyncio.wait_for(cp.stop(), 5)  # a call stop() leaves running fails here
         with pytest.raises(ControlPlaneNotRunningError, match="control plane stopped"):
-            await waiting
+            await asyncio.wait_for(waiting, 5)
         result = await cp.wait_for_result("c")
         assert result.status is RequestStatus.CANCELLED
         assert result.error == "control plane stopped"
@@ -1914,8 +1954,9 @@ def test_queued_requests_failed_when_every_instance_drains_leave_the_queue_depth
                 await cp.submit_request(make_metadata(f"q{i}"))
             assert _queue_depth(cp) == 3.0
             cp.drain_instance("a")  # nothing left to serve the queued ones: they fail
-            for i in range(3):
-                assert (await cp.wait_for_result(f"q{i}")).status is RequestStatus.FAILED
+            for i in range(3):  # at once (a request left waiting fails here, not hangs)
+                result = await asyncio.wait_for(cp.wait_for_result(f"q{i}"), 5)
+                assert result.status is RequestStatus.FAILED
             assert _queue_depth(cp) == 0.0
             engines["a"].release.set()
             assert (await cp.wait_for_result("held")).status is RequestStatus.COMPLETED
@@ -2054,6 +2095,27 @@ def test_a_request_cut_off_at_its_deadline_counts_as_an_slo_miss() -> None:
         assert metrics.slo_violations == 1
 
     run_virtual(main())
+
+
+def test_a_request_completed_exactly_at_its_deadline_met_its_slo() -> None:
+    """RequestResult: a completed request met its SLO when its e2e latency is at most
+    ``slo_deadline_ms`` (equal included)."""
+
+    class Quarter(FakeEngine):
+        async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+            await asyncio.sleep(0.25)
+            async for chunk in super().generate(req):
+                yield chunk
+
+    async def main() -> RequestResult:
+        cp = ControlPlaneManager(mode="simulated", engine_factory=lambda i: Quarter(i.instance_id))
+        cp.register_instance(make_instance("q"))
+        async with cp:
+            return await cp.generate(make_metadata("r", max_tokens=2, slo_deadline_ms=250.0))
+
+    result = run_virtual(main())
+    assert (result.status, result.e2e_latency_ms) == (RequestStatus.COMPLETED, 250.0)
+    assert result.slo_met is True
 
 
 def test_topology_aware_routes_a_sessions_next_turn_close_to_its_previous_instance() -> None:
@@ -3001,6 +3063,10 @@ def test_a_bug_while_ending_a_request_still_ends_it(monkeypatch: pytest.MonkeyPa
                     pass
             status = cp.get_status()
             assert (status["pending_requests"], status["running_requests"]) == (0, 0)
+            assert not cp._require_dispatcher().records  # held by no one
+            monkeypatch.undo()
+            again = await cp.generate(make_metadata("r", max_tokens=2))  # its id is free
+            assert again.status is RequestStatus.COMPLETED
 
     run_virtual(main())
 
