@@ -3,6 +3,7 @@ control plane."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -399,3 +400,18 @@ def test_show_models_takes_no_inputs_and_embed_its_options_at_the_top_level(
     assert top == sim_service.process(
         {"task": "embed", "inputs": "x", "options": {"normalize": False}}
     )
+
+
+def test_cleanup_with_use_control_plane_stops_the_control_plane_and_its_thread() -> None:
+    before = set(threading.enumerate())
+    config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": True}
+    svc = VLLMService(config, loop_factory=VirtualEventLoop)
+    svc.setup()
+    inner = svc.control_plane_service
+    assert inner is not None
+    svc.generate("hi", max_tokens=2)
+    running = inner.is_running
+    svc.cleanup()
+    assert (running, inner.is_running) == (True, False)
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not [name for name in left if name.startswith("sage-llm-")]
