@@ -613,3 +613,16 @@ def test_tasks_take_their_own_options_at_the_top_level_and_no_inputs_when_they_h
             with pytest.raises(InvalidRequestError, match=f"task '{task}' takes no inputs") as err:
                 svc.process({"task": task, "inputs": "sim-0"})
             assert err.value.param == "inputs"
+
+
+def test_setup_twice_starts_one_loop_thread_that_cleanup_stops() -> None:
+    before = set(threading.enumerate())
+    svc = _service()
+    try:
+        svc.setup()
+        svc.setup()  # idempotent: no second thread
+        started = [t for t in threading.enumerate() if t not in before]
+        assert [t.name for t in started] == [f"sage-llm-{svc.name}"]
+    finally:
+        svc.cleanup()
+    assert [t.name for t in threading.enumerate() if t not in before and t.is_alive()] == []
