@@ -164,3 +164,14 @@ def test_a_logprobs_count_of_0_returns_the_sampled_tokens_logprobs() -> None:
             assert len(entry["generations"][0]["logprobs"]) == 3, count
         (entry,) = svc.generate("Hello there", max_tokens=3)
         assert entry["generations"][0]["logprobs"] is None
+
+
+def test_the_shortest_timeout_of_a_batchs_items_applies_to_the_whole_call() -> None:
+    """As on the control plane (a longer item's timeout had let the call run on)."""
+    with VLLMService({"model_id": MODEL, "engine": "sim"}, loop_factory=VirtualEventLoop) as svc:
+        batch = [
+            {"prompt": "write a long essay", "options": {"timeout": 20}},
+            {"prompt": "write another", "options": {"timeout": 0.05}},
+        ]
+        with pytest.raises(DeadlineExceededError, match=r"within the 0\.05 s timeout"):
+            svc.generate(batch, max_tokens=4000)
