@@ -175,3 +175,15 @@ def test_the_shortest_timeout_of_a_batchs_items_applies_to_the_whole_call() -> N
         ]
         with pytest.raises(DeadlineExceededError, match=r"within the 0\.05 s timeout"):
             svc.generate(batch, max_tokens=4000)
+
+
+def test_a_batch_item_failing_fast_cancels_the_others_and_frees_their_ids() -> None:
+    with VLLMService({"model_id": MODEL, "engine": "sim"}, loop_factory=VirtualEventLoop) as svc:
+        batch = [
+            {"prompt": "write a long essay", "options": {"request_id": "r2", "max_tokens": 4000}},
+            {"prompt": "bad", "options": {"model": "other/model"}},
+        ]
+        with pytest.raises(ModelNotFoundError):
+            svc.generate(batch)
+        (entry,) = svc.generate("hi", max_tokens=2, request_id="r2")  # not a ConflictError
+        assert entry["request_id"] == "r2"
