@@ -415,3 +415,14 @@ def test_cleanup_with_use_control_plane_stops_the_control_plane_and_its_thread()
     assert (running, inner.is_running) == (True, False)
     left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
     assert not [name for name in left if name.startswith("sage-llm-")]
+
+
+def test_the_model_name_option_of_generate_selects_the_model() -> None:
+    config = {**EXISTING_CONFIG, "engine": "sim"}
+    for cp in (False, True):
+        with VLLMService({**config, "use_control_plane": cp}, loop_factory=VirtualEventLoop) as svc:
+            (entry,) = svc.generate("hi", max_tokens=2, model_name=MODEL)
+            assert entry["usage"]["output_tokens"] == 2
+            with pytest.raises(ModelNotFoundError, match="no/such-model") as err:
+                svc.generate("hi", max_tokens=2, model_name="no/such-model")
+            assert err.value.param == "options.model"
