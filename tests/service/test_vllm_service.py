@@ -426,3 +426,13 @@ def test_the_model_name_option_of_generate_selects_the_model() -> None:
             with pytest.raises(ModelNotFoundError, match="no/such-model") as err:
                 svc.generate("hi", max_tokens=2, model_name="no/such-model")
             assert err.value.param == "options.model"
+
+
+def test_the_model_name_option_of_embed_selects_the_model() -> None:
+    config = {**EXISTING_CONFIG, "engine": "sim"}
+    for cp in (False, True):
+        with VLLMService({**config, "use_control_plane": cp}, loop_factory=VirtualEventLoop) as svc:
+            assert svc.embed("x", model_name=MODEL)["model_id"] == MODEL
+            with pytest.raises(ModelNotFoundError, match="no/such-model") as err:
+                svc.embed("x", model_name="no/such-model")
+            assert err.value.param == "options.model"
