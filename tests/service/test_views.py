@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sage_llm import ControlPlaneManager, RequestMetadata, RequestPriority, RequestStatus
+from sage_llm import (
+    ControlPlaneManager,
+    RequestMetadata,
+    RequestPriority,
+    RequestResult,
+    RequestStatus,
+)
 from sage_llm.service.views import instances_view, metrics_view, models_view, result_info
 from sage_llm.sim.clock import run_virtual
 from tests.factories import make_instances
@@ -45,3 +51,19 @@ def test_models_view_has_sages_model_info_keys() -> None:
          "last_used": None, "tags": ["t"]}
         for m in ("a", "b")
     ]  # fmt: skip
+
+
+def test_result_info_gives_the_results_ttft_and_tpot_each_under_its_own_name() -> None:
+    async def main() -> tuple[RequestResult, dict[str, Any]]:
+        cp = ControlPlaneManager(scheduling_policy="fifo", mode="simulated")
+        for inst in make_instances(1):
+            cp.register_instance(inst)
+        async with cp:
+            meta = RequestMetadata("r1", prompt="Explain KV caches " * 50, max_tokens=64)
+            result = await cp.generate(meta)
+            return result, result_info(meta, result)
+
+    result, info = run_virtual(main())
+    assert result.ttft_ms is not None and result.tpot_ms is not None
+    assert result.ttft_ms != result.tpot_ms  # a swap would show
+    assert (info["ttft_ms"], info["tpot_ms"]) == (result.ttft_ms, result.tpot_ms)
