@@ -13,6 +13,7 @@ from sage_llm.service.config import (
     DEFAULT_ENGINE,
     DEFAULT_SAMPLING,
     VLLMServiceConfig,
+    check_request_defaults,
     control_plane_service_config,
 )
 from sage_llm.service.payloads import RequestDefaults
@@ -408,3 +409,13 @@ def test_a_vllm_services_control_plane_is_checked_beside_its_own_problems(
         errors = check_config(path)
         assert errors[0].key == "services.llm.sampling.temperature"
         assert any(says in str(e) for e in errors[1:]), [str(e) for e in errors]
+
+
+@pytest.mark.parametrize("field", ["slo_deadline_ms", "top_p", "timeout_s"])
+def test_a_request_default_that_must_be_positive_refuses_zero(field: str) -> None:
+    zero: dict[str, Any] = {field: 0.0}
+    above: dict[str, Any] = {field: 0.5}
+    with pytest.raises(ConfigError, match=r"must be > 0, got 0\.0") as err:
+        check_request_defaults(RequestDefaults(**zero))
+    assert err.value.key == f"request_defaults.{field}"
+    check_request_defaults(RequestDefaults(**above))  # just above: accepted
