@@ -411,6 +411,15 @@ def test_a_vllm_services_control_plane_is_checked_beside_its_own_problems(
         assert any(says in str(e) for e in errors[1:]), [str(e) for e in errors]
 
 
+def test_sampling_temperature_and_top_p_accept_their_upper_bound_and_nothing_above() -> None:
+    for key, high in (("temperature", 2.0), ("top_p", 1.0)):
+        cfg = VLLMServiceConfig.from_dict({"model_id": "m", "sampling": {key: high}})
+        assert cfg.sampling[key] == high
+        with pytest.raises(ConfigError, match=f"must be <= {high:g}") as err:
+            VLLMServiceConfig.from_dict({"model_id": "m", "sampling": {key: high + 0.0001}})
+        assert err.value.key == f"sampling.{key}"
+
+
 @pytest.mark.parametrize("field", ["slo_deadline_ms", "top_p", "timeout_s"])
 def test_a_request_default_that_must_be_positive_refuses_zero(field: str) -> None:
     zero: dict[str, Any] = {field: 0.0}
