@@ -27,7 +27,7 @@ from sage_llm.control_plane.parallelism import (
 from sage_llm.control_plane.parallelism_eval import ShapeEval, capacity, wait_quantile
 from sage_llm.control_plane.topology import Topology, parse_nvidia_smi_topo
 from sage_llm.errors import ConfigError
-from sage_llm.sim.specs import get_gpu, get_model
+from sage_llm.sim.specs import get_gpu, get_model, tp_problem
 from sage_llm.types import ExecutionInstanceType
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "topology"
@@ -132,6 +132,16 @@ def test_heads_not_divisible_by_tp_are_rejected() -> None:
     p = plan("qwen2.5-7b", 8, "h100", CHAT, SLO, allow_pd=False)
     reasons = {c.label: r for c, r in p.rejected}
     assert reasons["1 × TP8"] == "28 attention heads are not divisible by TP8"
+
+
+def test_tp_that_neither_divides_nor_is_a_multiple_of_the_kv_heads_is_rejected() -> None:
+    """vLLM refuses TP4 and TP8 for 6 KV heads, though both divide the 24 attention heads."""
+    odd_kv = replace(get_model("llama-3-8b"), name="odd-kv", num_heads=24, num_kv_heads=6)
+    p = plan(odd_kv, 8, "h100", CHAT, SLO, allow_pd=False)
+    reasons = {c.label: r for c, r in p.rejected}
+    for label, tp in (("2 × TP4", 4), ("1 × TP8", 8)):
+        assert reasons[label] == tp_problem(odd_kv, tp)
+    assert not any(c.shape.tp in (4, 8) for c, _ in every_plan(p))
 
 
 def test_experts_not_divisible_by_ep_are_rejected() -> None:

@@ -49,7 +49,14 @@ from sage_llm.control_plane.parallelism_eval import (
 )
 from sage_llm.control_plane.topology import Topology, parse_nvidia_smi_topo
 from sage_llm.errors import ConfigError
-from sage_llm.sim.specs import GPUSpec, ModelSpec, placement_problem, resolve_gpu, resolve_model
+from sage_llm.sim.specs import (
+    GPUSpec,
+    ModelSpec,
+    placement_problem,
+    resolve_gpu,
+    resolve_model,
+    tp_problem,
+)
 from sage_llm.types import ExecutionInstanceType
 
 if TYPE_CHECKING:
@@ -643,6 +650,9 @@ def _shapes(model: ModelSpec, per_node: int) -> list[InstanceShape]:
 def _structural_problem(model: ModelSpec, shape: InstanceShape) -> str | None:
     if model.num_heads % shape.tp:
         return f"{model.num_heads} attention heads are not divisible by TP{shape.tp}"
+    problem = tp_problem(model, shape.tp)
+    if problem is not None:
+        return problem
     if shape.ep > 1 and model.num_experts % shape.ep:
         return f"{model.num_experts} experts are not divisible by EP{shape.ep}"
     return None
