@@ -371,6 +371,29 @@ def test_best_group_on_a_large_box_grows_greedily_within_an_island() -> None:
     assert t.best_group(13) is not None
 
 
+def _hand_topology(links: dict[tuple[int, int], Link], numa: Sequence[int]) -> Topology:
+    """GPUs on the given NUMA nodes; ``links`` for pairs (a < b), SYS for the others."""
+    n = len(numa)
+
+    def link(a: int, b: int) -> Link:
+        if a == b:
+            return Link(LinkType.SELF)
+        return links.get((min(a, b), max(a, b)), Link(LinkType.SYS))
+
+    return Topology(
+        tuple(GPUInfo(i, numa_node=numa[i]) for i in range(n)),
+        links=tuple(tuple(link(a, b) for b in range(n)) for a in range(n)),
+    )
+
+
+def test_best_group_prefers_an_nvlink_pair_across_numa_nodes_to_a_pcie_pair_on_one() -> None:
+    """GPU0 (NUMA 0) and GPU2 (NUMA 1) share NVLink; 0-1 and 2-3 are PIX pairs on one node."""
+    pix = Link(LinkType.PIX)
+    t = _hand_topology({(0, 2): Link(LinkType.NV, 4), (0, 1): pix, (2, 3): pix}, [0, 0, 1, 1])
+    assert t.nvlink_domains() == [frozenset({0, 2})]
+    assert t.best_group(2) == (0, 2)
+
+
 def test_best_group_prefers_the_highest_weakest_pair_before_the_highest_total() -> None:
     """(0, 1, 2): PIX, PIX and one NODE pair, the higher total; (3, 4, 5): PHB throughout,
     the higher weakest pair. All on one NUMA node, no NVLink; SYS between the two."""
