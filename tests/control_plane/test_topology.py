@@ -394,6 +394,13 @@ def test_best_group_prefers_an_nvlink_pair_across_numa_nodes_to_a_pcie_pair_on_o
     assert t.best_group(2) == (0, 2)
 
 
+def test_best_group_inside_one_nvlink_domain_keeps_to_one_numa_node() -> None:
+    """All four GPUs NVLink-connected; GPUs 0 and 2 on NUMA node 0, 1 and 3 on node 1."""
+    nv = Link(LinkType.NV, 18)
+    t = _hand_topology({(a, b): nv for a in range(4) for b in range(a + 1, 4)}, [0, 1, 0, 1])
+    assert t.best_group(2) == (0, 2)
+
+
 def test_best_group_prefers_the_highest_weakest_pair_before_the_highest_total() -> None:
     """(0, 1, 2): PIX, PIX and one NODE pair, the higher total; (3, 4, 5): PHB throughout,
     the higher weakest pair. All on one NUMA node, no NVLink; SYS between the two."""
