@@ -221,6 +221,17 @@ def test_gpu_allocation_picks_the_best_connected_subset_of_a_topology() -> None:
         plan("llama-3-8b", GPUAllocation(1, 8), "a100", CHAT, SLO, topo(A100_PCIE))
 
 
+def test_gpu_ids_of_an_allocation_pick_those_gpus_of_the_topology() -> None:
+    """GPUs 2 and 3 of the A100 PCIe box: a PIX pair, no NVLink between them."""
+    alloc = GPUAllocation(1, 2, gpu_ids=(2, 3))
+    p = plan("llama-3-8b", alloc, "a100", CHAT, SLO, topo(A100_PCIE), allow_pd=False)
+    assert "Topology: GPUs 2,3; NVLink domains: none." in p.explanation
+    (tp2,) = find(p, "1 × TP2")
+    assert tp2.gpu_ids == (2, 3)
+    assert tp2.link_gbps == topo(A100_PCIE).bandwidth_gbps(2, 3)
+    assert sorted(i.gpu_ids for i in find(p, "2 × TP1")) == [(2,), (3,)]
+
+
 def test_multi_node_plans_place_instances_on_each_node() -> None:
     alloc, gpu = parse_gpus("2x4xH100")
     p = plan("llama-3-70b", alloc, gpu, CHAT, SLO, allow_pd=False)
