@@ -232,6 +232,27 @@ def test_gpu_ids_of_an_allocation_pick_those_gpus_of_the_topology() -> None:
     assert sorted(i.gpu_ids for i in find(p, "2 × TP1")) == [(2,), (3,)]
 
 
+NV3_PLUS_ONE = Topology.from_dict(
+    {
+        "gpus": [{"index": i, "numa_node": int(i == 3)} for i in range(4)],
+        "links": [
+            ["X" if a == b else "SYS" if 3 in (a, b) else "NV12" for b in range(4)]
+            for a in range(4)
+        ],
+    }
+)
+
+
+def test_tp_groups_go_inside_the_nvlink_domain_of_each_node_before_doubling_up_on_one() -> None:
+    """Two nodes whose GPUs 0, 1, 2 share NVLink and GPU 3 does not: the first two TP2
+    instances take (0, 1) on each node, not (2, 3) over PCIe next to the first."""
+    assert NV3_PLUS_ONE.nvlink_domains() == [frozenset({0, 1, 2})]
+    p = plan("llama-3-8b", GPUAllocation(2, 4), "a100", CHAT, SLO, NV3_PLUS_ONE, allow_pd=False)
+    placed = [(i.node, i.gpu_ids, i.link_gbps) for i in find(p, "4 × TP2")]
+    assert placed[:2] == [(0, (0, 1), 300.0), (1, (0, 1), 300.0)]
+    assert placed[2:] == [(0, (2, 3), 10.0), (1, (2, 3), 10.0)]
+
+
 def test_multi_node_plans_place_instances_on_each_node() -> None:
     alloc, gpu = parse_gpus("2x4xH100")
     p = plan("llama-3-70b", alloc, gpu, CHAT, SLO, allow_pd=False)
