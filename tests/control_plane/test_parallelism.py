@@ -373,6 +373,17 @@ def test_a_pd_kv_transfer_between_nodes_goes_at_the_network_speed() -> None:
     assert got == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_pd_kv_transfer_sends_the_p90_prompt() -> None:
+    """Prompts of 1024 tokens on average but 6144 at p90: the hand-off between nodes is
+    sized by the p90 prompt."""
+    from sage_llm.control_plane.parallelism import NETWORK_GBPS
+
+    workload = WorkloadProfile(1024, 64, prompt_p90=6144, rate=1)
+    p = plan("llama-3-8b", GPUAllocation(2, 4), "l40s", workload, SLOTarget(5.0, 0.2))
+    got, expected = pd_ttft(p, "PD 1 × TP4 prefill + 1 × TP4 decode", NETWORK_GBPS)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
 def test_short_chat_prompts_stay_colocated() -> None:
     p = plan("llama-3-8b", 8, "h100", WorkloadProfile(512, 256), SLO)
     assert p.candidate.kind == "colocated"
