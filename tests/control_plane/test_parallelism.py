@@ -16,6 +16,7 @@ from sage_llm.control_plane.parallelism import (
     GPUAllocation,
     InstanceShape,
     Plan,
+    PlanEstimates,
     PlannedInstance,
     SLOTarget,
     WorkloadProfile,
@@ -46,6 +47,12 @@ def every_plan(p: Plan) -> list[tuple[Candidate, tuple[PlannedInstance, ...]]]:
     return [(p.candidate, tuple(p.instances))] + [
         (a.candidate, a.instances) for a in p.alternatives
     ]
+
+
+def estimates(p: Plan, label: str) -> PlanEstimates:
+    if p.candidate.label == label:
+        return p.estimates
+    return next(a.estimates for a in p.alternatives if a.candidate.label == label)
 
 
 def find(p: Plan, label: str) -> tuple[PlannedInstance, ...]:
@@ -382,6 +389,19 @@ def test_a_pd_kv_transfer_sends_the_p90_prompt() -> None:
     p = plan("llama-3-8b", GPUAllocation(2, 4), "l40s", workload, SLOTarget(5.0, 0.2))
     got, expected = pd_ttft(p, "PD 1 × TP4 prefill + 1 × TP4 decode", NETWORK_GBPS)
     assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_at_its_capacity_a_cross_node_pd_plan_meets_both_targets() -> None:
+    """The goodput capacity is the highest rate meeting both targets: the prefill pool's
+    TTFT budget leaves room for the KV hand-off between nodes and one decode step."""
+    slo, workload = SLOTarget(2.0, 0.05), WorkloadProfile(1024, 256, prompt_p90=8192)
+    p = plan("llama-3.1-70b", GPUAllocation(2, 4), "h100", workload, slo)
+    insts = find(p, "PD 1 × TP4 prefill + 1 × TP4 decode")
+    assert len({i.node for i in insts}) == 2
+    for cand, _ in every_plan(p):
+        est = estimates(p, cand.label)
+        assert est.rate_rps == pytest.approx(est.capacity_rps), cand.label
+        assert est.meets_slo and est.ttft_s <= slo.ttft_s * (1 + 1e-4), cand.label
 
 
 def test_short_chat_prompts_stay_colocated() -> None:
