@@ -404,6 +404,15 @@ def test_at_its_capacity_a_cross_node_pd_plan_meets_both_targets() -> None:
         assert est.meets_slo and est.ttft_s <= slo.ttft_s * (1 + 1e-4), cand.label
 
 
+def test_pd_decode_instances_keep_to_the_tpot_target() -> None:
+    slo = SLOTarget(2.0, 0.010)
+    p = plan("llama-3-8b", 4, "h100", WorkloadProfile(128, 1024), slo)
+    pd = [estimates(p, c.label) for c, _ in every_plan(p) if c.kind == "pd"]
+    assert pd
+    for est in pd:
+        assert est.tpot_s is not None and est.tpot_s <= slo.tpot_s
+
+
 def test_short_chat_prompts_stay_colocated() -> None:
     p = plan("llama-3-8b", 8, "h100", WorkloadProfile(512, 256), SLO)
     assert p.candidate.kind == "colocated"
