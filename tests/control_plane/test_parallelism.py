@@ -413,6 +413,16 @@ def test_pd_decode_instances_keep_to_the_tpot_target() -> None:
         assert est.tpot_s is not None and est.tpot_s <= slo.tpot_s
 
 
+def test_a_ttft_just_under_the_target_meets_it() -> None:
+    """At 10.2 req/s this PD plan's TTFT is between 90% and 100% of the 2 s target."""
+    workload = WorkloadProfile(1024, 256, prompt_p90=8192, rate=10.2)
+    p = plan("llama-3.1-70b", GPUAllocation(2, 4), "h100", workload, SLOTarget(2.0, 0.05))
+    est = estimates(p, "PD 1 × TP4 prefill + 1 × TP4 decode")
+    assert est.rate_rps == 10.2
+    assert 0.9 * 2.0 < est.ttft_s <= 2.0
+    assert est.meets_slo and est.goodput_rps == 10.2
+
+
 def test_short_chat_prompts_stay_colocated() -> None:
     p = plan("llama-3-8b", 8, "h100", WorkloadProfile(512, 256), SLO)
     assert p.candidate.kind == "colocated"
