@@ -430,8 +430,8 @@ def test_queue_time_runs_from_arrival_to_first_scheduling() -> None:
 
 def test_stop_token_ids_end_the_answer_at_the_token_kept_in_it() -> None:
     """As vLLM's ``stop_token_ids``: the first such token (at or after ``min_tokens``)
-    ends the answer with ``stop``; it is kept in the text and counted; the id is the stop
-    reason."""
+    ends the answer with ``stop``; its id is kept in ``token_ids`` and counted (its text is
+    left out); the id is the stop reason."""
 
     async def main() -> None:
         full = await collect(SimEngine("sim-0"), req("a", max_tokens=30))
@@ -870,5 +870,28 @@ def test_a_step_computed_for_an_ended_request_gives_nothing_to_its_ids_next_requ
         assert sum(len(c.token_ids) for c in again) == 2
         assert [c.finish_reason for c in again] == [None, "length"]
         await engine.aclose()
+
+    virtual(main)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_stop_tokens_own_text_is_left_out_unless_include_stop_str_in_output(
+    keep: bool,
+) -> None:
+    """docs/simulator.md: a stop token's own text is left out (its id is not: ``token_ids``
+    has it), and ``include_stop_str_in_output`` keeps both in the text."""
+
+    async def main() -> None:
+        full = await collect(SimEngine("sim-0"), req("a", max_tokens=30))
+        ids = [t for c in full for t in c.token_ids]
+        texts = [c.text for c in full]
+        assert len(texts) == 30 and ids.index(ids[4]) == 4  # one token a chunk; its first place
+        extra: dict[str, Any] = {"stop_token_ids": [ids[4]]}
+        if keep:
+            extra["include_stop_str_in_output"] = True
+        chunks = await collect(SimEngine("sim-0"), req("a", max_tokens=30, extra=extra))
+        assert [t for c in chunks for t in c.token_ids] == ids[:5]
+        assert "".join(c.text for c in chunks) == "".join(texts[: 5 if keep else 4])
+        assert chunks[-1].finish_reason == "stop"
 
     virtual(main)
