@@ -485,3 +485,17 @@ def test_speed_scales_the_kv_transfer_as_the_steps() -> None:
     slow, fast = make_core(), make_core(speed=4.0)
     assert fast.transfer_time_s(10_000) == pytest.approx(slow.transfer_time_s(10_000) / 4)
     assert slow.transfer_time_s(10_000) == pytest.approx(10_000 * 131072 / 50e9)
+
+
+def test_without_chunked_prefill_a_prompt_one_token_over_the_budget_left_waits() -> None:
+    """Two decodes leave 98 of 100 tokens: a 99-token prompt waits for them to end, then
+    is prefilled whole (never cut to the budget left)."""
+    core = make_core(enable_chunked_prefill=False, max_num_batched_tokens=100, max_model_len=100)
+    core.add_request("a1", prompt(10), 20, arrival=0.0)
+    core.add_request("a2", prompt(10, 5000), 20, arrival=0.0)
+    now = core.step(0.0).duration_s  # both prefilled: they decode from now on
+    core.add_request("b", prompt(99, 9000), 1, arrival=now)
+    trace = drive(core, now)
+    chunks = [(s.num_prefill_tokens, s.num_decode_tokens) for s in trace.steps]
+    assert [c for c in chunks if c[0]] == [(99, 0)]
+    assert trace.tokens == {"a1": 19, "a2": 19, "b": 1}
