@@ -895,3 +895,27 @@ def test_a_stop_tokens_own_text_is_left_out_unless_include_stop_str_in_output(
         assert chunks[-1].finish_reason == "stop"
 
     virtual(main)
+
+
+def test_a_stop_string_is_looked_for_only_past_min_tokens() -> None:
+    """As vLLM's detokenizer: a stop string in token ``k`` does not end the answer with
+    ``min_tokens = k`` (looked for only once more than ``min_tokens`` were made), and does
+    with ``min_tokens = k - 1``."""
+
+    async def main() -> None:
+        full = await collect(SimEngine("sim-0"), req("a", max_tokens=12))
+        texts = [c.text for c in full]
+        stop = texts[2]  # in token 3
+        assert len(texts) == 12 and "".join(texts).count(stop) == 1
+        masked = await collect(
+            SimEngine("sim-0"), req("a", max_tokens=12, stop=[stop], extra={"min_tokens": 3})
+        )
+        assert masked[-1].finish_reason == "length"
+        assert "".join(c.text for c in masked) == "".join(texts)
+        ended = await collect(
+            SimEngine("sim-0"), req("a", max_tokens=12, stop=[stop], extra={"min_tokens": 2})
+        )
+        assert ended[-1].finish_reason == "stop"
+        assert "".join(c.text for c in ended) == "".join(texts[:2])
+
+    virtual(main)
