@@ -481,3 +481,15 @@ def test_pipeline_never_beats_one_gpu_on_a_memory_bound_step() -> None:
     assert pp4.step_time(prefill, []) == pytest.approx(
         one.step_time(prefill, []) * 7 / 16, rel=0.05
     )
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_a_pipelines_hops_carry_every_token_whatever_its_micro_batches(pp: int) -> None:
+    """docs/simulator.md: the activation hops between stages; each of the ``m`` micro-batches
+    carries ``1/m`` of the tokens across the ``pp − 1`` borders, so a batch of ``pp``
+    prompts (``pp`` micro-batches) adds ``(pp−1) · tokens·hidden·dtype / link``."""
+    model = RooflineCostModel.from_names("h100", "llama-3-8b", pp=pp)
+    m, batch = model.model, [(2048, 0)] * pp
+    hop = pp * 2048 * m.hidden_size * m.dtype_bytes / 450e9
+    extra = model.step_time(batch, []) - on_a_free_link(model).step_time(batch, [])
+    assert extra == pytest.approx((pp - 1) * hop, rel=1e-6)
