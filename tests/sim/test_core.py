@@ -499,3 +499,21 @@ def test_without_chunked_prefill_a_prompt_one_token_over_the_budget_left_waits()
     chunks = [(s.num_prefill_tokens, s.num_decode_tokens) for s in trace.steps]
     assert [c for c in chunks if c[0]] == [(99, 0)]
     assert trace.tokens == {"a1": 19, "a2": 19, "b": 1}
+
+
+def test_an_abort_after_one_token_given_keeps_the_prompt_counted() -> None:
+    """vLLM counts a prompt with the first token it hands out: an abort that gave one token
+    leaves ``prompt_tokens_total`` as it was (one that gave none takes the prompt out)."""
+    for delivered, prompt_total in ((1, 100.0), (0, 0.0)):
+        core = make_core()
+        core.add_request("r", prompt(100), 10, arrival=0.0)
+        now = 0.0
+        for _ in range(3):
+            now += core.step(now).duration_s
+        assert core.stats().prompt_tokens_total == 100.0
+        assert core.abort("r", delivered=delivered)
+        stats = core.stats()
+        assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (
+            prompt_total,
+            float(delivered),
+        )
