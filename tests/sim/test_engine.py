@@ -919,3 +919,24 @@ def test_a_stop_string_is_looked_for_only_past_min_tokens() -> None:
         assert "".join(c.text for c in ended) == "".join(texts[:2])
 
     virtual(main)
+
+
+@pytest.mark.parametrize("longer_first", [True, False])
+def test_of_stop_strings_beginning_at_one_place_the_first_listed_wins(longer_first: bool) -> None:
+    async def main() -> None:
+        full = await collect(SimEngine("sim-0"), req("a", max_tokens=12))
+        texts = [c.text for c in full]
+        word = texts[3]
+        assert len(word) >= 5 and word[:4] not in "".join(texts[:3])
+        stops = [word, word[:4]] if longer_first else [word[:4], word]
+        engine = SimEngine("sim-0")
+        chunks = await collect(
+            engine,
+            req("a", max_tokens=12, stop=stops, extra={"include_stop_str_in_output": True}),
+        )
+        assert "".join(c.text for c in chunks) == "".join(texts[:3]) + stops[0]
+        assert chunks[-1].extras == {"stop_reason": stops[0]}
+        assert engine.stop_reason("a") == stops[0]
+        await engine.aclose()
+
+    virtual(main)
