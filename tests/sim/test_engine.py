@@ -940,3 +940,20 @@ def test_of_stop_strings_beginning_at_one_place_the_first_listed_wins(longer_fir
         await engine.aclose()
 
     virtual(main)
+
+
+def test_a_prefill_legs_first_token_usage_counts_its_cached_tokens() -> None:
+    """The leg's first chunk carries the prefix-cache hits in its usage, as its handle."""
+
+    async def main() -> None:
+        engine = SimEngine("p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING))
+        await engine.prefill(req("a"))
+        assert engine.release_kv("a")
+        handle = await engine.prefill(req("b"))
+        first = handle.first_token
+        assert first is not None and first.usage is not None
+        assert handle.cached_tokens > 0
+        assert first.usage.cached_tokens == handle.cached_tokens
+        await engine.aclose()
+
+    virtual(main)
