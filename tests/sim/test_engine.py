@@ -12,6 +12,7 @@ import pytest
 from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
 from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, InvalidRequestError
+from sage_llm.sim import engine as engine_module
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.server_metrics import ReportsQueueTime
@@ -954,6 +955,24 @@ def test_a_prefill_legs_first_token_usage_counts_its_cached_tokens() -> None:
         assert first is not None and first.usage is not None
         assert handle.cached_tokens > 0
         assert first.usage.cached_tokens == handle.cached_tokens
+        await engine.aclose()
+
+    virtual(main)
+
+
+def test_the_oldest_finished_request_goes_at_exactly_finished_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "FINISHED_KEPT", 3)
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        for i in range(3):
+            await collect(engine, req(f"r{i}", prompt="hi", max_tokens=1))
+        assert all(engine.queue_time_s(f"r{i}") is not None for i in range(3))
+        await collect(engine, req("r3", prompt="hi", max_tokens=1))
+        assert engine.queue_time_s("r0") is None
+        assert all(engine.queue_time_s(f"r{i}") is not None for i in range(1, 4))
         await engine.aclose()
 
     virtual(main)
