@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from sage_llm import jsonutil
@@ -24,7 +24,7 @@ async def read_raw(request: web.Request) -> bytes:
         # read up to the limit: its answer must not come while it is still writing)
         leave_unread(request)
         raise web.HTTPRequestEntityTooLarge(
-            max_size=request.client_max_size, actual_size=request.content_length or 0
+            max_size=request.client_max_size, actual_size=announced_length(request) or 0
         )
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and not _READABLE_ENCODINGS.issuperset(
@@ -74,8 +74,25 @@ def too_large_unsent(request: web.BaseRequest) -> bool:
     """Whether ``request`` waits for a ``100 Continue`` before it sends a body its
     ``Content-Length`` already puts above the size limit (so it is answered 413 at once,
     without the 100 that would invite the upload)."""
-    length, limit = request.content_length, request.client_max_size
+    length, limit = announced_length(request), request.client_max_size
     return waits_to_send(request) and length is not None and bool(limit) and length > limit
+
+
+_LENGTH_DIGITS = 20
+"""The most digits a ``Content-Length`` is read with (aiohttp's parser refuses one above
+2**64 - 1, 20 digits), its leading zeros dropped."""
+
+
+def announced_length(request: web.BaseRequest) -> int | None:
+    """``request``'s ``Content-Length`` as its value (None without one): aiohttp's
+    ``content_length`` reads it with ``int()``, which refuses more than 4,300 digits
+    (leading zeros too: a ``ValueError``, a 500); a longer value reads as
+    ``10 ** _LENGTH_DIGITS``, above any size limit."""
+    raw = request.headers.get(hdrs.CONTENT_LENGTH)
+    if raw is None or not raw.isascii() or not raw.isdigit():
+        return None  # (aiohttp's parser lets only digits through)
+    digits = raw.lstrip("0")
+    return int(digits or "0") if len(digits) <= _LENGTH_DIGITS else 10**_LENGTH_DIGITS
 
 
 def json_object(raw: bytes, *, infinity: bool = False) -> dict[str, Any]:

@@ -185,6 +185,34 @@ async def test_unusual_requests_get_aiohttps_answers(request_bytes: bytes, statu
         await _close(writer)
 
 
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_value(
+    lean_server: bool,
+) -> None:
+    """``int()`` refuses more than 4,300 digits, leading zeros included: such a length had
+    dropped the connection with a traceback on the lean front, and been a 500 on
+    aiohttp's. It is read as its value: served, or a 413 when above the limit (one beyond
+    64 bits, whatever its zeros, is the parser's 400)."""
+    settings = GatewayConfig(lean_server=lean_server, max_body_bytes=1000)
+    zeros = "0" * 5000
+    async with serve(1, settings=settings) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        request = _post("/v1/completions", completion_body())
+        writer.write(request.replace(b"Content-Length: ", f"Content-Length: {zeros}".encode()))
+        status, headers, _ = await asyncio.wait_for(_response(reader), 5)
+        assert status == 200
+        assert headers["server"].startswith("sage-llm" if lean_server else "Python")
+        for length, expected in ((f"{zeros}1001", 413), (f"{zeros}1{'0' * 30}", 400)):
+            head = (f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {length}"
+                    "\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+            writer.write(head.encode())  # and no body
+            status, _, body = await asyncio.wait_for(_response(reader), 5)
+            assert (status, json.loads(body)["error"]["code"]) == (expected, expected), body
+            await _close(writer)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        await _close(writer)
+
+
 async def test_errors_on_the_lean_path_are_openai_json() -> None:
     async with serve(1) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -933,6 +961,10 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
         (["Host: t"], None),
         (["Content-Length: 2"], None),  # HTTP/1.1 without Host: aiohttp's 400
         (["Content-Length: two"], None),
+        # read as its value (int() refuses more than 4,300 digits, leading zeros too)
+        (["Host: t", "Content-Length: " + "0" * 5000 + "2"], {"host": "t", "content-length": "2"}),
+        (["Host: t", "Content-Length: " + "0" * 5000 + "101"], None),  # above the limit
+        (["Host: t", "Content-Length: 1" + "0" * 5000], None),
         (["Content-Length: 2", "Transfer-Encoding: chunked"], None),
         (["Content-Length: 2", "Content-Encoding: gzip"], None),
         (["Connection: keep-alive", "Content-Length: 2", "Connection: close"], None),
@@ -945,7 +977,8 @@ async def _no_handler(request: LeanRequest, conn: LeanConnection) -> None:
         (["X Bad: 1", "Content-Length: 2"], None),
     ],
     ids=["plain", "blanks", "repeated", "folded", "space-before-colon", "no-colon",
-         "repeated-length", "no-length", "no-host", "bad-length", "chunked", "compressed",
+         "repeated-length", "no-length", "no-host", "bad-length", "zeros", "zeros-over",
+         "5001-digits", "chunked", "compressed",
          "two-connections", "non-ascii", "control-in-name", "nul-in-value", "del-in-value",
          "bare-lf", "separator-in-name", "space-in-name"],
 )  # fmt: skip

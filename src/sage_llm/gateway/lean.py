@@ -373,7 +373,10 @@ class LeanConnection(asyncio.Protocol):
         length = headers.get("content-length")
         if length is None or not length.isascii() or not length.isdigit():
             return None
-        if int(length) > self._server.max_body_bytes:
+        if length[0] == "0" and len(length) > 1:  # read as its value: int() refuses
+            headers["content-length"] = length = length.lstrip("0") or "0"  # 4,300+ digits
+        server = self._server
+        if len(length) > server.max_body_digits or int(length) > server.max_body_bytes:
             return None  # aiohttp answers 413
         return "POST", path, headers
 
@@ -589,6 +592,9 @@ class LeanServer:
         a connection is handed to it, when the bytes handed over began to arrive."""
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.max_body_digits = len(str(max_body_bytes))
+        """A ``Content-Length`` with more digits than this (its leading zeros dropped) is
+        above ``max_body_bytes``, without reading it as a number."""
         self.max_buffer = max_body_bytes + _MAX_HEAD
         self.cors = cors
         self.keepalive_timeout_s = keepalive_timeout_s
