@@ -105,6 +105,9 @@ async def test_a_head_with_bare_lf_line_ends_is_answered_at_once() -> None:
         for raw in (
             _post("/v1/completions", completion_body()).replace(b"\r\n", b"\n"),
             b"GET /v1/models HTTP/1.1\nHost: test\n\n",
+            # a bare LF before the blank line's CRLF: no CRLF CRLF, no LF LF either
+            _post("/v1/completions", completion_body()).replace(b"\r\n\r\n", b"\n\r\n"),
+            b"GET /health HTTP/1.1\nHost: test\n\r\n",
         ):
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             writer.write(raw)

@@ -287,7 +287,7 @@ class LeanConnection(asyncio.Protocol):
         self.idle_since = None
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > _MAX_HEAD or b"\n\n" in buf:  # too long, or bare-LF lines
+            if len(buf) > _MAX_HEAD or _BARE_LF.search(buf):  # too long, or bare-LF lines
                 self._handover()
             elif self.reading_since is None:
                 self.reading_since = asyncio.get_running_loop().time()
@@ -503,6 +503,8 @@ SWEEP_FRACTION = 0.1
 """Idle connections, and requests slow to arrive, are looked for every tenth of the
 keep-alive timeout or of the read timeout, whichever is shorter (aiohttp's connections'
 heads too, :class:`sage_llm.gateway.server.HeadTimer`): at most 10% late."""
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+"""A line end without its CR (aiohttp answers a head with one at once)."""
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name (RFC 9110's ``token``)."""
 
