@@ -188,6 +188,50 @@ async def test_unusual_requests_get_aiohttps_answers(request_bytes: bytes, statu
         await _close(writer)
 
 
+def _body_of_size(size: int) -> Any:
+    """A completions body ``size`` bytes long as JSON."""
+    body = completion_body(prompt="")
+    body["prompt"] = "x" * (size - len(json.dumps(body)))
+    return body
+
+
+def _head_padded_to(size: int) -> bytes:
+    """A completions request whose head, up to its blank line, is ``size`` bytes long."""
+    end = _post("/v1/completions", completion_body()).index(b"\r\n\r\n")
+    pads = ["x-p0: " + "a" * 4088] * 3  # 4,096 bytes each with its CRLF
+    pads.append("x-p1: " + "a" * (size - end - 3 * 4096 - 8))
+    return _post("/v1/completions", completion_body(), *pads)
+
+
+@pytest.mark.parametrize(
+    ("at_limit", "past_it"),
+    [
+        # the body: max_body_bytes (1,000 here) is served; one byte more is aiohttp's 413
+        (_post("/v1/completions", _body_of_size(1000)),
+         _post("/v1/completions", _body_of_size(1001))),
+        # 128 header lines; a header line of 8,190 bytes; a head of 16 KiB
+        (_post("/v1/completions", completion_body(), *[f"x-h{i}: v" for i in range(125)]),
+         _post("/v1/completions", completion_body(), *[f"x-h{i}: v" for i in range(126)])),
+        (_post("/v1/completions", completion_body(), "x-long: " + "a" * 8182),
+         _post("/v1/completions", completion_body(), "x-long: " + "a" * 8183)),
+        (_head_padded_to(16 * 1024), _head_padded_to(16 * 1024 + 1)),
+    ],
+    ids=["body", "headers", "line", "head"],
+)  # fmt: skip
+async def test_the_lean_front_serves_up_to_its_limits_and_aiohttp_past_them(
+    at_limit: bytes, past_it: bytes
+) -> None:
+    async with serve(1, settings=GatewayConfig(max_body_bytes=1000)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(at_limit)
+        status, headers, _ = await asyncio.wait_for(_response(reader), 5)
+        assert (status, headers["server"]) == (200, "sage-llm")
+        writer.write(past_it)
+        status, headers, body = await asyncio.wait_for(_response(reader), 5)
+        assert headers["server"].startswith("Python"), (status, body)  # aiohttp's answer
+        await _close(writer)
+
+
 @pytest.mark.parametrize("lean_server", [True, False])
 async def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_value(
     lean_server: bool,
