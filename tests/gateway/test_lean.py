@@ -495,6 +495,40 @@ async def test_connection_close_is_honoured(value: str) -> None:
         await _close(writer)
 
 
+async def test_a_close_in_a_second_connection_header_is_honoured() -> None:
+    """``Connection: keep-alive`` then ``Connection: close``: both count (aiohttp reads
+    them all), not only the first."""
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "Connection: keep-alive",
+                           "Connection: close"))  # fmt: skip
+        status, headers, _ = await asyncio.wait_for(_response(reader), 5)
+        assert status == 200 and headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed it
+        await _close(writer)
+
+
+async def test_two_differing_content_lengths_are_a_400_naming_the_header() -> None:
+    """A body framed two ways (request smuggling's shape): refused, not read by the first
+    length."""
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), "Content-Length: 1"))
+        status, _, body = await asyncio.wait_for(_response(reader), 5)
+        assert (status, json.loads(body)["error"]["param"]) == (400, "content-length"), body
+        await _close(writer)
+
+
+async def test_a_cors_request_gets_its_allow_origin_header() -> None:
+    origin = "https://app.example"
+    async with serve(1, settings=GatewayConfig(cors_origins=(origin,))) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(_post("/v1/completions", completion_body(), f"Origin: {origin}"))
+        status, headers, _ = await asyncio.wait_for(_response(reader), 5)
+        assert (status, headers["access-control-allow-origin"]) == (200, origin)
+        await _close(writer)
+
+
 async def test_a_connection_header_without_the_close_token_keeps_the_connection() -> None:
     """``Connection`` is a list of tokens: ``closed`` or ``x-noclose`` is not ``close`` (the
     lean front had closed on any value holding the word; aiohttp keeps them open)."""
