@@ -548,7 +548,7 @@ async def test_streams_are_chunked_server_sent_events() -> None:
             assert resp.status == 200
             assert resp.headers["Content-Type"] == "text/event-stream"
             assert resp.headers["Transfer-Encoding"] == "chunked"
-            events = await read_events(resp)
+            events = await asyncio.wait_for(read_events(resp), 10)  # not a hang: a failure
         assert events[-1] == "[DONE]"
         assert events[-2]["usage"]["completion_tokens"] == 8
 
