@@ -80,3 +80,17 @@ async def test_a_failure_after_a_stream_began_writes_no_second_answer(
     assert raw.startswith(b"HTTP/1.1 200 "), raw
     assert raw.count(b"HTTP/1.1 ") == 1 and b"internal_error" not in raw, raw
     assert 'sage_llm_http_errors_total{route="/v1/completions",status="500"} 1.0' in text
+
+
+async def test_an_error_answered_on_the_lean_front_is_counted() -> None:
+    """A 400 (the lowest error status) counts in ``sage_llm_http_errors_total``."""
+    async with serve(1) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n{")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.close()
+        text = gw.manager.prometheus_metrics().decode()
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Server: sage-llm" in head, head
+    assert 'sage_llm_http_errors_total{route="/v1/completions",status="400"} 1.0' in text
