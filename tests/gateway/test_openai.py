@@ -16,6 +16,7 @@ from sage_llm.gateway.openai import (
     CONSUMED_FIELDS,
     _plain_body,
     parse_generation,
+    parse_generations,
     validate,
 )
 from sage_llm.gateway.relay import Generation
@@ -131,6 +132,22 @@ def test_unsupported_prompts(prompt: Any) -> None:
     with pytest.raises(InvalidRequestError) as err:
         _parse({"model": MODEL, "prompt": prompt})
     assert err.value.param == "prompt"
+
+
+def test_a_list_of_one_prompt_is_one_request() -> None:
+    """Not a batch of one: its request id is the request's own (no ``#0``)."""
+    (gen,) = parse_generations({"model": MODEL, "prompt": ["hello"]}, {}, "rid-1", chat=False,
+                               settings=SETTINGS)  # fmt: skip
+    assert (gen.request_id, gen.meta.prompt) == ("rid-1", "hello")
+
+
+def test_prompt_logprobs_are_passed_through_unless_streamed() -> None:
+    """As vLLM: taken without ``stream``, refused with it."""
+    gen = _parse({"model": MODEL, "prompt": "Hi", "prompt_logprobs": 1})
+    assert gen.meta.extra_body == {"prompt_logprobs": 1}
+    with pytest.raises(InvalidRequestError) as err:
+        _parse({"model": MODEL, "prompt": "Hi", "prompt_logprobs": 1, "stream": True})
+    assert err.value.param == "prompt_logprobs"
 
 
 def test_headers_win_over_body_fields() -> None:
@@ -361,6 +378,30 @@ def test_a_plain_body_and_the_schema_path_give_the_same_generation(chat: bool) -
     at = fast.meta.arrival_time
     assert replace(slow.meta, extra_body={}, arrival_time=at) == replace(fast.meta, extra_body={})
     assert replace(slow, meta=fast.meta) == fast
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize(
+    ("field", "value", "taken"),
+    [("top_p", 0, False), ("top_p", 0.0, False), ("top_p", 1e-9, True), ("top_p", 1.0, True),
+     ("temperature", 0, True), ("temperature", 2.0, True), ("temperature", 2.5, False),
+     ("max_tokens", 0, False), ("max_tokens", 1, True)],
+)  # fmt: skip
+def test_the_plain_body_check_keeps_the_schemas_bounds(
+    chat: bool, field: str, value: float, taken: bool
+) -> None:
+    """At the bounds the property test above seldom draws together: top_p in (0, 1],
+    temperature in [0, 2], max_tokens at least 1 (0 is the schema path's, which says why)."""
+    text: dict[str, Any] = {"messages": _HI} if chat else {"prompt": "Hi"}
+    body = {"model": MODEL, **text, field: value}
+    plain = _plain_body(body, chat)
+    if taken:
+        assert plain is not None and value in plain[2:5]
+        return
+    assert plain is None
+    with pytest.raises(InvalidRequestError) as err:
+        _parse(body, chat=chat)
+    assert err.value.param == field
 
 
 # --- max_completion_tokens and chat messages ----------------------------------------------
