@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from sage_llm.cli import app
 from sage_llm.control_plane.parallelism import plan_command
+from sage_llm.errors import SageLLMError
 from tests.factories import alive, free_ports
 
 CLI = (sys.executable, "-m", "sage_llm.cli")
@@ -1055,3 +1056,140 @@ def test_python_dash_m_sage_llm_runs_the_command_line() -> None:
         [sys.executable, "-m", "sage_llm", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "sageLLM control plane" in out
+
+
+# -- what the help and the docs promise of each command ---------------------------------------
+
+
+def test_config_check_print_keeps_its_notes_off_stdout(tmp_path: Path) -> None:
+    """``config check --print``: the resolved config as JSON on stdout, OK and every note on
+    stderr (docs/config.md), so that the JSON parses."""
+    cfg = tmp_path / "pd.toml"
+    cfg.write_text("[services.llm_control_plane.pd]\nenable_pd_tracing = true\n")
+    proc = run_cli("config", "check", "--print", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["services"]["llm_control_plane"]["pd"]["enable_pd_tracing"]
+    ok, note = proc.stderr.splitlines()
+    assert (ok, note.split(": ")[0]) == (f"{cfg}: OK", "note")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--log-level", "nope"], "--log-level: unknown log level 'nope' (known: debug, "),
+        (["--log-format", "xml"], "--log-format: unknown log format 'xml' (known: text, json)"),
+    ],
+)
+@pytest.mark.parametrize("command", [["serve"], ["engine-sim"], ["launch", "fleet.toml"]])
+def test_a_bad_log_option_is_a_one_line_error(
+    command: list[str], argv: list[str], said: str
+) -> None:
+    code, output = invoke(*command, *argv)
+    assert (code, output.count("\n")) == (1, 1)
+    assert output.startswith(f"error: {said}"), output
+
+
+def test_serve_refuses_an_unknown_event_loop_in_one_line() -> None:
+    code, output = invoke("serve", "--loop", "nope", "--port", "0")
+    assert (code, output) == (
+        1,
+        "error: --loop: unknown event loop 'nope'; use one of auto, uvloop, asyncio\n",
+    )
+
+
+def test_serve_listens_where_host_and_port_say_over_the_file_at_its_log_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--host``/``--port`` override the file's ``[gateway]`` host and port (serve --help),
+    and ``--log-level`` is the level the gateway logs at."""
+    seen: list[tuple[str, int, int]] = []
+
+    async def run_gateway(
+        manager: object, gateway: Any, *, host: str | None = None, port: int | None = None
+    ) -> None:
+        where = (host or gateway.host, gateway.port if port is None else port)
+        seen.append((*where, logging.getLogger().getEffectiveLevel()))
+
+    monkeypatch.setattr("sage_llm.gateway.server.run_gateway", run_gateway)
+    monkeypatch.setattr("sage_llm.eventloop.tune_collector_for_serving", lambda: None)
+    port = free_ports(2)
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(f'[gateway]\nhost = "localhost"\nport = {port}\n')
+    assert invoke("serve", "-c", str(cfg), "--log-level", "warning") == (0, "")
+    code, _ = invoke("serve", "-c", str(cfg), "--host", "127.0.0.1", "--port", str(port + 1))
+    assert code == 0
+    assert seen == [("localhost", port, logging.WARNING), ("127.0.0.1", port + 1, logging.INFO)]
+
+
+def test_launch_gateway_address_is_the_options_else_the_files_else_127_0_0_1_8080(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As launch --help and docs/deployment.md say (the default 127.0.0.1:8080)."""
+    seen: list[tuple[str, int]] = []
+
+    def run_launch(*_args: object, host: str, port: int) -> None:
+        seen.append((host, port))
+
+    monkeypatch.setattr("sage_llm.cli._run_launch", run_launch)
+    monkeypatch.setattr("sage_llm.cli._check_listen", lambda *_args: None)  # (8080 may be busy)
+    plan = tmp_path / "plan.json"
+    instance = {"role": "general", "tp": 1, "pp": 1, "gpu_ids": [0], "node": 0}
+    plan.write_text(json.dumps({"model": "llama-3-8b", "gpu": "h100", "instances": [instance]}))
+    base = free_ports(3)
+    gateway = tmp_path / "gateway.toml"
+    gateway.write_text(f'[gateway]\nhost = "localhost"\nport = {base + 2}\n')
+    for argv in (
+        [],
+        ["--config", str(gateway)],
+        ["--config", str(gateway), "--host", "127.0.0.1", "--port", str(base + 1)],
+    ):
+        code, output = invoke("launch", str(plan), "--base-port", str(base), *argv)
+        assert code == 0, output
+    assert seen == [("127.0.0.1", 8080), ("localhost", base + 2), ("127.0.0.1", base + 1)]
+
+
+def test_plan_json_names_the_model_as_asked_and_the_slo_in_seconds() -> None:
+    """docs/deployment.md's plan.json: its served_model_name is the --model given."""
+    code, output = invoke(
+        "plan", "--model", "llama-3-8b", "--gpus", "4xH100", "--slo-ttft", "1s",
+        "--slo-tpot", "40ms", "--json",
+    )  # fmt: skip
+    assert code == 0, output
+    data = json.loads(output)
+    assert (data["served_model_name"], data["model"], data["gpu"]) == (
+        "llama-3-8b",
+        "Llama-3-8B",
+        "H100",
+    )
+    assert data["slo"]["ttft_s"] == 1.0
+    assert data["slo"]["tpot_s"] == pytest.approx(0.04)
+
+
+def test_engine_sim_instant_with_a_pd_role_is_a_one_line_error() -> None:
+    code, output = invoke("engine-sim", "--instant", "--role", "decode")
+    assert (code, output) == (1, "error: --instant runs whole requests only: use --role general\n")
+
+
+def test_a_demo_that_fails_says_why_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(**_kwargs: object) -> None:
+        raise SageLLMError("the simulated fleet could not start")
+
+    monkeypatch.setattr("sage_llm.bench.demo.run_demo", fails)
+    assert invoke("demo") == (1, "error: the simulated fleet could not start\n")
+
+
+def test_an_error_a_command_lets_through_is_one_line_and_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The module's promise: each problem is one line, never a traceback."""
+    import sage_llm.cli as cli
+
+    def fails(*_args: object, **_kwargs: object) -> str:
+        raise SageLLMError("no plan for you")
+
+    monkeypatch.setattr("sage_llm.control_plane.parallelism.plan_command", fails)
+    monkeypatch.setattr(sys, "argv", ["sage-llm", "plan"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == "error: no plan for you\n"
