@@ -370,3 +370,11 @@ def test_errors_are_counted_by_kind_with_an_example() -> None:
     assert summary.error_examples[kind] == failed[0].error
     assert summary.to_dict()["error_examples"][kind] == failed[0].error
     assert error_kind("HTTP 503 after 2.5 s") == "HTTP N after N s"
+
+
+def test_slo_attainment_of_weighs_each_class_by_its_request_count() -> None:
+    high, low = RequestPriority.HIGH, RequestPriority.LOW
+    ms = [measure("h0", priority=high, slo_ttft_s=1.0)]  # 1 of 1 HIGH meets its target
+    ms += [measure(f"l{i}", priority=low, slo_ttft_s=0.1) for i in range(3)]  # 0 of 3 LOW
+    summary = summarize(ms, 1.0)
+    assert summary.slo_attainment_of([high, low]) == pytest.approx(1 / 4)  # not (1 + 0) / 2
