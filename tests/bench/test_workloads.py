@@ -538,3 +538,14 @@ def test_request_and_workload_validation() -> None:
     assert len(workload) == 2
     assert list(workload) == [good, late]
     assert workload.duration_s == 5.0
+
+
+def test_with_priorities_draws_by_its_seed() -> None:
+    base = synthetic(200, 10.0, 8, 4, seed=0)
+    mix: dict[RequestPriority | int | str, float] = {"high": 1.0, "normal": 1.0}
+
+    def drawn(seed: int) -> list[RequestPriority]:
+        return [r.priority for r in with_priorities(base, mix, seed=seed)]
+
+    assert drawn(5) == drawn(5)
+    assert drawn(5) != drawn(6)
