@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from sage_llm.bench import compare
 from sage_llm.bench.compare import (
     TRACE_MODEL,
     CompareConfig,
@@ -30,8 +34,9 @@ from sage_llm.bench.compare import (
 )
 from sage_llm.bench.inprocess import Preset
 from sage_llm.bench.peers import PeerError, ensure_peer_sync
-from sage_llm.bench.report import Entry
+from sage_llm.bench.report import Entry, target_check
 from sage_llm.bench.stats import RequestMeasurement, summarize
+from sage_llm.bench.workloads import Workload
 from sage_llm.config import parse_config
 from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.errors import ConfigError
@@ -417,3 +422,54 @@ def test_prefix_hit_rates_come_from_the_entries_that_have_one() -> None:
 def test_the_overload_title_names_the_offered_rate_and_the_capacity() -> None:
     title = overload_title(2.0, 20.16)
     assert title.startswith("offered 40.32 req/s = 2.0x capacity (20.16 req/s)")
+
+
+def test_prefix_hit_rate_pools_the_engines_by_their_queries() -> None:
+    before = {"a": (0.0, 0.0), "b": (0.0, 0.0)}
+    after = {"a": (100.0, 10.0), "b": (900.0, 900.0)}
+    # 910 hits of 1000 queries, not the mean of the engines' rates (0.55)
+    assert prefix_hit_delta(before, after) == pytest.approx(0.91)
+
+
+@pytest.mark.parametrize("kind", ["multi-turn", "sharegpt", "synthetic"])
+def test_build_workload_is_seeded(kind: str) -> None:
+    def make(seed: int) -> list[tuple[float, int, int]]:
+        w = build_workload(kind, rate=4.0, duration_s=10.0, seed=seed)
+        return [(r.arrival_s, r.prompt_tokens, r.max_tokens) for r in w]
+
+    assert make(1) == make(1)
+    assert make(1) != make(2)
+
+
+def test_the_target_check_picks_the_best_by_goodput() -> None:
+    base = summarize([], 1.0)
+    more_done = replace(base, goodput=1.0, request_throughput=9.0)
+    more_good = replace(base, goodput=2.0, request_throughput=3.0)
+    entries = [
+        Entry("done", "sage", more_done, rate_rps=1.0),
+        Entry("good", "sage", more_good, rate_rps=1.0),
+        Entry("peer", "peer", more_done, rate_rps=1.0),
+    ]
+    check = target_check(entries)
+    assert check is not None
+    assert check.best_sage == "good"
+    assert check.goodput_ratio == pytest.approx(2.0)
+
+
+def test_overload_compare_runs_every_preset_on_the_same_workload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs: list[tuple[str, int]] = []
+
+    def fake_run(preset: Preset, workload: Workload, *args: Any, **kwargs: Any) -> Any:
+        runs.append((preset.name, len(workload)))
+        return SimpleNamespace(summary=summarize([], 1.0), measurements=[], prefix_hit_rate=0.0)
+
+    monkeypatch.setattr(compare, "calibrate_capacity", lambda *a, **k: 2.0)
+    monkeypatch.setattr(compare, "run_preset", fake_run)
+    entries, capacity = overload_compare(duration_s=10.0)
+    names = [p.name for p in compare.OVERLOAD_PRESETS]
+    assert [e.name for e in entries] == names
+    assert [name for name, _ in runs] == names
+    assert len({n for _, n in runs}) == 1
+    assert capacity == 2.0
