@@ -130,3 +130,19 @@ def test_the_slo_columns_weigh_each_class_by_its_requests() -> None:
     run = RunResult(Preset("p", "fifo", "fifo"), summarize(ms, 100.0, DEMO_SLO), 0.5, ms, {})
     cells = [str(next(iter(c.cells))) for c in render_table([run]).columns]
     assert cells[-2:] == ["88%", "25%"]  # 74 of 84 (not (100% + 72.2%) / 2 = 86%), 1 of 4
+
+
+def test_the_conclusion_names_the_preset_with_the_most_goodput_not_throughput() -> None:
+    def m(i: int, met: bool) -> RequestMeasurement:
+        first = i + (0.1 if met else 5.0)
+        return RequestMeasurement(f"r{i}", RequestPriority.NORMAL, None, float(i), first,
+                                  [first, first + 0.01], first + 0.01, 10, 2)  # fmt: skip
+
+    busy = [m(i, False) for i in range(20)]  # more requests done, none within the SLO
+    good = [m(i, True) for i in range(10)]
+    runs = [
+        RunResult(Preset(name, "fifo", "fifo"), summarize(ms, 100.0, DEMO_SLO), 0.5, ms, {})
+        for name, ms in (("busy", busy), ("good", good))
+    ]
+    assert runs[0].summary.request_throughput > runs[1].summary.request_throughput
+    assert conclusion(runs)[0] == "Most goodput: good, 0.10 req/s."
