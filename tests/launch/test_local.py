@@ -420,3 +420,80 @@ async def test_an_engine_that_exited_is_noticed_before_the_loop_reaps_it(tmp_pat
         assert await proc.exited() == 3
     finally:
         await proc.stop(1.0)
+
+
+async def test_the_fleet_waits_its_stop_grace_s_not_the_default(tmp_path: Path) -> None:
+    fleet = await launch_engines(
+        [stub(tmp_path, "stubborn", free_ports(1), stubborn=True)],
+        settings=settings(tmp_path, stop_grace_s=0.2),
+    )
+    assert fleet.stop_grace_s == 0.2
+    await asyncio.wait_for(fleet.aclose(), 5)  # the default grace would be 10 s
+    assert fleet.processes[0].returncode == -9
+
+
+async def test_an_engine_that_exits_before_the_launch_is_done_fails_it(tmp_path: Path) -> None:
+    """Healthy once, then dead while another engine still loads: the launch fails."""
+    base = free_ports(2)
+    done = tmp_path / "a.done"
+    first = f"""
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", {base}), H)
+srv.handle_request()
+time.sleep(1.5)  # the launcher counts it healthy meanwhile
+print("lost the GPU", flush=True)
+open({str(done)!r}, "w").close()
+sys.exit(5)
+"""
+    waits = f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.02)\n"
+    second = stub(tmp_path, "b", base + 1)  # serves once the first has exited
+    _, path, *args = second.argv
+    second = replace(
+        second, argv=(sys.executable, "-c", f"{waits}exec(open({path!r}).read())", *args)
+    )
+    with pytest.raises(EngineError, match="'a' exited with code 5 during the launch") as info:
+        await launch_engines(
+            [script("a", first, base), second], settings=settings(tmp_path, health_timeout_s=30)
+        )
+    assert "lost the GPU" in info.value.message
+    assert not alive(int((tmp_path / "b.pid").read_text()))
+
+
+async def test_a_failed_launch_reports_the_end_of_the_engines_log(tmp_path: Path) -> None:
+    code = "print('early line\\n' * 2000, flush=True); print('last words', flush=True); exit(3)"
+    with pytest.raises(EngineError, match="exited with code 3") as info:
+        await launch_engines(
+            [script("e", code, free_ports(1))], settings=settings(tmp_path, health_timeout_s=30)
+        )
+    tail = info.value.message.split("e.log:\n", 1)[1]
+    assert tail.endswith("last words") and len(tail) <= 4000
+    assert "$ " not in tail  # the command line heads the log, far from its end
+
+
+@pytest.mark.parametrize("status", [204, 404, 503])
+async def test_health_is_an_answer_200_not_any_answer(status: int) -> None:
+    async def unavailable(_request: web.Request) -> web.Response:
+        return web.Response(status=status)
+
+    async def running() -> int | None:
+        return None
+
+    app = web.Application()
+    app.router.add_get("/health", unavailable)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = int(runner.addresses[0][1])
+    try:
+        with pytest.raises(EngineTimeoutError, match=rf"GET .*/health: HTTP {status}\)"):
+            await wait_healthy(
+                f"http://127.0.0.1:{port}/health", exited=running, timeout_s=0.2, poll_s=0.05
+            )
+    finally:
+        await runner.cleanup()
