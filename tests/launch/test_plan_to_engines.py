@@ -917,3 +917,21 @@ def test_a_plan_files_simulated_shapes_are_checked_before_any_engine_starts(
         f"{path}:{tp_line}: instances[0].tp: its simulated engine cannot start: Llama-3-70B "
         "does not fit on 1 × H100 (weights 131.4 GiB)"
     ]
+
+
+def test_simulated_engines_are_given_the_extra_args() -> None:
+    settings = LaunchSettings(extra_args=("--gpu-memory-utilization", "0.8"))
+    (engine,) = engines_from_plan([PlannedInstance(GENERAL, 1, 1, 1, (0,))], settings)
+    assert engine.argv[-2:] == ("--gpu-memory-utilization", "0.8")
+
+
+def test_only_pd_engines_get_a_nixl_side_channel_and_planned_gpus_win_over_env() -> None:
+    settings = LaunchSettings(engine="vllm", model="m", env={"CUDA_VISIBLE_DEVICES": "7"})
+    plan = [PlannedInstance(GENERAL, 1, 1, 1, (0,)), *PD_PLAN[:2]]
+    engines = engines_from_plan(plan, settings)
+    assert [dict(e.env) for e in engines] == [
+        {"CUDA_VISIBLE_DEVICES": "0"},
+        {"CUDA_VISIBLE_DEVICES": "0,1", "VLLM_NIXL_SIDE_CHANNEL_PORT": "5600"},
+        {"CUDA_VISIBLE_DEVICES": "2", "VLLM_NIXL_SIDE_CHANNEL_PORT": "5602"},
+    ]
+    assert [len(e.side_channel_ports) for e in engines] == [0, 2, 1]
