@@ -451,7 +451,10 @@ print("lost the GPU", flush=True)
 open({str(done)!r}, "w").close()
 sys.exit(5)
 """
-    waits = f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.02)\n"
+    waits = (  # (and a while longer: the launcher must not see it healthy before a's exit)
+        f"import os, time\nwhile not os.path.exists({str(done)!r}): time.sleep(0.02)\n"
+        "time.sleep(0.5)\n"
+    )
     second = stub(tmp_path, "b", base + 1)  # serves once the first has exited
     _, path, *args = second.argv
     second = replace(
