@@ -294,6 +294,12 @@ def test_launch_env_names_and_nul_characters_are_refused_at_their_key() -> None:
         ({"extra_args": ["--port", "20425"]}, "extra_args.0"),
         ({"extra_args": ["--max-num-seqs", "8", "--host=0.0.0.0"]}, "extra_args.2"),
         ({"engine": "vllm", "extra_args": ["--tensor_parallel_size", "4"]}, "extra_args.0"),
+        # a variable the launcher sets: it had been replaced without a word
+        ({"env": {"CUDA_VISIBLE_DEVICES": "7"}}, "env.CUDA_VISIBLE_DEVICES"),
+        (
+            {"engine": "vllm", "env": {"VLLM_NIXL_SIDE_CHANNEL_PORT": "1"}},
+            "env.VLLM_NIXL_SIDE_CHANNEL_PORT",
+        ),
     ):
         with pytest.raises(ConfigError) as info:
             LaunchSettings(**values)
@@ -925,8 +931,8 @@ def test_simulated_engines_are_given_the_extra_args() -> None:
     assert engine.argv[-2:] == ("--gpu-memory-utilization", "0.8")
 
 
-def test_only_pd_engines_get_a_nixl_side_channel_and_planned_gpus_win_over_env() -> None:
-    settings = LaunchSettings(engine="vllm", model="m", env={"CUDA_VISIBLE_DEVICES": "7"})
+def test_only_pd_engines_get_a_nixl_side_channel_and_the_planned_gpus() -> None:
+    settings = LaunchSettings(engine="vllm", model="m")
     plan = [PlannedInstance(GENERAL, 1, 1, 1, (0,)), *PD_PLAN[:2]]
     engines = engines_from_plan(plan, settings)
     assert [dict(e.env) for e in engines] == [

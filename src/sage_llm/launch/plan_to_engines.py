@@ -784,8 +784,9 @@ def process_problems(
 ) -> list[tuple[KeyPath, str]]:
     """(key path, problem) of each ``env`` name or value and ``extra_args`` string that an
     engine's process could not be started with (an ``=`` in a name, none, a NUL
-    character: the start would fail with a ValueError), or that gives again a flag the
-    launcher sets on ``engine``'s command line (:data:`MANAGED_FLAGS`)."""
+    character: the start would fail with a ValueError), or that gives again a variable the
+    launcher sets (:data:`MANAGED_ENV`) or a flag it sets on ``engine``'s command line
+    (:data:`MANAGED_FLAGS`)."""
     managed = MANAGED_FLAGS["sim" if engine == "sim" else "vllm"]
     found: list[tuple[KeyPath, str]] = []
     if isinstance(env, Mapping):
@@ -796,6 +797,10 @@ def process_problems(
                 )
             elif isinstance(value, str) and "\0" in value:
                 found.append((("env", name), "must not hold a NUL character"))
+            elif name in MANAGED_ENV:
+                found.append(
+                    (("env", name), f"the launcher sets {name} itself ({MANAGED_ENV[name]})")
+                )
     if isinstance(extra_args, list | tuple):
         for index, arg in enumerate(extra_args):
             if isinstance(arg, str) and "\0" in arg:
@@ -811,6 +816,13 @@ def process_problems(
                 )
     return found
 
+
+MANAGED_ENV: dict[str, str] = {
+    "CUDA_VISIBLE_DEVICES": "each engine's planned GPUs, its gpu_ids",
+    "VLLM_NIXL_SIDE_CHANNEL_PORT": "a PD engine's, counted from kv_base_port",
+}
+"""Environment variables the launcher sets on an engine's process: one in ``env`` would be
+replaced without a word."""
 
 MANAGED_FLAGS: dict[str, frozenset[str]] = {
     "vllm": frozenset({
