@@ -210,3 +210,11 @@ def test_chat_prompt_text_joins_content_parts_with_a_space() -> None:
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
     text = chat_prompt_text([{"role": "user", "content": parts}])
     assert text == "<|user|> Hello world\n<|assistant|>"
+
+
+def test_token_ids_of_multibyte_pieces_are_fixed_values() -> None:
+    # pinned like the block hashes: accented, CJK and astral characters, as UTF-8
+    text = "héllo 日本語 😀 𝐀𝐁 naïve"
+    assert split(text) == ["héllo", " 日本語", " 😀", " 𝐀𝐁", " naïve"]
+    assert tokenize(text) == [13110, 24301, 19265, 19650, 8999]
+    assert count_tokens(text) == 5
