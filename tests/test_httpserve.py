@@ -8,7 +8,7 @@ import socket
 import pytest
 from aiohttp import web
 
-from sage_llm.httpserve import KEEPALIVE_TIMEOUT_S, start_site
+from sage_llm.httpserve import KEEPALIVE_TIMEOUT_S, start_site, tcp_nodelay
 
 
 async def test_an_idle_keep_alive_connection_closes_after_the_documented_time() -> None:
@@ -51,3 +51,14 @@ async def test_a_site_that_cannot_bind_cleans_its_app_up() -> None:
     finally:
         taken.close()
     assert cleaned == [True]
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_tcp_nodelay_disables_nagle_on_a_tcp_transport(family: socket.AddressFamily) -> None:
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 on this host
+        pytest.skip(f"no {family.name} sockets here")
+    with sock:
+        tcp_nodelay(asyncio.BaseTransport(extra={"socket": sock}))
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
