@@ -366,9 +366,8 @@ def _gated_reply(go: asyncio.Event, rest: bytes | None, head: bytes = _STREAM_HE
     return reply
 
 
-async def _released_early(pool: FastPool, timeout_s: float = 60.0) -> asyncio.Event:
-    """A request whose reader takes the first chunk and releases the response with the
-    rest of its body still to come; the event is set when a connection is put back."""
+def _noting_put_back(pool: FastPool) -> asyncio.Event:
+    """An event set each time ``pool`` puts a connection back."""
     back = asyncio.Event()
     put_back = pool.put_back
 
@@ -377,6 +376,13 @@ async def _released_early(pool: FastPool, timeout_s: float = 60.0) -> asyncio.Ev
         back.set()
 
     pool.put_back = noting  # type: ignore[method-assign]
+    return back
+
+
+async def _released_early(pool: FastPool, timeout_s: float = 60.0) -> asyncio.Event:
+    """A request whose reader takes the first chunk and releases the response with the
+    rest of its body still to come; the event is set when a connection is put back."""
+    back = _noting_put_back(pool)
     resp = await pool.request("POST", "/x", b"")
     assert await resp.read_some() == b"hello"
     resp.release_later(timeout_s)
@@ -442,14 +448,7 @@ async def test_a_stream_whose_body_ends_after_its_done_event_reuses_the_connecti
         client = HTTPEngineClient(make_instance("e0", port=port), session)
         pool = client._fast_pool
         assert pool is not None
-        back = asyncio.Event()
-        put_back = pool.put_back
-
-        def noting(conn: Any) -> None:
-            put_back(conn)
-            back.set()
-
-        pool.put_back = noting  # type: ignore[method-assign]
+        back = _noting_put_back(pool)
         req = EngineRequest(request_id="r0", prompt="x", max_tokens=1, model="m", stream=stream)
         chunks = await asyncio.wait_for(client.complete(req), 10)
         assert [c.text for c in chunks] == ["hi"] and chunks[-1].finish_reason == "stop"
