@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
@@ -98,3 +100,22 @@ def test_options_needs_no_credentials(path: str) -> None:
     authorize(make_mocked_request("OPTIONS", path), ["k1"], "s3cret")
     with pytest.raises(AuthenticationError):
         authorize(make_mocked_request("POST", path), ["k1"], "s3cret")
+
+
+def test_matches_any_has_no_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constant time: every secret is compared, also after the first one matched."""
+    compared: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    assert matches_any("a", ["a", "b", "c"])
+    assert compared == [b"a", b"b", b"c"]
+
+
+def test_the_admin_prefix_without_its_slash_is_guarded_too() -> None:
+    with pytest.raises(AuthenticationError):
+        authorize(make_mocked_request("GET", "/admin"), [], "s3cret")
