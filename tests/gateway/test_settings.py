@@ -120,3 +120,15 @@ def test_tracing_flag_shapes() -> None:
     assert tracing_enabled(_Tracing(enabled=True)) is True
     assert tracing_enabled(_Tracing(enabled=False)) is False
     assert tracing_enabled(None) is False
+
+
+def test_a_nan_timeout_is_a_config_error_naming_the_field() -> None:
+    settings = _ConfigLike(request_timeout_s=float("nan"))
+    with pytest.raises(ConfigError) as err:
+        ResolvedGateway.from_settings(settings, _SECRETS)
+    assert err.value.key == "gateway.request_timeout_s"
+
+
+def test_settings_without_a_read_timeout_get_the_documented_30_s() -> None:
+    assert not hasattr(_ConfigLike(), "read_timeout_s")
+    assert ResolvedGateway.from_settings(_ConfigLike(), _SECRETS).read_timeout_s == 30.0
