@@ -274,3 +274,25 @@ async def test_probes_answer_any_request_id_as_documented() -> None:
                 assert resp.status == 200 and resp.headers["x-request-id"] != "bad id"
         async with http.get(gw.url("/openapi.json"), headers={"x-request-id": "bad id"}) as r:
             assert r.status == 400
+
+
+def test_every_429_and_503_documents_its_retry_after_header() -> None:
+    doc = build_openapi()
+    answers = [
+        (path, code, answer)
+        for path, ops in doc["paths"].items()
+        for op in ops.values()
+        for code, answer in op["responses"].items()
+        if code in ("429", "503")
+    ]
+    assert {code for _, code, _ in answers} == {"429", "503"}
+    for path, code, answer in answers:
+        assert "Retry-After" in answer.get("headers", {}), (path, code)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_generation_routes_document_the_optional_sage_headers(path: str) -> None:
+    params = build_openapi()["paths"][path]["post"]["parameters"]
+    headers = {p["name"]: p for p in params if p["in"] == "header"}
+    for name in ("x-request-id", "x-sage-priority", "x-sage-slo-ms", "x-session-id"):
+        assert headers[name]["required"] is False, name
