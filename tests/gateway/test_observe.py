@@ -14,10 +14,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from sage_llm.config import GatewayConfig
+from sage_llm.gateway import observe
 from sage_llm.gateway.observe import (
     RequestIds,
+    Tracing,
     load_tracer,
     observe_middleware,
     route_label,
@@ -441,3 +444,53 @@ def test_an_access_log_path_with_a_space_is_quoted(caplog: pytest.LogCaptureFixt
     (line,) = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
     assert "path='/v1/x status=200 model=gpt-4' status=404" in line
     assert line.endswith("model='a b'")
+
+
+async def test_access_log_latency_is_in_milliseconds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sage_llm.gateway")
+    clock = iter([10.0, 10.25])
+    monkeypatch.setattr(observe, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200)
+
+    middleware = observe_middleware((), None)
+    await middleware(make_mocked_request("GET", "/health"), handler)
+    (line,) = [r for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    assert line.latency_ms == 250.0  # type: ignore[attr-defined]
+    assert "latency_ms=250.0" in line.getMessage()
+
+
+async def test_a_request_whose_client_left_is_logged_with_499(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="sage_llm.gateway")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise asyncio.CancelledError
+
+    middleware = observe_middleware((), None)
+    request = make_mocked_request("POST", "/v1/completions", headers={"x-request-id": "left"})
+    with pytest.raises(asyncio.CancelledError):
+        await middleware(request, handler)
+    (line,) = [r for r in caplog.records if r.name == "sage_llm.gateway.access"]
+    assert line.status == 499 and line.request_id == "left"  # type: ignore[attr-defined]
+
+
+def test_only_a_5xx_marks_a_span_as_an_error() -> None:
+    """A 4xx is the client's: its span keeps an unset status."""
+    statuses: list[Any] = []
+    trace = types.SimpleNamespace(
+        get_tracer=lambda name: None,
+        Status=lambda code, text: (code, text),
+        StatusCode=types.SimpleNamespace(ERROR="error"),
+    )
+    span = types.SimpleNamespace(set_status=statuses.append)
+    tracing = Tracing(trace, None)
+    for status in (200, 400, 404, 429, 499):
+        tracing.mark_error(span, status)
+    assert statuses == []
+    tracing.mark_error(span, 502)
+    assert statuses == [("error", "HTTP 502")]
