@@ -83,16 +83,22 @@ _LENGTH_DIGITS = 20
 2**64 - 1, 20 digits), its leading zeros dropped."""
 
 
-def announced_length(request: web.BaseRequest) -> int | None:
-    """``request``'s ``Content-Length`` as its value (None without one): aiohttp's
-    ``content_length`` reads it with ``int()``, which refuses more than 4,300 digits
-    (leading zeros too: a ``ValueError``, a 500); a longer value reads as
-    ``10 ** _LENGTH_DIGITS``, above any size limit."""
-    raw = request.headers.get(hdrs.CONTENT_LENGTH)
+def content_length_value(raw: str | None) -> int | None:
+    """A ``Content-Length`` header's value (None without one, or with anything but
+    digits): ``int()`` refuses more than 4,300 digits (leading zeros too: a
+    ``ValueError``), so a longer value reads as ``10 ** _LENGTH_DIGITS``, above any size
+    limit."""
     if raw is None or not raw.isascii() or not raw.isdigit():
-        return None  # (aiohttp's parser lets only digits through)
+        return None
     digits = raw.lstrip("0")
     return int(digits or "0") if len(digits) <= _LENGTH_DIGITS else 10**_LENGTH_DIGITS
+
+
+def announced_length(request: web.BaseRequest) -> int | None:
+    """``request``'s ``Content-Length`` as its value (:func:`content_length_value`;
+    aiohttp's ``content_length`` reads it with ``int()``: a ``ValueError``, a 500, at
+    4,300 digits). aiohttp's parser lets only digits through."""
+    return content_length_value(request.headers.get(hdrs.CONTENT_LENGTH))
 
 
 def json_object(raw: bytes, *, infinity: bool = False) -> dict[str, Any]:

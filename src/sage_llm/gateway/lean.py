@@ -47,6 +47,7 @@ from sage_llm import jsonutil
 from sage_llm.gateway.errors import error_body
 from sage_llm.gateway.observe import REQUEST_ID_HEADER
 from sage_llm.httpserve import KEEPALIVE_TIMEOUT_S, tcp_nodelay
+from sage_llm.request_json import content_length_value
 from sage_llm.writebatch import WriteBatch
 
 log = logging.getLogger("sage_llm.gateway")
@@ -370,14 +371,12 @@ class LeanConnection(asyncio.Protocol):
             return None  # no Host: aiohttp's 400 (RFC 9112 section 3.2)
         if self._server.cors and "origin" in headers:
             return None
-        length = headers.get("content-length")
-        if length is None or not length.isascii() or not length.isdigit():
-            return None
-        if length[0] == "0" and len(length) > 1:  # read as its value: int() refuses
-            headers["content-length"] = length = length.lstrip("0") or "0"  # 4,300+ digits
-        server = self._server
-        if len(length) > server.max_body_digits or int(length) > server.max_body_bytes:
-            return None  # aiohttp answers 413
+        raw = headers.get("content-length", "")
+        length = content_length_value(raw)
+        if length is None or length > self._server.max_body_bytes:
+            return None  # (none: chunked, or not a number; above the limit: aiohttp's 413)
+        if raw[0] == "0":  # (leading zeros, which int() refuses past 4,300 digits)
+            headers["content-length"] = str(length)
         return "POST", path, headers
 
     def _after_request(self) -> None:
@@ -594,9 +593,6 @@ class LeanServer:
         a connection is handed to it, when the bytes handed over began to arrive."""
         self.routes = routes
         self.max_body_bytes = max_body_bytes
-        self.max_body_digits = len(str(max_body_bytes))
-        """A ``Content-Length`` with more digits than this (its leading zeros dropped) is
-        above ``max_body_bytes``, without reading it as a number."""
         self.max_buffer = max_body_bytes + _MAX_HEAD
         self.cors = cors
         self.keepalive_timeout_s = keepalive_timeout_s
