@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -99,6 +101,17 @@ def test_target_lines_set_each_gateway_target_against_the_faster_rust_router() -
     ]
 
 
+def test_target_lines_meet_the_rate_target_at_0_8x_and_the_added_one_below_0_5_ms() -> None:
+    rows = [
+        ProxyRow("sage-llm serve", False, None, 0.5, None, 3200.0, 0),
+        ProxyRow("vllm-router", False, None, 0.2, None, 4000.0, 0),
+    ]
+    assert target_lines(rows) == [
+        "sage-llm serve, non-streaming: c64 0.80x vllm-router (met: >= 0.8x); "
+        "c1 added 0.50 ms (not met: < 0.5 ms)"
+    ]
+
+
 def test_a_peer_given_twice_is_refused() -> None:
     with pytest.raises(ConfigError, match="vllm-router is given twice") as info:
         check_proxy_options(["vllm-router", "sglang-router", "vllm-router"], 8)
@@ -165,6 +178,102 @@ def test_rounds_give_the_median_rate_and_pool_the_latencies() -> None:
     console = Console(width=200, record=True)
     console.print(render_rows(list(rows_from(results))))
     assert "4 / 9 / 6" in console.export_text()
+
+
+def test_an_even_number_of_rounds_gives_the_lower_middle_rate() -> None:
+    runs = [(_result([10.0]), _result([1.0] * n, wall_s=1.0)) for n in (4, 9, 6, 7)]
+    (row,) = rows_from({("proxy", False): runs})
+    assert row.req_per_s_c64_runs == (4.0, 9.0, 6.0, 7.0)
+    assert row.req_per_s_c64 == 6.0  # a round's own figure: not 7, nor 6.5
+
+
+class _Clock:
+    """The closed-loop client's clock (``time`` in the module), moved only by the test's
+    server; an event is set whenever the client reads it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.cpu = 0.0
+        self.read = asyncio.Event()
+
+    def perf_counter(self) -> float:
+        self.read.set()
+        return self.now
+
+    def process_time(self) -> float:
+        return self.cpu
+
+
+async def _closed_loop_on(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *,
+    stream: bool,
+    requests: int,
+    warmup: int,
+) -> ClientResult:
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner, port = await start_app(app)
+    try:
+        return await closed_loop(
+            f"http://127.0.0.1:{port}", concurrency=1, requests=requests, stream=stream,
+            warmup=warmup,
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+
+
+def test_warmup_requests_are_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(proxy_bench, "time", clock)
+    served = 0
+
+    async def answer(request: web.Request) -> web.Response:
+        nonlocal served
+        served += 1
+        step = 100.0 if served <= 2 else 1.0  # the two warm-up requests take long
+        clock.now += step
+        clock.cpu += step
+        return web.Response(text="{}")
+
+    result = asyncio.run(_closed_loop_on(answer, stream=False, requests=3, warmup=2))
+    assert served == 5
+    assert result.latencies_s == [1.0, 1.0, 1.0]
+    assert result.wall_s == pytest.approx(3.0)
+    assert result.cpu_s == pytest.approx(3.0)
+    assert result.req_per_s == pytest.approx(1.0)
+
+
+def test_ttft_is_the_time_to_the_first_streamed_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(proxy_bench, "time", clock)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        clock.read.clear()
+        await resp.write(b"data: first\n\n")
+        # the client notes the first chunk's time before the rest comes, 5 s later
+        await asyncio.wait_for(clock.read.wait(), 10.0)
+        clock.now += 5.0
+        await resp.write(b"data: last\n\n")
+        await resp.write_eof()
+        return resp
+
+    result = asyncio.run(_closed_loop_on(stream, stream=True, requests=2, warmup=0))
+    assert result.errors == 0
+    assert result.ttfts_s == [0.0, 0.0]
+    assert result.latencies_s == [5.0, 5.0]
+
+
+def test_a_request_answered_with_an_error_status_is_failed_not_completed() -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="overloaded")
+
+    result = asyncio.run(_closed_loop_on(refuse, stream=False, requests=4, warmup=1))
+    assert result.errors == 4
+    assert result.latencies_s == []
+    assert result.req_per_s == 0.0  # completed requests per second
 
 
 @pytest.mark.parametrize("stream", [False, True])
