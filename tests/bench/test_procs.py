@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from sage_llm.bench.peers import PeerInstall, get_spec
 from sage_llm.bench.procs import (
     ProcessStartError,
     counter_total,
     engine_sim_argv,
     free_ports,
     group_cpu_s,
+    serving,
     spawn,
     start_engine_sims,
     start_peer_router,
@@ -147,6 +149,41 @@ async def test_a_process_that_never_answers_is_not_ready(tmp_path: Path) -> None
             await proc.wait_ready("/health", lambda s, b: s == 200, timeout_s=0.0)
     finally:
         await proc.stop()
+
+
+def _leaves_a_child(pid_file: Path) -> str:
+    """A shell script that starts a child in its process group, notes its pid in
+    ``pid_file`` and exits with status 3 (a start-up that fails)."""
+    return f"sleep 60 & echo $! > {pid_file}; exit 3"
+
+
+async def test_a_peer_router_that_fails_to_start_is_stopped_with_its_group(
+    tmp_path: Path,
+) -> None:
+    spec = get_spec("vllm-router")
+    venv = tmp_path / "venv"
+    script = venv / "bin" / spec.launch[0]
+    script.parent.mkdir(parents=True)
+    script.write_text(f"#!/bin/sh\n{_leaves_a_child(tmp_path / 'child.pid')}\n")
+    script.chmod(0o755)
+    install = PeerInstall(spec, venv, spec.version, None, 0)
+    with pytest.raises(ProcessStartError, match="exited with status 3"):
+        await start_peer_router(
+            "vllm-router", ["http://127.0.0.1:1"], install=install, log_dir=tmp_path / "logs"
+        )
+    child = int((tmp_path / "child.pid").read_text())
+    await _eventually(lambda: not _alive(child))
+
+
+async def test_a_served_process_that_fails_to_start_is_stopped_with_its_group(
+    tmp_path: Path,
+) -> None:
+    argv = ["sh", "-c", _leaves_a_child(tmp_path / "child.pid")]
+    with pytest.raises(ProcessStartError, match="exited with status 3"):
+        async with serving("broken", argv, port=free_ports(1)[0], log_path=tmp_path / "b.log"):
+            raise AssertionError("it never became ready")
+    child = int((tmp_path / "child.pid").read_text())
+    await _eventually(lambda: not _alive(child))
 
 
 async def test_a_missing_program_is_a_start_error(tmp_path: Path) -> None:
