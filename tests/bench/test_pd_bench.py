@@ -183,6 +183,25 @@ def test_evaluate_targets_compares_against_colocated() -> None:
     assert out["chat_target_met"] is False
 
 
+def test_the_targets_are_met_at_exactly_1_5x_and_0_95x_colocated() -> None:
+    def case(name: str, decider: str | None, workload: str, goodput: float) -> dict[str, object]:
+        fleet = {"name": name, "model": "llama-3.1-8b", "decider": decider}
+        return {"fleet": fleet, "workload": workload, "goodput_rps": goodput}
+
+    out = evaluate_targets(
+        [
+            case("colocated", None, "long_prompt", 2.0),
+            case("pd-3:5", "always", "long_prompt", 3.0),
+            case("colocated", None, "sharegpt_like", 10.0),
+            case("adaptive-hybrid", "adaptive", "sharegpt_like", 9.5),
+        ]
+    )
+    assert out["long_prompt_best_pd_vs_colocated"] == 1.5
+    assert out["long_prompt_target_met"] is True  # >= 1.5x
+    assert out["chat_adaptive_vs_colocated"] == {"adaptive-hybrid": 0.95}
+    assert out["chat_target_met"] is True  # never below 0.95x
+
+
 def test_pd_bench_main_writes_json_and_prints_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
