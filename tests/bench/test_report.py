@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from sage_llm.bench.report import (
     check_out_dir,
     check_out_file,
     goodput_curves,
+    report_console,
     summary_table,
     target_check,
     urgent_and_rest,
@@ -268,3 +271,10 @@ def test_a_file_where_a_folder_goes_is_named(check: Callable[[Path], None], tmp_
     assert info.value.message == f"out: {afile} is a file, not a folder"
     with pytest.raises(ConfigError, match=r"^out: cannot write"):
         check(Path("/proc/sage-llm-nowhere/x"))
+
+
+def test_the_report_is_160_columns_wide_when_output_is_not_a_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file or a pipe, not a terminal
+    assert report_console().width == 160
