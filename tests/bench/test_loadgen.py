@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from aiohttp import web
+
 from sage_llm.bench.loadgen import errors_by_kind, run_http_workload
 from sage_llm.bench.stats import summarize
 from sage_llm.bench.workloads import Fixed, synthetic
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
+from tests.engines.fake_engine import start_app
 
 MODEL = "llama-3-8b"
 
@@ -37,3 +40,29 @@ async def test_measures_every_streamed_token_and_reports_errors() -> None:
     assert report.max_send_lag_s >= report.mean_send_lag_s >= 0.0
     assert not any(m.ok for m in bad.measurements)
     assert errors_by_kind(bad.measurements) == {"HTTP 404": 12}
+
+
+async def test_a_stream_that_ends_in_an_error_event_is_a_failed_request() -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"text": "Hi"}]}\n\n')
+        await resp.write(b'data: {"error": {"message": "engine died"}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", stream)
+    runner, port = await start_app(app)
+    try:
+        workload = synthetic(1, 10.0, input_dist=Fixed(8), output_dist=Fixed(4), seed=0)
+        report = await run_http_workload(
+            f"http://127.0.0.1:{port}", workload, model=MODEL, sage_headers=False
+        )
+    finally:
+        await runner.cleanup()
+    (m,) = report.measurements
+    assert not m.ok
+    assert m.error == "engine died"
+    assert summarize(report.measurements, report.duration_s).failed == 1
