@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from sage_llm.engines.base import EngineRequest, KVHandle
+from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
 from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.errors import AdmissionError, EngineError
 from sage_llm.sim import server as sim_server
@@ -181,6 +182,47 @@ async def test_continuous_usage_stats_ride_every_chunk_only_with_include_usage(
     assert objs[-1]["choices"] == []  # the closing usage chunk
 
 
+async def test_continuous_usage_totals_are_prompt_plus_completion_tokens(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    """Every chunk's usage so far is vLLM's: ``total_tokens`` is the prompt's tokens and
+    those generated so far."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    events = await sse_events(http, f"{base}/v1/chat/completions", body)
+    usages = [json.loads(e)["usage"] for e in events[:-1]]
+    assert [u["completion_tokens"] for u in usages] == [0, 1, 2, 2]
+    for usage in usages:
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+class _NoUsage(FakeEngine):
+    """A fake engine whose chunks carry no usage."""
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        async for chunk in super().generate(req):
+            yield replace(chunk, usage=None)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engine_that_reports_no_usage_is_counted_a_token_a_chunk(
+    http: aiohttp.ClientSession, stream: bool
+) -> None:
+    runner, port = await start_engine_server(_NoUsage(), model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        body: dict[str, Any] = {"prompt": "p q", "max_tokens": 3, "stream": stream}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            usage = json.loads((await sse_events(http, url, body))[-2])["usage"]
+        else:
+            usage = (await post(http, url, body))[1]["usage"]
+    finally:
+        await runner.cleanup()
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (2, 3, 5)
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -335,6 +377,54 @@ async def test_client_disconnect_closes_engine_iterator_and_counts_no_abort(
         await runner.cleanup()
 
 
+class _HeldChunks:
+    """An engine's stream that is not an async generator (nothing closes it but its
+    reader): one chunk, then held until its reader goes."""
+
+    def __init__(self) -> None:
+        self.given = False
+        self.closed = asyncio.Event()
+
+    def __aiter__(self) -> _HeldChunks:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if not self.given:
+            self.given = True
+            return Chunk(text=" w0")
+        await asyncio.Event().wait()
+        raise StopAsyncIteration  # pragma: no cover - never reached
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+class _HeldEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream = _HeldChunks()
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        return self.stream
+
+
+async def test_a_client_gone_mid_stream_closes_the_engines_iterator(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The server closes the engine's stream itself when its client goes (so the engine
+    aborts), whatever kind of iterator the engine answered with."""
+    engine = _HeldEngine()
+    runner, port = await start_engine_server(engine, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        body = {"prompt": "x", "max_tokens": 5, "stream": True}
+        resp = await http.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+        assert b" w0" in await resp.content.readuntil(b"\n\n")
+        resp.close()
+        await asyncio.wait_for(engine.stream.closed.wait(), timeout=10)
+    finally:
+        await runner.cleanup()
+
+
 class _LeftPrefill(FakeEngine):
     """A fake engine whose held prefill leg says when its client's going cancelled it."""
 
@@ -414,6 +504,21 @@ async def test_prefill_leg_answers_one_token_with_kv_transfer_params(
     assert status == 400 and out["error"]["param"] == "stream"
     assert "answered in one piece" in out["error"]["message"]
     assert [r.request_id for r in fake.prefills] == ["pd"]  # not run
+
+
+async def test_a_prefill_leg_ends_length_and_reports_its_cached_prompt_tokens(
+    base: str, http: aiohttp.ClientSession, fake: FakeEngine
+) -> None:
+    """As documented: the leg's one token ends with ``finish_reason: "length"`` (and
+    ``stop_reason: null``), and its usage counts the prompt tokens the prefix cache held."""
+    fake.cached_tokens = 2
+    body = {"model": MODEL, "prompt": "long prompt here", "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True}}  # fmt: skip
+    status, out = await post(http, f"{base}/v1/completions", body)
+    assert status == 200
+    choice = out["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("length", None)
+    assert out["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
 
 
 async def test_decode_leg_hands_params_to_generate(
