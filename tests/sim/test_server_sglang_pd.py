@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,9 @@ import pytest
 from sage_llm.bench import procs
 from sage_llm.bench.peers import PeerError, PeerInstall, ensure_peer, peers_dir
 from sage_llm.bench.procs import counter_total, free_ports, start_engine_sims
+from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.errors import EngineError, EngineTimeoutError, InvalidRequestError
+from sage_llm.sim import server as sim_server
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import (
@@ -28,6 +31,7 @@ from sage_llm.sim.server import (
     start_engine_server,
 )
 from sage_llm.types import ExecutionInstanceType as Role
+from tests.engines.fake_engine import FakeEngine
 
 MODEL = "llama-3-8b"
 PROMPT = " ".join(["word"] * 300)
@@ -181,6 +185,94 @@ async def test_non_streamed_legs_and_a_decode_leg_that_cannot_find_its_prefill(
         async with http.get(bad, params={"timeout_s": "0.05"}) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["param"] == "room"
+
+
+class _PrefillFake(FakeEngine):
+    """A prefill-role fake engine that notes the KV it is told to unpin."""
+
+    config = SimpleNamespace(role=Role.PREFILLING)
+
+    def __init__(self, *, fail_with: EngineError | None = None) -> None:
+        super().__init__(fail_with=fail_with)
+        self.released: list[str] = []
+
+    def release_kv(self, request_id: str) -> bool:
+        self.released.append(request_id)
+        return True
+
+
+class _QuickRooms(BootstrapRooms):
+    """Rooms that expire at once, and say when one has."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(ttl_s=0.01, **kwargs)
+        self.expired = asyncio.Event()
+
+    def _expire(self, room: int, fut: asyncio.Future[Any]) -> None:
+        super()._expire(room, fut)
+        self.expired.set()
+
+
+def _leg(room: int) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "x", "max_tokens": 4, "bootstrap_room": room}
+
+
+async def test_a_room_no_decode_leg_takes_releases_its_prefill_kv(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As documented (``BOOTSTRAP_WAIT_S``): a filed room that waits past its time to be
+    fetched has its KV released, so an abandoned leg does not hold the prefill cache."""
+    made: list[_QuickRooms] = []
+
+    def rooms(**kwargs: Any) -> _QuickRooms:
+        made.append(_QuickRooms(**kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sim_server, "BootstrapRooms", rooms)
+    engine = _PrefillFake()
+    runner, port = await start_engine_server(engine, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, out = await _post(http, port, _leg(21))
+        assert status == 200 and out["usage"]["completion_tokens"] == 1
+        await asyncio.wait_for(made[0].expired.wait(), timeout=10)
+        assert engine.released == [engine.prefills[0].request_id]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_non_streamed_prefill_leg_is_a_finished_request_in_the_metrics() -> None:
+    """Its one token is timed and the leg counted as a finished request (``length``), as
+    a streamed leg is."""
+    runner, port = await start_engine_server(_PrefillFake(), model_name=MODEL)
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, _ = await _post(http, port, _leg(23))
+            assert status == 200
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                samples = parse_prometheus_text(await resp.text())
+    finally:
+        await runner.cleanup()
+    assert counter_total(samples, "vllm:time_to_first_token_seconds_count") == 1.0
+    ended = {labels["finished_reason"]: n for labels, n in samples["vllm:request_success_total"]}
+    assert ended == {"abort": 0.0, "length": 1.0, "stop": 0.0}
+
+
+async def test_a_failed_prefill_leg_fails_its_rooms_decode_leg_at_once() -> None:
+    """A prefill leg that fails files its error under its room: the decode side's
+    bootstrap fetch answers the failure, not a wait for a leg that will never come."""
+    engine = _PrefillFake(fail_with=EngineError("engine crashed", status=503))
+    runner, port = await start_engine_server(engine, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, _ = await _post(http, port, _leg(22))
+            assert status == 503
+            url = f"http://127.0.0.1:{port}{BOOTSTRAP_PATH.format(room=22)}"
+            async with http.get(url, params={"timeout_s": "5"}) as resp:
+                assert resp.status == 502
+                assert "engine crashed" in (await resp.json())["error"]["message"]
+    finally:
+        await runner.cleanup()
 
 
 # --- sglang-router in PD mode over engine-sim processes -----------------------------------
