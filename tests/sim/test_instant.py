@@ -155,3 +155,30 @@ def test_cli_refuses_an_instant_pd_leg() -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0
     assert "--instant runs whole requests only" in proc.stderr + proc.stdout
+
+
+async def test_every_request_served_is_timed_in_the_queue_histogram_at_0_s() -> None:
+    """As documented: it reports a queue time of 0 for every request, so its server's
+    ``vllm:request_queue_time_seconds`` counts every finished request."""
+    runner, port = await start_engine_server(InstantEngine("i0"), model_name=MODEL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+                async with http.post(f"{base}/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+            async with http.get(f"{base}/metrics") as resp:
+                lines = (await resp.text()).splitlines()
+    finally:
+        await runner.cleanup()
+    queue = {
+        line.split("{", 1)[0]: line.rsplit(" ", 1)[1]
+        for line in lines
+        if line.startswith(("vllm:request_queue_time_seconds_count",
+                            "vllm:request_queue_time_seconds_sum"))
+    }  # fmt: skip
+    assert queue == {
+        "vllm:request_queue_time_seconds_count": "2.0",
+        "vllm:request_queue_time_seconds_sum": "0.0",
+    }
