@@ -6,10 +6,10 @@ from collections import OrderedDict
 
 import pytest
 
-from sage_llm.control_plane.intake import build_request
+from sage_llm.control_plane.intake import MAX_TOKENS_BOUND, build_request, resolve_model
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import EngineRequest
-from sage_llm.errors import InvalidRequestError
+from sage_llm.errors import InvalidRequestError, ModelNotFoundError
 from sage_llm.tokens import chat_prompt_text, last_tokens, prompt_blocks
 from sage_llm.types import RequestPriority
 from tests.factories import make_metadata
@@ -219,3 +219,54 @@ def test_truncate_prompt_tokens_is_the_prompt_the_engine_runs(chat: bool) -> Non
     )
     info, _ = build_request(ids, "m", now=0.0, stream=False, default_max_tokens=16, block_size=None)
     assert info.prompt_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("slo_deadline_ms", 0), ("slo_deadline_ms", -100.0), ("cost_budget", float("inf")),
+     ("priority", "urgent"), ("priority", 7), ("temperature", -0.5), ("top_p", 1.5)],
+)  # fmt: skip
+def test_a_value_outside_its_documented_range_is_refused_naming_its_field(
+    field: str, value: object
+) -> None:
+    """An SLO must be positive (a 0 ms one is no target), a budget finite and >= 0, a
+    priority one of the five; the error names the field."""
+    with pytest.raises(InvalidRequestError) as err:
+        build_request(make_metadata("r", **{field: value}), "m", now=0.0, stream=True,
+                      default_max_tokens=16, block_size=16)  # fmt: skip
+    assert err.value.param == field
+
+
+def test_the_bounds_of_each_documented_range_are_taken() -> None:
+    """temperature within [0, 2], top_p within (0, 1], cost_budget >= 0 and max_tokens up
+    to MAX_TOKENS_BOUND: each bound itself is a value taken."""
+    for changes in (
+        {"temperature": 0.0}, {"temperature": 2.0}, {"top_p": 1.0}, {"cost_budget": 0},
+        {"max_tokens": MAX_TOKENS_BOUND}, {"priority": "background"}, {"priority": 0},
+    ):  # fmt: skip
+        info, _ = build_request(make_metadata("r", **changes), "m", now=0.0, stream=True,
+                                default_max_tokens=16, block_size=16)  # fmt: skip
+        assert info.max_tokens == changes.get("max_tokens", 16)
+
+
+def test_truncate_prompt_tokens_of_one_keeps_the_last_token() -> None:
+    """Any ``truncate_prompt_tokens`` >= 1 is the prompt's last k tokens, 1 included."""
+    meta = make_metadata(
+        "r", prompt=list(range(300, 320)), extra_body={"truncate_prompt_tokens": 1}
+    )
+    info, _ = build_request(
+        meta, "m", now=0.0, stream=False, default_max_tokens=16, block_size=None
+    )
+    assert info.prompt_tokens == 1
+
+
+def test_an_unresolvable_model_is_refused_naming_the_field() -> None:
+    """Several models served: the request must name one (``model_name``); one no instance
+    serves is the API's unknown ``model``."""
+    with pytest.raises(InvalidRequestError) as err:
+        resolve_model(make_metadata("r", model_name=None), {"a", "b"})
+    assert err.value.param == "model_name"
+    with pytest.raises(ModelNotFoundError) as missing:
+        resolve_model(make_metadata("r", model_name="c"), {"a", "b"})
+    assert missing.value.param == "model"
+    assert resolve_model(make_metadata("r", model_name=None), {"a"}) == "a"
