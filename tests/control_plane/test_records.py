@@ -131,3 +131,17 @@ def test_discard_output_forgets_the_finish_reason_too() -> None:
     assert record.finish_reason is None
     assert record.first_token_at is None and record.completion_tokens == 0
     assert not record.text_parts and not record.token_ids
+
+
+def test_a_failure_is_forgotten_with_its_result_and_each_copy_is_fresh() -> None:
+    """``failure`` answers None once the result is no longer kept (past ``ttl_s``, or
+    pushed out by ``capacity``), and a fresh copy each time it is asked."""
+    finished = FinishedRecords(capacity=2, ttl_s=10.0)
+    for rid in ("old", "a", "b"):  # "old" pushed out by capacity
+        finished.add(_result(rid, RequestStatus.FAILED), 0.0, failure=EngineError(rid))
+    assert "old" not in finished and finished.failure("old") is None
+    first, second = finished.failure("a"), finished.failure("a")
+    assert isinstance(first, EngineError) and first is not second
+    finished.expire(10.001)  # "a" and "b" expired
+    assert len(finished) == 0 and finished.failure("a") is None
+    assert finished._failures == {}
