@@ -209,3 +209,35 @@ def test_policies_strategies_and_deciders_report_every_problem() -> None:
     with pytest.raises(ConfigErrors) as info:
         build_decider("threshold", {"a": 1, "b": 2})
     assert "PD decider 'threshold'" in info.value.errors[0].message
+
+
+@dataclass(frozen=True)
+class Named:
+    label: str = "x"
+    size: int = 1
+    rate: float = 1.0
+    first: float = 0.0
+    last: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.first > self.last:
+            raise ValueError("first must not be after last")
+
+
+def test_a_boolean_is_no_number_and_a_string_field_takes_only_a_string() -> None:
+    for key, value, says in (
+        ("size", True, "must be an integer"),
+        ("rate", False, "must be a number"),
+        ("label", 3, "must be a string"),
+    ):
+        with pytest.raises(ConfigError, match=says) as info:
+            build_params(Named, {key: value})
+        assert info.value.key == key
+
+
+def test_a_problem_between_keys_comes_after_each_keys_own() -> None:
+    """The problems in the table's order, then one between keys (named by no key)."""
+    with pytest.raises(ConfigErrors) as info:
+        build_params(Named, {"first": 0.5, "last": 0.2, "size": "big"})
+    assert [e.key for e in info.value.errors] == ["size", None]
+    assert "first must not be after last" in info.value.errors[1].message
