@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 from sage_llm.types import ExecutionInstanceType
-from tests.factories import make_instance_view
+from tests.factories import make_instance_view, make_request_info, make_snapshot
 
 
 def test_with_assignment_advances_only_the_chosen_view() -> None:
@@ -49,3 +51,33 @@ def test_load_is_clipped_to_one() -> None:
     # its bound lowered while more ran
     assert make_instance_view(in_flight=3, max_concurrency=2).load == 1.0
     assert make_instance_view(in_flight=0, max_concurrency=0).load == 1.0
+
+
+def test_a_request_info_reads_its_slo_from_its_absolute_deadline_and_its_sticky_key() -> None:
+    """``deadline`` is arrival + SLO; the sticky key is the session, else the user."""
+    req = make_request_info(arrival=10.0, slo_s=0.25, user_id="u", session_id="s")
+    assert req.slo_s == 0.25 and make_request_info().slo_s is None
+    assert req.sticky_key == "s"
+    assert make_request_info(user_id="u").sticky_key == "u"
+
+
+def test_instances_that_failed_a_request_or_are_full_cannot_start_it() -> None:
+    """``runnable`` and ``can_serve`` leave out the instances a retry avoids
+    (``excluded_instances``) and those with no free slot."""
+    full = make_instance_view("full", in_flight=2, max_concurrency=2)
+    failed, free = make_instance_view("failed"), make_instance_view("free")
+    snap = make_snapshot([full, failed, free])
+    retry = make_request_info(excluded_instances=frozenset({"failed"}))
+    assert [i.instance_id for i in snap.runnable(retry)] == ["free"]
+    assert not make_snapshot([full, failed]).can_serve(retry)
+    assert make_snapshot([full, failed]).can_serve(make_request_info())
+
+
+def test_predictions_count_decode_steps_after_the_first_token_and_every_gpu() -> None:
+    """E2E: TTFT and one TPOT per output token after the first; cost: price per GPU-hour
+    × GPUs × predicted time."""
+    view = make_instance_view(est_ttft_base_s=0.1, est_prefill_tps=1000.0, est_tpot_s=0.02,
+                              gpu_count=4, price_per_gpu_hour=3.6)  # fmt: skip
+    assert view.predict_e2e_s(100, 11) == pytest.approx(0.1 + 0.1 + 10 * 0.02)
+    assert view.predict_e2e_s(100, 0) == pytest.approx(0.2)
+    assert view.predict_cost(100, 11) == pytest.approx(4 * 0.001 * 0.4)
