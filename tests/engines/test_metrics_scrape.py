@@ -346,3 +346,32 @@ def test_sglang_with_no_prompt_tokens_counted_yet_uses_its_cache_hit_rate() -> N
     )
     stats = scrape_text_to_stats(text)
     assert (stats.prefix_cache_queries_total, stats.prefix_cache_hits_total) == (1.0, 0.4)
+
+
+def test_every_count_is_summed_over_its_label_sets() -> None:
+    """Data-parallel ranks add up: running and waiting of each engine label, not one."""
+    text = (
+        'vllm:num_requests_running{engine="0"} 1\nvllm:num_requests_running{engine="1"} 2\n'
+        'vllm:num_requests_waiting{engine="0"} 0\nvllm:num_requests_waiting{engine="1"} 5\n'
+    )
+    stats = scrape_text_to_stats(text)
+    assert (stats.running, stats.waiting) == (3, 5)
+
+
+def test_llamacpp_decode_calls_alone_count_tokens() -> None:
+    """The stall check reads llama.cpp's decode calls with its token counters: a page with
+    only ``llamacpp:n_decode_total`` is judged."""
+    stats = scrape_text_to_stats("llamacpp:requests_processing 1\nllamacpp:n_decode_total 9\n")
+    assert (stats.counts_tokens, stats.steps_total) == (True, 9.0)
+
+
+def test_a_fraction_below_zero_is_clamped_to_zero() -> None:
+    assert scrape_text_to_stats("vllm:kv_cache_usage_perc -0.25\n").kv_usage == 0.0
+
+
+def test_tab_separated_samples_and_comments_without_a_space_are_read() -> None:
+    """The text format separates a sample's tokens by blanks or tabs, and any line whose
+    first character is ``#`` is a comment."""
+    text = "#TYPE vllm:num_requests_running gauge\nvllm:num_requests_running\t4\n"
+    assert parse_prometheus_text(text) == {"vllm:num_requests_running": [({}, 4.0)]}
+    assert scrape_text_to_stats(text).running == 4
