@@ -60,6 +60,25 @@ def test_no_retry_estimate_without_a_live_instance() -> None:
     assert verdict.retry_after_s is None
 
 
+def test_the_retry_estimate_counts_each_instances_concurrency() -> None:
+    """The fleet's throughput is each instance's concurrency over its predicted e2e: twice
+    the slots start the excess in half the time."""
+    four = estimate_drain_s(100, make_snapshot([make_instance_view("a", max_concurrency=4)]))
+    eight = estimate_drain_s(100, make_snapshot([make_instance_view("a", max_concurrency=8)]))
+    assert four is not None and eight is not None
+    assert eight == pytest.approx(four / 2)
+
+
+def test_a_draining_instance_does_not_count_toward_the_retry_estimate() -> None:
+    live = make_instance_view("a")
+    draining = make_instance_view("b", accepting=False)
+    alone = estimate_drain_s(100, make_snapshot([live]))
+    assert alone is not None
+    assert estimate_drain_s(100, make_snapshot([live, draining])) == pytest.approx(alone)
+    assert estimate_drain_s(100, make_snapshot([draining])) is None
+    assert check_queue_bound(3, 3, make_snapshot([draining])).retry_after_s is None
+
+
 def test_queue_bound_object_and_bad_bound() -> None:
     bound = QueueBound(2)
     assert bound.check(1, make_snapshot(1)).admitted
