@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sage_llm.control_plane.scheduling._lanes import LaneQueue
 from sage_llm.control_plane.scheduling.priority import PriorityPolicy, effective_priority
 from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 from sage_llm.types import RequestPriority
@@ -118,3 +119,28 @@ def test_drain_before_any_snapshot_orders_as_at_the_latest_arrival() -> None:
     policy.push(make_request_info("bg-old", priority=RequestPriority.BACKGROUND, arrival=0.0))
     policy.push(make_request_info("crit-new", priority=RequestPriority.CRITICAL, arrival=100.0))
     assert [r.request_id for r in policy.drain()] == ["bg-old", "crit-new"]
+
+
+def test_model_counts_count_only_the_requests_still_queued() -> None:
+    """A request removed from under its lane's head (left in the heap, marked dead) is no
+    longer counted for its model."""
+    queue = LaneQueue()
+    for i in range(3):
+        queue.push(make_request_info(f"a{i}", model="m0", arrival=i), 0, float(i))
+    queue.push(make_request_info("b", model="m1"), 0, 0.0)
+    assert queue.remove("a1") is not None
+    assert queue.model_counts() == {"m0": 2, "m1": 1}
+
+
+def test_a_drained_policy_counts_no_request_by_priority() -> None:
+    """``adaptive`` drains an inner policy on a switch and reuses it on a switch back: its
+    ``queued_by_priority`` counts only what was pushed since."""
+    policy = PriorityPolicy()
+    policy.push(make_request_info("h", priority=RequestPriority.HIGH))
+    policy.push(make_request_info("b", priority=RequestPriority.BACKGROUND))
+    assert len(policy.drain()) == 2
+    state = policy.describe()["state"]
+    assert isinstance(state, dict) and state["queued_by_priority"] == {}
+    policy.push(make_request_info("h2", priority=RequestPriority.HIGH))
+    state = policy.describe()["state"]
+    assert isinstance(state, dict) and state["queued_by_priority"] == {"HIGH": 1}
