@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -566,3 +567,23 @@ async def test_embeddings_carry_the_request_id_and_answer_valid_json() -> None:
             answer = json.loads(await r.text())
     assert answer["data"][0]["embedding"] == [0.5, None]
     assert seen == ["emb-rid-1"]
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_a_body_of_max_body_bytes_is_served_and_one_byte_more_is_413_on_either_front(
+    lean_server: bool,
+) -> None:
+    """``max_body_bytes``: larger bodies get 413 (docs/gateway.md), aiohttp's front as the
+    lean one's."""
+    body = json.dumps(completion_body()).encode()
+    limit = len(body) + 64
+    exact = body + b" " * (limit - len(body))  # JSON whitespace up to the limit
+    settings = GatewayConfig(max_body_bytes=limit, lean_server=lean_server)
+    headers = {"Content-Type": "application/json"}
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/v1/completions"), data=exact, headers=headers) as r:
+            assert r.status == 200, await r.text()
+        async with http.post(gw.url("/v1/completions"), data=exact + b" ", headers=headers) as r:
+            assert r.status == 413
+            error = (await r.json())["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", 413)
