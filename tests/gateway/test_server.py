@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from sage_llm.config import GatewayConfig
+from sage_llm.gateway.app import ADMIN_KEY
 from sage_llm.gateway.server import run_gateway, start_gateway
 from sage_llm.sim.clock import run_virtual
 from tests.gateway.harness import completion_body, make_manager, read_events, serve
@@ -699,3 +700,86 @@ async def test_a_gateway_open_beyond_loopback_is_warned_of_unless_it_has_api_key
         await asyncio.wait_for(server, 10)
     warned = any("has no API key" in r.getMessage() for r in caplog.records)
     assert warned is (keys == "none")
+
+
+async def test_the_gateway_binds_127_0_0_1_unless_told_otherwise() -> None:
+    manager, _, _ = make_manager(1)
+    site, port = await start_gateway(manager, manage_lifecycle=True)
+    try:
+        assert site.runner.app[ADMIN_KEY].listening == ("127.0.0.1", port)
+    finally:
+        await site.cleanup()
+
+
+async def test_run_gateway_listens_where_host_and_port_say_over_the_settings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``host``/``port`` override the settings' (192.0.2.1 is no address of this machine)."""
+    manager, _, _ = make_manager(1)
+    port = _free_port()
+    ready = asyncio.Event()
+    settings = GatewayConfig(host="192.0.2.1", port=port + 1)
+    caplog.set_level(logging.INFO, "sage_llm.gateway")
+    server = asyncio.create_task(
+        run_gateway(manager, settings, host="127.0.0.1", port=port, ready=ready)
+    )
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait((server, waiting), timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        assert ready.is_set(), server.exception() if server.done() else "not listening"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/health") as r,
+        ):
+            assert r.status == 200
+    finally:
+        waiting.cancel()
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    assert f"gateway listening on http://127.0.0.1:{port}" in caplog.messages
+
+
+async def test_the_settings_shutdown_timeout_bounds_how_long_a_shutdown_waits() -> None:
+    """``gateway.shutdown_timeout_s``: how long in-flight requests may take to finish (then
+    what is left ends with a 503), not run_gateway's 30 s default."""
+    manager, probes, _ = make_manager(1, hold=lambda rid: True, hold_after=1)
+    port = _free_port()
+    ready = asyncio.Event()
+    settings = GatewayConfig(shutdown_timeout_s=0.2)
+    server = asyncio.create_task(run_gateway(manager, settings, port=port, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        whole = asyncio.create_task(http.post(url, json=completion_body()))
+        await asyncio.wait_for(probes["sim-0"].started_event.wait(), 5)
+        server.cancel()
+        started = asyncio.get_running_loop().time()
+        async with await whole as resp:
+            assert resp.status == 503
+        with pytest.raises(asyncio.CancelledError):
+            await server
+        assert asyncio.get_running_loop().time() - started < 10  # 0.2 s, far from 30 s
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_start_gateway_cleanup_lets_in_flight_requests_finish(lean_server: bool) -> None:
+    """``await site.cleanup()`` stops the same graceful way (docs/gateway.md): a stream in
+    flight on either front runs to its end."""
+    manager, probes, _ = make_manager(1, hold=lambda rid: rid == "in-flight")
+    settings = GatewayConfig(lean_server=lean_server)
+    site, port = await start_gateway(manager, settings, manage_lifecycle=True)
+    assert site.lean is lean_server
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-request-id": "in-flight"}
+        async with http.post(url, json=completion_body(stream=True), headers=headers) as stream:
+            await stream.content.readline()  # its first chunk
+            cleanup = asyncio.create_task(site.cleanup())
+            await asyncio.sleep(0)  # (the cleanup has begun)
+            probes["sim-0"].gate.set()
+            events = await read_events(stream)
+        await cleanup
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert probes["sim-0"].aborted == [] and not manager.is_running
