@@ -1193,3 +1193,49 @@ def test_an_error_a_command_lets_through_is_one_line_and_status_1(
         cli.main()
     assert exc.value.code == 1
     assert capsys.readouterr().err == "error: no plan for you\n"
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_serve_says_in_its_first_log_lines_what_fleet_it_serves(
+    configured: bool, tmp_path: Path
+) -> None:
+    """Issue #4: without a config, ``serve`` starts the embedded default and says so in its
+    first log lines; with one, it names the file and how many instances it has."""
+    port = free_ports(1)
+    argv = [*CLI, "serve", "--port", str(port)]
+    if configured:
+        cfg = tmp_path / "cluster.toml"
+        engines = free_ports(2)
+        cfg.write_text(
+            "[services.llm_control_plane]\n"
+            + "".join(
+                f'[[services.llm_control_plane.instances]]\ninstance_id = "e{i}"\n'
+                f'host = "127.0.0.1"\nport = {engines + i}\nmodel_name = "llama-3-8b"\n'
+                for i in range(2)
+            )
+        )
+        argv += ["--config", str(cfg)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    first = err.splitlines()[0]
+    if configured:
+        assert f"config {cfg}: 2 instances" in first, err
+    else:
+        assert (
+            "no instances configured: the gateway serves an embedded fleet of 4 simulated "
+            "h100 engines of llama-3-8b, in this process" in first.lower()
+        ), err
+    assert f"gateway listening on http://127.0.0.1:{port}" in err
