@@ -11,7 +11,7 @@ from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, EngineStreamError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.factory import make_sim_engine
-from sage_llm.sim.faults import Fault, FaultKind, FaultPlan, FaultyEngineClient
+from sage_llm.sim.faults import Fault, FaultKind, FaultPlan, FaultyEngineClient, InjectedCrash
 from sage_llm.sim.server_metrics import ReportsQueueTime
 from tests.engines.fake_engine import FakeEngine
 from tests.factories import make_instance
@@ -45,7 +45,8 @@ def test_parse_spec() -> None:
      ("crash@ ", "a time after '@' is missing"), ("error=@p1", "a value after '=' is missing"),
      ("hang@5+", "a duration after"), ("hang@ +3", "a start time before"),
      ("error@p", "a probability after '@p' is missing"),
-     ("error=600", "HTTP error status"), ("crash=0@5", "crash takes no value")],
+     ("error=600", "HTTP error status"), ("crash=0@5", "crash takes no value"),
+     ("crash@-1", "bad fault 'crash@-1': fault start must be >= 0")],
 )  # fmt: skip
 def test_bad_specs_raise_config_error(spec: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -296,6 +297,66 @@ def test_a_crash_during_a_stream_is_not_retryable() -> None:
             await _run(client, _req("r2"))
         assert before.value.retryable
         assert asyncio.get_running_loop().time() >= 1.0
+        await client.aclose()
+
+    run_virtual(main())
+
+
+def test_each_kind_has_its_documented_default_value() -> None:
+    """hang before 0 chunks, slow by 4, error 503, truncate and malformed after 1 chunk."""
+    plan = FaultPlan.parse("hang; slow; error; truncate; malformed")
+    assert [f.arg for f in plan.faults] == [0, 4, 503, 1, 1]
+
+    async def main() -> None:
+        import asyncio
+
+        assert len(await _run(_client("truncate"), _req())) == 1
+        got: list[Chunk] = []
+        with pytest.raises(EngineStreamError, match="malformed"):
+            async for chunk in _client("malformed").generate(_req()):
+                got.append(chunk)
+        assert len(got) == 1
+        hung = _client("hang")
+        with pytest.raises(TimeoutError):  # no chunk at all
+            await asyncio.wait_for(anext(aiter(hung.generate(_req()))), 10.0)
+        await hung.aclose()
+
+    run_virtual(main())
+
+
+def test_a_scheduled_hang_ends_with_its_window_for_a_stream_begun_inside_it() -> None:
+    """``hang@0+5`` hangs until 5 s after arming: a stream or a probe begun at 3 s waits
+    2 s, not the window's whole length."""
+
+    async def main() -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = _client("hang@0+5")
+        client.arm()
+        t0 = loop.time()
+        await asyncio.sleep(3.0)
+
+        async def first_chunk_at() -> float:
+            times = [loop.time() - t0 async for _ in client.generate(_req())]
+            return times[0]
+
+        probe, first = await asyncio.gather(client.health(), first_chunk_at())
+        assert probe and loop.time() - t0 < 5.5  # the probe waited out the window
+        assert 5.0 <= first < 5.5  # the stream too, not 3 s + 5 s
+        await client.aclose()
+
+    run_virtual(main())
+
+
+def test_a_crash_fails_prefill_legs_too() -> None:
+    """A crashed engine fails every call with a connection error: a PD prefill leg too."""
+
+    async def main() -> None:
+        client = _client("crash")
+        with pytest.raises(InjectedCrash, match="injected crash") as info:
+            await client.prefill(_req())
+        assert info.value.retryable
         await client.aclose()
 
     run_virtual(main())
