@@ -3,6 +3,7 @@ virtual time."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -99,8 +100,6 @@ def test_no_faults_passes_everything_through() -> None:
 
 def test_scheduled_crash_fails_calls_then_recovers() -> None:
     async def main() -> None:
-        import asyncio
-
         client = _client("crash@1+2")
         client.arm()
         assert await client.health()
@@ -139,8 +138,6 @@ def test_error_truncate_and_malformed() -> None:
 
 def test_hang_and_slow_take_longer() -> None:
     async def main() -> None:
-        import asyncio
-
         base = _client("")
         t0 = asyncio.get_running_loop().time()
         await _run(base, _req())
@@ -165,8 +162,6 @@ def test_a_scheduled_hang_freezes_streams_already_under_way() -> None:
     begin while it hangs (they had run on: a drill of a hung engine tested nothing)."""
 
     async def main() -> None:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         client = _client("hang@1+10")
         client.arm()
@@ -189,8 +184,6 @@ def test_a_hang_ends_when_the_engine_is_closed() -> None:
     end, at once, rather than after the hang."""
 
     async def main() -> None:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         client = _client("hang=1")
         stream = asyncio.ensure_future(_run(client, _req(max_tokens=50)))
@@ -254,8 +247,6 @@ def test_the_wrapper_reports_the_engines_queue_times_and_stop_reasons() -> None:
 
 def test_an_engine_process_exits_at_its_first_scheduled_crash() -> None:
     async def main() -> None:
-        import asyncio
-
         client = FaultyEngineClient(
             make_sim_engine(make_instance("e0")), FaultPlan.parse("crash@30; crash@2"),
             exit_process=True,
@@ -284,8 +275,6 @@ def test_a_crash_during_a_stream_is_not_retryable() -> None:
     part of an answer already."""
 
     async def main() -> None:
-        import asyncio
-
         client = _client("crash@1")
         client.arm()
         got: list[Chunk] = []
@@ -308,8 +297,6 @@ def test_each_kind_has_its_documented_default_value() -> None:
     assert [f.arg for f in plan.faults] == [0, 4, 503, 1, 1]
 
     async def main() -> None:
-        import asyncio
-
         assert len(await _run(_client("truncate"), _req())) == 1
         got: list[Chunk] = []
         with pytest.raises(EngineStreamError, match="malformed"):
@@ -329,8 +316,6 @@ def test_a_scheduled_hang_ends_with_its_window_for_a_stream_begun_inside_it() ->
     2 s, not the window's whole length."""
 
     async def main() -> None:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         client = _client("hang@0+5")
         client.arm()
