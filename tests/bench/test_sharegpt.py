@@ -75,6 +75,11 @@ def test_first_exchange() -> None:
     assert Conversation("y", (("assistant", "a"), ("user", "q"))).first_exchange() is None
 
 
+def test_first_exchange_is_a_user_message_and_the_assistant_reply_right_after_it() -> None:
+    conv = Conversation("x", (("user", "q1"), ("user", "q2"), ("assistant", "a")))
+    assert conv.first_exchange() == ("q2", "a")
+
+
 def test_complete_array_and_limit(tmp_path: Path) -> None:
     path = write(tmp_path, json.dumps(ITEMS))
     assert len(load_sharegpt(path)) == 3
