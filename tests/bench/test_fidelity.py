@@ -16,6 +16,7 @@ from sage_llm.bench.fidelity import (
     FittedProfile,
     Observed,
     Workload,
+    calibration_error,
     compare,
     fit_profile,
     fit_step_and_intake,
@@ -136,6 +137,14 @@ def test_a_shared_core_stretches_steps_and_intakes_under_concurrency() -> None:
 
 def _exact(workload: Workload) -> Observed:
     return simulate(workload, MODEL, SHAPE)
+
+
+def test_calibration_error_leaves_out_the_zero_tpot_of_a_one_token_workload() -> None:
+    one_token = Workload(1, 128, 1)
+    sim = simulate(one_token, MODEL, SHAPE)
+    assert sim.tpot_s == 0.0
+    real = Observed(one_token, ttft_s=2 * sim.ttft_s, tpot_s=0.0)
+    assert calibration_error([real], MODEL, SHAPE) == pytest.approx(math.log(2))
 
 
 def test_step_samples_read_prefill_from_ttft_and_decode_from_tpot() -> None:
