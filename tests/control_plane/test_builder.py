@@ -11,6 +11,7 @@ import pytest
 from sage_llm.config import SageConfig, load_config, parse_config
 from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
 from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.instant import InstantEngine
 from sage_llm.types import ExecutionInstanceType, RequestStatus
 from tests.factories import make_metadata
 
@@ -89,3 +90,42 @@ def test_seed_pd_settings_not_acted_on_are_logged_as_warnings(
         "pd.toml:2: services.llm_control_plane.pd.enable_pd_tracing: a seed setting this "
         "version accepts but does not act on (see docs/config.md)"
     ]
+
+
+def test_admission_limits_and_engine_timeouts_reach_the_manager() -> None:
+    config = parse_config(
+        """
+[admission]
+max_queue_wait_s = 30
+reject_infeasible_slo = true
+
+[health]
+interval_s = 4
+connect_timeout_s = 2
+first_token_timeout_s = 20
+idle_timeout_s = 7
+timeout_s = 3
+"""
+    )
+    cp = build_manager(config)
+    assert cp.max_queue_wait_s == 30.0
+    assert cp.reject_infeasible_slo is True
+    assert cp.health_interval_s == 4.0
+    coded = replace(config, health=replace(config.health, interval_s=6.0))  # built in code
+    assert build_manager(coded).health_interval_s == 6.0
+    t = cp.engine_timeouts
+    assert (t.connect_s, t.first_token_s, t.idle_s, t.health_s) == (2.0, 20.0, 7.0, 3.0)
+
+
+def test_register_false_leaves_the_instances_to_the_caller() -> None:
+    config = load_config(ROOT / "examples" / "configs" / "pd.toml")
+    assert build_manager(config, register=False).get_instances() == []
+    assert build_manager(SageConfig.default(), register=False).get_instances() == []
+
+
+def test_engine_factory_and_keyword_overrides_reach_the_manager() -> None:
+    config = SageConfig.default()
+    cp = build_manager(config, engine_factory=lambda i: InstantEngine(i.instance_id))
+    assert cp.get_status()["simulated_instances"] == 0  # the factory makes every client
+    fifo = build_manager(config, scheduling_policy="fifo", max_queue_size=3)
+    assert fifo.policy.name == "fifo" and fifo.max_queue_size == 3
