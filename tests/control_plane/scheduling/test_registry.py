@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.priority import PriorityPolicy
-from sage_llm.control_plane.scheduling.registry import POLICY_NAMES, build_policy, params_class
+from sage_llm.control_plane.scheduling.registry import (
+    POLICY_NAMES,
+    build_policy,
+    may_read_block_hashes,
+    params_class,
+)
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
 from sage_llm.errors import ConfigError, PolicyNotFoundError
 from tests.factories import make_request_info, make_snapshot
@@ -47,6 +52,18 @@ def test_params_from_a_mapping() -> None:
     assert isinstance(slo, SLOAwarePolicy)
     assert slo.params.infeasible_action == "reject"
     assert params_class("slo_aware") is SLOAwarePolicy.Params
+
+
+def test_policy_names_are_case_insensitive_with_dashes_read_as_underscores() -> None:
+    assert build_policy("SLO-Aware").name == "slo_aware"
+    assert build_policy("Cost-Optimized").name == "cost_optimized"
+    assert params_class("FIFO") is params_class("fifo")
+
+
+def test_no_built_in_policy_reads_block_hashes_but_another_may() -> None:
+    for name in POLICY_NAMES:
+        assert not may_read_block_hashes(build_policy(name)), name
+    assert may_read_block_hashes(cast(SchedulingPolicy, object()))
 
 
 def test_unknown_policy_lists_the_valid_names() -> None:
