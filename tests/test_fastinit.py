@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import weakref
 from dataclasses import FrozenInstanceError, asdict, dataclass, fields
 
 import pytest
@@ -97,3 +98,26 @@ def test_a_slotted_class_with_a_base_is_filled_through_its_setters() -> None:
     assert "_twin" not in make.__globals__
     built = make("x", 1)
     assert type(built) is _Derived and built == _Derived(1, "x")
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class _Weak:
+    a: int
+    b: str
+
+
+def test_a_class_refusing_class_assignment_falls_back_to_its_setters() -> None:
+    make = field_filler(_Weak, ["b", "a"])  # Python refuses a twin with a __weakref__ slot
+    assert "_twin" not in make.__globals__
+    built = make("x", 1)
+    assert type(built) is _Weak and built == _Weak(1, "x") and hash(built) == hash(_Weak(1, "x"))
+    assert weakref.ref(built)() is built and pickle.loads(pickle.dumps(built)) == built
+    with pytest.raises(FrozenInstanceError):
+        built.a = 2  # type: ignore[misc]
+
+
+def test_names_must_be_each_field_once() -> None:
+    with pytest.raises(ValueError, match="fields"):
+        field_filler(_Plain, ["a", "a", "b"])
+    with pytest.raises(ValueError, match="fields"):
+        field_filler(_Plain, ["a", "b", "c"])
