@@ -201,6 +201,29 @@ def test_clear_and_describe() -> None:
     assert index.match([1]) == {}
 
 
+def test_clear_forgets_everything_and_the_index_keeps_working() -> None:
+    index = PrefixIndex(capacity_blocks=10)
+    index.insert("a", [1, 2])
+    index.insert("b", [3])
+    index.remove_instance("a")  # its slot is free when the index is cleared
+    index.clear()
+    assert index.instances() == []
+    index.insert("c", [1, 2])
+    index.insert("d", [1])
+    assert index.match([1, 2]) == {"c": 2, "d": 1}
+    assert index.instances() == ["c", "d"]
+
+
+def test_describe_counts_the_instances_holding_blocks() -> None:
+    index = PrefixIndex(capacity_blocks=10)
+    index.insert("a", [1, 2])
+    index.insert("b", [3])
+    index.remove_instance("a")
+    index.evict("b", [3])
+    index.insert("c", [4])
+    assert index.describe()["instances"] == len(index.instances()) == 1
+
+
 @pytest.mark.parametrize("capacity", [0, -5, 1.5, True])
 def test_invalid_capacity(capacity: object) -> None:
     with pytest.raises(ValueError, match="capacity_blocks"):
