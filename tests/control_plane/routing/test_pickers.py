@@ -44,6 +44,15 @@ def test_max_ignores_mapping_order() -> None:
         )
 
 
+def test_weighted_random_ignores_mapping_order() -> None:
+    scores = {"c": 0.2, "b": 0.5, "a": 0.3}
+    reordered = {"a": 0.3, "b": 0.5, "c": 0.2}
+    for seed in range(20):
+        assert WeightedRandomPicker().pick(
+            scores, random.Random(seed)
+        ) == WeightedRandomPicker().pick(reordered, random.Random(seed))
+
+
 def test_weighted_random_is_proportional_to_scores() -> None:
     rng = random.Random(7)
     picker = WeightedRandomPicker()
