@@ -286,6 +286,27 @@ def test_affinity_adding_an_instance_moves_few_keys() -> None:
     assert len(moved) < 200  # about 1000 / 9
 
 
+def test_affinity_ring_holds_the_instances_that_run_the_pipelines_leg() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("general-0"),
+            make_instance_view("prefill-0", role=Role.PREFILLING),
+            make_instance_view("prefill-1", role=Role.PREFILLING),
+            make_instance_view("decode-0", role=Role.DECODING),
+        ]
+    )
+    router = affinity(rng=random.Random(0), leg="prefill")
+    for k in range(20):
+        key = f"sess-{k}"
+        owner = rendezvous_owner(key, ["general-0", "prefill-0", "prefill-1"])
+        assert owner is not None
+        # the owner busier than the others (below the threshold): stickiness, not load, wins
+        busy = with_view(snap, owner, in_flight=50)
+        decision = route(router, make_request_info(session_id=key), busy)
+        assert decision.instance_id == owner
+        assert decision.reason.startswith("affinity: session_affinity")
+
+
 def test_affinity_without_a_key_is_least_loaded() -> None:
     snap = with_view(make_snapshot(3, in_flight=20), "i2", in_flight=0)
     assert route(affinity(rng=random.Random(0)), make_request_info(), snap).instance_id == "i2"
@@ -362,6 +383,17 @@ def test_locality_follows_distinct_prefixes_to_their_holders() -> None:
     for g, hashes in groups.items():
         decision = route(router, make_request_info(block_hashes=hashes), snap)
         assert decision.instance_id == first[g]
+
+
+def test_locality_weighs_kv_usage_by_kv_weight() -> None:
+    def weights(router: Pipeline) -> dict[object, object]:
+        scorers = router.describe()["scorers"]
+        assert isinstance(scorers, list)
+        return {s["name"]: s["weight"] for s in scorers}
+
+    assert weights(locality()) == {"prefix_match": 3.0, "least_outstanding": 1.0}
+    tuned = locality(LocalityParams(prefix_weight=2.0, load_weight=0.5, kv_weight=4.0))
+    assert weights(tuned) == {"prefix_match": 2.0, "least_outstanding": 0.5, "kv_usage": 4.0}
 
 
 # ---------------------------------------------------------------- topology_aware
