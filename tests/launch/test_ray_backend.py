@@ -75,6 +75,8 @@ async def test_two_simulated_engines_as_ray_actors(ray_cluster: Any, tmp_path: P
         async with fleet:
             assert len(cp.get_instances()) == 2
             assert {i.metadata["backend"] for i in cp.get_instances()} == {"ray"}
+            node_ip = ray_cluster.util.get_node_ip_address()
+            assert {i.machine_id for i in cp.get_instances()} == {node_ip}  # loopback bind too
             results = await asyncio.gather(
                 *(
                     cp.generate(

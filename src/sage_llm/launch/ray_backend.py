@@ -221,7 +221,9 @@ async def launch_with_ray(
                 log_path = str((settings.log_dir / f"{launch.instance_id}.log").resolve())
                 info = await actor.start.remote(list(launch.argv), env, log_path)
                 # A wildcard bind is reached at the node's IP; a loopback one only locally.
-                host = str(info["host"]) if settings.host in ("0.0.0.0", "::", "") else launch.host
+                # Either way the instance runs on that node (its machine_id).
+                node_ip = str(info["host"])
+                host = node_ip if settings.host in ("0.0.0.0", "::", "") else launch.host
                 placed = replace(launch, host=host, env=env)
                 fleet.launches.append(placed)
 
@@ -235,7 +237,7 @@ async def launch_with_ray(
                 )  # fmt: skip
                 inst = placed.to_instance(
                     InstanceTopology(
-                        machine_id=placed.host, nvlink_domain=None, numa_node=None, nvlink_peers=[]
+                        machine_id=node_ip, nvlink_domain=None, numa_node=None, nvlink_peers=[]
                     ),
                     max_concurrent_requests=settings.max_concurrent_requests,
                     gpu_memory_gb=settings.gpu_memory_gb,
