@@ -12,7 +12,7 @@ import pytest
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.parallelism import PlannedInstance
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, EngineError
 from sage_llm.launch import LaunchSettings, engines_from_plan
 from sage_llm.launch.ray_backend import launch_with_ray, placement_group_specs
 from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
@@ -91,3 +91,21 @@ async def test_two_simulated_engines_as_ray_actors(ray_cluster: Any, tmp_path: P
     assert ray_cluster.util.placement_group_table() and all(
         pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values()
     )
+
+
+def _all_removed(ray: Any) -> bool:
+    table = ray.util.placement_group_table()
+    return bool(table) and all(pg["state"] == "REMOVED" for pg in table.values())
+
+
+@pytest.mark.slow
+async def test_an_engine_that_exits_at_once_fails_the_launch_by_name(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    settings = LaunchSettings(
+        base_port=free_ports(1), log_dir=tmp_path, health_poll_s=0.1, extra_args=("--bogus",)
+    )
+    engines = engines_from_plan([PlannedInstance(GENERAL, 1, 1, 1, (0,))], settings)
+    with pytest.raises(EngineError, match=r"(?s)'local-general-0' exited with code 2.*--bogus"):
+        await launch_with_ray(engines, settings=settings, use_gpus=False)
+    assert _all_removed(ray_cluster)

@@ -32,8 +32,8 @@ import aiohttp
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.topology import InstanceTopology
-from sage_llm.errors import ConfigError, NotFoundError
-from sage_llm.launch.local import wait_healthy
+from sage_llm.errors import ConfigError, EngineError, NotFoundError
+from sage_llm.launch.local import _tail, wait_healthy
 from sage_llm.launch.plan_to_engines import EngineLaunch, LaunchSettings
 from sage_llm.types import ExecutionInstance
 
@@ -91,6 +91,9 @@ class _EngineActor:
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self) -> str:
+        return _tail(Path(self.log_path))
 
     def stop(self, grace_s: float) -> int | None:
         if self.proc is None:
@@ -231,10 +234,18 @@ async def launch_with_ray(
                     code: int | None = await a.poll.remote()
                     return code
 
-                await wait_healthy(
-                    f"{placed.base_url}/health", exited=exited, session=session,
-                    timeout_s=settings.health_timeout_s, poll_s=settings.health_poll_s,
-                )  # fmt: skip
+                try:
+                    await wait_healthy(
+                        f"{placed.base_url}/health", exited=exited, session=session,
+                        timeout_s=settings.health_timeout_s, poll_s=settings.health_poll_s,
+                    )  # fmt: skip
+                except EngineError as exc:  # the log is on the engine's node: the actor reads it
+                    tail = await actor.log_tail.remote()
+                    raise type(exc)(
+                        f"instance {launch.instance_id!r} {exc.message}; end of {log_path} on "
+                        f"{node_ip}:\n{tail}",
+                        instance_id=launch.instance_id, retryable=False,
+                    ) from None  # fmt: skip
                 inst = placed.to_instance(
                     InstanceTopology(
                         machine_id=node_ip, nvlink_domain=None, numa_node=None, nvlink_peers=[]
