@@ -12,7 +12,7 @@ import pytest
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.parallelism import PlannedInstance
-from sage_llm.errors import ConfigError, EngineError
+from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError
 from sage_llm.launch import LaunchSettings, engines_from_plan
 from sage_llm.launch.ray_backend import launch_with_ray, placement_group_specs
 from sage_llm.types import ExecutionInstanceType, RequestMetadata, RequestStatus
@@ -57,7 +57,7 @@ async def test_without_ray_the_backend_says_which_extra_to_install() -> None:
 @pytest.fixture
 def ray_cluster() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -108,4 +108,16 @@ async def test_an_engine_that_exits_at_once_fails_the_launch_by_name(
     engines = engines_from_plan([PlannedInstance(GENERAL, 1, 1, 1, (0,))], settings)
     with pytest.raises(EngineError, match=r"(?s)'local-general-0' exited with code 2.*--bogus"):
         await launch_with_ray(engines, settings=settings, use_gpus=False)
+    assert _all_removed(ray_cluster)
+
+
+@pytest.mark.slow
+async def test_a_group_the_cluster_cannot_place_fails_the_launch_by_name(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    settings = LaunchSettings(base_port=free_ports(1), log_dir=tmp_path, health_timeout_s=1)
+    engines = engines_from_plan([PlannedInstance(GENERAL, 1, 1, 1, (0,))], settings)
+    async with asyncio.timeout(60):  # (the launch used to wait for it forever)
+        with pytest.raises(EngineTimeoutError, match=r"'local-general-0'.*GPU 1.* GPU 0 in all"):
+            await launch_with_ray(engines, settings=settings)  # GPU bundles; the cluster has none
     assert _all_removed(ray_cluster)

@@ -6,7 +6,8 @@ whole group lands on one node. One probe task per GPU bundle reads the GPU id Ra
 (``ray.get_gpu_ids()``); the actor then starts the same command line as the local launcher
 on that node with ``CUDA_VISIBLE_DEVICES`` set to those ids, and the driver waits for
 ``/health`` and registers the instance under the node's IP. Simulated engines need no GPU:
-``use_gpus=False`` drops the GPU bundles.
+``use_gpus=False`` drops the GPU bundles. A placement group Ray cannot place within
+``health_timeout_s`` (the cluster lacks the GPUs, say) fails the launch.
 
 :func:`placement_group_specs` is pure (no Ray needed) so the placement is testable anywhere.
 """
@@ -32,7 +33,7 @@ import aiohttp
 
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.topology import InstanceTopology
-from sage_llm.errors import ConfigError, EngineError, NotFoundError
+from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, NotFoundError
 from sage_llm.launch.local import _tail, wait_healthy
 from sage_llm.launch.plan_to_engines import EngineLaunch, LaunchSettings
 from sage_llm.types import ExecutionInstance
@@ -209,7 +210,19 @@ async def launch_with_ray(
                     [dict(b) for b in spec.bundles], strategy=spec.strategy, name=spec.name
                 )
                 fleet.groups.append(pg)
-                await pg.ready()
+                try:
+                    async with asyncio.timeout(settings.health_timeout_s):
+                        await pg.ready()
+                except TimeoutError:  # Ray waits for resources the cluster may never have
+                    need = " + ".join(f"{k} {v:g}" for b in spec.bundles for k, v in b.items())
+                    have = ray.cluster_resources()
+                    has = ", ".join(f"{k} {have.get(k, 0):g}" for k in ("CPU", "GPU"))
+                    raise EngineTimeoutError(
+                        f"instance {launch.instance_id!r}: Ray could not place its placement "
+                        f"group ({need}, {spec.strategy}) within {settings.health_timeout_s:g} s; "
+                        f"the cluster has {has} in all (use_gpus=False for simulated engines)",
+                        instance_id=launch.instance_id, retryable=False,
+                    ) from None  # fmt: skip
                 env = dict(launch.env)
                 if spec.gpu_bundles:
                     on = [PlacementGroupSchedulingStrategy(pg, k) for k in spec.gpu_bundles]
