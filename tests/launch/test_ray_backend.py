@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,4 +122,28 @@ async def test_a_group_the_cluster_cannot_place_fails_the_launch_by_name(
     async with asyncio.timeout(60):  # (the launch used to wait for it forever)
         with pytest.raises(EngineTimeoutError, match=r"'local-general-0'.*GPU 1.* GPU 0 in all"):
             await launch_with_ray(engines, settings=settings)  # GPU bundles; the cluster has none
+    assert _all_removed(ray_cluster)
+
+
+@pytest.mark.slow
+async def test_a_second_cancellation_mid_launch_still_stops_the_engine(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    settings = LaunchSettings(base_port=free_ports(1), log_dir=tmp_path, stop_grace_s=5)
+    (engine,) = engines_from_plan([PlannedInstance(GENERAL, 1, 1, 1, (0,))], settings)
+    started = tmp_path / "started"
+    os.mkfifo(started)  # the engine writes its pid there: read once it runs
+    never_healthy = ("sh", "-c", f"echo $$ > {started} && exec sleep 60")
+    engine = dataclasses.replace(engine, argv=never_healthy)
+    task = asyncio.create_task(launch_with_ray([engine], settings=settings, use_gpus=False))
+    async with asyncio.timeout(60):
+        pid = int(await asyncio.to_thread(started.read_text))
+    task.cancel()
+    for _ in range(5):  # into the launch's cleanup
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
     assert _all_removed(ray_cluster)

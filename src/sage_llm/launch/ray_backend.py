@@ -7,7 +7,9 @@ whole group lands on one node. One probe task per GPU bundle reads the GPU id Ra
 on that node with ``CUDA_VISIBLE_DEVICES`` set to those ids, and the driver waits for
 ``/health`` and registers the instance under the node's IP. Simulated engines need no GPU:
 ``use_gpus=False`` drops the GPU bundles. A placement group Ray cannot place within
-``health_timeout_s`` (the cluster lacks the GPUs, say) fails the launch.
+``health_timeout_s`` (the cluster lacks the GPUs, say) fails the launch. A failed or
+cancelled launch (Ctrl-C, a second one included) stops what it had started before it
+re-raises.
 
 :func:`placement_group_specs` is pure (no Ray needed) so the placement is testable anywhere.
 """
@@ -171,12 +173,17 @@ class RayFleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = asyncio.ensure_future(self.aclose())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
+        await _shielded_close(self)
+
+
+async def _shielded_close(fleet: RayFleet) -> None:
+    """Close even when the caller is cancelled again (a second Ctrl-C) while closing."""
+    task = asyncio.ensure_future(fleet.aclose())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 async def launch_with_ray(
@@ -271,8 +278,6 @@ async def launch_with_ray(
                     manager.register_instance(inst)
                 fleet.instances.append(inst)
     except BaseException:
-        task = asyncio.ensure_future(fleet.aclose())
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+        await _shielded_close(fleet)
         raise
     return fleet
