@@ -64,8 +64,11 @@ def test_parallelism_of_sizes_is_the_one_kind_above_one_or_hybrid() -> None:
     assert ParallelismType.of(data=4) is ParallelismType.DATA_PARALLEL
     assert ParallelismType.of(2, 2) is ParallelismType.HYBRID
     for bad in (0, -1, True, 1.5):
-        with pytest.raises(ValueError, match="integers >= 1"):
+        with pytest.raises(ValueError, match=r"^tensor parallel size must be an integer >= 1"):
             ParallelismType.of(tensor=bad)  # type: ignore[arg-type]
+    for name in ("pipeline", "data"):  # the error names the size that is wrong
+        with pytest.raises(ValueError, match=f"^{name} parallel size must be an integer >= 1"):
+            ParallelismType.of(**{name: 0})
 
 
 def test_terminal_statuses_are_completed_failed_and_cancelled() -> None:

@@ -134,9 +134,9 @@ class ParallelismType(enum.Enum):
         """The parallelism of an instance of these sizes: the one kind above 1, HYBRID
         when several are, None when none is (one GPU, one replica). Each size must be an
         integer of at least 1 (else ValueError)."""
-        for size in (tensor, pipeline, data):
+        for name, size in (("tensor", tensor), ("pipeline", pipeline), ("data", data)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"parallel sizes must be integers >= 1, got {size!r}")
+                raise ValueError(f"{name} parallel size must be an integer >= 1, got {size!r}")
         kinds = [
             kind
             for kind, size in ((cls.TENSOR_PARALLEL, tensor), (cls.PIPELINE_PARALLEL, pipeline),

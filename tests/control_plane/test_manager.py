@@ -829,7 +829,7 @@ def test_parallelism_type_of_an_instances_sizes() -> None:
     assert ParallelismType.of(data=2) is ParallelismType.DATA_PARALLEL
     assert ParallelismType.of(2, 2) is ParallelismType.HYBRID
     for bad in ((-3, 2), (True, 2), (1, 0)):
-        with pytest.raises(ValueError, match="integers >= 1"):
+        with pytest.raises(ValueError, match="parallel size must be an integer >= 1"):
             ParallelismType.of(*bad)
 
 
