@@ -28,6 +28,7 @@ from sage_llm.errors import EngineError
 from sage_llm.sim.costmodel import FrontEndModel, LinearStepModel
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
+from tests.engines.fake_engine import start_app
 
 
 def test_paths_default_under_the_repo_cache_and_follow_the_environment(tmp_path: Path) -> None:
@@ -193,6 +194,66 @@ async def test_run_fidelity_measures_every_workload_repeatedly_and_reports(
     again = refit(measured_file)
     assert again["profile"] == report["profile"]
     assert again["evaluation"] == report["evaluation"]
+
+
+async def test_the_measurements_are_written_before_the_fit(
+    sim_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit that fails loses nothing: the measured file is already there."""
+    shape = EngineShape(max_num_seqs=8, block_size=16, num_gpu_blocks=512)
+
+    async def measured(
+        _session: aiohttp.ClientSession, _url: str, _model: str, w: Workload, *, seed: int
+    ) -> Observed:
+        return _exact(w, shape)
+
+    def failing_fit(*_args: object) -> dict[str, object]:
+        raise RuntimeError("the fit failed")
+
+    monkeypatch.setattr("sage_llm.bench.fidelity_real.measure", measured)
+    monkeypatch.setattr("sage_llm.bench.fidelity_real.build_report", failing_fit)
+    out = tmp_path / "fid.measured.json"
+    with pytest.raises(RuntimeError, match="the fit failed"):
+        await run_fidelity(
+            tmp_path / "python", tmp_path / "model", url=sim_server, log_dir=tmp_path,
+            shape=EngineShape(max_num_seqs=8), prefill=[Workload(1, 16, 2)],
+            decode=[Workload(1, 16, 4)], front=[], evaluation=[Workload(2, 32, 4)],
+            measured_out=out,
+        )  # fmt: skip
+    measured_file = json.loads(out.read_text())
+    assert measured_file["evaluation_real"] == [_exact(Workload(2, 32, 4), shape).to_dict()]
+
+
+async def test_measure_counts_only_the_requests_of_its_workload() -> None:
+    """TTFT and TPOT are the deltas of the engine's histograms around the workload: what
+    the engine recorded before (here a mean TTFT of 10 s) does not count."""
+    counts = {"ttft_sum": 100.0, "ttft_count": 10.0, "itl_sum": 50.0, "itl_count": 10.0}
+
+    async def complete(request: web.Request) -> web.Response:
+        body = await request.json()
+        counts["ttft_sum"] += 0.5
+        counts["ttft_count"] += 1
+        counts["itl_sum"] += 0.02 * (body["max_tokens"] - 1)
+        counts["itl_count"] += body["max_tokens"] - 1
+        return web.json_response({"usage": {"completion_tokens": body["max_tokens"]}})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        lines = [f'vllm:time_to_first_token_seconds_{k}{{model_name="tiny"}} {counts["ttft_" + k]}'
+                 for k in ("sum", "count")]  # fmt: skip
+        lines += [f'vllm:inter_token_latency_seconds_{k}{{model_name="tiny"}} {counts["itl_" + k]}'
+                  for k in ("sum", "count")]  # fmt: skip
+        return web.Response(text="\n".join(lines) + "\n")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    app.router.add_get("/metrics", metrics)
+    runner, port = await start_app(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            got = await measure(session, f"http://127.0.0.1:{port}", "tiny", Workload(2, 16, 3))
+    finally:
+        await runner.cleanup()
+    assert got.ttft_s == pytest.approx(0.5) and got.tpot_s == pytest.approx(0.02)
 
 
 def test_refit_of_a_file_that_is_no_report_is_a_usage_error(
