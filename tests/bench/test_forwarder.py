@@ -235,3 +235,38 @@ def test_the_forwarder_process_serves_the_bench_client(tmp_path: Path, stream: b
         assert len(result.ttfts_s) == (12 if stream else 0)
 
     asyncio.run(main())
+
+
+def test_a_stream_is_relayed_as_it_comes_and_a_client_that_leaves_ends_it() -> None:
+    """The first piece reaches the client while the engine still streams; the client's
+    going away closes the forwarder's request to the engine."""
+
+    async def main() -> None:
+        upstream_done = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n")  # fmt: skip
+            await writer.drain()
+            await reader.read()  # until the forwarder closes its request
+            upstream_done.set()
+            writer.close()
+
+        upstream = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        try:
+            async with _forwarding([f"http://127.0.0.1:{port}"]) as url:
+                host, fport = url.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(fport))
+                writer.write(b"POST /v1/x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+                got = b""
+                while b"data: 1" not in got:
+                    got += await asyncio.wait_for(reader.read(1024), 5.0)
+                assert got.startswith(b"HTTP/1.1 200")
+                writer.close()
+                await asyncio.wait_for(upstream_done.wait(), 5.0)
+        finally:
+            upstream.close()
+
+    asyncio.run(main())
