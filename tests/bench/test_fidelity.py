@@ -209,6 +209,19 @@ def test_fit_survives_noise_that_makes_the_step_intercept_negative() -> None:
     assert profile.front_end.shared_step_s >= 0
 
 
+def test_a_search_step_to_a_model_with_free_steps_is_passed_over_not_raised() -> None:
+    """Noisy sweeps (TTFT falling with the prompt, TPOT falling with the batch) drive every
+    coefficient towards 0: a candidate whose steps would take no time is no model, and the
+    search passes it over instead of failing the whole fit."""
+    shape = EngineShape(max_num_seqs=8, block_size=16, num_gpu_blocks=512)
+    pre = [Observed(Workload(1, 16, 2), 0.002, 0.001), Observed(Workload(1, 64, 2), 0.001, 0.001)]
+    dec = [Observed(Workload(1, 16, 4), 0.002, 0.001), Observed(Workload(2, 16, 4), 0.002, 0.0002)]
+    front = [Observed(Workload(2, 16, 4, stagger_s=0.001), 0.003, 0.001)]
+    profile = fit_profile(pre, dec, front, shape=shape)
+    assert any(beta > 0 for beta in profile.betas_us)
+    profile.cost_model()  # a model that exists
+
+
 def test_fit_needs_sweeps_that_vary_in_both_token_counts() -> None:
     pre = [Observed(Workload(1, 64, 2), 0.01, 0.0)] * 3
     with pytest.raises(ValueError, match="vary"):

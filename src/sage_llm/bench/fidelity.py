@@ -348,8 +348,12 @@ def fit_by_simulation(
 
     def score(p: tuple[float, ...]) -> float:
         if p not in scores:
-            step, front = build(p)
-            scores[p] = calibration_error(samples, step, shape, front)
+            try:
+                step, front = build(p)
+            except ConfigError:  # no such model (every step free, say): never the best
+                scores[p] = math.inf
+            else:
+                scores[p] = calibration_error(samples, step, shape, front)
         return scores[p]
 
     best = score(point)
