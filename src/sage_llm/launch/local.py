@@ -65,7 +65,14 @@ from sage_llm.launch.plan_to_engines import (
 from sage_llm.orphans import dies_with_parent
 from sage_llm.types import ExecutionInstance
 
-__all__ = ["EngineProcess", "LaunchedFleet", "launch_engines", "launch_from_config", "wait_healthy"]
+__all__ = [
+    "EngineProcess",
+    "LaunchedFleet",
+    "launch_engines",
+    "launch_from_config",
+    "log_tail",
+    "wait_healthy",
+]
 
 log = logging.getLogger("sage_llm.launch")
 _TAIL_BYTES = 4000
@@ -80,7 +87,8 @@ def _open_log(path: Path, header: str) -> IO[bytes]:
     return fh
 
 
-def _tail(path: Path) -> str:
+def log_tail(path: Path) -> str:
+    """The end of a log file (its last few KB, decoded leniently); "" when unreadable."""
     try:
         with path.open("rb") as fh:
             fh.seek(max(0, path.stat().st_size - _TAIL_BYTES))
@@ -176,7 +184,7 @@ class EngineProcess:
         return await asyncio.to_thread(_holds_port, self.process.pid, self.launch.port)
 
     def log_tail(self) -> str:
-        return _tail(self.log_path)
+        return log_tail(self.log_path)
 
     def _signal(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -36,7 +36,7 @@ import aiohttp
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.topology import InstanceTopology
 from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, NotFoundError
-from sage_llm.launch.local import _tail, wait_healthy
+from sage_llm.launch.local import log_tail, wait_healthy
 from sage_llm.launch.plan_to_engines import EngineLaunch, LaunchSettings
 from sage_llm.types import ExecutionInstance
 
@@ -96,7 +96,7 @@ class _EngineActor:
         return None if self.proc is None else self.proc.poll()
 
     def log_tail(self) -> str:
-        return _tail(Path(self.log_path))
+        return log_tail(Path(self.log_path))
 
     def stop(self, grace_s: float) -> int | None:
         if self.proc is None:
