@@ -783,3 +783,49 @@ async def test_start_gateway_cleanup_lets_in_flight_requests_finish(lean_server:
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert probes["sim-0"].aborted == [] and not manager.is_running
+
+
+@pytest.mark.parametrize("speed", [10.0, 1000.0])  # running at the deadline, or done
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_a_shutdown_with_streams_left_unread_takes_the_shutdown_timeout_once(
+    lean_server: bool, speed: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md: the whole shutdown takes the drain timeout at most (plus a
+    moment), on either front, even when clients stopped reading their streams; the streams
+    it cuts are logged as cancelled by the shutdown, and nothing is logged as unretrieved."""
+    manager, _, _ = make_manager(1, speed=speed)
+    port = _free_port()
+    ready, stop = asyncio.Event(), asyncio.Event()
+    settings = GatewayConfig(shutdown_timeout_s=2.0, lean_server=lean_server)
+    caplog.set_level(logging.INFO)
+    server = asyncio.create_task(run_gateway(manager, settings, port=port, ready=ready, stop=stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    loop = asyncio.get_running_loop()
+    body = json.dumps(
+        completion_body(max_tokens=7000, ignore_eos=True, logprobs=5, stream=True)
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    clients = []
+    try:
+        for _ in range(2):  # each reads nothing of its stream
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, head + body)
+            clients.append(sock)
+        await asyncio.sleep(0.5)  # (their answers fill the buffers)
+        stop.set()
+        started = loop.time()
+        await asyncio.wait_for(server, 30)
+        took = loop.time() - started
+    finally:
+        for sock in clients:
+            sock.close()
+    assert took < 3.5, f"shutdown took {took:.1f} s for a 2 s drain timeout"
+    text = caplog.text
+    assert "Future exception was never retrieved" not in text
+    assert "call start()" not in text

@@ -868,8 +868,8 @@ class ControlPlaneManager:
                     yield batch
             self._raise_failure(rec, cancelled=True)
         finally:
-            if not finished:
-                self._require_dispatcher().cancel(rec)
+            if not finished:  # (after stop() it has ended: cancel says so, and raises not)
+                dispatcher.cancel(rec)
 
     def time_limit(
         self, timeout_s: float | None, on_expire: Callable[[], object] | None = None

@@ -277,6 +277,9 @@ class LeanConnection(asyncio.Protocol):
                 waiter.set_result(None)
             else:
                 waiter.set_exception(exc)
+                # said here: a drain waiting on it still gets it; one cancelled meanwhile
+                # (its handler cut by a shutdown) leaves nobody to, and asyncio would log it
+                waiter.exception()
 
     # --- parsing and dispatch -------------------------------------------------------------
 

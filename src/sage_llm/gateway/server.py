@@ -50,6 +50,10 @@ log = logging.getLogger("sage_llm.gateway")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+SHUTDOWN_GRACE_S = 0.5
+"""What a shutdown gives the connections after its drain timeout: the moment in which the
+endings of the requests it cut (a 503, an error event and ``[DONE]``) are written."""
+_LEAST_WAIT_S = 0.01
 
 
 _UNDECODABLE = re.compile(r"Can not decode content-encoding: ([^\n.]+)")
@@ -309,10 +313,19 @@ class GatewaySite:
         if self._closing is not None:
             self._closing.closing = True
 
-    async def cleanup(self) -> None:
+    async def cleanup(self, timeout_s: float | None = None) -> None:
+        """Stop: requests in progress get ``timeout_s`` (default: the shutdown timeout) to
+        finish on either front, then are cancelled and their connections closed."""
         self.stop_accepting()
+        timeout = self._shutdown_timeout_s if timeout_s is None else max(0.0, timeout_s)
         if self._lean is not None:
-            await self._lean.shutdown(self._shutdown_timeout_s)
+            await self._lean.shutdown(timeout)
+        server = self.runner.server
+        if server is not None and timeout_s is not None:
+            # aiohttp's connections, in the time given: the runner would give them its
+            # whole shutdown timeout again, aiohttp waits what it is given twice (for the
+            # handler, then for it cancelled) and reads 0 as no limit
+            await server.shutdown(max(timeout / 2, _LEAST_WAIT_S))
         await self.runner.cleanup()
 
 
@@ -541,11 +554,16 @@ async def run_gateway(
                     "gateway shutting down: finishing in-flight requests (up to %g s)",
                     shutdown_timeout_s,
                 )
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + shutdown_timeout_s
                 runner.stop_accepting()
                 # the manager ends what is still running with a reason while the
-                # connections are open to carry it; then they close
+                # connections are open to carry it; then they close, in what is left of
+                # the timeout (and a moment to write those endings): an answer its client
+                # has stopped reading does not get the timeout a second time
                 await manager.stop(drain_timeout_s=shutdown_timeout_s, hurry=hurry)
-                await runner.cleanup()
+                left = 0.0 if hurry.is_set() else deadline - loop.time()
+                await runner.cleanup(max(left, SHUTDOWN_GRACE_S))
         finally:
             await manager.stop(drain_timeout_s=shutdown_timeout_s, hurry=hurry)
             log.info("gateway stopped")
