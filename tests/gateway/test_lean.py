@@ -697,9 +697,11 @@ def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits()
             conn.respond(200, b"ok", content_type="text/plain", headers={})
 
         fallback = _Fallback()
-        lean, server, port = await _lean_server(handler, fallback)
-        # idle keep-alive: closed by the server after 30 (virtual) seconds
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        lean, server, _ = await _lean_server(handler, fallback)
+        # each client on a Unix socket pair (see _paired_client): on loopback TCP a loaded
+        # machine's kernel may deliver the server's close late, which the virtual clock
+        # counts as sweeps passed. Idle keep-alive: closed after 30 (virtual) seconds
+        reader, writer = await asyncio.open_connection(sock=await _paired_client(lean))
         writer.write(_post("/v1/completions", {}))
         assert (await _response(reader))[0] == 200
         started = loop.time()
@@ -707,14 +709,14 @@ def test_idle_connections_close_after_the_keepalive_timeout_and_shutdown_waits()
         assert 30.0 <= loop.time() - started <= 33.0 + 0.01  # the sweep: at most 10% late
         await _close(writer)
         # handover: the fallback protocol receives the bytes read so far
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(sock=await _paired_client(lean))
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
         await writer.drain()
         await fallback.got.wait()
         assert fallback.data.startswith(b"GET /metrics")
         await _close(writer)
         # shutdown: the request in progress finishes, with Connection: close
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(sock=await _paired_client(lean))
         writer.write(_post("/v1/completions", {}, "x-hold: 1"))
         await second.wait()
         server.close()
