@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -305,10 +305,16 @@ class LaunchedFleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _shielded_close(self)
+        await shielded_close(self)
 
 
-async def _shielded_close(fleet: LaunchedFleet) -> None:
+class Closable(Protocol):
+    """A fleet of launched engines: ``aclose()`` stops them."""
+
+    async def aclose(self) -> None: ...
+
+
+async def shielded_close(fleet: Closable) -> None:
     """Close even when the caller is cancelled again (a second Ctrl-C) while closing."""
     task = asyncio.ensure_future(fleet.aclose())
     try:
@@ -371,7 +377,7 @@ async def launch_engines(
             fleet.instances.append(inst)
         fleet.watch()
     except BaseException as exc:
-        await _shielded_close(fleet)
+        await shielded_close(fleet)
         if isinstance(exc, BaseExceptionGroup):
             first = exc.exceptions[0]
             if isinstance(first, Exception):

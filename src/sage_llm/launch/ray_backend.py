@@ -36,7 +36,7 @@ import aiohttp
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.control_plane.topology import InstanceTopology
 from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, NotFoundError
-from sage_llm.launch.local import log_tail, wait_healthy
+from sage_llm.launch.local import log_tail, shielded_close, wait_healthy
 from sage_llm.launch.plan_to_engines import EngineLaunch, LaunchSettings
 from sage_llm.types import ExecutionInstance
 
@@ -173,17 +173,7 @@ class RayFleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _shielded_close(self)
-
-
-async def _shielded_close(fleet: RayFleet) -> None:
-    """Close even when the caller is cancelled again (a second Ctrl-C) while closing."""
-    task = asyncio.ensure_future(fleet.aclose())
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+        await shielded_close(self)
 
 
 async def launch_with_ray(
@@ -278,6 +268,6 @@ async def launch_with_ray(
                     manager.register_instance(inst)
                 fleet.instances.append(inst)
     except BaseException:
-        await _shielded_close(fleet)
+        await shielded_close(fleet)
         raise
     return fleet
