@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from sage_llm.bench.generators import multi_turn, sharegpt, sharegpt_like, synthetic
+from sage_llm.bench.generators import sharegpt, sharegpt_like, synthetic
 from sage_llm.errors import ConfigError
 from sage_llm.tokens import count_tokens
 
@@ -27,22 +26,6 @@ def test_sharegpt_like_is_deterministic_per_seed() -> None:
     other = sharegpt_like(50, 5.0, seed=2)
     assert [r.prompt_tokens for r in first] != [r.prompt_tokens for r in other]
     assert [r.arrival_s for r in first] != [r.arrival_s for r in other]
-
-
-def test_multi_turn_keeps_a_prompt_of_exactly_max_prompt_tokens() -> None:
-    capped = multi_turn(
-        3,
-        10,
-        1.0,
-        user_turn_tokens=50,
-        output_tokens=50,
-        system_prompt_tokens=0,
-        max_prompt_tokens=250,
-        seed=1,
-    )
-    # Prompts: 50, 150, 250 (not over the cap), then 350 stops the session.
-    assert Counter(r.turn for r in capped) == {0: 3, 1: 3, 2: 3}
-    assert max(r.prompt_tokens for r in capped) == 250
 
 
 def test_sharegpt_skips_under_4_tokens_and_keeps_lengths_at_the_caps(tmp_path: Path) -> None:
