@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 
 from sage_llm.bench.demo import (
+    DEMO_PRESETS,
     DEMO_SLO,
     GATEWAY_RATE,
     GATEWAY_REQUESTS,
@@ -146,3 +147,23 @@ def test_the_conclusion_names_the_preset_with_the_most_goodput_not_throughput() 
     ]
     assert runs[0].summary.request_throughput > runs[1].summary.request_throughput
     assert conclusion(runs)[0] == "Most goodput: good, 0.10 req/s."
+
+
+def test_the_whole_demo_runs_both_parts_and_ends_in_its_report() -> None:
+    """What ``make demo`` runs (``sage-llm demo``), end to end, with a small part 2: part 1
+    over HTTP with every request answered, part 2's table with every preset, the
+    conclusion and the next steps, and no warning."""
+    console = Console(width=200, record=True)
+    results = run_demo(sessions=6, rate=9.0, seed=0, console=console)
+    assert [r.preset.name for r in results] == [p.name for p in DEMO_PRESETS]
+    for run in results:
+        assert run.summary.ok == run.summary.count > 0
+    text = console.export_text()
+    flat = " ".join(text.split())
+    assert f"requests ok / sent │ {GATEWAY_REQUESTS} / {GATEWAY_REQUESTS} │" in flat
+    assert "sage-llm demo, part 2" in flat
+    for preset, run in zip(DEMO_PRESETS, results, strict=True):
+        assert f"│ {preset.name} │ {run.summary.ok}/{run.summary.count} │" in flat
+    assert "Most goodput: " in flat
+    assert " ".join(NEXT_STEPS.split()) in flat
+    assert "warning:" not in text
