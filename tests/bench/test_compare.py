@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from sage_llm.bench import compare
 from sage_llm.bench.compare import (
@@ -21,6 +22,7 @@ from sage_llm.bench.compare import (
     check_workload,
     compare_main,
     overload_compare,
+    overload_main,
     overload_title,
     parse_preset,
     prefix_counters,
@@ -473,3 +475,23 @@ def test_overload_compare_runs_every_preset_on_the_same_workload(
     assert [name for name, _ in runs] == names
     assert len({n for _, n in runs}) == 1
     assert capacity == 2.0
+
+
+def test_overload_main_prints_the_table_and_writes_both_reports(tmp_path: Path) -> None:
+    """``sage-llm bench compare --overload``, end to end on virtual time at a small size:
+    one row per preset under the title naming the offered rate, and the JSON report (with
+    the calibrated capacity) and the HTML one written where it says."""
+    console = Console(width=200, record=True)
+    out = tmp_path / "overload"
+    assert overload_main(engines=1, duration_s=4.0, max_concurrent=4, out=out, console=console) == 0
+    flat = " ".join(console.export_text().split())
+    data = json.loads((out / "overload.json").read_text())
+    capacity = data["config"]["capacity_rps"]
+    assert capacity > 0 and data["config"]["engines"] == 1
+    assert " ".join(overload_title(2.0, capacity).split()) in flat
+    names = [p.name for p in compare.OVERLOAD_PRESETS]
+    assert [e["name"] for e in data["entries"]] == names
+    for name in names:
+        assert f"│ {name} │" in flat
+    html = next(out.glob("*.html"))
+    assert f"wrote {out / 'overload.json'} and {html}" in flat
