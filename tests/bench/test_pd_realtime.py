@@ -14,6 +14,7 @@ from sage_llm.bench.loadgen import LoadReport
 from sage_llm.bench.pd_bench import FleetSpec, chat_workload
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.bench.workloads import Workload
+from sage_llm.errors import ConfigError
 from sage_llm.types import RequestPriority
 
 
@@ -64,3 +65,33 @@ def test_arrivals_are_sped_up_and_measured_times_slowed_back_before_the_slos(
     assert case["duration_s"] == pytest.approx(2.0)  # 0.5 real seconds × 4
     assert case["ttft_p50_s"] == pytest.approx(0.4)  # 0.1 real seconds × 4
     assert case["slo_attainment"] == 0.0  # 10 ms real gaps are 40 ms > the 25 ms ITL SLO
+
+
+def test_bad_sizes_and_rates_are_refused_by_name_before_any_engine_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same checks, with the same messages, as the in-process part's."""
+
+    async def no_sims(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(pd_realtime, "start_engine_sims", no_sims)
+    bad: list[tuple[dict[str, Any], str, str]] = [
+        ({"speed": 0.0}, "speed", "must be a finite number > 0, got 0"),
+        ({"speed": float("inf")}, "speed", "must be a finite number > 0, got inf"),
+        ({"n_long": -1}, "n_long", "must be >= 0"),
+        ({"n_chat": -2}, "n_chat", "must be >= 0"),
+        (
+            {"n_long": 0, "n_chat": 0},
+            "",
+            "n_long and n_chat are both 0: there is no request to run",
+        ),
+        ({"long_rate": 0.0}, "long_rate", "must be a finite number > 0, got 0"),
+        ({"chat_rate": -1.0}, "chat_rate", "must be a finite number > 0, got -1"),
+        ({"chat_rate": float("nan")}, "chat_rate", "must be a finite number > 0, got nan"),
+        ({"prefill": 0}, "prefill", "need at least one prefill and one decode engine"),
+    ]
+    for kwargs, key, message in bad:
+        with pytest.raises(ConfigError) as info:
+            asyncio.run(pd_realtime.run_realtime(peers=False, **kwargs))
+        assert (info.value.key or "", info.value.detail) == (key, message), kwargs

@@ -55,6 +55,7 @@ __all__ = [
     "PDCase",
     "chat_workload",
     "check_realtime_fleet",
+    "check_sizes",
     "default_fleets",
     "fleet_instances",
     "format_table",
@@ -184,6 +185,18 @@ def select_named_fleets(
             key="fleets",
         )
     return eights, seventies
+
+
+def check_sizes(n_long: int, long_rate: float, n_chat: int, chat_rate: float) -> None:
+    """:class:`ConfigError` naming the argument unless the workloads' sizes and rates can
+    run: counts >= 0 and not both 0, rates finite and > 0."""
+    if n_long < 0 or n_chat < 0:
+        raise ConfigError("must be >= 0", key="n_long" if n_long < 0 else "n_chat")
+    if n_long + n_chat < 1:
+        raise ConfigError("n_long and n_chat are both 0: there is no request to run")
+    for key, value in (("long_rate", long_rate), ("chat_rate", chat_rate)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"must be a finite number > 0, got {value:g}", key=key)
 
 
 def check_realtime_fleet(spec: FleetSpec) -> None:
@@ -427,15 +440,11 @@ def run_pd_bench(
     ``include_70b``, ``fleets_70b`` at ``rate_70b_factor`` of the rates (default: the TP4 70B
     layouts when ``fleets`` is None too, else none).
     """
-    if n_long < 0 or n_chat < 0:
-        raise ConfigError("must be >= 0", key="n_long" if n_long < 0 else "n_chat")
-    if n_long + n_chat < 1:
-        raise ConfigError("n_long and n_chat are both 0: there is no request to run")
-    for key, value in (
-        ("long_rate", long_rate), ("chat_rate", chat_rate), ("rate_70b_factor", rate_70b_factor)
-    ):  # fmt: skip
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"must be a finite number > 0, got {value:g}", key=key)
+    check_sizes(n_long, long_rate, n_chat, chat_rate)
+    if not (math.isfinite(rate_70b_factor) and rate_70b_factor > 0):
+        raise ConfigError(
+            f"must be a finite number > 0, got {rate_70b_factor:g}", key="rate_70b_factor"
+        )
     plan: list[tuple[FleetSpec, Workload]] = []
     for w in _workloads(n_long, long_rate, n_chat, chat_rate, seed):
         plan.extend((f, w) for f in (fleets if fleets is not None else default_fleets()))

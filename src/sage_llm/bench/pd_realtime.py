@@ -38,6 +38,7 @@ from sage_llm.bench.pd_bench import (
     PDCase,
     chat_workload,
     check_realtime_fleet,
+    check_sizes,
     long_prompt_workload,
 )
 from sage_llm.bench.procs import (
@@ -177,10 +178,7 @@ async def run_realtime(
     """
     if not (math.isfinite(speed) and speed > 0):
         raise ConfigError(f"must be a finite number > 0, got {speed:g}", key="speed")
-    if n_long < 0 or n_chat < 0 or n_long + n_chat < 1:
-        raise ConfigError("need at least one request", key="n_long")
-    if not (long_rate > 0 and chat_rate > 0):
-        raise ConfigError("rates must be > 0", key="long_rate")
+    check_sizes(n_long, long_rate, n_chat, chat_rate)
     if fleets is None:
         if prefill < 1 or decode < 1:
             raise ConfigError("need at least one prefill and one decode engine", key="prefill")
