@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -380,3 +381,30 @@ def test_the_module_refuses_options_it_does_not_take(
     monkeypatch.setattr(proxy_bench, "proxy_bench_main", bench)
     assert proxy_bench._module_main(argv) == code
     assert "sage-llm bench proxy --help" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_bench_end_to_end_measures_every_target_in_both_modes(tmp_path: Path) -> None:
+    """``sage-llm bench proxy`` at a tiny size, with the Python forwarder as its one peer:
+    engine-sim processes, both gateway targets, the load client's processes; every target
+    measured in both modes without an error, the table printed, ``proxy.json`` written."""
+    console = Console(width=200, record=True)
+    out = tmp_path / "proxy"
+    code = proxy_bench.proxy_bench_main(
+        peers=["python-forwarder"], requests_c1=5, requests_c64=64, c1_warmup=5, out=out,
+        console=console,
+    )  # fmt: skip
+    assert code == 0
+    rows = json.loads((out / "proxy.json").read_text())
+    names = ["direct", *(name for _, name in proxy_bench.SAGE_TARGETS), "python-forwarder"]
+    assert [(r["target"], r["stream"]) for r in rows] == [
+        (name, stream) for stream in (False, True) for name in names
+    ]
+    for row in rows:
+        assert row["errors"] == 0 and row["req_per_s_c64"] > 0, row
+        assert (row["added_ms"] is None) == (row["target"] == "direct"), row
+        assert (row["ttft_c1_ms"] is None) == (not row["stream"]), row
+    flat = " ".join(console.export_text().split())
+    for name in names:
+        assert f"│ {name} │ plain │" in flat and f"│ {name} │ stream │" in flat
+    assert f"wrote {out / 'proxy.json'}" in flat
