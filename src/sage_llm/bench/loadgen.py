@@ -118,10 +118,7 @@ async def _one(
                             error = str(obj["error"].get("message", obj["error"]))
                             continue
                         for choice in obj.get("choices") or ():
-                            piece_text = choice.get("text")
-                            if piece_text is None:
-                                piece_text = (choice.get("delta") or {}).get("content")
-                            if piece_text:
+                            if choice.get("text"):  # (a completions stream)
                                 times.append(now)
                                 output += 1
                         usage = obj.get("usage")
