@@ -89,6 +89,20 @@ def test_complete_array_and_limit(tmp_path: Path) -> None:
         load_sharegpt(path, limit=-1)
 
 
+def test_items_that_are_not_conversations_of_strings_are_skipped(tmp_path: Path) -> None:
+    """The docstring's promise: no ``conversations`` list of ``{"from", "value"}`` strings,
+    not a conversation; the items around it are still read."""
+    bad: list[object] = [
+        "a string",
+        {"id": "x_1", "conversations": "not a list"},
+        {"id": "x_2", "conversations": ["not a turn"]},
+        {"id": "x_3", "conversations": [{"from": "human", "value": 3}]},
+        {"id": "x_4", "conversations": [{"from": None, "value": "hi"}]},
+    ]
+    path = write(tmp_path, json.dumps([ITEMS[0], *bad, ITEMS[2]]))
+    assert [c.id for c in load_sharegpt(path)] == ["a_0", "b_0"]
+
+
 @pytest.mark.parametrize("chunk_chars", [1, 3, 17, 64, 1 << 20])
 def test_chunked_decoding_matches_whole_decoding(chunk_chars: int) -> None:
     text = "\ufeff  \n" + truncated_array(ITEMS, cut='{"id": "d_0", "conversations": [{"fr')
