@@ -856,6 +856,33 @@ def test_an_unparsable_topology_file_names_the_option(tmp_path: Path) -> None:
         plan_command(topology_file=bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"gpus": [', "not valid JSON: Expecting value: line 1 column 11 (char 10)"),
+        ('{"gpus": [{"index": 0}], "links": ["X"]}', "invalid topology: links[0] must be a list"),
+    ],
+)
+def test_a_bad_json_topology_file_is_named_once_with_its_problem(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    """The option is named once, then the file, then what is wrong in it (it was
+    "topology: FILE: topology: not valid JSON ...")."""
+    bad = tmp_path / "topo.json"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        plan_command(topology_file=bad)
+    assert info.value.key == "topology"
+    assert str(info.value).startswith(f"topology: {bad}: {problem}")
+
+
+def test_gpu_ids_missing_from_the_topology_are_named() -> None:
+    alloc = GPUAllocation(1, 2, gpu_ids=(2, 7))
+    with pytest.raises(ConfigError) as info:
+        plan("llama-3-8b", alloc, "a100", CHAT, SLO, topo(A100_PCIE))
+    assert (info.value.key, info.value.detail) == ("gpus", "GPUs [7] are not in the topology")
+
+
 def test_a_missed_target_is_never_written_as_the_target_itself() -> None:
     p = plan("llama-2-70b", 6, "a100-80g", CHAT, SLO)
     reasons = [r for _, r in p.rejected if "TPOT is missed" in r]

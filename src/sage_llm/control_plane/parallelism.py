@@ -1158,8 +1158,8 @@ def plan_command(
             raise ConfigError(f"{exc.location}: {exc.detail}", key="topology") from None
         try:
             topology = parse_topology_text(text)
-        except ConfigError as exc:
-            raise ConfigError(f"{topology_file}: {exc.message}", key="topology") from None
+        except ConfigError as exc:  # (its own key, when it has one, is this option's)
+            raise ConfigError(f"{topology_file}: {exc.detail}", key="topology") from None
         if not topology.gpu_indices:  # e.g. `sage-llm topo --json` of a machine without GPUs
             raise ConfigError(f"{topology_file}: lists no GPUs", key="topology")
     try:
