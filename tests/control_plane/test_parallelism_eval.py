@@ -8,7 +8,13 @@ from statistics import NormalDist
 
 import pytest
 
-from sage_llm.control_plane.parallelism_eval import ShapeEval, WorkloadProfile, wait_quantile
+from sage_llm.control_plane.parallelism_eval import (
+    GPUAllocation,
+    ShapeEval,
+    WorkloadProfile,
+    wait_quantile,
+)
+from sage_llm.errors import ConfigError
 from sage_llm.sim.specs import get_gpu, get_model
 
 CHAT = WorkloadProfile(prompt_mean=1024, output_mean=256)
@@ -127,3 +133,60 @@ def test_the_fitted_lognormal_reproduces_mean_and_p90_with_the_narrower_spread()
     cv2 = [WorkloadProfile(1000, 200, prompt_p90=p).prompt_cv2 for p in (1001, 1500, 2000)]
     assert cv2[0] < 0.001
     assert cv2 == sorted(cv2)
+
+
+# -- the planner's inputs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "message"),
+    [
+        ({"prompt_p90": 0.5}, "prompt_p90", "must be >= 1 token, got 0.5"),
+        ({"output_p90": math.nan}, "output_p90", "must be >= 1 token, got nan"),
+        ({"prompt_sq_mean": 1000.0}, "prompt_sq_mean", "must be >= prompt_mean²"),
+    ],
+)
+def test_a_workloads_spread_that_cannot_be_is_refused_naming_its_key(
+    kwargs: dict[str, float], key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        WorkloadProfile(1024, 256, **kwargs)
+    assert err.value.key == key
+    assert message in err.value.message
+
+
+def test_fixed_lengths_have_a_second_moment_of_the_mean_squared() -> None:
+    assert WorkloadProfile(1024, 256, prompt_sq_mean=1024.0**2).prompt_cv2 == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nodes": 0}, "nodes and gpus_per_node must be >= 1"),
+        ({"gpus_per_node": 0}, "nodes and gpus_per_node must be >= 1"),
+        ({"gpus_per_node": 4, "last_node_gpus": 5}, "last_node_gpus must be between 1"),
+        ({"gpus_per_node": 4, "last_node_gpus": 0}, "last_node_gpus must be between 1"),
+        ({"gpus_per_node": 2, "gpu_ids": (0,)}, "gpu_ids must list gpus_per_node distinct"),
+        ({"gpus_per_node": 2, "gpu_ids": (1, 1)}, "gpu_ids must list gpus_per_node distinct"),
+        ({"nodes": 10_000, "gpus_per_node": 8}, "GPUs can be planned, got 80000"),
+    ],
+)
+def test_an_allocation_that_cannot_be_is_refused_as_the_gpus_key(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        GPUAllocation(**kwargs)  # type: ignore[arg-type]
+    assert err.value.key == "gpus"
+    assert message in err.value.message
+
+
+def test_a_last_node_as_full_as_the_others_is_no_partial_node() -> None:
+    assert GPUAllocation(nodes=2, gpus_per_node=4, last_node_gpus=4) == GPUAllocation(2, 4)
+    assert GPUAllocation(nodes=2, gpus_per_node=4, last_node_gpus=4).total == 8
+
+
+@pytest.mark.parametrize("count", [0, -1, 2.0, True, "8"])
+def test_a_gpu_count_must_be_a_positive_integer(count: object) -> None:
+    with pytest.raises(ConfigError, match="GPU count must be a positive integer") as err:
+        GPUAllocation.from_count(count)  # type: ignore[arg-type]
+    assert err.value.key == "gpus"

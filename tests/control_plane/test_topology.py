@@ -467,6 +467,24 @@ def test_from_dict_rejects_bad_data(data: dict[str, object]) -> None:
     assert info.value.key == "topology"
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([{"index": 0}], "expected an object, got [{'index': 0}]"),  # the GPUs' list alone
+        ({"gpus": [{"index": 0}], "links": ["X"]}, "links[0] must be a list of cells"),
+        (
+            {"gpus": [{"index": 0, "cpu_affinity": [0, 1 << 20]}], "links": [["X"]]},
+            "CPU list [0, 1048576] is out of range",
+        ),
+    ],
+)
+def test_from_dict_says_what_is_wrong_where(data: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Topology.from_dict(data)  # type: ignore[arg-type]
+    assert info.value.key == "topology"
+    assert message in info.value.message
+
+
 def test_from_dict_names_a_missing_key() -> None:
     with pytest.raises(ConfigError, match=r"gpus\[0\]: missing key 'index'"):
         Topology.from_dict({"gpus": [{"numa_node": 0}], "links": [["X"]]})
