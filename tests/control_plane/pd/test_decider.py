@@ -203,6 +203,38 @@ def test_registry_names_and_errors() -> None:
     assert decider.describe()["name"] == "adaptive"
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "key"),
+    [
+        ("threshold", {"min_ratio": -0.5}, "min_ratio"),
+        ("threshold", {"min_ratio": math.inf}, "min_ratio"),
+        ("prefix_aware", {"min_uncached_tokens": -1}, "min_uncached_tokens"),
+        ("prefix_aware", {"block_size": 0}, "block_size"),
+        ("adaptive", {"prefill_interference": -0.1}, "prefill_interference"),
+        ("adaptive", {"prefill_interference": math.nan}, "prefill_interference"),
+        ("adaptive", {"top_k": 0}, "top_k"),
+    ],
+)
+def test_a_deciders_parameter_out_of_range_is_refused_naming_it(
+    name: str, params: dict[str, float], key: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_decider(name, params)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("name", DECIDER_NAMES)
+def test_each_decider_describes_itself_with_its_parameters(name: str) -> None:
+    described = build_decider(name).describe()
+    assert described["name"] == name
+    params = described["params"]
+    assert isinstance(params, dict)
+    if name in ("always", "never"):
+        assert params == {}
+    else:
+        assert params and all(isinstance(k, str) for k in params)
+
+
 def gap_fleet(**general: Any) -> ClusterSnapshot:
     """One GENERAL instance running decodes (8 ms steps, 40k prefill tokens/s) and an idle
     PREFILLING/DECODING pair on NVLink."""
@@ -432,3 +464,9 @@ def test_adaptive_sends_a_stalling_prompt_to_a_pair_whose_badness_is_at_most_the
     near: dict[str, Any] = {"slack": 0.75, "hysteresis": 0.5, "itl_slo_s": 0.05}
     assert _decide_on(1.0, 0.75, stalling=True, **near) is True  # at it (not 50 % better)
     assert _decide_on(1.0, 0.76, stalling=True, **near) is False
+
+
+def test_adaptive_disaggregates_when_no_whole_request_instance_is_free() -> None:
+    snap = with_view(mixed_fleet(), "g0", in_flight=100)  # full
+    decision = AdaptiveDecider().decide(make_request_info(prompt_tokens=100), snap)
+    assert (decision.disaggregate, decision.reason) == (True, "no colocated instance is free")

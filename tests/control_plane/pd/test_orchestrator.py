@@ -306,6 +306,35 @@ def test_bad_params_raise_config_errors(field: str, value: float) -> None:
     assert err.value.key == field
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "key", "message"),
+    [
+        ({"prefix_weight": 0.0, "queue_weight": 0.0}, "prefix_weight", "queue_weight must be > 0"),
+        ({"kv_weight": 0.0, "batch_weight": 0.0}, "kv_weight", "batch_weight must be > 0"),
+        ({"cross_rack_factor": 0.0}, "cross_rack_factor", "must be in (0, 1], got 0.0"),
+        ({"cross_rack_factor": 1.5}, "cross_rack_factor", "must be in (0, 1], got 1.5"),
+        ({"kv_bytes_per_token": 0}, "kv_bytes_per_token", "must be >= 1"),
+    ],
+)
+def test_pairing_params_that_cannot_rate_a_leg_or_a_link_name_their_key(
+    kwargs: dict[str, float], key: str, message: str
+) -> None:
+    """Both of a leg's weights at 0 (and no strategy to rate it instead) would leave every
+    candidate tied at 0; the link figures are checked as the pairing's own keys."""
+    with pytest.raises(ConfigError) as err:
+        PairingParams(**kwargs)  # type: ignore[arg-type]
+    assert err.value.key == key
+    assert message in err.value.message
+
+
+def test_a_leg_rated_by_a_strategy_may_have_both_of_its_weights_at_0() -> None:
+    params = PairingParams(
+        prefix_weight=0.0, queue_weight=0.0, prefill_strategy="round_robin",
+        kv_weight=0.0, batch_weight=0.0, decode_strategy="load_balanced",
+    )  # fmt: skip
+    assert (params.prefill_strategy, params.decode_strategy) == ("round_robin", "load_balanced")
+
+
 def test_servable_view_stands_in_for_free_pairs_only() -> None:
     pd_only = make_snapshot(
         [
