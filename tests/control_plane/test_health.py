@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -218,6 +219,9 @@ def test_bad_settings_are_rejected() -> None:
         BreakerSettings(base_cooldown_s=5.0, max_cooldown_s=1.0)
     with pytest.raises(ValueError, match="positive"):
         HealthSettings(interval_s=0.0)
+    for stall in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="stall_timeout_s must be positive or None"):
+            HealthSettings(stall_timeout_s=stall)
     with pytest.raises(ValueError, match="failure_rate"):
         BreakerSettings(failure_rate=0.0)
     with pytest.raises(ValueError, match="rate_window"):

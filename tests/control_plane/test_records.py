@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+import pytest
+
 from sage_llm.control_plane.records import (
     STREAM_END,
     ChunkChannel,
@@ -145,3 +147,9 @@ def test_a_failure_is_forgotten_with_its_result_and_each_copy_is_fresh() -> None
     finished.expire(10.001)  # "a" and "b" expired
     assert len(finished) == 0 and finished.failure("a") is None
     assert finished._failures == {}
+
+
+@pytest.mark.parametrize("kind", [FinishedRecords, LastInstances])
+def test_a_bounded_map_holds_at_least_one_item(kind: type[object]) -> None:
+    with pytest.raises(ValueError, match="capacity must be at least 1"):
+        kind(capacity=0)  # type: ignore[call-arg]

@@ -66,3 +66,24 @@ def test_a_non_negative_value_must_be_finite() -> None:
     with pytest.raises(ConfigError, match="finite") as err:
         check_non_negative("s", math.inf)
     assert err.value.key == "s"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("slo_target", "high"),
+        ("cost_share", math.nan),
+        ("min_dwell_s", "5"),
+        ("light_load", True),
+        ("priority_share", None),
+    ],
+)
+def test_a_fraction_or_duration_that_is_not_a_number_is_refused_naming_its_key(
+    key: str, value: object
+) -> None:
+    """A code-built policy's parameter given as a string, a flag or NaN is refused with
+    the value shown, not compared (a TypeError) or taken (NaN passes every bound)."""
+    with pytest.raises(ConfigError, match=r"must be a number, got ") as err:
+        AdaptivePolicy.Params(**{key: value})  # type: ignore[arg-type]
+    assert err.value.key == key
+    assert repr(value) in err.value.message
