@@ -270,3 +270,17 @@ def test_an_unresolvable_model_is_refused_naming_the_field() -> None:
         resolve_model(make_metadata("r", model_name="c"), {"a", "b"})
     assert missing.value.param == "model"
     assert resolve_model(make_metadata("r", model_name=None), {"a"}) == "a"
+    with pytest.raises(ModelNotFoundError, match="no instance is registered") as none:
+        resolve_model(make_metadata("r", model_name=None), set())
+    assert none.value.param == "model"
+    with pytest.raises(ModelNotFoundError, match=r"'a' \(served: none\)") as named:
+        resolve_model(make_metadata("r", model_name="a"), set())
+    assert named.value.param == "model"
+
+
+@pytest.mark.parametrize("messages", [[], (), {"role": "user", "content": "x"}, "hi"])
+def test_messages_that_are_not_a_non_empty_list_are_refused(messages: object) -> None:
+    meta = make_metadata("r", messages=messages, prompt=None)
+    with pytest.raises(InvalidRequestError, match="messages must be a non-empty list") as info:
+        build_request(meta, "m", now=0.0, stream=True, default_max_tokens=16, block_size=16)
+    assert info.value.param == "messages"
