@@ -148,6 +148,28 @@ def test_an_engine_factory_that_fails_at_run_time_registers_nothing() -> None:
     run_virtual(main())
 
 
+def test_an_engine_factorys_own_sage_llm_error_is_raised_as_it_is() -> None:
+    """A factory that refuses an instance with a typed error (a ConfigError naming its
+    own key, here) is not rewrapped as "engine_factory failed"."""
+
+    def factory(instance: ExecutionInstance) -> FakeEngine:
+        if instance.instance_id == "bad":
+            raise ConfigError("no such engine on this host", key="metadata.engine_path")
+        return FakeEngine(instance.instance_id)
+
+    async def main() -> None:
+        cp = ControlPlaneManager(engine_factory=factory)
+        cp.register_instance(make_instance("good", port=8001))
+        async with cp:
+            with pytest.raises(ConfigError) as info:
+                cp.register_instance(make_instance("bad"))
+            assert info.value.key == "metadata.engine_path"
+            assert str(info.value) == "metadata.engine_path: no such engine on this host"
+            assert [i.instance_id for i in cp.get_instances()] == ["good"]
+
+    run_virtual(main())
+
+
 def test_an_engine_factory_must_be_callable_and_make_clients() -> None:
     with pytest.raises(ConfigError, match="must be a callable") as info:
         ControlPlaneManager(engine_factory="x")  # type: ignore[arg-type]
@@ -282,6 +304,21 @@ def test_submit_before_start_is_refused() -> None:
     run_virtual(main())
 
 
+def test_an_engines_stats_before_start_are_refused_as_not_running() -> None:
+    """An HTTP instance registered before start() has no connection yet: asking its
+    engine's figures says the control plane is not running (not a connection error)."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="http")
+        cp.register_instance(make_instance("i0"))
+        with pytest.raises(ControlPlaneNotRunningError, match="the control plane is not running"):
+            await cp.engine_stats("i0")
+        with pytest.raises(InstanceNotFoundError):
+            await cp.engine_stats("nope")
+
+    run_virtual(main())
+
+
 def test_bad_requests_raise_typed_errors() -> None:
     async def main() -> None:
         async with _manager() as cp:
@@ -357,6 +394,8 @@ def test_cancel_queued_and_running_requests() -> None:
             running = await cp.wait_for_result("running")
             queued = await cp.wait_for_result("queued")
             assert await cp.cancel_request("running") is False
+            with pytest.raises(RequestNotFoundError, match="no request 'never-given'"):
+                await cp.cancel_request("never-given")
             # The engine slot is free again: a new request completes.
             after = await cp.generate(make_metadata("after", max_tokens=3))
         assert running.status is RequestStatus.CANCELLED
@@ -564,6 +603,10 @@ def test_a_scheduling_decision_while_queued_running_and_after() -> None:
             await asyncio.sleep(0.001)
             assert cp.get_scheduling_decision(second) is None  # queued behind the first
             running = cp.get_scheduling_decision(first)
+            third = await cp.submit_request(make_metadata("third", max_tokens=20))
+            assert await cp.cancel_request(third) is True  # in the queue: never placed
+            assert (await cp.wait_for_result(third)).status is RequestStatus.CANCELLED
+            assert cp.get_scheduling_decision(third) is None
             await cp.wait_for_result(first)
             result = await cp.wait_for_result(second)
             done = cp.get_scheduling_decision(second)
@@ -1251,6 +1294,31 @@ def test_a_caller_cancelled_during_its_engine_call_is_cancelled_and_so_is_the_re
             engine.gate_after = None
             _, after = await cp.collect(make_metadata("after", max_tokens=2))
             assert after.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+
+
+def test_a_collect_cancelled_while_its_request_waits_in_the_queue_cancels_the_request() -> None:
+    """The only slot busy, a collected request waits queued; its caller cancelled, the
+    request ends cancelled and leaves the queue (it is not run for no one)."""
+
+    async def main() -> None:
+        async with _manager(1, bound=1, scheduling_policy="fifo") as cp:
+            holder = asyncio.create_task(cp.collect(make_metadata("holder", max_tokens=50)))
+            await asyncio.sleep(0.01)
+            waiting = asyncio.create_task(cp.collect(make_metadata("q", max_tokens=2)))
+            await asyncio.sleep(0.01)
+            assert await cp.get_request_status("q") is RequestStatus.QUEUED
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            result = await cp.wait_for_result("q")
+            assert result.status is RequestStatus.CANCELLED
+            assert result.error == "cancelled by the caller"
+            assert result.instance_id is None  # never started
+            assert len(cp.policy) == 0
+            _, held = await holder
+            assert held.status is RequestStatus.COMPLETED
 
     run_virtual(main())
 

@@ -150,7 +150,12 @@ def test_the_pd_report_measures_both_legs() -> None:
             running = [asyncio.create_task(cp.generate(m)) for m in metas[:4]]
             await asyncio.sleep(0.001)
             active = cp.get_metrics().active_requests, cp.get_status()["running_requests"]
+            live = cp.get_scheduling_decision("r0")  # running: placed on both legs' instances
             await asyncio.gather(*running)
+        assert live is not None
+        assert (live.prefill_instance_id, live.target_instance_id) == ("p0", "d0")
+        assert live.reason == "prefill on p0, decode on d0"
+        assert live.estimated_cost > live.estimated_latency_ms / 1000.0 * 2.0 / 3600.0
         assert active == (4, 4)  # each holds a slot on both instances, and counts once
         assert prefill.total_requests_processed == decode.total_requests_processed == 6
         assert prefill.metadata["prefilled_tokens"] == 6 * count_tokens(LONG)
