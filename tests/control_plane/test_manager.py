@@ -3142,6 +3142,34 @@ def test_a_bug_while_ending_a_request_still_ends_it(monkeypatch: pytest.MonkeyPa
     run_virtual(main())
 
 
+@pytest.mark.parametrize("fail_after", [None, 2])  # before its first chunk, and after two
+def test_an_engine_client_bug_fails_the_request_with_it_named_and_frees_the_slot(
+    fail_after: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client raising what no engine client should (a bug, not an EngineError): the
+    request ends FAILED with the bug named (not retried elsewhere, where the same client
+    code runs), its slot comes back, and the control plane goes on serving."""
+    bug = RuntimeError("client bug")
+    engine = FakeEngine("a", fail_with=bug, fail_after=fail_after)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", scheduling_policy="slo_aware")
+        cp.register_instance(make_instance("a", max_concurrent_requests=1), client=engine)
+        async with cp:
+            result = await cp.generate(make_metadata("r", max_tokens=5))
+            assert result.status is RequestStatus.FAILED
+            assert result.error == "internal error: RuntimeError: client bug"
+            assert len(engine.requests) == 1  # not retried
+            assert cp.get_instance_metrics("a")["active_requests"] == 0
+            engine.fail_with = None
+            again = await cp.generate(make_metadata("r2", max_tokens=3))
+            assert again.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+    assert "request r failed inside the control plane" in caplog.text
+    assert "RuntimeError: client bug" in caplog.text
+
+
 def test_a_burst_of_submits_to_an_idle_fleet_is_not_refused_as_a_full_queue() -> None:
     """Each submit_request queued its request before any dispatch pass: with free slots
     for all of them, a small queue bound had refused the third as a full queue."""

@@ -429,6 +429,32 @@ def test_an_engine_refusing_its_legs_own_field_is_its_failure(fallback: bool, le
     run_virtual(main())
 
 
+@pytest.mark.parametrize("leg", ["p0", "d0"])
+def test_an_engine_client_bug_in_either_leg_fails_the_request_and_frees_both_instances(
+    leg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client raising what no engine client should (a bug, not an engine error) in the
+    prefill or the decode leg: the request ends FAILED with the bug named, both legs'
+    slots come back, and the pair goes on serving."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR, probes=True)
+        fleet.probes[leg].error = RuntimeError("client bug")  # type: ignore[attr-defined]
+        async with fleet.cp as cp:
+            result = await cp.generate(make_metadata("b1", prompt=LONG, max_tokens=4))
+            assert result.status is RequestStatus.FAILED
+            assert result.error == "internal error: RuntimeError: client bug"
+            with pytest.raises(EngineError, match="internal error: RuntimeError: client bug"):
+                await cp.wait_for_result("b1", raise_failure=True)
+            assert fleet.active("p0") == fleet.active("d0") == 0
+            fleet.probes[leg].error = None  # type: ignore[attr-defined]
+            after = await cp.generate(make_metadata("b2", prompt=LONG, max_tokens=4))
+            assert after.status is RequestStatus.COMPLETED
+
+    run_virtual(main())
+    assert "request b1 failed inside the control plane" in caplog.text
+
+
 def test_a_refusal_of_a_field_the_connector_did_not_set_stays_the_clients() -> None:
     """The vllm connector does not set bootstrap_room: a client's bad one, refused by the
     engine, is the client's 400 (counting it against the instance had let one client get
@@ -1062,5 +1088,28 @@ def test_only_a_streamed_decode_leg_is_timed_as_a_hand_off() -> None:
         assert report is not None
         assert report.metadata["decode_leg_samples"] == 2
         assert report.metadata["handoff_samples"] == 1
+
+    run_virtual(main())
+
+
+def test_a_stop_before_started_pd_tasks_first_run_frees_both_legs_slots() -> None:
+    """PD requests started (each holding a prefill and a decode slot) whose tasks had not
+    run yet when the control plane stopped end cancelled, and give both slots back."""
+
+    async def main() -> None:
+        fleet = Fleet(PD_PAIR)
+        cp = fleet.cp
+        await cp.start()
+        rids = [
+            await cp.submit_request(make_metadata(f"s{i}", prompt=LONG, max_tokens=4))
+            for i in range(3)
+        ]
+        cp._require_dispatcher().dispatch_ready()
+        assert fleet.active("p0") == fleet.active("d0") == 3
+        await cp.stop()
+        assert fleet.active("p0") == fleet.active("d0") == 0
+        results = [await cp.get_result(r) for r in rids]
+        assert all(r is not None and r.status is RequestStatus.CANCELLED for r in results)
+        assert all(fleet.pinned_nowhere(r) for r in rids)
 
     run_virtual(main())
