@@ -991,6 +991,28 @@ def test_one_piece_requests_go_through_complete_when_the_client_has_it() -> None
     run_virtual(main())
 
 
+def test_a_collected_request_retried_after_some_chunks_returns_only_the_retrys_output() -> None:
+    """An engine that failed after two chunks (none had reached the caller: a collect
+    answers at its end) is retried elsewhere from the start: the chunks and the text
+    returned are the retry's alone, not the failed call's two and then the retry's."""
+
+    async def main() -> None:
+        fail = EngineConnectionError("connection reset", instance_id="bad")
+        bad = FakeEngine("bad", fail_with=fail, fail_after=2)
+        cp = ControlPlaneManager(mode="simulated", routing_strategy="round_robin")
+        cp.register_instance(make_instance("bad"), client=bad)
+        cp.register_instance(make_instance("good", port=8001), client=FakeEngine("good"))
+        async with cp:
+            answers = [await cp.collect(make_metadata(f"r{i}", max_tokens=4)) for i in range(2)]
+        assert len(bad.requests) == 1 and bad.aborted == [bad.requests[0].request_id]
+        for chunks, result in answers:
+            assert result.status is RequestStatus.COMPLETED and result.instance_id == "good"
+            assert [c.text for c in chunks] == [" w0", " w1", " w2", " w3"]
+            assert result.text == " w0 w1 w2 w3" and result.completion_tokens == 4
+
+    run_virtual(main())
+
+
 def test_a_failed_one_piece_call_is_retried_elsewhere() -> None:
     async def main() -> None:
         engines: dict[str, OnePieceEngine] = {}
