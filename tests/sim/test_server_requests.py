@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from sage_llm import tokens
+from sage_llm.engines.base import EngineRequest
 from sage_llm.errors import InvalidRequestError
-from sage_llm.sim.server_requests import parse_request
+from sage_llm.sim.server_requests import parse_request, truncated_request
 
 PROMPT = "a b c d e f g h"
 CHAT = [{"role": "user", "content": "hi"}]
@@ -130,3 +132,43 @@ def test_continuous_usage_stats_need_include_usage() -> None:
     assert parsed(include_usage=False, continuous_usage_stats=True) == (False, False)
     assert parsed(include_usage=True, continuous_usage_stats=True) == (True, True)
     assert parsed(include_usage=True) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [({"echo": "yes"}, "echo", "echo must be a boolean"),
+     ({"priority": "high"}, "priority", "priority must be an integer"),
+     ({"kv_transfer_params": [1]}, "kv_transfer_params", "kv_transfer_params must be an object"),
+     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "must be -1 or an integer >= 1")],
+    ids=["echo", "priority", "kv_transfer_params", "truncate"],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_is_refused_naming_it(
+    extra: dict[str, Any], param: str, words: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=words) as caught:
+        parse_request({"prompt": PROMPT, **extra}, chat=False, model_name="m")
+    assert caught.value.param == param
+
+
+def test_continue_final_message_must_be_a_boolean() -> None:
+    body = {"messages": CHAT, "continue_final_message": "yes", "add_generation_prompt": False}
+    with pytest.raises(InvalidRequestError, match="continue_final_message must be a boolean") as c:
+        parse_request(body, chat=True, model_name="m")
+    assert c.value.param == "continue_final_message"
+
+
+def test_a_prompt_within_truncate_prompt_tokens_is_served_whole() -> None:
+    """``truncate_prompt_tokens`` cuts only a longer prompt; -1 with no context known cuts
+    nothing (there is no context to fit)."""
+    n = tokens.count_tokens(PROMPT)
+    for keep, context in ((n, 100), (n + 5, None), (-1, None)):
+        got = parse_request(
+            {"prompt": PROMPT, "max_tokens": 1, "truncate_prompt_tokens": keep},
+            chat=False, model_name="m", max_model_len=context,
+        )  # fmt: skip
+        assert (got.req.prompt, got.prompt_tokens) == (PROMPT, n), keep
+    req = EngineRequest("r", "m", prompt=PROMPT, max_tokens=1,
+                        extra={"truncate_prompt_tokens": n})  # fmt: skip
+    assert truncated_request(req, 100) is req  # an in-process engine's request: the same
+    cut = truncated_request(replace(req, extra={"truncate_prompt_tokens": 2}), 100)
+    assert (cut.prompt, tokens.count_tokens(str(cut.prompt))) == (tokens.last_tokens(PROMPT, 2), 2)
