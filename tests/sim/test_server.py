@@ -794,3 +794,92 @@ async def test_the_model_card_roots_the_served_name_in_the_model(
         assert info["model_path"] == MODEL
     finally:
         await runner.cleanup()
+
+
+class _DownEngine(FakeEngine):
+    """An engine whose health check and statistics fail (it went away)."""
+
+    async def health(self) -> bool:
+        raise EngineError("engine down", status=503)
+
+    async def stats(self) -> Any:
+        raise EngineError("engine down", status=503)
+
+
+async def test_probes_of_an_engine_that_fails_answer_its_failure(
+    http: aiohttp.ClientSession,
+) -> None:
+    """``/health`` says 503 (unhealthy, as vLLM's); the statistics endpoints answer the
+    engine's error in vLLM's JSON body with the engine's status, never a 500 page."""
+    runner, port = await start_app(create_engine_app(_DownEngine(), model_name=MODEL))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with http.get(f"{base}/health") as resp:
+            assert resp.status == 503
+        for path in ("/metrics", "/get_load", "/load", "/server_info", "/get_server_info"):
+            async with http.get(base + path) as resp:
+                assert resp.status == 503, path
+                error = (await resp.json())["error"]
+            assert (error["message"], error["type"], error["code"]) == (
+                "engine down", "Service Unavailable", 503,
+            ), path  # fmt: skip
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_engine_error_with_a_status_of_no_name_is_typed_error(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A status with no HTTP phrase (nginx's 499, a client gone) is passed on, typed
+    ``Error``."""
+    fake = FakeEngine(fail_with=EngineError("client closed", status=499))
+    runner, port = await start_app(create_engine_app(fake, model_name=MODEL))
+    try:
+        status, err = await post(http, f"http://127.0.0.1:{port}/v1/completions", {"prompt": "x"})
+    finally:
+        await runner.cleanup()
+    assert status == 499
+    assert err["error"] == {"message": "client closed", "type": "Error", "param": None,
+                            "code": 499}  # fmt: skip
+
+
+async def test_tokenizer_endpoints_refuse_a_prompt_or_tokens_of_the_wrong_type(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    for path in ("/tokenize", "/v1/completions/render"):
+        for prompt in ({"a": 1}, [1, "2"], [True]):
+            status, err = await post(http, base + path, {"prompt": prompt})
+            assert status == 400, (path, prompt)
+            assert err["error"]["param"] == "prompt"
+            assert err["error"]["message"] == "prompt must be a string or a list of token ids"
+    for ids in ("1 2", [1, 2.5], [False], None):
+        status, err = await post(http, f"{base}/detokenize", {"tokens": ids})
+        assert status == 400, ids
+        assert err["error"]["message"] == "tokens must be a list of integers"
+
+
+async def test_the_text_a_server_remembers_for_detokenize_is_bounded(
+    base: str, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pieces of tokenized text kept for ``/detokenize`` are capped: the oldest go."""
+    monkeypatch.setattr(sim_server, "_PIECE_CACHE_LIMIT", 2)
+    status, tok = await post(http, f"{base}/tokenize", {"prompt": "alpha beta gamma"})
+    assert status == 200 and tok["count"] == 3
+    first, *rest = tok["tokens"]
+    status, detok = await post(http, f"{base}/detokenize", {"tokens": rest})
+    assert status == 200 and detok == {"prompt": " beta gamma"}
+    status, err = await post(http, f"{base}/detokenize", {"tokens": [first]})
+    assert status == 400 and f"token ids [{first}] are unknown" in err["error"]["message"]
+
+
+async def test_a_streamed_chat_with_return_token_ids_leads_with_its_prompts_ids(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}]}
+    _, tok = await post(http, f"{base}/tokenize", chat)
+    body = {**chat, "max_tokens": 2, "stream": True, "return_token_ids": True}
+    events = await sse_events(http, f"{base}/v1/chat/completions", body)
+    role = json.loads(events[0])
+    assert role["choices"][0]["delta"]["role"] == "assistant"
+    assert role["prompt_token_ids"] == tok["tokens"]
+    assert events[-1] == "[DONE]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -117,3 +118,26 @@ async def test_failed_release_is_counted_not_raised() -> None:
 def test_releaser_rejects_bad_timeout() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         HTTPKVReleaser(timeout_s=0)
+
+
+async def test_close_cancels_a_release_its_prefill_server_never_answers() -> None:
+    """``aclose`` waits its grace for pending posts, then cancels them: a prefill server
+    that never answers does not hold the decode server's shutdown."""
+    heard = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.set()
+        await reader.read()  # never answers; the connection ends when the client's does
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    releaser = HTTPKVReleaser(timeout_s=30.0)
+    try:
+        releaser.release("127.0.0.1", port, "r1")
+        await asyncio.wait_for(heard.wait(), timeout=10)
+        await asyncio.wait_for(releaser.aclose(grace_s=0.05), timeout=10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (releaser.sent, releaser.failed) == (0, 0)  # neither: the pin timeout frees it

@@ -78,6 +78,10 @@ def test_rooms_pair_the_legs_whichever_comes_first() -> None:
         with pytest.raises(EngineTimeoutError, match="room 4"):
             await rooms.take(4, 2.0)
         assert len(rooms) == 1  # room 4 waits for its TTL
+        await asyncio.sleep(30.0)
+        assert len(rooms) == 0  # expired: a leg that comes now files a new room
+        rooms.publish(4, {"remote_request_id": "late"})
+        assert await rooms.take(4, 5.0) == {"remote_request_id": "late"}
 
     run_virtual(main())
 
@@ -93,6 +97,22 @@ def test_a_room_nobody_takes_expires_and_hands_its_kv_back() -> None:
         return released
 
     assert run_virtual(main()) == ["orphan"]
+
+
+def test_a_room_taken_before_its_ttl_hands_nothing_back_at_it() -> None:
+    """The decode leg that took a room owns its KV: the room's TTL then releases none."""
+
+    async def main() -> list[str]:
+        released: list[str] = []
+        rooms = BootstrapRooms(ttl_s=10.0, on_expire=lambda p: released.append(p["id"]))
+        rooms.publish(9, {"id": "taken"})
+        assert await rooms.take(9, 1.0) == {"id": "taken"}
+        await asyncio.sleep(11.0)
+        return released
+
+    assert run_virtual(main()) == []
+    with pytest.raises(ValueError, match="ttl_s must be > 0"):
+        BootstrapRooms(ttl_s=0)
 
 
 # --- two engine servers in this process ----------------------------------------------------
@@ -273,6 +293,84 @@ async def test_a_failed_prefill_leg_fails_its_rooms_decode_leg_at_once() -> None
                 assert "engine crashed" in (await resp.json())["error"]["message"]
     finally:
         await runner.cleanup()
+
+
+async def test_a_prefill_leg_its_client_left_fails_its_rooms_decode_leg() -> None:
+    """A prefill leg aborted (its client gone) files that under its room: the decode leg
+    that fetches the room fails with the reason at once, rather than wait for the leg."""
+    engine = _PrefillFake()
+    engine.gate_after = 0  # the prefill is held until its client goes
+    runner, port = await start_engine_server(engine, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            leg = asyncio.create_task(
+                http.post(f"http://127.0.0.1:{port}/v1/completions", json=_leg(24))
+            )
+            await asyncio.wait_for(engine.gated.wait(), timeout=10)
+            leg.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leg
+            url = f"http://127.0.0.1:{port}{BOOTSTRAP_PATH.format(room=24)}"
+            async with http.get(url, params={"timeout_s": "10"}) as resp:
+                assert resp.status == 502
+                message = (await resp.json())["error"]["message"]
+        assert message == "prefill leg of bootstrap room 24 failed: the prefill leg was aborted"
+    finally:
+        engine.release.set()
+        await runner.cleanup()
+
+
+async def _answer_once(status: int, body: bytes) -> tuple[asyncio.Server, int]:
+    """A server that answers every request with ``status`` and ``body``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "words"),
+    [(None, b"", "bootstrap server {url} failed: ClientConnectorError"),
+     (200, b"not json", "bootstrap server {url} failed: JSONDecodeError"),
+     (404, b'{"error": {"message": "no such room"}}',
+      "bootstrap room 31 at {url}: HTTP 404: 'no such room'"),
+     (200, b'{"kv_transfer_params": 5}',
+      "bootstrap room 31 at {url}: HTTP 200: {'kv_transfer_params': 5}"),
+     (500, b"[1]", "bootstrap room 31 at {url}: HTTP 500: [1]")],
+    ids=["unreachable", "not-json", "error", "no-params", "not-an-object"],
+)  # fmt: skip
+async def test_a_decode_leg_whose_bootstrap_fetch_fails_is_a_502_naming_it(
+    status: int | None, answer: bytes, words: str
+) -> None:
+    """The decode server's fetch of its room from the prefill server: unreachable, an
+    answer that is not JSON, an error or no parameters fail the leg with a 502 that says
+    where and what (the request ends failed, with no output)."""
+    server: asyncio.Server | None = None
+    if status is None:
+        (port,) = free_ports(1)  # nothing listens there
+    else:
+        server, port = await _answer_once(status, answer)
+    decode = FakeEngine("d0")
+    decode.config = SimpleNamespace(role=Role.DECODING)  # type: ignore[attr-defined]
+    runner, d_port = await start_engine_server(decode, model_name=MODEL, shutdown_timeout=1.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            got, err = await _post(http, d_port, _body(31, port, stream=False))
+    finally:
+        await runner.cleanup()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+    assert got == 502
+    url = f"http://127.0.0.1:{port}{BOOTSTRAP_PATH.format(room=31)}"
+    assert err["error"]["message"].startswith(words.replace("{url}", url))
+    assert decode.requests == []  # nothing decoded
 
 
 # --- sglang-router in PD mode over engine-sim processes -----------------------------------
