@@ -229,6 +229,50 @@ def test_close_fails_in_flight_streams() -> None:
         with pytest.raises(EngineConnectionError) as err:
             await anext(gen)
         assert err.value.retryable is False  # tokens were already produced
+        await engine.aclose()  # closing again is a no-op
+
+    virtual(main)
+
+
+def test_close_fails_a_prefill_leg_that_waits_for_its_step() -> None:
+    async def main() -> None:
+        engine = SimEngine("p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING))
+        leg = asyncio.create_task(engine.prefill(req("pd-1")))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not leg.done()
+        await engine.aclose()
+        with pytest.raises(EngineConnectionError, match="engine closed"):
+            await leg
+        assert engine.core.kv_usage == 0.0  # nothing left pinned
+
+    virtual(main)
+
+
+def test_a_step_that_fails_fails_every_request_naming_the_failure() -> None:
+    """A fault inside the simulated core ends the requests it holds with an engine error
+    that names it (none is left waiting), and the engine reports itself unhealthy."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        gen = engine.generate(req("a", max_tokens=50))
+        await anext(gen)
+        waiting = asyncio.create_task(collect(engine, req("b", max_tokens=5)))
+        await asyncio.sleep(0)
+
+        def broken(now: float, **kwargs: Any) -> Any:
+            raise RuntimeError("core fault")
+
+        engine.core.step = broken  # type: ignore[method-assign]
+        with pytest.raises(EngineError, match=r"simulated engine failed: RuntimeError\('core"):
+            async for _ in gen:
+                pass
+        with pytest.raises(EngineError, match="simulated engine failed"):
+            await waiting
+        assert await engine.health() is False
+        with pytest.raises(EngineConnectionError):
+            await collect(engine, req("c"))
+        await engine.aclose()
 
     virtual(main)
 
@@ -403,6 +447,11 @@ def test_speed_scales_virtual_latency() -> None:
         fast_engine.speed = 2.0
         assert fast_engine.speed == 2.0
         assert await e2e(fast_engine) == pytest.approx(slow / 2)
+        for bad in (0.0, -1.0, math.nan):
+            with pytest.raises(ConfigError, match="must be > 0") as err:
+                fast_engine.speed = bad
+            assert err.value.key == "speed"
+        assert fast_engine.speed == 2.0  # unchanged
 
     virtual(main)
 
@@ -810,6 +859,8 @@ def test_truncate_prompt_tokens_in_process_as_over_http() -> None:
         ({"allowed_token_ids": [999999]}, "allowed_token_ids"),
         ({"allowed_token_ids": [-3]}, "allowed_token_ids"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": "5"}, "allowed_token_ids"),
+        ({"allowed_token_ids": [5, "x"]}, "allowed_token_ids"),
         ({"bad_words": [5]}, "bad_words"),
     ],
 )
