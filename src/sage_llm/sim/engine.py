@@ -175,11 +175,6 @@ class SharedCore:
     def _rate(self) -> float:
         return 0.5 if self._front and self._step is not None else 1.0
 
-    @property
-    def front_busy(self) -> bool:
-        """True while the front end has a job."""
-        return bool(self._front)
-
     def next_change(self) -> float:
         """When the next job ends if nothing new arrives (``inf`` when idle)."""
         end = self._front[0].end if self._front else math.inf
