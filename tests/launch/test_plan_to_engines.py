@@ -537,6 +537,47 @@ def test_launch_file_that_plans_with_a_topology(tmp_path: Path) -> None:
             "[launch]\nbase_port = 65535\n[[launch.instances]]\n[[launch.instances]]\n",
             r":2: launch\.base_port: 2 engines need ports 65535-65536, past 65535",
         ),
+        (
+            "[launch]\ninstances = 5\n",
+            r":2: launch\.instances: must be an array of tables, got integer 5$",
+        ),
+        (
+            "[launch]\ninstances = true\n",
+            r":2: launch\.instances: must be an array of tables, got boolean true$",
+        ),
+        (
+            "[launch]\ninstances = 1979-05-27\n",
+            r":2: launch\.instances: must be an array of tables, got date$",
+        ),
+        (
+            "[launch]\ninstances = [1, {}]\n",
+            r":2: launch\.instances\[0\]: must be a table, got integer 1$",
+        ),
+        (
+            "[launch]\ninstances = [[1]]\n",
+            r":2: launch\.instances\[0\]: must be a table, got array$",
+        ),
+        ("[launch]\nplan = [1]\n", r":2: launch\.plan: must be a table, got array$"),
+        ("launch = 5\n", r":1: launch: must be a table, got integer 5$"),
+        ("", r"\.toml: a launch file has one \[launch\] table$"),
+        (
+            "[launch]\ntopology_file = 5\n[[launch.instances]]\n",
+            r":2: launch\.topology_file: must be a string, got integer 5$",
+        ),
+        ("[launch]\nplan_file = 5\n", r":2: launch\.plan_file: must be a string, got integer 5$"),
+        (
+            '[launch]\ngpu = "nope"\n[launch.plan]\ngpus = 8\nslo_ttft = "2s"\nslo_tpot = "50ms"\n',
+            r":2: launch\.gpu: unknown GPU 'nope'; built-in GPUs: H100, ",
+        ),
+        (
+            '[launch]\n[launch.plan]\ngpus = true\nslo_ttft = "2s"\nslo_tpot = "50ms"\n',
+            r":3: launch\.plan\.gpus: must be COUNTxGPU such as 8xH100, or a GPU count, got "
+            r"boolean true$",
+        ),
+        (
+            '[launch]\n[launch.plan]\ngpus = "8xH100"\nbogus = 1\n',
+            r":4: launch\.plan\.bogus: unknown key \(did you mean 'gpus'\?\)$",
+        ),
     ],
 )
 def test_launch_file_errors_name_the_file_and_key(tmp_path: Path, body: str, message: str) -> None:
@@ -787,6 +828,7 @@ def _problems(path: Path) -> list[str]:
         ('"--gpu-memory-utilization=0.92"', False),
         ('"--num-gpu-blocks-override", "1000"', True),  # its KV size given: no share
         ('"--gpu-memory-utilization", "1.5"', True),  # the engine refuses that itself
+        ('"--gpu-memory-utilization", "lots"', True),  # so too a share that is no number
     ],
 )
 def test_the_memory_share_the_engines_are_given_is_the_one_checked(
