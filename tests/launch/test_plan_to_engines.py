@@ -575,6 +575,10 @@ def test_launch_file_that_plans_with_a_topology(tmp_path: Path) -> None:
             r"boolean true$",
         ),
         (
+            '[launch]\n[launch.plan]\ngpus = "8xFOO"\nslo_ttft = "2s"\nslo_tpot = "50ms"\n',
+            r":3: launch\.plan\.gpus: unknown GPU 'FOO'; built-in GPUs: H100, ",
+        ),
+        (
             '[launch]\n[launch.plan]\ngpus = "8xH100"\nbogus = 1\n',
             r":4: launch\.plan\.bogus: unknown key \(did you mean 'gpus'\?\)$",
         ),

@@ -941,8 +941,8 @@ def _read_plan(
                 (*path, "gpus"),
                 f"must be COUNTxGPU such as 8xH100, or a GPU count, got {_kind(read.gpus)}",
             )
-    except ConfigError as exc:
-        _add(p, path, exc)
+    except ConfigError as exc:  # the text of `gpus` (its GPU's name among it): said there
+        p.add((*path, "gpus"), exc.detail)
     slo: list[float] = []
     for key in ("slo_ttft", "slo_tpot"):
         value = getattr(read, key)
