@@ -6,6 +6,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,16 @@ def test_launch_settings_validation() -> None:
         ({"env": {"A": 5}}, "env.A: must be a string, got 5"),
         ({"python": ""}, "python: must not be empty"),
         ({"gpu_memory_gb": -5.0}, "gpu_memory_gb: must be >= 0, got -5.0"),
+        ({"sim_entry": "binary"}, "sim_entry: must be 'module' or 'script'"),
+        ({"model": ""}, "model: must not be empty"),
+        (
+            {"kv_transfer_config": 5},
+            "kv_transfer_config: must be a table of names to values, got 5",
+        ),
+        (
+            {"kv_transfer_config": {1: "x"}},
+            "kv_transfer_config: must be named by a non-empty string, got 1",
+        ),
     ]:
         with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
             LaunchSettings(**given)  # type: ignore[arg-type]
@@ -660,6 +671,24 @@ def test_a_plan_file_takes_overrides_of_its_settings(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match="base_port: must be a port"):
         load_launch_config(path, overrides={"base_port": 0})
+    with pytest.raises(ConfigError, match=r"^overrides: not LaunchSettings fields: bogus, gpu$"):
+        load_launch_config(path, overrides={"gpu": "H100", "bogus": 1})
+    given = LaunchSettings(model="llama-3-8b", sim_gpu="H100", base_port=18700)
+    both = load_launch_config(path, given, overrides={"base_port": 18600}).settings
+    assert (both.base_port, both.sim_gpu) == (18600, "H100")  # the overrides win
+    toml = write(tmp_path, "[launch]\n[[launch.instances]]\n")
+    with pytest.raises(ConfigError, match="overrides apply to a plan file") as info:
+        load_launch_config(toml, overrides={"base_port": 18600})
+    assert info.value.location == str(toml)
+
+
+def test_a_plan_file_json_refuses_to_read_is_a_located_error(tmp_path: Path) -> None:
+    """A number of more digits than Python's JSON reader takes: said, not a traceback."""
+    path = tmp_path / "plan.json"
+    path.write_text('{"instances": [], "n": ' + "1" * 5000 + "}")
+    with pytest.raises(ConfigError, match=": cannot read plan: Exceeds the limit") as info:
+        load_launch_config(path)
+    assert info.value.location == str(path)
 
 
 def test_simulated_settings_of_another_model_than_the_plans_are_refused(tmp_path: Path) -> None:
@@ -708,6 +737,7 @@ def test_fleet_problem_counts_the_instances_already_serving_the_model() -> None:
     assert "PD disaggregation is disabled" in (fleet_problem(pd, pd_enabled=False) or "")
     general = engines_from_plan(PD_PLAN, LaunchSettings(model="m", node=1))
     assert fleet_problem(general, pd_enabled=False) is None
+    assert fleet_problem([]) is None  # a node with no engine of the plan starts none
 
 
 def test_a_plan_file_split_by_role_across_nodes_is_refused_for_each_node(tmp_path: Path) -> None:
@@ -987,3 +1017,42 @@ def test_only_pd_engines_get_a_nixl_side_channel_and_the_planned_gpus() -> None:
         {"CUDA_VISIBLE_DEVICES": "2", "VLLM_NIXL_SIDE_CHANNEL_PORT": "5602"},
     ]
     assert [len(e.side_channel_ports) for e in engines] == [0, 2, 1]
+
+
+def test_a_plan_file_is_checked_against_the_launch_file_once_per_problem(tmp_path: Path) -> None:
+    """A launch file's ``plan_file``: a name the launch file gives that is unknown is said
+    at its key (not also as a conflict); a plan without a model leaves the launch file's;
+    a shape the plan's instances share is said once."""
+    plan = tmp_path / "plan.json"
+    launch = tmp_path / "fleet.toml"
+
+    def problems(plan_data: Mapping[str, object], launch_keys: str) -> list[str]:
+        plan.write_text(json.dumps(plan_data))
+        launch.write_text(f'[launch]\n{launch_keys}plan_file = "plan.json"\n')
+        try:
+            load_launch_config(launch)
+        except ConfigError as exc:
+            return [str(e).removeprefix(f"{launch}:") for e in exc.each()]
+        return []
+
+    one = {"instances": [{}], "gpu": "H100"}
+    assert problems(one, "") == []  # no model in the plan: the launch file's (its default)
+    assert load_launch_config(launch).settings.model == LaunchSettings().model
+    with_model = {**one, "model": "llama-3-8b"}
+    assert problems(with_model, 'model = "zzz"\n') == [
+        "2: launch.model: unknown model 'zzz'; built-in models: Llama-2-7B, Llama-2-13B, "
+        "Llama-2-70B, Llama-3-8B, Llama-3-70B, Llama-3.1-8B, Llama-3.1-70B, Qwen2.5-7B, "
+        "Qwen2.5-72B, Mixtral-8x7B, tiny"
+    ]
+    other_gpu = {**with_model, "gpu": "FOO9"}
+    said = problems(other_gpu, 'gpu = "foo9"\n')  # unknown, but the plan's own name
+    assert said == ["2: launch.gpu: unknown GPU 'foo9'; built-in GPUs: H100, H200, A100-80G, "
+                    "L40S, cpu"]  # fmt: skip
+    assert problems(other_gpu, 'gpu = "bar"\n')[1:] == [
+        "2: launch.gpu: 'bar' conflicts with plan.json's gpu (FOO9)"
+    ]
+    two = {"instances": [{"tp": 1}, {"tp": 1}], "model": "llama-3-70b", "gpu": "H100"}
+    assert problems(two, "") == [
+        "2: launch.plan_file: instances[0].tp: its simulated engine cannot start: Llama-3-70B "
+        "does not fit on 1 × H100 (weights 131.4 GiB)"
+    ]
