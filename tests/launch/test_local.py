@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.control_plane.parallelism import PlannedInstance
+from sage_llm.control_plane.parallelism import PlannedInstance, SLOTarget, WorkloadProfile, plan
 from sage_llm.errors import ConfigError, EngineError, EngineTimeoutError, InstanceNotFoundError
 from sage_llm.launch import (
     EngineLaunch,
@@ -500,3 +501,75 @@ async def test_health_is_an_answer_200_not_any_answer(status: int) -> None:
             )
     finally:
         await runner.cleanup()
+
+
+async def test_a_plan_is_launched_as_simulated_engines_of_its_model_and_gpu(
+    tmp_path: Path,
+) -> None:
+    """A :class:`Plan` given as is: settings of another model than the plan's are refused
+    before anything starts; without settings its model and GPU are simulated."""
+    planned = plan("llama-3-8b", 1, "h100", WorkloadProfile(512, 64), SLOTarget(2.0, 0.05))
+    other = settings(tmp_path, model="llama-3-70b", sim_gpu="H100")
+    with pytest.raises(ConfigError, match="the plan is for the model 'Llama-3-8B'") as info:
+        await launch_from_config(planned, settings=other)
+    assert info.value.key == "settings"
+    assert not (tmp_path / "logs").exists()  # nothing was started
+    fleet = await launch_from_config(
+        planned, settings=settings(tmp_path, model="llama-3-8b", base_port=free_ports(1))
+    )
+    async with fleet:
+        assert [p.launch.model_name for p in fleet.processes] == ["llama-3-8b"]
+        assert all(p.returncode is None for p in fleet.processes)
+    assert all(p.returncode is not None for p in fleet.processes)
+
+
+async def test_a_launch_files_plan_is_logged_with_what_it_cannot_carry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[launch.plan]`` plans at launch: what was planned is logged, and a rate no plan
+    carries within the SLO is warned of (the fleet this hardware allows is served)."""
+    (tmp_path / "fleet.toml").write_text(
+        f'[launch]\nmodel = "llama-3-8b"\nbase_port = {free_ports(1)}\nlog_dir = "logs"\n'
+        'health_poll_s = 0.05\n[launch.plan]\ngpus = "1xH100"\nslo_ttft = "2s"\n'
+        'slo_tpot = "50ms"\nrate = 100000\n'
+    )
+    with caplog.at_level(logging.INFO, logger="sage_llm.launch"):
+        fleet = await launch_from_config(tmp_path / "fleet.toml")
+        async with fleet:
+            assert len(fleet.processes) == 1
+    assert "planned 1 × TP1 for Llama-3-8B on H100" in caplog.text
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert warning.getMessage().startswith(
+        "[launch.plan]: no plan meets the SLO at 100000 req/s: the highest goodput capacity"
+    )
+
+
+async def test_a_close_cancelled_again_still_stops_the_fleet() -> None:
+    """A second Ctrl-C while the fleet closes: the close runs to its end, then the
+    cancellation goes on to the caller."""
+
+    class SlowFleet:
+        def __init__(self) -> None:
+            self.closing = asyncio.Event()
+            self.may_end = asyncio.Event()
+            self.closed = False
+
+        async def aclose(self) -> None:
+            self.closing.set()
+            await self.may_end.wait()
+            self.closed = True
+
+    fleet = SlowFleet()
+    closer = asyncio.create_task(local.shielded_close(fleet))
+    await fleet.closing.wait()
+    closer.cancel()
+    await asyncio.sleep(0)
+    assert not closer.done() and not fleet.closed  # still closing
+    fleet.may_end.set()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    assert fleet.closed
+
+
+def test_the_tail_of_a_log_that_is_gone_is_empty(tmp_path: Path) -> None:
+    assert local.log_tail(tmp_path / "gone.log") == ""
