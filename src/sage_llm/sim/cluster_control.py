@@ -236,7 +236,8 @@ class SimControlPlane:
     def _start(self, rec: SimRequest, slot: InstanceSlot, pending: int, now: float) -> None:
         state, info, fleet = slot.state, rec.info, self.fleet
         in_flight = state.in_flight
-        # slot.note_in_flight(now), fleet.occupied(slot), fleet.mark(slot), inlined
+        # the load integrated up to now before in_flight goes up (a slot at its bound
+        # leaves the free set; its view is marked stale below)
         slot.in_flight_area += in_flight * (now - slot.in_flight_since)
         slot.in_flight_since = now
         state.in_flight = in_flight = in_flight + 1
@@ -300,7 +301,8 @@ class SimControlPlane:
         tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
         if first is None:
             state.queued_prefill_tokens -= info.prompt_tokens
-        # slot.note_in_flight(now), then fleet.released(slot), inlined
+        # the load integrated up to now before in_flight goes down (a slot that was at
+        # its bound is free again)
         in_flight = state.in_flight
         slot.in_flight_area += in_flight * (now - slot.in_flight_since)
         slot.in_flight_since = now

@@ -238,11 +238,6 @@ class InstanceSlot:
     def has_capacity(self) -> bool:
         return self.state.in_flight < self.bound
 
-    def note_in_flight(self, now: float) -> None:
-        """Call just before ``state.in_flight`` changes: integrates the load up to ``now``."""
-        self.in_flight_area += self.state.in_flight * (now - self.in_flight_since)
-        self.in_flight_since = now
-
     def build_view(self) -> InstanceView:
         """A new view equal to what ``InstanceState.view`` builds now.
 

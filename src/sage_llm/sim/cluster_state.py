@@ -82,18 +82,6 @@ class FleetState:
         if not slot.sampled:
             self._dirty.add(slot.index)
 
-    def occupied(self, slot: InstanceSlot) -> None:
-        """Call after ``in_flight`` went up by one."""
-        if slot.state.in_flight == slot.bound:
-            self.free[slot.model].discard(slot.index)
-            self.free_total -= 1
-
-    def released(self, slot: InstanceSlot) -> None:
-        """Call after ``in_flight`` went down by one."""
-        if slot.state.in_flight == slot.bound - 1:
-            self.free[slot.model].add(slot.index)
-            self.free_total += 1
-
     # -- snapshots -------------------------------------------------------------------------
 
     def fresh_view(self, slot: InstanceSlot) -> InstanceView:
