@@ -162,6 +162,8 @@ def test_spec_constructors_reject_bad_values() -> None:
         GPUSpec("x", 0.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="experts_per_token"):
         ModelSpec("x", 1.0, 1, 8, 1, 1, 8, 8, 8, num_experts=2, experts_per_token=3)
+    with pytest.raises(ValueError, match=r"^ModelSpec\.max_context must be >= 1$"):
+        ModelSpec("x", 1.0, 1, 8, 1, 1, 8, 8, 8, max_context=0)
 
 
 # -- roofline ------------------------------------------------------------------------
@@ -225,6 +227,19 @@ def test_roofline_rejects_bad_parameters() -> None:
         RooflineCostModel.from_names("h100", "tiny", tp=0)
     with pytest.raises(ValueError, match="mfu"):
         RooflineCostModel.from_names("h100", "tiny", prefill_mfu=1.5)
+    with pytest.raises(ValueError, match=r"^overheads must be >= 0$"):
+        RooflineCostModel.from_names("h100", "tiny", overhead_s=-0.001)
+    for sharpness in (0.5, math.nan):
+        with pytest.raises(ValueError, match=r"^sharpness must be >= 1$"):
+            RooflineCostModel.from_names("h100", "tiny", sharpness=sharpness)
+    layers = get_model("llama-3-8b").num_layers
+    with pytest.raises(ConfigError, match=f"pipeline-parallel size {layers + 1} is more than") as e:
+        RooflineCostModel.from_names("h100", "llama-3-8b", pp=layers + 1)
+    assert e.value.key == "pp"
+    model = RooflineCostModel.from_names("h100", "tiny")
+    assert model.per_layer_time_s(0) == 0.0  # no tokens, no time
+    with pytest.raises(ValueError, match="tokens_in_batch must be >= 0"):
+        model.per_layer_time_s(-1)
 
 
 @pytest.mark.parametrize("gpu", ["h100", "a100"])
@@ -296,6 +311,21 @@ def test_fit_rejects_too_few_or_degenerate_samples() -> None:
         fit_linear_step_model([(10, 0, 0.1), (20, 0, 0.2), (30, 0, 0.3)])
     with pytest.raises(ValueError, match="step times > 0"):
         fit_linear_step_model([(10, 1, 0.1), (20, 2, -0.2), (30, 5, 0.3)])
+    with pytest.raises(ValueError, match="samples must be finite"):
+        fit_linear_step_model([(10, 1, 0.1), (20, 2, math.nan), (30, 5, 0.3)])
+    with pytest.raises(ValueError, match="samples must be finite"):
+        fit_linear_step_model([(10, 1), (20, 2), (30, 5)])  # type: ignore[list-item]
+
+
+def test_a_linear_step_model_of_an_infinite_intercept_is_refused_and_one_describes_itself() -> None:
+    for beta0 in (math.inf, math.nan):
+        with pytest.raises(ConfigError, match="must be finite") as err:
+            LinearStepModel(beta0, 1.0, 1.0)
+        assert err.value.key == "beta0_us"
+    fit = LinearStepModel.llama31_8b_h100()
+    assert fit.describe() == {
+        "name": "linear:llama-3.1-8b/h100/tp1", "betas_us": [5752.7, 17.25, 6.00],
+    }  # fmt: skip
 
 
 def test_a_negative_per_token_cost_is_refitted_as_zero_and_a_timeless_model_refused(
@@ -390,6 +420,7 @@ params_b = 12.0
     assert (deep.num_layers, deep.hidden_size, deep.params_b) == (48, 4096, 12.0)
     assert deep.kv_bytes_per_token == 48 * 2 * 8 * 128 * 2
     assert get_gpu("B200", gpus) is gpus["b200"]
+    assert get_model(" Deep-Llama", models) is deep  # by its name, as a built-in's
     model = RooflineCostModel(gpus["b200"], deep)
     assert model.step_time([(100, 0)], []) > 0
 
@@ -399,6 +430,18 @@ def test_a_specs_max_context_stays_an_integer(tmp_path: Path) -> None:
     path.write_text('[model.m]\nbase = "llama-3-8b"\nmax_context = 100\n', encoding="utf-8")
     _, models = load_specs_toml(path)
     assert models["m"].max_context == 100 and type(models["m"].max_context) is int
+
+
+def test_a_spec_may_build_on_one_before_it_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "specs.toml"
+    path.write_text(
+        '[model.deep]\nbase = "llama-3-8b"\nnum_layers = 48\n'
+        '[model.deeper]\nbase = "deep"\nparams_b = 20.0\n',
+        encoding="utf-8",
+    )
+    _, models = load_specs_toml(path)
+    deeper = models["deeper"]
+    assert (deeper.name, deeper.num_layers, deeper.params_b) == ("deeper", 48, 20.0)
 
 
 def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
@@ -434,6 +477,8 @@ def test_load_specs_toml_unknown_key(tmp_path: Path) -> None:
         ('[model.m]\nbase = "llama-3-8b"\nnum_heads = 0\n', "model.m.num_heads"),
         ('[[gpu]]\nname = "b200"\npeak_tflops = 2250\n', "gpu"),  # an array of tables
         ('model = "llama-3-8b"\n', "model"),
+        ("[model]\nm = 5\n", "model.m"),  # a value, not a table
+        ("[model.m]\nbase = 5\n", "model.m"),
     ],
 )
 def test_load_specs_toml_errors(tmp_path: Path, text: str, key: str) -> None:
