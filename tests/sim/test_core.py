@@ -294,6 +294,7 @@ def test_config_validation() -> None:
         ("kv_link_gbps", math.nan), ("max_num_seqs", 2.5), ("max_num_seqs", True),
         ("seed", 1.5), ("kv_port", 70000), ("enable_prefix_caching", "yes"),
         ("cost_model", "x"),  # (an AttributeError on the first request had said so)
+        ("num_gpu_blocks", 0), ("role", "prefill"),
     ]  # fmt: skip
     compiled = not str(core_module.__file__).endswith(".py")  # (the accelerator built)
     for key, value in bad:
@@ -302,7 +303,7 @@ def test_config_validation() -> None:
         # compiled, a field's wrong type is mypyc's TypeError before any check of ours
         wrong_type = isinstance(value, str | float) and key in ("max_num_seqs", "seed",
                                                                "enable_prefix_caching",
-                                                               "cost_model")  # fmt: skip
+                                                               "cost_model", "role")  # fmt: skip
         expected = (ConfigError, TypeError) if compiled and wrong_type else ConfigError
         with pytest.raises(expected) as refused:
             SimEngineConfig(**{key: value})  # type: ignore[arg-type]
@@ -326,6 +327,7 @@ def test_max_model_len_defaults_to_the_models_context(model: str, expected: int)
     with pytest.raises(ConfigError) as err:
         SimEngineConfig(model=model, max_model_len=-1)
     assert err.value.key == "max_model_len"
+    assert SimEngineConfig(model=model, tp=2).tp == 2  # an unknown model: refused later, too
 
 
 def test_max_model_len_above_the_models_context_is_refused_as_vllm_does() -> None:

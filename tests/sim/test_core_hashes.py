@@ -74,4 +74,12 @@ def test_step_result_lists_are_made_when_first_read() -> None:
     }
     assert res == StepResult(duration_s=0.5, finished=[("b", "length")], first_tokens=["a"])
     assert res != StepResult(duration_s=0.5)
+    assert res != "a step"  # only a step equals a step
+    res.preempted, res.admitted, res.kv_pulled = ["c"], [("d", 3)], [("e0", "d")]
+    res.kv_pinned = []
+    assert (res.preempted, res.admitted, res.kv_pulled) == (["c"], [("d", 3)], [("e0", "d")])
+    assert res == StepResult(
+        duration_s=0.5, finished=[("b", "length")], first_tokens=["a"], preempted=["c"],
+        admitted=[("d", 3)], kv_pulled=[("e0", "d")],
+    )  # fmt: skip
     assert repr(StepResult()).startswith("StepResult(duration_s=0.0, idle=False, new_tokens=[]")
