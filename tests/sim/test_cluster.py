@@ -26,6 +26,7 @@ from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.routing.registry import build_router
 from sage_llm.control_plane.scheduling.base import Admission
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
+from sage_llm.control_plane.scheduling.registry import build_policy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError, ConflictError, InvalidRequestError
 from sage_llm.sim import cluster_fleet
@@ -510,6 +511,17 @@ def test_bad_settings_and_inputs_raise_clear_errors() -> None:
     router = build_router("random", seed=0)
     with pytest.raises(ConfigError):
         ClusterSimulator(_fleet(1), policy="fifo", routing=router, routing_params={"x": 1})
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"max_concurrent_per_instance": 0}, "max_concurrent_per_instance"),
+        ({"max_queue_size": 0}, "limits"),
+        ({"prefix_block_size": 0}, "limits"),
+        ({"policy": build_policy("fifo"), "policy_params": {"x": 1}}, "policy_params"),
+    ]
+    for kwargs, key in refused:
+        given: dict[str, Any] = {"policy": "fifo", "routing": "random", **kwargs}
+        with pytest.raises(ConfigError) as err:
+            ClusterSimulator(_fleet(1), **given)
+        assert err.value.key == key, kwargs
     prefill = replace(make_instances(1)[0], instance_type=ExecutionInstanceType.PREFILLING)
     with pytest.raises(ConfigError):
         ClusterSimulator([prefill], policy="fifo", routing="random")
