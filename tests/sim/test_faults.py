@@ -345,3 +345,35 @@ def test_a_crash_fails_prefill_legs_too() -> None:
         await client.aclose()
 
     run_virtual(main())
+
+
+def test_a_health_check_that_hangs_ends_unhealthy_when_the_engine_is_closed() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client = _client("hang@0+100")
+        check = asyncio.ensure_future(client.health())
+        await asyncio.sleep(5.0)
+        assert not check.done()  # the hung engine does not answer
+        started = loop.time()
+        await client.aclose()
+        assert await check is False
+        assert loop.time() - started < 1.0
+
+    run_virtual(main())
+
+
+def test_a_slowed_stream_whose_engine_fails_ends_with_the_engines_error() -> None:
+    """``slow`` passes on the chunks the engine made before it failed, then its error (not
+    a stream that ends as if complete, nor one left waiting)."""
+
+    async def main() -> None:
+        engine = FakeEngine(fail_with=EngineError("lost", retryable=False), fail_after=2)
+        client = FaultyEngineClient(engine, FaultPlan.parse("slow=3"))
+        got: list[Chunk] = []
+        with pytest.raises(EngineError, match=r"^lost$"):
+            async for chunk in client.generate(_req(max_tokens=5)):
+                got.append(chunk)
+        assert [c.text for c in got] == [" w0", " w1"]
+        await client.aclose()
+
+    run_virtual(main())
