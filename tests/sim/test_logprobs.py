@@ -10,7 +10,12 @@ import pytest
 
 from sage_llm.engines.base import EngineRequest
 from sage_llm.errors import InvalidRequestError
-from sage_llm.sim.logprobs import MAX_LOGPROBS, PseudoLogprobs, requested_logprobs
+from sage_llm.sim.logprobs import (
+    MAX_LOGPROBS,
+    PseudoLogprobs,
+    requested_logprobs,
+    requested_prompt_logprobs,
+)
 from sage_llm.sim.text import PseudoText
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -97,3 +102,13 @@ def test_bad_values_name_the_field(request_: EngineRequest, param: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
         requested_logprobs(request_)
     assert err.value.param == param
+
+
+@pytest.mark.parametrize("value", [True, False, "2", -1, MAX_LOGPROBS + 1])
+def test_prompt_logprobs_of_a_bad_value_name_the_field(value: Any) -> None:
+    """``prompt_logprobs`` is a count of alternatives: a boolean is refused, not read as
+    0 or 1."""
+    with pytest.raises(InvalidRequestError) as err:
+        requested_prompt_logprobs({"prompt_logprobs": value}, stream=False)
+    assert err.value.param == "prompt_logprobs"
+    assert requested_prompt_logprobs({"prompt_logprobs": 2}, stream=False) == 2
