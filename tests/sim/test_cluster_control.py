@@ -3,6 +3,8 @@ completion accounting, one request at a time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from sage_llm.bench.workloads import WorkloadRequest
@@ -90,3 +92,23 @@ def test_the_registry_learns_the_tpot_of_the_batch_a_request_ran_in() -> None:
     assert state.tpot_batch_samples[:3] == [0, 1, 2]
     assert state.tpot_at(1)[1] is False  # nothing learnt alone: a bound from above
     assert state.tpot_at(3)[1] is True
+
+
+def test_a_request_its_deadline_cannot_meet_is_served_demoted_as_the_manager_does() -> None:
+    """``slo_aware`` demotes at admission a request whose deadline no instance can meet:
+    it is still served to its end (not refused), behind the requests that can meet theirs."""
+    fleet = make_fleet(1, max_concurrency=100)
+    sim = ClusterSimulator(fleet, policy="slo_aware", routing="load_balanced")
+    hopeless = replace(_request("hopeless", 0.0, prompt=2000, max_tokens=64), slo_e2e_s=1e-4)
+    easy = _request("easy", 0.0, max_tokens=8)
+    result = sim.run([hopeless, easy])
+    by_id = {m.request_id: m for m in result.measurements}
+    assert result.rejected == 0
+    assert by_id["hopeless"].ok and by_id["hopeless"].output_tokens == 64
+    assert by_id["easy"].ok and by_id["easy"].output_tokens == 8
+    strict = ClusterSimulator(
+        make_fleet(1, max_concurrency=100), policy="slo_aware", routing="load_balanced",
+        policy_params={"infeasible_action": "reject"},
+    )  # fmt: skip
+    refused = {m.request_id: m for m in strict.run([hopeless, easy]).measurements}
+    assert not refused["hopeless"].ok and refused["easy"].ok  # the deadline was out of reach

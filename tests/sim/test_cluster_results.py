@@ -42,13 +42,8 @@ def test_load_is_the_time_averaged_share_of_the_bound() -> None:
     assert usage.load == 0.25  # 2 of 8 slots on average (the high-water mark: 6 of 8)
 
 
-def test_the_fleet_figures_of_an_uneven_fleet() -> None:
-    instances = [
-        _usage("sim-0", utilization=0.2, max_in_flight=3, mean_in_flight=1.0),
-        _usage("sim-1", utilization=0.9, max_in_flight=7, mean_in_flight=4.0),
-        _usage("sim-2", utilization=0.0, max_in_flight=0, mean_in_flight=0.0),
-    ]
-    result = ClusterResult(
+def _result(instances: list[InstanceUsage]) -> ClusterResult:
+    return ClusterResult(
         summary=summarize([], 10.0),
         measurements=[],
         instances=instances,
@@ -61,6 +56,24 @@ def test_the_fleet_figures_of_an_uneven_fleet() -> None:
         steps=300,
         rejected=0,
     )
+
+
+def test_a_result_without_instances_has_zero_fleet_figures() -> None:
+    """A result built without instance rows (a caller's own) reads as an idle fleet."""
+    result = _result([])
+    assert (result.mean_utilization, result.mean_load) == (0.0, 0.0)
+    data = result.to_dict(per_instance=True)
+    assert data["utilization"] == {"mean": 0.0, "min": 0.0, "max": 0.0}
+    assert (data["max_in_flight"], data["mean_load"], data["instances"]) == (0, 0.0, [])
+
+
+def test_the_fleet_figures_of_an_uneven_fleet() -> None:
+    instances = [
+        _usage("sim-0", utilization=0.2, max_in_flight=3, mean_in_flight=1.0),
+        _usage("sim-1", utilization=0.9, max_in_flight=7, mean_in_flight=4.0),
+        _usage("sim-2", utilization=0.0, max_in_flight=0, mean_in_flight=0.0),
+    ]
+    result = _result(instances)
     assert result.mean_load == pytest.approx((1.0 + 4.0 + 0.0) / 8 / 3)
     data = result.to_dict()
     assert data["utilization"] == {"mean": pytest.approx(1.1 / 3), "min": 0.0, "max": 0.9}
