@@ -1027,3 +1027,45 @@ def test_the_oldest_finished_request_goes_at_exactly_finished_kept(
         await engine.aclose()
 
     virtual(main)
+
+
+class _Releases:
+    """A remote KV releaser that notes what it is asked to release."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str]] = []
+
+    def release(self, host: str, port: int, request_id: str) -> None:
+        self.calls.append((host, port, request_id))
+
+
+@pytest.mark.parametrize(
+    ("change", "released"),
+    [({}, True), ({"remote_host": ""}, False), ({"remote_host": None}, False),
+     ({"remote_port": 0}, False), ({"remote_port": True}, False),
+     ({"remote_port": "5601"}, False)],
+    ids=["whole", "no-host", "null-host", "port-0", "port-bool", "port-string"],
+)  # fmt: skip
+def test_a_decode_leg_tells_its_prefill_engine_it_pulled_the_kv_only_at_an_address(
+    change: dict[str, Any], released: bool
+) -> None:
+    """The KV release goes to the prefill engine's ``remote_host``/``remote_port``; with no
+    usable address none is sent (the prefill side frees the KV at its pin timeout), and
+    the decode leg is served all the same."""
+
+    async def main() -> None:
+        prefill = SimEngine("p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING,
+                                                  kv_port=5601))  # fmt: skip
+        handle = await prefill.prefill(req("pd-1"))
+        params = {**handle.params, **change}
+        decode = SimEngine("d0", SimEngineConfig(role=ExecutionInstanceType.DECODING))
+        releaser = _Releases()
+        decode.remote_releaser = releaser
+        chunks = await collect(decode, req("pd-1", kv_transfer_params=params))
+        assert chunks[-1].finish_reason == "length"
+        want = [(handle.params["remote_host"], 5601, "pd-1")] if released else []
+        assert releaser.calls == want
+        await prefill.aclose()
+        await decode.aclose()
+
+    virtual(main)
