@@ -339,7 +339,7 @@ async def _answer_once(status: int, body: bytes) -> tuple[asyncio.Server, int]:
     [(None, b"", "bootstrap server {url} failed: ClientConnectorError"),
      (200, b"not json", "bootstrap server {url} failed: JSONDecodeError"),
      (404, b'{"error": {"message": "no such room"}}',
-      "bootstrap room 31 at {url}: HTTP 404: 'no such room'"),
+      "bootstrap room 31 at {url}: HTTP 404: no such room"),
      (200, b'{"kv_transfer_params": 5}',
       "bootstrap room 31 at {url}: HTTP 200: {'kv_transfer_params': 5}"),
      (500, b"[1]", "bootstrap room 31 at {url}: HTTP 500: [1]")],

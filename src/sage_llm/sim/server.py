@@ -465,7 +465,7 @@ class _EngineServer:
             error = body.get("error") if isinstance(body, dict) else None
             message = error.get("message") if isinstance(error, dict) else None
             raise EngineError(
-                f"bootstrap room {boot.room} at {url}: HTTP {status}: {message or body!r}"
+                f"bootstrap room {boot.room} at {url}: HTTP {status}: {message or repr(body)}"
             )
         return params
 
