@@ -45,18 +45,27 @@ async def test_measures_every_streamed_token_and_reports_errors() -> None:
     assert errors_by_kind(bad.measurements) == {"HTTP 404": 12}
 
 
-async def test_a_stream_that_ends_in_an_error_event_is_a_failed_request() -> None:
+def _sse_app(*events: bytes, headers_seen: list[dict[str, str]] | None = None) -> web.Application:
+    """A completions endpoint that streams ``events`` (each a ``data:`` payload), then
+    ``[DONE]``; each request's headers (lower-cased) go to ``headers_seen``."""
+
     async def stream(request: web.Request) -> web.StreamResponse:
+        if headers_seen is not None:
+            headers_seen.append({k.lower(): v for k, v in request.headers.items()})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        await resp.write(b'data: {"choices": [{"text": "Hi"}]}\n\n')
-        await resp.write(b'data: {"error": {"message": "engine died"}}\n\n')
-        await resp.write(b"data: [DONE]\n\n")
+        for event in (*events, b"[DONE]"):
+            await resp.write(b"data: " + event + b"\n\n")
         await resp.write_eof()
         return resp
 
     app = web.Application()
     app.router.add_post("/v1/completions", stream)
+    return app
+
+
+async def test_a_stream_that_ends_in_an_error_event_is_a_failed_request() -> None:
+    app = _sse_app(b'{"choices": [{"text": "Hi"}]}', b'{"error": {"message": "engine died"}}')
     runner, port = await start_app(app)
     try:
         workload = synthetic(1, 10.0, input_dist=Fixed(8), output_dist=Fixed(4), seed=0)
@@ -89,19 +98,11 @@ async def test_the_sage_headers_and_the_api_key_go_with_every_request() -> None:
     as ``x-sage-*`` headers; ``api_key`` a bearer token; a stream's usage event gives its
     output token count."""
     seen: list[dict[str, str]] = []
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        seen.append({k.lower(): v for k, v in request.headers.items()})
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(b'data: {"choices": [{"text": "Hi"}]}\n\n')
-        await resp.write(b'data: {"choices": [], "usage": {"completion_tokens": 5}}\n\n')
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", answer)
+    app = _sse_app(
+        b'{"choices": [{"text": "Hi"}]}',
+        b'{"choices": [], "usage": {"completion_tokens": 5}}',
+        headers_seen=seen,
+    )
     runner, port = await start_app(app)
     requests = (
         WorkloadRequest("a", 0.0, "hello", 1, 4, RequestPriority.HIGH, slo_e2e_s=2.5,
