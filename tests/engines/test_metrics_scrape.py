@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -375,3 +376,27 @@ def test_tab_separated_samples_and_comments_without_a_space_are_read() -> None:
     text = "#TYPE vllm:num_requests_running gauge\nvllm:num_requests_running\t4\n"
     assert parse_prometheus_text(text) == {"vllm:num_requests_running": [({}, 4.0)]}
     assert scrape_text_to_stats(text).running == 4
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{env="prod"} 1', "sample without a metric name"),
+        ('m{a="1"}x 1', "unexpected 'x' after 'm'"),
+        ('m{a="1",', "unterminated label set"),
+        ('m{,a="1"} 1', "invalid label name at column 3"),
+        ('m{a="x' + "\\", "unterminated quoted string"),  # a backslash escaping nothing
+    ],
+)
+def test_a_malformed_line_is_reported_by_what_is_wrong_in_it(line: str, message: str) -> None:
+    with pytest.raises(MetricsParseError, match=f"line 2: {re.escape(message)}"):
+        parse_prometheus_text("ok 1\n" + line)
+
+
+def test_blanks_around_a_labels_equals_sign_are_read() -> None:
+    assert parse_prometheus_text('m{a ="1",b= "2"} 3\n') == {"m": [({"a": "1", "b": "2"}, 3.0)]}
+
+
+def test_a_cache_config_without_its_block_count_leaves_the_count_unknown() -> None:
+    stats = scrape_text_to_stats('vllm:cache_config_info{block_size="16"} 1\n')
+    assert (stats.num_gpu_blocks, stats.block_size) == (None, 16)
