@@ -16,6 +16,7 @@ from sage_llm.engines.sse import (
     chunks_from_completion,
     encode_event,
     error_from_body,
+    error_param_from_body,
     parse_usage,
     usage_json,
 )
@@ -227,6 +228,29 @@ def test_error_from_body_shapes() -> None:
     assert error_from_body('{"detail": "m2"}') == "m2"
     assert error_from_body(b"plain") == "plain"
     assert error_from_body(b"") is None
+    assert error_from_body(b'{"error": "overloaded"}') == "overloaded"  # a bare string
+    assert error_from_body(b'["not", "an object"]') == '["not", "an object"]'  # JSON, as text
+
+
+def test_an_error_body_that_is_not_an_object_names_no_field() -> None:
+    assert error_param_from_body(b'[{"param": "n"}]') is None
+    assert error_param_from_body(b'{"error": {"param": "n"}}') == "n"
+
+
+def test_a_completion_that_is_not_one_is_the_engines_failure_naming_the_instance() -> None:
+    with pytest.raises(EngineStreamError, match=r"^i1: completion is not a JSON object$"):
+        chunks_from_completion(["x"], REQ, "i1")
+    with pytest.raises(EngineStreamError, match=r"^i1: completion has no choices$"):
+        chunks_from_completion({"id": "x", "choices": []}, REQ, "i1")
+    with pytest.raises(EngineError, match=r"^i1: out of memory$") as info:
+        chunks_from_completion({"error": {"message": "out of memory", "code": 507}}, REQ, "i1")
+    assert (info.value.status, info.value.instance_id) == (507, "i1")
+
+
+def test_usage_counts_written_as_whole_floats_are_read() -> None:
+    usage = parse_usage({"prompt_tokens": 7.0, "completion_tokens": 3.0, "total_tokens": 10.0})
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 3)
 
 
 def test_response_format_matches_vllm_shapes() -> None:
