@@ -22,6 +22,7 @@ from sage_llm.errors import (
     EngineRequestRejectedError,
     EngineStreamError,
     EngineTimeoutError,
+    InvalidRequestError,
 )
 from sage_llm.sim.server import start_engine_server
 from tests.engines.fake_engine import MODEL, FakeEngine, closed_port, start_app
@@ -1033,3 +1034,238 @@ async def test_a_compressed_answer_is_decoded_or_an_unusable_answer_never_a_brok
     with pytest.raises(EngineStreamError, match="Content-Encoding 'gzip'") as info:
         await collect(client, completion_req(stream=False))
     assert type(info.value) is EngineStreamError and info.value.retryable
+
+
+# --- answers cut short, malformed or slow -------------------------------------------------
+
+
+def test_a_negative_connection_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        make_session(limit=-1)
+
+
+def test_a_token_id_prompt_is_sent_as_ids_and_a_request_without_a_prompt_is_refused() -> None:
+    timeouts = HTTPTimeouts(request_s=3.0)
+    client = HTTPEngineClient(make_instance("eng-0", model_name=MODEL), None, timeouts=timeouts)  # type: ignore[arg-type]
+    assert client.timeouts is timeouts
+    assert client.request_body(completion_req(prompt=(1, 2, 3)))["prompt"] == [1, 2, 3]
+    with pytest.raises(InvalidRequestError, match="neither prompt nor messages") as info:
+        client.request_body(EngineRequest(request_id="r", model=MODEL))
+    assert info.value.param == "prompt"
+
+
+async def cut_short(request: web.Request, status: int, head: bytes) -> web.StreamResponse:
+    """An answer whose body ends (the connection closed) before its Content-Length."""
+    resp = web.StreamResponse(status=status)
+    resp.content_length = 100
+    await resp.prepare(request)
+    await resp.write(head)
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+async def test_an_error_answer_cut_short_is_still_the_engines_status_error(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: cut_short(r, 500, b'{"error": {"mess')
+    client = client_for(port, session)
+    with pytest.raises(
+        EngineError, match=r"^eng-0: HTTP 500 from GET /v1/models: Internal Server Error$"
+    ) as info:
+        await client.models()
+    assert (type(info.value), info.value.status, info.value.retryable) == (EngineError, 500, True)
+    with pytest.raises(
+        EngineError, match="HTTP 500 from POST /v1/completions: Internal Server Error"
+    ) as info:
+        await collect(client, completion_req())
+    assert (type(info.value), info.value.status, info.value.retryable) == (EngineError, 500, True)
+
+
+async def test_a_json_answer_cut_short_or_stalled_is_a_connection_or_timeout_error(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    rec.handler = lambda r: cut_short(r, 200, b'{"object": "list", "da')
+    client = client_for(port, session, timeouts=HTTPTimeouts(request_s=0.05))
+    with pytest.raises(EngineConnectionError, match=r"^eng-0: GET /v1/models failed: "):
+        await client.models()
+    never = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b'{"object": "list", "da')
+        await never.wait()
+        return resp
+
+    rec.handler = stall
+    with pytest.raises(EngineTimeoutError, match=r"^eng-0: GET /v1/models timed out$"):
+        async with asyncio.timeout(10):
+            await client.models()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "said"),
+    [
+        (lambda: web.Response(text="<html>busy</html>", content_type="application/json"),
+         EngineStreamError, "eng-0: GET /v1/models returned invalid JSON"),
+        (lambda: web.json_response({"object": "list"}), EngineStreamError,
+         "eng-0: models response has no data list"),
+    ],
+)  # fmt: skip
+async def test_a_models_answer_that_is_not_a_model_list_is_the_engines_failure(
+    raw: tuple[Recorder, int],
+    session: aiohttp.ClientSession,
+    answer: Callable[[], web.Response],
+    error: type[EngineError],
+    said: str,
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return answer()
+
+    rec.handler = reply
+    with pytest.raises(error, match=f"^{re.escape(said)}$") as info:
+        await client_for(port, session).models()
+    assert type(info.value) is error
+
+
+async def test_several_model_cards_none_of_them_the_instances_give_no_context_length(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    cards = [{"id": "other-a", "max_model_len": 1024}, {"id": "other-b", "max_model_len": 2048}]
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": cards})
+
+    rec.handler = reply
+    assert await client_for(port, session).context_length() is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "said"),
+    [
+        ([1, 2], EngineStreamError, "eng-0: prefill response is not a JSON object"),
+        ({"error": {"message": "KV pool exhausted"}}, EngineError,
+         "eng-0: prefill failed: KV pool exhausted"),
+    ],
+)  # fmt: skip
+async def test_a_prefill_answer_that_is_not_a_completion_is_the_instances_failure(
+    raw: tuple[Recorder, int],
+    session: aiohttp.ClientSession,
+    answer: object,
+    error: type[EngineError],
+    said: str,
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.json_response(answer)
+
+    rec.handler = reply
+    with pytest.raises(error, match=f"^{re.escape(said)}$") as info:
+        await client_for(port, session).prefill(completion_req())
+    assert type(info.value) is error and info.value.retryable is True
+
+
+async def test_a_health_probe_unanswered_in_time_says_it_timed_out(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    rec.handler = hang
+    client = client_for(port, session, timeouts=HTTPTimeouts(health_s=0.05))
+    async with asyncio.timeout(10):
+        assert await client.health() is False
+    assert client.health_error == "GET /health timed out after 0.05 s"
+
+
+async def test_a_one_piece_answer_that_is_not_json_is_an_unusable_answer(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="{not json", content_type="application/json")
+
+    rec.handler = reply
+    client = client_for(port, session)
+    for call in (client.complete, collect.__get__(client)):
+        with pytest.raises(EngineStreamError, match=r"^eng-0: response is not valid JSON$"):
+            await call(completion_req(stream=False))
+
+
+async def test_a_one_piece_request_answered_with_a_broken_stream_fails_and_is_let_go(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    """The engine streamed (not asked to) and broke its stream: the request fails as an
+    unusable answer and its connection is closed, not left with the engine."""
+    rec, port = raw
+    never = asyncio.Event()
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_event("a") + b"data: {broken\n\n")
+        await never.wait()
+        return resp
+
+    rec.handler = reply
+    with pytest.raises(EngineStreamError, match="malformed JSON in stream") as info:
+        async with asyncio.timeout(10):
+            await client_for(port, session).complete(completion_req(stream=False))
+    assert info.value.retryable is False  # after a token
+    await asyncio.wait_for(rec.disconnected.wait(), timeout=10)
+
+
+async def test_the_aiohttp_path_drops_bytes_after_done_or_closes_a_body_that_does_not_end(
+    raw: tuple[Recorder, int],
+) -> None:
+    """After ``[DONE]`` the rest of the body is read and dropped, the connection reused;
+    a body that does not end within ``idle_s`` has its connection closed, and the answer
+    stands."""
+    rec, port = raw
+    peers: list[object] = []
+    never = asyncio.Event()
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_event("hi", "stop") + ev({"choices": [], "usage": USAGE}))
+        await resp.write(b"data: [DONE]\n\n")
+        await go.wait()
+        await resp.write(b": after the end\n\n")
+        if len(peers) == 2:
+            await never.wait()
+        await resp.write_eof()
+        return resp
+
+    rec.handler = reply
+    session = make_session(limit=1024)  # aiohttp's transport
+    try:
+        client = client_for(port, session, timeouts=HTTPTimeouts(idle_s=0.05))
+        for _ in range(3):
+            go = asyncio.Event()
+            got = []
+            async with asyncio.timeout(10):
+                async for chunk in client.generate(completion_req()):
+                    got.append(chunk.text)
+                    if chunk.finish_reason is not None:
+                        go.set()
+            assert got == ["hi"]
+        assert len(peers) == 3 and peers[0] is not None
+        assert peers[1] == peers[0] and peers[2] != peers[1]
+        await asyncio.wait_for(rec.disconnected.wait(), timeout=10)
+    finally:
+        await session.close()
