@@ -683,3 +683,97 @@ def test_the_connect_timeout_applies_on_the_lean_pool(monkeypatch: pytest.Monkey
         pool.close()
 
     run_virtual(main())
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", "bad Content-Length 'ten'"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (70 * 1024), "response head too large"),
+    ],
+)
+async def test_an_unusable_head_is_refused_saying_why(
+    server: tuple[RawServer, int], pool: FastPool, answer: bytes, said: str
+) -> None:
+    raw, _port = server
+    raw.reply = send(answer)
+    with pytest.raises(ConnectionError, match=f"^{said}$"):
+        await pool.request("POST", "/x", b"")
+    assert pool.idle_connections == 0
+
+
+async def test_a_chunk_size_line_that_never_ends_is_refused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000)
+    resp = await pool.request("POST", "/x", b"")
+    with pytest.raises(ConnectionError, match="malformed chunk size line"):
+        await resp.read()
+    resp.close()
+    assert pool.idle_connections == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "rest"),
+    [(b"0\r\nX-T: 1\r\n", b"\r\n"), (b"0", b"\r\n\r\n")],
+    ids=["trailers", "size-line"],
+)
+async def test_a_last_chunk_that_comes_in_pieces_is_waited_for(
+    server: tuple[RawServer, int], pool: FastPool, first: bytes, rest: bytes
+) -> None:
+    raw, _port = server
+    go = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n" + first
+    raw.reply = _gated_reply(go, rest, head=head)
+    resp = await pool.request("POST", "/x", b"")
+    reading = asyncio.ensure_future(resp.read())
+    for _ in range(20):  # every byte before the body's end is read
+        await asyncio.sleep(0)
+    assert not reading.done()
+    ended_before = resp.at_eof
+    go.set()
+    assert await asyncio.wait_for(reading, 5) == b"ok"
+    assert (ended_before, resp.at_eof) == (False, True)
+    resp.release()
+    assert pool.idle_connections == 1
+
+
+async def test_a_response_given_back_is_done_with(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    """Reading a response closed raises; releasing or closing it again does nothing."""
+    raw, _port = server
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    resp = await pool.request("POST", "/x", b"")
+    assert await resp.read() == b"ok"
+    resp.release()
+    resp.release()
+    resp.release_later(1.0)
+    resp.close()
+    assert pool.idle_connections == 1  # put back once, not closed after
+    raw.reply = send(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart")
+    resp = await pool.request("POST", "/x", b"")
+    assert await resp.read_some() == b"part"
+    resp.close()
+    with pytest.raises(ConnectionError, match="response closed"):
+        await resp.read_some()
+    assert raw.connections == 1
+
+
+async def test_a_response_closed_while_its_rest_is_dropped_is_not_reused(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    raw, _port = server
+    go = asyncio.Event()
+    raw.reply = _gated_reply(go, b"3\r\nabc\r\n0\r\n\r\n")
+    back = _noting_put_back(pool)
+    resp = await pool.request("POST", "/x", b"")
+    assert await resp.read_some() == b"hello"
+    resp.release_later(60.0)
+    resp.close()  # the caller changed its mind: the connection is dropped
+    await asyncio.wait_for(raw.closed.wait(), 5)
+    go.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not back.is_set() and pool.idle_connections == 0
