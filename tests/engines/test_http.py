@@ -726,6 +726,22 @@ async def test_a_generation_route_the_engine_lacks_is_the_requests_fault(
     assert f"its model is not served for {route} by this engine" in exc.message
 
 
+async def test_a_generation_route_answered_not_found_in_plain_text_is_the_requests_fault(
+    raw: tuple[Recorder, int], session: aiohttp.ClientSession
+) -> None:
+    """A 404 whose body is no JSON at all (a proxy's page) is no engine's error object
+    either: the route is not served."""
+    rec, port = raw
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=404, text="404 page not found")
+
+    rec.handler = reply
+    with pytest.raises(EngineRequestRejectedError, match="404 page not found") as info:
+        await collect(client_for(port, session), completion_req())
+    assert (info.value.status, info.value.retryable, info.value.param) == (404, False, "model")
+
+
 @pytest.mark.parametrize(("status", "retryable"), [(404, True), (405, False)])
 async def test_a_route_other_than_generation_answering_not_found_is_the_instances_failure(
     raw: tuple[Recorder, int], session: aiohttp.ClientSession, status: int, retryable: bool
