@@ -19,7 +19,7 @@ from sage_llm.config import GatewayConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.gateway.server import start_gateway
 from sage_llm.tokens import count_tokens
-from sage_llm.types import RequestPriority
+from sage_llm.types import ExecutionInstanceType, RequestPriority
 from tests.engines.fake_engine import probed_app, start_app
 from tests.factories import MODEL, make_instance
 from tests.gateway.harness import FAST, chat_body, completion_body, read_events, serve
@@ -587,3 +587,48 @@ async def test_a_body_of_max_body_bytes_is_served_and_one_byte_more_is_413_on_ei
             assert r.status == 413
             error = (await r.json())["error"]
     assert (error["type"], error["code"]) == ("invalid_request_error", 413)
+
+
+async def test_several_prompts_answered_whole_on_aiohttps_front() -> None:
+    """``lean_server = false``: aiohttp's front answers several prompts as one, as the
+    lean front does (prompt k's choice is choice k, the usage is the sum)."""
+    prompts = ["The first prompt", "A second, longer prompt than the first"]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 3}
+    settings = GatewayConfig(lean_server=False)
+    async with serve(2, settings=settings) as gw, aiohttp.ClientSession() as s:
+        r = await s.post(gw.url("/v1/completions"), json=body)
+        assert r.status == 200, await r.text()
+        comp = await r.json()
+    assert [c["index"] for c in comp["choices"]] == [0, 1]
+    assert all(count_tokens(c["text"]) == 3 for c in comp["choices"])
+    assert comp["usage"]["completion_tokens"] == 6
+    assert comp["usage"]["prompt_tokens"] == sum(count_tokens(p) for p in prompts)
+
+
+async def test_an_embeddings_request_past_the_request_timeout_is_a_504() -> None:
+    never = asyncio.Event()
+
+    async def stuck(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    settings = GatewayConfig(request_timeout_s=0.05)
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as s:
+        gw.probes["sim-0"].embed = stuck  # type: ignore[method-assign]
+        body = {"model": MODEL, "input": "hello"}
+        async with asyncio.timeout(10), s.post(gw.url("/v1/embeddings"), json=body) as r:
+            assert r.status == 504
+            error = (await r.json())["error"]
+    assert error["message"] == "embeddings did not finish within 0.05 s"
+
+
+async def test_ready_is_503_while_no_model_has_an_instance_that_can_run_a_request() -> None:
+    """A prefill instance alone is healthy, but no request can run on it (no decode
+    instance to pair it with)."""
+    prefill = make_instance("p0", instance_type=ExecutionInstanceType.PREFILLING)
+    async with serve([prefill]) as gw, aiohttp.ClientSession() as s:
+        r = await s.get(gw.url("/ready"))
+        assert r.status == 503
+        error = (await r.json())["error"]
+    assert error["type"] == "service_unavailable"
+    assert error["message"].startswith("no model can run a request: none has an instance")
