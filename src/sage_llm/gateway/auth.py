@@ -17,7 +17,6 @@ import ipaddress
 from collections.abc import Sequence
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from sage_llm.errors import AuthenticationError, PermissionDeniedError
 
@@ -97,15 +96,3 @@ def authorize(request: web.Request, keys: Sequence[str], admin_token: str | None
     elif path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
         token = bearer_token(request.headers.get("Authorization"))
         check_admin(request.remote, token, admin_token)
-
-
-def auth_middleware(api_keys: Sequence[str], admin_token: str | None) -> Middleware:
-    """The middleware enforcing the rules above for one app."""
-    keys = tuple(api_keys)
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        authorize(request, keys, admin_token)
-        return await handler(request)
-
-    return middleware

@@ -304,7 +304,7 @@ def gateway_middleware(
     count_error: ErrorCounter | None = None,
 ) -> Middleware:
     """:func:`observe_middleware`, :func:`~sage_llm.gateway.errors.error_middleware` and
-    :func:`~sage_llm.gateway.auth.auth_middleware`, in that order, as one middleware (one
+    :func:`~sage_llm.gateway.auth.authorize`, in that order, as one middleware (one
     coroutine per request instead of three; the same responses); ``count_error`` counts
     each answer with an error status."""
     return _observe(cors_origins, tracer, (tuple(api_keys), admin_token), count_error)

@@ -245,11 +245,6 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
     return body
 
 
-def _rid(gen: Generation) -> dict[str, str]:
-    """A log record's ``extra`` for ``gen``: its request id as a field of its own."""
-    return {"request_id": gen.request_id}
-
-
 def _client_gone(request_id: str) -> None:
     log.info(
         "client of request %s went away; cancelling it", request_id,
