@@ -673,6 +673,18 @@ async def test_a_host_name_is_loopback_only_when_every_address_it_binds_is(
     assert await _loopback_only("gateway.test") is loopback
 
 
+async def test_a_host_name_that_does_not_resolve_is_not_taken_for_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sage_llm.gateway.server import _loopback_only
+
+    async def resolve(host: str, port: object, **kwargs: object) -> list[tuple[object, ...]]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", resolve)
+    assert await _loopback_only("gateway.test") is False  # the open-gateway warning is given
+
+
 @pytest.mark.parametrize("keys", ["none", "file", "env"])
 async def test_a_gateway_open_beyond_loopback_is_warned_of_unless_it_has_api_keys(
     keys: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -829,3 +841,25 @@ async def test_a_shutdown_with_streams_left_unread_takes_the_shutdown_timeout_on
     text = caplog.text
     assert "Future exception was never retrieved" not in text
     assert "call start()" not in text
+
+
+async def test_more_than_one_worker_is_warned_of_and_one_process_serves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = GatewayConfig(port=_free_port(), workers=4)
+    manager, _, _ = make_manager(1)
+    ready, stop = asyncio.Event(), asyncio.Event()
+    with caplog.at_level(logging.WARNING, logger="sage_llm.gateway"):
+        server = asyncio.create_task(run_gateway(manager, config, ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 10)
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{config.port}/v1/completions"
+            async with http.post(url, json=completion_body()) as r:
+                assert r.status == 200
+        stop.set()
+        await asyncio.wait_for(server, 10)
+    said = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert said == [
+        "gateway.workers = 4 ignored: one process serves one control plane "
+        "(its queue and fleet state are not shared between processes)"
+    ]
