@@ -187,6 +187,15 @@ _DEFAULTED = (
         ({"instance_id": "x", "host": "h", "port": 1, "model_name": 'm"1\n'}, "model_name"),
         ({"instance_id": "x\u0010", "host": "h", "port": 1, "model_name": "m"}, "instance_id"),
         ({"instance_id": "x", "host": "h\u0010", "port": 1, "model_name": "m"}, "host"),
+        # a live figure given as null: no type to check, refused as the figure it is not
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "is_healthy": None},
+            "is_healthy",
+        ),
+        (
+            {"instance_id": "x", "host": "h", "port": 1, "model_name": "m", "current_load": None},
+            "current_load",
+        ),
         *(  # null for a field with a default: as the OpenAPI document says, not nullable
             ({"instance_id": "x", "host": "h", "port": 1, "model_name": "m", key: None}, key)
             for key in _DEFAULTED
