@@ -471,6 +471,8 @@ def test_process_before_setup_and_after_cleanup_is_refused() -> None:
     svc = _service()
     with pytest.raises(ControlPlaneNotRunningError, match="setup"):
         _generate(svc, "x")
+    with pytest.raises(ControlPlaneNotRunningError, match="setup"):  # (nothing left unrun)
+        svc.process({"task": "embed", "inputs": "x"})
     svc.setup()
     svc.setup()  # idempotent
     running_after_setup = svc.is_running

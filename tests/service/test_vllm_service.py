@@ -3,6 +3,7 @@ control plane."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -376,8 +377,9 @@ def test_without_vllm_or_an_endpoint_the_error_says_what_to_install() -> None:
 
 def test_process_needs_setup() -> None:
     svc = _sim()
-    with pytest.raises(ControlPlaneNotRunningError, match="setup"):
-        svc.process({"inputs": "x"})
+    for payload in ({"inputs": "x"}, {"task": "embed", "inputs": "x"}):  # (nothing left unrun)
+        with pytest.raises(ControlPlaneNotRunningError, match="setup"):
+            svc.process(payload)
     svc.start()
     svc.start()
     try:
@@ -436,3 +438,29 @@ def test_the_model_name_option_of_embed_selects_the_model() -> None:
             with pytest.raises(ModelNotFoundError, match="no/such-model") as err:
                 svc.embed("x", model_name="no/such-model")
             assert err.value.param == "options.model"
+
+
+@pytest.mark.parametrize("use_control_plane", [False, True])
+def test_aprocess_takes_the_payloads_process_takes(use_control_plane: bool) -> None:
+    config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": use_control_plane}
+    svc = VLLMService(config, loop_factory=VirtualEventLoop)
+    for payload in ({"inputs": "x"}, {"task": "embed", "inputs": "x"}):
+        with pytest.raises(ControlPlaneNotRunningError, match="setup"):
+            asyncio.run(svc.aprocess(payload))
+
+    async def main() -> tuple[Any, ...]:
+        return (
+            await svc.aprocess({"inputs": "Hello", "options": {"max_tokens": 3}}),
+            await svc.aprocess({"task": "embed", "inputs": ["a", "b"]}),
+            await svc.aprocess({"task": "show_models"}),
+        )
+
+    with svc:
+        (entry,), embedded, models = asyncio.run(main())
+        with pytest.raises(InvalidRequestError, match="unknown task 'summarize'") as err:
+            asyncio.run(svc.aprocess({"task": "summarize", "inputs": "x"}))
+    assert err.value.param == "task"
+    assert entry["usage"]["output_tokens"] == 3
+    assert entry["generations"][0]["finish_reason"] == "length"
+    assert (embedded["model_id"], len(embedded["vectors"])) == (MODEL, 2)
+    assert [(m["model_id"], m["tags"]) for m in models] == [(MODEL, ["chat"])]

@@ -189,7 +189,7 @@ class ControlPlaneVLLMService(ManagedService):
             return self._generate(parse_generate(req.inputs, options, self.defaults))
         if task == "embed":
             embed = parse_embed(req.inputs, options, self.defaults.timeout_s)
-            return located(self._embed(embed), gave_model=embed.model is not None)
+            return located(lambda: self._embed(embed), gave_model=embed.model is not None)
         if task == "set_policy":
             name, params, named_in = _policy_args(req)
             return self._on_loop(lambda cp: _set_policy(cp, name, params, named_in))

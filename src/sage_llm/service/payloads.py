@@ -24,7 +24,7 @@ import numbers
 import operator
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -174,12 +174,13 @@ def locate_error(exc: SageLLMError, where: str | None) -> None:
         exc.reword(f"{where}: {exc.message}")
 
 
-async def located(work: Awaitable[T], *, gave_model: bool = True) -> T:
-    """``work``'s result; its error, naming the payload's part (:func:`locate_error`). An
+async def located(work: Callable[[], Awaitable[T]], *, gave_model: bool = True) -> T:
+    """``work()``'s result; its error, naming the payload's part (:func:`locate_error`). An
     error about the ``model`` names none when the payload gave no model (``gave_model``
-    false: the service chose it, and ``options.model`` was never sent)."""
+    false: the service chose it, and ``options.model`` was never sent). ``work`` is called
+    when this runs: closed unrun (a service not set up), it leaves no coroutine unawaited."""
     try:
-        return await work
+        return await work()
     except SageLLMError as exc:
         if not gave_model and exc.param in ("model", *_OPTION_NAMES):
             exc.param = None

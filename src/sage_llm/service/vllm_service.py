@@ -204,7 +204,7 @@ class VLLMService(ManagedService):
             return backend.generate(items, request_ids(items))
         if req.task == "embed":
             embed = parse_embed(req.inputs, req.options, self.defaults.timeout_s)
-            return located(backend.embed(embed), gave_model=embed.model is not None)
+            return located(lambda: backend.embed(embed), gave_model=embed.model is not None)
         if req.task == "show_models":
             if req.options:
                 key = next(iter(req.options))  # as the control-plane service names it
