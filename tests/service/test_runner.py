@@ -454,3 +454,83 @@ def test_stop_ends_the_thread_though_a_callback_keeps_raising_system_exit() -> N
         thread = runner._thread
         runner.stop(timeout=5)
         assert thread is not None and not thread.is_alive()
+
+
+def test_a_failing_final_is_raised_by_stop_once_the_loop_is_stopped() -> None:
+    async def final() -> None:
+        raise RuntimeError("engine would not close")
+
+    runner = LoopThread("f")
+    runner.start()
+    thread = runner._thread
+    with pytest.raises(RuntimeError, match="engine would not close"):
+        runner.stop(final)
+    assert runner.loop is None and thread is not None and not thread.is_alive()
+    runner.start()  # usable again
+    runner.stop()
+
+
+def test_stop_from_the_loops_own_thread_is_refused() -> None:
+    runner = LoopThread("own")
+    runner.start()
+
+    async def stop_here() -> None:
+        runner.stop()
+
+    try:
+        with pytest.raises(SageLLMError, match="cannot be stopped from its own loop thread"):
+            runner.run(stop_here())
+        assert runner.running
+    finally:
+        runner.stop()
+
+
+def test_stop_after_the_loop_ended_by_itself_clears_the_runner() -> None:
+    runner = LoopThread("gone")
+    runner.start()
+    loop, thread = runner.loop, runner._thread
+    assert loop is not None and thread is not None
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    assert not thread.is_alive() and not runner.running
+    with pytest.raises(ControlPlaneNotRunningError, match="not running"):
+        runner.run(_thread_name())
+    runner.stop()
+    assert runner.loop is None
+    runner.start()  # usable again
+    assert runner.run(_thread_name()) == "gone"
+    runner.stop()
+
+
+def test_an_arun_cancelled_before_its_call_started_never_runs_it() -> None:
+    runner = LoopThread()
+    runner.start()
+    blocked, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    async def block() -> None:
+        blocked.set()
+        release.wait(10)  # the loop runs nothing else meanwhile
+
+    async def call() -> None:
+        ran.append("ran")
+
+    async def caller() -> None:
+        pending = asyncio.ensure_future(runner.arun(call()))
+        await asyncio.sleep(0)  # submitted: its start waits behind block()
+        pending.cancel()
+        await asyncio.sleep(0)  # (its cancellation is queued behind block() too)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            holding = pool.submit(runner.run, block())
+            assert blocked.wait(10)
+            asyncio.run(caller())
+            holding.result(10)
+        assert ran == []
+        assert runner.run(_thread_name())  # the loop serves on
+    finally:
+        runner.stop()
