@@ -193,6 +193,11 @@ def test_where_the_engine_is() -> None:
         ({"model_id": "m", "sampling": {"max_tokens": 10**30}}, "sampling.max_tokens"),
         ({"model_id": "m", "port": 8000}, "host"),
         ({"model_id": "m", "host": "h", "port": 0}, "port"),
+        ({"model_id": "m", "host": "h", "port": 8000, "scheme": "ftp"}, "scheme"),
+        ({"model_id": "m", "base_url": 8000}, "base_url"),
+        ({"model_id": "m", "embedding_model_id": ""}, "embedding_model_id"),
+        ({"model_id": "m", "engine": "sim", "sim": {"gpu": ""}}, "sim.gpu"),
+        ({"model_id": "m", "engine": "sim", "sim": {"model": 3}}, "sim.model"),
         ({"model_id": "m", "dialect": "tgi"}, "dialect"),
         ({"model_id": "m", "engine": "sim", "sim": {"sped": 2}}, "sim.sped"),
         ({"model_id": "m", "engine": "sim", "sim": {"seed": "x"}}, "sim.seed"),
@@ -428,3 +433,12 @@ def test_a_request_default_that_must_be_positive_refuses_zero(field: str) -> Non
         check_request_defaults(RequestDefaults(**zero))
     assert err.value.key == f"request_defaults.{field}"
     check_request_defaults(RequestDefaults(**above))  # just above: accepted
+
+
+def test_a_vllm_service_config_of_another_type_or_a_secret_not_a_string_is_refused() -> None:
+    with pytest.raises(ConfigError, match="the VLLMService config must be a dict, got list"):
+        VLLMServiceConfig.from_dict([("model_id", "m")])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as err:
+        VLLMServiceConfig.from_dict({"model_id": "m", "base_url": "http://h:1", "api_key": 12345})
+    assert err.value.key == "api_key"
+    assert "must be a string" in str(err.value) and "12345" not in str(err.value)

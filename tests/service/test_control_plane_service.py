@@ -243,6 +243,14 @@ def test_set_policy_switches_the_scheduling_policy(svc: ControlPlaneVLLMService)
         with pytest.raises(InvalidRequestError) as err:
             svc.process(payload)
         assert err.value.param == f"options.params.{where or next(iter(params))}"
+    for options, param, message in (
+        ({"parameters": {}}, "options.parameters", "unknown option 'parameters'"),
+        ({"params": [1]}, "options.params", "params must be a dict"),
+    ):
+        payload = {"task": "set_policy", "inputs": "fifo", "options": options}
+        with pytest.raises(InvalidRequestError, match=message) as err:
+            svc.process(payload)
+        assert err.value.param == param
     assert svc.process({"task": "get_metrics"})["status"]["scheduling_policy"] == "slo_aware"
 
 
@@ -372,6 +380,15 @@ def test_register_instance_takes_simulator_keys_either_way(svc: ControlPlaneVLLM
             },
             ConfigError,
             "is_available",
+        ),
+        (
+            {
+                "task": "register_instance",
+                "inputs": {"instance_id": "x", "host": "h", "port": 1, "model_name": MODEL},
+                "options": {"port": 2},
+            },
+            InvalidRequestError,
+            "options.port",
         ),
         ({"task": "drain_instance", "inputs": "sim-7"}, InstanceNotFoundError, None),
         (
@@ -604,6 +621,9 @@ def test_request_defaults_of_another_type_or_bad_values_are_a_config_error() -> 
         "request_defaults.priority", "request_defaults.temperature",
         "request_defaults.timeout_s",
     ]  # fmt: skip
+    with pytest.raises(ConfigError, match="must be a mapping, got array") as err:
+        ControlPlaneVLLMService(None, request_defaults=RequestDefaults(extra=[("seed", 1)]))  # type: ignore[arg-type]
+    assert err.value.key == "request_defaults.extra"
 
 
 def test_tasks_take_their_own_options_at_the_top_level_and_no_inputs_when_they_have_none() -> None:

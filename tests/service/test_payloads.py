@@ -120,6 +120,7 @@ def test_malformed_inputs_name_the_offending_item() -> None:
     _bad_inputs(["ok", {"prompt": "x", "options": 3}], "inputs[1].options")
     _bad_inputs([[{"role": "user", "content": [1, 2]}]], "inputs[0][0]")
     _bad_inputs([[{"role": "user", "content": "x", "name": object()}]], "inputs[0][0]")
+    _bad_inputs(["ok", {"messages": ["hi"]}], "inputs[1].messages[0]")
 
 
 def test_numbers_of_other_libraries_are_read_as_pythons() -> None:
@@ -131,6 +132,9 @@ def test_numbers_of_other_libraries_are_read_as_pythons() -> None:
     )
     assert (opts.max_tokens, opts.temperature, opts.extra) == (3, 0.5, {"seed": 7})
     assert type(opts.max_tokens) is int and type(opts.extra["seed"]) is int
+    opts = parse_options({"min_p": np.float32(0.5), "top_k": [4]}, RequestDefaults(), "options")
+    assert opts.extra == {"min_p": 0.5, "top_k": [4]}  # (the engine judges the list)
+    assert type(opts.extra["min_p"]) is float
     with pytest.raises(InvalidRequestError, match="cannot be sent as JSON") as err:
         parse_options({"seed": object()}, RequestDefaults(), "options")
     assert err.value.param == "options.seed"
