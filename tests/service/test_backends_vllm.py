@@ -225,3 +225,10 @@ def test_logprobs_come_in_openais_format_as_over_http(svc: VLLMService) -> None:
     json.dumps(entry)
     (entry,) = _generate(svc, "a b c", max_tokens=1)
     assert entry["generations"][0]["logprobs"] is None
+
+
+def test_show_models_lists_the_model_and_the_embedding_model(fake: fake_vllm.Fake) -> None:
+    config = {"model_id": "tiny", "embedding_model_id": "e5", "engine": ENGINE, "tags": ["x"]}
+    with VLLMService(config) as svc:
+        models = svc.process({"task": "show_models"})
+    assert sorted((m["model_id"], m["tags"]) for m in models) == [("e5", ["x"]), ("tiny", ["x"])]

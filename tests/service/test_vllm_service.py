@@ -464,3 +464,21 @@ def test_aprocess_takes_the_payloads_process_takes(use_control_plane: bool) -> N
     assert entry["generations"][0]["finish_reason"] == "length"
     assert (embedded["model_id"], len(embedded["vectors"])) == (MODEL, 2)
     assert [(m["model_id"], m["tags"]) for m in models] == [(MODEL, ["chat"])]
+
+
+def test_use_control_plane_gives_its_instance_the_services_sim_table_and_api_key() -> None:
+    def tokens(use_control_plane: bool, seed: int) -> list[int]:
+        sim = {"model": MODEL, "seed": seed, "gpu": "a100"}
+        config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": use_control_plane}
+        with VLLMService({**config, "sim": sim}, loop_factory=VirtualEventLoop) as svc:
+            (entry,) = svc.generate("hello", max_tokens=5, temperature=1.0, request_id="r1")
+        ids: list[int] = entry["generations"][0]["token_ids"]
+        return ids
+
+    seeded = tokens(False, 7)
+    assert tokens(True, 7) == seeded != tokens(True, 8)  # the same engine either way
+    config = {**EXISTING_CONFIG, "base_url": "http://127.0.0.1:27400", "api_key": "sk-test"}
+    inner = VLLMService({**config, "use_control_plane": True}).control_plane_service
+    assert inner is not None
+    (instance,) = inner.config.control_plane.instances
+    assert (instance.host, instance.port, instance.api_key) == ("127.0.0.1", 27400, "sk-test")
