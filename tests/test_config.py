@@ -24,6 +24,7 @@ from sage_llm.config import (
     at_address,
     check_config,
     check_instance,
+    check_manager_arguments,
     config_from_dict,
     host_key,
     instance_fields,
@@ -616,6 +617,9 @@ def test_an_ipv4_mapped_address_is_the_ipv4_address_it_reaches() -> None:
     assert at_address("::ffff:127.0.0.1", 8000, "0.0.0.0", 8000)
     assert not at_address("::ffff:127.0.0.1", 8000, "::", 8000)  # IPv6 only
     assert host_key("::1") == "::1" and host_key("::ffff:10.0.0.1") == "10.0.0.1"
+    # a host name is compared as written: not taken for the wildcard's loopback
+    assert not at_address("gpu-host", 8000, "0.0.0.0", 8000)
+    assert at_address("gpu-host", 8000, "gpu-host", 8000)
 
 
 def test_bad_latency_priors_in_metadata_are_reported_at_their_line() -> None:
@@ -2055,3 +2059,123 @@ def test_unknown_instance_keys_leave_fields_sim_keys_and_listing() -> None:
     given = {"instance_id": "a", "sim_gpu": "A100", "draining": True, "gpus": 2, "colour": 1}
     assert unknown_instance_keys(given) == ["colour", "gpus"]
     assert unknown_instance_keys({"instance_id": "a", "is_healthy": True}) == []
+
+
+SERVICE_HEAD = '[services.llm_control_plane]\ntype = "ControlPlaneVLLMService"\n'
+ONE_INSTANCE = (
+    '[[services.llm_control_plane.instances]]\ninstance_id = "a"\nhost = "localhost"\n'
+    'port = 8000\nmodel_name = "m"\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("services = 5\n", "f.toml:1: services: must be a table, got integer 5"),
+        (
+            SERVICE_HEAD + "instances = 5\n",
+            "f.toml:3: services.llm_control_plane.instances: must be an array, got integer 5",
+        ),
+        (
+            SERVICE_HEAD + "enable_pd_separation = true\npd = 5\n" + ONE_INSTANCE,
+            "f.toml:4: services.llm_control_plane.pd: must be a table, got integer 5",
+        ),
+        (
+            SERVICE_HEAD
+            + "enable_pd_separation = true\n[services.llm_control_plane.pd]\nmetadata = 5\n"
+            + ONE_INSTANCE,
+            "f.toml:5: services.llm_control_plane.pd.metadata: must be a table, got integer 5",
+        ),
+        (
+            SERVICE_HEAD + ONE_INSTANCE + "api_key = 'k'\napi_key_env = 'K'\n",
+            "f.toml:9: services.llm_control_plane.instances[0].api_key_env: "
+            "set api_key or api_key_env, not both",
+        ),
+    ],
+)
+def test_a_file_whose_table_has_the_wrong_type_is_refused_at_its_line(
+    text: str, where: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "f.toml")
+    assert str(err.value) == where
+
+
+def test_an_instance_entry_that_is_no_table_does_not_hide_the_others_problems() -> None:
+    text = SERVICE_HEAD + (
+        "instances = [5, {instance_id='a', host='localhost', port=8000, model_name='m'},"
+        " {instance_id='a', host='localhost', port=8001, model_name='m'}]\n"
+    )
+    with pytest.raises(ConfigErrors) as err:
+        parse_config(text, "f.toml")
+    assert [str(e) for e in err.value.errors] == [
+        "f.toml:3: services.llm_control_plane.instances[0]: must be a table, got integer 5",
+        "f.toml:3: services.llm_control_plane.instances[2].instance_id: duplicate instance id "
+        "'a' (also instances[1])",
+    ]
+
+
+def test_an_instance_metadata_that_is_no_table_is_named() -> None:
+    with pytest.raises(ConfigError, match="metadata: must be a table, got integer 5") as err:
+        check_instance(ExecutionInstance("a", "h", 1, "m", metadata=5))  # type: ignore[arg-type]
+    assert err.value.key == "metadata"
+    with pytest.raises(ConfigError, match="must be a table, got integer 5") as err:
+        instance_fields({"instance_id": "a", "sim_gpu": "h100", "metadata": 5})
+    assert err.value.key == "metadata"
+
+
+def test_check_manager_arguments_names_the_arguments_it_was_not_given() -> None:
+    with pytest.raises(TypeError, match=r"missing default_max_tokens, .*health_interval_s"):
+        check_manager_arguments(scheduling_policy="fifo")
+
+
+def _with_instance(host: str = "localhost", after: str = "", origin: str | None = None) -> str:
+    if origin is not None:
+        after = f'[services.llm_control_plane.gateway]\ncors_origins = ["{origin}"]\n'
+    return SERVICE_HEAD + ONE_INSTANCE.replace('"localhost"', f'"{host}"') + after
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        (
+            _with_instance(".".join(["a" * 60] * 5)),
+            "instances[0].host",
+            "must be a host name of at most 253 characters, got 304",
+        ),
+        (
+            _with_instance(origin="http://h:0"),
+            "gateway.cors_origins[0]",
+            "must have a port number 1-65535 after the host, got 'http://h:0'",
+        ),
+        (
+            _with_instance(origin="http://faß.de."),
+            "gateway.cors_origins[0]",
+            "must be written as browsers send it: 'http://xn--fa-hia.de.', got 'http://faß.de.'",
+        ),
+        (
+            _with_instance(origin="http://" + "ß" * 70 + ".de"),
+            "gateway.cors_origins[0]",
+            "must have a host name or address a browser could send",
+        ),
+        (
+            _with_instance().replace('VLLMService"', 'VLLMServic"'),
+            "type",
+            "unknown value 'ControlPlaneVLLMServic' (did you mean 'ControlPlaneVLLMService'?)",
+        ),
+    ],
+)  # fmt: skip
+def test_a_host_an_origin_or_a_service_type_no_one_could_use_is_named(
+    text: str, key: str, detail: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "f.toml")
+    assert err.value.key == f"services.llm_control_plane.{key}"
+    assert detail in err.value.detail
+
+
+def test_an_ipv4_shorthand_with_a_space_is_no_address() -> None:
+    from sage_llm.config_schema import ipv4_shorthand
+
+    assert ipv4_shorthand("127.1") == "127.0.0.1"
+    assert ipv4_shorthand("127.1 x") is None  # (inet_aton reads up to the space)
