@@ -133,8 +133,9 @@ def test_quoted_keys_are_read_with_every_toml_escape(key: str) -> None:
     [
         ('a = """x \\""" y\n"""\nb = 1\n', 3),  # an escaped quote does not close it
         ('a = """x \\\\"""\nb = 1\n', 2),  # an escaped backslash, then the closing quotes
+        ('a = """x""""\nb = 1\n', 2),  # the string's last character is a quote
     ],
-    ids=["escaped-quote", "escaped-backslash"],
+    ids=["escaped-quote", "escaped-backslash", "quote-before-the-closing-quotes"],
 )
 def test_backslashes_before_the_quotes_of_a_multiline_string(text: str, line: int) -> None:
     assert tomllib.loads(text)["b"] == 1
@@ -204,6 +205,16 @@ def test_syntax_error_at_end_of_document_points_at_last_line() -> None:
             "a = [{b = 1}]\n[a.b]\n",
             "a was written whole (an inline table or an array) and cannot be added to here; "
             "write all of it in one place",
+        ),
+        (  # an array of tables: its last table is the one being written
+            "[[s]]\nx = 1\n[[s]]\npd = { on = true }\n[s.pd.metadata]\n",
+            "s.pd was written whole (an inline table or an array) and cannot be added to "
+            "here; write all of it in one place",
+        ),
+        (  # its header's quoted key holds "]]"
+            "[[s.'a]]b']]\npd = { on = true }\n[s.'a]]b'.pd.metadata]\n",
+            's."a]]b".pd was written whole (an inline table or an array) and cannot be added '
+            "to here; write all of it in one place",
         ),
         (
             "[s]\npd = { on = true }\npd.metadata.x = 1\n",

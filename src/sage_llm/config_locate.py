@@ -420,10 +420,10 @@ def _written_whole(names: tuple[str, ...], text: str, line: int) -> tuple[str, .
 
 
 def _header_key(line: str) -> tuple[str, ...] | None:
-    """The key path of an ``[[…]]`` header line (bare or quoted keys), else None."""
-    inner = line.strip().removeprefix("[[").split("]]", 1)[0]
+    """The key path of an ``[[…]]`` header line (bare or quoted keys, which may hold
+    ``]]``), else None."""
     try:
-        parsed = tomllib.loads(f"[[{inner}]]")
+        parsed = tomllib.loads(line.strip())  # (a header line is a document of its own)
     except tomllib.TOMLDecodeError:
         return None
     path: list[str] = []
