@@ -2179,3 +2179,20 @@ def test_an_ipv4_shorthand_with_a_space_is_no_address() -> None:
 
     assert ipv4_shorthand("127.1") == "127.0.0.1"
     assert ipv4_shorthand("127.1 x") is None  # (inet_aton reads up to the space)
+
+
+def test_an_array_field_built_in_code_from_another_value_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"^instances: must be an array, got integer 5$"):
+        ControlPlaneConfig(instances=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^nvlink_peers: must be an array, got string 'b'$"):
+        InstanceConfig("a", "h", 1, "m", nvlink_peers="b")  # type: ignore[arg-type]
+
+
+def test_a_latency_prior_is_its_default_when_absent_and_refused_naming_its_key() -> None:
+    from sage_llm.config_fields import LATENCY_PRIORS, latency_prior
+
+    assert latency_prior({}, "tpot_ms") == LATENCY_PRIORS["tpot_ms"]
+    assert latency_prior({"tpot_ms": 12}, "tpot_ms") == 12.0
+    with pytest.raises(ConfigError, match="must be > 0, got -1") as err:
+        latency_prior({"tpot_ms": -1}, "tpot_ms")
+    assert err.value.key == "metadata.tpot_ms"
