@@ -98,3 +98,16 @@ def test_the_limit_itself_is_read_with_more_brackets_beside_it() -> None:
     doc = "[" + "[" * (jsonutil.MAX_DEPTH - 1) + "]" * (jsonutil.MAX_DEPTH - 1) + ",[]]"
     assert len(jsonutil.loads(doc)) == 2
     assert len(jsonutil.loads_request(doc.encode())) == 2
+
+
+def test_a_string_of_brackets_is_read_as_the_string_it_is() -> None:
+    text = "[" * (jsonutil.MAX_DEPTH + 5)
+    assert jsonutil.loads(json.dumps(text).encode()) == text
+    assert jsonutil.loads_request(json.dumps({"prompt": text}).encode()) == {"prompt": text}
+    assert jsonutil.loads_request(json.dumps(text).encode()) == text
+
+
+def test_a_request_the_standard_library_reads_keeps_its_integers() -> None:
+    body = jsonutil.loads_request(b'{"prompt": "emoji \\ud83d cut", "max_tokens": 7}')
+    assert body == {"prompt": "emoji \ud83d cut", "max_tokens": 7}
+    assert type(body["max_tokens"]) is int
