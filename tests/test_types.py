@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import pytest
 
 from sage_llm.types import (
@@ -100,3 +102,31 @@ def test_affinity_score_by_machine_nvlink_and_rack() -> None:
     assert a.get_affinity_score(d) == 0.1
     assert a.get_affinity_score(e) == 0.01
     assert make_instance("x").get_affinity_score(make_instance("y")) == 0.01  # unknown
+
+
+def test_the_seeds_capacity_checks_of_an_instance() -> None:
+    kinds = ExecutionInstanceType
+    prefill = make_instance("p", instance_type=kinds.PREFILLING, current_load=0.25)
+    decode = make_instance("d", instance_type=kinds.DECODING)
+    assert prefill.available_capacity == 0.75
+    assert make_instance(current_load=1.5).available_capacity == 0.0
+    assert prefill.can_accept_prefilling_request() and not prefill.can_accept_decoding_request()
+    assert decode.can_accept_decoding_request() and not decode.can_accept_prefilling_request()
+    refused = (
+        make_instance(is_available=False),
+        make_instance(is_healthy=False),
+        make_instance(active_requests=2, max_concurrent_requests=2),
+        make_instance(current_load=0.95),
+    )
+    assert [i.can_accept_request for i in refused] == [False, False, False, False]
+    assert make_instance(active_requests=1, max_concurrent_requests=2).can_accept_request
+
+
+def test_queue_wait_is_from_queued_to_scheduled_and_a_parallelism_parses_as_itself() -> None:
+    queued = datetime(2026, 1, 1, 12, 0, 0)
+    meta = RequestMetadata(
+        request_id="r", queue_time=queued, schedule_time=queued + timedelta(milliseconds=250)
+    )
+    assert meta.queue_wait_ms == 250.0
+    assert ParallelismType.parse(ParallelismType.HYBRID) is ParallelismType.HYBRID
+    assert ParallelismType.parse("TENSOR_PARALLEL") is ParallelismType.TENSOR_PARALLEL
