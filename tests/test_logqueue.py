@@ -277,3 +277,35 @@ def test_json_lines_keep_their_own_level_and_logger_over_extra_fields() -> None:
         logger.warning("disk almost full", extra={"level": "debug", "logger": "spoofed"})
     record = json.loads(out.getvalue().splitlines()[0])
     assert (record["level"], record["logger"]) == ("WARNING", logger.name)
+
+
+def test_the_json_formatter_on_a_plain_handler_renders_the_traceback_and_the_stack() -> None:
+    logger, out = _fresh_logger(), io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    try:
+        raise KeyError("k")
+    except KeyError:
+        logger.exception("failed")
+    logger.warning("where", stack_info=True)
+    failed, where = (json.loads(line) for line in out.getvalue().splitlines())
+    assert "KeyError: 'k'" in failed["exception"] and "stack" not in failed
+    assert where["stack"].startswith("Stack (most recent call last):")
+    assert "exception" not in where
+
+
+def test_a_record_whose_arguments_do_not_fit_its_message_is_reported_not_raised(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = io.StringIO()
+    writer = LogWriter(out, logging.Formatter("%(message)s"))
+    handler = QueuedHandler(writer)
+    logger = _fresh_logger()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.info("count=%d", "many")  # the caller goes on
+    logger.info("after")
+    writer.close()
+    assert out.getvalue() == "after\n"
+    assert "--- Logging error ---" in capsys.readouterr().err
