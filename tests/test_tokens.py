@@ -218,3 +218,9 @@ def test_token_ids_of_multibyte_pieces_are_fixed_values() -> None:
     assert split(text) == ["héllo", " 日本語", " 😀", " 𝐀𝐁", " naïve"]
     assert tokenize(text) == [13110, 24301, 19265, 19650, 8999]
     assert count_tokens(text) == 5
+
+
+def test_no_prompt_counts_no_tokens_and_token_ids_count_as_given() -> None:
+    assert count_tokens(None) == 0
+    assert count_tokens([5, 6, 7]) == 3
+    assert count_tokens("") == 0
