@@ -1239,3 +1239,76 @@ def test_serve_says_in_its_first_log_lines_what_fleet_it_serves(
             "h100 engines of llama-3-8b, in this process" in first.lower()
         ), err
     assert f"gateway listening on http://127.0.0.1:{port}" in err
+
+
+def test_config_check_of_a_plan_named_json_says_it_is_ok(tmp_path: Path) -> None:
+    output = _checked_ok(
+        tmp_path / "plan.json", plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True)
+    )
+    assert "OK (2 engines on node 0)" in output
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\xff\xfe bad", ":1: not valid UTF-8 (byte 0xff, column 1)"),
+        (b"[launch]\nx = [1\n", ":3: invalid TOML: Unclosed array (at end of file)"),
+        (b"not = [toml\n", ":1: invalid TOML: Invalid value (column 8)"),
+    ],
+)
+def test_config_check_of_a_file_it_cannot_read_names_the_file_and_line(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    code, output = invoke("config", "check", str(path))
+    assert (code, output) == (1, f"{path}{problem}\n")
+    code, output = invoke("config", "check", str(tmp_path))
+    assert (code, output) == (1, f"{tmp_path}: cannot read config file: Is a directory\n")
+
+
+def test_launch_with_a_config_it_cannot_read_names_the_file_and_line(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("not = [toml\n")
+    code, output = invoke("launch", str(plan), "--config", str(cfg))
+    assert (code, output) == (1, f"error: {cfg}:1: invalid TOML: Invalid value (column 8)\n")
+
+
+def test_topo_without_a_file_shows_this_machines_topology(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_llm.control_plane import topology
+
+    found = topology.Topology()
+    detected = topology.DetectedTopology(found, "nvidia-smi not found: no GPU topology")
+    monkeypatch.setattr(topology, "detect_topology", lambda: detected)
+    result = CliRunner().invoke(app, ["topo", "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == found.to_dict()  # stdout is the document alone
+    assert result.stderr == "nvidia-smi not found: no GPU topology\n"
+    code, output = invoke("topo")
+    assert code == 0 and output.startswith("nvidia-smi not found: no GPU topology\n")
+    assert found.describe() in output
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (OSError(98, "Address already in use"), "port {port} is already in use"),
+        (socket.gaierror(-2, "Name or service not known"), "Name or service not known"),
+    ],
+)
+def test_serve_whose_port_is_taken_after_its_check_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, error: OSError, reason: str
+) -> None:
+    """Another process may take the port between the check and the gateway's bind."""
+    from sage_llm.gateway import server
+
+    async def taken(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(server, "run_gateway", taken)
+    port = free_ports(1)
+    code, output = invoke("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert code == 1
+    assert output.endswith(f"cannot listen on 127.0.0.1:{port}: {reason.format(port=port)}\n")
