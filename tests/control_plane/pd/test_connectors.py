@@ -556,6 +556,80 @@ def test_vllm_a_release_cancelled_midway_is_counted_and_said(
     assert "the release was cancelled before it ended" in caplog.text
 
 
+class BuggyDecode:
+    """A decode client with a bug: every stream it opens raises what no engine client
+    should (not a sage-llm error)."""
+
+    def __init__(self, instance_id: str = "d0") -> None:
+        self.instance_id = instance_id
+        self.request_ids: list[str] = []
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Chunk]:
+        self.request_ids.append(req.request_id)
+        if req.request_id:  # always
+            raise RuntimeError("client bug")
+        yield Chunk("")
+
+
+def test_vllm_a_decode_clients_bug_releases_the_kv_through_a_spare_decode_instance(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the decode leg's client fails the request; the KV the prefill side holds
+    is still released (a bug in a plugin must not leave resources held): the pull goes
+    through a spare decode instance, and without one the failed release is counted and
+    said, naming the bug."""
+
+    async def main() -> None:
+        hub = KVTransferHub()
+        p = SimEngine("p0", SimEngineConfig(role=Role.PREFILLING), kv_hub=hub)
+        d1 = SimEngine("d1", SimEngineConfig(role=Role.DECODING), kv_hub=hub)
+        prefill, spare, buggy = ConcurrencyProbe(p), ConcurrencyProbe(d1), BuggyDecode()
+        connector = VLLMConnector()
+        two = replace(legs(prefill, buggy), spare_decode=lambda: spare)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="client bug"):
+            await collect(connector.run(request(), two))
+        assert buggy.request_ids == ["r1"]  # the pull did not go through it again
+        assert spare.request_ids == ["r1-kv-release"]
+        assert nothing_pinned(p, "r1")
+        assert (connector.releases, connector.release_failures) == (1, 0)
+        # no spare: the release fails through the same client, counted and said
+        alone = VLLMConnector()
+        with pytest.raises(RuntimeError, match="client bug"):
+            await collect(alone.run(request("r2"), legs(ConcurrencyProbe(p), buggy)))  # type: ignore[arg-type]
+        assert (alone.releases, alone.release_failures) == (0, 1)
+        await p.aclose()
+        await d1.aclose()
+
+    run_virtual(main())
+    assert "request r2: could not release KV on p0" in caplog.text
+    assert "RuntimeError: client bug" in caplog.text
+
+
+def test_vllm_a_prefill_clients_bug_in_its_release_is_a_failed_release(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A prefill client whose release_kv raises a bug: the release is counted as failed
+    and said, not raised at the request (whose answer is out, or whose failure stands)."""
+
+    class BuggyRelease(ConcurrencyProbe):
+        def release_kv(self, request_id: str) -> bool:
+            raise KeyError(request_id)
+
+    async def main() -> None:
+        p, d = sim_pair()
+        connector = VLLMConnector()
+        prefill = BuggyRelease(p)
+        released = await connector.release(request(), KVHandle("p0", {}), legs(prefill, d))
+        assert released is False
+        assert (connector.releases, connector.release_failures) == (0, 1)
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+    assert "request r1: could not release KV on p0" in caplog.text
+    assert "KeyError: 'r1'" in caplog.text
+
+
 # --------------------------------------------------------------------------- SGLang
 
 

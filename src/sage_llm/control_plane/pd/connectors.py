@@ -284,6 +284,9 @@ class VLLMConnector:
             except SageLLMError as exc:
                 decode_failed = True
                 raise PDLegError("decode", exc, legs.decode.instance_id, VLLM_LEG_FIELDS) from exc
+            except Exception:  # the client's own failure (a bug): no pull through it
+                decode_failed = True
+                raise
             except (asyncio.CancelledError, GeneratorExit):
                 cancelled = True
                 raise
@@ -375,14 +378,16 @@ class VLLMConnector:
                         legs.prefill.instance_id,
                     )
                     return False
-        except (SageLLMError, TimeoutError, asyncio.CancelledError) as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # a client's bug too: counted
             self.release_failures += 1
             if isinstance(exc, asyncio.CancelledError):
                 why = "the release was cancelled before it ended"
-            else:
+            elif isinstance(exc, SageLLMError | TimeoutError):
                 why = str(exc) or (
                     f"no answer within release_timeout_s ({self.params.release_timeout_s:g} s)"
                 )
+            else:  # a client's bug
+                why = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "request %s: could not release KV on %s (it stays pinned until the engine "
                 "gives up on it: its NIXL lease, or an older vLLM's abort timeout): %s",
@@ -406,7 +411,7 @@ class VLLMConnector:
         if not decode_failed or spare is None:
             try:
                 return await self._pull(req, handle, legs.decode)
-            except SageLLMError:
+            except Exception:  # an engine's failure or a client's bug: the spare, if any
                 if spare is None:
                     raise
         assert spare is not None
