@@ -630,6 +630,37 @@ def test_vllm_a_prefill_clients_bug_in_its_release_is_a_failed_release(
     assert "KeyError: 'r1'" in caplog.text
 
 
+def test_vllm_an_awaitable_release_kv_is_awaited() -> None:
+    """A prefill client whose release_kv is a coroutine: its answer, not the coroutine,
+    says whether the KV was released."""
+
+    class AsyncRelease(ConcurrencyProbe):
+        def __init__(self, inner: EngineClient, answer: bool) -> None:
+            super().__init__(inner)
+            self.answer = answer
+            self.released: list[str] = []
+
+        async def release_kv(self, request_id: str) -> bool:
+            await asyncio.sleep(0)
+            self.released.append(request_id)
+            return self.answer
+
+    async def main() -> None:
+        p, d = sim_pair()
+        connector = VLLMConnector()
+        handle = KVHandle("p0", {"remote_request_id": "cmpl-r1"})
+        done = AsyncRelease(p, True)
+        assert await connector.release(request(), handle, legs(done, d)) is True
+        assert done.released == ["cmpl-r1"] and connector.releases == 1
+        gone = AsyncRelease(p, False)  # nothing held under that id any more
+        assert await connector.release(request(), handle, legs(gone, d)) is False
+        assert (connector.releases, connector.release_failures) == (1, 0)
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
 # --------------------------------------------------------------------------- SGLang
 
 
@@ -704,6 +735,34 @@ def test_sglang_a_prefill_leg_that_never_ends_does_not_hold_back_the_answer(
     assert record.getMessage() == (
         "request r1: prefill leg on p0 did not end cleanly after its decode leg: "
         "no end within drain_timeout_s (5 s); aborted"
+    )
+
+
+def test_sglang_a_prefill_leg_failing_after_its_answer_went_out_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The decode leg ended (the answer is out, whole) while the prefill leg went on; that
+    leg then fails: the request stays answered, and the failure is logged, named."""
+
+    async def main() -> None:
+        err = EngineError("HTTP 500 from p0", instance_id="p0", status=500)
+        p = FakeEngine("p0", gate_after=0, fail_with=err, fail_after=0)
+        d = FakeEngine("d0")
+        connector = SGLangConnector()
+        chunks = await collect(connector.run(request(max_tokens=3), legs(p, d)))
+        assert [c.text for c in chunks] == [" w0", " w1", " w2"]
+        assert chunks[-1].finish_reason == "length"
+        p.release.set()
+        await p.aborted_event.wait()  # the prefill leg failed
+        await connector.wait_released()
+        assert p.aborted == ["r1"] and p.in_flight == 0
+
+    with caplog.at_level("WARNING", logger="sage_llm.pd"):
+        run_virtual(main())
+    [record] = [r for r in caplog.records if r.name == "sage_llm.pd"]
+    assert record.getMessage() == (
+        "request r1: prefill leg on p0 did not end cleanly after its decode leg: "
+        "prefill leg failed: HTTP 500 from p0"
     )
 
 
@@ -831,6 +890,8 @@ def test_build_connector() -> None:
     assert isinstance(build_connector("vLLM"), VLLMConnector)
     sg = build_connector("sglang", {"bootstrap_port": 9100}, seed=1)
     assert isinstance(sg, SGLangConnector) and sg.params == SGLangConnectorParams(9100)
+    # what get_status()["pd"]["connector"] shows
+    assert sg.describe() == {"name": "sglang", "bootstrap_port": 9100, "drain_timeout_s": 30.0}
     with pytest.raises(ConfigError, match="unknown PD connector"):
         build_connector("mooncake")
     with pytest.raises(ConfigError, match="unknown parameter"):
