@@ -3352,6 +3352,43 @@ def test_a_request_past_a_short_context_goes_to_a_longer_one_rather_than_be_cut(
     run_virtual(main())
 
 
+def test_a_request_kept_off_short_contexts_fails_when_no_instance_is_left_to_run_it() -> None:
+    """Queued for the longer instance while the short ones drain; the longer one is then
+    removed: with no instance left to take it, even cut short, the request ends failed
+    with the reason (it is not left queued)."""
+    engines: dict[str, SimEngine] = {
+        f"short{k}": SimEngine(f"short{k}", SimEngineConfig(speed=1.0, max_model_len=1024))
+        for k in range(2)
+    }
+    engines["long"] = SimEngine("long", SimEngineConfig(speed=1.0, max_model_len=2048))
+
+    async def main() -> None:
+        cp = _over_engines(engines, routing_strategy="round_robin")
+        for state in cp._registry:
+            state.instance.max_concurrent_requests = 1
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            prompt = "word " * 600
+            busy = asyncio.ensure_future(
+                cp.generate(make_metadata("busy", prompt=prompt, max_tokens=600))
+            )
+            await asyncio.sleep(0.05)
+            queued = asyncio.ensure_future(
+                cp.generate(make_metadata("queued", prompt=prompt, max_tokens=600))
+            )
+            await asyncio.sleep(0.05)
+            assert await cp.get_request_status("queued") is RequestStatus.QUEUED
+            cp.drain_instance("short0")
+            cp.drain_instance("short1")
+            cp.unregister_instance("long")
+            second = await asyncio.wait_for(queued, 1.0)
+            assert second.status is RequestStatus.FAILED
+            assert second.error == "every instance serving model 'llama-3-8b' is draining (2)"
+            await busy
+
+    run_virtual(main())
+
+
 def test_a_request_kept_off_short_contexts_runs_on_one_when_the_longer_one_leaves() -> None:
     """Queued for the longer instance, which then drains (or is removed): the request
     runs on a short one, cut as its engine answers, not failed as if it had failed there."""
@@ -3452,6 +3489,43 @@ def test_a_pd_request_too_long_for_a_short_pair_runs_on_a_longer_pair() -> None:
             results = await _long_requests_once_contexts_are_known(cp, 4)
         assert all(r.status is RequestStatus.COMPLETED for r in results), results
         assert {(r.prefill_instance_id, r.instance_id) for r in results} == {("p-long", "d-long")}
+
+    run_virtual(main())
+
+
+def test_a_pd_leg_refused_past_its_context_sends_the_request_whole_to_a_longer_one() -> None:
+    """A pair whose engines hold less than their context says (their refusal, not the
+    control plane's estimate, tells): the decode leg's refusal sends the request, whole,
+    to the instance whose context holds it, kept off the short pair from then on."""
+    roles = {
+        "pre": ExecutionInstanceType.PREFILLING,
+        "dec": ExecutionInstanceType.DECODING,
+        "hyb": ExecutionInstanceType.HYBRID,
+    }
+    hub = KVTransferHub()
+    engines: dict[str, SimEngine] = {
+        iid: _NewerVllmWords(
+            iid, SimEngineConfig(speed=100.0, role=role, max_model_len=1024), kv_hub=hub
+        )
+        for iid, role in roles.items()
+        if iid != "hyb"
+    }
+    engines["hyb"] = SimEngine("hyb", SimEngineConfig(speed=100.0, role=roles["hyb"]), kv_hub=hub)
+
+    async def main() -> None:
+        pd = PDSeparationConfig(routing_policy="always")
+        cp = _over_engines(engines, roles, pd_config=pd)
+        async with cp:
+            await asyncio.sleep(3.0)  # the probes learn each context
+            meta = make_metadata("p0", prompt="word " * 700, max_tokens=10)
+            result = await cp.generate(meta)
+            assert result.status is RequestStatus.COMPLETED, result.error
+            assert (result.instance_id, result.prefill_instance_id) == ("hyb", None)
+            assert result.completion_tokens == 10
+            # the refusal was the request's, not the pair's: the pair serves on
+            short = await cp.generate(make_metadata("s0", max_tokens=8))
+            assert (short.prefill_instance_id, short.instance_id) == ("pre", "dec")
+        assert engines["pre"].core.kv_usage == 0.0  # the refused leg's KV was released
 
     run_virtual(main())
 
