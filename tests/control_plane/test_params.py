@@ -241,3 +241,76 @@ def test_a_problem_between_keys_comes_after_each_keys_own() -> None:
         build_params(Named, {"first": 0.5, "last": 0.2, "size": "big"})
     assert [e.key for e in info.value.errors] == ["size", None]
     assert "first must not be after last" in info.value.errors[1].message
+
+
+@dataclass(frozen=True)
+class Ordered:
+    """``low``'s check reads ``high`` and runs before ``high``'s own (``high`` even)."""
+
+    low: int = 1
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ConfigError(f"must be <= high ({self.high})", key="low")
+        if self.high % 2:
+            raise ConfigError(f"must be even, got {self.high}", key="high")
+
+
+def test_a_keys_own_problem_is_shown_though_another_keys_check_fails_first_beside_it() -> None:
+    """``high = 3`` is odd (its own problem); beside ``low = 5`` the check of ``low``,
+    run first, fails against it: ``high``'s own problem is still the one reported (not
+    ``low``'s, which is judged against a value that is refused anyway)."""
+    with pytest.raises(ConfigError) as info:
+        build_params(Ordered, {"low": 5, "high": 3})
+    assert not isinstance(info.value, ConfigErrors)
+    assert (info.value.key, info.value.detail) == ("high", "must be even, got 3")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Three shares that must fit in ``total`` (whose check is filed under it)."""
+
+    a: float = 1.0
+    b: float = 1.0
+    c: float = 1.0
+    total: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.a + self.b + self.c > self.total:
+            raise ConfigError(f"must be >= a + b + c ({self.a + self.b + self.c:g})", key="total")
+
+
+def test_a_default_that_several_given_keys_conflict_with_is_named_at_its_own_key() -> None:
+    """Two given keys that overflow a default: leaving out the first clears it, so the
+    conflict is filed under that key, saying so; three whose every pair overflows it: no
+    one key is to blame, and the check's own key and words stand."""
+    with pytest.raises(ConfigError) as info:
+        build_params(Budget, {"a": 6, "b": 6})
+    assert (info.value.key, info.value.detail) == (
+        "a",
+        "conflicts with total at its default (10.0): total must be >= a + b + c (13)",
+    )
+    with pytest.raises(ConfigError) as info:
+        build_params(Budget, {"a": 6, "b": 6, "c": 6})
+    assert (info.value.key, info.value.detail) == ("total", "must be >= a + b + c (18)")
+
+
+@dataclass(frozen=True)
+class Raising:
+    """Parameters whose check raises ValueError (not ConfigError), with a field of a type
+    the builder does not read (passed on as given)."""
+
+    size: int = 1
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+
+def test_a_value_error_of_a_check_is_a_config_error_at_its_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_params(Raising, {"size": 0})
+    assert (info.value.key, info.value.detail) == ("size", "size must be >= 1, got 0")
+    assert build_params(Raising, {"names": ("x", "y")}) == Raising(names=("x", "y"))
