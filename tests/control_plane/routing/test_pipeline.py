@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
@@ -207,6 +207,24 @@ def test_a_scorer_breaking_the_contract_is_reported() -> None:
     partial = Pipeline("partial", [], [(Partial("partial", {}), 1.0)], MaxPicker())
     with pytest.raises(ValueError, match="every candidate"):
         partial.route(make_request_info(), snap)
+    # beside another scorer (the weighted sum's own loop): named all the same
+    two = [(FixedScorer("calm", {"i0": 0.5, "i1": 0.5}), 1.0), (Partial("partial", {}), 2.0)]
+    mixed = Pipeline("mixed", [], two, MaxPicker())
+    with pytest.raises(ValueError, match=r"^scorer 'partial' gave None for 'i1'; scores must be"):
+        mixed.route(make_request_info(), snap)
+
+
+def test_a_picker_choosing_no_candidate_is_reported() -> None:
+    class Stray(MaxPicker):
+        name = "stray"
+
+        def pick(self, scores: Mapping[str, float], rng: random.Random) -> str:
+            return "nowhere"
+
+    pipe = Pipeline("p", [], [(FixedScorer("s", {"i0": 0.5}), 1.0)], Stray())
+    assert repr(pipe) == "Pipeline('p')"
+    with pytest.raises(ValueError, match=r"^picker 'stray' chose 'nowhere', not a candidate$"):
+        pipe.route(make_request_info(), make_snapshot(2))
 
 
 def test_constructor_validation() -> None:

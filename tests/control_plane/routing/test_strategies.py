@@ -140,6 +140,20 @@ def test_round_robin_gives_ids_of_one_natural_key_each_a_turn() -> None:
     assert chosen == ["gpu-01", "gpu-1", "gpu-2"] * 2
 
 
+def test_round_robin_keeps_its_order_across_many_models_and_instance_ids() -> None:
+    """Instance ids and models that come and go (thousands of them) do not make its
+    memos grow without bound, and a model's turn goes on in order once they were reset."""
+    cursor = RoundRobinCursor()
+    views = [make_instance_view(f"sim-{n}") for n in (10, 2, 1)]
+    assert cursor.next_instance("m", views) == "sim-1"
+    cursor.on_routed(make_request_info(model="m"), RoutingDecision("sim-2"))
+    for k in range(5000):  # each a model of its own, on an instance of its own
+        one = [make_instance_view(f"gone-{k}", model=f"m{k}")]
+        assert cursor.next_instance(f"m{k}", one) == f"gone-{k}"
+    assert len(cursor._keys) <= 4096 and len(cursor._order) <= 4096
+    assert cursor.next_instance("m", views) == "sim-10"
+
+
 def test_round_robin_skips_full_instances() -> None:
     snap = make_snapshot(4, max_concurrency=8)
     snap = with_view(snap, "i1", in_flight=8)
