@@ -549,6 +549,23 @@ def test_a_demoted_request_counts_in_the_mix_as_it_came() -> None:
     assert (signals.deadline_share, signals.priority_share) == (1.0, 0.0)
 
 
+def test_the_mix_of_demoted_requests_never_pushed_is_let_go() -> None:
+    """Demoted requests that never reach the queue (refused after admission) are not kept
+    for ever: past a few thousand, the oldest is forgotten, and pushed after all it counts
+    as it is pushed (no deadline); a recent one still counts as it came."""
+    policy = AdaptivePolicy(AdaptivePolicy.Params(initial="slo_aware"))
+    snap = make_snapshot([make_instance_view("i0", est_tpot_s=0.02)])
+    demoted: list[RequestInfo] = []
+    for k in range(5000):
+        req = make_request_info(f"r{k}", slo_s=0.1)  # 1.04 s of work: infeasible
+        assert policy.admit(req, snap).priority is RequestPriority.BACKGROUND
+        demoted.append(replace(req, priority=RequestPriority.BACKGROUND, deadline=None))
+    policy.push(demoted[0])  # forgotten: counted as pushed
+    assert (policy.signals(snap).deadline_share, policy.signals(snap).priority_share) == (0, 1)
+    policy.push(demoted[-1])  # remembered: counted as it came
+    assert policy.signals(snap).deadline_share == pytest.approx(1 / 2)
+
+
 def test_a_request_pushed_again_counts_once_in_the_mix() -> None:
     """A retry or a request put back is pushed again: the mix counts it once."""
     policy = AdaptivePolicy()

@@ -132,6 +132,19 @@ def test_model_counts_count_only_the_requests_still_queued() -> None:
     assert queue.model_counts() == {"m0": 2, "m1": 1}
 
 
+def test_a_policy_holds_a_request_from_its_push_until_its_pop_or_removal() -> None:
+    policy = PriorityPolicy()
+    snap = make_snapshot([make_instance_view("i0")])
+    for rid in ("a", "b"):
+        policy.push(make_request_info(rid))
+    assert "a" in policy and "b" in policy and "a" in policy.queue
+    popped = policy.pop(snap)
+    assert popped is not None and popped.request_id == "a"
+    assert "a" not in policy and "a" not in policy.queue
+    assert policy.remove("b") is not None
+    assert "b" not in policy and len(policy) == 0
+
+
 def test_a_drained_policy_counts_no_request_by_priority() -> None:
     """``adaptive`` drains an inner policy on a switch and reuses it on a switch back: its
     ``queued_by_priority`` counts only what was pushed since."""

@@ -156,6 +156,25 @@ def test_a_demoted_request_removed_from_the_queue_is_forgotten() -> None:
     assert pop_ids(policy, snap) == ["a", "b"]
 
 
+def test_demoted_ids_never_pushed_are_let_go_while_a_queued_one_stays_demoted() -> None:
+    """Requests demoted at admission that never reach the queue (refused after it) do not
+    pile up: the oldest are forgotten once there are thousands, but not one still queued,
+    which keeps its place behind the deadline requests."""
+    policy = SLOAwarePolicy()
+    snap = make_snapshot([SLOW], now=0.0)
+    hopeless = make_request_info("queued", arrival=0.0, slo_s=0.5, max_tokens=100)
+    assert policy.admit(hopeless, snap).priority is RequestPriority.BACKGROUND
+    policy.push(hopeless)
+    for k in range(5000):
+        gone = make_request_info(f"gone{k}", arrival=0.0, slo_s=0.5, max_tokens=100)
+        assert policy.admit(gone, snap).priority is RequestPriority.BACKGROUND
+    assert not policy.is_demoted("gone0")  # let go
+    assert policy.is_demoted("gone4999")  # the latest are kept
+    assert policy.is_demoted("queued")
+    admit_and_push(policy, make_request_info("feasible", arrival=0.1, slo_s=60.0), snap)
+    assert pop_ids(policy, snap) == ["feasible", "queued"]
+
+
 def test_a_request_marked_demoted_is_demoted_for_any_slo_aware_policy() -> None:
     """The manager marks the request itself (``RequestInfo.demoted``): a policy object that
     never admitted it (a switch away and back, ``update_policy``) still keeps it behind
