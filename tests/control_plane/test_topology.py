@@ -491,6 +491,10 @@ def test_from_dict_names_a_missing_key() -> None:
     # {} or another JSON file (a plan) is no topology; a misspelt key is no absent one
     with pytest.raises(ConfigError, match="missing key 'gpus'"):
         Topology.from_dict({})
+    # a NIC without its name: which one is said, as a GPU's is
+    with pytest.raises(ConfigError, match=r"nics\[1\]: missing key 'name'") as info:
+        Topology.from_dict({"gpus": [], "nics": [{"name": "NIC0"}, {"device": "mlx5_1"}]})
+    assert info.value.key == "topology"
     with pytest.raises(ConfigError, match=r"instances: unknown key"):
         Topology.from_dict({"gpus": [], "instances": []})
     typo = {"gpus": [{"index": 0, "numa_nod": 0}], "links": [["X"]]}

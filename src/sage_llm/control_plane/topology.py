@@ -357,6 +357,8 @@ class Topology:
             nic_objects = _objects(data, "nics")
             for k, n in enumerate(nic_objects):
                 _known_keys(n, ("name", "device"), f"nics[{k}].")
+                if "name" not in n:
+                    raise ValueError(f"nics[{k}]: missing key 'name'")
             nics = tuple(NICInfo(str(n["name"]), n.get("device")) for n in nic_objects)
             links = _link_rows(data, "links")
             nic_links = _link_rows(data, "gpu_nic_links")
