@@ -150,7 +150,10 @@ def test_a_time_limit_that_does_not_pass_or_is_none_changes_nothing() -> None:
         assert not limit.expired
         async with TimeLimit(timers, None):
             await asyncio.sleep(10.0)
-        await asyncio.sleep(10.0)  # the withdrawn deadline never fires
+        async with TimeLimit(None, 5.0) as own:  # a timer of its own, withdrawn as well
+            await asyncio.sleep(1.0)
+        assert not own.expired
+        await asyncio.sleep(10.0)  # the withdrawn deadlines never fire
         return len(timers)
 
     assert run_virtual(main()) == 0

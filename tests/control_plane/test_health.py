@@ -356,6 +356,33 @@ def test_an_instance_down_from_the_start_is_out_after_its_first_probe() -> None:
     run_virtual(main())
 
 
+def test_an_instance_its_probes_ejected_is_readmitted_by_probes_in_a_row() -> None:
+    """Ejected by its probes, with recovery_threshold 3: once its cool-down ends, the
+    passing probes that readmit it come one after another (at interval_s, 100 s, it had
+    stayed out for minutes after the engine was back)."""
+
+    async def main() -> None:
+        settings = HealthSettings(
+            interval_s=100.0,
+            timeout_s=0.2,
+            breaker=BreakerSettings(
+                failure_threshold=2, recovery_threshold=3, base_cooldown_s=0.5, max_cooldown_s=4.0
+            ),
+        )
+        cp = ControlPlaneManager(mode="simulated", health=settings, seed=1)
+        for i, inst in enumerate(make_instances(2)):
+            engine = make_sim_engine(inst)
+            plan = FaultPlan.parse("crash@0+5")
+            cp.register_instance(inst, FaultyEngineClient(engine, plan) if i == 0 else engine)
+        async with cp:
+            await asyncio.sleep(0.3)
+            assert cp.get_status()["circuits"]["sim-0"] == "open"
+            await asyncio.sleep(8.2)  # cool-downs of 0.5, 1, 2 and 4 s; then 3 probes
+            assert cp.get_status()["circuits"]["sim-0"] == "closed"
+
+    run_virtual(main())
+
+
 def test_an_ejection_by_a_request_is_probed_at_the_cool_downs_end_not_the_next_interval() -> None:
     async def main() -> None:
         cp = _manager(FaultPlan.parse("crash@1+0.2"), interval_s=100.0)

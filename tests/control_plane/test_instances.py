@@ -211,6 +211,19 @@ def test_short_prompts_tell_the_fixed_part_of_the_ttft_not_the_prefill_rate() ->
     assert 1.0 / state.est_s_per_prefill_token == pytest.approx(2000.0, rel=0.05)
 
 
+def test_a_first_token_with_nothing_left_to_prefill_tells_nothing() -> None:
+    """The engine found the whole prompt in its cache (its cached tokens at or above the
+    pending ones the control plane counted): that TTFT says nothing of the prefill, and
+    leaves both parts of the estimate as they were."""
+    registry = InstanceRegistry()
+    state = registry.add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    before = (state.est_ttft_base_s, state.est_s_per_prefill_token)
+    state.observe_first_token(0.001, 0)
+    state.observe_first_token(0.001, -12)
+    assert (state.est_ttft_base_s, state.est_s_per_prefill_token) == before
+    assert not state.measured
+
+
 def _fed(
     lengths: Callable[[random.Random], int], fixed: float, rate: float, noise: float, n: int = 200
 ) -> tuple[InstanceState, list[float]]:

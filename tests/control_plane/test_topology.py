@@ -143,6 +143,7 @@ def test_rtx5090_two_gpus_phb() -> None:
     t = topo(RTX5090)
     assert t.gpu_indices == (0, 1)
     assert t.nics == ()
+    assert t.nearest_nic(0) is None  # no NIC to be near
     assert t.link(0, 1).type is LinkType.PHB
     assert t.numa_groups() == {0: (0, 1)}
     assert t.gpu(1).cpu_affinity == tuple(range(64))
@@ -266,6 +267,8 @@ def test_link_types_ordered_by_closeness() -> None:
     assert sorted(shuffled) == order
     assert LinkType.NV < LinkType.SYS
     assert LinkType.NODE >= LinkType.PHB
+    with pytest.raises(TypeError):  # a link type is no string: not ordered against one
+        assert LinkType.NV < "SYS"
 
 
 def test_nominal_bandwidth_estimates() -> None:

@@ -115,6 +115,9 @@ def test_prefix_match_is_the_matched_fraction() -> None:
     snap = make_snapshot([make_instance_view(i) for i in "abc"], prefix=index)
     assert score(PrefixMatchScorer(), req, snap) == {"a": 0.75, "b": 0.25, "c": 0.0}
     assert score(PrefixMatchScorer(), make_request_info(), snap) == {"a": 0, "b": 0, "c": 0}
+    # a snapshot with no prefix index (none tracked): no instance is known to hold any
+    bare = make_snapshot([make_instance_view(i) for i in "ab"])
+    assert score(PrefixMatchScorer(), req, bare) == {"a": 0.0, "b": 0.0}
 
 
 def test_prefix_match_bonus_only_within_load_slack() -> None:
