@@ -464,6 +464,9 @@ def test_capacity_bisects_to_the_threshold_and_reports_the_limit() -> None:
     rate, limit = capacity(lambda r: None if r <= 7.5 else "TPOT")
     assert rate == pytest.approx(7.5, rel=1e-3) and limit == "TPOT"
     assert capacity(lambda r: "TTFT") == (0.0, "TTFT")
+    # no limit hit at any rate tried: the batch never settles, said so (not a hang)
+    rate, limit = capacity(lambda r: None)
+    assert rate > 1e6 and limit == "throughput (the batch never settles)"
 
 
 def test_wait_quantile_is_zero_below_the_tail_and_grows_with_load() -> None:
@@ -941,6 +944,10 @@ def test_a_rate_beyond_every_plan_whose_kv_caps_it_shows_the_best_at_its_capacit
     assert "Chosen: 2 × TP2" in text
     data = json.loads(plan_command("llama-3-70b", "2x2xH100", rate=5, as_json=True))
     assert data["instances"] and data["estimates"]["meets_slo"] is False
+    # a rate the plan carries: nothing falls short
+    met = plan("llama-3-70b", GPUAllocation(2, 2), "h100", WorkloadProfile(1024, 256, rate=0.2),
+               SLOTarget(2.0, 0.05))  # fmt: skip
+    assert met.estimates.meets_slo and met.shortfall() is None
 
 
 @pytest.mark.parametrize(
