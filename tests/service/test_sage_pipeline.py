@@ -33,6 +33,18 @@ with warnings.catch_warnings():
 CALL_TIMEOUT_S = 120.0  # SAGE's own default is 10 s
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _job_manager_without_daemon() -> None:
+    """SAGE's JobManager (a process-wide singleton that every LocalEnvironment uses) made
+    first without its TCP daemon: the daemon serves SAGE's command line on the fixed port
+    19001, which these tests do not use, and when another process holds that port its
+    failed start left an unbound socket open until the interpreter exited (a
+    ResourceWarning after the run)."""
+    from sage.kernel.runtime.job_manager import JobManager
+
+    JobManager(enable_daemon=False)
+
+
 class AskLLM(MapFunction):  # type: ignore[misc]
     """Send the record's payload to the ``llm`` service; errors become data."""
 
