@@ -157,6 +157,8 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
         (_post("/v1/completions", completion_body()).replace(b"Host:", b"X\x01y: 1\r\nHost:"), 400),
         # a header line beyond aiohttp's 8,190 bytes: its 400 (the same head on both fronts)
         (_post("/v1/completions", completion_body(), "x-long: " + "a" * 9000), 400),
+        # a request line beyond aiohttp's 8,190 bytes: its 400 too
+        (_post("/v1/completions?q=" + "a" * 9000, completion_body()), 400),
         # more headers than aiohttp's 128: its 400; 128 are served
         (_post("/v1/completions", completion_body(), *[f"x-h{i}: v" for i in range(126)]), 400),
         (_post("/v1/completions", completion_body(), *[f"x-h{i}: v" for i in range(125)]), 200),
@@ -172,6 +174,7 @@ async def test_a_pipelined_lean_request_and_a_handed_over_one_are_answered_in_or
         "no-host",
         "control-char",
         "long-header",
+        "long-request-line",
         "129-headers",
         "128-headers",
     ],
@@ -1091,3 +1094,168 @@ async def test_the_lean_fronts_access_line_names_the_model(
     lines = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway.access"]
     (line,) = [line for line in lines if "path=/v1/completions" in line]
     assert line.endswith(f"model={body['model']}"), line
+
+
+def test_pipelined_requests_past_what_the_buffer_holds_stop_being_read_until_served() -> None:
+    """Requests pipelined behind one in progress are read only up to a whole request's
+    worth (``max_body_bytes`` and a head): reading pauses there, so the client's sending
+    waits, and goes on once the request in progress has ended; every request is answered,
+    in order."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+        started = asyncio.Event()
+        served: list[str] = []
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            served.append(request.headers["x-n"])
+            if request.headers["x-n"] == "0":
+                started.set()
+                await release.wait()
+            conn.respond(200, b"ok", content_type="text/plain", headers={})
+
+        lean = _lean_only(handler, _Fallback())  # reads at most 1 KiB + 16 KiB ahead
+        sock = await _paired_client(lean)
+        await loop.sock_sendall(sock, _post("/v1/completions", {}, "x-n: 0"))
+        await started.wait()
+        count = 2000  # about 2 MB: more than the kernel's buffers hold
+        rest = b"".join(
+            _post("/v1/completions", {"prompt": "x" * 900}, f"x-n: {n}") for n in range(1, count)
+        )
+        sending = asyncio.ensure_future(loop.sock_sendall(sock, rest))
+        await asyncio.sleep(5.0)
+        assert not sending.done()  # not read: the client waits, not the gateway's memory
+        assert served == ["0"]
+        release.set()
+        got = bytearray()
+        while got.count(b"HTTP/1.1 200 OK") < count:
+            chunk = await loop.sock_recv(sock, 65536)
+            assert chunk, "closed early"
+            got += chunk
+        await asyncio.wait_for(sending, 5.0)
+        assert served == [str(n) for n in range(count)]
+        sock.close()
+
+    run_virtual(main())
+
+
+def test_a_request_sent_after_an_answer_left_unread_waits_until_it_is_read() -> None:
+    """A client that sends its next request without reading the answer before: the request
+    is not served (its answer would pile up behind the unread one) until the client has
+    read that answer; then it is."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answer = b"x" * (1024 * 1024)
+        served: list[str] = []
+        first_written = asyncio.Event()
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            served.append(request.headers["x-n"])
+            conn.respond(200, answer, content_type="text/plain", headers={})
+            first_written.set()
+
+        lean = _lean_only(handler, _Fallback())
+        sock = await _paired_client(lean)
+        await loop.sock_sendall(sock, _post("/v1/completions", {}, "x-n: 1"))
+        await first_written.wait()
+        await asyncio.sleep(0.5)  # the answer has left for the kernel: the rest waits
+        await loop.sock_sendall(sock, _post("/v1/completions", {}, "x-n: 2"))
+        await asyncio.sleep(5.0)
+        assert served == ["1"]  # held, unread answer before it
+        got = bytearray()
+        while got.count(answer) < 2:
+            chunk = await loop.sock_recv(sock, 65536)
+            assert chunk, "closed early"
+            got += chunk
+        assert served == ["1", "2"]
+        assert got.count(b"HTTP/1.1 200 OK") == 2
+        sock.close()
+
+    run_virtual(main())
+
+
+def test_without_a_keepalive_timeout_a_stream_waits_on_its_client_for_as_long_as_it_takes() -> None:
+    """With ``keepalive_timeout_s = 0`` nothing ends a stream whose client reads slowly or
+    not at all for a while: it is written as the client reads, whole."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        piece = b"y" * 16384
+        ended: list[BaseException | None] = []
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            stream = conn.open_stream(200, content_type="text/event-stream", headers={})
+            try:
+                for _ in range(40):
+                    await stream.write(piece)
+                await stream.write_eof()
+            except BaseException as exc:
+                ended.append(exc)
+                raise
+            ended.append(None)
+
+        lean = LeanServer(
+            handler, _Fallback(), routes=frozenset({"/v1/completions"}), max_body_bytes=1024,
+            keepalive_timeout_s=0, read_timeout_s=None,
+        )  # fmt: skip
+        sock = await _paired_client(lean)
+        await loop.sock_sendall(sock, _post("/v1/completions", {}))
+        await asyncio.sleep(300.0)  # the client reads nothing for 5 minutes
+        assert ended == []  # still waiting on its client
+        got = bytearray()
+        while not got.endswith(b"0\r\n\r\n"):
+            chunk = await loop.sock_recv(sock, 65536)
+            assert chunk, "closed early"
+            got += chunk
+        assert got.count(piece) == 40
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert ended == [None]
+        sock.close()
+
+    run_virtual(main())
+
+
+def test_a_handler_answering_after_its_client_left_gets_connection_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that, cancelled by its client's leaving, still tries to answer gets
+    ``ConnectionResetError`` (as aiohttp's writer raises); the connection is gone, and
+    nothing else is tried on it or logged as a failure."""
+
+    async def main() -> None:
+        started = asyncio.Event()
+        tried: list[BaseException] = []
+        finished = asyncio.Event()
+
+        async def handler(request: LeanRequest, conn: LeanConnection) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                try:
+                    conn.respond(499, b"gone", content_type="text/plain", headers={})
+                except ConnectionResetError as exc:
+                    tried.append(exc)
+            finally:
+                finished.set()
+
+        lean = _lean_only(handler, _Fallback())
+        sock = await _paired_client(lean)
+        await asyncio.get_running_loop().sock_sendall(sock, _post("/v1/completions", {}))
+        await started.wait()
+        sock.close()
+        await asyncio.wait_for(finished.wait(), 5.0)
+        await asyncio.sleep(0.1)
+        (exc,) = tried
+        assert isinstance(exc, ConnectionResetError)
+        assert str(exc) == "the client closed the connection"
+        assert not lean.connections
+
+    with caplog.at_level(logging.DEBUG, logger="sage_llm.gateway"):
+        run_virtual(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
