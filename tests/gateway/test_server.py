@@ -863,3 +863,160 @@ async def test_more_than_one_worker_is_warned_of_and_one_process_serves(
         "gateway.workers = 4 ignored: one process serves one control plane "
         "(its queue and fleet state are not shared between processes)"
     ]
+
+
+def test_ctrl_c_while_the_gateway_starts_interrupts_it_and_stops_the_manager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C before the gateway listens is Python's own way out (``KeyboardInterrupt``),
+    as it always was; the manager already started is stopped on the way, and Ctrl-C is
+    Python's own again after."""
+    from sage_llm.gateway import server as server_module
+
+    manager, _, _ = make_manager(1)
+    real_serve_app = server_module.serve_app
+
+    async def serve_app_interrupted(*args: object, **kwargs: object) -> object:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the gateway binds its socket
+        await asyncio.sleep(1.0)
+        return await real_serve_app(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server_module, "serve_app", serve_app_interrupted)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(run_gateway(manager, GatewayConfig(port=_free_port())))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert not manager.is_running
+
+
+def test_a_third_ctrl_c_exits_at_once_ending_the_requests_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C three times: a shutdown, the requests in flight ended now, then Python's own
+    way out (``KeyboardInterrupt``), logged; the manager is stopped on the way, ending the
+    request still in flight (the engine's work aborted)."""
+    manager, probes, _ = make_manager(1, hold=lambda rid: rid == "held")
+    port = _free_port()
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        settings = GatewayConfig(port=port, shutdown_timeout_s=60)
+        server = asyncio.create_task(run_gateway(manager, settings, ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json=completion_body(stream=True),
+                headers={"x-request-id": "held"},
+            ) as stream,
+        ):
+            await stream.content.readline()
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(server, 10)
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="sage_llm.gateway"),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    messages = [r.getMessage() for r in caplog.records if r.name == "sage_llm.gateway"]
+    assert "Ctrl-C a third time: exiting now" in messages
+    assert not manager.is_running
+    assert probes["sim-0"].aborted == ["held"]
+
+
+def test_run_gateway_serves_from_a_thread_other_than_the_main_one() -> None:
+    """Signals can be watched only on the main thread: run from another (an application's
+    own thread), the gateway serves, leaves the process's signal handling as it was, and
+    stops when cancelled."""
+    import threading
+
+    manager, _, _ = make_manager(1)
+    port = _free_port()
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    before = [signal.getsignal(s) for s in signals]
+    statuses: list[int] = []
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        server = asyncio.create_task(run_gateway(manager, GatewayConfig(port=port), ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        assert [signal.getsignal(s) for s in signals] == before
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            async with http.post(url, json=completion_body()) as resp:
+                statuses.append(resp.status)
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert failures == []
+    assert statuses == [200]
+    assert not manager.is_running
+    assert [signal.getsignal(s) for s in signals] == before
+
+
+def test_an_error_outside_the_app_after_its_answer_began_closes_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure outside the app's middlewares once the answer's head has left cannot be
+    answered with a second response: the client gets what was written, then the connection
+    closes (no JSON 500 glued to the body); it is logged and counted."""
+    from aiohttp import web
+
+    from sage_llm.gateway.server import json_error_protocols
+
+    async def broken(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        await resp.write(b"partial")
+        raise RuntimeError("broken after its answer began")
+
+    counted: list[tuple[str, int]] = []
+
+    async def main() -> bytes:
+        server = web.Server(broken)
+        protocol = json_error_protocols(
+            server, lambda route, status: counted.append((route, status))
+        )
+        listener = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+        port = int(listener.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            return await asyncio.wait_for(reader.read(), 30.0)  # until closed
+        finally:
+            writer.close()
+            listener.close()
+            await server.shutdown(1.0)
+
+    with caplog.at_level(logging.INFO, logger="sage_llm.gateway"):
+        raw = run_virtual(main())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), raw
+    assert raw.count(b"HTTP/1.1 ") == 1 and b"internal_error" not in raw
+    assert b"partial" in body
+    assert counted == [("other", 500)]
+    (failed,) = [r for r in caplog.records if "failed outside the app" in r.getMessage()]
+    assert failed.levelno == logging.ERROR and failed.exc_info is not None
