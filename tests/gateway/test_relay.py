@@ -330,6 +330,9 @@ def test_merge_logprobs() -> None:
     assert merged["text_offset"] == [0, 1]
     assert merged["top_logprobs"] is None
     assert merge_logprobs([[1], [2]]) == [1, 2]
+    # forms that cannot be joined (an engine that changed its form mid-answer): the last
+    assert merge_logprobs([{"content": [1]}, [2]]) == [2]
+    assert merge_logprobs([[1], "x"]) == "x"
 
 
 def test_completion_body_builds_one_choice_per_index() -> None:
@@ -984,3 +987,30 @@ async def test_a_stream_of_several_prompts_makes_prompt_ks_choice_i_choice_k_n_p
     merged = _merged(cast(ControlPlaneManager, _TwoChoices()), gens)
     indexes = {c.text: c.index for batch in [b async for b in merged] for c in batch}
     assert indexes == {f"p{k}c{i}": 2 * k + i for k in range(3) for i in range(2)}
+
+
+async def test_several_prompts_queued_past_max_queue_wait_s_are_a_504_saying_so() -> None:
+    """A prompt that waited in the queue past ``max_queue_wait_s`` fails the request of
+    several prompts with the queue's reason (not taken for the request's own time limit),
+    under the client's id; the other prompts are cancelled."""
+    settings = GatewayConfig(request_timeout_s=30)
+    held = serve(1, settings=settings, bound=1, hold=lambda rid: rid == "busy",
+                 max_queue_wait_s=0.3)  # fmt: skip
+    async with held as gw, aiohttp.ClientSession() as s:
+        busy = asyncio.ensure_future(
+            s.post(gw.url("/v1/completions"), json=body_of(), headers={"x-request-id": "busy"})
+        )
+        (probe,) = gw.probes.values()
+        await asyncio.wait_for(probe.started_event.wait(), 5)
+        body = body_of(max_tokens=8)
+        body["prompt"] = ["first prompt", "second prompt"]
+        headers = {"x-request-id": "queued"}
+        async with s.post(gw.url("/v1/completions"), json=body, headers=headers) as resp:
+            error = (await resp.json())["error"]
+            assert resp.status == 504 and resp.headers["x-request-id"] == "queued"
+        probe.gate.set()
+        async with await busy as answer:
+            assert answer.status == 200
+        results = [await gw.manager.wait_for_result(f"queued#{k}", timeout=5) for k in (0, 1)]
+    assert error["message"] == "queued longer than 0.3 s (max_queue_wait_s)", error
+    assert {r.status for r in results} <= {RequestStatus.FAILED, RequestStatus.CANCELLED}
