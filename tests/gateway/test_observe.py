@@ -119,6 +119,22 @@ async def test_cors_for_configured_origins() -> None:
             assert r.status == 405
 
 
+async def test_a_request_without_an_origin_gets_no_cors_headers() -> None:
+    """With ``cors_origins`` set, a request that names no ``Origin`` (a server-side client,
+    not a browser's) is served as on a gateway without CORS: no CORS headers, and an
+    ``OPTIONS`` without one is no preflight (405)."""
+    settings = GatewayConfig(cors_origins=("https://app.example",))
+    async with serve(1, settings=settings) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/v1/models")) as r:
+            assert r.status == 200
+            assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+            assert "Vary" not in r.headers
+        asked = {"Access-Control-Request-Method": "POST"}
+        async with http.options(gw.url("/v1/completions"), headers=asked) as r:
+            assert r.status == 405
+            assert "Access-Control-Allow-Origin" not in r.headers
+
+
 async def test_a_cors_request_on_a_new_connection_gets_the_cors_headers() -> None:
     """A POST with an Origin on a connection of its own (no preflight before it on that
     connection): the lean front hands it to aiohttp, whose CORS answers it."""
