@@ -393,6 +393,37 @@ async def test_unexpected_exceptions_are_500_without_internals() -> None:
         await runner.cleanup()
 
 
+async def test_a_redirect_a_handler_raises_is_answered_as_a_redirect() -> None:
+    """An ``HTTPException`` below 400 is no failure: the error middleware lets it through
+    (aiohttp answers the redirect, its ``Location`` kept), where an error status is JSON."""
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/v1/models")
+
+    async def missing(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound()
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/old", moved)
+    app.router.add_get("/missing", missing)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}"
+            async with http.get(url + "/old", allow_redirects=False) as r:
+                assert r.status == 302
+                assert r.headers["Location"] == "/v1/models"
+            async with http.get(url + "/missing") as r:
+                assert r.status == 404
+                _assert_error(await r.json(), 404)
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("seconds", "header"), [(None, "1"), (0.0, "1"), (0.2, "1"), (1.0, "1"), (2.1, "3")]
 )
