@@ -1020,3 +1020,52 @@ def test_an_error_outside_the_app_after_its_answer_began_closes_the_connection(
     assert counted == [("other", 500)]
     (failed,) = [r for r in caplog.records if "failed outside the app" in r.getMessage()]
     assert failed.levelno == logging.ERROR and failed.exc_info is not None
+
+
+def test_a_head_handed_over_in_the_turn_a_sweep_runs_is_still_timed() -> None:
+    """A head the lean front hands to aiohttp unfinished is timed from its first byte, even
+    when a sweep of the heads runs before aiohttp's connection handler has begun to wait
+    for it (the same turn of the loop): it had been taken for a request being served,
+    dropped from the timing, and left open for as long as aiohttp's keep-alive."""
+    from aiohttp import web
+
+    from sage_llm.gateway.lean import LeanServer
+    from sage_llm.gateway.server import json_error_protocols
+
+    async def never(request: web.BaseRequest) -> web.StreamResponse:
+        raise AssertionError("no request is served")
+
+    async def main() -> tuple[bytes, float]:
+        loop = asyncio.get_running_loop()
+        server = web.Server(never)
+        fallback = json_error_protocols(server, None, read_timeout_s=5.0)
+
+        def handed_over() -> asyncio.Protocol:
+            protocol = fallback()
+            heads = type(protocol).heads  # type: ignore[attr-defined]
+            loop.call_soon(heads._look)  # a sweep, due in this turn, runs first
+            return protocol
+
+        async def no_handler(request: object, conn: object) -> None:
+            raise AssertionError("not a lean request")
+
+        lean = LeanServer(
+            no_handler, handed_over, routes=frozenset({"/v1/completions"}),
+            max_body_bytes=1024, read_timeout_s=5.0,
+        )  # fmt: skip
+        client, end = socket.socketpair()
+        client.setblocking(False)
+        await loop.connect_accepted_socket(lean, end)
+        reader, writer = await asyncio.open_connection(sock=client)
+        started = loop.time()
+        writer.write(_LONG_HEAD)  # longer than the lean front reads: handed over unfinished
+        try:
+            raw = await asyncio.wait_for(reader.read(), 200.0)
+        finally:
+            writer.close()
+            await server.shutdown(1.0)
+        return raw, loop.time() - started
+
+    raw, waited = run_virtual(main())
+    assert raw.startswith(b"HTTP/1.1 408 "), raw
+    assert 5.0 <= waited <= 5.5 + 0.01

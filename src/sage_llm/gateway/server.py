@@ -85,23 +85,24 @@ class HeadTimer:
     def __init__(self, limit_s: float, count_error: ErrorCounter | None = None) -> None:
         self.limit_s = limit_s
         self.count_error = count_error
-        self.arriving: dict[_JsonErrorRequestHandler, tuple[float, bytes]] = {}
-        """Each connection with a head arriving: when its first byte came, and its first
-        bytes (its request line, as far as it came, for the log and the route)."""
+        self.arriving: dict[_JsonErrorRequestHandler, tuple[float, bytes, int]] = {}
+        """Each connection with a head arriving: when its first byte came, its first bytes
+        (its request line, as far as it came, for the log and the route), and how many
+        requests its handler had read whole then."""
         self._sweep: asyncio.TimerHandle | None = None
 
     def begin(self, handler: _JsonErrorRequestHandler, at: float, data: bytes) -> None:
         """``data`` of a head arrived (its first bytes at ``at``): timed from its first."""
         arriving = self.arriving.get(handler)
         if arriving is not None:
-            since, first = arriving
+            since, first, count = arriving
             if first and len(first) < _LINE_KEPT and b"\r\n" not in first:  # the line goes on
-                self.arriving[handler] = (since, (first + data)[:_LINE_KEPT])
+                self.arriving[handler] = (since, (first + data)[:_LINE_KEPT], count)
             return
         # what does not start as a request line does ("GET /…", or a method's first
         # letters) is the rest of a head begun unseen (pipelined): its line is not known
         line = data[:_LINE_KEPT] if _LINE_START.match(data) else b""
-        self.arriving[handler] = (at, line)
+        self.arriving[handler] = (at, line, handler.requests_read)
         if self._sweep is None:
             loop = asyncio.get_running_loop()
             self._sweep = loop.call_later(self.limit_s * SWEEP_FRACTION, self._look)
@@ -112,8 +113,8 @@ class HeadTimer:
     def _look(self) -> None:
         self._sweep = None
         now = asyncio.get_running_loop().time()
-        for handler, (since, first) in list(self.arriving.items()):
-            if not handler.waiting:  # a request is being served: its head had come
+        for handler, (since, first, count) in list(self.arriving.items()):
+            if handler.requests_read != count:  # its head came: its request is served
                 self.end(handler)
             elif now - since >= self.limit_s:
                 self.end(handler)
@@ -155,6 +156,11 @@ class _JsonErrorRequestHandler(web.RequestHandler):
     __slots__ = ()
     count_error: ErrorCounter | None = None  # set on the subclass json_error_protocols makes
     heads: HeadTimer | None = None  # likewise
+
+    @property
+    def requests_read(self) -> int:
+        """How many requests it has read whole (aiohttp counts them as their heads come)."""
+        return int(self._request_count)
 
     @property
     def waiting(self) -> bool:
