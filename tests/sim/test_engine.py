@@ -249,21 +249,39 @@ def test_close_fails_a_prefill_leg_that_waits_for_its_step() -> None:
     virtual(main)
 
 
+class _FaultyCore:
+    """A simulated core whose steps raise once ``failing`` is set; all else is the wrapped
+    core's."""
+
+    def __init__(self, core: Any) -> None:
+        self._wrapped = core
+        self.failing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def step(self, now: float, **kwargs: Any) -> Any:
+        if self.failing:
+            raise RuntimeError("core fault")
+        return self._wrapped.step(now, **kwargs)
+
+
 def test_a_step_that_fails_fails_every_request_naming_the_failure() -> None:
     """A fault inside the simulated core ends the requests it holds with an engine error
     that names it (none is left waiting), and the engine reports itself unhealthy."""
 
     async def main() -> None:
         engine = SimEngine("sim-0")
+        # The fault goes in through a stand-in core that delegates all else (a compiled
+        # core, under `make sim-accel`, has read-only methods that cannot be patched).
+        faulty = _FaultyCore(engine.core)
+        engine._core = faulty  # type: ignore[assignment]
         gen = engine.generate(req("a", max_tokens=50))
         await anext(gen)
         waiting = asyncio.create_task(collect(engine, req("b", max_tokens=5)))
         await asyncio.sleep(0)
 
-        def broken(now: float, **kwargs: Any) -> Any:
-            raise RuntimeError("core fault")
-
-        engine.core.step = broken  # type: ignore[method-assign]
+        faulty.failing = True
         with pytest.raises(EngineError, match=r"simulated engine failed: RuntimeError\('core"):
             async for _ in gen:
                 pass
