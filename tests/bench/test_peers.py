@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 
+from sage_llm.bench import peers as peers_module
 from sage_llm.bench.peers import (
     PEERS,
     PeerInstall,
     PeerInstallError,
     UnknownPeerError,
+    _DirLock,
     describe,
     ensure_peer,
     get_spec,
@@ -243,3 +247,67 @@ async def test_unknown_peer_is_refused_before_anything_is_written(tmp_path: Path
     with pytest.raises(UnknownPeerError):
         await ensure_peer("haproxy", root=tmp_path / "peers")
     assert not (tmp_path / "peers").exists()
+
+
+# --- the install lock ------------------------------------------------------------------------
+
+
+def _open_fds() -> set[str]:
+    return {p.name for p in Path("/proc/self/fd").iterdir()}
+
+
+async def test_waiting_for_the_install_lock_cancelled_leaves_no_descriptor_open(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the install lock; a caller that gives up waiting (cancelled)
+    closes the lock file it opened, and the lock is still the holder's alone."""
+    lock = tmp_path / "vllm-router.lock"
+    before = _open_fds()
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        opened = _open_fds()
+        waiter = asyncio.create_task(_enter(_DirLock(lock)))
+        for _ in range(5):  # polled: still waiting after several polls
+            await asyncio.sleep(peers_module._LOCK_POLL_S)
+        assert not waiter.done()
+        assert len(_open_fds() - opened) == 1  # the waiter's lock file
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert _open_fds() == opened
+    assert _open_fds() == before
+
+
+async def _enter(lock: _DirLock) -> None:
+    async with lock:
+        pass
+
+
+async def test_a_caller_cancelled_while_its_log_file_opens_leaves_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the log file is being opened in its thread: the descriptor the open
+    returns afterwards is closed."""
+    started = threading.Event()
+    proceed = threading.Event()
+    real_open = peers_module._open_log
+
+    def slow_open(path: Path, *, append: bool = True) -> int:
+        started.set()
+        proceed.wait(10)
+        return real_open(path, append=append)
+
+    monkeypatch.setattr(peers_module, "_open_log", slow_open)
+    before = _open_fds()
+    task = asyncio.create_task(peers_module._open_log_async(tmp_path / "x.log"))
+    await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proceed.set()
+    for _ in range(100):  # the open finishes in its thread, then its descriptor is closed
+        await asyncio.sleep(0.01)
+        if _open_fds() == before:
+            break
+    assert _open_fds() == before
+    assert (tmp_path / "x.log").exists()

@@ -349,9 +349,27 @@ def _open_log(path: Path, *, append: bool = True) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
 
 
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
+
+
+async def _open_log_async(path: Path, *, append: bool = True) -> int:
+    """``_open_log`` off the event loop. Cancelled while the file is being opened, the
+    descriptor the open still returns is closed, not left behind."""
+    opening = asyncio.ensure_future(
+        asyncio.to_thread(functools.partial(_open_log, path, append=append))
+    )
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
 async def _run(argv: Sequence[str], log: Path, *, timeout_s: float, append: bool = True) -> int:
     """Run ``argv`` to completion with its output in ``log``; its exit status."""
-    fd = await asyncio.to_thread(functools.partial(_open_log, log, append=append))
+    fd = await _open_log_async(log, append=append)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd
@@ -375,18 +393,19 @@ class _DirLock:
         self._fd: int | None = None
 
     async def __aenter__(self) -> None:
-        fd = await asyncio.to_thread(_open_log, self.path)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                await asyncio.sleep(_LOCK_POLL_S)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            return
+        fd = await _open_log_async(self.path)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL_S)
+                    continue
+                self._fd = fd
+                return
+        except BaseException:  # cancelled while waiting, too: the descriptor is closed
+            os.close(fd)
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
         if self._fd is not None:
