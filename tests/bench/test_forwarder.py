@@ -122,20 +122,45 @@ def test_pipelined_requests_are_answered_in_order_and_close_is_honoured() -> Non
     asyncio.run(_with_forwarder(check))
 
 
+def test_requests_before_an_unreadable_one_are_answered_before_its_error() -> None:
+    """Pipelined: a valid request, then one that cannot be read. The first is forwarded and
+    answered, then the second gets its error and the connection closes."""
+    good = b"POST /v1/x HTTP/1.1\r\nHost: f\r\nContent-Length: 5\r\n\r\nfirst"
+    bad = b"POST /v1/x HTTP/1.1\r\nContent-Length: many\r\n\r\n"
+
+    async def check(url: str) -> None:
+        answer = await _raw(url, good + bad)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        first, error = answer.index(b'"first"'), answer.index(b"HTTP/1.1 400 Bad Request\r\n")
+        assert first < error
+        assert answer.count(b"HTTP/1.1 ") == 2
+
+    asyncio.run(_with_forwarder(check, n=1))
+
+
 @pytest.mark.parametrize(
     ("payload", "status"),
     [
-        (b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"411"),
-        (b"POST /v1/x HTTP/1.1\r\nContent-Length: many\r\n\r\n", b"400"),
-        (b"NONSENSE\r\n\r\n", b"400"),
+        (
+            b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"411 Length Required",
+        ),
+        (b"POST /v1/x HTTP/1.1\r\nContent-Length: many\r\n\r\n", b"400 Bad Request"),
+        (b"NONSENSE\r\n\r\n", b"400 Bad Request"),
+        (
+            b"POST /v1/x HTTP/1.1\r\nX-Pad: " + b"a" * 70_000,
+            b"431 Request Header Fields Too Large",
+        ),
     ],
 )
 def test_unreadable_requests_get_an_error_and_a_close(payload: bytes, status: bytes) -> None:
+    """Each is answered with its own status line (code and reason) and a JSON error."""
+
     async def check(url: str) -> None:
         answer = await _raw(url, payload)
-        assert answer.startswith(b"HTTP/1.1 " + status)
+        assert answer.startswith(b"HTTP/1.1 " + status + b"\r\n")
         body = json.loads(answer.partition(b"\r\n\r\n")[2])
-        assert body["error"]["code"] == int(status)
+        assert body["error"]["code"] == int(status[:3])
 
     asyncio.run(_with_forwarder(check, n=1))
 

@@ -31,6 +31,7 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from sage_llm.engines.fastclient import FastPool, UnsupportedEncodingError
@@ -146,22 +147,29 @@ class _Front(asyncio.Protocol):
         self._queue: deque[_Request] = deque()
         self._transport: asyncio.WriteTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        self._broken: _BadRequest | None = None
+        """An unreadable request: answered, and the connection closed, once the requests
+        before it have been."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         tcp_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._broken is not None:
+            return  # nothing after an unreadable request is read
         self._buf += data
         try:
             while (request := self._parse()) is not None:
                 self._queue.append(request)
         except _BadRequest as exc:
-            self._queue.clear()
-            self._fail(exc)
-            return
-        if self._queue and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._serve())
+            self._broken = exc
+            self._buf.clear()
+        if self._task is None:
+            if self._queue:
+                self._task = asyncio.get_running_loop().create_task(self._serve())
+            elif self._broken is not None:
+                self._fail(self._broken)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._task is not None:
@@ -201,7 +209,7 @@ class _Front(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        reason = {400: "Bad Request", 411: "Length Required"}.get(exc.status, "Bad Request")
+        reason = HTTPStatus(exc.status).phrase
         self._fwd.writes.write(transport, _error(exc.status, reason, str(exc)))
         self._fwd.writes.flush_one(transport)
         transport.close()
@@ -222,6 +230,8 @@ class _Front(asyncio.Protocol):
                     self._fwd.writes.flush_one(transport)
                     transport.close()
                     return
+            if self._broken is not None:
+                self._fail(self._broken)
         finally:
             self._task = None
 
