@@ -402,6 +402,18 @@ def test_missing_and_malformed_profiles_raise_typed_errors(tmp_path: Path) -> No
             load_profile(path=bad)
     with pytest.raises(ConfigError, match="bad observation"):
         Observed.from_dict({"concurrency": 1})
+    good = {"concurrency": 2, "prompt_tokens": 16, "max_tokens": 4, "rounds": 1,
+            "ttft_s": 0.01, "tpot_s": 0.002}  # fmt: skip
+    assert Observed.from_dict(good).to_dict() == {**good, "stagger_s": 0.0}
+    for key, value, match in (
+        ("concurrency", 0, r"Workload\.concurrency must be >= 1"),
+        ("rounds", -1, r"Workload\.rounds must be >= 1"),
+        ("ttft_s", 0, "ttft_s must be a finite time > 0"),
+        ("tpot_s", float("inf"), "tpot_s one >= 0"),
+        ("max_tokens", "many", "invalid literal"),
+    ):
+        with pytest.raises(ConfigError, match=rf"bad observation .*{match}"):
+            Observed.from_dict({**good, key: value})
 
 
 def test_bad_workloads_and_shapes_are_programmer_errors() -> None:

@@ -126,9 +126,6 @@ class Observed:
             ttft_s, tpot_s = float(data["ttft_s"]), float(data["tpot_s"])
             if not (0 < ttft_s < math.inf and 0 <= tpot_s < math.inf):
                 raise ValueError("ttft_s must be a finite time > 0, tpot_s one >= 0")
-            if min(workload.concurrency, workload.prompt_tokens, workload.max_tokens,
-                   workload.rounds) < 1:  # fmt: skip
-                raise ValueError("concurrency, prompt_tokens, max_tokens and rounds must be >= 1")
             return cls(workload, ttft_s, tpot_s)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad observation {dict(data)!r}: {exc}") from None
