@@ -208,6 +208,21 @@ def test_use_control_plane_takes_the_same_payloads() -> None:
             svc.process({"task": "fine_tune", "inputs": {}})
 
 
+def test_a_service_over_the_control_plane_not_set_up_says_so_by_its_own_name() -> None:
+    """The error names the service the caller made (``VLLMService``), not the
+    ``ControlPlaneVLLMService`` it runs on, with or without a runtime's name for it."""
+    config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": True}
+    svc = VLLMService(config)
+    for payload in ({"task": "generate", "inputs": "hi"}, {"task": "embed", "inputs": "hi"}):
+        with pytest.raises(ControlPlaneNotRunningError, match=r"^VLLMService is not set up"):
+            svc.process(payload)
+        with pytest.raises(ControlPlaneNotRunningError, match=r"^VLLMService is not set up"):
+            asyncio.run(svc.aprocess(payload))
+    svc.ctx = type("Ctx", (), {"name": "llm", "logger": None})()  # as a runtime names it
+    with pytest.raises(ControlPlaneNotRunningError, match=r"^llm is not set up"):
+        svc.process({"task": "show_models"})
+
+
 def test_use_control_plane_without_a_table_wraps_the_one_engine() -> None:
     config = {**EXISTING_CONFIG, "engine": "sim", "use_control_plane": True}
     with VLLMService(config, loop_factory=VirtualEventLoop) as svc:

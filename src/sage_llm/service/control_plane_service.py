@@ -105,6 +105,9 @@ class ControlPlaneVLLMService(ManagedService):
         request_defaults: RequestDefaults | None = None,
     ) -> None:
         super().__init__()
+        self._named_as: Callable[[], str] | None = None
+        """The name of the service this one serves for (``VLLMService`` with
+        ``use_control_plane``): its threads, logs and errors go by that name."""
         parsed = control_plane_service_config(config, defaults=request_defaults)
         self.config: SageConfig = parsed.sage
         self.defaults: RequestDefaults = parsed.defaults
@@ -127,12 +130,12 @@ class ControlPlaneVLLMService(ManagedService):
         with self._lock:
             if self._runner is not None:
                 return
-            runner = LoopThread(f"sage-llm-{self.name}", self._loop_factory)
+            runner = LoopThread(f"sage-llm-{self._label()}", self._loop_factory)
             runner.start(self._astart)
             self._runner = runner
         cp = self.config.control_plane
         self.logger.info(
-            f"{self.name}: control plane started (policy={cp.scheduling_policy}, "
+            f"{self._label()}: control plane started (policy={cp.scheduling_policy}, "
             f"routing={cp.routing_strategy}, pd={cp.enable_pd_separation}, "
             f"instances={len(self.config.fleet())}"
             f"{', embedded simulated fleet' if not cp.instances else ''})"
@@ -162,6 +165,9 @@ class ControlPlaneVLLMService(ManagedService):
 
     # -- requests --------------------------------------------------------------------------
 
+    def _label(self) -> str:
+        return self.name if self._named_as is None else self._named_as()
+
     def process(self, payload: Any) -> Any:
         """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
         work = self._plan(parse_payload(payload, CONTROL_PLANE_TASKS))
@@ -177,7 +183,7 @@ class ControlPlaneVLLMService(ManagedService):
         if runner is None:
             work.close()
             raise ControlPlaneNotRunningError(
-                f"{self.name} is not set up: call setup() first (SAGE calls it when the "
+                f"{self._label()} is not set up: call setup() first (SAGE calls it when the "
                 "pipeline starts) or use the service as a context manager"
             )
         return runner
@@ -222,7 +228,7 @@ class ControlPlaneVLLMService(ManagedService):
 
     def _require_manager(self) -> ControlPlaneManager:
         if self._manager is None:
-            raise ControlPlaneNotRunningError(f"{self.name}: the control plane is not running")
+            raise ControlPlaneNotRunningError(f"{self._label()}: the control plane is not running")
         return self._manager
 
     async def _generate(self, items: list[PromptInput]) -> list[dict[str, Any]]:

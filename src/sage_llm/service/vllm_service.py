@@ -75,6 +75,7 @@ class VLLMService(ManagedService):
                 loop_factory=loop_factory,
                 request_defaults=self.defaults,
             )
+            self._delegate._named_as = lambda: self.name  # its errors name this service
         else:
             self._backend = make_backend(self.config)
 
