@@ -420,6 +420,38 @@ async def test_a_body_released_before_its_end_that_goes_wrong_is_not_reused(
     assert not back.is_set() and pool.idle_connections == 0
 
 
+async def test_closing_the_pool_closes_a_connection_whose_answer_is_still_being_dropped(
+    server: tuple[RawServer, int], pool: FastPool
+) -> None:
+    """A connection handed to the drainer is held by no task: the pool's close closes it
+    (it had stayed open until the body ended, and for ever once the loop had stopped),
+    and one released for draining after the close is closed at once."""
+    raw, _port = server
+    go = asyncio.Event()
+    raw.reply = _gated_reply(go, b"3\r\nabc\r\n0\r\n\r\n")
+    back = await _released_early(pool)
+    resp = next(iter(pool._draining))
+    transport = resp._conn.transport if resp._conn is not None else None
+    assert transport is not None and not transport.is_closing()
+    pool.close()
+    assert transport.is_closing() and not pool._draining
+    await asyncio.wait_for(raw.closed.wait(), 5)  # the engine sees the connection close
+    go.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not back.is_set() and pool.idle_connections == 0
+
+    late_pool = FastPool("127.0.0.1", _port)
+    raw.reply = _gated_reply(asyncio.Event(), None)
+    late = await late_pool.request("POST", "/x", b"")
+    assert await late.read_some() == b"hello"
+    late_transport = late._conn.transport if late._conn is not None else None
+    late_pool.close()
+    late.release_later(60.0)
+    assert late_transport is not None and late_transport.is_closing()
+    assert not late_pool._draining
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 

@@ -363,12 +363,16 @@ class FastResponse:
         conn = self._conn
         if conn is None:
             return
+        if self._pool._closed:  # nothing would close it: the pool's owner has left
+            self.close()
+            return
         conn.resume()
         conn.drainer = self
         self._drain()
         if self._conn is not None:  # still to come
             loop = asyncio.get_running_loop()
             self._drain_timer = loop.call_later(timeout_s, self._drain_expired)
+            self._pool._draining.add(self)
 
     def _drain(self) -> None:
         """Drop the body bytes received; release or close the connection at the end."""
@@ -390,6 +394,10 @@ class FastResponse:
 
     def _drain_expired(self) -> None:
         self._drain_timer = None
+        self.abandon_drain()
+
+    def abandon_drain(self) -> None:
+        """Stop waiting for the rest of the body: close the connection."""
         conn = self._conn
         if conn is not None:
             self._end_drain(conn)
@@ -397,6 +405,7 @@ class FastResponse:
 
     def _end_drain(self, conn: _Conn) -> None:
         conn.drainer = None
+        self._pool._draining.discard(self)
         timer, self._drain_timer = self._drain_timer, None
         if timer is not None:
             timer.cancel()
@@ -421,6 +430,10 @@ class FastPool:
         :mod:`sage_llm.writebatch`; pools of one connector share it)."""
         self._host_header = host_port(host, port)  # an IPv6 address in brackets
         self._idle: deque[_Conn] = deque()
+        self._draining: set[FastResponse] = set()
+        """Responses whose body's rest is being read and dropped
+        (:meth:`FastResponse.release_later`): no task holds them, so closing the pool
+        closes them."""
         self._closed = False
 
     @property
@@ -498,10 +511,13 @@ class FastPool:
             idle.popleft().abort()
 
     def close(self) -> None:
-        """Close the idle connections; connections in use close when released."""
+        """Close the idle connections and those whose answer's rest is being dropped;
+        connections in use close when released."""
         self._closed = True
         while self._idle:
             self._idle.pop().abort()
+        while self._draining:
+            self._draining.pop().abandon_drain()
 
 
 class EngineConnector(aiohttp.TCPConnector):
