@@ -17,7 +17,7 @@ import warnings
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from sage_llm.errors import SageLLMError
+from sage_llm.errors import ControlPlaneNotRunningError, SageLLMError
 
 __all__ = [
     "SAGE_AVAILABLE",
@@ -148,6 +148,13 @@ class ManagedService(ServiceBase):
     def process(self, payload: Any) -> Any:
         """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
         raise NotImplementedError
+
+    def _not_set_up(self) -> ControlPlaneNotRunningError:
+        """The error of a call made before :meth:`setup` (or after :meth:`cleanup`)."""
+        return ControlPlaneNotRunningError(
+            f"{self.name} is not set up: call setup() first (SAGE calls it when the "
+            "pipeline starts) or use the service as a context manager"
+        )
 
     def generate(self, prompts: Any, **options: Any) -> list[dict[str, Any]]:
         """``process({"task": "generate", "inputs": prompts, "options": options})``."""

@@ -130,12 +130,12 @@ class ControlPlaneVLLMService(ManagedService):
         with self._lock:
             if self._runner is not None:
                 return
-            runner = LoopThread(f"sage-llm-{self._label()}", self._loop_factory)
+            runner = LoopThread(f"sage-llm-{self.name}", self._loop_factory)
             runner.start(self._astart)
             self._runner = runner
         cp = self.config.control_plane
         self.logger.info(
-            f"{self._label()}: control plane started (policy={cp.scheduling_policy}, "
+            f"{self.name}: control plane started (policy={cp.scheduling_policy}, "
             f"routing={cp.routing_strategy}, pd={cp.enable_pd_separation}, "
             f"instances={len(self.config.fleet())}"
             f"{', embedded simulated fleet' if not cp.instances else ''})"
@@ -163,10 +163,13 @@ class ControlPlaneVLLMService(ManagedService):
         if manager is not None:
             await manager.stop()
 
-    # -- requests --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The name of the service this one serves for, when it does; else the runtime's
+        name for it, else the class name."""
+        return super().name if self._named_as is None else self._named_as()
 
-    def _label(self) -> str:
-        return self.name if self._named_as is None else self._named_as()
+    # -- requests --------------------------------------------------------------------------
 
     def process(self, payload: Any) -> Any:
         """Run one ``{"task", "inputs", "options"}`` payload and return its result."""
@@ -182,10 +185,7 @@ class ControlPlaneVLLMService(ManagedService):
         runner = self._runner
         if runner is None:
             work.close()
-            raise ControlPlaneNotRunningError(
-                f"{self._label()} is not set up: call setup() first (SAGE calls it when the "
-                "pipeline starts) or use the service as a context manager"
-            )
+            raise self._not_set_up()
         return runner
 
     def _plan(self, req: Payload) -> Coroutine[Any, Any, Any]:
@@ -228,7 +228,7 @@ class ControlPlaneVLLMService(ManagedService):
 
     def _require_manager(self) -> ControlPlaneManager:
         if self._manager is None:
-            raise ControlPlaneNotRunningError(f"{self._label()}: the control plane is not running")
+            raise ControlPlaneNotRunningError(f"{self.name}: the control plane is not running")
         return self._manager
 
     async def _generate(self, items: list[PromptInput]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any
 from sage_llm.config import load_config
 from sage_llm.config_locate import read_toml
 from sage_llm.config_schema import VLLM_SERVICE_TYPE
-from sage_llm.errors import ConfigError, ControlPlaneNotRunningError, InvalidRequestError
+from sage_llm.errors import ConfigError, InvalidRequestError
 from sage_llm.service.backends import Backend, make_backend, sim_embed
 from sage_llm.service.base import ManagedService
 from sage_llm.service.config import VLLMServiceConfig, control_plane_beside
@@ -185,10 +185,7 @@ class VLLMService(ManagedService):
             return None
         delegate = self._delegate
         if delegate is None or not delegate.is_running:
-            raise ControlPlaneNotRunningError(
-                f"{self.name} is not set up: call setup() first (SAGE calls it when the "
-                "pipeline starts) or use the service as a context manager"
-            )
+            raise self._not_set_up()
         req = parse_payload(payload, VLLM_TASKS)
         return sim_embed(self.config, parse_embed(req.inputs, req.options, self.defaults.timeout_s))
 
@@ -222,10 +219,7 @@ class VLLMService(ManagedService):
         runner = self._runner
         if runner is None:
             work.close()
-            raise ControlPlaneNotRunningError(
-                f"{self.name} is not set up: call setup() first (SAGE calls it when the "
-                "pipeline starts) or use the service as a context manager"
-            )
+            raise self._not_set_up()
         return runner
 
 
