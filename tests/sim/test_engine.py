@@ -16,6 +16,7 @@ from sage_llm.sim import engine as engine_module
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.server_metrics import ReportsQueueTime
+from sage_llm.sim.server_requests import parse_request
 from sage_llm.types import ExecutionInstanceType
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
@@ -308,6 +309,9 @@ def test_a_step_that_fails_fails_every_request_naming_the_failure() -> None:
         ({"prompt": list(range(200)), "max_tokens": 300}, "max_tokens"),
         ({"extra": {"min_tokens": -1}}, "min_tokens"),
         ({"extra": {"n": 2}}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "body.stop"),
+        ({"stop": ["a", ""]}, "stop"),
+        ({"extra": {"suffix": "!"}}, "suffix"),
     ],
 )
 def test_invalid_requests_raise_with_param(request_kwargs: dict[str, Any], param: str) -> None:
@@ -385,6 +389,40 @@ def test_prefill_role_returns_vllm_kv_transfer_params() -> None:
     virtual(main)
 
 
+def test_stop_strings_and_a_suffix_are_refused_as_the_http_server_refuses_them() -> None:
+    """The embedded fleet of ``sage-llm serve`` had taken what engine-sim (and vLLM)
+    refuse: five stop strings, an empty one, a completion's suffix. A chat's suffix is not
+    a completion's: both ignore it."""
+    bodies: list[dict[str, Any]] = [
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"stop": ["a", ""]},
+        {"stop": "a", "suffix": "!"},
+    ]
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig())
+        for body in bodies:
+            with pytest.raises(InvalidRequestError) as over_http:
+                parse_request(
+                    {"model": "llama-3-8b", "prompt": "hi", **body},
+                    chat=False, model_name="llama-3-8b",
+                )  # fmt: skip
+            stop = body["stop"]
+            extra = {k: v for k, v in body.items() if k != "stop"}
+            request = req(stop=[stop] if isinstance(stop, str) else stop, extra=extra)
+            with pytest.raises(InvalidRequestError) as in_process:
+                await collect(engine, request)
+            assert (in_process.value.param, in_process.value.message) == (
+                over_http.value.param,
+                over_http.value.message,
+            )
+        chat = req(prompt=None, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        chunks = await collect(engine, chat.with_changes(extra={"suffix": "!"}))
+        assert chunks[-1].finish_reason == "length"
+
+    virtual(main)
+
+
 def test_a_prefill_leg_refuses_what_its_decode_leg_would_refuse() -> None:
     """Checked as vLLM checks a whole request before a leg runs: a bad sampling field had
     passed the prefill leg (its KV pinned), then the decode leg refused it."""
@@ -392,7 +430,8 @@ def test_a_prefill_leg_refuses_what_its_decode_leg_would_refuse() -> None:
     async def main() -> None:
         engine = SimEngine("p0", SimEngineConfig(role=ExecutionInstanceType.PREFILLING))
         for extra, param in (({"top_k": -5}, "top_k"), ({"stop_token_ids": "a"}, "stop_token_ids"),
-                             ({"logprobs": 50}, "logprobs")):  # fmt: skip
+                             ({"logprobs": 50}, "logprobs"),
+                             ({"suffix": "!"}, "suffix")):  # fmt: skip
             with pytest.raises(InvalidRequestError) as err:
                 await engine.prefill(req("bad", extra=extra))
             assert err.value.param == param

@@ -76,6 +76,7 @@ from sage_llm.sim.logprobs import (
     requested_prompt_logprobs,
 )
 from sage_llm.sim.server_requests import (
+    check_stop,
     context_max_tokens,
     echo_only,
     engine_default_max_tokens,
@@ -412,6 +413,7 @@ class SimEngine:
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
+        _check_stop(req)
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         given = req.send_max_tokens
@@ -511,6 +513,7 @@ class SimEngine:
                 instance_id=self._id,
                 retryable=True,
             )
+        _check_stop(req)  # as the decode leg will (before a chat's cut to its template text)
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         context_max_tokens(self._config.max_model_len, len(prompt_ids), 1, text=is_text(req))
@@ -1035,6 +1038,12 @@ def is_text(req: EngineRequest) -> bool:
     """Whether ``req``'s prompt is text (a chat's messages too), which vLLM's tokenizer
     counts only up to a token past the context (token ids are counted whole)."""
     return req.messages is not None or isinstance(req.prompt, str)
+
+
+def _check_stop(req: EngineRequest) -> None:
+    """``req``'s stop strings and a completion's ``suffix``, refused as the simulated engine's
+    HTTP server refuses them (:func:`check_stop`)."""
+    check_stop(req.stop, req.extra.get("suffix") if req.api == "completions" else None)
 
 
 def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:

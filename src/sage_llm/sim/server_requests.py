@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -251,6 +251,28 @@ def checked_messages(messages: Any) -> list[Any]:
     return messages
 
 
+def check_stop(stop: Sequence[str], suffix: Any = None) -> None:
+    """Refuse what vLLM 0.32 refuses of a request's ``stop`` strings (more than
+    :data:`MAX_STOP_STRINGS`, an empty one) and a completion's ``suffix`` (None for a chat:
+    its suffix is ignored), in its words. The HTTP server and the in-process engine both
+    check them here."""
+    if len(stop) > MAX_STOP_STRINGS:  # (its request model's check)
+        k, most = len(stop), MAX_STOP_STRINGS
+        raise InvalidRequestError(
+            "2 validation errors:\n"
+            f"  {{'type': 'string_type', 'loc': 'body.stop', 'msg': 'Input should be a valid "
+            f"string', 'input': '<list of {k} items>'}}\n"
+            f"  {{'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should have at most "
+            f"{most} items after validation, not {k}', 'input': '<list of {k} items>', 'ctx': "
+            f"{{'field_type': 'List', 'max_length': {most}, 'actual_length': {k}}}}}",
+            param="body.stop",
+        )
+    if "" in stop:
+        raise InvalidRequestError("stop cannot contain an empty string.", param="stop")
+    if suffix is not None:
+        raise InvalidRequestError("suffix is not currently supported", param="suffix")
+
+
 def check_model(model: Any, model_name: str) -> None:
     """404 (:class:`ModelNotFoundError`) unless ``model`` is absent, empty (the served
     model, as vLLM reads it) or the served name."""
@@ -355,21 +377,7 @@ def parse_request(
         stop = []
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:  # in vLLM 0.32's words (its request model's check)
-        k, most = len(stop), MAX_STOP_STRINGS
-        raise InvalidRequestError(
-            "2 validation errors:\n"
-            f"  {{'type': 'string_type', 'loc': 'body.stop', 'msg': 'Input should be a valid "
-            f"string', 'input': '<list of {k} items>'}}\n"
-            f"  {{'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should have at most "
-            f"{most} items after validation, not {k}', 'input': '<list of {k} items>', 'ctx': "
-            f"{{'field_type': 'List', 'max_length': {most}, 'actual_length': {k}}}}}",
-            param="body.stop",
-        )
-    if "" in stop:  # in vLLM's words
-        raise InvalidRequestError("stop cannot contain an empty string.", param="stop")
-    if not chat and body.get("suffix") is not None:  # in vLLM's words
-        raise InvalidRequestError("suffix is not currently supported", param="suffix")
+    check_stop(stop, None if chat else body.get("suffix"))
     n = body.get("n")
     if n is not None and n != 1:  # null is the default, as vLLM reads it
         if (count := whole(n)) is None or count < 1:  # refused as vLLM refuses it
