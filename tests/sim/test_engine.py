@@ -312,6 +312,7 @@ def test_a_step_that_fails_fails_every_request_naming_the_failure() -> None:
         ({"stop": ["a", "b", "c", "d", "e"]}, "body.stop"),
         ({"stop": ["a", ""]}, "stop"),
         ({"extra": {"suffix": "!"}}, "suffix"),
+        ({"extra": {"return_token_ids": "x"}}, "return_token_ids"),
     ],
 )
 def test_invalid_requests_raise_with_param(request_kwargs: dict[str, Any], param: str) -> None:
@@ -389,14 +390,15 @@ def test_prefill_role_returns_vllm_kv_transfer_params() -> None:
     virtual(main)
 
 
-def test_stop_strings_and_a_suffix_are_refused_as_the_http_server_refuses_them() -> None:
+def test_stop_strings_a_suffix_and_return_token_ids_are_refused_as_over_http() -> None:
     """The embedded fleet of ``sage-llm serve`` had taken what engine-sim (and vLLM)
-    refuse: five stop strings, an empty one, a completion's suffix. A chat's suffix is not
-    a completion's: both ignore it."""
+    refuse: five stop strings, an empty one, a completion's suffix, a ``return_token_ids``
+    that is not a boolean. A chat's suffix is not a completion's: both ignore it."""
     bodies: list[dict[str, Any]] = [
         {"stop": ["a", "b", "c", "d", "e"]},
         {"stop": ["a", ""]},
         {"stop": "a", "suffix": "!"},
+        {"stop": "a", "return_token_ids": "x"},
     ]
 
     async def main() -> None:

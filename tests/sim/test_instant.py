@@ -47,7 +47,8 @@ async def test_max_tokens_one_gives_one_chunk() -> None:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [({"top_k": -5}, "top_k"), ({"presence_penalty": 5}, "presence_penalty"),
-     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 3}, "min_tokens")],
+     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 3}, "min_tokens"),
+     ({"suffix": "!"}, "suffix"), ({"return_token_ids": "x"}, "return_token_ids")],
 )  # fmt: skip
 async def test_sampling_fields_vllm_refuses_are_refused(
     extra: dict[str, object], param: str

@@ -413,7 +413,7 @@ class SimEngine:
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
-        _check_stop(req)
+        check_request_fields(req)
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         given = req.send_max_tokens
@@ -513,7 +513,9 @@ class SimEngine:
                 instance_id=self._id,
                 retryable=True,
             )
-        _check_stop(req)  # as the decode leg will (before a chat's cut to its template text)
+        check_request_fields(
+            req
+        )  # as the decode leg will (before a chat's cut to its template text)
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         context_max_tokens(self._config.max_model_len, len(prompt_ids), 1, text=is_text(req))
@@ -1040,10 +1042,12 @@ def is_text(req: EngineRequest) -> bool:
     return req.messages is not None or isinstance(req.prompt, str)
 
 
-def _check_stop(req: EngineRequest) -> None:
-    """``req``'s stop strings and a completion's ``suffix``, refused as the simulated engine's
-    HTTP server refuses them (:func:`check_stop`)."""
+def check_request_fields(req: EngineRequest) -> None:
+    """``req``'s stop strings, a completion's ``suffix`` and ``return_token_ids``, refused
+    as the simulated engine's HTTP server refuses them (:func:`check_stop`,
+    :func:`request_flag`)."""
     check_stop(req.stop, req.extra.get("suffix") if req.api == "completions" else None)
+    request_flag(req.extra, "return_token_ids")
 
 
 def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:

@@ -25,7 +25,7 @@ from sage_llm import tokens
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.engines.sse import estimate_prompt_tokens
 from sage_llm.errors import InvalidRequestError
-from sage_llm.sim.engine import check_sampling, is_text, min_tokens_of
+from sage_llm.sim.engine import check_request_fields, check_sampling, is_text, min_tokens_of
 from sage_llm.sim.server_requests import context_max_tokens
 
 __all__ = ["INSTANT_MAX_MODEL_LEN", "InstantEngine"]
@@ -83,6 +83,7 @@ class InstantEngine:
                 param=asked[0],
             )
         check_sampling(req.extra)  # refused as the simulated engine (and vLLM) refuse them
+        check_request_fields(req)  # (a suffix, return_token_ids that is not a boolean)
         min_tokens_of(req)  # refused as the simulated engine refuses it (its output is fixed)
         prompt = estimate_prompt_tokens(req)
         given = "max_tokens" if req.send_max_tokens else None
