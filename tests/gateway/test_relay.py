@@ -39,7 +39,7 @@ from sage_llm.tokens import tokenize
 from sage_llm.types import RequestResult, RequestStatus
 from tests.engines.fake_engine import probed_app, start_app
 from tests.engines.probes import FaultyEngine
-from tests.factories import make_instance, make_metadata
+from tests.factories import MODEL, make_instance, make_metadata
 from tests.gateway.harness import chat_body, read_events, serve
 from tests.gateway.harness import completion_body as body_of
 
@@ -1014,3 +1014,68 @@ async def test_several_prompts_queued_past_max_queue_wait_s_are_a_504_saying_so(
         results = [await gw.manager.wait_for_result(f"queued#{k}", timeout=5) for k in (0, 1)]
     assert error["message"] == "queued longer than 0.3 s (max_queue_wait_s)", error
     assert {r.status for r in results} <= {RequestStatus.FAILED, RequestStatus.CANCELLED}
+
+
+def _shape(value: Any) -> Any:
+    """An event's structure: its keys all the way down, with the values that vary from one
+    engine to another (texts, ids, token ids, numbers) left out."""
+    if isinstance(value, dict):
+        return {
+            k: None if k in ("id", "created", "text", "content") else _shape(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_shape(v) for v in value[:1]]
+    return type(value).__name__
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_an_in_process_engine_answers_token_ids_and_usage_so_far_as_over_http(
+    chat: bool,
+) -> None:
+    """``return_token_ids`` and ``continuous_usage_stats`` through the embedded fleet's
+    in-process engines: the answer had no ``prompt_token_ids`` and no chunk the usage so far
+    (engine-sim over HTTP gave both). The events now have the shapes and the usage of
+    those over HTTP (a chat's role chunk carries the prompt's ids and a usage of 0
+    tokens), whole and streamed, with the same prompt token ids."""
+    fields = {"max_tokens": 3, "return_token_ids": True}
+    body = chat_body("Hello there", **fields) if chat else body_of("Hello there", **fields)
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+    streamed = {**body, "stream": True, "stream_options": usage}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+
+    async def answers(port: int) -> tuple[Any, list[Any]]:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}{path}", json=body) as r:
+                whole = await r.json()
+            async with http.post(f"http://127.0.0.1:{port}{path}", json=streamed) as r:
+                events = [e for e in await read_events(r) if isinstance(e, dict)]
+        return whole, events
+
+    async with serve() as gw:
+        in_process = await answers(gw.port)
+    engine = SimEngine("sim-0", SimEngineConfig(speed=100.0))
+    runner, engine_port = await start_engine_server(engine, model_name=MODEL)
+    manager = ControlPlaneManager(mode="http")
+    manager.register_instance(make_instance("e0", port=engine_port, model_name=MODEL))
+    site, port = await start_gateway(manager, None, manage_lifecycle=True, environ={})
+    try:
+        over_http = await answers(port)
+    finally:
+        await site.cleanup()
+        await runner.cleanup()
+        await engine.aclose()
+    for whole, events in (in_process, over_http):
+        ids = whole["prompt_token_ids"] if chat else whole["choices"][0]["prompt_token_ids"]
+        assert ids and all(isinstance(t, int) for t in ids)
+        first = events[0] if chat else events[0]["choices"][0]
+        assert first["prompt_token_ids"] == ids
+        used = [e["usage"]["completion_tokens"] for e in events if e["choices"]]
+        assert used == ([0, 1, 2, 3] if chat else [1, 2, 3])
+    assert _shape(in_process[0]) == _shape(over_http[0])
+    assert [_shape(e) for e in in_process[1]] == [_shape(e) for e in over_http[1]]
+    in_ids = in_process[0]["prompt_token_ids" if chat else "choices"]
+    http_ids = over_http[0]["prompt_token_ids" if chat else "choices"]
+    if not chat:
+        in_ids, http_ids = in_ids[0]["prompt_token_ids"], http_ids[0]["prompt_token_ids"]
+    assert in_ids == http_ids

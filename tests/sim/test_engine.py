@@ -16,7 +16,7 @@ from sage_llm.sim import engine as engine_module
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
 from sage_llm.sim.server_metrics import ReportsQueueTime
-from sage_llm.sim.server_requests import parse_request
+from sage_llm.sim.server_requests import parse_request, prompt_token_ids
 from sage_llm.types import ExecutionInstanceType
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
@@ -1126,5 +1126,37 @@ def test_a_decode_leg_tells_its_prefill_engine_it_pulled_the_kv_only_at_an_addre
         assert releaser.calls == want
         await prefill.aclose()
         await decode.aclose()
+
+    virtual(main)
+
+
+def test_return_token_ids_and_continuous_usage_lead_and_follow_the_chunks() -> None:
+    """As vLLM answers them: ``return_token_ids`` puts the prompt's ids on the first
+    chunk (a completion's among its choice's fields, a chat's among the answer's), and
+    ``stream_options.continuous_usage_stats`` the usage so far on every chunk."""
+    options = {"return_token_ids": True, "stream_options": {"continuous_usage_stats": True}}
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig())
+        completion = req("c", max_tokens=3, extra=options)
+        chunks = await collect(engine, completion)
+        over_http = parse_request(  # what engine-sim answers as the prompt's ids
+            {"model": "llama-3-8b", "prompt": PROMPT, "return_token_ids": True},
+            chat=False, model_name="llama-3-8b",
+        )  # fmt: skip
+        assert chunks[0].extras == {"prompt_token_ids": prompt_token_ids(over_http.req)}
+        assert all(c.extras is None or "prompt_token_ids" not in c.extras for c in chunks[1:])
+        produced = [c.top["usage"]["completion_tokens"] for c in chunks if c.top]
+        assert len(produced) == len(chunks) and produced[-1] == 3
+        assert all(c.top and c.top["usage"]["prompt_tokens"] == len(tokens.tokenize(PROMPT))
+                   for c in chunks)  # fmt: skip
+        messages = [{"role": "user", "content": "hi"}]
+        chat = req("h", prompt=None, messages=messages, max_tokens=2,
+                   extra={"return_token_ids": True})  # fmt: skip
+        chat_chunks = await collect(engine, chat)
+        assert chat_chunks[0].top is not None and chat_chunks[0].top["prompt_token_ids"]
+        assert chat_chunks[0].extras is None and chat_chunks[-1].top is None
+        plain = await collect(engine, req("p", max_tokens=2))
+        assert all(c.top is None and not (c.extras or {}).get("prompt_token_ids") for c in plain)
 
     virtual(main)

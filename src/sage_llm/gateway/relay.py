@@ -549,6 +549,20 @@ async def relay_stream(
     return end.error
 
 
+def _lead_role(role: dict[str, Any], top: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Give the gateway's role chunk what vLLM's role event carries, when the engine sent
+    its first chunk with text and no role event (in-process engines): the prompt's
+    ``prompt_token_ids`` (taken from ``top``) and, with ``continuous_usage_stats``, the
+    usage before any output. What is left of ``top`` goes with the text."""
+    usage = top.get("usage")
+    if isinstance(usage, Mapping) and isinstance(prompt := usage.get("prompt_tokens"), int):
+        role["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0}
+    if "prompt_token_ids" not in top:
+        return top
+    role["prompt_token_ids"] = top["prompt_token_ids"]
+    return {k: v for k, v in top.items() if k != "prompt_token_ids"} or None
+
+
 class _Ending:
     """A stream's sink while open, and what is still to be written when it ends: the
     request's last chunk (held back so it leaves with the usage chunk), error events."""
@@ -631,6 +645,8 @@ async def _relay(
                     if top and not content:  # the engine's own role event: its fields go
                         role.update(top)  # with ours (the usage so far, prompt_token_ids)
                         top = None
+                    elif top:  # an engine with no role event of its own (in-process)
+                        top = _lead_role(role, top)
                     out.append(encode_event(role))
                     seen.add(chunk.index)
                 if content or top:

@@ -78,12 +78,14 @@ from sage_llm.sim.logprobs import (
 from sage_llm.sim.server_requests import (
     check_stop,
     context_max_tokens,
+    continuous_usage,
     echo_only,
     engine_default_max_tokens,
     prompt_pieces,
     prompt_token_ids,
     request_flag,
     requested_echo,
+    running_usage,
     truncated_request,
 )
 from sage_llm.sim.text import PseudoText
@@ -434,7 +436,11 @@ class SimEngine:
         stop_ids = self._stop_token_ids(req)
         top = requested_logprobs(req)
         echo = requested_echo(req)
-        lead = _PromptLead(req, echo, top, requested_prompt_logprobs(req.extra, stream=False))
+        lead = _PromptLead(
+            req, echo, top, requested_prompt_logprobs(req.extra, stream=False),
+            prompt_ids if request_flag(req.extra, "return_token_ids") else None,
+        )  # fmt: skip
+        continuous = continuous_usage(req.extra)  # the usage so far on every chunk
         await self._intake()
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
@@ -491,6 +497,7 @@ class SimEngine:
                     self._stop(req.request_id, produced, stream)
                 end = max(end, sent)
                 text, sent = full[sent:end], end
+                so_far = {"usage": running_usage(len(prompt_ids), produced)} if continuous else None
                 if finish is not None:
                     done = True
                     self._note_finished(req.request_id, stream.queue_s, stop)
@@ -499,9 +506,9 @@ class SimEngine:
                     extras = None if stop is None else {"stop_reason": stop}
                     if prompt_only:
                         text, ids, lp = "", (), None
-                    yield lead.first(Chunk(text, ids, finish, usage, lp, extras=extras))
+                    yield lead.first(Chunk(text, ids, finish, usage, lp, extras=extras, top=so_far))
                     return
-                yield lead.first(Chunk(text, ids, logprobs=lp))
+                yield lead.first(Chunk(text, ids, logprobs=lp, top=so_far))
         finally:
             self._close_stream(req.request_id, stream, abort=not done)
 
@@ -513,9 +520,8 @@ class SimEngine:
                 instance_id=self._id,
                 retryable=True,
             )
-        check_request_fields(
-            req
-        )  # as the decode leg will (before a chat's cut to its template text)
+        # checked as the decode leg will check them (before a chat's cut to its template)
+        check_request_fields(req)
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
         context_max_tokens(self._config.max_model_len, len(prompt_ids), 1, text=is_text(req))
@@ -975,17 +981,24 @@ class SimEngine:
 
 class _PromptLead:
     """What leads a request's first chunk, as vLLM's first: a completion's echoed prompt
-    (its text, and its tokens' logprobs before the answer's) and ``prompt_logprobs`` (a
-    completion's among its choice's fields, a chat's among the answer's)."""
+    (its text, and its tokens' logprobs before the answer's), ``prompt_logprobs`` and,
+    with ``return_token_ids``, ``prompt_token_ids`` (a completion's among its choice's
+    fields, a chat's among the answer's)."""
 
-    __slots__ = ("_chat", "_done", "_echo", "_prompt_top", "_req", "_top")
+    __slots__ = ("_chat", "_done", "_echo", "_prompt_ids", "_prompt_top", "_req", "_top")
 
     def __init__(
-        self, req: EngineRequest, echo: str | None, top: int | None, prompt_top: int | None
+        self,
+        req: EngineRequest,
+        echo: str | None,
+        top: int | None,
+        prompt_top: int | None,
+        prompt_ids: Sequence[int] | None = None,
     ) -> None:
         self._req, self._echo, self._top, self._prompt_top = req, echo, top, prompt_top
+        self._prompt_ids = prompt_ids
         self._chat = req.api == "chat"
-        self._done = echo is None and prompt_top is None
+        self._done = echo is None and prompt_top is None and prompt_ids is None
 
     def first(self, chunk: Chunk) -> Chunk:
         """``chunk``, led by the prompt's parts when it is the first."""
@@ -1000,14 +1013,17 @@ class _PromptLead:
                 prompt = echo_logprobs(pieces, self._top, req.request_id)
                 lp = prompt if lp is None else {k: prompt[k] + lp[k] for k in prompt}
         extras, top = chunk.extras, chunk.top
+        drawn: dict[str, Any] = {}
         if self._prompt_top is not None:
             pieces, ids = prompt_pieces(req)
-            drawn = {"prompt_logprobs": prompt_logprobs(pieces, ids, self._prompt_top,
-                                                        req.request_id)}  # fmt: skip
-            if self._chat:
-                top = {**(top or {}), **drawn}
-            else:
-                extras = {**(extras or {}), **drawn}
+            drawn["prompt_logprobs"] = prompt_logprobs(pieces, ids, self._prompt_top,
+                                                       req.request_id)  # fmt: skip
+        if self._prompt_ids is not None:
+            drawn["prompt_token_ids"] = list(self._prompt_ids)
+        if drawn and self._chat:
+            top = {**(top or {}), **drawn}
+        elif drawn:
+            extras = {**(extras or {}), **drawn}
         return Chunk(
             text, chunk.token_ids, chunk.finish_reason, chunk.usage, lp, chunk.index,
             chunk.fields, extras, top,

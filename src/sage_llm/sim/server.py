@@ -88,6 +88,7 @@ from sage_llm.sim.server_requests import (
     generation_prompt,
     parse_request,
     prompt_token_ids,
+    running_usage,
 )
 from sage_llm.sim.text import WORDS
 from sage_llm.types import ExecutionInstanceType, host_port
@@ -209,15 +210,6 @@ def _engine_setting(engine: EngineClient, name: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
-
-
-def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """A chunk's usage so far under ``continuous_usage_stats``, as vLLM's."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens,
-    }
 
 
 def _engine_role(engine: EngineClient) -> ExecutionInstanceType | None:
@@ -580,7 +572,7 @@ class _EngineServer:
             if fmt.chat:
                 role = fmt.role_chunk()
                 if parsed.continuous_usage:
-                    role["usage"] = _running_usage(parsed.prompt_tokens, 0)
+                    role["usage"] = running_usage(parsed.prompt_tokens, 0)
                 if parsed.token_ids:
                     role["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
                 await resp.write(encode_event(role))
@@ -595,7 +587,7 @@ class _EngineServer:
                 if chunk.finish_reason is not None:
                     body["choices"][0]["stop_reason"] = self._stop_reason(parsed, finish)
                 if parsed.continuous_usage:
-                    body["usage"] = _running_usage(parsed.prompt_tokens, produced)
+                    body["usage"] = running_usage(parsed.prompt_tokens, produced)
                 if parsed.token_ids:
                     body["choices"][0]["token_ids"] = list(chunk.token_ids)
                     if first:  # a completion's first choice chunk carries its prompt's

@@ -251,6 +251,22 @@ def checked_messages(messages: Any) -> list[Any]:
     return messages
 
 
+def running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """A chunk's usage so far under ``continuous_usage_stats``, as vLLM's."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def continuous_usage(extra: Mapping[str, Any]) -> bool:
+    """Whether a request's ``stream_options`` ask for the usage so far in every chunk
+    (``continuous_usage_stats``; the gateway passes it on only with ``include_usage``)."""
+    options = extra.get("stream_options")
+    return isinstance(options, Mapping) and options.get("continuous_usage_stats") is True
+
+
 def check_stop(stop: Sequence[str], suffix: Any = None) -> None:
     """Refuse what vLLM 0.32 refuses of a request's ``stop`` strings (more than
     :data:`MAX_STOP_STRINGS`, an empty one) and a completion's ``suffix`` (None for a chat:
