@@ -308,7 +308,9 @@ def test_a_step_that_fails_fails_every_request_naming_the_failure() -> None:
         ({"prompt": list(range(256))}, "max_tokens"),
         ({"prompt": list(range(200)), "max_tokens": 300}, "max_tokens"),
         ({"extra": {"min_tokens": -1}}, "min_tokens"),
-        ({"extra": {"n": 2}}, "n"),
+        ({"extra": {"n": 0}}, "n"),
+        ({"extra": {"n": "2"}}, "n"),
+        ({"extra": {"n": 257}}, "n"),  # above max_num_seqs (256)
         ({"stop": ["a", "b", "c", "d", "e"]}, "body.stop"),
         ({"stop": ["a", ""]}, "stop"),
         ({"extra": {"suffix": "!"}}, "suffix"),
@@ -1158,5 +1160,78 @@ def test_return_token_ids_and_continuous_usage_lead_and_follow_the_chunks() -> N
         assert chat_chunks[0].extras is None and chat_chunks[-1].top is None
         plain = await collect(engine, req("p", max_tokens=2))
         assert all(c.top is None and not (c.extras or {}).get("prompt_token_ids") for c in plain)
+
+    virtual(main)
+
+
+def test_n_samples_run_as_requests_of_their_own_and_end_with_the_usage_of_all() -> None:
+    """vLLM's parallel sampling: ``n`` samples, each a sequence of its own (its own text,
+    a request ``seed`` made ``seed + i``; greedy ones alike), their chunks merged with
+    each one's ``index``; the last chunk of all carries the usage (the prompt counted once,
+    the samples' tokens summed), no other does."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig())
+        chunks = await collect(engine, req("many", max_tokens=4, extra={"n": 3}))
+        texts: dict[int, str] = {}
+        for c in chunks:
+            texts[c.index] = texts.get(c.index, "") + c.text
+        assert sorted(texts) == [0, 1, 2] and len(set(texts.values())) == 3
+        assert all(len(tokens.tokenize(t)) == 4 for t in texts.values())
+        assert all(c.usage is None for c in chunks[:-1])
+        assert sum(1 for c in chunks if c.finish_reason == "length") == 3
+        last = chunks[-1].usage
+        assert last is not None and last.completion_tokens == 12
+        assert last.prompt_tokens == len(tokens.tokenize(PROMPT))
+        greedy = await collect(engine, req("g", max_tokens=3, temperature=0.0, extra={"n": 2}))
+        by_index = {i: "".join(c.text for c in greedy if c.index == i) for i in (0, 1)}
+        assert by_index[0] == by_index[1]
+        seeded = await collect(engine, req("s", max_tokens=3, extra={"n": 2, "seed": 7}))
+        second = "".join(c.text for c in seeded if c.index == 1)
+        alone = await collect(engine, req("a", max_tokens=3, extra={"seed": 8}))
+        assert second == "".join(c.text for c in alone)  # sample 1 drew with seed 7 + 1
+        assert (await engine.stats()).running == 0 and engine.core.kv_usage == 0.0
+
+    virtual(main)
+
+
+def test_closing_n_samples_aborts_every_one_and_a_failure_fails_them_all() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig())
+        gen = engine.generate(req("many", max_tokens=100, extra={"n": 4}))
+        got = [await anext(gen) for _ in range(6)]
+        assert {c.index for c in got} == {0, 1, 2, 3}
+        assert engine.core.kv_usage > 0
+        await gen.aclose()
+        assert engine.core.kv_usage == 0.0 and (await engine.stats()).running == 0
+        gen = engine.generate(req("again", max_tokens=100, extra={"n": 2}))
+        await anext(gen)
+        await engine.aclose()  # every sample fails: the request fails, once
+        with pytest.raises(EngineConnectionError):
+            async for _ in gen:
+                pass
+
+    virtual(main)
+
+
+def test_n_samples_with_the_usage_so_far_count_every_samples_tokens() -> None:
+    options = {"n": 2, "stream_options": {"continuous_usage_stats": True}}
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig())
+        chunks = await collect(engine, req("c", max_tokens=3, extra=options))
+        so_far = [c.top["usage"]["completion_tokens"] for c in chunks if c.top]
+        assert len(so_far) == len(chunks) and so_far == sorted(so_far) and so_far[-1] == 6
+
+    virtual(main)
+
+
+def test_a_pd_decode_leg_serves_one_sample() -> None:
+    async def main() -> None:
+        engine = SimEngine("d0", SimEngineConfig(role=ExecutionInstanceType.DECODING))
+        leg = req("leg", extra={"n": 2}, kv_transfer_params={"do_remote_prefill": True})
+        with pytest.raises(InvalidRequestError, match="decode leg takes one sample") as err:
+            await collect(engine, leg)
+        assert err.value.param == "n"
 
     virtual(main)

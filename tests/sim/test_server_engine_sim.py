@@ -746,3 +746,36 @@ async def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(
             status, err = await post(http, url, {**COMPLETION, "truncate_prompt_tokens": bad})
             assert status == 400 and words in err["error"]["message"]
             assert err["error"]["param"] == "truncate_prompt_tokens"
+
+
+async def test_n_choices_whole_and_streamed_as_vllm_answers_them(
+    http: aiohttp.ClientSession,
+) -> None:
+    """``n`` > 1 (the simulated engine had answered 400): a whole answer has one choice per
+    sample, each with its own text, token ids and the prompt's; a chat stream starts with
+    a role chunk per choice, and its chunks carry each choice's index; the usage counts
+    the prompt once and every sample's tokens."""
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        body = {**COMPLETION, "max_tokens": 3, "n": 3, "return_token_ids": True}
+        status, out = await post(http, url, body)
+        assert status == 200
+        choices = out["choices"]
+        assert [c["index"] for c in choices] == [0, 1, 2]
+        assert len({c["text"] for c in choices}) == 3
+        assert all(len(c["token_ids"]) == 3 and c["finish_reason"] == "length" for c in choices)
+        prompt_ids = tokens.tokenize(str(COMPLETION["prompt"]))
+        assert all(c["prompt_token_ids"] == prompt_ids for c in choices)
+        assert out["usage"]["completion_tokens"] == 9
+        assert out["usage"]["prompt_tokens"] == len(prompt_ids)
+        usage = {"include_usage": True, "continuous_usage_stats": True}
+        chat = {**CHAT, "max_tokens": 2, "n": 2, "stream_options": usage}
+        raw = await stream_events(http, f"{base}/v1/chat/completions", chat)
+        events = [json.loads(e) for e in raw if e != "[DONE]"]
+        roles = [e["choices"][0]["index"] for e in events[:2]]
+        assert roles == [0, 1] and all(e["choices"][0]["delta"]["role"] for e in events[:2])
+        texts = [e for e in events[2:] if e["choices"]]
+        assert sorted(e["choices"][0]["index"] for e in texts) == [0, 0, 1, 1]
+        assert [e["usage"]["completion_tokens"] for e in texts] == [1, 2, 3, 4]
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+        assert raw[-1] == "[DONE]"

@@ -47,7 +47,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sage_llm.config_fields import beyond_int64
@@ -414,7 +414,11 @@ class SimEngine:
     # -- EngineClient ------------------------------------------------------------------
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
-        """Stream the completion of ``req``; the last chunk has finish_reason and usage."""
+        """Stream the completion of ``req``; the last chunk has finish_reason and usage.
+        With ``n`` > 1 (in ``extra``) the samples run as vLLM runs them, as ``n`` requests
+        of their own (``"{i}_{request_id}"``, a request ``seed`` made ``seed + i``), and
+        their chunks come as they are made, each with its choice's ``index``; the last
+        carries the usage of all of them (the prompt counted once)."""
         check_request_fields(req)
         req = truncated_request(req, self._config.max_model_len)
         prompt_ids = self._prompt_ids(req)
@@ -431,17 +435,103 @@ class SimEngine:
         if prompt_only:
             req = req.with_changes(max_tokens=1)
         check_sampling(req.extra, self._core.model.vocab_size)
-        keep_stop = req.extra.get("include_stop_str_in_output") is True
-        min_tokens = min_tokens_of(req)
-        stop_ids = self._stop_token_ids(req)
-        top = requested_logprobs(req)
-        echo = requested_echo(req)
-        lead = _PromptLead(
-            req, echo, top, requested_prompt_logprobs(req.extra, stream=False),
-            prompt_ids if request_flag(req.extra, "return_token_ids") else None,
-        )  # fmt: skip
-        continuous = continuous_usage(req.extra)  # the usage so far on every chunk
+        plan = _Sampling(
+            prompt_ids=prompt_ids,
+            prompt_only=prompt_only,
+            keep_stop=req.extra.get("include_stop_str_in_output") is True,
+            min_tokens=min_tokens_of(req),
+            stop_ids=self._stop_token_ids(req),
+            top=requested_logprobs(req),
+            echo=requested_echo(req),
+            prompt_top=requested_prompt_logprobs(req.extra, stream=False),
+            return_ids=request_flag(req.extra, "return_token_ids"),
+            continuous=continuous_usage(req.extra),  # the usage so far on every chunk
+        )
+        samples = self._samples(req)
         await self._intake()
+        # closed with this stream (its client went away): the sequences abort at once
+        sequences = (
+            self._sequence(req, plan) if samples == 1 else self._parallel(req, plan, samples)
+        )
+        async with contextlib.aclosing(sequences):
+            async for chunk in sequences:
+                yield chunk
+
+    async def _parallel(
+        self, req: EngineRequest, plan: _Sampling, n: int
+    ) -> AsyncGenerator[Chunk, None]:
+        """``n`` samples of ``req`` as ``n`` requests of their own (vLLM's parallel
+        sampling), their chunks merged as they come (see :meth:`generate`). A failed sample
+        fails the whole request; closing the stream aborts every sample."""
+        extra = {k: v for k, v in req.extra.items() if k != "n"}
+        seed = whole(extra.get("seed"))
+        children = [
+            req.with_changes(
+                request_id=f"{i}_{req.request_id}",
+                extra=extra if seed is None else {**extra, "seed": seed + i},
+            )
+            for i in range(n)
+        ]
+        merged: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, child: EngineRequest) -> None:
+            try:
+                async with contextlib.aclosing(self._sequence(child, plan)) as sequence:
+                    async for chunk in sequence:
+                        merged.put_nowait((index, chunk))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # (an EngineError: the request's failure)
+                merged.put_nowait((index, exc))
+                return
+            merged.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, child)) for i, child in enumerate(children)]
+        produced = [0] * n
+        prompt = len(plan.prompt_ids)
+        cached = 0
+        finals = 0
+        try:
+            running = n
+            while running:
+                index, item = await merged.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                chunk = item
+                top = chunk.top
+                if chunk.usage is not None:  # the sample's last chunk: its own usage
+                    produced[index] = chunk.usage.completion_tokens
+                    cached = max(cached, chunk.usage.cached_tokens)
+                    finals += 1
+                elif plan.continuous and top and "usage" in top:
+                    produced[index] = top["usage"]["completion_tokens"]
+                if plan.continuous:  # the usage so far: of every sample
+                    top = {**(top or {}), "usage": running_usage(prompt, sum(produced))}
+                usage = (
+                    Usage(prompt, sum(produced), cached) if finals == n and chunk.usage else None
+                )
+                yield Chunk(
+                    chunk.text, chunk.token_ids, chunk.finish_reason, usage, chunk.logprobs,
+                    index, chunk.fields, chunk.extras, top,
+                )  # fmt: skip
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        kept = self._finished.get(children[0].request_id)
+        if kept is not None:  # asked of the request by its id (engine-sim's metrics)
+            self._note_finished(req.request_id, *kept)
+
+    async def _sequence(self, req: EngineRequest, plan: _Sampling) -> AsyncGenerator[Chunk, None]:
+        """One sequence of ``req`` (checked and taken in by :meth:`generate`): its chunks,
+        the last with its finish reason and usage."""
+        prompt_ids, prompt_only, top, echo = plan.prompt_ids, plan.prompt_only, plan.top, plan.echo
+        keep_stop, min_tokens, stop_ids = plan.keep_stop, plan.min_tokens, plan.stop_ids
+        continuous = plan.continuous
+        lead = _PromptLead(req, echo, top, plan.prompt_top, prompt_ids if plan.return_ids else None)
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
             text_key(req, prompt_ids, self._config.seed),
@@ -656,8 +746,6 @@ class SimEngine:
         """``req`` with its ``max_tokens`` cut to what the context holds after its prompt,
         or refused, as vLLM 0.32 does (:func:`context_max_tokens`; ``given``: the client
         gave it; ``least``: 0 for an echo of the prompt alone)."""
-        if req.extra.get("n") not in (None, 1):  # as the simulated engine's HTTP server answers
-            raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
         if not isinstance(req.max_tokens, int) or req.max_tokens < least:
             raise InvalidRequestError("max_tokens must be an integer >= 1", param="max_tokens")
         limit = self._config.max_model_len
@@ -665,6 +753,31 @@ class SimEngine:
             limit, n_prompt, req.max_tokens, "max_tokens" if given else None, text=is_text(req)
         )
         return req if cut == req.max_tokens else req.with_changes(max_tokens=cut)
+
+    def _samples(self, req: EngineRequest) -> int:
+        """How many samples ``req`` asks for (its ``n``; 1 when it gives none): a whole
+        number >= 1, at most the engine's ``max_num_seqs`` (each sample is a sequence of
+        its own), and 1 for a PD leg."""
+        n = req.extra.get("n")
+        if n is None or n == 1:
+            return 1
+        count = whole(n)
+        if count is None or count < 1:  # refused as vLLM refuses it
+            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
+        most = self._config.max_num_seqs
+        if count > most:
+            raise InvalidRequestError(
+                f"n={count} is more than the engine's max_num_seqs ({most}): each sample "
+                "runs as a sequence of its own",
+                param="n",
+            )
+        if req.kv_transfer_params:
+            raise InvalidRequestError(
+                f"the simulated engine's PD decode leg takes one sample's KV (n={count}): "
+                "ask for n=1, or run the request on a whole-request instance",
+                param="n",
+            )
+        return count
 
     @staticmethod
     def _stop_token_ids(req: EngineRequest) -> frozenset[int]:
@@ -977,6 +1090,22 @@ class SimEngine:
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
             stream.queue.put_nowait(EngineConnectionError(message, instance_id=self._id))
+
+
+@dataclass(frozen=True, slots=True)
+class _Sampling:
+    """What :meth:`SimEngine.generate` read from a request, for each of its samples."""
+
+    prompt_ids: list[int]
+    prompt_only: bool
+    keep_stop: bool
+    min_tokens: int
+    stop_ids: frozenset[int]
+    top: int | None
+    echo: str | None
+    prompt_top: int | None
+    return_ids: bool
+    continuous: bool
 
 
 class _PromptLead:

@@ -89,6 +89,7 @@ from sage_llm.sim.server_requests import (
     parse_request,
     prompt_token_ids,
     running_usage,
+    samples_of,
 )
 from sage_llm.sim.text import WORDS
 from sage_llm.types import ExecutionInstanceType, host_port
@@ -159,6 +160,28 @@ def _drop_connection(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.close()
+
+
+class _Choice:
+    """One choice of a whole answer, as its chunks make it."""
+
+    __slots__ = ("extras", "finish", "ids", "logprobs", "texts")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[Any] = []
+        self.extras: dict[str, Any] = {}
+        self.finish: str | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.texts.append(chunk.text)
+        self.ids.extend(chunk.token_ids)
+        if chunk.logprobs is not None:
+            self.logprobs.append(chunk.logprobs)
+        if chunk.extras:
+            self.extras.update(chunk.extras)
+        self.finish = chunk.finish_reason or self.finish
 
 
 def _join_logprobs(parts: list[Any]) -> Any:
@@ -482,11 +505,8 @@ class _EngineServer:
     async def _complete(
         self, request: web.Request, parsed: ParsedRequest, fmt: ResponseFormat, arrival: float
     ) -> web.Response:
-        texts: list[str] = []
-        ids: list[int] = []
+        choices: dict[int, _Choice] = {}  # by index (n > 1: one per sample)
         times: list[float] = []
-        logprobs: list[Any] = []
-        extras: dict[str, Any] = {}
         top: dict[str, Any] = {}
         finish: str | None = None
         usage: Usage | None = None
@@ -495,14 +515,13 @@ class _EngineServer:
             async for chunk in it:
                 last = times[-1] if times else None
                 times.append(self.metrics.observe_token(arrival, last, self.clock.now()))
-                texts.append(chunk.text)
-                extras.update(chunk.extras or {})
+                got = choices.get(chunk.index)
+                if got is None:
+                    got = choices[chunk.index] = _Choice()
+                got.add(chunk)
                 top.update(chunk.top or {})
-                ids.extend(chunk.token_ids)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
-                if chunk.logprobs is not None:
-                    logprobs.append(chunk.logprobs)
         except SageLLMError as exc:
             return _failed(request, exc)
         finally:  # (a client gone: the engine aborts it, not counted, as vLLM counts none)
@@ -512,17 +531,31 @@ class _EngineServer:
             return web.Response()
         usage = usage or parsed.estimate_usage(len(times))
         self._observe(parsed, arrival, times, finish, usage)
-        body = fmt.completion("".join(texts), finish, usage)
-        choice = body["choices"][0]
-        choice["logprobs"] = _join_logprobs(logprobs)
-        choice.update(extras)  # the engine's other choice fields (prompt_logprobs)
+        body = fmt.completion("", finish, usage)
+        (template,) = body["choices"]
+        body["choices"] = []
         body.update(top)
-        choice["stop_reason"] = self._stop_reason(parsed, finish)
-        if parsed.token_ids:
-            choice["token_ids"] = ids
-            (body if fmt.chat else choice)["prompt_token_ids"] = prompt_token_ids(
-                parsed.req, self._learn
-            )
+        for index in sorted(choices):
+            got = choices[index]
+            choice = {**template, "index": index}
+            if fmt.chat:
+                choice["message"] = {**template["message"], "content": "".join(got.texts)}
+            else:
+                choice["text"] = "".join(got.texts)
+            choice["logprobs"] = _join_logprobs(got.logprobs)
+            choice["finish_reason"] = got.finish or finish
+            choice.update(got.extras)  # the engine's other choice fields (prompt_logprobs)
+            # the stop string or token that ended it: as the engine's chunk says it, or as
+            # it says of the request (engines that keep it apart)
+            stop = got.extras.get("stop_reason")
+            choice["stop_reason"] = stop if stop is not None else self._stop_reason(parsed, finish)
+            if parsed.token_ids:
+                choice["token_ids"] = got.ids
+                if not fmt.chat:
+                    choice["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
+            body["choices"].append(choice)
+        if parsed.token_ids and fmt.chat:
+            body["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
         return web.json_response(body)
 
     async def _stream(
@@ -568,33 +601,40 @@ class _EngineServer:
         usage: Usage | None = None
         produced = 0
         try:
-            first = True
-            if fmt.chat:
-                role = fmt.role_chunk()
-                if parsed.continuous_usage:
-                    role["usage"] = running_usage(parsed.prompt_tokens, 0)
-                if parsed.token_ids:
-                    role["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
-                await resp.write(encode_event(role))
-                first = False
+            started: set[int] = set()  # the choices whose first chunk went out
+            if fmt.chat:  # a role chunk for each choice, as vLLM starts a chat stream
+                for index in range(samples_of(parsed.req.extra)):
+                    role = fmt.role_chunk()
+                    role["choices"][0]["index"] = index
+                    if parsed.continuous_usage:
+                        role["usage"] = running_usage(parsed.prompt_tokens, 0)
+                    if parsed.token_ids and index == 0:
+                        role["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
+                    await resp.write(encode_event(role))
+                    started.add(index)
             while chunk is not None:
                 last = times[-1] if times else None
                 times.append(self.metrics.observe_token(arrival, last, self.clock.now()))
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
                 produced += len(chunk.token_ids) or 1
-                body = fmt.chunk(chunk.text, chunk.finish_reason, logprobs=chunk.logprobs)
+                index = chunk.index
+                body = fmt.chunk(
+                    chunk.text, chunk.finish_reason, index=index, logprobs=chunk.logprobs
+                )
+                choice = body["choices"][0]
                 if chunk.finish_reason is not None:
-                    body["choices"][0]["stop_reason"] = self._stop_reason(parsed, finish)
+                    stop = (chunk.extras or {}).get("stop_reason")
+                    choice["stop_reason"] = (
+                        stop if stop is not None else self._stop_reason(parsed, finish)
+                    )
                 if parsed.continuous_usage:
                     body["usage"] = running_usage(parsed.prompt_tokens, produced)
                 if parsed.token_ids:
-                    body["choices"][0]["token_ids"] = list(chunk.token_ids)
-                    if first:  # a completion's first choice chunk carries its prompt's
-                        body["choices"][0]["prompt_token_ids"] = prompt_token_ids(
-                            parsed.req, self._learn
-                        )
-                first = False
+                    choice["token_ids"] = list(chunk.token_ids)
+                    if index not in started:  # a completion's first chunk of a choice
+                        choice["prompt_token_ids"] = prompt_token_ids(parsed.req, self._learn)
+                started.add(index)
                 await resp.write(encode_event(body))
                 try:
                     chunk = await anext(it)

@@ -126,11 +126,12 @@ def engine_default_max_tokens(chat: bool, prompt_tokens: int, max_model_len: int
 
 _CONSUMED = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-     "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority", "n",
+     "top_p", "stop", "stream", "stream_options", "kv_transfer_params", "priority",
      "truncate_prompt_tokens"}
 )  # fmt: skip
 """Body fields :func:`parse_request` applies itself (``truncate_prompt_tokens`` too: the
-engine is given the cut prompt, not the field to cut it again)."""
+engine is given the cut prompt, not the field to cut it again). ``n`` is checked here and
+carried out by the engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,13 @@ def checked_messages(messages: Any) -> list[Any]:
             where, detail = problem
             raise InvalidRequestError(f"messages[{index}]{where}: {detail}", param="messages")
     return messages
+
+
+def samples_of(extra: Mapping[str, Any]) -> int:
+    """The choices a request's ``n`` asks for (1 when it gives none; checked by
+    :func:`parse_request`)."""
+    n = whole(extra.get("n"))
+    return n if n is not None and n > 1 else 1
 
 
 def running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -395,10 +403,9 @@ def parse_request(
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
     check_stop(stop, None if chat else body.get("suffix"))
     n = body.get("n")
-    if n is not None and n != 1:  # null is the default, as vLLM reads it
-        if (count := whole(n)) is None or count < 1:  # refused as vLLM refuses it
-            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
-        raise InvalidRequestError("the simulated engine serves n=1 only", param="n")
+    # null is the default, as vLLM reads it; refused as vLLM refuses it
+    if n is not None and n != 1 and ((count := whole(n)) is None or count < 1):
+        raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
     stream = body.get("stream") or False  # null: not streamed
     options = body.get("stream_options")
     if not isinstance(stream, bool):
