@@ -1235,3 +1235,19 @@ def test_a_pd_decode_leg_serves_one_sample() -> None:
         assert err.value.param == "n"
 
     virtual(main)
+
+
+def test_a_chat_of_n_samples_says_its_prompts_ids_once() -> None:
+    """A chat answer's ``prompt_token_ids`` are the answer's, not a choice's: sample 0's
+    first chunk carries them, as engine-sim's stream gives them once."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig())
+        messages = [{"role": "user", "content": "hi"}]
+        chat = req("h", prompt=None, messages=messages, max_tokens=2,
+                   extra={"n": 3, "return_token_ids": True})  # fmt: skip
+        chunks = await collect(engine, chat)
+        said = [c.index for c in chunks if c.top and "prompt_token_ids" in c.top]
+        assert said == [0]
+
+    virtual(main)

@@ -487,6 +487,7 @@ class SimEngine:
             merged.put_nowait((index, None))
 
         tasks = [asyncio.create_task(pump(i, child)) for i, child in enumerate(children)]
+        chat = req.api == "chat"
         produced = [0] * n
         prompt = len(plan.prompt_ids)
         cached = 0
@@ -502,6 +503,8 @@ class SimEngine:
                     raise item
                 chunk = item
                 top = chunk.top
+                if top and index and chat:  # the answer's own fields: said once, by sample 0
+                    top = {k: v for k, v in top.items() if k not in _ANSWER_FIELDS} or None
                 if chunk.usage is not None:  # the sample's last chunk: its own usage
                     produced[index] = chunk.usage.completion_tokens
                     cached = max(cached, chunk.usage.cached_tokens)
@@ -1090,6 +1093,10 @@ class SimEngine:
     def _fail_all(self, message: str) -> None:
         for stream in self._streams.values():
             stream.queue.put_nowait(EngineConnectionError(message, instance_id=self._id))
+
+
+_ANSWER_FIELDS = frozenset({"prompt_token_ids", "prompt_logprobs"})
+"""A chat answer's fields about its prompt (``Chunk.top``), one for all its choices."""
 
 
 @dataclass(frozen=True, slots=True)
