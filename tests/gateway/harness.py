@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sage_llm import ControlPlaneManager
-from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, Usage
+from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
 from sage_llm.gateway.server import start_gateway
 from sage_llm.gateway.settings import GatewaySettings
 from sage_llm.sim.engine import SimEngine
@@ -53,29 +53,13 @@ class GatewayProbe(ConcurrencyProbe):
         self.started_event.set()
         finished = False
         try:
-            n = req.extra.get("n", 1)
-            async for chunk in self._choices(req, n if isinstance(n, int) and n > 1 else 1):
+            async for chunk in self._held(req):  # (n > 1: the simulated engine's samples)
                 yield chunk
             finished = True
         finally:
             if not finished:
                 self.aborted.append(req.request_id)
                 self.aborted_event.set()
-
-    async def _choices(self, req: EngineRequest, n: int) -> AsyncGenerator[Chunk, None]:
-        """One generation per choice, one after the other; the last chunk carries the
-        usage of all of them."""
-        prompt = completion = cached = 0
-        extra = {k: v for k, v in req.extra.items() if k != "n"}
-        for index in range(n):
-            sub = req if n == 1 else req.with_changes(request_id=f"{req.request_id}.{index}")
-            async for chunk in self._held(replace(sub, extra=extra) if n > 1 else sub):
-                usage = chunk.usage
-                if usage is not None:
-                    prompt, cached = usage.prompt_tokens, usage.cached_tokens
-                    completion += usage.completion_tokens
-                    usage = Usage(prompt, completion, cached) if index == n - 1 else None
-                yield replace(chunk, index=index, usage=usage)
 
     async def _held(self, req: EngineRequest) -> AsyncGenerator[Chunk, None]:
         held = self.hold(req.request_id)

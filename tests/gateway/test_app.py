@@ -143,10 +143,10 @@ async def test_n_choices_are_rebuilt_by_index() -> None:
 
 
 async def test_n_choices_from_the_embedded_simulated_engines_themselves() -> None:
-    """The embedded fleet's simulated engines carry out ``n`` (they had answered 400):
-    through the official client, whole and streamed, each choice is its own sample and
-    the usage counts them all. (The test above runs ``n`` through the probe's emulation.)"""
-    async with serve(1, wrap=lambda sim: sim) as gw, _client(gw.base_url) as client:
+    """The embedded fleet's simulated engines carry out ``n`` (they had answered 400, and
+    these tests' probe had run the samples itself): through the official client, whole
+    and streamed, each choice is its own sample and the usage counts them all."""
+    async with serve(1) as gw, _client(gw.base_url) as client:
         comp = await client.completions.create(model=MODEL, prompt="Two ways", max_tokens=5, n=2)
         assert [c.index for c in comp.choices] == [0, 1]
         assert all(count_tokens(c.text) == 5 for c in comp.choices)
