@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         SLOInfeasibleError,
     )
     from sage_llm.types import (
+        ChoiceResult,
         DecodingConfig,
         ExecutionInstance,
         ExecutionInstanceType,
@@ -75,6 +76,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdmissionError",
+    "ChoiceResult",
     "ConfigError",
     "ControlPlaneManager",
     "DecodingConfig",

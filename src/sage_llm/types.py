@@ -483,6 +483,19 @@ class PDMetrics:
 
 
 @dataclass(frozen=True, slots=True)
+class ChoiceResult:
+    """One sample of a request for several (``n`` > 1 in its ``extra_body``), by the
+    ``index`` the engine gave it: its text, why it ended, and, when the engine gave them,
+    its token ids and logprobs (the chunks', in order)."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RequestResult:
     """The outcome of one request (``wait_for_result``).
 
@@ -517,6 +530,10 @@ class RequestResult:
     """The time from placement to the end that the control plane predicted when it
     placed the request (the chosen instance's estimate for ``max_tokens``; compare it with
     ``e2e_latency_ms - queue_wait_ms``), None when it was never placed."""
+    choices: list[ChoiceResult] | None = None
+    """Every sample of a request for several (``n`` > 1), by index; None for one. The
+    result's own ``text``, ``finish_reason``, ``token_ids`` and ``logprobs`` are choice
+    0's, and ``completion_tokens`` counts the tokens of them all."""
 
     @property
     def ok(self) -> bool:

@@ -52,6 +52,7 @@ from sage_llm.errors import (
 )
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import KVTransferHub, SimEngine, SimEngineConfig
+from sage_llm.sim.server import start_engine_server
 from sage_llm.tokens import count_tokens
 from tests.engines.fake_engine import BatchingFakeEngine, FakeEngine
 from tests.engines.probes import ConcurrencyProbe
@@ -3662,3 +3663,34 @@ def test_cost_optimized_twins_share_light_traffic_after_a_burst() -> None:
     counts = run_virtual(main())
     assert sum(counts.values()) == 20
     assert min(counts.values()) >= 3, counts  # (0 before; 4 to 10 with the hash seed)
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_a_request_for_several_samples_has_each_in_its_result(over_http: bool) -> None:
+    """``n`` > 1 (the engine's samples, each chunk with its choice's index): the result's
+    text had been the samples' chunks run together; it is choice 0's, and ``choices`` has
+    every one, streamed by an in-process engine or answered whole over HTTP (its choices
+    by index)."""
+    engine = SimEngine("e0", SimEngineConfig(speed=100.0))
+    runner = None
+    if over_http:
+        runner, port = await start_engine_server(engine, model_name=MODEL)
+        cp = ControlPlaneManager(mode="http", engine_stream="client")
+        cp.register_instance(make_instance("e0", port=port))
+    else:
+        cp = ControlPlaneManager(mode="http", engine_factory=lambda _inst: engine)
+        cp.register_instance(make_instance("e0"))
+    try:
+        async with cp:
+            many = await cp.generate(make_metadata("many", max_tokens=3, extra_body={"n": 3}))
+            one = await cp.generate(make_metadata("one", max_tokens=3))
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await engine.aclose()
+    assert many.choices is not None and [c.index for c in many.choices] == [0, 1, 2]
+    assert many.text == many.choices[0].text and many.token_ids == many.choices[0].token_ids
+    assert all(count_tokens(c.text) == 3 and c.finish_reason == "length" for c in many.choices)
+    assert len({c.text for c in many.choices}) == 3
+    assert many.completion_tokens == 9
+    assert one.choices is None and count_tokens(one.text) == 3

@@ -63,6 +63,7 @@ from sage_llm.control_plane.pd.orchestrator import (
 )
 from sage_llm.control_plane.records import (
     STREAM_END,
+    ChoiceParts,
     FinishedRecords,
     LastInstances,
     Placement,
@@ -102,6 +103,7 @@ from sage_llm.errors import (
 )
 from sage_llm.sim.clock import Clock
 from sage_llm.types import (
+    ChoiceResult,
     ExecutionInstance,
     ExecutionInstanceType,
     ParallelismType,
@@ -1295,25 +1297,39 @@ class Dispatcher:
 
     def _absorb(self, rec: RequestRecord, chunk: Chunk) -> None:
         rec.pieces += 1
-        if chunk.text:
-            rec.text_parts.append(chunk.text)
+        if chunk.index:  # another sample's (n > 1): kept apart, the record's own are 0's
+            self._absorb_choice(rec, chunk)
+        else:
+            if chunk.text:
+                rec.text_parts.append(chunk.text)
+            if chunk.token_ids:
+                rec.token_ids.extend(chunk.token_ids)
+            if chunk.logprobs is not None:
+                rec.logprobs.append(chunk.logprobs)
+            if chunk.finish_reason is not None:
+                rec.finish_reason = chunk.finish_reason
         if chunk.token_ids:
-            rec.token_ids.extend(chunk.token_ids)
             rec.completion_tokens += len(chunk.token_ids)
         elif chunk.text:
             rec.completion_tokens += 1
-        if chunk.logprobs is not None:
-            rec.logprobs.append(chunk.logprobs)
         if chunk.usage is not None:
             rec.prompt_tokens = chunk.usage.prompt_tokens
             rec.completion_tokens = chunk.usage.completion_tokens
             rec.cached_tokens = chunk.usage.cached_tokens
-        if chunk.finish_reason is not None:
-            rec.finish_reason = chunk.finish_reason
         if rec.stream is not None:
             rec.stream.put_nowait(chunk)
         elif rec.chunks is not None:
             rec.chunks.append(chunk)
+
+    @staticmethod
+    def _absorb_choice(rec: RequestRecord, chunk: Chunk) -> None:
+        others = rec.other_choices
+        if others is None:
+            others = rec.other_choices = {}
+        parts = others.get(chunk.index)
+        if parts is None:
+            parts = others[chunk.index] = ChoiceParts()
+        parts.add(chunk)
 
     def _absorb_batch(
         self, rec: RequestRecord, state: InstanceState, batch: list[Chunk], first: bool
@@ -1577,6 +1593,15 @@ class Dispatcher:
                 rec.stream.put_nowait(STREAM_END)
             self.records.pop(rec.request_id, None)
 
+    @staticmethod
+    def _choices(rec: RequestRecord, others: dict[int, ChoiceParts]) -> list[ChoiceResult]:
+        """Every sample of ``rec`` (a request for several), by index."""
+        first = ChoiceResult(
+            0, "".join(rec.text_parts), rec.finish_reason,
+            list(rec.token_ids) or None, list(rec.logprobs) or None,
+        )  # fmt: skip
+        return [first, *(others[i].result(i) for i in sorted(others))]
+
     def _end(
         self,
         rec: RequestRecord,
@@ -1636,6 +1661,7 @@ class Dispatcher:
             list(rec.logprobs) if rec.logprobs else None,
             cost,
             None if rec.predicted_e2e_s is None else rec.predicted_e2e_s * 1000.0,
+            None if rec.other_choices is None else self._choices(rec, rec.other_choices),
         )
         rec.result = result
         if not rec.future.done():

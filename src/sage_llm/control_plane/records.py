@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.errors import EngineError, SageLLMError
-from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult, RequestStatus
+from sage_llm.types import (
+    ChoiceResult,
+    ExecutionInstance,
+    RequestMetadata,
+    RequestResult,
+    RequestStatus,
+)
 
 
 class StreamEnd:
@@ -52,6 +58,35 @@ class ChunkChannel:
                     self._waiter = None
         items, self._items = self._items, []
         return items
+
+
+class ChoiceParts:
+    """The output of one more sample of a request for several (``n`` > 1), as its chunks
+    come (:attr:`RequestRecord.other_choices`)."""
+
+    __slots__ = ("finish_reason", "logprobs", "text_parts", "token_ids")
+
+    def __init__(self) -> None:
+        self.text_parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[object] = []
+        self.finish_reason: str | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.text:
+            self.text_parts.append(chunk.text)
+        if chunk.token_ids:
+            self.token_ids.extend(chunk.token_ids)
+        if chunk.logprobs is not None:
+            self.logprobs.append(chunk.logprobs)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+
+    def result(self, index: int) -> ChoiceResult:
+        return ChoiceResult(
+            index, "".join(self.text_parts), self.finish_reason,
+            list(self.token_ids) or None, list(self.logprobs) or None,
+        )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -118,6 +153,9 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
+    other_choices: dict[int, ChoiceParts] | None = None
+    """The output of the samples after the first of a request for several (``n`` > 1),
+    by index (the fields above hold choice 0's)."""
     error: str | None = None
     exception: BaseException | None = None
     """The engine error that failed the request (re-raised by ``stream``)."""
@@ -146,6 +184,7 @@ class RequestRecord:
         self.logprobs.clear()
         self.completion_tokens = self.prompt_tokens = self.cached_tokens = 0
         self.finish_reason = None
+        self.other_choices = None
         if self.chunks is not None:
             self.chunks.clear()
 
