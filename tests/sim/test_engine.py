@@ -1207,9 +1207,10 @@ def test_closing_n_samples_aborts_every_one_and_a_failure_fails_them_all() -> No
         gen = engine.generate(req("again", max_tokens=100, extra={"n": 2}))
         await anext(gen)
         await engine.aclose()  # every sample fails: the request fails, once
-        with pytest.raises(EngineConnectionError):
+        with pytest.raises(EngineConnectionError) as err:
             async for _ in gen:
                 pass
+        assert not err.value.retryable  # (a chunk had gone out)
 
     virtual(main)
 

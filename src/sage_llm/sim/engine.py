@@ -492,6 +492,7 @@ class SimEngine:
         prompt = len(plan.prompt_ids)
         cached = 0
         finals = 0
+        yielded = False
         try:
             running = n
             while running:
@@ -500,8 +501,11 @@ class SimEngine:
                     running -= 1
                     continue
                 if isinstance(item, BaseException):
+                    if yielded and isinstance(item, EngineError):  # output went out:
+                        item.retryable = False  # not retried (as one sequence's, above)
                     raise item
                 chunk = item
+                yielded = True
                 top = chunk.top
                 if top and index and chat:  # the answer's own fields: said once, by sample 0
                     top = {k: v for k, v in top.items() if k not in _ANSWER_FIELDS} or None
