@@ -779,3 +779,22 @@ async def test_n_choices_whole_and_streamed_as_vllm_answers_them(
         assert [e["usage"]["completion_tokens"] for e in texts] == [1, 2, 3, 4]
         assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
         assert raw[-1] == "[DONE]"
+
+
+async def test_each_of_n_choices_has_its_own_stop_reason(http: aiohttp.ClientSession) -> None:
+    """A choice that ran to its length has no ``stop_reason``, whichever string ended
+    another choice of the request (the request's own stop reason is its choice 0's)."""
+    stops = [" river", " garden"]
+    async with served(fast_engine()) as base:
+        url = f"{base}/v1/completions"
+        body = {**COMPLETION, "max_tokens": 12, "n": 6, "stop": stops}
+        _, out = await post(http, url, body, "s")
+        raw = await stream_events(http, url, body, "s")
+    ends = {(c["finish_reason"], c["stop_reason"]) for c in out["choices"]}
+    assert {f for f, _ in ends} == {"stop", "length"}  # (this request's six: both kinds)
+    assert all((f == "stop") == (r in stops) and (f == "length") == (r is None) for f, r in ends)
+    streamed = {
+        (c["finish_reason"], c["stop_reason"])
+        for e in raw if e != "[DONE]" for c in json.loads(e)["choices"] if c["finish_reason"]
+    }  # fmt: skip
+    assert streamed == ends  # the same request id: the same samples

@@ -545,10 +545,12 @@ class _EngineServer:
             choice["logprobs"] = _join_logprobs(got.logprobs)
             choice["finish_reason"] = got.finish or finish
             choice.update(got.extras)  # the engine's other choice fields (prompt_logprobs)
-            # the stop string or token that ended it: as the engine's chunk says it, or as
-            # it says of the request (engines that keep it apart)
+            # the stop string or token that ended it: as the engine's chunk says it, or, for
+            # an answer of one choice, as it says of the request (engines that keep it apart)
             stop = got.extras.get("stop_reason")
-            choice["stop_reason"] = stop if stop is not None else self._stop_reason(parsed, finish)
+            if stop is None and len(choices) == 1:
+                stop = self._stop_reason(parsed, finish)
+            choice["stop_reason"] = stop
             if parsed.token_ids:
                 choice["token_ids"] = got.ids
                 if not fmt.chat:
@@ -625,9 +627,9 @@ class _EngineServer:
                 choice = body["choices"][0]
                 if chunk.finish_reason is not None:
                     stop = (chunk.extras or {}).get("stop_reason")
-                    choice["stop_reason"] = (
-                        stop if stop is not None else self._stop_reason(parsed, finish)
-                    )
+                    if stop is None and not index:  # (choice 0's: the request's own)
+                        stop = self._stop_reason(parsed, chunk.finish_reason)
+                    choice["stop_reason"] = stop
                 if parsed.continuous_usage:
                     body["usage"] = running_usage(parsed.prompt_tokens, produced)
                 if parsed.token_ids:
