@@ -68,6 +68,7 @@ from sage_llm.control_plane.records import (
     LastInstances,
     Placement,
     RequestRecord,
+    add_output,
 )
 from sage_llm.control_plane.routing.base import Router, route_id
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
@@ -1297,17 +1298,8 @@ class Dispatcher:
 
     def _absorb(self, rec: RequestRecord, chunk: Chunk) -> None:
         rec.pieces += 1
-        if chunk.index:  # another sample's (n > 1): kept apart, the record's own are 0's
-            self._absorb_choice(rec, chunk)
-        else:
-            if chunk.text:
-                rec.text_parts.append(chunk.text)
-            if chunk.token_ids:
-                rec.token_ids.extend(chunk.token_ids)
-            if chunk.logprobs is not None:
-                rec.logprobs.append(chunk.logprobs)
-            if chunk.finish_reason is not None:
-                rec.finish_reason = chunk.finish_reason
+        # another sample's (n > 1) is kept apart: the record's own output is choice 0's
+        add_output(self._choice_parts(rec, chunk.index) if chunk.index else rec, chunk)
         if chunk.token_ids:
             rec.completion_tokens += len(chunk.token_ids)
         elif chunk.text:
@@ -1322,14 +1314,15 @@ class Dispatcher:
             rec.chunks.append(chunk)
 
     @staticmethod
-    def _absorb_choice(rec: RequestRecord, chunk: Chunk) -> None:
+    def _choice_parts(rec: RequestRecord, index: int) -> ChoiceParts:
+        """Where sample ``index`` (> 0) of ``rec``'s is gathered."""
         others = rec.other_choices
         if others is None:
             others = rec.other_choices = {}
-        parts = others.get(chunk.index)
+        parts = others.get(index)
         if parts is None:
-            parts = others[chunk.index] = ChoiceParts()
-        parts.add(chunk)
+            parts = others[index] = ChoiceParts()
+        return parts
 
     def _absorb_batch(
         self, rec: RequestRecord, state: InstanceState, batch: list[Chunk], first: bool

@@ -7,6 +7,7 @@ import copy
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sage_llm.control_plane.snapshot import RequestInfo
 from sage_llm.engines.base import Chunk, EngineRequest
@@ -60,6 +61,28 @@ class ChunkChannel:
         return items
 
 
+class ChoiceOutput(Protocol):
+    """Where one choice's output is gathered: a :class:`RequestRecord` (its choice 0) or
+    a :class:`ChoiceParts`."""
+
+    text_parts: list[str]
+    token_ids: list[int]
+    logprobs: list[object]
+    finish_reason: str | None
+
+
+def add_output(into: ChoiceOutput, chunk: Chunk) -> None:
+    """Add ``chunk``'s text, token ids, logprobs and finish reason to a choice's output."""
+    if chunk.text:
+        into.text_parts.append(chunk.text)
+    if chunk.token_ids:
+        into.token_ids.extend(chunk.token_ids)
+    if chunk.logprobs is not None:
+        into.logprobs.append(chunk.logprobs)
+    if chunk.finish_reason is not None:
+        into.finish_reason = chunk.finish_reason
+
+
 class ChoiceParts:
     """The output of one more sample of a request for several (``n`` > 1), as its chunks
     come (:attr:`RequestRecord.other_choices`)."""
@@ -71,16 +94,6 @@ class ChoiceParts:
         self.token_ids: list[int] = []
         self.logprobs: list[object] = []
         self.finish_reason: str | None = None
-
-    def add(self, chunk: Chunk) -> None:
-        if chunk.text:
-            self.text_parts.append(chunk.text)
-        if chunk.token_ids:
-            self.token_ids.extend(chunk.token_ids)
-        if chunk.logprobs is not None:
-            self.logprobs.append(chunk.logprobs)
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
 
     def result(self, index: int) -> ChoiceResult:
         return ChoiceResult(
