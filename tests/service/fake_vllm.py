@@ -167,10 +167,11 @@ class LLM:
                     step[900 + rank] = Logprob(-1.0 * rank, rank, f"<{rank}>")
                 logprobs.append(step)
         finish = "length" if wanted < len(words) else "stop"
-        return RequestOutput(
-            list(range(len(words))),
-            [CompletionOutput("".join(pieces), ids, logprobs, finish)],
-        )
+        samples = [  # n: sample i's text marked with i after the first (vLLM's differ)
+            CompletionOutput("".join(pieces) + (f" #{i}" if i else ""), ids, logprobs, finish)
+            for i in range(int(kw.get("n", 1)))
+        ]
+        return RequestOutput(list(range(len(words))), samples)
 
     def generate(
         self, prompts: Sequence[str], params: Sequence[SamplingParams], *, use_tqdm: bool = True

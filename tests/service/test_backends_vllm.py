@@ -232,3 +232,14 @@ def test_show_models_lists_the_model_and_the_embedding_model(fake: fake_vllm.Fak
     with VLLMService(config) as svc:
         models = svc.process({"task": "show_models"})
     assert sorted((m["model_id"], m["tags"]) for m in models) == [("e5", ["x"]), ("tiny", ["x"])]
+
+
+def test_n_samples_are_the_generations_of_their_input(svc: VLLMService) -> None:
+    """``n`` (it had been refused: "send a batch instead") reaches vLLM's SamplingParams,
+    and each of its outputs is a generation of the input's entry; the usage counts them."""
+    (entry,) = _generate(svc, "one two three four", max_tokens=2, n=3)
+    texts = [g["text"] for g in entry["generations"]]
+    assert texts == ["one two", "one two #1", "one two #2"]
+    assert entry["usage"]["output_tokens"] == 6
+    (single,) = _generate(svc, "one two three four", max_tokens=2)
+    assert len(single["generations"]) == 1

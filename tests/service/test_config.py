@@ -321,7 +321,8 @@ def test_bad_sampling_values_name_the_key() -> None:
         ({"top_p": -1}, "sampling.top_p"),
         ({"top_p": 5}, "sampling.top_p"),
         ({"temperature": 5}, "sampling.temperature"),
-        ({"n": 2}, "sampling.n"),
+        ({"n": 0}, "sampling.n"),
+        ({"n": "2"}, "sampling.n"),
     ):
         with pytest.raises(ConfigError) as err:
             VLLMServiceConfig.from_dict({"model_id": "m", "sampling": sampling})

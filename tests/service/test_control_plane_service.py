@@ -107,6 +107,21 @@ def test_generate_a_prompt_returns_the_vllm_service_shape(svc: ControlPlaneVLLMS
     assert info["e2e_latency_ms"] >= info["ttft_ms"] > 0
 
 
+def test_n_samples_are_the_generations_of_their_input(svc: ControlPlaneVLLMService) -> None:
+    """``n`` (it had been refused: "send a batch instead"): each sample a generation of
+    the input's entry, in order, the usage counting them all; a batch's inputs each
+    have theirs."""
+    (entry,) = _generate(svc, "What is a control plane?", max_tokens=4, n=3, logprobs=1)
+    gens = entry["generations"]
+    assert len(gens) == 3 and len({g["text"] for g in gens}) == 3
+    assert all(count_tokens(g["text"]) == 4 and len(g["token_ids"]) == 4 for g in gens)
+    assert all(g["finish_reason"] == "length" and g["logprobs"] for g in gens)
+    assert entry["usage"]["output_tokens"] == 12
+    first, second = _generate(svc, ["One", {"prompt": "Two", "options": {"n": 1}}], n=2,
+                              max_tokens=2)  # fmt: skip
+    assert [len(first["generations"]), len(second["generations"])] == [2, 1]
+
+
 def test_generate_a_chat_and_a_mixed_batch(svc: ControlPlaneVLLMService) -> None:
     chat = [{"role": "user", "content": "Hello there"}]
     (one,) = _generate(svc, chat, max_tokens=4)
@@ -611,7 +626,7 @@ def test_request_defaults_of_another_type_or_bad_values_are_a_config_error() -> 
     # values no request's options could hold: refused here, not by every request after
     bad = RequestDefaults(
         priority="LOW",  # type: ignore[arg-type]
-        max_tokens=-5, temperature=9.0, timeout_s=-1.0, extra={"bogus": 1, "n": 3},
+        max_tokens=-5, temperature=9.0, timeout_s=-1.0, extra={"bogus": 1, "n": 0},
     )  # fmt: skip
     with pytest.raises(ConfigErrors) as errs:
         ControlPlaneVLLMService(None, request_defaults=bad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sage_llm.service.payloads import RequestDefaults, parse_generate
-from sage_llm.service.results import generation_entry, to_metadata
+from sage_llm.service.results import generation, generation_entry, to_metadata
 from sage_llm.types import RequestPriority
 
 
@@ -35,7 +35,7 @@ def test_chat_logprobs_use_the_chat_api_fields_and_unset_sampling_keeps_defaults
 
 def test_generation_entry_has_exactly_the_vllm_service_shape() -> None:
     entry = generation_entry(
-        request_id="r", text="hi", token_ids=None, logprobs=None, finish_reason="stop",
+        request_id="r", generations=[generation("hi", None, None, "stop")],
         input_tokens=3, output_tokens=1,
     )  # fmt: skip
     assert entry == {
@@ -43,3 +43,9 @@ def test_generation_entry_has_exactly_the_vllm_service_shape() -> None:
         "usage": {"input_tokens": 3, "output_tokens": 1},
         "request_id": "r",
     }
+    two = generation_entry(
+        request_id="r", generations=[generation("a", [1], None, "stop"),
+                                     generation("b c", [2, 3], None, "length")],
+        input_tokens=3, output_tokens=3,
+    )  # fmt: skip
+    assert [g["text"] for g in two["generations"]] == ["a", "b c"]  # one per sample (n)

@@ -21,6 +21,7 @@ from sage_llm.errors import (
 from sage_llm.service import ControlPlaneVLLMService, VLLMService, register_vllm_service
 from sage_llm.service.backends import vllm_installed
 from sage_llm.sim.clock import VirtualEventLoop
+from sage_llm.tokens import count_tokens
 from tests.service.fleets import MODEL, sim_fleet
 
 # A config as SAGE users write it for VLLMService today.
@@ -497,3 +498,15 @@ def test_use_control_plane_gives_its_instance_the_services_sim_table_and_api_key
     assert inner is not None
     (instance,) = inner.config.control_plane.instances
     assert (instance.host, instance.port, instance.api_key) == ("127.0.0.1", 27400, "sk-test")
+
+
+def test_n_samples_over_a_simulated_engine_are_the_generations_of_their_input() -> None:
+    """The engine backend (``engine = "sim"``) had kept choice 0's chunks only and, with
+    the usage on another choice's last chunk, counted the output tokens itself."""
+    with VLLMService({"model_id": "qwen-7b", "engine": "sim"},
+                     loop_factory=VirtualEventLoop) as svc:  # fmt: skip
+        (entry,) = svc.process({"inputs": "Hello there", "options": {"max_tokens": 3, "n": 2}})
+    gens = entry["generations"]
+    assert len(gens) == 2 and gens[0]["text"] != gens[1]["text"]
+    assert all(len(g["token_ids"]) == 3 for g in gens)
+    assert entry["usage"] == {"input_tokens": count_tokens("Hello there"), "output_tokens": 6}

@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from sage_llm.control_plane.intake import build_request
+from sage_llm.control_plane.records import ChoiceParts, add_output
 from sage_llm.engines.base import EngineClient, Usage, embeddings_refusal
 from sage_llm.errors import (
     ConfigError,
@@ -41,7 +42,7 @@ from sage_llm.service.embeddings import (
     vectors_from_openai,
 )
 from sage_llm.service.payloads import PromptInput, locate_error, suggest
-from sage_llm.service.results import generation_entry, to_metadata
+from sage_llm.service.results import generation, generation_entry, to_metadata
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import ExecutionInstance
 
@@ -276,19 +277,15 @@ class EngineBackend:
         _, req = build_request(
             meta, model, now=0.0, stream=True, default_max_tokens=default_max, block_size=16
         )
-        text: list[str] = []
-        token_ids: list[int] = []
-        logprobs: list[Any] = []
+        choices: dict[int, ChoiceParts] = {}  # by index (n > 1: one per sample)
         finish: str | None = None
         usage: Usage | None = None
         try:
             async for chunk in client.generate(req):
-                if chunk.index != 0:
-                    continue
-                text.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
-                if chunk.logprobs is not None:
-                    logprobs.append(chunk.logprobs)
+                parts = choices.get(chunk.index)
+                if parts is None:
+                    parts = choices[chunk.index] = ChoiceParts()
+                add_output(parts, chunk)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
         except EngineError as exc:
@@ -300,14 +297,18 @@ class EngineBackend:
             raise EngineError(f"request {request_id!r}: the engine ended without a finish reason",
                               instance_id=client.instance_id, retryable=False)  # fmt: skip
         prompt = item.prompt if item.prompt is not None else chat_prompt_text(item.messages or [])
+        asked = item.options.logprobs is not None
+        results = [choices[i].result(i) for i in sorted(choices)]
         return generation_entry(
             request_id=request_id,
-            text="".join(text),
-            token_ids=token_ids,
-            logprobs=logprobs if item.options.logprobs is not None and logprobs else None,
-            finish_reason=finish,
+            generations=[
+                generation(c.text, c.token_ids, c.logprobs if asked else None, c.finish_reason)
+                for c in results
+            ],
             input_tokens=usage.prompt_tokens if usage else count_tokens(prompt),
-            output_tokens=usage.completion_tokens if usage else len(token_ids),
+            output_tokens=(
+                usage.completion_tokens if usage else sum(len(c.token_ids or ()) for c in results)
+            ),
         )
 
     async def embed(self, req: EmbedRequest) -> dict[str, Any]:
@@ -466,16 +467,22 @@ class InProcessVLLMBackend:
             raise engine_failure(exc, None if culprit is None else f"inputs[{culprit}]") from exc
         entries = []
         for item, out, rid in zip(items, outputs, request_ids, strict=True):
-            seq = out.outputs[0]
+            seqs = out.outputs  # one per sample (n)
+            generations = [
+                generation(
+                    seq.text,
+                    list(seq.token_ids),
+                    self._logprobs(item, seq),
+                    getattr(seq, "finish_reason", None),
+                )
+                for seq in seqs
+            ]
             entries.append(
                 generation_entry(
                     request_id=rid,
-                    text=seq.text,
-                    token_ids=list(seq.token_ids),
-                    logprobs=self._logprobs(item, seq),
-                    finish_reason=getattr(seq, "finish_reason", None),
+                    generations=generations,
                     input_tokens=len(out.prompt_token_ids or ()),
-                    output_tokens=len(seq.token_ids),
+                    output_tokens=sum(len(seq.token_ids) for seq in seqs),
                 )
             )
         return entries

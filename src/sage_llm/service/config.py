@@ -183,7 +183,7 @@ def check_request_defaults(defaults: object) -> None:
         bad("extra", f"must be a mapping, got {described(extra)}")
     else:
         known = {k: v for k, v in extra.items() if k in PASSTHROUGH_OPTIONS}
-        try:  # their values as a request's own options are checked (n = 1 only …)
+        try:  # their values as a request's own options are checked (n >= 1 …)
             parse_options(known, RequestDefaults(), "extra")
         except InvalidRequestError as exc:
             bad(exc.param or "extra", exc.message)
@@ -469,9 +469,10 @@ class VLLMServiceConfig:
                         key=format_key(("sampling", str(key))),
                     )
                 )
-        if s.get("n") not in (None, 1):  # as generate's own option (None: not given)
+        n = s.get("n")  # samples per input (1 by default): each a generation of its entry
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             g.errors.append(
-                ConfigError("only n = 1 is supported: send a batch instead", key="sampling.n")
+                ConfigError(f"must be an integer >= 1, got {described(n)}", key="sampling.n")
             )
         defaults = RequestDefaults(
             max_tokens=g.built(lambda: _sampling_int(s, "max_tokens"), _same),

@@ -62,10 +62,10 @@ from sage_llm.service.payloads import (
     parse_payload,
     request_ids,
 )
-from sage_llm.service.results import generation_entry, to_metadata
+from sage_llm.service.results import generation, generation_entry, to_metadata
 from sage_llm.service.runner import LoopFactory, LoopThread, check_loop_factory
 from sage_llm.service.views import instances_view, metrics_view, models_view, result_info
-from sage_llm.types import ExecutionInstance, RequestMetadata, RequestResult
+from sage_llm.types import ChoiceResult, ExecutionInstance, RequestMetadata, RequestResult
 
 __all__ = ["CONTROL_PLANE_TASKS", "WEIGHTS_NOT_MANAGED", "ControlPlaneVLLMService"]
 
@@ -301,12 +301,15 @@ class ControlPlaneVLLMService(ManagedService):
 def _entry(meta: RequestMetadata, result: RequestResult) -> dict[str, Any]:
     wanted = meta.extra_body.get("logprobs")
     asked = wanted is not None and wanted is not False  # a count of 0 asks (0 == False)
+    choices = result.choices or [  # (several with n > 1)
+        ChoiceResult(0, result.text, result.finish_reason, result.token_ids, result.logprobs)
+    ]
     entry = generation_entry(
         request_id=result.request_id,
-        text=result.text,
-        token_ids=result.token_ids,
-        logprobs=result.logprobs if asked else None,
-        finish_reason=result.finish_reason,
+        generations=[
+            generation(c.text, c.token_ids, c.logprobs if asked else None, c.finish_reason)
+            for c in choices
+        ],
         input_tokens=result.prompt_tokens,
         output_tokens=result.completion_tokens,
     )

@@ -403,10 +403,13 @@ def parse_options(raw: Mapping[str, Any], defaults: RequestDefaults, where: str)
         **{k: v for k, v in defaults.extra.items() if v is not None},
         **{k: _json_value(raw[k], param(k)) for k in PASSTHROUGH_OPTIONS if raw.get(k) is not None},
     }
-    if extra.get("n", 1) != 1:
-        raise InvalidRequestError("only n = 1 is supported: send a batch instead",
-                                  param=param("n"))  # fmt: skip
-    extra.pop("n", None)
+    samples = extra.pop("n", None)  # sent only above 1 (the engine's default)
+    if samples is not None and (
+        isinstance(samples, bool) or not isinstance(samples, int) or samples < 1
+    ):
+        raise InvalidRequestError("n must be an integer >= 1", param=param("n"))
+    if samples is not None and samples > 1:
+        extra["n"] = samples  # each sample a generation of the input's entry
     tags = raw.get("tags") or {}
     if not isinstance(tags, Mapping):
         raise InvalidRequestError("tags must be a dict", param=param("tags"))

@@ -8,7 +8,7 @@ from typing import Any
 from sage_llm.service.payloads import PromptInput
 from sage_llm.types import RequestMetadata
 
-__all__ = ["generation_entry", "to_metadata"]
+__all__ = ["generation", "generation_entry", "to_metadata"]
 
 
 def to_metadata(item: PromptInput, request_id: str) -> RequestMetadata:
@@ -43,26 +43,29 @@ def to_metadata(item: PromptInput, request_id: str) -> RequestMetadata:
     return meta
 
 
+def generation(
+    text: str, token_ids: Sequence[int] | None, logprobs: Any, finish_reason: str | None
+) -> dict[str, Any]:
+    """One generation (sample) of a VLLMService ``generate`` entry."""
+    return {
+        "text": text,
+        "token_ids": list(token_ids or ()),
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
+
+
 def generation_entry(
     *,
     request_id: str,
-    text: str,
-    token_ids: Sequence[int] | None,
-    logprobs: Any,
-    finish_reason: str | None,
+    generations: Sequence[dict[str, Any]],
     input_tokens: int,
     output_tokens: int,
 ) -> dict[str, Any]:
-    """One entry of a VLLMService ``generate`` result."""
+    """One entry of a VLLMService ``generate`` result: its input's generations (one per
+    sample, ``n``), in order, and the usage of them all."""
     return {
-        "generations": [
-            {
-                "text": text,
-                "token_ids": list(token_ids or ()),
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "generations": list(generations),
         "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
         "request_id": request_id,
     }
