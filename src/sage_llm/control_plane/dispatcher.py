@@ -69,6 +69,8 @@ from sage_llm.control_plane.records import (
     Placement,
     RequestRecord,
     add_output,
+    choice_parts,
+    choice_result,
 )
 from sage_llm.control_plane.routing.base import Router, route_id
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
@@ -1319,10 +1321,7 @@ class Dispatcher:
         others = rec.other_choices
         if others is None:
             others = rec.other_choices = {}
-        parts = others.get(index)
-        if parts is None:
-            parts = others[index] = ChoiceParts()
-        return parts
+        return choice_parts(others, index)
 
     def _absorb_batch(
         self, rec: RequestRecord, state: InstanceState, batch: list[Chunk], first: bool
@@ -1589,11 +1588,7 @@ class Dispatcher:
     @staticmethod
     def _choices(rec: RequestRecord, others: dict[int, ChoiceParts]) -> list[ChoiceResult]:
         """Every sample of ``rec`` (a request for several), by index."""
-        first = ChoiceResult(
-            0, "".join(rec.text_parts), rec.finish_reason,
-            list(rec.token_ids) or None, list(rec.logprobs) or None,
-        )  # fmt: skip
-        return [first, *(others[i].result(i) for i in sorted(others))]
+        return [choice_result(rec, 0), *(choice_result(others[i], i) for i in sorted(others))]
 
     def _end(
         self,

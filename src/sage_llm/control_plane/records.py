@@ -95,11 +95,21 @@ class ChoiceParts:
         self.logprobs: list[object] = []
         self.finish_reason: str | None = None
 
-    def result(self, index: int) -> ChoiceResult:
-        return ChoiceResult(
-            index, "".join(self.text_parts), self.finish_reason,
-            list(self.token_ids) or None, list(self.logprobs) or None,
-        )  # fmt: skip
+
+def choice_parts(by_index: dict[int, ChoiceParts], index: int) -> ChoiceParts:
+    """Where choice ``index``'s output is gathered in ``by_index`` (made when first asked)."""
+    parts = by_index.get(index)
+    if parts is None:
+        parts = by_index[index] = ChoiceParts()
+    return parts
+
+
+def choice_result(output: ChoiceOutput, index: int) -> ChoiceResult:
+    """Choice ``index`` of a result, from the output gathered for it."""
+    return ChoiceResult(
+        index, "".join(output.text_parts), output.finish_reason,
+        list(output.token_ids) or None, list(output.logprobs) or None,
+    )  # fmt: skip
 
 
 @dataclass(slots=True)

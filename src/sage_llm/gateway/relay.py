@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from sage_llm import jsonutil
+from sage_llm.asyncmerge import merge_streams
 from sage_llm.control_plane.dispatcher import STOPPED
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.engines.base import Chunk, Usage
@@ -425,41 +426,20 @@ async def _merged(
     manager: ControlPlaneManager, gens: Sequence[Generation]
 ) -> AsyncGenerator[list[Chunk], None]:
     n = _choices_per_prompt(gens[0])
-    # bounded: while the client reads nothing the pumps wait, and so do the engines' streams
-    # (unbounded, every token of every prompt had piled up in memory)
-    queue: asyncio.Queue[tuple[int, list[Chunk] | Exception | None]] = asyncio.Queue(len(gens))
-
-    async def pump(k: int, gen: Generation) -> None:
-        try:
-            async with contextlib.aclosing(manager.stream_batches(gen.meta)) as batches:
-                async for batch in batches:
-                    await queue.put((k, batch))
-        except Exception as exc:  # the merged stream raises it
-            await queue.put((k, exc))
-        else:
-            await queue.put((k, None))
-
-    tasks = [asyncio.ensure_future(pump(k, gen)) for k, gen in enumerate(gens)]
-    left = len(gens)
+    # (bounded: while the client reads nothing the requests' streams wait; unbounded,
+    # every token of every prompt had piled up in memory)
     usages: list[Usage] = []
-    try:
-        while left:
-            k, item = await queue.get()
-            if item is None:
-                left -= 1
-                continue
-            if isinstance(item, Exception):
-                raise item
+    merged = merge_streams([manager.stream_batches(gen.meta) for gen in gens])
+    async with contextlib.aclosing(merged):
+        async for k, batch in merged:
             out: list[Chunk] = []
-            for chunk in item:
+            for chunk in batch:
                 usage = chunk.usage
                 if usage is not None:
                     usages.append(usage)
                     usage = sum_usage(usages) if len(usages) == len(gens) else None
                 out.append(replace(chunk, index=k * n + chunk.index, usage=usage))
             yield out
-    finally:
-        await _cancel_all(tasks)
 
 
 async def stream_response(

@@ -21,7 +21,12 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from sage_llm.control_plane.intake import build_request
-from sage_llm.control_plane.records import ChoiceParts, add_output
+from sage_llm.control_plane.records import (
+    ChoiceParts,
+    add_output,
+    choice_parts,
+    choice_result,
+)
 from sage_llm.engines.base import EngineClient, Usage, embeddings_refusal
 from sage_llm.errors import (
     ConfigError,
@@ -282,10 +287,7 @@ class EngineBackend:
         usage: Usage | None = None
         try:
             async for chunk in client.generate(req):
-                parts = choices.get(chunk.index)
-                if parts is None:
-                    parts = choices[chunk.index] = ChoiceParts()
-                add_output(parts, chunk)
+                add_output(choice_parts(choices, chunk.index), chunk)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
         except EngineError as exc:
@@ -298,7 +300,7 @@ class EngineBackend:
                               instance_id=client.instance_id, retryable=False)  # fmt: skip
         prompt = item.prompt if item.prompt is not None else chat_prompt_text(item.messages or [])
         asked = item.options.logprobs is not None
-        results = [choices[i].result(i) for i in sorted(choices)]
+        results = [choice_result(choices[i], i) for i in sorted(choices)]
         return generation_entry(
             request_id=request_id,
             generations=[

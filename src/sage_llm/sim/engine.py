@@ -50,6 +50,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from sage_llm.asyncmerge import merge_streams
 from sage_llm.config_fields import beyond_int64
 from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
 from sage_llm.errors import (
@@ -77,6 +78,7 @@ from sage_llm.sim.logprobs import (
 )
 from sage_llm.sim.server_requests import (
     check_stop,
+    checked_samples,
     context_max_tokens,
     continuous_usage,
     echo_only,
@@ -461,8 +463,9 @@ class SimEngine:
         self, req: EngineRequest, plan: _Sampling, n: int
     ) -> AsyncGenerator[Chunk, None]:
         """``n`` samples of ``req`` as ``n`` requests of their own (vLLM's parallel
-        sampling), their chunks merged as they come (see :meth:`generate`). A failed sample
-        fails the whole request; closing the stream aborts every sample."""
+        sampling), their chunks merged as they come (see :meth:`generate`;
+        :func:`~sage_llm.asyncmerge.merge_streams`). A failed sample fails the whole
+        request; closing the stream aborts every sample."""
         extra = {k: v for k, v in req.extra.items() if k != "n"}
         seed = whole(extra.get("seed"))
         children = [
@@ -472,62 +475,41 @@ class SimEngine:
             )
             for i in range(n)
         ]
-        merged: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int, child: EngineRequest) -> None:
-            try:
-                async with contextlib.aclosing(self._sequence(child, plan)) as sequence:
-                    async for chunk in sequence:
-                        merged.put_nowait((index, chunk))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # (an EngineError: the request's failure)
-                merged.put_nowait((index, exc))
-                return
-            merged.put_nowait((index, None))
-
-        tasks = [asyncio.create_task(pump(i, child)) for i, child in enumerate(children)]
         chat = req.api == "chat"
         produced = [0] * n
         prompt = len(plan.prompt_ids)
         cached = 0
         finals = 0
         yielded = False
+        merged = merge_streams([self._sequence(child, plan) for child in children])
         try:
-            running = n
-            while running:
-                index, item = await merged.get()
-                if item is None:
-                    running -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    if yielded and isinstance(item, EngineError):  # output went out:
-                        item.retryable = False  # not retried (as one sequence's, above)
-                    raise item
-                chunk = item
-                yielded = True
-                top = chunk.top
-                if top and index and chat:  # the answer's own fields: said once, by sample 0
-                    top = {k: v for k, v in top.items() if k not in _ANSWER_FIELDS} or None
-                if chunk.usage is not None:  # the sample's last chunk: its own usage
-                    produced[index] = chunk.usage.completion_tokens
-                    cached = max(cached, chunk.usage.cached_tokens)
-                    finals += 1
-                elif plan.continuous and top and "usage" in top:
-                    produced[index] = top["usage"]["completion_tokens"]
-                if plan.continuous:  # the usage so far: of every sample
-                    top = {**(top or {}), "usage": running_usage(prompt, sum(produced))}
-                usage = (
-                    Usage(prompt, sum(produced), cached) if finals == n and chunk.usage else None
-                )
-                yield Chunk(
-                    chunk.text, chunk.token_ids, chunk.finish_reason, usage, chunk.logprobs,
-                    index, chunk.fields, chunk.extras, top,
-                )  # fmt: skip
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            async with contextlib.aclosing(merged):
+                async for index, chunk in merged:
+                    yielded = True
+                    top = chunk.top
+                    if top and index and chat:  # the answer's own fields: said by sample 0
+                        top = {k: v for k, v in top.items() if k not in _ANSWER_FIELDS} or None
+                    if chunk.usage is not None:  # the sample's last chunk: its own usage
+                        produced[index] = chunk.usage.completion_tokens
+                        cached = max(cached, chunk.usage.cached_tokens)
+                        finals += 1
+                    elif plan.continuous and top and "usage" in top:
+                        produced[index] = top["usage"]["completion_tokens"]
+                    if plan.continuous:  # the usage so far: of every sample
+                        top = {**(top or {}), "usage": running_usage(prompt, sum(produced))}
+                    usage = (
+                        Usage(prompt, sum(produced), cached)
+                        if finals == n and chunk.usage
+                        else None
+                    )
+                    yield Chunk(
+                        chunk.text, chunk.token_ids, chunk.finish_reason, usage, chunk.logprobs,
+                        index, chunk.fields, chunk.extras, top,
+                    )  # fmt: skip
+        except EngineError as exc:  # a sample's failure fails the request
+            if yielded:  # output went out: not retried (as one sequence's, above)
+                exc.retryable = False
+            raise
         kept = self._finished.get(children[0].request_id)
         if kept is not None:  # asked of the request by its id (engine-sim's metrics)
             self._note_finished(req.request_id, *kept)
@@ -765,12 +747,9 @@ class SimEngine:
         """How many samples ``req`` asks for (its ``n``; 1 when it gives none): a whole
         number >= 1, at most the engine's ``max_num_seqs`` (each sample is a sequence of
         its own), and 1 for a PD leg."""
-        n = req.extra.get("n")
-        if n is None or n == 1:
+        count = checked_samples(req.extra.get("n"))
+        if count == 1:
             return 1
-        count = whole(n)
-        if count is None or count < 1:  # refused as vLLM refuses it
-            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
         most = self._config.max_num_seqs
         if count > most:
             raise InvalidRequestError(

@@ -85,11 +85,11 @@ from sage_llm.sim.server_requests import (
     ReportsStopReason,
     check_model,
     checked_messages,
+    checked_samples,
     generation_prompt,
     parse_request,
     prompt_token_ids,
     running_usage,
-    samples_of,
 )
 from sage_llm.sim.text import WORDS
 from sage_llm.types import ExecutionInstanceType, host_port
@@ -605,7 +605,7 @@ class _EngineServer:
         try:
             started: set[int] = set()  # the choices whose first chunk went out
             if fmt.chat:  # a role chunk for each choice, as vLLM starts a chat stream
-                for index in range(samples_of(parsed.req.extra)):
+                for index in range(checked_samples(parsed.req.extra.get("n"))):
                     role = fmt.role_chunk()
                     role["choices"][0]["index"] = index
                     if parsed.continuous_usage:

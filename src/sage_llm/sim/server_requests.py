@@ -252,11 +252,16 @@ def checked_messages(messages: Any) -> list[Any]:
     return messages
 
 
-def samples_of(extra: Mapping[str, Any]) -> int:
-    """The choices a request's ``n`` asks for (1 when it gives none; checked by
-    :func:`parse_request`)."""
-    n = whole(extra.get("n"))
-    return n if n is not None and n > 1 else 1
+def checked_samples(n: Any) -> int:
+    """The samples (choices) a request's ``n`` asks for, as vLLM reads it: null is the
+    default, 1; a whole number >= 1 (``2.0`` too), else refused in vLLM's words. The HTTP
+    server and the in-process engine both read it here."""
+    if n is None or n == 1:
+        return 1
+    count = whole(n)
+    if count is None or count < 1:
+        raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
+    return count
 
 
 def running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -402,10 +407,7 @@ def parse_request(
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
     check_stop(stop, None if chat else body.get("suffix"))
-    n = body.get("n")
-    # null is the default, as vLLM reads it; refused as vLLM refuses it
-    if n is not None and n != 1 and ((count := whole(n)) is None or count < 1):
-        raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}", param="n")
+    checked_samples(body.get("n"))  # (carried out by the engine)
     stream = body.get("stream") or False  # null: not streamed
     options = body.get("stream_options")
     if not isinstance(stream, bool):
