@@ -501,6 +501,8 @@ class RequestResult:
 
     Latencies are in milliseconds; ``ttft_ms``/``tpot_ms`` are None when no token was produced
     or when the engine answered in one piece (see the manager's ``engine_stream``).
+    ``cached_tokens`` (prompt tokens the engine served from its prefix cache) is None when
+    the engine did not report them (vLLM without ``--enable-prompt-tokens-details``).
     ``slo_met`` is True for a completed request whose ``e2e_latency_ms`` is at most its
     ``slo_deadline_ms`` (equal to it included), False for one later, one that failed, or
     one cut off at or after its deadline; None when the request had no SLO, or was
@@ -513,7 +515,7 @@ class RequestResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int | None = 0
     instance_id: str | None = None
     prefill_instance_id: str | None = None
     queue_wait_ms: float = 0.0

@@ -2362,7 +2362,7 @@ def test_a_prefix_cache_hit_does_not_make_the_prefill_estimate_faster() -> None:
             cold = cp.get_instance_metrics("sim-0")["est_prefill_tokens_per_s"]
             for i in range(8):
                 again = await cp.generate(make_metadata(f"warm{i}", prompt=prompt, max_tokens=2))
-                assert again.cached_tokens > 3000  # the engine found it in its cache
+                assert (again.cached_tokens or 0) > 3000  # the engine found it in its cache
             warm = cp.get_instance_metrics("sim-0")["est_prefill_tokens_per_s"]
         assert first.status is RequestStatus.COMPLETED
         assert warm < 3 * cold  # counted whole, eight cache hits made it ~10x faster

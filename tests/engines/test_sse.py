@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -115,7 +116,7 @@ def test_assembler_holds_finish_chunk_until_usage() -> None:
     assert [c.text for c in first] == ["a"] and held == [] and usage == []
     assert asm.on_event("[DONE]") == [] and asm.done
     (last,) = asm.finish()
-    assert (last.text, last.finish_reason, last.usage) == ("b", "stop", Usage(3, 2))
+    assert (last.text, last.finish_reason, last.usage) == ("b", "stop", Usage(3, 2, None))
 
 
 def test_assembler_n_greater_than_one_ends_with_finish_and_usage() -> None:
@@ -127,7 +128,7 @@ def test_assembler_n_greater_than_one_ends_with_finish_and_usage() -> None:
     out += asm.on_event(json.dumps({"choices": [], "usage": {"completion_tokens": 2}}))
     out += asm.finish()
     assert [(c.index, c.finish_reason) for c in out] == [(0, "length"), (1, "length")]
-    assert out[-1].usage == Usage(0, 2)
+    assert out[-1].usage == Usage(0, 2, None)  # no cached count said: unknown
 
 
 def test_assembler_refuses_a_stream_that_leaves_a_choice_unfinished() -> None:
@@ -251,6 +252,21 @@ def test_usage_counts_written_as_whole_floats_are_read() -> None:
     usage = parse_usage({"prompt_tokens": 7.0, "completion_tokens": 3.0, "total_tokens": 10.0})
     assert usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens) == (7, 3)
+
+
+def test_cached_tokens_the_engine_did_not_report_stay_unknown() -> None:
+    """vLLM without --enable-prompt-tokens-details writes null details: not 0 cached."""
+    counts = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    unsaid: list[dict[str, Any]] = [{"prompt_tokens_details": None}, {},
+                                    {"prompt_tokens_details": {}},
+                                    {"prompt_tokens_details": {"cached_tokens": "x"}}]  # fmt: skip
+    for details in unsaid:
+        usage = parse_usage({**counts, **details})
+        assert usage is not None and usage.cached_tokens is None
+        assert usage_json(usage) == {**counts, "prompt_tokens_details": None}
+    said = parse_usage({**counts, "prompt_tokens_details": {"cached_tokens": 0}})
+    assert said is not None and said.cached_tokens == 0
+    assert usage_json(said)["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
 def test_response_format_matches_vllm_shapes() -> None:

@@ -474,6 +474,9 @@ async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stre
     assert whole["usage"]["completion_tokens_details"] == details
     usages = [e["usage"] for e in events if isinstance(e, dict) and e.get("usage")]
     assert [u["completion_tokens_details"] for u in usages] == [details]
+    # the engine said nothing of cached tokens: null details (as vLLM's), not 0 cached
+    assert whole["usage"]["prompt_tokens_details"] is None
+    assert [u["prompt_tokens_details"] for u in usages] == [None]
     # a whole answer's tool calls have no "index" (a stream's deltas do), as vLLM answers
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
@@ -816,6 +819,9 @@ def test_several_prompts_usage_sums_the_engines_other_fields() -> None:
     }
     assert one.extra == {"completion_tokens_details": {"reasoning_tokens": 2}, "tier": "a"}
     assert sum_usage([Usage(1, 1)]).extra is None
+    unsaid = sum_usage([Usage(1, 1, None), Usage(1, 1, None)])
+    assert unsaid.cached_tokens is None  # no engine said: unknown, not 0
+    assert sum_usage([Usage(1, 1, None), Usage(1, 1, 2)]).cached_tokens == 2
     flags = sum_usage([Usage(1, 1, 0, {"is_cached": True}), Usage(1, 1, 0, {"is_cached": True})])
     assert flags.extra == {"is_cached": True}  # a flag is kept, not added up
 

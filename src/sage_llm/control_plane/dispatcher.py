@@ -1035,7 +1035,7 @@ class Dispatcher:
         first, scheduled = rec.first_token_at, rec.scheduled_at
         if rec.engine_request.stream and first is not None and scheduled is not None:
             state.observe_first_token(
-                first - scheduled, rec.pending_tokens_at_dispatch - rec.cached_tokens
+                first - scheduled, rec.pending_tokens_at_dispatch - (rec.cached_tokens or 0)
             )
 
     # -- PD execution ----------------------------------------------------------------------

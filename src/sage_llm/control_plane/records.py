@@ -174,7 +174,7 @@ class RequestRecord:
     logprobs: list[object] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int | None = 0
     finish_reason: str | None = None
     other_choices: dict[int, ChoiceParts] | None = None
     """The output of the samples after the first of a request for several (``n`` > 1),

@@ -104,13 +104,15 @@ def embeddings_refusal(exc: EngineError, model: str, where: str) -> InvalidReque
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of a request. ``extra`` holds the other fields of the engine's ``usage``
-    object (``completion_tokens_details``: reasoning tokens, …), passed on to the client as
-    they came; None when there are none."""
+    """Token counts of a request. ``cached_tokens`` (prompt tokens served from the prefix
+    cache) is None when the engine did not say (vLLM without
+    ``--enable-prompt-tokens-details`` answers ``prompt_tokens_details: null``). ``extra``
+    holds the other fields of the engine's ``usage`` object (``completion_tokens_details``:
+    reasoning tokens, …), passed on to the client as they came; None when there are none."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int | None = 0
     extra: Mapping[str, Any] | None = None
 
     @property

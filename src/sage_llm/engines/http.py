@@ -708,7 +708,7 @@ class HTTPEngineClient:
             instance_id=self.instance_id,
             params=params,
             prompt_tokens=usage.prompt_tokens if usage else 0,
-            cached_tokens=usage.cached_tokens if usage else 0,
+            cached_tokens=(usage.cached_tokens or 0) if usage else 0,
             first_token=first,
         )
 

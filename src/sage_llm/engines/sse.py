@@ -195,11 +195,14 @@ def _as_int(value: Any) -> int:
 
 def parse_usage(obj: Any) -> Usage | None:
     """A :class:`Usage` from an OpenAI ``usage`` object (``None`` when there is none);
-    ``cached_tokens`` comes from ``prompt_tokens_details.cached_tokens``."""
+    ``cached_tokens`` comes from ``prompt_tokens_details.cached_tokens`` (None when the
+    engine gave no number there)."""
     if not isinstance(obj, Mapping):
         return None
     details = obj.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    if cached is not None and not jsonutil.is_number(cached):
+        cached = None
     extra = None
     known = ("prompt_tokens" in obj) + ("completion_tokens" in obj) + ("total_tokens" in obj)
     if len(obj) > known + ("prompt_tokens_details" in obj):  # others: reasoning tokens, …
@@ -207,7 +210,7 @@ def parse_usage(obj: Any) -> Usage | None:
     return fill_usage(
         _as_int(obj.get("prompt_tokens")),
         _as_int(obj.get("completion_tokens")),
-        _as_int(cached),
+        None if cached is None else _as_int(cached),
         extra,
     )
 
@@ -554,13 +557,15 @@ def chunks_from_completion(
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:
-    """An OpenAI ``usage`` object, with ``prompt_tokens_details.cached_tokens`` and the
-    engine's other fields (:attr:`Usage.extra`)."""
+    """An OpenAI ``usage`` object, with ``prompt_tokens_details.cached_tokens`` (null
+    details when the engine did not say, as vLLM writes them) and the engine's other fields
+    (:attr:`Usage.extra`)."""
+    cached = usage.cached_tokens
     out = {
         "prompt_tokens": usage.prompt_tokens,
         "total_tokens": usage.total_tokens,
         "completion_tokens": usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": None if cached is None else {"cached_tokens": cached},
     }
     if usage.extra:
         out.update(usage.extra)

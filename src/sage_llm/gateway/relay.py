@@ -378,12 +378,14 @@ def _choices_per_prompt(gen: Generation) -> int:
 def sum_usage(usages: Iterable[Usage]) -> Usage:
     """The usage of several requests answered as one (the engine's other fields summed
     where they are numbers, see :func:`_sum_extra`)."""
-    prompt = completion = cached = 0
+    prompt = completion = 0
+    cached: int | None = None  # the engines' cached tokens: None when none said
     extra: dict[str, Any] | None = None
     for usage in usages:
         prompt += usage.prompt_tokens
         completion += usage.completion_tokens
-        cached += usage.cached_tokens
+        if usage.cached_tokens is not None:
+            cached = (cached or 0) + usage.cached_tokens
         if usage.extra:
             extra = _sum_extra(extra or {}, usage.extra)
     return Usage(prompt, completion, cached, extra)

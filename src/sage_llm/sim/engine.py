@@ -491,7 +491,7 @@ class SimEngine:
                         top = {k: v for k, v in top.items() if k not in _ANSWER_FIELDS} or None
                     if chunk.usage is not None:  # the sample's last chunk: its own usage
                         produced[index] = chunk.usage.completion_tokens
-                        cached = max(cached, chunk.usage.cached_tokens)
+                        cached = max(cached, chunk.usage.cached_tokens or 0)
                         finals += 1
                     elif plan.continuous and top and "usage" in top:
                         produced[index] = top["usage"]["completion_tokens"]

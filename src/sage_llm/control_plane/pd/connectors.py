@@ -510,7 +510,7 @@ class SGLangConnector:
             legs.prefill.instance_id,
             {k: req.extra[k] for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room")},
             usage.prompt_tokens if usage else 0,
-            usage.cached_tokens if usage else 0,
+            (usage.cached_tokens or 0) if usage else 0,
         )
         legs.prefill_done(handle)
         return handle
