@@ -461,6 +461,12 @@ async def test_embeddings() -> None:
                 error = (await r.json())["error"]
         assert r.status == 400 and error["param"] == "input"
         assert "a list of token ids or a list of token-id lists" in error["message"]
+        async with aiohttp.ClientSession() as http:  # vLLM's chat form: not taken, and said
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            async with http.post(gw.url("/v1/embeddings"), json=body) as r:
+                error = (await r.json())["error"]
+        assert r.status == 400 and error["param"] == "messages"
+        assert error["message"].startswith("messages: chat-form embeddings are not supported")
 
 
 async def test_models_are_aggregated_over_the_fleet() -> None:

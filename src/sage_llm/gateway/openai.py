@@ -566,6 +566,11 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request, self.settings.read_timeout_s)
+        if "input" not in body and "messages" in body:  # vLLM's chat form: said, not "required"
+            raise InvalidRequestError(
+                "messages: chat-form embeddings are not supported: send the rendered text as input",
+                param="messages",
+            )
         req = validate(EmbeddingRequest, body)
         request[MODEL_KEY] = req.model
         raw = req.input
