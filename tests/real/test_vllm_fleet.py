@@ -169,6 +169,86 @@ async def test_streaming_relays_tokens_and_the_usage_chunk(real: RealFleet) -> N
     assert usage[-1]["completion_tokens"] == 12
 
 
+# --- the same bodies straight to an engine and through the gateway --------------------------
+
+_PROMPT = "The quick brown fox"
+_MESSAGES = [{"role": "user", "content": "Say hello"}]
+_SAME_SHAPE: list[tuple[str, dict[str, Any]]] = [
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 4}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 3, "n": 2, "seed": 3}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 3, "logprobs": 2, "echo": True}),
+    ("/v1/completions", {"prompt": [_PROMPT, "Hello"], "max_tokens": 2}),
+    ("/v1/completions", {"prompt": [[1, 450, 4996], [5, 6]], "max_tokens": 2}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 2, "prompt_logprobs": 1}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 2, "return_token_ids": True}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 3, "stream": True,
+                         "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 3, "logprobs": 1, "stream": True}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_completion_tokens": 3, "n": 2,
+                              "seed": 5}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 3, "logprobs": True,
+                              "top_logprobs": 2}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 2, "return_token_ids": True}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 3, "stream": True,
+                              "stream_options": {"include_usage": True,
+                                                 "continuous_usage_stats": True}}),
+    # refusals: the engine's (passed on) and the gateway's own (the same status and param)
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 100000}),
+    ("/v1/completions", {"prompt": "word " * 600, "max_tokens": 2}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 2, "logprobs": 50}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 2, "temperature": -1}),
+    ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 2, "stream_options": {}}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 2, "top_logprobs": 2}),
+]  # fmt: skip
+_KEPT = frozenset(
+    {"object", "finish_reason", "index", "role", "prompt_tokens", "completion_tokens",
+     "total_tokens", "cached_tokens", "param", "code"}
+)  # fmt: skip
+_DROPPED = frozenset({"system_fingerprint", "message", "type"})
+"""Dropped: what differs by design (an error's wording and OpenAI-style ``type``) or by
+build (the fingerprint)."""
+
+
+def _shape(value: Any, key: str = "") -> Any:
+    """``value`` with every leaf replaced by its type's name (those under :data:`_KEPT`
+    keys kept as they are) and null fields left out: the structure an answer has."""
+    if isinstance(value, dict):
+        return {k: _shape(v, k) for k, v in sorted(value.items())
+                if v is not None and k not in _DROPPED}  # fmt: skip
+    if isinstance(value, list):
+        if key == "top_logprobs":  # a completion's are {token: logprob}: the tokens are data
+            return [len(v) if isinstance(v, dict) and "token" not in v else _shape(v)
+                    for v in value]  # fmt: skip
+        return [_shape(v) for v in value]
+    return value if key in _KEPT else type(value).__name__
+
+
+async def _answer_shape(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
+    """The status and the shape of the answer to ``body`` at ``url``: a stream's is the set
+    of its events' shapes (the gateway may split or join an engine's pieces in time)."""
+    async with session.post(url, json={"model": MODEL, "temperature": 0, **body}) as resp:
+        raw = (await resp.read()).decode()
+    if resp.status != 200 or not body.get("stream"):
+        return resp.status, _shape(json.loads(raw))
+    data = [line.removeprefix("data: ") for line in raw.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", raw[-300:]
+    return resp.status, sorted({json.dumps(_shape(json.loads(d))) for d in data[:-1]})
+
+
+async def test_answers_through_the_gateway_have_the_engines_shape(real: RealFleet) -> None:
+    """Every field an engine answers with, and only those, reaches the client, whole or
+    streamed, and refusals have the engine's status and param (the cached-token count had
+    been written 0 where vLLM writes null details)."""
+    engine = real.fleet.instances[0]
+    direct = f"http://{engine.host}:{engine.port}"
+    async with aiohttp.ClientSession() as session:
+        for path, body in _SAME_SHAPE:
+            want = await _answer_shape(session, direct + path, body)
+            got = await _answer_shape(session, real.url + path, body)
+            assert got == want, (path, body)
+
+
 async def test_engine_metrics_are_scraped_while_requests_run(real: RealFleet) -> None:
     before = [await real.manager.engine_stats(i) for i in real.ids]
     assert all(s.source == "vllm" and s.num_gpu_blocks and s.block_size for s in before)
