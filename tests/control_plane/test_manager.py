@@ -1140,10 +1140,11 @@ def test_a_bad_time_limit_is_refused_before_the_request_is_taken() -> None:
     run_virtual(main())
 
 
-def test_a_request_for_prompt_logprobs_is_never_streamed_from_the_engine() -> None:
-    """vLLM refuses ``prompt_logprobs`` with ``stream: true``: a non-streaming request that
-    asks for them is answered in one piece, sampled (each instance's first call would
-    stream) or ``engine_stream = "always"``."""
+def test_a_request_for_prompt_logprobs_or_echo_is_never_streamed_from_the_engine() -> None:
+    """vLLM refuses ``prompt_logprobs`` with ``stream: true``, and its streamed ``echo``
+    answer has another shape than its whole one: a non-streaming request that asks for
+    either is answered in one piece, sampled (each instance's first call would stream) or
+    ``engine_stream = "always"``."""
 
     async def main(mode: str) -> None:
         engines: dict[str, OnePieceEngine] = {}
@@ -1162,9 +1163,14 @@ def test_a_request_for_prompt_logprobs_is_never_streamed_from_the_engine() -> No
                 meta = make_metadata(f"p{i}", max_tokens=4)
                 meta.extra_body["prompt_logprobs"] = 1
                 await cp.collect(meta)
+            for i in range(2):
+                meta = make_metadata(f"e{i}", max_tokens=4)
+                meta.extra_body.update(echo=True, logprobs=1 if i else None)
+                await cp.collect(meta)
             await cp.collect(make_metadata("plain", max_tokens=4))
         sent = {r.request_id: r.stream for r in engines["sim-0"].requests}
-        assert sent == {"p0": False, "p1": False, "p2": False, "plain": True}
+        assert sent == {"p0": False, "p1": False, "p2": False, "e0": False, "e1": False,
+                        "plain": True}  # fmt: skip
 
     for mode in ("sampled", "always"):
         run_virtual(main(mode))

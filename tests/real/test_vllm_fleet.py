@@ -239,14 +239,22 @@ async def _answer_shape(session: aiohttp.ClientSession, url: str, body: dict[str
 async def test_answers_through_the_gateway_have_the_engines_shape(real: RealFleet) -> None:
     """Every field an engine answers with, and only those, reaches the client, whole or
     streamed, and refusals have the engine's status and param (the cached-token count had
-    been written 0 where vLLM writes null details)."""
+    been written 0 where vLLM writes null details), whether the gateway asked the engine for
+    a whole answer or streamed it and put the answer together (``engine_stream = "always"``;
+    vLLM's streamed echo had brought the prompt's token ids in place of its logprobs)."""
     engine = real.fleet.instances[0]
     direct = f"http://{engine.host}:{engine.port}"
+    configured = real.manager.engine_stream
     async with aiohttp.ClientSession() as session:
-        for path, body in _SAME_SHAPE:
-            want = await _answer_shape(session, direct + path, body)
-            got = await _answer_shape(session, real.url + path, body)
-            assert got == want, (path, body)
+        for mode in (configured, "always"):
+            real.manager.engine_stream = mode
+            try:
+                for path, body in _SAME_SHAPE:
+                    want = await _answer_shape(session, direct + path, body)
+                    got = await _answer_shape(session, real.url + path, body)
+                    assert got == want, (mode, path, body)
+            finally:
+                real.manager.engine_stream = configured
 
 
 async def test_engine_metrics_are_scraped_while_requests_run(real: RealFleet) -> None:

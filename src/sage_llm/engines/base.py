@@ -80,8 +80,10 @@ class EngineRequest:
 def answered_whole(extra: Mapping[str, Any]) -> bool:
     """Whether a request with these passed-through body fields must be answered by its
     engine in one piece, not streamed unless its client streams: vLLM refuses
-    ``prompt_logprobs`` with ``stream: true`` (a stream has no place for them)."""
-    return extra.get("prompt_logprobs") is not None
+    ``prompt_logprobs`` with ``stream: true`` (a stream has no place for them), and answers
+    ``echo`` differently streamed (the prompt's token ids, without being asked, and no
+    ``prompt_logprobs``) than whole (``prompt_logprobs`` with ``logprobs``, no token ids)."""
+    return extra.get("prompt_logprobs") is not None or extra.get("echo") is True
 
 
 fill_engine_request = field_filler(EngineRequest, tuple(f.name for f in fields(EngineRequest)))
