@@ -325,3 +325,38 @@ async def test_a_client_leaving_mid_decode_cancels_and_the_engines_stay_healthy(
     status = pd.manager.get_status()["pd"]
     assert status["connector"]["kv_release_failures"] == 0, status
     assert status["colocated_fallbacks"] == 0, status
+
+
+async def test_a_request_for_its_prompts_logprobs_is_answered_right_by_the_pair(
+    pd: PDFleet,
+) -> None:
+    """A request for its prompt's logprobs (``prompt_logprobs``; ``echo`` with logprobs)
+    through the pair answers as the engine alone does, and the decode engine computed
+    every prompt token itself: vLLM reads no KV for such a prompt, which is why the
+    control plane runs these colocated where it can (the ``vllm`` connector's
+    ``splits_prompt_logprobs``; this fleet has no whole-request instance)."""
+    bodies = {
+        "pd-plp": {"prompt": "Weigh every word of this prompt", "prompt_logprobs": 1},
+        "pd-echo": {"prompt": "Echo each word of this line", "echo": True, "logprobs": 1},
+    }
+    for rid, fields in bodies.items():
+        body = {"model": MODEL, "max_tokens": 3, "temperature": 0.0, "ignore_eos": True,
+                **fields}  # fmt: skip
+        direct = await _ok(pd.prefill_url, "/v1/completions", body)
+        before = await _by_source(pd.decode_url)
+        got = await _ok(pd.url, "/v1/completions", body, rid)
+        for key in ("text", "logprobs", "prompt_logprobs"):
+            assert got["choices"][0].get(key) == direct["choices"][0].get(key), (rid, key)
+        assert got["usage"] == direct["usage"], rid
+        result = await _result(pd, rid)
+        assert (result.prefill_instance_id, result.instance_id) == (pd.prefill, pd.decode)
+        prompt = direct["usage"]["prompt_tokens"]
+        after = await _until(
+            lambda: _by_source(pd.decode_url),
+            lambda c, b=before, n=prompt: (
+                c.get("local_compute", 0) >= b.get("local_compute", 0) + n
+            ),
+        )
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        assert delta == {"external_kv_transfer": 0, "local_compute": prompt,
+                         "local_cache_hit": 0}, (rid, delta)  # fmt: skip

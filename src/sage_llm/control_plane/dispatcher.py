@@ -91,6 +91,7 @@ from sage_llm.engines.base import (
     EngineRequest,
     KVHandle,
     answered_whole,
+    asks_prompt_logprobs,
 )
 from sage_llm.errors import (
     ControlPlaneNotRunningError,
@@ -417,7 +418,7 @@ class Dispatcher:
                 continue
             rec.info = info  # the policy may have changed it (e.g. demoted)
             plan = (
-                self._pd_plan(info, snap)
+                self._pd_plan(info, snap, rec.engine_request)
                 if info.model in pd_models and self.may_split(rec.engine_request)
                 else None
             )
@@ -574,13 +575,21 @@ class Dispatcher:
         pd = self.pd
         return pd is None or pd.connector.splits_samples or samples_asked(req.extra) == 1
 
-    def _pd_plan(self, info: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
-        """The pair to run ``info`` disaggregated on, or None to run it colocated."""
+    def _pd_plan(
+        self, info: RequestInfo, snap: ClusterSnapshot, req: EngineRequest
+    ) -> PDPlan | None:
+        """The pair to run ``info`` (``req``) disaggregated on, or None to run it colocated:
+        so does a request whose prefill leg failed, or that asks for its prompt's logprobs
+        when the connector gains nothing by splitting it (vLLM's decode engine computes such
+        a prompt again), while a whole-request instance can take it."""
         pd = self.pd
         if pd is None:
             return None
-        if info.request_id in self._colocated_only and eligible_instances(info, snap):
-            return None  # its prefill leg failed: colocated, while an instance can take it
+        if (
+            info.request_id in self._colocated_only
+            or (not pd.connector.splits_prompt_logprobs and asks_prompt_logprobs(req))
+        ) and eligible_instances(info, snap):
+            return None
         if snap.runnable(info):
             decision = pd.decider.decide(info, snap)
             if not decision.disaggregate:

@@ -86,6 +86,22 @@ def answered_whole(extra: Mapping[str, Any]) -> bool:
     return extra.get("prompt_logprobs") is not None or extra.get("echo") is True
 
 
+def asks_prompt_logprobs(req: EngineRequest) -> bool:
+    """Whether ``req`` asks its engine for its prompt's logprobs, as vLLM reads the body:
+    ``prompt_logprobs``, or ``echo`` with ``logprobs`` (completions) or with
+    ``top_logprobs`` not null (chat, where it is 0 when absent). vLLM computes every token
+    of such a prompt itself: it reads neither its prefix cache nor KV handed over by a
+    prefill instance (``skip_reading_prefix_cache``)."""
+    extra = req.extra
+    if extra.get("prompt_logprobs") is not None:
+        return True
+    if extra.get("echo") is not True:
+        return False
+    if req.messages is not None:
+        return "top_logprobs" not in extra or extra["top_logprobs"] is not None
+    return extra.get("logprobs") is not None
+
+
 fill_engine_request = field_filler(EngineRequest, tuple(f.name for f in fields(EngineRequest)))
 """``fill_engine_request(*values)``: an :class:`EngineRequest` from all its field values in
 field order (as ``EngineRequest(*values)``, several times faster: one is made per request)."""

@@ -817,6 +817,63 @@ def test_a_request_for_several_samples_runs_colocated_over_the_vllm_connector() 
     assert [r.extra.get("n") for r in engines["g0"].requests] == [2]  # asked whole, as sent
 
 
+_CHAT = [{"role": "user", "content": "Tell me about the control plane."}]
+
+
+@pytest.mark.parametrize("connector", ["vllm", "sglang"])
+def test_a_request_for_its_prompts_logprobs_runs_whole_where_it_can(connector: str) -> None:
+    """vLLM's decode engine computes again every prompt token of a request that asks for
+    its prompt's logprobs (``prompt_logprobs``, or ``echo`` with logprobs; chat's echo asks
+    them unless ``top_logprobs`` is null): such requests run on a whole-request instance,
+    even where the decider disaggregates everything; the others still go to the pair."""
+    cp, engines = _fake_pd_fleet([("g0", Role.GENERAL), *PD_PAIR], connector)
+    whole = {
+        "plp": {"extra_body": {"prompt_logprobs": 1}},
+        "echo-lp": {"extra_body": {"echo": True, "logprobs": 0}},
+        "chat-echo": {"extra_body": {"echo": True}, "prompt": None, "messages": _CHAT},
+        "chat-plp": {"extra_body": {"prompt_logprobs": 0}, "prompt": None, "messages": _CHAT},
+    }
+    split = {
+        "echo": {"extra_body": {"echo": True}},
+        "logprobs": {"extra_body": {"logprobs": 2}},
+        "chat-echo-null": {"extra_body": {"echo": True, "top_logprobs": None}, "prompt": None,
+                           "messages": _CHAT},
+        "chat-lp": {"extra_body": {"logprobs": True, "top_logprobs": 2}, "prompt": None,
+                    "messages": _CHAT},
+    }  # fmt: skip
+
+    async def main() -> dict[str, RequestResult]:
+        async with cp:
+            return {
+                rid: await cp.generate(make_metadata(rid, max_tokens=4, **kw))  # type: ignore[arg-type]
+                for rid, kw in {**whole, **split}.items()
+            }
+
+    results = run_virtual(main())
+    ran = {rid: (r.prefill_instance_id is not None, r.instance_id) for rid, r in results.items()}
+    assert ran == {**dict.fromkeys(whole, (False, "g0")), **dict.fromkeys(split, (True, "d0"))}
+    if connector == "vllm":  # (sglang's prefill legs are generate calls too)
+        assert sorted(r.request_id for r in engines["g0"].requests) == sorted(whole)
+        prefilled = [r.request_id for e in engines.values() for r in e.prefills]
+        assert sorted(prefilled) == sorted(split)  # no prefill leg for the others
+
+
+def test_a_request_for_its_prompts_logprobs_runs_disaggregated_without_whole_instances() -> None:
+    """In a fleet of prefill and decode instances only, a request for its prompt's logprobs
+    runs on the pair all the same (vLLM's decode engine answers it right)."""
+    cp, engines = _fake_pd_fleet(list(PD_PAIR))
+
+    async def main() -> RequestResult:
+        async with cp:
+            meta = make_metadata("plp", max_tokens=4, extra_body={"prompt_logprobs": 1})
+            return await cp.generate(meta)
+
+    res = run_virtual(main())
+    assert (res.prefill_instance_id, res.instance_id) == ("p0", "d0"), res.error
+    assert res.status is RequestStatus.COMPLETED
+    assert [r.request_id for r in engines["p0"].prefills] == ["plp"]
+
+
 def test_a_request_for_several_samples_is_refused_by_a_vllm_pd_fleet_without_whole_instances() -> (
     None
 ):

@@ -142,6 +142,13 @@ class PDConnector(Protocol):
     """Whether a request for several samples (``n`` > 1) can run disaggregated through it;
     when not, such requests run colocated (:func:`samples_asked`)."""
 
+    splits_prompt_logprobs: bool
+    """Whether a request that asks for its prompt's logprobs
+    (:func:`~sage_llm.engines.base.asks_prompt_logprobs`) gains from running disaggregated
+    through it; when not, such requests run colocated while an instance that runs whole
+    requests can take them (in a fleet of prefill and decode instances only, they still
+    run disaggregated)."""
+
     def run(self, req: EngineRequest, legs: PDLegs) -> AsyncIterator[Chunk]: ...
 
     def describe(self) -> dict[str, object]: ...
@@ -229,6 +236,10 @@ class VLLMConnector:
     but answers one ``kv_transfer_params``: both decode samples read that one copy (the
     second time, maybe after it was freed) and the other stays pinned until its lease runs
     out (measured against two real vLLM servers with NIXL)."""
+    splits_prompt_logprobs = False
+    """vLLM's decode engine computes again every prompt token of a request that asks for
+    its prompt's logprobs, ignoring the KV the prefill leg made for it (measured against
+    two real vLLM servers with NIXL: no token of such a prompt came by transfer)."""
 
     def __init__(self, params: VLLMConnectorParams | None = None) -> None:
         self.params = params or VLLMConnectorParams()
@@ -476,6 +487,10 @@ class SGLangConnector:
     splits_samples = True
     """Both legs get the whole request, ``n`` included (not checked against a real SGLang
     pair: there is no CPU build)."""
+    splits_prompt_logprobs = False
+    """SGLang's prefill server computes a prompt's logprobs and its decode server only gets
+    the prompt's KV; this connector passes on the decode leg's answer alone, so such
+    requests are kept whole where they can be (not checked against a real SGLang pair)."""
 
     def __init__(self, params: SGLangConnectorParams | None = None, *, seed: int | None = None):
         self.params = params or SGLangConnectorParams()
