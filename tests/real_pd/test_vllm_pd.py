@@ -333,8 +333,9 @@ async def test_a_request_for_its_prompts_logprobs_is_answered_right_by_the_pair(
     """A request for its prompt's logprobs (``prompt_logprobs``; ``echo`` with logprobs)
     through the pair answers as the engine alone does, and the decode engine computed
     every prompt token itself: vLLM reads no KV for such a prompt, which is why the
-    control plane runs these colocated where it can (the ``vllm`` connector's
-    ``splits_prompt_logprobs``; this fleet has no whole-request instance)."""
+    control plane runs these colocated where it can (this fleet has no whole-request
+    instance). The KV the prefill leg left unread is then released by a pull, which the
+    decode engine counts as a transfer."""
     bodies = {
         "pd-plp": {"prompt": "Weigh every word of this prompt", "prompt_logprobs": 1},
         "pd-echo": {"prompt": "Echo each word of this line", "echo": True, "logprobs": 1},
@@ -344,6 +345,7 @@ async def test_a_request_for_its_prompts_logprobs_is_answered_right_by_the_pair(
                 **fields}  # fmt: skip
         direct = await _ok(pd.prefill_url, "/v1/completions", body)
         before = await _by_source(pd.decode_url)
+        released = pd.manager.get_status()["pd"]["connector"]["kv_releases"]
         got = await _ok(pd.url, "/v1/completions", body, rid)
         for key in ("text", "logprobs", "prompt_logprobs"):
             assert got["choices"][0].get(key) == direct["choices"][0].get(key), (rid, key)
@@ -355,8 +357,15 @@ async def test_a_request_for_its_prompts_logprobs_is_answered_right_by_the_pair(
             lambda: _by_source(pd.decode_url),
             lambda c, b=before, n=prompt: (
                 c.get("local_compute", 0) >= b.get("local_compute", 0) + n
+                and c.get("external_kv_transfer", 0) >= b.get("external_kv_transfer", 0) + n
             ),
         )
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        assert delta == {"external_kv_transfer": 0, "local_compute": prompt,
+        assert delta == {"external_kv_transfer": prompt, "local_compute": prompt,
                          "local_cache_hit": 0}, (rid, delta)  # fmt: skip
+
+        async def connector_status() -> dict[str, Any]:
+            return dict(pd.manager.get_status()["pd"]["connector"])
+
+        status = await _until(connector_status, lambda c, n=released: c["kv_releases"] > n)
+        assert (status["kv_releases"], status["kv_release_failures"]) == (released + 1, 0)

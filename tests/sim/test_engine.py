@@ -166,6 +166,33 @@ def test_prefix_cache_hits_show_in_usage() -> None:
     virtual(main)
 
 
+def test_a_request_for_its_prompts_logprobs_reads_no_prefix_cache() -> None:
+    """As vLLM (``skip_reading_prefix_cache``): its prompt is computed whole, and the
+    lookup it skipped is not counted; what it computed is cached for the next request."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+        await collect(engine, req("a", prompt=PROMPT + " first question"))
+        before = await engine.stats()
+        for rid, extra in (
+            ("plp", {"prompt_logprobs": 0}),
+            ("echo", {"echo": True, "logprobs": 0}),
+        ):
+            chunks = await collect(
+                engine, req(rid, prompt=PROMPT + " second question", stream=False, extra=extra)
+            )
+            usage = chunks[-1].usage
+            assert usage is not None and usage.cached_tokens == 0, rid
+        after = await engine.stats()
+        assert after.prefix_cache_queries_total == before.prefix_cache_queries_total
+        chunks = await collect(engine, req("b", prompt=PROMPT + " second question"))
+        usage = chunks[-1].usage
+        assert usage is not None  # every full block of the prompt, the second question's too
+        assert usage.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16
+
+    virtual(main)
+
+
 def test_cancelling_mid_stream_aborts_and_frees_kv() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

@@ -723,6 +723,7 @@ class _Req:
         "num_output",
         "num_prompt",
         "prefill_leg",
+        "read_cache",
         "ready_at",
         "remote",
         "remote_pending",
@@ -743,6 +744,9 @@ class _Req:
         self.num_cached = 0
         self.state = _WAITING
         self.prefill_leg = False
+        self.read_cache = True
+        """False: the prompt is computed whole, nothing read from the prefix cache or
+        another engine (vLLM's ``skip_reading_prefix_cache``: prompt logprobs asked)."""
         self.remote: tuple[str | None, str] | None = None
         self.remote_pending = False
         self.ready_at = 0.0
@@ -835,8 +839,13 @@ class SimEngineCore:
         arrival: float,
         kv_transfer: Mapping[str, Any] | None = None,
         block_hashes: Sequence[int] | None = None,
+        read_cache: bool = True,
     ) -> None:
         """Queue a request. ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs.
+        ``read_cache`` False (a request for its prompt's logprobs, on vLLM): its prompt is
+        computed whole, reading neither the prefix cache (nor counted in its queries) nor
+        the KV a prefill engine holds for it, which stays pinned there until released or
+        its lease runs out.
 
         A request id still held by a finished prefill leg's pinned KV releases that KV first
         (its blocks stay cached), so both legs may run on one engine. ``block_hashes`` are
@@ -871,7 +880,8 @@ class SimEngineCore:
         self._expire_pins(arrival)
         req = _Req(req_id, n, max_tokens, arrival)
         req.prefill_leg = prefill_leg
-        if kv_transfer and kv_transfer.get("do_remote_prefill"):
+        req.read_cache = read_cache
+        if read_cache and kv_transfer and kv_transfer.get("do_remote_prefill"):
             engine = kv_transfer.get("remote_engine_id")
             remote_id = kv_transfer.get("remote_request_id") or req_id
             req.remote = (None if engine is None else str(engine), str(remote_id))
@@ -1248,7 +1258,7 @@ class SimEngineCore:
                 waiting.popleft()
                 continue
             hits: list[int] = []
-            if not req.blocks and req.hashes:
+            if not req.blocks and req.hashes and req.read_cache:
                 limit = (req.total - 1) // self.block_size
                 hits = self._pool.match(req.hashes[:limit])
             computed = req.num_computed + len(hits) * self.block_size
@@ -1274,7 +1284,7 @@ class SimEngineCore:
             budget -= n
 
     def _note_admission(self, req: _Req, cached: int, res: StepResult) -> None:
-        if self.config.enable_prefix_caching and req.remote is None:
+        if self.config.enable_prefix_caching and req.remote is None and req.read_cache:
             self._queries += req.total
             self._hits += cached
         if not req.seen:

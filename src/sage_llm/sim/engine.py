@@ -52,7 +52,14 @@ from typing import Any, Protocol
 
 from sage_llm.asyncmerge import merge_streams
 from sage_llm.config_fields import beyond_int64
-from sage_llm.engines.base import Chunk, EngineRequest, EngineStats, KVHandle, Usage
+from sage_llm.engines.base import (
+    Chunk,
+    EngineRequest,
+    EngineStats,
+    KVHandle,
+    Usage,
+    asks_prompt_logprobs,
+)
 from sage_llm.errors import (
     ConfigError,
     EngineConnectionError,
@@ -448,6 +455,7 @@ class SimEngine:
             prompt_top=requested_prompt_logprobs(req.extra, stream=False),
             return_ids=request_flag(req.extra, "return_token_ids"),
             continuous=continuous_usage(req.extra),  # the usage so far on every chunk
+            whole_prompt=asks_prompt_logprobs(req),
         )
         samples = self._samples(req)
         await self._intake()
@@ -523,7 +531,7 @@ class SimEngine:
         lead = _PromptLead(req, echo, top, plan.prompt_top, prompt_ids if plan.return_ids else None)
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
-            text_key(req, prompt_ids, self._config.seed),
+            text_key(req, prompt_ids, self._config.seed), read_cache=not plan.whole_prompt,
         )  # fmt: skip
         logprobs = None
         if top is not None:
@@ -613,7 +621,7 @@ class SimEngine:
         await self._intake()
         stream = self._open(
             req.request_id, prompt_ids, 1, {"do_remote_decode": True},
-            text_key(req, prompt_ids, self._config.seed),
+            text_key(req, prompt_ids, self._config.seed), read_cache=not asks_prompt_logprobs(req),
         )  # fmt: skip
         done = False
         try:
@@ -800,6 +808,8 @@ class SimEngine:
         max_tokens: int,
         kv_transfer: Mapping[str, Any] | None,
         text_key: str,
+        *,
+        read_cache: bool = True,
     ) -> _Stream:
         wake = self._ensure_running()
         now = (self._clock or current_clock()).now()
@@ -810,12 +820,13 @@ class SimEngine:
                 EngineError(f"request {request_id!r} was sent again", instance_id=self._id)
             )
         self._core.add_request(
-            request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer
-        )
+            request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer,
+            read_cache=read_cache,
+        )  # fmt: skip
         self._opened += 1
         stream = _Stream(text_key, now, self._opened)
         self._streams[request_id] = stream
-        if kv_transfer and kv_transfer.get("do_remote_prefill"):
+        if read_cache and kv_transfer and kv_transfer.get("do_remote_prefill"):
             self._remember_remote(request_id, kv_transfer)
         wake.set()
         return stream
@@ -1096,6 +1107,9 @@ class _Sampling:
     prompt_top: int | None
     return_ids: bool
     continuous: bool
+    whole_prompt: bool
+    """The prompt's logprobs are asked: it is computed whole, as vLLM does (no prefix cache
+    read, no KV taken from a prefill engine)."""
 
 
 class _PromptLead:

@@ -187,6 +187,46 @@ def test_vllm_end_to_end_on_simulated_engines_releases_the_prefill_kv() -> None:
     run_virtual(main())
 
 
+def _whole_prompt_request() -> EngineRequest:
+    """A request for its prompt's logprobs (answered whole, as the dispatcher sends it)."""
+    return request(max_tokens=4, stream=False, extra={"prompt_logprobs": 1})
+
+
+def test_vllm_the_kv_a_request_for_its_prompts_logprobs_left_unread_is_released() -> None:
+    """vLLM's decode engine computes the prompt of a request for its prompt's logprobs
+    itself (so does the simulated one): the KV its prefill leg left is released once the
+    decode leg is done, in the background (the request does not wait for it)."""
+
+    async def main() -> None:
+        p, d = sim_pair()
+        connector = VLLMConnector()
+        chunks = await collect(connector.run(_whole_prompt_request(), legs(p, d)))
+        assert sum(len(c.token_ids) for c in chunks) == 4
+        await connector.wait_released()
+        assert connector.releases == 1
+        assert nothing_pinned(p, "r1")
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
+def test_vllm_the_kv_left_unread_is_released_by_a_pull_without_the_prompts_logprobs() -> None:
+    async def main() -> None:
+        p, d = sim_pair()
+        prefill, decode = ConcurrencyProbe(p), ConcurrencyProbe(d)  # no release_kv on them
+        connector = VLLMConnector()
+        await collect(connector.run(_whole_prompt_request(), legs(prefill, decode)))
+        await connector.wait_released()
+        assert decode.request_ids == ["r1", "r1-kv-release"]
+        assert connector.releases == 1
+        assert nothing_pinned(p, "r1")  # the pull read the KV: it asked no prompt logprobs
+        await p.aclose()
+        await d.aclose()
+
+    run_virtual(main())
+
+
 async def _cancel_between_legs(
     connector: VLLMConnector, prefill: EngineClient, decode: EngineClient
 ) -> None:
@@ -938,7 +978,8 @@ def test_an_unknown_connector_in_code_is_said_at_its_own_key() -> None:
 def test_vllm_release_pull_asks_for_one_token_whatever_the_request_left_to_the_engine() -> None:
     async def main() -> None:
         decode = FakeEngine("d0")
-        req = request(max_tokens=128).with_changes(send_max_tokens=False)
+        extra = {"n": 2, "min_tokens": 9, "prompt_logprobs": 1, "echo": True, "seed": 4}
+        req = request(max_tokens=128, extra=extra).with_changes(send_max_tokens=False)
         handle = KVHandle("p0", {"remote_request_id": "r1"}, 10, 0, Chunk(text=" w0"))
         assert await VLLMConnector._pull(req, handle, decode)
         [pull] = decode.requests
@@ -947,5 +988,6 @@ def test_vllm_release_pull_asks_for_one_token_whatever_the_request_left_to_the_e
             1,
             True,
         )
+        assert pull.extra == {"seed": 4}  # one token, one sample, no prompt logprobs
 
     run_virtual(main())

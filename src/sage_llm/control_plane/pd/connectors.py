@@ -29,7 +29,10 @@ output is discarded (``release_by_pull``; vLLM's NIXL connector frees the prefil
 blocks once they have been read). Without that, vLLM frees them only when it gives up
 on them: vLLM 0.32's NIXL connector when its lease runs out
 (``kv_connector_extra_config.kv_lease_duration``, 30 s by default), older releases when
-their abort timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A prefill leg
+their abort timeout passes (``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``, 480 s by default). A request for
+its prompt's logprobs leaves KV that its decode leg never reads (vLLM computes such a
+prompt itself): it is released the same way once the decode leg is done, in the
+background. A prefill leg
 whose request is cancelled gets ``cancel_grace_s`` to answer (its engine may have ended it,
 the answer on its way: that KV is released too); one still in flight then is aborted by
 closing its connection, which vLLM treats as an abort.
@@ -52,11 +55,22 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from sage_llm.control_plane.params import build_params
-from sage_llm.engines.base import Chunk, EngineClient, EngineRequest, KVHandle, Usage
+from sage_llm.engines.base import (
+    Chunk,
+    EngineClient,
+    EngineRequest,
+    KVHandle,
+    Usage,
+    asks_prompt_logprobs,
+)
 from sage_llm.errors import ConfigError, EngineError, InvalidRequestError, SageLLMError
 from sage_llm.types import ExecutionInstance
 
 log = logging.getLogger("sage_llm.pd")
+
+_NOT_PULLED = frozenset({"min_tokens", "n", "prompt_logprobs", "echo"})
+"""Body fields a pull that releases a prefill leg's KV leaves out: more than one token or
+sample, and the prompt's logprobs (vLLM would compute the prompt again, not pull it)."""
 
 Leg = Literal["prefill", "decode"]
 
@@ -278,6 +292,9 @@ class VLLMConnector:
         self._forget_leg(key, number)
         legs.prefill_done(handle)
         owed = True  # the prefill side holds KV for us until the decode side pulled it
+        # vLLM's decode engine computes the prompt of a request for its prompt's logprobs
+        # itself and never pulls its KV, which is released once the decode leg is done
+        unread = asks_prompt_logprobs(req)
         decode_failed = False
         # a leg asked for a whole answer shows nothing until its end: cut short, it is
         # released anyway (the engine may have pulled the KV already; streaming every such
@@ -287,7 +304,7 @@ class VLLMConnector:
         try:
             try:
                 async for chunk in stream:
-                    owed = False
+                    owed = unread
                     yield merge_usage(chunk, handle.prompt_tokens)
             except PDLegError:
                 decode_failed = True
@@ -306,9 +323,11 @@ class VLLMConnector:
             if owed:
                 failed = decode_failed or legs.decode_is_down()  # e.g. cancelled: ejected
                 release = self._release_later(req, handle, legs, decode_failed=failed)
-                if not cancelled:  # the request ends now (a deadline's 504 on time); else
-                    # it waits for the release, which goes on if the request is cancelled
-                    # meanwhile (moved off its ejected decode instance, say)
+                if not cancelled and (decode_failed or not unread):
+                    # the request waits for the release, which goes on if it is cancelled
+                    # meanwhile (moved off its ejected decode instance, say); a cancelled
+                    # one ends now (a deadline's 504 on time), and one whose decode leg
+                    # answered in full does not wait
                     await asyncio.shield(release)
 
     def _forget_leg(self, key: tuple[str, str], number: int) -> None:
@@ -435,7 +454,7 @@ class VLLMConnector:
 
     @staticmethod
     async def _pull(req: EngineRequest, handle: KVHandle, decode: EngineClient) -> bool:
-        extra = {k: v for k, v in req.extra.items() if k not in ("min_tokens", "n")}
+        extra = {k: v for k, v in req.extra.items() if k not in _NOT_PULLED}
         drain = req.with_changes(
             request_id=f"{req.request_id}-kv-release",
             max_tokens=1,
