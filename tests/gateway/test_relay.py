@@ -423,7 +423,8 @@ async def _gateway_over(app: web.Application, engine_stream: str) -> AsyncIterat
 
 def _tool_engine() -> web.Application:
     """A vLLM-shaped chat engine that answers with reasoning and a tool call, whole or as
-    deltas (the call's arguments in two pieces, as vLLM streams them)."""
+    deltas (the call's arguments in two pieces, as vLLM streams them); a whole answer's
+    content is ``""`` when the request forced the call, as vLLM's."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -433,8 +434,11 @@ def _tool_engine() -> web.Application:
                  "completion_tokens_details": {"reasoning_tokens": 2}}  # fmt: skip
         if not body.get("stream"):
             call = {**_CALL, "function": {"name": "get_weather", "arguments": "".join(_ARGS)}}
-            message = {"role": "assistant", "content": None, "reasoning_content": "I think.",
-                       "tool_calls": [call]}  # fmt: skip
+            forced = body.get("tool_choice") == "required" or isinstance(
+                body.get("tool_choice"), dict
+            )
+            message = {"role": "assistant", "content": "" if forced else None,
+                       "reasoning_content": "I think.", "tool_calls": [call]}  # fmt: skip
             choice = {"index": 0, "message": message, "logprobs": None,
                       "finish_reason": "tool_calls", "stop_reason": 128008}  # fmt: skip
             return web.json_response({**head, "choices": [choice], "usage": usage})
@@ -458,10 +462,22 @@ def _tool_engine() -> web.Application:
     return _chat_app(chat)
 
 
+_FORCED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    "tool_choice", [None, "required", _FORCED], ids=["auto", "required", "named"]
+)
 @pytest.mark.parametrize("engine_stream", ["client", "always"])  # engine answers whole / streamed
-async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stream: str) -> None:
+async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(
+    engine_stream: str, tool_choice: Any
+) -> None:
+    """A whole answer that calls a tool has null content, or ``""`` when the request forced
+    the call, as vLLM answers, whether the engine answered whole or streamed it."""
     body = {"model": "m", "messages": [{"role": "user", "content": "weather?"}],
             "tools": [{"type": "function", "function": {"name": "get_weather"}}]}  # fmt: skip
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
     async with _gateway_over(_tool_engine(), engine_stream) as url, aiohttp.ClientSession() as http:
         async with http.post(url, json=body) as r:
             whole = await r.json()
@@ -480,7 +496,8 @@ async def test_tool_calls_reasoning_and_stop_reason_reach_the_client(engine_stre
     # a whole answer's tool calls have no "index" (a stream's deltas do), as vLLM answers
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
-    assert choice["message"] == {"role": "assistant", "content": None,
+    content = None if tool_choice is None else ""
+    assert choice["message"] == {"role": "assistant", "content": content,
                                  "reasoning_content": "I think.", "tool_calls": [call]}  # fmt: skip
     assert (choice["finish_reason"], choice["stop_reason"]) == ("tool_calls", 128008)
     deltas = [e["choices"][0]["delta"] for e in events if isinstance(e, dict) and e["choices"]]

@@ -31,6 +31,8 @@ from tests.real.conftest import ROOT, served_fleet, skip_reason
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MODEL = "tiny"
+_TOOL_CALLS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+"""Tool calls on (a forced ``tool_choice`` needs a parser), for the answers' shapes."""
 LONG_PROMPT = " ".join(
     f"Request {i} asks the control plane to route a prompt with a shared prefix." for i in range(10)
 )
@@ -57,6 +59,7 @@ async def real(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RealFl
     settings = vllm_cpu_settings(
         python, model_dir, base_port=free_ports(2), shape=shape,
         log_dir=tmp_path_factory.mktemp("vllm-logs"), served_model_name=MODEL,
+        extra_args=_TOOL_CALLS,
     )  # fmt: skip
     manager = ControlPlaneManager(
         scheduling_policy="fifo", routing_strategy="locality", enable_pd_separation=False,
@@ -173,6 +176,19 @@ async def test_streaming_relays_tokens_and_the_usage_chunk(real: RealFleet) -> N
 
 _PROMPT = "The quick brown fox"
 _MESSAGES = [{"role": "user", "content": "Say hello"}]
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}},
+                "required": ["a"],
+            },
+        },
+    }
+]
 _SAME_SHAPE: list[tuple[str, dict[str, Any]]] = [
     ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 4}),
     ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 3, "n": 2, "seed": 3}),
@@ -193,6 +209,13 @@ _SAME_SHAPE: list[tuple[str, dict[str, Any]]] = [
     ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 3, "stream": True,
                               "stream_options": {"include_usage": True,
                                                  "continuous_usage_stats": True}}),
+    # a forced call is answered with "" content (auto ones' is null when they call)
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 60, "tools": _TOOLS,
+                              "tool_choice": "required"}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 60, "tools": _TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+    ("/v1/chat/completions", {"messages": _MESSAGES, "max_tokens": 60, "tools": _TOOLS,
+                              "tool_choice": "required", "stream": True}),
     # refusals: the engine's (passed on) and the gateway's own (the same status and param)
     ("/v1/completions", {"prompt": _PROMPT, "max_tokens": 100000}),
     ("/v1/completions", {"prompt": "word " * 600, "max_tokens": 2}),

@@ -204,8 +204,20 @@ def merge_logprobs(parts: list[Any] | None) -> Any:
     return merged
 
 
-def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dict[str, Any]:
-    """A whole completion / chat completion with every choice, in vLLM's format."""
+def tool_call_content(gen: Generation) -> str | None:
+    """The ``content`` of a whole chat message that calls tools and has no text, as vLLM
+    answers it: ``""`` when the request forced a call (``tool_choice`` ``"required"`` or a
+    named function), null otherwise (calls its tool parser found)."""
+    choice = gen.meta.extra_body.get("tool_choice")
+    return "" if choice == "required" or isinstance(choice, dict) else None
+
+
+def completion_body(
+    fmt: ResponseFormat, choices: _Choices, usage: Usage, call_content: str | None = None
+) -> dict[str, Any]:
+    """A whole completion / chat completion with every choice, in vLLM's format
+    (``call_content``: a chat message's content when it calls tools and has no text,
+    :func:`tool_call_content`)."""
     out: list[dict[str, Any]] = []
     for idx in choices.indices():
         text = "".join(choices.text.get(idx, []))
@@ -217,7 +229,7 @@ def completion_body(fmt: ResponseFormat, choices: _Choices, usage: Usage) -> dic
                 message.update(fields)
                 calls = message.get("tool_calls")
                 if calls and not text:
-                    message["content"] = None  # a tool call has no text, as vLLM answers
+                    message["content"] = call_content
                 for call in calls if isinstance(calls, list) else ():
                     if isinstance(call, dict):  # merged from deltas: a whole one has none
                         call.pop("index", None)
@@ -322,7 +334,8 @@ async def complete(manager: ControlPlaneManager, gen: Generation, created: int) 
     choices = _Choices(token_ids=bool(gen.meta.extra_body.get("return_token_ids")))
     for chunk in chunks:
         choices.add(chunk)
-    return completion_body(fmt, choices, _usage_after(gen, result, choices.usage, gen.request_id))
+    usage = _usage_after(gen, result, choices.usage, gen.request_id)
+    return completion_body(fmt, choices, usage, tool_call_content(gen) if gen.chat else None)
 
 
 async def complete_all(
