@@ -1718,6 +1718,33 @@ def test_prefixes_are_tracked_only_when_something_reads_them() -> None:
     run_virtual(main())
 
 
+def test_a_prompt_whose_logprobs_are_asked_is_not_tracked_by_prefix() -> None:
+    """vLLM reads no prefix cache for a prompt whose logprobs are asked (as lm-eval's
+    log-likelihood requests do): such a request gets no block hashes, so a prefix router
+    does not send it after a cache it will not read, nor is it recorded."""
+    prompt = "Some shared few-shot prefix, long enough to fill several blocks. " * 8
+    asks: list[dict[str, Any]] = [
+        {"extra_body": {"prompt_logprobs": 0}},
+        {"extra_body": {"echo": True, "logprobs": 1}},
+        {"extra_body": {"echo": True}, "prompt": None,
+         "messages": [{"role": "user", "content": prompt}]},
+    ]  # fmt: skip
+
+    async def main() -> None:
+        cp = _manager(routing_strategy="locality", scheduling_policy="fifo")
+        async with cp:
+            for i, kw in enumerate(asks):
+                res = await cp.generate(
+                    make_metadata(f"lp{i}", **{"prompt": prompt, "max_tokens": 2, **kw})
+                )
+                assert res.status is RequestStatus.COMPLETED, res.error
+            assert cp.get_status()["prefix_index_entries"] == 0
+            await cp.generate(make_metadata("plain", prompt=prompt, max_tokens=2))
+            assert cp.get_status()["prefix_index_entries"] == count_tokens(prompt) // 16
+
+    run_virtual(main())
+
+
 def test_pd_tracks_prefixes_once_a_prefill_or_decode_instance_is_registered() -> None:
     cp = _manager(routing_strategy="round_robin", enable_pd_separation=True)
     assert cp.get_status()["prefix_tracking"] is False  # general instances only

@@ -86,6 +86,7 @@ from sage_llm.engines.base import (
     EngineStats,
     answered_whole,
     embeddings_refusal,
+    prompt_logprobs_asked,
 )
 from sage_llm.engines.http import HTTPTimeouts
 from sage_llm.errors import (
@@ -1530,7 +1531,12 @@ class ControlPlaneManager:
             stream=stream
             or (self.engine_stream == "always" and not answered_whole(meta.extra_body)),
             default_max_tokens=self.default_max_tokens,
-            block_size=self.prefix_block_size if self._tracks_prefixes else None,
+            # no hashes for a prompt whose logprobs are asked: vLLM reads no prefix cache
+            # for it, so where its blocks are cached does not matter to where it runs
+            block_size=self.prefix_block_size
+            if self._tracks_prefixes
+            and not prompt_logprobs_asked(meta.extra_body, chat=meta.messages is not None)
+            else None,
             # (a session id that is not a string is refused by build_request)
             previous_instance_id=self._last_instances.get(session)
             if type(session) is str

@@ -87,17 +87,21 @@ def answered_whole(extra: Mapping[str, Any]) -> bool:
 
 
 def asks_prompt_logprobs(req: EngineRequest) -> bool:
-    """Whether ``req`` asks its engine for its prompt's logprobs, as vLLM reads the body:
+    """Whether ``req`` asks its engine for its prompt's logprobs (:func:`prompt_logprobs_asked`).
+    vLLM computes every token of such a prompt itself: it reads neither its prefix cache
+    nor KV handed over by a prefill instance (``skip_reading_prefix_cache``)."""
+    return prompt_logprobs_asked(req.extra, chat=req.messages is not None)
+
+
+def prompt_logprobs_asked(extra: Mapping[str, Any], *, chat: bool) -> bool:
+    """Whether body fields ``extra`` ask for the prompt's logprobs, as vLLM reads them:
     ``prompt_logprobs``, or ``echo`` with ``logprobs`` (completions) or with
-    ``top_logprobs`` not null (chat, where it is 0 when absent). vLLM computes every token
-    of such a prompt itself: it reads neither its prefix cache nor KV handed over by a
-    prefill instance (``skip_reading_prefix_cache``)."""
-    extra = req.extra
+    ``top_logprobs`` not null (chat, where it is 0 when absent)."""
     if extra.get("prompt_logprobs") is not None:
         return True
     if extra.get("echo") is not True:
         return False
-    if req.messages is not None:
+    if chat:
         return "top_logprobs" not in extra or extra["top_logprobs"] is not None
     return extra.get("logprobs") is not None
 
