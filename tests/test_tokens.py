@@ -40,6 +40,19 @@ def test_block_hashes_are_fixed_values() -> None:
     )
 
 
+def test_salted_hashes_share_no_block_across_salts() -> None:
+    """vLLM's ``cache_salt``: the same prompt under two salts, or salted and not, shares no
+    block; under one salt it shares all, in every process (fixed values)."""
+    plain = tokens.block_hashes(list(range(64)), 16)
+    a, b = tokens.salted_hashes(plain, "tenant-a"), tokens.salted_hashes(plain, "tenant-b")
+    assert len(a) == len(b) == len(plain) == 4
+    assert not set(a) & set(b) and not set(a) & set(plain) and not set(b) & set(plain)
+    assert a == tokens.salted_hashes(plain, "tenant-a")
+    key = zlib.crc32(b"tenant-a") | (zlib.adler32(b"tenant-a") << 32)
+    assert a == tuple(h ^ key for h in plain)
+    assert tokens.salted_hashes((), "tenant-a") == ()
+
+
 def test_block_hashes_are_stable_across_processes() -> None:
     code = "from sage_llm.tokens import block_hashes; print(block_hashes(list(range(64)), 16))"
     out = subprocess.run(

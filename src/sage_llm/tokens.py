@@ -89,6 +89,18 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     return tuple(hashes)
 
 
+def salted_hashes(hashes: tuple[int, ...], salt: str) -> tuple[int, ...]:
+    """``hashes`` (:func:`block_hashes`, :func:`prompt_blocks`) of a prompt sent with
+    vLLM's ``cache_salt``: vLLM mixes the salt into its first block's hash, so no block of
+    the prompt is shared with the same prompt unsalted or under another salt. Each hash is
+    XORed with the salt's CRC-32 | Adler-32 << 32 (the same in every process)."""
+    if not hashes:
+        return hashes
+    data = salt.encode("utf-8", "surrogatepass")
+    key = zlib.crc32(data) | (zlib.adler32(data) << 32)
+    return tuple(h ^ key for h in hashes)
+
+
 def prompt_blocks(prompt: str | Sequence[int], block_size: int) -> tuple[int, tuple[int, ...]]:
     """The token count of ``prompt`` and the hashes of its full blocks of ``block_size``
     tokens: what the control plane needs of a prompt to schedule and route it.

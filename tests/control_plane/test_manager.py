@@ -1745,6 +1745,27 @@ def test_a_prompt_whose_logprobs_are_asked_is_not_tracked_by_prefix() -> None:
     run_virtual(main())
 
 
+def test_a_cache_salt_keeps_a_prompts_blocks_apart() -> None:
+    """vLLM shares no cached block between two ``cache_salt`` values (nor salted and not):
+    the prefix index records the same prompt once per salt."""
+    prompt = "A tenant's system prompt, long enough to fill several blocks of the cache. " * 6
+    blocks = count_tokens(prompt) // 16
+
+    async def main() -> None:
+        cp = _manager(routing_strategy="locality", scheduling_policy="fifo")
+        async with cp:
+            salts = ["a", "b", "a", None]
+            for i, salt in enumerate(salts):
+                extra = {} if salt is None else {"cache_salt": salt}
+                meta = make_metadata(f"s{i}", prompt=prompt, max_tokens=2, extra_body=extra)
+                res = await cp.generate(meta)
+                assert res.status is RequestStatus.COMPLETED, res.error
+                seen = len(set(salts[: i + 1]))  # prompts recorded: one per salt, and unsalted
+                assert cp.get_status()["prefix_index_entries"] == seen * blocks, salt
+
+    run_virtual(main())
+
+
 def test_pd_tracks_prefixes_once_a_prefill_or_decode_instance_is_registered() -> None:
     cp = _manager(routing_strategy="round_robin", enable_pd_separation=True)
     assert cp.get_status()["prefix_tracking"] is False  # general instances only

@@ -314,6 +314,20 @@ async def test_repeated_prefix_hits_the_cache_on_the_warm_instance(real: RealFle
     after = await _stats_until(real, warm, lambda s: s.prefix_cache_hits_total > hits)
     assert after.prefix_cache_hits_total > hits
     assert after.prefix_cache_queries_total > 0
+    # under a cache_salt the same prompt shares no block (why the control plane salts the
+    # prompt's block hashes too): sent straight to the warm engine, it hits nothing
+    engine = next(i for i in real.fleet.instances if i.instance_id == warm)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{engine.host}:{engine.port}/v1/completions",
+                     json={**body, "cache_salt": "tenant-b"}) as resp,
+    ):  # fmt: skip
+        assert resp.status == 200, await resp.text()
+    salted = await _stats_until(
+        real, warm, lambda s: s.prefix_cache_queries_total > after.prefix_cache_queries_total
+    )
+    assert salted.prefix_cache_queries_total > after.prefix_cache_queries_total
+    assert salted.prefix_cache_hits_total == after.prefix_cache_hits_total
 
 
 async def test_requests_complete_on_the_survivor_after_an_engine_is_killed(

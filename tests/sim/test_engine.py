@@ -193,6 +193,31 @@ def test_a_request_for_its_prompts_logprobs_reads_no_prefix_cache() -> None:
     virtual(main)
 
 
+def test_a_cache_salt_shares_cached_blocks_only_under_the_same_salt() -> None:
+    async def main() -> None:
+        engine = SimEngine("sim-0")
+
+        async def cached(rid: str, salt: str | None) -> int | None:
+            extra = {} if salt is None else {"cache_salt": salt}
+            chunks = await collect(engine, req(rid, extra=extra))
+            usage = chunks[-1].usage
+            assert usage is not None
+            return usage.cached_tokens
+
+        assert await cached("a1", "a") == 0
+        assert await cached("b1", "b") == 0  # another salt: nothing shared
+        assert await cached("n1", None) == 0  # nor without one
+        hit = await cached("a2", "a")
+        assert hit is not None and hit > 0
+        assert await cached("n2", None) == hit
+        for bad in ("", "a/b", "x" * 129, 5):
+            with pytest.raises(InvalidRequestError) as err:
+                await collect(engine, req("bad", extra={"cache_salt": bad}))
+            assert err.value.param == "cache_salt"
+
+    virtual(main)
+
+
 def test_cancelling_mid_stream_aborts_and_frees_kv() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

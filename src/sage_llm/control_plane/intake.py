@@ -216,6 +216,8 @@ def build_request(
         # the engine keeps the last `keep` tokens: what it runs, and what its cache holds
         kept = tokens.last_tokens(source, keep)
         prompt_tokens, hashes = _prompt_blocks(kept, block_size)
+    if hashes and meta.extra_body and type(salt := meta.extra_body.get("cache_salt")) is str:
+        hashes = tokens.salted_hashes(hashes, salt)  # vLLM shares no block across salts
     ids: tuple[tuple[str, object], ...] = (
         ("user_id", meta.user_id),
         ("session_id", meta.session_id),

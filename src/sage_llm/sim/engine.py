@@ -74,6 +74,7 @@ from sage_llm.sim.core import (
     SimEngineCore,
     StepResult,
     default_max_model_len,
+    prompt_block_hashes,
 )
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.logprobs import (
@@ -98,6 +99,7 @@ from sage_llm.sim.server_requests import (
     truncated_request,
 )
 from sage_llm.sim.text import PseudoText
+from sage_llm.tokens import salted_hashes
 from sage_llm.types import ExecutionInstanceType
 
 log = logging.getLogger("sage_llm.sim.engine")
@@ -532,6 +534,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
             text_key(req, prompt_ids, self._config.seed), read_cache=not plan.whole_prompt,
+            salt=cache_salt(req.extra),
         )  # fmt: skip
         logprobs = None
         if top is not None:
@@ -622,6 +625,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, 1, {"do_remote_decode": True},
             text_key(req, prompt_ids, self._config.seed), read_cache=not asks_prompt_logprobs(req),
+            salt=cache_salt(req.extra),
         )  # fmt: skip
         done = False
         try:
@@ -810,6 +814,7 @@ class SimEngine:
         text_key: str,
         *,
         read_cache: bool = True,
+        salt: str | None = None,
     ) -> _Stream:
         wake = self._ensure_running()
         now = (self._clock or current_clock()).now()
@@ -819,9 +824,13 @@ class SimEngine:
             old.queue.put_nowait(
                 EngineError(f"request {request_id!r} was sent again", instance_id=self._id)
             )
-        self._core.add_request(
+        core = self._core
+        hashes = None  # (the core hashes the prompt itself)
+        if salt is not None and core.config.enable_prefix_caching:  # vLLM: no block shared
+            hashes = salted_hashes(prompt_block_hashes(prompt_ids, core.block_size), salt)
+        core.add_request(
             request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer,
-            read_cache=read_cache,
+            block_hashes=hashes, read_cache=read_cache,
         )  # fmt: skip
         self._opened += 1
         stream = _Stream(text_key, now, self._opened)
@@ -1235,6 +1244,29 @@ def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:
             f"seed must be a 64-bit integer, got {seed!r}", param="seed"
         )
     _check_token_fields(extra, vocab)
+    cache_salt(extra)
+
+
+_SALT_FORBIDDEN = frozenset("@/\\\x00")
+
+
+def cache_salt(extra: Mapping[str, Any]) -> str | None:
+    """The request's ``cache_salt`` (None: none), refused as vLLM refuses it: anything but
+    a non-empty string of at most 128 characters without ``@``, ``/``, ``\\`` or NUL."""
+    salt = extra.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise InvalidRequestError(
+            "Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt"
+        )
+    if len(salt) > 128 or not _SALT_FORBIDDEN.isdisjoint(salt):
+        raise InvalidRequestError(
+            "Parameter 'cache_salt' must be at most 128 characters and must not contain "
+            "'@', '/', '\\\\', or NUL.",
+            param="cache_salt",
+        )
+    return salt
 
 
 def _int_text(text: str) -> int | None:
