@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from sage_llm.engines.base import Chunk, Usage
+import pytest
+
+from sage_llm.engines.base import Chunk, Usage, answered_whole, prompt_logprobs_asked
 
 
 def test_with_usage_is_replace_of_usage_alone() -> None:
@@ -19,3 +21,26 @@ def test_with_usage_is_replace_of_usage_alone() -> None:
         "text", "token_ids", "finish_reason", "usage", "logprobs", "index", "fields", "extras",
         "top",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "chat", "asked"),
+    [
+        ({}, False, False),
+        ({"prompt_logprobs": 0}, False, True),
+        ({"prompt_logprobs": 0}, True, True),
+        ({"prompt_logprobs": None}, False, False),
+        ({"echo": True}, False, False),  # a completion's echo without logprobs: text only
+        ({"echo": True, "logprobs": 0}, False, True),
+        ({"echo": True}, True, True),  # a chat's top_logprobs is 0 when absent
+        ({"echo": True, "top_logprobs": None}, True, False),
+        ({"echo": False, "logprobs": 2}, False, False),
+        ({"logprobs": True, "top_logprobs": 2}, True, False),  # the output's, not the prompt's
+    ],
+)
+def test_prompt_logprobs_asked_reads_the_body_as_vllm_does(
+    extra: dict[str, object], chat: bool, asked: bool
+) -> None:
+    assert prompt_logprobs_asked(extra, chat=chat) is asked
+    if asked:  # and such a request is answered whole (a stream has no place for them, or
+        assert answered_whole(extra)  # echoes otherwise)
