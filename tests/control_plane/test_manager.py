@@ -2749,8 +2749,8 @@ def test_an_embeddings_call_the_engine_refuses_is_not_retried_nor_held_against_i
         other = _FailingEmbedder("b", refusal)
         cp = _embedders(picky, other)
         async with cp:
-            with pytest.raises(EngineRequestRejectedError):
-                await cp.embed(None, ["hello"])
+            with pytest.raises(EngineRequestRejectedError, match=r"^engine a: bad input$"):
+                await cp.embed(None, ["hello"])  # said as a generation's refusal is
             assert (picky.embed_calls, other.embed_calls) == (1, 0)
             assert cp.get_instance_metrics("a")["failed_calls"] == 0
             text = cp.prometheus_metrics().decode()

@@ -1103,7 +1103,9 @@ class ControlPlaneManager:
             refusal = embeddings_refusal(exc, name, f"instance {state.instance_id}")
             if refusal is not None:
                 raise refusal from exc
-            if not isinstance(exc, EngineRequestRejectedError):  # the request's own fault
+            if isinstance(exc, EngineRequestRejectedError):  # the request's own fault
+                exc.reword(f"engine {exc.message}")  # said as a generation's refusal is
+            else:
                 state.failed_calls += 1
                 dispatcher.on_call_failure(state, exc)
             raise
