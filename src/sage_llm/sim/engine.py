@@ -458,6 +458,7 @@ class SimEngine:
             return_ids=request_flag(req.extra, "return_token_ids"),
             continuous=continuous_usage(req.extra),  # the usage so far on every chunk
             whole_prompt=asks_prompt_logprobs(req),
+            salt=cache_salt(req.extra),
         )
         samples = self._samples(req)
         await self._intake()
@@ -534,7 +535,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
             text_key(req, prompt_ids, self._config.seed), read_cache=not plan.whole_prompt,
-            salt=cache_salt(req.extra),
+            salt=plan.salt,
         )  # fmt: skip
         logprobs = None
         if top is not None:
@@ -1119,6 +1120,8 @@ class _Sampling:
     whole_prompt: bool
     """The prompt's logprobs are asked: it is computed whole, as vLLM does (no prefix cache
     read, no KV taken from a prefill engine)."""
+    salt: str | None
+    """``cache_salt``: the prompt's cached blocks are shared only under the same salt."""
 
 
 class _PromptLead:
