@@ -771,6 +771,14 @@ def test_bad_port(line: str, message: str) -> None:
         ('scheme = "ftp"', "scheme", "unknown value"),
         ("nvlink_peers = [1]", "nvlink_peers[0]", "must be a string"),
         ("metadata = 3", "metadata", "must be a table"),
+        ('lora_adapters = [""]', "lora_adapters[0]", "must not be empty"),
+        ('lora_adapters = "sql"', "lora_adapters", "must be an array"),
+        ('lora_adapters = ["sql", "sql"]', "lora_adapters", "'sql' is named twice"),
+        (
+            'lora_adapters = ["meta-llama/Llama-2-7b"]',
+            "lora_adapters",
+            "'meta-llama/Llama-2-7b' is the instance's model_name, not one of its adapters",
+        ),
     ],
 )
 def test_instance_value_errors(replacement: str, key: str, message: str) -> None:
@@ -781,6 +789,12 @@ def test_instance_value_errors(replacement: str, key: str, message: str) -> None
     err = problem(text)
     assert err.key == f"services.llm_control_plane.instances[1].{key}"
     assert message in err.message
+
+
+def test_an_instances_lora_adapters_are_read() -> None:
+    text = SEED.replace("tensor_parallel_size = 1", 'lora_adapters = ["sql", "chat-v2"]', 1)
+    instances = parse_config(text, "cfg.toml", env={}).control_plane.instances
+    assert [i.to_instance().lora_adapters for i in instances] == [[], ["sql", "chat-v2"]]
 
 
 def test_names_with_white_space_at_an_end_are_refused() -> None:

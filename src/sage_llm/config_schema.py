@@ -369,6 +369,19 @@ _ENV = rule(nonempty=True, check=_check_env_name)
 ROLE_CONFIGS = ("prefilling_config", "decoding_config")
 
 
+def adapters_problem(model_name: str, adapters: Sequence[str]) -> str | None:
+    """What is wrong with an instance's ``lora_adapters`` (None: nothing): an adapter
+    named as its model, or one named twice."""
+    if model_name in adapters:
+        return f"{model_name!r} is the instance's model_name, not one of its adapters"
+    seen: set[str] = set()
+    for name in adapters:
+        if name in seen:
+            return f"{name!r} is named twice"
+        seen.add(name)
+    return None
+
+
 def role_config_problem(
     kind: ExecutionInstanceType, given: Sequence[str]
 ) -> tuple[str, str] | None:
@@ -408,6 +421,7 @@ class InstanceConfig:
     gpu_bus_id: str | None = opt(None, _ID)
     gpu_device_id: int | None = opt(None, rule(ge=0))
     nvlink_peers: tuple[str, ...] = opt((), _ID)
+    lora_adapters: tuple[str, ...] = opt((), _ID)
     numa_node: int | None = opt(None, rule(ge=0))
     network_bandwidth_gbps: float = opt(10.0, _POSITIVE)
     network_latency_ms: float = opt(0.1, rule(ge=0))
@@ -425,6 +439,8 @@ class InstanceConfig:
 
     def __post_init__(self) -> None:
         validate(self, FOREIGN_RULES)  # its role configs' fields as a file's
+        if (problem := adapters_problem(self.model_name, self.lora_adapters)) is not None:
+            raise FieldValueError("lora_adapters", problem)
         given = [k for k in ROLE_CONFIGS if getattr(self, k) is not None]
         if (misplaced := role_config_problem(self.instance_type, given)) is not None:
             raise FieldValueError(*misplaced)
@@ -458,6 +474,7 @@ class InstanceConfig:
             prefilling_config=dataclasses.replace(pre) if pre is not None else None,
             decoding_config=dataclasses.replace(dec) if dec is not None else None,
             nvlink_peers=list(self.nvlink_peers),
+            lora_adapters=list(self.lora_adapters),
             metadata=metadata,
         )
         return ExecutionInstance(**values)

@@ -289,6 +289,11 @@ class ExecutionInstance:
     api_key: str | None = field(default=None, repr=False)
     """Bearer token sent to the engine; never shown in ``repr`` (and so never in logs)."""
     scheme: str = "http"
+    lora_adapters: list[str] = field(default_factory=list)
+    """LoRA adapters the engine serves beside ``model_name`` (the names of vLLM's
+    ``--lora-modules``): a request that names one goes to the instances serving it. The
+    control plane also learns them from the engine's ``GET /v1/models`` (the cards whose
+    ``parent`` is ``model_name``), at most a minute after the engine loads one."""
 
     @property
     def base_url(self) -> str:

@@ -241,6 +241,33 @@ async def test_cancelling_consumer_task_aborts_on_the_engine(
         await runner.cleanup()
 
 
+async def test_lora_adapters_are_the_cards_whose_parent_is_the_model(
+    session: aiohttp.ClientSession,
+) -> None:
+    """vLLM lists each LoRA adapter (``--lora-modules``, or loaded at run time) as a card
+    whose ``parent`` is the base model's served name."""
+    cards: list[dict[str, Any]] = [
+        {"id": MODEL, "object": "model", "root": "/models/base", "parent": None},
+        {"id": "sql", "object": "model", "root": "/loras/sql", "parent": MODEL},
+        {"id": "elsewhere", "object": "model", "root": "/loras/x", "parent": "another"},
+        {"id": 3, "object": "model", "parent": MODEL},
+    ]
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": cards})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner, port = await start_app(app)
+    try:
+        assert await client_for(port, session).lora_adapters() == ["sql"]
+        for card in cards:  # an engine whose cards have no parent field does not say
+            card.pop("parent")
+        assert await client_for(port, session).lora_adapters() is None
+    finally:
+        await runner.cleanup()
+
+
 async def test_context_length_of_llama_cpp_is_its_slots_n_ctx(
     session: aiohttp.ClientSession,
 ) -> None:

@@ -494,6 +494,47 @@ async def test_models_are_aggregated_over_the_fleet() -> None:
                 assert (await r.json())["error"]["param"] == "model"
 
 
+async def test_lora_adapters_are_listed_and_served_by_name() -> None:
+    """An adapter has its own card (``parent``: its model, as vLLM's), and a request that
+    names it is answered under its name by an instance serving it."""
+    fleet = [
+        make_instance("a-0", metadata={"sim_speed": FAST}),
+        make_instance("a-1", port=8001, lora_adapters=["sql"], metadata={"sim_speed": FAST}),
+    ]
+    async with serve(fleet) as gw, _client(gw.base_url) as client:
+        models = await client.models.list()
+        assert [(m.id, (m.model_extra or {})["parent"]) for m in models.data] == [
+            (MODEL, None),
+            ("sql", MODEL),
+        ]
+        for _ in range(3):
+            done = await client.completions.create(model="sql", prompt="hi", max_tokens=2)
+            assert done.model == "sql"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(gw.url("/v1/models/sql")) as r:
+                card = await r.json()
+            assert card["sage"] == {"instances": ["a-1"], "healthy_instances": 1}
+            assert card["root"] == "sql" and card["max_model_len"] == 8192
+            async with http.get(gw.url("/admin/instances")) as r:
+                listed = {i["instance_id"]: i["lora_adapters"] for i in (await r.json())["data"]}
+            assert listed == {"a-0": [], "a-1": ["sql"]}
+            spec = {"instance_id": "a-2", "host": "sim", "port": 8002, "model_name": MODEL,
+                    "engine": "sim", "metadata": {"sim_speed": FAST}}  # fmt: skip
+            async with http.post(
+                gw.url("/admin/instances"), json={**spec, "lora_adapters": [MODEL]}
+            ) as r:
+                error = (await r.json())["error"]
+            assert r.status == 400 and error["param"] == "lora_adapters", error
+            async with http.post(
+                gw.url("/admin/instances"), json={**spec, "lora_adapters": ["chat"]}
+            ) as r:
+                assert r.status in (200, 201), await r.text()
+        chat = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert chat.model == "chat"
+
+
 async def test_health_ready_and_metrics() -> None:
     async with serve(1) as gw, aiohttp.ClientSession() as http:
         async with http.get(gw.url("/health")) as r:

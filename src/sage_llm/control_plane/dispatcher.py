@@ -624,11 +624,14 @@ class Dispatcher:
             rec.predicted_prefill_s,
         )
 
-    def unservable_reason(self, model: str, excluded: frozenset[str] = frozenset()) -> str | None:
+    def unservable_reason(
+        self, model: str, excluded: frozenset[str] = frozenset(), *, adapter: str | None = None
+    ) -> str | None:
         """Why no registered instance could run a request for ``model`` (None: some can,
         now or once they have a free slot or are healthy again). A draining instance does
         not count: it takes no new request until the operator says so. With ``excluded``
-        (the instances a retried request failed on) none of those counts either."""
+        (the instances a retried request failed on, and those that do not serve its LoRA
+        ``adapter``) none of those counts either."""
         pd_enabled = self.pd is not None
         members = self._members(model)
         reason = unservable_reason(model, members, pd_enabled=pd_enabled)
@@ -636,6 +639,12 @@ class Dispatcher:
             if excluded and unservable_reason(
                 model, self._members(model, excluded), pd_enabled=pd_enabled
             ):
+                if adapter is not None:
+                    return (
+                        f"no instance serving LoRA adapter {adapter!r} of model {model!r} "
+                        "can run it now (those that serve it are draining or removed, or "
+                        "it failed on them)"
+                    )
                 tried = ", ".join(sorted(excluded))
                 return (
                     f"it failed on instance(s) {tried}, and no other instance serving model "

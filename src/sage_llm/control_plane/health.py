@@ -53,7 +53,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sage_llm.control_plane.params import MAX_WINDOW
-from sage_llm.engines.base import ReportsContextLength
+from sage_llm.engines.base import ReportsAdapters, ReportsContextLength
 from sage_llm.errors import EngineConnectionError, EngineError, EngineTimeoutError
 
 if TYPE_CHECKING:
@@ -520,22 +520,39 @@ class HealthMonitor:
 
     async def _ask_context_length(self, state: InstanceState) -> None:
         """Ask the engine its ``max_model_len`` (engines that can say,
-        :class:`~sage_llm.engines.base.ReportsContextLength`), at most once a minute."""
+        :class:`~sage_llm.engines.base.ReportsContextLength`) and the LoRA adapters it
+        serves (:class:`~sage_llm.engines.base.ReportsAdapters`), at most once a minute."""
         now = self.clock.now()
         if now - state.context_asked_at < 60.0:
             return
         state.context_asked_at = now
         client = state.client
-        if not isinstance(client, ReportsContextLength):  # a protocol check: once a minute
+        if isinstance(client, ReportsContextLength):  # protocol checks: once a minute
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    said = await client.context_length()
+            except Exception as exc:  # advisory, as the stats are
+                log.debug("context length of %s unknown: %r", state.instance_id, exc)
+            else:
+                if said is not None:  # (a card missing for a moment leaves what was known)
+                    state.context_length = said
+        if not isinstance(client, ReportsAdapters):
             return
         try:
             async with asyncio.timeout(self.settings.timeout_s):
-                said = await client.context_length()
+                listed = await client.lora_adapters()
         except Exception as exc:  # advisory, as the stats are
-            log.debug("context length of %s unknown: %r", state.instance_id, exc)
+            log.debug("LoRA adapters of %s unknown: %r", state.instance_id, exc)
         else:
-            if said is not None:  # (a card missing for a moment leaves what was known)
-                state.context_length = said
+            if listed is not None:
+                adapters = frozenset(state.instance.lora_adapters).union(listed)
+                if adapters != state.adapters:
+                    log.info(
+                        "instance %s serves LoRA adapters: %s",
+                        state.instance_id,
+                        ", ".join(sorted(adapters)) or "none",
+                    )
+                    state.adapters = adapters
 
     def watch_progress(self, state: InstanceState, stats: EngineStats) -> None:
         """Eject ``state`` as stalled when its engine has processed no token for

@@ -270,6 +270,9 @@ class InstanceState:
     after each ejection, as a restarted engine may serve another)."""
     context_asked_at: float = -math.inf
     """When the engine was last asked for it (at most once a minute while unknown)."""
+    adapters: frozenset[str] = frozenset()
+    """The LoRA adapters it serves: its instance's ``lora_adapters`` and those its engine
+    last listed (see ``HealthMonitor``)."""
     last_health_check: float | None = None
     est_ttft_base_s: float = 0.05
     est_s_per_prefill_token: float = 1 / 8000.0
@@ -528,6 +531,7 @@ class InstanceState:
             avg_latency_ms=avg,
             throughput_tokens_per_sec=tokens / running_s if running_s > 0 else 0.0,
             gpu_utilization=self.last_stats.kv_usage if self.last_stats else 0.0,
+            lora_adapters=sorted(self.adapters),
         )
 
     def report(
@@ -620,6 +624,7 @@ class InstanceRegistry:
             est_ttft_base_s=priors.ttft_base_s,
             est_s_per_prefill_token=1.0 / priors.prefill_tokens_per_s,
             est_tpot_s=priors.tpot_s,
+            adapters=frozenset(instance.lora_adapters),
         )
         self._states[instance.instance_id] = state
         return state
@@ -645,6 +650,36 @@ class InstanceRegistry:
             if s.instance.model_name == model and not s.removed:
                 return True
         return False
+
+    def adapter_base(self, name: str) -> str | None:
+        """The model of the LoRA adapter ``name``: that of the first registered instance
+        (not removed) that serves it; None when none does."""
+        for s in self._states.values():
+            if name in s.adapters and not s.removed:
+                return s.instance.model_name
+        return None
+
+    def adapters(self) -> dict[str, str]:
+        """Every LoRA adapter an instance (not removed) serves, with its model (as
+        :meth:`adapter_base` gives it); not one named as a served model, which that
+        name means."""
+        models = self.models()
+        out: dict[str, str] = {}
+        for s in self._states.values():
+            if s.removed:
+                continue
+            for name in s.adapters:
+                if name not in models:
+                    out.setdefault(name, s.instance.model_name)
+        return out
+
+    def without_adapter(self, model: str, adapter: str) -> frozenset[str]:
+        """The instances of ``model`` that do not serve its LoRA adapter ``adapter``."""
+        return frozenset(
+            s.instance_id
+            for s in self._states.values()
+            if s.instance.model_name == model and adapter not in s.adapters
+        )
 
     def up_kinds(self, model: str) -> tuple[bool, bool]:
         """Whether an instance serving ``model`` is up (its view shows it healthy and
@@ -680,19 +715,29 @@ class InstanceRegistry:
                 return frozenset(short)
         return _NONE
 
-    def up_members(self, model: str) -> list[tuple[str, ExecutionInstanceType]]:
-        """The instances serving ``model`` that are up (see :meth:`up_kinds`), with their
-        roles."""
+    def up_members(
+        self, model: str, among: Callable[[InstanceState], bool] | None = None
+    ) -> list[tuple[str, ExecutionInstanceType]]:
+        """The instances serving ``model`` (of those ``among`` takes, when given) that are
+        up (see :meth:`up_kinds`), with their roles."""
         return [
             (s.instance_id, s.instance.instance_type)
             for s in self._states.values()
-            if s.instance.model_name == model and s.up
+            if s.instance.model_name == model and s.up and (among is None or among(s))
         ]
 
-    def pair_down_reason(self, model: str) -> str:
-        """Why no prefill/decode pair of ``model`` is up, for an error: the role none of
-        whose instances is up."""
-        up = self.up_members(model)
+    def pair_down_reason(
+        self,
+        model: str,
+        among: Callable[[InstanceState], bool] | None = None,
+        *,
+        what: str | None = None,
+    ) -> str:
+        """Why no prefill/decode pair of ``model`` (of the instances ``among`` takes, when
+        given) is up, for an error: the role none of whose instances is up; ``what``
+        names what they serve (by default "model '<model>'")."""
+        what = what or f"model {model!r}"
+        up = self.up_members(model, among)
         for role, can in (("prefill", "runs_prefill"), ("decode", "runs_decode")):
             if not any(getattr(kind, can) for _, kind in up):
                 total = sum(
@@ -700,13 +745,14 @@ class InstanceRegistry:
                     for st in self._states.values()
                     if st.instance.model_name == model
                     and not st.removed
+                    and (among is None or among(st))
                     and getattr(st.instance.instance_type, can)
                 )
                 return (
-                    f"no {role}-capable instance of model {model!r} is healthy and accepting "
+                    f"no {role}-capable instance of {what} is healthy and accepting "
                     f"requests right now (0 of {total})"
                 )
-        return f"no prefill/decode pair of model {model!r} is up right now"
+        return f"no prefill/decode pair of {what} is up right now"
 
     def down(
         self,

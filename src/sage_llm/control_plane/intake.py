@@ -16,15 +16,20 @@ from sage_llm.types import ParallelismType, RequestMetadata, RequestPriority
 
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
 
+ADAPTER_SALT = "\x00lora:"
+"""Before a LoRA adapter's name, the salt of its prompts' block hashes (a ``cache_salt``
+of the same text is salted apart from it)."""
+
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """The ``max_tokens`` of a completions request that gives none, on vLLM (and OpenAI)."""
 
 
-def resolve_model(meta: RequestMetadata, models: Set[str]) -> str:
-    """The model a request is for: its ``model_name``, or the only model served."""
+def resolve_model(meta: RequestMetadata, models: Set[str], adapters: Set[str] = frozenset()) -> str:
+    """The model a request is for: its ``model_name``, or the only model served
+    (``adapters``: the LoRA adapters served, named in the error for an unknown name)."""
     if meta.model_name:
         if meta.model_name not in models:
-            served = ", ".join(sorted(models)) or "none"
+            served = ", ".join(sorted(models | adapters)) or "none"
             raise ModelNotFoundError(
                 f"no instance serves model {meta.model_name!r} (served: {served})", param="model"
             )
@@ -95,10 +100,13 @@ def build_request(
     default_max_tokens: int,
     block_size: int | None,
     previous_instance_id: str | None = None,
+    adapter: str | None = None,
 ) -> tuple[RequestInfo, EngineRequest]:
     """Validate ``meta`` and build the scheduling view and the engine request of it; the
     prompt's block hashes with ``block_size`` tokens a block (None: no hashes, only the
-    prompt's length); ``previous_instance_id`` the instance that served its session last."""
+    prompt's length); ``previous_instance_id`` the instance that served its session last;
+    ``adapter`` the LoRA adapter of ``model`` it is for (the model the engine is asked
+    for; its blocks are its own, as vLLM hashes an adapter's blocks apart)."""
     prompt = meta.prompt
     if meta.messages is not None:
         if not isinstance(meta.messages, list) or not meta.messages:
@@ -218,6 +226,8 @@ def build_request(
         prompt_tokens, hashes = _prompt_blocks(kept, block_size)
     if hashes and meta.extra_body and type(salt := meta.extra_body.get("cache_salt")) is str:
         hashes = tokens.salted_hashes(hashes, salt)  # vLLM shares no block across salts
+    if hashes and adapter is not None:
+        hashes = tokens.salted_hashes(hashes, ADAPTER_SALT + adapter)
     ids: tuple[tuple[str, object], ...] = (
         ("user_id", meta.user_id),
         ("session_id", meta.session_id),
@@ -273,7 +283,7 @@ def build_request(
     )
     engine_req = fill_engine_request(
         meta.request_id,
-        model,
+        model if adapter is None else adapter,
         meta.prompt if meta.messages is None else None,
         meta.messages,
         engine_max_tokens,

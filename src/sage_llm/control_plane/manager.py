@@ -1449,6 +1449,7 @@ class ControlPlaneManager:
             "simulated_instances": sum(1 for s in states if self.simulates(s.instance)),
             "available_instances": sum(1 for s in states if s.up),
             "models": sorted(self._registry.models()),
+            "lora_adapters": dict(sorted(self._registry.adapters().items())),
             "prefix_index_entries": len(self._prefix),
             "prefix_tracking": self._tracks_prefixes,
             "circuits": {s.instance_id: s.breaker.state.label for s in states},
@@ -1521,10 +1522,13 @@ class ControlPlaneManager:
             )
         registry = self._registry
         named = meta.model_name
+        adapter: str | None = None
         if named and registry.serves(named):
             model = named
+        elif named and type(named) is str and (base := registry.adapter_base(named)) is not None:
+            model, adapter = base, named  # a LoRA adapter: its instances of its model
         else:  # no model named, or one nobody serves: the answer or the error
-            model = resolve_model(meta, registry.models())
+            model = resolve_model(meta, registry.models(), registry.adapters().keys())
         session = meta.session_id or meta.user_id
         info, engine_req = build_request(
             meta,
@@ -1543,7 +1547,14 @@ class ControlPlaneManager:
             previous_instance_id=self._last_instances.get(session)
             if type(session) is str
             else None,
+            adapter=adapter,
         )
+        among: Callable[[InstanceState], bool] | None = None
+        what: str | None = None
+        if adapter is not None:  # only on the instances serving it
+            among, what = _serving(adapter), f"LoRA adapter {adapter!r} of model {model!r}"
+            if others := registry.without_adapter(model, adapter):
+                info = replace(info, excluded_instances=info.excluded_instances | others)
         kept_off: frozenset[str] = frozenset()
         if engine_req.send_max_tokens:  # its whole answer: on an instance whose context holds it
             short = registry.too_short(model, info.prompt_tokens + info.max_tokens)
@@ -1558,23 +1569,35 @@ class ControlPlaneManager:
         if queued >= self.max_queue_size:  # at its bound: first start what can start now
             dispatcher.dispatch_ready()  # (a burst of submits, each queued before a pass)
             queued = dispatcher.queued_depth
-        some_up, whole = registry.up_kinds(model)
+        if among is None:
+            some_up, whole = registry.up_kinds(model)
+        else:
+            up = registry.up_members(model, among)
+            some_up = bool(up)
+            whole = any(kind.runs_whole_requests for _, kind in up)
         if not some_up:
-            label, why = registry.down(model)
+            label, why = registry.down(model, among, what=what)
             self._metrics.on_rejected(label, model)
-            raise NoHealthyInstanceError(why, retry_after_s=registry.back_in(model, now))
+            raise NoHealthyInstanceError(why, retry_after_s=registry.back_in(model, now, among))
         # an instance that runs whole requests serves the model: then nothing is unservable
-        unservable = None if whole else dispatcher.unservable_reason(model)
+        unservable = (
+            None
+            if whole
+            else dispatcher.unservable_reason(model)
+            if adapter is None
+            else dispatcher.unservable_reason(model, info.excluded_instances, adapter=adapter)
+        )
         if unservable is not None:  # e.g. a PD fleet whose prefill instances all drain
             drained = dispatcher.drained_out(model)
             self._metrics.on_rejected("draining" if drained else "no_healthy_instance", model)
             raise NoHealthyInstanceError(unservable)
-        if not whole and not pair_exists(registry.up_members(model)):
+        if not whole and not pair_exists(registry.up_members(model, among)):
             # a PD fleet with one role's instances all down (ejected, or not accepting):
             # no request can run until one is back, as when every instance is down
             self._metrics.on_rejected("no_healthy_instance", model)
             raise NoHealthyInstanceError(
-                registry.pair_down_reason(model), retry_after_s=registry.back_in(model, now)
+                registry.pair_down_reason(model, among, what=what),
+                retry_after_s=registry.back_in(model, now, among),
             )
         unsplittable = None if whole else self._unsplittable_reason(engine_req, model)
         if unsplittable is not None:
@@ -1617,7 +1640,7 @@ class ControlPlaneManager:
             queued_at=now,
             kept_off=kept_off,
         )
-        meta.model_name = model
+        meta.model_name = model if adapter is None else adapter
         meta.arrival_time = meta.queue_time = self.clock.to_datetime(now)
         dispatcher.records[meta.request_id] = rec
         self._metrics.on_submitted()
@@ -1723,18 +1746,35 @@ class ControlPlaneManager:
         not briefly out, and they would wait until their own limits
         (:class:`NoHealthyInstanceError`, a 503 with ``Retry-After`` over HTTP)."""
         dispatcher = self._require_dispatcher()
-        if dispatcher.servable_now(model):
-            return
         now = self.clock.now()
-        retry_after = self._registry.back_in(model, now)
-        reason = (
-            f"no instance of model {model!r} can take requests: they are ejected, and one "
-            f"failed its trial after its cool-down ({why})"
-        )
-        for rec in list(dispatcher.records.values()):
-            if rec.status is RequestStatus.QUEUED and rec.info.model == model:
-                rec.exception = NoHealthyInstanceError(reason, retry_after_s=retry_after)
-                dispatcher.fail_queued(rec, reason)
+        if not dispatcher.servable_now(model):
+            retry_after = self._registry.back_in(model, now)
+            reason = (
+                f"no instance of model {model!r} can take requests: they are ejected, and "
+                f"one failed its trial after its cool-down ({why})"
+            )
+            for rec in list(dispatcher.records.values()):
+                if rec.status is RequestStatus.QUEUED and rec.info.model == model:
+                    rec.exception = NoHealthyInstanceError(reason, retry_after_s=retry_after)
+                    dispatcher.fail_queued(rec, reason)
+            return
+        for rec in list(dispatcher.records.values()):  # a LoRA adapter's instances all down
+            adapter = _adapter_of(rec)
+            if (
+                adapter is None
+                or rec.status is not RequestStatus.QUEUED
+                or rec.info.model != model
+                or dispatcher.servable_now(model, rec.info.excluded_instances)
+            ):
+                continue
+            reason = (
+                f"no instance serving LoRA adapter {adapter!r} of model {model!r} can take "
+                f"requests: they are ejected, and one failed its trial after its cool-down "
+                f"({why})"
+            )
+            retry_after = self._registry.back_in(model, now, _serving(adapter))
+            rec.exception = NoHealthyInstanceError(reason, retry_after_s=retry_after)
+            dispatcher.fail_queued(rec, reason)
 
     def _start_instance_loops(self, state: InstanceState) -> None:
         if not self.enable_monitoring:
@@ -1823,7 +1863,9 @@ class ControlPlaneManager:
             if rec.info.model not in models:
                 reason: str | None = f"no instance serves model {rec.info.model!r} any more"
             else:
-                reason = dispatcher.unservable_reason(rec.info.model, rec.info.excluded_instances)
+                reason = dispatcher.unservable_reason(
+                    rec.info.model, rec.info.excluded_instances, adapter=_adapter_of(rec)
+                )
                 if reason is not None and dispatcher.take_back_kept_off(rec):
                     continue  # a shorter context serves it now, cut as its engine answers
                 if reason is None:  # (its last whole-request instance was removed)
@@ -1831,6 +1873,17 @@ class ControlPlaneManager:
             if reason is not None:
                 rec.exception = NoHealthyInstanceError(reason)
                 dispatcher.fail_queued(rec, reason)
+
+
+def _adapter_of(rec: RequestRecord) -> str | None:
+    """The LoRA adapter a request is for (the engine is asked for it, not its model)."""
+    named = rec.engine_request.model
+    return None if named == rec.info.model else named
+
+
+def _serving(adapter: str) -> Callable[[InstanceState], bool]:
+    """Whether an instance serves the LoRA adapter ``adapter``."""
+    return lambda state: adapter in state.adapters
 
 
 def _embeddable(item: object) -> bool:

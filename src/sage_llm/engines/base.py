@@ -290,6 +290,16 @@ class BatchingEngineClient(EngineClient, Protocol):
 
 
 @runtime_checkable
+class ReportsAdapters(Protocol):
+    """An engine client that can list the LoRA adapters its engine serves beside the
+    instance's model (vLLM's ``GET /v1/models`` cards whose ``parent`` is that model)."""
+
+    async def lora_adapters(self) -> list[str] | None:
+        """The adapters' names; None when the engine does not say."""
+        ...
+
+
+@runtime_checkable
 class ReportsContextLength(Protocol):
     """An engine client that can say the longest context (prompt and output, in tokens)
     its engine serves: vLLM's ``max_model_len`` (``GET /v1/models``), or a simulated

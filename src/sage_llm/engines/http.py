@@ -775,6 +775,21 @@ class HTTPEngineClient:
         """Model ids the engine serves (``GET /v1/models``)."""
         return [str(card["id"]) for card in await self._model_cards() if "id" in card]
 
+    async def lora_adapters(self) -> list[str] | None:
+        """The LoRA adapters the engine serves on the instance's model: the ids of its
+        model cards (``GET /v1/models``) whose ``parent`` is ``model_name``, as vLLM lists
+        its ``--lora-modules`` and those loaded at run time; None when no card has a
+        ``parent`` field (an engine that does not say)."""
+        cards = await self._model_cards()
+        if not any("parent" in card for card in cards):
+            return None
+        model = self._instance.model_name
+        return [
+            card["id"]
+            for card in cards
+            if card.get("parent") == model and isinstance(card.get("id"), str) and card["id"]
+        ]
+
     async def context_length(self) -> int | None:
         """``max_model_len`` of the instance's model card (``GET /v1/models``; the only
         card when none has its name), or llama.cpp's ``meta.n_ctx`` (a slot's context,

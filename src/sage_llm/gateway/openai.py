@@ -59,7 +59,7 @@ from sage_llm.gateway.schemas import (
 from sage_llm.gateway.settings import ResolvedGateway
 from sage_llm.request_json import json_object, leave_unread, read_raw
 from sage_llm.tokens import chat_prompt_text, count_tokens
-from sage_llm.types import RequestMetadata, RequestPriority
+from sage_llm.types import ExecutionInstance, RequestMetadata, RequestPriority
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -601,29 +601,48 @@ class OpenAIRoutes:
     # -- models ----------------------------------------------------------------------------
 
     def _cards(self) -> dict[str, dict[str, Any]]:
+        """A card per model served and per LoRA adapter served (``parent``: its model, as
+        vLLM lists an adapter; a name served as a model is that model's card)."""
         cards: dict[str, dict[str, Any]] = {}
-        for inst in self.manager.get_instances():
-            card = cards.setdefault(
-                inst.model_name,
-                {
-                    "id": inst.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "sage-llm",
-                    "root": inst.model_name,
-                    "parent": None,
-                    "sage": {"instances": [], "healthy_instances": 0},
-                },
-            )
-            card["sage"]["instances"].append(inst.instance_id)
-            if inst.is_healthy and inst.is_available:
-                card["sage"]["healthy_instances"] += 1
-        for name, card in cards.items():
-            length = self.manager.context_length(name)
+        adapters: dict[str, dict[str, Any]] = {}
+        instances = self.manager.get_instances()
+        for inst in instances:
+            self._card_of(cards, inst.model_name, None, inst)
+        for inst in instances:
+            for name in inst.lora_adapters:
+                if name not in cards:
+                    self._card_of(adapters, name, inst.model_name, inst)
+        cards.update(adapters)
+        for card in cards.values():
+            length = self.manager.context_length(card["parent"] or card["id"])
             if length is not None:  # as vLLM's card has it (the least of the fleet's)
                 card["max_model_len"] = length
             card["permission"] = []
         return cards
+
+    def _card_of(
+        self,
+        cards: dict[str, dict[str, Any]],
+        name: str,
+        parent: str | None,
+        inst: ExecutionInstance,
+    ) -> None:
+        card = cards.get(name)
+        if card is None:
+            card = cards[name] = {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "sage-llm",
+                "root": name,
+                "parent": parent,
+                "sage": {"instances": [], "healthy_instances": 0},
+            }
+        elif card["parent"] != parent:  # an adapter's name under two models: the first's
+            return
+        card["sage"]["instances"].append(inst.instance_id)
+        if inst.is_healthy and inst.is_available:
+            card["sage"]["healthy_instances"] += 1
 
     async def models(self, request: web.Request) -> web.Response:
         cards = self._cards()

@@ -56,6 +56,7 @@ from sage_llm.engines.base import (
     EngineRequest,
     EngineStats,
     KVHandle,
+    ReportsAdapters,
     ReportsContextLength,
 )
 from sage_llm.errors import ConfigError, EngineConnectionError, EngineError, EngineStreamError
@@ -439,6 +440,11 @@ class FaultyEngineClient:
         """The wrapped engine's (None when it does not say)."""
         inner = self.inner
         return await inner.context_length() if isinstance(inner, ReportsContextLength) else None
+
+    async def lora_adapters(self) -> list[str] | None:
+        """The wrapped engine's (None when it does not say)."""
+        inner = self.inner
+        return await inner.lora_adapters() if isinstance(inner, ReportsAdapters) else None
 
     async def aclose(self) -> None:
         self._closed.set()

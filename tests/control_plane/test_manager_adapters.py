@@ -1,0 +1,208 @@
+"""LoRA adapters: a request that names an adapter runs on the instances serving it.
+
+An instance serves its ``model_name`` and the adapters of its ``lora_adapters`` and of its
+engine's ``/v1/models`` (vLLM lists each ``--lora-modules`` adapter with ``parent`` set
+to the base model); the engine is asked for the adapter by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sage_llm import ControlPlaneManager, RequestStatus
+from sage_llm.engines.base import EngineRequest
+from sage_llm.errors import EngineConnectionError, ModelNotFoundError, NoHealthyInstanceError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.tokens import count_tokens
+from tests.engines.fake_engine import FakeEngine
+from tests.factories import MODEL, make_instance, make_metadata
+
+
+class _ListingEngine(FakeEngine):
+    """A fake engine whose ``/v1/models`` lists ``listed`` as adapters of its model."""
+
+    def __init__(self, instance_id: str, listed: list[str] | None) -> None:
+        super().__init__(instance_id)
+        self.listed = listed
+
+    async def lora_adapters(self) -> list[str] | None:
+        return None if self.listed is None else list(self.listed)
+
+
+def _fleet(
+    adapters: dict[str, list[str]], **kwargs: object
+) -> tuple[ControlPlaneManager, dict[str, FakeEngine]]:
+    """Instances ``i0``, ``i1``, … on fake engines, each serving the adapters given."""
+    kwargs.setdefault("routing_strategy", "round_robin")
+    kwargs.setdefault("scheduling_policy", "fifo")
+    cp = ControlPlaneManager(mode="http", enable_monitoring=False, **kwargs)  # type: ignore[arg-type]
+    engines: dict[str, FakeEngine] = {}
+    for k, (iid, names) in enumerate(adapters.items()):
+        engines[iid] = FakeEngine(iid)
+        inst = make_instance(iid, port=9000 + k, lora_adapters=names)
+        cp.register_instance(inst, client=engines[iid])
+    return cp, engines
+
+
+def _models_asked(engines: dict[str, FakeEngine]) -> dict[str, list[str]]:
+    return {iid: [r.model for r in e.requests] for iid, e in engines.items()}
+
+
+def test_a_request_for_an_adapter_runs_only_on_the_instances_serving_it() -> None:
+    async def main() -> None:
+        cp, engines = _fleet({"i0": [], "i1": ["sql"], "i2": ["sql", "chat"]})
+        async with cp:
+            for k in range(6):
+                res = await cp.generate(make_metadata(f"a{k}", model_name="sql", max_tokens=2))
+                assert res.status is RequestStatus.COMPLETED, res.error
+                assert res.instance_id in ("i1", "i2")
+            res = await cp.generate(make_metadata("c", model_name="chat", max_tokens=2))
+            assert res.instance_id == "i2"
+            for k in range(3):  # the base model: on every instance, by name
+                res = await cp.generate(make_metadata(f"b{k}", model_name=MODEL, max_tokens=2))
+                assert res.status is RequestStatus.COMPLETED, res.error
+        asked = _models_asked(engines)
+        assert asked["i0"] == [MODEL]
+        assert sorted(asked["i1"] + asked["i2"]) == sorted(["sql"] * 6 + ["chat"] + [MODEL] * 2)
+        assert asked["i2"].count("chat") == 1
+
+    run_virtual(main())
+
+
+def test_a_streamed_request_for_an_adapter_names_it_to_the_engine() -> None:
+    async def main() -> None:
+        cp, engines = _fleet({"i0": [], "i1": ["sql"]})
+        async with cp:
+            meta = make_metadata("s", model_name="sql", max_tokens=3)
+            text = "".join([c.text async for c in cp.stream(meta)])
+        assert text == " w0 w1 w2"
+        assert _models_asked(engines) == {"i0": [], "i1": ["sql"]}
+        assert meta.model_name == "sql"  # what the caller asked, not the base model
+
+    run_virtual(main())
+
+
+def test_an_unknown_name_is_refused_with_the_adapters_among_those_served() -> None:
+    async def main() -> None:
+        cp, _ = _fleet({"i0": ["sql"]})
+        async with cp:
+            with pytest.raises(ModelNotFoundError, match="served: llama-3-8b, sql") as info:
+                await cp.generate(make_metadata("x", model_name="nope"))
+            assert info.value.param == "model"
+
+    run_virtual(main())
+
+
+def test_an_adapter_whose_instances_all_drain_is_refused_while_the_model_is_served() -> None:
+    async def main() -> None:
+        cp, engines = _fleet({"i0": [], "i1": ["sql"]})
+        async with cp:
+            cp.drain_instance("i1")
+            with pytest.raises(NoHealthyInstanceError) as info:
+                await cp.generate(make_metadata("x", model_name="sql"))
+            assert "LoRA adapter 'sql' of model 'llama-3-8b'" in info.value.message
+            assert "draining" in info.value.message
+            res = await cp.generate(make_metadata("b", model_name=MODEL, max_tokens=1))
+            assert res.instance_id == "i0"  # the model itself is served
+        assert engines["i1"].requests == []
+
+    run_virtual(main())
+
+
+def test_an_adapter_whose_instances_are_removed_is_no_longer_served() -> None:
+    async def main() -> None:
+        cp, _ = _fleet({"i0": [], "i1": ["sql"]})
+        async with cp:
+            cp.unregister_instance("i1")
+            with pytest.raises(ModelNotFoundError, match="'sql'"):
+                await cp.generate(make_metadata("x", model_name="sql"))
+
+    run_virtual(main())
+
+
+def test_a_model_name_is_the_model_even_where_an_instance_lists_it_as_an_adapter() -> None:
+    async def main() -> None:
+        cp, engines = _fleet({"i0": ["other"]})
+        other = FakeEngine("o")
+        cp.register_instance(make_instance("o", port=9100, model_name="other"), client=other)
+        async with cp:
+            res = await cp.generate(make_metadata("x", model_name="other", max_tokens=1))
+            assert res.instance_id == "o"
+        assert engines["i0"].requests == []
+        assert cp.get_status()["lora_adapters"] == {}  # (a model's name: the model)
+
+    run_virtual(main())
+
+
+def test_an_adapters_prompt_blocks_are_its_own_in_the_prefix_index() -> None:
+    """vLLM hashes an adapter's blocks apart from the base model's and from another
+    adapter's: the prefix index records the same prompt once per adapter."""
+    prompt = "A shared system prompt, long enough to fill several blocks of the cache. " * 6
+    blocks = count_tokens(prompt) // 16
+
+    async def main() -> None:
+        cp, _ = _fleet({"i0": ["a", "b"]}, routing_strategy="locality")
+        async with cp:
+            names = ["a", "b", "a", MODEL]
+            for k, name in enumerate(names):
+                meta = make_metadata(f"p{k}", model_name=name, prompt=prompt, max_tokens=1)
+                res = await cp.generate(meta)
+                assert res.status is RequestStatus.COMPLETED, res.error
+                seen = len(set(names[: k + 1]))
+                assert cp.get_status()["prefix_index_entries"] == seen * blocks, name
+
+    run_virtual(main())
+
+
+def test_adapters_are_learnt_from_the_engine_and_forgotten_when_it_drops_them() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="http", routing_strategy="round_robin", scheduling_policy="fifo"
+        )
+        engine = _ListingEngine("i0", ["sql"])
+        cp.register_instance(make_instance("i0", lora_adapters=["pinned"]), client=engine)
+        async with cp:
+            await asyncio.sleep(0.5)  # the stats loop's first turn asks at once
+            [inst] = cp.get_instances()
+            assert inst.lora_adapters == ["pinned", "sql"]
+            res = await cp.generate(make_metadata("a", model_name="sql", max_tokens=1))
+            assert res.status is RequestStatus.COMPLETED, res.error
+            engine.listed = []  # unloaded: seen at the next asking, a minute on
+            await asyncio.sleep(61.0)
+            [inst] = cp.get_instances()
+            assert inst.lora_adapters == ["pinned"]  # the configured one stays
+            with pytest.raises(ModelNotFoundError):
+                await cp.generate(make_metadata("b", model_name="sql", max_tokens=1))
+            engine.listed = None  # an engine that does not say leaves what is known
+            await asyncio.sleep(61.0)
+            assert cp.get_instances()[0].lora_adapters == ["pinned"]
+        assert [r.model for r in engine.requests] == ["sql"]
+
+    run_virtual(main())
+
+
+def test_a_retry_of_an_adapters_request_stays_on_the_instances_serving_it() -> None:
+    """A request whose first instance fails before its first token is retried on another
+    instance serving its adapter, never on one that does not."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="http", routing_strategy="round_robin", scheduling_policy="fifo",
+            enable_monitoring=False,
+        )  # fmt: skip
+        bad = FakeEngine("i1", fail_with=EngineConnectionError("down"))
+        good, base = FakeEngine("i2"), FakeEngine("i0")
+        cp.register_instance(make_instance("i0", port=9000), client=base)
+        cp.register_instance(make_instance("i1", port=9001, lora_adapters=["sql"]), client=bad)
+        cp.register_instance(make_instance("i2", port=9002, lora_adapters=["sql"]), client=good)
+        async with cp:
+            for k in range(4):
+                res = await cp.generate(make_metadata(f"r{k}", model_name="sql", max_tokens=1))
+                assert res.status is RequestStatus.COMPLETED, res.error
+                assert res.instance_id == "i2"
+        assert base.requests == []
+        assert all(isinstance(r, EngineRequest) and r.model == "sql" for r in good.requests)
+
+    run_virtual(main())

@@ -1,0 +1,195 @@
+"""LoRA adapters on two real vLLM CPU engines (the tiny Llama), through the gateway.
+
+Both engines serve adapter ``sql`` and the second also ``chat`` (``--lora-modules``;
+each adapter made here with random weights, as vLLM loads a PEFT one). Nothing tells the
+control plane of them: it learns them from the engines' ``/v1/models`` cards. A request
+that names an adapter runs only where it is served, and is answered as the engine answers
+it straight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from sage_llm import ControlPlaneManager
+from sage_llm.bench.fidelity import EngineShape
+from sage_llm.bench.fidelity_real import real_vllm_paths, vllm_cpu_engines, vllm_cpu_settings
+from sage_llm.launch import LaunchedFleet
+from tests.factories import free_ports
+from tests.real.conftest import ROOT, served_fleet, skip_reason
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MODEL = "tiny"
+_RANK = 8
+_MAKE_ADAPTER = """
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+out, seed, rank = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+config = json.loads(Path(sys.argv[4], "config.json").read_text())
+hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+gen = torch.Generator().manual_seed(seed)
+weights = {}
+for layer in range(layers):
+    for proj in ("q_proj", "v_proj"):
+        name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+        for part, shape in (("lora_A", (rank, hidden)), ("lora_B", (hidden, rank))):
+            values = torch.randn(*shape, generator=gen) * 0.5
+            weights[f"{name}.{part}.weight"] = values.to(torch.bfloat16)
+out.mkdir(parents=True, exist_ok=True)
+save_file(weights, str(out / "adapter_model.safetensors"))
+(out / "adapter_config.json").write_text(json.dumps({
+    "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+    "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj"],
+    "base_model_name_or_path": sys.argv[4], "fan_in_fan_out": False}))
+"""
+"""A PEFT LoRA adapter of random weights on q_proj and v_proj (run by the vLLM venv's
+python, which has torch and safetensors): ``OUT SEED RANK MODEL_DIR``."""
+
+
+class LoraFleet:
+    def __init__(self, manager: ControlPlaneManager, fleet: LaunchedFleet, url: str) -> None:
+        self.manager, self.fleet, self.url = manager, fleet, url
+
+    def engine_url(self, k: int) -> str:
+        inst = self.fleet.instances[k]
+        return f"http://{inst.host}:{inst.port}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def lora(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LoraFleet]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    python, model_dir = real_vllm_paths(ROOT)
+    adapters = tmp_path_factory.mktemp("loras")
+    for seed, name in enumerate(("sql", "chat"), start=1):
+        made = await asyncio.create_subprocess_exec(
+            str(python), "-c", _MAKE_ADAPTER, str(adapters / name), str(seed), str(_RANK),
+            str(model_dir),
+        )  # fmt: skip
+        assert await asyncio.wait_for(made.wait(), 300) == 0, f"adapter {name} not made"
+    settings = vllm_cpu_settings(
+        python, model_dir, base_port=free_ports(2),
+        shape=EngineShape(max_num_seqs=8, max_num_batched_tokens=2048),
+        log_dir=tmp_path_factory.mktemp("vllm-lora-logs"), served_model_name=MODEL,
+        extra_args=("--enable-lora", "--max-lora-rank", str(_RANK), "--max-loras", "2",
+                    "--lora-modules", f"sql={adapters / 'sql'}"),
+    )  # fmt: skip
+    first, second = vllm_cpu_engines(settings, 2)
+    second = replace(second, argv=(*second.argv, f"chat={adapters / 'chat'}"))  # a 2nd module
+    manager = ControlPlaneManager(
+        scheduling_policy="fifo", routing_strategy="round_robin", enable_pd_separation=False,
+        stats_interval_s=0.25, health_interval_s=0.5,
+    )  # fmt: skip
+    async with manager, served_fleet(manager, [first, second], settings) as (fleet, url):
+        yield LoraFleet(manager, fleet, url)
+
+
+async def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+        data: dict[str, Any] = await resp.json(content_type=None)
+        assert resp.status == 200, data
+        return data
+
+
+async def _adapters_learnt(lora: LoraFleet) -> dict[str, list[str]]:
+    for _ in range(200):
+        seen = {i.instance_id: i.lora_adapters for i in lora.manager.get_instances()}
+        if all(seen.values()):
+            return seen
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def test_adapters_are_learnt_from_the_engines_and_listed(lora: LoraFleet) -> None:
+    first, second = (i.instance_id for i in lora.fleet.instances)
+    assert await _adapters_learnt(lora) == {first: ["sql"], second: ["chat", "sql"]}
+    async with aiohttp.ClientSession() as session, session.get(f"{lora.url}/v1/models") as resp:
+        cards = {c["id"]: c for c in (await resp.json())["data"]}
+    assert {name: c["parent"] for name, c in cards.items()} == {
+        MODEL: None,
+        "sql": MODEL,
+        "chat": MODEL,
+    }
+    assert cards["chat"]["sage"]["instances"] == [second]
+    assert sorted(cards["sql"]["sage"]["instances"]) == sorted([first, second])
+
+
+async def test_an_adapter_is_answered_where_it_is_served_as_the_engine_answers(
+    lora: LoraFleet,
+) -> None:
+    await _adapters_learnt(lora)
+    second = lora.fleet.instances[1].instance_id
+    body = {"prompt": "Hello there my friend", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    direct = await _post(f"{lora.engine_url(1)}/v1/completions", {**body, "model": "chat"})
+    base = await _post(f"{lora.engine_url(1)}/v1/completions", {**body, "model": MODEL})
+    assert direct["choices"][0]["text"] != base["choices"][0]["text"]  # the adapter counts
+    served: list[str] = []
+    for k in range(4):  # round robin: every one on the only instance serving it
+        rid = f"chat-{k}"
+        body_k = {**body, "model": "chat", "user": f"u{k}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{lora.url}/v1/completions", json=body_k,
+                         headers={"X-Request-Id": rid}) as resp,
+        ):  # fmt: skip
+            out = await resp.json()
+            assert resp.status == 200, out
+        assert out["model"] == "chat"
+        assert out["choices"][0]["text"] == direct["choices"][0]["text"]
+        result = await lora.manager.get_result(rid)
+        assert result is not None
+        served.append(result.instance_id or "")
+    assert served == [second] * 4
+    streamed = ""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{lora.url}/v1/completions",
+                     json={**body, "model": "chat", "stream": True}) as resp,
+    ):  # fmt: skip
+        assert resp.status == 200
+        async for line in resp.content:
+            text = line.decode().strip()
+            if text.startswith("data: {"):
+                streamed += json.loads(text[6:])["choices"][0]["text"]
+    assert streamed == direct["choices"][0]["text"]
+
+
+async def test_an_adapter_served_everywhere_is_spread_and_an_unknown_one_is_a_404(
+    lora: LoraFleet,
+) -> None:
+    await _adapters_learnt(lora)
+    for k in range(4):
+        rid = f"sql-{k}"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{lora.url}/v1/completions",
+                         json={"model": "sql", "prompt": "SELECT", "max_tokens": 2},
+                         headers={"X-Request-Id": rid}) as resp,
+        ):  # fmt: skip
+            assert resp.status == 200, await resp.text()
+    ids = set()
+    for k in range(4):
+        result = await lora.manager.get_result(f"sql-{k}")
+        assert result is not None
+        ids.add(result.instance_id)
+    assert ids == {i.instance_id for i in lora.fleet.instances}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{lora.url}/v1/completions",
+                     json={"model": "nope", "prompt": "x", "max_tokens": 2}) as resp,
+    ):  # fmt: skip
+        error = (await resp.json())["error"]
+    assert resp.status == 404 and error["param"] == "model"
+    assert "chat" in error["message"] and "sql" in error["message"]
