@@ -89,6 +89,11 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     return tuple(hashes)
 
 
+ADAPTER_SALT = "\x00lora:"
+"""Before a LoRA adapter's name, the salt of its prompts' block hashes (vLLM hashes an
+adapter's blocks apart; a ``cache_salt`` of the same text is salted apart from it)."""
+
+
 def salted_hashes(hashes: tuple[int, ...], salt: str) -> tuple[int, ...]:
     """``hashes`` (:func:`block_hashes`, :func:`prompt_blocks`) of a prompt sent with
     vLLM's ``cache_salt``: vLLM mixes the salt into its first block's hash, so no block of

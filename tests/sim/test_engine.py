@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -214,6 +215,32 @@ def test_a_cache_salt_shares_cached_blocks_only_under_the_same_salt() -> None:
             with pytest.raises(InvalidRequestError) as err:
                 await collect(engine, req("bad", extra={"cache_salt": bad}))
             assert err.value.param == "cache_salt"
+
+    virtual(main)
+
+
+def test_a_lora_adapters_prompt_shares_cached_blocks_only_with_the_same_adapters() -> None:
+    """vLLM hashes an adapter's blocks with its name (and a ``cache_salt`` with them): the
+    same prompt shares no cached block across adapters, nor with the base model."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", lora_adapters=["sql", "chat"])
+
+        async def cached(rid: str, model: str, salt: str | None = None) -> int:
+            extra = {} if salt is None else {"cache_salt": salt}
+            chunks = await collect(engine, replace(req(rid, extra=extra), model=model))
+            usage = chunks[-1].usage
+            assert usage is not None and usage.cached_tokens is not None
+            return usage.cached_tokens
+
+        assert await cached("s1", "sql") == 0
+        assert await cached("c1", "chat") == 0  # another adapter: nothing shared
+        assert await cached("b1", "llama-3-8b") == 0  # nor with the model
+        assert await cached("x1", "sql", salt="t") == 0  # nor under a salt
+        hit = await cached("s2", "sql")
+        assert hit > 0
+        assert await cached("c2", "chat") == hit
+        assert await cached("x2", "sql", salt="t") == hit
 
     virtual(main)
 

@@ -16,10 +16,6 @@ from sage_llm.types import ParallelismType, RequestMetadata, RequestPriority
 
 _NO_EXCLUSIONS: frozenset[str] = frozenset()
 
-ADAPTER_SALT = "\x00lora:"
-"""Before a LoRA adapter's name, the salt of its prompts' block hashes (a ``cache_salt``
-of the same text is salted apart from it)."""
-
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """The ``max_tokens`` of a completions request that gives none, on vLLM (and OpenAI)."""
 
@@ -227,7 +223,7 @@ def build_request(
     if hashes and meta.extra_body and type(salt := meta.extra_body.get("cache_salt")) is str:
         hashes = tokens.salted_hashes(hashes, salt)  # vLLM shares no block across salts
     if hashes and adapter is not None:
-        hashes = tokens.salted_hashes(hashes, ADAPTER_SALT + adapter)
+        hashes = tokens.salted_hashes(hashes, tokens.ADAPTER_SALT + adapter)
     ids: tuple[tuple[str, object], ...] = (
         ("user_id", meta.user_id),
         ("session_id", meta.session_id),

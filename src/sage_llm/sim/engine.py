@@ -46,7 +46,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -99,7 +99,7 @@ from sage_llm.sim.server_requests import (
     truncated_request,
 )
 from sage_llm.sim.text import PseudoText
-from sage_llm.tokens import salted_hashes
+from sage_llm.tokens import ADAPTER_SALT, salted_hashes
 from sage_llm.types import ExecutionInstanceType
 
 log = logging.getLogger("sage_llm.sim.engine")
@@ -308,12 +308,16 @@ class SimEngine:
         kv_hub: KVTransferHub | None = None,
         front_end: FrontEndModel | None = None,
         max_model_len_given: bool | None = None,
+        lora_adapters: Iterable[str] = (),
     ) -> None:
         """``max_model_len_given``: whether ``config.max_model_len`` was asked for (then one
         above what the KV cache holds is refused, as vLLM refuses it) or is the model's
         context by default (then the engine serves what the cache holds); None: given
-        unless it is the model's context."""
+        unless it is the model's context. ``lora_adapters``: the LoRA adapters it serves
+        (as its model, but a request for one shares cached blocks only with the same
+        adapter's, as vLLM hashes them)."""
         self._id = instance_id
+        self.served_adapters = frozenset(lora_adapters)
         # the front end's work runs on the engine's time scale too (speed, at the start)
         self._front_end = (front_end or FrontEndModel()).at_speed(
             1.0 if config is None else config.speed
@@ -458,7 +462,7 @@ class SimEngine:
             return_ids=request_flag(req.extra, "return_token_ids"),
             continuous=continuous_usage(req.extra),  # the usage so far on every chunk
             whole_prompt=asks_prompt_logprobs(req),
-            salt=cache_salt(req.extra),
+            salt=self._salt(req),
         )
         samples = self._samples(req)
         await self._intake()
@@ -626,7 +630,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, 1, {"do_remote_decode": True},
             text_key(req, prompt_ids, self._config.seed), read_cache=not asks_prompt_logprobs(req),
-            salt=cache_salt(req.extra),
+            salt=self._salt(req),
         )  # fmt: skip
         done = False
         try:
@@ -777,6 +781,12 @@ class SimEngine:
                 param="n",
             )
         return count
+
+    def _salt(self, req: EngineRequest) -> str | None:
+        """The salt of ``req``'s prompt blocks (:func:`adapter_salt`): its ``cache_salt``
+        (checked as vLLM checks it), and its LoRA adapter when it names one served here."""
+        adapter = req.model if req.model in self.served_adapters else None
+        return adapter_salt(adapter, cache_salt(req.extra))
 
     @staticmethod
     def _stop_token_ids(req: EngineRequest) -> frozenset[int]:
@@ -1251,6 +1261,15 @@ def check_sampling(extra: Mapping[str, Any], vocab: int | None = None) -> None:
 
 
 _SALT_FORBIDDEN = frozenset("@/\\\x00")
+
+
+def adapter_salt(adapter: str | None, salt: str | None) -> str | None:
+    """The salt of a prompt's block hashes for the LoRA ``adapter`` it is for (None: its
+    model) and its ``cache_salt`` (None: none): blocks are shared only under both the same,
+    as vLLM's block hashes take the adapter's name and the salt as extra keys."""
+    if adapter is None:
+        return salt
+    return f"{ADAPTER_SALT}{adapter}" + ("" if salt is None else f"\x00{salt}")
 
 
 def cache_salt(extra: Mapping[str, Any]) -> str | None:

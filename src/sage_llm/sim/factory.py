@@ -154,6 +154,7 @@ def make_sim_engine(
         clock=clock,
         kv_hub=kv_hub,
         front_end=sim_front_end_for(instance),
+        lora_adapters=instance.lora_adapters,
     )
 
 
