@@ -508,6 +508,16 @@ def _stop(proc: subprocess.Popen[str], pids: Sequence[int]) -> None:
         (["--model", "llama-3-70b"], "error: --model: Llama-3-70B does not fit on 1 × H100"),
         (["--faults", "bogus"], "error: --faults: unknown fault 'bogus' (one of: crash"),
         (["--faults", "crash@5+5"], "error: --faults: crash@5+5: the process exits at 5 s"),
+        (["--lora-modules", "=/p"], "error: --lora-modules: '=/p': the adapter's name is empty"),
+        (
+            ["--lora-modules", "sql", "--lora-modules", "sql=/p"],
+            "error: --lora-modules: 'sql=/p': 'sql' is named twice",
+        ),
+        (
+            ["--served-model-name", "m", "--lora-modules", "m"],
+            "error: --lora-modules: 'm': 'm' is the served model's name",
+        ),
+        (["--lora-modules", " a"], "error: --lora-modules: ' a': the adapter's name must not"),
     ],
 )
 def test_engine_sim_names_the_option_a_bad_engine_setting_came_from(

@@ -470,6 +470,25 @@ _ENGINE_SIM_HELP = (
 )
 
 
+def _lora_modules(given: list[str], model_name: str) -> dict[str, str]:
+    """``--lora-modules`` values (``NAME`` or ``NAME=PATH``, as vLLM's) as name → path
+    (the name when no path is given); ValueError says what is wrong with one."""
+    from sage_llm.config_fields import name_problem
+
+    out: dict[str, str] = {}
+    for value in given:
+        name, _, path = value.partition("=")
+        if not name:
+            raise ValueError(f"{value!r}: the adapter's name is empty")
+        if problem := name_problem(name):
+            raise ValueError(f"{value!r}: the adapter's name {problem}")
+        if name == model_name or name in out:
+            what = "the served model's name" if name == model_name else "named twice"
+            raise ValueError(f"{value!r}: {name!r} is {what}")
+        out[name] = path or name
+    return out
+
+
 @app.command("engine-sim", help=_ENGINE_SIM_HELP)
 def engine_sim(
     ctx: typer.Context,
@@ -560,6 +579,13 @@ def engine_sim(
             help="Answer every request at once (no simulated time): for measuring proxies."
         ),
     ] = False,
+    lora_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A LoRA adapter served beside the model, NAME or NAME=PATH as vLLM's "
+            "(repeat for more): served as the model, its cached blocks kept apart."
+        ),
+    ] = None,
 ) -> None:
     # The help is _ENGINE_SIM_HELP: typer shows a docstring's line breaks as they are.
     _setup_logging(ctx, log_level, log_format)
@@ -581,6 +607,11 @@ def engine_sim(
         "enable_prefix_caching": enable_prefix_caching,
     }
     options = {"model", "gpu", "tp", "pp", "speed", "seed", "kv_host", "kv_port", *engine_args}
+    name = served_model_name or model
+    try:
+        adapters = _lora_modules(lora_modules or [], name)
+    except ValueError as exc:
+        _fail(f"--lora-modules: {exc}")
     try:
         params: dict[str, object] = {
             "tp": tp, "pp": pp, "role": ExecutionInstanceType.parse(role), "speed": speed,
@@ -607,6 +638,7 @@ def engine_sim(
                 config,
                 front_end=front_end,
                 max_model_len_given=max_model_len is not None,
+                lora_adapters=adapters,
             )
     except (SageLLMError, ValueError) as exc:
         _fail(_as_option(exc, options))
@@ -620,7 +652,6 @@ def engine_sim(
         except (SageLLMError, ValueError) as exc:
             _fail(f"--faults: {exc}")
     _check_listen(host, port)
-    name = served_model_name or model
     cost = "instant answers" if instant else config.build_cost_model().name
     typer.echo(
         f"sage-llm engine-sim: {model} on {gpu} (tp={tp}, role={role}, {cost}) at {host}:{port}"
@@ -641,7 +672,7 @@ def engine_sim(
         try:
             await serve_engine(
                 served, model_name=name, host=host, port=port, close_engine=True,
-                max_model_len=served_len, model_root=model,
+                max_model_len=served_len, model_root=model, lora_modules=adapters,
             )  # fmt: skip
         except asyncio.CancelledError:
             # a log line (in the --log-format chosen), at WARNING: requests may have been cut

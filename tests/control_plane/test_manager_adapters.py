@@ -15,6 +15,8 @@ from sage_llm import ControlPlaneManager, RequestStatus
 from sage_llm.engines.base import EngineRequest
 from sage_llm.errors import EngineConnectionError, ModelNotFoundError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
+from sage_llm.sim.server import start_engine_server
 from sage_llm.tokens import count_tokens
 from tests.engines.fake_engine import FakeEngine
 from tests.factories import MODEL, make_instance, make_metadata
@@ -206,3 +208,47 @@ def test_a_retry_of_an_adapters_request_stays_on_the_instances_serving_it() -> N
         assert all(isinstance(r, EngineRequest) and r.model == "sql" for r in good.requests)
 
     run_virtual(main())
+
+
+async def test_adapters_of_engines_over_http_are_learnt_and_kept_apart_in_their_caches() -> None:
+    """Two simulated engines behind vLLM's API, one serving adapter ``sql``: the control
+    plane learns it from that engine's ``/v1/models`` alone, sends every ``sql`` request
+    there, and the engine's prefix cache shares no block between ``sql`` and the model."""
+    prompt = "A shared system prompt, long enough to fill several blocks of the cache. " * 6
+    engines = [SimEngine(f"e{k}", SimEngineConfig(speed=100.0), lora_adapters=["sql"][:k])
+               for k in range(2)]  # fmt: skip
+    servers = [
+        await start_engine_server(engines[0], model_name=MODEL),
+        await start_engine_server(engines[1], model_name=MODEL, lora_modules={"sql": "/l/sql"}),
+    ]
+    cp = ControlPlaneManager(
+        mode="http", routing_strategy="round_robin", scheduling_policy="fifo",
+        engine_stream="client",
+    )  # fmt: skip
+    for k, (_, port) in enumerate(servers):
+        cp.register_instance(make_instance(f"e{k}", port=port))
+    try:
+        async with cp:
+            for _ in range(200):
+                if cp.get_status()["lora_adapters"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert cp.get_status()["lora_adapters"] == {"sql": MODEL}
+            cached = []
+            for k, name in enumerate(["sql", "sql", MODEL, "sql"]):
+                meta = make_metadata(f"r{k}", model_name=name, prompt=prompt, max_tokens=1)
+                res = await cp.generate(meta)
+                assert res.status is RequestStatus.COMPLETED, res.error
+                if name == "sql":
+                    assert res.instance_id == "e1"
+                cached.append((res.instance_id, res.cached_tokens))
+    finally:
+        for runner, _ in servers:
+            await runner.cleanup()
+        for engine in engines:
+            await engine.aclose()
+    assert cached[0] == ("e1", 0)
+    assert (cached[1][1] or 0) > 0  # the adapter's own blocks
+    assert cached[3][1] == cached[1][1]
+    if cached[2][0] == "e1":  # the model's request on the adapter's engine: none of them
+        assert cached[2][1] == 0

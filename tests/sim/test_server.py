@@ -795,6 +795,38 @@ async def test_the_model_card_roots_the_served_name_in_the_model(
         await runner.cleanup()
 
 
+async def test_lora_modules_are_listed_and_served_by_name(http: aiohttp.ClientSession) -> None:
+    """As vLLM's ``--lora-modules``: a card per adapter (``parent`` the served model, no
+    ``max_model_len``), a request that names one is run for it and answered under its name,
+    and an unknown name is a 404."""
+    engine = FakeEngine()
+    runner, port = await start_engine_server(
+        engine, model_name=MODEL, lora_modules={"sql": "/loras/sql", "chat": "chat"}
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _, models = await get(http, f"{base}/v1/models")
+        cards = [(c["id"], c["root"], c["parent"], c["max_model_len"]) for c in models["data"]]
+        assert cards[1:] == [("sql", "/loras/sql", MODEL, None), ("chat", "chat", MODEL, None)]
+        assert cards[0][:3] == (MODEL, MODEL, None)
+        status, answer = await post(http, f"{base}/v1/completions",
+                                    {"model": "sql", "prompt": "x", "max_tokens": 2})  # fmt: skip
+        assert status == 200 and answer["model"] == "sql"
+        status, answer = await post(http, f"{base}/v1/completions",
+                                    {"model": MODEL, "prompt": "x", "max_tokens": 2})  # fmt: skip
+        assert status == 200 and answer["model"] == MODEL
+        assert [r.model for r in engine.requests] == ["sql", MODEL]
+        status, answer = await post(http, f"{base}/tokenize", {"model": "chat", "prompt": "x"})
+        assert status == 200 and answer["count"] == 1
+        status, answer = await post(http, f"{base}/v1/completions",
+                                    {"model": "nope", "prompt": "x", "max_tokens": 2})  # fmt: skip
+        assert status == 404 and answer["error"]["param"] == "model"
+    finally:
+        await runner.cleanup()
+    with pytest.raises(ValueError, match="the model's own name"):
+        await start_engine_server(FakeEngine(), model_name=MODEL, lora_modules={MODEL: "x"})
+
+
 class _DownEngine(FakeEngine):
     """An engine whose health check and statistics fail (it went away)."""
 

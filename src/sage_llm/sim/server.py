@@ -274,12 +274,16 @@ class _EngineServer:
         clock: Clock | None,
         max_model_len: int | None,
         model_root: str | None = None,
+        lora_modules: Mapping[str, str] | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.model_root = model_root or model_name
         """The model itself (vLLM's ``--model``), which ``/v1/models`` gives as ``root``
         beside the served name."""
+        self.lora_modules = dict(lora_modules or {})
+        """The LoRA adapters served beside the model (vLLM's ``--lora-modules``): name →
+        path (``root`` in their ``/v1/models`` cards)."""
         if max_model_len is None:
             max_model_len = _engine_setting(engine, "max_model_len")
         self.max_model_len = max_model_len
@@ -349,12 +353,13 @@ class _EngineServer:
                 model_name=self.model_name,
                 max_model_len=self.max_model_len,
                 request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+                adapters=self.lora_modules,
             )
             boot = parse_bootstrap(body) if self.role is not None else None
         except SageLLMError as exc:
             return _error(exc)
         fmt = ResponseFormat(
-            chat=chat, request_id=parsed.req.request_id, model=self.model_name,
+            chat=chat, request_id=parsed.req.request_id, model=parsed.req.model,
             created=self._created(),
         )  # fmt: skip
         given = parsed.req.request_id
@@ -710,14 +715,22 @@ class _EngineServer:
 
     async def models(self, request: web.Request) -> web.Response:
         created = self._created()
-        card = {  # vLLM's ModelCard, field for field (its one ModelPermission included)
-            "id": self.model_name,
+        cards = [self._card(self.model_name, self.model_root, None, created)]
+        cards += [  # as vLLM lists its --lora-modules: parent, and no max_model_len
+            self._card(name, path, self.model_name, created)
+            for name, path in self.lora_modules.items()
+        ]
+        return web.json_response({"object": "list", "data": cards})
+
+    def _card(self, name: str, root: str, parent: str | None, created: int) -> dict[str, Any]:
+        return {  # vLLM's ModelCard, field for field (its one ModelPermission included)
+            "id": name,
             "object": "model",
             "created": created,
             "owned_by": "vllm",
-            "root": self.model_root,
-            "parent": None,
-            "max_model_len": self.max_model_len,
+            "root": root,
+            "parent": parent,
+            "max_model_len": self.max_model_len if parent is None else None,
             "permission": [
                 {
                     "id": f"modelperm-{uuid.uuid4().hex}",
@@ -735,7 +748,6 @@ class _EngineServer:
                 }
             ],
         }
-        return web.json_response({"object": "list", "data": [card]})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         try:
@@ -832,7 +844,7 @@ class _EngineServer:
         return ids
 
     def _prompt_text(self, body: Mapping[str, Any]) -> str | list[int]:
-        check_model(body.get("model"), self.model_name)
+        check_model(body.get("model"), self.model_name, self.lora_modules)
         if "messages" in body:  # checked as a chat request's are
             return tokens.chat_prompt_text(
                 checked_messages(body["messages"]), generation_prompt=generation_prompt(body)
@@ -867,7 +879,7 @@ class _EngineServer:
         try:
             body = await self._body(request)
             if body.get("model") is not None:
-                check_model(body.get("model"), self.model_name)
+                check_model(body.get("model"), self.model_name, self.lora_modules)
             ids = body.get("tokens")
             if not isinstance(ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in ids
@@ -906,19 +918,24 @@ def create_engine_app(
     clock: Clock | None = None,
     max_model_len: int | None = None,
     model_root: str | None = None,
+    lora_modules: Mapping[str, str] | None = None,
 ) -> web.Application:
     """An aiohttp application serving ``engine`` as model ``model_name`` with vLLM's API.
 
     ``clock`` times the latency histograms (default: the clock of the running loop);
     ``max_model_len`` bounds prompt + max_tokens and is the limit the server reports
     (default: the engine's ``config.max_model_len`` when it has one, else unbounded);
-    ``model_root`` is the model itself, ``root`` in ``/v1/models`` (default: the name).
+    ``model_root`` is the model itself, ``root`` in ``/v1/models`` (default: the name);
+    ``lora_modules`` the LoRA adapters served beside it (name → path, as vLLM's
+    ``--lora-modules``): a request may name one, and the engine is asked for it.
     """
     if not model_name:
         raise ValueError("model_name must not be empty")
     if max_model_len is not None and max_model_len <= 0:
         raise ValueError("max_model_len must be positive")
-    srv = _EngineServer(engine, model_name, clock, max_model_len, model_root)
+    if lora_modules and model_name in lora_modules:
+        raise ValueError(f"LoRA adapter {model_name!r} has the model's own name")
+    srv = _EngineServer(engine, model_name, clock, max_model_len, model_root, lora_modules)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_route_errors])
     app.router.add_post("/v1/completions", srv.completions)
     app.router.add_post("/v1/chat/completions", srv.chat)
@@ -969,12 +986,13 @@ async def start_engine_server(
     max_model_len: int | None = None,
     shutdown_timeout: float = 5.0,
     model_root: str | None = None,
+    lora_modules: Mapping[str, str] | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (``await runner.cleanup()`` to stop) and the bound
     port (``port=0`` picks a free one). Handlers are cancelled when their client goes."""
     app = create_engine_app(
         engine, model_name=model_name, clock=clock, max_model_len=max_model_len,
-        model_root=model_root,
+        model_root=model_root, lora_modules=lora_modules,
     )  # fmt: skip
     return await start_site(app, host, port, shutdown_timeout_s=shutdown_timeout)
 
@@ -989,13 +1007,14 @@ async def serve_engine(
     max_model_len: int | None = None,
     close_engine: bool = False,
     model_root: str | None = None,
+    lora_modules: Mapping[str, str] | None = None,
 ) -> None:
     """Serve ``engine`` until the calling task is cancelled. With ``close_engine`` the
     engine is closed first then, so that the requests in flight end at once (a stream with
     an error event and ``[DONE]``) rather than the server waiting for them."""
     runner, _ = await start_engine_server(
         engine, model_name=model_name, host=host, port=port, clock=clock,
-        max_model_len=max_model_len, model_root=model_root,
+        max_model_len=max_model_len, model_root=model_root, lora_modules=lora_modules,
     )  # fmt: skip
     try:
         await asyncio.Event().wait()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -302,10 +302,10 @@ def check_stop(stop: Sequence[str], suffix: Any = None) -> None:
         raise InvalidRequestError("suffix is not currently supported", param="suffix")
 
 
-def check_model(model: Any, model_name: str) -> None:
+def check_model(model: Any, model_name: str, adapters: Collection[str] = ()) -> None:
     """404 (:class:`ModelNotFoundError`) unless ``model`` is absent, empty (the served
-    model, as vLLM reads it) or the served name."""
-    if model is not None and model != "" and model != model_name:
+    model, as vLLM reads it), the served name or one of the LoRA ``adapters`` served."""
+    if model is not None and model != "" and model != model_name and model not in adapters:
         raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
 
@@ -371,10 +371,13 @@ def parse_request(
     model_name: str,
     max_model_len: int | None = None,
     request_id: str = "",
+    adapters: Collection[str] = (),
 ) -> ParsedRequest:
-    """Validate an OpenAI completions (``chat=False``) or chat body. Raises
+    """Validate an OpenAI completions (``chat=False``) or chat body (for ``model_name`` or
+    one of the LoRA ``adapters`` served, which the engine request then names). Raises
     :class:`InvalidRequestError` (400) or :class:`ModelNotFoundError` (404)."""
-    check_model(body.get("model"), model_name)
+    named = body.get("model")
+    check_model(named, model_name, adapters)
     prompt, messages, prompt_tokens = _truncated(body, *_prompt(body, chat), max_model_len)
     cut_chat = chat and messages is None  # its cut template text runs as a prompt
     max_tokens = body.get("max_tokens")
@@ -437,7 +440,7 @@ def parse_request(
         role = "decode"
     req = EngineRequest(
         request_id=request_id or uuid.uuid4().hex,
-        model=model_name,
+        model=named if isinstance(named, str) and named in adapters else model_name,
         prompt=prompt,
         messages=messages,
         max_tokens=max_tokens,
