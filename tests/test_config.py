@@ -771,6 +771,13 @@ def test_bad_port(line: str, message: str) -> None:
         ('scheme = "ftp"', "scheme", "unknown value"),
         ("nvlink_peers = [1]", "nvlink_peers[0]", "must be a string"),
         ("metadata = 3", "metadata", "must be a table"),
+        ('engine_scheduling_policy = "sjf"', "engine_scheduling_policy", "unknown value"),
+        (
+            'engine = "sglang"\nengine_scheduling_policy = "priority"',
+            "engine_scheduling_policy",
+            "'priority' applies to vllm engines only (vLLM's --scheduling-policy), not "
+            "engine = 'sglang'",
+        ),
         ('lora_adapters = [""]', "lora_adapters[0]", "must not be empty"),
         ('lora_adapters = "sql"', "lora_adapters", "must be an array"),
         ('lora_adapters = ["sql", "sql"]', "lora_adapters", "'sql' is named twice"),

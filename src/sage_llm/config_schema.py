@@ -369,6 +369,10 @@ _ENV = rule(nonempty=True, check=_check_env_name)
 ROLE_CONFIGS = ("prefilling_config", "decoding_config")
 
 
+ENGINE_SCHEDULING_POLICIES = ("fcfs", "priority")
+"""vLLM's ``--scheduling-policy`` values (an instance's ``engine_scheduling_policy``)."""
+
+
 def adapters_problem(model_name: str, adapters: Sequence[str]) -> str | None:
     """What is wrong with an instance's ``lora_adapters`` (None: nothing): an adapter
     named as its model, or one named twice."""
@@ -422,6 +426,9 @@ class InstanceConfig:
     gpu_device_id: int | None = opt(None, rule(ge=0))
     nvlink_peers: tuple[str, ...] = opt((), _ID)
     lora_adapters: tuple[str, ...] = opt((), _ID)
+    engine_scheduling_policy: str = opt(
+        "fcfs", rule(choices=ENGINE_SCHEDULING_POLICIES, norm=str.lower)
+    )
     numa_node: int | None = opt(None, rule(ge=0))
     network_bandwidth_gbps: float = opt(10.0, _POSITIVE)
     network_latency_ms: float = opt(0.1, rule(ge=0))
@@ -441,6 +448,12 @@ class InstanceConfig:
         validate(self, FOREIGN_RULES)  # its role configs' fields as a file's
         if (problem := adapters_problem(self.model_name, self.lora_adapters)) is not None:
             raise FieldValueError("lora_adapters", problem)
+        if self.engine_scheduling_policy != "fcfs" and self.engine != "vllm":
+            raise FieldValueError(
+                "engine_scheduling_policy",
+                f"{self.engine_scheduling_policy!r} applies to vllm engines only (vLLM's "
+                f"--scheduling-policy), not engine = {self.engine!r}",
+            )
         given = [k for k in ROLE_CONFIGS if getattr(self, k) is not None]
         if (misplaced := role_config_problem(self.instance_type, given)) is not None:
             raise FieldValueError(*misplaced)

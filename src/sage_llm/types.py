@@ -289,6 +289,13 @@ class ExecutionInstance:
     api_key: str | None = field(default=None, repr=False)
     """Bearer token sent to the engine; never shown in ``repr`` (and so never in logs)."""
     scheme: str = "http"
+    engine_scheduling_policy: str = "fcfs"
+    """The engine's own scheduling policy (vLLM's ``--scheduling-policy``): with
+    ``priority``, each request's priority (its :class:`RequestPriority` value, lower first,
+    as vLLM orders it) is sent with it, so that the engine orders its waiting requests and
+    chooses whom to preempt by it too (by default the latest arrival is preempted when the
+    KV cache runs short). Not sent otherwise: vLLM's v1 engine ignores it under ``fcfs``,
+    and its v0 engine refused it."""
     lora_adapters: list[str] = field(default_factory=list)
     """LoRA adapters the engine serves beside ``model_name`` (the names of vLLM's
     ``--lora-modules``): a request that names one goes to the instances serving it. The

@@ -85,7 +85,7 @@ def test_build_request_refuses_bad_fields() -> None:
     ("key", "says"),
     [("max_tokens", "from the request's max_tokens"), ("model", "from the request's model_name"),
      ("max_completion_tokens", "from the request's max_tokens"), ("stream", "stream itself"),
-     ("prompt", "from the request's prompt")],
+     ("prompt", "from the request's prompt"), ("priority", "from the request's priority")],
 )  # fmt: skip
 def test_extra_body_may_not_set_what_the_request_sets(key: str, says: str) -> None:
     """The control plane schedules on these (a max_tokens there had made a 2-token

@@ -1026,6 +1026,21 @@ def test_an_unset_temperature_or_top_p_is_left_to_the_engine() -> None:
     assert client.request_body(completion_req(max_tokens=9))["max_tokens"] == 9
 
 
+def test_a_requests_priority_goes_to_a_vllm_engine_that_schedules_by_it() -> None:
+    """A request's ``priority`` is sent to an instance whose vLLM engine schedules by it
+    (``--scheduling-policy priority``) only, its prefill leg included."""
+    req = completion_req(priority=1)
+    fcfs = HTTPEngineClient(make_instance("a", model_name=MODEL), session=None)  # type: ignore[arg-type]
+    assert "priority" not in fcfs.request_body(req)
+    inst = make_instance("b", model_name=MODEL, engine_scheduling_policy="priority")
+    client = HTTPEngineClient(inst, session=None)  # type: ignore[arg-type]
+    assert client.request_body(req)["priority"] == 1
+    assert client.request_body(completion_req())["priority"] == 2  # NORMAL's value
+    assert client.prefill_body(req)["priority"] == 1
+    other = HTTPEngineClient(inst, session=None, dialect="openai")  # type: ignore[arg-type]
+    assert "priority" not in other.request_body(req)
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

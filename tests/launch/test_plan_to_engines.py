@@ -26,6 +26,7 @@ from sage_llm.launch import (
     planned_instances_from_dicts,
     vllm_argv,
 )
+from sage_llm.launch.plan_to_engines import scheduling_policy_of
 from sage_llm.types import ExecutionInstanceType
 
 GENERAL = ExecutionInstanceType.GENERAL
@@ -167,6 +168,23 @@ def test_engines_from_plan_for_engine_sim_and_the_instance_to_register() -> None
     assert (inst.machine_id, inst.nvlink_domain, inst.numa_node) == ("m1", "m1/nv0", 0)
     assert inst.nvlink_peers == ["x"] and inst.engine == "vllm"
     assert inst.metadata["gpu_ids"] == [0, 1] and inst.metadata["sim_gpu"] == "a100"
+
+
+def test_a_vllm_engine_started_to_schedule_by_priority_is_registered_so() -> None:
+    """Its requests' priorities are then sent with them."""
+    assert scheduling_policy_of(["--port", "1"]) == "fcfs"
+    assert scheduling_policy_of(["--scheduling-policy", "priority"]) == "priority"
+    assert scheduling_policy_of(["--scheduling-policy=priority"]) == "priority"
+    assert (
+        scheduling_policy_of(["--scheduling-policy", "priority", "--scheduling-policy", "fcfs"])
+        == "fcfs"
+    )
+    assert scheduling_policy_of(["--scheduling-policy"]) == "fcfs"
+    settings = LaunchSettings(
+        engine="vllm", model="m", base_port=8300, extra_args=("--scheduling-policy", "priority")
+    )
+    [engine] = engines_from_plan(planned_instances_from_dicts([{"role": "general"}]), settings)
+    assert engine.to_instance().engine_scheduling_policy == "priority"
 
 
 def test_a_slowed_simulation_and_a_pipelined_instance_to_register() -> None:

@@ -4,7 +4,8 @@ Both engines serve adapter ``sql`` and the second also ``chat`` (``--lora-module
 each adapter made here with random weights, as vLLM loads a PEFT one). Nothing tells the
 control plane of them: it learns them from the engines' ``/v1/models`` cards. A request
 that names an adapter runs only where it is served, and is answered as the engine answers
-it straight.
+it straight. The second engine also schedules by priority (``--scheduling-policy
+priority``), and is sent each request's priority.
 """
 
 from __future__ import annotations
@@ -86,7 +87,12 @@ async def lora(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LoraFl
                     "--lora-modules", f"sql={adapters / 'sql'}"),
     )  # fmt: skip
     first, second = vllm_cpu_engines(settings, 2)
-    second = replace(second, argv=(*second.argv, f"chat={adapters / 'chat'}"))  # a 2nd module
+    # a second module, and requests run by their priority (sent by the gateway: it reads
+    # the flag from the engine's command line)
+    second = replace(
+        second,
+        argv=(*second.argv, f"chat={adapters / 'chat'}", "--scheduling-policy", "priority"),
+    )
     manager = ControlPlaneManager(
         scheduling_policy="fifo", routing_strategy="round_robin", enable_pd_separation=False,
         stats_interval_s=0.25, health_interval_s=0.5,
@@ -193,3 +199,22 @@ async def test_an_adapter_served_everywhere_is_spread_and_an_unknown_one_is_a_40
         error = (await resp.json())["error"]
     assert resp.status == 404 and error["param"] == "model"
     assert "chat" in error["message"] and "sql" in error["message"]
+
+
+async def test_priorities_go_to_the_engine_that_schedules_by_them(lora: LoraFleet) -> None:
+    """The launcher registers the engine started with ``--scheduling-policy priority`` so,
+    the gateway sends it each request's priority, and every request runs."""
+    first, second = lora.fleet.instances
+    registered = {i.instance_id: i.engine_scheduling_policy for i in lora.manager.get_instances()}
+    assert registered == {first.instance_id: "fcfs", second.instance_id: "priority"}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    await _adapters_learnt(lora)
+    for k, (model, level) in enumerate(
+        [("chat", "high"), ("chat", "background"), (MODEL, "critical"), (MODEL, "low")]
+    ):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{lora.url}/v1/completions", json={**body, "model": model},
+                         headers={"x-sage-priority": level, "X-Request-Id": f"p{k}"}) as r,
+        ):  # fmt: skip
+            assert r.status == 200, await r.text()

@@ -73,14 +73,14 @@ def _shown(value: object) -> str:
 
 OWN_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-     "top_p", "stop", "stream", "kv_transfer_params"}
+     "top_p", "stop", "stream", "kv_transfer_params", "priority"}
 )  # fmt: skip
 """Engine body fields a request sets through its own fields (the control plane schedules on
 them, or sets them itself): not taken in ``extra_body``, where they would override them."""
 
 _OWN_FIELD_NAMES: dict[str, str | None] = {
     "model": "model_name", "max_completion_tokens": "max_tokens",
-    "stream": None, "kv_transfer_params": None,
+    "stream": None, "kv_transfer_params": None, "priority": "priority",
 }  # fmt: skip
 
 MAX_TOKENS_BOUND = INT64_MAX

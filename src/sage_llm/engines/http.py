@@ -177,6 +177,9 @@ class HTTPEngineClient:
         self._instance = instance
         self._session = session
         self._dialect = cast(Dialect, chosen)
+        self._sends_priority = chosen == "vllm" and instance.engine_scheduling_policy == "priority"
+        """Whether a request's priority goes with it (to a vLLM engine that schedules by
+        it: ``engine_scheduling_policy``)."""
         self._timeouts = timeouts or HTTPTimeouts()
         self._base = instance.base_url.rstrip("/")
         self._sock_timeout = aiohttp.ClientTimeout(
@@ -250,6 +253,8 @@ class HTTPEngineClient:
             body.pop("stream_options", None)
         if req.kv_transfer_params is not None:
             body["kv_transfer_params"] = dict(req.kv_transfer_params)
+        if self._sends_priority:  # (vLLM v1 ignores it under fcfs; v0 refused it)
+            body["priority"] = req.priority
         return body
 
     def prefill_body(self, req: EngineRequest) -> dict[str, Any]:

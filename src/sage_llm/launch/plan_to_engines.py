@@ -321,7 +321,20 @@ class EngineLaunch:
             gpu_device_id=self.gpu_ids[0] if self.gpu_ids else None,
             engine="vllm",
             metadata=meta,
+            engine_scheduling_policy=scheduling_policy_of(self.argv),
         )
+
+
+def scheduling_policy_of(argv: Sequence[str]) -> str:
+    """The ``--scheduling-policy`` a vLLM command line gives (the last one, as argparse
+    reads it): ``priority``, or ``fcfs`` (vLLM's default) for anything else."""
+    policy = "fcfs"
+    for k, arg in enumerate(argv):
+        if arg == "--scheduling-policy" and k + 1 < len(argv):
+            policy = argv[k + 1]
+        elif arg.startswith("--scheduling-policy="):
+            policy = arg.partition("=")[2]
+    return "priority" if policy == "priority" else "fcfs"
 
 
 def _kv_transfer(given: object) -> dict[str, Any]:
