@@ -47,7 +47,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -528,23 +528,12 @@ class HealthMonitor:
         state.context_asked_at = now
         client = state.client
         if isinstance(client, ReportsContextLength):  # protocol checks: once a minute
-            try:
-                async with asyncio.timeout(self.settings.timeout_s):
-                    said = await client.context_length()
-            except Exception as exc:  # advisory, as the stats are
-                log.debug("context length of %s unknown: %r", state.instance_id, exc)
-            else:
-                if said is not None:  # (a card missing for a moment leaves what was known)
-                    state.context_length = said
-        if not isinstance(client, ReportsAdapters):
-            return
-        try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                listed = await client.lora_adapters()
-        except Exception as exc:  # advisory, as the stats are
-            log.debug("LoRA adapters of %s unknown: %r", state.instance_id, exc)
-        else:
-            if listed is not None:
+            said = await self._advisory(state, "context length", client.context_length)
+            if said is not None:  # (a card missing for a moment leaves what was known)
+                state.context_length = said
+        if isinstance(client, ReportsAdapters):
+            listed = await self._advisory(state, "LoRA adapters", client.lora_adapters)
+            if listed is not None:  # (an engine that does not say leaves what was known)
                 adapters = frozenset(state.instance.lora_adapters).union(listed)
                 if adapters != state.adapters:
                     log.info(
@@ -553,6 +542,18 @@ class HealthMonitor:
                         ", ".join(sorted(adapters)) or "none",
                     )
                     state.adapters = adapters
+
+    async def _advisory(
+        self, state: InstanceState, what: str, ask: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """``ask()``'s answer, or None when it fails or takes longer than a probe may
+        (advisory, as the stats are: logged at debug level)."""
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                return await ask()
+        except Exception as exc:
+            log.debug("%s of %s unknown: %r", what, state.instance_id, exc)
+            return None
 
     def watch_progress(self, state: InstanceState, stats: EngineStats) -> None:
         """Eject ``state`` as stalled when its engine has processed no token for
