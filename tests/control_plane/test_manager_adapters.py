@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from sage_llm import ControlPlaneManager, RequestStatus
-from sage_llm.engines.base import EngineRequest
+from sage_llm.engines.base import EngineRequest, EngineStats
 from sage_llm.errors import EngineConnectionError, ModelNotFoundError, NoHealthyInstanceError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
@@ -252,3 +252,35 @@ async def test_adapters_of_engines_over_http_are_learnt_and_kept_apart_in_their_
     assert cached[3][1] == cached[1][1]
     if cached[2][0] == "e1":  # the model's request on the adapter's engine: none of them
         assert cached[2][1] == 0
+
+
+def test_an_adapters_request_goes_where_the_engine_has_a_lora_slot_for_it() -> None:
+    """An engine whose LoRA slots (``--max-loras``) hold other adapters would make a request
+    for another one wait: while another instance has room for it (runs it, or has a slot
+    free), it goes there; when none has, it is routed as any request."""
+
+    async def main() -> None:
+        cp, engines = _fleet({"i0": ["a", "b"], "i1": ["a", "b"], "i2": ["a", "b"]})
+        states = {iid: cp._registry.get(iid) for iid in engines}
+        busy_a = EngineStats(max_lora=1, lora_adapters=frozenset({"a"}))
+        async with cp:
+            states["i0"].last_stats = busy_a
+            states["i1"].last_stats = busy_a
+            states["i2"].last_stats = EngineStats(max_lora=2, lora_adapters=frozenset({"a"}))
+            for k in range(4):  # b: only i2 has a slot for it
+                res = await cp.generate(make_metadata(f"b{k}", model_name="b", max_tokens=1))
+                assert res.instance_id == "i2"
+            ran = set()
+            for k in range(6):  # a: running on every one
+                res = await cp.generate(make_metadata(f"a{k}", model_name="a", max_tokens=1))
+                ran.add(res.instance_id)
+            assert ran == {"i0", "i1", "i2"}
+            states["i2"].last_stats = busy_a  # no room for b anywhere: spread as any request
+            ran = set()
+            for k in range(6):
+                res = await cp.generate(make_metadata(f"c{k}", model_name="b", max_tokens=1))
+                assert res.status is RequestStatus.COMPLETED, res.error
+                ran.add(res.instance_id)
+            assert ran == {"i0", "i1", "i2"}
+
+    run_virtual(main())

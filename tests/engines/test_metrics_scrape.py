@@ -174,6 +174,30 @@ def test_vllm_stats_sum_counts_and_average_fractions() -> None:
     assert (stats.num_gpu_blocks, stats.block_size) == (58410, 16)
 
 
+def test_vllm_lora_slots_are_its_latest_lora_requests_info() -> None:
+    """vLLM keeps every label set of ``vllm:lora_requests_info`` it ever set, each valued
+    with the time it was set: the latest says which adapters its requests use now."""
+    text = (
+        VLLM_TEXT
+        + "# TYPE vllm:lora_requests_info gauge\n"
+        + 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql,chat",'
+        + 'waiting_lora_adapters="sql"} 1.7963545357e+09\n'
+        + 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        + 'waiting_lora_adapters=""} 1.7963545358e+09\n'
+        + 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql",'
+        + 'waiting_lora_adapters="chat"} 1.7963545359e+09\n'
+    )
+    stats = scrape_text_to_stats(text)
+    assert (stats.max_lora, stats.lora_adapters) == (2, frozenset({"sql", "chat"}))
+    assert stats.lora_room("sql") and not stats.lora_room("code")
+    idle = scrape_text_to_stats(text.replace("1.7963545359e+09", "1.0"))
+    assert (idle.max_lora, idle.lora_adapters) == (2, frozenset())
+    assert idle.lora_room("code")
+    plain = scrape_text_to_stats(VLLM_TEXT)  # no LoRA: nothing said, room for any
+    assert (plain.max_lora, plain.lora_adapters) == (0, frozenset())
+    assert plain.lora_room("code")
+
+
 def test_vllm_older_names_fall_back() -> None:
     stats = scrape_text_to_stats(VLLM_OLD_TEXT)
     assert (stats.running, stats.waiting) == (1, 2)

@@ -158,6 +158,12 @@ async def test_an_adapter_is_answered_where_it_is_served_as_the_engine_answers(
         assert result is not None
         served.append(result.instance_id or "")
     assert served == [second] * 4
+    # the engine's LoRA slots (--max-loras; said once a LoRA request has run), which
+    # routing reads to keep a request for an adapter off an engine whose slots other
+    # adapters fill
+    stats = await lora.manager.engine_stats(second)
+    assert stats.max_lora == 2
+    assert stats.lora_room("chat") and stats.lora_room("sql")
     streamed = ""
     async with (
         aiohttp.ClientSession() as session,

@@ -462,6 +462,8 @@ class Dispatcher:
             allowed = self.policy.constrain(info, snap)
             if info.parallelism_hint is not None:
                 allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
+            if (adapter := rec.adapter) is not None:
+                allowed = self._with_lora_room(adapter, snap, allowed)
             chosen = route_id(self.router, info, snap, allowed)
             if chosen is None and allowed is not None:
                 chosen = route_id(self.router, info, snap)
@@ -485,6 +487,26 @@ class Dispatcher:
             snap = snap.with_assignment(chosen, info)
         self._start(rec, chosen, pending)
         return snap
+
+    def _with_lora_room(
+        self, adapter: str, snap: ClusterSnapshot, allowed: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """``allowed`` narrowed to the instances whose engine can take a request for the
+        LoRA ``adapter`` into its batch at once (:meth:`EngineStats.lora_room`: it runs
+        the adapter already, or has a LoRA slot free), when some cannot: on those it would
+        wait for a slot. ``allowed`` itself when none can, or all can. A preference, as a
+        parallelism hint is: when the router finds none of them able to take the request
+        now, it is routed without it."""
+        find = self.registry.find
+        full: set[str] = set()
+        room: set[str] = set()
+        for view in snap:
+            if allowed is not None and view.instance_id not in allowed:
+                continue
+            state = find(view.instance_id)
+            stats = None if state is None else state.last_stats
+            (room if stats is None or stats.lora_room(adapter) else full).add(view.instance_id)
+        return frozenset(room) if full and room else allowed
 
     def _of_parallelism(
         self, hint: ParallelismType, snap: ClusterSnapshot, allowed: frozenset[str] | None

@@ -1759,7 +1759,7 @@ class ControlPlaneManager:
                     dispatcher.fail_queued(rec, reason)
             return
         for rec in list(dispatcher.records.values()):  # a LoRA adapter's instances all down
-            adapter = _adapter_of(rec)
+            adapter = rec.adapter
             if (
                 adapter is None
                 or rec.status is not RequestStatus.QUEUED
@@ -1864,7 +1864,7 @@ class ControlPlaneManager:
                 reason: str | None = f"no instance serves model {rec.info.model!r} any more"
             else:
                 reason = dispatcher.unservable_reason(
-                    rec.info.model, rec.info.excluded_instances, adapter=_adapter_of(rec)
+                    rec.info.model, rec.info.excluded_instances, adapter=rec.adapter
                 )
                 if reason is not None and dispatcher.take_back_kept_off(rec):
                     continue  # a shorter context serves it now, cut as its engine answers
@@ -1873,12 +1873,6 @@ class ControlPlaneManager:
             if reason is not None:
                 rec.exception = NoHealthyInstanceError(reason)
                 dispatcher.fail_queued(rec, reason)
-
-
-def _adapter_of(rec: RequestRecord) -> str | None:
-    """The LoRA adapter a request is for (the engine is asked for it, not its model)."""
-    named = rec.engine_request.model
-    return None if named == rec.info.model else named
 
 
 def _serving(adapter: str) -> Callable[[InstanceState], bool]:

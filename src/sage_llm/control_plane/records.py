@@ -185,6 +185,13 @@ class RequestRecord:
     result: RequestResult | None = None
 
     @property
+    def adapter(self) -> str | None:
+        """The LoRA adapter the request is for (the engine is asked for it by name, not
+        for its model); None for the model itself."""
+        named = self.engine_request.model
+        return None if named == self.info.model else named
+
+    @property
     def request_id(self) -> str:
         return self.info.request_id
 

@@ -230,6 +230,19 @@ class EngineStats:
     """Forward passes the engine ran, where it counts them (llama.cpp's ``llama_decode``
     calls, ``llamacpp:n_decode_total``): its progress while its token counters stand
     still (llama.cpp adds a request's generated tokens only when the request ends)."""
+    max_lora: int = 0
+    """LoRA adapters one batch of the engine may hold (vLLM's ``--max-loras``, from
+    ``vllm:lora_requests_info``); 0: not known, or LoRA off."""
+    lora_adapters: frozenset[str] = frozenset()
+    """The LoRA adapters of its running and waiting requests, as it last said (a request
+    for another adapter waits while they fill ``max_lora``)."""
+
+    def lora_room(self, adapter: str) -> bool:
+        """Whether a request for ``adapter`` can join the engine's batch without waiting
+        for a LoRA slot: it is among :attr:`lora_adapters`, a slot is free, or the engine
+        does not say (``max_lora`` 0)."""
+        lora = self.lora_adapters
+        return not self.max_lora or adapter in lora or len(lora) < self.max_lora
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -250,6 +250,7 @@ def _vllm(samples: Samples) -> EngineStats:
     sizes = _int_label(info, "block_size")
     prompt = _sum(samples, "vllm:prompt_tokens_total", "vllm:prompt_tokens")
     generated = _sum(samples, "vllm:generation_tokens_total", "vllm:generation_tokens")
+    slots, loaded = _lora(samples.get("vllm:lora_requests_info", []))
     return EngineStats(
         running=round(_sum(samples, "vllm:num_requests_running") or 0.0),
         waiting=round(_sum(samples, "vllm:num_requests_waiting") or 0.0),
@@ -278,7 +279,25 @@ def _vllm(samples: Samples) -> EngineStats:
         block_size=sizes[0] if sizes else None,
         source="vllm",
         counts_tokens=prompt is not None or generated is not None,
+        max_lora=slots,
+        lora_adapters=loaded,
     )
+
+
+def _lora(series: Sequence[Sample]) -> tuple[int, frozenset[str]]:
+    """``max_lora`` and ``lora_adapters`` of vLLM's ``vllm:lora_requests_info``: its
+    latest series (its value is the time it was set, and the older ones stay exported),
+    whose labels list the adapters of the running and of the waiting requests."""
+    latest = max(series, key=lambda sample: sample[1], default=None)
+    if latest is None:
+        return 0, frozenset()
+    labels = latest[0]
+    try:
+        slots = max(int(labels.get("max_lora", "0")), 0)
+    except ValueError:
+        return 0, frozenset()
+    running, waiting = (labels.get(f"{k}_lora_adapters", "") for k in ("running", "waiting"))
+    return slots, frozenset(n for n in f"{running},{waiting}".split(",") if n)
 
 
 def _sglang(samples: Samples) -> EngineStats:
@@ -352,7 +371,7 @@ STATS_METRICS = frozenset(
         "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits",
         "vllm:num_preemptions_total", "vllm:num_preemptions",
         "vllm:prompt_tokens_total", "vllm:prompt_tokens",
-        "vllm:generation_tokens_total", "vllm:generation_tokens",
+        "vllm:generation_tokens_total", "vllm:generation_tokens", "vllm:lora_requests_info",
         # SGLang
         "sglang:prompt_tokens_total", "sglang:prompt_tokens", "sglang:cached_tokens_total",
         "sglang:cached_tokens", "sglang:cache_hit_rate", "sglang:max_total_num_tokens",
