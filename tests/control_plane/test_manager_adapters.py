@@ -13,7 +13,13 @@ import pytest
 
 from sage_llm import ControlPlaneManager, RequestStatus
 from sage_llm.engines.base import EngineRequest, EngineStats
-from sage_llm.errors import EngineConnectionError, ModelNotFoundError, NoHealthyInstanceError
+from sage_llm.errors import (
+    EngineConnectionError,
+    InstanceNotFoundError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoHealthyInstanceError,
+)
 from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
@@ -282,5 +288,67 @@ def test_an_adapters_request_goes_where_the_engine_has_a_lora_slot_for_it() -> N
                 assert res.status is RequestStatus.COMPLETED, res.error
                 ran.add(res.instance_id)
             assert ran == {"i0", "i1", "i2"}
+
+    run_virtual(main())
+
+
+def test_an_adapter_loaded_at_run_time_is_served_at_once_and_unloaded_no_more() -> None:
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", routing_strategy="round_robin",
+                                 scheduling_policy="fifo")  # fmt: skip
+        for k in range(3):
+            cp.register_instance(make_instance(f"s{k}", port=9000 + k))
+        async with cp:
+            done = await cp.load_lora_adapter("sql", "/loras/sql", instances=["s0", "s2"])
+            assert done == {"s0": None, "s2": None}
+            ran = set()
+            for k in range(4):
+                res = await cp.generate(make_metadata(f"a{k}", model_name="sql", max_tokens=1))
+                ran.add(res.instance_id)
+            assert ran == {"s0", "s2"}
+            again = await cp.load_lora_adapter("sql", "/loras/sql")  # every instance of it
+            assert again["s1"] is None
+            assert "has already been loaded" in (again["s0"] or "")
+            assert cp.get_status()["lora_adapters"] == {"sql": MODEL}
+            gone = await cp.unload_lora_adapter("sql")
+            assert gone == {"s0": None, "s1": None, "s2": None}
+            with pytest.raises(ModelNotFoundError):
+                await cp.generate(make_metadata("b", model_name="sql", max_tokens=1))
+            with pytest.raises(ModelNotFoundError, match="no instance serves LoRA adapter"):
+                await cp.unload_lora_adapter("sql")
+
+    run_virtual(main())
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "says"),
+    [
+        (("", "/p"), {}, InvalidRequestError, "lora_name must be a non-empty string"),
+        (("x", ""), {}, InvalidRequestError, "lora_path must be a non-empty string"),
+        ((" x", "/p"), {}, InvalidRequestError, "lora_name must not begin or end"),
+        ((MODEL, "/p"), {}, InvalidRequestError, "is a model served here, not an adapter"),
+        (("x", "/p"), {"instances": ["nope"]}, InstanceNotFoundError, "no instance 'nope'"),
+        (("x", "/p"), {"instances": []}, InvalidRequestError, "instances must not be empty"),
+        (("x", "/p"), {"model": "nope"}, ModelNotFoundError, "no instance serves model"),
+    ],
+)
+def test_a_bad_adapter_to_load_is_refused_before_any_engine_is_asked(
+    args: tuple[str, str], kwargs: dict[str, object], error: type[Exception], says: str
+) -> None:
+    async def main() -> None:
+        cp, _ = _fleet({"i0": []})
+        async with cp:
+            with pytest.raises(error, match=says):
+                await cp.load_lora_adapter(*args, **kwargs)  # type: ignore[arg-type]
+
+    run_virtual(main())
+
+
+def test_an_engine_that_cannot_load_adapters_is_said_so() -> None:
+    async def main() -> None:
+        cp, _ = _fleet({"i0": []})
+        async with cp:
+            done = await cp.load_lora_adapter("x", "/p")
+        assert done == {"i0": "engine 'vllm' cannot load LoRA adapters at run time"}
 
     run_virtual(main())

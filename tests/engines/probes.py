@@ -15,9 +15,10 @@ from sage_llm.engines.base import (
     EngineRequest,
     EngineStats,
     KVHandle,
+    LoadsAdapters,
     ReportsContextLength,
 )
-from sage_llm.errors import EngineConnectionError, EngineStreamError
+from sage_llm.errors import EngineConnectionError, EngineError, EngineStreamError
 
 
 class ConcurrencyProbe:
@@ -60,6 +61,16 @@ class ConcurrencyProbe:
     async def context_length(self) -> int | None:
         inner = self.inner
         return await inner.context_length() if isinstance(inner, ReportsContextLength) else None
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        if not isinstance(self.inner, LoadsAdapters):
+            raise EngineError(f"{self.instance_id}: cannot load LoRA adapters")
+        await self.inner.load_lora_adapter(name, path)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        if not isinstance(self.inner, LoadsAdapters):
+            raise EngineError(f"{self.instance_id}: cannot unload LoRA adapters")
+        await self.inner.unload_lora_adapter(name)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -498,3 +498,36 @@ async def test_simulator_keys_may_be_given_as_a_config_file_has_them() -> None:
             async with http.post(gw.url("/admin/instances"), json=spec) as r:
                 assert r.status == 400
                 assert (await _json(r))["error"]["param"] == param
+
+
+async def test_lora_adapters_are_loaded_and_unloaded_over_the_admin_api() -> None:
+    async with serve(2) as gw, aiohttp.ClientSession() as http:
+        body = {"lora_name": "sql", "lora_path": "/loras/sql", "instances": ["sim-1"]}
+        async with http.post(gw.url("/admin/lora_adapters"), json=body) as r:
+            assert r.status == 200, await r.text()
+            assert await _json(r) == {"lora_name": "sql", "loaded": ["sim-1"], "failed": {}}
+        async with http.get(gw.url("/v1/models/sql")) as r:
+            assert (await _json(r))["sage"]["instances"] == ["sim-1"]
+        for k in range(3):
+            async with http.post(gw.url("/v1/completions"),
+                                 json={**completion_body(), "model": "sql"},
+                                 headers={"X-Request-Id": f"sql-{k}"}) as r:  # fmt: skip
+                assert r.status == 200 and (await _json(r))["model"] == "sql"
+            result = await gw.manager.get_result(f"sql-{k}")
+            assert result is not None and result.instance_id == "sim-1"
+        async with http.post(gw.url("/admin/lora_adapters"), json=body) as r:  # refused by all
+            error = (await _json(r))["error"]
+        assert r.status == 502 and "has already been loaded" in error["message"]
+        for bad, param in [({"lora_name": "x"}, "lora_path"),
+                           ({**body, "instances": "sim-1"}, "instances"),
+                           ({**body, "extra": 1}, "extra")]:  # fmt: skip
+            async with http.post(gw.url("/admin/lora_adapters"), json=bad) as r:
+                error = (await _json(r))["error"]
+            assert (r.status, error["param"]) == (400, param), error
+        async with http.delete(gw.url("/admin/lora_adapters/sql")) as r:
+            assert await _json(r) == {"lora_name": "sql", "unloaded": ["sim-1"], "failed": {}}
+        async with http.delete(gw.url("/admin/lora_adapters/sql")) as r:
+            assert r.status == 404
+        async with http.post(gw.url("/v1/completions"),
+                             json={**completion_body(), "model": "sql"}) as r:  # fmt: skip
+            assert r.status == 404

@@ -14,6 +14,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -58,8 +59,10 @@ python, which has torch and safetensors): ``OUT SEED RANK MODEL_DIR``."""
 
 
 class LoraFleet:
-    def __init__(self, manager: ControlPlaneManager, fleet: LaunchedFleet, url: str) -> None:
-        self.manager, self.fleet, self.url = manager, fleet, url
+    def __init__(
+        self, manager: ControlPlaneManager, fleet: LaunchedFleet, url: str, adapters: Path
+    ) -> None:
+        self.manager, self.fleet, self.url, self.adapters = manager, fleet, url, adapters
 
     def engine_url(self, k: int) -> str:
         inst = self.fleet.instances[k]
@@ -73,7 +76,7 @@ async def lora(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LoraFl
         pytest.skip(reason)
     python, model_dir = real_vllm_paths(ROOT)
     adapters = tmp_path_factory.mktemp("loras")
-    for seed, name in enumerate(("sql", "chat"), start=1):
+    for seed, name in enumerate(("sql", "chat", "code"), start=1):
         made = await asyncio.create_subprocess_exec(
             str(python), "-c", _MAKE_ADAPTER, str(adapters / name), str(seed), str(_RANK),
             str(model_dir),
@@ -86,6 +89,7 @@ async def lora(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LoraFl
         extra_args=("--enable-lora", "--max-lora-rank", str(_RANK), "--max-loras", "2",
                     "--lora-modules", f"sql={adapters / 'sql'}"),
     )  # fmt: skip
+    settings = replace(settings, env={**settings.env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
     first, second = vllm_cpu_engines(settings, 2)
     # a second module, and requests run by their priority (sent by the gateway: it reads
     # the flag from the engine's command line)
@@ -98,7 +102,7 @@ async def lora(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LoraFl
         stats_interval_s=0.25, health_interval_s=0.5,
     )  # fmt: skip
     async with manager, served_fleet(manager, [first, second], settings) as (fleet, url):
-        yield LoraFleet(manager, fleet, url)
+        yield LoraFleet(manager, fleet, url, adapters)
 
 
 async def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -224,3 +228,39 @@ async def test_priorities_go_to_the_engine_that_schedules_by_them(lora: LoraFlee
                          headers={"x-sage-priority": level, "X-Request-Id": f"p{k}"}) as r,
         ):  # fmt: skip
             assert r.status == 200, await r.text()
+
+
+async def test_an_adapter_loaded_through_the_admin_api_is_served_at_once(
+    lora: LoraFleet,
+) -> None:
+    """``POST /admin/lora_adapters`` loads it on the engine named (vLLM's
+    ``/v1/load_lora_adapter``, the engines started with
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), which serves it from the next request on;
+    ``DELETE`` unloads it, and its name is unknown again."""
+    first = lora.fleet.instances[0].instance_id
+    path = str(lora.adapters / "code")
+    async with aiohttp.ClientSession() as session:
+        load = {"lora_name": "code", "lora_path": path, "instances": [first]}
+        async with session.post(f"{lora.url}/admin/lora_adapters", json=load) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["loaded"] == [first]
+    body = {"model": "code", "prompt": "Hello there my friend", "max_tokens": 6,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    direct = await _post(f"{lora.engine_url(0)}/v1/completions", body)
+    for k in range(2):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{lora.url}/v1/completions", json=body,
+                         headers={"X-Request-Id": f"code-{k}"}) as resp,
+        ):  # fmt: skip
+            out = await resp.json()
+            assert resp.status == 200, out
+        assert out["choices"][0]["text"] == direct["choices"][0]["text"]
+        result = await lora.manager.get_result(f"code-{k}")
+        assert result is not None and result.instance_id == first
+    async with aiohttp.ClientSession() as session:
+        async with session.delete(f"{lora.url}/admin/lora_adapters/code") as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["unloaded"] == [first]
+        async with session.post(f"{lora.url}/v1/completions", json=body) as resp:
+            assert resp.status == 404

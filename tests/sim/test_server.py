@@ -12,13 +12,17 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from sage_llm.engines.base import Chunk, EngineRequest, KVHandle
+from sage_llm.engines.http import HTTPEngineClient
 from sage_llm.engines.metrics_scrape import parse_prometheus_text
 from sage_llm.errors import AdmissionError, EngineError
 from sage_llm.sim import server as sim_server
+from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import create_engine_app, start_engine_server
 from tests.engines.fake_engine import MODEL, FakeEngine, ManualClock, start_app
+from tests.factories import make_instance
 
 
 @pytest.fixture
@@ -825,6 +829,47 @@ async def test_lora_modules_are_listed_and_served_by_name(http: aiohttp.ClientSe
         await runner.cleanup()
     with pytest.raises(ValueError, match="the model's own name"):
         await start_engine_server(FakeEngine(), model_name=MODEL, lora_modules={MODEL: "x"})
+
+
+async def test_lora_adapters_load_and_unload_at_run_time_as_vllms_do(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (as with
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), with their refusals; the simulated engine
+    behind serves the adapter from then on, and the control plane's client calls them."""
+    engine = SimEngine("e0", SimEngineConfig(speed=100.0))
+    runner, port = await start_engine_server(engine, model_name=MODEL)
+    base = f"http://127.0.0.1:{port}"
+    client = HTTPEngineClient(make_instance("e0", port=port, model_name=MODEL), http)
+    try:
+        await client.load_lora_adapter("sql", "/loras/sql")
+        assert engine.served_adapters == {"sql"}
+        assert await client.lora_adapters() == ["sql"]
+        status, answer = await post(http, f"{base}/v1/completions",
+                                    {"model": "sql", "prompt": "x", "max_tokens": 2})  # fmt: skip
+        assert status == 200 and answer["model"] == "sql"
+        for body, code, says in [
+            ({"lora_name": "sql", "lora_path": "/x"}, 400, "has already been loaded"),
+            ({"lora_name": MODEL, "lora_path": "/x"}, 400, "conflicts with the served model"),
+            ({"lora_name": "y"}, 400, "Both 'lora_name' and 'lora_path' must be provided."),
+        ]:
+            status, answer = await post(http, f"{base}/v1/load_lora_adapter", body)
+            assert (status, says in answer["error"]["message"]) == (code, True), answer
+        await client.unload_lora_adapter("sql")
+        assert engine.served_adapters == set() and await client.lora_adapters() == []
+        with pytest.raises(EngineError, match="cannot be found"):
+            await client.unload_lora_adapter("sql")
+    finally:
+        await runner.cleanup()
+        await engine.aclose()
+    app = web.Application()  # an engine without the routes (vLLM without the variable)
+    runner, port = await start_app(app)
+    try:
+        bare = HTTPEngineClient(make_instance("e1", port=port, model_name=MODEL), http)
+        with pytest.raises(EngineError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+            await bare.load_lora_adapter("sql", "/loras/sql")
+    finally:
+        await runner.cleanup()
 
 
 class _DownEngine(FakeEngine):

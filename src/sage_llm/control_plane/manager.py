@@ -21,7 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
@@ -36,7 +44,7 @@ from sage_llm.config import (
     pd_engine_problem,
     reached_key,
 )
-from sage_llm.config_fields import latency_prior
+from sage_llm.config_fields import latency_prior, name_problem
 from sage_llm.control_plane.deadlines import DeadlineTimers, TimeLimit, time_limit_arg
 from sage_llm.control_plane.dispatcher import (
     Dispatcher,
@@ -84,6 +92,7 @@ from sage_llm.engines.base import (
     EngineClient,
     EngineRequest,
     EngineStats,
+    LoadsAdapters,
     answered_whole,
     embeddings_refusal,
     prompt_logprobs_asked,
@@ -97,7 +106,9 @@ from sage_llm.errors import (
     DeadlineExceededError,
     EngineError,
     EngineRequestRejectedError,
+    InstanceNotFoundError,
     InvalidRequestError,
+    ModelNotFoundError,
     NoHealthyInstanceError,
     OverBudgetError,
     QueueFullError,
@@ -952,6 +963,117 @@ class ControlPlaneManager:
         error = failure_error(result, rec.exception, cancelled=cancelled)
         if error is not None:
             raise error from rec.exception
+
+    async def load_lora_adapter(
+        self,
+        name: str,
+        path: str,
+        *,
+        model: str | None = None,
+        instances: Sequence[str] | None = None,
+    ) -> dict[str, str | None]:
+        """Load the LoRA adapter at ``path`` as ``name`` on the ``instances`` given, or on
+        every instance of ``model`` (by default the only model served), side by side
+        (vLLM's ``POST /v1/load_lora_adapter``); each that loads it serves it from then on.
+        Returns, by instance, None where it loaded, else why not (its engine's refusal, or
+        an engine that cannot load adapters at run time). A bad name, path, model or
+        instance is an :class:`InvalidRequestError` (unknown ones, 404s), before any call."""
+        self._require_dispatcher()
+        for value, param in ((name, "lora_name"), (path, "lora_path")):
+            if type(value) is not str or not value:
+                raise InvalidRequestError(f"{param} must be a non-empty string", param=param)
+        if (problem := name_problem(name)) is not None:
+            raise InvalidRequestError(f"lora_name {problem}", param="lora_name")
+        registry = self._registry
+        if registry.serves(name):
+            raise InvalidRequestError(
+                f"lora_name {name!r} is a model served here, not an adapter", param="lora_name"
+            )
+        if instances is None:
+            chosen = resolve_model(RequestMetadata(request_id="lora", model_name=model),
+                                   registry.models())  # fmt: skip
+            states = [s for s in registry if s.instance.model_name == chosen and not s.removed]
+        else:
+            states = self._lora_targets(instances)
+        base = registry.adapter_base(name)
+        if base is not None and any(s.instance.model_name != base for s in states):
+            raise InvalidRequestError(
+                f"LoRA adapter {name!r} is served on model {base!r}: load it on that model's "
+                "instances only",
+                param="instances" if instances is not None else "model",
+            )
+
+        def loaded(state: InstanceState) -> None:
+            state.adapters = state.adapters | {name}
+
+        return await self._lora_calls(states, lambda c: c.load_lora_adapter(name, path), loaded)
+
+    async def unload_lora_adapter(
+        self, name: str, *, instances: Sequence[str] | None = None
+    ) -> dict[str, str | None]:
+        """Unload the LoRA adapter ``name`` from the ``instances`` given, or from every
+        instance serving it (vLLM's ``POST /v1/unload_lora_adapter``); each that unloads it
+        no longer serves it (nor keeps it among its ``lora_adapters``). Returns, by
+        instance, None where it was unloaded, else why not;
+        :class:`~sage_llm.errors.ModelNotFoundError` when no instance serves it."""
+        self._require_dispatcher()
+        if type(name) is not str or not name:
+            raise InvalidRequestError("lora_name must be a non-empty string", param="lora_name")
+        registry = self._registry
+        if instances is None:
+            states = [s for s in registry if name in s.adapters and not s.removed]
+            if not states:
+                raise ModelNotFoundError(f"no instance serves LoRA adapter {name!r}",
+                                         param="lora_name")  # fmt: skip
+        else:
+            states = self._lora_targets(instances)
+
+        def unloaded(state: InstanceState) -> None:
+            state.adapters = state.adapters - {name}
+            if name in state.instance.lora_adapters:  # else the next reading brings it back
+                state.instance.lora_adapters.remove(name)
+
+        return await self._lora_calls(states, lambda c: c.unload_lora_adapter(name), unloaded)
+
+    def _lora_targets(self, instances: Sequence[str]) -> list[InstanceState]:
+        if isinstance(instances, str) or not all(type(i) is str for i in instances):
+            raise InvalidRequestError("instances must be a list of instance ids",
+                                      param="instances")  # fmt: skip
+        if not instances:
+            raise InvalidRequestError("instances must not be empty", param="instances")
+        states = []
+        for iid in dict.fromkeys(instances):
+            state = self._registry.find(iid)
+            if state is None or state.removed:
+                raise InstanceNotFoundError(f"no instance {iid!r} is registered")
+            states.append(state)
+        return states
+
+    async def _lora_calls(
+        self,
+        states: Sequence[InstanceState],
+        call: Callable[[LoadsAdapters], Awaitable[None]],
+        done: Callable[[InstanceState], None],
+    ) -> dict[str, str | None]:
+        """``call`` on each instance's engine client side by side; ``done(state)`` for each
+        that succeeded; by instance, None or the reason it did not."""
+
+        async def one(state: InstanceState) -> str | None:
+            client = state.client
+            if not isinstance(client, LoadsAdapters):
+                return f"engine {state.instance.engine!r} cannot load LoRA adapters at run time"
+            try:
+                async with asyncio.timeout(self.health_settings.timeout_s * 10):
+                    await call(client)
+            except TimeoutError:
+                return "the engine did not answer in time"
+            except SageLLMError as exc:
+                return exc.message
+            done(state)
+            return None
+
+        outcomes = await asyncio.gather(*(one(s) for s in states))
+        return {s.instance_id: outcome for s, outcome in zip(states, outcomes, strict=True)}
 
     async def embed(
         self,

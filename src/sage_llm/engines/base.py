@@ -313,6 +313,21 @@ class ReportsAdapters(Protocol):
 
 
 @runtime_checkable
+class LoadsAdapters(Protocol):
+    """An engine client that can load and unload LoRA adapters at run time (vLLM's
+    ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``)."""
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load the adapter at ``path`` as ``name``; an :class:`EngineError` when the
+        engine does not."""
+        ...
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Unload the adapter ``name``; an :class:`EngineError` when the engine does not."""
+        ...
+
+
+@runtime_checkable
 class ReportsContextLength(Protocol):
     """An engine client that can say the longest context (prompt and output, in tokens)
     its engine serves: vLLM's ``max_model_len`` (``GET /v1/models``), or a simulated

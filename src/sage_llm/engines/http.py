@@ -780,6 +780,28 @@ class HTTPEngineClient:
         """Model ids the engine serves (``GET /v1/models``)."""
         return [str(card["id"]) for card in await self._model_cards() if "id" in card]
 
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """vLLM's ``POST /v1/load_lora_adapter`` (an engine started with
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``: others answer 404)."""
+        await self._lora_call("load", {"lora_name": name, "lora_path": path})
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """vLLM's ``POST /v1/unload_lora_adapter``."""
+        await self._lora_call("unload", {"lora_name": name})
+
+    async def _lora_call(self, verb: str, body: Mapping[str, Any]) -> None:
+        path = f"/v1/{verb}_lora_adapter"
+        try:
+            await self._request_bytes("POST", path, body=body, timeout_s=self._timeouts.request_s)
+        except EngineError as exc:
+            if exc.status == 404 and exc.message.endswith(": Not Found"):  # no such route
+                raise self._error(
+                    type(exc),
+                    f"POST {path}: the engine does not {verb} LoRA adapters at run time "
+                    "(start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+                ) from exc
+            raise
+
     async def lora_adapters(self) -> list[str] | None:
         """The LoRA adapters the engine serves on the instance's model: the ids of its
         model cards (``GET /v1/models``) whose ``parent`` is ``model_name``, as vLLM lists

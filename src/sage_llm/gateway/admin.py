@@ -23,7 +23,7 @@ import dataclasses
 import enum
 import math
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import date, time
 from typing import Any
 
@@ -39,12 +39,19 @@ from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ConfigError,
+    EngineError,
     InvalidRequestError,
     PolicyNotFoundError,
 )
 from sage_llm.gateway.observe import ExpectHandler
 from sage_llm.gateway.openai import read_body, read_json, validate
-from sage_llm.gateway.schemas import DrainRequest, InstanceSpec, SetPolicyRequest
+from sage_llm.gateway.schemas import (
+    DrainRequest,
+    InstanceSpec,
+    LoadLoraAdapterRequest,
+    SetPolicyRequest,
+    UnloadLoraAdapterRequest,
+)
 from sage_llm.request_json import json_object
 from sage_llm.types import ExecutionInstance
 
@@ -216,6 +223,23 @@ class AdminRoutes:
             }
         )
 
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        raw = await read_body(request, self.read_timeout_s)
+        req = validate(LoadLoraAdapterRequest, json_object(raw))
+        outcomes = await self.manager.load_lora_adapter(
+            req.lora_name, req.lora_path, model=req.model, instances=req.instances
+        )
+        return _lora_answer(req.lora_name, "loaded", outcomes)
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        raw = await read_body(request, self.read_timeout_s)
+        instances = None
+        if raw.strip():
+            instances = validate(UnloadLoraAdapterRequest, json_object(raw)).instances
+        outcomes = await self.manager.unload_lora_adapter(name, instances=instances)
+        return _lora_answer(name, "unloaded", outcomes)
+
     def _instance_metrics(self) -> dict[str, Any]:
         return {
             i.instance_id: to_jsonable(self.manager.get_instance_metrics(i.instance_id))
@@ -236,6 +260,18 @@ class AdminRoutes:
         return web.json_response(body)
 
 
+def _lora_answer(name: str, done: str, outcomes: Mapping[str, str | None]) -> web.Response:
+    """``{"lora_name", done: [instances], "failed": {instance: why}}``; a 502 naming every
+    failure when none succeeded."""
+    ok = [iid for iid, why in outcomes.items() if why is None]
+    failed = {iid: why for iid, why in outcomes.items() if why is not None}
+    if not ok:
+        verb = done.removesuffix("ed")
+        said = "; ".join(f"{iid}: {why}" for iid, why in failed.items())
+        raise EngineError(f"no instance could {verb} LoRA adapter {name!r}: {said}")
+    return web.json_response({"lora_name": name, done: ok, "failed": failed})
+
+
 def add_admin_routes(
     app: web.Application, routes: AdminRoutes, expect_continue: ExpectHandler
 ) -> None:
@@ -250,6 +286,12 @@ def add_admin_routes(
     )
     app.router.add_delete(
         "/admin/instances/{instance_id}", routes.remove_instance, expect_handler=expect_continue
+    )
+    app.router.add_post(
+        "/admin/lora_adapters", routes.load_lora_adapter, expect_handler=expect_continue
+    )
+    app.router.add_delete(
+        "/admin/lora_adapters/{name}", routes.unload_lora_adapter, expect_handler=expect_continue
     )
     app.router.add_post("/admin/set_policy", routes.set_policy, expect_handler=expect_continue)
     app.router.add_get("/admin/status", routes.status, expect_handler=expect_continue)

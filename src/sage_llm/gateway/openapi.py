@@ -30,6 +30,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     s.InstanceSpec,
     s.DrainRequest,
     s.SetPolicyRequest,
+    s.LoadLoraAdapterRequest,
+    s.UnloadLoraAdapterRequest,
     s.AdminObject,
 )
 
@@ -238,14 +240,13 @@ def _admin(
     summary: str,
     request: str | None,
     *errors: str,
-    path_param: bool = False,
+    path_param: bool | str = False,
     ok: str = "200",
 ) -> dict[str, Any]:
     params: list[dict[str, Any]] = [_REQUEST_ID]
     if path_param:
-        params.append(
-            {"name": "instance_id", "in": "path", "required": True, "schema": {"type": "string"}}
-        )
+        name = path_param if isinstance(path_param, str) else "instance_id"
+        params.append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
     out: dict[str, Any] = {
         "operationId": op,
         "summary": summary,
@@ -259,7 +260,7 @@ def _admin(
     }
     if request is not None:
         out["requestBody"] = {
-            "required": method != "drain",
+            "required": method not in ("drain", "unload"),
             "content": {"application/json": {"schema": _ref(request)}},
         }
     return out
@@ -413,6 +414,33 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 "404",
                 "409",
                 path_param=True,
+            ),
+        },
+        "/admin/lora_adapters": {
+            "post": _admin(
+                "post",
+                "loadLoraAdapter",
+                "Load a LoRA adapter on instances (vLLM's /v1/load_lora_adapter on each)",
+                "LoadLoraAdapterRequest",
+                "400",
+                "404",
+                "408",
+                "413",
+                "502",
+            ),
+        },
+        "/admin/lora_adapters/{name}": {
+            "delete": _admin(
+                "unload",
+                "unloadLoraAdapter",
+                "Unload a LoRA adapter (vLLM's /v1/unload_lora_adapter on each instance)",
+                "UnloadLoraAdapterRequest",
+                "400",
+                "404",
+                "408",
+                "413",
+                "502",
+                path_param="name",
             ),
         },
         "/admin/set_policy": {

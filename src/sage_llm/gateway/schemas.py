@@ -376,6 +376,25 @@ class DrainRequest(BaseModel):
     drain: bool = True
 
 
+class LoadLoraAdapterRequest(BaseModel):
+    """``POST /admin/lora_adapters``: a LoRA adapter to load on the instances given, or on
+    every instance of ``model`` (by default the only model served)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)
+    instances: list[str] | None = None
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """``DELETE /admin/lora_adapters/{name}`` (its body optional): the instances to unload
+    it from, by default every one serving it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    instances: list[str] | None = None
+
+
 class SetPolicyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     policy: str = Field(min_length=1)

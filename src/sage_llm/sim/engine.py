@@ -64,6 +64,7 @@ from sage_llm.errors import (
     ConfigError,
     EngineConnectionError,
     EngineError,
+    EngineRequestRejectedError,
     InvalidRequestError,
 )
 from sage_llm.jsonutil import whole
@@ -317,7 +318,7 @@ class SimEngine:
         (as its model, but a request for one shares cached blocks only with the same
         adapter's, as vLLM hashes them)."""
         self._id = instance_id
-        self.served_adapters = frozenset(lora_adapters)
+        self.served_adapters = set(lora_adapters)
         # the front end's work runs on the engine's time scale too (speed, at the start)
         self._front_end = (front_end or FrontEndModel()).at_speed(
             1.0 if config is None else config.speed
@@ -781,6 +782,27 @@ class SimEngine:
                 param="n",
             )
         return count
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter ``name`` from now on (``path`` is not read: its blocks
+        are kept apart, its compute is the model's), refused as vLLM refuses one
+        already loaded."""
+        if name in self.served_adapters:
+            raise EngineRequestRejectedError(
+                f"{self._id}: The lora adapter '{name}' has already been loaded.",
+                instance_id=self._id, status=400, param="lora_name",
+            )  # fmt: skip
+        self.served_adapters.add(name)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Serve the LoRA adapter ``name`` no more; refused, as vLLM refuses it, when it
+        is not served."""
+        if name not in self.served_adapters:
+            raise EngineRequestRejectedError(
+                f"{self._id}: The lora adapter '{name}' cannot be found.",
+                instance_id=self._id, status=404, param="lora_name",
+            )  # fmt: skip
+        self.served_adapters.discard(name)
 
     def _salt(self, req: EngineRequest) -> str | None:
         """The salt of ``req``'s prompt blocks (:func:`adapter_salt`): its ``cache_salt``

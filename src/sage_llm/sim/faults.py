@@ -56,6 +56,7 @@ from sage_llm.engines.base import (
     EngineRequest,
     EngineStats,
     KVHandle,
+    LoadsAdapters,
     ReportsAdapters,
     ReportsContextLength,
 )
@@ -440,6 +441,16 @@ class FaultyEngineClient:
         """The wrapped engine's (None when it does not say)."""
         inner = self.inner
         return await inner.context_length() if isinstance(inner, ReportsContextLength) else None
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        if not isinstance(self.inner, LoadsAdapters):
+            raise EngineError(f"{self.instance_id}: cannot load LoRA adapters at run time")
+        await self.inner.load_lora_adapter(name, path)
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        if not isinstance(self.inner, LoadsAdapters):
+            raise EngineError(f"{self.instance_id}: cannot unload LoRA adapters at run time")
+        await self.inner.unload_lora_adapter(name)
 
     async def lora_adapters(self) -> list[str] | None:
         """The wrapped engine's (None when it does not say)."""

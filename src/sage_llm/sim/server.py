@@ -56,11 +56,12 @@ import aiohttp
 from aiohttp import web
 
 from sage_llm import tokens
-from sage_llm.engines.base import Chunk, EngineClient, Usage
+from sage_llm.engines.base import Chunk, EngineClient, LoadsAdapters, Usage
 from sage_llm.engines.sse import DONE_EVENT, ResponseFormat, encode_event
 from sage_llm.errors import (
     EngineError,
     InvalidRequestError,
+    ModelNotFoundError,
     PayloadTooLargeError,
     SageLLMError,
 )
@@ -749,6 +750,58 @@ class _EngineServer:
             ],
         }
 
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /v1/load_lora_adapter`` (served as if started with
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), with its refusals."""
+        try:
+            body = await self._body(request)
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not name or not path or not isinstance(name, str) or not isinstance(path, str):
+                raise InvalidRequestError(
+                    "Both 'lora_name' and 'lora_path' must be provided.", param="lora_name"
+                )
+            if name == self.model_name:
+                raise InvalidRequestError(
+                    f"The lora adapter '{name}' conflicts with the served model name.",
+                    param="lora_name",
+                )
+            if name in self.lora_modules:
+                raise InvalidRequestError(
+                    f"The lora adapter '{name}' has already been loaded.", param="lora_name"
+                )
+            engine = self._adapter_engine()
+            if engine is not None:
+                await engine.load_lora_adapter(name, path)
+        except SageLLMError as exc:
+            return _error(exc)
+        self.lora_modules[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /v1/unload_lora_adapter``, with its refusals."""
+        try:
+            body = await self._body(request)
+            name = body.get("lora_name")
+            if not name or not isinstance(name, str):
+                raise InvalidRequestError(
+                    "'lora_name' needs to be provided to unload a LoRA adapter.",
+                    param="lora_name",
+                )
+            if name not in self.lora_modules:
+                raise ModelNotFoundError(
+                    f"The lora adapter '{name}' cannot be found.", param="lora_name"
+                )
+            engine = self._adapter_engine()
+            if engine is not None:
+                await engine.unload_lora_adapter(name)
+        except SageLLMError as exc:
+            return _error(exc)
+        del self.lora_modules[name]
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _adapter_engine(self) -> LoadsAdapters | None:
+        return next((e for e in _layers(self.engine) if isinstance(e, LoadsAdapters)), None)
+
     async def metrics_text(self, request: web.Request) -> web.Response:
         try:
             stats = await self.engine.stats()
@@ -942,6 +995,8 @@ def create_engine_app(
     app.router.add_post("/v1/completions/render", srv.render)
     app.router.add_post("/v1/chat/completions/render", srv.render)
     app.router.add_get("/v1/models", srv.models)
+    app.router.add_post("/v1/load_lora_adapter", srv.load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", srv.unload_lora_adapter)
     app.router.add_get("/health", srv.health)
     app.router.add_get("/ping", srv.health)  # vLLM's SageMaker-style probe, GET and POST
     app.router.add_post("/ping", srv.health)
