@@ -344,6 +344,19 @@ def test_a_bad_adapter_to_load_is_refused_before_any_engine_is_asked(
     run_virtual(main())
 
 
+def test_the_model_to_load_an_adapter_on_is_asked_when_several_are_served() -> None:
+    async def main() -> None:
+        cp, _ = _fleet({"i0": []})
+        cp.register_instance(make_instance("o", port=9100, model_name="other"),
+                             client=FakeEngine("o"))  # fmt: skip
+        async with cp:
+            with pytest.raises(InvalidRequestError, match="several models are served") as info:
+                await cp.load_lora_adapter("x", "/p")
+            assert info.value.param == "model"
+
+    run_virtual(main())
+
+
 def test_an_engine_that_cannot_load_adapters_is_said_so() -> None:
     async def main() -> None:
         cp, _ = _fleet({"i0": []})

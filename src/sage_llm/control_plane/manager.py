@@ -990,8 +990,14 @@ class ControlPlaneManager:
                 f"lora_name {name!r} is a model served here, not an adapter", param="lora_name"
             )
         if instances is None:
-            chosen = resolve_model(RequestMetadata(request_id="lora", model_name=model),
-                                   registry.models())  # fmt: skip
+            models = registry.models()
+            if model is None and len(models) > 1:
+                raise InvalidRequestError(
+                    "give the model (or the instances) to load it on: several models are "
+                    f"served ({', '.join(sorted(models))})",
+                    param="model",
+                )
+            chosen = resolve_model(RequestMetadata(request_id="lora", model_name=model), models)
             states = [s for s in registry if s.instance.model_name == chosen and not s.removed]
         else:
             states = self._lora_targets(instances)
