@@ -25,9 +25,10 @@ import math
 import typing
 from collections.abc import Iterator, Mapping
 from datetime import date, time
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from sage_llm.config import (
     at_address,
@@ -54,6 +55,8 @@ from sage_llm.gateway.schemas import (
 )
 from sage_llm.request_json import json_object
 from sage_llm.types import ExecutionInstance
+
+M = TypeVar("M", bound=BaseModel)
 
 _INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionInstance))
 _LIVE_FIELDS = _INSTANCE_FIELDS - {f.name for f in dataclasses.fields(InstanceConfig)}
@@ -194,10 +197,8 @@ class AdminRoutes:
 
     async def drain_instance(self, request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
-        raw = await read_body(request, self.read_timeout_s)
-        drain = True
-        if raw.strip():
-            drain = validate(DrainRequest, json_object(raw)).drain
+        given = await self._optional_body(request, DrainRequest)
+        drain = True if given is None else given.drain
         self.manager.drain_instance(instance_id, drain)  # 404 unknown, 409 being removed
         return web.json_response({"instance_id": instance_id, "draining": drain})
 
@@ -223,6 +224,12 @@ class AdminRoutes:
             }
         )
 
+    async def _optional_body(self, request: web.Request, schema: type[M]) -> M | None:
+        """The request's JSON body as ``schema`` (400 naming a bad field); None when it has
+        none (an optional body)."""
+        raw = await read_body(request, self.read_timeout_s)
+        return validate(schema, json_object(raw)) if raw.strip() else None
+
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         raw = await read_body(request, self.read_timeout_s)
         req = validate(LoadLoraAdapterRequest, json_object(raw))
@@ -233,10 +240,8 @@ class AdminRoutes:
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        raw = await read_body(request, self.read_timeout_s)
-        instances = None
-        if raw.strip():
-            instances = validate(UnloadLoraAdapterRequest, json_object(raw)).instances
+        given = await self._optional_body(request, UnloadLoraAdapterRequest)
+        instances = None if given is None else given.instances
         outcomes = await self.manager.unload_lora_adapter(name, instances=instances)
         return _lora_answer(name, "unloaded", outcomes)
 
