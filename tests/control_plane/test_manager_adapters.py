@@ -24,6 +24,7 @@ from sage_llm.sim.clock import run_virtual
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
 from sage_llm.tokens import count_tokens
+from sage_llm.types import ExecutionInstanceType
 from tests.engines.fake_engine import FakeEngine
 from tests.factories import MODEL, make_instance, make_metadata
 
@@ -363,5 +364,34 @@ def test_an_engine_that_cannot_load_adapters_is_said_so() -> None:
         async with cp:
             done = await cp.load_lora_adapter("x", "/p")
         assert done == {"i0": "engine 'vllm' cannot load LoRA adapters at run time"}
+
+    run_virtual(main())
+
+
+def test_a_disaggregated_request_for_an_adapter_runs_both_legs_where_it_is_served() -> None:
+    """Both PD legs read the adapter's weights (and the decode leg the KV its prefill made
+    with them): each runs on an instance of its role that serves it."""
+    prefill, decode = ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", enable_pd_separation=True, scheduling_policy="fifo",
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        for k, (iid, role, names) in enumerate([
+            ("p0", prefill, []), ("p1", prefill, ["sql"]),
+            ("d0", decode, ["sql"]), ("d1", decode, []),
+        ]):  # fmt: skip
+            cp.register_instance(
+                make_instance(iid, port=9000 + k, instance_type=role, lora_adapters=names)
+            )
+        async with cp:
+            for k in range(4):
+                res = await cp.generate(make_metadata(f"a{k}", model_name="sql", max_tokens=4))
+                assert res.status is RequestStatus.COMPLETED, res.error
+                assert (res.prefill_instance_id, res.instance_id) == ("p1", "d0")
+            cp.drain_instance("d0")
+            with pytest.raises(NoHealthyInstanceError, match="LoRA adapter 'sql'"):
+                await cp.generate(make_metadata("x", model_name="sql", max_tokens=4))
 
     run_virtual(main())
