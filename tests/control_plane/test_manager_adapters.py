@@ -80,6 +80,26 @@ def test_a_request_for_an_adapter_runs_only_on_the_instances_serving_it() -> Non
     run_virtual(main())
 
 
+def test_requests_for_an_adapter_are_counted_by_adapter_and_forgotten_with_the_model() -> None:
+    async def main() -> None:
+        cp, _ = _fleet({"i0": ["sql"]})
+        async with cp:
+            for k in range(2):
+                await cp.generate(make_metadata(f"a{k}", model_name="sql", max_tokens=1))
+            await cp.generate(make_metadata("b", model_name=MODEL, max_tokens=1))
+            text = cp.prometheus_metrics().decode()
+            series = (
+                f'sage_llm_lora_requests_total{{adapter="sql",model="{MODEL}",status="completed"}}'
+            )
+            assert f"{series} 2.0" in text
+            assert text.count("sage_llm_lora_requests_total{") == 1  # the model's not
+            assert f'model="{MODEL}",policy="fifo",status="completed"}} 3.0' in text
+            cp._metrics.forget_model(MODEL)
+            assert "sage_llm_lora_requests_total{" not in cp.prometheus_metrics().decode()
+
+    run_virtual(main())
+
+
 def test_a_streamed_request_for_an_adapter_names_it_to_the_engine() -> None:
     async def main() -> None:
         cp, engines = _fleet({"i0": [], "i1": ["sql"]})

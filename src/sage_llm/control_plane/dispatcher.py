@@ -1715,6 +1715,8 @@ class Dispatcher:
                 self._observe_prefill(rec, state)
             if tpot_s is not None:  # (its instance carries it until after this)
                 state.observe_tpot(tpot_s, max(rec.batch_at_start, state.in_flight))
+        if (adapter := rec.adapter) is not None:
+            self.metrics.on_lora_finished(status, info.model, adapter)
         self.metrics.on_finished(
             result,
             model=info.model,

@@ -84,6 +84,13 @@ class ControlPlaneMetrics:
             ["status", "model", "instance_id"],
             registry=r,
         )
+        self.lora_requests = LiteCounter(
+            f"{PREFIX}_lora_requests",
+            "Requests for a LoRA adapter that ended, by final status (each also counted in "
+            "requests_total, under its model).",
+            ["status", "model", "adapter"],
+            registry=r,
+        )
         self.ttft = LiteHistogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Time from arrival to the first token.",
@@ -227,6 +234,8 @@ class ControlPlaneMetrics:
         ] = {}
         self._in_flight_children: dict[str, LiteValue] = {}
         self._rejected_reasons: dict[str, set[str]] = {}
+        self._lora_series: dict[str, set[tuple[str, str]]] = {}
+        """By model, the (status, adapter) label pairs ``lora_requests`` has series of."""
         """Per model, the reasons its requests were refused for (its rejected series)."""
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
@@ -433,6 +442,11 @@ class ControlPlaneMetrics:
         if not embedded:
             self._embedding_series.pop(instance_id, None)
 
+    def on_lora_finished(self, status: RequestStatus, model: str, adapter: str) -> None:
+        """A request for the LoRA ``adapter`` of ``model`` ended with ``status``."""
+        self.lora_requests.labels(status=status.value, model=model, adapter=adapter).inc()
+        self._lora_series.setdefault(model, set()).add((status.value, adapter))
+
     def forget_model(self, model: str) -> None:
         """Drop the series of a model no instance serves any more: its latency histograms,
         its refusals, and its requests (an instance id registered again with another model
@@ -444,6 +458,9 @@ class ControlPlaneMetrics:
         for reason in self._rejected_reasons.pop(model, ()):
             with contextlib.suppress(KeyError):
                 self.rejected.remove(reason, model)
+        for status, adapter in self._lora_series.pop(model, ()):
+            with contextlib.suppress(KeyError):
+                self.lora_requests.remove(status, model, adapter)
         for instance_id in {*self._request_series, *self._embedding_series}:
             self.forget_instance_counts(instance_id, model)
 
