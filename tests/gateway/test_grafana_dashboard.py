@@ -66,6 +66,9 @@ async def test_every_dashboard_query_uses_an_exported_metric() -> None:
             async with http.post(gw.url("/v1/completions"), json=body) as r:
                 assert r.status == 200
                 await r.read()
+        await gw.manager.load_lora_adapter("sql", "/loras/sql")  # the LoRA requests' series
+        async with http.post(gw.url("/v1/completions"), json=completion_body(model="sql")) as r:
+            assert r.status == 200
         for iid in ("sim-0", "sim-1"):
             gw.manager.drain_instance(iid)
         async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
