@@ -1041,6 +1041,17 @@ def test_a_requests_priority_goes_to_a_vllm_engine_that_schedules_by_it() -> Non
     assert "priority" not in other.request_body(req)
 
 
+def test_a_lora_adapter_is_asked_for_by_name_from_vllm_and_in_lora_path_from_sglang() -> None:
+    req = completion_req(model="sql")
+    vllm = HTTPEngineClient(make_instance("a", model_name=MODEL), session=None)  # type: ignore[arg-type]
+    assert vllm.request_body(req)["model"] == "sql"
+    inst = make_instance("b", model_name=MODEL, engine="sglang", lora_adapters=["sql"])
+    sglang = HTTPEngineClient(inst, session=None)  # type: ignore[arg-type]
+    body = sglang.request_body(req)
+    assert (body["model"], body["lora_path"]) == (MODEL, "sql")
+    assert "lora_path" not in sglang.request_body(completion_req())
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

@@ -225,7 +225,12 @@ class HTTPEngineClient:
         """The JSON body sent for ``req``: the sampling fields, ``req.extra`` unchanged, then
         ``stream`` (with ``stream_options.include_usage`` when streaming) and
         ``kv_transfer_params`` when set."""
-        body: dict[str, Any] = {"model": req.model or self._instance.model_name}
+        base = self._instance.model_name
+        body: dict[str, Any] = {"model": req.model or base}
+        if self._dialect == "sglang" and body["model"] != base:
+            # a LoRA adapter: SGLang takes its name in lora_path, on the base model's name
+            # (its "model:adapter" form is newer than the field)
+            body = {"model": base, "lora_path": body["model"]}
         if req.messages is not None:
             body["messages"] = [dict(m) for m in req.messages]
         elif isinstance(req.prompt, str):
