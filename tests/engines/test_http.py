@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sage_llm.engines import http as http_mod
 from sage_llm.engines.base import Chunk, EngineRequest
 from sage_llm.engines.http import HTTPEngineClient, HTTPTimeouts, make_session
 from sage_llm.errors import (
@@ -264,6 +265,47 @@ async def test_lora_adapters_are_the_cards_whose_parent_is_the_model(
         for card in cards:  # an engine whose cards have no parent field does not say
             card.pop("parent")
         assert await client_for(port, session).lora_adapters() is None
+    finally:
+        await runner.cleanup()
+
+
+async def test_context_length_and_adapters_read_the_cards_once(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The health loop asks for the context length and then the adapters: one ``GET
+    /v1/models`` answers both; the cards are read again once they are older than
+    ``CARDS_REUSE_S``, and after a load or unload through the client."""
+    reads: list[int] = []
+    cards: list[dict[str, Any]] = [
+        {"id": MODEL, "object": "model", "parent": None, "max_model_len": 2048},
+        {"id": "sql", "object": "model", "parent": MODEL},
+    ]
+
+    async def models(request: web.Request) -> web.Response:
+        reads.append(1)
+        return web.json_response({"object": "list", "data": cards})
+
+    async def load(request: web.Request) -> web.Response:
+        cards.append({"id": (await request.json())["lora_name"], "parent": MODEL})
+        return web.Response(text="Success")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/load_lora_adapter", load)
+    runner, port = await start_app(app)
+    try:
+        client = client_for(port, session)
+        assert await client.context_length() == 2048
+        assert await client.lora_adapters() == ["sql"]
+        assert len(reads) == 1
+        await client.load_lora_adapter("chat", "/loras/chat")
+        assert await client.lora_adapters() == ["sql", "chat"]
+        assert len(reads) == 2
+        monkeypatch.setattr(http_mod, "CARDS_REUSE_S", 0.0)  # older than that: read again
+        assert await client.context_length() == 2048
+        assert len(reads) == 3
+        assert await client.models() == [MODEL, "sql", "chat"]  # always read
+        assert len(reads) == 4
     finally:
         await runner.cleanup()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
@@ -127,6 +128,10 @@ def make_session(limit: int = 0, *, keepalive_s: float = 75.0) -> aiohttp.Client
     )
 
 
+CARDS_REUSE_S = 1.0
+"""How long :meth:`HTTPEngineClient.context_length` and
+:meth:`~HTTPEngineClient.lora_adapters` reuse the model cards that one of them read."""
+
 _GENERATION_ROUTES = frozenset({"POST /v1/completions", "POST /v1/chat/completions"})
 
 
@@ -190,6 +195,9 @@ class HTTPEngineClient:
         """Whose pool :attr:`_fast_pool` is (given back by :meth:`aclose`)."""
         self.health_error: str | None = None
         """Why the last :meth:`health` probe failed (None: it passed, or none ran yet)."""
+        self._cards: tuple[float, list[dict[str, Any]]] | None = None
+        """The last model cards read, with when (``time.monotonic()``): see
+        :meth:`_recent_cards`."""
         connector = getattr(session, "connector", None)
         self._fast_headers = "Content-Type: application/json\r\n"
         if instance.api_key:
@@ -779,7 +787,19 @@ class HTTPEngineClient:
         data = obj.get("data") if isinstance(obj, dict) else None
         if not isinstance(data, list):
             raise self._error(EngineStreamError, "models response has no data list")
-        return [card for card in data if isinstance(card, dict)]
+        cards = [card for card in data if isinstance(card, dict)]
+        self._cards = (time.monotonic(), cards)
+        return cards
+
+    async def _recent_cards(self) -> list[dict[str, Any]]:
+        """The model cards read in the last :data:`CARDS_REUSE_S` seconds, or read now: the
+        health loop asks :meth:`context_length` and then :meth:`lora_adapters`, and the
+        engine is asked for its cards once for both. A load or unload through this client
+        reads them again next time."""
+        kept = self._cards
+        if kept is not None and time.monotonic() - kept[0] < CARDS_REUSE_S:
+            return kept[1]
+        return await self._model_cards()
 
     async def models(self) -> list[str]:
         """Model ids the engine serves (``GET /v1/models``)."""
@@ -796,6 +816,7 @@ class HTTPEngineClient:
 
     async def _lora_call(self, verb: str, body: Mapping[str, Any]) -> None:
         path = f"/v1/{verb}_lora_adapter"
+        self._cards = None  # the cards change
         try:
             await self._request_bytes("POST", path, body=body, timeout_s=self._timeouts.request_s)
         except EngineError as exc:
@@ -812,7 +833,7 @@ class HTTPEngineClient:
         model cards (``GET /v1/models``) whose ``parent`` is ``model_name``, as vLLM lists
         its ``--lora-modules`` and those loaded at run time; None when no card has a
         ``parent`` field (an engine that does not say)."""
-        cards = await self._model_cards()
+        cards = await self._recent_cards()
         if not any("parent" in card for card in cards):
             return None
         model = self._instance.model_name
@@ -826,7 +847,7 @@ class HTTPEngineClient:
         """``max_model_len`` of the instance's model card (``GET /v1/models``; the only
         card when none has its name), or llama.cpp's ``meta.n_ctx`` (a slot's context,
         which is what holds a request); None when the engine's cards have neither."""
-        cards = await self._model_cards()
+        cards = await self._recent_cards()
         named = [c for c in cards if c.get("id") == self._instance.model_name]
         card = named[0] if named else cards[0] if len(cards) == 1 else None
         if card is None:
