@@ -90,6 +90,7 @@ def listening() -> Iterator[int]:
         (["engine-sim", "--speed", "0"], "Invalid value for '--speed': must be a finite number"),
         (["engine-sim", "--tp", "0"], "Invalid value for '--tp': must be >= 1, got 0"),
         (["engine-sim", "--max-model-len", "0"], "'--max-model-len': must be >= 1, got 0"),
+        (["engine-sim", "--max-loras", "0"], "'--max-loras': must be >= 1, got 0"),
         (["engine-sim", "--served-model-name", " "], "'--served-model-name': must not be empty"),
         (
             ["engine-sim", "--block-size", "24"],

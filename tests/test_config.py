@@ -321,8 +321,9 @@ def test_sim_model_follows_model_name_when_known() -> None:
     ).control_plane.instances
     assert known.sim_model == "llama-3-70b"
     assert unknown.sim_model == "llama-3-8b"
-    explicit = InstanceConfig("c", "h", 1, "m", sim_model="qwen2.5-7b", sim_seed=5)
+    explicit = InstanceConfig("c", "h", 1, "m", sim_model="qwen2.5-7b", sim_seed=5, sim_max_loras=4)
     assert explicit.to_instance().metadata["sim_seed"] == 5
+    assert explicit.to_instance().metadata["sim_max_loras"] == 4
     assert explicit.to_instance().metadata["sim_model"] == "qwen2.5-7b"
 
 
@@ -1655,6 +1656,7 @@ def test_check_instance_accepts_what_the_loader_builds() -> None:
         ({"metadata": {"sim_model": "gpt-9"}}, "metadata.sim_model", "unknown model 'gpt-9'"),
         ({"metadata": {"sim_speed": 0}}, "metadata.sim_speed", "must be > 0, got 0"),
         ({"metadata": {"sim_seed": "x"}}, "metadata.sim_seed", "must be an integer, got string"),
+        ({"metadata": {"sim_max_loras": 0}}, "metadata.sim_max_loras", "must be >= 1, got 0"),
         # the latency priors, as a file's instance entry and registration check them
         ({"metadata": {"tpot_ms": -1}}, "metadata.tpot_ms", "must be > 0, got -1"),
         ({"metadata": {"ttft_base_ms": "x"}}, "metadata.ttft_base_ms", "must be a finite number"),

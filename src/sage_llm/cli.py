@@ -586,6 +586,14 @@ def engine_sim(
             "(repeat for more): served as the model, its cached blocks kept apart."
         ),
     ] = None,
+    max_loras: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRA adapters one batch may hold, as vLLM's (default 1): a request for "
+            "another waits for a slot.",
+            callback=_at_least_one,
+        ),
+    ] = None,
 ) -> None:
     # The help is _ENGINE_SIM_HELP: typer shows a docstring's line breaks as they are.
     _setup_logging(ctx, log_level, log_format)
@@ -605,6 +613,7 @@ def engine_sim(
         "num_gpu_blocks": num_gpu_blocks_override,
         "enable_chunked_prefill": enable_chunked_prefill,
         "enable_prefix_caching": enable_prefix_caching,
+        "max_loras": max_loras,
     }
     options = {"model", "gpu", "tp", "pp", "speed", "seed", "kv_host", "kv_port", *engine_args}
     name = served_model_name or model

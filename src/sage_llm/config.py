@@ -165,8 +165,9 @@ def config_from_dict(
 def check_instance(instance: ExecutionInstance) -> ExecutionInstance:
     """Check an :class:`~sage_llm.types.ExecutionInstance` built in code with the rules of a
     ``[[services.llm_control_plane.instances]]`` entry (types, names and ranges: a port in
-    1..65535, sizes and counts >= 1 …; the ``sim_gpu``, ``sim_model``, ``sim_speed`` and
-    ``sim_seed`` entries of its ``metadata`` as the ``sim_*`` keys, and its latency priors:
+    1..65535, sizes and counts >= 1 …; the ``sim_gpu``, ``sim_model``, ``sim_speed``,
+    ``sim_seed`` and ``sim_max_loras`` entries of its ``metadata`` as the ``sim_*`` keys,
+    and its latency priors:
     ``tpot_ms``, ``prefill_tokens_per_s``, ``ttft_base_ms``). Each problem is a
     :class:`ConfigError` whose ``key`` (and ``param``) is the field and whose ``location`` is
     ``instance '<id>'``; one problem raises it, several raise :class:`ConfigErrors`.

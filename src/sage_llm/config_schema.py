@@ -61,7 +61,7 @@ PD_CONNECTORS = ("vllm", "sglang")
 DEFAULT_SIM_MODEL = "llama-3-8b"
 MASK = SECRET_MASK
 SECTIONS = ("gateway", "health", "admission", "simulation")
-SIM_KEYS = ("sim_gpu", "sim_model", "sim_speed", "sim_seed")
+SIM_KEYS = ("sim_gpu", "sim_model", "sim_speed", "sim_seed", "sim_max_loras")
 
 
 def sim_key_in_metadata(key: str) -> str:
@@ -443,6 +443,7 @@ class InstanceConfig:
     sim_model: str = opt("", rule(check=_check_model))
     sim_speed: float = opt(1.0, _POSITIVE)
     sim_seed: int | None = None
+    sim_max_loras: int | None = opt(None, rule(ge=1))
 
     def __post_init__(self) -> None:
         validate(self, FOREIGN_RULES)  # its role configs' fields as a file's
@@ -477,6 +478,8 @@ class InstanceConfig:
         metadata.update(sim_gpu=self.sim_gpu, sim_model=self.sim_model, sim_speed=self.sim_speed)
         if self.sim_seed is not None:
             metadata["sim_seed"] = self.sim_seed
+        if self.sim_max_loras is not None:
+            metadata["sim_max_loras"] = self.sim_max_loras
         values = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(ExecutionInstance)

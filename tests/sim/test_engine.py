@@ -245,6 +245,34 @@ def test_a_lora_adapters_prompt_shares_cached_blocks_only_with_the_same_adapters
     virtual(main)
 
 
+def test_requests_for_more_adapters_than_max_loras_wait_for_a_slot() -> None:
+    """With one LoRA slot, a request for a second adapter waits until the first adapter's
+    request is done; the engine's stats say which adapters it runs and holds waiting."""
+
+    async def main() -> None:
+        engine = SimEngine("sim-0", SimEngineConfig(max_loras=1), lora_adapters=["sql", "chat"])
+        assert (await engine.stats()).max_lora == 1  # an engine with adapters says so at once
+        loop = asyncio.get_running_loop()
+        ends: dict[str, float] = {}
+
+        async def run(rid: str, model: str) -> None:
+            await collect(engine, replace(req(rid, max_tokens=20), model=model))
+            ends[rid] = loop.time()
+
+        tasks = [asyncio.create_task(run("s", "sql")), asyncio.create_task(run("c", "chat"))]
+        await asyncio.sleep(0.05)
+        stats = await engine.stats()
+        assert engine.lora_requests() == (frozenset({"sql"}), frozenset({"chat"}))
+        assert stats.lora_adapters == frozenset({"sql", "chat"})
+        assert not stats.lora_room("code")
+        await asyncio.gather(*tasks)
+        assert ends["c"] > 1.8 * ends["s"]  # it ran only after sql's request ended
+        assert engine.lora_requests() == (frozenset(), frozenset())
+        await engine.aclose()
+
+    virtual(main)
+
+
 def test_cancelling_mid_stream_aborts_and_frees_kv() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

@@ -107,6 +107,16 @@ def test_other_instances_keep_the_roofline_and_no_front_end() -> None:
     assert make_sim_engine(inst).front_end.is_zero
 
 
+def test_an_instances_sim_max_loras_is_its_engines_max_loras() -> None:
+    inst = instance("h100", "llama-3-8b")
+    assert sim_config_for(inst).max_loras == 1  # vLLM's default
+    inst.metadata["sim_max_loras"] = 4
+    inst.lora_adapters.append("sql")
+    engine = make_sim_engine(inst)
+    assert engine.config.max_loras == 4
+    assert engine.served_adapters == {"sql"}
+
+
 def test_engine_settings_refuse_a_tensor_parallel_size_that_splits_no_heads() -> None:
     with pytest.raises(ConfigError, match="32 attention heads") as err:
         engine_settings("h100", "llama-3-8b", tp=3)

@@ -872,6 +872,36 @@ async def test_lora_adapters_load_and_unload_at_run_time_as_vllms_do(
         await runner.cleanup()
 
 
+async def test_metrics_list_the_lora_adapters_as_vllms_lora_requests_info(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM with ``--enable-lora`` exports ``vllm:lora_requests_info`` (``max_lora`` and the
+    adapters of the running and waiting requests in its labels), which the control plane's
+    scrape reads; an engine without adapters exports none."""
+    engine = SimEngine("e0", SimEngineConfig(max_loras=2), lora_adapters=["sql"])
+    runner, port = await start_engine_server(engine, model_name=MODEL, lora_modules={"sql": "s"})
+    client = HTTPEngineClient(make_instance("e0", port=port, model_name=MODEL), http)
+    try:
+        text = await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()
+        assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",' in text
+        stats = await client.stats()
+        assert (stats.max_lora, stats.lora_adapters) == (2, frozenset())
+        engine._core.add_request("r1", list(range(50)), 10, arrival=0.0, lora="sql")
+        stats = await client.stats()
+        assert stats.lora_adapters == frozenset({"sql"})
+    finally:
+        await runner.cleanup()
+        await engine.aclose()
+    plain = SimEngine("e1")
+    runner, port = await start_engine_server(plain, model_name=MODEL)
+    try:
+        text = await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()
+        assert "lora_requests_info" not in text
+    finally:
+        await runner.cleanup()
+        await plain.aclose()
+
+
 class _DownEngine(FakeEngine):
     """An engine whose health check and statistics fail (it went away)."""
 

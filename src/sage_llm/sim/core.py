@@ -13,6 +13,14 @@ Time is passed in (``step(now)``); nothing here sleeps or touches asyncio, so a 
 simulator can drive thousands of cores from an event heap. The caller advances time by
 ``StepResult.duration_s``: tokens of a step exist at ``now + duration_s``.
 
+LoRA adapters (``add_request(..., lora=NAME)``): as vLLM's ``--max-loras``, a batch holds
+requests for at most ``max_loras`` adapters; a waiting request for another is passed over
+(it keeps its place) while others behind it are admitted. An adapter that is not in one of
+the engine's ``max_loras`` GPU slots is brought in when its first request is admitted (the
+least recently used idle slot gives way), which makes that step ``lora_swap_s`` longer; a
+step whose batch holds a LoRA request takes ``lora_step_overhead`` longer (the adapters'
+own matrix products).
+
 PD legs (vLLM ``kv_transfer_params``): a request with ``do_remote_decode`` is a prefill leg
 (one token, then its KV blocks stay pinned until :meth:`~SimEngineCore.release_kv`, abort or
 ``kv_pin_timeout_s``); one with ``do_remote_prefill`` is a decode leg (its KV arrives over
@@ -139,6 +147,14 @@ class SimEngineConfig:
     ``K`` is the run at speed 1. ``step_jitter`` is the relative standard deviation of
     random step-time noise (seeded by ``seed``; 0 = none). ``cost_model`` replaces the
     roofline model.
+
+    LoRA (requests for an adapter only): ``max_loras`` is vLLM's ``--max-loras`` (the
+    adapters one batch may hold, and the GPU slots that hold them); ``lora_swap_s`` the
+    seconds a step takes longer for each adapter it brings into a slot (vLLM copies it from
+    its CPU cache: a rank-16 adapter of an 8B model is about 40 MB, and published
+    measurements of a warm swap are 5–20 ms); ``lora_step_overhead`` how much longer (0.1 =
+    10%) a step takes while its batch holds a request for an adapter (published figures of
+    vLLM's multi-LoRA kernels: 10–15%). The two are estimates, not measured here.
     """
 
     model: str | ModelSpec = "llama-3-8b"
@@ -162,9 +178,14 @@ class SimEngineConfig:
     step_jitter: float = 0.0
     kv_host: str = "127.0.0.1"
     kv_port: int = 5600
+    max_loras: int = 1
+    lora_swap_s: float = 0.01
+    lora_step_overhead: float = 0.1
 
     def __post_init__(self) -> None:
-        positive_ints = ("tp", "pp", "max_num_seqs", "max_num_batched_tokens", "block_size")
+        positive_ints = (
+            "tp", "pp", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras",
+        )  # fmt: skip
         for key in positive_ints:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -214,10 +235,11 @@ class SimEngineConfig:
                 raise ConfigError(
                     f"must be a finite number > 0, got {getattr(self, key)!r}", key=key
                 )
-        if not 0 <= self.step_jitter < math.inf:  # inf had made a step last forever
-            raise ConfigError(
-                f"must be a finite number >= 0, got {self.step_jitter!r}", key="step_jitter"
-            )
+        for key in ("step_jitter", "lora_swap_s", "lora_step_overhead"):
+            if not 0 <= getattr(self, key) < math.inf:  # inf had made a step last forever
+                raise ConfigError(
+                    f"must be a finite number >= 0, got {getattr(self, key)!r}", key=key
+                )
         if not isinstance(self.role, ExecutionInstanceType):
             raise ConfigError("must be an ExecutionInstanceType", key="role")
         if self.tp > 1:
@@ -716,6 +738,7 @@ class _Req:
         "hashes",
         "id",
         "lazy",
+        "lora",
         "made_at",
         "max_tokens",
         "num_cached",
@@ -744,6 +767,8 @@ class _Req:
         self.num_cached = 0
         self.state = _WAITING
         self.prefill_leg = False
+        self.lora: str | None = None
+        """The LoRA adapter it is for (None: the model itself)."""
         self.read_cache = True
         """False: the prompt is computed whole, nothing read from the prefix cache or
         another engine (vLLM's ``skip_reading_prefix_cache``: prompt logprobs asked)."""
@@ -827,6 +852,15 @@ class SimEngineCore:
         self._n_lazy = 0
         self._lazy_ctx = 0
         """Sum of the lazy decodes' context lengths as of step ``_tick``."""
+        self.lora_enabled = False
+        """Whether the engine serves LoRA adapters (set by the first request for one, or
+        by its owner): only then does it report ``max_lora`` in its stats."""
+        self._lora_running: dict[str, int] = {}
+        """Running requests by LoRA adapter (only adapters with some)."""
+        self._lora_slots: dict[str, None] = {}
+        """The adapters in the engine's ``max_loras`` GPU slots, least recently used first."""
+        self._lora_swaps = 0
+        """Adapters brought into a slot by the step being scheduled."""
 
     # -- requests ------------------------------------------------------------------
 
@@ -840,11 +874,13 @@ class SimEngineCore:
         kv_transfer: Mapping[str, Any] | None = None,
         block_hashes: Sequence[int] | None = None,
         read_cache: bool = True,
+        lora: str | None = None,
     ) -> None:
-        """Queue a request. ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs.
-        ``read_cache`` False (a request for its prompt's logprobs, on vLLM): its prompt is
-        computed whole, reading neither the prefix cache (nor counted in its queries) nor
-        the KV a prefill engine holds for it, which stays pinned there until released or
+        """Queue a request (for the LoRA adapter ``lora``; None: for the model).
+        ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs. ``read_cache`` False
+        (a request for its prompt's logprobs, on vLLM): its prompt is computed whole,
+        reading neither the prefix cache (nor counted in its queries) nor the KV a prefill
+        engine holds for it, which stays pinned there until released or
         its lease runs out.
 
         A request id still held by a finished prefill leg's pinned KV releases that KV first
@@ -881,6 +917,9 @@ class SimEngineCore:
         req = _Req(req_id, n, max_tokens, arrival)
         req.prefill_leg = prefill_leg
         req.read_cache = read_cache
+        if lora is not None:
+            req.lora = lora
+            self.lora_enabled = True
         if read_cache and kv_transfer and kv_transfer.get("do_remote_prefill"):
             engine = kv_transfer.get("remote_engine_id")
             remote_id = kv_transfer.get("remote_request_id") or req_id
@@ -961,6 +1000,10 @@ class SimEngineCore:
             block_size=self.block_size,
             source="sim",
             counts_tokens=True,
+            max_lora=self.config.max_loras if self.lora_enabled else 0,
+            lora_adapters=frozenset().union(*self.lora_requests())
+            if self.lora_enabled
+            else frozenset(),
         )
 
     # -- lazy decodes ----------------------------------------------------------------
@@ -1022,6 +1065,51 @@ class SimEngineCore:
             self._unlazy(req)
         del self._running[req.seq]
         del self._explicit[req.seq]
+        if req.lora is not None:
+            self._lora_leave(req.lora)
+
+    # -- LoRA adapters -----------------------------------------------------------------
+
+    def _lora_enter(self, lora: str) -> None:
+        """A request for ``lora`` joins the batch: its adapter is brought into a GPU slot
+        unless one holds it (counted in :attr:`_lora_swaps`; the least recently used slot
+        whose adapter no running request uses gives way)."""
+        running = self._lora_running
+        n = running.get(lora)
+        if n is not None:
+            running[lora] = n + 1
+            return
+        running[lora] = 1
+        slots = self._lora_slots
+        if lora in slots:
+            del slots[lora]  # most recently used
+            slots[lora] = None
+            return
+        if len(slots) >= self.config.max_loras:
+            idle = next((name for name in slots if name not in running), None)
+            if idle is not None:  # (always: the batch holds fewer than max_loras others)
+                del slots[idle]
+        slots[lora] = None
+        self._lora_swaps += 1
+
+    def _lora_leave(self, lora: str) -> None:
+        running = self._lora_running
+        n = running[lora] - 1
+        if n:
+            running[lora] = n
+            return
+        del running[lora]
+        slots = self._lora_slots
+        if lora in slots:  # last used now
+            del slots[lora]
+            slots[lora] = None
+
+    def lora_requests(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The LoRA adapters of the running requests and of the waiting ones (those whose
+        KV is on its way included), as vLLM's ``vllm:lora_requests_info`` lists them."""
+        waiting = {r.lora for r in self._waiting if r.lora is not None}
+        waiting.update(r.lora for r in self._transfers if r.lora is not None)
+        return frozenset(self._lora_running), frozenset(waiting)
 
     # -- the step ------------------------------------------------------------------
 
@@ -1110,6 +1198,11 @@ class SimEngineCore:
             res.duration_s = self._idle_wait(now)
             return res
         res.num_decode_tokens = n_decode
+        if self._lora_running:  # the batch holds a request for an adapter
+            duration *= 1.0 + self.config.lora_step_overhead
+            if self._lora_swaps:
+                duration += self._lora_swaps * self.config.lora_swap_s
+                self._lora_swaps = 0
         if self._jitter > 0:
             duration *= max(0.05, 1.0 + self._rng.gauss(0.0, self._jitter))
         res.duration_s = duration = duration / self.speed
@@ -1250,6 +1343,8 @@ class SimEngineCore:
     ) -> None:
         cfg = self.config
         waiting = self._waiting
+        loras = self._lora_running
+        passed: list[_Req] = []
         while waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
             req = waiting[0]
             if req.remote_pending:
@@ -1257,6 +1352,10 @@ class SimEngineCore:
                     break
                 waiting.popleft()
                 continue
+            lora = req.lora
+            if lora is not None and lora not in loras and len(loras) >= cfg.max_loras:
+                passed.append(waiting.popleft())  # vLLM: no slot for its adapter; it
+                continue  # keeps its place, and those behind it may go
             hits: list[int] = []
             if not req.blocks and req.hashes and req.read_cache:
                 limit = (req.total - 1) // self.block_size
@@ -1282,6 +1381,10 @@ class SimEngineCore:
             self._explicit[req.seq] = req
             scheduled.append((req, n))
             budget -= n
+            if lora is not None:
+                self._lora_enter(lora)
+        if passed:
+            waiting.extendleft(reversed(passed))
 
     def _note_admission(self, req: _Req, cached: int, res: StepResult) -> None:
         if self.config.enable_prefix_caching and req.remote is None and req.read_cache:

@@ -316,7 +316,8 @@ class SimEngine:
         context by default (then the engine serves what the cache holds); None: given
         unless it is the model's context. ``lora_adapters``: the LoRA adapters it serves
         (as its model, but a request for one shares cached blocks only with the same
-        adapter's, as vLLM hashes them)."""
+        adapter's, as vLLM hashes them; the core bounds the adapters of a batch by
+        ``config.max_loras`` and charges their cost, see :mod:`sage_llm.sim.core`)."""
         self._id = instance_id
         self.served_adapters = set(lora_adapters)
         # the front end's work runs on the engine's time scale too (speed, at the start)
@@ -340,6 +341,7 @@ class SimEngine:
         self._delivery: asyncio.Task[None] | None = None
         config = config or SimEngineConfig()
         self._core = SimEngineCore(config)
+        self._core.lora_enabled = bool(self.served_adapters)
         held = self._core.num_gpu_blocks * config.block_size
         if config.max_model_len > held:
             given = max_model_len_given
@@ -464,6 +466,7 @@ class SimEngine:
             continuous=continuous_usage(req.extra),  # the usage so far on every chunk
             whole_prompt=asks_prompt_logprobs(req),
             salt=self._salt(req),
+            lora=self._adapter(req),
         )
         samples = self._samples(req)
         await self._intake()
@@ -540,7 +543,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
             text_key(req, prompt_ids, self._config.seed), read_cache=not plan.whole_prompt,
-            salt=plan.salt,
+            salt=plan.salt, lora=plan.lora,
         )  # fmt: skip
         logprobs = None
         if top is not None:
@@ -631,7 +634,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, 1, {"do_remote_decode": True},
             text_key(req, prompt_ids, self._config.seed), read_cache=not asks_prompt_logprobs(req),
-            salt=self._salt(req),
+            salt=self._salt(req), lora=self._adapter(req),
         )  # fmt: skip
         done = False
         try:
@@ -785,14 +788,15 @@ class SimEngine:
 
     async def load_lora_adapter(self, name: str, path: str) -> None:
         """Serve the LoRA adapter ``name`` from now on (``path`` is not read: its blocks
-        are kept apart, its compute is the model's), refused as vLLM refuses one
-        already loaded."""
+        are kept apart, and it costs what the core charges an adapter), refused as vLLM
+        refuses one already loaded."""
         if name in self.served_adapters:
             raise EngineRequestRejectedError(
                 f"{self._id}: The lora adapter '{name}' has already been loaded.",
                 instance_id=self._id, status=400, param="lora_name",
             )  # fmt: skip
         self.served_adapters.add(name)
+        self._core.lora_enabled = True
 
     async def unload_lora_adapter(self, name: str) -> None:
         """Serve the LoRA adapter ``name`` no more; refused, as vLLM refuses it, when it
@@ -807,8 +811,16 @@ class SimEngine:
     def _salt(self, req: EngineRequest) -> str | None:
         """The salt of ``req``'s prompt blocks (:func:`adapter_salt`): its ``cache_salt``
         (checked as vLLM checks it), and its LoRA adapter when it names one served here."""
-        adapter = req.model if req.model in self.served_adapters else None
-        return adapter_salt(adapter, cache_salt(req.extra))
+        return adapter_salt(self._adapter(req), cache_salt(req.extra))
+
+    def _adapter(self, req: EngineRequest) -> str | None:
+        """The LoRA adapter ``req`` is for (None: the model)."""
+        return req.model if req.model in self.served_adapters else None
+
+    def lora_requests(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The LoRA adapters of the running and of the waiting requests
+        (:meth:`SimEngineCore.lora_requests`)."""
+        return self._core.lora_requests()
 
     @staticmethod
     def _stop_token_ids(req: EngineRequest) -> frozenset[int]:
@@ -848,6 +860,7 @@ class SimEngine:
         *,
         read_cache: bool = True,
         salt: str | None = None,
+        lora: str | None = None,
     ) -> _Stream:
         wake = self._ensure_running()
         now = (self._clock or current_clock()).now()
@@ -863,7 +876,7 @@ class SimEngine:
             hashes = salted_hashes(prompt_block_hashes(prompt_ids, core.block_size), salt)
         core.add_request(
             request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer,
-            block_hashes=hashes, read_cache=read_cache,
+            block_hashes=hashes, read_cache=read_cache, lora=lora,
         )  # fmt: skip
         self._opened += 1
         stream = _Stream(text_key, now, self._opened)
@@ -1154,6 +1167,8 @@ class _Sampling:
     read, no KV taken from a prefill engine)."""
     salt: str | None
     """``cache_salt``: the prompt's cached blocks are shared only under the same salt."""
+    lora: str | None
+    """The LoRA adapter it is for (None: the model)."""
 
 
 class _PromptLead:

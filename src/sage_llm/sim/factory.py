@@ -4,7 +4,8 @@ An :class:`~sage_llm.types.ExecutionInstance` describes a real deployment; this 
 it onto the simulator: its ``model_name`` (when the simulator knows it, else
 ``metadata["sim_model"]`` or Llama-3-8B), ``metadata["sim_gpu"]`` (default H100), its TP/PP
 sizes and role, and ``metadata["sim_speed"]`` / ``metadata["sim_seed"]`` /
-``metadata["sim_kv_link_gbps"]`` (the PD KV link, GB/s).
+``metadata["sim_kv_link_gbps"]`` (the PD KV link, GB/s) / ``metadata["sim_max_loras"]``
+(the LoRA adapters one batch may hold, vLLM's ``--max-loras``).
 
 When a fitted profile of a real engine is packaged for the GPU × model
 (:func:`fitted_profile`, e.g. ``cpu`` × ``tiny``, see :mod:`sage_llm.bench.fidelity`) and
@@ -132,6 +133,9 @@ def sim_config_for(instance: ExecutionInstance, **overrides: Any) -> SimEngineCo
     link = md.get("sim_kv_link_gbps")
     if link is not None:
         params["kv_link_gbps"] = float(link)
+    max_loras = md.get("sim_max_loras")
+    if max_loras is not None:
+        params["max_loras"] = int(max_loras)
     params.update(overrides)
     profile = _profile_for(instance)
     if profile is not None:

@@ -69,7 +69,7 @@ from sage_llm.httpserve import start_site, tcp_nodelay
 from sage_llm.request_json import json_object, read_raw
 from sage_llm.sim.clock import Clock, current_clock
 from sage_llm.sim.faults import InjectedCrash
-from sage_llm.sim.server_metrics import ReportsQueueTime, ServerMetrics
+from sage_llm.sim.server_metrics import ReportsLoRARequests, ReportsQueueTime, ServerMetrics
 from sage_llm.sim.server_pd import (
     BOOTSTRAP_PATH,
     BOOTSTRAP_WAIT_S,
@@ -807,8 +807,10 @@ class _EngineServer:
             stats = await self.engine.stats()
         except SageLLMError as exc:
             return _error(exc)
+        source = next((e for e in _layers(self.engine) if isinstance(e, ReportsLoRARequests)), None)
+        lora = None if source is None else source.lora_requests()
         return web.Response(
-            body=self.metrics.render(stats),
+            body=self.metrics.render(stats, lora),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -27,6 +28,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._values = (model_name, "0")
         self._stats = EngineStats()
+        self._lora: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         # vLLM creates its finished-reason series at 0, before the first request ends; its
         # "abort" stays 0: vLLM 0.32 counts no request whose client went away (nor does
         # it time its end)
@@ -113,10 +115,26 @@ class ServerMetrics:
         if s.block_size is not None and s.num_gpu_blocks is not None:  # none: no KV cache
             info.add_metric([str(s.block_size), str(s.num_gpu_blocks), "0"], 1.0)
         yield info
+        if s.max_lora:  # as vLLM with --enable-lora: its value is when it was set
+            running, waiting = (",".join(sorted(names)) for names in self._lora)
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info", "Running stats on lora requests.",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )  # fmt: skip
+            lora.add_metric([str(s.max_lora), running, waiting], time.time())
+            yield lora
 
-    def render(self, stats: EngineStats) -> bytes:
-        """The exposition text, with gauges and counters taken from ``stats``."""
+    def render(
+        self,
+        stats: EngineStats,
+        lora: tuple[frozenset[str], frozenset[str]] | None = None,
+    ) -> bytes:
+        """The exposition text, with gauges and counters taken from ``stats``, and
+        ``vllm:lora_requests_info`` from ``lora`` (the adapters of the running and of the
+        waiting requests) when ``stats.max_lora`` says the engine serves adapters (the
+        adapters of ``stats.lora_adapters`` as running when ``lora`` is None)."""
         self._stats = stats
+        self._lora = (stats.lora_adapters, frozenset()) if lora is None else lora
         return generate_latest(self.registry)
 
 
@@ -126,3 +144,11 @@ class ReportsQueueTime(Protocol):
     (``None`` when unknown). The server observes it as ``vllm:request_queue_time_seconds``."""
 
     def queue_time_s(self, request_id: str) -> float | None: ...
+
+
+@runtime_checkable
+class ReportsLoRARequests(Protocol):
+    """Optional engine extension: the LoRA adapters of its running and of its waiting
+    requests. The server exports them as ``vllm:lora_requests_info``."""
+
+    def lora_requests(self) -> tuple[frozenset[str], frozenset[str]]: ...
