@@ -516,6 +516,7 @@ class ControlPlaneConfig:
     engine_stream: str = opt("sampled", rule(choices=ENGINE_STREAM, norm=str.lower))
     engine_stream_sample: float = opt(0.1, rule(gt=0, le=1))
     engine_stream_sample_max_per_s: float = opt(20.0, rule(ge=0))
+    lora_slot_routing: bool = True
     result_retention: int = opt(2_000, _COUNT)
     result_ttl_s: float = opt(600.0, _POSITIVE)
     stats_interval_s: float = opt(1.0, _POSITIVE)

@@ -282,18 +282,20 @@ async def test_adapters_of_engines_over_http_are_learnt_and_kept_apart_in_their_
 
 
 def test_an_adapters_request_goes_where_the_engine_has_a_lora_slot_for_it() -> None:
-    """An engine whose LoRA slots (``--max-loras``) hold other adapters would make a request
-    for another one wait: while another instance has room for it (runs it, or has a slot
-    free), it goes there; when none has, it is routed as any request."""
+    """An engine whose LoRA slots (``--max-loras``) hold other adapters (here another
+    client's, as its stats said) would make a request for another one wait: while another
+    instance has room for it (runs it, or has a slot free), it goes there; when none has,
+    it is routed as any request."""
 
     async def main() -> None:
         cp, engines = _fleet({"i0": ["a", "b"], "i1": ["a", "b"], "i2": ["a", "b"]})
         states = {iid: cp._registry.get(iid) for iid in engines}
         busy_a = EngineStats(max_lora=1, lora_adapters=frozenset({"a"}))
         async with cp:
-            states["i0"].last_stats = busy_a
-            states["i1"].last_stats = busy_a
-            states["i2"].last_stats = EngineStats(max_lora=2, lora_adapters=frozenset({"a"}))
+            for iid, slots in [("i0", 1), ("i1", 1), ("i2", 2)]:
+                states[iid].last_stats = EngineStats(max_lora=slots)
+                states[iid].lora_others = frozenset({"a"})  # another client's requests
+            assert [states[i].lora_slots_left() for i in states] == [0, 0, 1]
             for k in range(4):  # b: only i2 has a slot for it
                 res = await cp.generate(make_metadata(f"b{k}", model_name="b", max_tokens=1))
                 assert res.instance_id == "i2"
@@ -309,6 +311,73 @@ def test_an_adapters_request_goes_where_the_engine_has_a_lora_slot_for_it() -> N
                 assert res.status is RequestStatus.COMPLETED, res.error
                 ran.add(res.instance_id)
             assert ran == {"i0", "i1", "i2"}
+
+    run_virtual(main())
+
+
+def _held(cp: ControlPlaneManager, rid: str, model: str) -> asyncio.Task[object]:
+    """A request that stays in flight until its engine's ``release`` is set."""
+    return asyncio.create_task(cp.generate(make_metadata(rid, model_name=model, max_tokens=4)))
+
+
+def test_the_adapters_of_calls_in_flight_hold_slots_before_the_engine_says_so() -> None:
+    """The control plane knows which adapters its calls in flight are for as they start
+    and end: a second adapter's request avoids the one-slot engine the first one's call
+    holds, without waiting for the engine's next stats."""
+
+    async def main() -> None:
+        cp, engines = _fleet({"i0": ["a", "b"], "i1": ["a", "b"]})
+        for engine in engines.values():
+            engine.gate_after = 1
+        states = {iid: cp._registry.get(iid) for iid in engines}
+        async with cp:
+            for state in states.values():
+                state.last_stats = EngineStats(max_lora=1)  # and nothing running, it says
+            first = _held(cp, "a0", "a")
+            await asyncio.sleep(0.01)
+            (holder,) = [iid for iid, st in states.items() if st.lora_in_flight == {"a": 1}]
+            other = "i1" if holder == "i0" else "i0"
+            second = _held(cp, "b0", "b")
+            await asyncio.sleep(0.01)
+            assert states[other].lora_in_flight == {"b": 1}
+            assert [states[i].lora_slots_left() for i in (holder, other)] == [0, 0]
+            for engine in engines.values():
+                engine.release.set()
+            assert {(await t).status for t in (first, second)} == {RequestStatus.COMPLETED}  # type: ignore[attr-defined]
+            assert all(not st.lora_in_flight for st in states.values())
+
+    run_virtual(main())
+
+
+def test_while_adapters_in_demand_outnumber_free_slots_a_running_adapter_stays_put() -> None:
+    """Two engines of two LoRA slots each; ``a`` runs on i0. While b, c and d (asked for
+    lately, running nowhere) outnumber the free slots that spreading ``a`` would leave, a
+    request for ``a`` goes to i0; with only b in demand, it may take i1's free slot."""
+
+    async def main() -> None:
+        names = ["a", "b", "c", "d"]
+        cp, engines = _fleet({"i0": names, "i1": names})
+        states = {iid: cp._registry.get(iid) for iid in engines}
+        async with cp:
+            for state in states.values():
+                state.last_stats = EngineStats(max_lora=2)
+            states["i0"].lora_call_started("a")  # a call for a in flight on i0
+            dispatcher = cp._require_dispatcher()
+            for name in ("b", "c", "d"):
+                dispatcher._lora_asked[name] = cp.clock.now()
+            for k in range(4):  # free slots: 1 + 2; in demand: b, c, d
+                res = await cp.generate(make_metadata(f"a{k}", model_name="a", max_tokens=1))
+                assert res.instance_id == "i0"
+            await asyncio.sleep(31.0)  # c and d are no longer in demand
+            del dispatcher._lora_asked["b"]
+            dispatcher._lora_asked["b"] = cp.clock.now()
+            ran = set()
+            for k in range(6):
+                res = await cp.generate(make_metadata(f"s{k}", model_name="a", max_tokens=1))
+                ran.add(res.instance_id)
+            assert ran == {"i0", "i1"}  # round robin over both: spreading leaves b a slot
+            assert list(dispatcher._lora_asked) == ["b", "a"]  # c and d forgotten
+            states["i0"].lora_call_ended("a")
 
     run_virtual(main())
 

@@ -150,6 +150,11 @@ def _rid(rec: RequestRecord) -> dict[str, str]:
 
 
 _FAILED = object()
+
+LORA_DEMAND_WINDOW_S = 30.0
+"""How long a LoRA adapter counts as in demand after a request for it: while the adapters
+in demand that no engine runs outnumber the free LoRA slots, a request for an adapter
+that runs somewhere goes where it runs (see :meth:`Dispatcher._with_lora_room`)."""
 """What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
 
 _T = TypeVar("_T")
@@ -256,6 +261,8 @@ class _PDRun:
     prefill: InstanceState
     decode: InstanceState
     prompt_tokens: int
+    adapter: str | None = None
+    """The LoRA adapter both legs run (None: the model)."""
     prefill_open: bool = True
     prefill_end: float | None = None
     prefill_cost: float = 0.0
@@ -286,6 +293,7 @@ class Dispatcher:
         stream_sample: float = 0.0,
         stream_sample_gap_s: float = 0.0,
         last_instances: LastInstances | None = None,
+        lora_slot_routing: bool = True,
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -322,6 +330,11 @@ class Dispatcher:
         """Retries after a failed prefill leg: run colocated while a whole-request instance
         can take them, as a pair again once none can (excluded, down or drained)."""
         self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
+        self.lora_slot_routing = lora_slot_routing
+        """Whether a request for a LoRA adapter is routed by the engines' LoRA slots
+        (:meth:`_with_lora_room`)."""
+        self._lora_asked: dict[str, float] = {}
+        """LoRA adapters by when a request for one was last routed, oldest first."""
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._here: RequestRecord | None = None  # see start_here
@@ -462,7 +475,7 @@ class Dispatcher:
             allowed = self.policy.constrain(info, snap)
             if info.parallelism_hint is not None:
                 allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
-            if (adapter := rec.adapter) is not None:
+            if (adapter := rec.adapter) is not None and self.lora_slot_routing:
                 allowed = self._with_lora_room(adapter, snap, allowed)
             chosen = route_id(self.router, info, snap, allowed)
             if chosen is None and allowed is not None:
@@ -491,22 +504,66 @@ class Dispatcher:
     def _with_lora_room(
         self, adapter: str, snap: ClusterSnapshot, allowed: frozenset[str] | None
     ) -> frozenset[str] | None:
-        """``allowed`` narrowed to the instances whose engine can take a request for the
-        LoRA ``adapter`` into its batch at once (:meth:`EngineStats.lora_room`: it runs
-        the adapter already, or has a LoRA slot free), when some cannot: on those it would
-        wait for a slot. ``allowed`` itself when none can, or all can. A preference, as a
-        parallelism hint is: when the router finds none of them able to take the request
-        now, it is routed without it."""
+        """``allowed`` narrowed, for a request for the LoRA ``adapter``, to the instances
+        whose engine can take it into its batch at once: it runs the adapter already, or
+        has one of its LoRA slots (vLLM's ``--max-loras``) free
+        (:meth:`InstanceState.lora_slots_left`). On the others it would wait for a slot.
+
+        A free slot taken by one adapter is one fewer for the next. When the adapters in
+        demand (asked for in the last :data:`LORA_DEMAND_WINDOW_S`, served here) that run
+        on no engine here outnumber the free slots left beside the one this request would
+        take, a request for an adapter that runs somewhere goes where it runs, leaving the
+        free slots to them; otherwise it may go to any engine with room, which spreads a
+        busy adapter's load.
+
+        ``allowed`` itself when no engine can take it at once, or all can. A preference,
+        as a parallelism hint is: when the router finds none of them able to take the
+        request now, it is routed without it."""
+        now = self.clock.now()
+        asked = self._lora_asked
+        asked.pop(adapter, None)
+        asked[adapter] = now  # (last: the dict stays ordered by time)
+        horizon = now - LORA_DEMAND_WINDOW_S
+        while (oldest := next(iter(asked))) != adapter and asked[oldest] < horizon:
+            del asked[oldest]
         find = self.registry.find
-        full: set[str] = set()
-        room: set[str] = set()
+        runs: list[str] = []
+        room: list[str] = []
+        full: list[str] = []
+        free = 0
+        counted = True  # every engine says how many slots it has
+        running: set[str] = set()
+        served: set[str] = set()
         for view in snap:
-            if allowed is not None and view.instance_id not in allowed:
+            iid = view.instance_id
+            if allowed is not None and iid not in allowed:
                 continue
-            state = find(view.instance_id)
-            stats = None if state is None else state.last_stats
-            (room if stats is None or stats.lora_room(adapter) else full).add(view.instance_id)
-        return frozenset(room) if full and room else allowed
+            state = find(iid)
+            left = None if state is None else state.lora_slots_left()
+            if state is None or left is None:
+                counted = False
+                room.append(iid)
+                continue
+            calls, others = state.lora_in_flight, state.lora_others
+            running.update(calls)
+            running.update(others)
+            served.update(state.adapters)
+            free += left
+            if adapter in calls or adapter in others:
+                runs.append(iid)
+            else:
+                (room if left > 0 else full).append(iid)
+        if runs and (room or full) and counted:
+            placed = running.union([adapter])
+            waiting = sum(
+                1
+                for name, when in asked.items()
+                if when >= horizon and name in served and name not in placed
+            )
+            if free - 1 < waiting:
+                return frozenset(runs)
+        room.extend(runs)
+        return frozenset(room) if room and full else allowed
 
     def _of_parallelism(
         self, hint: ParallelismType, snap: ClusterSnapshot, allowed: frozenset[str] | None
@@ -717,6 +774,8 @@ class Dispatcher:
         state = self.registry.get(instance_id)
         info = rec.info
         state.in_flight += 1
+        if (adapter := rec.adapter) is not None:
+            state.lora_call_started(adapter)
         state.queued_prefill_tokens += info.prompt_tokens
         state.outstanding_decode_tokens += info.max_tokens
         now = self.clock.now()
@@ -1020,6 +1079,8 @@ class Dispatcher:
         """The engine call is over (however it ended): ``state`` stops carrying it."""
         info = rec.info
         state.in_flight -= 1
+        if (adapter := rec.adapter) is not None:
+            state.lora_call_ended(adapter)
         if prefill_pending:
             state.queued_prefill_tokens -= info.prompt_tokens
         state.outstanding_decode_tokens -= info.max_tokens
@@ -1089,6 +1150,9 @@ class Dispatcher:
         pstate.queued_prefill_tokens += info.prompt_tokens
         dstate.in_flight += 1
         dstate.outstanding_decode_tokens += info.max_tokens
+        if (adapter := rec.adapter) is not None:
+            pstate.lora_call_started(adapter)
+            dstate.lora_call_started(adapter)
         now = self.clock.now()
         rec.queued_s = rec.queue_wait_s(now)  # its wait ends (while it is still QUEUED)
         rec.status = RequestStatus.SCHEDULED
@@ -1104,7 +1168,7 @@ class Dispatcher:
         self.metrics.running.inc()
         self.metrics.on_pd_routed("disaggregated", plan.transfer_s)
         log.debug("request %s disaggregated: %s", rec.request_id, plan.reason, extra=_rid(rec))
-        run = self._pd_runs[rec.request_id] = _PDRun(pstate, dstate, info.prompt_tokens)
+        run = self._pd_runs[rec.request_id] = _PDRun(pstate, dstate, info.prompt_tokens, adapter)
         task = asyncio.create_task(self._execute_pd(rec, run), name=f"req-{rec.request_id}")
         rec.task = task
         self._tasks.add(task)
@@ -1117,6 +1181,8 @@ class Dispatcher:
         run.prefill_open = False
         state = run.prefill
         state.in_flight -= 1
+        if run.adapter is not None:
+            state.lora_call_ended(run.adapter)
         state.queued_prefill_tokens -= run.prompt_tokens
         self.metrics.set_in_flight(state.instance_id, state.in_flight)
         if state.in_flight == 0 and self._on_instance_idle is not None:
@@ -1211,6 +1277,8 @@ class Dispatcher:
             self._pd_runs.pop(rec.request_id, None)
             self._release_prefill(run)
             dstate.in_flight -= 1
+            if run.adapter is not None:
+                dstate.lora_call_ended(run.adapter)
             dstate.outstanding_decode_tokens -= rec.info.max_tokens
             self.metrics.set_in_flight(dstate.instance_id, dstate.in_flight)
             self.metrics.running.dec()

@@ -504,6 +504,7 @@ class HealthMonitor:
             if state.breaker.routable:  # (again once a minute: a restart may change it)
                 await self._ask_context_length(state)
             if state.breaker.routable:
+                ours = set(state.lora_in_flight)  # the adapters of calls in flight here
                 try:
                     async with asyncio.timeout(self.settings.timeout_s):
                         stats = await state.client.stats()
@@ -511,6 +512,9 @@ class HealthMonitor:
                     log.debug("stats of %s failed: %r", state.instance_id, exc)
                 else:
                     state.last_stats = stats
+                    if stats.lora_adapters or state.lora_others:  # (ours: while it was read)
+                        ours.update(state.lora_in_flight)
+                        state.lora_others = stats.lora_adapters.difference(ours)
                     if state.breaker.routable:  # not ejected while the stats were read
                         self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(
                             stats.kv_usage

@@ -273,6 +273,12 @@ class InstanceState:
     adapters: frozenset[str] = frozenset()
     """The LoRA adapters it serves: its instance's ``lora_adapters`` and those its engine
     last listed (see ``HealthMonitor``)."""
+    lora_in_flight: dict[str, int] = field(default_factory=dict)
+    """Engine calls in flight here by the LoRA adapter they are for (adapters with some)."""
+    lora_others: frozenset[str] = frozenset()
+    """The LoRA adapters of the engine's running and waiting requests, as its stats last
+    said, that no call of this control plane was for while they were read: another
+    client's requests (see ``HealthMonitor``)."""
     last_health_check: float | None = None
     est_ttft_base_s: float = 0.05
     est_s_per_prefill_token: float = 1 / 8000.0
@@ -431,6 +437,32 @@ class InstanceState:
 
     def record_latency(self, latency_ms: float) -> None:
         self.latencies_ms.append(latency_ms)  # the oldest drops out past the window
+
+    def lora_call_started(self, adapter: str) -> None:
+        """An engine call for the LoRA ``adapter`` starts here."""
+        calls = self.lora_in_flight
+        calls[adapter] = calls.get(adapter, 0) + 1
+
+    def lora_call_ended(self, adapter: str) -> None:
+        """An engine call for the LoRA ``adapter`` here is over."""
+        calls = self.lora_in_flight
+        left = calls[adapter] - 1
+        if left:
+            calls[adapter] = left
+        else:
+            del calls[adapter]
+
+    def lora_slots_left(self) -> int | None:
+        """The LoRA slots of its engine's batch (vLLM's ``--max-loras``, from its stats)
+        that no adapter holds: those of the calls in flight here (known as they start and
+        end) and of another client's requests (:attr:`lora_others`, as its stats said a
+        second ago) hold one each. None when the engine does not say how many it has."""
+        stats = self.last_stats
+        if stats is None or not stats.max_lora:
+            return None
+        calls, others = self.lora_in_flight, self.lora_others
+        busy = len(calls) + sum(1 for name in others if name not in calls)
+        return max(0, stats.max_lora - busy)
 
     @property
     def gpu_count(self) -> int:

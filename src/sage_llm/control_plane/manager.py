@@ -183,6 +183,7 @@ class ControlPlaneManager:
         engine_stream: str = "sampled",
         engine_stream_sample: float = 0.1,
         engine_stream_sample_max_per_s: float = 20.0,
+        lora_slot_routing: bool = True,
     ) -> None:
         """``health`` sets probes and the circuit breaker (default: probes every
         ``health_interval_s``); ``engine_timeouts`` the connect / first-token / idle limits
@@ -197,7 +198,10 @@ class ControlPlaneManager:
         engine call streams: TTFT and TPOT measured for every request) or ``"client"``
         (only when the client streams: no TTFT or TPOT for non-streaming requests).
         Engines whose answer comes in pieces anyway (in-process simulated ones) stream
-        every request unless ``engine_stream`` is ``"client"``.
+        every request unless ``engine_stream`` is ``"client"``. ``lora_slot_routing``
+        (default on) routes a request for a LoRA adapter by the engines' LoRA slots (vLLM's
+        ``--max-loras``; :meth:`Dispatcher._with_lora_room`); off, only by which engines
+        serve the adapter.
 
         Policy and routing names are read as config files read them (case-insensitive,
         ``-`` read as ``_``). The arguments a config file also has are checked by its rules
@@ -213,7 +217,8 @@ class ControlPlaneManager:
             default_max_tokens=default_max_tokens, engine_stream=engine_stream,
             engine_stream_sample=engine_stream_sample,
             engine_stream_sample_max_per_s=engine_stream_sample_max_per_s,
-            result_retention=result_retention, result_ttl_s=result_ttl_s,
+            lora_slot_routing=lora_slot_routing, result_retention=result_retention,
+            result_ttl_s=result_ttl_s,
             stats_interval_s=stats_interval_s, health_interval_s=health_interval_s,
             prefix_block_size=prefix_block_size, prefix_index_capacity=prefix_index_capacity,
             seed=seed, max_queue_wait_s=max_queue_wait_s,
@@ -278,6 +283,7 @@ class ControlPlaneManager:
         self.engine_stream = engine_stream
         self.engine_stream_sample = engine_stream_sample
         self.engine_stream_sample_max_per_s = engine_stream_sample_max_per_s
+        self.lora_slot_routing = lora_slot_routing
         self._registry = InstanceRegistry()
         self._metrics = ControlPlaneMetrics()
         self._health: HealthMonitor | None = None
@@ -400,6 +406,7 @@ class ControlPlaneManager:
                 if self.engine_stream_sample_max_per_s
                 else 0.0
             ),
+            lora_slot_routing=self.lora_slot_routing,
         )
         self._started_at = clock.now()
         self._deadlines = DeadlineTimers(asyncio.get_running_loop())

@@ -1,0 +1,51 @@
+"""Tests for ``benchmarks/lora_slots.py``: its workload, fleet and a small run of both
+settings."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+from tests.factories import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    return load_benchmark("lora_slots")
+
+
+def test_the_workload_asks_for_the_adapters_in_use_most_for_the_first(
+    script: ModuleType,
+) -> None:
+    load = script.workload(4, 400, 10.0, 0)
+    asked = [r.model for r in load.requests]
+    assert set(asked) == {"lora-0", "lora-1", "lora-2", "lora-3"}
+    counts = [asked.count(f"lora-{k}") for k in range(4)]
+    assert counts[0] > counts[3] * 2  # 1 : 1/4 by the Zipf law
+    assert load.requests == script.workload(4, 400, 10.0, 0).requests  # seeded
+
+
+def test_the_fleet_serves_every_adapter_with_the_scenarios_slots(script: ModuleType) -> None:
+    scenario = script.Scenario(4, 32, 2)
+    fleet = script.fleet(3, scenario)
+    assert [i.instance_id for i in fleet] == ["e0", "e1", "e2"]
+    assert all(len(i.lora_adapters) == 32 for i in fleet)
+    assert {i.metadata["sim_max_loras"] for i in fleet} == {2}
+
+
+def test_routing_by_slots_keeps_requests_from_waiting_for_one(script: ModuleType) -> None:
+    """8 adapters over 2 engines of one slot each: spread by who serves them, requests
+    wait for slots; routed by slots, much less."""
+    scenario = script.Scenario(8, 8, 1)
+    load = script.workload(8, 120, 8.0, 1)
+    blind = script.run(scenario, load, 2, False, 0).summary
+    slots = script.run(scenario, load, 2, True, 0).summary
+    assert blind.ok == slots.ok == 120
+    assert slots.ttft.p50 < blind.ttft.p50
+
+
+def test_main_refuses_a_bad_rate(script: ModuleType) -> None:
+    with pytest.raises(SystemExit) as info:
+        script.main(["--rate", "0"])
+    assert info.value.code == 2
