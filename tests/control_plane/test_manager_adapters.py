@@ -484,3 +484,38 @@ def test_a_disaggregated_request_for_an_adapter_runs_both_legs_where_it_is_serve
                 await cp.generate(make_metadata("x", model_name="sql", max_tokens=4))
 
     run_virtual(main())
+
+
+def test_sglangs_names_of_an_adapter_are_the_adapter() -> None:
+    """SGLang's clients name an adapter as ``MODEL:ADAPTER``, or give the model with
+    ``lora_path`` set to the adapter: both run as a request for the adapter (on the
+    instances serving it, the engine asked for it by name, ``lora_path`` not passed on as
+    the client gave it). A ``lora_path`` no instance serves is passed on as it is."""
+
+    async def main() -> None:
+        cp, engines = _fleet({"i0": [], "i1": ["sql"]})
+        async with cp:
+            for k, meta in enumerate(
+                [
+                    make_metadata("c0", model_name=f"{MODEL}:sql", max_tokens=2),
+                    make_metadata(
+                        "p0", model_name=MODEL, max_tokens=2, extra_body={"lora_path": "sql"}
+                    ),
+                ]
+            ):
+                res = await cp.generate(meta)
+                assert res.status is RequestStatus.COMPLETED, (k, res.error)
+                assert res.instance_id == "i1"
+            sent = engines["i1"].requests
+            assert [r.model for r in sent] == ["sql", "sql"]
+            assert "lora_path" not in sent[1].extra
+            res = await cp.generate(
+                make_metadata("x0", model_name=MODEL, max_tokens=2, extra_body={"lora_path": "/x"})
+            )
+            assert res.status is RequestStatus.COMPLETED
+            (passed,) = [r for e in engines.values() for r in e.requests if r.request_id == "x0"]
+            assert (passed.model, passed.extra["lora_path"]) == (MODEL, "/x")
+            with pytest.raises(ModelNotFoundError):  # not an adapter of that model
+                await cp.generate(make_metadata("n0", model_name=f"{MODEL}:chat", max_tokens=2))
+
+    run_virtual(main())

@@ -510,6 +510,15 @@ async def test_lora_adapters_are_listed_and_served_by_name() -> None:
         for _ in range(3):
             done = await client.completions.create(model="sql", prompt="hi", max_tokens=2)
             assert done.model == "sql"
+        for model, extra in [(f"{MODEL}:sql", None), (MODEL, {"lora_path": "sql"})]:  # SGLang's
+            done = await client.completions.create(
+                model=model, prompt="hi", max_tokens=2, extra_body=extra
+            )
+            assert done.model == model  # the name the client gave
+        counted = (
+            f'sage_llm_lora_requests_total{{adapter="sql",model="{MODEL}",status="completed"}} 5.0'
+        )
+        assert counted in gw.manager.prometheus_metrics().decode()
         async with aiohttp.ClientSession() as http:
             async with http.get(gw.url("/v1/models/sql")) as r:
                 card = await r.json()

@@ -691,6 +691,21 @@ class InstanceRegistry:
                 return s.instance.model_name
         return None
 
+    def adapter_named(self, model: str, adapter: object) -> bool:
+        """Whether an instance of ``model`` (not removed) serves the LoRA ``adapter``."""
+        return any(
+            adapter in s.adapters and s.instance.model_name == model and not s.removed
+            for s in self._states.values()
+        )
+
+    def split_adapter(self, name: str) -> tuple[str, str] | None:
+        """SGLang's name of an adapter, ``MODEL:ADAPTER``, as (model, adapter) when an
+        instance of that model serves that adapter; None otherwise."""
+        model, colon, adapter = name.rpartition(":")
+        if colon and model and self.adapter_named(model, adapter):
+            return model, adapter
+        return None
+
     def adapters(self) -> dict[str, str]:
         """Every LoRA adapter an instance (not removed) serves, with its model (as
         :meth:`adapter_base` gives it); not one named as a served model, which that

@@ -1658,10 +1658,16 @@ class ControlPlaneManager:
         registry = self._registry
         named = meta.model_name
         adapter: str | None = None
+        by_lora_path = False
         if named and registry.serves(named):
             model = named
+            extra = meta.extra_body
+            if extra and "lora_path" in extra and registry.adapter_named(named, extra["lora_path"]):
+                adapter, by_lora_path = extra["lora_path"], True  # SGLang's field
         elif named and type(named) is str and (base := registry.adapter_base(named)) is not None:
             model, adapter = base, named  # a LoRA adapter: its instances of its model
+        elif named and type(named) is str and (split := registry.split_adapter(named)):
+            model, adapter = split  # SGLang's MODEL:ADAPTER
         else:  # no model named, or one nobody serves: the answer or the error
             model = resolve_model(meta, registry.models(), registry.adapters().keys())
         session = meta.session_id or meta.user_id
@@ -1684,6 +1690,9 @@ class ControlPlaneManager:
             else None,
             adapter=adapter,
         )
+        if by_lora_path:  # the engine is asked for the adapter by its own means
+            extra = {k: v for k, v in engine_req.extra.items() if k != "lora_path"}
+            engine_req = engine_req.with_changes(extra=extra)
         among: Callable[[InstanceState], bool] | None = None
         what: str | None = None
         if adapter is not None:  # only on the instances serving it
