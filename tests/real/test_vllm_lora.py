@@ -5,7 +5,9 @@ each adapter made here with random weights, as vLLM loads a PEFT one). Nothing t
 control plane of them: it learns them from the engines' ``/v1/models`` cards. A request
 that names an adapter runs only where it is served, and is answered as the engine answers
 it straight. The second engine also schedules by priority (``--scheduling-policy
-priority``), and is sent each request's priority.
+priority``), and is sent each request's priority. With an engine's LoRA slots
+(``--max-loras 2``) held, a request there for a third adapter waits, and the gateway
+routes around that engine.
 """
 
 from __future__ import annotations
@@ -264,3 +266,81 @@ async def test_an_adapter_loaded_through_the_admin_api_is_served_at_once(
             assert (await resp.json())["unloaded"] == [first]
         async with session.post(f"{lora.url}/v1/completions", json=body) as resp:
             assert resp.status == 404
+
+
+async def _engine_lora(lora: LoraFleet, k: int) -> tuple[int, frozenset[str]]:
+    """The first engine's ``max_lora`` and its running and waiting requests' adapters, as
+    its ``/metrics`` say now."""
+    stats = await lora.manager.engine_stats(lora.fleet.instances[k].instance_id)
+    return stats.max_lora, stats.lora_adapters
+
+
+async def test_a_third_adapter_waits_for_a_slot_and_the_gateway_routes_around_the_engine(
+    lora: LoraFleet,
+) -> None:
+    """vLLM holds requests for at most ``--max-loras`` (here 2) adapters in one batch: with
+    the first engine's two slots held by another client's long ``sql`` and ``chat``
+    requests (sent to it straight), a request for a third adapter, ``code``, waits there
+    until one of them ends, as the simulator schedules it (``sage_llm.sim.core``). The
+    gateway reads the held slots from the engine's stats and sends its ``code`` requests to
+    the second engine meanwhile."""
+    first, second = (i.instance_id for i in lora.fleet.instances)
+    long = {"prompt": "Once upon a time", "max_tokens": 500, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    short = {"model": "code", "prompt": "Hello", "max_tokens": 2, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        for name, on in (("chat", [first]), ("code", [first, second])):
+            load = {"lora_name": name, "lora_path": str(lora.adapters / name), "instances": on}
+            async with session.post(f"{lora.url}/admin/lora_adapters", json=load) as resp:
+                assert resp.status == 200, await resp.text()
+    loop = asyncio.get_running_loop()
+    ends: dict[str, float] = {}
+
+    async def straight(name: str, body: dict[str, Any]) -> None:
+        await _post(f"{lora.engine_url(0)}/v1/completions", body)
+        ends[name] = loop.time()
+
+    held = [
+        asyncio.create_task(straight(name, {**long, "model": name})) for name in ("sql", "chat")
+    ]
+    try:
+        for _ in range(200):  # the engine says both run; the gateway's stats say so too
+            if (await _engine_lora(lora, 0))[1] == {"sql", "chat"} and lora.manager._registry.get(
+                first
+            ).lora_others == {"sql", "chat"}:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            said = await _engine_lora(lora, 0)
+            failed = [t.exception() for t in held if t.done()]
+            raise AssertionError(f"the long requests never ran together: {said} {failed}")
+        assert not ends, "the long requests ended before the test could use them"
+        for k in range(2):
+            rid = f"slot-{k}"
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{lora.url}/v1/completions", json=short,
+                             headers={"X-Request-Id": rid}) as resp,
+            ):  # fmt: skip
+                assert resp.status == 200, await resp.text()
+            result = await lora.manager.get_result(rid)
+            assert result is not None and result.instance_id == second
+        assert not ends, "the long requests ended before the gateway's requests"
+        waited = asyncio.create_task(straight("code", short))  # on the first engine itself
+        done, _ = await asyncio.wait([*held, waited], return_when=asyncio.FIRST_COMPLETED)
+        assert waited not in done, "a third adapter's request ran with two slots held"
+        await asyncio.gather(waited, *held)
+        assert ends["code"] >= min(ends["sql"], ends["chat"])
+    finally:
+        for task in held:
+            task.cancel()
+        async with aiohttp.ClientSession() as session:
+            unload: list[tuple[str, dict[str, Any]]] = [
+                ("chat", {"instances": [first]}),
+                ("code", {}),  # from every instance serving it
+            ]
+            for name, body in unload:
+                async with session.delete(
+                    f"{lora.url}/admin/lora_adapters/{name}", json=body
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
