@@ -486,6 +486,42 @@ def test_a_disaggregated_request_for_an_adapter_runs_both_legs_where_it_is_serve
     run_virtual(main())
 
 
+def test_a_disaggregated_adapters_legs_go_where_the_engines_have_lora_slots() -> None:
+    """The PD pair of a request for an adapter is chosen among the engines with room for
+    it (as a whole request's instance is): with the one-slot engines p0 and d0 busy with
+    another adapter's calls, a request for ``b`` runs on p1 and d1; with no pair of free
+    engines, on any pair."""
+    prefill, decode = ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING
+
+    async def main() -> None:
+        cp = ControlPlaneManager(
+            mode="simulated", enable_pd_separation=True, scheduling_policy="fifo",
+            routing_strategy="round_robin", enable_monitoring=False,
+        )  # fmt: skip
+        roles = [("p0", prefill), ("p1", prefill), ("d0", decode), ("d1", decode)]
+        for k, (iid, role) in enumerate(roles):
+            cp.register_instance(
+                make_instance(iid, port=9000 + k, instance_type=role, lora_adapters=["a", "b"])
+            )
+        states = {iid: cp._registry.get(iid) for iid, _ in roles}
+        async with cp:
+            for state in states.values():
+                state.last_stats = EngineStats(max_lora=1)
+            for iid in ("p0", "d0"):
+                states[iid].lora_call_started("a")
+            for k in range(3):
+                res = await cp.generate(make_metadata(f"b{k}", model_name="b", max_tokens=4))
+                assert res.status is RequestStatus.COMPLETED, res.error
+                assert (res.prefill_instance_id, res.instance_id) == ("p1", "d1")
+            states["p1"].lora_call_started("a")  # no prefill engine with room left
+            res = await cp.generate(make_metadata("c", model_name="b", max_tokens=4))
+            assert res.status is RequestStatus.COMPLETED, res.error
+            for iid in ("p0", "d0", "p1"):
+                states[iid].lora_call_ended("a")
+
+    run_virtual(main())
+
+
 def test_sglangs_names_of_an_adapter_are_the_adapter() -> None:
     """SGLang's clients name an adapter as ``MODEL:ADAPTER``, or give the model with
     ``lora_path`` set to the adapter: both run as a request for the adapter (on the

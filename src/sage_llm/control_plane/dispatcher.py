@@ -476,7 +476,7 @@ class Dispatcher:
             if info.parallelism_hint is not None:
                 allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
             if (adapter := rec.adapter) is not None and self.lora_slot_routing:
-                allowed = self._with_lora_room(adapter, snap, allowed)
+                allowed = self._with_lora_room(adapter, info, snap, allowed)
             chosen = route_id(self.router, info, snap, allowed)
             if chosen is None and allowed is not None:
                 chosen = route_id(self.router, info, snap)
@@ -502,10 +502,15 @@ class Dispatcher:
         return snap
 
     def _with_lora_room(
-        self, adapter: str, snap: ClusterSnapshot, allowed: frozenset[str] | None
+        self,
+        adapter: str,
+        info: RequestInfo,
+        snap: ClusterSnapshot,
+        allowed: frozenset[str] | None,
     ) -> frozenset[str] | None:
-        """``allowed`` narrowed, for a request for the LoRA ``adapter``, to the instances
-        whose engine can take it into its batch at once: it runs the adapter already, or
+        """``allowed`` narrowed, for a request (``info``) for the LoRA ``adapter``, to the
+        instances of its model (not excluded from it) whose engine can take it into its
+        batch at once: it runs the adapter already, or
         has one of its LoRA slots (vLLM's ``--max-loras``) free
         (:meth:`InstanceState.lora_slots_left`). On the others it would wait for a slot.
 
@@ -534,9 +539,12 @@ class Dispatcher:
         counted = True  # every engine says how many slots it has
         running: set[str] = set()
         served: set[str] = set()
+        model, excluded = info.model, info.excluded_instances
         for view in snap:
             iid = view.instance_id
-            if allowed is not None and iid not in allowed:
+            if (allowed is not None and iid not in allowed) or view.model != model:
+                continue
+            if iid in excluded:  # (those that do not serve the adapter among them)
                 continue
             state = find(iid)
             left = None if state is None else state.lora_slots_left()
@@ -676,7 +684,15 @@ class Dispatcher:
             why = decision.reason
         else:
             why = "no whole-request instance is free"
-        plan = pd.orchestrator.plan(info, snap)
+        plan = None
+        if req.model != info.model and self.lora_slot_routing:  # a LoRA adapter's request
+            room = self._with_lora_room(req.model, info, snap, None)
+            if room is not None:  # both legs where the adapter has room, when a pair is free
+                others = frozenset(v.instance_id for v in snap if v.instance_id not in room)
+                narrowed = replace(info, excluded_instances=info.excluded_instances | others)
+                plan = pd.orchestrator.plan(narrowed, snap)
+        if plan is None:
+            plan = pd.orchestrator.plan(info, snap)
         return None if plan is None else replace(plan, reason=f"{why}; {plan.reason}")
 
     @staticmethod
