@@ -341,6 +341,9 @@ def test_the_adapters_of_calls_in_flight_hold_slots_before_the_engine_says_so() 
             await asyncio.sleep(0.01)
             assert states[other].lora_in_flight == {"b": 1}
             assert [states[i].lora_slots_left() for i in (holder, other)] == [0, 0]
+            live = cp.get_instance_metrics(holder)
+            assert (live["max_lora"], live["lora_slots_left"]) == (1, 0)
+            assert (live["lora_calls_in_flight"], live["lora_other_adapters"]) == ({"a": 1}, [])
             for engine in engines.values():
                 engine.release.set()
             assert {(await t).status for t in (first, second)} == {RequestStatus.COMPLETED}  # type: ignore[attr-defined]

@@ -733,7 +733,10 @@ class ControlPlaneManager:
 
     def get_instance_metrics(self, instance_id: str) -> dict[str, Any]:
         """One instance's live state as a dict (the admin API's ``live`` figures); see
-        :meth:`get_instance_report` for the typed report. Raises
+        :meth:`get_instance_report` for the typed report. Its LoRA slots: ``max_lora``
+        (the engine's ``--max-loras``, None when it does not say), ``lora_slots_left``,
+        the calls in flight by adapter, and the adapters of another client's requests the
+        engine's stats listed (see :meth:`InstanceState.lora_slots_left`). Raises
         :class:`InstanceNotFoundError` for an unknown id."""
         state = self._registry.get(instance_id)
         stats = state.last_stats
@@ -759,6 +762,10 @@ class ControlPlaneManager:
             "est_prefill_tokens_per_s": 1.0 / state.est_s_per_prefill_token,
             "est_chunk_tokens_per_s": 1.0 / state.est_s_per_chunk_token,
             "circuit": state.breaker.describe(self.clock.now()),
+            "max_lora": stats.max_lora if stats and stats.max_lora else None,
+            "lora_slots_left": state.lora_slots_left(),
+            "lora_calls_in_flight": dict(sorted(state.lora_in_flight.items())),
+            "lora_other_adapters": sorted(state.lora_others),
         }
 
     # -- requests --------------------------------------------------------------------------
