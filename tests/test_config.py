@@ -776,8 +776,8 @@ def test_bad_port(line: str, message: str) -> None:
         (
             'engine = "sglang"\nengine_scheduling_policy = "priority"',
             "engine_scheduling_policy",
-            "'priority' applies to vllm engines only (vLLM's --scheduling-policy), not "
-            "engine = 'sglang'",
+            "'priority' applies to vllm engines only (vLLM's --scheduling-policy; and "
+            "simulated ones), not engine = 'sglang'",
         ),
         ('lora_adapters = [""]', "lora_adapters[0]", "must not be empty"),
         ('lora_adapters = "sql"', "lora_adapters", "must be an array"),

@@ -586,6 +586,13 @@ def engine_sim(
             "(repeat for more): served as the model, its cached blocks kept apart."
         ),
     ] = None,
+    scheduling_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="fcfs (default) or priority, as vLLM's: with priority, a request's "
+            "'priority' (lower first) orders the waiting requests and picks who is preempted.",
+        ),
+    ] = None,
     max_loras: Annotated[
         int | None,
         typer.Option(
@@ -614,6 +621,7 @@ def engine_sim(
         "enable_chunked_prefill": enable_chunked_prefill,
         "enable_prefix_caching": enable_prefix_caching,
         "max_loras": max_loras,
+        "scheduling_policy": scheduling_policy,
     }
     options = {"model", "gpu", "tp", "pp", "speed", "seed", "kv_host", "kv_port", *engine_args}
     name = served_model_name or model

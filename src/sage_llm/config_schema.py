@@ -449,11 +449,11 @@ class InstanceConfig:
         validate(self, FOREIGN_RULES)  # its role configs' fields as a file's
         if (problem := adapters_problem(self.model_name, self.lora_adapters)) is not None:
             raise FieldValueError("lora_adapters", problem)
-        if self.engine_scheduling_policy != "fcfs" and self.engine != "vllm":
+        if self.engine_scheduling_policy != "fcfs" and self.engine not in ("vllm", "sim"):
             raise FieldValueError(
                 "engine_scheduling_policy",
                 f"{self.engine_scheduling_policy!r} applies to vllm engines only (vLLM's "
-                f"--scheduling-policy), not engine = {self.engine!r}",
+                f"--scheduling-policy; and simulated ones), not engine = {self.engine!r}",
             )
         given = [k for k in ROLE_CONFIGS if getattr(self, k) is not None]
         if (misplaced := role_config_problem(self.instance_type, given)) is not None:

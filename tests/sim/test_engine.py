@@ -273,6 +273,31 @@ def test_requests_for_more_adapters_than_max_loras_wait_for_a_slot() -> None:
     virtual(main)
 
 
+def test_an_engine_that_schedules_by_priority_takes_the_most_urgent_first() -> None:
+    """One sequence at a time: under ``priority`` the waiting requests run by their
+    ``priority`` (lower first), under ``fcfs`` by arrival."""
+
+    async def main() -> None:
+        for policy, expected in (("fcfs", ["a", "b", "c"]), ("priority", ["a", "c", "b"])):
+            engine = SimEngine("sim-0", SimEngineConfig(max_num_seqs=1, scheduling_policy=policy))
+            ended: list[str] = []
+
+            async def run(
+                rid: str, priority: int, engine: SimEngine = engine, ended: list[str] = ended
+            ) -> None:
+                await collect(engine, req(rid, max_tokens=4, priority=priority))
+                ended.append(rid)
+
+            tasks = [asyncio.create_task(run("a", 2))]
+            await asyncio.sleep(0.001)  # a runs; b and c wait
+            tasks += [asyncio.create_task(run("b", 4)), asyncio.create_task(run("c", 0))]
+            await asyncio.gather(*tasks)
+            assert ended == expected, policy
+            await engine.aclose()
+
+    virtual(main)
+
+
 def test_cancelling_mid_stream_aborts_and_frees_kv() -> None:
     async def main() -> None:
         engine = SimEngine("sim-0")

@@ -107,6 +107,13 @@ def test_other_instances_keep_the_roofline_and_no_front_end() -> None:
     assert make_sim_engine(inst).front_end.is_zero
 
 
+def test_an_instances_engine_scheduling_policy_is_its_simulated_engines() -> None:
+    inst = instance("h100", "llama-3-8b")
+    assert sim_config_for(inst).scheduling_policy == "fcfs"
+    inst.engine_scheduling_policy = "priority"
+    assert make_sim_engine(inst).config.scheduling_policy == "priority"
+
+
 def test_an_instances_sim_max_loras_is_its_engines_max_loras() -> None:
     inst = instance("h100", "llama-3-8b")
     assert sim_config_for(inst).max_loras == 1  # vLLM's default

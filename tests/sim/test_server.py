@@ -872,6 +872,28 @@ async def test_lora_adapters_load_and_unload_at_run_time_as_vllms_do(
         await runner.cleanup()
 
 
+async def test_a_requests_priority_reaches_the_engine_as_vllm_takes_it(
+    http: aiohttp.ClientSession,
+) -> None:
+    """vLLM 0.32 takes a ``priority`` field whatever its scheduling policy (FCFS ignores
+    it): the engine is given it (0 when none), and a non-integer one is refused."""
+    engine = FakeEngine()
+    runner, port = await start_engine_server(engine, model_name=MODEL)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        for given in (3, None):
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+            status, _ = await post(
+                http, url, body if given is None else {**body, "priority": given}
+            )
+            assert status == 200
+        assert [r.priority for r in engine.requests] == [3, 0]
+        status, answer = await post(http, url, {"model": MODEL, "prompt": "x", "priority": "hi"})
+        assert (status, answer["error"]["param"]) == (400, "priority")
+    finally:
+        await runner.cleanup()
+
+
 async def test_metrics_list_the_lora_adapters_as_vllms_lora_requests_info(
     http: aiohttp.ClientSession,
 ) -> None:

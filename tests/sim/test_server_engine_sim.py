@@ -374,7 +374,7 @@ async def test_fields_read_as_vllms_request_models_read_them(
             ({"min_tokens": 1.5}, "min_tokens"),
             ({"suffix": "!"}, "suffix"),
             ({"temperature": -1}, "temperature"),
-            ({"priority": 5}, "priority"),  # vLLM's FCFS scheduler takes no priority
+            ({"priority": 1.5}, "priority"),  # (vLLM 0.32 takes any integer, FCFS or not)
             ({"stream": "yes"}, "stream"),
             ({"stream": True, "stream_options": "x"}, "stream_options"),
             # "false" is no boolean: never taken as true

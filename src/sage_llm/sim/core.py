@@ -21,6 +21,12 @@ least recently used idle slot gives way), which makes that step ``lora_swap_s`` 
 step whose batch holds a LoRA request takes ``lora_step_overhead`` longer (the adapters'
 own matrix products).
 
+Priority (``scheduling_policy="priority"``, vLLM's ``--scheduling-policy priority``): the
+waiting requests are taken by ``(priority, arrival, request id)``, lower first, a preempted
+one going back among them in that order, and when a running request needs a KV block and
+none is free, the running request last in that order is preempted (with ``fcfs``, the
+last admitted).
+
 PD legs (vLLM ``kv_transfer_params``): a request with ``do_remote_decode`` is a prefill leg
 (one token, then its KV blocks stay pinned until :meth:`~SimEngineCore.release_kv`, abort or
 ``kv_pin_timeout_s``); one with ``do_remote_prefill`` is a decode leg (its KV arrives over
@@ -63,6 +69,7 @@ from sage_llm.sim.specs import (
 from sage_llm.types import ExecutionInstanceType
 
 __all__ = [
+    "SCHEDULING_POLICIES",
     "STEP_FIELDS",
     "BlockPool",
     "FastStepTime",
@@ -74,11 +81,21 @@ __all__ = [
     "prompt_block_hashes",
 ]
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+"""vLLM's ``--scheduling-policy`` values."""
+
 _WAITING, _TRANSFER, _RUNNING, _PINNED = range(4)
 _EV_EXPLICIT, _EV_BLOCK, _EV_FINISH = range(3)
 _SUM_ONLY_COST_MODELS = (RooflineCostModel, LinearStepModel)
 """Cost models that read only ``len`` and ``sum`` of the decode context lengths."""
 _by_seq = attrgetter("seq")
+
+
+def _priority_key(req: _Req) -> tuple[int, float, str]:
+    """The ``priority`` policy's order of requests: lower first."""
+    return req.priority, req.arrival, req.id
+
+
 _first = itemgetter(0)
 _LRU_SLACK = 64
 """Dead entries a block pool's cached-block FIFO may hold beyond as many as it has live."""
@@ -155,6 +172,9 @@ class SimEngineConfig:
     measurements of a warm swap are 5–20 ms); ``lora_step_overhead`` how much longer (0.1 =
     10%) a step takes while its batch holds a request for an adapter (published figures of
     vLLM's multi-LoRA kernels: 10–15%). The two are estimates, not measured here.
+
+    ``scheduling_policy`` is vLLM's ``--scheduling-policy``: ``fcfs``, or ``priority``
+    (each request's ``priority`` orders the waiting requests and picks who is preempted).
     """
 
     model: str | ModelSpec = "llama-3-8b"
@@ -181,6 +201,7 @@ class SimEngineConfig:
     max_loras: int = 1
     lora_swap_s: float = 0.01
     lora_step_overhead: float = 0.1
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         positive_ints = (
@@ -242,6 +263,11 @@ class SimEngineConfig:
                 )
         if not isinstance(self.role, ExecutionInstanceType):
             raise ConfigError("must be an ExecutionInstanceType", key="role")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}",
+                key="scheduling_policy",
+            )
         if self.tp > 1:
             self._check_tp()
 
@@ -746,6 +772,7 @@ class _Req:
         "num_output",
         "num_prompt",
         "prefill_leg",
+        "priority",
         "read_cache",
         "ready_at",
         "remote",
@@ -769,6 +796,8 @@ class _Req:
         self.prefill_leg = False
         self.lora: str | None = None
         """The LoRA adapter it is for (None: the model itself)."""
+        self.priority = 0
+        """Its priority, lower first (read under the ``priority`` scheduling policy)."""
         self.read_cache = True
         """False: the prompt is computed whole, nothing read from the prefix cache or
         another engine (vLLM's ``skip_reading_prefix_cache``: prompt logprobs asked)."""
@@ -852,6 +881,7 @@ class SimEngineCore:
         self._n_lazy = 0
         self._lazy_ctx = 0
         """Sum of the lazy decodes' context lengths as of step ``_tick``."""
+        self._by_priority = cfg.scheduling_policy == "priority"
         self.lora_enabled = False
         """Whether the engine serves LoRA adapters (set by the first request for one, or
         by its owner): only then does it report ``max_lora`` in its stats."""
@@ -875,8 +905,10 @@ class SimEngineCore:
         block_hashes: Sequence[int] | None = None,
         read_cache: bool = True,
         lora: str | None = None,
+        priority: int = 0,
     ) -> None:
-        """Queue a request (for the LoRA adapter ``lora``; None: for the model).
+        """Queue a request (for the LoRA adapter ``lora``; None: for the model; of
+        ``priority``, lower first, which the ``priority`` scheduling policy reads).
         ``kv_transfer`` is vLLM's ``kv_transfer_params`` on PD legs. ``read_cache`` False
         (a request for its prompt's logprobs, on vLLM): its prompt is computed whole,
         reading neither the prefix cache (nor counted in its queries) nor the KV a prefill
@@ -920,6 +952,7 @@ class SimEngineCore:
         if lora is not None:
             req.lora = lora
             self.lora_enabled = True
+        req.priority = priority
         if read_cache and kv_transfer and kv_transfer.get("do_remote_prefill"):
             engine = kv_transfer.get("remote_engine_id")
             remote_id = kv_transfer.get("remote_request_id") or req_id
@@ -931,7 +964,10 @@ class SimEngineCore:
             else:
                 req.hashes = tuple(block_hashes)
         self._reqs[req_id] = req
-        self._waiting.append(req)
+        if self._by_priority:
+            self._enqueue(req)
+        else:
+            self._waiting.append(req)
 
     def abort(self, req_id: str, *, delivered: int | None = None) -> bool:
         """Drop a request wherever it is and free its KV blocks. False if unknown.
@@ -1067,6 +1103,19 @@ class SimEngineCore:
         del self._explicit[req.seq]
         if req.lora is not None:
             self._lora_leave(req.lora)
+
+    def _enqueue(self, req: _Req) -> None:
+        """Put ``req`` among the waiting requests in ``(priority, arrival, id)`` order
+        (the ``priority`` policy's queue, vLLM's heap of requests)."""
+        waiting = self._waiting
+        key = (req.priority, req.arrival, req.id)
+        i = len(waiting)
+        while i > 0:
+            other = waiting[i - 1]
+            if (other.priority, other.arrival, other.id) <= key:
+                break
+            i -= 1
+        waiting.insert(i, req)
 
     # -- LoRA adapters -----------------------------------------------------------------
 
@@ -1317,7 +1366,9 @@ class SimEngineCore:
         self, budget: int, scheduled: list[tuple[_Req, int]], res: StepResult
     ) -> int:
         """vLLM's running-first schedule, one request at a time, preempting from the tail
-        of the batch when blocks run out (every running request is explicit here)."""
+        of the batch when blocks run out (every running request is explicit here); under
+        the ``priority`` policy, the running request last by ``(priority, arrival, id)``
+        (:meth:`_preempt_by_priority`)."""
         running = list(self._running.values())
         pool = self._pool
         bs = self.block_size
@@ -1327,16 +1378,55 @@ class SimEngineCore:
             n = min(req.total - req.num_computed, budget)
             need = -(-(req.num_computed + n) // bs) - len(req.blocks)
             if need > 0:
-                while not pool.can_allocate(need) and running[-1] is not req:
-                    self._preempt(running.pop(), res)
-                if not pool.can_allocate(need):
-                    self._preempt(running.pop(), res)
-                    break
+                if self._by_priority:
+                    i, budget, stopped = self._preempt_by_priority(
+                        running, i, need, budget, scheduled, res
+                    )
+                    if stopped:
+                        break
+                else:
+                    while not pool.can_allocate(need) and running[-1] is not req:
+                        self._preempt(running.pop(), res)
+                    if not pool.can_allocate(need):
+                        self._preempt(running.pop(), res)
+                        break
                 req.blocks.extend(pool.allocate(need))
             scheduled.append((req, n))
             budget -= n
             i += 1
         return budget
+
+    def _preempt_by_priority(
+        self,
+        running: list[_Req],
+        i: int,
+        need: int,
+        budget: int,
+        scheduled: list[tuple[_Req, int]],
+        res: StepResult,
+    ) -> tuple[int, int, bool]:
+        """Free ``need`` blocks for ``running[i]`` as vLLM's ``priority`` policy does:
+        preempt the running request last by ``(priority, arrival, id)`` until they fit,
+        one scheduled earlier in this step giving its tokens back. Returns the request's
+        new index, the budget, and whether the request itself was preempted (the step
+        schedules no more running requests then)."""
+        req = running[i]
+        pool = self._pool
+        while not pool.can_allocate(need):
+            victim = max(running, key=_priority_key)
+            at = running.index(victim)
+            del running[at]
+            for k, (done, n) in enumerate(scheduled):
+                if done is victim:  # scheduled earlier in this step: its tokens come back
+                    del scheduled[k]
+                    budget += n
+                    break
+            self._preempt(victim, res)
+            if victim is req:
+                return i, budget, True
+            if at < i:
+                i -= 1
+        return i, budget, False
 
     def _schedule_waiting(
         self, now: float, budget: int, scheduled: list[tuple[_Req, int]], res: StepResult
@@ -1436,7 +1526,10 @@ class SimEngineCore:
             for i in range(req.num_computed // self.block_size):
                 if i < len(req.hashes):
                     self._pool.cache(req.blocks[i], req.hashes[i])
-            self._waiting.appendleft(req)
+            if self._by_priority:
+                self._enqueue(req)
+            else:
+                self._waiting.appendleft(req)
         for req in done:
             assert req.remote is not None
             res.kv_pulled.append(req.remote)
@@ -1447,7 +1540,10 @@ class SimEngineCore:
         req.blocks = []
         req.num_computed = 0
         req.state = _WAITING
-        self._waiting.appendleft(req)
+        if self._by_priority:
+            self._enqueue(req)
+        else:
+            self._waiting.appendleft(req)
         self._preemptions += 1
         res.preempted.append(req.id)
 

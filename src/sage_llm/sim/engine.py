@@ -543,7 +543,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, req.max_tokens, req.kv_transfer_params,
             text_key(req, prompt_ids, self._config.seed), read_cache=not plan.whole_prompt,
-            salt=plan.salt, lora=plan.lora,
+            salt=plan.salt, lora=plan.lora, priority=req.priority,
         )  # fmt: skip
         logprobs = None
         if top is not None:
@@ -634,7 +634,7 @@ class SimEngine:
         stream = self._open(
             req.request_id, prompt_ids, 1, {"do_remote_decode": True},
             text_key(req, prompt_ids, self._config.seed), read_cache=not asks_prompt_logprobs(req),
-            salt=self._salt(req), lora=self._adapter(req),
+            salt=self._salt(req), lora=self._adapter(req), priority=req.priority,
         )  # fmt: skip
         done = False
         try:
@@ -861,6 +861,7 @@ class SimEngine:
         read_cache: bool = True,
         salt: str | None = None,
         lora: str | None = None,
+        priority: int = 0,
     ) -> _Stream:
         wake = self._ensure_running()
         now = (self._clock or current_clock()).now()
@@ -876,7 +877,7 @@ class SimEngine:
             hashes = salted_hashes(prompt_block_hashes(prompt_ids, core.block_size), salt)
         core.add_request(
             request_id, prompt_ids, max_tokens, arrival=now, kv_transfer=kv_transfer,
-            block_hashes=hashes, read_cache=read_cache, lora=lora,
+            block_hashes=hashes, read_cache=read_cache, lora=lora, priority=priority,
         )  # fmt: skip
         self._opened += 1
         stream = _Stream(text_key, now, self._opened)

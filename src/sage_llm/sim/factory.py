@@ -5,7 +5,8 @@ it onto the simulator: its ``model_name`` (when the simulator knows it, else
 ``metadata["sim_model"]`` or Llama-3-8B), ``metadata["sim_gpu"]`` (default H100), its TP/PP
 sizes and role, and ``metadata["sim_speed"]`` / ``metadata["sim_seed"]`` /
 ``metadata["sim_kv_link_gbps"]`` (the PD KV link, GB/s) / ``metadata["sim_max_loras"]``
-(the LoRA adapters one batch may hold, vLLM's ``--max-loras``).
+(the LoRA adapters one batch may hold, vLLM's ``--max-loras``), and its
+``engine_scheduling_policy`` (vLLM's ``--scheduling-policy``).
 
 When a fitted profile of a real engine is packaged for the GPU × model
 (:func:`fitted_profile`, e.g. ``cpu`` × ``tiny``, see :mod:`sage_llm.bench.fidelity`) and
@@ -129,6 +130,7 @@ def sim_config_for(instance: ExecutionInstance, **overrides: Any) -> SimEngineCo
         "seed": int(seed) if seed is not None else zlib.crc32(instance.instance_id.encode()),
         "kv_host": instance.host,
         "kv_port": instance.port,
+        "scheduling_policy": instance.engine_scheduling_policy,
     }
     link = md.get("sim_kv_link_gbps")
     if link is not None:

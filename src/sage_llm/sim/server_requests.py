@@ -422,12 +422,9 @@ def parse_request(
             "Stream options can only be defined when `stream=True`.", param="stream_options"
         )
     given = body.get("priority")
-    if given is not None and whole(given) is None:
+    priority = 0 if given is None else whole(given)  # vLLM's default: 0
+    if priority is None:
         raise InvalidRequestError("priority must be an integer", param="priority")
-    if given:  # in vLLM's words: its default scheduler (FCFS) takes no priority
-        raise InvalidRequestError(
-            f"Got priority {given} but Priority scheduling is not enabled.", param="priority"
-        )
     kv = body.get("kv_transfer_params")
     if not isinstance(kv, dict | None):
         raise InvalidRequestError(
@@ -454,7 +451,8 @@ def parse_request(
             if k not in _CONSUMED and not (cut_chat and k == "echo")  # (a chat's: ignored)
         },
         kv_transfer_params=kv if role == "decode" else None,
-    )  # priority: EngineRequest's default (FCFS takes none)
+        priority=priority,  # read by an engine that schedules by it; FCFS ignores it, as
+    )  # vLLM 0.32 does
     include_usage = request_flag(options, "include_usage", "stream_options.")
     continuous = (
         request_flag(options, "continuous_usage_stats", "stream_options.") and include_usage
