@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sage_llm.bench.cli_args import open_loop_args
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
 from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
 from sage_llm.types import ExecutionInstance, RequestPriority
@@ -123,13 +124,8 @@ def rows(label: str, result: RunResult) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--rate", type=float, default=6.0, help="requests a second")
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    open_loop_args(parser, engines=2, rate=6.0, requests=1000)
     args = parser.parse_args(argv)
-    if args.engines < 1 or args.requests < 1 or not args.rate > 0:
-        parser.error("--engines and --requests must be >= 1 and --rate > 0")
     load = workload(args.requests, args.rate, args.seed)
     print(
         f"{args.engines} simulated L40S (Llama-3-8B), priority + load_balanced, "

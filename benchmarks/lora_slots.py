@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sage_llm.bench.cli_args import open_loop_args
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
 from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
 from sage_llm.types import ExecutionInstance
@@ -130,13 +131,8 @@ def row(label: str, result: RunResult) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--engines", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=35.0, help="requests a second")
-    parser.add_argument("--requests", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
+    open_loop_args(parser, engines=4, rate=35.0, requests=1500)
     args = parser.parse_args(argv)
-    if args.engines < 1 or args.requests < 1 or not args.rate > 0:
-        parser.error("--engines and --requests must be >= 1 and --rate > 0")
     print(
         f"{args.engines} simulated H100s (Llama-3-8B), fifo + load_balanced, {args.requests} "
         f"requests at {args.rate:g}/s (seed {args.seed}); TTFT in ms, E2E in s"

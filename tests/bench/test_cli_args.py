@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.bench.cli_args import above, at_least, at_least_number, check_out
+from sage_llm.bench.cli_args import above, at_least, at_least_number, check_out, open_loop_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,3 +112,13 @@ def test_pd_bench_names_the_option_it_refuses(
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(message)
     assert not out.exists()
+
+
+def test_open_loop_args_give_the_defaults_and_refuse_bad_values() -> None:
+    parser = argparse.ArgumentParser()
+    open_loop_args(parser, engines=3, rate=5.0, requests=10)
+    args = parser.parse_args([])
+    assert (args.engines, args.rate, args.requests, args.seed) == (3, 5.0, 10, 0)
+    for bad in (["--engines", "0"], ["--rate", "0"], ["--requests", "x"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)

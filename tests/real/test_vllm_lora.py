@@ -7,7 +7,8 @@ that names an adapter runs only where it is served, and is answered as the engin
 it straight. The second engine also schedules by priority (``--scheduling-policy
 priority``), and is sent each request's priority. With an engine's LoRA slots
 (``--max-loras 2``) held, a request there for a third adapter waits, and the gateway
-routes around that engine.
+routes around that engine. Requests waiting for a sequence slot are taken by priority on
+the second engine and by arrival on the first.
 """
 
 from __future__ import annotations
@@ -344,3 +345,39 @@ async def test_a_third_adapter_waits_for_a_slot_and_the_gateway_routes_around_th
                     f"{lora.url}/admin/lora_adapters/{name}", json=body
                 ) as resp:
                     assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.parametrize(("k", "first"), [(0, "background"), (1, "critical")])
+async def test_an_engine_takes_its_waiting_requests_by_priority_only_under_that_policy(
+    lora: LoraFleet, k: int, first: str
+) -> None:
+    """Both engines run at most 8 sequences: 8 long requests fill them, ending one at a
+    time, while a BACKGROUND request (priority 4) and then a CRITICAL one (0) wait. The
+    engine started with ``--scheduling-policy priority`` (the second) takes the critical
+    one into the first free slot; the first engine (``fcfs``) takes them by arrival, the
+    priority sent ignored, as the simulated engines schedule them
+    (``sage_llm.sim.core``)."""
+    url = f"{lora.engine_url(k)}/v1/completions"
+    loop = asyncio.get_running_loop()
+    ends: dict[str, float] = {}
+
+    async def send(name: str, max_tokens: int, priority: int) -> None:
+        body = {"model": MODEL, "prompt": f"Story {name}:", "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "priority": priority}  # fmt: skip
+        await _post(url, body)
+        ends[name] = loop.time()
+
+    fill = [asyncio.create_task(send(f"long-{j}", 120 + 40 * j, 4)) for j in range(8)]
+    iid = lora.fleet.instances[k].instance_id
+    for _ in range(300):  # until the engine says all 8 run
+        if (await lora.manager.engine_stats(iid)).running == 8:
+            break
+        await asyncio.sleep(0.02)
+    assert not ends, "a long request ended before the others started"
+    waiting = [asyncio.create_task(send("background", 2, 4))]
+    await asyncio.sleep(0.1)
+    waiting.append(asyncio.create_task(send("critical", 2, 0)))
+    await asyncio.gather(*fill, *waiting)
+    assert ends["background"] > ends["long-0"]  # they did wait for a slot
+    order = sorted(("background", "critical"), key=ends.__getitem__)
+    assert order[0] == first, ends

@@ -63,3 +63,15 @@ def check_out(parser: argparse.ArgumentParser, option: str, path: str | Path | N
         check_out_file(Path(path))
     except ConfigError as exc:
         parser.error(f"{option}: {exc.detail}")
+
+
+def open_loop_args(
+    parser: argparse.ArgumentParser, *, engines: int, rate: float, requests: int
+) -> None:
+    """``--engines``, ``--rate`` (requests a second), ``--requests`` and ``--seed`` of a
+    benchmark that runs a seeded open-loop workload on a simulated fleet, with these
+    defaults."""
+    parser.add_argument("--engines", type=at_least(1), default=engines)
+    parser.add_argument("--rate", type=above(0.0), default=rate, help="requests a second")
+    parser.add_argument("--requests", type=at_least(1), default=requests)
+    parser.add_argument("--seed", type=at_least(0), default=0)
