@@ -439,3 +439,31 @@ def test_back_in_is_now_for_an_instance_on_trial() -> None:
     assert registry.back_in("m", 2.0) == 3.0
     state.breaker.state = CircuitState.HALF_OPEN
     assert registry.back_in("m", 2.0) == 0.0
+
+
+def test_sglangs_model_colon_adapter_names_split_where_an_instance_serves_them() -> None:
+    registry = InstanceRegistry()
+    for k, (model, adapters) in enumerate([("m", ["sql"]), ("org:m", ["a:b"])]):
+        state = registry.add(make_instance(f"e{k}", model_name=model), None, LatencyPriors())  # type: ignore[arg-type]
+        state.adapters = frozenset(adapters)
+    assert registry.split_adapter("m:sql") == ("m", "sql")
+    assert registry.split_adapter("org:m:a:b") == ("org:m", "a:b")  # colons in both
+    assert registry.split_adapter("m:chat") is None  # not served
+    assert registry.split_adapter("org:m") is None
+    assert registry.split_adapter(":sql") is None
+
+
+def test_lora_slots_left_count_the_calls_in_flight_and_another_clients_adapters() -> None:
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    assert state.lora_slots_left() is None  # the engine has not said
+    state.last_stats = EngineStats(max_lora=3)
+    state.lora_call_started("a")
+    state.lora_call_started("a")
+    state.lora_others = frozenset({"a", "b"})  # a: also another client's
+    assert state.lora_slots_left() == 1
+    state.lora_call_ended("a")
+    assert state.lora_in_flight == {"a": 1}
+    state.lora_call_ended("a")
+    assert state.lora_in_flight == {}
+    state.lora_others = frozenset({"b", "c", "d", "e"})
+    assert state.lora_slots_left() == 0  # never below 0

@@ -700,10 +700,14 @@ class InstanceRegistry:
 
     def split_adapter(self, name: str) -> tuple[str, str] | None:
         """SGLang's name of an adapter, ``MODEL:ADAPTER``, as (model, adapter) when an
-        instance of that model serves that adapter; None otherwise."""
-        model, colon, adapter = name.rpartition(":")
-        if colon and model and self.adapter_named(model, adapter):
-            return model, adapter
+        instance of that model serves that adapter (either name may hold a colon too);
+        None otherwise."""
+        at = name.find(":")
+        while at > 0:
+            model, adapter = name[:at], name[at + 1 :]
+            if self.adapter_named(model, adapter):
+                return model, adapter
+            at = name.find(":", at + 1)
         return None
 
     def adapters(self) -> dict[str, str]:
