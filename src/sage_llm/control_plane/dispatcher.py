@@ -150,12 +150,12 @@ def _rid(rec: RequestRecord) -> dict[str, str]:
 
 
 _FAILED = object()
+"""What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
 
 LORA_DEMAND_WINDOW_S = 30.0
 """How long a LoRA adapter counts as in demand after a request for it: while the adapters
 in demand that no engine runs outnumber the free LoRA slots, a request for an adapter
 that runs somewhere goes where it runs (see :meth:`Dispatcher._with_lora_room`)."""
-"""What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
 
 _T = TypeVar("_T")
 
