@@ -554,6 +554,12 @@ def test_sglangs_names_of_an_adapter_are_the_adapter() -> None:
             assert res.status is RequestStatus.COMPLETED
             (passed,) = [r for e in engines.values() for r in e.requests if r.request_id == "x0"]
             assert (passed.model, passed.extra["lora_path"]) == (MODEL, "/x")
+            res = await cp.generate(  # not a name at all: passed on too
+                make_metadata(
+                    "y0", model_name=MODEL, max_tokens=2, extra_body={"lora_path": ["sql"]}
+                )
+            )
+            assert res.status is RequestStatus.COMPLETED
             with pytest.raises(ModelNotFoundError):  # not an adapter of that model
                 await cp.generate(make_metadata("n0", model_name=f"{MODEL}:chat", max_tokens=2))
 

@@ -1668,9 +1668,10 @@ class ControlPlaneManager:
         by_lora_path = False
         if named and registry.serves(named):
             model = named
-            extra = meta.extra_body
-            if extra and "lora_path" in extra and registry.adapter_named(named, extra["lora_path"]):
-                adapter, by_lora_path = extra["lora_path"], True  # SGLang's field
+            extra = meta.extra_body  # (its type is checked below, with the request's)
+            path = extra.get("lora_path") if extra and isinstance(extra, Mapping) else None
+            if type(path) is str and registry.adapter_named(named, path):
+                adapter, by_lora_path = path, True  # SGLang's field
         elif named and type(named) is str and (base := registry.adapter_base(named)) is not None:
             model, adapter = base, named  # a LoRA adapter: its instances of its model
         elif named and type(named) is str and (split := registry.split_adapter(named)):
