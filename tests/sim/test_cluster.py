@@ -168,6 +168,7 @@ class _ReferenceEngine(ReferenceCore):
         arrival: float,
         kv_transfer: Mapping[str, Any] | None = None,
         block_hashes: Sequence[int] | None = None,
+        priority: int = 0,  # (FCFS, as the engines it stands in for: not read)
     ) -> None:
         assert block_hashes is None or tuple(block_hashes) == block_hashes_of(
             prompt_token_ids, self.block_size
@@ -307,6 +308,41 @@ def test_agrees_with_the_asyncio_control_plane() -> None:
     ]
     for ours_value, theirs in pairs:
         assert ours_value == pytest.approx(theirs, rel=0.03)
+
+
+def test_engines_that_schedule_by_priority_agree_with_the_asyncio_control_plane() -> None:
+    """Requests queued in engines started with ``--scheduling-policy priority`` (each
+    instance's ``engine_scheduling_policy``): the cluster simulator passes each request's
+    priority to its engine as the in-process engines of the asyncio control plane get it,
+    and the engines' order shows in the critical requests' TTFT."""
+    base = synthetic(200, 12.0, input_dist="uniform:1000,3000", output_dist="uniform:200,600",
+                     seed=4)  # fmt: skip
+    workload = with_priorities(
+        base, {RequestPriority.CRITICAL: 0.2, RequestPriority.LOW: 0.8}, seed=4
+    )
+    metadata = {"sim_gpu": "l40s", "sim_model": "llama-3-8b"}
+
+    def critical_ttft(engine_policy: str) -> tuple[float, float]:
+        instances = make_instances(1, max_concurrent_requests=256, metadata=metadata)
+        for inst in instances:
+            inst.engine_scheduling_policy = engine_policy
+        preset = Preset("fifo+lb", "fifo", "load_balanced")
+        reference = run_preset(preset, workload, lambda: instances, seed=0).measurements
+        ours = ClusterSimulator(instances, policy="fifo", routing="load_balanced", seed=0)
+        measured = ours.run(workload).measurements
+
+        def median(ms: Sequence[RequestMeasurement]) -> float:
+            values = sorted(
+                t for m in ms if m.priority is RequestPriority.CRITICAL and (t := ttft(m))
+            )
+            return values[len(values) // 2]
+
+        return median(measured), median(reference)
+
+    fcfs, priority = critical_ttft("fcfs"), critical_ttft("priority")
+    for ours_value, theirs in (fcfs, priority):
+        assert ours_value == pytest.approx(theirs, rel=0.05)
+    assert priority[0] < fcfs[0] / 3
 
 
 # -- candidate sampling ---------------------------------------------------------------------

@@ -265,7 +265,10 @@ class SimControlPlane:
             hashes = info.block_hashes
         try:  # cut to the context, or refused, as SimEngine.generate does before queueing
             run = context_max_tokens(slot.max_model_len, len(ids), info.max_tokens)
-            core.add_request(info.request_id, ids, run, arrival=now, block_hashes=hashes)
+            core.add_request(
+                info.request_id, ids, run, arrival=now, block_hashes=hashes,
+                priority=int(info.priority),  # (read by an engine that schedules by it)
+            )  # fmt: skip
         except (InvalidRequestError, ConflictError) as exc:
             error = f"{type(exc).__name__}: {exc.message}"
         else:
