@@ -460,6 +460,44 @@ def test_an_engine_that_cannot_load_adapters_is_said_so() -> None:
     run_virtual(main())
 
 
+def test_a_packed_adapter_whose_engines_are_at_their_bound_goes_where_there_is_room() -> None:
+    """While adapters in demand outnumber the free slots, ``a`` goes where it runs (i0);
+    with i0 at its concurrency bound, to an engine with a free slot (i2), not to one whose
+    slots other adapters hold (i1)."""
+
+    async def main() -> None:
+        names = ["a", "b", "c", "d", "x", "y"]
+        cp = ControlPlaneManager(
+            mode="http", enable_monitoring=False, scheduling_policy="fifo",
+            routing_strategy="round_robin",
+        )  # fmt: skip
+        engines = {iid: FakeEngine(iid) for iid in ("i0", "i1", "i2")}
+        for k, (iid, engine) in enumerate(engines.items()):
+            bound = 1 if iid == "i0" else 100
+            inst = make_instance(iid, port=9000 + k, lora_adapters=names,
+                                 max_concurrent_requests=bound)  # fmt: skip
+            cp.register_instance(inst, client=engine)
+        engines["i0"].gate_after = 1
+        states = {iid: cp._registry.get(iid) for iid in engines}
+        async with cp:
+            for state in states.values():
+                state.last_stats = EngineStats(max_lora=2)
+            states["i1"].lora_others = frozenset({"x", "y"})  # another client's: no room
+            held = _held(cp, "a-held", "a")
+            await asyncio.sleep(0.01)
+            assert states["i0"].lora_in_flight == {"a": 1}  # i0 runs a, at its bound
+            dispatcher = cp._require_dispatcher()
+            for name in ("b", "c", "d"):
+                dispatcher._lora_asked[name] = cp.clock.now()
+            for k in range(4):  # free: i0 1, i2 2; in demand, running nowhere: b, c, d
+                res = await cp.generate(make_metadata(f"a{k}", model_name="a", max_tokens=1))
+                assert res.instance_id == "i2", k
+            engines["i0"].release.set()
+            assert (await held).status is RequestStatus.COMPLETED  # type: ignore[attr-defined]
+
+    run_virtual(main())
+
+
 def test_a_disaggregated_request_for_an_adapter_runs_both_legs_where_it_is_served() -> None:
     """Both PD legs read the adapter's weights (and the decode leg the KV its prefill made
     with them): each runs on an instance of its role that serves it."""

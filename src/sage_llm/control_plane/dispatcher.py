@@ -475,9 +475,12 @@ class Dispatcher:
             allowed = self.policy.constrain(info, snap)
             if info.parallelism_hint is not None:
                 allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
+            wider = None
             if (adapter := rec.adapter) is not None and self.lora_slot_routing:
-                allowed = self._with_lora_room(adapter, info, snap, allowed)
+                allowed, wider = self._with_lora_room(adapter, info, snap, allowed)
             chosen = route_id(self.router, info, snap, allowed)
+            if chosen is None and wider is not None:  # where it runs: none free; with room
+                chosen = route_id(self.router, info, snap, wider)
             if chosen is None and allowed is not None:
                 chosen = route_id(self.router, info, snap)
         except Exception as exc:
@@ -507,7 +510,7 @@ class Dispatcher:
         info: RequestInfo,
         snap: ClusterSnapshot,
         allowed: frozenset[str] | None,
-    ) -> frozenset[str] | None:
+    ) -> tuple[frozenset[str] | None, frozenset[str] | None]:
         """``allowed`` narrowed, for a request (``info``) for the LoRA ``adapter``, to the
         instances of its model (not excluded from it) whose engine can take it into its
         batch at once: it runs the adapter already, or
@@ -523,7 +526,9 @@ class Dispatcher:
 
         ``allowed`` itself when no engine can take it at once, or all can. A preference,
         as a parallelism hint is: when the router finds none of them able to take the
-        request now, it is routed without it."""
+        request now, it is routed without it. Returned with the engines with room when the
+        first set is those where it runs (tried next, when none of those can take it now:
+        at their concurrency bound), else with None."""
         now = self.clock.now()
         asked = self._lora_asked
         asked.pop(adapter, None)
@@ -569,9 +574,9 @@ class Dispatcher:
                 if when >= horizon and name in served and name not in placed
             )
             if free - 1 < waiting:
-                return frozenset(runs)
+                return frozenset(runs), frozenset(room + runs) if room else None
         room.extend(runs)
-        return frozenset(room) if room and full else allowed
+        return (frozenset(room) if room and full else allowed), None
 
     def _of_parallelism(
         self, hint: ParallelismType, snap: ClusterSnapshot, allowed: frozenset[str] | None
@@ -686,8 +691,9 @@ class Dispatcher:
             why = "no whole-request instance is free"
         plan = None
         if req.model != info.model and self.lora_slot_routing:  # a LoRA adapter's request
-            room = self._with_lora_room(req.model, info, snap, None)
-            if room is not None:  # both legs where the adapter has room, when a pair is free
+            for room in self._with_lora_room(req.model, info, snap, None):
+                if room is None or plan is not None:
+                    continue  # both legs where the adapter has room, when a pair is free
                 others = frozenset(v.instance_id for v in snap if v.instance_id not in room)
                 narrowed = replace(info, excluded_instances=info.excluded_instances | others)
                 plan = pd.orchestrator.plan(narrowed, snap)
