@@ -343,11 +343,15 @@ def test_the_adapters_of_calls_in_flight_hold_slots_before_the_engine_says_so() 
             assert [states[i].lora_slots_left() for i in (holder, other)] == [0, 0]
             live = cp.get_instance_metrics(holder)
             assert (live["max_lora"], live["lora_slots_left"]) == (1, 0)
+            gauge = f'sage_llm_instance_lora_slots_free{{instance_id="{holder}"}} 0.0'
+            assert gauge in cp.prometheus_metrics().decode()
             assert (live["lora_calls_in_flight"], live["lora_other_adapters"]) == ({"a": 1}, [])
             for engine in engines.values():
                 engine.release.set()
             assert {(await t).status for t in (first, second)} == {RequestStatus.COMPLETED}  # type: ignore[attr-defined]
             assert all(not st.lora_in_flight for st in states.values())
+            gauge = f'sage_llm_instance_lora_slots_free{{instance_id="{holder}"}} 1.0'
+            assert gauge in cp.prometheus_metrics().decode()  # its call ended
 
     run_virtual(main())
 
@@ -600,5 +604,25 @@ def test_sglangs_names_of_an_adapter_are_the_adapter() -> None:
             assert res.status is RequestStatus.COMPLETED
             with pytest.raises(ModelNotFoundError):  # not an adapter of that model
                 await cp.generate(make_metadata("n0", model_name=f"{MODEL}:chat", max_tokens=2))
+
+    run_virtual(main())
+
+
+def test_the_free_lora_slots_gauge_follows_the_engines_stats() -> None:
+    """Simulated engines serving adapters say how many LoRA slots they have
+    (``sim_max_loras``): the stats loop sets each one's gauge of free slots."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", scheduling_policy="fifo")
+        for k in range(2):
+            inst = make_instance(f"s{k}", port=9000 + k, lora_adapters=["sql"],
+                                 metadata={"sim_max_loras": 3})  # fmt: skip
+            cp.register_instance(inst)
+        async with cp:
+            await asyncio.sleep(2.5)  # a stats scrape or two
+            text = cp.prometheus_metrics().decode()
+            for k in range(2):
+                assert f'sage_llm_instance_lora_slots_free{{instance_id="s{k}"}} 3.0' in text
+            assert cp.get_instance_metrics("s0")["max_lora"] == 3
 
     run_virtual(main())

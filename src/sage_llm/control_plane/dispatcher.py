@@ -797,7 +797,7 @@ class Dispatcher:
         info = rec.info
         state.in_flight += 1
         if (adapter := rec.adapter) is not None:
-            state.lora_call_started(adapter)
+            self._lora_call(state, adapter, started=True)
         state.queued_prefill_tokens += info.prompt_tokens
         state.outstanding_decode_tokens += info.max_tokens
         now = self.clock.now()
@@ -1097,12 +1097,21 @@ class Dispatcher:
             return True
         return rec.produced_output and refusal_of(exc) is None and counts_against_health(exc)
 
+    def _lora_call(self, state: InstanceState, adapter: str, *, started: bool) -> None:
+        """An engine call for the LoRA ``adapter`` starts (or ends) on ``state``: it holds
+        one of the engine's LoRA slots meanwhile (the gauge of its free ones follows)."""
+        if started:
+            state.lora_call_started(adapter)
+        else:
+            state.lora_call_ended(adapter)
+        self.metrics.set_lora_slots(state.instance_id, state.lora_slots_left())
+
     def _release(self, rec: RequestRecord, state: InstanceState, prefill_pending: bool) -> None:
         """The engine call is over (however it ended): ``state`` stops carrying it."""
         info = rec.info
         state.in_flight -= 1
         if (adapter := rec.adapter) is not None:
-            state.lora_call_ended(adapter)
+            self._lora_call(state, adapter, started=False)
         if prefill_pending:
             state.queued_prefill_tokens -= info.prompt_tokens
         state.outstanding_decode_tokens -= info.max_tokens
@@ -1173,8 +1182,8 @@ class Dispatcher:
         dstate.in_flight += 1
         dstate.outstanding_decode_tokens += info.max_tokens
         if (adapter := rec.adapter) is not None:
-            pstate.lora_call_started(adapter)
-            dstate.lora_call_started(adapter)
+            self._lora_call(pstate, adapter, started=True)
+            self._lora_call(dstate, adapter, started=True)
         now = self.clock.now()
         rec.queued_s = rec.queue_wait_s(now)  # its wait ends (while it is still QUEUED)
         rec.status = RequestStatus.SCHEDULED
@@ -1204,7 +1213,7 @@ class Dispatcher:
         state = run.prefill
         state.in_flight -= 1
         if run.adapter is not None:
-            state.lora_call_ended(run.adapter)
+            self._lora_call(state, run.adapter, started=False)
         state.queued_prefill_tokens -= run.prompt_tokens
         self.metrics.set_in_flight(state.instance_id, state.in_flight)
         if state.in_flight == 0 and self._on_instance_idle is not None:
@@ -1300,7 +1309,7 @@ class Dispatcher:
             self._release_prefill(run)
             dstate.in_flight -= 1
             if run.adapter is not None:
-                dstate.lora_call_ended(run.adapter)
+                self._lora_call(dstate, run.adapter, started=False)
             dstate.outstanding_decode_tokens -= rec.info.max_tokens
             self.metrics.set_in_flight(dstate.instance_id, dstate.in_flight)
             self.metrics.running.dec()

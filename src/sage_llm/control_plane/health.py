@@ -515,6 +515,8 @@ class HealthMonitor:
                     if stats.lora_adapters or state.lora_others:  # (ours: while it was read)
                         ours.update(state.lora_in_flight)
                         state.lora_others = stats.lora_adapters.difference(ours)
+                    if stats.max_lora or state.lora_in_flight:
+                        self.metrics.set_lora_slots(state.instance_id, state.lora_slots_left())
                     if state.breaker.routable:  # not ejected while the stats were read
                         self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(
                             stats.kv_usage

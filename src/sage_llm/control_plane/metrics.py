@@ -163,6 +163,14 @@ class ControlPlaneMetrics:
             f"{PREFIX}_instance_kv_cache_usage", "Engine KV cache usage, 0..1.", ["instance_id"],
             registry=r,
         )  # fmt: skip
+        self.instance_lora_slots_free = Gauge(
+            f"{PREFIX}_instance_lora_slots_free",
+            "LoRA slots of the instance's engine (vLLM's --max-loras) that no adapter holds: "
+            "not those of the calls in flight there, nor another client's (its stats). Only "
+            "for engines that say how many they have.",
+            ["instance_id"],
+            registry=r,
+        )
         self.http_errors = Counter(
             f"{PREFIX}_http_errors",
             "Requests the gateway answered with an error status, by route and status: 4xx "
@@ -412,6 +420,7 @@ class ControlPlaneMetrics:
             self.instance_healthy,
             self.instance_draining,
             self.instance_kv_usage,
+            self.instance_lora_slots_free,
             self.circuit_state,
         ):
             with contextlib.suppress(KeyError):
@@ -472,6 +481,15 @@ class ControlPlaneMetrics:
                 instance_id=instance_id
             )
         child.set(value)
+
+    def set_lora_slots(self, instance_id: str, free: int | None) -> None:
+        """The ``instance_lora_slots_free`` gauge of one instance (None: its engine does not
+        say how many it has; the series goes)."""
+        if free is None:
+            with contextlib.suppress(KeyError):
+                self.instance_lora_slots_free.remove(instance_id)
+        else:
+            self.instance_lora_slots_free.labels(instance_id=instance_id).set(free)
 
     # -- reading ---------------------------------------------------------------------------
 
