@@ -626,3 +626,23 @@ def test_the_free_lora_slots_gauge_follows_the_engines_stats() -> None:
             assert cp.get_instance_metrics("s0")["max_lora"] == 3
 
     run_virtual(main())
+
+
+def test_an_instance_that_loads_an_adapter_has_its_stats_read_again_at_once() -> None:
+    """Its LoRA slots changed: the answer to the load comes after its stats are read, so
+    the next request's routing (and the slots gauge) see them without waiting for the
+    stats loop."""
+
+    async def main() -> None:
+        cp = ControlPlaneManager(mode="simulated", scheduling_policy="fifo",
+                                 stats_interval_s=3600.0)  # fmt: skip
+        cp.register_instance(make_instance("s0", metadata={"sim_max_loras": 2}))
+        async with cp:
+            await asyncio.sleep(0.1)  # the first scrape: no adapter, no slots said
+            assert cp.get_instance_metrics("s0")["max_lora"] is None
+            await cp.load_lora_adapter("sql", "/loras/sql")
+            assert cp.get_instance_metrics("s0")["max_lora"] == 2
+            text = cp.prometheus_metrics().decode()
+            assert 'sage_llm_instance_lora_slots_free{instance_id="s0"} 2.0' in text
+
+    run_virtual(main())

@@ -504,25 +504,30 @@ class HealthMonitor:
             if state.breaker.routable:  # (again once a minute: a restart may change it)
                 await self._ask_context_length(state)
             if state.breaker.routable:
-                ours = set(state.lora_in_flight)  # the adapters of calls in flight here
-                try:
-                    async with asyncio.timeout(self.settings.timeout_s):
-                        stats = await state.client.stats()
-                except Exception as exc:  # stats are advisory; health decides
-                    log.debug("stats of %s failed: %r", state.instance_id, exc)
-                else:
-                    state.last_stats = stats
-                    if stats.lora_adapters or state.lora_others:  # (ours: while it was read)
-                        ours.update(state.lora_in_flight)
-                        state.lora_others = stats.lora_adapters.difference(ours)
-                    if stats.max_lora or state.lora_in_flight:
-                        self.metrics.set_lora_slots(state.instance_id, state.lora_slots_left())
-                    if state.breaker.routable:  # not ejected while the stats were read
-                        self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(
-                            stats.kv_usage
-                        )
-                    self.watch_progress(state, stats)
+                await self.read_stats(state)
             await asyncio.sleep(self.settings.stats_interval_s)
+
+    async def read_stats(self, state: InstanceState) -> None:
+        """Read ``state``'s engine stats once (advisory: a failure is logged at debug
+        level), as the stats loop does every ``stats_interval_s``: its ``last_stats``, the
+        adapters of another client's requests (:attr:`InstanceState.lora_others`), the
+        KV-usage and LoRA-slot gauges, and the progress watch."""
+        ours = set(state.lora_in_flight)  # the adapters of calls in flight here
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                stats = await state.client.stats()
+        except Exception as exc:  # stats are advisory; health decides
+            log.debug("stats of %s failed: %r", state.instance_id, exc)
+            return
+        state.last_stats = stats
+        if stats.lora_adapters or state.lora_others:  # (ours: while it was read)
+            ours.update(state.lora_in_flight)
+            state.lora_others = stats.lora_adapters.difference(ours)
+        if stats.max_lora or state.lora_in_flight:
+            self.metrics.set_lora_slots(state.instance_id, state.lora_slots_left())
+        if state.breaker.routable:  # not ejected while the stats were read
+            self.metrics.instance_kv_usage.labels(instance_id=state.instance_id).set(stats.kv_usage)
+        self.watch_progress(state, stats)
 
     async def _ask_context_length(self, state: InstanceState) -> None:
         """Ask the engine its ``max_model_len`` (engines that can say,

@@ -1076,7 +1076,8 @@ class ControlPlaneManager:
         done: Callable[[InstanceState], None],
     ) -> dict[str, str | None]:
         """``call`` on each instance's engine client side by side; ``done(state)`` for each
-        that succeeded; by instance, None or the reason it did not."""
+        that succeeded, whose stats are then read again (its LoRA slots changed); by
+        instance, None or the reason it did not."""
 
         async def one(state: InstanceState) -> str | None:
             client = state.client
@@ -1090,6 +1091,8 @@ class ControlPlaneManager:
             except SageLLMError as exc:
                 return exc.message
             done(state)
+            if self._health is not None:
+                await self._health.read_stats(state)
             return None
 
         outcomes = await asyncio.gather(*(one(s) for s in states))
