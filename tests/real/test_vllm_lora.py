@@ -26,7 +26,12 @@ import pytest_asyncio
 
 from sage_llm import ControlPlaneManager
 from sage_llm.bench.fidelity import EngineShape
-from sage_llm.bench.fidelity_real import real_vllm_paths, vllm_cpu_engines, vllm_cpu_settings
+from sage_llm.bench.fidelity_real import (
+    make_lora_adapters,
+    real_vllm_paths,
+    vllm_cpu_engines,
+    vllm_cpu_settings,
+)
 from sage_llm.launch import LaunchedFleet
 from tests.factories import free_ports
 from tests.real.conftest import ROOT, served_fleet, skip_reason
@@ -35,30 +40,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MODEL = "tiny"
 _RANK = 8
-_MAKE_ADAPTER = """
-import json, sys, torch
-from pathlib import Path
-from safetensors.torch import save_file
-out, seed, rank = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-config = json.loads(Path(sys.argv[4], "config.json").read_text())
-hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-gen = torch.Generator().manual_seed(seed)
-weights = {}
-for layer in range(layers):
-    for proj in ("q_proj", "v_proj"):
-        name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-        for part, shape in (("lora_A", (rank, hidden)), ("lora_B", (hidden, rank))):
-            values = torch.randn(*shape, generator=gen) * 0.5
-            weights[f"{name}.{part}.weight"] = values.to(torch.bfloat16)
-out.mkdir(parents=True, exist_ok=True)
-save_file(weights, str(out / "adapter_model.safetensors"))
-(out / "adapter_config.json").write_text(json.dumps({
-    "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-    "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj"],
-    "base_model_name_or_path": sys.argv[4], "fan_in_fan_out": False}))
-"""
-"""A PEFT LoRA adapter of random weights on q_proj and v_proj (run by the vLLM venv's
-python, which has torch and safetensors): ``OUT SEED RANK MODEL_DIR``."""
 
 
 class LoraFleet:
@@ -79,12 +60,7 @@ async def lora(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LoraFl
         pytest.skip(reason)
     python, model_dir = real_vllm_paths(ROOT)
     adapters = tmp_path_factory.mktemp("loras")
-    for seed, name in enumerate(("sql", "chat", "code"), start=1):
-        made = await asyncio.create_subprocess_exec(
-            str(python), "-c", _MAKE_ADAPTER, str(adapters / name), str(seed), str(_RANK),
-            str(model_dir),
-        )  # fmt: skip
-        assert await asyncio.wait_for(made.wait(), 300) == 0, f"adapter {name} not made"
+    await make_lora_adapters(python, model_dir, adapters, ("sql", "chat", "code"), rank=_RANK)
     settings = vllm_cpu_settings(
         python, model_dir, base_port=free_ports(2),
         shape=EngineShape(max_num_seqs=8, max_num_batched_tokens=2048),

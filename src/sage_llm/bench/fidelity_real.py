@@ -58,6 +58,7 @@ __all__ = [
     "build_report",
     "engine_shape",
     "main",
+    "make_lora_adapters",
     "measure",
     "real_vllm_missing",
     "real_vllm_paths",
@@ -118,6 +119,48 @@ def vllm_cpu_settings(
         python=str(python), base_port=base_port, env=env, extra_args=args, log_dir=log_dir,
         health_timeout_s=600.0, stop_grace_s=10.0, max_concurrent_requests=s.max_num_seqs,
     )  # fmt: skip
+
+
+_MAKE_ADAPTER = """
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+out, seed, rank = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+config = json.loads(Path(sys.argv[4], "config.json").read_text())
+hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+gen = torch.Generator().manual_seed(seed)
+weights = {}
+for layer in range(layers):
+    for proj in ("q_proj", "v_proj"):
+        name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+        for part, shape in (("lora_A", (rank, hidden)), ("lora_B", (hidden, rank))):
+            values = torch.randn(*shape, generator=gen) * 0.5
+            weights[f"{name}.{part}.weight"] = values.to(torch.bfloat16)
+out.mkdir(parents=True, exist_ok=True)
+save_file(weights, str(out / "adapter_model.safetensors"))
+(out / "adapter_config.json").write_text(json.dumps({
+    "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+    "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj"],
+    "base_model_name_or_path": sys.argv[4], "fan_in_fan_out": False}))
+"""
+"""A PEFT LoRA adapter of random weights on q_proj and v_proj (run by the vLLM venv's
+python, which has torch and safetensors): ``OUT SEED RANK MODEL_DIR``."""
+
+
+async def make_lora_adapters(
+    python: Path, model_dir: Path, out: Path, names: Sequence[str], *, rank: int = 8
+) -> None:
+    """A PEFT LoRA adapter of random weights (seeded by its place in ``names``) for the
+    model in ``model_dir`` in ``out / name`` for each name, as vLLM loads one
+    (``--lora-modules NAME=PATH``; ``--max-lora-rank`` at least ``rank``), made by the
+    vLLM venv's ``python``. Raises :class:`RuntimeError` when one cannot be made."""
+    for seed, name in enumerate(names, start=1):
+        made = await asyncio.create_subprocess_exec(
+            str(python), "-c", _MAKE_ADAPTER, str(out / name), str(seed), str(rank),
+            str(model_dir),
+        )  # fmt: skip
+        if await asyncio.wait_for(made.wait(), 300) != 0:
+            raise RuntimeError(f"LoRA adapter {name!r} could not be made in {out / name}")
 
 
 def vllm_cpu_engines(settings: LaunchSettings, count: int) -> list[EngineLaunch]:

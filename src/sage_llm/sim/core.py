@@ -171,7 +171,8 @@ class SimEngineConfig:
     its CPU cache: a rank-16 adapter of an 8B model is about 40 MB, and published
     measurements of a warm swap are 5–20 ms); ``lora_step_overhead`` how much longer (0.1 =
     10%) a step takes while its batch holds a request for an adapter (published figures of
-    vLLM's multi-LoRA kernels: 10–15%). The two are estimates, not measured here.
+    vLLM's multi-LoRA kernels: 10–15%). The two are GPU estimates; vLLM's CPU build
+    measured about 1.5× and next to nothing (docs/benchmarks.md, "LoRA slots").
 
     ``scheduling_policy`` is vLLM's ``--scheduling-policy``: ``fcfs``, or ``priority``
     (each request's ``priority`` orders the waiting requests and picks who is preempted).
