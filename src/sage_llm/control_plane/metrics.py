@@ -242,9 +242,9 @@ class ControlPlaneMetrics:
         ] = {}
         self._in_flight_children: dict[str, LiteValue] = {}
         self._rejected_reasons: dict[str, set[str]] = {}
+        """Per model, the reasons its requests were refused for (its rejected series)."""
         self._lora_series: dict[str, set[tuple[str, str]]] = {}
         """By model, the (status, adapter) label pairs ``lora_requests`` has series of."""
-        """Per model, the reasons its requests were refused for (its rejected series)."""
         self._pd_prefill_ms: deque[float] = deque(maxlen=window)
         self._pd_handoff_ms: deque[float] = deque(maxlen=window)
         self._pd_transfer_ms: deque[float] = deque(maxlen=window)
