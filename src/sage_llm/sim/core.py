@@ -1109,12 +1109,9 @@ class SimEngineCore:
         """Put ``req`` among the waiting requests in ``(priority, arrival, id)`` order
         (the ``priority`` policy's queue, vLLM's heap of requests)."""
         waiting = self._waiting
-        key = (req.priority, req.arrival, req.id)
+        key = _priority_key(req)
         i = len(waiting)
-        while i > 0:
-            other = waiting[i - 1]
-            if (other.priority, other.arrival, other.id) <= key:
-                break
+        while i > 0 and key < _priority_key(waiting[i - 1]):
             i -= 1
         waiting.insert(i, req)
 
