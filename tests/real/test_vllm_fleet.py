@@ -233,17 +233,24 @@ _DROPPED = frozenset({"system_fingerprint", "message", "type"})
 build (the fingerprint)."""
 
 
-def _shape(value: Any, key: str = "") -> Any:
+def _shape(value: Any, key: str = "", *, event: bool = False) -> Any:
     """``value`` with every leaf replaced by its type's name (those under :data:`_KEPT`
-    keys kept as they are) and null fields left out: the structure an answer has."""
+    keys kept as they are) and null fields left out: the structure an answer has. In a
+    stream's ``event`` a list is the set of its items' shapes: how many tokens one event
+    carries is timing (vLLM joins the outputs of steps its API server has not yet sent
+    when it runs behind, and the gateway may join what it reads at once)."""
     if isinstance(value, dict):
-        return {k: _shape(v, k) for k, v in sorted(value.items())
+        return {k: _shape(v, k, event=event) for k, v in sorted(value.items())
                 if v is not None and k not in _DROPPED}  # fmt: skip
     if isinstance(value, list):
         if key == "top_logprobs":  # a completion's are {token: logprob}: the tokens are data
-            return [len(v) if isinstance(v, dict) and "token" not in v else _shape(v)
-                    for v in value]  # fmt: skip
-        return [_shape(v) for v in value]
+            items = [len(v) if isinstance(v, dict) and "token" not in v
+                     else _shape(v, event=event) for v in value]  # fmt: skip
+        else:
+            items = [_shape(v, event=event) for v in value]
+        if event:
+            return sorted({json.dumps(item, sort_keys=True) for item in items})
+        return items
     return value if key in _KEPT else type(value).__name__
 
 
@@ -256,7 +263,7 @@ async def _answer_shape(session: aiohttp.ClientSession, url: str, body: dict[str
         return resp.status, _shape(json.loads(raw))
     data = [line.removeprefix("data: ") for line in raw.splitlines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]", raw[-300:]
-    return resp.status, sorted({json.dumps(_shape(json.loads(d))) for d in data[:-1]})
+    return resp.status, sorted({json.dumps(_shape(json.loads(d), event=True)) for d in data[:-1]})
 
 
 async def test_answers_through_the_gateway_have_the_engines_shape(real: RealFleet) -> None:
