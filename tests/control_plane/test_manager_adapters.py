@@ -371,19 +371,19 @@ def test_while_adapters_in_demand_outnumber_free_slots_a_running_adapter_stays_p
             states["i0"].lora_call_started("a")  # a call for a in flight on i0
             dispatcher = cp._require_dispatcher()
             for name in ("b", "c", "d"):
-                dispatcher._lora_asked[name] = cp.clock.now()
+                dispatcher.lora_room.asked[name] = cp.clock.now()
             for k in range(4):  # free slots: 1 + 2; in demand: b, c, d
                 res = await cp.generate(make_metadata(f"a{k}", model_name="a", max_tokens=1))
                 assert res.instance_id == "i0"
             await asyncio.sleep(31.0)  # c and d are no longer in demand
-            del dispatcher._lora_asked["b"]
-            dispatcher._lora_asked["b"] = cp.clock.now()
+            del dispatcher.lora_room.asked["b"]
+            dispatcher.lora_room.asked["b"] = cp.clock.now()
             ran = set()
             for k in range(6):
                 res = await cp.generate(make_metadata(f"s{k}", model_name="a", max_tokens=1))
                 ran.add(res.instance_id)
             assert ran == {"i0", "i1"}  # round robin over both: spreading leaves b a slot
-            assert list(dispatcher._lora_asked) == ["b", "a"]  # c and d forgotten
+            assert list(dispatcher.lora_room.asked) == ["b", "a"]  # c and d forgotten
             states["i0"].lora_call_ended("a")
 
     run_virtual(main())
@@ -492,7 +492,7 @@ def test_a_packed_adapter_whose_engines_are_at_their_bound_goes_where_there_is_r
             assert states["i0"].lora_in_flight == {"a": 1}  # i0 runs a, at its bound
             dispatcher = cp._require_dispatcher()
             for name in ("b", "c", "d"):
-                dispatcher._lora_asked[name] = cp.clock.now()
+                dispatcher.lora_room.asked[name] = cp.clock.now()
             for k in range(4):  # free: i0 1, i2 2; in demand, running nowhere: b, c, d
                 res = await cp.generate(make_metadata(f"a{k}", model_name="a", max_tokens=1))
                 assert res.instance_id == "i2", k

@@ -73,6 +73,7 @@ from sage_llm.control_plane.records import (
     choice_result,
 )
 from sage_llm.control_plane.routing.base import Router, route_id
+from sage_llm.control_plane.routing.lora import LoraRoom
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.scheduling._queue import (
     QueuedPolicy,
@@ -151,11 +152,6 @@ def _rid(rec: RequestRecord) -> dict[str, str]:
 
 _FAILED = object()
 """What :meth:`Dispatcher._route_and_start` returns for a request whose routing failed."""
-
-LORA_DEMAND_WINDOW_S = 30.0
-"""How long a LoRA adapter counts as in demand after a request for it: while the adapters
-in demand that no engine runs outnumber the free LoRA slots, a request for an adapter
-that runs somewhere goes where it runs (see :meth:`Dispatcher._with_lora_room`)."""
 
 _T = TypeVar("_T")
 
@@ -332,9 +328,9 @@ class Dispatcher:
         self._pd_runs: dict[str, _PDRun] = {}  # the disaggregated requests running
         self.lora_slot_routing = lora_slot_routing
         """Whether a request for a LoRA adapter is routed by the engines' LoRA slots
-        (:meth:`_with_lora_room`)."""
-        self._lora_asked: dict[str, float] = {}
-        """LoRA adapters by when a request for one was last routed, oldest first."""
+        (:class:`~sage_llm.control_plane.routing.lora.LoraRoom`)."""
+        self.lora_room = LoraRoom()
+        """Which instances have room for a LoRA adapter's request; the adapters in demand."""
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._here: RequestRecord | None = None  # see start_here
@@ -477,7 +473,9 @@ class Dispatcher:
                 allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
             wider = None
             if (adapter := rec.adapter) is not None and self.lora_slot_routing:
-                allowed, wider = self._with_lora_room(adapter, info, snap, allowed)
+                allowed, wider = self.lora_room.narrow(
+                    adapter, info, snap, allowed, now=self.clock.now(), find=self.registry.find
+                )
             chosen = route_id(self.router, info, snap, allowed)
             if chosen is None and wider is not None:  # where it runs: none free; with room
                 chosen = route_id(self.router, info, snap, wider)
@@ -503,80 +501,6 @@ class Dispatcher:
             snap = snap.with_assignment(chosen, info)
         self._start(rec, chosen, pending)
         return snap
-
-    def _with_lora_room(
-        self,
-        adapter: str,
-        info: RequestInfo,
-        snap: ClusterSnapshot,
-        allowed: frozenset[str] | None,
-    ) -> tuple[frozenset[str] | None, frozenset[str] | None]:
-        """``allowed`` narrowed, for a request (``info``) for the LoRA ``adapter``, to the
-        instances of its model (not excluded from it) whose engine can take it into its
-        batch at once: it runs the adapter already, or
-        has one of its LoRA slots (vLLM's ``--max-loras``) free
-        (:meth:`InstanceState.lora_slots_left`). On the others it would wait for a slot.
-
-        A free slot taken by one adapter is one fewer for the next. When the adapters in
-        demand (asked for in the last :data:`LORA_DEMAND_WINDOW_S`, served here) that run
-        on no engine here outnumber the free slots left beside the one this request would
-        take, a request for an adapter that runs somewhere goes where it runs, leaving the
-        free slots to them; otherwise it may go to any engine with room, which spreads a
-        busy adapter's load.
-
-        ``allowed`` itself when no engine can take it at once, or all can. A preference,
-        as a parallelism hint is: when the router finds none of them able to take the
-        request now, it is routed without it. Returned with the engines with room when the
-        first set is those where it runs (tried next, when none of those can take it now:
-        at their concurrency bound), else with None."""
-        now = self.clock.now()
-        asked = self._lora_asked
-        asked.pop(adapter, None)
-        asked[adapter] = now  # (last: the dict stays ordered by time)
-        horizon = now - LORA_DEMAND_WINDOW_S
-        while (oldest := next(iter(asked))) != adapter and asked[oldest] < horizon:
-            del asked[oldest]
-        find = self.registry.find
-        runs: list[str] = []
-        room: list[str] = []
-        full: list[str] = []
-        free = 0
-        counted = True  # every engine says how many slots it has
-        running: set[str] = set()
-        served: set[str] = set()
-        model, excluded = info.model, info.excluded_instances
-        for view in snap:
-            iid = view.instance_id
-            if (allowed is not None and iid not in allowed) or view.model != model:
-                continue
-            if iid in excluded:  # (those that do not serve the adapter among them)
-                continue
-            state = find(iid)
-            left = None if state is None else state.lora_slots_left()
-            if state is None or left is None:
-                counted = False
-                room.append(iid)
-                continue
-            calls, others = state.lora_in_flight, state.lora_others
-            running.update(calls)
-            running.update(others)
-            served.update(state.adapters)
-            free += left
-            if adapter in calls or adapter in others:
-                runs.append(iid)
-            else:
-                (room if left > 0 else full).append(iid)
-        if runs and (room or full) and counted:
-            placed = running.union([adapter])
-            waiting = sum(
-                1
-                for name, when in asked.items()
-                if when >= horizon and name in served and name not in placed
-            )
-            if free - 1 < waiting:
-                return frozenset(runs), frozenset(room + runs) if room else None
-        room.extend(runs)
-        return (frozenset(room) if room and full else allowed), None
 
     def _of_parallelism(
         self, hint: ParallelismType, snap: ClusterSnapshot, allowed: frozenset[str] | None
@@ -691,7 +615,10 @@ class Dispatcher:
             why = "no whole-request instance is free"
         plan = None
         if req.model != info.model and self.lora_slot_routing:  # a LoRA adapter's request
-            for room in self._with_lora_room(req.model, info, snap, None):
+            rooms = self.lora_room.narrow(
+                req.model, info, snap, None, now=self.clock.now(), find=self.registry.find
+            )
+            for room in rooms:
                 if room is None or plan is not None:
                     continue  # both legs where the adapter has room, when a pair is free
                 others = frozenset(v.instance_id for v in snap if v.instance_id not in room)

@@ -200,8 +200,8 @@ class ControlPlaneManager:
         Engines whose answer comes in pieces anyway (in-process simulated ones) stream
         every request unless ``engine_stream`` is ``"client"``. ``lora_slot_routing``
         (default on) routes a request for a LoRA adapter by the engines' LoRA slots (vLLM's
-        ``--max-loras``; :meth:`Dispatcher._with_lora_room`); off, only by which engines
-        serve the adapter.
+        ``--max-loras``; :class:`~sage_llm.control_plane.routing.lora.LoraRoom`); off,
+        only by which engines serve the adapter.
 
         Policy and routing names are read as config files read them (case-insensitive,
         ``-`` read as ``_``). The arguments a config file also has are checked by its rules
