@@ -168,8 +168,10 @@ class _ReferenceEngine(ReferenceCore):
         arrival: float,
         kv_transfer: Mapping[str, Any] | None = None,
         block_hashes: Sequence[int] | None = None,
+        lora: str | None = None,
         priority: int = 0,  # (FCFS, as the engines it stands in for: not read)
     ) -> None:
+        assert lora is None  # (the workloads it runs are for the model itself)
         assert block_hashes is None or tuple(block_hashes) == block_hashes_of(
             prompt_token_ids, self.block_size
         )

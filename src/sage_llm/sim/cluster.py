@@ -93,6 +93,11 @@ class ClusterSimulator:
     read them — a router with a prefix scorer, or a router or policy that is not one of
     the built-in ones — since otherwise they cannot change any decision and cost about a
     third of the time per request.
+
+    A workload request whose ``model`` is a LoRA adapter an instance serves (its
+    ``lora_adapters``; the engines' slots are its metadata's ``sim_max_loras``) runs on
+    the instances of its model serving it. ``lora_slot_routing`` routes it by their LoRA
+    slots, as the control plane's setting of that name does.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class ClusterSimulator:
         max_queue_size: int = 10_000,
         prefix_block_size: int = 16,
         prefix_index_capacity: int = 200_000,
+        lora_slot_routing: bool = True,
     ) -> None:
         if not instances:
             raise ConfigError("the cluster simulator needs at least one instance", key="instances")
@@ -173,6 +179,7 @@ class ClusterSimulator:
             track_prefixes=track_prefixes,
             max_queue_size=max_queue_size,
             prefix_block_size=prefix_block_size,
+            lora_slot_routing=lora_slot_routing,
         )
         self._events = 0
         self._ran = False
@@ -332,8 +339,13 @@ class ClusterSimulator:
         """The stats loop: every instance's engine figures into its view; re-arm while
         anything is left to happen."""
         for slot in self._slots:
-            slot.state.last_stats = slot.core.stats()
+            state = slot.state
+            state.last_stats = stats = slot.core.stats()
+            if stats.lora_adapters or state.lora_others:  # as HealthMonitor.read_stats
+                state.lora_others = stats.lora_adapters.difference(state.lora_in_flight)
             self.fleet.mark(slot)
+        if self.fleet.sampled_models and self.fleet.adapter_model:
+            self.fleet.refresh_lora()
         if more or self._heap:
             assert self.stats_interval_s is not None
             self._push(self._now + self.stats_interval_s, _STATS, 0)
@@ -367,5 +379,6 @@ class ClusterSimulator:
                 "track_prefixes": self.track_prefixes,
                 "stats_interval_s": self.stats_interval_s,
                 "max_queue_size": self.max_queue_size,
+                "lora_slot_routing": self.control.lora_slot_routing,
             },
         )

@@ -6,7 +6,9 @@
 passes (``pop`` → ``constrain`` → ``route`` → accounting before the next decision, the
 prefix index updated), the first-token and completion bookkeeping on the registry's
 :class:`~sage_llm.control_plane.instances.InstanceState` (load counters, TTFT/TPOT EWMAs),
-``policy.on_complete``, and the client-side measurements.
+``policy.on_complete``, and the client-side measurements. A request for a LoRA adapter
+runs on the instances serving it, routed by their LoRA slots as the dispatcher routes it
+(:class:`~sage_llm.control_plane.routing.lora.LoraRoom`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sage_llm import tokens
 from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.routing.base import Router
+from sage_llm.control_plane.routing.lora import LoraRoom
 from sage_llm.control_plane.routing.pipeline import Pipeline
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, counting_only
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
@@ -34,7 +37,9 @@ from sage_llm.fastinit import field_filler
 from sage_llm.sim.cluster_fleet import InstanceSlot, SimRequest, prefix_block_hashes
 from sage_llm.sim.cluster_results import request_measurement
 from sage_llm.sim.cluster_state import FleetState
+from sage_llm.sim.core import prompt_block_hashes
 from sage_llm.sim.server_requests import context_max_tokens
+from sage_llm.tokens import ADAPTER_SALT, salted_hashes
 from sage_llm.types import RequestStatus
 
 __all__ = ["SimControlPlane"]
@@ -75,6 +80,7 @@ class SimControlPlane:
         track_prefixes: bool,
         max_queue_size: int,
         prefix_block_size: int,
+        lora_slot_routing: bool = True,
     ) -> None:
         self.policy = policy
         self.router = router
@@ -83,6 +89,9 @@ class SimControlPlane:
         self.track_prefixes = track_prefixes
         self.max_queue_size = max_queue_size
         self.prefix_block_size = prefix_block_size
+        self.lora_slot_routing = lora_slot_routing
+        """Whether a request for a LoRA adapter is routed by the engines' LoRA slots."""
+        self.lora_room = LoraRoom()
         self.reqs: dict[str, SimRequest] = {}
         """Requests admitted and not ended, by id."""
         self.kicks: list[InstanceSlot] = []
@@ -115,9 +124,13 @@ class SimControlPlane:
     def arrive(self, wr: WorkloadRequest, now: float) -> None:
         """Intake and admission, as ``ControlPlaneManager._submit``."""
         model = wr.model
-        groups = self.fleet.groups
+        fleet = self.fleet
+        groups = fleet.groups
+        adapter = None
         if model is None:
             model = self._only_model
+        elif model not in groups and (base := fleet.adapter_model.get(model)) is not None:
+            model, adapter = base, model  # a LoRA adapter: its instances of its model
         if model is None or model not in groups:
             what = "model_name is required when several models are served"
             if model is not None:
@@ -134,6 +147,11 @@ class SimControlPlane:
         prompt = wr.prompt
         ids = prompt if isinstance(prompt, list) else tokens.tokenize(prompt)
         slo_e2e = wr.slo_e2e_s
+        hashes: tuple[int, ...] = ()
+        if self.track_prefixes:
+            hashes = prefix_block_hashes(ids, self.prefix_block_size)
+            if adapter is not None:  # its blocks are its own, as vLLM hashes them
+                hashes = salted_hashes(hashes, ADAPTER_SALT + adapter)
         info = fill_request_info(
             wr.request_id,
             model,
@@ -145,10 +163,10 @@ class SimControlPlane:
             wr.user_id,
             wr.session_id,
             None,
-            prefix_block_hashes(ids, self.prefix_block_size) if self.track_prefixes else (),
+            hashes,
             None,
             None,
-            _NO_EXCLUSIONS,
+            _NO_EXCLUSIONS if adapter is None else fleet.without_adapter(adapter),
             0,
             {},
             None,
@@ -157,7 +175,6 @@ class SimControlPlane:
         )
         policy = self.policy
         queued = len(self.queued)
-        fleet = self.fleet
         if self._admit_reads_time_only and queued < self.max_queue_size:
             # The queue bound admits without reading the snapshot, and this policy's admit
             # reads only its time: the sample is drawn as usual, no view is built.
@@ -174,7 +191,7 @@ class SimControlPlane:
             return
         if verdict.priority is not None:  # demoted: as the manager schedules it
             info = replace(info, priority=verdict.priority, deadline=None, demoted=True)
-        rec = SimRequest(wr, info, ids)
+        rec = SimRequest(wr, info, ids, adapter)
         if self.record_token_times:
             rec.token_times = []
         self.reqs[wr.request_id] = rec
@@ -189,6 +206,8 @@ class SimControlPlane:
         want_sticky, want_prefix = fleet.want_sticky, fleet.want_prefix
         counting = self._counting
         pipeline = router if type(router) is Pipeline else None
+        by_slots = self.lora_slot_routing
+        lora_room, find = self.lora_room, fleet.registry.find
         decisions = candidates = 0
         queued = self.queued
         while len(queued) and fleet.free_total:
@@ -201,20 +220,32 @@ class SimControlPlane:
             if rec is None or rec.slot is not None:
                 continue
             rec.info = info
+            adapter = rec.adapter
             if sampled and (
                 info.preferred_instance_id is not None
                 or info.previous_instance_id is not None
                 or (want_sticky and info.sticky_key is not None)
                 or (want_prefix and info.block_hashes)
+                or adapter is not None
             ):  # otherwise fleet.augment has nothing to add (the same test as its own)
-                snap = fleet.augment(snap, info)
+                snap = fleet.augment(snap, info, adapter)
             allowed = constrain(info, snap)
+            wider = None
+            if adapter is not None and by_slots:
+                allowed, wider = lora_room.narrow(
+                    adapter, info, snap, allowed, now=now, find=find,
+                    fleet=fleet.lora_fleet(info.model) if sampled else None,
+                )  # fmt: skip
             if pipeline is not None:  # route(...).instance_id, without the decision record
                 chosen = pipeline.route_id(info, snap, allowed)
+                if chosen is None and wider is not None:  # where it runs: none free
+                    chosen = pipeline.route_id(info, snap, wider)
                 if chosen is None and allowed is not None:
                     chosen = pipeline.route_id(info, snap)
             else:
                 decision = route(info, snap, allowed)
+                if decision is None and wider is not None:
+                    decision = route(info, snap, wider)
                 if decision is None and allowed is not None:
                     decision = route(info, snap)
                 chosen = None if decision is None else decision.instance_id
@@ -244,6 +275,9 @@ class SimControlPlane:
         state.queued_prefill_tokens += info.prompt_tokens
         state.outstanding_decode_tokens += info.max_tokens
         rec.batch_at_start = in_flight
+        adapter = rec.adapter
+        if adapter is not None:
+            fleet.lora_call_started(slot, adapter)
         if in_flight > slot.max_in_flight:
             slot.max_in_flight = in_flight
         if in_flight == slot.bound:
@@ -263,10 +297,13 @@ class SimControlPlane:
         hashes = None  # the engine hashes the prompt itself unless it has them already
         if self.track_prefixes and core.block_size == self.prefix_block_size:
             hashes = info.block_hashes
+        elif adapter is not None and core.config.enable_prefix_caching:
+            salt = ADAPTER_SALT + adapter  # an adapter's blocks are its own
+            hashes = salted_hashes(prompt_block_hashes(ids, core.block_size), salt)
         try:  # cut to the context, or refused, as SimEngine.generate does before queueing
             run = context_max_tokens(slot.max_model_len, len(ids), info.max_tokens)
             core.add_request(
-                info.request_id, ids, run, arrival=now, block_hashes=hashes,
+                info.request_id, ids, run, arrival=now, block_hashes=hashes, lora=adapter,
                 priority=int(info.priority),  # (read by an engine that schedules by it)
             )  # fmt: skip
         except (InvalidRequestError, ConflictError) as exc:
@@ -312,6 +349,8 @@ class SimControlPlane:
         state.in_flight = in_flight - 1
         state.outstanding_decode_tokens -= info.max_tokens
         fleet = self.fleet
+        if rec.adapter is not None:
+            fleet.lora_call_ended(slot, rec.adapter)
         if in_flight == slot.bound:
             fleet.free[slot.model].add(slot.index)
             fleet.free_total += 1

@@ -127,6 +127,7 @@ class SimRequest:
     """
 
     __slots__ = (
+        "adapter",
         "batch_at_start",
         "first_token_s",
         "info",
@@ -146,7 +147,13 @@ class SimRequest:
         "user_id",
     )
 
-    def __init__(self, workload: WorkloadRequest, info: RequestInfo, prompt_ids: Sequence[int]):
+    def __init__(
+        self,
+        workload: WorkloadRequest,
+        info: RequestInfo,
+        prompt_ids: Sequence[int],
+        adapter: str | None = None,
+    ) -> None:
         self.request_id = workload.request_id
         self.priority = workload.priority
         """The workload's priority (the measurement's; admission may give ``info`` another)."""
@@ -156,6 +163,8 @@ class SimRequest:
         self.slo_tpot_s = workload.slo_tpot_s
         self.slo_e2e_s = workload.slo_e2e_s
         self.info = info
+        self.adapter = adapter
+        """The LoRA adapter it is for (None: its model, ``info.model``)."""
         self.prompt_ids: Sequence[int] | None = prompt_ids
         self.slot: InstanceSlot | None = None
         self.scheduled_at = 0.0
@@ -202,7 +211,8 @@ class InstanceSlot:
                 "cluster simulator runs whole requests only (no PD legs)",
                 key="instance_type",
             )
-        engine = SimEngine(inst.instance_id, config)  # used synchronously: its loop never runs
+        # used synchronously: its loop never runs
+        engine = SimEngine(inst.instance_id, config, lora_adapters=inst.lora_adapters)
         priors = sim_latency_priors(engine)
         assert priors is not None  # a SimEngine always has priors
         self.index = index

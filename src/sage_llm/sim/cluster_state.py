@@ -9,10 +9,11 @@ candidates of large model groups (see :mod:`sage_llm.sim.cluster`).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sage_llm.control_plane.instances import InstanceRegistry
 from sage_llm.control_plane.routing.base import Router
+from sage_llm.control_plane.routing.lora import LoraFleet
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.scorers import rendezvous_owner
 from sage_llm.control_plane.routing.strategies import router_wants
@@ -73,6 +74,27 @@ class FleetState:
         self._full_pos = {s.index: n for n, s in enumerate(self._full)}
         self._dirty: set[int] = set()
         self._sticky: dict[tuple[str, str], InstanceSlot | None] = {}
+        self.adapter_model: dict[str, str] = {}
+        """The LoRA adapters served, with their model: that of the first instance serving
+        one (as ``InstanceRegistry.adapter_base``), not a name a model is served under."""
+        for s in self.slots:
+            for name in sorted(s.state.adapters):
+                if name not in self.groups:
+                    self.adapter_model.setdefault(name, s.model)
+        self._without: dict[str, frozenset[str]] = {}
+        self.lora_runs: dict[str, dict[int, None]] = {}
+        """The instances (by index) with a call for a LoRA adapter in flight, by adapter
+        (added to a sampled model's snapshot for that adapter's requests)."""
+        self._lora_served = {
+            m: frozenset(name for s in self.groups[m] for name in s.state.adapters)
+            for m in self.sampled_models
+        }
+        """The adapters each sampled model's instances serve."""
+        self._lora_free: dict[str, int | None] = {}
+        """Each sampled model's free LoRA slots over all its instances (None while one of
+        them does not say how many it has); see :meth:`refresh_lora`."""
+        self._lora_others: set[str] = set()
+        """The adapters of another client's requests on some instance, as the stats said."""
 
     # -- changes ---------------------------------------------------------------------------
 
@@ -81,6 +103,75 @@ class FleetState:
         self.stale[slot.index] = 1
         if not slot.sampled:
             self._dirty.add(slot.index)
+
+    def lora_call_started(self, slot: InstanceSlot, adapter: str) -> None:
+        """A call for the LoRA ``adapter`` starts on ``slot`` (as the dispatcher counts it)."""
+        state = slot.state
+        before = state.lora_slots_left()
+        state.lora_call_started(adapter)
+        if state.lora_in_flight[adapter] == 1:
+            self.lora_runs.setdefault(adapter, {})[slot.index] = None
+            if slot.sampled:
+                self._slots_changed(slot, before)
+
+    def lora_call_ended(self, slot: InstanceSlot, adapter: str) -> None:
+        """A call for the LoRA ``adapter`` on ``slot`` is over."""
+        state = slot.state
+        before = state.lora_slots_left()
+        state.lora_call_ended(adapter)
+        if adapter not in state.lora_in_flight:
+            runs = self.lora_runs[adapter]
+            del runs[slot.index]
+            if not runs:
+                del self.lora_runs[adapter]
+            if slot.sampled:
+                self._slots_changed(slot, before)
+
+    def _slots_changed(self, slot: InstanceSlot, before: int | None) -> None:
+        """``slot`` (of a sampled model) had ``before`` LoRA slots free: its model's total
+        follows its change."""
+        total = self._lora_free.get(slot.model)
+        after = slot.state.lora_slots_left()
+        if total is not None and before is not None and after is not None:
+            self._lora_free[slot.model] = total + after - before
+
+    def refresh_lora(self) -> None:
+        """Count the sampled models' free LoRA slots again (after their stats were read:
+        ``max_lora`` and another client's adapters come from them)."""
+        others: set[str] = set()
+        for model in self.sampled_models:
+            total: int | None = 0
+            for slot in self.groups[model]:
+                state = slot.state
+                others.update(state.lora_others)
+                left = state.lora_slots_left()
+                if left is None:
+                    total = None
+                elif total is not None:
+                    total += left
+            self._lora_free[model] = total
+        self._lora_others = others
+
+    def lora_fleet(self, model: str) -> LoraFleet | None:
+        """What all the instances of the sampled ``model`` hold for LoRA slot routing (None
+        for a model that is not sampled, or one of whose instances does not say how many
+        slots it has)."""
+        free = self._lora_free.get(model)
+        if free is None:
+            return None
+        running: Collection[str] = self.lora_runs
+        if self._lora_others:
+            running = self._lora_others.union(running)
+        return LoraFleet(free, running, self._lora_served[model])
+
+    def without_adapter(self, adapter: str) -> frozenset[str]:
+        """The instances of the LoRA ``adapter``'s model that do not serve it."""
+        out = self._without.get(adapter)
+        if out is None:
+            group = self.groups[self.adapter_model[adapter]]
+            out = frozenset(s.instance_id for s in group if adapter not in s.state.adapters)
+            self._without[adapter] = out
+        return out
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -132,18 +223,24 @@ class FleetState:
         for model in self.sampled_models:
             self.free[model].skip(rng, k)
 
-    def augment(self, snap: ClusterSnapshot, info: RequestInfo) -> ClusterSnapshot:
+    def augment(
+        self, snap: ClusterSnapshot, info: RequestInfo, adapter: str | None = None
+    ) -> ClusterSnapshot:
         """``snap`` plus, for a sampled model, the request's preferred and previous
         instances, its sticky owner and the prefix holders with a free slot (when the
-        router reads them)."""
+        router reads them), and for a request for the LoRA ``adapter`` up to
+        ``max_candidates`` instances with a free slot where it runs (those the LoRA slot
+        routing prefers)."""
         group = self.groups.get(info.model)
         if group is None or not group[0].sampled:
             return snap
+        runs = None if adapter is None else self.lora_runs.get(adapter)
         if (
             info.preferred_instance_id is None
             and info.previous_instance_id is None
             and not (self.want_sticky and info.sticky_key is not None)
             and not (self.want_prefix and info.block_hashes)
+            and not runs
         ):
             return snap  # nothing to add (the common case)
         present = {v.instance_id for v in snap.instances}
@@ -170,6 +267,15 @@ class FleetState:
             )
             for _, index in ranked[: self.max_candidates]:
                 add(self.slots[index])
+        if runs:
+            found = 0
+            for index in runs:
+                slot = self.slots[index]
+                if slot.has_capacity:
+                    add(slot)
+                    found += 1
+                    if found == self.max_candidates:
+                        break
         if not extra:
             return snap
         views = tuple(self.fresh_view(s) for s in extra)

@@ -13,20 +13,30 @@ adapters).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, NamedTuple
 
 from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 
 if TYPE_CHECKING:
     from sage_llm.control_plane.instances import InstanceState
 
-__all__ = ["LORA_DEMAND_WINDOW_S", "LoraRoom"]
+__all__ = ["LORA_DEMAND_WINDOW_S", "LoraFleet", "LoraRoom"]
 
 LORA_DEMAND_WINDOW_S = 30.0
 """How long a LoRA adapter counts as in demand after a request for it: while the adapters
 in demand that no engine runs outnumber the free LoRA slots, a request for an adapter
 that runs somewhere goes where it runs (see :meth:`LoraRoom.narrow`)."""
+
+
+class LoraFleet(NamedTuple):
+    """What all the instances of a model hold, for a decision whose snapshot holds only a
+    sample of them (the cluster simulator's large fleets): their free LoRA slots, the
+    adapters running there, and the adapters they serve."""
+
+    free: int
+    running: Collection[str]
+    served: Collection[str]
 
 
 class LoraRoom:
@@ -49,6 +59,7 @@ class LoraRoom:
         *,
         now: float,
         find: Callable[[str], InstanceState | None],
+        fleet: LoraFleet | None = None,
     ) -> tuple[frozenset[str] | None, frozenset[str] | None]:
         """``allowed`` narrowed, for a request (``info``) for the LoRA ``adapter`` routed
         at ``now``, to the instances of its model (not excluded from it) whose engine can
@@ -67,7 +78,11 @@ class LoraRoom:
         as a parallelism hint is: when the router finds none of them able to take the
         request now, it is routed without it. Returned with the engines with room when the
         first set is those where it runs (tried next, when none of those can take it now:
-        at their concurrency bound), else with None."""
+        at their concurrency bound), else with None.
+
+        ``fleet``: when ``snap`` holds a sample of the model's instances, what all of them
+        hold; the free slots and the adapters in demand are then counted over all of them
+        (over the sample, packing would be decided on a few engines' free slots)."""
         asked = self.asked
         asked.pop(adapter, None)
         asked[adapter] = now  # (last: the dict stays ordered by time)
@@ -104,11 +119,18 @@ class LoraRoom:
             else:
                 (room if left > 0 else full).append(iid)
         if runs and (room or full) and counted:
-            placed = running.union([adapter])
+            known: Collection[str] = served
+            elsewhere: Collection[str] = ()  # running on instances outside the snapshot
+            if fleet is not None:
+                free, known, elsewhere = fleet.free, fleet.served, fleet.running
             waiting = sum(
                 1
                 for name, when in asked.items()
-                if when >= horizon and name in served and name not in placed
+                if when >= horizon
+                and name in known
+                and name != adapter
+                and name not in running
+                and name not in elsewhere
             )
             if free - 1 < waiting:
                 return frozenset(runs), frozenset(room + runs) if room else None
