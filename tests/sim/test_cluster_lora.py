@@ -9,12 +9,12 @@ import random
 import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
-from sage_llm.bench.stats import BenchSummary
 from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator
 from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstance
 from tests.factories import make_instance
+from tests.sim.agreement import assert_same_requests
 
 MODEL = "llama-3-8b"
 
@@ -66,25 +66,12 @@ def _run(
     return sim.run(load)
 
 
-def _figures(s: BenchSummary) -> list[float]:
-    assert s.ttft is not None and s.e2e is not None
-    return [s.request_throughput, s.ttft.p50, s.ttft.p90, s.e2e.p50]
-
-
-def _spread(s: BenchSummary) -> list[float]:
-    assert s.ttft is not None
-    return [s.request_throughput, s.ttft.mean, s.ttft.p90]
-
-
 @pytest.mark.parametrize("slots", [True, False])
 def test_agrees_with_the_asyncio_control_plane(slots: bool) -> None:
-    """8 adapters over 4 engines of 2 slots, routed by slots or only by who serves them,
-    against the control plane over in-process simulated engines. Routed by slots, every
-    request goes to the same engine at the same time in both. Routed only by who serves
-    them, requests wait in the engines for slots, and the first decision that differs
-    (two engines' load told apart by a few tokens, as the two count a first token's
-    time) sends the rest of the run elsewhere: the run's throughput, mean and p90 TTFT
-    agree, its median (of a two-humped distribution) does not."""
+    """8 adapters over 4 engines of 2 slots, routed by slots or only by who serves them:
+    every request runs as it does through the control plane over in-process simulated
+    engines (routed only by who serves them, requests wait in the engines for slots, and
+    the first decision taken apart would send the rest of the run elsewhere)."""
     load = _workload(_names(8), 300, rate=35.0)
 
     def instances() -> list[ExecutionInstance]:
@@ -93,12 +80,9 @@ def test_agrees_with_the_asyncio_control_plane(slots: bool) -> None:
     reference = run_preset(
         Preset("lora", "fifo", "load_balanced"), load, instances, seed=0,
         manager_kwargs={"lora_slot_routing": slots},
-    ).summary  # fmt: skip
+    )  # fmt: skip
     ours = _run(instances(), load, slots=slots)
-    assert ours.summary.ok == reference.ok == len(load)
-    figures, rel = (_figures, 1e-6) if slots else (_spread, 0.15)
-    for mine, theirs in zip(figures(ours.summary), figures(reference), strict=True):
-        assert mine == pytest.approx(theirs, rel=rel)
+    assert_same_requests(ours.measurements, reference.measurements)
     assert ours.settings["lora_slot_routing"] is slots
 
 

@@ -69,7 +69,7 @@ from sage_llm.sim.cluster_fleet import (
 )
 from sage_llm.sim.cluster_results import ClusterResult, build_result, decision_stats
 from sage_llm.sim.cluster_state import FleetState
-from sage_llm.sim.core import StepResult
+from sage_llm.sim.core import StepResult, stats_while_stepping
 from sage_llm.types import ExecutionInstance
 
 __all__ = ["ClusterResult", "ClusterSimulator", "SimInstanceSpec", "make_fleet"]
@@ -253,7 +253,7 @@ class ClusterSimulator:
                             heappush(heap, (now + nres.duration_s, self._seq, _STEP, index, 0))
                     else:
                         slot.busy = False
-                    if list_tokens or res.has_firsts_or_finishes():
+                    if list_tokens or res.has_firsts_or_finishes() or res.has_admissions():
                         step_effects(slot, res, now)
                 elif kind == _WAKE:
                     if gen == slot.wake_gen and not slot.busy:
@@ -307,8 +307,13 @@ class ClusterSimulator:
         heapq.heappush(self._heap, (now + res.duration_s, self._seq, _STEP, slot.index, 0))
 
     def _step_effects(self, slot: InstanceSlot, res: StepResult, now: float) -> None:
-        """The tokens and finished requests of a step that ended at ``now``."""
+        """The admissions, tokens and finished requests of a step that ended at ``now``."""
         control = self.control
+        if res.has_admissions():  # what each found in the prefix cache (read at its end)
+            reqs = control.reqs
+            for rid, cached in res.admitted:
+                if (rec := reqs.get(rid)) is not None:
+                    rec.cached_tokens = cached
         if self.record_token_times:
             reqs = control.reqs
             for rid, n in res.new_tokens:
@@ -340,7 +345,7 @@ class ClusterSimulator:
         anything is left to happen."""
         for slot in self._slots:
             state = slot.state
-            state.last_stats = stats = slot.core.stats()
+            state.last_stats = stats = stats_while_stepping(slot.core.stats(), slot.result)
             if stats.lora_adapters or state.lora_others:  # as HealthMonitor.read_stats
                 state.lora_others = stats.lora_adapters.difference(state.lora_in_flight)
             self.fleet.mark(slot)

@@ -323,9 +323,7 @@ class SimControlPlane:
     def first_token(self, rec: SimRequest, slot: InstanceSlot, now: float) -> None:
         """The first token of ``rec`` came back at ``now``."""
         rec.first_token_s = now
-        state = slot.state
-        state.queued_prefill_tokens -= rec.info.prompt_tokens
-        state.observe_first_token(now - rec.scheduled_at, rec.pending_tokens)
+        slot.state.queued_prefill_tokens -= rec.info.prompt_tokens
         self.fleet.mark(slot)
 
     def complete(
@@ -358,6 +356,9 @@ class SimControlPlane:
             state.completed += 1
             state.tokens_generated += output
             state.record_latency(e2e_s * 1000.0)
+            if first is not None:  # its TTFT over the tokens it prefilled refines the estimate
+                ttft_s, prefilled = first - rec.scheduled_at, rec.pending_tokens - rec.cached_tokens
+                state.observe_first_token(ttft_s, prefilled)
             if tpot_s is not None:
                 state.observe_tpot(tpot_s, max(rec.batch_at_start, in_flight))
         else:

@@ -129,6 +129,7 @@ class SimRequest:
     __slots__ = (
         "adapter",
         "batch_at_start",
+        "cached_tokens",
         "first_token_s",
         "info",
         "output",
@@ -169,6 +170,8 @@ class SimRequest:
         self.slot: InstanceSlot | None = None
         self.scheduled_at = 0.0
         self.pending_tokens = 0
+        self.cached_tokens = 0
+        """Its prompt tokens the engine found in its prefix cache (when it admitted it)."""
         self.batch_at_start = 0
         self.predicted_e2e_s: float | None = None
         self.first_token_s: float | None = None

@@ -42,7 +42,7 @@ import zlib
 from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -133,6 +133,23 @@ def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int,
 
 DEFAULT_MAX_MODEL_LEN = 32768
 """``max_model_len`` of a model that states no context window (``ModelSpec.max_context``)."""
+
+
+def stats_while_stepping(stats: EngineStats, res: StepResult | None) -> EngineStats:
+    """``stats`` (:meth:`SimEngineCore.stats`) as an engine reports them while the step
+    ``res`` runs (None: none runs). The core applies a step when it starts (its finished
+    requests gone, its tokens counted), but until the step ends its requests still run and
+    hold their KV, and its tokens do not exist yet (a prefill leg or a one-token request
+    would never be seen running)."""
+    if res is None:
+        return stats
+    return replace(
+        stats,
+        running=stats.running + len(res.finished),
+        kv_usage=min(1.0, stats.kv_usage + res.kv_freed),
+        prompt_tokens_total=stats.prompt_tokens_total - res.prompt_tokens_counted,
+        generation_tokens_total=stats.generation_tokens_total - res.num_new_tokens,
+    )
 
 
 def _context_of(model: str | ModelSpec) -> int | None:
@@ -740,6 +757,10 @@ class StepResult:
     def has_firsts_or_finishes(self) -> bool:
         """``bool(self.first_tokens or self.finished)``, without making either list."""
         return bool(self._first_tokens or self._finished)
+
+    def has_admissions(self) -> bool:
+        """``bool(self.admitted)``, without making the list."""
+        return bool(self._admitted)
 
     def _values(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in STEP_FIELDS)

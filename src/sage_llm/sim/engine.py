@@ -76,6 +76,7 @@ from sage_llm.sim.core import (
     StepResult,
     default_max_model_len,
     prompt_block_hashes,
+    stats_while_stepping,
 )
 from sage_llm.sim.costmodel import FrontEndModel, FrontEndQueue
 from sage_llm.sim.logprobs import (
@@ -689,21 +690,9 @@ class SimEngine:
         return not self._closed and self._broken is None
 
     async def stats(self) -> EngineStats:
-        """The core's figures as an engine reports them while a step runs: the core applies
-        a step when it starts (its finished requests gone, its tokens counted), but until
-        the step ends its requests still run and hold their KV, and its tokens do not
-        exist yet (a prefill leg or a one-token request would never be seen running)."""
-        stats = self._core.stats()
-        res = self._stepping
-        if res is None:
-            return stats
-        return replace(
-            stats,
-            running=stats.running + len(res.finished),
-            kv_usage=min(1.0, stats.kv_usage + res.kv_freed),
-            prompt_tokens_total=stats.prompt_tokens_total - res.prompt_tokens_counted,
-            generation_tokens_total=stats.generation_tokens_total - res.num_new_tokens,
-        )
+        """The core's figures as an engine reports them while a step runs
+        (:func:`~sage_llm.sim.core.stats_while_stepping`)."""
+        return stats_while_stepping(self._core.stats(), self._stepping)
 
     async def aclose(self) -> None:
         """Stop the step loop; in-flight requests fail with EngineConnectionError."""
