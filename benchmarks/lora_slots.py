@@ -21,11 +21,20 @@ longer.
 
 The scenarios (adapters in use / served, slots per engine): 8/8 with 2 slots, 16/16
 with 4, 4/32 with 2 (many adapters served, few in use), 4/4 with 4 and 2/2 with 4 (slots
-to spare). Everything runs on virtual time, so the figures are exact and repeatable. Run
-from the repository root (about two minutes)::
+to spare); ``--scenario USED/SERVED/SLOTS`` (repeated) runs others. Everything runs on
+virtual time, so the figures are exact and repeatable. Run from the repository root
+(about two minutes)::
 
     .venv/bin/python benchmarks/lora_slots.py
     .venv/bin/python benchmarks/lora_slots.py --rate 20 --requests 3000
+
+``--cluster`` runs the same through the cluster simulator (``sage_llm.sim.cluster``:
+the same policy, router and LoRA slot routing, on an event heap; request for request
+the same runs at these sizes), which takes fleets of hundreds of engines; above 256 a
+decision sees a sample of them (its docstring says how)::
+
+    .venv/bin/python benchmarks/lora_slots.py --cluster --engines 300 --rate 2625 \
+        --requests 20000 --scenario 150/150/2
 """
 
 from __future__ import annotations
@@ -38,8 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sage_llm.bench.cli_args import open_loop_args
-from sage_llm.bench.inprocess import Preset, RunResult, run_preset
+from sage_llm.bench.inprocess import Preset, run_preset
+from sage_llm.bench.stats import BenchSummary
 from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
+from sage_llm.sim.cluster import ClusterSimulator
 from sage_llm.types import ExecutionInstance
 
 MODEL = "llama-3-8b"
@@ -106,20 +117,43 @@ def fleet(engines: int, scenario: Scenario) -> list[ExecutionInstance]:
 
 
 def run(
-    scenario: Scenario, load: Workload, engines: int, slot_routing: bool, seed: int
-) -> RunResult:
-    """One run of ``load`` through a fresh fleet, ``fifo`` + ``load_balanced``."""
+    scenario: Scenario,
+    load: Workload,
+    engines: int,
+    slot_routing: bool,
+    seed: int,
+    *,
+    cluster: bool = False,
+) -> BenchSummary:
+    """One run of ``load`` through a fresh fleet, ``fifo`` + ``load_balanced``: by the
+    control plane over in-process engines, or by the cluster simulator (``cluster``)."""
+    if cluster:
+        sim = ClusterSimulator(
+            fleet(engines, scenario), policy="fifo", routing="load_balanced", seed=seed,
+            lora_slot_routing=slot_routing,
+        )  # fmt: skip
+        return sim.run(load).summary
     return run_preset(
         Preset("slots" if slot_routing else "serving only", "fifo", "load_balanced"),
         load,
         lambda: fleet(engines, scenario),
         seed=seed,
         manager_kwargs={"lora_slot_routing": slot_routing},
-    )
+    ).summary
 
 
-def row(label: str, result: RunResult) -> str:
-    s = result.summary
+def scenario_arg(text: str) -> Scenario:
+    """``USED/SERVED/SLOTS``, e.g. ``8/8/2``."""
+    try:
+        used, served, slots = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected USED/SERVED/SLOTS, got {text!r}") from None
+    if not 1 <= used <= served or slots < 1:
+        raise argparse.ArgumentTypeError(f"need 1 <= USED <= SERVED and SLOTS >= 1: {text!r}")
+    return Scenario(used, served, slots)
+
+
+def row(label: str, s: BenchSummary) -> str:
     if s.ttft is None or s.e2e is None:
         return f"| {label} | {s.ok}/{s.count} | – | – | – | – | – | – |"
     return (
@@ -132,18 +166,28 @@ def row(label: str, result: RunResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     open_loop_args(parser, engines=4, rate=35.0, requests=1500)
+    parser.add_argument(
+        "--scenario", type=scenario_arg, action="append",
+        help="USED/SERVED/SLOTS: adapters in use, served, LoRA slots per engine (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cluster", action="store_true", help="run on the cluster simulator (large fleets)"
+    )
     args = parser.parse_args(argv)
+    where = "the cluster simulator" if args.cluster else "the control plane"
     print(
         f"{args.engines} simulated H100s (Llama-3-8B), fifo + load_balanced, {args.requests} "
-        f"requests at {args.rate:g}/s (seed {args.seed}); TTFT in ms, E2E in s"
+        f"requests at {args.rate:g}/s (seed {args.seed}), on {where}; TTFT in ms, E2E in s"
     )
     print()
     print("| scenario, routing | ok | req/s | TTFT p50 | p90 | p99 | E2E p50 | p99 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for scenario in SCENARIOS:
+    for scenario in args.scenario or SCENARIOS:
         load = workload(scenario.used, args.requests, args.rate, args.seed)
         for slot_routing in (False, True):
-            result = run(scenario, load, args.engines, slot_routing, args.seed)
+            result = run(
+                scenario, load, args.engines, slot_routing, args.seed, cluster=args.cluster
+            )
             how = "LoRA slots" if slot_routing else "serving only"
             print(row(f"{scenario.label}, {how}", result), flush=True)
     return 0

@@ -39,13 +39,40 @@ def test_routing_by_slots_keeps_requests_from_waiting_for_one(script: ModuleType
     wait for slots; routed by slots, much less."""
     scenario = script.Scenario(8, 8, 1)
     load = script.workload(8, 120, 8.0, 1)
-    blind = script.run(scenario, load, 2, False, 0).summary
-    slots = script.run(scenario, load, 2, True, 0).summary
+    blind = script.run(scenario, load, 2, False, 0)
+    slots = script.run(scenario, load, 2, True, 0)
     assert blind.ok == slots.ok == 120
     assert slots.ttft.p50 < blind.ttft.p50
 
 
-def test_main_refuses_a_bad_rate(script: ModuleType) -> None:
+def test_the_cluster_simulator_runs_as_the_control_plane(script: ModuleType) -> None:
+    scenario = script.Scenario(8, 8, 1)
+    load = script.workload(8, 120, 8.0, 1)
+    for slot_routing in (False, True):
+        ours = script.run(scenario, load, 2, slot_routing, 0, cluster=True)
+        reference = script.run(scenario, load, 2, slot_routing, 0)
+        assert ours.ok == reference.ok == 120
+        assert ours.request_throughput == pytest.approx(reference.request_throughput)
+        for name in ("p50", "p90", "p99", "max"):
+            for figure in ("ttft", "e2e"):
+                mine, theirs = getattr(ours, figure), getattr(reference, figure)
+                assert getattr(mine, name) == pytest.approx(getattr(theirs, name))
+
+
+def test_main_runs_the_scenarios_asked_for(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--cluster", "--engines", "2", "--rate", "5", "--requests", "30"]
+    assert script.main([*args, "--scenario", "2/4/1"]) == 0
+    out = capsys.readouterr().out
+    assert "on the cluster simulator" in out
+    assert out.count("| 2/4 adapters, 1 slots, ") == 2
+
+
+@pytest.mark.parametrize(
+    "bad", [["--rate", "0"], ["--scenario", "8/4/2"], ["--scenario", "2/4"], ["--scenario", "x"]]
+)
+def test_main_refuses_bad_arguments(script: ModuleType, bad: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        script.main(["--rate", "0"])
+        script.main(bad)
     assert info.value.code == 2
