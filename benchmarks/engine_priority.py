@@ -37,7 +37,7 @@ import numpy as np
 
 from sage_llm.bench.cli_args import open_loop_args
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
-from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
+from sage_llm.bench.workloads import Workload, synthetic, with_priorities
 from sage_llm.types import ExecutionInstance, RequestPriority
 
 MODEL = "llama-3-8b"
@@ -51,24 +51,15 @@ SETUPS = (
 
 
 def workload(requests: int, rate: float, seed: int) -> Workload:
-    """``requests`` Poisson arrivals at ``rate`` a second: 15% CRITICAL, then NORMAL or
-    BACKGROUND (60 : 40)."""
-    rng = np.random.default_rng(seed)
-    at = 0.0
-    out: list[WorkloadRequest] = []
-    for i in range(requests):
-        at += float(rng.exponential(1.0 / rate))
-        prompt_len = int(rng.integers(500, 3000))
-        output_len = int(rng.integers(100, 800))
-        if rng.random() < 0.15:
-            priority = RequestPriority.CRITICAL
-        elif rng.random() < 0.6:
-            priority = RequestPriority.NORMAL
-        else:
-            priority = RequestPriority.BACKGROUND
-        prompt = text_prompt(rng, prompt_len)
-        out.append(WorkloadRequest(f"r{i}", at, prompt, prompt_len, output_len, priority=priority))
-    return Workload("priorities", tuple(out), params={"rate": rate, "seed": seed})
+    """``requests`` Poisson arrivals at ``rate`` a second, prompts of 500–3000 tokens and
+    answers of 100–800: 15% CRITICAL, then NORMAL or BACKGROUND (60 : 40)."""
+    base = synthetic(requests, rate, "uniform:500,3000", "uniform:100,800", seed=seed)
+    mix: dict[RequestPriority | int | str, float] = {
+        RequestPriority.CRITICAL: 0.15,
+        RequestPriority.NORMAL: 0.85 * 0.6,
+        RequestPriority.BACKGROUND: 0.85 * 0.4,
+    }
+    return with_priorities(base, mix, seed=seed)
 
 
 def fleet(engines: int, cap: int, engine_policy: str) -> list[ExecutionInstance]:

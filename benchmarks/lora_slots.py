@@ -44,12 +44,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from sage_llm.bench.cli_args import open_loop_args
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.stats import BenchSummary
-from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
+from sage_llm.bench.workloads import Workload, synthetic, with_adapters
 from sage_llm.sim.cluster import ClusterSimulator
 from sage_llm.types import ExecutionInstance
 
@@ -83,22 +81,11 @@ def adapter_names(n: int) -> list[str]:
 
 
 def workload(used: int, requests: int, rate: float, seed: int) -> Workload:
-    """``requests`` Poisson arrivals at ``rate`` a second, each for one of ``used``
-    adapters by a Zipf law (the k-th in proportion to 1/k)."""
-    rng = np.random.default_rng(seed)
-    names = adapter_names(used)
-    weights = np.array([1.0 / (k + 1) for k in range(used)])
-    weights /= weights.sum()
-    at = 0.0
-    out: list[WorkloadRequest] = []
-    for i in range(requests):
-        at += float(rng.exponential(1.0 / rate))
-        prompt_len = int(rng.integers(200, 1200))
-        output_len = int(rng.integers(50, 300))
-        model = str(rng.choice(names, p=weights))
-        prompt = text_prompt(rng, prompt_len)
-        out.append(WorkloadRequest(f"r{i}", at, prompt, prompt_len, output_len, model=model))
-    return Workload("lora-zipf", tuple(out), params={"used": used, "rate": rate, "seed": seed})
+    """``requests`` Poisson arrivals at ``rate`` a second, prompts of 200–1200 tokens and
+    answers of 50–300, each for one of ``used`` adapters by a Zipf law (the k-th in
+    proportion to 1/k)."""
+    base = synthetic(requests, rate, "uniform:200,1200", "uniform:50,300", seed=seed)
+    return with_adapters(base, adapter_names(used), seed=seed)
 
 
 def fleet(engines: int, scenario: Scenario) -> list[ExecutionInstance]:

@@ -33,6 +33,7 @@ from sage_llm.bench.workloads import (
     text_prompt,
     token_block,
     trace_replay,
+    with_adapters,
     with_priorities,
 )
 from sage_llm.errors import ConfigError
@@ -505,6 +506,40 @@ def test_with_priorities_keeps_the_targets_of_priorities_without_an_entry() -> N
 def test_with_priorities_bad_input(mix: dict[str, float], slos: object) -> None:
     with pytest.raises(ConfigError):
         with_priorities(synthetic(3, 1.0, seed=0), mix, slos)  # type: ignore[arg-type]
+
+
+def test_with_adapters_asks_for_them_by_zipfs_law() -> None:
+    names = ["a", "b", "c", "d"]
+    workload = with_adapters(synthetic(4000, 50.0, 8, 4, seed=1), names, seed=2)
+    counts = Counter(r.model for r in workload)
+    assert set(counts) == set(names)
+    assert counts["a"] / counts["d"] == pytest.approx(4.0, rel=0.2)  # 1 : 1/4
+    flat = Counter(r.model for r in with_adapters(workload, names, zipf=0.0, seed=2))
+    assert max(flat.values()) / min(flat.values()) < 1.2
+    assert workload.params["adapters"] == 4 and workload.params["adapter_zipf"] == 1.0
+    assert [r.prompt for r in workload] == [r.prompt for r in synthetic(4000, 50.0, 8, 4, seed=1)]
+
+
+def test_with_adapters_keeps_sessions_together_and_some_on_the_model() -> None:
+    base = multi_turn(60, 3, 2.0, seed=1, model="m")
+    workload = with_adapters(base, ["x", "y"], share=0.5, seed=3)
+    by_session: dict[str | None, set[str | None]] = {}
+    for r in workload:
+        by_session.setdefault(r.session_id, set()).add(r.model)
+    assert all(len(m) == 1 for m in by_session.values())
+    models = Counter(next(iter(m)) for m in by_session.values())
+    assert set(models) == {"m", "x", "y"} and 15 < models["m"] < 45
+    assert with_adapters(base, ["x"], seed=3) == with_adapters(base, ["x"], seed=3)
+
+
+@pytest.mark.parametrize(
+    ("adapters", "zipf", "share"),
+    [([], 1.0, 1.0), (["a", "a"], 1.0, 1.0), ([""], 1.0, 1.0), (["a"], -1.0, 1.0),
+     (["a"], math.nan, 1.0), (["a"], 1.0, 1.5)],
+)  # fmt: skip
+def test_with_adapters_bad_input(adapters: list[str], zipf: float, share: float) -> None:
+    with pytest.raises(ConfigError):
+        with_adapters(synthetic(3, 1.0, seed=0), adapters, zipf=zipf, share=share)
 
 
 def test_scale_rate() -> None:

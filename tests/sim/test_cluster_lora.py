@@ -9,7 +9,7 @@ import random
 import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
-from sage_llm.bench.workload_core import Workload, WorkloadRequest, text_prompt
+from sage_llm.bench.workloads import Workload, WorkloadRequest, synthetic, with_adapters
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator
 from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstance
@@ -38,22 +38,11 @@ def _fleet(
     ]
 
 
-def _workload(models: list[str], n: int, rate: float, seed: int = 0) -> Workload:
-    """Poisson arrivals, each for one of ``models`` (adapters, or the model itself) by a
-    Zipf law; prompts of 200–1200 tokens, answers of 50–300."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    weights = np.array([1.0 / (k + 1) for k in range(len(models))])
-    weights /= weights.sum()
-    at, out = 0.0, []
-    for i in range(n):
-        at += float(rng.exponential(1.0 / rate))
-        prompt_len, output_len = int(rng.integers(200, 1200)), int(rng.integers(50, 300))
-        model = str(rng.choice(models, p=weights))
-        prompt = text_prompt(rng, prompt_len)
-        out.append(WorkloadRequest(f"r{i}", at, prompt, prompt_len, output_len, model=model))
-    return Workload("lora", tuple(out))
+def _workload(adapters: list[str], n: int, rate: float, *, share: float = 1.0) -> Workload:
+    """Poisson arrivals, prompts of 200–1200 tokens and answers of 50–300, ``share`` of
+    them for one of ``adapters`` by Zipf's law (the others for the model)."""
+    base = synthetic(n, rate, "uniform:200,1200", "uniform:50,300", seed=0, model=MODEL)
+    return with_adapters(base, adapters, share=share, seed=0)
 
 
 def _run(
@@ -96,7 +85,7 @@ def test_routing_by_slots_keeps_batches_from_waiting_for_slots() -> None:
 
 def test_an_adapters_requests_run_only_where_it_is_served() -> None:
     """Two of four engines serve the adapters; requests for the model itself go anywhere."""
-    load = _workload([*_names(2), MODEL], 120, rate=10.0)
+    load = _workload(_names(2), 120, rate=10.0, share=0.6)
     result = _run(_fleet(4, _names(2), serving=2), load)
     assert result.summary.ok == len(load)
     for_model = sum(r.model == MODEL for r in load.requests)

@@ -19,7 +19,7 @@ Bad parameters raise :class:`~sage_llm.errors.ConfigError` naming the parameter.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TypeAlias
 
@@ -83,6 +83,7 @@ __all__ = [
     "text_prompt",
     "token_block",
     "trace_replay",
+    "with_adapters",
     "with_priorities",
 ]
 
@@ -145,6 +146,46 @@ def with_priorities(
         **workload.params,
         "priority_mix": {p.name.lower(): w for p, w in weights.items()},
         "priority_seed": seed,
+    }
+    return replace(workload, requests=tuple(requests), params=params)
+
+
+def with_adapters(
+    workload: Workload,
+    adapters: Sequence[str],
+    *,
+    zipf: float = 1.0,
+    share: float = 1.0,
+    seed: int = 0,
+) -> Workload:
+    """Requests for LoRA adapters: ``share`` of the sessions (of the requests, where they
+    have none) ask for one of ``adapters`` (their ``model``), the k-th (from 0) in
+    proportion to ``1 / (k + 1) ** zipf`` (0: all alike; 1, the default: Zipf's law); the
+    others keep the model they asked for. Requests of one session ask for the same."""
+    names = list(adapters)
+    check_arg(bool(names), "adapters", "no adapters given")
+    check_arg(all(isinstance(n, str) and n for n in names), "adapters", "names must be strings")
+    check_arg(len(set(names)) == len(names), "adapters", "an adapter is named twice")
+    check_arg(zipf >= 0 and math.isfinite(zipf), "zipf", f"zipf must be >= 0, got {zipf}")
+    check_arg(0.0 <= share <= 1.0, "share", f"share must be within [0, 1], got {share}")
+    weights = np.array([1.0 / (k + 1) ** zipf for k in range(len(names))])
+    groups = list(dict.fromkeys(r.session_id or r.request_id for r in workload))
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(names), size=len(groups), p=weights / weights.sum())
+    asks = rng.random(len(groups)) < share
+    chosen = {
+        g: names[int(k)] if ask else None for g, k, ask in zip(groups, picks, asks, strict=True)
+    }
+    requests = []
+    for r in workload:
+        name = chosen[r.session_id or r.request_id]
+        requests.append(r if name is None else evolve(r, model=name))
+    params = {
+        **workload.params,
+        "adapters": len(names),
+        "adapter_zipf": zipf,
+        "adapter_share": share,
+        "adapter_seed": seed,
     }
     return replace(workload, requests=tuple(requests), params=params)
 
