@@ -40,7 +40,7 @@ def test_engines_that_schedule_by_priority_keep_critical_requests_first(
     ttft = {}
     for policy in ("fcfs", "priority"):
         result = script.run(load, 1, 256, policy, 0)
-        _, crit, _ = script.by_priority(result)[RequestPriority.CRITICAL]
+        _, crit, _ = script.by_priority(result.measurements)[RequestPriority.CRITICAL]
         ttft[policy] = sorted(crit)[len(crit) // 2]
     assert ttft["priority"] * 3 < ttft["fcfs"]
 
@@ -49,3 +49,16 @@ def test_main_refuses_a_bad_rate(script: ModuleType) -> None:
     with pytest.raises(SystemExit) as info:
         script.main(["--rate", "0"])
     assert info.value.code == 2
+
+
+def test_main_pools_the_seeds_requests(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert script.main(["--requests", "20", "--rate", "2", "--seeds", "2", "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "seeds 4–5 (their requests together)" in out
+    answered = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| cap ")]
+    assert len(answered) >= 8  # four setups, each priority drawn
+    for setup in range(4):
+        rows = answered[setup * len(answered) // 4 : (setup + 1) * len(answered) // 4]
+        assert sum(int(cell.split("/")[1]) for cell in rows) == 40
