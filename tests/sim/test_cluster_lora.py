@@ -95,7 +95,9 @@ def test_an_adapters_requests_run_only_where_it_is_served() -> None:
     assert done["e2"] + done["e3"] > 0
 
 
-def test_a_name_no_instance_serves_is_refused_as_the_control_plane_refuses_it() -> None:
+def test_names_are_read_as_the_control_plane_reads_them() -> None:
+    """An adapter's name, SGLang's ``MODEL:ADAPTER``, and a name no instance serves
+    (refused as the control plane refuses it)."""
     rng = random.Random(0)
     prompt = " ".join(rng.choice(["a", "b", "c"]) for _ in range(40))
     n = count_tokens(prompt)
@@ -104,11 +106,12 @@ def test_a_name_no_instance_serves_is_refused_as_the_control_plane_refuses_it() 
         (
             WorkloadRequest("ok", 0.0, prompt, n, 8, model="lora-0"),
             WorkloadRequest("bad", 0.1, prompt, n, 8, model="lora-9"),
+            WorkloadRequest("sglang", 0.2, prompt, n, 8, model=f"{MODEL}:lora-0"),
         ),
     )
     result = _run(_fleet(2, _names(1)), load)
     by_id = {m.request_id: m for m in result.measurements}
-    assert by_id["ok"].ok
+    assert by_id["ok"].ok and by_id["sglang"].ok  # (SGLang's name for the adapter)
     assert not by_id["bad"].ok and by_id["bad"].error is not None
     assert by_id["bad"].error.startswith("ModelNotFoundError: no instance serves model 'lora-9'")
 

@@ -73,8 +73,12 @@ def _lora_fleet(max_loras: int = 2) -> FleetState:
 def test_adapters_resolve_to_their_model_and_the_instances_not_serving_them() -> None:
     fleet = _lora_fleet()
     assert fleet.adapter_model == {"a": "llama-3-8b", "b": "llama-3-8b"}
-    assert fleet.without_adapter("a") == frozenset()
-    assert fleet.without_adapter("b") == {"sim-4", "sim-5"}
+    assert fleet.without_adapter("llama-3-8b", "a") == frozenset()
+    assert fleet.without_adapter("llama-3-8b", "b") == {"sim-4", "sim-5"}
+    assert fleet.resolve("b") == ("llama-3-8b", "b")
+    assert fleet.resolve("llama-3-8b") == ("llama-3-8b", None)
+    assert fleet.resolve("llama-3-8b:b") == ("llama-3-8b", "b")  # SGLang's name
+    assert fleet.resolve("llama-3-8b:z") is None and fleet.resolve("z") is None
 
 
 def test_where_an_adapter_runs_with_a_free_slot_is_added() -> None:

@@ -95,7 +95,8 @@ class ClusterSimulator:
     third of the time per request.
 
     A workload request whose ``model`` is a LoRA adapter an instance serves (its
-    ``lora_adapters``; the engines' slots are its metadata's ``sim_max_loras``) runs on
+    ``lora_adapters``; the engines' slots are its metadata's ``sim_max_loras``), by its
+    name or SGLang's ``MODEL:ADAPTER``, runs on
     the instances of its model serving it. ``lora_slot_routing`` routes it by their LoRA
     slots, as the control plane's setting of that name does.
     """

@@ -129,8 +129,8 @@ class SimControlPlane:
         adapter = None
         if model is None:
             model = self._only_model
-        elif model not in groups and (base := fleet.adapter_model.get(model)) is not None:
-            model, adapter = base, model  # a LoRA adapter: its instances of its model
+        elif model not in groups and (named := fleet.resolve(model)) is not None:
+            model, adapter = named  # a LoRA adapter: its instances of its model
         if model is None or model not in groups:
             what = "model_name is required when several models are served"
             if model is not None:
@@ -166,7 +166,7 @@ class SimControlPlane:
             hashes,
             None,
             None,
-            _NO_EXCLUSIONS if adapter is None else fleet.without_adapter(adapter),
+            _NO_EXCLUSIONS if adapter is None else fleet.without_adapter(model, adapter),
             0,
             {},
             None,

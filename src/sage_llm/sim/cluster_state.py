@@ -81,7 +81,8 @@ class FleetState:
             for name in sorted(s.state.adapters):
                 if name not in self.groups:
                     self.adapter_model.setdefault(name, s.model)
-        self._without: dict[str, frozenset[str]] = {}
+        self._without: dict[tuple[str, str], frozenset[str]] = {}
+        self._named: dict[str, tuple[str, str | None] | None] = {}
         self.lora_runs: dict[str, dict[int, None]] = {}
         """The instances (by index) with a call for a LoRA adapter in flight, by adapter
         (added to a sampled model's snapshot for that adapter's requests)."""
@@ -164,14 +165,29 @@ class FleetState:
             running = self._lora_others.union(running)
         return LoraFleet(free, running, self._lora_served[model])
 
-    def without_adapter(self, adapter: str) -> frozenset[str]:
-        """The instances of the LoRA ``adapter``'s model that do not serve it."""
-        out = self._without.get(adapter)
+    def without_adapter(self, model: str, adapter: str) -> frozenset[str]:
+        """The instances of ``model`` that do not serve its LoRA ``adapter``."""
+        out = self._without.get((model, adapter))
         if out is None:
-            group = self.groups[self.adapter_model[adapter]]
+            group = self.groups[model]
             out = frozenset(s.instance_id for s in group if adapter not in s.state.adapters)
-            self._without[adapter] = out
+            self._without[(model, adapter)] = out
         return out
+
+    def resolve(self, name: str) -> tuple[str, str | None] | None:
+        """What a request's ``model`` names, as the control plane reads it: (the model,
+        None) for a model served here; (its model, the adapter) for a LoRA adapter served
+        here, by its name or SGLang's ``MODEL:ADAPTER``; None for neither."""
+        if name in self.groups:
+            return name, None
+        base = self.adapter_model.get(name)
+        if base is not None:
+            return base, name
+        if name not in self._named:  # (once per name: the registry reads every instance)
+            if len(self._named) >= _STICKY_CACHE:
+                self._named.clear()
+            self._named[name] = self.registry.split_adapter(name)
+        return self._named[name]
 
     # -- snapshots -------------------------------------------------------------------------
 
