@@ -107,6 +107,15 @@ def listening() -> Iterator[int]:
         (["demo", "--seed", "-1"], "Invalid value for '--seed': must be >= 0, got -1"),
         (["bench", "pd", "--seed", "-1"], "Invalid value for '--seed': must be >= 0, got -1"),
         (["bench", "compare", "--seed", "-2"], "Invalid value for '--seed': must be >= 0"),
+        (
+            ["bench", "compare", "--lora-adapters", "-1"],
+            "Invalid value for '--lora-adapters': must be >= 0",
+        ),
+        (["bench", "compare", "--max-loras", "0"], "Invalid value for '--max-loras'"),
+        (
+            ["bench", "compare", "--overload", "--lora-adapters", "4"],
+            "--overload runs its own workload, presets and fleet: --lora-adapters does not apply",
+        ),
         (["bench", "pd", "--speed", "-1"], "Invalid value for '--speed': must be a finite number"),
         (["bench", "pd", "--speed", "0"], "Invalid value for '--speed'"),
         (

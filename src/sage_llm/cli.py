@@ -425,8 +425,8 @@ def serve(
         _fail(f"cannot listen on {bind_host}:{bind_port}: {reason}")
 
 
-def _seed(value: int | None) -> int | None:
-    """A workload seed: numpy's generators take no negative one."""
+def _non_negative(value: int | None) -> int | None:
+    """A count, or a workload seed (numpy's generators take no negative one)."""
     if value is not None and value < 0:
         raise typer.BadParameter(f"must be >= 0, got {value}")
     return value
@@ -447,7 +447,7 @@ def demo(
         typer.Option(help="New sessions per second in part 2 (not part 1).", callback=_positive),
     ] = 9.0,
     seed: Annotated[
-        int, typer.Option(help="Workload seed (both parts), >= 0.", callback=_seed)
+        int, typer.Option(help="Workload seed (both parts), >= 0.", callback=_non_negative)
     ] = 0,
 ) -> None:
     """Run a short workload through a simulated fleet under several presets, side by side.
@@ -566,7 +566,9 @@ def engine_sim(
             help="Prefix caching (default: on).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of generated text, >= 0.", callback=_seed)] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of generated text, >= 0.", callback=_non_negative)
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_format: Annotated[str, typer.Option(help=_ENGINE_LOG_FORMAT_HELP)] = "text",
     faults: Annotated[
@@ -1081,8 +1083,19 @@ def bench_compare(
         bool,
         typer.Option(help="Instead: fifo vs priority vs slo_aware at 2x capacity (virtual time)."),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Workload seed, >= 0.", callback=_seed)] = 0,
+    seed: Annotated[int, typer.Option(help="Workload seed, >= 0.", callback=_non_negative)] = 0,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("bench-out/compare"),
+    lora_adapters: Annotated[
+        int,
+        typer.Option(
+            help="LoRA adapters every engine serves; requests ask for them by Zipf's law.",
+            callback=_non_negative,
+        ),
+    ] = 0,
+    max_loras: Annotated[
+        int,
+        typer.Option(help="Adapters one engine's batch may hold.", callback=_at_least_one),
+    ] = 1,
 ) -> None:
     """sage-llm presets and peer routers over the same simulated engines, side by side."""
     from sage_llm.bench.compare import compare_main, overload_main
@@ -1091,7 +1104,7 @@ def bench_compare(
         unused = [
             f"--{name.replace('_', '-')}"
             for name in ("workload", "presets", "peers", "peer_policies", "rate", "rates",
-                         "load", "speed", "max_concurrent")
+                         "load", "speed", "max_concurrent", "lora_adapters", "max_loras")
             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
         ]  # fmt: skip
         if unused:
@@ -1112,7 +1125,7 @@ def bench_compare(
                 peer_policies=_split(peer_policies) or None,
                 engines=engines, rate=rate, rates=[float(r) for r in _split(rates)], load=load,
                 duration_s=duration_s, speed=speed, max_concurrent=max_concurrent, seed=seed,
-                out=out,
+                out=out, lora_adapters=lora_adapters, max_loras=max_loras,
             )  # fmt: skip
     except SageLLMError as exc:
         _fail(_as_option(exc, set(ctx.params)))
@@ -1136,7 +1149,7 @@ def bench_pd(
         float, typer.Option(help="Time compression of the real-time part.", callback=_positive)
     ] = 2.0,
     include_70b: Annotated[bool, typer.Option(help="Include the 70B TP4 fleets.")] = True,
-    seed: Annotated[int, typer.Option(help="Workload seed, >= 0.", callback=_seed)] = 0,
+    seed: Annotated[int, typer.Option(help="Workload seed, >= 0.", callback=_non_negative)] = 0,
     n_long: Annotated[int, typer.Option(min=0, help="Long-prompt requests per fleet.")] = 120,
     long_rate: Annotated[
         float, typer.Option(help="Long-prompt arrivals per second.", callback=_positive)

@@ -19,6 +19,7 @@ from sage_llm.bench.compare import (
     CompareConfig,
     as_text_prompts,
     build_workload,
+    calibrate_capacity,
     check_workload,
     compare_main,
     overload_compare,
@@ -206,6 +207,43 @@ def test_compare_config_validates() -> None:
     assert info.value.key == "peer_policies"
 
 
+def test_lora_adapters_reach_the_workload_the_engines_and_the_gateways_config() -> None:
+    cfg = CompareConfig(workload="synthetic", peers=(), lora_adapters=3, max_loras=2)
+    assert cfg.adapter_names == ["lora-0", "lora-1", "lora-2"]
+    workload = cfg.workload_at(10.0, 20.0)
+    assert {r.model for r in workload} == {"lora-0", "lora-1", "lora-2"}
+    assert cfg.engine_args() == [
+        "--lora-modules=lora-0", "--lora-modules=lora-1", "--lora-modules=lora-2",
+        "--max-loras=2",
+    ]  # fmt: skip
+    plain = CompareConfig(workload="synthetic", peers=())
+    assert plain.engine_args() == [] and {r.model for r in plain.workload_at(10.0, 2.0)} == {
+        plain.model
+    }
+    text = sage_config_toml(
+        Preset("p", "fifo", "load_balanced"), ["http://127.0.0.1:8001"], model="m",
+        max_concurrent=8, lora_adapters=cfg.adapter_names,
+    )  # fmt: skip
+    (instance,) = parse_config(text).execution_instances()
+    assert instance.lora_adapters == ["lora-0", "lora-1", "lora-2"]
+    for bad in ({"lora_adapters": -1}, {"max_loras": 0}):
+        with pytest.raises(ConfigError) as info:
+            CompareConfig(peers=(), **bad)  # type: ignore[arg-type]
+        assert info.value.key == next(iter(bad))
+
+
+def test_calibration_counts_the_engines_lora_slots() -> None:
+    """With more adapters in use than a batch holds, the fleet serves fewer requests a
+    second than for the model alone."""
+    cfg = CompareConfig(workload="synthetic", peers=(), lora_adapters=8, max_loras=1)
+    probe = cfg.workload_at(1.0, 300)
+    plain = calibrate_capacity(
+        replace(probe, requests=tuple(replace(r, model=None) for r in probe)), engines=2
+    )
+    lora = calibrate_capacity(probe, engines=2, lora_adapters=cfg.adapter_names, max_loras=1)
+    assert 0 < lora < plain * 0.8
+
+
 def test_a_rate_a_trace_cannot_supply_is_refused_before_any_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,6 +319,19 @@ def _peers_required() -> bool:
 
 
 @pytest.mark.slow
+def test_run_compare_with_lora_adapters_end_to_end(tmp_path: Path) -> None:
+    """Two engine-sim processes serving 4 adapters (one a batch) behind `sage-llm serve`:
+    every request, each for an adapter, completes."""
+    cfg = CompareConfig(
+        workload="synthetic", presets=(Preset("fifo + load_balanced", "fifo", "load_balanced"),),
+        peers=(), engines=2, rates=(4.0,), duration_s=2.0, out=tmp_path, lora_adapters=4,
+    )  # fmt: skip
+    result = asyncio.run(run_compare(cfg))
+    (entry,) = result.entries
+    assert entry.summary.count == 8 and entry.summary.ok == 8, entry.summary.errors
+    assert result.config.to_dict()["lora_adapters"] == 4
+
+
 def test_run_compare_with_both_peers(tmp_path: Path) -> None:
     """Both peer routers (round_robin) over one engine-sim each: every request completes
     and the target check compares against the best of them (the one peer test; installs

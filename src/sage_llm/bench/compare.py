@@ -62,6 +62,7 @@ from sage_llm.bench.workloads import (
     sharegpt_like,
     synthetic,
     trace_replay,
+    with_adapters,
     with_priorities,
 )
 from sage_llm.engines.metrics_scrape import Samples
@@ -211,18 +212,28 @@ def calibrate_capacity(
     model: str = "llama-3-8b",
     max_concurrent: int = 100_000,
     seed: int = 0,
+    lora_adapters: Sequence[str] = (),
+    max_loras: int = 1,
 ) -> float:
     """Requests/s the fleet sustains on ``workload``: its requests arrive compressed to
     1000 req/s, far above any fleet's capacity (in-process simulator, virtual time,
     ``fifo + load_balanced``, ``max_concurrent``
     requests per instance: by default no control-plane limit) and
     :func:`steady_throughput` of the completions is the capacity. Give a workload of a
-    few hundred requests so that the fleet saturates."""
+    few hundred requests so that the fleet saturates. ``lora_adapters``: each engine
+    serves them, ``max_loras`` in a batch."""
     squeezed = scale_rate(workload, 1000.0)
     result = run_preset(
         Preset("calibration", "fifo", "load_balanced"),
         squeezed,
-        lambda: demo_fleet(engines, model=model, gpu=gpu, max_concurrent=max_concurrent),
+        lambda: demo_fleet(
+            engines,
+            model=model,
+            gpu=gpu,
+            max_concurrent=max_concurrent,
+            lora_adapters=lora_adapters,
+            max_loras=max_loras,
+        ),
         seed=seed,
     )
     return steady_throughput([m.end_s for m in result.measurements if m.ok])
@@ -261,12 +272,19 @@ class CompareConfig:
     seed: int = 0
     slo: SLO = DEMO_SLO
     out: Path = Path("bench-out/compare")
+    lora_adapters: int = 0
+    """LoRA adapters every engine serves (``lora-0`` …); the workload's requests ask for
+    them by Zipf's law (:func:`~sage_llm.bench.workloads.with_adapters`). 0: none."""
+    max_loras: int = 1
+    """Adapters one engine's batch may hold (engine-sim's ``--max-loras``)."""
 
     def __post_init__(self) -> None:
         from sage_llm.bench.peers import get_spec
 
         check_workload(self.workload)
-        for key in ("engines", "max_concurrent"):
+        if self.lora_adapters < 0:
+            raise ConfigError(f"must be >= 0, got {self.lora_adapters}", key="lora_adapters")
+        for key in ("engines", "max_concurrent", "max_loras"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", key=key)
         for key in ("speed", "load", "duration_s"):
@@ -290,6 +308,26 @@ class CompareConfig:
             if not self.peer_policies.get(peer):
                 raise ConfigError(f"no policies for peer {peer!r}", key="peer_policies")
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters the engines serve."""
+        return [f"lora-{k}" for k in range(self.lora_adapters)]
+
+    def workload_at(self, rate: float, duration_s: float) -> Workload:
+        """The run's workload at ``rate`` for ``duration_s`` (:func:`build_workload`), its
+        requests for the adapters when the engines serve some."""
+        w = build_workload(
+            self.workload, rate=rate, duration_s=duration_s, seed=self.seed, model=self.model
+        )
+        return with_adapters(w, self.adapter_names, seed=self.seed) if self.lora_adapters else w
+
+    def engine_args(self) -> list[str]:
+        """engine-sim's arguments for the adapters it serves (none without)."""
+        if not self.lora_adapters:
+            return []
+        args = [f"--lora-modules={name}" for name in self.adapter_names]
+        return [*args, f"--max-loras={self.max_loras}"]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["presets"] = [p.name for p in self.presets]
@@ -309,8 +347,10 @@ def sage_config_toml(
     max_concurrent: int,
     seed: int = 0,
     engine_stream: str = "sampled",
+    lora_adapters: Sequence[str] = (),
 ) -> str:
-    """A ``sage-llm serve`` config: ``preset`` over the engines at ``urls`` (HTTP mode)."""
+    """A ``sage-llm serve`` config: ``preset`` over the engines at ``urls`` (HTTP mode),
+    each serving ``lora_adapters`` too."""
     lines = [
         "[services.llm_control_plane]",
         'type = "ControlPlaneVLLMService"',
@@ -336,6 +376,8 @@ def sage_config_toml(
             f"model_name = {json.dumps(model)}",
             f"max_concurrent_requests = {max_concurrent}",
         ]
+        if lora_adapters:
+            lines.append(f"lora_adapters = {json.dumps(list(lora_adapters))}")
     return "\n".join(lines) + "\n"
 
 
@@ -356,6 +398,7 @@ async def sage_gateway(
     engine_stream: str = "sampled",
     env: Mapping[str, str] | None = None,
     command: Sequence[str] | None = None,
+    lora_adapters: Sequence[str] = (),
 ) -> AsyncIterator[ManagedProcess]:
     """``sage-llm serve`` in its own process over ``urls`` (``env``: its environment, for
     instance a ``PYTHONPATH`` that runs another checkout's code; ``command``: the program
@@ -364,7 +407,7 @@ async def sage_gateway(
     config = log_dir / f"sage-{port}.toml"
     text = sage_config_toml(
         preset, urls, model=model, max_concurrent=max_concurrent, seed=seed,
-        engine_stream=engine_stream,
+        engine_stream=engine_stream, lora_adapters=lora_adapters,
     )  # fmt: skip
     await asyncio.to_thread(_write, config, text)
     program = [sys.executable, "-m", "sage_llm.cli"] if command is None else list(command)
@@ -385,6 +428,7 @@ async def _run_sage(
         max_concurrent=cfg.max_concurrent,
         log_dir=cfg.out / "logs",
         seed=cfg.seed,
+        lora_adapters=cfg.adapter_names,
     ) as gateway:
         report = await run_http_workload(gateway.url, workload, model=cfg.model)
     return _entry(preset.name, "sage", report.measurements, report.duration_s, cfg, report)
@@ -500,10 +544,7 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
     rates = cfg.rates
     if not rates:
         try:
-            probe = build_workload(
-                cfg.workload, rate=1.0, duration_s=CALIBRATION_REQUESTS, seed=cfg.seed,
-                model=cfg.model,
-            )  # fmt: skip
+            probe = cfg.workload_at(1.0, CALIBRATION_REQUESTS)
         except ConfigError as exc:
             if not cfg.workload.startswith("trace:"):
                 raise
@@ -517,8 +558,9 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
             ) from None
         say("calibrating capacity on virtual time")
         capacity = await asyncio.to_thread(
-            calibrate_capacity, probe, engines=cfg.engines, gpu=cfg.gpu, model=cfg.model
-        )
+            calibrate_capacity, probe, engines=cfg.engines, gpu=cfg.gpu, model=cfg.model,
+            lora_adapters=cfg.adapter_names, max_loras=cfg.max_loras,
+        )  # fmt: skip
         rates = (cfg.load * capacity,)
         say(f"capacity {capacity:.2f} req/s; offering {rates[0]:.2f} req/s")
     contenders: list[tuple[str, str, Preset | None]] = [
@@ -526,12 +568,7 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
     ] + [("peer", f"{peer} {pol}", None) for peer in cfg.peers for pol in cfg.peer_policies[peer]]
     # every rate's workload, and every peer's install, before the first run: a rate a trace
     # cannot supply, or a peer that does not install, had thrown the runs before away
-    workloads = [
-        build_workload(
-            cfg.workload, rate=rate, duration_s=cfg.duration_s, seed=cfg.seed, model=cfg.model
-        )
-        for rate in rates
-    ]
+    workloads = [cfg.workload_at(rate, cfg.duration_s) for rate in rates]
     if cfg.peers:
         from sage_llm.bench.peers import ensure_peer
 
@@ -543,8 +580,9 @@ async def run_compare(cfg: CompareConfig, progress: Progress | None = None) -> C
         for _kind, name, preset in contenders:
             say(f"{name} @ {rate:.2f} req/s: starting {cfg.engines} engines")
             async with await start_engine_sims(
-                cfg.engines, model=cfg.model, gpu=cfg.gpu, speed=cfg.speed
-            ) as fleet:
+                cfg.engines, model=cfg.model, gpu=cfg.gpu, speed=cfg.speed,
+                extra_args=cfg.engine_args(),
+            ) as fleet:  # fmt: skip
                 say(f"{name} @ {rate:.2f} req/s: {len(workload)} requests")
                 before = await prefix_snapshot(fleet)
                 if preset is not None:
@@ -602,13 +640,17 @@ def compare_main(
     seed: int = 0,
     out: Path = Path("bench-out/compare"),
     console: Console | None = None,
+    lora_adapters: int = 0,
+    max_loras: int = 1,
 ) -> int:
     """Entry point of ``sage-llm bench compare``; returns the exit status (0 on success).
 
     ``presets`` are ``policy+routing`` strings (default: the demo's five);
     ``peer_policies`` replaces :data:`PEER_POLICIES` for every peer; ``rate`` or
     ``rates`` fix the offered rate(s), otherwise ``load`` × calibrated capacity is used.
-    A trace runs on :data:`TRACE_MODEL`, whose context holds its long prompts."""
+    A trace runs on :data:`TRACE_MODEL`, whose context holds its long prompts.
+    ``lora_adapters``: every engine serves that many LoRA adapters (``max_loras`` in a
+    batch) and the requests ask for them (:attr:`CompareConfig.lora_adapters`)."""
     if rate is not None and rates:
         raise ConfigError("give rate or rates, not both", key="rate")
     policies = {  # the peers that run only
@@ -641,6 +683,8 @@ def compare_main(
         max_concurrent=max_concurrent,
         seed=seed,
         out=out,
+        lora_adapters=lora_adapters,
+        max_loras=max_loras,
     )
     with console.status("starting …") as status:
         result = asyncio.run(run_compare(cfg, lambda msg: status.update(msg)))

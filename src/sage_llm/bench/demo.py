@@ -19,6 +19,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -55,9 +56,19 @@ DEMO_PRESETS: tuple[Preset, ...] = (
 
 
 def demo_fleet(
-    n: int = 4, *, model: str = "llama-3-8b", gpu: str = "l40s", max_concurrent: int = 16
+    n: int = 4,
+    *,
+    model: str = "llama-3-8b",
+    gpu: str = "l40s",
+    max_concurrent: int = 16,
+    lora_adapters: Sequence[str] = (),
+    max_loras: int = 1,
 ) -> list[ExecutionInstance]:
-    """``n`` simulated instances; the concurrency bound makes the control plane queue."""
+    """``n`` simulated instances; the concurrency bound makes the control plane queue.
+    Each serves ``lora_adapters`` too, ``max_loras`` of them in a batch."""
+    metadata: dict[str, Any] = {"sim_gpu": gpu, "sim_model": model}
+    if lora_adapters:
+        metadata["sim_max_loras"] = max_loras
     return [
         ExecutionInstance(
             instance_id=f"sim-{i}",
@@ -65,7 +76,8 @@ def demo_fleet(
             port=8100 + i,
             model_name=model,
             max_concurrent_requests=max_concurrent,
-            metadata={"sim_gpu": gpu, "sim_model": model},
+            lora_adapters=list(lora_adapters),
+            metadata=dict(metadata),
         )
         for i in range(n)
     ]
