@@ -82,7 +82,9 @@ class FleetState:
                 if name not in self.groups:
                     self.adapter_model.setdefault(name, s.model)
         self._without: dict[tuple[str, str], frozenset[str]] = {}
+        """The instances of a model that do not serve one of its adapters, by both."""
         self._named: dict[str, tuple[str, str | None] | None] = {}
+        """What other names requests asked for resolved to (:meth:`resolve`)."""
         self.lora_runs: dict[str, dict[int, None]] = {}
         """The instances (by index) with a call for a LoRA adapter in flight, by adapter
         (added to a sampled model's snapshot for that adapter's requests)."""
