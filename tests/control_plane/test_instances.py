@@ -467,3 +467,13 @@ def test_lora_slots_left_count_the_calls_in_flight_and_another_clients_adapters(
     assert state.lora_in_flight == {}
     state.lora_others = frozenset({"b", "c", "d", "e"})
     assert state.lora_slots_left() == 0  # never below 0
+
+
+def test_stats_read_give_another_clients_adapters_apart_from_ours() -> None:
+    state = InstanceRegistry().add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    state.lora_call_started("a")
+    stats = EngineStats(max_lora=2, lora_adapters=frozenset({"a", "b", "c"}))
+    state.note_stats(stats, ours=["c"])  # c: a call of ours that ended while it was read
+    assert state.last_stats is stats and state.lora_others == {"b"}
+    state.note_stats(EngineStats(max_lora=2))
+    assert state.lora_others == frozenset()

@@ -519,10 +519,7 @@ class HealthMonitor:
         except Exception as exc:  # stats are advisory; health decides
             log.debug("stats of %s failed: %r", state.instance_id, exc)
             return
-        state.last_stats = stats
-        if stats.lora_adapters or state.lora_others:  # (ours: while it was read)
-            ours.update(state.lora_in_flight)
-            state.lora_others = stats.lora_adapters.difference(ours)
+        state.note_stats(stats, ours)
         if stats.max_lora or state.lora_in_flight:
             self.metrics.set_lora_slots(state.instance_id, state.lora_slots_left())
         if state.breaker.routable:  # not ejected while the stats were read

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -451,6 +451,14 @@ class InstanceState:
             calls[adapter] = left
         else:
             del calls[adapter]
+
+    def note_stats(self, stats: EngineStats, ours: Iterable[str] = ()) -> None:
+        """Its engine's stats, just read: :attr:`last_stats`, and :attr:`lora_others` from
+        their adapters (those of a call in flight here, now or when the stats were asked
+        for, ``ours``, are this control plane's)."""
+        self.last_stats = stats
+        if stats.lora_adapters or self.lora_others:
+            self.lora_others = stats.lora_adapters.difference(self.lora_in_flight, ours)
 
     def lora_slots_left(self) -> int | None:
         """The LoRA slots of its engine's batch (vLLM's ``--max-loras``, from its stats)

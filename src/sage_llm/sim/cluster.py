@@ -96,9 +96,9 @@ class ClusterSimulator:
 
     A workload request whose ``model`` is a LoRA adapter an instance serves (its
     ``lora_adapters``; the engines' slots are its metadata's ``sim_max_loras``), by its
-    name or SGLang's ``MODEL:ADAPTER``, runs on
-    the instances of its model serving it. ``lora_slot_routing`` routes it by their LoRA
-    slots, as the control plane's setting of that name does.
+    name or SGLang's ``MODEL:ADAPTER``, runs on the instances of its model serving it.
+    ``lora_slot_routing`` routes it by their LoRA slots, as the control plane's setting of
+    that name does.
     """
 
     def __init__(
@@ -345,10 +345,7 @@ class ClusterSimulator:
         """The stats loop: every instance's engine figures into its view; re-arm while
         anything is left to happen."""
         for slot in self._slots:
-            state = slot.state
-            state.last_stats = stats = stats_while_stepping(slot.core.stats(), slot.result)
-            if stats.lora_adapters or state.lora_others:  # as HealthMonitor.read_stats
-                state.lora_others = stats.lora_adapters.difference(state.lora_in_flight)
+            slot.state.note_stats(stats_while_stepping(slot.core.stats(), slot.result))
             self.fleet.mark(slot)
         if self.fleet.sampled_models and self.fleet.adapter_model:
             self.fleet.refresh_lora()
