@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from sage_llm.bench.cli_args import open_loop_args
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.stats import BenchSummary
-from sage_llm.bench.workloads import Workload, synthetic, with_adapters
+from sage_llm.bench.workloads import Workload, lora_names, synthetic, with_adapters
 from sage_llm.sim.cluster import ClusterSimulator
 from sage_llm.types import ExecutionInstance
 
@@ -76,16 +76,12 @@ SCENARIOS = (
 )
 
 
-def adapter_names(n: int) -> list[str]:
-    return [f"lora-{k}" for k in range(n)]
-
-
 def workload(used: int, requests: int, rate: float, seed: int) -> Workload:
     """``requests`` Poisson arrivals at ``rate`` a second, prompts of 200–1200 tokens and
     answers of 50–300, each for one of ``used`` adapters by a Zipf law (the k-th in
     proportion to 1/k)."""
     base = synthetic(requests, rate, "uniform:200,1200", "uniform:50,300", seed=seed)
-    return with_adapters(base, adapter_names(used), seed=seed)
+    return with_adapters(base, lora_names(used), seed=seed)
 
 
 def fleet(engines: int, scenario: Scenario) -> list[ExecutionInstance]:
@@ -96,7 +92,7 @@ def fleet(engines: int, scenario: Scenario) -> list[ExecutionInstance]:
             "127.0.0.1",
             9000 + i,
             MODEL,
-            lora_adapters=adapter_names(scenario.served),
+            lora_adapters=lora_names(scenario.served),
             metadata={"sim_gpu": "h100", "sim_max_loras": scenario.max_loras},
         )
         for i in range(engines)

@@ -9,7 +9,13 @@ import random
 import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
-from sage_llm.bench.workloads import Workload, WorkloadRequest, synthetic, with_adapters
+from sage_llm.bench.workloads import (
+    Workload,
+    WorkloadRequest,
+    lora_names,
+    synthetic,
+    with_adapters,
+)
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator
 from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstance
@@ -17,10 +23,6 @@ from tests.factories import make_instance
 from tests.sim.agreement import assert_same_requests
 
 MODEL = "llama-3-8b"
-
-
-def _names(n: int) -> list[str]:
-    return [f"lora-{k}" for k in range(n)]
 
 
 def _fleet(
@@ -61,10 +63,10 @@ def test_agrees_with_the_asyncio_control_plane(slots: bool) -> None:
     every request runs as it does through the control plane over in-process simulated
     engines (routed only by who serves them, requests wait in the engines for slots, and
     the first decision taken apart would send the rest of the run elsewhere)."""
-    load = _workload(_names(8), 300, rate=35.0)
+    load = _workload(lora_names(8), 300, rate=35.0)
 
     def instances() -> list[ExecutionInstance]:
-        return _fleet(4, _names(8))
+        return _fleet(4, lora_names(8))
 
     reference = run_preset(
         Preset("lora", "fifo", "load_balanced"), load, instances, seed=0,
@@ -76,17 +78,17 @@ def test_agrees_with_the_asyncio_control_plane(slots: bool) -> None:
 
 
 def test_routing_by_slots_keeps_batches_from_waiting_for_slots() -> None:
-    load = _workload(_names(8), 300, rate=35.0)
-    by_slots = _run(_fleet(4, _names(8)), load).summary
-    serving_only = _run(_fleet(4, _names(8)), load, slots=False).summary
+    load = _workload(lora_names(8), 300, rate=35.0)
+    by_slots = _run(_fleet(4, lora_names(8)), load).summary
+    serving_only = _run(_fleet(4, lora_names(8)), load, slots=False).summary
     assert by_slots.ttft is not None and serving_only.ttft is not None
     assert by_slots.ttft.p50 < serving_only.ttft.p50 / 5
 
 
 def test_an_adapters_requests_run_only_where_it_is_served() -> None:
     """Two of four engines serve the adapters; requests for the model itself go anywhere."""
-    load = _workload(_names(2), 120, rate=10.0, share=0.6)
-    result = _run(_fleet(4, _names(2), serving=2), load)
+    load = _workload(lora_names(2), 120, rate=10.0, share=0.6)
+    result = _run(_fleet(4, lora_names(2), serving=2), load)
     assert result.summary.ok == len(load)
     for_model = sum(r.model == MODEL for r in load.requests)
     done = {u.instance_id: u.completed for u in result.instances}
@@ -109,7 +111,7 @@ def test_names_are_read_as_the_control_plane_reads_them() -> None:
             WorkloadRequest("sglang", 0.2, prompt, n, 8, model=f"{MODEL}:lora-0"),
         ),
     )
-    result = _run(_fleet(2, _names(1)), load)
+    result = _run(_fleet(2, lora_names(1)), load)
     by_id = {m.request_id: m for m in result.measurements}
     assert by_id["ok"].ok and by_id["sglang"].ok  # (SGLang's name for the adapter)
     assert not by_id["bad"].ok and by_id["bad"].error is not None
@@ -132,9 +134,9 @@ def test_an_adapters_prompt_blocks_are_its_own() -> None:
 
     for routing_reads_prefixes in (False, True):
         kwargs = {"track_prefixes": routing_reads_prefixes}
-        alike = _run(_fleet(1, _names(1)), load([MODEL, MODEL]), **kwargs)
-        apart = _run(_fleet(1, _names(1)), load([MODEL, "lora-0"]), **kwargs)
-        again = _run(_fleet(1, _names(1)), load([MODEL, "lora-0", "lora-0"]), **kwargs)
+        alike = _run(_fleet(1, lora_names(1)), load([MODEL, MODEL]), **kwargs)
+        apart = _run(_fleet(1, lora_names(1)), load([MODEL, "lora-0"]), **kwargs)
+        again = _run(_fleet(1, lora_names(1)), load([MODEL, "lora-0", "lora-0"]), **kwargs)
         assert alike.instances[0].prefix_hit_rate > 0.4
         assert apart.instances[0].prefix_hit_rate == 0.0
         assert again.instances[0].prefix_hit_rate > 0.25
@@ -145,10 +147,10 @@ def test_a_sampled_fleet_packs_as_the_whole_fleet_would() -> None:
     room where its adapter runs, and counts free slots and adapters in demand over the
     whole model. Routing by slots keeps its gain over routing by who serves the adapter,
     near what the unsampled decision gives."""
-    load = _workload(_names(24), 900, rate=130.0)
-    whole = _run(_fleet(16, _names(24)), load).summary
-    sampled = _run(_fleet(16, _names(24)), load, sample_above=8, max_candidates=4)
-    serving_only = _run(_fleet(16, _names(24)), load, slots=False, sample_above=8,
+    load = _workload(lora_names(24), 900, rate=130.0)
+    whole = _run(_fleet(16, lora_names(24)), load).summary
+    sampled = _run(_fleet(16, lora_names(24)), load, sample_above=8, max_candidates=4)
+    serving_only = _run(_fleet(16, lora_names(24)), load, slots=False, sample_above=8,
                         max_candidates=4).summary  # fmt: skip
     assert sampled.decisions.sampled == sampled.decisions.count > 0
     s = sampled.summary

@@ -57,6 +57,7 @@ from sage_llm.bench.stats import SLO, RequestMeasurement, summarize
 from sage_llm.bench.workloads import (
     LogNormal,
     Workload,
+    lora_names,
     multi_turn,
     scale_rate,
     sharegpt_like,
@@ -311,7 +312,7 @@ class CompareConfig:
     @property
     def adapter_names(self) -> list[str]:
         """The adapters the engines serve."""
-        return [f"lora-{k}" for k in range(self.lora_adapters)]
+        return lora_names(self.lora_adapters)
 
     def workload_at(self, rate: float, duration_s: float) -> Workload:
         """The run's workload at ``rate`` for ``duration_s`` (:func:`build_workload`), its

@@ -75,6 +75,7 @@ __all__ = [
     "WorkloadRequest",
     "arrival_times",
     "as_length_dist",
+    "lora_names",
     "multi_turn",
     "scale_rate",
     "sharegpt",
@@ -148,6 +149,12 @@ def with_priorities(
         "priority_seed": seed,
     }
     return replace(workload, requests=tuple(requests), params=params)
+
+
+def lora_names(n: int) -> list[str]:
+    """The names of ``n`` LoRA adapters, as the benchmarks serve and ask for them:
+    ``lora-0`` … ``lora-{n-1}``."""
+    return [f"lora-{k}" for k in range(n)]
 
 
 def with_adapters(
