@@ -16,8 +16,8 @@ Llama-3-8B with the adapters (``sim_max_loras`` slots each); Poisson arrivals at
 one of the adapters in use, by a Zipf law (the k-th adapter asked for in proportion to
 1/k). The simulated engines schedule as vLLM v1 does (sage_llm.sim.core): a batch holds
 at most ``max_loras`` adapters, an adapter brought into a slot costs its step
-``lora_swap_s`` (10 ms), and a step whose batch holds an adapter's request takes 10%
-longer.
+``lora_swap_s`` (3 ms), and a step whose batch holds an adapter's request takes 1.25 ms
+and 1.5 µs per token longer (both measured on an H200: docs/benchmarks.md, "GPU steps").
 
 The scenarios (adapters in use / served, slots per engine): 8/8 with 2 slots, 16/16
 with 4, 4/32 with 2 (many adapters served, few in use), 4/4 with 4 and 2/2 with 4 (slots

@@ -21,6 +21,7 @@ from sage_llm.bench.gpu_steps import (
     swap_seconds,
 )
 from sage_llm.errors import ConfigError
+from sage_llm.sim.core import SimEngineConfig
 from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
 from tests.factories import load_benchmark
 
@@ -142,6 +143,16 @@ def test_lora_costs_a_step_1_2_ms_and_1_5_us_per_token() -> None:
     # four slots side by side, one adapter in the batch: the same cost
     four = lora_fit(run("lora"), max_loras=4)
     assert four.step_s == pytest.approx(fit.step_s, rel=0.05)
+
+
+def test_the_simulators_lora_defaults_are_the_measured_ones() -> None:
+    fit = lora_fit(run("lora"))
+    config = SimEngineConfig()
+    assert config.lora_step_s == pytest.approx(fit.step_s, rel=0.02)
+    assert config.lora_token_s == pytest.approx(fit.token_s, rel=0.02)
+    assert config.lora_step_overhead == 0.0
+    pinned = swap_seconds([run("plain"), run("fused-2")])
+    assert min(pinned) <= config.lora_swap_s <= 1.1 * max(pinned)
 
 
 def test_a_lora_fit_needs_two_steps_beside_their_base() -> None:

@@ -15,7 +15,13 @@ FLAT = LinearStepModel(10_000.0, 0.0, 0.0)
 
 
 def lora_core(**kwargs: object) -> SimEngineCore:
-    settings: dict[str, object] = {"cost_model": FLAT, "lora_swap_s": 0.0}
+    """A core whose LoRA costs are all 0 but those ``kwargs`` set."""
+    settings: dict[str, object] = {
+        "cost_model": FLAT,
+        "lora_swap_s": 0.0,
+        "lora_step_s": 0.0,
+        "lora_token_s": 0.0,
+    }
     settings.update(kwargs)
     return make_core(**settings)
 
@@ -80,6 +86,31 @@ def test_a_step_with_a_lora_request_is_longer_by_the_overhead() -> None:
     assert core.step(1.0).duration_s == pytest.approx(0.01)  # none left: no overhead
 
 
+def test_a_step_with_a_lora_request_is_longer_by_a_constant_and_per_token() -> None:
+    """The measured form: a constant per step, and a cost per token the step computes."""
+    core = lora_core(lora_step_s=0.002, lora_token_s=1e-4)
+    core.add_request("base", prompt(32), 4, arrival=0.0)
+    assert core.step(0.0).duration_s == pytest.approx(0.01)
+    core.add_request("sql", prompt(32, 2000), 2, arrival=0.0, lora="sql")
+    # base decodes 1 token, sql's 32-token prompt is computed: 33 tokens
+    assert core.step(0.01).duration_s == pytest.approx(0.01 + 0.002 + 33e-4)
+    # both decode
+    assert core.step(0.0233).duration_s == pytest.approx(0.01 + 0.002 + 2e-4)
+
+
+def test_the_lora_costs_add_up() -> None:
+    core = lora_core(lora_step_overhead=0.5, lora_step_s=0.002, lora_token_s=1e-4)
+    core.add_request("sql", prompt(32), 2, arrival=0.0, lora="sql")
+    assert core.step(0.0).duration_s == pytest.approx(0.015 + 0.002 + 32e-4)
+
+
+def test_the_default_lora_costs_are_the_ones_measured_on_an_h200() -> None:
+    """docs/benchmarks.md, "GPU steps" (tests/bench/test_gpu_steps.py checks the fit)."""
+    config = make_core().config
+    assert (config.lora_step_s, config.lora_token_s) == (1.25e-3, 1.5e-6)
+    assert (config.lora_swap_s, config.lora_step_overhead) == (0.003, 0.0)
+
+
 def test_bringing_an_adapter_into_a_slot_costs_the_swap_once() -> None:
     core = lora_core(max_loras=1, lora_step_overhead=0.0, lora_swap_s=0.005)
     core.add_request("sql-1", prompt(32), 1, arrival=0.0, lora="sql")
@@ -138,7 +169,13 @@ def test_an_engine_without_lora_requests_reports_no_slots() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("max_loras", 0), ("lora_swap_s", -1.0), ("lora_step_overhead", float("nan"))],
+    [
+        ("max_loras", 0),
+        ("lora_swap_s", -1.0),
+        ("lora_step_overhead", float("nan")),
+        ("lora_step_s", -1e-3),
+        ("lora_token_s", float("inf")),
+    ],
 )
 def test_lora_settings_are_checked(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:

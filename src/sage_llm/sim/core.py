@@ -18,8 +18,8 @@ requests for at most ``max_loras`` adapters; a waiting request for another is pa
 (it keeps its place) while others behind it are admitted. An adapter that is not in one of
 the engine's ``max_loras`` GPU slots is brought in when its first request is admitted (the
 least recently used idle slot gives way), which makes that step ``lora_swap_s`` longer; a
-step whose batch holds a LoRA request takes ``lora_step_overhead`` longer (the adapters'
-own matrix products).
+step whose batch holds a LoRA request takes ``lora_step_s`` plus ``lora_token_s`` per token
+longer (the adapters' own matrix products).
 
 Priority (``scheduling_policy="priority"``, vLLM's ``--scheduling-policy priority``): the
 waiting requests are taken by ``(priority, arrival, request id)``, lower first, a preempted
@@ -185,11 +185,14 @@ class SimEngineConfig:
     LoRA (requests for an adapter only): ``max_loras`` is vLLM's ``--max-loras`` (the
     adapters one batch may hold, and the GPU slots that hold them); ``lora_swap_s`` the
     seconds a step takes longer for each adapter it brings into a slot (vLLM copies it from
-    its CPU cache: a rank-16 adapter of an 8B model is about 40 MB, and published
-    measurements of a warm swap are 5–20 ms); ``lora_step_overhead`` how much longer (0.1 =
-    10%) a step takes while its batch holds a request for an adapter (published figures of
-    vLLM's multi-LoRA kernels: 10–15%). The two are GPU estimates; vLLM's CPU build
-    measured about 1.5× and next to nothing (docs/benchmarks.md, "LoRA slots").
+    its pinned CPU cache); a step whose batch holds a request for an adapter takes
+    ``lora_step_s`` plus ``lora_token_s`` per token it computes longer (the adapters'
+    shrink and expand products over the batch), and ``lora_step_overhead`` times its
+    length on top (0.1 = 10%; 0 by default). The defaults were measured on an H200 with
+    Llama-3-8B's shape and rank 16 (docs/benchmarks.md, "GPU steps": 1.245 ms + 1.50 µs
+    per token, swaps 2.7–3.0 ms); other models and GPUs differ (the constant grows with the
+    layers, one set of products each). vLLM's CPU build measured about 1.5× a step and next
+    to nothing for a swap (docs/benchmarks.md, "LoRA slots").
 
     ``scheduling_policy`` is vLLM's ``--scheduling-policy``: ``fcfs``, or ``priority``
     (each request's ``priority`` orders the waiting requests and picks who is preempted).
@@ -217,8 +220,10 @@ class SimEngineConfig:
     kv_host: str = "127.0.0.1"
     kv_port: int = 5600
     max_loras: int = 1
-    lora_swap_s: float = 0.01
-    lora_step_overhead: float = 0.1
+    lora_swap_s: float = 0.003
+    lora_step_s: float = 1.25e-3
+    lora_token_s: float = 1.5e-6
+    lora_step_overhead: float = 0.0
     scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
@@ -274,7 +279,13 @@ class SimEngineConfig:
                 raise ConfigError(
                     f"must be a finite number > 0, got {getattr(self, key)!r}", key=key
                 )
-        for key in ("step_jitter", "lora_swap_s", "lora_step_overhead"):
+        for key in (
+            "step_jitter",
+            "lora_swap_s",
+            "lora_step_s",
+            "lora_token_s",
+            "lora_step_overhead",
+        ):
             if not 0 <= getattr(self, key) < math.inf:  # inf had made a step last forever
                 raise ConfigError(
                     f"must be a finite number >= 0, got {getattr(self, key)!r}", key=key
@@ -1225,10 +1236,10 @@ class SimEngineCore:
         if self._waiting and (not res._preempted or not scheduled):
             self._schedule_waiting(now, budget, scheduled, res)
         fast = self._fast_step_time
+        prefill_tokens = 0
         if scheduled:
             prefill: list[PrefillChunk] = []
             decode: list[int] = []
-            prefill_tokens = 0
             for req, n in scheduled:
                 computed = req.num_computed
                 if n == 1 and req.num_prompt + req.num_output - computed == 1:
@@ -1267,7 +1278,12 @@ class SimEngineCore:
             return res
         res.num_decode_tokens = n_decode
         if self._lora_running:  # the batch holds a request for an adapter
-            duration *= 1.0 + self.config.lora_step_overhead
+            config = self.config
+            duration = (
+                duration * (1.0 + config.lora_step_overhead)
+                + config.lora_step_s
+                + config.lora_token_s * (prefill_tokens + n_decode)
+            )
             if self._lora_swaps:
                 duration += self._lora_swaps * self.config.lora_swap_s
                 self._lora_swaps = 0
