@@ -1,20 +1,23 @@
-"""The recorded GPU step timings beside the simulator's cost model, as markdown tables.
+"""GPU step timings beside the simulator's cost model, as markdown tables.
 
-Reads the runs of ``benchmarks/gpu_step_profile.py`` kept under
-``benchmarks/recorded/h200-llama-3-8b/`` (or ``--dir``) and prints the tables of
-docs/benchmarks.md ("GPU steps"): the card's own rates, one layer's projections and MLP by
-tokens, whole steps (fused and plain element-wise work) against
-``RooflineCostModel`` for the same GPU and model, attention alone, and LoRA's extra step
-time with its fit. No GPU is needed::
+Reads runs of ``benchmarks/gpu_step_profile.py`` (their ``gpu_steps.json``; by default the
+H200 runs kept under ``benchmarks/recorded/h200-llama-3-8b/``) and prints what they hold,
+as in docs/benchmarks.md ("GPU steps"): the card's own rates, one layer's projections and
+MLP by tokens, whole steps against ``RooflineCostModel`` for ``--gpu`` and ``--model``
+(the fused runs' median; the plain runs' beside it), attention alone, and LoRA's extra
+step time with its fit. No GPU is needed::
 
     .venv/bin/python benchmarks/gpu_step_compare.py
+    .venv/bin/python benchmarks/gpu_step_compare.py OUT/gpu_steps.json --gpu a100 --model llama-3-8b
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from sage_llm.bench.gpu_steps import (
@@ -31,7 +34,7 @@ from sage_llm.bench.gpu_steps import (
 from sage_llm.sim.costmodel import RooflineCostModel
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("plain", "parts", "fused", "fused-2", "lora")
+RECORDED = ROOT / "benchmarks/recorded/h200-llama-3-8b"
 
 
 def ms(seconds: float) -> str:
@@ -48,19 +51,32 @@ def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def per_tokens(runs: Sequence[GpuRun], kind: str, model: RooflineCostModel) -> dict[int, float]:
+    """A layer's measured seconds by tokens, the median over ``runs``."""
+    times: dict[int, list[float]] = {}
+    for run in runs:
+        for tokens, measured, _ in per_layer(run, kind, model):
+            times.setdefault(tokens, []).append(measured)
+    return {t: statistics.median(v) for t, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks/recorded/h200-llama-3-8b")
-    ap.add_argument("--gpu", default="h200")
-    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument(
+        "runs", nargs="*", type=Path, help="gpu_steps.json files (default: the H200 runs)"
+    )
+    ap.add_argument("--gpu", default="h200", help="the GPU spec to compare with (default h200)")
+    ap.add_argument("--model", default="llama-3-8b", help="the model spec (default llama-3-8b)")
     args = ap.parse_args(argv)
-    runs = {name: load_run(args.dir / f"{name}.json") for name in RUNS}
+    paths = args.runs or sorted(RECORDED.glob("*.json"))
+    runs = [load_run(p) for p in paths]
+    fused_runs = [r for r in runs if r.fused]
+    plain_runs = [r for r in runs if not r.fused]
     model = RooflineCostModel.from_names(args.gpu, args.model)
     gpu_only = RooflineCostModel.from_names(args.gpu, args.model, overhead_s=0.0)
 
-    print("## The card\n")
     rows = []
-    for run in runs.values():
+    for run in runs:
         ceil = {p["what"]: p for p in run.of_kind("ceiling")}
         if ceil:
             rows.append([
@@ -69,97 +85,119 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ceil['matmul_bf16_8192']['tflops']:.0f}",
                 f"{ceil['device_copy_2GiB']['tbps']:.2f}",
             ])  # fmt: skip
-    print(table(["run", "GPU", "bf16 8192³ TFLOP/s", "copy TB/s (read + write)"], rows))
+    if rows:
+        print("## The card\n")
+        print(table(["run", "GPU", "bf16 8192³ TFLOP/s", "copy TB/s (read + write)"], rows))
 
-    print("\n## One layer's projections and MLP (ms)\n")
-    gemm = {t: m for t, m, _ in per_layer(runs["parts"], "gemm", model)}
-    plain = {t: m for t, m, _ in per_layer(runs["parts"], "linear", model)}
-    fused = {t: (m, mod) for t, m, mod in per_layer(runs["fused"], "linear", model)}
-    rows = [
-        [str(t), ms(gemm[t]), ms(fused[t][0]), ms(plain[t]), ms(fused[t][1]),
-         pct(fused[t][1] / gemm[t] - 1)]
-        for t in sorted(gemm)
-    ]  # fmt: skip
-    print(table(["tokens", "products", "+ fused element-wise", "+ plain element-wise",
-                 "model", "model vs products"], rows))  # fmt: skip
+    gemm = per_tokens(runs, "gemm", model)
+    fused = per_tokens(fused_runs, "linear", model)
+    plain = per_tokens(plain_runs, "linear", model)
+    tokens = sorted(gemm.keys() | fused.keys() | plain.keys())
+    if tokens:
+        print("\n## One layer's projections and MLP (ms)\n")
+        rows = []
+        for t in tokens:
+            mod = model.per_layer_time_s(t)
+            rows.append([
+                str(t), *(ms(c[t]) if t in c else "–" for c in (gemm, fused, plain)), ms(mod),
+                pct(mod / gemm[t] - 1) if t in gemm else "–",
+            ])  # fmt: skip
+        print(table(["tokens", "products", "+ fused element-wise", "+ plain element-wise",
+                     "model", "model vs products"], rows))  # fmt: skip
 
-    print("\n## Whole steps (ms): measured GPU time against the model\n")
-    measured = median_steps([runs["fused"], runs["fused-2"]])
-    plain_steps = {(s.prefill, s.decode): s for s in median_steps([runs["plain"], runs["parts"]])}
-    rows = []
-    for row, with_overhead in zip(
-        compare_steps(measured, gpu_only), compare_steps(measured, model), strict=True
-    ):
-        s = row.step
-        unfused = plain_steps.get((s.prefill, s.decode))
-        rows.append([
-            s.label,
-            ms(s.seconds),
-            ms(unfused.seconds) if unfused else "–",
-            ms(row.model_s),
-            pct(row.error),
-            ms(with_overhead.model_s),
-        ])  # fmt: skip
-    print(table(["step", "fused", "plain", "model (GPU)", "error", "model + overhead_s"], rows))
-    rows_gpu = compare_steps(measured, gpu_only)
-    decode = [r for r in rows_gpu if not r.step.prefill]
-    prefill = [r for r in rows_gpu if r.step.prefill]
-    print(
-        f"\nmedian |error|: decode {median_abs_error(decode):.1%} "
-        f"(worst {max(abs(r.error) for r in decode):.1%}), with prefill "
-        f"{median_abs_error(prefill):.1%} (worst {max(abs(r.error) for r in prefill):.1%})"
-    )
+    measured = median_steps(fused_runs or plain_runs)
+    if measured:
+        print("\n## Whole steps (ms): measured GPU time against the model\n")
+        plain_steps = {(s.prefill, s.decode): s for s in median_steps(plain_runs)}
+        rows_gpu = compare_steps(measured, gpu_only)
+        rows = []
+        for row, with_overhead in zip(rows_gpu, compare_steps(measured, model), strict=True):
+            s = row.step
+            unfused = plain_steps.get((s.prefill, s.decode))
+            rows.append([
+                s.label,
+                ms(s.seconds),
+                ms(unfused.seconds) if unfused else "–",
+                ms(row.model_s),
+                pct(row.error),
+                ms(with_overhead.model_s),
+            ])  # fmt: skip
+        first = "fused" if fused_runs else "measured"
+        print(table(["step", first, "plain", "model (GPU)", "error", "model + overhead_s"], rows))
+        for what, part in (
+            ("decode", [r for r in rows_gpu if not r.step.prefill]),
+            ("with prefill", [r for r in rows_gpu if r.step.prefill]),
+        ):
+            if part:
+                worst = max(abs(r.error) for r in part)
+                print(f"\nmedian |error|, {what}: {median_abs_error(part):.1%} (worst {worst:.1%})")
 
-    print("\n## Attention alone, every layer (ms)\n")
+    attention(runs, model)
+    lora(runs)
+    return 0
+
+
+def attention(runs: Sequence[GpuRun], model: RooflineCostModel) -> None:
+    """Attention alone: measured, the rate it reached, and the model's time at its rates."""
     spec = model.model
     flops_rate = model.gpu.peak_tflops * 1e12 * model.prefill_mfu
     bytes_rate = model.gpu.hbm_tbps * 1e12 * model.decode_bw_eff
     d_attn = spec.num_heads * spec.head_dim
     rows = []
-    for p in runs["parts"].of_kind("attn_prefill"):
-        new, ctx = p["new"], p["ctx"]
-        flops = 4.0 * spec.num_layers * d_attn * new * (ctx + new / 2.0)
-        rows.append([
-            f"prefill {new}" + (f" after {ctx}" if ctx else ""),
-            ms(p["s"]),
-            f"{flops / p['s'] / 1e12:.0f} TFLOP/s",
-            ms(flops / flops_rate),
-        ])  # fmt: skip
-    for p in runs["parts"].of_kind("attn_decode"):
-        kv = p["batch"] * (p["ctx"] + 1) * spec.kv_bytes_per_token
-        rows.append([
-            f"decode {p['batch']} × ctx {p['ctx']}",
-            ms(p["s"]),
-            f"{kv / p['s'] / 1e12:.2f} TB/s",
-            ms(kv / bytes_rate),
-        ])  # fmt: skip
-    print(table(["attention", "measured", "rate reached", "model"], rows))
+    for run in runs:
+        for p in run.of_kind("attn_prefill"):
+            new, ctx = p["new"], p["ctx"]
+            flops = 4.0 * spec.num_layers * d_attn * new * (ctx + new / 2.0)
+            rows.append([
+                f"prefill {new}" + (f" after {ctx}" if ctx else ""),
+                ms(p["s"]),
+                f"{flops / p['s'] / 1e12:.0f} TFLOP/s",
+                ms(flops / flops_rate),
+            ])  # fmt: skip
+        for p in run.of_kind("attn_decode"):
+            kv = p["batch"] * (p["ctx"] + 1) * spec.kv_bytes_per_token
+            rows.append([
+                f"decode {p['batch']} × ctx {p['ctx']}",
+                ms(p["s"]),
+                f"{kv / p['s'] / 1e12:.2f} TB/s",
+                ms(kv / bytes_rate),
+            ])  # fmt: skip
+    if rows:
+        print("\n## Attention alone, every layer (ms)\n")
+        print(table(["attention", "measured", "rate reached", "model"], rows))
 
-    print("\n## LoRA (rank 16 on every projection): extra time of a step\n")
-    lora = runs["lora"]
-    fit = lora_fit(lora)
-    base = {(s.prefill, s.decode): s.seconds for s in steps(lora, ("lora_base",))}
-    rows = []
-    for p in lora.of_kind("lora_decode", "lora_prefill"):
-        (s,) = steps(GpuRun("one", {}, {}, True, (p,)), (p["kind"],))
-        b = base[s.prefill, s.decode]
-        rows.append([
-            s.label, str(p["max_loras"]), str(p.get("adapters", 1)), ms(b), ms(s.seconds),
-            ms(s.seconds - b), pct(s.seconds / b - 1),
-        ])  # fmt: skip
-    print(table(["step", "max_loras", "adapters", "base", "LoRA", "extra", "ratio"], rows))
-    print(
-        f"\nfit (max_loras 1, one adapter): {fit.step_s * 1e3:.3f} ms per step + "
-        f"{fit.token_s * 1e6:.3f} µs per token; "
-        f"worst residual {fit.worst_residual_s() * 1e3:.3f} ms"
-    )
-    pinned = swap_seconds(runs.values())
-    pageable = swap_seconds(runs.values(), pinned=False)
-    print(
-        f"adapter swap: {', '.join(ms(s) for s in pinned)} ms from pinned memory, "
-        f"{', '.join(ms(s) for s in pageable)} ms from pageable"
-    )
-    return 0
+
+def lora(runs: Sequence[GpuRun]) -> None:
+    """Each LoRA step beside its base step, the fit, and the adapter swaps."""
+    for run in runs:
+        if not run.of_kind("lora_base"):
+            continue
+        print(f"\n## LoRA (rank {run.lora_rank} on every projection): extra time of a step\n")
+        base = {(s.prefill, s.decode): s.seconds for s in steps(run, ("lora_base",))}
+        rows = []
+        for p in run.of_kind("lora_decode", "lora_prefill"):
+            (s,) = steps(replace(run, points=(p,)), (p["kind"],))
+            b = base.get((s.prefill, s.decode))
+            if b is None:
+                continue
+            rows.append([
+                s.label, str(p["max_loras"]), str(p.get("adapters", 1)), ms(b), ms(s.seconds),
+                ms(s.seconds - b), pct(s.seconds / b - 1),
+            ])  # fmt: skip
+        print(table(["step", "max_loras", "adapters", "base", "LoRA", "extra", "ratio"], rows))
+        fit = lora_fit(run)
+        print(
+            f"\nfit (max_loras 1, one adapter): {fit.step_s * 1e3:.3f} ms per step + "
+            f"{fit.token_s * 1e6:.3f} µs per token; "
+            f"worst residual {fit.worst_residual_s() * 1e3:.3f} ms"
+        )
+    pinned = swap_seconds(runs)
+    pageable = swap_seconds(runs, pinned=False)
+    if pinned or pageable:
+        print(
+            f"adapter swap: {', '.join(ms(s) for s in pinned) or '–'} ms from pinned memory, "
+            f"{', '.join(ms(s) for s in pageable) or '–'} ms from pageable"
+        )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, int]] = {  # the simulator's ModelSpecs of these names
     "llama-3-8b": {
         "layers": 32,
         "hidden": 4096,
@@ -56,6 +56,33 @@ SHAPES: dict[str, dict[str, int]] = {
         "head_dim": 128,
         "mlp": 14336,
         "vocab": 128256,
+    },
+    "llama-2-7b": {
+        "layers": 32,
+        "hidden": 4096,
+        "heads": 32,
+        "kv_heads": 32,
+        "head_dim": 128,
+        "mlp": 11008,
+        "vocab": 32000,
+    },
+    "llama-2-13b": {
+        "layers": 40,
+        "hidden": 5120,
+        "heads": 40,
+        "kv_heads": 40,
+        "head_dim": 128,
+        "mlp": 13824,
+        "vocab": 32000,
+    },
+    "qwen2.5-7b": {
+        "layers": 28,
+        "hidden": 3584,
+        "heads": 28,
+        "kv_heads": 4,
+        "head_dim": 128,
+        "mlp": 18944,
+        "vocab": 152064,
     },
     "tiny": {
         "layers": 2,
@@ -438,6 +465,19 @@ class Timer:
         }
 
 
+def default_pool(shape: dict[str, int], device: torch.device) -> int:
+    """KV cache tokens that fit in the GPU's free memory beside the model's weights and
+    16 GiB of room for activations (at most 270,000; 4,096 off a GPU)."""
+    if device.type != "cuda":
+        return 4096
+    h, hd, nh, kv = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"]
+    per_layer = (nh + 2 * kv) * hd * h + nh * hd * h + 3 * shape["mlp"] * h
+    weights = 2 * (shape["layers"] * per_layer + 2 * shape["vocab"] * h)
+    kv_per_token = shape["layers"] * 2 * kv * hd * 2
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1024, min(270_000, int((free - weights - 16 * 2**30) // kv_per_token)))
+
+
 def gpu_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "torch": torch.__version__,
@@ -477,7 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=330.0)
     ap.add_argument("--target-s", type=float, default=0.15, help="seconds per timed sample")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--pool-tokens", type=int, default=270_000)
+    ap.add_argument(
+        "--pool-tokens",
+        type=int,
+        default=None,
+        help="KV cache tokens (default: what the GPU's free memory holds beside the weights "
+        "and 16 GiB of room, at most 270,000); decode points that need more are skipped",
+    )
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="a few small points of each kind")
     ap.add_argument(
@@ -560,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         del a, b, src, dst
         torch.cuda.empty_cache()
 
-    pool = 4096 if args.smoke else args.pool_tokens
+    pool = 4096 if args.smoke else args.pool_tokens or default_pool(shape, device)
+    result["pool_tokens"] = pool
     model = Model(shape, device, pool)
     if args.fused:
         model.fuse()
@@ -598,12 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         prefills = [(n, 0) for n in (32, 128, 256, 512, 1024, 2048, 4096, 8192)]
         prefills += [(512, 1024), (512, 4096), (2048, 2048), (2048, 6144)]
         batches = [(4, 512), (8, 256), (4, 2048)]
-        decodes = [
-            (b, c)
-            for c in (128, 1024, 4096)
-            for b in (1, 8, 16, 32, 64, 128, 256)
-            if b * (c + 1) <= pool
-        ]
+        decodes = [(b, c) for c in (128, 1024, 4096) for b in (1, 8, 16, 32, 64, 128, 256)]
         decodes += [(1, 8192), (16, 8192)]
         mixed = [
             ((512, 0), 16, 1024),
@@ -613,6 +655,39 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lora_decodes = [(1, 1024), (16, 1024), (64, 1024), (256, 1024)]
         lora_prefills = [512, 2048]
+
+    # the points whose KV cache the pool does not hold are skipped, and say so (where a
+    # section asked for them uses them)
+    users = {"prefill": {"steps", "attention"}, "decode": {"steps", "attention"},
+             "prefill_batch": {"steps"}, "mixed": {"steps"}, "lora_decode": {"lora"}}  # fmt: skip
+
+    def fits(step: Step, kind: str, **key: Any) -> bool:
+        if step.kv_tokens() <= pool:
+            return True
+        if users[kind] & sections:
+            why = f"over the {pool}-token KV pool"
+            result["skipped"].append({"kind": kind, **key, "why": why})
+        return False
+
+    prefills = [
+        (n, c) for n, c in prefills if fits(Step(prefill=((n, c),)), "prefill", new=n, ctx=c)
+    ]
+    batches = [
+        (k, n)
+        for k, n in batches
+        if fits(Step(prefill=((n, 0),) * k), "prefill_batch", seqs=k, new=n)
+    ]
+    decodes = [(b, c) for b, c in decodes if fits(Step(decode=(c,) * b), "decode", batch=b, ctx=c)]
+    mixed = [
+        ((n, c), b, dc)
+        for (n, c), b, dc in mixed
+        if fits(Step(prefill=((n, c),), decode=(dc,) * b), "mixed", new=n, ctx=c, batch=b, dctx=dc)
+    ]
+    lora_decodes = [
+        (b, c)
+        for b, c in lora_decodes
+        if fits(Step(decode=(c,) * b), "lora_decode", batch=b, ctx=c)
+    ]
 
     # one layer's projections and MLP: the layers alone (no embedding, attention or LM
     # head), divided by their number

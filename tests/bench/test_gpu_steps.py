@@ -3,6 +3,7 @@ runs kept under ``benchmarks/recorded/`` (``sage_llm.bench.gpu_steps``)."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from sage_llm.bench.gpu_steps import (
 from sage_llm.errors import ConfigError
 from sage_llm.sim.core import SimEngineConfig
 from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
+from sage_llm.sim.specs import get_model
 from tests.factories import load_benchmark
 
 RECORDED = Path(__file__).resolve().parents[2] / "benchmarks/recorded/h200-llama-3-8b"
@@ -175,3 +177,46 @@ def test_the_compare_script_prints_every_table(capsys: pytest.CaptureFixture[str
     for heading in ("## The card", "## One layer's", "## Whole steps", "## Attention", "## LoRA"):
         assert heading in out
     assert "fit (max_loras 1, one adapter): 1.245 ms per step + 1.503 µs per token" in out
+
+
+def test_the_profiling_scripts_shapes_are_the_simulators_models() -> None:
+    """``gpu_step_profile.py`` needs only PyTorch (no sage_llm on the GPU machine), so it
+    writes its models' shapes out: they must be the specs the comparison reads."""
+    source = (Path(__file__).resolve().parents[2] / "benchmarks/gpu_step_profile.py").read_text()
+    (shapes,) = [
+        ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and node.target.id == "SHAPES"
+        and node.value is not None
+    ]
+    assert "llama-3-8b" in shapes
+    for name, dims in shapes.items():
+        spec = get_model(name)
+        assert dims == {
+            "layers": spec.num_layers,
+            "hidden": spec.hidden_size,
+            "heads": spec.num_heads,
+            "kv_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim,
+            "mlp": spec.intermediate_size,
+            "vocab": spec.vocab_size,
+        }, name
+
+
+def test_the_compare_script_prints_what_a_single_run_holds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One run of one's own GPU, against another spec: only its sections are printed."""
+    script = load_benchmark("gpu_step_compare")
+    assert script.main([str(RECORDED / "parts.json"), "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "| step | measured | plain |" in out  # no fused run: the plain steps are measured
+    assert "## Attention" in out
+    assert "## LoRA" not in out
+    assert "adapter swap" not in out
+    assert script.main([str(RECORDED / "lora.json")]) == 0
+    out = capsys.readouterr().out
+    assert "## LoRA (rank 16" in out
+    assert "## Whole steps" not in out

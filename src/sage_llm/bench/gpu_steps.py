@@ -49,8 +49,9 @@ __all__ = [
     "swap_seconds",
 ]
 
-STEP_KINDS = ("prefill", "prefill_batch", "decode", "mixed", "lora_base")
-"""The kinds of point that are whole steps without LoRA."""
+STEP_KINDS = ("prefill", "prefill_batch", "decode", "mixed")
+"""The kinds of point that are whole steps timed for their own sake (``lora_base``, a step
+timed beside its LoRA twin, is one too: ask for it by name)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class GpuRun:
     dims: Mapping[str, int]
     fused: bool
     points: tuple[Mapping[str, Any], ...]
+    lora_rank: int | None = None
+    """The rank of the run's LoRA adapters."""
 
     def of_kind(self, *kinds: str) -> list[Mapping[str, Any]]:
         return [p for p in self.points if p["kind"] in kinds]
@@ -78,6 +81,7 @@ def load_run(path: str | Path) -> GpuRun:
             dims=raw["dims"],
             fused=bool(raw.get("fused", False)),
             points=tuple(raw["points"]),
+            lora_rank=raw.get("lora_rank"),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"not a GPU step profile: {exc}", location=str(p)) from exc
