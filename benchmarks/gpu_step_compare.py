@@ -31,6 +31,7 @@ from sage_llm.bench.gpu_steps import (
     steps,
     swap_seconds,
 )
+from sage_llm.errors import ConfigError
 from sage_llm.sim.costmodel import RooflineCostModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama-3-8b", help="the model spec (default llama-3-8b)")
     args = ap.parse_args(argv)
     paths = args.runs or sorted(RECORDED.glob("*.json"))
-    runs = [load_run(p) for p in paths]
+    try:
+        runs = [load_run(p) for p in paths]
+        model = RooflineCostModel.from_names(args.gpu, args.model)
+    except ConfigError as exc:
+        print(f"gpu_step_compare: {exc}", file=sys.stderr)
+        return 2
     fused_runs = [r for r in runs if r.fused]
     plain_runs = [r for r in runs if not r.fused]
-    model = RooflineCostModel.from_names(args.gpu, args.model)
-    gpu_only = RooflineCostModel.from_names(args.gpu, args.model, overhead_s=0.0)
+    gpu_only = replace(model, overhead_s=0.0)
 
     rows = []
     for run in runs:

@@ -6,28 +6,37 @@ contiguous per-sequence blocks, and times whole engine steps as vLLM runs them: 
 layer's projections and MLP over all the step's tokens, FlashAttention (PyTorch's
 ``scaled_dot_product_attention``) per sequence, the KV write, the LM head on each
 sequence's last token and a greedy sample, captured in a CUDA graph and replayed (vLLM
-replays CUDA graphs too), timed with CUDA events. It measures:
+replays CUDA graphs too), timed with CUDA events. Its sections (``--sections``, all by
+default, in this order):
 
-* ``linear``: one layer's projections and MLP alone by tokens in the batch (the
-  quantity ``RooflineCostModel.per_layer_time_s`` models);
-* ``prefill``: one prompt of N tokens (``ctx`` > 0: a chunk after ``ctx`` cached tokens);
-* ``prefill_batch``: k prompts of N tokens in one step;
-* ``decode``: B sequences of context C, one token each;
-* ``mixed``: a prefill chunk and B decodes in one step (chunked prefill);
-* ``lora``: decode and prefill steps with rank-r LoRA on every projection, done as
-  vLLM's punica kernels do it (one shrink and one expand product per projection for all
-  the batch's adapters at once, over ``max_loras`` stacked slots), against the same step
-  without;
-* ``lora_swap``: bringing an adapter into a slot, one copy per layer, projection and
-  matrix from pinned host memory (vLLM keeps its CPU adapter cache pinned);
-* ``ceiling``: a large bf16 matrix product and a device copy, the card's own rates.
+* ``ceiling``: a large bf16 matrix product and a device copy, the card's own rates;
+* ``linear``: one layer's projections and MLP with their element-wise work, by tokens in
+  the batch (the quantity ``RooflineCostModel.per_layer_time_s`` models), and ``gemm``:
+  the four products alone;
+* ``attention``: the attention kernels alone (the prefill and decode points below), and
+  ``head``: the LM head and the sample, by sequences;
+* ``steps``: whole steps: ``prefill`` (one prompt of N tokens; ``ctx`` > 0, a chunk after
+  ``ctx`` cached tokens), ``prefill_batch`` (k prompts in one step), ``decode`` (B
+  sequences of context C, one token each), ``mixed`` (a prefill chunk and B decodes);
+* ``lora``: decode and prefill steps with rank-r LoRA on every projection, batched as
+  vLLM's punica kernels batch it (one shrink and one expand product per projection group
+  for the whole batch, over ``max_loras`` stacked slots), each beside the same step
+  without (``lora_base``);
+* ``swap``: bringing an adapter into a slot, one copy per layer, projection slice and
+  matrix, from pinned host memory (vLLM keeps its CPU adapter cache pinned) and from
+  pageable memory.
 
-Results go to ``OUT/gpu_steps.json`` after every measurement, so a run cut short keeps
-what it measured. ``--budget-s`` stops starting measurements once spent. The recorded run
-and its comparison with the cost model are in docs/benchmarks.md ("GPU steps").
+``--fused`` runs the element-wise work (residual add with RMS norm, SiLU with the
+product, the rotary embedding) as fused kernels (``torch.compile``), as vLLM's own kernels
+fuse it; without, one PyTorch kernel per operation. Results go to ``OUT/gpu_steps.json``
+after every measurement, so a run cut short keeps what it measured; ``--budget-s`` stops
+starting measurements once spent, and points whose KV cache does not fit the pool are
+recorded as skipped. The recorded H200 runs and their comparison with the cost model are
+in docs/benchmarks.md ("GPU steps"); ``benchmarks/gpu_step_compare.py`` prints it for any
+run.
 
-    python3 benchmarks/gpu_step_profile.py --out OUT            # on a GPU machine
-    python3 benchmarks/gpu_step_profile.py --shape tiny --device cpu --out /tmp/x  # smoke
+    python3 benchmarks/gpu_step_profile.py --out OUT --fused       # on a GPU machine
+    python3 benchmarks/gpu_step_profile.py --shape tiny --device cpu --smoke --out /tmp/x
 """
 
 from __future__ import annotations

@@ -66,6 +66,29 @@ def test_a_file_that_is_not_a_profile_is_a_config_error_naming_it(tmp_path: Path
         load_run(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize(
+    ("point", "why"),
+    [
+        ({"kind": "decode", "s": 0.01, "batch": 4}, "'ctx'"),
+        ({"kind": "gemm", "s": 0.01, "tokens": 4}, "'per_layer_s'"),
+        ({"kind": "prefill", "s": "soon", "new": 4}, "could not convert"),
+        ({"kind": "prefill", "s": -1.0, "new": 4}, "s = -1.0"),
+        ({"kind": "lora_swap", "s": 0.003}, "'pinned'"),
+        ({"s": 0.01}, "'kind'"),
+    ],
+)
+def test_a_point_the_readers_cannot_read_is_named_by_its_index(
+    tmp_path: Path, point: dict[str, object], why: str
+) -> None:
+    good = {"kind": "decode", "s": 0.01, "batch": 1, "ctx": 8}
+    bad = tmp_path / "run.json"
+    bad.write_text(json.dumps({"info": {}, "dims": {}, "points": [good, point]}))
+    with pytest.raises(ConfigError, match=why) as info:
+        load_run(bad)
+    assert info.value.key == "points[1]"
+    assert info.value.location == str(bad)
+
+
 def test_each_kind_of_point_reads_as_the_step_it_timed() -> None:
     def one(**point: object) -> MeasuredStep:
         (s,) = steps(GpuRun("t", {}, {}, True, ({"s": 0.01, **point},)), (str(point["kind"]),))
@@ -220,3 +243,15 @@ def test_the_compare_script_prints_what_a_single_run_holds(
     out = capsys.readouterr().out
     assert "## LoRA (rank 16" in out
     assert "## Whole steps" not in out
+
+
+def test_the_compare_script_says_what_is_wrong_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_benchmark("gpu_step_compare")
+    assert script.main([str(RECORDED / "parts.json"), "--gpu", "h900"]) == 2
+    assert "gpu: unknown GPU 'h900'" in capsys.readouterr().err
+    assert script.main([str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "none.json: not a GPU step profile" in err
+    assert len(err.strip().splitlines()) == 1

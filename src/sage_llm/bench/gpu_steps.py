@@ -75,7 +75,7 @@ def load_run(path: str | Path) -> GpuRun:
     p = Path(path)
     try:
         raw = json.loads(p.read_text())
-        return GpuRun(
+        run = GpuRun(
             name=p.stem,
             info=raw["info"],
             dims=raw["dims"],
@@ -85,6 +85,30 @@ def load_run(path: str | Path) -> GpuRun:
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"not a GPU step profile: {exc}", location=str(p)) from exc
+    for i, point in enumerate(run.points):
+        try:
+            _check_point(point)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"a point that is not one: {exc!r}", location=str(p),
+                              key=f"points[{i}]") from exc  # fmt: skip
+    return run
+
+
+_READ = {"linear": ("tokens", "per_layer_s"), "gemm": ("tokens", "per_layer_s"),
+         "lora_swap": ("pinned",)}  # fmt: skip
+"""Keys the readers take from a point of each kind, beside ``s`` (steps: :func:`_step_of`)."""
+
+
+def _check_point(point: Mapping[str, Any]) -> None:
+    """Raise for a point the readers could not read (KeyError: a key it lacks)."""
+    kind = point["kind"]
+    if not math.isfinite(float(point["s"])) or float(point["s"]) < 0:
+        raise ValueError(f"s = {point['s']!r}")
+    if kind in STEP_KINDS or kind in ("lora_base", "lora_decode", "lora_prefill"):
+        _step_of(point)
+    for key in _READ.get(kind, ()):
+        if key not in point:
+            raise KeyError(key)
 
 
 @dataclass(frozen=True)
