@@ -22,7 +22,7 @@ from sage_llm.bench.gpu_steps import (
     swap_seconds,
 )
 from sage_llm.errors import ConfigError
-from sage_llm.sim.core import SimEngineConfig
+from sage_llm.sim.core import LORA_LAYER_STEP_S, LORA_LAYER_TOKEN_S, SimEngineConfig
 from sage_llm.sim.costmodel import LinearStepModel, RooflineCostModel
 from sage_llm.sim.specs import get_model
 from tests.factories import load_benchmark
@@ -173,8 +173,9 @@ def test_lora_costs_a_step_1_2_ms_and_1_5_us_per_token() -> None:
 def test_the_simulators_lora_defaults_are_the_measured_ones() -> None:
     fit = lora_fit(run("lora"))
     config = SimEngineConfig()
-    assert config.lora_step_s == pytest.approx(fit.step_s, rel=0.02)
-    assert config.lora_token_s == pytest.approx(fit.token_s, rel=0.02)
+    layers = get_model("llama-3-8b").num_layers
+    assert LORA_LAYER_STEP_S * layers == pytest.approx(fit.step_s, rel=0.02)
+    assert LORA_LAYER_TOKEN_S * layers == pytest.approx(fit.token_s, rel=0.02)
     assert config.lora_step_overhead == 0.0
     pinned = swap_seconds([run("plain"), run("fused-2")])
     assert min(pinned) <= config.lora_swap_s <= 1.1 * max(pinned)

@@ -69,6 +69,8 @@ from sage_llm.sim.specs import (
 from sage_llm.types import ExecutionInstanceType
 
 __all__ = [
+    "LORA_LAYER_STEP_S",
+    "LORA_LAYER_TOKEN_S",
     "SCHEDULING_POLICIES",
     "STEP_FIELDS",
     "BlockPool",
@@ -169,6 +171,15 @@ def default_max_model_len(model: str | ModelSpec) -> int:
     return DEFAULT_MAX_MODEL_LEN if context is None else context
 
 
+LORA_LAYER_STEP_S = 1.25e-3 / 32
+"""What a step whose batch holds an adapter's request takes longer, per layer of the model
+(measured on an H200 with Llama-3-8B's 32 layers and rank-16 adapters on every
+projection: 1.245 ms a step; docs/benchmarks.md, "GPU steps")."""
+
+LORA_LAYER_TOKEN_S = 1.5e-6 / 32
+"""And per token the step computes, per layer (measured as above: 1.50 µs a token)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SimEngineConfig:
     """Settings of one simulated engine instance (vLLM's names where vLLM has one).
@@ -188,11 +199,12 @@ class SimEngineConfig:
     its pinned CPU cache); a step whose batch holds a request for an adapter takes
     ``lora_step_s`` plus ``lora_token_s`` per token it computes longer (the adapters'
     shrink and expand products over the batch), and ``lora_step_overhead`` times its
-    length on top (0.1 = 10%; 0 by default). The defaults were measured on an H200 with
-    Llama-3-8B's shape and rank 16 (docs/benchmarks.md, "GPU steps": 1.245 ms + 1.50 µs
-    per token, swaps 2.7–3.0 ms); other models and GPUs differ (the constant grows with the
-    layers, one set of products each). vLLM's CPU build measured about 1.5× a step and next
-    to nothing for a swap (docs/benchmarks.md, "LoRA slots").
+    length on top (0.1 = 10%; 0 by default). Measured on an H200 with Llama-3-8B's shape
+    and rank 16 (docs/benchmarks.md, "GPU steps": 1.245 ms + 1.50 µs per token, swaps
+    2.7–3.0 ms); each layer runs its own set of the adapters' products, so by default
+    (None) the two are :data:`LORA_LAYER_STEP_S` and :data:`LORA_LAYER_TOKEN_S` times the
+    model's layers (1.25 ms and 1.5 µs for its 32). vLLM's CPU build measured about 1.5× a
+    step and next to nothing for a swap (docs/benchmarks.md, "LoRA slots").
 
     ``scheduling_policy`` is vLLM's ``--scheduling-policy``: ``fcfs``, or ``priority``
     (each request's ``priority`` orders the waiting requests and picks who is preempted).
@@ -221,8 +233,8 @@ class SimEngineConfig:
     kv_port: int = 5600
     max_loras: int = 1
     lora_swap_s: float = 0.003
-    lora_step_s: float = 1.25e-3
-    lora_token_s: float = 1.5e-6
+    lora_step_s: float | None = None
+    lora_token_s: float | None = None
     lora_step_overhead: float = 0.0
     scheduling_policy: str = "fcfs"
 
@@ -286,6 +298,8 @@ class SimEngineConfig:
             "lora_token_s",
             "lora_step_overhead",
         ):
+            if getattr(self, key) is None and key in ("lora_step_s", "lora_token_s"):
+                continue  # the measured costs per layer, for the model's layers
             if not 0 <= getattr(self, key) < math.inf:  # inf had made a step last forever
                 raise ConfigError(
                     f"must be a finite number >= 0, got {getattr(self, key)!r}", key=key
@@ -885,9 +899,18 @@ class SimEngineCore:
             self._roofline.time if self._roofline is not None else fast_step_time(self.cost_model)
         )
         self._fast_for = self.cost_model
+        """The model ``_fast_step_time`` computes (a replaced ``cost_model`` is called)."""
         self._token_budget = cfg.max_num_batched_tokens
         self._jitter = cfg.step_jitter
-        """The model ``_fast_step_time`` computes (a replaced ``cost_model`` is called)."""
+        layers = self.model.num_layers
+        self._lora_step_s = (
+            LORA_LAYER_STEP_S * layers if cfg.lora_step_s is None else cfg.lora_step_s
+        )
+        """What a step whose batch holds an adapter's request takes longer, and per token
+        (``_lora_token_s``): by default the measured costs per layer, for the model's."""
+        self._lora_token_s = (
+            LORA_LAYER_TOKEN_S * layers if cfg.lora_token_s is None else cfg.lora_token_s
+        )
         self.num_gpu_blocks = cfg.capacity_blocks()
         self.block_size = cfg.block_size
         self.speed = cfg.speed
@@ -1278,11 +1301,10 @@ class SimEngineCore:
             return res
         res.num_decode_tokens = n_decode
         if self._lora_running:  # the batch holds a request for an adapter
-            config = self.config
             duration = (
-                duration * (1.0 + config.lora_step_overhead)
-                + config.lora_step_s
-                + config.lora_token_s * (prefill_tokens + n_decode)
+                duration * (1.0 + self.config.lora_step_overhead)
+                + self._lora_step_s
+                + self._lora_token_s * (prefill_tokens + n_decode)
             )
             if self._lora_swaps:
                 duration += self._lora_swaps * self.config.lora_swap_s
