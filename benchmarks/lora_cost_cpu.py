@@ -1,9 +1,10 @@
 """What a LoRA adapter costs a request on vLLM's CPU build, measured side by side.
 
 The simulator charges a step whose batch holds an adapter's request ``lora_step_s`` and
-``lora_token_s`` per token (1.25 ms and 1.5 µs, measured on an H200: docs/benchmarks.md,
-"GPU steps") and an adapter brought into a slot ``lora_swap_s`` (3 ms). This script
-measures the same two costs on the engine this machine can run: one vLLM CPU engine
+``lora_token_s`` per token (1.25 ms and 1.5 µs for Llama-3-8B, measured on an H200:
+docs/benchmarks.md, "GPU steps"; scaled by the model's layers) and an adapter brought
+into a slot ``lora_swap_s`` (3 ms). This script measures the same two costs on the engine
+this machine can run: one vLLM CPU engine
 (``make test-real`` installs it) with the tiny model, ``--enable-lora --max-loras 1`` and
 two rank-8 adapters of random weights (made here), one request at a time, in rounds that
 alternate:
