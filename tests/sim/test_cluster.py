@@ -306,6 +306,33 @@ def test_agrees_with_the_asyncio_control_plane() -> None:
     assert_same_requests(result.measurements, reference.measurements)
 
 
+def test_refusals_agree_with_the_asyncio_control_plane() -> None:
+    """Prompts past the engines' context among the others: each refused as the in-process
+    engine refuses it (a text prompt counted to a token past the context, as vLLM's
+    tokenizer counts it) and reported in the manager's words, and the refusal says nothing
+    against the instance (the requests after it are routed as the control plane routes
+    them)."""
+    workload = synthetic(60, 6.0, input_dist="uniform:4000,9800", output_dist="uniform:8,64",
+                         seed=3)  # fmt: skip
+    instances = make_instances(
+        2, max_concurrent_requests=16, metadata={"sim_gpu": "l40s", "sim_model": "llama-3-8b"}
+    )
+    preset = Preset("fifo+lb", "fifo", "load_balanced")
+    reference = run_preset(preset, workload, lambda: instances, seed=0).measurements
+    measured = ClusterSimulator(instances, policy="fifo", routing="load_balanced", seed=0).run(
+        workload
+    )
+    assert_same_requests(measured.measurements, reference)
+    refused = [m for m in measured.measurements if not m.ok]
+    assert 5 < len(refused) < 55
+    assert all(
+        m.error is not None
+        and m.error.startswith("EngineRequestRejectedError: engine sim-")
+        and "contains at least 8193 input tokens" in m.error
+        for m in refused
+    )
+
+
 def test_engines_that_schedule_by_priority_agree_with_the_asyncio_control_plane() -> None:
     """Requests queued in engines started with ``--scheduling-policy priority`` (each
     instance's ``engine_scheduling_policy``): the cluster simulator passes each request's

@@ -36,7 +36,9 @@ def test_a_request_past_the_context_runs_cut_and_one_past_it_alone_is_refused(
     token_times: bool,
 ) -> None:
     """As SimEngine and vLLM 0.32: max_tokens cut to what the context holds after the
-    prompt; refused for max_tokens above the context, or a prompt that fills it."""
+    prompt; refused for max_tokens above the context, or a prompt that fills it, in the
+    manager's words (tests/sim/test_cluster.py compares them with the control plane's); a
+    refusal is the request's fault, not the instance's."""
     fleet = make_fleet(1, max_concurrency=100)
     sim = ClusterSimulator(fleet, policy="fifo", routing="load_balanced",
                            record_token_times=token_times)  # fmt: skip
@@ -48,14 +50,17 @@ def test_a_request_past_the_context_runs_cut_and_one_past_it_alone_is_refused(
     by_id = {m.request_id: m for m in sim.run([fits, cut, over, full]).measurements}
     assert by_id["fits"].ok and by_id["fits"].output_tokens == 16
     assert by_id["cut"].ok and by_id["cut"].output_tokens == 15
+    refused = "EngineRequestRejectedError: engine sim-0: rejected the request: "
     assert by_id["over"].error == (
-        f"InvalidRequestError: max_tokens={limit + 1} cannot be greater than "
+        f"{refused}max_tokens={limit + 1} cannot be greater than "
         f"max_model_len={limit}. Please request fewer output tokens. "
         f"(parameter=max_tokens, value={limit + 1})"
     )
     assert by_id["full"].error == (
-        "InvalidRequestError: max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
+        f"{refused}max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
     )
+    state = sim.fleet.slots[0].state
+    assert (state.failed_requests, state.failed_calls, state.completed) == (2, 0, 2)
 
 
 def test_max_in_flight_is_the_high_water_mark() -> None:

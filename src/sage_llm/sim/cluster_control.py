@@ -21,6 +21,7 @@ from dataclasses import replace
 from sage_llm import tokens
 from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import WorkloadRequest
+from sage_llm.control_plane.dispatcher import refusal_of
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.lora import LoraRoom
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -300,20 +301,28 @@ class SimControlPlane:
         elif adapter is not None and core.config.enable_prefix_caching:
             salt = ADAPTER_SALT + adapter  # an adapter's blocks are its own
             hashes = salted_hashes(prompt_block_hashes(ids, core.block_size), salt)
+        refused = False
         try:  # cut to the context, or refused, as SimEngine.generate does before queueing
-            run = context_max_tokens(slot.max_model_len, len(ids), info.max_tokens)
+            run = context_max_tokens(
+                slot.max_model_len, len(ids), info.max_tokens, text=rec.prompt_is_text
+            )
             core.add_request(
                 info.request_id, ids, run, arrival=now, block_hashes=hashes, lora=adapter,
                 priority=int(info.priority),  # (read by an engine that schedules by it)
             )  # fmt: skip
-        except (InvalidRequestError, ConflictError) as exc:
+        except InvalidRequestError as exc:  # the engine refused the request itself
+            refusal = refusal_of(exc, state.instance_id)
+            assert refusal is not None
+            error = f"{type(refusal).__name__}: engine {refusal.message}"  # as the manager says
+            refused = True
+        except ConflictError as exc:
             error = f"{type(exc).__name__}: {exc.message}"
         else:
             if not self.record_token_times:  # (counted token by token otherwise)
                 rec.output = run
         if error is not None:
             del self.reqs[info.request_id]
-            self.complete(rec, slot, now, error=error)
+            self.complete(rec, slot, now, error=error, refused=refused)
             return
         slot.awaiting_first[info.request_id] = rec
         if not slot.busy and not slot.kick_pending:
@@ -327,9 +336,17 @@ class SimControlPlane:
         self.fleet.mark(slot)
 
     def complete(
-        self, rec: SimRequest, slot: InstanceSlot, now: float, *, error: str | None = None
+        self,
+        rec: SimRequest,
+        slot: InstanceSlot,
+        now: float,
+        *,
+        error: str | None = None,
+        refused: bool = False,
     ) -> None:
-        """The request ended on ``slot``: account it as ``Dispatcher._finish`` does."""
+        """The request ended on ``slot``: account it as ``Dispatcher._finish`` does (a
+        failure with ``error``; ``refused``: the engine refused the request itself, which
+        says nothing against the instance)."""
         info, state = rec.info, slot.state
         ok = error is None
         first = rec.first_token_s
@@ -363,7 +380,8 @@ class SimControlPlane:
                 state.observe_tpot(tpot_s, max(rec.batch_at_start, in_flight))
         else:
             state.failed_requests += 1
-            state.failed_calls += 1
+            if not refused:
+                state.failed_calls += 1
         fleet.mark(slot)
         counting = self._counting
         if counting is not None:

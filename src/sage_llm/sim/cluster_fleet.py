@@ -137,6 +137,7 @@ class SimRequest:
         "predicted_e2e_s",
         "priority",
         "prompt_ids",
+        "prompt_is_text",
         "prompt_tokens",
         "request_id",
         "scheduled_at",
@@ -167,6 +168,9 @@ class SimRequest:
         self.adapter = adapter
         """The LoRA adapter it is for (None: its model, ``info.model``)."""
         self.prompt_ids: Sequence[int] | None = prompt_ids
+        self.prompt_is_text = isinstance(workload.prompt, str)
+        """Whether its prompt is text (a context refusal then counts it as vLLM's tokenizer
+        does, to a token past the context)."""
         self.slot: InstanceSlot | None = None
         self.scheduled_at = 0.0
         self.pending_tokens = 0
