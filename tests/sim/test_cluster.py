@@ -333,6 +333,29 @@ def test_refusals_agree_with_the_asyncio_control_plane() -> None:
     )
 
 
+@pytest.mark.parametrize("routing", ["load_balanced", "locality"])
+def test_adaptive_agrees_with_the_asyncio_control_plane(routing: str) -> None:
+    """``adaptive`` gets its ``tick`` every ``tick_interval_s`` of simulated time, as the
+    manager's loop calls it (without the ticks it switched at other times: the runs came
+    apart after 6 s)."""
+    base = synthetic(300, 25.0, input_dist="uniform:64,2048", output_dist="uniform:8,256",
+                     seed=2)  # fmt: skip
+    workload = with_priorities(
+        base,
+        {RequestPriority.CRITICAL: 0.2, RequestPriority.NORMAL: 0.6, RequestPriority.LOW: 0.2},
+        seed=2,
+    )
+    instances = make_instances(
+        4, max_concurrent_requests=16, metadata={"sim_gpu": "l40s", "sim_model": "llama-3-8b"}
+    )
+    reference = run_preset(
+        Preset("adaptive", "adaptive", routing), workload, lambda: instances, seed=0
+    ).measurements
+    sim = ClusterSimulator(instances, policy="adaptive", routing=routing, seed=0)
+    assert_same_requests(sim.run(workload).measurements, reference)
+    assert sim.policy.describe()["switches"]  # (it did switch)
+
+
 def test_engines_that_schedule_by_priority_agree_with_the_asyncio_control_plane() -> None:
     """Requests queued in engines started with ``--scheduling-policy priority`` (each
     instance's ``engine_scheduling_policy``): the cluster simulator passes each request's

@@ -74,7 +74,7 @@ from sage_llm.types import ExecutionInstance
 
 __all__ = ["ClusterResult", "ClusterSimulator", "SimInstanceSpec", "make_fleet"]
 
-_STEP, _WAKE, _STATS = 0, 1, 2
+_STEP, _WAKE, _STATS, _TICK = 0, 1, 2, 3
 
 
 class ClusterSimulator:
@@ -224,6 +224,10 @@ class ClusterSimulator:
         list_tokens = self.record_token_times
         if self.stats_interval_s is not None:
             self._push(0.0, _STATS, 0)
+        tick = getattr(self.policy, "tick", None)  # adaptive's: as the manager's loop calls it
+        tick_s = float(getattr(self.policy, "tick_interval_s", 1.0))
+        if tick is not None:
+            self._push(tick_s, _TICK, 0)
         events = 0
         nxt_at = math.inf if nxt is None else nxt.arrival_s
         while True:
@@ -259,8 +263,15 @@ class ClusterSimulator:
                 elif kind == _WAKE:
                     if gen == slot.wake_gen and not slot.busy:
                         kick(slot)
-                else:
+                elif kind == _STATS:
                     self._refresh_stats(more=nxt is not None)
+                else:  # the policy's tick, which wakes no dispatch pass (nor does the manager's)
+                    assert tick is not None
+                    tick(fleet.snapshot(now))
+                    if nxt is not None or control.reqs:  # (not the stats loop: it re-arms
+                        self._push(now + tick_s, _TICK, 0)  # while this one is pending)
+                    events += 1
+                    continue
             elif nxt is not None:
                 if nxt_at < self._now:
                     raise InvalidRequestError(
