@@ -181,6 +181,12 @@ def refusal_of(
     return None
 
 
+def refusal_reason(refusal: EngineRequestRejectedError) -> str:
+    """How a request that an engine refused ends: its failure's reason (the cluster
+    simulator reports its engines' refusals in the same words)."""
+    return f"engine {refusal.message}"
+
+
 _CONTEXT_REFUSALS = (
     "maximum context length",  # vLLM's (to 0.10; since, a prompt past it), SGLang's
     "longer than the maximum model length",  # vLLM 0.11+: a prompt that fills it
@@ -1485,7 +1491,7 @@ class Dispatcher:
     def _reason(exc: EngineError, state: InstanceState) -> str:
         refusal = refusal_of(exc)
         if refusal is not None:
-            return f"engine {refusal.message}"
+            return refusal_reason(refusal)
         where = exc.instance_id or state.instance_id
         status = f" (HTTP {exc.status})" if exc.status else ""
         return f"engine {where} failed{status}: {exc.message}"

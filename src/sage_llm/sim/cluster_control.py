@@ -21,7 +21,7 @@ from dataclasses import replace
 from sage_llm import tokens
 from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import WorkloadRequest
-from sage_llm.control_plane.dispatcher import refusal_of
+from sage_llm.control_plane.dispatcher import refusal_of, refusal_reason
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.lora import LoraRoom
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -313,7 +313,7 @@ class SimControlPlane:
         except InvalidRequestError as exc:  # the engine refused the request itself
             refusal = refusal_of(exc, state.instance_id)
             assert refusal is not None
-            error = f"{type(refusal).__name__}: engine {refusal.message}"  # as the manager says
+            error = f"{type(refusal).__name__}: {refusal_reason(refusal)}"
             refused = True
         except ConflictError as exc:
             error = f"{type(exc).__name__}: {exc.message}"
