@@ -106,6 +106,24 @@ def make_instances(n: int, **kwargs: Any) -> list[ExecutionInstance]:
     return [make_instance(f"sim-{i}", port=8000 + i, **kwargs) for i in range(n)]
 
 
+ROLE_LETTERS = {
+    "P": ExecutionInstanceType.PREFILLING,
+    "D": ExecutionInstanceType.DECODING,
+    "G": ExecutionInstanceType.GENERAL,
+    "H": ExecutionInstanceType.HYBRID,
+}
+
+
+def make_role_instances(roles: str, **kwargs: Any) -> list[ExecutionInstance]:
+    """One instance per letter of ``roles`` (``P``refilling, ``D``ecoding, ``G``eneral,
+    ``H``ybrid), ``sim-0`` … in that order: ``make_role_instances("PPDD")`` is two
+    prefill and two decode instances."""
+    return [
+        make_instance(f"sim-{i}", port=8000 + i, instance_type=ROLE_LETTERS[letter], **kwargs)
+        for i, letter in enumerate(roles)
+    ]
+
+
 def make_metadata(request_id: str = "req-0", **kwargs: Any) -> RequestMetadata:
     kwargs.setdefault("prompt", "Tell me about the control plane.")
     kwargs.setdefault("max_tokens", 16)

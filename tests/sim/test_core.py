@@ -402,8 +402,9 @@ def test_prefill_leg_pins_kv_until_released() -> None:
     assert pinned.num_tokens == 100
     assert len(pinned.block_ids) == math.ceil(101 / 16)
     assert core.kv_usage > 0
+    assert core.num_pinned == 1
     assert core.release_kv("p")
-    assert core.kv_usage == 0.0
+    assert (core.kv_usage, core.num_pinned) == (0.0, 0)
     assert not core.release_kv("p")
 
 
@@ -438,6 +439,8 @@ def test_decode_leg_waits_for_the_kv_transfer() -> None:
     transfer = 4000 * 128 * 1024 / 25e9
     assert trace.steps[0].idle
     assert trace.steps[0].duration_s == pytest.approx(transfer)
+    assert not trace.steps[0].has_pulls()
+    assert trace.steps[1].has_pulls()
     assert trace.steps[1].kv_pulled == [("p0", "x")]
     assert trace.steps[1].num_prefill_tokens == 0  # only the last prompt token, as a decode
     decode_step = core.cost_model.step_time([], [4000])

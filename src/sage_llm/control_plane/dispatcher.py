@@ -155,7 +155,7 @@ _FAILED = object()
 
 _T = TypeVar("_T")
 
-_MAX_DEFERRED = 64
+MAX_DEFERRED = 64
 """Popped requests that found no route, put back at the end of a pass; then the pass ends."""
 
 
@@ -454,7 +454,7 @@ class Dispatcher:
             if after is None:  # nothing free for this one now; keep it queued
                 deferred.append(info)
                 log.debug("no route for %s now; it stays queued", info.request_id)
-                if len(deferred) >= _MAX_DEFERRED:
+                if len(deferred) >= MAX_DEFERRED:
                     break
                 continue
             snap = cast(ClusterSnapshot, after)

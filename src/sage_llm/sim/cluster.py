@@ -15,7 +15,17 @@ Between events it does what the control plane does, in the same order:
   ``router.route(info, snap, allowed)`` (again unconstrained if that finds nothing; a
   :class:`~sage_llm.control_plane.routing.pipeline.Pipeline` is asked ``route_id``, the
   same pick without the decision record), the assignment accounted before the next
-  decision, the prefix index updated;
+  decision, the prefix index updated; a request that finds no instance goes back into
+  the queue at the end of the pass;
+* **PD disaggregation** (``pd``, on by default as in the manager) for a model whose fleet
+  has PREFILLING, DECODING or HYBRID instances: the policy pops with the dispatcher's
+  stand-in view of a free pair, the PD decider and the pair orchestrator choose as the
+  dispatcher asks them, and the request runs as vLLM's two legs. Its prefill leg (one
+  token, its KV pinned) runs on the prefill engine; when it ends, the prefill instance is
+  released with the dispatcher's accounting and the decode leg is queued on the decode
+  engine, which pulls the KV over its ``kv_link_gbps`` link before it decodes; the pull
+  releases the pinned KV on the prefill engine as the step that finished it starts. Only
+  the ``vllm`` connector is simulated, and PD models are not candidate-sampled;
 * **engines**: an idle instance that gets work starts a step at once; a step's tokens and
   finished requests take effect at its end, when the next step starts immediately;
 * **accounting** with the registry's own :class:`~sage_llm.control_plane.instances.InstanceState`
@@ -55,6 +65,8 @@ from typing import Any
 
 from sage_llm.bench.stats import SLO
 from sage_llm.bench.workloads import Workload, WorkloadRequest
+from sage_llm.control_plane.pd import PDComponents, build_pd
+from sage_llm.control_plane.pd.orchestrator import unservable_reason
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.routing.registry import build_router
@@ -70,7 +82,7 @@ from sage_llm.sim.cluster_fleet import (
 from sage_llm.sim.cluster_results import ClusterResult, build_result, decision_stats
 from sage_llm.sim.cluster_state import FleetState
 from sage_llm.sim.core import StepResult, stats_while_stepping
-from sage_llm.types import ExecutionInstance
+from sage_llm.types import ExecutionInstance, PDSeparationConfig
 
 __all__ = ["ClusterResult", "ClusterSimulator", "SimInstanceSpec", "make_fleet"]
 
@@ -99,6 +111,12 @@ class ClusterSimulator:
     name or SGLang's ``MODEL:ADAPTER``, runs on the instances of its model serving it.
     ``lora_slot_routing`` routes it by their LoRA slots, as the control plane's setting of
     that name does.
+
+    ``pd`` is the PD setting, as ``ControlPlaneManager``'s ``pd_config`` (None: its default
+    :class:`~sage_llm.types.PDSeparationConfig`, the ``threshold`` decider; ``enabled``
+    False turns PD off), or ready :class:`~sage_llm.control_plane.pd.PDComponents`. A
+    model no instance or PD pair could ever serve is refused (:class:`ConfigError`, key
+    ``instances``), as are the ``sglang`` connector and candidate sampling of a PD model.
     """
 
     def __init__(
@@ -120,6 +138,7 @@ class ClusterSimulator:
         prefix_block_size: int = 16,
         prefix_index_capacity: int = 200_000,
         lora_slot_routing: bool = True,
+        pd: PDSeparationConfig | PDComponents | None = None,
     ) -> None:
         if not instances:
             raise ConfigError("the cluster simulator needs at least one instance", key="instances")
@@ -166,6 +185,7 @@ class ClusterSimulator:
             router=routing,
         )
         self._slots = self.fleet.slots
+        self.pd = self._pd_components(pd, seed)
         if track_prefixes is None:
             track_prefixes = self.fleet.want_prefix or may_read_block_hashes(policy)
         self.track_prefixes = track_prefixes
@@ -181,9 +201,46 @@ class ClusterSimulator:
             max_queue_size=max_queue_size,
             prefix_block_size=prefix_block_size,
             lora_slot_routing=lora_slot_routing,
+            pd=self.pd,
         )
         self._events = 0
         self._ran = False
+
+    def _pd_components(
+        self, pd: PDSeparationConfig | PDComponents | None, seed: int
+    ) -> PDComponents | None:
+        """The PD components (as the manager builds them: ``pd`` None is its default
+        :class:`PDSeparationConfig`), or None when PD is off; a model no instance or PD
+        pair could ever serve is refused."""
+        if isinstance(pd, PDComponents):
+            components: PDComponents | None = pd
+        else:
+            cfg = pd if pd is not None else PDSeparationConfig()
+            components = (
+                build_pd(cfg, seed=seed, block_size=self.prefix_block_size) if cfg.enabled else None
+            )
+        for model, group in self.fleet.groups.items():
+            members = [(s.instance_id, s.role) for s in group]
+            why = unservable_reason(model, members, pd_enabled=components is not None)
+            if why is not None:
+                raise ConfigError(why, key="instances")
+        if components is None or not self.fleet.pd_models:
+            return components
+        if components.connector.name != "vllm":
+            raise ConfigError(
+                f"the cluster simulator runs PD legs with the vllm connector only, not "
+                f"{components.connector.name!r}",
+                key="pd.connector",
+            )
+        sampled = sorted(set(self.fleet.pd_models) & set(self.fleet.sampled_models))
+        if sampled:
+            raise ConfigError(
+                f"model {sampled[0]!r} is set up for PD and served by more than "
+                f"sample_above ({self.sample_above}) instances: candidate sampling of a PD "
+                "fleet is not supported (raise sample_above)",
+                key="sample_above",
+            )
+        return components
 
     # -- the event loop --------------------------------------------------------------------
 
@@ -246,6 +303,8 @@ class ClusterSimulator:
                     if core.has_work():
                         slot.wake_gen += 1
                         nres = core.step(now, list_tokens=list_tokens)
+                        if nres.has_pulls():
+                            self._release_pulled(nres)
                         if nres.idle:
                             slot.busy = False
                             self._push(
@@ -309,6 +368,8 @@ class ClusterSimulator:
         slot.wake_gen += 1
         now = self._now
         res = core.step(now, list_tokens=self.record_token_times)
+        if res.has_pulls():
+            self._release_pulled(res)
         if res.idle:  # waiting for a KV transfer or pinned blocks (PD); retry then
             self._push(now + max(res.duration_s, 1e-9), _WAKE, slot.index, slot.wake_gen)
             return
@@ -317,6 +378,16 @@ class ClusterSimulator:
         slot.busy_s += res.duration_s
         self._seq += 1  # self._push, inlined
         heapq.heappush(self._heap, (now + res.duration_s, self._seq, _STEP, slot.index, 0))
+
+    def _release_pulled(self, res: StepResult) -> None:
+        """The KV the decode legs of a step pulled is released on their prefill engines
+        (as ``SimEngine`` tells them when the step starts): those now idle with work are
+        kicked (they may have been waiting for the blocks)."""
+        by_id, kick = self.fleet.by_id, self.control.kick
+        for engine_id, request_id in res.kv_pulled:
+            slot = by_id.get(engine_id) if engine_id is not None else None
+            if slot is not None and slot.core.release_kv(request_id):
+                kick(slot)
 
     def _step_effects(self, slot: InstanceSlot, res: StepResult, now: float) -> None:
         """The admissions, tokens and finished requests of a step that ended at ``now``."""
@@ -330,7 +401,7 @@ class ClusterSimulator:
             reqs = control.reqs
             for rid, n in res.new_tokens:
                 rec = reqs.get(rid)
-                if rec is None:
+                if rec is None or rec.slot is not slot:  # (a PD prefill leg's token)
                     continue
                 if rec.first_token_s is None:
                     control.first_token(slot.awaiting_first.pop(rid), slot, now)
@@ -347,10 +418,17 @@ class ClusterSimulator:
                 rec = awaiting.pop(rid, None)
                 if rec is not None:
                     control.first_token(rec, slot, now)
-        for rid, _reason in res.finished:
-            rec = control.reqs.pop(rid, None)
-            if rec is not None:
-                control.complete(rec, slot, now)
+        if res.finished:
+            reqs = control.reqs
+            for rid, _reason in res.finished:
+                rec = reqs.get(rid)
+                if rec is None:
+                    continue
+                if rec.slot is slot:
+                    del reqs[rid]
+                    control.complete(rec, slot, now)
+                elif rec.prefill_slot is slot:  # its PD prefill leg: its decode leg next
+                    control.prefill_done(rec, slot, now)
 
     def _refresh_stats(self, *, more: bool) -> None:
         """The stats loop: every instance's engine figures into its view; re-arm while
@@ -394,5 +472,8 @@ class ClusterSimulator:
                 "stats_interval_s": self.stats_interval_s,
                 "max_queue_size": self.max_queue_size,
                 "lora_slot_routing": self.control.lora_slot_routing,
+                "pd": None if self.pd is None else self.pd.describe(),
+                "pd_models": list(control.pd_models),
             },
+            disaggregated=control.disaggregated,
         )

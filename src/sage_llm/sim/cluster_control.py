@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from dataclasses import replace
 
 from sage_llm import tokens
 from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import WorkloadRequest
-from sage_llm.control_plane.dispatcher import refusal_of, refusal_reason
+from sage_llm.control_plane.dispatcher import MAX_DEFERRED, refusal_of, refusal_reason
+from sage_llm.control_plane.pd import PDComponents, PDPlan
+from sage_llm.control_plane.pd.orchestrator import servable_view
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.lora import LoraRoom
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -29,7 +31,9 @@ from sage_llm.control_plane.scheduling._queue import QueuedPolicy, counting_only
 from sage_llm.control_plane.scheduling.admission import check_queue_bound
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import (
+    ClusterSnapshot,
     CompletionRecord,
+    RequestInfo,
     fill_request_info,
     fill_snapshot,
 )
@@ -82,6 +86,7 @@ class SimControlPlane:
         max_queue_size: int,
         prefix_block_size: int,
         lora_slot_routing: bool = True,
+        pd: PDComponents | None = None,
     ) -> None:
         self.policy = policy
         self.router = router
@@ -93,6 +98,11 @@ class SimControlPlane:
         self.lora_slot_routing = lora_slot_routing
         """Whether a request for a LoRA adapter is routed by the engines' LoRA slots."""
         self.lora_room = LoraRoom()
+        self.pd = pd
+        self.pd_models: tuple[str, ...] = fleet.pd_models if pd is not None else ()
+        """The models run disaggregated (none when PD is off)."""
+        self.disaggregated = 0
+        """Requests started as a PD pair."""
         self.reqs: dict[str, SimRequest] = {}
         """Requests admitted and not ended, by id."""
         self.kicks: list[InstanceSlot] = []
@@ -199,7 +209,8 @@ class SimControlPlane:
         policy.push(info)
 
     def dispatch(self, now: float) -> None:
-        """One pass of ``Dispatcher.dispatch_ready``."""
+        """One pass of ``Dispatcher.dispatch_ready``: the requests it pops but cannot start
+        now go back into the queue at its end (``MAX_DEFERRED`` of them end it)."""
         policy, router, fleet, perf = self.policy, self.router, self.fleet, time.perf_counter
         snapshot, pop, constrain, route = fleet.snapshot, policy.pop, policy.constrain, router.route
         reqs, by_id, record = self.reqs, fleet.by_id, self.decision_s.append
@@ -209,12 +220,14 @@ class SimControlPlane:
         pipeline = router if type(router) is Pipeline else None
         by_slots = self.lora_slot_routing
         lora_room, find = self.lora_room, fleet.registry.find
+        pd_models = self.pd_models
         decisions = candidates = 0
         queued = self.queued
+        deferred: list[RequestInfo] = []
         while len(queued) and fleet.free_total:
             started = perf()
             snap = snapshot(now)
-            info = pop(snap)
+            info = pop(servable_view(snap, pd_models) if pd_models else snap)
             if info is None:
                 break
             rec = reqs.get(info.request_id)
@@ -222,6 +235,14 @@ class SimControlPlane:
                 continue
             rec.info = info
             adapter = rec.adapter
+            if pd_models and info.model in pd_models:
+                plan = self._pd_plan(info, snap, adapter, now)
+                if plan is not None:
+                    record(perf() - started)
+                    decisions += 1
+                    candidates += len(snap.instances)
+                    self._start_pd(rec, plan, snap, now)
+                    continue
             if sampled and (
                 info.preferred_instance_id is not None
                 or info.previous_instance_id is not None
@@ -250,9 +271,11 @@ class SimControlPlane:
                 if decision is None and allowed is not None:
                     decision = route(info, snap)
                 chosen = None if decision is None else decision.instance_id
-            if chosen is None:  # inconsistent with pop(); keep the request and stop
-                policy.push(info)
-                break
+            if chosen is None:  # nothing free for this one now (a PD model's pair is
+                deferred.append(info)  # taken, say): it goes back at the pass's end
+                if len(deferred) >= MAX_DEFERRED:
+                    break
+                continue
             record(perf() - started)
             decisions += 1
             candidates += len(snap.instances)
@@ -261,22 +284,140 @@ class SimControlPlane:
             if counting is None:  # read only by the completion record
                 rec.predicted_e2e_s = view.predict_e2e_s(info.prompt_tokens, info.max_tokens)
             self._start(rec, slot, view.queued_prefill_tokens + info.prompt_tokens, now)
+        for info in deferred:
+            policy.push(info)
         self.decision_candidates += candidates
         if sampled:
             self.decision_sampled += decisions
 
-    def _start(self, rec: SimRequest, slot: InstanceSlot, pending: int, now: float) -> None:
-        state, info, fleet = slot.state, rec.info, self.fleet
+    # -- PD --------------------------------------------------------------------------------
+
+    def _pd_plan(
+        self, info: RequestInfo, snap: ClusterSnapshot, adapter: str | None, now: float
+    ) -> PDPlan | None:
+        """The pair to run ``info`` disaggregated on, or None to run it whole (as
+        ``Dispatcher._pd_plan``: the decider asked while a whole-request instance can take
+        it, the orchestrator asked first where a LoRA ``adapter`` has room)."""
+        pd = self.pd
+        assert pd is not None
+        if snap.runnable(info) and not pd.decider.decide(info, snap).disaggregate:
+            return None
+        plan = None
+        if adapter is not None and self.lora_slot_routing:
+            rooms = self.lora_room.narrow(
+                adapter, info, snap, None, now=now, find=self.fleet.registry.find
+            )
+            for room in rooms:
+                if room is None or plan is not None:
+                    continue  # both legs where the adapter has room, when a pair is free
+                others = frozenset(v.instance_id for v in snap if v.instance_id not in room)
+                narrowed = replace(info, excluded_instances=info.excluded_instances | others)
+                plan = pd.orchestrator.plan(narrowed, snap)
+        if plan is None:
+            plan = pd.orchestrator.plan(info, snap)
+        return plan
+
+    def _start_pd(self, rec: SimRequest, plan: PDPlan, snap: ClusterSnapshot, now: float) -> None:
+        """Start ``rec`` on ``plan``'s pair (``Dispatcher._start_pd``'s accounting: the
+        prefill instance carries it until its leg ends, the decode instance until it
+        ends) and queue its prefill leg."""
+        fleet, info = self.fleet, rec.info
+        prefill, decode = fleet.by_id[plan.prefill_id], fleet.by_id[plan.decode_id]
+        if self._counting is None:  # read only by the completion record
+            p, d = snap.get(plan.prefill_id), snap.get(plan.decode_id)
+            if p is not None and d is not None:
+                ttft = p.predict_ttft_s(info.prompt_tokens) + plan.transfer_s + d.est_tpot_s
+                rec.predicted_e2e_s = ttft + max(0, info.max_tokens - 1) * d.est_tpot_s
+        pstate, dstate = prefill.state, decode.state
+        adapter = rec.adapter
+        rec.pending_tokens = pstate.queued_prefill_tokens + info.prompt_tokens
+        self._occupy(prefill, adapter, now)
+        pstate.queued_prefill_tokens += info.prompt_tokens
+        rec.batch_at_start = self._occupy(decode, adapter, now)
+        dstate.outstanding_decode_tokens += info.max_tokens
+        rec.slot = decode
+        rec.prefill_slot = prefill
+        rec.disaggregated = True
+        rec.scheduled_at = now
+        self.disaggregated += 1
+        if self.track_prefixes:  # both end up holding the prompt's KV
+            fleet.prefix.insert(pstate.instance_id, info.block_hashes)
+            fleet.prefix.insert(dstate.instance_id, info.block_hashes)
+        fleet.mark(prefill)
+        fleet.mark(decode)
+        ids = rec.prompt_ids  # kept for the decode leg
+        assert ids is not None
+        # (the engine checks the prompt against its context, with one token to come)
+        failure = self._queue(rec, prefill, ids, 1, now, {"do_remote_decode": True})
+        if failure is not None:
+            self._pd_failed(rec, prefill, now, *failure)
+
+    def prefill_done(self, rec: SimRequest, slot: InstanceSlot, now: float) -> None:
+        """``rec``'s prefill leg ended on ``slot`` at ``now`` (its KV pinned there):
+        ``Dispatcher._prefill_done``'s accounting, the prefill instance released, and its
+        decode leg queued on its decode instance, which pulls the KV."""
+        info, state = rec.info, slot.state
+        leg_s = now - rec.scheduled_at
+        rec.prefill_cost = slot.cost_per_s * leg_s
+        state.observe_first_token(leg_s, rec.pending_tokens - rec.cached_tokens)
+        state.completed += 1
+        state.prefilled_tokens += info.prompt_tokens
+        state.record_latency(leg_s * 1000.0)
+        self._release_prefill(rec, slot, now)
+        decode = rec.slot
+        ids = rec.prompt_ids
+        assert decode is not None
+        assert ids is not None
+        rec.prompt_ids = None
+        kv = {
+            "do_remote_prefill": True,
+            "remote_engine_id": slot.instance_id,
+            "remote_request_id": info.request_id,
+        }
+        failure = self._queue(rec, decode, ids, info.max_tokens, now, kv)
+        if failure is not None:  # the KV pinned for it is released (the connector does)
+            slot.core.release_kv(info.request_id)
+            self.kick(slot)
+            self._pd_failed(rec, decode, now, *failure)
+            return
+        decode.awaiting_first[info.request_id] = rec
+
+    def _release_prefill(self, rec: SimRequest, slot: InstanceSlot, now: float) -> None:
+        """The prefill instance stops carrying ``rec`` (``Dispatcher._release_prefill``)."""
+        rec.prefill_slot = None
+        self._vacate(slot, rec.adapter, now)
+        slot.state.queued_prefill_tokens -= rec.info.prompt_tokens
+        self.fleet.mark(slot)
+
+    def _pd_failed(
+        self, rec: SimRequest, failed: InstanceSlot, now: float, error: str, refused: bool
+    ) -> None:
+        """``failed``'s engine would not take a leg of ``rec``: it ends FAILED there (as
+        ``Dispatcher._pd_failed`` ends a request refused by an engine, which is not retried),
+        both instances released."""
+        prefill, decode = rec.prefill_slot, rec.slot
+        assert decode is not None
+        if prefill is not None:
+            self._release_prefill(rec, prefill, now)
+        del self.reqs[rec.info.request_id]
+        self.complete(rec, decode, now, error=error, refused=refused, ended_on=failed)
+
+    def kick(self, slot: InstanceSlot) -> None:
+        """Have the simulator start a step on ``slot`` if it is idle (with work)."""
+        if not slot.busy and not slot.kick_pending:
+            slot.kick_pending = True
+            self.kicks.append(slot)
+
+    def _occupy(self, slot: InstanceSlot, adapter: str | None, now: float) -> int:
+        """A call starts on ``slot`` (for the LoRA ``adapter``): its ``in_flight`` goes up
+        (returned) and, at its bound, it leaves the free set (its view is marked stale by
+        the caller)."""
+        state, fleet = slot.state, self.fleet
         in_flight = state.in_flight
-        # the load integrated up to now before in_flight goes up (a slot at its bound
-        # leaves the free set; its view is marked stale below)
+        # the load integrated up to now before in_flight goes up
         slot.in_flight_area += in_flight * (now - slot.in_flight_since)
         slot.in_flight_since = now
         state.in_flight = in_flight = in_flight + 1
-        state.queued_prefill_tokens += info.prompt_tokens
-        state.outstanding_decode_tokens += info.max_tokens
-        rec.batch_at_start = in_flight
-        adapter = rec.adapter
         if adapter is not None:
             fleet.lora_call_started(slot, adapter)
         if in_flight > slot.max_in_flight:
@@ -284,6 +425,30 @@ class SimControlPlane:
         if in_flight == slot.bound:
             fleet.free[slot.model].discard(slot.index)
             fleet.free_total -= 1
+        return in_flight
+
+    def _vacate(self, slot: InstanceSlot, adapter: str | None, now: float) -> int:
+        """A call on ``slot`` (for the LoRA ``adapter``) is over: its ``in_flight`` goes
+        down and, from its bound, it is free again. Returns ``in_flight`` as it was."""
+        state, fleet = slot.state, self.fleet
+        in_flight = state.in_flight
+        # the load integrated up to now before in_flight goes down
+        slot.in_flight_area += in_flight * (now - slot.in_flight_since)
+        slot.in_flight_since = now
+        state.in_flight = in_flight - 1
+        if adapter is not None:
+            fleet.lora_call_ended(slot, adapter)
+        if in_flight == slot.bound:
+            fleet.free[slot.model].add(slot.index)
+            fleet.free_total += 1
+        return in_flight
+
+    def _start(self, rec: SimRequest, slot: InstanceSlot, pending: int, now: float) -> None:
+        state, info, fleet = slot.state, rec.info, self.fleet
+        adapter = rec.adapter
+        rec.batch_at_start = self._occupy(slot, adapter, now)
+        state.queued_prefill_tokens += info.prompt_tokens
+        state.outstanding_decode_tokens += info.max_tokens
         rec.slot = slot
         rec.scheduled_at = now
         rec.pending_tokens = pending
@@ -293,47 +458,64 @@ class SimControlPlane:
         ids = rec.prompt_ids
         rec.prompt_ids = None
         assert ids is not None
-        core = slot.core
-        error = None
+        failure = self._queue(rec, slot, ids, info.max_tokens, now)
+        if failure is not None:
+            del self.reqs[info.request_id]
+            self.complete(rec, slot, now, error=failure[0], refused=failure[1])
+            return
+        slot.awaiting_first[info.request_id] = rec
+
+    def _queue(
+        self,
+        rec: SimRequest,
+        slot: InstanceSlot,
+        ids: Sequence[int],
+        max_tokens: int,
+        now: float,
+        kv_transfer: dict[str, object] | None = None,
+    ) -> tuple[str, bool] | None:
+        """Queue ``rec`` (a whole request, or the PD leg ``kv_transfer`` says) on
+        ``slot``'s engine, cut to its context as ``SimEngine`` cuts it, and have the
+        instance kicked if it is idle. If the engine will not take it: the error, in the
+        manager's words, and whether it was the engine's refusal of the request itself
+        (which says nothing against the instance)."""
+        info, core, adapter = rec.info, slot.core, rec.adapter
         hashes = None  # the engine hashes the prompt itself unless it has them already
         if self.track_prefixes and core.block_size == self.prefix_block_size:
             hashes = info.block_hashes
         elif adapter is not None and core.config.enable_prefix_caching:
             salt = ADAPTER_SALT + adapter  # an adapter's blocks are its own
             hashes = salted_hashes(prompt_block_hashes(ids, core.block_size), salt)
-        refused = False
-        try:  # cut to the context, or refused, as SimEngine.generate does before queueing
+        try:  # cut to the context, or refused, as SimEngine does before queueing
             run = context_max_tokens(
-                slot.max_model_len, len(ids), info.max_tokens, text=rec.prompt_is_text
+                slot.max_model_len, len(ids), max_tokens, text=rec.prompt_is_text
             )
             core.add_request(
-                info.request_id, ids, run, arrival=now, block_hashes=hashes, lora=adapter,
+                info.request_id, ids, run, arrival=now, kv_transfer=kv_transfer,
+                block_hashes=hashes, lora=adapter,
                 priority=int(info.priority),  # (read by an engine that schedules by it)
             )  # fmt: skip
         except InvalidRequestError as exc:  # the engine refused the request itself
-            refusal = refusal_of(exc, state.instance_id)
+            refusal = refusal_of(exc, slot.instance_id)
             assert refusal is not None
-            error = f"{type(refusal).__name__}: {refusal_reason(refusal)}"
-            refused = True
+            return f"{type(refusal).__name__}: {refusal_reason(refusal)}", True
         except ConflictError as exc:
-            error = f"{type(exc).__name__}: {exc.message}"
-        else:
-            if not self.record_token_times:  # (counted token by token otherwise)
-                rec.output = run
-        if error is not None:
-            del self.reqs[info.request_id]
-            self.complete(rec, slot, now, error=error, refused=refused)
-            return
-        slot.awaiting_first[info.request_id] = rec
+            return f"{type(exc).__name__}: {exc.message}", False
+        if not self.record_token_times and (
+            kv_transfer is None or "do_remote_prefill" in kv_transfer
+        ):  # what it will answer (counted token by token otherwise)
+            rec.output = run
         if not slot.busy and not slot.kick_pending:
             slot.kick_pending = True
             self.kicks.append(slot)
+        return None
 
     def first_token(self, rec: SimRequest, slot: InstanceSlot, now: float) -> None:
         """The first token of ``rec`` came back at ``now``."""
         rec.first_token_s = now
-        slot.state.queued_prefill_tokens -= rec.info.prompt_tokens
-        self.fleet.mark(slot)
+        if not rec.disaggregated:  # (its decode instance was charged no prefill)
+            slot.state.queued_prefill_tokens -= rec.info.prompt_tokens
+            self.fleet.mark(slot)
 
     def complete(
         self,
@@ -343,10 +525,13 @@ class SimControlPlane:
         *,
         error: str | None = None,
         refused: bool = False,
+        ended_on: InstanceSlot | None = None,
     ) -> None:
-        """The request ended on ``slot``: account it as ``Dispatcher._finish`` does (a
-        failure with ``error``; ``refused``: the engine refused the request itself, which
-        says nothing against the instance)."""
+        """The request ended on ``slot`` (its decode instance when disaggregated), which
+        stops carrying it: account it as ``Dispatcher._finish`` does (a failure with
+        ``error``, counted on ``ended_on`` when that is another instance, its prefill
+        instance; ``refused``: the engine refused the request itself, which says nothing
+        against the instance)."""
         info, state = rec.info, slot.state
         ok = error is None
         first = rec.first_token_s
@@ -354,26 +539,22 @@ class SimControlPlane:
         arrival = info.arrival
         e2e_s = now - arrival
         tpot_s = (now - first) / (output - 1) if first is not None and output > 1 else None
-        if first is None:
+        if first is None and not rec.disaggregated:
             state.queued_prefill_tokens -= info.prompt_tokens
-        # the load integrated up to now before in_flight goes down (a slot that was at
-        # its bound is free again)
-        in_flight = state.in_flight
-        slot.in_flight_area += in_flight * (now - slot.in_flight_since)
-        slot.in_flight_since = now
-        state.in_flight = in_flight - 1
+        in_flight = self._vacate(slot, rec.adapter, now)
         state.outstanding_decode_tokens -= info.max_tokens
         fleet = self.fleet
-        if rec.adapter is not None:
-            fleet.lora_call_ended(slot, rec.adapter)
-        if in_flight == slot.bound:
-            fleet.free[slot.model].add(slot.index)
-            fleet.free_total += 1
+        if ended_on is not None and ended_on is not slot:
+            fleet.mark(slot)
+            slot = ended_on
+            state = slot.state
         if ok:
             state.completed += 1
             state.tokens_generated += output
             state.record_latency(e2e_s * 1000.0)
-            if first is not None:  # its TTFT over the tokens it prefilled refines the estimate
+            if first is not None and not rec.disaggregated:
+                # its TTFT over the tokens it prefilled refines the estimate (a PD request's
+                # prefill leg refined its own instance's)
                 ttft_s, prefilled = first - rec.scheduled_at, rec.pending_tokens - rec.cached_tokens
                 state.observe_first_token(ttft_s, prefilled)
             if tpot_s is not None:
@@ -410,7 +591,7 @@ class SimControlPlane:
         slo_e2e = rec.slo_e2e_s
         slo_met = None if slo_e2e is None else ok and e2e_s <= slo_e2e
         scheduled_at = rec.scheduled_at
-        cost = slot.cost_per_s * (now - scheduled_at)
+        cost = rec.prefill_cost + slot.cost_per_s * (now - scheduled_at)
         self.policy.on_complete(
             _completion_record(
                 info.request_id,

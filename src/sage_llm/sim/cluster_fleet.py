@@ -130,11 +130,14 @@ class SimRequest:
         "adapter",
         "batch_at_start",
         "cached_tokens",
+        "disaggregated",
         "first_token_s",
         "info",
         "output",
         "pending_tokens",
         "predicted_e2e_s",
+        "prefill_cost",
+        "prefill_slot",
         "priority",
         "prompt_ids",
         "prompt_is_text",
@@ -172,6 +175,13 @@ class SimRequest:
         """Whether its prompt is text (a context refusal then counts it as vLLM's tokenizer
         does, to a token past the context)."""
         self.slot: InstanceSlot | None = None
+        """Where it runs: its instance, or its decode instance when disaggregated."""
+        self.disaggregated = False
+        """Whether it runs as two PD legs (its prefill on ``prefill_slot``)."""
+        self.prefill_slot: InstanceSlot | None = None
+        """Its prefill instance while its PD prefill leg runs there (None otherwise)."""
+        self.prefill_cost = 0.0
+        """What its PD prefill leg cost (``cost_per_second`` × the leg's time)."""
         self.scheduled_at = 0.0
         self.pending_tokens = 0
         self.cached_tokens = 0
@@ -202,6 +212,7 @@ class InstanceSlot:
         "max_model_len",
         "model",
         "result",
+        "role",
         "sampled",
         "state",
         "steps",
@@ -212,11 +223,14 @@ class InstanceSlot:
     def __init__(self, index: int, spec: SimInstanceSpec, registry: InstanceRegistry) -> None:
         inst = spec.instance
         config = spec.engine_config()
-        if not inst.instance_type.runs_whole_requests or not config.role.runs_whole_requests:
+        role = inst.instance_type
+        if config.role.runs_whole_requests != role.runs_whole_requests or (
+            not role.runs_whole_requests and config.role is not role
+        ):
             raise ConfigError(
-                f"instance {inst.instance_id!r} is a {inst.instance_type.value} instance; the "
-                "cluster simulator runs whole requests only (no PD legs)",
-                key="instance_type",
+                f"instance {inst.instance_id!r} is registered as {role.value} but its "
+                f"engine runs as {config.role.value}",
+                key="config.role",
             )
         # used synchronously: its loop never runs
         engine = SimEngine(inst.instance_id, config, lora_adapters=inst.lora_adapters)
@@ -227,6 +241,8 @@ class InstanceSlot:
         self.core: SimEngineCore = engine.core
         self.max_model_len = config.max_model_len
         self.model = inst.model_name
+        self.role = role
+        """The instance's role (``PREFILLING``/``DECODING`` instances run PD legs only)."""
         self.bound = inst.max_concurrent_requests
         view = self.state.view()
         self.cost_per_s = view.cost_per_second

@@ -31,7 +31,10 @@ class InstanceUsage:
     under steady load); ``mean_in_flight`` the time-averaged number of requests dispatched
     and not finished, ``max_in_flight`` its high-water mark (never above
     ``max_concurrency``); ``prefix_hit_rate`` the engine's own prefix-cache hit rate
-    (cached prompt tokens / prompt tokens looked up).
+    (cached prompt tokens / prompt tokens looked up). ``role`` is the instance's
+    (``general``, ``prefilling``, ``decoding`` or ``hybrid``); ``completed`` counts the PD
+    prefill legs it ran with its requests, and ``prefilled_tokens`` those legs' prompt
+    tokens.
     """
 
     instance_id: str
@@ -45,6 +48,8 @@ class InstanceUsage:
     max_concurrency: int
     prefix_hit_rate: float
     preemptions: int
+    role: str = "general"
+    prefilled_tokens: int = 0
 
     @property
     def load(self) -> float:
@@ -64,6 +69,8 @@ class InstanceUsage:
             "max_concurrency": self.max_concurrency,
             "prefix_hit_rate": self.prefix_hit_rate,
             "preemptions": self.preemptions,
+            "role": self.role,
+            "prefilled_tokens": self.prefilled_tokens,
         }
 
 
@@ -121,7 +128,8 @@ class ClusterResult:
     request, in completion order) for the simulated duration ``sim_time_s`` (start to the
     last request's end). ``wall_s`` is the real time the run took, ``cpu_s`` this
     process's CPU time meanwhile (which does not depend on what else the machine runs),
-    ``events`` the events it processed (arrivals, engine steps, wake-ups, stats refreshes).
+    ``events`` the events it processed (arrivals, engine steps, wake-ups, stats refreshes),
+    ``disaggregated`` the requests run as a PD pair (a prefill leg, then a decode leg).
     """
 
     summary: BenchSummary
@@ -137,6 +145,7 @@ class ClusterResult:
     rejected: int
     policy_state: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    disaggregated: int = 0
 
     @property
     def events_per_s(self) -> float:
@@ -177,6 +186,7 @@ class ClusterResult:
             "requests_per_wall_s": self.requests_per_wall_s,
             "steps": self.steps,
             "rejected": self.rejected,
+            "disaggregated": self.disaggregated,
             "utilization": {
                 "mean": self.mean_utilization,
                 "min": min(utils, default=0.0),
@@ -252,6 +262,8 @@ def instance_usage(slot: InstanceSlot, duration: float) -> InstanceUsage:
         max_concurrency=slot.bound,
         prefix_hit_rate=stats.prefix_cache_hits_total / queries if queries else 0.0,
         preemptions=int(stats.preemptions_total),
+        role=slot.role.value,
+        prefilled_tokens=slot.state.prefilled_tokens,
     )
 
 
@@ -267,6 +279,7 @@ def build_result(
     rejected: int,
     policy_state: dict[str, Any],
     settings: dict[str, Any],
+    disaggregated: int = 0,
 ) -> ClusterResult:
     """The report of a finished run (the simulated duration ends with the last request)."""
     sim_time = max((m.end_s for m in measurements), default=0.0)
@@ -290,4 +303,5 @@ def build_result(
         rejected=rejected,
         policy_state=policy_state,
         settings=settings,
+        disaggregated=disaggregated,
     )

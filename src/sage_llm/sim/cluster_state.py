@@ -12,6 +12,7 @@ import random
 from collections.abc import Collection, Sequence
 
 from sage_llm.control_plane.instances import InstanceRegistry
+from sage_llm.control_plane.pd.orchestrator import uses_pd
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.lora import LoraFleet
 from sage_llm.control_plane.routing.prefix_index import PrefixIndex
@@ -61,6 +62,9 @@ class FleetState:
         self.free_total = len(self.slots)
         """Instances with a free slot, over all models."""
         self.sampled_models = [m for m, g in self.groups.items() if len(g) > sample_above]
+        self.pd_models = tuple(m for m, g in self.groups.items() if uses_pd(s.role for s in g))
+        """The models whose fleet is set up for PD (an instance of theirs is PREFILLING,
+        DECODING or HYBRID): run disaggregated when PD is on."""
         self.prefix = prefix
         self.max_candidates = max_candidates
         self.want_prefix, self.want_sticky = router_wants(router)

@@ -787,6 +787,10 @@ class StepResult:
         """``bool(self.admitted)``, without making the list."""
         return bool(self._admitted)
 
+    def has_pulls(self) -> bool:
+        """``bool(self.kv_pulled)``, without making the list."""
+        return bool(self._kv_pulled)
+
     def _values(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in STEP_FIELDS)
 
@@ -1068,6 +1072,11 @@ class SimEngineCore:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def num_pinned(self) -> int:
+        """Finished prefill legs whose KV is pinned here for their decode side."""
+        return len(self._pinned)
 
     @property
     def num_waiting(self) -> int:

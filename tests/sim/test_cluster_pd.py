@@ -1,0 +1,191 @@
+"""The cluster simulator's PD disaggregation: a PD model's requests run as a prefill leg and
+a decode leg (the KV pulled over the decode engine's link), request for request as the
+asyncio control plane runs them over in-process simulated engines."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_llm.bench.inprocess import Preset, run_preset
+from sage_llm.bench.workloads import Workload, lora_names, synthetic, with_adapters
+from sage_llm.errors import ConfigError
+from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec
+from sage_llm.sim.factory import sim_config_for
+from sage_llm.types import ExecutionInstance, PDSeparationConfig
+from tests.factories import make_role_instances
+from tests.sim.agreement import assert_same_requests
+
+MODEL = "llama-3-8b"
+
+
+def _fleet(roles: str, *, link_gbps: float = 50.0, bound: int = 16) -> list[ExecutionInstance]:
+    """L40S instances of the roles ``roles`` spells, their PD link ``link_gbps``."""
+    return make_role_instances(
+        roles,
+        max_concurrent_requests=bound,
+        metadata={"sim_gpu": "l40s", "sim_model": MODEL, "sim_kv_link_gbps": link_gbps},
+    )
+
+
+def _load(n: int = 300, rate: float = 12.0, inputs: str = "uniform:64,2048") -> Workload:
+    return synthetic(n, rate, input_dist=inputs, output_dist="uniform:8,96", seed=1)
+
+
+def _both(
+    instances: list[ExecutionInstance],
+    workload: Workload,
+    decider: str,
+    *,
+    policy: str = "fifo",
+    routing: str = "load_balanced",
+    **manager: object,
+) -> ClusterResult:
+    """The cluster simulator's run of ``workload``, checked request for request against the
+    control plane's (``decider``: the PD decider of both)."""
+    pd = PDSeparationConfig(routing_policy=decider)
+    reference = run_preset(
+        Preset("pd", policy, routing), workload, lambda: instances, seed=0,
+        manager_kwargs={"pd_config": pd, **manager},
+    ).measurements  # fmt: skip
+    sim = ClusterSimulator(
+        instances, policy=policy, routing=routing, seed=0, pd=pd,
+        **manager,  # type: ignore[arg-type]
+    )  # fmt: skip
+    result = sim.run(workload)
+    assert_same_requests(result.measurements, reference)
+    for slot in sim.fleet.slots:  # every pulled KV was released on its prefill engine
+        assert slot.core.num_pinned == 0, slot.instance_id
+    return result
+
+
+@pytest.mark.parametrize("link_gbps", [50.0, 0.5])
+def test_prefill_and_decode_instances_agree_with_the_asyncio_control_plane(
+    link_gbps: float,
+) -> None:
+    """Two prefill and two decode instances, every request disaggregated: the same first
+    token and end for each, over a fast link and over one slow enough (0.5 GB/s: ~0.5 s
+    for a 2,048-token prompt's KV) that the transfer is most of the TTFT."""
+    result = _both(_fleet("PPDD", link_gbps=link_gbps), _load(), "always")
+    assert result.summary.ok == 300
+    assert result.disaggregated == 300
+    rows = {i.instance_id: i for i in result.instances}
+    assert [rows[f"sim-{i}"].role for i in range(4)] == [
+        "prefilling", "prefilling", "decoding", "decoding",
+    ]  # fmt: skip
+    prefilled = rows["sim-0"].completed + rows["sim-1"].completed
+    decoded = rows["sim-2"].completed + rows["sim-3"].completed
+    assert prefilled == decoded == 300  # (each leg counted on its instance)
+    assert rows["sim-0"].prefilled_tokens + rows["sim-1"].prefilled_tokens == sum(
+        m.prompt_tokens for m in result.measurements
+    )
+    for prefill in ("sim-0", "sim-1"):  # one token per prefill leg (the decode leg's others)
+        assert rows[prefill].tokens_generated == rows[prefill].completed
+    assert result.settings["pd"]["decider"]["name"] == "always"
+    assert result.settings["pd_models"] == [MODEL]
+
+
+def test_a_slow_link_shows_in_the_time_to_first_token() -> None:
+    def run(link_gbps: float) -> ClusterResult:
+        pd = PDSeparationConfig(routing_policy="always")
+        sim = ClusterSimulator(
+            _fleet("PPDD", link_gbps=link_gbps), policy="fifo", routing="load_balanced", pd=pd
+        )
+        return sim.run(_load())
+
+    fast, slow = run(50.0), run(0.5)
+    # a 2,048-token prompt's KV is 268 MB: 5 ms at 50 GB/s, 537 ms at 0.5 GB/s
+    assert fast.summary.ttft is not None
+    assert slow.summary.ttft is not None
+    assert slow.summary.ttft.p50 > fast.summary.ttft.p50 + 0.1
+
+
+@pytest.mark.parametrize(
+    ("roles", "decider", "policy", "routing"),
+    [
+        ("PDGH", "threshold", "fifo", "load_balanced"),
+        ("PPDDG", "adaptive", "priority", "locality"),
+        ("HHHH", "threshold", "slo_aware", "power_of_two"),
+    ],
+)
+def test_mixed_fleets_agree_with_the_asyncio_control_plane(
+    roles: str, decider: str, policy: str, routing: str
+) -> None:
+    """Fleets whose GENERAL/HYBRID instances take whole requests and either leg, the
+    decider choosing per request, under load (30 requests/s)."""
+    result = _both(_fleet(roles), _load(rate=30.0), decider, policy=policy, routing=routing)
+    assert 0 < result.disaggregated < 300
+    assert result.summary.ok == 300
+
+
+def test_a_full_fleet_defers_requests_as_the_dispatcher_does() -> None:
+    """Three requests in flight per instance at 100 requests/s: most wait in the queue,
+    and a request popped when no pair is free goes back to it at the pass's end."""
+    result = _both(_fleet("PPDD", bound=3), _load(400, rate=100.0), "always")
+    assert result.summary.ok == 400
+    assert max(i.max_in_flight for i in result.instances) == 3
+
+
+def test_refused_legs_agree_with_the_asyncio_control_plane() -> None:
+    """Prompts past the engines' context: each refused by its prefill leg's engine, in the
+    manager's words, and not held against the instance."""
+    result = _both(_fleet("PPDD"), _load(100, rate=6.0, inputs="uniform:4000,9800"), "always")
+    refused = [m for m in result.measurements if not m.ok]
+    assert 5 < len(refused) < 95
+    assert all(
+        m.error is not None
+        and m.error.startswith("EngineRequestRejectedError: engine sim-")
+        and "contains at least 8193 input tokens" in m.error
+        for m in refused
+    )
+
+
+def test_lora_requests_run_both_legs_where_the_adapter_has_room() -> None:
+    adapters = lora_names(8)
+    metadata = {"sim_gpu": "h100", "sim_model": MODEL, "sim_max_loras": 2}
+    instances = make_role_instances("PPDD", lora_adapters=adapters, metadata=metadata)
+    base = synthetic(300, 30.0, "uniform:200,1200", "uniform:50,300", seed=0, model=MODEL)
+    result = _both(instances, with_adapters(base, adapters, share=0.7, seed=0), "always")
+    assert result.summary.ok == 300
+
+
+def test_token_times_are_recorded_on_the_decode_leg_only() -> None:
+    """With every token's time recorded, each request's tokens are its decode leg's (not
+    its prefill leg's discarded one), and every figure is as without them."""
+    instances = _fleet("PDGH")
+    pd = PDSeparationConfig(routing_policy="threshold")
+
+    def run(record: bool) -> ClusterResult:
+        return ClusterSimulator(
+            instances, policy="fifo", routing="load_balanced", pd=pd, record_token_times=record
+        ).run(_load())
+
+    plain, timed = run(False), run(True)
+    assert_same_requests(timed.measurements, plain.measurements)
+    for m in timed.measurements:
+        assert len(m.token_times_s) == m.output_tokens
+        assert m.first_token_s == m.token_times_s[0]
+
+
+def test_fleets_pd_cannot_serve_are_refused() -> None:
+    with pytest.raises(ConfigError, match="PD disaggregation is disabled") as err:
+        ClusterSimulator(_fleet("PD"), policy="fifo", routing="random",
+                         pd=PDSeparationConfig(enabled=False))  # fmt: skip
+    assert err.value.key == "instances"
+    with pytest.raises(ConfigError, match="no decode-capable instance") as err:
+        ClusterSimulator(_fleet("PP"), policy="fifo", routing="random")
+    with pytest.raises(ConfigError) as err:
+        ClusterSimulator(_fleet("PD"), policy="fifo", routing="random",
+                         pd=PDSeparationConfig(connector="sglang"))  # fmt: skip
+    assert err.value.key == "pd.connector"
+    with pytest.raises(ConfigError) as err:
+        ClusterSimulator(_fleet("PDPD"), policy="fifo", routing="random", sample_above=3)
+    assert err.value.key == "sample_above"
+    prefill = _fleet("P")[0]
+    whole_engine = sim_config_for(_fleet("G")[0])
+    with pytest.raises(ConfigError) as err:
+        ClusterSimulator([SimInstanceSpec(prefill, whole_engine), *_fleet("D")],
+                         policy="fifo", routing="random")  # fmt: skip
+    assert err.value.key == "config.role"
+    # PD off and whole-request instances only: nothing to refuse
+    ClusterSimulator(_fleet("GH"), policy="fifo", routing="random",
+                     pd=PDSeparationConfig(enabled=False))  # fmt: skip
