@@ -8,6 +8,7 @@ on the pd-P:D layouts of ``--fleets``, default pd-3:5). The JSON report goes to 
 
     .venv/bin/python benchmarks/pd_bench.py --out reports/pd_bench.json
     .venv/bin/python benchmarks/pd_bench.py --n-long 0 --fleets colocated,adaptive-2:2+4
+    .venv/bin/python benchmarks/pd_bench.py --cluster --n-long 1200 --n-chat 3000
     .venv/bin/python benchmarks/pd_bench.py --realtime --speed 2 --out reports/pd_bench.json
 """
 
@@ -45,12 +46,17 @@ def main() -> int:
         help="comma-separated layouts to run (default: all): Llama-3.1-8B's and, without "
         "--no-70b, Llama-3.1-70B's of those names (colocated, pd-1:1, adaptive-hybrid)",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the in-process cases on the cluster simulator (the same figures, faster)",
+    )
     a = parser.parse_args()
     try:
         return pd_bench_main(
             out=a.out, n_long=a.n_long, long_rate=a.long_rate, n_chat=a.n_chat,
             chat_rate=a.chat_rate, include_70b=not a.no_70b, realtime=a.realtime, speed=a.speed,
-            seed=a.seed,
+            seed=a.seed, cluster=a.cluster,
             fleet_names=None
             if a.fleets is None
             else [f.strip() for f in a.fleets.split(",") if f.strip()],

@@ -1165,6 +1165,13 @@ def bench_pd(
             "--include-70b, Llama-3.1-70B's of those names (colocated, pd-1:1, adaptive-hybrid)."
         ),
     ] = None,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            help="Run the in-process cases on the cluster simulator: the same figures as "
+            "through the control plane over in-process engines, several times faster."
+        ),
+    ] = False,
 ) -> None:
     """Colocated vs PD (several P:D ratios, adaptive decider) on long-prompt and chat work."""
     from sage_llm.bench.pd_bench import pd_bench_main
@@ -1176,7 +1183,7 @@ def bench_pd(
         code = pd_bench_main(
             out=out, include_70b=include_70b, realtime=realtime, speed=speed, seed=seed,
             n_long=n_long, long_rate=long_rate, n_chat=n_chat, chat_rate=chat_rate,
-            fleet_names=None if fleets is None else _split(fleets),
+            fleet_names=None if fleets is None else _split(fleets), cluster=cluster,
         )  # fmt: skip
     except SageLLMError as exc:
         _fail(_as_option(exc, set(ctx.params)))

@@ -146,6 +146,49 @@ def test_seventy_b_tp4_case_runs() -> None:
     assert case["failed"] == 0
 
 
+def _same_case(ours: Any, theirs: Any, where: str = "case") -> None:
+    """Two runs of a case agree: every count and name equal, every time to rounding (the
+    two runs reach the same instants by different sums)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict)
+        assert ours.keys() == theirs.keys(), where
+        for key, value in theirs.items():
+            _same_case(ours[key], value, f"{where}.{key}")
+    elif isinstance(theirs, float):
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12), where
+    else:
+        assert ours == theirs, where
+
+
+@pytest.mark.parametrize(
+    ("fleet", "model"),
+    [
+        ("colocated", "llama-3.1-8b"),
+        ("pd-3:5", "llama-3.1-8b"),
+        ("adaptive-2:2+4", "llama-3.1-8b"),
+        ("adaptive-hybrid", "llama-3.1-70b"),
+    ],
+)
+def test_the_cluster_simulator_gives_the_control_planes_figures(fleet: str, model: str) -> None:
+    """A case on the cluster simulator (``--cluster``) has the figures it has through the
+    control plane over in-process engines, the PD counters included."""
+    (spec,) = [f for f in default_fleets(model) if f.name == fleet]
+    scale = 1.0 if spec.tp == 1 else 0.25
+    for workload in (long_prompt_workload(30, 12.0 * scale), chat_workload(60, 20.0 * scale)):
+        ours = run_case(spec, workload, cluster=True).to_dict()
+        _same_case(ours, run_case(spec, workload).to_dict())
+        assert ours["failed"] == 0
+
+
+def test_run_pd_bench_on_the_cluster_simulator_says_so() -> None:
+    fleets = [FleetSpec("pd-1:1", prefill=1, decode=1, decider="always")]
+    report = run_pd_bench(n_long=2, long_rate=4.0, n_chat=0, fleets=fleets, cluster=True)
+    assert report["params"]["simulator"] == "cluster"
+    assert report["cases"][0]["pd"]["disaggregated_requests"] == 2
+    plain = run_pd_bench(n_long=2, long_rate=4.0, n_chat=0, fleets=fleets)
+    assert plain["params"]["simulator"] == "control_plane"
+
+
 def test_run_pd_bench_rejects_empty_and_bad_rates() -> None:
     with pytest.raises(ConfigError):
         run_pd_bench(n_long=0, n_chat=0)
@@ -260,6 +303,12 @@ def test_the_cli_sizes_the_run(tmp_path: Path) -> None:
     assert {c["fleet"]["name"] for c in cases} == {"colocated", "pd-3:5"}
     counts = {c["workload"]: c["requests"] for c in cases}
     assert counts == {"long_prompt": 4, "sharegpt_like": 6}
+    again = CliRunner().invoke(app, [*args, "--long-rate", "8", "--out", str(out), "--cluster"])
+    assert again.exit_code == 0, again.output
+    report = json.loads(out.read_text())
+    assert report["params"]["simulator"] == "cluster"
+    for ours, theirs in zip(report["cases"], cases, strict=True):
+        _same_case(ours, theirs)
     bad = CliRunner().invoke(app, ["bench", "pd", "--fleets", "nope"])
     assert bad.exit_code != 0 and "unknown fleet" in bad.output
 

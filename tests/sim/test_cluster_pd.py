@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
-from sage_llm.bench.workloads import Workload, lora_names, synthetic, with_adapters
+from sage_llm.bench.workloads import Workload, lora_names, multi_turn, synthetic, with_adapters
 from sage_llm.errors import ConfigError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec
 from sage_llm.sim.factory import sim_config_for
@@ -115,6 +115,19 @@ def test_mixed_fleets_agree_with_the_asyncio_control_plane(
     result = _both(_fleet(roles), _load(rate=30.0), decider, policy=policy, routing=routing)
     assert 0 < result.disaggregated < 300
     assert result.summary.ok == 300
+
+
+@pytest.mark.parametrize(("roles", "decider"), [("PPDD", "always"), ("PDGH", "prefix_aware")])
+def test_shared_prefixes_agree_with_the_asyncio_control_plane(roles: str, decider: str) -> None:
+    """Chat sessions whose prompts share growing prefixes: the pair orchestrator scores
+    prefill instances by the prefix they hold (and ``prefix_aware`` decides by it), so the
+    simulator keeps prefix hashes for a PD fleet by default, as the dispatcher always does
+    (without them the runs came apart at the first request)."""
+    workload = multi_turn(40, turns_per_session=4, rate=4.0, think_time_s=1.0,
+                          system_prompt_tokens=512, seed=3)  # fmt: skip
+    result = _both(_fleet(roles), workload, decider)
+    assert result.settings["track_prefixes"] is True
+    assert result.prefix_hit_rate > 0.5
 
 
 def test_a_full_fleet_defers_requests_as_the_dispatcher_does() -> None:

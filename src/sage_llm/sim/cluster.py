@@ -102,9 +102,10 @@ class ClusterSimulator:
     ``max_candidates`` / ``sample_above``: candidate sampling (module docstring).
     ``track_prefixes``: whether requests get prefix-block hashes and the prefix index is
     kept, as the dispatcher always does. None (default) keeps them only when something may
-    read them — a router with a prefix scorer, or a router or policy that is not one of
-    the built-in ones — since otherwise they cannot change any decision and cost about a
-    third of the time per request.
+    read them — a router with a prefix scorer, a router or policy that is not one of the
+    built-in ones, or PD (the pair orchestrator scores prefill instances by prefix) — since
+    otherwise they cannot change any decision and cost about a third of the time per
+    request.
 
     A workload request whose ``model`` is a LoRA adapter an instance serves (its
     ``lora_adapters``; the engines' slots are its metadata's ``sim_max_loras``), by its
@@ -186,8 +187,12 @@ class ClusterSimulator:
         )
         self._slots = self.fleet.slots
         self.pd = self._pd_components(pd, seed)
-        if track_prefixes is None:
-            track_prefixes = self.fleet.want_prefix or may_read_block_hashes(policy)
+        if track_prefixes is None:  # (the PD pair's prefill leg is scored by its prefix)
+            track_prefixes = (
+                self.fleet.want_prefix
+                or may_read_block_hashes(policy)
+                or (self.pd is not None and bool(self.fleet.pd_models))
+            )
         self.track_prefixes = track_prefixes
         self._heap: list[tuple[float, int, int, int, int]] = []
         self._seq = 0
@@ -476,4 +481,5 @@ class ClusterSimulator:
                 "pd_models": list(control.pd_models),
             },
             disaggregated=control.disaggregated,
+            colocated=control.colocated,
         )

@@ -103,6 +103,8 @@ class SimControlPlane:
         """The models run disaggregated (none when PD is off)."""
         self.disaggregated = 0
         """Requests started as a PD pair."""
+        self.colocated = 0
+        """Requests for a model set up for PD started whole on one instance."""
         self.reqs: dict[str, SimRequest] = {}
         """Requests admitted and not ended, by id."""
         self.kicks: list[InstanceSlot] = []
@@ -279,6 +281,8 @@ class SimControlPlane:
             record(perf() - started)
             decisions += 1
             candidates += len(snap.instances)
+            if pd_models and info.model in pd_models:
+                self.colocated += 1
             slot = by_id[chosen]
             view = fleet.fresh_view(slot)
             if counting is None:  # read only by the completion record

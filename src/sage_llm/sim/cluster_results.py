@@ -129,7 +129,8 @@ class ClusterResult:
     last request's end). ``wall_s`` is the real time the run took, ``cpu_s`` this
     process's CPU time meanwhile (which does not depend on what else the machine runs),
     ``events`` the events it processed (arrivals, engine steps, wake-ups, stats refreshes),
-    ``disaggregated`` the requests run as a PD pair (a prefill leg, then a decode leg).
+    ``disaggregated`` the requests run as a PD pair (a prefill leg, then a decode leg),
+    ``colocated`` those for a model set up for PD that ran whole on one instance.
     """
 
     summary: BenchSummary
@@ -146,6 +147,7 @@ class ClusterResult:
     policy_state: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     disaggregated: int = 0
+    colocated: int = 0
 
     @property
     def events_per_s(self) -> float:
@@ -187,6 +189,7 @@ class ClusterResult:
             "steps": self.steps,
             "rejected": self.rejected,
             "disaggregated": self.disaggregated,
+            "colocated": self.colocated,
             "utilization": {
                 "mean": self.mean_utilization,
                 "min": min(utils, default=0.0),
@@ -280,6 +283,7 @@ def build_result(
     policy_state: dict[str, Any],
     settings: dict[str, Any],
     disaggregated: int = 0,
+    colocated: int = 0,
 ) -> ClusterResult:
     """The report of a finished run (the simulated duration ends with the last request)."""
     sim_time = max((m.end_s for m in measurements), default=0.0)
@@ -304,4 +308,5 @@ def build_result(
         policy_state=policy_state,
         settings=settings,
         disaggregated=disaggregated,
+        colocated=colocated,
     )
