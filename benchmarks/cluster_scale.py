@@ -30,6 +30,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,14 @@ from sage_llm.bench.workloads import LengthDist, WorkloadRequest, as_length_dist
 from sage_llm.errors import SageLLMError
 from sage_llm.fastinit import field_filler
 from sage_llm.sim import accel
-from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, make_fleet
+from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec, make_fleet
 from sage_llm.sim.core import default_max_model_len
 from sage_llm.sim.specs import get_gpu, get_model, placement_problem
 from sage_llm.tokens import VOCAB_SIZE
-from sage_llm.types import RequestPriority
+from sage_llm.types import ExecutionInstanceType, PDSeparationConfig, RequestPriority
 
 _POOL_TOKENS = 1 << 20
+PREFILLING, DECODING = ExecutionInstanceType.PREFILLING, ExecutionInstanceType.DECODING
 _NORMAL = RequestPriority.NORMAL
 _workload_request = field_filler(
     WorkloadRequest,
@@ -163,6 +165,16 @@ def run(
     fleet = make_fleet(
         args.instances, gpu=args.gpu, model=args.model, max_concurrency=args.max_concurrency
     )
+    pd = None
+    if args.pd is not None:  # the first share prefill-only, the rest decode-only
+        prefill = pd_prefill_count(args.pd, args.instances)
+        setup["pd"] = {"prefill": prefill, "decode": args.instances - prefill}
+        fleet = [
+            SimInstanceSpec(replace(spec.instance, instance_type=PREFILLING if i < prefill
+                                    else DECODING), spec.config)
+            for i, spec in enumerate(fleet)
+        ]  # fmt: skip
+        pd = PDSeparationConfig(routing_policy="always")
     sim = ClusterSimulator(
         fleet,
         policy=args.policy,
@@ -170,6 +182,7 @@ def run(
         seed=args.seed,
         max_candidates=args.max_candidates,
         sample_above=args.sample_above,
+        pd=pd,
     )
     requests = stream_requests(
         args.requests,
@@ -183,6 +196,25 @@ def run(
     result = sim.run(requests)
     setup["run_wall_s"] = time.perf_counter() - started
     return result, setup, sim
+
+
+def pd_ratio(text: str) -> tuple[int, int]:
+    """``--pd P:D``: the prefill and decode shares of the fleet (positive integers)."""
+    problem = argparse.ArgumentTypeError(f"must be P:D, two positive integers, got {text!r}")
+    try:
+        p, d = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise problem from None
+    if p < 1 or d < 1:
+        raise problem
+    return p, d
+
+
+def pd_prefill_count(ratio: tuple[int, int], instances: int) -> int:
+    """How many of ``instances`` are prefill-only at the ``P:D`` ``ratio`` (rounded; at
+    least one of each)."""
+    p, d = ratio
+    return min(instances - 1, max(1, round(instances * p / (p + d))))
 
 
 def _first_error(measurements: Any) -> str:
@@ -215,7 +247,12 @@ def report(result: ClusterResult, setup: dict[str, Any], args: argparse.Namespac
     print(f"fleet            {args.instances} x {args.gpu} / {args.model}, "
           f"max {args.max_concurrency} concurrent each")  # fmt: skip
     print(f"policy/routing   {args.policy} / {args.routing} (candidates sampled above "
-          f"{args.sample_above} instances: {args.max_candidates} per decision)")  # fmt: skip
+          f"{args.sample_above} instances: {args.max_candidates} per decision"
+          f"{', per role' if args.pd else ''})")  # fmt: skip
+    if "pd" in setup:
+        print(f"PD               {setup['pd']['prefill']} prefill-only + "
+              f"{setup['pd']['decode']} decode-only instances, {result.disaggregated} "
+              "requests disaggregated")  # fmt: skip
     if "capacity_rps_per_instance" in setup:
         print(f"capacity         {setup['capacity_rps_per_instance']:.2f} req/s per instance "
               f"(measured in {setup['calibration_wall_s']:.1f} s)")  # fmt: skip
@@ -270,6 +307,8 @@ def _setup_problem(args: argparse.Namespace) -> str | None:
             f"--shared-prefix + --input-len: {shortest} prompt tokens leave no room in "
             f"{args.model}'s context ({context} tokens)"
         )
+    if args.pd is not None and args.instances < 2:
+        return "--pd: a prefill/decode fleet needs at least 2 --instances"
     if args.profile is not None and (args.profile.is_dir() or not args.profile.parent.is_dir()):
         return f"--profile {args.profile}: not a file in an existing directory"
     return None
@@ -311,6 +350,11 @@ def main(argv: list[str] | None = None, keep: list[object] | None = None) -> int
     parser.add_argument("--max-candidates", type=at_least(1), default=16)
     parser.add_argument("--sample-above", type=at_least(1), default=256)
     parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument(
+        "--pd", type=pd_ratio, default=None, metavar="P:D",
+        help="prefill-only and decode-only instances in this ratio, every request "
+        "disaggregated (decider always; --rate auto is still 70%% of the colocated capacity)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--profile", type=Path, help="run under cProfile, stats to this file")
     args = parser.parse_args(argv)

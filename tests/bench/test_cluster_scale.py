@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +33,9 @@ def script() -> ModuleType:
         (["--model", "nope"], "--model: unknown model 'nope'"),
         (["--model", "llama-3-70b"], "--model: Llama-3-70B does not fit on 1 × H100"),
         (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+        (["--pd", "1"], "argument --pd: must be P:D, two positive integers, got '1'"),
+        (["--pd", "0:3"], "argument --pd: must be P:D, two positive integers, got '0:3'"),
+        (["--pd", "1:1", "--instances", "1"], "--pd: a prefill/decode fleet needs at least 2"),
     ],
 )
 def test_a_bad_option_is_a_usage_error_before_any_simulating(
@@ -66,3 +70,24 @@ def test_a_small_run_reports_its_failures_reason(
     assert "failed 40" in out
     # 40 of one kind, though each message has its own figures
     assert "failures         40 failed: " in out and "maximum context length" in out
+
+
+def test_a_pd_fleet_disaggregates_every_request(
+    script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pd.json"
+    code = script.main(["--instances", "5", "--pd", "2:3", "--requests", "60", "--rate", "40",
+                        "--input-len", "uniform:64,1024", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "2 prefill-only + 3 decode-only instances, 60 requests disaggregated" in printed
+    report = json.loads(out.read_text())
+    assert report["setup"]["pd"] == {"prefill": 2, "decode": 3}
+    assert report["result"]["disaggregated"] == 60
+
+
+def test_the_prefill_share_is_rounded_with_one_of_each_at_least(script: ModuleType) -> None:
+    count = script.pd_prefill_count
+    assert (count((1, 1), 1000), count((1, 3), 8), count((1, 100), 4), count((9, 1), 2)) == (
+        500, 2, 1, 1,
+    )  # fmt: skip

@@ -11,7 +11,7 @@ from sage_llm.bench.workloads import Workload, lora_names, multi_turn, synthetic
 from sage_llm.errors import ConfigError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec
 from sage_llm.sim.factory import sim_config_for
-from sage_llm.types import ExecutionInstance, PDSeparationConfig
+from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
 from tests.factories import make_role_instances
 from tests.sim.agreement import assert_same_requests
 
@@ -190,9 +190,6 @@ def test_fleets_pd_cannot_serve_are_refused() -> None:
         ClusterSimulator(_fleet("PD"), policy="fifo", routing="random",
                          pd=PDSeparationConfig(connector="sglang"))  # fmt: skip
     assert err.value.key == "pd.connector"
-    with pytest.raises(ConfigError) as err:
-        ClusterSimulator(_fleet("PDPD"), policy="fifo", routing="random", sample_above=3)
-    assert err.value.key == "sample_above"
     prefill = _fleet("P")[0]
     whole_engine = sim_config_for(_fleet("G")[0])
     with pytest.raises(ConfigError) as err:
@@ -202,3 +199,57 @@ def test_fleets_pd_cannot_serve_are_refused() -> None:
     # PD off and whole-request instances only: nothing to refuse
     ClusterSimulator(_fleet("GH"), policy="fifo", routing="random",
                      pd=PDSeparationConfig(enabled=False))  # fmt: skip
+
+
+def test_a_sampled_pd_model_is_sampled_by_role() -> None:
+    """Above ``sample_above`` a PD model's snapshot holds ``max_candidates`` free instances
+    of each kind of role (a sample of the whole group could miss every decode instance),
+    and an instance at its bound leaves its role's list."""
+    sim = ClusterSimulator(
+        _fleet("P" * 40 + "D" * 40 + "G" * 4), policy="fifo", routing="load_balanced",
+        max_candidates=4, sample_above=16,
+    )  # fmt: skip
+    fleet = sim.fleet
+    for _ in range(20):
+        roles = [v.role for v in fleet.snapshot(0.0).instances]
+        assert roles.count(ExecutionInstanceType.PREFILLING) in (3, 4)
+        assert roles.count(ExecutionInstanceType.DECODING) in (3, 4)
+        assert roles.count(ExecutionInstanceType.GENERAL) == 4
+    general = [s for s in fleet.slots if s.role is ExecutionInstanceType.GENERAL]
+    for slot in general[:3]:
+        fleet.leave_free(slot)
+    roles = [v.role for v in fleet.snapshot(0.0).instances]
+    assert roles.count(ExecutionInstanceType.GENERAL) == 1
+    fleet.join_free(general[0])
+    roles = [v.role for v in fleet.snapshot(0.0).instances]
+    assert roles.count(ExecutionInstanceType.GENERAL) == 2
+    assert fleet.free_total == len(fleet.slots) - 2
+
+
+def test_large_pd_fleets_run_on_candidate_samples() -> None:
+    """150 prefill + 150 decode instances decided on samples of 16 of each: every request
+    completes, every decision is sampled, and the latencies are those of the same fleet
+    decided over every instance, within a few percent."""
+    instances = make_role_instances(
+        "P" * 150 + "D" * 150, max_concurrent_requests=8,
+        metadata={"sim_gpu": "h100", "sim_model": MODEL},
+    )  # fmt: skip
+    workload = synthetic(1000, 450.0, input_dist="uniform:256,4096",
+                         output_dist="uniform:32,256", seed=1)  # fmt: skip
+    pd = PDSeparationConfig(routing_policy="always")
+
+    def run(sample_above: int) -> ClusterResult:
+        sim = ClusterSimulator(instances, policy="fifo", routing="load_balanced", pd=pd,
+                               sample_above=sample_above)  # fmt: skip
+        return sim.run(workload)
+
+    sampled, whole = run(128), run(1000)
+    assert sampled.summary.ok == whole.summary.ok == 1000
+    assert sampled.disaggregated == 1000
+    assert sampled.decisions.sampled == sampled.decisions.count == 1000
+    assert sampled.decisions.mean_candidates < 40  # 16 + 16, and the prefix holders
+    assert whole.decisions.sampled == 0
+    assert sampled.summary.ttft is not None
+    assert whole.summary.ttft is not None
+    assert sampled.summary.ttft.p50 == pytest.approx(whole.summary.ttft.p50, rel=0.1)
+    assert sampled.summary.e2e.p50 == pytest.approx(whole.summary.e2e.p50, rel=0.05)

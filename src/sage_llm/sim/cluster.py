@@ -25,7 +25,7 @@ Between events it does what the control plane does, in the same order:
   released with the dispatcher's accounting and the decode leg is queued on the decode
   engine, which pulls the KV over its ``kv_link_gbps`` link before it decodes; the pull
   releases the pinned KV on the prefill engine as the step that finished it starts. Only
-  the ``vllm`` connector is simulated, and PD models are not candidate-sampled;
+  the ``vllm`` connector is simulated;
 * **engines**: an idle instance that gets work starts a step at once; a step's tokens and
   finished requests take effect at its end, when the next step starts immediately;
 * **accounting** with the registry's own :class:`~sage_llm.control_plane.instances.InstanceState`
@@ -49,7 +49,11 @@ would want regardless: its preferred instance, its sticky owner (session affinit
 over the whole model ring) and the prefix-index holders with a free slot. Policies and
 routers are the real ones; they see a smaller fleet. Fleet-wide aggregates they compute
 (``adaptive``'s load, ``slo_aware``'s best predicted finish) are then over the sample.
-Fleets at or below the threshold are never sampled.
+Fleets at or below the threshold are never sampled. A sampled model set up for PD is
+sampled by role: ``max_candidates`` of its prefill-only, of its decode-only and of its
+whole-request instances with a free slot, so that a decision always sees both legs'
+candidates, plus the prefix holders (the pair orchestrator scores prefill instances by
+prefix).
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ class ClusterSimulator:
     :class:`~sage_llm.types.PDSeparationConfig`, the ``threshold`` decider; ``enabled``
     False turns PD off), or ready :class:`~sage_llm.control_plane.pd.PDComponents`. A
     model no instance or PD pair could ever serve is refused (:class:`ConfigError`, key
-    ``instances``), as are the ``sglang`` connector and candidate sampling of a PD model.
+    ``instances``), as is the ``sglang`` connector.
     """
 
     def __init__(
@@ -236,14 +240,6 @@ class ClusterSimulator:
                 f"the cluster simulator runs PD legs with the vllm connector only, not "
                 f"{components.connector.name!r}",
                 key="pd.connector",
-            )
-        sampled = sorted(set(self.fleet.pd_models) & set(self.fleet.sampled_models))
-        if sampled:
-            raise ConfigError(
-                f"model {sampled[0]!r} is set up for PD and served by more than "
-                f"sample_above ({self.sample_above}) instances: candidate sampling of a PD "
-                "fleet is not supported (raise sample_above)",
-                key="sample_above",
             )
         return components
 

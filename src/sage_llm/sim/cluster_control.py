@@ -237,7 +237,16 @@ class SimControlPlane:
                 continue
             rec.info = info
             adapter = rec.adapter
-            if pd_models and info.model in pd_models:
+            pd_model = bool(pd_models) and info.model in pd_models
+            if sampled and (
+                info.preferred_instance_id is not None
+                or info.previous_instance_id is not None
+                or (want_sticky and info.sticky_key is not None)
+                or ((want_prefix or pd_model) and info.block_hashes)
+                or adapter is not None
+            ):  # otherwise fleet.augment has nothing to add (the same test as its own)
+                snap = fleet.augment(snap, info, adapter, prefix=want_prefix or pd_model)
+            if pd_model:
                 plan = self._pd_plan(info, snap, adapter, now)
                 if plan is not None:
                     record(perf() - started)
@@ -245,14 +254,6 @@ class SimControlPlane:
                     candidates += len(snap.instances)
                     self._start_pd(rec, plan, snap, now)
                     continue
-            if sampled and (
-                info.preferred_instance_id is not None
-                or info.previous_instance_id is not None
-                or (want_sticky and info.sticky_key is not None)
-                or (want_prefix and info.block_hashes)
-                or adapter is not None
-            ):  # otherwise fleet.augment has nothing to add (the same test as its own)
-                snap = fleet.augment(snap, info, adapter)
             allowed = constrain(info, snap)
             wider = None
             if adapter is not None and by_slots:
@@ -308,9 +309,11 @@ class SimControlPlane:
             return None
         plan = None
         if adapter is not None and self.lora_slot_routing:
+            fleet = self.fleet
             rooms = self.lora_room.narrow(
-                adapter, info, snap, None, now=now, find=self.fleet.registry.find
-            )
+                adapter, info, snap, None, now=now, find=fleet.registry.find,
+                fleet=fleet.lora_fleet(info.model) if fleet.sampled_models else None,
+            )  # fmt: skip
             for room in rooms:
                 if room is None or plan is not None:
                     continue  # both legs where the adapter has room, when a pair is free
@@ -427,8 +430,7 @@ class SimControlPlane:
         if in_flight > slot.max_in_flight:
             slot.max_in_flight = in_flight
         if in_flight == slot.bound:
-            fleet.free[slot.model].discard(slot.index)
-            fleet.free_total -= 1
+            fleet.leave_free(slot)
         return in_flight
 
     def _vacate(self, slot: InstanceSlot, adapter: str | None, now: float) -> int:
@@ -443,8 +445,7 @@ class SimControlPlane:
         if adapter is not None:
             fleet.lora_call_ended(slot, adapter)
         if in_flight == slot.bound:
-            fleet.free[slot.model].add(slot.index)
-            fleet.free_total += 1
+            fleet.join_free(slot)
         return in_flight
 
     def _start(self, rec: SimRequest, slot: InstanceSlot, pending: int, now: float) -> None:
@@ -509,9 +510,7 @@ class SimControlPlane:
             kv_transfer is None or "do_remote_prefill" in kv_transfer
         ):  # what it will answer (counted token by token otherwise)
             rec.output = run
-        if not slot.busy and not slot.kick_pending:
-            slot.kick_pending = True
-            self.kicks.append(slot)
+        self.kick(slot)
         return None
 
     def first_token(self, rec: SimRequest, slot: InstanceSlot, now: float) -> None:

@@ -25,10 +25,19 @@ from sage_llm.control_plane.snapshot import (
     fill_snapshot,
 )
 from sage_llm.sim.cluster_fleet import FreeList, InstanceSlot, SimInstanceSpec
+from sage_llm.types import ExecutionInstanceType
 
 __all__ = ["FleetState", "router_wants"]
 
 _STICKY_CACHE = 65_536
+
+
+def _role_kind(role: ExecutionInstanceType) -> int:
+    """Which of a sampled PD model's free lists holds an instance of ``role``: 0 prefill-only,
+    1 decode-only, 2 whole-request (``GENERAL``/``HYBRID``)."""
+    if role is ExecutionInstanceType.PREFILLING:
+        return 0
+    return 1 if role is ExecutionInstanceType.DECODING else 2
 
 
 class FleetState:
@@ -65,6 +74,16 @@ class FleetState:
         self.pd_models = tuple(m for m, g in self.groups.items() if uses_pd(s.role for s in g))
         """The models whose fleet is set up for PD (an instance of theirs is PREFILLING,
         DECODING or HYBRID): run disaggregated when PD is on."""
+        self.role_free: dict[str, dict[int, FreeList]] = {}
+        """For a sampled PD model: its instances with a free slot by kind of role
+        (:func:`_role_kind`), each sampled on its own, so that a sample holds both legs'
+        candidates where the model has them."""
+        for model in self.sampled_models:
+            if model in self.pd_models:
+                lists: dict[int, FreeList] = {}
+                for s in sorted(self.groups[model], key=lambda s: _role_kind(s.role)):
+                    lists.setdefault(_role_kind(s.role), FreeList()).add(s.index)
+                self.role_free[model] = lists
         self.prefix = prefix
         self.max_candidates = max_candidates
         self.want_prefix, self.want_sticky = router_wants(router)
@@ -104,6 +123,22 @@ class FleetState:
         """The adapters of another client's requests on some instance, as the stats said."""
 
     # -- changes ---------------------------------------------------------------------------
+
+    def leave_free(self, slot: InstanceSlot) -> None:
+        """``slot`` reached its concurrency bound: it has no free slot."""
+        self.free[slot.model].discard(slot.index)
+        self.free_total -= 1
+        lists = self.role_free.get(slot.model)
+        if lists is not None:
+            lists[_role_kind(slot.role)].discard(slot.index)
+
+    def join_free(self, slot: InstanceSlot) -> None:
+        """``slot`` was at its bound and has a free slot again."""
+        self.free[slot.model].add(slot.index)
+        self.free_total += 1
+        lists = self.role_free.get(slot.model)
+        if lists is not None:
+            lists[_role_kind(slot.role)].add(slot.index)
 
     def mark(self, slot: InstanceSlot) -> None:
         """``slot``'s live state changed: rebuild its view before it is next read."""
@@ -221,21 +256,23 @@ class FleetState:
         slots, k = self.slots, self.max_candidates
         view_of, stale = self.view_of, self.stale
         draw = self._rng.random
+        role_free = self.role_free
         for model in self.sampled_models:
-            # self.free[model].sample(self._rng, k), inlined for the large-set case: this
-            # runs for every decision (the same draws, the same members, the same order)
-            free = self.free[model]
-            items = free.items
-            n = len(items)
-            if n > 4 * k:
-                picked = sorted({items[int(draw() * n)] for _ in range(k)})
-            else:
-                picked = free.sample(self._rng, k)
-            for i in picked:  # self.fresh_view(slots[i]), inlined; no slot read unless stale
-                if stale[i]:
-                    view_of[i] = slots[i].build_view()
-                    stale[i] = 0
-                append(view_of[i])
+            lists = role_free.get(model)
+            for free in (self.free[model],) if lists is None else lists.values():
+                # free.sample(self._rng, k), inlined for the large-set case: this runs for
+                # every decision (the same draws, the same members, the same order)
+                items = free.items
+                n = len(items)
+                if n > 4 * k:
+                    picked = sorted({items[int(draw() * n)] for _ in range(k)})
+                else:
+                    picked = free.sample(self._rng, k)
+                for i in picked:  # self.fresh_view(slots[i]), inlined: no slot read unless
+                    if stale[i]:  # it is stale
+                        view_of[i] = slots[i].build_view()
+                        stale[i] = 0
+                    append(view_of[i])
         return fill_snapshot(now, tuple(out), self.prefix)
 
     def skip_snapshot(self) -> None:
@@ -243,25 +280,33 @@ class FleetState:
         no instance views (views are rebuilt lazily, so skipping them changes nothing)."""
         rng, k = self._rng, self.max_candidates
         for model in self.sampled_models:
-            self.free[model].skip(rng, k)
+            lists = self.role_free.get(model)
+            for free in (self.free[model],) if lists is None else lists.values():
+                free.skip(rng, k)
 
     def augment(
-        self, snap: ClusterSnapshot, info: RequestInfo, adapter: str | None = None
+        self,
+        snap: ClusterSnapshot,
+        info: RequestInfo,
+        adapter: str | None = None,
+        *,
+        prefix: bool | None = None,
     ) -> ClusterSnapshot:
         """``snap`` plus, for a sampled model, the request's preferred and previous
         instances, its sticky owner and the prefix holders with a free slot (when the
-        router reads them), and for a request for the LoRA ``adapter`` up to
-        ``max_candidates`` instances with a free slot where it runs (those the LoRA slot
-        routing prefers)."""
+        router reads them, or ``prefix`` says so: a PD pair's prefill leg is scored by its
+        prefix), and for a request for the LoRA ``adapter`` up to ``max_candidates``
+        instances with a free slot where it runs (those the LoRA slot routing prefers)."""
         group = self.groups.get(info.model)
         if group is None or not group[0].sampled:
             return snap
+        want_prefix = self.want_prefix if prefix is None else prefix
         runs = None if adapter is None else self.lora_runs.get(adapter)
         if (
             info.preferred_instance_id is None
             and info.previous_instance_id is None
             and not (self.want_sticky and info.sticky_key is not None)
-            and not (self.want_prefix and info.block_hashes)
+            and not (want_prefix and info.block_hashes)
             and not runs
         ):
             return snap  # nothing to add (the common case)
@@ -279,7 +324,7 @@ class FleetState:
         key = info.sticky_key
         if self.want_sticky and key is not None:
             add(self._sticky_owner(info.model, key))
-        if self.want_prefix and info.block_hashes:
+        if want_prefix and info.block_hashes:
             ranked = sorted(
                 (-depth, s.index)
                 for iid, depth in self.prefix.match(info.block_hashes).items()
