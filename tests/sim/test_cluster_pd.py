@@ -251,5 +251,7 @@ def test_large_pd_fleets_run_on_candidate_samples() -> None:
     assert whole.decisions.sampled == 0
     assert sampled.summary.ttft is not None
     assert whole.summary.ttft is not None
+    assert sampled.summary.e2e is not None
+    assert whole.summary.e2e is not None
     assert sampled.summary.ttft.p50 == pytest.approx(whole.summary.ttft.p50, rel=0.1)
     assert sampled.summary.e2e.p50 == pytest.approx(whole.summary.e2e.p50, rel=0.05)
