@@ -8,6 +8,7 @@ import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
 from sage_llm.bench.workloads import Workload, lora_names, multi_turn, synthetic, with_adapters
+from sage_llm.control_plane.pd import build_pd
 from sage_llm.errors import ConfigError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec
 from sage_llm.sim.factory import sim_config_for
@@ -255,3 +256,16 @@ def test_large_pd_fleets_run_on_candidate_samples() -> None:
     assert whole.summary.e2e is not None
     assert sampled.summary.ttft.p50 == pytest.approx(whole.summary.ttft.p50, rel=0.1)
     assert sampled.summary.e2e.p50 == pytest.approx(whole.summary.e2e.p50, rel=0.05)
+
+
+def test_ready_pd_components_are_used_as_given() -> None:
+    """``pd`` may be ready components (as ``build_pd`` makes them): their decider and
+    orchestrator decide, and their description is the run's setting."""
+    components = build_pd(PDSeparationConfig(routing_policy="never"), seed=0)
+    sim = ClusterSimulator(_fleet("PDG"), policy="fifo", routing="load_balanced", pd=components)
+    result = sim.run(_load(60))
+    assert sim.pd is components
+    assert result.settings["pd"]["decider"]["name"] == "never"
+    # "never" runs every request whole while the general instance has a free slot
+    assert result.colocated > 0
+    assert result.colocated + result.disaggregated == 60
