@@ -87,6 +87,11 @@ def test_manager_kwargs_turn_pd_off_for_colocated_and_target_the_slo() -> None:
     assert cfg.metadata["kv_bytes_per_token"] == 131072
     tuned = FleetSpec("a", hybrid=8, decider="adaptive", decider_params=(("slack", 0.5),))
     assert manager_kwargs(tuned)["pd_config"].metadata["decider_params"]["slack"] == 0.5
+    assert "pairing_params" not in cfg.metadata
+    assert "pairing_params" not in tuned.to_dict()
+    paired = FleetSpec("a", hybrid=8, decider="adaptive", pairing_params=(("top_k", 2),))
+    assert manager_kwargs(paired)["pd_config"].metadata["pairing_params"] == {"top_k": 2}
+    assert paired.to_dict()["pairing_params"] == {"top_k": 2}
 
 
 def test_select_fleets_by_name() -> None:

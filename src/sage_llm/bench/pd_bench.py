@@ -102,6 +102,9 @@ class FleetSpec:
     decider: str | None = None
     decider_params: tuple[tuple[str, Any], ...] = ()
     """Extra ``pd.metadata.decider_params`` (over the SLO targets), as (key, value) pairs."""
+    pairing_params: tuple[tuple[str, Any], ...] = ()
+    """``pd.metadata.pairing_params`` (:class:`~sage_llm.control_plane.pd.PairingParams`
+    fields), as (key, value) pairs."""
 
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.general, self.hybrid)
@@ -125,6 +128,7 @@ class FleetSpec:
             "hybrid": self.hybrid,
             "decider": self.decider,
             "gpus": self.gpus,
+            **({"pairing_params": dict(self.pairing_params)} if self.pairing_params else {}),
         }
 
 
@@ -283,6 +287,8 @@ def manager_kwargs(
         }
         meta["decider_params"] = {k: v for k, v in targets.items() if v is not None}
         meta["decider_params"].update(dict(spec.decider_params))
+    if spec.pairing_params:
+        meta["pairing_params"] = dict(spec.pairing_params)
     cfg = PDSeparationConfig(
         routing_policy=spec.decider, max_transfer_latency_ms=0.0, metadata=meta
     )
