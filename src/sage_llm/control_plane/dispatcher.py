@@ -619,19 +619,12 @@ class Dispatcher:
             why = decision.reason
         else:
             why = "no whole-request instance is free"
-        plan = None
+        rooms: tuple[frozenset[str] | None, ...] = ()
         if req.model != info.model and self.lora_slot_routing:  # a LoRA adapter's request
             rooms = self.lora_room.narrow(
                 req.model, info, snap, None, now=self.clock.now(), find=self.registry.find
             )
-            for room in rooms:
-                if room is None or plan is not None:
-                    continue  # both legs where the adapter has room, when a pair is free
-                others = frozenset(v.instance_id for v in snap if v.instance_id not in room)
-                narrowed = replace(info, excluded_instances=info.excluded_instances | others)
-                plan = pd.orchestrator.plan(narrowed, snap)
-        if plan is None:
-            plan = pd.orchestrator.plan(info, snap)
+        plan = pd.orchestrator.plan_within(info, snap, rooms)
         return None if plan is None else replace(plan, reason=f"{why}; {plan.reason}")
 
     @staticmethod

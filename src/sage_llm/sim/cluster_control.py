@@ -307,22 +307,14 @@ class SimControlPlane:
         assert pd is not None
         if snap.runnable(info) and not pd.decider.decide(info, snap).disaggregate:
             return None
-        plan = None
+        rooms: tuple[frozenset[str] | None, ...] = ()
         if adapter is not None and self.lora_slot_routing:
             fleet = self.fleet
             rooms = self.lora_room.narrow(
                 adapter, info, snap, None, now=now, find=fleet.registry.find,
                 fleet=fleet.lora_fleet(info.model) if fleet.sampled_models else None,
             )  # fmt: skip
-            for room in rooms:
-                if room is None or plan is not None:
-                    continue  # both legs where the adapter has room, when a pair is free
-                others = frozenset(v.instance_id for v in snap if v.instance_id not in room)
-                narrowed = replace(info, excluded_instances=info.excluded_instances | others)
-                plan = pd.orchestrator.plan(narrowed, snap)
-        if plan is None:
-            plan = pd.orchestrator.plan(info, snap)
-        return plan
+        return pd.orchestrator.plan_within(info, snap, rooms)
 
     def _start_pd(self, rec: SimRequest, plan: PDPlan, snap: ClusterSnapshot, now: float) -> None:
         """Start ``rec`` on ``plan``'s pair (``Dispatcher._start_pd``'s accounting: the

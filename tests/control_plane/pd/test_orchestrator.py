@@ -429,3 +429,29 @@ def test_instances_on_different_machines_without_a_rack_are_a_network_apart() ->
     rack = [replace(v, rack_id="r1") for v in (a, b)]
     assert links.kind(*rack) == "rack"
     assert links.bandwidth_gbps(a, b) < links.bandwidth_gbps(*rack)
+
+
+def test_plan_within_keeps_both_legs_in_the_first_room_with_a_free_pair() -> None:
+    """A LoRA adapter's request: both legs where the adapter has room (the first room
+    holding a pair; None skipped), else anywhere."""
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING),
+            make_instance_view("p1", role=Role.PREFILLING),
+            make_instance_view("d1", role=Role.DECODING),
+        ]
+    )
+    orch = PDOrchestrator(seed=1)
+    req = make_request_info()
+    for rooms, pair in [
+        ((frozenset({"p1", "d1"}),), ("p1", "d1")),
+        ((None, frozenset({"p0", "d0"})), ("p0", "d0")),
+        ((frozenset({"p0", "p1"}), frozenset({"p1", "d0"})), ("p1", "d0")),  # no pair in the first
+    ]:
+        plan = orch.plan_within(req, snap, rooms)
+        assert plan is not None
+        assert (plan.prefill_id, plan.decode_id) == pair, rooms
+    anywhere = orch.plan_within(req, snap, (frozenset({"p0"}), None))
+    assert anywhere is not None  # no room holds a pair: the whole snapshot
+    assert orch.plan_within(req, snap, ()) is not None

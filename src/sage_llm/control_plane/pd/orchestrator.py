@@ -342,6 +342,25 @@ class PDOrchestrator:
         )
         return PDPlan(pv.instance_id, d.instance_id, reason, scores, link, transfer)
 
+    def plan_within(
+        self,
+        req: RequestInfo,
+        snap: ClusterSnapshot,
+        rooms: Iterable[frozenset[str] | None],
+    ) -> PDPlan | None:
+        """:meth:`plan` with both legs inside the first of ``rooms`` (sets of instance ids,
+        None skipped) that holds a free pair, else over all of ``snap`` (a LoRA adapter's
+        request: both legs where the adapter has room, when a pair is free there)."""
+        for room in rooms:
+            if room is None:
+                continue
+            others = frozenset(v.instance_id for v in snap if v.instance_id not in room)
+            narrowed = replace(req, excluded_instances=req.excluded_instances | others)
+            plan = self.plan(narrowed, snap)
+            if plan is not None:
+                return plan
+        return self.plan(req, snap)
+
     def describe(self) -> dict[str, object]:
         """Parameters and both leg routers."""
         return {
