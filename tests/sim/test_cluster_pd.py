@@ -197,6 +197,10 @@ def test_fleets_pd_cannot_serve_are_refused() -> None:
         ClusterSimulator([SimInstanceSpec(prefill, whole_engine), *_fleet("D")],
                          policy="fifo", routing="random")  # fmt: skip
     assert err.value.key == "config.role"
+    with pytest.raises(ConfigError, match="must be a PDSeparationConfig") as err:
+        ClusterSimulator(_fleet("PD"), policy="fifo", routing="random",
+                         pd={"routing_policy": "always"})  # type: ignore[arg-type]  # fmt: skip
+    assert err.value.key == "pd"
     # PD off and whole-request instances only: nothing to refuse
     ClusterSimulator(_fleet("GH"), policy="fifo", routing="random",
                      pd=PDSeparationConfig(enabled=False))  # fmt: skip

@@ -223,6 +223,11 @@ class ClusterSimulator:
         pair could ever serve is refused."""
         if isinstance(pd, PDComponents):
             components: PDComponents | None = pd
+        elif pd is not None and not isinstance(pd, PDSeparationConfig):
+            raise ConfigError(
+                f"must be a PDSeparationConfig, PDComponents or None, got {type(pd).__name__}",
+                key="pd",
+            )
         else:
             cfg = pd if pd is not None else PDSeparationConfig()
             components = (
