@@ -7,11 +7,13 @@ import importlib.util
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import pytest
 
 from sage_llm.control_plane.snapshot import (
     EMPTY_PREFIX_VIEW,
@@ -140,6 +142,17 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def usage_error(
+    main: Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> str:
+    """What a benchmark script's ``main(argv)`` wrote to stderr as it exited with argparse's
+    usage error (status 2), which it must."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
 
 
 def free_ports(n: int) -> int:

@@ -7,7 +7,7 @@ from types import ModuleType
 import pytest
 
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
-from tests.factories import load_benchmark
+from tests.factories import load_benchmark, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,5 @@ def test_main_rejects_bad_old_params(script: ModuleType) -> None:
 def test_old_params_are_checked_before_any_run(
     script: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        script.main(["--old", "bogus=1"])
-    assert info.value.code == 2
-    assert "--old: bogus: unknown parameter for scheduling policy 'adaptive'" in (
-        capsys.readouterr().err
-    )
+    err = usage_error(script.main, ["--old", "bogus=1"], capsys)
+    assert "--old: bogus: unknown parameter for scheduling policy 'adaptive'" in err

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.factories import load_benchmark
+from tests.factories import load_benchmark, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,7 @@ def script() -> ModuleType:
 def test_a_bad_option_is_a_usage_error_before_any_simulating(
     script: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        script.main([*argv, "--requests", "10"])
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(script.main, [*argv, "--requests", "10"], capsys)
 
 
 def test_out_and_profile_must_be_files_in_existing_directories(

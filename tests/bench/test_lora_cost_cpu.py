@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.factories import load_benchmark
+from tests.factories import load_benchmark, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,7 @@ def test_without_the_vllm_venv_it_says_how_to_get_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SAGE_LLM_REAL_CACHE", str(tmp_path / "none"))
-    with pytest.raises(SystemExit) as info:
-        script.main([])
-    assert info.value.code == 2
-    assert "run scripts/setup-real-vllm.sh" in capsys.readouterr().err
+    assert "run scripts/setup-real-vllm.sh" in usage_error(script.main, [], capsys)
 
 
 def test_bad_counts_are_refused(script: ModuleType) -> None:

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.factories import load_benchmark
+from tests.factories import load_benchmark, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,7 @@ def script() -> ModuleType:
 def test_a_bad_option_is_a_usage_error(
     script: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        script.main(argv)
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(script.main, argv, capsys)
 
 
 def test_a_small_sweep_runs_each_fleet_at_each_weight(
