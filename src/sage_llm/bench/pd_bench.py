@@ -36,7 +36,7 @@ from typing import Any
 from sage_llm import jsonutil
 from sage_llm.bench.inprocess import replay
 from sage_llm.bench.report import check_out_file, refuse_repeats
-from sage_llm.bench.stats import SLO, BenchSummary, summarize
+from sage_llm.bench.stats import SLO, BenchSummary, RequestMeasurement, summarize
 from sage_llm.bench.workloads import Uniform, Workload, sharegpt_like, synthetic
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import ConfigError
@@ -377,17 +377,30 @@ def run_case(
             pd = cp.get_status().get("pd") or {}
         keep = ("disaggregated_requests", "colocated_requests", "colocated_fallbacks")
         figures = pd.get("figures", pd) if isinstance(pd, dict) else {}
-        rate = workload.params.get("rate", 0.0)
-        return PDCase(
-            fleet=spec,
-            workload=workload.name,
-            rate=float(rate) * float(workload.params.get("rate_scale", 1.0)),
-            summary=summarize(measurements, duration, SLO_ITL),
-            summary_tpot=summarize(measurements, duration, SLO_TPOT),
-            pd={k: figures[k] for k in keep if isinstance(figures, dict) and k in figures},
-        )
+        kept = {k: figures[k] for k in keep if isinstance(figures, dict) and k in figures}
+        return _case(spec, workload, measurements, duration, kept)
 
     return run_virtual(main())
+
+
+def _case(
+    spec: FleetSpec,
+    workload: Workload,
+    measurements: Sequence[RequestMeasurement],
+    duration: float,
+    pd: dict[str, Any],
+) -> PDCase:
+    """The case of ``workload``'s ``measurements`` on ``spec`` over ``duration`` seconds,
+    with the PD counters ``pd``."""
+    rate = workload.params.get("rate", 0.0)
+    return PDCase(
+        fleet=spec,
+        workload=workload.name,
+        rate=float(rate) * float(workload.params.get("rate_scale", 1.0)),
+        summary=summarize(measurements, duration, SLO_ITL),
+        summary_tpot=summarize(measurements, duration, SLO_TPOT),
+        pd=pd,
+    )
 
 
 def _cluster_case(spec: FleetSpec, workload: Workload, seed: int) -> PDCase:
@@ -401,23 +414,14 @@ def _cluster_case(spec: FleetSpec, workload: Workload, seed: int) -> PDCase:
         record_token_times=True,
     )  # fmt: skip
     result = sim.run(workload)
-    duration = max(result.sim_time_s, 1e-9)
-    rate = workload.params.get("rate", 0.0)
-    figures = {}
+    figures: dict[str, Any] = {}
     if sim.pd is not None:  # as the manager's status counts them
         figures = {
             "disaggregated_requests": result.disaggregated,
             "colocated_requests": result.colocated,
             "colocated_fallbacks": 0,  # (no leg fails on its engine here)
         }
-    return PDCase(
-        fleet=spec,
-        workload=workload.name,
-        rate=float(rate) * float(workload.params.get("rate_scale", 1.0)),
-        summary=summarize(result.measurements, duration, SLO_ITL),
-        summary_tpot=summarize(result.measurements, duration, SLO_TPOT),
-        pd=figures,
-    )
+    return _case(spec, workload, result.measurements, max(result.sim_time_s, 1e-9), figures)
 
 
 def _workloads(

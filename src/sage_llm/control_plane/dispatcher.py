@@ -56,6 +56,7 @@ from sage_llm.control_plane.pd.connectors import samples_asked
 from sage_llm.control_plane.pd.orchestrator import (
     Member,
     pair_exists,
+    predicted_e2e_s,
     servable_view,
     unservable_reason,
     uses_pd,
@@ -441,7 +442,7 @@ class Dispatcher:
                 decided_s = time.perf_counter() - started
                 self.metrics.routing_seconds.observe(decided_s)
                 self.metrics.on_pd_decision(decided_s)
-                rec.predicted_e2e_s = self._pd_predicted_e2e(snap, plan, info)
+                rec.predicted_e2e_s = predicted_e2e_s(snap, plan, info)
                 prefill_view = snap.get(plan.prefill_id)
                 if prefill_view is not None:
                     rec.predicted_prefill_s = prefill_view.predict_ttft_s(info.prompt_tokens)
@@ -626,14 +627,6 @@ class Dispatcher:
             )
         plan = pd.orchestrator.plan_within(info, snap, rooms)
         return None if plan is None else replace(plan, reason=f"{why}; {plan.reason}")
-
-    @staticmethod
-    def _pd_predicted_e2e(snap: ClusterSnapshot, plan: PDPlan, info: RequestInfo) -> float | None:
-        p, d = snap.get(plan.prefill_id), snap.get(plan.decode_id)
-        if p is None or d is None:
-            return None
-        ttft = p.predict_ttft_s(info.prompt_tokens) + plan.transfer_s + d.est_tpot_s
-        return ttft + max(0, info.max_tokens - 1) * d.est_tpot_s
 
     def _placement(
         self, rec: RequestRecord, state: InstanceState | None

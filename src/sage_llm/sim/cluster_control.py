@@ -23,7 +23,7 @@ from sage_llm.bench.stats import RequestMeasurement, measure
 from sage_llm.bench.workloads import WorkloadRequest
 from sage_llm.control_plane.dispatcher import MAX_DEFERRED, refusal_of, refusal_reason
 from sage_llm.control_plane.pd import PDComponents, PDPlan
-from sage_llm.control_plane.pd.orchestrator import servable_view
+from sage_llm.control_plane.pd.orchestrator import predicted_e2e_s, servable_view
 from sage_llm.control_plane.routing.base import Router
 from sage_llm.control_plane.routing.lora import LoraRoom
 from sage_llm.control_plane.routing.pipeline import Pipeline
@@ -282,7 +282,7 @@ class SimControlPlane:
             record(perf() - started)
             decisions += 1
             candidates += len(snap.instances)
-            if pd_models and info.model in pd_models:
+            if pd_model:
                 self.colocated += 1
             slot = by_id[chosen]
             view = fleet.fresh_view(slot)
@@ -323,10 +323,7 @@ class SimControlPlane:
         fleet, info = self.fleet, rec.info
         prefill, decode = fleet.by_id[plan.prefill_id], fleet.by_id[plan.decode_id]
         if self._counting is None:  # read only by the completion record
-            p, d = snap.get(plan.prefill_id), snap.get(plan.decode_id)
-            if p is not None and d is not None:
-                ttft = p.predict_ttft_s(info.prompt_tokens) + plan.transfer_s + d.est_tpot_s
-                rec.predicted_e2e_s = ttft + max(0, info.max_tokens - 1) * d.est_tpot_s
+            rec.predicted_e2e_s = predicted_e2e_s(snap, plan, info)
         pstate, dstate = prefill.state, decode.state
         adapter = rec.adapter
         rec.pending_tokens = pstate.queued_prefill_tokens + info.prompt_tokens

@@ -15,6 +15,7 @@ from sage_llm.control_plane.pd.orchestrator import (
     isolation,
     pair_exists,
     phase_fit,
+    predicted_e2e_s,
     servable_view,
     unservable_reason,
     uses_pd,
@@ -455,3 +456,17 @@ def test_plan_within_keeps_both_legs_in_the_first_room_with_a_free_pair() -> Non
     anywhere = orch.plan_within(req, snap, (frozenset({"p0"}), None))
     assert anywhere is not None  # no room holds a pair: the whole snapshot
     assert orch.plan_within(req, snap, ()) is not None
+
+
+def test_predicted_e2e_is_the_prefill_ttft_the_transfer_and_the_decode_steps() -> None:
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("d0", role=Role.DECODING, est_tpot_s=0.02),
+        ]
+    )
+    req = make_request_info(prompt_tokens=1000, max_tokens=11)
+    plan = PDPlan("p0", "d0", "test", transfer_s=0.05)
+    ttft = snap.instances[0].predict_ttft_s(1000) + 0.05 + 0.02
+    assert predicted_e2e_s(snap, plan, req) == pytest.approx(ttft + 10 * 0.02)
+    assert predicted_e2e_s(snap, replace(plan, decode_id="gone"), req) is None

@@ -391,6 +391,17 @@ def with_pd_assignment(snap: ClusterSnapshot, plan: PDPlan, req: RequestInfo) ->
     return replace(snap, instances=tuple(out))
 
 
+def predicted_e2e_s(snap: ClusterSnapshot, plan: PDPlan, req: RequestInfo) -> float | None:
+    """``req``'s predicted end-to-end time on ``plan``'s pair, from ``snap`` (None when
+    either instance is not in it): the prefill instance's TTFT, the KV transfer and a
+    decode step, then ``max_tokens - 1`` decode steps."""
+    p, d = snap.get(plan.prefill_id), snap.get(plan.decode_id)
+    if p is None or d is None:
+        return None
+    ttft = p.predict_ttft_s(req.prompt_tokens) + plan.transfer_s + d.est_tpot_s
+    return ttft + max(0, req.max_tokens - 1) * d.est_tpot_s
+
+
 def uses_pd(roles: Iterable[ExecutionInstanceType]) -> bool:
     """Whether a model served by instances of ``roles`` is set up for PD."""
     return any(r in PD_ROLES for r in roles)
