@@ -311,17 +311,32 @@ class PDOrchestrator:
         total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight + p.ttft_weight
         ttfts = self._prefill_ttfts(req, [pv for pv, _ in prefills])
         fastest = min(ttfts.values(), default=0.0)
+        # what each prefill candidate brings to every pair it is in, computed once: its
+        # predicted prefill time (the affinity's numerator), role fit, phase fit and speed
+        legs = [
+            (
+                pv,
+                p_score,
+                max(pv.predict_ttft_s(req.prompt_tokens), 1e-9),
+                _role_fit(pv.role, ExecutionInstanceType.PREFILLING),
+                phase_fit(pv, "prefill"),
+                p.ttft_weight * fastest / max(ttfts[pv.instance_id], 1e-9),
+            )
+            for pv, p_score in prefills
+        ]
+        transfer_s, tokens = self.links.transfer_s, req.prompt_tokens
         best: tuple[float, InstanceView, InstanceView] | None = None
         scores: dict[str, float] = {}
         for d, d_score in decodes:
             d_role = _role_fit(d.role, ExecutionInstanceType.DECODING)
-            for pv, p_score in prefills:
+            d_phase = phase_fit(d, "decode")
+            for pv, p_score, prefill_s, p_role, p_phase, speed in legs:
                 if pv.instance_id == d.instance_id:
                     continue
-                role = (d_role + _role_fit(pv.role, ExecutionInstanceType.PREFILLING)) / 2.0
-                aff = self.affinity(req, pv, d)
-                iso = p.isolation_weight * isolation(pv, d)
-                speed = p.ttft_weight * fastest / max(ttfts[pv.instance_id], 1e-9)
+                role = (d_role + p_role) / 2.0
+                # affinity(req, pv, d) and isolation(pv, d), with the prefill's parts above
+                aff = prefill_s / (prefill_s + transfer_s(tokens, pv, d))
+                iso = p.isolation_weight * (0.5 * p_phase + 0.5 * d_phase)
                 value = (
                     d_score + p_score + p.transfer_weight * aff + p.role_weight * role + iso
                     + speed

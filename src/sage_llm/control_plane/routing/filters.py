@@ -30,6 +30,8 @@ LEGS: tuple[Leg, ...] = ("whole", "prefill", "decode", "any")
 
 _GENERAL = ExecutionInstanceType.GENERAL
 _HYBRID = ExecutionInstanceType.HYBRID
+_PREFILLING = ExecutionInstanceType.PREFILLING
+_DECODING = ExecutionInstanceType.DECODING
 
 
 def role_runs(leg: Leg | ExecutionInstanceType, role: ExecutionInstanceType) -> bool:
@@ -64,6 +66,21 @@ def leg_candidates(req: RequestInfo, snap: ClusterSnapshot, leg: Leg) -> list[In
             for i in snap.instances
             if i.model == model
             and (i.role is _GENERAL or i.role is _HYBRID)
+            and i.healthy
+            and i.accepting
+            and i.in_flight < i.max_concurrency
+            and (not excluded or i.instance_id not in excluded)
+        ]
+    if leg == "prefill" or leg == "decode":
+        # role_runs and has_capacity, inlined (this runs for both legs of a PD decision):
+        # a prefill leg runs on every role but DECODING, a decode leg on all but PREFILLING
+        model, excluded = req.model, req.excluded_instances
+        other = _DECODING if leg == "prefill" else _PREFILLING
+        return [
+            i
+            for i in snap.instances
+            if i.model == model
+            and i.role is not other
             and i.healthy
             and i.accepting
             and i.in_flight < i.max_concurrency
