@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from sage_llm.control_plane.pd import build_pd
 from sage_llm.control_plane.pd.orchestrator import (
     LinkModel,
     PairingParams,
@@ -16,6 +17,7 @@ from sage_llm.control_plane.pd.orchestrator import (
     pair_exists,
     phase_fit,
     predicted_e2e_s,
+    prefill_gap_s,
     servable_view,
     unservable_reason,
     uses_pd,
@@ -25,6 +27,7 @@ from sage_llm.control_plane.routing.prefix_index import PrefixIndex
 from sage_llm.control_plane.snapshot import PAIR_VIEW_PREFIX, ClusterSnapshot
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType as Role
+from sage_llm.types import PDSeparationConfig
 from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
 
 
@@ -299,8 +302,12 @@ def test_named_strategies_can_rate_the_legs() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("top_k", 0), ("transfer_weight", -1.0), ("kv_threshold", 0.0), ("nvlink_gbps", 0.0)],
-)
+    [
+        ("top_k", 0), ("transfer_weight", -1.0), ("kv_threshold", 0.0), ("nvlink_gbps", 0.0),
+        ("itl_slo_s", 0.0), ("itl_slo_s", math.inf), ("itl_slo_s", math.nan),
+        ("max_batched_tokens", 0),
+    ],
+)  # fmt: skip
 def test_bad_params_raise_config_errors(field: str, value: float) -> None:
     with pytest.raises(ConfigError) as err:
         PairingParams(**{field: value})  # type: ignore[arg-type]
@@ -470,3 +477,74 @@ def test_predicted_e2e_is_the_prefill_ttft_the_transfer_and_the_decode_steps() -
     ttft = snap.instances[0].predict_ttft_s(1000) + 0.05 + 0.02
     assert predicted_e2e_s(snap, plan, req) == pytest.approx(ttft + 10 * 0.02)
     assert predicted_e2e_s(snap, replace(plan, decode_id="gone"), req) is None
+
+
+def _gap_fleet() -> ClusterSnapshot:
+    """Two HYBRID instances that may prefill: ``busy`` decodes (8 ms steps, 40k tokens/s
+    beside them) with nothing queued, the best by the prefill router's queue score;
+    ``queued`` decodes nothing but has 20k tokens of prompt queued. And a decode instance."""
+    return make_snapshot(
+        [
+            make_instance_view("busy", role=Role.HYBRID, in_flight=4, est_tpot_s=0.008,
+                               est_prefill_tps=40_000.0, outstanding_decode_tokens=800),
+            make_instance_view("queued", role=Role.HYBRID, in_flight=4,
+                               est_prefill_tps=40_000.0, queued_prefill_tokens=20_000),
+            make_instance_view("d0", role=Role.DECODING),
+        ]
+    )  # fmt: skip
+
+
+def test_prefill_gap_is_the_stall_of_the_prompt_joining_the_queue_beside_decodes() -> None:
+    busy = make_instance_view("v", est_tpot_s=0.008, est_prefill_tps=40_000.0,
+                              queued_prefill_tokens=500, outstanding_decode_tokens=100)  # fmt: skip
+    assert prefill_gap_s(busy, 1500) == pytest.approx(math.hypot(0.008, 2000 / 40_000))
+    assert prefill_gap_s(busy, 20_000, 4096) == pytest.approx(math.hypot(0.008, 4096 / 40_000))
+    assert prefill_gap_s(replace(busy, outstanding_decode_tokens=0), 20_000) == 0.0
+
+
+def test_with_a_gap_target_prefill_legs_stay_off_decodes_they_would_stall() -> None:
+    snap = _gap_fleet()
+    # Without a target, at phase isolation weight 1, the instance with no prefill queue
+    # wins, and its decodes stall for hypot(8 ms, 2000 / 40k) = 50 ms.
+    light = PairingParams(isolation_weight=1.0)
+    for seed in range(3):
+        plan = plan_of(PDOrchestrator(light, seed=seed), snap, prompt_tokens=2000)
+        assert (plan.prefill_id, plan.decode_id) == ("busy", "d0")
+    # With a 25 ms target, the prompt waits behind the queue where no decode runs.
+    gap = replace(light, itl_slo_s=0.025)
+    for seed in range(3):
+        plan = plan_of(PDOrchestrator(gap, seed=seed), snap, prompt_tokens=2000)
+        assert (plan.prefill_id, plan.decode_id) == ("queued", "d0")
+        assert "busy->d0" not in plan.scores
+    # A short prompt stalls them 8.9 ms: within the target, the best pair again.
+    assert plan_of(PDOrchestrator(gap, seed=0), snap, prompt_tokens=160).prefill_id == "busy"
+    # A chunk is at most max_batched_tokens: 512 tokens stall them 15 ms.
+    small = PDOrchestrator(replace(gap, max_batched_tokens=512), seed=0)
+    assert plan_of(small, snap, prompt_tokens=2000).prefill_id == "busy"
+
+
+def test_with_a_gap_target_a_stalling_prefill_leg_is_taken_when_nothing_else_is_free() -> None:
+    snap = with_view(_gap_fleet(), "queued", healthy=False)
+    plan = plan_of(PDOrchestrator(PairingParams(itl_slo_s=0.025), seed=0), snap, prompt_tokens=2000)
+    assert (plan.prefill_id, plan.decode_id) == ("busy", "d0")
+
+
+def test_build_pd_gives_the_pairing_the_adaptive_deciders_gap_target() -> None:
+    def pairing(routing_policy: str, **meta: object) -> PairingParams:
+        cfg = PDSeparationConfig(routing_policy=routing_policy, metadata=meta)
+        return build_pd(cfg).orchestrator.params
+
+    params = pairing("adaptive", decider_params={"itl_slo_s": 0.03, "max_batched_tokens": 2048})
+    assert (params.itl_slo_s, params.max_batched_tokens) == (0.03, 2048)
+    assert pairing("adaptive", decider_params={"tpot_slo_s": 0.03}).itl_slo_s is None
+    assert pairing("threshold").itl_slo_s is None
+    # the pairing's own target wins, with its own chunk size
+    own = pairing(
+        "adaptive",
+        decider_params={"itl_slo_s": 0.03, "max_batched_tokens": 2048},
+        pairing_params={"itl_slo_s": 0.05},
+    )
+    assert (own.itl_slo_s, own.max_batched_tokens) == (0.05, 8192)
+    with pytest.raises(ConfigError) as err:
+        pairing("adaptive", decider_params={"itl_slo_s": 0.03}, pairing_params={"itl_slo_s": -1})
+    assert err.value.key == "metadata.pairing_params.itl_slo_s"

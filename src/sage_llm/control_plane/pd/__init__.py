@@ -33,6 +33,7 @@ from sage_llm.control_plane.pd.connectors import (
 )
 from sage_llm.control_plane.pd.decider import (
     DECIDER_NAMES,
+    AdaptiveDecider,
     Decider,
     PDDecision,
     build_decider,
@@ -110,7 +111,9 @@ def build_pd(
     tokens`` and ``prefilling_threshold_ratio``, ``prefix_aware`` the prefix ``block_size``,
     ``adaptive`` ``max_transfer_latency_ms`` (0: no limit). ``cfg.metadata`` may add
     ``decider_params``, ``pairing_params`` (:class:`PairingParams` fields) and
-    ``connector_params`` tables, and ``kv_bytes_per_token`` for the model's KV size.
+    ``connector_params`` tables, and ``kv_bytes_per_token`` for the model's KV size. The
+    ``adaptive`` decider's ``itl_slo_s`` and ``max_batched_tokens`` are the pairing's too,
+    unless ``pairing_params`` gives its own ``itl_slo_s``.
     Raises :class:`ConfigError` for an unknown name or parameter.
     """
     meta = cfg.metadata or {}
@@ -166,6 +169,12 @@ def build_pd(
             else "routing_policy"
         ),
     )
+    # the pairing keeps prefill legs off decodes they would stall past the adaptive
+    # decider's gap target, with the decider's chunk size
+    adaptive = decider.params if isinstance(decider, AdaptiveDecider) else None
+    if adaptive is not None and adaptive.itl_slo_s is not None and "itl_slo_s" not in pairing:
+        pairing["itl_slo_s"] = adaptive.itl_slo_s
+        pairing.setdefault("max_batched_tokens", adaptive.max_batched_tokens)
     orchestrator = parts.built(
         lambda: PDOrchestrator(build_params(PairingParams, pairing, owner="PD pairing"), seed=seed),
         lambda key: f"metadata.pairing_params.{key}" if key else "metadata.pairing_params",

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from sage_llm.config_fields import name_key
 from sage_llm.control_plane.params import build_params
-from sage_llm.control_plane.pd.orchestrator import LinkModel
+from sage_llm.control_plane.pd.orchestrator import LinkModel, prefill_gap_s, stall_s
 from sage_llm.control_plane.snapshot import ClusterSnapshot, InstanceView, RequestInfo
 from sage_llm.errors import ConfigError
 
@@ -289,20 +289,15 @@ class AdaptiveDecider:
         return v.est_tpot_s + penalty
 
     def stall_s(self, v: InstanceView, prefill_tokens: int) -> float:
-        """The inter-token gap of decodes running on ``v`` in a step that also carries
-        ``prefill_tokens`` of prompt (at most ``max_batched_tokens``): the roofline's
-        smoothed maximum of a decode step (memory-bound) and the chunk's compute time at
-        ``v``'s rate beside decodes (``est_chunk_tps``), ``hypot(tpot, chunk / rate)``."""
-        chunk = min(max(prefill_tokens, 0), self.params.max_batched_tokens)
-        rate = v.est_prefill_tps if v.est_chunk_tps is None else v.est_chunk_tps
-        return math.hypot(v.est_tpot_s, chunk / max(rate, 1e-9))
+        """:func:`~sage_llm.control_plane.pd.orchestrator.stall_s` with chunks of at most
+        ``max_batched_tokens``."""
+        return stall_s(v, prefill_tokens, self.params.max_batched_tokens)
 
     def prefill_gap_s(self, v: InstanceView, req: RequestInfo) -> float:
         """The gap that computing ``req``'s prompt on ``v`` inflicts on the decodes running
-        there (0 when none run there): its prompt joins the prefill already queued."""
-        if v.outstanding_decode_tokens <= 0:
-            return 0.0
-        return self.stall_s(v, v.queued_prefill_tokens + req.prompt_tokens)
+        there (0 when none run there): :func:`~sage_llm.control_plane.pd.orchestrator.
+        prefill_gap_s`."""
+        return prefill_gap_s(v, req.prompt_tokens, self.params.max_batched_tokens)
 
     def _breaks_gap(self, gap_s: float) -> bool:
         return self.params.itl_slo_s is not None and gap_s > self.params.itl_slo_s

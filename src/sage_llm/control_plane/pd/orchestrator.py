@@ -7,7 +7,9 @@ synchronous, like the routing pipeline it is built from.
 
 Roles: a PREFILLING instance only takes prefill legs, a DECODING one only decode legs;
 GENERAL and HYBRID instances may take either (and whole requests). The two legs of one
-request always go to two different instances.
+request always go to two different instances. With a target for the largest inter-token
+gap (``PairingParams.itl_slo_s``), a prefill leg goes only where its prompt would not stall
+running decodes past it, while such an instance is free.
 
 Load is accounted per phase (:func:`with_pd_assignment`, and the dispatcher does the same on
 the live registry):
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -157,6 +159,12 @@ class PairingParams:
     an idle instance). The best ``top_k`` + 1 candidates of each leg are paired: one more
     than ``top_k``, so that each keeps ``top_k`` partners when an instance that may run
     either leg ranks on both sides (it cannot pair with itself).
+
+    ``itl_slo_s`` is a target for the largest inter-token gap: with it, a prefill leg goes
+    only to an instance where its prompt would not stall running decodes past the target
+    (:func:`prefill_gap_s`, with chunks of at most ``max_batched_tokens``), while such an
+    instance is free. :func:`~sage_llm.control_plane.pd.build_pd` sets it from the
+    ``adaptive`` decider's ``itl_slo_s`` (and ``max_batched_tokens``) unless given here.
     """
 
     prefill_strategy: str = ""
@@ -171,12 +179,22 @@ class PairingParams:
     ttft_weight: float = 1.0
     top_k: int = 4
     kv_threshold: float = 0.95
+    itl_slo_s: float | None = None
+    max_batched_tokens: int = 8192
     nvlink_gbps: float = 300.0
     machine_gbps: float = 25.0
     cross_rack_factor: float = 0.5
     kv_bytes_per_token: int = 131072
 
     def __post_init__(self) -> None:
+        if self.itl_slo_s is not None and not (
+            math.isfinite(self.itl_slo_s) and self.itl_slo_s > 0
+        ):
+            raise ConfigError(
+                f"must be a finite number > 0, got {self.itl_slo_s!r}", key="itl_slo_s"
+            )
+        if self.max_batched_tokens < 1:
+            raise ConfigError("must be >= 1", key="max_batched_tokens")
         for key in (
             "prefix_weight", "queue_weight", "kv_weight", "batch_weight", "transfer_weight",
             "role_weight", "isolation_weight", "ttft_weight",
@@ -205,6 +223,24 @@ class PairingParams:
         return LinkModel(
             self.nvlink_gbps, self.machine_gbps, self.cross_rack_factor, self.kv_bytes_per_token
         )
+
+
+def stall_s(v: InstanceView, prefill_tokens: int, max_batched_tokens: int = 8192) -> float:
+    """The inter-token gap of decodes running on ``v`` in a step that also carries
+    ``prefill_tokens`` of prompt (at most ``max_batched_tokens``): the roofline's smoothed
+    maximum of a decode step (memory-bound) and the chunk's compute time at ``v``'s rate
+    beside decodes (``est_chunk_tps``), ``hypot(tpot, chunk / rate)``."""
+    chunk = min(max(prefill_tokens, 0), max_batched_tokens)
+    rate = v.est_prefill_tps if v.est_chunk_tps is None else v.est_chunk_tps
+    return math.hypot(v.est_tpot_s, chunk / max(rate, 1e-9))
+
+
+def prefill_gap_s(v: InstanceView, prompt_tokens: int, max_batched_tokens: int = 8192) -> float:
+    """The gap that computing a prompt of ``prompt_tokens`` on ``v`` inflicts on the decodes
+    running there (0 when none run there): the prompt joins the prefill already queued."""
+    if v.outstanding_decode_tokens <= 0:
+        return 0.0
+    return stall_s(v, v.queued_prefill_tokens + prompt_tokens, max_batched_tokens)
 
 
 def _role_fit(role: ExecutionInstanceType, dedicated: ExecutionInstanceType) -> float:
@@ -267,9 +303,19 @@ class PDOrchestrator:
         )
 
     def _ranked(
-        self, router: Pipeline, req: RequestInfo, snap: ClusterSnapshot
+        self,
+        router: Pipeline,
+        req: RequestInfo,
+        snap: ClusterSnapshot,
+        keep: Callable[[InstanceView], bool] | None = None,
     ) -> list[tuple[InstanceView, float]]:
+        """The best ``top_k`` + 1 candidates of ``router``'s leg, with their scores; only
+        those ``keep`` keeps, when it keeps any."""
         cands = list(router.candidates(req, snap))
+        if keep is not None:
+            kept = [c for c in cands if keep(c)]
+            if kept:
+                cands = kept
         if not cands:
             return []
         scores, _ = router.scores(req, cands, snap)
@@ -302,12 +348,23 @@ class PDOrchestrator:
                 out[pv.instance_id] = ref.est_ttft_base_s + pending / max(ref.est_prefill_tps, 1e-9)
         return out
 
+    def _no_stall(self, req: RequestInfo) -> Callable[[InstanceView], bool] | None:
+        """With a gap target: whether ``req``'s prompt on an instance keeps the decodes
+        running there within it."""
+        target = self.params.itl_slo_s
+        if target is None:
+            return None
+        tokens, most = req.prompt_tokens, self.params.max_batched_tokens
+        return lambda v: prefill_gap_s(v, tokens, most) <= target
+
     def plan(self, req: RequestInfo, snap: ClusterSnapshot) -> PDPlan | None:
         """The best pair for ``req`` now, or None when no two different instances can take
         the two legs (both need a free slot)."""
-        decodes = self._ranked(self.decode_router, req, snap)
-        prefills = self._ranked(self.prefill_router, req, snap) if decodes else []
         p = self.params
+        decodes = self._ranked(self.decode_router, req, snap)
+        prefills = (
+            self._ranked(self.prefill_router, req, snap, self._no_stall(req)) if decodes else []
+        )
         total = 2.0 + p.transfer_weight + p.role_weight + p.isolation_weight + p.ttft_weight
         ttfts = self._prefill_ttfts(req, [pv for pv, _ in prefills])
         fastest = min(ttfts.values(), default=0.0)
