@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 
 from sage_llm.types import RequestPriority
-from tests.factories import load_benchmark
+from tests.factories import load_benchmark, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,9 @@ def test_engines_that_schedule_by_priority_keep_critical_requests_first(
     assert ttft["priority"] * 3 < ttft["fcfs"]
 
 
-def test_main_refuses_a_bad_rate(script: ModuleType) -> None:
-    with pytest.raises(SystemExit) as info:
-        script.main(["--rate", "0"])
-    assert info.value.code == 2
+def test_main_refuses_a_bad_rate(script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(script.main, ["--rate", "0"], capsys)
+    assert "argument --rate: must be a finite number > 0, got 0" in err
 
 
 def test_main_pools_the_seeds_requests(

@@ -29,6 +29,7 @@ from sage_llm.sim.costmodel import FrontEndModel, LinearStepModel
 from sage_llm.sim.engine import SimEngine, SimEngineConfig
 from sage_llm.sim.server import start_engine_server
 from tests.engines.fake_engine import start_app
+from tests.factories import usage_error
 
 
 def test_paths_default_under_the_repo_cache_and_follow_the_environment(tmp_path: Path) -> None:
@@ -265,10 +266,9 @@ def test_refit_of_a_file_that_is_no_report_is_a_usage_error(
         (tmp_path / "nope.json", "cannot read"),
         (other, "is not a fidelity report (written by --out): no 'calibration' in it"),
     ):
-        with pytest.raises(SystemExit) as info:
-            main(["--refit", str(given), "--out", str(tmp_path / "x.json")])
-        assert info.value.code == 2
-        assert message in capsys.readouterr().err
+        assert message in usage_error(
+            main, ["--refit", str(given), "--out", str(tmp_path / "x.json")], capsys
+        )
 
 
 @pytest.mark.parametrize(
@@ -286,10 +286,9 @@ def test_refit_refuses_the_options_of_a_measurement(
     """--refit measures nothing: a measurement's option beside it is refused, not ignored."""
     report = tmp_path / "r.json"
     report.write_text((Path(__file__).parent / "fidelity_recorded_quiet.json").read_text())
-    with pytest.raises(SystemExit) as info:
-        main(["--refit", str(report), *option, "--out", str(tmp_path / "x.json")])
-    assert info.value.code == 2
-    assert said in capsys.readouterr().err
+    assert said in usage_error(
+        main, ["--refit", str(report), *option, "--out", str(tmp_path / "x.json")], capsys
+    )
     assert not (tmp_path / "x.json").exists()
 
 
@@ -302,10 +301,9 @@ def test_refit_of_a_report_with_a_bad_observation_is_a_usage_error(
     report["calibration"]["prefill"][0][field] = value
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(report))
-    with pytest.raises(SystemExit) as info:
-        main(["--refit", str(bad), "--out", str(tmp_path / "x.json")])
-    assert info.value.code == 2
-    assert "is not a fidelity report (written by --out): bad observation" in capsys.readouterr().err
+    assert "is not a fidelity report (written by --out): bad observation" in usage_error(
+        main, ["--refit", str(bad), "--out", str(tmp_path / "x.json")], capsys
+    )
 
 
 def test_a_url_that_is_no_engine_base_url_is_a_usage_error(
@@ -317,7 +315,6 @@ def test_a_url_that_is_no_engine_base_url_is_a_usage_error(
         ("localhost", "is not an http(s)://host[:port] URL"),
         ("http://127.0.0.1:99999", "is not a URL: Port out of range"),
     ):
-        with pytest.raises(SystemExit) as info:
-            main(["--url", url, "--out", str(tmp_path / "x.json")])
-        assert info.value.code == 2
-        assert f"--url: '{url}' {message}" in capsys.readouterr().err
+        assert f"--url: '{url}' {message}" in usage_error(
+            main, ["--url", url, "--out", str(tmp_path / "x.json")], capsys
+        )

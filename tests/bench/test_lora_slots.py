@@ -7,7 +7,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.factories import load_benchmark
+from tests.factories import load_benchmark, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,15 @@ def test_main_runs_the_scenarios_asked_for(
 
 
 @pytest.mark.parametrize(
-    "bad", [["--rate", "0"], ["--scenario", "8/4/2"], ["--scenario", "2/4"], ["--scenario", "x"]]
+    ("bad", "said"),
+    [
+        (["--rate", "0"], "argument --rate: must be a finite number > 0, got 0"),
+        (["--scenario", "8/4/2"], "need 1 <= USED <= SERVED and SLOTS >= 1: '8/4/2'"),
+        (["--scenario", "2/4"], "expected USED/SERVED/SLOTS, got '2/4'"),
+        (["--scenario", "x"], "expected USED/SERVED/SLOTS, got 'x'"),
+    ],
 )
-def test_main_refuses_bad_arguments(script: ModuleType, bad: list[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        script.main(bad)
-    assert info.value.code == 2
+def test_main_refuses_bad_arguments(
+    script: ModuleType, bad: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert said in usage_error(script.main, bad, capsys)
