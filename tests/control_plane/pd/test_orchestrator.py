@@ -87,6 +87,8 @@ def test_general_legs_keep_prefill_away_from_running_decodes() -> None:
         assert (plan.prefill_id, plan.decode_id) == ("g-pre", "g-dec")
     assert isolation(snap.instances[1], snap.instances[0]) == 1.0
     assert isolation(snap.instances[0], snap.instances[1]) == 0.0
+    # the prefill leg's fit counts in proportion to its relative prefill speed
+    assert isolation(snap.instances[1], snap.instances[0], speed=0.25) == 0.625
 
 
 def test_phase_fit_groups_general_instances_by_phase() -> None:
@@ -117,8 +119,14 @@ def test_a_long_prefill_queue_loses_to_an_idle_instance() -> None:
     for seed in range(3):
         plan = plan_of(PDOrchestrator(seed=seed), snap, prompt_tokens=4000)
         assert (plan.prefill_id, plan.decode_id) == ("g0", "d0")
-    no_speed = PDOrchestrator(PairingParams(ttft_weight=0.0), seed=0)
+    # Without the speed term and the phase isolation (which the speed scales for the
+    # prefill leg), role fit keeps the leg on p0.
+    no_speed = PDOrchestrator(PairingParams(ttft_weight=0.0, isolation_weight=0.0), seed=0)
     assert plan_of(no_speed, snap, prompt_tokens=4000).prefill_id == "p0"
+    # Phase isolation alone would too, at full fit for any queue: scaled by speed it
+    # gives the leg to the idle instance.
+    assert plan_of(PDOrchestrator(PairingParams(ttft_weight=0.0), seed=0), snap,
+                   prompt_tokens=4000).prefill_id == "g0"  # fmt: skip
 
 
 def test_a_prefill_instance_not_measured_yet_gets_legs_to_be_measured_by() -> None:

@@ -143,22 +143,24 @@ class PDPlan:
 class PairingParams:
     """How pairs are scored.
 
-    ``prefill_strategy`` / ``decode_strategy`` name a routing strategy (``build_router`` with
-    ``leg="prefill"``/``"decode"``) whose filters and scorers rate that leg; empty means the
-    built-in profile: prefill favours prefix locality (``prefix_weight``) and a short prefill
-    queue (``queue_weight``); decode favours KV headroom (``kv_weight``) and a small running
-    batch (``batch_weight``). A pair's score is the weighted mean of its decode score, its
-    prefill score, its transfer affinity (``transfer_weight``; prefill time over prefill plus
-    KV transfer time, 1 for free transfers), its role fit (``role_weight``; dedicated
-    PREFILLING/DECODING instances 1, HYBRID 0.5, GENERAL 0, so instances that also run whole
-    requests are kept for those), its phase isolation (``isolation_weight``; the mean of
-    both legs' :func:`phase_fit`, so a GENERAL/HYBRID leg does not stall running decodes
-    with a prompt, nor decode behind one, and such instances settle into a prefill group
-    and a decode group) and its prefill speed (``ttft_weight``: the fastest candidate's
-    predicted TTFT over this one's, so a long prefill queue on a dedicated instance loses to
-    an idle instance). The best ``top_k`` + 1 candidates of each leg are paired: one more
-    than ``top_k``, so that each keeps ``top_k`` partners when an instance that may run
-    either leg ranks on both sides (it cannot pair with itself).
+    ``prefill_strategy`` / ``decode_strategy`` name a routing strategy (``build_router``
+    with ``leg="prefill"``/``"decode"``) whose filters and scorers rate that leg; empty
+    means the built-in profile: prefill favours prefix locality (``prefix_weight``) and a
+    short prefill queue (``queue_weight``); decode favours KV headroom (``kv_weight``) and a
+    small running batch (``batch_weight``). A pair's score is the weighted mean of its
+    decode score, its prefill score, its transfer affinity (``transfer_weight``; prefill
+    time over prefill plus KV transfer time, 1 for free transfers), its role fit
+    (``role_weight``; dedicated PREFILLING/DECODING instances 1, HYBRID 0.5, GENERAL 0, so
+    instances that also run whole requests are kept for those), its phase isolation
+    (``isolation_weight``; the mean of both legs' :func:`phase_fit`, the prefill leg's times
+    its prefill speed below, so a GENERAL/HYBRID leg does not stall running decodes with a
+    prompt, nor decode behind one, and such instances settle into a prefill group and a
+    decode group, whose queue holds prompts only while it starts them about as soon as any)
+    and its prefill speed (``ttft_weight``: the fastest candidate's predicted TTFT over this
+    one's, so a long prefill queue on a dedicated instance loses to an idle instance). The
+    best ``top_k`` + 1 candidates of each leg are paired: one more than ``top_k``, so that
+    each keeps ``top_k`` partners when an instance that may run either leg ranks on both
+    sides (it cannot pair with itself).
 
     ``itl_slo_s`` is a target for the largest inter-token gap: with it, a prefill leg goes
     only to an instance where its prompt would not stall running decodes past the target
@@ -249,9 +251,12 @@ def _role_fit(role: ExecutionInstanceType, dedicated: ExecutionInstanceType) -> 
     return 0.5 if role is ExecutionInstanceType.HYBRID else 0.0
 
 
-def isolation(prefill: InstanceView, decode: InstanceView) -> float:
-    """Phase isolation of a pair, 0..1: the mean of each leg's :func:`phase_fit`."""
-    return 0.5 * phase_fit(prefill, "prefill") + 0.5 * phase_fit(decode, "decode")
+def isolation(prefill: InstanceView, decode: InstanceView, speed: float = 1.0) -> float:
+    """Phase isolation of a pair, 0..1: the mean of each leg's :func:`phase_fit`, the
+    prefill leg's times its relative ``speed`` (the fastest prefill candidate's predicted
+    TTFT over its own), so that a prefill group's queue, as it grows, no longer holds the
+    legs that an idle instance would start sooner."""
+    return 0.5 * phase_fit(prefill, "prefill") * speed + 0.5 * phase_fit(decode, "decode")
 
 
 def phase_fit(v: InstanceView, leg: Literal["prefill", "decode"]) -> float:
@@ -369,18 +374,19 @@ class PDOrchestrator:
         ttfts = self._prefill_ttfts(req, [pv for pv, _ in prefills])
         fastest = min(ttfts.values(), default=0.0)
         # what each prefill candidate brings to every pair it is in, computed once: its
-        # predicted prefill time (the affinity's numerator), role fit, phase fit and speed
-        legs = [
-            (
+        # predicted prefill time (the affinity's numerator), role fit, phase fit (times
+        # its relative speed, as isolation() has it) and speed
+        legs = []
+        for pv, p_score in prefills:
+            speed = fastest / max(ttfts[pv.instance_id], 1e-9)
+            legs.append((
                 pv,
                 p_score,
                 max(pv.predict_ttft_s(req.prompt_tokens), 1e-9),
                 _role_fit(pv.role, ExecutionInstanceType.PREFILLING),
-                phase_fit(pv, "prefill"),
-                p.ttft_weight * fastest / max(ttfts[pv.instance_id], 1e-9),
-            )
-            for pv, p_score in prefills
-        ]
+                phase_fit(pv, "prefill") * speed,
+                p.ttft_weight * speed,
+            ))  # fmt: skip
         transfer_s, tokens = self.links.transfer_s, req.prompt_tokens
         best: tuple[float, InstanceView, InstanceView] | None = None
         scores: dict[str, float] = {}
@@ -391,7 +397,7 @@ class PDOrchestrator:
                 if pv.instance_id == d.instance_id:
                     continue
                 role = (d_role + p_role) / 2.0
-                # affinity(req, pv, d) and isolation(pv, d), with the prefill's parts above
+                # affinity(req, pv, d) and isolation(pv, d, speed), with the prefill's parts above
                 aff = prefill_s / (prefill_s + transfer_s(tokens, pv, d))
                 iso = p.isolation_weight * (0.5 * p_phase + 0.5 * d_phase)
                 value = (
