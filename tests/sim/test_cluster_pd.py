@@ -4,10 +4,19 @@ asyncio control plane runs them over in-process simulated engines."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from sage_llm.bench.inprocess import Preset, run_preset
-from sage_llm.bench.workloads import Workload, lora_names, multi_turn, synthetic, with_adapters
+from sage_llm.bench.workloads import (
+    Workload,
+    lora_names,
+    multi_turn,
+    sharegpt_like,
+    synthetic,
+    with_adapters,
+)
 from sage_llm.control_plane.pd import build_pd
 from sage_llm.errors import ConfigError
 from sage_llm.sim.cluster import ClusterResult, ClusterSimulator, SimInstanceSpec
@@ -19,12 +28,14 @@ from tests.sim.agreement import assert_same_requests
 MODEL = "llama-3-8b"
 
 
-def _fleet(roles: str, *, link_gbps: float = 50.0, bound: int = 16) -> list[ExecutionInstance]:
-    """L40S instances of the roles ``roles`` spells, their PD link ``link_gbps``."""
+def _fleet(
+    roles: str, *, link_gbps: float = 50.0, bound: int = 16, gpu: str = "l40s"
+) -> list[ExecutionInstance]:
+    """``gpu`` instances of the roles ``roles`` spells, their PD link ``link_gbps``."""
     return make_role_instances(
         roles,
         max_concurrent_requests=bound,
-        metadata={"sim_gpu": "l40s", "sim_model": MODEL, "sim_kv_link_gbps": link_gbps},
+        metadata={"sim_gpu": gpu, "sim_model": MODEL, "sim_kv_link_gbps": link_gbps},
     )
 
 
@@ -39,11 +50,13 @@ def _both(
     *,
     policy: str = "fifo",
     routing: str = "load_balanced",
+    pd_metadata: Mapping[str, object] | None = None,
     **manager: object,
 ) -> ClusterResult:
     """The cluster simulator's run of ``workload``, checked request for request against the
-    control plane's (``decider``: the PD decider of both)."""
-    pd = PDSeparationConfig(routing_policy=decider)
+    control plane's (``decider``: the PD decider of both, ``pd_metadata`` its
+    ``PDSeparationConfig.metadata``)."""
+    pd = PDSeparationConfig(routing_policy=decider, metadata=dict(pd_metadata or {}))
     reference = run_preset(
         Preset("pd", policy, routing), workload, lambda: instances, seed=0,
         manager_kwargs={"pd_config": pd, **manager},
@@ -116,6 +129,20 @@ def test_mixed_fleets_agree_with_the_asyncio_control_plane(
     result = _both(_fleet(roles), _load(rate=30.0), decider, policy=policy, routing=routing)
     assert 0 < result.disaggregated < 300
     assert result.summary.ok == 300
+
+
+def test_gap_targets_pairing_and_prefill_reserve_agree_with_the_asyncio_control_plane() -> None:
+    """The adaptive decider with a 25 ms gap target on four HYBRID H100 instances, chat
+    requests: the pairing holds instances for prefill legs when every one decodes, and
+    keeps prefill legs off decodes they would stall, request for request alike."""
+    targets = {"decider_params": {"itl_slo_s": 0.025, "ttft_slo_s": 2.0}}
+    fleet = _fleet("HHHH", gpu="h100")
+    result = _both(fleet, sharegpt_like(300, 10.0, seed=1), "adaptive", pd_metadata=targets)
+    assert 0 < result.disaggregated < 300
+    assert result.summary.ok == 300
+    pairing = result.settings["pd"]["pairing"]
+    assert pairing["params"]["itl_slo_s"] == 0.025
+    assert pairing["prefill_reserve_holds"] > 0
 
 
 @pytest.mark.parametrize(("roles", "decider"), [("PPDD", "always"), ("PDGH", "prefix_aware")])

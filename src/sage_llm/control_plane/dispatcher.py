@@ -476,6 +476,8 @@ class Dispatcher:
         end it."""
         try:
             allowed = self.policy.constrain(info, snap)
+            if self.pd is not None and info.model in pd_models:  # not where PD holds prefill
+                allowed = self.pd.orchestrator.whole_allowed(info, snap, allowed)
             if info.parallelism_hint is not None:
                 allowed = self._of_parallelism(info.parallelism_hint, snap, allowed)
             wider = None
@@ -608,6 +610,7 @@ class Dispatcher:
         pd = self.pd
         if pd is None:
             return None
+        pd.orchestrator.observe(info, snap)
         if (
             info.request_id in self._colocated_only
             or (not pd.connector.splits_prompt_logprobs and asks_prompt_logprobs(req))

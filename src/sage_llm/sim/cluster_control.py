@@ -255,6 +255,9 @@ class SimControlPlane:
                     self._start_pd(rec, plan, snap, now)
                     continue
             allowed = constrain(info, snap)
+            if pd_model:  # not where PD holds instances for prefill legs
+                assert self.pd is not None
+                allowed = self.pd.orchestrator.whole_allowed(info, snap, allowed)
             wider = None
             if adapter is not None and by_slots:
                 allowed, wider = lora_room.narrow(
@@ -305,6 +308,7 @@ class SimControlPlane:
         it, the orchestrator asked first where a LoRA ``adapter`` has room)."""
         pd = self.pd
         assert pd is not None
+        pd.orchestrator.observe(info, snap)
         if snap.runnable(info) and not pd.decider.decide(info, snap).disaggregate:
             return None
         rooms: tuple[frozenset[str] | None, ...] = ()

@@ -470,3 +470,23 @@ def test_adaptive_disaggregates_when_no_whole_request_instance_is_free() -> None
     snap = with_view(mixed_fleet(), "g0", in_flight=100)  # full
     decision = AdaptiveDecider().decide(make_request_info(prompt_tokens=100), snap)
     assert (decision.disaggregate, decision.reason) == (True, "no colocated instance is free")
+
+
+def test_adaptive_predicts_colocated_where_whole_requests_go_not_on_held_instances() -> None:
+    """An idle g-idle held for prefill legs is left out of the colocated prediction (whole
+    requests keep off it) while another whole-request instance is free."""
+    snap = make_snapshot(
+        [
+            make_instance_view("g-idle"),
+            make_instance_view("g-busy", in_flight=8, queued_prefill_tokens=40_000),
+        ]
+    )
+    req = make_request_info(prompt_tokens=100)
+    held: dict[str, frozenset[str]] = {"llama-3-8b": frozenset({"g-idle"})}
+    decider = AdaptiveDecider(held_for_prefill=lambda m: held.get(m, frozenset()))
+    colo = decider.colocated(req, snap)
+    assert colo is not None and colo.where == "g-busy"
+    assert AdaptiveDecider().colocated(req, snap).where == "g-idle"  # type: ignore[union-attr]
+    # with no other free, the held one is still predicted (the request would go there)
+    lone = with_view(snap, "g-busy", healthy=False)
+    assert decider.colocated(req, lone).where == "g-idle"  # type: ignore[union-attr]

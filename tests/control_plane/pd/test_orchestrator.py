@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from sage_llm.control_plane.pd import build_pd
+from sage_llm.control_plane.pd.decider import AdaptiveDecider
 from sage_llm.control_plane.pd.orchestrator import (
     LinkModel,
     PairingParams,
@@ -313,7 +314,8 @@ def test_named_strategies_can_rate_the_legs() -> None:
     [
         ("top_k", 0), ("transfer_weight", -1.0), ("kv_threshold", 0.0), ("nvlink_gbps", 0.0),
         ("itl_slo_s", 0.0), ("itl_slo_s", math.inf), ("itl_slo_s", math.nan),
-        ("max_batched_tokens", 0),
+        ("max_batched_tokens", 0), ("prefill_reserve", -1), ("reserve_hold_s", 0.0),
+        ("reserve_hold_s", math.inf),
     ],
 )  # fmt: skip
 def test_bad_params_raise_config_errors(field: str, value: float) -> None:
@@ -544,6 +546,10 @@ def test_build_pd_gives_the_pairing_the_adaptive_deciders_gap_target() -> None:
 
     params = pairing("adaptive", decider_params={"itl_slo_s": 0.03, "max_batched_tokens": 2048})
     assert (params.itl_slo_s, params.max_batched_tokens) == (0.03, 2048)
+    # the adaptive decider predicts colocated runs where whole requests go
+    built = build_pd(PDSeparationConfig(routing_policy="adaptive"))
+    assert isinstance(built.decider, AdaptiveDecider)
+    assert built.decider.held_for_prefill == built.orchestrator.reserved
     assert pairing("adaptive", decider_params={"tpot_slo_s": 0.03}).itl_slo_s is None
     assert pairing("threshold").itl_slo_s is None
     # the pairing's own target wins, with its own chunk size
@@ -556,3 +562,78 @@ def test_build_pd_gives_the_pairing_the_adaptive_deciders_gap_target() -> None:
     with pytest.raises(ConfigError) as err:
         pairing("adaptive", decider_params={"itl_slo_s": 0.03}, pairing_params={"itl_slo_s": -1})
     assert err.value.key == "metadata.pairing_params.itl_slo_s"
+
+
+def _decoding_hybrids(*work: int, now: float = 0.0) -> ClusterSnapshot:
+    """HYBRID instances h0, h1, ... all running decodes (``work`` decode tokens left each;
+    8 ms steps, 40k prompt tokens/s beside them)."""
+    return make_snapshot(
+        [
+            make_instance_view(f"h{i}", role=Role.HYBRID, in_flight=2, est_tpot_s=0.008,
+                               est_prefill_tps=40_000.0, outstanding_decode_tokens=w)
+            for i, w in enumerate(work)
+        ],
+        now=now,
+    )  # fmt: skip
+
+
+RESERVE = PairingParams(itl_slo_s=0.025)
+
+
+def test_a_stalling_prompt_with_nowhere_to_prefill_holds_an_instance_for_prefill() -> None:
+    orch = PDOrchestrator(RESERVE, seed=0)
+    snap = _decoding_hybrids(900, 300, 600, 800)
+    orch.observe(make_request_info(prompt_tokens=160), snap)  # stalls them 8.9 ms: no hold
+    assert orch.reserved("llama-3-8b") == frozenset()
+    orch.observe(make_request_info(prompt_tokens=2000), snap)  # 50 ms: the least work left
+    assert orch.reserved("llama-3-8b") == {"h1"}
+    orch.observe(make_request_info(prompt_tokens=2000), snap)  # h1 still decodes: another
+    assert orch.reserved("llama-3-8b") == {"h1", "h2"}
+    orch.observe(make_request_info(prompt_tokens=2000), snap)  # prefill_reserve = 2
+    assert orch.reserved("llama-3-8b") == {"h1", "h2"}
+    assert orch.holds_started == 2
+    assert orch.describe()["prefill_reserve"] == {"llama-3-8b": ["h1", "h2"]}
+    assert orch.describe()["prefill_reserve_holds"] == 2
+    # whole requests and decode legs keep off them while others are free
+    req = make_request_info()
+    assert orch.whole_allowed(req, snap, None) == frozenset({"h0", "h3"})
+    assert orch.whole_allowed(req, snap, frozenset({"h0", "h1"})) == frozenset({"h0"})
+    assert orch.whole_allowed(make_request_info(model="other"), snap, None) is None
+    for seed in range(3):
+        plan = plan_of(orch, with_view(snap, "h1", outstanding_decode_tokens=0), prompt_tokens=2000)
+        assert plan.prefill_id == "h1" and plan.decode_id in ("h0", "h3"), seed
+
+
+def test_a_prefill_reserve_is_renewed_by_stalling_prompts_and_ends_after_its_hold() -> None:
+    orch = PDOrchestrator(replace(RESERVE, prefill_reserve=1), seed=0)
+    long = make_request_info(prompt_tokens=2000)
+    orch.observe(long, _decoding_hybrids(900, 300, now=10.0))
+    # drained, h1 takes such prompts: no second hold, and each renews the first
+    drained = with_view(_decoding_hybrids(900, 300, now=14.0), "h1", outstanding_decode_tokens=0)
+    orch.observe(long, drained)
+    assert orch.reserved("llama-3-8b") == {"h1"}
+    orch.observe(make_request_info(prompt_tokens=160), replace(drained, now=18.5))
+    assert orch.reserved("llama-3-8b") == {"h1"}  # held 4.5 s after the last renewal
+    orch.observe(make_request_info(prompt_tokens=160), replace(drained, now=19.5))
+    assert orch.reserved("llama-3-8b") == frozenset()
+    assert orch.whole_allowed(long, drained, None) is None
+
+
+def test_no_prefill_reserve_without_a_gap_target_or_where_a_prefill_fits() -> None:
+    snap = _decoding_hybrids(900, 300, 600)
+    long = make_request_info(prompt_tokens=2000)
+    for orch in (
+        PDOrchestrator(seed=0),  # no target
+        PDOrchestrator(replace(RESERVE, prefill_reserve=0), seed=0),
+    ):
+        orch.observe(long, snap)
+        assert orch.reserved("llama-3-8b") == frozenset()
+    # a dedicated prefill instance (no decodes there) takes such prompts
+    with_prefill = make_snapshot([*snap, make_instance_view("p0", role=Role.PREFILLING)])
+    orch = PDOrchestrator(RESERVE, seed=0)
+    orch.observe(long, with_prefill)
+    assert orch.reserved("llama-3-8b") == frozenset()
+    # never the model's last whole-request instance
+    orch.observe(long, _decoding_hybrids(900, 300))
+    orch.observe(long, _decoding_hybrids(900, 300))
+    assert orch.reserved("llama-3-8b") == {"h1"}

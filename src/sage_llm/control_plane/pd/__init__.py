@@ -187,6 +187,8 @@ def build_pd(
     assert decider is not None
     assert orchestrator is not None
     assert connector is not None
+    if isinstance(decider, AdaptiveDecider):  # its colocated path is where requests go
+        decider.held_for_prefill = orchestrator.reserved
     return PDComponents(
         decider=decider,
         orchestrator=orchestrator,

@@ -275,13 +275,24 @@ class AdaptiveDecider:
     disaggregated when that path's badness is below the colocated one's by more than
     ``hysteresis``: a dead band that keeps near-ties on the cheaper colocated path and
     stops decisions flapping as load moves.
+
+    ``held_for_prefill`` (a model's instances held for prefill legs, which whole requests
+    keep off: :meth:`~sage_llm.control_plane.pd.orchestrator.PDOrchestrator.reserved`,
+    which :func:`~sage_llm.control_plane.pd.build_pd` sets) leaves those instances out of
+    the colocated prediction while another whole-request instance is free.
     """
 
     name = "adaptive"
 
-    def __init__(self, params: AdaptiveParams | None = None) -> None:
+    def __init__(
+        self,
+        params: AdaptiveParams | None = None,
+        *,
+        held_for_prefill: Callable[[str], frozenset[str]] | None = None,
+    ) -> None:
         self.params = params or AdaptiveParams()
         self.links = self.params.link_model()
+        self.held_for_prefill = held_for_prefill
 
     def _tpot(self, v: InstanceView, req: RequestInfo) -> float:
         backlog_s = v.queued_prefill_tokens / max(v.est_prefill_tps, 1e-9)
@@ -335,12 +346,16 @@ class AdaptiveDecider:
         """The best colocated prediction, or None when no whole-request instance is free.
         Its gap is the larger of a decode step and the stall its own prefill inflicts on
         the decodes already running there."""
+        runnable = snap.runnable(req)
+        if self.held_for_prefill is not None and (held := self.held_for_prefill(req.model)):
+            # where the request will go: not where instances are held for prefill legs
+            runnable = tuple(v for v in runnable if v.instance_id not in held) or runnable
         preds = [
             self._predict(
                 req, snap, v.predict_ttft_s(req.prompt_tokens), self._tpot(v, req),
                 v.instance_id, max(v.est_tpot_s, self.prefill_gap_s(v, req)),
             )
-            for v in snap.runnable(req)
+            for v in runnable
         ]  # fmt: skip
         return min(preds, key=lambda x: x.badness, default=None)
 

@@ -167,6 +167,12 @@ class PairingParams:
     (:func:`prefill_gap_s`, with chunks of at most ``max_batched_tokens``), while such an
     instance is free. :func:`~sage_llm.control_plane.pd.build_pd` sets it from the
     ``adaptive`` decider's ``itl_slo_s`` (and ``max_batched_tokens``) unless given here.
+
+    With it, too, up to ``prefill_reserve`` GENERAL/HYBRID instances of a model are held
+    for prefill legs (:meth:`PDOrchestrator.observe`) when a prompt that would stall
+    decodes finds no free instance it would leave within the target: whole requests and
+    decode legs keep off them while others are free, so their decodes drain and they
+    can take such prompts. A hold ends ``reserve_hold_s`` after the last such prompt.
     """
 
     prefill_strategy: str = ""
@@ -183,6 +189,8 @@ class PairingParams:
     kv_threshold: float = 0.95
     itl_slo_s: float | None = None
     max_batched_tokens: int = 8192
+    prefill_reserve: int = 2
+    reserve_hold_s: float = 5.0
     nvlink_gbps: float = 300.0
     machine_gbps: float = 25.0
     cross_rack_factor: float = 0.5
@@ -197,6 +205,12 @@ class PairingParams:
             )
         if self.max_batched_tokens < 1:
             raise ConfigError("must be >= 1", key="max_batched_tokens")
+        if self.prefill_reserve < 0:
+            raise ConfigError("must be >= 0", key="prefill_reserve")
+        if not (math.isfinite(self.reserve_hold_s) and self.reserve_hold_s > 0):
+            raise ConfigError(
+                f"must be a finite number > 0, got {self.reserve_hold_s!r}", key="reserve_hold_s"
+            )
         for key in (
             "prefix_weight", "queue_weight", "kv_weight", "batch_weight", "transfer_weight",
             "role_weight", "isolation_weight", "ttft_weight",
@@ -286,6 +300,10 @@ class PDOrchestrator:
         self._rng = random.Random(seed)
         self.prefill_router = self._leg_router("prefill", p.prefill_strategy, seed)
         self.decode_router = self._leg_router("decode", p.decode_strategy, seed)
+        # model -> instance id -> when a prompt last needed it held for prefill legs
+        self._reserved: dict[str, dict[str, float]] = {}
+        self.holds_started = 0
+        """How many times an instance was taken into a prefill reserve."""
 
     def _leg_router(
         self, leg: Literal["prefill", "decode"], name: str, seed: int | None
@@ -366,7 +384,10 @@ class PDOrchestrator:
         """The best pair for ``req`` now, or None when no two different instances can take
         the two legs (both need a free slot)."""
         p = self.params
-        decodes = self._ranked(self.decode_router, req, snap)
+        held = self._reserved.get(req.model)
+        decodes = self._ranked(
+            self.decode_router, req, snap, (lambda v: v.instance_id not in held) if held else None
+        )
         prefills = (
             self._ranked(self.prefill_router, req, snap, self._no_stall(req)) if decodes else []
         )
@@ -439,12 +460,75 @@ class PDOrchestrator:
                 return plan
         return self.plan(req, snap)
 
+    def observe(self, req: RequestInfo, snap: ClusterSnapshot) -> None:
+        """Keep the prefill reserve of ``req``'s model (see :class:`PairingParams`), as
+        ``req`` is decided on ``snap``: holds past ``reserve_hold_s`` end, and a prompt
+        that would stall the decodes of a free whole-request instance past the gap target
+        renews the holds, and, when no free instance would take its prefill within the
+        target, holds the GENERAL/HYBRID instance with the least decode work left (never
+        the model's last one). Called for every request of a PD model before it is
+        decided, in the same order by the dispatcher and the cluster simulator."""
+        p = self.params
+        target = p.itl_slo_s
+        if target is None or p.prefill_reserve == 0:
+            return
+        model, now, most = req.model, snap.now, p.max_batched_tokens
+        held = self._reserved.get(model)
+        if held:
+            for iid in [i for i, t in held.items() if now - t > p.reserve_hold_s]:
+                del held[iid]
+        views = snap.for_model(model)
+        tokens = req.prompt_tokens
+        stalls = False
+        fits = False
+        for v in views:
+            if not v.has_capacity:
+                continue
+            if v.role.runs_whole_requests and prefill_gap_s(v, tokens, most) > target:
+                stalls = True
+            elif v.role.runs_prefill and prefill_gap_s(v, tokens, most) <= target:
+                fits = True
+        if not stalls:
+            return
+        held = self._reserved.setdefault(model, {})
+        for iid in held:
+            held[iid] = now
+        if fits:
+            return
+        flexible = [v for v in views if v.role.runs_whole_requests]
+        if len(held) >= min(p.prefill_reserve, len(flexible) - 1):
+            return
+        free = [v for v in flexible if v.instance_id not in held]
+        if free:
+            pick = min(free, key=lambda v: (v.outstanding_decode_tokens, v.instance_id))
+            held[pick.instance_id] = now
+            self.holds_started += 1
+
+    def reserved(self, model: str) -> frozenset[str]:
+        """The instances of ``model`` held for prefill legs now."""
+        return frozenset(self._reserved.get(model, ()))
+
+    def whole_allowed(
+        self, req: RequestInfo, snap: ClusterSnapshot, allowed: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """``allowed`` (None: every instance) without the instances held for prefill legs
+        of ``req``'s model: where a whole request should go. A preference: the caller
+        routes without it when none of these is free."""
+        held = self._reserved.get(req.model)
+        if not held:
+            return allowed
+        if allowed is None:
+            return frozenset(v.instance_id for v in snap if v.instance_id not in held)
+        return frozenset(i for i in allowed if i not in held)
+
     def describe(self) -> dict[str, object]:
-        """Parameters and both leg routers."""
+        """Parameters, both leg routers and the instances held for prefill legs."""
         return {
             "params": asdict(self.params),
             "prefill_router": self.prefill_router.describe(),
             "decode_router": self.decode_router.describe(),
+            "prefill_reserve": {m: sorted(h) for m, h in sorted(self._reserved.items()) if h},
+            "prefill_reserve_holds": self.holds_started,
         }
 
 
