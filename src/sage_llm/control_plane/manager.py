@@ -1617,6 +1617,13 @@ class ControlPlaneManager:
             draining = state.draining or state.removed
             metrics.instance_draining.labels(instance_id=iid).set(1.0 if draining else 0.0)
             metrics.set_in_flight(iid, state.in_flight)  # a series from its registration on
+        if self._pd is not None:
+            orchestrator = self._pd.orchestrator
+            held = {
+                s.instance_id: s.instance_id in orchestrator.reserved(s.instance.model_name)
+                for s in self._registry
+            }
+            metrics.set_prefill_reserve(held, orchestrator.holds_started)
         return metrics.exposition()
 
     @property

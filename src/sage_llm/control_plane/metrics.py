@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from prometheus_client import (
@@ -227,6 +227,19 @@ class ControlPlaneMetrics:
             "PD requests retried colocated after their prefill leg failed.",
             registry=r,
         )
+        self.instance_prefill_reserved = Gauge(
+            f"{PREFIX}_instance_prefill_reserved",
+            "1 while PD's prefill reserve holds the instance for prefill legs (whole requests "
+            "and decode legs keep off it while others are free), else 0.",
+            ["instance_id"],
+            registry=r,
+        )
+        self.pd_reserve_holds = Counter(
+            f"{PREFIX}_pd_prefill_reserve_holds",
+            "Times PD's prefill reserve took an instance in for prefill legs.",
+            registry=r,
+        )
+        self._pd_reserve_holds_seen = 0
         self._pd_paths: dict[str, int] = {"disaggregated": 0, "colocated": 0}
         # Labelled children of the request counter, per instance then (status, model,
         # policy): looked up without prometheus_client's labels() on the hot path, and
@@ -421,11 +434,21 @@ class ControlPlaneMetrics:
             self.instance_draining,
             self.instance_kv_usage,
             self.instance_lora_slots_free,
+            self.instance_prefill_reserved,
             self.circuit_state,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(instance_id)
         self._in_flight_children.pop(instance_id, None)
+
+    def set_prefill_reserve(self, held: Mapping[str, bool], holds_started: int) -> None:
+        """PD's prefill reserve as a scrape reads it: each instance's ``held`` flag, and
+        the holds the orchestrator has started in all (a count that only grows)."""
+        for iid, on in held.items():
+            self.instance_prefill_reserved.labels(instance_id=iid).set(1.0 if on else 0.0)
+        if holds_started > self._pd_reserve_holds_seen:
+            self.pd_reserve_holds.inc(holds_started - self._pd_reserve_holds_seen)
+            self._pd_reserve_holds_seen = holds_started
 
     def forget_instance_counts(self, instance_id: str, model: str | None = None) -> None:
         """Drop a removed instance's counters: its requests by status, its breaker's

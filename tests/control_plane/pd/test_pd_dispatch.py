@@ -1170,3 +1170,38 @@ def test_a_stop_before_started_pd_tasks_first_run_frees_both_legs_slots() -> Non
         assert all(fleet.pinned_nowhere(r) for r in rids)
 
     run_virtual(main())
+
+
+def test_the_prefill_reserve_shows_in_status_and_metrics() -> None:
+    """Three HYBRID instances decoding short requests, then a long prompt that would stall
+    their decodes past the adaptive decider's 25 ms gap target: one instance is held for
+    prefill legs, and status and /metrics say which."""
+    cfg = PDSeparationConfig(
+        routing_policy="adaptive", metadata={"decider_params": {"itl_slo_s": 0.025}}
+    )
+    roles = [(f"h{i}", Role.HYBRID) for i in range(3)]
+
+    async def main() -> None:
+        async with Fleet(roles, pd_config=cfg).cp as cp:
+            chats = [
+                asyncio.create_task(
+                    cp.generate(make_metadata(f"c{i}", prompt=SHORT, max_tokens=64))
+                )
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.05)  # all three decoding
+            # ~2,500 tokens: 52 ms beside their decodes at these engines' ~49k tokens/s
+            long = await cp.generate(make_metadata("long", prompt=LONG * 4, max_tokens=4))
+            status = cp.get_status()["pd"]["pairing"]
+            text = cp.prometheus_metrics().decode()
+            results = [await c for c in chats]
+        assert all(r.status is RequestStatus.COMPLETED for r in [*results, long])
+        assert status["prefill_reserve_holds"] == 1
+        (held,) = status["prefill_reserve"][MODEL]
+        assert f'sage_llm_instance_prefill_reserved{{instance_id="{held}"}} 1.0' in text
+        others = {"h0", "h1", "h2"} - {held}
+        for iid in others:
+            assert f'sage_llm_instance_prefill_reserved{{instance_id="{iid}"}} 0.0' in text
+        assert "sage_llm_pd_prefill_reserve_holds_total 1.0" in text
+
+    run_virtual(main())
