@@ -592,7 +592,7 @@ def test_a_stalling_prompt_with_nowhere_to_prefill_holds_an_instance_for_prefill
     orch.observe(make_request_info(prompt_tokens=2000), snap)  # prefill_reserve = 2
     assert orch.reserved("llama-3-8b") == {"h1", "h2"}
     assert orch.holds_started == 2
-    assert orch.describe()["prefill_reserve"] == {"llama-3-8b": ["h1", "h2"]}
+    assert orch.describe()["held_for_prefill"] == {"llama-3-8b": ["h1", "h2"]}
     assert orch.describe()["prefill_reserve_holds"] == 2
     # whole requests and decode legs keep off them while others are free
     req = make_request_info()

@@ -1197,7 +1197,7 @@ def test_the_prefill_reserve_shows_in_status_and_metrics() -> None:
             results = [await c for c in chats]
         assert all(r.status is RequestStatus.COMPLETED for r in [*results, long])
         assert status["prefill_reserve_holds"] == 1
-        (held,) = status["prefill_reserve"][MODEL]
+        (held,) = status["held_for_prefill"][MODEL]
         assert f'sage_llm_instance_prefill_reserved{{instance_id="{held}"}} 1.0' in text
         others = {"h0", "h1", "h2"} - {held}
         for iid in others:

@@ -527,7 +527,7 @@ class PDOrchestrator:
             "params": asdict(self.params),
             "prefill_router": self.prefill_router.describe(),
             "decode_router": self.decode_router.describe(),
-            "prefill_reserve": {m: sorted(h) for m, h in sorted(self._reserved.items()) if h},
+            "held_for_prefill": {m: sorted(h) for m, h in sorted(self._reserved.items()) if h},
             "prefill_reserve_holds": self.holds_started,
         }
 
