@@ -637,3 +637,22 @@ def test_no_prefill_reserve_without_a_gap_target_or_where_a_prefill_fits() -> No
     orch.observe(long, _decoding_hybrids(900, 300))
     orch.observe(long, _decoding_hybrids(900, 300))
     assert orch.reserved("llama-3-8b") == {"h1"}
+
+
+def test_no_prefill_reserve_while_its_prompts_need_more_than_it_may_hold() -> None:
+    """Two instances (one may be held) at 40k prompt tokens/s, planned at 70%: 28k tokens
+    of stalling prompts a second fit one held instance; 40k do not, and the hold ends."""
+    orch = PDOrchestrator(RESERVE, seed=0)
+    snap = _decoding_hybrids(900, 300)
+    prompt = make_request_info(prompt_tokens=8000)
+    orch.observe(prompt, snap)
+    assert orch.reserved("llama-3-8b") == {"h1"}
+    for _ in range(3):  # 16k, 24k, then 32k tokens within a second: over 28k
+        orch.observe(prompt, snap)
+    assert orch.reserved("llama-3-8b") == frozenset()
+    assert orch.holds_started == 1
+    # past reserve_hold_s (5 s) only the new prompts count: 8k, held again
+    later = replace(snap, now=6.0)
+    orch.observe(prompt, later)
+    assert orch.reserved("llama-3-8b") == {"h1"}
+    assert orch.holds_started == 2

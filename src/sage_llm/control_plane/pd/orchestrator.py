@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -172,7 +173,9 @@ class PairingParams:
     for prefill legs (:meth:`PDOrchestrator.observe`) when a prompt that would stall
     decodes finds no free instance it would leave within the target: whole requests and
     decode legs keep off them while others are free, so their decodes drain and they
-    can take such prompts. A hold ends ``reserve_hold_s`` after the last such prompt.
+    can take such prompts. A hold ends ``reserve_hold_s`` after the last such prompt, and
+    no instance is held while such prompts bring more prefill work than
+    ``prefill_reserve`` instances can take.
     """
 
     prefill_strategy: str = ""
@@ -241,6 +244,11 @@ class PairingParams:
         )
 
 
+RESERVE_UTILIZATION = 0.7
+"""The share of an instance's prefill rate the prefill reserve plans to use: the reserve
+needs ``ceil(demand / (rate × this))`` instances for the stalling prompts' prefill work."""
+
+
 def stall_s(v: InstanceView, prefill_tokens: int, max_batched_tokens: int = 8192) -> float:
     """The inter-token gap of decodes running on ``v`` in a step that also carries
     ``prefill_tokens`` of prompt (at most ``max_batched_tokens``): the roofline's smoothed
@@ -302,6 +310,9 @@ class PDOrchestrator:
         self.decode_router = self._leg_router("decode", p.decode_strategy, seed)
         # model -> instance id -> when a prompt last needed it held for prefill legs
         self._reserved: dict[str, dict[str, float]] = {}
+        # model -> (time, prompt tokens) of the prompts that would stall decodes, over the
+        # last reserve_hold_s
+        self._stalling: dict[str, deque[tuple[float, int]]] = {}
         self.holds_started = 0
         """How many times an instance was taken into a prefill reserve."""
 
@@ -466,8 +477,13 @@ class PDOrchestrator:
         that would stall the decodes of a free whole-request instance past the gap target
         renews the holds, and, when no free instance would take its prefill within the
         target, holds the GENERAL/HYBRID instance with the least decode work left (never
-        the model's last one). Called for every request of a PD model before it is
-        decided, in the same order by the dispatcher and the cluster simulator."""
+        the model's last one). The reserve is sized by the prefill work of such prompts
+        over the last ``reserve_hold_s``: one instance more than that work needs at
+        :data:`RESERVE_UTILIZATION` of the fastest instance's prefill rate, at most
+        ``prefill_reserve``; when the work needs more than that, no instance is held (a
+        reserve that cannot keep up only takes instances from whole requests). Called for
+        every request of a PD model before it is decided, in the same order by the
+        dispatcher and the cluster simulator."""
         p = self.params
         target = p.itl_slo_s
         if target is None or p.prefill_reserve == 0:
@@ -490,13 +506,25 @@ class PDOrchestrator:
                 fits = True
         if not stalls:
             return
+        window = self._stalling.setdefault(model, deque())
+        window.append((now, tokens))
+        while now - window[0][0] > p.reserve_hold_s:
+            window.popleft()
         held = self._reserved.setdefault(model, {})
         for iid in held:
             held[iid] = now
-        if fits:
-            return
         flexible = [v for v in views if v.role.runs_whole_requests]
-        if len(held) >= min(p.prefill_reserve, len(flexible) - 1):
+        cap = min(p.prefill_reserve, len(flexible) - 1)
+        # the instances the stalling prompts' prefill work needs, at RESERVE_UTILIZATION
+        # of the fastest one's prefill rate: a reserve too small for it would only take
+        # instances from whole requests, so there is none then
+        rate = max(v.est_prefill_tps for v in flexible) if flexible else 0.0
+        demand = sum(t for _, t in window) / max(now - window[0][0], 1.0)
+        needed = math.ceil(demand / max(rate * RESERVE_UTILIZATION, 1e-9))
+        if needed > cap:
+            held.clear()
+            return
+        if fits or len(held) >= min(cap, needed + 1):
             return
         free = [v for v in flexible if v.instance_id not in held]
         if free:
