@@ -357,11 +357,6 @@ class PDOrchestrator:
         cands.sort(key=lambda c: scores[c.instance_id], reverse=True)
         return [(c, scores[c.instance_id]) for c in cands[: self.params.top_k + 1]]
 
-    def affinity(self, req: RequestInfo, prefill: InstanceView, decode: InstanceView) -> float:
-        """Prefill time / (prefill time + KV transfer time), in (0, 1]."""
-        prefill_s = max(prefill.predict_ttft_s(req.prompt_tokens), 1e-9)
-        return prefill_s / (prefill_s + self.links.transfer_s(req.prompt_tokens, prefill, decode))
-
     @staticmethod
     def _prefill_ttfts(req: RequestInfo, prefills: list[InstanceView]) -> dict[str, float]:
         """Each prefill candidate's predicted TTFT for ``req``. A ``PREFILLING`` one whose
@@ -429,7 +424,8 @@ class PDOrchestrator:
                 if pv.instance_id == d.instance_id:
                     continue
                 role = (d_role + p_role) / 2.0
-                # affinity(req, pv, d) and isolation(pv, d, speed), with the prefill's parts above
+                # the transfer affinity, prefill time / (prefill time + KV transfer time),
+                # in (0, 1], and isolation(pv, d, speed), with the prefill's parts above
                 aff = prefill_s / (prefill_s + transfer_s(tokens, pv, d))
                 iso = p.isolation_weight * (0.5 * p_phase + 0.5 * d_phase)
                 value = (
@@ -488,22 +484,24 @@ class PDOrchestrator:
         target = p.itl_slo_s
         if target is None or p.prefill_reserve == 0:
             return
-        model, now, most = req.model, snap.now, p.max_batched_tokens
+        model, now = req.model, snap.now
         held = self._reserved.get(model)
         if held:
             for iid in [i for i, t in held.items() if now - t > p.reserve_hold_s]:
                 del held[iid]
         views = snap.for_model(model)
         tokens = req.prompt_tokens
+        within = self._no_stall(req)
+        assert within is not None  # (a target is set)
         stalls = False
         fits = False
         for v in views:
             if not v.has_capacity:
                 continue
-            if v.role.runs_whole_requests and prefill_gap_s(v, tokens, most) > target:
+            if within(v):
+                fits = fits or v.role.runs_prefill
+            elif v.role.runs_whole_requests:
                 stalls = True
-            elif v.role.runs_prefill and prefill_gap_s(v, tokens, most) <= target:
-                fits = True
         if not stalls:
             return
         window = self._stalling.setdefault(model, deque())
