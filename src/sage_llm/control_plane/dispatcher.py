@@ -619,6 +619,7 @@ class Dispatcher:
         if snap.runnable(info):
             decision = pd.decider.decide(info, snap)
             if not decision.disaggregate:
+                log.debug("request %s kept whole: %s", info.request_id, decision.reason)
                 return None
             why = decision.reason
         else:
