@@ -1141,8 +1141,9 @@ def bench_pd(
     realtime: Annotated[
         bool,
         typer.Option(
-            help="Also compare with vllm-router PD over engine-sim processes: the same sizes "
-            "and rates, on the pd-P:D layouts of --fleets (default pd-3:5)."
+            help="Also run over engine-sim processes in real time, through sage-llm's gateway "
+            "and vllm-router (its PD mode on pd-P:D layouts, round robin on colocated): the "
+            "same sizes and rates, on the Llama-3.1-8B layouts of --fleets (default pd-3:5)."
         ),
     ] = False,
     speed: Annotated[

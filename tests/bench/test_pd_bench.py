@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sage_llm.bench.pd_bench import (
+    MODEL_70B,
     SLO_ITL,
     SLO_TPOT,
     FleetSpec,
@@ -27,7 +28,14 @@ from sage_llm.bench.pd_bench import (
     run_pd_bench,
     select_fleets,
 )
-from sage_llm.bench.pd_realtime import rescale, run_realtime, sage_pd_manager
+from sage_llm.bench.pd_realtime import (
+    engine_roles,
+    fleet_spec_from_json,
+    fleet_spec_json,
+    rescale,
+    run_realtime,
+    sage_manager,
+)
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType, PDSeparationConfig, RequestPriority
@@ -269,17 +277,43 @@ def test_rescale_multiplies_every_time() -> None:
     )  # fmt: skip
 
 
-def test_sage_pd_manager_registers_the_processes_by_role() -> None:
-    cp = sage_pd_manager(
-        ["http://127.0.0.1:8001"], ["http://127.0.0.1:8002", "http://127.0.0.1:8003"]
-    )
-    insts = {i.port: i.instance_type for i in cp.get_instances()}
+def test_sage_manager_registers_the_processes_by_role_with_the_layouts_settings() -> None:
+    """The gateway process's manager: the layout's roles on the engines' URLs, in http
+    mode, with the in-process run's decider and pairing and the vllm connector."""
+    spec = FleetSpec("pd-1:2", prefill=1, decode=2, decider="always")
+    urls = ["http://127.0.0.1:8001", "http://127.0.0.1:8002", "http://127.0.0.1:8003"]
+    cp = sage_manager(spec, urls)
+    insts = {i.port: (i.instance_type, i.metadata) for i in cp.get_instances()}
     assert insts == {
-        8001: ExecutionInstanceType.PREFILLING,
-        8002: ExecutionInstanceType.DECODING,
-        8003: ExecutionInstanceType.DECODING,
+        8001: (ExecutionInstanceType.PREFILLING, {}),
+        8002: (ExecutionInstanceType.DECODING, {}),
+        8003: (ExecutionInstanceType.DECODING, {}),
     }
     assert cp.mode == "http"
+    pd = cp.get_status()["pd"]
+    assert (pd["decider"]["name"], pd["connector"]["name"]) == ("always", "vllm")
+
+    hybrid = FleetSpec("h", hybrid=2, decider="adaptive", pairing_params=(("prefill_reserve", 1),))
+    cp = sage_manager(hybrid, urls[:2])
+    assert {i.instance_type for i in cp.get_instances()} == {ExecutionInstanceType.HYBRID}
+    pd = cp.get_status()["pd"]
+    assert pd["decider"]["name"] == "adaptive"
+    assert pd["decider"]["params"]["itl_slo_s"] == SLO_ITL.itl_s
+    assert pd["pairing"]["params"]["prefill_reserve"] == 1
+    assert not sage_manager(FleetSpec("c", general=1), urls[:1]).get_status()["pd"]["enabled"]
+    with pytest.raises(ConfigError, match=r"^engine: h has 2 instances, 3 engine URLs given$"):
+        sage_manager(hybrid, urls)
+
+
+def test_the_gateway_process_gets_the_layout_it_was_given() -> None:
+    """``--fleet-spec`` carries every field, parameters included, and the engines go in
+    layout order with their engine-sim roles (a hybrid instance is a general engine)."""
+    spec = FleetSpec(
+        "adaptive-1:1+1", prefill=1, decode=1, general=1, hybrid=1, decider="adaptive",
+        decider_params=(("slack", 0.5),), pairing_params=(("prefill_reserve", 0),),
+    )  # fmt: skip
+    assert fleet_spec_from_json(fleet_spec_json(spec)) == spec
+    assert engine_roles(spec) == ["prefill", "decode", "general", "general"]
 
 
 @pytest.mark.parametrize("speed", [0.0, -1.0, float("nan"), float("inf")])
@@ -351,12 +385,12 @@ def test_the_table_shows_each_rows_size_and_keeps_its_columns_in_line() -> None:
     assert any(line.startswith("rt: rows") and "speed 2.0" in line for line in lines)
 
 
-def test_realtime_fleets_are_the_pd_layouts_named() -> None:
+def test_realtime_fleets_are_the_8b_layouts_named() -> None:
     assert [f.name for f in realtime_fleets(None)] == ["pd-3:5"]
-    names = ["colocated", "pd-2:6", "adaptive-hybrid", "pd-4:4"]
-    assert [f.name for f in realtime_fleets(names)] == ["pd-2:6", "pd-4:4"]
+    names = ["colocated", "pd-2:6", "adaptive-hybrid", "pd-1:1"]
+    assert [f.name for f in realtime_fleets(names)] == ["colocated", "pd-2:6", "adaptive-hybrid"]
     with pytest.raises(ConfigError, match=r"^fleets: the real-time part .*runs Llama-3.1-8B.s"):
-        realtime_fleets(["colocated", "adaptive-2:2+4"])
+        realtime_fleets(["pd-1:1"])  # 70B only
     with pytest.raises(ConfigError, match="unknown fleet"):
         realtime_fleets(["nope"])
 
@@ -378,44 +412,60 @@ def test_pd_bench_main_passes_sizes_rates_and_fleets_to_the_realtime_part(
     monkeypatch.setattr("sage_llm.bench.pd_realtime.run_realtime", fake_realtime)
     rc = pd_bench_main(
         out=None, realtime=True, speed=4.0, seed=3, n_long=7, long_rate=5.0, n_chat=9,
-        chat_rate=6.0, fleet_names=["colocated", "pd-2:6"],
+        chat_rate=6.0, fleet_names=["colocated", "pd-2:6", "pd-1:1"],
     )  # fmt: skip
     assert rc == 0
     rt = seen["realtime"]
-    assert [f.name for f in rt.pop("fleets")] == ["pd-2:6"]
+    assert [f.name for f in rt.pop("fleets")] == ["colocated", "pd-2:6"]
     assert rt == {"speed": 4.0, "seed": 3, "n_long": 7, "long_rate": 5.0, "n_chat": 9,
                   "chat_rate": 6.0}  # fmt: skip
     capsys.readouterr()
 
 
-def test_a_realtime_run_without_a_pd_layout_is_refused_before_running(
+def test_a_realtime_run_without_an_8b_layout_is_refused_before_running(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def never(**_kwargs: object) -> dict[str, object]:
         raise AssertionError("the benchmark ran")
 
     monkeypatch.setattr("sage_llm.bench.pd_bench.run_pd_bench", never)
-    with pytest.raises(ConfigError, match=r"runs Llama-3\.1-8B's pd-P:D layouts"):
-        pd_bench_main(out=None, realtime=True, fleet_names=["colocated"])
-    # a 70B layout is a pd-P:D layout too, but not one the real-time part runs: say which
-    with pytest.raises(ConfigError, match=r"\(pd-2:6, pd-3:5, pd-4:4\); none is among pd-1:1"):
+    # a 70B layout has no engine-sim processes: say which layouts the real-time part runs
+    with pytest.raises(ConfigError, match=r"\(colocated, pd-2:6, .*\); none is among pd-1:1"):
         pd_bench_main(out=None, realtime=True, fleet_names=["pd-1:1"])
 
 
 def test_realtime_runs_the_sizes_and_layouts_it_is_given() -> None:
-    """sage-llm's PD gateway over one prefill and one decode engine-sim process (no peer):
-    the workload's size, not a fixed 60 + 120, and the layout's name in the row."""
+    """sage-llm's gateway over engine-sim processes (no peer): a PD layout and an adaptive
+    one of hybrid instances, the workload's size, not a fixed 60 + 120, the layout's name
+    in the row, and the gateway's PD counters: every request of the PD layout split, every
+    one of the adaptive layout either split or kept whole."""
     spec = FleetSpec("pd-1:1", prefill=1, decode=1, decider="always")
+    hybrid = FleetSpec("adaptive-hybrid-2", hybrid=2, decider="adaptive")
     rt = asyncio.run(
-        run_realtime(fleets=[spec], n_long=0, n_chat=3, chat_rate=20.0, speed=2.0, peers=False)
+        run_realtime(
+            fleets=[spec, hybrid], n_long=0, n_chat=3, chat_rate=20.0, speed=2.0, peers=False
+        )
     )
-    (case,) = rt["cases"]
-    assert (case["workload"], case["requests"], case["failed"]) == ("sharegpt_like", 3, 0)
-    assert case["fleet"]["name"] == "rt:sage-llm-pd-1:1"
-    assert [f["name"] for f in rt["fleets"]] == ["pd-1:1"]
+    pd_case, hybrid_case = rt["cases"]
+    for case in rt["cases"]:
+        assert (case["workload"], case["requests"], case["failed"]) == ("sharegpt_like", 3, 0)
+    assert pd_case["fleet"]["name"] == "rt:sage-llm-pd-1:1"
+    assert hybrid_case["fleet"]["name"] == "rt:sage-llm-adaptive-hybrid-2"
+    assert [f["name"] for f in rt["fleets"]] == ["pd-1:1", "adaptive-hybrid-2"]
     assert rt["params"]["n_chat"] == 3
-    with pytest.raises(ConfigError, match="only the pd-P:D layouts"):
-        asyncio.run(run_realtime(fleets=[FleetSpec("colocated", general=2)]))
+    assert (pd_case["pd"]["disaggregated_requests"], pd_case["pd"]["colocated_requests"]) == (
+        3, 0,
+    )  # fmt: skip
+    split, whole = (hybrid_case["pd"][k] for k in ("disaggregated_requests", "colocated_requests"))
+    assert split + whole == 3
+    # what the gateway learnt of each engine, under its instance id
+    learned = hybrid_case["pd"]["learned"]
+    assert sorted(learned) == ["hybrid-0", "hybrid-1"]
+    assert all(v["est_tpot_ms"] > 0 and v["est_prefill_tokens_per_s"] > 0 for v in learned.values())
+    with pytest.raises(ConfigError, match=r"^fleets: c70: the real-time part runs only Llama"):
+        asyncio.run(run_realtime(fleets=[FleetSpec("c70", MODEL_70B, tp=4, general=2)]))
+    with pytest.raises(ConfigError, match=r"^fleets: tp2: the real-time part runs only Llama"):
+        asyncio.run(run_realtime(fleets=[FleetSpec("tp2", tp=2, general=1)]))
 
 
 @pytest.mark.parametrize("bad", ["/proc/sage-llm-bench/pd.json", "/proc/x.json", "DIR"])

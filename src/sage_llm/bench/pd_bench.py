@@ -19,8 +19,8 @@ Workloads: ``long_prompt`` (prompts uniform in [4096, 8192] tokens, outputs unif
 SLOs, in :mod:`sage_llm.bench.stats` semantics: :data:`SLO_ITL` (TTFT ≤ 2 s and the
 request's *largest* inter-token gap ≤ 25 ms) is the headline; :data:`SLO_TPOT` (TTFT ≤ 2 s
 and *mean* time per output token ≤ 25 ms, DistServe's form) is reported beside it.
-Goodput is requests meeting the SLO per second of the run. The real-process comparison with
-vllm-router lives in :mod:`sage_llm.bench.pd_realtime`.
+Goodput is requests meeting the SLO per second of the run. The real-process runs (sage-llm's
+gateway and vllm-router over engine-sim processes) live in :mod:`sage_llm.bench.pd_realtime`.
 """
 
 from __future__ import annotations
@@ -206,36 +206,26 @@ def check_sizes(n_long: int, long_rate: float, n_chat: int, chat_rate: float) ->
 
 def check_realtime_fleet(spec: FleetSpec) -> None:
     """:class:`ConfigError` (key ``fleets``) unless the real-time part can run ``spec``: a
-    Llama-3.1-8B TP1 layout of prefill and decode instances only, decider ``always``
-    (vllm-router's PD mode has no colocated, general or hybrid instances)."""
-    if (
-        spec.decider != "always"
-        or spec.general
-        or spec.hybrid
-        or spec.prefill < 1
-        or spec.decode < 1
-        or spec.model != MODEL_8B
-        or spec.tp != 1
-    ):
+    Llama-3.1-8B TP1 layout (the engine-sim processes are H100 TP1 engines)."""
+    if spec.model != MODEL_8B or spec.tp != 1:
         raise ConfigError(
-            f"{spec.name}: the real-time part runs only the pd-P:D layouts of llama-3.1-8b "
-            "(prefill and decode engines, decider always)",
+            f"{spec.name}: the real-time part runs only Llama-3.1-8B's TP1 layouts",
             key="fleets",
         )
 
 
 def realtime_fleets(names: Sequence[str] | None) -> list[FleetSpec]:
     """The layouts the real-time part runs: :data:`REALTIME_FLEET` when ``names`` is None,
-    else the ``pd-P:D`` layouts among ``names`` (the others have no vllm-router
-    counterpart); :class:`ConfigError` when that leaves none."""
+    else Llama-3.1-8B's layouts among ``names`` (the 70B TP4 ones have no engine-sim
+    processes); :class:`ConfigError` when that leaves none."""
     if names is None:
         return select_fleets([REALTIME_FLEET])
     select_named_fleets(names, include_70b=True)  # an unknown name is reported as such
-    layouts = [f for f in default_fleets() if f.decider == "always"]
+    layouts = default_fleets()
     chosen = [f for f in layouts if f.name in names]
     if not chosen:
         raise ConfigError(
-            f"the real-time part (--realtime) runs Llama-3.1-8B's pd-P:D layouts "
+            f"the real-time part (--realtime) runs Llama-3.1-8B's layouts "
             f"({', '.join(f.name for f in layouts)}); none is among {', '.join(names)}",
             key="fleets",
         )
@@ -595,9 +585,10 @@ def pd_bench_main(
     cluster: bool = False,
 ) -> int:
     """``sage-llm bench pd``: run the benchmark, print the table, write the JSON report to
-    ``out`` (default :data:`DEFAULT_OUT`; None: no file). ``realtime`` adds the
-    vllm-router comparison over engine-sim processes at ``speed``× time compression, with
-    the same sizes and rates, on :func:`realtime_fleets` of ``fleet_names``.
+    ``out`` (default :data:`DEFAULT_OUT`; None: no file). ``realtime`` adds the runs
+    over engine-sim processes through sage-llm's gateway and vllm-router
+    (:mod:`~sage_llm.bench.pd_realtime`) at ``speed``× time compression, with the same sizes
+    and rates, on :func:`realtime_fleets` of ``fleet_names``.
     ``fleet_names`` keeps only the layouts of :func:`default_fleets` with those names:
     Llama-3.1-8B's and, with ``include_70b``, Llama-3.1-70B's. ``cluster`` runs the
     in-process cases on the cluster simulator (the same figures, faster). Returns the exit

@@ -1,22 +1,30 @@
-"""The real-process half of the PD benchmark: sage-llm's gateway vs vllm-router's PD mode.
+"""The real-process half of the PD benchmark: sage-llm's gateway over engine-sim processes,
+beside vllm-router over the same processes.
 
-Both drive the *same* ``sage-llm engine-sim`` processes (``--role prefill`` / ``--role
-decode``, ``--speed K``) with the same workload from :mod:`sage_llm.bench.loadgen`, in real
-time:
+Each layout's engines are ``sage-llm engine-sim`` processes (``--role prefill`` / ``--role
+decode`` for its prefill and decode instances, ``--role general`` for its general and
+hybrid ones; ``--speed K``), started afresh for every run, and each run sends the same
+workload from :mod:`sage_llm.bench.loadgen`, in real time, through:
 
-* **vllm-router PD**: ``vllm-router --vllm-pd-disaggregation --prefill … --decode …``
-  (round robin on each side);
-* **sage-llm PD**: the gateway (:func:`sage_llm.gateway.server.start_gateway`) over a
-  ``mode="http"`` :class:`ControlPlaneManager` whose fleet is those processes, registered
-  ``PREFILLING`` / ``DECODING``, decider ``always``, connector ``vllm``. Like the router it
-  runs in its own process (``python -m sage_llm.bench.pd_realtime --port … --prefill URL
-  --decode URL``), so it does not share the load generator's event loop.
+* **sage-llm**: the gateway (:func:`sage_llm.gateway.server.start_gateway`) over a
+  ``mode="http"`` :class:`ControlPlaneManager` configured as the in-process run of that
+  layout is (:func:`~sage_llm.bench.pd_bench.manager_kwargs`: the same decider, SLO
+  targets and pairing; connector ``vllm``), the processes registered with the layout's
+  roles. It runs in its own process (``python -m sage_llm.bench.pd_realtime --port …
+  --fleet-spec JSON --engine URL …``), so it does not share the load generator's event
+  loop. Its PD counters (``/admin/status``) are kept in the row's ``pd``.
+* **vllm-router**, for the layouts it can serve: ``--vllm-pd-disaggregation --prefill …
+  --decode …`` for a ``pd-P:D`` layout (round robin on each side), and plain round robin
+  over the engines for ``colocated``. It has no counterpart of the adaptive layouts
+  (hybrid instances, or prefill and decode instances beside general ones).
 
 Time compression: the engines run ``speed`` times faster and the workload's arrival rate is
 multiplied by ``speed``; every measured time is multiplied by ``speed`` back into simulated
-seconds before the SLOs are applied, so figures compare with the in-process runs. The KV
-transfer time of engine-sim is not compressed (it is ``tokens × KV bytes / 50 GB/s`` of real
-time), and HTTP and process overheads are magnified ``speed`` times: both sides pay the same.
+seconds before the SLOs are applied, so figures compare with the in-process runs. The
+gateway sees real time, so its PD settings are given in real time too
+(:func:`realtime_manager_kwargs`: SLO targets and holds divided by ``speed``, KV link rates
+multiplied by it). HTTP and process overheads are magnified ``speed`` times: every proxy
+pays the same.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import aiohttp
 
 from sage_llm.bench.loadgen import LoadReport, run_http_workload
 from sage_llm.bench.pd_bench import (
@@ -39,7 +50,9 @@ from sage_llm.bench.pd_bench import (
     chat_workload,
     check_realtime_fleet,
     check_sizes,
+    fleet_instances,
     long_prompt_workload,
+    manager_kwargs,
 )
 from sage_llm.bench.procs import (
     EngineFleet,
@@ -51,13 +64,40 @@ from sage_llm.bench.procs import (
 from sage_llm.bench.stats import RequestMeasurement, summarize
 from sage_llm.bench.workloads import Workload, scale_rate
 from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.control_plane.pd import PairingParams
+from sage_llm.control_plane.pd.decider import AdaptiveParams
 from sage_llm.errors import ConfigError
 from sage_llm.gateway.server import start_gateway
-from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
+from sage_llm.types import ExecutionInstanceType, PDSeparationConfig
 
-__all__ = ["rescale", "run_realtime", "sage_pd_manager"]
+__all__ = [
+    "engine_roles",
+    "fleet_spec_from_json",
+    "fleet_spec_json",
+    "realtime_manager_kwargs",
+    "rescale",
+    "run_realtime",
+    "sage_manager",
+]
 
 MODEL = MODEL_8B
+
+_ENGINE_ROLE = {
+    ExecutionInstanceType.PREFILLING: "prefill",
+    ExecutionInstanceType.DECODING: "decode",
+    ExecutionInstanceType.GENERAL: "general",
+    ExecutionInstanceType.HYBRID: "general",  # an engine-sim of any role runs either leg
+}
+_PD_KEPT = (
+    "disaggregated_requests",
+    "colocated_requests",
+    "colocated_fallbacks",
+    "avg_prefill_leg_ms",
+    "avg_handoff_ms",
+)
+"""The gateway's PD counters (``/admin/status``) a sage-llm row keeps."""
+_LEARNED = ("est_tpot_ms", "est_prefill_tokens_per_s", "est_chunk_tokens_per_s")
+"""What the gateway learnt of each engine (``/admin/status`` ``instances``; real time)."""
 
 
 def rescale(m: RequestMeasurement, k: float) -> RequestMeasurement:
@@ -71,39 +111,96 @@ def rescale(m: RequestMeasurement, k: float) -> RequestMeasurement:
     )
 
 
-def sage_pd_manager(
-    prefill_urls: Sequence[str], decode_urls: Sequence[str], *, seed: int = 0
+def engine_roles(spec: FleetSpec) -> list[str]:
+    """The engine-sim ``--role`` of each of ``spec``'s instances, in
+    :func:`~sage_llm.bench.pd_bench.fleet_instances` order."""
+    return [_ENGINE_ROLE[inst.instance_type] for inst in fleet_instances(spec)]
+
+
+def fleet_spec_json(spec: FleetSpec) -> str:
+    """``spec`` as the gateway process's ``--fleet-spec`` argument."""
+    return json.dumps(dataclasses.asdict(spec))
+
+
+def fleet_spec_from_json(text: str) -> FleetSpec:
+    """The :class:`FleetSpec` of a ``--fleet-spec`` argument (:func:`fleet_spec_json`)."""
+    d = json.loads(text)
+    for key in ("decider_params", "pairing_params"):
+        d[key] = tuple((k, v) for k, v in d.get(key, ()))
+    return FleetSpec(**d)
+
+
+def _in_real_time(params: Mapping[str, Any], defaults: Any, speed: float) -> dict[str, Any]:
+    """``params`` (over ``defaults``' fields) with every time (``*_s``) divided by ``speed``
+    and every link rate (``*_gbps``) multiplied by it."""
+    out = dict(params)
+    for f in dataclasses.fields(defaults):
+        value = out.get(f.name, getattr(defaults, f.name))
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if f.name.endswith("_s"):
+            out[f.name] = value / speed
+        elif f.name.endswith("_gbps"):
+            out[f.name] = value * speed
+    return out
+
+
+def realtime_manager_kwargs(spec: FleetSpec, speed: float = 1.0) -> dict[str, Any]:
+    """:func:`~sage_llm.bench.pd_bench.manager_kwargs` of ``spec`` for engines running
+    ``speed`` times as fast as simulated time (connector ``vllm``). The gateway measures
+    real time, so the decider's SLO targets and every other time of the PD settings (the
+    prefill reserve's hold) are divided by ``speed``, and the KV link rates multiplied by
+    it: the gateway sees the fleet as the in-process run's control plane does, in units
+    ``1/speed`` as long."""
+    kwargs = manager_kwargs(spec)
+    cfg: PDSeparationConfig | None = kwargs.get("pd_config")
+    if cfg is None:
+        return kwargs
+    meta = dict(cfg.metadata)
+    if spec.decider == "adaptive":
+        meta["decider_params"] = _in_real_time(
+            meta.get("decider_params", {}), AdaptiveParams(), speed
+        )
+    meta["pairing_params"] = _in_real_time(meta.get("pairing_params", {}), PairingParams(), speed)
+    kwargs["pd_config"] = dataclasses.replace(cfg, connector="vllm", metadata=meta)
+    return kwargs
+
+
+def sage_manager(
+    spec: FleetSpec, urls: Sequence[str], *, seed: int = 0, speed: float = 1.0
 ) -> ControlPlaneManager:
-    """A manager in http mode over running engine-sim processes, PD always (vllm connector)."""
+    """A manager in http mode over running engine-sim processes (``urls``, one per instance
+    of ``spec`` in :func:`~sage_llm.bench.pd_bench.fleet_instances` order, running at
+    ``speed``), configured as the in-process run of ``spec`` is
+    (:func:`realtime_manager_kwargs`)."""
+    instances = fleet_instances(spec)
+    if len(urls) != len(instances):
+        raise ConfigError(
+            f"{spec.name} has {len(instances)} instances, {len(urls)} engine URLs given",
+            key="engine",
+        )
     cp = ControlPlaneManager(
         scheduling_policy="fifo",
         routing_strategy="load_balanced",
         mode="http",
         seed=seed,
-        enable_pd_separation=True,
-        pd_config=PDSeparationConfig(routing_policy="always", connector="vllm"),
+        **realtime_manager_kwargs(spec, speed),
     )
-    roles = [(u, ExecutionInstanceType.PREFILLING) for u in prefill_urls] + [
-        (u, ExecutionInstanceType.DECODING) for u in decode_urls
-    ]
-    for i, (url, role) in enumerate(roles):
+    for inst, url in zip(instances, urls, strict=True):
         host, _, port = url.removeprefix("http://").rpartition(":")
-        cp.register_instance(
-            ExecutionInstance(
-                instance_id=f"{role.value}-{i}",
-                host=host,
-                port=int(port),
-                model_name=MODEL,
-                instance_type=role,
-                machine_id="node-0",
-                nvlink_domain="node-0",
-                max_concurrent_requests=256,
-            )
-        )
+        # no sim_* metadata: over HTTP the control plane learns each engine's speed
+        cp.register_instance(dataclasses.replace(inst, host=host, port=int(port), metadata={}))
     return cp
 
 
-def _case(name: str, spec: FleetSpec, w: Workload, rep: LoadReport, speed: float) -> PDCase:
+def _case(
+    name: str,
+    spec: FleetSpec,
+    w: Workload,
+    rep: LoadReport,
+    speed: float,
+    pd: dict[str, Any] | None = None,
+) -> PDCase:
     scaled = [rescale(m, speed) for m in rep.measurements]
     duration = rep.duration_s * speed
     rate = float(w.params.get("rate", 0.0)) * float(w.params.get("rate_scale", 1.0))
@@ -114,24 +211,44 @@ def _case(name: str, spec: FleetSpec, w: Workload, rep: LoadReport, speed: float
         rate=rate,
         summary=summarize(scaled, duration, SLO_ITL),
         summary_tpot=summarize(scaled, duration, SLO_TPOT),
-        pd={"mean_send_lag_ms": rep.mean_send_lag_s * 1000, "warnings": list(rep.warnings)},
+        pd={
+            **(pd or {}),
+            "mean_send_lag_ms": rep.mean_send_lag_s * 1000,
+            "warnings": list(rep.warnings),
+        },
     )
 
 
-async def _via_vllm_router(fleet: EngineFleet, w: Workload) -> LoadReport:
-    pd = (fleet.urls_for("prefill"), fleet.urls_for("decode"))
-    async with await start_peer_router("vllm-router", pd=pd, policy="round_robin") as router:
+def peer_of(spec: FleetSpec) -> str | None:
+    """How vllm-router serves ``spec``'s engines: ``"pd"`` (its PD mode) for a ``pd-P:D``
+    layout, ``"plain"`` (round robin) for a colocated one; None for the adaptive layouts,
+    which it has no counterpart of."""
+    if spec.decider == "always" and not spec.general and not spec.hybrid:
+        return "pd"
+    if spec.decider is None:
+        return "plain"
+    return None
+
+
+async def _via_vllm_router(fleet: EngineFleet, w: Workload, mode: str) -> LoadReport:
+    if mode == "pd":
+        pd = (fleet.urls_for("prefill"), fleet.urls_for("decode"))
+        router = await start_peer_router("vllm-router", pd=pd, policy="round_robin")
+    else:
+        router = await start_peer_router("vllm-router", fleet.urls, policy="round_robin")
+    async with router:
         return await run_http_workload(router.url, w, model=MODEL, timeout_s=300.0)
 
 
-def gateway_argv(port: int, fleet: EngineFleet, seed: int = 0) -> list[str]:
-    """The command line of the benchmark's sage-llm PD gateway process."""
+def gateway_argv(
+    port: int, spec: FleetSpec, fleet: EngineFleet, seed: int = 0, speed: float = 1.0
+) -> list[str]:
+    """The command line of the benchmark's sage-llm gateway process for ``spec`` over
+    ``fleet``'s engines (in ``spec``'s instance order) running at ``speed``."""
     argv = [sys.executable, "-m", "sage_llm.bench.pd_realtime", "--port", str(port)]
-    argv += ["--seed", str(seed)]
-    for url in fleet.urls_for("prefill"):
-        argv += ["--prefill", url]
-    for url in fleet.urls_for("decode"):
-        argv += ["--decode", url]
+    argv += ["--seed", str(seed), "--speed", repr(speed), "--fleet-spec", fleet_spec_json(spec)]
+    for url in fleet.urls:
+        argv += ["--engine", url]
     return argv
 
 
@@ -142,13 +259,48 @@ def _ready(n: int) -> Any:
     return check
 
 
-async def _via_sage(fleet: EngineFleet, w: Workload, seed: int) -> LoadReport:
+async def pd_counters(url: str) -> dict[str, Any]:
+    """The PD counters of the gateway at ``url`` (its ``/admin/status``, as a loopback
+    client): requests split and kept whole, legs' times and the prefill reserve's holds
+    (when PD is on), and under ``learned`` the TPOT and prefill rates it learnt of each
+    engine, in real time; ``{"status_error": ...}`` when the status cannot be read (the
+    run's measurements are kept)."""
+    timeout = aiohttp.ClientTimeout(total=10.0)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"{url}/admin/status") as resp,
+        ):
+            resp.raise_for_status()
+            status = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return {"status_error": f"GET {url}/admin/status: {exc!r}"}
+    out: dict[str, Any] = {}
+    pd = status.get("pd") or {}
+    if pd.get("enabled"):
+        out = {k: pd[k] for k in _PD_KEPT if k in pd}
+        out["prefill_reserve_holds"] = (pd.get("pairing") or {}).get("prefill_reserve_holds", 0)
+    learned = {
+        iid: {k: live[k] for k in _LEARNED if k in live}
+        for iid, live in (status.get("instances") or {}).items()
+        if isinstance(live, dict)
+    }
+    if learned:
+        out["learned"] = learned
+    return out
+
+
+async def _via_sage(
+    spec: FleetSpec, fleet: EngineFleet, w: Workload, seed: int, speed: float
+) -> tuple[LoadReport, dict[str, Any]]:
     (port,) = free_ports(1)
     log = fleet.log_dir / f"sage-gateway-{port}.log"
-    proc = await spawn("sage-gateway", gateway_argv(port, fleet, seed), port=port, log_path=log)
+    argv = gateway_argv(port, spec, fleet, seed, speed)
+    proc = await spawn("sage-gateway", argv, port=port, log_path=log)
     try:
         await proc.wait_ready("/ready", _ready(len(fleet.urls)), timeout_s=60.0)
-        return await run_http_workload(proc.url, w, model=MODEL, timeout_s=300.0)
+        rep = await run_http_workload(proc.url, w, model=MODEL, timeout_s=300.0)
+        return rep, await pd_counters(proc.url)
     finally:
         await proc.stop()
 
@@ -166,15 +318,16 @@ async def run_realtime(
     seed: int = 0,
     peers: bool = True,
 ) -> dict[str, Any]:
-    """Run sage-llm PD and (when ``peers``) vllm-router PD over the same engine-sim
-    processes, one workload after the other; returns the report's ``realtime`` section.
+    """Run sage-llm and (when ``peers``) vllm-router over the same engine-sim processes,
+    one workload after the other; returns the report's ``realtime`` section.
 
-    The layouts are ``fleets`` (``pd-P:D`` layouts of Llama-3.1-8B: prefill and decode
-    instances only, decider ``always``), else one of ``prefill`` + ``decode`` engines.
-    ``n_long`` long-prompt and ``n_chat`` chat requests (0: that workload is left out), the
-    same seeded workloads as the in-process runs of those sizes. Rates are in simulated
-    requests/s (the real rate is ``rate × speed``). Fresh engines are started for each
-    (layout, router, workload) run, so no run inherits another's cache or pins.
+    The layouts are ``fleets`` (Llama-3.1-8B TP1 layouts: :func:`check_realtime_fleet`),
+    else ``pd-P:D`` of ``prefill`` + ``decode`` engines, decider ``always``. vllm-router runs
+    the layouts it can serve (:func:`peer_of`). ``n_long`` long-prompt and ``n_chat`` chat
+    requests (0: that workload is left out), the same seeded workloads as the in-process
+    runs of those sizes. Rates are in simulated requests/s (the real rate is ``rate ×
+    speed``). Fresh engines are started for each (layout, proxy, workload) run, so no run
+    inherits another's cache or pins.
     """
     if not (math.isfinite(speed) and speed > 0):
         raise ConfigError(f"must be a finite number > 0, got {speed:g}", key="speed")
@@ -196,20 +349,21 @@ async def run_realtime(
     ]
     cases: list[dict[str, Any]] = []
     for spec in fleets:
-        roles = ["prefill"] * spec.prefill + ["decode"] * spec.decode
-        layout = f"{spec.prefill}:{spec.decode}"
+        roles = engine_roles(spec)
+        peer = peer_of(spec) if peers else None
         for w in workloads:
             fast = scale_rate(w, speed)
-            runs = [("sage-llm-pd", True)] + ([("vllm-router-pd", False)] if peers else [])
-            for name, sage in runs:
+            for proxy in ["sage-llm"] + (["vllm-router"] if peer is not None else []):
                 async with await start_engine_sims(
                     len(roles), model=MODEL, speed=speed, role=roles
                 ) as fleet:
-                    if sage:
-                        rep = await _via_sage(fleet, fast, seed)
+                    counters: dict[str, Any] = {}
+                    if peer is None or proxy == "sage-llm":
+                        rep, counters = await _via_sage(spec, fleet, fast, seed, speed)
                     else:
-                        rep = await _via_vllm_router(fleet, fast)
-                cases.append(_case(f"rt:{name}-{layout}", spec, w, rep, speed).to_dict())
+                        rep = await _via_vllm_router(fleet, fast, peer)
+                name = f"rt:{proxy}-{spec.name}"
+                cases.append(_case(name, spec, w, rep, speed, counters).to_dict())
     return {
         "speed": speed,
         "time_unit": "simulated seconds (real × speed)",
@@ -227,8 +381,10 @@ async def run_realtime(
     }
 
 
-async def _serve(port: int, prefill: Sequence[str], decode: Sequence[str], seed: int) -> None:
-    cp = sage_pd_manager(prefill, decode, seed=seed)
+async def _serve(
+    port: int, spec: FleetSpec, engines: Sequence[str], seed: int, speed: float
+) -> None:
+    cp = sage_manager(spec, engines, seed=seed, speed=speed)
     runner, _ = await start_gateway(cp, port=port, manage_lifecycle=True, environ={})
     try:
         await asyncio.Event().wait()
@@ -237,14 +393,16 @@ async def _serve(port: int, prefill: Sequence[str], decode: Sequence[str], seed:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the benchmark's sage-llm PD gateway until terminated."""
+    """Serve the benchmark's sage-llm gateway until terminated."""
     parser = argparse.ArgumentParser(prog="python -m sage_llm.bench.pd_realtime")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--prefill", action="append", required=True)
-    parser.add_argument("--decode", action="append", required=True)
+    parser.add_argument("--fleet-spec", required=True, help="the layout, as fleet_spec_json")
+    parser.add_argument("--engine", action="append", required=True, help="in layout order")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed", type=float, default=1.0, help="the engines' --speed")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.port, args.prefill, args.decode, args.seed))
+    spec = fleet_spec_from_json(args.fleet_spec)
+    asyncio.run(_serve(args.port, spec, args.engine, args.seed, args.speed))
     return 0
 
 
