@@ -211,6 +211,24 @@ def test_short_prompts_tell_the_fixed_part_of_the_ttft_not_the_prefill_rate() ->
     assert 1.0 / state.est_s_per_prefill_token == pytest.approx(2000.0, rel=0.05)
 
 
+def test_a_long_prompt_quicker_than_the_fixed_parts_prior_leaves_the_rate_finite() -> None:
+    """A generic prior of the fixed part (50 ms) above an engine's real overhead: a
+    300-token prompt's 30 ms TTFT had set the prefill rate to 10 million tokens a second
+    (the tokens' share read as 0), so the PD decider predicted no stall there and kept
+    chat prompts colocated beside running decodes. It lowers the fixed part instead, as a
+    short prompt does, keeps the rate, and the next prompt tells the rate."""
+    registry = InstanceRegistry()
+    state = registry.add(make_instance("e0"), None, LatencyPriors())  # type: ignore[arg-type]
+    state.observe_first_token(0.030, 300)
+    assert state.est_ttft_base_s == 0.0  # 30 ms less 300 tokens at the prior 8,000/s
+    assert 1.0 / state.est_s_per_prefill_token == pytest.approx(8000.0)
+    assert 1.0 / state.est_s_per_chunk_token == pytest.approx(8000.0)
+    assert not state.view().rate_measured
+    state.observe_first_token(0.040, 1000)
+    assert 1.0 / state.est_s_per_prefill_token == pytest.approx(25_000.0)
+    assert state.view().rate_measured
+
+
 def test_a_first_token_with_nothing_left_to_prefill_tells_nothing() -> None:
     """The engine found the whole prompt in its cache (its cached tokens at or above the
     pending ones the control plane counted): that TTFT says nothing of the prefill, and

@@ -350,8 +350,9 @@ class InstanceState:
 
     def observe_first_token(self, ttft_s: float, pending_tokens: int) -> None:
         """Refine the prefill estimate from one request's TTFT (pending tokens at dispatch).
-        A TTFT below the fixed part's estimate lowers that estimate (a prior above the
-        engine's real overhead made every token's share 0, and the prefill rate endless);
+        A TTFT no later than the fixed part's estimate lowers that estimate, as a short
+        prompt's does, and leaves the rate (read against a prior above the engine's real
+        overhead, every token's share would be 0 and the prefill rate endless);
         one of fewer than :data:`RATE_FROM_TOKENS` pending tokens refines the fixed part
         only (what it has beyond the tokens' predicted share). While only long prompts
         come, and their lengths vary enough to tell them apart, both parts are a line fitted
@@ -365,8 +366,7 @@ class InstanceState:
             fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
             self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
             return
-        self.rate_samples += 1
-        excess_s = max(ttft_s - self.est_ttft_base_s, 0.0)
+        excess_s = ttft_s - self.est_ttft_base_s
         fit = self.prefill_fit
         if (own := fit.line(paused=True)) is not None and ttft_s > 0.0:
             # against the fit's own line, read or paused by short prompts (not the EWMA
@@ -376,17 +376,26 @@ class InstanceState:
             if abs(fit.drift) > FIT_RESET_DRIFT:  # the engine changed: forget the old line
                 fit = self.prefill_fit = PrefillFit()
                 self.chunk_cost = ChunkCost()
-        self.chunk_cost.add(pending_tokens, excess_s, self.est_tpot_s)
+        if excess_s > 0.0:
+            self.chunk_cost.add(pending_tokens, excess_s, self.est_tpot_s)
         fit.add(pending_tokens, ttft_s)
         line = fit.line()
         if line is not None:
+            self.rate_samples += 1
             self.est_ttft_base_s = line[0]
             self.est_s_per_prefill_token = max(line[1], MIN_S_PER_PREFILL_TOKEN)
             return
-        if ttft_s < self.est_ttft_base_s:
-            self.est_ttft_base_s += alpha * (ttft_s - self.est_ttft_base_s)
+        if excess_s <= 0.0:
+            # no later than the fixed part's estimate alone: that estimate is too high (a
+            # prior above the engine's overhead). Read against it, the tokens' share would
+            # be 0 and the rate endless; the fixed part is lowered as a short prompt lowers
+            # it, to what the tokens' predicted share leaves, and the rate kept
+            fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
+            self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
+            return
+        self.rate_samples += 1
         alpha = max(_ALPHA, 1.0 / self.rate_samples)  # (the first replaces the prior)
-        per_token = max(ttft_s - self.est_ttft_base_s, 0.0) / pending_tokens
+        per_token = excess_s / pending_tokens
         estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
         self.est_s_per_prefill_token = max(estimate, MIN_S_PER_PREFILL_TOKEN)
 
