@@ -642,7 +642,9 @@ def test_launch_a_plan_file_on_chosen_ports_and_log_dir_then_sigterm(
     kept SIGHUP from the gateway, and ignored it while it served)."""
     plan = tmp_path / "plan.json"
     plan.write_text(plan_command("llama-3-8b", "2xH100", "2s", "50ms", as_json=True))
-    base, gateway = free_ports(2), free_ports(1)
+    # one block of three: a second call could hand the gateway the second engine's port
+    base = free_ports(3)
+    gateway = base + 2
     settings = tmp_path / "gateway.toml"
     settings.write_text(
         '[services.llm_control_plane]\nscheduling_policy = "priority"\n'
