@@ -363,8 +363,7 @@ class InstanceState:
         alpha = max(_ALPHA, 1.0 / self.ttft_samples)
         if pending_tokens < RATE_FROM_TOKENS:
             self.prefill_fit.note_short()
-            fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
-            self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
+            self._refine_fixed_part(ttft_s, pending_tokens, alpha)
             return
         excess_s = ttft_s - self.est_ttft_base_s
         fit = self.prefill_fit
@@ -380,24 +379,28 @@ class InstanceState:
             self.chunk_cost.add(pending_tokens, excess_s, self.est_tpot_s)
         fit.add(pending_tokens, ttft_s)
         line = fit.line()
-        if line is not None:
-            self.rate_samples += 1
-            self.est_ttft_base_s = line[0]
-            self.est_s_per_prefill_token = max(line[1], MIN_S_PER_PREFILL_TOKEN)
-            return
-        if excess_s <= 0.0:
+        if line is None and excess_s <= 0.0:
             # no later than the fixed part's estimate alone: that estimate is too high (a
             # prior above the engine's overhead). Read against it, the tokens' share would
             # be 0 and the rate endless; the fixed part is lowered as a short prompt lowers
-            # it, to what the tokens' predicted share leaves, and the rate kept
-            fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
-            self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
+            # it, and the rate kept
+            self._refine_fixed_part(ttft_s, pending_tokens, alpha)
             return
         self.rate_samples += 1
+        if line is not None:
+            self.est_ttft_base_s = line[0]
+            self.est_s_per_prefill_token = max(line[1], MIN_S_PER_PREFILL_TOKEN)
+            return
         alpha = max(_ALPHA, 1.0 / self.rate_samples)  # (the first replaces the prior)
         per_token = excess_s / pending_tokens
         estimate = self.est_s_per_prefill_token + alpha * (per_token - self.est_s_per_prefill_token)
         self.est_s_per_prefill_token = max(estimate, MIN_S_PER_PREFILL_TOKEN)
+
+    def _refine_fixed_part(self, ttft_s: float, pending_tokens: int, alpha: float) -> None:
+        """Move the TTFT's fixed part by ``alpha`` toward what ``ttft_s`` leaves beyond the
+        ``pending_tokens``' predicted share (at least 0)."""
+        fixed = max(ttft_s - pending_tokens * self.est_s_per_prefill_token, 0.0)
+        self.est_ttft_base_s += alpha * (fixed - self.est_ttft_base_s)
 
     @property
     def est_s_per_chunk_token(self) -> float:
