@@ -220,6 +220,28 @@ def test_bench_pd_refuses_what_it_cannot_do_in_one_line_before_the_run(
     assert output.count("\n") == 1
 
 
+def test_bench_pd_realtime_runs_at_the_librarys_default_speed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command line and ``pd_bench_main`` agree on the real-time part's speed (0.25: at
+    2, its old default, a 2-core machine measured its own CPU more than PD)."""
+    from sage_llm.bench.pd_bench import REALTIME_SPEED, pd_bench_main
+    from sage_llm.bench.pd_realtime import run_realtime
+
+    seen: dict[str, object] = {}
+
+    def record(**kwargs: object) -> int:
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr("sage_llm.bench.pd_bench.pd_bench_main", record)
+    exit_code, output = invoke("bench", "pd", "--realtime", "--n-long", "0")
+    assert exit_code == 0, output
+    assert seen["speed"] == REALTIME_SPEED == 0.25
+    for function in (pd_bench_main, run_realtime):
+        assert inspect.signature(function).parameters["speed"].default == REALTIME_SPEED
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [

@@ -50,6 +50,7 @@ __all__ = [
     "MODEL_8B",
     "MODEL_70B",
     "REALTIME_FLEET",
+    "REALTIME_SPEED",
     "SLO_ITL",
     "SLO_TPOT",
     "FleetSpec",
@@ -77,6 +78,11 @@ NVLINK_GBPS = 300.0
 GPUS = 8
 DEFAULT_OUT = Path("bench-out/pd/pd.json")
 """Where ``sage-llm bench pd`` writes its JSON report unless ``--out`` says otherwise."""
+REALTIME_SPEED = 0.25
+"""The real-time part's default time compression: the engines at a quarter of an H100's
+speed. A proxy's CPU cost per request then weighs a quarter of what it would in real
+time, as on a machine where the proxy has cores of its own; at speed 1 or more a 2-core
+machine measures its own CPU more than PD (docs/benchmarks.md)."""
 REALTIME_FLEET = "pd-3:5"
 """The layout of the real-time part when no ``--fleets`` are named."""
 
@@ -579,7 +585,7 @@ def pd_bench_main(
     chat_rate: float = 20.0,
     include_70b: bool = True,
     realtime: bool = False,
-    speed: float = 2.0,
+    speed: float = REALTIME_SPEED,
     seed: int = 0,
     fleet_names: Sequence[str] | None = None,
     cluster: bool = False,

@@ -43,6 +43,7 @@ import aiohttp
 from sage_llm.bench.loadgen import LoadReport, run_http_workload
 from sage_llm.bench.pd_bench import (
     MODEL_8B,
+    REALTIME_SPEED,
     SLO_ITL,
     SLO_TPOT,
     FleetSpec,
@@ -310,7 +311,7 @@ async def run_realtime(
     prefill: int = 3,
     decode: int = 5,
     fleets: Sequence[FleetSpec] | None = None,
-    speed: float = 2.0,
+    speed: float = REALTIME_SPEED,
     n_long: int = 60,
     long_rate: float = 12.0,
     n_chat: int = 120,
