@@ -18,6 +18,7 @@ import pytest
 from sage_llm.control_plane.snapshot import (
     EMPTY_PREFIX_VIEW,
     ClusterSnapshot,
+    CompletionRecord,
     InstanceView,
     PrefixView,
     RequestInfo,
@@ -27,6 +28,7 @@ from sage_llm.types import (
     ExecutionInstanceType,
     RequestMetadata,
     RequestPriority,
+    RequestStatus,
 )
 
 MODEL = "llama-3-8b"
@@ -54,6 +56,18 @@ def make_request_info(
         deadline=deadline,
         **kwargs,
     )
+
+
+def make_completion_record(request_id: str = "r0", **kwargs: Any) -> CompletionRecord:
+    """A completed request's record as a policy's ``on_complete`` gets it (10 prompt and
+    10 output tokens, its SLO missed) with ``kwargs`` changed."""
+    fields: dict[str, Any] = {
+        "status": RequestStatus.COMPLETED, "priority": RequestPriority.NORMAL,
+        "instance_id": "i0", "arrival": 0.0, "finished": 1.0, "queue_wait_s": 0.0,
+        "ttft_s": 0.1, "tpot_s": 0.01, "e2e_s": 1.0, "prompt_tokens": 10,
+        "completion_tokens": 10, "slo_met": False,
+    }  # fmt: skip
+    return CompletionRecord(request_id=request_id, **{**fields, **kwargs})
 
 
 def make_request_infos(

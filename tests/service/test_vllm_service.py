@@ -362,7 +362,7 @@ def test_a_control_plane_file_is_read_beside_the_file_that_names_it(
     assert problems == [
         f"{path}:6: services.llm.control_plane: {tmp_path / 'plane.toml'}:2: "
         "services.llm_control_plane.scheduling_policy: unknown value 'nope' (valid values: "
-        "fifo, priority, slo_aware, cost_optimized, adaptive)"
+        "fifo, priority, slo_aware, cost_optimized, adaptive, fair)"
     ]
     (tmp_path / "plane.toml").write_text(
         '[services.llm_control_plane]\nscheduling_policy = "fifo"\n'

@@ -17,14 +17,14 @@ from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.snapshot import (
     PAIR_VIEW_PREFIX,
     ClusterSnapshot,
-    CompletionRecord,
     RequestInfo,
 )
 from sage_llm.errors import ConfigError
 from sage_llm.sim.clock import run_virtual
-from sage_llm.types import ExecutionInstanceType, RequestPriority, RequestStatus
+from sage_llm.types import ExecutionInstanceType, RequestPriority
 from tests.factories import (
     MODEL,
+    make_completion_record,
     make_instance,
     make_instance_view,
     make_metadata,
@@ -49,23 +49,7 @@ def full_fleet(now: float) -> ClusterSnapshot:
 def set_attainment(policy: AdaptivePolicy, met: int, of: int = 20) -> None:
     """Replace the (20-long) completion window with ``met`` successes out of ``of``."""
     for n in range(of):
-        policy.on_complete(
-            CompletionRecord(
-                request_id=f"done{n}",
-                status=RequestStatus.COMPLETED,
-                priority=RequestPriority.NORMAL,
-                instance_id="i0",
-                arrival=0.0,
-                finished=1.0,
-                queue_wait_s=0.0,
-                ttft_s=0.1,
-                tpot_s=0.01,
-                e2e_s=1.0,
-                prompt_tokens=10,
-                completion_tokens=10,
-                slo_met=n < met,
-            )
-        )
+        policy.on_complete(make_completion_record(f"done{n}", slo_met=n < met))
 
 
 def tick(policy: AdaptivePolicy, start: float, end: float) -> None:

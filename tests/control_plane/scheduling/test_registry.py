@@ -20,8 +20,10 @@ from sage_llm.errors import ConfigError, PolicyNotFoundError
 from tests.factories import make_request_info, make_snapshot
 
 
-def test_the_five_policy_names() -> None:
-    assert POLICY_NAMES == ("fifo", "priority", "slo_aware", "cost_optimized", "adaptive")
+def test_the_seeds_five_policy_names_then_fair() -> None:
+    assert POLICY_NAMES == (
+        "fifo", "priority", "slo_aware", "cost_optimized", "adaptive", "fair",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)

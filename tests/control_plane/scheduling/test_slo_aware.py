@@ -10,8 +10,14 @@ from sage_llm.control_plane.scheduling.admission import check_deadline_feasible
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.errors import ConfigError
-from sage_llm.types import RequestPriority, RequestStatus
-from tests.factories import make_instance_view, make_request_info, make_snapshot, with_view
+from sage_llm.types import RequestPriority
+from tests.factories import (
+    make_completion_record,
+    make_instance_view,
+    make_request_info,
+    make_snapshot,
+    with_view,
+)
 
 FAST = make_instance_view("fast", est_tpot_s=0.01)
 SLOW = make_instance_view("slow", est_tpot_s=0.04)
@@ -119,11 +125,7 @@ def test_a_demoted_request_never_goes_before_a_deadline_request() -> None:
 
 
 def _ended(request_id: str) -> CompletionRecord:
-    return CompletionRecord(
-        request_id=request_id, status=RequestStatus.COMPLETED, priority=RequestPriority.NORMAL,
-        instance_id="i0", arrival=0.0, finished=1.0, queue_wait_s=0.0, ttft_s=0.1,
-        tpot_s=0.01, e2e_s=1.0, prompt_tokens=10, completion_tokens=10, slo_met=False,
-    )  # fmt: skip
+    return make_completion_record(request_id)
 
 
 def test_a_demoted_request_pushed_back_is_still_demoted() -> None:

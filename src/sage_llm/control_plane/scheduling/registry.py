@@ -18,6 +18,7 @@ from sage_llm.control_plane.scheduling._queue import QueuedPolicy
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
+from sage_llm.control_plane.scheduling.fair import FairSharePolicy
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
 from sage_llm.control_plane.scheduling.priority import PriorityPolicy
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
@@ -31,12 +32,14 @@ _POLICIES: Mapping[str, tuple[Callable[[Any], SchedulingPolicy], type[Any]]] = (
             "slo_aware": (SLOAwarePolicy, SLOAwarePolicy.Params),
             "cost_optimized": (CostOptimizedPolicy, CostOptimizedPolicy.Params),
             "adaptive": (AdaptivePolicy, AdaptivePolicy.Params),
+            "fair": (FairSharePolicy, FairSharePolicy.Params),
         }
     )
 )
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
-"""``("fifo", "priority", "slo_aware", "cost_optimized", "adaptive")``."""
+"""``("fifo", "priority", "slo_aware", "cost_optimized", "adaptive", "fair")``: the seed's
+five, then ``fair`` (a share per user)."""
 
 
 def may_read_block_hashes(policy: SchedulingPolicy) -> bool:

@@ -1,0 +1,213 @@
+"""``fair``: each user gets an equal share of the fleet's work while it waits for it.
+
+A virtual token counter per user (the VTC rule of Sheng et al., "Fairness in Serving Large
+Language Models", OSDI 2024), keyed by ``RequestInfo.user_id`` (the OpenAI ``user`` field;
+requests without one share one anonymous user):
+
+* a request starts when its user's counter is the lowest among the users with a request
+  the fleet can start now (at equal counters, the user served least recently: one that
+  joins at another's counter goes first); within a user, oldest first;
+* as it starts, its user's counter grows by the work it will cost:
+  ``prompt_weight × prompt tokens + output_weight × expected output tokens``; the expected
+  output is the smaller of its ``max_tokens`` and the user's recent mean, and when the
+  request ends the counter is corrected to the tokens it really generated;
+* a user whose queue was empty rejoins at the lowest counter of the users still waiting
+  (or, when none waits, at the counter of the user whose request started last), never
+  below its own: time spent idle earns no credit to flood the fleet with later, and work done
+  recently still counts.
+
+So a user who sends more than its share waits behind the others, and a light user's
+requests start ahead of a heavy user's backlog. Under light load, with no queue, it is
+first come, first served. It orders only what the control plane queues: requests wait in
+the control plane only while every instance is at its concurrency bound
+(``max_concurrent_requests``), so set that bound near what an engine runs at once, or an
+engine's own first-come-first-served queue decides instead. Priorities and deadlines are
+not read (the queue's users are its classes).
+
+A request put back in the queue (no instance could take it after all, or a failed attempt
+to be retried) has its charge given back; it is charged again when it starts again.
+
+Costs: ``push`` O(log n), plus O(users waiting) when its user rejoins; ``pop`` compares the
+head of each waiting user's lane, O(users waiting). Memory: a user is forgotten once it has
+nothing queued or running and its counter is no higher than where the others' are (a
+returning user would be lifted there anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from sage_llm.control_plane.scheduling._params import check_positive
+from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
+from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
+
+ANONYMOUS = ""
+"""The user of the requests that name none."""
+
+_OUTPUT_ALPHA = 0.2
+"""EWMA weight of a request's output tokens in its user's expected output."""
+
+
+class _Flow:
+    """One user's share: its counter, its lane in the queue, and what it has in flight."""
+
+    __slots__ = ("counter", "expected_output", "lane", "queued", "running", "served")
+
+    def __init__(self, counter: float, lane: int) -> None:
+        self.counter = counter
+        self.lane = lane
+        self.queued = 0
+        self.running = 0
+        self.served = -1
+        """When its last request started (the policy's count of starts; -1: never)."""
+        self.expected_output: float | None = None
+        """The mean output tokens of the user's recent requests (None: none ended yet)."""
+
+
+class FairSharePolicy(QueuedPolicy):
+    """Per-user fair share by virtual token counters; see the module docstring."""
+
+    name = "fair"
+
+    @dataclass(frozen=True, slots=True)
+    class Params:
+        """``prompt_weight`` and ``output_weight``: what one prompt token and one output
+        token count towards a user's share (an output token costs a decode step's share,
+        a prompt token a fraction of a prefill's: 1 and 2 as in the VTC paper).
+        ``default_output_tokens``: the output a user's first request is expected to
+        generate (at most its ``max_tokens``), until requests of that user have ended."""
+
+        prompt_weight: float = 1.0
+        output_weight: float = 2.0
+        default_output_tokens: float = 256.0
+
+        def __post_init__(self) -> None:
+            check_positive("prompt_weight", self.prompt_weight)
+            check_positive("output_weight", self.output_weight)
+            check_positive("default_output_tokens", self.default_output_tokens)
+
+    def __init__(self, params: FairSharePolicy.Params | None = None) -> None:
+        super().__init__()
+        self.params = params if params is not None else FairSharePolicy.Params()
+        self._flows: dict[str, _Flow] = {}
+        self._by_lane: dict[int, _Flow] = {}
+        self._free_lanes: list[int] = []
+        self._next_lane = 0
+        self._charged: dict[str, tuple[_Flow, float, float]] = {}
+        """Requests started and not ended: (flow, charge, expected output tokens)."""
+        self._last = _Flow(0.0, -1)
+        """The user whose request started last: where its counter is now (the charge and
+        any correction since included) is where a user rejoins when no other waits."""
+        self._sweep_at = 64
+        self._starts = 0
+
+    # -- the queue ---------------------------------------------------------------------
+
+    def _flow(self, user: str) -> _Flow:
+        flow = self._flows.get(user)
+        if flow is None:
+            if len(self._flows) >= self._sweep_at:
+                self._sweep()
+            lane = self._free_lanes.pop() if self._free_lanes else self._new_lane()
+            flow = self._flows[user] = _Flow(self._last.counter, lane)
+            self._by_lane[lane] = flow
+        return flow
+
+    def _new_lane(self) -> int:
+        lane = self._next_lane
+        self._next_lane += 1
+        return lane
+
+    def _place(self, req: RequestInfo) -> tuple[int, float]:
+        return self._flows[req.user_id or ANONYMOUS].lane, req.arrival
+
+    def _rank(self, entry: QueueEntry, now: float) -> Rank:
+        flow = self._by_lane[entry.lane]
+        return (flow.counter, float(flow.served), entry.req.arrival, entry.seq)
+
+    def push(self, req: RequestInfo) -> None:
+        flow = self._flow(req.user_id or ANONYMOUS)
+        charged = self._charged.pop(req.request_id, None)
+        if charged is not None:  # started, then put back: not served after all
+            flow.counter -= charged[1]
+            flow.running -= 1
+        if not flow.queued:  # it rejoins: no credit for the time it was away
+            waiting = [f.counter for f in self._flows.values() if f.queued]
+            flow.counter = max(flow.counter, min(waiting) if waiting else self._last.counter)
+        super().push(req)
+        flow.queued += 1
+
+    def pop(self, snap: ClusterSnapshot) -> RequestInfo | None:
+        req = super().pop(snap)
+        if req is None:
+            return None
+        flow = self._flows[req.user_id or ANONYMOUS]
+        flow.queued -= 1
+        p = self.params
+        expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
+        expected = min(float(req.max_tokens), expected)
+        charge = p.prompt_weight * req.prompt_tokens + p.output_weight * expected
+        flow.counter += charge
+        flow.served = self._starts
+        self._starts += 1
+        self._last = flow
+        flow.running += 1
+        self._charged[req.request_id] = (flow, charge, expected)
+        return req
+
+    def remove(self, request_id: str) -> RequestInfo | None:
+        req = super().remove(request_id)
+        if req is not None:
+            self._flows[req.user_id or ANONYMOUS].queued -= 1
+        return req
+
+    def drain(self) -> list[RequestInfo]:
+        out = super().drain()
+        for flow in self._flows.values():
+            flow.queued = 0
+        return out
+
+    def on_complete(self, record: CompletionRecord) -> None:
+        self.count_completion()
+        charged = self._charged.pop(record.request_id, None)
+        if charged is None:  # ended while queued, or started under another policy
+            return
+        flow, _charge, expected = charged
+        tokens = float(record.completion_tokens)
+        flow.counter += self.params.output_weight * (tokens - expected)
+        flow.running -= 1
+        if flow.expected_output is None:
+            flow.expected_output = tokens
+        else:
+            flow.expected_output += _OUTPUT_ALPHA * (tokens - flow.expected_output)
+
+    def _sweep(self) -> None:
+        """Forget the users with nothing queued or running whose counter is no higher than
+        where a returning user rejoins (they would be lifted there); the next sweep comes
+        when the users kept have doubled."""
+        waiting = [f.counter for f in self._flows.values() if f.queued]
+        floor = min(waiting) if waiting else self._last.counter
+        for user, flow in list(self._flows.items()):
+            if not flow.queued and not flow.running and flow.counter <= floor:
+                del self._flows[user]
+                del self._by_lane[flow.lane]
+                self._free_lanes.append(flow.lane)
+        self._sweep_at = max(64, 2 * len(self._flows))
+
+    # -- status ------------------------------------------------------------------------
+
+    def _params_dict(self) -> dict[str, object]:
+        return asdict(self.params)
+
+    def _state(self) -> dict[str, object]:
+        state = super()._state()
+        state["users"] = len(self._flows)
+        state["users_waiting"] = sum(1 for f in self._flows.values() if f.queued)
+        return state
+
+    def counters(self) -> dict[str, float]:
+        """Each user's counter (``""``: the anonymous user), for tests and status pages."""
+        return {user: flow.counter for user, flow in self._flows.items()}
+
+
+FairShareParams = FairSharePolicy.Params

@@ -1,0 +1,68 @@
+"""Tests for ``benchmarks/fair_share.py``: its workload, and a small overloaded run in which
+the light users' requests start ahead of the heavy user's backlog under ``fair``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+from tests.factories import load_benchmark, usage_error
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    return load_benchmark("fair_share")
+
+
+def test_the_workload_has_one_heavy_user_and_eight_light_ones_by_arrival(
+    script: ModuleType,
+) -> None:
+    load = script.workload(4.0, 2.0, 10.0, 0)
+    users = [r.user_id for r in load.requests]
+    assert users.count("heavy") == 40
+    light = {u for u in users if u != "heavy"}
+    assert len(light) == 8 and all(u.startswith("light-") for u in light)
+    assert len(users) == 60
+    arrivals = [r.arrival_s for r in load.requests]
+    assert arrivals == sorted(arrivals)
+    assert load.requests == script.workload(4.0, 2.0, 10.0, 0).requests
+
+
+def test_under_overload_fair_starts_the_light_users_requests_first(script: ModuleType) -> None:
+    """One L40S running 24 requests at once, a heavy user at twice what it serves: the
+    light users' median TTFT is far lower under ``fair`` than under ``fifo``, and the
+    heavy user's output rate about the same."""
+    load = script.workload(4.0, 1.0, 20.0, 0)
+    light_ttft: dict[str, float] = {}
+    heavy_tokens: dict[str, int] = {}
+    for policy in ("fifo", "fair"):
+        ms = script.run(policy, load, 1, 24, 0).measurements
+        assert all(m.ok for m in ms)
+        ttft = sorted(
+            m.first_token_s - m.arrival_s
+            for m in ms
+            if m.user_id != "heavy" and m.first_token_s is not None
+        )
+        light_ttft[policy] = ttft[len(ttft) // 2]
+        heavy_tokens[policy] = sum(m.output_tokens for m in ms if m.user_id == "heavy")
+    assert light_ttft["fair"] * 5 < light_ttft["fifo"]
+    assert heavy_tokens["fair"] == heavy_tokens["fifo"]  # every request answered in full
+
+
+def test_main_prints_three_setups_for_both_user_classes(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--duration-s", "3", "--heavy-rate", "2", "--cap", "4", "--open-cap", "8"]
+    assert script.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| f")]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| fifo, cap 8", "light"], ["| fifo, cap 8", "heavy"],
+        ["| fifo, cap 4", "light"], ["| fifo, cap 4", "heavy"],
+        ["| fair, cap 4", "light"], ["| fair, cap 4", "heavy"],
+    ]  # fmt: skip
+
+
+def test_main_refuses_a_bad_rate(script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(script.main, ["--heavy-rate", "0"], capsys)
+    assert "argument --heavy-rate: must be a finite number > 0, got 0" in err

@@ -1,0 +1,221 @@
+"""fair: a share per user by virtual token counters (charge, correction, rejoining, memory)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sage_llm import ControlPlaneManager
+from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.scheduling.fair import ANONYMOUS, FairSharePolicy
+from sage_llm.control_plane.snapshot import ClusterSnapshot
+from sage_llm.errors import ConfigError
+from sage_llm.sim.clock import run_virtual
+from sage_llm.types import RequestStatus
+from tests.factories import (
+    make_completion_record,
+    make_instance,
+    make_instance_view,
+    make_metadata,
+    make_request_info,
+    make_snapshot,
+)
+
+SNAP = make_snapshot(1, now=100.0)
+
+
+def pop_all(policy: SchedulingPolicy, snap: ClusterSnapshot = SNAP) -> list[str]:
+    out: list[str] = []
+    while (req := policy.pop(snap)) is not None:
+        out.append(req.request_id)
+    return out
+
+
+def test_fair_is_a_scheduling_policy_named_fair() -> None:
+    policy = FairSharePolicy()
+    assert isinstance(policy, SchedulingPolicy)
+    assert policy.name == "fair"
+    assert policy.describe()["params"] == {
+        "prompt_weight": 1.0, "output_weight": 2.0, "default_output_tokens": 256.0,
+    }  # fmt: skip
+
+
+def test_a_light_users_request_starts_ahead_of_a_heavy_users_backlog() -> None:
+    """FIFO would run the heavy user's eight first; here the light user's request, which
+    came last, starts second: after one heavy request its counter is the lower one."""
+    policy = FairSharePolicy()
+    for n in range(8):
+        policy.push(make_request_info(f"heavy{n}", arrival=n * 0.1, user_id="heavy"))
+    policy.push(make_request_info("light", arrival=5.0, user_id="light"))
+    assert pop_all(policy)[:3] == ["heavy0", "light", "heavy1"]
+
+
+def test_two_users_with_equal_requests_take_turns_oldest_first_within_each() -> None:
+    policy = FairSharePolicy()
+    for n in range(3):
+        policy.push(make_request_info(f"a{n}", arrival=n, user_id="a"))
+    for n in range(3):
+        policy.push(make_request_info(f"b{n}", arrival=10 + n, user_id="b"))
+    assert pop_all(policy) == ["a0", "b0", "a1", "b1", "a2", "b2"]
+
+
+def test_a_start_charges_prompt_and_expected_output_and_the_end_corrects_it() -> None:
+    policy = FairSharePolicy(FairSharePolicy.Params(prompt_weight=1.0, output_weight=2.0))
+    policy.push(make_request_info("r", prompt_tokens=100, max_tokens=50, user_id="u"))
+    assert policy.pop(SNAP) is not None
+    # expected output: min(max_tokens 50, default 256)
+    assert policy.counters() == {"u": 100 + 2 * 50}
+    policy.on_complete(make_completion_record("r", completion_tokens=20))
+    assert policy.counters() == {"u": 100 + 2 * 20}
+    # the user's next request is expected to generate what its last one did
+    policy.push(make_request_info("s", prompt_tokens=10, max_tokens=500, user_id="u"))
+    assert policy.pop(SNAP) is not None
+    assert policy.counters() == {"u": 140 + 10 + 2 * 20}
+
+
+def test_an_ended_request_that_never_started_changes_no_counter() -> None:
+    policy = FairSharePolicy()
+    policy.push(make_request_info("r", user_id="u"))
+    assert policy.remove("r") is not None
+    policy.on_complete(make_completion_record("r", status=RequestStatus.CANCELLED))
+    assert policy.counters() == {"u": 0.0}
+    assert policy.describe()["state"] == {"queued": 0, "ended": 1, "users": 1, "users_waiting": 0}
+
+
+def test_a_request_put_back_is_given_its_charge_back() -> None:
+    """A pass that pops a request and finds no instance for it pushes it back; so does a
+    retry after a failed attempt. Neither may count twice against its user."""
+    policy = FairSharePolicy()
+    req = make_request_info("r", prompt_tokens=100, max_tokens=50, user_id="u")
+    policy.push(req)
+    assert policy.pop(SNAP) == req
+    policy.push(req)
+    assert policy.counters() == {"u": 0.0}
+    assert policy.pop(SNAP) == req
+    assert policy.counters() == {"u": 200.0}
+
+
+def test_a_returning_user_gets_no_credit_for_its_time_away() -> None:
+    """An idle user rejoins at the lowest counter of those waiting, not at its old one
+    (which would let it run alone until it caught up)."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("a0", prompt_tokens=10, max_tokens=10, user_id="a"))
+    assert pop_all(policy) == ["a0"]  # a's counter: 30
+    for n in range(5):
+        policy.push(
+            make_request_info(f"b{n}", arrival=n, prompt_tokens=100, max_tokens=50, user_id="b")
+        )
+    assert policy.pop(SNAP) is not None  # b: 30 (it came when a had started, at 30) + 200
+    assert policy.counters()["b"] == 230.0
+    for n in (1, 2):
+        policy.push(
+            make_request_info(f"a{n}", arrival=8 + n, prompt_tokens=10, max_tokens=10, user_id="a")
+        )
+    assert policy.counters()["a"] == 230.0  # lifted to b's, the only one waiting, not 30
+    # a1 wins the tie (a was served less recently), then b1 (230) before a2 (260); from
+    # 30, a would have run both of its requests first
+    assert pop_all(policy)[:3] == ["a1", "b1", "a2"]
+
+
+def test_a_returning_user_keeps_the_work_it_was_charged_for() -> None:
+    """Lifting never lowers a counter: a user that just had a long request served waits
+    behind one that was waiting meanwhile, even when its queue ran empty and it comes back."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("big", prompt_tokens=5000, max_tokens=10, user_id="a"))
+    for n in range(3):
+        policy.push(
+            make_request_info(f"b{n}", arrival=1 + n, prompt_tokens=10, max_tokens=10, user_id="b")
+        )
+    assert policy.pop(SNAP) is not None  # big, the oldest at equal counters: a at 5,020
+    policy.push(make_request_info("a1", arrival=5, prompt_tokens=10, max_tokens=10, user_id="a"))
+    assert policy.counters() == {"a": 5020.0, "b": 0.0}
+    assert pop_all(policy) == ["b0", "b1", "b2", "a1"]
+
+
+def test_a_user_alone_is_not_lifted_above_its_own_corrected_counter() -> None:
+    """When nobody else waits, a user rejoins where the last started request's user is
+    now, corrections included (its own: a correction is not undone)."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("r", prompt_tokens=100, max_tokens=500, user_id="u"))
+    assert policy.pop(SNAP) is not None  # charged 100 + 2 x 256
+    policy.on_complete(make_completion_record("r", completion_tokens=0))
+    assert policy.counters() == {"u": 100.0}
+    policy.push(make_request_info("s", prompt_tokens=1, max_tokens=1, user_id="u"))
+    assert policy.counters() == {"u": 100.0}
+
+
+def test_requests_without_a_user_share_one_anonymous_user() -> None:
+    policy = FairSharePolicy()
+    for n in range(3):
+        policy.push(make_request_info(f"anon{n}", arrival=n))
+    policy.push(make_request_info("named", arrival=9.0, user_id="u"))
+    assert pop_all(policy) == ["anon0", "named", "anon1", "anon2"]
+    assert set(policy.counters()) == {ANONYMOUS, "u"}
+
+
+def test_a_user_whose_model_cannot_start_does_not_hold_back_the_others() -> None:
+    policy = FairSharePolicy()
+    policy.push(make_request_info("other-model", model="other", arrival=0.0, user_id="a"))
+    policy.push(make_request_info("ours", arrival=1.0, user_id="b"))
+    assert pop_all(policy, make_snapshot([make_instance_view("i0")], now=2.0)) == ["ours"]
+    assert len(policy) == 1
+
+
+def test_drain_returns_every_queued_request_and_leaves_no_user_waiting() -> None:
+    policy = FairSharePolicy()
+    for n in range(2):
+        policy.push(make_request_info(f"a{n}", arrival=n, user_id="a"))
+        policy.push(make_request_info(f"b{n}", arrival=n + 0.5, user_id="b"))
+    assert {r.request_id for r in policy.drain()} == {"a0", "a1", "b0", "b1"}
+    assert len(policy) == 0
+    assert policy.describe()["state"]["users_waiting"] == 0  # type: ignore[index]
+    policy.push(make_request_info("again", user_id="a"))
+    assert pop_all(policy) == ["again"]
+
+
+def test_users_with_nothing_queued_or_running_are_forgotten() -> None:
+    """Ten thousand one-off users leave a bounded number of counters behind."""
+    policy = FairSharePolicy()
+    for n in range(10_000):
+        req = make_request_info(f"r{n}", arrival=float(n), user_id=f"user{n}")
+        policy.push(req)
+        assert policy.pop(SNAP) == req
+        policy.on_complete(make_completion_record(f"r{n}", completion_tokens=50))
+    assert len(policy.counters()) <= 128
+
+
+@pytest.mark.parametrize("field", ["prompt_weight", "output_weight", "default_output_tokens"])
+def test_weights_and_the_default_output_must_be_positive(field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        FairSharePolicy.Params(**{field: 0.0})
+
+
+def test_through_the_control_plane_a_light_user_waits_behind_one_heavy_request_only() -> None:
+    """One instance that runs one request at a time; a heavy user's five requests queue,
+    then a light user's one: under ``fair`` it starts after the heavy request running, not
+    after all five (under ``fifo``, after all five)."""
+
+    async def main(policy: str) -> list[str]:
+        cp = ControlPlaneManager(scheduling_policy=policy, mode="simulated")
+        cp.register_instance(make_instance("i0", max_concurrent_requests=1))
+        ended: list[str] = []
+
+        async def wait(request_id: str) -> RequestStatus:
+            result = await cp.wait_for_result(request_id)
+            ended.append(request_id)
+            return result.status
+
+        async with cp:
+            ids = [
+                await cp.submit_request(make_metadata(f"heavy{n}", user_id="heavy"))
+                for n in range(5)
+            ]
+            await asyncio.sleep(0.001)
+            ids.append(await cp.submit_request(make_metadata("light", user_id="light")))
+            statuses = await asyncio.gather(*(wait(rid) for rid in ids))
+        assert statuses == [RequestStatus.COMPLETED] * 6
+        return ended
+
+    assert run_virtual(main("fair"))[:2] == ["heavy0", "light"]
+    assert run_virtual(main("fifo"))[-1] == "light"
