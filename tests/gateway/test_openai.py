@@ -159,6 +159,10 @@ def test_headers_win_over_body_fields() -> None:
     assert meta.slo_deadline_ms == 250.0
     assert meta.session_id == "sess-9"
     assert meta.user_id == "body-user"
+    by_header = _parse(body, {"x-sage-user": " tenant-a "}).meta
+    assert (by_header.user_id, by_header.session_id) == ("tenant-a", "tenant-a")
+    assert by_header.extra_body["user"] == "body-user"  # the engine gets the client's own
+    assert _parse(body, {"x-sage-user": ""}).meta.user_id == "body-user"
     body_only = _parse(body).meta
     assert body_only.priority is RequestPriority.LOW
     assert body_only.slo_deadline_ms == 5000

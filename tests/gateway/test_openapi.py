@@ -294,5 +294,5 @@ def test_every_429_and_503_documents_its_retry_after_header() -> None:
 def test_generation_routes_document_the_optional_sage_headers(path: str) -> None:
     params = build_openapi()["paths"][path]["post"]["parameters"]
     headers = {p["name"]: p for p in params if p["in"] == "header"}
-    for name in ("x-request-id", "x-sage-priority", "x-sage-slo-ms", "x-session-id"):
+    for name in ("x-request-id", "x-sage-priority", "x-sage-slo-ms", "x-sage-user", "x-session-id"):
         assert headers[name]["required"] is False, name

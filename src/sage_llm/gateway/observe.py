@@ -49,7 +49,7 @@ PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 400: a load balancer's probe or a scrape must not fail on it."""
 _CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, X-Sage-Priority, X-Sage-Slo-Ms, "
-    "X-Sage-Cost-Budget, X-Session-Id"
+    "X-Sage-Cost-Budget, X-Sage-User, X-Session-Id"
 )
 """The headers a preflight allows when it names none (those it names are allowed: the
 OpenAI SDKs' own ``x-stainless-*`` included)."""

@@ -5,9 +5,9 @@ Request bodies are validated with the models of :mod:`sage_llm.gateway.schemas` 
 :class:`~sage_llm.types.RequestMetadata`. Fields the gateway does not consume (``n``,
 ``logprobs``, ``seed``, unknown ones …) reach the engine unchanged through
 ``RequestMetadata.extra_body``; the sage-llm fields ``priority``, ``slo_deadline_ms`` and
-``cost_budget`` do not. Priority, SLO, cost budget and session may also come from the
-``x-sage-priority``, ``x-sage-slo-ms``, ``x-sage-cost-budget`` and ``x-session-id`` headers,
-which win over the body.
+``cost_budget`` do not. Priority, SLO, cost budget, user and session may also come from
+the ``x-sage-priority``, ``x-sage-slo-ms``, ``x-sage-cost-budget``, ``x-sage-user`` and
+``x-session-id`` headers, which win over the body.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ PRIORITY_HEADER = "x-sage-priority"
 SLO_HEADER = "x-sage-slo-ms"
 BUDGET_HEADER = "x-sage-cost-budget"
 SESSION_HEADER = "x-session-id"
+USER_HEADER = "x-sage-user"
 
 CONSUMED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
@@ -437,7 +438,8 @@ def parse_generation(
         slo_ms = _slo_header(given)
     if (given := headers.get(BUDGET_HEADER)) is not None:
         budget = _budget_header(given)
-    user = user or None  # OpenAI takes an empty user: no user, no session
+    # OpenAI takes an empty user: no user, no session; a proxy's header wins over the body
+    user = headers.get(USER_HEADER, "").strip() or user or None
     session = headers.get(SESSION_HEADER, "").strip() or user
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if stream and (given := body.get("stream_options")):  # its other fields go on unchanged

@@ -178,6 +178,12 @@ _GENERATION_HEADERS = [
         {"type": "string", "pattern": f"^({_NUMBER}|{_NEGATIVE_ZERO})$"},
     ),
     _header(
+        "x-sage-user",
+        "The user the fair policy shares the fleet among (and the session, without "
+        "x-session-id); wins over the body's user, which still goes to the engine.",
+        {"type": "string"},
+    ),
+    _header(
         "x-session-id",
         "Session id for affinity routing (else the body's user).",
         {"type": "string"},
