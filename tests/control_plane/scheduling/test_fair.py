@@ -96,6 +96,22 @@ def test_a_request_put_back_is_given_its_charge_back() -> None:
     assert policy.counters() == {"u": 200.0}
 
 
+def test_a_request_put_back_keeps_its_users_place() -> None:
+    """Put back, a user's only request is not a return from time away: its user is not
+    lifted to the others' counters (it would lose the turn it had)."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("b0", arrival=0, prompt_tokens=100, user_id="b"))
+    policy.push(make_request_info("b1", arrival=1, prompt_tokens=100, user_id="b"))
+    assert policy.pop(SNAP) is not None  # b0: b at 200
+    policy.push(make_request_info("a0", arrival=2, prompt_tokens=10, max_tokens=10, user_id="a"))
+    assert policy.counters() == {"a": 200.0, "b": 200.0}
+    a0 = policy.pop(SNAP)  # a0 wins the tie (a never served)
+    assert a0 is not None and a0.request_id == "a0"
+    policy.push(a0)  # no instance could take it after all
+    assert policy.counters() == {"a": 200.0, "b": 200.0}
+    assert pop_all(policy) == ["a0", "b1"]
+
+
 def test_a_returning_user_gets_no_credit_for_its_time_away() -> None:
     """An idle user rejoins at the lowest counter of those waiting, not at its old one
     (which would let it run alone until it caught up)."""

@@ -25,7 +25,8 @@ engine's own first-come-first-served queue decides instead. Priorities and deadl
 not read (the queue's users are its classes).
 
 A request put back in the queue (no instance could take it after all, or a failed attempt
-to be retried) has its charge given back; it is charged again when it starts again.
+to be retried) has its charge given back, and its user its place (it is not a user
+rejoining); it is charged again when it starts again.
 
 Costs: ``push`` O(log n), plus O(users waiting) when its user rejoins; ``pop`` compares the
 head of each waiting user's lane, O(users waiting). Memory: a user is forgotten once it has
@@ -93,8 +94,9 @@ class FairSharePolicy(QueuedPolicy):
         self._by_lane: dict[int, _Flow] = {}
         self._free_lanes: list[int] = []
         self._next_lane = 0
-        self._charged: dict[str, tuple[_Flow, float, float]] = {}
-        """Requests started and not ended: (flow, charge, expected output tokens)."""
+        self._charged: dict[str, tuple[_Flow, float, float, int]] = {}
+        """Requests started and not ended: (flow, charge, expected output tokens, when the
+        flow had been served before)."""
         self._last = _Flow(0.0, -1)
         """The user whose request started last: where its counter is now (the charge and
         any correction since included) is where a user rejoins when no other waits."""
@@ -130,8 +132,9 @@ class FairSharePolicy(QueuedPolicy):
         charged = self._charged.pop(req.request_id, None)
         if charged is not None:  # started, then put back: not served after all
             flow.counter -= charged[1]
+            flow.served = charged[3]
             flow.running -= 1
-        if not flow.queued:  # it rejoins: no credit for the time it was away
+        elif not flow.queued:  # it rejoins: no credit for the time it was away
             waiting = [f.counter for f in self._flows.values() if f.queued]
             flow.counter = max(flow.counter, min(waiting) if waiting else self._last.counter)
         super().push(req)
@@ -148,11 +151,11 @@ class FairSharePolicy(QueuedPolicy):
         expected = min(float(req.max_tokens), expected)
         charge = p.prompt_weight * req.prompt_tokens + p.output_weight * expected
         flow.counter += charge
+        self._charged[req.request_id] = (flow, charge, expected, flow.served)
         flow.served = self._starts
         self._starts += 1
         self._last = flow
         flow.running += 1
-        self._charged[req.request_id] = (flow, charge, expected)
         return req
 
     def remove(self, request_id: str) -> RequestInfo | None:
@@ -172,7 +175,7 @@ class FairSharePolicy(QueuedPolicy):
         charged = self._charged.pop(record.request_id, None)
         if charged is None:  # ended while queued, or started under another policy
             return
-        flow, _charge, expected = charged
+        flow, _charge, expected, _served = charged
         tokens = float(record.completion_tokens)
         flow.counter += self.params.output_weight * (tokens - expected)
         flow.running -= 1
