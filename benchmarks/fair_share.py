@@ -5,7 +5,7 @@ the fleet serves them) and eight light users (chat: short prompts and answers, a
 second between them). Under ``fifo`` every request queues behind the heavy user's
 backlog; under ``fair`` (a virtual token counter per user, policies.md) a light user's
 request starts ahead of it, and the heavy user gets what the others leave. The same
-seeded workload runs three ways, side by side, on 2 simulated L40S serving Llama-3-8B
+seeded workload runs four ways, side by side, on 2 simulated L40S serving Llama-3-8B
 (``load_balanced`` routing):
 
 * ``fifo, cap --open-cap`` (256): each engine takes more requests at once
@@ -13,7 +13,9 @@ seeded workload runs three ways, side by side, on 2 simulated L40S serving Llama
   first come first served, whatever the control plane's policy;
 * ``fifo, cap --cap`` (96, about what an engine's KV cache holds for these requests):
   requests wait in the control plane, in arrival order;
-* ``fair, cap --cap``: they wait in the control plane, a share per user.
+* ``fair, cap --cap``: they wait in the control plane, a share per user;
+* ``adaptive, cap --cap``: the default policy, which switches to ``fair`` when one user
+  sent most of the recent requests and they queue.
 
 Everything runs on virtual time, so the figures are exact and repeatable.
 
@@ -85,6 +87,7 @@ def setups(cap: int, open_cap: int) -> list[tuple[str, str, int]]:
         (f"fifo, cap {open_cap}", "fifo", open_cap),
         (f"fifo, cap {cap}", "fifo", cap),
         (f"fair, cap {cap}", "fair", cap),
+        (f"adaptive, cap {cap}", "adaptive", cap),
     ]
 
 

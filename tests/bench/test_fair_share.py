@@ -50,16 +50,18 @@ def test_under_overload_fair_starts_the_light_users_requests_first(script: Modul
     assert heavy_tokens["fair"] == heavy_tokens["fifo"]  # every request answered in full
 
 
-def test_main_prints_three_setups_for_both_user_classes(
+def test_main_prints_four_setups_for_both_user_classes(
     script: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--duration-s", "3", "--heavy-rate", "2", "--cap", "4", "--open-cap", "8"]
     assert script.main(argv) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| f")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith(("| f", "| a"))]
     assert [row.split(" | ")[:2] for row in rows] == [
         ["| fifo, cap 8", "light"], ["| fifo, cap 8", "heavy"],
         ["| fifo, cap 4", "light"], ["| fifo, cap 4", "heavy"],
         ["| fair, cap 4", "light"], ["| fair, cap 4", "heavy"],
+        ["| adaptive, cap 4", "light"], ["| adaptive, cap 4", "heavy"],
     ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import pytest
 from sage_llm import ControlPlaneManager
 from sage_llm.control_plane.scheduling.adaptive import AdaptivePolicy
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
+from sage_llm.control_plane.scheduling.fair import FairSharePolicy
 from sage_llm.control_plane.snapshot import (
     PAIR_VIEW_PREFIX,
     ClusterSnapshot,
@@ -229,6 +230,72 @@ def test_mixed_priorities_under_overload_switch_to_priority() -> None:
     assert "1.50x" in str(info["reason"])
     assert "(30 waiting / 20 slots; 30 queued, 0 slots free)" in str(info["reason"])
     assert {r.request_id for r in policy.drain()} == set(ids)
+
+
+def push_flood(policy: AdaptivePolicy, heavy: int, light: int) -> list[str]:
+    """``heavy`` requests of one user, then ``light`` of ``light`` other users."""
+    ids = []
+    for k in range(heavy):
+        policy.push(make_request_info(f"h{k}", arrival=k * 0.01, user_id="heavy"))
+        ids.append(f"h{k}")
+    for k in range(light):
+        policy.push(make_request_info(f"l{k}", arrival=1.0 + k * 0.01, user_id=f"light{k}"))
+        ids.append(f"l{k}")
+    return ids
+
+
+def test_one_users_flood_under_overload_switches_to_fair_and_back_once_it_drains() -> None:
+    policy = AdaptivePolicy()
+    ids = push_flood(policy, 24, 6)  # 30 queued / 20 slots; one user sent 80%
+    tick(policy, 0.0, 2.0)
+    info = policy.describe()
+    assert info["current"] == "fair"
+    assert "one user sent 80% of the recent requests (of 7 users)" in str(info["reason"])
+    signals = info["state"]["signals"]  # type: ignore[index]
+    assert (signals["top_user_share"], signals["users"]) == (0.8, 7)
+    # the light users' requests start first: each user's counter is 0, the heavy one's
+    # grows with each start
+    started = [policy.pop(make_snapshot(2, now=3.0)) for _ in range(8)]
+    assert [r.request_id for r in started if r is not None][:7] == [
+        "h0", "l0", "l1", "l2", "l3", "l4", "l5",
+    ]  # fmt: skip
+    rest = {r.request_id for r in policy.drain()}
+    assert rest | {r.request_id for r in started if r is not None} == set(ids)
+    tick(policy, 4.0, 7.0)  # nothing queued: light load
+    assert policy.current == "fifo"
+
+
+def test_many_users_alike_or_a_single_user_do_not_switch_to_fair() -> None:
+    """A flood needs others to hold back: one user alone (every request its own) or
+    users sending alike keep arrival order."""
+    alone = AdaptivePolicy()
+    for k in range(30):
+        alone.push(make_request_info(f"r{k}", arrival=k * 0.01, user_id="only"))
+    tick(alone, 0.0, 3.0)
+    assert alone.current == "fifo"
+    alike = AdaptivePolicy()
+    for k in range(30):
+        alike.push(make_request_info(f"r{k}", arrival=k * 0.01, user_id=f"u{k % 2}"))
+    tick(alike, 0.0, 3.0)
+    assert alike.current == "fifo"
+    assert alike.describe()["state"]["signals"]["top_user_share"] == 0.5  # type: ignore[index]
+
+
+def test_leaving_fair_forgets_its_running_requests() -> None:
+    """Requests started under ``fair`` end under the next policy: ``fair`` keeps no charge
+    of them waiting for an end it will not be told of."""
+    policy = AdaptivePolicy()
+    push_flood(policy, 24, 6)
+    tick(policy, 0.0, 2.0)
+    assert policy.current == "fair"
+    fair = policy._inner["fair"]
+    assert isinstance(fair, FairSharePolicy)
+    while policy.pop(make_snapshot(2, now=2.5)) is not None:
+        pass
+    assert fair.describe()["state"]["queued"] == 0  # type: ignore[index]
+    tick(policy, 3.0, 6.0)  # nothing queued: light load
+    assert policy.current == "fifo"
+    assert not fair._charged
 
 
 def test_priority_stays_while_load_oscillates_inside_the_band() -> None:

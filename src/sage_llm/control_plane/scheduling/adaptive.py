@@ -1,4 +1,4 @@
-"""``adaptive``: switches among the other four policies from what it observes.
+"""``adaptive``: switches among the other five policies from what it observes.
 
 Signals, computed in ``pop`` and :meth:`AdaptivePolicy.tick` (which the control plane calls
 every ``eval_interval_s``, so the rule also sees a queue that has emptied and traffic that
@@ -16,7 +16,10 @@ has stopped) at most once per ``eval_interval_s`` of ``snap.now``:
   (None until ``min_samples`` such completions);
 * ``deadline_share`` / ``priority_share`` / ``cost_share`` — among the last ``window``
   pushed requests, the share with a deadline / with a priority other than NORMAL / with a
-  cost budget.
+  cost budget;
+* ``top_user_share`` / ``users`` — among the same requests, the share of the user who sent
+  the most (``user_id``; those without one count as one anonymous user), and how many
+  users sent them.
 
 Rule, first match wins (``t`` = ``slo_target``, ``m`` = ``slo_margin``):
 
@@ -26,10 +29,14 @@ Rule, first match wins (``t`` = ``slo_target``, ``m`` = ``slo_margin``):
    deadlines are best ordered by them once they wait.
 2. ``priority`` when ``priority_share`` reaches its threshold and ``load >= overload``;
    once in ``priority`` it stays while ``load > light_load``.
-3. ``cost_optimized`` when ``cost_share`` reaches its threshold and ``load <= light_load``;
+3. ``fair`` when at least two users sent the recent requests, one of them
+   ``top_user_share >= user_share`` of them, and ``load >= overload``; once in ``fair``
+   it stays while ``load > light_load``: one user's flood would hold back the others'
+   requests in arrival order.
+4. ``cost_optimized`` when ``cost_share`` reaches its threshold and ``load <= light_load``;
    once in it, it stays while ``load < overload``.
-4. ``fifo`` when ``load <= light_load`` (light load, SLOs fine or not deadline-driven).
-5. otherwise keep the current policy.
+5. ``fifo`` when ``load <= light_load`` (light load, SLOs fine or not deadline-driven).
+6. otherwise keep the current policy.
 
 Hysteresis: besides the bands above, a switch happens only when the rule has named the
 same new policy at every evaluation for ``min_dwell_s`` and at least ``min_dwell_s`` have
@@ -55,6 +62,7 @@ from sage_llm.control_plane.scheduling._params import (
 from sage_llm.control_plane.scheduling._queue import EPS, QueuedPolicy
 from sage_llm.control_plane.scheduling.base import Admission
 from sage_llm.control_plane.scheduling.cost_optimized import CostOptimizedPolicy
+from sage_llm.control_plane.scheduling.fair import ANONYMOUS, FairSharePolicy
 from sage_llm.control_plane.scheduling.fifo import FIFOPolicy
 from sage_llm.control_plane.scheduling.priority import PriorityPolicy
 from sage_llm.control_plane.scheduling.slo_aware import SLOAwarePolicy
@@ -67,7 +75,7 @@ from sage_llm.control_plane.snapshot import (
 from sage_llm.errors import ConfigError
 from sage_llm.types import ExecutionInstanceType, RequestPriority
 
-INNER_POLICIES = ("fifo", "priority", "slo_aware", "cost_optimized")
+INNER_POLICIES = ("fifo", "priority", "slo_aware", "cost_optimized", "fair")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,10 @@ class Signals:
     cost_share: float
     running: int = 0
     """Requests (and PD legs) running on the fleet's instances."""
+    top_user_share: float = 0.0
+    """The share of the recent requests sent by the user who sent the most."""
+    users: int = 0
+    """How many users sent the recent requests."""
 
 
 _DEMOTED_KEPT = 4096
@@ -112,7 +124,8 @@ kept an idle control plane busy on a whole core (and a simulation from ending)."
 
 
 class AdaptivePolicy:
-    """Runs one of fifo / priority / slo_aware / cost_optimized; see the module docstring."""
+    """Runs one of fifo / priority / slo_aware / cost_optimized / fair; see the module
+    docstring."""
 
     name = "adaptive"
 
@@ -120,7 +133,7 @@ class AdaptivePolicy:
     class Params:
         """Thresholds of the switch rule (module docstring)."""
 
-        initial: Literal["fifo", "priority", "slo_aware", "cost_optimized"] = "fifo"
+        initial: Literal["fifo", "priority", "slo_aware", "cost_optimized", "fair"] = "fifo"
         eval_interval_s: float = 1.0
         min_dwell_s: float = 2.0
         window: int = 200
@@ -132,6 +145,7 @@ class AdaptivePolicy:
         deadline_share: float = 0.3
         priority_share: float = 0.2
         cost_share: float = 0.2
+        user_share: float = 0.6
 
         def __post_init__(self) -> None:
             check_choice("initial", self.initial, INNER_POLICIES)
@@ -152,6 +166,7 @@ class AdaptivePolicy:
             for key in ("slo_target", "slo_margin", "deadline_share", "priority_share"):
                 check_fraction(key, getattr(self, key))
             check_fraction("cost_share", self.cost_share)
+            check_fraction("user_share", self.user_share)
             check_non_negative("light_load", self.light_load)
             check_positive("overload", self.overload, allow_inf=False)
             if self.light_load >= self.overload:
@@ -167,6 +182,7 @@ class AdaptivePolicy:
             "priority": PriorityPolicy(),
             "slo_aware": SLOAwarePolicy(),
             "cost_optimized": CostOptimizedPolicy(),
+            "fair": FairSharePolicy(),
         }
         self._current: str = p.initial
         self._reason = f"initial policy {p.initial}; no load observed yet"
@@ -178,11 +194,13 @@ class AdaptivePolicy:
         self._signals: Signals | None = None
         self._slo: deque[bool] = deque(maxlen=p.window)
         self._slo_met = 0
-        self._mix: deque[tuple[str, tuple[bool, bool, bool]]] = deque(maxlen=p.window)
+        self._mix: deque[tuple[str, tuple[bool, bool, bool], str]] = deque(maxlen=p.window)
         self._mix_ids: dict[str, None] = {}
         """The ids in ``_mix``: a request pushed again while in the window is not counted
         again."""
         self._mix_counts = [0, 0, 0]
+        self._user_counts: dict[str, int] = {}
+        """Requests in ``_mix`` by user (only users with some: at most ``window``)."""
         self._demoted_mix: dict[str, tuple[bool, bool, bool]] = {}
         """The mix of requests the inner policy demoted at admission, until pushed."""
         self._history: deque[dict[str, object]] = deque(maxlen=16)
@@ -212,15 +230,22 @@ class AdaptivePolicy:
         if rid in self._mix_ids:  # pushed again (a retry, a request put back): counted
             return
         mix = self._demoted_mix.pop(rid, None) or _mix_of(req)
+        users = self._user_counts
         if len(self._mix) == self._mix.maxlen:
-            old_id, old = self._mix[0]
+            old_id, old, old_user = self._mix[0]
             self._mix_ids.pop(old_id, None)
             for n in range(3):
                 self._mix_counts[n] -= old[n]
-        self._mix.append((rid, mix))
+            if users[old_user] == 1:
+                del users[old_user]
+            else:
+                users[old_user] -= 1
+        user = req.user_id or ANONYMOUS
+        self._mix.append((rid, mix, user))
         self._mix_ids[rid] = None
         for n in range(3):
             self._mix_counts[n] += mix[n]
+        users[user] = users.get(user, 0) + 1
 
     def pop(self, snap: ClusterSnapshot) -> RequestInfo | None:
         self._maybe_switch(snap)
@@ -298,9 +323,11 @@ class AdaptivePolicy:
         attainment = self._slo_met / samples if samples >= self.params.min_samples else None
         arrivals = max(1, len(self._mix))
         d, pr, c = (n / arrivals for n in self._mix_counts)
+        users = self._user_counts
+        top = max(users.values(), default=0) / arrivals
         return Signals(
             snap.now, queued, free, waiting, capacity, load, attainment, samples, d, pr, c,
-            running,
+            running, top, len(users),
         )  # fmt: skip
 
     def _maybe_switch(self, snap: ClusterSnapshot) -> None:
@@ -367,6 +394,12 @@ class AdaptivePolicy:
                 f"{self._band('overload', load, sig.load)} and {sig.priority_share:.0%} of "
                 f"recent requests have a non-NORMAL priority"
             )
+        flooded = sig.users >= 2 and sig.top_user_share >= p.user_share
+        if flooded and self._loaded(sig.load, holding=cur == "fair"):
+            return "fair", (
+                f"{self._band('requests queue', load, sig.load)} and one user sent "
+                f"{sig.top_user_share:.0%} of the recent requests (of {sig.users} users)"
+            )
         light = sig.load < p.overload if cur == "cost_optimized" else sig.load <= p.light_load
         if sig.cost_share >= p.cost_share and light:
             if sig.load <= p.light_load:
@@ -407,6 +440,8 @@ class AdaptivePolicy:
 
     def _switch(self, target: str, why: str, snap: ClusterSnapshot) -> None:
         old, new = self._policy, self._inner[target]
+        if isinstance(old, FairSharePolicy):  # its running requests end under another now
+            old.forget_running()
         new.observe(snap)
         # pushed in the order they came to it (not in the old rule's), so that the new
         # rule breaks its ties as it would have (fifo: submission order)

@@ -184,6 +184,14 @@ class FairSharePolicy(QueuedPolicy):
         else:
             flow.expected_output += _OUTPUT_ALPHA * (tokens - flow.expected_output)
 
+    def forget_running(self) -> None:
+        """Forget the requests started and not ended: they will end under another policy
+        (``adaptive`` calls this as it switches away), so their charges stand as made,
+        uncorrected."""
+        for flow, _charge, _expected, _served in self._charged.values():
+            flow.running -= 1
+        self._charged.clear()
+
     def _sweep(self) -> None:
         """Forget the users with nothing queued or running whose counter is no higher than
         where a returning user rejoins (they would be lifted there); the next sweep comes
