@@ -37,10 +37,9 @@ import argparse
 import sys
 from collections.abc import Iterable, Sequence
 
-import numpy as np
-
 from sage_llm.bench.cli_args import at_least, open_loop_args
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
+from sage_llm.bench.report import latency_cells
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.bench.workloads import Workload, synthetic, with_priorities
 from sage_llm.types import ExecutionInstance, RequestPriority
@@ -111,11 +110,8 @@ def rows(label: str, measurements: Iterable[RequestMeasurement]) -> list[str]:
         if not ttft:
             out.append(f"| {label} | {priority.name} | 0/{count} | – | – | – | – |")
             continue
-        t50, t99 = np.percentile(ttft, [50, 99])
-        e50, e99 = np.percentile(e2e, [50, 99])
         out.append(
-            f"| {label} | {priority.name} | {len(ttft)}/{count} | {t50:.2f} | {t99:.2f} "
-            f"| {e50:.1f} | {e99:.1f} |"
+            f"| {label} | {priority.name} | {len(ttft)}/{count} | {latency_cells(ttft, e2e)} |"
         )
     return out
 

@@ -39,10 +39,9 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-import numpy as np
-
 from sage_llm.bench.cli_args import above, at_least
 from sage_llm.bench.inprocess import Preset, RunResult, run_preset
+from sage_llm.bench.report import latency_cells
 from sage_llm.bench.stats import RequestMeasurement
 from sage_llm.bench.workloads import Workload, synthetic
 from sage_llm.types import ExecutionInstance
@@ -118,11 +117,9 @@ def rows(label: str, measurements: Iterable[RequestMeasurement]) -> list[str]:
         e2e = [m.end_s - m.arrival_s for m in done]
         span = max(m.end_s for m in done) - min(m.arrival_s for m in done)
         rate = sum(m.output_tokens for m in done) / span if span > 0 else 0.0
-        t50, t99 = np.percentile(ttft, [50, 99])
-        e50, e99 = np.percentile(e2e, [50, 99])
         out.append(
-            f"| {label} | {name} | {len(done)}/{len(ms)} | {t50:.2f} | {t99:.2f} "
-            f"| {e50:.1f} | {e99:.1f} | {rate:,.0f} |"
+            f"| {label} | {name} | {len(done)}/{len(ms)} | {latency_cells(ttft, e2e)} "
+            f"| {rate:,.0f} |"
         )
     return out
 

@@ -20,6 +20,7 @@ from sage_llm.bench.report import (
     check_out_dir,
     check_out_file,
     goodput_curves,
+    latency_cells,
     report_console,
     summary_table,
     target_check,
@@ -278,3 +279,9 @@ def test_the_report_is_160_columns_wide_when_output_is_not_a_terminal(
 ) -> None:
     monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file or a pipe, not a terminal
     assert report_console().width == 160
+
+
+def test_latency_cells_give_ttft_and_e2e_percentiles_as_table_cells() -> None:
+    ttft = [0.1 * n for n in range(1, 101)]
+    assert latency_cells(ttft, [10.0] * 100) == "5.05 | 9.90 | 10.0 | 10.0"
+    assert latency_cells([0.25], [3.0]) == "0.25 | 0.25 | 3.0 | 3.0"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
@@ -39,6 +40,7 @@ __all__ = [
     "cdf_points",
     "fitted_table",
     "goodput_curves",
+    "latency_cells",
     "report_console",
     "summary_table",
     "target_check",
@@ -128,6 +130,14 @@ def check_out_file(path: Path) -> None:
     if blocker is not None:
         raise ConfigError(f"{blocker} is a file, not a folder", key="out")
     _write_check(path, str(path))
+
+
+def latency_cells(ttft_s: Sequence[float], e2e_s: Sequence[float]) -> str:
+    """``TTFT p50 | p99 | E2E p50 | p99`` of a markdown table row, in seconds (two decimals
+    for TTFT, one for E2E), of non-empty samples: the benchmark scripts' per-class rows."""
+    t50, t99 = np.percentile(ttft_s, [50, 99])
+    e50, e99 = np.percentile(e2e_s, [50, 99])
+    return f"{t50:.2f} | {t99:.2f} | {e50:.1f} | {e99:.1f}"
 
 
 def report_console(width: int = 160) -> Console:
