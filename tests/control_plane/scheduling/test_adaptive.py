@@ -295,7 +295,7 @@ def test_leaving_fair_forgets_its_running_requests() -> None:
     assert fair.describe()["state"]["queued"] == 0  # type: ignore[index]
     tick(policy, 3.0, 6.0)  # nothing queued: light load
     assert policy.current == "fifo"
-    assert not fair._charged
+    assert not fair._started
 
 
 def test_priority_stays_while_load_oscillates_inside_the_band() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -96,20 +97,31 @@ def test_a_request_put_back_is_given_its_charge_back() -> None:
     assert policy.counters() == {"u": 200.0}
 
 
-def test_a_request_put_back_keeps_its_users_place() -> None:
-    """Put back, a user's only request is not a return from time away: its user is not
-    lifted to the others' counters (it would lose the turn it had)."""
+@pytest.mark.parametrize("seed", range(5))
+def test_requests_put_back_after_a_pass_leave_every_user_as_before(seed: int) -> None:
+    """A dispatch pass may pop several requests, some of one user, and put them all back
+    (in the order it popped them): counters, turns and the order to come are as before."""
+    rng = random.Random(seed)
     policy = FairSharePolicy()
-    policy.push(make_request_info("b0", arrival=0, prompt_tokens=100, user_id="b"))
-    policy.push(make_request_info("b1", arrival=1, prompt_tokens=100, user_id="b"))
-    assert policy.pop(SNAP) is not None  # b0: b at 200
-    policy.push(make_request_info("a0", arrival=2, prompt_tokens=10, max_tokens=10, user_id="a"))
-    assert policy.counters() == {"a": 200.0, "b": 200.0}
-    a0 = policy.pop(SNAP)  # a0 wins the tie (a never served)
-    assert a0 is not None and a0.request_id == "a0"
-    policy.push(a0)  # no instance could take it after all
-    assert policy.counters() == {"a": 200.0, "b": 200.0}
-    assert pop_all(policy) == ["a0", "b1"]
+    policy.push(make_request_info("x0", user_id="x"))
+    assert policy.pop(SNAP) is not None  # a start before: turns are not all 0
+    for n in range(12):
+        user = rng.choice("abc")
+        policy.push(
+            make_request_info(
+                f"{user}{n}", arrival=n, prompt_tokens=rng.randint(1, 500), user_id=user
+            )
+        )
+    before = ({u: f.counter for u, f in policy._flows.items()},
+              {u: f.served for u, f in policy._flows.items()})  # fmt: skip
+    popped = [policy.pop(SNAP) for _ in range(rng.randint(2, 8))]
+    for req in popped:
+        assert req is not None
+        policy.push(req)
+    after = ({u: f.counter for u, f in policy._flows.items()},
+             {u: f.served for u, f in policy._flows.items()})  # fmt: skip
+    assert after == before
+    assert not policy._started or set(policy._started) == {"x0"}
 
 
 def test_a_returning_user_gets_no_credit_for_its_time_away() -> None:
@@ -129,9 +141,9 @@ def test_a_returning_user_gets_no_credit_for_its_time_away() -> None:
             make_request_info(f"a{n}", arrival=8 + n, prompt_tokens=10, max_tokens=10, user_id="a")
         )
     assert policy.counters()["a"] == 230.0  # lifted to b's, the only one waiting, not 30
-    # a1 wins the tie (a was served less recently), then b1 (230) before a2 (260); from
+    # b1 wins the tie (a joined after it waited), then a1 (230) before a2 (260); from
     # 30, a would have run both of its requests first
-    assert pop_all(policy)[:3] == ["a1", "b1", "a2"]
+    assert pop_all(policy)[:3] == ["b1", "a1", "a2"]
 
 
 def test_a_returning_user_keeps_the_work_it_was_charged_for() -> None:
@@ -207,10 +219,11 @@ def test_weights_and_the_default_output_must_be_positive(field: str) -> None:
         FairSharePolicy.Params(**{field: 0.0})
 
 
-def test_through_the_control_plane_a_light_user_waits_behind_one_heavy_request_only() -> None:
+def test_through_the_control_plane_a_light_user_waits_behind_one_queued_heavy_request() -> None:
     """One instance that runs one request at a time; a heavy user's five requests queue,
-    then a light user's one: under ``fair`` it starts after the heavy request running, not
-    after all five (under ``fifo``, after all five)."""
+    then a light user's one: under ``fair`` it joins at the heavy user's counter, and
+    starts after the heavy request running and the one it ties with, not after all five
+    (under ``fifo``, after all five)."""
 
     async def main(policy: str) -> list[str]:
         cp = ControlPlaneManager(scheduling_policy=policy, mode="simulated")
@@ -233,5 +246,82 @@ def test_through_the_control_plane_a_light_user_waits_behind_one_heavy_request_o
         assert statuses == [RequestStatus.COMPLETED] * 6
         return ended
 
-    assert run_virtual(main("fair"))[:2] == ["heavy0", "light"]
+    assert run_virtual(main("fair"))[:3] == ["heavy0", "heavy1", "light"]
     assert run_virtual(main("fifo"))[-1] == "light"
+
+
+def test_a_newcomer_joins_at_the_lowest_waiting_counter_not_at_the_last_started() -> None:
+    """Right after a costly start, a new user joins where the users still waiting are,
+    not at the heavy counter of the user just served."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("a-big", prompt_tokens=8000, max_tokens=10, user_id="a"))
+    for n in range(5):
+        policy.push(
+            make_request_info(f"b{n}", arrival=1 + n, prompt_tokens=10, max_tokens=10, user_id="b")
+        )
+    assert policy.pop(SNAP) is not None  # a-big: a at 8,020, b waits at 0
+    policy.push(make_request_info("new", arrival=9, prompt_tokens=10, max_tokens=10, user_id="n"))
+    assert policy.counters()["n"] == 0.0
+    assert pop_all(policy)[:4] == ["b0", "new", "b1", "b2"]
+
+
+def test_a_stream_of_newcomers_cannot_keep_a_waiting_user_waiting() -> None:
+    """Each newcomer joins at the waiting user's counter, after it: the waiting user's
+    request starts next."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("w0", arrival=0, user_id="w"))
+    policy.push(make_request_info("w1", arrival=0.5, user_id="w"))
+    assert policy.pop(SNAP) is not None  # w0
+    for n in range(20):
+        policy.push(make_request_info(f"n{n}", arrival=1 + n, user_id=f"new{n}"))
+        started = policy.pop(SNAP)
+        assert started is not None
+        if started.request_id == "w1":
+            break
+    else:
+        pytest.fail("w1 never started")
+    assert n <= 1
+
+
+def test_a_user_waiting_on_a_model_that_cannot_start_does_not_set_the_level() -> None:
+    """A request parked on a model with no free instance does not hold newcomers at its
+    user's counter (they would get credit for all the work done since); its user keeps
+    its counter, for that model's instances."""
+    policy = FairSharePolicy()
+    up = make_snapshot(1, now=1.0)  # serves MODEL only
+    policy.push(make_request_info("parked", model="other", arrival=0, user_id="x"))
+    for n in range(10):
+        policy.push(make_request_info(f"b{n}", arrival=1 + n, prompt_tokens=100, user_id="b"))
+    for _ in range(9):
+        assert policy.pop(up) is not None  # b runs alone: b at 9 x 200 = 1,800
+    policy.push(make_request_info("y0", arrival=20, user_id="y"))
+    assert policy.counters()["y"] == 1800.0  # b's, the only startable user waiting: not x's 0
+    assert policy.counters()["x"] == 0.0
+    both = make_snapshot(
+        [make_instance_view("i0"), make_instance_view("i1", model="other")], now=2.0
+    )
+    assert pop_all(policy, both) == ["parked", "b9", "y0"]
+
+
+def test_a_parked_request_does_not_keep_one_off_users_in_memory() -> None:
+    policy = FairSharePolicy()
+    policy.push(make_request_info("parked", model="other", user_id="x"))
+    for n in range(5000):
+        req = make_request_info(f"r{n}", arrival=float(n), user_id=f"user{n}")
+        policy.push(req)
+        assert policy.pop(SNAP) == req
+        policy.on_complete(make_completion_record(f"r{n}", completion_tokens=50))
+    assert len(policy.counters()) <= 130
+
+
+def test_only_completed_requests_teach_a_users_expected_output() -> None:
+    policy = FairSharePolicy()
+    policy.push(make_request_info("r", prompt_tokens=10, max_tokens=500, user_id="u"))
+    assert policy.pop(SNAP) is not None  # expected 256
+    policy.on_complete(
+        make_completion_record("r", status=RequestStatus.CANCELLED, completion_tokens=0)
+    )
+    assert policy.counters() == {"u": 10.0}  # corrected to the tokens it generated: none
+    policy.push(make_request_info("s", prompt_tokens=10, max_tokens=500, user_id="u"))
+    assert policy.pop(SNAP) is not None
+    assert policy.counters() == {"u": 20.0 + 2 * 256}  # still the default expectation

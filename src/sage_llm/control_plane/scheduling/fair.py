@@ -5,16 +5,20 @@ Language Models", OSDI 2024), keyed by ``RequestInfo.user_id`` (the OpenAI ``use
 requests without one share one anonymous user):
 
 * a request starts when its user's counter is the lowest among the users with a request
-  the fleet can start now (at equal counters, the user served least recently: one that
-  joins at another's counter goes first); within a user, oldest first;
+  the fleet can start now (at equal counters, the user served least recently); within a
+  user, oldest first;
 * as it starts, its user's counter grows by the work it will cost:
   ``prompt_weight × prompt tokens + output_weight × expected output tokens``; the expected
-  output is the smaller of its ``max_tokens`` and the user's recent mean, and when the
-  request ends the counter is corrected to the tokens it really generated;
-* a user whose queue was empty rejoins at the lowest counter of the users still waiting
-  (or, when none waits, at the counter of the user whose request started last), never
-  below its own: time spent idle earns no credit to flood the fleet with later, and work done
-  recently still counts.
+  output is the smaller of its ``max_tokens`` and the mean output of the user's recent
+  completed requests, and when the request ends the counter is corrected to the tokens it
+  really generated;
+* a user who comes (or whose queue was empty) joins at the lowest counter of the users
+  waiting with a request the fleet could start at the last decision (when none waits, at
+  the counter of the user whose request started last), never below its own, and after
+  them at an equal counter: time away earns no credit to flood the fleet with later, work
+  done recently still counts, and a stream of newcomers cannot keep a waiting user
+  waiting. A user waiting on a model with no free instance does not set that level; it
+  keeps its counter, and competes with that model's other users when an instance frees.
 
 So a user who sends more than its share waits behind the others, and a light user's
 requests start ahead of a heavy user's backlog. Under light load, with no queue, it is
@@ -26,12 +30,12 @@ not read (the queue's users are its classes).
 
 A request put back in the queue (no instance could take it after all, or a failed attempt
 to be retried) has its charge given back, and its user its place (it is not a user
-rejoining); it is charged again when it starts again.
+joining); it is charged again when it starts again.
 
-Costs: ``push`` O(log n), plus O(users waiting) when its user rejoins; ``pop`` compares the
+Costs: ``push`` O(log n), plus O(users waiting) when its user joins; ``pop`` compares the
 head of each waiting user's lane, O(users waiting). Memory: a user is forgotten once it has
-nothing queued or running and its counter is no higher than where the others' are (a
-returning user would be lifted there anyway).
+nothing queued or running and its counter is no higher than where a user joins (it would
+be lifted there anyway).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dataclasses import asdict, dataclass
 from sage_llm.control_plane.scheduling._params import check_positive
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
+from sage_llm.types import RequestStatus
 
 ANONYMOUS = ""
 """The user of the requests that name none."""
@@ -54,15 +59,30 @@ class _Flow:
 
     __slots__ = ("counter", "expected_output", "lane", "queued", "running", "served")
 
-    def __init__(self, counter: float, lane: int) -> None:
+    def __init__(self, counter: float, lane: int, served: int) -> None:
         self.counter = counter
         self.lane = lane
         self.queued = 0
         self.running = 0
-        self.served = -1
-        """When its last request started (the policy's count of starts; -1: never)."""
+        self.served = served
+        """When its last request started, or it joined (the policy's count of starts)."""
         self.expected_output: float | None = None
-        """The mean output tokens of the user's recent requests (None: none ended yet)."""
+        """The mean output tokens of the user's recent completed requests (None: none)."""
+
+
+class _Start:
+    """A request started and not ended: what it was charged, and its user's turn before."""
+
+    __slots__ = ("before", "charge", "expected", "flow", "number")
+
+    def __init__(self, flow: _Flow, charge: float, expected: float, number: int) -> None:
+        self.flow = flow
+        self.charge = charge
+        self.expected = expected
+        self.number = number
+        """The policy's count of starts at this one."""
+        self.before = flow.served
+        """Its user's ``served`` before this start."""
 
 
 class FairSharePolicy(QueuedPolicy):
@@ -94,16 +114,28 @@ class FairSharePolicy(QueuedPolicy):
         self._by_lane: dict[int, _Flow] = {}
         self._free_lanes: list[int] = []
         self._next_lane = 0
-        self._charged: dict[str, tuple[_Flow, float, float, int]] = {}
-        """Requests started and not ended: (flow, charge, expected output tokens, when the
-        flow had been served before)."""
-        self._last = _Flow(0.0, -1)
-        """The user whose request started last: where its counter is now (the charge and
-        any correction since included) is where a user rejoins when no other waits."""
+        self._started: dict[str, _Start] = {}
+        """Requests started and not ended, by id."""
+        self._last = _Flow(0.0, -1, -1)
+        """The user whose request started last (its counter as it is now, the charge and
+        any correction since included): where a user joins when none waits."""
+        self._startable: set[int] = set()
+        """The lanes with a request the fleet could start at the last decision."""
         self._sweep_at = 64
         self._starts = 0
 
     # -- the queue ---------------------------------------------------------------------
+
+    def _level(self) -> float:
+        """Where a user joins: the lowest counter of the users waiting with a request the
+        fleet could start at the last decision, else the last started user's."""
+        lowest = None
+        by_lane = self._by_lane
+        for lane in self._startable:
+            flow = by_lane.get(lane)
+            if flow is not None and flow.queued and (lowest is None or flow.counter < lowest):
+                lowest = flow.counter
+        return self._last.counter if lowest is None else lowest
 
     def _flow(self, user: str) -> _Flow:
         flow = self._flows.get(user)
@@ -111,7 +143,7 @@ class FairSharePolicy(QueuedPolicy):
             if len(self._flows) >= self._sweep_at:
                 self._sweep()
             lane = self._free_lanes.pop() if self._free_lanes else self._new_lane()
-            flow = self._flows[user] = _Flow(self._last.counter, lane)
+            flow = self._flows[user] = _Flow(float("-inf"), lane, self._starts)
             self._by_lane[lane] = flow
         return flow
 
@@ -128,17 +160,40 @@ class FairSharePolicy(QueuedPolicy):
         return (flow.counter, float(flow.served), entry.req.arrival, entry.seq)
 
     def push(self, req: RequestInfo) -> None:
-        flow = self._flow(req.user_id or ANONYMOUS)
-        charged = self._charged.pop(req.request_id, None)
-        if charged is not None:  # started, then put back: not served after all
-            flow.counter -= charged[1]
-            flow.served = charged[3]
-            flow.running -= 1
-        elif not flow.queued:  # it rejoins: no credit for the time it was away
-            waiting = [f.counter for f in self._flows.values() if f.queued]
-            flow.counter = max(flow.counter, min(waiting) if waiting else self._last.counter)
+        start = self._started.pop(req.request_id, None)
+        if start is not None:  # started, then put back: not served after all
+            flow = start.flow
+            self._give_back(start)
+        else:
+            flow = self._flow(req.user_id or ANONYMOUS)
+            if not flow.queued:  # it joins: no credit for the time it was away
+                flow.counter = max(flow.counter, self._level())
+                flow.served = self._starts  # after those waiting at its counter
         super().push(req)
         flow.queued += 1
+
+    def _give_back(self, start: _Start) -> None:
+        """Undo ``start``: its charge, and its user's turn (a later start of the same user,
+        put back after it, then restores what this one's came after)."""
+        flow = start.flow
+        flow.counter -= start.charge
+        flow.running -= 1
+        if flow.served == start.number:
+            flow.served = start.before
+        else:
+            for later in self._started.values():
+                if later.flow is flow and later.before == start.number:
+                    later.before = start.before
+                    break
+
+    def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
+        self.observe(snap)
+        cands = self._queue.candidates(snap)
+        self._startable = {entry.lane for entry in cands}
+        if len(cands) < 2:
+            return cands[0] if cands else None
+        now = snap.now
+        return min(cands, key=lambda e: self._rank(e, now))
 
     def pop(self, snap: ClusterSnapshot) -> RequestInfo | None:
         req = super().pop(snap)
@@ -150,8 +205,8 @@ class FairSharePolicy(QueuedPolicy):
         expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
         expected = min(float(req.max_tokens), expected)
         charge = p.prompt_weight * req.prompt_tokens + p.output_weight * expected
+        self._started[req.request_id] = _Start(flow, charge, expected, self._starts)
         flow.counter += charge
-        self._charged[req.request_id] = (flow, charge, expected, flow.served)
         flow.served = self._starts
         self._starts += 1
         self._last = flow
@@ -168,41 +223,43 @@ class FairSharePolicy(QueuedPolicy):
         out = super().drain()
         for flow in self._flows.values():
             flow.queued = 0
+        self._startable.clear()
         return out
 
     def on_complete(self, record: CompletionRecord) -> None:
         self.count_completion()
-        charged = self._charged.pop(record.request_id, None)
-        if charged is None:  # ended while queued, or started under another policy
+        start = self._started.pop(record.request_id, None)
+        if start is None:  # ended while queued, or started under another policy
             return
-        flow, _charge, expected, _served = charged
+        flow = start.flow
         tokens = float(record.completion_tokens)
-        flow.counter += self.params.output_weight * (tokens - expected)
+        flow.counter += self.params.output_weight * (tokens - start.expected)
         flow.running -= 1
-        if flow.expected_output is None:
-            flow.expected_output = tokens
-        else:
-            flow.expected_output += _OUTPUT_ALPHA * (tokens - flow.expected_output)
+        if record.status is RequestStatus.COMPLETED:  # (a cancelled one says little)
+            if flow.expected_output is None:
+                flow.expected_output = tokens
+            else:
+                flow.expected_output += _OUTPUT_ALPHA * (tokens - flow.expected_output)
 
     def forget_running(self) -> None:
         """Forget the requests started and not ended: they will end under another policy
         (``adaptive`` calls this as it switches away), so their charges stand as made,
         uncorrected."""
-        for flow, _charge, _expected, _served in self._charged.values():
-            flow.running -= 1
-        self._charged.clear()
+        for start in self._started.values():
+            start.flow.running -= 1
+        self._started.clear()
 
     def _sweep(self) -> None:
         """Forget the users with nothing queued or running whose counter is no higher than
-        where a returning user rejoins (they would be lifted there); the next sweep comes
-        when the users kept have doubled."""
-        waiting = [f.counter for f in self._flows.values() if f.queued]
-        floor = min(waiting) if waiting else self._last.counter
+        where a user joins (they would be lifted there); the next sweep comes when the
+        users kept have doubled."""
+        level = self._level()
         for user, flow in list(self._flows.items()):
-            if not flow.queued and not flow.running and flow.counter <= floor:
+            if not flow.queued and not flow.running and flow.counter <= level:
                 del self._flows[user]
                 del self._by_lane[flow.lane]
                 self._free_lanes.append(flow.lane)
+                self._startable.discard(flow.lane)
         self._sweep_at = max(64, 2 * len(self._flows))
 
     # -- status ------------------------------------------------------------------------
