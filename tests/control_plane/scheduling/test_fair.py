@@ -325,3 +325,17 @@ def test_only_completed_requests_teach_a_users_expected_output() -> None:
     policy.push(make_request_info("s", prompt_tokens=10, max_tokens=500, user_id="u"))
     assert policy.pop(SNAP) is not None
     assert policy.counters() == {"u": 20.0 + 2 * 256}  # still the default expectation
+
+
+def test_a_parked_request_earns_its_user_no_credit_for_its_other_requests() -> None:
+    """A user whose only queued request waits on a model with no free instance joins
+    like a newcomer when it sends a request the fleet can start."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("parked", model="other", arrival=0, user_id="x"))
+    for n in range(6):
+        policy.push(make_request_info(f"b{n}", arrival=1 + n, prompt_tokens=100, user_id="b"))
+    for _ in range(4):
+        assert policy.pop(SNAP) is not None  # b at 800
+    policy.push(make_request_info("x1", arrival=10, prompt_tokens=100, user_id="x"))
+    assert policy.counters()["x"] == 800.0  # not 0
+    assert pop_all(policy) == ["b4", "x1", "b5"]

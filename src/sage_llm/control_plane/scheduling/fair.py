@@ -17,8 +17,9 @@ requests without one share one anonymous user):
   the counter of the user whose request started last), never below its own, and after
   them at an equal counter: time away earns no credit to flood the fleet with later, work
   done recently still counts, and a stream of newcomers cannot keep a waiting user
-  waiting. A user waiting on a model with no free instance does not set that level; it
-  keeps its counter, and competes with that model's other users when an instance frees.
+  waiting. A user waiting only on a model with no free instance does not set that level,
+  and joins so too when it sends another request (its parked request earns it no credit
+  for its others).
 
 So a user who sends more than its share waits behind the others, and a light user's
 requests start ahead of a heavy user's backlog. Under light load, with no queue, it is
@@ -166,7 +167,9 @@ class FairSharePolicy(QueuedPolicy):
             self._give_back(start)
         else:
             flow = self._flow(req.user_id or ANONYMOUS)
-            if not flow.queued:  # it joins: no credit for the time it was away
+            # it joins, or had nothing the fleet could start (a request parked on a model
+            # without a free instance): no credit for the time it was away
+            if not flow.queued or flow.lane not in self._startable:
                 flow.counter = max(flow.counter, self._level())
                 flow.served = self._starts  # after those waiting at its counter
         super().push(req)
