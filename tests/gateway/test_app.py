@@ -408,6 +408,49 @@ async def test_a_cost_budget_from_the_body_or_the_header_reaches_the_policy() ->
         assert all("cost_budget" not in r.extra for r in gw.probes["sim-0"].requests)
 
 
+@pytest.mark.parametrize(("policy", "light_starts"), [("fair", 2), ("fifo", 5)])
+async def test_the_user_from_the_header_or_the_body_is_the_fair_policys(
+    policy: str, light_starts: int
+) -> None:
+    """One engine slot, held by a heavy user's first request while four more of its
+    requests queue (user from ``x-sage-user``), then a light user's one (user from the
+    body): ``fair`` starts it after one more heavy request, ``fifo`` after all of them."""
+    async with (
+        serve(1, bound=1, scheduling_policy=policy, hold=lambda rid: rid == "heavy0") as gw,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def send(rid: str, headers: dict[str, str], **fields: Any) -> int:
+            async with http.post(
+                gw.url("/v1/completions"),
+                json=completion_body(**fields),
+                headers={"x-request-id": rid, **headers},
+            ) as r:
+                await r.read()
+                return r.status
+
+        probe = gw.probes["sim-0"]
+        tasks = [asyncio.create_task(send("heavy0", {"x-sage-user": "heavy"}))]
+        await asyncio.wait_for(probe.started_event.wait(), 5)
+
+        async def queued(n: int) -> None:  # (arrival order: each one queued before the next)
+            while len(gw.manager.policy) < n:  # noqa: ASYNC110 - no event says it
+                await asyncio.sleep(0.001)
+
+        for n in range(1, 5):
+            tasks.append(asyncio.create_task(send(f"heavy{n}", {"x-sage-user": "heavy"})))
+            await asyncio.wait_for(queued(n), 5)
+        tasks.append(asyncio.create_task(send("light", {}, user="light")))
+        await asyncio.wait_for(queued(5), 5)
+        probe.gate.set()
+        assert await asyncio.gather(*tasks) == [200] * 6
+        order = [r.request_id for r in probe.requests]
+        assert order.index("light") == light_starts, order
+        if policy == "fair":
+            state = gw.manager.get_status()["policy"]["state"]
+            assert state["users"] == 2
+
+
 async def test_request_id_is_honoured_and_echoed() -> None:
     async with serve(1) as gw, aiohttp.ClientSession() as http:
         headers = {"x-request-id": "my-request-1"}
