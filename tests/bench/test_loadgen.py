@@ -94,8 +94,8 @@ async def test_a_target_that_cannot_be_reached_fails_every_request_with_the_reas
 
 
 async def test_the_sage_headers_and_the_api_key_go_with_every_request() -> None:
-    """``sage_headers`` sends each request's priority, end-to-end SLO (in ms) and session
-    as ``x-sage-*`` headers; ``api_key`` a bearer token; a stream's usage event gives its
+    """``sage_headers`` sends each request's priority, end-to-end SLO (in ms), session and
+    user as ``x-sage-*`` headers; ``api_key`` a bearer token; a stream's usage event gives its
     output token count."""
     seen: list[dict[str, str]] = []
     app = _sse_app(
@@ -106,7 +106,7 @@ async def test_the_sage_headers_and_the_api_key_go_with_every_request() -> None:
     runner, port = await start_app(app)
     requests = (
         WorkloadRequest("a", 0.0, "hello", 1, 4, RequestPriority.HIGH, slo_e2e_s=2.5,
-                        session_id="s-1"),
+                        session_id="s-1", user_id="u-1"),
         WorkloadRequest("b", 0.0, "hello", 1, 4, RequestPriority.LOW),
     )  # fmt: skip
     try:
@@ -118,7 +118,7 @@ async def test_the_sage_headers_and_the_api_key_go_with_every_request() -> None:
     by_id = {h["x-request-id"]: h for h in seen}
     assert by_id["a"]["authorization"] == "Bearer k-1"
     assert (by_id["a"]["x-sage-priority"], by_id["a"]["x-sage-slo-ms"]) == ("high", "2500")
-    assert by_id["a"]["x-session-id"] == "s-1"
+    assert (by_id["a"]["x-session-id"], by_id["a"]["x-sage-user"]) == ("s-1", "u-1")
     assert by_id["b"]["x-sage-priority"] == "low"
-    assert "x-sage-slo-ms" not in by_id["b"] and "x-session-id" not in by_id["b"]
+    assert not {"x-sage-slo-ms", "x-session-id", "x-sage-user"} & set(by_id["b"])
     assert [m.output_tokens for m in report.measurements] == [5, 5]

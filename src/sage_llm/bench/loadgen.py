@@ -78,6 +78,8 @@ def _headers(wr: WorkloadRequest, api_key: str | None, sage_headers: bool) -> di
             headers["x-sage-slo-ms"] = str(int(wr.slo_e2e_s * 1000))
         if wr.session_id:
             headers["x-session-id"] = wr.session_id
+        if wr.user_id:  # (in process the user reaches the control plane too)
+            headers["x-sage-user"] = wr.user_id
     return headers
 
 
@@ -142,8 +144,8 @@ async def run_http_workload(
 ) -> LoadReport:
     """Replay ``workload`` against ``base_url`` (open loop) and measure every request.
 
-    ``sage_headers`` adds ``x-sage-priority``/``x-sage-slo-ms``/``x-session-id`` (peer
-    routers ignore them). ``extra_body`` is merged into every request body.
+    ``sage_headers`` adds ``x-sage-priority``/``x-sage-slo-ms``/``x-session-id``/
+    ``x-sage-user`` (peer routers ignore them). ``extra_body`` is merged into every request body.
     """
     url = base_url.rstrip("/") + "/v1/completions"
     connector = aiohttp.TCPConnector(limit=max_connections, force_close=False)
