@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from sage_llm.bench.compare import (
     run_compare,
     sage_config_toml,
     steady_throughput,
+    toml_value,
     write_reports,
 )
 from sage_llm.bench.inprocess import Preset
@@ -188,6 +190,25 @@ def test_sage_config_toml_is_a_valid_http_config() -> None:
         preset, ["http://127.0.0.1:8001"], model="m", max_concurrent=8, engine_stream="client"
     )
     assert parse_config(text).manager_kwargs()["engine_stream"] == "client"
+
+
+def test_sage_config_toml_writes_tables_and_infinities_as_toml() -> None:
+    """A parameter that is a table (``fair``'s ``user_weights``) or infinite (``priority``
+    without aging) reaches the gateway's config as given."""
+    params = {"aging_interval_s": math.inf, "max_wait_s": 1e9}
+    text = sage_config_toml(
+        Preset("p", "priority", "load_balanced", policy_params=params),
+        ["http://127.0.0.1:8001"], model="m", max_concurrent=8,
+    )  # fmt: skip
+    assert parse_config(text).manager_kwargs()["policy_params"] == params
+    weights = {"team a": 2.0, "": 0.5, 'q"uote': 3}
+    text = sage_config_toml(
+        Preset("p", "fair", "load_balanced", policy_params={"user_weights": weights}),
+        ["http://127.0.0.1:8001"], model="m", max_concurrent=8,
+    )  # fmt: skip
+    kwargs = parse_config(text).manager_kwargs()
+    assert kwargs["policy_params"] == {"user_weights": weights}
+    assert toml_value([1, -math.inf, "x"]) == '[1, -inf, "x"]'
 
 
 def test_compare_config_validates() -> None:

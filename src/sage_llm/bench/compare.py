@@ -340,6 +340,22 @@ class CompareConfig:
 Progress = Callable[[str], None]
 
 
+def toml_value(value: Any) -> str:
+    """``value`` (a plugin parameter: a number, string, bool, list or table of them) as a
+    TOML value: tables inline, infinities as TOML writes them."""
+    if isinstance(value, Mapping):
+        return (
+            "{ "
+            + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items())
+            + " }"
+        )
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return json.dumps(value)
+
+
 def sage_config_toml(
     preset: Preset,
     urls: Sequence[str],
@@ -366,7 +382,7 @@ def sage_config_toml(
                           ("routing_params", preset.routing_params)):  # fmt: skip
         if params:
             lines.append(f"[services.llm_control_plane.{table}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in params.items()]
+            lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in params.items()]
     for i, url in enumerate(urls):
         host, port = url.removeprefix("http://").rsplit(":", 1)
         lines += [
