@@ -1159,6 +1159,32 @@ def test_every_bad_policy_param_is_reported_with_its_line() -> None:
     assert "must be > 0" in errors[1].message
 
 
+def test_fair_user_weights_come_from_a_table_and_reach_the_policy() -> None:
+    cfg = parse_config(
+        '[services.llm_control_plane]\nscheduling_policy = "fair"\n'
+        "[services.llm_control_plane.policy_params.user_weights]\n"
+        '"team-search" = 3\n"" = 0.5\n',
+        "cfg.toml",
+        env={},
+    )
+    manager = ControlPlaneManager(**cfg.manager_kwargs())
+    params = manager.get_status()["policy"]["params"]
+    assert params["user_weights"] == {"team-search": 3.0, "": 0.5}
+
+
+@pytest.mark.parametrize("policy", ["fair", "adaptive"])
+def test_a_bad_user_weight_is_reported_with_its_user_and_line(policy: str) -> None:
+    err = problem(
+        f'[services.llm_control_plane]\nscheduling_policy = "{policy}"\n'
+        "policy_params = { user_weights = { alice = 2, bob = 0 } }\n"
+    )
+    assert (err.location, err.key) == (
+        "cfg.toml:3",
+        "services.llm_control_plane.policy_params.user_weights",
+    )
+    assert "'bob': must be a finite number > 0, got 0" in err.message
+
+
 def test_a_plugin_parameter_name_with_a_dot_is_shown_quoted() -> None:
     """``"aging.interval_s"`` is one (unknown) name, not ``aging`` and ``interval_s``."""
     err = problem('[services.llm_control_plane]\npolicy_params = { "aging.interval_s" = 1 }\n')

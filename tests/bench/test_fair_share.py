@@ -3,6 +3,8 @@ the light users' requests start ahead of the heavy user's backlog under ``fair``
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -37,7 +39,7 @@ def test_under_overload_fair_starts_the_light_users_requests_first(script: Modul
     light_ttft: dict[str, float] = {}
     heavy_tokens: dict[str, int] = {}
     for policy in ("fifo", "fair"):
-        ms = script.run(policy, load, 1, 24, 0).measurements
+        ms = script.run(policy, load, 1, 24, 0)
         assert all(m.ok for m in ms)
         ttft = sorted(
             m.first_token_s - m.arrival_s
@@ -68,3 +70,60 @@ def test_main_prints_four_setups_for_both_user_classes(
 def test_main_refuses_a_bad_rate(script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     err = usage_error(script.main, ["--heavy-rate", "0"], capsys)
     assert "argument --heavy-rate: must be a finite number > 0, got 0" in err
+
+
+def test_over_http_a_setup_runs_on_engine_sim_processes_behind_the_gateway(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    """``--http``: the same workload over a gateway process and engine-sim processes,
+    every request answered, its user kept, its times in simulated seconds."""
+    load = script.workload(2.0, 2.0, 2.0, 0)
+    weights = {"user_weights": {"heavy": 0.5}}  # (a table reaches the gateway's config)
+    ms = asyncio.run(script.run_http("fair", load, 1, 4, 0, 20.0, tmp_path, weights))
+    assert len(ms) == len(load) == 8
+    assert all(m.ok for m in ms), [m.error for m in ms]
+    assert {m.user_id for m in ms} == {r.user_id for r in load.requests}
+    spread = max(m.arrival_s for m in ms) - min(m.arrival_s for m in ms)
+    assert spread == pytest.approx(load.duration_s, abs=1.0)  # simulated, not wall, seconds
+
+
+def test_the_batch_workload_has_two_users_sending_alike(script: ModuleType) -> None:
+    load = script.batch_workload(4.0, 10.0, 0)
+    users = [r.user_id for r in load.requests]
+    assert users.count("batch-a") == users.count("batch-b") == 40
+    assert [r.arrival_s for r in load.requests] == sorted(r.arrival_s for r in load.requests)
+
+
+def test_a_user_weighted_two_gets_about_twice_the_work_started_under_overload(
+    script: ModuleType,
+) -> None:
+    """Two batch users at four times what one L40S serves: under ``fair`` alike, they
+    start about the same work in the second half of the arrivals; with ``batch-a``
+    weighted 2, ``batch-a`` starts about twice ``batch-b``'s."""
+    load = script.batch_workload(4.0, 30.0, 0)
+    share: dict[str, float] = {}
+    for name, params in (("alike", {}), ("weighted", {"user_weights": {"batch-a": 2.0}})):
+        ms = script.run("fair", load, 1, 24, 0, params)
+        assert all(m.ok for m in ms)
+        tokens = {
+            user: sum(m.output_tokens for m in started)
+            for user, started in script.second_half(ms, 30.0).items()
+        }
+        share[name] = tokens["batch-a"] / (tokens["batch-a"] + tokens["batch-b"])
+    assert 0.4 < share["alike"] < 0.6
+    assert 0.6 < share["weighted"] < 0.75
+
+
+def test_main_with_a_weight_prints_three_setups_for_both_batch_users(
+    script: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--weight", "3", "--duration-s", "3", "--heavy-rate", "2", "--cap", "4"]
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ")[:2] for line in out if line.startswith("| f")]
+    assert rows == [
+        ["| fifo, cap 4", "batch-a"], ["| fifo, cap 4", "batch-b"],
+        ["| fair, cap 4", "batch-a"], ["| fair, cap 4", "batch-b"],
+        ["| fair, batch-a weight 3, cap 4", "batch-a"],
+        ["| fair, batch-a weight 3, cap 4", "batch-b"],
+    ]  # fmt: skip

@@ -281,6 +281,24 @@ def test_many_users_alike_or_a_single_user_do_not_switch_to_fair() -> None:
     assert alike.describe()["state"]["signals"]["top_user_share"] == 0.5  # type: ignore[index]
 
 
+def test_its_fair_shares_by_the_user_weights_it_was_given() -> None:
+    """The heavy user, weighted 8, is charged an eighth of its requests' work."""
+    policy = AdaptivePolicy(AdaptivePolicy.Params(user_weights={"heavy": 8.0}))
+    assert policy.describe()["params"]["user_weights"] == {"heavy": 8.0}  # type: ignore[index]
+    push_flood(policy, 24, 6)
+    tick(policy, 0.0, 2.0)
+    assert policy.current == "fair"
+    started = [policy.pop(make_snapshot(2, now=3.0)) for _ in range(8)]
+    assert [r.request_id for r in started if r is not None] == [
+        "h0", "l0", "l1", "l2", "l3", "l4", "l5", "h1",
+    ]  # fmt: skip
+    fair = policy._inner["fair"]
+    assert isinstance(fair, FairSharePolicy)
+    # two starts of prompt 100 + 2 × 50 expected output, each divided by 8; a light user's 200
+    assert fair.counters()["heavy"] == pytest.approx(2 * 200 / 8)
+    assert fair.counters()["light0"] == pytest.approx(200)
+
+
 def test_leaving_fair_forgets_its_running_requests() -> None:
     """Requests started under ``fair`` end under the next policy: ``fair`` keeps no charge
     of them waiting for an end it will not be told of."""

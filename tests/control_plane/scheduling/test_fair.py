@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_fair_is_a_scheduling_policy_named_fair() -> None:
     assert policy.name == "fair"
     assert policy.describe()["params"] == {
         "prompt_weight": 1.0, "output_weight": 2.0, "default_output_tokens": 256.0,
+        "user_weights": {},
     }  # fmt: skip
 
 
@@ -221,7 +223,53 @@ def test_users_with_nothing_queued_or_running_are_forgotten(parked: bool) -> Non
 @pytest.mark.parametrize("field", ["prompt_weight", "output_weight", "default_output_tokens"])
 def test_weights_and_the_default_output_must_be_positive(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        FairSharePolicy.Params(**{field: 0.0})
+        FairSharePolicy.Params(**{field: 0.0})  # type: ignore[arg-type]
+
+
+def test_a_user_of_weight_two_is_charged_half_and_starts_twice_as_often() -> None:
+    weights = {"gold": 2.0}
+    policy = FairSharePolicy(FairSharePolicy.Params(user_weights=weights))
+    for n in range(6):
+        policy.push(make_request_info(f"g{n}", arrival=n, prompt_tokens=100, user_id="gold"))
+    for n in range(6):
+        policy.push(make_request_info(f"b{n}", arrival=n, prompt_tokens=100, user_id="base"))
+    order = pop_all(policy)
+    assert order[:6] == ["g0", "b0", "g1", "b1", "g2", "g3"]
+    # each charged prompt 100 + 2 × expected 50 (max_tokens), gold's divided by 2
+    counters = policy.counters()
+    assert counters["gold"] == pytest.approx(6 * 200 / 2)
+    assert counters["base"] == pytest.approx(6 * 200)
+    # the end corrects by the same weight
+    policy.on_complete(make_completion_record("g0", completion_tokens=6))
+    assert policy.counters()["gold"] == pytest.approx(6 * 200 / 2 - 2 * 44 / 2)
+    weights["gold"] = 9.0  # the params hold a copy
+    assert policy.params.user_weights == {"gold": 2.0}
+
+
+def test_the_anonymous_user_can_be_weighted_too() -> None:
+    policy = FairSharePolicy(FairSharePolicy.Params(user_weights={ANONYMOUS: 0.5}))
+    policy.push(make_request_info("anon", prompt_tokens=100))
+    assert policy.pop(SNAP) is not None
+    assert policy.counters() == {ANONYMOUS: pytest.approx((100 + 2 * 50) / 0.5)}
+
+
+@pytest.mark.parametrize(
+    ("weights", "said"),
+    [
+        ({"a": 0}, "'a': must be a finite number > 0, got 0"),
+        (
+            {"a": -1.0, "b": "x"},
+            "'a': must be a finite number > 0, got -1.0; 'b': must be a number",
+        ),
+        ({"a": float("inf")}, "'a': must be a finite number > 0, got inf"),
+        ({"a": True}, "'a': must be a number, got True"),
+        ([1, 2], "must be a table of names to numbers"),
+    ],
+)
+def test_user_weights_are_positive_numbers_by_name(weights: object, said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)) as info:
+        FairSharePolicy.Params(user_weights=weights)  # type: ignore[arg-type]
+    assert info.value.key == "user_weights"
 
 
 def test_through_the_control_plane_a_light_user_waits_behind_one_queued_heavy_request() -> None:

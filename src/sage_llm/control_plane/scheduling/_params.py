@@ -7,7 +7,7 @@ name, so a bad value in a config file points at the offending key.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from sage_llm.config_fields import shown_value
 from sage_llm.errors import ConfigError
@@ -54,3 +54,24 @@ def check_choice(key: str, value: object, choices: Collection[str]) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"must be one of {valid}, got {value!r}", key=key)
+
+
+def check_weights(key: str, value: object) -> dict[str, float]:
+    """``value`` must be a table of names to numbers > 0 (finite); returned as a dict. Its
+    problems are said together, each with its name, under ``key``."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"must be a table of names to numbers, got {value!r}", key=key)
+    out: dict[str, float] = {}
+    problems: list[str] = []
+    for name, weight in value.items():
+        if not isinstance(name, str):
+            problems.append(f"{name!r}: names are strings")
+        elif isinstance(weight, bool) or not isinstance(weight, int | float):
+            problems.append(f"{name!r}: must be a number, got {weight!r}")
+        elif not weight > 0 or math.isinf(weight):
+            problems.append(f"{name!r}: must be a finite number > 0, got {weight!r}")
+        else:
+            out[name] = float(weight)
+    if problems:
+        raise ConfigError("; ".join(problems), key=key)
+    return out

@@ -32,7 +32,8 @@ Rule, first match wins (``t`` = ``slo_target``, ``m`` = ``slo_margin``):
 3. ``fair`` when at least two users sent the recent requests, one of them
    ``top_user_share >= user_share`` of them, and ``load >= overload``; once in ``fair``
    it stays while ``load > light_load``: one user's flood would hold back the others'
-   requests in arrival order.
+   requests in arrival order. (Its ``fair`` shares by ``user_weights``, as ``fair``'s
+   own parameter.)
 4. ``cost_optimized`` when ``cost_share`` reaches its threshold and ``load <= light_load``;
    once in it, it stays while ``load < overload``.
 5. ``fifo`` when ``load <= light_load`` (light load, SLOs fine or not deadline-driven).
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from sage_llm.control_plane.params import MAX_WINDOW
@@ -58,6 +59,7 @@ from sage_llm.control_plane.scheduling._params import (
     check_fraction,
     check_non_negative,
     check_positive,
+    check_weights,
 )
 from sage_llm.control_plane.scheduling._queue import EPS, QueuedPolicy
 from sage_llm.control_plane.scheduling.base import Admission
@@ -131,7 +133,8 @@ class AdaptivePolicy:
 
     @dataclass(frozen=True, slots=True)
     class Params:
-        """Thresholds of the switch rule (module docstring)."""
+        """Thresholds of the switch rule (module docstring); ``user_weights``: the users'
+        shares under its ``fair`` (as ``fair``'s parameter of that name)."""
 
         initial: Literal["fifo", "priority", "slo_aware", "cost_optimized", "fair"] = "fifo"
         eval_interval_s: float = 1.0
@@ -146,6 +149,7 @@ class AdaptivePolicy:
         priority_share: float = 0.2
         cost_share: float = 0.2
         user_share: float = 0.6
+        user_weights: dict[str, float] = field(default_factory=dict)
 
         def __post_init__(self) -> None:
             check_choice("initial", self.initial, INNER_POLICIES)
@@ -167,6 +171,8 @@ class AdaptivePolicy:
                 check_fraction(key, getattr(self, key))
             check_fraction("cost_share", self.cost_share)
             check_fraction("user_share", self.user_share)
+            weights = check_weights("user_weights", self.user_weights)
+            object.__setattr__(self, "user_weights", weights)  # (a copy: it stays as built)
             check_non_negative("light_load", self.light_load)
             check_positive("overload", self.overload, allow_inf=False)
             if self.light_load >= self.overload:
@@ -182,7 +188,7 @@ class AdaptivePolicy:
             "priority": PriorityPolicy(),
             "slo_aware": SLOAwarePolicy(),
             "cost_optimized": CostOptimizedPolicy(),
-            "fair": FairSharePolicy(),
+            "fair": FairSharePolicy(FairSharePolicy.Params(user_weights=p.user_weights)),
         }
         self._current: str = p.initial
         self._reason = f"initial policy {p.initial}; no load observed yet"

@@ -11,7 +11,9 @@ requests without one share one anonymous user):
   ``prompt_weight × prompt tokens + output_weight × expected output tokens``; the expected
   output is the smaller of its ``max_tokens`` and the mean output of the user's recent
   completed requests, and when the request ends the counter is corrected to the tokens it
-  really generated;
+  really generated; a user with a weight (``user_weights``) is charged that work divided
+  by its weight, so a user of weight 2 gets twice the share of a user of weight 1 (the
+  users not named weigh 1);
 * a user who comes (or whose queue was empty) joins at the lowest counter of the users
   waiting with a request the fleet could start at the last decision (when none waits, at
   the counter of the user whose request started last), never below its own, and after
@@ -41,9 +43,9 @@ be lifted there anyway).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from sage_llm.control_plane.scheduling._params import check_positive
+from sage_llm.control_plane.scheduling._params import check_positive, check_weights
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.types import RequestStatus
@@ -58,10 +60,12 @@ _OUTPUT_ALPHA = 0.2
 class _Flow:
     """One user's share: its counter, its lane in the queue, and what it has in flight."""
 
-    __slots__ = ("counter", "expected_output", "lane", "queued", "running", "served")
+    __slots__ = ("counter", "expected_output", "lane", "queued", "running", "served", "weight")
 
-    def __init__(self, counter: float, lane: int, served: int) -> None:
+    def __init__(self, counter: float, lane: int, served: int, weight: float = 1.0) -> None:
         self.counter = counter
+        self.weight = weight
+        """Its share against a user of weight 1: what it is charged is divided by it."""
         self.lane = lane
         self.queued = 0
         self.running = 0
@@ -97,16 +101,21 @@ class FairSharePolicy(QueuedPolicy):
         token count towards a user's share (an output token costs a decode step's share,
         a prompt token a fraction of a prefill's: 1 and 2 as in the VTC paper).
         ``default_output_tokens``: the output a user's first request is expected to
-        generate (at most its ``max_tokens``), until requests of that user have ended."""
+        generate (at most its ``max_tokens``), until requests of that user have ended.
+        ``user_weights``: a user's share against the others' (user id to a number > 0;
+        ``""`` is the requests that name no user); the users not named weigh 1."""
 
         prompt_weight: float = 1.0
         output_weight: float = 2.0
         default_output_tokens: float = 256.0
+        user_weights: dict[str, float] = field(default_factory=dict)
 
         def __post_init__(self) -> None:
             check_positive("prompt_weight", self.prompt_weight)
             check_positive("output_weight", self.output_weight)
             check_positive("default_output_tokens", self.default_output_tokens)
+            weights = check_weights("user_weights", self.user_weights)
+            object.__setattr__(self, "user_weights", weights)  # (a copy: it stays as built)
 
     def __init__(self, params: FairSharePolicy.Params | None = None) -> None:
         super().__init__()
@@ -144,7 +153,8 @@ class FairSharePolicy(QueuedPolicy):
             if len(self._flows) >= self._sweep_at:
                 self._sweep()
             lane = self._free_lanes.pop() if self._free_lanes else self._new_lane()
-            flow = self._flows[user] = _Flow(float("-inf"), lane, self._starts)
+            weight = self.params.user_weights.get(user, 1.0)
+            flow = self._flows[user] = _Flow(float("-inf"), lane, self._starts, weight)
             self._by_lane[lane] = flow
         return flow
 
@@ -207,7 +217,7 @@ class FairSharePolicy(QueuedPolicy):
         p = self.params
         expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
         expected = min(float(req.max_tokens), expected)
-        charge = p.prompt_weight * req.prompt_tokens + p.output_weight * expected
+        charge = (p.prompt_weight * req.prompt_tokens + p.output_weight * expected) / flow.weight
         self._started[req.request_id] = _Start(flow, charge, expected, self._starts)
         flow.counter += charge
         flow.served = self._starts
@@ -236,7 +246,7 @@ class FairSharePolicy(QueuedPolicy):
             return
         flow = start.flow
         tokens = float(record.completion_tokens)
-        flow.counter += self.params.output_weight * (tokens - start.expected)
+        flow.counter += self.params.output_weight * (tokens - start.expected) / flow.weight
         flow.running -= 1
         if record.status is RequestStatus.COMPLETED:  # (a cancelled one says little)
             if flow.expected_output is None:
