@@ -1871,6 +1871,81 @@ def test_secrets_are_masked() -> None:
     assert again == both
 
 
+TENANTS = (
+    '[gateway]\napi_keys = ["plain"]\n'
+    '[[gateway.tenants]]\nuser = "team-a"\napi_key = "sk-a"\n'
+    '[[gateway.tenants]]\nuser = "team-b"\napi_key_env = "TEAM_B_KEY"\n'
+)
+
+
+def test_tenants_bind_keys_to_users_from_the_file_or_the_environment() -> None:
+    cfg = parse_config(TENANTS, env={"TEAM_B_KEY": " sk-b "})
+    assert [(t.user, t.api_key) for t in cfg.gateway.tenants] == [
+        ("team-a", "sk-a"),
+        ("team-b", "sk-b"),
+    ]
+    assert cfg.gateway.api_keys == ("plain",)  # the tenants' keys are their own
+    dumped = cfg.to_dict()
+    assert dumped["gateway"]["tenants"] == [
+        {"user": "team-a", "api_key": "***", "api_key_env": None},
+        {"user": "team-b", "api_key_env": "TEAM_B_KEY"},  # read from it again
+    ]
+    assert "sk-a" not in str(dumped) and "sk-b" not in str(dumped) and "sk-" not in repr(cfg)
+    again = config_from_dict(cfg.to_dict(secrets=True), env={"TEAM_B_KEY": "sk-b"})
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("edit", "env", "where", "message"),
+    [
+        (("", ""), {}, "cfg.toml:8: gateway.tenants[1].api_key_env", "TEAM_B_KEY is not set"),
+        (
+            ('api_key = "sk-a"', 'api_key = "plain"'),
+            {"TEAM_B_KEY": "k"},
+            "cfg.toml:5: gateway.tenants[0].api_key",
+            "is also one of api_keys: a tenant's key must be its own",
+        ),
+        (
+            ("", ""),
+            {"TEAM_B_KEY": "sk-a"},
+            "cfg.toml:8: gateway.tenants[1].api_key_env",
+            "is also the key of tenants[0]: a key is one tenant's",
+        ),
+        (
+            ('user = "team-b"\n', 'user = "team-b"\napi_key = "x"\n'),
+            {"TEAM_B_KEY": "k"},
+            "cfg.toml:9: gateway.tenants[1].api_key_env",
+            "set api_key or api_key_env, not both",
+        ),
+        (
+            ('api_key = "sk-a"\n', ""),
+            {"TEAM_B_KEY": "k"},
+            "cfg.toml:3: gateway.tenants[0].api_key",
+            "is required (or api_key_env)",
+        ),
+        (
+            ('user = "team-a"\n', 'user = ""\n'),
+            {"TEAM_B_KEY": "k"},
+            "cfg.toml:4: gateway.tenants[0].user",
+            "must not be empty",
+        ),
+        (
+            ('user = "team-a"\n', ""),
+            {"TEAM_B_KEY": "k"},
+            "cfg.toml:3: gateway.tenants[0].user",
+            "is required",
+        ),
+    ],
+)
+def test_a_tenant_problem_is_reported_at_its_line(
+    edit: tuple[str, str], env: dict[str, str], where: str, message: str
+) -> None:
+    err = problem(TENANTS.replace(*edit), env)
+    assert f"{err.location}: {err.key}" == where
+    assert message in err.message
+    assert "sk-a" not in str(err)
+
+
 def test_duplicates_among_instances_given_as_dataclasses_or_engine_names_in_any_case() -> None:
     a, b = InstanceConfig("a", "10.0.0.1", 8000, "m"), InstanceConfig("b", "10.0.0.1", 8000, "m")
     with pytest.raises(ConfigError, match=r"instances\[1\]\.port: 10\.0\.0\.1:8000 is also"):

@@ -73,9 +73,11 @@ from sage_llm.config_schema import (
     InstanceConfig,
     SageConfig,
     SimulationConfig,
+    TenantConfig,
     default_sim_model,
     role_config_problem,
     sim_key_in_metadata,
+    tenant_key_problem,
 )
 from sage_llm.control_plane.params import build_params
 from sage_llm.control_plane.pd import build_pd
@@ -103,6 +105,7 @@ __all__ = [
     "InstanceConfig",
     "SageConfig",
     "SimulationConfig",
+    "TenantConfig",
     "at_address",
     "check_config",
     "check_instance",
@@ -1239,11 +1242,51 @@ def _gateway_secrets(
         where = "admin_token" if gw.admin_token is not None else "admin_token_env"
         p.add((*path, where), "is also one of the API keys: the admin token must be another")
         ok = False
-    if not ok:
+    tenants = _tenant_secrets(gw, path, env, keys, token, p)
+    if not ok or tenants is None:
         return gw
     merged = tuple(dict.fromkeys(keys))
     added = tuple(key for key in merged if key not in gw.api_keys)  # told apart in a dump
-    return dataclasses.replace(gw, api_keys=merged, admin_token=token, api_keys_from_env=added)
+    return dataclasses.replace(
+        gw, api_keys=merged, admin_token=token, api_keys_from_env=added, tenants=tenants
+    )
+
+
+def _tenant_secrets(
+    gw: GatewayConfig,
+    path: KeyPath,
+    env: Mapping[str, str],
+    keys: Sequence[str],
+    token: str | None,
+    p: Problems,
+) -> tuple[TenantConfig, ...] | None:
+    """``gw``'s tenants with their keys read from the environment, each checked against
+    the API keys, the admin token and the other tenants' keys; None on a problem (reported
+    to ``p``)."""
+    out: list[TenantConfig] = []
+    earlier: dict[str, int] = {}
+    ok = True
+    for index, tenant in enumerate(gw.tenants):
+        where: KeyPath = (*path, "tenants", index, "api_key")
+        key = tenant.api_key
+        if tenant.api_key_env is not None:
+            where = (*path, "tenants", index, "api_key_env")
+            if key is not None:
+                p.add(where, "set api_key or api_key_env, not both")
+                ok = False
+                continue
+            key = _env_secret(tenant.api_key_env, where, env, p)
+            if key is None:
+                ok = False
+                continue
+        if key is None:  # (TenantConfig requires one of the two)
+            continue
+        if (problem := tenant_key_problem(key, keys, token, earlier)) is not None:
+            p.add(where, problem)
+            ok = False
+        earlier.setdefault(key, index)
+        out.append(dataclasses.replace(tenant, api_key=key))
+    return tuple(out) if ok else None
 
 
 def _instance_secrets(cp: ControlPlaneConfig, env: Mapping[str, str]) -> ControlPlaneConfig:

@@ -558,10 +558,44 @@ class ControlPlaneConfig:
 
 
 @dataclass(frozen=True)
+class TenantConfig:
+    """One ``[[gateway.tenants]]`` entry: an API key whose requests are ``user``'s, whatever
+    their ``user`` field or ``x-sage-user`` header says (the user the ``fair`` policy
+    shares by, and the session without ``x-session-id``). The key comes from the file
+    (``api_key``) or from an environment variable (``api_key_env``), one of the two; it
+    is an API key as those of ``api_keys`` are, and none of them."""
+
+    user: str = req(rule(nonempty=True))
+    api_key: str | None = opt(None, rule(nonempty=True, secret=True))
+    api_key_env: str | None = opt(None, _ENV)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.api_key is None and self.api_key_env is None:
+            raise FieldValueError("api_key", "is required (or api_key_env)")
+
+
+def tenant_key_problem(
+    key: str, api_keys: Sequence[str], admin_token: str | None, earlier: Mapping[str, int]
+) -> str | None:
+    """Why a tenant's ``key`` cannot be one (``earlier``: the keys of the tenants before
+    it, to their indexes), or None: a key is one tenant's, not also a plain API key
+    (whose requests name their user) nor the admin token."""
+    if key in api_keys:
+        return "is also one of api_keys: a tenant's key must be its own"
+    if key == admin_token:
+        return "is the admin token: a tenant's key must be another"
+    if key in earlier:
+        return f"is also the key of tenants[{earlier[key]}]: a key is one tenant's"
+    return None
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """``[gateway]``: the OpenAI-compatible HTTP server. ``api_keys`` holds the keys from the
-    file and from ``api_keys_env``; empty means no authentication on the OpenAI routes.
-    Without an admin token the admin API answers loopback clients only."""
+    file and from ``api_keys_env``; empty means no authentication on the OpenAI routes
+    (unless ``tenants`` give keys). Without an admin token the admin API answers loopback
+    clients only."""
 
     host: str = opt("127.0.0.1", rule(nonempty=True, check=bind_host_problem))
     port: int = opt(8080, rule(ge=0, le=65535))
@@ -586,6 +620,7 @@ class GatewayConfig:
     log_prompts: bool = False
     cors_origins: tuple[str, ...] = opt((), rule(nonempty=True, check=_check_origin))
     tracing: bool = False
+    tenants: tuple[TenantConfig, ...] = ()
 
     def __post_init__(self) -> None:
         validate(self)
@@ -762,7 +797,11 @@ class SageConfig:
             "services": {"llm_control_plane": service},
             **{name: to_plain(getattr(self, name), mask) for name in SECTIONS},
         }
-        for table in (out["gateway"], *service.get("instances", ())):
+        for table in (
+            out["gateway"],
+            *service.get("instances", ()),
+            *out["gateway"].get("tenants", ()),
+        ):
             for secret in ("admin_token", "api_key"):
                 if table.get(f"{secret}_env") is not None:
                     table.pop(secret, None)

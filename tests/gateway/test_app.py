@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sage_llm.config import GatewayConfig
+from sage_llm.config import GatewayConfig, TenantConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
+from sage_llm.control_plane.scheduling.fair import FairSharePolicy
 from sage_llm.gateway.server import start_gateway
 from sage_llm.tokens import count_tokens
 from sage_llm.types import ExecutionInstanceType, RequestPriority
@@ -449,6 +450,42 @@ async def test_the_user_from_the_header_or_the_body_is_the_fair_policys(
         if policy == "fair":
             state = gw.manager.get_status()["policy"]["state"]
             assert state["users"] == 2
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_a_tenants_key_makes_its_requests_that_users_whatever_they_say(lean: bool) -> None:
+    """``[[gateway.tenants]]``: a request with a tenant's key is its user's (``x-sage-user``
+    and the body's ``user`` notwithstanding); with a plain API key the header or the body
+    names the user; the engine gets the body's ``user`` as sent either way."""
+    tenants = (TenantConfig("team-a", api_key="sk-a"),)
+    settings = GatewayConfig(api_keys=("plain",), tenants=tenants, lean_server=lean)
+    async with (
+        serve(1, settings=settings, scheduling_policy="fair") as gw,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def send(key: str, headers: dict[str, str], **fields: Any) -> int:
+            async with http.post(
+                gw.url("/v1/completions"),
+                json=completion_body(**fields),
+                headers={"Authorization": f"Bearer {key}", **headers},
+            ) as r:
+                await r.read()
+                return r.status
+
+        assert await send("sk-a", {"x-sage-user": "someone"}, user="else") == 200
+        assert await send("sk-a", {}, stream=True) == 200
+        assert await send("plain", {"x-sage-user": "proxy-said"}) == 200
+        assert await send("plain", {}, user="body-said") == 200
+        assert await send("sk-b", {}) == 401
+        policy = gw.manager.policy
+        assert isinstance(policy, FairSharePolicy)
+        assert set(policy.counters()) == {"team-a", "proxy-said", "body-said"}
+        assert gw.probes["sim-0"].requests[0].extra.get("user") == "else"
+        async with _client(gw.base_url) as client:  # the openai client sends its key so
+            client.api_key = "sk-a"
+            await client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, user="x")
+        assert set(policy.counters()) == {"team-a", "proxy-said", "body-said"}
 
 
 async def test_request_id_is_honoured_and_echoed() -> None:

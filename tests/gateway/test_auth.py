@@ -15,6 +15,7 @@ from sage_llm.gateway.auth import (
     check_api_key,
     is_loopback,
     matches_any,
+    tenant_user,
 )
 
 
@@ -119,3 +120,22 @@ def test_matches_any_has_no_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_admin_prefix_without_its_slash_is_guarded_too() -> None:
     with pytest.raises(AuthenticationError):
         authorize(make_mocked_request("GET", "/admin"), [], "s3cret")
+
+
+def test_a_tenant_key_names_its_user_every_key_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    pairs = [("ka", "team-a"), ("kb", "team-b"), ("kc", "team-a")]
+    assert tenant_user("kb", pairs) == "team-b"
+    assert tenant_user("kc", pairs) == "team-a"
+    assert tenant_user("kd", pairs) is None
+    assert tenant_user(None, pairs) is None
+    assert tenant_user("\udcff", pairs) is None  # not UTF-8: no user, not an error
+    compared: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    assert tenant_user("ka", pairs) == "team-a"
+    assert compared == [b"ka", b"kb", b"kc"]  # no early exit

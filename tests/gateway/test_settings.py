@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
 
-from sage_llm.config import GatewayConfig
+from sage_llm.config import GatewayConfig, TenantConfig
 from sage_llm.errors import ConfigError
 from sage_llm.gateway.settings import ResolvedGateway, default_settings, tracing_enabled
 
@@ -132,3 +133,41 @@ def test_a_nan_timeout_is_a_config_error_naming_the_field() -> None:
 def test_settings_without_a_read_timeout_get_the_documented_30_s() -> None:
     assert not hasattr(_ConfigLike(), "read_timeout_s")
     assert ResolvedGateway.from_settings(_ConfigLike(), _SECRETS).read_timeout_s == 30.0
+
+
+def test_tenants_keys_are_api_keys_naming_their_users() -> None:
+    tenants = (
+        TenantConfig("team-a", api_key="ka"),
+        TenantConfig("team-b", api_key_env="KB"),
+        TenantConfig("team-a", api_key="ka2"),
+    )
+    settings = GatewayConfig(api_keys=("plain",), tenants=tenants)
+    resolved = ResolvedGateway.from_settings(settings, {"KB": " kb "})
+    assert resolved.api_keys == ("plain", "ka", "kb", "ka2")
+    assert resolved.tenant_keys == (("ka", "team-a"), ("kb", "team-b"), ("ka2", "team-a"))
+    # tenants alone switch authentication on
+    alone = ResolvedGateway.from_settings(GatewayConfig(tenants=tenants[:1]), {})
+    assert alone.api_keys == ("ka",)
+
+
+@pytest.mark.parametrize(
+    ("tenants", "env", "key", "message"),
+    [
+        ((TenantConfig("u", api_key_env="KU"),), {}, "tenants[0].api_key_env", "KU is not set"),
+        ((TenantConfig("u", api_key="plain"),), {}, "tenants[0].api_key", "one of api_keys"),
+        ((TenantConfig("u", api_key="adm"),), {}, "tenants[0].api_key", "is the admin token"),
+        (
+            (TenantConfig("u", api_key="k"), TenantConfig("v", api_key_env="KV")),
+            {"KV": "k"},
+            "tenants[1].api_key_env",
+            "is also the key of tenants[0]",
+        ),
+    ],
+)
+def test_a_tenant_key_that_is_unset_or_not_its_own_is_an_error(
+    tenants: tuple[TenantConfig, ...], env: dict[str, str], key: str, message: str
+) -> None:
+    settings = GatewayConfig(api_keys=("plain",), admin_token="adm", tenants=tenants)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        ResolvedGateway.from_settings(settings, env)
+    assert info.value.key == f"gateway.{key}"

@@ -1,7 +1,8 @@
 """Authentication of OpenAI routes (API keys) and of the admin API (admin token).
 
 * ``/v1/…``: when API keys are configured, ``Authorization: Bearer <key>`` must match one
-  of them (each compared in constant time); otherwise 401.
+  of them (each compared in constant time); otherwise 401. A tenant's key
+  (``[[gateway.tenants]]``) is one of them, and makes the request its user's.
 * ``/admin/…``: when an admin token is configured, ``Authorization: Bearer <token>`` must
   match it (401 without a token, 403 with a wrong one). Without an admin token only
   loopback clients (127.0.0.0/8, ::1) may call it; others get 403.
@@ -39,6 +40,19 @@ def matches_any(token: str, secrets: Sequence[str]) -> bool:
     found = False
     for secret in secrets:
         found |= hmac.compare_digest(given, secret.encode("utf-8"))
+    return found
+
+
+def tenant_user(token: str | None, tenant_keys: Sequence[tuple[str, str]]) -> str | None:
+    """The user whose tenant key ``token`` is (``tenant_keys``: (key, user) pairs), or None;
+    every key compared in constant time (no early exit)."""
+    if token is None:
+        return None
+    given = token.encode("utf-8", "surrogatepass")
+    found = None
+    for key, user in tenant_keys:
+        if hmac.compare_digest(given, key.encode("utf-8")):
+            found = user
     return found
 
 

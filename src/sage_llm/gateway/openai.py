@@ -36,6 +36,7 @@ from sage_llm.errors import (
     ModelNotFoundError,
     NoHealthyInstanceError,
 )
+from sage_llm.gateway.auth import bearer_token, tenant_user
 from sage_llm.gateway.errors import (
     MODEL_KEY,
     REQUEST_ID_KEY,
@@ -438,8 +439,12 @@ def parse_generation(
         slo_ms = _slo_header(given)
     if (given := headers.get(BUDGET_HEADER)) is not None:
         budget = _budget_header(given)
-    # OpenAI takes an empty user: no user, no session; a proxy's header wins over the body
-    user = headers.get(USER_HEADER, "").strip() or user or None
+    # OpenAI takes an empty user: no user, no session; a proxy's header wins over the body,
+    # and a tenant's key over both
+    tenant = None
+    if settings.tenant_keys:
+        tenant = tenant_user(bearer_token(headers.get("authorization")), settings.tenant_keys)
+    user = tenant or headers.get(USER_HEADER, "").strip() or user or None
     session = headers.get(SESSION_HEADER, "").strip() or user
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if stream and (given := body.get("stream_options")):  # its other fields go on unchanged

@@ -544,7 +544,9 @@ async def run_gateway(
             )
             try:
                 log.info("gateway listening on http://%s", host_port(bind_host, bound))
-                open_to_all = not (gateway.api_keys or gateway.api_keys_env)
+                open_to_all = not (
+                    gateway.api_keys or gateway.api_keys_env or getattr(gateway, "tenants", ())
+                )
                 if open_to_all and not await _loopback_only(bind_host):
                     log.warning(
                         "gateway on %s has no API key: anyone who can reach it may use it "

@@ -97,6 +97,47 @@ def _env_value(name: str, key: str, environ: Mapping[str, str]) -> str:
     return value.strip()
 
 
+class TenantSettings(Protocol):
+    """A ``[[gateway.tenants]]`` entry (``TenantConfig`` satisfies it)."""
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def api_key(self) -> str | None: ...
+
+    @property
+    def api_key_env(self) -> str | None: ...
+
+
+def _tenant_keys(
+    tenants: Sequence[TenantSettings],
+    keys: Sequence[str],
+    admin: str | None,
+    environ: Mapping[str, str],
+) -> tuple[tuple[str, str], ...]:
+    """(key, user) of each tenant, its key read from ``api_key_env`` when the config loader
+    has not done so; a key that is also a plain API key, the admin token or another
+    tenant's raises :class:`ConfigError`."""
+    from sage_llm.config_schema import tenant_key_problem
+
+    out: list[tuple[str, str]] = []
+    earlier: dict[str, int] = {}
+    for index, tenant in enumerate(tenants):
+        where = f"tenants[{index}].api_key"
+        key = tenant.api_key
+        if tenant.api_key_env is not None:
+            where += "_env"
+            key = key or _env_value(tenant.api_key_env, where, environ)
+        if key is None:  # (TenantConfig requires one of the two)
+            raise ConfigError("is required (or api_key_env)", key=f"gateway.{where}")
+        if (problem := tenant_key_problem(key, keys, admin, earlier)) is not None:
+            raise ConfigError(problem, key=f"gateway.{where}")
+        earlier.setdefault(key, index)
+        out.append((key, tenant.user))
+    return tuple(out)
+
+
 def _positive_or_none(key: str, value: float | None) -> float | None:
     if value is None or value == 0:
         return None
@@ -122,6 +163,9 @@ class ResolvedGateway:
     """
 
     api_keys: tuple[str, ...] = ()
+    """Every key the OpenAI routes take: ``api_keys`` and the tenants' keys."""
+    tenant_keys: tuple[tuple[str, str], ...] = ()
+    """(key, user) of each tenant: a request with that key is that user's."""
     admin_token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     max_prompt_tokens: int | None = None
@@ -156,6 +200,7 @@ class ResolvedGateway:
                 "is also one of the API keys: the admin token must be another",
                 key="gateway.admin_token" if settings.admin_token else "gateway.admin_token_env",
             )
+        tenant_keys = _tenant_keys(getattr(settings, "tenants", ()), keys, admin, env)
         if settings.max_body_bytes < 1:
             raise ConfigError("must be >= 1", key="gateway.max_body_bytes")
         prompt_limit = settings.max_prompt_tokens
@@ -165,7 +210,8 @@ class ResolvedGateway:
         if tokens_limit is not None and tokens_limit < 1:
             raise ConfigError("must be >= 1", key="gateway.max_tokens_limit")
         return cls(
-            api_keys=tuple(dict.fromkeys(keys)),
+            api_keys=tuple(dict.fromkeys([*keys, *(key for key, _ in tenant_keys)])),
+            tenant_keys=tenant_keys,
             admin_token=admin,
             max_body_bytes=int(settings.max_body_bytes),
             max_prompt_tokens=prompt_limit,
