@@ -10,7 +10,7 @@ import pytest
 
 from sage_llm import ControlPlaneManager
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
-from sage_llm.control_plane.scheduling.fair import ANONYMOUS, FairSharePolicy
+from sage_llm.control_plane.scheduling.fair import ANONYMOUS, TOP_USERS, FairSharePolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot
 from sage_llm.errors import ConfigError
 from sage_llm.sim.clock import run_virtual
@@ -83,7 +83,27 @@ def test_an_ended_request_that_never_started_changes_no_counter() -> None:
     assert policy.remove("r") is not None
     policy.on_complete(make_completion_record("r", status=RequestStatus.CANCELLED))
     assert policy.counters() == {"u": 0.0}
-    assert policy.describe()["state"] == {"queued": 0, "ended": 1, "users": 1, "users_waiting": 0}
+    assert policy.describe()["state"] == {
+        "queued": 0, "ended": 1, "users": 1, "users_waiting": 0, "top_users": [],
+    }  # fmt: skip
+
+
+def test_the_status_shows_the_users_with_most_requests_queued_then_running() -> None:
+    policy = FairSharePolicy(FairSharePolicy.Params(user_weights={"b": 2.0}))
+    for n in range(3):
+        policy.push(make_request_info(f"a{n}", arrival=n, user_id="a"))
+    policy.push(make_request_info("b0", arrival=5, user_id="b"))
+    policy.push(make_request_info("b1", arrival=6, user_id="b"))
+    for n in range(TOP_USERS + 2):
+        policy.push(make_request_info(f"c{n}", arrival=10 + n, user_id=f"c{n}"))
+    assert policy.pop(SNAP) is not None  # a0: a keeps 2 queued, 1 running
+    top = policy.describe()["state"]["top_users"]  # type: ignore[index]
+    assert len(top) == TOP_USERS
+    assert top[:2] == [
+        {"user": "a", "queued": 2, "running": 1, "counter": 200.0, "weight": 1.0},
+        {"user": "b", "queued": 2, "running": 0, "counter": 0.0, "weight": 2.0},
+    ]
+    assert all(u["queued"] == 1 for u in top[2:])
 
 
 def test_a_request_put_back_is_given_its_charge_back() -> None:

@@ -43,6 +43,7 @@ be lifted there anyway).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import asdict, dataclass, field
 
 from sage_llm.control_plane.scheduling._params import check_positive, check_weights
@@ -52,6 +53,9 @@ from sage_llm.types import RequestStatus
 
 ANONYMOUS = ""
 """The user of the requests that name none."""
+
+TOP_USERS = 10
+"""The users with the most requests queued (then running) that the status shows."""
 
 _OUTPUT_ALPHA = 0.2
 """EWMA weight of a request's output tokens in its user's expected output."""
@@ -284,6 +288,21 @@ class FairSharePolicy(QueuedPolicy):
         state = super()._state()
         state["users"] = len(self._flows)
         state["users_waiting"] = sum(1 for f in self._flows.values() if f.queued)
+        busiest = heapq.nlargest(
+            TOP_USERS,
+            ((user, f) for user, f in self._flows.items() if f.queued or f.running),
+            key=lambda item: (item[1].queued, item[1].running),
+        )
+        state["top_users"] = [
+            {
+                "user": user,
+                "queued": f.queued,
+                "running": f.running,
+                "counter": round(f.counter, 3),
+                "weight": f.weight,
+            }
+            for user, f in busiest
+        ]
         return state
 
     def counters(self) -> dict[str, float]:
