@@ -51,7 +51,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -115,18 +115,22 @@ def fleet(engines: int, cap: int) -> list[ExecutionInstance]:
     ]
 
 
-def setups(cap: int, open_cap: int) -> list[tuple[str, str, int]]:
-    """(label, policy, max_concurrent_requests) of each run."""
+Setup = tuple[str, str, int, dict[str, Any]]
+"""A run: its label, policy, ``max_concurrent_requests`` and policy parameters."""
+
+
+def setups(cap: int, open_cap: int) -> list[Setup]:
+    """The flood's runs."""
     return [
-        (f"fifo, cap {open_cap}", "fifo", open_cap),
-        (f"fifo, cap {cap}", "fifo", cap),
-        (f"fair, cap {cap}", "fair", cap),
-        (f"adaptive, cap {cap}", "adaptive", cap),
+        (f"fifo, cap {open_cap}", "fifo", open_cap, {}),
+        (f"fifo, cap {cap}", "fifo", cap, {}),
+        (f"fair, cap {cap}", "fair", cap, {}),
+        (f"adaptive, cap {cap}", "adaptive", cap, {}),
     ]
 
 
-def weighted_setups(cap: int, weight: float) -> list[tuple[str, str, int, dict[str, Any]]]:
-    """(label, policy, max_concurrent_requests, policy_params) of each ``--weight`` run."""
+def weighted_setups(cap: int, weight: float) -> list[Setup]:
+    """The ``--weight`` runs."""
     weights = {"user_weights": {BATCH_USERS[0]: weight}}
     return [
         (f"fifo, cap {cap}", "fifo", cap, {}),
@@ -273,29 +277,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({len(load)} requests), seed {args.seed}; seconds"
         + (f"; over HTTP at speed {args.speed:g}" if args.http else "; in process")
     )
-    logs = logs_dir(args.http)
-    print("| setup | users | answered | TTFT p50 | p99 | E2E p50 | p99 | output tok/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for label, policy, cap in setups(args.cap, args.open_cap):
-        if args.http:
-            measured = asyncio.run(
-                run_http(policy, load, args.engines, cap, args.seed, args.speed, logs)
-            )
-        else:
-            measured = run(policy, load, args.engines, cap, args.seed)
-        for line in rows(label, measured):
-            print(line, flush=True)
+    head = "setup | users | answered | TTFT p50 | p99 | E2E p50 | p99 | output tok/s"
+    print_table(args, load, head, setups(args.cap, args.open_cap), rows)
     return 0
 
 
-def logs_dir(http: bool) -> Path:
-    """A new directory for the processes' logs (said when there are processes), then the
-    blank line before the table."""
+def print_table(
+    args: argparse.Namespace,
+    load: Workload,
+    head: str,
+    runs: Iterable[Setup],
+    rows_of: Callable[[str, list[RequestMeasurement]], list[str]],
+) -> None:
+    """Run each setup on ``load`` (in process, or over HTTP with ``--http``, the processes'
+    logs in a new directory, said) and print its rows under the markdown header ``head``
+    (its columns ``|``-separated, the first two left-aligned)."""
     logs = Path(tempfile.mkdtemp(prefix="fair-share-"))
-    if http:
+    if args.http:
         print(f"(the processes' logs: {logs})")
     print()
-    return logs
+    columns = head.count("|") + 1
+    print(f"| {head} |")
+    print("|---|---|" + "---:|" * (columns - 2))
+    for label, policy, cap, params in runs:
+        if args.http:
+            measured = asyncio.run(
+                run_http(policy, load, args.engines, cap, args.seed, args.speed, logs, params)
+            )
+        else:
+            measured = run(policy, load, args.engines, cap, args.seed, params)
+        for line in rows_of(label, measured):
+            print(line, flush=True)
 
 
 def main_weighted(args: argparse.Namespace) -> int:
@@ -306,18 +318,9 @@ def main_weighted(args: argparse.Namespace) -> int:
         f"({len(load)} requests), seed {args.seed}; work started in the 2nd half of arrivals"
         + (f"; over HTTP at speed {args.speed:g}" if args.http else "; in process")
     )
-    logs = logs_dir(args.http)
-    print("| setup | user | answered | started in 2nd half | their tok/s | share | TTFT p50 (s) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for label, policy, cap, params in weighted_setups(args.cap, args.weight):
-        if args.http:
-            measured = asyncio.run(
-                run_http(policy, load, args.engines, cap, args.seed, args.speed, logs, params)
-            )
-        else:
-            measured = run(policy, load, args.engines, cap, args.seed, params)
-        for line in share_rows(label, measured, args.duration_s):
-            print(line, flush=True)
+    head = "setup | user | answered | started in 2nd half | their tok/s | share | TTFT p50 (s)"
+    runs = weighted_setups(args.cap, args.weight)
+    print_table(args, load, head, runs, lambda label, ms: share_rows(label, ms, args.duration_s))
     return 0
 
 

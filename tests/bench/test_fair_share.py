@@ -52,14 +52,20 @@ def test_under_overload_fair_starts_the_light_users_requests_first(script: Modul
     assert heavy_tokens["fair"] == heavy_tokens["fifo"]  # every request answered in full
 
 
+def printed_runs(
+    script: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> list[list[str]]:
+    """The setup and user cells of each table row ``main(argv)`` prints."""
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    return [line.split(" | ")[:2] for line in out if line.startswith(("| f", "| a"))]
+
+
 def test_main_prints_four_setups_for_both_user_classes(
     script: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--duration-s", "3", "--heavy-rate", "2", "--cap", "4", "--open-cap", "8"]
-    assert script.main(argv) == 0
-    out = capsys.readouterr().out.splitlines()
-    rows = [line for line in out if line.startswith(("| f", "| a"))]
-    assert [row.split(" | ")[:2] for row in rows] == [
+    assert printed_runs(script, argv, capsys) == [
         ["| fifo, cap 8", "light"], ["| fifo, cap 8", "heavy"],
         ["| fifo, cap 4", "light"], ["| fifo, cap 4", "heavy"],
         ["| fair, cap 4", "light"], ["| fair, cap 4", "heavy"],
@@ -118,10 +124,7 @@ def test_main_with_a_weight_prints_three_setups_for_both_batch_users(
     script: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--weight", "3", "--duration-s", "3", "--heavy-rate", "2", "--cap", "4"]
-    assert script.main(argv) == 0
-    out = capsys.readouterr().out.splitlines()
-    rows = [line.split(" | ")[:2] for line in out if line.startswith("| f")]
-    assert rows == [
+    assert printed_runs(script, argv, capsys) == [
         ["| fifo, cap 4", "batch-a"], ["| fifo, cap 4", "batch-b"],
         ["| fair, cap 4", "batch-a"], ["| fair, cap 4", "batch-b"],
         ["| fair, batch-a weight 3, cap 4", "batch-a"],

@@ -103,8 +103,8 @@ def test_options_needs_no_credentials(path: str) -> None:
         authorize(make_mocked_request("POST", path), ["k1"], "s3cret")
 
 
-def test_matches_any_has_no_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Constant time: every secret is compared, also after the first one matched."""
+def compared_secrets(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The secrets ``hmac.compare_digest`` is given from now on, in order."""
     compared: list[bytes] = []
     real = hmac.compare_digest
 
@@ -113,6 +113,12 @@ def test_matches_any_has_no_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", counting)
+    return compared
+
+
+def test_matches_any_has_no_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constant time: every secret is compared, also after the first one matched."""
+    compared = compared_secrets(monkeypatch)
     assert matches_any("a", ["a", "b", "c"])
     assert compared == [b"a", b"b", b"c"]
 
@@ -129,13 +135,6 @@ def test_a_tenant_key_names_its_user_every_key_compared(monkeypatch: pytest.Monk
     assert tenant_user("kd", pairs) is None
     assert tenant_user(None, pairs) is None
     assert tenant_user("\udcff", pairs) is None  # not UTF-8: no user, not an error
-    compared: list[bytes] = []
-    real = hmac.compare_digest
-
-    def counting(a: bytes, b: bytes) -> bool:
-        compared.append(b)
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", counting)
+    compared = compared_secrets(monkeypatch)
     assert tenant_user("ka", pairs) == "team-a"
     assert compared == [b"ka", b"kb", b"kc"]  # no early exit
