@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sage_llm import (
     ControlPlaneManager,
@@ -460,6 +461,33 @@ def test_policy_switch_keeps_queued_requests() -> None:
             # a request lost in the switch fails here by name (not a hang)
             results = [await asyncio.wait_for(cp.wait_for_result(i), 5) for i in ids]
         assert all(r.status is RequestStatus.COMPLETED for r in results)
+
+    run_virtual(main())
+
+
+def test_the_users_a_policy_weighs_get_series_of_their_own() -> None:
+    """``fair``'s ``user_weights`` users, given at start or by a switch, are counted apart
+    in the ``user_*`` metrics; the other users together."""
+
+    def requests_by_user(cp: ControlPlaneManager) -> dict[str, float]:
+        return {
+            s.labels["user"]: s.value
+            for family in text_string_to_metric_families(cp.metrics.exposition().decode())
+            for s in family.samples
+            if s.name == "sage_llm_user_requests_total"
+        }
+
+    async def main() -> None:
+        weights = {"user_weights": {"gold": 2.0}}
+        async with _manager(scheduling_policy="fair", policy_params=weights) as cp:
+            for n, user in enumerate(["gold", "gold", "silver", "bronze"]):
+                await cp.submit_request(make_metadata(f"a{n}", user_id=user))
+                await cp.wait_for_result(f"a{n}")
+            assert requests_by_user(cp) == {"gold": 2.0, "(other)": 2.0}
+            cp.update_policy("adaptive", {"user_weights": {"silver": 3.0}})
+            await cp.submit_request(make_metadata("b", user_id="silver"))
+            await cp.wait_for_result("b")
+            assert requests_by_user(cp) == {"gold": 2.0, "(other)": 2.0, "silver": 1.0}
 
     run_virtual(main())
 

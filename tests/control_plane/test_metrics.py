@@ -207,3 +207,51 @@ def test_pd_figures_count_ended_prefill_legs_per_leg_costs_handoffs_and_us() -> 
     assert report.metadata["avg_handoff_ms"] == pytest.approx(30.0)
     assert report.metadata["avg_prefill_leg_ms"] == pytest.approx(100.0)
     assert report.avg_routing_decision_time_us == pytest.approx(20.0)
+
+
+def _finish_user(
+    metrics: ControlPlaneMetrics,
+    user: str | None,
+    status: RequestStatus = RequestStatus.COMPLETED,
+    *,
+    queue_ms: float = 0.0,
+) -> None:
+    result = RequestResult(
+        request_id="r",
+        status=status,
+        queue_wait_ms=queue_ms,
+        prompt_tokens=100,
+        completion_tokens=20,
+        instance_id="i1",
+    )
+    metrics.on_finished(
+        result, model="m", policy="fair", priority=RequestPriority.NORMAL, user=user
+    )
+
+
+def test_no_user_series_until_users_are_tracked() -> None:
+    metrics = ControlPlaneMetrics()
+    _finish_user(metrics, "alice")
+    assert _samples(metrics, "sage_llm_user_requests_total") == {}
+
+
+def test_tracked_users_have_their_own_series_the_rest_one_together() -> None:
+    metrics = ControlPlaneMetrics()
+    metrics.track_users(["alice", ""])
+    _finish_user(metrics, "alice", queue_ms=2_000.0)
+    _finish_user(metrics, "alice", RequestStatus.CANCELLED)
+    _finish_user(metrics, "bob")
+    _finish_user(metrics, "carol")
+    _finish_user(metrics, None)
+    assert _samples(metrics, "sage_llm_user_requests_total") == {
+        (("status", "completed"), ("user", "alice")): 1.0,
+        (("status", "cancelled"), ("user", "alice")): 1.0,
+        (("status", "completed"), ("user", "(other)")): 2.0,
+        (("status", "completed"), ("user", "(none)")): 1.0,
+    }
+    assert _samples(metrics, "sage_llm_user_output_tokens_total") == {
+        (("user", "alice"),): 40.0, (("user", "(other)"),): 40.0, (("user", "(none)"),): 20.0,
+    }  # fmt: skip
+    assert _samples(metrics, "sage_llm_user_prompt_tokens_total")[(("user", "alice"),)] == 200.0
+    waits = _samples(metrics, "sage_llm_user_queue_time_seconds_sum")
+    assert waits[(("user", "alice"),)] == pytest.approx(2.0)

@@ -486,6 +486,10 @@ async def test_a_tenants_key_makes_its_requests_that_users_whatever_they_say(lea
             client.api_key = "sk-a"
             await client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, user="x")
         assert set(policy.counters()) == {"team-a", "proxy-said", "body-said"}
+        async with http.get(gw.url("/metrics")) as r:  # a tenant has series of its own
+            exposition = await r.text()
+        assert 'sage_llm_user_requests_total{status="completed",user="team-a"} 3.0' in exposition
+        assert 'sage_llm_user_requests_total{status="completed",user="(other)"} 2.0' in exposition
 
 
 async def test_request_id_is_honoured_and_echoed() -> None:

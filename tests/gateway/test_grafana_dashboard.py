@@ -61,8 +61,9 @@ async def test_every_dashboard_query_uses_an_exported_metric() -> None:
     assert all(name.startswith("sage_llm_") for name in used)
 
     async with serve(2) as gw, aiohttp.ClientSession() as http:
+        gw.manager.metrics.track_users(["team-a"])  # (as a tenant is): the user series
         for i in range(3):
-            body = completion_body(slo_deadline_ms=60_000, stream=i == 0)
+            body = completion_body(slo_deadline_ms=60_000, stream=i == 0, user="team-a")
             async with http.post(gw.url("/v1/completions"), json=body) as r:
                 assert r.status == 200
                 await r.read()

@@ -1746,6 +1746,7 @@ class Dispatcher:
             # SLO attainment is by the priority the application gave (not a demotion's)
             priority=info.priority if slo_met is None else RequestPriority.parse(rec.meta.priority),
             predicted_e2e_s=rec.predicted_e2e_s,
+            user=info.user_id,
         )
         policy = self.policy
         counting = self.counting

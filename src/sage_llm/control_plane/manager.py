@@ -81,6 +81,7 @@ from sage_llm.control_plane.scheduling.admission import (
     check_queue_bound,
 )
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy, policy_label
+from sage_llm.control_plane.scheduling.fair import weighted_users
 from sage_llm.control_plane.scheduling.registry import (
     POLICY_NAMES,
     build_policy,
@@ -299,6 +300,7 @@ class ControlPlaneManager:
         plugins.raise_any()
         assert policy is not None
         assert router is not None
+        self._metrics.track_users(weighted_users(policy))
         self._dispatcher: Dispatcher | None = None
         self._pending_policy = policy
         self._pending_router = router
@@ -1383,6 +1385,7 @@ class ControlPlaneManager:
     def update_policy(self, name: str, params: Mapping[str, Any] | None = None) -> None:
         """Switch the scheduling policy at run time; queued requests move to the new one."""
         new = build_policy(name, params)
+        self._metrics.track_users(weighted_users(new))
         old = self._dispatcher.policy if self._dispatcher else self._pending_policy
         moved = old.drain()  # in the old policy's order: pushed in the order they came,
         if self._dispatcher is not None:  # so that the new one breaks its ties as it would

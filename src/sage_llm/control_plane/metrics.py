@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import (
@@ -53,6 +54,20 @@ TOKEN_LATENCY_BUCKETS = (
 DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 
 PREFIX = "sage_llm"
+OTHER_USERS = "(other)"
+"""The ``user`` label of the requests of the users not tracked
+(:meth:`ControlPlaneMetrics.track_users`)."""
+NO_USER = "(none)"
+"""The ``user`` label of the requests that name no user, when ``""`` is tracked."""
+
+
+class _UserSeries(NamedTuple):
+    """One (user, status)'s children of the ``user_*`` metrics."""
+
+    requests: LiteValue
+    prompt_tokens: LiteValue
+    output_tokens: LiteValue
+    queue_time: LiteHistogramChild
 
 
 class ControlPlaneMetrics:
@@ -119,6 +134,37 @@ class ControlPlaneMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.user_requests = LiteCounter(
+            f"{PREFIX}_user_requests",
+            "Requests that ended, by user (those named in the configuration: tenants, "
+            f"user_weights; '{OTHER_USERS}' the rest, '{NO_USER}' requests naming none) "
+            "and final status.",
+            ["user", "status"],
+            registry=r,
+        )
+        self.user_prompt_tokens = LiteCounter(
+            f"{PREFIX}_user_prompt_tokens",
+            "Prompt tokens of the requests that ended, by user (as user_requests).",
+            ["user"],
+            registry=r,
+        )
+        self.user_output_tokens = LiteCounter(
+            f"{PREFIX}_user_output_tokens",
+            "Tokens generated for the requests that ended, by user (as user_requests).",
+            ["user"],
+            registry=r,
+        )
+        self.user_queue_time = LiteHistogram(
+            f"{PREFIX}_user_queue_time_seconds",
+            "Time a request that ended waited in the control plane's queue, by user (as "
+            "user_requests).",
+            ["user"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._tracked_users: set[str] = set()
+        """The users with series of their own (:meth:`track_users`); none: no user series."""
+        self._user_children: dict[tuple[str, str], _UserSeries] = {}
         self.queue_depth = PeakGauge(
             f"{PREFIX}_queue_depth", "Requests waiting in the queue.", registry=r
         )
@@ -305,6 +351,30 @@ class ControlPlaneMetrics:
         self._embedding_series.setdefault(instance_id, set()).add((status, model))
         self.embeddings.labels(status=status, model=model, instance_id=instance_id).inc()
 
+    def track_users(self, users: Iterable[str]) -> None:
+        """Give ``users`` series of their own in the ``user_*`` metrics (``""``: the
+        requests that name none); once any user is tracked, the others' requests are
+        counted together. Users are added, never removed: the set is what the
+        configuration names, bounded by it."""
+        self._tracked_users.update(users)
+
+    def _on_user_finished(self, result: RequestResult, user: str | None) -> None:
+        name = user or ""
+        label = (name or NO_USER) if name in self._tracked_users else OTHER_USERS
+        status = result.status.value
+        series = self._user_children.get((label, status))
+        if series is None:
+            series = self._user_children[(label, status)] = _UserSeries(
+                self.user_requests.labels(user=label, status=status),
+                self.user_prompt_tokens.labels(user=label),
+                self.user_output_tokens.labels(user=label),
+                self.user_queue_time.labels(user=label),
+            )
+        series.requests.inc()
+        series.prompt_tokens.inc(result.prompt_tokens)
+        series.output_tokens.inc(result.completion_tokens)
+        series.queue_time.observe(result.queue_wait_ms / 1000.0)
+
     def on_finished(
         self,
         result: RequestResult,
@@ -313,7 +383,11 @@ class ControlPlaneMetrics:
         policy: str,
         priority: RequestPriority,
         predicted_e2e_s: float | None = None,
+        user: str | None = None,
     ) -> None:
+        """A request ended: ``user`` is its ``user_id`` (for the ``user_*`` metrics)."""
+        if self._tracked_users:
+            self._on_user_finished(result, user)
         status = result.status
         self._counts[status] += 1
         self._queued_ms += result.queue_wait_ms

@@ -66,6 +66,7 @@ def create_app(
     )
     app[MANAGER_KEY] = manager
     app[SETTINGS_KEY] = settings
+    manager.metrics.track_users(user for _, user in settings.tenant_keys)  # their own series
     openai = OpenAIRoutes(manager, settings)
     document = build_openapi()
 

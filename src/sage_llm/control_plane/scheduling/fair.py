@@ -44,6 +44,7 @@ be lifted there anyway).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from sage_llm.control_plane.scheduling._params import check_positive, check_weights
@@ -311,3 +312,10 @@ class FairSharePolicy(QueuedPolicy):
 
 
 FairShareParams = FairSharePolicy.Params
+
+
+def weighted_users(policy: object) -> tuple[str, ...]:
+    """The users ``policy``'s parameters weigh (``user_weights`` of ``fair`` and
+    ``adaptive``; none for another policy)."""
+    weights = getattr(getattr(policy, "params", None), "user_weights", None)
+    return tuple(weights) if isinstance(weights, Mapping) else ()
