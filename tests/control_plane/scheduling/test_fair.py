@@ -14,7 +14,7 @@ from sage_llm.control_plane.scheduling.fair import ANONYMOUS, TOP_USERS, FairSha
 from sage_llm.control_plane.snapshot import ClusterSnapshot
 from sage_llm.errors import ConfigError
 from sage_llm.sim.clock import run_virtual
-from sage_llm.types import RequestStatus
+from sage_llm.types import RequestPriority, RequestStatus
 from tests.factories import (
     make_completion_record,
     make_instance,
@@ -61,6 +61,21 @@ def test_two_users_with_equal_requests_take_turns_oldest_first_within_each() -> 
     for n in range(3):
         policy.push(make_request_info(f"b{n}", arrival=10 + n, user_id="b"))
     assert pop_all(policy) == ["a0", "b0", "a1", "b1", "a2", "b2"]
+
+
+def test_within_a_user_the_most_urgent_request_goes_first_never_before_anothers_turn() -> None:
+    """A user's critical request, sent last, is its first to start; the other user's
+    turn comes as it would (users alternate), and its own requests stay oldest first."""
+    policy = FairSharePolicy()
+    for n in range(3):
+        policy.push(make_request_info(f"a{n}", arrival=n, user_id="a"))
+    policy.push(make_request_info("b0", arrival=3, user_id="b"))
+    policy.push(make_request_info("b1", arrival=4, user_id="b"))
+    urgent = make_request_info("a-crit", arrival=5, priority=RequestPriority.CRITICAL, user_id="a")
+    policy.push(urgent)
+    late = make_request_info("a-low", arrival=0.5, priority=RequestPriority.LOW, user_id="a")
+    policy.push(late)
+    assert pop_all(policy) == ["a-crit", "b0", "a0", "b1", "a1", "a2", "a-low"]
 
 
 def test_a_start_charges_prompt_and_expected_output_and_the_end_corrects_it() -> None:

@@ -6,7 +6,7 @@ requests without one share one anonymous user):
 
 * a request starts when its user's counter is the lowest among the users with a request
   the fleet can start now (at equal counters, the user served least recently); within a
-  user, oldest first;
+  user, the most urgent priority first, then the oldest;
 * as it starts, its user's counter grows by the work it will cost:
   ``prompt_weight × prompt tokens + output_weight × expected output tokens``; the expected
   output is the smaller of its ``max_tokens`` and the mean output of the user's recent
@@ -28,15 +28,17 @@ requests start ahead of a heavy user's backlog. Under light load, with no queue,
 first come, first served. It orders only what the control plane queues: requests wait in
 the control plane only while every instance is at its concurrency bound
 (``max_concurrent_requests``), so set that bound near what an engine runs at once, or an
-engine's own first-come-first-served queue decides instead. Priorities and deadlines are
-not read (the queue's users are its classes).
+engine's own first-come-first-served queue decides instead. Priorities order a user's own
+requests only: a user's urgent request goes before its other ones, never before another
+user's turn. Deadlines are not read.
 
 A request put back in the queue (no instance could take it after all, or a failed attempt
 to be retried) has its charge given back, and its user its place (it is not a user
 joining); it is charged again when it starts again.
 
 Costs: ``push`` O(log n), plus O(users waiting) when its user joins; ``pop`` compares the
-head of each waiting user's lane, O(users waiting). Memory: a user is forgotten once it has
+heads of each waiting user's lanes (one per priority level it has queued), O(users
+waiting). Memory: a user is forgotten once it has
 nothing queued or running and its counter is no higher than where a user joins (it would
 be lifted there anyway).
 """
@@ -50,10 +52,13 @@ from dataclasses import asdict, dataclass, field
 from sage_llm.control_plane.scheduling._params import check_positive, check_weights
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
-from sage_llm.types import RequestStatus
+from sage_llm.types import RequestPriority, RequestStatus
 
 ANONYMOUS = ""
 """The user of the requests that name none."""
+
+_LEVELS = len(RequestPriority)
+"""Queue lanes per user: one per priority level (lane ``user's lane × _LEVELS + level``)."""
 
 TOP_USERS = 10
 """The users with the most requests queued (then running) that the status shows."""
@@ -169,11 +174,13 @@ class FairSharePolicy(QueuedPolicy):
         return lane
 
     def _place(self, req: RequestInfo) -> tuple[int, float]:
-        return self._flows[req.user_id or ANONYMOUS].lane, req.arrival
+        lane = self._flows[req.user_id or ANONYMOUS].lane
+        return lane * _LEVELS + int(req.priority), req.arrival
 
     def _rank(self, entry: QueueEntry, now: float) -> Rank:
-        flow = self._by_lane[entry.lane]
-        return (flow.counter, float(flow.served), entry.req.arrival, entry.seq)
+        flow = self._by_lane[entry.lane // _LEVELS]
+        level = entry.lane % _LEVELS
+        return (flow.counter, float(flow.served), float(level), entry.req.arrival, entry.seq)
 
     def push(self, req: RequestInfo) -> None:
         start = self._started.pop(req.request_id, None)
@@ -207,7 +214,7 @@ class FairSharePolicy(QueuedPolicy):
     def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
         self.observe(snap)
         cands = self._queue.candidates(snap)
-        self._startable = {entry.lane for entry in cands}
+        self._startable = {entry.lane // _LEVELS for entry in cands}
         if len(cands) < 2:
             return cands[0] if cands else None
         now = snap.now
