@@ -561,7 +561,8 @@ class ControlPlaneConfig:
 class TenantConfig:
     """One ``[[gateway.tenants]]`` entry: an API key whose requests are ``user``'s, whatever
     their ``user`` field or ``x-sage-user`` header says (the user the ``fair`` policy
-    shares by, and the session without ``x-session-id``). The key comes from the file
+    shares by; their session is still their own: ``x-session-id``, else that field or
+    header). The key comes from the file
     (``api_key``) or from an environment variable (``api_key_env``), one of the two; it
     is an API key as those of ``api_keys`` are, and none of them."""
 

@@ -169,6 +169,22 @@ def test_headers_win_over_body_fields() -> None:
     assert body_only.session_id == "body-user"
 
 
+def test_a_tenants_key_decides_the_user_not_the_session() -> None:
+    settings = replace(SETTINGS, tenant_keys=(("sk-a", "team-a"),))
+    body = {"model": MODEL, "prompt": "Hi", "user": "end-user-7"}
+    tenant = {"authorization": "Bearer sk-a", "x-sage-user": "someone"}
+    meta = _parse(body, tenant, settings=settings).meta
+    assert (meta.user_id, meta.session_id) == ("team-a", "someone")
+    meta = _parse(body, {"authorization": "Bearer sk-a"}, settings=settings).meta
+    assert (meta.user_id, meta.session_id) == ("team-a", "end-user-7")
+    assert meta.extra_body["user"] == "end-user-7"
+    alone = _parse({"model": MODEL, "prompt": "Hi"}, {"authorization": "Bearer sk-a"},
+                   settings=settings).meta  # fmt: skip
+    assert (alone.user_id, alone.session_id) == ("team-a", None)
+    plain = _parse(body, {"authorization": "Bearer other"}, settings=settings).meta
+    assert (plain.user_id, plain.session_id) == ("end-user-7", "end-user-7")
+
+
 def test_timeout_is_the_tighter_of_request_timeout_and_slo() -> None:
     assert _parse({"model": MODEL, "prompt": "Hi", "slo_deadline_ms": 2000}).timeout_s == 2.0
     assert _parse({"model": MODEL, "prompt": "Hi", "slo_deadline_ms": 90_000}).timeout_s == 60.0

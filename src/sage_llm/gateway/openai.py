@@ -440,12 +440,14 @@ def parse_generation(
     if (given := headers.get(BUDGET_HEADER)) is not None:
         budget = _budget_header(given)
     # OpenAI takes an empty user: no user, no session; a proxy's header wins over the body,
-    # and a tenant's key over both
-    tenant = None
+    # and a tenant's key over both (but not as the session: a tenant's requests are not
+    # one conversation, to be kept on one instance)
+    named = headers.get(USER_HEADER, "").strip() or user or None
+    user = named
     if settings.tenant_keys:
         tenant = tenant_user(bearer_token(headers.get("authorization")), settings.tenant_keys)
-    user = tenant or headers.get(USER_HEADER, "").strip() or user or None
-    session = headers.get(SESSION_HEADER, "").strip() or user
+        user = tenant or named
+    session = headers.get(SESSION_HEADER, "").strip() or named
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if stream and (given := body.get("stream_options")):  # its other fields go on unchanged
         passed = {k: v for k, v in given.items() if k not in _USAGE_OPTIONS}
