@@ -4,6 +4,7 @@ the light users' requests start ahead of the heavy user's backlog under ``fair``
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -76,6 +77,18 @@ def test_main_prints_four_setups_for_both_user_classes(
 def test_main_refuses_a_bad_rate(script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     err = usage_error(script.main, ["--heavy-rate", "0"], capsys)
     assert "argument --heavy-rate: must be a finite number > 0, got 0" in err
+
+
+def test_the_second_half_is_counted_from_the_first_arrival(script: ModuleType) -> None:
+    """Over HTTP the measured times have another origin than the workload's."""
+    load = script.batch_workload(4.0, 10.0, 0)
+    ms = script.run("fair", load, 1, 8, 0)
+    shifted = [replace(m, arrival_s=m.arrival_s + 1e4, first_token_s=(m.first_token_s or 0) + 1e4,
+                       end_s=m.end_s + 1e4) for m in ms]  # fmt: skip
+    ids = {u: [m.request_id for m in v] for u, v in script.second_half(ms, 10.0).items()}
+    assert sum(map(len, ids.values())) > 0
+    again = script.second_half(shifted, 10.0)
+    assert {u: [m.request_id for m in v] for u, v in again.items()} == ids
 
 
 def test_over_http_a_setup_runs_on_engine_sim_processes_behind_the_gateway(
