@@ -1779,8 +1779,8 @@ class ControlPlaneManager:
                 verdict = policy.admit(info, snap)
         if not verdict.admitted:
             reason = verdict.reason
-            if verdict.kind == "queue_full":
-                self._metrics.on_rejected("queue_full", model)
+            if verdict.kind in ("queue_full", "user_queue_full"):
+                self._metrics.on_rejected(verdict.kind, model)
                 raise QueueFullError(reason, retry_after_s=verdict.retry_after_s)
             if verdict.kind == "slo_infeasible":
                 self._metrics.on_rejected("slo_infeasible", model)

@@ -63,6 +63,7 @@ _NO_EXCLUSIONS: frozenset[str] = frozenset()
 _COMPLETED, _FAILED = RequestStatus.COMPLETED, RequestStatus.FAILED
 _ERRORS = {
     "queue_full": "QueueFullError",
+    "user_queue_full": "QueueFullError",
     "slo_infeasible": "SLOInfeasibleError",
     "over_budget": "OverBudgetError",
     "policy": "AdmissionError",

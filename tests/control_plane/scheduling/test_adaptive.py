@@ -283,7 +283,9 @@ def test_many_users_alike_or_a_single_user_do_not_switch_to_fair() -> None:
 
 def test_its_fair_shares_by_the_user_weights_it_was_given() -> None:
     """The heavy user, weighted 8, is charged an eighth of its requests' work."""
-    policy = AdaptivePolicy(AdaptivePolicy.Params(user_weights={"heavy": 8.0}))
+    policy = AdaptivePolicy(
+        AdaptivePolicy.Params(user_weights={"heavy": 8.0}, max_queued_per_user=100)
+    )
     assert policy.describe()["params"]["user_weights"] == {"heavy": 8.0}  # type: ignore[index]
     push_flood(policy, 24, 6)
     tick(policy, 0.0, 2.0)
@@ -294,6 +296,7 @@ def test_its_fair_shares_by_the_user_weights_it_was_given() -> None:
     ]  # fmt: skip
     fair = policy._inner["fair"]
     assert isinstance(fair, FairSharePolicy)
+    assert fair.params.max_queued_per_user == 100
     # two starts of prompt 100 + 2 × 50 expected output, each divided by 8; a light user's 200
     assert fair.counters()["heavy"] == pytest.approx(2 * 200 / 8)
     assert fair.counters()["light0"] == pytest.approx(200)

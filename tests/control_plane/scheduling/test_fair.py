@@ -12,10 +12,11 @@ from sage_llm import ControlPlaneManager
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.fair import ANONYMOUS, TOP_USERS, FairSharePolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot
-from sage_llm.errors import ConfigError
+from sage_llm.errors import ConfigError, QueueFullError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.types import RequestPriority, RequestStatus
 from tests.factories import (
+    MODEL,
     make_completion_record,
     make_instance,
     make_instance_view,
@@ -40,7 +41,7 @@ def test_fair_is_a_scheduling_policy_named_fair() -> None:
     assert policy.name == "fair"
     assert policy.describe()["params"] == {
         "prompt_weight": 1.0, "output_weight": 2.0, "default_output_tokens": 256.0,
-        "user_weights": {},
+        "user_weights": {}, "max_queued_per_user": None,
     }  # fmt: skip
 
 
@@ -416,3 +417,56 @@ def test_a_parked_request_earns_its_user_no_credit_for_its_other_requests() -> N
     policy.push(make_request_info("x1", arrival=10, prompt_tokens=100, user_id="x"))
     assert policy.counters()["x"] == 800.0  # not 0
     assert pop_all(policy) == ["b4", "x1", "b5"]
+
+
+def test_a_user_with_max_queued_per_user_queued_is_refused_the_others_not() -> None:
+    policy = FairSharePolicy(FairSharePolicy.Params(max_queued_per_user=2))
+    snap = make_snapshot(1, now=100.0)
+    for n in range(2):
+        req = make_request_info(f"h{n}", arrival=n, user_id="heavy")
+        assert policy.admit(req, snap).admitted
+        policy.push(req)
+    verdict = policy.admit(make_request_info("h2", arrival=3, user_id="heavy"), snap)
+    assert not verdict.admitted
+    assert verdict.kind == "user_queue_full"
+    assert verdict.reason == "user 'heavy' has 2 requests queued (max_queued_per_user 2)"
+    assert verdict.retry_after_s is not None and verdict.retry_after_s > 0
+    assert policy.admit(make_request_info("l0", user_id="light"), snap).admitted
+    assert policy.pop(SNAP) is not None  # one of heavy's starts: room for one more
+    assert policy.admit(make_request_info("h2", arrival=3, user_id="heavy"), snap).admitted
+    unbounded = FairSharePolicy()
+    for n in range(50):
+        unbounded.push(make_request_info(f"u{n}", user_id="heavy"))
+    assert unbounded.admit(make_request_info("u50", user_id="heavy"), snap).admitted
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_max_queued_per_user_is_a_count(bad: object) -> None:
+    with pytest.raises(ConfigError, match="max_queued_per_user"):
+        FairSharePolicy.Params(max_queued_per_user=bad)  # type: ignore[arg-type]
+
+
+def test_through_the_control_plane_a_flooding_user_is_refused_before_the_queue_fills() -> None:
+    """One slot; a queue of 6; a user bounded to 3 queued: its fourth waiting request gets
+    a QueueFullError naming it, and a light user's request is still taken and served."""
+
+    async def main() -> None:
+        params = {"max_queued_per_user": 3}
+        cp = ControlPlaneManager(
+            scheduling_policy="fair", policy_params=params, mode="simulated", max_queue_size=6
+        )
+        cp.register_instance(make_instance("i0", max_concurrent_requests=1))
+        async with cp:
+            ids = [await cp.submit_request(make_metadata("h0", user_id="heavy", max_tokens=50))]
+            await asyncio.sleep(0.001)  # it runs; three more queue
+            for n in range(1, 4):
+                ids.append(await cp.submit_request(make_metadata(f"h{n}", user_id="heavy")))
+            with pytest.raises(QueueFullError, match="user 'heavy' has 3 requests queued"):
+                await cp.submit_request(make_metadata("h4", user_id="heavy"))
+            ids.append(await cp.submit_request(make_metadata("light", user_id="light")))
+            results = [await cp.wait_for_result(rid) for rid in ids]
+        assert [r.status for r in results] == [RequestStatus.COMPLETED] * 5
+        rejected = cp.metrics.rejected.labels(reason="user_queue_full", model=MODEL)
+        assert rejected._value.get() == 1.0
+
+    run_virtual(main())

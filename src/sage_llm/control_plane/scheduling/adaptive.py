@@ -133,8 +133,9 @@ class AdaptivePolicy:
 
     @dataclass(frozen=True, slots=True)
     class Params:
-        """Thresholds of the switch rule (module docstring); ``user_weights``: the users'
-        shares under its ``fair`` (as ``fair``'s parameter of that name)."""
+        """Thresholds of the switch rule (module docstring); ``user_weights`` and
+        ``max_queued_per_user``: those of its ``fair`` (as ``fair``'s parameters of those
+        names)."""
 
         initial: Literal["fifo", "priority", "slo_aware", "cost_optimized", "fair"] = "fifo"
         eval_interval_s: float = 1.0
@@ -150,8 +151,11 @@ class AdaptivePolicy:
         cost_share: float = 0.2
         user_share: float = 0.6
         user_weights: dict[str, float] = field(default_factory=dict)
+        max_queued_per_user: int | None = None
 
         def __post_init__(self) -> None:
+            if self.max_queued_per_user is not None:
+                check_count("max_queued_per_user", self.max_queued_per_user)
             check_choice("initial", self.initial, INNER_POLICIES)
             check_positive("eval_interval_s", self.eval_interval_s, allow_inf=False)
             if self.eval_interval_s < MIN_EVAL_INTERVAL_S:  # its tick would spin a core
@@ -188,7 +192,11 @@ class AdaptivePolicy:
             "priority": PriorityPolicy(),
             "slo_aware": SLOAwarePolicy(),
             "cost_optimized": CostOptimizedPolicy(),
-            "fair": FairSharePolicy(FairSharePolicy.Params(user_weights=p.user_weights)),
+            "fair": FairSharePolicy(
+                FairSharePolicy.Params(
+                    user_weights=p.user_weights, max_queued_per_user=p.max_queued_per_user
+                )
+            ),
         }
         self._current: str = p.initial
         self._reason = f"initial policy {p.initial}; no load observed yet"

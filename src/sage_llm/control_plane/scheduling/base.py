@@ -33,14 +33,17 @@ class Admission:
     deadline no instance can meet: :class:`~sage_llm.errors.SLOInfeasibleError`, no retry
     hint), ``"over_budget"`` (no instance within the request's cost budget:
     :class:`~sage_llm.errors.OverBudgetError`, no retry hint), ``"queue_full"`` (the
-    manager's queue bound) or ``"policy"`` (any other:
+    manager's queue bound), ``"user_queue_full"`` (a policy's bound on one user's queued
+    requests: :class:`~sage_llm.errors.QueueFullError` too) or ``"policy"`` (any other:
     :class:`~sage_llm.errors.AdmissionError` with ``retry_after_s``)."""
 
     admitted: bool
     reason: str = ""
     retry_after_s: float | None = None
     priority: RequestPriority | None = None
-    kind: Literal["policy", "slo_infeasible", "over_budget", "queue_full"] = "policy"
+    kind: Literal["policy", "slo_infeasible", "over_budget", "queue_full", "user_queue_full"] = (
+        "policy"
+    )
 
 
 ADMIT = Admission(True)

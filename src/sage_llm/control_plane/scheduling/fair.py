@@ -49,8 +49,10 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from sage_llm.control_plane.scheduling._params import check_positive, check_weights
+from sage_llm.control_plane.scheduling._params import check_count, check_positive, check_weights
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
+from sage_llm.control_plane.scheduling.admission import estimate_drain_s
+from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.types import RequestPriority, RequestStatus
 
@@ -113,14 +115,20 @@ class FairSharePolicy(QueuedPolicy):
         ``default_output_tokens``: the output a user's first request is expected to
         generate (at most its ``max_tokens``), until requests of that user have ended.
         ``user_weights``: a user's share against the others' (user id to a number > 0;
-        ``""`` is the requests that name no user); the users not named weigh 1."""
+        ``""`` is the requests that name no user); the users not named weigh 1.
+        ``max_queued_per_user``: a user with this many requests queued has its next one
+        refused (429, ``Retry-After``) until one starts, so that one user's flood cannot
+        fill the control plane's whole queue (None: no bound but the queue's own)."""
 
         prompt_weight: float = 1.0
         output_weight: float = 2.0
         default_output_tokens: float = 256.0
         user_weights: dict[str, float] = field(default_factory=dict)
+        max_queued_per_user: int | None = None
 
         def __post_init__(self) -> None:
+            if self.max_queued_per_user is not None:
+                check_count("max_queued_per_user", self.max_queued_per_user)
             check_positive("prompt_weight", self.prompt_weight)
             check_positive("output_weight", self.output_weight)
             check_positive("default_output_tokens", self.default_output_tokens)
@@ -181,6 +189,24 @@ class FairSharePolicy(QueuedPolicy):
         flow = self._by_lane[entry.lane // _LEVELS]
         level = entry.lane % _LEVELS
         return (flow.counter, float(flow.served), float(level), entry.req.arrival, entry.seq)
+
+    def admit(self, req: RequestInfo, snap: ClusterSnapshot) -> Admission:
+        """Everything, but a request of a user that has ``max_queued_per_user`` queued."""
+        self.observe(snap)
+        cap = self.params.max_queued_per_user
+        if cap is None:
+            return ADMIT
+        user = req.user_id or ANONYMOUS
+        flow = self._flows.get(user)
+        if flow is None or flow.queued < cap:
+            return ADMIT
+        who = f"user {user!r}" if user else "the requests that name no user"
+        return Admission(
+            False,
+            reason=f"{who} has {flow.queued} requests queued (max_queued_per_user {cap})",
+            retry_after_s=estimate_drain_s(flow.queued - cap + 1, snap),
+            kind="user_queue_full",
+        )
 
     def push(self, req: RequestInfo) -> None:
         start = self._started.pop(req.request_id, None)
