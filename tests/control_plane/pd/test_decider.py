@@ -490,3 +490,26 @@ def test_adaptive_predicts_colocated_where_whole_requests_go_not_on_held_instanc
     # with no other free, the held one is still predicted (the request would go there)
     lone = with_view(snap, "g-busy", healthy=False)
     assert decider.colocated(req, lone).where == "g-idle"  # type: ignore[union-attr]
+
+
+def test_adaptive_predicts_the_decode_leg_off_held_instances_as_the_orchestrator_pairs() -> None:
+    """A decode leg is predicted where the orchestrator puts it: not on an idle instance
+    held for prefill legs while another decode instance is free."""
+    snap = make_snapshot(
+        [
+            make_instance_view("p0", role=Role.PREFILLING),
+            make_instance_view("h-idle", role=Role.HYBRID),
+            make_instance_view("h-busy", role=Role.HYBRID, in_flight=6, est_tpot_s=0.05),
+        ]
+    )
+    req = make_request_info(prompt_tokens=2_000, max_tokens=64)
+    held: dict[str, frozenset[str]] = {"llama-3-8b": frozenset({"h-idle"})}
+    decider = AdaptiveDecider(held_for_prefill=lambda m: held.get(m, frozenset()))
+    pred = decider.disaggregated(req, snap)
+    assert pred is not None and pred.where.endswith("->h-busy")
+    free = AdaptiveDecider().disaggregated(req, snap)
+    assert free is not None and free.where.endswith("->h-idle")
+    # with no other decode instance free, the held one is still predicted
+    lone = with_view(snap, "h-busy", healthy=False)
+    alone = decider.disaggregated(req, lone)
+    assert alone is not None and alone.where.endswith("->h-idle")

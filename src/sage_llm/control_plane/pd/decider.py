@@ -279,7 +279,9 @@ class AdaptiveDecider:
     ``held_for_prefill`` (a model's instances held for prefill legs, which whole requests
     keep off: :meth:`~sage_llm.control_plane.pd.orchestrator.PDOrchestrator.reserved`,
     which :func:`~sage_llm.control_plane.pd.build_pd` sets) leaves those instances out of
-    the colocated prediction while another whole-request instance is free.
+    the colocated prediction while another whole-request instance is free, and out of the
+    disaggregated prediction's decode legs while another decode instance is free (as the
+    orchestrator pairs them).
     """
 
     name = "adaptive"
@@ -360,7 +362,9 @@ class AdaptiveDecider:
         return min(preds, key=lambda x: x.badness, default=None)
 
     def disaggregated(self, req: RequestInfo, snap: ClusterSnapshot) -> PathPrediction | None:
-        """The best disaggregated prediction, or None when no pair is free."""
+        """The best disaggregated prediction, or None when no pair is free. Its decode leg
+        is predicted where the orchestrator would put it: off the instances held for
+        prefill legs while another is free."""
         free = [
             i
             for i in snap.for_model(req.model)
@@ -375,8 +379,13 @@ class AdaptiveDecider:
                 i.predict_ttft_s(req.prompt_tokens),
             ),
         )[: k + 1]
+        decode_cands = [i for i in free if i.role.runs_decode]
+        if self.held_for_prefill is not None and (held := self.held_for_prefill(req.model)):
+            # where the decode leg will go: the orchestrator keeps it off held instances
+            # while another is free
+            decode_cands = [i for i in decode_cands if i.instance_id not in held] or decode_cands
         decodes = sorted(
-            (i for i in free if i.role.runs_decode),
+            decode_cands,
             key=lambda i: (
                 self._breaks_gap(self.stall_s(i, i.queued_prefill_tokens)),
                 self._tpot(i, req),
