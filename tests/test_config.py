@@ -1183,6 +1183,11 @@ def test_a_bad_user_weight_is_reported_with_its_user_and_line(policy: str) -> No
         "services.llm_control_plane.policy_params.user_weights",
     )
     assert "'bob': must be a finite number > 0, got 0" in err.message
+    err = problem(
+        f'[services.llm_control_plane]\nscheduling_policy = "{policy}"\n'
+        'policy_params = { user_weights = { "(none)" = 2 } }\n'
+    )
+    assert "'(none)': a name the metrics keep for requests naming no user" in err.message
 
 
 def test_a_plugin_parameter_name_with_a_dot_is_shown_quoted() -> None:
@@ -1934,6 +1939,12 @@ def test_tenants_bind_keys_to_users_from_the_file_or_the_environment() -> None:
             {"TEAM_B_KEY": "k"},
             "cfg.toml:3: gateway.tenants[0].user",
             "is required",
+        ),
+        (
+            ('user = "team-a"\n', 'user = "(other)"\n'),
+            {"TEAM_B_KEY": "k"},
+            "cfg.toml:4: gateway.tenants[0].user",
+            "'(other)' is a user label the metrics keep",
         ),
     ],
 )

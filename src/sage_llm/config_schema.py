@@ -35,7 +35,7 @@ from sage_llm.config_fields import (
     to_plain,
     validate,
 )
-from sage_llm.control_plane.params import MAX_WINDOW
+from sage_llm.control_plane.params import MAX_WINDOW, USER_LABELS
 from sage_llm.control_plane.routing.registry import ROUTING_NAMES
 from sage_llm.control_plane.scheduling.registry import POLICY_NAMES
 from sage_llm.engines.base import ENGINE_STREAM
@@ -557,6 +557,12 @@ class ControlPlaneConfig:
         return kwargs
 
 
+def _tenant_user_problem(value: str) -> str | None:
+    if value in USER_LABELS:
+        return f"{value!r} is a user label the metrics keep for their own: name the user otherwise"
+    return None
+
+
 @dataclass(frozen=True)
 class TenantConfig:
     """One ``[[gateway.tenants]]`` entry: an API key whose requests are ``user``'s, whatever
@@ -566,7 +572,7 @@ class TenantConfig:
     (``api_key``) or from an environment variable (``api_key_env``), one of the two; it
     is an API key as those of ``api_keys`` are, and none of them."""
 
-    user: str = req(rule(nonempty=True))
+    user: str = req(rule(nonempty=True, check=_tenant_user_problem))
     api_key: str | None = opt(None, rule(nonempty=True, secret=True))
     api_key_env: str | None = opt(None, _ENV)
 

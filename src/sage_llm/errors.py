@@ -153,7 +153,8 @@ class AuthenticationError(SageLLMError):
 
 class PermissionDeniedError(SageLLMError):
     """The admin API refused: a wrong admin token, or a client that is not on loopback
-    when no admin token is configured (HTTP 403)."""
+    when no admin token is configured; or a request that names a tenant's user without
+    that tenant's API key (HTTP 403)."""
 
     http_status = 403
     error_type = "permission_error"

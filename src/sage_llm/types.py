@@ -198,6 +198,11 @@ class RequestMetadata:
     the gateway does for a client that gives none, as vLLM would) rather than sending the
     control plane's ``default_max_tokens``, which then is only the scheduler's estimate of
     the answer's length (16, vLLM's and OpenAI's default, for a completions request)."""
+    session_from_user: bool = True
+    """With no ``session_id``, whether ``user_id`` is the session (a user's requests one
+    conversation, for affinity and topology-aware routing): True by default. The gateway
+    sets it False for a tenant's request (``[[gateway.tenants]]``), whose user is a whole
+    team's, not one conversation."""
 
     @property
     def latency_ms(self) -> float | None:

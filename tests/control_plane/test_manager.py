@@ -2316,6 +2316,72 @@ def test_topology_aware_routes_a_sessions_next_turn_close_to_its_previous_instan
     run_virtual(main())
 
 
+@pytest.mark.parametrize("from_user", [True, False])
+def test_affinity_keeps_a_users_requests_together_unless_the_user_is_not_the_session(
+    from_user: bool,
+) -> None:
+    """With no session id, a user's requests are one session (``session_from_user``, as
+    the seed's API has it); a tenant's (the gateway sets it False) are spread by load."""
+
+    async def main() -> set[str]:
+        cp = _manager(4, routing_strategy="affinity", scheduling_policy="fifo", seed=3)
+        async with cp:
+            results = await asyncio.gather(*(
+                cp.generate(replace(
+                    make_metadata(f"r{i}", max_tokens=4, user_id="team-a"),
+                    session_from_user=from_user,
+                ))
+                for i in range(3)
+            ))  # fmt: skip
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        return {r.instance_id or "" for r in results}
+
+    where = run_virtual(main())
+    assert len(where) == (1 if from_user else 3)
+
+
+def test_a_users_burst_on_a_free_fleet_is_not_refused_by_its_queue_bound() -> None:
+    """``max_queued_per_user``: back-to-back submits are each queued before a dispatch
+    pass; the bound is read after a pass, so a burst that can start at once is taken."""
+
+    async def main() -> None:
+        cp = _manager(
+            1, scheduling_policy="fair", policy_params={"max_queued_per_user": 2}, bound=8
+        )
+        async with cp:
+            rids = [
+                await cp.submit_request(make_metadata(f"u{i}", max_tokens=4, user_id="u"))
+                for i in range(5)
+            ]
+            results = [await cp.wait_for_result(r, timeout=5.0) for r in rids]
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+
+    run_virtual(main())
+
+
+def test_a_user_at_its_queue_bound_is_refused_and_counted_by_user_the_others_not() -> None:
+    async def main() -> None:
+        params = {"max_queued_per_user": 2, "user_weights": {"heavy": 1.0}}
+        cp = _manager(1, scheduling_policy="fair", policy_params=params, bound=1)
+        async with cp:
+            rids = [
+                await cp.submit_request(make_metadata(f"h{i}", max_tokens=50, user_id="heavy"))
+                for i in range(3)
+            ]  # one runs, two wait
+            with pytest.raises(QueueFullError, match="user 'heavy' has 2 requests queued"):
+                await cp.submit_request(make_metadata("h3", max_tokens=4, user_id="heavy"))
+            rids.append(await cp.submit_request(make_metadata("l0", max_tokens=4, user_id="light")))
+            results = [await cp.wait_for_result(r, timeout=60.0) for r in rids]
+            exposition = cp.prometheus_metrics().decode()
+        assert all(r.status is RequestStatus.COMPLETED for r in results)
+        assert (
+            'sage_llm_user_requests_rejected_total{reason="user_queue_full",user="heavy"} 1.0'
+            in exposition
+        )
+
+    run_virtual(main())
+
+
 def test_a_request_cancelled_before_its_task_first_runs_ends_and_frees_its_slot() -> None:
     """Cancelled in the same turn of the event loop as the dispatch pass that started it:
     its task has not run yet, and cancelling that task would skip the engine call's body,

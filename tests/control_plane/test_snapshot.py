@@ -59,6 +59,8 @@ def test_a_request_info_reads_its_slo_from_its_absolute_deadline_and_its_sticky_
     assert req.slo_s == 0.25 and make_request_info().slo_s is None
     assert req.sticky_key == "s"
     assert make_request_info(user_id="u").sticky_key == "u"
+    assert make_request_info(user_id="u", session_from_user=False).sticky_key is None
+    assert make_request_info(user_id="u", session_id="s", session_from_user=False).sticky_key == "s"
 
 
 def test_instances_that_failed_a_request_or_are_full_cannot_start_it() -> None:

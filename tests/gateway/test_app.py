@@ -478,6 +478,8 @@ async def test_a_tenants_key_makes_its_requests_that_users_whatever_they_say(lea
         assert await send("plain", {"x-sage-user": "proxy-said"}) == 200
         assert await send("plain", {}, user="body-said") == 200
         assert await send("sk-b", {}) == 401
+        assert await send("plain", {"x-sage-user": "team-a"}) == 403  # a tenant's user
+        assert await send("plain", {}, user="team-a", stream=True) == 403
         policy = gw.manager.policy
         assert isinstance(policy, FairSharePolicy)
         assert set(policy.counters()) == {"team-a", "proxy-said", "body-said"}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sage_llm.config import GatewayConfig
-from sage_llm.errors import InvalidRequestError
+from sage_llm.errors import InvalidRequestError, PermissionDeniedError
 from sage_llm.gateway.openai import (
     CONSUMED_FIELDS,
     _plain_body,
@@ -180,9 +180,28 @@ def test_a_tenants_key_decides_the_user_not_the_session() -> None:
     assert meta.extra_body["user"] == "end-user-7"
     alone = _parse({"model": MODEL, "prompt": "Hi"}, {"authorization": "Bearer sk-a"},
                    settings=settings).meta  # fmt: skip
-    assert (alone.user_id, alone.session_id) == ("team-a", None)
+    assert (alone.user_id, alone.session_id, alone.session_from_user) == ("team-a", None, False)
     plain = _parse(body, {"authorization": "Bearer other"}, settings=settings).meta
     assert (plain.user_id, plain.session_id) == ("end-user-7", "end-user-7")
+    assert plain.session_from_user
+
+
+@pytest.mark.parametrize(
+    ("headers", "fields", "param"),
+    [({"x-sage-user": "team-a"}, {}, "x-sage-user"), ({}, {"user": "team-a"}, "user")],
+)
+def test_a_tenants_user_named_without_its_key_is_refused(
+    headers: dict[str, str], fields: dict[str, str], param: str
+) -> None:
+    """A tenant's user is its key's alone: another key naming it would spend its share,
+    weight and queue bound (403, naming the field)."""
+    settings = replace(SETTINGS, tenant_keys=(("sk-a", "team-a"),))
+    body = {"model": MODEL, "prompt": "Hi", **fields}
+    with pytest.raises(PermissionDeniedError, match="'team-a' is a tenant's") as caught:
+        _parse(body, {"authorization": "Bearer plain", **headers}, settings=settings)
+    assert caught.value.param == param
+    mine = _parse(body, {"authorization": "Bearer sk-a", **headers}, settings=settings).meta
+    assert mine.user_id == "team-a"
 
 
 def test_timeout_is_the_tighter_of_request_timeout_and_slo() -> None:

@@ -81,6 +81,8 @@ def test_configured_admin_token_wins_over_the_environment() -> None:
         ({"KEYS": "k"}, "gateway.admin_token_env", "ADMIN is not set"),
         ({"KEYS": "k", "ADMIN": " "}, "gateway.admin_token_env", "ADMIN is empty"),
         ({"KEYS": "k,t", "ADMIN": "t"}, "gateway.admin_token_env", "also one of the API keys"),
+        ({"KEYS": "k", "ADMIN": "a\x01b"}, "gateway.admin_token_env", "control characters"),
+        ({"KEYS": "k", "ADMIN": " *** "}, "gateway.admin_token_env", "the mask a dumped"),
     ],
 )
 def test_a_named_variable_unset_or_without_a_secret_is_an_error(
@@ -154,6 +156,12 @@ def test_tenants_keys_are_api_keys_naming_their_users() -> None:
     ("tenants", "env", "key", "message"),
     [
         ((TenantConfig("u", api_key_env="KU"),), {}, "tenants[0].api_key_env", "KU is not set"),
+        (
+            (TenantConfig("u", api_key_env="KU"),),
+            {"KU": "***"},
+            "tenants[0].api_key_env",
+            "the mask a dumped",
+        ),
         ((TenantConfig("u", api_key="plain"),), {}, "tenants[0].api_key", "one of api_keys"),
         ((TenantConfig("u", api_key="adm"),), {}, "tenants[0].api_key", "is the admin token"),
         (

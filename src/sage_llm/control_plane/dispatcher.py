@@ -1727,7 +1727,7 @@ class Dispatcher:
         if state is not None and status is RequestStatus.FAILED:
             state.failed_requests += 1
         if state is not None and status is RequestStatus.COMPLETED:
-            last, key = self.last_instances, info.session_id or info.user_id
+            last, key = self.last_instances, info.sticky_key
             if last is not None and key is not None:
                 last.note(key, state.instance_id)
             state.completed += 1

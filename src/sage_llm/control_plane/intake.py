@@ -276,6 +276,7 @@ def build_request(
         hint,
         meta.billing_tier,
         False,  # demoted
+        meta.session_from_user,
     )
     engine_req = fill_engine_request(
         meta.request_id,

@@ -1691,7 +1691,7 @@ class ControlPlaneManager:
             model, adapter = split  # SGLang's MODEL:ADAPTER
         else:  # no model named, or one nobody serves: the answer or the error
             model = resolve_model(meta, registry.models(), registry.adapters().keys())
-        session = meta.session_id or meta.user_id
+        session = meta.session_id or (meta.user_id if meta.session_from_user else None)
         info, engine_req = build_request(
             meta,
             model,
@@ -1742,7 +1742,7 @@ class ControlPlaneManager:
             whole = any(kind.runs_whole_requests for _, kind in up)
         if not some_up:
             label, why = registry.down(model, among, what=what)
-            self._metrics.on_rejected(label, model)
+            self._metrics.on_rejected(label, model, info.user_id)
             raise NoHealthyInstanceError(why, retry_after_s=registry.back_in(model, now, among))
         # an instance that runs whole requests serves the model: then nothing is unservable
         unservable = (
@@ -1754,12 +1754,14 @@ class ControlPlaneManager:
         )
         if unservable is not None:  # e.g. a PD fleet whose prefill instances all drain
             drained = dispatcher.drained_out(model)
-            self._metrics.on_rejected("draining" if drained else "no_healthy_instance", model)
+            self._metrics.on_rejected(
+                "draining" if drained else "no_healthy_instance", model, info.user_id
+            )
             raise NoHealthyInstanceError(unservable)
         if not whole and not pair_exists(registry.up_members(model, among)):
             # a PD fleet with one role's instances all down (ejected, or not accepting):
             # no request can run until one is back, as when every instance is down
-            self._metrics.on_rejected("no_healthy_instance", model)
+            self._metrics.on_rejected("no_healthy_instance", model, info.user_id)
             raise NoHealthyInstanceError(
                 registry.pair_down_reason(model, among, what=what),
                 retry_after_s=registry.back_in(model, now, among),
@@ -1777,19 +1779,24 @@ class ControlPlaneManager:
                 verdict = check_deadline_feasible(info, snap)
             if verdict.admitted:
                 verdict = policy.admit(info, snap)
+            if verdict.kind == "user_queue_full":
+                # a user's burst, each queued before a pass: first start what can start now
+                dispatcher.dispatch_ready()
+                verdict = policy.admit(info, self._registry.snapshot(now, self._prefix))
         if not verdict.admitted:
             reason = verdict.reason
+            user = info.user_id
             if verdict.kind in ("queue_full", "user_queue_full"):
-                self._metrics.on_rejected(verdict.kind, model)
+                self._metrics.on_rejected(verdict.kind, model, user)
                 raise QueueFullError(reason, retry_after_s=verdict.retry_after_s)
             if verdict.kind == "slo_infeasible":
-                self._metrics.on_rejected("slo_infeasible", model)
+                self._metrics.on_rejected("slo_infeasible", model, user)
                 # no retry hint: the same deadline is as infeasible a second later
                 raise SLOInfeasibleError(reason, retry_after_s=None)
             if verdict.kind == "over_budget":
-                self._metrics.on_rejected("over_budget", model)
+                self._metrics.on_rejected("over_budget", model, user)
                 raise OverBudgetError(reason)  # as over budget a second later
-            self._metrics.on_rejected("policy", model)
+            self._metrics.on_rejected("policy", model, user)
             raise AdmissionError(reason, retry_after_s=verdict.retry_after_s)
         if verdict.priority is not None:  # demoted: scheduled without its deadline from now on
             info = replace(info, priority=verdict.priority, deadline=None, demoted=True)

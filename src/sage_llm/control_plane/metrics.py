@@ -24,6 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from sage_llm.control_plane.params import NO_USER, OTHER_USERS
 from sage_llm.control_plane.promlite import (
     LiteCounter,
     LiteGauge,
@@ -54,11 +55,6 @@ TOKEN_LATENCY_BUCKETS = (
 DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 
 PREFIX = "sage_llm"
-OTHER_USERS = "(other)"
-"""The ``user`` label of the requests of the users not tracked
-(:meth:`ControlPlaneMetrics.track_users`)."""
-NO_USER = "(none)"
-"""The ``user`` label of the requests that name no user, when ``""`` is tracked."""
 
 
 class _UserSeries(NamedTuple):
@@ -140,6 +136,13 @@ class ControlPlaneMetrics:
             f"user_weights; '{OTHER_USERS}' the rest, '{NO_USER}' requests naming none) "
             "and final status.",
             ["user", "status"],
+            registry=r,
+        )
+        self.user_rejected = LiteCounter(
+            f"{PREFIX}_user_requests_rejected",
+            "Requests refused at admission, by user (as user_requests) and reason (as "
+            "requests_rejected's: queue_full, user_queue_full, ...).",
+            ["user", "reason"],
             registry=r,
         )
         self.user_prompt_tokens = LiteCounter(
@@ -340,10 +343,14 @@ class ControlPlaneMetrics:
     def on_submitted(self) -> None:
         self._submitted += 1
 
-    def on_rejected(self, reason: str, model: str) -> None:
+    def on_rejected(self, reason: str, model: str, user: str | None = None) -> None:
+        """A request was refused at admission: ``user`` is its ``user_id`` (for the
+        ``user_*`` metrics)."""
         self._rejected_count += 1
         self._rejected_reasons.setdefault(model, set()).add(reason)
         self.rejected.labels(reason=reason, model=model).inc()
+        if self._tracked_users:
+            self.user_rejected.labels(user=self._user_label(user), reason=reason).inc()
 
     def on_embedding(self, status: str, model: str, instance_id: str) -> None:
         """An embedding call on ``instance_id`` ended: ``completed``, ``failed`` or
@@ -358,9 +365,12 @@ class ControlPlaneMetrics:
         configuration names, bounded by it."""
         self._tracked_users.update(users)
 
-    def _on_user_finished(self, result: RequestResult, user: str | None) -> None:
+    def _user_label(self, user: str | None) -> str:
         name = user or ""
-        label = (name or NO_USER) if name in self._tracked_users else OTHER_USERS
+        return (name or NO_USER) if name in self._tracked_users else OTHER_USERS
+
+    def _on_user_finished(self, result: RequestResult, user: str | None) -> None:
+        label = self._user_label(user)
         status = result.status.value
         series = self._user_children.get((label, status))
         if series is None:

@@ -27,6 +27,15 @@ MAX_WINDOW = 1_000_000
 """The most outcomes a sliding window keeps (``health.failure_rate_window``, adaptive's
 ``window``): it is a deque's length, held in memory."""
 
+OTHER_USERS = "(other)"
+"""The metrics' ``user`` label of the requests of the users not tracked
+(:meth:`~sage_llm.control_plane.metrics.ControlPlaneMetrics.track_users`)."""
+NO_USER = "(none)"
+"""The metrics' ``user`` label of the requests that name no user, when ``""`` is tracked."""
+USER_LABELS = frozenset({OTHER_USERS, NO_USER})
+"""The ``user`` labels no configured user may have (a tenant's, a ``user_weights`` key):
+its series would mix with those."""
+
 P = TypeVar("P")
 T = TypeVar("T")
 

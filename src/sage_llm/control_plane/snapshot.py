@@ -59,6 +59,9 @@ class RequestInfo:
     """Demoted at admission (an infeasible deadline under ``slo_aware``'s ``demote``): its
     deadline and priority were dropped, and it is never aged ahead of deadline requests,
     whichever policy queues it (one switched to later included)."""
+    session_from_user: bool = True
+    """``RequestMetadata.session_from_user``: with no ``session_id``, whether the user is
+    the session (:attr:`sticky_key`)."""
 
     @property
     def slo_s(self) -> float | None:
@@ -66,7 +69,9 @@ class RequestInfo:
 
     @property
     def sticky_key(self) -> str | None:
-        return self.session_id or self.user_id
+        """The session whose requests affinity keeps together: ``session_id``, else the
+        user (unless ``session_from_user`` is False), else None."""
+        return self.session_id or (self.user_id if self.session_from_user else None)
 
 
 fill_request_info = field_filler(RequestInfo, tuple(f.name for f in fields(RequestInfo)))

@@ -56,6 +56,11 @@ def tenant_user(token: str | None, tenant_keys: Sequence[tuple[str, str]]) -> st
     return found
 
 
+def is_tenant(user: str, tenant_keys: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``user`` is a tenant's (``tenant_keys``: (key, user) pairs)."""
+    return any(user == name for _key, name in tenant_keys)
+
+
 def is_loopback(remote: str | None) -> bool:
     """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback addresses."""
     if not remote:

@@ -35,8 +35,9 @@ from sage_llm.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NoHealthyInstanceError,
+    PermissionDeniedError,
 )
-from sage_llm.gateway.auth import bearer_token, tenant_user
+from sage_llm.gateway.auth import bearer_token, is_tenant, tenant_user
 from sage_llm.gateway.errors import (
     MODEL_KEY,
     REQUEST_ID_KEY,
@@ -442,11 +443,18 @@ def parse_generation(
     # OpenAI takes an empty user: no user, no session; a proxy's header wins over the body,
     # and a tenant's key over both (but not as the session: a tenant's requests are not
     # one conversation, to be kept on one instance)
-    named = headers.get(USER_HEADER, "").strip() or user or None
-    user = named
+    by_header = headers.get(USER_HEADER, "").strip()
+    named = by_header or user or None
+    user, tenant = named, None
     if settings.tenant_keys:
         tenant = tenant_user(bearer_token(headers.get("authorization")), settings.tenant_keys)
         user = tenant or named
+        if tenant is None and named is not None and is_tenant(named, settings.tenant_keys):
+            # a tenant's user is its key's alone: no other key spends its share or quota
+            raise PermissionDeniedError(
+                f"user {named!r} is a tenant's: its requests must carry that tenant's API key",
+                param=USER_HEADER if by_header else "user",
+            )
     session = headers.get(SESSION_HEADER, "").strip() or named
     extra_body = {k: v for k, v in body.items() if k not in CONSUMED_FIELDS}
     if stream and (given := body.get("stream_options")):  # its other fields go on unchanged
@@ -469,6 +477,7 @@ def parse_generation(
         cost_budget=budget,
         user_id=user,
         session_id=session,
+        session_from_user=tenant is None,
         stream=stream,
         extra_body=extra_body,
         tags={"source": "gateway"},

@@ -38,7 +38,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _ERROR_TEXT = {
     "400": "Invalid request (``param`` names the field).",
     "401": "Missing or invalid API key / admin token.",
-    "403": "Admin API: wrong admin token, or a non-loopback client without one configured.",
+    "403": "Admin API: wrong admin token, or a non-loopback client without one configured; "
+    "a generation naming a tenant's user (x-sage-user or user) without that tenant's key.",
     "404": "Unknown model, instance, policy or route.",
     "408": "The request did not arrive whole within read_timeout_s of its first byte.",
     "409": "Conflict: an instance id or request id in use, or an instance already being removed.",
@@ -180,12 +181,15 @@ _GENERATION_HEADERS = [
     _header(
         "x-sage-user",
         "The user the fair policy shares the fleet among (and the session, without "
-        "x-session-id); wins over the body's user, which still goes to the engine.",
+        "x-session-id); wins over the body's user, which still goes to the engine. A "
+        "tenant's API key ([[gateway.tenants]]) decides the user instead; this header is "
+        "then only the session.",
         {"type": "string"},
     ),
     _header(
         "x-session-id",
-        "Session id for affinity routing (else the body's user).",
+        "Session id for affinity routing (else x-sage-user, else the body's user; with "
+        "neither, a tenant's requests have no session).",
         {"type": "string"},
     ),
 ]
@@ -213,7 +217,7 @@ def _generation(summary: str, request: str, response: str, op: str) -> dict[str,
             },
             "responses": {
                 "200": ok,
-                **_errors(*_BODY_ERRORS, "404", "409", "429", "500", "502", "503", "504"),
+                **_errors(*_BODY_ERRORS, "403", "404", "409", "429", "500", "502", "503", "504"),
             },
         }
     }

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from sage_llm.config_fields import SECRET_MASK, has_control_characters
 from sage_llm.errors import ConfigError
 
 
@@ -94,6 +95,16 @@ def _env_value(name: str, key: str, environ: Mapping[str, str]) -> str:
         raise ConfigError(f"environment variable {name} is not set", key=f"gateway.{key}")
     if not value.strip():
         raise ConfigError(f"environment variable {name} is empty", key=f"gateway.{key}")
+    if has_control_characters(value.strip()):  # as the config loader checks it
+        raise ConfigError(
+            f"environment variable {name} holds control characters", key=f"gateway.{key}"
+        )
+    if value.strip() == SECRET_MASK:
+        raise ConfigError(
+            f'environment variable {name} holds "{SECRET_MASK}", the mask a dumped '
+            "configuration writes in place of a secret: give the secret itself",
+            key=f"gateway.{key}",
+        )
     return value.strip()
 
 

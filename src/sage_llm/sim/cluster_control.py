@@ -186,6 +186,7 @@ class SimControlPlane:
             None,
             "standard",
             False,
+            True,  # session_from_user
         )
         policy = self.policy
         queued = len(self.queued)

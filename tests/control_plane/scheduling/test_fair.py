@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 
@@ -440,6 +441,31 @@ def test_a_user_with_max_queued_per_user_queued_is_refused_the_others_not() -> N
     assert unbounded.admit(make_request_info("u50", user_id="heavy"), snap).admitted
 
 
+def test_a_users_queued_batch_work_does_not_bar_its_urgent_request() -> None:
+    """``max_queued_per_user`` counts the requests as urgent as the new one or more."""
+    policy = FairSharePolicy(FairSharePolicy.Params(max_queued_per_user=2))
+    snap = make_snapshot(1, now=100.0)
+    low = RequestPriority.BACKGROUND
+    for n in range(2):
+        policy.push(make_request_info(f"b{n}", arrival=n, user_id="u", priority=low))
+    assert not policy.admit(make_request_info("b2", user_id="u", priority=low), snap).admitted
+    urgent = make_request_info("c0", arrival=5, user_id="u", priority=RequestPriority.CRITICAL)
+    assert policy.admit(urgent, snap).admitted
+    policy.push(urgent)
+    policy.push(make_request_info("c1", arrival=6, user_id="u", priority=RequestPriority.CRITICAL))
+    verdict = policy.admit(
+        make_request_info("c2", user_id="u", priority=RequestPriority.CRITICAL), snap
+    )
+    assert verdict.reason == (
+        "user 'u' has 2 requests queued at priority CRITICAL or above (max_queued_per_user 2)"
+    )
+    assert policy.remove("c0") is not None  # a cancel frees its level's room
+    assert policy.admit(
+        make_request_info("c2", user_id="u", priority=RequestPriority.HIGH), snap
+    ).admitted
+    assert pop_all(policy) == ["c1", "b0", "b1"]
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_max_queued_per_user_is_a_count(bad: object) -> None:
     with pytest.raises(ConfigError, match="max_queued_per_user"):
@@ -470,3 +496,51 @@ def test_through_the_control_plane_a_flooding_user_is_refused_before_the_queue_f
         assert rejected._value.get() == 1.0
 
     run_virtual(main())
+
+
+def test_a_newcomer_joins_at_its_models_level_not_a_smaller_models_lagging_one() -> None:
+    """Counters are compared among one model's users: z's on a one-slot model lag h's on
+    a four-slot one, and a newcomer to h's model joining at z's would start ahead of h's
+    backlog until it caught up."""
+
+    def snap(other_free: bool, now: float) -> ClusterSnapshot:
+        views = [
+            make_instance_view("i0", max_concurrency=4, in_flight=3),
+            make_instance_view(
+                "j0", model="other", max_concurrency=1, in_flight=0 if other_free else 1
+            ),
+        ]
+        return make_snapshot(views, now=now)
+
+    policy = FairSharePolicy()
+    for n in range(100):
+        policy.push(make_request_info(f"h{n}", arrival=n, prompt_tokens=100, user_id="h"))
+        policy.push(
+            make_request_info(f"z{n}", model="other", arrival=n, prompt_tokens=100, user_id="z")
+        )
+    for k in range(21):  # 'other' has a free slot every fifth decision, and at the last
+        assert policy.pop(snap(other_free=k % 5 == 0, now=k)) is not None
+    counters = policy.counters()
+    assert counters["z"] < counters["h"]
+    for n in range(4):
+        policy.push(make_request_info(f"n{n}", arrival=200 + n, prompt_tokens=100, user_id="n"))
+    assert policy.counters()["n"] == counters["h"]
+    order = [policy.pop(snap(other_free=False, now=300 + k)) for k in range(4)]
+    assert [r.request_id[0] for r in order if r is not None] == ["h", "n", "h", "n"]
+
+
+def test_a_request_pushed_straight_back_keeps_its_users_place() -> None:
+    """The dispatcher takes a queued request out and pushes it back changed (to run where
+    it was kept off for its context): its user does not join again behind the others."""
+    policy = FairSharePolicy()
+    policy.push(make_request_info("a0", arrival=0, prompt_tokens=100, user_id="a"))
+    for n in range(4):
+        policy.push(make_request_info(f"b{n}", arrival=1 + n, prompt_tokens=100, user_id="b"))
+    assert [policy.pop(SNAP) is not None for _ in range(2)] == [True, True]  # a0, b0
+    policy.push(make_request_info("a1", arrival=10, prompt_tokens=100, user_id="a"))
+    assert policy.pop(SNAP) is not None  # b1: b at 400, a waits at 200
+    taken = policy.remove("a1")
+    assert taken is not None
+    policy.push(dataclasses.replace(taken, excluded_instances=frozenset({"i9"})))
+    assert policy.counters() == {"a": 200.0, "b": 400.0}
+    assert pop_all(policy) == ["a1", "b2", "b3"]

@@ -10,6 +10,7 @@ import math
 from collections.abc import Collection, Mapping
 
 from sage_llm.config_fields import shown_value
+from sage_llm.control_plane.params import OTHER_USERS
 from sage_llm.errors import ConfigError
 
 
@@ -56,9 +57,14 @@ def check_choice(key: str, value: object, choices: Collection[str]) -> None:
         raise ConfigError(f"must be one of {valid}, got {value!r}", key=key)
 
 
-def check_weights(key: str, value: object) -> dict[str, float]:
-    """``value`` must be a table of names to numbers > 0 (finite); returned as a dict. Its
-    problems are said together, each with its name, under ``key``."""
+def _reserved_for(name: str) -> str:
+    return "the users they do not track" if name == OTHER_USERS else "requests naming no user"
+
+
+def check_weights(key: str, value: object, reserved: Collection[str] = ()) -> dict[str, float]:
+    """``value`` must be a table of names (none of ``reserved``) to numbers > 0 (finite);
+    returned as a dict. Its problems are said together, each with its name, under
+    ``key``."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"must be a table of names to numbers, got {value!r}", key=key)
     out: dict[str, float] = {}
@@ -66,6 +72,8 @@ def check_weights(key: str, value: object) -> dict[str, float]:
     for name, weight in value.items():
         if not isinstance(name, str):
             problems.append(f"{name!r}: names are strings")
+        elif name in reserved:
+            problems.append(f"{name!r}: a name the metrics keep for {_reserved_for(name)}")
         elif isinstance(weight, bool) or not isinstance(weight, int | float):
             problems.append(f"{name!r}: must be a number, got {weight!r}")
         elif not weight > 0 or math.isinf(weight):

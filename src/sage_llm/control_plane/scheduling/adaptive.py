@@ -52,7 +52,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from sage_llm.control_plane.params import MAX_WINDOW
+from sage_llm.control_plane.params import MAX_WINDOW, USER_LABELS
 from sage_llm.control_plane.scheduling._params import (
     check_choice,
     check_count,
@@ -175,7 +175,7 @@ class AdaptivePolicy:
                 check_fraction(key, getattr(self, key))
             check_fraction("cost_share", self.cost_share)
             check_fraction("user_share", self.user_share)
-            weights = check_weights("user_weights", self.user_weights)
+            weights = check_weights("user_weights", self.user_weights, USER_LABELS)
             object.__setattr__(self, "user_weights", weights)  # (a copy: it stays as built)
             check_non_negative("light_load", self.light_load)
             check_positive("overload", self.overload, allow_inf=False)

@@ -15,13 +15,15 @@ requests without one share one anonymous user):
   by its weight, so a user of weight 2 gets twice the share of a user of weight 1 (the
   users not named weigh 1);
 * a user who comes (or whose queue was empty) joins at the lowest counter of the users
-  waiting with a request the fleet could start at the last decision (when none waits, at
-  the counter of the user whose request started last), never below its own, and after
-  them at an equal counter: time away earns no credit to flood the fleet with later, work
-  done recently still counts, and a stream of newcomers cannot keep a waiting user
-  waiting. A user waiting only on a model with no free instance does not set that level,
-  and joins so too when it sends another request (its parked request earns it no credit
-  for its others).
+  waiting with a request for the same model that the fleet could start at the last
+  decision (when none waits, at the counter of the user whose request for that model
+  started last), never below its own, and after them at an equal counter: time away
+  earns no credit to flood the fleet with later, work done recently still counts, and a
+  stream of newcomers cannot keep a waiting user waiting. Levels are per model: a smaller
+  or busier model's users lag a bigger one's, and that lag is no newcomer's credit. A
+  user waiting only on a model with no free instance does not set that level, and joins
+  so too when it sends another request (its parked request earns it no credit for its
+  others).
 
 So a user who sends more than its share waits behind the others, and a light user's
 requests start ahead of a heavy user's backlog. Under light load, with no queue, it is
@@ -49,6 +51,7 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from sage_llm.control_plane.params import USER_LABELS
 from sage_llm.control_plane.scheduling._params import check_count, check_positive, check_weights
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
 from sage_llm.control_plane.scheduling.admission import estimate_drain_s
@@ -72,14 +75,21 @@ _OUTPUT_ALPHA = 0.2
 class _Flow:
     """One user's share: its counter, its lane in the queue, and what it has in flight."""
 
-    __slots__ = ("counter", "expected_output", "lane", "queued", "running", "served", "weight")
+    __slots__ = (
+        "by_level", "counter", "expected_output", "lane", "model", "queued", "running",
+        "served", "weight",
+    )  # fmt: skip
 
     def __init__(self, counter: float, lane: int, served: int, weight: float = 1.0) -> None:
         self.counter = counter
+        self.model = ""
+        """The model of the user's latest request (where it would join again)."""
         self.weight = weight
         """Its share against a user of weight 1: what it is charged is divided by it."""
         self.lane = lane
         self.queued = 0
+        self.by_level = [0] * _LEVELS
+        """Its queued requests by priority level (``queued`` in all)."""
         self.running = 0
         self.served = served
         """When its last request started, or it joined (the policy's count of starts)."""
@@ -116,9 +126,11 @@ class FairSharePolicy(QueuedPolicy):
         generate (at most its ``max_tokens``), until requests of that user have ended.
         ``user_weights``: a user's share against the others' (user id to a number > 0;
         ``""`` is the requests that name no user); the users not named weigh 1.
-        ``max_queued_per_user``: a user with this many requests queued has its next one
-        refused (429, ``Retry-After``) until one starts, so that one user's flood cannot
-        fill the control plane's whole queue (None: no bound but the queue's own)."""
+        ``max_queued_per_user``: a user with this many requests queued as urgent as its
+        next one or more has that one refused (429, ``Retry-After``) until one starts, so
+        that one user's flood cannot fill the control plane's whole queue (None: no bound
+        but the queue's own); its batch work never bars its urgent request (so up to this
+        many at each priority level)."""
 
         prompt_weight: float = 1.0
         output_weight: float = 2.0
@@ -132,7 +144,7 @@ class FairSharePolicy(QueuedPolicy):
             check_positive("prompt_weight", self.prompt_weight)
             check_positive("output_weight", self.output_weight)
             check_positive("default_output_tokens", self.default_output_tokens)
-            weights = check_weights("user_weights", self.user_weights)
+            weights = check_weights("user_weights", self.user_weights, USER_LABELS)
             object.__setattr__(self, "user_weights", weights)  # (a copy: it stays as built)
 
     def __init__(self, params: FairSharePolicy.Params | None = None) -> None:
@@ -146,24 +158,39 @@ class FairSharePolicy(QueuedPolicy):
         """Requests started and not ended, by id."""
         self._last = _Flow(0.0, -1, -1)
         """The user whose request started last (its counter as it is now, the charge and
-        any correction since included): where a user joins when none waits."""
-        self._startable: set[int] = set()
-        """The lanes with a request the fleet could start at the last decision."""
+        any correction since included): where a user joins a model that never ran one."""
+        self._last_of: dict[str, _Flow] = {}
+        """By model, the user whose request for it started last: where a user joins it
+        when none waits."""
+        self._startable: dict[str, set[int]] = {}
+        """By model, the lanes with a request for it the fleet could start at the last
+        decision."""
+        self._startable_lanes: set[int] = set()
+        """Those lanes, whatever the model."""
         self._sweep_at = 64
         self._starts = 0
+        self._just_removed: str | None = None
+        """The request removed last, while nothing was pushed or started since: pushed
+        straight back (its data changed, as the dispatcher does to let it run where it
+        was kept off), its user does not join again."""
 
     # -- the queue ---------------------------------------------------------------------
 
-    def _level(self) -> float:
-        """Where a user joins: the lowest counter of the users waiting with a request the
-        fleet could start at the last decision, else the last started user's."""
+    def _level(self, model: str) -> float:
+        """Where a user joins ``model``: the lowest counter of the users waiting with a
+        request for it the fleet could start at the last decision, else that of the user
+        whose request for it started last (else the last started user's). Counters are
+        compared among the users of one model: those of a smaller or busier model lag a
+        bigger one's, and a newcomer joining at theirs would get that lag as credit."""
         lowest = None
         by_lane = self._by_lane
-        for lane in self._startable:
+        for lane in self._startable.get(model, ()):
             flow = by_lane.get(lane)
             if flow is not None and flow.queued and (lowest is None or flow.counter < lowest):
                 lowest = flow.counter
-        return self._last.counter if lowest is None else lowest
+        if lowest is not None:
+            return lowest
+        return self._last_of.get(model, self._last).counter
 
     def _flow(self, user: str) -> _Flow:
         flow = self._flows.get(user)
@@ -200,11 +227,17 @@ class FairSharePolicy(QueuedPolicy):
         flow = self._flows.get(user)
         if flow is None or flow.queued < cap:
             return ADMIT
+        # those as urgent as it or more: a user's batch work never bars its urgent request
+        level = int(req.priority)
+        queued = sum(flow.by_level[: level + 1])
+        if queued < cap:
+            return ADMIT
         who = f"user {user!r}" if user else "the requests that name no user"
+        what = "" if queued == flow.queued else f" at priority {req.priority.name} or above"
         return Admission(
             False,
-            reason=f"{who} has {flow.queued} requests queued (max_queued_per_user {cap})",
-            retry_after_s=estimate_drain_s(flow.queued - cap + 1, snap),
+            reason=f"{who} has {queued} requests queued{what} (max_queued_per_user {cap})",
+            retry_after_s=estimate_drain_s(queued - cap + 1, snap),
             kind="user_queue_full",
         )
 
@@ -215,13 +248,18 @@ class FairSharePolicy(QueuedPolicy):
             self._give_back(start)
         else:
             flow = self._flow(req.user_id or ANONYMOUS)
+            flow.model = req.model
             # it joins, or had nothing the fleet could start (a request parked on a model
             # without a free instance): no credit for the time it was away
-            if not flow.queued or flow.lane not in self._startable:
-                flow.counter = max(flow.counter, self._level())
+            if req.request_id == self._just_removed:
+                pass  # back in the queue at once: it never left
+            elif not flow.queued or flow.lane not in self._startable_lanes:
+                flow.counter = max(flow.counter, self._level(req.model))
                 flow.served = self._starts  # after those waiting at its counter
+        self._just_removed = None
         super().push(req)
         flow.queued += 1
+        flow.by_level[req.priority] += 1
 
     def _give_back(self, start: _Start) -> None:
         """Undo ``start``: its charge, and its user's turn (a later start of the same user,
@@ -240,7 +278,11 @@ class FairSharePolicy(QueuedPolicy):
     def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
         self.observe(snap)
         cands = self._queue.candidates(snap)
-        self._startable = {entry.lane // _LEVELS for entry in cands}
+        startable: dict[str, set[int]] = {}
+        for entry in cands:
+            startable.setdefault(entry.req.model, set()).add(entry.lane // _LEVELS)
+        self._startable = startable
+        self._startable_lanes = set().union(*startable.values()) if startable else set()
         if len(cands) < 2:
             return cands[0] if cands else None
         now = snap.now
@@ -250,8 +292,10 @@ class FairSharePolicy(QueuedPolicy):
         req = super().pop(snap)
         if req is None:
             return None
+        self._just_removed = None
         flow = self._flows[req.user_id or ANONYMOUS]
         flow.queued -= 1
+        flow.by_level[req.priority] -= 1
         p = self.params
         expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
         expected = min(float(req.max_tokens), expected)
@@ -260,21 +304,26 @@ class FairSharePolicy(QueuedPolicy):
         flow.counter += charge
         flow.served = self._starts
         self._starts += 1
-        self._last = flow
+        self._last = self._last_of[req.model] = flow
         flow.running += 1
         return req
 
     def remove(self, request_id: str) -> RequestInfo | None:
         req = super().remove(request_id)
         if req is not None:
-            self._flows[req.user_id or ANONYMOUS].queued -= 1
+            flow = self._flows[req.user_id or ANONYMOUS]
+            flow.queued -= 1
+            flow.by_level[req.priority] -= 1
+            self._just_removed = request_id
         return req
 
     def drain(self) -> list[RequestInfo]:
         out = super().drain()
         for flow in self._flows.values():
             flow.queued = 0
+            flow.by_level = [0] * _LEVELS
         self._startable.clear()
+        self._startable_lanes.clear()
         return out
 
     def on_complete(self, record: CompletionRecord) -> None:
@@ -302,15 +351,25 @@ class FairSharePolicy(QueuedPolicy):
 
     def _sweep(self) -> None:
         """Forget the users with nothing queued or running whose counter is no higher than
-        where a user joins (they would be lifted there); the next sweep comes when the
-        users kept have doubled."""
-        level = self._level()
+        where a user joins their latest request's model (they would be lifted there); the
+        next sweep comes when the users kept have doubled."""
+        levels: dict[str, float] = {}
+        forgotten: set[int] = set()
         for user, flow in list(self._flows.items()):
-            if not flow.queued and not flow.running and flow.counter <= level:
+            if flow.queued or flow.running:
+                continue
+            level = levels.get(flow.model)
+            if level is None:
+                level = levels[flow.model] = self._level(flow.model)
+            if flow.counter <= level:
                 del self._flows[user]
                 del self._by_lane[flow.lane]
                 self._free_lanes.append(flow.lane)
-                self._startable.discard(flow.lane)
+                forgotten.add(flow.lane)
+        if forgotten:
+            for lanes in self._startable.values():
+                lanes -= forgotten
+            self._startable_lanes -= forgotten
         self._sweep_at = max(64, 2 * len(self._flows))
 
     # -- status ------------------------------------------------------------------------
