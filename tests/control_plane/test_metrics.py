@@ -255,3 +255,16 @@ def test_tracked_users_have_their_own_series_the_rest_one_together() -> None:
     assert _samples(metrics, "sage_llm_user_prompt_tokens_total")[(("user", "alice"),)] == 200.0
     waits = _samples(metrics, "sage_llm_user_queue_time_seconds_sum")
     assert waits[(("user", "alice"),)] == pytest.approx(2.0)
+
+
+def test_refusals_are_counted_by_user_for_generations_only() -> None:
+    metrics = ControlPlaneMetrics()
+    metrics.track_users(["alice"])
+    metrics.on_rejected("no_healthy_instance", "m")  # an embeddings call: no user's
+    metrics.on_rejected("user_queue_full", "m")
+    metrics.on_user_rejected("user_queue_full", "alice")
+    metrics.on_user_rejected("queue_full", "bob")
+    assert _samples(metrics, "sage_llm_user_requests_rejected_total") == {
+        (("reason", "user_queue_full"), ("user", "alice")): 1.0,
+        (("reason", "queue_full"), ("user", "(other)")): 1.0,
+    }

@@ -83,6 +83,7 @@ def test_configured_admin_token_wins_over_the_environment() -> None:
         ({"KEYS": "k,t", "ADMIN": "t"}, "gateway.admin_token_env", "also one of the API keys"),
         ({"KEYS": "k", "ADMIN": "a\x01b"}, "gateway.admin_token_env", "control characters"),
         ({"KEYS": "k", "ADMIN": " *** "}, "gateway.admin_token_env", "the mask a dumped"),
+        ({"KEYS": "good, ***", "ADMIN": "t"}, "gateway.api_keys_env", '"***" as a key'),
     ],
 )
 def test_a_named_variable_unset_or_without_a_secret_is_an_error(

@@ -1742,7 +1742,7 @@ class ControlPlaneManager:
             whole = any(kind.runs_whole_requests for _, kind in up)
         if not some_up:
             label, why = registry.down(model, among, what=what)
-            self._metrics.on_rejected(label, model, info.user_id)
+            self._refused(label, model, info.user_id)
             raise NoHealthyInstanceError(why, retry_after_s=registry.back_in(model, now, among))
         # an instance that runs whole requests serves the model: then nothing is unservable
         unservable = (
@@ -1754,14 +1754,12 @@ class ControlPlaneManager:
         )
         if unservable is not None:  # e.g. a PD fleet whose prefill instances all drain
             drained = dispatcher.drained_out(model)
-            self._metrics.on_rejected(
-                "draining" if drained else "no_healthy_instance", model, info.user_id
-            )
+            self._refused("draining" if drained else "no_healthy_instance", model, info.user_id)
             raise NoHealthyInstanceError(unservable)
         if not whole and not pair_exists(registry.up_members(model, among)):
             # a PD fleet with one role's instances all down (ejected, or not accepting):
             # no request can run until one is back, as when every instance is down
-            self._metrics.on_rejected("no_healthy_instance", model, info.user_id)
+            self._refused("no_healthy_instance", model, info.user_id)
             raise NoHealthyInstanceError(
                 registry.pair_down_reason(model, among, what=what),
                 retry_after_s=registry.back_in(model, now, among),
@@ -1787,16 +1785,16 @@ class ControlPlaneManager:
             reason = verdict.reason
             user = info.user_id
             if verdict.kind in ("queue_full", "user_queue_full"):
-                self._metrics.on_rejected(verdict.kind, model, user)
+                self._refused(verdict.kind, model, user)
                 raise QueueFullError(reason, retry_after_s=verdict.retry_after_s)
             if verdict.kind == "slo_infeasible":
-                self._metrics.on_rejected("slo_infeasible", model, user)
+                self._refused("slo_infeasible", model, user)
                 # no retry hint: the same deadline is as infeasible a second later
                 raise SLOInfeasibleError(reason, retry_after_s=None)
             if verdict.kind == "over_budget":
-                self._metrics.on_rejected("over_budget", model, user)
+                self._refused("over_budget", model, user)
                 raise OverBudgetError(reason)  # as over budget a second later
-            self._metrics.on_rejected("policy", model, user)
+            self._refused("policy", model, user)
             raise AdmissionError(reason, retry_after_s=verdict.retry_after_s)
         if verdict.priority is not None:  # demoted: scheduled without its deadline from now on
             info = replace(info, priority=verdict.priority, deadline=None, demoted=True)
@@ -1822,6 +1820,11 @@ class ControlPlaneManager:
         if wake:
             dispatcher.wake()
         return rec
+
+    def _refused(self, reason: str, model: str, user: str | None) -> None:
+        """Count a generation request of ``user`` refused at admission for ``reason``."""
+        self._metrics.on_rejected(reason, model)
+        self._metrics.on_user_rejected(reason, user)
 
     def simulates(self, instance: ExecutionInstance) -> bool:
         """Whether ``instance`` runs on an in-process simulated engine (its address is

@@ -343,12 +343,14 @@ class ControlPlaneMetrics:
     def on_submitted(self) -> None:
         self._submitted += 1
 
-    def on_rejected(self, reason: str, model: str, user: str | None = None) -> None:
-        """A request was refused at admission: ``user`` is its ``user_id`` (for the
-        ``user_*`` metrics)."""
+    def on_rejected(self, reason: str, model: str) -> None:
         self._rejected_count += 1
         self._rejected_reasons.setdefault(model, set()).add(reason)
         self.rejected.labels(reason=reason, model=model).inc()
+
+    def on_user_rejected(self, reason: str, user: str | None) -> None:
+        """A generation request of ``user`` (its ``user_id``) was refused at admission,
+        as :meth:`on_rejected` counts it: for the ``user_*`` metrics."""
         if self._tracked_users:
             self.user_rejected.labels(user=self._user_label(user), reason=reason).inc()
 

@@ -81,6 +81,12 @@ def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:
         return []
     keys = [k.strip() for k in _env_value(name, "api_keys_env", environ).split(",")]
     keys = [k for k in keys if k]
+    if SECRET_MASK in keys:
+        raise ConfigError(
+            f'environment variable {name} holds "{SECRET_MASK}" as a key, the mask a dumped '
+            "configuration writes in place of a secret: give the secret itself",
+            key="gateway.api_keys_env",
+        )
     if not keys:
         raise ConfigError(
             f"environment variable {name} holds no API key (only commas and spaces)",

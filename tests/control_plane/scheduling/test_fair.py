@@ -10,6 +10,7 @@ import re
 import pytest
 
 from sage_llm import ControlPlaneManager
+from sage_llm.control_plane.scheduling.admission import estimate_drain_s
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.fair import ANONYMOUS, TOP_USERS, FairSharePolicy
 from sage_llm.control_plane.snapshot import ClusterSnapshot
@@ -544,3 +545,61 @@ def test_a_request_pushed_straight_back_keeps_its_users_place() -> None:
     policy.push(dataclasses.replace(taken, excluded_instances=frozenset({"i9"})))
     assert policy.counters() == {"a": 200.0, "b": 400.0}
     assert pop_all(policy) == ["a1", "b2", "b3"]
+
+
+def test_a_users_retry_hint_counts_the_starts_owed_to_the_users_below_it() -> None:
+    """``Retry-After`` for ``user_queue_full``: the users waiting below the user's counter
+    start first, so its hint grows with them (the fleet's time to start that many)."""
+    snap = make_snapshot(1, now=100.0)
+    params = FairSharePolicy.Params(max_queued_per_user=2, user_weights={"heavy": 0.1})
+
+    def hint(light_users: int) -> float:
+        policy = FairSharePolicy(params)
+        for n in range(3):
+            policy.push(make_request_info(f"h{n}", arrival=n, user_id="heavy"))
+        for u in range(light_users):
+            for n in range(3):
+                policy.push(make_request_info(f"l{u}-{n}", arrival=5, user_id=f"light{u}"))
+        assert policy.pop(snap).request_id == "h0"  # type: ignore[union-attr]
+        # heavy at 10 x 200 = 2,000; a light request is expected to cost 512 + 2 x 256
+        verdict = policy.admit(make_request_info("h3", user_id="heavy"), snap)
+        assert verdict.kind == "user_queue_full" and verdict.retry_after_s is not None
+        return verdict.retry_after_s
+
+    # 1 start alone; 1 + 2 x 2 behind them
+    assert hint(0) == estimate_drain_s(1, snap)
+    assert hint(2) == estimate_drain_s(5, snap) > estimate_drain_s(1, snap)  # type: ignore[operator]
+
+
+def test_a_cancelled_requests_id_used_again_by_another_user_is_a_join() -> None:
+    """Only the same request of the same user, pushed straight back, skips the join: a
+    client may reuse an id (``x-request-id``) once its request was cancelled."""
+    policy = FairSharePolicy()
+    for n in range(3):
+        policy.push(make_request_info(f"a{n}", arrival=n, prompt_tokens=100, user_id="a"))
+    assert policy.pop(SNAP) is not None  # a at 200
+    policy.push(make_request_info("x", arrival=5, user_id="a"))
+    assert policy.remove("x") is not None  # cancelled
+    policy.push(make_request_info("x", arrival=6, prompt_tokens=100, user_id="b"))
+    assert policy.counters()["b"] == 200.0  # joined at a's level, not left at -inf
+    assert pop_all(policy) == ["a1", "x", "a2"]
+
+
+def test_a_user_waiting_on_one_model_joins_another_at_its_level() -> None:
+    """A request the fleet could start on model A does not spare its user the join when
+    it sends to model B: it would carry A's lower counter onto B as credit."""
+    policy = FairSharePolicy()
+    both = make_snapshot(
+        [make_instance_view("i0", max_concurrency=1), make_instance_view("j0", model="other")]
+    )
+    policy.push(make_request_info("w0", model="other", prompt_tokens=100, user_id="w"))
+    assert policy.pop(both) is not None  # w at 200 on other
+    for n in range(4):
+        policy.push(make_request_info(f"x{n}", arrival=n, prompt_tokens=100, user_id="x"))
+    for _ in range(2):
+        assert policy.pop(both) is not None  # x at 600 on MODEL
+    policy.push(make_request_info("u0", model="other", arrival=5, user_id="u"))
+    assert policy.counters()["u"] == 200.0  # other's level: w's
+    assert policy.peek(both) is not None  # a decision: u's request could start on other
+    policy.push(make_request_info("u1", arrival=6, prompt_tokens=100, user_id="u"))
+    assert policy.counters()["u"] == 600.0  # MODEL's level: x's

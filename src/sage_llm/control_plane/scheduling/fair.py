@@ -41,8 +41,8 @@ joining); it is charged again when it starts again.
 Costs: ``push`` O(log n), plus O(users waiting) when its user joins; ``pop`` compares the
 heads of each waiting user's lanes (one per priority level it has queued), O(users
 waiting). Memory: a user is forgotten once it has
-nothing queued or running and its counter is no higher than where a user joins (it would
-be lifted there anyway).
+nothing queued or running and its counter is no higher than where a user joins the model
+of its latest request (it would be lifted there anyway, if it came back to that model).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from sage_llm.control_plane.params import USER_LABELS
 from sage_llm.control_plane.scheduling._params import check_count, check_positive, check_weights
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
-from sage_llm.control_plane.scheduling.admission import estimate_drain_s
+from sage_llm.control_plane.scheduling.admission import TYPICAL_PROMPT_TOKENS, estimate_drain_s
 from sage_llm.control_plane.scheduling.base import ADMIT, Admission
 from sage_llm.control_plane.snapshot import ClusterSnapshot, CompletionRecord, RequestInfo
 from sage_llm.types import RequestPriority, RequestStatus
@@ -165,14 +165,12 @@ class FairSharePolicy(QueuedPolicy):
         self._startable: dict[str, set[int]] = {}
         """By model, the lanes with a request for it the fleet could start at the last
         decision."""
-        self._startable_lanes: set[int] = set()
-        """Those lanes, whatever the model."""
         self._sweep_at = 64
         self._starts = 0
-        self._just_removed: str | None = None
-        """The request removed last, while nothing was pushed or started since: pushed
-        straight back (its data changed, as the dispatcher does to let it run where it
-        was kept off), its user does not join again."""
+        self._just_removed: tuple[str, _Flow] | None = None
+        """The request removed last and its user's share, while nothing was pushed or
+        started since: pushed straight back (its data changed, as the dispatcher does to
+        let it run where it was kept off), its user does not join again."""
 
     # -- the queue ---------------------------------------------------------------------
 
@@ -237,9 +235,27 @@ class FairSharePolicy(QueuedPolicy):
         return Admission(
             False,
             reason=f"{who} has {queued} requests queued{what} (max_queued_per_user {cap})",
-            retry_after_s=estimate_drain_s(queued - cap + 1, snap),
+            retry_after_s=estimate_drain_s(self._starts_before(flow) + 1, snap),
             kind="user_queue_full",
         )
+
+    def _starts_before(self, flow: _Flow) -> int:
+        """About how many requests start before ``flow``'s next one (which frees a place
+        in its bound): those the waiting users below its counter start until they pass
+        it, each charged a typical prompt and its user's expected output."""
+        p = self.params
+        ahead = 0
+        for other in self._flows.values():
+            if not other.queued or other is flow or other.counter >= flow.counter:
+                continue
+            output = (
+                p.default_output_tokens if other.expected_output is None else other.expected_output
+            )
+            charge = (
+                p.prompt_weight * TYPICAL_PROMPT_TOKENS + p.output_weight * output
+            ) / other.weight
+            ahead += min(other.queued, 1 + int((flow.counter - other.counter) / charge))
+        return ahead
 
     def push(self, req: RequestInfo) -> None:
         start = self._started.pop(req.request_id, None)
@@ -251,9 +267,9 @@ class FairSharePolicy(QueuedPolicy):
             flow.model = req.model
             # it joins, or had nothing the fleet could start (a request parked on a model
             # without a free instance): no credit for the time it was away
-            if req.request_id == self._just_removed:
+            if self._just_removed == (req.request_id, flow):
                 pass  # back in the queue at once: it never left
-            elif not flow.queued or flow.lane not in self._startable_lanes:
+            elif not flow.queued or flow.lane not in self._startable.get(req.model, ()):
                 flow.counter = max(flow.counter, self._level(req.model))
                 flow.served = self._starts  # after those waiting at its counter
         self._just_removed = None
@@ -282,7 +298,6 @@ class FairSharePolicy(QueuedPolicy):
         for entry in cands:
             startable.setdefault(entry.req.model, set()).add(entry.lane // _LEVELS)
         self._startable = startable
-        self._startable_lanes = set().union(*startable.values()) if startable else set()
         if len(cands) < 2:
             return cands[0] if cands else None
         now = snap.now
@@ -314,7 +329,7 @@ class FairSharePolicy(QueuedPolicy):
             flow = self._flows[req.user_id or ANONYMOUS]
             flow.queued -= 1
             flow.by_level[req.priority] -= 1
-            self._just_removed = request_id
+            self._just_removed = (request_id, flow)
         return req
 
     def drain(self) -> list[RequestInfo]:
@@ -323,7 +338,7 @@ class FairSharePolicy(QueuedPolicy):
             flow.queued = 0
             flow.by_level = [0] * _LEVELS
         self._startable.clear()
-        self._startable_lanes.clear()
+        self._just_removed = None
         return out
 
     def on_complete(self, record: CompletionRecord) -> None:
@@ -369,7 +384,6 @@ class FairSharePolicy(QueuedPolicy):
         if forgotten:
             for lanes in self._startable.values():
                 lanes -= forgotten
-            self._startable_lanes -= forgotten
         self._sweep_at = max(64, 2 * len(self._flows))
 
     # -- status ------------------------------------------------------------------------
