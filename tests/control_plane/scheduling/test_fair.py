@@ -10,10 +10,11 @@ import re
 import pytest
 
 from sage_llm import ControlPlaneManager
+from sage_llm.control_plane.scheduling._lanes import QueueEntry
 from sage_llm.control_plane.scheduling.admission import estimate_drain_s
 from sage_llm.control_plane.scheduling.base import SchedulingPolicy
 from sage_llm.control_plane.scheduling.fair import ANONYMOUS, TOP_USERS, FairSharePolicy
-from sage_llm.control_plane.snapshot import ClusterSnapshot
+from sage_llm.control_plane.snapshot import ClusterSnapshot, RequestInfo
 from sage_llm.errors import ConfigError, QueueFullError
 from sage_llm.sim.clock import run_virtual
 from sage_llm.types import RequestPriority, RequestStatus
@@ -603,3 +604,59 @@ def test_a_user_waiting_on_one_model_joins_another_at_its_level() -> None:
     assert policy.peek(both) is not None  # a decision: u's request could start on other
     policy.push(make_request_info("u1", arrival=6, prompt_tokens=100, user_id="u"))
     assert policy.counters()["u"] == 600.0  # MODEL's level: x's
+
+
+class _CheckedFair(FairSharePolicy):
+    """``fair`` whose every choice from its heaps is checked against comparing the best
+    request of every lane (its ``_select_scan``), and whose join levels against the
+    lowest counter of each model's queued users."""
+
+    def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
+        got = super()._select(snap)
+        startable = self._startable
+        ref = self._select_scan(snap)
+        self._startable = startable
+        assert got is ref, (got, ref)
+        entries = self.queue.entries()
+        for model in list(self._tops):
+            top = self._top(model)
+            counters = [self._by_lane[e.lane // 5].counter for e in entries if e.req.model == model]
+            assert (top is None and not counters) or (top is not None and top[0] == min(counters))
+        return got
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_heaps_choose_as_comparing_every_lane_would(seed: int) -> None:
+    rng = random.Random(seed)
+    models = (MODEL, "other")
+    policy = _CheckedFair(FairSharePolicy.Params(user_weights={"u0": 2.0}))
+    started: list[RequestInfo] = []
+    now, n = 0.0, 0
+    for _ in range(600):
+        now += 0.01
+        op = rng.random()
+        if op < 0.45:
+            policy.push(make_request_info(
+                f"r{n}", model=rng.choice(models), arrival=now,
+                prompt_tokens=rng.randrange(10, 500), max_tokens=rng.randrange(1, 300),
+                user_id=f"u{rng.randrange(12)}", priority=RequestPriority(rng.randrange(5)),
+                excluded_instances=frozenset({"i1"}) if rng.random() < 0.05 else frozenset(),
+            ))  # fmt: skip
+            n += 1
+        elif op < 0.8:
+            views = [
+                make_instance_view(f"i{k}", model=m, max_concurrency=8,
+                                   in_flight=0 if rng.random() < 0.7 else 8)
+                for k, m in enumerate(models)
+            ]  # fmt: skip
+            if (req := policy.pop(make_snapshot(views, now=now))) is not None:
+                started.append(req)
+        elif op < 0.9 and started:
+            req = started.pop(rng.randrange(len(started)))
+            if rng.random() < 0.2:
+                policy.push(req)  # put back
+            else:
+                tokens = rng.randrange(0, 300)
+                policy.on_complete(make_completion_record(req.request_id, completion_tokens=tokens))
+        else:
+            policy.remove(f"r{rng.randrange(max(n, 1))}")

@@ -95,6 +95,12 @@ class LaneQueue:
             counts[model] = counts.get(model, 0) + len(heap.items) - heap.dead
         return counts
 
+    def head(self, model: str, lane: int) -> QueueEntry | None:
+        """The first entry of ``model``'s requests in ``lane`` (lowest key, then push
+        order), or None when it has none."""
+        heap = self._heaps.get((model, lane))
+        return None if heap is None else heap.items[0][2]
+
     def lane_counts(self) -> dict[int, int]:
         return {lane: n for lane, n in sorted(self._lane_counts.items()) if n}
 

@@ -15,9 +15,9 @@ requests without one share one anonymous user):
   by its weight, so a user of weight 2 gets twice the share of a user of weight 1 (the
   users not named weigh 1);
 * a user who comes (or whose queue was empty) joins at the lowest counter of the users
-  waiting with a request for the same model that the fleet could start at the last
-  decision (when none waits, at the counter of the user whose request for that model
-  started last), never below its own, and after them at an equal counter: time away
+  waiting with a request for the same model, when the fleet could start one at the last
+  decision (else, or when none waits, at the counter of the user whose request for that
+  model started last), never below its own, and after them at an equal counter: time away
   earns no credit to flood the fleet with later, work done recently still counts, and a
   stream of newcomers cannot keep a waiting user waiting. Levels are per model: a smaller
   or busier model's users lag a bigger one's, and that lag is no newcomer's credit. A
@@ -38,11 +38,14 @@ A request put back in the queue (no instance could take it after all, or a faile
 to be retried) has its charge given back, and its user its place (it is not a user
 joining); it is charged again when it starts again.
 
-Costs: ``push`` O(log n), plus O(users waiting) when its user joins; ``pop`` compares the
-heads of each waiting user's lanes (one per priority level it has queued), O(users
-waiting). Memory: a user is forgotten once it has
-nothing queued or running and its counter is no higher than where a user joins the model
-of its latest request (it would be lifted there anyway, if it came back to that model).
+Costs: ``push`` and ``pop`` O(log n) (amortized), whatever the number of users waiting:
+each model keeps a heap of its lanes' heads (one lane per user and priority level) in the
+order they start, re-ranked when a user's counter moves, stale entries dropped lazily. A
+head that only instances it may not run on could take (``excluded_instances``, a retry's)
+sends that decision to comparing every lane's best request, O(lanes). Memory: a user is
+forgotten once it has nothing queued or running and its counter is no higher than where a
+user joins the model of its latest request (it would be lifted there anyway, if it came
+back to that model).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from sage_llm.control_plane.params import USER_LABELS
+from sage_llm.control_plane.scheduling._lanes import serves
 from sage_llm.control_plane.scheduling._params import check_count, check_positive, check_weights
 from sage_llm.control_plane.scheduling._queue import QueuedPolicy, QueueEntry, Rank
 from sage_llm.control_plane.scheduling.admission import TYPICAL_PROMPT_TOKENS, estimate_drain_s
@@ -67,6 +71,10 @@ _LEVELS = len(RequestPriority)
 
 TOP_USERS = 10
 """The users with the most requests queued (then running) that the status shows."""
+
+_Top = tuple[float, float, int, float, int, int, int]
+"""A lane head's place: its user's counter and turn, its level, arrival and push order
+(:meth:`FairSharePolicy._rank`), then its queue lane and the tick it was put in at."""
 
 _OUTPUT_ALPHA = 0.2
 """EWMA weight of a request's output tokens in its user's expected output."""
@@ -162,9 +170,18 @@ class FairSharePolicy(QueuedPolicy):
         self._last_of: dict[str, _Flow] = {}
         """By model, the user whose request for it started last: where a user joins it
         when none waits."""
-        self._startable: dict[str, set[int]] = {}
-        """By model, the lanes with a request for it the fleet could start at the last
-        decision."""
+        self._startable: set[str] = set()
+        """The models the fleet could start a request of at the last decision."""
+        self._tops: dict[str, list[_Top]] = {}
+        """By model, a heap of the heads of its queue lanes in the order they start in
+        (:meth:`_rank`'s), with lazy deletion: an item is current while its lane's
+        ``_versions`` entry is its tick."""
+        self._versions: dict[tuple[str, int], int] = {}
+        """(model, queue lane) with requests queued -> the tick of its current item."""
+        self._keys: dict[int, set[tuple[str, int]]] = {}
+        """A user's lane -> its (model, queue lane) pairs with requests queued."""
+        self._tick = 0
+        self._compact_at: dict[str, int] = {}
         self._sweep_at = 64
         self._starts = 0
         self._just_removed: tuple[str, _Flow] | None = None
@@ -175,20 +192,65 @@ class FairSharePolicy(QueuedPolicy):
     # -- the queue ---------------------------------------------------------------------
 
     def _level(self, model: str) -> float:
-        """Where a user joins ``model``: the lowest counter of the users waiting with a
-        request for it the fleet could start at the last decision, else that of the user
-        whose request for it started last (else the last started user's). Counters are
-        compared among the users of one model: those of a smaller or busier model lag a
-        bigger one's, and a newcomer joining at theirs would get that lag as credit."""
-        lowest = None
-        by_lane = self._by_lane
-        for lane in self._startable.get(model, ()):
-            flow = by_lane.get(lane)
-            if flow is not None and flow.queued and (lowest is None or flow.counter < lowest):
-                lowest = flow.counter
-        if lowest is not None:
-            return lowest
+        """Where a user joins ``model``: when the fleet could start a request of it at the
+        last decision, the lowest counter of the users waiting with one, else that of the
+        user whose request for it started last (else the last started user's). Counters
+        are compared among the users of one model: those of a smaller or busier model lag
+        a bigger one's, and a newcomer joining at theirs would get that lag as credit."""
+        if model in self._startable and (top := self._top(model)) is not None:
+            return top[0]
         return self._last_of.get(model, self._last).counter
+
+    # -- the heads of the lanes, in order (pop in O(log n) whatever the users) -----------
+
+    def _top(self, model: str) -> _Top | None:
+        """The current first item of ``model``'s heap (stale ones dropped), or None."""
+        heap = self._tops.get(model)
+        if heap is None:
+            return None
+        versions = self._versions
+        while heap:
+            top = heap[0]
+            if versions.get((model, top[5])) == top[6]:
+                return top
+            heapq.heappop(heap)
+        del self._tops[model]
+        return None
+
+    def _refresh(self, model: str, qlane: int, flow: _Flow) -> None:
+        """Put the current head of ``model``'s ``qlane`` (``flow``'s) in its heap at its
+        rank, the item it had (if any) gone stale."""
+        key = (model, qlane)
+        head = self._queue.head(model, qlane)
+        self._tick += 1
+        if head is None:
+            self._versions.pop(key, None)
+            keys = self._keys.get(flow.lane)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._keys[flow.lane]
+            return
+        self._versions[key] = self._tick
+        self._keys.setdefault(flow.lane, set()).add(key)
+        heap = self._tops.setdefault(model, [])
+        heapq.heappush(
+            heap,
+            (flow.counter, float(flow.served), qlane % _LEVELS, head.req.arrival, head.seq,
+             qlane, self._tick),
+        )  # fmt: skip
+        if len(heap) >= self._compact_at.get(model, 64):
+            versions = self._versions
+            heap[:] = [t for t in heap if versions.get((model, t[5])) == t[6]]
+            heapq.heapify(heap)
+            self._compact_at[model] = max(64, 4 * len(heap))
+
+    def _refresh_user(self, flow: _Flow) -> None:
+        """``flow``'s counter or turn changed: re-rank each of its lanes' heads."""
+        keys = self._keys.get(flow.lane)
+        if keys:
+            for model, qlane in list(keys):
+                self._refresh(model, qlane, flow)
 
     def _flow(self, user: str) -> _Flow:
         flow = self._flows.get(user)
@@ -269,13 +331,20 @@ class FairSharePolicy(QueuedPolicy):
             # without a free instance): no credit for the time it was away
             if self._just_removed == (req.request_id, flow):
                 pass  # back in the queue at once: it never left
-            elif not flow.queued or flow.lane not in self._startable.get(req.model, ()):
+            elif req.model not in self._startable or not self._waits_on(flow, req.model):
                 flow.counter = max(flow.counter, self._level(req.model))
                 flow.served = self._starts  # after those waiting at its counter
         self._just_removed = None
         super().push(req)
         flow.queued += 1
         flow.by_level[req.priority] += 1
+        qlane = flow.lane * _LEVELS + int(req.priority)
+        self._keys.setdefault(flow.lane, set()).add((req.model, qlane))
+        self._refresh_user(flow)
+
+    def _waits_on(self, flow: _Flow, model: str) -> bool:
+        """Whether ``flow``'s user has requests for ``model`` queued."""
+        return any(m == model for m, _ in self._keys.get(flow.lane, ()))
 
     def _give_back(self, start: _Start) -> None:
         """Undo ``start``: its charge, and its user's turn (a later start of the same user,
@@ -292,12 +361,35 @@ class FairSharePolicy(QueuedPolicy):
                     break
 
     def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
+        """The first lane head of each model the fleet can start a request of now, from
+        its heap; the first of those. A head that only instances it may not run on could
+        take (``excluded_instances``) sends the choice to :meth:`_select_scan`."""
         self.observe(snap)
-        cands = self._queue.candidates(snap)
-        startable: dict[str, set[int]] = {}
-        for entry in cands:
-            startable.setdefault(entry.req.model, set()).add(entry.lane // _LEVELS)
+        best: _Top | None = None
+        best_model = ""
+        startable: set[str] = set()
+        for model in list(self._tops):
+            top = self._top(model)
+            if top is None or not serves(snap, model):
+                continue
+            startable.add(model)
+            if best is None or top < best:
+                head = self._queue.head(model, top[5])
+                if (
+                    head is not None
+                    and head.req.excluded_instances
+                    and not snap.can_serve(head.req)
+                ):
+                    return self._select_scan(snap)
+                best, best_model = top, model
         self._startable = startable
+        return None if best is None else self._queue.head(best_model, best[5])
+
+    def _select_scan(self, snap: ClusterSnapshot) -> QueueEntry | None:
+        """The first startable request over every lane's best one it could run now: as
+        :meth:`_select`, where some lane's head can run only on instances it may not."""
+        cands = self._queue.candidates(snap)
+        self._startable = {entry.req.model for entry in cands}
         if len(cands) < 2:
             return cands[0] if cands else None
         now = snap.now
@@ -311,6 +403,7 @@ class FairSharePolicy(QueuedPolicy):
         flow = self._flows[req.user_id or ANONYMOUS]
         flow.queued -= 1
         flow.by_level[req.priority] -= 1
+        self._refresh(req.model, flow.lane * _LEVELS + int(req.priority), flow)
         p = self.params
         expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
         expected = min(float(req.max_tokens), expected)
@@ -321,6 +414,7 @@ class FairSharePolicy(QueuedPolicy):
         self._starts += 1
         self._last = self._last_of[req.model] = flow
         flow.running += 1
+        self._refresh_user(flow)
         return req
 
     def remove(self, request_id: str) -> RequestInfo | None:
@@ -329,6 +423,7 @@ class FairSharePolicy(QueuedPolicy):
             flow = self._flows[req.user_id or ANONYMOUS]
             flow.queued -= 1
             flow.by_level[req.priority] -= 1
+            self._refresh(req.model, flow.lane * _LEVELS + int(req.priority), flow)
             self._just_removed = (request_id, flow)
         return req
 
@@ -338,6 +433,9 @@ class FairSharePolicy(QueuedPolicy):
             flow.queued = 0
             flow.by_level = [0] * _LEVELS
         self._startable.clear()
+        self._tops.clear()
+        self._versions.clear()
+        self._keys.clear()
         self._just_removed = None
         return out
 
@@ -350,6 +448,8 @@ class FairSharePolicy(QueuedPolicy):
         tokens = float(record.completion_tokens)
         flow.counter += self.params.output_weight * (tokens - start.expected) / flow.weight
         flow.running -= 1
+        if flow.queued:
+            self._refresh_user(flow)
         if record.status is RequestStatus.COMPLETED:  # (a cancelled one says little)
             if flow.expected_output is None:
                 flow.expected_output = tokens
@@ -369,7 +469,6 @@ class FairSharePolicy(QueuedPolicy):
         where a user joins their latest request's model (they would be lifted there); the
         next sweep comes when the users kept have doubled."""
         levels: dict[str, float] = {}
-        forgotten: set[int] = set()
         for user, flow in list(self._flows.items()):
             if flow.queued or flow.running:
                 continue
@@ -380,10 +479,6 @@ class FairSharePolicy(QueuedPolicy):
                 del self._flows[user]
                 del self._by_lane[flow.lane]
                 self._free_lanes.append(flow.lane)
-                forgotten.add(flow.lane)
-        if forgotten:
-            for lanes in self._startable.values():
-                lanes -= forgotten
         self._sweep_at = max(64, 2 * len(self._flows))
 
     # -- status ------------------------------------------------------------------------
