@@ -5,9 +5,13 @@ model, a heap of its lanes' heads (one lane per user and priority level) in that
 so a start costs O(log n) whatever the number of users waiting; ``fifo`` beside it is
 the floor (one lane). Each run queues ``--requests`` requests spread over N users (one
 model, four instances with room, nothing excluded), then times ``--pops`` starts. The
-same queue goes through each policy in one process, side by side::
+same queue goes through each policy in one process, side by side. ``--blocked`` puts first
+in the queue a request that may run only on a fifth instance, which is full (a retry kept
+off where it failed, a LoRA adapter's request): it never starts, and every start looks
+past it::
 
     .venv/bin/python benchmarks/fair_scale.py
+    .venv/bin/python benchmarks/fair_scale.py --blocked
     .venv/bin/python benchmarks/fair_scale.py --users 10,1000,10000 --requests 50000
 
 Prints microseconds a start and the ratio to ``fifo``'s (timings move with the machine's
@@ -34,9 +38,20 @@ POLICIES: dict[str, Callable[[], SchedulingPolicy]] = {
 }
 
 
-def requests(n: int, users: int, seed: int) -> list[RequestInfo]:
+def requests(n: int, users: int, seed: int, blocked: bool = False) -> list[RequestInfo]:
     rng = random.Random(seed)
-    return [
+    first = [
+        RequestInfo(
+            request_id="blocked",
+            model=MODEL,
+            arrival=-1.0,
+            prompt_tokens=100,
+            max_tokens=16,
+            user_id="blocked-user",
+            excluded_instances=frozenset(f"i{k}" for k in range(4)),
+        )
+    ]
+    return (first if blocked else []) + [
         RequestInfo(
             request_id=f"r{i}",
             model=MODEL,
@@ -55,9 +70,12 @@ def time_pops(policy: SchedulingPolicy, queued: Sequence[RequestInfo], pops: int
         policy.push(req)
     snap = ClusterSnapshot(
         now=1.0,
-        instances=tuple(
-            InstanceView(instance_id=f"i{k}", model=MODEL, max_concurrency=1 << 20)
-            for k in range(4)
+        instances=(
+            *(
+                InstanceView(instance_id=f"i{k}", model=MODEL, max_concurrency=1 << 20)
+                for k in range(4)
+            ),
+            InstanceView(instance_id="full", model=MODEL, max_concurrency=1, in_flight=1),
         ),
     )
     started = 0
@@ -73,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--requests", type=at_least(1), default=20_000)
     parser.add_argument("--pops", type=at_least(1), default=5_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--blocked", action="store_true", help="first, a request no instance with room may run"
+    )
     args = parser.parse_args(argv)
     try:
         counts = [int(u) for u in args.users.split(",")]
@@ -81,11 +102,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if any(u < 1 for u in counts):
         parser.error(f"--users: each count must be >= 1, got {args.users!r}")
     rows: list[dict[str, float]] = []
-    print(f"{args.requests} requests queued, {args.pops} starts timed; microseconds a start")
+    blocked = ", one that cannot start first" if args.blocked else ""
+    print(
+        f"{args.requests} requests queued{blocked}, {args.pops} starts timed; microseconds a start"
+    )
     print("| users | " + " | ".join(POLICIES) + " | fair / fifo |")
     print("|---:|" + "---:|" * (len(POLICIES) + 1))
     for users in counts:
-        queued = requests(args.requests, users, args.seed)
+        queued = requests(args.requests, users, args.seed, args.blocked)
         row = {"users": float(users)}
         for name, make in POLICIES.items():
             row[name] = time_pops(make(), queued, args.pops)

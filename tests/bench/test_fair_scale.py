@@ -32,3 +32,13 @@ def test_a_bad_user_count_is_a_usage_error(
     script: ModuleType, users: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "--users" in usage_error(script.main, ["--users", users], capsys)
+
+
+def test_with_blocked_a_request_no_free_instance_may_run_is_first_and_never_starts(
+    script: ModuleType,
+) -> None:
+    queued = script.requests(50, 5, 0, blocked=True)
+    assert queued[0].request_id == "blocked" and queued[0].excluded_instances
+    policy = script.POLICIES["fair"]()
+    script.time_pops(policy, queued, 1_000)
+    assert len(policy) == 1 and "blocked" in policy.queue

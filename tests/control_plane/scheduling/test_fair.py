@@ -607,21 +607,26 @@ def test_a_user_waiting_on_one_model_joins_another_at_its_level() -> None:
 
 
 class _CheckedFair(FairSharePolicy):
-    """``fair`` whose every choice from its heaps is checked against comparing the best
-    request of every lane (its ``_select_scan``), and whose join levels against the
-    lowest counter of each model's queued users."""
+    """``fair`` whose every choice from its heaps is checked against comparing the first
+    startable request of every lane (what ``fair`` did before it kept heaps), and whose
+    heaps against the queue: one current item per lane, at its head's rank."""
 
     def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
         got = super()._select(snap)
-        startable = self._startable
-        ref = self._select_scan(snap)
-        self._startable = startable
+        cands = self.queue.candidates(snap)
+        ref = min(cands, key=lambda e: self._rank(e, snap.now), default=None)
         assert got is ref, (got, ref)
-        entries = self.queue.entries()
-        for model in list(self._tops):
-            top = self._top(model)
-            counters = [self._by_lane[e.lane // 5].counter for e in entries if e.req.model == model]
-            assert (top is None and not counters) or (top is not None and top[0] == min(counters))
+        current = {
+            (model, item[5]): item
+            for model, heap in self._tops.items()
+            for item in heap
+            if self._versions.get((model, item[5])) == item[6]
+        }
+        lanes = {(e.req.model, e.lane) for e in self.queue.entries()}
+        assert set(current) == lanes
+        for (model, lane), item in current.items():
+            head = self.queue.head(model, lane)
+            assert head is not None and item[:5] == self._rank(head, snap.now)
         return got
 
 
@@ -660,3 +665,39 @@ def test_the_heaps_choose_as_comparing_every_lane_would(seed: int) -> None:
                 policy.on_complete(make_completion_record(req.request_id, completion_tokens=tokens))
         else:
             policy.remove(f"r{rng.randrange(max(n, 1))}")
+
+
+def test_a_user_who_cannot_start_sets_no_newcomers_level() -> None:
+    """x's request may run only on the full i1 (a retry's, a LoRA adapter's): it keeps
+    the lowest counter, but newcomers join at the level of the users who can start."""
+    policy = FairSharePolicy()
+    snap = make_snapshot([
+        make_instance_view("i0", max_concurrency=100),
+        make_instance_view("i1", max_concurrency=1, in_flight=1),
+    ])  # fmt: skip
+    policy.push(make_request_info("x0", user_id="x", excluded_instances=frozenset({"i0"})))
+    for user in ("w1", "w2"):
+        for n in range(6):
+            policy.push(
+                make_request_info(f"{user}-{n}", arrival=1 + n, prompt_tokens=100, user_id=user)
+            )
+    assert [policy.pop(snap).request_id for _ in range(4)] == ["w1-0", "w2-0", "w1-1", "w2-1"]  # type: ignore[union-attr]
+    for k in range(2):
+        policy.push(make_request_info(f"n{k}", arrival=10 + k, prompt_tokens=100, user_id=f"n{k}"))
+    counters = policy.counters()
+    assert (counters["x"], counters["n0"], counters["n1"]) == (0.0, 400.0, 400.0)
+    assert [policy.pop(snap).request_id for _ in range(4)] == ["w1-2", "w2-2", "n0", "n1"]  # type: ignore[union-attr]
+    # once i1 has room, x's request is first (its counter is the lowest)
+    free = make_snapshot([make_instance_view("i0"), make_instance_view("i1")])
+    assert policy.pop(free).request_id == "x0"  # type: ignore[union-attr]
+
+
+def test_a_lane_whose_head_cannot_start_offers_its_next_request_at_its_place() -> None:
+    policy = FairSharePolicy()
+    snap = make_snapshot(
+        [make_instance_view("i0"), make_instance_view("i1", max_concurrency=1, in_flight=1)]
+    )
+    policy.push(make_request_info("x0", user_id="x", excluded_instances=frozenset({"i0"})))
+    policy.push(make_request_info("x1", arrival=1, user_id="x"))
+    policy.push(make_request_info("y0", arrival=2, user_id="y"))
+    assert pop_all(policy, snap) == ["x1", "y0"]

@@ -101,6 +101,17 @@ class LaneQueue:
         heap = self._heaps.get((model, lane))
         return None if heap is None else heap.items[0][2]
 
+    def first_servable(self, model: str, lane: int, snap: ClusterSnapshot) -> QueueEntry | None:
+        """The first entry of ``model``'s requests in ``lane`` that ``snap`` has an instance
+        it may run on for (its ``excluded_instances`` read), or None."""
+        heap = self._heaps.get((model, lane))
+        if heap is None:
+            return None
+        top = heap.items[0][2]
+        if not top.req.excluded_instances or snap.can_serve(top.req):
+            return top
+        return self._scan(heap, snap)
+
     def lane_counts(self) -> dict[int, int]:
         return {lane: n for lane, n in sorted(self._lane_counts.items()) if n}
 

@@ -41,8 +41,9 @@ joining); it is charged again when it starts again.
 Costs: ``push`` and ``pop`` O(log n) (amortized), whatever the number of users waiting:
 each model keeps a heap of its lanes' heads (one lane per user and priority level) in the
 order they start, re-ranked when a user's counter moves, stale entries dropped lazily. A
-head that only instances it may not run on could take (``excluded_instances``, a retry's)
-sends that decision to comparing every lane's best request, O(lanes). Memory: a user is
+lane whose head may run only on instances without room (``excluded_instances``: a
+retry's, a LoRA adapter's) is looked past, offering its first request that may run: a
+decision costs O(k log n) with k such lanes ranked first. Memory: a user is
 forgotten once it has nothing queued or running and its counter is no higher than where a
 user joins the model of its latest request (it would be lifted there anyway, if it came
 back to that model).
@@ -51,7 +52,7 @@ back to that model).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from sage_llm.control_plane.params import USER_LABELS
@@ -75,6 +76,9 @@ TOP_USERS = 10
 _Top = tuple[float, float, int, float, int, int, int]
 """A lane head's place: its user's counter and turn, its level, arrival and push order
 (:meth:`FairSharePolicy._rank`), then its queue lane and the tick it was put in at."""
+
+_Rank = tuple[float, float, int, float, int]
+"""A request's place among those to start (:meth:`FairSharePolicy._rank`)."""
 
 _OUTPUT_ALPHA = 0.2
 """EWMA weight of a request's output tokens in its user's expected output."""
@@ -172,6 +176,9 @@ class FairSharePolicy(QueuedPolicy):
         when none waits."""
         self._startable: set[str] = set()
         """The models the fleet could start a request of at the last decision."""
+        self._unstartable: dict[str, set[int]] = {}
+        """By model, the queue lanes ranked first at the last decision none of whose
+        requests could start then (each excluded from the instances with room)."""
         self._tops: dict[str, list[_Top]] = {}
         """By model, a heap of the heads of its queue lanes in the order they start in
         (:meth:`_rank`'s), with lazy deletion: an item is current while its lane's
@@ -197,9 +204,44 @@ class FairSharePolicy(QueuedPolicy):
         user whose request for it started last (else the last started user's). Counters
         are compared among the users of one model: those of a smaller or busier model lag
         a bigger one's, and a newcomer joining at theirs would get that lag as credit."""
-        if model in self._startable and (top := self._top(model)) is not None:
-            return top[0]
+        if model in self._startable:
+            found = self._walk(model, lambda item: item[5] not in self._unstartable.get(model, ()))
+            if found is not None:
+                return found[0][0]
         return self._last_of.get(model, self._last).counter
+
+    def _walk(
+        self, model: str, take: Callable[[_Top], tuple[_Rank, QueueEntry] | bool | None]
+    ) -> tuple[_Rank, QueueEntry | None] | None:
+        """Go down ``model``'s heap in rank order (its current items) until ``take`` says
+        so: a rank and entry, the best so far (the walk ends at an item that does not
+        rank below it), True (this item's head), or False/None (go on). The heap is left
+        as it was, less stale items."""
+        heap = self._tops.get(model)
+        if not heap:
+            return None
+        versions = self._versions
+        skipped: list[_Top] = []
+        best: tuple[_Rank, QueueEntry | None] | None = None
+        try:
+            while heap:
+                item = heap[0]
+                if versions.get((model, item[5])) != item[6]:
+                    heapq.heappop(heap)
+                    continue
+                rank = item[:5]
+                if best is not None and rank >= best[0]:
+                    break
+                got = take(item)
+                if got is True:
+                    return rank, self._queue.head(model, item[5])
+                if isinstance(got, tuple) and (best is None or got[0] < best[0]):
+                    best = got
+                skipped.append(heapq.heappop(heap))
+            return best
+        finally:
+            for item in skipped:
+                heapq.heappush(heap, item)
 
     # -- the heads of the lanes, in order (pop in O(log n) whatever the users) -----------
 
@@ -321,6 +363,7 @@ class FairSharePolicy(QueuedPolicy):
 
     def push(self, req: RequestInfo) -> None:
         start = self._started.pop(req.request_id, None)
+        moved = start is not None  # its user's counter or turn: every lane re-ranked
         if start is not None:  # started, then put back: not served after all
             flow = start.flow
             self._give_back(start)
@@ -334,13 +377,17 @@ class FairSharePolicy(QueuedPolicy):
             elif req.model not in self._startable or not self._waits_on(flow, req.model):
                 flow.counter = max(flow.counter, self._level(req.model))
                 flow.served = self._starts  # after those waiting at its counter
+                moved = True
         self._just_removed = None
         super().push(req)
         flow.queued += 1
         flow.by_level[req.priority] += 1
         qlane = flow.lane * _LEVELS + int(req.priority)
-        self._keys.setdefault(flow.lane, set()).add((req.model, qlane))
-        self._refresh_user(flow)
+        if moved:
+            self._keys.setdefault(flow.lane, set()).add((req.model, qlane))
+            self._refresh_user(flow)
+        else:
+            self._refresh(req.model, qlane, flow)
 
     def _waits_on(self, flow: _Flow, model: str) -> bool:
         """Whether ``flow``'s user has requests for ``model`` queued."""
@@ -361,39 +408,42 @@ class FairSharePolicy(QueuedPolicy):
                     break
 
     def _select(self, snap: ClusterSnapshot) -> QueueEntry | None:
-        """The first lane head of each model the fleet can start a request of now, from
-        its heap; the first of those. A head that only instances it may not run on could
-        take (``excluded_instances``) sends the choice to :meth:`_select_scan`."""
+        """The first request the fleet can start now: per model it can start one of, its
+        heap's first lane whose head may run on an instance with room; a lane whose head
+        may not (``excluded_instances``: a retry's, a LoRA adapter's, a long prompt's)
+        offers its first request that may, at its own place. The first over the models."""
         self.observe(snap)
-        best: _Top | None = None
-        best_model = ""
+        best: tuple[_Rank, QueueEntry | None] | None = None
         startable: set[str] = set()
+        unstartable: dict[str, set[int]] = {}
         for model in list(self._tops):
-            top = self._top(model)
-            if top is None or not serves(snap, model):
+            if self._top(model) is None or not serves(snap, model):
+                continue
+            stuck: set[int] = set()
+
+            def take(
+                item: _Top, model: str = model, stuck: set[int] = stuck
+            ) -> tuple[_Rank, QueueEntry] | bool | None:
+                head = self._queue.head(model, item[5])
+                if head is None or not head.req.excluded_instances or snap.can_serve(head.req):
+                    return True
+                entry = self._queue.first_servable(model, item[5], snap)
+                if entry is None:
+                    stuck.add(item[5])
+                    return None
+                return (item[0], item[1], item[2], entry.req.arrival, entry.seq), entry
+
+            found = self._walk(model, take)
+            if stuck:
+                unstartable[model] = stuck
+            if found is None:
                 continue
             startable.add(model)
-            if best is None or top < best:
-                head = self._queue.head(model, top[5])
-                if (
-                    head is not None
-                    and head.req.excluded_instances
-                    and not snap.can_serve(head.req)
-                ):
-                    return self._select_scan(snap)
-                best, best_model = top, model
+            if best is None or found[0] < best[0]:
+                best = found
         self._startable = startable
-        return None if best is None else self._queue.head(best_model, best[5])
-
-    def _select_scan(self, snap: ClusterSnapshot) -> QueueEntry | None:
-        """The first startable request over every lane's best one it could run now: as
-        :meth:`_select`, where some lane's head can run only on instances it may not."""
-        cands = self._queue.candidates(snap)
-        self._startable = {entry.req.model for entry in cands}
-        if len(cands) < 2:
-            return cands[0] if cands else None
-        now = snap.now
-        return min(cands, key=lambda e: self._rank(e, now))
+        self._unstartable = unstartable
+        return None if best is None else best[1]
 
     def pop(self, snap: ClusterSnapshot) -> RequestInfo | None:
         req = super().pop(snap)
@@ -403,7 +453,6 @@ class FairSharePolicy(QueuedPolicy):
         flow = self._flows[req.user_id or ANONYMOUS]
         flow.queued -= 1
         flow.by_level[req.priority] -= 1
-        self._refresh(req.model, flow.lane * _LEVELS + int(req.priority), flow)
         p = self.params
         expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
         expected = min(float(req.max_tokens), expected)
