@@ -39,6 +39,7 @@ from sage_llm.config_fields import (
     SECRET_MASK,
     as_float,
     described,
+    env_mask_problem,
     has_control_characters,
     metadata_problem,
     read_dataclass,
@@ -1197,16 +1198,9 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
         p.add(path, f"environment variable {name} holds control characters")
         return None
     if value.strip() == SECRET_MASK:
-        p.add(path, _env_mask_problem(name))
+        p.add(path, env_mask_problem(name))
         return None
     return value.strip()
-
-
-def _env_mask_problem(name: str) -> str:
-    return (
-        f'environment variable {name} holds "{SECRET_MASK}", the mask a dumped configuration '
-        "writes in place of a secret: give the secret itself"
-    )
 
 
 def _gateway_secrets(
@@ -1227,7 +1221,7 @@ def _gateway_secrets(
                 f"environment variable {gw.api_keys_env} holds no API key (only commas and spaces)",
             )
         if SECRET_MASK in from_env:  # one of several
-            p.add((*path, "api_keys_env"), _env_mask_problem(gw.api_keys_env))
+            p.add((*path, "api_keys_env"), env_mask_problem(gw.api_keys_env))
             from_env = []
         ok = bool(from_env)
         keys += from_env

@@ -325,6 +325,15 @@ SECRET_MASK = "***"
 """What :func:`to_plain` writes in a secret's place; refused as a secret's value."""
 
 
+def env_mask_problem(name: str, what: str = "") -> str:
+    """Why environment variable ``name``, holding :data:`SECRET_MASK` (``what``: as one
+    of its keys, say), gives no secret."""
+    return (
+        f'environment variable {name} holds "{SECRET_MASK}"{what}, the mask a dumped '
+        "configuration writes in place of a secret: give the secret itself"
+    )
+
+
 def secret_problem(value: str) -> str | None:
     """Why ``value`` cannot be a key a client or the gateway sends in an HTTP header, or
     None; the message never quotes it."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sage_llm.config_fields import SECRET_MASK, has_control_characters
+from sage_llm.config_fields import SECRET_MASK, env_mask_problem, has_control_characters
 from sage_llm.errors import ConfigError
 
 
@@ -82,11 +82,7 @@ def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:
     keys = [k.strip() for k in _env_value(name, "api_keys_env", environ).split(",")]
     keys = [k for k in keys if k]
     if SECRET_MASK in keys:
-        raise ConfigError(
-            f'environment variable {name} holds "{SECRET_MASK}" as a key, the mask a dumped '
-            "configuration writes in place of a secret: give the secret itself",
-            key="gateway.api_keys_env",
-        )
+        raise ConfigError(env_mask_problem(name, " as a key"), key="gateway.api_keys_env")
     if not keys:
         raise ConfigError(
             f"environment variable {name} holds no API key (only commas and spaces)",
@@ -106,11 +102,7 @@ def _env_value(name: str, key: str, environ: Mapping[str, str]) -> str:
             f"environment variable {name} holds control characters", key=f"gateway.{key}"
         )
     if value.strip() == SECRET_MASK:
-        raise ConfigError(
-            f'environment variable {name} holds "{SECRET_MASK}", the mask a dumped '
-            "configuration writes in place of a secret: give the secret itself",
-            key=f"gateway.{key}",
-        )
+        raise ConfigError(env_mask_problem(name), key=f"gateway.{key}")
     return value.strip()
 
 

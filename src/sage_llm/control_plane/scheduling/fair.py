@@ -88,8 +88,8 @@ class _Flow:
     """One user's share: its counter, its lane in the queue, and what it has in flight."""
 
     __slots__ = (
-        "by_level", "counter", "expected_output", "lane", "model", "queued", "running",
-        "served", "weight",
+        "by_level", "counter", "expected_output", "lane", "model", "running", "served",
+        "weight",
     )  # fmt: skip
 
     def __init__(self, counter: float, lane: int, served: int, weight: float = 1.0) -> None:
@@ -99,14 +99,18 @@ class _Flow:
         self.weight = weight
         """Its share against a user of weight 1: what it is charged is divided by it."""
         self.lane = lane
-        self.queued = 0
         self.by_level = [0] * _LEVELS
-        """Its queued requests by priority level (``queued`` in all)."""
+        """Its queued requests by priority level (:attr:`queued` in all)."""
         self.running = 0
         self.served = served
         """When its last request started, or it joined (the policy's count of starts)."""
         self.expected_output: float | None = None
         """The mean output tokens of the user's recent completed requests (None: none)."""
+
+    @property
+    def queued(self) -> int:
+        """Its queued requests."""
+        return sum(self.by_level)
 
 
 class _Start:
@@ -380,7 +384,6 @@ class FairSharePolicy(QueuedPolicy):
                 moved = True
         self._just_removed = None
         super().push(req)
-        flow.queued += 1
         flow.by_level[req.priority] += 1
         qlane = flow.lane * _LEVELS + int(req.priority)
         if moved:
@@ -451,7 +454,6 @@ class FairSharePolicy(QueuedPolicy):
             return None
         self._just_removed = None
         flow = self._flows[req.user_id or ANONYMOUS]
-        flow.queued -= 1
         flow.by_level[req.priority] -= 1
         p = self.params
         expected = p.default_output_tokens if flow.expected_output is None else flow.expected_output
@@ -470,7 +472,6 @@ class FairSharePolicy(QueuedPolicy):
         req = super().remove(request_id)
         if req is not None:
             flow = self._flows[req.user_id or ANONYMOUS]
-            flow.queued -= 1
             flow.by_level[req.priority] -= 1
             self._refresh(req.model, flow.lane * _LEVELS + int(req.priority), flow)
             self._just_removed = (request_id, flow)
@@ -479,7 +480,6 @@ class FairSharePolicy(QueuedPolicy):
     def drain(self) -> list[RequestInfo]:
         out = super().drain()
         for flow in self._flows.values():
-            flow.queued = 0
             flow.by_level = [0] * _LEVELS
         self._startable.clear()
         self._tops.clear()
