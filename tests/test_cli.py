@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from sage_llm.cli import app
 from sage_llm.control_plane.parallelism import plan_command
-from sage_llm.errors import SageLLMError
+from sage_llm.errors import ConfigError, SageLLMError
 from tests.factories import alive, free_ports
 
 CLI = (sys.executable, "-m", "sage_llm.cli")
@@ -1145,14 +1145,23 @@ def test_serve_listens_where_host_and_port_say_over_the_file_at_its_log_level(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--host``/``--port`` override the file's ``[gateway]`` host and port (serve --help),
-    and ``--log-level`` is the level the gateway logs at."""
+    and ``--log-level`` is the level the gateway logs at; the gateway reads the same file
+    again for ``POST /admin/reload``."""
     seen: list[tuple[str, int, int]] = []
+    rereads: list[Callable[[], Any]] = []
 
     async def run_gateway(
-        manager: object, gateway: Any, *, host: str | None = None, port: int | None = None
+        manager: object,
+        gateway: Any,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        reload_from: Callable[[], Any] | None = None,
     ) -> None:
         where = (host or gateway.host, gateway.port if port is None else port)
         seen.append((*where, logging.getLogger().getEffectiveLevel()))
+        assert reload_from is not None
+        rereads.append(reload_from)
 
     monkeypatch.setattr("sage_llm.gateway.server.run_gateway", run_gateway)
     monkeypatch.setattr("sage_llm.eventloop.tune_collector_for_serving", lambda: None)
@@ -1163,6 +1172,11 @@ def test_serve_listens_where_host_and_port_say_over_the_file_at_its_log_level(
     code, _ = invoke("serve", "-c", str(cfg), "--host", "127.0.0.1", "--port", str(port + 1))
     assert code == 0
     assert seen == [("localhost", port, logging.WARNING), ("127.0.0.1", port + 1, logging.INFO)]
+    cfg.write_text('[gateway]\napi_keys = ["k"]\n')
+    assert rereads[0]().api_keys == ("k",)
+    cfg.write_text("[gateway]\nport = -1\n")
+    with pytest.raises(ConfigError, match=r"cluster.toml:2: gateway.port: must be >= 0"):
+        rereads[1]()
 
 
 def test_launch_gateway_address_is_the_options_else_the_files_else_127_0_0_1_8080(

@@ -359,6 +359,7 @@ def serve(
     from sage_llm.config import SageConfig, instances_at, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
     from sage_llm.gateway.server import run_gateway
+    from sage_llm.gateway.settings import GatewaySettings
     from sage_llm.types import host_port
 
     log = logging.getLogger("sage_llm.serve")
@@ -410,9 +411,14 @@ def serve(
         count = len(cfg.control_plane.instances)
         log.info("config %s: %d instance%s", config, count, "" if count == 1 else "s")
 
+    def reread_gateway() -> GatewaySettings:
+        assert config is not None
+        return load_config(config).gateway  # the whole file checked, as at the start
+
     async def main() -> None:
         manager = build_manager(cfg)
-        await run_gateway(manager, cfg.gateway, host=host, port=port)
+        reload_from = reread_gateway if config is not None else None
+        await run_gateway(manager, cfg.gateway, host=host, port=port, reload_from=reload_from)
 
     eventloop.tune_collector_for_serving()
     try:

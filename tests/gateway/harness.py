@@ -16,6 +16,7 @@ from typing import Any
 
 from sage_llm import ControlPlaneManager
 from sage_llm.engines.base import Chunk, EngineClient, EngineRequest
+from sage_llm.gateway.admin import GatewaySource
 from sage_llm.gateway.server import start_gateway
 from sage_llm.gateway.settings import GatewaySettings
 from sage_llm.sim.engine import SimEngine
@@ -180,14 +181,18 @@ async def serve(
     instances: int | list[ExecutionInstance] = 1,
     *,
     settings: GatewaySettings | None = None,
+    reload_from: GatewaySource | None = None,
+    environ: Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> AsyncIterator[Gateway]:
     """Start a manager with simulated engines (``make_manager`` arguments) and a gateway
-    in front of it; stop both."""
+    in front of it (its ``*_env`` keys read from ``environ``, default none); stop both."""
     manager, probes, engines = make_manager(instances, **kwargs)
     await manager.start()
     try:
-        runner, port = await start_gateway(manager, settings, environ={})
+        runner, port = await start_gateway(
+            manager, settings, environ=environ or {}, reload_from=reload_from
+        )
         try:
             yield Gateway(manager, port, probes, engines)
         finally:

@@ -228,6 +228,14 @@ class ControlPlaneMetrics:
             ["route", "status"],
             registry=r,
         )
+        self.gateway_reloads = Counter(
+            f"{PREFIX}_gateway_reloads",
+            "Reloads of the gateway's settings (POST /admin/reload), by outcome: applied "
+            "(the file was read and is in use, changed or not) or failed (the file has a "
+            "problem; the settings before it stay in use).",
+            ["outcome"],
+            registry=r,
+        )
         self.slo_requests = Counter(
             f"{PREFIX}_slo_requests", "Finished requests that had an SLO.", ["priority"],
             registry=r,
@@ -511,6 +519,10 @@ class ControlPlaneMetrics:
         """The gateway answered a request on ``route`` (one of a fixed set of labels) with
         an error ``status`` (>= 400; 499: the client went away)."""
         self.http_errors.labels(route=route, status=str(status)).inc()
+
+    def on_gateway_reload(self, applied: bool) -> None:
+        """A reload of the gateway's settings was applied, or failed."""
+        self.gateway_reloads.labels(outcome="applied" if applied else "failed").inc()
 
     def forget_instance(self, instance_id: str) -> None:
         """Drop a removed instance's gauges (its counters: :meth:`forget_instance_counts`)."""

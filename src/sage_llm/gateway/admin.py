@@ -11,6 +11,9 @@ clients only when none is configured). Routes:
 * ``DELETE /admin/instances/{id}`` — remove it: no new requests, in-flight ones finish
   (409 while a removal is still waiting for them)
 * ``POST /admin/set_policy`` — ``{"policy": NAME, "params": {...}}``
+* ``POST /admin/reload`` — read the ``[gateway]`` table again (the config file
+  ``sage-llm serve`` started from) and apply its keys, tenants, admin token and request
+  limits; 409 when the gateway has no file to read
 * ``GET /admin/status`` — ``manager.get_status()`` plus per-instance metrics
 * ``GET /admin/metrics`` — ``manager.get_metrics()`` as JSON plus per-instance metrics,
   ``get_scheduling_metrics()`` and ``get_pd_metrics()``
@@ -18,12 +21,14 @@ clients only when none is configured). Routes:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import enum
+import logging
 import math
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import date, time
 from typing import Any, TypeVar
 
@@ -40,6 +45,7 @@ from sage_llm.config_schema import InstanceConfig
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import (
     ConfigError,
+    ConflictError,
     EngineError,
     InvalidRequestError,
     PolicyNotFoundError,
@@ -50,11 +56,15 @@ from sage_llm.gateway.schemas import (
     DrainRequest,
     InstanceSpec,
     LoadLoraAdapterRequest,
+    ReloadRequest,
     SetPolicyRequest,
     UnloadLoraAdapterRequest,
 )
+from sage_llm.gateway.settings import GatewaySettings, LiveSettings, ResolvedGateway
 from sage_llm.request_json import json_object
 from sage_llm.types import ExecutionInstance
+
+log = logging.getLogger("sage_llm.gateway")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -133,13 +143,33 @@ def _as_request_error(prefix: str | None = None) -> Iterator[None]:
         raise InvalidRequestError("; ".join(map(str, exc.each())), param=param) from None
 
 
+GatewaySource = Callable[[], GatewaySettings]
+"""Reads the ``[gateway]`` table again (``sage-llm serve``: its config file, checked whole);
+raises :class:`~sage_llm.errors.ConfigError` for what is wrong. It may block: a reload
+calls it in a thread."""
+
+
 class AdminRoutes:
     """Handlers of the admin API, bound to one manager."""
 
-    def __init__(self, manager: ControlPlaneManager, read_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        manager: ControlPlaneManager,
+        read_timeout_s: float | None = None,
+        *,
+        live: LiveSettings | None = None,
+        reload_from: GatewaySource | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.manager = manager
         self.read_timeout_s = read_timeout_s
         """How long a request body may take to arrive (None: no limit)."""
+        self.live = live
+        """The settings the gateway's requests read, which ``POST /admin/reload`` replaces."""
+        self.reload_from = reload_from
+        self.environ = environ
+        """Where the ``*_env`` keys of a reloaded table are looked up (None: the process's
+        environment)."""
         self.listening: tuple[str, int] | None = None
         """The address the gateway listens on (set once it is bound): an instance
         registered there would be sent the gateway's requests back."""
@@ -224,6 +254,48 @@ class AdminRoutes:
             }
         )
 
+    async def reload(self, request: web.Request) -> web.Response:
+        """Read the ``[gateway]`` table again and apply what a running gateway can take
+        (:data:`~sage_llm.gateway.settings.RELOADABLE`: the API keys, the tenants, the admin
+        token, the request limits, ``log_prompts``); a file with any problem changes
+        nothing (400 ``invalid_config``, every problem with its file, line and key)."""
+        await self._optional_body(request, ReloadRequest)
+        live, source = self.live, self.reload_from
+        if live is None or source is None:
+            raise ConflictError(
+                "this gateway was not started from a config file: there is nothing to reload"
+            )
+        environ = self.environ
+
+        def resolve() -> ResolvedGateway:
+            return ResolvedGateway.from_settings(source(), environ)
+
+        try:
+            new = await asyncio.to_thread(resolve)
+        except ConfigError as exc:
+            self.manager.metrics.on_gateway_reload(False)
+            log.warning("gateway settings not reloaded (the settings before stay): %s", exc)
+            raise
+        outcome = live.reload(new)
+        self.manager.metrics.on_gateway_reload(True)
+        self.manager.metrics.track_users(outcome.tenants_added)
+        log.info(
+            "gateway settings reloaded: %s%s",
+            ", ".join(outcome.applied) + " changed" if outcome.applied else "nothing changed",
+            "; a restart is needed for " + ", ".join(outcome.restart_required)
+            if outcome.restart_required
+            else "",
+        )
+        return web.json_response(
+            {
+                "reloaded": True,
+                "applied": list(outcome.applied),
+                "restart_required": list(outcome.restart_required),
+                "tenants_added": list(outcome.tenants_added),
+                "tenants_removed": list(outcome.tenants_removed),
+            }
+        )
+
     async def _optional_body(self, request: web.Request, schema: type[M]) -> M | None:
         """The request's JSON body as ``schema`` (400 naming a bad field); None when it has
         none (an optional body)."""
@@ -299,5 +371,6 @@ def add_admin_routes(
         "/admin/lora_adapters/{name}", routes.unload_lora_adapter, expect_handler=expect_continue
     )
     app.router.add_post("/admin/set_policy", routes.set_policy, expect_handler=expect_continue)
+    app.router.add_post("/admin/reload", routes.reload, expect_handler=expect_continue)
     app.router.add_get("/admin/status", routes.status, expect_handler=expect_continue)
     app.router.add_get("/admin/metrics", routes.metrics, expect_handler=expect_continue)

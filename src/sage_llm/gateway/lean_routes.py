@@ -33,7 +33,7 @@ from sage_llm.gateway.observe import (
 )
 from sage_llm.gateway.openai import log_prompt, parse_generations
 from sage_llm.gateway.relay import CLIENT_GONE, SSE_HEADERS, complete, complete_all, relay_stream
-from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.gateway.settings import LiveSettings, ResolvedGateway, live_settings
 from sage_llm.request_json import json_object
 
 log = logging.getLogger("sage_llm.gateway")
@@ -50,9 +50,12 @@ _SSE_EXTRA = {k: v for k, v in SSE_HEADERS.items() if k != "Content-Type"}
 class LeanRoutes:
     """The handler the lean server calls for each hot-route request."""
 
-    def __init__(self, manager: ControlPlaneManager, settings: ResolvedGateway) -> None:
+    def __init__(
+        self, manager: ControlPlaneManager, settings: ResolvedGateway | LiveSettings
+    ) -> None:
         self.manager = manager
-        self.settings = settings
+        self.live = live_settings(settings)
+        """Read once per request: its authentication and its parsing use one snapshot."""
         self._new_id = RequestIds()
 
     async def __call__(self, request: LeanRequest, conn: LeanConnection) -> None:
@@ -66,13 +69,14 @@ class LeanRoutes:
         try:
             if not valid:
                 raise bad_request_id_error()
-            if self.settings.api_keys:
+            settings = self.live.current
+            if settings.api_keys:
                 token = bearer_token(request.headers.get("authorization"))
-                check_api_key(token, self.settings.api_keys)
+                check_api_key(token, settings.api_keys)
             body = json_object(request.body)
             named = body.get("model")
             model = named if isinstance(named, str) else None
-            status = await self._generate(request, conn, body, rid, headers)
+            status = await self._generate(request, conn, body, rid, headers, settings)
         except asyncio.CancelledError:
             status = 499  # the client went away
             raise
@@ -95,11 +99,12 @@ class LeanRoutes:
         body: dict[str, object],
         rid: str,
         headers: dict[str, str],
+        settings: ResolvedGateway,
     ) -> int:
         chat = request.path == CHAT_PATH
-        gens = parse_generations(body, request.headers, rid, chat=chat, settings=self.settings)
+        gens = parse_generations(body, request.headers, rid, chat=chat, settings=settings)
         for gen in gens:
-            log_prompt(gen, self.settings)
+            log_prompt(gen, settings)
         created = int(time.time())
         if gens[0].stream:
 

@@ -37,6 +37,7 @@ from sage_llm.gateway.errors import (
     sage_error_response,
 )
 from sage_llm.gateway.relay import CLIENT_GONE, SSEResponse
+from sage_llm.gateway.settings import LiveSettings, ResolvedGateway
 from sage_llm.request_json import LEFT_UNREAD, leave_unread, too_large_unsent, waits_to_send
 
 access_log = logging.getLogger("sage_llm.gateway.access")
@@ -188,29 +189,31 @@ _VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
 ExpectHandler = Callable[[web.Request], Awaitable[None]]
+REQUEST_SETTINGS_KEY = web.RequestKey("gateway_settings", ResolvedGateway)
+"""Request key: the gateway settings the request was authorized by (its handler's)."""
 _REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
 """Request key: its ``Expect: 100-continue`` was answered with no 100 (it is refused)."""
 _GONE_BEFORE_BODY = web.RequestKey("gone_before_body", bool)
 """Request key: its client went away before its ``100 Continue`` could be written."""
 
 
-def continue_or_refuse(
-    api_keys: Sequence[str] = (), admin_token: str | None = None
-) -> ExpectHandler:
+def continue_or_refuse(live: LiveSettings | None = None) -> ExpectHandler:
     """Every route's ``Expect`` handler: ``100-continue`` is answered as aiohttp answers it,
     unless the request is refused whatever its body (a body above the size limit; a request
     the API keys or the admin token (:func:`~sage_llm.gateway.auth.authorize`) turn away):
     then its 413, 401 or 403 comes at once, without the 100 that would invite the upload.
     Any other expectation goes on to the middleware, which answers it with a JSON 417
-    (aiohttp's own handler answers plain text, unlogged and uncounted)."""
-    keys = tuple(api_keys)
+    (aiohttp's own handler answers plain text, unlogged and uncounted). ``live``: the
+    keys and the admin token as they are when the request comes (None: none)."""
 
     async def expect(request: web.Request) -> None:
         if request.version == HttpVersion11 and waits_to_send(request):
             if too_large_unsent(request):
                 return  # read_raw refuses it unread
             try:
-                authorize(request, keys, admin_token)
+                if live is not None:
+                    settings = live.current
+                    authorize(request, settings.api_keys, settings.admin_token)
             except SageLLMError:
                 request[_REFUSED_UNREAD] = True  # the middleware refuses it unread
                 return
@@ -299,21 +302,22 @@ def observe_middleware(cors_origins: Sequence[str], tracer: Tracing | None) -> M
 def gateway_middleware(
     cors_origins: Sequence[str],
     tracer: Tracing | None,
-    api_keys: Sequence[str],
-    admin_token: str | None,
+    live: LiveSettings,
     count_error: ErrorCounter | None = None,
 ) -> Middleware:
     """:func:`observe_middleware`, :func:`~sage_llm.gateway.errors.error_middleware` and
     :func:`~sage_llm.gateway.auth.authorize`, in that order, as one middleware (one
     coroutine per request instead of three; the same responses); ``count_error`` counts
-    each answer with an error status."""
-    return _observe(cors_origins, tracer, (tuple(api_keys), admin_token), count_error)
+    each answer with an error status. A request is authorized by ``live``'s settings as
+    they are when it comes, and its handler reads the same ones
+    (:data:`REQUEST_SETTINGS_KEY`), whatever a reload changes meanwhile."""
+    return _observe(cors_origins, tracer, live, count_error)
 
 
 def _observe(
     cors_origins: Sequence[str],
     tracer: Tracing | None,
-    guard: tuple[tuple[str, ...], str | None] | None,
+    guard: LiveSettings | None,
     count_error: ErrorCounter | None = None,
 ) -> Middleware:
     origins = tuple(cors_origins)
@@ -321,8 +325,9 @@ def _observe(
     async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
         if guard is None:
             return await handler(request)
+        settings = request[REQUEST_SETTINGS_KEY] = guard.current
         try:
-            authorize(request, guard[0], guard[1])
+            authorize(request, settings.api_keys, settings.admin_token)
         except SageLLMError as exc:
             if request.get(_REFUSED_UNREAD):  # before its 100 Continue (continue_or_refuse)
                 leave_unread(request)

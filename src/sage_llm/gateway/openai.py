@@ -44,7 +44,7 @@ from sage_llm.gateway.errors import (
     RESPONSE_HEADERS_KEY,
     sage_error_response,
 )
-from sage_llm.gateway.observe import new_request_id
+from sage_llm.gateway.observe import REQUEST_SETTINGS_KEY, new_request_id
 from sage_llm.gateway.relay import (
     Generation,
     complete,
@@ -58,7 +58,7 @@ from sage_llm.gateway.schemas import (
     EmbeddingRequest,
     GenerationFields,
 )
-from sage_llm.gateway.settings import ResolvedGateway
+from sage_llm.gateway.settings import LiveSettings, ResolvedGateway, live_settings
 from sage_llm.request_json import json_object, leave_unread, read_raw
 from sage_llm.tokens import chat_prompt_text, count_tokens
 from sage_llm.types import ExecutionInstance, RequestMetadata, RequestPriority
@@ -550,10 +550,17 @@ def request_id_of(request: web.Request) -> str:
 class OpenAIRoutes:
     """Handlers of the OpenAI-compatible and probe routes, bound to one manager."""
 
-    def __init__(self, manager: ControlPlaneManager, settings: ResolvedGateway) -> None:
+    def __init__(
+        self, manager: ControlPlaneManager, settings: ResolvedGateway | LiveSettings
+    ) -> None:
         self.manager = manager
-        self.settings = settings
+        self.live = live_settings(settings)
         self.created = int(time.time())
+
+    def _settings(self, request: web.Request) -> ResolvedGateway:
+        """The settings ``request`` was authorized by (the live ones without the gateway's
+        middleware)."""
+        return request.get(REQUEST_SETTINGS_KEY) or self.live.current
 
     # -- generation ----------------------------------------------------------------------
 
@@ -564,13 +571,14 @@ class OpenAIRoutes:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        body = await read_json(request, self.settings.read_timeout_s)
+        settings = self._settings(request)
+        body = await read_json(request, settings.read_timeout_s)
         if isinstance(body.get("model"), str):
             request[MODEL_KEY] = body["model"]
         rid = request_id_of(request)
-        gens = parse_generations(body, request.headers, rid, chat=chat, settings=self.settings)
+        gens = parse_generations(body, request.headers, rid, chat=chat, settings=settings)
         for gen in gens:
-            log_prompt(gen, self.settings)
+            log_prompt(gen, settings)
         created = int(time.time())
         if gens[0].stream:
             headers = {"X-Request-Id": rid, **request.get(RESPONSE_HEADERS_KEY, {})}
@@ -583,7 +591,8 @@ class OpenAIRoutes:
         return web.Response(body=answer, content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await read_json(request, self.settings.read_timeout_s)
+        settings = self._settings(request)
+        body = await read_json(request, settings.read_timeout_s)
         if "input" not in body and "messages" in body:  # vLLM's chat form: said, not "required"
             raise InvalidRequestError(
                 "messages: chat-form embeddings are not supported: send the rendered text as input",
@@ -602,7 +611,7 @@ class OpenAIRoutes:
         options = {
             k: v for k, v in body.items() if k not in _NOT_EMBEDDING_OPTIONS and v is not None
         }
-        timeout = self.settings.request_timeout_s
+        timeout = settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 result = await self.manager.embed(

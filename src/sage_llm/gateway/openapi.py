@@ -29,6 +29,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     s.ReadyResponse,
     s.InstanceSpec,
     s.DrainRequest,
+    s.ReloadRequest,
     s.SetPolicyRequest,
     s.LoadLoraAdapterRequest,
     s.UnloadLoraAdapterRequest,
@@ -270,7 +271,7 @@ def _admin(
     }
     if request is not None:
         out["requestBody"] = {
-            "required": method not in ("drain", "unload"),
+            "required": method not in ("drain", "unload", "reload"),
             "content": {"application/json": {"schema": _ref(request)}},
         }
     return out
@@ -462,6 +463,20 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                 "400",
                 "404",
                 "408",
+                "413",
+            ),
+        },
+        "/admin/reload": {
+            "post": _admin(
+                "reload",
+                "reload",
+                "Read the [gateway] table of the config file again: keys, tenants, admin "
+                "token and request limits change at once (400: the file has a problem and "
+                "nothing changed; 409: no config file)",
+                "ReloadRequest",
+                "400",
+                "408",
+                "409",
                 "413",
             ),
         },

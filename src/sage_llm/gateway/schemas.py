@@ -376,6 +376,12 @@ class DrainRequest(BaseModel):
     drain: bool = True
 
 
+class ReloadRequest(BaseModel):
+    """``POST /admin/reload``: no fields (the body may be absent or ``{}``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class LoadLoraAdapterRequest(BaseModel):
     """``POST /admin/lora_adapters``: a LoRA adapter to load on the instances given, or on
     every instance of ``model`` (by default the only model served)."""

@@ -28,7 +28,14 @@ from collections.abc import Callable, Mapping
 from aiohttp import web
 
 from sage_llm.control_plane.manager import ControlPlaneManager
-from sage_llm.gateway.app import ADMIN_KEY, MANAGER_KEY, SETTINGS_KEY, create_app
+from sage_llm.gateway.admin import GatewaySource
+from sage_llm.gateway.app import (
+    ADMIN_KEY,
+    LIVE_SETTINGS_KEY,
+    MANAGER_KEY,
+    SETTINGS_KEY,
+    create_app,
+)
 from sage_llm.gateway.auth import is_loopback
 from sage_llm.gateway.errors import error_body, protocol_error_body
 from sage_llm.gateway.lean import SWEEP_FRACTION, LeanServer, read_timeout_body, request_line
@@ -353,7 +360,7 @@ async def serve_app(
         lean: LeanServer | None = None
         protocol: Callable[[], asyncio.Protocol] = fallback
         if settings.lean_server and not settings.tracing:
-            routes = LeanRoutes(app[MANAGER_KEY], settings)
+            routes = LeanRoutes(app[MANAGER_KEY], app[LIVE_SETTINGS_KEY])
             protocol = lean = LeanServer(
                 routes,
                 fallback,
@@ -387,14 +394,22 @@ async def start_gateway(
     manage_lifecycle: bool = False,
     environ: Mapping[str, str] | None = None,
     shutdown_timeout_s: float = 5.0,
+    reload_from: GatewaySource | None = None,
 ) -> tuple[GatewaySite, int]:
     """Start serving ``manager``; returns the site (``await site.cleanup()`` stops it)
     and the bound port (``port=0`` picks a free one).
 
     The caller owns the manager unless ``manage_lifecycle=True`` (then the app starts it
-    now and stops it on cleanup).
+    now and stops it on cleanup). ``reload_from`` reads the ``[gateway]`` table again for
+    ``POST /admin/reload``.
     """
-    app = create_app(manager, gateway, manage_lifecycle=manage_lifecycle, environ=environ)
+    app = create_app(
+        manager,
+        gateway,
+        manage_lifecycle=manage_lifecycle,
+        environ=environ,
+        reload_from=reload_from,
+    )
     return await serve_app(app, host, port, shutdown_timeout_s=shutdown_timeout_s)
 
 
@@ -504,6 +519,7 @@ async def run_gateway(
     ready: asyncio.Event | None = None,
     shutdown_timeout_s: float | None = None,
     stop: asyncio.Event | None = None,
+    reload_from: GatewaySource | None = None,
 ) -> None:
     """Start the manager, serve until cancelled or until the process gets SIGTERM, then
     shut down gracefully: take no new connection, and let the requests in flight finish
@@ -517,6 +533,7 @@ async def run_gateway(
     the application's own. With ``stop``, setting it shuts the gateway down as SIGTERM
     does, and SIGTERM and SIGHUP are left to the caller (a launcher keeps its own handlers
     throughout: a signal is never left to its default action in between).
+    ``reload_from`` reads the ``[gateway]`` table again for ``POST /admin/reload``.
     """
     if shutdown_timeout_s is None:
         shutdown_timeout_s = float(
@@ -538,7 +555,7 @@ async def run_gateway(
     try:
         await manager.start()
         try:
-            app = create_app(manager, gateway)
+            app = create_app(manager, gateway, reload_from=reload_from)
             runner, bound = await serve_app(
                 app, bind_host, bind_port, shutdown_timeout_s=shutdown_timeout_s
             )

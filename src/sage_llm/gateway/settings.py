@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 from sage_llm.config_fields import SECRET_MASK, env_mask_problem, has_control_characters
@@ -236,3 +236,79 @@ class ResolvedGateway:
             host=settings.host,
             port=int(settings.port),
         )
+
+
+RELOADABLE = (
+    "api_keys",
+    "tenant_keys",
+    "admin_token",
+    "max_prompt_tokens",
+    "max_tokens_limit",
+    "request_timeout_s",
+    "log_prompts",
+)
+"""The :class:`ResolvedGateway` fields a reload applies to a running gateway: each is read
+per request. The others are read once, when the gateway starts listening."""
+
+_SHOWN_AS = {"tenant_keys": "tenants"}
+"""A field's name in a reload's outcome when the ``[gateway]`` table names it otherwise."""
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload changed: ``[gateway]`` keys, by their names in the file (``api_keys``
+    is the plain keys, not the tenants'; no secret's value is ever shown)."""
+
+    applied: tuple[str, ...]
+    """Keys whose new values the running gateway now uses."""
+    restart_required: tuple[str, ...]
+    """Keys that changed in the file but take effect only when the gateway starts."""
+    tenants_added: tuple[str, ...] = ()
+    """Users whose tenant is new (a tenant whose key changed is in neither list)."""
+    tenants_removed: tuple[str, ...] = ()
+
+
+def _plain_keys(settings: ResolvedGateway) -> tuple[str, ...]:
+    tenants = {key for key, _ in settings.tenant_keys}
+    return tuple(key for key in settings.api_keys if key not in tenants)
+
+
+class LiveSettings:
+    """The resolved settings a running gateway's routes read: each request reads
+    :attr:`current` once and keeps that snapshot (its authentication and its tenant come
+    from the same keys); :meth:`reload` replaces it as a whole."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, settings: ResolvedGateway) -> None:
+        self.current = settings
+
+    def reload(self, new: ResolvedGateway) -> ReloadOutcome:
+        """Apply ``new``'s :data:`RELOADABLE` fields; report those and the other fields
+        that differ (those keep their values until a restart)."""
+        old = self.current
+        applied: list[str] = []
+        if _plain_keys(new) != _plain_keys(old):  # (as a set and in order: the same)
+            applied.append("api_keys")
+        for name in RELOADABLE[1:]:
+            if getattr(new, name) != getattr(old, name):
+                applied.append(_SHOWN_AS.get(name, name))
+        restart = [
+            _SHOWN_AS.get(f.name, f.name)
+            for f in fields(ResolvedGateway)
+            if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)
+        ]
+        old_users = {user for _, user in old.tenant_keys}
+        new_users = {user for _, user in new.tenant_keys}
+        self.current = replace(old, **{name: getattr(new, name) for name in RELOADABLE})
+        return ReloadOutcome(
+            applied=tuple(applied),
+            restart_required=tuple(restart),
+            tenants_added=tuple(sorted(new_users - old_users)),
+            tenants_removed=tuple(sorted(old_users - new_users)),
+        )
+
+
+def live_settings(settings: ResolvedGateway | LiveSettings) -> LiveSettings:
+    """``settings`` as live settings (resolved ones: live settings never reloaded)."""
+    return settings if isinstance(settings, LiveSettings) else LiveSettings(settings)

@@ -1,0 +1,277 @@
+"""``POST /admin/reload``: keys, tenants, the admin token and request limits changed in the
+config file reach a running gateway; a file with a problem changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sage_llm.config import load_config
+from sage_llm.config_schema import GatewayConfig, TenantConfig
+from sage_llm.control_plane.scheduling.fair import FairSharePolicy
+from sage_llm.gateway.settings import GatewaySettings, LiveSettings, ResolvedGateway
+from tests.factories import MODEL
+from tests.gateway.harness import Gateway, completion_body, serve
+
+_INSTANCE = """
+[services.llm_control_plane]
+scheduling_policy = "fair"
+
+[[services.llm_control_plane.instances]]
+instance_id = "sim-0"
+host = "127.0.0.1"
+port = 9100
+model_name = "{model}"
+"""
+
+
+def _write(path: Path, gateway: str) -> None:
+    path.write_text(_INSTANCE.format(model=MODEL) + "\n[gateway]\n" + gateway)
+
+
+def _reader(path: Path, env: dict[str, str] | None = None) -> Any:
+    def read() -> GatewaySettings:
+        return load_config(path, env=env or {}).gateway
+
+    return read
+
+
+_FIRST = """
+api_keys = ["old-key"]
+admin_token = "admin-1"
+
+[[gateway.tenants]]
+user = "team-a"
+api_key = "sk-a"
+"""
+
+_SECOND = """
+api_keys = ["new-key"]
+admin_token = "admin-2"
+max_tokens_limit = 8
+
+[[gateway.tenants]]
+user = "team-b"
+api_key = "sk-b"
+"""
+
+
+async def _post(
+    http: aiohttp.ClientSession, gw: Gateway, key: str, *, stream: bool = False, **fields: Any
+) -> int:
+    async with http.post(
+        gw.url("/v1/completions"),
+        json=completion_body(stream=stream, **fields),
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def _reload(http: aiohttp.ClientSession, gw: Gateway, token: str) -> tuple[int, Any]:
+    async with http.post(
+        gw.url("/admin/reload"), headers={"Authorization": f"Bearer {token}"}
+    ) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_a_reload_puts_the_files_keys_tenants_token_and_limits_in_use(
+    tmp_path: Path, lean: bool
+) -> None:
+    path = tmp_path / "cluster.toml"
+    _write(path, f"lean_server = {str(lean).lower()}\n" + _FIRST)
+    first = load_config(path, env={}).gateway
+    async with (
+        serve(1, settings=first, reload_from=_reader(path), scheduling_policy="fair") as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        assert await _post(http, gw, "old-key") == 200
+        assert await _post(http, gw, "sk-a") == 200
+        assert await _post(http, gw, "new-key") == 401
+
+        _write(path, f"lean_server = {str(lean).lower()}\n" + _SECOND)
+        status, body = await _reload(http, gw, "admin-1")
+        assert status == 200, body
+        assert body == {
+            "reloaded": True,
+            "applied": ["api_keys", "tenants", "admin_token", "max_tokens_limit"],
+            "restart_required": [],
+            "tenants_added": ["team-b"],
+            "tenants_removed": ["team-a"],
+        }
+        assert "new-key" not in str(body) and "sk-b" not in str(body)  # no secret shown
+
+        for stream in (False, True):
+            assert await _post(http, gw, "old-key", stream=stream) == 401
+            assert await _post(http, gw, "sk-a", stream=stream) == 401
+            assert await _post(http, gw, "new-key", stream=stream) == 200
+            assert await _post(http, gw, "sk-b", stream=stream, user="else") == 200
+            assert await _post(http, gw, "new-key", stream=stream, max_tokens=9) == 400
+        assert await _post(http, gw, "new-key", user="team-b") == 403  # now a tenant's user
+        policy = gw.manager.policy
+        assert isinstance(policy, FairSharePolicy)
+        assert "team-b" in policy.counters() and "else" not in policy.counters()
+
+        async with http.get(
+            gw.url("/admin/status"), headers={"Authorization": "Bearer admin-1"}
+        ) as r:
+            assert r.status == 403  # the old token opens nothing
+        status, body = await _reload(http, gw, "admin-2")
+        assert status == 200 and body["applied"] == []  # the same file: nothing changed
+        async with http.get(gw.url("/metrics")) as r:
+            exposition = await r.text()
+        assert 'sage_llm_gateway_reloads_total{outcome="applied"} 2.0' in exposition
+        # the new tenant has series of its own, as one configured at the start has
+        assert 'sage_llm_user_requests_total{status="completed",user="team-b"} 2.0' in exposition
+
+
+async def test_a_file_with_a_problem_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    _write(path, _FIRST)
+    first = load_config(path, env={}).gateway
+    async with (
+        serve(1, settings=first, reload_from=_reader(path)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        _write(
+            path, 'max_body_bytes = "big"\n' + _SECOND + '[[gateway.tenants]]\nuser = "(other)"\n'
+        )
+        status, body = await _reload(http, gw, "admin-1")
+        assert status == 400
+        error = body["error"]
+        assert error["type"] == "invalid_config"
+        message = error["message"]
+        assert f"{path}:" in message  # every problem with its file and line
+        assert "gateway.max_body_bytes" in message and "gateway.tenants[1]" in message
+        assert await _post(http, gw, "old-key") == 200  # the settings before stay
+        assert await _post(http, gw, "sk-a") == 200
+        assert await _post(http, gw, "new-key") == 401
+        status, _ = await _reload(http, gw, "admin-1")  # the old token still opens it
+        assert status == 400
+
+        path.unlink()  # a file gone is a problem of its own
+        status, body = await _reload(http, gw, "admin-1")
+        assert status == 400 and str(path) in body["error"]["message"]
+        async with http.get(gw.url("/metrics")) as r:
+            exposition = await r.text()
+        assert 'sage_llm_gateway_reloads_total{outcome="failed"} 3.0' in exposition
+
+
+async def test_a_variable_a_reload_reads_is_checked_as_at_the_start(tmp_path: Path) -> None:
+    """``*_env`` keys are read again on a reload; one that is unset now is an error."""
+    path = tmp_path / "cluster.toml"
+    _write(path, 'api_keys_env = "KEYS"\n')
+    env = {"KEYS": "k1,k2"}
+    first = load_config(path, env=env).gateway
+    async with (
+        serve(1, settings=first, reload_from=_reader(path, env), environ=env) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        assert await _post(http, gw, "k2") == 200
+        env["KEYS"] = "k3"
+        status, body = await _reload(http, gw, "unused")  # loopback: no admin token set
+        assert (status, body["applied"]) == (200, ["api_keys"])
+        assert await _post(http, gw, "k2") == 401
+        assert await _post(http, gw, "k3") == 200
+        del env["KEYS"]
+        status, body = await _reload(http, gw, "unused")
+        assert status == 400
+        assert "environment variable KEYS is not set" in body["error"]["message"]
+        assert await _post(http, gw, "k3") == 200
+
+
+async def test_settings_read_at_the_start_are_reported_not_applied(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    _write(path, "max_body_bytes = 4096\n")
+    first = load_config(path, env={}).gateway
+    async with (
+        serve(1, settings=first, reload_from=_reader(path)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        _write(path, 'max_body_bytes = 8192\nport = 9999\nhost = "127.0.0.2"\n')
+        status, body = await _reload(http, gw, "-")
+        assert status == 200
+        assert body["applied"] == []
+        assert body["restart_required"] == ["max_body_bytes", "host", "port"]
+        big = completion_body(prompt="x" * 5000)
+        async with http.post(gw.url("/v1/completions"), json=big) as r:
+            assert r.status == 413  # the limit the gateway started with
+
+
+async def test_a_request_authorized_before_a_reload_finishes(tmp_path: Path) -> None:
+    """A request in flight when its key is revoked is not cut: it was accepted."""
+    path = tmp_path / "cluster.toml"
+    _write(path, _FIRST)
+    first = load_config(path, env={}).gateway
+    async with (
+        serve(
+            1,
+            settings=first,
+            reload_from=_reader(path),
+            hold=lambda rid: rid.startswith("held"),
+        ) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        probe = gw.probes["sim-0"]
+        sent = asyncio.create_task(_held_post(http, gw, "sk-a"))
+        await asyncio.wait_for(probe.started_event.wait(), 5)
+        _write(path, _SECOND)
+        status, _ = await _reload(http, gw, "admin-1")
+        assert status == 200
+        probe.gate.set()
+        assert await asyncio.wait_for(sent, 5) == 200
+        assert await _post(http, gw, "sk-a") == 401
+
+
+async def _held_post(http: aiohttp.ClientSession, gw: Gateway, key: str) -> int:
+    async with http.post(
+        gw.url("/v1/completions"),
+        json=completion_body(stream=True),
+        headers={"Authorization": f"Bearer {key}", "x-request-id": "held-1"},
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def test_without_a_file_or_with_a_body_a_reload_is_refused() -> None:
+    async with serve(1) as gw, aiohttp.ClientSession() as http:
+        async with http.post(gw.url("/admin/reload")) as r:
+            assert r.status == 409
+            assert "not started from a config file" in (await r.json())["error"]["message"]
+        async with http.post(gw.url("/admin/reload"), json={"now": True}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "now"
+
+
+def _resolved(**fields: Any) -> ResolvedGateway:
+    return ResolvedGateway.from_settings(GatewayConfig(**fields), {})
+
+
+def test_live_settings_report_what_changed_by_the_files_names() -> None:
+    live = LiveSettings(
+        _resolved(api_keys=("k",), tenants=(TenantConfig("a", api_key="sk-a"),), port=8000)
+    )
+    before = live.current
+    # a tenant's key changed, a tenant added: the plain keys are the same
+    outcome = live.reload(
+        _resolved(
+            api_keys=("k",),
+            tenants=(TenantConfig("a", api_key="sk-a2"), TenantConfig("b", api_key="sk-b")),
+            port=9000,
+            log_prompts=True,
+        )
+    )
+    assert outcome.applied == ("tenants", "log_prompts")
+    assert outcome.restart_required == ("port",)
+    assert (outcome.tenants_added, outcome.tenants_removed) == (("b",), ())
+    now = live.current
+    assert now.tenant_keys == (("sk-a2", "a"), ("sk-b", "b"))
+    assert now.api_keys == ("k", "sk-a2", "sk-b")
+    assert now.log_prompts is True
+    assert now.port == 8000  # read once, at the start
+    assert before.tenant_keys == (("sk-a", "a"),)  # a request's snapshot is not changed
