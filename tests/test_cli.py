@@ -1182,11 +1182,16 @@ def test_serve_listens_where_host_and_port_say_over_the_file_at_its_log_level(
 def test_launch_gateway_address_is_the_options_else_the_files_else_127_0_0_1_8080(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As launch --help and docs/deployment.md say (the default 127.0.0.1:8080)."""
+    """As launch --help and docs/deployment.md say (the default 127.0.0.1:8080); with a
+    ``--config`` file the gateway reads it again for ``POST /admin/reload``."""
     seen: list[tuple[str, int]] = []
+    rereads: list[Callable[[], Any] | None] = []
 
-    def run_launch(*_args: object, host: str, port: int) -> None:
+    def run_launch(
+        *_args: object, host: str, port: int, reload_from: Callable[[], Any] | None
+    ) -> None:
         seen.append((host, port))
+        rereads.append(reload_from)
 
     monkeypatch.setattr("sage_llm.cli._run_launch", run_launch)
     monkeypatch.setattr("sage_llm.cli._check_listen", lambda *_args: None)  # (8080 may be busy)
@@ -1204,6 +1209,9 @@ def test_launch_gateway_address_is_the_options_else_the_files_else_127_0_0_1_808
         code, output = invoke("launch", str(plan), "--base-port", str(base), *argv)
         assert code == 0, output
     assert seen == [("127.0.0.1", 8080), ("localhost", base + 2), ("127.0.0.1", base + 1)]
+    assert rereads[0] is None
+    gateway.write_text('[gateway]\nadmin_token = "t"\n')
+    assert [reread().admin_token for reread in rereads[1:] if reread is not None] == ["t", "t"]
 
 
 def test_plan_json_names_the_model_as_asked_and_the_slo_in_seconds() -> None:

@@ -35,6 +35,7 @@ from sage_llm.errors import ConfigError, SageLLMError
 
 if TYPE_CHECKING:
     from sage_llm.config import SageConfig
+    from sage_llm.gateway.settings import GatewaySettings
     from sage_llm.launch import LaunchConfig
 
 app = typer.Typer(
@@ -359,7 +360,6 @@ def serve(
     from sage_llm.config import SageConfig, instances_at, load_config
     from sage_llm.control_plane.builder import build_manager, uses_embedded_fleet
     from sage_llm.gateway.server import run_gateway
-    from sage_llm.gateway.settings import GatewaySettings
     from sage_llm.types import host_port
 
     log = logging.getLogger("sage_llm.serve")
@@ -411,13 +411,9 @@ def serve(
         count = len(cfg.control_plane.instances)
         log.info("config %s: %d instance%s", config, count, "" if count == 1 else "s")
 
-    def reread_gateway() -> GatewaySettings:
-        assert config is not None
-        return load_config(config).gateway  # the whole file checked, as at the start
-
     async def main() -> None:
         manager = build_manager(cfg)
-        reload_from = reread_gateway if config is not None else None
+        reload_from = None if config is None else _gateway_reader(config)
         await run_gateway(manager, cfg.gateway, host=host, port=port, reload_from=reload_from)
 
     eventloop.tune_collector_for_serving()
@@ -942,7 +938,14 @@ def launch(
         chosen["scheduling_policy"] = policy or "adaptive"
     if routing is not None or config_file is None:
         chosen["routing_strategy"] = routing or "load_balanced"
-    stopped_by = _run_launch(config, sage, chosen, host=bind_host, port=bind_port)
+    stopped_by = _run_launch(
+        config,
+        sage,
+        chosen,
+        host=bind_host,
+        port=bind_port,
+        reload_from=None if config_file is None else _gateway_reader(config_file),
+    )
     if stopped_by is not None:
         _fail(
             f"{stopped_by.name} before the launch finished: stopped the engines it had started",
@@ -961,11 +964,29 @@ def _bind_address(
     return bind_host, port if port is not None else default_port
 
 
+def _gateway_reader(path: Path) -> Callable[[], GatewaySettings]:
+    """What reads ``path``'s ``[gateway]`` table again for ``POST /admin/reload`` (the
+    whole file checked, as when it was first read)."""
+    from sage_llm.config import load_config
+
+    def read() -> GatewaySettings:
+        return load_config(path).gateway
+
+    return read
+
+
 def _run_launch(
-    config: LaunchConfig, sage: SageConfig, overrides: dict[str, Any], *, host: str, port: int
+    config: LaunchConfig,
+    sage: SageConfig,
+    overrides: dict[str, Any],
+    *,
+    host: str,
+    port: int,
+    reload_from: Callable[[], GatewaySettings] | None = None,
 ) -> signal.Signals | None:
     """Start the fleet, then serve the gateway (``sage``'s settings, the control plane's
-    with ``overrides``) until SIGTERM, SIGHUP or Ctrl-C; stop the fleet. The signal
+    with ``overrides``; ``reload_from`` for ``POST /admin/reload``) until SIGTERM, SIGHUP
+    or Ctrl-C; stop the fleet. The signal
     (SIGTERM, SIGHUP or SIGINT) that stopped the launch before the gateway listened, else
     None.
 
@@ -1019,7 +1040,13 @@ def _run_launch(
                 serving = True
                 try:
                     await run_gateway(
-                        manager, sage.gateway, host=host, port=port, ready=listening, stop=stop
+                        manager,
+                        sage.gateway,
+                        host=host,
+                        port=port,
+                        ready=listening,
+                        stop=stop,
+                        reload_from=reload_from,
                     )
                 finally:
                     serving = False
