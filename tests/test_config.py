@@ -1738,14 +1738,14 @@ def test_secrets_from_environment() -> None:
     )
     cfg = parse_config(text, env={"KEYS": "k1, k2,,file-key", "ADMIN": " tok ", "UP": "up-key"})
     assert cfg.gateway.api_keys == ("file-key", "k1", "k2")
-    assert cfg.gateway.api_keys_from_env == ("k1", "k2")
+    assert cfg.gateway.api_keys_read == ("k1", "k2")
     # a dump shows the file's own key (masked), not those of the environment
     assert cfg.to_dict()["gateway"]["api_keys"] == ["***"]
-    assert "api_keys_from_env" not in cfg.to_dict(secrets=True)["gateway"]
+    assert "api_keys_read" not in cfg.to_dict(secrets=True)["gateway"]
     moved = dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, port=9999))
     assert moved.to_dict()["gateway"]["api_keys"] == ["***"]
-    err = problem('[gateway]\napi_keys_from_env = ["x"]\n')  # not a key of a file
-    assert err.key == "gateway.api_keys_from_env" and "unknown key" in err.message
+    err = problem('[gateway]\napi_keys_read = ["x"]\n')  # not a key of a file
+    assert err.key == "gateway.api_keys_read" and "unknown key" in err.message
     assert cfg.gateway.admin_token == "tok"
     assert cfg.control_plane.instances[1].api_key == "up-key"
     assert cfg.execution_instances()[1].api_key == "up-key"
@@ -1892,8 +1892,8 @@ def test_tenants_bind_keys_to_users_from_the_file_or_the_environment() -> None:
     assert cfg.gateway.api_keys == ("plain",)  # the tenants' keys are their own
     dumped = cfg.to_dict()
     assert dumped["gateway"]["tenants"] == [
-        {"user": "team-a", "api_key": "***", "api_key_env": None},
-        {"user": "team-b", "api_key_env": "TEAM_B_KEY"},  # read from it again
+        {"user": "team-a", "api_key": "***", "api_key_env": None, "api_key_file": None},
+        {"user": "team-b", "api_key_env": "TEAM_B_KEY", "api_key_file": None},  # read again
     ]
     assert "sk-a" not in str(dumped) and "sk-b" not in str(dumped) and "sk-" not in repr(cfg)
     again = config_from_dict(cfg.to_dict(secrets=True), env={"TEAM_B_KEY": "sk-b"})
@@ -1926,7 +1926,7 @@ def test_tenants_bind_keys_to_users_from_the_file_or_the_environment() -> None:
             ('api_key = "sk-a"\n', ""),
             {"TEAM_B_KEY": "k"},
             "cfg.toml:3: gateway.tenants[0].api_key",
-            "is required (or api_key_env)",
+            "is required (or api_key_env, or api_key_file)",
         ),
         (
             ('user = "team-a"\n', 'user = ""\n'),
@@ -2331,3 +2331,106 @@ def test_a_latency_prior_is_its_default_when_absent_and_refused_naming_its_key()
     with pytest.raises(ConfigError, match="must be > 0, got -1") as err:
         latency_prior({"tpot_ms": -1}, "tpot_ms")
     assert err.value.key == "metadata.tpot_ms"
+
+
+def test_secrets_from_files_are_read_beside_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``api_keys_file`` (keys a line, or separated by commas), ``admin_token_file`` and a
+    tenant's ``api_key_file``: a relative path is the config file's directory's, and the
+    loaded keys hold the whole path; a dump leaves the secrets read out, beside their key."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "keys.txt").write_text("\ufeffkx1\n\n kx2 , kx3\n")
+    (tmp_path / "secrets" / "admin").write_text("tokadm7\n")
+    team = tmp_path / "team-a.key"
+    team.write_text("skteam8")
+    cfg_file = tmp_path / "cluster.toml"
+    cfg_file.write_text(
+        '[gateway]\napi_keys = ["own"]\napi_keys_file = "keys.txt"\n'
+        'admin_token_file = "secrets/admin"\n'
+        f'[[gateway.tenants]]\nuser = "team-a"\napi_key_file = "{team}"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    gw = load_config(cfg_file, env={}).gateway
+    assert gw.api_keys == ("own", "kx1", "kx2", "kx3")
+    assert gw.api_keys_read == ("kx1", "kx2", "kx3")
+    assert gw.admin_token == "tokadm7"
+    assert [(t.user, t.api_key) for t in gw.tenants] == [("team-a", "skteam8")]
+    assert gw.api_keys_file == str(tmp_path / "keys.txt")
+    assert gw.admin_token_file == str(tmp_path / "secrets" / "admin")
+    cfg = load_config(cfg_file, env={})
+    dumped = cfg.to_dict()["gateway"]
+    assert dumped["api_keys"] == ["***"]  # its own, masked; the file's are read again
+    assert "admin_token" not in dumped and "api_key" not in dumped["tenants"][0]
+    for secret in ("kx1", "kx2", "tokadm7", "skteam8"):
+        assert secret not in str(cfg.to_dict()) and secret not in repr(cfg)
+    assert config_from_dict(cfg.to_dict(secrets=True), env={}) == cfg
+
+
+@pytest.mark.parametrize(
+    ("files", "gateway", "key", "message"),
+    [
+        ({}, 'api_keys_file = "none.txt"', "api_keys_file", "none.txt does not exist"),
+        ({"k": " \n,\n"}, 'api_keys_file = "k"', "api_keys_file", "holds no API key"),
+        ({"k": ""}, 'api_keys_file = "k"', "api_keys_file", "is empty"),
+        ({"k": "a\x01b"}, 'api_keys_file = "k"', "api_keys_file", "holds control characters"),
+        ({"k": "ok\n***"}, 'api_keys_file = "k"', "api_keys_file", '"***", the mask'),
+        ({"k": "x" * 70_000}, 'api_keys_file = "k"', "api_keys_file", "more than 64 KiB"),
+        ({"t": "a\nb"}, 'admin_token_file = "t"', "admin_token_file", "more than one line"),
+        ({"t": b"\xff\xfe"}, 'admin_token_file = "t"', "admin_token_file", "not UTF-8"),
+        ({}, 'admin_token_file = "."', "admin_token_file", "is a directory"),
+        (
+            {"t": "tok"},
+            'admin_token = "x"\nadmin_token_file = "t"',
+            "admin_token_file",
+            "set admin_token or admin_token_file, not both",
+        ),
+        (
+            {"t": "tok"},
+            'admin_token = "x"\nadmin_token_env = "E"\nadmin_token_file = "t"',
+            "admin_token_env",
+            "set only one of admin_token, admin_token_env and admin_token_file",
+        ),
+        (
+            {"t": "same"},
+            'api_keys = ["same"]\nadmin_token_file = "t"',
+            "admin_token_file",
+            "is also one of the API keys",
+        ),
+        (
+            {"a": "sk"},
+            '[[gateway.tenants]]\nuser = "u"\napi_key_env = "E"\napi_key_file = "a"',
+            "tenants[0].api_key_file",
+            "set api_key_env or api_key_file, not both",
+        ),
+        (
+            {"a": "plain"},
+            'api_keys = ["plain"]\n[[gateway.tenants]]\nuser = "u"\napi_key_file = "a"',
+            "tenants[0].api_key_file",
+            "is also one of api_keys",
+        ),
+        ({}, 'api_keys_file = "a\\u0001"', "api_keys_file", "holds control characters"),
+    ],
+)
+def test_a_secret_file_that_gives_no_secret_is_reported_at_its_key(
+    tmp_path: Path, files: dict[str, str | bytes], gateway: str, key: str, message: str
+) -> None:
+    for name, content in files.items():
+        target = tmp_path / name
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(f"[gateway]\n{gateway}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg_file, env={"E": "from-env"})
+    errors = info.value.each()
+    assert len(errors) == 1, errors
+    assert errors[0].key == f"gateway.{key}"
+    assert message in errors[0].message
+    assert str(errors[0].location).startswith(f"{cfg_file}:")
+    for secret in ("tok", "sk", "ok", "same"):
+        assert f"'{secret}'" not in str(errors[0]) and f'"{secret}"' not in errors[0].detail

@@ -32,7 +32,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sage_llm.config_fields import (
     CHECKED_METADATA,
@@ -43,7 +43,10 @@ from sage_llm.config_fields import (
     has_control_characters,
     metadata_problem,
     read_dataclass,
+    read_keys_file,
     read_params,
+    read_secret_file,
+    secret_file_path,
     suggest,
 )
 from sage_llm.config_locate import (
@@ -89,6 +92,8 @@ from sage_llm.errors import ConfigError, ConfigErrors, raise_problems
 from sage_llm.jsonutil import is_number
 from sage_llm.sim.specs import placement_problem
 from sage_llm.types import ExecutionInstance, ExecutionInstanceType, PDSeparationConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "BARE_KEYS",
@@ -1203,15 +1208,38 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
     return value.strip()
 
 
+def _only_one(given: Sequence[str]) -> str:
+    """Why keys ``given`` (two or three ways to give one secret) cannot all be set."""
+    if len(given) == 2:
+        return f"set {given[0]} or {given[1]}, not both"
+    return f"set only one of {', '.join(given[:-1])} and {given[-1]}"
+
+
+def _file_read(
+    value: str, path: KeyPath, p: Problems, read: Callable[[Path], T]
+) -> tuple[T | None, str]:
+    """``read`` of the file a ``*_file`` key names (relative: to the config file's
+    directory), and the file's absolute path (what the loaded key holds, so that it is
+    read the same from anywhere); None when it cannot be read (reported to ``p``)."""
+    base = Path(p.source).parent if p.source and not p.source.startswith("<") else Path()
+    where = secret_file_path(value, base).absolute()
+    try:
+        return read(where), str(where)
+    except ValueError as exc:
+        p.add(path, str(exc))
+        return None, str(where)
+
+
 def _gateway_secrets(
     gw: GatewayConfig, path: KeyPath, env: Mapping[str, str], p: Problems
 ) -> GatewayConfig:
-    """``gw`` with its secrets read from the environment; on a problem (reported to
-    ``p``, so the configuration is refused) ``gw`` as it is, for the checks that follow
-    to report theirs too."""
+    """``gw`` with its secrets read from the environment and from files; on a problem
+    (reported to ``p``, so the configuration is refused) ``gw`` as it is, for the checks
+    that follow to report theirs too."""
     keys = list(gw.api_keys)
     token = gw.admin_token
     ok = True  # every problem is reported
+    keys_file, token_file = gw.api_keys_file, gw.admin_token_file  # read: their whole paths
     if gw.api_keys_env is not None:
         raw = _env_secret(gw.api_keys_env, (*path, "api_keys_env"), env, p)
         from_env = [] if raw is None else [k.strip() for k in raw.split(",") if k.strip()]
@@ -1225,15 +1253,26 @@ def _gateway_secrets(
             from_env = []
         ok = bool(from_env)
         keys += from_env
-    if gw.admin_token_env is not None:
-        if gw.admin_token is not None:
-            p.add((*path, "admin_token_env"), "set admin_token or admin_token_env, not both")
-            ok = False
-        else:
-            token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
-            ok = ok and token is not None
+    if gw.api_keys_file is not None:
+        from_file, keys_file = _file_read(
+            gw.api_keys_file, (*path, "api_keys_file"), p, read_keys_file
+        )
+        ok = ok and from_file is not None
+        keys += from_file or []
+    given = [k for k in ("admin_token", "admin_token_env", "admin_token_file") if getattr(gw, k)]
+    if len(given) > 1:
+        p.add((*path, given[1]), _only_one(given))
+        ok = False
+    elif gw.admin_token_env is not None:
+        token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
+        ok = ok and token is not None
+    elif gw.admin_token_file is not None:
+        token, token_file = _file_read(
+            gw.admin_token_file, (*path, "admin_token_file"), p, read_secret_file
+        )
+        ok = ok and token is not None
     if token is not None and token in keys:  # a user's key would open the admin API
-        where = "admin_token" if gw.admin_token is not None else "admin_token_env"
+        where = given[0] if given else "admin_token"
         p.add((*path, where), "is also one of the API keys: the admin token must be another")
         ok = False
     tenants = _tenant_secrets(gw, path, env, keys, token, p)
@@ -1242,7 +1281,13 @@ def _gateway_secrets(
     merged = tuple(dict.fromkeys(keys))
     added = tuple(key for key in merged if key not in gw.api_keys)  # told apart in a dump
     return dataclasses.replace(
-        gw, api_keys=merged, admin_token=token, api_keys_from_env=added, tenants=tenants
+        gw,
+        api_keys=merged,
+        admin_token=token,
+        api_keys_read=added,
+        tenants=tenants,
+        api_keys_file=keys_file,
+        admin_token_file=token_file,
     )
 
 
@@ -1254,32 +1299,33 @@ def _tenant_secrets(
     token: str | None,
     p: Problems,
 ) -> tuple[TenantConfig, ...] | None:
-    """``gw``'s tenants with their keys read from the environment, each checked against
-    the API keys, the admin token and the other tenants' keys; None on a problem (reported
-    to ``p``)."""
+    """``gw``'s tenants with their keys read from the environment or their files, each
+    checked against the API keys, the admin token and the other tenants' keys; None on a
+    problem (reported to ``p``)."""
     out: list[TenantConfig] = []
     earlier: dict[str, int] = {}
     ok = True
     for index, tenant in enumerate(gw.tenants):
-        where: KeyPath = (*path, "tenants", index, "api_key")
-        key = tenant.api_key
+        at: KeyPath = (*path, "tenants", index)
+        given = [k for k in ("api_key", "api_key_env", "api_key_file") if getattr(tenant, k)]
+        if len(given) > 1:
+            p.add((*at, given[1]), _only_one(given))
+            ok = False
+            continue
+        where: KeyPath = (*at, given[0] if given else "api_key")
+        key, key_file = tenant.api_key, tenant.api_key_file
         if tenant.api_key_env is not None:
-            where = (*path, "tenants", index, "api_key_env")
-            if key is not None:
-                p.add(where, "set api_key or api_key_env, not both")
-                ok = False
-                continue
             key = _env_secret(tenant.api_key_env, where, env, p)
-            if key is None:
-                ok = False
-                continue
-        if key is None:  # (TenantConfig requires one of the two)
+        elif tenant.api_key_file is not None:
+            key, key_file = _file_read(tenant.api_key_file, where, p, read_secret_file)
+        if key is None:
+            ok = False
             continue
         if (problem := tenant_key_problem(key, keys, token, earlier)) is not None:
             p.add(where, problem)
             ok = False
         earlier.setdefault(key, index)
-        out.append(dataclasses.replace(tenant, api_key=key))
+        out.append(dataclasses.replace(tenant, api_key=key, api_key_file=key_file))
     return tuple(out) if ok else None
 
 

@@ -22,6 +22,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
 
 from sage_llm.config_locate import KeyPath, Problems
@@ -332,6 +333,86 @@ def env_mask_problem(name: str, what: str = "") -> str:
         f'environment variable {name} holds "{SECRET_MASK}"{what}, the mask a dumped '
         "configuration writes in place of a secret: give the secret itself"
     )
+
+
+SECRET_FILE_MAX_BYTES = 64 * 1024
+"""The most a secret file (``api_keys_file``, ``admin_token_file``, a tenant's
+``api_key_file``) may hold: more is not a file of keys."""
+
+
+def secret_file_path(value: str, base: Path) -> Path:
+    """Where a ``*_file`` key's ``value`` points: ``~`` expanded, a relative path taken from
+    ``base`` (the directory of the configuration file that names it)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _secret_file_text(path: Path) -> str:
+    """The text of a secret file, stripped; :class:`ValueError` with the problem (naming
+    the file, never quoting what it holds)."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise ValueError(f"file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read file {path}: {exc.strerror or exc}") from None
+    except ValueError:  # a path no system call takes
+        raise ValueError(
+            f"cannot read file {str(path)!r}: the path holds a NUL character"
+        ) from None
+    if len(data) > SECRET_FILE_MAX_BYTES:
+        raise ValueError(
+            f"file {path} holds more than {SECRET_FILE_MAX_BYTES // 1024} KiB: not a file of "
+            "secrets"
+        )
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise ValueError(f"file {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"file {path} is empty")
+    return text.strip()
+
+
+def _file_secret_problem(path: Path, value: str) -> str | None:
+    if value == SECRET_MASK:
+        return (
+            f'file {path} holds "{SECRET_MASK}", the mask a dumped configuration writes in '
+            "place of a secret: give the secret itself"
+        )
+    if has_control_characters(value):
+        return f"file {path} holds control characters (a key goes in an HTTP header)"
+    return None
+
+
+def read_secret_file(path: Path) -> str:
+    """The one secret (an admin token, a tenant's key) file ``path`` holds, white space
+    around it dropped; :class:`ValueError` when it holds none, more than one line, or what
+    no HTTP header carries."""
+    text = _secret_file_text(path)
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"file {path} holds more than one line: it must hold the secret alone")
+    if (problem := _file_secret_problem(path, text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """The API keys file ``path`` holds: one a line, or several on a line separated by
+    commas (as ``api_keys_env``'s variable), blank lines skipped; :class:`ValueError` when
+    it holds none or one no HTTP header carries."""
+    text = _secret_file_text(path)
+    keys = [key.strip() for line in text.splitlines() for key in line.split(",")]
+    keys = [key for key in keys if key]
+    if not keys:
+        raise ValueError(f"file {path} holds no API key (only commas and spaces)")
+    for key in keys:
+        if (problem := _file_secret_problem(path, key)) is not None:
+            raise ValueError(problem)
+    return keys
 
 
 def secret_problem(value: str) -> str | None:

@@ -25,6 +25,7 @@ from sage_llm.config_fields import (
     SECRET_MASK,
     FieldValueError,
     Rule,
+    has_control_characters,
     metadata_problem,
     name_key,
     name_problem,
@@ -366,6 +367,17 @@ _ID = rule(nonempty=True, check=name_problem)
 _ENV = rule(nonempty=True, check=_check_env_name)
 
 
+def _check_file_name(value: str) -> str | None:
+    if has_control_characters(value):
+        return "must be a file's path (it holds control characters)"
+    return None
+
+
+_FILE = rule(nonempty=True, check=_check_file_name)
+"""A ``*_file`` key: the path of a file holding a secret (relative: to the config file's
+directory)."""
+
+
 ROLE_CONFIGS = ("prefilling_config", "decoding_config")
 
 
@@ -568,18 +580,20 @@ class TenantConfig:
     """One ``[[gateway.tenants]]`` entry: an API key whose requests are ``user``'s, whatever
     their ``user`` field or ``x-sage-user`` header says (the user the ``fair`` policy
     shares by; their session is still their own: ``x-session-id``, else that field or
-    header). The key comes from the file
-    (``api_key``) or from an environment variable (``api_key_env``), one of the two; it
-    is an API key as those of ``api_keys`` are, and none of them."""
+    header). The key comes from the configuration
+    (``api_key``), from an environment variable (``api_key_env``) or from a file of its
+    own (``api_key_file``, read again by ``POST /admin/reload``), one of the three; it is
+    an API key as those of ``api_keys`` are, and none of them."""
 
     user: str = req(rule(nonempty=True, check=_tenant_user_problem))
     api_key: str | None = opt(None, rule(nonempty=True, secret=True))
     api_key_env: str | None = opt(None, _ENV)
+    api_key_file: str | None = opt(None, _FILE)
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.api_key is None and self.api_key_env is None:
-            raise FieldValueError("api_key", "is required (or api_key_env)")
+        if self.api_key is None and self.api_key_env is None and self.api_key_file is None:
+            raise FieldValueError("api_key", "is required (or api_key_env, or api_key_file)")
 
 
 def tenant_key_problem(
@@ -608,14 +622,16 @@ class GatewayConfig:
     port: int = opt(8080, rule(ge=0, le=65535))
     api_keys: tuple[str, ...] = opt((), rule(nonempty=True, secret=True))
     api_keys_env: str | None = opt(None, _ENV)
+    api_keys_file: str | None = opt(None, _FILE)
     admin_token: str | None = opt(None, rule(nonempty=True, secret=True))
     admin_token_env: str | None = opt(None, _ENV)
-    api_keys_from_env: tuple[str, ...] = field(
+    admin_token_file: str | None = opt(None, _FILE)
+    api_keys_read: tuple[str, ...] = field(
         default=(), repr=False, compare=False, metadata={DERIVED: True}
     )
-    """Those of ``api_keys`` read from ``api_keys_env`` only (not also the file's) when the
-    file was loaded: not a key of a file; a dump leaves them out, beside their
-    ``api_keys_env``."""
+    """Those of ``api_keys`` read from ``api_keys_env`` or ``api_keys_file`` only (not also
+    written in the configuration) when it was loaded: not a key of a file; a dump leaves
+    them out, beside the key they were read by."""
     max_body_bytes: int = opt(1 << 20, _COUNT)
     max_prompt_tokens: int = opt(32_768, _COUNT)
     max_tokens_limit: int | None = opt(None, _COUNT)
@@ -792,12 +808,12 @@ class SageConfig:
         """The configuration as a document-shaped dict, for display: secrets replaced by
         ``"***"`` (which a loader refuses as a secret). With ``secrets=True`` they are
         kept, and the dict loads back (:func:`~sage_llm.config.config_from_dict`) as the
-        same configuration. Either way a secret read from an environment variable
-        (``admin_token_env``, ``api_key_env``) is left out beside its ``*_env`` key, to be
-        read from the same environment again; so are the API keys read from
-        ``api_keys_env`` when secrets are masked (the file's own are shown, masked; with
-        ``secrets=True`` the keys read from the variable stay among them: read again, they
-        are the same keys)."""
+        same configuration. Either way a secret read from an environment variable or a file
+        (``admin_token_env``, ``api_key_env``, ``admin_token_file``, ``api_key_file``) is
+        left out beside its ``*_env`` or ``*_file`` key, to be read from there again; so are
+        the API keys read by ``api_keys_env`` or ``api_keys_file`` when secrets are masked
+        (the configuration's own are shown, masked; with ``secrets=True`` the keys read
+        stay among them: read again, they are the same keys)."""
         mask = None if secrets else MASK
         service = to_plain(self.control_plane, mask)
         out = {
@@ -810,12 +826,13 @@ class SageConfig:
             *out["gateway"].get("tenants", ()),
         ):
             for secret in ("admin_token", "api_key"):
-                if table.get(f"{secret}_env") is not None:
+                if table.get(f"{secret}_env") is not None or table.get(f"{secret}_file"):
                     table.pop(secret, None)
         gw = self.gateway
-        if gw.api_keys_env is not None and not secrets:  # the file's own keys, masked
-            from_env = set(gw.api_keys_from_env)
-            own = sum(key not in from_env for key in gw.api_keys)
+        read_by = gw.api_keys_env is not None or gw.api_keys_file is not None
+        if read_by and not secrets:  # the configuration's own keys, masked
+            read = set(gw.api_keys_read)
+            own = sum(key not in read for key in gw.api_keys)
             if own:
                 out["gateway"]["api_keys"] = [MASK] * own
             else:

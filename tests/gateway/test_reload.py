@@ -275,3 +275,35 @@ def test_live_settings_report_what_changed_by_the_files_names() -> None:
     assert now.log_prompts is True
     assert now.port == 8000  # read once, at the start
     assert before.tenant_keys == (("sk-a", "a"),)  # a request's snapshot is not changed
+
+
+async def test_secret_files_rotated_in_place_are_read_again(tmp_path: Path) -> None:
+    """Keys kept in files of their own (a mounted secret): the config file is unchanged,
+    the files are rewritten, and the reload reads them again."""
+    (tmp_path / "keys").write_text("k-1\n")
+    (tmp_path / "admin").write_text("adm-1\n")
+    (tmp_path / "team").write_text("t-1\n")
+    path = tmp_path / "cluster.toml"
+    _write(
+        path,
+        'api_keys_file = "keys"\nadmin_token_file = "admin"\n'
+        '[[gateway.tenants]]\nuser = "team"\napi_key_file = "team"\n',
+    )
+    first = load_config(path, env={}).gateway
+    async with (
+        serve(1, settings=first, reload_from=_reader(path)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        assert [await _post(http, gw, key) for key in ("k-1", "t-1", "k-2")] == [200, 200, 401]
+        (tmp_path / "keys").write_text("k-2\nk-3\n")
+        (tmp_path / "admin").write_text("adm-2")
+        (tmp_path / "team").write_text("t-2")
+        status, body = await _reload(http, gw, "adm-1")
+        assert (status, body["applied"]) == (200, ["api_keys", "tenants", "admin_token"])
+        assert body["tenants_added"] == body["tenants_removed"] == []
+        statuses = [await _post(http, gw, key) for key in ("k-1", "t-1", "k-2", "k-3", "t-2")]
+        assert statuses == [401, 401, 200, 200, 200]
+        (tmp_path / "team").write_text("")  # emptied mid-rotation: refused, nothing changes
+        status, body = await _reload(http, gw, "adm-2")
+        assert status == 400 and "gateway.tenants[0].api_key_file" in body["error"]["message"]
+        assert await _post(http, gw, "t-2") == 200

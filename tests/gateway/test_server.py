@@ -10,11 +10,12 @@ import os
 import re
 import signal
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from sage_llm.config import GatewayConfig
+from sage_llm.config import GatewayConfig, TenantConfig
 from sage_llm.gateway.app import ADMIN_KEY
 from sage_llm.gateway.server import run_gateway, start_gateway
 from sage_llm.sim.clock import run_virtual
@@ -685,12 +686,13 @@ async def test_a_host_name_that_does_not_resolve_is_not_taken_for_loopback(
     assert await _loopback_only("gateway.test") is False  # the open-gateway warning is given
 
 
-@pytest.mark.parametrize("keys", ["none", "file", "env"])
+@pytest.mark.parametrize("keys", ["none", "file", "env", "keys_file", "tenant"])
 async def test_a_gateway_open_beyond_loopback_is_warned_of_unless_it_has_api_keys(
-    keys: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    keys: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The warning that anyone may use the gateway is logged only without API keys, from
-    the file (``gateway.api_keys``) or the environment (``gateway.api_keys_env``)."""
+    the file (``gateway.api_keys``), the environment (``gateway.api_keys_env``), a keys
+    file (``gateway.api_keys_file``) or a tenant."""
     from sage_llm.gateway import server as server_module
 
     async def reachable(host: str) -> bool:
@@ -698,10 +700,14 @@ async def test_a_gateway_open_beyond_loopback_is_warned_of_unless_it_has_api_key
 
     monkeypatch.setattr(server_module, "_loopback_only", reachable)
     monkeypatch.setenv("SAGE_TEST_KEYS", "k1")
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("k1\n")
     config = GatewayConfig(
         port=_free_port(),
         api_keys=("k1",) if keys == "file" else (),
         api_keys_env="SAGE_TEST_KEYS" if keys == "env" else None,
+        api_keys_file=str(keys_file) if keys == "keys_file" else None,
+        tenants=(TenantConfig("t", api_key="kt"),) if keys == "tenant" else (),
     )
     manager, _, _ = make_manager(1)
     ready, stop = asyncio.Event(), asyncio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,41 @@ def test_a_tenant_key_that_is_unset_or_not_its_own_is_an_error(
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
         ResolvedGateway.from_settings(settings, env)
     assert info.value.key == f"gateway.{key}"
+
+
+def test_settings_built_in_code_read_their_secret_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the loader, a ``*_file`` key is read when the settings are resolved (a
+    relative path from the working directory), and a file that gives no secret is an
+    error naming the key: authentication is never switched off by a missing file."""
+    monkeypatch.chdir(tmp_path)
+    Path("keys").write_text("k1,k2\nk3\n")
+    Path("admin").write_text("adm\n")
+    Path("team").write_text("kt")
+    settings = GatewayConfig(
+        api_keys=("k1",),
+        api_keys_file="keys",
+        admin_token_file=str(tmp_path / "admin"),
+        tenants=(TenantConfig("team", api_key_file="team"),),
+    )
+    resolved = ResolvedGateway.from_settings(settings, {})
+    assert resolved.api_keys == ("k1", "k2", "k3", "kt")
+    assert resolved.admin_token == "adm"
+    assert resolved.tenant_keys == (("kt", "team"),)
+    for changes, key in (
+        ({"api_keys_file": "missing"}, "gateway.api_keys_file"),
+        ({"admin_token_file": "missing"}, "gateway.admin_token_file"),
+        (
+            {"tenants": (TenantConfig("u", api_key_file="missing"),)},
+            "gateway.tenants[0].api_key_file",
+        ),
+        ({"admin_token_file": "keys"}, "gateway.admin_token_file"),  # more than one line
+    ):
+        with pytest.raises(ConfigError) as info:
+            ResolvedGateway.from_settings(GatewayConfig(**changes), {})
+        assert info.value.key == key
+    Path("one").write_text("k1")
+    with pytest.raises(ConfigError, match="is also one of the API keys") as info:
+        ResolvedGateway.from_settings(GatewayConfig(api_keys=("k1",), admin_token_file="one"), {})
+    assert info.value.key == "gateway.admin_token_file"

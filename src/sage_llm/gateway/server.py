@@ -561,13 +561,11 @@ async def run_gateway(
             )
             try:
                 log.info("gateway listening on http://%s", host_port(bind_host, bound))
-                open_to_all = not (
-                    gateway.api_keys or gateway.api_keys_env or getattr(gateway, "tenants", ())
-                )
+                open_to_all = not app[SETTINGS_KEY].api_keys  # (the tenants' among them)
                 if open_to_all and not await _loopback_only(bind_host):
                     log.warning(
                         "gateway on %s has no API key: anyone who can reach it may use it "
-                        "(set gateway.api_keys or gateway.api_keys_env)",
+                        "(set gateway.api_keys, api_keys_env or api_keys_file)",
                         bind_host,
                     )
                 listening.set()

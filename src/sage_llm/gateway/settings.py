@@ -13,9 +13,17 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Protocol
 
-from sage_llm.config_fields import SECRET_MASK, env_mask_problem, has_control_characters
+from sage_llm.config_fields import (
+    SECRET_MASK,
+    env_mask_problem,
+    has_control_characters,
+    read_keys_file,
+    read_secret_file,
+    secret_file_path,
+)
 from sage_llm.errors import ConfigError
 
 
@@ -91,6 +99,24 @@ def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:
     return keys
 
 
+def _file_keys(value: str | None) -> list[str]:
+    """The API keys in file ``value`` (``api_keys_file``; relative: to the working
+    directory, where the config loader has not made it whole), as the loader reads them."""
+    if not value:
+        return []
+    try:
+        return read_keys_file(secret_file_path(value, Path()))
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="gateway.api_keys_file") from None
+
+
+def _file_value(value: str, key: str) -> str:
+    try:
+        return read_secret_file(secret_file_path(value, Path()))
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=f"gateway.{key}") from None
+
+
 def _env_value(name: str, key: str, environ: Mapping[str, str]) -> str:
     value = environ.get(name)
     if value is None:
@@ -135,11 +161,17 @@ def _tenant_keys(
     for index, tenant in enumerate(tenants):
         where = f"tenants[{index}].api_key"
         key = tenant.api_key
+        key_file = getattr(tenant, "api_key_file", None)
         if tenant.api_key_env is not None:
             where += "_env"
             key = key or _env_value(tenant.api_key_env, where, environ)
-        if key is None:  # (TenantConfig requires one of the two)
-            raise ConfigError("is required (or api_key_env)", key=f"gateway.{where}")
+        elif key_file is not None:
+            where += "_file"
+            key = key or _file_value(key_file, where)
+        if key is None:  # (TenantConfig requires one of the three)
+            raise ConfigError(
+                "is required (or api_key_env, or api_key_file)", key=f"gateway.{where}"
+            )
         if (problem := tenant_key_problem(key, keys, admin, earlier)) is not None:
             raise ConfigError(problem, key=f"gateway.{where}")
         earlier.setdefault(key, index)
@@ -201,13 +233,24 @@ class ResolvedGateway:
         :class:`ConfigError`."""
         env = os.environ if environ is None else environ
         keys = [k for k in settings.api_keys if k] + _env_keys(settings.api_keys_env, env)
+        keys += _file_keys(getattr(settings, "api_keys_file", None))
         admin = settings.admin_token or None
+        token_file: str | None = getattr(settings, "admin_token_file", None)
         if admin is None and settings.admin_token_env:
             admin = _env_value(settings.admin_token_env, "admin_token_env", env)
+        elif admin is None and token_file:
+            admin = _file_value(token_file, "admin_token_file")
         if admin is not None and admin in keys:  # a user's key would open the admin API
+            by = (
+                "admin_token"
+                if settings.admin_token
+                else "admin_token_env"
+                if settings.admin_token_env
+                else "admin_token_file"
+            )
             raise ConfigError(
                 "is also one of the API keys: the admin token must be another",
-                key="gateway.admin_token" if settings.admin_token else "gateway.admin_token_env",
+                key=f"gateway.{by}",
             )
         tenant_keys = _tenant_keys(getattr(settings, "tenants", ()), keys, admin, env)
         if settings.max_body_bytes < 1:
