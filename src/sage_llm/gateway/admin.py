@@ -12,8 +12,8 @@ clients only when none is configured). Routes:
   (409 while a removal is still waiting for them)
 * ``POST /admin/set_policy`` — ``{"policy": NAME, "params": {...}}``
 * ``POST /admin/reload`` — read the ``[gateway]`` table again (the config file
-  ``sage-llm serve`` started from) and apply its keys, tenants, admin token and request
-  limits; 409 when the gateway has no file to read
+  ``sage-llm serve`` or ``sage-llm launch`` started from) and apply its keys, tenants,
+  admin token and request limits; 409 when the gateway has no file to read
 * ``GET /admin/status`` — ``manager.get_status()`` plus per-instance metrics
 * ``GET /admin/metrics`` — ``manager.get_metrics()`` as JSON plus per-instance metrics,
   ``get_scheduling_metrics()`` and ``get_pd_metrics()``
@@ -167,6 +167,7 @@ class AdminRoutes:
         self.live = live
         """The settings the gateway's requests read, which ``POST /admin/reload`` replaces."""
         self.reload_from = reload_from
+        self._reloading = asyncio.Lock()
         self.environ = environ
         """Where the ``*_env`` keys of a reloaded table are looked up (None: the process's
         environment)."""
@@ -258,7 +259,8 @@ class AdminRoutes:
         """Read the ``[gateway]`` table again and apply what a running gateway can take
         (:data:`~sage_llm.gateway.settings.RELOADABLE`: the API keys, the tenants, the admin
         token, the request limits, ``log_prompts``); a file with any problem changes
-        nothing (400 ``invalid_config``, every problem with its file, line and key)."""
+        nothing (400 ``invalid_config``, every problem with its file, line and key).
+        Reloads run one at a time: the last one asked for is the one in use."""
         await self._optional_body(request, ReloadRequest)
         live, source = self.live, self.reload_from
         if live is None or source is None:
@@ -267,18 +269,25 @@ class AdminRoutes:
             )
         environ = self.environ
 
-        def resolve() -> ResolvedGateway:
-            return ResolvedGateway.from_settings(source(), environ)
+        def read() -> tuple[ResolvedGateway, GatewaySettings]:
+            table = source()
+            return ResolvedGateway.from_settings(table, environ), table
 
-        try:
-            new = await asyncio.to_thread(resolve)
-        except ConfigError as exc:
-            self.manager.metrics.on_gateway_reload(False)
-            log.warning("gateway settings not reloaded (the settings before stay): %s", exc)
-            raise
-        outcome = live.reload(new)
+        async with self._reloading:
+            try:
+                new, table = await asyncio.to_thread(read)
+            except ConfigError as exc:
+                self.manager.metrics.on_gateway_reload(False)
+                log.warning("gateway settings not reloaded (the settings before stay): %s", exc)
+                raise
+            outcome = live.reload(new, table)
         self.manager.metrics.on_gateway_reload(True)
         self.manager.metrics.track_users(outcome.tenants_added)
+        warnings: list[str] = []
+        if outcome.opened:
+            warnings.append(
+                "the gateway has no API key now: anyone who can reach it may use the OpenAI routes"
+            )
         log.info(
             "gateway settings reloaded: %s%s",
             ", ".join(outcome.applied) + " changed" if outcome.applied else "nothing changed",
@@ -286,6 +295,8 @@ class AdminRoutes:
             if outcome.restart_required
             else "",
         )
+        for warning in warnings:
+            log.warning("%s", warning)
         return web.json_response(
             {
                 "reloaded": True,
@@ -293,6 +304,7 @@ class AdminRoutes:
                 "restart_required": list(outcome.restart_required),
                 "tenants_added": list(outcome.tenants_added),
                 "tenants_removed": list(outcome.tenants_removed),
+                "warnings": warnings,
             }
         )
 

@@ -61,8 +61,9 @@ def create_app(
     ``reload_from`` reads the ``[gateway]`` table again for ``POST /admin/reload``
     (without it that answers 409).
     """
-    settings = ResolvedGateway.from_settings(gateway or default_settings(), environ)
-    live = LiveSettings(settings)
+    table = gateway or default_settings()
+    settings = ResolvedGateway.from_settings(table, environ)
+    live = LiveSettings(settings, started_from=table)
     tracer = load_tracer(settings.tracing)
     app = web.Application(
         client_max_size=settings.max_body_bytes,

@@ -189,6 +189,7 @@ _VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 
 ExpectHandler = Callable[[web.Request], Awaitable[None]]
+_NO_KEYS = ResolvedGateway()
 REQUEST_SETTINGS_KEY = web.RequestKey("gateway_settings", ResolvedGateway)
 """Request key: the gateway settings the request was authorized by (its handler's)."""
 _REFUSED_UNREAD = web.RequestKey("refused_unread", bool)
@@ -204,16 +205,16 @@ def continue_or_refuse(live: LiveSettings | None = None) -> ExpectHandler:
     then its 413, 401 or 403 comes at once, without the 100 that would invite the upload.
     Any other expectation goes on to the middleware, which answers it with a JSON 417
     (aiohttp's own handler answers plain text, unlogged and uncounted). ``live``: the
-    keys and the admin token as they are when the request comes (None: none)."""
+    keys and the admin token as they are when the request comes (None: none, so the admin
+    API answers loopback clients only)."""
 
     async def expect(request: web.Request) -> None:
         if request.version == HttpVersion11 and waits_to_send(request):
             if too_large_unsent(request):
                 return  # read_raw refuses it unread
             try:
-                if live is not None:
-                    settings = live.current
-                    authorize(request, settings.api_keys, settings.admin_token)
+                settings = live.current if live is not None else _NO_KEYS
+                authorize(request, settings.api_keys, settings.admin_token)
             except SageLLMError:
                 request[_REFUSED_UNREAD] = True  # the middleware refuses it unread
                 return

@@ -293,6 +293,10 @@ RELOADABLE = (
 """The :class:`ResolvedGateway` fields a reload applies to a running gateway: each is read
 per request. The others are read once, when the gateway starts listening."""
 
+_READ_AT_START = ("shutdown_timeout_s", "workers")
+"""``[gateway]`` keys outside :class:`ResolvedGateway`, read by ``run_gateway`` when it
+starts: a reload reports them changed, as it does the other fields it cannot apply."""
+
 _SHOWN_AS = {"tenant_keys": "tenants"}
 """A field's name in a reload's outcome when the ``[gateway]`` table names it otherwise."""
 
@@ -309,38 +313,57 @@ class ReloadOutcome:
     tenants_added: tuple[str, ...] = ()
     """Users whose tenant is new (a tenant whose key changed is in neither list)."""
     tenants_removed: tuple[str, ...] = ()
+    opened: bool = False
+    """Whether the reload took the last API key away: the OpenAI routes are open now."""
 
 
-def _plain_keys(settings: ResolvedGateway) -> tuple[str, ...]:
+def _plain_keys(settings: ResolvedGateway) -> frozenset[str]:
     tenants = {key for key, _ in settings.tenant_keys}
-    return tuple(key for key in settings.api_keys if key not in tenants)
+    return frozenset(key for key in settings.api_keys if key not in tenants)
+
+
+def _read_at_start(settings: GatewaySettings | None) -> dict[str, object]:
+    if settings is None:
+        return {}
+    return {name: getattr(settings, name, None) for name in _READ_AT_START}
 
 
 class LiveSettings:
     """The resolved settings a running gateway's routes read: each request reads
     :attr:`current` once and keeps that snapshot (its authentication and its tenant come
-    from the same keys); :meth:`reload` replaces it as a whole."""
+    from the same keys); :meth:`reload` replaces it as a whole. ``started_from``: the
+    ``[gateway]`` table the gateway started with, for the keys a reload cannot apply that
+    are not in the resolved settings."""
 
-    __slots__ = ("current",)
+    __slots__ = ("_at_start", "current")
 
-    def __init__(self, settings: ResolvedGateway) -> None:
+    def __init__(
+        self, settings: ResolvedGateway, started_from: GatewaySettings | None = None
+    ) -> None:
         self.current = settings
+        self._at_start = _read_at_start(started_from)
 
-    def reload(self, new: ResolvedGateway) -> ReloadOutcome:
-        """Apply ``new``'s :data:`RELOADABLE` fields; report those and the other fields
-        that differ (those keep their values until a restart)."""
+    def reload(self, new: ResolvedGateway, table: GatewaySettings | None = None) -> ReloadOutcome:
+        """Apply ``new``'s :data:`RELOADABLE` fields (resolved from ``table``); report those
+        that changed and the other keys that differ (those keep their values until a
+        restart). Keys and tenants are compared as sets: an order changes nothing."""
         old = self.current
         applied: list[str] = []
-        if _plain_keys(new) != _plain_keys(old):  # (as a set and in order: the same)
+        if _plain_keys(new) != _plain_keys(old):
             applied.append("api_keys")
-        for name in RELOADABLE[1:]:
+        if set(new.tenant_keys) != set(old.tenant_keys):
+            applied.append("tenants")
+        for name in RELOADABLE[2:]:
             if getattr(new, name) != getattr(old, name):
-                applied.append(_SHOWN_AS.get(name, name))
+                applied.append(name)
         restart = [
             _SHOWN_AS.get(f.name, f.name)
             for f in fields(ResolvedGateway)
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)
         ]
+        if table is not None and self._at_start:
+            now = _read_at_start(table)
+            restart += [name for name in _READ_AT_START if now[name] != self._at_start[name]]
         old_users = {user for _, user in old.tenant_keys}
         new_users = {user for _, user in new.tenant_keys}
         self.current = replace(old, **{name: getattr(new, name) for name in RELOADABLE})
@@ -349,6 +372,7 @@ class LiveSettings:
             restart_required=tuple(restart),
             tenants_added=tuple(sorted(new_users - old_users)),
             tenants_removed=tuple(sorted(old_users - new_users)),
+            opened=bool(old.api_keys) and not new.api_keys,
         )
 
 
