@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from sage_llm.config import (
 )
 from sage_llm.control_plane.manager import ControlPlaneManager
 from sage_llm.errors import ConfigError
+from sage_llm.gateway.settings import ResolvedGateway
 from sage_llm.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -2367,6 +2369,11 @@ def test_secrets_from_files_are_read_beside_the_config_file(
     for secret in ("kx1", "kx2", "tokadm7", "skteam8"):
         assert secret not in str(cfg.to_dict()) and secret not in repr(cfg)
     assert config_from_dict(cfg.to_dict(secrets=True), env={}) == cfg
+    # a dump with the secrets names the files, not the keys they held: loaded back after a
+    # rotation, it has the new keys and not the old ones beside them
+    (tmp_path / "keys.txt").write_text("kx4\n")
+    again = config_from_dict(cfg.to_dict(secrets=True), env={}).gateway
+    assert again.api_keys == ("own", "kx4") and again.api_keys_read == ("kx4",)
 
 
 @pytest.mark.parametrize(
@@ -2412,6 +2419,13 @@ def test_secrets_from_files_are_read_beside_the_config_file(
             "is also one of api_keys",
         ),
         ({}, 'api_keys_file = "a\\u0001"', "api_keys_file", "holds control characters"),
+        ({"k": "abc\x0cdef"}, 'api_keys_file = "k"', "api_keys_file", "holds control characters"),
+        (
+            {},
+            'api_keys_file = "~no-such-user-of-sage/keys"',
+            "api_keys_file",
+            "cannot find the home directory '~no-such-user-of-sage'",
+        ),
     ],
 )
 def test_a_secret_file_that_gives_no_secret_is_reported_at_its_key(
@@ -2434,3 +2448,30 @@ def test_a_secret_file_that_gives_no_secret_is_reported_at_its_key(
     assert str(errors[0].location).startswith(f"{cfg_file}:")
     for secret in ("tok", "sk", "ok", "same"):
         assert f"'{secret}'" not in str(errors[0]) and f'"{secret}"' not in errors[0].detail
+
+
+def test_a_secret_file_that_is_no_regular_file_is_refused_unread(tmp_path: Path) -> None:
+    """A FIFO would hold its reader (a reload's, ``config check``) until something wrote
+    to it."""
+    os.mkfifo(tmp_path / "fifo")
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text('[gateway]\nadmin_token_file = "fifo"\n')
+    with pytest.raises(ConfigError, match="fifo is not a regular file") as info:
+        load_config(cfg_file, env={})
+    assert info.value.key == "gateway.admin_token_file"
+
+
+def test_keys_the_loader_read_are_not_read_again(tmp_path: Path) -> None:
+    """The gateway takes the keys of a loaded configuration as loaded: a keys file rotated
+    between the load and the gateway's start does not leave the old keys and the new
+    accepted together. A file or variable named since is read."""
+    (tmp_path / "keys").write_text("old")
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text('[gateway]\napi_keys_env = "E"\napi_keys_file = "keys"\n')
+    gw = load_config(cfg_file, env={"E": "e1"}).gateway
+    (tmp_path / "keys").write_text("new")
+    assert ResolvedGateway.from_settings(gw, {"E": "e2"}).api_keys == ("e1", "old")
+    (tmp_path / "other").write_text("o")
+    moved = dataclasses.replace(gw, api_keys_file=str(tmp_path / "other"), api_keys_env="F")
+    resolved = ResolvedGateway.from_settings(moved, {"F": "f"})
+    assert resolved.api_keys == ("e1", "old", "f", "o")

@@ -1222,7 +1222,11 @@ def _file_read(
     directory), and the file's absolute path (what the loaded key holds, so that it is
     read the same from anywhere); None when it cannot be read (reported to ``p``)."""
     base = Path(p.source).parent if p.source and not p.source.startswith("<") else Path()
-    where = secret_file_path(value, base).absolute()
+    try:
+        where = secret_file_path(value, base).absolute()
+    except ValueError as exc:
+        p.add(path, str(exc))
+        return None, value
     try:
         return read(where), str(where)
     except ValueError as exc:
@@ -1285,6 +1289,7 @@ def _gateway_secrets(
         api_keys=merged,
         admin_token=token,
         api_keys_read=added,
+        api_keys_read_by=(gw.api_keys_env, keys_file),
         tenants=tenants,
         api_keys_file=keys_file,
         admin_token_file=token_file,

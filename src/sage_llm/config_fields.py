@@ -19,6 +19,7 @@ import enum
 import json
 import math
 import re
+import stat
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -342,8 +343,12 @@ SECRET_FILE_MAX_BYTES = 64 * 1024
 
 def secret_file_path(value: str, base: Path) -> Path:
     """Where a ``*_file`` key's ``value`` points: ``~`` expanded, a relative path taken from
-    ``base`` (the directory of the configuration file that names it)."""
-    path = Path(value).expanduser()
+    ``base`` (the directory of the configuration file that names it); :class:`ValueError`
+    for a ``~user`` with no such user."""
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of no user the system knows
+        raise ValueError(f"cannot find the home directory {value.split('/', 1)[0]!r}") from None
     return path if path.is_absolute() else base / path
 
 
@@ -351,18 +356,24 @@ def _secret_file_text(path: Path) -> str:
     """The text of a secret file, stripped; :class:`ValueError` with the problem (naming
     the file, never quoting what it holds)."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+        mode = path.stat().st_mode  # a link is followed to its file
     except FileNotFoundError:
         raise ValueError(f"file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a directory, not a file") from None
     except OSError as exc:
         raise ValueError(f"cannot read file {path}: {exc.strerror or exc}") from None
     except ValueError:  # a path no system call takes
         raise ValueError(
             f"cannot read file {str(path)!r}: the path holds a NUL character"
         ) from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{path} is a directory, not a file")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would hold its reader for ever
+        raise ValueError(f"{path} is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(SECRET_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read file {path}: {exc.strerror or exc}") from None
     if len(data) > SECRET_FILE_MAX_BYTES:
         raise ValueError(
             f"file {path} holds more than {SECRET_FILE_MAX_BYTES // 1024} KiB: not a file of "
@@ -404,8 +415,10 @@ def read_keys_file(path: Path) -> list[str]:
     """The API keys file ``path`` holds: one a line, or several on a line separated by
     commas (as ``api_keys_env``'s variable), blank lines skipped; :class:`ValueError` when
     it holds none or one no HTTP header carries."""
-    text = _secret_file_text(path)
-    keys = [key.strip() for line in text.splitlines() for key in line.split(",")]
+    text = _secret_file_text(path).replace("\r\n", "\n").replace("\r", "\n")
+    # lines end at \n alone: any other character splitlines() takes for a line's end (a
+    # form feed …) stays in its key, where the check below refuses it
+    keys = [key.strip() for line in text.split("\n") for key in line.split(",")]
     keys = [key for key in keys if key]
     if not keys:
         raise ValueError(f"file {path} holds no API key (only commas and spaces)")

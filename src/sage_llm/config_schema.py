@@ -632,6 +632,12 @@ class GatewayConfig:
     """Those of ``api_keys`` read from ``api_keys_env`` or ``api_keys_file`` only (not also
     written in the configuration) when it was loaded: not a key of a file; a dump leaves
     them out, beside the key they were read by."""
+    api_keys_read_by: tuple[str | None, str | None] = field(
+        default=(None, None), repr=False, compare=False, metadata={DERIVED: True}
+    )
+    """The ``(api_keys_env, api_keys_file)`` whose keys the loader put in ``api_keys``: the
+    gateway does not read them again (a file rotated in between would have it take the
+    old keys and the new). Settings changed since to name others are read."""
     max_body_bytes: int = opt(1 << 20, _COUNT)
     max_prompt_tokens: int = opt(32_768, _COUNT)
     max_tokens_limit: int | None = opt(None, _COUNT)
@@ -811,9 +817,9 @@ class SageConfig:
         same configuration. Either way a secret read from an environment variable or a file
         (``admin_token_env``, ``api_key_env``, ``admin_token_file``, ``api_key_file``) is
         left out beside its ``*_env`` or ``*_file`` key, to be read from there again; so are
-        the API keys read by ``api_keys_env`` or ``api_keys_file`` when secrets are masked
-        (the configuration's own are shown, masked; with ``secrets=True`` the keys read
-        stay among them: read again, they are the same keys)."""
+        the API keys read by ``api_keys_env`` or ``api_keys_file`` (the configuration's own
+        are shown, masked unless ``secrets=True``): a file rotated since gives its new keys
+        to the configuration loaded back, not the old ones beside them."""
         mask = None if secrets else MASK
         service = to_plain(self.control_plane, mask)
         out = {
@@ -830,11 +836,11 @@ class SageConfig:
                     table.pop(secret, None)
         gw = self.gateway
         read_by = gw.api_keys_env is not None or gw.api_keys_file is not None
-        if read_by and not secrets:  # the configuration's own keys, masked
+        if read_by:  # the configuration's own keys (masked): the others are read again
             read = set(gw.api_keys_read)
-            own = sum(key not in read for key in gw.api_keys)
+            own = [MASK if mask else key for key in gw.api_keys if key not in read]
             if own:
-                out["gateway"]["api_keys"] = [MASK] * own
+                out["gateway"]["api_keys"] = own
             else:
                 out["gateway"].pop("api_keys", None)
         return out

@@ -21,12 +21,15 @@ from sage_llm.gateway import observe
 from sage_llm.gateway.observe import (
     RequestIds,
     Tracing,
+    continue_or_refuse,
+    gateway_middleware,
     load_tracer,
     observe_middleware,
     route_label,
     valid_request_id,
     write_access_log,
 )
+from sage_llm.gateway.settings import LiveSettings, ResolvedGateway
 from sage_llm.sim.clock import run_virtual
 from tests.gateway.harness import completion_body, serve
 
@@ -510,3 +513,27 @@ def test_only_a_5xx_marks_a_span_as_an_error() -> None:
     assert statuses == []
     tracing.mark_error(span, 502)
     assert statuses == [("error", "HTTP 502")]
+
+
+@pytest.mark.parametrize("invited", [True, False])
+async def test_the_middleware_decides_by_the_keys_its_expect_handler_used(invited: bool) -> None:
+    """A reload between a request's ``Expect: 100-continue`` and its handler changes
+    nothing for it: the request the 100 invited goes on, and one refused without a 100
+    stays refused (its client sends no body for a handler to wait for)."""
+    before, after = (("k",), ("other",)) if invited else (("other",), ("k",))
+    live = LiveSettings(ResolvedGateway(api_keys=before))
+    request = make_mocked_request(
+        "POST",
+        "/v1/completions",
+        headers={"Expect": "100-continue", "Authorization": "Bearer k", "Content-Length": "2"},
+    )
+    await continue_or_refuse(live)(request)
+    live.reload(ResolvedGateway(api_keys=after))
+    handled: list[bool] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        handled.append(True)
+        return web.Response(status=200)
+
+    resp = await gateway_middleware((), None, live)(request, handler)
+    assert (resp.status, handled) == ((200, [True]) if invited else (401, []))

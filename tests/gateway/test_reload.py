@@ -409,7 +409,7 @@ async def test_what_the_answer_says_of_order_start_only_keys_and_an_open_gateway
         status, body = await _reload(gw, "-")
         assert status == 200
         assert body["applied"] == []  # the same keys and tenants, in another order
-        assert body["restart_required"] == ["shutdown_timeout_s", "workers"]
+        assert body["restart_required"] == ["shutdown_timeout_s"]  # (workers: never used)
         assert body["warnings"] == []
         _write(path, "")  # no key left: said, and applied (the operator's choice)
         status, body = await _reload(gw, "-")
@@ -428,7 +428,7 @@ async def test_reloads_run_one_at_a_time_the_last_asked_for_wins(tmp_path: Path)
     _write(path, 'api_keys = ["v0"]\n')
     first = load_config(path, env={}).gateway
     reads = 0
-    gate = threading.Event()
+    gate, reading = threading.Event(), threading.Event()
 
     def slow_then_fast() -> GatewaySettings:
         nonlocal reads
@@ -436,6 +436,7 @@ async def test_reloads_run_one_at_a_time_the_last_asked_for_wins(tmp_path: Path)
         table = load_config(path, env={}).gateway
         # the first read holds what it read until the second is asked for (a read on the
         # event loop would hold the loop, and the test with it: it would never be let go)
+        reading.set()
         if reads == 1 and not gate.wait(5):
             raise RuntimeError("the file was read on the event loop")
         return table
@@ -443,7 +444,7 @@ async def test_reloads_run_one_at_a_time_the_last_asked_for_wins(tmp_path: Path)
     async with serve(1, settings=first, reload_from=slow_then_fast) as gw:
         _write(path, 'api_keys = ["v1"]\n')
         one = asyncio.create_task(_reload(gw, "-"))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(reading.wait, 5)
         assert await _post(gw, "v0") == 200  # served while the file is read
         _write(path, 'api_keys = ["v2"]\n')
         two = asyncio.create_task(_reload(gw, "-"))
@@ -451,3 +452,57 @@ async def test_reloads_run_one_at_a_time_the_last_asked_for_wins(tmp_path: Path)
         gate.set()
         assert [(await one)[0], (await two)[0]] == [200, 200]
         assert [await _post(gw, key) for key in ("v1", "v2")] == [401, 200]
+
+
+async def test_a_reload_that_fails_unexpectedly_is_counted_and_lets_the_next_run(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cluster.toml"
+    _write(path, 'api_keys = ["k"]\n')
+    first = load_config(path, env={}).gateway
+    calls = 0
+
+    def flaky() -> GatewaySettings:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the disk went away")
+        return load_config(path, env={}).gateway
+
+    async with serve(1, settings=first, reload_from=flaky) as gw:
+        assert (await _reload(gw, "-"))[0] == 500
+        _write(path, 'api_keys = ["k2"]\n')
+        assert (await _reload(gw, "-"))[0] == 200
+        assert await _post(gw, "k2") == 200
+        async with _fresh() as http, http.get(gw.url("/metrics")) as r:
+            exposition = await r.text()
+        assert 'sage_llm_gateway_reloads_total{outcome="failed"} 1.0' in exposition
+        assert 'sage_llm_gateway_reloads_total{outcome="applied"} 1.0' in exposition
+
+
+async def test_a_reload_whose_client_leaves_still_ends(tmp_path: Path) -> None:
+    """Begun, a reload is applied and counted though its client went away."""
+    path = tmp_path / "cluster.toml"
+    _write(path, 'api_keys = ["k"]\n')
+    first = load_config(path, env={}).gateway
+    gate, reading = threading.Event(), threading.Event()
+
+    def slow() -> GatewaySettings:
+        table = load_config(path, env={}).gateway
+        reading.set()
+        gate.wait(5)
+        return table
+
+    async with serve(1, settings=first, reload_from=slow) as gw:
+        _write(path, 'api_keys = ["k2"]\n')
+        asked = asyncio.create_task(_reload(gw, "-"))
+        assert await asyncio.to_thread(reading.wait, 5)
+        asked.cancel()  # the client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await asked
+        gate.set()
+        for _ in range(100):
+            if await _post(gw, "k2") == 200:
+                break
+            await asyncio.sleep(0.02)
+        assert await _post(gw, "k") == 401

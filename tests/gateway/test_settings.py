@@ -219,3 +219,16 @@ def test_settings_built_in_code_read_their_secret_files(
     with pytest.raises(ConfigError, match="is also one of the API keys") as info:
         ResolvedGateway.from_settings(GatewayConfig(api_keys=("k1",), admin_token_file="one"), {})
     assert info.value.key == "gateway.admin_token_file"
+
+
+def test_a_secret_from_a_variable_and_a_file_at_once_is_an_error(tmp_path: Path) -> None:
+    """As the loader refuses them: which one would be meant is not known."""
+    (tmp_path / "t").write_text("tok")
+    both = GatewayConfig(admin_token_env="T", admin_token_file=str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="not both") as info:
+        ResolvedGateway.from_settings(both, {"T": "tok2"})
+    assert info.value.key == "gateway.admin_token_file"
+    tenant = TenantConfig("u", api_key_env="K", api_key_file=str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="not both") as info:
+        ResolvedGateway.from_settings(GatewayConfig(tenants=(tenant,)), {"K": "k"})
+    assert info.value.key == "gateway.tenants[0].api_key_file"

@@ -60,11 +60,19 @@ from sage_llm.gateway.schemas import (
     SetPolicyRequest,
     UnloadLoraAdapterRequest,
 )
-from sage_llm.gateway.settings import GatewaySettings, LiveSettings, ResolvedGateway
+from sage_llm.gateway.settings import (
+    GatewaySettings,
+    LiveSettings,
+    ReloadOutcome,
+    ResolvedGateway,
+)
 from sage_llm.request_json import json_object
 from sage_llm.types import ExecutionInstance
 
 log = logging.getLogger("sage_llm.gateway")
+
+OPENED = "the gateway has no API key now: anyone who can reach it may use the OpenAI routes"
+"""What a reload that took the last API key away says (its answer's ``warnings``, the log)."""
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -260,43 +268,16 @@ class AdminRoutes:
         (:data:`~sage_llm.gateway.settings.RELOADABLE`: the API keys, the tenants, the admin
         token, the request limits, ``log_prompts``); a file with any problem changes
         nothing (400 ``invalid_config``, every problem with its file, line and key).
-        Reloads run one at a time: the last one asked for is the one in use."""
+        Reloads run one at a time: the last one asked for is the one in use. A reload
+        begun goes to its end (applied and counted) if its client leaves."""
         await self._optional_body(request, ReloadRequest)
         live, source = self.live, self.reload_from
         if live is None or source is None:
             raise ConflictError(
                 "this gateway was not started from a config file: there is nothing to reload"
             )
-        environ = self.environ
-
-        def read() -> tuple[ResolvedGateway, GatewaySettings]:
-            table = source()
-            return ResolvedGateway.from_settings(table, environ), table
-
-        async with self._reloading:
-            try:
-                new, table = await asyncio.to_thread(read)
-            except ConfigError as exc:
-                self.manager.metrics.on_gateway_reload(False)
-                log.warning("gateway settings not reloaded (the settings before stay): %s", exc)
-                raise
-            outcome = live.reload(new, table)
-        self.manager.metrics.on_gateway_reload(True)
-        self.manager.metrics.track_users(outcome.tenants_added)
-        warnings: list[str] = []
-        if outcome.opened:
-            warnings.append(
-                "the gateway has no API key now: anyone who can reach it may use the OpenAI routes"
-            )
-        log.info(
-            "gateway settings reloaded: %s%s",
-            ", ".join(outcome.applied) + " changed" if outcome.applied else "nothing changed",
-            "; a restart is needed for " + ", ".join(outcome.restart_required)
-            if outcome.restart_required
-            else "",
-        )
-        for warning in warnings:
-            log.warning("%s", warning)
+        outcome = await asyncio.shield(self._reload(live, source))
+        warnings = [OPENED] if outcome.opened else []
         return web.json_response(
             {
                 "reloaded": True,
@@ -307,6 +288,34 @@ class AdminRoutes:
                 "warnings": warnings,
             }
         )
+
+    async def _reload(self, live: LiveSettings, source: GatewaySource) -> ReloadOutcome:
+        environ = self.environ
+
+        def read() -> tuple[ResolvedGateway, GatewaySettings]:
+            table = source()
+            return ResolvedGateway.from_settings(table, environ), table
+
+        async with self._reloading:
+            try:
+                new, table = await asyncio.to_thread(read)
+            except Exception as exc:
+                self.manager.metrics.on_gateway_reload(False)
+                log.warning("gateway settings not reloaded (the settings before stay): %s", exc)
+                raise
+            outcome = live.reload(new, table)
+        self.manager.metrics.on_gateway_reload(True)
+        self.manager.metrics.track_users(outcome.tenants_added)
+        log.info(
+            "gateway settings reloaded: %s%s",
+            ", ".join(outcome.applied) + " changed" if outcome.applied else "nothing changed",
+            "; a restart is needed for " + ", ".join(outcome.restart_required)
+            if outcome.restart_required
+            else "",
+        )
+        if outcome.opened:
+            log.warning("%s", OPENED)
+        return outcome
 
     async def _optional_body(self, request: web.Request, schema: type[M]) -> M | None:
         """The request's JSON body as ``schema`` (400 naming a bad field); None when it has

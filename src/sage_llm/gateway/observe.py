@@ -212,8 +212,10 @@ def continue_or_refuse(live: LiveSettings | None = None) -> ExpectHandler:
         if request.version == HttpVersion11 and waits_to_send(request):
             if too_large_unsent(request):
                 return  # read_raw refuses it unread
+            settings = _NO_KEYS
+            if live is not None:  # the middleware decides by the same keys
+                settings = request[REQUEST_SETTINGS_KEY] = live.current
             try:
-                settings = live.current if live is not None else _NO_KEYS
                 authorize(request, settings.api_keys, settings.admin_token)
             except SageLLMError:
                 request[_REFUSED_UNREAD] = True  # the middleware refuses it unread
@@ -326,7 +328,10 @@ def _observe(
     async def run(request: web.Request, handler: Handler) -> web.StreamResponse:
         if guard is None:
             return await handler(request)
-        settings = request[REQUEST_SETTINGS_KEY] = guard.current
+        # those its Expect: 100-continue was answered by, if any, so that the request the
+        # 100 invited is not refused, nor one refused without a 100 waited for
+        settings = request.get(REQUEST_SETTINGS_KEY) or guard.current
+        request[REQUEST_SETTINGS_KEY] = settings
         try:
             authorize(request, settings.api_keys, settings.admin_token)
         except SageLLMError as exc:

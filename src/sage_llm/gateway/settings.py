@@ -162,6 +162,10 @@ def _tenant_keys(
         where = f"tenants[{index}].api_key"
         key = tenant.api_key
         key_file = getattr(tenant, "api_key_file", None)
+        if key is None and tenant.api_key_env is not None and key_file is not None:
+            raise ConfigError(
+                "set api_key_env or api_key_file, not both", key=f"gateway.{where}_file"
+            )
         if tenant.api_key_env is not None:
             where += "_env"
             key = key or _env_value(tenant.api_key_env, where, environ)
@@ -232,10 +236,20 @@ class ResolvedGateway:
         that is unset, empty or (for the keys) holds only separators raises
         :class:`ConfigError`."""
         env = os.environ if environ is None else environ
-        keys = [k for k in settings.api_keys if k] + _env_keys(settings.api_keys_env, env)
-        keys += _file_keys(getattr(settings, "api_keys_file", None))
+        keys = [k for k in settings.api_keys if k]
+        keys_file: str | None = getattr(settings, "api_keys_file", None)
+        read_env, read_file = getattr(settings, "api_keys_read_by", (None, None))
+        if settings.api_keys_env != read_env:  # (not put in api_keys by the loader)
+            keys += _env_keys(settings.api_keys_env, env)
+        if keys_file != read_file:
+            keys += _file_keys(keys_file)
         admin = settings.admin_token or None
         token_file: str | None = getattr(settings, "admin_token_file", None)
+        if admin is None and settings.admin_token_env and token_file:
+            raise ConfigError(
+                "set admin_token_env or admin_token_file, not both",
+                key="gateway.admin_token_file",
+            )
         if admin is None and settings.admin_token_env:
             admin = _env_value(settings.admin_token_env, "admin_token_env", env)
         elif admin is None and token_file:
@@ -293,9 +307,10 @@ RELOADABLE = (
 """The :class:`ResolvedGateway` fields a reload applies to a running gateway: each is read
 per request. The others are read once, when the gateway starts listening."""
 
-_READ_AT_START = ("shutdown_timeout_s", "workers")
+_READ_AT_START = ("shutdown_timeout_s",)
 """``[gateway]`` keys outside :class:`ResolvedGateway`, read by ``run_gateway`` when it
-starts: a reload reports them changed, as it does the other fields it cannot apply."""
+starts: a reload reports them changed, as it does the other fields it cannot apply
+(``workers`` is not among them: a gateway serves from one process whatever it says)."""
 
 _SHOWN_AS = {"tenant_keys": "tenants"}
 """A field's name in a reload's outcome when the ``[gateway]`` table names it otherwise."""
