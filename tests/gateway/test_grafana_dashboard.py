@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage_llm.config import GatewayConfig
 from tests.gateway.harness import completion_body, serve
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sage-llm-dashboard.json"
@@ -60,7 +61,7 @@ async def test_every_dashboard_query_uses_an_exported_metric() -> None:
     used = set().union(*(metric_names(e) for e in exprs))
     assert all(name.startswith("sage_llm_") for name in used)
 
-    async with serve(2) as gw, aiohttp.ClientSession() as http:
+    async with serve(2, reload_from=GatewayConfig) as gw, aiohttp.ClientSession() as http:
         gw.manager.metrics.track_users(["team-a"])  # (as a tenant is): the user series
         for i in range(3):
             body = completion_body(slo_deadline_ms=60_000, stream=i == 0, user="team-a")
@@ -74,6 +75,8 @@ async def test_every_dashboard_query_uses_an_exported_metric() -> None:
             gw.manager.drain_instance(iid)
         async with http.post(gw.url("/v1/completions"), json=completion_body()) as r:
             assert r.status == 503
+        async with http.post(gw.url("/admin/reload")) as r:  # the reloads' series
+            assert r.status == 200
         async with http.get(gw.url("/metrics")) as r:
             exposition = await r.text()
 
