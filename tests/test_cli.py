@@ -1378,3 +1378,23 @@ def test_serve_whose_port_is_taken_after_its_check_says_so_in_one_line(
     code, output = invoke("serve", "--host", "127.0.0.1", "--port", str(port))
     assert code == 1
     assert output.endswith(f"cannot listen on 127.0.0.1:{port}: {reason.format(port=port)}\n")
+
+
+def test_the_gateway_reads_again_only_a_regular_config_file_and_not_an_empty_one(
+    tmp_path: Path,
+) -> None:
+    """``--config <(…)`` (a pipe) cannot be read twice: the gateway gets no reader (its
+    reload answers 409). A file found empty at a reload (being written) is a problem, not
+    a configuration without keys."""
+    from sage_llm.cli import _gateway_reader
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    assert _gateway_reader(fifo) is None
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text('[gateway]\napi_keys = ["k"]\n')
+    reader = _gateway_reader(cfg)
+    assert reader is not None and reader().api_keys == ("k",)
+    cfg.write_text("\ufeff \n")
+    with pytest.raises(ConfigError, match=r"cluster\.toml: the config file is empty now"):
+        reader()

@@ -964,13 +964,29 @@ def _bind_address(
     return bind_host, port if port is not None else default_port
 
 
-def _gateway_reader(path: Path) -> Callable[[], GatewaySettings]:
+def _gateway_reader(path: Path) -> Callable[[], GatewaySettings] | None:
     """What reads ``path``'s ``[gateway]`` table again for ``POST /admin/reload`` (the
-    whole file checked, as when it was first read)."""
-    from sage_llm.config import load_config
+    whole file checked, as when it was first read); None, said in the log, for a path that
+    is no regular file (a pipe, ``--config <(…)``: a second read would find it empty, and
+    an empty file is a valid configuration without keys). A file found empty at a reload
+    (being written, say) is a problem: an empty file would open the gateway."""
+    from sage_llm.config import parse_config
+    from sage_llm.config_locate import read_utf8
+
+    if not path.is_file():
+        logging.getLogger("sage_llm.gateway").info(
+            "%s is not a regular file: POST /admin/reload cannot read it again", path
+        )
+        return None
 
     def read() -> GatewaySettings:
-        return load_config(path).gateway
+        text = read_utf8(path, "config file")
+        if not text.removeprefix("\ufeff").strip():
+            raise ConfigError(
+                "the config file is empty now (being written?): nothing is reloaded",
+                location=str(path),
+            )
+        return parse_config(text, str(path)).gateway
 
     return read
 

@@ -42,6 +42,7 @@ from sage_llm.config_fields import (
     env_mask_problem,
     has_control_characters,
     metadata_problem,
+    only_one,
     read_dataclass,
     read_keys_file,
     read_params,
@@ -1208,13 +1209,6 @@ def _env_secret(name: str, path: KeyPath, env: Mapping[str, str], p: Problems) -
     return value.strip()
 
 
-def _only_one(given: Sequence[str]) -> str:
-    """Why keys ``given`` (two or three ways to give one secret) cannot all be set."""
-    if len(given) == 2:
-        return f"set {given[0]} or {given[1]}, not both"
-    return f"set only one of {', '.join(given[:-1])} and {given[-1]}"
-
-
 def _file_read(
     value: str, path: KeyPath, p: Problems, read: Callable[[Path], T]
 ) -> tuple[T | None, str]:
@@ -1265,7 +1259,7 @@ def _gateway_secrets(
         keys += from_file or []
     given = [k for k in ("admin_token", "admin_token_env", "admin_token_file") if getattr(gw, k)]
     if len(given) > 1:
-        p.add((*path, given[1]), _only_one(given))
+        p.add((*path, given[1]), only_one(given))
         ok = False
     elif gw.admin_token_env is not None:
         token = _env_secret(gw.admin_token_env, (*path, "admin_token_env"), env, p)
@@ -1314,7 +1308,7 @@ def _tenant_secrets(
         at: KeyPath = (*path, "tenants", index)
         given = [k for k in ("api_key", "api_key_env", "api_key_file") if getattr(tenant, k)]
         if len(given) > 1:
-            p.add((*at, given[1]), _only_one(given))
+            p.add((*at, given[1]), only_one(given))
             ok = False
             continue
         where: KeyPath = (*at, given[0] if given else "api_key")

@@ -336,6 +336,13 @@ def env_mask_problem(name: str, what: str = "") -> str:
     )
 
 
+def only_one(given: Sequence[str]) -> str:
+    """Why the keys ``given`` (two or three ways to give one secret) cannot all be set."""
+    if len(given) == 2:
+        return f"set {given[0]} or {given[1]}, not both"
+    return f"set only one of {', '.join(given[:-1])} and {given[-1]}"
+
+
 SECRET_FILE_MAX_BYTES = 64 * 1024
 """The most a secret file (``api_keys_file``, ``admin_token_file``, a tenant's
 ``api_key_file``) may hold: more is not a file of keys."""

@@ -630,7 +630,7 @@ class GatewayConfig:
         default=(), repr=False, compare=False, metadata={DERIVED: True}
     )
     """Those of ``api_keys`` read from ``api_keys_env`` or ``api_keys_file`` only (not also
-    written in the configuration) when it was loaded: not a key of a file; a dump leaves
+    written in the configuration) when it was loaded: not a key of the TOML; a dump leaves
     them out, beside the key they were read by."""
     api_keys_read_by: tuple[str | None, str | None] = field(
         default=(None, None), repr=False, compare=False, metadata={DERIVED: True}

@@ -152,6 +152,11 @@ async def test_a_reload_puts_the_files_keys_tenants_token_and_limits_in_use(
             assert r.status == 403  # the old token opens nothing
         status, body = await _reload(gw, "admin-2")
         assert status == 200 and body["applied"] == []  # the same file: nothing changed
+        async with http.get(
+            gw.url("/admin/status"), headers={"Authorization": "Bearer admin-2"}
+        ) as r:
+            last = (await r.json())["gateway"]["last_reload"]
+        assert (last["outcome"], last["applied"]) == ("applied", [])
         async with http.get(gw.url("/metrics")) as r:
             exposition = await r.text()
         assert 'sage_llm_gateway_reloads_total{outcome="applied"} 2.0' in exposition
@@ -189,6 +194,14 @@ async def test_a_file_with_a_problem_changes_nothing(tmp_path: Path) -> None:
         async with http.get(gw.url("/metrics")) as r:
             exposition = await r.text()
         assert 'sage_llm_gateway_reloads_total{outcome="failed"} 3.0' in exposition
+        assert 'sage_llm_gateway_reloads_total{outcome="applied"} 0.0' in exposition
+        async with http.get(
+            gw.url("/admin/status"), headers={"Authorization": "Bearer admin-1"}
+        ) as r:
+            said = (await r.json())["gateway"]
+        assert said["reloadable"] is True
+        last = said["last_reload"]
+        assert last["outcome"] == "failed" and str(path) in last["error"]
 
 
 async def test_a_variable_a_reload_reads_is_checked_as_at_the_start(tmp_path: Path) -> None:
@@ -270,6 +283,8 @@ async def _held_post(gw: Gateway, key: str) -> int:
 
 async def test_without_a_file_or_with_a_body_a_reload_is_refused() -> None:
     async with serve(1) as gw, _fresh() as http:
+        async with http.get(gw.url("/admin/status")) as r:
+            assert (await r.json())["gateway"] == {"reloadable": False, "last_reload": None}
         async with http.post(gw.url("/admin/reload")) as r:
             assert r.status == 409
             assert "not started from a config file" in (await r.json())["error"]["message"]

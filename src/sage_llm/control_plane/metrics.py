@@ -236,6 +236,8 @@ class ControlPlaneMetrics:
             ["outcome"],
             registry=r,
         )
+        for outcome in ("applied", "failed"):  # both at 0 from the start: rates and alerts
+            self.gateway_reloads.labels(outcome=outcome)  # see the first failure
         self.slo_requests = Counter(
             f"{PREFIX}_slo_requests", "Finished requests that had an SLO.", ["priority"],
             registry=r,

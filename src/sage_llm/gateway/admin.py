@@ -30,6 +30,7 @@ import math
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from datetime import date, time
+from time import time as wall_clock
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -176,9 +177,11 @@ class AdminRoutes:
         """The settings the gateway's requests read, which ``POST /admin/reload`` replaces."""
         self.reload_from = reload_from
         self._reloading = asyncio.Lock()
+        self.last_reload: dict[str, Any] | None = None
+        """The last reload's end (``GET /admin/status``'s ``gateway.last_reload``)."""
         self.environ = environ
-        """Where the ``*_env`` keys of a reloaded table are looked up (None: the process's
-        environment)."""
+        """Where the ``*_env`` keys of a reloaded table built in code are looked up (None:
+        the process's environment); a table the config loader read has read its own."""
         self.listening: tuple[str, int] | None = None
         """The address the gateway listens on (set once it is bound): an instance
         registered there would be sent the gateway's requests back."""
@@ -300,10 +303,18 @@ class AdminRoutes:
             try:
                 new, table = await asyncio.to_thread(read)
             except Exception as exc:
+                problem = exc.message if isinstance(exc, ConfigError) else "internal error"
+                self.last_reload = {"at": wall_clock(), "outcome": "failed", "error": problem}
                 self.manager.metrics.on_gateway_reload(False)
                 log.warning("gateway settings not reloaded (the settings before stay): %s", exc)
                 raise
             outcome = live.reload(new, table)
+        self.last_reload = {
+            "at": wall_clock(),
+            "outcome": "applied",
+            "applied": list(outcome.applied),
+            "restart_required": list(outcome.restart_required),
+        }
         self.manager.metrics.on_gateway_reload(True)
         self.manager.metrics.track_users(outcome.tenants_added)
         log.info(
@@ -347,6 +358,10 @@ class AdminRoutes:
     async def status(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = to_jsonable(self.manager.get_status())
         body["instances"] = self._instance_metrics()
+        body["gateway"] = {
+            "reloadable": self.live is not None and self.reload_from is not None,
+            "last_reload": self.last_reload,
+        }
         return web.json_response(body)
 
     async def metrics(self, request: web.Request) -> web.Response:

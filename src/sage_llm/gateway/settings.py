@@ -2,9 +2,12 @@
 
 :class:`GatewaySettings` is the read-only shape the gateway needs from
 ``sage_llm.config.GatewayConfig`` (the ``[gateway]`` table of a cluster file); any object
-with these attributes works, and ``GatewayConfig()`` supplies the defaults.
+with these attributes works (``api_keys_file``, ``admin_token_file`` and ``tenants`` are
+read where present), and ``GatewayConfig()`` supplies the defaults.
 :class:`ResolvedGateway` is what the app actually runs with: secrets taken from the
-environment (when the config loader has not done so already), limits checked.
+environment and from secret files (when the config loader has not done so already),
+limits checked. :class:`LiveSettings` holds them for a running gateway, which
+``POST /admin/reload`` replaces.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sage_llm.config_fields import (
     SECRET_MASK,
     env_mask_problem,
     has_control_characters,
+    only_one,
     read_keys_file,
     read_secret_file,
     secret_file_path,
@@ -151,9 +155,10 @@ def _tenant_keys(
     admin: str | None,
     environ: Mapping[str, str],
 ) -> tuple[tuple[str, str], ...]:
-    """(key, user) of each tenant, its key read from ``api_key_env`` when the config loader
-    has not done so; a key that is also a plain API key, the admin token or another
-    tenant's raises :class:`ConfigError`."""
+    """(key, user) of each tenant, its key read from ``api_key_env`` or ``api_key_file``
+    when the config loader has not done so (a key given, as the loader leaves it, is the
+    one used); a key that is also a plain API key, the admin token or another tenant's
+    raises :class:`ConfigError`."""
     from sage_llm.config_schema import tenant_key_problem
 
     out: list[tuple[str, str]] = []
@@ -164,7 +169,7 @@ def _tenant_keys(
         key_file = getattr(tenant, "api_key_file", None)
         if key is None and tenant.api_key_env is not None and key_file is not None:
             raise ConfigError(
-                "set api_key_env or api_key_file, not both", key=f"gateway.{where}_file"
+                only_one(("api_key_env", "api_key_file")), key=f"gateway.{where}_file"
             )
         if tenant.api_key_env is not None:
             where += "_env"
@@ -232,9 +237,13 @@ class ResolvedGateway:
         cls, settings: GatewaySettings, environ: Mapping[str, str] | None = None
     ) -> ResolvedGateway:
         """Resolve ``settings``; ``*_env`` names are looked up in ``environ`` (default:
-        ``os.environ``). API keys from the variable are comma-separated. A named variable
-        that is unset, empty or (for the keys) holds only separators raises
-        :class:`ConfigError`."""
+        ``os.environ``), ``*_file`` paths read (a relative one from the working
+        directory). API keys from the variable are comma-separated, from the file one a
+        line or comma-separated. A named variable or file that gives no secret raises
+        :class:`ConfigError`. What the config loader read is not read again: the API keys
+        it read by ``api_keys_read_by``'s variable and file, and a secret it put in
+        ``admin_token`` or a tenant's ``api_key`` (given there, a secret wins over its
+        ``*_env`` and ``*_file``; the two of those at once are an error)."""
         env = os.environ if environ is None else environ
         keys = [k for k in settings.api_keys if k]
         keys_file: str | None = getattr(settings, "api_keys_file", None)
@@ -247,8 +256,7 @@ class ResolvedGateway:
         token_file: str | None = getattr(settings, "admin_token_file", None)
         if admin is None and settings.admin_token_env and token_file:
             raise ConfigError(
-                "set admin_token_env or admin_token_file, not both",
-                key="gateway.admin_token_file",
+                only_one(("admin_token_env", "admin_token_file")), key="gateway.admin_token_file"
             )
         if admin is None and settings.admin_token_env:
             admin = _env_value(settings.admin_token_env, "admin_token_env", env)
