@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -166,4 +167,12 @@ def test_the_whole_demo_runs_both_parts_and_ends_in_its_report() -> None:
         assert f"│ {preset.name} │ {run.summary.ok}/{run.summary.count} │" in flat
     assert "Most goodput: " in flat
     assert " ".join(NEXT_STEPS.split()) in flat
-    assert "warning:" not in text
+    # a loaded machine may hold the load generator behind its schedule, which the demo
+    # rightly says (its figures may then understate the gateway); no other warning
+    said = re.sub(
+        r"warning: load generator fell behind its schedule by [0-9.]+ ms on average: figures "
+        r"may understate what the target can do",
+        "",
+        flat,
+    )
+    assert "warning:" not in said
