@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sage_llm.config_fields import (
     SECRET_MASK,
@@ -29,6 +29,8 @@ from sage_llm.config_fields import (
     secret_file_path,
 )
 from sage_llm.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class GatewaySettings(Protocol):
@@ -103,20 +105,12 @@ def _env_keys(name: str | None, environ: Mapping[str, str]) -> list[str]:
     return keys
 
 
-def _file_keys(value: str | None) -> list[str]:
-    """The API keys in file ``value`` (``api_keys_file``; relative: to the working
-    directory, where the config loader has not made it whole), as the loader reads them."""
-    if not value:
-        return []
+def _from_file(value: str, key: str, read: Callable[[Path], T]) -> T:
+    """``read`` of the file ``value`` names (relative: to the working directory, where the
+    config loader has not made it whole), as the loader reads it; a file that gives no
+    secret raises :class:`ConfigError` at ``gateway.<key>``."""
     try:
-        return read_keys_file(secret_file_path(value, Path()))
-    except ValueError as exc:
-        raise ConfigError(str(exc), key="gateway.api_keys_file") from None
-
-
-def _file_value(value: str, key: str) -> str:
-    try:
-        return read_secret_file(secret_file_path(value, Path()))
+        return read(secret_file_path(value, Path()))
     except ValueError as exc:
         raise ConfigError(str(exc), key=f"gateway.{key}") from None
 
@@ -176,7 +170,7 @@ def _tenant_keys(
             key = key or _env_value(tenant.api_key_env, where, environ)
         elif key_file is not None:
             where += "_file"
-            key = key or _file_value(key_file, where)
+            key = key or _from_file(key_file, where, read_secret_file)
         if key is None:  # (TenantConfig requires one of the three)
             raise ConfigError(
                 "is required (or api_key_env, or api_key_file)", key=f"gateway.{where}"
@@ -250,8 +244,8 @@ class ResolvedGateway:
         read_env, read_file = getattr(settings, "api_keys_read_by", (None, None))
         if settings.api_keys_env != read_env:  # (not put in api_keys by the loader)
             keys += _env_keys(settings.api_keys_env, env)
-        if keys_file != read_file:
-            keys += _file_keys(keys_file)
+        if keys_file and keys_file != read_file:
+            keys += _from_file(keys_file, "api_keys_file", read_keys_file)
         admin = settings.admin_token or None
         token_file: str | None = getattr(settings, "admin_token_file", None)
         if admin is None and settings.admin_token_env and token_file:
@@ -261,7 +255,7 @@ class ResolvedGateway:
         if admin is None and settings.admin_token_env:
             admin = _env_value(settings.admin_token_env, "admin_token_env", env)
         elif admin is None and token_file:
-            admin = _file_value(token_file, "admin_token_file")
+            admin = _from_file(token_file, "admin_token_file", read_secret_file)
         if admin is not None and admin in keys:  # a user's key would open the admin API
             by = (
                 "admin_token"
@@ -320,9 +314,6 @@ _READ_AT_START = ("shutdown_timeout_s",)
 starts: a reload reports them changed, as it does the other fields it cannot apply
 (``workers`` is not among them: a gateway serves from one process whatever it says)."""
 
-_SHOWN_AS = {"tenant_keys": "tenants"}
-"""A field's name in a reload's outcome when the ``[gateway]`` table names it otherwise."""
-
 
 @dataclass(frozen=True)
 class ReloadOutcome:
@@ -376,11 +367,11 @@ class LiveSettings:
             applied.append("api_keys")
         if set(new.tenant_keys) != set(old.tenant_keys):
             applied.append("tenants")
-        for name in RELOADABLE[2:]:
-            if getattr(new, name) != getattr(old, name):
+        for name in RELOADABLE:
+            if name not in ("api_keys", "tenant_keys") and getattr(new, name) != getattr(old, name):
                 applied.append(name)
         restart = [
-            _SHOWN_AS.get(f.name, f.name)
+            f.name
             for f in fields(ResolvedGateway)
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)
         ]
